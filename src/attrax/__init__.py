@@ -1,0 +1,59 @@
+"""attrax: functional attribution for Hugging Face sequence models, labelled as xarray.
+
+>>> import attrax as ax
+>>> attribute = ax.pipe(ax.saliency, ax.l2_norm, ax.normalize)
+>>> scores = attribute(ax.load_model(), "1 2 3 =", " 3 2 1")
+>>> scores.dims
+('target', 'source')
+"""
+
+from ._errors import AttraxError as AttraxError
+from ._errors import InputError as InputError
+from ._errors import ModelError as ModelError
+from ._errors import OptionError as OptionError
+from ._gradients import input_x_gradient as input_x_gradient
+from ._gradients import integrated_gradients as integrated_gradients
+from ._gradients import quadrature as quadrature
+from ._gradients import saliency as saliency
+from ._gradients import smoothgrad as smoothgrad
+from ._model import Model as Model
+from ._model import load_model as load_model
+from ._objectives import logit as logit
+from ._objectives import logprob as logprob
+from ._objectives import probability as probability
+from ._reduce import absmax as absmax
+from ._reduce import l2_norm as l2_norm
+from ._reduce import max as max
+from ._reduce import mean as mean
+from ._reduce import normalize as normalize
+from ._reduce import pipe as pipe
+from ._reduce import rescale as rescale
+from ._reduce import sum as sum
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AttraxError",
+    "InputError",
+    "Model",
+    "ModelError",
+    "OptionError",
+    "__version__",
+    "absmax",
+    "input_x_gradient",
+    "integrated_gradients",
+    "l2_norm",
+    "load_model",
+    "logit",
+    "logprob",
+    "max",
+    "mean",
+    "normalize",
+    "pipe",
+    "probability",
+    "quadrature",
+    "rescale",
+    "saliency",
+    "smoothgrad",
+    "sum",
+]

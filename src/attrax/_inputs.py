@@ -1,0 +1,285 @@
+"""Texts -> token ids -> padded tensors, with the positions that are attributed."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ._errors import InputError, OptionError
+from ._model import Model
+
+Texts = str | Sequence[str]
+
+
+@dataclass(frozen=True)
+class Example:
+    """One tokenized example.
+
+    ``source_ids`` is the prompt (decoder-only) or the encoder input; ``target_ids`` the
+    continuation (decoder-only) or the decoder tokens after the start token (encoder-decoder).
+    ``positions`` are the attributed target positions in the model's (decoder) sequence.
+    """
+
+    source_ids: tuple[int, ...]
+    target_ids: tuple[int, ...]
+    contrast_ids: tuple[int, ...] | None
+    positions: tuple[int, ...]
+
+    def sequence(self, start_token: int | None) -> tuple[int, ...]:
+        """The sequence whose positions index targets: prompt+continuation, or the decoder input."""
+        if start_token is None:
+            return self.source_ids + self.target_ids
+        return (start_token, *self.target_ids)
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Tokenized examples of one call; ``single`` when the user passed one string."""
+
+    examples: tuple[Example, ...]
+    single: bool
+    encoder_decoder: bool
+    start_token: int | None
+
+    def sequences(self) -> list[tuple[int, ...]]:
+        return [example.sequence(self.start_token) for example in self.examples]
+
+
+@dataclass(frozen=True)
+class Tensors:
+    """Right-padded tensors for one teacher-forced forward over a batch.
+
+    ``ids``/``mask`` hold the decoder-only sequence or the encoder input; ``decoder_ids``/
+    ``decoder_mask`` the decoder input. ``index[b, k]`` is the position whose logits predict the
+    k-th attributed token ``target_ids[b, k]``; ``valid`` marks real (non-padding) entries.
+    """
+
+    ids: torch.Tensor
+    mask: torch.Tensor
+    decoder_ids: torch.Tensor | None
+    decoder_mask: torch.Tensor | None
+    index: torch.Tensor
+    target_ids: torch.Tensor
+    contrast_ids: torch.Tensor | None
+    valid: torch.Tensor
+
+
+def prepare(
+    model: Model,
+    inputs: Texts,
+    targets: Texts | None = None,
+    *,
+    contrast: Texts | None = None,
+    positions: int | Sequence[int] | None = None,
+    max_new_tokens: int = 20,
+) -> Batch:
+    """Tokenize ``inputs``/``targets`` (generating targets greedily when None) for ``model``."""
+    sources, single = _as_texts(inputs, "inputs")
+    target_texts = None if targets is None else _aligned(targets, "targets", sources, single)
+    contrast_texts = None if contrast is None else _aligned(contrast, "contrast", sources, single)
+    if (
+        not isinstance(max_new_tokens, int)
+        or isinstance(max_new_tokens, bool)
+        or max_new_tokens < 1
+    ):
+        raise OptionError(f"`max_new_tokens` must be a positive integer, got {max_new_tokens!r}")
+    tokenizer = model.tokenizer
+    source_ids = [_encode_source(tokenizer, text, model.is_encoder_decoder) for text in sources]
+    if target_texts is None:
+        generated = model.generate(source_ids, max_new_tokens)
+        target_ids = [tuple(ids) for ids in generated]
+    else:
+        target_ids = [
+            _encode_target(model, sources[i], text, f"targets{_at(i, single)}")
+            for i, text in enumerate(target_texts)
+        ]
+    contrast_ids: list[tuple[int, ...] | None] = [None] * len(sources)
+    if contrast_texts is not None:
+        for i, text in enumerate(contrast_texts):
+            name = f"contrast{_at(i, single)}"
+            ids = _encode_target(model, sources[i], text, name)
+            if len(ids) != len(target_ids[i]):
+                raise InputError(
+                    f"`{name}` {text!r} has {len(ids)} tokens but the target has "
+                    f"{len(target_ids[i])}: a contrast must align token by token with the target"
+                )
+            contrast_ids[i] = ids
+    start = model.decoder_start_token_id if model.is_encoder_decoder else None
+    examples = []
+    for i, (src, tgt) in enumerate(zip(source_ids, target_ids, strict=True)):
+        where = _at(i, single)
+        if not tgt:
+            raise InputError(f"`targets{where}` has no tokens to attribute (empty generation?)")
+        _check_length(model, src, tgt, where)
+        first = 1 if model.is_encoder_decoder else len(src)
+        available = tuple(range(first, first + len(tgt)))
+        examples.append(
+            Example(src, tgt, contrast_ids[i], _select(positions, available, first + len(tgt)))
+        )
+    return Batch(tuple(examples), single, model.is_encoder_decoder, start)
+
+
+def to_tensors(batch: Batch, model: Model) -> Tensors:
+    """Pad a batch to rectangular tensors on the model's device (padding on the right)."""
+    pad = model.pad_token_id or 0
+    device = model.device
+    if batch.encoder_decoder:
+        ids, mask = _pad([e.source_ids for e in batch.examples], pad)
+        decoder_ids, decoder_mask = _pad(batch.sequences(), pad)
+        decoder_ids, decoder_mask = decoder_ids.to(device), decoder_mask.to(device)
+    else:
+        ids, mask = _pad(batch.sequences(), pad)
+        decoder_ids = decoder_mask = None
+    width = max(len(e.positions) for e in batch.examples)
+    shape = (len(batch.examples), width)
+    index = torch.zeros(shape, dtype=torch.long)
+    target_ids = torch.zeros(shape, dtype=torch.long)
+    contrast_ids = torch.zeros(shape, dtype=torch.long)
+    valid = torch.zeros(shape, dtype=torch.bool)
+    for row, example in enumerate(batch.examples):
+        sequence = example.sequence(batch.start_token)
+        for k, position in enumerate(example.positions):
+            index[row, k] = position - 1
+            target_ids[row, k] = sequence[position]
+            valid[row, k] = True
+            if example.contrast_ids is not None:
+                first = len(sequence) - len(example.target_ids)
+                contrast_ids[row, k] = example.contrast_ids[position - first]
+    has_contrast = batch.examples[0].contrast_ids is not None
+    return Tensors(
+        ids.to(device),
+        mask.to(device),
+        decoder_ids,
+        decoder_mask,
+        index.to(device),
+        target_ids.to(device),
+        contrast_ids.to(device) if has_contrast else None,
+        valid.to(device),
+    )
+
+
+def _pad(rows: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(row) for row in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = torch.tensor(list(row), dtype=torch.long)
+        mask[i, : len(row)] = 1
+    return ids, mask
+
+
+def _at(i: int, single: bool) -> str:
+    return "" if single else f"[{i}]"
+
+
+def _as_texts(value: Any, name: str) -> tuple[list[str], bool]:
+    if isinstance(value, str):
+        texts, single = [value], True
+    elif isinstance(value, Sequence) and not isinstance(value, (bytes, bytearray)):
+        texts, single = list(value), False
+        if not texts:
+            raise InputError(f"`{name}` is an empty list: give at least one text")
+    else:
+        raise InputError(
+            f"`{name}` must be a string or a list of strings, got {type(value).__name__}"
+        )
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise InputError(
+                f"`{name}{_at(i, single)}` must be a string, got {type(text).__name__}"
+            )
+        if not text.strip():
+            raise InputError(f"`{name}{_at(i, single)}` is empty: there is nothing to attribute")
+    return texts, single
+
+
+def _aligned(value: Any, name: str, sources: list[str], single: bool) -> list[str]:
+    texts, value_single = _as_texts(value, name)
+    if value_single != single or len(texts) != len(sources):
+        what = "a string" if single else f"a list of {len(sources)} strings"
+        got = "a string" if value_single else f"a list of {len(texts)}"
+        raise InputError(f"`{name}` must match `inputs`: expected {what}, got {got}")
+    return texts
+
+
+def _encode_source(tokenizer: Any, text: str, encoder_decoder: bool) -> tuple[int, ...]:
+    if encoder_decoder:
+        return tuple(tokenizer(text, add_special_tokens=True)["input_ids"])
+    with_special = tokenizer(text, add_special_tokens=True)["input_ids"]
+    plain = tokenizer(text, add_special_tokens=False)["input_ids"]
+    # keep a leading BOS the tokenizer adds, drop a trailing EOS: the continuation follows the prompt
+    prefix = _special_prefix(with_special, plain)
+    return tuple(with_special[:prefix]) + tuple(plain)
+
+
+def _special_prefix(with_special: list[int], plain: list[int]) -> int:
+    for start in range(len(with_special) - len(plain) + 1):
+        if with_special[start : start + len(plain)] == plain:
+            return start
+    return 0
+
+
+def _encode_target(model: Model, source: str, target: str, name: str) -> tuple[int, ...]:
+    tokenizer = model.tokenizer
+    if model.is_encoder_decoder:
+        return tuple(tokenizer(text_target=target, add_special_tokens=True)["input_ids"])
+    prompt = tokenizer(source, add_special_tokens=False)["input_ids"]
+    joint = tokenizer(source + target, add_special_tokens=False)["input_ids"]
+    if joint[: len(prompt)] != prompt:
+        boundary = tokenizer.convert_ids_to_tokens(joint[max(len(prompt) - 2, 0) : len(prompt) + 1])
+        raise InputError(
+            f"`{name}` {target!r} does not continue the prompt on a token boundary: tokenizing "
+            f"prompt+target merges tokens across the join ({boundary}); start the target "
+            "with a space or split the text elsewhere"
+        )
+    return tuple(joint[len(prompt) :])
+
+
+def _check_length(
+    model: Model, source: tuple[int, ...], target: tuple[int, ...], where: str
+) -> None:
+    limit = model.max_positions
+    if limit is None:
+        return
+    if model.is_encoder_decoder:
+        if len(source) > limit:
+            raise InputError(
+                f"`inputs{where}` has {len(source)} tokens, more than the model's {limit} positions"
+            )
+        if len(target) + 1 > limit:
+            raise InputError(
+                f"`targets{where}` has {len(target)} tokens (+1 start token), more than the "
+                f"model's {limit} positions"
+            )
+    elif len(source) + len(target) > limit:
+        raise InputError(
+            f"`inputs{where}` + `targets{where}` have {len(source)} + {len(target)} tokens, more "
+            f"than the model's {limit} positions"
+        )
+
+
+def _select(positions: Any, available: tuple[int, ...], length: int) -> tuple[int, ...]:
+    if positions is None:
+        return available
+    wanted = [positions] if isinstance(positions, int) else positions
+    try:
+        wanted = [int(p) for p in wanted]
+    except (TypeError, ValueError):
+        raise InputError(
+            f"`positions` must be an int or a list of ints, got {positions!r}"
+        ) from None
+    if not wanted:
+        raise InputError("`positions` is empty: select at least one target position")
+    chosen = []
+    for p in wanted:
+        absolute = p + length if p < 0 else p
+        if absolute not in available:
+            raise InputError(
+                f"`positions` contains {p}, which is not a target position; target positions "
+                f"are {available[0]}..{available[-1]} (negative values count from the end)"
+            )
+        chosen.append(absolute)
+    return tuple(sorted(set(chosen)))

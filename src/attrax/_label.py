@@ -1,0 +1,156 @@
+"""Tensors -> labelled ``DataArray``: positions as dimension coordinates, tokens as coordinates."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import xarray as xr
+
+from ._inputs import Batch
+from ._model import Model
+
+MISSING_TOKEN = ""
+MISSING_ID = -1
+
+
+def label(
+    model: Model,
+    batch: Batch,
+    sides: Sequence[torch.Tensor | np.ndarray],
+    *,
+    method: str,
+    objective: str,
+    options: Mapping[str, Any],
+    trailing: Sequence[str] = ("hidden",),
+    target_coords: Mapping[str, torch.Tensor | np.ndarray] | None = None,
+    name: str = "attribution",
+) -> xr.DataArray:
+    """Label per-example values ``[B, K, L, *trailing]`` (one array per source side).
+
+    ``sides[0]`` covers the decoder-only sequence or the encoder input; ``sides[1]`` (optional)
+    the decoder input of an encoder-decoder model. ``K`` follows each example's ``positions``.
+    ``target_coords`` are extra ``[B, K]`` values along the target dim (e.g. completeness gaps).
+    NaN marks padding and sources at or after the target position on the target side.
+    """
+    examples = batch.examples
+    sequences = batch.sequences()
+    arrays = [_numpy(side) for side in sides]
+    targets = sorted({p for e in examples for p in e.positions})
+    row_of = {p: i for i, p in enumerate(targets)}
+    tail_shape = arrays[0].shape[3:]
+    tokens = model.tokenizer.convert_ids_to_tokens
+
+    blocks = []  # one [B, T, L_side, *tail] block per side
+    for side_index, values in enumerate(arrays):
+        width = values.shape[2]
+        block = np.full((len(examples), len(targets), width, *tail_shape), np.nan, values.dtype)
+        for b, example in enumerate(examples):
+            rows = [row_of[p] for p in example.positions]
+            length = len(_side_ids(batch, b, side_index))
+            block[b, rows, :length] = values[b, : len(rows), :length]
+        on_target_side = side_index == 1 or not batch.encoder_decoder
+        if on_target_side:
+            future = np.arange(width)[None, :] >= np.asarray(targets)[:, None]
+            block[:, future] = np.nan
+        blocks.append(block)
+    data = np.concatenate(blocks, axis=2)
+
+    target_ids = np.full((len(examples), len(targets)), MISSING_ID, dtype=np.int64)
+    for b, example in enumerate(examples):
+        for p in example.positions:
+            target_ids[b, row_of[p]] = sequences[b][p]
+    source_ids = np.full((len(examples), data.shape[2]), MISSING_ID, dtype=np.int64)
+    offset = 0
+    for side_index, block in enumerate(blocks):
+        for b in range(len(examples)):
+            ids = _side_ids(batch, b, side_index)
+            source_ids[b, offset : offset + len(ids)] = ids
+        offset += block.shape[2]
+
+    dims = ["example", "target", "source", *trailing]
+    coords: dict[str, Any] = {
+        "example": np.arange(len(examples)),
+        "target": np.asarray(targets, dtype=np.int64),
+        "target_id": (("example", "target"), target_ids),
+        "target_token": (("example", "target"), _token_strings(target_ids, tokens)),
+        "source_id": (("example", "source"), source_ids),
+        "source_token": (("example", "source"), _token_strings(source_ids, tokens)),
+    }
+    if batch.encoder_decoder and len(blocks) == 2:
+        sides_level = ["source"] * blocks[0].shape[2] + ["target"] * blocks[1].shape[2]
+        positions = [*range(blocks[0].shape[2]), *range(blocks[1].shape[2])]
+        index = pd.MultiIndex.from_arrays([sides_level, positions], names=("side", "position"))
+        coords.update(xr.Coordinates.from_pandas_multiindex(index, "source"))
+    else:
+        coords["source"] = np.arange(data.shape[2])
+        coords["side"] = (("example", "source"), _sides(batch, data.shape[2]))
+    for key, values in (target_coords or {}).items():
+        dense = np.full((len(examples), len(targets)), np.nan)
+        raw = _numpy(values)
+        for b, example in enumerate(examples):
+            dense[b, [row_of[p] for p in example.positions]] = raw[b, : len(example.positions)]
+        coords[key] = (("example", "target"), dense)
+    if examples[0].contrast_ids is not None:
+        contrast = np.full((len(examples), len(targets)), MISSING_ID, dtype=np.int64)
+        for b, example in enumerate(examples):
+            first = len(sequences[b]) - len(example.target_ids)
+            for p in example.positions:
+                contrast[b, row_of[p]] = example.contrast_ids[p - first]
+        coords["contrast_id"] = (("example", "target"), contrast)
+        coords["contrast_token"] = (("example", "target"), _token_strings(contrast, tokens))
+
+    da = xr.DataArray(
+        data, dims=dims, coords=coords, name=name, attrs=_attrs(model, method, objective, options)
+    )
+    if batch.single:
+        da = da.isel(example=0, drop=True)
+    return da
+
+
+def _side_ids(batch: Batch, b: int, side_index: int) -> tuple[int, ...]:
+    example = batch.examples[b]
+    if batch.encoder_decoder and side_index == 0:
+        return example.source_ids
+    return example.sequence(batch.start_token)
+
+
+def _sides(batch: Batch, width: int) -> np.ndarray:
+    sides = np.full((len(batch.examples), width), MISSING_TOKEN, dtype=object)
+    for b, example in enumerate(batch.examples):
+        sides[b, : len(example.source_ids)] = "source"
+        if not batch.encoder_decoder:
+            end = len(example.source_ids) + len(example.target_ids)
+            sides[b, len(example.source_ids) : end] = "target"
+    return sides.astype(str)
+
+
+def _token_strings(ids: np.ndarray, tokens: Any) -> np.ndarray:
+    out = np.full(ids.shape, MISSING_TOKEN, dtype=object)
+    present = ids != MISSING_ID
+    if present.any():
+        out[present] = tokens([int(i) for i in ids[present]])
+    return out.astype(str)
+
+
+def _numpy(values: torch.Tensor | np.ndarray) -> np.ndarray:
+    if isinstance(values, torch.Tensor):
+        return values.detach().to("cpu").numpy()
+    return np.asarray(values)
+
+
+def _attrs(model: Model, method: str, objective: str, options: Mapping[str, Any]) -> dict[str, Any]:
+    from . import __version__
+
+    return {
+        "method": method,
+        "model": model.name,
+        "model_type": model.kind,
+        "objective": objective,
+        "options": json.dumps(dict(options), sort_keys=True, default=repr),
+        "attrax_version": __version__,
+    }

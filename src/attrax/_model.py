@@ -1,0 +1,359 @@
+"""The one adapter around a Hugging Face model: embed, forward from embeddings, generate."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
+    AutoTokenizer,
+    PreTrainedModel,
+)
+
+from ._errors import ModelError, OptionError
+
+ATTENTION_IMPLEMENTATIONS = ("eager", "sdpa")
+
+
+class Model:
+    """A Hugging Face causal or seq2seq LM with its tokenizer, ready for ``torch.func``.
+
+    Holds the real state attrax needs: the module (eval mode, no parameter grads), the tokenizer,
+    how the model turns ids into the embeddings it accepts as ``inputs_embeds``, and its limits.
+    Build it with :func:`load_model`.
+
+    >>> import attrax as ax
+    >>> model = ax.load_model()
+    >>> model.is_encoder_decoder
+    False
+    """
+
+    def __init__(self, hf_model: PreTrainedModel, tokenizer: Any, name: str | None = None) -> None:
+        if not isinstance(hf_model, PreTrainedModel):
+            raise ModelError(
+                f"`model` must be a transformers PreTrainedModel, got {type(hf_model).__name__}"
+            )
+        if hf_model.get_output_embeddings() is None:
+            raise ModelError(
+                f"`model` ({type(hf_model).__name__}) has no language-model head: attrax needs a "
+                "causal LM (AutoModelForCausalLM) or a seq2seq LM (AutoModelForSeq2SeqLM)"
+            )
+        if tokenizer is None:
+            raise ModelError("`tokenizer` is required when `model` is a model instance")
+        self.hf = hf_model.eval()
+        for parameter in self.hf.parameters():
+            parameter.requires_grad_(False)
+        self.tokenizer = tokenizer
+        config = hf_model.config
+        self.name = name or getattr(config, "_name_or_path", "") or type(hf_model).__name__
+        self.is_encoder_decoder = bool(getattr(config, "is_encoder_decoder", False))
+        self.max_positions = _max_positions(config)
+        self.pad_token_id = _first_int(
+            tokenizer.pad_token_id,
+            getattr(config, "pad_token_id", None),
+            tokenizer.eos_token_id,
+            0,
+        )
+        self.eos_token_id = _first_int(
+            tokenizer.eos_token_id, getattr(config, "eos_token_id", None)
+        )
+        self.decoder_start_token_id = None
+        if self.is_encoder_decoder:
+            generation = getattr(hf_model, "generation_config", None)
+            self.decoder_start_token_id = _first_int(
+                getattr(config, "decoder_start_token_id", None),
+                getattr(generation, "decoder_start_token_id", None),
+                getattr(config, "bos_token_id", None),
+                self.pad_token_id,
+            )
+        self._source_embedding = hf_model.get_input_embeddings()
+        decoder = hf_model.get_decoder() if self.is_encoder_decoder else None
+        self._target_embedding = (
+            getattr(decoder, "embed_tokens", None) or self._source_embedding
+            if decoder is not None
+            else self._source_embedding
+        )
+        self._source_scale = 1.0
+        self._target_scale = 1.0
+        self._calibrate_embedding_scales()
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.hf.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._source_embedding.weight.dtype
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self._source_embedding.weight.shape[-1])
+
+    @property
+    def kind(self) -> str:
+        return "encoder-decoder" if self.is_encoder_decoder else "decoder-only"
+
+    def __repr__(self) -> str:
+        return f"attrax.Model({self.name!r}, {self.kind}, {type(self.hf).__name__})"
+
+    def embed(self, ids: torch.Tensor, side: str = "source") -> torch.Tensor:
+        """Rows of the embedding table for ``ids``: what attributions are taken with respect to.
+
+        ``side="source"`` is the decoder-only sequence or the encoder input, ``"target"`` the decoder
+        input of an encoder-decoder model. Any scale the model applies to its embeddings is applied
+        by :meth:`logits_at`, so both sides of a translator are attributed in the same units.
+        """
+        ids = ids.to(self.device)
+        if side == "target" and self.is_encoder_decoder:
+            return self._target_embedding(ids)
+        return self._source_embedding(ids)
+
+    def logits_at(
+        self,
+        embeds: torch.Tensor,
+        attention_mask: torch.Tensor,
+        index: torch.Tensor,
+        decoder_embeds: torch.Tensor | None = None,
+        decoder_attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits ``[batch, k, vocab]`` at positions ``index[batch, k]`` of the (decoder) sequence.
+
+        ``embeds`` (and ``decoder_embeds``) are embedding-table rows as :meth:`embed` returns them.
+
+        The language-model head only sees the gathered positions, so full-vocabulary logits are
+        never computed where nothing is attributed.
+        """
+        if self._source_scale != 1.0:
+            embeds = embeds * self._source_scale
+        if decoder_embeds is not None and self._target_scale != 1.0:
+            decoder_embeds = decoder_embeds * self._target_scale
+        with _gather_before(self.hf.get_output_embeddings(), index):
+            if self.is_encoder_decoder:
+                out = self.hf(
+                    inputs_embeds=embeds,
+                    attention_mask=attention_mask,
+                    decoder_inputs_embeds=decoder_embeds,
+                    decoder_attention_mask=decoder_attention_mask,
+                    use_cache=False,
+                )
+            else:
+                positions = torch.arange(embeds.shape[-2], device=embeds.device)
+                out = self.hf(
+                    inputs_embeds=embeds,
+                    attention_mask=attention_mask,
+                    position_ids=positions.expand(attention_mask.shape),
+                    use_cache=False,
+                )
+        return out.logits
+
+    @torch.no_grad()
+    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> list[list[int]]:
+        """Greedy continuations (token ids, EOS included when produced) of tokenized prompts."""
+        width = max(len(p) for p in prompts)
+        pad = self.pad_token_id
+        ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, prompt in enumerate(prompts):
+            # decoder-only generation continues from the last column, so prompts are left-padded
+            start = 0 if self.is_encoder_decoder else width - len(prompt)
+            ids[row, start : start + len(prompt)] = torch.tensor(list(prompt))
+            mask[row, start : start + len(prompt)] = 1
+        out = self.hf.generate(
+            input_ids=ids.to(self.device),
+            attention_mask=mask.to(self.device),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            num_beams=1,
+            pad_token_id=pad,
+            eos_token_id=self.eos_token_id,
+        ).cpu()
+        new = out[:, 1:] if self.is_encoder_decoder else out[:, width:]
+        result = []
+        for row in new.tolist():
+            if self.eos_token_id is not None and self.eos_token_id in row:
+                row = row[: row.index(self.eos_token_id) + 1]
+            result.append(row)
+        return result
+
+    def _calibrate_embedding_scales(self) -> None:
+        """Find the factor that makes ``inputs_embeds`` forwards equal ``input_ids`` forwards.
+
+        Some models scale embeddings only when they embed ids themselves (Marian's encoder), others
+        always (its decoder); a probe on a few tokens finds out instead of a table per architecture.
+        """
+        vocab = self._source_embedding.weight.shape[0]
+        ids = (torch.arange(5) * 7 + 3).remainder(vocab).unsqueeze(0).to(self.device)
+        mask = torch.ones_like(ids)
+        sides = ["source", "target"] if self.is_encoder_decoder else ["source"]
+        with torch.no_grad():
+            for side in sides:
+                module = self._target_embedding if side == "target" else self._source_embedding
+                candidates = [1.0, *_embedding_scales(self.hf, side)]
+                ref = self._probe(ids, mask, None, None)
+                for scale in candidates:
+                    embeds = module(ids) * scale
+                    got = self._probe(ids, mask, embeds, side)
+                    if torch.allclose(got, ref, rtol=1e-4, atol=1e-5):
+                        if side == "target":
+                            self._target_scale = scale
+                        else:
+                            self._source_scale = scale
+                        break
+                else:
+                    raise ModelError(
+                        f"{type(self.hf).__name__}: a forward from `inputs_embeds` does not "
+                        "reproduce the forward from `input_ids`; attrax cannot attribute to its "
+                        "embeddings"
+                    )
+
+    def _probe(
+        self,
+        ids: torch.Tensor,
+        mask: torch.Tensor,
+        embeds: torch.Tensor | None,
+        side: str | None,
+    ) -> torch.Tensor:
+        if not self.is_encoder_decoder:
+            if embeds is None:
+                return self.hf(input_ids=ids, attention_mask=mask, use_cache=False).logits
+            return self.hf(inputs_embeds=embeds, attention_mask=mask, use_cache=False).logits
+        kwargs: dict[str, Any] = {"attention_mask": mask, "use_cache": False}
+        if side == "source":
+            kwargs["inputs_embeds"] = embeds
+        else:
+            kwargs["input_ids"] = ids
+        if side == "target":
+            kwargs["decoder_inputs_embeds"] = embeds
+        else:
+            kwargs["decoder_input_ids"] = ids
+        return self.hf(**kwargs).logits
+
+
+def load_model(
+    model: str | os.PathLike[str] | PreTrainedModel | Model | None = None,
+    *,
+    tokenizer: Any = None,
+    attn_implementation: str = "eager",
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+) -> Model:
+    """Wrap a causal or seq2seq language model for attribution.
+
+    Arguments:
+        model: a local directory or hub name (``from_pretrained``), a ``PreTrainedModel`` instance,
+            or None for attrax's built-in offline demo model.
+        tokenizer: the tokenizer (instance or name/path); defaults to the one saved with the model.
+        attn_implementation: ``"eager"`` or ``"sdpa"``; both work under ``vmap``.
+        device, dtype: where and in which precision to run; default: as loaded (CPU, float32).
+
+    Returns:
+        A :class:`Model` in eval mode with parameter gradients off.
+
+    >>> import attrax as ax
+    >>> ax.load_model().kind
+    'decoder-only'
+    """
+    if isinstance(model, Model):
+        return model
+    if attn_implementation not in ATTENTION_IMPLEMENTATIONS:
+        raise OptionError(
+            f"`attn_implementation` must be one of {ATTENTION_IMPLEMENTATIONS}, "
+            f"got {attn_implementation!r}"
+        )
+    name = None
+    if model is None:
+        from ._default_model_task import DEFAULT_MODEL_PATH
+
+        model = DEFAULT_MODEL_PATH
+        name = "attrax-default"
+    if isinstance(model, (str, os.PathLike)):
+        name = name or str(model)
+        hf_model = _from_pretrained(model, attn_implementation, dtype)
+        if tokenizer is None:
+            tokenizer = model
+    elif isinstance(model, PreTrainedModel):
+        hf_model = model
+        if getattr(hf_model.config, "_attn_implementation", None) != attn_implementation:
+            hf_model.set_attn_implementation(attn_implementation)
+        if dtype is not None:
+            hf_model = hf_model.to(dtype)
+    else:
+        raise ModelError(
+            "`model` must be a path, a hub name, a transformers PreTrainedModel or None, "
+            f"got {type(model).__name__}"
+        )
+    if isinstance(tokenizer, (str, os.PathLike)):
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer)
+    if device is not None:
+        hf_model = hf_model.to(device)
+    return Model(hf_model, tokenizer, name=name)
+
+
+def _from_pretrained(
+    path: str | os.PathLike[str], attn_implementation: str, dtype: torch.dtype | None
+) -> PreTrainedModel:
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as error:
+        where = "directory" if Path(path).exists() else "local directory or reachable hub name"
+        raise ModelError(f"`model` {str(path)!r} is not a loadable {where}: {error}") from None
+    auto = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else None
+    auto = auto or AutoModelForCausalLM
+    kwargs: dict[str, Any] = {"attn_implementation": attn_implementation}
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    try:
+        return auto.from_pretrained(path, **kwargs)
+    except ValueError as error:
+        raise ModelError(
+            f"`model` {str(path)!r} ({config.model_type}) is neither a causal nor a seq2seq "
+            f"language model: {error}"
+        ) from None
+
+
+def _max_positions(config: Any) -> int | None:
+    for key in ("n_positions", "max_position_embeddings"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None  # relative positions (T5): no hard limit
+
+
+def _first_int(*values: Any) -> int | None:
+    for value in values:
+        if isinstance(value, (list, tuple)):
+            value = value[0] if value else None
+        if isinstance(value, int):
+            return value
+    return None
+
+
+def _embedding_scales(hf_model: PreTrainedModel, side: str) -> list[float]:
+    """Scales an architecture may apply to embeddings (``embed_scale`` attributes)."""
+    getter = "get_decoder" if side == "target" else "get_encoder"
+    stack = getattr(hf_model, getter, lambda: None)()
+    scale = getattr(stack, "embed_scale", None)
+    return [float(scale)] if isinstance(scale, (int, float)) and scale != 1.0 else []
+
+
+@contextlib.contextmanager
+def _gather_before(head: torch.nn.Module, index: torch.Tensor) -> Iterator[None]:
+    """Feed only hidden states ``h[b, index[b, k]]`` to the output projection ``head``."""
+    rows = torch.arange(index.shape[0], device=index.device).unsqueeze(1)
+
+    def gather(_module: torch.nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+        hidden = args[0]
+        return (hidden[rows, index], *args[1:])
+
+    handle = head.register_forward_pre_hook(gather)
+    try:
+        yield
+    finally:
+        handle.remove()

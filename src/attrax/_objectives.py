@@ -1,0 +1,73 @@
+"""What is attributed at each target position: a score of the logits that predict the token."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from ._errors import OptionError
+
+Objective = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def probability(logits: torch.Tensor, target_ids: torch.Tensor) -> torch.Tensor:
+    """Softmax probability of each target token: ``logits[..., V]``, ``target_ids[...]``."""
+    return logprob(logits, target_ids).exp()
+
+
+def logprob(logits: torch.Tensor, target_ids: torch.Tensor) -> torch.Tensor:
+    """Natural-log probability of each target token."""
+    return _pick(torch.log_softmax(logits, dim=-1), target_ids)
+
+
+def logit(logits: torch.Tensor, target_ids: torch.Tensor) -> torch.Tensor:
+    """Raw logit of each target token."""
+    return _pick(logits, target_ids)
+
+
+def _pick(values: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    return values.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+
+
+OBJECTIVES: dict[str, Objective] = {
+    "probability": probability,
+    "logprob": logprob,
+    "logit": logit,
+}
+
+
+def resolve(objective: str | Objective) -> tuple[str, Objective]:
+    """The objective's name and function; callables ``(logits, target_ids) -> scores`` pass."""
+    if callable(objective):
+        return getattr(objective, "__name__", type(objective).__name__), objective
+    if isinstance(objective, str) and objective in OBJECTIVES:
+        return objective, OBJECTIVES[objective]
+    raise OptionError(
+        f"`objective` must be one of {sorted(OBJECTIVES)} or a callable "
+        f"(logits, target_ids) -> scores, got {objective!r}"
+    )
+
+
+def scores(
+    objective: Objective,
+    logits: torch.Tensor,
+    target_ids: torch.Tensor,
+    contrast_ids: torch.Tensor | None,
+) -> torch.Tensor:
+    """Objective per target, minus the same objective of the contrast token when given."""
+    value = _checked(objective, logits, target_ids)
+    if contrast_ids is not None:
+        value = value - _checked(objective, logits, contrast_ids)
+    return value
+
+
+def _checked(objective: Objective, logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    value = objective(logits, ids)
+    if not isinstance(value, torch.Tensor) or value.shape != ids.shape:
+        shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+        raise OptionError(
+            f"`objective` must return one score per target token, shape {tuple(ids.shape)}, "
+            f"got {shape}"
+        )
+    return value

@@ -1,0 +1,165 @@
+"""Pure reductions ``DataArray -> DataArray`` over a named dim, and ``pipe`` to compose them.
+
+Every reduction can be called on an array (``ax.l2_norm(da)``, ``ax.mean(da, "head")``) or with only
+a dim name to get the reduction as a function (``ax.mean("head")``), which is what ``pipe`` and
+``DataArray.pipe`` take. NaN (padding, the future) stays NaN: a slice that is all NaN reduces to NaN.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any, overload
+
+import numpy as np
+import xarray as xr
+
+from ._errors import OptionError
+
+Reduction = Callable[[xr.DataArray], xr.DataArray]
+
+
+def _reduction(default: str) -> Callable[[Callable[[xr.DataArray, str], xr.DataArray]], Any]:
+    def wrap(fn: Callable[[xr.DataArray, str], xr.DataArray]) -> Any:
+        @overload
+        def reduction(da: str | None = None, dim: str | None = None) -> Reduction: ...
+        @overload
+        def reduction(da: xr.DataArray, dim: str | None = None) -> xr.DataArray: ...
+
+        @functools.wraps(fn)
+        def reduction(da: Any = None, dim: str | None = None) -> Any:
+            if isinstance(da, str):
+                if dim is not None:
+                    raise OptionError(f"{fn.__name__}: give `dim` once, got {da!r} and {dim!r}")
+                da, dim = None, da
+            dim = default if dim is None else dim
+            if da is None:
+                return functools.partial(reduction, dim=dim)
+            if isinstance(da, xr.Dataset):
+                return da.map(lambda v: reduction(v, dim) if dim in v.dims else v, keep_attrs=True)
+            if not isinstance(da, xr.DataArray):
+                raise OptionError(
+                    f"{fn.__name__}: expected an xarray DataArray, got {type(da).__name__}"
+                )
+            if dim not in da.dims:
+                raise OptionError(
+                    f"{fn.__name__}: `dim` {dim!r} is not a dim of the array; its dims are {da.dims}"
+                )
+            with xr.set_options(keep_attrs=True):
+                out = fn(da, dim)
+            done = da.attrs.get("reductions", "")
+            out.attrs["reductions"] = f"{done};{fn.__name__}({dim})".lstrip(";")
+            return out.rename(da.name)
+
+        return reduction
+
+    return wrap
+
+
+@_reduction("hidden")
+def l2_norm(da: xr.DataArray, dim: str) -> xr.DataArray:
+    """Euclidean norm over ``dim`` (default ``hidden``): one score per token.
+
+    >>> import xarray as xr
+    >>> float(l2_norm(xr.DataArray([[3.0, 4.0]], dims=("source", "hidden")))[0])
+    5.0
+    """
+    return np.sqrt((da**2).sum(dim, skipna=True, min_count=1))
+
+
+@_reduction("hidden")
+def sum(da: xr.DataArray, dim: str) -> xr.DataArray:
+    """Sum over ``dim`` (default ``hidden``).
+
+    >>> import xarray as xr
+    >>> float(sum(xr.DataArray([[1.0, -3.0]], dims=("source", "hidden")))[0])
+    -2.0
+    """
+    return da.sum(dim, skipna=True, min_count=1)
+
+
+@_reduction("hidden")
+def mean(da: xr.DataArray, dim: str) -> xr.DataArray:
+    """Mean over ``dim`` (default ``hidden``), ignoring NaN.
+
+    >>> import xarray as xr
+    >>> float(mean("hidden")(xr.DataArray([[1.0, 3.0]], dims=("source", "hidden")))[0])
+    2.0
+    """
+    return da.sum(dim, skipna=True, min_count=1) / da.notnull().sum(dim)
+
+
+@_reduction("hidden")
+def max(da: xr.DataArray, dim: str) -> xr.DataArray:
+    """Maximum over ``dim`` (default ``hidden``), ignoring NaN.
+
+    >>> import xarray as xr
+    >>> float(max(xr.DataArray([[1.0, -3.0]], dims=("source", "hidden")))[0])
+    1.0
+    """
+    return da.where(da.notnull(), -np.inf).max(dim).where(da.notnull().any(dim))
+
+
+@_reduction("hidden")
+def absmax(da: xr.DataArray, dim: str) -> xr.DataArray:
+    """The value of largest magnitude over ``dim`` (default ``hidden``), sign kept.
+
+    >>> import xarray as xr
+    >>> float(absmax(xr.DataArray([[1.0, -3.0]], dims=("source", "hidden")))[0])
+    -3.0
+    """
+    present = da.notnull().any(dim)
+    where = abs(da).fillna(-1.0).argmax(dim)
+    return da.isel({dim: where}, drop=True).where(present)
+
+
+@_reduction("source")
+def normalize(da: xr.DataArray, dim: str) -> xr.DataArray:
+    """Divide by the L1 norm over ``dim`` (default ``source``): absolute values sum to 1.
+
+    NaN-aware; an all-zero slice stays zero.
+
+    >>> import xarray as xr
+    >>> normalize(xr.DataArray([1.0, 3.0, float("nan")], dims="source")).values.tolist()
+    [0.25, 0.75, nan]
+    """
+    total = abs(da).sum(dim, skipna=True, min_count=1)
+    return da / total.where(total != 0, 1.0)
+
+
+@_reduction("source")
+def rescale(da: xr.DataArray, dim: str) -> xr.DataArray:
+    """Divide by the largest magnitude over ``dim`` (default ``source``): values in [-1, 1].
+
+    >>> import xarray as xr
+    >>> rescale(xr.DataArray([1.0, -4.0], dims="source")).values.tolist()
+    [0.25, -1.0]
+    """
+    top = abs(da).max(dim, skipna=True)
+    return da / top.where(top != 0, 1.0)
+
+
+def pipe(*functions: Callable[..., Any]) -> Callable[..., Any]:
+    """Compose left to right: the first gets the call's arguments, each next one the result.
+
+    >>> import attrax as ax
+    >>> attribute = ax.pipe(ax.saliency, ax.l2_norm, ax.normalize)
+    >>> attribute(ax.load_model(), "1 2 3 =", " 3 2 1").dims
+    ('target', 'source')
+    """
+    if not functions:
+        raise OptionError("pipe: give at least one function")
+    for i, fn in enumerate(functions):
+        if not callable(fn):
+            raise OptionError(f"pipe: argument {i} is not callable, got {type(fn).__name__}")
+
+    def piped(*args: Any, **kwargs: Any) -> Any:
+        result = functions[0](*args, **kwargs)
+        for fn in functions[1:]:
+            result = fn(result)
+        return result
+
+    names = [getattr(fn, "__name__", type(fn).__name__) for fn in functions]
+    piped.__name__ = "pipe(" + ", ".join(names) + ")"
+    piped.__doc__ = f"Composition of {', '.join(names)} (left to right)."
+    return piped

@@ -1,0 +1,149 @@
+"""Bad input raises one clear attrax error that names the argument."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import attrax as ax
+from tests.conftest import PAIRS
+
+
+@pytest.mark.parametrize(
+    ("inputs", "targets", "match"),
+    [
+        ("", " Paris", "`inputs` is empty"),
+        ("   ", " Paris", "`inputs` is empty"),
+        ("The capital", "", "`targets` is empty"),
+        ([], None, "`inputs` is an empty list"),
+        (["a b", ""], [" c", " d"], r"`inputs\[1\]` is empty"),
+        (["a b", "c d"], [" e"], "`targets` must match `inputs`"),
+        (["a b", "c d"], " e", "`targets` must match `inputs`"),
+        ("a b", [" e"], "`targets` must match `inputs`"),
+        (3, " e", "`inputs` must be a string"),
+        (["a b", 3], None, r"`inputs\[1\]` must be a string"),
+    ],
+)
+def test_bad_texts(models, inputs, targets, match):
+    with pytest.raises(ax.InputError, match=match):
+        ax.saliency(models["gpt2"], inputs, targets)
+
+
+def test_errors_are_one_hierarchy():
+    assert issubclass(ax.InputError, ax.AttraxError)
+    assert issubclass(ax.OptionError, ax.AttraxError)
+    assert issubclass(ax.ModelError, ax.AttraxError)
+    assert issubclass(ax.InputError, ValueError)
+
+
+def test_target_that_does_not_follow_the_prompt(models):
+    # a word the tokenizer keeps whole, split inside: the target does not start on a token boundary
+    model = models["gpt2"]
+    tok = model.tokenizer
+
+    def ids(text):
+        return tok(text, add_special_tokens=False).input_ids
+
+    prompt = "The capital of Fr"
+    assert ids(prompt + "ance") != ids(prompt) + ids("ance")
+    with pytest.raises(ax.InputError, match="`targets` 'ance' does not continue the prompt"):
+        ax.saliency(model, prompt, "ance")
+
+
+def test_too_long_sequence(models):
+    model = models["gpt2"]
+    limit = model.max_positions
+    with pytest.raises(ax.InputError, match=f"more than the model's {limit} positions"):
+        ax.saliency(model, "a " * limit, " b")
+    with pytest.raises(ax.InputError, match=r"`inputs\[1\]`"):
+        ax.saliency(model, ["a b", "a " * limit], [" c", " d"])
+
+
+def test_too_long_encoder_input(models):
+    model = models["marian"]
+    with pytest.raises(ax.InputError, match=r"`inputs` has .* tokens, more than"):
+        ax.saliency(model, "a " * (model.max_positions + 5), "b")
+
+
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [
+        ({"objective": "prob"}, "`objective` must be one of"),
+        ({"objective": 3}, "`objective` must be one of"),
+        ({"chunk_size": 0}, "`chunk_size` must be a positive integer"),
+        ({"positions": [0]}, "`positions` contains 0, which is not a target position"),
+        ({"positions": []}, "`positions` is empty"),
+        ({"positions": "x"}, "`positions` must be an int or a list of ints"),
+        ({"max_new_tokens": 0}, "`max_new_tokens` must be a positive integer"),
+        ({"attribute_target": "yes"}, "`attribute_target` must be a bool"),
+        ({"contrast": " Paris is"}, "`contrast` .* has .* tokens but the target has"),
+    ],
+)
+def test_bad_options(models, options, match):
+    with pytest.raises(ax.AttraxError, match=match):
+        ax.saliency(models["gpt2"], *PAIRS[0], **options)
+
+
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [
+        ({"steps": 0}, "`steps` must be a positive integer"),
+        ({"method": "simpson"}, "`method` must be one of"),
+        ({"method": "riemann_trapezoid", "steps": 1}, "`steps` must be at least 2"),
+        ({"baseline": "random"}, "`baseline` must be one of"),
+        ({"baseline": torch.zeros(3, 5)}, "`baseline` of shape"),
+        ({"batch_size": -1}, "`batch_size` must be a positive integer"),
+    ],
+)
+def test_bad_integrated_gradients_options(models, options, match):
+    with pytest.raises(ax.OptionError, match=match):
+        ax.integrated_gradients(models["gpt2"], *PAIRS[0], **options)
+
+
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [
+        ({"samples": 0}, "`samples` must be a positive integer"),
+        ({"noise": -0.1}, "`noise` must be a non-negative number"),
+        ({"seed": 0.5}, "`seed` must be an integer"),
+    ],
+)
+def test_bad_smoothgrad_options(models, options, match):
+    with pytest.raises(ax.OptionError, match=match):
+        ax.smoothgrad(models["gpt2"], *PAIRS[0], **options)
+
+
+def test_bad_callable_objective(models):
+    with pytest.raises(ax.OptionError, match="one score per target token"):
+        ax.saliency(models["gpt2"], *PAIRS[0], objective=lambda logits, ids: logits)
+
+
+def test_options_are_checked_before_the_model_runs(models, monkeypatch):
+    model = models["gpt2"]
+
+    def boom(*args, **kwargs):
+        raise AssertionError("the model ran")
+
+    monkeypatch.setattr(model.hf, "forward", boom)
+    with pytest.raises(ax.OptionError):
+        ax.integrated_gradients(model, *PAIRS[0], method="nope")
+    with pytest.raises(ax.OptionError):
+        ax.saliency(model, *PAIRS[0], objective="nope")
+
+
+def test_baseline_tokens(models):
+    model = models["llama"]
+    zeros = ax.integrated_gradients(model, *PAIRS[0], steps=4, baseline="zeros")
+    for baseline, token in (("pad", model.pad_token_id), ("unk", model.tokenizer.unk_token_id)):
+        da = ax.integrated_gradients(model, *PAIRS[0], steps=4, baseline=baseline)
+        assert json.loads(da.attrs["options"])["baseline"] == baseline
+        embedding = model.hf.get_input_embeddings().weight[token]
+        same = ax.integrated_gradients(model, *PAIRS[0], steps=4, baseline=embedding)
+        np.testing.assert_allclose(da.values, same.values, rtol=1e-6, atol=1e-9)
+        assert not np.allclose(np.nan_to_num(da.values), np.nan_to_num(zeros.values))
+    tensor = torch.zeros(model.hidden_size)
+    same = ax.integrated_gradients(model, *PAIRS[0], steps=4, baseline=tensor)
+    np.testing.assert_array_equal(same.values, zeros.values)

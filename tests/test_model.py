@@ -1,0 +1,81 @@
+"""The model adapter: loading paths, embeddings, logits only where asked."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import attrax as ax
+from attrax.testing import save_tiny_model, tiny_model
+from tests.conftest import ARCHS, PAIRS
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "marian"])
+def test_load_from_local_directory(tmp_path, arch):
+    path = save_tiny_model(arch, tmp_path / arch)
+    model = ax.load_model(path)
+    assert model.name == str(path)
+    hf, tok = tiny_model(arch)
+    direct = ax.load_model(hf, tokenizer=tok)
+    a = ax.saliency(model, *PAIRS[0])
+    b = ax.saliency(direct, *PAIRS[0])
+    np.testing.assert_allclose(a.values, b.values, rtol=1e-6, atol=1e-9)
+    assert ax.saliency(str(path), *PAIRS[0]).attrs["model"] == str(path)
+
+
+def test_load_errors(tmp_path):
+    with pytest.raises(ax.ModelError, match="is not a loadable directory"):
+        ax.load_model(tmp_path)
+    with pytest.raises(ax.ModelError, match="`tokenizer` is required"):
+        ax.load_model(tiny_model("gpt2")[0])
+    with pytest.raises(ax.ModelError, match="`model` must be"):
+        ax.load_model(3.5)
+    with pytest.raises(ax.OptionError, match="`attn_implementation`"):
+        ax.load_model(
+            *tiny_model("gpt2")[:1], tokenizer=tiny_model("gpt2")[1], attn_implementation="flash"
+        )
+
+
+def test_parameters_frozen_and_eval(models):
+    for model in models.values():
+        assert not model.hf.training
+        assert not any(p.requires_grad for p in model.hf.parameters())
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_logits_at_equal_full_forward(models, arch):
+    model = models[arch]
+    ids = torch.tensor([[5, 9, 12, 7, 3, 8]])
+    mask = torch.ones_like(ids)
+    index = torch.tensor([[4, 1]])
+    embeds = model.embed(ids)
+    with torch.no_grad():
+        if model.is_encoder_decoder:
+            full = model.hf(input_ids=ids, decoder_input_ids=ids).logits
+            got = model.logits_at(embeds, mask, index, model.embed(ids, "target"), mask)
+        else:
+            full = model.hf(input_ids=ids).logits
+            got = model.logits_at(embeds, mask, index)
+    torch.testing.assert_close(got, full[:, [4, 1]], rtol=1e-5, atol=1e-5)
+
+
+def test_lm_head_sees_only_attributed_positions(models):
+    model = models["gpt2"]
+    seen = []
+    head = model.hf.get_output_embeddings()
+    handle = head.register_forward_hook(lambda m, a, out: seen.append(tuple(out.shape)))
+    try:
+        da = ax.saliency(model, *PAIRS[1], positions=[-1])
+    finally:
+        handle.remove()
+    assert da.sizes["target"] == 1
+    assert seen and all(shape[1] == 1 for shape in seen)
+
+
+def test_sdpa_equals_eager():
+    hf, tok = tiny_model("gpt2")
+    eager = ax.saliency(ax.load_model(hf, tokenizer=tok), *PAIRS[0])
+    hf2, tok2 = tiny_model("gpt2")
+    sdpa = ax.saliency(ax.load_model(hf2, tokenizer=tok2, attn_implementation="sdpa"), *PAIRS[0])
+    np.testing.assert_allclose(sdpa.values, eager.values, rtol=1e-4, atol=1e-7)
