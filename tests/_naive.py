@@ -83,15 +83,23 @@ class Runner:
     def targets(self) -> list[int]:
         return list(range(self.first_target, len(self.sequence)))
 
-    def gradient(
-        self, t: int, points: list[torch.Tensor], objective: Objective, contrast: int | None
-    ) -> list[torch.Tensor]:
+    def gradients(
+        self,
+        points: list[torch.Tensor],
+        objective: Objective,
+        contrast: list[int] | None,
+    ) -> list[list[torch.Tensor]]:
+        """Per target position: gradients w.r.t. each replaced embedding, one backward each."""
         leaves = [p.clone().requires_grad_(True) for p in points]
-        logits = self.logits(leaves)[t - 1]
-        score = objective(logits, self.sequence[t])
-        if contrast is not None:
-            score = score - objective(logits, contrast)
-        return [g[0] for g in torch.autograd.grad(score, leaves, allow_unused=False)]
+        logits = self.logits(leaves)
+        out = []
+        for k, t in enumerate(self.targets()):
+            score = objective(logits[t - 1], self.sequence[t])
+            if contrast is not None:
+                score = score - objective(logits[t - 1], contrast[k])
+            grads = torch.autograd.grad(score, leaves, retain_graph=True)
+            out.append([g[0] for g in grads])
+        return out
 
     def score(self, t: int, points: list[torch.Tensor], objective: Objective) -> float:
         with torch.no_grad():

@@ -1,0 +1,244 @@
+"""Save and load attrax results as netCDF4 files that round-trip exactly.
+
+netCDF cannot hold everything an attrax array carries (a ``MultiIndex`` on ``source``, the
+difference between a DataArray and a one-variable Dataset, an unnamed array, ``object`` string
+dtypes), so :func:`save` writes what it has to change into one JSON global attribute
+(``attrax_io``) and :func:`load` undoes it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import numbers
+import os
+import uuid
+from collections.abc import Hashable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import xarray as xr
+
+from ._errors import InputError, OptionError
+
+__all__ = ["load", "save"]
+
+_MARKER = "attrax_io"
+_FORMAT_VERSION = 1
+# xarray's own name for the variable of a saved DataArray, so ``xr.open_dataarray`` reads our
+# files too.
+_DA_VAR = "__xarray_dataarray_variable__"
+_DEFAULT_LEVEL = 4
+# Attributes that CF decoding on load would act on (rescale, mask, re-link coordinates), which
+# would silently change the data instead of round-tripping it.
+_CF_RESERVED = frozenset(
+    {
+        "_FillValue",
+        "missing_value",
+        "scale_factor",
+        "add_offset",
+        "_Unsigned",
+        "_Encoding",
+        "coordinates",
+        "calendar",
+        "dtype",
+    }
+)
+
+PathLike = str | os.PathLike[str]
+
+
+def save(obj: xr.DataArray | xr.Dataset, path: PathLike, *, compress: bool | int = True) -> Path:
+    """Write ``obj`` to ``path`` as netCDF4, atomically; :func:`load` returns it unchanged.
+
+    The file is written next to ``path`` under a temporary name and moved into place with
+    ``os.replace``, so ``path`` is either the old file or the complete new one, never a
+    partial write. ``compress`` is ``True`` (zlib level 4), ``False``/``0`` (none) or a zlib
+    level ``1..9``; only numeric variables are compressed (netCDF cannot filter strings).
+
+    >>> import tempfile, xarray as xr
+    >>> da = xr.DataArray([[0.5, float("nan")]], dims=("target", "source"), name="saliency")
+    >>> p = save(da, tempfile.mkdtemp() + "/a.nc")
+    >>> xr.testing.assert_identical(load(p), da)
+    """
+    if not isinstance(obj, xr.DataArray | xr.Dataset):
+        raise InputError(
+            f"`obj` must be an xarray.DataArray or xarray.Dataset, got {type(obj).__name__}"
+        )
+    level = _compress_level(compress)
+    path = _as_path(path)
+    if path.is_dir():
+        raise InputError(f"`path` {str(path)!r} is a directory; give a file name such as 'x.nc'")
+    if not path.parent.is_dir():
+        raise InputError(f"`path` {str(path)!r}: directory {str(path.parent)!r} does not exist")
+
+    ds = _to_storable(obj)
+    encoding = {name: _encoding(var, level) for name, var in ds.variables.items()}
+
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
+    try:
+        ds.to_netcdf(tmp, engine="netcdf4", format="NETCDF4", encoding=encoding)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        # BaseException too: a Ctrl-C mid-write must not leave a stray temp file behind.
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    return path
+
+
+def load(path: PathLike) -> xr.DataArray | xr.Dataset:
+    """Read a file written by :func:`save` (or any netCDF file) fully into memory.
+
+    Returns a DataArray if a DataArray was saved, with its name, dtypes, attrs and any
+    ``MultiIndex`` restored; a plain netCDF file comes back as a Dataset. The file is closed
+    before returning, so it can be overwritten or deleted straight away.
+
+    >>> import tempfile, xarray as xr
+    >>> p = save(xr.Dataset({"a": ("target", [1.0, 2.0])}), tempfile.mkdtemp() + "/d.nc")
+    >>> load(p)["a"].values.tolist()
+    [1.0, 2.0]
+    """
+    path = _as_path(path)
+    if path.is_dir():
+        raise InputError(f"`path` {str(path)!r} is a directory, not a netCDF file")
+    if not path.exists():
+        raise InputError(f"`path` {str(path)!r} does not exist")
+    try:
+        with xr.open_dataset(path, engine="netcdf4", cache=False) as opened:
+            ds = opened.load()
+    except (OSError, ValueError, RuntimeError) as err:
+        raise InputError(f"`path` {str(path)!r} is not a readable netCDF4 file: {err}") from err
+    ds = ds.drop_encoding()
+
+    raw_meta = ds.attrs.pop(_MARKER, None)
+    if raw_meta is None:
+        if list(ds.data_vars) == [_DA_VAR]:
+            return ds[_DA_VAR].rename(None)
+        return ds
+    try:
+        meta = json.loads(raw_meta)
+        kind = meta["kind"]
+    except (TypeError, ValueError, KeyError) as err:
+        raise InputError(f"`path` {str(path)!r} has a corrupt {_MARKER!r} attribute") from err
+    return _from_stored(ds, meta, kind)
+
+
+def _as_path(path: object) -> Path:
+    if not isinstance(path, str | os.PathLike):
+        raise InputError(f"`path` must be a str or os.PathLike, got {type(path).__name__}")
+    return Path(path).expanduser()
+
+
+def _compress_level(compress: object) -> int:
+    if isinstance(compress, bool):
+        return _DEFAULT_LEVEL if compress else 0
+    if isinstance(compress, numbers.Integral) and 0 <= int(compress) <= 9:
+        return int(compress)
+    raise OptionError(f"`compress` must be True, False or a zlib level 0..9, got {compress!r}")
+
+
+def _encoding(var: xr.Variable, level: int) -> dict[str, Any]:
+    if level and var.dtype.kind in "biuf" and var.ndim and var.size:
+        return {"zlib": True, "complevel": level, "shuffle": True}
+    return {}
+
+
+def _to_storable(obj: xr.DataArray | xr.Dataset) -> xr.Dataset:
+    meta: dict[str, Any] = {"version": _FORMAT_VERSION}
+    if isinstance(obj, xr.DataArray):
+        meta["kind"] = "DataArray"
+        meta["name"] = _json_name(obj.name)
+        if _DA_VAR in obj.coords:
+            raise InputError(f"`obj` has a coordinate named {_DA_VAR!r}, which attrax reserves")
+        ds = obj.to_dataset(name=_DA_VAR, promote_attrs=False)
+    else:
+        meta["kind"] = "Dataset"
+        ds = obj.copy(deep=False)
+        if _MARKER in ds.attrs:
+            raise InputError(f"`obj.attrs` has the key {_MARKER!r}, which attrax reserves")
+
+    multiindex: dict[str, list[str]] = {}
+    for name, index in ds.xindexes.items():
+        if isinstance(index, xr.indexes.PandasMultiIndex) and name == index.dim:
+            multiindex[str(name)] = [str(level) for level in index.index.names]
+    if multiindex:
+        ds = ds.reset_index(list(multiindex))
+    meta["multiindex"] = multiindex
+
+    # Earlier encodings (chunk sizes, packing from a file this was read from) may not fit the
+    # current data; writing what is in memory is what makes the round trip exact.
+    ds = ds.drop_encoding()
+    _check_names_and_attrs(ds)
+    meta["dtypes"] = {str(k): v.dtype.str for k, v in ds.variables.items()}
+    # netCDF has no float16 (a half-precision model's dtype); float32 holds it exactly.
+    half = {k: v.astype(np.float32) for k, v in ds.variables.items() if v.dtype == np.float16}
+    ds = ds.assign_coords({k: v for k, v in half.items() if k in ds.coords})
+    ds = ds.assign({k: v for k, v in half.items() if k not in ds.coords})
+    ds.attrs = {**ds.attrs, _MARKER: json.dumps(meta)}
+    return ds
+
+
+def _from_stored(ds: xr.Dataset, meta: Mapping[str, Any], kind: str) -> xr.DataArray | xr.Dataset:
+    # Strings come back as fixed-width ``<U``, float16 as float32, datetimes maybe in another
+    # unit: cast every variable back to the dtype it had.
+    coords: dict[Hashable, xr.Variable] = {}
+    data: dict[Hashable, xr.Variable] = {}
+    for name, dtype in meta.get("dtypes", {}).items():
+        var = ds.variables.get(name)
+        if var is not None and var.dtype.str != dtype:
+            (coords if name in ds.coords else data)[name] = var.astype(dtype)
+    ds = ds.assign_coords(coords).assign(data)
+    multiindex = meta.get("multiindex", {})
+    if multiindex:
+        ds = ds.set_index({dim: list(levels) for dim, levels in multiindex.items()})
+    if kind == "DataArray":
+        if _DA_VAR not in ds.data_vars:
+            raise InputError(f"file claims to hold a DataArray but has no {_DA_VAR!r} variable")
+        return ds[_DA_VAR].rename(meta.get("name"))
+    return ds
+
+
+def _json_name(name: Hashable | None) -> str | int | float | None:
+    if name is None or (isinstance(name, str | int | float) and not isinstance(name, bool)):
+        return name  # type: ignore[return-value]
+    raise InputError(f"`obj.name` must be a str, a number or None to be saved, got {name!r}")
+
+
+def _check_names_and_attrs(ds: xr.Dataset) -> None:
+    for dim in ds.dims:
+        if not isinstance(dim, str):
+            raise InputError(f"`obj` dim names must be strings for netCDF, got {dim!r}")
+    _check_attrs(ds.attrs, "`obj.attrs`")
+    for name, var in ds.variables.items():
+        if not isinstance(name, str):
+            raise InputError(f"`obj` variable names must be strings for netCDF, got {name!r}")
+        where = "`obj.attrs`" if name == _DA_VAR else f"attrs of variable {name!r}"
+        _check_attrs(var.attrs, where)
+
+
+def _check_attrs(attrs: Mapping[Hashable, Any], where: str) -> None:
+    for key, value in attrs.items():
+        if not isinstance(key, str):
+            raise InputError(f"{where}: attribute names must be strings, got {key!r}")
+        if key in _CF_RESERVED:
+            raise InputError(
+                f"{where}: {key!r} is a netCDF/CF attribute that would change the data on load;"
+                " rename it"
+            )
+        if not _is_storable_attr(value):
+            raise InputError(
+                f"{where}: {key!r} = {value!r} is not netCDF-friendly; attrs must be strings,"
+                " numbers or 1-D numeric numpy arrays (store other values as a JSON string)"
+            )
+
+
+def _is_storable_attr(value: object) -> bool:
+    if isinstance(value, bool | np.bool_):
+        return False
+    if isinstance(value, str | numbers.Real | np.integer | np.floating):
+        return True
+    return isinstance(value, np.ndarray) and value.ndim == 1 and value.dtype.kind in "iuf"

@@ -1,0 +1,210 @@
+"""attrax.io: exact netCDF round trips, atomic writes, clear errors."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import xarray as xr
+
+import attrax as ax
+from attrax import io
+from tests._arrays import ALL, batch, dataset, encoder_decoder, single
+
+
+def assert_same(a: xr.DataArray | xr.Dataset, b: xr.DataArray | xr.Dataset) -> None:
+    """assert_identical plus what it does not check: types, dtypes and index kinds."""
+    assert type(a) is type(b)
+    xr.testing.assert_identical(a, b)
+    if isinstance(a, xr.DataArray):
+        assert a.name == b.name
+        assert a.dtype == b.dtype
+    for name, var in a.variables.items() if isinstance(a, xr.Dataset) else a.coords.items():
+        assert var.dtype == b[name].dtype, name
+    assert {k: type(v) for k, v in a.xindexes.items()} == {
+        k: type(v) for k, v in b.xindexes.items()
+    }
+
+
+@pytest.mark.parametrize("make", [*ALL.values(), dataset], ids=[*ALL, "dataset"])
+def test_round_trip_is_exact(tmp_path: Path, make) -> None:
+    obj = make()
+    path = io.save(obj, tmp_path / "a.nc")
+    assert path == tmp_path / "a.nc"
+    loaded = io.load(path)
+    assert_same(obj, loaded)
+
+
+def test_round_trip_details(tmp_path: Path) -> None:
+    da = batch()
+    loaded = io.load(io.save(da, str(tmp_path / "b.nc")))
+    assert loaded.dtype == np.float32
+    assert np.isnan(loaded.values).sum() == np.isnan(da.values).sum() > 0
+    assert loaded.source_token.dims == ("example", "source")
+    assert loaded.source_token.values[0, -1] == ""  # padding survives as "", not NaN
+    assert loaded.source_id.values[0, -1] == -1
+    assert "Ġcafé" in loaded.source_token.values
+    ed = io.load(io.save(encoder_decoder(), tmp_path / "ed.nc"))
+    assert ed.indexes["source"].names == ["side", "position"]
+    assert np.isnan(ed.sel(target=2, source=("target", 2)))  # nothing attributed to the future
+    assert not np.isnan(ed.sel(target=2, source=("target", 1)))
+
+
+@pytest.mark.parametrize("name", [None, "source", 3, "日本"])
+def test_dataarray_names(tmp_path: Path, name) -> None:
+    # "source" is also a coordinate name, which a naive to_dataset(name=...) cannot store.
+    da = single().rename(name)
+    assert_same(da, io.load(io.save(da, tmp_path / "n.nc")))
+
+
+def test_dataset_with_multiindex_and_variable_attrs(tmp_path: Path) -> None:
+    ed = encoder_decoder()
+    ds = xr.Dataset(
+        {"a": ed, "b": (ed * 2).assign_attrs(note="twice"), "c": ("target", np.arange(3))},
+        attrs={"title": "Straße 日本 🙂", "empty": "", "vec": np.array([1.5, 2.5])},
+    )
+    assert_same(ds, io.load(io.save(ds, tmp_path / "d.nc")))
+
+
+def test_object_and_fixed_width_strings_keep_their_dtype(tmp_path: Path) -> None:
+    da = xr.DataArray(
+        [1.0, 2.0],
+        dims="source",
+        coords={
+            "source_token": ("source", np.array(["a", "日本🙂"], dtype=object)),
+            "fixed": ("source", np.array(["x", "yz"], dtype="<U7")),
+        },
+    )
+    loaded = io.load(io.save(da, tmp_path / "s.nc"))
+    assert loaded.source_token.dtype == object
+    assert loaded.fixed.dtype == np.dtype("<U7")
+    assert_same(da, loaded)
+
+
+def test_half_precision_round_trips(tmp_path: Path) -> None:
+    # netCDF has no float16; a half-precision model's attributions must still come back as such.
+    da = single().astype(np.float16)
+    loaded = io.load(io.save(da, tmp_path / "h.nc"))
+    assert loaded.dtype == np.float16
+    assert_same(da, loaded)
+
+
+def test_reloaded_and_sliced_arrays_save_again(tmp_path: Path) -> None:
+    # Encodings left from the first file (chunk sizes of the full array) must not leak.
+    first = io.load(io.save(batch(), tmp_path / "a.nc"))
+    part = first.isel(example=[1], source=slice(0, 3))
+    assert_same(part, io.load(io.save(part, tmp_path / "b.nc")))
+
+
+def test_compression_shrinks_big_arrays(tmp_path: Path) -> None:
+    values = np.tile(np.linspace(0, 1, 500, dtype=np.float32), (400, 1))
+    da = xr.DataArray(values, dims=("target", "source"))
+    plain = io.save(da, tmp_path / "plain.nc", compress=False)
+    packed = io.save(da, tmp_path / "packed.nc")
+    best = io.save(da, tmp_path / "best.nc", compress=9)
+    assert packed.stat().st_size < plain.stat().st_size / 4
+    assert best.stat().st_size <= packed.stat().st_size
+    for p in (plain, packed, best):
+        assert_same(da, io.load(p))
+
+
+@pytest.mark.parametrize("bad", [-1, 10, 2.5, "zlib"])
+def test_bad_compress(tmp_path: Path, bad) -> None:
+    with pytest.raises(ax.OptionError, match=r"`compress`"):
+        io.save(single(), tmp_path / "x.nc", compress=bad)
+
+
+def _failing_writer(self, path, *args, **kwargs):
+    Path(path).write_bytes(b"partial garbage")
+    raise RuntimeError("disk on fire")
+
+
+def test_failed_write_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(xr.Dataset, "to_netcdf", _failing_writer)
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        io.save(single(), tmp_path / "a.nc")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_failed_write_keeps_existing_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = io.save(single(), tmp_path / "a.nc")
+    before = path.read_bytes()
+    monkeypatch.setattr(xr.Dataset, "to_netcdf", _failing_writer)
+    with pytest.raises(RuntimeError):
+        io.save(batch(), path)
+    assert path.read_bytes() == before
+    assert list(tmp_path.iterdir()) == [path]
+    monkeypatch.undo()
+    assert_same(single(), io.load(path))
+
+
+def test_interrupt_mid_write_cleans_up(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def interrupted(self, path, *args, **kwargs):
+        Path(path).write_bytes(b"x")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(xr.Dataset, "to_netcdf", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        io.save(single(), tmp_path / "a.nc")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_loaded_file_is_closed(tmp_path: Path) -> None:
+    path = io.save(single(), tmp_path / "a.nc")
+    first = io.load(path)
+    if Path("/proc/self/fd").is_dir():
+        open_files = {os.path.realpath(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd")}
+        assert str(path.resolve()) not in open_files
+    io.save(batch(), path)  # overwrite the file we just read
+    assert_same(batch(), io.load(path))
+    assert_same(single(), first)  # nothing lazy still pointing at the old file
+    path.unlink()
+    assert not path.exists()
+
+
+def test_plain_netcdf_files_load(tmp_path: Path) -> None:
+    ds = xr.Dataset({"x": ("t", np.arange(3.0))}, coords={"t": [10, 20, 30]}, attrs={"a": 1})
+    ds.to_netcdf(tmp_path / "plain.nc", engine="netcdf4")
+    assert_same(ds, io.load(tmp_path / "plain.nc"))
+    da = xr.DataArray(np.arange(4.0), dims="t")
+    da.to_netcdf(tmp_path / "da.nc", engine="netcdf4")
+    assert_same(da, io.load(tmp_path / "da.nc"))
+
+
+def test_files_are_readable_by_plain_xarray(tmp_path: Path) -> None:
+    path = io.save(single(), tmp_path / "a.nc")
+    with xr.open_dataarray(path, engine="netcdf4") as da:
+        np.testing.assert_array_equal(da.values, single().values)
+
+
+def test_load_errors(tmp_path: Path) -> None:
+    with pytest.raises(ax.InputError, match=r"`path`.*is a directory"):
+        io.load(tmp_path)
+    with pytest.raises(ax.InputError, match=r"`path`.*does not exist"):
+        io.load(tmp_path / "missing.nc")
+    (tmp_path / "junk.nc").write_text("not netcdf")
+    with pytest.raises(ax.InputError, match=r"`path`.*not a readable netCDF4 file"):
+        io.load(tmp_path / "junk.nc")
+    with pytest.raises(ax.InputError, match=r"`path` must be"):
+        io.load(3)  # type: ignore[arg-type]
+
+
+def test_save_errors(tmp_path: Path) -> None:
+    da = single()
+    with pytest.raises(ax.InputError, match=r"`path`.*is a directory"):
+        io.save(da, tmp_path)
+    with pytest.raises(ax.InputError, match=r"`path`.*does not exist"):
+        io.save(da, tmp_path / "no" / "such" / "a.nc")
+    with pytest.raises(ax.InputError, match=r"`obj` must be"):
+        io.save(da.values, tmp_path / "a.nc")  # type: ignore[arg-type]
+    with pytest.raises(ax.InputError, match=r"'flag'.*not netCDF-friendly"):
+        io.save(da.assign_attrs(flag=True), tmp_path / "a.nc")
+    with pytest.raises(ax.InputError, match=r"'cfg'.*not netCDF-friendly"):
+        io.save(da.assign_attrs(cfg={"a": 1}), tmp_path / "a.nc")
+    with pytest.raises(ax.InputError, match=r"'scale_factor'.*change the data"):
+        io.save(da.assign_attrs(scale_factor=2.0), tmp_path / "a.nc")
+    with pytest.raises(ax.InputError, match=r"`obj.name`"):
+        io.save(da.rename(("a", "b")), tmp_path / "a.nc")
+    assert list(tmp_path.iterdir()) == []

@@ -1,0 +1,398 @@
+"""attrax.viz: HTML heatmap, matplotlib figure, rich table, and a real headless-Chromium render."""
+
+from __future__ import annotations
+
+import io as _io
+import shutil
+import struct
+import subprocess
+import zlib
+from html.parser import HTMLParser
+from pathlib import Path
+
+import matplotlib.image
+import numpy as np
+import pytest
+import xarray as xr
+from matplotlib import colormaps, colors
+from rich.console import Console
+
+import attrax as ax
+from attrax import viz
+from tests._arrays import batch, dataset, encoder_decoder, single, single_hidden
+
+
+class _Cells(HTMLParser):
+    """Collects the heatmap's headers and cells, with entities already unescaped."""
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.tables: list[dict[str, list]] = []
+        self._cell: dict | None = None
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        a = {k: v or "" for k, v in attrs}
+        if tag == "table":
+            self.tables.append({"src": [], "tgt": [], "cells": [], "scores": [], "sides": []})
+        elif tag in ("td", "th"):
+            self._cell = {**a, "tag": tag, "class": a.get("class", "").split(), "text": ""}
+
+    def handle_data(self, data: str) -> None:
+        if self._cell is not None:
+            self._cell["text"] += data
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag not in ("td", "th") or self._cell is None:
+            return
+        cell, self._cell = self._cell, None
+        kinds = {"ax-src": "src", "ax-tgt": "tgt", "ax-c": "cells", "ax-s": "scores"}
+        kinds["ax-side"] = "sides"
+        for cls, key in kinds.items():
+            if cls in cell["class"]:
+                self.tables[-1][key].append(cell)
+
+
+def parse(page: viz.HTML) -> list[dict[str, list]]:
+    parser = _Cells()
+    parser.feed(page._repr_html_())
+    return parser.tables
+
+
+def extreme_end(da: xr.DataArray) -> float:
+    """Where the largest-magnitude value sits on a symmetric diverging map: 0.0 or 1.0."""
+    flat = da.values.ravel()
+    return 1.0 if flat[np.nanargmax(np.abs(flat))] > 0 else 0.0
+
+
+def labels(tokens) -> list[str]:
+    return [viz.readable_token(str(t)) for t in np.asarray(tokens).tolist()]
+
+
+# --- tokens ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("token", "shown"),
+    [
+        ("Ġcafé", "␣café"),
+        ("ĠcafÃ©", "␣café"),  # real GPT-2 byte-level spelling of " café"
+        ("▁Straße", "␣Straße"),
+        ("▁▁x", "␣␣x"),
+        ("Ċ", "↵"),
+        ("ĉ", "⇥"),
+        ("日本", "日本"),
+        ("👩‍🚀", "👩‍🚀"),
+        ("<s>", "<s>"),
+        ("Ã", "Ã"),  # half a UTF-8 sequence stays as it is
+        ("", ""),
+    ],
+)
+def test_readable_token(token: str, shown: str) -> None:
+    assert viz.readable_token(token) == shown
+
+
+# --- HTML -----------------------------------------------------------------------------------
+
+
+def test_show_single_has_every_label_and_cell() -> None:
+    da = single()
+    page = viz.show(da)
+    (t,) = parse(page)
+    assert [c["text"] for c in t["src"]] == labels(da.source_token)
+    assert [c["text"] for c in t["tgt"]] == labels(da.target_token)
+    assert len(t["cells"]) == da.size
+    nan_cells = [c for c in t["cells"] if "ax-nan" in c["class"]]
+    assert len(nan_cells) == int(da.isnull().sum()) > 0
+    assert all(c.get("data-nan") == "1" and c["text"] == "" for c in nan_cells)
+    values = [float(c["data-value"]) for c in t["cells"] if "ax-nan" not in c["class"]]
+    np.testing.assert_allclose(values, da.values[~np.isnan(da.values)], rtol=1e-5)
+    # Tooltips carry the value; markup in tokens is escaped, never live.
+    assert any(c["title"].endswith(f"{float(da.values[-1, 0]):.4g}") for c in t["cells"])
+    raw = page._repr_html_()
+    assert "<b>" not in raw and "&lt;b&gt;&amp;amp;" in raw and "&quot;quote&#x27;" in raw
+    assert "saliency · synthetic/tiny" in raw
+
+
+def test_show_colours_follow_the_values() -> None:
+    da = single()
+    (t,) = parse(viz.show(da))
+    cells = [c for c in t["cells"] if "ax-nan" not in c["class"]]
+    by_value = {float(c["data-value"]): c["style"] for c in cells}
+    top = float(np.nanmax(np.abs(da.values)))
+    strongest = by_value[max(by_value, key=abs)]
+    end = 1.0 if np.nanmax(da.values) == top else 0.0
+    assert colors.to_hex(colormaps["RdBu_r"](end)) in strongest  # diverging, centred on 0
+
+    pos = single(signed=False)
+    (t,) = parse(viz.show(pos))
+    cells = [c for c in t["cells"] if "ax-nan" not in c["class"]]
+    best = max(cells, key=lambda c: float(c["data-value"]))
+    assert colors.to_hex(colormaps["Reds"](1.0)) in best["style"]  # sequential from 0
+
+    (t,) = parse(viz.show(pos, cmap="viridis"))
+    best = max(t["cells"], key=lambda c: float(c.get("data-value", "-inf")))
+    assert colors.to_hex(colormaps["viridis"](1.0)) in best["style"]
+
+
+def test_show_batch_one_table_per_example_without_padding() -> None:
+    da = batch(lengths=(5, 7, 4), prompt=2)
+    tables = parse(viz.show(da))
+    assert len(tables) == 3
+    for e, (t, length) in enumerate(zip(tables, (5, 7, 4), strict=True)):
+        assert len(t["src"]) == length
+        assert len(t["tgt"]) == length - 2
+        assert len(t["cells"]) == length * (length - 2)
+        assert [c["text"] for c in t["src"]] == labels(da.source_token[e, :length])
+    (only,) = parse(viz.show(da, example=1))
+    assert len(only["cells"]) == 7 * 5
+    assert len(parse(viz.show(da, example=[0, 2]))) == 2
+    assert "example 2" in viz.show(da, example=-1)._repr_html_()
+
+
+def test_show_encoder_decoder_groups_sides() -> None:
+    da = encoder_decoder(n_source=4, n_target=4)
+    page = viz.show(da)
+    (t,) = parse(page)
+    assert [(c["text"], c["colspan"]) for c in t["sides"]] == [("source", "4"), ("target", "4")]
+    assert len(t["cells"]) == da.size
+    split = [i for i, c in enumerate(t["cells"][: da.sizes["source"]]) if "ax-split" in c["class"]]
+    assert split == [4]
+
+
+def test_show_without_token_coords_uses_positions() -> None:
+    da = xr.DataArray(np.eye(2), dims=("target", "source"), coords={"target": [5, 6]})
+    (t,) = parse(viz.show(da))
+    assert [c["text"] for c in t["tgt"]] == ["5", "6"]
+    assert [c["text"] for c in t["src"]] == ["0", "1"]
+
+
+def test_show_scores_columns() -> None:
+    da = single()
+    ds = dataset()
+    for scores, names in [
+        (ds["probability"], ["probability"]),
+        (ds[["probability", "gap"]], ["probability", "gap"]),
+        ({"p": ds["probability"]}, ["p"]),
+        (ds["probability"].rename(None), ["score"]),
+    ]:
+        page = viz.show(da, scores=scores)
+        (t,) = parse(page)
+        assert len(t["scores"]) == len(names) * da.sizes["target"]
+        assert all(f">{n}</th>" in page._repr_html_() for n in names)
+    (t,) = parse(viz.show(da, scores=ds["probability"]))
+    shown = [float(c["text"]) for c in t["scores"]]
+    np.testing.assert_allclose(shown, ds["probability"].values, rtol=1e-3)
+    # aligned on the target coordinate, not by order
+    (t,) = parse(viz.show(da, scores=ds["probability"].isel(target=slice(None, None, -1))))
+    np.testing.assert_allclose([float(c["text"]) for c in t["scores"]], shown)
+    # a batch's scores carry an example dim
+    b = batch()
+    probs = xr.DataArray(
+        np.arange(15.0).reshape(3, 5), dims=("example", "target"), coords={"target": b.target}
+    )
+    tables = parse(viz.show(b, scores={"p": probs}))
+    assert [c["text"] for c in tables[1]["scores"]] == ["5", "6", "7", "8", "9"]
+
+
+def test_html_object_and_saving(tmp_path: Path) -> None:
+    page = viz.show(single(), title="My <title>", path=tmp_path / "a.html")
+    text = (tmp_path / "a.html").read_text(encoding="utf-8")
+    assert text == str(page)
+    assert text.startswith("<!DOCTYPE html>") and '<meta charset="utf-8">' in text
+    assert "<title>My &lt;title&gt;</title>" in text
+    assert page._repr_html_() in text and "<html" not in page._repr_html_()
+    assert "Straße" in text and "日本" in text
+    assert page.save(tmp_path / "b.html").read_text(encoding="utf-8") == text
+    assert "attrax.viz.HTML" in repr(page)
+    with pytest.raises(ax.InputError, match=r"`path`.*directory"):
+        page.save(tmp_path)
+
+
+def test_input_errors() -> None:
+    with pytest.raises(ax.InputError, match=r"'hidden'.*l2_norm"):
+        viz.show(single_hidden())
+    with pytest.raises(ax.InputError, match="hidden"):
+        viz.plot(single_hidden())
+    with pytest.raises(ax.InputError, match="hidden"):
+        viz.table(single_hidden())
+    layered = single().expand_dims(layer=2)
+    with pytest.raises(ax.InputError, match=r"\('layer',\)"):
+        viz.show(layered)
+    with pytest.raises(ax.InputError, match=r"must have dims \('target', 'source'\)"):
+        viz.show(single().isel(target=0))
+    with pytest.raises(ax.InputError, match="`da`"):
+        viz.show(single().values)  # type: ignore[arg-type]
+    with pytest.raises(ax.OptionError, match="`example`"):
+        viz.show(batch(), example=3)
+    with pytest.raises(ax.OptionError, match="`example`"):
+        viz.show(single(), example=0)
+    with pytest.raises(ax.OptionError, match="`cmap`"):
+        viz.show(single(), cmap="no-such-map")
+    with pytest.raises(ax.InputError, match="`scores"):
+        viz.show(single(), scores=single())
+    with pytest.raises(ax.InputError, match="`scores"):
+        viz.show(single(), scores=xr.DataArray([1.0], dims="source"))
+    with pytest.raises(ax.InputError, match="`scores"):
+        viz.show(single(), scores=[1, 2])  # type: ignore[arg-type]
+
+
+def test_all_nan_and_constant_arrays_render() -> None:
+    da = single() * np.nan
+    (t,) = parse(viz.show(da))
+    assert all("ax-nan" in c["class"] for c in t["cells"])
+    zero = single().fillna(0) * 0
+    (t,) = parse(viz.show(zero))
+    assert len({c["style"] for c in t["cells"]}) == 1
+
+
+# --- matplotlib -----------------------------------------------------------------------------
+
+
+def test_plot_writes_a_real_png(tmp_path: Path) -> None:
+    da = single()
+    fig = viz.plot(da, path=tmp_path / "a.png", dpi=80)
+    assert (tmp_path / "a.png").stat().st_size > 5_000
+    image = matplotlib.image.imread(tmp_path / "a.png")
+    width, height = fig.get_size_inches() * 80
+    assert abs(image.shape[0] - height) <= 1 and abs(image.shape[1] - width) <= 1
+    assert image.shape[0] > 150 and image.shape[1] > 250
+    assert image[..., :3].std() > 0.05
+    rgb = (image[..., :3] * 255).round().astype(int).reshape(-1, 3)
+    strongest = np.array(colors.to_rgb(colormaps["RdBu_r"](extreme_end(da))))
+    close = np.abs(rgb - (strongest * 255).round()).max(axis=1) <= 2
+    assert close.sum() > 400  # the extreme cell, not just the end of the colorbar
+    grey = np.abs(rgb - 230).max(axis=1) <= 2
+    assert grey.sum() > 2000  # NaN cells (the future) are drawn grey
+    # The numpy PNG reader used on Chromium's screenshot agrees with matplotlib's (small file:
+    # that reader is pure Python for some filters).
+    small = viz.plot(da, path=tmp_path / "small.png", dpi=30)
+    assert small is not fig
+    expected = matplotlib.image.imread(tmp_path / "small.png")
+    decoded = read_png(tmp_path / "small.png")
+    np.testing.assert_array_equal(decoded, (expected * 255).round().astype(np.uint8))
+    ticks = [t.get_text() for t in fig.axes[0].get_xticklabels()]
+    assert ticks == labels(da.source_token)
+    assert len(fig.axes) == 2  # heatmap + colorbar
+
+
+def test_plot_batch_ax_and_errors(tmp_path: Path) -> None:
+    from matplotlib.figure import Figure
+
+    fig = viz.plot(batch())
+    assert len(fig.axes) == 6  # three heatmaps, three colorbars
+    own = Figure()
+    axes = own.subplots()
+    assert viz.plot(encoder_decoder(), ax=axes) is own
+    assert [t.get_text() for t in axes.get_yticklabels()] == labels(encoder_decoder().target_token)
+    assert viz.plot(batch(), ax=own.subplots(), example=1) is own
+    with pytest.raises(ax.OptionError, match="`ax`"):
+        viz.plot(batch(), ax=axes)
+
+
+# --- rich -----------------------------------------------------------------------------------
+
+
+def test_table_text_and_colours(capsys: pytest.CaptureFixture[str]) -> None:
+    da = single()
+    console = Console(record=True, width=200, file=_io.StringIO(), color_system="truecolor")
+    text = viz.table(da, console=console)
+    assert isinstance(text, str)
+    for token in labels(da.source_token) + labels(da.target_token):
+        assert token in text  # "[bold]x" shows literally: tokens are never read as markup
+    assert f"{float(da.values[-1, 0]):.2f}" in text and "·" in text
+    ansi = console.file.getvalue()  # type: ignore[attr-defined]
+    r, g, b = (round(255 * x) for x in colormaps["RdBu_r"](extreme_end(da))[:3])
+    assert f"48;2;{r};{g};{b}" in ansi  # background of the strongest cell
+    assert viz.table(batch(), console=Console(file=_io.StringIO(), width=200)).count("example") == 3
+    assert viz.table(da, digits=3) is None
+    assert f"{float(da.values[-1, 0]):.3f}" in capsys.readouterr().out
+
+
+# --- real browser ---------------------------------------------------------------------------
+
+
+def read_png(path: Path) -> np.ndarray:
+    """Decode an 8-bit, non-interlaced RGB/RGBA PNG with zlib and numpy only."""
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    pos, idat, header = 8, b"", None
+    while pos < len(data):
+        (length,) = struct.unpack(">I", data[pos : pos + 4])
+        kind, body = data[pos + 4 : pos + 8], data[pos + 8 : pos + 8 + length]
+        if kind == b"IHDR":
+            header = struct.unpack(">IIBBBBB", body)
+        elif kind == b"IDAT":
+            idat += body
+        pos += 12 + length
+    assert header is not None
+    width, height, depth, colour_type, _, _, interlace = header
+    assert depth == 8 and colour_type in (2, 6) and interlace == 0, header
+    bpp = 3 if colour_type == 2 else 4
+    raw = np.frombuffer(zlib.decompress(idat), dtype=np.uint8).reshape(height, 1 + width * bpp)
+    out = np.zeros((height, width * bpp), dtype=np.uint8)
+    prev = np.zeros(width * bpp, dtype=np.int32)
+    for y in range(height):
+        kind, line = raw[y, 0], raw[y, 1:].astype(np.int32)
+        if kind == 0:
+            row = line
+        elif kind == 2:
+            row = (line + prev) & 0xFF
+        elif kind == 1:  # Sub: a running sum per channel
+            row = (np.cumsum(line.reshape(width, bpp), axis=0) & 0xFF).reshape(-1)
+        else:  # Average and Paeth depend on the pixel to the left: go pixel by pixel
+            row = np.zeros_like(line)
+            for x in range(0, width * bpp, bpp):
+                a = row[x - bpp : x] if x else np.zeros(bpp, dtype=np.int32)
+                b, c = prev[x : x + bpp], prev[x - bpp : x] if x else np.zeros(bpp, np.int32)
+                if kind == 3:
+                    pred = (a + b) // 2
+                else:
+                    p = a + b - c
+                    pa, pb, pc = np.abs(p - a), np.abs(p - b), np.abs(p - c)
+                    pred = np.where((pa <= pb) & (pa <= pc), a, np.where(pb <= pc, b, c))
+                row[x : x + bpp] = (line[x : x + bpp] + pred) & 0xFF
+        out[y], prev = row, row
+    return out.reshape(height, width, bpp)
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="needs Debian's chromium")
+def test_chromium_renders_the_heatmap(tmp_path: Path) -> None:
+    da = encoder_decoder()
+    page = viz.show(da, path=tmp_path / "heat.html", scores={"p": da.isel(source=0)})
+    shot = tmp_path / "shot.png"
+    command = [
+        "chromium",
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--hide-scrollbars",
+        "--force-device-scale-factor=1",
+        "--force-color-profile=srgb",
+        f"--user-data-dir={tmp_path / 'profile'}",
+        f"--screenshot={shot}",
+        "--window-size=640,400",
+        (tmp_path / "heat.html").as_uri(),
+    ]
+    subprocess.run(command, check=True, timeout=90, capture_output=True)
+    assert "Straße" in str(page)
+    pixels = read_png(shot)[..., :3].astype(int)
+    assert pixels.shape[:2] == (400, 640)
+
+    def count(colour: str) -> int:
+        rgb = np.array([round(255 * x) for x in colors.to_rgb(colour)])
+        return int((np.abs(pixels - rgb).max(axis=-1) <= 2).sum())
+
+    values = da.values[np.isfinite(da.values)]
+    top = np.abs(values).max()
+    cmap = colormaps["RdBu_r"]
+    strongest = colors.to_hex(cmap(0.5 + 0.5 * values[np.abs(values).argmax()] / top))
+    weakest_sign = values[np.sign(values) != np.sign(values[np.abs(values).argmax()])]
+    other = colors.to_hex(cmap(0.5 + 0.5 * weakest_sign[np.abs(weakest_sign).argmax()] / top))
+    assert count(strongest) >= 200  # a ~20x20 px cell of the extreme value's colour
+    assert count(other) >= 200  # and the strongest of the other sign
+    assert count("#e6e6e6") >= 3 * 200  # NaN cells (the future) are grey
