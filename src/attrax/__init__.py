@@ -7,6 +7,8 @@
 ('target', 'source')
 """
 
+from ._attention import attention as attention
+from ._attention import rollout as rollout
 from ._errors import AttraxError as AttraxError
 from ._errors import InputError as InputError
 from ._errors import ModelError as ModelError
@@ -29,6 +31,12 @@ from ._reduce import normalize as normalize
 from ._reduce import pipe as pipe
 from ._reduce import rescale as rescale
 from ._reduce import sum as sum
+from ._scores import step_scores as step_scores
+from ._scores import with_scores as with_scores
+from .io import load as load
+from .io import save as save
+from .viz import plot as plot
+from .viz import show as show
 
 __version__ = "0.1.0"
 
@@ -40,9 +48,11 @@ __all__ = [
     "OptionError",
     "__version__",
     "absmax",
+    "attention",
     "input_x_gradient",
     "integrated_gradients",
     "l2_norm",
+    "load",
     "load_model",
     "logit",
     "logprob",
@@ -50,10 +60,16 @@ __all__ = [
     "mean",
     "normalize",
     "pipe",
+    "plot",
     "probability",
     "quadrature",
     "rescale",
+    "rollout",
     "saliency",
+    "save",
+    "show",
     "smoothgrad",
+    "step_scores",
     "sum",
+    "with_scores",
 ]

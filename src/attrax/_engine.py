@@ -53,23 +53,33 @@ class Problem:
                     decoder_embeds = None
         return cls(model, batch, tensors, objective, inputs, decoder_embeds)
 
-    def score_fn(self, n: int) -> Callable[..., torch.Tensor]:
-        """``f(*embeds)`` for ``n`` stacked copies of the batch: scores ``[n * B, K]``."""
+    def hidden_fn(self, n: int) -> Callable[..., torch.Tensor]:
+        """``h(*embeds)``: head inputs ``[n * B, K, H]`` at the attributed positions, ``n`` copies."""
         t = self.tensors
         mask, index = t.mask.repeat(n, 1), t.index.repeat(n, 1)
-        target_ids = t.target_ids.repeat(n, 1)
-        contrast_ids = None if t.contrast_ids is None else t.contrast_ids.repeat(n, 1)
         decoder_mask = None if t.decoder_mask is None else t.decoder_mask.repeat(n, 1)
         fixed_decoder = None
         if self.decoder_embeds is not None:
             fixed_decoder = self.decoder_embeds.repeat(n, 1, 1)
 
-        def f(*embeds: torch.Tensor) -> torch.Tensor:
+        def h(*embeds: torch.Tensor) -> torch.Tensor:
             decoder = embeds[1] if len(embeds) > 1 else fixed_decoder
-            logits = self.model.logits_at(embeds[0], mask, index, decoder, decoder_mask)
-            return scores(self.objective, logits, target_ids, contrast_ids)
+            return self.model.hidden_at(embeds[0], mask, index, decoder, decoder_mask)
 
-        return f
+        return h
+
+    def head_scores(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Objective scores ``[n * B, K]`` from head inputs ``[n * B, K, H]``."""
+        t = self.tensors
+        n = hidden.shape[0] // t.target_ids.shape[0]
+        contrast = None if t.contrast_ids is None else t.contrast_ids.repeat(n, 1)
+        logits = self.model.head(hidden)
+        return scores(self.objective, logits, t.target_ids.repeat(n, 1), contrast)
+
+    def score_fn(self, n: int) -> Callable[..., torch.Tensor]:
+        """``f(*embeds)`` for ``n`` stacked copies of the batch: scores ``[n * B, K]``."""
+        hidden = self.hidden_fn(n)
+        return lambda *embeds: self.head_scores(hidden(*embeds))
 
     @torch.no_grad()
     def evaluate(self, points: tuple[torch.Tensor, ...]) -> torch.Tensor:
@@ -95,21 +105,28 @@ class Problem:
         step = total if batch_size is None else batch_size
         t = self.tensors
         n_targets = t.valid.shape[1]
-        one_hot = torch.eye(n_targets, dtype=self.inputs[0].dtype, device=t.valid.device)
+        valid = t.valid.to(self.inputs[0].dtype)
         sums: list[torch.Tensor] | None = None
         for start in range(0, total, step):  # chunking only: bounds memory
             chunk = torch.arange(start, min(start + step, total))
             stacked = points(chunk)
             n = stacked[0].shape[0]
             flat = tuple(p.flatten(0, 1) for p in stacked)
-            _, pullback = vjp(self.score_fn(n), *flat)
-            # cotangent k is 1 at target k of every example and copy: examples are independent
-            valid = t.valid.repeat(n, 1).to(one_hot.dtype)
-            cotangents = one_hot[:, None, :] * valid[None]
+            hidden, pullback = vjp(self.hidden_fn(n), *flat)
+            # score k depends on head input k only, so one backward through the head gives
+            # every d score_k / d h_k; the vocabulary never enters the per-target backward
+            _, head_pullback = vjp(self.head_scores, hidden)
+            (head_grad,) = head_pullback(valid.repeat(n, 1))
+            # cotangent k carries d score_k / d h_k at slot k of every example and copy
+            one_hot = torch.eye(n_targets, dtype=hidden.dtype, device=hidden.device)
+            cotangents = one_hot[:, None, :, None] * head_grad[None]
             grads = torch.vmap(pullback, chunk_size=chunk_size)(cotangents)
-            w = weights[chunk].to(one_hot.dtype)
+            w = weights[chunk].to(hidden.dtype)
             chunk_sums = [torch.einsum("knblh,n->bklh", g.unflatten(1, (n, -1)), w) for g in grads]
-            sums = chunk_sums if sums is None else [a + b for a, b in zip(sums, chunk_sums, strict=True)]
+            if sums is None:
+                sums = chunk_sums
+            else:
+                sums = [a + b for a, b in zip(sums, chunk_sums, strict=True)]
         assert sums is not None
         return tuple(sums)
 

@@ -80,9 +80,11 @@ class Model:
             if decoder is not None
             else self._source_embedding
         )
+        self._head = hf_model.get_output_embeddings()
         self._source_scale = 1.0
         self._target_scale = 1.0
         self._calibrate_embedding_scales()
+        self._check_head()
 
     @property
     def device(self) -> torch.device:
@@ -126,17 +128,33 @@ class Model:
         """Logits ``[batch, k, vocab]`` at positions ``index[batch, k]`` of the (decoder) sequence.
 
         ``embeds`` (and ``decoder_embeds``) are embedding-table rows as :meth:`embed` returns them.
+        Full-vocabulary logits are computed only at the gathered positions.
+        """
+        hidden = self.hidden_at(
+            embeds, attention_mask, index, decoder_embeds, decoder_attention_mask
+        )
+        return self.head(hidden)
 
-        The language-model head only sees the gathered positions, so full-vocabulary logits are
-        never computed where nothing is attributed.
+    def hidden_at(
+        self,
+        embeds: torch.Tensor,
+        attention_mask: torch.Tensor,
+        index: torch.Tensor,
+        decoder_embeds: torch.Tensor | None = None,
+        decoder_attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """What the language-model head receives at positions ``index[batch, k]``: ``[batch, k, H]``.
+
+        The head itself runs on zero positions, so the forward costs nothing at the vocabulary.
         """
         if self._source_scale != 1.0:
             embeds = embeds * self._source_scale
         if decoder_embeds is not None and self._target_scale != 1.0:
             decoder_embeds = decoder_embeds * self._target_scale
-        with _gather_before(self.hf.get_output_embeddings(), index):
+        captured: list[torch.Tensor] = []
+        with _capture_before(self._head, index, captured):
             if self.is_encoder_decoder:
-                out = self.hf(
+                self.hf(
                     inputs_embeds=embeds,
                     attention_mask=attention_mask,
                     decoder_inputs_embeds=decoder_embeds,
@@ -145,13 +163,24 @@ class Model:
                 )
             else:
                 positions = torch.arange(embeds.shape[-2], device=embeds.device)
-                out = self.hf(
+                self.hf(
                     inputs_embeds=embeds,
                     attention_mask=attention_mask,
                     position_ids=positions.expand(attention_mask.shape),
                     use_cache=False,
                 )
-        return out.logits
+        return captured[0]
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits from head inputs (:meth:`hidden_at`): the output projection and what follows it."""
+        logits = self._head(hidden)
+        bias = getattr(self.hf, "final_logits_bias", None)
+        if isinstance(bias, torch.Tensor):
+            logits = logits + bias
+        cap = getattr(self.hf.config, "final_logit_softcapping", None)
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> list[list[int]]:
@@ -212,6 +241,22 @@ class Model:
                         "reproduce the forward from `input_ids`; attrax cannot attribute to its "
                         "embeddings"
                     )
+
+    def _check_head(self) -> None:
+        """The split forward (hidden states, then :meth:`head`) must reproduce the model's logits."""
+        vocab = self._source_embedding.weight.shape[0]
+        ids = (torch.arange(6) * 5 + 2).remainder(vocab).unsqueeze(0).to(self.device)
+        mask = torch.ones_like(ids)
+        index = torch.tensor([[1, 4]], device=self.device)
+        with torch.no_grad():
+            full = self._probe(ids, mask, None, None)[:, [1, 4]]
+            decoder = self.embed(ids, "target") if self.is_encoder_decoder else None
+            split = self.logits_at(self.embed(ids), mask, index, decoder, mask)
+        if not torch.allclose(split, full, rtol=1e-4, atol=1e-5):
+            raise ModelError(
+                f"{type(self.hf).__name__}: its logits are not the output projection of its last "
+                "hidden states (plus a final bias or soft-capping); attrax does not support it yet"
+            )
 
     def _probe(
         self,
@@ -344,15 +389,18 @@ def _embedding_scales(hf_model: PreTrainedModel, side: str) -> list[float]:
 
 
 @contextlib.contextmanager
-def _gather_before(head: torch.nn.Module, index: torch.Tensor) -> Iterator[None]:
-    """Feed only hidden states ``h[b, index[b, k]]`` to the output projection ``head``."""
+def _capture_before(
+    head: torch.nn.Module, index: torch.Tensor, captured: list[torch.Tensor]
+) -> Iterator[None]:
+    """Capture the head's input at ``h[b, index[b, k]]`` and let the head run on no position."""
     rows = torch.arange(index.shape[0], device=index.device).unsqueeze(1)
 
-    def gather(_module: torch.nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+    def capture(_module: torch.nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
         hidden = args[0]
-        return (hidden[rows, index], *args[1:])
+        captured.append(hidden[rows, index])
+        return (hidden[:, :0], *args[1:])
 
-    handle = head.register_forward_pre_hook(gather)
+    handle = head.register_forward_pre_hook(capture)
     try:
         yield
     finally:

@@ -1,0 +1,294 @@
+"""Step scores: what the model predicts at each target step (probability, entropy, PCXMI...).
+
+One teacher-forced forward (two when a contrast input is given), full-vocabulary logits only at
+the attributed positions. Results are ``([example,] target, score)`` arrays whose ``target``
+coordinates match the attributions of the same call, so :func:`with_scores` can join them.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import xarray as xr
+
+from ._errors import InputError, OptionError
+from ._inputs import (
+    Batch,
+    Example,
+    Tensors,
+    Texts,
+    _aligned,
+    _as_texts,
+    _at,
+    _check_length,
+    _encode_source,
+    prepare,
+    to_tensors,
+)
+from ._label import MISSING_ID, _attrs, _token_strings
+from ._model import Model, load_model
+
+ModelLike = Model | str | os.PathLike[str]
+SCORES = (
+    "probability",
+    "logprob",
+    "logit",
+    "entropy",
+    "crossentropy",
+    "perplexity",
+    "contrast_prob_diff",
+    "kl_divergence",
+    "pcxmi",
+)
+NEEDS_CONTRAST = ("contrast_prob_diff",)
+NEEDS_CONTRAST_INPUTS = ("kl_divergence", "pcxmi")
+
+
+def step_scores(
+    model: ModelLike,
+    inputs: Texts,
+    targets: Texts | None = None,
+    *,
+    scores: str | Sequence[str] = ("probability",),
+    contrast: Texts | None = None,
+    contrast_inputs: Texts | None = None,
+    positions: int | Sequence[int] | None = None,
+    max_new_tokens: int = 20,
+) -> xr.DataArray:
+    """Per-step scores of the target tokens under teacher forcing; natural logarithms throughout.
+
+    With ``p`` the next-token distribution at the position that predicts target ``y_t``:
+
+    - ``probability`` ``p(y_t)``, ``logprob`` ``log p(y_t)``, ``logit`` the raw logit of ``y_t``;
+    - ``entropy`` ``-sum_v p(v) log p(v)``; ``crossentropy`` ``-log p(y_t)``;
+      ``perplexity`` ``exp(crossentropy) = 1 / p(y_t)`` (per step, not averaged);
+    - ``contrast_prob_diff`` ``p(y_t) - p(c_t)`` with ``contrast`` a text aligned token by token
+      with the target (as for the gradient methods);
+    - ``kl_divergence`` ``KL(p || q)`` and ``pcxmi`` ``log p(y_t) - log q(y_t)``, where ``q`` is the
+      distribution when ``contrast_inputs`` (another prompt / source text) replaces ``inputs``
+      while the target tokens stay the same (Inseq's contrast sources).
+
+    Arguments:
+        model, inputs, targets, positions, max_new_tokens: as :func:`attrax.saliency`.
+        scores: a score name or a list of them, in the order wanted along ``score``.
+        contrast: target-side contrast for ``contrast_prob_diff``.
+        contrast_inputs: input-side contrast for ``kl_divergence`` and ``pcxmi``.
+
+    Returns:
+        DataArray ``([example,] target, score)``, name ``"step_scores"``; ``target`` coordinates
+        are those of an attribution of the same call.
+
+    >>> import attrax as ax
+    >>> da = ax.step_scores(ax.load_model(), "1 2 3 =", " 3 2 1", scores=["probability", "entropy"])
+    >>> da.dims, da.score.values.tolist()
+    (('target', 'score'), ['probability', 'entropy'])
+    """
+    names = _names(scores)
+    _require(names, NEEDS_CONTRAST, contrast, "contrast")
+    _require(names, NEEDS_CONTRAST_INPUTS, contrast_inputs, "contrast_inputs")
+    contrast_texts = None
+    if contrast_inputs is not None:
+        sources, single = _as_texts(inputs, "inputs")
+        contrast_texts = _aligned(contrast_inputs, "contrast_inputs", sources, single)
+    model = load_model(model) if not isinstance(model, Model) else model
+    batch = prepare(
+        model,
+        inputs,
+        targets,
+        contrast=contrast,
+        positions=positions,
+        max_new_tokens=max_new_tokens,
+    )
+    options: dict[str, Any] = {
+        "scores": list(names),
+        "contrast": contrast is not None,
+        "contrast_inputs": contrast_inputs is not None,
+    }
+    if targets is None:
+        options["max_new_tokens"] = max_new_tokens
+    t = to_tensors(batch, model)
+    logits = _logits(model, t)
+    logp = torch.log_softmax(logits, dim=-1)
+    other = None
+    if contrast_texts is not None:
+        contrast_tensors = to_tensors(_contrast_batch(model, batch, contrast_texts), model)
+        other = torch.log_softmax(_logits(model, contrast_tensors), dim=-1)
+    values = _columns(names, t, logits, logp, other)
+    return _label_steps(model, batch, values, names, "step_scores", options)
+
+
+def with_scores(attribution: xr.DataArray | xr.Dataset, scores: xr.DataArray) -> xr.Dataset:
+    """Join an attribution and the step scores of the same call into one Dataset.
+
+    Each score becomes a ``([example,] target)`` variable named after it, next to the attribution
+    (kept under its own name, ``"attribution"`` when unnamed). The ``target`` coordinates must be
+    the same: compute both with the same inputs, targets and positions.
+
+    >>> import attrax as ax
+    >>> model = ax.load_model()
+    >>> da = ax.rollout(model, "1 2 3 =", " 3 2 1")
+    >>> ds = ax.with_scores(da, ax.step_scores(model, "1 2 3 =", " 3 2 1"))
+    >>> sorted(ds.data_vars)
+    ['attribution', 'probability']
+    """
+    if not isinstance(scores, xr.DataArray) or "score" not in scores.dims:
+        raise InputError("`scores` must be the DataArray step_scores returns (with a `score` dim)")
+    if isinstance(attribution, xr.DataArray):
+        dataset = attribution.to_dataset(name=attribution.name or "attribution", promote_attrs=True)
+    elif isinstance(attribution, xr.Dataset):
+        dataset = attribution
+    else:
+        raise InputError(
+            f"`attribution` must be an xarray DataArray or Dataset, got {type(attribution).__name__}"
+        )
+    if "target" not in dataset.dims:
+        raise InputError("`attribution` has no `target` dim to align the step scores with")
+    got, want = scores["target"].values, dataset["target"].values
+    if not np.array_equal(got, want):
+        raise InputError(
+            f"`scores` has targets {got.tolist()} but `attribution` has {want.tolist()}: compute "
+            "both with the same inputs, targets and positions"
+        )
+    variables = {}
+    for name in scores["score"].values.tolist():
+        if name in dataset.data_vars:
+            raise InputError(f"`attribution` already has a variable named {name!r}")
+        variables[name] = scores.sel(score=name, drop=True).assign_attrs(
+            method="step_scores", score=name
+        )
+    return dataset.assign(variables)
+
+
+def _columns(
+    names: tuple[str, ...],
+    t: Tensors,
+    logits: torch.Tensor,
+    logp: torch.Tensor,
+    other: torch.Tensor | None,
+) -> torch.Tensor:
+    """Scores ``[B, K, len(names)]`` from the logits (and contrast log-probs) at the targets."""
+    logprob = _pick(logp, t.target_ids)
+    formulas: dict[str, Callable[[], torch.Tensor]] = {
+        "probability": logprob.exp,
+        "logprob": lambda: logprob,
+        "logit": lambda: _pick(logits, t.target_ids),
+        "entropy": lambda: _entropy(logp),
+        "crossentropy": lambda: -logprob,
+        "perplexity": lambda: (-logprob).exp(),
+        "contrast_prob_diff": lambda: logprob.exp() - _pick(logp, _given(t.contrast_ids)).exp(),
+        "kl_divergence": lambda: _kl(logp, _given(other)),
+        "pcxmi": lambda: logprob - _pick(_given(other), t.target_ids),
+    }
+    return torch.stack([formulas[name]() for name in names], dim=-1)
+
+
+def _pick(values: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    return values.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+
+
+def _given(value: torch.Tensor | None) -> torch.Tensor:
+    # _require has checked that the contrast a score needs was given
+    assert value is not None
+    return value
+
+
+def _names(scores: str | Sequence[str]) -> tuple[str, ...]:
+    names = (scores,) if isinstance(scores, str) else scores
+    if not isinstance(names, Sequence) or not names:
+        raise OptionError(f"`scores` must be a score name or a non-empty list of them: {SCORES}")
+    for name in names:
+        if name not in SCORES:
+            raise OptionError(f"`scores` contains unknown score {name!r}; valid scores: {SCORES}")
+    if len(set(names)) != len(names):
+        raise OptionError(f"`scores` lists a score twice: {list(names)}")
+    return tuple(names)
+
+
+def _require(names: tuple[str, ...], needy: tuple[str, ...], value: Any, option: str) -> None:
+    wanting = [name for name in names if name in needy]
+    if wanting and value is None:
+        raise OptionError(f"score(s) {wanting} need `{option}`")
+
+
+@torch.no_grad()
+def _logits(model: Model, t: Tensors) -> torch.Tensor:
+    embeds = model.embed(t.ids, "source")
+    decoder = None if t.decoder_ids is None else model.embed(t.decoder_ids, "target")
+    return model.logits_at(embeds, t.mask, t.index, decoder, t.decoder_mask).float()
+
+
+def _entropy(logp: torch.Tensor) -> torch.Tensor:
+    probs = logp.exp()
+    # 0 * log 0 is 0 (a -inf logit), not NaN
+    return -torch.where(probs > 0, probs * logp, 0.0).sum(-1)
+
+
+def _kl(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
+    probs = logp.exp()
+    return torch.where(probs > 0, probs * (logp - logq), 0.0).sum(-1)
+
+
+def _contrast_batch(model: Model, batch: Batch, texts: list[str]) -> Batch:
+    """The batch with each prompt / source replaced and the same target tokens.
+
+    Decoder-only positions shift by the difference in prompt length, so row ``k`` of both batches'
+    tensors predicts the same target token.
+    """
+    examples = []
+    for i, (example, text) in enumerate(zip(batch.examples, texts, strict=True)):
+        source = _encode_source(model.tokenizer, text, model.is_encoder_decoder)
+        _check_length(model, source, example.target_ids, _at(i, batch.single))
+        shift = 0 if batch.encoder_decoder else len(source) - len(example.source_ids)
+        positions = tuple(p + shift for p in example.positions)
+        examples.append(Example(source, example.target_ids, None, positions))
+    return Batch(tuple(examples), batch.single, batch.encoder_decoder, batch.start_token)
+
+
+def _label_steps(
+    model: Model,
+    batch: Batch,
+    values: torch.Tensor,
+    names: tuple[str, ...],
+    method: str,
+    options: dict[str, Any],
+) -> xr.DataArray:
+    """``[B, K, score]`` values -> ``([example,] target, score)``; the targets of :func:`label`."""
+    examples = batch.examples
+    sequences = batch.sequences()
+    targets = sorted({p for e in examples for p in e.positions})
+    row_of = {p: i for i, p in enumerate(targets)}
+    raw = values.detach().cpu().numpy()
+    data = np.full((len(examples), len(targets), len(names)), np.nan, dtype=raw.dtype)
+    target_ids = np.full((len(examples), len(targets)), MISSING_ID, dtype=np.int64)
+    contrast_ids = np.full_like(target_ids, MISSING_ID)
+    for b, example in enumerate(examples):
+        rows = [row_of[p] for p in example.positions]
+        data[b, rows] = raw[b, : len(rows)]
+        first = len(sequences[b]) - len(example.target_ids)
+        for p in example.positions:
+            target_ids[b, row_of[p]] = sequences[b][p]
+            if example.contrast_ids is not None:
+                contrast_ids[b, row_of[p]] = example.contrast_ids[p - first]
+    tokens = model.tokenizer.convert_ids_to_tokens
+    coords: dict[str, Any] = {
+        "example": np.arange(len(examples)),
+        "target": np.asarray(targets, dtype=np.int64),
+        "score": list(names),
+        "target_id": (("example", "target"), target_ids),
+        "target_token": (("example", "target"), _token_strings(target_ids, tokens)),
+    }
+    if examples[0].contrast_ids is not None:
+        coords["contrast_id"] = (("example", "target"), contrast_ids)
+        coords["contrast_token"] = (("example", "target"), _token_strings(contrast_ids, tokens))
+    da = xr.DataArray(
+        data,
+        dims=("example", "target", "score"),
+        coords=coords,
+        name="step_scores",
+        attrs=_attrs(model, method, "none", options),
+    )
+    return da.isel(example=0, drop=True) if batch.single else da

@@ -1,0 +1,155 @@
+"""Step scores against direct computations from a plain Hugging Face forward."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import xarray as xr
+
+import attrax as ax
+from attrax._attention import rollout
+from attrax._scores import SCORES, step_scores, with_scores
+from tests import _naive
+from tests.conftest import PAIRS
+
+SOURCE, TARGET = PAIRS[0]
+CONTRAST_SOURCE = "The capital of Italy is"
+BASIC = ("probability", "logprob", "logit", "entropy", "crossentropy", "perplexity")
+
+
+def hf_logits(model, source: str, target: str) -> tuple[torch.Tensor, list[int], int]:
+    """Logits ``[T, V]`` of a plain forward from ids, the target ids and the first target position."""
+    source_ids, target_ids = _naive.token_ids(model, source, target)
+    with torch.no_grad():
+        if model.is_encoder_decoder:
+            start = model.hf.config.decoder_start_token_id
+            out = model.hf(
+                input_ids=torch.tensor([source_ids]),
+                decoder_input_ids=torch.tensor([[start, *target_ids]]),
+            )
+            return out.logits[0].double(), target_ids, 1
+        out = model.hf(input_ids=torch.tensor([source_ids + target_ids]))
+    return out.logits[0].double(), target_ids, len(source_ids)
+
+
+def predicting_rows(logits: torch.Tensor, first: int, n: int) -> torch.Tensor:
+    return logits[first - 1 : first - 1 + n]
+
+
+def test_basic_scores_equal_direct_computation(model):
+    got = step_scores(model, SOURCE, TARGET, scores=list(BASIC))
+    logits, target_ids, first = hf_logits(model, SOURCE, TARGET)
+    rows = predicting_rows(logits, first, len(target_ids))
+    ids = torch.tensor(target_ids)
+    probs = torch.softmax(rows, -1)
+    p = probs[torch.arange(len(ids)), ids]
+    want = {
+        "probability": p,
+        "logprob": torch.log(p),
+        "logit": rows[torch.arange(len(ids)), ids],
+        "entropy": -(probs * torch.log(probs)).sum(-1),
+        "crossentropy": -torch.log(p),
+        "perplexity": 1 / p,
+    }
+    assert got.dims == ("target", "score")
+    assert got.score.values.tolist() == list(BASIC)
+    assert got.target.values.tolist() == list(range(first, first + len(target_ids)))
+    assert got.target_id.values.tolist() == target_ids
+    for name, value in want.items():
+        np.testing.assert_allclose(
+            got.sel(score=name).values, value.numpy(), rtol=2e-5, err_msg=name
+        )
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "t5"])
+def test_contrast_input_scores(models, arch):
+    model = models[arch]
+    got = step_scores(
+        model, SOURCE, TARGET, scores=["kl_divergence", "pcxmi"], contrast_inputs=CONTRAST_SOURCE
+    )
+    logits, target_ids, first = hf_logits(model, SOURCE, TARGET)
+    other, other_ids, other_first = hf_logits(model, CONTRAST_SOURCE, TARGET)
+    assert other_ids == target_ids  # same target tokens after either prompt
+    logp = torch.log_softmax(predicting_rows(logits, first, len(target_ids)), -1)
+    logq = torch.log_softmax(predicting_rows(other, other_first, len(target_ids)), -1)
+    ids = torch.arange(len(target_ids)), torch.tensor(target_ids)
+    kl = (logp.exp() * (logp - logq)).sum(-1)
+    np.testing.assert_allclose(got.sel(score="kl_divergence"), kl.numpy(), rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(got.sel(score="pcxmi"), (logp[ids] - logq[ids]).numpy(), atol=2e-5)
+    assert got.target.values.tolist() == list(range(first, first + len(target_ids)))
+
+
+def test_contrast_prob_diff(models):
+    model = models["llama"]
+    contrast = " Rome"
+    if len(_naive.token_ids(model, SOURCE, contrast)[1]) != len(
+        _naive.token_ids(model, SOURCE, TARGET)[1]
+    ):
+        contrast = " Paris"
+    got = step_scores(model, SOURCE, TARGET, scores="contrast_prob_diff", contrast=contrast)
+    logits, target_ids, first = hf_logits(model, SOURCE, TARGET)
+    probs = torch.softmax(predicting_rows(logits, first, len(target_ids)), -1)
+    contrast_ids = _naive.token_ids(model, SOURCE, contrast)[1]
+    rows = torch.arange(len(target_ids))
+    want = probs[rows, torch.tensor(target_ids)] - probs[rows, torch.tensor(contrast_ids)]
+    np.testing.assert_allclose(got.sel(score="contrast_prob_diff"), want.numpy(), atol=1e-7)
+    assert got.contrast_id.values.tolist() == contrast_ids
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "bart"])
+def test_batched_equals_single(models, arch):
+    model = models[arch]
+    sources, targets = [s for s, _ in PAIRS], [t for _, t in PAIRS]
+    contrasts = [CONTRAST_SOURCE, "def g(y):", "Hi"]
+    names = ["probability", "entropy", "pcxmi"]
+    batched = step_scores(model, sources, targets, scores=names, contrast_inputs=contrasts)
+    assert batched.dims == ("example", "target", "score")
+    for i in range(len(PAIRS)):
+        single = step_scores(
+            model, sources[i], targets[i], scores=names, contrast_inputs=contrasts[i]
+        )
+        part = batched.isel(example=i).sel(target=single.target)
+        np.testing.assert_allclose(part.values, single.values, rtol=1e-4, atol=1e-6)
+    missing = (batched.target_id < 0).values
+    assert np.isnan(batched.values[missing]).all()
+
+
+def test_positions_select_targets(models):
+    model = models["gpt2"]
+    source, target = PAIRS[1]
+    kwargs = {"scores": ["logprob", "pcxmi"], "contrast_inputs": "def longer_name(y, z):"}
+    full = step_scores(model, source, target, **kwargs)
+    last = step_scores(model, source, target, positions=-1, **kwargs)
+    assert last.target.values.tolist() == full.target.values[-1:].tolist()
+    np.testing.assert_allclose(last.values, full.values[-1:], rtol=1e-5, atol=1e-6)
+
+
+def test_bad_arguments_raise(models):
+    model = models["gpt2"]
+    with pytest.raises(ax.OptionError, match=r"unknown score 'surprise'.*pcxmi"):
+        step_scores(model, SOURCE, TARGET, scores=["probability", "surprise"])
+    with pytest.raises(ax.OptionError, match="need `contrast_inputs`"):
+        step_scores(model, SOURCE, TARGET, scores="pcxmi")
+    with pytest.raises(ax.OptionError, match="need `contrast`"):
+        step_scores(model, SOURCE, TARGET, scores="contrast_prob_diff")
+    with pytest.raises(ax.OptionError, match="twice"):
+        step_scores(model, SOURCE, TARGET, scores=["entropy", "entropy"])
+    with pytest.raises(ax.InputError, match="contrast_inputs"):
+        step_scores(model, SOURCE, TARGET, scores="pcxmi", contrast_inputs=["a", "b"])
+    assert set(SCORES) >= set(BASIC)
+
+
+def test_with_scores_joins_into_dataset(models):
+    model = models["gpt2"]
+    da = rollout(model, SOURCE, TARGET)
+    scores = step_scores(model, SOURCE, TARGET, scores=["probability", "entropy"])
+    ds = with_scores(da, scores)
+    assert isinstance(ds, xr.Dataset)
+    assert sorted(ds.data_vars) == ["attribution", "entropy", "probability"]
+    assert ds.probability.dims == ("target",)
+    np.testing.assert_array_equal(ds.entropy.values, scores.sel(score="entropy").values)
+    assert ds.attrs["method"] == "rollout"
+    other = step_scores(model, SOURCE, TARGET + " x", scores="probability")
+    with pytest.raises(ax.InputError, match="same inputs"):
+        with_scores(da, other)
