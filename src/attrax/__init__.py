@@ -23,6 +23,9 @@ from ._model import load_model as load_model
 from ._objectives import logit as logit
 from ._objectives import logprob as logprob
 from ._objectives import probability as probability
+from ._perturbation import kernel_shap as kernel_shap
+from ._perturbation import lime as lime
+from ._perturbation import occlusion as occlusion
 from ._reduce import absmax as absmax
 from ._reduce import l2_norm as l2_norm
 from ._reduce import max as max
@@ -33,6 +36,7 @@ from ._reduce import rescale as rescale
 from ._reduce import sum as sum
 from ._scores import step_scores as step_scores
 from ._scores import with_scores as with_scores
+from ._words import merge_subwords as merge_subwords
 from .io import load as load
 from .io import save as save
 from .viz import plot as plot
@@ -51,14 +55,18 @@ __all__ = [
     "attention",
     "input_x_gradient",
     "integrated_gradients",
+    "kernel_shap",
     "l2_norm",
+    "lime",
     "load",
     "load_model",
     "logit",
     "logprob",
     "max",
     "mean",
+    "merge_subwords",
     "normalize",
+    "occlusion",
     "pipe",
     "plot",
     "probability",

@@ -1,0 +1,312 @@
+"""Word granularity: merge the sub-word tokens of an attribution array into words.
+
+Works on the token strings an attrax array carries (``source_token``/``target_token``), so it needs
+no tokenizer: the convention (byte-level BPE ``Ġ``, SentencePiece ``▁``, WordPiece ``##``) is read
+from the strings themselves.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import cache
+
+import numpy as np
+import pandas as pd
+import xarray as xr
+
+from ._errors import InputError, OptionError
+from ._label import MISSING_TOKEN
+
+SCHEMES = ("byte-level", "sentencepiece", "wordpiece", "word-level")
+HOWS = ("sum", "mean", "max", "absmax")
+DIMS = ("source", "target")
+
+_SPECIAL = re.compile(
+    r"^(<\|[^<>\s]*\|>|<(?!0x[0-9A-Fa-f]{2}>)/?[A-Za-z_][^<>\s]*>|\[[A-Za-z_]+\])$"
+)
+_BYTE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
+
+
+def merge_subwords(
+    da: xr.DataArray,
+    how: str = "sum",
+    dims: str | Sequence[str] | None = None,
+    *,
+    scheme: str | None = None,
+) -> xr.DataArray:
+    """Aggregate the tokens of each word along ``source`` and/or ``target``.
+
+    A word starts at a token carrying the tokenizer's word-start mark (``Ġ``, ``▁``, or any
+    token without WordPiece's ``##``). Special tokens (``<s>``, ``[CLS]``, ``<|endoftext|>``...)
+    and runs of punctuation are words of their own; whitespace-only tokens join the word they
+    precede. Words never span the prompt/continuation boundary (the ``side``), nor a gap in
+    attributed target positions, nor padding.
+
+    Arguments:
+        da: an attrax array with ``source_token``/``target_token`` coordinates, single or batch.
+        how: ``"sum"`` (totals preserved), ``"mean"``, ``"max"`` or ``"absmax"`` (the value of
+            largest magnitude, sign kept) over each word's tokens, ignoring NaN; a word whose
+            tokens are all NaN stays NaN.
+        dims: ``"source"``, ``"target"`` or both; default: those of the two that ``da`` has.
+        scheme: one of ``SCHEMES``; detected from the token strings when None (``"word-level"``,
+            each token its own word, when no mark is found).
+
+    Returns:
+        The array with each merged dim indexed by the position of each word's first token (the
+        ``(side, position)`` of it for an encoder-decoder MultiIndex), and a ``source_word``/
+        ``target_word`` coordinate with the decoded word. In a batch, word starts differ per
+        example: the index is their union and the other entries are NaN (word ``""``).
+        Token-level coordinates along the merged dim (ids, tokens) are dropped.
+
+    >>> import attrax as ax
+    >>> da = ax.occlusion(ax.load_model(), "1 2 3 =", " 3 2 1")
+    >>> ax.merge_subwords(da).source_word.values.tolist()
+    ['1', '2', '3', '=', '3', '2', '1']
+    """
+    if not isinstance(da, xr.DataArray):
+        raise InputError(f"merge_subwords: expected an xarray DataArray, got {type(da).__name__}")
+    if how not in HOWS:
+        raise OptionError(f"`how` must be one of {HOWS}, got {how!r}")
+    if scheme is not None and scheme not in SCHEMES:
+        raise OptionError(f"`scheme` must be one of {SCHEMES} or None, got {scheme!r}")
+    chosen = _dims(da, dims)
+    for dim in chosen:
+        if f"{dim}_token" not in da.coords:
+            raise InputError(
+                f"merge_subwords: `da` has no `{dim}_token` coordinate to find words along "
+                f"`{dim}` (merge words before reductions that drop token coordinates)"
+            )
+    if scheme is None:
+        scheme = detect_scheme(
+            [str(t) for dim in chosen for t in np.ravel(da.coords[f"{dim}_token"].values)]
+        )
+    out = da
+    for dim in chosen:
+        out = _merge(out, dim, how, scheme)
+    done = da.attrs.get("reductions", "")
+    out.attrs["reductions"] = f"{done};merge_subwords({','.join(chosen)},{how})".lstrip(";")
+    return out
+
+
+def detect_scheme(tokens: Sequence[str]) -> str:
+    """The sub-word convention of token strings: one of ``SCHEMES``.
+
+    >>> detect_scheme(["The", "Ġcap", "ital"]), detect_scheme(["▁The", "▁cap", "ital"])
+    ('byte-level', 'sentencepiece')
+    >>> detect_scheme(["[CLS]", "the", "cap", "##ital"]), detect_scheme(["1", "2"])
+    ('wordpiece', 'word-level')
+    """
+    bert_specials = any(re.fullmatch(r"\[[A-Z]+\]", t) for t in tokens)
+    tokens = [t for t in tokens if t and not _SPECIAL.match(t)]
+    if any(mark in t for t in tokens for mark in "ĠĊĉ"):
+        return "byte-level"
+    if any(t.startswith("▁") for t in tokens):
+        return "sentencepiece"
+    if bert_specials or any(t.startswith("##") and len(t) > 2 for t in tokens):
+        return "wordpiece"
+    return "word-level"
+
+
+@dataclass(frozen=True)
+class _Piece:
+    """One token as words see it: its bytes, whether it opens a word, what its text is made of."""
+
+    raw: bytes
+    marked: bool
+    body: str  # "special", "space", "punct" or "text"
+
+
+def _piece(token: str, scheme: str) -> _Piece:
+    if _SPECIAL.match(token):
+        return _Piece(token.encode(), True, "special")
+    if scheme == "byte-level":
+        table = _byte_decoder()
+        raw = b"".join(bytes([table[c]]) if c in table else c.encode() for c in token)
+        marked = raw[:1].isspace()
+    elif scheme == "sentencepiece":
+        byte = _BYTE.match(token)
+        raw = bytes([int(byte.group(1), 16)]) if byte else token.replace("▁", " ").encode()
+        marked = token.startswith("▁")
+    elif scheme == "wordpiece":
+        marked = not token.startswith("##")
+        raw = (token if marked else token[2:]).encode()
+    else:
+        raw, marked = token.encode(), True
+    text = raw.decode("utf-8", errors="replace").strip()
+    if not text:
+        body = "space"
+    elif all(unicodedata.category(c)[0] in "PS" and c != "\ufffd" for c in text):
+        body = "punct"
+    else:
+        body = "text"
+    return _Piece(raw, marked, body)
+
+
+def _joins(piece: _Piece, word: str | None) -> bool:
+    """Whether ``piece`` continues the current word, whose kind is ``word`` (None: no word)."""
+    if word is None or word == "special" or piece.body == "special":
+        return False
+    if piece.body == "space":
+        return word == "space"
+    if piece.body == "punct":
+        return word == "space" or (word == "punct" and not piece.marked)
+    return not piece.marked and word in ("space", "text")
+
+
+def _words(
+    tokens: Sequence[str], sides: Sequence[str], positions: Sequence[int], scheme: str
+) -> list[tuple[int, list[int], str]]:
+    """``(first index, member indices, text)`` of each word of one example's token sequence."""
+    words: list[tuple[int, list[int], bytes]] = []
+    kind: str | None = None
+    for i, token in enumerate(tokens):
+        if token == MISSING_TOKEN:
+            kind = None
+            continue
+        piece = _piece(token, scheme)
+        contiguous = i > 0 and sides[i] == sides[i - 1] and positions[i] == positions[i - 1] + 1
+        if contiguous and _joins(piece, kind):
+            first, members, raw = words[-1]
+            words[-1] = (first, [*members, i], raw + piece.raw)
+            if kind == "space":
+                kind = piece.body
+        else:
+            words.append((i, [i], piece.raw))
+            kind = piece.body
+    out = []
+    for first, members, raw in words:
+        text = raw.decode("utf-8", errors="replace")
+        out.append((first, members, text.strip() or text))
+    return out
+
+
+def _merge(da: xr.DataArray, dim: str, how: str, scheme: str) -> xr.DataArray:
+    batched = "example" in da.dims
+    n_examples = da.sizes["example"] if batched else 1
+    width = da.sizes[dim]
+    index = da.indexes[dim]
+    tokens = _per_example(da, f"{dim}_token", dim, n_examples)
+    if isinstance(index, pd.MultiIndex) and "side" in index.names:
+        sides = np.tile(np.asarray(index.get_level_values("side"), dtype=str), (n_examples, 1))
+        positions = np.asarray(index.get_level_values("position"))
+    else:
+        side_coord = "side" in da.coords and dim in da.coords["side"].dims
+        sides = _per_example(da, "side", dim, n_examples) if side_coord else None
+        if sides is None:
+            sides = np.full((n_examples, width), "", dtype=object)
+        positions = np.asarray(index)
+        if not np.issubdtype(positions.dtype, np.integer):
+            positions = np.arange(width)
+    segmented = [
+        _words(list(tokens[e]), list(sides[e]), positions.tolist(), scheme)
+        for e in range(n_examples)
+    ]
+    starts = sorted({first for words in segmented for first, _, _ in words})
+    column = {s: j for j, s in enumerate(starts)}
+    longest = max((len(m) for words in segmented for _, m, _ in words), default=1)
+    members = np.full((n_examples, len(starts), longest), -1, dtype=np.int64)
+    texts = np.full((n_examples, len(starts)), MISSING_TOKEN, dtype=object)
+    word_sides = np.full((n_examples, len(starts)), MISSING_TOKEN, dtype=object)
+    for e, words in enumerate(segmented):
+        for first, member, text in words:
+            members[e, column[first], : len(member)] = member
+            texts[e, column[first]] = text
+            word_sides[e, column[first]] = sides[e][first]
+
+    others = [d for d in da.dims if d not in ("example", dim)]
+    order = (["example"] if batched else []) + others + [dim]
+    values = np.asarray(da.transpose(*order).values)
+    if not batched:
+        values = values[None]
+    if not np.issubdtype(values.dtype, np.floating):
+        values = values.astype(np.float64)
+    merged = _reduce(values, members, how)
+    if not batched:
+        merged = merged[0]
+
+    coords = {k: v for k, v in da.coords.items() if dim not in v.dims}
+    kept = index[starts]
+    if isinstance(kept, pd.MultiIndex):
+        coords.update(xr.Coordinates.from_pandas_multiindex(kept, dim))
+    else:
+        coords[dim] = kept.to_numpy()
+    word_dims = ("example", dim) if batched else (dim,)
+    coords[f"{dim}_word"] = (word_dims, (texts if batched else texts[0]).astype(str))
+    if "side" in da.coords and dim in da.coords["side"].dims and "side" not in coords:
+        coords["side"] = (word_dims, (word_sides if batched else word_sides[0]).astype(str))
+    out = xr.DataArray(merged, dims=order, coords=coords, name=da.name, attrs=dict(da.attrs))
+    return out.transpose(*da.dims)
+
+
+def _per_example(da: xr.DataArray, name: str, dim: str, n_examples: int) -> np.ndarray:
+    """Coordinate ``name`` as ``[example, dim]`` strings (tiled when it has no example dim)."""
+    coord = da.coords[name]
+    if "example" in coord.dims:
+        values = coord.transpose("example", dim).values
+    else:
+        values = np.tile(coord.values, (n_examples, 1))
+    return values.astype(str)
+
+
+def _reduce(values: np.ndarray, members: np.ndarray, how: str) -> np.ndarray:
+    """``values[E, ..., N]`` over ``members[E, J, W]`` (-1 = none) -> ``[E, ..., J]``."""
+    n_examples, n_words, longest = members.shape
+    middle = values.ndim - 2
+    index = members.reshape(n_examples, *([1] * middle), n_words * longest)
+    gathered = np.take_along_axis(values, np.maximum(index, 0), axis=-1)
+    gathered = gathered.reshape(*gathered.shape[:-1], n_words, longest)
+    absent = (members < 0).reshape(n_examples, *([1] * middle), n_words, longest)
+    gathered = np.where(absent, np.nan, gathered)
+    present = ~np.isnan(gathered)
+    any_present = present.any(axis=-1)
+    filled = np.where(present, gathered, 0)
+    if how == "sum":
+        out = filled.sum(axis=-1)
+    elif how == "mean":
+        out = filled.sum(axis=-1) / np.maximum(present.sum(axis=-1), 1)
+    elif how == "max":
+        out = np.where(present, gathered, -np.inf).max(axis=-1)
+    else:
+        pick = np.where(present, np.abs(gathered), -1.0).argmax(axis=-1)
+        out = np.take_along_axis(filled, pick[..., None], axis=-1)[..., 0]
+    return np.where(any_present, out, np.nan).astype(values.dtype)
+
+
+def _dims(da: xr.DataArray, dims: str | Sequence[str] | None) -> tuple[str, ...]:
+    if dims is None:
+        chosen = tuple(d for d in DIMS if d in da.dims)
+        if not chosen:
+            raise OptionError(
+                f"merge_subwords: `da` has neither a `source` nor a `target` dim; its dims are "
+                f"{da.dims}"
+            )
+        return chosen
+    chosen = (dims,) if isinstance(dims, str) else tuple(dims)
+    if not chosen:
+        raise OptionError("`dims` is empty: give 'source', 'target' or both")
+    for dim in chosen:
+        if dim not in DIMS:
+            raise OptionError(f"`dims` must name 'source' and/or 'target', got {dim!r}")
+        if dim not in da.dims:
+            raise OptionError(f"`dims` contains {dim!r}, which is not a dim of `da` {da.dims}")
+    return tuple(dict.fromkeys(chosen))
+
+
+@cache
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's byte-to-unicode table, inverted: each printable stand-in character -> its byte."""
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
+    table = {chr(b): b for b in printable}
+    extra = 0
+    for b in range(256):
+        if b not in printable:
+            table[chr(256 + extra)] = b
+            extra += 1
+    return table
