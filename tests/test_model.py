@@ -70,7 +70,9 @@ def test_lm_head_sees_only_attributed_positions(models):
     finally:
         handle.remove()
     assert da.sizes["target"] == 1
-    assert seen and all(shape[1] == 1 for shape in seen)
+    # the forward runs the head on no position; the objective then on the one attributed position
+    assert seen and all(shape[1] <= 1 for shape in seen)
+    assert any(shape[1] == 1 for shape in seen)
 
 
 def test_sdpa_equals_eager():
