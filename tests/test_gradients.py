@@ -111,7 +111,9 @@ def test_methods_equal_naive_loop(model, method):
 
 @pytest.mark.parametrize("objective", ["logprob", "logit"])
 @pytest.mark.parametrize("method", ["saliency", "integrated_gradients"])
-def test_objectives_equal_naive_loop(model, method, objective):
+@pytest.mark.parametrize("arch", ["llama", "t5"])
+def test_objectives_equal_naive_loop(models, arch, method, objective):
+    model = models[arch]
     source, target = PAIRS[1]
     got = METHODS[method](model, source, target, objective=objective)
     want = naive_attribution(model, source, target, method, objective=objective)
@@ -133,7 +135,9 @@ def test_callable_objective_is_used(models):
 
 
 @pytest.mark.parametrize("method", ["saliency", "integrated_gradients"])
-def test_contrastive_equals_naive_loop(model, method):
+@pytest.mark.parametrize("arch", ["gpt2", "bart"])
+def test_contrastive_equals_naive_loop(models, arch, method):
+    model = models[arch]
     source, target, contrast = "The capital of France is", " Paris", " Rome"
     if len(_naive.token_ids(model, source, contrast)[1]) != len(
         _naive.token_ids(model, source, target)[1]
@@ -161,8 +165,18 @@ def test_attribute_target_equals_naive_loop(models, arch, method):
     assert set(got.side.values) == {"source", "target"}
 
 
-@pytest.mark.parametrize("method", list(METHODS))
-def test_batched_equals_single(model, method):
+BATCHED = [(arch, "saliency") for arch in ("gpt2", "llama", "marian", "bart", "t5")] + [
+    ("gpt2", "input_x_gradient"),
+    ("llama", "integrated_gradients"),
+    ("t5", "integrated_gradients"),
+    ("gpt2", "smoothgrad"),
+    ("marian", "smoothgrad"),
+]
+
+
+@pytest.mark.parametrize(("arch", "method"), BATCHED)
+def test_batched_equals_single(models, arch, method):
+    model = models[arch]
     sources = [p[0] for p in PAIRS]
     targets = [p[1] for p in PAIRS]
     batched = METHODS[method](model, sources, targets, attribute_target=model.is_encoder_decoder)
