@@ -9,10 +9,16 @@
 
 from ._attention import attention as attention
 from ._attention import rollout as rollout
+from ._dataset import attribute_dataset as attribute_dataset
+from ._dataset import load_dataset_results as load_dataset_results
 from ._errors import AttraxError as AttraxError
 from ._errors import InputError as InputError
 from ._errors import ModelError as ModelError
 from ._errors import OptionError as OptionError
+from ._faithfulness import comprehensiveness as comprehensiveness
+from ._faithfulness import deletion as deletion
+from ._faithfulness import insertion as insertion
+from ._faithfulness import sufficiency as sufficiency
 from ._gradients import input_x_gradient as input_x_gradient
 from ._gradients import integrated_gradients as integrated_gradients
 from ._gradients import quadrature as quadrature
@@ -53,12 +59,17 @@ __all__ = [
     "__version__",
     "absmax",
     "attention",
+    "attribute_dataset",
+    "comprehensiveness",
+    "deletion",
     "input_x_gradient",
+    "insertion",
     "integrated_gradients",
     "kernel_shap",
     "l2_norm",
     "lime",
     "load",
+    "load_dataset_results",
     "load_model",
     "logit",
     "logprob",
@@ -78,6 +89,7 @@ __all__ = [
     "show",
     "smoothgrad",
     "step_scores",
+    "sufficiency",
     "sum",
     "with_scores",
 ]

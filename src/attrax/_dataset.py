@@ -1,0 +1,562 @@
+"""Attribute a JSONL dataset in resumable shards, and load the shards back as one array.
+
+A run writes, into its output directory::
+
+    manifest.json        what the run is (data checksum, model, method, options) and which
+                         shards are complete; replaced atomically after every shard
+    shard-00000.nc       records 0 .. batch_size-1, an ``ax.save`` netCDF file (atomic)
+    shard-00001.nc       ...
+
+A shard counts as done only once the manifest lists it, and the manifest is written after the
+shard file is in place, so a run killed at any moment loses at most the batch in flight. Shard
+``k`` always holds records ``k * batch_size ..``, so a resumed run recomputes exactly the missing
+shards and nothing is duplicated. A resumed run must see the same data (checked by SHA-256) and the
+same options, or it stops with an error instead of mixing two runs in one directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import inspect
+import json
+import os
+import re
+import uuid
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import xarray as xr
+
+from ._errors import InputError, OptionError
+from ._model import Model, load_model
+
+__all__ = [
+    "METHODS",
+    "REDUCTIONS",
+    "DatasetRun",
+    "attribute_dataset",
+    "call_method",
+    "load_dataset_results",
+    "parse_reduce",
+    "reduce",
+    "resolve_method",
+]
+
+#: Attribution functions a run may name; those not (yet) in ``attrax`` are looked up at runtime.
+METHODS = (
+    "saliency",
+    "input_x_gradient",
+    "integrated_gradients",
+    "smoothgrad",
+    "occlusion",
+    "lime",
+    "kernel_shap",
+    "attention",
+    "rollout",
+)
+#: Reductions a ``reduce`` spec may name: ``name`` or ``name:dim``.
+REDUCTIONS = ("l2_norm", "sum", "mean", "max", "absmax", "normalize", "rescale")
+
+MANIFEST = "manifest.json"
+_FORMAT = "attrax-dataset"
+_VERSION = 1
+_SHARD = "shard-{:05d}.nc"
+_KEPT_DIMS = ("example", "target", "source")
+_STRAY = re.compile(r"^\.(shard-\d{5,}\.nc|manifest\.json)\.[0-9a-f]{12}\.tmp$")
+
+PathLike = str | os.PathLike[str]
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetRun:
+    """What :func:`attribute_dataset` did: where, how many records/shards, how many were resumed."""
+
+    out: Path
+    records: int
+    shards: int
+    skipped: int
+
+
+# --- methods and reductions (shared with the CLI) -------------------------------------------
+
+
+def resolve_method(name: str) -> Callable[..., xr.DataArray]:
+    """The attribution function ``attrax.<name>``; a clear error lists the available ones.
+
+    >>> resolve_method("saliency").__name__
+    'saliency'
+    """
+    import attrax
+
+    available = [m for m in METHODS if callable(getattr(attrax, m, None))]
+    if name not in available:
+        raise OptionError(f"unknown method {name!r}; available: {', '.join(available)}")
+    return getattr(attrax, name)
+
+
+def call_method(
+    fn: Callable[..., xr.DataArray],
+    model: Model,
+    inputs: str | list[str],
+    targets: str | list[str] | None,
+    options: Mapping[str, Any],
+) -> xr.DataArray:
+    """``fn(model, inputs, targets, **options)``, naming an option the method does not take."""
+    parameters = inspect.signature(fn).parameters
+    accepted = [
+        name
+        for name, p in parameters.items()
+        if p.kind is inspect.Parameter.KEYWORD_ONLY and name not in ("inputs", "targets")
+    ]
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise OptionError(
+            f"{fn.__name__} has no option {', '.join(map(repr, unknown))}; "
+            f"its options are: {', '.join(accepted)}"
+        )
+    return fn(model, inputs, targets, **options)
+
+
+def parse_reduce(spec: str | None) -> list[tuple[str, str | None]] | None:
+    """Parse a reduce spec: ``"l2_norm,normalize"``, ``"mean:head"``, ``"auto"`` or ``"none"``.
+
+    Returns ``[(name, dim or None), ...]``, or None for ``"auto"`` (decided from the dims).
+
+    >>> parse_reduce("l2_norm, normalize:source")
+    [('l2_norm', None), ('normalize', 'source')]
+    """
+    if spec is None or spec.strip() == "auto":
+        return None
+    if spec.strip() in ("none", ""):
+        return []
+    steps: list[tuple[str, str | None]] = []
+    for item in spec.split(","):
+        name, _, dim = item.strip().partition(":")
+        if name not in REDUCTIONS:
+            raise OptionError(
+                f"unknown reduction {name!r} in {spec!r}; valid: {', '.join(REDUCTIONS)} "
+                "(each optionally as name:dim), or 'auto' / 'none'"
+            )
+        steps.append((name, dim.strip() or None))
+    return steps
+
+
+def reduce(da: xr.DataArray, steps: list[tuple[str, str | None]] | None) -> xr.DataArray:
+    """Apply parsed reductions, or with ``None`` (auto) reduce to ``([example,] target, source)``.
+
+    Auto: ``l2_norm`` over ``hidden``, ``mean`` over other extra dims (``layer``, ``head``), then
+    ``normalize`` over ``source``.
+
+    >>> import xarray as xr
+    >>> da = xr.DataArray([[[3.0, 4.0], [0.0, 0.0]]], dims=("target", "source", "hidden"))
+    >>> reduce(da, None).values.tolist()
+    [[1.0, 0.0]]
+    """
+    import attrax
+
+    if steps is None:
+        steps = [
+            ("l2_norm" if dim == "hidden" else "mean", str(dim))
+            for dim in da.dims
+            if dim not in _KEPT_DIMS
+        ]
+        steps.append(("normalize", "source"))
+    for name, dim in steps:
+        da = getattr(attrax, name)(da, dim)
+    return da
+
+
+# --- the run ----------------------------------------------------------------------------------
+
+
+def attribute_dataset(
+    model: Model | PathLike | None,
+    data: PathLike,
+    out: PathLike,
+    *,
+    method: str = "saliency",
+    reduce: str | None = "auto",
+    batch_size: int = 8,
+    progress: bool = True,
+    device: str | None = None,
+    **options: Any,
+) -> DatasetRun:
+    """Attribute every record of a JSONL file, one netCDF shard per batch; resumable.
+
+    Each line is ``{"input": str, "target": str (optional), "id": str|int (optional)}`` (other
+    keys are ignored; blank lines skipped). Either every record has a ``target`` or none has
+    (then targets are generated). Shards hold ``(example, target, source)`` arrays whose
+    ``example`` coordinate is the record's 0-based line number in the file, with an ``id``
+    coordinate when the file gives ids. Run the same call again after an interruption: complete
+    shards are kept, the rest is computed. Load everything with :func:`load_dataset_results`.
+
+    Arguments:
+        model: a :class:`Model`, a path, or None for the built-in model.
+        data: the JSONL file. out: the output directory (created if needed).
+        method: an attribution function name (``saliency``, ``integrated_gradients``...).
+        reduce: a reduce spec (see :func:`parse_reduce`); ``"auto"`` gives ``(target, source)``.
+        batch_size: records per forward and per shard.
+        progress: show a progress bar (on stderr).
+        device: where to load a model given by path (``"cuda"``...); not part of the run's
+            identity, so a run may resume on another device.
+        options: keyword options of the method (``objective="logprob"``, ``steps=16``...).
+
+    >>> import json, tempfile, pathlib
+    >>> d = pathlib.Path(tempfile.mkdtemp())
+    >>> record = {"input": "3 1 4 0 5 9 =", "target": " 9 5 0 4 1 3"}
+    >>> _ = (d / "x.jsonl").write_text(json.dumps(record))
+    >>> attribute_dataset(None, d / "x.jsonl", d / "out", progress=False).shards
+    1
+    """
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise OptionError(f"`batch_size` must be a positive integer, got {batch_size!r}")
+    fn = resolve_method(method)
+    steps = parse_reduce(reduce)
+    data, out = Path(data).expanduser(), Path(out).expanduser()
+    scan = _scan(data)
+    shards = -(-scan.records // batch_size)
+    if isinstance(model, Model):
+        model_name = model.name
+    elif model is None:
+        model_name = "attrax-default"
+    else:
+        # a local directory by its absolute path (resumable from another cwd), a hub name as is
+        local = Path(model).expanduser()
+        model_name = str(local.resolve()) if local.exists() else str(model)
+    run = {
+        "data": {"sha256": scan.sha256, "records": scan.records},
+        "model": model_name,
+        "method": method,
+        "reduce": "auto" if reduce is None else reduce,
+        "batch_size": batch_size,
+        "options": json.loads(json.dumps(options, sort_keys=True, default=repr)),
+    }
+    if out.exists() and not out.is_dir():
+        raise InputError(f"`out` {str(out)!r} exists and is not a directory")
+    out.mkdir(parents=True, exist_ok=True)
+    with _lock(out):
+        manifest = _start(out, run, data, shards)
+        # a listed shard that was deleted since is recomputed, not trusted
+        manifest["done"] = [name for name in manifest["done"] if (out / name).is_file()]
+        done = set(manifest["done"])
+        todo = [k for k in range(shards) if _SHARD.format(k) not in done]
+        if todo:
+            loaded = model if isinstance(model, Model) else load_model(model, device=device)
+            _run(loaded, fn, steps, options, data, scan, batch_size, out, manifest, todo, progress)
+    return DatasetRun(out, scan.records, shards, shards - len(todo))
+
+
+def load_dataset_results(out: PathLike, *, partial: bool = False) -> xr.DataArray:
+    """All shards of an :func:`attribute_dataset` run as one array along ``example``.
+
+    Shards are concatenated in record order, NaN-padded to the union of their ``target`` and
+    ``source`` positions (missing tokens ``""``, ids ``-1``). An unfinished run is an error unless
+    ``partial=True``, which returns the complete shards only.
+
+    >>> import json, tempfile, pathlib
+    >>> d = pathlib.Path(tempfile.mkdtemp())
+    >>> line = json.dumps({"input": "3 1 4 0 5 9 =", "target": " 9 5 0 4 1 3"}) + "\\n"
+    >>> _ = (d / "x.jsonl").write_text(line * 3)
+    >>> _ = attribute_dataset(None, d / "x.jsonl", d / "out", batch_size=2, progress=False)
+    >>> load_dataset_results(d / "out").example.values.tolist()
+    [0, 1, 2]
+    """
+    from .io import load
+
+    out = Path(out).expanduser()
+    manifest = _read_manifest(out)
+    if manifest is None:
+        raise InputError(f"{str(out)!r} holds no attrax dataset run (no {MANIFEST})")
+    done = manifest["done"]
+    if not partial and len(done) < manifest["shards"]:
+        raise InputError(
+            f"{str(out)!r} is unfinished ({len(done)}/{manifest['shards']} shards): run the same "
+            "command again to resume, or pass partial=True"
+        )
+    if not done:
+        raise InputError(f"{str(out)!r} has no complete shard yet")
+    parts = []
+    for name in sorted(done, key=_shard_index):
+        loaded = load(out / name)
+        if not isinstance(loaded, xr.DataArray):
+            raise InputError(f"{str(out / name)!r} does not hold an attrax DataArray")
+        parts.append(loaded)
+    return concat_examples(parts)
+
+
+def concat_examples(parts: list[xr.DataArray]) -> xr.DataArray:
+    """Concatenate arrays along ``example``, padding ``target``/``source`` to their union."""
+    padded_dims = [d for d in ("target", "source") if d in parts[0].dims]
+    union = xr.Coordinates()
+    for dim in padded_dims:
+        values = sorted(set().union(*(p.indexes[dim].tolist() for p in parts)))
+        index = parts[0].indexes[dim]
+        if isinstance(index, pd.MultiIndex):  # (side, position) sources of attribute_target
+            midx = pd.MultiIndex.from_tuples(values, names=index.names)
+            union = union.merge(xr.Coordinates.from_pandas_multiindex(midx, dim)).coords
+        else:
+            union = union.merge({dim: values}).coords
+    like = xr.Dataset(coords=union)
+    aligned = []
+    for part in parts:
+        fill = {str(name): _fill(var.dtype) for name, var in part.coords.items()}
+        fill[str(part.name)] = np.nan
+        aligned.append(part.reindex_like(like, fill_value=fill))
+    return xr.concat(
+        aligned,
+        dim="example",
+        coords="minimal",
+        compat="override",
+        join="exact",
+        combine_attrs="override",
+    )
+
+
+# --- internals --------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _Scan:
+    sha256: str
+    records: int
+    has_target: bool
+    has_id: bool
+
+
+def _scan(data: Path) -> _Scan:
+    """Validate every line once (a bad line 10 000 fails before any work) and checksum the file."""
+    if not data.is_file():
+        raise InputError(f"`data` {str(data)!r} is not a file")
+    digest = hashlib.sha256()
+    records, with_target, with_id = 0, 0, 0
+    for record in _records(data, digest):
+        records += 1
+        with_target += "target" in record
+        with_id += "id" in record
+    if records == 0:
+        raise InputError(f"`data` {str(data)!r} has no records")
+    if 0 < with_target < records:
+        raise InputError(
+            f"`data` {str(data)!r}: {with_target} of {records} records have a 'target'; give "
+            "one on every line, or on none (then targets are generated)"
+        )
+    return _Scan(digest.hexdigest(), records, with_target > 0, with_id > 0)
+
+
+def _records(data: Path, digest: Any = None) -> Iterator[dict[str, Any]]:
+    """Each record with its 0-based line number as ``record["_line"]``; blank lines skipped."""
+    with open(data, "rb") as f:
+        for line_no, raw in enumerate(f):
+            if digest is not None:
+                digest.update(raw)
+            if not raw.strip():
+                continue
+            where = f"{data.name} line {line_no + 1}"
+            try:
+                record = json.loads(raw)
+            except ValueError as err:
+                raise InputError(f"{where}: not valid JSON ({err})") from None
+            if not isinstance(record, dict):
+                raise InputError(f"{where}: expected a JSON object, got {type(record).__name__}")
+            for key in ("input", "target"):
+                value = record.get(key, "")
+                if (key in record or key == "input") and (
+                    not isinstance(value, str) or not value.strip()
+                ):
+                    raise InputError(f"{where}: {key!r} must be a non-empty string, got {value!r}")
+            if "id" in record and (
+                isinstance(record["id"], bool) or not isinstance(record["id"], (str, int))
+            ):
+                raise InputError(f"{where}: 'id' must be a string or an integer")
+            yield {**record, "_line": line_no}
+
+
+def _batches(data: Path, size: int) -> Iterator[list[dict[str, Any]]]:
+    batch: list[dict[str, Any]] = []
+    for record in _records(data):
+        batch.append(record)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _start(out: Path, run: dict[str, Any], data: Path, shards: int) -> dict[str, Any]:
+    """Check a previous run's manifest against this one, or write a fresh manifest."""
+    for stray in out.iterdir():
+        # temp files of a write that a kill interrupted; io.save cleans up after anything else
+        if _STRAY.match(stray.name):
+            stray.unlink()
+    manifest = _read_manifest(out)
+    if manifest is None:
+        if any(out.glob("shard-*.nc")):
+            raise InputError(
+                f"`out` {str(out)!r} holds shard files but no {MANIFEST}: use an empty directory"
+            )
+        manifest = {"format": _FORMAT, "version": _VERSION, "run": run, "data_path": str(data)}
+        manifest.update({"shards": shards, "done": []})
+        _write_manifest(out, manifest)
+        return manifest
+    changed = [key for key in run if manifest["run"].get(key) != run[key]]
+    if changed:
+        what = "; ".join(
+            f"{_name(k)}: was {_show(k, manifest['run'].get(k))}, now {_show(k, run[k])}"
+            for k in changed
+        )
+        raise InputError(
+            f"`out` {str(out)!r} holds another run ({what}): resume with the same data and "
+            "options, or write to a new directory"
+        )
+    return manifest
+
+
+def _name(key: str) -> str:
+    return "data file" if key == "data" else key
+
+
+def _show(key: str, value: Any) -> str:
+    if key == "data" and isinstance(value, Mapping):
+        return f"{value.get('records')} records, sha256 {str(value.get('sha256'))[:12]}"
+    return json.dumps(value) if isinstance(value, (dict, list)) else repr(value)
+
+
+def _run(
+    model: Model,
+    fn: Callable[..., xr.DataArray],
+    steps: list[tuple[str, str | None]] | None,
+    options: Mapping[str, Any],
+    data: Path,
+    scan: _Scan,
+    batch_size: int,
+    out: Path,
+    manifest: dict[str, Any],
+    todo: list[int],
+    show: bool,
+) -> None:
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    from .io import save
+
+    wanted = set(todo)
+    columns = (
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("records"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    )
+    skipped = sum(
+        min(batch_size, scan.records - k * batch_size)
+        for k in range(manifest["shards"])
+        if k not in wanted
+    )
+    description = f"{fn.__name__}" + (" (resumed)" if manifest["done"] else "")
+    console = Console(stderr=True)
+    with Progress(*columns, console=console, disable=not show, transient=False) as bar:
+        task = bar.add_task(description, total=scan.records, completed=skipped)
+        for k, batch in enumerate(_batches(data, batch_size)):
+            if k not in wanted:
+                continue
+            da = _attribute(model, fn, steps, options, batch, scan)
+            name = _SHARD.format(k)
+            save(da, out / name)
+            manifest["done"] = sorted({*manifest["done"], name}, key=_shard_index)
+            _write_manifest(out, manifest)
+            bar.advance(task, len(batch))
+
+
+def _attribute(
+    model: Model,
+    fn: Callable[..., xr.DataArray],
+    steps: list[tuple[str, str | None]] | None,
+    options: Mapping[str, Any],
+    batch: list[dict[str, Any]],
+    scan: _Scan,
+) -> xr.DataArray:
+    inputs = [record["input"] for record in batch]
+    targets = [record["target"] for record in batch] if scan.has_target else None
+    da = reduce(call_method(fn, model, inputs, targets, options), steps)
+    da = da.assign_coords(example=[record["_line"] for record in batch])
+    if scan.has_id:
+        ids = [str(record.get("id", "")) for record in batch]
+        da = da.assign_coords(id=("example", np.asarray(ids, dtype=str)))
+    return da
+
+
+def _read_manifest(out: Path) -> dict[str, Any] | None:
+    path = out / MANIFEST
+    if not path.exists():
+        return None
+    try:
+        manifest = json.loads(path.read_text())
+        ok = manifest.get("format") == _FORMAT and isinstance(manifest.get("done"), list)
+    except (ValueError, AttributeError):
+        ok = False
+    if not ok:
+        raise InputError(f"{str(path)!r} is not an attrax dataset manifest")
+    if manifest["version"] != _VERSION:
+        raise InputError(f"{str(path)!r} has manifest version {manifest['version']}")
+    return manifest
+
+
+def _write_manifest(out: Path, manifest: Mapping[str, Any]) -> None:
+    path = out / MANIFEST
+    tmp = out / f".{MANIFEST}.{uuid.uuid4().hex[:12]}.tmp"
+    try:
+        with open(tmp, "w") as f:
+            json.dump(manifest, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
+@contextlib.contextmanager
+def _lock(out: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``out`` (where ``fcntl`` exists): one writer per directory."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no advisory locks; one writer is the user's responsibility
+        yield
+        return
+    with open(out / ".lock", "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise InputError(f"`out` {str(out)!r} is in use by another attrax process") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _shard_index(name: str) -> int:
+    return int(name.removeprefix("shard-").removesuffix(".nc"))
+
+
+def _fill(dtype: np.dtype) -> Any:
+    if dtype.kind in "iu":
+        return -1
+    if dtype.kind in "USO":
+        return ""
+    if dtype.kind == "b":
+        return False
+    return np.nan

@@ -1,0 +1,385 @@
+"""The ``attrax`` command: ``demo``, ``attribute`` and ``attribute-dataset``.
+
+Errors that attrax raises on purpose (bad option, unreadable file, mismatched data) print one
+``attrax: error: ...`` line and exit with status 2, like argparse's own usage errors; no traceback.
+
+>>> main(["attribute", "--method", "saliency", "--input", "1 2 3 =", "--target", " 3 2 1",
+...       "--reduce", "nonsense"])
+2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import xarray as xr
+    from rich.console import Console
+
+__all__ = ["build_parser", "main"]
+
+_GRADIENT_METHODS = ("saliency", "input_x_gradient", "integrated_gradients", "smoothgrad")
+_METHOD_HELP = (
+    "attribution method: saliency (default), input_x_gradient, integrated_gradients, "
+    "smoothgrad; also occlusion, lime, kernel_shap, attention, rollout where this attrax has them"
+)
+_REDUCE_HELP = (
+    "comma-separated reductions, each NAME or NAME:DIM, applied in order; NAME is one of "
+    "l2_norm, sum, mean, max, absmax, normalize, rescale. 'auto' (default): l2_norm over hidden, "
+    "mean over layer/head, then normalize over source. 'none': keep the raw array"
+)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``attrax`` command line; returns the exit status (0 ok, 2 error, 130 Ctrl-C)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "handler"):
+        parser.print_help(sys.stderr)
+        return 2
+    from transformers.utils import logging as hf_logging
+
+    from ._errors import AttraxError
+
+    # a progress bar per weight file is noise next to attrax's own output
+    hf_logging.disable_progress_bar()
+    try:
+        return int(args.handler(args))
+    except (AttraxError, OSError) as err:
+        message = str(err)
+        if isinstance(err, OSError) and err.strerror and err.filename:
+            message = f"{err.strerror}: {err.filename}"
+        print(f"attrax: error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        hint = (
+            "; run the same command again to resume" if args.command == "attribute-dataset" else ""
+        )
+        print(f"attrax: interrupted{hint}", file=sys.stderr)
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argparse parser of the ``attrax`` command (one sub-parser per command)."""
+    from . import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="attrax",
+        description="Attribution for Hugging Face language models: what each generated token "
+        "is based on.",
+        epilog="Run 'attrax COMMAND --help' for a command's options. Docs: docs/cli.md",
+    )
+    parser.add_argument("--version", action="version", version=f"attrax {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    demo = commands.add_parser(
+        "demo",
+        help="attribute an example on the built-in offline model and check it against the truth",
+        description="Run the built-in model (a tiny GPT-2 that reverses 6 digits: "
+        "'3 1 4 0 5 9 =' -> ' 9 5 0 4 1 3') on an example, attribute its answer, print the "
+        "L2-normalised scores and "
+        "how many answer tokens put their top score on the digit they copy. Needs no network.",
+    )
+    demo.add_argument(
+        "--method", default="saliency", choices=_GRADIENT_METHODS, help="(default: saliency)"
+    )
+    demo.add_argument(
+        "--prompt", help="6 distinct digits and '=', e.g. '3 1 4 0 5 9 =' (default: a drawn one)"
+    )
+    demo.add_argument("--seed", type=int, default=0, help="seed of the drawn example (default 0)")
+    demo.add_argument("--html", metavar="FILE", help="also write an HTML heatmap to FILE")
+    demo.set_defaults(handler=_demo)
+
+    attribute = commands.add_parser(
+        "attribute",
+        help="attribute one input (and target) and print, save or draw the result",
+        description="Attribute the target (or, without --target, the greedy continuation) of one "
+        "input, reduce it to (target, source) and print it as a coloured table.",
+    )
+    _model_options(attribute)
+    attribute.add_argument("--input", required=True, help="the prompt / source text")
+    attribute.add_argument(
+        "--target", help="the continuation / translation to explain (default: generate one)"
+    )
+    attribute.add_argument("--out", metavar="FILE.nc", help="save the result as netCDF (ax.save)")
+    attribute.add_argument("--html", metavar="FILE", help="write an HTML heatmap (ax.show)")
+    attribute.add_argument("--png", metavar="FILE", help="write a PNG heatmap (ax.plot)")
+    attribute.set_defaults(handler=_attribute)
+
+    dataset = commands.add_parser(
+        "attribute-dataset",
+        help="attribute a JSONL file in resumable netCDF shards",
+        description='Attribute every line of a JSONL file ({"input": ..., "target": ... '
+        '(optional), "id": ... (optional)}), one netCDF shard per batch in DIR, with a '
+        "manifest. Rerun the same command after an interruption to resume. Load the result with "
+        "attrax.load_dataset_results(DIR).",
+    )
+    _model_options(dataset)
+    dataset.add_argument("--data", required=True, metavar="FILE.jsonl", help="the records")
+    dataset.add_argument("--out", required=True, metavar="DIR", help="the output directory")
+    dataset.add_argument(
+        "--batch-size", type=_positive, default=8, help="records per batch and shard (default 8)"
+    )
+    dataset.add_argument("--quiet", action="store_true", help="no progress bar")
+    dataset.set_defaults(handler=_attribute_dataset)
+    return parser
+
+
+def _model_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model", metavar="PATH", help="model directory or hub name (default: the built-in model)"
+    )
+    parser.add_argument("--device", help="where to run the model, e.g. cuda (default: cpu)")
+    parser.add_argument("--method", default="saliency", help=_METHOD_HELP)
+    parser.add_argument("--reduce", default="auto", help=_REDUCE_HELP)
+    parser.add_argument(
+        "--objective", choices=("probability", "logprob", "logit"), help="(default: probability)"
+    )
+    parser.add_argument(
+        "--steps",
+        type=_positive,
+        help="integration steps (integrated_gradients) or samples (smoothgrad, lime, kernel_shap)",
+    )
+    parser.add_argument(
+        "--max-new-tokens", type=_positive, help="tokens to generate when there is no target"
+    )
+    parser.add_argument(
+        "-o",
+        "--option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any other keyword option of the method, VALUE as JSON or a plain string "
+        "(e.g. -o baseline=pad -o method=riemann_middle); repeatable",
+    )
+
+
+# --- commands -------------------------------------------------------------------------------
+
+
+def _demo(args: argparse.Namespace) -> int:
+    import attrax as ax
+
+    from ._dataset import call_method, resolve_method
+    from ._default_model_task import N_DIGITS, ground_truth, make_example, solve
+    from ._errors import InputError
+
+    console = _console()
+    prompt = args.prompt if args.prompt is not None else make_example(args.seed, split="heldout")[0]
+    try:
+        expected = solve(prompt)
+    except ValueError:
+        expected = ""
+    digits = expected.split()
+    if len(digits) != N_DIGITS or len(set(digits)) != N_DIGITS:
+        raise InputError(
+            f"`--prompt` {prompt!r}: the built-in model reverses exactly {N_DIGITS} distinct "
+            "digits followed by '=', e.g. '3 1 4 0 5 9 ='"
+        )
+    model = ax.load_model()
+    with console.status(f"attributing with {args.method}…"):
+        # exactly the answer digits, no EOS: 12 source columns fit an 80-column terminal
+        options = {"max_new_tokens": N_DIGITS}
+        raw = call_method(resolve_method(args.method), model, prompt, None, options)
+    scores = ax.normalize(ax.l2_norm(raw))
+
+    tokenizer = model.tokenizer
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    truth = ground_truth(prompt_ids, tokenizer(expected, add_special_tokens=False)["input_ids"])
+    answer = " ".join(scores["target_token"].values.tolist())
+    correct = answer.split() == digits
+    console.print(
+        f"[bold]attrax demo[/] · built-in model: a tiny GPT-2 that reverses {N_DIGITS} digits"
+    )
+    console.print(f"  prompt  [cyan]{prompt}[/]")
+    verdict = "[green]✓ correct[/]" if correct else f"[red]✗ expected[/] {expected.strip()}"
+    console.print(f"  answer  [cyan]{answer}[/]  {verdict}")
+    console.print(f"  method  {args.method} → l2_norm → normalize")
+    _table(console, scores)
+
+    hits, marks = 0, []
+    for target, source in truth.items():
+        if target not in scores["target"].values:
+            continue
+        row = scores.sel(target=target)
+        top = int(row["source"][int(row.fillna(-1.0).argmax("source"))])
+        hits += top == source
+        token = scores["target_token"].sel(target=target).item()
+        copied = row["source_token"].sel(source=top).item()
+        marks.append(f"{token}←{copied}{_tick(top == source)}")
+    colour = "green" if hits == len(truth) else "yellow"
+    console.print(
+        f"[bold {colour}]{hits}/{len(truth)}[/] answer tokens put their top score on the digit "
+        "they copy (the ground truth)"
+    )
+    console.print(f"  [dim]answer ← top source:[/] {'  '.join(marks)}")
+    if args.html:
+        ax.show(scores, path=args.html)
+        console.print(f"wrote {args.html}")
+    else:
+        others = [m for m in _GRADIENT_METHODS if m != args.method]
+        console.print(f"[dim]next: attrax demo --method {others[1]} --html demo.html[/]")
+    return 0
+
+
+def _tick(ok: bool) -> str:
+    return " [green]✓[/]" if ok else " [red]✗[/]"
+
+
+def _attribute(args: argparse.Namespace) -> int:
+    import attrax as ax
+
+    from ._dataset import call_method, parse_reduce, reduce, resolve_method
+
+    fn = resolve_method(args.method)
+    steps = parse_reduce(args.reduce)
+    options = _method_options(args, fn)
+    console = _console()
+    model = ax.load_model(args.model, device=_device(args.device))
+    with console.status(f"attributing with {args.method}…"):
+        raw = call_method(fn, model, args.input, args.target, options)
+    da = reduce(raw, steps)
+    _print_result(console, da)
+    if args.out:
+        ax.save(da, args.out)
+        console.print(f"wrote {args.out}")
+    if args.html:
+        ax.show(da, path=args.html)
+        console.print(f"wrote {args.html}")
+    if args.png:
+        ax.plot(da, path=args.png)
+        console.print(f"wrote {args.png}")
+    return 0
+
+
+def _attribute_dataset(args: argparse.Namespace) -> int:
+    from ._dataset import attribute_dataset, parse_reduce, resolve_method
+
+    fn = resolve_method(args.method)
+    parse_reduce(args.reduce)
+    options = _method_options(args, fn)
+    run = attribute_dataset(
+        args.model,
+        args.data,
+        args.out,
+        method=args.method,
+        reduce=args.reduce,
+        batch_size=args.batch_size,
+        progress=not args.quiet,
+        device=_device(args.device),
+        **options,
+    )
+    resumed = f" ({run.skipped} already done)" if run.skipped else ""
+    _console().print(
+        f"[green]✓[/] {_plural(run.records, 'record')} in {_plural(run.shards, 'shard')}"
+        f"{resumed} → {run.out}\n"
+        f"  load them with: attrax.load_dataset_results({str(run.out)!r})"
+    )
+    return 0
+
+
+# --- helpers --------------------------------------------------------------------------------
+
+
+def _method_options(args: argparse.Namespace, fn: Any) -> dict[str, Any]:
+    import inspect
+
+    from ._errors import OptionError
+
+    options: dict[str, Any] = {}
+    for item in args.option:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise OptionError(f"`-o {item}`: expected KEY=VALUE")
+        try:
+            options[key.strip()] = json.loads(value)
+        except ValueError:
+            options[key.strip()] = value
+    if args.objective is not None:
+        options["objective"] = args.objective
+    if args.max_new_tokens is not None:
+        options["max_new_tokens"] = args.max_new_tokens
+    if args.steps is not None:
+        parameters = inspect.signature(fn).parameters
+        name = next((p for p in ("steps", "samples") if p in parameters), None)
+        if name is None:
+            raise OptionError(f"`--steps` does not apply to {args.method}")
+        options[name] = args.steps
+    return options
+
+
+def _print_result(console: Console, da: xr.DataArray) -> None:
+    reductions = da.attrs.get("reductions", "").replace(";", " → ")
+    if reductions:
+        console.print(f"[dim]reduced: {reductions}[/]")
+    if set(da.dims) <= {"example", "target", "source"}:
+        _table(console, da)
+    else:
+        sizes = ", ".join(f"{d}: {n}" for d, n in da.sizes.items())
+        console.print(f"result dims ({sizes}); reduce to (target, source) to see a table")
+
+
+def _table(console: Console, da: xr.DataArray) -> None:
+    """The coloured table, without the never-attributed last source, fitted to the terminal."""
+    from .viz import table
+
+    da = da.dropna("source", how="all")
+    # two decimals when the terminal is wide enough (7 characters a column, 8 signed), else one
+    column = 8 if bool((da < 0).any()) else 7
+    digits = 2 if console.width >= 4 + column * da.sizes["source"] else 1
+    table(da, console=console, digits=digits)
+    if console.width < 4 + (column - 1) * da.sizes["source"]:
+        console.print(
+            "[dim](cropped to the terminal's width: widen it, or write --html / --png)[/]"
+        )
+
+
+def _device(name: str | None) -> str | None:
+    """Check ``--device`` up front: torch's own errors about it are long and not attrax errors."""
+    if name is None:
+        return None
+    import torch
+
+    from ._errors import OptionError
+
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise OptionError(
+            f"`--device` {name!r} is not a device (e.g. cpu, cuda, cuda:1, mps)"
+        ) from None
+    available = {
+        "cuda": torch.cuda.is_available,
+        "mps": lambda: torch.backends.mps.is_available(),
+    }.get(device.type, lambda: True)
+    if not available():
+        raise OptionError(f"`--device` {name!r}: this torch has no {device.type} device available")
+    return name
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+def _console() -> Console:
+    from rich.console import Console
+
+    return Console(highlight=False)
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,123 @@
+"""The ``attrax`` command, run in-process through ``main`` on the built-in model."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+import attrax as ax
+from attrax.cli import main
+
+PROMPT, TARGET = "3 1 4 0 5 9 =", " 9 5 0 4 1 3"
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny forwards: on a busy machine, a second thread costs far more than it gives."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_demo_reports_the_ground_truth(capsys):
+    assert main(["demo"]) == 0
+    out = capsys.readouterr().out
+    assert "prompt" in out and "answer" in out
+    assert "rows: target · columns: source" in out
+    hits = re.search(r"(\d+)/6 answer tokens put their top score", out)
+    assert hits is not None and int(hits[1]) >= 5
+    assert len(out.splitlines()) < 30
+
+
+def test_demo_with_a_prompt_and_html(tmp_path, capsys):
+    page = tmp_path / "demo.html"
+    args = ["demo", "--method", "integrated_gradients", "--prompt", PROMPT, "--html", str(page)]
+    assert main(args) == 0
+    assert "6/6 answer tokens" in capsys.readouterr().out
+    assert "<table" in page.read_text()
+
+
+def test_attribute_writes_what_it_prints(tmp_path, capsys):
+    nc, html, png = tmp_path / "r.nc", tmp_path / "r.html", tmp_path / "r.png"
+    args = ["attribute", "--input", PROMPT, "--target", TARGET, "--out", str(nc)]
+    assert main([*args, "--html", str(html), "--png", str(png)]) == 0
+    out = capsys.readouterr().out
+    assert "saliency" in out and "l2_norm(hidden) → normalize(source)" in out
+    expected = ax.pipe(ax.saliency, ax.l2_norm, ax.normalize)(ax.load_model(), PROMPT, TARGET)
+    got = ax.load(nc)
+    assert got.dims == ("target", "source")
+    assert got.attrs["model"] == "attrax-default"
+    assert abs(got - expected).max() < 1e-6
+    assert html.stat().st_size > 0 and png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_attribute_passes_method_options(tmp_path, capsys):
+    nc = tmp_path / "ig.nc"
+    args = ["attribute", "--method", "integrated_gradients", "--input", PROMPT]
+    args += ["--steps", "4", "-o", "method=riemann_middle", "--objective", "logprob"]
+    args += ["--max-new-tokens", "2", "--reduce", "sum,rescale", "--out", str(nc)]
+    assert main(args) == 0
+    da = ax.load(nc)
+    assert da.attrs["objective"] == "logprob"
+    assert '"method": "riemann_middle"' in da.attrs["options"]
+    assert '"steps": 4' in da.attrs["options"]
+    assert da.sizes["target"] == 2
+    assert da.attrs["reductions"] == "sum(hidden);rescale(source)"
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--reduce", "l2_norm,nope"], "unknown reduction 'nope'"),
+        (["--method", "magic"], "unknown method 'magic'; available: saliency"),
+        (["-o", "colour=red"], "saliency has no option 'colour'"),
+        (["--steps", "3"], "`--steps` does not apply to saliency"),
+        (["--model", "/nonexistent/model"], "is not a loadable"),
+        (["--target", "9 5"], "does not continue the prompt"),
+        (["--reduce", "mean:layer"], "'layer' is not a dim"),
+        (["--device", "nope"], "is not a device"),
+        (["-o", "steps"], "expected KEY=VALUE"),
+    ],
+)
+def test_errors_exit_2_with_one_line(capsys, extra, message):
+    assert main(["attribute", "--input", PROMPT, *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("attrax: error: ") and message in err
+    assert "Traceback" not in err
+
+
+def test_demo_refuses_a_prompt_the_model_cannot_solve(capsys):
+    assert main(["demo", "--prompt", "1 2 3 ="]) == 2
+    assert "exactly 6 distinct digits" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", [[], ["demo"], ["attribute"], ["attribute-dataset"]])
+def test_help(capsys, command):
+    with pytest.raises(SystemExit) as exit_:
+        main([*command, "--help"])
+    assert exit_.value.code == 0
+    assert "usage: attrax" in capsys.readouterr().out
+
+
+def test_usage_errors_exit_2(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["attribute"])
+    assert exit_.value.code == 2
+    assert "--input" in capsys.readouterr().err
+    assert main([]) == 2
+
+
+def test_attribute_dataset_command(tmp_path, capsys):
+    data = tmp_path / "d.jsonl"
+    first = '{"input": "1 2 3 4 5 6 =", "target": " 6 5 4 3 2 1", "id": "a"}\n'
+    data.write_text(first + '{"input": "4 5 6 7 8 9 ="}\n')
+    out = tmp_path / "out"
+    assert main(["attribute-dataset", "--data", str(data), "--out", str(out), "--quiet"]) == 2
+    assert "1 of 2 records have a 'target'" in capsys.readouterr().err
+    data.write_text(first)
+    assert main(["attribute-dataset", "--data", str(data), "--out", str(out), "--quiet"]) == 0
+    assert "1 record in 1 shard" in capsys.readouterr().out
+    assert ax.load(out / "shard-00000.nc").id.values.tolist() == ["a"]

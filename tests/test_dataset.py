@@ -1,0 +1,199 @@
+"""Dataset runs: shards, manifest, resuming after a SIGKILL with nothing lost or duplicated."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import xarray as xr
+
+import attrax as ax
+from attrax import _dataset as D
+from attrax._default_model_task import make_example
+from attrax.cli import main
+
+# Runs the CLI in a child that SIGKILLs itself right after shard 1 is on disk, before the manifest
+# lists it: the worst moment, a complete shard file that the run never recorded.
+KILLED_RUN = """
+import os, signal, sys
+import attrax.io
+save = attrax.io.save
+def save_then_die(obj, path, **kw):
+    out = save(obj, path, **kw)
+    if str(path).endswith("shard-00001.nc"):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return out
+attrax.io.save = save_then_die
+from attrax.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny forwards: on a busy machine, a second thread costs far more than it gives."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def model() -> ax.Model:
+    return ax.load_model()
+
+
+def _write(path: Path, records: list[dict], blank_after: int | None = None) -> Path:
+    lines = []
+    for i, record in enumerate(records):
+        lines.append(json.dumps(record))
+        if i == blank_after:
+            lines.append("")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _records(n: int, seed: int = 3) -> list[dict]:
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        # lengths differ, so shards have different target/source widths to pad
+        prompt, continuation = make_example(rng, n_digits=rng.randint(4, 6))
+        record = {"input": prompt, "target": continuation}
+        if i % 3 != 1:
+            record["id"] = f"r{i}"
+        out.append(record)
+    return out
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs POSIX signals")
+def test_resume_after_sigkill_equals_an_uninterrupted_run(tmp_path, model):
+    data = _write(tmp_path / "data.jsonl", _records(7), blank_after=2)
+    args = ["attribute-dataset", "--data", str(data), "--batch-size", "2", "--quiet"]
+    reference = tmp_path / "reference"
+    assert main([*args, "--out", str(reference)]) == 0
+
+    out = tmp_path / "run"
+    child = subprocess.run(
+        [sys.executable, "-c", KILLED_RUN, *args, "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},  # the same threads as here: same floats
+    )
+    assert child.returncode == -signal.SIGKILL, child.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["done"] == ["shard-00000.nc"]
+    assert (out / "shard-00001.nc").exists()
+    (out / ".shard-00002.nc.0123456789ab.tmp").write_bytes(b"half a file")  # a kill mid-write
+    with pytest.raises(ax.InputError, match=r"unfinished \(1/4 shards\)"):
+        D.load_dataset_results(out)
+    assert D.load_dataset_results(out, partial=True).example.values.tolist() == [0, 1]
+
+    assert main([*args, "--out", str(out)]) == 0
+    assert not list(out.glob(".*.tmp"))
+    got, expected = D.load_dataset_results(out), D.load_dataset_results(reference)
+    xr.testing.assert_identical(got, expected)
+    # line 3 is blank: example coordinates are line numbers, each record exactly once
+    assert got.example.values.tolist() == [0, 1, 2, 4, 5, 6, 7]
+    assert got.id.values.tolist() == ["r0", "", "r2", "r3", "", "r5", "r6"]
+    assert got.dims == ("example", "target", "source")
+    # a record's array is what a direct call gives, up to the batch padding
+    prompt, continuation = _pair(data, 0)
+    direct = ax.normalize(ax.l2_norm(ax.saliency(model, prompt, continuation)))
+    record = got.sel(example=0, target=direct.target, source=direct.source)
+    assert record.source_token.values.tolist() == direct.source_token.values.tolist()
+    np.testing.assert_allclose(record.values, direct.values, rtol=1e-5, atol=1e-7)
+
+
+def _pair(data: Path, line: int) -> tuple[str, str]:
+    record = json.loads(data.read_text().splitlines()[line])
+    return record["input"], record["target"]
+
+
+def test_a_changed_run_is_refused(tmp_path, model):
+    data = _write(tmp_path / "data.jsonl", _records(3))
+    out = tmp_path / "out"
+    run = D.attribute_dataset(model, data, out, batch_size=2, progress=False)
+    assert (run.records, run.shards, run.skipped) == (3, 2, 0)
+    again = D.attribute_dataset(model, data, out, batch_size=2, progress=False)
+    assert again.skipped == 2
+    (out / "shard-00000.nc").unlink()  # listed as done, but gone: recomputed
+    assert D.attribute_dataset(model, data, out, batch_size=2, progress=False).skipped == 1
+    assert D.load_dataset_results(out).sizes["example"] == 3
+    with pytest.raises(ax.InputError, match=r"options: was \{\}, now \{\"objective\": \"logit\"\}"):
+        D.attribute_dataset(model, data, out, batch_size=2, progress=False, objective="logit")
+    with pytest.raises(ax.InputError, match="batch_size: was 2, now 3"):
+        D.attribute_dataset(model, data, out, batch_size=3, progress=False)
+    _write(data, _records(3, seed=4))
+    with pytest.raises(ax.InputError, match="data file: was 3 records"):
+        D.attribute_dataset(model, data, out, batch_size=2, progress=False)
+
+
+def test_generated_targets_and_reductions(tmp_path, model):
+    records = [{"input": p} for p in ("1 2 3 4 5 6 =", "4 5 6 7 8 9 =", "9 8 0 1 2 3 =")]
+    data = _write(tmp_path / "data.jsonl", records)
+    out = tmp_path / "out"
+    D.attribute_dataset(
+        model,
+        data,
+        out,
+        method="input_x_gradient",
+        reduce="sum,rescale",
+        batch_size=2,
+        progress=False,
+        max_new_tokens=3,
+    )
+    da = D.load_dataset_results(out)
+    assert da.attrs["reductions"] == "sum(hidden);rescale(source)"
+    assert "id" not in da.coords
+    assert da.sizes["example"] == 3
+    assert da.sel(example=1).target_token.values.tolist() == ["9", "8", "7"]
+    assert float(abs(da).max()) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize(
+    ("lines", "match"),
+    [
+        (['{"input": "1 2 ="}', "{oops"], "line 2: not valid JSON"),
+        (['{"target": " 1"}'], "line 1: 'input' must be a non-empty string"),
+        (['{"input": "1 2 =", "target": " 2 1"}', '{"input": "1 2 ="}'], "1 of 2 records"),
+        (['{"input": "1 2 =", "id": [1]}'], "'id' must be"),
+        (["", ""], "no records"),
+    ],
+)
+def test_bad_data_is_reported_with_its_line(tmp_path, model, lines, match):
+    data = tmp_path / "data.jsonl"
+    data.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ax.InputError, match=match):
+        D.attribute_dataset(model, data, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_one_writer_per_directory(tmp_path, model):
+    fcntl = pytest.importorskip("fcntl")
+    data = _write(tmp_path / "data.jsonl", _records(1))
+    out = tmp_path / "out"
+    out.mkdir()
+    with open(out / ".lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(ax.InputError, match="in use by another attrax process"):
+            D.attribute_dataset(model, data, out, progress=False)
+
+
+def test_reduce_specs():
+    assert D.parse_reduce("auto") is None
+    assert D.parse_reduce("none") == []
+    assert D.parse_reduce("mean:head, normalize") == [("mean", "head"), ("normalize", None)]
+    with pytest.raises(ax.OptionError, match="valid: l2_norm, sum"):
+        D.parse_reduce("l2,normalize")
+    with pytest.raises(ax.OptionError, match="available: saliency"):
+        D.resolve_method("magic")

@@ -1,0 +1,153 @@
+"""Faithfulness metrics on the built-in model, whose ground truth is known.
+
+True attributions (saliency, integrated gradients) must beat a random ranking, and the batched
+computation must equal a naive loop of one masked forward per target and fraction.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+
+import numpy as np
+import pytest
+import torch
+import xarray as xr
+
+import attrax as ax
+from attrax import _faithfulness as F
+from attrax._default_model_task import make_example
+
+PROMPT, CONTINUATION = "3 1 4 0 5 9 =", " 9 5 0 4 1 3"
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny forwards: on a busy machine, a second thread costs far more than it gives."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def model() -> ax.Model:
+    return ax.load_model()
+
+
+@pytest.fixture(scope="module")
+def examples() -> tuple[list[str], list[str]]:
+    rng = random.Random(7)
+    pairs = [make_example(rng, split="heldout") for _ in range(3)]
+    return [p for p, _ in pairs], [c for _, c in pairs]
+
+
+def _random_like(da: xr.DataArray, seed: int = 0) -> xr.DataArray:
+    rng = np.random.default_rng(seed)
+    return da.copy(data=rng.random(da.shape)).where(da.notnull())
+
+
+@pytest.mark.parametrize("method", ["saliency", "integrated_gradients"])
+def test_true_attributions_beat_random_rankings(model, examples, method):
+    prompts, continuations = examples
+    options = {"steps": 8} if method == "integrated_gradients" else {}
+    da = ax.l2_norm(getattr(ax, method)(model, prompts, continuations, **options))
+    random_da = _random_like(da)
+
+    def score(metric, attribution, **kw):
+        return metric(model, attribution, prompts, continuations, **kw)
+
+    true_deletion, random_deletion = (score(F.deletion, a, steps=5).auc for a in (da, random_da))
+    assert float(true_deletion.mean()) < float(random_deletion.mean()) - 0.05
+    true_comp, random_comp = (score(F.comprehensiveness, a).aopc for a in (da, random_da))
+    assert float(true_comp.mean()) > float(random_comp.mean()) + 0.05
+    if method == "saliency":
+        true_ins, random_ins = (score(F.insertion, a, steps=5).auc for a in (da, random_da))
+        assert float(true_ins.mean()) > float(random_ins.mean())
+        true_suff, random_suff = (score(F.sufficiency, a).aopc for a in (da, random_da))
+        assert float(true_suff.mean()) < float(random_suff.mean())
+
+
+def test_matches_a_naive_loop_of_masked_forwards(model):
+    # short: the reference is one plain forward per target and fraction
+    prompt, continuation = "3 1 4 =", " 4 1 3"
+    da = ax.l2_norm(ax.saliency(model, prompt, continuation))
+    steps, fractions = 3, (0.2, 0.5)
+    deletion = F.deletion(model, da, prompt, continuation, steps=steps)
+    insertion = F.insertion(model, da, prompt, continuation, steps=steps)
+    comp = F.comprehensiveness(model, da, prompt, continuation, fractions=fractions)
+    suff = F.sufficiency(model, da, prompt, continuation, fractions=fractions)
+
+    tok = model.tokenizer
+    ids = torch.tensor([tok(prompt + continuation, add_special_tokens=False)["input_ids"]])
+    embeds = model.hf.get_input_embeddings()(ids)[0]
+    pad = model.hf.get_input_embeddings()(torch.tensor([tok.pad_token_id]))[0]
+
+    def prob(removed: list[int], target: int) -> float:
+        x = embeds.clone()
+        x[removed] = pad
+        with torch.no_grad():
+            logits = model.hf(inputs_embeds=x[None]).logits[0, target - 1]
+        return float(torch.softmax(logits, -1)[ids[0, target]])
+
+    for target in da.target.values:
+        row = da.sel(target=target).values
+        visible = list(range(target))  # causality: only earlier positions
+        order = [visible[i] for i in np.argsort(-row[visible], kind="stable")]
+        full = prob([], target)
+        for f in deletion.fraction.values:
+            n = math.ceil(round(f * len(visible), 9))
+            got = deletion.sel(target=target, fraction=f)
+            assert float(got) == pytest.approx(prob(order[:n], target), abs=1e-5)
+            got = insertion.sel(target=target, fraction=f)
+            assert float(got) == pytest.approx(prob(order[n:], target), abs=1e-5)
+        for f in fractions:
+            n = math.ceil(f * len(visible))
+            expected = full - prob(order[:n], target)
+            assert float(comp.sel(target=target, fraction=f)) == pytest.approx(expected, abs=1e-5)
+            expected = full - prob(order[n:], target)
+            assert float(suff.sel(target=target, fraction=f)) == pytest.approx(expected, abs=1e-5)
+        assert float(deletion.original.sel(target=target)) == pytest.approx(full, abs=1e-5)
+    area = deletion.fillna(0).integrate("fraction")
+    np.testing.assert_allclose(deletion.auc, area, rtol=1e-6)
+    np.testing.assert_allclose(comp.aopc, comp.mean("fraction"), rtol=1e-6)
+
+
+def test_a_batch_equals_its_examples_one_by_one(model):
+    # different lengths: the batch is padded, targets of one example are NaN in the other
+    prompts, continuations = [PROMPT, "7 2 9 ="], [CONTINUATION, " 9 2 7"]
+    batch = ax.l2_norm(ax.saliency(model, prompts, continuations))
+    together = F.deletion(model, batch, prompts, continuations, steps=3, batch_size=5)
+    assert together.dims == ("example", "target", "fraction")
+    for i, (prompt, continuation) in enumerate(zip(prompts, continuations, strict=True)):
+        single = ax.l2_norm(ax.saliency(model, prompt, continuation))
+        alone = F.deletion(model, single, prompt, continuation, steps=3)
+        got = together.isel(example=i).dropna("target", how="all")
+        np.testing.assert_allclose(got.values, alone.values, rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(got.auc.values, alone.auc.values, rtol=1e-5, atol=1e-7)
+        assert got.target_token.values.tolist() == alone.target_token.values.tolist()
+
+
+def test_only_the_attributed_positions_are_scored(model):
+    da = ax.l2_norm(ax.saliency(model, PROMPT, CONTINUATION, positions=[-1]))
+    out = F.sufficiency(model, da, PROMPT, CONTINUATION, baseline="zeros")
+    assert out.target.values.tolist() == da.target.values.tolist()
+    assert out.attrs["metric"] == "sufficiency"
+    assert out.attrs["method"] == "saliency"
+
+
+def test_clear_errors(model):
+    raw = ax.saliency(model, PROMPT, CONTINUATION)
+    with pytest.raises(ax.InputError, match=r"\('target', 'source', 'hidden'\).*l2_norm"):
+        F.deletion(model, raw, PROMPT, CONTINUATION)
+    da = ax.l2_norm(raw)
+    with pytest.raises(ax.InputError, match=r"tokens .*differ"):
+        F.deletion(model, da, "3 1 4 0 5 8 =", " 8 5 0 4 1 3")
+    with pytest.raises(ax.InputError, match="target position"):
+        F.deletion(model, da, PROMPT, " 9 5 0 4 1")
+    with pytest.raises(ax.OptionError, match="fractions"):
+        F.comprehensiveness(model, da, PROMPT, CONTINUATION, fractions=[0.0, 0.5])
+    with pytest.raises(ax.OptionError, match="baseline"):
+        F.insertion(model, da, PROMPT, CONTINUATION, baseline="mean")
+    with pytest.raises(ax.OptionError, match="steps"):
+        F.insertion(model, da, PROMPT, CONTINUATION, steps=0)
