@@ -262,11 +262,16 @@ def test_positions_select_rows(models):
     )
 
 
-def test_chunking_changes_nothing(models):
-    model = models["llama"]
-    whole = ax.integrated_gradients(model, *PAIRS[1], steps=6)
-    chunked = ax.integrated_gradients(model, *PAIRS[1], steps=6, batch_size=4, chunk_size=2)
-    np.testing.assert_allclose(chunked.values, whole.values, rtol=1e-5, atol=1e-8)
+@pytest.mark.parametrize("arch", ["llama", "marian"])
+def test_chunking_changes_nothing(models, arch):
+    model = models[arch]
+    sources, targets = [p[0] for p in PAIRS], [p[1] for p in PAIRS]
+    whole = ax.integrated_gradients(model, sources, targets, steps=6)
+    for batch_size, chunk_size in ((4, 2), (None, 1), (5, 3)):
+        chunked = ax.integrated_gradients(
+            model, sources, targets, steps=6, batch_size=batch_size, chunk_size=chunk_size
+        )
+        np.testing.assert_allclose(chunked.values, whole.values, rtol=1e-5, atol=1e-8)
 
 
 def test_generated_targets_equal_given_targets(model):

@@ -53,10 +53,15 @@ class Problem:
                     decoder_embeds = None
         return cls(model, batch, tensors, objective, inputs, decoder_embeds)
 
-    def hidden_fn(self, n: int) -> Callable[..., torch.Tensor]:
-        """``h(*embeds)``: head inputs ``[n * B, K, H]`` at the attributed positions, ``n`` copies."""
+    def hidden_fn(self, n: int, slots: slice = slice(None)) -> Callable[..., torch.Tensor]:
+        """``h(*embeds)``: head inputs ``[n * B, k, H]`` at the attributed positions ``slots``.
+
+        ``n`` stacked copies of the batch. A decoder-only sequence may be passed cut short: only
+        positions up to the last attributed one matter (causal attention).
+        """
         t = self.tensors
-        mask, index = t.mask.repeat(n, 1), t.index.repeat(n, 1)
+        index = t.index[:, slots].repeat(n, 1)
+        mask = t.mask.repeat(n, 1)
         decoder_mask = None if t.decoder_mask is None else t.decoder_mask.repeat(n, 1)
         fixed_decoder = None
         if self.decoder_embeds is not None:
@@ -64,17 +69,18 @@ class Problem:
 
         def h(*embeds: torch.Tensor) -> torch.Tensor:
             decoder = embeds[1] if len(embeds) > 1 else fixed_decoder
-            return self.model.hidden_at(embeds[0], mask, index, decoder, decoder_mask)
+            cut = mask[:, : embeds[0].shape[1]]
+            return self.model.hidden_at(embeds[0], cut, index, decoder, decoder_mask)
 
         return h
 
-    def head_scores(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Objective scores ``[n * B, K]`` from head inputs ``[n * B, K, H]``."""
+    def head_scores(self, hidden: torch.Tensor, slots: slice = slice(None)) -> torch.Tensor:
+        """Objective scores ``[n * B, k]`` from head inputs ``[n * B, k, H]`` at ``slots``."""
         t = self.tensors
         n = hidden.shape[0] // t.target_ids.shape[0]
-        contrast = None if t.contrast_ids is None else t.contrast_ids.repeat(n, 1)
-        logits = self.model.head(hidden)
-        return scores(self.objective, logits, t.target_ids.repeat(n, 1), contrast)
+        target_ids = t.target_ids[:, slots].repeat(n, 1)
+        contrast = None if t.contrast_ids is None else t.contrast_ids[:, slots].repeat(n, 1)
+        return scores(self.objective, self.model.head(hidden), target_ids, contrast)
 
     def score_fn(self, n: int) -> Callable[..., torch.Tensor]:
         """``f(*embeds)`` for ``n`` stacked copies of the batch: scores ``[n * B, K]``."""
@@ -98,37 +104,70 @@ class Problem:
     ) -> tuple[torch.Tensor, ...]:
         """``sum_i weights[i] * d score_k / d points[i]`` per side, as ``[B, K, L, H]``.
 
-        Points go through the model ``batch_size`` at a time (all at once when None); the targets'
-        cotangents through ``vmap`` ``chunk_size`` at a time.
+        Points go through the model ``batch_size`` at a time (all at once when None); targets
+        ``chunk_size`` at a time (all at once when None), each chunk in one vectorized backward.
         """
         total = weights.shape[0]
         step = total if batch_size is None else batch_size
-        t = self.tensors
-        n_targets = t.valid.shape[1]
-        valid = t.valid.to(self.inputs[0].dtype)
-        sums: list[torch.Tensor] | None = None
+        sums = [
+            torch.zeros(x.shape[0], self.tensors.valid.shape[1], *x.shape[1:]) for x in self.inputs
+        ]
+        sums = [
+            z.to(dtype=x.dtype, device=x.device) for z, x in zip(sums, self.inputs, strict=True)
+        ]
         for start in range(0, total, step):  # chunking only: bounds memory
             chunk = torch.arange(start, min(start + step, total))
             stacked = points(chunk)
-            n = stacked[0].shape[0]
-            flat = tuple(p.flatten(0, 1) for p in stacked)
-            hidden, pullback = vjp(self.hidden_fn(n), *flat)
-            # score k depends on head input k only, so one backward through the head gives
-            # every d score_k / d h_k; the vocabulary never enters the per-target backward
-            _, head_pullback = vjp(self.head_scores, hidden)
-            (head_grad,) = head_pullback(valid.repeat(n, 1))
-            # cotangent k carries d score_k / d h_k at slot k of every example and copy
-            one_hot = torch.eye(n_targets, dtype=hidden.dtype, device=hidden.device)
-            cotangents = one_hot[:, None, :, None] * head_grad[None]
-            grads = torch.vmap(pullback, chunk_size=chunk_size)(cotangents)
-            w = weights[chunk].to(hidden.dtype)
-            chunk_sums = [torch.einsum("knblh,n->bklh", g.unflatten(1, (n, -1)), w) for g in grads]
-            if sums is None:
-                sums = chunk_sums
-            else:
-                sums = [a + b for a, b in zip(sums, chunk_sums, strict=True)]
-        assert sums is not None
+            w = weights[chunk].to(self.inputs[0].dtype)
+            for slots, length in self._target_chunks(chunk_size):
+                grads = self._chunk_gradients(stacked, slots, length, chunk_size)
+                for total_grad, g in zip(sums, grads, strict=True):
+                    n = stacked[0].shape[0]
+                    part = torch.einsum("knblh,n->bklh", g.unflatten(1, (n, -1)), w)
+                    total_grad[:, slots, : part.shape[2]] += part
         return tuple(sums)
+
+    def _target_chunks(self, chunk_size: int | None) -> list[tuple[slice, int | None]]:
+        """Slices of target slots, each with the sequence length its targets need.
+
+        Decoder-only targets at positions up to ``p`` read nothing at or after ``p``, so a chunk of
+        early targets runs on a shorter sequence. One forward per chunk buys backwards through
+        fewer positions. Encoder-decoder chunks share one forward (``vmap``'s own chunking).
+        """
+        t = self.tensors
+        width = t.valid.shape[1]
+        if self.model.is_encoder_decoder or chunk_size is None:
+            chunks = [slice(0, width)]
+        else:
+            chunks = [slice(k, min(k + chunk_size, width)) for k in range(0, width, chunk_size)]
+        if self.model.is_encoder_decoder:
+            return [(chunks[0], None)]
+        return [(c, int(t.index[:, c].max()) + 1) for c in chunks]
+
+    def _chunk_gradients(
+        self,
+        stacked: tuple[torch.Tensor, ...],
+        slots: slice,
+        length: int | None,
+        chunk_size: int | None,
+    ) -> tuple[torch.Tensor, ...]:
+        """Per-target gradients ``[k, n * B, L', H]`` for the targets in ``slots``."""
+        n = stacked[0].shape[0]
+        flat = [p.flatten(0, 1) for p in stacked]
+        if length is not None:
+            flat[0] = flat[0][:, :length]
+        hidden, pullback = vjp(self.hidden_fn(n, slots), *flat)
+        # score k depends on head input k only, so one backward through the head gives every
+        # d score_k / d h_k; the vocabulary never enters the per-target backward
+        _, head_pullback = vjp(lambda h: self.head_scores(h, slots), hidden)
+        valid = self.tensors.valid[:, slots].to(hidden.dtype)
+        (head_grad,) = head_pullback(valid.repeat(n, 1))
+        # cotangent k carries d score_k / d h_k at slot k of every example and copy
+        width = hidden.shape[1]
+        one_hot = torch.eye(width, dtype=hidden.dtype, device=hidden.device)
+        cotangents = one_hot[:, None, :, None] * head_grad[None]
+        vmap_chunk = chunk_size if self.model.is_encoder_decoder else None
+        return torch.vmap(pullback, chunk_size=vmap_chunk)(cotangents)
 
 
 def check_positive_int(value: object, name: str, allow_none: bool = False) -> None:
