@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
+import xarray as xr
 
 import attrax as ax
+from attrax._engine import Problem
 from tests import _naive
 from tests.conftest import PAIRS
 
@@ -290,3 +294,63 @@ def test_attrs_record_provenance(models):
     assert da.attrs["objective"] == "probability"
     assert '"steps": 5' in da.attrs["options"]
     assert da.attrs["model_type"] == "decoder-only"
+
+
+@pytest.mark.parametrize(("arch", "attribute_target"), [("gpt2", False), ("marian", True)])
+@pytest.mark.parametrize("method", ["input_x_gradient", "integrated_gradients"])
+def test_forward_mode_equals_naive_token_sums(models, arch, attribute_target, method):
+    model = models[arch]
+    source, target = PAIRS[1]
+    got = METHODS[method](
+        model,
+        source,
+        target,
+        reduce_hidden="sum",
+        mode="forward",
+        attribute_target=attribute_target,
+    )
+    want = naive_attribution(model, source, target, method, attribute_target=attribute_target)
+    assert got.dims == ("target", "source")
+    assert json.loads(got.attrs["options"])["mode"] == "forward"
+    assert_matches(got.values, want.sum(-1))
+
+
+def test_auto_mode_picks_forward_when_sources_are_fewer(models, monkeypatch):
+    model = models["t5"]
+    calls = []
+    original = Problem.directional_sum
+
+    def spy(self, *args, **kwargs):
+        calls.append(1)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Problem, "directional_sum", spy)
+    short, long = "Hello", " return x + 1 and the capital of France is Paris"
+    ax.input_x_gradient(model, short, long, reduce_hidden="sum")
+    assert calls, "fewer source tokens than targets: forward mode expected"
+    calls.clear()
+    ax.input_x_gradient(model, long, short, reduce_hidden="sum")
+    assert not calls
+
+
+@pytest.mark.parametrize("reduction", [ax.l2_norm, ax.sum, ax.l2_norm("hidden")])
+def test_pipe_reduces_hidden_inside_the_method(models, monkeypatch, reduction):
+    model = models["llama"]
+    seen = {}
+    original = ax.saliency
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs)
+        return original(*args, **kwargs)
+
+    spy.attrax_reduces_hidden = True
+    fused = ax.pipe(spy, reduction, ax.normalize)(model, *PAIRS[0])
+    plain = ax.normalize(reduction(ax.saliency(model, *PAIRS[0])))
+    assert seen["reduce_hidden"] in ("l2_norm", "sum")
+    xr.testing.assert_allclose(fused, plain, rtol=1e-5)
+    assert fused.attrs["reductions"] == plain.attrs["reductions"]
+
+
+def test_pipe_does_not_fuse_other_dims(models):
+    da = ax.pipe(ax.saliency, ax.sum("source"))(models["gpt2"], *PAIRS[0])
+    assert da.dims == ("target", "hidden")

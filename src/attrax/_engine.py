@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from torch.func import vjp
+from torch.func import jvp, vjp
 
 from ._errors import OptionError
 from ._inputs import Batch, Tensors, to_tensors
@@ -168,6 +168,63 @@ class Problem:
         cotangents = one_hot[:, None, :, None] * head_grad[None]
         vmap_chunk = chunk_size if self.model.is_encoder_decoder else None
         return torch.vmap(pullback, chunk_size=vmap_chunk)(cotangents)
+
+    def directional_sum(
+        self,
+        points: PointFn,
+        weights: torch.Tensor,
+        directions: tuple[torch.Tensor, ...],
+        *,
+        batch_size: int | None,
+        chunk_size: int | None,
+    ) -> tuple[torch.Tensor, ...]:
+        """``sum_i weights[i] * <d score_k / d points[i] at token s, directions at token s>``.
+
+        Token-level results ``[B, K, L]`` per side, by forward mode: one ``jvp`` per source token
+        (``vmap`` over tangents), each giving every target at once. Cheaper than the reverse path
+        when there are fewer source tokens than targets.
+        """
+        total = weights.shape[0]
+        step = total if batch_size is None else batch_size
+        width = self.tensors.valid.shape[1]
+        sums = [x.new_zeros(x.shape[0], width, x.shape[1]) for x in self.inputs]
+        for start in range(0, total, step):  # chunking only: bounds memory
+            chunk = torch.arange(start, min(start + step, total))
+            stacked = points(chunk)
+            n = stacked[0].shape[0]
+            flat = tuple(p.flatten(0, 1) for p in stacked)
+            body = self.hidden_fn(n)
+            with torch.no_grad():
+                hidden = body(*flat)
+            _, head_pullback = vjp(self.head_scores, hidden)
+            (head_grad,) = head_pullback(self.tensors.valid.to(hidden.dtype).repeat(n, 1))
+            w = weights[chunk].to(hidden.dtype)
+            for side, direction in enumerate(directions):
+                tangents, in_dims = _token_tangents(flat, direction, side, n)
+
+                def push(*tangent: torch.Tensor, body=body, flat=flat) -> torch.Tensor:
+                    return jvp(body, flat, tangent)[1]
+
+                moved = torch.vmap(push, in_dims=in_dims, chunk_size=chunk_size)(*tangents)
+                # moved [L, nB, K, H]: how head input k moves along token s's direction
+                dots = (moved * head_grad[None]).sum(-1).unflatten(1, (n, -1))
+                sums[side] += torch.einsum("lnbk,n->bkl", dots, w)
+        return tuple(sums)
+
+
+def _token_tangents(
+    flat: tuple[torch.Tensor, ...], direction: torch.Tensor, side: int, n: int
+) -> tuple[tuple[torch.Tensor, ...], tuple[int | None, ...]]:
+    """Tangents for ``vmap``: token ``s`` of ``side`` moves along ``direction``, nothing else.
+
+    The attributed side gets ``[L, n * B, L, H]`` (one tangent per token, ``n`` copies of the
+    batch); other sides a shared zero tangent.
+    """
+    length = direction.shape[1]
+    eye = torch.eye(length, dtype=direction.dtype, device=direction.device)
+    moving = (eye[:, None, :, None] * direction[None]).repeat(1, n, 1, 1)
+    tangents = tuple(moving if i == side else torch.zeros_like(x) for i, x in enumerate(flat))
+    return tangents, tuple(0 if i == side else None for i in range(len(flat)))
 
 
 def check_positive_int(value: object, name: str, allow_none: bool = False) -> None:

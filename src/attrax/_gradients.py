@@ -29,6 +29,8 @@ QUADRATURES = (
     "gausslegendre",
 )
 BASELINES = ("zeros", "pad", "unk")
+HIDDEN_REDUCTIONS = ("l2_norm", "sum")
+MODES = ("auto", "reverse", "forward")
 ModelLike = Model | str | os.PathLike[str]
 
 
@@ -43,6 +45,7 @@ def saliency(
     attribute_target: bool = False,
     abs: bool = False,
     chunk_size: int | None = None,
+    reduce_hidden: str | None = None,
     max_new_tokens: int = 20,
 ) -> xr.DataArray:
     """Gradient of each target's objective with respect to every source token embedding.
@@ -59,25 +62,30 @@ def saliency(
         positions: attribute only these target positions (negative counts from the end).
         attribute_target: encoder-decoder only: also attribute to the decoder prefix.
         abs: absolute gradients, as Captum's and Inseq's saliency return by default.
-        chunk_size: how many target cotangents go through one vectorized backward (memory bound).
+        chunk_size: how many targets go through one vectorized backward (memory bound); for
+            decoder-only models each chunk also runs on the sequence cut after its last target.
+        reduce_hidden: ``"l2_norm"`` or ``"sum"`` to reduce over ``hidden`` on the model's device
+            before labelling (what ``ax.pipe(method, ax.l2_norm, ...)`` asks for by itself).
 
     Returns:
-        DataArray ``(target, source, hidden)``, with ``example`` first for a list of inputs.
+        DataArray ``(target, source, hidden)``, with ``example`` first for a list of inputs;
+        ``(target, source)`` with ``reduce_hidden``.
 
     >>> import attrax as ax
     >>> model = ax.load_model()
     >>> ax.saliency(model, "1 2 3 =", " 3 2 1").dims
     ('target', 'source', 'hidden')
     """
+    check_positive_int(chunk_size, "chunk_size", allow_none=True)
+    _check_reduce_hidden(reduce_hidden)
     options = {"abs": abs, "chunk_size": chunk_size}
     name, problem, run_options = _setup(
         model, inputs, targets, objective, contrast, positions, attribute_target, max_new_tokens
     )
-    check_positive_int(chunk_size, "chunk_size", allow_none=True)
     grads = _gradients(problem, chunk_size)
     if abs:
         grads = tuple(g.abs() for g in grads)
-    return _label(problem, grads, "saliency", name, {**run_options, **options})
+    return _label(problem, grads, "saliency", name, {**run_options, **options}, reduce_hidden)
 
 
 def input_x_gradient(
@@ -90,11 +98,16 @@ def input_x_gradient(
     positions: int | Sequence[int] | None = None,
     attribute_target: bool = False,
     chunk_size: int | None = None,
+    reduce_hidden: str | None = None,
+    mode: str = "auto",
     max_new_tokens: int = 20,
 ) -> xr.DataArray:
     """Embedding times gradient (the first-order Taylor term) per source token and hidden unit.
 
-    Arguments as :func:`saliency`.
+    Arguments (others as :func:`saliency`):
+        mode: ``"reverse"`` (one vectorized backward per target), ``"forward"`` (one ``jvp`` per
+            source token, only with ``reduce_hidden="sum"``) or ``"auto"``: forward when
+            summing over hidden and there are fewer source tokens than targets.
 
     >>> import attrax as ax
     >>> model = ax.load_model()
@@ -102,15 +115,23 @@ def input_x_gradient(
     >>> sorted(da.attrs["method"].split())
     ['input_x_gradient']
     """
+    check_positive_int(chunk_size, "chunk_size", allow_none=True)
+    _check_reduce_hidden(reduce_hidden)
+    _check_mode(mode, reduce_hidden)
     name, problem, run_options = _setup(
         model, inputs, targets, objective, contrast, positions, attribute_target, max_new_tokens
     )
-    check_positive_int(chunk_size, "chunk_size", allow_none=True)
+    options = {**run_options, "chunk_size": chunk_size, "mode": mode}
+    x = problem.inputs
+    if _forward_mode(problem, mode, reduce_hidden):
+        ones = torch.ones(1, dtype=torch.float64)
+        values = problem.directional_sum(
+            lambda chunk: tuple(xi[None] for xi in x), ones, x, batch_size=None, chunk_size=None
+        )
+        return _label(problem, values, "input_x_gradient", name, options, reduce_hidden, done=True)
     grads = _gradients(problem, chunk_size)
-    values = tuple(g * x[:, None] for g, x in zip(grads, problem.inputs, strict=True))
-    return _label(
-        problem, values, "input_x_gradient", name, {**run_options, "chunk_size": chunk_size}
-    )
+    values = tuple(g * xi[:, None] for g, xi in zip(grads, x, strict=True))
+    return _label(problem, values, "input_x_gradient", name, options, reduce_hidden)
 
 
 def integrated_gradients(
@@ -127,6 +148,8 @@ def integrated_gradients(
     attribute_target: bool = False,
     batch_size: int | None = None,
     chunk_size: int | None = None,
+    reduce_hidden: str | None = None,
+    mode: str = "auto",
     max_new_tokens: int = 20,
 ) -> xr.DataArray:
     """Integrated gradients (Sundararajan et al. 2017) along the straight path from a baseline.
@@ -140,6 +163,7 @@ def integrated_gradients(
             tensor broadcastable to the embeddings ``[B, L, H]`` (a tuple of two for
             ``attribute_target`` on encoder-decoder models).
         batch_size: interpolation points per forward (all at once when None).
+        mode: as :func:`input_x_gradient` (forward mode with ``reduce_hidden="sum"``).
 
     Returns:
         DataArray ``(target, source, hidden)`` with a ``completeness_gap`` coordinate along
@@ -154,6 +178,8 @@ def integrated_gradients(
     check_positive_int(steps, "steps")
     check_positive_int(batch_size, "batch_size", allow_none=True)
     check_positive_int(chunk_size, "chunk_size", allow_none=True)
+    _check_reduce_hidden(reduce_hidden)
+    _check_mode(mode, reduce_hidden)
     alphas, weights = quadrature(method, steps)
     if not isinstance(baseline, (str, torch.Tensor, tuple)) or (
         isinstance(baseline, str) and baseline not in BASELINES
@@ -171,12 +197,19 @@ def integrated_gradients(
         a = alpha[chunk].view(-1, 1, 1, 1)
         return tuple(bi[None] + a * di[None] for bi, di in zip(base, delta, strict=True))
 
-    grads = problem.gradient_sum(
-        points, torch.as_tensor(weights), batch_size=batch_size, chunk_size=chunk_size
-    )
-    values = tuple(g * d[:, None] for g, d in zip(grads, delta, strict=True))
+    forward = _forward_mode(problem, mode, reduce_hidden)
+    if forward:
+        values = problem.directional_sum(
+            points, torch.as_tensor(weights), delta, batch_size=batch_size, chunk_size=None
+        )
+        total = sum(v.sum(dim=2) for v in values)
+    else:
+        grads = problem.gradient_sum(
+            points, torch.as_tensor(weights), batch_size=batch_size, chunk_size=chunk_size
+        )
+        values = tuple(g * d[:, None] for g, d in zip(grads, delta, strict=True))
+        total = sum(v.sum(dim=(2, 3)) for v in values)
     ends = problem.evaluate(tuple(torch.stack([xi, bi]) for xi, bi in zip(x, base, strict=True)))
-    total = sum(v.sum(dim=(2, 3)) for v in values)
     gap = total - (ends[0] - ends[1])
     options = {
         **run_options,
@@ -185,8 +218,12 @@ def integrated_gradients(
         "baseline": baseline if isinstance(baseline, str) else "tensor",
         "batch_size": batch_size,
         "chunk_size": chunk_size,
+        "mode": mode,
     }
-    return _label(problem, values, "integrated_gradients", name, options, {"completeness_gap": gap})
+    gap_coord = {"completeness_gap": gap}
+    return _label(
+        problem, values, "integrated_gradients", name, options, reduce_hidden, gap_coord, forward
+    )
 
 
 def smoothgrad(
@@ -203,6 +240,7 @@ def smoothgrad(
     attribute_target: bool = False,
     batch_size: int | None = None,
     chunk_size: int | None = None,
+    reduce_hidden: str | None = None,
     max_new_tokens: int = 20,
 ) -> xr.DataArray:
     """SmoothGrad (Smilkov et al. 2017): the gradient averaged over noisy copies of the embeddings.
@@ -222,6 +260,7 @@ def smoothgrad(
     check_positive_int(samples, "samples")
     check_positive_int(batch_size, "batch_size", allow_none=True)
     check_positive_int(chunk_size, "chunk_size", allow_none=True)
+    _check_reduce_hidden(reduce_hidden)
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise OptionError(f"`seed` must be an integer, got {seed!r}")
     if isinstance(noise, bool) or not isinstance(noise, (int, float)) or not noise >= 0:
@@ -248,7 +287,7 @@ def smoothgrad(
         "batch_size": batch_size,
         "chunk_size": chunk_size,
     }
-    return _label(problem, grads, "smoothgrad", name, options)
+    return _label(problem, grads, "smoothgrad", name, options, reduce_hidden)
 
 
 def quadrature(method: str, steps: int) -> tuple[np.ndarray, np.ndarray]:
@@ -382,18 +421,58 @@ def _label(
     method: str,
     objective: str,
     options: dict[str, Any],
+    reduce_hidden: str | None = None,
     target_coords: dict[str, torch.Tensor] | None = None,
+    done: bool = False,
 ) -> xr.DataArray:
+    """Label ``[B, K, L, H]`` values (``[B, K, L]`` when the hidden dim is already ``done``)."""
     if not all(torch.isfinite(v).all() for v in values):
         raise InputError(
             f"{method}: the gradients are not finite (inf/NaN); check the model's dtype and inputs"
         )
-    return label(
+    if reduce_hidden == "l2_norm" and not done:
+        values = tuple(torch.linalg.vector_norm(v, dim=-1) for v in values)
+    elif reduce_hidden == "sum" and not done:
+        values = tuple(v.sum(dim=-1) for v in values)
+    da = label(
         problem.model,
         problem.batch,
         values,
         method=method,
         objective=objective,
         options=options,
+        trailing=() if reduce_hidden else ("hidden",),
         target_coords=target_coords,
     )
+    if reduce_hidden:
+        da.attrs["reductions"] = f"{reduce_hidden}(hidden)"
+    return da
+
+
+def _check_reduce_hidden(reduce_hidden: str | None) -> None:
+    if reduce_hidden not in (None, *HIDDEN_REDUCTIONS):
+        raise OptionError(
+            f"`reduce_hidden` must be one of {HIDDEN_REDUCTIONS} or None, got {reduce_hidden!r}"
+        )
+
+
+def _check_mode(mode: str, reduce_hidden: str | None) -> None:
+    if mode not in MODES:
+        raise OptionError(f"`mode` must be one of {MODES}, got {mode!r}")
+    if mode == "forward" and reduce_hidden != "sum":
+        raise OptionError(
+            "`mode='forward'` computes token-level sums over hidden: it needs reduce_hidden='sum'"
+        )
+
+
+def _forward_mode(problem: Problem, mode: str, reduce_hidden: str | None) -> bool:
+    """Forward mode costs one pass per source token, reverse mode one per target."""
+    if mode != "auto":
+        return mode == "forward"
+    sources = sum(x.shape[1] for x in problem.inputs)
+    return reduce_hidden == "sum" and sources < problem.tensors.valid.shape[1]
+
+
+for _method in (saliency, input_x_gradient, integrated_gradients, smoothgrad):
+    # ax.pipe(method, ax.l2_norm | ax.sum, ...) reduces over hidden on the device instead
+    _method.attrax_reduces_hidden = True  # type: ignore[attr-defined]

@@ -16,6 +16,7 @@ from transformers import (
     AutoTokenizer,
     PreTrainedModel,
 )
+from transformers.utils import logging as hf_logging
 
 from ._errors import ModelError, OptionError
 
@@ -354,6 +355,8 @@ def _from_pretrained(
     kwargs: dict[str, Any] = {"attn_implementation": attn_implementation}
     if dtype is not None:
         kwargs["dtype"] = dtype
+    bar_was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # a bar per load would drown the CLI's output
     try:
         return auto.from_pretrained(path, **kwargs)
     except ValueError as error:
@@ -361,6 +364,9 @@ def _from_pretrained(
             f"`model` {str(path)!r} ({config.model_type}) is neither a causal nor a seq2seq "
             f"language model: {error}"
         ) from None
+    finally:
+        if bar_was_on:
+            hf_logging.enable_progress_bar()
 
 
 def _max_positions(config: Any) -> int | None:

@@ -51,6 +51,7 @@ def _reduction(default: str) -> Callable[[Callable[[xr.DataArray, str], xr.DataA
             out.attrs["reductions"] = f"{done};{fn.__name__}({dim})".lstrip(";")
             return out.rename(da.name)
 
+        reduction.attrax_reduction = (fn.__name__, default)  # type: ignore[attr-defined]
         return reduction
 
     return wrap
@@ -153,9 +154,19 @@ def pipe(*functions: Callable[..., Any]) -> Callable[..., Any]:
         if not callable(fn):
             raise OptionError(f"pipe: argument {i} is not callable, got {type(fn).__name__}")
 
+    first, rest = functions[0], functions[1:]
+    fused = _hidden_reduction(rest[0]) if rest else None
+    if fused and getattr(first, "attrax_reduces_hidden", False):
+        # the method reduces over hidden on the model's device: no [.., hidden] array is built
+        rest = rest[1:]
+    else:
+        fused = None
+
     def piped(*args: Any, **kwargs: Any) -> Any:
-        result = functions[0](*args, **kwargs)
-        for fn in functions[1:]:
+        if fused:
+            kwargs.setdefault("reduce_hidden", fused)
+        result = first(*args, **kwargs)
+        for fn in rest:
             result = fn(result)
         return result
 
@@ -163,3 +174,14 @@ def pipe(*functions: Callable[..., Any]) -> Callable[..., Any]:
     piped.__name__ = "pipe(" + ", ".join(names) + ")"
     piped.__doc__ = f"Composition of {', '.join(names)} (left to right)."
     return piped
+
+
+def _hidden_reduction(fn: Any) -> str | None:
+    """``"l2_norm"``/``"sum"`` when ``fn`` is that reduction over ``hidden``, else None."""
+    dim = None
+    if isinstance(fn, functools.partial) and not fn.args:
+        dim, fn = fn.keywords.get("dim"), fn.func
+    name, default = getattr(fn, "attrax_reduction", (None, None))
+    if name in ("l2_norm", "sum") and (dim or default) == "hidden":
+        return name
+    return None
