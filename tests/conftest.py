@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 import attrax as ax
 from attrax.testing import tiny_model
+
+# tiny models gain nothing from intra-op threads, and on a busy 2-core machine a second thread
+# per process makes every op wait (seen: 20x slower suites under load)
+torch.set_num_threads(1)
 
 DECODER_ONLY = ("gpt2", "llama")
 ENCODER_DECODER = ("marian", "bart", "t5")

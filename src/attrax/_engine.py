@@ -87,6 +87,20 @@ class Problem:
         hidden = self.hidden_fn(n)
         return lambda *embeds: self.head_scores(hidden(*embeds))
 
+    def visible(self) -> torch.Tensor:
+        """``[B, K, L]``: the real source columns (sides concatenated) target k can depend on."""
+        t = self.tensors
+        blocks = []
+        for side, x in enumerate(self.inputs):
+            mask = t.mask if side == 0 else t.decoder_mask
+            columns = torch.arange(x.shape[1], device=mask.device)
+            block = (columns[None, :] < mask.sum(dim=1)[:, None])[:, None, :] & t.valid[..., None]
+            if side == 1 or not self.model.is_encoder_decoder:
+                # index holds the position that predicts a target, i.e. the last one it can see
+                block = block & (columns[None, None, :] <= t.index[..., None])
+            blocks.append(block)
+        return torch.cat(blocks, dim=-1)
+
     @torch.no_grad()
     def evaluate(self, points: tuple[torch.Tensor, ...]) -> torch.Tensor:
         """Scores ``[n, B, K]`` of the targets at ``n`` stacked points (no gradients)."""

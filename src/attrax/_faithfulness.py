@@ -341,7 +341,7 @@ def _rank(
     scores = np.full((len(rows), problem.tensors.valid.shape[1], sum(widths)), np.nan)
     for b, example_rows in enumerate(rows):
         scores[b, : len(example_rows)] = values[b, example_rows]
-    rankable = torch.as_tensor(~np.isnan(scores)) & _visible(problem).cpu()
+    rankable = torch.as_tensor(~np.isnan(scores)) & problem.visible().cpu()
     # stable sort: ties go to the earlier source, so rankings are reproducible
     keyed = torch.where(rankable, -torch.as_tensor(scores), torch.inf)
     order = torch.sort(keyed, dim=-1, stable=True).indices
@@ -408,21 +408,6 @@ def _values(template: xr.DataArray, name: str, dims: tuple[str, ...]) -> np.ndar
     if "example" not in coord.dims:
         coord = coord.expand_dims(example=template.sizes["example"])
     return coord.transpose(*dims).values
-
-
-def _visible(problem: Problem) -> torch.Tensor:
-    """``[B, K, L]``: the real source columns (sides concatenated) target k can depend on."""
-    t = problem.tensors
-    blocks = []
-    for side, x in enumerate(problem.inputs):
-        mask = t.mask if side == 0 else t.decoder_mask
-        columns = torch.arange(x.shape[1], device=mask.device)
-        block = (columns[None, :] < mask.sum(dim=1)[:, None])[:, None, :] & t.valid[..., None]
-        if side == 1 or not problem.model.is_encoder_decoder:
-            # causality: index is the position predicting the target, the last one it sees
-            block = block & (columns[None, None, :] <= t.index[..., None])
-        blocks.append(block)
-    return torch.cat(blocks, dim=-1)
 
 
 def _scores(

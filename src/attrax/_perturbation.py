@@ -64,7 +64,7 @@ def occlusion(
     name, problem, run_options = _setup(
         model, inputs, targets, objective, contrast, positions, attribute_target, max_new_tokens
     )
-    visible = _visible(problem)
+    visible = problem.visible()
     columns = visible.any(dim=(0, 1)).nonzero().squeeze(1)
     n, (batch, width) = columns.numel(), visible[:, 0].shape
     keep = torch.ones((n + 1, batch, width), dtype=torch.bool, device=visible.device)
@@ -123,7 +123,7 @@ def lime(
     name, problem, run_options = _setup(
         model, inputs, targets, objective, contrast, positions, attribute_target, max_new_tokens
     )
-    visible = _visible(problem)
+    visible = problem.visible()
     features = visible.any(dim=1)
     keep = _coalitions(features, samples, seed, _bernoulli)
     keep[0] = True
@@ -189,7 +189,7 @@ def kernel_shap(
     name, problem, run_options = _setup(
         model, inputs, targets, objective, contrast, positions, attribute_target, max_new_tokens
     )
-    visible = _visible(problem)
+    visible = problem.visible()
     features = visible.any(dim=1)
     keep = torch.cat(
         [
@@ -282,21 +282,6 @@ def linear_surrogate(
         moment = torch.cat([moment, (full - empty)[..., None]], dim=-1)
     solution = torch.linalg.lstsq(gram, moment[..., None], driver="gelsd").solution[..., 0]
     return solution[..., :n_features]
-
-
-def _visible(problem: Problem) -> torch.Tensor:
-    """``[B, K, L]``: the real source columns (both sides concatenated) target k can depend on."""
-    t = problem.tensors
-    blocks = []
-    for side, x in enumerate(problem.inputs):
-        mask = t.mask if side == 0 else t.decoder_mask
-        columns = torch.arange(x.shape[1], device=mask.device)
-        block = (columns[None, :] < mask.sum(dim=1)[:, None])[:, None, :] & t.valid[..., None]
-        if side == 1 or not problem.model.is_encoder_decoder:
-            # index holds the position that predicts a target, i.e. the last one it can see
-            block = block & (columns[None, None, :] <= t.index[..., None])
-        blocks.append(block)
-    return torch.cat(blocks, dim=-1)
 
 
 def _perturbed_scores(
