@@ -104,12 +104,18 @@ def label(
         coords["contrast_id"] = (("example", "target"), contrast)
         coords["contrast_token"] = (("example", "target"), _token_strings(contrast, tokens))
 
-    da = xr.DataArray(
-        data, dims=dims, coords=coords, name=name, attrs=_attrs(model, method, objective, options)
-    )
     if batch.single:
-        da = da.isel(example=0, drop=True)
-    return da
+        # built without the example axis: cheaper than building it and selecting it away
+        data, dims = data[0], dims[1:]
+        coords = {key: _first_example(value) for key, value in coords.items() if key != "example"}
+    attrs = _attrs(model, method, objective, options)
+    return xr.DataArray(data, dims=dims, coords=coords, name=name, attrs=attrs)
+
+
+def _first_example(value: Any) -> Any:
+    if isinstance(value, tuple) and value[0][0] == "example":
+        return value[0][1:], value[1][0]
+    return value
 
 
 def _side_ids(batch: Batch, b: int, side_index: int) -> tuple[int, ...]:
