@@ -108,6 +108,28 @@ class Problem:
         values = self.score_fn(n)(*(p.flatten(0, 1) for p in points))
         return values.unflatten(0, (n, -1))
 
+    def masked_scores(
+        self,
+        keep: torch.Tensor,
+        baselines: tuple[torch.Tensor, ...],
+        batch_size: int | None,
+    ) -> torch.Tensor:
+        """Scores ``[N, B, K]`` of ``N`` copies of the batch; copy i keeps columns ``keep[i]``
+        (sides concatenated) and puts ``baselines`` everywhere else, ``batch_size`` copies a forward.
+        """
+        widths = [x.shape[1] for x in self.inputs]
+        total = keep.shape[0]
+        step = total if batch_size is None else batch_size
+        out = []
+        for start in range(0, total, step):  # chunking only: bounds memory
+            parts = keep[start : start + step].split(widths, dim=-1)
+            points = tuple(
+                torch.where(p[..., None], x[None], b[None])
+                for p, x, b in zip(parts, self.inputs, baselines, strict=True)
+            )
+            out.append(self.evaluate(points))
+        return torch.cat(out)
+
     def gradient_sum(
         self,
         points: PointFn,

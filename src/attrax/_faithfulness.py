@@ -424,18 +424,8 @@ def _scores(
     batch, n_targets, n_fractions, width = keep.shape
     device = problem.inputs[0].device
     copies = keep.permute(2, 1, 0, 3).reshape(-1, batch, width).to(device)  # [(F K), B, L]
-    widths = [x.shape[1] for x in problem.inputs]
-    total = copies.shape[0]
-    step = total if batch_size is None else batch_size
-    out = []
-    for start in range(0, total, step):  # chunking only: bounds memory
-        parts = copies[start : start + step].split(widths, dim=-1)
-        points = tuple(
-            torch.where(p[..., None], x[None], b[None])
-            for p, x, b in zip(parts, problem.inputs, baselines, strict=True)
-        )
-        out.append(problem.evaluate(points))
-    values = torch.cat(out).unflatten(0, (n_fractions, n_targets))  # [F, K, B, K]
+    values = problem.masked_scores(copies, baselines, batch_size)
+    values = values.unflatten(0, (n_fractions, n_targets))  # [F, K, B, K]
     diagonal = torch.diagonal(values, dim1=1, dim2=3)  # [F, B, K]
     return diagonal.permute(1, 2, 0)
 

@@ -70,7 +70,7 @@ def occlusion(
     keep = torch.ones((n + 1, batch, width), dtype=torch.bool, device=visible.device)
     copies = torch.arange(1, n + 1, device=keep.device)  # copy 0 is the unperturbed input
     keep[copies, :, columns] = False
-    values = _perturbed_scores(problem, keep, _baselines(problem, baseline), batch_size)
+    values = problem.masked_scores(keep, _baselines(problem, baseline), batch_size)
     drops = torch.zeros((batch, visible.shape[1], width), dtype=values.dtype, device=values.device)
     drops[..., columns] = (values[0] - values[1:]).permute(1, 2, 0)
     options = {**run_options, "baseline": _baseline_name(baseline), "batch_size": batch_size}
@@ -127,7 +127,7 @@ def lime(
     features = visible.any(dim=1)
     keep = _coalitions(features, samples, seed, _bernoulli)
     keep[0] = True
-    values = _perturbed_scores(problem, keep, _baselines(problem, baseline), batch_size)
+    values = problem.masked_scores(keep, _baselines(problem, baseline), batch_size)
     # the fit runs in float64 on the CPU (MPS has no float64; the systems are small)
     masks, vis = keep.transpose(0, 1).cpu().double(), visible.cpu().double()
     kept = torch.einsum("bnl,bkl->bnk", masks, vis)
@@ -198,7 +198,7 @@ def kernel_shap(
             _coalitions(features, samples, seed, _shapley_draws),
         ]
     )
-    values = _perturbed_scores(problem, keep, _baselines(problem, baseline), batch_size)
+    values = problem.masked_scores(keep, _baselines(problem, baseline), batch_size)
     masks = keep[2:].transpose(0, 1).cpu().double()
     weights = _shapley_weights(masks, visible, features)
     coefficients = linear_surrogate(
@@ -282,27 +282,6 @@ def linear_surrogate(
         moment = torch.cat([moment, (full - empty)[..., None]], dim=-1)
     solution = torch.linalg.lstsq(gram, moment[..., None], driver="gelsd").solution[..., 0]
     return solution[..., :n_features]
-
-
-def _perturbed_scores(
-    problem: Problem,
-    keep: torch.Tensor,
-    baselines: tuple[torch.Tensor, ...],
-    batch_size: int | None,
-) -> torch.Tensor:
-    """Scores ``[N, B, K]`` of ``N`` copies of the batch, copy i keeping columns ``keep[i]``."""
-    widths = [x.shape[1] for x in problem.inputs]
-    total = keep.shape[0]
-    step = total if batch_size is None else batch_size
-    out = []
-    for start in range(0, total, step):  # chunking only: bounds memory
-        parts = keep[start : start + step].split(widths, dim=-1)
-        points = tuple(
-            torch.where(p[..., None], x[None], b[None])
-            for p, x, b in zip(parts, problem.inputs, baselines, strict=True)
-        )
-        out.append(problem.evaluate(points))
-    return torch.cat(out)
 
 
 def _coalitions(features: torch.Tensor, samples: int, seed: int, draw: Draw) -> torch.Tensor:
