@@ -228,6 +228,7 @@ def captum_attribute(
         raise ValueError("attribute_target is for encoder-decoder models")
 
     ids, P = _tokenize_decoder_only(tok, prompt, target)
+    ids = ids.to(model.device)
     L, G = len(ids), len(ids) - P
     with torch.no_grad():
         embeds = emb(ids[None]).detach()  # [1, L, H]
@@ -256,15 +257,15 @@ def captum_attribute(
             if base_embeds is not None:
                 kw["baselines"] = base_embeds[:, :t]
         a = algo.attribute(x, **kw)
-        out[j, :t] = a[0].detach().float().numpy()
+        out[j, :t] = a[0].detach().float().cpu().numpy()
         with torch.no_grad():
             scores[j] = forward(embeds[:, :t], tgt).item()
     seconds = time.perf_counter() - t0
     return BaselineResult(
         attributions=out,
         seconds=seconds,
-        target_ids=ids[P:].numpy(),
-        source_ids=ids.numpy(),
+        target_ids=ids[P:].cpu().numpy(),
+        source_ids=ids.cpu().numpy(),
         target_positions=np.arange(P, L),
         step_scores={objective: scores},
         info=dict(
@@ -309,6 +310,7 @@ def _captum_enc_dec(
     last_logits_only=False,
 ) -> BaselineResult:
     src, dec = _tokenize_enc_dec(model, tok, source, target)
+    src, dec = src.to(model.device), dec.to(model.device)
     S, T = len(src), len(dec) - 1
     scale = _encoder_embed_scale(model)
     dec_scale = float(getattr(model.get_decoder(), "embed_scale", 1.0) or 1.0)
@@ -330,7 +332,7 @@ def _captum_enc_dec(
     out = np.full((T, S, H), np.nan, dtype=np.float32)
     out_tgt = np.full((T, T + 1, H), np.nan, dtype=np.float32) if attribute_target else None
     scores = np.zeros(T, dtype=np.float32)
-    mask = torch.ones(1, S, dtype=torch.long)
+    mask = torch.ones(1, S, dtype=torch.long, device=model.device)
     fkw = {"logits_to_keep": 1} if last_logits_only else {}
 
     if attribute_target:
@@ -372,10 +374,10 @@ def _captum_enc_dec(
                 kw["baselines"] = (base_src, base_dec[:, :t]) if attribute_target else base_src
         a = algo.attribute(inputs, **kw)
         if attribute_target:
-            out[j] = a[0][0].detach().float().numpy()
-            out_tgt[j, :t] = a[1][0].detach().float().numpy()
+            out[j] = a[0][0].detach().float().cpu().numpy()
+            out_tgt[j, :t] = a[1][0].detach().float().cpu().numpy()
         else:
-            out[j] = a[0].detach().float().numpy()
+            out[j] = a[0].detach().float().cpu().numpy()
         with torch.no_grad():
             x_dec = dec_embeds[:, :t] if attribute_target else dec[None, :t]
             scores[j] = forward(src_embeds, x_dec, tgt, mask).item()
@@ -383,8 +385,8 @@ def _captum_enc_dec(
     return BaselineResult(
         attributions=out,
         seconds=seconds,
-        target_ids=dec[1:].numpy(),
-        source_ids=src.numpy(),
+        target_ids=dec[1:].cpu().numpy(),
+        source_ids=src.cpu().numpy(),
         target_positions=np.arange(1, T + 1),
         target_side=out_tgt,
         step_scores={objective: scores},
@@ -398,7 +400,7 @@ def _captum_enc_dec(
             abs=abs,
             attribute_target=attribute_target,
             last_logits_only=last_logits_only,
-            decoder_input_ids=dec.numpy(),
+            decoder_input_ids=dec.cpu().numpy(),
         ),
     )
 
@@ -452,10 +454,10 @@ def captum_llm_attribute(
     res = llm.attribute(inp, target=target, **kw)
     seconds = time.perf_counter() - t0
     return BaselineResult(
-        attributions=res.token_attr.detach().float().numpy(),
+        attributions=res.token_attr.detach().float().cpu().numpy(),
         seconds=seconds,
-        target_ids=ids[P:].numpy(),
-        source_ids=ids[:P].numpy(),
+        target_ids=ids[P:].cpu().numpy(),
+        source_ids=ids[:P].cpu().numpy(),
         target_positions=np.arange(P, len(ids)),
         info=dict(
             library="captum-llm",
@@ -551,7 +553,7 @@ def inseq_attribute(
     out = inseq_model.attribute(prompt, gen, **kw)
     seconds = time.perf_counter() - t0
     seq = out.sequence_attributions[0]
-    scores = {k: v.detach().float().numpy() for k, v in (seq.step_scores or {}).items()}
+    scores = {k: v.detach().float().cpu().numpy() for k, v in (seq.step_scores or {}).items()}
     info = dict(
         library="inseq",
         method=method,

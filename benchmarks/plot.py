@@ -44,6 +44,11 @@ def _fmt_s(x: float | None) -> str:
     return f"{x:.3f}"
 
 
+def _range(r: dict[str, Any]) -> str:
+    lo, hi = r.get("median_range", [r["median_s"]] * 2)
+    return f" [{_fmt_s(lo)}–{_fmt_s(hi)}]" if hi > lo else ""
+
+
 def _fmt_x(x: float | None) -> str:
     return "–" if x is None else (f"{x:.0f}×" if x >= 100 else f"{x:.1f}×")
 
@@ -210,11 +215,16 @@ def render_markdown(results: dict[str, Any], png_name: str = "benchmarks.png") -
             else ""
         )
         + ": load the model, one "
-        f"warm-up call on an 8+4-token input, then {meta['repeats']} timed calls (fast calls are repeated "
-        f"until the timed calls add up to 1 s, at most 25 calls); the table shows "
-        f"the median (column *n*: calls timed; a measurement stops repeating once its calls would "
-        f"exceed {meta['budget_s']:.0f} s). The time covers the attribution call only: not model "
-        f"loading, nor `inseq.load_model` nor `ax.load_model`."
+        f"warm-up call on an 8+4-token input, then {meta['repeats']} timed calls (fast calls are "
+        f"repeated until the timed calls add up to 1 s, at most 25 calls); a measurement stops "
+        f"repeating "
+        f"once its calls would exceed {meta['budget_s']:.0f} s. Measurements whose median is "
+        f"under {meta.get('round_limit_s', 10):.0f} s are done in {meta.get('rounds', 1)} rounds "
+        f"of fresh processes, interleaved across libraries (run-to-run differences between "
+        f"processes are larger than those within one): the tables show the median of the "
+        f"rounds' medians, [the range of the rounds' medians], (the number of timed calls), and "
+        f"speedups with (worst–best pairing of rounds). The time covers the attribution call "
+        f"only: not model loading, nor `inseq.load_model` nor `ax.load_model`."
     )
     if meta.get("quiet_cores") is not None:
         w(
@@ -236,7 +246,8 @@ def render_markdown(results: dict[str, Any], png_name: str = "benchmarks.png") -
         "\nCompared pairs (the same quantity on every side): objective = probability of the "
         "target token (Inseq's default); saliency with `abs=False` everywhere (signed gradient; "
         "Captum's and Inseq's own default is `abs=True`, which costs the same); integrated "
-        f"gradients with {'/'.join(map(str, meta['ig']['steps']))} steps, `{meta['ig']['method']}` quadrature (Captum's "
+        f"gradients with {'/'.join(map(str, meta['ig']['steps']))} steps, "
+        f"`{meta['ig']['method']}` quadrature (Captum's "
         "default) and Inseq's baseline (the UNK embedding at every position, EOS positions keep "
         "EOS) on all three sides: attrax gets it as a baseline tensor, Captum via "
         '`captum_attribute(..., baseline="inseq")`; attention: `ax.attention` vs Inseq\'s '
@@ -262,7 +273,10 @@ def render_markdown(results: dict[str, Any], png_name: str = "benchmarks.png") -
                 if r is None:
                     cells.append("–")
                     continue
+                lo, hi = r.get("speedup_range", [r["speedup"]] * 2)
                 mark = "" if r["met"] else " ✗"
+                if lo < r["goal"] <= hi:
+                    mark += " ~"
                 cells.append(_fmt_x(r["speedup"]) + ("\\*" if r["extrapolated"] else "") + mark)
                 oks.append(r["met"])
         if not oks:
@@ -274,8 +288,9 @@ def render_markdown(results: dict[str, Any], png_name: str = "benchmarks.png") -
             + f" | {verdict} |"
         )
     w(
-        "\n✗ = below the goal. \\* = the baseline's time is extrapolated from its first targets "
-        "(see W3 below).\n"
+        "\n✗ = below the goal. ~ = the goal lies within the range of speedups over the "
+        "measurement rounds (run-to-run noise decides). \\* = the baseline's time is "
+        "extrapolated from its first targets (see W3 below).\n"
     )
     w3 = [r for r in results["runs"] if r["workload"] == "W3" and r["library"] == "attrax"]
     if w3:
@@ -315,7 +330,7 @@ def render_markdown(results: dict[str, Any], png_name: str = "benchmarks.png") -
                 if r is None:
                     cells.append("n/a" if lib == "captum" and method == "attention" else "–")
                     continue
-                t = _fmt_s(r["median_s"]) + f" ({len(r['times'])})"
+                t = _fmt_s(r["median_s"]) + _range(r) + f" ({len(r['times'])})"
                 if r["scale"] != 1:
                     t = (
                         f"{_fmt_s(r['median_s'] * r['scale'])}\\* ({len(r['times'])}; "
@@ -325,7 +340,12 @@ def render_markdown(results: dict[str, Any], png_name: str = "benchmarks.png") -
                 cells.append(t)
             for b in ("captum", "inseq"):
                 r = sp.get((wl, method, b))
-                cells.append("–" if r is None else _fmt_x(r["speedup"]))
+                if r is None:
+                    cells.append("–")
+                    continue
+                lo, hi = r.get("speedup_range", [r["speedup"]] * 2)
+                spread = f" ({lo:.1f}–{hi:.1f})" if hi / lo > 1.005 else ""
+                cells.append(_fmt_x(r["speedup"]) + spread)
             rss, att = [], []
             for lib in ("attrax", "captum", "inseq"):
                 r = runs.get((wl, method, lib))
@@ -354,7 +374,8 @@ def render_markdown(results: dict[str, Any], png_name: str = "benchmarks.png") -
                 + ", ".join(f"{k} ({LABEL[m]})" for m, k in bt.items() if k is not None)
                 + f" of the {plan['n_target']} targets (prompt + those targets), and their time "
                 f"is multiplied by {plan['n_target']} / k. Each target costs them one backward "
-                f"(IG: {plan['steps']} points) over its own prefix, so the cost per target grows slightly with "
+                f"(IG: {plan['steps']} points) over its own prefix, so the cost per target grows "
+                "slightly with "
                 "the prefix: this extrapolation *under*-estimates their full time. attrax runs "
                 + (
                     "all targets except for "

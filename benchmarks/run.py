@@ -153,11 +153,13 @@ def first_target_text(tok, prompt: str, target: str, k: int | None, kind: str) -
 class Runner:
     """Holds what one library needs for one model (loaded once), runs one method."""
 
-    def __init__(self, library: str, kind: str, method: str):
+    def __init__(self, library: str, kind: str, method: str, device: str | None = None):
         import _models
 
         self.library, self.kind, self.method = library, kind, method
         self.hf, self.tok = _models.load(kind)
+        if device is not None:
+            self.hf.to(device)  # Inseq keeps a model's device on a GPU machine; so do the others
         self.handle: Any = None
         if library == "attrax":
             import attrax as ax
@@ -568,6 +570,8 @@ def speedup_rows(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             # per-target loops scale linearly in the number of targets: extrapolate a subset
             base_time = b["median_s"] * b["scale"]
             attrax_time = r["median_s"] * r["scale"]
+            a_lo, a_hi = (x * r["scale"] for x in r.get("median_range", [r["median_s"]] * 2))
+            b_lo, b_hi = (x * b["scale"] for x in b.get("median_range", [b["median_s"]] * 2))
             rows.append(
                 dict(
                     workload=wl,
@@ -576,6 +580,8 @@ def speedup_rows(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
                     attrax_s=attrax_time,
                     baseline_s=base_time,
                     speedup=base_time / attrax_time,
+                    # worst and best pairing of the rounds' medians
+                    speedup_range=[b_lo / a_hi, b_hi / a_lo],
                     # both sides on the same targets: a measured ratio, even when extrapolated
                     extrapolated=b["scale"] != r["scale"],
                     baseline_targets=b["targets_run"],
@@ -595,6 +601,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--libraries", default=",".join(LIBRARIES), help="attrax is always run")
     p.add_argument("--threads", type=int, default=2, help="torch threads for every library")
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=None,
+        help="measure each cheap (workload, method, library) in this many fresh processes, "
+        "interleaved across libraries; the median of the rounds' medians is reported "
+        "(default 3; --quick 1). Measurements slower than --round-limit get one round",
+    )
+    p.add_argument("--round-limit", type=float, default=10.0, help="seconds; see --rounds")
     p.add_argument("--repeats", type=int, default=None, help="timed calls (default 3; quick 1)")
     p.add_argument(
         "--budget",
@@ -680,6 +695,8 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"unknown library {lib!r}")
     if args.repeats is None:
         args.repeats = 1 if args.quick else 3
+    if args.rounds is None:
+        args.rounds = 1 if args.quick else 3
     if args.out is None:
         args.out = DEFAULT_OUT.with_name("results-quick.json") if args.quick else DEFAULT_OUT
     write_docs = (not args.quick) if args.docs is None else args.docs
@@ -706,6 +723,8 @@ def main(argv: list[str] | None = None) -> int:
         "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "threads": args.threads,
         "repeats": args.repeats,
+        "rounds": args.rounds,
+        "round_limit_s": args.round_limit,
         "budget_s": args.budget,
         "quiet_cores": args.quiet_cores,
         "retries": args.retries,
@@ -833,12 +852,17 @@ def main(argv: list[str] | None = None) -> int:
                 groups = [[key] for key in jobs]
             done: dict[tuple[str, str], dict[str, Any]] = {}
             checked: set[str] = set()
-            for group in groups:
-                if not group:
-                    continue
+            schedule = [(r, g) for r in range(args.rounds) for g in groups if g]
+            for round_, group in schedule:
                 lib = group[0][1]
+                # later rounds (fresh processes again, interleaved) only for cheap measurements
+                if round_ > 0 and any(
+                    done[key]["rounds"][0]["median_s"] > args.round_limit for key in group
+                ):
+                    continue
                 label = ", ".join(m for m, _ in group)
-                print(f"{wl} {lib:6s} {label} ({args.threads} threads) ...", flush=True)
+                tag = f", round {round_ + 1}/{args.rounds}" if args.rounds > 1 else ""
+                print(f"{wl} {lib:6s} {label} ({args.threads} threads{tag}) ...", flush=True)
                 reports = None
                 attempts: list[float | None] = []
                 for _attempt in range(1 + args.retries):
@@ -870,15 +894,22 @@ def main(argv: list[str] | None = None) -> int:
                 for rec in reports:
                     rec["attempts_foreign_cores"] = attempts
                 for key, rec in zip(group, reports, strict=True):
-                    rec["targets_run"] = run_k = jobs[key]["targets_run"]
-                    rec["n_target"] = plan.n_target
-                    rec["scale"] = plan.n_target / run_k
-                    rec["options"] = _options(lib, key[0], plan)
-                    results["runs"].append(rec)
-                    done[key] = rec
+                    run_k = jobs[key]["targets_run"]
+                    if round_ == 0:
+                        rec["targets_run"] = run_k
+                        rec["n_target"] = plan.n_target
+                        rec["scale"] = plan.n_target / run_k
+                        rec["options"] = _options(lib, key[0], plan)
+                        rec["rounds"] = [_round_summary(rec)]
+                        rec["median_range"] = [rec["median_s"], rec["median_s"]]
+                        results["runs"].append(rec)
+                        done[key] = rec
+                    else:
+                        _add_round(done[key], rec)
                     extra = (
-                        f", {run_k}/{plan.n_target} targets (x{rec['scale']:.0f} extrapolated)"
-                        if rec["scale"] != 1
+                        f", {run_k}/{plan.n_target} targets (x{plan.n_target / run_k:.0f} "
+                        "extrapolated)"
+                        if run_k != plan.n_target
                         else ""
                     )
                     print(
@@ -888,6 +919,9 @@ def main(argv: list[str] | None = None) -> int:
                         f"{rec['foreign_cores'] or 0:.2f} cores",
                         flush=True,
                     )
+                if round_ > 0:
+                    finish("running")
+                    continue
                 # parity of the timed outputs, as soon as every library ran a method
                 for method in methods:
                     libs = [lib for lib in libraries if (method, lib) in jobs]
@@ -940,6 +974,23 @@ def main(argv: list[str] | None = None) -> int:
             + (" [extrapolated]" if row["extrapolated"] else "")
         )
     return 0
+
+
+def _round_summary(rec: dict[str, Any]) -> dict[str, Any]:
+    keys = ("median_s", "times", "rss_peak_mb", "rss_attribution_mb", "foreign_cores")
+    return {k: rec.get(k) for k in (*keys, "load1_before")}
+
+
+def _add_round(rec: dict[str, Any], new: dict[str, Any]) -> None:
+    """Fold another fresh-process round into ``rec``: median of the rounds' medians, worst RSS."""
+    rec["rounds"].append(_round_summary(new))
+    medians = [r["median_s"] for r in rec["rounds"]]
+    rec["median_s"] = statistics.median(medians)
+    rec["median_range"] = [min(medians), max(medians)]
+    rec["times"] = [t for r in rec["rounds"] for t in r["times"]]
+    for key in ("rss_peak_mb", "rss_attribution_mb", "foreign_cores"):
+        values = [r[key] for r in rec["rounds"] if r[key] is not None]
+        rec[key] = max(values) if values else None
 
 
 def _options(lib: str, method: str, plan: Plan) -> dict[str, Any]:
