@@ -81,3 +81,17 @@ def test_sdpa_equals_eager():
     hf2, tok2 = tiny_model("gpt2")
     sdpa = ax.saliency(ax.load_model(hf2, tokenizer=tok2, attn_implementation="sdpa"), *PAIRS[0])
     np.testing.assert_allclose(sdpa.values, eager.values, rtol=1e-4, atol=1e-7)
+
+
+def test_fused_gelu_only_inside_attrax_calls(models):
+    # GPT-2's gelu_new runs as one fused kernel during attrax's forwards; the user's model keeps
+    # its own activation, and the two agree
+    model = models["gpt2"]
+    acts = model._tanh_gelus
+    assert acts and all(type(a).__name__ == "NewGELUActivation" for a in acts)
+    ax.saliency(model, *PAIRS[0])
+    assert all("forward" not in vars(a) for a in acts)
+    x = torch.linspace(-6, 6, 1001)
+    torch.testing.assert_close(
+        torch.nn.functional.gelu(x, approximate="tanh"), acts[0](x), rtol=1e-6, atol=1e-6
+    )

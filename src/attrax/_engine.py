@@ -154,7 +154,7 @@ class Problem:
         for start in range(0, total, step):  # chunking only: bounds memory
             chunk = torch.arange(start, min(start + step, total))
             stacked = points(chunk)
-            w = weights[chunk].to(self.inputs[0].dtype)
+            w = weights[chunk].to(dtype=self.inputs[0].dtype, device=self.inputs[0].device)
             for slots, length in self._target_chunks(chunk_size):
                 grads = self._chunk_gradients(stacked, slots, length, chunk_size)
                 for total_grad, g in zip(sums, grads, strict=True):
@@ -234,7 +234,7 @@ class Problem:
                 hidden = body(*flat)
             _, head_pullback = vjp(self.head_scores, hidden)
             (head_grad,) = head_pullback(self.tensors.valid.to(hidden.dtype).repeat(n, 1))
-            w = weights[chunk].to(hidden.dtype)
+            w = weights[chunk].to(dtype=hidden.dtype, device=hidden.device)
             for side, direction in enumerate(directions):
                 tangents, in_dims = _token_tangents(flat, direction, side, n)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
+from math import nan
 from typing import Any
 
 import numpy as np
@@ -39,26 +40,24 @@ def label(
     """
     examples = batch.examples
     sequences = batch.sequences()
-    arrays = [_numpy(side) for side in sides]
     targets = sorted({p for e in examples for p in e.positions})
     row_of = {p: i for i, p in enumerate(targets)}
-    tail_shape = arrays[0].shape[3:]
     tokens = model.tokenizer.convert_ids_to_tokens
 
+    # assembled where the values are (the GPU, usually), then one copy to the host: on a long
+    # sequence the [target, source, hidden] block is large and host-side passes dominate
     blocks = []  # one [B, T, L_side, *tail] block per side
-    for side_index, values in enumerate(arrays):
-        width = values.shape[2]
-        block = np.full((len(examples), len(targets), width, *tail_shape), np.nan, values.dtype)
-        for b, example in enumerate(examples):
-            rows = [row_of[p] for p in example.positions]
-            length = len(_side_ids(batch, b, side_index))
-            block[b, rows, :length] = values[b, : len(rows), :length]
-        on_target_side = side_index == 1 or not batch.encoder_decoder
-        if on_target_side:
-            future = np.arange(width)[None, :] >= np.asarray(targets)[:, None]
-            block[:, future] = np.nan
+    for side_index, side in enumerate(sides):
+        values = torch.as_tensor(side)
+        widths = [len(_side_ids(batch, b, side_index)) for b in range(len(examples))]
+        rows = [[row_of[p] for p in e.positions] for e in examples]
+        block = _place(values, rows, widths, len(targets))
+        if side_index == 1 or not batch.encoder_decoder:  # the target side: no future sources
+            columns = torch.arange(block.shape[2], device=block.device)
+            future = columns[None, :] >= torch.as_tensor(targets, device=block.device)[:, None]
+            block = block.masked_fill(future.view(1, *future.shape, *(1,) * (block.ndim - 3)), nan)
         blocks.append(block)
-    data = np.concatenate(blocks, axis=2)
+    data = _numpy(blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=2))
 
     target_ids = np.full((len(examples), len(targets)), MISSING_ID, dtype=np.int64)
     for b, example in enumerate(examples):
@@ -110,6 +109,22 @@ def label(
         coords = {key: _first_example(value) for key, value in coords.items() if key != "example"}
     attrs = _attrs(model, method, objective, options)
     return xr.DataArray(data, dims=dims, coords=coords, name=name, attrs=attrs)
+
+
+def _place(
+    values: torch.Tensor, rows: list[list[int]], widths: list[int], n_targets: int
+) -> torch.Tensor:
+    """``values [B, K, L, *tail]`` (rows in each example's position order) -> ``[B, T, L, *tail]``
+    on the union of target positions, NaN where an example has no such target or no such source.
+    """
+    batch, _, width = values.shape[:3]
+    if all(r == list(range(n_targets)) for r in rows) and all(w == width for w in widths):
+        return values[:, :n_targets]  # the common case: nothing to move, no padding
+    block = values.new_full((batch, n_targets, *values.shape[2:]), nan)
+    for b, (r, length) in enumerate(zip(rows, widths, strict=True)):
+        index = torch.as_tensor(r, device=values.device)
+        block[b, index, :length] = values[b, : len(r), :length]
+    return block
 
 
 def _first_example(value: Any) -> Any:

@@ -82,6 +82,7 @@ class Model:
             else self._source_embedding
         )
         self._head = hf_model.get_output_embeddings()
+        self._tanh_gelus = [m for m in hf_model.modules() if type(m).__name__ in _TANH_GELUS]
         self._source_scale = 1.0
         self._target_scale = 1.0
         self._calibrate_embedding_scales()
@@ -153,7 +154,7 @@ class Model:
         if decoder_embeds is not None and self._target_scale != 1.0:
             decoder_embeds = decoder_embeds * self._target_scale
         captured: list[torch.Tensor] = []
-        with _capture_before(self._head, index, captured):
+        with _capture_before(self._head, index, captured), _fused_gelu(self._tanh_gelus):
             if self.is_encoder_decoder:
                 self.hf(
                     inputs_embeds=embeds,
@@ -392,6 +393,28 @@ def _embedding_scales(hf_model: PreTrainedModel, side: str) -> list[float]:
     stack = getattr(hf_model, getter, lambda: None)()
     scale = getattr(stack, "embed_scale", None)
     return [float(scale)] if isinstance(scale, (int, float)) and scale != 1.0 else []
+
+
+# activations that compute tanh-approximated GELU with Python-level elementwise ops: the same
+# function as F.gelu(approximate="tanh"), whose one fused kernel makes the vectorized backward
+# (one pass per target) ~20% cheaper on GPT-2-shaped models
+_TANH_GELUS = ("NewGELUActivation", "FastGELUActivation")
+
+
+def _tanh_gelu(x: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.gelu(x, approximate="tanh")
+
+
+@contextlib.contextmanager
+def _fused_gelu(modules: Sequence[torch.nn.Module]) -> Iterator[None]:
+    """Run ``modules`` (tanh-GELU activations) as the fused kernel, for attrax's forwards only."""
+    for module in modules:
+        module.forward = _tanh_gelu
+    try:
+        yield
+    finally:
+        for module in modules:
+            del module.forward
 
 
 @contextlib.contextmanager
