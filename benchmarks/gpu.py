@@ -208,6 +208,49 @@ REPEATS = 3
 BUDGET = 60.0
 
 
+def variants(device: str, quick: bool, out_dir: Path) -> list[dict[str, Any]]:
+    """attrax alone on W3 saliency: chunk sizes and attention kernels; then a profile of one call."""
+    import _models
+    import torch
+
+    import attrax as ax
+
+    plan = gpu_plans(quick)["W3"]
+    rows: list[dict[str, Any]] = []
+    for attn in ("eager", "sdpa"):
+        hf, tok = _models.load("gpt2", attn_implementation=attn)
+        model = ax.load_model(hf.to(device), tokenizer=tok, attn_implementation=attn)
+        prompt, target = texts(plan, tok)
+        ax.saliency(model, "a b c d", " e f")
+        for chunk in (16, 32, 64, None):
+            if attn == "sdpa" and chunk not in (32, None):
+                continue
+            times = []
+            for _ in range(3):
+                _sync(device)
+                t0 = time.perf_counter()
+                ax.saliency(model, prompt, target, chunk_size=chunk)
+                _sync(device)
+                times.append(time.perf_counter() - t0)
+            rows.append(dict(attn=attn, chunk_size=chunk, median_s=statistics.median(times)))
+            print(
+                f"  variant W3 saliency {attn:5s} chunk_size={chunk}: {rows[-1]['median_s']:.4f} s"
+            )
+            if attn == "eager" and chunk == 32 and device.startswith("cuda"):
+                from torch.profiler import ProfilerActivity, profile
+
+                with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                    ax.saliency(model, prompt, target, chunk_size=chunk)
+                    _sync(device)
+                table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25)
+                table += "\n" + prof.key_averages().table(sort_by="cpu_time_total", row_limit=25)
+                (out_dir / "profile-w3-saliency.txt").write_text(table)
+        del model, hf
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     global REPEATS, BUDGET
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
@@ -220,6 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--budget", type=float, default=60.0, help="seconds of timed calls per cell")
     p.add_argument("--no-smoke", action="store_true")
+    p.add_argument("--variants", action="store_true", help="attrax options on W3, and a profile")
     p.add_argument("--render", metavar="JSON", help="only write docs/benchmarks-gpu.md from JSON")
     args = p.parse_args(argv)
     if args.render:
@@ -267,6 +311,13 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         results["smoke"] = smoke(args.device)
         meta["smoke_s"] = time.perf_counter() - t0
+        save()
+
+    if args.variants:
+        try:
+            results["variants"] = variants(args.device, args.quick, out_dir)
+        except Exception:
+            traceback.print_exc()
         save()
 
     failures = [f"smoke {r['model']} {r['method']}" for r in results["smoke"] if not r["ok"]]
@@ -447,6 +498,17 @@ def render(results: dict[str, Any]) -> str:
             f"normalize, sum over hidden, and raw): "
             + ("all within 1e-4 relative; " if not bad else f"{len(bad)} FAILED; ")
             + f"largest error {worst:.1e}.\n"
+        )
+    var = results.get("variants", [])
+    if var:
+        w(
+            "**attrax options on W3 saliency** (attrax alone, median of 3 calls): "
+            + "; ".join(
+                f"{v['attn']} attention, `chunk_size={v['chunk_size']}` "
+                f"{v['median_s'] * 1e3:.0f} ms"
+                for v in var
+            )
+            + ". The table above uses eager attention and `chunk_size=32`.\n"
         )
     smoke_rows = results.get("smoke", [])
     if smoke_rows:

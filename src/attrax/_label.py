@@ -160,8 +160,36 @@ def _token_strings(ids: np.ndarray, tokens: Any) -> np.ndarray:
 
 def _numpy(values: torch.Tensor | np.ndarray) -> np.ndarray:
     if isinstance(values, torch.Tensor):
-        return values.detach().to("cpu").numpy()
+        values = values.detach()
+        if values.is_cuda and values.numel() * values.element_size() > _STAGE_BYTES:
+            return _staged_to_host(values)
+        return values.to("cpu").numpy()
     return np.asarray(values)
+
+
+# A copy from the GPU into pageable memory goes through the driver's own small staging buffer,
+# which on some machines moves ~1 GB/s (a [128, 1152, 256] saliency took 120 ms of a 280 ms
+# call on an H200); through a pinned buffer of our own it runs at the bus's speed.
+_STAGE_BYTES = 32 * 2**20
+_stages: dict[torch.device, torch.Tensor] = {}
+
+
+def _staged_to_host(values: torch.Tensor) -> np.ndarray:
+    """Copy a large GPU tensor to a NumPy array through a reused pinned buffer, chunk by chunk."""
+    flat = values.contiguous().view(-1).view(torch.uint8)
+    stage = _stages.get(values.device)
+    if stage is None:
+        stage = torch.empty(_STAGE_BYTES, dtype=torch.uint8, pin_memory=values.is_cuda)
+        _stages[values.device] = stage
+    out = np.empty(values.shape, dtype=torch.empty(0, dtype=values.dtype).numpy().dtype)
+    host = out.reshape(-1).view(np.uint8)
+    for start in range(0, flat.numel(), _STAGE_BYTES):
+        n = min(_STAGE_BYTES, flat.numel() - start)
+        stage[:n].copy_(flat[start : start + n], non_blocking=True)
+        if values.is_cuda:
+            torch.cuda.current_stream(values.device).synchronize()
+        host[start : start + n] = stage[:n].numpy()
+    return out
 
 
 def _attrs(model: Model, method: str, objective: str, options: Mapping[str, Any]) -> dict[str, Any]:
