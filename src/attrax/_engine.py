@@ -145,11 +145,9 @@ class Problem:
         """
         total = weights.shape[0]
         step = total if batch_size is None else batch_size
+        # allocated where the model runs: a host tensor copied over took 20 ms on a GPU (W3)
         sums = [
-            torch.zeros(x.shape[0], self.tensors.valid.shape[1], *x.shape[1:]) for x in self.inputs
-        ]
-        sums = [
-            z.to(dtype=x.dtype, device=x.device) for z, x in zip(sums, self.inputs, strict=True)
+            x.new_zeros(x.shape[0], self.tensors.valid.shape[1], *x.shape[1:]) for x in self.inputs
         ]
         for start in range(0, total, step):  # chunking only: bounds memory
             chunk = torch.arange(start, min(start + step, total))
