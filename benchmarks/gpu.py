@@ -508,7 +508,19 @@ def render(results: dict[str, Any]) -> str:
                 f"{v['median_s'] * 1e3:.0f} ms"
                 for v in var
             )
-            + ". The table above uses eager attention and `chunk_size=32`.\n"
+            + ". The table above uses eager attention and `chunk_size=32`. A `torch.profiler` "
+            "table of one such call is in `benchmarks/gpu-h200-profile-w3-saliency.txt`.\n"
+        )
+        w(
+            "**Below the goal on W3.** attrax does one backward per (target, point) through "
+            "~1100 positions. For W3 IG that is 16 × 50 backwards, about 9 TFLOP: some 0.15 s at "
+            "the H200's float32 rate, so 10× over Captum's 2.2 s is possible in principle, and "
+            "the measured 0.7 s is not bound by arithmetic. The vectorized attention backward materializes "
+            "`[targets × points, heads, n, n]` tensors (7 GB each here), so softmax-backward, "
+            "multiply and copy kernels bound by memory dominate. SDPA's fused backward has no "
+            "`vmap` batching rule: it falls back to one call per sample and is slower still "
+            "(the variants above). A fused, vmap-aware attention backward is what would close the "
+            "gap.\n"
         )
     smoke_rows = results.get("smoke", [])
     if smoke_rows:

@@ -305,6 +305,13 @@ def render_markdown(results: dict[str, Any], png_name: str = "benchmarks.png") -
             f"peak RSS {per}.\n"
         )
     w(f"![attrax speedups]({png_name})\n")
+    gpu = _gpu_summary()
+    if gpu:
+        w(gpu)
+    w(
+        "Why some CPU goals are out of reach for this algorithm (FLOP bounds per workload): "
+        "[the cost model](methods/gradients.md#cost-model-why-the-speed-ups-differ-by-workload).\n"
+    )
 
     # ---------------- time tables
     w("## Time and peak memory\n")
@@ -454,6 +461,33 @@ def render_markdown(results: dict[str, Any], png_name: str = "benchmarks.png") -
         "at 50 steps, exactly that factor.\n"
     )
     return "\n".join(out) + "\n"
+
+
+def _gpu_summary(path: Path = HERE / "gpu-h200.json") -> str:
+    """One paragraph on the GPU run (``benchmarks/gpu.py``), from its committed results."""
+    if not path.exists():
+        return ""
+    import gpu
+
+    results = json.loads(path.read_text())
+    rows = gpu.speedups(results)
+    grad = [r for r in rows if r["method"] != "attention"]
+    if not grad:
+        return ""
+    met = [r for r in grad if r["speedup"] >= gpu.GPU_GOAL]
+    missed = ", ".join(
+        f"{r['workload']} {LABEL[r['method']]} vs {LIB[r['baseline']]} {r['speedup']:.1f}×"
+        for r in grad
+        if r["speedup"] < gpu.GPU_GOAL
+    )
+    return (
+        f"**On a GPU** ({results['meta']['device_name']}, [details](benchmarks-gpu.md)): the "
+        f"gradient methods are ≥ {gpu.GPU_GOAL:.0f}× faster than Captum's and Inseq's loops in "
+        f"{len(met)} of {len(grad)} comparisons (smallest "
+        f"{min(r['speedup'] for r in grad):.1f}×, largest {max(r['speedup'] for r in grad):.0f}×)"
+        + (f"; below: {missed}" if missed else "")
+        + ".\n"
+    )
 
 
 def _goal(results: dict[str, Any], method: str) -> str:
