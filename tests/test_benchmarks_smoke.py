@@ -175,3 +175,22 @@ def test_docs_render_from_results(tmp_path):
     text = (tmp_path / "b.md").read_text()
     assert "| saliency |" in text and "extrapolated" in text
     assert (tmp_path / "b.png").stat().st_size > 1000
+    assert "On a GPU" in text  # the committed GPU results are summarized and linked
+
+
+def test_gpu_report_renders():
+    # the committed GPU results render, and the speedups are the measured time ratios
+    import json
+
+    gpu = _module("gpu")
+    results = json.loads((BENCH / "gpu-h200.json").read_text())
+    rows = gpu.speedups(results)
+    runs_ = {(r["workload"], r["method"], r["library"]): r for r in results["runs"]}
+    for row in rows:
+        a = runs_[(row["workload"], row["method"], "attrax")]
+        b = runs_[(row["workload"], row["method"], row["baseline"])]
+        assert row["speedup"] == pytest.approx(b["median_s"] / a["median_s"])
+        assert not row["extrapolated"]
+    assert all(p["ok"] for p in results["parity"]) and all(s["ok"] for s in results["smoke"])
+    text = gpu.render(results)
+    assert "| W3 | IG |" in text and "Parity" in text
