@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import attrax as ax
+from attrax import _model
 from attrax.testing import save_tiny_model, tiny_model
 from tests.conftest import ARCHS, PAIRS
 
@@ -83,15 +84,35 @@ def test_sdpa_equals_eager():
     np.testing.assert_allclose(sdpa.values, eager.values, rtol=1e-4, atol=1e-7)
 
 
-def test_fused_gelu_only_inside_attrax_calls(models):
-    # GPT-2's gelu_new runs as one fused kernel during attrax's forwards; the user's model keeps
-    # its own activation, and the two agree
-    model = models["gpt2"]
-    acts = model._tanh_gelus
-    assert acts and all(type(a).__name__ == "NewGELUActivation" for a in acts)
-    ax.saliency(model, *PAIRS[0])
-    assert all("forward" not in vars(a) for a in acts)
-    x = torch.linspace(-6, 6, 1001)
-    torch.testing.assert_close(
-        torch.nn.functional.gelu(x, approximate="tanh"), acts[0](x), rtol=1e-6, atol=1e-6
-    )
+def test_activations_only_swapped_inside_attrax_calls(models):
+    # elementwise activations run as one Function with a saved derivative during attrax's
+    # forwards; the user's model keeps its own modules
+    for arch, kinds in (("gpt2", {"gelu_tanh"}), ("llama", {"silu"}), ("t5", {"relu"})):
+        model = models[arch]
+        assert {_model._activation_kind(a) for a in model._activations} == kinds
+        ax.saliency(model, *PAIRS[0])
+        assert all("forward" not in vars(a) for a in model._activations)
+
+
+@pytest.mark.parametrize("kind", ["gelu_tanh", "gelu", "silu", "relu"])
+def test_activation_value_and_derivative_match_autograd(kind):
+    reference = {
+        "gelu_tanh": lambda x: torch.nn.functional.gelu(x, approximate="tanh"),
+        "gelu": torch.nn.functional.gelu,
+        "silu": torch.nn.functional.silu,
+        "relu": torch.relu,
+    }[kind]
+    x = torch.linspace(-6, 6, 1001, dtype=torch.float64).requires_grad_(True)
+    y = _model._Activation.apply(x, kind)[0]
+    (d,) = torch.autograd.grad(y.sum(), x)
+    (d_ref,) = torch.autograd.grad(reference(x).sum(), x)
+    torch.testing.assert_close(y, reference(x), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(d, d_ref, rtol=1e-10, atol=1e-12)
+    # forward mode, and vmap over cotangents (what the engine does)
+    tangent = torch.randn_like(x)
+    _, jvp_out = torch.func.jvp(lambda v: _model._Activation.apply(v, kind)[0], (x,), (tangent,))
+    torch.testing.assert_close(jvp_out, tangent * d_ref, rtol=1e-10, atol=1e-12)
+    _, pullback = torch.func.vjp(lambda v: _model._Activation.apply(v, kind)[0], x)
+    cotangents = torch.randn(3, *x.shape, dtype=x.dtype)
+    (batched,) = torch.vmap(pullback)(cotangents)
+    torch.testing.assert_close(batched, cotangents * d_ref, rtol=1e-10, atol=1e-12)

@@ -29,7 +29,7 @@ from ._inputs import (
     to_tensors,
 )
 from ._label import MISSING_ID, _attrs, _token_strings, label
-from ._model import Model, _capture_before, _fused_gelu, load_model
+from ._model import Model, _capture_before, _fast_activations, load_model
 
 ModelLike = Model | str | os.PathLike[str]
 Selection = int | range | slice | Sequence[int] | None
@@ -321,7 +321,11 @@ def _eager(model: Model) -> Iterator[None]:
 @torch.no_grad()
 def _forward(model: Model, t: Tensors) -> Any:
     """One teacher-forced forward returning attention maps; the head computes no logits."""
-    with _eager(model), _capture_before(model._head, t.index, []), _fused_gelu(model._tanh_gelus):
+    with (
+        _eager(model),
+        _capture_before(model._head, t.index, []),
+        _fast_activations(model._activations),
+    ):
         if model.is_encoder_decoder:
             return model.hf(
                 input_ids=t.ids,
