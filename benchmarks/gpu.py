@@ -294,6 +294,12 @@ def main(argv: list[str] | None = None) -> int:
         "quick": args.quick,
         "ig": {"method": IG_METHOD},
     }
+    try:
+        from run import attrax_source
+
+        meta["attrax_source"] = attrax_source()
+    except Exception as err:  # no git on the machine: the source hash is still recorded
+        meta["attrax_source"] = repr(err)
     for mod in ("transformers", "captum", "inseq", "xarray"):
         try:
             meta[mod] = importlib.metadata.version(mod)
@@ -438,7 +444,9 @@ def render(results: dict[str, Any]) -> str:
     w(
         f"Measured by `python benchmarks/gpu.py` on one {m['device_name']} ({m['started']}); "
         f"Python {m['python']}, torch {m['torch']}, transformers {m['transformers']}, Captum "
-        f"{m['captum']}, Inseq {m['inseq']}. Models, texts, objective, IG steps "
+        f"{m['captum']}, Inseq {m['inseq']}"
+        + (f"; attrax at git {m['attrax_git']}" if m.get("attrax_git") else "")
+        + ". Models, texts, objective, IG steps "
         f"(`{m['ig']['method']}`) and baselines are those of the CPU benchmarks "
         "([benchmarks.md](benchmarks.md)); float32 everywhere, TF32 off. Each cell: one warm-up "
         "call, then at least 3 timed calls adding up to 1 s (at most 10); the median. The clock "
