@@ -421,22 +421,19 @@ def _activation_kind(module: torch.nn.Module) -> str | None:
 
 
 def _value_and_derivative(x: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+    y = _value(x, kind)
     if kind == "gelu_tanh":
-        y = torch.nn.functional.gelu(x, approximate="tanh")
         c, a = math.sqrt(2.0 / math.pi), 0.044715
         t = torch.tanh(c * (x + a * x**3))
         d = 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * c * (1.0 + 3.0 * a * x * x)
     elif kind == "gelu":
-        y = torch.nn.functional.gelu(x)
         d = 0.5 * (1.0 + torch.erf(x / math.sqrt(2.0))) + x * torch.exp(-0.5 * x * x) / math.sqrt(
             2.0 * math.pi
         )
     elif kind == "silu":
-        y = torch.nn.functional.silu(x)
         sig = torch.sigmoid(x)
         d = sig * (1.0 + x * (1.0 - sig))
     else:  # relu
-        y = torch.relu(x)
         d = (x > 0).to(x.dtype)
     return y, d
 
@@ -468,12 +465,28 @@ class _Activation(torch.autograd.Function):
         return tangent * derivative, None
 
 
+def _activation(x: torch.Tensor, kind: str) -> torch.Tensor:
+    if torch.is_grad_enabled():
+        return _Activation.apply(x, kind)[0]
+    return _value(x, kind)  # no backward will follow: no derivative to save
+
+
+def _value(x: torch.Tensor, kind: str) -> torch.Tensor:
+    if kind == "gelu_tanh":
+        return torch.nn.functional.gelu(x, approximate="tanh")
+    if kind == "gelu":
+        return torch.nn.functional.gelu(x)
+    if kind == "silu":
+        return torch.nn.functional.silu(x)
+    return torch.relu(x)
+
+
 @contextlib.contextmanager
 def _fast_activations(modules: Sequence[torch.nn.Module]) -> Iterator[None]:
     """Run elementwise activation ``modules`` as :class:`_Activation`, for attrax's forwards only."""
     for module in modules:
         kind = _activation_kind(module)
-        module.forward = lambda x, kind=kind: _Activation.apply(x, kind)[0]
+        module.forward = lambda x, kind=kind: _activation(x, kind)
     try:
         yield
     finally:
