@@ -36,6 +36,12 @@ def test_load_errors(tmp_path):
         ax.load_model(
             *tiny_model("gpt2")[:1], tokenizer=tiny_model("gpt2")[1], attn_implementation="flash"
         )
+    hf, tok = tiny_model("gpt2")
+    with pytest.raises(ax.OptionError, match="`device` 'gpu'"):
+        ax.load_model(hf, tokenizer=tok, device="gpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ax.OptionError, match="`device` 'cuda'"):
+            ax.load_model(hf, tokenizer=tok, device="cuda")
 
 
 def test_parameters_frozen_and_eval(models):

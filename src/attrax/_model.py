@@ -340,7 +340,14 @@ def load_model(
     if isinstance(tokenizer, (str, os.PathLike)):
         tokenizer = AutoTokenizer.from_pretrained(tokenizer)
     if device is not None:
-        hf_model = hf_model.to(device)
+        try:
+            hf_model = hf_model.to(torch.device(device))
+        except (RuntimeError, AssertionError, TypeError) as err:
+            # torch says "Torch not compiled with CUDA enabled" or lists 20 device types
+            raise OptionError(
+                f"`device` {device!r} is not usable here: {err}. Expected 'cpu', 'cuda', "
+                "'cuda:N' (with a CUDA build and GPU) or 'mps'"
+            ) from err
     return Model(hf_model, tokenizer, name=name)
 
 
