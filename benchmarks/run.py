@@ -190,6 +190,13 @@ class Runner:
             )
             return out["attributions"], out["seconds"], attrax_aggregates(out["dataarray"], method)
         ibs = plan.internal_batch_size if plan else None
+        # the same quantity on both sides: signed gradients, the same IG quadrature and batches
+        common: dict[str, Any] = dict(
+            n_steps=plan.steps if plan else IG_STEPS,
+            ig_method=IG_METHOD,
+            abs=False,
+            internal_batch_size=ibs if method == "integrated_gradients" else None,
+        )
         if self.library == "captum":
             from _baselines import captum_attribute
 
@@ -199,12 +206,9 @@ class Runner:
                 prompt,
                 target,
                 method,
-                n_steps=plan.steps if plan else IG_STEPS,
-                ig_method=IG_METHOD,
                 baseline="inseq",
                 objective="probability",
-                abs=False,
-                internal_batch_size=ibs if method == "integrated_gradients" else None,
+                **common,
             )
         else:
             from _baselines import inseq_attribute
@@ -215,12 +219,9 @@ class Runner:
                 prompt,
                 target,
                 method,
-                n_steps=plan.steps if plan else IG_STEPS,
-                ig_method=IG_METHOD,
-                abs=False,
                 step_scores=(),  # Inseq's default: no step scores
-                internal_batch_size=ibs if method == "integrated_gradients" else None,
                 inseq_model=self.handle,
+                **common,
             )
         return res.attributions, res.seconds, None
 
