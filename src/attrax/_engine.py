@@ -15,6 +15,7 @@ import torch
 from torch.func import jvp, vjp
 
 from ._errors import OptionError
+from ._host import reuse_host_memory
 from ._inputs import Batch, Tensors, to_tensors
 from ._model import Model
 from ._objectives import Objective, scores
@@ -102,12 +103,14 @@ class Problem:
         return torch.cat(blocks, dim=-1)
 
     @torch.no_grad()
+    @reuse_host_memory()
     def evaluate(self, points: tuple[torch.Tensor, ...]) -> torch.Tensor:
         """Scores ``[n, B, K]`` of the targets at ``n`` stacked points (no gradients)."""
         n = points[0].shape[0]
         values = self.score_fn(n)(*(p.flatten(0, 1) for p in points))
         return values.unflatten(0, (n, -1))
 
+    @reuse_host_memory()
     def masked_scores(
         self,
         keep: torch.Tensor,
@@ -130,6 +133,7 @@ class Problem:
             out.append(self.evaluate(points))
         return torch.cat(out)
 
+    @reuse_host_memory()
     def gradient_sum(
         self,
         points: PointFn,
@@ -203,6 +207,7 @@ class Problem:
         vmap_chunk = chunk_size if self.model.is_encoder_decoder else None
         return torch.vmap(pullback, chunk_size=vmap_chunk)(cotangents)
 
+    @reuse_host_memory()
     def directional_sum(
         self,
         points: PointFn,

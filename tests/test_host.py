@@ -1,0 +1,92 @@
+"""Host memory reuse around attrax's computations (``attrax._host``)."""
+
+from __future__ import annotations
+
+import platform
+import resource
+
+import pytest
+import torch
+
+import attrax as ax
+from attrax import _host
+
+
+class FakeLibc:
+    """Records what attrax asks of glibc's malloc."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple] = []
+
+    def mallopt(self, parameter: int, value: int) -> int:
+        self.calls.append(("mallopt", parameter, value))
+        return 1
+
+    def malloc_trim(self, pad: int) -> int:
+        self.calls.append(("malloc_trim", pad))
+        return 1
+
+
+@pytest.fixture
+def fake(monkeypatch: pytest.MonkeyPatch) -> FakeLibc:
+    libc = FakeLibc()
+    monkeypatch.setattr(_host, "_libc", libc)
+    for name in _host.TUNING_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    return libc
+
+
+def settings(parameters: dict[int, int]) -> list[tuple]:
+    return [("mallopt", p, v) for p, v in parameters.items()]
+
+
+def test_set_on_entry_restored_and_trimmed_on_exit(fake):
+    with _host.reuse_host_memory():
+        assert fake.calls == settings(_host.DURING)
+        with _host.reuse_host_memory():  # nested: nothing more until the outermost block ends
+            pass
+        assert fake.calls == settings(_host.DURING)
+    assert fake.calls == [*settings(_host.DURING), *settings(_host.AFTER), ("malloc_trim", 0)]
+    assert _host._depth == 0
+
+
+def test_restored_when_the_block_raises(fake):
+    with pytest.raises(ValueError), _host.reuse_host_memory():
+        raise ValueError("boom")
+    assert fake.calls[-1] == ("malloc_trim", 0)
+    assert _host._depth == 0
+
+
+def test_user_tuning_wins(fake, monkeypatch):
+    monkeypatch.setenv("MALLOC_MMAP_MAX_", "65536")
+    with _host.reuse_host_memory():
+        pass
+    assert fake.calls == []
+
+
+def test_methods_run_inside_the_block(fake, models):
+    ax.saliency(models["gpt2"], "The capital of France is", " Paris")
+    ax.attention(models["gpt2"], "The capital of France is", " Paris")
+    ax.occlusion(models["gpt2"], "The capital of France is", " Paris")
+    starts = [c for c in fake.calls if c == settings(_host.DURING)[0]]
+    assert len(starts) == 3
+    assert fake.calls[-1] == ("malloc_trim", 0)
+
+
+@pytest.mark.skipif(
+    platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc only"
+)
+def test_large_blocks_are_reused_not_faulted_anew(monkeypatch):
+    for name in _host.TUNING_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    pages = (256 << 20) // resource.getpagesize()  # a 256 MiB block: far above mmap's threshold
+
+    def faults_of_second_block() -> int:
+        torch.ones(256 << 18).sum()  # allocated, touched, freed
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        torch.ones(256 << 18).sum()
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+    with _host.reuse_host_memory():
+        # a small block freed in between can split the large one, hence the best of three
+        assert min(faults_of_second_block() for _ in range(3)) < pages // 20
