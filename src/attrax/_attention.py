@@ -17,7 +17,6 @@ import torch
 import xarray as xr
 
 from ._errors import OptionError
-from ._host import reuse_host_memory
 from ._inputs import (
     Tensors,
     Texts,
@@ -323,7 +322,6 @@ def _eager(model: Model) -> Iterator[None]:
 def _forward(model: Model, t: Tensors) -> Any:
     """One teacher-forced forward returning attention maps; the head computes no logits."""
     with (
-        reuse_host_memory(),
         _eager(model),
         _capture_before(model._head, t.index, []),
         _fast_activations(model._activations),

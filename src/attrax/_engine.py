@@ -103,7 +103,6 @@ class Problem:
         return torch.cat(blocks, dim=-1)
 
     @torch.no_grad()
-    @reuse_host_memory()
     def evaluate(self, points: tuple[torch.Tensor, ...]) -> torch.Tensor:
         """Scores ``[n, B, K]`` of the targets at ``n`` stacked points (no gradients)."""
         n = points[0].shape[0]
