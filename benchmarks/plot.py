@@ -305,9 +305,9 @@ def render_markdown(results: dict[str, Any], png_name: str = "benchmarks.png") -
             f"peak RSS {per}.\n"
         )
     w(f"![attrax speedups]({png_name})\n")
-    gpu = _gpu_summary()
-    if gpu:
-        w(gpu)
+    for summary in (_gpu_summary(), _malloc_summary(results)):
+        if summary:
+            w(summary)
     w(
         "Why some CPU goals are out of reach for this algorithm (FLOP bounds per workload): "
         "[the cost model](methods/gradients.md#cost-model-why-the-speed-ups-differ-by-workload).\n"
@@ -487,6 +487,34 @@ def _gpu_summary(path: Path = HERE / "gpu-h200.json") -> str:
         f"{min(r['speedup'] for r in grad):.1f}×, largest {max(r['speedup'] for r in grad):.0f}×)"
         + (f"; below: {missed}" if missed else "")
         + ".\n"
+    )
+
+
+def _malloc_summary(results: dict[str, Any], path: Path = HERE / "malloc-tuned.json") -> str:
+    """One paragraph on a run with glibc's malloc tuned for every library, if one is committed."""
+    if not path.exists():
+        return ""
+    tuned = json.loads(path.read_text())
+    env = " ".join(f"{k}={v}" for k, v in tuned["meta"].get("malloc_env", {}).items())
+    default, measured = _runs(results), _runs(tuned)
+    rows = []
+    for r in tuned["speedups"]:
+        key = (r["workload"], r["method"], r["baseline"])
+        before = default.get(key)
+        was = f", {_fmt_s(before['median_s'])} s by default" if before else ""
+        star = "\\*" if r["extrapolated"] else ""
+        rows.append(
+            f"{r['workload']} {LABEL[r['method']]} {r['speedup']:.1f}×{star} vs "
+            f"{LIB[r['baseline']]} ({LIB[r['baseline']]} {_fmt_s(measured[key]['median_s'])} s"
+            f"{was})"
+        )
+    return (
+        f"**Every library with glibc's malloc tuned** (`{env}` for every process, in which case "
+        "attrax leaves malloc alone; one round, one timed call each; `benchmarks/"
+        f"{path.name}`): " + "; ".join(rows) + ". Captum and Inseq gain from the same setting. "
+        "Part of the gap in the tables below is therefore attrax tuning malloc for its own "
+        "vectorized backward ([host memory](methods/gradients.md#host-memory)), which users do "
+        "not usually do for Captum and Inseq.\n"
     )
 
 

@@ -114,9 +114,7 @@ def plans(quick: bool) -> dict[str, Plan]:
     return {
         "W1": Plan("W1", "gpt2", 32, 32, none, none),
         "W2": Plan("W2", "marian", 32, 32, none, none),
-        "W3": Plan(
-            "W3", "gpt2", 1024, 128, w3_base, none | {"integrated_gradients": 2}, 16, 10, 10
-        ),
+        "W3": Plan("W3", "gpt2", 1024, 128, w3_base, none | {"integrated_gradients": 2}, 8, 10, 10),
     }
 
 
@@ -737,6 +735,10 @@ def main(argv: list[str] | None = None) -> int:
             "baseline": "inseq (unk everywhere, EOS kept)",
         },
         "machine": machine_info(),
+        # glibc malloc tuning applies to every library; when set, attrax leaves malloc alone
+        "malloc_env": {
+            k: v for k, v in os.environ.items() if k.startswith("MALLOC_") or k == "GLIBC_TUNABLES"
+        },
         "attrax_source": attrax_source(),
         "versions": versions(),
         "load_start": list(os.getloadavg()),
