@@ -11,6 +11,7 @@ import xarray as xr
 
 import attrax as ax
 from attrax._engine import Problem
+from attrax.testing import tiny_model
 from tests import _naive
 from tests.conftest import PAIRS
 
@@ -354,3 +355,75 @@ def test_pipe_reduces_hidden_inside_the_method(models, monkeypatch, reduction):
 def test_pipe_does_not_fuse_other_dims(models):
     da = ax.pipe(ax.saliency, ax.sum("source"))(models["gpt2"], *PAIRS[0])
     assert da.dims == ("target", "hidden")
+
+
+@pytest.fixture
+def sdpa_always(monkeypatch):
+    """``attn_implementation="auto"`` picks SDPA at every length. ``watch(model)`` returns the list
+    of attention implementations the model's forwards run with from then on."""
+    from attrax import _model
+
+    monkeypatch.setattr(_model, "SDPA_MIN_TOKENS", 1)
+    hooks = []
+
+    def watch(model: ax.Model) -> list[str]:
+        seen: list[str] = []
+        # every attention module reads its config when it runs; T5's stacks hold config copies
+        configs = {id(m.config): m.config for m in model.hf.modules() if hasattr(m, "config")}
+
+        def record(module, args):
+            seen.extend({c._attn_implementation for c in configs.values()})
+
+        hooks.append(model.hf.register_forward_pre_hook(record))
+        return seen
+
+    yield watch
+    for hook in hooks:
+        hook.remove()
+
+
+@pytest.mark.parametrize("method", ["saliency", "integrated_gradients"])
+def test_sdpa_path_equals_naive_loop(models, arch, method, sdpa_always):
+    # the naive loop runs the model as loaded (eager attention)
+    model = models[arch]
+    source, target = PAIRS[2]
+    attribute_target = model.is_encoder_decoder
+    seen = sdpa_always(model)
+    got = METHODS[method](model, source, target, attribute_target=attribute_target)
+    assert set(seen) == {"sdpa"}
+    assert model.hf.config._attn_implementation == "eager"  # switched back
+    want = naive_attribution(model, source, target, method, attribute_target=attribute_target)
+    assert_matches(got.values, want)
+
+
+@pytest.mark.parametrize("arch", ["llama", "bart"])
+def test_sdpa_path_batched_equals_single(models, arch, sdpa_always):
+    # padded batches give SDPA an attention mask, single examples may not
+    model = models[arch]
+    sources, targets = [p[0] for p in PAIRS], [p[1] for p in PAIRS]
+    seen = sdpa_always(model)
+    batched = ax.saliency(model, sources, targets)
+    assert set(seen) == {"sdpa"}
+    for i, (source, target) in enumerate(PAIRS):
+        single = ax.saliency(model, source, target)
+        row = batched.isel(example=i).sel(target=single.target, source=single.source)
+        assert_matches(row.values, naive_attribution(model, source, target, "saliency"))
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "t5"])
+def test_forward_mode_runs_eager_attention(models, arch, sdpa_always):
+    # SDPA's fused kernels have no forward-mode derivative; a model loaded with "sdpa" still works
+    model = models[arch]
+    source, target = PAIRS[1]
+    seen = sdpa_always(model)
+    got = ax.input_x_gradient(model, source, target, reduce_hidden="sum", mode="forward")
+    assert set(seen) == {"eager"}
+    want = naive_attribution(model, source, target, "input_x_gradient")
+    assert_matches(got.values, want.sum(-1))
+    hf, tok = tiny_model(arch)  # an explicit "sdpa" model, as a user loads it
+    explicit = ax.load_model(hf, tokenizer=tok, attn_implementation="sdpa")
+    seen = sdpa_always(explicit)
+    again = ax.input_x_gradient(explicit, source, target, reduce_hidden="sum", mode="forward")
+    assert_matches(again.values, want.sum(-1))
+    assert set(seen) == {"eager"}
+    assert explicit.hf.config._attn_implementation == "sdpa"

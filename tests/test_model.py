@@ -122,3 +122,43 @@ def test_activation_value_and_derivative_match_autograd(kind):
     cotangents = torch.randn(3, *x.shape, dtype=x.dtype)
     (batched,) = torch.vmap(pullback)(cotangents)
     torch.testing.assert_close(batched, cotangents * d_ref, rtol=1e-10, atol=1e-12)
+
+
+def test_auto_attention_policy(models, monkeypatch):
+    model = models["gpt2"]
+    assert model.attn_implementation == "auto"
+    assert model.hf.config._attn_implementation == "eager"  # what runs between attrax calls
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    low = _model.SDPA_MIN_TOKENS
+    assert model.attention_for(low - 1, cpu) == "eager"
+    assert model.attention_for(low, cpu) == "sdpa"
+    assert model.attention_for(4 * low, gpu) == "eager"  # eager measured faster on a GPU
+    monkeypatch.setattr(model.hf, "_supports_sdpa", False)
+    assert model.attention_for(4 * low, cpu) == "eager"
+    for explicit in ("eager", "sdpa"):
+        hf, tok = tiny_model("gpt2")
+        chosen = ax.load_model(hf, tokenizer=tok, attn_implementation=explicit)
+        assert chosen.attn_implementation == explicit
+        assert chosen.hf.config._attn_implementation == explicit
+        assert chosen.attention_for(1, cpu) == chosen.attention_for(4 * low, cpu) == explicit
+    with pytest.raises(ax.OptionError, match="`attn_implementation` must be one of"):
+        ax.Model(hf, tok, attn_implementation="flash")
+
+
+@pytest.mark.parametrize("arch", ["llama", "t5"])
+def test_sdpa_forwards_equal_eager_forwards(models, arch, monkeypatch):
+    # perturbation methods only run forwards; "auto" gives long inputs SDPA there too
+    model = models[arch]
+    sources, targets = [p[0] for p in PAIRS], [p[1] for p in PAIRS]
+    eager = ax.occlusion(model, sources, targets)
+    monkeypatch.setattr(_model, "SDPA_MIN_TOKENS", 1)
+    ran = []
+    hook = model.hf.register_forward_pre_hook(
+        lambda m, a: ran.append(m.config._attn_implementation)
+    )
+    try:
+        sdpa = ax.occlusion(model, sources, targets)
+    finally:
+        hook.remove()
+    assert set(ran) == {"sdpa"}
+    np.testing.assert_allclose(sdpa.values, eager.values, rtol=1e-4, atol=1e-6)

@@ -7,9 +7,8 @@ implementation is switched to eager for the duration of the call and switched ba
 
 from __future__ import annotations
 
-import contextlib
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -304,25 +303,11 @@ def _check_bool(value: object, name: str) -> None:
         raise OptionError(f"`{name}` must be a bool, got {value!r}")
 
 
-@contextlib.contextmanager
-def _eager(model: Model) -> Iterator[None]:
-    hf = model.hf
-    previous = getattr(hf.config, "_attn_implementation", None)
-    if previous in (None, "eager"):
-        yield
-        return
-    hf.set_attn_implementation("eager")
-    try:
-        yield
-    finally:
-        hf.set_attn_implementation(previous)
-
-
 @torch.no_grad()
 def _forward(model: Model, t: Tensors) -> Any:
     """One teacher-forced forward returning attention maps; the head computes no logits."""
     with (
-        _eager(model),
+        model.attention_as("eager"),
         _capture_before(model._head, t.index, []),
         _fast_activations(model._activations),
     ):
@@ -372,7 +357,7 @@ def _encoder_attention(
     for i, ids in enumerate(sources):
         _check_length(model, ids, (), _at(i, single))
     ids, mask = _pad(sources, model.pad_token_id or 0)
-    with torch.no_grad(), _eager(model):
+    with torch.no_grad(), model.attention_as("eager"):
         out = model.hf.get_encoder()(
             input_ids=ids.to(model.device),
             attention_mask=mask.to(model.device),

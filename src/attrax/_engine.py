@@ -8,6 +8,7 @@ weights and what multiplies the weighted gradient sum.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -22,6 +23,7 @@ from ._objectives import Objective, scores
 
 # points[i] for i in a chunk of indices -> one tensor [n, B, L, H] per attributed side
 PointFn = Callable[[torch.Tensor], tuple[torch.Tensor, ...]]
+_NO_BATCHING_RULE = r"There is a performance drop .* batching rule for aten::_scaled_dot_product"
 
 
 @dataclass(frozen=True)
@@ -54,11 +56,14 @@ class Problem:
                     decoder_embeds = None
         return cls(model, batch, tensors, objective, inputs, decoder_embeds)
 
-    def hidden_fn(self, n: int, slots: slice = slice(None)) -> Callable[..., torch.Tensor]:
+    def hidden_fn(
+        self, n: int, slots: slice = slice(None), forward_mode: bool = False
+    ) -> Callable[..., torch.Tensor]:
         """``h(*embeds)``: head inputs ``[n * B, k, H]`` at the attributed positions ``slots``.
 
         ``n`` stacked copies of the batch. A decoder-only sequence may be passed cut short: only
-        positions up to the last attributed one matter (causal attention).
+        positions up to the last attributed one matter (causal attention). ``forward_mode`` when
+        ``h`` is differentiated with ``jvp``.
         """
         t = self.tensors
         index = t.index[:, slots].repeat(n, 1)
@@ -71,7 +76,9 @@ class Problem:
         def h(*embeds: torch.Tensor) -> torch.Tensor:
             decoder = embeds[1] if len(embeds) > 1 else fixed_decoder
             cut = mask[:, : embeds[0].shape[1]]
-            return self.model.hidden_at(embeds[0], cut, index, decoder, decoder_mask)
+            return self.model.hidden_at(
+                embeds[0], cut, index, decoder, decoder_mask, forward_mode=forward_mode
+            )
 
         return h
 
@@ -204,7 +211,11 @@ class Problem:
         one_hot = torch.eye(width, dtype=hidden.dtype, device=hidden.device)
         cotangents = one_hot[:, None, :, None] * head_grad[None]
         vmap_chunk = chunk_size if self.model.is_encoder_decoder else None
-        return torch.vmap(pullback, chunk_size=vmap_chunk)(cotangents)
+        with warnings.catch_warnings():
+            # SDPA's backward has no batching rule: vmap runs it once per target, which attrax
+            # chose knowingly (Model.attention_for), so the warning would only be noise
+            warnings.filterwarnings("ignore", _NO_BATCHING_RULE, UserWarning)
+            return torch.vmap(pullback, chunk_size=vmap_chunk)(cotangents)
 
     @reuse_host_memory()
     def directional_sum(
@@ -231,7 +242,7 @@ class Problem:
             stacked = points(chunk)
             n = stacked[0].shape[0]
             flat = tuple(p.flatten(0, 1) for p in stacked)
-            body = self.hidden_fn(n)
+            body = self.hidden_fn(n, forward_mode=True)
             with torch.no_grad():
                 hidden = body(*flat)
             _, head_pullback = vjp(self.head_scores, hidden)
