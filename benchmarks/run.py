@@ -151,11 +151,21 @@ def first_target_text(tok, prompt: str, target: str, k: int | None, kind: str) -
 class Runner:
     """Holds what one library needs for one model (loaded once), runs one method."""
 
-    def __init__(self, library: str, kind: str, method: str, device: str | None = None):
+    def __init__(
+        self,
+        library: str,
+        kind: str,
+        method: str,
+        device: str | None = None,
+        baseline_attn: str = "eager",
+    ):
         import _models
 
         self.library, self.kind, self.method = library, kind, method
-        self.hf, self.tok = _models.load(kind)
+        # attrax picks its attention per call (its default "auto"); Inseq's attention method needs
+        # eager attention maps
+        attn = "eager" if library == "attrax" or method == "attention" else baseline_attn
+        self.hf, self.tok = _models.load(kind, attn_implementation=attn)
         if device is not None:
             self.hf.to(device)  # Inseq keeps a model's device on a GPU machine; so do the others
         self.handle: Any = None
@@ -260,7 +270,7 @@ def worker(spec_path: str) -> None:
     for job in spec["jobs"]:
         method = job["method"]
         t0 = time.perf_counter()
-        runner = Runner(library, plan.kind, method)
+        runner = Runner(library, plan.kind, method, baseline_attn=spec["baseline_attn"])
         setup_seconds = time.perf_counter() - t0
         setup_hwm = _status_kb("VmHWM")
         setup_rss = _status_kb("VmRSS")
@@ -354,6 +364,7 @@ def measure(
         "warm_prompt": warm[0],
         "warm_target": warm[1],
         "threads": args.threads,
+        "baseline_attn": args.baseline_attn,
         "repeats": args.repeats,
         "budget": args.budget,
         "min_time": 0.0 if args.quick else MIN_TIME,
@@ -601,6 +612,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--libraries", default=",".join(LIBRARIES), help="attrax is always run")
     p.add_argument("--threads", type=int, default=2, help="torch threads for every library")
     p.add_argument(
+        "--baseline-attn",
+        choices=("eager", "sdpa"),
+        default="eager",
+        help="attention implementation of Captum's and Inseq's model for the gradient methods "
+        "(default eager: Inseq's own default; transformers' from_pretrained default is sdpa). "
+        "attrax always runs with its default, attn_implementation='auto'",
+    )
+    p.add_argument(
         "--rounds",
         type=int,
         default=None,
@@ -721,6 +740,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": command.strip(),
         "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "threads": args.threads,
+        "baseline_attn": args.baseline_attn,
         "repeats": args.repeats,
         "rounds": args.rounds,
         "round_limit_s": args.round_limit,
@@ -761,8 +781,14 @@ def main(argv: list[str] | None = None) -> int:
         if previous.get("status") != "ok":
             p.error(f"--update: {args.out} has status {previous.get('status')!r}, not 'ok'")
         old = previous["meta"]
-        if old["threads"] != args.threads or old["quick"] != args.quick:
-            p.error("--update: --threads and --quick must match the results being updated")
+        same = ("threads", "quick", "baseline_attn")
+        if any(
+            old.get(k, "eager" if k == "baseline_attn" else None) != vars(args)[k] for k in same
+        ):
+            p.error(
+                "--update: --threads, --quick and --baseline-attn must match the results being "
+                "updated"
+            )
 
     def merged() -> dict[str, Any]:
         """With --update: the previous results, with this run's (workload, method) replaced."""
