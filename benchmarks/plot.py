@@ -168,9 +168,12 @@ def render_markdown(results: dict[str, Any], png_name: str = "benchmarks.png") -
         f"{meta['started']} – {meta.get('finished', '?')}.\n"
     )
     for u in meta.get("updates", []):
+        source = u.get("attrax_source")
         w(
             f"Updated by `{u['command']}`, {u['started']} – {u['finished']} (load average "
-            f"{u['load_start'][0]:.2f} at its start): re-measured {', '.join(u['replaced'])}.\n"
+            f"{u['load_start'][0]:.2f} at its start"
+            + (f"; attrax {_source_text(source)}" if source else "")
+            + f"): re-measured {', '.join(u['replaced'])}.\n"
         )
     w("## Set-up\n")
     w(
@@ -183,12 +186,7 @@ def render_markdown(results: dict[str, Any], png_name: str = "benchmarks.png") -
     )
     src = meta.get("attrax_source")
     if src:
-        changed = len(src.get("uncommitted") or [])
-        w(
-            f"* attrax source: git {src.get('git_head')}"
-            + (f" plus {changed} uncommitted file(s) under src/attrax" if changed else "")
-            + f" (sha256 of src/attrax/*.py: {src['sha256_src']})."
-        )
+        w(f"* attrax source: {_source_text(src)}.")
     w(
         f"* Threads: `torch.set_num_threads({meta['threads']})` (and `OMP_NUM_THREADS` / "
         f"`MKL_NUM_THREADS`) in every measurement process, for every library."
@@ -492,6 +490,15 @@ def _gpu_summary(path: Path = HERE / "gpu-h200.json") -> str:
         f"{min(r['speedup'] for r in grad):.1f}×, largest {max(r['speedup'] for r in grad):.0f}×)"
         + (f"; below: {missed}" if missed else "")
         + ".\n"
+    )
+
+
+def _source_text(src: dict[str, Any]) -> str:
+    changed = len(src.get("uncommitted") or [])
+    return (
+        f"git {src.get('git_head')}"
+        + (f" plus {changed} uncommitted file(s) under src/attrax" if changed else "")
+        + f" (sha256 of src/attrax/*.py: {src['sha256_src']})"
     )
 
 

@@ -810,7 +810,15 @@ def main(argv: list[str] | None = None) -> int:
         out["meta"]["plans"] = {**previous["meta"]["plans"], **meta["plans"]}
         update = {
             k: meta.get(k)
-            for k in ("command", "started", "finished", "load_start", "load_end", "versions")
+            for k in (
+                "command",
+                "started",
+                "finished",
+                "load_start",
+                "load_end",
+                "versions",
+                "attrax_source",
+            )
         }
         update["replaced"] = sorted(f"{w} {m}" for w, m in chosen)
         out["meta"]["updates"] = [*previous["meta"].get("updates", []), update]

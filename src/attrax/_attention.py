@@ -122,7 +122,7 @@ def attention(
     chosen_layers = _indices(layers, len(maps[0]), "layers", "layers")
     chosen_heads = _indices(heads, maps[0][0].shape[1], "heads", "heads per layer")
     sides = [_rows(m, chosen_layers, chosen_heads, tensors.index) for m in maps]
-    da = label(
+    return label(
         model,
         batch,
         sides,
@@ -130,8 +130,8 @@ def attention(
         objective="none",
         options=options,
         trailing=("layer", "head"),
+        trailing_coords={"layer": chosen_layers, "head": chosen_heads},
     )
-    return da.assign_coords(layer=chosen_layers, head=chosen_heads)
 
 
 def rollout(

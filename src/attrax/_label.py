@@ -29,13 +29,15 @@ def label(
     options: Mapping[str, Any],
     trailing: Sequence[str] = ("hidden",),
     target_coords: Mapping[str, torch.Tensor | np.ndarray] | None = None,
+    trailing_coords: Mapping[str, Sequence[int]] | None = None,
     name: str = "attribution",
 ) -> xr.DataArray:
     """Label per-example values ``[B, K, L, *trailing]`` (one array per source side).
 
     ``sides[0]`` covers the decoder-only sequence or the encoder input; ``sides[1]`` (optional)
     the decoder input of an encoder-decoder model. ``K`` follows each example's ``positions``.
-    ``target_coords`` are extra ``[B, K]`` values along the target dim (e.g. completeness gaps).
+    ``target_coords`` are extra ``[B, K]`` values along the target dim (e.g. completeness gaps);
+    ``trailing_coords`` label trailing dims (e.g. which layers were kept).
     NaN marks padding and sources at or after the target position on the target side.
     """
     examples = batch.examples
@@ -94,6 +96,7 @@ def label(
         for b, example in enumerate(examples):
             dense[b, [row_of[p] for p in example.positions]] = raw[b, : len(example.positions)]
         coords[key] = (("example", "target"), dense)
+    coords.update(trailing_coords or {})
     if examples[0].contrast_ids is not None:
         contrast = np.full((len(examples), len(targets)), MISSING_ID, dtype=np.int64)
         for b, example in enumerate(examples):

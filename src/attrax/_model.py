@@ -23,10 +23,10 @@ from ._errors import ModelError, OptionError
 
 ATTENTION_IMPLEMENTATIONS = ("auto", "eager", "sdpa")
 # With attn_implementation="auto", a forward on the CPU attending over at least this many tokens
-# runs SDPA's fused kernel. Under attrax's vectorized backward it was 1.7x faster than eager
-# attention at 1152 tokens, and 6% faster at 256, on the 2-core benchmark machine. Below that,
-# eager's batched matmuls win (5-10% at 64 tokens); on an H200 eager won even at 1152 tokens, since
-# SDPA's backward has no vmap batching rule and runs once per target there.
+# runs SDPA's fused kernel. Under attrax's vectorized backward, on the 2-core benchmark machine,
+# it was 1.7x faster than eager attention at 1152 tokens, 6% faster at 288, 3% slower at 160 and
+# 5-10% slower at 64. On an H200 eager won even at 1152 tokens: SDPA's backward has no vmap
+# batching rule, so it runs once per target.
 SDPA_MIN_TOKENS = 256
 
 
