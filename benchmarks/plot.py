@@ -307,8 +307,7 @@ def render_markdown(results: dict[str, Any], png_name: str = "benchmarks.png") -
             f"peak RSS {per}.\n"
         )
     w(f"![attrax speedups]({png_name})\n")
-    variants = (HERE / "malloc-tuned.json", HERE / "baselines-sdpa.json")
-    for summary in (_gpu_summary(), *(_variant_summary(results, v) for v in variants)):
+    for summary in (_gpu_summary(), _malloc_summary(results), _attention_summary(results)):
         if summary:
             w(summary)
     w(
@@ -502,11 +501,8 @@ def _source_text(src: dict[str, Any]) -> str:
     )
 
 
-def _variant_summary(results: dict[str, Any], path: Path) -> str:
-    """One paragraph on a committed run of the same workloads under changed conditions."""
-    if not path.exists():
-        return ""
-    variant = json.loads(path.read_text())
+def _variant_rows(results: dict[str, Any], variant: dict[str, Any]) -> str:
+    """A committed variant run's speedups, each with the baseline's time there and by default."""
     default, measured = _runs(results), _runs(variant)
     rows = []
     for r in variant["speedups"]:
@@ -519,30 +515,37 @@ def _variant_summary(results: dict[str, Any], path: Path) -> str:
             f"{LIB[r['baseline']]} ({LIB[r['baseline']]} {_fmt_s(measured[key]['median_s'])} s"
             f"{was})"
         )
-    meta = variant["meta"]
-    if path.name == "malloc-tuned.json":
-        env = " ".join(f"{k}={v}" for k, v in meta.get("malloc_env", {}).items())
-        head = (
-            f"**Every library with glibc's malloc tuned** (`{env}` for every process, in which "
-            "case attrax leaves malloc alone"
-        )
-        tail = (
-            "Captum and Inseq gain from the same setting. Part of the gap in the tables below is "
-            "therefore attrax tuning malloc for its own vectorized backward ([host memory]"
-            "(methods/gradients.md#host-memory)), which users do not usually do for Captum and "
-            "Inseq."
-        )
-    else:
-        head = (
-            f"**Captum and Inseq with `{meta.get('baseline_attn')}` attention** (`--baseline-attn "
-            f"{meta.get('baseline_attn')}`, the attention attrax itself runs on these lengths"
-        )
-        tail = (
-            "SDPA speeds the loops up too, but less: their time goes mostly to the "
-            "full-vocabulary projection at every prefix position, attrax's to attention."
-        )
-    return f"{head}; one round, one timed call each; `benchmarks/{path.name}`): " + (
-        "; ".join(rows) + f". {tail}\n"
+    return "; ".join(rows)
+
+
+def _malloc_summary(results: dict[str, Any], path: Path = HERE / "malloc-tuned.json") -> str:
+    """One paragraph on a run with glibc's malloc tuned for every library, if one is committed."""
+    if not path.exists():
+        return ""
+    tuned = json.loads(path.read_text())
+    env = " ".join(f"{k}={v}" for k, v in tuned["meta"].get("malloc_env", {}).items())
+    return (
+        f"**Every library with glibc's malloc tuned** (`{env}` for every process, in which case "
+        "attrax leaves malloc alone; one round, one timed call each; `benchmarks/"
+        f"{path.name}`): {_variant_rows(results, tuned)}. Captum and Inseq gain from the same "
+        "setting. Part of the gap in the tables below is therefore attrax tuning malloc for its "
+        "own vectorized backward ([host memory](methods/gradients.md#host-memory)), which users "
+        "do not usually do for Captum and Inseq.\n"
+    )
+
+
+def _attention_summary(results: dict[str, Any], path: Path = HERE / "baselines-sdpa.json") -> str:
+    """One paragraph on a run with the baselines on another attention, if one is committed."""
+    if not path.exists():
+        return ""
+    variant = json.loads(path.read_text())
+    attn = variant["meta"]["baseline_attn"]
+    return (
+        f"**Captum and Inseq with `{attn}` attention** (`--baseline-attn {attn}`, the attention "
+        "attrax itself runs on these lengths; one round, one timed call each; `benchmarks/"
+        f"{path.name}`): {_variant_rows(results, variant)}. SDPA speeds the loops up too, but "
+        "less: their time goes mostly to the full-vocabulary projection at every prefix "
+        "position, attrax's to attention.\n"
     )
 
 
