@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import attrax as ax
+from attrax import _model
 from attrax.testing import tiny_model
 
 # tiny models gain nothing from intra-op threads, and on a busy 2-core machine a second thread
@@ -41,3 +42,26 @@ def arch(request: pytest.FixtureRequest) -> str:
 @pytest.fixture
 def model(models: dict[str, ax.Model], arch: str) -> ax.Model:
     return models[arch]
+
+
+@pytest.fixture
+def sdpa_always(monkeypatch):
+    """``attn_implementation="auto"`` picks SDPA at every length. ``watch(model)`` returns the list
+    of attention implementations the model's forwards run with from then on."""
+    monkeypatch.setattr(_model, "SDPA_MIN_TOKENS", 1)
+    hooks = []
+
+    def watch(model: ax.Model) -> list[str]:
+        seen: list[str] = []
+        # every attention module reads its config when it runs; T5's stacks hold config copies
+        configs = {id(m.config): m.config for m in model.hf.modules() if hasattr(m, "config")}
+
+        def record(module, args):
+            seen.extend({c._attn_implementation for c in configs.values()})
+
+        hooks.append(model.hf.register_forward_pre_hook(record))
+        return seen
+
+    yield watch
+    for hook in hooks:
+        hook.remove()

@@ -357,31 +357,6 @@ def test_pipe_does_not_fuse_other_dims(models):
     assert da.dims == ("target", "hidden")
 
 
-@pytest.fixture
-def sdpa_always(monkeypatch):
-    """``attn_implementation="auto"`` picks SDPA at every length. ``watch(model)`` returns the list
-    of attention implementations the model's forwards run with from then on."""
-    from attrax import _model
-
-    monkeypatch.setattr(_model, "SDPA_MIN_TOKENS", 1)
-    hooks = []
-
-    def watch(model: ax.Model) -> list[str]:
-        seen: list[str] = []
-        # every attention module reads its config when it runs; T5's stacks hold config copies
-        configs = {id(m.config): m.config for m in model.hf.modules() if hasattr(m, "config")}
-
-        def record(module, args):
-            seen.extend({c._attn_implementation for c in configs.values()})
-
-        hooks.append(model.hf.register_forward_pre_hook(record))
-        return seen
-
-    yield watch
-    for hook in hooks:
-        hook.remove()
-
-
 @pytest.mark.parametrize("method", ["saliency", "integrated_gradients"])
 def test_sdpa_path_equals_naive_loop(models, arch, method, sdpa_always):
     # the naive loop runs the model as loaded (eager attention)

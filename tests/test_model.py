@@ -146,19 +146,15 @@ def test_auto_attention_policy(models, monkeypatch):
 
 
 @pytest.mark.parametrize("arch", ["llama", "t5"])
-def test_sdpa_forwards_equal_eager_forwards(models, arch, monkeypatch):
+def test_sdpa_forwards_equal_eager_forwards(models, arch, sdpa_always):
     # perturbation methods only run forwards; "auto" gives long inputs SDPA there too
     model = models[arch]
     sources, targets = [p[0] for p in PAIRS], [p[1] for p in PAIRS]
-    eager = ax.occlusion(model, sources, targets)
-    monkeypatch.setattr(_model, "SDPA_MIN_TOKENS", 1)
-    ran = []
-    hook = model.hf.register_forward_pre_hook(
-        lambda m, a: ran.append(m.config._attn_implementation)
+    hf, tok = tiny_model(arch)  # the same weights, on eager attention whatever the length
+    eager = ax.occlusion(
+        ax.load_model(hf, tokenizer=tok, attn_implementation="eager"), sources, targets
     )
-    try:
-        sdpa = ax.occlusion(model, sources, targets)
-    finally:
-        hook.remove()
-    assert set(ran) == {"sdpa"}
+    seen = sdpa_always(model)
+    sdpa = ax.occlusion(model, sources, targets)
+    assert set(seen) == {"sdpa"}
     np.testing.assert_allclose(sdpa.values, eager.values, rtol=1e-4, atol=1e-6)
