@@ -121,3 +121,30 @@ def test_attribute_dataset_command(tmp_path, capsys):
     assert main(["attribute-dataset", "--data", str(data), "--out", str(out), "--quiet"]) == 0
     assert "1 record in 1 shard" in capsys.readouterr().out
     assert ax.load(out / "shard-00000.nc").id.values.tolist() == ["a"]
+
+
+def test_help_and_import_load_neither_torch_nor_transformers():
+    """`import attrax` and `attrax --help` answer at once: heavy imports wait for a name's use."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, attrax\n"
+        "from attrax.cli import main\n"
+        "try:\n"
+        "    main(['--help'])\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "print(sorted(m for m in ('torch', 'transformers', 'xarray') if m in sys.modules))\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "attribute-dataset" in run.stdout
+    assert run.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_every_public_name_resolves():
+    for name in ax.__all__:
+        assert getattr(ax, name) is not None, name
+    assert set(ax.__all__) <= set(dir(ax))
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        ax.nope  # noqa: B018
