@@ -7,7 +7,6 @@ implementation is switched to eager for the duration of the call and switched ba
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -27,10 +26,9 @@ from ._inputs import (
     prepare,
     to_tensors,
 )
-from ._label import MISSING_ID, _attrs, _token_strings, label
-from ._model import Model, _capture_before, _fast_activations, load_model
+from ._label import MISSING_ID, label, run_attrs, token_strings
+from ._model import Model, ModelLike, capture_before, fast_activations, load_model
 
-ModelLike = Model | str | os.PathLike[str]
 Selection = int | range | slice | Sequence[int] | None
 KINDS = ("self", "cross", "encoder")
 
@@ -308,8 +306,8 @@ def _forward(model: Model, t: Tensors) -> Any:
     """One teacher-forced forward returning attention maps; the head computes no logits."""
     with (
         model.attention_as("eager"),
-        _capture_before(model._head, t.index, []),
-        _fast_activations(model._activations),
+        capture_before(model._head, t.index, []),
+        fast_activations(model._activations),
     ):
         if model.is_encoder_decoder:
             return model.hf(
@@ -371,7 +369,7 @@ def _encoder_attention(
     real = mask.bool().numpy()
     data[~(real[:, :, None] & real[:, None, :])] = np.nan
     token_ids = np.where(real, ids.numpy(), MISSING_ID)
-    tokens = _token_strings(token_ids, model.tokenizer.convert_ids_to_tokens)
+    tokens = token_strings(token_ids, model.tokenizer.convert_ids_to_tokens)
     width = ids.shape[1]
     da = xr.DataArray(
         data,
@@ -388,6 +386,6 @@ def _encoder_attention(
             "source_token": (("example", "source"), tokens),
         },
         name="attribution",
-        attrs=_attrs(model, "attention", "none", options),
+        attrs=run_attrs(model, "attention", "none", options),
     )
     return da.isel(example=0, drop=True) if single else da

@@ -9,20 +9,22 @@ weights and what multiplies the weighted gradient sum.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch.func import jvp, vjp
 
 from ._errors import OptionError
 from ._host import reuse_host_memory
-from ._inputs import Batch, Tensors, to_tensors
-from ._model import Model
-from ._objectives import Objective, scores
+from ._inputs import Batch, Tensors, Texts, prepare, to_tensors
+from ._model import Model, ModelLike, load_model
+from ._objectives import Objective, resolve, scores
 
 # points[i] for i in a chunk of indices -> one tensor [n, B, L, H] per attributed side
 PointFn = Callable[[torch.Tensor], tuple[torch.Tensor, ...]]
+BASELINES = ("zeros", "pad", "unk")
 _NO_BATCHING_RULE = r"There is a performance drop .* batching rule for aten::_scaled_dot_product"
 
 
@@ -283,3 +285,75 @@ def check_positive_int(value: object, name: str, allow_none: bool = False) -> No
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         extra = " or None" if allow_none else ""
         raise OptionError(f"`{name}` must be a positive integer{extra}, got {value!r}")
+
+
+def setup(
+    model: ModelLike,
+    inputs: Texts,
+    targets: Texts | None,
+    objective: str | Objective,
+    contrast: Texts | None,
+    positions: int | Sequence[int] | None,
+    attribute_target: bool,
+    max_new_tokens: int,
+) -> tuple[str, Problem, dict[str, Any]]:
+    """Check the common options, load the model if given a path, tokenize: the call's Problem."""
+    objective_name, objective_fn = resolve(objective)
+    if not isinstance(attribute_target, bool):
+        raise OptionError(f"`attribute_target` must be a bool, got {attribute_target!r}")
+    model = load_model(model) if not isinstance(model, Model) else model
+    batch = prepare(
+        model,
+        inputs,
+        targets,
+        contrast=contrast,
+        positions=positions,
+        max_new_tokens=max_new_tokens,
+    )
+    problem = Problem.build(model, batch, objective_fn, attribute_target)
+    options = {"attribute_target": attribute_target, "contrast": contrast is not None}
+    if targets is None:
+        options["max_new_tokens"] = max_new_tokens
+    return objective_name, problem, options
+
+
+def baselines(problem: Problem, baseline: str | torch.Tensor | tuple) -> tuple[torch.Tensor, ...]:
+    """The IG / perturbation baseline per attributed side, shaped like ``problem.inputs``."""
+    x = problem.inputs
+    if isinstance(baseline, str):
+        if baseline == "zeros":
+            return tuple(torch.zeros_like(xi) for xi in x)
+        model = problem.model
+        token = model.pad_token_id if baseline == "pad" else model.tokenizer.unk_token_id
+        if token is None:
+            raise OptionError(f"`baseline={baseline!r}`: the tokenizer has no {baseline} token")
+        ids = torch.full((1, 1), token, dtype=torch.long)
+        sides = ("source", "target")
+        return tuple(
+            model.embed(ids, side).detach().expand_as(xi)
+            for side, xi in zip(sides, x, strict=False)
+        )
+    given = baseline if isinstance(baseline, tuple) else (baseline,)
+    if len(given) != len(x):
+        raise OptionError(
+            f"`baseline` must be {len(x)} tensor(s), one per attributed side, got {len(given)}"
+        )
+    out = []
+    for tensor, xi in zip(given, x, strict=True):
+        tensor = torch.as_tensor(tensor, dtype=xi.dtype, device=xi.device)
+        try:
+            out.append(torch.broadcast_to(tensor, xi.shape))
+        except RuntimeError:
+            raise OptionError(
+                f"`baseline` of shape {tuple(tensor.shape)} does not broadcast to the embeddings "
+                f"of shape {tuple(xi.shape)} [batch, length, hidden]"
+            ) from None
+    return tuple(out)
+
+
+def check_baseline(baseline: object) -> None:
+    """Raise an :class:`OptionError` unless ``baseline`` is a name in ``BASELINES`` or tensor(s)."""
+    if not isinstance(baseline, (str, torch.Tensor, tuple)) or (
+        isinstance(baseline, str) and baseline not in BASELINES
+    ):
+        raise OptionError(f"`baseline` must be one of {BASELINES} or a tensor, got {baseline!r}")

@@ -29,12 +29,11 @@ import pandas as pd
 import torch
 import xarray as xr
 
-from ._engine import Problem, check_positive_int
+from ._engine import Problem, baselines, check_baseline, check_positive_int
 from ._errors import InputError, OptionError
-from ._gradients import BASELINES, ModelLike, _baselines
 from ._inputs import Batch, Texts, prepare
 from ._label import MISSING_ID
-from ._model import Model, load_model
+from ._model import Model, ModelLike, load_model
 from ._objectives import OBJECTIVES, Objective, resolve
 
 __all__ = ["ERASER_FRACTIONS", "comprehensiveness", "deletion", "insertion", "sufficiency"]
@@ -265,7 +264,7 @@ def _curve(
 ) -> xr.DataArray:
     _check_attribution(attribution)
     check_positive_int(batch_size, "batch_size", allow_none=True)
-    _check_baseline(baseline)
+    check_baseline(baseline)
     if objective is None:
         known = attribution.attrs.get("objective")
         objective = known if known in OBJECTIVES else "probability"
@@ -280,7 +279,7 @@ def _curve(
     ranked_columns = ranked.rank < ranked.rank.shape[-1]
     # deletion removes the selected sources; insertion keeps them and removes the other ranked ones
     keep = ~selected if remove else selected | ~ranked_columns[:, :, None, :]
-    base = _baselines(problem, baseline)
+    base = baselines(problem, baseline)
     values = _scores(problem, keep, base, batch_size)  # [B, K, F]
     original = problem.evaluate(tuple(x[None] for x in problem.inputs))[0]  # [B, K]
     if metric in ("comprehensiveness", "sufficiency"):
@@ -479,16 +478,6 @@ def _check_attribution(da: object) -> None:
             f"`attribution` must have dims ([example,] target, source) to rank sources, got "
             f"{dims}{hint}"
         )
-
-
-def _check_baseline(baseline: object) -> None:
-    if isinstance(baseline, str):
-        if baseline not in BASELINES:
-            raise OptionError(
-                f"`baseline` must be one of {BASELINES} or a tensor, got {baseline!r}"
-            )
-    elif not isinstance(baseline, (torch.Tensor, tuple)):
-        raise OptionError(f"`baseline` must be one of {BASELINES} or a tensor, got {baseline!r}")
 
 
 def _steps(steps: int) -> np.ndarray:

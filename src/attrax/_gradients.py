@@ -6,7 +6,6 @@ Each is a pure function ``(model, inputs, targets=None, **options) -> DataArray`
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -14,12 +13,12 @@ import numpy as np
 import torch
 import xarray as xr
 
-from ._engine import Problem, check_positive_int
+from ._engine import Problem, baselines, check_baseline, check_positive_int, setup
 from ._errors import InputError, OptionError
-from ._inputs import Texts, prepare
+from ._inputs import Texts
 from ._label import label
-from ._model import Model, load_model
-from ._objectives import Objective, resolve
+from ._model import ModelLike
+from ._objectives import Objective
 
 QUADRATURES = (
     "riemann_left",
@@ -28,10 +27,8 @@ QUADRATURES = (
     "riemann_trapezoid",
     "gausslegendre",
 )
-BASELINES = ("zeros", "pad", "unk")
 HIDDEN_REDUCTIONS = ("l2_norm", "sum")
 MODES = ("auto", "reverse", "forward")
-ModelLike = Model | str | os.PathLike[str]
 
 
 def saliency(
@@ -79,7 +76,7 @@ def saliency(
     check_positive_int(chunk_size, "chunk_size", allow_none=True)
     _check_reduce_hidden(reduce_hidden)
     options = {"abs": abs, "chunk_size": chunk_size}
-    name, problem, run_options = _setup(
+    name, problem, run_options = setup(
         model, inputs, targets, objective, contrast, positions, attribute_target, max_new_tokens
     )
     grads = _gradients(problem, chunk_size)
@@ -118,7 +115,7 @@ def input_x_gradient(
     check_positive_int(chunk_size, "chunk_size", allow_none=True)
     _check_reduce_hidden(reduce_hidden)
     _check_mode(mode, reduce_hidden)
-    name, problem, run_options = _setup(
+    name, problem, run_options = setup(
         model, inputs, targets, objective, contrast, positions, attribute_target, max_new_tokens
     )
     options = {**run_options, "chunk_size": chunk_size, "mode": mode}
@@ -181,15 +178,12 @@ def integrated_gradients(
     _check_reduce_hidden(reduce_hidden)
     _check_mode(mode, reduce_hidden)
     alphas, weights = quadrature(method, steps)
-    if not isinstance(baseline, (str, torch.Tensor, tuple)) or (
-        isinstance(baseline, str) and baseline not in BASELINES
-    ):
-        raise OptionError(f"`baseline` must be one of {BASELINES} or a tensor, got {baseline!r}")
-    name, problem, run_options = _setup(
+    check_baseline(baseline)
+    name, problem, run_options = setup(
         model, inputs, targets, objective, contrast, positions, attribute_target, max_new_tokens
     )
     x = problem.inputs
-    base = _baselines(problem, baseline)
+    base = baselines(problem, baseline)
     delta = tuple(xi - bi for xi, bi in zip(x, base, strict=True))
     alpha = torch.as_tensor(alphas, dtype=x[0].dtype, device=x[0].device)
 
@@ -265,7 +259,7 @@ def smoothgrad(
         raise OptionError(f"`seed` must be an integer, got {seed!r}")
     if isinstance(noise, bool) or not isinstance(noise, (int, float)) or not noise >= 0:
         raise OptionError(f"`noise` must be a non-negative number, got {noise!r}")
-    name, problem, run_options = _setup(
+    name, problem, run_options = setup(
         model, inputs, targets, objective, contrast, positions, attribute_target, max_new_tokens
     )
     x = problem.inputs
@@ -314,35 +308,6 @@ def quadrature(method: str, steps: int) -> tuple[np.ndarray, np.ndarray]:
     return (k + offset) / steps, np.full(steps, 1.0 / steps)
 
 
-def _setup(
-    model: ModelLike,
-    inputs: Texts,
-    targets: Texts | None,
-    objective: str | Objective,
-    contrast: Texts | None,
-    positions: int | Sequence[int] | None,
-    attribute_target: bool,
-    max_new_tokens: int,
-) -> tuple[str, Problem, dict[str, Any]]:
-    objective_name, objective_fn = resolve(objective)
-    if not isinstance(attribute_target, bool):
-        raise OptionError(f"`attribute_target` must be a bool, got {attribute_target!r}")
-    model = load_model(model) if not isinstance(model, Model) else model
-    batch = prepare(
-        model,
-        inputs,
-        targets,
-        contrast=contrast,
-        positions=positions,
-        max_new_tokens=max_new_tokens,
-    )
-    problem = Problem.build(model, batch, objective_fn, attribute_target)
-    options = {"attribute_target": attribute_target, "contrast": contrast is not None}
-    if targets is None:
-        options["max_new_tokens"] = max_new_tokens
-    return objective_name, problem, options
-
-
 def _gradients(problem: Problem, chunk_size: int | None) -> tuple[torch.Tensor, ...]:
     def points(chunk: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return tuple(xi[None] for xi in problem.inputs)
@@ -350,39 +315,6 @@ def _gradients(problem: Problem, chunk_size: int | None) -> tuple[torch.Tensor, 
     return problem.gradient_sum(
         points, torch.ones(1, dtype=torch.float64), batch_size=None, chunk_size=chunk_size
     )
-
-
-def _baselines(problem: Problem, baseline: str | torch.Tensor | tuple) -> tuple[torch.Tensor, ...]:
-    x = problem.inputs
-    if isinstance(baseline, str):
-        if baseline == "zeros":
-            return tuple(torch.zeros_like(xi) for xi in x)
-        model = problem.model
-        token = model.pad_token_id if baseline == "pad" else model.tokenizer.unk_token_id
-        if token is None:
-            raise OptionError(f"`baseline={baseline!r}`: the tokenizer has no {baseline} token")
-        ids = torch.full((1, 1), token, dtype=torch.long)
-        sides = ("source", "target")
-        return tuple(
-            model.embed(ids, side).detach().expand_as(xi)
-            for side, xi in zip(sides, x, strict=False)
-        )
-    given = baseline if isinstance(baseline, tuple) else (baseline,)
-    if len(given) != len(x):
-        raise OptionError(
-            f"`baseline` must be {len(x)} tensor(s), one per attributed side, got {len(given)}"
-        )
-    out = []
-    for tensor, xi in zip(given, x, strict=True):
-        tensor = torch.as_tensor(tensor, dtype=xi.dtype, device=xi.device)
-        try:
-            out.append(torch.broadcast_to(tensor, xi.shape))
-        except RuntimeError:
-            raise OptionError(
-                f"`baseline` of shape {tuple(tensor.shape)} does not broadcast to the embeddings "
-                f"of shape {tuple(xi.shape)} [batch, length, hidden]"
-            ) from None
-    return tuple(out)
 
 
 def _noise(x: torch.Tensor, problem: Problem, side: int, samples: int, seed: int) -> torch.Tensor:

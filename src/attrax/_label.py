@@ -78,9 +78,9 @@ def label(
         "example": np.arange(len(examples)),
         "target": np.asarray(targets, dtype=np.int64),
         "target_id": (("example", "target"), target_ids),
-        "target_token": (("example", "target"), _token_strings(target_ids, tokens)),
+        "target_token": (("example", "target"), token_strings(target_ids, tokens)),
         "source_id": (("example", "source"), source_ids),
-        "source_token": (("example", "source"), _token_strings(source_ids, tokens)),
+        "source_token": (("example", "source"), token_strings(source_ids, tokens)),
     }
     if batch.encoder_decoder and len(blocks) == 2:
         sides_level = ["source"] * blocks[0].shape[2] + ["target"] * blocks[1].shape[2]
@@ -104,13 +104,13 @@ def label(
             for p in example.positions:
                 contrast[b, row_of[p]] = example.contrast_ids[p - first]
         coords["contrast_id"] = (("example", "target"), contrast)
-        coords["contrast_token"] = (("example", "target"), _token_strings(contrast, tokens))
+        coords["contrast_token"] = (("example", "target"), token_strings(contrast, tokens))
 
     if batch.single:
         # built without the example axis: cheaper than building it and selecting it away
         data, dims = data[0], dims[1:]
         coords = {key: _first_example(value) for key, value in coords.items() if key != "example"}
-    attrs = _attrs(model, method, objective, options)
+    attrs = run_attrs(model, method, objective, options)
     return xr.DataArray(data, dims=dims, coords=coords, name=name, attrs=attrs)
 
 
@@ -153,7 +153,7 @@ def _sides(batch: Batch, width: int) -> np.ndarray:
     return sides.astype(str)
 
 
-def _token_strings(ids: np.ndarray, tokens: Any) -> np.ndarray:
+def token_strings(ids: np.ndarray, tokens: Any) -> np.ndarray:
     out = np.full(ids.shape, MISSING_TOKEN, dtype=object)
     present = ids != MISSING_ID
     if present.any():
@@ -195,7 +195,9 @@ def _staged_to_host(values: torch.Tensor) -> np.ndarray:
     return out
 
 
-def _attrs(model: Model, method: str, objective: str, options: Mapping[str, Any]) -> dict[str, Any]:
+def run_attrs(
+    model: Model, method: str, objective: str, options: Mapping[str, Any]
+) -> dict[str, Any]:
     from . import __version__
 
     return {

@@ -178,8 +178,8 @@ class Model:
         captured: list[torch.Tensor] = []
         with (
             self.attention_as(implementation),
-            _capture_before(self._head, index, captured),
-            _fast_activations(self._activations),
+            capture_before(self._head, index, captured),
+            fast_activations(self._activations),
         ):
             if self.is_encoder_decoder:
                 self.hf(
@@ -332,6 +332,10 @@ class Model:
         else:
             kwargs["decoder_input_ids"] = ids
         return self.hf(**kwargs).logits
+
+
+# what every method's `model` argument takes: a loaded Model or a path for load_model
+ModelLike = Model | str | os.PathLike[str]
 
 
 def load_model(
@@ -547,7 +551,7 @@ def _value(x: torch.Tensor, kind: str) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def _fast_activations(modules: Sequence[torch.nn.Module]) -> Iterator[None]:
+def fast_activations(modules: Sequence[torch.nn.Module]) -> Iterator[None]:
     """Run elementwise activation ``modules`` as :class:`_Activation`, for attrax's forwards only."""
     for module in modules:
         kind = _activation_kind(module)
@@ -560,7 +564,7 @@ def _fast_activations(modules: Sequence[torch.nn.Module]) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _capture_before(
+def capture_before(
     head: torch.nn.Module, index: torch.Tensor, captured: list[torch.Tensor]
 ) -> Iterator[None]:
     """Capture the head's input at ``h[b, index[b, k]]`` and let the head run on no position."""

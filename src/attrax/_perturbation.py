@@ -15,11 +15,11 @@ from typing import Any
 import torch
 import xarray as xr
 
-from ._engine import Problem, check_positive_int
+from ._engine import Problem, baselines, check_baseline, check_positive_int, setup
 from ._errors import InputError, OptionError
-from ._gradients import BASELINES, ModelLike, _baselines, _setup
 from ._inputs import Texts
 from ._label import label
+from ._model import ModelLike
 from ._objectives import Objective
 
 Baseline = str | torch.Tensor | tuple[torch.Tensor, ...]
@@ -60,8 +60,8 @@ def occlusion(
     ('target', 'source')
     """
     check_positive_int(batch_size, "batch_size", allow_none=True)
-    _check_baseline(baseline)
-    name, problem, run_options = _setup(
+    check_baseline(baseline)
+    name, problem, run_options = setup(
         model, inputs, targets, objective, contrast, positions, attribute_target, max_new_tokens
     )
     visible = problem.visible()
@@ -70,7 +70,7 @@ def occlusion(
     keep = torch.ones((n + 1, batch, width), dtype=torch.bool, device=visible.device)
     copies = torch.arange(1, n + 1, device=keep.device)  # copy 0 is the unperturbed input
     keep[copies, :, columns] = False
-    values = problem.masked_scores(keep, _baselines(problem, baseline), batch_size)
+    values = problem.masked_scores(keep, baselines(problem, baseline), batch_size)
     drops = torch.zeros((batch, visible.shape[1], width), dtype=values.dtype, device=values.device)
     drops[..., columns] = (values[0] - values[1:]).permute(1, 2, 0)
     options = {**run_options, "baseline": _baseline_name(baseline), "batch_size": batch_size}
@@ -119,15 +119,15 @@ def lime(
     if not (kernel_width > 0 and math.isfinite(kernel_width)):
         raise OptionError(f"`kernel_width` must be a positive number, got {kernel_width!r}")
     check_positive_int(batch_size, "batch_size", allow_none=True)
-    _check_baseline(baseline)
-    name, problem, run_options = _setup(
+    check_baseline(baseline)
+    name, problem, run_options = setup(
         model, inputs, targets, objective, contrast, positions, attribute_target, max_new_tokens
     )
     visible = problem.visible()
     features = visible.any(dim=1)
     keep = _coalitions(features, samples, seed, _bernoulli)
     keep[0] = True
-    values = problem.masked_scores(keep, _baselines(problem, baseline), batch_size)
+    values = problem.masked_scores(keep, baselines(problem, baseline), batch_size)
     # the fit runs in float64 on the CPU (MPS has no float64; the systems are small)
     masks, vis = keep.transpose(0, 1).cpu().double(), visible.cpu().double()
     kept = torch.einsum("bnl,bkl->bnk", masks, vis)
@@ -185,8 +185,8 @@ def kernel_shap(
     check_positive_int(samples, "samples")
     _check_seed(seed)
     check_positive_int(batch_size, "batch_size", allow_none=True)
-    _check_baseline(baseline)
-    name, problem, run_options = _setup(
+    check_baseline(baseline)
+    name, problem, run_options = setup(
         model, inputs, targets, objective, contrast, positions, attribute_target, max_new_tokens
     )
     visible = problem.visible()
@@ -198,7 +198,7 @@ def kernel_shap(
             _coalitions(features, samples, seed, _shapley_draws),
         ]
     )
-    values = problem.masked_scores(keep, _baselines(problem, baseline), batch_size)
+    values = problem.masked_scores(keep, baselines(problem, baseline), batch_size)
     masks = keep[2:].transpose(0, 1).cpu().double()
     weights = _shapley_weights(masks, visible, features)
     coefficients = linear_surrogate(
@@ -363,13 +363,6 @@ def _log_comb(n: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
     r, rest = r.clamp(min=0), (n - r).clamp(min=0)
     value = torch.lgamma(n + 1) - torch.lgamma(r + 1) - torch.lgamma(rest + 1)
     return value.where(valid, -math.inf)
-
-
-def _check_baseline(baseline: Any) -> None:
-    if not isinstance(baseline, (str, torch.Tensor, tuple)) or (
-        isinstance(baseline, str) and baseline not in BASELINES
-    ):
-        raise OptionError(f"`baseline` must be one of {BASELINES} or a tensor, got {baseline!r}")
 
 
 def _check_seed(seed: Any) -> None:

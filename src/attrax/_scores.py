@@ -7,7 +7,6 @@ coordinates match the attributions of the same call, so :func:`with_scores` can 
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -29,10 +28,9 @@ from ._inputs import (
     prepare,
     to_tensors,
 )
-from ._label import MISSING_ID, _attrs, _token_strings
-from ._model import Model, load_model
+from ._label import MISSING_ID, run_attrs, token_strings
+from ._model import Model, ModelLike, load_model
 
-ModelLike = Model | str | os.PathLike[str]
 SCORES = (
     "probability",
     "logprob",
@@ -279,16 +277,16 @@ def _label_steps(
         "target": np.asarray(targets, dtype=np.int64),
         "score": list(names),
         "target_id": (("example", "target"), target_ids),
-        "target_token": (("example", "target"), _token_strings(target_ids, tokens)),
+        "target_token": (("example", "target"), token_strings(target_ids, tokens)),
     }
     if examples[0].contrast_ids is not None:
         coords["contrast_id"] = (("example", "target"), contrast_ids)
-        coords["contrast_token"] = (("example", "target"), _token_strings(contrast_ids, tokens))
+        coords["contrast_token"] = (("example", "target"), token_strings(contrast_ids, tokens))
     da = xr.DataArray(
         data,
         dims=("example", "target", "score"),
         coords=coords,
         name="step_scores",
-        attrs=_attrs(model, method, "none", options),
+        attrs=run_attrs(model, method, "none", options),
     )
     return da.isel(example=0, drop=True) if batch.single else da
