@@ -26,7 +26,7 @@ from ._inputs import (
     prepare,
     to_tensors,
 )
-from ._label import MISSING_ID, label, run_attrs, token_strings
+from ._label import MISSING_ID, full_precision, label, run_attrs, token_strings
 from ._model import Model, ModelLike, capture_before, fast_activations, load_model
 
 Selection = int | range | slice | Sequence[int] | None
@@ -334,12 +334,7 @@ def _rows(
     """Query rows ``index[b, k]`` of the chosen maps: ``[B, K, keys, layer, head]``."""
     rows = torch.arange(index.shape[0], device=index.device)[:, None]
     picked = [maps[layer][:, heads].permute(0, 2, 3, 1)[rows, index] for layer in layers]
-    return _float(torch.stack(picked, dim=-2))
-
-
-def _float(values: torch.Tensor) -> torch.Tensor:
-    # numpy has no bfloat16: labels need a dtype numpy can hold
-    return values.float() if values.dtype == torch.bfloat16 else values
+    return full_precision(torch.stack(picked, dim=-2))
 
 
 def _encoder_attention(
@@ -365,7 +360,9 @@ def _encoder_attention(
     chosen_layers = _indices(layers, len(maps), "layers", "layers")
     chosen_heads = _indices(heads, maps[0].shape[1], "heads", "heads per layer")
     values = torch.stack([maps[layer][:, chosen_heads] for layer in chosen_layers], dim=-1)
-    data = _float(values).permute(0, 2, 3, 4, 1).cpu().numpy().copy()  # [B, Q, S, layer, head]
+    data = (
+        full_precision(values).permute(0, 2, 3, 4, 1).cpu().numpy().copy()
+    )  # [B, Q, S, layer, head]
     real = mask.bool().numpy()
     data[~(real[:, :, None] & real[:, None, :])] = np.nan
     token_ids = np.where(real, ids.numpy(), MISSING_ID)

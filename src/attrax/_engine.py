@@ -158,18 +158,18 @@ class Problem:
         total = weights.shape[0]
         step = total if batch_size is None else batch_size
         # allocated where the model runs: a host tensor copied over took 20 ms on a GPU (W3)
-        sums = [
-            x.new_zeros(x.shape[0], self.tensors.valid.shape[1], *x.shape[1:]) for x in self.inputs
-        ]
+        acc = _accumulation_dtype(self.inputs[0].dtype)
+        width = self.tensors.valid.shape[1]
+        sums = [x.new_zeros(x.shape[0], width, *x.shape[1:], dtype=acc) for x in self.inputs]
         for start in range(0, total, step):  # chunking only: bounds memory
             chunk = torch.arange(start, min(start + step, total))
             stacked = points(chunk)
-            w = weights[chunk].to(dtype=self.inputs[0].dtype, device=self.inputs[0].device)
+            w = weights[chunk].to(dtype=acc, device=self.inputs[0].device)
             for slots, length in self._target_chunks(chunk_size):
                 grads = self._chunk_gradients(stacked, slots, length, chunk_size)
                 for total_grad, g in zip(sums, grads, strict=True):
                     n = stacked[0].shape[0]
-                    part = torch.einsum("knblh,n->bklh", g.unflatten(1, (n, -1)), w)
+                    part = torch.einsum("knblh,n->bklh", g.unflatten(1, (n, -1)).to(acc), w)
                     total_grad[:, slots, : part.shape[2]] += part
         return tuple(sums)
 
@@ -238,7 +238,8 @@ class Problem:
         total = weights.shape[0]
         step = total if batch_size is None else batch_size
         width = self.tensors.valid.shape[1]
-        sums = [x.new_zeros(x.shape[0], width, x.shape[1]) for x in self.inputs]
+        acc = _accumulation_dtype(self.inputs[0].dtype)
+        sums = [x.new_zeros(x.shape[0], width, x.shape[1], dtype=acc) for x in self.inputs]
         for start in range(0, total, step):  # chunking only: bounds memory
             chunk = torch.arange(start, min(start + step, total))
             stacked = points(chunk)
@@ -249,7 +250,7 @@ class Problem:
                 hidden = body(*flat)
             _, head_pullback = vjp(self.head_scores, hidden)
             (head_grad,) = head_pullback(self.tensors.valid.to(hidden.dtype).repeat(n, 1))
-            w = weights[chunk].to(dtype=hidden.dtype, device=hidden.device)
+            w = weights[chunk].to(dtype=acc, device=hidden.device)
             for side, direction in enumerate(directions):
                 tangents, in_dims = _token_tangents(flat, direction, side, n)
 
@@ -258,9 +259,15 @@ class Problem:
 
                 moved = torch.vmap(push, in_dims=in_dims, chunk_size=chunk_size)(*tangents)
                 # moved [L, nB, K, H]: how head input k moves along token s's direction
-                dots = (moved * head_grad[None]).sum(-1).unflatten(1, (n, -1))
+                dots = (moved * head_grad[None]).sum(-1, dtype=acc).unflatten(1, (n, -1))
                 sums[side] += torch.einsum("lnbk,n->bkl", dots, w)
         return tuple(sums)
+
+
+def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Sums over points and targets run in at least float32: 50 IG steps in bfloat16 would lose
+    most of their digits (a float64 model keeps float64)."""
+    return torch.promote_types(dtype, torch.float32)
 
 
 def _token_tangents(

@@ -161,9 +161,14 @@ def token_strings(ids: np.ndarray, tokens: Any) -> np.ndarray:
     return out.astype(str)
 
 
+def full_precision(values: torch.Tensor) -> torch.Tensor:
+    """Half-precision values as float32 (numpy has no bfloat16, netCDF no float16); others as is."""
+    return values.float() if values.dtype in (torch.float16, torch.bfloat16) else values
+
+
 def _numpy(values: torch.Tensor | np.ndarray) -> np.ndarray:
     if isinstance(values, torch.Tensor):
-        values = values.detach()
+        values = full_precision(values.detach())
         if values.is_cuda and values.numel() * values.element_size() > _STAGE_BYTES:
             return _staged_to_host(values)
         return values.to("cpu").numpy()

@@ -28,7 +28,7 @@ from ._inputs import (
     prepare,
     to_tensors,
 )
-from ._label import MISSING_ID, run_attrs, token_strings
+from ._label import MISSING_ID, full_precision, run_attrs, token_strings
 from ._model import Model, ModelLike, load_model
 
 SCORES = (
@@ -259,7 +259,7 @@ def _label_steps(
     sequences = batch.sequences()
     targets = sorted({p for e in examples for p in e.positions})
     row_of = {p: i for i, p in enumerate(targets)}
-    raw = values.detach().cpu().numpy()
+    raw = full_precision(values.detach()).cpu().numpy()
     data = np.full((len(examples), len(targets), len(names)), np.nan, dtype=raw.dtype)
     target_ids = np.full((len(examples), len(targets)), MISSING_ID, dtype=np.int64)
     contrast_ids = np.full_like(target_ids, MISSING_ID)
