@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 
+import numpy as np
 import pytest
 import torch
 
@@ -87,6 +88,19 @@ def test_errors_exit_2_with_one_line(capsys, extra, message):
     err = capsys.readouterr().err
     assert err.startswith("attrax: error: ") and message in err
     assert "Traceback" not in err
+
+
+def test_dtype_runs_the_model_in_half_precision(tmp_path):
+    runs = {}
+    for dtype in ("float32", "bfloat16"):
+        out = tmp_path / f"{dtype}.nc"
+        args = ["attribute", "--input", PROMPT, "--target", TARGET, "--out", str(out)]
+        assert main([*args, "--dtype", dtype]) == 0
+        runs[dtype] = ax.load(out)
+    half, full = runs["bfloat16"], runs["float32"]
+    assert half.dtype == np.float32
+    assert not np.array_equal(half.values, full.values, equal_nan=True)
+    np.testing.assert_allclose(half.values, full.values, atol=0.05)
 
 
 def test_demo_refuses_a_prompt_the_model_cannot_solve(capsys):

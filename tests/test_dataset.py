@@ -197,3 +197,19 @@ def test_reduce_specs():
         D.parse_reduce("l2,normalize")
     with pytest.raises(ax.OptionError, match="available: saliency"):
         D.resolve_method("magic")
+
+
+def test_dtype_loads_the_model_in_it_and_is_part_of_the_run(tmp_path, model):
+    data = _write(tmp_path / "data.jsonl", _records(2))
+    half = D.attribute_dataset(None, data, tmp_path / "half", progress=False, dtype=torch.bfloat16)
+    full = D.attribute_dataset(None, data, tmp_path / "full", progress=False)
+    a, b = D.load_dataset_results(half.out), D.load_dataset_results(full.out)
+    assert a.dtype == np.float32
+    assert not np.array_equal(a.values, b.values, equal_nan=True)  # it did run in bfloat16
+    np.testing.assert_allclose(a.values, b.values, atol=0.05)  # normalized rows, bfloat16 digits
+    with pytest.raises(ax.InputError, match="dtype"):
+        D.attribute_dataset(None, data, tmp_path / "half", progress=False)
+    with pytest.raises(
+        ax.OptionError, match=r"`dtype` torch\.float16 applies to a model loaded by"
+    ):
+        D.attribute_dataset(model, data, tmp_path / "x", progress=False, dtype=torch.float16)

@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import torch
 import xarray as xr
 
 from ._errors import InputError, OptionError
@@ -184,6 +185,7 @@ def attribute_dataset(
     batch_size: int = 8,
     progress: bool = True,
     device: str | None = None,
+    dtype: torch.dtype | None = None,
     **options: Any,
 ) -> DatasetRun:
     """Attribute every record of a JSONL file, one netCDF shard per batch; resumable.
@@ -204,6 +206,8 @@ def attribute_dataset(
         progress: show a progress bar (on stderr).
         device: where to load a model given by path (``"cuda"``...); not part of the run's
             identity, so a run may resume on another device.
+        dtype: the precision to load a model given by path in (``torch.bfloat16``...). It changes
+            the results, so a run resumes only with the same ``dtype``.
         options: keyword options of the method (``objective="logprob"``, ``steps=16``...).
 
     >>> import json, tempfile, pathlib
@@ -236,6 +240,12 @@ def attribute_dataset(
         "batch_size": batch_size,
         "options": json.loads(json.dumps(options, sort_keys=True, default=repr)),
     }
+    if isinstance(model, Model) and dtype is not None and dtype != model.dtype:
+        raise OptionError(
+            f"`dtype` {dtype} applies to a model loaded by path; this Model runs in {model.dtype}"
+        )
+    if dtype is not None:  # only when given: runs from before this option still resume
+        run["dtype"] = str(dtype).removeprefix("torch.")
     if out.exists() and not out.is_dir():
         raise InputError(f"`out` {str(out)!r} exists and is not a directory")
     out.mkdir(parents=True, exist_ok=True)
@@ -246,7 +256,9 @@ def attribute_dataset(
         done = set(manifest["done"])
         todo = [k for k in range(shards) if _SHARD.format(k) not in done]
         if todo:
-            loaded = model if isinstance(model, Model) else load_model(model, device=device)
+            loaded = (
+                model if isinstance(model, Model) else load_model(model, device=device, dtype=dtype)
+            )
             _run(loaded, fn, steps, options, data, scan, batch_size, out, manifest, todo, progress)
     return DatasetRun(out, scan.records, shards, shards - len(todo))
 
@@ -403,10 +415,12 @@ def _start(out: Path, run: dict[str, Any], data: Path, shards: int) -> dict[str,
         manifest.update({"shards": shards, "done": []})
         _write_manifest(out, manifest)
         return manifest
-    changed = [key for key in run if manifest["run"].get(key) != run[key]]
+    # keys either run has: a run given a dtype and one without differ
+    keys = dict.fromkeys([*run, *manifest["run"]])
+    changed = [key for key in keys if manifest["run"].get(key) != run.get(key)]
     if changed:
         what = "; ".join(
-            f"{_name(k)}: was {_show(k, manifest['run'].get(k))}, now {_show(k, run[k])}"
+            f"{_name(k)}: was {_show(k, manifest['run'].get(k))}, now {_show(k, run.get(k))}"
             for k in changed
         )
         raise InputError(

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 
 __all__ = ["build_parser", "main"]
 
+DTYPES = ("float32", "bfloat16", "float16")
 _GRADIENT_METHODS = ("saliency", "input_x_gradient", "integrated_gradients", "smoothgrad")
 _METHOD_HELP = (
     "attribution method: saliency (default), input_x_gradient, integrated_gradients, "
@@ -134,6 +135,11 @@ def _model_options(parser: argparse.ArgumentParser) -> None:
         "--model", metavar="PATH", help="model directory or hub name (default: the built-in model)"
     )
     parser.add_argument("--device", help="where to run the model, e.g. cuda (default: cpu)")
+    parser.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        help="precision to load the model in (default: as saved); results are float32 either way",
+    )
     parser.add_argument("--method", default="saliency", help=_METHOD_HELP)
     parser.add_argument("--reduce", default="auto", help=_REDUCE_HELP)
     parser.add_argument(
@@ -239,7 +245,7 @@ def _attribute(args: argparse.Namespace) -> int:
     steps = parse_reduce(args.reduce)
     options = _method_options(args, fn)
     console = _console()
-    model = ax.load_model(args.model, device=_device(args.device))
+    model = ax.load_model(args.model, device=_device(args.device), dtype=_dtype(args.dtype))
     with console.status(f"attributing with {args.method}…"):
         raw = call_method(fn, model, args.input, args.target, options)
     da = reduce(raw, steps)
@@ -271,6 +277,7 @@ def _attribute_dataset(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         progress=not args.quiet,
         device=_device(args.device),
+        dtype=_dtype(args.dtype),
         **options,
     )
     resumed = f" ({run.skipped} already done)" if run.skipped else ""
@@ -336,6 +343,14 @@ def _table(console: Console, da: xr.DataArray) -> None:
         console.print(
             "[dim](cropped to the terminal's width: widen it, or write --html / --png)[/]"
         )
+
+
+def _dtype(name: str | None) -> Any:
+    if name is None:
+        return None
+    import torch
+
+    return getattr(torch, name)
 
 
 def _device(name: str | None) -> str | None:
