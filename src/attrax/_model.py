@@ -208,14 +208,15 @@ class Model:
         if self.attn_implementation != "auto":
             return self.attn_implementation
         long_on_cpu = device.type == "cpu" and tokens >= SDPA_MIN_TOKENS
-        return "sdpa" if long_on_cpu and getattr(self.hf, "_supports_sdpa", False) else "eager"
+        sdpa = getattr(self.hf, "_supports_sdpa", False) and _can_switch(self.hf)
+        return "sdpa" if long_on_cpu and sdpa else "eager"
 
     @contextlib.contextmanager
     def attention_as(self, implementation: str) -> Iterator[None]:
         """Run the model's attention as ``implementation`` inside the block, then switch back."""
         hf = self.hf
         previous = getattr(hf.config, "_attn_implementation", None) or "eager"
-        if previous == implementation:
+        if previous == implementation or not _can_switch(hf):
             yield
             return
         hf.set_attn_implementation(implementation)
@@ -383,7 +384,8 @@ def load_model(
             tokenizer = model
     elif isinstance(model, PreTrainedModel):
         hf_model = model
-        if getattr(hf_model.config, "_attn_implementation", None) != resting:
+        current = getattr(hf_model.config, "_attn_implementation", None)
+        if current != resting and _can_switch(hf_model):
             hf_model.set_attn_implementation(resting)
         if dtype is not None:
             hf_model = hf_model.to(dtype)
@@ -458,6 +460,14 @@ def _first_int(*values: Any) -> int | None:
     return None
 
 
+def _can_switch(hf: PreTrainedModel) -> bool:
+    """Whether ``hf`` can change its attention after loading. Models that do not route attention
+    through transformers' AttentionInterface (Falcon) cannot: ``set_attn_implementation`` only
+    warns, and they keep the attention they were loaded with."""
+    can = getattr(type(hf), "_can_set_attn_implementation", None)
+    return can is not None and bool(can())
+
+
 def _mismatch(got: torch.Tensor, ref: torch.Tensor) -> float:
     """``max|got - ref|`` relative to ``max|ref|``: how far two forwards of one model disagree."""
     scale = float(ref.abs().max())
@@ -493,6 +503,8 @@ _ACTIVATIONS = {
     "SiLU": "silu",
     "SiLUActivation": "silu",
     "ReLU": "relu",
+    # BLOOM's tanh-GELU is an old-style autograd.Function, which torch.func cannot run at all
+    "BloomGelu": "gelu_tanh",
 }
 
 

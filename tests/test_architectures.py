@@ -1,0 +1,118 @@
+"""More decoder-only families than ``attrax.testing`` builds: saliency equals a plain autograd loop.
+
+Each is a tiny random model from its config (offline), sharing the GPT-2 test tokenizer. They cover
+what differs between families: rotary and ALiBi positions (Pythia, BLOOM, Falcon), grouped-query
+attention (Qwen2, Gemma 2), logit soft-capping and sliding windows (Gemma 2), learned positions
+with an offset (OPT), a fused QKV projection (Phi-3), BLOOM's tanh-GELU written as an old-style
+``autograd.Function`` (which ``torch.func`` cannot run) and Falcon's attention, which cannot be
+switched after loading.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+import transformers as T
+
+import attrax as ax
+from attrax.testing import tiny_model
+from tests import _naive
+from tests.conftest import PAIRS
+
+SIZES = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4}
+CONFIGS = {
+    "pythia": lambda v: T.GPTNeoXConfig(vocab_size=v, intermediate_size=64, **SIZES),
+    "qwen2": lambda v: T.Qwen2Config(
+        vocab_size=v, intermediate_size=64, num_key_value_heads=2, **SIZES
+    ),
+    "gemma2": lambda v: T.Gemma2Config(
+        vocab_size=v,
+        intermediate_size=64,
+        num_key_value_heads=2,
+        head_dim=8,
+        sliding_window=4,
+        final_logit_softcapping=5.0,
+        attn_logit_softcapping=3.0,
+        **SIZES,
+    ),
+    "phi3": lambda v: T.Phi3Config(vocab_size=v, intermediate_size=64, **SIZES),
+    "opt": lambda v: T.OPTConfig(
+        vocab_size=v, ffn_dim=64, word_embed_proj_dim=32, max_position_embeddings=128, **SIZES
+    ),
+    "bloom": lambda v: T.BloomConfig(vocab_size=v, hidden_size=32, n_layer=2, n_head=4),
+    "falcon": lambda v: T.FalconConfig(vocab_size=v, **SIZES),
+}
+
+
+@pytest.fixture(scope="module")
+def families() -> dict[str, ax.Model]:
+    _, tok = tiny_model("gpt2")
+    built = {}
+    for name, config in CONFIGS.items():
+        torch.manual_seed(0)
+        cfg = config(len(tok))
+        # the families' default special ids point past a 800-token vocabulary
+        cfg.pad_token_id, cfg.bos_token_id, cfg.eos_token_id = (
+            tok.pad_token_id,
+            tok.bos_token_id,
+            tok.eos_token_id,
+        )
+        hf = T.AutoModelForCausalLM.from_config(cfg)
+        built[name] = ax.load_model(hf, tokenizer=tok)
+    return built
+
+
+def _loop_saliency(model: ax.Model, source: str, target: str) -> list[np.ndarray]:
+    """Per target: the gradient of its probability w.r.t. the positions it can see."""
+    source_ids, target_ids = _naive.token_ids(model, source, target)
+    run = _naive.Runner(model, source_ids, target_ids)
+    grads = run.gradients(run.embeddings(), _naive.probability, None)
+    return [g.numpy()[: len(source_ids) + k] for k, (g,) in enumerate(grads)]
+
+
+def _check(model: ax.Model, source: str, target: str, got=None) -> None:
+    got = ax.saliency(model, source, target) if got is None else got
+    for k, ref in enumerate(_loop_saliency(model, source, target)):
+        row = got.isel(target=k).values
+        scale = np.abs(ref).max()
+        np.testing.assert_allclose(row[: len(ref)], ref, rtol=0, atol=1e-5 * scale)
+        assert np.isnan(row[len(ref) :]).all()  # nothing at or after the target
+
+
+@pytest.mark.parametrize("family", list(CONFIGS))
+def test_saliency_equals_the_loop(families, family):
+    _check(families[family], *PAIRS[0])
+
+
+@pytest.mark.parametrize("family", ["pythia", "qwen2", "phi3", "gemma2", "bloom"])
+def test_saliency_through_sdpa_equals_the_loop(families, family, sdpa_always):
+    """Where SDPA would run (every length here), it does, except for families without it."""
+    model = families[family]
+    seen = sdpa_always(model)
+    got = ax.saliency(model, *PAIRS[1])
+    ran = set(seen)  # before the loop's own (eager) forwards
+    _check(model, *PAIRS[1], got=got)
+    # transformers has no SDPA path for soft-capped attention (Gemma 2) nor for ALiBi BLOOM
+    assert ran == ({"eager"} if family in ("gemma2", "bloom") else {"sdpa"})
+
+
+def test_a_model_that_cannot_switch_attention_keeps_it_quietly(families):
+    """Falcon cannot change attention after loading: attrax neither tries nor warns."""
+    hf = families["falcon"].hf
+    loaded_with = hf.config._attn_implementation
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("transformers")
+    logger.addHandler(handler)
+    try:
+        model = ax.load_model(hf, tokenizer=families["falcon"].tokenizer)
+        got = ax.saliency(model, *PAIRS[1])  # short: "auto" would want eager
+    finally:
+        logger.removeHandler(handler)
+    assert not [r for r in records if "attention implementation" in r.getMessage()]
+    assert hf.config._attn_implementation == loaded_with
+    _check(model, *PAIRS[1], got=got)
