@@ -1,11 +1,12 @@
-"""More decoder-only families than ``attrax.testing`` builds: saliency equals a plain autograd loop.
+"""More families than ``attrax.testing`` builds: saliency equals a plain autograd loop.
 
 Each is a tiny random model from its config (offline), sharing the GPT-2 test tokenizer. They cover
 what differs between families: rotary and ALiBi positions (Pythia, BLOOM, Falcon), grouped-query
 attention (Qwen2, Gemma 2), logit soft-capping and sliding windows (Gemma 2), learned positions
 with an offset (OPT), a fused QKV projection (Phi-3), BLOOM's tanh-GELU written as an old-style
 ``autograd.Function`` (which ``torch.func`` cannot run) and Falcon's attention, which cannot be
-switched after loading.
+switched after loading. Translators: M2M100 (NLLB's architecture, positions that count non-pad
+tokens), Pegasus, mBART and mT5, with the Marian test tokenizer.
 """
 
 from __future__ import annotations
@@ -45,6 +46,36 @@ CONFIGS = {
     "bloom": lambda v: T.BloomConfig(vocab_size=v, hidden_size=32, n_layer=2, n_head=4),
     "falcon": lambda v: T.FalconConfig(vocab_size=v, **SIZES),
 }
+
+
+SEQ2SEQ_SIZES = {
+    "d_model": 32,
+    "encoder_layers": 2,
+    "decoder_layers": 2,
+    "encoder_attention_heads": 4,
+    "decoder_attention_heads": 4,
+    "encoder_ffn_dim": 64,
+    "decoder_ffn_dim": 64,
+    "max_position_embeddings": 1024,  # M2M100's sinusoidal table also holds the pad id's row
+}
+SEQ2SEQ = {
+    "m2m100": lambda v: T.M2M100Config(vocab_size=v, **SEQ2SEQ_SIZES),
+    "pegasus": lambda v: T.PegasusConfig(vocab_size=v, **SEQ2SEQ_SIZES),
+    "mbart": lambda v: T.MBartConfig(vocab_size=v, **SEQ2SEQ_SIZES),
+    "mt5": lambda v: T.MT5Config(
+        vocab_size=v, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4
+    ),
+}
+
+
+def _translator(family: str, start: str = "eos") -> ax.Model:
+    """A tiny random translator; ``start``: its decoder start token (M2M100's is EOS)."""
+    _, tok = tiny_model("marian")
+    cfg = SEQ2SEQ[family](len(tok))
+    cfg.pad_token_id, cfg.eos_token_id = tok.pad_token_id, tok.eos_token_id
+    cfg.decoder_start_token_id = tok.eos_token_id if start == "eos" else tok.pad_token_id
+    torch.manual_seed(0)
+    return ax.load_model(T.AutoModelForSeq2SeqLM.from_config(cfg), tokenizer=tok)
 
 
 @pytest.fixture(scope="module")
@@ -116,3 +147,22 @@ def test_a_model_that_cannot_switch_attention_keeps_it_quietly(families):
     assert not [r for r in records if "attention implementation" in r.getMessage()]
     assert hf.config._attn_implementation == loaded_with
     _check(model, *PAIRS[1], got=got)
+
+
+@pytest.mark.parametrize("family", list(SEQ2SEQ))
+def test_translator_saliency_equals_the_loop(family):
+    model = _translator(family)
+    source, target = PAIRS[0][0], PAIRS[0][1].strip()
+    got = ax.saliency(model, source, target)
+    source_ids, target_ids = _naive.token_ids(model, source, target)
+    run = _naive.Runner(model, source_ids, target_ids)
+    for k, (grad, _) in enumerate(run.gradients(run.embeddings(), _naive.probability, None)):
+        ref = grad.numpy()
+        np.testing.assert_allclose(got.isel(target=k).values, ref, atol=1e-5 * np.abs(ref).max())
+
+
+def test_positions_that_embeddings_cannot_reproduce_are_refused():
+    """M2M100 with a pad decoder start token numbers positions differently from embeddings: a
+    silently shifted forward would give wrong attributions, so loading it is an error."""
+    with pytest.raises(ax.ModelError, match="does not reproduce the forward from `input_ids`"):
+        _translator("m2m100", start="pad")

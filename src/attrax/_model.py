@@ -271,8 +271,7 @@ class Model:
         Some models scale embeddings only when they embed ids themselves (Marian's encoder), others
         always (its decoder); a probe on a few tokens finds out instead of a table per architecture.
         """
-        vocab = self._source_embedding.weight.shape[0]
-        ids = (torch.arange(5) * 7 + 3).remainder(vocab).unsqueeze(0).to(self.device)
+        ids = self._probe_ids(count=5, step=7, offset=3)
         mask = torch.ones_like(ids)
         sides = ["source", "target"] if self.is_encoder_decoder else ["source"]
         with torch.no_grad():
@@ -299,8 +298,7 @@ class Model:
 
     def _check_head(self) -> None:
         """The split forward (hidden states, then :meth:`head`) must reproduce the model's logits."""
-        vocab = self._source_embedding.weight.shape[0]
-        ids = (torch.arange(6) * 5 + 2).remainder(vocab).unsqueeze(0).to(self.device)
+        ids = self._probe_ids(count=6, step=5, offset=2)
         mask = torch.ones_like(ids)
         index = torch.tensor([[1, 4]], device=self.device)
         with torch.no_grad():
@@ -312,6 +310,16 @@ class Model:
                 f"{type(self.hf).__name__}: its logits are not the output projection of its last "
                 "hidden states (plus a final bias or soft-capping); attrax does not support it yet"
             )
+
+    def _probe_ids(self, count: int, step: int, offset: int) -> torch.Tensor:
+        """``[1, L]`` probe ids. A translator's start with its decoder start token, as every decoder
+        input attrax builds does: M2M100 numbers positions by counting non-pad tokens, so with a
+        pad start token its forwards from embeddings are shifted by one, which this exposes."""
+        vocab = self._source_embedding.weight.shape[0]
+        ids = (torch.arange(count) * step + offset).remainder(vocab)
+        if self.is_encoder_decoder and self.decoder_start_token_id is not None:
+            ids = torch.cat([torch.tensor([self.decoder_start_token_id]), ids])
+        return ids.unsqueeze(0).to(self.device)
 
     def _probe(
         self,
