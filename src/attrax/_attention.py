@@ -84,7 +84,7 @@ def attention(
     >>> ax.pipe(ax.attention, ax.mean("head"), ax.max("layer"))(ax.load_model(), "1 2 3 =").dims
     ('target', 'source')
     """
-    model = load_model(model) if not isinstance(model, Model) else model
+    model = load_model(model)  # a Model passes through as is
     kind = _kind(model, kind)
     _check_bool(attribute_target, "attribute_target")
     n_layers, n_heads = _sizes(model, kind)
@@ -163,7 +163,7 @@ def rollout(
     >>> bool(abs(da.sum("source") - 1).max() < 1e-5)
     True
     """
-    model = load_model(model) if not isinstance(model, Model) else model
+    model = load_model(model)  # a Model passes through as is
     _check_bool(attribute_target, "attribute_target")
     batch = prepare(model, inputs, targets, positions=positions, max_new_tokens=max_new_tokens)
     options: dict[str, Any] = {"attribute_target": attribute_target, "residual": 0.5}

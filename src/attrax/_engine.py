@@ -308,7 +308,7 @@ def setup(
     objective_name, objective_fn = resolve(objective)
     if not isinstance(attribute_target, bool):
         raise OptionError(f"`attribute_target` must be a bool, got {attribute_target!r}")
-    model = load_model(model) if not isinstance(model, Model) else model
+    model = load_model(model)  # a Model passes through as is
     batch = prepare(
         model,
         inputs,

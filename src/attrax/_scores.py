@@ -92,7 +92,7 @@ def step_scores(
     if contrast_inputs is not None:
         sources, single = _as_texts(inputs, "inputs")
         contrast_texts = _aligned(contrast_inputs, "contrast_inputs", sources, single)
-    model = load_model(model) if not isinstance(model, Model) else model
+    model = load_model(model)  # a Model passes through as is
     batch = prepare(
         model,
         inputs,
