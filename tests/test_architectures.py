@@ -166,3 +166,21 @@ def test_positions_that_embeddings_cannot_reproduce_are_refused():
     silently shifted forward would give wrong attributions, so loading it is an error."""
     with pytest.raises(ax.ModelError, match="does not reproduce the forward from `input_ids`"):
         _translator("m2m100", start="pad")
+
+
+def test_attention_maps_need_eager_on_a_model_that_cannot_switch(families, tmp_path):
+    """Falcon built with SDPA returns maps that ignore padding; attrax refuses instead of using
+    them, and the same weights loaded from a directory (eager, as load_model asks) work."""
+    falcon = families["falcon"]
+    assert falcon.hf.config._attn_implementation == "sdpa"
+    with pytest.raises(ax.ModelError, match="cannot switch after loading; this needs 'eager'"):
+        ax.attention(falcon, *PAIRS[0])
+    falcon.hf.save_pretrained(tmp_path)
+    falcon.tokenizer.save_pretrained(tmp_path)
+    model = ax.load_model(tmp_path)
+    sources, targets = [PAIRS[0][0], PAIRS[1][0]], [PAIRS[0][1], PAIRS[1][1]]
+    both = ax.attention(model, sources, targets)
+    for i in range(2):
+        one = ax.attention(model, sources[i], targets[i])
+        part = both.isel(example=i).sel(target=one.target, source=one.source)
+        np.testing.assert_allclose(part.values, one.values, atol=1e-6)

@@ -305,7 +305,7 @@ def _check_bool(value: object, name: str) -> None:
 def _forward(model: Model, t: Tensors) -> Any:
     """One teacher-forced forward returning attention maps; the head computes no logits."""
     with (
-        model.attention_as("eager"),
+        model.attention_as("eager", required=True),
         capture_before(model._head, t.index, []),
         fast_activations(model._activations),
     ):
@@ -350,7 +350,7 @@ def _encoder_attention(
     for i, ids in enumerate(sources):
         _check_length(model, ids, (), _at(i, single))
     ids, mask = _pad(sources, model.pad_token_id or 0)
-    with torch.no_grad(), model.attention_as("eager"):
+    with torch.no_grad(), model.attention_as("eager", required=True):
         out = model.hf.get_encoder()(
             input_ids=ids.to(model.device),
             attention_mask=mask.to(model.device),

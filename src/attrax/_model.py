@@ -177,7 +177,7 @@ class Model:
             decoder_embeds = decoder_embeds * self._target_scale
         captured: list[torch.Tensor] = []
         with (
-            self.attention_as(implementation),
+            self.attention_as(implementation, required=forward_mode),
             capture_before(self._head, index, captured),
             fast_activations(self._activations),
         ):
@@ -212,10 +212,20 @@ class Model:
         return "sdpa" if long_on_cpu and sdpa else "eager"
 
     @contextlib.contextmanager
-    def attention_as(self, implementation: str) -> Iterator[None]:
-        """Run the model's attention as ``implementation`` inside the block, then switch back."""
+    def attention_as(self, implementation: str, required: bool = False) -> Iterator[None]:
+        """Run the model's attention as ``implementation`` inside the block, then switch back.
+
+        A model that cannot switch after loading keeps its own attention, which gives the same
+        gradients; when the block ``required`` this one (attention maps, forward mode), that is a
+        :class:`ModelError`.
+        """
         hf = self.hf
         previous = getattr(hf.config, "_attn_implementation", None) or "eager"
+        if previous != implementation and not _can_switch(hf) and required:
+            raise ModelError(
+                f"{type(hf).__name__} runs {previous!r} attention and cannot switch after loading; "
+                f"this needs {implementation!r}: load it with attn_implementation={implementation!r}"
+            )
         if previous == implementation or not _can_switch(hf):
             yield
             return
