@@ -105,3 +105,14 @@ def test_head_check_rejects_changed_logits(dtype):
     hf.register_forward_hook(scale)
     with pytest.raises(ax.ModelError, match="not the output projection"):
         ax.load_model(hf, tokenizer=tok)
+
+
+def test_a_checkpoint_saved_in_bfloat16_loads_in_it(tmp_path):
+    """transformers 5 loads a checkpoint in the dtype it was saved in (most hub LLMs: bfloat16)."""
+    hf, tok = tiny_model("llama")
+    hf.to(torch.bfloat16).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    model = ax.load_model(tmp_path)
+    assert model.dtype == torch.bfloat16
+    da = ax.saliency(model, *PAIRS[0])
+    assert da.dtype == np.float32 and np.isfinite(da.values[~np.isnan(da.values)]).all()
