@@ -10,7 +10,10 @@ import torch
 import xarray as xr
 
 import attrax as ax
+from attrax import _engine
 from attrax._engine import Problem
+from attrax._inputs import prepare
+from attrax._objectives import resolve
 from attrax.testing import tiny_model
 from tests import _naive
 from tests.conftest import PAIRS
@@ -277,6 +280,38 @@ def test_chunking_changes_nothing(models, arch):
             model, sources, targets, steps=6, batch_size=batch_size, chunk_size=chunk_size
         )
         np.testing.assert_allclose(chunked.values, whole.values, rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.parametrize("arch", ["llama", "marian"])
+def test_auto_sizes_fit_the_memory_budget(models, arch, monkeypatch):
+    """ "auto" halves the targets per backward first, then the points per forward, until the
+    estimate fits; given sizes are kept; the attributions do not change."""
+    model = models[arch]
+    sources, targets = [p[0] for p in PAIRS], [p[1] for p in PAIRS]
+    whole = ax.integrated_gradients(
+        model, sources, targets, steps=6, chunk_size=None, batch_size=None
+    )
+    problem = Problem.build(
+        model, prepare(model, sources, targets), resolve("probability")[1], False
+    )
+    per = _engine._backward_bytes(problem)
+    k = problem.tensors.valid.shape[1]
+    for budget, expected in [
+        (per * k * 6, (None, None)),  # everything fits
+        (per * 6 * 2, (None, 2)),  # two targets at a time, all points
+        (per * 3, (3, 1)),  # one target, half the points
+        (per // 2, (1, 1)),  # nothing fits: the smallest plan
+    ]:
+        monkeypatch.setattr(_engine, "_memory_budget", lambda device, b=budget: b)
+        assert problem.plan(6, "auto", "auto") == expected, budget
+        assert problem.plan(6, 4, None) == (4, None)  # given sizes are kept
+        auto = ax.integrated_gradients(model, sources, targets, steps=6)
+        np.testing.assert_allclose(auto.values, whole.values, rtol=1e-5, atol=1e-8)
+    assert '"chunk_size": "auto"' in auto.attrs["options"]
+    with pytest.raises(
+        ax.OptionError, match="`chunk_size` must be a positive integer, None or 'auto'"
+    ):
+        ax.saliency(model, sources, targets, chunk_size="big")
 
 
 def test_generated_targets_equal_given_targets(model):

@@ -25,6 +25,9 @@ from ._objectives import Objective, resolve, scores
 # points[i] for i in a chunk of indices -> one tensor [n, B, L, H] per attributed side
 PointFn = Callable[[torch.Tensor], tuple[torch.Tensor, ...]]
 BASELINES = ("zeros", "pad", "unk")
+AUTO = "auto"
+# points per forward / targets per backward: a positive int, None (all at once) or "auto"
+Size = int | str | None
 _NO_BATCHING_RULE = r"There is a performance drop .* batching rule for aten::_scaled_dot_product"
 
 
@@ -147,15 +150,17 @@ class Problem:
         points: PointFn,
         weights: torch.Tensor,
         *,
-        batch_size: int | None,
-        chunk_size: int | None,
+        batch_size: Size,
+        chunk_size: Size,
     ) -> tuple[torch.Tensor, ...]:
         """``sum_i weights[i] * d score_k / d points[i]`` per side, as ``[B, K, L, H]``.
 
         Points go through the model ``batch_size`` at a time (all at once when None); targets
         ``chunk_size`` at a time (all at once when None), each chunk in one vectorized backward.
+        ``"auto"`` sizes fit the device's free memory (:meth:`plan`).
         """
         total = weights.shape[0]
+        batch_size, chunk_size = self.plan(total, batch_size, chunk_size)
         step = total if batch_size is None else batch_size
         # allocated where the model runs: a host tensor copied over took 20 ms on a GPU (W3)
         acc = _accumulation_dtype(self.inputs[0].dtype)
@@ -172,6 +177,31 @@ class Problem:
                     part = torch.einsum("knblh,n->bklh", g.unflatten(1, (n, -1)).to(acc), w)
                     total_grad[:, slots, : part.shape[2]] += part
         return tuple(sums)
+
+    def plan(
+        self, points: int, batch_size: Size, chunk_size: Size
+    ) -> tuple[int | None, int | None]:
+        """Resolve ``"auto"`` sizes: all ``points`` and targets in one vectorized backward when
+        the estimate fits half the free memory of the model's device, else halves of the targets
+        (which, decoder-only, also cuts each chunk's sequence after its last target), then of the
+        points. Given sizes (ints, None for all) are kept.
+        """
+        targets = self.tensors.valid.shape[1]
+        chunk = targets if chunk_size in (None, AUTO) else chunk_size
+        batch = points if batch_size in (None, AUTO) else batch_size
+        per_cotangent = _backward_bytes(self)
+        budget = _memory_budget(self.inputs[0].device)
+        while per_cotangent * chunk * batch > budget:
+            if chunk_size == AUTO and chunk > 1:
+                chunk = -(-chunk // 2)
+            elif batch_size == AUTO and batch > 1:
+                batch = -(-batch // 2)
+            else:
+                break
+        return (
+            None if batch >= points else batch,
+            None if chunk >= targets else chunk,
+        )
 
     def _target_chunks(self, chunk_size: int | None) -> list[tuple[slice, int | None]]:
         """Slices of target slots, each with the sequence length its targets need.
@@ -226,7 +256,7 @@ class Problem:
         weights: torch.Tensor,
         directions: tuple[torch.Tensor, ...],
         *,
-        batch_size: int | None,
+        batch_size: Size,
         chunk_size: int | None,
     ) -> tuple[torch.Tensor, ...]:
         """``sum_i weights[i] * <d score_k / d points[i] at token s, directions at token s>``.
@@ -236,6 +266,8 @@ class Problem:
         when there are fewer source tokens than targets.
         """
         total = weights.shape[0]
+        # one jvp per source token, fewer than the targets it replaces: the reverse plan bounds it
+        batch_size, _ = self.plan(total, batch_size, None)
         step = total if batch_size is None else batch_size
         width = self.tensors.valid.shape[1]
         acc = _accumulation_dtype(self.inputs[0].dtype)
@@ -262,6 +294,59 @@ class Problem:
                 dots = (moved * head_grad[None]).sum(-1, dtype=acc).unflatten(1, (n, -1))
                 sums[side] += torch.einsum("lnbk,n->bkl", dots, w)
         return tuple(sums)
+
+
+# live tensors of one cotangent's backward, in units of its widest activation [B, L, width],
+# forward activations included: measured 7.2 MB per target and point on a GPT-2-small shape
+# (64 tokens, width 3072, float32), where this estimate gives 6.3 MB
+_LIVE_TENSORS = 8
+
+
+def _backward_bytes(problem: Problem) -> int:
+    """Estimated memory of one target's backward at one point, for all examples of the batch."""
+    x = problem.inputs[0]
+    tokens = sum(xi.shape[1] for xi in problem.inputs)
+    if problem.decoder_embeds is not None:
+        tokens += problem.decoder_embeds.shape[1]
+    config = problem.model.hf.config
+    hidden = x.shape[-1]
+    names = (
+        "intermediate_size",
+        "n_inner",
+        "ffn_dim",
+        "encoder_ffn_dim",
+        "decoder_ffn_dim",
+        "d_ff",
+    )
+    mlp = max([int(v) for n in names if isinstance(v := getattr(config, n, None), int)] or [0])
+    heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head", 1)
+    # eager attention keeps [heads, L, L] per cotangent
+    width = max(mlp, 4 * hidden, int(heads) * tokens)
+    return x.shape[0] * tokens * width * x.element_size() * _LIVE_TENSORS
+
+
+def _memory_budget(device: torch.device) -> int:
+    """Half the free memory of ``device`` (the host's available memory for the CPU; 4 GiB where
+    it cannot be read)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free // 2
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024 // 2
+    except OSError:
+        pass
+    return 4 << 30
+
+
+def check_size(value: object, name: str) -> None:
+    """Raise an :class:`OptionError` unless ``value`` is a positive int, None or ``"auto"``."""
+    if value == AUTO or value is None:
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise OptionError(f"`{name}` must be a positive integer, None or 'auto', got {value!r}")
 
 
 def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:

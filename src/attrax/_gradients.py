@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import xarray as xr
 
-from ._engine import Problem, baselines, check_baseline, check_positive_int, setup
+from ._engine import Problem, Size, baselines, check_baseline, check_positive_int, check_size, setup
 from ._errors import InputError, OptionError
 from ._inputs import Texts
 from ._label import label
@@ -41,7 +41,7 @@ def saliency(
     positions: int | Sequence[int] | None = None,
     attribute_target: bool = False,
     abs: bool = False,
-    chunk_size: int | None = None,
+    chunk_size: Size = "auto",
     reduce_hidden: str | None = None,
     max_new_tokens: int = 20,
 ) -> xr.DataArray:
@@ -61,6 +61,8 @@ def saliency(
         abs: absolute gradients, as Captum's and Inseq's saliency return by default.
         chunk_size: how many targets go through one vectorized backward (memory bound); for
             decoder-only models each chunk also runs on the sequence cut after its last target.
+            ``"auto"`` (default): all at once when that fits half the device's free memory (an
+            estimate), else fewer; None: all at once.
         reduce_hidden: ``"l2_norm"`` or ``"sum"`` to reduce over ``hidden`` on the model's device
             before labelling (what ``ax.pipe(method, ax.l2_norm, ...)`` asks for by itself).
 
@@ -73,7 +75,7 @@ def saliency(
     >>> ax.saliency(model, "1 2 3 =", " 3 2 1").dims
     ('target', 'source', 'hidden')
     """
-    check_positive_int(chunk_size, "chunk_size", allow_none=True)
+    check_size(chunk_size, "chunk_size")
     _check_reduce_hidden(reduce_hidden)
     options = {"abs": abs, "chunk_size": chunk_size}
     name, problem, run_options = setup(
@@ -94,7 +96,7 @@ def input_x_gradient(
     contrast: Texts | None = None,
     positions: int | Sequence[int] | None = None,
     attribute_target: bool = False,
-    chunk_size: int | None = None,
+    chunk_size: Size = "auto",
     reduce_hidden: str | None = None,
     mode: str = "auto",
     max_new_tokens: int = 20,
@@ -112,7 +114,7 @@ def input_x_gradient(
     >>> sorted(da.attrs["method"].split())
     ['input_x_gradient']
     """
-    check_positive_int(chunk_size, "chunk_size", allow_none=True)
+    check_size(chunk_size, "chunk_size")
     _check_reduce_hidden(reduce_hidden)
     _check_mode(mode, reduce_hidden)
     name, problem, run_options = setup(
@@ -143,8 +145,8 @@ def integrated_gradients(
     contrast: Texts | None = None,
     positions: int | Sequence[int] | None = None,
     attribute_target: bool = False,
-    batch_size: int | None = None,
-    chunk_size: int | None = None,
+    batch_size: Size = "auto",
+    chunk_size: Size = "auto",
     reduce_hidden: str | None = None,
     mode: str = "auto",
     max_new_tokens: int = 20,
@@ -159,7 +161,8 @@ def integrated_gradients(
         baseline: ``"zeros"``, ``"pad"``/``"unk"`` (that token's embedding at every position), or a
             tensor broadcastable to the embeddings ``[B, L, H]`` (a tuple of two for
             ``attribute_target`` on encoder-decoder models).
-        batch_size: interpolation points per forward (all at once when None).
+        batch_size: interpolation points per forward: None all at once, ``"auto"`` (default) as
+            many as fit in memory with the targets of one chunk.
         mode: as :func:`input_x_gradient` (forward mode with ``reduce_hidden="sum"``).
 
     Returns:
@@ -173,8 +176,8 @@ def integrated_gradients(
     True
     """
     check_positive_int(steps, "steps")
-    check_positive_int(batch_size, "batch_size", allow_none=True)
-    check_positive_int(chunk_size, "chunk_size", allow_none=True)
+    check_size(batch_size, "batch_size")
+    check_size(chunk_size, "chunk_size")
     _check_reduce_hidden(reduce_hidden)
     _check_mode(mode, reduce_hidden)
     alphas, weights = quadrature(method, steps)
@@ -232,8 +235,8 @@ def smoothgrad(
     contrast: Texts | None = None,
     positions: int | Sequence[int] | None = None,
     attribute_target: bool = False,
-    batch_size: int | None = None,
-    chunk_size: int | None = None,
+    batch_size: Size = "auto",
+    chunk_size: Size = "auto",
     reduce_hidden: str | None = None,
     max_new_tokens: int = 20,
 ) -> xr.DataArray:
@@ -244,7 +247,8 @@ def smoothgrad(
 
     Arguments (others as :func:`saliency`):
         samples: number of noisy copies; noise: the noise level; seed: the random seed.
-        batch_size: noisy copies per forward (all at once when None).
+        batch_size: noisy copies per forward: None all at once, ``"auto"`` (default) as many as
+            fit in memory.
 
     >>> import attrax as ax
     >>> model = ax.load_model()
@@ -252,8 +256,8 @@ def smoothgrad(
     True
     """
     check_positive_int(samples, "samples")
-    check_positive_int(batch_size, "batch_size", allow_none=True)
-    check_positive_int(chunk_size, "chunk_size", allow_none=True)
+    check_size(batch_size, "batch_size")
+    check_size(chunk_size, "chunk_size")
     _check_reduce_hidden(reduce_hidden)
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise OptionError(f"`seed` must be an integer, got {seed!r}")
@@ -308,7 +312,7 @@ def quadrature(method: str, steps: int) -> tuple[np.ndarray, np.ndarray]:
     return (k + offset) / steps, np.full(steps, 1.0 / steps)
 
 
-def _gradients(problem: Problem, chunk_size: int | None) -> tuple[torch.Tensor, ...]:
+def _gradients(problem: Problem, chunk_size: Size) -> tuple[torch.Tensor, ...]:
     def points(chunk: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return tuple(xi[None] for xi in problem.inputs)
 
