@@ -297,9 +297,9 @@ class Problem:
 
 
 # live tensors of one cotangent's backward, in units of its widest activation [B, L, width],
-# forward activations included: measured 7.2 MB per target and point on a GPT-2-small shape
-# (64 tokens, width 3072, float32), where this estimate gives 6.3 MB
-_LIVE_TENSORS = 8
+# forward activations included. Measured on a GPT-2-small shape (64 tokens, width 3072, float32):
+# 7.2 MB per target and point with 10 IG points, 8.4 MB with 50; this estimate gives 9.4 MB
+_LIVE_TENSORS = 12
 
 
 def _backward_bytes(problem: Problem) -> int:
