@@ -186,6 +186,8 @@ class Problem:
         (which, decoder-only, also cuts each chunk's sequence after its last target), then of the
         points. Given sizes (ints, None for all) are kept.
         """
+        if AUTO not in (batch_size, chunk_size):  # nothing to estimate
+            return _given(batch_size), _given(chunk_size)
         targets = self.tensors.valid.shape[1]
         chunk = targets if chunk_size in (None, AUTO) else chunk_size
         batch = points if batch_size in (None, AUTO) else batch_size
@@ -300,6 +302,10 @@ class Problem:
 # forward activations included. Measured on a GPT-2-small shape (64 tokens, width 3072, float32):
 # 7.2 MB per target and point with 10 IG points, 8.4 MB with 50; this estimate gives 9.4 MB
 _LIVE_TENSORS = 12
+
+
+def _given(size: Size) -> int | None:
+    return None if size is None else int(size)
 
 
 def _backward_bytes(problem: Problem) -> int:
