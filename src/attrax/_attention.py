@@ -360,9 +360,8 @@ def _encoder_attention(
     chosen_layers = _indices(layers, len(maps), "layers", "layers")
     chosen_heads = _indices(heads, maps[0].shape[1], "heads", "heads per layer")
     values = torch.stack([maps[layer][:, chosen_heads] for layer in chosen_layers], dim=-1)
-    data = (
-        full_precision(values).permute(0, 2, 3, 4, 1).cpu().numpy().copy()
-    )  # [B, Q, S, layer, head]
+    # [B, Q, S, layer, head]
+    data = full_precision(values).permute(0, 2, 3, 4, 1).cpu().numpy().copy()
     real = mask.bool().numpy()
     data[~(real[:, :, None] & real[:, None, :])] = np.nan
     token_ids = np.where(real, ids.numpy(), MISSING_ID)

@@ -256,9 +256,7 @@ def attribute_dataset(
         done = set(manifest["done"])
         todo = [k for k in range(shards) if _SHARD.format(k) not in done]
         if todo:
-            loaded = (
-                model if isinstance(model, Model) else load_model(model, device=device, dtype=dtype)
-            )
+            loaded = load_model(model, device=device, dtype=dtype)  # a Model passes through
             _run(loaded, fn, steps, options, data, scan, batch_size, out, manifest, todo, progress)
     return DatasetRun(out, scan.records, shards, shards - len(todo))
 

@@ -221,12 +221,16 @@ class Model:
         """
         hf = self.hf
         previous = getattr(hf.config, "_attn_implementation", None) or "eager"
-        if previous != implementation and not _can_switch(hf) and required:
-            raise ModelError(
-                f"{type(hf).__name__} runs {previous!r} attention and cannot switch after loading; "
-                f"this needs {implementation!r}: load it with attn_implementation={implementation!r}"
-            )
-        if previous == implementation or not _can_switch(hf):
+        if previous == implementation:
+            yield
+            return
+        if not _can_switch(hf):
+            if required:
+                raise ModelError(
+                    f"{type(hf).__name__} runs {previous!r} attention and cannot switch after "
+                    f"loading; this needs {implementation!r}: load it with "
+                    f"attn_implementation={implementation!r}"
+                )
             yield
             return
         hf.set_attn_implementation(implementation)
