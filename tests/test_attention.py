@@ -64,7 +64,7 @@ def test_encoder_decoder_attribute_target_and_encoder(models, arch):
     check_rows(got.sel(side="source").values, out.cross_attentions, first, end, causal=False)
     check_rows(got.sel(side="target").values, out.decoder_attentions, first, end, causal=True)
 
-    encoder = attention(model, SOURCE, kind="encoder", heads=[-1])
+    encoder = attention(model, SOURCE, maps="encoder", heads=[-1])
     assert encoder.dims == ("query", "source", "layer", "head")
     assert encoder["head"].values.tolist() == [len(out.encoder_attentions[0][0]) - 1]
     want = np.stack([m[0, -1].numpy() for m in out.encoder_attentions], axis=-1)
@@ -117,11 +117,11 @@ def test_bad_arguments_raise(models):
     with pytest.raises(ax.OptionError, match="selects nothing"):
         attention(model, SOURCE, TARGET, layers=slice(5, None))
     with pytest.raises(ax.OptionError, match="encoder-decoder"):
-        attention(model, SOURCE, TARGET, kind="cross")
+        attention(model, SOURCE, TARGET, maps="cross")
     with pytest.raises(ax.OptionError, match="attribute_target=True"):
-        attention(encdec, SOURCE, TARGET, kind="self")
-    with pytest.raises(ax.OptionError, match="`kind` must be"):
-        attention(encdec, SOURCE, TARGET, kind="decoder")
+        attention(encdec, SOURCE, TARGET, maps="self")
+    with pytest.raises(ax.OptionError, match="`maps` must be"):
+        attention(encdec, SOURCE, TARGET, maps="decoder")
 
 
 def test_reductions_pipe_and_sdpa_model():

@@ -58,12 +58,12 @@ def test_attribute_writes_what_it_prints(tmp_path, capsys):
 def test_attribute_passes_method_options(tmp_path, capsys):
     nc = tmp_path / "ig.nc"
     args = ["attribute", "--method", "integrated_gradients", "--input", PROMPT]
-    args += ["--steps", "4", "-o", "method=riemann_middle", "--objective", "logprob"]
+    args += ["--steps", "4", "-o", "quadrature=riemann_middle", "--objective", "logprob"]
     args += ["--max-new-tokens", "2", "--reduce", "sum,rescale", "--out", str(nc)]
     assert main(args) == 0
     da = ax.load(nc)
     assert da.attrs["objective"] == "logprob"
-    assert '"method": "riemann_middle"' in da.attrs["options"]
+    assert '"quadrature": "riemann_middle"' in da.attrs["options"]
     assert '"steps": 4' in da.attrs["options"]
     assert da.sizes["target"] == 2
     assert da.attrs["reductions"] == "sum(hidden);rescale(source)"

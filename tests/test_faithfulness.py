@@ -57,12 +57,14 @@ def test_true_attributions_beat_random_rankings(model, examples, method):
     def score(metric, attribution, **kw):
         return metric(model, attribution, prompts, continuations, **kw)
 
-    true_deletion, random_deletion = (score(F.deletion, a, steps=5).auc for a in (da, random_da))
+    true_deletion, random_deletion = (
+        score(F.deletion, a, fractions=5).auc for a in (da, random_da)
+    )
     assert float(true_deletion.mean()) < float(random_deletion.mean()) - 0.05
     true_comp, random_comp = (score(F.comprehensiveness, a).aopc for a in (da, random_da))
     assert float(true_comp.mean()) > float(random_comp.mean()) + 0.05
     if method == "saliency":
-        true_ins, random_ins = (score(F.insertion, a, steps=5).auc for a in (da, random_da))
+        true_ins, random_ins = (score(F.insertion, a, fractions=5).auc for a in (da, random_da))
         assert float(true_ins.mean()) > float(random_ins.mean())
         true_suff, random_suff = (score(F.sufficiency, a).aopc for a in (da, random_da))
         assert float(true_suff.mean()) < float(random_suff.mean())
@@ -73,8 +75,8 @@ def test_matches_a_naive_loop_of_masked_forwards(model):
     prompt, continuation = "3 1 4 =", " 4 1 3"
     da = ax.l2_norm(ax.saliency(model, prompt, continuation))
     steps, fractions = 3, (0.2, 0.5)
-    deletion = F.deletion(model, da, prompt, continuation, steps=steps)
-    insertion = F.insertion(model, da, prompt, continuation, steps=steps)
+    deletion = F.deletion(model, da, prompt, continuation, fractions=steps)
+    insertion = F.insertion(model, da, prompt, continuation, fractions=steps)
     comp = F.comprehensiveness(model, da, prompt, continuation, fractions=fractions)
     suff = F.sufficiency(model, da, prompt, continuation, fractions=fractions)
 
@@ -117,11 +119,11 @@ def test_a_batch_equals_its_examples_one_by_one(model):
     # different lengths: the batch is padded, targets of one example are NaN in the other
     prompts, continuations = [PROMPT, "7 2 9 ="], [CONTINUATION, " 9 2 7"]
     batch = ax.l2_norm(ax.saliency(model, prompts, continuations))
-    together = F.deletion(model, batch, prompts, continuations, steps=3, batch_size=5)
+    together = F.deletion(model, batch, prompts, continuations, fractions=3, batch_size=5)
     assert together.dims == ("example", "target", "fraction")
     for i, (prompt, continuation) in enumerate(zip(prompts, continuations, strict=True)):
         single = ax.l2_norm(ax.saliency(model, prompt, continuation))
-        alone = F.deletion(model, single, prompt, continuation, steps=3)
+        alone = F.deletion(model, single, prompt, continuation, fractions=3)
         got = together.isel(example=i).dropna("target", how="all")
         np.testing.assert_allclose(got.values, alone.values, rtol=1e-5, atol=1e-7)
         np.testing.assert_allclose(got.auc.values, alone.auc.values, rtol=1e-5, atol=1e-7)
@@ -149,5 +151,5 @@ def test_clear_errors(model):
         F.comprehensiveness(model, da, PROMPT, CONTINUATION, fractions=[0.0, 0.5])
     with pytest.raises(ax.OptionError, match="baseline"):
         F.insertion(model, da, PROMPT, CONTINUATION, baseline="mean")
-    with pytest.raises(ax.OptionError, match="steps"):
-        F.insertion(model, da, PROMPT, CONTINUATION, steps=0)
+    with pytest.raises(ax.OptionError, match="fractions"):
+        F.insertion(model, da, PROMPT, CONTINUATION, fractions=0)

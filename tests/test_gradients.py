@@ -10,7 +10,7 @@ import torch
 import xarray as xr
 
 import attrax as ax
-from attrax import _engine
+from attrax import _memory
 from attrax._engine import Problem
 from attrax._inputs import prepare
 from attrax._objectives import resolve
@@ -92,7 +92,7 @@ METHODS = {
     "saliency": lambda m, s, t, **kw: ax.saliency(m, s, t, **kw),
     "input_x_gradient": lambda m, s, t, **kw: ax.input_x_gradient(m, s, t, **kw),
     "integrated_gradients": lambda m, s, t, **kw: ax.integrated_gradients(
-        m, s, t, steps=8, method="gausslegendre", **kw
+        m, s, t, steps=8, quadrature="gausslegendre", **kw
     ),
     "smoothgrad": lambda m, s, t, **kw: ax.smoothgrad(m, s, t, samples=4, noise=0.1, seed=0, **kw),
 }
@@ -226,7 +226,7 @@ def test_integrated_gradients_completeness(models, arch, quadrature, steps):
     # LayerNorm after position embeddings keeps the path smooth from the zero baseline; RMSNorm
     # models (llama, t5) are singular at zero embeddings, so completeness converges slowly there
     model = models[arch]
-    da = ax.integrated_gradients(model, *PAIRS[0], steps=steps, method=quadrature)
+    da = ax.integrated_gradients(model, *PAIRS[0], steps=steps, quadrature=quadrature)
     source_ids, target_ids = _naive.token_ids(model, *PAIRS[0])
     run = _naive.Runner(model, source_ids, target_ids)
     x = run.embeddings()
@@ -294,7 +294,7 @@ def test_auto_sizes_fit_the_memory_budget(models, arch, monkeypatch):
     problem = Problem.build(
         model, prepare(model, sources, targets), resolve("probability")[1], False
     )
-    per = _engine._backward_bytes(problem)
+    per = problem.backward_bytes()
     k = problem.tensors.valid.shape[1]
     for budget, expected in [
         (per * k * 6, (None, None)),  # everything fits
@@ -302,7 +302,7 @@ def test_auto_sizes_fit_the_memory_budget(models, arch, monkeypatch):
         (per * 3, (3, 1)),  # one target, half the points
         (per // 2, (1, 1)),  # nothing fits: the smallest plan
     ]:
-        monkeypatch.setattr(_engine, "_memory_budget", lambda device, b=budget: b)
+        monkeypatch.setattr(_memory, "memory_budget", lambda device, b=budget: b)
         assert problem.plan(6, "auto", "auto") == expected, budget
         assert problem.plan(6, 4, None) == (4, None)  # given sizes are kept
         auto = ax.integrated_gradients(model, sources, targets, steps=6)
@@ -325,7 +325,7 @@ def test_generated_targets_equal_given_targets(model):
 
 
 def test_attrs_record_provenance(models):
-    da = ax.integrated_gradients(models["gpt2"], *PAIRS[0], steps=5, method="riemann_left")
+    da = ax.integrated_gradients(models["gpt2"], *PAIRS[0], steps=5, quadrature="riemann_left")
     assert da.attrs["method"] == "integrated_gradients"
     assert da.attrs["objective"] == "probability"
     assert '"steps": 5' in da.attrs["options"]

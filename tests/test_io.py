@@ -214,7 +214,7 @@ def test_save_errors(tmp_path: Path) -> None:
 def test_staged_copy_to_host_is_exact(monkeypatch):
     # the GPU path copies through a small reused buffer, chunk by chunk; the chunking is the same
     # on the CPU (only the buffer is not pinned), so odd sizes and chunk boundaries are checked here
-    from attrax import _label
+    from attrax import _memory as _label
 
     monkeypatch.setattr(_label, "_STAGE_BYTES", 1000)
     monkeypatch.setattr(_label, "_stages", {})

@@ -27,7 +27,6 @@ if TYPE_CHECKING:
     from ._faithfulness import sufficiency as sufficiency
     from ._gradients import input_x_gradient as input_x_gradient
     from ._gradients import integrated_gradients as integrated_gradients
-    from ._gradients import quadrature as quadrature
     from ._gradients import saliency as saliency
     from ._gradients import smoothgrad as smoothgrad
     from ._model import Model as Model
@@ -54,100 +53,16 @@ if TYPE_CHECKING:
     from .viz import plot as plot
     from .viz import show as show
 
-__version__ = "0.1.0"
+from ._names import PUBLIC
+from ._version import __version__
 
-# name -> submodule: `import attrax` stays cheap (no torch, no transformers) until a name is
-# used, so `attrax --help` and argument errors answer at once
-_WHERE = {
-    "attention": "._attention",
-    "rollout": "._attention",
-    "attribute_dataset": "._dataset",
-    "load_dataset_results": "._dataset",
-    "AttraxError": "._errors",
-    "InputError": "._errors",
-    "ModelError": "._errors",
-    "OptionError": "._errors",
-    "comprehensiveness": "._faithfulness",
-    "deletion": "._faithfulness",
-    "insertion": "._faithfulness",
-    "sufficiency": "._faithfulness",
-    "input_x_gradient": "._gradients",
-    "integrated_gradients": "._gradients",
-    "quadrature": "._gradients",
-    "saliency": "._gradients",
-    "smoothgrad": "._gradients",
-    "Model": "._model",
-    "load_model": "._model",
-    "logit": "._objectives",
-    "logprob": "._objectives",
-    "probability": "._objectives",
-    "kernel_shap": "._perturbation",
-    "lime": "._perturbation",
-    "occlusion": "._perturbation",
-    "absmax": "._reduce",
-    "l2_norm": "._reduce",
-    "max": "._reduce",
-    "mean": "._reduce",
-    "normalize": "._reduce",
-    "pipe": "._reduce",
-    "rescale": "._reduce",
-    "sum": "._reduce",
-    "step_scores": "._scores",
-    "with_scores": "._scores",
-    "merge_subwords": "._words",
-    "load": ".io",
-    "save": ".io",
-    "plot": ".viz",
-    "show": ".viz",
-}
-
-__all__ = [
-    "AttraxError",
-    "InputError",
-    "Model",
-    "ModelError",
-    "OptionError",
-    "__version__",
-    "absmax",
-    "attention",
-    "attribute_dataset",
-    "comprehensiveness",
-    "deletion",
-    "input_x_gradient",
-    "insertion",
-    "integrated_gradients",
-    "kernel_shap",
-    "l2_norm",
-    "lime",
-    "load",
-    "load_dataset_results",
-    "load_model",
-    "logit",
-    "logprob",
-    "max",
-    "mean",
-    "merge_subwords",
-    "normalize",
-    "occlusion",
-    "pipe",
-    "plot",
-    "probability",
-    "quadrature",
-    "rescale",
-    "rollout",
-    "saliency",
-    "save",
-    "show",
-    "smoothgrad",
-    "step_scores",
-    "sufficiency",
-    "sum",
-    "with_scores",
-]
+# `import attrax` stays cheap (no torch, no transformers) until a name is used, so
+# `attrax --help` and argument errors answer at once
+__all__ = ["__version__", *sorted(PUBLIC)]
 
 
 def __getattr__(name: str) -> Any:
-    module = _WHERE.get(name)
+    module = PUBLIC.get(name)
     if module is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     value = getattr(importlib.import_module(module, __name__), name)

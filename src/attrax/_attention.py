@@ -7,55 +7,64 @@ implementation is switched to eager for the duration of the call and switched ba
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 import xarray as xr
 
+from . import _arch
 from ._errors import OptionError
-from ._inputs import (
-    Tensors,
-    Texts,
-    _as_texts,
-    _at,
-    _check_length,
-    _encode_source,
-    _pad,
-    prepare,
-    to_tensors,
-)
-from ._label import MISSING_ID, full_precision, label, run_attrs, token_strings
-from ._model import Model, ModelLike, capture_before, fast_activations, load_model
+from ._inputs import encode_sources, to_tensors
+from ._memory import full_precision
+from ._model import Model
+from ._protocol import Call, Family, own_options
+from ._schema import label_queries
 
 Selection = int | range | slice | Sequence[int] | None
-KINDS = ("self", "cross", "encoder")
-
-# config keys holding the number of layers / heads of each stack, in order of preference
-_LAYER_KEYS = {
-    "self": ("num_hidden_layers", "n_layer", "num_layers"),
-    "cross": ("decoder_layers", "num_decoder_layers", "num_layers", "num_hidden_layers"),
-    "encoder": ("encoder_layers", "num_layers", "num_hidden_layers"),
-}
-_HEAD_KEYS = {
-    "self": ("num_attention_heads", "n_head", "num_heads"),
-    "cross": ("decoder_attention_heads", "num_heads", "num_attention_heads"),
-    "encoder": ("encoder_attention_heads", "num_heads", "num_attention_heads"),
-}
+MAPS = ("self", "cross", "encoder")
 
 
+def _run(core: Callable[..., xr.DataArray], call: Call, arguments: dict[str, Any]) -> xr.DataArray:
+    return core(call, **own_options(core, arguments))
+
+
+_ONE_FORWARD = "attention weights come from one forward pass"
+#: Attention methods: weights read from one forward, so no objective and no memory bounds.
+ATTENTION = Family(
+    name="attention",
+    takes=("positions", "attribute_target", "max_new_tokens"),
+    refuses={
+        "objective": f"{_ONE_FORWARD}, not from an objective",
+        "contrast": f"{_ONE_FORWARD}, not from an objective",
+        "chunk_size": f"{_ONE_FORWARD}: there is no backward to chunk",
+        "batch_size": f"{_ONE_FORWARD}: there are no points to batch",
+    },
+    run=_run,
+)
+
+
+def _selection(value: object, name: str) -> None:
+    """Layers/heads: an int, a range, a slice, a list of ints or None (checked again against
+    the model's sizes)."""
+    if value is None or isinstance(value, (slice, range)):
+        return
+    items = [value] if isinstance(value, int) else value
+    if isinstance(value, (str, bytes)) or not isinstance(items, Sequence):
+        raise OptionError(
+            f"`{name}` must be an int, a range, a slice or a list of ints, got {value!r}"
+        )
+
+
+def _maps_name(value: object, name: str) -> None:
+    if value is not None and value not in MAPS:
+        raise OptionError(f"`{name}` must be None or one of {MAPS}, got {value!r}")
+
+
+@ATTENTION.method(layers=_selection, heads=_selection, maps=_maps_name)
 def attention(
-    model: ModelLike,
-    inputs: Texts,
-    targets: Texts | None = None,
-    *,
-    layers: Selection = None,
-    heads: Selection = None,
-    kind: str | None = None,
-    attribute_target: bool = False,
-    positions: int | Sequence[int] | None = None,
-    max_new_tokens: int = 20,
+    call: Call, *, layers: Selection = None, heads: Selection = None, maps: str | None = None
 ) -> xr.DataArray:
     """Attention weights of the query that predicts each target, per layer and head.
 
@@ -66,12 +75,13 @@ def attention(
         model, inputs, targets, positions, max_new_tokens: as :func:`attrax.saliency`.
         layers, heads: which layers / heads to keep: an int, a range, a slice or a list of ints
             (negative ints count from the end). The dims stay even for a single int.
-        kind: ``None`` for the default of the model: ``"self"`` (decoder-only self-attention) or
-            ``"cross"`` (encoder-decoder: decoder-over-encoder cross-attention). ``"encoder"``
-            gives the encoder self-attention of an encoder-decoder model as dims
-            ``([example,] query, source, layer, head)``; ``targets`` are not used then.
-        attribute_target: with ``kind="cross"``, also the decoder self-attention over the decoder
-            prefix, on the ``(side, position)`` source index of the gradient methods.
+        maps: which attention maps: ``None`` for the model's default, ``"self"`` (decoder-only
+            self-attention) or ``"cross"`` (encoder-decoder: decoder-over-encoder
+            cross-attention). ``"encoder"`` gives the encoder self-attention of an
+            encoder-decoder model as dims ``([example,] query, source, layer, head)``;
+            ``targets`` are not used then.
+        attribute_target: with ``maps="cross"``, also the decoder self-attention over the
+            decoder prefix, on the ``(side, position)`` source index of the gradient methods.
 
     Returns:
         DataArray ``([example,] target, source, layer, head)`` with ``layer``/``head``
@@ -84,63 +94,43 @@ def attention(
     >>> ax.pipe(ax.attention, ax.mean("head"), ax.max("layer"))(ax.load_model(), "1 2 3 =").dims
     ('target', 'source')
     """
-    model = load_model(model)  # a Model passes through as is
-    kind = _kind(model, kind)
-    _check_bool(attribute_target, "attribute_target")
-    n_layers, n_heads = _sizes(model, kind)
+    model = call.model
+    maps = _maps(model, maps)
+    attribute_target = call.options["attribute_target"]
+    stack = "cross" if maps == "cross" else maps
+    n_layers, n_heads = _arch.layers(model.hf.config, stack), _arch.heads(model.hf.config, stack)
     # validated before tokenizing or generating; checked again against the weights themselves
     if n_layers is not None:
         _indices(layers, n_layers, "layers", "layers")
     if n_heads is not None:
         _indices(heads, n_heads, "heads", "heads per layer")
-    options: dict[str, Any] = {
-        "kind": kind,
-        "layers": _jsonable(layers),
-        "heads": _jsonable(heads),
-        "attribute_target": attribute_target,
-    }
-    if kind == "encoder":
+    if maps == "encoder":
         if attribute_target:
-            raise OptionError("`attribute_target=True` does not apply to kind='encoder'")
-        if positions is not None:
-            raise OptionError("`positions` selects targets; kind='encoder' has no targets")
-        return _encoder_attention(model, inputs, layers, heads, options)
+            raise OptionError("`attribute_target=True` does not apply to maps='encoder'")
+        if call.options["positions"] is not None:
+            raise OptionError("`positions` selects targets; maps='encoder' has no targets")
+        return _encoder_attention(call, layers, heads)
 
-    batch = prepare(model, inputs, targets, positions=positions, max_new_tokens=max_new_tokens)
-    if targets is None:
-        options["max_new_tokens"] = max_new_tokens
-    tensors = to_tensors(batch, model)
-    out = _forward(model, tensors)
-    if kind == "self":
-        maps = [out.attentions]
+    tensors = to_tensors(call.batch, model)
+    out = model.attention_maps(tensors)
+    if maps == "self":
+        stacks = [out.attentions]
     else:
-        maps = [out.cross_attentions]
+        stacks = [out.cross_attentions]
         if attribute_target:
-            maps.append(out.decoder_attentions)
-    chosen_layers = _indices(layers, len(maps[0]), "layers", "layers")
-    chosen_heads = _indices(heads, maps[0][0].shape[1], "heads", "heads per layer")
-    sides = [_rows(m, chosen_layers, chosen_heads, tensors.index) for m in maps]
-    return label(
-        model,
-        batch,
+            stacks.append(out.decoder_attentions)
+    chosen_layers = _indices(layers, len(stacks[0]), "layers", "layers")
+    chosen_heads = _indices(heads, stacks[0][0].shape[1], "heads", "heads per layer")
+    sides = [_rows(m, chosen_layers, chosen_heads, tensors.index) for m in stacks]
+    return call.label(
         sides,
-        method="attention",
-        objective="none",
-        options=options,
         trailing=("layer", "head"),
         trailing_coords={"layer": chosen_layers, "head": chosen_heads},
     )
 
 
-def rollout(
-    model: ModelLike,
-    inputs: Texts,
-    targets: Texts | None = None,
-    *,
-    attribute_target: bool = False,
-    positions: int | Sequence[int] | None = None,
-    max_new_tokens: int = 20,
-) -> xr.DataArray:
+@ATTENTION.method()
+def rollout(call: Call) -> xr.DataArray:
     """Attention rollout (Abnar & Zuidema 2020) from the query that predicts each target.
 
     Per layer ``A' = rownorm(0.5 * mean_heads(A) + 0.5 * I)`` (half for the residual stream);
@@ -163,14 +153,9 @@ def rollout(
     >>> bool(abs(da.sum("source") - 1).max() < 1e-5)
     True
     """
-    model = load_model(model)  # a Model passes through as is
-    _check_bool(attribute_target, "attribute_target")
-    batch = prepare(model, inputs, targets, positions=positions, max_new_tokens=max_new_tokens)
-    options: dict[str, Any] = {"attribute_target": attribute_target, "residual": 0.5}
-    if targets is None:
-        options["max_new_tokens"] = max_new_tokens
-    tensors = to_tensors(batch, model)
-    out = _forward(model, tensors)
+    model = call.model
+    tensors = to_tensors(call.batch, model)
+    out = model.attention_maps(tensors)
     rows = torch.arange(tensors.index.shape[0], device=tensors.index.device)[:, None]
     if not model.is_encoder_decoder:
         rolled = _rollout_stack(out.attentions, tensors.mask)
@@ -183,11 +168,9 @@ def rollout(
             out.decoder_attentions, out.cross_attentions, encoder, decoder_mask
         )
         sides = [to_encoder[rows, tensors.index]]
-        if attribute_target:
+        if call.options["attribute_target"]:
             sides.append(to_decoder[rows, tensors.index])
-    return label(
-        model, batch, sides, method="rollout", objective="none", options=options, trailing=()
-    )
+    return call.label(sides, trailing=())
 
 
 def _rollout_stack(maps: Sequence[torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
@@ -237,28 +220,17 @@ def _with_residual(weights: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.where(mask.bool()[:, :, None], mixed, eye)
 
 
-def _kind(model: Model, kind: str | None) -> str:
-    if kind is None:
+def _maps(model: Model, maps: str | None) -> str:
+    if maps is None:
         return "cross" if model.is_encoder_decoder else "self"
-    if kind not in KINDS:
-        raise OptionError(f"`kind` must be None or one of {KINDS}, got {kind!r}")
-    if model.is_encoder_decoder and kind == "self":
+    if model.is_encoder_decoder and maps == "self":
         raise OptionError(
-            "`kind='self'` is for decoder-only models; for the decoder self-attention of an "
-            "encoder-decoder model use kind='cross' with attribute_target=True"
+            "`maps='self'` is for decoder-only models; for the decoder self-attention of an "
+            "encoder-decoder model use maps='cross' with attribute_target=True"
         )
-    if not model.is_encoder_decoder and kind != "self":
-        raise OptionError(f"`kind={kind!r}` needs an encoder-decoder model; {model.name} has none")
-    return kind
-
-
-def _sizes(model: Model, kind: str) -> tuple[int | None, int | None]:
-    config = model.hf.config
-    found = []
-    for keys in (_LAYER_KEYS[kind], _HEAD_KEYS[kind]):
-        values = [getattr(config, key, None) for key in keys]
-        found.append(next((v for v in values if isinstance(v, int) and v > 0), None))
-    return found[0], found[1]
+    if not model.is_encoder_decoder and maps != "self":
+        raise OptionError(f"`maps={maps!r}` needs an encoder-decoder model; {model.name} has none")
+    return maps
 
 
 def _indices(value: Selection, n: int, name: str, what: str) -> list[int]:
@@ -290,44 +262,6 @@ def _indices(value: Selection, n: int, name: str, what: str) -> list[int]:
     return chosen
 
 
-def _jsonable(value: Selection) -> Any:
-    if isinstance(value, (slice, range)):
-        return repr(value)
-    return value if value is None or isinstance(value, int) else [int(v) for v in value]
-
-
-def _check_bool(value: object, name: str) -> None:
-    if not isinstance(value, bool):
-        raise OptionError(f"`{name}` must be a bool, got {value!r}")
-
-
-@torch.no_grad()
-def _forward(model: Model, t: Tensors) -> Any:
-    """One teacher-forced forward returning attention maps; the head computes no logits."""
-    with (
-        model.attention_as("eager", required=True),
-        capture_before(model._head, t.index, []),
-        fast_activations(model._activations),
-    ):
-        if model.is_encoder_decoder:
-            return model.hf(
-                input_ids=t.ids,
-                attention_mask=t.mask,
-                decoder_input_ids=t.decoder_ids,
-                decoder_attention_mask=t.decoder_mask,
-                output_attentions=True,
-                use_cache=False,
-            )
-        positions = torch.arange(t.ids.shape[-1], device=t.ids.device)
-        return model.hf(
-            input_ids=t.ids,
-            attention_mask=t.mask,
-            position_ids=positions.expand(t.mask.shape),
-            output_attentions=True,
-            use_cache=False,
-        )
-
-
 def _rows(
     maps: Sequence[torch.Tensor], layers: list[int], heads: list[int], index: torch.Tensor
 ) -> torch.Tensor:
@@ -337,51 +271,22 @@ def _rows(
     return full_precision(torch.stack(picked, dim=-2))
 
 
-def _encoder_attention(
-    model: Model,
-    inputs: Texts,
-    layers: Selection,
-    heads: Selection,
-    options: dict[str, Any],
-) -> xr.DataArray:
+def _encoder_attention(call: Call, layers: Selection, heads: Selection) -> xr.DataArray:
     """Encoder self-attention as ``([example,] query, source, layer, head)``."""
-    texts, single = _as_texts(inputs, "inputs")
-    sources = [_encode_source(model.tokenizer, text, True) for text in texts]
-    for i, ids in enumerate(sources):
-        _check_length(model, ids, (), _at(i, single))
-    ids, mask = _pad(sources, model.pad_token_id or 0)
-    with torch.no_grad(), model.attention_as("eager", required=True):
-        out = model.hf.get_encoder()(
-            input_ids=ids.to(model.device),
-            attention_mask=mask.to(model.device),
-            output_attentions=True,
-        )
-    maps = out.attentions
+    model = call.model
+    ids, mask, single = encode_sources(model, call.inputs)
+    maps = model.encoder_attention_maps(ids, mask)
     chosen_layers = _indices(layers, len(maps), "layers", "layers")
     chosen_heads = _indices(heads, maps[0].shape[1], "heads", "heads per layer")
+    # [B, H, Q, S] per layer -> [B, Q, S, layer, head]
     values = torch.stack([maps[layer][:, chosen_heads] for layer in chosen_layers], dim=-1)
-    # [B, Q, S, layer, head]
-    data = full_precision(values).permute(0, 2, 3, 4, 1).cpu().numpy().copy()
-    real = mask.bool().numpy()
-    data[~(real[:, :, None] & real[:, None, :])] = np.nan
-    token_ids = np.where(real, ids.numpy(), MISSING_ID)
-    tokens = token_strings(token_ids, model.tokenizer.convert_ids_to_tokens)
-    width = ids.shape[1]
-    da = xr.DataArray(
-        data,
-        dims=("example", "query", "source", "layer", "head"),
-        coords={
-            "example": np.arange(len(sources)),
-            "query": np.arange(width),
-            "source": np.arange(width),
-            "layer": chosen_layers,
-            "head": chosen_heads,
-            "query_id": (("example", "query"), token_ids),
-            "query_token": (("example", "query"), tokens),
-            "source_id": (("example", "source"), token_ids),
-            "source_token": (("example", "source"), tokens),
-        },
-        name="attribution",
-        attrs=run_attrs(model, "attention", "none", options),
+    return label_queries(
+        model,
+        ids,
+        mask,
+        full_precision(values).permute(0, 2, 3, 4, 1),
+        single=single,
+        method=call.method,
+        options=call.options,
+        trailing_coords={"layer": chosen_layers, "head": chosen_heads},
     )
-    return da.isel(example=0, drop=True) if single else da

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import importlib
 import inspect
 import json
 import os
@@ -33,8 +34,11 @@ import pandas as pd
 import torch
 import xarray as xr
 
+from . import _reduce
 from ._errors import InputError, OptionError
 from ._model import Model, load_model
+from ._names import METHODS, PUBLIC, REDUCTIONS
+from ._schema import fill_value
 
 __all__ = [
     "METHODS",
@@ -47,21 +51,6 @@ __all__ = [
     "reduce",
     "resolve_method",
 ]
-
-#: Attribution functions a run may name; those not (yet) in ``attrax`` are looked up at runtime.
-METHODS = (
-    "saliency",
-    "input_x_gradient",
-    "integrated_gradients",
-    "smoothgrad",
-    "occlusion",
-    "lime",
-    "kernel_shap",
-    "attention",
-    "rollout",
-)
-#: Reductions a ``reduce`` spec may name: ``name`` or ``name:dim``.
-REDUCTIONS = ("l2_norm", "sum", "mean", "max", "absmax", "normalize", "rescale")
 
 MANIFEST = "manifest.json"
 _FORMAT = "attrax-dataset"
@@ -92,12 +81,9 @@ def resolve_method(name: str) -> Callable[..., xr.DataArray]:
     >>> resolve_method("saliency").__name__
     'saliency'
     """
-    import attrax
-
-    available = [m for m in METHODS if callable(getattr(attrax, m, None))]
-    if name not in available:
-        raise OptionError(f"unknown method {name!r}; available: {', '.join(available)}")
-    return getattr(attrax, name)
+    if name not in METHODS:
+        raise OptionError(f"unknown method {name!r}; available: {', '.join(METHODS)}")
+    return getattr(importlib.import_module(PUBLIC[name], __package__), name)
 
 
 def call_method(
@@ -158,8 +144,6 @@ def reduce(da: xr.DataArray, steps: list[tuple[str, str | None]] | None) -> xr.D
     >>> reduce(da, None).values.tolist()
     [[1.0, 0.0]]
     """
-    import attrax
-
     if steps is None:
         steps = [
             ("l2_norm" if dim == "hidden" else "mean", str(dim))
@@ -168,7 +152,7 @@ def reduce(da: xr.DataArray, steps: list[tuple[str, str | None]] | None) -> xr.D
         ]
         steps.append(("normalize", "source"))
     for name, dim in steps:
-        da = getattr(attrax, name)(da, dim)
+        da = getattr(_reduce, name)(da, dim)
     return da
 
 
@@ -314,7 +298,7 @@ def concat_examples(parts: list[xr.DataArray]) -> xr.DataArray:
     like = xr.Dataset(coords=union)
     aligned = []
     for part in parts:
-        fill = {str(name): _fill(var.dtype) for name, var in part.coords.items()}
+        fill = {str(name): fill_value(var.dtype) for name, var in part.coords.items()}
         fill[str(part.name)] = np.nan
         aligned.append(part.reindex_like(like, fill_value=fill))
     return xr.concat(
@@ -562,13 +546,3 @@ def _lock(out: Path) -> Iterator[None]:
 
 def _shard_index(name: str) -> int:
     return int(name.removeprefix("shard-").removesuffix(".nc"))
-
-
-def _fill(dtype: np.dtype) -> Any:
-    if dtype.kind in "iu":
-        return -1
-    if dtype.kind in "USO":
-        return ""
-    if dtype.kind == "b":
-        return False
-    return np.nan

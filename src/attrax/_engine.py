@@ -1,33 +1,30 @@
-"""The vectorized gradient engine shared by every gradient method.
+"""The vectorized engine: one call's tensors (:class:`Problem`) and its forwards and backwards.
 
-One teacher-forced forward over a batch of *points* (the embeddings themselves, interpolation
-points, noisy copies), then the gradients of every attributed target's score through
-``torch.func.vjp`` with ``vmap`` over one-hot cotangents. Methods differ only in the points, their
-weights and what multiplies the weighted gradient sum.
+Gradients: one teacher-forced forward over a batch of *points* (the embeddings themselves,
+interpolation points, noisy copies), then the gradients of every attributed target's objective
+through ``torch.func.vjp`` with ``vmap`` over one-hot cotangents. Perturbations: batched forwards
+over masked copies of the embeddings, every target scored at once.
 """
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch.func import jvp, vjp
 
+from . import _arch
 from ._errors import OptionError
-from ._host import reuse_host_memory
-from ._inputs import Batch, Tensors, Texts, prepare, to_tensors
-from ._model import Model, ModelLike, load_model
-from ._objectives import Objective, resolve, scores
+from ._inputs import Batch, Tensors, to_tensors
+from ._memory import Size, backward_bytes, plan, reuse_host_memory
+from ._model import Model
+from ._objectives import Objective, evaluate_objective
 
 # points[i] for i in a chunk of indices -> one tensor [n, B, L, H] per attributed side
 PointFn = Callable[[torch.Tensor], tuple[torch.Tensor, ...]]
-BASELINES = ("zeros", "pad", "unk")
-AUTO = "auto"
-# points per forward / targets per backward: a positive int, None (all at once) or "auto"
-Size = int | str | None
+Baseline = str | torch.Tensor | tuple[torch.Tensor, ...]
 _NO_BATCHING_RULE = r"There is a performance drop .* batching rule for aten::_scaled_dot_product"
 
 
@@ -87,25 +84,37 @@ class Problem:
 
         return h
 
-    def head_scores(self, hidden: torch.Tensor, slots: slice = slice(None)) -> torch.Tensor:
-        """Objective scores ``[n * B, k]`` from head inputs ``[n * B, k, H]`` at ``slots``."""
+    def head_objective(self, hidden: torch.Tensor, slots: slice = slice(None)) -> torch.Tensor:
+        """The objective ``[n * B, k]`` from head inputs ``[n * B, k, H]`` at ``slots``."""
         t = self.tensors
         n = hidden.shape[0] // t.target_ids.shape[0]
         target_ids = t.target_ids[:, slots].repeat(n, 1)
         contrast = None if t.contrast_ids is None else t.contrast_ids[:, slots].repeat(n, 1)
-        return scores(self.objective, self.model.head(hidden), target_ids, contrast)
+        return evaluate_objective(self.objective, self.model.head(hidden), target_ids, contrast)
 
-    def score_fn(self, n: int) -> Callable[..., torch.Tensor]:
-        """``f(*embeds)`` for ``n`` stacked copies of the batch: scores ``[n * B, K]``."""
+    def objective_fn(self, n: int) -> Callable[..., torch.Tensor]:
+        """``f(*embeds)`` for ``n`` stacked copies of the batch: the objective ``[n * B, K]``."""
         hidden = self.hidden_fn(n)
-        return lambda *embeds: self.head_scores(hidden(*embeds))
+        return lambda *embeds: self.head_objective(hidden(*embeds))
+
+    def side_mask(self, side: int) -> torch.Tensor:
+        """``[B, L]`` attention mask of attributed side ``side`` (0: the source or decoder-only
+        sequence, 1: the decoder input)."""
+        t = self.tensors
+        mask = t.mask if side == 0 else t.decoder_mask
+        assert mask is not None
+        return mask
+
+    def lengths(self, side: int) -> list[int]:
+        """Each example's number of real tokens on attributed side ``side``."""
+        return self.side_mask(side).sum(dim=1).tolist()
 
     def visible(self) -> torch.Tensor:
         """``[B, K, L]``: the real source columns (sides concatenated) target k can depend on."""
         t = self.tensors
         blocks = []
         for side, x in enumerate(self.inputs):
-            mask = t.mask if side == 0 else t.decoder_mask
+            mask = self.side_mask(side)
             columns = torch.arange(x.shape[1], device=mask.device)
             block = (columns[None, :] < mask.sum(dim=1)[:, None])[:, None, :] & t.valid[..., None]
             if side == 1 or not self.model.is_encoder_decoder:
@@ -116,24 +125,25 @@ class Problem:
 
     @torch.no_grad()
     def evaluate(self, points: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        """Scores ``[n, B, K]`` of the targets at ``n`` stacked points (no gradients)."""
+        """The objective ``[n, B, K]`` of the targets at ``n`` stacked points (no gradients)."""
         n = points[0].shape[0]
-        values = self.score_fn(n)(*(p.flatten(0, 1) for p in points))
+        values = self.objective_fn(n)(*(p.flatten(0, 1) for p in points))
         return values.unflatten(0, (n, -1))
 
     @reuse_host_memory()
-    def masked_scores(
+    def masked_objective(
         self,
         keep: torch.Tensor,
         baselines: tuple[torch.Tensor, ...],
-        batch_size: int | None,
+        batch_size: Size,
     ) -> torch.Tensor:
-        """Scores ``[N, B, K]`` of ``N`` copies of the batch; copy i keeps columns ``keep[i]``
+        """The objective ``[N, B, K]`` of ``N`` copies of the batch; copy i keeps ``keep[i]``
         (sides concatenated) and puts ``baselines`` everywhere else, ``batch_size`` copies a forward.
         """
         widths = [x.shape[1] for x in self.inputs]
         total = keep.shape[0]
-        step = total if batch_size is None else batch_size
+        # a forward holds no backward: "auto" keeps every copy in one forward
+        step = total if batch_size in (None, "auto") else int(batch_size)
         out = []
         for start in range(0, total, step):  # chunking only: bounds memory
             parts = keep[start : start + step].split(widths, dim=-1)
@@ -162,7 +172,7 @@ class Problem:
         total = weights.shape[0]
         batch_size, chunk_size = self.plan(total, batch_size, chunk_size)
         step = total if batch_size is None else batch_size
-        # allocated where the model runs: a host tensor copied over took 20 ms on a GPU (W3)
+        # allocated where the model runs: a host tensor copied over took 20 ms on a long GPU call
         acc = _accumulation_dtype(self.inputs[0].dtype)
         width = self.tensors.valid.shape[1]
         sums = [x.new_zeros(x.shape[0], width, *x.shape[1:], dtype=acc) for x in self.inputs]
@@ -181,28 +191,21 @@ class Problem:
     def plan(
         self, points: int, batch_size: Size, chunk_size: Size
     ) -> tuple[int | None, int | None]:
-        """Resolve ``"auto"`` sizes: all ``points`` and targets in one vectorized backward when
-        the estimate fits half the free memory of the model's device, else halves of the targets
-        (which, decoder-only, also cuts each chunk's sequence after its last target), then of the
-        points. Given sizes (ints, None for all) are kept.
-        """
-        if AUTO not in (batch_size, chunk_size):  # nothing to estimate
-            return _given(batch_size), _given(chunk_size)
+        """Sizes for ``points`` and every target: :func:`plan` on this call's shapes."""
         targets = self.tensors.valid.shape[1]
-        chunk = targets if chunk_size in (None, AUTO) else chunk_size
-        batch = points if batch_size in (None, AUTO) else batch_size
-        per_cotangent = _backward_bytes(self)
-        budget = _memory_budget(self.inputs[0].device)
-        while per_cotangent * chunk * batch > budget:
-            if chunk_size == AUTO and chunk > 1:
-                chunk = -(-chunk // 2)
-            elif batch_size == AUTO and batch > 1:
-                batch = -(-batch // 2)
-            else:
-                break
-        return (
-            None if batch >= points else batch,
-            None if chunk >= targets else chunk,
+        device = self.inputs[0].device
+        return plan(points, targets, batch_size, chunk_size, self.backward_bytes(), device)
+
+    def backward_bytes(self) -> int:
+        """Estimated memory of one target's backward at one point, for the whole batch."""
+        x = self.inputs[0]
+        tokens = sum(xi.shape[1] for xi in self.inputs)
+        if self.decoder_embeds is not None:
+            tokens += self.decoder_embeds.shape[1]
+        config = self.model.hf.config
+        heads = _arch.heads(config, "self") or _arch.heads(config, "encoder") or 1
+        return backward_bytes(
+            x.shape[0], tokens, x.shape[-1], x.element_size(), _arch.mlp_width(config), heads
         )
 
     def _target_chunks(self, chunk_size: int | None) -> list[tuple[slice, int | None]]:
@@ -237,7 +240,7 @@ class Problem:
         hidden, pullback = vjp(self.hidden_fn(n, slots), *flat)
         # score k depends on head input k only, so one backward through the head gives every
         # d score_k / d h_k; the vocabulary never enters the per-target backward
-        _, head_pullback = vjp(lambda h: self.head_scores(h, slots), hidden)
+        _, head_pullback = vjp(lambda h: self.head_objective(h, slots), hidden)
         valid = self.tensors.valid[:, slots].to(hidden.dtype)
         (head_grad,) = head_pullback(valid.repeat(n, 1))
         # cotangent k carries d score_k / d h_k at slot k of every example and copy
@@ -282,7 +285,7 @@ class Problem:
             body = self.hidden_fn(n, forward_mode=True)
             with torch.no_grad():
                 hidden = body(*flat)
-            _, head_pullback = vjp(self.head_scores, hidden)
+            _, head_pullback = vjp(self.head_objective, hidden)
             (head_grad,) = head_pullback(self.tensors.valid.to(hidden.dtype).repeat(n, 1))
             w = weights[chunk].to(dtype=acc, device=hidden.device)
             for side, direction in enumerate(directions):
@@ -296,63 +299,6 @@ class Problem:
                 dots = (moved * head_grad[None]).sum(-1, dtype=acc).unflatten(1, (n, -1))
                 sums[side] += torch.einsum("lnbk,n->bkl", dots, w)
         return tuple(sums)
-
-
-# live tensors of one cotangent's backward, in units of its widest activation [B, L, width],
-# forward activations included. Measured on a GPT-2-small shape (64 tokens, width 3072, float32):
-# 7.2 MB per target and point with 10 IG points, 8.4 MB with 50; this estimate gives 9.4 MB
-_LIVE_TENSORS = 12
-
-
-def _given(size: Size) -> int | None:
-    return None if size is None else int(size)
-
-
-def _backward_bytes(problem: Problem) -> int:
-    """Estimated memory of one target's backward at one point, for all examples of the batch."""
-    x = problem.inputs[0]
-    tokens = sum(xi.shape[1] for xi in problem.inputs)
-    if problem.decoder_embeds is not None:
-        tokens += problem.decoder_embeds.shape[1]
-    config = problem.model.hf.config
-    hidden = x.shape[-1]
-    names = (
-        "intermediate_size",
-        "n_inner",
-        "ffn_dim",
-        "encoder_ffn_dim",
-        "decoder_ffn_dim",
-        "d_ff",
-    )
-    mlp = max([int(v) for n in names if isinstance(v := getattr(config, n, None), int)] or [0])
-    heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head", 1)
-    # eager attention keeps [heads, L, L] per cotangent
-    width = max(mlp, 4 * hidden, int(heads) * tokens)
-    return x.shape[0] * tokens * width * x.element_size() * _LIVE_TENSORS
-
-
-def _memory_budget(device: torch.device) -> int:
-    """Half the free memory of ``device`` (the host's available memory for the CPU; 4 GiB where
-    it cannot be read)."""
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return free // 2
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024 // 2
-    except OSError:
-        pass
-    return 4 << 30
-
-
-def check_size(value: object, name: str) -> None:
-    """Raise an :class:`OptionError` unless ``value`` is a positive int, None or ``"auto"``."""
-    if value == AUTO or value is None:
-        return
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise OptionError(f"`{name}` must be a positive integer, None or 'auto', got {value!r}")
 
 
 def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -376,47 +322,9 @@ def _token_tangents(
     return tangents, tuple(0 if i == side else None for i in range(len(flat)))
 
 
-def check_positive_int(value: object, name: str, allow_none: bool = False) -> None:
-    """Raise an :class:`OptionError` unless ``value`` is a positive int (or None if allowed)."""
-    if value is None and allow_none:
-        return
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        extra = " or None" if allow_none else ""
-        raise OptionError(f"`{name}` must be a positive integer{extra}, got {value!r}")
-
-
-def setup(
-    model: ModelLike,
-    inputs: Texts,
-    targets: Texts | None,
-    objective: str | Objective,
-    contrast: Texts | None,
-    positions: int | Sequence[int] | None,
-    attribute_target: bool,
-    max_new_tokens: int,
-) -> tuple[str, Problem, dict[str, Any]]:
-    """Check the common options, load the model if given a path, tokenize: the call's Problem."""
-    objective_name, objective_fn = resolve(objective)
-    if not isinstance(attribute_target, bool):
-        raise OptionError(f"`attribute_target` must be a bool, got {attribute_target!r}")
-    model = load_model(model)  # a Model passes through as is
-    batch = prepare(
-        model,
-        inputs,
-        targets,
-        contrast=contrast,
-        positions=positions,
-        max_new_tokens=max_new_tokens,
-    )
-    problem = Problem.build(model, batch, objective_fn, attribute_target)
-    options = {"attribute_target": attribute_target, "contrast": contrast is not None}
-    if targets is None:
-        options["max_new_tokens"] = max_new_tokens
-    return objective_name, problem, options
-
-
-def baselines(problem: Problem, baseline: str | torch.Tensor | tuple) -> tuple[torch.Tensor, ...]:
-    """The IG / perturbation baseline per attributed side, shaped like ``problem.inputs``."""
+def baseline_embeddings(problem: Problem, baseline: Baseline) -> tuple[torch.Tensor, ...]:
+    """The baseline per attributed side, shaped like ``problem.inputs``: ``"zeros"``, the
+    ``"pad"``/``"unk"`` token's embedding at every position, or tensors that broadcast."""
     x = problem.inputs
     if isinstance(baseline, str):
         if baseline == "zeros":
@@ -447,11 +355,3 @@ def baselines(problem: Problem, baseline: str | torch.Tensor | tuple) -> tuple[t
                 f"of shape {tuple(xi.shape)} [batch, length, hidden]"
             ) from None
     return tuple(out)
-
-
-def check_baseline(baseline: object) -> None:
-    """Raise an :class:`OptionError` unless ``baseline`` is a name in ``BASELINES`` or tensor(s)."""
-    if not isinstance(baseline, (str, torch.Tensor, tuple)) or (
-        isinstance(baseline, str) and baseline not in BASELINES
-    ):
-        raise OptionError(f"`baseline` must be one of {BASELINES} or a tensor, got {baseline!r}")

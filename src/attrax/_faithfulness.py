@@ -20,8 +20,7 @@ is read from the copy made for it.
 from __future__ import annotations
 
 import dataclasses
-import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -29,52 +28,84 @@ import pandas as pd
 import torch
 import xarray as xr
 
-from ._engine import Problem, baselines, check_baseline, check_positive_int
+from . import _validate as check
+from ._engine import Baseline, Problem, baseline_embeddings
 from ._errors import InputError, OptionError
-from ._inputs import Batch, Texts, prepare
-from ._label import MISSING_ID
-from ._model import Model, ModelLike, load_model
-from ._objectives import OBJECTIVES, Objective, resolve
+from ._inputs import Batch
+from ._memory import Size
+from ._objectives import OBJECTIVES, resolve
+from ._protocol import Call, Family, Param, own_options
+from ._schema import has_targets, label_curve, per_example, run_attrs
 
 __all__ = ["ERASER_FRACTIONS", "comprehensiveness", "deletion", "insertion", "sufficiency"]
 
 #: The k of ERASER's AOPC: 1, 5, 10, 20 and 50 % of the source tokens.
 ERASER_FRACTIONS = (0.01, 0.05, 0.1, 0.2, 0.5)
 
-Baseline = str | torch.Tensor | tuple[torch.Tensor, ...]
+
+def _run(core: Callable[..., xr.DataArray], call: Call, arguments: dict[str, Any]) -> xr.DataArray:
+    return core(call, arguments["attribution"], **own_options(core, arguments))
 
 
+_FROM_ATTRIBUTION = "the attribution's targets and sources are scored as they are"
+#: Faithfulness metrics: ``(model, attribution, inputs, targets)``, forwards only.
+FAITHFULNESS = Family(
+    name="faithfulness",
+    takes=("objective", "contrast", "batch_size", "max_new_tokens"),
+    refuses={
+        "positions": _FROM_ATTRIBUTION,
+        "attribute_target": _FROM_ATTRIBUTION,
+        "chunk_size": "faithfulness metrics run forwards only; `batch_size` bounds them",
+    },
+    run=_run,
+    extra={
+        "objective": Param(
+            None,
+            "str | Objective | None",
+            lambda value, name: None if value is None else resolve(value),  # type: ignore[arg-type]
+            "what is scored; None: the attribution's objective",
+        )
+    },
+    leading=("model", "attribution", "inputs", "targets"),
+)
+
+
+def _curve_fractions(value: object, name: str) -> None:
+    _fractions(value, name, start=0.0)  # type: ignore[arg-type]
+
+
+def _kept_fractions(value: object, name: str) -> None:
+    _fractions(value, name, start=None)  # type: ignore[arg-type]
+
+
+@FAITHFULNESS.method(fractions=_curve_fractions, baseline=check.baseline)
 def deletion(
-    model: ModelLike,
+    call: Call,
     attribution: xr.DataArray,
-    inputs: Texts,
-    targets: Texts | None = None,
     *,
-    steps: int = 10,
+    fractions: int | Sequence[float] = 10,
     baseline: Baseline = "pad",
-    objective: str | Objective | None = None,
-    contrast: Texts | None = None,
-    batch_size: int | None = None,
-    max_new_tokens: int = 20,
 ) -> xr.DataArray:
     """Deletion curve and its area: each target's objective as its top sources are removed.
 
-    At fraction ``f`` (``0, 1/steps, ..., 1``) the ``ceil(f * m)`` sources ranked highest for the
-    target (out of the ``m`` it can see) are replaced by ``baseline``. A faithful attribution
-    makes the curve fall fast: **lower AUC is better**.
+    At fraction ``f`` the ``ceil(f * m)`` sources ranked highest for the target (out of the ``m``
+    it can see) are replaced by ``baseline``. A faithful attribution makes the curve fall fast:
+    **lower AUC is better**.
 
     Arguments:
         model: the model the attribution explains (a :class:`Model` or a path).
         attribution: a ``([example,] target, source)`` array from the same ``inputs``/``targets``
             (reduce ``hidden`` first, e.g. ``ax.l2_norm``); higher values rank first.
         inputs, targets: as given to the attribution method (``targets=None`` regenerates).
-        steps: number of fraction steps after 0.
+        fractions: an int ``n`` for ``0, 1/n, ..., 1``, or increasing fractions in [0, 1]
+            starting at 0.
         baseline: ``"pad"`` (default), ``"unk"``, ``"zeros"`` or a tensor broadcastable to the
             embeddings ``[B, L, H]``.
         objective: what is scored; default: the attribution's ``objective`` attr when it is one of
             ``"probability"``, ``"logprob"``, ``"logit"``, else ``"probability"``.
         contrast: the contrast texts of a contrastive attribution.
-        batch_size: perturbed copies of the batch per forward (all at once when None).
+        batch_size: perturbed copies of the batch per forward (``"auto"``/None: all at once).
+        max_new_tokens: as :func:`attrax.saliency`, when ``targets`` is None.
 
     Returns:
         DataArray ``([example,] target, fraction)`` of objective values, with coordinates
@@ -85,37 +116,20 @@ def deletion(
     >>> model = ax.load_model()
     >>> P, T = "3 1 4 0 5 9 =", " 9 5 0 4 1 3"
     >>> da = ax.pipe(ax.saliency, ax.l2_norm)(model, P, T)
-    >>> curve = deletion(model, da, P, T, steps=4)
+    >>> curve = ax.deletion(model, da, P, T, fractions=4)
     >>> curve.dims, curve.auc.dims
     (('target', 'fraction'), ('target',))
     """
-    return _curve(
-        "deletion",
-        model,
-        attribution,
-        inputs,
-        targets,
-        _steps(steps),
-        baseline,
-        objective,
-        contrast,
-        batch_size,
-        max_new_tokens,
-    )
+    return _curve("deletion", call, attribution, _fractions(fractions, "fractions", 0.0), baseline)
 
 
+@FAITHFULNESS.method(fractions=_curve_fractions, baseline=check.baseline)
 def insertion(
-    model: ModelLike,
+    call: Call,
     attribution: xr.DataArray,
-    inputs: Texts,
-    targets: Texts | None = None,
     *,
-    steps: int = 10,
+    fractions: int | Sequence[float] = 10,
     baseline: Baseline = "pad",
-    objective: str | Objective | None = None,
-    contrast: Texts | None = None,
-    batch_size: int | None = None,
-    max_new_tokens: int = 20,
 ) -> xr.DataArray:
     """Insertion curve and its area: each target's objective as its top sources are restored.
 
@@ -127,41 +141,25 @@ def insertion(
     >>> model = ax.load_model()
     >>> P, T = "3 1 4 0 5 9 =", " 9 5 0 4 1 3"
     >>> da = ax.pipe(ax.saliency, ax.l2_norm)(model, P, T)
-    >>> insertion(model, da, P, T, steps=4).sizes["fraction"]
+    >>> ax.insertion(model, da, P, T, fractions=4).sizes["fraction"]
     5
     """
-    return _curve(
-        "insertion",
-        model,
-        attribution,
-        inputs,
-        targets,
-        _steps(steps),
-        baseline,
-        objective,
-        contrast,
-        batch_size,
-        max_new_tokens,
-    )
+    return _curve("insertion", call, attribution, _fractions(fractions, "fractions", 0.0), baseline)
 
 
+@FAITHFULNESS.method(fractions=_kept_fractions, baseline=check.baseline)
 def comprehensiveness(
-    model: ModelLike,
+    call: Call,
     attribution: xr.DataArray,
-    inputs: Texts,
-    targets: Texts | None = None,
     *,
-    fractions: Sequence[float] = ERASER_FRACTIONS,
+    fractions: int | Sequence[float] = ERASER_FRACTIONS,
     baseline: Baseline = "pad",
-    objective: str | Objective | None = None,
-    contrast: Texts | None = None,
-    batch_size: int | None = None,
-    max_new_tokens: int = 20,
 ) -> xr.DataArray:
     """ERASER comprehensiveness: ``f(x) - f(x without its top k% sources)``, per target and k.
 
-    ``k`` runs over ``fractions`` (ERASER's 1/5/10/20/50 % by default; ``ceil(k * m)`` tokens of
-    the ``m`` the target can see, so at least one). **Higher is better**.
+    ``k`` runs over ``fractions`` (ERASER's 1/5/10/20/50 % by default, or an int ``n`` for
+    ``1/n, ..., 1``; ``ceil(k * m)`` tokens of the ``m`` the target can see, so at least one).
+    **Higher is better**.
 
     Returns:
         DataArray ``([example,] target, fraction)`` with coordinates ``aopc`` (the mean over
@@ -172,36 +170,21 @@ def comprehensiveness(
     >>> model = ax.load_model()
     >>> P, T = "3 1 4 0 5 9 =", " 9 5 0 4 1 3"
     >>> da = ax.pipe(ax.saliency, ax.l2_norm)(model, P, T)
-    >>> comprehensiveness(model, da, P, T).aopc.dims
+    >>> ax.comprehensiveness(model, da, P, T).aopc.dims
     ('target',)
     """
     return _curve(
-        "comprehensiveness",
-        model,
-        attribution,
-        inputs,
-        targets,
-        _fractions(fractions),
-        baseline,
-        objective,
-        contrast,
-        batch_size,
-        max_new_tokens,
+        "comprehensiveness", call, attribution, _fractions(fractions, "fractions"), baseline
     )
 
 
+@FAITHFULNESS.method(fractions=_kept_fractions, baseline=check.baseline)
 def sufficiency(
-    model: ModelLike,
+    call: Call,
     attribution: xr.DataArray,
-    inputs: Texts,
-    targets: Texts | None = None,
     *,
-    fractions: Sequence[float] = ERASER_FRACTIONS,
+    fractions: int | Sequence[float] = ERASER_FRACTIONS,
     baseline: Baseline = "pad",
-    objective: str | Objective | None = None,
-    contrast: Texts | None = None,
-    batch_size: int | None = None,
-    max_new_tokens: int = 20,
 ) -> xr.DataArray:
     """ERASER sufficiency: ``f(x) - f(only the top k% sources of x)``, per target and k.
 
@@ -212,22 +195,10 @@ def sufficiency(
     >>> model = ax.load_model()
     >>> P, T = "3 1 4 0 5 9 =", " 9 5 0 4 1 3"
     >>> da = ax.pipe(ax.saliency, ax.l2_norm)(model, P, T)
-    >>> sufficiency(model, da, P, T, fractions=[0.5]).sizes["fraction"]
+    >>> ax.sufficiency(model, da, P, T, fractions=[0.5]).sizes["fraction"]
     1
     """
-    return _curve(
-        "sufficiency",
-        model,
-        attribution,
-        inputs,
-        targets,
-        _fractions(fractions),
-        baseline,
-        objective,
-        contrast,
-        batch_size,
-        max_new_tokens,
-    )
+    return _curve("sufficiency", call, attribution, _fractions(fractions, "fractions"), baseline)
 
 
 # --- the shared computation -----------------------------------------------------------------
@@ -251,25 +222,18 @@ class _Ranked:
 
 def _curve(
     metric: str,
-    model: ModelLike,
+    call: Call,
     attribution: xr.DataArray,
-    inputs: Texts,
-    targets: Texts | None,
     fractions: np.ndarray,
     baseline: Baseline,
-    objective: str | Objective | None,
-    contrast: Texts | None,
-    batch_size: int | None,
-    max_new_tokens: int,
 ) -> xr.DataArray:
     _check_attribution(attribution)
-    check_positive_int(batch_size, "batch_size", allow_none=True)
-    check_baseline(baseline)
+    objective = call.options["objective"]
     if objective is None:
         known = attribution.attrs.get("objective")
         objective = known if known in OBJECTIVES else "probability"
-    objective_name, objective_fn = resolve(objective)
-    ranked = _rank(model, attribution, inputs, targets, objective_fn, contrast, max_new_tokens)
+    objective_name, _ = resolve(objective)
+    ranked = _rank(call, attribution, objective)
     problem = ranked.problem
     counts = torch.as_tensor(
         np.ceil(np.round(np.multiply.outer(ranked.count.numpy(), fractions), 9))
@@ -279,46 +243,31 @@ def _curve(
     ranked_columns = ranked.rank < ranked.rank.shape[-1]
     # deletion removes the selected sources; insertion keeps them and removes the other ranked ones
     keep = ~selected if remove else selected | ~ranked_columns[:, :, None, :]
-    base = baselines(problem, baseline)
-    values = _scores(problem, keep, base, batch_size)  # [B, K, F]
+    base = baseline_embeddings(problem, baseline)
+    values = _scores(problem, keep, base, call.options["batch_size"])  # [B, K, F]
     original = problem.evaluate(tuple(x[None] for x in problem.inputs))[0]  # [B, K]
     if metric in ("comprehensiveness", "sufficiency"):
         values = original[..., None] - values
-
-    data = _to_numpy(values)
-    curve, summary = _label_curve(ranked, data, _to_numpy(original), fractions, metric)
-    settings = {
-        "baseline": baseline if isinstance(baseline, str) else "tensor",
-        "batch_size": batch_size,
-        "contrast": contrast is not None,
-    }
-    curve.attrs = {
-        "metric": metric,
-        "method": attribution.attrs.get("method", ""),
-        "model": problem.model.name,
-        "objective": objective_name,
-        "options": json.dumps(settings, sort_keys=True),
-        "reductions": attribution.attrs.get("reductions", ""),
-        "attrax_version": _version(),
-    }
-    return curve.assign_coords(summary)
+    attrs = run_attrs(call.model, attribution.attrs.get("method", ""), objective_name, call.options)
+    attrs["reductions"] = attribution.attrs.get("reductions", "")
+    return label_curve(
+        ranked.template,
+        ranked.rows,
+        _to_numpy(values),
+        _to_numpy(original),
+        fractions,
+        metric=metric,
+        single=ranked.single,
+        attrs=attrs,
+    )
 
 
-def _rank(
-    model: ModelLike,
-    da: xr.DataArray,
-    inputs: Texts,
-    targets: Texts | None,
-    objective: Objective,
-    contrast: Texts | None,
-    max_new_tokens: int,
-) -> _Ranked:
-    model = model if isinstance(model, Model) else load_model(model)
+def _rank(call: Call, da: xr.DataArray, objective: Any) -> _Ranked:
     single = "example" not in da.dims
     template = da.expand_dims("example") if single else da
     template = template.transpose("example", "target", "source")
     attribute_target = isinstance(da.indexes.get("source"), pd.MultiIndex)
-    batch = prepare(model, inputs, targets, contrast=contrast, max_new_tokens=max_new_tokens)
+    batch = call.batch
     if batch.single != single or len(batch.examples) != template.sizes["example"]:
         raise InputError(
             f"`attribution` has {template.sizes['example']} example(s) "
@@ -327,7 +276,7 @@ def _rank(
             "the attribution was computed from"
         )
     batch, rows = _restrict(batch, template)
-    problem = Problem.build(model, batch, objective, attribute_target)
+    problem = Problem.build(call.model, batch, resolve(objective)[1], attribute_target)
     widths = [x.shape[1] for x in problem.inputs]
     if sum(widths) != template.sizes["source"]:
         raise InputError(
@@ -353,10 +302,7 @@ def _rank(
 def _restrict(batch: Batch, template: xr.DataArray) -> tuple[Batch, list[list[int]]]:
     """Keep, per example, the target positions the attribution covers; their rows in it."""
     positions = template["target"].values.tolist()
-    if "target_id" in template.coords:
-        present = _values(template, "target_id", ("example", "target")) != MISSING_ID
-    else:
-        present = template.notnull().any("source").values
+    present = has_targets(template)
     examples, rows = [], []
     for b, example in enumerate(batch.examples):
         wanted = [p for p, here in zip(positions, present[b], strict=True) if here]
@@ -379,7 +325,7 @@ def _check_tokens(template: xr.DataArray, problem: Problem, rows: list[list[int]
     """The attribution's token ids must be those of the texts: catch a mismatched pair early."""
     t = problem.tensors
     if "target_id" in template.coords:
-        given = _values(template, "target_id", ("example", "target"))
+        given = per_example(template, "target_id", ("example", "target"))
         for b, example_rows in enumerate(rows):
             expected = t.target_ids[b, : len(example_rows)].tolist()
             if given[b, example_rows].tolist() != expected:
@@ -388,11 +334,11 @@ def _check_tokens(template: xr.DataArray, problem: Problem, rows: list[list[int]
                     "`inputs`/`targets`: pass the texts the attribution was computed from"
                 )
     if "source_id" in template.coords:
-        given = _values(template, "source_id", ("example", "source"))
+        given = per_example(template, "source_id", ("example", "source"))
         blocks = [t.ids, t.decoder_ids] if len(problem.inputs) == 2 else [t.ids]
         masks = [t.mask, t.decoder_mask] if len(problem.inputs) == 2 else [t.mask]
         ids = torch.cat(
-            [torch.where(m.bool(), i, MISSING_ID) for i, m in zip(blocks, masks, strict=True)], 1
+            [torch.where(m.bool(), i, -1) for i, m in zip(blocks, masks, strict=True)], 1
         )
         if not np.array_equal(given, ids.cpu().numpy()):
             raise InputError(
@@ -401,19 +347,11 @@ def _check_tokens(template: xr.DataArray, problem: Problem, rows: list[list[int]
             )
 
 
-def _values(template: xr.DataArray, name: str, dims: tuple[str, ...]) -> np.ndarray:
-    """Coordinate ``name`` as an array over ``dims``; a single example's has no example dim."""
-    coord = template[name]
-    if "example" not in coord.dims:
-        coord = coord.expand_dims(example=template.sizes["example"])
-    return coord.transpose(*dims).values
-
-
 def _scores(
     problem: Problem,
     keep: torch.Tensor,
     baselines: tuple[torch.Tensor, ...],
-    batch_size: int | None,
+    batch_size: Size,
 ) -> torch.Tensor:
     """``[B, K, F]``: target k's objective in the copy of the batch that keeps ``keep[:, k, f]``.
 
@@ -423,41 +361,10 @@ def _scores(
     batch, n_targets, n_fractions, width = keep.shape
     device = problem.inputs[0].device
     copies = keep.permute(2, 1, 0, 3).reshape(-1, batch, width).to(device)  # [(F K), B, L]
-    values = problem.masked_scores(copies, baselines, batch_size)
+    values = problem.masked_objective(copies, baselines, batch_size)
     values = values.unflatten(0, (n_fractions, n_targets))  # [F, K, B, K]
     diagonal = torch.diagonal(values, dim1=1, dim2=3)  # [F, B, K]
     return diagonal.permute(1, 2, 0)
-
-
-def _label_curve(
-    ranked: _Ranked,
-    values: np.ndarray,
-    original: np.ndarray,
-    fractions: np.ndarray,
-    metric: str,
-) -> tuple[xr.DataArray, dict[str, Any]]:
-    template = ranked.template
-    n_examples, n_rows = template.sizes["example"], template.sizes["target"]
-    data = np.full((n_examples, n_rows, len(fractions)), np.nan)
-    base = np.full((n_examples, n_rows), np.nan)
-    for b, rows in enumerate(ranked.rows):
-        data[b, rows] = values[b, : len(rows)]
-        base[b, rows] = original[b, : len(rows)]
-    keep = {"example", "target"}
-    coords = {k: v for k, v in template.coords.items() if set(v.dims) <= keep}
-    coords["fraction"] = ("fraction", fractions)
-    curve = xr.DataArray(data, dims=("example", "target", "fraction"), coords=coords, name=metric)
-    if metric in ("deletion", "insertion"):
-        area = (data[..., 1:] + data[..., :-1]) / 2 * np.diff(fractions)
-        summary_name, summary = "auc", area.sum(-1)
-    else:
-        summary_name, summary = "aopc", data.mean(-1)
-    dims = ("example", "target")
-    extra = {summary_name: (dims, summary), "original": (dims, base)}
-    if ranked.single:
-        curve = curve.isel(example=0, drop=True)
-        extra = {k: (("target",), v[1][0]) for k, v in extra.items()}
-    return curve, extra
 
 
 # --- options --------------------------------------------------------------------------------
@@ -480,32 +387,35 @@ def _check_attribution(da: object) -> None:
         )
 
 
-def _steps(steps: int) -> np.ndarray:
-    check_positive_int(steps, "steps")
-    return np.arange(steps + 1) / steps
+def _fractions(value: int | Sequence[float], name: str, start: float | None = None) -> np.ndarray:
+    """Fractions from an int ``n`` (``start`` or ``1/n`` up to 1 in steps of ``1/n``) or a list.
 
-
-def _fractions(fractions: Sequence[float]) -> np.ndarray:
+    A curve (``start=0``) needs increasing fractions from 0 to at most 1; kept/removed shares
+    (``start=None``) any distinct fractions in (0, 1].
+    """
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value < 1:
+            raise OptionError(f"`{name}` must be a positive integer or a list, got {value!r}")
+        first = 0 if start == 0.0 else 1
+        return np.arange(first, value + 1) / value
     try:
-        values = np.asarray([float(f) for f in fractions], dtype=np.float64)
+        values = np.asarray([float(f) for f in value], dtype=np.float64)  # type: ignore[union-attr]
     except (TypeError, ValueError):
-        raise OptionError(
-            f"`fractions` must be a list of numbers in (0, 1], got {fractions!r}"
-        ) from None
-    if values.size == 0 or not ((values > 0) & (values <= 1)).all():
-        raise OptionError(
-            f"`fractions` must be a non-empty list of numbers in (0, 1], got {fractions!r}"
+        values = np.asarray([], dtype=np.float64)
+    low = (values >= 0) if start == 0.0 else (values > 0)
+    ok = values.size > 0 and bool((low & (values <= 1)).all())
+    ok = ok and len(set(values.tolist())) == values.size
+    if start == 0.0:
+        ok = ok and values[0] == 0.0 and bool((np.diff(values) > 0).all())
+    if not ok:
+        expected = (
+            "a positive integer or increasing fractions in [0, 1] starting at 0"
+            if start == 0.0
+            else "a positive integer or distinct fractions in (0, 1]"
         )
-    if len(set(values.tolist())) != values.size:
-        raise OptionError(f"`fractions` has repeated values: {fractions!r}")
+        raise OptionError(f"`{name}` must be {expected}, got {value!r}")
     return values
 
 
 def _to_numpy(values: torch.Tensor) -> np.ndarray:
     return values.detach().to("cpu", torch.float64).numpy()
-
-
-def _version() -> str:
-    from . import __version__
-
-    return __version__

@@ -161,6 +161,40 @@ def to_tensors(batch: Batch, model: Model) -> Tensors:
     )
 
 
+def encode_sources(model: Model, inputs: Texts) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """Encoder inputs alone (no targets): padded ids, mask, and whether one text was given."""
+    texts, single = _as_texts(inputs, "inputs")
+    sources = [_encode_source(model.tokenizer, text, True) for text in texts]
+    for i, ids in enumerate(sources):
+        _check_length(model, ids, (), _at(i, single))
+    ids, mask = _pad(sources, model.pad_token_id or 0)
+    return ids, mask, single
+
+
+def contrast_batch(model: Model, batch: Batch, contrast_inputs: Texts) -> Batch:
+    """The batch with each prompt / source replaced by ``contrast_inputs`` and the same target
+    tokens.
+
+    Decoder-only positions shift by the difference in prompt length, so row ``k`` of both batches'
+    tensors predicts the same target token.
+    """
+    texts = _aligned(contrast_inputs, "contrast_inputs", [""] * len(batch.examples), batch.single)
+    examples = []
+    for i, (example, text) in enumerate(zip(batch.examples, texts, strict=True)):
+        source = _encode_source(model.tokenizer, text, model.is_encoder_decoder)
+        _check_length(model, source, example.target_ids, _at(i, batch.single))
+        shift = 0 if batch.encoder_decoder else len(source) - len(example.source_ids)
+        positions = tuple(p + shift for p in example.positions)
+        examples.append(Example(source, example.target_ids, None, positions))
+    return Batch(tuple(examples), batch.single, batch.encoder_decoder, batch.start_token)
+
+
+def check_aligned(value: Texts, name: str, inputs: Texts) -> None:
+    """Raise an :class:`InputError` unless ``value`` has one text per text of ``inputs``."""
+    sources, single = _as_texts(inputs, "inputs")
+    _aligned(value, name, sources, single)
+
+
 def _pad(rows: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(row) for row in rows)
     ids = torch.full((len(rows), width), pad, dtype=torch.long)

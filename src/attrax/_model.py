@@ -19,6 +19,7 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
+from . import _arch
 from ._errors import ModelError, OptionError
 
 ATTENTION_IMPLEMENTATIONS = ("auto", "eager", "sdpa")
@@ -70,7 +71,7 @@ class Model:
         config = hf_model.config
         self.name = name or getattr(config, "_name_or_path", "") or type(hf_model).__name__
         self.is_encoder_decoder = bool(getattr(config, "is_encoder_decoder", False))
-        self.max_positions = _max_positions(config)
+        self.max_positions = _arch.max_positions(config)
         self.pad_token_id = _first_int(
             tokenizer.pad_token_id,
             getattr(config, "pad_token_id", None),
@@ -116,11 +117,12 @@ class Model:
         return int(self._source_embedding.weight.shape[-1])
 
     @property
-    def kind(self) -> str:
+    def model_type(self) -> str:
+        """``"decoder-only"`` or ``"encoder-decoder"``, as results record it."""
         return "encoder-decoder" if self.is_encoder_decoder else "decoder-only"
 
     def __repr__(self) -> str:
-        return f"attrax.Model({self.name!r}, {self.kind}, {type(self.hf).__name__})"
+        return f"attrax.Model({self.name!r}, {self.model_type}, {type(self.hf).__name__})"
 
     def embed(self, ids: torch.Tensor, side: str = "source") -> torch.Tensor:
         """Rows of the embedding table for ``ids``: what attributions are taken with respect to.
@@ -198,6 +200,46 @@ class Model:
                     use_cache=False,
                 )
         return captured[0]
+
+    @torch.no_grad()
+    def attention_maps(self, t: Any) -> Any:
+        """One teacher-forced forward over tensors ``t`` (:class:`~attrax._inputs.Tensors`)
+        returning its eager attention maps; the head computes no logits."""
+        with (
+            self.attention_as("eager", required=True),
+            capture_before(self._head, t.index, []),
+            fast_activations(self._activations),
+        ):
+            if self.is_encoder_decoder:
+                return self.hf(
+                    input_ids=t.ids,
+                    attention_mask=t.mask,
+                    decoder_input_ids=t.decoder_ids,
+                    decoder_attention_mask=t.decoder_mask,
+                    output_attentions=True,
+                    use_cache=False,
+                )
+            positions = torch.arange(t.ids.shape[-1], device=t.ids.device)
+            return self.hf(
+                input_ids=t.ids,
+                attention_mask=t.mask,
+                position_ids=positions.expand(t.mask.shape),
+                output_attentions=True,
+                use_cache=False,
+            )
+
+    @torch.no_grad()
+    def encoder_attention_maps(
+        self, ids: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[torch.Tensor, ...]:
+        """An encoder-decoder's encoder self-attention maps ``[B, heads, Q, S]`` per layer."""
+        with self.attention_as("eager", required=True):
+            out = self.hf.get_encoder()(
+                input_ids=ids.to(self.device),
+                attention_mask=mask.to(self.device),
+                output_attentions=True,
+            )
+        return tuple(out.attentions)
 
     def attention_for(self, tokens: int, device: torch.device) -> str:
         """The attention implementation attrax runs for a forward over ``tokens`` on ``device``.
@@ -385,7 +427,7 @@ def load_model(
         A :class:`Model` in eval mode with parameter gradients off.
 
     >>> import attrax as ax
-    >>> ax.load_model().kind
+    >>> ax.load_model().model_type
     'decoder-only'
     """
     if isinstance(model, Model):
@@ -463,14 +505,6 @@ def _from_pretrained(
     finally:
         if bar_was_on:
             hf_logging.enable_progress_bar()
-
-
-def _max_positions(config: Any) -> int | None:
-    for key in ("n_positions", "max_position_embeddings"):
-        value = getattr(config, key, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None  # relative positions (T5): no hard limit
 
 
 def _first_int(*values: Any) -> int | None:

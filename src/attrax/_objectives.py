@@ -49,7 +49,7 @@ def resolve(objective: str | Objective) -> tuple[str, Objective]:
     )
 
 
-def scores(
+def evaluate_objective(
     objective: Objective,
     logits: torch.Tensor,
     target_ids: torch.Tensor,

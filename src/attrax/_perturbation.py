@@ -3,43 +3,53 @@
 Each is a pure function ``(model, inputs, targets=None, **options) -> DataArray`` with dims
 ``([example,] target, source)`` (no ``hidden``); see ``docs/data-model.md``. A removed token's
 embedding is replaced by a baseline; every perturbed copy of the batch is scored for all targets
-at once (teacher-forced), many copies per forward through :meth:`Problem.score_fn`.
+at once (teacher-forced), many copies per forward through :meth:`Problem.masked_objective`.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import torch
 import xarray as xr
 
-from ._engine import Problem, baselines, check_baseline, check_positive_int, setup
-from ._errors import InputError, OptionError
-from ._inputs import Texts
-from ._label import label
-from ._model import ModelLike
-from ._objectives import Objective
+from . import _validate as check
+from ._engine import Baseline, Problem, baseline_embeddings
+from ._errors import InputError
+from ._memory import Size
+from ._protocol import COMMON, Call, Family, own_options
 
-Baseline = str | torch.Tensor | tuple[torch.Tensor, ...]
 # (samples, players, generator) -> [samples, players] bool, True = kept
 Draw = Callable[[int, int, torch.Generator], torch.Tensor]
 
 
-def occlusion(
-    model: ModelLike,
-    inputs: Texts,
-    targets: Texts | None = None,
-    *,
-    baseline: Baseline = "zeros",
-    objective: str | Objective = "probability",
-    contrast: Texts | None = None,
-    positions: int | Sequence[int] | None = None,
-    attribute_target: bool = False,
-    batch_size: int | None = None,
-    max_new_tokens: int = 20,
-) -> xr.DataArray:
+def _run(core: Callable[..., torch.Tensor], call: Call, arguments: dict[str, Any]) -> xr.DataArray:
+    """Run a perturbation core: ``[B, K, L]`` values split into the attributed sides, labelled."""
+    problem = call.problem
+    values = core(problem, call.options["batch_size"], **own_options(core, arguments))
+    if not torch.isfinite(values).all():
+        raise InputError(
+            f"{call.method}: the scores are not finite (inf/NaN); check the model's dtype and "
+            "inputs"
+        )
+    widths = [x.shape[1] for x in problem.inputs]
+    sides = values.to(problem.inputs[0].dtype).cpu().split(widths, dim=-1)
+    return call.label(sides, trailing=())
+
+
+#: Perturbation methods: forwards only, so no ``chunk_size``.
+PERTURBATION = Family(
+    name="perturbation",
+    takes=tuple(n for n in COMMON if n != "chunk_size"),
+    refuses={"chunk_size": "perturbation methods run forwards only; `batch_size` bounds them"},
+    run=_run,
+)
+
+
+@PERTURBATION.method(baseline=check.baseline)
+def occlusion(problem: Problem, batch_size: Size, *, baseline: Baseline = "zeros") -> torch.Tensor:
     """How much each target's objective drops when one source token is replaced by a baseline.
 
     ``f_t(x) - f_t(x with token s replaced)`` for every source ``s`` and target ``t``: signed,
@@ -50,7 +60,7 @@ def occlusion(
         baseline: what replaces a removed token's embedding: ``"zeros"``, ``"pad"``/``"unk"``
             (that token's embedding), or a tensor broadcastable to the embeddings ``[B, L, H]``
             (a tuple of two for ``attribute_target`` on encoder-decoder models).
-        batch_size: perturbed copies of the batch per forward (all at once when None).
+        batch_size: perturbed copies of the batch per forward (``"auto"``/None: all at once).
 
     Returns:
         DataArray ``(target, source)``, with ``example`` first for a list of inputs.
@@ -59,40 +69,33 @@ def occlusion(
     >>> ax.occlusion(ax.load_model(), "1 2 3 =", " 3 2 1").dims
     ('target', 'source')
     """
-    check_positive_int(batch_size, "batch_size", allow_none=True)
-    check_baseline(baseline)
-    name, problem, run_options = setup(
-        model, inputs, targets, objective, contrast, positions, attribute_target, max_new_tokens
-    )
     visible = problem.visible()
     columns = visible.any(dim=(0, 1)).nonzero().squeeze(1)
     n, (batch, width) = columns.numel(), visible[:, 0].shape
     keep = torch.ones((n + 1, batch, width), dtype=torch.bool, device=visible.device)
     copies = torch.arange(1, n + 1, device=keep.device)  # copy 0 is the unperturbed input
     keep[copies, :, columns] = False
-    values = problem.masked_scores(keep, baselines(problem, baseline), batch_size)
+    values = problem.masked_objective(keep, baseline_embeddings(problem, baseline), batch_size)
     drops = torch.zeros((batch, visible.shape[1], width), dtype=values.dtype, device=values.device)
     drops[..., columns] = (values[0] - values[1:]).permute(1, 2, 0)
-    options = {**run_options, "baseline": _baseline_name(baseline), "batch_size": batch_size}
-    return _label(problem, drops, "occlusion", name, options)
+    return drops
 
 
+@PERTURBATION.method(
+    samples=check.positive_int,
+    kernel_width=check.positive,
+    seed=check.integer,
+    baseline=check.baseline,
+)
 def lime(
-    model: ModelLike,
-    inputs: Texts,
-    targets: Texts | None = None,
+    problem: Problem,
+    batch_size: Size,
     *,
     samples: int = 200,
     kernel_width: float = 0.25,
     seed: int = 0,
     baseline: Baseline = "zeros",
-    objective: str | Objective = "probability",
-    contrast: Texts | None = None,
-    positions: int | Sequence[int] | None = None,
-    attribute_target: bool = False,
-    batch_size: int | None = None,
-    max_new_tokens: int = 20,
-) -> xr.DataArray:
+) -> torch.Tensor:
     """LIME (Ribeiro et al. 2016): a weighted linear surrogate fitted on random token coalitions.
 
     Each coalition keeps every source token with probability 1/2 and replaces the others by the
@@ -112,55 +115,29 @@ def lime(
     >>> ax.lime(ax.load_model(), "1 2 3 =", " 3 2 1", samples=32).dims
     ('target', 'source')
     """
-    check_positive_int(samples, "samples")
-    _check_seed(seed)
-    if isinstance(kernel_width, bool) or not isinstance(kernel_width, (int, float)):
-        raise OptionError(f"`kernel_width` must be a positive number, got {kernel_width!r}")
-    if not (kernel_width > 0 and math.isfinite(kernel_width)):
-        raise OptionError(f"`kernel_width` must be a positive number, got {kernel_width!r}")
-    check_positive_int(batch_size, "batch_size", allow_none=True)
-    check_baseline(baseline)
-    name, problem, run_options = setup(
-        model, inputs, targets, objective, contrast, positions, attribute_target, max_new_tokens
-    )
     visible = problem.visible()
     features = visible.any(dim=1)
     keep = _coalitions(features, samples, seed, _bernoulli)
     keep[0] = True
-    values = problem.masked_scores(keep, baselines(problem, baseline), batch_size)
+    values = problem.masked_objective(keep, baseline_embeddings(problem, baseline), batch_size)
     # the fit runs in float64 on the CPU (MPS has no float64; the systems are small)
     masks, vis = keep.transpose(0, 1).cpu().double(), visible.cpu().double()
     kept = torch.einsum("bnl,bkl->bnk", masks, vis)
     players = vis.sum(-1).clamp(min=1)[:, None, :]
     distance = 1 - torch.sqrt(kept / players)
     weights = torch.exp(-(distance**2) / (2 * kernel_width**2))
-    coefficients = linear_surrogate(masks, values.transpose(0, 1), weights, visible=visible)
-    options = {
-        **run_options,
-        "samples": samples,
-        "kernel_width": kernel_width,
-        "seed": seed,
-        "baseline": _baseline_name(baseline),
-        "batch_size": batch_size,
-    }
-    return _label(problem, coefficients, "lime", name, options)
+    return linear_surrogate(masks, values.transpose(0, 1), weights, visible=visible)
 
 
+@PERTURBATION.method(samples=check.positive_int, seed=check.integer, baseline=check.baseline)
 def kernel_shap(
-    model: ModelLike,
-    inputs: Texts,
-    targets: Texts | None = None,
+    problem: Problem,
+    batch_size: Size,
     *,
     samples: int = 200,
     seed: int = 0,
     baseline: Baseline = "zeros",
-    objective: str | Objective = "probability",
-    contrast: Texts | None = None,
-    positions: int | Sequence[int] | None = None,
-    attribute_target: bool = False,
-    batch_size: int | None = None,
-    max_new_tokens: int = 20,
-) -> xr.DataArray:
+) -> torch.Tensor:
     """KernelSHAP (Lundberg & Lee 2017): Shapley values of source tokens by kernel regression.
 
     Coalition sizes are drawn from the Shapley kernel's size distribution, members uniformly,
@@ -178,17 +155,9 @@ def kernel_shap(
         DataArray ``(target, source)`` of Shapley value estimates; NaN for the future.
 
     >>> import attrax as ax
-    >>> da = ax.kernel_shap(ax.load_model(), "1 2 3 =", " 3 2 1", samples=32)
-    >>> da.dims
+    >>> ax.kernel_shap(ax.load_model(), "1 2 3 =", " 3 2 1", samples=32).dims
     ('target', 'source')
     """
-    check_positive_int(samples, "samples")
-    _check_seed(seed)
-    check_positive_int(batch_size, "batch_size", allow_none=True)
-    check_baseline(baseline)
-    name, problem, run_options = setup(
-        model, inputs, targets, objective, contrast, positions, attribute_target, max_new_tokens
-    )
     visible = problem.visible()
     features = visible.any(dim=1)
     keep = torch.cat(
@@ -198,20 +167,12 @@ def kernel_shap(
             _coalitions(features, samples, seed, _shapley_draws),
         ]
     )
-    values = problem.masked_scores(keep, baselines(problem, baseline), batch_size)
+    values = problem.masked_objective(keep, baseline_embeddings(problem, baseline), batch_size)
     masks = keep[2:].transpose(0, 1).cpu().double()
     weights = _shapley_weights(masks, visible, features)
-    coefficients = linear_surrogate(
+    return linear_surrogate(
         masks, values[2:].transpose(0, 1), weights, visible=visible, bounds=(values[1], values[0])
     )
-    options = {
-        **run_options,
-        "samples": samples,
-        "seed": seed,
-        "baseline": _baseline_name(baseline),
-        "batch_size": batch_size,
-    }
-    return _label(problem, coefficients, "kernel_shap", name, options)
 
 
 def linear_surrogate(
@@ -363,37 +324,3 @@ def _log_comb(n: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
     r, rest = r.clamp(min=0), (n - r).clamp(min=0)
     value = torch.lgamma(n + 1) - torch.lgamma(r + 1) - torch.lgamma(rest + 1)
     return value.where(valid, -math.inf)
-
-
-def _check_seed(seed: Any) -> None:
-    if not isinstance(seed, int) or isinstance(seed, bool):
-        raise OptionError(f"`seed` must be an integer, got {seed!r}")
-
-
-def _baseline_name(baseline: Baseline) -> str:
-    return baseline if isinstance(baseline, str) else "tensor"
-
-
-def _label(
-    problem: Problem,
-    values: torch.Tensor,
-    method: str,
-    objective: str,
-    options: dict[str, Any],
-) -> xr.DataArray:
-    """Split ``[B, K, L]`` into the attributed sides and label them (no hidden dim)."""
-    if not torch.isfinite(values).all():
-        raise InputError(
-            f"{method}: the scores are not finite (inf/NaN); check the model's dtype and inputs"
-        )
-    widths = [x.shape[1] for x in problem.inputs]
-    sides = values.to(problem.inputs[0].dtype).cpu().split(widths, dim=-1)
-    return label(
-        problem.model,
-        problem.batch,
-        sides,
-        method=method,
-        objective=objective,
-        options=options,
-        trailing=(),
-    )

@@ -164,7 +164,13 @@ def pipe(*functions: Callable[..., Any]) -> Callable[..., Any]:
 
     def piped(*args: Any, **kwargs: Any) -> Any:
         if fused:
-            kwargs.setdefault("reduce_hidden", fused)
+            given = kwargs.setdefault("reduce_hidden", fused)
+            if given != fused:
+                # the chain reduces hidden with `fused` next: another reduction here contradicts it
+                raise OptionError(
+                    f"pipe: `reduce_hidden={given!r}` contradicts the chain, whose next step is "
+                    f"{fused}(hidden); drop the option or the step"
+                )
         result = first(*args, **kwargs)
         for fn in rest:
             result = fn(result)

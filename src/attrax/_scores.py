@@ -15,21 +15,10 @@ import torch
 import xarray as xr
 
 from ._errors import InputError, OptionError
-from ._inputs import (
-    Batch,
-    Example,
-    Tensors,
-    Texts,
-    _aligned,
-    _as_texts,
-    _at,
-    _check_length,
-    _encode_source,
-    prepare,
-    to_tensors,
-)
-from ._label import MISSING_ID, full_precision, run_attrs, token_strings
-from ._model import Model, ModelLike, load_model
+from ._inputs import Tensors, Texts, check_aligned, contrast_batch, to_tensors
+from ._model import Model
+from ._protocol import Call, Family, own_options
+from ._schema import label_steps
 
 SCORES = (
     "probability",
@@ -46,16 +35,34 @@ NEEDS_CONTRAST = ("contrast_prob_diff",)
 NEEDS_CONTRAST_INPUTS = ("kl_divergence", "pcxmi")
 
 
+def _run(core: Callable[..., xr.DataArray], call: Call, arguments: dict[str, Any]) -> xr.DataArray:
+    return core(call, **own_options(core, arguments))
+
+
+_ONE_FORWARD = "step scores come from one teacher-forced forward"
+STEP = Family(
+    name="step_scores",
+    takes=("contrast", "positions", "max_new_tokens"),
+    refuses={
+        "objective": "step scores are the model's own quantities: choose them with `scores`",
+        "attribute_target": "step scores attribute nothing to sources",
+        "chunk_size": f"{_ONE_FORWARD}: there is no backward to chunk",
+        "batch_size": f"{_ONE_FORWARD}: there are no points to batch",
+    },
+    run=_run,
+)
+
+
+def _score_names(value: object, name: str) -> None:
+    _names(value)  # type: ignore[arg-type]
+
+
+@STEP.method(scores=_score_names)
 def step_scores(
-    model: ModelLike,
-    inputs: Texts,
-    targets: Texts | None = None,
+    call: Call,
     *,
     scores: str | Sequence[str] = ("probability",),
-    contrast: Texts | None = None,
     contrast_inputs: Texts | None = None,
-    positions: int | Sequence[int] | None = None,
-    max_new_tokens: int = 20,
 ) -> xr.DataArray:
     """Per-step scores of the target tokens under teacher forcing; natural logarithms throughout.
 
@@ -86,37 +93,20 @@ def step_scores(
     (('target', 'score'), ['probability', 'entropy'])
     """
     names = _names(scores)
-    _require(names, NEEDS_CONTRAST, contrast, "contrast")
+    _require(names, NEEDS_CONTRAST, call.options["contrast"], "contrast")
     _require(names, NEEDS_CONTRAST_INPUTS, contrast_inputs, "contrast_inputs")
-    contrast_texts = None
     if contrast_inputs is not None:
-        sources, single = _as_texts(inputs, "inputs")
-        contrast_texts = _aligned(contrast_inputs, "contrast_inputs", sources, single)
-    model = load_model(model)  # a Model passes through as is
-    batch = prepare(
-        model,
-        inputs,
-        targets,
-        contrast=contrast,
-        positions=positions,
-        max_new_tokens=max_new_tokens,
-    )
-    options: dict[str, Any] = {
-        "scores": list(names),
-        "contrast": contrast is not None,
-        "contrast_inputs": contrast_inputs is not None,
-    }
-    if targets is None:
-        options["max_new_tokens"] = max_new_tokens
+        check_aligned(contrast_inputs, "contrast_inputs", call.inputs)
+    model, batch = call.model, call.batch
     t = to_tensors(batch, model)
     logits = _logits(model, t)
     logp = torch.log_softmax(logits, dim=-1)
     other = None
-    if contrast_texts is not None:
-        contrast_tensors = to_tensors(_contrast_batch(model, batch, contrast_texts), model)
+    if contrast_inputs is not None:
+        contrast_tensors = to_tensors(contrast_batch(model, batch, contrast_inputs), model)
         other = torch.log_softmax(_logits(model, contrast_tensors), dim=-1)
     values = _columns(names, t, logits, logp, other)
-    return _label_steps(model, batch, values, names, "step_scores", options)
+    return label_steps(model, batch, values, names, call.options)
 
 
 def with_scores(attribution: xr.DataArray | xr.Dataset, scores: xr.DataArray) -> xr.Dataset:
@@ -196,7 +186,7 @@ def _given(value: torch.Tensor | None) -> torch.Tensor:
 
 def _names(scores: str | Sequence[str]) -> tuple[str, ...]:
     names = (scores,) if isinstance(scores, str) else scores
-    if not isinstance(names, Sequence) or not names:
+    if not isinstance(names, Sequence) or isinstance(names, bytes) or not names:
         raise OptionError(f"`scores` must be a score name or a non-empty list of them: {SCORES}")
     for name in names:
         if name not in SCORES:
@@ -228,65 +218,3 @@ def _entropy(logp: torch.Tensor) -> torch.Tensor:
 def _kl(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
     probs = logp.exp()
     return torch.where(probs > 0, probs * (logp - logq), 0.0).sum(-1)
-
-
-def _contrast_batch(model: Model, batch: Batch, texts: list[str]) -> Batch:
-    """The batch with each prompt / source replaced and the same target tokens.
-
-    Decoder-only positions shift by the difference in prompt length, so row ``k`` of both batches'
-    tensors predicts the same target token.
-    """
-    examples = []
-    for i, (example, text) in enumerate(zip(batch.examples, texts, strict=True)):
-        source = _encode_source(model.tokenizer, text, model.is_encoder_decoder)
-        _check_length(model, source, example.target_ids, _at(i, batch.single))
-        shift = 0 if batch.encoder_decoder else len(source) - len(example.source_ids)
-        positions = tuple(p + shift for p in example.positions)
-        examples.append(Example(source, example.target_ids, None, positions))
-    return Batch(tuple(examples), batch.single, batch.encoder_decoder, batch.start_token)
-
-
-def _label_steps(
-    model: Model,
-    batch: Batch,
-    values: torch.Tensor,
-    names: tuple[str, ...],
-    method: str,
-    options: dict[str, Any],
-) -> xr.DataArray:
-    """``[B, K, score]`` values -> ``([example,] target, score)``; the targets of :func:`label`."""
-    examples = batch.examples
-    sequences = batch.sequences()
-    targets = sorted({p for e in examples for p in e.positions})
-    row_of = {p: i for i, p in enumerate(targets)}
-    raw = full_precision(values.detach()).cpu().numpy()
-    data = np.full((len(examples), len(targets), len(names)), np.nan, dtype=raw.dtype)
-    target_ids = np.full((len(examples), len(targets)), MISSING_ID, dtype=np.int64)
-    contrast_ids = np.full_like(target_ids, MISSING_ID)
-    for b, example in enumerate(examples):
-        rows = [row_of[p] for p in example.positions]
-        data[b, rows] = raw[b, : len(rows)]
-        first = len(sequences[b]) - len(example.target_ids)
-        for p in example.positions:
-            target_ids[b, row_of[p]] = sequences[b][p]
-            if example.contrast_ids is not None:
-                contrast_ids[b, row_of[p]] = example.contrast_ids[p - first]
-    tokens = model.tokenizer.convert_ids_to_tokens
-    coords: dict[str, Any] = {
-        "example": np.arange(len(examples)),
-        "target": np.asarray(targets, dtype=np.int64),
-        "score": list(names),
-        "target_id": (("example", "target"), target_ids),
-        "target_token": (("example", "target"), token_strings(target_ids, tokens)),
-    }
-    if examples[0].contrast_ids is not None:
-        coords["contrast_id"] = (("example", "target"), contrast_ids)
-        coords["contrast_token"] = (("example", "target"), token_strings(contrast_ids, tokens))
-    da = xr.DataArray(
-        data,
-        dims=("example", "target", "score"),
-        coords=coords,
-        name="step_scores",
-        attrs=run_attrs(model, method, "none", options),
-    )
-    return da.isel(example=0, drop=True) if batch.single else da

@@ -18,7 +18,7 @@ import pandas as pd
 import xarray as xr
 
 from ._errors import InputError, OptionError
-from ._label import MISSING_TOKEN
+from ._schema import MISSING_TOKEN, per_example, replace_dim
 
 SCHEMES = ("byte-level", "sentencepiece", "wordpiece", "word-level")
 HOWS = ("sum", "mean", "max", "absmax")
@@ -188,13 +188,13 @@ def _merge(da: xr.DataArray, dim: str, how: str, scheme: str) -> xr.DataArray:
     n_examples = da.sizes["example"] if batched else 1
     width = da.sizes[dim]
     index = da.indexes[dim]
-    tokens = _per_example(da, f"{dim}_token", dim, n_examples)
+    tokens = per_example(da, f"{dim}_token", ("example", dim)).astype(str)
     if isinstance(index, pd.MultiIndex) and "side" in index.names:
         sides = np.tile(np.asarray(index.get_level_values("side"), dtype=str), (n_examples, 1))
         positions = np.asarray(index.get_level_values("position"))
     else:
         side_coord = "side" in da.coords and dim in da.coords["side"].dims
-        sides = _per_example(da, "side", dim, n_examples) if side_coord else None
+        sides = per_example(da, "side", ("example", dim)).astype(str) if side_coord else None
         if sides is None:
             sides = np.full((n_examples, width), "", dtype=object)
         positions = np.asarray(index)
@@ -227,28 +227,10 @@ def _merge(da: xr.DataArray, dim: str, how: str, scheme: str) -> xr.DataArray:
     if not batched:
         merged = merged[0]
 
-    coords = {k: v for k, v in da.coords.items() if dim not in v.dims}
-    kept = index[starts]
-    if isinstance(kept, pd.MultiIndex):
-        coords.update(xr.Coordinates.from_pandas_multiindex(kept, dim))
-    else:
-        coords[dim] = kept.to_numpy()
-    word_dims = ("example", dim) if batched else (dim,)
-    coords[f"{dim}_word"] = (word_dims, (texts if batched else texts[0]).astype(str))
-    if "side" in da.coords and dim in da.coords["side"].dims and "side" not in coords:
-        coords["side"] = (word_dims, (word_sides if batched else word_sides[0]).astype(str))
-    out = xr.DataArray(merged, dims=order, coords=coords, name=da.name, attrs=dict(da.attrs))
-    return out.transpose(*da.dims)
-
-
-def _per_example(da: xr.DataArray, name: str, dim: str, n_examples: int) -> np.ndarray:
-    """Coordinate ``name`` as ``[example, dim]`` strings (tiled when it has no example dim)."""
-    coord = da.coords[name]
-    if "example" in coord.dims:
-        values = coord.transpose("example", dim).values
-    else:
-        values = np.tile(coord.values, (n_examples, 1))
-    return values.astype(str)
+    words = {f"{dim}_word": (texts if batched else texts[0]).astype(str)}
+    if not isinstance(index, pd.MultiIndex) and "side" in da.coords and dim in da["side"].dims:
+        words["side"] = (word_sides if batched else word_sides[0]).astype(str)
+    return replace_dim(da, dim, merged, index[starts], words)
 
 
 def _reduce(values: np.ndarray, members: np.ndarray, how: str) -> np.ndarray:

@@ -25,6 +25,7 @@ from matplotlib import colormaps, colors
 from matplotlib.figure import Figure
 
 from ._errors import InputError, OptionError
+from ._schema import drop_padding
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -219,18 +220,6 @@ def _example_positions(da: xr.DataArray, example: Examples) -> list[int | None]:
     return positions
 
 
-def _drop_padding(da: xr.DataArray) -> xr.DataArray:
-    # A batch pads short examples with NaN and "" tokens; those rows/columns are not part of
-    # the example, so they are not drawn.
-    keep: dict[str, np.ndarray] = {}
-    for dim, other in (("target", "source"), ("source", "target")):
-        token = f"{dim}_token"
-        if token in da.coords and da[token].dims == (dim,):
-            empty = da.isnull().all(other).values & (da[token].values == "")
-            keep[dim] = ~empty
-    return da.isel({d: np.flatnonzero(k) for d, k in keep.items()})
-
-
 def _prepare(
     da: xr.DataArray, example: Examples, scores: Scores | None, cmap: str | colors.Colormap | None
 ) -> tuple[list[_Panel], _Scale]:
@@ -239,7 +228,7 @@ def _prepare(
     panels = []
     for e in _example_positions(da, example):
         sub = da if e is None else da.isel(example=e)
-        sub = _drop_padding(sub.transpose("target", "source"))
+        sub = drop_padding(sub.transpose("target", "source"))
         target_labels, target_where = _coord_labels(sub, "target")
         source_labels, source_where = _coord_labels(sub, "source")
         sides = None

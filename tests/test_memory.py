@@ -1,4 +1,4 @@
-"""Host memory reuse around attrax's computations (``attrax._host``)."""
+"""Host memory reuse around attrax's computations (``attrax._memory``)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import attrax as ax
-from attrax import _host
+from attrax import _memory
 
 
 class FakeLibc:
@@ -34,8 +34,8 @@ class FakeLibc:
 @pytest.fixture
 def fake(monkeypatch: pytest.MonkeyPatch) -> FakeLibc:
     libc = FakeLibc()
-    monkeypatch.setattr(_host, "_libc", libc)
-    for name in _host.TUNING_VARIABLES:
+    monkeypatch.setattr(_memory, "_libc", libc)
+    for name in _memory.TUNING_VARIABLES:
         monkeypatch.delenv(name, raising=False)
     return libc
 
@@ -45,32 +45,32 @@ def settings(parameters: dict[int, int]) -> list[tuple]:
 
 
 def test_set_on_entry_restored_and_trimmed_on_exit(fake):
-    with _host.reuse_host_memory():
-        assert fake.calls == settings(_host.DURING)
-        with _host.reuse_host_memory():  # nested: nothing more until the outermost block ends
+    with _memory.reuse_host_memory():
+        assert fake.calls == settings(_memory.DURING)
+        with _memory.reuse_host_memory():  # nested: nothing more until the outermost block ends
             pass
-        assert fake.calls == settings(_host.DURING)
-    assert fake.calls == [*settings(_host.DURING), *settings(_host.AFTER), ("malloc_trim", 0)]
-    assert _host._depth == 0
+        assert fake.calls == settings(_memory.DURING)
+    assert fake.calls == [*settings(_memory.DURING), *settings(_memory.AFTER), ("malloc_trim", 0)]
+    assert _memory._depth == 0
 
 
 def test_restored_when_the_block_raises(fake):
-    with pytest.raises(ValueError), _host.reuse_host_memory():
+    with pytest.raises(ValueError), _memory.reuse_host_memory():
         raise ValueError("boom")
     assert fake.calls[-1] == ("malloc_trim", 0)
-    assert _host._depth == 0
+    assert _memory._depth == 0
 
 
 def test_a_small_free_heap_is_kept(fake):
-    fake.free = _host.KEEP_FREE  # what glibc keeps anyway: releasing it costs the next call
-    with _host.reuse_host_memory():
+    fake.free = _memory.KEEP_FREE  # what glibc keeps anyway: releasing it costs the next call
+    with _memory.reuse_host_memory():
         pass
-    assert fake.calls == [*settings(_host.DURING), *settings(_host.AFTER)]
+    assert fake.calls == [*settings(_memory.DURING), *settings(_memory.AFTER)]
 
 
 def test_user_tuning_wins(fake, monkeypatch):
     monkeypatch.setenv("MALLOC_MMAP_MAX_", "65536")
-    with _host.reuse_host_memory():
+    with _memory.reuse_host_memory():
         pass
     assert fake.calls == []
 
@@ -79,14 +79,14 @@ def test_methods_run_inside_the_block(fake, models):
     ax.saliency(models["gpt2"], "The capital of France is", " Paris")
     ax.occlusion(models["gpt2"], "The capital of France is", " Paris")
     ax.attention(models["gpt2"], "The capital of France is", " Paris")  # one forward: not needed
-    starts = [c for c in fake.calls if c == settings(_host.DURING)[0]]
+    starts = [c for c in fake.calls if c == settings(_memory.DURING)[0]]
     assert len(starts) == 2
     assert fake.calls[-1] == ("malloc_trim", 0)
 
 
-@pytest.mark.skipif(not _host._is_glibc(), reason="glibc only")
+@pytest.mark.skipif(not _memory._is_glibc(), reason="glibc only")
 def test_large_blocks_are_reused_not_faulted_anew(monkeypatch):
-    for name in _host.TUNING_VARIABLES:
+    for name in _memory.TUNING_VARIABLES:
         monkeypatch.delenv(name, raising=False)
     pages = (256 << 20) // resource.getpagesize()  # a 256 MiB block: far above mmap's threshold
 
@@ -96,6 +96,6 @@ def test_large_blocks_are_reused_not_faulted_anew(monkeypatch):
         torch.ones(256 << 18).sum()
         return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
 
-    with _host.reuse_host_memory():
+    with _memory.reuse_host_memory():
         # a small block freed in between can split the large one, hence the best of three
         assert min(faults_of_second_block() for _ in range(3)) < pages // 20

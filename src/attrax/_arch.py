@@ -1,0 +1,62 @@
+"""Config sniffing in one place: what a Hugging Face config says about layers, heads, widths and
+positions, under the many names architectures give them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+# config keys, in order of preference, per attention stack: "self" is a decoder-only model's,
+# "cross" an encoder-decoder's decoder (self and cross), "encoder" its encoder
+_LAYER_KEYS = {
+    "self": ("num_hidden_layers", "n_layer", "num_layers"),
+    "cross": ("decoder_layers", "num_decoder_layers", "num_layers", "num_hidden_layers"),
+    "encoder": ("encoder_layers", "num_layers", "num_hidden_layers"),
+}
+_HEAD_KEYS = {
+    "self": ("num_attention_heads", "n_head", "num_heads"),
+    "cross": ("decoder_attention_heads", "num_heads", "num_attention_heads"),
+    "encoder": ("encoder_attention_heads", "num_heads", "num_attention_heads"),
+}
+_MLP_KEYS = (
+    "intermediate_size",
+    "n_inner",
+    "ffn_dim",
+    "encoder_ffn_dim",
+    "decoder_ffn_dim",
+    "d_ff",
+)
+_POSITION_KEYS = ("n_positions", "max_position_embeddings")
+
+
+def _first_positive(config: Any, keys: tuple[str, ...]) -> int | None:
+    for key in keys:
+        value = getattr(config, key, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def layers(config: Any, stack: str) -> int | None:
+    """Number of layers of ``stack`` (``"self"``, ``"cross"`` or ``"encoder"``), if the config says.
+
+    >>> from transformers import GPT2Config
+    >>> layers(GPT2Config(n_layer=3), "self")
+    3
+    """
+    return _first_positive(config, _LAYER_KEYS[stack])
+
+
+def heads(config: Any, stack: str) -> int | None:
+    """Attention heads per layer of ``stack``, if the config says."""
+    return _first_positive(config, _HEAD_KEYS[stack])
+
+
+def mlp_width(config: Any) -> int:
+    """The widest MLP hidden layer the config names (0 when it names none)."""
+    values = [getattr(config, key, None) for key in _MLP_KEYS]
+    return max([v for v in values if isinstance(v, int) and not isinstance(v, bool)] or [0])
+
+
+def max_positions(config: Any) -> int | None:
+    """Absolute positions the model has; None for relative positions (T5): no hard limit."""
+    return _first_positive(config, _POSITION_KEYS)

@@ -1,0 +1,273 @@
+"""Memory: how much a call may hold at once (planning ``"auto"`` sizes), and host memory.
+
+Planning: :func:`plan` resolves ``chunk_size``/``batch_size`` from an estimate of one backward's
+memory against half the device's free memory.
+
+Host memory: within :func:`reuse_host_memory`, freed host memory is reused instead of mapping
+fresh pages.
+
+A vectorized backward allocates and frees the same large temporaries (``[targets, heads, n, n]``
+attention gradients) again and again. glibc serves every block above its mmap threshold (32 MiB
+at most) with a fresh ``mmap`` and unmaps it on ``free``, so each one is page-faulted and zeroed by
+the kernel anew (most of the system time of long CPU calls; measured in docs/benchmarks.md).
+Within :func:`reuse_host_memory` large blocks come from the heap and are reused; at the end, if
+much of the heap is free, it goes back to the OS.
+
+This is a process-wide setting of glibc's malloc, made only while an attrax computation runs.
+Linux with glibc only; elsewhere, when the user tuned malloc through its environment variables
+(theirs win), or with ``ATTRAX_HOST_MEMORY=system`` in the environment, nothing changes. glibc
+has no way to read its parameters back, so on leaving the block they are set to where glibc's own
+sliding thresholds end (:data:`AFTER`), not to values read before.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+
+from ._errors import OptionError
+
+AUTO = "auto"
+# points per forward / targets per backward: a positive int, None (all at once) or "auto"
+Size = int | str | None
+
+# mallopt parameters, from glibc's malloc.h
+M_TRIM_THRESHOLD = -1
+M_MMAP_THRESHOLD = -3
+M_MMAP_MAX = -4
+
+# mallopt takes an int: 2 GiB is the largest trim threshold it can set
+DURING = {M_MMAP_MAX: 0, M_TRIM_THRESHOLD: 2**31 - 1}
+# Setting any parameter freezes glibc's sliding thresholds. Afterwards they are left where the
+# sliding rule ends on a 64-bit machine, which a torch process reaches after its first large free,
+# rather than at the small initial values that would map every block above 128 KiB.
+AFTER = {M_MMAP_MAX: 65536, M_MMAP_THRESHOLD: 32 << 20, M_TRIM_THRESHOLD: 64 << 20}
+# Free heap kept after a call, as glibc itself keeps blocks below its thresholds: releasing a
+# small call's ~100 MB every time made small calls slower, as the next call faults it back in
+KEEP_FREE = 256 << 20
+TUNING_VARIABLES = (
+    "MALLOC_ARENA_MAX",
+    "MALLOC_MMAP_MAX_",
+    "MALLOC_MMAP_THRESHOLD_",
+    "MALLOC_TOP_PAD_",
+    "MALLOC_TRIM_THRESHOLD_",
+    "GLIBC_TUNABLES",
+)
+
+#: ``ATTRAX_HOST_MEMORY=system`` leaves glibc's malloc as it is
+SWITCH = "ATTRAX_HOST_MEMORY"
+
+_lock = threading.Lock()
+_depth = 0
+_libc: Any = None
+
+
+def _glibc() -> Any:
+    """The C library if it is glibc and the user left malloc untuned, else None."""
+    global _libc
+    if any(name in os.environ for name in TUNING_VARIABLES):
+        return None
+    if os.environ.get(SWITCH, "").lower() == "system":
+        return None
+    if _libc is None:
+        _libc = False
+        if _is_glibc():
+            with contextlib.suppress(OSError, AttributeError):
+                libc = ctypes.CDLL(None)
+                libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+                libc.malloc_trim.argtypes = [ctypes.c_size_t]
+                with contextlib.suppress(AttributeError):  # glibc >= 2.33
+                    libc.mallinfo2.restype = _MallInfo2
+                _libc = libc
+    return _libc or None
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in (
+            "arena",
+            "ordblks",
+            "smblks",
+            "hblks",
+            "hblkhd",
+            "usmblks",
+            "fsmblks",
+            "uordblks",
+            "fordblks",
+            "keepcost",
+        )
+    ]
+
+
+def _free_bytes(libc: Any) -> int | None:
+    """Free bytes held in malloc's arenas, or None where glibc cannot say (before 2.33)."""
+    try:
+        return int(libc.mallinfo2().fordblks)
+    except AttributeError:
+        return None
+
+
+def _is_glibc() -> bool:
+    try:
+        return os.confstr("CS_GNU_LIBC_VERSION").startswith("glibc")
+    except (AttributeError, ValueError, OSError):  # not a POSIX system, or no such name
+        return False
+
+
+def _set(libc: Any, parameters: dict[int, int]) -> None:
+    for parameter, value in parameters.items():
+        libc.mallopt(parameter, value)
+
+
+@contextlib.contextmanager
+def reuse_host_memory() -> Iterator[None]:
+    """Within the block, freed host memory is reused; after the outermost block, free memory
+    beyond :data:`KEEP_FREE` is released.
+
+    Re-entrant and thread-safe: nested and concurrent blocks share one setting.
+    """
+    global _depth
+    libc = _glibc()
+    if libc is None:
+        yield
+        return
+    with _lock:
+        if _depth == 0:
+            _set(libc, DURING)
+        _depth += 1
+    try:
+        yield
+    finally:
+        with _lock:
+            _depth -= 1
+            if _depth == 0:
+                _set(libc, AFTER)
+                free = _free_bytes(libc)
+                if free is None or free > KEEP_FREE:
+                    libc.malloc_trim(0)
+
+
+# --- planning ------------------------------------------------------------------------------
+
+# live tensors of one cotangent's backward, in units of its widest activation [B, L, width],
+# forward activations included; calibrated on a GPT-2-small shape (docs/methods/gradients.md)
+LIVE_TENSORS = 12
+
+
+def check_size(value: object, name: str) -> None:
+    """Raise an :class:`OptionError` unless ``value`` is a positive int, None or ``"auto"``."""
+    if value == AUTO or value is None:
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise OptionError(f"`{name}` must be a positive integer, None or 'auto', got {value!r}")
+
+
+def backward_bytes(
+    examples: int, tokens: int, hidden: int, element_size: int, mlp: int, heads: int
+) -> int:
+    """Estimated memory of one target's backward at one point, for all ``examples``."""
+    # eager attention keeps [heads, L, L] per cotangent
+    width = max(mlp, 4 * hidden, heads * tokens)
+    return examples * tokens * width * element_size * LIVE_TENSORS
+
+
+def plan(
+    points: int,
+    targets: int,
+    batch_size: Size,
+    chunk_size: Size,
+    per_cotangent: int,
+    device: torch.device,
+) -> tuple[int | None, int | None]:
+    """Resolve ``"auto"`` sizes: all ``points`` and ``targets`` in one vectorized backward when
+    the estimate fits half the free memory of ``device``, else halves of the targets (which,
+    decoder-only, also cuts each chunk's sequence after its last target), then of the points.
+    Given sizes (ints, None for all) are kept.
+    """
+    if AUTO not in (batch_size, chunk_size):  # nothing to estimate
+        return _given(batch_size), _given(chunk_size)
+    chunk = targets if chunk_size in (None, AUTO) else int(chunk_size)  # type: ignore[arg-type]
+    batch = points if batch_size in (None, AUTO) else int(batch_size)  # type: ignore[arg-type]
+    budget = memory_budget(device)
+    while per_cotangent * chunk * batch > budget:
+        if chunk_size == AUTO and chunk > 1:
+            chunk = -(-chunk // 2)
+        elif batch_size == AUTO and batch > 1:
+            batch = -(-batch // 2)
+        else:
+            break
+    return (None if batch >= points else batch, None if chunk >= targets else chunk)
+
+
+def _given(size: Size) -> int | None:
+    return None if size is None else int(size)
+
+
+def memory_budget(device: torch.device) -> int:
+    """Half the free memory of ``device`` (the host's available memory for the CPU; 4 GiB where
+    it cannot be read)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free // 2
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024 // 2
+    except OSError:
+        pass
+    return 4 << 30
+
+
+# --- device to host ------------------------------------------------------------------------
+
+
+def full_precision(values: torch.Tensor) -> torch.Tensor:
+    """Half-precision values as float32 (numpy has no bfloat16, netCDF no float16); others as is."""
+    return values.float() if values.dtype in (torch.float16, torch.bfloat16) else values
+
+
+def to_host(values: torch.Tensor | np.ndarray) -> np.ndarray:
+    """A NumPy array of ``values`` (half precision as float32), large GPU tensors staged."""
+    if isinstance(values, torch.Tensor):
+        values = full_precision(values.detach())
+        if values.is_cuda and values.numel() * values.element_size() > _STAGE_BYTES:
+            return _staged_to_host(values)
+        return values.to("cpu").numpy()
+    return np.asarray(values)
+
+
+# A copy from the GPU into pageable memory goes through the driver's own small staging buffer,
+# which on some machines moves ~1 GB/s; through a pinned buffer of our own it runs at the bus's
+# speed (measured in docs/benchmarks-gpu.md)
+_STAGE_BYTES = 32 * 2**20
+_stages: dict[torch.device, torch.Tensor] = {}
+# one buffer per device, so two threads copying to the host take turns
+_stage_lock = threading.Lock()
+
+
+def _staged_to_host(values: torch.Tensor) -> np.ndarray:
+    """Copy a large GPU tensor to a NumPy array through a reused pinned buffer, chunk by chunk."""
+    flat = values.contiguous().view(-1).view(torch.uint8)
+    out = np.empty(values.shape, dtype=torch.empty(0, dtype=values.dtype).numpy().dtype)
+    host = out.reshape(-1).view(np.uint8)
+    with _stage_lock:
+        stage = _stages.get(values.device)
+        if stage is None:
+            stage = torch.empty(_STAGE_BYTES, dtype=torch.uint8, pin_memory=values.is_cuda)
+            _stages[values.device] = stage
+        for start in range(0, flat.numel(), _STAGE_BYTES):
+            n = min(_STAGE_BYTES, flat.numel() - start)
+            stage[:n].copy_(flat[start : start + n], non_blocking=True)
+            if values.is_cuda:
+                torch.cuda.current_stream(values.device).synchronize()
+            host[start : start + n] = stage[:n].numpy()
+    return out

@@ -1,0 +1,72 @@
+"""The public names: each written once, with the module that defines it.
+
+``attrax/__init__.py`` derives ``__all__`` and its lazy imports from this table; the CLI and
+dataset runs resolve method names through it. It imports nothing, so reading it is free.
+"""
+
+from __future__ import annotations
+
+#: public name -> the module (relative to the package) that defines it
+PUBLIC: dict[str, str] = {
+    # errors
+    "AttraxError": "._errors",
+    "InputError": "._errors",
+    "ModelError": "._errors",
+    "OptionError": "._errors",
+    # models and objectives
+    "Model": "._model",
+    "load_model": "._model",
+    "logit": "._objectives",
+    "logprob": "._objectives",
+    "probability": "._objectives",
+    # attribution methods
+    "saliency": "._gradients",
+    "input_x_gradient": "._gradients",
+    "integrated_gradients": "._gradients",
+    "smoothgrad": "._gradients",
+    "occlusion": "._perturbation",
+    "lime": "._perturbation",
+    "kernel_shap": "._perturbation",
+    "attention": "._attention",
+    "rollout": "._attention",
+    # step scores and faithfulness
+    "step_scores": "._scores",
+    "with_scores": "._scores",
+    "comprehensiveness": "._faithfulness",
+    "deletion": "._faithfulness",
+    "insertion": "._faithfulness",
+    "sufficiency": "._faithfulness",
+    # reductions
+    "absmax": "._reduce",
+    "l2_norm": "._reduce",
+    "max": "._reduce",
+    "mean": "._reduce",
+    "normalize": "._reduce",
+    "pipe": "._reduce",
+    "rescale": "._reduce",
+    "sum": "._reduce",
+    "merge_subwords": "._words",
+    # datasets, files, pictures
+    "attribute_dataset": "._dataset",
+    "load_dataset_results": "._dataset",
+    "load": ".io",
+    "save": ".io",
+    "plot": ".viz",
+    "show": ".viz",
+}
+
+#: Attribution methods a CLI call or a dataset run may name.
+METHODS = (
+    "saliency",
+    "input_x_gradient",
+    "integrated_gradients",
+    "smoothgrad",
+    "occlusion",
+    "lime",
+    "kernel_shap",
+    "attention",
+    "rollout",
+)
+
+#: Reductions a CLI ``--reduce`` spec or a dataset run may name.
+REDUCTIONS = ("l2_norm", "sum", "mean", "max", "absmax", "normalize", "rescale")

@@ -1,0 +1,250 @@
+"""The method protocol: the parameters methods share are declared, checked and recorded here.
+
+A method is written as a *core* ``core(call, *, own options...)`` and made public by a
+:class:`Family`'s decorator (``@GRADIENT.method(steps=positive_int, ...)``). The family adds the
+common parameters it takes (:data:`COMMON`), refuses the others with an :class:`OptionError`
+that says why, checks every option before the model runs, and records every option (defaults
+included) in the result's ``attrs["options"]``. A method declares only what is its own.
+
+>>> import attrax as ax
+>>> ax.saliency(ax.load_model(), "1 2 3 =", " 3 2 1", steps=4)
+Traceback (most recent call last):
+attrax._errors.OptionError: saliency has no option 'steps'; its options are: abs, objective, contrast, positions, attribute_target, chunk_size, batch_size, max_new_tokens, reduce_hidden, mode
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any
+
+import numpy as np
+import torch
+import xarray as xr
+
+from . import _validate as check
+from ._engine import Problem
+from ._errors import OptionError
+from ._inputs import Batch, Texts, prepare
+from ._model import Model, ModelLike, load_model
+from ._objectives import Objective, resolve
+from ._schema import label
+from ._validate import Check
+
+
+@dataclass(frozen=True)
+class Param:
+    """A parameter: its default, type, check and one line of documentation."""
+
+    default: Any
+    annotation: Any
+    check: Check | None
+    doc: str
+
+
+def _objective(value: object, name: str) -> None:
+    resolve(value)  # type: ignore[arg-type]
+
+
+#: The parameters attribution methods share, declared once.
+COMMON: dict[str, Param] = {
+    "objective": Param(
+        "probability",
+        "str | Objective",
+        _objective,
+        "'probability', 'logprob', 'logit' or a callable (logits[..., V], ids[...]) -> scores",
+    ),
+    "contrast": Param(
+        None,
+        "Texts | None",
+        None,
+        "a text aligned token by token with the target: objective "
+        "of the target token minus that of the contrast token",
+    ),
+    "positions": Param(
+        None, "int | Sequence[int] | None", None, "attribute only these target positions"
+    ),
+    "attribute_target": Param(
+        False, "bool", check.boolean, "encoder-decoder: also attribute to the decoder prefix"
+    ),
+    "chunk_size": Param(
+        "auto", "int | str | None", check.size, "targets per vectorized backward (memory bound)"
+    ),
+    "batch_size": Param(
+        "auto",
+        "int | str | None",
+        check.size,
+        "model evaluations (points, samples, perturbed copies) per forward (memory bound)",
+    ),
+    "max_new_tokens": Param(
+        20, "int", check.positive_int, "tokens to generate greedily when `targets` is None"
+    ),
+}
+
+
+@dataclass(frozen=True)
+class Call:
+    """One call of a method: the model, the tokenized batch (built on first use), the options."""
+
+    method: str
+    model: Model
+    inputs: Texts
+    targets: Texts | None
+    options: Mapping[str, Any]
+
+    @cached_property
+    def batch(self) -> Batch:
+        """The tokenized inputs and targets (targets generated greedily when None)."""
+        o = self.options
+        return prepare(
+            self.model,
+            self.inputs,
+            self.targets,
+            contrast=o.get("contrast"),
+            positions=o.get("positions"),
+            max_new_tokens=o.get("max_new_tokens", COMMON["max_new_tokens"].default),
+        )
+
+    @cached_property
+    def objective(self) -> tuple[str, Objective]:
+        """The objective's name and function (``"none"`` for methods without one)."""
+        if "objective" not in self.options:
+            return "none", resolve("probability")[1]
+        return resolve(self.options["objective"])
+
+    @cached_property
+    def problem(self) -> Problem:
+        """The tensors, embeddings and objective of the call, for the engine."""
+        attribute_target = bool(self.options.get("attribute_target", False))
+        return Problem.build(self.model, self.batch, self.objective[1], attribute_target)
+
+    def label(
+        self,
+        sides: Sequence[torch.Tensor | np.ndarray],
+        *,
+        trailing: Sequence[str] = ("hidden",),
+        target_coords: Mapping[str, torch.Tensor | np.ndarray] | None = None,
+        trailing_coords: Mapping[str, Sequence[int]] | None = None,
+    ) -> xr.DataArray:
+        """The labelled result of per-example values ``[B, K, L, *trailing]`` per side."""
+        return label(
+            self.model,
+            self.batch,
+            sides,
+            method=self.method,
+            objective=self.objective[0],
+            options=self.options,
+            trailing=trailing,
+            target_coords=target_coords,
+            trailing_coords=trailing_coords,
+        )
+
+
+Core = Callable[..., Any]
+Run = Callable[[Core, Call, dict[str, Any]], xr.DataArray]
+
+
+@dataclass(frozen=True)
+class Family:
+    """Methods that share common parameters and a way to run (gradient, perturbation, ...).
+
+    ``takes`` names the :data:`COMMON` parameters the family's methods accept, ``refuses`` says
+    why each other one does not apply, ``extra`` adds the family's own parameters, and
+    ``run(core, call, own)`` runs a core with its own options and returns the labelled result.
+    """
+
+    name: str
+    takes: tuple[str, ...]
+    refuses: Mapping[str, str]
+    run: Run
+    extra: Mapping[str, Param] = field(default_factory=dict)
+    leading: tuple[str, ...] = ("model", "inputs", "targets")
+
+    def method(
+        self, together: Callable[[Mapping[str, Any]], None] | None = None, **checks: Check
+    ) -> Callable[[Core], Callable[..., xr.DataArray]]:
+        """Decorator: the public method of a core, its own options checked by ``checks`` (one
+        per option) and ``together`` (all options at once, for rules that join two)."""
+        return functools.partial(_public, self, checks, together)
+
+
+def _public(
+    family: Family,
+    checks: Mapping[str, Check],
+    together: Callable[[Mapping[str, Any]], None] | None,
+    core: Core,
+) -> Callable[..., Any]:
+    own = [p for p in inspect.signature(core).parameters.values() if p.kind is p.KEYWORD_ONLY]
+    unknown = set(checks) - {p.name for p in own}
+    if unknown:  # a programming error in attrax, not a user's
+        raise TypeError(f"{core.__name__}: checks for no option: {sorted(unknown)}")
+    shared = {name: COMMON[name] for name in family.takes} | dict(family.extra)
+    parameters = [_leading(name) for name in family.leading]
+    parameters += own
+    parameters += [
+        inspect.Parameter(
+            n, inspect.Parameter.KEYWORD_ONLY, default=p.default, annotation=p.annotation
+        )
+        for n, p in shared.items()
+    ]
+    signature = inspect.Signature(parameters, return_annotation="xr.DataArray")
+    option_names = [p.name for p in own] + list(shared)
+    all_checks = {**{n: p.check for n, p in shared.items() if p.check}, **checks}
+    name = core.__name__
+
+    @functools.wraps(core)
+    def public(*args: Any, **kwargs: Any) -> xr.DataArray:
+        for key in kwargs:
+            if key in option_names or key in family.leading:
+                continue
+            if key in family.refuses:
+                raise OptionError(f"{name} does not take `{key}`: {family.refuses[key]}")
+            raise OptionError(
+                f"{name} has no option {key!r}; its options are: {', '.join(option_names)}"
+            )
+        try:
+            bound = signature.bind(*args, **kwargs)
+        except TypeError as err:
+            raise OptionError(f"{name}: {err}") from None
+        bound.apply_defaults()
+        arguments = dict(bound.arguments)
+        for key, value in arguments.items():
+            if key in all_checks:
+                all_checks[key](value, key)
+        if together is not None:
+            together(arguments)
+        return family.run(core, _call(name, family, arguments), arguments)
+
+    public.__signature__ = signature  # type: ignore[attr-defined]
+    public.attrax_family = family.name  # type: ignore[attr-defined]
+    # ax.pipe(method, ax.l2_norm | ax.sum, ...) reduces over hidden on the device instead
+    public.attrax_reduces_hidden = "reduce_hidden" in shared  # type: ignore[attr-defined]
+    return public
+
+
+def _leading(name: str) -> inspect.Parameter:
+    kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
+    if name == "targets":
+        return inspect.Parameter(name, kind, default=None, annotation="Texts | None")
+    annotation = {"model": "ModelLike", "inputs": "Texts", "attribution": "xr.DataArray"}[name]
+    return inspect.Parameter(name, kind, annotation=annotation)
+
+
+def _call(name: str, family: Family, arguments: dict[str, Any]) -> Call:
+    options = {k: v for k, v in arguments.items() if k not in family.leading}
+    model = load_model(arguments["model"])  # a Model passes through as is
+    return Call(name, model, arguments["inputs"], arguments.get("targets"), options)
+
+
+def own_options(core: Core, arguments: Mapping[str, Any]) -> dict[str, Any]:
+    """The options of ``arguments`` that are ``core``'s own (keyword-only in its signature)."""
+    names = [
+        p.name for p in inspect.signature(core).parameters.values() if p.kind is p.KEYWORD_ONLY
+    ]
+    return {n: arguments[n] for n in names}
+
+
+__all__ = ["COMMON", "Call", "Family", "ModelLike", "Param", "own_options"]

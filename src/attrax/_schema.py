@@ -1,0 +1,430 @@
+"""The labelled-array contract: dim and coordinate names, missing markers, attrs and builders.
+
+Every result array is built here and read back through the readers here; no other module
+constructs a result ``DataArray`` by hand. ``docs/data-model.md`` documents :data:`DIMS`,
+:data:`COORDS` and :data:`ATTRS`, and a test checks the page against them.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from math import nan
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import xarray as xr
+
+from ._inputs import Batch
+from ._memory import to_host
+from ._model import Model
+from ._version import __version__
+
+#: Every dim a result can have, and what it means.
+DIMS: dict[str, str] = {
+    "example": "one per input text when a list is given (absent for a single string)",
+    "target": "the attributed (predicted) token, by its position in the sequence the model reads",
+    "source": "what the attribution is about: positions of the prompt+continuation or encoder input",
+    "query": "the attending position of an encoder self-attention map",
+    "hidden": "the embedding dimension",
+    "layer": "a layer of the model",
+    "head": "an attention head",
+    "score": "a step score (probability, entropy, ...)",
+    "fraction": "the share of ranked source tokens a faithfulness metric removes or keeps",
+}
+#: Every non-dimension coordinate (and index level) a result can have, and what it means.
+COORDS: dict[str, str] = {
+    "target_id": "token id of each target",
+    "target_token": "token string of each target",
+    "source_id": "token id of each source",
+    "source_token": "token string of each source",
+    "side": "'source' (prompt/encoder) or 'target' (continuation/decoder) for each source",
+    "position": "index level of `source` beside `side` when both sides of a translator are sources",
+    "query_id": "token id of each query",
+    "query_token": "token string of each query",
+    "contrast_id": "token id of the contrast token of each target",
+    "contrast_token": "token string of the contrast token of each target",
+    "completeness_gap": "integrated gradients: sum of attributions minus f(x) - f(baseline)",
+    "auc": "deletion/insertion: area under the curve over `fraction`",
+    "aopc": "comprehensiveness/sufficiency: mean over `fraction` (ERASER's AOPC)",
+    "original": "faithfulness: the objective of the unperturbed input",
+    "source_word": "merge_subwords: the word of each merged source",
+    "target_word": "merge_subwords: the word of each merged target",
+    "id": "attribute_dataset: the record's id, when the file gives ids",
+}
+#: Every attribute a result carries, and what it means.
+ATTRS: dict[str, str] = {
+    "method": "the attribution method (or, for a faithfulness curve, the method it scores)",
+    "model": "the model's name or path",
+    "model_type": "'decoder-only' or 'encoder-decoder'",
+    "objective": "what is attributed at each target ('probability', 'logprob', 'logit', ...)",
+    "options": "a JSON string of every option of the call, defaults included",
+    "attrax_version": "the attrax version that computed it",
+    "reductions": "the reductions applied, ';'-separated, e.g. 'l2_norm(hidden);normalize(source)'",
+    "metric": "the faithfulness metric of a curve",
+    "score": "the step score a with_scores variable holds",
+}
+
+#: What fills a token string / a token id where a batch has no token.
+MISSING_TOKEN = ""
+MISSING_ID = -1
+
+
+def fill_value(dtype: np.dtype) -> Any:
+    """The missing marker of a variable of ``dtype``: -1 for ids, "" for tokens, NaN for values."""
+    if dtype.kind in "iu":
+        return MISSING_ID
+    if dtype.kind in "USO":
+        return MISSING_TOKEN
+    if dtype.kind == "b":
+        return False
+    return np.nan
+
+
+def jsonable(value: Any) -> Any:
+    """An option's value as it is recorded in ``attrs["options"]``."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, torch.Tensor):
+        return "tensor"
+    if isinstance(value, tuple) and any(isinstance(v, torch.Tensor) for v in value):
+        return "tensor"
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, (slice, range)):
+        return repr(value)
+    if isinstance(value, (np.integer, np.floating)):
+        return value.item()
+    if callable(value):
+        return getattr(value, "__name__", type(value).__name__)
+    return repr(value)
+
+
+def run_attrs(
+    model: Model, method: str, objective: str, options: Mapping[str, Any]
+) -> dict[str, Any]:
+    """The provenance attrs of a result (see :data:`ATTRS`)."""
+    return {
+        "method": method,
+        "model": model.name,
+        "model_type": model.model_type,
+        "objective": objective,
+        "options": json.dumps({k: jsonable(v) for k, v in options.items()}, sort_keys=True),
+        "attrax_version": __version__,
+    }
+
+
+# --- builders ------------------------------------------------------------------------------
+
+
+def label(
+    model: Model,
+    batch: Batch,
+    sides: Sequence[torch.Tensor | np.ndarray],
+    *,
+    method: str,
+    objective: str,
+    options: Mapping[str, Any],
+    trailing: Sequence[str] = ("hidden",),
+    target_coords: Mapping[str, torch.Tensor | np.ndarray] | None = None,
+    trailing_coords: Mapping[str, Sequence[int]] | None = None,
+) -> xr.DataArray:
+    """Label per-example values ``[B, K, L, *trailing]`` (one array per source side).
+
+    ``sides[0]`` covers the decoder-only sequence or the encoder input; ``sides[1]`` (optional)
+    the decoder input of an encoder-decoder model. ``K`` follows each example's ``positions``.
+    ``target_coords`` are extra ``[B, K]`` values along the target dim (e.g. completeness gaps);
+    ``trailing_coords`` label trailing dims (e.g. which layers were kept).
+    NaN marks padding and sources at or after the target position on the target side.
+    """
+    examples = batch.examples
+    targets, row_of, coords = _target_coords(model, batch)
+
+    # assembled where the values are (the GPU, usually), then one copy to the host: on a long
+    # sequence the [target, source, hidden] block is large and host-side passes dominate
+    blocks = []  # one [B, T, L_side, *tail] block per side
+    for side_index, side in enumerate(sides):
+        values = torch.as_tensor(side)
+        widths = [len(_side_ids(batch, b, side_index)) for b in range(len(examples))]
+        rows = [[row_of[p] for p in e.positions] for e in examples]
+        block = _place(values, rows, widths, len(targets))
+        if side_index == 1 or not batch.encoder_decoder:  # the target side: no future sources
+            columns = torch.arange(block.shape[2], device=block.device)
+            future = columns[None, :] >= torch.as_tensor(targets, device=block.device)[:, None]
+            block = block.masked_fill(future.view(1, *future.shape, *(1,) * (block.ndim - 3)), nan)
+        blocks.append(block)
+    data = to_host(blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=2))
+
+    source_ids = np.full((len(examples), data.shape[2]), MISSING_ID, dtype=np.int64)
+    offset = 0
+    for side_index, block in enumerate(blocks):
+        for b in range(len(examples)):
+            ids = _side_ids(batch, b, side_index)
+            source_ids[b, offset : offset + len(ids)] = ids
+        offset += block.shape[2]
+    tokens = model.tokenizer.convert_ids_to_tokens
+    coords["source_id"] = (("example", "source"), source_ids)
+    coords["source_token"] = (("example", "source"), token_strings(source_ids, tokens))
+    if batch.encoder_decoder and len(blocks) == 2:
+        sides_level = ["source"] * blocks[0].shape[2] + ["target"] * blocks[1].shape[2]
+        positions = [*range(blocks[0].shape[2]), *range(blocks[1].shape[2])]
+        index = pd.MultiIndex.from_arrays([sides_level, positions], names=("side", "position"))
+        coords.update(xr.Coordinates.from_pandas_multiindex(index, "source"))
+    else:
+        coords["source"] = np.arange(data.shape[2])
+        coords["side"] = (("example", "source"), _sides(batch, data.shape[2]))
+    for key, values in (target_coords or {}).items():
+        dense = np.full((len(examples), len(targets)), np.nan)
+        raw = to_host(values)
+        for b, example in enumerate(examples):
+            dense[b, [row_of[p] for p in example.positions]] = raw[b, : len(example.positions)]
+        coords[key] = (("example", "target"), dense)
+    coords.update(trailing_coords or {})
+    dims = ["example", "target", "source", *trailing]
+    attrs = run_attrs(model, method, objective, options)
+    return _build(data, dims, coords, "attribution", attrs, batch.single)
+
+
+def label_steps(
+    model: Model,
+    batch: Batch,
+    values: torch.Tensor,
+    names: Sequence[str],
+    options: Mapping[str, Any],
+) -> xr.DataArray:
+    """Step scores ``[B, K, score]`` -> ``([example,] target, score)``, targets as :func:`label`."""
+    targets, row_of, coords = _target_coords(model, batch)
+    raw = to_host(values)
+    data = np.full((len(batch.examples), len(targets), len(names)), np.nan, dtype=raw.dtype)
+    for b, example in enumerate(batch.examples):
+        rows = [row_of[p] for p in example.positions]
+        data[b, rows] = raw[b, : len(rows)]
+    coords["score"] = list(names)
+    attrs = run_attrs(model, "step_scores", "none", options)
+    return _build(data, ["example", "target", "score"], coords, "step_scores", attrs, batch.single)
+
+
+def label_queries(
+    model: Model,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    values: torch.Tensor,
+    *,
+    single: bool,
+    method: str,
+    options: Mapping[str, Any],
+    trailing_coords: Mapping[str, Sequence[int]],
+) -> xr.DataArray:
+    """Encoder self-attention ``[B, Q, S, *trailing]`` -> ``([example,] query, source, ...)``.
+
+    Queries and sources are the same padded encoder tokens; NaN where either is padding.
+    """
+    data = to_host(values).copy()
+    real = mask.bool().cpu().numpy()
+    data[~(real[:, :, None] & real[:, None, :])] = np.nan
+    token_ids = np.where(real, ids.cpu().numpy(), MISSING_ID)
+    tokens = token_strings(token_ids, model.tokenizer.convert_ids_to_tokens)
+    width = ids.shape[1]
+    coords: dict[str, Any] = {
+        "example": np.arange(len(ids)),
+        "query": np.arange(width),
+        "source": np.arange(width),
+        "query_id": (("example", "query"), token_ids),
+        "query_token": (("example", "query"), tokens),
+        "source_id": (("example", "source"), token_ids),
+        "source_token": (("example", "source"), tokens),
+        **trailing_coords,
+    }
+    dims = ["example", "query", "source", *trailing_coords]
+    attrs = run_attrs(model, method, "none", options)
+    return _build(data, dims, coords, "attribution", attrs, single)
+
+
+def label_curve(
+    template: xr.DataArray,
+    rows: Sequence[Sequence[int]],
+    values: np.ndarray,
+    original: np.ndarray,
+    fractions: np.ndarray,
+    *,
+    metric: str,
+    single: bool,
+    attrs: Mapping[str, Any],
+) -> xr.DataArray:
+    """A faithfulness curve ``[B, K, F]`` -> ``([example,] target, fraction)`` with its summary.
+
+    ``template`` is the scored attribution with an example dim; ``rows[b][k]`` is the row of
+    problem target ``k`` in it. The summary coordinate is ``auc`` for deletion/insertion and
+    ``aopc`` otherwise, beside ``original`` (the unperturbed objective).
+    """
+    n_examples, n_rows = template.sizes["example"], template.sizes["target"]
+    data = np.full((n_examples, n_rows, len(fractions)), np.nan)
+    base = np.full((n_examples, n_rows), np.nan)
+    for b, example_rows in enumerate(rows):
+        data[b, example_rows] = values[b, : len(example_rows)]
+        base[b, example_rows] = original[b, : len(example_rows)]
+    coords: dict[str, Any] = {
+        k: v for k, v in template.coords.items() if set(v.dims) <= {"example", "target"}
+    }
+    coords["fraction"] = ("fraction", fractions)
+    if metric in ("deletion", "insertion"):
+        area = (data[..., 1:] + data[..., :-1]) / 2 * np.diff(fractions)
+        coords["auc"] = (("example", "target"), area.sum(-1))
+    else:
+        coords["aopc"] = (("example", "target"), data.mean(-1))
+    coords["original"] = (("example", "target"), base)
+    dims = ["example", "target", "fraction"]
+    return _build(data, dims, coords, metric, {"metric": metric, **attrs}, single)
+
+
+def replace_dim(
+    da: xr.DataArray,
+    dim: str,
+    values: np.ndarray,
+    index: pd.Index,
+    per_position: Mapping[str, np.ndarray],
+) -> xr.DataArray:
+    """``da`` with ``dim`` replaced by new positions ``index`` (e.g. words for tokens).
+
+    ``values`` are laid out as ``[example?, *other dims, dim]``; ``per_position`` holds new
+    coordinates along ``([example,] dim)``. Coordinates along the old ``dim`` are dropped, all
+    others kept, and the dims keep their order.
+    """
+    batched = "example" in da.dims
+    order = (["example"] if batched else []) + [d for d in da.dims if d not in ("example", dim)]
+    coords: dict[str, Any] = {k: v for k, v in da.coords.items() if dim not in v.dims}
+    if isinstance(index, pd.MultiIndex):
+        coords.update(xr.Coordinates.from_pandas_multiindex(index, dim))
+    else:
+        coords[dim] = index.to_numpy()
+    along = ("example", dim) if batched else (dim,)
+    coords.update({name: (along, value) for name, value in per_position.items()})
+    out = xr.DataArray(values, dims=[*order, dim], coords=coords, name=da.name, attrs=da.attrs)
+    return out.transpose(*da.dims)
+
+
+def _build(
+    data: np.ndarray,
+    dims: list[str],
+    coords: dict[str, Any],
+    name: str,
+    attrs: Mapping[str, Any],
+    single: bool,
+) -> xr.DataArray:
+    """The DataArray, without its ``example`` dim for a single input."""
+    if single:
+        # built without the example axis: cheaper than building it and selecting it away
+        data, dims = data[0], dims[1:]
+        coords = {key: _first_example(value) for key, value in coords.items() if key != "example"}
+    else:
+        coords.setdefault("example", np.arange(data.shape[0]))
+    return xr.DataArray(data, dims=dims, coords=coords, name=name, attrs=dict(attrs))
+
+
+def _target_coords(model: Model, batch: Batch) -> tuple[list[int], dict[int, int], dict[str, Any]]:
+    """The union of target positions, each position's row, and the target coordinates."""
+    examples = batch.examples
+    sequences = batch.sequences()
+    targets = sorted({p for e in examples for p in e.positions})
+    row_of = {p: i for i, p in enumerate(targets)}
+    target_ids = np.full((len(examples), len(targets)), MISSING_ID, dtype=np.int64)
+    contrast_ids = np.full_like(target_ids, MISSING_ID)
+    for b, example in enumerate(examples):
+        first = len(sequences[b]) - len(example.target_ids)
+        for p in example.positions:
+            target_ids[b, row_of[p]] = sequences[b][p]
+            if example.contrast_ids is not None:
+                contrast_ids[b, row_of[p]] = example.contrast_ids[p - first]
+    tokens = model.tokenizer.convert_ids_to_tokens
+    coords: dict[str, Any] = {
+        "target": np.asarray(targets, dtype=np.int64),
+        "target_id": (("example", "target"), target_ids),
+        "target_token": (("example", "target"), token_strings(target_ids, tokens)),
+    }
+    if examples[0].contrast_ids is not None:
+        coords["contrast_id"] = (("example", "target"), contrast_ids)
+        coords["contrast_token"] = (("example", "target"), token_strings(contrast_ids, tokens))
+    return targets, row_of, coords
+
+
+def _place(
+    values: torch.Tensor, rows: list[list[int]], widths: list[int], n_targets: int
+) -> torch.Tensor:
+    """``values [B, K, L, *tail]`` (rows in each example's position order) -> ``[B, T, L, *tail]``
+    on the union of target positions, NaN where an example has no such target or no such source.
+    """
+    batch, _, width = values.shape[:3]
+    if all(r == list(range(n_targets)) for r in rows) and all(w == width for w in widths):
+        return values[:, :n_targets]  # the common case: nothing to move, no padding
+    block = values.new_full((batch, n_targets, *values.shape[2:]), nan)
+    for b, (r, length) in enumerate(zip(rows, widths, strict=True)):
+        index = torch.as_tensor(r, device=values.device)
+        block[b, index, :length] = values[b, : len(r), :length]
+    return block
+
+
+def _first_example(value: Any) -> Any:
+    if isinstance(value, tuple) and value[0][0] == "example":
+        return value[0][1:], value[1][0]
+    return value
+
+
+def _side_ids(batch: Batch, b: int, side_index: int) -> tuple[int, ...]:
+    example = batch.examples[b]
+    if batch.encoder_decoder and side_index == 0:
+        return example.source_ids
+    return example.sequence(batch.start_token)
+
+
+def _sides(batch: Batch, width: int) -> np.ndarray:
+    sides = np.full((len(batch.examples), width), MISSING_TOKEN, dtype=object)
+    for b, example in enumerate(batch.examples):
+        sides[b, : len(example.source_ids)] = "source"
+        if not batch.encoder_decoder:
+            end = len(example.source_ids) + len(example.target_ids)
+            sides[b, len(example.source_ids) : end] = "target"
+    return sides.astype(str)
+
+
+def token_strings(ids: np.ndarray, tokens: Any) -> np.ndarray:
+    """Token strings of ``ids``; :data:`MISSING_TOKEN` where an id is :data:`MISSING_ID`."""
+    out = np.full(ids.shape, MISSING_TOKEN, dtype=object)
+    present = ids != MISSING_ID
+    if present.any():
+        out[present] = tokens([int(i) for i in ids[present]])
+    return out.astype(str)
+
+
+# --- readers -------------------------------------------------------------------------------
+
+
+def per_example(da: xr.DataArray, name: str, dims: Sequence[str]) -> np.ndarray:
+    """Coordinate ``name`` as an array over ``dims`` (``example`` first), tiled along ``example``
+    when the coordinate has none (a single input, or one coordinate shared by the batch)."""
+    coord = da.coords[name]
+    if "example" not in coord.dims:
+        n = da.sizes.get("example", 1)
+        coord = coord.expand_dims(example=n)
+    return coord.transpose(*dims).values
+
+
+def has_targets(da: xr.DataArray) -> np.ndarray:
+    """``[example, target]`` bool: which targets each example of ``da`` (example dim first) has."""
+    if "target_id" in da.coords:
+        return per_example(da, "target_id", ("example", "target")) != MISSING_ID
+    others = [d for d in da.dims if d not in ("example", "target")]
+    return da.notnull().any(others).transpose("example", "target").values
+
+
+def drop_padding(da: xr.DataArray) -> xr.DataArray:
+    """A one-example ``(target, source)`` array without the rows and columns a batch padded
+    (all NaN, with the missing token)."""
+    keep: dict[str, np.ndarray] = {}
+    for dim, other in (("target", "source"), ("source", "target")):
+        token = f"{dim}_token"
+        if token in da.coords and da[token].dims == (dim,):
+            empty = da.isnull().all(other).values & (da[token].values == MISSING_TOKEN)
+            keep[dim] = ~empty
+    return da.isel({d: np.flatnonzero(k) for d, k in keep.items()})

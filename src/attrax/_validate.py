@@ -1,0 +1,102 @@
+"""Option checks, each ``check(value, name)`` raising an :class:`OptionError` that names the
+option, the value and what was expected. Methods declare theirs; :mod:`_protocol` runs them
+before the model runs."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from ._errors import OptionError
+
+Check = Callable[[Any, str], None]
+AUTO = "auto"
+BASELINES = ("zeros", "pad", "unk")
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def positive_int(value: object, name: str) -> None:
+    """A positive integer.
+
+    >>> positive_int(0, "steps")
+    Traceback (most recent call last):
+    attrax._errors.OptionError: `steps` must be a positive integer, got 0
+    """
+    if not _is_int(value) or value < 1:  # type: ignore[operator]
+        raise OptionError(f"`{name}` must be a positive integer, got {value!r}")
+
+
+def at_least(minimum: int) -> Check:
+    """An integer of at least ``minimum``."""
+
+    def check(value: object, name: str) -> None:
+        if not _is_int(value) or value < minimum:  # type: ignore[operator]
+            raise OptionError(f"`{name}` must be an integer of at least {minimum}, got {value!r}")
+
+    return check
+
+
+def size(value: object, name: str) -> None:
+    """A memory bound: a positive integer, None (everything at once) or ``"auto"``."""
+    if value == AUTO or value is None:
+        return
+    if not _is_int(value) or value < 1:  # type: ignore[operator]
+        raise OptionError(f"`{name}` must be a positive integer, None or 'auto', got {value!r}")
+
+
+def integer(value: object, name: str) -> None:
+    """Any integer (a seed)."""
+    if not _is_int(value):
+        raise OptionError(f"`{name}` must be an integer, got {value!r}")
+
+
+def boolean(value: object, name: str) -> None:
+    """True or False."""
+    if not isinstance(value, bool):
+        raise OptionError(f"`{name}` must be a bool, got {value!r}")
+
+
+def non_negative(value: object, name: str) -> None:
+    """A finite number >= 0."""
+    if not _is_number(value) or not 0 <= value < math.inf:  # type: ignore[operator]
+        raise OptionError(f"`{name}` must be a non-negative number, got {value!r}")
+
+
+def positive(value: object, name: str) -> None:
+    """A finite number > 0."""
+    if not _is_number(value) or not 0 < value < math.inf:  # type: ignore[operator]
+        raise OptionError(f"`{name}` must be a positive number, got {value!r}")
+
+
+def one_of(*choices: object, none: bool = False) -> Check:
+    """One of ``choices`` (or None when ``none``)."""
+
+    def check(value: object, name: str) -> None:
+        if (value is None and none) or (isinstance(value, str) and value in choices):
+            return
+        extra = " or None" if none else ""
+        raise OptionError(f"`{name}` must be one of {choices}{extra}, got {value!r}")
+
+    return check
+
+
+def baseline(value: object, name: str) -> None:
+    """A baseline name in :data:`BASELINES`, a tensor, or a tuple of tensors (one per side)."""
+    tensors = isinstance(value, tuple) and all(isinstance(v, torch.Tensor) for v in value)
+    if isinstance(value, torch.Tensor) or (tensors and value):
+        return
+    if isinstance(value, str) and value in BASELINES:
+        return
+    raise OptionError(
+        f"`{name}` must be one of {BASELINES}, a tensor or a tuple of tensors, got {value!r}"
+    )
