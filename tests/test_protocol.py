@@ -1,0 +1,155 @@
+"""The method protocol: common parameters declared once, checked before the model runs,
+refused with a reason where they do not apply, and recorded in attrs."""
+
+from __future__ import annotations
+
+import inspect
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import attrax as ax
+from attrax._gradients import GRADIENT, Rule
+from attrax._names import METHODS
+from attrax._protocol import COMMON
+
+from .conftest import PAIRS
+
+EVERY = (*METHODS, "step_scores", "deletion", "insertion", "comprehensiveness", "sufficiency")
+# options small enough for the tiny models, per method
+SMALL = {
+    "integrated_gradients": {"steps": 3},
+    "smoothgrad": {"samples": 2},
+    "lime": {"samples": 8},
+    "kernel_shap": {"samples": 8},
+}
+
+
+def _options(fn) -> list[str]:
+    return [
+        p.name for p in inspect.signature(fn).parameters.values() if p.kind is p.KEYWORD_ONLY
+    ]
+
+
+@pytest.mark.parametrize("name", EVERY)
+def test_each_common_option_is_taken_or_refused_with_a_reason(models, name):
+    fn = getattr(ax, name)
+    taken = _options(fn)
+    leading = [p for p in inspect.signature(fn).parameters if p not in taken]
+    args = [models["gpt2"], *PAIRS[0]]
+    if "attribution" in leading:
+        args.insert(1, ax.pipe(ax.saliency, ax.l2_norm)(models["gpt2"], *PAIRS[0]))
+    for option in COMMON:
+        if option in taken:
+            continue
+        with pytest.raises(ax.OptionError, match=rf"{name} does not take `{option}`: \w+"):
+            fn(*args, **{option: COMMON[option].default})
+
+
+@pytest.mark.parametrize("name", EVERY)
+def test_unknown_options_are_named(models, name):
+    fn = getattr(ax, name)
+    with pytest.raises(ax.OptionError, match=rf"{name} has no option 'stepz'; its options are: "):
+        fn(models["gpt2"], *PAIRS[0], stepz=3)
+
+
+def test_batch_size_is_one_meaning_for_every_gradient_method(models):
+    """``batch_size`` bounds points per forward; saliency has one point, so any bound holds."""
+    model = models["gpt2"]
+    for name in ("saliency", "input_x_gradient", "integrated_gradients", "smoothgrad"):
+        fn = getattr(ax, name)
+        whole = fn(model, *PAIRS[0], **SMALL.get(name, {}))
+        bounded = fn(model, *PAIRS[0], batch_size=1, **SMALL.get(name, {}))
+        np.testing.assert_allclose(bounded.values, whole.values, rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_every_option_is_recorded_with_its_default(models, name):
+    fn = getattr(ax, name)
+    da = fn(models["gpt2"], *PAIRS[0], **SMALL.get(name, {}))
+    recorded = json.loads(da.attrs["options"])
+    assert sorted(recorded) == sorted(_options(fn))
+    for option, value in SMALL.get(name, {}).items():
+        assert recorded[option] == value
+    defaults = {
+        p.name: p.default for p in inspect.signature(fn).parameters.values() if p.name in recorded
+    }
+    for option, default in defaults.items():
+        if option not in SMALL.get(name, {}) and isinstance(default, (str, int, bool, type(None))):
+            assert recorded[option] == default, option
+
+
+@pytest.mark.parametrize(
+    ("name", "options"),
+    [
+        ("saliency", {"abs": "yes"}),
+        ("saliency", {"chunk_size": 0}),
+        ("saliency", {"reduce_hidden": "mean"}),
+        ("saliency", {"mode": "sideways"}),
+        ("integrated_gradients", {"quadrature": "simpson"}),
+        ("integrated_gradients", {"quadrature": "riemann_trapezoid", "steps": 1}),
+        ("smoothgrad", {"noise": float("inf")}),
+        ("occlusion", {"baseline": "mean"}),
+        ("lime", {"kernel_width": 0}),
+        ("kernel_shap", {"seed": 1.5}),
+        ("attention", {"maps": "decoder"}),
+        ("attention", {"layers": "first"}),
+        ("rollout", {"attribute_target": 1}),
+        ("step_scores", {"scores": ["entropy", "nope"]}),
+    ],
+)
+def test_bad_options_are_refused_before_the_model_runs(models, monkeypatch, name, options):
+    model = models["gpt2"]
+
+    def boom(*args, **kwargs):
+        raise AssertionError("the model ran")
+
+    monkeypatch.setattr(model.hf, "forward", boom)
+    with pytest.raises(ax.OptionError, match=f"`{next(iter(options))}`|steps"):
+        getattr(ax, name)(model, PAIRS[0][0], **options)  # no target: nothing generated either
+
+
+def test_a_new_gradient_method_is_one_short_function(models):
+    """A rule: the gradient at the midpoint between zero and the embeddings, times them; it
+    must equal integrated gradients with one middle Riemann point, computed by another path."""
+
+    @GRADIENT.method()
+    def midpoint(problem) -> Rule:
+        return Rule(
+            points=lambda chunk: tuple(0.5 * x[None] for x in problem.inputs),
+            multiplier=problem.inputs,
+        )
+
+    model = models["llama"]
+    got = midpoint(model, *PAIRS[0])
+    ig = ax.integrated_gradients(model, *PAIRS[0], steps=1, quadrature="riemann_middle")
+    np.testing.assert_allclose(got.values, ig.values, rtol=1e-5, atol=1e-9)
+    assert got.attrs["method"] == "midpoint"
+    assert "chunk_size" in json.loads(got.attrs["options"])
+    summed = ax.pipe(midpoint, ax.sum)(model, *PAIRS[0])
+    assert summed.dims == ("target", "source")
+
+
+def test_pipe_refuses_a_reduce_hidden_that_contradicts_the_chain(models):
+    model = models["gpt2"]
+    fused = ax.pipe(ax.saliency, ax.l2_norm)
+    assert fused(model, *PAIRS[0], reduce_hidden="l2_norm").dims == ("target", "source")
+    for given in ("sum", None):
+        with pytest.raises(ax.OptionError, match="contradicts the chain"):
+            fused(model, *PAIRS[0], reduce_hidden=given)
+
+
+def test_forward_mode_needs_a_multiplier(models):
+    with pytest.raises(ax.OptionError, match="saliency has none"):
+        ax.saliency(models["gpt2"], *PAIRS[0], mode="forward", reduce_hidden="sum")
+
+
+def test_positional_and_keyword_calls_agree(models):
+    model = models["gpt2"]
+    a = ax.saliency(model, *PAIRS[0])
+    b = ax.saliency(model=model, inputs=PAIRS[0][0], targets=PAIRS[0][1])
+    np.testing.assert_array_equal(a.values, b.values)
+    with pytest.raises(ax.OptionError, match="saliency: "):
+        ax.saliency(model, *PAIRS[0], torch.zeros(1))
