@@ -5,7 +5,7 @@ in document order in one namespace and one fresh temporary working directory, as
 them one after the other would; running a single block first runs the page's earlier blocks.
 
 - ```python blocks are executed. A block that is not valid Python but reads
-  ``[name =] ax.function(parameters)`` is a signature: its parameters (names, kinds, defaults)
+  ``[name =] ax.function(parameters) [-> type]`` is a signature: its parameters (names, kinds, defaults)
   must equal ``inspect.signature`` of the public function.
 - ```bash blocks: each ``attrax ...`` command (``\\`` continuations joined, ``#`` comments
   dropped) runs in-process through ``attrax.cli.main`` and must exit 0. Lines in ``SKIP`` are
@@ -54,8 +54,8 @@ SKIP = {
     "bash .ci/run": "installs everything, then runs the whole test suite (this file included)",
 }
 
-# a signature block: `[name =] ax.function(parameters)`
-SIGNATURE = re.compile(r"^(?:\w+\s*=\s*)?ax\.(\w+)\((.*)\)\s*$", re.S)
+# a signature block: `[name =] ax.function(parameters) [-> type]`
+SIGNATURE = re.compile(r"^(?:\w+\s*=\s*)?ax\.(\w+)\((.*)\)\s*(?:->.*)?$", re.S)
 
 
 def _write_prompts(path: Path) -> None:
