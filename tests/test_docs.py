@@ -5,14 +5,17 @@ in document order in one namespace and one fresh temporary working directory, as
 them one after the other would; running a single block first runs the page's earlier blocks.
 
 - ```python blocks are executed. A block that is not valid Python but reads
-  ``[name =] ax.function(parameters) [-> type]`` is a signature: its parameters (names, kinds, defaults)
-  must equal ``inspect.signature`` of the public function.
+  ``[name =] ax.function(parameters) [-> type]`` is a signature: its parameters (names, kinds,
+  defaults) must equal ``inspect.signature`` of the public function.
 - ```bash blocks: each ``attrax ...`` command (``\\`` continuations joined, ``#`` comments
   dropped) runs in-process through ``attrax.cli.main`` and must exit 0. Lines in ``SKIP`` are
   not run, for the reason given there; any other line fails the test until it is run or skipped.
 - ```console blocks: each ``$ attrax ...`` command runs through ``main``; its output must equal
   the lines shown (trailing spaces and blank lines aside) and its exit status must be 2 when the
   output is an ``attrax: error:``, else 0.
+- Plain ``` blocks that start with ``attrax COMMAND`` are usage synopses: they must name every
+  option of that command's parser and no other, with the parser's choices where they list
+  ``a|b|c``, and ``[...]`` around exactly the options that are not required.
 - The generated benchmark pages (docs/benchmarks*.md) contribute their python blocks only.
 
 Placeholders: the docs use the built-in model (``ax.load_model()``) or a model they save
@@ -24,6 +27,7 @@ the built-in model's task, with their answers).
 
 from __future__ import annotations
 
+import argparse
 import ast
 import contextlib
 import inspect
@@ -39,7 +43,7 @@ import pytest
 
 import attrax as ax
 from attrax._default_model_task import make_example
-from attrax.cli import main
+from attrax.cli import build_parser, main
 from attrax.testing import save_tiny_model
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -93,8 +97,10 @@ def read_blocks(page: Path) -> list[Block]:
             continue
         end = next(j for j in range(i + 1, len(lines)) if lines[j].startswith("```"))
         lang = fence[1]
-        if lang in RUN and (name not in GENERATED or lang == "python"):
-            blocks.append(Block(name, i + 1, lang, "\n".join(lines[i + 1 : end])))
+        text = "\n".join(lines[i + 1 : end])
+        synopsis = lang == "" and text.startswith("attrax ")
+        if (lang in RUN or synopsis) and (name not in GENERATED or lang == "python"):
+            blocks.append(Block(name, i + 1, lang, text))
         i = end + 1
     return blocks
 
@@ -109,8 +115,8 @@ class PageRun:
     directory: Path
     namespace: dict = field(default_factory=dict)
     done: int = 0
-    failed: Block | None = None
-    error: BaseException | None = None
+    failed: Block | None = None  # the first block that failed and that later blocks may need
+    errors: dict[int, BaseException] = field(default_factory=dict)  # by index in the page
 
 
 @pytest.fixture(scope="session")
@@ -175,16 +181,22 @@ def _check_signature(block: Block, name: str, parameters: str) -> None:
         assert doc_value == default, f"{block}: ax.{name}'s `{n}` defaults to {default!r}"
 
 
-def _run_python(block: Block, namespace: dict) -> None:
+def _is_signature(block: Block) -> bool:
+    if block.lang != "python" or SIGNATURE.match(block.text) is None:
+        return False
     try:
-        code = compile(block.text, str(block), "exec")
+        compile(block.text, str(block), "exec")
     except SyntaxError:
+        return True
+    return False
+
+
+def _run_python(block: Block, namespace: dict) -> None:
+    if _is_signature(block):
         signature = SIGNATURE.match(block.text)
-        if signature is None:
-            raise
         _check_signature(block, signature[1], signature[2])
-        return
-    exec(code, namespace)
+    else:
+        exec(compile(block.text, str(block), "exec"), namespace)
 
 
 def _run_bash(block: Block) -> None:
@@ -198,6 +210,32 @@ def _run_bash(block: Block) -> None:
             continue
         status, out = _cli(argv)
         assert status == 0, f"{block}: `{line}` exited {status}:\n{out}"
+
+
+def _check_synopsis(block: Block) -> None:
+    words = shlex.split(block.text)
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    command = commands.choices[words[1]]
+    actions = [a for a in command._actions if not isinstance(a, argparse._HelpAction)]
+    known = {option: a for a in actions for option in a.option_strings}
+    # `[--opt X]`, `--opt X`, `[-o KEY=VALUE ...]`: an option and whether it is bracketed
+    shown: dict[str, tuple[bool, str | None]] = {}
+    for match in re.finditer(r"(\[?)(?<![\w-])(--?[a-z][\w-]*)(?:\s+([^\s\]]+))?", block.text):
+        shown[match[2]] = (match[1] == "[", match[3])
+    unknown = sorted(set(shown) - set(known))
+    assert not unknown, f"{block}: `attrax {words[1]}` has no option {unknown}"
+    missing = [a.option_strings[-1] for a in actions if not set(a.option_strings) & set(shown)]
+    assert not missing, f"{block}: the synopsis of `attrax {words[1]}` leaves out {missing}"
+    for option, (optional, value) in shown.items():
+        action = known[option]
+        assert optional == (not action.required), (
+            f"{block}: {option} is required: {action.required}"
+        )
+        if action.choices and value and "|" in value:
+            assert tuple(value.split("|")) == tuple(action.choices), (
+                f"{block}: {option} takes {'|'.join(action.choices)}"
+            )
 
 
 def _run_console(block: Block) -> None:
@@ -233,24 +271,27 @@ def test_doc_block(
     index = page.index(block)
     while run.done <= index:
         current = page[run.done]
-        if run.failed is not None:
-            pytest.fail(f"{block} needs {run.failed}, which failed")
         run.done += 1
+        # synopses and signatures neither need nor change what earlier blocks made
+        stateful = current.lang != "" and not _is_signature(current)
         try:
+            if stateful and run.failed is not None:
+                pytest.fail(f"{current} needs {run.failed}, which failed")
             if current.lang == "python":
                 _run_python(current, run.namespace)
+            elif current.lang == "":
+                _check_synopsis(current)
             elif current.lang == "bash":
                 _run_bash(current)
             else:
                 _run_console(current)
-        except BaseException as err:
-            run.failed, run.error = current, err
-            raise
-    # run earlier, as another block's prerequisite
-    if run.failed is block:
-        raise run.error
-    if run.failed is not None and page.index(run.failed) < index:
-        pytest.fail(f"{block} needs {run.failed}, which failed")
+        except (Exception, pytest.fail.Exception) as err:
+            run.errors[run.done - 1] = err
+            if stateful and run.failed is None:
+                run.failed = current
+    # raised here, also when the block ran earlier as another block's prerequisite
+    if index in run.errors:
+        raise run.errors[index]
 
 
 def test_every_page_is_collected() -> None:
