@@ -28,9 +28,7 @@ SMALL = {
 
 
 def _options(fn) -> list[str]:
-    return [
-        p.name for p in inspect.signature(fn).parameters.values() if p.kind is p.KEYWORD_ONLY
-    ]
+    return [p.name for p in inspect.signature(fn).parameters.values() if p.kind is p.KEYWORD_ONLY]
 
 
 @pytest.mark.parametrize("name", EVERY)
