@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import numpy as np
 import torch
 
 Objective = Callable[[torch.Tensor, int], torch.Tensor]
@@ -23,6 +24,27 @@ def logprob(logits: torch.Tensor, token: int) -> torch.Tensor:
 
 def logit(logits: torch.Tensor, token: int) -> torch.Tensor:
     return logits[token]
+
+
+def quadrature_nodes(rule: str, steps: int) -> tuple[list[float], list[float]]:
+    """Points in [0, 1] and their weights, built here from the textbook rules (not attrax's)."""
+    if rule == "gausslegendre":
+        nodes, weights = np.polynomial.legendre.leggauss(steps)  # on [-1, 1]
+        return [(float(x) + 1) / 2 for x in nodes], [float(w) / 2 for w in weights]
+    h = 1.0 / steps
+    if rule in ("riemann_left", "riemann_right", "riemann_middle"):
+        at = {"riemann_left": 0.0, "riemann_right": 1.0, "riemann_middle": 0.5}[rule]
+        return [(i + at) * h for i in range(steps)], [h] * steps
+    if rule == "riemann_trapezoid":
+        # each of the steps - 1 intervals gives half its width to each of its two ends
+        width = 1.0 / (steps - 1)
+        points = [i * width for i in range(steps)]
+        weights = [0.0] * steps
+        for i in range(steps - 1):
+            weights[i] += width / 2
+            weights[i + 1] += width / 2
+        return points, weights
+    raise ValueError(rule)
 
 
 def token_ids(model, source: str, target: str) -> tuple[list[int], list[int]]:

@@ -1,6 +1,12 @@
-"""Tiny offline models, built once per test session."""
+"""Shared set-up: tiny offline models and the built-in model (built once per session), a JSONL
+writer, and the one place that names the integrated-gradients quadrature option."""
 
 from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -23,6 +29,35 @@ PAIRS = [
     ("def f(x):", " return x + 1"),
     ("Hello", " world, café"),
 ]
+
+
+# the integrated_gradients option that picks the quadrature rule; every test names it through here
+IG_RULE = "quadrature"
+
+
+def integrated_gradients(model: Any, *args: Any, rule: str = "gausslegendre", **kw: Any) -> Any:
+    """``ax.integrated_gradients`` with the quadrature rule given as ``rule``."""
+    return ax.integrated_gradients(model, *args, **{IG_RULE: rule}, **kw)
+
+
+@pytest.fixture(scope="session")
+def default_model() -> ax.Model:
+    """The built-in offline model (``ax.load_model()``), loaded once."""
+    return ax.load_model()
+
+
+@pytest.fixture
+def write_jsonl(tmp_path: Path) -> Callable[..., Path]:
+    """``write_jsonl(rows, name="data.jsonl")`` writes one line per row under ``tmp_path``: a dict
+    as JSON, a string as it is (``""`` is a blank line, ``"{oops"`` a broken one)."""
+
+    def write(rows: Sequence[dict | str], name: str = "data.jsonl") -> Path:
+        path = tmp_path / name
+        lines = [row if isinstance(row, str) else json.dumps(row) for row in rows]
+        path.write_text("\n".join(lines) + "\n")
+        return path
+
+    return write
 
 
 @pytest.fixture(scope="session")

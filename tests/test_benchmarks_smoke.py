@@ -7,14 +7,13 @@ attrax's own reductions on the tiny default model, and that the docs render from
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-
-import attrax as ax
 
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 
@@ -71,8 +70,8 @@ def test_parity_sum_cancellation_uses_l1_scale(runs):
     assert "sum_plain" in res["errors"] and res["errors"]["sum"] < 1e-6
 
 
-def test_attrax_aggregates_match_numpy(runs):
-    model = ax.load_model()
+def test_attrax_aggregates_match_numpy(runs, default_model):
+    model = default_model
     for method in ("saliency", "integrated_gradients", "attention"):
         out = runs.attrax_attribute(model, "1 2 3 =", " 3 2 1", method, n_steps=4)
         mine = runs.attrax_aggregates(out["dataarray"], method)
@@ -81,8 +80,8 @@ def test_attrax_aggregates_match_numpy(runs):
         assert max(v for k, v in res["errors"].items() if k != "sum_plain") < 1e-6
 
 
-def test_inseq_baseline_is_unk_with_eos_kept(runs):
-    model = ax.load_model()
+def test_inseq_baseline_is_unk_with_eos_kept(runs, default_model):
+    model = default_model
     base = runs.inseq_baseline(model, "1 2 3 =", " 3 2 1")
     unk = model.tokenizer.unk_token_id
     if unk is None:
@@ -90,8 +89,7 @@ def test_inseq_baseline_is_unk_with_eos_kept(runs):
     row = model.embed(torch.tensor([[unk]]))[0, 0]
     assert base.shape[-1] == model.hidden_size
     eos = model.eos_token_id
-    ids = [unk]  # every non-EOS position holds the unk embedding
-    assert ids and np.allclose(base[0, 0].numpy(), row.detach().numpy())
+    assert np.allclose(base[0, 0].numpy(), row.detach().numpy())
     if eos is not None:
         eos_row = model.embed(torch.tensor([[eos]]))[0, 0].detach().numpy()
         for position in range(base.shape[1]):
@@ -175,22 +173,66 @@ def test_docs_render_from_results(tmp_path):
     text = (tmp_path / "b.md").read_text()
     assert "| saliency |" in text and "extrapolated" in text
     assert (tmp_path / "b.png").stat().st_size > 1000
-    assert "On a GPU" in text  # the committed GPU results are summarized and linked
 
 
-def test_gpu_report_renders():
-    # the committed GPU results render, and the speedups are the measured time ratios
-    import json
+def _gpu_run(workload, method, library, median_s, targets_run=16, **extra):
+    return dict(
+        workload=workload,
+        method=method,
+        library=library,
+        median_s=median_s,
+        targets_run=targets_run,
+        n_target=16,
+        gpu_peak_mb=100.0,
+        **extra,
+    )
 
+
+def test_gpu_report_renders(tmp_path):
+    # made-up results whose speedups are worked out by hand here
     gpu = _module("gpu")
-    results = json.loads((BENCH / "gpu-h200.json").read_text())
-    rows = gpu.speedups(results)
-    runs_ = {(r["workload"], r["method"], r["library"]): r for r in results["runs"]}
-    for row in rows:
-        a = runs_[(row["workload"], row["method"], "attrax")]
-        b = runs_[(row["workload"], row["method"], row["baseline"])]
-        assert row["speedup"] == pytest.approx(b["median_s"] / a["median_s"])
-        assert not row["extrapolated"]
-    assert all(p["ok"] for p in results["parity"]) and all(s["ok"] for s in results["smoke"])
+    plot = _module("plot")
+    results = {
+        "meta": {
+            "device_name": "Test GPU",
+            "started": "t0",
+            "ig": {"method": "gausslegendre"},
+            **dict.fromkeys(("python", "torch", "transformers", "captum", "inseq"), "x"),
+        },
+        "runs": [
+            _gpu_run("W1", "saliency", "attrax", 0.01),
+            _gpu_run("W1", "saliency", "captum", 0.2),  # 20x
+            _gpu_run("W1", "saliency", "inseq", 0.05, targets_run=4),  # 4 of 16: 0.2 s, 20x
+            _gpu_run("W3", "integrated_gradients", "attrax", 0.5),
+            _gpu_run("W3", "integrated_gradients", "captum", 2.0),  # 4x, below the 10x goal
+            _gpu_run("W3", "integrated_gradients", "inseq", 0.1, error="boom"),  # no speedup
+        ],
+        "parity": [
+            {"errors": {"raw": 1e-7, "sum_plain": 9.0}, "ok": True},
+            {"errors": {"raw": 2e-3, "sum_plain": 9.0}, "ok": False},
+        ],
+    }
+    rows = {(r["workload"], r["method"], r["baseline"]): r for r in gpu.speedups(results)}
+    assert set(rows) == {
+        ("W1", "saliency", "captum"),
+        ("W1", "saliency", "inseq"),
+        ("W3", "integrated_gradients", "captum"),
+    }
+    for key, speedup, extrapolated in [
+        (("W1", "saliency", "captum"), 20.0, False),
+        (("W1", "saliency", "inseq"), 20.0, True),
+        (("W3", "integrated_gradients", "captum"), 4.0, False),
+    ]:
+        assert rows[key]["speedup"] == pytest.approx(speedup), key
+        assert rows[key]["extrapolated"] is extrapolated, key
+    x, dash = "\u00d7", "\u2013"  # the report's multiplication sign and en dash
     text = gpu.render(results)
-    assert "| W3 | IG |" in text and "Parity" in text
+    assert f"| W1 | saliency | 10.0 ms | 200.0 ms | 50.0 ms | 20.0{x} | 20.0{x}\\* |" in text
+    assert f"| W3 | IG | 500.0 ms | 2000.0 ms | error | 4.0{x} \u2717 | {dash} |" in text
+    assert "2 comparisons" in text and "1 FAILED" in text and "largest error 2.0e-03" in text
+    path = tmp_path / "gpu.json"
+    path.write_text(json.dumps(results))
+    summary = plot._gpu_summary(path)
+    assert f"in 2 of 3 comparisons (smallest 4.0{x}, largest 20{x})" in summary
+    assert f"below: W3 integrated gradients vs Captum 4.0{x}" in summary
+    assert plot._gpu_summary(tmp_path / "none.json") == ""

@@ -3,24 +3,17 @@
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
-import torch
 
 import attrax as ax
 from attrax.cli import main
+from tests.conftest import IG_RULE
 
 PROMPT, TARGET = "3 1 4 0 5 9 =", " 9 5 0 4 1 3"
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny forwards: on a busy machine, a second thread costs far more than it gives."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_demo_reports_the_ground_truth(capsys):
@@ -41,13 +34,13 @@ def test_demo_with_a_prompt_and_html(tmp_path, capsys):
     assert "<table" in page.read_text()
 
 
-def test_attribute_writes_what_it_prints(tmp_path, capsys):
+def test_attribute_writes_what_it_prints(tmp_path, capsys, default_model):
     nc, html, png = tmp_path / "r.nc", tmp_path / "r.html", tmp_path / "r.png"
     args = ["attribute", "--input", PROMPT, "--target", TARGET, "--out", str(nc)]
     assert main([*args, "--html", str(html), "--png", str(png)]) == 0
     out = capsys.readouterr().out
     assert "saliency" in out and "l2_norm(hidden) → normalize(source)" in out
-    expected = ax.pipe(ax.saliency, ax.l2_norm, ax.normalize)(ax.load_model(), PROMPT, TARGET)
+    expected = ax.pipe(ax.saliency, ax.l2_norm, ax.normalize)(default_model, PROMPT, TARGET)
     got = ax.load(nc)
     assert got.dims == ("target", "source")
     assert got.attrs["model"] == "attrax-default"
@@ -58,12 +51,12 @@ def test_attribute_writes_what_it_prints(tmp_path, capsys):
 def test_attribute_passes_method_options(tmp_path, capsys):
     nc = tmp_path / "ig.nc"
     args = ["attribute", "--method", "integrated_gradients", "--input", PROMPT]
-    args += ["--steps", "4", "-o", "quadrature=riemann_middle", "--objective", "logprob"]
+    args += ["--steps", "4", "-o", f"{IG_RULE}=riemann_middle", "--objective", "logprob"]
     args += ["--max-new-tokens", "2", "--reduce", "sum,rescale", "--out", str(nc)]
     assert main(args) == 0
     da = ax.load(nc)
     assert da.attrs["objective"] == "logprob"
-    assert '"quadrature": "riemann_middle"' in da.attrs["options"]
+    assert f'"{IG_RULE}": "riemann_middle"' in da.attrs["options"]
     assert '"steps": 4' in da.attrs["options"]
     assert da.sizes["target"] == 2
     assert da.attrs["reductions"] == "sum(hidden);rescale(source)"
@@ -124,14 +117,13 @@ def test_usage_errors_exit_2(capsys):
     assert main([]) == 2
 
 
-def test_attribute_dataset_command(tmp_path, capsys):
-    data = tmp_path / "d.jsonl"
-    first = '{"input": "1 2 3 4 5 6 =", "target": " 6 5 4 3 2 1", "id": "a"}\n'
-    data.write_text(first + '{"input": "4 5 6 7 8 9 ="}\n')
+def test_attribute_dataset_command(tmp_path, capsys, write_jsonl):
+    first = {"input": "1 2 3 4 5 6 =", "target": " 6 5 4 3 2 1", "id": "a"}
+    data = write_jsonl([first, {"input": "4 5 6 7 8 9 ="}])
     out = tmp_path / "out"
     assert main(["attribute-dataset", "--data", str(data), "--out", str(out), "--quiet"]) == 2
     assert "1 of 2 records have a 'target'" in capsys.readouterr().err
-    data.write_text(first)
+    write_jsonl([first])
     assert main(["attribute-dataset", "--data", str(data), "--out", str(out), "--quiet"]) == 0
     assert "1 record in 1 shard" in capsys.readouterr().out
     assert ax.load(out / "shard-00000.nc").id.values.tolist() == ["a"]
@@ -139,9 +131,6 @@ def test_attribute_dataset_command(tmp_path, capsys):
 
 def test_help_and_import_load_neither_torch_nor_transformers():
     """`import attrax` and `attrax --help` answer at once: heavy imports wait for a name's use."""
-    import subprocess
-    import sys
-
     code = (
         "import sys, attrax\n"
         "from attrax.cli import main\n"
@@ -157,8 +146,20 @@ def test_help_and_import_load_neither_torch_nor_transformers():
 
 
 def test_every_public_name_resolves():
-    for name in ax.__all__:
-        assert getattr(ax, name) is not None, name
-    assert set(ax.__all__) <= set(dir(ax))
+    """In a fresh interpreter (nothing imported yet), every name of ``__all__`` imports lazily to
+    an object that attrax defines, and once."""
+    code = (
+        "import attrax as ax\n"
+        "for name in ax.__all__:\n"
+        "    obj = getattr(ax, name)\n"
+        "    print(name, 'str' if isinstance(obj, str) else obj.__module__)\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    rows = [line.split() for line in run.stdout.splitlines()]
+    names = [name for name, _ in rows]
+    assert len(names) == len(set(names)) > 0
+    assert {name: module for name, module in rows if not module.startswith("attrax")} == {
+        "__version__": "str"
+    }
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         ax.nope  # noqa: B018

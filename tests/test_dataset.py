@@ -37,28 +37,9 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny forwards: on a busy machine, a second thread costs far more than it gives."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def model() -> ax.Model:
-    return ax.load_model()
-
-
-def _write(path: Path, records: list[dict], blank_after: int | None = None) -> Path:
-    lines = []
-    for i, record in enumerate(records):
-        lines.append(json.dumps(record))
-        if i == blank_after:
-            lines.append("")
-    path.write_text("\n".join(lines) + "\n")
-    return path
+@pytest.fixture
+def model(default_model) -> ax.Model:
+    return default_model
 
 
 def _records(n: int, seed: int = 3) -> list[dict]:
@@ -75,8 +56,9 @@ def _records(n: int, seed: int = 3) -> list[dict]:
 
 
 @pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs POSIX signals")
-def test_resume_after_sigkill_equals_an_uninterrupted_run(tmp_path, model):
-    data = _write(tmp_path / "data.jsonl", _records(7), blank_after=2)
+def test_resume_after_sigkill_equals_an_uninterrupted_run(tmp_path, model, write_jsonl):
+    records = _records(7)
+    data = write_jsonl([*records[:3], "", *records[3:]])  # a blank line after the third
     args = ["attribute-dataset", "--data", str(data), "--batch-size", "2", "--quiet"]
     reference = tmp_path / "reference"
     assert main([*args, "--out", str(reference)]) == 0
@@ -119,8 +101,8 @@ def _pair(data: Path, line: int) -> tuple[str, str]:
     return record["input"], record["target"]
 
 
-def test_a_changed_run_is_refused(tmp_path, model):
-    data = _write(tmp_path / "data.jsonl", _records(3))
+def test_a_changed_run_is_refused(tmp_path, model, write_jsonl):
+    data = write_jsonl(_records(3))
     out = tmp_path / "out"
     run = D.attribute_dataset(model, data, out, batch_size=2, progress=False)
     assert (run.records, run.shards, run.skipped) == (3, 2, 0)
@@ -133,14 +115,14 @@ def test_a_changed_run_is_refused(tmp_path, model):
         D.attribute_dataset(model, data, out, batch_size=2, progress=False, objective="logit")
     with pytest.raises(ax.InputError, match="batch_size: was 2, now 3"):
         D.attribute_dataset(model, data, out, batch_size=3, progress=False)
-    _write(data, _records(3, seed=4))
+    write_jsonl(_records(3, seed=4))
     with pytest.raises(ax.InputError, match="data file: was 3 records"):
         D.attribute_dataset(model, data, out, batch_size=2, progress=False)
 
 
-def test_generated_targets_and_reductions(tmp_path, model):
+def test_generated_targets_and_reductions(tmp_path, model, write_jsonl):
     records = [{"input": p} for p in ("1 2 3 4 5 6 =", "4 5 6 7 8 9 =", "9 8 0 1 2 3 =")]
-    data = _write(tmp_path / "data.jsonl", records)
+    data = write_jsonl(records)
     out = tmp_path / "out"
     D.attribute_dataset(
         model,
@@ -170,17 +152,16 @@ def test_generated_targets_and_reductions(tmp_path, model):
         (["", ""], "no records"),
     ],
 )
-def test_bad_data_is_reported_with_its_line(tmp_path, model, lines, match):
-    data = tmp_path / "data.jsonl"
-    data.write_text("\n".join(lines) + "\n")
+def test_bad_data_is_reported_with_its_line(tmp_path, model, write_jsonl, lines, match):
+    data = write_jsonl(lines)
     with pytest.raises(ax.InputError, match=match):
         D.attribute_dataset(model, data, tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
 
 
-def test_one_writer_per_directory(tmp_path, model):
+def test_one_writer_per_directory(tmp_path, model, write_jsonl):
     fcntl = pytest.importorskip("fcntl")
-    data = _write(tmp_path / "data.jsonl", _records(1))
+    data = write_jsonl(_records(1))
     out = tmp_path / "out"
     out.mkdir()
     with open(out / ".lock", "w") as held:
@@ -199,8 +180,8 @@ def test_reduce_specs():
         D.resolve_method("magic")
 
 
-def test_dtype_loads_the_model_in_it_and_is_part_of_the_run(tmp_path, model):
-    data = _write(tmp_path / "data.jsonl", _records(2))
+def test_dtype_loads_the_model_in_it_and_is_part_of_the_run(tmp_path, model, write_jsonl):
+    data = write_jsonl(_records(2))
     half = D.attribute_dataset(None, data, tmp_path / "half", progress=False, dtype=torch.bfloat16)
     full = D.attribute_dataset(None, data, tmp_path / "full", progress=False)
     a, b = D.load_dataset_results(half.out), D.load_dataset_results(full.out)

@@ -9,7 +9,6 @@ highest score on the ground-truth source token for at least 90% of target positi
 
 from __future__ import annotations
 
-import json
 import random
 
 import numpy as np
@@ -27,15 +26,6 @@ from attrax._default_model_task import (
 
 N_PROMPTS = 50
 IG_STEPS = 32
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The model is tiny: one thread is as fast, and far faster on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -65,12 +55,10 @@ def test_shipped_files_are_small_and_complete():
         assert required in names
     size = sum(p.stat().st_size for p in DEFAULT_MODEL_PATH.iterdir() if p.is_file())
     assert size < 5_000_000
-    info = json.loads((DEFAULT_MODEL_PATH / "task.json").read_text())
-    assert info["task"] == "reverse"
-    assert solve(info["example_prompt"]) == info["example_continuation"]
 
 
 def test_task_helpers():
+    assert solve("3 1 4 0 =") == " 0 4 1 3"
     prompt, continuation = make_example(7)
     assert (prompt, continuation) == make_example(7)
     assert prompt.endswith(" =") and continuation.startswith(" ")

@@ -21,18 +21,9 @@ from attrax._default_model_task import make_example
 PROMPT, CONTINUATION = "3 1 4 0 5 9 =", " 9 5 0 4 1 3"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny forwards: on a busy machine, a second thread costs far more than it gives."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def model() -> ax.Model:
-    return ax.load_model()
+@pytest.fixture
+def model(default_model) -> ax.Model:
+    return default_model
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from attrax._inputs import prepare
 from attrax._objectives import resolve
 from attrax.testing import tiny_model
 from tests import _naive
-from tests.conftest import PAIRS
+from tests.conftest import PAIRS, integrated_gradients
 
 NAIVE_OBJECTIVES = {
     "probability": _naive.probability,
@@ -40,12 +40,17 @@ def naive_attribution(
     attribute_target: bool = False,
     steps: int = 8,
     quadrature: str = "gausslegendre",
+    nodes: tuple[list[float], list[float]] | None = None,
     samples: int = 4,
     noise: float = 0.1,
     seed: int = 0,
+    ids: tuple[list[int], list[int]] | None = None,
 ) -> np.ndarray:
-    """[target, source(+decoder), hidden] from a loop of single backwards; future stays NaN."""
-    source_ids, target_ids = _naive.token_ids(model, source, target)
+    """[target, source(+decoder), hidden] from a loop of single backwards; future stays NaN.
+
+    IG integrates with ``nodes`` (points, weights) when given, else with the textbook rule
+    ``quadrature`` built in ``_naive``."""
+    source_ids, target_ids = ids or _naive.token_ids(model, source, target)
     run = _naive.Runner(model, source_ids, target_ids)
     x = run.embeddings()
     attributed = 2 if (model.is_encoder_decoder and attribute_target) else 1
@@ -56,7 +61,7 @@ def naive_attribution(
     if method in ("saliency", "input_x_gradient"):
         alphas, weights = [None], [1.0]
     elif method == "integrated_gradients":
-        alphas, weights = ax.quadrature(quadrature, steps)
+        alphas, weights = nodes or _naive.quadrature_nodes(quadrature, steps)
     else:
         alphas, weights = [None] * samples, [1.0 / samples] * samples
         draws = [
@@ -91,9 +96,7 @@ def naive_attribution(
 METHODS = {
     "saliency": lambda m, s, t, **kw: ax.saliency(m, s, t, **kw),
     "input_x_gradient": lambda m, s, t, **kw: ax.input_x_gradient(m, s, t, **kw),
-    "integrated_gradients": lambda m, s, t, **kw: ax.integrated_gradients(
-        m, s, t, steps=8, quadrature="gausslegendre", **kw
-    ),
+    "integrated_gradients": lambda m, s, t, **kw: integrated_gradients(m, s, t, steps=8, **kw),
     "smoothgrad": lambda m, s, t, **kw: ax.smoothgrad(m, s, t, samples=4, noise=0.1, seed=0, **kw),
 }
 
@@ -137,9 +140,9 @@ def test_callable_objective_is_used(models):
         return -logits.gather(-1, target_ids.unsqueeze(-1)).squeeze(-1)
 
     got = ax.saliency(model, source, target, objective=neg_logit)
-    want = ax.saliency(model, source, target, objective="logit")
+    want = naive_attribution(model, source, target, "saliency", objective="logit")
     assert got.attrs["objective"] == "neg_logit"
-    np.testing.assert_allclose(got.values, -want.values, rtol=1e-6, atol=1e-9)
+    assert_matches(got.values, -want)
 
 
 @pytest.mark.parametrize("method", ["saliency", "integrated_gradients"])
@@ -226,7 +229,7 @@ def test_integrated_gradients_completeness(models, arch, quadrature, steps):
     # LayerNorm after position embeddings keeps the path smooth from the zero baseline; RMSNorm
     # models (llama, t5) are singular at zero embeddings, so completeness converges slowly there
     model = models[arch]
-    da = ax.integrated_gradients(model, *PAIRS[0], steps=steps, quadrature=quadrature)
+    da = integrated_gradients(model, *PAIRS[0], steps=steps, rule=quadrature)
     source_ids, target_ids = _naive.token_ids(model, *PAIRS[0])
     run = _naive.Runner(model, source_ids, target_ids)
     x = run.embeddings()
@@ -240,6 +243,47 @@ def test_integrated_gradients_completeness(models, arch, quadrature, steps):
     total = da.sum(dim=("source", "hidden")).values
     assert np.all(np.abs(total - delta) <= 2e-3 * np.abs(delta).max() + 1e-7)
     np.testing.assert_allclose(da.completeness_gap.values, total - delta, atol=1e-6)
+
+
+RULES = ("gausslegendre", "riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid")
+
+
+@pytest.mark.parametrize("rule", RULES)
+@pytest.mark.parametrize("arch", ["gpt2", "bart"])
+def test_each_quadrature_rule_equals_naive_loop(models, arch, rule):
+    # 3 points: the rules put them at different places, so a wrong rule cannot pass
+    model = models[arch]
+    source, target = PAIRS[1]
+    got = integrated_gradients(model, source, target, steps=3, rule=rule)
+    want = naive_attribution(
+        model, source, target, "integrated_gradients", quadrature=rule, steps=3
+    )
+    assert_matches(got.values, want)
+
+
+# (rule, steps) -> the integral written out by hand: points on the path from 0 to x, weights
+CLOSED_FORMS = {
+    ("riemann_right", 1): ([1.0], [1.0]),  # input x gradient
+    ("riemann_left", 1): ([0.0], [1.0]),  # the gradient at the baseline
+    ("riemann_middle", 1): ([0.5], [1.0]),
+    ("gausslegendre", 1): ([0.5], [1.0]),  # one Gauss point is the midpoint
+    ("riemann_trapezoid", 2): ([0.0, 1.0], [0.5, 0.5]),
+    ("riemann_middle", 2): ([0.25, 0.75], [0.5, 0.5]),
+    ("gausslegendre", 2): ([0.5 - 0.5 / 3**0.5, 0.5 + 0.5 / 3**0.5], [0.5, 0.5]),
+}
+
+
+@pytest.mark.parametrize(("rule", "steps"), list(CLOSED_FORMS))
+def test_quadrature_rules_in_closed_form(models, rule, steps):
+    model = models["gpt2"]
+    source, target = PAIRS[0]
+    got = integrated_gradients(model, source, target, steps=steps, rule=rule)
+    nodes = CLOSED_FORMS[rule, steps]
+    assert_matches(
+        got.values, naive_attribution(model, source, target, "integrated_gradients", nodes=nodes)
+    )
+    if (rule, steps) == ("riemann_right", 1):
+        assert_matches(got.values, naive_attribution(model, source, target, "input_x_gradient"))
 
 
 def test_normalized_rows_sum_to_one(model):
@@ -314,18 +358,42 @@ def test_auto_sizes_fit_the_memory_budget(models, arch, monkeypatch):
         ax.saliency(model, sources, targets, chunk_size="big")
 
 
-def test_generated_targets_equal_given_targets(model):
-    generated = ax.saliency(model, PAIRS[0][0], max_new_tokens=4)
-    assert 1 <= generated.sizes["target"] <= 4
-    text = model.tokenizer.decode(generated.target_id.values, skip_special_tokens=False)
-    ids = _naive.token_ids(model, PAIRS[0][0], text)[1] if not model.is_encoder_decoder else None
-    if ids is not None and ids == [int(i) for i in generated.target_id.values]:
-        given = ax.saliency(model, PAIRS[0][0], text)
-        np.testing.assert_allclose(given.values, generated.values, rtol=1e-6, atol=1e-9)
+def naive_greedy(model, source_ids: list[int], n: int) -> list[int]:
+    """Up to ``n`` argmax tokens from plain forwards on the whole sequence; stops after EOS.
+
+    Where the generation config forces EOS at the length limit (Marian, BART), the last one is EOS.
+    """
+    new: list[int] = []
+    start = [model.hf.config.decoder_start_token_id] if model.is_encoder_decoder else []
+    forced = model.hf.generation_config.forced_eos_token_id
+    while len(new) < n and (not new or new[-1] != model.tokenizer.eos_token_id):
+        if forced is not None and len(new) == n - 1:
+            new.append(forced)
+            break
+        with torch.no_grad():
+            if model.is_encoder_decoder:
+                out = model.hf(
+                    input_ids=torch.tensor([source_ids]),
+                    decoder_input_ids=torch.tensor([start + new]),
+                )
+            else:
+                out = model.hf(input_ids=torch.tensor([source_ids + new]))
+        new.append(int(out.logits[0, -1].argmax()))
+    return new
+
+
+def test_generated_targets_equal_naive_greedy_decoding(model):
+    source = PAIRS[0][0]
+    generated = ax.saliency(model, source, max_new_tokens=4)
+    source_ids = _naive.token_ids(model, source, "")[0]
+    target_ids = naive_greedy(model, source_ids, 4)
+    assert generated.target_id.values.tolist() == target_ids
+    want = naive_attribution(model, source, None, "saliency", ids=(source_ids, target_ids))
+    assert_matches(generated.values, want)
 
 
 def test_attrs_record_provenance(models):
-    da = ax.integrated_gradients(models["gpt2"], *PAIRS[0], steps=5, quadrature="riemann_left")
+    da = integrated_gradients(models["gpt2"], *PAIRS[0], steps=5, rule="riemann_left")
     assert da.attrs["method"] == "integrated_gradients"
     assert da.attrs["objective"] == "probability"
     assert '"steps": 5' in da.attrs["options"]

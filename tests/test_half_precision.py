@@ -78,7 +78,7 @@ def test_integrated_gradients_sums_in_float32(pairs, dtype):
     source_ids, target_ids = _naive.token_ids(model, source, target)
     run = _naive.Runner(model, source_ids, target_ids)
     x = run.embeddings()[0]
-    alphas, weights = ax.quadrature("gausslegendre", steps)
+    alphas, weights = _naive.quadrature_nodes("gausslegendre", steps)
     totals = [torch.zeros(x.shape[1:], dtype=torch.float64) for _ in run.targets()]
     for alpha, weight in zip(alphas, weights, strict=True):
         point = (torch.tensor(alpha, dtype=torch.float32) * x.float()).to(dtype)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import attrax as ax
-from tests.conftest import PAIRS
+from tests.conftest import IG_RULE, PAIRS, integrated_gradients
 
 
 @pytest.mark.parametrize(
@@ -91,8 +91,8 @@ def test_bad_options(models, options, match):
     ("options", "match"),
     [
         ({"steps": 0}, "`steps` must be a positive integer"),
-        ({"quadrature": "simpson"}, "`quadrature` must be one of"),
-        ({"quadrature": "riemann_trapezoid", "steps": 1}, "`steps` must be at least 2"),
+        ({IG_RULE: "simpson"}, f"`{IG_RULE}` must be one of"),
+        ({IG_RULE: "riemann_trapezoid", "steps": 1}, "`steps` must be at least 2"),
         ({"baseline": "random"}, "`baseline` must be one of"),
         ({"baseline": torch.zeros(3, 5)}, "`baseline` of shape"),
         ({"batch_size": -1}, "`batch_size` must be a positive integer"),
@@ -129,7 +129,7 @@ def test_options_are_checked_before_the_model_runs(models, monkeypatch):
 
     monkeypatch.setattr(model.hf, "forward", boom)
     with pytest.raises(ax.OptionError):
-        ax.integrated_gradients(model, *PAIRS[0], quadrature="nope")
+        integrated_gradients(model, *PAIRS[0], rule="nope")
     with pytest.raises(ax.OptionError):
         ax.saliency(model, *PAIRS[0], objective="nope")
 
