@@ -150,18 +150,8 @@ def test_scattered_nan_equals_plain_reference(name, dim):
     np.testing.assert_allclose(got32.values, want, rtol=2e-6, atol=1e-6)
 
 
-# absmax picks with ``isel(drop=True)``, which drops only the dim's index: the reduced dim's label
-# (which position won) and its other coords stay, spread over the remaining dims
-ABSMAX_KEEPS_COORDS = pytest.mark.xfail(
-    strict=True, reason="absmax keeps the reduced dim's coords (src/attrax/_reduce.py)"
-)
-
-
 @pytest.mark.parametrize("dim", DIMS)
-@pytest.mark.parametrize(
-    "name",
-    [pytest.param(n, marks=ABSMAX_KEEPS_COORDS) if n == "absmax" else n for n in REFERENCES],
-)
+@pytest.mark.parametrize("name", REFERENCES)
 def test_only_the_named_dim_is_reduced(name, dim):
     fn = REFERENCES[name][0]
     da = scattered(dim, seed=5)

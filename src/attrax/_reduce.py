@@ -111,7 +111,9 @@ def absmax(da: xr.DataArray, dim: str) -> xr.DataArray:
     """
     present = da.notnull().any(dim)
     where = abs(da).fillna(-1.0).argmax(dim)
-    return da.isel({dim: where}, drop=True).where(present)
+    # picking by position would leave the reduced dim's coordinates (which token won) behind
+    along = [name for name, coord in da.coords.items() if dim in coord.dims]
+    return da.drop_vars(along).isel({dim: where}, drop=True).where(present)
 
 
 @_reduction("source")
