@@ -163,3 +163,27 @@ def test_every_public_name_resolves():
     }
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         ax.nope  # noqa: B018
+
+
+def test_type_checking_imports_mirror_the_public_table():
+    """``__init__``'s imports for type checkers name each public name from its table module."""
+    import ast
+    from pathlib import Path
+
+    from attrax._names import PUBLIC
+
+    source = Path(ax.__file__).read_text()
+    found = {}
+    for node in ast.walk(ast.parse(source)):
+        if (
+            isinstance(node, ast.ImportFrom)
+            and node.level == 1
+            and node.module
+            not in (
+                "_names",
+                "_version",
+            )
+        ):
+            for alias in node.names:
+                found[alias.name] = f".{node.module}"
+    assert found == PUBLIC

@@ -99,3 +99,42 @@ def test_large_blocks_are_reused_not_faulted_anew(monkeypatch):
     with _memory.reuse_host_memory():
         # a small block freed in between can split the large one, hence the best of three
         assert min(faults_of_second_block() for _ in range(3)) < pages // 20
+
+
+def test_switched_off_by_the_environment(fake, monkeypatch):
+    monkeypatch.setenv(_memory.SWITCH, "system")
+    with _memory.reuse_host_memory():
+        pass
+    assert fake.calls == []
+
+
+def test_staged_copies_from_two_threads_do_not_mix(monkeypatch):
+    """The staging buffer is shared per device: two threads copying at once take turns."""
+    import threading
+
+    import numpy as np
+
+    monkeypatch.setattr(_memory, "_STAGE_BYTES", 64)
+    monkeypatch.setattr(_memory, "_stages", {})
+    tensors = [torch.arange(4000, dtype=torch.float32) * (i + 1) for i in range(4)]
+    results: dict[int, np.ndarray] = {}
+
+    def copy(i: int) -> None:
+        for _ in range(200):
+            results[i] = _memory._staged_to_host(tensors[i])
+            np.testing.assert_array_equal(results[i], tensors[i].numpy())
+
+    errors: list[BaseException] = []
+
+    def run(i: int) -> None:
+        try:
+            copy(i)
+        except AssertionError as err:
+            errors.append(err)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors
