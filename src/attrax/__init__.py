@@ -2,8 +2,8 @@
 
 >>> import attrax as ax
 >>> attribute = ax.pipe(ax.saliency, ax.l2_norm, ax.normalize)
->>> scores = attribute(ax.load_model(), "1 2 3 =", " 3 2 1")
->>> scores.dims
+>>> relevance = attribute(ax.load_model(), "1 2 3 =", " 3 2 1")
+>>> relevance.dims
 ('target', 'source')
 """
 

@@ -244,7 +244,7 @@ def _curve(
     # deletion removes the selected sources; insertion keeps them and removes the other ranked ones
     keep = ~selected if remove else selected | ~ranked_columns[:, :, None, :]
     base = baseline_embeddings(problem, baseline)
-    values = _scores(problem, keep, base, call.options["batch_size"])  # [B, K, F]
+    values = _perturbed_objective(problem, keep, base, call.options["batch_size"])  # [B, K, F]
     original = problem.evaluate(tuple(x[None] for x in problem.inputs))[0]  # [B, K]
     if metric in ("comprehensiveness", "sufficiency"):
         values = original[..., None] - values
@@ -286,12 +286,12 @@ def _rank(call: Call, da: xr.DataArray, objective: Any) -> _Ranked:
     _check_tokens(template, problem, rows)
 
     values = template.values  # [E, T, S]
-    scores = np.full((len(rows), problem.tensors.valid.shape[1], sum(widths)), np.nan)
+    relevance = np.full((len(rows), problem.tensors.valid.shape[1], sum(widths)), np.nan)
     for b, example_rows in enumerate(rows):
-        scores[b, : len(example_rows)] = values[b, example_rows]
-    rankable = torch.as_tensor(~np.isnan(scores)) & problem.visible().cpu()
+        relevance[b, : len(example_rows)] = values[b, example_rows]
+    rankable = torch.as_tensor(~np.isnan(relevance)) & problem.visible().cpu()
     # stable sort: ties go to the earlier source, so rankings are reproducible
-    keyed = torch.where(rankable, -torch.as_tensor(scores), torch.inf)
+    keyed = torch.where(rankable, -torch.as_tensor(relevance), torch.inf)
     order = torch.sort(keyed, dim=-1, stable=True).indices
     rank = torch.empty_like(order)
     rank.scatter_(-1, order, torch.arange(order.shape[-1]).expand_as(order).contiguous())
@@ -347,7 +347,7 @@ def _check_tokens(template: xr.DataArray, problem: Problem, rows: list[list[int]
             )
 
 
-def _scores(
+def _perturbed_objective(
     problem: Problem,
     keep: torch.Tensor,
     baselines: tuple[torch.Tensor, ...],

@@ -31,7 +31,7 @@ def _run(core: Callable[..., torch.Tensor], call: Call, arguments: dict[str, Any
     values = core(problem, call.options["batch_size"], **own_options(core, arguments))
     if not torch.isfinite(values).all():
         raise InputError(
-            f"{call.method}: the scores are not finite (inf/NaN); check the model's dtype and "
+            f"{call.method}: the objective values are not finite (inf/NaN); check the model's dtype and "
             "inputs"
         )
     widths = [x.shape[1] for x in problem.inputs]
