@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import re
+import time
 
 import numpy as np
 import pytest
 import torch
 
 import attrax as ax
+from attrax import _model
 from attrax.cli import main
 
 PROMPT, TARGET = "3 1 4 0 5 9 =", " 9 5 0 4 1 3"
@@ -76,7 +78,7 @@ def test_attribute_passes_method_options(tmp_path, capsys):
         (["--method", "magic"], "unknown method 'magic'; available: saliency"),
         (["-o", "colour=red"], "saliency has no option 'colour'"),
         (["--steps", "3"], "`--steps` does not apply to saliency"),
-        (["--model", "/nonexistent/model"], "is not a loadable"),
+        (["--model", "/nonexistent/model"], "does not exist locally"),
         (["--target", "9 5"], "does not continue the prompt"),
         (["--reduce", "mean:layer"], "'layer' is not a dim"),
         (["--device", "nope"], "is not a device"),
@@ -88,6 +90,17 @@ def test_errors_exit_2_with_one_line(capsys, extra, message):
     err = capsys.readouterr().err
     assert err.startswith("attrax: error: ") and message in err
     assert "Traceback" not in err
+
+
+def test_a_model_name_that_is_not_local_fails_at_once(capsys, monkeypatch):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(_model, "_hub_reachable", lambda: False)  # no network, on any machine
+    start = time.perf_counter()
+    assert main(["attribute", "--input", PROMPT, "--model", "no/such-model"]) == 2
+    assert time.perf_counter() - start < 2.0
+    err = capsys.readouterr().err
+    assert err.startswith("attrax: error: `model` 'no/such-model' does not exist locally")
+    assert len(err.splitlines()) == 1
 
 
 def test_dtype_runs_the_model_in_half_precision(tmp_path):
