@@ -80,6 +80,7 @@ def test_attribute_passes_method_options(tmp_path, capsys):
         (["--steps", "3"], "`--steps` does not apply to saliency"),
         (["--model", "/nonexistent/model"], "does not exist locally"),
         (["--target", "9 5"], "does not continue the prompt"),
+        (["--max-new-tokens", "60"], "`max_new_tokens` 60 does not fit `inputs`: 7 prompt"),
         (["--reduce", "mean:layer"], "'layer' is not a dim"),
         (["--device", "nope"], "is not a device"),
         (["-o", "steps"], "expected KEY=VALUE"),

@@ -76,7 +76,13 @@ def prepare(
     positions: int | Sequence[int] | None = None,
     max_new_tokens: int = 20,
 ) -> Batch:
-    """Tokenize ``inputs``/``targets`` (generating targets greedily when None) for ``model``."""
+    """Tokenize ``inputs``/``targets`` (generating targets greedily when None) for ``model``.
+
+    Generation must fit the model's positions: a prompt of ``n`` tokens needs ``n +
+    max_new_tokens`` of them (a translator's decoder ``1 + max_new_tokens``), checked before the
+    model runs; an :class:`InputError` says how many new tokens fit. Generation is not cut short
+    silently, since the attributed target would then depend on where it was cut.
+    """
     sources, single = _as_texts(inputs, "inputs")
     target_texts = None if targets is None else _aligned(targets, "targets", sources, single)
     contrast_texts = None if contrast is None else _aligned(contrast, "contrast", sources, single)
@@ -89,6 +95,8 @@ def prepare(
     tokenizer = model.tokenizer
     source_ids = [_encode_source(tokenizer, text, model.is_encoder_decoder) for text in sources]
     if target_texts is None:
+        for i, src in enumerate(source_ids):
+            check_room(model, src, max_new_tokens, _at(i, single))
         generated = model.generate(source_ids, max_new_tokens)
         target_ids = [tuple(ids) for ids in generated]
     else:
@@ -236,6 +244,39 @@ def _encode_target(model: Model, source: str, target: str, name: str) -> tuple[i
             "with a space or split the text elsewhere"
         )
     return tuple(joint[len(prompt) :])
+
+
+def check_room(model: Model, source: Sequence[int], max_new_tokens: int, where: str = "") -> None:
+    """Refuse a generation of ``max_new_tokens`` after ``source`` that runs past the model's
+    positions (torch would fail mid-generation with an ``IndexError``)."""
+    limit = model.max_positions
+    if limit is None:
+        return
+    if model.is_encoder_decoder:
+        if len(source) > limit:
+            raise InputError(
+                f"`inputs{where}` has {len(source)} tokens, more than the model's {limit} positions"
+            )
+        if max_new_tokens > limit - 1:
+            raise InputError(
+                f"`max_new_tokens` {max_new_tokens} does not fit the model's decoder: 1 start "
+                f"token + {max_new_tokens} new tokens exceed its {limit} positions; pass "
+                f"max_new_tokens={limit - 1} or fewer, or give `targets`"
+            )
+        return
+    room = limit - len(source)
+    if max_new_tokens <= room:
+        return
+    if room < 1:
+        raise InputError(
+            f"`inputs{where}` has {len(source)} tokens and fills the model's {limit} positions: "
+            "there is no room to generate a target; shorten it"
+        )
+    raise InputError(
+        f"`max_new_tokens` {max_new_tokens} does not fit `inputs{where}`: {len(source)} prompt "
+        f"tokens + {max_new_tokens} new tokens exceed the model's {limit} positions; pass "
+        f"max_new_tokens={room} or fewer, shorten the input, or give `targets`"
+    )
 
 
 def _check_length(
