@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import time
 
@@ -77,7 +78,10 @@ def test_attribute_passes_method_options(tmp_path, capsys):
         (["--reduce", "l2_norm,nope"], "unknown reduction 'nope'"),
         (["--method", "magic"], "unknown method 'magic'; available: saliency"),
         (["-o", "colour=red"], "saliency has no option 'colour'"),
-        (["--steps", "3"], "`--steps` does not apply to saliency"),
+        (["--steps", "3"], "`--steps 3` does not apply to saliency: it has no `steps` option"),
+        (["--samples", "3"], "`--samples 3` does not apply to saliency: it has no `samples`"),
+        (["--method", "smoothgrad", "--steps", "3"], "smoothgrad: it has no `steps` option (it"),
+        (["--method", "integrated_gradients", "--samples", "3"], "(it takes --steps)"),
         (["--model", "/nonexistent/model"], "does not exist locally"),
         (["--target", "9 5"], "does not continue the prompt"),
         (["--max-new-tokens", "60"], "`max_new_tokens` 60 does not fit `inputs`: 7 prompt"),
@@ -91,6 +95,53 @@ def test_errors_exit_2_with_one_line(capsys, extra, message):
     err = capsys.readouterr().err
     assert err.startswith("attrax: error: ") and message in err
     assert "Traceback" not in err
+
+
+def test_samples_and_steps_are_separate_flags(tmp_path):
+    args = ["attribute", "--input", PROMPT, "--target", TARGET, "--reduce", "none"]
+    assert (
+        main([*args, "--method", "smoothgrad", "--samples", "3", "--out", str(tmp_path / "s.nc")])
+        == 0
+    )
+    assert '"samples": 3' in ax.load(tmp_path / "s.nc").attrs["options"]
+    assert (
+        main(
+            [
+                *args,
+                "--method",
+                "integrated_gradients",
+                "--steps",
+                "3",
+                "--out",
+                str(tmp_path / "i.nc"),
+            ]
+        )
+        == 0
+    )
+    assert '"steps": 3' in ax.load(tmp_path / "i.nc").attrs["options"]
+
+
+def test_output_paths_are_checked_before_the_computation(tmp_path, capsys, monkeypatch):
+    def computed(*args, **kwargs):
+        raise AssertionError("the model was loaded before the output path was checked")
+
+    monkeypatch.setattr(ax, "load_model", computed)
+    (tmp_path / "file.txt").write_text("")
+    cases = [
+        (["--out", str(tmp_path)], f"`--out` {str(tmp_path)!r} is a directory"),
+        (["--html", str(tmp_path / "no" / "x.html")], "the directory .*no' does not exist"),
+        (["--png", str(tmp_path / "file.txt" / "x.png")], "file.txt' is not a directory"),
+    ]
+    if hasattr(os, "geteuid") and os.geteuid() != 0:  # root writes anywhere
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        cases.append((["--out", str(locked / "r.nc")], "is not writable"))
+    for extra, message in cases:
+        assert main(["attribute", "--input", PROMPT, "--target", TARGET, *extra]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("attrax: error: ") and re.search(message, err), err
+    assert main(["demo", "--html", str(tmp_path / "no" / "demo.html")]) == 2
+    assert "does not exist" in capsys.readouterr().err
 
 
 def test_a_model_name_that_is_not_local_fails_at_once(capsys, monkeypatch):
