@@ -202,6 +202,23 @@ def test_attribute_dataset_command(tmp_path, capsys):
     assert ax.load(out / "shard-00000.nc").id.values.tolist() == ["a"]
 
 
+def test_attribute_dataset_resumes_with_a_default_given_and_names_bad_lines(tmp_path, capsys):
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"input": "1 2 3 =", "target": " 3 2 1"}\n' * 3)
+    out = tmp_path / "out"
+    args = ["attribute-dataset", "--data", str(data), "--out", str(out), "--quiet"]
+    args += ["--method", "integrated_gradients", "--shard-size", "2"]
+    assert main([*args, "--steps", "8"]) == 0
+    assert main([*args, "--steps", "8", "-o", "baseline=zeros"]) == 0  # the default
+    assert "(2 already done)" in capsys.readouterr().out
+    assert main([*args, "--steps", "9"]) == 2
+    assert "option steps: was 8, now 9" in capsys.readouterr().err
+    data.write_text(data.read_text() + '{"input": "1 2 3 =", "target": "3 2 1"}\n')
+    assert main([*args, "--steps", "8", "--out", str(tmp_path / "new")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("attrax: error: data.jsonl line 4: `target` '3 2 1' does not continue")
+
+
 def test_help_and_import_load_neither_torch_nor_transformers():
     """`import attrax` and `attrax --help` answer at once: heavy imports wait for a name's use."""
     import subprocess

@@ -115,15 +115,18 @@ def build_parser() -> argparse.ArgumentParser:
         "attribute-dataset",
         help="attribute a JSONL file in resumable netCDF shards",
         description='Attribute every line of a JSONL file ({"input": ..., "target": ... '
-        '(optional), "id": ... (optional)}), one netCDF shard per batch in DIR, with a '
-        "manifest. Rerun the same command after an interruption to resume. Load the result with "
-        "attrax.load_dataset_results(DIR).",
+        '(optional), "id": ... (optional)}), one netCDF shard per --shard-size records in DIR, '
+        "with a manifest. Rerun the same command after an interruption to resume. Load the "
+        "result with attrax.load_dataset_results(DIR).",
     )
     _model_options(dataset)
     dataset.add_argument("--data", required=True, metavar="FILE.jsonl", help="the records")
     dataset.add_argument("--out", required=True, metavar="DIR", help="the output directory")
     dataset.add_argument(
-        "--batch-size", type=_positive, default=8, help="records per batch and shard (default 8)"
+        "--shard-size",
+        type=_positive,
+        default=8,
+        help="records per shard, given to the method in one call (default 8)",
     )
     dataset.add_argument("--quiet", action="store_true", help="no progress bar")
     dataset.set_defaults(handler=_attribute_dataset)
@@ -282,7 +285,7 @@ def _attribute_dataset(args: argparse.Namespace) -> int:
         args.out,
         method=args.method,
         reduce=args.reduce,
-        batch_size=args.batch_size,
+        shard_size=args.shard_size,
         progress=not args.quiet,
         device=_device(args.device),
         dtype=_dtype(args.dtype),
