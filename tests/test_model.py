@@ -111,6 +111,18 @@ def test_heads_attrax_does_not_attribute_are_refused(tmp_path, architecture):
             ax.load_model(tmp_path)
 
 
+def test_language_model_architectures_are_not_refused_by_name():
+    def unsupported(*names):
+        return _model._unsupported_architectures(transformers.PretrainedConfig(architectures=names))
+
+    lms = ("GPT2LMHeadModel", "LlamaForCausalLM", "MarianMTModel", "T5ForConditionalGeneration")
+    # T5WithLMHeadModel: old T5 checkpoints; GPT2Model: headless, judged by its missing weights
+    for name in (*lms, "T5WithLMHeadModel", "GPT2Model"):
+        assert unsupported(name) == []
+    assert unsupported() == []
+    assert unsupported("RobertaForQuestionAnswering") == ["RobertaForQuestionAnswering"]
+
+
 def test_a_directory_without_tokenizer_files_is_refused(tmp_path):
     path = save_tiny_model("gpt2", tmp_path / "gpt2")
     for name in ("tokenizer.json", "tokenizer_config.json"):

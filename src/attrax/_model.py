@@ -529,10 +529,17 @@ _BASE_ARCHITECTURES = frozenset(
 )
 
 
+# LM head names transformers no longer maps (old T5 checkpoints: T5WithLMHeadModel)
+_LM_SUFFIXES = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration", "MTModel")
+
+
 def _unsupported_architectures(config: Any) -> list[str]:
     """The config's ``architectures`` when none is a language model (or a headless base model)."""
     named = list(getattr(config, "architectures", None) or [])
-    if any(a in _LM_ARCHITECTURES or a in _BASE_ARCHITECTURES for a in named):
+    if any(
+        a in _LM_ARCHITECTURES or a in _BASE_ARCHITECTURES or a.endswith(_LM_SUFFIXES)
+        for a in named
+    ):
         return []
     return named
 
