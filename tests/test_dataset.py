@@ -145,6 +145,10 @@ def test_a_default_given_explicitly_is_the_same_run(tmp_path, model, monkeypatch
     assert D.attribute_dataset(model, data, out, **ig, steps=4).skipped == 0
     with pytest.raises(ax.InputError, match="option steps: was 4, now 50"):
         D.attribute_dataset(model, data, out, **ig)
+    with pytest.raises(
+        ax.InputError, match=r"\(method: was 'integrated_gradients', now 'saliency'\): resume"
+    ):
+        D.attribute_dataset(model, data, out, **{**ig, "method": "saliency"})
     out = tmp_path / "defaults"
     D.attribute_dataset(model, data, out, **ig)
     manifest = json.loads((out / "manifest.json").read_text())

@@ -473,6 +473,8 @@ def _compare(
         previous["options"] = {**defaults, **previous["options"]}
     # keys either run has: a run given a dtype and one without differ
     keys = dict.fromkeys([*run, *previous])
+    if previous.get("method") != run.get("method"):
+        keys.pop("options", None)  # another method's options: the method says it all
     changed = []
     for key in keys:
         was, now = previous.get(key), run.get(key)
