@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
 
 import attrax as ax
+from attrax import _model
 from attrax.cli import main
 from tests.conftest import IG_RULE
 
@@ -68,9 +71,13 @@ def test_attribute_passes_method_options(tmp_path, capsys):
         (["--reduce", "l2_norm,nope"], "unknown reduction 'nope'"),
         (["--method", "magic"], "unknown method 'magic'; available: saliency"),
         (["-o", "colour=red"], "saliency has no option 'colour'"),
-        (["--steps", "3"], "`--steps` does not apply to saliency"),
-        (["--model", "/nonexistent/model"], "is not a loadable"),
+        (["--steps", "3"], "`--steps 3` does not apply to saliency: it has no `steps` option"),
+        (["--samples", "3"], "`--samples 3` does not apply to saliency: it has no `samples`"),
+        (["--method", "smoothgrad", "--steps", "3"], "smoothgrad: it has no `steps` option (it"),
+        (["--method", "integrated_gradients", "--samples", "3"], "(it takes --steps)"),
+        (["--model", "/nonexistent/model"], "does not exist locally"),
         (["--target", "9 5"], "does not continue the prompt"),
+        (["--max-new-tokens", "60"], "`max_new_tokens` 60 does not fit `inputs`: 7 prompt"),
         (["--reduce", "mean:layer"], "'layer' is not a dim"),
         (["--device", "nope"], "is not a device"),
         (["-o", "steps"], "expected KEY=VALUE"),
@@ -81,6 +88,64 @@ def test_errors_exit_2_with_one_line(capsys, extra, message):
     err = capsys.readouterr().err
     assert err.startswith("attrax: error: ") and message in err
     assert "Traceback" not in err
+
+
+def test_samples_and_steps_are_separate_flags(tmp_path):
+    args = ["attribute", "--input", PROMPT, "--target", TARGET, "--reduce", "none"]
+    assert (
+        main([*args, "--method", "smoothgrad", "--samples", "3", "--out", str(tmp_path / "s.nc")])
+        == 0
+    )
+    assert '"samples": 3' in ax.load(tmp_path / "s.nc").attrs["options"]
+    assert (
+        main(
+            [
+                *args,
+                "--method",
+                "integrated_gradients",
+                "--steps",
+                "3",
+                "--out",
+                str(tmp_path / "i.nc"),
+            ]
+        )
+        == 0
+    )
+    assert '"steps": 3' in ax.load(tmp_path / "i.nc").attrs["options"]
+
+
+def test_output_paths_are_checked_before_the_computation(tmp_path, capsys, monkeypatch):
+    def computed(*args, **kwargs):
+        raise AssertionError("the model was loaded before the output path was checked")
+
+    monkeypatch.setattr(ax, "load_model", computed)
+    (tmp_path / "file.txt").write_text("")
+    cases = [
+        (["--out", str(tmp_path)], f"`--out` {str(tmp_path)!r} is a directory"),
+        (["--html", str(tmp_path / "no" / "x.html")], "the directory .*no' does not exist"),
+        (["--png", str(tmp_path / "file.txt" / "x.png")], "file.txt' is not a directory"),
+    ]
+    if hasattr(os, "geteuid") and os.geteuid() != 0:  # root writes anywhere
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        cases.append((["--out", str(locked / "r.nc")], "is not writable"))
+    for extra, message in cases:
+        assert main(["attribute", "--input", PROMPT, "--target", TARGET, *extra]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("attrax: error: ") and re.search(message, err), err
+    assert main(["demo", "--html", str(tmp_path / "no" / "demo.html")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_a_model_name_that_is_not_local_fails_at_once(capsys, monkeypatch):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(_model, "_hub_reachable", lambda: False)  # no network, on any machine
+    start = time.perf_counter()
+    assert main(["attribute", "--input", PROMPT, "--model", "no/such-model"]) == 2
+    assert time.perf_counter() - start < 2.0
+    err = capsys.readouterr().err
+    assert err.startswith("attrax: error: `model` 'no/such-model' does not exist locally")
+    assert len(err.splitlines()) == 1
 
 
 def test_dtype_runs_the_model_in_half_precision(tmp_path):
@@ -127,6 +192,23 @@ def test_attribute_dataset_command(tmp_path, capsys, write_jsonl):
     assert main(["attribute-dataset", "--data", str(data), "--out", str(out), "--quiet"]) == 0
     assert "1 record in 1 shard" in capsys.readouterr().out
     assert ax.load(out / "shard-00000.nc").id.values.tolist() == ["a"]
+
+
+def test_attribute_dataset_resumes_with_a_default_given_and_names_bad_lines(tmp_path, capsys):
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"input": "1 2 3 =", "target": " 3 2 1"}\n' * 3)
+    out = tmp_path / "out"
+    args = ["attribute-dataset", "--data", str(data), "--out", str(out), "--quiet"]
+    args += ["--method", "integrated_gradients", "--shard-size", "2"]
+    assert main([*args, "--steps", "8"]) == 0
+    assert main([*args, "--steps", "8", "-o", "baseline=zeros"]) == 0  # the default
+    assert "(2 already done)" in capsys.readouterr().out
+    assert main([*args, "--steps", "9"]) == 2
+    assert "option steps: was 8, now 9" in capsys.readouterr().err
+    data.write_text(data.read_text() + '{"input": "1 2 3 =", "target": "3 2 1"}\n')
+    assert main([*args, "--steps", "8", "--out", str(tmp_path / "new")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("attrax: error: data.jsonl line 4: `target` '3 2 1' does not continue")
 
 
 def test_help_and_import_load_neither_torch_nor_transformers():

@@ -59,7 +59,7 @@ def _records(n: int, seed: int = 3) -> list[dict]:
 def test_resume_after_sigkill_equals_an_uninterrupted_run(tmp_path, model, write_jsonl):
     records = _records(7)
     data = write_jsonl([*records[:3], "", *records[3:]])  # a blank line after the third
-    args = ["attribute-dataset", "--data", str(data), "--batch-size", "2", "--quiet"]
+    args = ["attribute-dataset", "--data", str(data), "--shard-size", "2", "--quiet"]
     reference = tmp_path / "reference"
     assert main([*args, "--out", str(reference)]) == 0
 
@@ -104,20 +104,101 @@ def _pair(data: Path, line: int) -> tuple[str, str]:
 def test_a_changed_run_is_refused(tmp_path, model, write_jsonl):
     data = write_jsonl(_records(3))
     out = tmp_path / "out"
-    run = D.attribute_dataset(model, data, out, batch_size=2, progress=False)
+    run = D.attribute_dataset(model, data, out, shard_size=2, progress=False)
     assert (run.records, run.shards, run.skipped) == (3, 2, 0)
-    again = D.attribute_dataset(model, data, out, batch_size=2, progress=False)
+    again = D.attribute_dataset(model, data, out, shard_size=2, progress=False)
     assert again.skipped == 2
     (out / "shard-00000.nc").unlink()  # listed as done, but gone: recomputed
-    assert D.attribute_dataset(model, data, out, batch_size=2, progress=False).skipped == 1
+    assert D.attribute_dataset(model, data, out, shard_size=2, progress=False).skipped == 1
     assert D.load_dataset_results(out).sizes["example"] == 3
-    with pytest.raises(ax.InputError, match=r"options: was \{\}, now \{\"objective\": \"logit\"\}"):
-        D.attribute_dataset(model, data, out, batch_size=2, progress=False, objective="logit")
-    with pytest.raises(ax.InputError, match="batch_size: was 2, now 3"):
-        D.attribute_dataset(model, data, out, batch_size=3, progress=False)
+    with pytest.raises(ax.InputError, match=r"option objective: was 'probability', now 'logit'\)"):
+        D.attribute_dataset(model, data, out, shard_size=2, progress=False, objective="logit")
+    with pytest.raises(ax.InputError, match="shard_size: was 2, now 3"):
+        D.attribute_dataset(model, data, out, shard_size=3, progress=False)
     write_jsonl(_records(3, seed=4))
     with pytest.raises(ax.InputError, match="data file: was 3 records"):
-        D.attribute_dataset(model, data, out, batch_size=2, progress=False)
+        D.attribute_dataset(model, data, out, shard_size=2, progress=False)
+
+
+def test_a_default_given_explicitly_is_the_same_run(tmp_path, model, monkeypatch, write_jsonl):
+    data = write_jsonl(_records(3))
+    out = tmp_path / "out"
+    ig = {"method": "integrated_gradients", "progress": False, "shard_size": 2}
+    assert D.attribute_dataset(model, data, out, **ig, steps=4).skipped == 0
+    with pytest.raises(ax.InputError, match="option steps: was 4, now 50"):
+        D.attribute_dataset(model, data, out, **ig)
+    with pytest.raises(
+        ax.InputError, match=r"\(method: was 'integrated_gradients', now 'saliency'\): resume"
+    ):
+        D.attribute_dataset(model, data, out, **{**ig, "method": "saliency"})
+    out = tmp_path / "defaults"
+    D.attribute_dataset(model, data, out, **ig)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["run"]["options"]["steps"] == 50  # resolved: the defaults are recorded
+    assert (
+        D.attribute_dataset(model, data, out, **ig, steps=50, objective="probability").skipped == 2
+    )
+    # a manifest from before: the options given only, `batch_size` for the shard size
+    manifest["run"]["options"] = {}
+    manifest["run"]["batch_size"] = manifest["run"].pop("shard_size")
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    assert D.attribute_dataset(model, data, out, **ig, steps=50).skipped == 2
+    assert "shard_size" in json.loads((out / "manifest.json").read_text())["run"]
+
+
+def test_a_listed_shard_that_does_not_read_back_is_recomputed(tmp_path, model, write_jsonl):
+    data = write_jsonl(_records(3))
+    out = tmp_path / "out"
+    D.attribute_dataset(model, data, out, shard_size=2, progress=False)
+    expected = D.load_dataset_results(out)
+    shard = out / "shard-00000.nc"
+    shard.write_bytes(shard.read_bytes()[:200])  # truncated after the manifest listed it
+    assert D.attribute_dataset(model, data, out, shard_size=2, progress=False).skipped == 1
+    xr.testing.assert_identical(D.load_dataset_results(out), expected)
+
+
+def test_a_shard_size_is_not_a_method_batch_size(tmp_path, model, write_jsonl):
+    data = write_jsonl(_records(3))
+    out = tmp_path / "out"
+    run = D.attribute_dataset(
+        model, data, out, method="smoothgrad", samples=4, batch_size=2, progress=False
+    )
+    assert run.shards == 1  # 8 records a shard by default
+    assert '"batch_size": 2' in D.load_dataset_results(out).attrs["options"]
+    with pytest.raises(ax.OptionError, match="occlusion does not take `chunk_size`"):
+        D.attribute_dataset(
+            model, data, tmp_path / "x", method="occlusion", chunk_size=2, progress=False
+        )
+    with pytest.raises(ax.OptionError, match="`shard_size` must be a positive integer"):
+        D.attribute_dataset(model, data, tmp_path / "x", shard_size=0, progress=False)
+
+
+@pytest.mark.parametrize(
+    ("records", "match"),
+    [
+        (
+            [{"input": "1 2 =", "target": " 2 1"}, {"input": "1 2 =", "target": "2 1"}],
+            r"data\.jsonl line 2: `target` '2 1' does not continue the prompt",
+        ),
+        (
+            [{"input": "1 2 =", "target": " 2 1"}] * 2 + [{"input": "1 2 =", "target": " 1" * 70}],
+            r"data\.jsonl line 3: `input` \+ `target` have 3 \+ 70 tokens, more than the "
+            "model's 64 positions",
+        ),
+        (
+            [{"input": "1 2 ="}, {"input": "1 " * 60 + "="}],
+            r"data\.jsonl line 2: `max_new_tokens` 20 does not fit `input`",
+        ),
+    ],
+)
+def test_records_that_do_not_tokenize_fail_before_any_work(
+    tmp_path, model, records, match, write_jsonl
+):
+    data = write_jsonl(records)
+    out = tmp_path / "out"
+    with pytest.raises(ax.InputError, match=match):
+        D.attribute_dataset(model, data, out, shard_size=1, progress=False)
+    assert not out.exists()
 
 
 def test_generated_targets_and_reductions(tmp_path, model, write_jsonl):
@@ -130,7 +211,7 @@ def test_generated_targets_and_reductions(tmp_path, model, write_jsonl):
         out,
         method="input_x_gradient",
         reduce="sum,rescale",
-        batch_size=2,
+        shard_size=2,
         progress=False,
         max_new_tokens=3,
     )

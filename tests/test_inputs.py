@@ -62,6 +62,38 @@ def test_too_long_sequence(models):
         ax.saliency(model, ["a b", "a " * limit], [" c", " d"])
 
 
+@pytest.mark.parametrize("arch", ["gpt2", "marian"])
+def test_generation_past_the_positions_is_refused_before_it_runs(models, arch, monkeypatch):
+    model = models[arch]
+    prompt = "The capital of France is"
+    limit = model.max_positions
+    if model.is_encoder_decoder:
+        room = limit - 1
+    else:
+        room = limit - len(model.tokenizer(prompt, add_special_tokens=False).input_ids)
+    ran = []
+    monkeypatch.setattr(model, "generate", lambda *args: ran.append(args) or [[5]])
+    what = "the model's decoder" if model.is_encoder_decoder else "`inputs`"
+    with pytest.raises(
+        ax.InputError,
+        match=rf"`max_new_tokens` {room + 1} does not fit {what}: .* exceed .*{limit} "
+        rf"positions; pass max_new_tokens={room} or fewer",
+    ):
+        ax.saliency(model, prompt, max_new_tokens=room + 1)
+    if not model.is_encoder_decoder:
+        with pytest.raises(ax.InputError, match=r"does not fit `inputs\[1\]`: 3\d prompt tokens"):
+            ax.saliency(model, ["a", prompt + " a" * 30], max_new_tokens=room)
+    assert not ran
+    ax.saliency(model, prompt, max_new_tokens=room)  # exactly full: allowed
+    assert len(ran) == 1
+
+
+def test_a_prompt_that_fills_the_positions_leaves_no_room_to_generate(models):
+    model = models["gpt2"]
+    with pytest.raises(ax.InputError, match="fills the model's 64 positions: there is no room"):
+        ax.saliency(model, "a " * 80)
+
+
 def test_too_long_encoder_input(models):
     model = models["marian"]
     with pytest.raises(ax.InputError, match=r"`inputs` has .* tokens, more than"):

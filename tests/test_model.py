@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import json
+import shutil
+import time
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
+import transformers
+from safetensors.torch import load_file, save_file
 
 import attrax as ax
 from attrax import _model
-from attrax.testing import save_tiny_model, tiny_model
+from attrax.testing import save_tiny_model, tiny_model, train_tokenizer
 from tests.conftest import ARCHS, PAIRS
 
 
@@ -42,6 +49,104 @@ def test_load_errors(tmp_path):
     if not torch.cuda.is_available():
         with pytest.raises(ax.OptionError, match="`device` 'cuda'"):
             ax.load_model(hf, tokenizer=tok, device="cuda")
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_weights_that_do_not_load_whole_are_one_model_error(tmp_path):
+    saved = save_tiny_model("gpt2", tmp_path / "gpt2")
+    truncated = _copy(saved, tmp_path / "truncated")
+    weights = (truncated / "model.safetensors").read_bytes()
+    (truncated / "model.safetensors").write_bytes(weights[: len(weights) // 2])
+    with pytest.raises(ax.ModelError, match=r"its weights do not load \(.*incomplete metadata"):
+        ax.load_model(truncated)
+
+    wider = _copy(saved, tmp_path / "wider")
+    config = json.loads((wider / "config.json").read_text())
+    (wider / "config.json").write_text(json.dumps({**config, "n_embd": 2 * config["n_embd"]}))
+    with pytest.raises(
+        ax.ModelError, match=r"config\.json disagrees with its weights \(.*checkpoint \[32"
+    ):
+        ax.load_model(wider)
+
+    incomplete = _copy(saved, tmp_path / "incomplete")
+    tensors = load_file(incomplete / "model.safetensors")
+    del tensors["transformer.h.1.mlp.c_fc.weight"]
+    save_file(tensors, incomplete / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(
+        ax.ModelError, match=r"GPT2LMHeadModel with weights .* transformer\.h\.1\.mlp\.c_fc\.weight"
+    ):
+        ax.load_model(incomplete)
+
+
+@pytest.mark.parametrize(
+    "architecture",
+    ["BertForSequenceClassification", "BertForTokenClassification", "BertForMaskedLM", None],
+)
+def test_heads_attrax_does_not_attribute_are_refused(tmp_path, architecture):
+    tokenizer = train_tokenizer("wordpiece")
+    config = transformers.BertConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=32,
+    )
+    hf = getattr(transformers, architecture or "BertForSequenceClassification")(config)
+    hf.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    if architecture is None:  # no `architectures` in the config: the missing head still tells
+        config = json.loads((tmp_path / "config.json").read_text())
+        del config["architectures"]
+        (tmp_path / "config.json").write_text(json.dumps(config))
+    named = f"is a {architecture} checkpoint" if architecture else "loads as BertLMHeadModel"
+    with pytest.raises(ax.ModelError, match=named):
+        ax.load_model(tmp_path)
+    if architecture != "BertForMaskedLM":  # its head is the saved one; the rest lack theirs
+        with pytest.raises(ax.ModelError, match=r"newly initialised: cls\.predictions\.bias"):
+            ax.load_model(tmp_path)
+
+
+def test_language_model_architectures_are_not_refused_by_name():
+    def unsupported(*names):
+        return _model._unsupported_architectures(transformers.PretrainedConfig(architectures=names))
+
+    lms = ("GPT2LMHeadModel", "LlamaForCausalLM", "MarianMTModel", "T5ForConditionalGeneration")
+    # T5WithLMHeadModel: old T5 checkpoints; GPT2Model: headless, judged by its missing weights
+    for name in (*lms, "T5WithLMHeadModel", "GPT2Model"):
+        assert unsupported(name) == []
+    assert unsupported() == []
+    assert unsupported("RobertaForQuestionAnswering") == ["RobertaForQuestionAnswering"]
+
+
+def test_a_directory_without_tokenizer_files_is_refused(tmp_path):
+    path = save_tiny_model("gpt2", tmp_path / "gpt2")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (path / name).unlink()
+    with pytest.raises(ax.ModelError, match=r"has no tokenizer files \(none of tokenizer\.json"):
+        ax.load_model(path)
+    # a tokenizer given separately is fine
+    assert ax.load_model(path, tokenizer=tiny_model("gpt2")[1]).model_type == "decoder-only"
+
+
+@pytest.mark.parametrize("offline", [False, True])
+def test_a_name_that_is_not_local_fails_at_once(monkeypatch, offline):
+    if offline:
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    else:  # what a machine without network sees, on any machine
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        monkeypatch.setattr(_model, "_hub_reachable", lambda: False)
+    start = time.perf_counter()
+    why = "HF_HUB_OFFLINE is set" if offline else "the hub is not reachable"
+    with pytest.raises(ax.ModelError, match=f"'no/such-model' does not exist locally.*{why}"):
+        ax.load_model("no/such-model")
+    with pytest.raises(ax.ModelError, match=r"'\./no/such-model' does not exist locally"):
+        ax.load_model("./no/such-model")
+    assert time.perf_counter() - start < 2.0
 
 
 def test_parameters_frozen_and_eval(models):

@@ -4,14 +4,15 @@ A run writes, into its output directory::
 
     manifest.json        what the run is (data checksum, model, method, options) and which
                          shards are complete; replaced atomically after every shard
-    shard-00000.nc       records 0 .. batch_size-1, an ``ax.save`` netCDF file (atomic)
+    shard-00000.nc       records 0 .. shard_size-1, an ``ax.save`` netCDF file (atomic)
     shard-00001.nc       ...
 
 A shard counts as done only once the manifest lists it, and the manifest is written after the
-shard file is in place, so a run killed at any moment loses at most the batch in flight. Shard
-``k`` always holds records ``k * batch_size ..``, so a resumed run recomputes exactly the missing
-shards and nothing is duplicated. A resumed run must see the same data (checked by SHA-256) and the
-same options, or it stops with an error instead of mixing two runs in one directory.
+shard file is in place, so a run killed at any moment loses at most the shard in flight. Shard
+``k`` always holds records ``k * shard_size ..``, so a resumed run recomputes exactly the missing
+shards (and listed ones that no longer read back) and nothing is duplicated. A resumed run must see
+the same data (checked by SHA-256) and the same options (with the method's defaults filled in), or
+it stops with an error instead of mixing two runs in one directory.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ import contextlib
 import dataclasses
 import hashlib
 import importlib
-import inspect
 import json
 import os
 import re
@@ -36,6 +36,7 @@ import xarray as xr
 
 from . import _reduce
 from ._errors import InputError, OptionError
+from ._inputs import check_example
 from ._model import Model, load_model
 from ._names import METHODS, PUBLIC, REDUCTIONS
 from ._schema import fill_value
@@ -50,6 +51,7 @@ __all__ = [
     "parse_reduce",
     "reduce",
     "resolve_method",
+    "resolve_options",
 ]
 
 MANIFEST = "manifest.json"
@@ -94,19 +96,20 @@ def call_method(
     options: Mapping[str, Any],
 ) -> xr.DataArray:
     """``fn(model, inputs, targets, **options)``, naming an option the method does not take."""
-    parameters = inspect.signature(fn).parameters
-    accepted = [
-        name
-        for name, p in parameters.items()
-        if p.kind is inspect.Parameter.KEYWORD_ONLY and name not in ("inputs", "targets")
-    ]
-    unknown = sorted(set(options) - set(accepted))
-    if unknown:
-        raise OptionError(
-            f"{fn.__name__} has no option {', '.join(map(repr, unknown))}; "
-            f"its options are: {', '.join(accepted)}"
-        )
+    resolve_options(fn, options)
     return fn(model, inputs, targets, **options)
+
+
+def resolve_options(fn: Callable[..., xr.DataArray], options: Mapping[str, Any]) -> dict[str, Any]:
+    """Every keyword option of ``fn``, checked: those given, and the defaults of the others.
+
+    Two calls compute the same thing exactly when their resolved options are equal, whether a
+    default was given explicitly or left out. An option ``fn`` does not take is an error.
+
+    >>> resolve_options(resolve_method("integrated_gradients"), {"steps": 50})["quadrature"]
+    'gausslegendre'
+    """
+    return fn.attrax_resolve(options)  # type: ignore[attr-defined]
 
 
 def parse_reduce(spec: str | None) -> list[tuple[str, str | None]] | None:
@@ -166,33 +169,38 @@ def attribute_dataset(
     *,
     method: str = "saliency",
     reduce: str | None = "auto",
-    batch_size: int = 8,
+    shard_size: int = 8,
     progress: bool = True,
     device: str | None = None,
     dtype: torch.dtype | None = None,
     **options: Any,
 ) -> DatasetRun:
-    """Attribute every record of a JSONL file, one netCDF shard per batch; resumable.
+    """Attribute every record of a JSONL file, ``shard_size`` records per netCDF shard; resumable.
 
     Each line is ``{"input": str, "target": str (optional), "id": str|int (optional)}`` (other
     keys are ignored; blank lines skipped). Either every record has a ``target`` or none has
     (then targets are generated). Shards hold ``(example, target, source)`` arrays whose
     ``example`` coordinate is the record's 0-based line number in the file, with an ``id``
-    coordinate when the file gives ids. Run the same call again after an interruption: complete
-    shards are kept, the rest is computed. Load everything with :func:`load_dataset_results`.
+    coordinate when the file gives ids. Every record is tokenized before any work starts, so a
+    record that cannot be attributed (a target off a token boundary, too long for the model) is
+    an error naming its line. Run the same call again after an interruption: complete shards are
+    kept, the rest is computed. Load everything with :func:`load_dataset_results`.
 
     Arguments:
         model: a :class:`Model`, a path, or None for the built-in model.
         data: the JSONL file. out: the output directory (created if needed).
         method: an attribution function name (``saliency``, ``integrated_gradients``...).
         reduce: a reduce spec (see :func:`parse_reduce`); ``"auto"`` gives ``(target, source)``.
-        batch_size: records per forward and per shard.
+        shard_size: records per shard, given to the method in one call.
         progress: show a progress bar (on stderr).
         device: where to load a model given by path (``"cuda"``...); not part of the run's
             identity, so a run may resume on another device.
         dtype: the precision to load a model given by path in (``torch.bfloat16``...). It changes
             the results, so a run resumes only with the same ``dtype``.
-        options: keyword options of the method (``objective="logprob"``, ``steps=16``...).
+        options: keyword options of the method (``objective="logprob"``, ``steps=16``,
+            ``batch_size=8``: model evaluations per forward...). A run is identified by all of
+            them with the method's defaults filled in, so ``steps=50`` (the default) resumes a
+            run that left it out.
 
     >>> import json, tempfile, pathlib
     >>> d = pathlib.Path(tempfile.mkdtemp())
@@ -201,13 +209,14 @@ def attribute_dataset(
     >>> attribute_dataset(None, d / "x.jsonl", d / "out", progress=False).shards
     1
     """
-    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-        raise OptionError(f"`batch_size` must be a positive integer, got {batch_size!r}")
+    if not isinstance(shard_size, int) or isinstance(shard_size, bool) or shard_size < 1:
+        raise OptionError(f"`shard_size` must be a positive integer, got {shard_size!r}")
     fn = resolve_method(method)
+    resolved = resolve_options(fn, options)
     steps = parse_reduce(reduce)
     data, out = Path(data).expanduser(), Path(out).expanduser()
     scan = _scan(data)
-    shards = -(-scan.records // batch_size)
+    shards = -(-scan.records // shard_size)
     if isinstance(model, Model):
         model_name = model.name
     elif model is None:
@@ -221,8 +230,8 @@ def attribute_dataset(
         "model": model_name,
         "method": method,
         "reduce": "auto" if reduce is None else reduce,
-        "batch_size": batch_size,
-        "options": json.loads(json.dumps(options, sort_keys=True, default=repr)),
+        "shard_size": shard_size,
+        "options": _as_json(resolved),
     }
     if isinstance(model, Model) and dtype is not None and dtype != model.dtype:
         raise OptionError(
@@ -232,16 +241,29 @@ def attribute_dataset(
         run["dtype"] = str(dtype).removeprefix("torch.")
     if out.exists() and not out.is_dir():
         raise InputError(f"`out` {str(out)!r} exists and is not a directory")
+    loaded: list[Model] = []
+
+    def ready() -> Model:
+        """The model, loaded once, after every record was checked to tokenize."""
+        if not loaded:
+            loaded.append(load_model(model, device=device, dtype=dtype))  # a Model passes
+            _check_records(loaded[0], data, resolved.get("max_new_tokens"))
+        return loaded[0]
+
+    previous = _read_manifest(out) if out.is_dir() else None
+    if previous is None or len(previous["done"]) < shards:
+        if previous is not None:
+            _compare(out, previous["run"], run, fn)  # another run: say so before loading
+        ready()  # a record that does not tokenize fails before the directory is touched
     out.mkdir(parents=True, exist_ok=True)
     with _lock(out):
-        manifest = _start(out, run, data, shards)
-        # a listed shard that was deleted since is recomputed, not trusted
-        manifest["done"] = [name for name in manifest["done"] if (out / name).is_file()]
+        manifest = _start(out, run, data, shards, fn)
+        # a listed shard that was deleted or no longer reads back is recomputed, not trusted
+        manifest["done"] = [name for name in manifest["done"] if _readable(out / name)]
         done = set(manifest["done"])
         todo = [k for k in range(shards) if _SHARD.format(k) not in done]
         if todo:
-            loaded = load_model(model, device=device, dtype=dtype)  # a Model passes through
-            _run(loaded, fn, steps, options, data, scan, batch_size, out, manifest, todo, progress)
+            _run(ready(), fn, steps, options, data, scan, shard_size, out, manifest, todo, progress)
     return DatasetRun(out, scan.records, shards, shards - len(todo))
 
 
@@ -256,7 +278,7 @@ def load_dataset_results(out: PathLike, *, partial: bool = False) -> xr.DataArra
     >>> d = pathlib.Path(tempfile.mkdtemp())
     >>> line = json.dumps({"input": "3 1 4 0 5 9 =", "target": " 9 5 0 4 1 3"}) + "\\n"
     >>> _ = (d / "x.jsonl").write_text(line * 3)
-    >>> _ = attribute_dataset(None, d / "x.jsonl", d / "out", batch_size=2, progress=False)
+    >>> _ = attribute_dataset(None, d / "x.jsonl", d / "out", shard_size=2, progress=False)
     >>> load_dataset_results(d / "out").example.values.tolist()
     [0, 1, 2]
     """
@@ -370,18 +392,20 @@ def _records(data: Path, digest: Any = None) -> Iterator[dict[str, Any]]:
             yield {**record, "_line": line_no}
 
 
-def _batches(data: Path, size: int) -> Iterator[list[dict[str, Any]]]:
-    batch: list[dict[str, Any]] = []
+def _shards(data: Path, size: int) -> Iterator[list[dict[str, Any]]]:
+    shard: list[dict[str, Any]] = []
     for record in _records(data):
-        batch.append(record)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
+        shard.append(record)
+        if len(shard) == size:
+            yield shard
+            shard = []
+    if shard:
+        yield shard
 
 
-def _start(out: Path, run: dict[str, Any], data: Path, shards: int) -> dict[str, Any]:
+def _start(
+    out: Path, run: dict[str, Any], data: Path, shards: int, fn: Callable[..., xr.DataArray]
+) -> dict[str, Any]:
     """Check a previous run's manifest against this one, or write a fresh manifest."""
     for stray in out.iterdir():
         # temp files of a write that a kill interrupted; io.save cleans up after anything else
@@ -397,19 +421,74 @@ def _start(out: Path, run: dict[str, Any], data: Path, shards: int) -> dict[str,
         manifest.update({"shards": shards, "done": []})
         _write_manifest(out, manifest)
         return manifest
-    # keys either run has: a run given a dtype and one without differ
-    keys = dict.fromkeys([*run, *manifest["run"]])
-    changed = [key for key in keys if manifest["run"].get(key) != run.get(key)]
-    if changed:
-        what = "; ".join(
-            f"{_name(k)}: was {_show(k, manifest['run'].get(k))}, now {_show(k, run.get(k))}"
-            for k in changed
-        )
-        raise InputError(
-            f"`out` {str(out)!r} holds another run ({what}): resume with the same data and "
-            "options, or write to a new directory"
-        )
+    _compare(out, manifest["run"], run, fn)
+    if manifest["run"] != run:  # the same run, as an older attrax wrote it: now in today's terms
+        manifest["run"] = run
+        _write_manifest(out, manifest)
     return manifest
+
+
+def _compare(
+    out: Path, previous: Mapping[str, Any], run: Mapping[str, Any], fn: Callable[..., Any]
+) -> None:
+    """Refuse to resume ``previous`` (a manifest's run) as ``run`` when they compute different
+    things. Options compare with the method's defaults filled in on both sides (manifests before
+    this rule hold only the options given), and a manifest's ``batch_size`` is its shard size."""
+    previous = dict(previous)
+    if "batch_size" in previous and "shard_size" not in previous:
+        previous["shard_size"] = previous.pop("batch_size")
+    defaults = _as_json(resolve_options(fn, {}))
+    if isinstance(previous.get("options"), Mapping):
+        previous["options"] = {**defaults, **previous["options"]}
+    # keys either run has: a run given a dtype and one without differ
+    keys = dict.fromkeys([*run, *previous])
+    if previous.get("method") != run.get("method"):
+        keys.pop("options", None)  # another method's options: the method says it all
+    changed = []
+    for key in keys:
+        was, now = previous.get(key), run.get(key)
+        if was == now:
+            continue
+        if key == "options" and isinstance(was, Mapping) and isinstance(now, Mapping):
+            changed += [
+                f"option {o}: was {_show(o, was.get(o))}, now {_show(o, now.get(o))}"
+                for o in dict.fromkeys([*was, *now])
+                if was.get(o) != now.get(o)
+            ]
+        else:
+            changed.append(f"{_name(key)}: was {_show(key, was)}, now {_show(key, now)}")
+    if changed:
+        raise InputError(
+            f"`out` {str(out)!r} holds another run ({'; '.join(changed)}): resume with the same "
+            "data and options, or write to a new directory"
+        )
+
+
+def _as_json(options: Mapping[str, Any]) -> dict[str, Any]:
+    """Options as the manifest stores them (JSON; anything else by its repr)."""
+    return json.loads(json.dumps(options, sort_keys=True, default=repr))
+
+
+def _readable(path: Path) -> bool:
+    """Whether a shard reads back whole: a truncated or corrupt file is recomputed."""
+    from .io import load
+
+    try:
+        return path.is_file() and isinstance(load(path), xr.DataArray)
+    except InputError:
+        return False
+
+
+def _check_records(model: Model, data: Path, max_new_tokens: Any) -> None:
+    """Tokenize every record as the method will: its errors, with the record's line, up front."""
+    room = max_new_tokens if isinstance(max_new_tokens, int) else None
+    for record in _records(data):
+        try:
+            check_example(
+                model, record["input"], record.get("target"), room, names=("input", "target")
+            )
+        except InputError as err:
+            raise InputError(f"{data.name} line {record['_line'] + 1}: {err}") from None
 
 
 def _name(key: str) -> str:
@@ -429,7 +508,7 @@ def _run(
     options: Mapping[str, Any],
     data: Path,
     scan: _Scan,
-    batch_size: int,
+    shard_size: int,
     out: Path,
     manifest: dict[str, Any],
     todo: list[int],
@@ -457,7 +536,7 @@ def _run(
         TimeRemainingColumn(),
     )
     skipped = sum(
-        min(batch_size, scan.records - k * batch_size)
+        min(shard_size, scan.records - k * shard_size)
         for k in range(manifest["shards"])
         if k not in wanted
     )
@@ -465,15 +544,15 @@ def _run(
     console = Console(stderr=True)
     with Progress(*columns, console=console, disable=not show, transient=False) as bar:
         task = bar.add_task(description, total=scan.records, completed=skipped)
-        for k, batch in enumerate(_batches(data, batch_size)):
+        for k, records in enumerate(_shards(data, shard_size)):
             if k not in wanted:
                 continue
-            da = _attribute(model, fn, steps, options, batch, scan)
+            da = _attribute(model, fn, steps, options, records, scan)
             name = _SHARD.format(k)
             save(da, out / name)
             manifest["done"] = sorted({*manifest["done"], name}, key=_shard_index)
             _write_manifest(out, manifest)
-            bar.advance(task, len(batch))
+            bar.advance(task, len(records))
 
 
 def _attribute(
@@ -481,15 +560,15 @@ def _attribute(
     fn: Callable[..., xr.DataArray],
     steps: list[tuple[str, str | None]] | None,
     options: Mapping[str, Any],
-    batch: list[dict[str, Any]],
+    records: list[dict[str, Any]],
     scan: _Scan,
 ) -> xr.DataArray:
-    inputs = [record["input"] for record in batch]
-    targets = [record["target"] for record in batch] if scan.has_target else None
+    inputs = [record["input"] for record in records]
+    targets = [record["target"] for record in records] if scan.has_target else None
     da = reduce(call_method(fn, model, inputs, targets, options), steps)
-    da = da.assign_coords(example=[record["_line"] for record in batch])
+    da = da.assign_coords(example=[record["_line"] for record in records])
     if scan.has_id:
-        ids = [str(record.get("id", "")) for record in batch]
+        ids = [str(record.get("id", "")) for record in records]
         da = da.assign_coords(id=("example", np.asarray(ids, dtype=str)))
     return da
 

@@ -76,7 +76,13 @@ def prepare(
     positions: int | Sequence[int] | None = None,
     max_new_tokens: int = 20,
 ) -> Batch:
-    """Tokenize ``inputs``/``targets`` (generating targets greedily when None) for ``model``."""
+    """Tokenize ``inputs``/``targets`` (generating targets greedily when None) for ``model``.
+
+    Generation must fit the model's positions: a prompt of ``n`` tokens needs ``n +
+    max_new_tokens`` of them (a translator's decoder ``1 + max_new_tokens``), checked before the
+    model runs; an :class:`InputError` says how many new tokens fit. Generation is not cut short
+    silently, since the attributed target would then depend on where it was cut.
+    """
     sources, single = _as_texts(inputs, "inputs")
     target_texts = None if targets is None else _aligned(targets, "targets", sources, single)
     contrast_texts = None if contrast is None else _aligned(contrast, "contrast", sources, single)
@@ -89,6 +95,8 @@ def prepare(
     tokenizer = model.tokenizer
     source_ids = [_encode_source(tokenizer, text, model.is_encoder_decoder) for text in sources]
     if target_texts is None:
+        for i, src in enumerate(source_ids):
+            check_room(model, src, max_new_tokens, f"inputs{_at(i, single)}")
         generated = model.generate(source_ids, max_new_tokens)
         target_ids = [tuple(ids) for ids in generated]
     else:
@@ -113,7 +121,7 @@ def prepare(
         where = _at(i, single)
         if not tgt:
             raise InputError(f"`targets{where}` has no tokens to attribute (empty generation?)")
-        _check_length(model, src, tgt, where)
+        _check_length(model, src, tgt, f"inputs{where}", f"targets{where}")
         first = 1 if model.is_encoder_decoder else len(src)
         available = tuple(range(first, first + len(tgt)))
         examples.append(
@@ -272,8 +280,73 @@ def _encode_target(model: Model, source: str, target: str, name: str) -> tuple[i
     return tuple(joint[len(prompt) :])
 
 
+def check_example(
+    model: Model,
+    source: str,
+    target: str | None,
+    max_new_tokens: int | None = None,
+    names: tuple[str, str] = ("inputs", "targets"),
+) -> None:
+    """Tokenize one example as :func:`prepare` would, without running the model, and raise the
+    same errors: a target off a token boundary, too many tokens, no room to generate. ``names``
+    are what the errors call the source and the target.
+
+    >>> import attrax as ax
+    >>> check_example(ax.load_model(), "3 1 4 =", " 4 1 3")
+    """
+    tokenizer = model.tokenizer
+    source_ids = _encode_source(tokenizer, source, model.is_encoder_decoder)
+    if target is None:
+        if max_new_tokens is not None:
+            check_room(model, source_ids, max_new_tokens, names[0])
+        return
+    target_ids = _encode_target(model, source, target, names[1])
+    if not target_ids:
+        raise InputError(f"`{names[1]}` {target!r} has no tokens to attribute")
+    _check_length(model, source_ids, target_ids, *names)
+
+
+def check_room(
+    model: Model, source: Sequence[int], max_new_tokens: int, name: str = "inputs"
+) -> None:
+    """Refuse a generation of ``max_new_tokens`` after ``source`` (the argument ``name``) that
+    runs past the model's positions (torch would fail mid-generation with an ``IndexError``)."""
+    limit = model.max_positions
+    if limit is None:
+        return
+    if model.is_encoder_decoder:
+        if len(source) > limit:
+            raise InputError(
+                f"`{name}` has {len(source)} tokens, more than the model's {limit} positions"
+            )
+        if max_new_tokens > limit - 1:
+            raise InputError(
+                f"`max_new_tokens` {max_new_tokens} does not fit the model's decoder: 1 start "
+                f"token + {max_new_tokens} new tokens exceed its {limit} positions; pass "
+                f"max_new_tokens={limit - 1} or fewer, or give `targets`"
+            )
+        return
+    room = limit - len(source)
+    if max_new_tokens <= room:
+        return
+    if room < 1:
+        raise InputError(
+            f"`{name}` has {len(source)} tokens and fills the model's {limit} positions: "
+            "there is no room to generate a target; shorten it"
+        )
+    raise InputError(
+        f"`max_new_tokens` {max_new_tokens} does not fit `{name}`: {len(source)} prompt "
+        f"tokens + {max_new_tokens} new tokens exceed the model's {limit} positions; pass "
+        f"max_new_tokens={room} or fewer, shorten the input, or give `targets`"
+    )
+
+
 def _check_length(
-    model: Model, source: tuple[int, ...], target: tuple[int, ...], where: str
+    model: Model,
+    source: tuple[int, ...],
+    target: tuple[int, ...],
+    inputs: str = "inputs",
+    targets: str = "targets",
 ) -> None:
     limit = model.max_positions
     if limit is None:
@@ -281,16 +354,16 @@ def _check_length(
     if model.is_encoder_decoder:
         if len(source) > limit:
             raise InputError(
-                f"`inputs{where}` has {len(source)} tokens, more than the model's {limit} positions"
+                f"`{inputs}` has {len(source)} tokens, more than the model's {limit} positions"
             )
         if len(target) + 1 > limit:
             raise InputError(
-                f"`targets{where}` has {len(target)} tokens (+1 start token), more than the "
+                f"`{targets}` has {len(target)} tokens (+1 start token), more than the "
                 f"model's {limit} positions"
             )
     elif len(source) + len(target) > limit:
         raise InputError(
-            f"`inputs{where}` + `targets{where}` have {len(source)} + {len(target)} tokens, more "
+            f"`{inputs}` + `{targets}` have {len(source)} + {len(target)} tokens, more "
             f"than the model's {limit} positions"
         )
 

@@ -3,19 +3,27 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
+import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
     AutoModelForSeq2SeqLM,
     AutoTokenizer,
     PreTrainedModel,
+)
+from transformers.models.auto.modeling_auto import (
+    MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+    MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES,
+    MODEL_MAPPING_NAMES,
 )
 from transformers.utils import logging as hf_logging
 
@@ -415,8 +423,13 @@ def load_model(
     """Wrap a causal or seq2seq language model for attribution.
 
     Arguments:
-        model: a local directory or hub name (``from_pretrained``), a ``PreTrainedModel`` instance,
-            or None for attrax's built-in offline demo model.
+        model: a local model directory, a ``PreTrainedModel`` instance, or None for attrax's
+            built-in offline demo model. A hub name (``"gpt2"``, ``"owner/name"``) loads from the
+            hub when it is reachable, else (or with ``HF_HUB_OFFLINE=1``) from the local Hugging
+            Face cache only, so a name that is neither local nor cached fails at once. Refused
+            with a :class:`ModelError`: weights that do not load whole (truncated, another
+            config's shapes, missing tensors), heads attrax does not attribute yet (classifiers,
+            masked LMs) and a directory without tokenizer files.
         tokenizer: the tokenizer (instance or name/path); defaults to the one saved with the model.
         attn_implementation: ``"auto"`` (attrax picks per call: SDPA for long sequences on the
             CPU, eager attention otherwise), ``"eager"`` or ``"sdpa"``. All three give the same
@@ -441,9 +454,10 @@ def load_model(
 
         model = DEFAULT_MODEL_PATH
         name = "attrax-default"
+    where: dict[str, Any] = {}
     if isinstance(model, (str, os.PathLike)):
         name = name or str(model)
-        hf_model = _from_pretrained(model, resting, dtype)
+        hf_model, where = _from_pretrained(model, resting, dtype, with_tokenizer=tokenizer is None)
         if tokenizer is None:
             tokenizer = model
     elif isinstance(model, PreTrainedModel):
@@ -459,7 +473,10 @@ def load_model(
             f"got {type(model).__name__}"
         )
     if isinstance(tokenizer, (str, os.PathLike)):
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer)
+        if tokenizer is not model:
+            where = _locate(tokenizer, "tokenizer")
+            _check_tokenizer_files(tokenizer, "tokenizer")
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer, **where)
     if device is not None:
         try:
             hf_model = hf_model.to(torch.device(device))
@@ -481,30 +498,236 @@ def _check_attention(attn_implementation: object) -> None:
 
 
 def _from_pretrained(
-    path: str | os.PathLike[str], attn_implementation: str, dtype: torch.dtype | None
-) -> PreTrainedModel:
+    path: str | os.PathLike[str],
+    attn_implementation: str,
+    dtype: torch.dtype | None,
+    with_tokenizer: bool,
+) -> tuple[PreTrainedModel, dict[str, Any]]:
+    """Load weights from a directory (or the hub), refusing anything that does not load whole.
+
+    Returns the model and the ``from_pretrained`` keywords that located it (cache only when the
+    hub is not reachable), for loading its tokenizer the same way. ``with_tokenizer``: the
+    directory must hold tokenizer files too (checked before the weights load).
+    """
+    where = _locate(path)
     try:
-        config = AutoConfig.from_pretrained(path)
+        config = AutoConfig.from_pretrained(path, **where)
     except (OSError, ValueError) as error:
-        where = "directory" if Path(path).exists() else "local directory or reachable hub name"
-        raise ModelError(f"`model` {str(path)!r} is not a loadable {where}: {error}") from None
+        what = "directory" if Path(path).exists() else "hub name"
+        raise ModelError(f"`model` {str(path)!r} is not a loadable {what}: {error}") from None
+    if with_tokenizer:
+        _check_tokenizer_files(path, "model")
+    unsupported = _unsupported_architectures(config)
     auto = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else None
     auto = auto or AutoModelForCausalLM
-    kwargs: dict[str, Any] = {"attn_implementation": attn_implementation}
+    # shape mismatches come back in the loading info, not as transformers' report + RuntimeError
+    kwargs: dict[str, Any] = {
+        "attn_implementation": attn_implementation,
+        "ignore_mismatched_sizes": True,
+        "output_loading_info": True,
+        **where,
+    }
     if dtype is not None:
         kwargs["dtype"] = dtype
     bar_was_on = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # a bar per load would drown the CLI's output
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its load report: attrax's error below says what failed
     try:
-        return auto.from_pretrained(path, **kwargs)
+        hf_model, info = auto.from_pretrained(path, **kwargs)
     except ValueError as error:
+        if unsupported:
+            raise _refuse_load(path, unsupported) from None
         raise ModelError(
             f"`model` {str(path)!r} ({config.model_type}) is neither a causal nor a seq2seq "
             f"language model: {error}"
         ) from None
+    except (OSError, RuntimeError, SafetensorError) as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ModelError(
+            f"`model` {str(path)!r}: its weights do not load ({first}); expected complete "
+            "weight files (model.safetensors or pytorch_model.bin) saved with this config"
+        ) from None
     finally:
+        hf_logging.set_verbosity(verbosity)
         if bar_was_on:
             hf_logging.enable_progress_bar()
+    _check_loaded(path, hf_model, info, unsupported)
+    return hf_model, where
+
+
+# config `architectures` attrax attributes: language-model heads, decoder-only or seq2seq
+_LM_ARCHITECTURES = frozenset(
+    name
+    for mapping in (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES)
+    for value in mapping.values()
+    for name in ((value,) if isinstance(value, str) else value)
+)
+# headless base models (GPT2Model): loaded with the LM head, accepted only if nothing is missing
+_BASE_ARCHITECTURES = frozenset(
+    name
+    for value in MODEL_MAPPING_NAMES.values()
+    for name in ((value,) if isinstance(value, str) else value)
+)
+
+
+# LM head names transformers no longer maps (old T5 checkpoints: T5WithLMHeadModel)
+_LM_SUFFIXES = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration", "MTModel")
+
+
+def _unsupported_architectures(config: Any) -> list[str]:
+    """The config's ``architectures`` when none is a language model (or a headless base model)."""
+    named = list(getattr(config, "architectures", None) or [])
+    if any(
+        a in _LM_ARCHITECTURES or a in _BASE_ARCHITECTURES or a.endswith(_LM_SUFFIXES)
+        for a in named
+    ):
+        return []
+    return named
+
+
+def _refuse_load(
+    path: str | os.PathLike[str],
+    unsupported: list[str],
+    loaded_as: str | None = None,
+    missing: Sequence[str] = (),
+) -> ModelError:
+    """The error for a checkpoint attrax would load with a newly initialised head or weights."""
+    message = f"`model` {str(path)!r}"
+    if unsupported:
+        message += (
+            f" is a {', '.join(unsupported)} checkpoint (config `architectures`), which attrax "
+            "does not attribute yet: it supports causal language models (*ForCausalLM, "
+            "*LMHeadModel) and seq2seq ones (*ForConditionalGeneration, *MTModel), not "
+            "classifiers or masked LMs"
+        )
+    if missing:
+        shown = ", ".join(missing[:5])
+        more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
+        message += (
+            f"{'; it' if unsupported else ''} loads as {loaded_as} with weights the checkpoint "
+            f"does not have, which would be newly initialised: {shown}{more}"
+        )
+    return ModelError(message)
+
+
+def _check_loaded(
+    path: str | os.PathLike[str], hf_model: PreTrainedModel, info: Any, unsupported: list[str]
+) -> None:
+    """Refuse a load that left weights newly initialised: a wrong head or shapes give noise."""
+    mismatched = sorted(info.get("mismatched_keys") or [])
+    if mismatched:
+        shown = "; ".join(
+            f"{key}: checkpoint {list(saved)}, config {list(wanted)}"
+            for key, saved, wanted in mismatched[:3]
+        )
+        more = f" (and {len(mismatched) - 3} more)" if len(mismatched) > 3 else ""
+        raise ModelError(
+            f"`model` {str(path)!r}: its config.json disagrees with its weights ({shown}{more}); "
+            "expected the config the weights were saved with"
+        )
+    missing = sorted(info.get("missing_keys") or [])
+    if missing or unsupported:
+        raise _refuse_load(path, unsupported, type(hf_model).__name__, missing)
+
+
+# files that define a tokenizer, one of which a model directory needs
+_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.json",
+    "vocab.txt",
+    "tokenizer.model",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "source.spm",
+)
+
+
+def _check_tokenizer_files(path: str | os.PathLike[str], argument: str) -> None:
+    """A directory without tokenizer files loads an empty tokenizer: refuse it by name."""
+    local = Path(path).expanduser()
+    if local.is_dir() and not any((local / name).is_file() for name in _TOKENIZER_FILES):
+        raise ModelError(
+            f"`{argument}` {str(path)!r} has no tokenizer files (none of "
+            f"{', '.join(_TOKENIZER_FILES)}): save the tokenizer into it "
+            "(tokenizer.save_pretrained(path)) or pass `tokenizer=`"
+        )
+
+
+def _locate(path: str | os.PathLike[str], argument: str = "model") -> dict[str, Any]:
+    """``from_pretrained`` keywords for ``path``; a name that is not local fails fast offline.
+
+    A local directory loads as is. Any other name is a hub name: when the hub does not answer
+    within a second (or ``HF_HUB_OFFLINE=1``), only the local Hugging Face cache is tried, so a
+    missing model is an error at once instead of half a minute of retries.
+    """
+    local = Path(path).expanduser()
+    if local.exists():
+        return {}
+    name = str(path)
+    if isinstance(path, os.PathLike) or not _looks_like_hub_name(name):
+        raise ModelError(
+            f"`{argument}` {name!r} does not exist locally: expected a model directory "
+            "(config.json, weights and tokenizer files)"
+        )
+    if not _hub_offline() and _hub_reachable():
+        return {}
+    try:
+        AutoConfig.from_pretrained(name, local_files_only=True)
+    except (OSError, ValueError):
+        why = "HF_HUB_OFFLINE is set" if _hub_offline() else "the hub is not reachable"
+        raise ModelError(
+            f"`{argument}` {name!r} does not exist locally and is not in the Hugging Face cache, and "
+            f"{why}: attrax loads local model directories, or hub names when the hub is "
+            "reachable"
+        ) from None
+    return {"local_files_only": True}
+
+
+def _looks_like_hub_name(name: str) -> bool:
+    """``gpt2`` or ``owner/name``: what the hub could serve; paths like ``./x``, ``/x/y`` are not."""
+    return bool(re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name)) and not name.startswith((".", "-"))
+
+
+def _hub_offline() -> bool:
+    from huggingface_hub import constants
+
+    flag = os.environ.get("HF_HUB_OFFLINE", "").strip().upper()
+    return bool(constants.HF_HUB_OFFLINE) or flag in ("1", "ON", "YES", "TRUE")
+
+
+@functools.cache
+def _hub_reachable(timeout: float = 1.0) -> bool:
+    """Whether a TCP connection to the hub (or the HTTPS proxy) opens within ``timeout`` seconds.
+
+    Name resolution has no timeout of its own, so the attempt runs in a daemon thread.
+    """
+    import socket
+    import threading
+    import urllib.parse
+    import urllib.request
+
+    from huggingface_hub import constants
+
+    url = urllib.request.getproxies().get("https") or constants.ENDPOINT
+    parsed = urllib.parse.urlsplit(url if "//" in url else f"//{url}")
+    host, port = parsed.hostname, parsed.port or (80 if parsed.scheme == "http" else 443)
+    if not host:
+        return False
+    result: list[bool] = []
+
+    def connect() -> None:
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            result.append(True)
+        except OSError:
+            result.append(False)
+
+    thread = threading.Thread(target=connect, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return bool(result and result[0])
 
 
 def _first_int(*values: Any) -> int | None:

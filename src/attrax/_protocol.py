@@ -195,8 +195,7 @@ def _public(
     all_checks = {**{n: p.check for n, p in shared.items() if p.check}, **checks}
     name = core.__name__
 
-    @functools.wraps(core)
-    def public(*args: Any, **kwargs: Any) -> xr.DataArray:
+    def check_names(kwargs: Mapping[str, Any]) -> None:
         for key in kwargs:
             if key in option_names or key in family.leading:
                 continue
@@ -205,21 +204,42 @@ def _public(
             raise OptionError(
                 f"{name} has no option {key!r}; its options are: {', '.join(option_names)}"
             )
+
+    def check_values(arguments: Mapping[str, Any]) -> None:
+        for key, value in arguments.items():
+            if key in all_checks:
+                all_checks[key](value, key)
+        if together is not None:
+            together(arguments)
+
+    def resolve(options: Mapping[str, Any]) -> dict[str, Any]:
+        """Every option of the method, checked: those given and the defaults of the others."""
+        check_names(options)
+        leading = [key for key in options if key in family.leading]
+        if leading:
+            raise OptionError(f"{name}: {leading} are arguments, not options")
+        bound = signature.bind_partial(**options)
+        bound.apply_defaults()
+        resolved = {k: v for k, v in bound.arguments.items() if k in option_names}
+        check_values(resolved)
+        return resolved
+
+    @functools.wraps(core)
+    def public(*args: Any, **kwargs: Any) -> xr.DataArray:
+        check_names(kwargs)
         try:
             bound = signature.bind(*args, **kwargs)
         except TypeError as err:
             raise OptionError(f"{name}: {err}") from None
         bound.apply_defaults()
         arguments = dict(bound.arguments)
-        for key, value in arguments.items():
-            if key in all_checks:
-                all_checks[key](value, key)
-        if together is not None:
-            together(arguments)
+        check_values(arguments)
         return family.run(core, _call(name, family, arguments), arguments)
 
     public.__signature__ = signature  # type: ignore[attr-defined]
     public.attrax_family = family.name  # type: ignore[attr-defined]
+    # what a call with these options would run with, checked without running anything
+    public.attrax_resolve = resolve  # type: ignore[attr-defined]
     # ax.pipe(method, ax.l2_norm | ax.sum, ...) reduces over hidden on the device instead
     public.attrax_reduces_hidden = "reduce_hidden" in shared  # type: ignore[attr-defined]
     return public

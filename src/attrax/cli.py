@@ -115,15 +115,18 @@ def build_parser() -> argparse.ArgumentParser:
         "attribute-dataset",
         help="attribute a JSONL file in resumable netCDF shards",
         description='Attribute every line of a JSONL file ({"input": ..., "target": ... '
-        '(optional), "id": ... (optional)}), one netCDF shard per batch in DIR, with a '
-        "manifest. Rerun the same command after an interruption to resume. Load the result with "
-        "attrax.load_dataset_results(DIR).",
+        '(optional), "id": ... (optional)}), one netCDF shard per --shard-size records in DIR, '
+        "with a manifest. Rerun the same command after an interruption to resume. Load the "
+        "result with attrax.load_dataset_results(DIR).",
     )
     _model_options(dataset)
     dataset.add_argument("--data", required=True, metavar="FILE.jsonl", help="the records")
     dataset.add_argument("--out", required=True, metavar="DIR", help="the output directory")
     dataset.add_argument(
-        "--batch-size", type=_positive, default=8, help="records per batch and shard (default 8)"
+        "--shard-size",
+        type=_positive,
+        default=8,
+        help="records per shard, given to the method in one call (default 8)",
     )
     dataset.add_argument("--quiet", action="store_true", help="no progress bar")
     dataset.set_defaults(handler=_attribute_dataset)
@@ -148,7 +151,12 @@ def _model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--steps",
         type=_positive,
-        help="integration steps (integrated_gradients) or samples (smoothgrad, lime, kernel_shap)",
+        help="the method's `steps`: integration points (integrated_gradients)",
+    )
+    parser.add_argument(
+        "--samples",
+        type=_positive,
+        help="the method's `samples`: noisy or perturbed copies (smoothgrad, lime, kernel_shap)",
     )
     parser.add_argument(
         "--max-new-tokens", type=_positive, help="tokens to generate when there is no target"
@@ -174,6 +182,7 @@ def _demo(args: argparse.Namespace) -> int:
     from ._default_model_task import N_DIGITS, ground_truth, make_example, solve
     from ._errors import InputError
 
+    _check_output(args.html, "--html")
     console = _console()
     prompt = args.prompt if args.prompt is not None else make_example(args.seed, split="heldout")[0]
     try:
@@ -244,6 +253,8 @@ def _attribute(args: argparse.Namespace) -> int:
     fn = resolve_method(args.method)
     steps = parse_reduce(args.reduce)
     options = _method_options(args, fn)
+    for path, flag in ((args.out, "--out"), (args.html, "--html"), (args.png, "--png")):
+        _check_output(path, flag)
     console = _console()
     model = ax.load_model(args.model, device=_device(args.device), dtype=_dtype(args.dtype))
     with console.status(f"attributing with {args.method}…"):
@@ -274,7 +285,7 @@ def _attribute_dataset(args: argparse.Namespace) -> int:
         args.out,
         method=args.method,
         reduce=args.reduce,
-        batch_size=args.batch_size,
+        shard_size=args.shard_size,
         progress=not args.quiet,
         device=_device(args.device),
         dtype=_dtype(args.dtype),
@@ -310,13 +321,42 @@ def _method_options(args: argparse.Namespace, fn: Any) -> dict[str, Any]:
         options["objective"] = args.objective
     if args.max_new_tokens is not None:
         options["max_new_tokens"] = args.max_new_tokens
-    if args.steps is not None:
-        parameters = inspect.signature(fn).parameters
-        name = next((p for p in ("steps", "samples") if p in parameters), None)
-        if name is None:
-            raise OptionError(f"`--steps` does not apply to {args.method}")
-        options[name] = args.steps
+    parameters = inspect.signature(fn).parameters
+    for name in ("steps", "samples"):
+        value = getattr(args, name)
+        if value is None:
+            continue
+        if name not in parameters:
+            others = [f"--{o}" for o in ("steps", "samples") if o != name and o in parameters]
+            hint = f" (it takes {others[0]})" if others else ""
+            raise OptionError(
+                f"`--{name} {value}` does not apply to {args.method}: it has no `{name}` "
+                f"option{hint}"
+            )
+        options[name] = value
     return options
+
+
+def _check_output(path: str | None, flag: str) -> None:
+    """Check where ``flag`` will write before the computation, not after it."""
+    if path is None:
+        return
+    import os
+    from pathlib import Path
+
+    from ._errors import InputError
+
+    target = Path(path).expanduser()
+    parent = target.parent
+    if target.is_dir():
+        raise InputError(f"`{flag}` {path!r} is a directory; expected a file to write")
+    if not parent.is_dir():
+        what = "is not a directory" if parent.exists() else "does not exist"
+        raise InputError(f"`{flag}` {path!r}: the directory {str(parent)!r} {what}")
+    if not os.access(parent, os.W_OK | os.X_OK) or (
+        target.exists() and not os.access(target, os.W_OK)
+    ):
+        raise InputError(f"`{flag}` {path!r} is not writable (permission denied)")
 
 
 def _print_result(console: Console, da: xr.DataArray) -> None:
