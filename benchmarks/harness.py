@@ -440,8 +440,9 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         results.update(status=status, failures=list(failures))
         meta.update(finished=time.strftime("%Y-%m-%d %H:%M:%S %Z"), load_end=list(os.getloadavg()))
         out = results if previous is None else _merge(previous, results, chosen)
-        loads = [r["load1_before"] for r in out["runs"]]
-        noise = [r["foreign_cores"] for r in out["runs"] if r["foreign_cores"] is not None]
+        # summaries over the runs that carry the figures (a rebuilt cpu.json's runs do not)
+        loads = [r["load1_before"] for r in out["runs"] if r.get("load1_before") is not None]
+        noise = [r["foreign_cores"] for r in out["runs"] if r.get("foreign_cores") is not None]
         out["meta"]["load1_before"] = [min(loads), max(loads)] if loads else None
         out["meta"]["foreign_cores"] = (
             dict(mean=sum(noise) / len(noise), max=max(noise)) if noise else None
@@ -642,8 +643,8 @@ def parser(p: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     p.add_argument(
         "--docs", action=argparse.BooleanOptionalAction,
-        help="render docs/benchmarks.{md,png} (cuda: docs/benchmarks-gpu.md) from the results "
-        "(default: yes for full runs, no for --quick)",
+        help="record the finished results as benchmarks/cpu.json (cuda: gpu-h200.json) and "
+        "render the docs from them (default: yes for full runs, no for --quick)",
     )  # fmt: skip
     p.add_argument(
         "--max-load", type=float, help="first wait for the 1-min load average to drop below this"
