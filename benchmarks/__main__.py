@@ -1,0 +1,51 @@
+"""``python -m benchmarks run|report|real-size|models``: the one entry point (see README.md)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    from . import harness, real_size, report
+
+    harness.parser(sub.add_parser("run", help="parity gate, then time and memory (CPU or GPU)"))
+    r = sub.add_parser("report", help="render the docs from the committed results JSON")
+    r.add_argument("--cpu", default=report.CPU_RESULTS, help="CPU results JSON")
+    r.add_argument("--gpu", default=report.GPU_RESULTS, help="GPU results JSON")
+    real_size.parser(sub.add_parser("real-size", help="the comparison on a GPT-2-small shape"))
+    m = sub.add_parser("models", help="build the workload models and print a summary")
+    m.add_argument("root", nargs="?", help="where (default benchmarks/results/models)")
+    sub.add_parser("worker").add_argument("spec")  # one measurement, started by the harness
+    args = p.parse_args(argv)
+
+    if args.command == "run":
+        args = harness.defaults(args)
+        if args.update:  # only results of the same kind of run can be merged
+            old = json.loads(args.out.read_text()) if args.out.exists() else {}
+            same = ("threads", "quick", "baseline_attn")
+            if old.get("status") != "ok" or any(old["meta"].get(k) != vars(args)[k] for k in same):
+                p.error(f"--update: {args.out} is not an 'ok' run with the same {', '.join(same)}")
+        return harness.run(args, argv)
+    if args.command == "report":
+        report.write_docs(args.cpu, args.gpu)
+    elif args.command == "real-size":
+        return real_size.run(args)
+    elif args.command == "models":
+        from . import workloads
+
+        for kind, path in workloads.build_all(args.root).items():
+            model, tok = workloads.load(kind, args.root)
+            n = sum(p.numel() for p in model.parameters()) / 1e6
+            print(f"{kind}: {path} ({n:.1f}M parameters, tokenizer vocab {len(tok)})")
+    else:
+        harness.worker(args.spec)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

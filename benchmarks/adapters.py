@@ -1,0 +1,149 @@
+"""One runner for the three libraries: the same quantity from attrax, Captum and Inseq.
+
+Conventions that make the sides compute the same thing: the objective is the probability of the
+target token (Inseq's default); saliency is signed (``abs=False``) everywhere; IG uses the same
+points and quadrature and Inseq's baseline (the unk embedding everywhere, EOS kept) on every side;
+attention is that of the query predicting each target, every layer and head. Every call into
+attrax goes through :func:`attrax_attribute`.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+
+from . import workloads
+from .workloads import IG_QUADRATURE, IG_STEPS, Plan
+
+LIBRARIES = ("attrax", "captum", "inseq")
+SUPPORTS = {
+    "attrax": set(workloads.METHODS),
+    "captum": set(workloads.METHODS) - {"attention"},  # Captum has no attention method
+    "inseq": set(workloads.METHODS),
+}
+
+
+def inseq_baseline(model, prompt: str, target: str):
+    """Inseq 0.7's IG baseline as an attrax baseline tensor ``[1, L, H]`` (source side).
+
+    Every token -> unk (else pad, else EOS), EOS tokens kept; embedding-table rows
+    (``model.embed``: attrax applies any embedding scale itself).
+    """
+    import torch
+
+    from attrax._inputs import prepare, to_tensors  # internal, only to read the token ids
+
+    ids = to_tensors(prepare(model, prompt, target), model).ids
+    tok, eos = model.tokenizer, model.eos_token_id
+    unk = tok.unk_token_id
+    if unk is None:
+        unk = tok.pad_token_id if tok.pad_token_id is not None else model.hf.config.pad_token_id
+    if unk is None:
+        unk = eos
+    base_ids = torch.where(ids == eos, torch.full_like(ids, eos), torch.full_like(ids, unk))
+    with torch.no_grad():
+        return model.embed(base_ids, "source").detach()
+
+
+def attrax_attribute(
+    model,
+    prompt: str,
+    target: str,
+    method: str,
+    *,
+    steps: int = IG_STEPS,
+    quadrature: str = IG_QUADRATURE,
+    chunk_size: int | None = None,
+    batch_size: int | None = None,
+) -> tuple[Any, float]:
+    """``(DataArray, seconds)`` of one attrax method: the only place the benchmarks call attrax.
+
+    ``seconds`` covers the public call (tokenizing, attributing, labelling); the IG baseline tensor
+    is built before the clock starts (a user builds it once).
+    """
+    import attrax as ax
+
+    kwargs: dict[str, Any] = {}
+    if method in ("saliency", "input_x_gradient", "integrated_gradients"):
+        kwargs["chunk_size"] = chunk_size
+    if method == "saliency":
+        kwargs["abs"] = False
+    elif method == "integrated_gradients":
+        baseline = inseq_baseline(model, prompt, target)
+        kwargs.update(steps=steps, quadrature=quadrature, baseline=baseline, batch_size=batch_size)
+    elif method != "input_x_gradient" and method != "attention":
+        raise ValueError(f"unknown method {method!r}")
+    t0 = time.perf_counter()
+    da = getattr(ax, method)(model, prompt, target, **kwargs)
+    return da, time.perf_counter() - t0
+
+
+def attrax_aggregates(da, method: str) -> dict[str, np.ndarray]:
+    """The parity aggregates, computed with attrax's own reductions (so those are checked too)."""
+    import attrax as ax
+
+    if method == "attention":
+        return {"raw": da.values, "head_mean_normalize": ax.normalize(ax.mean(da, "head")).values}
+    return {
+        "raw": da.values,
+        "l2_normalize": ax.pipe(ax.l2_norm, ax.normalize)(da).values,
+        "sum": ax.sum(da).values,
+    }
+
+
+class Runner:
+    """One library with one model (loaded once) and one method."""
+
+    def __init__(
+        self, library: str, kind: str, method: str, device: str = "cpu", baseline_attn="eager"
+    ):
+        self.library, self.kind, self.method = library, kind, method
+        # attrax picks its attention per call (its "auto"); Inseq's attention needs eager maps
+        attn = "eager" if library == "attrax" or method == "attention" else baseline_attn
+        self.hf, self.tok = workloads.load(kind, attn_implementation=attn)
+        self.hf.to(device)  # Inseq keeps a model's device; so do the others
+        self.handle: Any = None
+        if library == "attrax":
+            import attrax as ax
+
+            self.handle = ax.load_model(self.hf, tokenizer=self.tok)
+        elif library == "inseq":
+            from .baselines import inseq_load
+
+            self.handle, _ = inseq_load(self.hf, self.tok, method)
+        elif library != "captum":
+            raise ValueError(f"unknown library {library!r}")
+
+    def __call__(
+        self, prompt: str, target: str, plan: Plan | None = None
+    ) -> tuple[np.ndarray, float, dict[str, np.ndarray] | None]:
+        """``(raw attributions, seconds, attrax's aggregates or None)``."""
+        steps = plan.steps if plan else IG_STEPS
+        if self.library == "attrax":
+            da, seconds = attrax_attribute(
+                self.handle, prompt, target, self.method, steps=steps,
+                chunk_size=plan.chunk_size if plan else None,
+                batch_size=plan.batch_size if plan else None,
+            )  # fmt: skip
+            return da.values, seconds, attrax_aggregates(da, self.method)
+        from .baselines import captum_attribute, inseq_attribute
+
+        ibs = plan.internal_batch_size if plan else None
+        common: dict[str, Any] = dict(
+            n_steps=steps,
+            ig_method=IG_QUADRATURE,
+            abs=False,
+            internal_batch_size=ibs if self.method == "integrated_gradients" else None,
+        )
+        if self.library == "captum":
+            res = captum_attribute(
+                self.hf, self.tok, prompt, target, self.method, baseline="inseq", **common
+            )
+        else:  # no step scores: Inseq's default
+            res = inseq_attribute(
+                self.hf, self.tok, prompt, target, self.method, step_scores=(),
+                inseq_model=self.handle, **common,
+            )  # fmt: skip
+        return res.attributions, res.seconds, None

@@ -1,0 +1,365 @@
+"""Captum 0.9 and Inseq 0.7 adapters: raw attributions in attrax's layout, and their wall time.
+
+``BaselineResult.attributions`` is ``[n_target, n_source, hidden]`` (attention: ``[.., layer,
+head]``), float32, NaN where nothing is attributed. Decoder-only: the targets are the forced
+continuation tokens (positions P..P+G-1), the sources all P+G positions, NaN at ``source >= target
+position``. Encoder-decoder: the sources are the encoder tokens (``</s>`` included), the targets the
+decoder tokens after the start token; with ``attribute_target=True`` the decoder side comes in
+``target_side``, ``[n_target, 1 + n_target, hidden]``. ``seconds`` times the attribution only (not
+model loading, nor ``inseq.load_model``). The conventions found are in ``benchmarks/README.md``.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+CAPTUM_METHODS = ("saliency", "input_x_gradient", "integrated_gradients")
+INSEQ_METHODS = (*CAPTUM_METHODS, "attention")
+
+
+@dataclass
+class BaselineResult:
+    """Raw attributions ``[n_target, n_source, ...]`` and what they are over."""
+
+    attributions: np.ndarray
+    seconds: float
+    target_ids: np.ndarray
+    source_ids: np.ndarray
+    target_positions: np.ndarray  # attrax's ``target`` coordinate (position in the sequence)
+    target_side: np.ndarray | None = None  # enc-dec attribute_target: [n_target, 1 + n_target, ..]
+    step_scores: dict[str, np.ndarray] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def _is_enc_dec(model) -> bool:
+    return bool(getattr(model.config, "is_encoder_decoder", False))
+
+
+def _objective(logits: torch.Tensor, target_ids: torch.Tensor, objective: str) -> torch.Tensor:
+    """``logits [B, V]``, ``target_ids [B]`` -> ``[B]``."""
+    if objective == "probability":
+        scores = logits.softmax(-1)
+    elif objective in ("log_probability", "logprob"):
+        scores = logits.log_softmax(-1)
+    elif objective == "logit":
+        scores = logits
+    else:
+        raise ValueError(f"unknown objective {objective!r}")
+    return scores.gather(-1, target_ids.reshape(-1, 1)).squeeze(-1)
+
+
+def inseq_style_baseline_ids(model, tok, ids: torch.Tensor, keep_first: bool = False):
+    """Inseq 0.7's IG baseline ids: unk (else pad, else EOS) everywhere, EOS kept; ``keep_first``
+    keeps position 0 (the decoder start token of encoder-decoder targets)."""
+    eos = model.config.eos_token_id
+    eos = eos[0] if isinstance(eos, list) else eos
+    unk = tok.unk_token_id
+    if unk is None:
+        unk = tok.pad_token_id if tok.pad_token_id is not None else model.config.pad_token_id
+    if unk is None:
+        unk = eos
+    out = torch.where(ids == eos, torch.full_like(ids, eos), torch.full_like(ids, unk))
+    if keep_first:
+        out[..., 0] = ids[..., 0]
+    return out
+
+
+def _baseline_embeds(model, tok, emb, ids, baseline, keep_first: bool, scale: float = 1.0):
+    if baseline == "zeros" or baseline is None:
+        return None  # Captum's default: zeros
+    if baseline == "inseq":
+        bids = inseq_style_baseline_ids(model, tok, ids, keep_first=keep_first)
+    elif isinstance(baseline, int):
+        bids = torch.full_like(ids, baseline)
+    else:
+        raise ValueError(f"unknown baseline {baseline!r}")
+    return emb(bids).detach() * scale
+
+
+def _tokenize_decoder_only(tok, prompt: str, target: str) -> tuple[torch.Tensor, int]:
+    p = tok(prompt, return_tensors="pt")["input_ids"][0]
+    full = tok(prompt + target, return_tensors="pt")["input_ids"][0]
+    if not torch.equal(full[: len(p)], p):
+        raise ValueError("prompt + target does not start with the prompt's tokens")
+    return full, len(p)
+
+
+# --------------------------------------------------------------------------------------------------
+# Captum, one attribute call per target token, as a user would run it
+# --------------------------------------------------------------------------------------------------
+def captum_attribute(
+    model,
+    tok,
+    prompt: str,
+    target: str,
+    method: str = "saliency",
+    *,
+    n_steps: int = 50,
+    ig_method: str = "gausslegendre",
+    baseline: str | int = "zeros",
+    objective: str = "probability",
+    abs: bool = False,
+    internal_batch_size: int | None = None,
+    attribute_target: bool = False,
+    last_logits_only: bool = False,
+) -> BaselineResult:
+    """Captum ``Saliency`` / ``InputXGradient`` / ``IntegratedGradients`` on the input embeddings.
+
+    One ``attribute`` call per target token, on the embeddings of its prefix; the forward returns
+    that token's ``objective`` ("probability", "log_probability", "logit"). ``baseline`` (IG):
+    "zeros" (Captum's default), "inseq" (Inseq's unk/EOS embeddings) or a token id. ``abs``:
+    saliency only (Captum's own default is True). ``attribute_target``: encoder-decoder only, also
+    attribute the decoder input embeddings. ``last_logits_only``: ``logits_to_keep=1``, a tuned
+    variant no typical user (nor Inseq) runs. Marian's encoder embeddings are attributed after
+    ``embed_scale``, which is what the encoder computes from ids.
+    """
+    from captum.attr import InputXGradient, IntegratedGradients, Saliency
+
+    if method not in CAPTUM_METHODS:
+        raise ValueError(f"method must be one of {CAPTUM_METHODS}")
+    enc_dec = _is_enc_dec(model)
+    if attribute_target and not enc_dec:
+        raise ValueError("attribute_target is for encoder-decoder models")
+    model.eval()
+    emb, dev = model.get_input_embeddings(), model.device
+    fkw = {"logits_to_keep": 1} if last_logits_only else {}
+    out_tgt = None
+    if enc_dec:
+        src = tok(prompt, return_tensors="pt")["input_ids"][0].to(dev)
+        tgt_ids = tok(text_target=target, return_tensors="pt")["input_ids"][0]
+        dec = torch.cat([torch.tensor([model.config.decoder_start_token_id]), tgt_ids]).to(dev)
+        scale = float(getattr(model.get_encoder(), "embed_scale", 1.0) or 1.0)
+        if attribute_target and float(getattr(model.get_decoder(), "embed_scale", 1.0) or 1.0) != 1:
+            # transformers 5.x MarianDecoder scales decoder inputs_embeds itself, 4.x did not
+            raise NotImplementedError("attribute_target with embed_scale != 1 is ambiguous")
+        with torch.no_grad():  # the encoder scales only ids it embeds itself: pre-scale here
+            src_embeds = (emb(src[None]) * scale).detach()
+            dec_embeds = emb(dec[None]).detach()
+            base_src = _baseline_embeds(model, tok, emb, src[None], baseline, False, scale)
+            base_dec = _baseline_embeds(model, tok, emb, dec[None], baseline, True)
+        n_target, first = len(dec) - 1, 1
+        mask = torch.ones(1, len(src), dtype=torch.long, device=dev)
+
+        def forward(x_src, x_dec, tgt, attention_mask):
+            key = "decoder_inputs_embeds" if attribute_target else "decoder_input_ids"
+            kw = {key: x_dec, **fkw}
+            logits = model(inputs_embeds=x_src, attention_mask=attention_mask, **kw).logits[:, -1]
+            return _objective(logits, tgt[:, 0], objective)
+
+        def step(t: int):
+            """-> (inputs, baselines, extra forward args, inputs without grad for the score)."""
+            x_src = src_embeds.clone().requires_grad_(True)
+            tgt = dec[t].reshape(1, 1)
+            if attribute_target:
+                x_dec = dec_embeds[:, :t].clone().requires_grad_(True)
+                base = None if base_src is None else (base_src, base_dec[:, :t])
+                return (x_src, x_dec), base, (tgt, mask), (src_embeds, dec_embeds[:, :t])
+            return x_src, base_src, (dec[None, :t], tgt, mask), (src_embeds,)
+
+        out = np.full((n_target, len(src), src_embeds.shape[-1]), np.nan, dtype=np.float32)
+        if attribute_target:
+            out_tgt = np.full((n_target, n_target + 1, out.shape[-1]), np.nan, dtype=np.float32)
+        ids, target_ids, source_ids = dec, dec[1:], src
+    else:
+        ids, first = _tokenize_decoder_only(tok, prompt, target)
+        ids = ids.to(dev)
+        n_target = len(ids) - first
+        with torch.no_grad():
+            embeds = emb(ids[None]).detach()  # [1, L, H]
+            base_embeds = _baseline_embeds(model, tok, emb, ids[None], baseline, False)
+
+        def forward(x: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
+            return _objective(model(inputs_embeds=x, **fkw).logits[:, -1], tgt[:, 0], objective)
+
+        def step(t: int):
+            """-> (inputs, baselines, extra forward args, inputs without grad for the score)."""
+            base = None if base_embeds is None else base_embeds[:, :t]
+            x = embeds[:, :t].clone().requires_grad_(True)
+            return x, base, (ids[t].reshape(1, 1),), (embeds[:, :t],)
+
+        out = np.full((n_target, len(ids), embeds.shape[-1]), np.nan, dtype=np.float32)
+        target_ids, source_ids = ids[first:], ids
+    algo = {"saliency": Saliency, "input_x_gradient": InputXGradient}.get(
+        method, IntegratedGradients
+    )(forward)
+    common: dict[str, Any] = {"abs": abs} if method == "saliency" else {}
+    if method == "integrated_gradients":
+        common = dict(n_steps=n_steps, method=ig_method, internal_batch_size=internal_batch_size)
+    scores = np.zeros(n_target, dtype=np.float32)
+    t0 = time.perf_counter()
+    for j in range(n_target):
+        t = first + j
+        inputs, base, extra, plain = step(t)
+        kw = {"additional_forward_args": extra, **common}
+        if method == "integrated_gradients" and base is not None:
+            kw["baselines"] = base
+        a = algo.attribute(inputs, **kw)
+        parts = a if isinstance(a, tuple) else (a,)
+        out[j, : parts[0].shape[1]] = parts[0][0].detach().float().cpu().numpy()
+        if out_tgt is not None:
+            out_tgt[j, :t] = parts[1][0].detach().float().cpu().numpy()
+        with torch.no_grad():
+            scores[j] = forward(*plain, *extra).item()
+    seconds = time.perf_counter() - t0
+    return BaselineResult(
+        attributions=out,
+        seconds=seconds,
+        target_ids=target_ids.cpu().numpy(),
+        source_ids=source_ids.cpu().numpy(),
+        target_positions=np.arange(first, first + n_target),
+        target_side=out_tgt,
+        step_scores={objective: scores},
+        info=dict(library="captum", method=method, objective=objective, n_steps=n_steps,
+                  ig_method=ig_method, baseline=baseline, abs=abs,
+                  attribute_target=attribute_target, last_logits_only=last_logits_only),
+    )  # fmt: skip
+
+
+def captum_llm_attribute(
+    model,
+    tok,
+    prompt: str,
+    target: str,
+    method: str = "layer_integrated_gradients",
+    *,
+    n_steps: int = 50,
+    ig_method: str = "gausslegendre",
+    baseline_token: int | str = 0,
+) -> BaselineResult:
+    """``LLMGradientAttribution`` around ``LayerIntegratedGradients`` or
+    ``LayerGradientXActivation`` on the input embeddings (decoder-only).
+
+    Captum 0.9 gives token-level scores (summed over hidden) for the *prompt* tokens only, w.r.t.
+    the target token's *log*-probability; IG's baseline is ``TextTokenInput(baselines=...)``.
+    ``attributions`` is therefore ``[n_target, n_prompt]``.
+    """
+    from captum.attr import (
+        LayerGradientXActivation,
+        LayerIntegratedGradients,
+        LLMGradientAttribution,
+        TextTokenInput,
+    )
+
+    if _is_enc_dec(model):
+        raise NotImplementedError("LLMGradientAttribution supports decoder-only models only")
+    ids, first = _tokenize_decoder_only(tok, prompt, target)
+    layer = model.get_input_embeddings()
+    if method == "layer_integrated_gradients":
+        algo, kw = LayerIntegratedGradients(model, layer), dict(n_steps=n_steps, method=ig_method)
+    elif method == "layer_gradient_x_activation":
+        algo, kw = LayerGradientXActivation(model, layer), {}
+    else:
+        raise ValueError(method)
+    llm = LLMGradientAttribution(algo, tok)
+    t0 = time.perf_counter()
+    res = llm.attribute(TextTokenInput(prompt, tok, baselines=baseline_token), target=target, **kw)
+    seconds = time.perf_counter() - t0
+    return BaselineResult(
+        attributions=res.token_attr.detach().float().cpu().numpy(),
+        seconds=seconds,
+        target_ids=ids[first:].cpu().numpy(),
+        source_ids=ids[:first].cpu().numpy(),
+        target_positions=np.arange(first, len(ids)),
+        info=dict(library="captum-llm", method=method, objective="log_probability",
+                  n_steps=n_steps, ig_method=ig_method, baseline_token=baseline_token),
+    )  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------------
+# Inseq
+# --------------------------------------------------------------------------------------------------
+def inseq_load(model, tok, method: str):
+    """``(inseq.load_model(model, method, tokenizer=copy), seconds)``.
+
+    The tokenizer is copied because Inseq mutates it (``padding_side="left"``, pad/unk when
+    missing); Inseq also sets ``model.config.pad_token_id`` to EOS when it is None.
+    """
+    import inseq
+
+    t0 = time.perf_counter()
+    im = inseq.load_model(model, method, tokenizer=copy.deepcopy(tok))
+    return im, time.perf_counter() - t0
+
+
+def inseq_attribute(
+    model,
+    tok,
+    prompt: str,
+    target: str,
+    method: str = "saliency",
+    *,
+    n_steps: int = 50,
+    ig_method: str = "gausslegendre",
+    abs: bool = False,
+    attribute_target: bool = False,
+    step_scores: tuple[str, ...] = ("probability",),
+    attributed_fn: str | None = None,
+    internal_batch_size: int | None = None,
+    inseq_model=None,
+) -> BaselineResult:
+    """Inseq's raw (not aggregated) tensors in attrax's layout.
+
+    Decoder-only: ``attribute(prompt, prompt + target)``; ``target_attributions`` ``[P+G, G, ..]``
+    transposed. Encoder-decoder: ``source_attributions`` ``[S, T, ..]`` transposed, and
+    ``target_attributions`` as ``target_side``. Attention: trailing dims ``(layer, head)``; for
+    encoder-decoder models the source side is the cross-attention. ``attributed_fn`` None: Inseq's
+    default, the probability.
+    """
+    if method not in INSEQ_METHODS:
+        raise ValueError(f"method must be one of {INSEQ_METHODS}")
+    load_seconds = 0.0
+    if inseq_model is None:
+        inseq_model, load_seconds = inseq_load(model, tok, method)
+    enc_dec = _is_enc_dec(model)
+    if attribute_target and not enc_dec:
+        raise ValueError("attribute_target is for encoder-decoder models")
+    kw: dict[str, Any] = dict(show_progress=False, step_scores=list(step_scores))
+    if attributed_fn is not None:
+        kw["attributed_fn"] = attributed_fn
+    if method == "saliency":
+        kw["abs"] = abs
+    elif method == "integrated_gradients":
+        # Captum's method= collides with attribute(method=...): Captum's options go in a dict
+        ig_args: dict[str, Any] = dict(n_steps=n_steps, method=ig_method)
+        if internal_batch_size is not None:
+            ig_args["internal_batch_size"] = internal_batch_size
+        kw["attribution_args"] = ig_args
+    elif method == "attention":
+        kw["step_scores"] = []  # final-step methods do not support step scores
+    if enc_dec:
+        kw["attribute_target"] = attribute_target
+    t0 = time.perf_counter()
+    out = inseq_model.attribute(prompt, target if enc_dec else prompt + target, **kw)
+    seconds = time.perf_counter() - t0
+    seq = out.sequence_attributions[0]
+    info = dict(
+        library="inseq", method=method, n_steps=n_steps, ig_method=ig_method, abs=abs,
+        attributed_fn=out.info.get("attributed_fn"), load_seconds=load_seconds,
+        inseq_exec_time=out.info.get("exec_time"),
+        source_tokens=[t.token for t in seq.source], target_tokens=[t.token for t in seq.target],
+    )  # fmt: skip
+    ids = np.array([t.id for t in seq.target])
+    first = 1 if enc_dec else seq.attr_pos_start  # enc-dec: seq.target starts with the start token
+
+    def host(x):
+        return None if x is None else x.detach().float().transpose(0, 1).contiguous().numpy()
+
+    raw = seq.source_attributions if enc_dec else seq.target_attributions
+    return BaselineResult(
+        attributions=host(raw),
+        seconds=seconds,
+        target_ids=ids[first:],
+        source_ids=np.array([t.id for t in seq.source]) if enc_dec else ids,
+        target_positions=np.arange(first, len(ids)),
+        target_side=host(seq.target_attributions) if enc_dec else None,
+        step_scores={
+            k: v.detach().float().cpu().numpy() for k, v in (seq.step_scores or {}).items()
+        },
+        info=info,
+    )
