@@ -66,7 +66,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argparse parser of the ``attrax`` command (one sub-parser per command)."""
-    from . import __version__
+    from ._version import __version__
 
     parser = argparse.ArgumentParser(
         prog="attrax",
@@ -82,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="attribute an example on the built-in offline model and check it against the truth",
         description="Run the built-in model (a tiny GPT-2 that reverses 6 digits: "
         "'3 1 4 0 5 9 =' -> ' 9 5 0 4 1 3') on an example, attribute its answer, print the "
-        "L2-normalised scores and "
+        "L2-normalised relevance and "
         "how many answer tokens put their top score on the digit they copy. Needs no network.",
     )
     demo.add_argument(
@@ -176,11 +176,12 @@ def _model_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    import attrax as ax
-
     from ._dataset import call_method, resolve_method
     from ._default_model_task import N_DIGITS, ground_truth, make_example, solve
     from ._errors import InputError
+    from ._model import load_model
+    from ._reduce import l2_norm, normalize
+    from .viz import show
 
     _check_output(args.html, "--html")
     console = _console()
@@ -195,17 +196,17 @@ def _demo(args: argparse.Namespace) -> int:
             f"`--prompt` {prompt!r}: the built-in model reverses exactly {N_DIGITS} distinct "
             "digits followed by '=', e.g. '3 1 4 0 5 9 ='"
         )
-    model = ax.load_model()
+    model = load_model()
     with console.status(f"attributing with {args.method}…"):
         # exactly the answer digits, no EOS: 12 source columns fit an 80-column terminal
         options = {"max_new_tokens": N_DIGITS}
         raw = call_method(resolve_method(args.method), model, prompt, None, options)
-    scores = ax.normalize(ax.l2_norm(raw))
+    relevance = normalize(l2_norm(raw))
 
     tokenizer = model.tokenizer
     prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     truth = ground_truth(prompt_ids, tokenizer(expected, add_special_tokens=False)["input_ids"])
-    answer = " ".join(scores["target_token"].values.tolist())
+    answer = " ".join(relevance["target_token"].values.tolist())
     correct = answer.split() == digits
     console.print(
         f"[bold]attrax demo[/] · built-in model: a tiny GPT-2 that reverses {N_DIGITS} digits"
@@ -214,16 +215,16 @@ def _demo(args: argparse.Namespace) -> int:
     verdict = "[green]✓ correct[/]" if correct else f"[red]✗ expected[/] {expected.strip()}"
     console.print(f"  answer  [cyan]{answer}[/]  {verdict}")
     console.print(f"  method  {args.method} → l2_norm → normalize")
-    _table(console, scores)
+    _table(console, relevance)
 
     hits, marks = 0, []
     for target, source in truth.items():
-        if target not in scores["target"].values:
+        if target not in relevance["target"].values:
             continue
-        row = scores.sel(target=target)
+        row = relevance.sel(target=target)
         top = int(row["source"][int(row.fillna(-1.0).argmax("source"))])
         hits += top == source
-        token = scores["target_token"].sel(target=target).item()
+        token = relevance["target_token"].sel(target=target).item()
         copied = row["source_token"].sel(source=top).item()
         marks.append(f"{token}←{copied}{_tick(top == source)}")
     colour = "green" if hits == len(truth) else "yellow"
@@ -233,7 +234,7 @@ def _demo(args: argparse.Namespace) -> int:
     )
     console.print(f"  [dim]answer ← top source:[/] {'  '.join(marks)}")
     if args.html:
-        ax.show(scores, path=args.html)
+        show(relevance, path=args.html)
         console.print(f"wrote {args.html}")
     else:
         others = [m for m in _GRADIENT_METHODS if m != args.method]
@@ -246,9 +247,10 @@ def _tick(ok: bool) -> str:
 
 
 def _attribute(args: argparse.Namespace) -> int:
-    import attrax as ax
-
     from ._dataset import call_method, parse_reduce, reduce, resolve_method
+    from ._model import load_model
+    from .io import save
+    from .viz import plot, show
 
     fn = resolve_method(args.method)
     steps = parse_reduce(args.reduce)
@@ -256,19 +258,19 @@ def _attribute(args: argparse.Namespace) -> int:
     for path, flag in ((args.out, "--out"), (args.html, "--html"), (args.png, "--png")):
         _check_output(path, flag)
     console = _console()
-    model = ax.load_model(args.model, device=_device(args.device), dtype=_dtype(args.dtype))
+    model = load_model(args.model, device=_device(args.device), dtype=_dtype(args.dtype))
     with console.status(f"attributing with {args.method}…"):
         raw = call_method(fn, model, args.input, args.target, options)
     da = reduce(raw, steps)
     _print_result(console, da)
     if args.out:
-        ax.save(da, args.out)
+        save(da, args.out)
         console.print(f"wrote {args.out}")
     if args.html:
-        ax.show(da, path=args.html)
+        show(da, path=args.html)
         console.print(f"wrote {args.html}")
     if args.png:
-        ax.plot(da, path=args.png)
+        plot(da, path=args.png)
         console.print(f"wrote {args.png}")
     return 0
 
