@@ -7,8 +7,7 @@ implementation is switched to eager for the duration of the call and switched ba
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -19,15 +18,11 @@ from ._errors import OptionError
 from ._inputs import encode_sources, to_tensors
 from ._memory import full_precision
 from ._model import Model
-from ._protocol import Call, Family, own_options
+from ._protocol import Call, Family
 from ._schema import label_queries
 
 Selection = int | range | slice | Sequence[int] | None
 MAPS = ("self", "cross", "encoder")
-
-
-def _run(core: Callable[..., xr.DataArray], call: Call, arguments: dict[str, Any]) -> xr.DataArray:
-    return core(call, **own_options(core, arguments))
 
 
 _ONE_FORWARD = "attention weights come from one forward pass"
@@ -41,7 +36,6 @@ ATTENTION = Family(
         "chunk_size": f"{_ONE_FORWARD}: there is no backward to chunk",
         "batch_size": f"{_ONE_FORWARD}: there are no points to batch",
     },
-    run=_run,
 )
 
 

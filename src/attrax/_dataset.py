@@ -24,7 +24,6 @@ import importlib
 import json
 import os
 import re
-import uuid
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -40,6 +39,7 @@ from ._inputs import check_example
 from ._model import Model, load_model
 from ._names import METHODS, PUBLIC, REDUCTIONS
 from ._schema import fill_value
+from .io import load, save, write_atomically
 
 __all__ = [
     "METHODS",
@@ -282,7 +282,6 @@ def load_dataset_results(out: PathLike, *, partial: bool = False) -> xr.DataArra
     >>> load_dataset_results(d / "out").example.values.tolist()
     [0, 1, 2]
     """
-    from .io import load
 
     out = Path(out).expanduser()
     manifest = _read_manifest(out)
@@ -471,7 +470,6 @@ def _as_json(options: Mapping[str, Any]) -> dict[str, Any]:
 
 def _readable(path: Path) -> bool:
     """Whether a shard reads back whole: a truncated or corrupt file is recomputed."""
-    from .io import load
 
     try:
         return path.is_file() and isinstance(load(path), xr.DataArray)
@@ -523,8 +521,6 @@ def _run(
         TimeElapsedColumn,
         TimeRemainingColumn,
     )
-
-    from .io import save
 
     wanted = set(todo)
     columns = (
@@ -590,18 +586,8 @@ def _read_manifest(out: Path) -> dict[str, Any] | None:
 
 
 def _write_manifest(out: Path, manifest: Mapping[str, Any]) -> None:
-    path = out / MANIFEST
-    tmp = out / f".{MANIFEST}.{uuid.uuid4().hex[:12]}.tmp"
-    try:
-        with open(tmp, "w") as f:
-            json.dump(manifest, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
+    text = json.dumps(manifest, indent=1)
+    write_atomically(out / MANIFEST, lambda tmp: tmp.write_text(text))
 
 
 @contextlib.contextmanager

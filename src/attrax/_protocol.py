@@ -147,6 +147,11 @@ Core = Callable[..., Any]
 Run = Callable[[Core, Call, dict[str, Any]], xr.DataArray]
 
 
+def run_with_call(core: Core, call: Call, arguments: dict[str, Any]) -> xr.DataArray:
+    """The default way to run: the core gets the call and its own options, and labels."""
+    return core(call, **own_options(core, arguments))
+
+
 @dataclass(frozen=True)
 class Family:
     """Methods that share common parameters and a way to run (gradient, perturbation, ...).
@@ -159,7 +164,7 @@ class Family:
     name: str
     takes: tuple[str, ...]
     refuses: Mapping[str, str]
-    run: Run
+    run: Run = run_with_call
     extra: Mapping[str, Param] = field(default_factory=dict)
     leading: tuple[str, ...] = ("model", "inputs", "targets")
 

@@ -17,7 +17,7 @@ import xarray as xr
 from ._errors import InputError, OptionError
 from ._inputs import Tensors, Texts, check_aligned, contrast_batch, to_tensors
 from ._model import Model
-from ._protocol import Call, Family, own_options
+from ._protocol import Call, Family
 from ._schema import label_steps
 
 SCORES = (
@@ -35,10 +35,6 @@ NEEDS_CONTRAST = ("contrast_prob_diff",)
 NEEDS_CONTRAST_INPUTS = ("kl_divergence", "pcxmi")
 
 
-def _run(core: Callable[..., xr.DataArray], call: Call, arguments: dict[str, Any]) -> xr.DataArray:
-    return core(call, **own_options(core, arguments))
-
-
 _ONE_FORWARD = "step scores come from one teacher-forced forward"
 STEP = Family(
     name="step_scores",
@@ -49,7 +45,6 @@ STEP = Family(
         "chunk_size": f"{_ONE_FORWARD}: there is no backward to chunk",
         "batch_size": f"{_ONE_FORWARD}: there are no points to batch",
     },
-    run=_run,
 )
 
 

@@ -13,7 +13,7 @@ import json
 import numbers
 import os
 import uuid
-from collections.abc import Hashable, Mapping
+from collections.abc import Callable, Hashable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -76,9 +76,17 @@ def save(obj: xr.DataArray | xr.Dataset, path: PathLike, *, compress: bool | int
     ds = _to_storable(obj)
     encoding = {name: _encoding(var, level) for name, var in ds.variables.items()}
 
+    return write_atomically(
+        path, lambda tmp: ds.to_netcdf(tmp, engine="netcdf4", format="NETCDF4", encoding=encoding)
+    )
+
+
+def write_atomically(path: Path, write: Callable[[Path], object]) -> Path:
+    """``write(tmp)`` to a temporary file beside ``path``, synced, then moved onto ``path``:
+    ``path`` is the old file or the complete new one, never a partial write."""
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
     try:
-        ds.to_netcdf(tmp, engine="netcdf4", format="NETCDF4", encoding=encoding)
+        write(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
