@@ -32,8 +32,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from ._errors import OptionError
-
 AUTO = "auto"
 # points per forward / targets per backward: a positive int, None (all at once) or "auto"
 Size = int | str | None
@@ -160,14 +158,6 @@ def reuse_host_memory() -> Iterator[None]:
 # live tensors of one cotangent's backward, in units of its widest activation [B, L, width],
 # forward activations included; calibrated on a GPT-2-small shape (docs/methods/gradients.md)
 LIVE_TENSORS = 12
-
-
-def check_size(value: object, name: str) -> None:
-    """Raise an :class:`OptionError` unless ``value`` is a positive int, None or ``"auto"``."""
-    if value == AUTO or value is None:
-        return
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise OptionError(f"`{name}` must be a positive integer, None or 'auto', got {value!r}")
 
 
 def backward_bytes(

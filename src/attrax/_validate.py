@@ -13,7 +13,7 @@ import torch
 from ._errors import OptionError
 
 Check = Callable[[Any, str], None]
-AUTO = "auto"
+AUTO = "auto"  # a memory bound that the planner (_memory.plan) picks
 BASELINES = ("zeros", "pad", "unk")
 
 
