@@ -32,10 +32,8 @@ from ._errors import ModelError, OptionError
 
 ATTENTION_IMPLEMENTATIONS = ("auto", "eager", "sdpa")
 # With attn_implementation="auto", a forward on the CPU attending over at least this many tokens
-# runs SDPA's fused kernel. Under attrax's vectorized backward, on the 2-core benchmark machine,
-# it was 1.7x faster than eager attention at 1152 tokens, 6% faster at 288, 3% slower at 160 and
-# 5-10% slower at 64. On an H200 eager won even at 1152 tokens: SDPA's backward has no vmap
-# batching rule, so it runs once per target.
+# runs SDPA's fused kernel: where it overtakes eager attention under the vectorized backward (the
+# measurements are in docs/methods/gradients.md)
 SDPA_MIN_TOKENS = 256
 
 
