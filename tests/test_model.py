@@ -82,10 +82,7 @@ def test_weights_that_do_not_load_whole_are_one_model_error(tmp_path):
         ax.load_model(incomplete)
 
 
-@pytest.mark.parametrize(
-    "architecture",
-    ["BertForSequenceClassification", "BertForTokenClassification", "BertForMaskedLM", None],
-)
+@pytest.mark.parametrize("architecture", ["BertForMaskedLM", None])
 def test_heads_attrax_does_not_attribute_are_refused(tmp_path, architecture):
     tokenizer = train_tokenizer("wordpiece")
     config = transformers.BertConfig(
@@ -106,9 +103,33 @@ def test_heads_attrax_does_not_attribute_are_refused(tmp_path, architecture):
     named = f"is a {architecture} checkpoint" if architecture else "loads as BertLMHeadModel"
     with pytest.raises(ax.ModelError, match=named):
         ax.load_model(tmp_path)
-    if architecture != "BertForMaskedLM":  # its head is the saved one; the rest lack theirs
+    if architecture is None:  # a classifier's weights, read as a language model: no LM head
         with pytest.raises(ax.ModelError, match=r"newly initialised: cls\.predictions\.bias"):
             ax.load_model(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("architecture", "task"),
+    [
+        ("BertForSequenceClassification", "sequence-classification"),
+        ("BertForTokenClassification", "token-classification"),
+    ],
+)
+def test_classifier_checkpoints_load_as_classifiers(tmp_path, architecture, task):
+    tokenizer = train_tokenizer("wordpiece")
+    config = transformers.BertConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=32,
+        num_labels=2,
+    )
+    getattr(transformers, architecture)(config).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    model = ax.load_model(tmp_path)
+    assert model.task == task and type(model.hf).__name__ == architecture
 
 
 def test_language_model_architectures_are_not_refused_by_name():

@@ -54,6 +54,22 @@ def _results(models) -> list[xr.DataArray | xr.Dataset]:
         ax.comprehensiveness(gpt2, cut, *PAIRS[0]),
         ax.merge_subwords(ax.l2_norm(ax.saliency(marian, *PAIRS[0], attribute_target=True))),
         ax.merge_subwords(cut, dims="target"),
+        *_classifier_results(),
+    ]
+
+
+def _classifier_results() -> list[xr.DataArray]:
+    from attrax.testing import tiny_classifier
+
+    hf, tok = tiny_classifier("bert", "sequence")
+    sequence = ax.load_model(hf, tokenizer=tok)
+    hf, tok = tiny_classifier("gpt2", "token")
+    token = ax.load_model(hf, tokenizer=tok)
+    pairs = [("the capital", "is paris"), ("hello", "world")]
+    return [
+        ax.saliency(sequence, pairs, "all", contrast="label_0"),
+        ax.occlusion(token, ["the capital", "hello world"], contrast=0),
+        ax.step_scores(sequence, pairs),
     ]
 
 

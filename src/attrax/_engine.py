@@ -71,15 +71,23 @@ class Problem:
         index = t.index[:, slots].repeat(n, 1)
         mask = t.mask.repeat(n, 1)
         decoder_mask = None if t.decoder_mask is None else t.decoder_mask.repeat(n, 1)
+        token_types = None if t.token_types is None else t.token_types.repeat(n, 1)
         fixed_decoder = None
         if self.decoder_embeds is not None:
             fixed_decoder = self.decoder_embeds.repeat(n, 1, 1)
 
         def h(*embeds: torch.Tensor) -> torch.Tensor:
             decoder = embeds[1] if len(embeds) > 1 else fixed_decoder
-            cut = mask[:, : embeds[0].shape[1]]
+            length = embeds[0].shape[1]
+            types = None if token_types is None else token_types[:, :length]
             return self.model.hidden_at(
-                embeds[0], cut, index, decoder, decoder_mask, forward_mode=forward_mode
+                embeds[0],
+                mask[:, :length],
+                index,
+                decoder,
+                decoder_mask,
+                forward_mode=forward_mode,
+                token_types=types,
             )
 
         return h
@@ -117,8 +125,8 @@ class Problem:
             mask = self.side_mask(side)
             columns = torch.arange(x.shape[1], device=mask.device)
             block = (columns[None, :] < mask.sum(dim=1)[:, None])[:, None, :] & t.valid[..., None]
-            if side == 1 or not self.model.is_encoder_decoder:
-                # index holds the position that predicts a target, i.e. the last one it can see
+            if side == 1 or self.model.causal:
+                # index holds the position a target's logits come from: the last one it can see
                 block = block & (columns[None, None, :] <= t.index[..., None])
             blocks.append(block)
         return torch.cat(blocks, dim=-1)
@@ -213,15 +221,16 @@ class Problem:
 
         Decoder-only targets at positions up to ``p`` read nothing at or after ``p``, so a chunk of
         early targets runs on a shorter sequence. One forward per chunk buys backwards through
-        fewer positions. Encoder-decoder chunks share one forward (``vmap``'s own chunking).
+        fewer positions. Chunks of bidirectional models (encoder-decoders, encoder classifiers)
+        share one forward (``vmap``'s own chunking).
         """
         t = self.tensors
         width = t.valid.shape[1]
-        if self.model.is_encoder_decoder or chunk_size is None:
+        if not self.model.causal or chunk_size is None:
             chunks = [slice(0, width)]
         else:
             chunks = [slice(k, min(k + chunk_size, width)) for k in range(0, width, chunk_size)]
-        if self.model.is_encoder_decoder:
+        if not self.model.causal:
             return [(chunks[0], None)]
         return [(c, int(t.index[:, c].max()) + 1) for c in chunks]
 
@@ -247,7 +256,7 @@ class Problem:
         width = hidden.shape[1]
         one_hot = torch.eye(width, dtype=hidden.dtype, device=hidden.device)
         cotangents = one_hot[:, None, :, None] * head_grad[None]
-        vmap_chunk = chunk_size if self.model.is_encoder_decoder else None
+        vmap_chunk = None if self.model.causal else chunk_size
         with warnings.catch_warnings():
             # SDPA's backward has no batching rule: vmap runs it once per target, which attrax
             # chose knowingly (Model.attention_for), so the warning would only be noise
@@ -324,21 +333,32 @@ def _token_tangents(
 
 def baseline_embeddings(problem: Problem, baseline: Baseline) -> tuple[torch.Tensor, ...]:
     """The baseline per attributed side, shaped like ``problem.inputs``: ``"zeros"``, the
-    ``"pad"``/``"unk"`` token's embedding at every position, or tensors that broadcast."""
+    ``"pad"``/``"unk"``/``"mask"`` token's embedding at every position (``"mask"`` keeps a
+    classifier's special tokens, as Captum's BERT tutorials do), or tensors that broadcast."""
     x = problem.inputs
     if isinstance(baseline, str):
         if baseline == "zeros":
             return tuple(torch.zeros_like(xi) for xi in x)
         model = problem.model
-        token = model.pad_token_id if baseline == "pad" else model.tokenizer.unk_token_id
+        token = {
+            "pad": model.pad_token_id,
+            "unk": model.tokenizer.unk_token_id,
+            "mask": model.tokenizer.mask_token_id,
+        }[baseline]
         if token is None:
             raise OptionError(f"`baseline={baseline!r}`: the tokenizer has no {baseline} token")
         ids = torch.full((1, 1), token, dtype=torch.long)
         sides = ("source", "target")
-        return tuple(
+        out = tuple(
             model.embed(ids, side).detach().expand_as(xi)
             for side, xi in zip(sides, x, strict=False)
         )
+        if baseline == "mask" and problem.batch.examples[0].special is not None:
+            keep = torch.zeros(x[0].shape[:2], dtype=torch.bool)
+            for b, example in enumerate(problem.batch.examples):
+                keep[b, : len(example.special or ())] = torch.tensor(example.special or ())
+            out = (torch.where(keep.to(x[0].device)[..., None], x[0], out[0]), *out[1:])
+        return out
     given = baseline if isinstance(baseline, tuple) else (baseline,)
     if len(given) != len(x):
         raise OptionError(

@@ -20,7 +20,7 @@ is read from the copy made for it.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -275,7 +275,7 @@ def _rank(call: Call, da: xr.DataArray, objective: Any) -> _Ranked:
             f"{'is one text' if batch.single else f'has {len(batch.examples)}'}: pass the inputs "
             "the attribution was computed from"
         )
-    batch, rows = _restrict(batch, template)
+    batch, rows = _restrict(batch, template, call.model.labels)
     problem = Problem.build(call.model, batch, resolve(objective)[1], attribute_target)
     widths = [x.shape[1] for x in problem.inputs]
     if sum(widths) != template.sizes["source"]:
@@ -299,9 +299,15 @@ def _rank(call: Call, da: xr.DataArray, objective: Any) -> _Ranked:
     return _Ranked(problem, rank, rankable.sum(-1), rows, template, single)
 
 
-def _restrict(batch: Batch, template: xr.DataArray) -> tuple[Batch, list[list[int]]]:
-    """Keep, per example, the target positions the attribution covers; their rows in it."""
+def _restrict(
+    batch: Batch, template: xr.DataArray, labels: Mapping[int, str]
+) -> tuple[Batch, list[list[int]]]:
+    """Keep, per example, the target positions (classes: ``labels``) the attribution covers;
+    their rows in it."""
     positions = template["target"].values.tolist()
+    if batch.task == "sequence-classification":  # targets are labelled by class name
+        by_name = {name: i for i, name in labels.items()}
+        positions = [by_name.get(p, -1) for p in positions]
     present = has_targets(template)
     examples, rows = [], []
     for b, example in enumerate(batch.examples):
@@ -324,8 +330,10 @@ def _restrict(batch: Batch, template: xr.DataArray) -> tuple[Batch, list[list[in
 def _check_tokens(template: xr.DataArray, problem: Problem, rows: list[list[int]]) -> None:
     """The attribution's token ids must be those of the texts: catch a mismatched pair early."""
     t = problem.tensors
-    if "target_id" in template.coords:
-        given = per_example(template, "target_id", ("example", "target"))
+    # a classifier's targets are classes; a language model's, tokens
+    name = "target_class" if "target_class" in template.coords else "target_id"
+    if name in template.coords:
+        given = per_example(template, name, ("example", "target"))
         for b, example_rows in enumerate(rows):
             expected = t.target_ids[b, : len(example_rows)].tolist()
             if given[b, example_rows].tolist() != expected:

@@ -27,11 +27,20 @@ class Example:
     target_ids: tuple[int, ...]
     contrast_ids: tuple[int, ...] | None
     positions: tuple[int, ...]
+    #: classifiers: each token's segment (0, 1 for a pair's second text), which tokens are
+    #: special, the segment ids the model takes (None: it takes none), the predicted class(es)
+    #: and their probability
+    segments: tuple[int, ...] | None = None
+    special: tuple[bool, ...] | None = None
+    token_types: tuple[int, ...] | None = None
+    predicted: tuple[int, ...] | None = None
+    predicted_probability: tuple[float, ...] | None = None
 
     def sequence(self, start_token: int | None) -> tuple[int, ...]:
-        """The sequence whose positions index targets: prompt+continuation, or the decoder input."""
+        """The sequence whose positions index targets: prompt+continuation, or the decoder input
+        (a classifier's input when there is no continuation)."""
         if start_token is None:
-            return self.source_ids + self.target_ids
+            return self.source_ids + (() if self.segments is not None else self.target_ids)
         return (start_token, *self.target_ids)
 
 
@@ -43,6 +52,9 @@ class Batch:
     single: bool
     encoder_decoder: bool
     start_token: int | None
+    #: what the model does (``Model.task``) and whether its positions see only earlier ones
+    task: str = "generation"
+    causal: bool = True
 
     def sequences(self) -> list[tuple[int, ...]]:
         return [example.sequence(self.start_token) for example in self.examples]
@@ -65,6 +77,7 @@ class Tensors:
     target_ids: torch.Tensor
     contrast_ids: torch.Tensor | None
     valid: torch.Tensor
+    token_types: torch.Tensor | None = None
 
 
 def prepare(
@@ -81,8 +94,17 @@ def prepare(
     Generation must fit the model's positions: a prompt of ``n`` tokens needs ``n +
     max_new_tokens`` of them (a translator's decoder ``1 + max_new_tokens``), checked before the
     model runs; an :class:`InputError` says how many new tokens fit. Generation is not cut short
-    silently, since the attributed target would then depend on where it was cut.
+    silently, since the attributed target would then depend on where it was cut. A classifier's
+    inputs and targets are read by :func:`prepare_classification`.
     """
+    if model.task != "generation":
+        return prepare_classification(
+            model,
+            inputs,
+            targets,
+            contrast=contrast,
+            positions=positions,  # type: ignore[arg-type]
+        )
     sources, single = _as_texts(inputs, "inputs")
     target_texts = None if targets is None else _aligned(targets, "targets", sources, single)
     contrast_texts = None if contrast is None else _aligned(contrast, "contrast", sources, single)
@@ -132,6 +154,8 @@ def prepare(
 
 def to_tensors(batch: Batch, model: Model) -> Tensors:
     """Pad a batch to rectangular tensors on the model's device (padding on the right)."""
+    if batch.task != "generation":
+        return _classifier_tensors(batch, model)
     pad = model.pad_token_id or 0
     device = model.device
     if batch.encoder_decoder:
@@ -166,6 +190,44 @@ def to_tensors(batch: Batch, model: Model) -> Tensors:
         target_ids.to(device),
         contrast_ids.to(device) if has_contrast else None,
         valid.to(device),
+    )
+
+
+def _classifier_tensors(batch: Batch, model: Model) -> Tensors:
+    """A classifier's tensors: ``index`` is the position each target's logits come from (the
+    token itself, or the pooled position of the sequence), ``target_ids`` the classes."""
+    device = model.device
+    examples = batch.examples
+    ids, mask = _pad([e.source_ids for e in examples], model.pad_token_id or 0)
+    token_types = None
+    if examples[0].token_types is not None:
+        token_types, _ = _pad([e.token_types or () for e in examples], 0)
+    width = max(len(e.positions) for e in examples)
+    index = torch.zeros((len(examples), width), dtype=torch.long)
+    target_ids = torch.zeros_like(index)
+    contrast_ids = torch.zeros_like(index)
+    valid = torch.zeros_like(index, dtype=torch.bool)
+    for row, example in enumerate(examples):
+        k = len(example.positions)
+        if batch.task == "token-classification":
+            index[row, :k] = torch.tensor(example.positions)
+        elif batch.causal:  # decoder-only classifiers pool their last real token
+            index[row, :k] = len(example.source_ids) - 1
+        target_ids[row, :k] = torch.tensor(example.target_ids)
+        if example.contrast_ids is not None:
+            contrast_ids[row, :k] = torch.tensor(example.contrast_ids)
+        valid[row, :k] = True
+    has_contrast = examples[0].contrast_ids is not None
+    return Tensors(
+        ids.to(device),
+        mask.to(device),
+        None,
+        None,
+        index.to(device),
+        target_ids.to(device),
+        contrast_ids.to(device) if has_contrast else None,
+        valid.to(device),
+        None if token_types is None else token_types.to(device),
     )
 
 
@@ -294,6 +356,11 @@ def check_example(
     >>> import attrax as ax
     >>> check_example(ax.load_model(), "3 1 4 =", " 4 1 3")
     """
+    if model.task != "generation":  # a classifier's target names a class
+        _encode_item(model, source, None, "")
+        if target is not None and not (model.task == "sequence-classification" and target == "all"):
+            _class_id(model, target, names[1])
+        return
     tokenizer = model.tokenizer
     source_ids = _encode_source(tokenizer, source, model.is_encoder_decoder)
     if target is None:
@@ -390,3 +457,224 @@ def _select(positions: Any, available: tuple[int, ...], length: int) -> tuple[in
             )
         chosen.append(absolute)
     return tuple(sorted(set(chosen)))
+
+
+# --- classifiers ---------------------------------------------------------------------------
+
+#: a text, or a (text, text_pair) pair for NLI-style models
+Item = str | tuple[str, str]
+ClassTargets = int | str | Sequence[Any] | None
+
+
+def prepare_classification(
+    model: Model,
+    inputs: Item | Sequence[Item] | tuple[Sequence[str], Sequence[str]],
+    targets: ClassTargets = None,
+    *,
+    contrast: ClassTargets = None,
+    positions: int | Sequence[int] | None = None,
+) -> Batch:
+    """Tokenize texts or text pairs for a classifier and resolve the classes to attribute.
+
+    Sequence classification: ``targets`` is a class id or label name (for every example), a list
+    (one per example; for a single input, several classes), None (the predicted class) or
+    ``"all"`` (every class). Token classification: the tokens at ``positions`` (default: every
+    real, non-special token), each attributed for its predicted class, or for the class
+    ``targets`` names. ``contrast`` is a second class: the objective of the target class minus
+    that of the contrast class.
+    """
+    items, single = _as_items(inputs)
+    encoded = [
+        _encode_item(model, text, pair, _at(i, single)) for i, (text, pair) in enumerate(items)
+    ]
+    predicted, probability = _predict(model, encoded)
+    token = model.task == "token-classification"
+    examples = []
+    n = len(encoded)
+    for i, (ids, segments, special, token_types) in enumerate(encoded):
+        if token:
+            available = tuple(p for p in range(len(ids)) if not special[p])
+            chosen = _select(positions, available or tuple(range(len(ids))), len(ids))
+            given = _classes_for(model, targets, "targets", i, n, single, len(chosen))
+            classes = given or tuple(predicted[i][p] for p in chosen)
+            against = _classes_for(model, contrast, "contrast", i, n, single, len(chosen))
+            pred, prob = (
+                tuple(predicted[i][p] for p in chosen),
+                tuple(probability[i][p] for p in chosen),
+            )
+        else:
+            if positions is not None:
+                raise OptionError(
+                    "`positions` selects tokens of a token classifier; a sequence classifier's "
+                    "targets are classes: give them as `targets`"
+                )
+            if isinstance(targets, str) and targets == "all":
+                classes = tuple(model.labels)
+            else:
+                classes = _classes_for(model, targets, "targets", i, n, single, None) or (
+                    predicted[i][0],
+                )
+            classes = tuple(sorted(set(classes)))
+            against = _classes_for(model, contrast, "contrast", i, n, single, len(classes))
+            chosen = classes
+            pred, prob = (predicted[i][0],), (probability[i][0],)
+        examples.append(
+            Example(ids, classes, against, chosen, segments, special, token_types, pred, prob)
+        )
+    return Batch(tuple(examples), single, False, None, model.task, model.causal)
+
+
+def _as_items(value: Any) -> tuple[list[tuple[str, str | None]], bool]:
+    """Texts or pairs as ``[(text, pair or None)]``, and whether one input was given."""
+
+    def item(v: Any, where: str) -> tuple[str, str | None]:
+        if isinstance(v, str):
+            texts: tuple[Any, ...] = (v,)
+        elif isinstance(v, tuple) and len(v) == 2:
+            texts = v
+        else:
+            raise InputError(
+                f"`inputs{where}` must be a text or a (text, text_pair) tuple, got {v!r}"
+            )
+        for text in texts:
+            if not isinstance(text, str) or not text.strip():
+                raise InputError(f"`inputs{where}` must hold non-empty strings, got {v!r}")
+        return texts[0], texts[1] if len(texts) == 2 else None
+
+    if isinstance(value, str) or (
+        isinstance(value, tuple) and len(value) == 2 and all(isinstance(v, str) for v in value)
+    ):
+        return [item(value, "")], True
+    if (
+        isinstance(value, tuple)
+        and len(value) == 2
+        and all(isinstance(v, (list, tuple)) for v in value)
+    ):
+        first, second = value
+        if len(first) != len(second):
+            raise InputError(
+                f"`inputs` as two lists must pair them one to one, got {len(first)} and "
+                f"{len(second)} texts"
+            )
+        value = list(zip(first, second, strict=True))
+    if not isinstance(value, Sequence) or isinstance(value, (bytes, bytearray)) or not value:
+        raise InputError(
+            "`inputs` must be a text, a (text, text_pair) tuple, or a non-empty list of them, "
+            f"got {type(value).__name__}"
+        )
+    return [item(v, f"[{i}]") for i, v in enumerate(value)], False
+
+
+def _encode_item(
+    model: Model, text: str, pair: str | None, where: str
+) -> tuple[tuple[int, ...], tuple[int, ...], tuple[bool, ...], tuple[int, ...] | None]:
+    """Token ids, segments, special-token marks and the model's segment ids of one input."""
+    encoding = model.tokenizer(text, pair, add_special_tokens=True, return_special_tokens_mask=True)
+    ids = tuple(encoding["input_ids"])
+    special = tuple(bool(s) for s in encoding["special_tokens_mask"])
+    if pair is not None and not any(special):
+        raise InputError(
+            f"`inputs{where}` is a (text, text_pair) pair, but {model.name}'s tokenizer has no "
+            "pair template: it would join the texts with nothing between them; give one text"
+        )
+    try:
+        sequence_ids = encoding.sequence_ids()
+    except (AttributeError, ValueError):  # a slow tokenizer: segments from its type ids
+        sequence_ids = list(encoding.get("token_type_ids") or [0] * len(ids))
+    segments, second = [], False
+    for s in sequence_ids:
+        second = second or s == 1  # special tokens join the segment they close
+        segments.append(int(second))
+    token_types = None
+    if "token_type_ids" in encoding and "token_type_ids" in _forward_parameters(model):
+        token_types = tuple(int(t) for t in encoding["token_type_ids"])
+    limit = model.max_positions
+    if limit is not None and len(ids) > limit:
+        raise InputError(
+            f"`inputs{where}` has {len(ids)} tokens, more than the model's {limit} positions"
+        )
+    return ids, tuple(segments), special, token_types
+
+
+def _forward_parameters(model: Model) -> tuple[str, ...]:
+    import inspect
+
+    return tuple(inspect.signature(model.hf.forward).parameters)
+
+
+@torch.no_grad()
+def _predict(
+    model: Model, encoded: list[tuple[Any, ...]]
+) -> tuple[list[tuple[int, ...]], list[tuple[float, ...]]]:
+    """The predicted class and its probability: per example, or per token."""
+    placeholder = tuple(
+        Example(ids, (0,) * len(ids), None, tuple(range(len(ids))), seg, sp, tt)
+        for ids, seg, sp, tt in encoded
+    )
+    token = model.task == "token-classification"
+    examples = (
+        placeholder
+        if token
+        else tuple(
+            Example(e.source_ids, (0,), None, (0,), e.segments, e.special, e.token_types)
+            for e in placeholder
+        )
+    )
+    batch = Batch(examples, False, False, None, model.task, model.causal)
+    t = to_tensors(batch, model)
+    embeds = model.embed(t.ids)
+    logits = model.hidden_at(embeds, t.mask, t.index, token_types=t.token_types)
+    probs = torch.softmax(logits.float(), dim=-1)
+    best = probs.max(dim=-1)
+    classes, chances = best.indices.cpu().tolist(), best.values.cpu().tolist()
+    counts = [len(e.positions) for e in examples]
+    return (
+        [tuple(c[:n]) for c, n in zip(classes, counts, strict=True)],
+        [tuple(p[:n]) for p, n in zip(chances, counts, strict=True)],
+    )
+
+
+def _class_id(model: Model, value: Any, name: str) -> int:
+    """A class id from an id or a label name."""
+    if isinstance(value, str):
+        by_name = {label: i for i, label in model.labels.items()}
+        if value not in by_name:
+            raise InputError(
+                f"`{name}` {value!r} is not a label of {model.name}; its labels are {list(by_name)}"
+            )
+        return by_name[value]
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InputError(f"`{name}` must be a class id or a label name, got {value!r}")
+    if not 0 <= value < len(model.labels):
+        raise InputError(
+            f"`{name}` {value} is not a class id of {model.name}: it has {len(model.labels)} "
+            f"classes (0..{len(model.labels) - 1})"
+        )
+    return value
+
+
+def _classes_for(
+    model: Model, value: Any, name: str, i: int, n: int, single: bool, count: int | None
+) -> tuple[int, ...] | None:
+    """The classes ``value`` gives example ``i`` (None when it gives none), repeated ``count``
+    times when one class stands for every target."""
+    if value is None:
+        return None
+    if isinstance(value, str) and value == "all":
+        raise OptionError(f"`{name}='all'` is for sequence classifiers' targets")
+    if isinstance(value, (list, tuple)) and not single:
+        if len(value) != n:
+            raise InputError(
+                f"`{name}` must give one entry per example: {n} examples, got {len(value)}"
+            )
+        value = value[i]
+    ids = (
+        tuple(_class_id(model, v, f"{name}{_at(i, single)}") for v in value)
+        if isinstance(value, (list, tuple))
+        else (_class_id(model, value, f"{name}{_at(i, single)}"),)
+    )
+    if count is not None and len(ids) == 1:
+        return ids * count
+    if count is not None and len(ids) != count:
+        raise InputError(f"`{name}{_at(i, single)}` has {len(ids)} classes for {count} targets")
+    return ids

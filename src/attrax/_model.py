@@ -17,6 +17,8 @@ from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
     AutoModelForSeq2SeqLM,
+    AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
     AutoTokenizer,
     PreTrainedModel,
 )
@@ -31,6 +33,8 @@ from . import _arch
 from ._errors import ModelError, OptionError
 
 ATTENTION_IMPLEMENTATIONS = ("auto", "eager", "sdpa")
+#: What a model does: generate text (causal and seq2seq LMs) or classify sequences or tokens.
+TASKS = ("generation", "sequence-classification", "token-classification")
 # With attn_implementation="auto", a forward on the CPU attending over at least this many tokens
 # runs SDPA's fused kernel: where it overtakes eager attention under the vectorized backward (the
 # measurements are in docs/methods/gradients.md)
@@ -38,7 +42,8 @@ SDPA_MIN_TOKENS = 256
 
 
 class Model:
-    """A Hugging Face causal or seq2seq LM with its tokenizer, ready for ``torch.func``.
+    """A Hugging Face model with its tokenizer, ready for ``torch.func``: a causal or seq2seq LM,
+    or a sequence or token classifier (``*ForSequenceClassification``, ``*ForTokenClassification``).
 
     Holds the real state attrax needs: the module (eval mode, no parameter grads), the tokenizer,
     how the model turns ids into the embeddings it accepts as ``inputs_embeds``, and its limits.
@@ -62,7 +67,8 @@ class Model:
             raise ModelError(
                 f"`model` must be a transformers PreTrainedModel, got {type(hf_model).__name__}"
             )
-        if hf_model.get_output_embeddings() is None:
+        self.task = _task(hf_model)
+        if self.task == "generation" and hf_model.get_output_embeddings() is None:
             raise ModelError(
                 f"`model` ({type(hf_model).__name__}) has no language-model head: attrax needs a "
                 "causal LM (AutoModelForCausalLM) or a seq2seq LM (AutoModelForSeq2SeqLM)"
@@ -77,6 +83,17 @@ class Model:
         config = hf_model.config
         self.name = name or getattr(config, "_name_or_path", "") or type(hf_model).__name__
         self.is_encoder_decoder = bool(getattr(config, "is_encoder_decoder", False))
+        if self.is_encoder_decoder and self.task != "generation":
+            raise ModelError(
+                f"`model` ({type(hf_model).__name__}) is an encoder-decoder classifier; attrax "
+                "attributes encoder-only and decoder-only classifiers"
+            )
+        #: class id -> label name (classifiers)
+        self.labels: dict[int, str] = {}
+        if self.task != "generation":
+            names = getattr(config, "id2label", None) or {}
+            count = int(getattr(config, "num_labels", 0) or len(names))
+            self.labels = {i: str(names.get(i, f"LABEL_{i}")) for i in range(count)}
         self.max_positions = _arch.max_positions(config)
         self.pad_token_id = _first_int(
             tokenizer.pad_token_id,
@@ -103,12 +120,17 @@ class Model:
             if decoder is not None
             else self._source_embedding
         )
-        self._head = hf_model.get_output_embeddings()
+        self._head = hf_model.get_output_embeddings() if self.task == "generation" else None
+        # decoder-only sequence classifiers score their last real token with a `score` head
+        self._score = getattr(hf_model, "score", None) if self.task != "generation" else None
         self._activations = [m for m in hf_model.modules() if _activation_kind(m) is not None]
         self._source_scale = 1.0
         self._target_scale = 1.0
         self._calibrate_embedding_scales()
-        self._check_head()
+        #: whether position p sees only positions <= p (decoder-only LMs and classifiers)
+        self.causal = not self.is_encoder_decoder and self._probe_causal()
+        if self.task == "generation":
+            self._check_head()
 
     @property
     def device(self) -> torch.device:
@@ -124,8 +146,10 @@ class Model:
 
     @property
     def model_type(self) -> str:
-        """``"decoder-only"`` or ``"encoder-decoder"``, as results record it."""
-        return "encoder-decoder" if self.is_encoder_decoder else "decoder-only"
+        """``"decoder-only"``, ``"encoder-decoder"`` or ``"encoder-only"``, as results record it."""
+        if self.is_encoder_decoder:
+            return "encoder-decoder"
+        return "decoder-only" if self.causal else "encoder-only"
 
     def __repr__(self) -> str:
         return f"attrax.Model({self.name!r}, {self.model_type}, {type(self.hf).__name__})"
@@ -149,14 +173,21 @@ class Model:
         index: torch.Tensor,
         decoder_embeds: torch.Tensor | None = None,
         decoder_attention_mask: torch.Tensor | None = None,
+        token_types: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits ``[batch, k, vocab]`` at positions ``index[batch, k]`` of the (decoder) sequence.
 
         ``embeds`` (and ``decoder_embeds``) are embedding-table rows as :meth:`embed` returns them.
-        Full-vocabulary logits are computed only at the gathered positions.
+        Full-vocabulary logits are computed only at the gathered positions. A classifier gives its
+        class logits (:meth:`hidden_at`).
         """
         hidden = self.hidden_at(
-            embeds, attention_mask, index, decoder_embeds, decoder_attention_mask
+            embeds,
+            attention_mask,
+            index,
+            decoder_embeds,
+            decoder_attention_mask,
+            token_types=token_types,
         )
         return self.head(hidden)
 
@@ -168,13 +199,18 @@ class Model:
         decoder_embeds: torch.Tensor | None = None,
         decoder_attention_mask: torch.Tensor | None = None,
         forward_mode: bool = False,
+        token_types: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """What the language-model head receives at positions ``index[batch, k]``: ``[batch, k, H]``.
 
         The head itself runs on zero positions, so the forward costs nothing at the vocabulary.
         ``forward_mode=True`` when the call is differentiated with ``jvp``: attention then runs
-        eager, since SDPA's fused kernels have no forward-mode derivative.
+        eager, since SDPA's fused kernels have no forward-mode derivative. A classifier returns
+        its class logits ``[batch, k, classes]`` instead (its :meth:`head` is the identity): those
+        of the sequence for every ``k``, or those of token ``index[batch, k]``.
         """
+        if self.task != "generation":
+            return self._class_logits(embeds, attention_mask, index, token_types, forward_mode)
         tokens = embeds.shape[-2]
         if decoder_embeds is not None:
             tokens = max(tokens, decoder_embeds.shape[-2])
@@ -207,10 +243,49 @@ class Model:
                 )
         return captured[0]
 
+    def _class_logits(
+        self,
+        embeds: torch.Tensor,
+        mask: torch.Tensor,
+        index: torch.Tensor,
+        token_types: torch.Tensor | None,
+        forward_mode: bool,
+    ) -> torch.Tensor:
+        implementation = (
+            "eager" if forward_mode else self.attention_for(embeds.shape[-2], embeds.device)
+        )
+        if self._source_scale != 1.0:
+            embeds = embeds * self._source_scale
+        kwargs: dict[str, Any] = {"inputs_embeds": embeds, "attention_mask": mask}
+        if token_types is not None:
+            kwargs["token_type_ids"] = token_types
+        if self.causal:
+            positions = torch.arange(embeds.shape[-2], device=embeds.device)
+            kwargs["position_ids"] = positions.expand(mask.shape)
+        rows = torch.arange(index.shape[0], device=index.device)[:, None]
+        with (
+            self.attention_as(implementation, required=forward_mode),
+            fast_activations(self._activations),
+        ):
+            if self._score is not None and self.task == "sequence-classification":
+                # from embeddings HF cannot find the last real token, so the pooling happens here
+                hidden = self.hf.base_model(**kwargs, use_cache=False)[0]
+                return self._score(hidden[rows, index])
+            logits = self.hf(**kwargs).logits
+        if self.task == "sequence-classification":
+            return logits[:, None, :].expand(index.shape[0], index.shape[1], logits.shape[-1])
+        return logits[rows, index]
+
     @torch.no_grad()
     def attention_maps(self, t: Any) -> Any:
         """One teacher-forced forward over tensors ``t`` (:class:`~attrax._inputs.Tensors`)
         returning its eager attention maps; the head computes no logits."""
+        if self.task != "generation":
+            kwargs: dict[str, Any] = {"input_ids": t.ids, "attention_mask": t.mask}
+            if t.token_types is not None:
+                kwargs["token_type_ids"] = t.token_types
+            with self.attention_as("eager", required=True), fast_activations(self._activations):
+                return self.hf(**kwargs, output_attentions=True)
         with (
             self.attention_as("eager", required=True),
             capture_before(self._head, t.index, []),
@@ -288,7 +363,10 @@ class Model:
             hf.set_attn_implementation(previous)
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Logits from head inputs (:meth:`hidden_at`): the output projection and what follows it."""
+        """Logits from head inputs (:meth:`hidden_at`): the output projection and what follows it
+        (a classifier's :meth:`hidden_at` gives logits already)."""
+        if self._head is None:
+            return hidden
         logits = self._head(hidden)
         bias = getattr(self.hf, "final_logits_bias", None)
         if isinstance(bias, torch.Tensor):
@@ -373,6 +451,22 @@ class Model:
                 "hidden states (plus a final bias or soft-capping); attrax does not support it yet"
             )
 
+    @torch.no_grad()
+    def _probe_causal(self) -> bool:
+        """Whether the first position's output ignores later tokens (a causal model)."""
+        if self.task == "generation":
+            return True
+        if self.task == "sequence-classification" and self._score is None:
+            return False  # encoder classifiers pool the whole sequence
+        ids = self._probe_ids(count=6, step=5, offset=2)
+        embeds = self.embed(ids)
+        changed = embeds.clone()
+        changed[:, -1] = embeds[:, 0]  # another token (a constant shift would vanish in a norm)
+        mask = torch.ones_like(ids)
+        base = self.hf.base_model
+        first = [base(inputs_embeds=e, attention_mask=mask)[0][:, 0] for e in (embeds, changed)]
+        return _mismatch(first[1], first[0]) <= _tolerance(embeds.dtype)
+
     def _probe_ids(self, count: int, step: int, offset: int) -> torch.Tensor:
         """``[1, L]`` probe ids. A translator's start with its decoder start token, as every decoder
         input attrax builds does: M2M100 numbers positions by counting non-pad tokens, so with a
@@ -390,6 +484,12 @@ class Model:
         embeds: torch.Tensor | None,
         side: str | None,
     ) -> torch.Tensor:
+        if self.task != "generation":
+            given = {"input_ids": ids} if embeds is None else {"inputs_embeds": embeds}
+            if self._score is not None and self.task == "sequence-classification":
+                hidden = self.hf.base_model(**given, attention_mask=mask)[0]
+                return self._score(hidden[:, -1])  # no padding in a probe: the last token
+            return self.hf(**given, attention_mask=mask).logits
         if not self.is_encoder_decoder:
             if embeds is None:
                 return self.hf(input_ids=ids, attention_mask=mask, use_cache=False).logits
@@ -487,6 +587,15 @@ def load_model(
     return Model(hf_model, tokenizer, name=name, attn_implementation=attn_implementation)
 
 
+def _task(hf_model: PreTrainedModel) -> str:
+    name = type(hf_model).__name__
+    if name.endswith("ForSequenceClassification"):
+        return "sequence-classification"
+    if name.endswith("ForTokenClassification"):
+        return "token-classification"
+    return "generation"
+
+
 def _check_attention(attn_implementation: object) -> None:
     if attn_implementation not in ATTENTION_IMPLEMENTATIONS:
         raise OptionError(
@@ -515,9 +624,15 @@ def _from_pretrained(
         raise ModelError(f"`model` {str(path)!r} is not a loadable {what}: {error}") from None
     if with_tokenizer:
         _check_tokenizer_files(path, "model")
-    unsupported = _unsupported_architectures(config)
+    named = list(getattr(config, "architectures", None) or [])
+    classifier = _task_of_architectures(named)
+    unsupported = [] if classifier else _unsupported_architectures(config)
     auto = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else None
     auto = auto or AutoModelForCausalLM
+    if classifier == "sequence-classification":
+        auto = AutoModelForSequenceClassification
+    elif classifier == "token-classification":
+        auto = AutoModelForTokenClassification
     # shape mismatches come back in the loading info, not as transformers' report + RuntimeError
     kwargs: dict[str, Any] = {
         "attn_implementation": attn_implementation,
@@ -573,6 +688,16 @@ _BASE_ARCHITECTURES = frozenset(
 _LM_SUFFIXES = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration", "MTModel")
 
 
+def _task_of_architectures(named: Sequence[str]) -> str | None:
+    """The classifier task the config's ``architectures`` name, if any."""
+    for name in named:
+        if name.endswith("ForSequenceClassification"):
+            return "sequence-classification"
+        if name.endswith("ForTokenClassification"):
+            return "token-classification"
+    return None
+
+
 def _unsupported_architectures(config: Any) -> list[str]:
     """The config's ``architectures`` when none is a language model (or a headless base model)."""
     named = list(getattr(config, "architectures", None) or [])
@@ -596,8 +721,8 @@ def _refuse_load(
         message += (
             f" is a {', '.join(unsupported)} checkpoint (config `architectures`), which attrax "
             "does not attribute yet: it supports causal language models (*ForCausalLM, "
-            "*LMHeadModel) and seq2seq ones (*ForConditionalGeneration, *MTModel), not "
-            "classifiers or masked LMs"
+            "*LMHeadModel), seq2seq ones (*ForConditionalGeneration, *MTModel) and "
+            "classifiers (*ForSequenceClassification, *ForTokenClassification), not masked LMs"
         )
     if missing:
         shown = ", ".join(missing[:5])

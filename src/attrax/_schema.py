@@ -42,6 +42,15 @@ COORDS: dict[str, str] = {
     "source_token": "token string of each source",
     "side": "'source' (prompt/encoder) or 'target' (continuation/decoder) for each source",
     "position": "index level of `source` beside `side` when both sides of a translator are sources",
+    "segment": "classifiers: 0 for the text, 1 for the second text of a pair, -1 for padding",
+    "special": "classifiers: whether the source is a special token ([CLS], [SEP], <s>, ...)",
+    "target_class": "classifiers: the class id attributed at each target",
+    "target_label": "classifiers: the label name of that class",
+    "predicted_class": "classifiers: the class the model predicts (per example, or per token)",
+    "predicted_label": "classifiers: the label name of the predicted class",
+    "predicted_probability": "classifiers: the probability of the predicted class",
+    "contrast_class": "classifiers: the contrast class of each target (`contrast=`)",
+    "contrast_label": "classifiers: the label name of the contrast class",
     "query_id": "token id of each query",
     "query_token": "token string of each query",
     "contrast_id": "token id of the contrast token of each target",
@@ -58,7 +67,8 @@ COORDS: dict[str, str] = {
 ATTRS: dict[str, str] = {
     "method": "the attribution method (or, for a faithfulness curve, the method it scores)",
     "model": "the model's name or path",
-    "model_type": "'decoder-only' or 'encoder-decoder'",
+    "model_type": "'decoder-only', 'encoder-decoder' or 'encoder-only'",
+    "task": "'generation', 'sequence-classification' or 'token-classification'",
     "objective": "what is attributed at each target ('probability', 'logprob', 'logit', ...)",
     "options": "a JSON string of every option of the call, defaults included",
     "attrax_version": "the attrax version that computed it",
@@ -110,6 +120,7 @@ def run_attrs(
         "method": method,
         "model": model.name,
         "model_type": model.model_type,
+        "task": model.task,
         "objective": objective,
         "options": json.dumps({k: jsonable(v) for k, v in options.items()}, sort_keys=True),
         "attrax_version": __version__,
@@ -150,9 +161,14 @@ def label(
         widths = [len(_side_ids(batch, b, side_index)) for b in range(len(examples))]
         rows = [[row_of[p] for p in e.positions] for e in examples]
         block = _place(values, rows, widths, len(targets))
-        if side_index == 1 or not batch.encoder_decoder:  # the target side: no future sources
+        causal = batch.causal and not batch.encoder_decoder
+        if side_index == 1 or (causal and batch.task != "sequence-classification"):
+            # the target side: nothing is attributed to sources its target cannot see
             columns = torch.arange(block.shape[2], device=block.device)
-            future = columns[None, :] >= torch.as_tensor(targets, device=block.device)[:, None]
+            seen = torch.as_tensor(targets, device=block.device)
+            if batch.task == "generation":
+                seen = seen - 1  # target t is predicted from position t - 1
+            future = columns[None, :] > seen[:, None]
             block = block.masked_fill(future.view(1, *future.shape, *(1,) * (block.ndim - 3)), nan)
         blocks.append(block)
     data = to_host(blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=2))
@@ -172,6 +188,9 @@ def label(
         positions = [*range(blocks[0].shape[2]), *range(blocks[1].shape[2])]
         index = pd.MultiIndex.from_arrays([sides_level, positions], names=("side", "position"))
         coords.update(xr.Coordinates.from_pandas_multiindex(index, "source"))
+    elif batch.task != "generation":
+        coords["source"] = np.arange(data.shape[2])
+        coords.update(_segments(batch, data.shape[2]))
     else:
         coords["source"] = np.arange(data.shape[2])
         coords["side"] = (("example", "source"), _sides(batch, data.shape[2]))
@@ -325,6 +344,8 @@ def _build(
 
 def _target_coords(model: Model, batch: Batch) -> tuple[list[int], dict[int, int], dict[str, Any]]:
     """The union of target positions, each position's row, and the target coordinates."""
+    if batch.task != "generation":
+        return _class_coords(model, batch)
     examples = batch.examples
     sequences = batch.sequences()
     targets = sorted({p for e in examples for p in e.positions})
@@ -347,6 +368,70 @@ def _target_coords(model: Model, batch: Batch) -> tuple[list[int], dict[int, int
         coords["contrast_id"] = (("example", "target"), contrast_ids)
         coords["contrast_token"] = (("example", "target"), token_strings(contrast_ids, tokens))
     return targets, row_of, coords
+
+
+def _class_coords(model: Model, batch: Batch) -> tuple[list[int], dict[int, int], dict[str, Any]]:
+    """A classifier's targets: classes (sequence classification; labelled by name, so that
+    ``.sel(target="positive")`` works) or token positions (token classification), each with the
+    class attributed, and the model's prediction."""
+    examples = batch.examples
+    sequence = batch.task == "sequence-classification"
+    targets = sorted({p for e in examples for p in e.positions})
+    row_of = {p: i for i, p in enumerate(targets)}
+    shape = (len(examples), len(targets))
+    classes = np.full(shape, MISSING_ID, dtype=np.int64)
+    contrast = np.full(shape, MISSING_ID, dtype=np.int64)
+    predicted = np.full(shape, MISSING_ID, dtype=np.int64)
+    probability = np.full(shape, np.nan)
+    token_ids = np.full(shape, MISSING_ID, dtype=np.int64)
+    for b, e in enumerate(examples):
+        rows = [row_of[p] for p in e.positions]
+        classes[b, rows] = e.target_ids
+        if e.contrast_ids is not None:
+            contrast[b, rows] = e.contrast_ids
+        if not sequence:
+            predicted[b, rows] = e.predicted or ()
+            probability[b, rows] = e.predicted_probability or ()
+            token_ids[b, rows] = [e.source_ids[p] for p in e.positions]
+    names = np.vectorize(lambda c: model.labels.get(int(c), MISSING_TOKEN), otypes=[object])
+    dims = ("example", "target")
+    coords: dict[str, Any] = {
+        "target_class": (dims, classes),
+        "target_label": (dims, names(classes).astype(str)),
+    }
+    if sequence:
+        coords["target"] = np.asarray([model.labels[c] for c in targets], dtype=str)
+        first = np.asarray([e.predicted[0] if e.predicted else MISSING_ID for e in examples])
+        chance = [e.predicted_probability[0] if e.predicted_probability else nan for e in examples]
+        coords["predicted_class"] = (("example",), first)
+        coords["predicted_label"] = (("example",), names(first).astype(str))
+        coords["predicted_probability"] = (("example",), np.asarray(chance, dtype=np.float64))
+    else:
+        tokens = model.tokenizer.convert_ids_to_tokens
+        coords["target"] = np.asarray(targets, dtype=np.int64)
+        coords["target_id"] = (dims, token_ids)
+        coords["target_token"] = (dims, token_strings(token_ids, tokens))
+        coords["predicted_class"] = (dims, predicted)
+        coords["predicted_label"] = (dims, names(predicted).astype(str))
+        coords["predicted_probability"] = (dims, probability)
+    if examples[0].contrast_ids is not None:
+        coords["contrast_class"] = (dims, contrast)
+        coords["contrast_label"] = (dims, names(contrast).astype(str))
+    return targets, row_of, coords
+
+
+def _segments(batch: Batch, width: int) -> dict[str, Any]:
+    """A classifier's source coordinates: the segment of each token (0, or 1 for the second
+    text of a pair; -1 for padding) and whether it is a special token."""
+    segments = np.full((len(batch.examples), width), MISSING_ID, dtype=np.int64)
+    special = np.zeros((len(batch.examples), width), dtype=bool)
+    for b, e in enumerate(batch.examples):
+        segments[b, : len(e.source_ids)] = e.segments or ()
+        special[b, : len(e.source_ids)] = e.special or ()
+    return {
+        "segment": (("example", "source"), segments),
+        "special": (("example", "source"), special),
+    }
 
 
 def _place(

@@ -201,7 +201,9 @@ def _require(names: tuple[str, ...], needy: tuple[str, ...], value: Any, option:
 def _logits(model: Model, t: Tensors) -> torch.Tensor:
     embeds = model.embed(t.ids, "source")
     decoder = None if t.decoder_ids is None else model.embed(t.decoder_ids, "target")
-    return model.logits_at(embeds, t.mask, t.index, decoder, t.decoder_mask).float()
+    return model.logits_at(
+        embeds, t.mask, t.index, decoder, t.decoder_mask, token_types=t.token_types
+    ).float()
 
 
 def _entropy(logp: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,7 @@ from ._errors import OptionError
 
 Check = Callable[[Any, str], None]
 AUTO = "auto"  # a memory bound that the planner (_memory.plan) picks
-BASELINES = ("zeros", "pad", "unk")
+BASELINES = ("zeros", "pad", "unk", "mask")
 
 
 def _is_int(value: object) -> bool:

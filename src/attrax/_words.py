@@ -259,7 +259,9 @@ def _reduce(values: np.ndarray, members: np.ndarray, how: str) -> np.ndarray:
 
 def _dims(da: xr.DataArray, dims: str | Sequence[str] | None) -> tuple[str, ...]:
     if dims is None:
-        chosen = tuple(d for d in DIMS if d in da.dims)
+        # a sequence classifier's targets are classes, not tokens
+        classes = da.attrs.get("task") == "sequence-classification"
+        chosen = tuple(d for d in DIMS if d in da.dims and not (classes and d == "target"))
         if not chosen:
             raise OptionError(
                 f"merge_subwords: `da` has neither a `source` nor a `target` dim; its dims are "

@@ -39,10 +39,12 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ARCHS",
+    "CLASSIFIER_ARCHS",
     "SEQ2SEQ_ARCHS",
     "TOKENIZER_KINDS",
     "corpus",
     "save_tiny_model",
+    "tiny_classifier",
     "tiny_model",
     "train_tokenizer",
 ]
@@ -364,6 +366,73 @@ def tiny_model(
             with torch.no_grad():
                 model.final_logits_bias.normal_(std=0.5)
     model.generation_config.pad_token_id = config.pad_token_id
+    return model.float().eval(), tok
+
+
+# arch -> (tokenizer kind, config class, config defaults) of the tiny classifiers
+_CLASSIFIERS: dict[str, tuple[str, str, dict[str, Any]]] = {
+    "bert": (
+        "wordpiece",
+        "BertConfig",
+        dict(
+            hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+            max_position_embeddings=64, type_vocab_size=2, initializer_range=0.3,
+        ),
+    ),
+    "distilbert": (
+        "wordpiece",
+        "DistilBertConfig",
+        dict(dim=32, n_layers=2, n_heads=2, hidden_dim=64, max_position_embeddings=64,
+             initializer_range=0.3),
+    ),
+    "roberta": (
+        "bart",
+        "RobertaConfig",
+        dict(
+            hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+            max_position_embeddings=80, type_vocab_size=1, initializer_range=0.3,
+        ),
+    ),
+    "gpt2": ("gpt2", "GPT2Config", _TINY["gpt2"][2]),
+}  # fmt: skip
+CLASSIFIER_ARCHS = tuple(_CLASSIFIERS)
+
+
+def tiny_classifier(
+    arch: str, task: str = "sequence", num_labels: int = 3, seed: int = 0, **config_overrides: Any
+) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
+    """A tiny randomly initialised classifier ``(model, tokenizer)``, offline and deterministic.
+
+    ``arch`` is one of :data:`CLASSIFIER_ARCHS` (``gpt2`` pools its last real token); ``task`` is
+    ``"sequence"`` (``*ForSequenceClassification``) or ``"token"`` (``*ForTokenClassification``).
+    Labels are named ``label_0``, ``label_1``, ...
+
+    >>> model, tok = tiny_classifier("bert", num_labels=2)
+    >>> type(model).__name__, model.config.id2label[1]
+    ('BertForSequenceClassification', 'label_1')
+    """
+    if arch not in _CLASSIFIERS or task not in ("sequence", "token"):
+        raise ValueError(f"unknown classifier {arch!r}/{task!r}; expected {CLASSIFIER_ARCHS}")
+    kind, config_cls, defaults = _CLASSIFIERS[arch]
+    attn = config_overrides.pop("attn_implementation", "eager")
+    tok = _tokenizer_for(kind)
+    if kind == "wordpiece":  # BERT-style tokenizers return the segment of each token
+        tok.model_input_names = ["input_ids", "token_type_ids", "attention_mask"]
+    if tok.pad_token is None:  # GPT-2 classifiers pad with EOS, as fine-tuning recipes do
+        tok.pad_token = tok.eos_token
+    labels = {i: f"label_{i}" for i in range(num_labels)}
+    kw: dict[str, Any] = dict(
+        vocab_size=len(tok), pad_token_id=tok.pad_token_id, num_labels=num_labels,
+        id2label=labels, label2id={v: k for k, v in labels.items()},
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+    )  # fmt: skip
+    config = getattr(transformers, config_cls)(**{**kw, **defaults, **config_overrides})
+    config._attn_implementation = attn
+    head = "ForSequenceClassification" if task == "sequence" else "ForTokenClassification"
+    name = {"bert": "Bert", "distilbert": "DistilBert", "roberta": "Roberta", "gpt2": "GPT2"}[arch]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = getattr(transformers, name + head)(config)
     return model.float().eval(), tok
 
 

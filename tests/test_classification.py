@@ -1,0 +1,304 @@
+"""Sequence and token classifiers: every method against a naive per-(example, class) autograd
+loop written here, on encoder (BERT, DistilBERT, RoBERTa) and decoder-only (GPT-2) heads."""
+
+from __future__ import annotations
+
+import inspect
+
+import numpy as np
+import pytest
+import torch
+
+import attrax as ax
+from attrax.testing import tiny_classifier
+
+CLASSIFIERS = [
+    ("bert", "sequence"),
+    ("distilbert", "sequence"),
+    ("roberta", "sequence"),
+    ("gpt2", "sequence"),
+    ("bert", "token"),
+    ("gpt2", "token"),
+]
+TEXTS = ["the capital of france is paris", "hello world"]
+
+
+@pytest.fixture(scope="module")
+def classifiers() -> dict[tuple[str, str], ax.Model]:
+    built = {}
+    for arch, task in CLASSIFIERS:
+        hf, tok = tiny_classifier(arch, task)
+        built[arch, task] = ax.load_model(hf, tokenizer=tok)
+    return built
+
+
+class Naive:
+    """One example at a time through the Hugging Face model itself, one backward per target."""
+
+    def __init__(self, model: ax.Model, text: str, pair: str | None = None) -> None:
+        tok, hf = model.tokenizer, model.hf
+        encoding = tok(text, pair, return_tensors="pt")
+        self.hf = hf
+        self.ids = encoding["input_ids"]
+        self.types = encoding.get("token_type_ids")
+        self.token = model.task == "token-classification"
+
+    def embeddings(self) -> torch.Tensor:
+        return self.hf.get_input_embeddings()(self.ids).detach()
+
+    def logits(self, embeds: torch.Tensor) -> torch.Tensor:
+        kwargs = {"inputs_embeds": embeds}
+        if (
+            self.types is not None
+            and "token_type_ids" in inspect.signature(self.hf.forward).parameters
+        ):
+            kwargs["token_type_ids"] = self.types
+        return self.hf(**kwargs).logits[0]  # [C] or [L, C]
+
+    def targets(self) -> list[tuple[int | None, int]]:
+        """(position or None, class): every class of a sequence, each token's predicted class."""
+        logits = self.logits(self.embeddings())
+        if self.token:
+            return [(p, int(c)) for p, c in enumerate(logits.argmax(-1))]
+        return [(None, c) for c in range(logits.shape[-1])]
+
+    def score(self, embeds: torch.Tensor, position: int | None, cls: int) -> torch.Tensor:
+        logits = self.logits(embeds)
+        row = logits if position is None else logits[position]
+        return torch.softmax(row, -1)[cls]
+
+    def gradient(self, embeds: torch.Tensor, position: int | None, cls: int) -> torch.Tensor:
+        embeds = embeds.clone().requires_grad_(True)
+        (grad,) = torch.autograd.grad(self.score(embeds, position, cls), embeds)
+        return grad[0]
+
+
+def _rows(model: ax.Model, naive: Naive) -> list[tuple[int | None, int]]:
+    targets = naive.targets()
+    if model.task == "token-classification":
+        special = model.tokenizer.get_special_tokens_mask(
+            naive.ids[0].tolist(), already_has_special_tokens=True
+        )
+        targets = [t for t in targets if not special[t[0]]] or targets
+    return targets
+
+
+def _check(da, model: ax.Model, texts, per_target) -> None:
+    """``per_target(naive, embeds, position, class) -> [L, H]`` against each example's rows."""
+    for b, text in enumerate(texts):
+        naive = Naive(model, *((text,) if isinstance(text, str) else text))
+        embeds = naive.embeddings()
+        got = da.isel(example=b)
+        for k, (position, cls) in enumerate(_rows(model, naive)):
+            want = per_target(naive, embeds, position, cls).detach().numpy()
+            row = got.isel(target=k).values[: want.shape[0]]
+            if model.causal and position is not None:
+                row, want = row[: position + 1], want[: position + 1]
+            np.testing.assert_allclose(row, want, rtol=1e-4, atol=1e-7)
+
+
+def _all(model: ax.Model):
+    return "all" if model.task == "sequence-classification" else None
+
+
+@pytest.mark.parametrize(("arch", "task"), CLASSIFIERS)
+def test_saliency_and_input_x_gradient_equal_the_naive_loop(classifiers, arch, task):
+    model = classifiers[arch, task]
+    sal = ax.saliency(model, TEXTS, _all(model))
+    _check(sal, model, TEXTS, lambda n, e, p, c: n.gradient(e, p, c))
+    ixg = ax.input_x_gradient(model, TEXTS, _all(model))
+    _check(ixg, model, TEXTS, lambda n, e, p, c: n.gradient(e, p, c) * e[0])
+
+
+@pytest.mark.parametrize(("arch", "task"), [("bert", "sequence"), ("gpt2", "token")])
+def test_integrated_gradients_equal_the_naive_loop_with_its_own_nodes(classifiers, arch, task):
+    model = classifiers[arch, task]
+    nodes, weights = np.polynomial.legendre.leggauss(4)
+    alphas, weights = (nodes + 1) / 2, weights / 2
+
+    def naive_ig(n, e, p, c):
+        total = sum(
+            w * n.gradient(float(a) * e, p, c) for a, w in zip(alphas, weights, strict=True)
+        )
+        return total * e[0]
+
+    da = ax.integrated_gradients(model, TEXTS, _all(model), steps=4)
+    _check(da, model, TEXTS, naive_ig)
+
+
+@pytest.mark.parametrize(("arch", "task"), [("roberta", "sequence"), ("bert", "token")])
+def test_occlusion_equals_the_naive_loop(classifiers, arch, task):
+    model = classifiers[arch, task]
+
+    def naive_occlusion(n, e, p, c):
+        with torch.no_grad():
+            full = n.score(e, p, c)
+            drops = []
+            for s in range(e.shape[1]):
+                cut = e.clone()
+                cut[:, s] = 0
+                drops.append(full - n.score(cut, p, c))
+        return torch.stack(drops)
+
+    da = ax.occlusion(model, TEXTS, _all(model))
+    _check(da, model, TEXTS, naive_occlusion)
+
+
+def test_text_pairs_mark_segments_and_special_tokens(classifiers):
+    model = classifiers["bert", "sequence"]
+    pairs = [("the capital of france", "is paris"), ("hello", "world")]
+    da = ax.saliency(model, pairs, "all")
+    _check(da, model, pairs, lambda n, e, p, c: n.gradient(e, p, c))
+    first = da.isel(example=0)
+    tokens = first.source_token.values.tolist()
+    assert tokens[0] == "[CLS]" and first.special.values[0]
+    second = first.segment.values
+    sep = tokens.index("[SEP]")
+    assert (second[: sep + 1] == 0).all() and (second[sep + 1 :][second[sep + 1 :] >= 0] == 1).all()
+    padded = da.source_id.values == -1
+    assert padded.any() and (da.segment.values[padded] == -1).all()
+    # two lists pair one to one
+    again = ax.saliency(model, ([p[0] for p in pairs], [p[1] for p in pairs]), "all")
+    np.testing.assert_array_equal(again.values, da.values)
+
+
+def test_targets_by_label_id_list_prediction_and_all(classifiers):
+    model = classifiers["bert", "sequence"]
+    every = ax.saliency(model, TEXTS, "all")
+    by_name = ax.saliency(model, TEXTS, "label_2")
+    np.testing.assert_allclose(
+        by_name.sel(target="label_2").values, every.sel(target="label_2").values, rtol=1e-5
+    )
+    by_id = ax.saliency(model, TEXTS, [2, 0])
+    assert by_id.target_class.values.tolist() == [[-1, 2], [0, -1]]
+    np.testing.assert_allclose(
+        by_id.isel(example=1).sel(target="label_0").values,
+        every.isel(example=1).sel(target="label_0").values,
+        rtol=1e-5,
+    )
+    predicted = ax.saliency(model, TEXTS[0])
+    naive = Naive(model, TEXTS[0])
+    logits = naive.logits(naive.embeddings())
+    assert predicted.predicted_class.item() == int(logits.argmax())
+    assert predicted.target.values.tolist() == [model.labels[int(logits.argmax())]]
+    np.testing.assert_allclose(
+        predicted.predicted_probability.item(), float(torch.softmax(logits, -1).max()), rtol=1e-5
+    )
+
+
+@pytest.mark.parametrize(("arch", "task"), [("gpt2", "sequence"), ("bert", "token")])
+def test_batched_equals_single(classifiers, arch, task):
+    model = classifiers[arch, task]
+    batch = ax.input_x_gradient(model, TEXTS, _all(model))
+    for b, text in enumerate(TEXTS):
+        alone = ax.input_x_gradient(model, text, _all(model))
+        got = batch.isel(example=b).sel(target=alone.target).values[:, : alone.sizes["source"]]
+        np.testing.assert_allclose(got, alone.values, rtol=1e-5, atol=1e-7)
+
+
+def test_integrated_gradients_are_complete_per_class(classifiers):
+    model = classifiers["bert", "sequence"]
+    gaps = [
+        float(
+            abs(
+                ax.integrated_gradients(
+                    model, TEXTS, "all", steps=n, baseline="pad"
+                ).completeness_gap
+            ).max()
+        )
+        for n in (4, 32)
+    ]
+    assert gaps[1] < 1e-4 and gaps[1] < gaps[0] / 4, gaps
+
+
+def test_contrast_is_a_second_class(classifiers):
+    model = classifiers["bert", "sequence"]
+    got = ax.saliency(model, TEXTS[0], "label_1", contrast="label_0", objective="logit")
+    naive = Naive(model, TEXTS[0])
+    e = naive.embeddings().requires_grad_(True)
+    logits = naive.logits(e)
+    (want,) = torch.autograd.grad(logits[1] - logits[0], e)
+    np.testing.assert_allclose(got.values[0], want[0].numpy(), rtol=1e-4, atol=1e-6)
+    assert got.contrast_label.values.tolist() == ["label_0"]
+
+
+def test_attention_rows_are_the_pooled_or_token_queries(classifiers):
+    for key, query in ((("bert", "sequence"), 0), (("bert", "token"), None)):
+        model = classifiers[key]
+        da = ax.attention(model, TEXTS[0])
+        with torch.no_grad():
+            out = model.hf(**model.tokenizer(TEXTS[0], return_tensors="pt"), output_attentions=True)
+        for k, target in enumerate(da.target.values):
+            row = query if query is not None else int(target)
+            want = torch.stack([a[0, :, row] for a in out.attentions])  # [layer, head, L]
+            np.testing.assert_allclose(
+                da.isel(target=k).values, want.permute(2, 0, 1).numpy(), rtol=1e-5, atol=1e-7
+            )
+
+
+def test_a_classifier_loads_from_a_directory(tmp_path):
+    hf, tok = tiny_classifier("bert", "sequence")
+    hf.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    model = ax.load_model(tmp_path)
+    assert model.task == "sequence-classification" and model.labels[1] == "label_1"
+    da = ax.saliency(model, TEXTS[0], "label_1")
+    assert da.attrs["task"] == "sequence-classification"
+    assert da.attrs["model_type"] == "encoder-only"
+
+
+@pytest.mark.parametrize(
+    ("key", "call", "match"),
+    [
+        (("bert", "sequence"), {"targets": "positive"}, "not a label"),
+        (("bert", "sequence"), {"targets": 7}, "not a class id"),
+        (("bert", "sequence"), {"targets": [0]}, "one entry per example"),
+        (("bert", "sequence"), {"positions": [1]}, "sequence classifier's targets are classes"),
+        (("bert", "token"), {"targets": "all"}, "for sequence classifiers"),
+        (("gpt2", "sequence"), {"inputs": ("a text", "a pair")}, "no pair template"),
+    ],
+)
+def test_bad_targets_and_inputs_are_clear_errors(classifiers, key, call, match):
+    model = classifiers[key]
+    inputs = call.pop("inputs", TEXTS)
+    with pytest.raises(ax.AttraxError, match=match):
+        ax.saliency(model, inputs, **call)
+
+
+def test_the_mask_baseline_keeps_special_tokens(classifiers):
+    """IG from the [MASK] embedding with [CLS]/[SEP] kept: equal to IG from that tensor."""
+    model = classifiers["bert", "sequence"]
+    got = ax.integrated_gradients(model, TEXTS[0], "all", steps=4, baseline="mask")
+    naive = Naive(model, TEXTS[0])
+    x = naive.embeddings()
+    mask = model.hf.get_input_embeddings()(torch.tensor([[model.tokenizer.mask_token_id]]))
+    special = torch.tensor(got.special.values)[None, :, None]
+    base = torch.where(special, x, mask.detach().expand_as(x))
+    want = ax.integrated_gradients(model, TEXTS[0], "all", steps=4, baseline=base)
+    np.testing.assert_allclose(got.values, want.values, rtol=1e-5, atol=1e-8)
+    assert (got.values[:, got.special.values] == 0).all()  # nothing moves along kept tokens
+
+
+def test_the_cli_and_dataset_runs_take_a_classifier(tmp_path, capsys):
+    import json
+
+    from attrax.cli import main
+
+    hf, tok = tiny_classifier("bert", "sequence")
+    hf.save_pretrained(tmp_path / "clf")
+    tok.save_pretrained(tmp_path / "clf")
+    out = tmp_path / "one.nc"
+    args = ["attribute", "--model", str(tmp_path / "clf"), "--input", TEXTS[0]]
+    assert main([*args, "--target", "label_1", "--out", str(out)]) == 0
+    assert ax.load(out).target.values.tolist() == ["label_1"]
+    data = tmp_path / "data.jsonl"
+    rows = [{"input": TEXTS[0], "target": "label_2"}, {"input": TEXTS[1], "target": "label_0"}]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run = ["attribute-dataset", "--model", str(tmp_path / "clf"), "--data", str(data), "--quiet"]
+    assert main([*run, "--out", str(tmp_path / "run")]) == 0
+    da = ax.load_dataset_results(tmp_path / "run")
+    assert da.target_class.values.tolist() == [[-1, 2], [0, -1]]
+    data.write_text(json.dumps({"input": TEXTS[0], "target": "positive"}) + "\n")
+    capsys.readouterr()
+    assert main([*run, "--out", str(tmp_path / "bad")]) == 2
+    assert "line 1: `target` 'positive' is not a label" in capsys.readouterr().err
