@@ -55,6 +55,13 @@ def _results(models) -> list[xr.DataArray | xr.Dataset]:
         ax.merge_subwords(ax.l2_norm(ax.saliency(marian, *PAIRS[0], attribute_target=True))),
         ax.merge_subwords(cut, dims="target"),
         *_classifier_results(),
+        ax.evaluate(
+            gpt2,
+            [{"input": PAIRS[0][0], "target": PAIRS[0][1], "label": "x"}],
+            {"s": ax.saliency, "o": ax.occlusion},
+            ["sufficiency", "kendall"],
+            attributions=True,
+        ),
     ]
 
 
@@ -79,7 +86,7 @@ def test_every_produced_name_is_documented(models):
         coords = set(map(str, result.coords)) - set(map(str, result.dims))
         assert coords <= set(_schema.COORDS), coords - set(_schema.COORDS)
         variables = result.data_vars.values() if isinstance(result, xr.Dataset) else [result]
-        for variable in variables:
+        for variable in [*variables, result]:
             assert set(variable.attrs) <= set(_schema.ATTRS), variable.attrs.keys()
 
 

@@ -36,6 +36,8 @@ PUBLIC: dict[str, str] = {
     "deletion": "._faithfulness",
     "insertion": "._faithfulness",
     "sufficiency": "._faithfulness",
+    "evaluate": "._evaluate",
+    "summary": "._evaluate",
     # reductions
     "absmax": "._reduce",
     "l2_norm": "._reduce",

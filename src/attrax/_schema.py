@@ -33,6 +33,8 @@ DIMS: dict[str, str] = {
     "head": "an attention head",
     "score": "a step score (probability, entropy, ...)",
     "fraction": "the share of ranked source tokens a faithfulness metric removes or keeps",
+    "method": "ax.evaluate: the attribution method scored",
+    "other": "ax.evaluate: the method another is compared with (agreement metrics)",
 }
 #: Every non-dimension coordinate (and index level) a result can have, and what it means.
 COORDS: dict[str, str] = {
@@ -62,6 +64,7 @@ COORDS: dict[str, str] = {
     "source_word": "merge_subwords: the word of each merged source",
     "target_word": "merge_subwords: the word of each merged target",
     "id": "attribute_dataset: the record's id, when the file gives ids",
+    "label": "the true label of each example, when the data gives it",
 }
 #: Every attribute a result carries, and what it means.
 ATTRS: dict[str, str] = {
@@ -75,6 +78,7 @@ ATTRS: dict[str, str] = {
     "reductions": "the reductions applied, ';'-separated, e.g. 'l2_norm(hidden);normalize(source)'",
     "metric": "the faithfulness metric of a curve",
     "score": "the step score a with_scores variable holds",
+    "metrics": "ax.evaluate: the metrics computed",
 }
 
 #: What fills a token string / a token id where a batch has no token.
@@ -296,6 +300,47 @@ def label_curve(
     coords["original"] = (("example", "target"), base)
     dims = ["example", "target", "fraction"]
     return _build(data, dims, coords, metric, {"metric": metric, **attrs}, single)
+
+
+def label_evaluation(
+    flat: xr.DataArray,
+    methods: Sequence[str],
+    scores: Mapping[str, np.ndarray],
+    pairwise: Mapping[str, np.ndarray],
+    *,
+    attributions: bool,
+    labels: Sequence[Any],
+    attrs: Mapping[str, Any],
+) -> xr.Dataset:
+    """An evaluation: per metric ``[M * N, T]`` scores -> ``(method, example, target)``, pairwise
+    ``[M, M, N, T]`` agreement -> ``(method, other, example, target)``. ``flat`` holds every
+    method's reduced attributions as one batch (method ``m``'s example ``e`` at ``m * N + e``)."""
+    m = len(methods)
+    n = flat.sizes["example"] // m
+    first = flat.isel(example=slice(0, n))
+    coords: dict[str, Any] = {
+        "method": list(methods),
+        "example": np.arange(n),
+        "target": flat["target"].values,
+    }
+    for key, coord in first.coords.items():
+        if key not in coords and set(coord.dims) <= {"example", "target"} and coord.dims:
+            coords[key] = (coord.dims, coord.values)
+    if any(label is not None for label in labels):
+        coords["label"] = ("example", np.asarray([str(x) for x in labels]))
+    grid = ("method", "example", "target")
+    variables: dict[str, Any] = {
+        name: (grid, values.reshape(m, n, *values.shape[1:])) for name, values in scores.items()
+    }
+    for name, values in pairwise.items():
+        variables[name] = (("method", "other", "example", "target"), values)
+    if pairwise:
+        coords["other"] = list(methods)
+    if attributions:
+        coords["source"] = flat["source"].values
+        values = flat.values.reshape(m, n, *flat.shape[1:])
+        variables["attribution"] = ((*grid, "source"), values)
+    return xr.Dataset(variables, coords=coords, attrs=dict(attrs))
 
 
 def replace_dim(

@@ -1,0 +1,399 @@
+"""Compare attribution methods on a dataset: faithfulness, plausibility and agreement.
+
+:func:`evaluate` attributes the records with every method, then scores each attribution:
+
+- faithfulness (ERASER, RISE): ``comprehensiveness``/``sufficiency`` (AOPC) and
+  ``deletion``/``insertion`` (AUC), every method's perturbed copies going through the same batched
+  forwards (the methods' attributions are scored as one batch, not in a loop per method);
+- plausibility against human rationales given per word of the input: ``token_f1``, ``iou`` (the
+  top-k tokens, k the rationale's size, against the rationale's tokens) and ``auprc``;
+- agreement between methods: ``spearman``, ``kendall`` and ``topk_overlap`` over the sources each
+  target can see.
+
+:func:`summary` turns the result into a method-by-metric table with bootstrap confidence intervals.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import xarray as xr
+
+from . import _faithfulness
+from ._dataset import concat_examples, parse_reduce, reduce
+from ._errors import InputError, OptionError
+from ._model import Model, ModelLike, load_model
+from ._schema import label_evaluation
+
+FAITHFULNESS = {
+    "comprehensiveness": "aopc",
+    "sufficiency": "aopc",
+    "deletion": "auc",
+    "insertion": "auc",
+}
+PLAUSIBILITY = ("token_f1", "iou", "auprc")
+AGREEMENT = ("spearman", "kendall", "topk_overlap")
+METRICS = (*FAITHFULNESS, *PLAUSIBILITY, *AGREEMENT)
+#: whether a higher value of the metric is better
+HIGHER_IS_BETTER = {
+    "comprehensiveness": True,
+    "sufficiency": False,
+    "deletion": False,
+    "insertion": True,
+    **dict.fromkeys(PLAUSIBILITY, True),
+    **dict.fromkeys(AGREEMENT, True),
+}
+
+
+@dataclass(frozen=True)
+class Record:
+    """One example: its input, target (None: generated), true label and word rationale."""
+
+    input: str
+    target: str | None
+    label: Any = None
+    rationale: tuple[int, ...] | None = None
+
+
+def read_records(
+    data: Any,
+    *,
+    input: str = "input",
+    target: str = "target",
+    label: str = "label",
+    rationale: str = "rationale",
+) -> list[Record]:
+    """Records from a list of dicts or texts, a pandas DataFrame, a Hugging Face ``datasets``
+    Dataset (or a ``save_to_disk`` folder), or a JSONL, CSV or Parquet file; field names given.
+
+    >>> [r.input for r in read_records([{"text": "1 2 ="}], input="text")]
+    ['1 2 =']
+    """
+    rows = _rows(data)
+    records = []
+    for i, row in enumerate(rows):
+        if isinstance(row, str):
+            row = {input: row}
+        if not isinstance(row, Mapping):
+            raise InputError(
+                f"`data` record {i} must be a mapping or a text, got {type(row).__name__}"
+            )
+        text = row.get(input)
+        if not isinstance(text, str) or not text.strip():
+            raise InputError(
+                f"`data` record {i}: field {input!r} must be a non-empty text, got {text!r}"
+            )
+        goal = row.get(target)
+        marks = row.get(rationale)
+        if marks is not None:
+            marks = _rationale(marks, text, f"`data` record {i}: field {rationale!r}")
+        records.append(Record(text, goal if isinstance(goal, str) else None, row.get(label), marks))
+    if not records:
+        raise InputError("`data` has no records")
+    if len({r.target is None for r in records}) > 1:
+        raise InputError(f"`data`: give field {target!r} on every record or on none")
+    return records
+
+
+def _rows(data: Any) -> Iterable[Any]:
+    if isinstance(data, (str, os.PathLike)):
+        path = Path(data).expanduser()
+        if path.is_dir():
+            try:
+                import datasets
+            except ImportError:
+                raise InputError(
+                    f"`data` {str(path)!r} is a folder: reading a datasets `save_to_disk` folder "
+                    "needs the `datasets` package (pip install 'attrax[data]')"
+                ) from None
+            return datasets.load_from_disk(str(path))
+        if not path.is_file():
+            raise InputError(f"`data` {str(path)!r} is not a file or folder")
+        suffix = path.suffix.lower()
+        if suffix in (".jsonl", ".json"):
+            lines = path.read_text().splitlines()
+            return [json.loads(line) for line in lines if line.strip()]
+        if suffix == ".csv":
+            return pd.read_csv(path).to_dict("records")
+        if suffix == ".parquet":
+            try:
+                return pd.read_parquet(path).to_dict("records")
+            except ImportError:
+                raise InputError(
+                    f"`data` {str(path)!r}: reading Parquet needs pyarrow (pip install "
+                    "'attrax[data]')"
+                ) from None
+        raise InputError(f"`data` {str(path)!r}: expected a .jsonl, .csv or .parquet file")
+    if isinstance(data, pd.DataFrame):
+        return data.to_dict("records")
+    if isinstance(data, Iterable) and not isinstance(data, (bytes, Mapping)):
+        return data
+    raise InputError(
+        "`data` must be records (dicts or texts), a DataFrame, a datasets Dataset or a file path, "
+        f"got {type(data).__name__}"
+    )
+
+
+def _rationale(marks: Any, text: str, where: str) -> tuple[int, ...]:
+    words = text.split()
+    try:
+        values = tuple(int(bool(m)) for m in marks)
+    except TypeError:
+        raise InputError(f"{where} must be a list of 0/1 per word, got {marks!r}") from None
+    if len(values) != len(words):
+        raise InputError(f"{where} has {len(values)} marks for the input's {len(words)} words")
+    return values
+
+
+def evaluate(
+    model: ModelLike,
+    data: Any,
+    methods: Mapping[str, Callable[..., xr.DataArray]],
+    metrics: Sequence[str] = ("comprehensiveness", "sufficiency"),
+    *,
+    reduce_spec: str = "auto",
+    top_k: int = 3,
+    batch_size: int | str | None = "auto",
+    attributions: bool = False,
+    fields: Mapping[str, str] | None = None,
+) -> xr.Dataset:
+    """Attribute ``data`` with every method of ``methods`` and score each attribution.
+
+    Arguments:
+        model: a :class:`Model` or a path.
+        data: records (see :func:`read_records`); ``fields`` renames their keys, e.g.
+            ``{"input": "text", "rationale": "evidence"}``.
+        methods: name -> attribution function ``(model, inputs, targets) -> DataArray`` (an
+            ``ax.pipe``, or ``functools.partial`` with options bound).
+        metrics: from :data:`METRICS`; plausibility needs a ``rationale`` per record (0/1 per
+            whitespace-separated word of the input), agreement two methods or more.
+        reduce_spec: how attributions become ``(example, target, source)`` (the CLI's
+            ``--reduce``; ``"auto"``: L2 over ``hidden``, mean over ``layer``/``head``, then
+            normalised over ``source``).
+        top_k: the k of ``topk_overlap``.
+        batch_size: perturbed copies per forward for the faithfulness metrics.
+        attributions: also return the reduced attributions as ``attribution``.
+
+    Returns:
+        Dataset with one variable per metric along ``(method, example, target)`` (agreement also
+        along ``other``, the method compared with).
+
+    >>> import attrax as ax
+    >>> data = [{"input": "3 1 4 0 5 9 =", "target": " 9 5 0 4 1 3"}]
+    >>> methods = {"saliency": ax.saliency, "ixg": ax.input_x_gradient}
+    >>> ds = ax.evaluate(ax.load_model(), data, methods)
+    >>> sorted(ds.data_vars), ds.sizes["method"]
+    (['comprehensiveness', 'sufficiency'], 2)
+    """
+    chosen = _check(methods, metrics, top_k)
+    steps = parse_reduce(reduce_spec)
+    model = load_model(model)  # a Model passes through as is
+    records = read_records(data, **dict(fields or {}))
+    inputs = [r.input for r in records]
+    targets = None if records[0].target is None else [r.target for r in records]
+    names = list(methods)
+    reduced = []
+    for fn in methods.values():  # each method is its own computation
+        da = reduce(fn(model, inputs, targets), steps)
+        reduced.append(da.transpose("example", "target", "source"))
+    flat = _one_batch(reduced)  # every method's examples as one batch: [M * N, T, S]
+    scores: dict[str, np.ndarray] = {}
+    for metric in (m for m in chosen if m in FAITHFULNESS):
+        curve = getattr(_faithfulness, metric)(
+            model, flat, inputs * len(names), None if targets is None else targets * len(names),
+            batch_size=batch_size,
+        )  # fmt: skip
+        scores[metric] = curve[FAITHFULNESS[metric]].values
+    relevance = flat.values  # [M * N, T, S], NaN where nothing is attributed
+    if any(m in PLAUSIBILITY for m in chosen):
+        truth = _rationale_tokens(model, flat, records)  # [N, S] of 0/1/NaN
+        tiled = np.tile(truth, (len(names), 1))
+        for metric in (m for m in chosen if m in PLAUSIBILITY):
+            scores[metric] = _plausibility(metric, relevance, tiled)
+    pairwise = {m: _agreement(m, relevance, len(names), top_k) for m in chosen if m in AGREEMENT}
+    attrs = {"model": model.name, "metrics": ",".join(chosen), "reductions": reduce_spec}
+    return label_evaluation(
+        flat, names, scores, pairwise,
+        attributions=attributions, labels=[r.label for r in records], attrs=attrs,
+    )  # fmt: skip
+
+
+def _check(
+    methods: Mapping[str, Callable[..., Any]], metrics: Sequence[str], top_k: int
+) -> list[str]:
+    if not isinstance(methods, Mapping) or not methods:
+        raise OptionError("`methods` must be a non-empty mapping of name -> attribution function")
+    for name, fn in methods.items():
+        if not isinstance(name, str) or not callable(fn):
+            raise OptionError(f"`methods[{name!r}]` must be a callable under a string name")
+    chosen = [metrics] if isinstance(metrics, str) else list(metrics)
+    unknown = [m for m in chosen if m not in METRICS]
+    if unknown or not chosen:
+        raise OptionError(f"`metrics` must be a non-empty list from {METRICS}, got {metrics!r}")
+    if any(m in AGREEMENT for m in chosen) and len(methods) < 2:
+        raise OptionError("agreement metrics compare methods: give `methods` two or more")
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+        raise OptionError(f"`top_k` must be a positive integer, got {top_k!r}")
+    return chosen
+
+
+def _one_batch(reduced: list[xr.DataArray]) -> xr.DataArray:
+    """The methods' attributions as one batch: method m's example e is example ``m * N + e``."""
+    n = reduced[0].sizes["example"]
+    # coordinates one method has and another lacks (IG's completeness_gap) cannot be joined
+    shared = set.intersection(*(set(map(str, da.coords)) for da in reduced))
+    parts = [
+        da.drop_vars([c for c in map(str, da.coords) if c not in shared])
+        .assign_coords(example=np.arange(n) + m * n)
+        .rename("attribution")
+        for m, da in enumerate(reduced)
+    ]
+    return concat_examples(parts)
+
+
+def _rationale_tokens(model: Model, flat: xr.DataArray, records: list[Record]) -> np.ndarray:
+    """``[N, S]``: 1 for a source token inside a rationale word, 0 for other tokens of the
+    input, NaN for sources outside the input (the continuation, padding, special tokens)."""
+    n, width = len(records), flat.sizes["source"]
+    truth = np.full((n, width), np.nan)
+    for e, record in enumerate(records):
+        if record.rationale is None:
+            raise InputError(f"`data` record {e} has no rationale: plausibility metrics need one")
+        spans, start = [], 0
+        for word in record.input.split():
+            start = record.input.index(word, start)
+            spans.append((start, start + len(word)))
+            start += len(word)
+        encoding = model.tokenizer(
+            record.input, add_special_tokens=False, return_offsets_mapping=True
+        )
+        ids = flat["source_id"].values[e]
+        plain = encoding["input_ids"]
+        first = _find(list(ids), plain)
+        for k, (lo, hi) in enumerate(encoding["offset_mapping"]):
+            inside = [w for w, (a, b) in enumerate(spans) if lo < b and hi > a]
+            truth[e, first + k] = float(any(record.rationale[w] for w in inside))
+    return truth
+
+
+def _find(ids: list[int], plain: list[int]) -> int:
+    for start in range(len(ids) - len(plain) + 1):
+        if ids[start : start + len(plain)] == plain:
+            return start
+    raise InputError("a record's input tokens were not found among its attributed sources")
+
+
+def _plausibility(metric: str, relevance: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """``[R, T]`` per (row, target): top-k tokens (k = the rationale's size) against the
+    rationale (token F1, IOU), or the average precision of the ranking (AUPRC)."""
+    out = np.full(relevance.shape[:2], np.nan)
+    for r, t in np.ndindex(*out.shape):
+        scored = ~np.isnan(relevance[r, t]) & ~np.isnan(truth[r])
+        if not scored.any() or truth[r][scored].sum() == 0:
+            continue
+        values, labels = relevance[r, t][scored], truth[r][scored].astype(bool)
+        order = np.argsort(-values, kind="stable")
+        if metric == "auprc":
+            hits = labels[order]
+            precision = np.cumsum(hits) / np.arange(1, len(hits) + 1)
+            out[r, t] = float((precision * hits).sum() / hits.sum())
+            continue
+        k = int(labels.sum())
+        top = np.zeros_like(labels)
+        top[order[:k]] = True
+        both = float((top & labels).sum())
+        out[r, t] = both / float((top | labels).sum()) if metric == "iou" else both / k
+    return out
+
+
+def _agreement(metric: str, relevance: np.ndarray, methods: int, top_k: int) -> np.ndarray:
+    """``[M, M(other), N, T]``: rank agreement of two methods over the sources both score."""
+    rows = relevance.reshape(methods, -1, *relevance.shape[1:])  # [M, N, T, S]
+    out = np.full((methods, methods, *rows.shape[1:3]), np.nan)
+    for a, b, e, t in np.ndindex(*out.shape):
+        x, y = rows[a, e, t], rows[b, e, t]
+        both = ~np.isnan(x) & ~np.isnan(y)
+        if both.sum() < 2:
+            continue
+        x, y = x[both], y[both]
+        if metric == "topk_overlap":
+            k = min(top_k, len(x))
+            top_x = set(np.argsort(-x, kind="stable")[:k].tolist())
+            top_y = set(np.argsort(-y, kind="stable")[:k].tolist())
+            out[a, b, e, t] = len(top_x & top_y) / k
+        elif metric == "spearman":
+            out[a, b, e, t] = _pearson(_ranks(x), _ranks(y))
+        else:
+            out[a, b, e, t] = _kendall(x, y)
+    return out
+
+
+def _ranks(x: np.ndarray) -> np.ndarray:
+    """Ranks with ties averaged."""
+    order = np.argsort(x, kind="stable")
+    ranks = np.empty(len(x))
+    ranks[order] = np.arange(len(x), dtype=np.float64)
+    for value in np.unique(x):
+        tied = x == value
+        ranks[tied] = ranks[tied].mean()
+    return ranks
+
+
+def _pearson(x: np.ndarray, y: np.ndarray) -> float:
+    x, y = x - x.mean(), y - y.mean()
+    scale = np.sqrt((x * x).sum() * (y * y).sum())
+    return float((x * y).sum() / scale) if scale > 0 else np.nan
+
+
+def _kendall(x: np.ndarray, y: np.ndarray) -> float:
+    """Kendall's tau-b."""
+    dx = np.sign(x[:, None] - x[None, :])
+    dy = np.sign(y[:, None] - y[None, :])
+    upper = np.triu_indices(len(x), 1)
+    dx, dy = dx[upper], dy[upper]
+    scale = np.sqrt((dx != 0).sum() * (dy != 0).sum())
+    return float((dx * dy).sum() / scale) if scale > 0 else np.nan
+
+
+def summary(
+    ds: xr.Dataset, *, confidence: float = 0.95, resamples: int = 1000, seed: int = 0
+) -> pd.DataFrame:
+    """A method-by-metric table: the mean over examples (each example's targets averaged first)
+    and a bootstrap confidence interval over examples. Agreement averages over the other methods.
+
+    >>> import attrax as ax
+    >>> data = [{"input": "3 1 4 0 5 9 =", "target": " 9 5 0 4 1 3"}] * 2
+    >>> ds = ax.evaluate(ax.load_model(), data, {"saliency": ax.saliency, "occlusion": ax.occlusion})
+    >>> ax.summary(ds).columns.tolist()[:3]
+    [('comprehensiveness', 'mean'), ('comprehensiveness', 'low'), ('comprehensiveness', 'high')]
+    """
+    if not isinstance(ds, xr.Dataset) or "method" not in ds.dims:
+        raise InputError("`ds` must be the Dataset ax.evaluate returns (with a `method` dim)")
+    if not 0 < confidence < 1:
+        raise OptionError(f"`confidence` must be in (0, 1), got {confidence!r}")
+    rng = np.random.default_rng(seed)
+    metrics = [m for m in METRICS if m in ds.data_vars]
+    n = ds.sizes["example"]
+    draws = rng.integers(0, n, size=(resamples, n))
+    table: dict[tuple[str, str], list[float]] = {}
+    for metric in metrics:
+        values = ds[metric]
+        if "other" in values.dims:  # a method against the others, not itself
+            values = values.where(values["other"] != values["method"]).mean("other", skipna=True)
+        per_example = values.mean("target", skipna=True).transpose("method", "example").values
+        means = np.nanmean(per_example, axis=1)
+        boot = np.nanmean(per_example[:, draws], axis=2)  # [M, resamples]
+        tail = (1 - confidence) / 2 * 100
+        table[metric, "mean"] = means.tolist()
+        table[metric, "low"] = np.nanpercentile(boot, tail, axis=1).tolist()
+        table[metric, "high"] = np.nanpercentile(boot, 100 - tail, axis=1).tolist()
+    frame = pd.DataFrame(table, index=pd.Index(ds["method"].values.tolist(), name="method"))
+    frame.columns = pd.MultiIndex.from_tuples(frame.columns, names=("metric", "stat"))
+    return frame
