@@ -159,3 +159,58 @@ def test_methods_with_different_coordinates_are_scored_together(default_model):
     methods = {"s": ax.saliency, "ig": functools.partial(ax.integrated_gradients, steps=4)}
     ds = ax.evaluate(default_model, data, methods, ["sufficiency"])
     assert ds.sufficiency.notnull().all()
+
+
+def _spearman(a: np.ndarray, b: np.ndarray) -> float:
+    """Rank correlation written here: ranks by double argsort (no ties in float relevance)."""
+    keep = ~np.isnan(a) & ~np.isnan(b)
+    ra = np.argsort(np.argsort(a[keep])).astype(float)
+    rb = np.argsort(np.argsort(b[keep])).astype(float)
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def test_sanity_checks_randomize_the_top_layer_first(default_model):
+    import copy
+
+    import torch
+
+    data = [{"input": PROMPT, "target": ANSWER}]
+    ds = ax.sanity_checks(default_model, data, ax.pipe(ax.saliency, ax.l2_norm), seed=3)
+    assert ds.randomized.values.tolist() == ["transformer.h.1", "transformer.h.0"]
+    hf = copy.deepcopy(default_model.hf)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(3)
+        hf.transformer.h[1].apply(hf._init_weights)
+    shaken = ax.load_model(hf, tokenizer=default_model.tokenizer)
+    before = ax.normalize(ax.pipe(ax.saliency, ax.l2_norm)(default_model, PROMPT, ANSWER))
+    after = ax.normalize(ax.pipe(ax.saliency, ax.l2_norm)(shaken, PROMPT, ANSWER))
+    for k, target in enumerate(ds.target.values):
+        want = _spearman(before.sel(target=target).values, after.sel(target=target).values)
+        assert float(ds.spearman.isel(randomized=0, example=0, target=k)) == pytest.approx(want)
+    # the trained model's explanation decays as more layers are randomized
+    decay = ds.spearman.mean(("example", "target")).values
+    assert decay[1] < decay[0] < 1
+
+
+def test_random_logit_is_another_class():
+    from attrax.testing import tiny_classifier
+
+    hf, tok = tiny_classifier("bert", "sequence", num_labels=3)
+    model = ax.load_model(hf, tokenizer=tok)
+    text = "the capital of france is paris"
+    ds = ax.sanity_checks(model, [text], ax.saliency)
+    predicted = ax.saliency(model, text)
+    cls = int(predicted.target_class.values[0])
+    original = ax.normalize(ax.l2_norm(predicted)).values[0]
+    others = [
+        _spearman(original, ax.normalize(ax.l2_norm(ax.saliency(model, text, c))).values[0])
+        for c in range(3)
+        if c != cls
+    ]
+    got = float(ds.random_logit.values.ravel()[0])
+    assert any(got == pytest.approx(o) for o in others), (got, others)
+
+
+def test_sanity_checks_of_a_language_model_need_targets(default_model):
+    with pytest.raises(ax.InputError, match="need a `target`"):
+        ax.sanity_checks(default_model, [PROMPT], ax.saliency)

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from ._errors import ModelError as ModelError
     from ._errors import OptionError as OptionError
     from ._evaluate import evaluate as evaluate
+    from ._evaluate import sanity_checks as sanity_checks
     from ._evaluate import summary as summary
     from ._faithfulness import comprehensiveness as comprehensiveness
     from ._faithfulness import deletion as deletion

@@ -30,7 +30,7 @@ from . import _faithfulness
 from ._dataset import concat_examples, parse_reduce, reduce
 from ._errors import InputError, OptionError
 from ._model import Model, ModelLike, load_model
-from ._schema import label_evaluation
+from ._schema import label_evaluation, label_sanity
 
 FAITHFULNESS = {
     "comprehensiveness": "aopc",
@@ -397,3 +397,124 @@ def summary(
     frame = pd.DataFrame(table, index=pd.Index(ds["method"].values.tolist(), name="method"))
     frame.columns = pd.MultiIndex.from_tuples(frame.columns, names=("metric", "stat"))
     return frame
+
+
+def sanity_checks(
+    model: ModelLike,
+    data: Any,
+    method: Callable[..., xr.DataArray],
+    *,
+    reduce_spec: str = "auto",
+    seed: int = 0,
+    fields: Mapping[str, str] | None = None,
+) -> xr.Dataset:
+    """Sanity checks of an attribution method (Adebayo et al. 2018).
+
+    - Cascading model-parameter randomization: the model's layers are re-initialised (with the
+      model's own initialiser, seeded) from the top layer down, one more at each step, and the
+      method re-run on every randomized model; ``spearman`` (and ``spearman_abs``, on magnitudes)
+      is the rank correlation of each randomized attribution with the original, per example and
+      target. A method that explains the model falls towards 0 as layers are randomized.
+    - Random logit: the attribution of another, randomly chosen output for each target (another
+      class; for a language model another vocabulary token) against the original, as
+      ``random_logit``. A method that explains the chosen output should not stay the same.
+
+    Each randomized model is a full copy of the model: memory grows with its size. Targets must be
+    given for language models (``target`` on every record), so every model explains the same
+    tokens; a sequence classifier is explained for its original prediction.
+
+    Returns:
+        Dataset with ``spearman``/``spearman_abs`` along ``(randomized, example, target)``
+        (``randomized``: the lowest layer randomized so far, top layer first) and
+        ``random_logit`` along ``(example, target)``.
+
+    >>> import attrax as ax
+    >>> data = [{"input": "3 1 4 0 5 9 =", "target": " 9 5 0 4 1 3"}]
+    >>> ds = ax.sanity_checks(ax.load_model(), data, ax.saliency)
+    >>> ds.spearman.dims
+    ('randomized', 'example', 'target')
+    """
+    import copy
+
+    import torch
+
+    model = load_model(model)  # a Model passes through as is
+    if not callable(method):
+        raise OptionError(f"`method` must be an attribution function, got {method!r}")
+    records = read_records(data, **dict(fields or {}))
+    inputs = [r.input for r in records]
+    targets: Any = None if records[0].target is None else [r.target for r in records]
+    if targets is None and model.task == "generation":
+        raise InputError(
+            "`data`: sanity checks of a language model need a `target` on every record"
+        )
+    steps = parse_reduce(reduce_spec)
+
+    def attribute(on: Model, objective: Any = None) -> np.ndarray:
+        kwargs = {} if objective is None else {"objective": objective}
+        da = reduce(method(on, inputs, targets, **kwargs), steps)
+        da = da if "example" in da.dims else da.expand_dims(example=[0])
+        return da.transpose("example", "target", "source").values
+
+    original_da = method(model, inputs, targets)
+    if targets is None and model.task == "sequence-classification":
+        chosen = original_da["target_label"]
+        targets = [[str(x) for x in row if x] for row in np.atleast_2d(chosen.values).tolist()]
+    original = attribute(model)
+    blocks = _layers(model)
+    names, randomized = [], []
+    for depth in range(len(blocks)):  # each randomized model is its own computation
+        hf = copy.deepcopy(model.hf)
+        modules = dict(hf.named_modules())
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            for name in blocks[: depth + 1]:
+                modules[name].apply(hf._init_weights)
+        shaken = Model(
+            hf, model.tokenizer, name=model.name, attn_implementation=model.attn_implementation
+        )
+        randomized.append(attribute(shaken))
+        names.append(blocks[depth])
+    outputs = (
+        len(model.labels) if model.labels else model.hf.get_output_embeddings().weight.shape[0]
+    )
+    offset = int(np.random.default_rng(seed).integers(1, outputs))
+
+    def random_logit(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        # a fixed relabelling of every target to another output: vectorized, batch-independent
+        other = (ids + offset) % logits.shape[-1]
+        return torch.softmax(logits, -1).gather(-1, other[..., None])[..., 0]
+
+    shuffled = attribute(model, random_logit)
+    spearman = np.stack([_rank_agreement(original, r, False) for r in randomized])
+    magnitude = np.stack([_rank_agreement(original, r, True) for r in randomized])
+    return label_sanity(
+        original_da, names, spearman, magnitude, _rank_agreement(original, shuffled, False)
+    )
+
+
+def _layers(model: Model) -> list[str]:
+    """Names of the model's transformer blocks, top first (a decoder's before its encoder's)."""
+    import torch
+
+    lists = [
+        (name, module)
+        for name, module in model.hf.named_modules()
+        if isinstance(module, torch.nn.ModuleList) and len(module) > 0
+    ]
+    if not lists:
+        raise InputError(f"{type(model.hf).__name__}: no stack of layers found to randomize")
+    lists.sort(key=lambda item: "encoder" in item[0])  # decoder (or only) stack first
+    return [f"{name}.{i}" for name, module in lists for i in reversed(range(len(module)))]
+
+
+def _rank_agreement(a: np.ndarray, b: np.ndarray, magnitude: bool) -> np.ndarray:
+    """Spearman correlation ``[N, T]`` of two ``[N, T, S]`` attributions over shared sources."""
+    out = np.full(a.shape[:2], np.nan)
+    for e, t in np.ndindex(*out.shape):
+        x, y = a[e, t], b[e, t]
+        both = ~np.isnan(x) & ~np.isnan(y)
+        if both.sum() >= 2:
+            x, y = (np.abs(x[both]), np.abs(y[both])) if magnitude else (x[both], y[both])
+            out[e, t] = _pearson(_ranks(x), _ranks(y))
+    return out

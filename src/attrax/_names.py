@@ -38,6 +38,7 @@ PUBLIC: dict[str, str] = {
     "sufficiency": "._faithfulness",
     "evaluate": "._evaluate",
     "summary": "._evaluate",
+    "sanity_checks": "._evaluate",
     # reductions
     "absmax": "._reduce",
     "l2_norm": "._reduce",

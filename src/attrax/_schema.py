@@ -35,6 +35,7 @@ DIMS: dict[str, str] = {
     "fraction": "the share of ranked source tokens a faithfulness metric removes or keeps",
     "method": "ax.evaluate: the attribution method scored",
     "other": "ax.evaluate: the method another is compared with (agreement metrics)",
+    "randomized": "ax.sanity_checks: the lowest layer randomized so far (top layer first)",
 }
 #: Every non-dimension coordinate (and index level) a result can have, and what it means.
 COORDS: dict[str, str] = {
@@ -341,6 +342,38 @@ def label_evaluation(
         values = flat.values.reshape(m, n, *flat.shape[1:])
         variables["attribution"] = ((*grid, "source"), values)
     return xr.Dataset(variables, coords=coords, attrs=dict(attrs))
+
+
+def label_sanity(
+    original: xr.DataArray,
+    randomized: Sequence[str],
+    spearman: np.ndarray,
+    magnitude: np.ndarray,
+    random_logit: np.ndarray,
+) -> xr.Dataset:
+    """Sanity checks: ``[R, N, T]`` rank correlations per randomized layer, ``[N, T]`` for the
+    random logit, on the targets of the ``original`` attribution."""
+    first = original if "example" in original.dims else original.expand_dims(example=[0])
+    coords: dict[str, Any] = {
+        "randomized": list(randomized),
+        "example": np.arange(first.sizes["example"]),
+    }
+    for key, coord in first.coords.items():
+        if key != "example" and set(coord.dims) <= {"example", "target"} and coord.dims:
+            coords[key] = (coord.dims, np.broadcast_to(coord.values, coord.shape))
+    grid = ("randomized", "example", "target")
+    return xr.Dataset(
+        {
+            "spearman": (grid, spearman),
+            "spearman_abs": (grid, magnitude),
+            "random_logit": (("example", "target"), random_logit),
+        },
+        coords=coords,
+        attrs={
+            "method": str(original.attrs.get("method", "")),
+            "model": str(original.attrs.get("model", "")),
+        },
+    )
 
 
 def replace_dim(
