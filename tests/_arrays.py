@@ -155,6 +155,51 @@ def encoder_decoder(n_source: int = 4, n_target: int = 4, seed: int = 3) -> xr.D
     ).assign_attrs(_attrs("input_x_gradient", "encoder-decoder"))
 
 
+def classifier(
+    texts: tuple[str, ...] = ("the film was great", "a bad ##ly made <b> film", "okay"),
+    predicted: tuple[int, ...] = (2, 0, 2),
+    attributed: str = "predicted",
+    seed: int = 5,
+) -> xr.DataArray:
+    """A sequence classifier's batch: ``(example, target, source)``, targets are classes by label.
+
+    Sources are ``[CLS] words [SEP]``, NaN-padded with ``""`` tokens. ``attributed``:
+    ``"predicted"`` (each example's predicted class only, the others NaN) or ``"all"``.
+    """
+    rng = np.random.default_rng(seed)
+    names = ("negative", "neutral", "positive")
+    tokens = [["[CLS]", *t.split(), "[SEP]"] for t in texts]
+    n, width = len(texts), max(map(len, tokens))
+    values = np.full((n, 3, width), np.nan, dtype=np.float32)
+    src_tok = np.full((n, width), "", dtype=object)
+    classes = np.full((n, 3), -1, dtype=np.int64)
+    for e, row in enumerate(tokens):
+        src_tok[e, : len(row)] = row
+        rows = [predicted[e]] if attributed == "predicted" else [0, 1, 2]
+        values[e, rows, : len(row)] = _values(rng, (len(rows), len(row)), signed=True)
+        classes[e, rows] = rows
+    label = np.vectorize(lambda c: names[c] if c >= 0 else "", otypes=[object])
+    attrs = {**_attrs("saliency", "encoder-only"), "task": "sequence-classification"}
+    return xr.DataArray(
+        values,
+        dims=("example", "target", "source"),
+        coords={
+            "example": np.arange(n),
+            "target": np.array(names),
+            "source": np.arange(width),
+            "target_class": (("example", "target"), classes),
+            "target_label": (("example", "target"), label(classes).astype(str)),
+            "source_token": (("example", "source"), src_tok),
+            "special": (("example", "source"), np.isin(src_tok, ["[CLS]", "[SEP]"])),
+            "predicted_class": ("example", np.array(predicted)),
+            "predicted_label": ("example", np.array([names[p] for p in predicted])),
+            "predicted_probability": ("example", np.linspace(0.5, 0.9, n)),
+        },
+        attrs=attrs,
+        name="attribution",
+    )
+
+
 def dataset() -> xr.Dataset:
     """Several variables travelling together (attribution, a per-target score, a float64 gap)."""
     da = single()

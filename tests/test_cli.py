@@ -37,6 +37,41 @@ def test_demo_with_a_prompt_and_html(tmp_path, capsys):
     assert "<table" in page.read_text()
 
 
+def test_demo_classification_reports_the_marker(tmp_path, capsys):
+    assert main(["demo", "--task", "classification"]) == 0
+    out = capsys.readouterr().out
+    assert "predicted" in out and "✓ correct" in out
+    assert "rows: target · columns: source" in out
+    hit = re.search(
+        r"top score on '(\w+)' ✓ · the evidence \(ground truth\) is the marker '(\w+)'", out
+    )
+    assert hit is not None and hit[1] == hit[2]
+    assert len(out.splitlines()) < 20
+    page = tmp_path / "demo.html"
+    text = "the music was really boring"
+    args = ["demo", "--task", "classification", "--method", "integrated_gradients"]
+    assert main([*args, "--text", text, "--html", str(page)]) == 0
+    out = capsys.readouterr().out
+    assert "negative" in out and "top score on 'boring' ✓" in out
+    html = page.read_text()
+    assert 'class="ax-rows"' in html and "boring</span>" in html and "negative (0." in html
+
+
+def test_demo_classification_refuses_what_it_cannot_label(capsys):
+    assert main(["demo", "--task", "classification", "--text", "good and bad"]) == 2
+    assert "exactly one marker" in capsys.readouterr().err
+    assert main(["demo", "--task", "classification", "--prompt", PROMPT]) == 2
+    assert "`--prompt` does not apply" in capsys.readouterr().err
+    assert main(["demo", "--text", "the plot was good"]) == 2
+
+
+def test_attribute_the_builtin_classifier(capsys):
+    args = ["attribute", "--model", "attrax:classifier", "--input", "a good film", "--target"]
+    assert main([*args, "all"]) == 0
+    out = capsys.readouterr().out
+    assert "negative" in out and "neutral" in out and "positive" in out
+
+
 def test_attribute_writes_what_it_prints(tmp_path, capsys, default_model):
     nc, html, png = tmp_path / "r.nc", tmp_path / "r.html", tmp_path / "r.png"
     args = ["attribute", "--input", PROMPT, "--target", TARGET, "--out", str(nc)]

@@ -19,7 +19,7 @@ from rich.console import Console
 
 import attrax as ax
 from attrax import viz
-from tests._arrays import batch, dataset, encoder_decoder, single, single_hidden
+from tests._arrays import batch, classifier, dataset, encoder_decoder, single, single_hidden
 
 
 class _Cells(HTMLParser):
@@ -194,6 +194,157 @@ def test_show_scores_columns() -> None:
     assert [c["text"] for c in tables[1]["scores"]] == ["5", "6", "7", "8", "9"]
 
 
+# --- classification rows --------------------------------------------------------------------
+
+
+class _Rows(HTMLParser):
+    """Collects the rows view: per row, its caption cells and its highlighted words."""
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.headings: list[str] = []
+        self.rows: list[dict[str, list]] = []
+        self._open: dict | None = None
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        a = {k: v or "" for k, v in attrs}
+        if tag == "tr" and self.headings:
+            self.rows.append({"cells": [], "words": []})
+        if tag in ("th", "td", "span"):
+            self._open = {**a, "tag": tag, "class": a.get("class", "").split(), "text": ""}
+
+    def handle_data(self, data: str) -> None:
+        if self._open is not None:
+            self._open["text"] += data
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag not in ("th", "td", "span") or self._open is None:
+            return
+        item, self._open = self._open, None
+        if tag == "th" and "ax-h" in item["class"]:
+            self.headings.append(item["text"])
+        elif tag == "span" and "ax-w" in item["class"]:
+            self.rows[-1]["words"].append(item)
+        elif tag == "td" and "ax-text" not in item["class"]:
+            self.rows[-1]["cells"].append(item)
+
+
+def parse_rows(page: viz.HTML) -> _Rows:
+    parser = _Rows()
+    parser.feed(page._repr_html_())
+    return parser
+
+
+def test_show_classifier_rows_one_per_example() -> None:
+    da = classifier()
+    page = viz.show(da, labels=["positive", "positive", 0])
+    parsed = parse_rows(page)
+    assert parsed.headings == ["example", "true label", "predicted", "attributed", "sum", "text"]
+    assert len(parsed.rows) == da.sizes["example"]
+    expected_words = [
+        ["[CLS]", "the", "film", "was", "great", "[SEP]"],
+        ["[CLS]", "a", "bad", "ly", "made", "<b>", "film", "[SEP]"],  # ##ly joins its word
+        ["[CLS]", "okay", "[SEP]"],  # padding dropped
+    ]
+    for e, row in enumerate(parsed.rows):
+        cells = [c["text"] for c in row["cells"]]
+        predicted = str(da.predicted_label[e].item())
+        probability = float(da.predicted_probability[e])
+        assert cells[:4] == [
+            str(e),
+            ["positive", "positive", "negative"][e],  # a class id is named
+            f"{predicted} ({probability:.2f})",
+            predicted,  # each example's predicted class is the one shown
+        ]
+        assert [w["text"] for w in row["words"]] == expected_words[e]
+        values = da.isel(example=e).sel(target=predicted).dropna("source").values
+        shown = [float(w["data-value"]) for w in row["words"]]
+        np.testing.assert_allclose(shown, values, rtol=1e-5)
+        assert float(cells[4]) == pytest.approx(float(values.sum()), rel=1e-3)
+    ok = [c for r in parsed.rows for c in r["cells"] if "ax-pred" in c["class"]]
+    assert ["ax-ok" in c["class"] for c in ok] == [True, False, False]
+    raw = page._repr_html_()
+    assert "<b>" not in raw and "&lt;b&gt;" in raw  # escaped, never live
+    assert 'a <span class="ax-w"' not in raw and "bad</span><span" in raw  # no space before ##ly
+
+
+def test_show_classifier_rows_colours_share_one_scale() -> None:
+    da = classifier()
+    parsed = parse_rows(viz.show(da))
+    assert "true label" not in parsed.headings  # no labels given
+    words = [w for r in parsed.rows for w in r["words"]]
+    strongest = max(words, key=lambda w: abs(float(w["data-value"])))
+    end = 1.0 if float(strongest["data-value"]) > 0 else 0.0
+    assert colors.to_hex(colormaps["RdBu_r"](end)) in strongest["style"]
+    # the same example alone keeps its own values but takes its own scale
+    (alone,) = parse_rows(viz.show(da, example=[1])).rows
+    assert len(alone["words"]) == 8
+
+
+def test_show_classifier_rows_from_a_selected_class_and_all_classes() -> None:
+    everything = classifier(attributed="all")
+    chosen = everything.sel(target="neutral")  # (example, source), target now a scalar coord
+    parsed = parse_rows(viz.show(chosen, labels=[0, 1, 2]))
+    assert [r["cells"][3]["text"] for r in parsed.rows] == ["neutral"] * 3
+    assert [r["cells"][1]["text"] for r in parsed.rows] == ["negative", "neutral", "positive"]
+    np.testing.assert_allclose(
+        [float(w["data-value"]) for w in parsed.rows[0]["words"]],
+        chosen.isel(example=0).dropna("source").values,
+        rtol=1e-5,
+    )
+    # all classes attributed: each example shows its predicted class
+    parsed = parse_rows(viz.show(everything))
+    assert [r["cells"][1]["text"].split()[0] for r in parsed.rows] == [
+        "positive",
+        "negative",
+        "positive",
+    ]
+    assert [r["cells"][2]["text"] for r in parsed.rows] == ["positive", "negative", "positive"]
+    # one text, one class: a single row without an example column
+    one = parse_rows(viz.show(chosen.isel(example=0)))
+    assert one.headings == ["predicted", "attributed", "sum", "text"] and len(one.rows) == 1
+    # one example's (target, source) stays a heatmap of its classes
+    (t,) = parse(viz.show(everything.isel(example=0)))
+    assert [c["text"] for c in t["tgt"]] == ["negative", "neutral", "positive"]
+
+
+def test_classifier_rows_errors() -> None:
+    da = classifier()
+    with pytest.raises(ax.OptionError, match="`labels` must be a list of 3"):
+        viz.show(da, labels=["positive"])
+    with pytest.raises(ax.OptionError, match="`labels`"):
+        viz.show(da, labels="positive")  # type: ignore[arg-type]
+    with pytest.raises(ax.OptionError, match="`labels`"):
+        viz.show(single(), labels=["x"])
+    with pytest.raises(ax.OptionError, match="`labels`"):
+        viz.plot(single(), labels=["x"])
+    with pytest.raises(ax.OptionError, match="`scores`"):
+        viz.show(da, scores=dataset()["probability"])
+    with pytest.raises(ax.OptionError, match="`example`"):
+        viz.show(da, example=5)
+    two = classifier(attributed="all").copy()
+    two["predicted_label"] = ("example", np.array(["", "", ""]))
+    with pytest.raises(ax.InputError, match="select one first"):
+        viz.show(two)
+
+
+def test_plot_classifier_rows(tmp_path: Path) -> None:
+    da = classifier()
+    fig = viz.plot(da, labels=["positive", "negative", "neutral"], path=tmp_path / "rows.png")
+    heat, bar = fig.axes
+    ticks = [t.get_text() for t in heat.get_yticklabels()]
+    assert ticks[0] == "0 · true label positive · predicted positive (0.50)"
+    assert ticks[2].startswith("2 · true label neutral · predicted positive")
+    texts = [t.get_text() for t in heat.texts]
+    assert texts[:6] == ["[CLS]", "the", "film", "was", "great", "[SEP]"]
+    assert len(heat.patches) == len(texts) == 6 + 8 + 3
+    values = da.sel(target=da.predicted_label).values
+    top = float(np.nanmax(np.abs(values)))
+    assert bar.get_ylim() == pytest.approx((-top, top))
+    image = matplotlib.image.imread(tmp_path / "rows.png")
+    assert image.shape[0] > 100 and image.shape[1] > 300
+
+
 def test_html_object_and_saving(tmp_path: Path) -> None:
     page = viz.show(single(), title="My <title>", path=tmp_path / "a.html")
     text = (tmp_path / "a.html").read_text(encoding="utf-8")
@@ -219,7 +370,7 @@ def test_input_errors() -> None:
     with pytest.raises(ax.InputError, match=r"\('layer',\)"):
         viz.show(layered)
     with pytest.raises(ax.InputError, match=r"must have dims \('target', 'source'\)"):
-        viz.show(single().isel(target=0))
+        viz.table(single().isel(target=0))  # (source,) is a row for show/plot, not a table
     with pytest.raises(ax.InputError, match="`da`"):
         viz.show(single().values)  # type: ignore[arg-type]
     with pytest.raises(ax.OptionError, match="`example`"):
@@ -396,3 +547,27 @@ def test_chromium_renders_the_heatmap(tmp_path: Path) -> None:
     assert count(strongest) >= 200  # a ~20x20 px cell of the extreme value's colour
     assert count(other) >= 200  # and the strongest of the other sign
     assert count("#e6e6e6") >= 3 * 200  # NaN cells (the future) are grey
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="needs Debian's chromium")
+def test_chromium_renders_classifier_rows(tmp_path: Path) -> None:
+    da = classifier()
+    viz.show(da, path=tmp_path / "rows.html", labels=["positive", "negative", "neutral"])
+    shot = tmp_path / "shot.png"
+    command = [
+        "chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+        "--no-first-run", "--disable-background-networking", "--disable-component-update",
+        "--disable-sync", "--hide-scrollbars", "--force-device-scale-factor=1",
+        "--force-color-profile=srgb", f"--user-data-dir={tmp_path / 'profile'}",
+        f"--screenshot={shot}", "--window-size=640,300", (tmp_path / "rows.html").as_uri(),
+    ]  # fmt: skip
+    subprocess.run(command, check=True, timeout=90, capture_output=True)
+    pixels = read_png(shot)[..., :3].astype(int)
+    shown = da.sel(target=da.predicted_label).values
+    top = np.nanmax(np.abs(shown))
+    strongest = shown.ravel()[np.nanargmax(np.abs(shown))]
+    colour = colors.to_hex(colormaps["RdBu_r"](0.5 + 0.5 * strongest / top))
+    rgb = np.array([round(255 * x) for x in colors.to_rgb(colour)])
+    assert int((np.abs(pixels - rgb).max(axis=-1) <= 2).sum()) >= 150  # a highlighted word
+    ok = np.array([0x1A, 0x7F, 0x37])  # the correct prediction's green text
+    assert int((np.abs(pixels - ok).max(axis=-1) <= 40).sum()) >= 10

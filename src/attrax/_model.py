@@ -518,16 +518,18 @@ def load_model(
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
 ) -> Model:
-    """Wrap a causal or seq2seq language model for attribution.
+    """Wrap a causal or seq2seq language model, or a classifier, for attribution.
 
     Arguments:
-        model: a local model directory, a ``PreTrainedModel`` instance, or None for attrax's
-            built-in offline demo model. A hub name (``"gpt2"``, ``"owner/name"``) loads from the
-            hub when it is reachable, else (or with ``HF_HUB_OFFLINE=1``) from the local Hugging
-            Face cache only, so a name that is neither local nor cached fails at once. Refused
+        model: a local model directory, a ``PreTrainedModel`` instance, None for attrax's
+            built-in offline demo model (a tiny GPT-2), or ``"attrax:classifier"`` for the
+            built-in offline classifier (a tiny BERT; see docs/methods/classification.md). A hub
+            name (``"gpt2"``, ``"owner/name"``) loads from the hub when it is reachable, else (or
+            with ``HF_HUB_OFFLINE=1``) from the local Hugging Face cache only, so a name that is
+            neither local nor cached fails at once. Refused
             with a :class:`ModelError`: weights that do not load whole (truncated, another
-            config's shapes, missing tensors), heads attrax does not attribute yet (classifiers,
-            masked LMs) and a directory without tokenizer files.
+            config's shapes, missing tensors), heads attrax does not attribute yet (masked LMs)
+            and a directory without tokenizer files.
         tokenizer: the tokenizer (instance or name/path); defaults to the one saved with the model.
         attn_implementation: ``"auto"`` (attrax picks per call: SDPA for long sequences on the
             CPU, eager attention otherwise), ``"eager"`` or ``"sdpa"``. All three give the same
@@ -540,6 +542,8 @@ def load_model(
     >>> import attrax as ax
     >>> ax.load_model().model_type
     'decoder-only'
+    >>> ax.load_model("attrax:classifier").labels
+    {0: 'negative', 1: 'neutral', 2: 'positive'}
     """
     if isinstance(model, Model):
         return model
@@ -552,6 +556,15 @@ def load_model(
 
         model = DEFAULT_MODEL_PATH
         name = "attrax-default"
+    elif isinstance(model, str) and model.startswith("attrax:"):
+        from ._default_classifier_task import BUILTIN_NAME, DEFAULT_CLASSIFIER_PATH
+
+        if model != BUILTIN_NAME:
+            raise ModelError(
+                f"`model` {model!r} is not a built-in model: expected None (the tiny GPT-2) or "
+                f"{BUILTIN_NAME!r} (the tiny BERT classifier)"
+            )
+        model, name = DEFAULT_CLASSIFIER_PATH, BUILTIN_NAME
     where: dict[str, Any] = {}
     if isinstance(model, (str, os.PathLike)):
         name = name or str(model)

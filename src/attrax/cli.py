@@ -83,13 +83,27 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run the built-in model (a tiny GPT-2 that reverses 6 digits: "
         "'3 1 4 0 5 9 =' -> ' 9 5 0 4 1 3') on an example, attribute its answer, print the "
         "L2-normalised relevance and "
-        "how many answer tokens put their top score on the digit they copy. Needs no network.",
+        "how many answer tokens put their top score on the digit they copy. With --task "
+        "classification: the built-in classifier (a tiny BERT that labels a text by its one marker "
+        "word, e.g. 'the plot was awful' -> negative); the check is whether the top score falls on "
+        "the marker. Needs no network.",
+    )
+    demo.add_argument(
+        "--task",
+        default="generation",
+        choices=("generation", "classification"),
+        help="which built-in model (default: generation)",
     )
     demo.add_argument(
         "--method", default="saliency", choices=_GRADIENT_METHODS, help="(default: saliency)"
     )
     demo.add_argument(
         "--prompt", help="6 distinct digits and '=', e.g. '3 1 4 0 5 9 =' (default: a drawn one)"
+    )
+    demo.add_argument(
+        "--text",
+        help="classification: filler words with one marker, e.g. 'the plot was awful' "
+        "(default: a drawn held-out text)",
     )
     demo.add_argument("--seed", type=int, default=0, help="seed of the drawn example (default 0)")
     demo.add_argument("--html", metavar="FILE", help="also write an HTML heatmap to FILE")
@@ -176,6 +190,14 @@ def _model_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _demo(args: argparse.Namespace) -> int:
+    from ._errors import OptionError
+
+    given = "--text" if args.task == "generation" and args.text else None
+    given = given or ("--prompt" if args.task == "classification" and args.prompt else None)
+    if given:
+        raise OptionError(f"`{given}` does not apply to `--task {args.task}`")
+    if args.task == "classification":
+        return _demo_classification(args)
     from ._dataset import call_method, resolve_method
     from ._default_model_task import N_DIGITS, ground_truth, make_example, solve
     from ._errors import InputError
@@ -239,6 +261,55 @@ def _demo(args: argparse.Namespace) -> int:
     else:
         others = [m for m in _GRADIENT_METHODS if m != args.method]
         console.print(f"[dim]next: attrax demo --method {others[1]} --html demo.html[/]")
+    return 0
+
+
+def _demo_classification(args: argparse.Namespace) -> int:
+    from ._dataset import call_method, resolve_method
+    from ._default_classifier_task import BUILTIN_NAME, ground_truth, label_of, make_example
+    from ._errors import InputError
+    from ._model import load_model
+    from ._reduce import l2_norm, normalize
+    from .viz import show
+
+    _check_output(args.html, "--html")
+    console = _console()
+    text = args.text if args.text is not None else make_example(args.seed, split="heldout")[0]
+    try:
+        truth = label_of(text)
+    except ValueError:
+        raise InputError(
+            f"`--text` {text!r}: the built-in classifier labels texts with exactly one marker "
+            "word (bad, awful, okay, fine, good, great, ...), e.g. 'the plot was awful'"
+        ) from None
+    model = load_model(BUILTIN_NAME)
+    with console.status(f"attributing with {args.method}…"):
+        raw = call_method(resolve_method(args.method), model, [text], None, {})  # predicted class
+    relevance = normalize(l2_norm(raw))
+    row = relevance.isel(example=0)
+    predicted = str(row["predicted_label"].item())
+    console.print("[bold]attrax demo[/] · built-in classifier: a tiny BERT, labels by marker word")
+    console.print(f"  text       [cyan]{text}[/]")
+    verdict = "[green]✓ correct[/]" if predicted == truth else f"[red]✗ expected[/] {truth}"
+    console.print(
+        f"  predicted  [cyan]{predicted}[/] ({float(row['predicted_probability']):.2f})  {verdict}"
+    )
+    console.print(f"  method     {args.method} → l2_norm → normalize, for the predicted class")
+    _table(console, row.dropna("target", how="all"))
+    scores = row.sel(target=predicted)
+    top = int(scores.fillna(-1.0).argmax("source"))
+    tokens = [str(t) for t in row["source_token"].values.tolist()]
+    marker = ground_truth(tokens)
+    colour = "green" if top == marker else "yellow"
+    console.print(
+        f"[bold {colour}]top score on {tokens[top]!r}[/]{_tick(top == marker)} · the evidence "
+        f"(ground truth) is the marker {tokens[marker]!r}"
+    )
+    if args.html:
+        show(relevance, path=args.html, labels=[truth])
+        console.print(f"wrote {args.html}")
+    else:
+        console.print("[dim]next: attrax demo --task classification --html demo.html[/]")
     return 0
 
 

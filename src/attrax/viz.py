@@ -4,6 +4,13 @@ All three take a ``(target, source)`` array, or ``(example, target, source)`` fo
 table per example, padding dropped). Signed values get a diverging colour map centred on 0,
 non-negative ones a sequential map; NaN (nothing attributed) is left blank/grey. One colour
 scale is shared by every example shown, so examples compare at a glance.
+
+Sequence classifiers (whose targets are classes) are shown by :func:`show` and :func:`plot` as
+rows instead, one per example, like Captum's ``visualize_text``: the text with its tokens
+highlighted, the true label (``labels=``), the predicted label and its probability. That view
+takes an ``(example, source)`` or ``(source,)`` array (a class selected, e.g.
+``da.sel(target="positive")``), or a sequence classifier's ``(example, target, source)`` array, of
+which each example's predicted class is shown.
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ from matplotlib import colormaps, colors
 from matplotlib.figure import Figure
 
 from ._errors import InputError, OptionError
-from ._schema import drop_padding
+from ._schema import MISSING_TOKEN, drop_padding
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -35,6 +42,7 @@ __all__ = ["HTML", "plot", "readable_token", "show", "table"]
 
 Scores = xr.DataArray | xr.Dataset | Mapping[str, xr.DataArray]
 Examples = int | Sequence[int] | None
+Labels = Sequence[str | int] | None
 PathLike = str | os.PathLike[str]
 
 _DIVERGING = "RdBu_r"
@@ -121,7 +129,8 @@ class _Scale:
         return hexes, np.where(light, "#000000", "#ffffff")
 
 
-def _check_dims(da: object) -> xr.DataArray:
+def _check_dims(da: object, rows: bool = False) -> xr.DataArray:
+    """``da`` itself, checked for the heatmap view (or, with ``rows``, the classifier rows)."""
     if not isinstance(da, xr.DataArray):
         raise InputError(f"`da` must be an xarray.DataArray, got {type(da).__name__}")
     dims = tuple(str(d) for d in da.dims)
@@ -130,16 +139,29 @@ def _check_dims(da: object) -> xr.DataArray:
             f"`da` has dims {dims}: reduce 'hidden' to one value per (target, source) first,"
             " e.g. ax.l2_norm(da) or ax.sum(da)"
         )
-    missing = [d for d in ("target", "source") if d not in dims]
+    missing = [d for d in ("source",) if d not in dims]
+    if not rows and "target" not in dims:
+        missing.insert(0, "target")
     extra = [d for d in dims if d not in ("example", "target", "source")]
     if missing or extra:
         hint = (
             f" Select or reduce {tuple(extra)} first, e.g. da.mean({extra[0]!r})" if extra else ""
         )
         raise InputError(
-            f"`da` must have dims ('target', 'source'), optionally with 'example'; got {dims}.{hint}"
+            f"`da` must have dims ('target', 'source'), optionally with 'example', or be a "
+            f"sequence classifier's ('example', 'source'); got {dims}.{hint}"
         )
     return da
+
+
+def _is_rows(da: object) -> bool:
+    """Whether ``da`` is shown as classification rows: one example per row, no target dim, or
+    a sequence classifier's batch (its targets are classes)."""
+    if not isinstance(da, xr.DataArray) or "source" not in da.dims:
+        return False
+    if "target" not in da.dims:
+        return True
+    return "example" in da.dims and da.attrs.get("task") == "sequence-classification"
 
 
 def _coord_labels(da: xr.DataArray, dim: str) -> tuple[list[str], list[str]]:
@@ -249,7 +271,7 @@ def _prepare(
     return panels, _scale(panels, cmap)
 
 
-def _scale(panels: list[_Panel], cmap: str | colors.Colormap | None) -> _Scale:
+def _scale(panels: Sequence[_Panel | _Row], cmap: str | colors.Colormap | None) -> _Scale:
     finite = np.concatenate([p.values[np.isfinite(p.values)] for p in panels])
     signed = bool(finite.size and finite.min() < 0)
     top = float(np.abs(finite).max()) if finite.size else 0.0
@@ -273,6 +295,175 @@ def _default_title(da: xr.DataArray, title: str | None) -> str | None:
         return title
     parts = [str(da.attrs[k]) for k in ("method", "model") if k in da.attrs]
     return " · ".join(parts) or None
+
+
+# --- classification rows ------------------------------------------------------------------
+
+_LABELS_ONLY = (
+    "`labels` (true labels) apply to classifier rows: an (example, source) array or a sequence "
+    "classifier's (example, target, source)"
+)
+
+
+@dataclass
+class _Row:
+    values: np.ndarray  # (source,) float64, padding dropped
+    words: list[tuple[str, bool]]  # each token as shown, and whether a space goes before it
+    where: list[str]
+    example: Hashable | None
+    true: str | None
+    predicted: str | None
+    probability: float | None
+    attributed: str | None  # the class whose attribution is shown
+
+
+def _class_names(da: xr.DataArray) -> dict[int, str]:
+    """Class id -> label, from the id/label coordinate pairs a classifier result carries."""
+    names: dict[int, str] = {}
+    for ids, labels in (("target_class", "target_label"), ("predicted_class", "predicted_label")):
+        if ids in da.coords and labels in da.coords:
+            pairs = zip(
+                np.ravel(da[ids].values).tolist(), np.ravel(da[labels].values).tolist(), strict=True
+            )
+            names.update({int(i): str(n) for i, n in pairs if int(i) >= 0})
+    return names
+
+
+def _text_words(tokens: list[str]) -> list[tuple[str, bool]]:
+    """Tokens as running text: WordPiece ``##`` pieces and byte-level/SentencePiece pieces
+    without their space marker join the word before them."""
+    marked = any(t[:1] in ("Ġ", "▁") for t in tokens)
+    words = []
+    for i, token in enumerate(tokens):
+        shown = readable_token(token)
+        if token.startswith("##") and len(token) > 2:
+            words.append((shown[2:], False))
+        elif marked and shown.startswith(_SPACE):
+            words.append((shown[len(_SPACE) :] or _SPACE, i > 0))
+        else:
+            words.append((shown, i > 0 and not marked))
+    return words
+
+
+def _one(da: xr.DataArray, name: str) -> Any:
+    return da[name].item() if name in da.coords and da[name].ndim == 0 else None
+
+
+def _row_of_classes(sub: xr.DataArray, position: int) -> xr.DataArray:
+    """One example's ``(target, source)`` -> the row of its predicted class (or its only row)."""
+    attributed = [t for t in range(sub.sizes["target"]) if bool(sub.isel(target=t).notnull().any())]
+    predicted = _one(sub, "predicted_label")
+    labels = [str(v) for v in sub["target"].values.tolist()]
+    if predicted is not None and str(predicted) in labels:
+        chosen = labels.index(str(predicted))
+        if chosen in attributed or not attributed:
+            return sub.isel(target=chosen)
+    if len(attributed) == 1:
+        return sub.isel(target=attributed[0])
+    raise InputError(
+        f"`da` example {position} has {len(attributed)} attributed classes and none is its "
+        f"prediction; select one first, e.g. da.sel(target={labels[0]!r})"
+    )
+
+
+def _prepare_rows(
+    da: xr.DataArray, example: Examples, labels: Labels, cmap: str | colors.Colormap | None
+) -> tuple[list[_Row], _Scale]:
+    da = _check_dims(da, rows=True)
+    n = da.sizes.get("example", 1)
+    if labels is not None and (
+        isinstance(labels, str) or not isinstance(labels, Sequence) or len(labels) != n
+    ):
+        raise OptionError(
+            f"`labels` must be a list of {n} true labels (names or class ids), one per "
+            f"example of `da`, got {labels!r}"
+        )
+    names = _class_names(da)
+    rows = []
+    for e in _example_positions(da, example):
+        sub = da if e is None else da.isel(example=e)
+        if "target" in sub.dims:
+            sub = _row_of_classes(sub, 0 if e is None else e)
+        tokens = (
+            [str(t) for t in sub["source_token"].values.tolist()]
+            if "source_token" in sub.coords
+            else [str(i) for i in range(sub.sizes["source"])]
+        )
+        values = np.asarray(sub.values, dtype=np.float64)
+        keep = [j for j, t in enumerate(tokens) if not (t == MISSING_TOKEN and np.isnan(values[j]))]
+        _, where = _coord_labels(sub, "source")
+        true = None
+        if labels is not None:
+            given = labels[0 if e is None else e]
+            given = given.item() if isinstance(given, np.generic) else given
+            true = names.get(given, str(given)) if isinstance(given, int) else str(given)
+        probability = _one(sub, "predicted_probability")
+        attributed = _one(sub, "target")
+        rows.append(
+            _Row(
+                values=values[keep],
+                words=_text_words([tokens[j] for j in keep]),
+                where=[where[j] for j in keep],
+                example=None if e is None else da["example"].values[e].item(),
+                true=true,
+                predicted=None
+                if _one(sub, "predicted_label") is None
+                else str(_one(sub, "predicted_label")),
+                probability=None if probability is None else float(probability),
+                attributed=None if attributed is None else str(attributed),
+            )
+        )
+    return rows, _scale(rows, cmap)
+
+
+def _row_caption(row: _Row) -> list[tuple[str, str]]:
+    """The (heading, text) cells before a row's text: example, true, predicted, attributed."""
+    cells = []
+    if row.example is not None:
+        cells.append(("example", str(row.example)))
+    if row.true is not None:
+        cells.append(("true label", row.true))
+    if row.predicted is not None:
+        p = "" if row.probability is None else f" ({row.probability:.2f})"
+        cells.append(("predicted", row.predicted + p))
+    if row.attributed is not None:
+        cells.append(("attributed", row.attributed))
+    return cells
+
+
+def _rows_html(rows: list[_Row], scale: _Scale, annotate: bool) -> str:
+    headings = list(dict.fromkeys(h for row in rows for h, _ in _row_caption(row)))
+    out = ['<table class="ax-rows">\n<thead><tr>']
+    out += [f'<th class="ax-h">{_esc(h)}</th>' for h in [*headings, "sum", "text"]]
+    out.append("</tr></thead>\n<tbody>")
+    for row in rows:
+        caption = dict(_row_caption(row))
+        cells = []
+        for h in headings:
+            cls = {"true label": "ax-true", "predicted": "ax-pred"}.get(h, "ax-info")
+            if h == "predicted" and row.true is not None and row.predicted is not None:
+                cls += " ax-ok" if row.predicted == row.true else " ax-wrong"
+            cells.append(f'<td class="{cls}">{_esc(caption.get(h, ""))}</td>')
+        total = float(np.nansum(row.values)) if np.isfinite(row.values).any() else math.nan
+        cells.append(f'<td class="ax-sum">{_fmt(total)}</td>')
+        backgrounds, inks = scale.paint(row.values)
+        words = []
+        for j, ((word, space), where) in enumerate(zip(row.words, row.where, strict=True)):
+            value = float(row.values[j])
+            gap = " " if space else ""
+            tip = _esc(f"source {where}: {word}: {_fmt(value)}")
+            if math.isnan(value):
+                words.append(f'{gap}<span class="ax-w ax-nan" title="{tip}">{_esc(word)}</span>')
+                continue
+            number = f'<sub class="ax-v">{value:.2f}</sub>' if annotate else ""
+            words.append(
+                f'{gap}<span class="ax-w" style="background:{backgrounds[j]};color:{inks[j]}" '
+                f'data-value="{value:.6g}" title="{tip}">{_esc(word)}{number}</span>'
+            )
+        cells.append(f'<td class="ax-text">{"".join(words)}</td>')
+        out.append("<tr>" + "".join(cells) + "</tr>")
+    out.append("</tbody>\n</table>")
+    return "\n".join(out)
 
 
 # --- HTML ---------------------------------------------------------------------------------
@@ -335,6 +526,17 @@ _CSS = """
 .attrax-viz th.ax-score{font-size:11px;color:#444;vertical-align:bottom}
 .attrax-viz .ax-legend{display:flex;align-items:center;gap:6px;margin-top:8px;font-size:11px}
 .attrax-viz .ax-bar{display:inline-block;width:160px;height:10px;border:1px solid #ccc}
+.attrax-viz table.ax-rows{border-collapse:collapse}
+.attrax-viz table.ax-rows th.ax-h{text-align:left;border-bottom:1px solid #bbb;padding:2px 8px}
+.attrax-viz table.ax-rows td{padding:4px 8px;border-bottom:1px solid #eee;vertical-align:top;
+ white-space:nowrap}
+.attrax-viz td.ax-sum{text-align:right;font-variant-numeric:tabular-nums}
+.attrax-viz td.ax-ok{color:#1a7f37}
+.attrax-viz td.ax-wrong{color:#cf222e}
+.attrax-viz td.ax-text{white-space:normal;line-height:1.9}
+.attrax-viz span.ax-w{padding:1px 3px;border-radius:3px;white-space:pre}
+.attrax-viz span.ax-nan{background:#e6e6e6}
+.attrax-viz sub.ax-v{font-size:9px;margin-left:2px}
 """
 
 
@@ -420,6 +622,7 @@ def show(
     cmap: str | colors.Colormap | None = None,
     example: Examples = None,
     annotate: bool = False,
+    labels: Labels = None,
 ) -> HTML:
     """Render ``da`` as an HTML heatmap table: target tokens down, source tokens across.
 
@@ -429,18 +632,37 @@ def show(
     positions along ``example`` (default: all, one table each). ``annotate`` prints values in
     the cells. The page is also written to ``path`` when given.
 
+    A sequence classifier's batch, or any array without a ``target`` dim (``(example, source)``,
+    ``(source,)``), is drawn as rows instead: one example per row, its text highlighted, with the
+    true label (``labels``: one name or class id per example), the predicted label and
+    probability, and the class attributed (each example's predicted class when ``da`` has them
+    all). Select ``example=`` to see one example's classes as a heatmap:
+    ``show(da.isel(example=0))``.
+
     >>> import xarray as xr
     >>> da = xr.DataArray([[0.2, -0.7]], dims=("target", "source"),
     ...                   coords={"source_token": ("source", ["Ġa", "Ġb"])})
     >>> "␣b" in show(da)._repr_html_()
     True
+    >>> rows = xr.DataArray([[0.1, 0.9]], dims=("example", "source"),
+    ...                     coords={"source_token": (("example", "source"), [["a", "good"]])})
+    >>> "positive" in show(rows, labels=["positive"])._repr_html_()
+    True
     """
-    panels, scale = _prepare(da, example, scores, cmap)
-    name = _default_title(da, title)
+    name = _default_title(_check_dims(da, rows=_is_rows(da)), title)
     parts = [f'<div class="attrax-viz">\n<style>{_CSS}</style>']
     if name:
         parts.append(f'<div class="ax-title">{_esc(name)}</div>')
-    parts += [_panel_html(p, scale, annotate) for p in panels]
+    if _is_rows(da):
+        if scores is not None:
+            raise OptionError("`scores` are columns of the heatmap view; classifier rows have none")
+        rows, scale = _prepare_rows(da, example, labels, cmap)
+        parts.append(_rows_html(rows, scale, annotate))
+    else:
+        if labels is not None:
+            raise OptionError(_LABELS_ONLY)
+        panels, scale = _prepare(da, example, scores, cmap)
+        parts += [_panel_html(p, scale, annotate) for p in panels]
     parts.append(_legend_html(scale) + "\n</div>")
     page = HTML("\n".join(parts), title=name or "attrax")
     if path is not None:
@@ -480,20 +702,29 @@ def plot(
     cmap: str | colors.Colormap | None = None,
     example: Examples = None,
     dpi: int = 100,
+    labels: Labels = None,
 ) -> Figure:
     """Draw ``da`` as a matplotlib heatmap with token tick labels and a colorbar.
 
     One axes per example for a batch (or pass ``example=``); draws into ``ax`` when given
     (one example only). Saves a PNG (or any format matplotlib knows from the suffix) to
-    ``path`` when given. Uses no pyplot state and needs no display.
+    ``path`` when given. Uses no pyplot state and needs no display. Classifier rows (see
+    :func:`show`; ``labels``: the true labels) are drawn one example per line, in one axes.
 
     >>> import xarray as xr
     >>> fig = plot(xr.DataArray([[0.2, -0.7]], dims=("target", "source")))
     >>> len(fig.axes)  # heatmap + colorbar
     2
     """
+    name = _default_title(_check_dims(da, rows=_is_rows(da)), title)
+    if _is_rows(da):
+        rows, scale = _prepare_rows(da, example, labels, cmap)
+        fig = _plot_rows(rows, scale, ax, name)
+        _save_figure(fig, path, dpi)
+        return fig
+    if labels is not None:
+        raise OptionError(_LABELS_ONLY)
     panels, scale = _prepare(da, example, None, cmap)
-    name = _default_title(da, title)
     if ax is not None and len(panels) != 1:
         raise OptionError("`ax` holds one heatmap; pick one with `example=`")
     if ax is None:
@@ -531,11 +762,69 @@ def plot(
         a.figure.colorbar(image, ax=a, shrink=0.9)
     if name:
         fig.suptitle(name)
+    _save_figure(fig, path, dpi)
+    return fig
+
+
+def _save_figure(fig: Figure, path: PathLike | None, dpi: int) -> None:
     if path is not None:
         with warnings.catch_warnings():
             # Emoji and some scripts have no glyph in any installed font; a box is drawn.
             warnings.filterwarnings("ignore", message="Glyph .* missing from font")
             fig.savefig(Path(path).expanduser(), dpi=dpi)
+
+
+def _plot_rows(rows: list[_Row], scale: _Scale, ax: Axes | None, name: str | None) -> Figure:
+    """Each example's tokens as coloured boxes on one line, its labels as the line's tick label.
+
+    Box widths follow the tokens' lengths in characters, so each line reads as text."""
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.patches import Rectangle
+
+    lines = [[w for w, _ in r.words] for r in rows]
+    widths = [sum(len(w) + 1 for w in line) for line in lines]
+    longest = max(widths, default=1)
+    if ax is None:
+        size = (min(max(0.11 * longest + 4.5, 5.0), 30.0), min(0.45 * len(rows) + 1.4, 60.0))
+        fig = Figure(figsize=size, layout="constrained")
+        ax = fig.add_subplot()
+    else:
+        fig = ax.figure.figure
+    backgrounds, family = [scale.paint(r.values) for r in rows], _font_family()
+    for i, (row, line) in enumerate(zip(rows, lines, strict=True)):
+        x, (fill, ink) = 0.0, backgrounds[i]
+        for j, word in enumerate(line):
+            nan = math.isnan(float(row.values[j]))
+            ax.add_patch(
+                Rectangle(
+                    (x, i - 0.38), len(word) + 0.8, 0.76,
+                    facecolor=_NAN_COLOUR if nan else fill[j], edgecolor="none",
+                )
+            )  # fmt: skip
+            ax.text(
+                x + 0.4, i, word, va="center", ha="left", fontsize=9,
+                color="#000000" if nan else ink[j], fontfamily=family,
+            )  # fmt: skip
+            x += len(word) + 1
+    captions = [
+        " · ".join(
+            t if h == "example" else f"{h} {t}"
+            for h, t in _row_caption(r)
+            if not (h == "attributed" and t == r.predicted)
+        )
+        for r in rows
+    ]
+    ax.set_xlim(-0.5, longest + 0.5)
+    ax.set_ylim(len(rows) - 0.5, -0.5)
+    ax.set_yticks(range(len(rows)), captions, fontsize=9)
+    ax.set_xticks([])
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+    ax.tick_params(left=False)
+    mappable = ScalarMappable(colors.Normalize(scale.vmin, scale.vmax), scale.cmap)
+    fig.colorbar(mappable, ax=ax, shrink=0.9, aspect=max(4, 8 * len(rows) // 3 + 2))
+    if name:
+        ax.set_title(name)
     return fig
 
 
