@@ -29,11 +29,15 @@ if TYPE_CHECKING:
     from ._gradients import integrated_gradients as integrated_gradients
     from ._gradients import saliency as saliency
     from ._gradients import smoothgrad as smoothgrad
+    from ._guided import deconvolution as deconvolution
+    from ._guided import guided_backprop as guided_backprop
     from ._model import Model as Model
     from ._model import load_model as load_model
     from ._objectives import logit as logit
     from ._objectives import logprob as logprob
     from ._objectives import probability as probability
+    from ._paths import guided_integrated_gradients as guided_integrated_gradients
+    from ._paths import sequential_integrated_gradients as sequential_integrated_gradients
     from ._perturbation import kernel_shap as kernel_shap
     from ._perturbation import lime as lime
     from ._perturbation import occlusion as occlusion
