@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -314,3 +315,36 @@ def test_guided_ig_completeness_and_batches(models):
         single = ax.guided_integrated_gradients(model, source, target, steps=64)
         row = batched.isel(example=i).sel(target=single.target, source=single.source)
         np.testing.assert_allclose(row.values, single.values, rtol=1e-4, atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------------
+# the API around them: pipe, dataset runs
+# --------------------------------------------------------------------------------------------------
+PATH_METHODS = {
+    "guided_backprop": {},
+    "deconvolution": {"activations": "relu"},
+    "sequential_integrated_gradients": {"steps": 2},
+    "guided_integrated_gradients": {"steps": 4},
+}
+
+
+@pytest.mark.parametrize("name", list(PATH_METHODS))
+def test_pipe_and_dataset_runs(default_model, write_jsonl, tmp_path, name):
+    method, options = getattr(ax, name), PATH_METHODS[name]
+    raw = method(default_model, "1 2 =", " 2 1", **options)
+    assert json.loads(raw.attrs["options"])["batch_size"] == "auto"
+    fused = ax.pipe(method, ax.l2_norm)(default_model, "1 2 =", " 2 1", **options)
+    np.testing.assert_allclose(fused.values, ax.l2_norm(raw).values, rtol=1e-5, atol=1e-7)
+    data = write_jsonl([{"input": "1 2 =", "target": " 2 1"}, {"input": "3 =", "target": " 3"}])
+    run = ax.attribute_dataset(
+        default_model, data, tmp_path / name, method=name, progress=False, **options
+    )
+    assert run.records == 2
+    first = ax.load_dataset_results(tmp_path / name).isel(example=0)
+    expected = ax.normalize(ax.l2_norm(raw))
+    np.testing.assert_allclose(
+        first.sel(target=expected.target, source=expected.source).values,
+        expected.values,
+        rtol=1e-4,
+        atol=1e-6,
+    )
