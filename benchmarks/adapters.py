@@ -76,6 +76,8 @@ def attrax_attribute(
         kwargs.update(steps=steps, quadrature=quadrature, baseline=baseline, batch_size=batch_size)
     elif method in ("guided_backprop", "deconvolution"):
         kwargs.update(activations=activations)
+    elif method == "discretized_integrated_gradients":  # Inseq's baseline: unk, EOS kept
+        kwargs.update(steps=steps, baseline="unk", batch_size=batch_size)
     elif method != "input_x_gradient" and method != "attention":
         raise ValueError(f"unknown method {method!r}")
     t0 = time.perf_counter()

@@ -32,6 +32,7 @@ INSEQ_METHODS = (
     "integrated_gradients",
     "attention",
     "sequential_integrated_gradients",
+    "discretized_integrated_gradients",
 )
 # Captum's modified-ReLU methods hook the nn.ReLU modules of a Module they are given
 _CAPTUM_MODULE_METHODS = {"guided_backprop": "GuidedBackprop", "deconvolution": "Deconvolution"}
@@ -354,9 +355,15 @@ def inseq_attribute(
         kw["attributed_fn"] = attributed_fn
     if method == "saliency":
         kw["abs"] = abs
-    elif method in ("integrated_gradients", "sequential_integrated_gradients"):
+    elif method in (
+        "integrated_gradients",
+        "sequential_integrated_gradients",
+        "discretized_integrated_gradients",
+    ):
         # Captum's method= collides with attribute(method=...): Captum's options go in a dict
         ig_args: dict[str, Any] = dict(n_steps=n_steps, method=ig_method)
+        if method == "discretized_integrated_gradients":  # its method= is the path strategy
+            ig_args = dict(n_steps=n_steps)
         if internal_batch_size is not None:
             ig_args["internal_batch_size"] = internal_batch_size
         kw["attribution_args"] = ig_args

@@ -1,7 +1,7 @@
 """``python -m benchmarks methods``: parity and time ratios of the newer gradient methods.
 
 Guided backprop and deconvolution against Captum's ``GuidedBackprop``/``Deconvolution`` (one call
-per target), sequential IG against Inseq's ``sequential_integrated_gradients``, on W1 (GPT-2) and
+per target), sequential and discretized IG against Inseq's, on W1 (GPT-2) and
 W2 (Marian), each compared (<= 1e-4 after the same aggregations) before its time is taken in the
 same process. Captum only hooks ``nn.ReLU`` modules and W1/W2 use GELU/SiLU, so there attrax runs
 with ``activations="relu"`` (the same quantity); ``W1-relu`` (W1's shape with ReLU MLPs) compares
@@ -11,6 +11,7 @@ the rule itself. Results go to ``benchmarks/results/methods[-quick].json``.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import time
 from pathlib import Path
@@ -23,6 +24,7 @@ from .parity import parity
 RESULTS = Path(__file__).resolve().parent / "results"
 MODIFIED = ("guided_backprop", "deconvolution")
 SIG = "sequential_integrated_gradients"
+DIG = "discretized_integrated_gradients"  # Inseq's needs scikit-learn; skipped without it
 
 
 def _relu_gpt2(hf, tok):
@@ -55,7 +57,9 @@ def _baseline(library: str, *args: Any, **kwargs: Any) -> tuple[Any, float]:
     return result.attributions, result.seconds
 
 
-def measure(quick: bool = False, repeats: int | None = None) -> list[dict[str, Any]]:
+def measure(
+    quick: bool = False, repeats: int | None = None, only: list[str] | None = None
+) -> list[dict[str, Any]]:
     """One record per (workload, method): parity errors and seconds of each side."""
     import attrax as ax
 
@@ -73,10 +77,18 @@ def measure(quick: bool = False, repeats: int | None = None) -> list[dict[str, A
         prompt, target = workloads.texts(kind, tok, plan.n_prompt, plan.n_target)
         model = ax.load_model(hf, tokenizer=tok)
         attrax_attribute(model, *workloads.texts(kind, tok, 4, 2), "saliency")  # warm-up
-        for method in MODIFIED if relu else (*MODIFIED, SIG):
-            if method == SIG:
+        paths = (SIG, DIG) if importlib.util.find_spec("sklearn") else (SIG,)
+        for method in MODIFIED if relu else (*MODIFIED, *paths):
+            if only and method not in only:
+                continue
+            if method == DIG:  # the neighbour tables, once per model, outside the clocks
+                handle, load_s = inseq_load(hf, tok, method)
+                _, table_s = attrax_attribute(model, *workloads.texts(kind, tok, 4, 2), method)
+                print(f"{name}: DIG neighbour tables: inseq {load_s:.1f}s, attrax {table_s:.1f}s")
+            if method in paths:
                 library, activations = "inseq", "all"
-                handle, _ = inseq_load(hf, tok, method)
+                if method == SIG:
+                    handle, _ = inseq_load(hf, tok, method)
                 options: dict[str, Any] = dict(
                     n_steps=plan.steps, step_scores=(), inseq_model=handle
                 )
@@ -111,6 +123,7 @@ def measure(quick: bool = False, repeats: int | None = None) -> list[dict[str, A
 def parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="W1/W2 quick sizes, one repeat")
     p.add_argument("--repeats", type=int, help="timed calls per side (best kept)")
+    p.add_argument("--methods", nargs="+", help="only these methods (default: all)")
     p.add_argument(
         "--out", type=Path, help="results JSON (default benchmarks/results/methods*.json)"
     )
@@ -118,7 +131,7 @@ def parser(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
-    records = measure(args.quick, args.repeats)
+    records = measure(args.quick, args.repeats, args.methods)
     out = args.out or RESULTS / ("methods-quick.json" if args.quick else "methods.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"quick": args.quick, "records": records}, indent=1, default=str))

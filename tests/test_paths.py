@@ -325,6 +325,7 @@ PATH_METHODS = {
     "deconvolution": {"activations": "relu"},
     "sequential_integrated_gradients": {"steps": 2},
     "guided_integrated_gradients": {"steps": 4},
+    "discretized_integrated_gradients": {"steps": 3, "neighbours": 4},
 }
 
 
@@ -332,7 +333,7 @@ PATH_METHODS = {
 def test_pipe_and_dataset_runs(default_model, write_jsonl, tmp_path, name):
     method, options = getattr(ax, name), PATH_METHODS[name]
     raw = method(default_model, "1 2 =", " 2 1", **options)
-    assert json.loads(raw.attrs["options"])["batch_size"] == "auto"
+    assert json.loads(raw.attrs["options"])["chunk_size"] == "auto"
     fused = ax.pipe(method, ax.l2_norm)(default_model, "1 2 =", " 2 1", **options)
     np.testing.assert_allclose(fused.values, ax.l2_norm(raw).values, rtol=1e-5, atol=1e-7)
     data = write_jsonl([{"input": "1 2 =", "target": " 2 1"}, {"input": "3 =", "target": " 3"}])
@@ -348,3 +349,123 @@ def test_pipe_and_dataset_runs(default_model, write_jsonl, tmp_path, name):
         rtol=1e-4,
         atol=1e-6,
     )
+
+
+# --------------------------------------------------------------------------------------------------
+# discretized integrated gradients
+# --------------------------------------------------------------------------------------------------
+def naive_dig_path(table, word: int, base: int, special: bool, k: int, steps: int):
+    """One token's path, as the DIG paper's code builds it, one token and one anchor at a time."""
+    distances = torch.cdist(table.double(), table.double())
+    distances.fill_diagonal_(float("inf"))
+
+    def monotonic(anchor, b, point):
+        return (
+            ((b > point) & (b >= anchor) & (anchor >= point))
+            | ((b < point) & (b <= anchor) & (anchor <= point))
+            | ((b == point) & (b == anchor))
+        )
+
+    def project(anchor, b, point):
+        keep = monotonic(anchor, b, point)
+        return torch.where(keep, anchor, point - (point - b) / steps)
+
+    path = [word]
+    for _ in range(steps - 2):
+        current = path[-1]
+        if special:
+            path.append(word)
+            continue
+        if current == base:
+            path.append(base)
+            continue
+        near = distances[current].argsort()[:k].tolist()
+        options = [a for a in near if a not in path and a != base]
+        if not options:
+            path.append(base)
+            continue
+        scores = [
+            float((table[a] - project(table[a], table[base], table[current])).norm())
+            for a in options
+        ]
+        path.append(options[int(np.argmin(scores))])
+    points = [table[word]]
+    for anchor in path[1:]:
+        points.append(project(table[anchor], table[base], points[-1]))
+    points.append(table[base])
+    return points[::-1]
+
+
+def naive_dig(model, source, target, steps, k) -> np.ndarray:
+    table = model.hf.get_input_embeddings().weight.detach()
+    tok = model.tokenizer
+    special = set(tok.all_special_ids)
+
+    def per_target(run, x, index, t):
+        ids = run.ids[0].tolist()
+        base_id = model.pad_token_id
+        paths = [
+            naive_dig_path(
+                table, w, w if w == tok.eos_token_id else base_id, w in special, k, steps
+            )
+            for w in ids
+        ]
+        out = torch.zeros_like(x[0][0])
+        for j in range(steps - 1):
+            point = torch.stack([p[j] for p in paths])[None]
+            step = torch.stack([p[j + 1] - p[j] for p in paths])
+            out += run.gradients([point, *x[1:]], _naive.probability, None)[index][0] * step
+        return out.numpy()
+
+    return naive_rows(model, source, target, per_target)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "bart"])
+def test_dig_equals_naive_loop(models, arch):
+    model = models[arch]
+    source, target = PAIRS[2]
+    got = ax.discretized_integrated_gradients(model, source, target, steps=5, neighbours=6)
+    assert_close(got.values, naive_dig(model, source, target, 5, 6))
+
+
+def test_dig_batched_equals_single_and_completeness(models):
+    model = models["gpt2"]
+    sources, targets = [p[0] for p in PAIRS], [p[1] for p in PAIRS]
+    batched = ax.discretized_integrated_gradients(model, sources, targets, steps=6, neighbours=8)
+    for i, (source, target) in enumerate(PAIRS):
+        single = ax.discretized_integrated_gradients(model, source, target, steps=6, neighbours=8)
+        row = batched.isel(example=i).sel(target=single.target, source=single.source)
+        np.testing.assert_allclose(row.values, single.values, rtol=1e-5, atol=1e-7)
+        total = single.sum(("source", "hidden")).values
+        # completeness_gap is the sum minus f(x) - f(x'): check it against the naive runner
+        source_ids, target_ids = _naive.token_ids(model, source, target)
+        run = _naive.Runner(model, source_ids, target_ids)
+        x = run.embeddings()
+        base = torch.where(
+            run.ids == model.tokenizer.eos_token_id,
+            run.ids,
+            torch.full_like(run.ids, model.pad_token_id),
+        )
+        b = [run.modules[0](base).detach()]
+        delta = [run.score(t, x, _naive.probability) - run.score(t, b, _naive.probability)
+                 for t in run.targets()]  # fmt: skip
+        np.testing.assert_allclose(single.completeness_gap.values, total - delta, atol=1e-6)
+
+
+def test_nearest_neighbours_exact(models):
+    from attrax._discrete import nearest_neighbours
+
+    table = models["t5"].hf.get_input_embeddings().weight.detach()
+    got = nearest_neighbours(table, 7, rows=100)
+    distances = torch.cdist(table.double(), table.double())
+    distances.fill_diagonal_(float("inf"))
+    assert torch.equal(got, distances.argsort(dim=-1, stable=True)[:, :7])
+
+
+def test_dig_attributes_the_decoder_side(models):
+    model = models["t5"]
+    da = ax.discretized_integrated_gradients(
+        model, *PAIRS[0], steps=4, neighbours=5, attribute_target=True
+    )
+    assert set(da.indexes["source"].names) >= {"side"}
+    assert float(abs(da.completeness_gap).max()) < 1.0

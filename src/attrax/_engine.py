@@ -168,7 +168,8 @@ class Problem:
         Points go through the model ``batch_size`` at a time (all at once when None); targets
         ``chunk_size`` at a time (all at once when None), each chunk in one vectorized backward.
         ``"auto"`` sizes fit the device's free memory (:meth:`plan`). ``weights`` ``[N, L]`` weigh
-        each point's gradient per source token (sides concatenated) instead of per point.
+        each point's gradient per source token (sides concatenated) instead of per point;
+        ``[N, B, L, H]`` per feature.
         """
         total = weights.shape[0]
         batch_size, chunk_size = self.plan(total, batch_size, chunk_size)
@@ -189,8 +190,10 @@ class Problem:
                     g = g.unflatten(1, (n, -1)).to(acc)
                     if ws.ndim == 1:
                         part = torch.einsum("knblh,n->bklh", g, ws)
-                    else:
+                    elif ws.ndim == 2:
                         part = torch.einsum("knblh,nl->bklh", g, ws[:, : g.shape[3]])
+                    else:
+                        part = torch.einsum("knblh,nblh->bklh", g, ws[:, :, : g.shape[3]])
                     total_grad[:, slots, : part.shape[2]] += part
         return tuple(sums)
 
@@ -317,10 +320,11 @@ def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _per_side(w: torch.Tensor, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-    """Point weights ``[n]`` for every side, or per-token weights ``[n, L]`` split by side."""
+    """Point weights ``[n]`` for every side, or per-token ``[n, L]`` / per-feature ``[n, B, L, H]``
+    weights split by side."""
     if w.ndim == 1:
         return tuple(w for _ in inputs)
-    return w.split([x.shape[1] for x in inputs], dim=-1)
+    return w.split([x.shape[1] for x in inputs], dim=1 if w.ndim == 2 else 2)
 
 
 def _token_tangents(

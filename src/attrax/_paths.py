@@ -122,8 +122,12 @@ def _run_guided(core: Any, call: Call, arguments: dict[str, Any]) -> xr.DataArra
 #: Guided IG: every common parameter, plus ``reduce_hidden``; its paths are its own.
 GUIDED_PATH = Family(
     name="gradient",
-    takes=tuple(COMMON),
-    refuses={},
+    takes=tuple(n for n in COMMON if n != "batch_size"),
+    refuses={
+        "batch_size": "guided IG evaluates one point per target per step; `chunk_size` (targets "
+        "per step) bounds its memory",
+        "mode": "each target's path is its own: there is no forward-mode variant",
+    },
     run=_run_guided,
     extra={
         "reduce_hidden": Param(
