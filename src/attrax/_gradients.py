@@ -36,8 +36,8 @@ class Rule(NamedTuple):
 
     ``points`` maps indices to stacked points (None: the embeddings, one point); ``weights`` sum
     the points' gradients (None: one point of weight 1; ``[N, L]``: a weight per point and source
-    token, sides concatenated; ``[N, B, L, H]``: per point and feature); ``multiplier`` (one tensor per side)
-    multiplies the sum; ``reference`` (the baseline, per side) adds a ``completeness_gap``
+    token, sides concatenated; ``[N, B, L, H]``: per point and feature); ``multiplier`` (one
+    tensor per side) multiplies the sum; ``reference`` (the baseline, per side) adds a ``completeness_gap``
     coordinate: the attributions' sum minus ``f(x) - f(reference)``; ``transform`` maps the
     gradients (e.g. ``abs``) before labelling.
     """
