@@ -469,3 +469,13 @@ def test_dig_attributes_the_decoder_side(models):
     )
     assert set(da.indexes["source"].names) >= {"side"}
     assert float(abs(da.completeness_gap).max()) < 1.0
+
+
+@pytest.mark.parametrize("name", ["guided_backprop", "sequential_integrated_gradients"])
+def test_cli_runs_them(name, capsys):
+    from attrax.cli import main
+
+    steps = ["--steps", "2"] if "integrated" in name else []
+    argv = ["attribute", "--method", name, "--input", "1 2 =", "--target", " 2 1", *steps]
+    assert main(argv) == 0
+    assert "target" in capsys.readouterr().out
