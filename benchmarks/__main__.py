@@ -11,13 +11,14 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
-    from . import harness, real_size, report
+    from . import harness, methods, real_size, report
 
     harness.parser(sub.add_parser("run", help="parity gate, then time and memory (CPU or GPU)"))
     r = sub.add_parser("report", help="render the docs from the committed results JSON")
     r.add_argument("--cpu", default=report.CPU_RESULTS, help="CPU results JSON")
     r.add_argument("--gpu", default=report.GPU_RESULTS, help="GPU results JSON")
     real_size.parser(sub.add_parser("real-size", help="the comparison on a GPT-2-small shape"))
+    methods.parser(sub.add_parser("methods", help="parity and time of the newer gradient methods"))
     m = sub.add_parser("models", help="build the workload models and print a summary")
     m.add_argument("root", nargs="?", help="where (default benchmarks/results/models)")
     sub.add_parser("worker").add_argument("spec")  # one measurement, started by the harness
@@ -33,6 +34,8 @@ def main(argv: list[str] | None = None) -> int:
         return harness.run(args, argv)
     if args.command == "report":
         report.write_docs(args.cpu, args.gpu)
+    elif args.command == "methods":
+        return methods.run(args)
     elif args.command == "real-size":
         return real_size.run(args)
     elif args.command == "models":

@@ -57,6 +57,7 @@ def attrax_attribute(
     quadrature: str = IG_QUADRATURE,
     chunk_size: int | None = None,
     batch_size: int | None = None,
+    activations: str = "all",
 ) -> tuple[Any, float]:
     """``(DataArray, seconds)`` of one attrax method: the only place the benchmarks call attrax.
 
@@ -66,13 +67,17 @@ def attrax_attribute(
     import attrax as ax
 
     kwargs: dict[str, Any] = {}
-    if method in ("saliency", "input_x_gradient", "integrated_gradients"):
+    if method != "attention":
         kwargs["chunk_size"] = chunk_size
     if method == "saliency":
         kwargs["abs"] = False
-    elif method == "integrated_gradients":
+    elif method in ("integrated_gradients", "sequential_integrated_gradients"):
         baseline = inseq_baseline(model, prompt, target)
         kwargs.update(steps=steps, quadrature=quadrature, baseline=baseline, batch_size=batch_size)
+    elif method in ("guided_backprop", "deconvolution"):
+        kwargs.update(activations=activations)
+    elif method == "discretized_integrated_gradients":  # Inseq's baseline: unk, EOS kept
+        kwargs.update(steps=steps, baseline="unk", batch_size=batch_size)
     elif method != "input_x_gradient" and method != "attention":
         raise ValueError(f"unknown method {method!r}")
     t0 = time.perf_counter()

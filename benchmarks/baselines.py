@@ -19,8 +19,23 @@ from typing import Any
 import numpy as np
 import torch
 
-CAPTUM_METHODS = ("saliency", "input_x_gradient", "integrated_gradients")
-INSEQ_METHODS = (*CAPTUM_METHODS, "attention")
+CAPTUM_METHODS = (
+    "saliency",
+    "input_x_gradient",
+    "integrated_gradients",
+    "guided_backprop",
+    "deconvolution",
+)
+INSEQ_METHODS = (
+    "saliency",
+    "input_x_gradient",
+    "integrated_gradients",
+    "attention",
+    "sequential_integrated_gradients",
+    "discretized_integrated_gradients",
+)
+# Captum's modified-ReLU methods hook the nn.ReLU modules of a Module they are given
+_CAPTUM_MODULE_METHODS = {"guided_backprop": "GuidedBackprop", "deconvolution": "Deconvolution"}
 
 
 @dataclass
@@ -185,9 +200,14 @@ def captum_attribute(
 
         out = np.full((n_target, len(ids), embeds.shape[-1]), np.nan, dtype=np.float32)
         target_ids, source_ids = ids[first:], ids
-    algo = {"saliency": Saliency, "input_x_gradient": InputXGradient}.get(
-        method, IntegratedGradients
-    )(forward)
+    if method in _CAPTUM_MODULE_METHODS:
+        import captum.attr
+
+        algo = getattr(captum.attr, _CAPTUM_MODULE_METHODS[method])(_Forward(model, forward))
+    else:
+        algo = {"saliency": Saliency, "input_x_gradient": InputXGradient}.get(
+            method, IntegratedGradients
+        )(forward)
     common: dict[str, Any] = {"abs": abs} if method == "saliency" else {}
     if method == "integrated_gradients":
         common = dict(n_steps=n_steps, method=ig_method, internal_batch_size=internal_batch_size)
@@ -219,6 +239,17 @@ def captum_attribute(
                   ig_method=ig_method, baseline=baseline, abs=abs,
                   attribute_target=attribute_target, last_logits_only=last_logits_only),
     )  # fmt: skip
+
+
+class _Forward(torch.nn.Module):
+    """A forward function as a Module holding the model, so Captum finds its ReLU modules."""
+
+    def __init__(self, model, fn) -> None:
+        super().__init__()
+        self.model, self.fn = model, fn
+
+    def forward(self, *args):
+        return self.fn(*args)
 
 
 def captum_llm_attribute(
@@ -324,9 +355,15 @@ def inseq_attribute(
         kw["attributed_fn"] = attributed_fn
     if method == "saliency":
         kw["abs"] = abs
-    elif method == "integrated_gradients":
+    elif method in (
+        "integrated_gradients",
+        "sequential_integrated_gradients",
+        "discretized_integrated_gradients",
+    ):
         # Captum's method= collides with attribute(method=...): Captum's options go in a dict
         ig_args: dict[str, Any] = dict(n_steps=n_steps, method=ig_method)
+        if method == "discretized_integrated_gradients":  # its method= is the path strategy
+            ig_args = dict(n_steps=n_steps)
         if internal_batch_size is not None:
             ig_args["internal_batch_size"] = internal_batch_size
         kw["attribution_args"] = ig_args

@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from ._attention import rollout as rollout
     from ._dataset import attribute_dataset as attribute_dataset
     from ._dataset import load_dataset_results as load_dataset_results
+    from ._discrete import discretized_integrated_gradients as discretized_integrated_gradients
     from ._errors import AttraxError as AttraxError
     from ._errors import InputError as InputError
     from ._errors import ModelError as ModelError
@@ -32,11 +33,15 @@ if TYPE_CHECKING:
     from ._gradients import integrated_gradients as integrated_gradients
     from ._gradients import saliency as saliency
     from ._gradients import smoothgrad as smoothgrad
+    from ._guided import deconvolution as deconvolution
+    from ._guided import guided_backprop as guided_backprop
     from ._model import Model as Model
     from ._model import load_model as load_model
     from ._objectives import logit as logit
     from ._objectives import logprob as logprob
     from ._objectives import probability as probability
+    from ._paths import guided_integrated_gradients as guided_integrated_gradients
+    from ._paths import sequential_integrated_gradients as sequential_integrated_gradients
     from ._perturbation import kernel_shap as kernel_shap
     from ._perturbation import lime as lime
     from ._perturbation import occlusion as occlusion

@@ -175,7 +175,9 @@ class Problem:
 
         Points go through the model ``batch_size`` at a time (all at once when None); targets
         ``chunk_size`` at a time (all at once when None), each chunk in one vectorized backward.
-        ``"auto"`` sizes fit the device's free memory (:meth:`plan`).
+        ``"auto"`` sizes fit the device's free memory (:meth:`plan`). ``weights`` ``[N, L]`` weigh
+        each point's gradient per source token (sides concatenated) instead of per point;
+        ``[N, B, L, H]`` per feature.
         """
         total = weights.shape[0]
         batch_size, chunk_size = self.plan(total, batch_size, chunk_size)
@@ -188,11 +190,18 @@ class Problem:
             chunk = torch.arange(start, min(start + step, total))
             stacked = points(chunk)
             w = weights[chunk].to(dtype=acc, device=self.inputs[0].device)
+            per_side = _per_side(w, self.inputs)
             for slots, length in self._target_chunks(chunk_size):
                 grads = self._chunk_gradients(stacked, slots, length, chunk_size)
-                for total_grad, g in zip(sums, grads, strict=True):
+                for total_grad, g, ws in zip(sums, grads, per_side, strict=True):
                     n = stacked[0].shape[0]
-                    part = torch.einsum("knblh,n->bklh", g.unflatten(1, (n, -1)).to(acc), w)
+                    g = g.unflatten(1, (n, -1)).to(acc)
+                    if ws.ndim == 1:
+                        part = torch.einsum("knblh,n->bklh", g, ws)
+                    elif ws.ndim == 2:
+                        part = torch.einsum("knblh,nl->bklh", g, ws[:, : g.shape[3]])
+                    else:
+                        part = torch.einsum("knblh,nblh->bklh", g, ws[:, :, : g.shape[3]])
                     total_grad[:, slots, : part.shape[2]] += part
         return tuple(sums)
 
@@ -297,6 +306,7 @@ class Problem:
             _, head_pullback = vjp(self.head_objective, hidden)
             (head_grad,) = head_pullback(self.tensors.valid.to(hidden.dtype).repeat(n, 1))
             w = weights[chunk].to(dtype=acc, device=hidden.device)
+            per_side = _per_side(w, self.inputs)
             for side, direction in enumerate(directions):
                 tangents, in_dims = _token_tangents(flat, direction, side, n)
 
@@ -306,7 +316,9 @@ class Problem:
                 moved = torch.vmap(push, in_dims=in_dims, chunk_size=chunk_size)(*tangents)
                 # moved [L, nB, K, H]: how head input k moves along token s's direction
                 dots = (moved * head_grad[None]).sum(-1, dtype=acc).unflatten(1, (n, -1))
-                sums[side] += torch.einsum("lnbk,n->bkl", dots, w)
+                ws = per_side[side]
+                pattern = "lnbk,n->bkl" if ws.ndim == 1 else "lnbk,nl->bkl"
+                sums[side] += torch.einsum(pattern, dots, ws)
         return tuple(sums)
 
 
@@ -314,6 +326,14 @@ def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     """Sums over points and targets run in at least float32: 50 IG steps in bfloat16 would lose
     most of their digits (a float64 model keeps float64)."""
     return torch.promote_types(dtype, torch.float32)
+
+
+def _per_side(w: torch.Tensor, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """Point weights ``[n]`` for every side, or per-token ``[n, L]`` / per-feature ``[n, B, L, H]``
+    weights split by side."""
+    if w.ndim == 1:
+        return tuple(w for _ in inputs)
+    return w.split([x.shape[1] for x in inputs], dim=1 if w.ndim == 2 else 2)
 
 
 def _token_tangents(

@@ -35,8 +35,9 @@ class Rule(NamedTuple):
     """A gradient method: ``multiplier * sum_i weights[i] * grad f(points[i])``.
 
     ``points`` maps indices to stacked points (None: the embeddings, one point); ``weights`` sum
-    the points' gradients (None: one point of weight 1); ``multiplier`` (one tensor per side)
-    multiplies the sum; ``reference`` (the baseline, per side) adds a ``completeness_gap``
+    the points' gradients (None: one point of weight 1; ``[N, L]``: a weight per point and source
+    token, sides concatenated; ``[N, B, L, H]``: per point and feature); ``multiplier`` (one
+    tensor per side) multiplies the sum; ``reference`` (the baseline, per side) adds a ``completeness_gap``
     coordinate: the attributions' sum minus ``f(x) - f(reference)``; ``transform`` maps the
     gradients (e.g. ``abs``) before labelling.
     """

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import math
 import os
@@ -949,12 +950,18 @@ def _value_and_derivative(x: torch.Tensor, kind: str) -> tuple[torch.Tensor, tor
 
 
 class _Activation(torch.autograd.Function):
-    """``f(x)`` for an elementwise ``f``, whose backward (and jvp) multiplies by a saved ``f'(x)``."""
+    """``f(x)`` for an elementwise ``f``, whose backward (and jvp) multiplies by a saved ``f'(x)``.
+
+    ``rule`` replaces the backward (not the jvp): ``"guided"`` passes ``relu(grad * f'(x))``,
+    ``"deconvolution"`` passes ``relu(grad)`` (see :data:`BACKWARD_RULES`).
+    """
 
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(x: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        x: torch.Tensor, kind: str, rule: str | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         return _value_and_derivative(x, kind)
 
     @staticmethod
@@ -963,20 +970,54 @@ class _Activation(torch.autograd.Function):
         ctx.mark_non_differentiable(derivative)
         ctx.save_for_backward(derivative)
         ctx.save_for_forward(derivative)
+        ctx.rule = inputs[2] if len(inputs) > 2 else None
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor, _grad_derivative: Any) -> tuple[Any, None]:
+    def backward(ctx: Any, grad: torch.Tensor, _grad_derivative: Any) -> tuple[Any, None, None]:
         (derivative,) = ctx.saved_tensors
-        return grad * derivative, None
+        if ctx.rule == "deconvolution":
+            return torch.relu(grad), None, None
+        if ctx.rule == "guided":
+            return torch.relu(grad * derivative), None, None
+        return grad * derivative, None, None
 
     @staticmethod
-    def jvp(ctx: Any, tangent: torch.Tensor, _kind: Any) -> tuple[torch.Tensor, None]:
+    def jvp(
+        ctx: Any, tangent: torch.Tensor, _kind: Any, _rule: Any = None
+    ) -> tuple[torch.Tensor, None]:
         (derivative,) = ctx.saved_tensors
         return tangent * derivative, None
 
 
+#: Backward rules an activation can run with (Springenberg et al. 2015, as Captum's hooks on
+#: ``nn.ReLU``): for a ReLU, guided = grad where input > 0 and grad > 0, deconvolution = relu(grad).
+BACKWARD_RULES = ("guided", "deconvolution")
+# (rule, activation kinds it applies to) for the forwards run under `backward_rule`
+_RULE: contextvars.ContextVar[tuple[str, frozenset[str]] | None] = contextvars.ContextVar(
+    "attrax_backward_rule", default=None
+)
+
+
+@contextlib.contextmanager
+def backward_rule(rule: str, kinds: Sequence[str] | None = None) -> Iterator[None]:
+    """Forwards run inside give the activations of ``kinds`` (None: all) ``rule``'s backward.
+
+    The rule is fixed at forward time and kept by autograd, so backwards (and vmapped backwards)
+    run later still use it.
+    """
+    every = frozenset(_ACTIVATIONS.values())
+    token = _RULE.set((rule, every if kinds is None else frozenset(kinds)))
+    try:
+        yield
+    finally:
+        _RULE.reset(token)
+
+
 def _activation(x: torch.Tensor, kind: str) -> torch.Tensor:
     if torch.is_grad_enabled():
+        active = _RULE.get()
+        if active is not None and kind in active[1]:
+            return _Activation.apply(x, kind, active[0])[0]
         return _Activation.apply(x, kind)[0]
     return _value(x, kind)  # no backward will follow: no derivative to save
 

@@ -1,0 +1,481 @@
+"""Guided backprop, deconvolution, sequential and guided IG against plain per-target loops."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import attrax as ax
+from attrax.testing import tiny_model
+from tests import _naive
+from tests.conftest import PAIRS
+
+# the elementwise activation modules of the tiny models, named here (not read from attrax)
+ACTIVATION_TYPES = (
+    "ReLU",
+    "GELU",
+    "SiLU",
+    "NewGELUActivation",
+    "GELUActivation",
+    "SiLUActivation",
+    "GELUTanh",
+    "PytorchGELUTanh",
+    "FastGELUActivation",
+)
+
+
+def assert_close(got: np.ndarray, want: np.ndarray, rtol: float = 1e-4) -> None:
+    got, want = np.asarray(got), np.asarray(want)
+    assert got.shape == want.shape
+    assert np.array_equal(np.isnan(got), np.isnan(want)), "NaN (future/padding) pattern differs"
+    ok = ~np.isnan(want)
+    scale = np.abs(want[ok]).max()
+    assert scale > 0
+    np.testing.assert_allclose(got[ok], want[ok], rtol=rtol, atol=1e-5 * scale)
+
+
+def _hooked(model, rule: str, only_relu: bool):
+    """Backward hooks replacing each activation's input gradient, as Captum does on nn.ReLU."""
+    handles = []
+    for module in model.hf.modules():
+        name = type(module).__name__
+        if name not in (("ReLU",) if only_relu else ACTIVATION_TYPES):
+            continue
+
+        def hook(_m, grad_input, grad_output):
+            chosen = grad_output if rule == "deconvolution" else grad_input
+            return tuple(None if g is None else torch.relu(g) for g in chosen)
+
+        handles.append(module.register_full_backward_hook(hook))
+    return handles
+
+
+def naive_rows(model, source, target, per_target_fn) -> np.ndarray:
+    """``[target, source, hidden]``: ``per_target_fn(run, x, t) -> [L, H]``; future NaN."""
+    source_ids, target_ids = _naive.token_ids(model, source, target)
+    run = _naive.Runner(model, source_ids, target_ids)
+    x = run.embeddings()
+    rows = []
+    for k, t in enumerate(run.targets()):
+        row = np.array(per_target_fn(run, x, k, t), dtype=np.float64)
+        if not model.is_encoder_decoder:
+            row[t:] = np.nan
+        rows.append(row)
+    return np.stack(rows)
+
+
+def naive_modified_gradient(model, source, target, rule, only_relu=False) -> np.ndarray:
+    handles = _hooked(model, rule, only_relu)
+    try:
+        source_ids, target_ids = _naive.token_ids(model, source, target)
+        run = _naive.Runner(model, source_ids, target_ids)
+        grads = run.gradients(run.embeddings(), _naive.probability, None)
+    finally:
+        for h in handles:
+            h.remove()
+    rows = []
+    for t, g in zip(run.targets(), grads, strict=True):
+        row = g[0].numpy().astype(np.float64)
+        if not model.is_encoder_decoder:
+            row[t:] = np.nan
+        rows.append(row)
+    return np.stack(rows)
+
+
+# --------------------------------------------------------------------------------------------------
+# guided backprop, deconvolution
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("rule", ["guided", "deconvolution"])
+def test_modified_backprop_equals_hooked_loop(model, rule):
+    method = ax.guided_backprop if rule == "guided" else ax.deconvolution
+    source, target = PAIRS[0]
+    got = method(model, source, target)
+    assert got.dims == ("target", "source", "hidden")
+    want = naive_modified_gradient(model, source, target, rule)
+    assert_close(got.values, want)
+    # the rule changes something: it is not the plain gradient
+    plain = ax.saliency(model, source, target).values
+    assert not np.allclose(got.values[~np.isnan(want)], plain[~np.isnan(want)], atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def relu_models():
+    built = {}
+    for arch, key in (("gpt2", "activation_function"), ("llama", "hidden_act")):
+        hf, tok = tiny_model(arch, **{key: "relu"})
+        built[arch] = ax.load_model(hf, tokenizer=tok)
+    return built
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("rule", ["guided", "deconvolution"])
+def test_relu_models_as_captum(relu_models, arch, rule):
+    model = relu_models[arch]
+    method = ax.guided_backprop if rule == "guided" else ax.deconvolution
+    source, target = PAIRS[1]
+    want = naive_modified_gradient(model, source, target, rule, only_relu=True)
+    for activations in ("all", "relu"):  # a ReLU model: both mean the same
+        assert_close(method(model, source, target, activations=activations).values, want)
+
+
+def test_relu_only_leaves_gelu_gradients(models):
+    # Captum hooks nn.ReLU only: on a GELU GPT-2 its GuidedBackprop is the plain gradient
+    model = models["gpt2"]
+    got = ax.guided_backprop(model, *PAIRS[0], activations="relu")
+    np.testing.assert_allclose(got.values, ax.saliency(model, *PAIRS[0]).values, rtol=1e-6)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "bart"])
+def test_modified_backprop_batched_equals_single(models, arch):
+    model = models[arch]
+    sources, targets = [p[0] for p in PAIRS], [p[1] for p in PAIRS]
+    batched = ax.guided_backprop(model, sources, targets)
+    for i, (source, target) in enumerate(PAIRS):
+        single = ax.guided_backprop(model, source, target)
+        row = batched.isel(example=i).sel(target=single.target, source=single.source)
+        np.testing.assert_allclose(row.values, single.values, rtol=1e-5, atol=1e-7)
+
+
+def test_modified_backprop_refuses_forward_mode(default_model):
+    with pytest.raises(ax.OptionError, match="multiplier"):
+        ax.deconvolution(default_model, "1 2 =", " 2 1", reduce_hidden="sum", mode="forward")
+    with pytest.raises(ax.OptionError, match="activations"):
+        ax.guided_backprop(default_model, "1 2 =", " 2 1", activations="gelu")
+
+
+# --------------------------------------------------------------------------------------------------
+# sequential integrated gradients
+# --------------------------------------------------------------------------------------------------
+def naive_sig(model, source, target, steps: int, baseline: str = "zeros") -> np.ndarray:
+    """Per target, per token, per node: token i moved from its baseline, one backward each."""
+    alphas, weights = _naive.quadrature_nodes("gausslegendre", steps)
+
+    def per_target(run, x, k, t):
+        emb = x[0][0]
+        base = torch.zeros_like(emb)
+        if baseline == "pad":
+            base = run.modules[0](torch.tensor([model.pad_token_id]))[0].detach().expand_as(emb)
+        out = torch.zeros_like(emb)
+        for i in range(emb.shape[0]):
+            for a, w in zip(alphas, weights, strict=True):
+                point = emb.clone()
+                point[i] = base[i] + a * (emb[i] - base[i])
+                grads = run.gradients([point[None], *x[1:]], _naive.probability, None)
+                out[i] += w * grads[k][0][i]
+        return (out * (emb - base)).numpy()
+
+    return naive_rows(model, source, target, per_target)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "marian"])
+def test_sig_equals_naive_loop(models, arch):
+    model = models[arch]
+    source, target = PAIRS[2]
+    got = ax.sequential_integrated_gradients(model, source, target, steps=3, baseline="zeros")
+    assert_close(got.values, naive_sig(model, source, target, 3))
+
+
+def test_sig_pad_baseline_and_forward_mode(models):
+    model = models["llama"]
+    source, target = PAIRS[2]
+    got = ax.sequential_integrated_gradients(model, source, target, steps=2)  # "pad"
+    assert_close(got.values, naive_sig(model, source, target, 2, baseline="pad"))
+    forward = ax.sequential_integrated_gradients(
+        model, source, target, steps=2, reduce_hidden="sum", mode="forward"
+    )
+    assert_close(forward.values, got.sum("hidden", skipna=False).values)
+
+
+def test_sig_completeness_per_token(models):
+    # sum over hidden of token i's attribution = f(x) - f(x with token i at its baseline)
+    model = models["gpt2"]
+    source, target = PAIRS[0]
+    da = ax.sequential_integrated_gradients(model, source, target, steps=24, baseline="zeros")
+    source_ids, target_ids = _naive.token_ids(model, source, target)
+    run = _naive.Runner(model, source_ids, target_ids)
+    x = run.embeddings()
+    total = da.sum("hidden", skipna=False).values
+    for k, t in enumerate(run.targets()):
+        full = run.score(t, x, _naive.probability)
+        for i in range(t):
+            moved = x[0].clone()
+            moved[0, i] = 0
+            want = full - run.score(t, [moved], _naive.probability)
+            assert abs(total[k, i] - want) <= 1e-4 + 1e-3 * abs(want)
+
+
+def test_sig_batched_equals_single(models):
+    model = models["t5"]
+    sources, targets = [p[0] for p in PAIRS], [p[1] for p in PAIRS]
+    kw = dict(steps=2, attribute_target=True)
+    batched = ax.sequential_integrated_gradients(model, sources, targets, **kw)
+    for i, (source, target) in enumerate(PAIRS):
+        single = ax.sequential_integrated_gradients(model, source, target, **kw)
+        row = batched.isel(example=i).sel(target=single.target, source=single.source)
+        np.testing.assert_allclose(row.values, single.values, rtol=1e-5, atol=1e-7)
+
+
+# --------------------------------------------------------------------------------------------------
+# guided integrated gradients
+# --------------------------------------------------------------------------------------------------
+def pair_guided_ig(x_input, x_baseline, grad_func, steps, fraction, max_dist) -> np.ndarray:
+    """PAIR saliency's ``guided_ig_impl``, transcribed (numpy, float64)."""
+    x_input = np.asarray(x_input, dtype=np.float64)
+    x_baseline = np.asarray(x_baseline, dtype=np.float64)
+    x = x_baseline.copy()
+    l1_total = np.abs(x_input - x_baseline).sum()
+    attr = np.zeros_like(x_input)
+    if np.abs(x_input - x_baseline).sum() == 0:
+        return attr
+    diff = x_input - x_baseline
+
+    def to_alpha(v):
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.where(diff != 0, (v - x_baseline) / diff, np.nan)
+
+    for step in range(steps):
+        grad_actual = grad_func(x)
+        grad = grad_actual.copy()
+        alpha = (step + 1.0) / steps
+        alpha_min, alpha_max = max(alpha - max_dist, 0.0), min(alpha + max_dist, 1.0)
+        x_min = x_baseline + diff * alpha_min
+        x_max = x_baseline + diff * alpha_max
+        l1_target = l1_total * (1 - (step + 1) / steps)
+        gamma = np.inf
+        while gamma > 1.0:
+            x_old = x.copy()
+            x_alpha = to_alpha(x)
+            x_alpha[np.isnan(x_alpha)] = alpha_max
+            x[x_alpha < alpha_min] = x_min[x_alpha < alpha_min]
+            l1_current = np.abs(x - x_input).sum()
+            if math.isclose(l1_target, l1_current, rel_tol=1e-9, abs_tol=1e-9):
+                attr += (x - x_old) * grad_actual
+                break
+            grad[x == x_max] = np.inf
+            threshold = np.quantile(np.abs(grad), fraction, method="lower")
+            s = np.logical_and(np.abs(grad) <= threshold, grad != np.inf)
+            l1_s = (np.abs(x - x_max) * s).sum()
+            gamma = (l1_current - l1_target) / l1_s if l1_s > 0 else np.inf
+            if gamma > 1.0:
+                x[s] = x_max[s]
+            else:
+                x[s] = (x + (x_max - x) * gamma)[s]
+            attr += (x - x_old) * grad_actual
+    return attr
+
+
+def naive_guided_ig(model, source, target, steps, fraction=0.25, max_dist=0.02) -> np.ndarray:
+    def per_target(run, x, k, t):
+        shape = x[0].shape
+
+        def grad_func(flat):
+            point = torch.as_tensor(flat, dtype=torch.float32).view(shape)
+            return run.gradients([point, *x[1:]], _naive.probability, None)[k][0].double().numpy()
+
+        flat = x[0].double().numpy().ravel()
+        out = pair_guided_ig(flat, np.zeros_like(flat), lambda v: grad_func(v).ravel(),
+                             steps, fraction, max_dist)  # fmt: skip
+        return out.reshape(shape[1:])
+
+    return naive_rows(model, source, target, per_target)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "bart"])
+def test_guided_ig_equals_pair_loop(models, arch):
+    model = models[arch]
+    source, target = PAIRS[2]
+    got = ax.guided_integrated_gradients(
+        model, source, target, steps=5, fraction=0.3, baseline="zeros"
+    )
+    assert_close(got.values, naive_guided_ig(model, source, target, 5, fraction=0.3), rtol=1e-3)
+
+
+def test_guided_ig_completeness_and_batches(models):
+    model = models["llama"]
+    sources, targets = [p[0] for p in PAIRS], [p[1] for p in PAIRS]
+    batched = ax.guided_integrated_gradients(model, sources, targets, steps=64, chunk_size=2)
+    total = batched.sum(("source", "hidden"))
+    # the gap is the path's own (left Riemann sums on a non-smooth path): small, not zero
+    scale = float(abs(total).max())
+    assert float(abs(batched.completeness_gap).max()) < 0.2 * scale
+    source_ids, target_ids = _naive.token_ids(model, *PAIRS[0])
+    run = _naive.Runner(model, source_ids, target_ids)
+    x = run.embeddings()
+    pad = run.modules[0](torch.tensor([[model.pad_token_id]])).detach().expand_as(x[0])
+    want = [run.score(t, x, _naive.probability) - run.score(t, [pad], _naive.probability)
+            for t in run.targets()]  # fmt: skip
+    gap = batched.completeness_gap.isel(example=0).values
+    got = total.isel(example=0).values[~np.isnan(gap)]
+    np.testing.assert_allclose(got, want, atol=0.2 * scale)
+    for i, (source, target) in enumerate(PAIRS):
+        single = ax.guided_integrated_gradients(model, source, target, steps=64)
+        row = batched.isel(example=i).sel(target=single.target, source=single.source)
+        np.testing.assert_allclose(row.values, single.values, rtol=1e-4, atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------------
+# the API around them: pipe, dataset runs
+# --------------------------------------------------------------------------------------------------
+PATH_METHODS = {
+    "guided_backprop": {},
+    "deconvolution": {"activations": "relu"},
+    "sequential_integrated_gradients": {"steps": 2},
+    "guided_integrated_gradients": {"steps": 4},
+    "discretized_integrated_gradients": {"steps": 3, "neighbours": 4},
+}
+
+
+@pytest.mark.parametrize("name", list(PATH_METHODS))
+def test_pipe_and_dataset_runs(default_model, write_jsonl, tmp_path, name):
+    method, options = getattr(ax, name), PATH_METHODS[name]
+    raw = method(default_model, "1 2 =", " 2 1", **options)
+    assert json.loads(raw.attrs["options"])["chunk_size"] == "auto"
+    fused = ax.pipe(method, ax.l2_norm)(default_model, "1 2 =", " 2 1", **options)
+    np.testing.assert_allclose(fused.values, ax.l2_norm(raw).values, rtol=1e-5, atol=1e-7)
+    data = write_jsonl([{"input": "1 2 =", "target": " 2 1"}, {"input": "3 =", "target": " 3"}])
+    run = ax.attribute_dataset(
+        default_model, data, tmp_path / name, method=name, progress=False, **options
+    )
+    assert run.records == 2
+    first = ax.load_dataset_results(tmp_path / name).isel(example=0)
+    expected = ax.normalize(ax.l2_norm(raw))
+    np.testing.assert_allclose(
+        first.sel(target=expected.target, source=expected.source).values,
+        expected.values,
+        rtol=1e-4,
+        atol=1e-6,
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# discretized integrated gradients
+# --------------------------------------------------------------------------------------------------
+def naive_dig_path(table, word: int, base: int, special: bool, k: int, steps: int):
+    """One token's path, as the DIG paper's code builds it, one token and one anchor at a time."""
+    distances = torch.cdist(table.double(), table.double())
+    distances.fill_diagonal_(float("inf"))
+
+    def monotonic(anchor, b, point):
+        return (
+            ((b > point) & (b >= anchor) & (anchor >= point))
+            | ((b < point) & (b <= anchor) & (anchor <= point))
+            | ((b == point) & (b == anchor))
+        )
+
+    def project(anchor, b, point):
+        keep = monotonic(anchor, b, point)
+        return torch.where(keep, anchor, point - (point - b) / steps)
+
+    path = [word]
+    for _ in range(steps - 2):
+        current = path[-1]
+        if special:
+            path.append(word)
+            continue
+        if current == base:
+            path.append(base)
+            continue
+        near = distances[current].argsort()[:k].tolist()
+        options = [a for a in near if a not in path and a != base]
+        if not options:
+            path.append(base)
+            continue
+        scores = [
+            float((table[a] - project(table[a], table[base], table[current])).norm())
+            for a in options
+        ]
+        path.append(options[int(np.argmin(scores))])
+    points = [table[word]]
+    for anchor in path[1:]:
+        points.append(project(table[anchor], table[base], points[-1]))
+    points.append(table[base])
+    return points[::-1]
+
+
+def naive_dig(model, source, target, steps, k) -> np.ndarray:
+    table = model.hf.get_input_embeddings().weight.detach()
+    tok = model.tokenizer
+    special = set(tok.all_special_ids)
+
+    def per_target(run, x, index, t):
+        ids = run.ids[0].tolist()
+        base_id = model.pad_token_id
+        paths = [
+            naive_dig_path(
+                table, w, w if w == tok.eos_token_id else base_id, w in special, k, steps
+            )
+            for w in ids
+        ]
+        out = torch.zeros_like(x[0][0])
+        for j in range(steps - 1):
+            point = torch.stack([p[j] for p in paths])[None]
+            step = torch.stack([p[j + 1] - p[j] for p in paths])
+            out += run.gradients([point, *x[1:]], _naive.probability, None)[index][0] * step
+        return out.numpy()
+
+    return naive_rows(model, source, target, per_target)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "bart"])
+def test_dig_equals_naive_loop(models, arch):
+    model = models[arch]
+    source, target = PAIRS[2]
+    got = ax.discretized_integrated_gradients(model, source, target, steps=5, neighbours=6)
+    assert_close(got.values, naive_dig(model, source, target, 5, 6))
+
+
+def test_dig_batched_equals_single_and_completeness(models):
+    model = models["gpt2"]
+    sources, targets = [p[0] for p in PAIRS], [p[1] for p in PAIRS]
+    batched = ax.discretized_integrated_gradients(model, sources, targets, steps=6, neighbours=8)
+    for i, (source, target) in enumerate(PAIRS):
+        single = ax.discretized_integrated_gradients(model, source, target, steps=6, neighbours=8)
+        row = batched.isel(example=i).sel(target=single.target, source=single.source)
+        np.testing.assert_allclose(row.values, single.values, rtol=1e-5, atol=1e-7)
+        total = single.sum(("source", "hidden")).values
+        # completeness_gap is the sum minus f(x) - f(x'): check it against the naive runner
+        source_ids, target_ids = _naive.token_ids(model, source, target)
+        run = _naive.Runner(model, source_ids, target_ids)
+        x = run.embeddings()
+        base = torch.where(
+            run.ids == model.tokenizer.eos_token_id,
+            run.ids,
+            torch.full_like(run.ids, model.pad_token_id),
+        )
+        b = [run.modules[0](base).detach()]
+        delta = [run.score(t, x, _naive.probability) - run.score(t, b, _naive.probability)
+                 for t in run.targets()]  # fmt: skip
+        np.testing.assert_allclose(single.completeness_gap.values, total - delta, atol=1e-6)
+
+
+def test_nearest_neighbours_exact(models):
+    from attrax._discrete import nearest_neighbours
+
+    table = models["t5"].hf.get_input_embeddings().weight.detach()
+    got = nearest_neighbours(table, 7, rows=100)
+    distances = torch.cdist(table.double(), table.double())
+    distances.fill_diagonal_(float("inf"))
+    assert torch.equal(got, distances.argsort(dim=-1, stable=True)[:, :7])
+
+
+def test_dig_attributes_the_decoder_side(models):
+    model = models["t5"]
+    da = ax.discretized_integrated_gradients(
+        model, *PAIRS[0], steps=4, neighbours=5, attribute_target=True
+    )
+    assert set(da.indexes["source"].names) >= {"side"}
+    assert float(abs(da.completeness_gap).max()) < 1.0
+
+
+@pytest.mark.parametrize("name", ["guided_backprop", "sequential_integrated_gradients"])
+def test_cli_runs_them(name, capsys):
+    from attrax.cli import main
+
+    steps = ["--steps", "2"] if "integrated" in name else []
+    argv = ["attribute", "--method", name, "--input", "1 2 =", "--target", " 2 1", *steps]
+    assert main(argv) == 0
+    assert "target" in capsys.readouterr().out
