@@ -191,13 +191,13 @@ def input_x_gradient(problem: Problem) -> Rule:
     return Rule(multiplier=problem.inputs)
 
 
-def _trapezoid_steps(options: Mapping[str, Any]) -> None:
+def check_trapezoid_steps(options: Mapping[str, Any]) -> None:
     if options["quadrature"] == "riemann_trapezoid" and options["steps"] < 2:
         raise OptionError("`steps` must be at least 2 for quadrature='riemann_trapezoid'")
 
 
 @GRADIENT.method(
-    _trapezoid_steps,
+    check_trapezoid_steps,
     steps=check.positive_int,
     quadrature=check.one_of(*QUADRATURES),
     baseline=check.baseline,
@@ -231,7 +231,7 @@ def integrated_gradients(
     >>> bool(abs(da.completeness_gap).max() < 0.05)
     True
     """
-    alphas, weights = _nodes(quadrature, steps)
+    alphas, weights = quadrature_nodes(quadrature, steps)
     x = problem.inputs
     base = baseline_embeddings(problem, baseline)
     delta = tuple(xi - bi for xi, bi in zip(x, base, strict=True))
@@ -272,7 +272,7 @@ def smoothgrad(problem: Problem, *, samples: int = 20, noise: float = 0.1, seed:
     return Rule(points, torch.full((samples,), 1.0 / samples, dtype=torch.float64))
 
 
-def _nodes(quadrature: str, steps: int) -> tuple[np.ndarray, np.ndarray]:
+def quadrature_nodes(quadrature: str, steps: int) -> tuple[np.ndarray, np.ndarray]:
     """Points in [0, 1] and weights summing to 1 for integrating along the IG path."""
     k = np.arange(steps, dtype=np.float64)
     if quadrature == "gausslegendre":

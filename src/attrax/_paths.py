@@ -22,8 +22,14 @@ from torch.func import vjp
 from . import _validate as check
 from ._engine import Problem, baseline_embeddings
 from ._errors import InputError, OptionError
-from ._gradients import GRADIENT, HIDDEN_REDUCTIONS, QUADRATURES, Rule, _trapezoid_steps
-from ._gradients import _nodes as quadrature_nodes
+from ._gradients import (
+    GRADIENT,
+    HIDDEN_REDUCTIONS,
+    QUADRATURES,
+    Rule,
+    check_trapezoid_steps,
+    quadrature_nodes,
+)
 from ._memory import Size
 from ._protocol import COMMON, Call, Family, Param, own_options
 
@@ -32,7 +38,7 @@ _CLOSE = 1e-9
 
 
 @GRADIENT.method(
-    _trapezoid_steps,
+    check_trapezoid_steps,
     steps=check.positive_int,
     quadrature=check.one_of(*QUADRATURES),
     baseline=check.baseline,
