@@ -302,3 +302,18 @@ def test_the_cli_and_dataset_runs_take_a_classifier(tmp_path, capsys):
     capsys.readouterr()
     assert main([*run, "--out", str(tmp_path / "bad")]) == 2
     assert "line 1: `target` 'positive' is not a label" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("arch", "task"), [("bert", "sequence"), ("gpt2", "token")])
+def test_every_method_runs_on_classifiers(classifiers, arch, task):
+    """The protocol gives every method classifiers: finite values where sources are visible."""
+    from attrax._names import METHODS
+
+    model = classifiers[arch, task]
+    small = {"steps": 4, "samples": 4}
+    for name in METHODS:
+        fn = getattr(ax, name)
+        options = {k: v for k, v in small.items() if k in inspect.signature(fn).parameters}
+        da = fn(model, TEXTS, **options)
+        assert np.isfinite(da.values[~np.isnan(da.values)]).all(), name
+        assert da.notnull().any(), name

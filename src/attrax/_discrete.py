@@ -65,7 +65,7 @@ def nearest_neighbours(table: torch.Tensor, k: int, rows: int = 1024) -> torch.T
 def _neighbours(problem: Problem, side: str, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The embedding table of ``side`` ``[V, H]`` and its cached neighbour ids ``[V, k]``."""
     model = problem.model
-    vocabulary = model.hf.get_output_embeddings().weight.shape[0]
+    vocabulary = model.hf.get_input_embeddings().weight.shape[0]  # classifiers have no LM head
     ids = torch.arange(vocabulary, device=model.device)[None]
     with torch.no_grad():
         table = model.embed(ids, side)[0].detach()
