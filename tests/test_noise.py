@@ -281,7 +281,8 @@ def test_shapley_sampling_seeded_orders_follow_the_documented_rule(models):
     game = Game(model, *PAIRS[0])
     features = game.width - 1  # decoder-only: the last token is seen by no target
     g = torch.Generator().manual_seed(9)
-    orders = [torch.randperm(features, generator=g).tolist() for _ in range(2)]
+    keys = torch.rand((2, features), generator=g, dtype=torch.float64)
+    orders = [keys[p].argsort().tolist() for p in range(2)]
     got = ax.shapley_sampling(model, *PAIRS[0], permutations=2, seed=9)
     groups = list(range(game.width))
     orders = [[*o, features] for o in orders]

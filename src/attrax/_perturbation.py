@@ -263,7 +263,8 @@ def shapley_sampling(
     For each random order of the groups, the groups are added one by one to the all-baseline input
     and each gets its marginal change of the objective; the mean over orders estimates Shapley
     values (exact with every order). Each example draws its orders from its own CPU generator
-    seeded with ``seed``: ``torch.randperm(groups)`` per order, so batched equals single.
+    seeded with ``seed``: ``torch.rand(permutations, groups, dtype=float64).argsort(-1)``, so
+    batched equals single.
 
     Arguments (others as :func:`feature_ablation`):
         permutations: how many random orders, or an integer tensor ``[orders, groups]`` of given
@@ -404,34 +405,23 @@ def _group_ids(
 
 def _word_ids(problem: Problem) -> list[list[int]]:
     """Word index of each attributed source token (sides concatenated; -1 for padding)."""
-    batch = problem.batch
+    batch, widths = problem.batch, [x.shape[1] for x in problem.inputs]
     tokens = problem.model.tokenizer.convert_ids_to_tokens
-    widths = [x.shape[1] for x in problem.inputs]
     rows, sides = [], []
-    for example in batch.examples:
-        if batch.encoder_decoder:
-            parts = [
-                (example.source_ids, "source"),
-                (example.sequence(batch.start_token), "target"),
-            ]
-            parts = parts[: len(widths)]
-        else:
-            parts = [(example.source_ids + example.target_ids, "")]
+    for e in batch.examples:
+        if batch.encoder_decoder:  # the encoder input, then the decoder input when attributed
+            parts = [(e.source_ids, "source"), (e.sequence(batch.start_token), "target")]
+            named = [(list(ids), [side] * len(ids)) for ids, side in parts[: len(widths)]]
+        else:  # words do not cross the prompt / continuation boundary
+            side = ["source"] * len(e.source_ids) + ["target"] * len(e.target_ids)
+            named = [(list(e.source_ids + e.target_ids), side)]
         row: list[str] = []
-        side: list[str] = []
-        for (ids, name), width in zip(parts, widths, strict=True):
-            strings = tokens(list(ids))
-            cut = strings[:width]
-            if not batch.encoder_decoder:
-                name_of = ["source"] * len(example.source_ids) + ["target"] * len(
-                    example.target_ids
-                )
-                side += name_of[:width] + [""] * (width - len(cut))
-            else:
-                side += [name] * width
-            row += cut + [""] * (width - len(cut))
+        row_sides: list[str] = []
+        for (ids, side), width in zip(named, widths, strict=True):
+            row += tokens(ids) + [""] * (width - len(ids))  # "": the missing token (padding)
+            row_sides += side + [""] * (width - len(ids))
         rows.append(row)
-        sides.append(side)
+        sides.append(row_sides)
     return word_groups(rows, sides)
 
 
@@ -457,12 +447,11 @@ def _orders(permutations: int | torch.Tensor, count: torch.Tensor, seed: int) ->
             real = given[given < players].view(given.shape[0], players)
             rows.append(torch.cat([real, torch.arange(players, n).expand(len(given), -1)], dim=1))
         return torch.stack(rows, dim=1)
-    out = torch.zeros((permutations, len(count), n), dtype=torch.long)
+    out = torch.arange(n).repeat(permutations, len(count), 1)
     for b, players in enumerate(count.tolist()):  # per example: independent of the batch
         generator = torch.Generator().manual_seed(seed)
-        for p in range(permutations):  # sequential draws from one generator
-            out[p, b, :players] = torch.randperm(players, generator=generator)
-        out[:, b, players:] = torch.arange(players, n)
+        keys = torch.rand((permutations, players), generator=generator, dtype=torch.float64)
+        out[:, b, :players] = keys.argsort(dim=-1)  # uniform random orders, one per row
     return out
 
 
