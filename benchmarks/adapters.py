@@ -21,7 +21,8 @@ LIBRARIES = ("attrax", "captum", "inseq")
 SUPPORTS = {
     "attrax": set(workloads.METHODS),
     "captum": set(workloads.METHODS) - {"attention"},  # Captum has no attention method
-    "inseq": set(workloads.METHODS),
+    # Inseq draws its own noise and permutations: no parity with given draws
+    "inseq": set(workloads.CORE_METHODS),
 }
 
 
@@ -78,8 +79,23 @@ def attrax_attribute(
         kwargs.update(activations=activations)
     elif method == "discretized_integrated_gradients":  # Inseq's baseline: unk, EOS kept
         kwargs.update(steps=steps, baseline="unk", batch_size=batch_size)
-    elif method != "input_x_gradient" and method != "attention":
+    elif method == "gradient_shap":
+        baseline = inseq_baseline(model, prompt, target)
+        kwargs.update(
+            baselines=["zeros", baseline], samples=workloads.NOISE_SAMPLES,
+            stdevs=workloads.SHAP_STDEVS, seed=workloads.SEED, batch_size=batch_size,
+        )  # fmt: skip
+    elif method in ("squaregrad", "vargrad"):
+        kwargs.update(
+            samples=workloads.NOISE_SAMPLES, noise=workloads.NOISE_LEVEL, seed=workloads.SEED,
+            batch_size=batch_size,
+        )  # fmt: skip
+    elif method == "shapley_sampling":
+        kwargs.update(permutations=workloads.PERMUTATIONS, seed=workloads.SEED)
+    elif method not in ("input_x_gradient", "attention", "feature_ablation"):
         raise ValueError(f"unknown method {method!r}")
+    if method in ("gradient_shap", "squaregrad", "vargrad"):
+        kwargs["chunk_size"] = chunk_size
     t0 = time.perf_counter()
     da = getattr(ax, method)(model, prompt, target, **kwargs)
     return da, time.perf_counter() - t0
@@ -91,6 +107,8 @@ def attrax_aggregates(da, method: str) -> dict[str, np.ndarray]:
 
     if method == "attention":
         return {"raw": da.values, "head_mean_normalize": ax.normalize(ax.mean(da, "head")).values}
+    if method in workloads.PERTURBATION_METHODS:
+        return {"raw": da.values, "normalize": ax.normalize(da).values}
     return {
         "raw": da.values,
         "l2_normalize": ax.pipe(ax.l2_norm, ax.normalize)(da).values,
@@ -133,7 +151,11 @@ class Runner:
                 batch_size=plan.batch_size if plan else None,
             )  # fmt: skip
             return da.values, seconds, attrax_aggregates(da, self.method)
-        from .baselines import captum_attribute, inseq_attribute
+        from .baselines import captum_attribute, captum_noise_attribute, inseq_attribute
+
+        if self.method in workloads.NOISE_METHODS:
+            res = captum_noise_attribute(self.hf, self.tok, prompt, target, self.method)
+            return res.attributions, res.seconds, None
 
         ibs = plan.internal_batch_size if plan else None
         common: dict[str, Any] = dict(

@@ -11,6 +11,7 @@ model loading, nor ``inseq.load_model``). The conventions found are in ``benchma
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import time
 from dataclasses import dataclass, field
@@ -26,6 +27,9 @@ CAPTUM_METHODS = (
     "guided_backprop",
     "deconvolution",
 )
+CAPTUM_NOISE_METHODS = (
+    "gradient_shap", "squaregrad", "vargrad", "feature_ablation", "shapley_sampling",
+)  # fmt: skip
 INSEQ_METHODS = (
     "saliency",
     "input_x_gradient",
@@ -299,6 +303,167 @@ def captum_llm_attribute(
         target_positions=np.arange(first, len(ids)),
         info=dict(library="captum-llm", method=method, objective="log_probability",
                   n_steps=n_steps, ig_method=ig_method, baseline_token=baseline_token),
+    )  # fmt: skip
+
+
+@contextlib.contextmanager
+def given_draws(alpha=None, index=None, noise=None):
+    """Captum's GradientShap / NoiseTunnel with given draws: ``np.random.uniform`` returns
+    ``alpha``, ``np.random.choice`` returns ``index`` and ``torch.normal(0, std)`` returns
+    ``std * noise`` for the duration (each is drawn once per ``attribute`` call)."""
+    import unittest.mock as mock
+
+    patches = []
+    if alpha is not None:
+        patches.append(mock.patch.object(np.random, "uniform", lambda *a, **k: alpha.copy()))
+    if index is not None:
+        patches.append(mock.patch.object(np.random, "choice", lambda *a, **k: index.copy()))
+    if noise is not None:
+        patches.append(mock.patch.object(torch, "normal", lambda mean, std: std * noise))
+    with contextlib.ExitStack() as stack:
+        for patch in patches:
+            stack.enter_context(patch)
+        yield
+
+
+def captum_noise_attribute(
+    model,
+    tok,
+    prompt: str,
+    target: str,
+    method: str,
+    *,
+    samples: int | None = None,
+    noise_level: float | None = None,
+    stdevs: float | None = None,
+    permutations: int | None = None,
+    seed: int | None = None,
+) -> BaselineResult:
+    """Captum ``GradientShap``, ``NoiseTunnel(Saliency)`` (``smoothgrad_sq``/``vargrad``),
+    ``FeatureAblation`` and ``ShapleyValueSampling``, one ``attribute`` call per target token.
+
+    The draws are attrax's, rebuilt here from its documented seeding rules and given to Captum:
+    SmoothGrad noise ``randn(samples, L, H)`` (in the embeddings' dtype) from ``Generator().manual_seed(seed)`` times
+    ``noise_level * (max - min)`` of the example's embeddings; GradientShap ``randint(2,
+    (samples,))``, ``rand(samples)``, ``randn(samples, L, H)`` from one such generator, baselines
+    zeros and Inseq's unk/EOS embeddings; Shapley orders ``rand(P, M, float64).argsort(-1)`` (``M`` the
+    example's players: every encoder token, or every decoder-only token but the last), each
+    restricted to the tokens a target's prefix has. Perturbations: one feature per token
+    (``feature_mask`` over the hidden dim), zero baseline, Captum's ``perturbations_per_eval=1``.
+    ``attributions``: ``[n_target, n_source, hidden]`` (gradients), ``[n_target, n_source]``
+    (perturbations).
+    """
+    from captum.attr import (
+        FeatureAblation,
+        GradientShap,
+        NoiseTunnel,
+        Saliency,
+        ShapleyValueSampling,
+    )
+
+    from . import workloads
+
+    samples = samples or workloads.NOISE_SAMPLES
+    noise_level = workloads.NOISE_LEVEL if noise_level is None else noise_level
+    stdevs = workloads.SHAP_STDEVS if stdevs is None else stdevs
+    permutations = permutations or workloads.PERMUTATIONS
+    seed = workloads.SEED if seed is None else seed
+    if method not in CAPTUM_NOISE_METHODS:
+        raise ValueError(f"method must be one of {CAPTUM_NOISE_METHODS}")
+    enc_dec = _is_enc_dec(model)
+    model.eval()
+    emb, dev = model.get_input_embeddings(), model.device
+    if enc_dec:
+        src = tok(prompt, return_tensors="pt")["input_ids"][0].to(dev)
+        tgt_ids = tok(text_target=target, return_tensors="pt")["input_ids"][0]
+        dec = torch.cat([torch.tensor([model.config.decoder_start_token_id]), tgt_ids]).to(dev)
+        scale = float(getattr(model.get_encoder(), "embed_scale", 1.0) or 1.0)
+        with torch.no_grad():
+            embeds = (emb(src[None]) * scale).detach()
+            base = _baseline_embeds(model, tok, emb, src[None], "inseq", False, scale)
+        n_target, first, players = len(dec) - 1, 1, len(src)
+        mask = torch.ones(1, len(src), dtype=torch.long, device=dev)
+
+        def forward(x, prefix, tgt, attention_mask):
+            logits = model(inputs_embeds=x, attention_mask=attention_mask, decoder_input_ids=prefix)
+            return _objective(logits.logits[:, -1], tgt[:, 0], "probability")
+
+        def step(t: int):
+            return embeds, (dec[None, :t], dec[t].reshape(1, 1), mask)
+
+        target_ids, source_ids = dec[1:], src
+    else:
+        ids, first = _tokenize_decoder_only(tok, prompt, target)
+        ids = ids.to(dev)
+        n_target, players = len(ids) - first, len(ids) - 1
+        with torch.no_grad():
+            embeds = emb(ids[None]).detach()
+            base = _baseline_embeds(model, tok, emb, ids[None], "inseq", False)
+
+        def forward(x, tgt):
+            return _objective(model(inputs_embeds=x).logits[:, -1], tgt[:, 0], "probability")
+
+        def step(t: int):
+            return embeds[:, :t], (ids[t].reshape(1, 1),)
+
+        target_ids, source_ids = ids[first:], ids
+    length, hidden = embeds.shape[1], embeds.shape[2]
+    gradient = method in ("gradient_shap", "squaregrad", "vargrad")
+    shape = (n_target, length, hidden) if gradient else (n_target, length)
+    out = np.full(shape, np.nan, dtype=np.float32)
+    generator = torch.Generator().manual_seed(seed)
+    draws: dict[str, Any] = {}
+    if method == "gradient_shap":
+        index = torch.randint(2, (samples,), generator=generator).numpy()
+        alpha = torch.rand(samples, generator=generator, dtype=embeds.dtype).numpy()
+        noise = torch.randn((samples, length, hidden), generator=generator, dtype=embeds.dtype)
+        noise = noise.to(dev)
+        bases = torch.cat([torch.zeros_like(embeds), base])  # [2, L, H]
+        algo: Any = GradientShap(forward)
+    elif gradient:
+        noise = torch.randn((samples, length, hidden), generator=generator, dtype=embeds.dtype)
+        noise = noise.to(dev)
+        sigma = float(noise_level * (embeds.max() - embeds.min()))
+        algo = NoiseTunnel(Saliency(forward))
+    elif method == "shapley_sampling":
+        keys = torch.rand((permutations, players), generator=generator, dtype=torch.float64)
+        orders = list(keys.argsort(dim=-1))
+        algo = ShapleyValueSampling(forward)
+    else:
+        algo = FeatureAblation(forward)
+    t0 = time.perf_counter()
+    for j in range(n_target):
+        t = first + j
+        x, extra = step(t)
+        width = x.shape[1]
+        x = x.clone().requires_grad_(gradient)
+        kw: dict[str, Any] = {"additional_forward_args": extra}
+        if method == "gradient_shap":
+            kw.update(baselines=bases[:, :width], n_samples=samples, stdevs=stdevs)
+            draws = dict(alpha=alpha, index=index, noise=noise[:, :width])
+        elif gradient:
+            nt_type = "smoothgrad_sq" if method == "squaregrad" else "vargrad"
+            kw.update(nt_type=nt_type, nt_samples=samples, stdevs=sigma, abs=False)
+            draws = dict(noise=noise[:, :width])
+        else:
+            kw["feature_mask"] = torch.arange(width, device=dev).view(1, width, 1)
+            if method == "shapley_sampling":
+                given = [o[o < width].tolist() for o in orders]
+                algo.permutation_generator = lambda n, k, given=given: iter(given)
+                kw["n_samples"] = permutations
+        with given_draws(**draws):
+            a = algo.attribute(x, **kw)
+        a = a[0].detach().float().cpu().numpy()
+        out[j, :width] = a if gradient else a[:, 0]
+    seconds = time.perf_counter() - t0
+    return BaselineResult(
+        attributions=out,
+        seconds=seconds,
+        target_ids=target_ids.cpu().numpy(),
+        source_ids=source_ids.cpu().numpy(),
+        target_positions=np.arange(first, first + n_target),
+        info=dict(library="captum", method=method, objective="probability", samples=samples,
+                  noise_level=noise_level, stdevs=stdevs, permutations=permutations, seed=seed),
     )  # fmt: skip
 
 

@@ -39,7 +39,7 @@ from typing import Any
 from . import report, workloads
 from .adapters import LIBRARIES, SUPPORTS, Runner
 from .parity import TOLERANCE, first_targets, parity
-from .workloads import IG_QUADRATURE, METHODS, Plan
+from .workloads import CORE_METHODS, IG_QUADRATURE, METHODS, Plan
 
 REPO = Path(__file__).resolve().parent.parent
 Job = tuple[str, str]  # (method, library)
@@ -605,7 +605,10 @@ def parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="cpu, or cuda (adds the device smoke test)")
     p.add_argument("--quick", action="store_true", help="small sizes, 1 repeat (~2 min)")
     p.add_argument("--workloads", type=names(("W1", "W2", "W3")), default=["W1", "W2", "W3"])
-    p.add_argument("--methods", type=names(METHODS), default=list(METHODS))
+    p.add_argument(
+        "--methods", type=names(METHODS), default=list(CORE_METHODS),
+        help=f"comma-separated, from {', '.join(METHODS)} (default: {', '.join(CORE_METHODS)})",
+    )  # fmt: skip
     p.add_argument(
         "--libraries", type=names(LIBRARIES), default=list(LIBRARIES), help="attrax always runs"
     )

@@ -10,6 +10,8 @@ from typing import Any
 
 import numpy as np
 
+from .workloads import PERTURBATION_METHODS
+
 TOLERANCE = 1e-4
 # below this fraction of the largest L1 norm over hidden, a sum over hidden is rounding noise
 # (GPT-2 gradients: every path from the embeddings enters a LayerNorm, whose input gradient has
@@ -32,11 +34,15 @@ def aggregates(a: np.ndarray, method: str) -> dict[str, np.ndarray]:
     attention: ``raw`` and ``head_mean_normalize`` (mean over heads, normalized over source).
 
     The same arithmetic as ``ax.pipe(ax.l2_norm, ax.normalize)``, ``ax.sum`` and
-    ``ax.normalize(ax.mean(., "head"))``: NaN stays NaN.
+    ``ax.normalize(ax.mean(., "head"))``: NaN stays NaN. Perturbation methods (``[target,
+    source]``): ``raw`` and ``normalize`` (over source).
     """
     if method == "attention":
         a = np.asarray(a, dtype=np.float64)
         return {"raw": a, "head_mean_normalize": _normalize(np.mean(a, axis=-1))}
+    if method in PERTURBATION_METHODS:  # [target, source]: no hidden
+        a = np.asarray(a, dtype=np.float64)
+        return {"raw": a, "normalize": _normalize(a)}
     l2 = _over_hidden(a, lambda x: np.sqrt(np.nansum(np.square(x), axis=-1)))
     return {
         "raw": np.asarray(a),

@@ -23,9 +23,20 @@ GPT2_SPEC = dict(
     n_embd=256, n_layer=4, n_head=4, vocab_size=50257, n_positions=1280, tok_vocab=8192
 )
 MARIAN_SPEC = dict(d_model=256, layers=4, heads=4, ffn=1024, vocab_size=8000, max_positions=512)
-METHODS = ("saliency", "input_x_gradient", "integrated_gradients", "attention")
+CORE_METHODS = ("saliency", "input_x_gradient", "integrated_gradients", "attention")
+# Captum's GradientShap, NoiseTunnel (smoothgrad_sq, vargrad), FeatureAblation and
+# ShapleyValueSampling; run with --methods (a default run measures CORE_METHODS)
+NOISE_METHODS = ("gradient_shap", "squaregrad", "vargrad", "feature_ablation", "shapley_sampling")
+PERTURBATION_METHODS = ("feature_ablation", "shapley_sampling")
+METHODS = CORE_METHODS + NOISE_METHODS
 IG_STEPS = 50
 IG_QUADRATURE = "gausslegendre"  # Captum's and Inseq's default
+# the draws both sides share: attrax's documented seeding rules, rebuilt on Captum's side
+SEED = 0
+NOISE_SAMPLES = 8  # GradientShap n_samples, NoiseTunnel nt_samples
+NOISE_LEVEL = 0.1  # SmoothGrad's: stdev = NOISE_LEVEL * (max - min) of the example's embeddings
+SHAP_STDEVS = 0.01  # GradientShap's absolute input noise
+PERMUTATIONS = 4  # ShapleyValueSampling n_samples
 
 
 # --------------------------------------------------------------------------------------------------

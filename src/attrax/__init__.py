@@ -29,10 +29,13 @@ if TYPE_CHECKING:
     from ._faithfulness import deletion as deletion
     from ._faithfulness import insertion as insertion
     from ._faithfulness import sufficiency as sufficiency
+    from ._gradients import gradient_shap as gradient_shap
     from ._gradients import input_x_gradient as input_x_gradient
     from ._gradients import integrated_gradients as integrated_gradients
     from ._gradients import saliency as saliency
     from ._gradients import smoothgrad as smoothgrad
+    from ._gradients import squaregrad as squaregrad
+    from ._gradients import vargrad as vargrad
     from ._guided import deconvolution as deconvolution
     from ._guided import guided_backprop as guided_backprop
     from ._model import Model as Model
@@ -42,9 +45,12 @@ if TYPE_CHECKING:
     from ._objectives import probability as probability
     from ._paths import guided_integrated_gradients as guided_integrated_gradients
     from ._paths import sequential_integrated_gradients as sequential_integrated_gradients
+    from ._perturbation import feature_ablation as feature_ablation
     from ._perturbation import kernel_shap as kernel_shap
     from ._perturbation import lime as lime
     from ._perturbation import occlusion as occlusion
+    from ._perturbation import shapley_sampling as shapley_sampling
+    from ._perturbation import sobol as sobol
     from ._reduce import absmax as absmax
     from ._reduce import l2_norm as l2_norm
     from ._reduce import max as max

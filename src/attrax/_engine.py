@@ -147,6 +147,9 @@ class Problem:
     ) -> torch.Tensor:
         """The objective ``[N, B, K]`` of ``N`` copies of the batch; copy i keeps ``keep[i]``
         (sides concatenated) and puts ``baselines`` everywhere else, ``batch_size`` copies a forward.
+
+        ``keep`` is bool ``[N, B, L]``, or real in [0, 1]: ``baseline + keep * (x - baseline)``
+        per token (soft masks, as Sobol's).
         """
         widths = [x.shape[1] for x in self.inputs]
         total = keep.shape[0]
@@ -157,6 +160,8 @@ class Problem:
             parts = keep[start : start + step].split(widths, dim=-1)
             points = tuple(
                 torch.where(p[..., None], x[None], b[None])
+                if p.dtype == torch.bool
+                else b[None] + p[..., None].to(x.dtype) * (x[None] - b[None])
                 for p, x, b in zip(parts, self.inputs, baselines, strict=True)
             )
             out.append(self.evaluate(points))
@@ -170,14 +175,18 @@ class Problem:
         *,
         batch_size: Size,
         chunk_size: Size,
-    ) -> tuple[torch.Tensor, ...]:
-        """``sum_i weights[i] * d score_k / d points[i]`` per side, as ``[B, K, L, H]``.
+        multiplier: PointFn | None = None,
+        moments: tuple[int, ...] = (1,),
+    ) -> tuple[tuple[torch.Tensor, ...], ...]:
+        """``sum_i weights[i] * (m_i * d score_k / d points[i]) ** p`` per moment ``p`` and side,
+        as ``[B, K, L, H]``: one tuple of sides per entry of ``moments``.
 
-        Points go through the model ``batch_size`` at a time (all at once when None); targets
-        ``chunk_size`` at a time (all at once when None), each chunk in one vectorized backward.
-        ``"auto"`` sizes fit the device's free memory (:meth:`plan`). ``weights`` ``[N, L]`` weigh
-        each point's gradient per source token (sides concatenated) instead of per point;
-        ``[N, B, L, H]`` per feature.
+        ``multiplier(indices)`` gives each point's ``m_i`` (``[n, B, L, H]`` per side; 1 when
+        None). ``weights`` ``[N]`` weigh each point; ``[N, L]`` each point's gradient per source
+        token (sides concatenated); ``[N, B, L, H]`` per feature. Points go through the model
+        ``batch_size`` at a time (all at once when None); targets ``chunk_size`` at a time (all
+        at once when None), each chunk in one vectorized backward whose gradients feed every
+        moment. ``"auto"`` sizes fit the device's free memory (:meth:`plan`).
         """
         total = weights.shape[0]
         batch_size, chunk_size = self.plan(total, batch_size, chunk_size)
@@ -185,25 +194,34 @@ class Problem:
         # allocated where the model runs: copying a host tensor over costs a transfer per call
         acc = _accumulation_dtype(self.inputs[0].dtype)
         width = self.tensors.valid.shape[1]
-        sums = [x.new_zeros(x.shape[0], width, *x.shape[1:], dtype=acc) for x in self.inputs]
+        sums = [
+            [x.new_zeros(x.shape[0], width, *x.shape[1:], dtype=acc) for x in self.inputs]
+            for _ in moments
+        ]
         for start in range(0, total, step):  # chunking only: bounds memory
             chunk = torch.arange(start, min(start + step, total))
             stacked = points(chunk)
+            scale = None if multiplier is None else multiplier(chunk)
+            n = stacked[0].shape[0]
             w = weights[chunk].to(dtype=acc, device=self.inputs[0].device)
             per_side = _per_side(w, self.inputs)
             for slots, length in self._target_chunks(chunk_size):
                 grads = self._chunk_gradients(stacked, slots, length, chunk_size)
-                for total_grad, g, ws in zip(sums, grads, per_side, strict=True):
-                    n = stacked[0].shape[0]
-                    g = g.unflatten(1, (n, -1)).to(acc)
-                    if ws.ndim == 1:
-                        part = torch.einsum("knblh,n->bklh", g, ws)
-                    elif ws.ndim == 2:
-                        part = torch.einsum("knblh,nl->bklh", g, ws[:, : g.shape[3]])
-                    else:
-                        part = torch.einsum("knblh,nblh->bklh", g, ws[:, :, : g.shape[3]])
-                    total_grad[:, slots, : part.shape[2]] += part
-        return tuple(sums)
+                for side, g in enumerate(grads):
+                    g = g.unflatten(1, (n, -1)).to(acc)  # [k, n, B, L', H]
+                    if scale is not None:
+                        g = g * scale[side][None, :, :, : g.shape[3]].to(acc)
+                    ws = per_side[side]
+                    for power, side_sums in zip(moments, sums, strict=True):
+                        term = g if power == 1 else g**power
+                        if ws.ndim == 1:
+                            part = torch.einsum("knblh,n->bklh", term, ws)
+                        elif ws.ndim == 2:
+                            part = torch.einsum("knblh,nl->bklh", term, ws[:, : g.shape[3]])
+                        else:
+                            part = torch.einsum("knblh,nblh->bklh", term, ws[:, :, : g.shape[3]])
+                        side_sums[side][:, slots, : part.shape[2]] += part
+        return tuple(tuple(side_sums) for side_sums in sums)
 
     def plan(
         self, points: int, batch_size: Size, chunk_size: Size
@@ -277,12 +295,15 @@ class Problem:
         self,
         points: PointFn,
         weights: torch.Tensor,
-        directions: tuple[torch.Tensor, ...],
+        directions: tuple[torch.Tensor, ...] | PointFn,
         *,
         batch_size: Size,
         chunk_size: int | None,
     ) -> tuple[torch.Tensor, ...]:
         """``sum_i weights[i] * <d score_k / d points[i] at token s, directions at token s>``.
+
+        ``directions``: one ``[B, L, H]`` tensor per side shared by every point, or a function
+        of point indices giving each point its own (``[n, B, L, H]`` per side).
 
         Token-level results ``[B, K, L]`` per side, by forward mode: one ``jvp`` per source token
         (``vmap`` over tangents), each giving every target at once. Cheaper than the reverse path
@@ -307,8 +328,12 @@ class Problem:
             (head_grad,) = head_pullback(self.tensors.valid.to(hidden.dtype).repeat(n, 1))
             w = weights[chunk].to(dtype=acc, device=hidden.device)
             per_side = _per_side(w, self.inputs)
-            for side, direction in enumerate(directions):
-                tangents, in_dims = _token_tangents(flat, direction, side, n)
+            if callable(directions):
+                per_point = tuple(d.flatten(0, 1) for d in directions(chunk))
+            else:
+                per_point = tuple(d.repeat(n, 1, 1) for d in directions)
+            for side, direction in enumerate(per_point):
+                tangents, in_dims = _token_tangents(flat, direction, side)
 
                 def push(*tangent: torch.Tensor, body=body, flat=flat) -> torch.Tensor:
                     return jvp(body, flat, tangent)[1]
@@ -337,16 +362,17 @@ def _per_side(w: torch.Tensor, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.
 
 
 def _token_tangents(
-    flat: tuple[torch.Tensor, ...], direction: torch.Tensor, side: int, n: int
+    flat: tuple[torch.Tensor, ...], direction: torch.Tensor, side: int
 ) -> tuple[tuple[torch.Tensor, ...], tuple[int | None, ...]]:
-    """Tangents for ``vmap``: token ``s`` of ``side`` moves along ``direction``, nothing else.
+    """Tangents for ``vmap``: token ``s`` of ``side`` moves along ``direction`` (``[n * B, L, H]``,
+    one per point and example), nothing else.
 
-    The attributed side gets ``[L, n * B, L, H]`` (one tangent per token, ``n`` copies of the
-    batch); other sides a shared zero tangent.
+    The attributed side gets ``[L, n * B, L, H]`` (one tangent per token); other sides a shared
+    zero tangent.
     """
     length = direction.shape[1]
     eye = torch.eye(length, dtype=direction.dtype, device=direction.device)
-    moving = (eye[:, None, :, None] * direction[None]).repeat(1, n, 1, 1)
+    moving = eye[:, None, :, None] * direction[None]
     tangents = tuple(moving if i == side else torch.zeros_like(x) for i, x in enumerate(flat))
     return tangents, tuple(0 if i == side else None for i in range(len(flat)))
 

@@ -1,4 +1,5 @@
-"""Gradient methods: saliency, input x gradient, integrated gradients, SmoothGrad.
+"""Gradient methods: saliency, input x gradient, integrated gradients, SmoothGrad, SquareGrad,
+VarGrad, GradientSHAP.
 
 Each is a core that returns a :class:`Rule`: where the gradients are taken (*points*), how they
 are weighted, and what multiplies the weighted sum. The :data:`GRADIENT` family runs a rule on the
@@ -16,7 +17,7 @@ import torch
 import xarray as xr
 
 from . import _validate as check
-from ._engine import PointFn, Problem, baseline_embeddings
+from ._engine import Baseline, PointFn, Problem, baseline_embeddings
 from ._errors import InputError, OptionError
 from ._protocol import COMMON, Call, Family, Param, own_options
 
@@ -28,25 +29,31 @@ QUADRATURES = (
     "gausslegendre",
 )
 HIDDEN_REDUCTIONS = ("l2_norm", "sum")
+Baselines = Baseline | list[Baseline] | tuple[Baseline, ...]
 MODES = ("auto", "reverse", "forward")
 
 
 class Rule(NamedTuple):
-    """A gradient method: ``multiplier * sum_i weights[i] * grad f(points[i])``.
+    """A gradient method: ``transform(*[sum_i weights[i] * (m_i grad f(points[i])) ** p for p in
+    moments])``.
 
     ``points`` maps indices to stacked points (None: the embeddings, one point); ``weights`` sum
     the points' gradients (None: one point of weight 1; ``[N, L]``: a weight per point and source
-    token, sides concatenated; ``[N, B, L, H]``: per point and feature); ``multiplier`` (one
-    tensor per side) multiplies the sum; ``reference`` (the baseline, per side) adds a ``completeness_gap``
-    coordinate: the attributions' sum minus ``f(x) - f(reference)``; ``transform`` maps the
-    gradients (e.g. ``abs``) before labelling.
+    token, sides concatenated; ``[N, B, L, H]``: per point and feature); ``multiplier`` is ``m_i``: one tensor per
+    side shared by every point (input x gradient, IG), or a function of point indices giving each
+    point its own (``[n, B, L, H]`` per side: GradientSHAP's ``x + noise - baseline``);
+    ``moments`` are the powers of the weighted gradients to accumulate (``(2,)``: mean squared
+    gradients; ``(1, 2)``: both, for a variance); ``reference`` (the baseline, per side) adds a
+    ``completeness_gap`` coordinate: the attributions' sum minus ``f(x) - f(reference)``;
+    ``transform`` maps the moments, one argument each (e.g. ``abs``), before labelling.
     """
 
     points: PointFn | None = None
     weights: torch.Tensor | None = None
-    multiplier: tuple[torch.Tensor, ...] | None = None
+    multiplier: tuple[torch.Tensor, ...] | PointFn | None = None
     reference: tuple[torch.Tensor, ...] | None = None
-    transform: Callable[[torch.Tensor], torch.Tensor] | None = None
+    transform: Callable[..., torch.Tensor] | None = None
+    moments: tuple[int, ...] = (1,)
 
 
 def _run(core: Callable[..., Rule], call: Call, arguments: dict[str, Any]) -> xr.DataArray:
@@ -63,29 +70,53 @@ def _run(core: Callable[..., Rule], call: Call, arguments: dict[str, Any]) -> xr
         raise OptionError(
             "`mode='forward'` computes token-level sums over hidden: it needs reduce_hidden='sum'"
         )
-    if mode == "forward" and rule.multiplier is None:
+    if mode == "forward" and (rule.multiplier is None or rule.moments != (1,)):
         raise OptionError(
-            f"`mode='forward'` sums gradients times a multiplier over hidden; {call.method} has "
-            "none: use mode='reverse'"
+            f"`mode='forward'` sums gradients times a multiplier over hidden; {call.method} "
+            f"{'has none' if rule.multiplier is None else 'needs gradient moments'}: "
+            "use mode='reverse'"
         )
     sizes = {"batch_size": o["batch_size"], "chunk_size": o["chunk_size"]}
     # forward mode costs one pass per source token, reverse mode one per target
     sources = sum(xi.shape[1] for xi in x)
-    forward = rule.multiplier is not None and (
-        mode == "forward"
-        or (mode == "auto" and reduce_hidden == "sum" and sources < problem.tensors.valid.shape[1])
+    forward = (
+        rule.multiplier is not None
+        and rule.moments == (1,)
+        and (
+            mode == "forward"
+            or (
+                mode == "auto"
+                and reduce_hidden == "sum"
+                and sources < problem.tensors.valid.shape[1]
+            )
+        )
     )
+    per_point = callable(rule.multiplier)
     if forward:
         assert rule.multiplier is not None
-        values = problem.directional_sum(
-            points, weights, rule.multiplier, batch_size=o["batch_size"], chunk_size=None
+        moments = (
+            problem.directional_sum(
+                points, weights, rule.multiplier, batch_size=o["batch_size"], chunk_size=None
+            ),
         )
     else:
-        values = problem.gradient_sum(points, weights, **sizes)
-        if rule.multiplier is not None:
-            values = tuple(g * m[:, None] for g, m in zip(values, rule.multiplier, strict=True))
+        moments = problem.gradient_sum(
+            points,
+            weights,
+            multiplier=rule.multiplier if per_point else None,  # type: ignore[arg-type]
+            moments=rule.moments,
+            **sizes,
+        )
+        if rule.multiplier is not None and not per_point:
+            shared = rule.multiplier
+            moments = tuple(
+                tuple(g * m[:, None] ** p for g, m in zip(sides, shared, strict=True))  # type: ignore[arg-type]
+                for p, sides in zip(rule.moments, moments, strict=True)
+            )
     if rule.transform is not None:
-        values = tuple(rule.transform(v) for v in values)
+        values = tuple(rule.transform(*per_side) for per_side in zip(*moments, strict=True))
+    else:
+        values = moments[0]
     if not all(torch.isfinite(v).all() for v in values):
         raise InputError(
             f"{call.method}: the gradients are not finite (inf/NaN); check the model's dtype "
@@ -260,6 +291,47 @@ def smoothgrad(problem: Problem, *, samples: int = 20, noise: float = 0.1, seed:
     >>> ax.smoothgrad(ax.load_model(), "1 2 3 =", " 3 2 1", samples=4).sizes["hidden"] > 0
     True
     """
+    return Rule(*_noisy_copies(problem, samples, noise, seed))
+
+
+@GRADIENT.method(samples=check.positive_int, noise=check.non_negative, seed=check.integer)
+def squaregrad(problem: Problem, *, samples: int = 20, noise: float = 0.1, seed: int = 0) -> Rule:
+    """SquareGrad (Captum NoiseTunnel's ``smoothgrad_sq``): the mean squared gradient over noisy
+    copies of the embeddings, drawn exactly as :func:`smoothgrad`'s (same ``noise``, ``seed``).
+
+    Arguments as :func:`smoothgrad`. Cost: ``samples`` points, as SmoothGrad.
+
+    >>> import attrax as ax
+    >>> da = ax.squaregrad(ax.load_model(), "1 2 3 =", " 3 2 1", samples=4)
+    >>> bool((da.fillna(0) >= 0).all())
+    True
+    """
+    return Rule(*_noisy_copies(problem, samples, noise, seed), moments=(2,))
+
+
+@GRADIENT.method(samples=check.positive_int, noise=check.non_negative, seed=check.integer)
+def vargrad(problem: Problem, *, samples: int = 20, noise: float = 0.1, seed: int = 0) -> Rule:
+    """VarGrad (Adebayo et al. 2018; Captum NoiseTunnel's ``vargrad``): the variance of the
+    gradient over noisy copies, ``mean(g**2) - mean(g)**2``, from :func:`smoothgrad`'s draws.
+
+    The population variance (divided by ``samples``), as Captum's. Both moments come from the same
+    vectorized backward. Arguments as :func:`smoothgrad`.
+
+    >>> import attrax as ax
+    >>> ax.vargrad(ax.load_model(), "1 2 3 =", " 3 2 1", samples=4).attrs["method"]
+    'vargrad'
+    """
+    return Rule(
+        *_noisy_copies(problem, samples, noise, seed),
+        moments=(1, 2),
+        transform=lambda mean, square: square - mean**2,
+    )
+
+
+def _noisy_copies(
+    problem: Problem, samples: int, noise: float, seed: int
+) -> tuple[PointFn, torch.Tensor]:
+    """SmoothGrad's points (noisy copies of the embeddings) and their equal weights."""
     x = problem.inputs
     draws = tuple(_noise(xi, problem, side, samples, seed) for side, xi in enumerate(x))
     sigma = tuple(_spread(xi, problem, i) * noise for i, xi in enumerate(x))
@@ -269,7 +341,98 @@ def smoothgrad(problem: Problem, *, samples: int = 20, noise: float = 0.1, seed:
             xi[None] + si[None] * di[chunk] for xi, si, di in zip(x, sigma, draws, strict=True)
         )
 
-    return Rule(points, torch.full((samples,), 1.0 / samples, dtype=torch.float64))
+    return points, torch.full((samples,), 1.0 / samples, dtype=torch.float64)
+
+
+@GRADIENT.method(
+    samples=check.positive_int,
+    stdevs=check.non_negative,
+    seed=check.integer,
+    baselines=check.baselines,
+)
+def gradient_shap(
+    problem: Problem,
+    *,
+    baselines: Baselines = ("zeros", "pad"),
+    samples: int = 5,
+    stdevs: float = 0.0,
+    seed: int = 0,
+) -> Rule:
+    """GradientSHAP (Lundberg & Lee 2017; Captum's ``GradientShap``): expected gradients over
+    random baselines, random points on the path and Gaussian noise on the input.
+
+    ``mean_i (x + e_i - b_i) * grad f(b_i + a_i (x + e_i - b_i))`` over ``samples`` draws of a
+    baseline ``b_i`` (uniformly from ``baselines``), ``a_i ~ U[0, 1]`` and ``e_i ~ N(0, stdevs^2)``
+    (absolute, as Captum's; SmoothGrad's noise is relative). Each example draws from its own CPU
+    generator seeded with ``seed``: ``torch.randint(len(baselines), (samples,))``, then
+    ``torch.rand(samples)``, then ``torch.randn(samples, length, hidden)`` per attributed side
+    (its real tokens), all in the embeddings' dtype; so batched equals single.
+
+    Arguments (others as :func:`saliency`):
+        baselines: the baselines to draw from: a list (or tuple) of baselines as
+            :func:`integrated_gradients` takes them (``"zeros"``, ``"pad"``, ``"unk"``, a tensor,
+            a tuple of tensors per side), or one of them. Default: zeros and the pad embedding.
+        samples: draws (points); stdevs: the noise's standard deviation; seed: the random seed.
+
+    Returns:
+        DataArray ``(target, source, hidden)``. In expectation each target's sum is
+        ``E f(x + e) - E f(b)``; with few samples it is not (no ``completeness_gap``).
+
+    >>> import attrax as ax
+    >>> ax.gradient_shap(ax.load_model(), "1 2 3 =", " 3 2 1", samples=4).dims
+    ('target', 'source', 'hidden')
+    """
+    x = problem.inputs
+    given = _as_list(baselines)
+    bases = [baseline_embeddings(problem, b) for b in given]
+    stacked = tuple(torch.stack(side) for side in zip(*bases, strict=True))  # [N_b, B, L, H]
+    index, alpha, noise = _shap_draws(problem, len(given), samples, seed)
+    batch = torch.arange(x[0].shape[0], device=x[0].device)
+
+    def deltas(chunk: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        picked = index[chunk]  # [n, B]
+        return tuple(
+            xi[None] + stdevs * ni[chunk] - bi[picked, batch[None]]
+            for xi, ni, bi in zip(x, noise, stacked, strict=True)
+        )
+
+    def points(chunk: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        a = alpha[chunk][..., None, None]  # [n, B, 1, 1]
+        picked = index[chunk]
+        return tuple(
+            bi[picked, batch[None]] + a * di for bi, di in zip(stacked, deltas(chunk), strict=True)
+        )
+
+    weights = torch.full((samples,), 1.0 / samples, dtype=torch.float64)
+    return Rule(points, weights, multiplier=deltas)
+
+
+def _as_list(baselines: Baselines) -> list[Baseline]:
+    if isinstance(baselines, (list, tuple)):
+        return list(baselines)
+    return [baselines]
+
+
+def _shap_draws(
+    problem: Problem, n_baselines: int, samples: int, seed: int
+) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
+    """Baseline indices ``[samples, B]``, alphas ``[samples, B]`` and standard normal noise
+    ``[samples, B, L, H]`` per side, each example's from its own generator (see gradient_shap)."""
+    x = problem.inputs
+    batch = x[0].shape[0]
+    index = torch.zeros((samples, batch), dtype=torch.long)
+    alpha = torch.zeros((samples, batch), dtype=x[0].dtype)
+    noise = tuple(torch.zeros((samples, *xi.shape), dtype=xi.dtype) for xi in x)
+    lengths = [problem.lengths(side) for side in range(len(x))]
+    for b in range(batch):  # per example: its draws do not depend on the batch
+        generator = torch.Generator().manual_seed(seed)
+        index[:, b] = torch.randint(n_baselines, (samples,), generator=generator)
+        alpha[:, b] = torch.rand(samples, generator=generator, dtype=x[0].dtype)
+        for side, xi in enumerate(x):
+            shape = (samples, lengths[side][b], xi.shape[-1])
+            noise[side][:, b, : shape[1]] = torch.randn(shape, generator=generator, dtype=xi.dtype)
+    device = x[0].device
+    return index.to(device), alpha.to(device), tuple(n.to(device) for n in noise)
 
 
 def quadrature_nodes(quadrature: str, steps: int) -> tuple[np.ndarray, np.ndarray]:

@@ -1,4 +1,5 @@
-"""Perturbation methods: occlusion, LIME and KernelSHAP over source tokens.
+"""Perturbation methods over source tokens: occlusion, feature ablation, LIME, KernelSHAP,
+Shapley value sampling and Sobol indices.
 
 Each is a pure function ``(model, inputs, targets=None, **options) -> DataArray`` with dims
 ``([example,] target, source)`` (no ``hidden``); see ``docs/data-model.md``. A removed token's
@@ -17,9 +18,10 @@ import xarray as xr
 
 from . import _validate as check
 from ._engine import Baseline, Problem, baseline_embeddings
-from ._errors import InputError
+from ._errors import InputError, OptionError
 from ._memory import Size
 from ._protocol import COMMON, Call, Family, own_options
+from ._words import word_groups
 
 # (samples, players, generator) -> [samples, players] bool, True = kept
 Draw = Callable[[int, int, torch.Generator], torch.Tensor]
@@ -173,6 +175,284 @@ def kernel_shap(
     return linear_surrogate(
         masks, values[2:].transpose(0, 1), weights, visible=visible, bounds=(values[1], values[0])
     )
+
+
+Groups = str | torch.Tensor | None
+GROUPINGS = ("token", "word")
+
+
+def _check_groups(value: object, name: str) -> None:
+    if value is None or (isinstance(value, str) and value in GROUPINGS):
+        return
+    if isinstance(value, torch.Tensor) and value.ndim in (1, 2) and not value.is_floating_point():
+        return
+    raise OptionError(
+        f"`{name}` must be one of {GROUPINGS}, None (tokens) or an integer tensor of group ids "
+        f"[source] or [batch, source] (sides concatenated), got {value!r}"
+    )
+
+
+def _check_permutations(value: object, name: str) -> None:
+    if isinstance(value, torch.Tensor):
+        rows = value.long()
+        ordered = torch.arange(rows.shape[-1]) if rows.ndim == 2 else None
+        if ordered is None or value.is_floating_point() or not rows.shape[0]:
+            raise OptionError(
+                f"`{name}` must be a positive integer or an integer tensor [permutations, groups], "
+                f"got a tensor of shape {tuple(value.shape)} and dtype {value.dtype}"
+            )
+        if not (rows.sort(dim=-1).values == ordered).all():
+            raise OptionError(f"`{name}`: every row must be a permutation of 0..{len(ordered) - 1}")
+        return
+    check.positive_int(value, name)
+
+
+@PERTURBATION.method(baseline=check.baseline, groups=_check_groups)
+def feature_ablation(
+    problem: Problem, batch_size: Size, *, groups: Groups = None, baseline: Baseline = "zeros"
+) -> torch.Tensor:
+    """Feature ablation (Captum's ``FeatureAblation``): the drop of each target's objective when a
+    group of source tokens is replaced by the baseline together; each token gets its group's drop.
+
+    With one group per token (the default) it is :func:`occlusion`. One forward of the batch per
+    group (the largest number of groups in the batch), plus the unperturbed one.
+
+    Arguments (others as :func:`occlusion`):
+        groups: None or ``"token"``: each source token alone; ``"word"``: the words of
+            :func:`attrax.merge_subwords`' segmentation; or an integer tensor of group ids per source
+            token (sides concatenated), ``[source]`` or ``[batch, source]``, as Captum's
+            ``feature_mask``.
+
+    Returns:
+        DataArray ``(target, source)``; a target sees only the sources before it (NaN after).
+
+    >>> import attrax as ax
+    >>> da = ax.feature_ablation(ax.load_model(), "1 2 3 =", " 3 2 1", groups="word")
+    >>> da.dims
+    ('target', 'source')
+    """
+    visible = problem.visible()
+    group, count = _group_ids(problem, groups, visible.any(dim=1))
+    n = int(count.max())
+    ids = torch.arange(n, device=group.device)
+    keep = torch.cat(
+        [torch.ones_like(group, dtype=torch.bool)[None], group[None] != ids[:, None, None]]
+    )
+    values = problem.masked_objective(keep, baseline_embeddings(problem, baseline), batch_size)
+    drops = (values[0] - values[1:]).permute(1, 2, 0)  # [B, K, groups]
+    return _spread_groups(drops, group)
+
+
+@PERTURBATION.method(
+    permutations=_check_permutations,
+    seed=check.integer,
+    baseline=check.baseline,
+    groups=_check_groups,
+)
+def shapley_sampling(
+    problem: Problem,
+    batch_size: Size,
+    *,
+    permutations: int | torch.Tensor = 25,
+    seed: int = 0,
+    groups: Groups = None,
+    baseline: Baseline = "zeros",
+) -> torch.Tensor:
+    """Shapley value sampling (Castro et al. 2009; Captum's ``ShapleyValueSampling``).
+
+    For each random order of the groups, the groups are added one by one to the all-baseline input
+    and each gets its marginal change of the objective; the mean over orders estimates Shapley
+    values (exact with every order). Each example draws its orders from its own CPU generator
+    seeded with ``seed``: ``torch.rand(permutations, groups, dtype=float64).argsort(-1)``, so
+    batched equals single.
+
+    Arguments (others as :func:`feature_ablation`):
+        permutations: how many random orders, or an integer tensor ``[orders, groups]`` of given
+            orders (each row a permutation of ``0..groups-1``; ids beyond an example's groups
+            are skipped), shared by every example.
+        seed: seeds the orders.
+
+    Cost: ``1 + orders * groups`` forwards of the batch. Each target's values sum to
+    ``f(x) - f(baseline)`` (efficiency), whatever the orders.
+
+    Returns:
+        DataArray ``(target, source)``; a target sees only the sources before it (NaN after).
+
+    >>> import attrax as ax
+    >>> da = ax.shapley_sampling(ax.load_model(), "1 2 3 =", " 3 2 1", permutations=4)
+    >>> da.dims
+    ('target', 'source')
+    """
+    visible = problem.visible()
+    group, count = _group_ids(problem, groups, visible.any(dim=1))
+    orders = _orders(permutations, count, seed).to(group.device)  # [P, B, G]
+    n_orders, _, n = orders.shape
+    # rank[p, b, g]: the step at which order p adds group g of example b
+    rank = orders.argsort(dim=-1)
+    steps = torch.arange(1, n + 1, device=group.device)
+    ranked = rank.gather(-1, group.clamp(min=0)[None].expand(n_orders, -1, -1))  # [P, B, L]
+    present = (ranked[:, None] < steps[None, :, None, None]) & (group >= 0)  # [P, G, B, L]
+    empty = torch.zeros_like(group, dtype=torch.bool)[None] | (group < 0)[None]
+    keep = torch.cat([empty, present.flatten(0, 1) | (group < 0)])
+    values = problem.masked_objective(keep, baseline_embeddings(problem, baseline), batch_size)
+    chain = torch.cat(
+        [values[:1].expand(n_orders, -1, -1)[:, None], values[1:].unflatten(0, (n_orders, n))],
+        dim=1,
+    )
+    gains = chain.diff(dim=1)  # [P, G, B, K]: the gain of the group added at each step
+    added = orders.transpose(1, 2)[..., None].expand_as(gains)
+    phi = torch.zeros_like(gains[0]).scatter_add_(0, added.flatten(0, 1), gains.flatten(0, 1))
+    return _spread_groups(phi.permute(1, 2, 0) / n_orders, group)
+
+
+@PERTURBATION.method(
+    samples=check.positive_int,
+    seed=check.integer,
+    baseline=check.baseline,
+    groups=_check_groups,
+)
+def sobol(
+    problem: Problem,
+    batch_size: Size,
+    *,
+    samples: int = 32,
+    seed: int = 0,
+    groups: Groups = None,
+    baseline: Baseline = "zeros",
+) -> torch.Tensor:
+    """Total Sobol indices of token masks (Fel et al. 2021; Interpreto's ``SobolAttribution``).
+
+    Soft masks ``m`` in [0, 1]^groups perturb each token as ``baseline + m (x - baseline)``. From
+    a scrambled Sobol sequence of dimension ``2 * groups`` (``torch.quasirandom.SobolEngine``,
+    seeded with ``seed``, per example) ``samples`` rows split into designs ``A`` and ``B``; ``C_i``
+    is ``A`` with column ``i`` from ``B``. Jansen's estimator, as the paper's:
+    ``ST_i = mean((f(A) - f(C_i))**2) / (2 Var[f(A), f(B)])`` (population variance over both
+    designs), per target; 0 where the objective does not vary.
+
+    Arguments (others as :func:`feature_ablation`):
+        samples: rows of each design (``samples * (groups + 2)`` forwards of the batch).
+        seed: seeds the scrambling.
+
+    Returns:
+        DataArray ``(target, source)`` of total indices (>= 0, unitless); NaN after each target.
+
+    >>> import attrax as ax
+    >>> da = ax.sobol(ax.load_model(), "1 2 3 =", " 3 2 1", samples=16)
+    >>> bool((da.fillna(0) >= 0).all())
+    True
+    """
+    visible = problem.visible()
+    group, count = _group_ids(problem, groups, visible.any(dim=1))
+    n = int(count.max())
+    designs = torch.zeros((samples, n + 2, *count.shape, n), dtype=torch.float64)
+    for b, players in enumerate(count.tolist()):  # per example: independent of the batch
+        engine = torch.quasirandom.SobolEngine(2 * players, scramble=True, seed=seed)
+        draw = engine.draw(samples, dtype=torch.float64)
+        a, c = draw[:, :players], draw[:, players:]
+        designs[:, 0, b, :players] = a
+        designs[:, 1, b, :players] = c
+        mixed = a[:, None].repeat(1, players, 1)
+        mixed[:, torch.arange(players), torch.arange(players)] = c
+        designs[:, 2 : players + 2, b, :players] = mixed
+    designs = designs.to(group.device)
+    index = group.clamp(min=0)[None, None].expand(samples, n + 2, -1, -1)
+    masks = designs.gather(-1, index).where(group >= 0, 1.0)  # [N, n + 2, B, L]
+    x = problem.inputs[0]
+    values = problem.masked_objective(
+        masks.flatten(0, 1).to(x.dtype), baseline_embeddings(problem, baseline), batch_size
+    )
+    values = values.unflatten(0, (samples, n + 2)).double()  # [N, n + 2, B, K]
+    f_a, f_b, f_c = values[:, 0], values[:, 1], values[:, 2:]
+    variance = torch.cat([f_a, f_b]).var(dim=0, correction=0)  # [B, K]
+    spread = ((f_a[:, None] - f_c) ** 2).mean(dim=0) / 2  # [n, B, K]
+    total = torch.where(variance > 0, spread / variance.clamp(min=1e-300), 0.0)
+    return _spread_groups(total.permute(1, 2, 0), group)
+
+
+def _group_ids(
+    problem: Problem, groups: Groups, features: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Group ids ``[B, L]`` numbered ``0..G_b-1`` per example in order of first token (-1 for
+    tokens no target sees, padding included), and each example's number of groups ``G_b``."""
+    batch, width = features.shape
+    if groups is None or groups == "token":
+        raw = torch.arange(width, device=features.device).expand(batch, -1)
+    elif isinstance(groups, str):
+        raw = torch.as_tensor(_word_ids(problem), device=features.device)
+    else:
+        given = torch.as_tensor(groups, device=features.device).long()
+        if given.shape[-1] != width or (given.ndim == 2 and given.shape[0] != batch):
+            raise InputError(
+                f"`groups` of shape {tuple(given.shape)} must be [{width}] or [{batch}, {width}]: "
+                "one group id per source token of the batch (sides concatenated, padded)"
+            )
+        raw = given.expand(batch, -1)
+    raw = raw.where(features & (raw >= 0), -1)
+    out = torch.full_like(raw, -1)
+    counts = []
+    for b in range(batch):  # renumber by first appearance: consecutive ids per example
+        row = raw[b]
+        kept = row >= 0
+        _, inverse = torch.unique(row[kept], return_inverse=True)
+        first = torch.full((int(inverse.max()) + 1 if inverse.numel() else 0,), width)
+        positions = torch.arange(width, device=row.device)[kept].cpu()
+        first = first.scatter_reduce(0, inverse.cpu(), positions, "amin")
+        order = first.argsort().argsort().to(row.device)
+        out[b, kept] = order[inverse]
+        counts.append(len(first))
+    return out, torch.tensor(counts)
+
+
+def _word_ids(problem: Problem) -> list[list[int]]:
+    """Word index of each attributed source token (sides concatenated; -1 for padding)."""
+    batch, widths = problem.batch, [x.shape[1] for x in problem.inputs]
+    tokens = problem.model.tokenizer.convert_ids_to_tokens
+    rows, sides = [], []
+    for e in batch.examples:
+        if batch.encoder_decoder:  # the encoder input, then the decoder input when attributed
+            parts = [(e.source_ids, "source"), (e.sequence(batch.start_token), "target")]
+            named = [(list(ids), [side] * len(ids)) for ids, side in parts[: len(widths)]]
+        else:  # words do not cross the prompt / continuation boundary
+            side = ["source"] * len(e.source_ids) + ["target"] * len(e.target_ids)
+            named = [(list(e.source_ids + e.target_ids), side)]
+        row: list[str] = []
+        row_sides: list[str] = []
+        for (ids, side), width in zip(named, widths, strict=True):
+            row += tokens(ids) + [""] * (width - len(ids))  # "": the missing token (padding)
+            row_sides += side + [""] * (width - len(ids))
+        rows.append(row)
+        sides.append(row_sides)
+    return word_groups(rows, sides)
+
+
+def _spread_groups(values: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
+    """``[B, K, G]`` group values -> ``[B, K, L]``: each token its group's value (0 outside)."""
+    index = group.clamp(min=0)[:, None, :].expand(-1, values.shape[1], -1)
+    return values.gather(-1, index).where(group[:, None, :] >= 0, 0.0)
+
+
+def _orders(permutations: int | torch.Tensor, count: torch.Tensor, seed: int) -> torch.Tensor:
+    """``[P, B, G]`` orders of each example's groups; ids ``>= G_b`` come last (no-ops)."""
+    n = int(count.max())
+    if isinstance(permutations, torch.Tensor):
+        given = permutations.long().cpu()
+        if given.shape[-1] < n:
+            raise InputError(
+                f"`permutations` orders {given.shape[-1]} groups; this batch has {n} "
+                "(an example's groups, in order of their first token)"
+            )
+        # an example with fewer groups skips the others: they are moved to the end
+        rows = []
+        for players in count.tolist():
+            real = given[given < players].view(given.shape[0], players)
+            rows.append(torch.cat([real, torch.arange(players, n).expand(len(given), -1)], dim=1))
+        return torch.stack(rows, dim=1)
+    out = torch.arange(n).repeat(permutations, len(count), 1)
+    for b, players in enumerate(count.tolist()):  # per example: independent of the batch
+        generator = torch.Generator().manual_seed(seed)
+        keys = torch.rand((permutations, players), generator=generator, dtype=torch.float64)
+        out[:, b, :players] = keys.argsort(dim=-1)  # uniform random orders, one per row
+    return out
 
 
 def linear_surrogate(

@@ -100,3 +100,12 @@ def baseline(value: object, name: str) -> None:
     raise OptionError(
         f"`{name}` must be one of {BASELINES}, a tensor or a tuple of tensors, got {value!r}"
     )
+
+
+def baselines(value: object, name: str) -> None:
+    """A non-empty list or tuple of baselines (each as :func:`baseline`), or one baseline."""
+    if isinstance(value, (list, tuple)) and value:
+        for item in value:
+            baseline(item, name)
+        return
+    baseline(value, name)

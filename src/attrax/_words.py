@@ -110,6 +110,28 @@ def detect_scheme(tokens: Sequence[str]) -> str:
     return "word-level"
 
 
+def word_groups(
+    tokens: Sequence[Sequence[str]], sides: Sequence[Sequence[str]], scheme: str | None = None
+) -> list[list[int]]:
+    """Each token's word index per example (-1 for the missing token ``""``), segmented as
+    :func:`merge_subwords` segments them; the scheme is detected over all examples when None.
+
+    >>> word_groups([["The", "Ġcap", "ital", "Ġis"]], [["source"] * 4])
+    [[0, 1, 1, 2]]
+    """
+    if scheme is None:
+        scheme = detect_scheme([t for row in tokens for t in row if t != MISSING_TOKEN])
+    out = []
+    for row, row_sides in zip(tokens, sides, strict=True):
+        group = [-1] * len(row)
+        words = _words(list(row), list(row_sides), list(range(len(row))), scheme)
+        for w, (_, members, _) in enumerate(words):
+            for i in members:
+                group[i] = w
+        out.append(group)
+    return out
+
+
 @dataclass(frozen=True)
 class _Piece:
     """One token as words see it: its bytes, whether it opens a word, what its text is made of."""

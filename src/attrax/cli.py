@@ -26,7 +26,8 @@ DTYPES = ("float32", "bfloat16", "float16")
 _GRADIENT_METHODS = ("saliency", "input_x_gradient", "integrated_gradients", "smoothgrad")
 _METHOD_HELP = (
     "attribution method: saliency (default), input_x_gradient, integrated_gradients, "
-    "smoothgrad; also occlusion, lime, kernel_shap, attention, rollout where this attrax has them"
+    "smoothgrad, squaregrad, vargrad, gradient_shap; also occlusion, feature_ablation, lime, "
+    "kernel_shap, shapley_sampling, sobol, attention, rollout where this attrax has them"
 )
 _REDUCE_HELP = (
     "comma-separated reductions, each NAME or NAME:DIM, applied in order; NAME is one of "
@@ -170,7 +171,8 @@ def _model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--samples",
         type=_positive,
-        help="the method's `samples`: noisy or perturbed copies (smoothgrad, lime, kernel_shap)",
+        help="the method's `samples`: noisy, random or perturbed copies (smoothgrad, gradient_shap, "
+        "lime, kernel_shap, sobol...)",
     )
     parser.add_argument(
         "--max-new-tokens", type=_positive, help="tokens to generate when there is no target"
