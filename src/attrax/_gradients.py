@@ -227,12 +227,15 @@ def check_trapezoid_steps(options: Mapping[str, Any]) -> None:
         raise OptionError("`steps` must be at least 2 for quadrature='riemann_trapezoid'")
 
 
-@GRADIENT.method(
-    check_trapezoid_steps,
-    steps=check.positive_int,
-    quadrature=check.one_of(*QUADRATURES),
-    baseline=check.baseline,
-)
+#: the options of a path integral by quadrature, shared by IG and the other path methods
+PATH_CHECKS = {
+    "steps": check.positive_int,
+    "quadrature": check.one_of(*QUADRATURES),
+    "baseline": check.baseline,
+}
+
+
+@GRADIENT.method(check_trapezoid_steps, **PATH_CHECKS)
 def integrated_gradients(
     problem: Problem,
     *,

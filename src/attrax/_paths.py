@@ -25,7 +25,7 @@ from ._errors import InputError, OptionError
 from ._gradients import (
     GRADIENT,
     HIDDEN_REDUCTIONS,
-    QUADRATURES,
+    PATH_CHECKS,
     Rule,
     check_trapezoid_steps,
     quadrature_nodes,
@@ -37,12 +37,7 @@ from ._protocol import COMMON, Call, Family, Param, own_options
 _CLOSE = 1e-9
 
 
-@GRADIENT.method(
-    check_trapezoid_steps,
-    steps=check.positive_int,
-    quadrature=check.one_of(*QUADRATURES),
-    baseline=check.baseline,
-)
+@GRADIENT.method(check_trapezoid_steps, **PATH_CHECKS)
 def sequential_integrated_gradients(
     problem: Problem,
     *,
