@@ -35,6 +35,8 @@ ATTENTION = Family(
         "contrast": f"{_ONE_FORWARD}, not from an objective",
         "chunk_size": f"{_ONE_FORWARD}: there is no backward to chunk",
         "batch_size": f"{_ONE_FORWARD}: there are no points to batch",
+        "max_memory": f"{_ONE_FORWARD}, keeping only the attributed rows of each layer: "
+        "there are no sizes to plan",
     },
 )
 
