@@ -55,8 +55,9 @@ def attrax_attribute(
     *,
     steps: int = IG_STEPS,
     quadrature: str = IG_QUADRATURE,
-    chunk_size: int | None = None,
-    batch_size: int | None = None,
+    chunk_size: int | str | None = None,
+    batch_size: int | str | None = None,
+    max_memory: int | str | None = None,
 ) -> tuple[Any, float]:
     """``(DataArray, seconds)`` of one attrax method: the only place the benchmarks call attrax.
 
@@ -67,7 +68,7 @@ def attrax_attribute(
 
     kwargs: dict[str, Any] = {}
     if method in ("saliency", "input_x_gradient", "integrated_gradients"):
-        kwargs["chunk_size"] = chunk_size
+        kwargs.update(chunk_size=chunk_size, max_memory=max_memory)
     if method == "saliency":
         kwargs["abs"] = False
     elif method == "integrated_gradients":

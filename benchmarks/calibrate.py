@@ -49,10 +49,12 @@ SHAPES: dict[str, list[tuple[str, dict[str, Any], int, int, str]]] = {
 }  # fmt: skip
 
 COPIES = 64  # perturbed copies per forward in the many-copies run
+POINTS = 8  # IG points per forward in the many-points run
 # (method, options): one target / copy per pass, and everything (or COPIES copies) at once
 RUNS = {
     "backward_one": ("saliency", {"chunk_size": 1, "batch_size": None}),
     "backward_all": ("saliency", {"chunk_size": None, "batch_size": None}),
+    "points": ("integrated_gradients", {"steps": POINTS, "chunk_size": 1, "batch_size": None}),
     "inference_one": ("occlusion", {"batch_size": 1}),
     "inference_all": ("occlusion", {"batch_size": COPIES}),
 }
@@ -122,10 +124,16 @@ def _measure(spec: dict[str, Any]) -> dict[str, Any]:
 def run(args: argparse.Namespace) -> int:
     from attrax._memory import format_bytes
 
+    if args.report:
+        print(report(args.out), end="")
+        return 0
+
     rows = []
     families = args.families.split(",")
     for family in families:
-        for arch, config, n_prompt, n_target, attn in SHAPES[family]:
+        for arch, config, n_prompt, n_target, attn in SHAPES[family][
+            : 1 if args.first_shape else None
+        ]:
             base = dict(arch=arch, config=config, prompt=n_prompt, target=n_target, attn=attn)
             got = {run: _measure({**base, "run": run, "threads": args.threads}) for run in RUNS}
             one, every = got["backward_one"], got["backward_all"]
@@ -138,6 +146,9 @@ def run(args: argparse.Namespace) -> int:
                 / max(copies - 1, 1)
             )
             per_cotangent, per_point, fixed = every["cost"]
+            # IG's extra forward (the completeness gap) runs after the passes: not in the peak
+            per_point_measured = (got["points"]["peak_mb"] - one["peak_mb"]) * mb / (POINTS - 1)
+            per_point_measured -= per_target
             row = {
                 "family": family,
                 "arch": arch,
@@ -148,6 +159,7 @@ def run(args: argparse.Namespace) -> int:
                 "estimate": {
                     "backward_one": fixed + per_point + per_cotangent,
                     "backward_all": fixed + per_point + k * per_cotangent,
+                    "points": fixed + POINTS * (per_point + per_cotangent),
                     "inference_one": got["inference_one"]["inference"][1]
                     + got["inference_one"]["inference"][2],
                     "inference_all": copies * got["inference_all"]["inference"][1]
@@ -155,6 +167,7 @@ def run(args: argparse.Namespace) -> int:
                 },
                 "per_target": {"measured": per_target, "estimate": per_cotangent},
                 "per_copy": {"measured": per_copy, "estimate": every["inference"][1]},
+                "per_point": {"measured": per_point_measured, "estimate": per_point},
             }
             rows.append(row)
             print(f"{family} ({arch}, {row['tokens']} tokens, {k} targets):")
@@ -164,7 +177,7 @@ def run(args: argparse.Namespace) -> int:
                     f"  {run:14s} measured {format_bytes(int(m)):>9s}  "
                     f"estimate {format_bytes(int(e)):>9s}  ratio {e / m:.2f}"
                 )
-            for part in ("per_target", "per_copy"):
+            for part in ("per_target", "per_point", "per_copy"):
                 m, e = row[part]["measured"], row[part]["estimate"]
                 print(f"  {part:14s} measured {format_bytes(int(m)):>9s}  "
                       f"estimate {format_bytes(int(e)):>9s}  ratio {e / max(m, 1):.2f}")  # fmt: skip
@@ -173,8 +186,81 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def estimates(row: dict[str, Any]) -> dict[str, float]:
+    """The current estimate (``attrax._memory``'s constants now) of each run of a measured row."""
+    import attrax as ax
+    from attrax._engine import Problem
+    from attrax._inputs import prepare
+    from attrax._objectives import resolve
+    from attrax.testing import tiny_model
+
+    arch, config, n_prompt, n_target, attn = next(
+        shape for shape in SHAPES[row["family"]] if shape[:2] == (row["arch"], row["config"])
+    )
+    hf, tok = tiny_model(arch, **config)
+    model = ax.load_model(hf, tokenizer=tok, attn_implementation=attn)
+    prompt, target = _texts(tok, n_prompt, n_target)
+    problem = Problem.build(model, prepare(model, prompt, target), resolve("probability")[1], False)
+    cost, inference = problem.cost(), problem.cost(saved=False)
+    k = int(problem.tensors.valid.shape[1])
+    copies = min(COPIES, sum(x.shape[1] for x in problem.inputs))
+    return {
+        "backward_one": cost.at(1, 1),
+        "backward_all": cost.at(1, k),
+        "points": cost.at(POINTS, 1),
+        "inference_one": inference.at(1, 0),
+        "inference_all": inference.at(copies, 0),
+        "per_target": cost.per_cotangent,
+        "per_point": cost.per_point,
+        "per_copy": inference.per_point,
+    }
+
+
+def report(path: str | Path = OUT) -> str:
+    """A markdown table of the measured peaks of ``path`` against the current estimate."""
+    rows = json.loads(Path(path).read_text())
+    lines = [
+        "| family | model | tokens | targets | run | measured | estimate | estimate / measured |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    mib = 2**20
+    for row in rows:
+        now = estimates(row)
+        measured = {**row["measured"]}
+        measured.update({part: row[part]["measured"] for part in PARTS if part in row})
+        for name in [*RUNS, *PARTS]:
+            if name not in measured:  # a run this row did not measure
+                continue
+            m, e = measured[name], now[name]
+            lines.append(
+                f"| {row['family']} | {row['arch']} | {row['tokens']} | {row['targets']} | "
+                f"{LABELS[name]} | {m / mib:.1f} MiB | {e / mib:.1f} MiB | "
+                f"{e / m if m > 0 else float('inf'):.2f} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+PARTS = ("per_target", "per_point", "per_copy")
+LABELS = {
+    "backward_one": "saliency, 1 target per backward",
+    "backward_all": "saliency, all targets at once",
+    "points": f"IG, {POINTS} points at once, 1 target",
+    "inference_one": "occlusion, 1 copy per forward",
+    "inference_all": f"occlusion, {COPIES} copies per forward",
+    "per_target": "per target (slope)",
+    "per_point": "per point (slope)",
+    "per_copy": "per copy (slope)",
+}
+
+
 def parser(p: argparse.ArgumentParser) -> None:
     """The options of ``python -m benchmarks calibrate``."""
     p.add_argument("--families", default=",".join(SHAPES), help="default: all")
+    p.add_argument("--first-shape", action="store_true", help="only the first shape per family")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=str(OUT), help="results JSON ('' for none)")
+    p.add_argument(
+        "--report",
+        action="store_true",
+        help="measure nothing: print the results JSON against the current estimate (markdown)",
+    )

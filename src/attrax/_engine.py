@@ -19,6 +19,7 @@ from . import _arch
 from ._errors import OptionError
 from ._inputs import Batch, Tensors, to_tensors
 from ._memory import (
+    CALL_OVERHEAD,
     Cost,
     Size,
     backward_bytes,
@@ -224,6 +225,8 @@ class Problem:
             tokens += self.decoder_embeds.shape[1]
         config = self.model.hf.config
         heads = _arch.heads(config, "self") or _arch.heads(config, "encoder") or 1
+        if self.model.attention_for(tokens, x.device) != "eager":
+            heads = 0  # fused attention never stores [heads, L, L] weights
         shape = (x.shape[0], tokens, x.shape[-1], x.element_size(), _arch.mlp_width(config), heads)
         family = _arch.family(config)
         targets = self.tensors.valid.shape[1]
@@ -234,9 +237,13 @@ class Problem:
             # a copy's embeddings, and its forward's temporaries (no backward)
             per_copy = forward_bytes(*shape, 1, family, saved=False)
             per_copy += x.shape[0] * attributed * x.shape[-1] * x.element_size()
-            return Cost(0, per_copy, x.shape[0] * targets * attributed * 8)
+            return Cost(0, per_copy, CALL_OVERHEAD + x.shape[0] * targets * attributed * 8)
         layers = _arch.total_layers(config)
-        return Cost(backward_bytes(*shape, family), forward_bytes(*shape, layers, family), results)
+        return Cost(
+            backward_bytes(*shape, family),
+            forward_bytes(*shape, layers, family),
+            CALL_OVERHEAD + results,
+        )
 
     def _target_chunks(self, chunk_size: int | None) -> list[tuple[slice, int | None]]:
         """Slices of target slots, each with the sequence length its targets need.

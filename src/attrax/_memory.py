@@ -218,10 +218,15 @@ def format_bytes(n: int) -> str:
 # of the vectorized backward, ``forward`` per layer saved by the forward for it, ``inference``
 # per copy of a forward without gradients (perturbation methods).
 LIVE_TENSORS: dict[str, dict[str, float]] = {
-    "gpt2": {"backward": 12, "forward": 6, "inference": 6},
-    "llama": {"backward": 12, "forward": 6, "inference": 6},
-    "encoder-decoder": {"backward": 12, "forward": 6, "inference": 6},
+    "gpt2": {"backward": 12, "forward": 6, "inference": 9},
+    "llama": {"backward": 12, "forward": 6, "inference": 10},
+    "encoder-decoder": {"backward": 8, "forward": 6, "inference": 8},
 }
+
+
+# What a call holds besides its passes (small tensors, the allocator's and thread pools' own):
+# 13-56 MB measured on the CPU above a warmed-up process (docs/memory.md)
+CALL_OVERHEAD = 64 << 20
 
 
 class Cost(NamedTuple):
