@@ -141,8 +141,10 @@ def peak_above_start() -> Callable[[str], dict[str, Any]]:
         src = str(Path(ax.__file__).resolve().parent.parent)
         env = {**__import__("os").environ, "PYTHONPATH": src}
         out = subprocess.run(
-            [sys.executable, "-c", script], capture_output=True, text=True, env=env, check=True
+            [sys.executable, "-c", script], capture_output=True, text=True, env=env
         )
+        if out.returncode:
+            raise AssertionError(f"the measured process failed:\n{out.stderr[-3000:]}")
         return json.loads(out.stdout.strip().splitlines()[-1])
 
     return run

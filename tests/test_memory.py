@@ -263,7 +263,12 @@ def test_the_measured_peak_stays_within_the_budget(peak_above_start, method, opt
     budget the same call takes more."""
     free = peak_above_start(_BUDGET_MODEL.format(method=method, options=options))
     bounded = peak_above_start(
-        _BUDGET_MODEL.format(method=method, options=f"{options}, max_memory={budget}")
+        _BUDGET_MODEL.format(
+            method=method, options=", ".join(filter(None, [options, f"max_memory={budget}"]))
+        )
     )
+    mib = 2**20
+    print(f"{method}: unbounded {free['peak'] / mib:.0f} MiB, budget {budget / mib:.0f} MiB, "
+          f"bounded {bounded['peak'] / mib:.0f} MiB")  # fmt: skip
     assert free["peak"] > budget, "the workload must need more than the budget unbounded"
     assert bounded["peak"] <= budget, (bounded["peak"] / 2**20, budget / 2**20)
