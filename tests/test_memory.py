@@ -207,7 +207,7 @@ def test_the_planner_fits_the_budget_it_is_given(models, monkeypatch):
         assert bounded.plan(6, "auto", "auto") == expected, budget
         got = ax.integrated_gradients(model, sources, targets, steps=6, max_memory=budget)
         np.testing.assert_allclose(got.values, whole.values, rtol=1e-5, atol=1e-8)
-    with pytest.raises(ax.OptionError, match=r"`max_memory=11499` cannot be met.*11.5 kB"):
+    with pytest.raises(ax.OptionError, match=r"`max_memory` of 11.5 kB cannot be met.*11.5 kB"):
         ax.integrated_gradients(model, sources, targets, steps=6, max_memory=11_499)
     with pytest.raises(ax.OptionError, match="the smallest passes with chunk_size=4"):
         ax.integrated_gradients(model, sources, targets, steps=6, chunk_size=4, max_memory=12_000)

@@ -218,9 +218,9 @@ def format_bytes(n: int) -> str:
 # of the vectorized backward, ``forward`` per layer saved by the forward for it, ``inference``
 # per copy of a forward without gradients (perturbation methods).
 LIVE_TENSORS: dict[str, dict[str, float]] = {
-    "gpt2": {"backward": 12, "forward": 6, "inference": 9},
-    "llama": {"backward": 12, "forward": 6, "inference": 10},
-    "encoder-decoder": {"backward": 8, "forward": 6, "inference": 8},
+    "gpt2": {"backward": 12, "forward": 10, "inference": 9},
+    "llama": {"backward": 12, "forward": 8, "inference": 10},
+    "encoder-decoder": {"backward": 8, "forward": 8, "inference": 8},
 }
 
 
@@ -306,7 +306,7 @@ def plan(
     (None, 8)
     >>> plan(8, 32, "auto", "auto", Cost(per_cotangent=10, fixed=100), torch.device("cpu"), max_memory=90)
     Traceback (most recent call last):
-    attrax._errors.OptionError: `max_memory=90` cannot be met: the smallest passes (one target, one point) need an estimated 110 B; give at least that
+    attrax._errors.OptionError: `max_memory` of 90 B cannot be met: the smallest passes (one target, one point) need an estimated 110 B; give at least that
     """
     if isinstance(cost, int):
         cost = Cost(per_cotangent=cost)
@@ -330,7 +330,7 @@ def plan(
         if given:
             smallest = f"the smallest passes with {', '.join(given)}"
         raise OptionError(
-            f"`max_memory={max_memory}` cannot be met: {smallest} need an estimated "
+            f"`max_memory` of {format_bytes(max_memory)} cannot be met: {smallest} need an estimated "
             f"{format_bytes(needed)}; give at least that"
         )
     return (None if batch >= points else batch, None if chunk >= targets else chunk)
@@ -357,7 +357,7 @@ def plan_forwards(
     batch = max(1, min(copies, (budget - fixed) // max(per_copy, 1)))
     if max_memory is not None and fixed + per_copy > max_memory:
         raise OptionError(
-            f"`max_memory={max_memory}` cannot be met: one perturbed copy per forward needs an "
+            f"`max_memory` of {format_bytes(max_memory)} cannot be met: one perturbed copy per forward needs an "
             f"estimated {format_bytes(fixed + per_copy)}; give at least that"
         )
     return batch
