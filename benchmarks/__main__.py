@@ -1,4 +1,4 @@
-"""``python -m benchmarks run|report|real-size|models``: the one entry point (see README.md)."""
+"""``python -m benchmarks run|report|real-size|calibrate|models``: the one entry point (see README.md)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
-    from . import harness, methods, real_size, report
+    from . import calibrate, harness, methods, real_size, report
 
     harness.parser(sub.add_parser("run", help="parity gate, then time and memory (CPU or GPU)"))
     r = sub.add_parser("report", help="render the docs from the committed results JSON")
@@ -19,9 +19,11 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--gpu", default=report.GPU_RESULTS, help="GPU results JSON")
     real_size.parser(sub.add_parser("real-size", help="the comparison on a GPT-2-small shape"))
     methods.parser(sub.add_parser("methods", help="parity and time of the newer gradient methods"))
+    calibrate.parser(sub.add_parser("calibrate", help="the memory estimate against measured peaks"))
     m = sub.add_parser("models", help="build the workload models and print a summary")
     m.add_argument("root", nargs="?", help="where (default benchmarks/results/models)")
     sub.add_parser("worker").add_argument("spec")  # one measurement, started by the harness
+    sub.add_parser("calibrate-worker").add_argument("spec")  # one calibration measurement
     args = p.parse_args(argv)
 
     if args.command == "run":
@@ -36,6 +38,10 @@ def main(argv: list[str] | None = None) -> int:
         report.write_docs(args.cpu, args.gpu)
     elif args.command == "methods":
         return methods.run(args)
+    elif args.command == "calibrate":
+        return calibrate.run(args)
+    elif args.command == "calibrate-worker":
+        calibrate.worker(args.spec)
     elif args.command == "real-size":
         return real_size.run(args)
     elif args.command == "models":

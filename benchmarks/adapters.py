@@ -56,9 +56,10 @@ def attrax_attribute(
     *,
     steps: int = IG_STEPS,
     quadrature: str = IG_QUADRATURE,
-    chunk_size: int | None = None,
-    batch_size: int | None = None,
+    chunk_size: int | str | None = None,
+    batch_size: int | str | None = None,
     activations: str = "all",
+    max_memory: int | str | None = None,
 ) -> tuple[Any, float]:
     """``(DataArray, seconds)`` of one attrax method: the only place the benchmarks call attrax.
 
@@ -69,6 +70,8 @@ def attrax_attribute(
 
     kwargs: dict[str, Any] = {}
     if method != "attention":
+        kwargs["max_memory"] = max_memory
+    if method != "attention" and method not in workloads.PERTURBATION_METHODS:
         kwargs["chunk_size"] = chunk_size
     if method == "saliency":
         kwargs["abs"] = False
@@ -94,8 +97,6 @@ def attrax_attribute(
         kwargs.update(permutations=workloads.PERMUTATIONS, seed=workloads.SEED)
     elif method not in ("input_x_gradient", "attention", "feature_ablation"):
         raise ValueError(f"unknown method {method!r}")
-    if method in ("gradient_shap", "squaregrad", "vargrad"):
-        kwargs["chunk_size"] = chunk_size
     t0 = time.perf_counter()
     da = getattr(ax, method)(model, prompt, target, **kwargs)
     return da, time.perf_counter() - t0

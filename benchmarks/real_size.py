@@ -1,40 +1,96 @@
-"""attrax vs Captum and Inseq on a GPT-2-small-shaped model (12 layers, d=768, vocabulary 50257).
+"""attrax vs Captum and Inseq on real-size model shapes, random weights, built from a config.
 
-The workloads keep the body small, so the vocabulary projection that the per-token loops repeat
-at every prefix position is most of their work. At real size the body dominates, and the best
-ratio any one-backward-per-target method can reach shrinks (docs/methods/gradients.md, cost
-model). One process, random weights, the benchmark GPT-2 tokenizer, offline. Per method, each
-library runs once (warm-up and parity: 1e-4 relative, or exit status 2 before any timing), then
-``repeats`` timed calls, libraries interleaved; the median is printed.
+Shapes (``--shape``): ``gpt2-small`` (12 layers, d=768, vocabulary 50257, float32),
+``llama-1b`` (Llama-3.2-1B: 16 layers, d=2048, gated MLP 8192, 32 heads / 8 KV heads, RMSNorm,
+vocabulary 128256, bfloat16) and ``llama3-8b`` (32 layers, d=4096, MLP 14336, bfloat16; for a
+GPU). The model is built on ``--device`` with random weights; the benchmark GPT-2 tokenizer gives
+the texts (its ids are all below every shape's vocabulary). One process, offline.
+
+Per method, each library runs once (warm-up and parity: ``--tolerance`` relative, or exit status
+2 before any timing), then ``repeats`` timed calls, libraries interleaved; the median is printed.
+Captum and Inseq can run the first ``--first-targets`` targets only: their time is then
+extrapolated by ``targets / first_targets`` (an under-estimate of theirs: later targets have longer
+prefixes), as W3 does. Peak memory per call: on the CPU the process's peak RSS above its RSS
+before the call (``VmHWM`` after ``/proc/self/clear_refs``), on a GPU ``max_memory_allocated``
+above the allocation before it. ``--max-memory`` is passed to attrax.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
+import json
 import statistics
-import sys
 import time
 import warnings
+from pathlib import Path
 from typing import Any
 
 from . import baselines, workloads
-from .adapters import attrax_aggregates, attrax_attribute
-from .parity import parity
+from .harness import _reset_peak_rss, _status_mb
+from .parity import first_targets, parity
+
+# shape -> (config class, config, dtype)
+SHAPES: dict[str, tuple[str, dict[str, Any], str]] = {
+    "gpt2-small": ("GPT2Config", dict(vocab_size=50257, n_embd=768, n_layer=12, n_head=12), "float32"),
+    "llama-1b": ("LlamaConfig", dict(
+        vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+        num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072,
+        rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=True), "bfloat16"),
+    "llama3-8b": ("LlamaConfig", dict(
+        vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072,
+        rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=False), "bfloat16"),
+}  # fmt: skip
 
 
-def build(seed: int = 0):
-    """``(hf_model, tokenizer)``: GPT-2-small-shaped, random weights, eager attention."""
+def build(shape: str = "gpt2-small", device: str = "cpu", seed: int = 0):
+    """``(hf_model, tokenizer)`` of ``shape``: random weights, built on ``device`` in the shape's
+    dtype, eager attention (the baselines' attention, as in the harness)."""
     import torch
-    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+    import transformers
+    from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(workloads.build_all()["gpt2"])
     eot = tok.convert_tokens_to_ids("<|endoftext|>")
-    config = GPT2Config(
-        vocab_size=50257, n_embd=768, n_layer=12, n_head=12, bos_token_id=eot, eos_token_id=eot,
-        attn_implementation="eager",  # the baselines' attention, as in the harness
-    )  # fmt: skip
+    config_class, config, dtype = SHAPES[shape]
+    config = getattr(transformers, config_class)(
+        **config, bos_token_id=eot, eos_token_id=eot, pad_token_id=eot
+    )
+    config._attn_implementation = "eager"
+    model_class = "GPT2LMHeadModel" if config_class == "GPT2Config" else "LlamaForCausalLM"
     torch.manual_seed(seed)
-    return GPT2LMHeadModel(config).eval(), tok
+    with torch.device(device):
+        model = getattr(transformers, model_class)._from_config(config, dtype=getattr(torch, dtype))
+    return model.eval(), tok
+
+
+def _peak(device: str):
+    """``(start, stop)``: reset the peak, then read the call's peak bytes above its start."""
+    import torch
+
+    if device.startswith("cuda"):
+
+        def start() -> float:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            return torch.cuda.memory_allocated()
+
+        def stop(base: float) -> float:
+            torch.cuda.synchronize()
+            return torch.cuda.max_memory_allocated() - base
+
+        return start, stop
+
+    def start_cpu() -> float:
+        ctypes.CDLL(None).malloc_trim(0)
+        _reset_peak_rss()
+        return (_status_mb("VmRSS") or 0.0) * 2**20
+
+    def stop_cpu(base: float) -> float:
+        return (_status_mb("VmHWM") or 0.0) * 2**20 - base
+
+    return start_cpu, stop_cpu
 
 
 def run(args: argparse.Namespace) -> int:
@@ -42,66 +98,133 @@ def run(args: argparse.Namespace) -> int:
 
     import attrax as ax
 
+    from .adapters import attrax_aggregates, attrax_attribute
+
     torch.set_num_threads(args.threads)
     # Captum warns that it sets requires_grad on the embeddings, at every target of every call
     warnings.filterwarnings("ignore", "Input Tensor .* did not already require gradients")
-    hf, tok = build()
-    model = ax.load_model(hf, tokenizer=tok)
+    t0 = time.perf_counter()
+    hf, tok = build(args.shape, args.device)
+    model = ax.load_model(hf, tokenizer=tok, attn_implementation=args.attn)
+    n_params = sum(p.numel() for p in hf.parameters()) / 1e9
     prompt, target = workloads.texts("gpt2", tok, args.prompt, args.target)
-    print(f"GPT-2-small shape, {args.prompt} + {args.target} tokens, {args.threads} threads")
+    k = args.first_targets if args.first_targets and args.first_targets < args.target else None
+    short = workloads.first_targets_text(tok, prompt, target, k, "gpt2")
+    scale = args.target / k if k else 1.0
+    libraries = args.libraries.split(",")
+    print(
+        f"{args.shape} ({n_params:.2f}B parameters, {SHAPES[args.shape][2]}, built in "
+        f"{time.perf_counter() - t0:.0f} s), {args.prompt} + {args.target} tokens, {args.device}, "
+        f"{args.threads} threads"
+        + (f"; Captum/Inseq on the first {k} targets, times x{scale:g}" if k else "")
+    )
+    start, stop = _peak(args.device)
     rows = []
     for method in args.methods.split(","):
         ig = {"n_steps": args.steps} if method == "integrated_gradients" else {}
-        inseq_model, _ = baselines.inseq_load(hf, tok, method)
+        sizes = dict(steps=args.steps, chunk_size="auto", batch_size="auto")
         calls: dict[str, Any] = {
-            "attrax": lambda m=method: attrax_attribute(model, prompt, target, m, steps=args.steps)[
-                0
-            ],
-            "captum": lambda m=method, ig=ig: (
-                baselines.captum_attribute(
-                    hf, tok, prompt, target, m, baseline="inseq", **ig
-                ).attributions
-            ),
-            "inseq": lambda m=method, ig=ig, im=inseq_model: (
-                baselines.inseq_attribute(
-                    hf, tok, prompt, target, m, inseq_model=im, **ig
-                ).attributions
-            ),
+            "attrax": lambda m=method, sizes=sizes: attrax_attribute(
+                model, prompt, target, m, max_memory=args.max_memory, **sizes
+            )[0]
         }
-        outputs = {lib: call() for lib, call in calls.items()}  # warm-up, and parity
-        failures = [
-            f"{method} vs {lib}: {f}"
-            for lib in ("captum", "inseq")
-            for f in parity(attrax_aggregates(outputs["attrax"], method), outputs[lib], method)[
-                "failures"
-            ]
-        ]
-        if failures:
-            print("PARITY FAILED:\n  " + "\n  ".join(failures), file=sys.stderr)
-            return 2
+        if "captum" in libraries:
+            calls["captum"] = lambda m=method, ig=ig: (
+                baselines.captum_attribute(
+                    hf, tok, prompt, short, m, baseline="inseq", **ig
+                ).attributions
+            )
+        if "inseq" in libraries:
+            inseq_model, _ = baselines.inseq_load(hf, tok, method)
+            calls["inseq"] = lambda m=method, ig=ig, im=inseq_model: (
+                baselines.inseq_attribute(
+                    hf, tok, prompt, short, m, inseq_model=im, **ig
+                ).attributions
+            )
+        outputs, peaks = {}, {}
+        for lib, call in list(calls.items()):  # warm-up, parity and peak memory
+            base = start()
+            try:
+                outputs[lib] = call()
+            except torch.OutOfMemoryError:
+                if lib == "attrax":
+                    raise
+                print(f"{lib} {method}: out of memory; not timed")
+                del calls[lib]
+                continue
+            peaks[lib] = stop(base)
+        ours = attrax_aggregates(outputs["attrax"], method)
+        errors = {}
+        for lib in calls:
+            if lib == "attrax":
+                continue
+            raw = outputs[lib]
+            got = parity(first_targets(ours, *raw.shape[:2]), raw, method, tol=args.tolerance)
+            errors[lib] = max(got["errors"].values(), default=0.0)
+            if got["failures"]:
+                print(f"PARITY FAILED {method} vs {lib}:\n  " + "\n  ".join(got["failures"]))
+                return 2
         seconds: dict[str, list[float]] = {lib: [] for lib in calls}
         for _ in range(args.repeats):
             for lib, call in calls.items():  # interleaved: drifting load hits every library alike
-                start = time.perf_counter()
+                if args.device.startswith("cuda"):
+                    torch.cuda.synchronize()
+                began = time.perf_counter()
                 call()
-                seconds[lib].append(time.perf_counter() - start)
-        rows.append((method, {lib: statistics.median(s) for lib, s in seconds.items()}))
-    print("\n| method | attrax s | Captum s | Inseq s | vs Captum | vs Inseq |")
-    print("|---|---|---|---|---|---|")
-    for method, m in rows:
-        name = method if method != "integrated_gradients" else f"IG ({args.steps} steps)"
-        print(
-            f"| {name} | {m['attrax']:.2f} | {m['captum']:.2f} | {m['inseq']:.2f} | "
-            f"{m['captum'] / m['attrax']:.1f}x | {m['inseq'] / m['attrax']:.1f}x |"
+                if args.device.startswith("cuda"):
+                    torch.cuda.synchronize()
+                took = time.perf_counter() - began
+                seconds[lib].append(took * (1.0 if lib == "attrax" else scale))
+        median = {lib: statistics.median(s) for lib, s in seconds.items()}
+        rows.append(dict(method=method, seconds=median, peak_bytes=peaks, parity=errors))
+    print()
+    print(
+        "| method | " + " | ".join(f"{lib} s | {lib} peak" for lib in libraries) + " | speed-up |"
+    )
+    print("|---|" + "---|---|" * len(libraries) + "---|")
+    for row in rows:
+        name = row["method"] if row["method"] != "integrated_gradients" else f"IG ({args.steps})"
+        took, peak = row["seconds"], row["peak_bytes"]
+        cells = [
+            f"{took[lib]:.2f}{'*' if lib != 'attrax' and k else ''} | {peak[lib] / 2**30:.2f} GiB"
+            if lib in took
+            else "out of memory | —"
+            for lib in libraries
+        ]
+        ratio = ", ".join(
+            f"{took[lib] / took['attrax']:.1f}x vs {lib}" for lib in took if lib != "attrax"
         )
+        print(f"| {name} | " + " | ".join(cells) + f" | {ratio} |")
+    if k:
+        print(f"* extrapolated from the first {k} of {args.target} targets (peaks are theirs)")
+    if args.out:
+        meta = {k: v for k, v in vars(args).items() if k != "func"}
+        Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
     return 0
 
 
 def parser(p: argparse.ArgumentParser) -> None:
     """The options of ``python -m benchmarks real-size``."""
+    p.add_argument("--shape", choices=list(SHAPES), default="gpt2-small")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.add_argument("--prompt", type=int, default=32, help="prompt tokens (default 32)")
     p.add_argument("--target", type=int, default=32, help="target tokens (default 32)")
     p.add_argument("--methods", default="saliency,integrated_gradients")
+    p.add_argument("--libraries", default="attrax,captum,inseq")
     p.add_argument("--steps", type=int, default=20, help="IG points on every side")
     p.add_argument("--repeats", type=int, default=3, help="timed calls per library")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument(
+        "--first-targets",
+        type=int,
+        default=0,
+        help="Captum/Inseq attribute only this many targets; their time is extrapolated (0: all)",
+    )
+    p.add_argument("--max-memory", default=None, help="attrax's max_memory, e.g. 60GB")
+    p.add_argument(
+        "--attn", default="auto", choices=("auto", "eager", "sdpa"), help="attrax's attention"
+    )
+    p.add_argument(
+        "--tolerance", type=float, default=1e-4, help="parity, relative (bfloat16 needs more)"
+    )
+    p.add_argument("--out", default="", help="write the rows as JSON here")

@@ -100,3 +100,51 @@ def sdpa_always(monkeypatch):
     yield watch
     for hook in hooks:
         hook.remove()
+
+
+# Run in a fresh process by peak_above_start: ``call()`` is defined by the test's code; a warm-up
+# call pages in code and lazy imports, malloc_trim returns its freed heap, then the peak RSS above
+# the RSS before the call (VmHWM after clear_refs) is printed as JSON with what ``call`` returned.
+_PEAK_HARNESS = """
+import ctypes, json, re, sys
+from pathlib import Path
+import torch
+torch.set_num_threads(1)
+
+def status(field):
+    text = Path("/proc/self/status").read_text()
+    return int(re.search(rf"^{{field}}:\\s+(\\d+) kB", text, re.M).group(1)) * 1024
+
+{code}
+
+warm()
+ctypes.CDLL(None).malloc_trim(0)
+Path("/proc/self/clear_refs").write_text("5")
+start = status("VmRSS")
+result = call()
+print(json.dumps({{"peak": status("VmHWM") - start, "result": result}}))
+"""
+
+
+@pytest.fixture
+def peak_above_start() -> Callable[[str], dict[str, Any]]:
+    """``peak_above_start(code)``: run ``code`` (defining ``warm()`` and ``call()``) in a fresh
+    process; ``{"peak": bytes above the RSS before call(), "result": what call() returned}``."""
+    import subprocess
+    import sys
+
+    if not Path("/proc/self/clear_refs").exists():
+        pytest.skip("peak RSS needs Linux's /proc/self/clear_refs")
+
+    def run(code: str) -> dict[str, Any]:
+        script = _PEAK_HARNESS.format(code=code)
+        src = str(Path(ax.__file__).resolve().parent.parent)
+        env = {**__import__("os").environ, "PYTHONPATH": src}
+        out = subprocess.run(
+            [sys.executable, "-c", script], capture_output=True, text=True, env=env
+        )
+        if out.returncode:
+            raise AssertionError(f"the measured process failed:\n{out.stderr[-3000:]}")
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    return run

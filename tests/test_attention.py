@@ -195,3 +195,56 @@ def test_rollout_batched_equals_single(models):
         single = rollout(model, source, target)
         part = batched.isel(example=i).sel(target=single.target, source=single.source)
         np.testing.assert_allclose(part.values, single.values, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "t5", "marian"])
+def test_streamed_maps_equal_the_returned_ones(models, arch, monkeypatch):
+    """The hooks found from the model's own recording table give what output_attentions gives
+    (the path a model without such a table takes)."""
+    from attrax import _model
+
+    model = models[arch]
+    found = _model._attention_modules(model.hf)
+    stacks = sorted({stack for stack, _ in found.values()})
+    assert stacks == (["cross", "decoder", "encoder"] if model.is_encoder_decoder else ["self"])
+    streamed = (
+        attention(model, SOURCE, TARGET, attribute_target=model.is_encoder_decoder),
+        rollout(model, SOURCE, TARGET, attribute_target=model.is_encoder_decoder),
+    )
+    monkeypatch.setattr(_model, "_attention_modules", lambda hf: {})
+    returned = (
+        attention(model, SOURCE, TARGET, attribute_target=model.is_encoder_decoder),
+        rollout(model, SOURCE, TARGET, attribute_target=model.is_encoder_decoder),
+    )
+    for a, b in zip(streamed, returned, strict=True):
+        np.testing.assert_array_equal(a.values, b.values)
+
+
+_LONG = """
+import attrax as ax
+from attrax.testing import corpus, tiny_model
+hf, tok = tiny_model("gpt2", n_embd=32, n_layer=32, n_head=4, n_positions=2048)
+model = ax.load_model(hf, tokenizer=tok)
+words = (" ".join(corpus()).split() * 4)[:{words}]
+prompt, target = " ".join(words[:-4]), " " + " ".join(words[-4:])
+def warm():
+    ax.{method}(model, "a b c", " d e")
+def call():
+    out = ax.{method}(model, prompt, target)
+    return model.tokenizer(prompt + target, return_length=True)["length"]
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["attention", "rollout"])
+def test_long_inputs_never_hold_every_layers_maps(peak_above_start, method):
+    """~2000 tokens, 32 layers, 4 heads: every layer's maps at once would be L*L*32*4*4 bytes
+    (2 GB); the call stays far below."""
+    got = peak_above_start(_LONG.format(method=method, words=1250))
+    length = got["result"][0] if isinstance(got["result"], list) else got["result"]
+    assert length > 1500, length
+    every_map = length * length * 32 * 4 * 4
+    print(
+        f"{method}: {length} tokens, peak {got['peak'] / 2**20:.0f} MiB, maps {every_map / 2**20:.0f} MiB"
+    )
+    assert got["peak"] < every_map / 6, (got["peak"] / 2**20, every_map / 2**20)

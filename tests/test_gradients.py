@@ -338,13 +338,13 @@ def test_auto_sizes_fit_the_memory_budget(models, arch, monkeypatch):
     problem = Problem.build(
         model, prepare(model, sources, targets), resolve("probability")[1], False
     )
-    per = problem.backward_bytes()
+    cost = problem.cost()
     k = problem.tensors.valid.shape[1]
     for budget, expected in [
-        (per * k * 6, (None, None)),  # everything fits
-        (per * 6 * 2, (None, 2)),  # two targets at a time, all points
-        (per * 3, (3, 1)),  # one target, half the points
-        (per // 2, (1, 1)),  # nothing fits: the smallest plan
+        (cost.at(6, k), (None, None)),  # everything fits
+        (cost.at(6, 2), (None, 2)),  # two targets at a time, all points
+        (cost.at(3, 1), (3, 1)),  # one target, half the points
+        (cost.at(1, 1) - 1, (1, 1)),  # nothing fits: the smallest plan
     ]:
         monkeypatch.setattr(_memory, "memory_budget", lambda device, b=budget: b)
         assert problem.plan(6, "auto", "auto") == expected, budget

@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import resource
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
 import attrax as ax
 from attrax import _memory
+from attrax._engine import Problem
+from attrax._inputs import prepare
+from attrax._objectives import resolve
+from tests.conftest import PAIRS
 
 
 class FakeLibc:
@@ -138,3 +145,130 @@ def test_staged_copies_from_two_threads_do_not_mix(monkeypatch):
     for thread in threads:
         thread.join()
     assert not errors
+
+
+# --- budgets (max_memory) --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("given", "expected"),
+    [(4096, 4096), ("512MiB", 512 << 20), ("8GB", 8 * 10**9), ("1.5 kB", 1500), (None, None)],
+)
+def test_budgets_parse(given, expected):
+    assert _memory.parse_bytes(given) == expected
+
+
+@pytest.mark.parametrize("bad", [0, -1, "", "8 GiBs", "GB", True, 1.5e9, "0.1B"])
+def test_a_bad_budget_is_refused_before_the_model_runs(models, bad):
+    with pytest.raises(ax.OptionError, match="`max_memory` must be a positive number of bytes"):
+        ax.saliency(models["gpt2"], *PAIRS[0], max_memory=bad)
+
+
+def test_budget_is_common_to_the_engine_families_and_refused_elsewhere(models):
+    model = models["gpt2"]
+    for method in (ax.saliency, ax.integrated_gradients, ax.occlusion, ax.lime):
+        got = method(model, *PAIRS[0], max_memory="1GB")
+        assert json.loads(got.attrs["options"])["max_memory"] == "1GB"
+    relevance = ax.l2_norm(ax.saliency(model, *PAIRS[0]))
+    curve = ax.deletion(model, relevance, *PAIRS[0], max_memory=10**9)
+    assert json.loads(curve.attrs["options"])["max_memory"] == 10**9
+    for method, why in (
+        (ax.attention, "keeping only the attributed rows"),
+        (ax.rollout, "keeping only the attributed rows"),
+        (ax.step_scores, "no sizes to plan"),
+    ):
+        with pytest.raises(ax.OptionError, match=f"does not take `max_memory`.*{why}"):
+            method(model, *PAIRS[0], max_memory="1GB")
+
+
+def fixed_cost(monkeypatch, cost: _memory.Cost) -> None:
+    """Every problem estimates ``cost``, whatever its shapes."""
+    monkeypatch.setattr(Problem, "cost", lambda self, saved=True: cost)
+
+
+def test_the_planner_fits_the_budget_it_is_given(models, monkeypatch):
+    """With a patched estimate, max_memory decides the sizes, and a budget that even one target
+    and one point exceed is an OptionError naming the smallest one that can be met."""
+    model = models["llama"]
+    sources, targets = [p[0] for p in PAIRS], [p[1] for p in PAIRS]
+    whole = ax.integrated_gradients(model, sources, targets, steps=6, batch_size=None)
+    fixed_cost(monkeypatch, _memory.Cost(per_cotangent=1000, per_point=500, fixed=10_000))
+    problem = Problem.build(
+        model, prepare(model, sources, targets), resolve("probability")[1], False
+    )
+    k = problem.tensors.valid.shape[1]
+    for budget, expected in [
+        (10_000 + 6 * (500 + k * 1000), (None, None)),
+        (10_000 + 6 * (500 + 2 * 1000), (None, 2)),
+        (10_000 + 3 * (500 + 1000), (3, 1)),
+        (10_000 + 1 * (500 + 1000), (1, 1)),
+    ]:
+        bounded = dataclasses.replace(problem, max_memory=budget)
+        assert bounded.plan(6, "auto", "auto") == expected, budget
+        got = ax.integrated_gradients(model, sources, targets, steps=6, max_memory=budget)
+        np.testing.assert_allclose(got.values, whole.values, rtol=1e-5, atol=1e-8)
+    with pytest.raises(ax.OptionError, match=r"`max_memory` of 11.5 kB cannot be met.*11.5 kB"):
+        ax.integrated_gradients(model, sources, targets, steps=6, max_memory=11_499)
+    with pytest.raises(ax.OptionError, match="the smallest passes with chunk_size=4"):
+        ax.integrated_gradients(model, sources, targets, steps=6, chunk_size=4, max_memory=12_000)
+
+
+def test_perturbation_batches_fit_the_budget(models, monkeypatch):
+    """batch_size='auto' takes as many copies per forward as fit max_memory."""
+    model = models["gpt2"]
+    whole = ax.occlusion(model, *PAIRS[0], batch_size=None)
+    fixed_cost(monkeypatch, _memory.Cost(per_cotangent=0, per_point=1000, fixed=0))
+    sizes: list[int] = []
+    evaluate = Problem.evaluate
+    monkeypatch.setattr(
+        Problem,
+        "evaluate",
+        lambda self, points: sizes.append(points[0].shape[0]) or evaluate(self, points),
+    )
+    got = ax.occlusion(model, *PAIRS[0], max_memory=3000)
+    np.testing.assert_allclose(got.values, whole.values, rtol=1e-6, atol=1e-9)
+    assert max(sizes) == 3 and len(sizes) > 1  # several forwards of at most 3 copies
+    with pytest.raises(
+        ax.OptionError, match="one perturbed copy per forward needs an estimated 1 kB"
+    ):
+        ax.occlusion(model, *PAIRS[0], max_memory=999)
+
+
+# A model big enough that its passes dwarf the process's noise, and a long input
+_BUDGET_MODEL = """
+import attrax as ax
+from attrax.testing import corpus, tiny_model
+hf, tok = tiny_model("gpt2", n_embd=128, n_layer=4, n_head=4, n_positions=1024)
+model = ax.load_model(hf, tokenizer=tok, attn_implementation="eager")
+words = " ".join(corpus()).split()
+prompt, target = " ".join(words[:100]), " " + " ".join(words[100:124])
+def warm():
+    ax.{method}(model, "a b c", " d e", {options})
+def call():
+    ax.{method}(model, prompt, target, {options})
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("method", "options", "budget"),
+    [
+        ("saliency", "", 150 << 20),
+        ("integrated_gradients", "steps=16", 200 << 20),
+        ("occlusion", "", 120 << 20),
+    ],
+)
+def test_the_measured_peak_stays_within_the_budget(peak_above_start, method, options, budget):
+    """On the CPU the call's peak RSS above its start stays within max_memory, where without a
+    budget the same call takes more."""
+    free = peak_above_start(_BUDGET_MODEL.format(method=method, options=options))
+    bounded = peak_above_start(
+        _BUDGET_MODEL.format(
+            method=method, options=", ".join(filter(None, [options, f"max_memory={budget}"]))
+        )
+    )
+    mib = 2**20
+    print(f"{method}: unbounded {free['peak'] / mib:.0f} MiB, budget {budget / mib:.0f} MiB, "
+          f"bounded {bounded['peak'] / mib:.0f} MiB")  # fmt: skip
+    assert free["peak"] > budget, "the workload must need more than the budget unbounded"
+    assert bounded["peak"] <= budget, (bounded["peak"] / 2**20, budget / 2**20)

@@ -60,3 +60,27 @@ def mlp_width(config: Any) -> int:
 def max_positions(config: Any) -> int | None:
     """Absolute positions the model has; None for relative positions (T5): no hard limit."""
     return _first_positive(config, _POSITION_KEYS)
+
+
+def family(config: Any) -> str:
+    """The memory-estimate family (``_memory.LIVE_TENSORS``): ``"encoder-decoder"``, ``"llama"``
+    (RMSNorm and a gated MLP: Llama, Mistral, Qwen, Gemma...) or ``"gpt2"`` (everything else).
+
+    >>> from transformers import LlamaConfig
+    >>> family(LlamaConfig())
+    'llama'
+    """
+    if getattr(config, "is_encoder_decoder", False):
+        return "encoder-decoder"
+    if getattr(config, "rms_norm_eps", None) is not None and _first_positive(
+        config, ("intermediate_size",)
+    ):
+        return "llama"
+    return "gpt2"
+
+
+def total_layers(config: Any) -> int:
+    """Layers a token's forward goes through: the encoder's and the decoder's, or the one stack."""
+    if getattr(config, "is_encoder_decoder", False):
+        return (layers(config, "encoder") or 1) + (layers(config, "cross") or 1)
+    return layers(config, "self") or 1

@@ -1,8 +1,12 @@
 """Attention weights and attention rollout, labelled like every other attribution.
 
-Both come from one forward pass with ``output_attentions=True``. Only eager attention returns its
-weights (SDPA and flash kernels never materialise them), so a model loaded with another
-implementation is switched to eager for the duration of the call and switched back afterwards.
+Both come from one forward pass that hands each layer's weights over as the layer runs
+(:meth:`Model.stream_attention`): attention keeps only the rows of the queries that predict the
+attributed targets (``[B, heads, K, L]`` per layer) and rollout multiplies each layer into one
+``[B, L, L]`` product, so a long input never holds every layer's ``[heads, L, L]`` maps at once.
+Only eager attention returns its weights (SDPA and flash kernels never materialise them), so a
+model loaded with another implementation is switched to eager for the duration of the call and
+switched back afterwards.
 """
 
 from __future__ import annotations
@@ -35,6 +39,8 @@ ATTENTION = Family(
         "contrast": f"{_ONE_FORWARD}, not from an objective",
         "chunk_size": f"{_ONE_FORWARD}: there is no backward to chunk",
         "batch_size": f"{_ONE_FORWARD}: there are no points to batch",
+        "max_memory": f"{_ONE_FORWARD}, keeping only the attributed rows of each layer: "
+        "there are no sizes to plan",
     },
 )
 
@@ -106,16 +112,21 @@ def attention(
         return _encoder_attention(call, layers, heads)
 
     tensors = to_tensors(call.batch, model)
-    out = model.attention_maps(tensors)
-    if maps == "self":
-        stacks = [out.attentions]
-    else:
-        stacks = [out.cross_attentions]
-        if attribute_target:
-            stacks.append(out.decoder_attentions)
-    chosen_layers = _indices(layers, len(stacks[0]), "layers", "layers")
-    chosen_heads = _indices(heads, stacks[0][0].shape[1], "heads", "heads per layer")
-    sides = [_rows(m, chosen_layers, chosen_heads, tensors.index) for m in stacks]
+    wanted = ["self"] if maps == "self" else ["cross", "decoder"][: 1 + attribute_target]
+    rows = torch.arange(tensors.index.shape[0], device=tensors.index.device)[:, None]
+    kept: dict[str, list[torch.Tensor]] = {stack: [] for stack in wanted}
+
+    def keep(stack: str, weights: torch.Tensor) -> None:
+        if stack in kept:  # the attributed queries only: [B, K, keys, heads]
+            kept[stack].append(full_precision(weights.permute(0, 2, 3, 1)[rows, tensors.index]))
+
+    model.stream_attention(tensors, keep)
+    chosen_layers = _indices(layers, len(kept[wanted[0]]), "layers", "layers")
+    chosen_heads = _indices(heads, kept[wanted[0]][0].shape[-1], "heads", "heads per layer")
+    sides = [
+        torch.stack([kept[stack][layer][..., chosen_heads] for layer in chosen_layers], dim=-2)
+        for stack in wanted
+    ]
     return call.label(
         sides,
         trailing=("layer", "head"),
@@ -149,57 +160,55 @@ def rollout(call: Call) -> xr.DataArray:
     """
     model = call.model
     tensors = to_tensors(call.batch, model)
-    out = model.attention_maps(tensors)
+    rolled = _Rollout(tensors.mask, tensors.decoder_mask)
+    model.stream_attention(tensors, rolled)
     rows = torch.arange(tensors.index.shape[0], device=tensors.index.device)[:, None]
     if not model.is_encoder_decoder:
-        rolled = _rollout_stack(out.attentions, tensors.mask)
-        sides = [rolled[rows, tensors.index]]
+        assert rolled.encoder is not None
+        sides = [rolled.encoder[rows, tensors.index]]
     else:
-        decoder_mask = tensors.decoder_mask
-        assert decoder_mask is not None
-        encoder = _rollout_stack(out.encoder_attentions, tensors.mask)
-        to_encoder, to_decoder = _rollout_decoder(
-            out.decoder_attentions, out.cross_attentions, encoder, decoder_mask
-        )
-        sides = [to_encoder[rows, tensors.index]]
+        assert rolled.to_encoder is not None and rolled.to_decoder is not None
+        sides = [rolled.to_encoder[rows, tensors.index]]
         if call.options["attribute_target"]:
-            sides.append(to_decoder[rows, tensors.index])
+            sides.append(rolled.to_decoder[rows, tensors.index])
     return call.label(sides, trailing=())
 
 
-def _rollout_stack(maps: Sequence[torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
-    """``A'_L ... A'_1`` ``[B, T, T]`` over one stack's self-attention maps ``[B, H, T, T]``."""
-    rolled = None
-    for weights in maps:
-        step = _with_residual(weights.float().mean(1), mask)
-        rolled = step if rolled is None else step @ rolled
-    assert rolled is not None
-    return rolled
+class _Rollout:
+    """Rollout multiplied in layer by layer as the maps stream past (``on_map``).
 
-
-def _rollout_decoder(
-    self_maps: Sequence[torch.Tensor],
-    cross_maps: Sequence[torch.Tensor],
-    encoder: torch.Tensor,
-    mask: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows of the decoder states over (encoder ``[B, T, S]``, decoder ``[B, T, T]``) tokens.
-
-    Blocks of the joint ``(S + T) x (S + T)`` product whose encoder rows stay ``[R_enc, 0]``:
-    the decoder never changes the encoder states, so only decoder rows need updating.
+    The (encoder or decoder-only) stack: ``R <- A' R`` with ``A' = rownorm(0.5 * mean_heads(A) +
+    0.5 * I)``. An encoder-decoder's decoder rows over (encoder ``[B, T, S]``, decoder
+    ``[B, T, T]``) tokens are blocks of the joint ``(S + T) x (S + T)`` product whose encoder rows
+    stay ``[R_enc, 0]``: the decoder never changes the encoder states. Its self-attention applies
+    ``A'`` to both blocks; its cross-attention ``C`` gives ``0.5 * [C R_enc, 0] + 0.5 * R_dec``.
     """
-    batch, length = mask.shape
-    to_encoder = encoder.new_zeros((batch, length, encoder.shape[-1]))
-    to_decoder = torch.eye(length, device=mask.device).expand(batch, length, length)
-    real = mask.bool()[:, :, None]
-    for self_weights, cross_weights in zip(self_maps, cross_maps, strict=True):
-        step = _with_residual(self_weights.float().mean(1), mask)
-        to_encoder, to_decoder = step @ to_encoder, step @ to_decoder
-        # padded decoder queries are never read by real rows (causal mask, right padding)
-        cross = torch.where(real, cross_weights.float().mean(1), 0.0)
-        to_encoder = 0.5 * (cross @ encoder) + 0.5 * to_encoder
-        to_decoder = 0.5 * to_decoder
-    return to_encoder, to_decoder
+
+    def __init__(self, mask: torch.Tensor, decoder_mask: torch.Tensor | None) -> None:
+        self.mask, self.decoder_mask = mask, decoder_mask
+        self.encoder: torch.Tensor | None = None
+        self.to_encoder: torch.Tensor | None = None
+        self.to_decoder: torch.Tensor | None = None
+
+    def __call__(self, stack: str, weights: torch.Tensor) -> None:
+        if stack in ("self", "encoder"):
+            step = _with_residual(weights.float().mean(1), self.mask)
+            self.encoder = step if self.encoder is None else step @ self.encoder
+            return
+        mask = self.decoder_mask
+        assert mask is not None and self.encoder is not None
+        if self.to_encoder is None or self.to_decoder is None:
+            batch, length = mask.shape
+            self.to_encoder = self.encoder.new_zeros((batch, length, self.encoder.shape[-1]))
+            self.to_decoder = torch.eye(length, device=mask.device).expand(batch, length, length)
+        if stack == "decoder":
+            step = _with_residual(weights.float().mean(1), mask)
+            self.to_encoder, self.to_decoder = step @ self.to_encoder, step @ self.to_decoder
+        else:
+            # padded decoder queries are never read by real rows (causal mask, right padding)
+            cross = torch.where(mask.bool()[:, :, None], weights.float().mean(1), 0.0)
+            self.to_encoder = 0.5 * (cross @ self.encoder) + 0.5 * self.to_encoder
+            self.to_decoder = 0.5 * self.to_decoder
 
 
 def _with_residual(weights: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -254,15 +263,6 @@ def _indices(value: Selection, n: int, name: str, what: str) -> list[int]:
     if len(set(chosen)) != len(chosen):
         raise OptionError(f"`{name}` selects the same index twice: {value!r}")
     return chosen
-
-
-def _rows(
-    maps: Sequence[torch.Tensor], layers: list[int], heads: list[int], index: torch.Tensor
-) -> torch.Tensor:
-    """Query rows ``index[b, k]`` of the chosen maps: ``[B, K, keys, layer, head]``."""
-    rows = torch.arange(index.shape[0], device=index.device)[:, None]
-    picked = [maps[layer][:, heads].permute(0, 2, 3, 1)[rows, index] for layer in layers]
-    return full_precision(torch.stack(picked, dim=-2))
 
 
 def _encoder_attention(call: Call, layers: Selection, heads: Selection) -> xr.DataArray:

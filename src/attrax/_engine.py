@@ -18,7 +18,16 @@ from torch.func import jvp, vjp
 from . import _arch
 from ._errors import OptionError
 from ._inputs import Batch, Tensors, to_tensors
-from ._memory import Size, backward_bytes, plan, reuse_host_memory
+from ._memory import (
+    CALL_OVERHEAD,
+    Cost,
+    Size,
+    backward_bytes,
+    forward_bytes,
+    plan,
+    plan_forwards,
+    reuse_host_memory,
+)
 from ._model import Model
 from ._objectives import Objective, evaluate_objective
 
@@ -42,10 +51,17 @@ class Problem:
     objective: Objective
     inputs: tuple[torch.Tensor, ...]
     decoder_embeds: torch.Tensor | None
+    # bytes the planner may use (None: half the device's free memory)
+    max_memory: int | None = None
 
     @classmethod
     def build(
-        cls, model: Model, batch: Batch, objective: Objective, attribute_target: bool
+        cls,
+        model: Model,
+        batch: Batch,
+        objective: Objective,
+        attribute_target: bool,
+        max_memory: int | None = None,
     ) -> Problem:
         tensors = to_tensors(batch, model)
         with torch.no_grad():
@@ -56,7 +72,7 @@ class Problem:
                 if attribute_target:
                     inputs = (*inputs, decoder_embeds)
                     decoder_embeds = None
-        return cls(model, batch, tensors, objective, inputs, decoder_embeds)
+        return cls(model, batch, tensors, objective, inputs, decoder_embeds, max_memory)
 
     def hidden_fn(
         self, n: int, slots: slice = slice(None), forward_mode: bool = False
@@ -153,8 +169,10 @@ class Problem:
         """
         widths = [x.shape[1] for x in self.inputs]
         total = keep.shape[0]
-        # a forward holds no backward: "auto" keeps every copy in one forward
-        step = total if batch_size in (None, "auto") else int(batch_size)
+        # a forward holds no backward: "auto" takes as many copies as fit the budget
+        cost = self.cost(saved=False)
+        device = self.inputs[0].device
+        step = plan_forwards(total, batch_size, cost.per_point, device, self.max_memory, cost.fixed)
         out = []
         for start in range(0, total, step):  # chunking only: bounds memory
             parts = keep[start : start + step].split(widths, dim=-1)
@@ -229,18 +247,37 @@ class Problem:
         """Sizes for ``points`` and every target: :func:`plan` on this call's shapes."""
         targets = self.tensors.valid.shape[1]
         device = self.inputs[0].device
-        return plan(points, targets, batch_size, chunk_size, self.backward_bytes(), device)
+        cost = self.cost()
+        return plan(points, targets, batch_size, chunk_size, cost, device, self.max_memory)
 
-    def backward_bytes(self) -> int:
-        """Estimated memory of one target's backward at one point, for the whole batch."""
+    def cost(self, saved: bool = True) -> Cost:
+        """Estimated memory of this call's passes (:class:`~attrax._memory.Cost`): per target
+        and point of the vectorized backward, per point of the forward (what it keeps for the
+        backward when ``saved``, else a forward's temporaries), and the results."""
         x = self.inputs[0]
         tokens = sum(xi.shape[1] for xi in self.inputs)
         if self.decoder_embeds is not None:
             tokens += self.decoder_embeds.shape[1]
         config = self.model.hf.config
         heads = _arch.heads(config, "self") or _arch.heads(config, "encoder") or 1
-        return backward_bytes(
-            x.shape[0], tokens, x.shape[-1], x.element_size(), _arch.mlp_width(config), heads
+        if self.model.attention_for(tokens, x.device) != "eager":
+            heads = 0  # fused attention never stores [heads, L, L] weights
+        shape = (x.shape[0], tokens, x.shape[-1], x.element_size(), _arch.mlp_width(config), heads)
+        family = _arch.family(config)
+        targets = self.tensors.valid.shape[1]
+        attributed = sum(xi.shape[1] for xi in self.inputs)
+        # the float32 sums [B, K, L, H] and the labelled copy of them
+        results = 2 * x.shape[0] * targets * attributed * x.shape[-1] * 4
+        if not saved:
+            # a copy's embeddings, and its forward's temporaries (no backward)
+            per_copy = forward_bytes(*shape, 1, family, saved=False)
+            per_copy += x.shape[0] * attributed * x.shape[-1] * x.element_size()
+            return Cost(0, per_copy, CALL_OVERHEAD + x.shape[0] * targets * attributed * 8)
+        layers = _arch.total_layers(config)
+        return Cost(
+            backward_bytes(*shape, family),
+            forward_bytes(*shape, layers, family),
+            CALL_OVERHEAD + results,
         )
 
     def _target_chunks(self, chunk_size: int | None) -> list[tuple[slice, int | None]]:

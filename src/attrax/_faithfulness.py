@@ -32,7 +32,7 @@ from . import _validate as check
 from ._engine import Baseline, Problem, baseline_embeddings
 from ._errors import InputError, OptionError
 from ._inputs import Batch
-from ._memory import Size
+from ._memory import Size, parse_bytes
 from ._objectives import OBJECTIVES, resolve
 from ._protocol import Call, Family, Param, own_options
 from ._schema import has_targets, label_curve, per_example, run_attrs
@@ -51,7 +51,7 @@ _FROM_ATTRIBUTION = "the attribution's targets and sources are scored as they ar
 #: Faithfulness metrics: ``(model, attribution, inputs, targets)``, forwards only.
 FAITHFULNESS = Family(
     name="faithfulness",
-    takes=("objective", "contrast", "batch_size", "max_new_tokens"),
+    takes=("objective", "contrast", "batch_size", "max_new_tokens", "max_memory"),
     refuses={
         "positions": _FROM_ATTRIBUTION,
         "attribute_target": _FROM_ATTRIBUTION,
@@ -276,7 +276,8 @@ def _rank(call: Call, da: xr.DataArray, objective: Any) -> _Ranked:
             "the attribution was computed from"
         )
     batch, rows = _restrict(batch, template, call.model.labels)
-    problem = Problem.build(call.model, batch, resolve(objective)[1], attribute_target)
+    budget = parse_bytes(call.options["max_memory"])
+    problem = Problem.build(call.model, batch, resolve(objective)[1], attribute_target, budget)
     widths = [x.shape[1] for x in problem.inputs]
     if sum(widths) != template.sizes["source"]:
         raise InputError(

@@ -25,12 +25,15 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import re
 import threading
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
+
+from ._errors import OptionError
 
 AUTO = "auto"
 # points per forward / targets per backward: a positive int, None (all at once) or "auto"
@@ -155,18 +158,132 @@ def reuse_host_memory() -> Iterator[None]:
 
 # --- planning ------------------------------------------------------------------------------
 
-# live tensors of one cotangent's backward, in units of its widest activation [B, L, width],
-# forward activations included; calibrated on a GPT-2-small shape (docs/methods/gradients.md)
-LIVE_TENSORS = 12
+_UNITS = {
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
+
+
+def parse_bytes(value: int | str | None, name: str = "max_memory") -> int | None:
+    """Bytes from an int or a string such as ``"8GB"`` (10**9) or ``"512MiB"`` (2**20); None stays.
+
+    >>> parse_bytes("512MiB"), parse_bytes("1.5 GB"), parse_bytes(4096)
+    (536870912, 1500000000, 4096)
+    >>> parse_bytes("8 parsecs")
+    Traceback (most recent call last):
+    attrax._errors.OptionError: `max_memory` must be a positive number of bytes (an int, or a string such as '8GB' or '512MiB'), got '8 parsecs'
+    """
+    if value is None:
+        return None
+    expected = (
+        f"`{name}` must be a positive number of bytes (an int, or a string such as '8GB' or "
+        f"'512MiB'), got {value!r}"
+    )
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value < 1:
+            raise OptionError(expected)
+        return value
+    if not isinstance(value, str):
+        raise OptionError(expected)
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", value)
+    unit = match and _UNITS.get(match.group(2).lower() or "b")
+    if not match or not unit or float(match.group(1)) * unit < 1:
+        raise OptionError(expected)
+    return int(float(match.group(1)) * unit)
+
+
+def format_bytes(n: int) -> str:
+    """``n`` bytes for a message: ``"1.23 GB"``.
+
+    >>> format_bytes(1_234_567_890)
+    '1.23 GB'
+    """
+    for unit in ("TB", "GB", "MB", "kB"):
+        scale = _UNITS[unit.lower()]
+        if n >= scale:
+            return f"{n / scale:.3g} {unit}"
+    return f"{n} B"
+
+
+# Live tensors per family, in units of a layer's widest activation ``[B, L, width]`` (width: the
+# MLP, 4 * hidden, or heads * L for eager attention's weights). Measured on the CPU by
+# ``python -m benchmarks calibrate`` and rounded up (docs/memory.md): ``backward`` per cotangent
+# of the vectorized backward, ``forward`` per layer saved by the forward for it, ``inference``
+# per copy of a forward without gradients (perturbation methods).
+LIVE_TENSORS: dict[str, dict[str, float]] = {
+    "gpt2": {"backward": 12, "forward": 10, "inference": 9},
+    "llama": {"backward": 12, "forward": 8, "inference": 10},
+    "encoder-decoder": {"backward": 8, "forward": 8, "inference": 8},
+}
+
+
+# What a call holds besides its passes (small tensors, the allocator's and thread pools' own):
+# 13-56 MB measured on the CPU above a warmed-up process (docs/memory.md)
+CALL_OVERHEAD = 64 << 20
+
+
+class Cost(NamedTuple):
+    """Estimated bytes of one call: ``fixed + points * (per_point + targets * per_cotangent)``.
+
+    ``per_point``: what the forward keeps for the backward (or, without one, a forward's
+    temporaries) per point; ``per_cotangent``: one target's backward at one point; ``fixed``:
+    the results, held whatever the sizes.
+    """
+
+    per_cotangent: int
+    per_point: int = 0
+    fixed: int = 0
+
+    def at(self, points: int, targets: int) -> int:
+        """Bytes with ``points`` points per forward and ``targets`` targets per backward."""
+        return self.fixed + points * (self.per_point + targets * self.per_cotangent)
 
 
 def backward_bytes(
-    examples: int, tokens: int, hidden: int, element_size: int, mlp: int, heads: int
+    examples: int,
+    tokens: int,
+    hidden: int,
+    element_size: int,
+    mlp: int,
+    heads: int,
+    family: str = "gpt2",
 ) -> int:
     """Estimated memory of one target's backward at one point, for all ``examples``."""
+    live = LIVE_TENSORS[family]["backward"]
+    return int(examples * tokens * _width(tokens, hidden, mlp, heads) * element_size * live)
+
+
+def forward_bytes(
+    examples: int,
+    tokens: int,
+    hidden: int,
+    element_size: int,
+    mlp: int,
+    heads: int,
+    layers: int,
+    family: str = "gpt2",
+    saved: bool = True,
+) -> int:
+    """Estimated memory of one point's forward: what it keeps for the backward over ``layers``
+    layers (``saved``), or the temporaries of a forward without gradients."""
+    width = _width(tokens, hidden, mlp, heads)
+    if saved:
+        return int(
+            examples * tokens * width * element_size * layers * LIVE_TENSORS[family]["forward"]
+        )
+    return int(examples * tokens * width * element_size * LIVE_TENSORS[family]["inference"])
+
+
+def _width(tokens: int, hidden: int, mlp: int, heads: int) -> int:
     # eager attention keeps [heads, L, L] per cotangent
-    width = max(mlp, 4 * hidden, heads * tokens)
-    return examples * tokens * width * element_size * LIVE_TENSORS
+    return max(mlp, 4 * hidden, heads * tokens)
 
 
 def plan(
@@ -174,27 +291,76 @@ def plan(
     targets: int,
     batch_size: Size,
     chunk_size: Size,
-    per_cotangent: int,
+    cost: Cost | int,
     device: torch.device,
+    max_memory: int | None = None,
 ) -> tuple[int | None, int | None]:
-    """Resolve ``"auto"`` sizes: all ``points`` and ``targets`` in one vectorized backward when
-    the estimate fits half the free memory of ``device``, else halves of the targets (which,
-    decoder-only, also cuts each chunk's sequence after its last target), then of the points.
-    Given sizes (ints, None for all) are kept.
+    """Resolve ``"auto"`` sizes against ``max_memory`` bytes (None: half the free memory of
+    ``device``): all ``points`` and ``targets`` in one vectorized backward when the estimated
+    ``cost`` fits, else halves of the targets (which, decoder-only, also cuts each chunk's
+    sequence after its last target), then of the points. Given sizes (ints, None for all) are
+    kept. A ``max_memory`` that even the smallest sizes the planner may pick exceed is an
+    :class:`OptionError` that says the smallest budget that can be met.
+
+    >>> plan(8, 32, "auto", "auto", Cost(per_cotangent=10), torch.device("cpu"), max_memory=640)
+    (None, 8)
+    >>> plan(8, 32, "auto", "auto", Cost(per_cotangent=10, fixed=100), torch.device("cpu"), max_memory=90)
+    Traceback (most recent call last):
+    attrax._errors.OptionError: `max_memory` of 90 B cannot be met: the smallest passes (one target, one point) need an estimated 110 B; give at least that
     """
+    if isinstance(cost, int):
+        cost = Cost(per_cotangent=cost)
     if AUTO not in (batch_size, chunk_size):  # nothing to estimate
         return _given(batch_size), _given(chunk_size)
     chunk = targets if chunk_size in (None, AUTO) else int(chunk_size)  # type: ignore[arg-type]
     batch = points if batch_size in (None, AUTO) else int(batch_size)  # type: ignore[arg-type]
-    budget = memory_budget(device)
-    while per_cotangent * chunk * batch > budget:
+    budget = memory_budget(device) if max_memory is None else max_memory
+    while cost.at(batch, chunk) > budget:
         if chunk_size == AUTO and chunk > 1:
             chunk = -(-chunk // 2)
         elif batch_size == AUTO and batch > 1:
             batch = -(-batch // 2)
         else:
             break
+    needed = cost.at(batch, chunk)
+    if max_memory is not None and needed > max_memory:
+        fixed = [f"{n}={v}" for n, v in (("batch_size", batch_size), ("chunk_size", chunk_size))]
+        given = [f for f, v in zip(fixed, (batch_size, chunk_size), strict=True) if v != AUTO]
+        smallest = "the smallest passes (one target, one point)"
+        if given:
+            smallest = f"the smallest passes with {', '.join(given)}"
+        raise OptionError(
+            f"`max_memory` of {format_bytes(max_memory)} cannot be met: {smallest} need an estimated "
+            f"{format_bytes(needed)}; give at least that"
+        )
     return (None if batch >= points else batch, None if chunk >= targets else chunk)
+
+
+def plan_forwards(
+    copies: int,
+    batch_size: Size,
+    per_copy: int,
+    device: torch.device,
+    max_memory: int | None = None,
+    fixed: int = 0,
+) -> int:
+    """Copies per forward for ``copies`` perturbed copies: ``batch_size`` when given (None: all),
+    else as many as fit ``max_memory`` (None: half the free memory of ``device``) at an
+    estimated ``per_copy`` bytes each, plus ``fixed``.
+
+    >>> plan_forwards(100, "auto", 10, torch.device("cpu"), max_memory=250)
+    25
+    """
+    if batch_size != AUTO:
+        return copies if batch_size is None else int(batch_size)
+    budget = memory_budget(device) if max_memory is None else max_memory
+    batch = max(1, min(copies, (budget - fixed) // max(per_copy, 1)))
+    if max_memory is not None and fixed + per_copy > max_memory:
+        raise OptionError(
+            f"`max_memory` of {format_bytes(max_memory)} cannot be met: one perturbed copy per forward needs an "
+            f"estimated {format_bytes(fixed + per_copy)}; give at least that"
+        )
+    return batch
 
 
 def _given(size: Size) -> int | None:

@@ -8,7 +8,7 @@ import functools
 import math
 import os
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -278,37 +278,78 @@ class Model:
         return logits[rows, index]
 
     @torch.no_grad()
-    def attention_maps(self, t: Any) -> Any:
-        """One teacher-forced forward over tensors ``t`` (:class:`~attrax._inputs.Tensors`)
-        returning its eager attention maps; the head computes no logits."""
+    def stream_attention(self, t: Any, on_map: Callable[[str, torch.Tensor], None]) -> None:
+        """One teacher-forced eager forward over tensors ``t`` (:class:`~attrax._inputs.Tensors`)
+        that hands each layer's attention weights ``[B, heads, queries, keys]`` to
+        ``on_map(stack, weights)`` as the layer runs, in the order the layers run.
+
+        ``stack`` is ``"self"`` (decoder-only), ``"encoder"``, ``"decoder"`` (decoder
+        self-attention) or ``"cross"``. No map outlives its layer unless ``on_map`` keeps it, so
+        a long input never holds every layer's ``[L, L]`` maps at once. The head computes no
+        logits.
+        """
+        modules = _attention_modules(self.hf)
+
+        def hook(module: torch.nn.Module, _args: Any, output: Any) -> None:
+            stack, index = modules[module]
+            weights = output[index] if isinstance(output, tuple) else None
+            if not isinstance(weights, torch.Tensor) or weights.ndim != 4:
+                raise ModelError(
+                    f"{type(module).__name__} returned no attention weights under eager attention"
+                )
+            on_map(stack, weights)
+
+        handles = [module.register_forward_hook(hook) for module in modules]
+        # a language model's head runs on no position; a classifier's is small
+        skip_head = (
+            capture_before(self._head, t.index, [])
+            if self._head is not None
+            else contextlib.nullcontext()
+        )
+        try:
+            with (
+                self.attention_as("eager", required=True),
+                skip_head,
+                fast_activations(self._activations),
+            ):
+                out = self._teacher_forced(t, output_attentions=not modules)
+        finally:
+            for handle in handles:
+                handle.remove()
+        if not modules:  # the model's own table names none: its returned maps, in order
+            if not self.is_encoder_decoder:
+                for weights in out.attentions:
+                    on_map("self", weights)
+                return
+            for weights in out.encoder_attentions:
+                on_map("encoder", weights)
+            for own, cross in zip(out.decoder_attentions, out.cross_attentions, strict=True):
+                on_map("decoder", own)
+                on_map("cross", cross)
+
+    def _teacher_forced(self, t: Any, output_attentions: bool) -> Any:
         if self.task != "generation":
             kwargs: dict[str, Any] = {"input_ids": t.ids, "attention_mask": t.mask}
             if t.token_types is not None:
                 kwargs["token_type_ids"] = t.token_types
-            with self.attention_as("eager", required=True), fast_activations(self._activations):
-                return self.hf(**kwargs, output_attentions=True)
-        with (
-            self.attention_as("eager", required=True),
-            capture_before(self._head, t.index, []),
-            fast_activations(self._activations),
-        ):
-            if self.is_encoder_decoder:
-                return self.hf(
-                    input_ids=t.ids,
-                    attention_mask=t.mask,
-                    decoder_input_ids=t.decoder_ids,
-                    decoder_attention_mask=t.decoder_mask,
-                    output_attentions=True,
-                    use_cache=False,
-                )
-            positions = torch.arange(t.ids.shape[-1], device=t.ids.device)
+            return self.hf(**kwargs, output_attentions=output_attentions)
+        if self.is_encoder_decoder:
             return self.hf(
                 input_ids=t.ids,
                 attention_mask=t.mask,
-                position_ids=positions.expand(t.mask.shape),
-                output_attentions=True,
+                decoder_input_ids=t.decoder_ids,
+                decoder_attention_mask=t.decoder_mask,
+                output_attentions=output_attentions,
                 use_cache=False,
             )
+        positions = torch.arange(t.ids.shape[-1], device=t.ids.device)
+        return self.hf(
+            input_ids=t.ids,
+            attention_mask=t.mask,
+            position_ids=positions.expand(t.mask.shape),
+            output_attentions=output_attentions,
+            use_cache=False,
+        )
 
     @torch.no_grad()
     def encoder_attention_maps(
@@ -1062,3 +1103,42 @@ def capture_before(
         yield
     finally:
         handle.remove()
+
+
+def _attention_modules(hf: PreTrainedModel) -> dict[torch.nn.Module, tuple[str, int]]:
+    """Each attention module of ``hf`` with its stack and where its output holds the weights.
+
+    Read from the table transformers itself records attentions by (``_can_record_outputs`` of
+    each sub-model: a class, a layer name, an index into the output); empty for a model without
+    one, whose maps then come from ``output_attentions``.
+    """
+    encoder = hf.get_encoder() if getattr(hf.config, "is_encoder_decoder", False) else None
+    in_encoder = {id(m) for m in encoder.modules()} if encoder is not None else set()
+    found: dict[torch.nn.Module, tuple[str, int]] = {}
+    for name, owner in hf.named_modules():
+        table = getattr(owner, "_can_record_outputs", None)
+        if not isinstance(table, dict):
+            continue
+        for key in ("attentions", "cross_attentions"):
+            specs = table.get(key)
+            for spec in specs if isinstance(specs, list) else [specs]:
+                if spec is None:
+                    continue
+                target = getattr(spec, "target_class", spec)
+                index = getattr(spec, "index", 1)
+                layer = getattr(spec, "layer_name", None)
+                if not isinstance(target, type):
+                    continue
+                for sub_name, module in owner.named_modules(prefix=name):
+                    if not isinstance(module, target) or module in found:
+                        continue
+                    if layer and f".{layer.strip('.')}." not in f".{sub_name}.":
+                        continue
+                    if id(module) in in_encoder:
+                        stack = "encoder"
+                    elif key == "cross_attentions":
+                        stack = "cross"
+                    else:
+                        stack = "decoder" if encoder is not None else "self"
+                    found[module] = (stack, index)
+    return found

@@ -9,7 +9,7 @@ included) in the result's ``attrs["options"]``. A method declares only what is i
 >>> import attrax as ax
 >>> ax.saliency(ax.load_model(), "1 2 3 =", " 3 2 1", steps=4)
 Traceback (most recent call last):
-attrax._errors.OptionError: saliency has no option 'steps'; its options are: abs, objective, contrast, positions, attribute_target, chunk_size, batch_size, max_new_tokens, reduce_hidden, mode
+attrax._errors.OptionError: saliency has no option 'steps'; its options are: abs, objective, contrast, positions, attribute_target, chunk_size, batch_size, max_new_tokens, max_memory, reduce_hidden, mode
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from . import _validate as check
 from ._engine import Problem
 from ._errors import OptionError
 from ._inputs import Batch, Texts, prepare
+from ._memory import parse_bytes
 from ._model import Model, ModelLike, load_model
 from ._objectives import Objective, resolve
 from ._schema import label
@@ -82,6 +83,13 @@ COMMON: dict[str, Param] = {
     "max_new_tokens": Param(
         20, "int", check.positive_int, "tokens to generate greedily when `targets` is None"
     ),
+    "max_memory": Param(
+        None,
+        "int | str | None",
+        check.memory,
+        "bytes the `\"auto\"` sizes may use, an int or a string such as '8GB' or '512MiB' "
+        "(None: half the device's free memory)",
+    ),
 }
 
 
@@ -119,7 +127,8 @@ class Call:
     def problem(self) -> Problem:
         """The tensors, embeddings and objective of the call, for the engine."""
         attribute_target = bool(self.options.get("attribute_target", False))
-        return Problem.build(self.model, self.batch, self.objective[1], attribute_target)
+        budget = parse_bytes(self.options.get("max_memory"))
+        return Problem.build(self.model, self.batch, self.objective[1], attribute_target, budget)
 
     def label(
         self,

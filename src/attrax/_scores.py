@@ -44,6 +44,7 @@ STEP = Family(
         "attribute_target": "step scores attribute nothing to sources",
         "chunk_size": f"{_ONE_FORWARD}: there is no backward to chunk",
         "batch_size": f"{_ONE_FORWARD}: there are no points to batch",
+        "max_memory": f"{_ONE_FORWARD}: there are no sizes to plan",
     },
 )
 

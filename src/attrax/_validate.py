@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from ._errors import OptionError
+from ._memory import parse_bytes
 
 Check = Callable[[Any, str], None]
 AUTO = "auto"  # a memory bound that the planner (_memory.plan) picks
@@ -109,3 +110,13 @@ def baselines(value: object, name: str) -> None:
             baseline(item, name)
         return
     baseline(value, name)
+
+
+def memory(value: object, name: str) -> None:
+    """A memory budget: bytes as a positive int, a string such as ``"8GB"``/``"512MiB"``, or None.
+
+    >>> memory("12 furlongs", "max_memory")
+    Traceback (most recent call last):
+    attrax._errors.OptionError: `max_memory` must be a positive number of bytes (an int, or a string such as '8GB' or '512MiB'), got '12 furlongs'
+    """
+    parse_bytes(value, name)  # type: ignore[arg-type]

@@ -1,0 +1,266 @@
+"""``python -m benchmarks calibrate``: the planner's memory estimate against measured peaks.
+
+Per architecture family (GPT-2; Llama-style with RMSNorm and a gated MLP; encoder-decoder), a
+model of a few million parameters built from a config with random weights runs saliency with one
+target per backward and with all at once, and occlusion with one copy per forward and with all
+at once, each in a fresh process. The peak is the process's peak RSS above its RSS before the
+call (``VmHWM`` after ``/proc/self/clear_refs``), after a warm-up call on a short input and
+``malloc_trim``, so that neither first-touch code pages nor the warm-up's freed heap count. The
+differences give the bytes per target of the backward, per point of the forward and per copy of
+a forward without gradients; divided by the estimate's unit (``[B, L, width]`` elements) they give
+the ``LIVE_TENSORS`` constants of ``attrax._memory``. The table printed (and written to
+``benchmarks/calibration.json``) compares the estimate with the measured peak.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from .harness import _reset_peak_rss, _status_mb
+
+OUT = Path(__file__).resolve().parent / "calibration.json"
+
+# family -> (tiny_model arch, config overrides, prompt words, target words, attention)
+SHAPES: dict[str, list[tuple[str, dict[str, Any], int, int, str]]] = {
+    "gpt2": [
+        ("gpt2", dict(n_embd=256, n_layer=4, n_head=4, n_positions=1024), 96, 32, "eager"),
+        ("gpt2", dict(n_embd=64, n_layer=4, n_head=16, n_positions=1024), 50, 16, "eager"),
+    ],
+    "llama": [
+        ("llama", dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4,
+                       num_attention_heads=4, num_key_value_heads=2,
+                       max_position_embeddings=1024), 96, 32, "eager"),
+        ("llama", dict(hidden_size=64, intermediate_size=172, num_hidden_layers=4,
+                       num_attention_heads=16, num_key_value_heads=4,
+                       max_position_embeddings=1024), 50, 16, "eager"),
+    ],
+    "encoder-decoder": [
+        ("marian", dict(d_model=256, encoder_layers=3, decoder_layers=3, encoder_ffn_dim=1024,
+                        decoder_ffn_dim=1024, encoder_attention_heads=4,
+                        decoder_attention_heads=4, max_position_embeddings=1024), 96, 32, "eager"),
+        ("t5", dict(d_model=256, d_kv=64, d_ff=1024, num_layers=3, num_heads=4), 96, 32, "eager"),
+    ],
+}  # fmt: skip
+
+COPIES = 64  # perturbed copies per forward in the many-copies run
+POINTS = 8  # IG points per forward in the many-points run
+# (method, options): one target / copy per pass, and everything (or COPIES copies) at once
+RUNS = {
+    "backward_one": ("saliency", {"chunk_size": 1, "batch_size": None}),
+    "backward_all": ("saliency", {"chunk_size": None, "batch_size": None}),
+    "points": ("integrated_gradients", {"steps": POINTS, "chunk_size": 1, "batch_size": None}),
+    "inference_one": ("occlusion", {"batch_size": 1}),
+    "inference_all": ("occlusion", {"batch_size": COPIES}),
+}
+
+
+def _texts(tok: Any, n_prompt: int, n_target: int) -> tuple[str, str]:
+    from attrax.testing import corpus
+
+    words = " ".join(corpus()).split()
+    return " ".join(words[:n_prompt]), " " + " ".join(words[n_prompt : n_prompt + n_target])
+
+
+def worker(spec: str) -> None:
+    """One measurement: prints a JSON line with the peak above the start and the estimate."""
+    import torch
+
+    import attrax as ax
+    from attrax._engine import Problem
+    from attrax._inputs import prepare
+    from attrax._objectives import resolve
+    from attrax.testing import tiny_model
+
+    s = json.loads(spec)
+    torch.set_num_threads(s["threads"])
+    hf, tok = tiny_model(s["arch"], **s["config"])
+    model = ax.load_model(hf, tokenizer=tok, attn_implementation=s["attn"])
+    prompt, target = _texts(tok, s["prompt"], s["target"])
+    method, options = RUNS[s["run"]]
+    fn = getattr(ax, method)
+    fn(model, *_texts(tok, 6, 3), **options)  # warm-up: code pages, lazy imports
+    ctypes.CDLL(None).malloc_trim(0)
+    _reset_peak_rss()
+    start = _status_mb("VmRSS")
+    fn(model, prompt, target, **options)
+    peak = _status_mb("VmHWM")
+    problem = Problem.build(model, prepare(model, prompt, target), resolve("probability")[1], False)
+    cost, inference = problem.cost(), problem.cost(saved=False)
+    x = problem.inputs[0]
+    tokens = sum(xi.shape[1] for xi in problem.inputs)
+    if problem.decoder_embeds is not None:
+        tokens += problem.decoder_embeds.shape[1]
+    print(
+        json.dumps(
+            {
+                "peak_mb": peak - start,
+                "targets": int(problem.tensors.valid.shape[1]),
+                "tokens": tokens,
+                "sources": sum(xi.shape[1] for xi in problem.inputs),
+                "hidden": x.shape[-1],
+                "cost": list(cost),
+                "inference": list(inference),
+            }
+        )
+    )
+
+
+def _measure(spec: dict[str, Any]) -> dict[str, Any]:
+    out = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "calibrate-worker", json.dumps(spec)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def run(args: argparse.Namespace) -> int:
+    from attrax._memory import format_bytes
+
+    if args.report:
+        print(report(args.out), end="")
+        return 0
+
+    rows = []
+    families = args.families.split(",")
+    for family in families:
+        for arch, config, n_prompt, n_target, attn in SHAPES[family][
+            : 1 if args.first_shape else None
+        ]:
+            base = dict(arch=arch, config=config, prompt=n_prompt, target=n_target, attn=attn)
+            got = {run: _measure({**base, "run": run, "threads": args.threads}) for run in RUNS}
+            one, every = got["backward_one"], got["backward_all"]
+            k, mb = every["targets"], 2**20
+            per_target = (every["peak_mb"] - one["peak_mb"]) * mb / max(k - 1, 1)
+            copies = min(COPIES, every["sources"])
+            per_copy = (
+                (got["inference_all"]["peak_mb"] - got["inference_one"]["peak_mb"])
+                * mb
+                / max(copies - 1, 1)
+            )
+            per_cotangent, per_point, fixed = every["cost"]
+            # IG's extra forward (the completeness gap) runs after the passes: not in the peak
+            per_point_measured = (got["points"]["peak_mb"] - one["peak_mb"]) * mb / (POINTS - 1)
+            per_point_measured -= per_target
+            row = {
+                "family": family,
+                "arch": arch,
+                "config": config,
+                "tokens": every["tokens"],
+                "targets": k,
+                "measured": {run: g["peak_mb"] * mb for run, g in got.items()},
+                "estimate": {
+                    "backward_one": fixed + per_point + per_cotangent,
+                    "backward_all": fixed + per_point + k * per_cotangent,
+                    "points": fixed + POINTS * (per_point + per_cotangent),
+                    "inference_one": got["inference_one"]["inference"][1]
+                    + got["inference_one"]["inference"][2],
+                    "inference_all": copies * got["inference_all"]["inference"][1]
+                    + got["inference_all"]["inference"][2],
+                },
+                "per_target": {"measured": per_target, "estimate": per_cotangent},
+                "per_copy": {"measured": per_copy, "estimate": every["inference"][1]},
+                "per_point": {"measured": per_point_measured, "estimate": per_point},
+            }
+            rows.append(row)
+            print(f"{family} ({arch}, {row['tokens']} tokens, {k} targets):")
+            for run in RUNS:
+                m, e = row["measured"][run], row["estimate"][run]
+                print(
+                    f"  {run:14s} measured {format_bytes(int(m)):>9s}  "
+                    f"estimate {format_bytes(int(e)):>9s}  ratio {e / m:.2f}"
+                )
+            for part in ("per_target", "per_point", "per_copy"):
+                m, e = row[part]["measured"], row[part]["estimate"]
+                print(f"  {part:14s} measured {format_bytes(int(m)):>9s}  "
+                      f"estimate {format_bytes(int(e)):>9s}  ratio {e / max(m, 1):.2f}")  # fmt: skip
+    if args.out:
+        Path(args.out).write_text(json.dumps(rows, indent=1) + "\n")
+    return 0
+
+
+def estimates(row: dict[str, Any]) -> dict[str, float]:
+    """The current estimate (``attrax._memory``'s constants now) of each run of a measured row."""
+    import attrax as ax
+    from attrax._engine import Problem
+    from attrax._inputs import prepare
+    from attrax._objectives import resolve
+    from attrax.testing import tiny_model
+
+    arch, config, n_prompt, n_target, attn = next(
+        shape for shape in SHAPES[row["family"]] if shape[:2] == (row["arch"], row["config"])
+    )
+    hf, tok = tiny_model(arch, **config)
+    model = ax.load_model(hf, tokenizer=tok, attn_implementation=attn)
+    prompt, target = _texts(tok, n_prompt, n_target)
+    problem = Problem.build(model, prepare(model, prompt, target), resolve("probability")[1], False)
+    cost, inference = problem.cost(), problem.cost(saved=False)
+    k = int(problem.tensors.valid.shape[1])
+    copies = min(COPIES, sum(x.shape[1] for x in problem.inputs))
+    return {
+        "backward_one": cost.at(1, 1),
+        "backward_all": cost.at(1, k),
+        "points": cost.at(POINTS, 1),
+        "inference_one": inference.at(1, 0),
+        "inference_all": inference.at(copies, 0),
+        "per_target": cost.per_cotangent,
+        "per_point": cost.per_point,
+        "per_copy": inference.per_point,
+    }
+
+
+def report(path: str | Path = OUT) -> str:
+    """A markdown table of the measured peaks of ``path`` against the current estimate."""
+    rows = json.loads(Path(path).read_text())
+    lines = [
+        "| family | model | tokens | targets | run | measured | estimate | estimate / measured |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    mib = 2**20
+    for row in rows:
+        now = estimates(row)
+        measured = {**row["measured"]}
+        measured.update({part: row[part]["measured"] for part in PARTS if part in row})
+        for name in [*RUNS, *PARTS]:
+            if name not in measured:  # a run this row did not measure
+                continue
+            m, e = measured[name], now[name]
+            lines.append(
+                f"| {row['family']} | {row['arch']} | {row['tokens']} | {row['targets']} | "
+                f"{LABELS[name]} | {m / mib:.1f} MiB | {e / mib:.1f} MiB | "
+                f"{e / m if m > 0 else float('inf'):.2f} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+PARTS = ("per_target", "per_point", "per_copy")
+LABELS = {
+    "backward_one": "saliency, 1 target per backward",
+    "backward_all": "saliency, all targets at once",
+    "points": f"IG, {POINTS} points at once, 1 target",
+    "inference_one": "occlusion, 1 copy per forward",
+    "inference_all": f"occlusion, {COPIES} copies per forward",
+    "per_target": "per target (slope)",
+    "per_point": "per point (slope)",
+    "per_copy": "per copy (slope)",
+}
+
+
+def parser(p: argparse.ArgumentParser) -> None:
+    """The options of ``python -m benchmarks calibrate``."""
+    p.add_argument("--families", default=",".join(SHAPES), help="default: all")
+    p.add_argument("--first-shape", action="store_true", help="only the first shape per family")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", default=str(OUT), help="results JSON ('' for none)")
+    p.add_argument(
+        "--report",
+        action="store_true",
+        help="measure nothing: print the results JSON against the current estimate (markdown)",
+    )
