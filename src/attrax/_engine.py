@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch.func import jvp, vjp
@@ -42,6 +42,9 @@ class Problem:
     objective: Objective
     inputs: tuple[torch.Tensor, ...]
     decoder_embeds: torch.Tensor | None
+    #: a sequence classifier's class logits ``[B, C]`` at the inputs themselves, when a pass ran
+    #: them (saliency): they give the prediction without a forward of its own
+    input_logits: list[torch.Tensor] = field(default_factory=list, compare=False)
 
     @classmethod
     def build(
@@ -59,7 +62,7 @@ class Problem:
         return cls(model, batch, tensors, objective, inputs, decoder_embeds)
 
     def hidden_fn(
-        self, n: int, slots: slice = slice(None), forward_mode: bool = False
+        self, n: int, slots: slice = slice(None), forward_mode: bool = False, fast: bool = True
     ) -> Callable[..., torch.Tensor]:
         """``h(*embeds)``: head inputs ``[n * B, k, H]`` at the attributed positions ``slots``.
 
@@ -88,6 +91,7 @@ class Problem:
                 decoder_mask,
                 forward_mode=forward_mode,
                 token_types=types,
+                fast=fast,
             )
 
         return h
@@ -170,12 +174,14 @@ class Problem:
         *,
         batch_size: Size,
         chunk_size: Size,
+        at_inputs: bool = False,
     ) -> tuple[torch.Tensor, ...]:
         """``sum_i weights[i] * d score_k / d points[i]`` per side, as ``[B, K, L, H]``.
 
         Points go through the model ``batch_size`` at a time (all at once when None); targets
         ``chunk_size`` at a time (all at once when None), each chunk in one vectorized backward.
-        ``"auto"`` sizes fit the device's free memory (:meth:`plan`).
+        ``"auto"`` sizes fit the device's free memory (:meth:`plan`). ``at_inputs``: the one point
+        is the inputs themselves, so a sequence classifier's logits are kept (:attr:`input_logits`).
         """
         total = weights.shape[0]
         batch_size, chunk_size = self.plan(total, batch_size, chunk_size)
@@ -189,7 +195,8 @@ class Problem:
             stacked = points(chunk)
             w = weights[chunk].to(dtype=acc, device=self.inputs[0].device)
             for slots, length in self._target_chunks(chunk_size):
-                grads = self._chunk_gradients(stacked, slots, length, chunk_size)
+                keep = at_inputs and self.model.task == "sequence-classification"
+                grads = self._chunk_gradients(stacked, slots, length, chunk_size, keep)
                 for total_grad, g in zip(sums, grads, strict=True):
                     n = stacked[0].shape[0]
                     part = torch.einsum("knblh,n->bklh", g.unflatten(1, (n, -1)).to(acc), w)
@@ -240,13 +247,20 @@ class Problem:
         slots: slice,
         length: int | None,
         chunk_size: int | None,
+        keep: bool = False,
     ) -> tuple[torch.Tensor, ...]:
         """Per-target gradients ``[k, n * B, L', H]`` for the targets in ``slots``."""
         n = stacked[0].shape[0]
         flat = [p.flatten(0, 1) for p in stacked]
         if length is not None:
             flat[0] = flat[0][:, :length]
-        hidden, pullback = vjp(self.hidden_fn(n, slots), *flat)
+        # one class per example: one backward follows, so autograd's own activation backward
+        # is cheaper than saving derivatives for many (Model.hidden_at's `fast`)
+        many = self.model.task != "sequence-classification" or self.tensors.valid.shape[1] > 1
+        hidden, pullback = vjp(self.hidden_fn(n, slots, fast=many), *flat)
+        if keep and not self.input_logits:
+            # a sequence classifier's every slot holds the same class logits; slot 0 is valid
+            self.input_logits.append(hidden[:, 0].detach())
         # score k depends on head input k only, so one backward through the head gives every
         # d score_k / d h_k; the vocabulary never enters the per-target backward
         _, head_pullback = vjp(lambda h: self.head_objective(h, slots), hidden)

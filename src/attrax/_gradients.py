@@ -80,7 +80,7 @@ def _run(core: Callable[..., Rule], call: Call, arguments: dict[str, Any]) -> xr
             points, weights, rule.multiplier, batch_size=o["batch_size"], chunk_size=None
         )
     else:
-        values = problem.gradient_sum(points, weights, **sizes)
+        values = problem.gradient_sum(points, weights, **sizes, at_inputs=rule.points is None)
         if rule.multiplier is not None:
             values = tuple(g * m[:, None] for g, m in zip(values, rule.multiplier, strict=True))
     if rule.transform is not None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -88,6 +88,7 @@ def prepare(
     contrast: Texts | None = None,
     positions: int | Sequence[int] | None = None,
     max_new_tokens: int = 20,
+    predict: bool = True,
 ) -> Batch:
     """Tokenize ``inputs``/``targets`` (generating targets greedily when None) for ``model``.
 
@@ -95,7 +96,7 @@ def prepare(
     max_new_tokens`` of them (a translator's decoder ``1 + max_new_tokens``), checked before the
     model runs; an :class:`InputError` says how many new tokens fit. Generation is not cut short
     silently, since the attributed target would then depend on where it was cut. A classifier's
-    inputs and targets are read by :func:`prepare_classification`.
+    inputs and targets are read by :func:`prepare_classification` (``predict``: see there).
     """
     if model.task != "generation":
         return prepare_classification(
@@ -104,6 +105,7 @@ def prepare(
             targets,
             contrast=contrast,
             positions=positions,  # type: ignore[arg-type]
+            predict=predict,
         )
     sources, single = _as_texts(inputs, "inputs")
     target_texts = None if targets is None else _aligned(targets, "targets", sources, single)
@@ -348,16 +350,22 @@ def check_example(
     target: str | None,
     max_new_tokens: int | None = None,
     names: tuple[str, str] = ("inputs", "targets"),
+    pair: str | None = None,
 ) -> None:
     """Tokenize one example as :func:`prepare` would, without running the model, and raise the
     same errors: a target off a token boundary, too many tokens, no room to generate. ``names``
-    are what the errors call the source and the target.
+    are what the errors call the source and the target; ``pair`` is a classifier's second text.
 
     >>> import attrax as ax
     >>> check_example(ax.load_model(), "3 1 4 =", " 4 1 3")
     """
+    if pair is not None and model.task == "generation":
+        raise InputError(
+            f"`{names[0]}_pair` is the second text of a classifier's (text, text_pair) input; "
+            f"{model.name} is a language model: give one text"
+        )
     if model.task != "generation":  # a classifier's target names a class
-        _encode_item(model, source, None, "")
+        _encode_item(model, source, pair, "")
         if target is not None and not (model.task == "sequence-classification" and target == "all"):
             _class_id(model, target, names[1])
         return
@@ -473,6 +481,7 @@ def prepare_classification(
     *,
     contrast: ClassTargets = None,
     positions: int | Sequence[int] | None = None,
+    predict: bool = True,
 ) -> Batch:
     """Tokenize texts or text pairs for a classifier and resolve the classes to attribute.
 
@@ -482,13 +491,22 @@ def prepare_classification(
     real, non-special token), each attributed for its predicted class, or for the class
     ``targets`` names. ``contrast`` is a second class: the objective of the target class minus
     that of the contrast class.
+
+    ``predict=False``: a sequence classifier whose classes ``targets`` names leaves the prediction
+    to :func:`with_predictions` (a pass over the inputs may give it for free).
     """
     items, single = _as_items(inputs)
     encoded = [
         _encode_item(model, text, pair, _at(i, single)) for i, (text, pair) in enumerate(items)
     ]
-    predicted, probability = _predict(model, encoded)
     token = model.task == "token-classification"
+    pending = not predict and not token and targets is not None
+    predicted: list[Any]
+    probability: list[Any]
+    if pending:
+        predicted, probability = [None] * len(encoded), [None] * len(encoded)
+    else:
+        predicted, probability = _predict(model, encoded)
     examples = []
     n = len(encoded)
     for i, (ids, segments, special, token_types) in enumerate(encoded):
@@ -517,7 +535,8 @@ def prepare_classification(
             classes = tuple(sorted(set(classes)))
             against = _classes_for(model, contrast, "contrast", i, n, single, len(classes))
             chosen = classes
-            pred, prob = (predicted[i][0],), (probability[i][0],)
+            pred = None if pending else (predicted[i][0],)
+            prob = None if pending else (probability[i][0],)
         examples.append(
             Example(ids, classes, against, chosen, segments, special, token_types, pred, prob)
         )
@@ -594,6 +613,25 @@ def _encode_item(
             f"`inputs{where}` has {len(ids)} tokens, more than the model's {limit} positions"
         )
     return ids, tuple(segments), special, token_types
+
+
+def with_predictions(model: Model, batch: Batch, logits: torch.Tensor | None = None) -> Batch:
+    """``batch`` with each example's predicted class and its probability, from a sequence
+    classifier's class ``logits [B, C]`` at the inputs when given, else from a forward."""
+    if batch.task != "sequence-classification" or all(e.predicted for e in batch.examples):
+        return batch
+    if logits is None:
+        encoded = [(e.source_ids, e.segments, e.special, e.token_types) for e in batch.examples]
+        classes, chances = _predict(model, encoded)
+    else:
+        best = torch.softmax(logits.float(), dim=-1).max(dim=-1)
+        classes = [(c,) for c in best.indices.cpu().tolist()]
+        chances = [(p,) for p in best.values.cpu().tolist()]
+    examples = tuple(
+        replace(e, predicted=c[:1], predicted_probability=p[:1])
+        for e, c, p in zip(batch.examples, classes, chances, strict=True)
+    )
+    return replace(batch, examples=examples)
 
 
 def _forward_parameters(model: Model) -> tuple[str, ...]:

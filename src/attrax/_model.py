@@ -124,6 +124,10 @@ class Model:
         # decoder-only sequence classifiers score their last real token with a `score` head
         self._score = getattr(hf_model, "score", None) if self.task != "generation" else None
         self._activations = [m for m in hf_model.modules() if _activation_kind(m) is not None]
+        # those torch.func cannot run as the model defines them: replaced in every forward
+        self._needed_activations = [
+            m for m in self._activations if type(m).__name__ in _UNTRANSFORMABLE
+        ]
         self._source_scale = 1.0
         self._target_scale = 1.0
         self._calibrate_embedding_scales()
@@ -200,6 +204,7 @@ class Model:
         decoder_attention_mask: torch.Tensor | None = None,
         forward_mode: bool = False,
         token_types: torch.Tensor | None = None,
+        fast: bool = True,
     ) -> torch.Tensor:
         """What the language-model head receives at positions ``index[batch, k]``: ``[batch, k, H]``.
 
@@ -207,10 +212,15 @@ class Model:
         ``forward_mode=True`` when the call is differentiated with ``jvp``: attention then runs
         eager, since SDPA's fused kernels have no forward-mode derivative. A classifier returns
         its class logits ``[batch, k, classes]`` instead (its :meth:`head` is the identity): those
-        of the sequence for every ``k``, or those of token ``index[batch, k]``.
+        of the sequence for every ``k``, or those of token ``index[batch, k]``. ``fast=False``
+        runs the activations as the model does: with one backward to follow, saving their
+        derivatives (:func:`fast_activations`) costs more than it saves.
         """
+        activations = self._activations if fast else self._needed_activations
         if self.task != "generation":
-            return self._class_logits(embeds, attention_mask, index, token_types, forward_mode)
+            return self._class_logits(
+                embeds, attention_mask, index, token_types, forward_mode, activations
+            )
         tokens = embeds.shape[-2]
         if decoder_embeds is not None:
             tokens = max(tokens, decoder_embeds.shape[-2])
@@ -223,7 +233,7 @@ class Model:
         with (
             self.attention_as(implementation, required=forward_mode),
             capture_before(self._head, index, captured),
-            fast_activations(self._activations),
+            fast_activations(activations),
         ):
             if self.is_encoder_decoder:
                 self.hf(
@@ -250,6 +260,7 @@ class Model:
         index: torch.Tensor,
         token_types: torch.Tensor | None,
         forward_mode: bool,
+        activations: Sequence[torch.nn.Module],
     ) -> torch.Tensor:
         implementation = (
             "eager" if forward_mode else self.attention_for(embeds.shape[-2], embeds.device)
@@ -265,7 +276,7 @@ class Model:
         rows = torch.arange(index.shape[0], device=index.device)[:, None]
         with (
             self.attention_as(implementation, required=forward_mode),
-            fast_activations(self._activations),
+            fast_activations(activations),
         ):
             if self._score is not None and self.task == "sequence-classification":
                 # from embeddings HF cannot find the last real token, so the pooling happens here
@@ -908,6 +919,9 @@ _ACTIVATIONS = {
     # BLOOM's tanh-GELU is an old-style autograd.Function, which torch.func cannot run at all
     "BloomGelu": "gelu_tanh",
 }
+
+
+_UNTRANSFORMABLE = frozenset({"BloomGelu"})
 
 
 def _activation_kind(module: torch.nn.Module) -> str | None:

@@ -28,7 +28,7 @@ import xarray as xr
 from . import _validate as check
 from ._engine import Problem
 from ._errors import OptionError
-from ._inputs import Batch, Texts, prepare
+from ._inputs import Batch, Texts, prepare, with_predictions
 from ._model import Model, ModelLike, load_model
 from ._objectives import Objective, resolve
 from ._schema import label
@@ -96,8 +96,9 @@ class Call:
     options: Mapping[str, Any]
 
     @cached_property
-    def batch(self) -> Batch:
-        """The tokenized inputs and targets (targets generated greedily when None)."""
+    def prepared(self) -> Batch:
+        """The tokenized inputs and targets (targets generated greedily when None); a sequence
+        classifier's prediction may still be pending (the engine's own forward can give it)."""
         o = self.options
         return prepare(
             self.model,
@@ -106,7 +107,16 @@ class Call:
             contrast=o.get("contrast"),
             positions=o.get("positions"),
             max_new_tokens=o.get("max_new_tokens", COMMON["max_new_tokens"].default),
+            predict=False,
         )
+
+    @cached_property
+    def batch(self) -> Batch:
+        """:attr:`prepared` with every prediction: from the logits a pass over the inputs kept,
+        else from a forward of its own."""
+        problem = self.__dict__.get("problem")
+        kept = problem.input_logits[0] if problem is not None and problem.input_logits else None
+        return with_predictions(self.model, self.prepared, kept)
 
     @cached_property
     def objective(self) -> tuple[str, Objective]:
@@ -119,7 +129,7 @@ class Call:
     def problem(self) -> Problem:
         """The tensors, embeddings and objective of the call, for the engine."""
         attribute_target = bool(self.options.get("attribute_target", False))
-        return Problem.build(self.model, self.batch, self.objective[1], attribute_target)
+        return Problem.build(self.model, self.prepared, self.objective[1], attribute_target)
 
     def label(
         self,
