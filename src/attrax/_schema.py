@@ -62,6 +62,7 @@ COORDS: dict[str, str] = {
     "source_word": "merge_subwords: the word of each merged source",
     "target_word": "merge_subwords: the word of each merged target",
     "id": "attribute_dataset: the record's id, when the file gives ids",
+    "label": "attribute_dataset: the record's true label (a label name), when the file gives labels",
 }
 #: Every attribute a result carries, and what it means.
 ATTRS: dict[str, str] = {
