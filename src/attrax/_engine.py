@@ -270,6 +270,8 @@ class Problem:
         width = hidden.shape[1]
         one_hot = torch.eye(width, dtype=hidden.dtype, device=hidden.device)
         cotangents = one_hot[:, None, :, None] * head_grad[None]
+        if width == 1:  # one target: a plain backward, without vmap's batching of every op
+            return tuple(g[None] for g in pullback(cotangents[0]))
         vmap_chunk = None if self.model.causal else chunk_size
         with warnings.catch_warnings():
             # SDPA's backward has no batching rule: vmap runs it once per target, which attrax
