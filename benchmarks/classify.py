@@ -325,12 +325,22 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         print(f"  {row['workload']} {row['method']:21s} vs {row['baseline']:10s}: {row['speedup']:6.2f}x (goal {row['goal']:g}x: {flag}){extra}")  # fmt: skip
     code = finish("ok")
     if args.record:
-        committed = json.loads(report.CPU_RESULTS.read_text())
-        committed["classifiers"] = results
-        report.CPU_RESULTS.write_text(json.dumps(committed, indent=1))
-        report.write_docs()
+        record(results)
     print(f"wrote {args.out}")
     return code
+
+
+def record(results: dict[str, Any]) -> None:
+    """Store a finished run as ``cpu.json``'s ``classifiers`` entry (nothing else in it changes)
+    and re-render the docs from it."""
+    if results.get("status") != "ok":
+        raise ValueError(
+            f"only a finished run is recorded, not one with status {results.get('status')!r}"
+        )
+    committed = json.loads(report.CPU_RESULTS.read_text())
+    committed["classifiers"] = results
+    report.CPU_RESULTS.write_text(json.dumps(committed, indent=1, ensure_ascii=False) + "\n")
+    report.write_docs()
 
 
 def _versions(names: tuple[str, ...]) -> dict[str, str]:

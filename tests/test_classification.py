@@ -360,3 +360,57 @@ def test_the_cli_and_dataset_runs_take_a_classifier(tmp_path, capsys):
     capsys.readouterr()
     assert main([*run, "--out", str(tmp_path / "bad")]) == 2
     assert "line 1: `target` 'positive' is not a label" in capsys.readouterr().err
+
+
+def test_margin_is_the_target_probability_minus_the_best_other(classifiers):
+    model = classifiers["bert", "sequence"]
+    da = ax.step_scores(model, TEXTS, "all", scores=["probability", "margin", "entropy"])
+    for b, text in enumerate(TEXTS):
+        naive = Naive(model, text)
+        with torch.no_grad():
+            p = torch.softmax(naive.logits(naive.embeddings()), -1).numpy()
+        for c in range(len(p)):
+            others = np.delete(p, c)
+            got = da.isel(example=b).sel(target=model.labels[c])
+            np.testing.assert_allclose(got.sel(score="margin"), p[c] - others.max(), atol=1e-6)
+            np.testing.assert_allclose(got.sel(score="probability"), p[c], rtol=1e-5)
+    margin = da.sel(score="margin").values
+    assert ((margin > 0).sum(axis=1) == 1).all()  # only the predicted class leads
+
+
+def test_dataset_runs_take_pairs_and_keep_the_true_label(tmp_path, capsys):
+    import json
+
+    from attrax.cli import main
+
+    hf, tok = tiny_classifier("bert", "sequence")
+    hf.save_pretrained(tmp_path / "clf")
+    tok.save_pretrained(tmp_path / "clf")
+    model = ax.load_model(tmp_path / "clf")
+    rows = [
+        {"input": "the capital of france", "input_pair": "is paris", "label": "label_1"},
+        {"input": "hello world", "label": 2},
+    ]
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run = ax.attribute_dataset(model, data, tmp_path / "run", progress=False)
+    da = ax.load_dataset_results(run.out)
+    assert da.label.values.tolist() == ["label_1", "label_2"]
+    want = ax.pipe(ax.saliency, ax.l2_norm, ax.normalize)(
+        model, ("the capital of france", "is paris")
+    )
+    got = da.isel(example=0).sel(target=want.target).values[:, : want.sizes["source"]]
+    np.testing.assert_allclose(got, want.values, rtol=1e-5)
+    # a label that is not the model's, and a pair for a language model: errors naming the line
+    data.write_text(json.dumps({"input": "hello", "label": "positive"}) + "\n")
+    with pytest.raises(ax.InputError, match="line 1: `label` 'positive' is not a label"):
+        ax.attribute_dataset(model, data, tmp_path / "bad", progress=False)
+    data.write_text(json.dumps({"input": "1 2 =", "input_pair": "3"}) + "\n")
+    with pytest.raises(ax.InputError, match="line 1: `input_pair` is the second text"):
+        ax.attribute_dataset(None, data, tmp_path / "bad2", progress=False)
+    # the CLI: --input-pair
+    out = tmp_path / "pair.nc"
+    args = ["attribute", "--model", str(tmp_path / "clf"), "--input", "the capital of france"]
+    assert main([*args, "--input-pair", "is paris", "--target", "all", "--out", str(out)]) == 0
+    pair = ax.load(out)
+    assert (pair.segment.values == 1).any() and pair.sizes["target"] == 3
