@@ -166,4 +166,7 @@ def test_the_classifier_section_renders_from_a_recorded_run():
     }  # fmt: skip
     text = "\n".join(report._classifier_section(results))
     assert "## Classifiers (C1, C2)" in text
-    assert "| C2 | saliency | 1.00 | 5.00\\* (**5.0\u00d7**) | \u2014 | 500 / 500 / \u2014 MB |" in text
+    assert (
+        "| C2 | saliency | 1.00 | 5.00\\* (**5.0\u00d7**) | \u2014 | 500 / 500 / \u2014 MB |"
+        in text
+    )
