@@ -443,8 +443,8 @@ def _classifier_section(results: dict[str, Any] | None) -> list[str]:
         "median of the timed calls, memory the peak RSS of that process.\n"
     )
     w(
-        "| workload | method | attrax | Captum | Interpreto | peak RSS attrax / Captum / "
-        "Interpreto |"
+        "| workload | method | attrax (s) | Captum (s) | Interpreto (s) | peak RSS attrax / "
+        "Captum / Interpreto |"
     )
     w("|---|---|---|---|---|---|")
     runs = {(r["workload"], r["method"], r["library"]): r for r in results["runs"]}
@@ -487,7 +487,17 @@ def _classifier_section(results: dict[str, Any] | None) -> list[str]:
         + ", ".join(f"{wl} {c['steps']} points" for wl, c in cases.items())
         + "; Captum's reference input is its BERT tutorials' ([PAD] with [CLS]/[SEP] kept), "
         "attrax gets the same embeddings as its `baseline`. The machine is shared: the 1-minute "
-        "load average during the measurements was " + _load_range(results["runs"]) + ".\n"
+        "load average during the measurements was "
+        + _load_range(results["runs"])
+        + "."
+        + (
+            " A quick run times one call per measurement, and single calls on a shared machine "
+            "vary by several times (saliency and input × gradient cost the same): its ratios "
+            "are indicative only."
+            if meta["quick"]
+            else ""
+        )
+        + "\n"
     )
     w(
         "Parity of the timed outputs (max |attrax − baseline| / max |baseline| after the aggregation):\n"
