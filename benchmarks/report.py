@@ -426,7 +426,9 @@ def _classifier_section(results: dict[str, Any] | None) -> list[str]:
     meta = results["meta"]
     out = ["## Classifiers (C1, C2)\n"]
     w = out.append
-    kind = "a quick run (`--quick`: IG 16 points, 1 timed call)" if meta["quick"] else "a full run"
+    calls = sorted({r["calls"] for r in results["runs"]})
+    kind = "a quick run (`--quick`: IG 16 points)" if meta["quick"] else "a full run"
+    kind += f", {calls[0]}–{calls[-1]} timed calls per measurement"
     n, length = meta["texts"]
     s = meta["spec"]
     v = meta["versions"]
@@ -491,9 +493,9 @@ def _classifier_section(results: dict[str, Any] | None) -> list[str]:
         + _load_range(results["runs"])
         + "."
         + (
-            " A quick run times one call per measurement, and single calls on a shared machine "
-            "vary by several times (saliency and input × gradient cost the same): its ratios "
-            "are indicative only."
+            " A quick run times few calls, each library in its own process at its own time, and "
+            "on a shared machine calls vary by several times (saliency and input × gradient "
+            "cost the same): its ratios are indicative only."
             if meta["quick"]
             else ""
         )

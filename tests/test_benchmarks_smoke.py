@@ -145,7 +145,7 @@ def test_classifier_parity_and_the_attrax_adapter():
 
 
 def test_the_classifier_section_renders_from_a_recorded_run():
-    run = dict(median_s=1.0, rss_peak_mb=500.0, load1_before=1.0, scale=1.0)
+    run = dict(median_s=1.0, rss_peak_mb=500.0, load1_before=1.0, scale=1.0, calls=1)
     results = {
         "meta": dict(
             quick=True, command="python -m benchmarks classifiers --quick", started="s",
