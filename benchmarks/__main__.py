@@ -1,4 +1,4 @@
-"""``python -m benchmarks run|report|real-size|calibrate|models``: the one entry point (see README.md)."""
+"""``python -m benchmarks run|classifiers|report|real-size|methods|calibrate|models``: the one entry point (see README.md)."""
 
 from __future__ import annotations
 
@@ -11,9 +11,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
-    from . import calibrate, harness, methods, real_size, report
+    from . import calibrate, classify, harness, methods, real_size, report
 
     harness.parser(sub.add_parser("run", help="parity gate, then time and memory (CPU or GPU)"))
+    classify.parser(sub.add_parser("classifiers", help="C1, C2: BERT-shaped classifiers"))
     r = sub.add_parser("report", help="render the docs from the committed results JSON")
     r.add_argument("--cpu", default=report.CPU_RESULTS, help="CPU results JSON")
     r.add_argument("--gpu", default=report.GPU_RESULTS, help="GPU results JSON")
@@ -24,6 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     m.add_argument("root", nargs="?", help="where (default benchmarks/results/models)")
     sub.add_parser("worker").add_argument("spec")  # one measurement, started by the harness
     sub.add_parser("calibrate-worker").add_argument("spec")  # one calibration measurement
+    sub.add_parser("classifiers-worker").add_argument("spec")
     args = p.parse_args(argv)
 
     if args.command == "run":
@@ -34,6 +36,11 @@ def main(argv: list[str] | None = None) -> int:
             if old.get("status") != "ok" or any(old["meta"].get(k) != vars(args)[k] for k in same):
                 p.error(f"--update: {args.out} is not an 'ok' run with the same {', '.join(same)}")
         return harness.run(args, argv)
+    if args.command == "classifiers":
+        return classify.run(classify.defaults(args), argv)
+    if args.command == "classifiers-worker":
+        classify.worker(args.spec)
+        return 0
     if args.command == "report":
         report.write_docs(args.cpu, args.gpu)
     elif args.command == "methods":

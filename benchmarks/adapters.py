@@ -175,3 +175,50 @@ class Runner:
                 inseq_model=self.handle, **common,
             )  # fmt: skip
         return res.attributions, res.seconds, None
+
+
+def attrax_classify(
+    model,
+    texts: list[str],
+    classes: list[list[int]],
+    method: str,
+    *,
+    steps: int = IG_STEPS,
+    batch_size: int | None = None,
+) -> tuple[np.ndarray, float]:
+    """``([example, class, source(, hidden)], seconds)`` of one attrax method on a sequence
+    classifier: the classes of ``classes[b]`` in that order. One call: a class per example when
+    each row has one, ``targets="all"`` when each row is every class.
+
+    IG starts from Captum's BERT-tutorial reference (``[PAD]`` with ``[CLS]``/``[SEP]`` kept),
+    built before the clock starts; occlusion replaces a token's embedding by ``[MASK]``'s.
+    """
+    import torch
+
+    import attrax as ax
+
+    every = all(list(c) == list(range(len(model.labels))) for c in classes)
+    targets: Any = "all" if every else [c[0] for c in classes]
+    if not every and any(len(c) != 1 for c in classes):
+        raise ValueError("classes: one per example, or every class for every example")
+    kwargs: dict[str, Any] = {}
+    if method == "saliency":
+        kwargs["abs"] = False
+    elif method == "integrated_gradients":
+        from .baselines import reference_ids
+
+        enc = model.tokenizer(texts, return_tensors="pt", padding=True)
+        with torch.no_grad():
+            base = model.embed(reference_ids(model.tokenizer, enc["input_ids"])).detach()
+        kwargs.update(steps=steps, quadrature=IG_QUADRATURE, baseline=base, batch_size=batch_size)
+    elif method == "occlusion":
+        kwargs.update(baseline="mask", batch_size=batch_size)
+    elif method != "input_x_gradient":
+        raise ValueError(f"unknown method {method!r}")
+    t0 = time.perf_counter()
+    da = getattr(ax, method)(model, texts, targets, **kwargs)
+    seconds = time.perf_counter() - t0
+    held = da.target_class.values  # [example, target]: the class each column holds, -1 none
+    pick = np.array([[list(held[b]).index(c) for c in row] for b, row in enumerate(classes)])
+    values = da.values[np.arange(len(classes))[:, None], pick]
+    return values, seconds

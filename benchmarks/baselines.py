@@ -565,3 +565,112 @@ def inseq_attribute(
         },
         info=info,
     )
+
+
+# --------------------------------------------------------------------------------------------------
+# Classifiers: Captum as its BERT tutorials run it, Interpreto 0.5.2's classification explainers
+# --------------------------------------------------------------------------------------------------
+CAPTUM_CLASSIFIER_METHODS = ("saliency", "input_x_gradient", "integrated_gradients")
+INTERPRETO_CLASSIFIER_METHODS = ("saliency", "input_x_gradient", "occlusion")
+
+
+def reference_ids(tok, ids: torch.Tensor) -> torch.Tensor:
+    """Captum's BERT-tutorial IG reference: ``[PAD]`` everywhere, ``[CLS]``/``[SEP]`` kept."""
+    keep = (ids == tok.cls_token_id) | (ids == tok.sep_token_id)
+    return torch.where(keep, ids, torch.full_like(ids, tok.pad_token_id))
+
+
+def captum_classify(
+    model,
+    tok,
+    texts: list[str],
+    classes: list[list[int]],
+    method: str,
+    *,
+    n_steps: int = 50,
+    ig_method: str = "gausslegendre",
+    internal_batch_size: int | None = None,
+) -> BaselineResult:
+    """Captum on a ``*ForSequenceClassification``: ``[example, class, source, hidden]``.
+
+    Saliency (``abs=False``) and InputXGradient on ``inputs_embeds``; IG as
+    ``LayerIntegratedGradients`` on ``model.bert.embeddings.word_embeddings`` (the same quantity
+    as IG on ``inputs_embeds``) from :func:`reference_ids`. The forward returns the softmax
+    probabilities; one batched ``attribute`` call per class column of ``classes`` (every example
+    has the same number of classes), as a user loops over classes.
+    """
+    from captum.attr import InputXGradient, LayerIntegratedGradients, Saliency
+
+    if method not in CAPTUM_CLASSIFIER_METHODS:
+        raise ValueError(f"method must be one of {CAPTUM_CLASSIFIER_METHODS}")
+    enc = tok(texts, return_tensors="pt", padding=True).to(model.device)
+    ids, mask, types = enc["input_ids"], enc["attention_mask"], enc["token_type_ids"]
+
+    def from_embeds(x, mask, types):
+        return model(inputs_embeds=x, attention_mask=mask, token_type_ids=types).logits.softmax(-1)
+
+    def from_ids(x, mask, types):
+        return model(input_ids=x, attention_mask=mask, token_type_ids=types).logits.softmax(-1)
+
+    if method == "integrated_gradients":
+        layer = model.bert.embeddings.word_embeddings
+        algo, inputs = LayerIntegratedGradients(from_ids, layer), ids
+        kw = dict(
+            baselines=reference_ids(tok, ids), n_steps=n_steps, method=ig_method,
+            internal_batch_size=internal_batch_size,
+        )  # fmt: skip
+    else:
+        algo = (Saliency if method == "saliency" else InputXGradient)(from_embeds)
+        with torch.no_grad():
+            inputs = model.get_input_embeddings()(ids).detach()
+        kw = {"abs": False} if method == "saliency" else {}
+    columns = []
+    t0 = time.perf_counter()
+    for k in range(len(classes[0])):
+        target = [c[k] for c in classes]
+        x = inputs if method == "integrated_gradients" else inputs.clone().requires_grad_(True)
+        got = algo.attribute(x, target=target, additional_forward_args=(mask, types), **kw)
+        columns.append(got.detach())
+    seconds = time.perf_counter() - t0
+    out = torch.stack(columns, 1).float().cpu().numpy()  # [B, K, L, H]
+    return BaselineResult(out, seconds, np.asarray(classes), ids.cpu().numpy(), np.arange(0))
+
+
+def interpreto_classify(
+    model, tok, texts: list[str], classes: list[list[int]], method: str, *, batch_size: int = 16
+) -> BaselineResult:
+    """Interpreto 0.5.2's classification explainers, token level, on the softmax probabilities:
+    ``[example, class, source]``.
+
+    ``saliency`` is its ``Saliency(input_x_gradient=False)``: ``mean_h |grad|``;
+    ``input_x_gradient`` its ``Saliency(input_x_gradient=True)``: ``mean_h |x * grad|``
+    (all tokens, special ones included). ``occlusion``: its ``Occlusion``, which replaces one
+    non-special token at a time by ``[MASK]`` (NaN at the special tokens).
+    """
+    from interpreto import Granularity, Occlusion, Saliency
+    from interpreto.attributions import InferenceModes
+
+    if method not in INTERPRETO_CLASSIFIER_METHODS:
+        raise ValueError(f"method must be one of {INTERPRETO_CLASSIFIER_METHODS}")
+    common = dict(batch_size=batch_size, inference_mode=InferenceModes.SOFTMAX)
+    if method == "occlusion":
+        explainer = Occlusion(model, tok, granularity=Granularity.TOKEN, **common)
+    else:
+        explainer = Saliency(
+            model, tok, granularity=Granularity.ALL_TOKENS,
+            input_x_gradient=method == "input_x_gradient", **common,
+        )  # fmt: skip
+    t0 = time.perf_counter()
+    outs = explainer.explain(texts, targets=torch.tensor(classes))
+    seconds = time.perf_counter() - t0
+    ids = tok(texts, padding=True)["input_ids"]
+    out = np.full((len(texts), len(classes[0]), len(ids[0])), np.nan, dtype=np.float32)
+    for b, res in enumerate(outs):
+        got = res.attributions.float().numpy()  # [K, tokens]
+        if method == "occlusion":
+            special = tok.get_special_tokens_mask(ids[b], already_has_special_tokens=True)
+            where = [i for i, s in enumerate(special) if not s]
+            out[b][:, where] = got
+        else:
+            out[b, :, : got.shape[1]] = got
+    return BaselineResult(out, seconds, np.asarray(classes), np.asarray(ids), np.arange(0))

@@ -48,7 +48,7 @@ Job = tuple[str, str]  # (method, library)
 # --------------------------------------------------------------------------------------------------
 # The worker: one measurement (one process per job in full runs)
 # --------------------------------------------------------------------------------------------------
-def _status_mb(field: str) -> float | None:
+def status_mb(field: str) -> float | None:
     try:
         m = re.search(rf"^{field}:\s+(\d+)\s+kB", Path("/proc/self/status").read_text(), re.M)
     except OSError:
@@ -56,7 +56,7 @@ def _status_mb(field: str) -> float | None:
     return int(m.group(1)) / 1024 if m else None
 
 
-def _reset_peak_rss() -> bool:
+def reset_peak_rss() -> bool:
     try:
         Path("/proc/self/clear_refs").write_text("5")
         return True
@@ -80,9 +80,9 @@ def worker(spec_path: str) -> None:
         t0 = time.perf_counter()
         runner = Runner(spec["library"], plan.kind, job["method"], device, spec["baseline_attn"])
         setup_seconds = time.perf_counter() - t0
-        setup_hwm, setup_rss = _status_mb("VmHWM"), _status_mb("VmRSS")
-        can_reset = _reset_peak_rss()
-        base_rss = _status_mb("VmRSS")
+        setup_hwm, setup_rss = status_mb("VmHWM"), status_mb("VmRSS")
+        can_reset = reset_peak_rss()
+        base_rss = status_mb("VmRSS")
         warm_seconds = runner(*spec["warm"], plan)[1]
         if cuda:
             torch.cuda.synchronize()
@@ -101,7 +101,7 @@ def worker(spec_path: str) -> None:
                 or (n >= spec["repeats"] and spent >= spec["min_time"])
             ):
                 break
-        run_hwm = _status_mb("VmHWM")
+        run_hwm = status_mb("VmHWM")
         arrays = {"raw": raw} if agg is None else {f"agg_{k}": v for k, v in agg.items()}
         if job["keep"]:
             arrays = {name: v[: job["keep"][0], : job["keep"][1]] for name, v in arrays.items()}

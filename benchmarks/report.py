@@ -412,7 +412,111 @@ def render_cpu(
                 f"`internal_batch_size={plan['internal_batch_size']}`.\n"
             )
     out += _parity_section(results)
+    out += _classifier_section(results.get("classifiers"))
     return "\n".join(out) + "\n"
+
+
+CLASSIFIER_LABEL = {**LABEL, "occlusion": "occlusion"}
+
+
+def _classifier_section(results: dict[str, Any] | None) -> list[str]:
+    """The classifier workloads (C1, C2) of ``python -m benchmarks classifiers``, when recorded."""
+    if not results:
+        return []
+    meta = results["meta"]
+    out = ["## Classifiers (C1, C2)\n"]
+    w = out.append
+    calls = sorted({r["calls"] for r in results["runs"]})
+    kind = "a quick run (`--quick`: IG 16 points)" if meta["quick"] else "a full run"
+    kind += f", {calls[0]}–{calls[-1]} timed calls per measurement"
+    n, length = meta["texts"]
+    s = meta["spec"]
+    v = meta["versions"]
+    w(
+        f"Recorded from {kind}: `{meta['command']}`, {meta['started']} – "
+        f"{meta.get('finished', '?')}, {meta['threads']} threads; captum {v.get('captum')}, "
+        f"interpreto {v.get('interpreto')}, transformers {v.get('transformers')}. "
+        f"`BertForSequenceClassification` (hidden {s['hidden']}, {s['layers']} layers, "
+        f"{s['heads']} heads, vocabulary {s['vocab_size']}: a WordPiece tokenizer trained "
+        f"locally, random weights), {n} texts of {length} tokens. **C1**: the 2-class head, "
+        "each example's predicted class. **C2**: the 20-class head, every class (attrax "
+        '`targets="all"`; Captum one batched `attribute` call per class). Objective: the softmax '
+        "probability. Each (workload, method, library) runs in a fresh process; time is the "
+        "median of the timed calls, memory the peak RSS of that process.\n"
+    )
+    w(
+        "| workload | method | attrax (s) | Captum (s) | Interpreto (s) | peak RSS attrax / "
+        "Captum / Interpreto |"
+    )
+    w("|---|---|---|---|---|---|")
+    runs = {(r["workload"], r["method"], r["library"]): r for r in results["runs"]}
+    ratio = {(r["workload"], r["method"], r["baseline"]): r for r in results["speedups"]}
+    for wl, method in dict.fromkeys((r["workload"], r["method"]) for r in results["runs"]):
+        ours = runs[wl, method, "attrax"]
+        cells, rss = [], [f"{ours['rss_peak_mb']:.0f}"]
+        for lib in ("captum", "interpreto"):
+            r = runs.get((wl, method, lib))
+            if r is None:
+                cells.append("—")
+                rss.append("—")
+                continue
+            sp = ratio[wl, method, lib]
+            star = "\\*" if sp["extrapolated"] else ""
+            flag = "" if sp["met"] else " (goal missed)"
+            cells.append(
+                f"{_fmt_s(r['median_s'] * r.get('scale', 1.0))}{star} "
+                f"(**{_fmt_x(sp['speedup'])}**{flag})"
+            )
+            rss.append(f"{r['rss_peak_mb']:.0f}")
+        label = CLASSIFIER_LABEL.get(method, method)
+        w(
+            f"| {wl} | {label} | {_fmt_s(ours['median_s'])} | {cells[0]} | {cells[1]} | "
+            f"{' / '.join(rss)} MB |"
+        )
+    cases = meta["cases"]
+    extrapolated = {wl: c["baseline_classes"] for wl, c in cases.items() if c["baseline_classes"]}
+    w("")
+    w(
+        "Ratios are the baseline's time over attrax's (goal: C1 ≥ "
+        f"{meta['goals']['C1']:g}x, never slower; C2 ≥ {meta['goals']['C2']:g}x). "
+        + "".join(
+            f"\\* {wl}: libraries that loop over classes (Captum; Interpreto's gradient "
+            f"methods) run the first {k} of the classes and their time counts classes / {k} "
+            "times (each class costs them the same). "
+            for wl, k in extrapolated.items()
+        )
+        + "IG: Gauss–Legendre, "
+        + ", ".join(f"{wl} {c['steps']} points" for wl, c in cases.items())
+        + "; Captum's reference input is its BERT tutorials' ([PAD] with [CLS]/[SEP] kept), "
+        "attrax gets the same embeddings as its `baseline`. The machine is shared: the 1-minute "
+        "load average during the measurements was "
+        + _load_range(results["runs"])
+        + "."
+        + (
+            " A quick run times few calls, each library in its own process at its own time, and "
+            "on a shared machine calls vary by several times (saliency and input × gradient "
+            "cost the same): its ratios are indicative only."
+            if meta["quick"]
+            else ""
+        )
+        + "\n"
+    )
+    w(
+        "Parity of the timed outputs (max |attrax − baseline| / max |baseline| after the aggregation):\n"
+    )
+    for r in results["parity"]:
+        errors = ", ".join(f"{k} {v:.1e}" for k, v in r["errors"].items())
+        w(
+            f"- {r['workload']} {CLASSIFIER_LABEL.get(r['method'], r['method'])} vs "
+            f"{r['baseline']}: {'ok' if r['ok'] else 'FAILED'} ({errors})"
+        )
+    w("")
+    return out
+
+
+def _load_range(runs: list[dict[str, Any]]) -> str:
+    loads = [r["load1_before"] for r in runs if r.get("load1_before") is not None]
+    return f"{min(loads):.1f}–{max(loads):.1f} on {2} cores" if loads else "not recorded"
 
 
 def _parity_section(results: dict[str, Any]) -> list[str]:

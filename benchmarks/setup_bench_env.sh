@@ -23,13 +23,19 @@ if ! "$VENV/bin/python" -c 'import torch, sys; sys.exit(torch.__version__.split(
 fi
 
 # 2. transformers, captum and inseq's real runtime dependencies (pinned).
-"${PIP[@]}" install -r "$HERE/requirements-bench.txt"
+"${PIP[@]}" install -r "$HERE/requirements-bench.txt" -c "$HERE/constraints-bench.txt"
 
 # 3. inseq without its declared dependencies: inseq 0.7.0 requires nvidia-*-cu11 (several GB) on
 #    Linux plus security-floor pins it never imports (aiohttp, authlib, cryptography, marshmallow,
 #    requests, tornado, urllib3).  `pip check` therefore reports those as missing: expected.
 if ! "$VENV/bin/python" -c 'import importlib.metadata as m, sys; sys.exit(m.version("inseq") != "0.7.0")' 2>/dev/null; then
     "${PIP[@]}" install --no-deps "inseq==0.7.0"
+fi
+# 3b. interpreto 0.5.2 (classifier workloads), also --no-deps: its metadata pulls bitsandbytes and
+#     docs tooling; its runtime imports (nnsight, beartype, nltk, scikit-learn, scipy, jaxtyping
+#     <= 0.2.36) are pinned in requirements-bench.txt, torch held by a constraint.
+if ! "$VENV/bin/python" -c 'import importlib.metadata as m, sys; sys.exit(m.version("interpreto") != "0.5.2")' 2>/dev/null; then
+    "${PIP[@]}" install --no-deps "interpreto==0.5.2"
 fi
 
 # 4. attrax itself (editable) so both sides run in the same process; its deps that are missing.

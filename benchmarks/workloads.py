@@ -316,3 +316,113 @@ def first_targets_text(tok, prompt: str, target: str, k: int | None, kind: str) 
     if tok(prompt + text, add_special_tokens=False)["input_ids"] != p + ids[:k]:
         raise RuntimeError(f"the first {k} target tokens do not round-trip through decode")
     return text
+
+
+# --------------------------------------------------------------------------------------------------
+# Classifiers (C1, C2): a BERT-shaped encoder with a 2-class and a 20-class head
+# --------------------------------------------------------------------------------------------------
+BERT_SPEC = dict(
+    hidden=256, layers=4, heads=4, ffn=1024, vocab_size=30522, max_positions=512, lexicon=40_000
+)
+CLASSIFIERS = {"bert2": 2, "bert20": 20}  # folder -> classes; both share one encoder
+CLASSIFIER_TEXTS = (16, 48)  # texts x tokens ([CLS] and [SEP] included)
+
+
+def _bert_corpus(n_words: int) -> Iterator[str]:
+    """Lines of pseudo-English from a lexicon large enough for a 30k WordPiece vocabulary."""
+    lex = _lexicon(random.Random(SEED + 2), BERT_SPEC["lexicon"])
+    weights = [1.0 / (r + 1) ** 0.9 for r in range(len(lex))]
+    rng = random.Random(SEED + 3)
+    for _ in range(n_words // 40):
+        yield " ".join(rng.choices(lex, weights=weights, k=40)) + "."
+
+
+def train_wordpiece(vocab_size: int = BERT_SPEC["vocab_size"]):
+    """A lower-casing BERT WordPiece tokenizer (``[PAD]`` 0, ``[UNK]`` 1, ``[CLS]`` 2, ``[SEP]``
+    3, ``[MASK]`` 4) trained on :func:`_bert_corpus`; ``[CLS] a [SEP] (b [SEP])``."""
+    from tokenizers import (
+        Tokenizer,
+        decoders,
+        models,
+        normalizers,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece(prefix="##")
+    trainer = trainers.WordPieceTrainer(
+        vocab_size=vocab_size, special_tokens=specials, show_progress=False
+    )
+    # the benchmark texts (word_stream) bring punctuation and numbers
+    tok.train_from_iterator([*_bert_corpus(600_000), *corpus(SEED, 100_000)], trainer=trainer)
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", 2), ("[SEP]", 3)],
+    )  # fmt: skip
+    wrapped = PreTrainedTokenizerFast(
+        tokenizer_object=tok, model_max_length=BERT_SPEC["max_positions"], unk_token="[UNK]",
+        pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]",
+        model_input_names=["input_ids", "token_type_ids", "attention_mask"],
+    )  # fmt: skip
+    return wrapped
+
+
+def build_classifiers(
+    root: str | os.PathLike | None = None, force: bool = False
+) -> dict[str, Path]:
+    """Build (or reuse) ``root/bert2`` and ``root/bert20``: ``BertForSequenceClassification``
+    (hidden 256, 4 layers, 4 heads, vocab 30522, seed 1234) sharing one encoder, with a 2-class and
+    a 20-class head, and the WordPiece tokenizer of :func:`train_wordpiece`."""
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification
+
+    env = os.environ.get("ATTRAX_BENCH_MODELS")
+    base = Path(root) if root is not None else Path(env) if env else DEFAULT_ROOT
+    paths = {name: base / name for name in CLASSIFIERS}
+    if not force and all((p / ".complete").exists() for p in paths.values()):
+        return paths
+    tok = train_wordpiece()
+    s, encoder = BERT_SPEC, None
+    for name, classes in CLASSIFIERS.items():
+        labels = {i: f"class_{i}" for i in range(classes)}
+        cfg = BertConfig(
+            vocab_size=s["vocab_size"], hidden_size=s["hidden"], num_hidden_layers=s["layers"],
+            num_attention_heads=s["heads"], intermediate_size=s["ffn"],
+            max_position_embeddings=s["max_positions"], type_vocab_size=2, pad_token_id=0,
+            hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, classifier_dropout=0.0,
+            num_labels=classes, id2label=labels, label2id={v: k for k, v in labels.items()},
+        )  # fmt: skip
+        torch.manual_seed(SEED + classes)
+        model = BertForSequenceClassification(cfg).eval()
+        if encoder is None:
+            encoder = model.bert.state_dict()
+        model.bert.load_state_dict(encoder)
+        paths[name].mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(paths[name])
+        tok.save_pretrained(paths[name])
+        (paths[name] / ".complete").write_text(json.dumps({"kind": name, "seed": SEED}) + "\n")
+    return paths
+
+
+def load_classifier(name: str, root: str | os.PathLike | None = None, **model_kwargs):
+    """``(model, tokenizer)`` of ``name`` ("bert2" | "bert20"): eval, float32, CPU, eager."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    path = build_classifiers(root)[name]
+    model_kwargs.setdefault("attn_implementation", "eager")
+    model = AutoModelForSequenceClassification.from_pretrained(path, **model_kwargs).eval()
+    return model, AutoTokenizer.from_pretrained(path)
+
+
+def classifier_texts(tok, n: int = CLASSIFIER_TEXTS[0], length: int = CLASSIFIER_TEXTS[1]):
+    """``n`` texts of exactly ``length`` tokens each, ``[CLS]`` and ``[SEP]`` included."""
+    stream = word_stream(13)
+    out = [_exact(tok, stream, length - 2, leading_space=False) for _ in range(n)]
+    assert all(len(tok(t)["input_ids"]) == length for t in out)
+    return out

@@ -120,3 +120,53 @@ def test_modules_import_one_way():
         ready = [m for m, deps in graph.items() if m not in order and deps <= set(order)]
         assert ready, f"import cycle among {sorted(set(graph) - set(order))}"
         order += ready
+
+
+def test_classifier_parity_and_the_attrax_adapter():
+    from benchmarks import classify
+
+    from attrax.testing import tiny_classifier
+
+    rng = np.random.default_rng(2)
+    grads = rng.normal(size=(2, 3, 5, 4))
+    assert classify.compare(grads, grads.copy(), "captum", "saliency")["ok"]
+    assert not classify.compare(grads * 1.001, grads, "captum", "saliency")["ok"]
+    interpreto = np.abs(grads).mean(-1)  # its reduction over hidden
+    assert classify.compare(grads, interpreto, "interpreto", "saliency")["ok"]
+    assert not classify.compare(grads, interpreto * 1.001, "interpreto", "saliency")["ok"]
+    hf, tok = tiny_classifier("bert", "sequence")
+    model = ax.load_model(hf, tokenizer=tok)
+    texts = ["the capital of france is paris", "hello world"]
+    values, seconds = adapters.attrax_classify(model, texts, [[2], [0]], "saliency")
+    every = ax.saliency(model, texts, "all", abs=False)
+    assert values.shape[:2] == (2, 1) and seconds > 0
+    np.testing.assert_allclose(values[0, 0], every.isel(example=0, target=2).values, rtol=1e-4)
+    np.testing.assert_allclose(values[1, 0], every.isel(example=1, target=0).values, rtol=1e-4)
+
+
+def test_the_classifier_section_renders_from_a_recorded_run():
+    run = dict(median_s=1.0, rss_peak_mb=500.0, load1_before=1.0, scale=1.0, calls=1)
+    results = {
+        "meta": dict(
+            quick=True, command="python -m benchmarks classifiers --quick", started="s",
+            finished="f", threads=2, texts=[16, 48], versions={}, goals={"C1": 1.0, "C2": 5.0},
+            spec=dict(hidden=256, layers=4, heads=4, vocab_size=30522),
+            cases={"C2": dict(steps=16, baseline_classes=4)},
+        ),
+        "runs": [
+            run | dict(workload="C2", method="saliency", library="attrax"),
+            run | dict(workload="C2", method="saliency", library="captum", scale=5.0),
+        ],
+        "speedups": [
+            dict(workload="C2", method="saliency", baseline="captum", speedup=5.0, goal=5.0,
+                 met=True, extrapolated=True)
+        ],
+        "parity": [dict(workload="C2", method="saliency", baseline="captum", ok=True,
+                        errors={"raw": 1e-7})],
+    }  # fmt: skip
+    text = "\n".join(report._classifier_section(results))
+    assert "## Classifiers (C1, C2)" in text
+    assert (
+        "| C2 | saliency | 1.00 | 5.00\\* (**5.0\u00d7**) | \u2014 | 500 / 500 / \u2014 MB |"
+        in text
+    )

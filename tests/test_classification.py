@@ -1,5 +1,6 @@
 """Sequence and token classifiers: every method against a naive per-(example, class) autograd
-loop written here, on encoder (BERT, DistilBERT, RoBERTa) and decoder-only (GPT-2) heads."""
+loop written here, on encoder (BERT, DistilBERT, RoBERTa, XLM-R, DeBERTa-v2, ELECTRA, ModernBERT)
+and decoder-only (GPT-2, Llama, Qwen2) heads."""
 
 from __future__ import annotations
 
@@ -16,10 +17,22 @@ CLASSIFIERS = [
     ("bert", "sequence"),
     ("distilbert", "sequence"),
     ("roberta", "sequence"),
+    ("xlm-roberta", "sequence"),
+    ("deberta-v2", "sequence"),
+    ("electra", "sequence"),
+    ("modernbert", "sequence"),
     ("gpt2", "sequence"),
+    ("llama", "sequence"),
+    ("qwen2", "sequence"),
     ("bert", "token"),
+    ("roberta", "token"),
+    ("xlm-roberta", "token"),
+    ("deberta-v2", "token"),
+    ("electra", "token"),
+    ("modernbert", "token"),
     ("gpt2", "token"),
 ]
+DECODERS = [("gpt2", "sequence"), ("llama", "sequence"), ("qwen2", "sequence")]
 TEXTS = ["the capital of france is paris", "hello world"]
 
 
@@ -94,7 +107,8 @@ def _check(da, model: ax.Model, texts, per_target) -> None:
             row = got.isel(target=k).values[: want.shape[0]]
             if model.causal and position is not None:
                 row, want = row[: position + 1], want[: position + 1]
-            np.testing.assert_allclose(row, want, rtol=1e-4, atol=1e-7)
+            # float32 rounding of the largest entries shows on the smallest: scale atol by them
+            np.testing.assert_allclose(row, want, rtol=1e-4, atol=1e-6 * np.abs(want).max())
 
 
 def _all(model: ax.Model):
@@ -110,7 +124,10 @@ def test_saliency_and_input_x_gradient_equal_the_naive_loop(classifiers, arch, t
     _check(ixg, model, TEXTS, lambda n, e, p, c: n.gradient(e, p, c) * e[0])
 
 
-@pytest.mark.parametrize(("arch", "task"), [("bert", "sequence"), ("gpt2", "token")])
+@pytest.mark.parametrize(
+    ("arch", "task"),
+    [("bert", "sequence"), ("gpt2", "token"), ("deberta-v2", "sequence"), ("llama", "sequence")],
+)
 def test_integrated_gradients_equal_the_naive_loop_with_its_own_nodes(classifiers, arch, task):
     model = classifiers[arch, task]
     nodes, weights = np.polynomial.legendre.leggauss(4)
@@ -126,7 +143,10 @@ def test_integrated_gradients_equal_the_naive_loop_with_its_own_nodes(classifier
     _check(da, model, TEXTS, naive_ig)
 
 
-@pytest.mark.parametrize(("arch", "task"), [("roberta", "sequence"), ("bert", "token")])
+@pytest.mark.parametrize(
+    ("arch", "task"),
+    [("roberta", "sequence"), ("bert", "token"), ("modernbert", "sequence"), ("qwen2", "sequence")],
+)
 def test_occlusion_equals_the_naive_loop(classifiers, arch, task):
     model = classifiers[arch, task]
 
@@ -162,19 +182,57 @@ def test_text_pairs_mark_segments_and_special_tokens(classifiers):
     np.testing.assert_array_equal(again.values, da.values)
 
 
+@pytest.mark.parametrize("arch", ["deberta-v2", "electra", "xlm-roberta"])
+def test_text_pairs_on_other_encoders_equal_the_naive_loop(classifiers, arch):
+    model = classifiers[arch, "sequence"]
+    pairs = [("the capital of france", "is paris"), ("hello", "world")]
+    da = ax.saliency(model, pairs, "all")
+    _check(da, model, pairs, lambda n, e, p, c: n.gradient(e, p, c))
+    assert (da.segment.values == 1).any(axis=-1).all()
+
+
+LONG = "the capital of france is paris and the capital of italy is rome, said the teacher"
+
+
+@pytest.mark.parametrize(("arch", "task"), [*DECODERS, ("modernbert", "sequence")])
+def test_left_and_right_padding_give_the_same_result(arch, task):
+    """The tokenizer's padding side changes nothing: each example's attributions and predicted
+    probability equal those of the example alone (no padding), both ways. (Hugging Face's own
+    left-padded batch differs for GPT-2 and ModernBERT, whose positions count the padding.)"""
+    texts = ["hello world", LONG]  # very different lengths: much padding
+    results = []
+    for side in ("right", "left"):
+        hf, tok = tiny_classifier(arch, task)
+        tok.padding_side = side
+        model = ax.load_model(hf, tokenizer=tok)
+        da = ax.input_x_gradient(model, texts, "all")
+        _check(da, model, texts, lambda n, e, p, c: n.gradient(e, p, c) * e[0])
+        with torch.no_grad():
+            alone = [torch.softmax(hf(**tok(t, return_tensors="pt")).logits[0], -1) for t in texts]
+        want = torch.stack(alone).max(-1).values.numpy()
+        np.testing.assert_allclose(da.predicted_probability.values, want, rtol=1e-5)
+        results.append(da)
+    np.testing.assert_array_equal(results[0].values, results[1].values)
+
+
 def test_targets_by_label_id_list_prediction_and_all(classifiers):
     model = classifiers["bert", "sequence"]
     every = ax.saliency(model, TEXTS, "all")
     by_name = ax.saliency(model, TEXTS, "label_2")
+    # one class per example runs the activations' own backward, several their saved derivatives
     np.testing.assert_allclose(
-        by_name.sel(target="label_2").values, every.sel(target="label_2").values, rtol=1e-5
+        by_name.sel(target="label_2").values,
+        every.sel(target="label_2").values,
+        rtol=1e-4,
+        atol=1e-6 * float(abs(every).max()),
     )
     by_id = ax.saliency(model, TEXTS, [2, 0])
     assert by_id.target_class.values.tolist() == [[-1, 2], [0, -1]]
     np.testing.assert_allclose(
         by_id.isel(example=1).sel(target="label_0").values,
         every.isel(example=1).sel(target="label_0").values,
-        rtol=1e-5,
+        rtol=1e-4,
+        atol=1e-6 * float(abs(every).max()),
     )
     predicted = ax.saliency(model, TEXTS[0])
     naive = Naive(model, TEXTS[0])
@@ -317,3 +375,57 @@ def test_every_method_runs_on_classifiers(classifiers, arch, task):
         da = fn(model, TEXTS, **options)
         assert np.isfinite(da.values[~np.isnan(da.values)]).all(), name
         assert da.notnull().any(), name
+
+
+def test_margin_is_the_target_probability_minus_the_best_other(classifiers):
+    model = classifiers["bert", "sequence"]
+    da = ax.step_scores(model, TEXTS, "all", scores=["probability", "margin", "entropy"])
+    for b, text in enumerate(TEXTS):
+        naive = Naive(model, text)
+        with torch.no_grad():
+            p = torch.softmax(naive.logits(naive.embeddings()), -1).numpy()
+        for c in range(len(p)):
+            others = np.delete(p, c)
+            got = da.isel(example=b).sel(target=model.labels[c])
+            np.testing.assert_allclose(got.sel(score="margin"), p[c] - others.max(), atol=1e-6)
+            np.testing.assert_allclose(got.sel(score="probability"), p[c], rtol=1e-5)
+    margin = da.sel(score="margin").values
+    assert ((margin > 0).sum(axis=1) == 1).all()  # only the predicted class leads
+
+
+def test_dataset_runs_take_pairs_and_keep_the_true_label(tmp_path, capsys):
+    import json
+
+    from attrax.cli import main
+
+    hf, tok = tiny_classifier("bert", "sequence")
+    hf.save_pretrained(tmp_path / "clf")
+    tok.save_pretrained(tmp_path / "clf")
+    model = ax.load_model(tmp_path / "clf")
+    rows = [
+        {"input": "the capital of france", "input_pair": "is paris", "label": "label_1"},
+        {"input": "hello world", "label": 2},
+    ]
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run = ax.attribute_dataset(model, data, tmp_path / "run", progress=False)
+    da = ax.load_dataset_results(run.out)
+    assert da.label.values.tolist() == ["label_1", "label_2"]
+    want = ax.pipe(ax.saliency, ax.l2_norm, ax.normalize)(
+        model, ("the capital of france", "is paris")
+    )
+    got = da.isel(example=0).sel(target=want.target).values[:, : want.sizes["source"]]
+    np.testing.assert_allclose(got, want.values, rtol=1e-5)
+    # a label that is not the model's, and a pair for a language model: errors naming the line
+    data.write_text(json.dumps({"input": "hello", "label": "positive"}) + "\n")
+    with pytest.raises(ax.InputError, match="line 1: `label` 'positive' is not a label"):
+        ax.attribute_dataset(model, data, tmp_path / "bad", progress=False)
+    data.write_text(json.dumps({"input": "1 2 =", "input_pair": "3"}) + "\n")
+    with pytest.raises(ax.InputError, match="line 1: `input_pair` is the second text"):
+        ax.attribute_dataset(None, data, tmp_path / "bad2", progress=False)
+    # the CLI: --input-pair
+    out = tmp_path / "pair.nc"
+    args = ["attribute", "--model", str(tmp_path / "clf"), "--input", "the capital of france"]
+    assert main([*args, "--input-pair", "is paris", "--target", "all", "--out", str(out)]) == 0
+    pair = ax.load(out)
+    assert (pair.segment.values == 1).any() and pair.sizes["target"] == 3

@@ -178,10 +178,12 @@ def attribute_dataset(
     """Attribute every record of a JSONL file, ``shard_size`` records per netCDF shard; resumable.
 
     Each line is ``{"input": str, "target": str (optional), "id": str|int (optional)}`` (other
-    keys are ignored; blank lines skipped). Either every record has a ``target`` or none has
-    (then targets are generated). Shards hold ``(example, target, source)`` arrays whose
-    ``example`` coordinate is the record's 0-based line number in the file, with an ``id``
-    coordinate when the file gives ids. Every record is tokenized before any work starts, so a
+    keys are ignored; blank lines skipped); a classifier's records may add ``"input_pair"`` (the
+    second text of an NLI-style pair) and ``"label"`` (the true label: a label name or class id).
+    Either every record has a ``target`` or none has (then targets are generated); the same for
+    ``label``. Shards hold ``(example, target, source)`` arrays whose ``example`` coordinate is
+    the record's 0-based line number in the file, with an ``id`` coordinate when the file gives
+    ids and a ``label`` coordinate (label names) when it gives labels. Every record is tokenized before any work starts, so a
     record that cannot be attributed (a target off a token boundary, too long for the model) is
     an error naming its line. Run the same call again after an interruption: complete shards are
     kept, the rest is computed. Load everything with :func:`load_dataset_results`.
@@ -341,6 +343,7 @@ class _Scan:
     records: int
     has_target: bool
     has_id: bool
+    has_label: bool = False
 
 
 def _scan(data: Path) -> _Scan:
@@ -348,11 +351,12 @@ def _scan(data: Path) -> _Scan:
     if not data.is_file():
         raise InputError(f"`data` {str(data)!r} is not a file")
     digest = hashlib.sha256()
-    records, with_target, with_id = 0, 0, 0
+    records, with_target, with_id, with_label = 0, 0, 0, 0
     for record in _records(data, digest):
         records += 1
         with_target += "target" in record
         with_id += "id" in record
+        with_label += "label" in record
     if records == 0:
         raise InputError(f"`data` {str(data)!r} has no records")
     if 0 < with_target < records:
@@ -360,7 +364,12 @@ def _scan(data: Path) -> _Scan:
             f"`data` {str(data)!r}: {with_target} of {records} records have a 'target'; give "
             "one on every line, or on none (then targets are generated)"
         )
-    return _Scan(digest.hexdigest(), records, with_target > 0, with_id > 0)
+    if 0 < with_label < records:
+        raise InputError(
+            f"`data` {str(data)!r}: {with_label} of {records} records have a 'label'; give one "
+            "on every line, or on none"
+        )
+    return _Scan(digest.hexdigest(), records, with_target > 0, with_id > 0, with_label > 0)
 
 
 def _records(data: Path, digest: Any = None) -> Iterator[dict[str, Any]]:
@@ -378,7 +387,7 @@ def _records(data: Path, digest: Any = None) -> Iterator[dict[str, Any]]:
                 raise InputError(f"{where}: not valid JSON ({err})") from None
             if not isinstance(record, dict):
                 raise InputError(f"{where}: expected a JSON object, got {type(record).__name__}")
-            for key in ("input", "target"):
+            for key in ("input", "target", "input_pair"):
                 value = record.get(key, "")
                 if (key in record or key == "input") and (
                     not isinstance(value, str) or not value.strip()
@@ -388,6 +397,10 @@ def _records(data: Path, digest: Any = None) -> Iterator[dict[str, Any]]:
                 isinstance(record["id"], bool) or not isinstance(record["id"], (str, int))
             ):
                 raise InputError(f"{where}: 'id' must be a string or an integer")
+            if "label" in record and (
+                isinstance(record["label"], bool) or not isinstance(record["label"], (str, int))
+            ):
+                raise InputError(f"{where}: 'label' must be a label name or a class id")
             yield {**record, "_line": line_no}
 
 
@@ -483,8 +496,15 @@ def _check_records(model: Model, data: Path, max_new_tokens: Any) -> None:
     for record in _records(data):
         try:
             check_example(
-                model, record["input"], record.get("target"), room, names=("input", "target")
+                model,
+                record["input"],
+                record.get("target"),
+                room,
+                names=("input", "target"),
+                pair=record.get("input_pair"),
             )
+            if "label" in record:
+                _label(model, record["label"])
         except InputError as err:
             raise InputError(f"{data.name} line {record['_line'] + 1}: {err}") from None
 
@@ -559,14 +579,36 @@ def _attribute(
     records: list[dict[str, Any]],
     scan: _Scan,
 ) -> xr.DataArray:
-    inputs = [record["input"] for record in records]
+    inputs = [(r["input"], r["input_pair"]) if "input_pair" in r else r["input"] for r in records]
     targets = [record["target"] for record in records] if scan.has_target else None
     da = reduce(call_method(fn, model, inputs, targets, options), steps)
     da = da.assign_coords(example=[record["_line"] for record in records])
     if scan.has_id:
         ids = [str(record.get("id", "")) for record in records]
         da = da.assign_coords(id=("example", np.asarray(ids, dtype=str)))
+    if scan.has_label:
+        labels = [_label(model, record["label"]) for record in records]
+        da = da.assign_coords(label=("example", np.asarray(labels, dtype=str)))
     return da
+
+
+def _label(model: Model, value: str | int) -> str:
+    """A record's true label as a label name: a classifier's class id is named, a name checked."""
+    if not model.labels:
+        return str(value)
+    if isinstance(value, int):
+        if value not in model.labels:
+            raise InputError(
+                f"`label` {value} is not a class id of {model.name}: it has {len(model.labels)} "
+                f"classes (0..{len(model.labels) - 1})"
+            )
+        return model.labels[value]
+    if value not in model.labels.values():
+        raise InputError(
+            f"`label` {value!r} is not a label of {model.name}; its labels are "
+            f"{list(model.labels.values())}"
+        )
+    return value
 
 
 def _read_manifest(out: Path) -> dict[str, Any] | None:

@@ -348,16 +348,22 @@ def check_example(
     target: str | None,
     max_new_tokens: int | None = None,
     names: tuple[str, str] = ("inputs", "targets"),
+    pair: str | None = None,
 ) -> None:
     """Tokenize one example as :func:`prepare` would, without running the model, and raise the
     same errors: a target off a token boundary, too many tokens, no room to generate. ``names``
-    are what the errors call the source and the target.
+    are what the errors call the source and the target; ``pair`` is a classifier's second text.
 
     >>> import attrax as ax
     >>> check_example(ax.load_model(), "3 1 4 =", " 4 1 3")
     """
+    if pair is not None and model.task == "generation":
+        raise InputError(
+            f"`{names[0]}_pair` is the second text of a classifier's (text, text_pair) input; "
+            f"{model.name} is a language model: give one text"
+        )
     if model.task != "generation":  # a classifier's target names a class
-        _encode_item(model, source, None, "")
+        _encode_item(model, source, pair, "")
         if target is not None and not (model.task == "sequence-classification" and target == "all"):
             _class_id(model, target, names[1])
         return

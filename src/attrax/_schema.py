@@ -65,7 +65,7 @@ COORDS: dict[str, str] = {
     "source_word": "merge_subwords: the word of each merged source",
     "target_word": "merge_subwords: the word of each merged target",
     "id": "attribute_dataset: the record's id, when the file gives ids",
-    "label": "the true label of each example, when the data gives it",
+    "label": "the true label of each example (a label name), when the data gives it",
 }
 #: Every attribute a result carries, and what it means.
 ATTRS: dict[str, str] = {

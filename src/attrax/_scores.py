@@ -24,6 +24,7 @@ SCORES = (
     "probability",
     "logprob",
     "logit",
+    "margin",
     "entropy",
     "crossentropy",
     "perplexity",
@@ -65,6 +66,8 @@ def step_scores(
     With ``p`` the next-token distribution at the position that predicts target ``y_t``:
 
     - ``probability`` ``p(y_t)``, ``logprob`` ``log p(y_t)``, ``logit`` the raw logit of ``y_t``;
+    - ``margin`` ``p(y_t) - max_{v != y_t} p(v)``: positive when ``y_t`` is the top class (token),
+      by how much; negative by how far it trails the top one;
     - ``entropy`` ``-sum_v p(v) log p(v)``; ``crossentropy`` ``-log p(y_t)``;
       ``perplexity`` ``exp(crossentropy) = 1 / p(y_t)`` (per step, not averaged);
     - ``contrast_prob_diff`` ``p(y_t) - p(c_t)`` with ``contrast`` a text aligned token by token
@@ -160,6 +163,7 @@ def _columns(
         "probability": logprob.exp,
         "logprob": lambda: logprob,
         "logit": lambda: _pick(logits, t.target_ids),
+        "margin": lambda: _margin(logp, t.target_ids),
         "entropy": lambda: _entropy(logp),
         "crossentropy": lambda: -logprob,
         "perplexity": lambda: (-logprob).exp(),
@@ -211,6 +215,12 @@ def _entropy(logp: torch.Tensor) -> torch.Tensor:
     probs = logp.exp()
     # 0 * log 0 is 0 (a -inf logit), not NaN
     return -torch.where(probs > 0, probs * logp, 0.0).sum(-1)
+
+
+def _margin(logp: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    probs = logp.exp()
+    others = probs.scatter(-1, ids.unsqueeze(-1), float("-inf"))
+    return _pick(probs, ids) - others.max(-1).values
 
 
 def _kl(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:

@@ -119,6 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     _model_options(attribute)
     attribute.add_argument("--input", required=True, help="the prompt / source text")
     attribute.add_argument(
+        "--input-pair", help="a classifier's second text (NLI-style (text, text_pair) input)"
+    )
+    attribute.add_argument(
         "--target", help="the continuation / translation to explain (default: generate one)"
     )
     attribute.add_argument("--out", metavar="FILE.nc", help="save the result as netCDF (ax.save)")
@@ -130,7 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
         "attribute-dataset",
         help="attribute a JSONL file in resumable netCDF shards",
         description='Attribute every line of a JSONL file ({"input": ..., "target": ... '
-        '(optional), "id": ... (optional)}), one netCDF shard per --shard-size records in DIR, '
+        '(optional), "id": ... (optional); classifiers also "input_pair" and "label"}), one '
+        "netCDF shard per --shard-size records in DIR, "
         "with a manifest. Rerun the same command after an interruption to resume. Load the "
         "result with attrax.load_dataset_results(DIR).",
     )
@@ -321,6 +325,7 @@ def _tick(ok: bool) -> str:
 
 def _attribute(args: argparse.Namespace) -> int:
     from ._dataset import call_method, parse_reduce, reduce, resolve_method
+    from ._errors import InputError
     from ._model import load_model
     from .io import save
     from .viz import plot, show
@@ -332,8 +337,16 @@ def _attribute(args: argparse.Namespace) -> int:
         _check_output(path, flag)
     console = _console()
     model = load_model(args.model, device=_device(args.device), dtype=_dtype(args.dtype))
+    inputs: Any = args.input
+    if args.input_pair is not None:
+        if model.task == "generation":
+            raise InputError(
+                f"--input-pair is the second text of a classifier's input; {model.name} is a "
+                "language model: give --input alone"
+            )
+        inputs = (args.input, args.input_pair)
     with console.status(f"attributing with {args.method}…"):
-        raw = call_method(fn, model, args.input, args.target, options)
+        raw = call_method(fn, model, inputs, args.target, options)
     da = reduce(raw, steps)
     _print_result(console, da)
     if args.out:

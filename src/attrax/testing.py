@@ -393,9 +393,54 @@ _CLASSIFIERS: dict[str, tuple[str, str, dict[str, Any]]] = {
             max_position_embeddings=80, type_vocab_size=1, initializer_range=0.3,
         ),
     ),
+    "xlm-roberta": (
+        "bart",
+        "XLMRobertaConfig",
+        dict(
+            hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+            max_position_embeddings=80, type_vocab_size=1, initializer_range=0.3,
+        ),
+    ),
+    # DeBERTa-v3 style: relative positions only (no absolute ones), no segment embeddings
+    "deberta-v2": (
+        "wordpiece",
+        "DebertaV2Config",
+        dict(
+            hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+            max_position_embeddings=64, type_vocab_size=0, initializer_range=0.3,
+            relative_attention=True, position_buckets=16, max_relative_positions=-1,
+            pos_att_type=["p2c", "c2p"], position_biased_input=False,
+        ),
+    ),
+    "electra": (
+        "wordpiece",
+        "ElectraConfig",
+        dict(
+            embedding_size=16, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+            intermediate_size=64, max_position_embeddings=64, type_vocab_size=2,
+            initializer_range=0.3,
+        ),
+    ),
+    # alternating global and sliding-window (8 tokens) attention, as in ModernBERT
+    "modernbert": (
+        "wordpiece",
+        "ModernBertConfig",
+        dict(
+            hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+            max_position_embeddings=64, global_attn_every_n_layers=2, local_attention=8,
+            initializer_range=0.3, cls_token_id=2, sep_token_id=3,
+        ),
+    ),
     "gpt2": ("gpt2", "GPT2Config", _TINY["gpt2"][2]),
+    "llama": ("llama", "LlamaConfig", _TINY["llama"][2]),
+    "qwen2": ("llama", "Qwen2Config", _TINY["llama"][2]),
 }  # fmt: skip
 CLASSIFIER_ARCHS = tuple(_CLASSIFIERS)
+_CLASSIFIER_NAMES = {
+    "bert": "Bert", "distilbert": "DistilBert", "roberta": "Roberta", "gpt2": "GPT2",
+    "xlm-roberta": "XLMRoberta", "deberta-v2": "DebertaV2", "electra": "Electra",
+    "modernbert": "ModernBert", "llama": "Llama", "qwen2": "Qwen2",
+}  # fmt: skip
 
 
 def tiny_classifier(
@@ -403,7 +448,9 @@ def tiny_classifier(
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
     """A tiny randomly initialised classifier ``(model, tokenizer)``, offline and deterministic.
 
-    ``arch`` is one of :data:`CLASSIFIER_ARCHS` (``gpt2`` pools its last real token); ``task`` is
+    ``arch`` is one of :data:`CLASSIFIER_ARCHS`: encoders (``bert``, ``distilbert``, ``roberta``,
+    ``xlm-roberta``, ``deberta-v2``, ``electra``, ``modernbert``) and decoder-only heads that pool
+    their last real token (``gpt2``, ``llama``, ``qwen2``); ``task`` is
     ``"sequence"`` (``*ForSequenceClassification``) or ``"token"`` (``*ForTokenClassification``).
     Labels are named ``label_0``, ``label_1``, ...
 
@@ -418,7 +465,7 @@ def tiny_classifier(
     tok = _tokenizer_for(kind)
     if kind == "wordpiece":  # BERT-style tokenizers return the segment of each token
         tok.model_input_names = ["input_ids", "token_type_ids", "attention_mask"]
-    if tok.pad_token is None:  # GPT-2 classifiers pad with EOS, as fine-tuning recipes do
+    if tok.pad_token is None:  # decoder-only classifiers pad with EOS, as fine-tuning recipes do
         tok.pad_token = tok.eos_token
     labels = {i: f"label_{i}" for i in range(num_labels)}
     kw: dict[str, Any] = dict(
@@ -429,10 +476,9 @@ def tiny_classifier(
     config = getattr(transformers, config_cls)(**{**kw, **defaults, **config_overrides})
     config._attn_implementation = attn
     head = "ForSequenceClassification" if task == "sequence" else "ForTokenClassification"
-    name = {"bert": "Bert", "distilbert": "DistilBert", "roberta": "Roberta", "gpt2": "GPT2"}[arch]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = getattr(transformers, name + head)(config)
+        model = getattr(transformers, _CLASSIFIER_NAMES[arch] + head)(config)
     return model.float().eval(), tok
 
 
