@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .harness import _reset_peak_rss, _status_mb
+from .harness import reset_peak_rss, status_mb
 
 OUT = Path(__file__).resolve().parent / "calibration.json"
 
@@ -86,10 +86,10 @@ def worker(spec: str) -> None:
     fn = getattr(ax, method)
     fn(model, *_texts(tok, 6, 3), **options)  # warm-up: code pages, lazy imports
     ctypes.CDLL(None).malloc_trim(0)
-    _reset_peak_rss()
-    start = _status_mb("VmRSS")
+    reset_peak_rss()
+    start = status_mb("VmRSS")
     fn(model, prompt, target, **options)
-    peak = _status_mb("VmHWM")
+    peak = status_mb("VmHWM")
     problem = Problem.build(model, prepare(model, prompt, target), resolve("probability")[1], False)
     cost, inference = problem.cost(), problem.cost(saved=False)
     x = problem.inputs[0]

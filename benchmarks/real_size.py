@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from . import baselines, workloads
-from .harness import _reset_peak_rss, _status_mb
+from .harness import reset_peak_rss, status_mb
 from .parity import first_targets, parity
 
 # shape -> (config class, config, dtype)
@@ -84,11 +84,11 @@ def _peak(device: str):
 
     def start_cpu() -> float:
         ctypes.CDLL(None).malloc_trim(0)
-        _reset_peak_rss()
-        return (_status_mb("VmRSS") or 0.0) * 2**20
+        reset_peak_rss()
+        return (status_mb("VmRSS") or 0.0) * 2**20
 
     def stop_cpu(base: float) -> float:
-        return (_status_mb("VmHWM") or 0.0) * 2**20 - base
+        return (status_mb("VmHWM") or 0.0) * 2**20 - base
 
     return start_cpu, stop_cpu
 

@@ -122,6 +122,14 @@ def test_modules_import_one_way():
         order += ready
 
 
+def test_every_module_imports_without_the_reference_libraries():
+    """The command line imports every module: a broken name fails here, not in a bench run."""
+    import importlib
+
+    for path in sorted(BENCH.glob("*.py")):
+        importlib.import_module(f"benchmarks.{path.stem}")
+
+
 def test_classifier_parity_and_the_attrax_adapter():
     from benchmarks import classify
 
