@@ -57,7 +57,7 @@ def test_plausibility_against_hand_worked_values(default_model):
         data,
         {"fixed": _fixed({target: relevance})},
         ["token_f1", "iou", "auprc"],
-        reduce_spec="none",
+        reduce="none",
     )
     got = ds.sel({"method": "fixed", "example": 0, "target": target})
     # top-2 = {1, 4}; rationale = {1, 3}: one hit of 2
@@ -72,7 +72,7 @@ def test_agreement_of_a_method_with_itself_and_its_reverse(default_model):
     relevance = [0.1, 0.9, 0.0, 0.2, 0.8, 0.3, 0.05]
     methods = {"a": _fixed({7: relevance}), "b": _fixed({7: [-v for v in relevance]})}
     ds = ax.evaluate(
-        default_model, data, methods, ["spearman", "kendall", "topk_overlap"], reduce_spec="none"
+        default_model, data, methods, ["spearman", "kendall", "topk_overlap"], reduce="none"
     )
     pair = ds.sel(example=0, target=7)
     assert float(pair.spearman.sel({"method": "a", "other": "a"})) == pytest.approx(1.0)

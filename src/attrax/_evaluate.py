@@ -27,7 +27,8 @@ import pandas as pd
 import xarray as xr
 
 from . import _faithfulness
-from ._dataset import concat_examples, parse_reduce, reduce
+from ._dataset import concat_examples, parse_reduce
+from ._dataset import reduce as apply_reductions
 from ._errors import InputError, OptionError
 from ._model import Model, ModelLike, load_model
 from ._schema import label_evaluation, label_sanity
@@ -158,7 +159,7 @@ def evaluate(
     methods: Mapping[str, Callable[..., xr.DataArray]],
     metrics: Sequence[str] = ("comprehensiveness", "sufficiency"),
     *,
-    reduce_spec: str = "auto",
+    reduce: str = "auto",
     top_k: int = 3,
     batch_size: int | str | None = "auto",
     attributions: bool = False,
@@ -174,7 +175,7 @@ def evaluate(
             ``ax.pipe``, or ``functools.partial`` with options bound).
         metrics: from :data:`METRICS`; plausibility needs a ``rationale`` per record (0/1 per
             whitespace-separated word of the input), agreement two methods or more.
-        reduce_spec: how attributions become ``(example, target, source)`` (the CLI's
+        reduce: how attributions become ``(example, target, source)`` (the CLI's
             ``--reduce``; ``"auto"``: L2 over ``hidden``, mean over ``layer``/``head``, then
             normalised over ``source``).
         top_k: the k of ``topk_overlap``.
@@ -193,7 +194,7 @@ def evaluate(
     (['comprehensiveness', 'sufficiency'], 2)
     """
     chosen = _check(methods, metrics, top_k)
-    steps = parse_reduce(reduce_spec)
+    steps = parse_reduce(reduce)
     model = load_model(model)  # a Model passes through as is
     records = read_records(data, **dict(fields or {}))
     inputs = [r.input for r in records]
@@ -201,7 +202,7 @@ def evaluate(
     names = list(methods)
     reduced = []
     for fn in methods.values():  # each method is its own computation
-        da = reduce(fn(model, inputs, targets), steps)
+        da = apply_reductions(fn(model, inputs, targets), steps)
         reduced.append(da.transpose("example", "target", "source"))
     flat = _one_batch(reduced)  # every method's examples as one batch: [M * N, T, S]
     scores: dict[str, np.ndarray] = {}
@@ -218,7 +219,7 @@ def evaluate(
         for metric in (m for m in chosen if m in PLAUSIBILITY):
             scores[metric] = _plausibility(metric, relevance, tiled)
     pairwise = {m: _agreement(m, relevance, len(names), top_k) for m in chosen if m in AGREEMENT}
-    attrs = {"model": model.name, "metrics": ",".join(chosen), "reductions": reduce_spec}
+    attrs = {"model": model.name, "metrics": ",".join(chosen), "reductions": reduce}
     return label_evaluation(
         flat, names, scores, pairwise,
         attributions=attributions, labels=[r.label for r in records], attrs=attrs,
@@ -404,7 +405,7 @@ def sanity_checks(
     data: Any,
     method: Callable[..., xr.DataArray],
     *,
-    reduce_spec: str = "auto",
+    reduce: str = "auto",
     seed: int = 0,
     fields: Mapping[str, str] | None = None,
 ) -> xr.Dataset:
@@ -448,11 +449,11 @@ def sanity_checks(
         raise InputError(
             "`data`: sanity checks of a language model need a `target` on every record"
         )
-    steps = parse_reduce(reduce_spec)
+    steps = parse_reduce(reduce)
 
     def attribute(on: Model, objective: Any = None) -> np.ndarray:
         kwargs = {} if objective is None else {"objective": objective}
-        da = reduce(method(on, inputs, targets, **kwargs), steps)
+        da = apply_reductions(method(on, inputs, targets, **kwargs), steps)
         da = da if "example" in da.dims else da.expand_dims(example=[0])
         return da.transpose("example", "target", "source").values
 
