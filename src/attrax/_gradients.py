@@ -144,6 +144,14 @@ def _check_mode(value: object, name: str) -> None:
     check.one_of(*MODES)(value, name)
 
 
+#: ``reduce_hidden``, the option every gradient family adds
+REDUCE_HIDDEN = Param(
+    None,
+    "str | None",
+    check.one_of(*HIDDEN_REDUCTIONS, none=True),
+    "'l2_norm' or 'sum': reduce over hidden on the model's device before labelling",
+)
+
 #: Gradient methods: every common parameter, plus ``reduce_hidden`` and ``mode``.
 GRADIENT = Family(
     name="gradient",
@@ -151,12 +159,7 @@ GRADIENT = Family(
     refuses={},
     run=_run,
     extra={
-        "reduce_hidden": Param(
-            None,
-            "str | None",
-            check.one_of(*HIDDEN_REDUCTIONS, none=True),
-            "'l2_norm' or 'sum': reduce over hidden on the model's device before labelling",
-        ),
+        "reduce_hidden": REDUCE_HIDDEN,
         "mode": Param(
             "auto",
             "str",

@@ -24,14 +24,14 @@ from ._engine import Problem, baseline_embeddings
 from ._errors import InputError, OptionError
 from ._gradients import (
     GRADIENT,
-    HIDDEN_REDUCTIONS,
     PATH_CHECKS,
+    REDUCE_HIDDEN,
     Rule,
     check_trapezoid_steps,
     quadrature_nodes,
 )
 from ._memory import Size
-from ._protocol import COMMON, Call, Family, Param, own_options
+from ._protocol import COMMON, Call, Family, own_options
 
 # PAIR saliency's tolerance for "the path reached this step's L1 distance"
 _CLOSE = 1e-9
@@ -130,14 +130,7 @@ GUIDED_PATH = Family(
         "mode": "each target's path is its own: there is no forward-mode variant",
     },
     run=_run_guided,
-    extra={
-        "reduce_hidden": Param(
-            None,
-            "str | None",
-            check.one_of(*HIDDEN_REDUCTIONS, none=True),
-            "'l2_norm' or 'sum': reduce over hidden on the model's device before labelling",
-        ),
-    },
+    extra={"reduce_hidden": REDUCE_HIDDEN},
 )
 
 
