@@ -82,8 +82,8 @@ def test_weights_that_do_not_load_whole_are_one_model_error(tmp_path):
         ax.load_model(incomplete)
 
 
-@pytest.mark.parametrize("architecture", ["BertForMaskedLM", None])
-def test_heads_attrax_does_not_attribute_are_refused(tmp_path, architecture):
+def _tiny_bert(**overrides):
+    """A WordPiece tokenizer and a one-layer BERT config sized to it."""
     tokenizer = train_tokenizer("wordpiece")
     config = transformers.BertConfig(
         vocab_size=len(tokenizer),
@@ -92,7 +92,14 @@ def test_heads_attrax_does_not_attribute_are_refused(tmp_path, architecture):
         num_attention_heads=2,
         intermediate_size=32,
         max_position_embeddings=32,
+        **overrides,
     )
+    return tokenizer, config
+
+
+@pytest.mark.parametrize("architecture", ["BertForMaskedLM", None])
+def test_heads_attrax_does_not_attribute_are_refused(tmp_path, architecture):
+    tokenizer, config = _tiny_bert()
     hf = getattr(transformers, architecture or "BertForSequenceClassification")(config)
     hf.save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
@@ -116,16 +123,7 @@ def test_heads_attrax_does_not_attribute_are_refused(tmp_path, architecture):
     ],
 )
 def test_classifier_checkpoints_load_as_classifiers(tmp_path, architecture, task):
-    tokenizer = train_tokenizer("wordpiece")
-    config = transformers.BertConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=32,
-        max_position_embeddings=32,
-        num_labels=2,
-    )
+    tokenizer, config = _tiny_bert(num_labels=2)
     getattr(transformers, architecture)(config).save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
     model = ax.load_model(tmp_path)
