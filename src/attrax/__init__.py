@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from ._attention import attention as attention
     from ._attention import rollout as rollout
+    from ._components import attribution_patching as attribution_patching
+    from ._components import direct_logit_attribution as direct_logit_attribution
     from ._dataset import attribute_dataset as attribute_dataset
     from ._dataset import load_dataset_results as load_dataset_results
     from ._discrete import discretized_integrated_gradients as discretized_integrated_gradients

@@ -40,6 +40,8 @@ PUBLIC: dict[str, str] = {
     "sobol": "._perturbation",
     "attention": "._attention",
     "rollout": "._attention",
+    "direct_logit_attribution": "._components",
+    "attribution_patching": "._components",
     # step scores and faithfulness
     "step_scores": "._scores",
     "with_scores": "._scores",
@@ -91,6 +93,8 @@ METHODS = (
     "sobol",
     "attention",
     "rollout",
+    "direct_logit_attribution",
+    "attribution_patching",
 )
 
 #: Reductions a CLI ``--reduce`` spec or a dataset run may name.

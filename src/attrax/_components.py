@@ -1,0 +1,477 @@
+"""Component attributions: direct logit attribution and attribution patching.
+
+Both read the model's own modules (attention heads, MLPs, residual stream) of the architectures
+they know, GPT-2 (``Conv1D``, LayerNorm) and Llama (``o_proj``, RMSNorm, RoPE, grouped keys and
+values), as causal LMs or as sequence classifiers whose ``score`` head reads the final norm
+directly; any other model is a :class:`ModelError` naming its architecture.
+
+* :func:`direct_logit_attribution` splits the residual stream the final norm reads into what each
+  attention head (per source position, through its attention weights) and each MLP wrote, and
+  projects every piece on the target's unembedding row with the final norm's scale held fixed:
+  one eager forward, every target at once.
+* :func:`attribution_patching` (AtP) estimates activation patching to first order: gradient times
+  (corrupted - clean) activation, from one clean forward, one corrupted forward and one
+  vectorized backward over targets, with zero probes on the chosen activations as the ``vjp``
+  primals so that every layer and head comes out of that one backward.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import xarray as xr
+from torch.func import vjp
+
+from ._attention import Selection, _indices, _selection
+from ._errors import InputError, ModelError, OptionError
+from ._inputs import Texts, contrast_batch, prepare, to_tensors
+from ._memory import full_precision
+from ._model import Model, _attention_modules
+from ._protocol import Call, Family
+
+SITES = ("heads", "mlp", "residual")
+
+#: Direct logit attribution: one forward, the logit decomposed; no objective, nothing to plan.
+COMPONENTS = Family(
+    name="components",
+    takes=("contrast", "positions", "max_new_tokens"),
+    refuses={
+        "objective": "direct logit attribution decomposes the logit (the target's unembedding "
+        "row times the final norm's output), not an objective",
+        "attribute_target": "direct logit attribution is for decoder-only models",
+        "chunk_size": "direct logit attribution runs one forward: there is no backward to chunk",
+        "batch_size": "direct logit attribution runs one forward: there are no points to batch",
+        "max_memory": "direct logit attribution runs one forward: there are no sizes to plan",
+    },
+)
+#: Attribution patching: one clean and one corrupted forward, one vectorized backward.
+PATCHING = Family(
+    name="patching",
+    takes=("objective", "contrast", "positions", "chunk_size", "max_new_tokens"),
+    refuses={
+        "attribute_target": "attribution patching is for decoder-only models and classifiers",
+        "batch_size": "attribution patching runs one clean and one corrupted forward: there are "
+        "no points to batch",
+        "max_memory": "attribution patching has no planner: bound its backward with chunk_size",
+    },
+)
+
+
+@dataclass(frozen=True)
+class _Parts:
+    """The modules of a supported architecture, layer by layer."""
+
+    kind: str  # "gpt2" or "llama"
+    blocks: list[torch.nn.Module]
+    attentions: list[torch.nn.Module]
+    mlps: list[torch.nn.Module]
+    norm: torch.nn.Module
+    heads: int
+    head_dim: int
+
+    def output_projection(self, layer: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Layer ``layer``'s output projection as ``W_O`` ``[heads, head_dim, hidden]`` (a head's
+        output ``z_h`` writes ``z_h @ W_O[h]``) and its bias (None when it has none)."""
+        attention = self.attentions[layer]
+        if self.kind == "gpt2":
+            projection = attention.c_proj  # Conv1D: out = z @ weight + bias
+            weight = projection.weight
+        else:
+            projection = attention.o_proj  # Linear: out = z @ weight.T (+ bias)
+            weight = projection.weight.T
+        return weight.reshape(self.heads, self.head_dim, -1), projection.bias
+
+    def projection_module(self, layer: int) -> torch.nn.Module:
+        """The module whose input is the concatenated head outputs ``[B, L, heads * head_dim]``."""
+        attention = self.attentions[layer]
+        return attention.c_proj if self.kind == "gpt2" else attention.o_proj
+
+    def value_module(self, layer: int) -> torch.nn.Module:
+        attention = self.attentions[layer]
+        return attention.c_attn if self.kind == "gpt2" else attention.v_proj
+
+    def values(self, layer: int, output: torch.Tensor) -> torch.Tensor:
+        """Value vectors ``[B, L, heads, head_dim]`` from :meth:`value_module`'s output (GPT-2's
+        third of ``c_attn``; Llama's key-value heads repeated for the query heads they serve)."""
+        if self.kind == "gpt2":
+            width = self.heads * self.head_dim
+            output = output[..., 2 * width : 3 * width]
+            return output.unflatten(-1, (self.heads, self.head_dim))
+        v = output.unflatten(-1, (-1, self.head_dim))
+        return v.repeat_interleave(self.heads // v.shape[-2], dim=-2)
+
+    def norm_scale(self, x: torch.Tensor) -> torch.Tensor:
+        """The final norm's divisor at residuals ``x`` ``[..., H]``: LayerNorm's standard
+        deviation, RMSNorm's root mean square (each with its epsilon)."""
+        x = x.double() if x.dtype == torch.float64 else x.float()
+        if self.kind == "gpt2":
+            return torch.sqrt(x.var(-1, unbiased=False) + self.norm.eps)
+        return torch.sqrt(x.pow(2).mean(-1) + self.norm.variance_epsilon)
+
+
+def _parts(model: Model, method: str) -> _Parts:
+    """The architecture's modules, or a ModelError naming it."""
+    hf = model.hf
+    kind = getattr(hf.config, "model_type", None)
+    name = f"{type(hf).__name__} (model_type {kind!r})"
+    if model.is_encoder_decoder:
+        raise ModelError(
+            f"{method} decomposes decoder-only models (GPT-2, Llama); {name} is an "
+            "encoder-decoder, whose decoder also reads the encoder through cross-attention"
+        )
+    if kind not in ("gpt2", "llama"):
+        raise ModelError(
+            f"{method} has no rule for {name}: it knows GPT-2 (Conv1D, LayerNorm) and Llama "
+            "(o_proj, RMSNorm) causal LMs and sequence classifiers"
+        )
+    if model.task == "token-classification":
+        raise ModelError(
+            f"{method} reads a causal LM's head or a sequence classifier's `score` head; {name} "
+            "is a token classifier"
+        )
+    base = hf.base_model
+    config = hf.config
+    if kind == "gpt2":
+        blocks = list(base.h)
+        attentions = [b.attn for b in blocks]
+        mlps = [b.mlp for b in blocks]
+        norm = base.ln_f
+        heads = config.n_head
+    else:
+        blocks = list(base.layers)
+        attentions = [b.self_attn for b in blocks]
+        mlps = [b.mlp for b in blocks]
+        norm = base.norm
+        heads = config.num_attention_heads
+    head_dim = getattr(attentions[0], "head_dim", None) or config.hidden_size // heads
+    return _Parts(kind, blocks, attentions, mlps, norm, heads, head_dim)
+
+
+def _readout(model: Model, method: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The rows the final norm's output is read with: the LM head's unembedding ``[V, H]`` or a
+    sequence classifier's ``score`` ``[classes, H]``, and their bias."""
+    head = model._head if model.task == "generation" else model._score
+    if head is None or not isinstance(getattr(head, "weight", None), torch.Tensor):
+        raise ModelError(
+            f"{method}: {type(model.hf).__name__} has no linear head reading the final norm "
+            "directly (a causal LM's head or a sequence classifier's `score`)"
+        )
+    return head.weight, getattr(head, "bias", None)
+
+
+@contextlib.contextmanager
+def _hooks(*handles: Any) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+# --- direct logit attribution ----------------------------------------------------------------
+
+
+@COMPONENTS.method(layers=_selection, heads=_selection)
+def direct_logit_attribution(
+    call: Call, *, layers: Selection = None, heads: Selection = None
+) -> xr.DataArray:
+    """Direct logit attribution: what each attention head, per source position, and each MLP
+    writes straight into the target's logit.
+
+    The final norm reads the residual stream ``x`` at the position that predicts the target:
+    ``logit = gamma * (x - mean(x)) / sigma . W_U[target]`` (LayerNorm; RMSNorm has no centering
+    and divides by the root mean square). Holding ``sigma`` at its value for this input (the
+    standard approximation: the only non-linear term), the logit is linear in ``x``, and ``x`` is
+    the sum of what every component wrote. Head ``h`` of layer ``l`` writes ``sum_j A[h, i, j] *
+    (v_j W_O^h)`` at position ``i``: source ``j`` gets ``A[h, i, j] * (v_j W_O^h) . u`` (the value
+    bias rides along in ``v_j``). Each MLP writes at ``i`` itself: its share sits on ``source = i``
+    (the position that predicts the target). ``contrast=`` takes ``W_U[target] - W_U[contrast]``.
+
+    The whole logit is the sum over ``source``, ``layer`` and ``head`` (MLP included) plus the
+    terms no head or MLP owns: the token and position embeddings, each layer's output-projection
+    bias (GPT-2's ``c_proj``), the final norm's bias and the head's bias, all projected the same
+    way. The final-norm centering is exact, not an approximation (it is linear).
+
+    Arguments:
+        model, inputs, targets, contrast, positions, max_new_tokens: as :func:`attrax.saliency`.
+        layers, heads: which layers / heads to keep (as :func:`attrax.attention`).
+
+    Returns:
+        DataArray ``([example,] target, source, layer, head)`` of logit shares. The ``head``
+        dim holds the chosen heads and then the MLP at ``head = -1``; the ``component``
+        coordinate along ``head`` says ``"attention"`` or ``"mlp"``.
+
+    >>> import attrax as ax
+    >>> da = ax.direct_logit_attribution(ax.load_model(), "1 2 3 =", " 3 2 1")
+    >>> da.dims
+    ('target', 'source', 'layer', 'head')
+    >>> list(da.component.values[-2:])
+    ['attention', 'mlp']
+    """
+    model = call.model
+    method = "direct_logit_attribution"
+    parts = _parts(model, method)
+    unembed, _ = _readout(model, method)
+    chosen_layers = _indices(layers, len(parts.blocks), "layers", "layers")
+    chosen_heads = _indices(heads, parts.heads, "heads", "heads per layer")
+    t = to_tensors(call.batch, model)
+    rows = torch.arange(t.index.shape[0], device=t.index.device)[:, None]
+    # u = gamma * W_U[target] (- W_U[contrast]), centered for LayerNorm; 1 / sigma comes later
+    direction = unembed[t.target_ids]
+    if t.contrast_ids is not None:
+        direction = direction - unembed[t.contrast_ids]
+    gamma = parts.norm.weight
+    u = full_precision(direction * gamma)
+    if parts.kind == "gpt2":
+        u = u - u.mean(-1, keepdim=True)
+    length = t.ids.shape[1]
+    n_layers = len(parts.blocks)
+    found = {"values": [None] * n_layers, "final": None}
+    heads_out: dict[int, torch.Tensor] = {}
+    mlps_out: dict[int, torch.Tensor] = {}
+    order = iter(range(n_layers))
+
+    def on_values(layer: int) -> Callable[..., None]:
+        def hook(_module: torch.nn.Module, _args: Any, output: torch.Tensor) -> None:
+            if layer in chosen_layers:
+                found["values"][layer] = parts.values(layer, output)
+
+        return hook
+
+    def on_mlp(layer: int) -> Callable[..., None]:
+        def hook(_module: torch.nn.Module, _args: Any, output: torch.Tensor) -> None:
+            if layer in chosen_layers:  # [B, K]: the MLP's output at each target's position
+                at = full_precision(output[rows, t.index])
+                mlps_out[layer] = torch.einsum("bkh,bkh->bk", at, u)
+
+        return hook
+
+    def on_map(_stack: str, weights: torch.Tensor) -> None:
+        layer = next(order)
+        if layer not in chosen_layers:
+            return
+        v = full_precision(found["values"][layer])[..., chosen_heads, :]  # [B, J, h, d]
+        w_o, _ = parts.output_projection(layer)
+        w_o = full_precision(w_o[chosen_heads])  # [h, d, H]
+        # every target, head and source in two contractions: (v_j W_O^h) . u_k, then A[h, i_k, j]
+        r = torch.einsum("hdx,bkx->bkhd", w_o, u)
+        vu = torch.einsum("bjhd,bkhd->bkjh", v, r)
+        a = full_precision(weights[:, chosen_heads].permute(0, 2, 3, 1)[rows, t.index])
+        heads_out[layer] = a * vu  # [B, K, J, h]
+        found["values"][layer] = None
+
+    def on_final(_module: torch.nn.Module, args: tuple[Any, ...]) -> None:
+        found["final"] = args[0][rows, t.index]
+
+    handles = [parts.value_module(i).register_forward_hook(on_values(i)) for i in range(n_layers)]
+    handles += [parts.mlps[i].register_forward_hook(on_mlp(i)) for i in range(n_layers)]
+    handles.append(parts.norm.register_forward_pre_hook(on_final))
+    with _hooks(*handles):
+        model.stream_attention(t, on_map)
+    if len(heads_out) != len(chosen_layers) or found["final"] is None:
+        raise ModelError(f"{method}: {type(model.hf).__name__} did not run the modules it names")
+    scale = 1.0 / parts.norm_scale(found["final"]).to(u.dtype)  # [B, K]
+    at_index = torch.nn.functional.one_hot(t.index, length).to(u.dtype)  # [B, K, J]
+    values = []
+    for layer in chosen_layers:  # assembling the kept layers' results, not a computation
+        mlp = at_index * mlps_out[layer][..., None]  # the MLP writes at the target's position
+        values.append(torch.cat([heads_out[layer], mlp[..., None]], dim=-1))
+    stacked = torch.stack(values, dim=-2) * scale[:, :, None, None, None]
+    da = call.label(
+        [stacked],
+        trailing=("layer", "head"),
+        trailing_coords={"layer": chosen_layers, "head": [*chosen_heads, -1]},
+    )
+    component = ["attention"] * len(chosen_heads) + ["mlp"]
+    return da.assign_coords(component=("head", component))
+
+
+# --- attribution patching --------------------------------------------------------------------
+
+
+def _site(value: object, name: str) -> None:
+    if value not in SITES:
+        raise OptionError(f"`{name}` must be one of {SITES}, got {value!r}")
+
+
+def _corrupted(value: object, name: str) -> None:
+    if value is None:
+        raise OptionError(
+            f"`{name}` is required: the corrupted input(s), each with as many tokens as its "
+            "clean input (a string, or a list aligned with `inputs`)"
+        )
+    if not isinstance(value, (str, list, tuple)):
+        raise OptionError(f"`{name}` must be a string or a list of strings, got {value!r}")
+
+
+@PATCHING.method(corrupted=_corrupted, site=_site, layers=_selection, heads=_selection)
+def attribution_patching(
+    call: Call,
+    *,
+    corrupted: Texts | None = None,
+    site: str = "heads",
+    layers: Selection = None,
+    heads: Selection = None,
+) -> xr.DataArray:
+    """Attribution patching (AtP; Nanda 2023, Kramár et al. 2024): the first-order estimate of
+    activation patching, ``grad . (corrupted - clean)`` per layer, position and head.
+
+    Patching activation ``a`` (at one layer, position and head) from a run on ``corrupted`` into
+    the clean run changes the target's score by about ``d score / d a . (a_corrupted -
+    a_clean)``. One clean forward with zero probes added to the activations (the ``vjp``
+    primals), one vectorized backward over the targets (every layer at once) and one corrupted
+    forward give every estimate; real patching needs one forward per layer, head and position.
+
+    Arguments:
+        model, inputs, targets, objective, contrast, positions, chunk_size, max_new_tokens: as
+            :func:`attrax.saliency`. The corrupted run is scored on the same targets.
+        corrupted: the corrupted input(s), aligned with ``inputs``, each with exactly as many
+            tokens as its clean input (positions must match for patching to mean anything).
+        site: which activations: ``"heads"`` (each head's output before the output projection,
+            ``(target, source, layer, head)``), ``"mlp"`` (each MLP's output) or ``"residual"``
+            (the residual stream after each layer), both ``(target, source, layer)``.
+        layers, heads: which layers / heads to keep (``heads`` only with ``site="heads"``).
+
+    Returns:
+        DataArray ``([example,] target, source, layer[, head])``: ``source`` is the position
+        patched; the estimated change of the target's objective.
+
+    >>> import attrax as ax
+    >>> da = ax.attribution_patching(
+    ...     ax.load_model(), "1 2 3 =", " 3 2 1", corrupted="1 2 4 =")
+    >>> da.dims
+    ('target', 'source', 'layer', 'head')
+    """
+    model = call.model
+    method = "attribution_patching"
+    if model.is_encoder_decoder:
+        raise ModelError(
+            f"{method} patches decoder-only models and decoder-only classifiers; "
+            f"{type(model.hf).__name__} is an encoder-decoder"
+        )
+    parts = _parts(model, method)
+    if site != "heads" and heads is not None:
+        raise OptionError(f"`heads` applies to site='heads' only, got site={site!r}")
+    chosen_layers = _indices(layers, len(parts.blocks), "layers", "layers")
+    chosen_heads = _indices(heads, parts.heads, "heads", "heads per layer")
+    problem = call.problem
+    t = problem.tensors
+    assert corrupted is not None
+    corrupt_ids = _corrupted_ids(model, call, corrupted)
+    clean_embeds = problem.inputs[0]
+    with torch.no_grad():
+        corrupt_embeds = model.embed(corrupt_ids, "source")
+
+    # the activation of each chosen layer at `site`, and how a probe is added to it
+    def install(probes: list[torch.Tensor] | None, seen: list[torch.Tensor]) -> list[Any]:
+        handles = []
+        for position, layer in enumerate(chosen_layers):
+            probe = None if probes is None else probes[position]
+
+            def add(value: torch.Tensor, probe: torch.Tensor | None = probe) -> torch.Tensor:
+                seen.append(value)
+                return value if probe is None else value + probe
+
+            if site == "heads":
+
+                def pre(_m: torch.nn.Module, args: tuple[Any, ...], add=add) -> tuple[Any, ...]:
+                    return (add(args[0]), *args[1:])
+
+                module = parts.projection_module(layer)
+                handles.append(module.register_forward_pre_hook(pre))
+                continue
+
+            def post(_m: torch.nn.Module, _args: Any, output: Any, add=add) -> Any:
+                if isinstance(output, tuple):
+                    return (add(output[0]), *output[1:])
+                return add(output)
+
+            module = parts.mlps[layer] if site == "mlp" else parts.blocks[layer]
+            handles.append(module.register_forward_hook(post))
+        return handles
+
+    def run(embeds: torch.Tensor, probes: list[torch.Tensor] | None) -> tuple[Any, ...]:
+        seen: list[torch.Tensor] = []
+        with _hooks(*install(probes, seen)):
+            hidden = model.hidden_at(embeds, t.mask, t.index, token_types=t.token_types)
+        return hidden, seen
+
+    with torch.no_grad():
+        _, corrupt_acts = run(corrupt_embeds, None)
+    zeros = [torch.zeros_like(a) for a in corrupt_acts]
+    if len(zeros) != len(chosen_layers):
+        raise ModelError(f"{method}: {type(model.hf).__name__} did not run the modules it names")
+
+    def clean(*probes: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        hidden, seen = run(clean_embeds, list(probes))
+        return hidden, [s.detach() for s in seen]
+
+    hidden, pullback, clean_acts = vjp(clean, *zeros, has_aux=True)
+    # score k reads head input k only: one backward through the head, then one-hot cotangents
+    _, head_pullback = vjp(problem.head_objective, hidden)
+    (head_grad,) = head_pullback(t.valid.to(hidden.dtype))
+    width = hidden.shape[1]
+    one_hot = torch.eye(width, dtype=hidden.dtype, device=hidden.device)
+    cotangents = one_hot[:, None, :, None] * head_grad[None]
+    chunk = call.options["chunk_size"]
+    chunk = None if chunk in ("auto", None) else chunk
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", r"There is a performance drop", UserWarning)
+        grads = torch.vmap(pullback, chunk_size=chunk)(cotangents)  # per layer [K, B, L, ...]
+    per_layer = []
+    for grad, before, after in zip(grads, clean_acts, corrupt_acts, strict=True):
+        delta = full_precision(after - before)
+        grad = full_precision(grad)
+        if site == "heads":  # split the concatenated heads, keep the chosen ones
+            delta = delta.unflatten(-1, (parts.heads, -1))[..., chosen_heads, :]
+            grad = grad.unflatten(-1, (parts.heads, -1))[..., chosen_heads, :]
+            per_layer.append(torch.einsum("kblhd,blhd->bklh", grad, delta))
+        else:
+            per_layer.append(torch.einsum("kblx,blx->bkl", grad, delta))
+    stacked = torch.stack(per_layer, dim=3)  # [B, K, L, layer(, head)]
+    if site == "heads":
+        return call.label(
+            [stacked],
+            trailing=("layer", "head"),
+            trailing_coords={"layer": chosen_layers, "head": chosen_heads},
+        )
+    return call.label([stacked], trailing=("layer",), trailing_coords={"layer": chosen_layers})
+
+
+def _corrupted_ids(model: Model, call: Call, corrupted: Texts) -> torch.Tensor:
+    """Token ids ``[B, L]`` of the corrupted run, aligned position by position with the clean
+    ones (same targets teacher-forced); an InputError when a corrupted input's length differs."""
+    batch = call.batch
+    t = to_tensors(batch, model)
+    texts = [corrupted] if isinstance(corrupted, str) else list(corrupted)
+    if isinstance(corrupted, str) != batch.single or len(texts) != len(batch.examples):
+        raise InputError(
+            f"`corrupted` must align with `inputs`: {len(batch.examples)} "
+            f"{'string' if batch.single else 'texts'}, got {corrupted!r}"
+        )
+    if model.task == "generation":
+        other = contrast_batch(model, batch, corrupted)
+    else:
+        other = prepare(model, corrupted)
+    pairs = zip(batch.examples, other.examples, strict=True)
+    for i, (clean, bad) in enumerate((len(a.source_ids), len(b.source_ids)) for a, b in pairs):
+        if clean != bad:
+            where = "" if batch.single else f"[{i}]"
+            raise InputError(
+                f"`corrupted{where}` {texts[i]!r} has {bad} tokens but its clean input has {clean}: "
+                "attribution patching patches position by position, so both must have the same "
+                "token length"
+            )
+    ids = to_tensors(other, model).ids
+    if ids.shape != t.ids.shape:
+        raise InputError(
+            f"`corrupted` tokenizes to shape {tuple(ids.shape)}, the clean inputs to "
+            f"{tuple(t.ids.shape)}: they must align position by position"
+        )
+    # padded positions keep the clean ids: the mask hides them either way
+    return torch.where(t.mask.bool(), ids, t.ids)
