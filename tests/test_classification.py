@@ -370,6 +370,8 @@ def test_every_method_runs_on_classifiers(classifiers, arch, task):
     model = classifiers[arch, task]
     small = {"steps": 4, "samples": 4}
     for name in METHODS:
+        if name in ("direct_logit_attribution", "attribution_patching"):
+            continue  # GPT-2/Llama components, `corrupted=` inputs: tests/test_components.py
         fn = getattr(ax, name)
         options = {k: v for k, v in small.items() if k in inspect.signature(fn).parameters}
         da = fn(model, TEXTS, **options)

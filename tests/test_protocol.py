@@ -24,6 +24,7 @@ SMALL = {
     "smoothgrad": {"samples": 2},
     "lime": {"samples": 8},
     "kernel_shap": {"samples": 8},
+    "attribution_patching": {"corrupted": "The capital of Spain is"},
 }
 
 

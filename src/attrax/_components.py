@@ -31,7 +31,7 @@ from ._attention import Selection, _indices, _selection
 from ._errors import InputError, ModelError, OptionError
 from ._inputs import Texts, contrast_batch, prepare, to_tensors
 from ._memory import full_precision
-from ._model import Model, _attention_modules
+from ._model import Model
 from ._protocol import Call, Family
 
 SITES = ("heads", "mlp", "residual")
@@ -129,7 +129,7 @@ def _parts(model: Model, method: str) -> _Parts:
             f"{method} has no rule for {name}: it knows GPT-2 (Conv1D, LayerNorm) and Llama "
             "(o_proj, RMSNorm) causal LMs and sequence classifiers"
         )
-    if model.task == "token-classification":
+    if model.task == "token-classification" and method == "direct_logit_attribution":
         raise ModelError(
             f"{method} reads a causal LM's head or a sequence classifier's `score` head; {name} "
             "is a token classifier"
@@ -210,7 +210,7 @@ def direct_logit_attribution(
     >>> da = ax.direct_logit_attribution(ax.load_model(), "1 2 3 =", " 3 2 1")
     >>> da.dims
     ('target', 'source', 'layer', 'head')
-    >>> list(da.component.values[-2:])
+    >>> da.component.values[-2:].tolist()
     ['attention', 'mlp']
     """
     model = call.model

@@ -58,6 +58,7 @@ COORDS: dict[str, str] = {
     "query_token": "token string of each query",
     "contrast_id": "token id of the contrast token of each target",
     "contrast_token": "token string of the contrast token of each target",
+    "component": "direct_logit_attribution: 'attention' for a head, 'mlp' for the MLP at head=-1",
     "completeness_gap": "integrated gradients: sum of attributions minus f(x) - f(baseline)",
     "auc": "deletion/insertion: area under the curve over `fraction`",
     "aopc": "comprehensiveness/sufficiency: mean over `fraction` (ERASER's AOPC)",

@@ -1,0 +1,549 @@
+"""Direct logit attribution and attribution patching against plain-torch references written here:
+per-target loops over layers, heads and sources with hooks, the sum-back identity of DLA, and
+real activation patching (one forward per layer, head and position) for AtP."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import attrax as ax
+from attrax.cli import main
+from attrax.testing import tiny_classifier, tiny_model
+from tests.conftest import PAIRS
+
+SOURCE, TARGET = PAIRS[0]
+CORRUPTED = "The capital of Spain is"  # as many tokens as SOURCE in both tiny tokenizers
+
+
+@pytest.fixture(scope="module")
+def models64() -> dict[str, ax.Model]:
+    built = {}
+    for arch in ("gpt2", "llama"):
+        hf, tok = tiny_model(arch)
+        built[arch] = ax.load_model(full_double(hf), tokenizer=tok)
+    return built
+
+
+def full_double(hf: torch.nn.Module) -> torch.nn.Module:
+    """``hf`` in float64 throughout: LlamaRMSNorm normalizes in float32 even in a float64 model,
+    which would leave float32 rounding in the logits the references compare with."""
+    hf = hf.double()
+    for module in hf.modules():
+        if type(module).__name__ == "LlamaRMSNorm":
+
+            def forward(x: torch.Tensor, m: torch.nn.Module = module) -> torch.Tensor:
+                return (
+                    m.weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + m.variance_epsilon)
+                )
+
+            module.forward = forward
+    return hf
+
+
+def modules(model: ax.Model):
+    """(blocks, attention modules, output projections, value modules, mlps, final norm)."""
+    hf = model.hf
+    if hf.config.model_type == "gpt2":
+        blocks = list(hf.base_model.h)
+        attn = [b.attn for b in blocks]
+        return blocks, attn, [a.c_proj for a in attn], [a.c_attn for a in attn], hf.base_model.ln_f
+    blocks = list(hf.base_model.layers)
+    attn = [b.self_attn for b in blocks]
+    return blocks, attn, [a.o_proj for a in attn], [a.v_proj for a in attn], hf.base_model.norm
+
+
+def token_ids(model: ax.Model, source: str, target: str) -> tuple[list[int], list[int]]:
+    tok = model.tokenizer
+    src = tok(source, add_special_tokens=True)["input_ids"]
+    full = tok(source + target, add_special_tokens=True)["input_ids"]
+    assert full[: len(src)] == src
+    return src, full[len(src) :]
+
+
+def traced(model: ax.Model, ids: list[int]) -> dict:
+    """One plain HF forward with hooks: attention maps, values, head outputs z, MLP outputs, the
+    final norm's input, logits (all for the one example)."""
+    blocks, _attn, proj, value, norm = modules(model)
+    found: dict = {"v": {}, "z": {}, "mlp": {}, "final": None}
+    handles = []
+    for layer in range(len(blocks)):
+        handles.append(
+            value[layer].register_forward_hook(
+                lambda m, a, o, layer=layer: found["v"].__setitem__(layer, o[0])
+            )
+        )
+        handles.append(
+            proj[layer].register_forward_pre_hook(
+                lambda m, a, layer=layer: found["z"].__setitem__(layer, a[0][0])
+            )
+        )
+        handles.append(
+            blocks[layer].mlp.register_forward_hook(
+                lambda m, a, o, layer=layer: found["mlp"].__setitem__(layer, o[0])
+            )
+        )
+    handles.append(norm.register_forward_pre_hook(lambda m, a: found.__setitem__("final", a[0][0])))
+    with torch.no_grad():
+        out = model.hf(input_ids=torch.tensor([ids]), output_attentions=True, use_cache=False)
+    for h in handles:
+        h.remove()
+    found["attn"] = [a[0] for a in out.attentions]
+    found["logits"] = out.logits[0]
+    return found
+
+
+def readout(model: ax.Model, i: int, found: dict, direction: torch.Tensor):
+    """``proj(c)``: what residual piece ``c`` adds to ``direction . norm(x_i)`` with the norm's
+    scale frozen at its value for ``x_i``."""
+    norm = modules(model)[-1]
+    x = found["final"][i]
+    if model.hf.config.model_type == "gpt2":
+        sigma = torch.sqrt(x.var(unbiased=False) + norm.eps)
+        return lambda c: float((norm.weight * (c - c.mean()) / sigma) @ direction)
+    rms = torch.sqrt(x.pow(2).mean() + norm.variance_epsilon)
+    return lambda c: float((norm.weight * c / rms) @ direction)
+
+
+def w_out(model: ax.Model, layer: int) -> torch.Tensor:
+    """Layer ``layer``'s output projection as ``[in, hidden]`` (``z @ W``)."""
+    projection = modules(model)[2][layer]
+    return projection.weight if model.hf.config.model_type == "gpt2" else projection.weight.T
+
+
+def naive_dla(model: ax.Model, source: str, target: str, contrast: str | None = None):
+    """Per target, layer, head and source: ``A[h, i, j] * (v_j W_O^h)`` projected; the MLP at
+    ``i``; plus the rest of the logit (embeddings and biases) for the sum-back identity."""
+    src, tgt = token_ids(model, source, target)
+    ids = src + tgt
+    found = traced(model, ids)
+    config = model.hf.config
+    heads = config.num_attention_heads
+    d = config.hidden_size // heads
+    n_layers = len(found["attn"])
+    unembed = model.hf.get_output_embeddings().weight
+    con = None if contrast is None else token_ids(model, source, contrast)[1]
+    out = np.full((len(tgt), len(ids), n_layers, heads + 1), np.nan)
+    rest = np.zeros(len(tgt))
+    logits = np.zeros(len(tgt))
+    for k in range(len(tgt)):
+        i = len(src) + k - 1
+        direction = unembed[tgt[k]] - (0 if con is None else unembed[con[k]])
+        proj = readout(model, i, found, direction)
+        logits[k] = float(found["logits"][i, tgt[k]])
+        if con is not None:
+            logits[k] -= float(found["logits"][i, con[k]])
+        for layer in range(n_layers):
+            v_all = found["v"][layer]
+            if config.model_type == "gpt2":
+                v_all = v_all[:, 2 * config.hidden_size :]
+            else:  # grouped values: query head h reads key-value head h // group
+                v_all = v_all.unflatten(-1, (-1, d))
+                v_all = v_all.repeat_interleave(heads // v_all.shape[1], dim=1).flatten(1)
+            w = w_out(model, layer)
+            for h in range(heads):
+                for j in range(i + 1):
+                    a = found["attn"][layer][h, i, j]
+                    piece = a * v_all[j, h * d : (h + 1) * d] @ w[h * d : (h + 1) * d]
+                    out[k, j, layer, h] = proj(piece)
+                out[k, i + 1 :, layer, h] = 0.0
+            out[k, : i + 1, layer, heads] = 0.0
+            out[k, i, layer, heads] = proj(found["mlp"][layer][i])
+            bias = modules(model)[2][layer].bias
+            if bias is not None:
+                rest[k] += proj(bias)
+        # the embeddings: the residual stream before the first layer
+        emb = model.hf.get_input_embeddings()(torch.tensor(ids[i]))
+        if config.model_type == "gpt2":
+            emb = emb + model.hf.base_model.wpe(torch.tensor(i))
+            norm = modules(model)[-1]
+            rest[k] += float(norm.bias @ direction)
+        rest[k] += proj(emb)
+    return out, rest, logits, len(src)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("contrast", [None, " Rome"])
+def test_dla_equals_naive_and_sums_back(models64, arch, contrast):
+    model = models64[arch]
+    target = TARGET if contrast is None else " Paris"
+    if contrast is not None and len(token_ids(model, SOURCE, contrast)[1]) != len(
+        token_ids(model, SOURCE, target)[1]
+    ):
+        pytest.skip("contrast does not align in this tokenizer")
+    got = ax.direct_logit_attribution(model, SOURCE, target, contrast=contrast)
+    want, rest, logits, first = naive_dla(model, SOURCE, target, contrast)
+    assert got.dims == ("target", "source", "layer", "head")
+    assert got["head"].values.tolist()[-1] == -1
+    assert got.component.values.tolist()[-1] == "mlp"
+    values = got.values
+    for k in range(want.shape[0]):
+        t = first + k
+        # past the predicting position: NaN on the target side, exact 0 elsewhere
+        np.testing.assert_allclose(values[k, :t], want[k, :t], rtol=1e-9, atol=1e-10)
+    # the identity: components + embeddings + biases = the logit (difference)
+    total = np.nansum(values, axis=(1, 2, 3)) + rest
+    np.testing.assert_allclose(total, logits, rtol=1e-9, atol=1e-9)
+
+
+def test_dla_selection_and_batched_equals_single(models64):
+    model = models64["llama"]
+    pairs = PAIRS[:2]
+    full = ax.direct_logit_attribution(model, [s for s, _ in pairs], [t for _, t in pairs])
+    for e, (s, t) in enumerate(pairs):
+        single = ax.direct_logit_attribution(model, s, t)
+        part = full.isel(example=e).dropna("target", how="all")
+        part = part.isel(source=slice(0, single.sizes["source"]))
+        np.testing.assert_allclose(part.values, single.values, rtol=1e-9, atol=1e-12)
+    picked = ax.direct_logit_attribution(model, SOURCE, TARGET, layers=-1, heads=[2, 0])
+    assert picked.layer.values.tolist() == [1]
+    assert picked["head"].values.tolist() == [2, 0, -1]
+    whole = full.isel(example=0).dropna("target", how="all")
+    whole = whole.isel(source=slice(0, picked.sizes["source"]))
+    np.testing.assert_allclose(
+        picked.values, whole.sel(layer=[1], head=[2, 0, -1]).values, rtol=1e-9, atol=1e-12
+    )
+
+
+def test_dla_sequence_classifier_sums_back():
+    hf, tok = tiny_classifier("gpt2")
+    model = ax.load_model(hf.double(), tokenizer=tok)
+    got = ax.direct_logit_attribution(model, "a good day", targets=1)
+    ids = tok("a good day")["input_ids"]
+    found = traced_classifier(model, ids)
+    i = len(ids) - 1
+    direction = model.hf.score.weight[1]
+    proj = readout(model, i, found, direction)
+    emb = model.hf.base_model.wte(torch.tensor(ids[i])) + model.hf.base_model.wpe(torch.tensor(i))
+    rest = proj(emb) + float(model.hf.base_model.ln_f.bias @ direction)
+    rest += sum(proj(b.attn.c_proj.bias) for b in model.hf.base_model.h)
+    total = float(np.nansum(got.values)) + rest
+    np.testing.assert_allclose(total, float(found["logits"][1]), rtol=1e-9)
+
+
+def traced_classifier(model: ax.Model, ids: list[int]) -> dict:
+    norm = model.hf.base_model.ln_f
+    found: dict = {}
+    handle = norm.register_forward_pre_hook(lambda m, a: found.__setitem__("final", a[0][0]))
+    with torch.no_grad():
+        found["logits"] = model.hf(input_ids=torch.tensor([ids])).logits[0]
+    handle.remove()
+    return found
+
+
+# --- attribution patching ----------------------------------------------------------------
+
+
+def score(model: ax.Model, ids: list[int], i: int, t: int, objective: str) -> float:
+    with torch.no_grad():
+        logits = model.hf(input_ids=torch.tensor([ids]), use_cache=False).logits[0, i]
+    if objective == "logit":
+        return float(logits[t])
+    return float(torch.softmax(logits, -1)[t])
+
+
+def capture(model: ax.Model, ids: list[int], site: str) -> list[torch.Tensor]:
+    """Each layer's activation at ``site`` for one example, ``[L, width]``."""
+    blocks, _, proj, _, _ = modules(model)
+    seen: dict[int, torch.Tensor] = {}
+    handles = []
+    for layer in range(len(blocks)):
+        if site == "heads":
+            hook = proj[layer].register_forward_pre_hook(
+                lambda m, a, layer=layer: seen.__setitem__(layer, a[0][0].clone())
+            )
+        else:
+            module = blocks[layer].mlp if site == "mlp" else blocks[layer]
+            hook = module.register_forward_hook(
+                lambda m, a, o, layer=layer: seen.__setitem__(
+                    layer, (o[0] if isinstance(o, tuple) else o)[0].clone()
+                )
+            )
+        handles.append(hook)
+    with torch.no_grad():
+        model.hf(input_ids=torch.tensor([ids]), use_cache=False)
+    for h in handles:
+        h.remove()
+    return [seen[layer] for layer in range(len(blocks))]
+
+
+def patched(model, ids, i, t, objective, site, layer, position, cols, value) -> float:
+    """The score with activation ``[position, cols]`` of ``layer`` at ``site`` set to ``value``."""
+    blocks, _, proj, _, _ = modules(model)
+
+    def put(x: torch.Tensor) -> torch.Tensor:
+        x = x.clone()
+        x[0, position, cols] = value
+        return x
+
+    if site == "heads":
+        handle = proj[layer].register_forward_pre_hook(lambda m, a: (put(a[0]), *a[1:]))
+    else:
+        module = blocks[layer].mlp if site == "mlp" else blocks[layer]
+        handle = module.register_forward_hook(
+            lambda m, a, o: (put(o[0]), *o[1:]) if isinstance(o, tuple) else put(o)
+        )
+    try:
+        return score(model, ids, i, t, objective)
+    finally:
+        handle.remove()
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def patching_effects(model, objective, eps=None, texts=(SOURCE, TARGET, CORRUPTED)):
+    """Real activation patching of every (layer, head, position) for every target; with ``eps``
+    the central difference of patching ``clean + s * (corrupted - clean)`` at ``s = +-eps``."""
+    source, target, corrupted = texts
+    src, tgt = token_ids(model, source, target)
+    bad = token_ids(model, corrupted, target)[0]
+    ids, bad_ids = src + tgt, bad + tgt
+    clean, corrupt = capture(model, ids, "heads"), capture(model, bad_ids, "heads")
+    heads = model.hf.config.num_attention_heads
+    d = model.hf.config.hidden_size // heads
+    out = np.zeros((len(tgt), len(ids), len(clean), heads))
+    for k in range(len(tgt)):
+        i, t = len(src) + k - 1, tgt[k]
+        base = score(model, ids, i, t, objective)
+        for layer in range(len(clean)):
+            for h in range(heads):
+                cols = slice(h * d, (h + 1) * d)
+                for p in range(i + 1):
+                    a, b = clean[layer][p, cols], corrupt[layer][p, cols]
+                    if eps is None:
+                        value = patched(model, ids, i, t, objective, "heads", layer, p, cols, b)
+                        out[k, p, layer, h] = value - base
+                    else:
+                        up = patched(
+                            model, ids, i, t, objective, "heads", layer, p, cols, a + eps * (b - a)
+                        )
+                        down = patched(
+                            model, ids, i, t, objective, "heads", layer, p, cols, a - eps * (b - a)
+                        )
+                        out[k, p, layer, h] = (up - down) / (2 * eps)
+    return out, len(src)
+
+
+def test_corrupted_aligns(models64):
+    for model in models64.values():
+        assert len(token_ids(model, CORRUPTED, TARGET)[0]) == len(
+            token_ids(model, SOURCE, TARGET)[0]
+        )
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("objective", ["logit", "probability"])
+def test_atp_is_the_first_order_patching_effect(models64, arch, objective):
+    model = models64[arch]
+    got = ax.attribution_patching(model, SOURCE, TARGET, corrupted=CORRUPTED, objective=objective)
+    # Llama's eager attention takes its softmax in float32 even in a float64 model: its finite
+    # differences carry float32 rounding / eps, so a wider step and a looser tolerance there
+    eps, tol = (1e-4, 1e-6) if arch == "gpt2" else (1e-3, 2e-3)
+    want, first = patching_effects(model, objective, eps=eps)
+    assert got.dims == ("target", "source", "layer", "head")
+    for k in range(want.shape[0]):
+        t = first + k
+        np.testing.assert_allclose(got.values[k, :t], want[k, :t], rtol=tol, atol=tol * 1e-2)
+
+
+@pytest.mark.parametrize("objective", ["logit", "probability"])
+def test_atp_ranks_like_real_patching(default_model, objective):
+    """Rank agreement (Spearman) of AtP with real activation patching on the built-in (trained)
+    model, over every layer, head and position whose activation the corruption changes."""
+    texts = ("1 2 3 =", " 3 2 1", "1 2 4 =")
+    got = ax.attribution_patching(
+        default_model, texts[0], texts[1], corrupted=texts[2], objective=objective
+    )
+    want, first = patching_effects(default_model, objective, texts=texts)
+    # "3" -> "4": earlier positions see the same tokens, both are exactly 0 there
+    clean_ids = token_ids(default_model, texts[0], texts[1])[0]
+    bad_ids = token_ids(default_model, texts[2], texts[1])[0]
+    changed = next(p for p, (a, b) in enumerate(zip(clean_ids, bad_ids, strict=True)) if a != b)
+    per_target = []
+    for k in range(want.shape[0]):
+        a, b = got.values[k, changed : first + k], want[k, changed : first + k]
+        assert np.abs(a).max() > 0 and np.abs(b).max() > 0
+        per_target.append(spearman(a.ravel(), b.ravel()))
+    # measured: logit 1.0, 0.999, 0.999; probability 0.997, 0.683, 1.0 (the docs quote these)
+    assert min(per_target) > (0.99 if objective == "logit" else 0.6), per_target
+    assert np.mean(per_target) > (0.99 if objective == "logit" else 0.85), per_target
+
+
+@pytest.mark.parametrize("site", ["mlp", "residual"])
+def test_atp_sites_first_order(models64, site):
+    model = models64["gpt2"]
+    got = ax.attribution_patching(
+        model, SOURCE, TARGET, corrupted=CORRUPTED, site=site, objective="logit", layers=[0, 1]
+    )
+    assert got.dims == ("target", "source", "layer")
+    src, tgt = token_ids(model, SOURCE, TARGET)
+    ids, bad_ids = src + tgt, token_ids(model, CORRUPTED, TARGET)[0] + tgt
+    clean, corrupt = capture(model, ids, site), capture(model, bad_ids, site)
+    eps = 1e-4
+    for k in (0, len(tgt) - 1):
+        i, t = len(src) + k - 1, tgt[k]
+        for layer in range(len(clean)):
+            for p in range(i + 1):
+                a, b = clean[layer][p], corrupt[layer][p]
+                args = (model, ids, i, t, "logit", site, layer, p, slice(None))
+                up = patched(*args, a + eps * (b - a))
+                down = patched(*args, a - eps * (b - a))
+                want = (up - down) / (2 * eps)
+                np.testing.assert_allclose(got.values[k, p, layer], want, rtol=1e-6, atol=1e-9)
+
+
+def test_atp_batched_equals_single_and_selection(models64):
+    model = models64["gpt2"]
+    inputs = [SOURCE, "Hello"]
+    targets = [TARGET, " world"]
+    corrupted = [CORRUPTED, "Howdy"]
+    if len(token_ids(model, "Howdy", " world")[0]) != len(token_ids(model, "Hello", " world")[0]):
+        corrupted[1] = "Hello"
+    full = ax.attribution_patching(model, inputs, targets, corrupted=corrupted, chunk_size=1)
+    for e in range(2):
+        single = ax.attribution_patching(model, inputs[e], targets[e], corrupted=corrupted[e])
+        part = full.isel(example=e).dropna("target", how="all")
+        part = part.isel(source=slice(0, single.sizes["source"]))
+        np.testing.assert_allclose(part.values, single.values, rtol=1e-9, atol=1e-12)
+    picked = ax.attribution_patching(
+        model, SOURCE, TARGET, corrupted=CORRUPTED, layers=[1], heads=-1
+    )
+    assert picked.layer.values.tolist() == [1] and picked["head"].values.tolist() == [1]
+    whole = full.isel(example=0).dropna("target", how="all")
+    whole = whole.isel(source=slice(0, picked.sizes["source"]))
+    np.testing.assert_allclose(
+        picked.values, whole.sel(layer=[1], head=[1]).values, rtol=1e-9, atol=1e-12
+    )
+
+
+def test_atp_sequence_classifier_first_order():
+    hf, tok = tiny_classifier("gpt2")
+    model = ax.load_model(full_double(hf), tokenizer=tok)
+    text, bad = "a bad day", "a good dog"
+    ids, bad_ids = tok(text)["input_ids"], tok(bad)["input_ids"]
+    assert len(ids) == len(bad_ids)
+    got = ax.attribution_patching(model, text, targets=1, corrupted=bad, objective="logit")
+    blocks, _, proj, _, _ = modules(model)
+    seen: dict = {}
+
+    def run(x, layer=None, value=None):
+        handles = []
+        for n, p in enumerate(proj):
+
+            def pre(m, a, n=n):
+                if layer is None:  # the unpatched runs record their activations
+                    seen.setdefault(tuple(x), {})[n] = a[0][0].clone()
+                if n == layer:
+                    z = a[0].clone()
+                    z[0] = value
+                    return (z,)
+                return None
+
+            handles.append(p.register_forward_pre_hook(pre))
+        with torch.no_grad():
+            out = model.hf(input_ids=torch.tensor([x])).logits[0, 1]
+        for h in handles:
+            h.remove()
+        return float(out)
+
+    run(ids)
+    run(bad_ids)
+    clean, corrupt = seen[tuple(ids)], seen[tuple(bad_ids)]
+    eps = 1e-4
+    heads = model.hf.config.num_attention_heads
+    d = model.hf.config.hidden_size // heads
+    for layer in range(len(blocks)):
+        for h in range(heads):
+            for p in range(len(ids)):
+                moved = []
+                for s in (eps, -eps):
+                    z = clean[layer].clone()
+                    cols = slice(h * d, (h + 1) * d)
+                    z[p, cols] = z[p, cols] + s * (corrupt[layer][p, cols] - clean[layer][p, cols])
+                    moved.append(run(ids, layer, z))
+                want = (moved[0] - moved[1]) / (2 * eps)
+                np.testing.assert_allclose(got.values[0, p, layer, h], want, rtol=1e-6, atol=1e-9)
+
+
+# --- errors, CLI, dataset ------------------------------------------------------------------
+
+
+def test_errors(models, models64):
+    gpt2 = models64["gpt2"]
+    with pytest.raises(ax.ModelError, match="encoder-decoder"):
+        ax.direct_logit_attribution(models["bart"], SOURCE, TARGET)
+    with pytest.raises(ax.ModelError, match="encoder-decoder"):
+        ax.attribution_patching(models["t5"], SOURCE, TARGET, corrupted=SOURCE)
+    hf, tok = tiny_classifier("bert")
+    bert = ax.load_model(hf, tokenizer=tok)
+    with pytest.raises(ax.ModelError, match="BertForSequenceClassification"):
+        ax.direct_logit_attribution(bert, "a good day", targets=0)
+    with pytest.raises(ax.OptionError, match="objective"):
+        ax.direct_logit_attribution(gpt2, SOURCE, TARGET, objective="logit")
+    with pytest.raises(ax.OptionError, match="`corrupted` is required"):
+        ax.attribution_patching(gpt2, SOURCE, TARGET)
+    with pytest.raises(ax.InputError, match="same token length"):
+        ax.attribution_patching(gpt2, SOURCE, TARGET, corrupted="The capital is")
+    with pytest.raises(ax.InputError, match="align"):
+        ax.attribution_patching(gpt2, SOURCE, TARGET, corrupted=[CORRUPTED, CORRUPTED])
+    with pytest.raises(ax.OptionError, match="site"):
+        ax.attribution_patching(gpt2, SOURCE, TARGET, corrupted=CORRUPTED, site="keys")
+    with pytest.raises(ax.OptionError, match="heads"):
+        ax.attribution_patching(gpt2, SOURCE, TARGET, corrupted=CORRUPTED, site="mlp", heads=0)
+    with pytest.raises(ax.OptionError, match="layers"):
+        ax.direct_logit_attribution(gpt2, SOURCE, TARGET, layers=5)
+
+
+def test_cli_and_dataset(tmp_path, write_jsonl):
+    out = tmp_path / "dla.nc"
+    args = ["attribute", "--input", "1 2 3 =", "--target", " 3 2 1", "--reduce", "none"]
+    assert main([*args, "--method", "direct_logit_attribution", "--out", str(out)]) == 0
+    saved = ax.load(out)
+    direct = ax.direct_logit_attribution(ax.load_model(), "1 2 3 =", " 3 2 1")
+    np.testing.assert_allclose(saved.values, direct.values, rtol=1e-6)
+    out = tmp_path / "atp.nc"
+    corrupted = ["--option", "corrupted=1 2 4 ="]
+    assert main([*args, "--method", "attribution_patching", *corrupted, "--out", str(out)]) == 0
+    patched_da = ax.attribution_patching(ax.load_model(), "1 2 3 =", " 3 2 1", corrupted="1 2 4 =")
+    np.testing.assert_allclose(ax.load(out).values, patched_da.values, rtol=1e-6)
+    data = write_jsonl(
+        [{"input": "1 2 3 =", "target": " 3 2 1"}, {"input": "4 5 6 =", "target": " 6 5 4"}]
+    )
+    ax.attribute_dataset(
+        None,
+        data,
+        tmp_path / "run",
+        method="direct_logit_attribution",
+        reduce="sum:head,sum:layer",
+        progress=False,
+    )
+    loaded = ax.load_dataset_results(tmp_path / "run")
+    assert loaded.dims == ("example", "target", "source")
+    first = loaded.isel(example=0).dropna("target", how="all").dropna("source", how="all")
+    want = direct.sum(["head", "layer"], skipna=False)
+    np.testing.assert_allclose(first.values, want.values[:, : first.sizes["source"]], rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("name", "options"),
+    [
+        ("attribution_patching", {"site": "keys", "corrupted": "x"}),
+        ("attribution_patching", {"corrupted": None}),
+        ("attribution_patching", {"corrupted": 3}),
+        ("direct_logit_attribution", {"layers": "first"}),
+        ("direct_logit_attribution", {"heads": "all"}),
+    ],
+)
+def test_bad_options_are_refused_before_the_model_runs(models, monkeypatch, name, options):
+    model = models["gpt2"]
+
+    def boom(*args, **kwargs):
+        raise AssertionError("the model ran")
+
+    monkeypatch.setattr(model.hf, "forward", boom)
+    with pytest.raises(ax.OptionError):
+        getattr(ax, name)(model, SOURCE, **options)
