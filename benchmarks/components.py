@@ -1,0 +1,222 @@
+"""Direct logit attribution and attribution patching vs per-target loops in plain PyTorch.
+
+The loops are what a TransformerLens/nnsight user writes by hand: one cached forward (hooks on the
+attention maps, values, MLPs and the final norm's input), then one decomposition per target
+(DLA); one clean forward with probes on the head outputs and one ``backward`` per target with
+the graph retained (AtP), the corrupted activations read once. attrax runs every target at once
+(DLA: two contractions per layer; AtP: one ``vmap``-ed backward). Parity (max abs difference
+<= 1e-4 after the same labelling) is checked before anything is timed; times are medians of
+``--repeats`` runs, ratios from the same process.
+
+W1: the benchmark GPT-2 (``workloads.py``; 4 layers, 4 heads, 256 wide), 32 prompt + 32 target
+tokens. W1-llama: a random Llama of the same sizes (2 key-value heads, RMSNorm, RoPE) on the same
+texts. W2 (Marian, an encoder-decoder) is outside both methods (a ModelError, reported).
+
+    PYTHONPATH=$PWD/src:$PWD python -m benchmarks.components [--quick] [--out FILE.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+
+import attrax as ax
+
+from . import workloads
+
+
+def _modules(hf: Any) -> tuple[list, list, list, list, Any, str]:
+    base, kind = hf.base_model, hf.config.model_type
+    if kind == "gpt2":
+        blocks = list(base.h)
+        attn = [b.attn for b in blocks]
+        return blocks, [a.c_proj for a in attn], [a.c_attn for a in attn], attn, base.ln_f, kind
+    blocks = list(base.layers)
+    attn = [b.self_attn for b in blocks]
+    return blocks, [a.o_proj for a in attn], [a.v_proj for a in attn], attn, base.norm, kind
+
+
+def loop_dla(hf: Any, ids: torch.Tensor, first: int) -> np.ndarray:
+    """``[K, L, layer, head + 1]``: one cached forward, then one decomposition per target."""
+    blocks, proj, value, attn, norm, kind = _modules(hf)
+    heads = hf.config.num_attention_heads
+    d = hf.config.hidden_size // heads
+    cache: dict[str, Any] = {"v": {}, "mlp": {}}
+    hooks = [
+        m.register_forward_hook(lambda _m, _a, o, n=n: cache["v"].__setitem__(n, o[0]))
+        for n, m in enumerate(value)
+    ]
+    hooks += [
+        b.mlp.register_forward_hook(lambda _m, _a, o, n=n: cache["mlp"].__setitem__(n, o[0]))
+        for n, b in enumerate(blocks)
+    ]
+    hooks.append(norm.register_forward_pre_hook(lambda _m, a: cache.__setitem__("x", a[0][0])))
+    with torch.no_grad():
+        out = hf(input_ids=ids, output_attentions=True, use_cache=False)
+        for h in hooks:
+            h.remove()
+        unembed = hf.get_output_embeddings().weight
+        length = ids.shape[1]
+        result = np.zeros((length - first, length, len(blocks), heads + 1))
+        for k in range(length - first):  # the per-target loop being compared
+            i, t = first + k - 1, int(ids[0, first + k])
+            x = cache["x"][i]
+            g = norm.weight * unembed[t]
+            if kind == "gpt2":
+                g = (g - g.mean()) / torch.sqrt(x.var(unbiased=False) + norm.eps)
+            else:
+                g = g / torch.sqrt(x.pow(2).mean() + norm.variance_epsilon)
+            for n in range(len(blocks)):
+                v = cache["v"][n]
+                if kind == "gpt2":
+                    v = v[:, 2 * hf.config.hidden_size :].unflatten(-1, (heads, d))
+                else:
+                    v = v.unflatten(-1, (-1, d))
+                    v = v.repeat_interleave(heads // v.shape[1], dim=1)
+                w = proj[n].weight if kind == "gpt2" else proj[n].weight.T
+                w = w.unflatten(0, (heads, d))  # [head, d, hidden]
+                a = out.attentions[n][0, :, i]  # [head, keys]
+                per = torch.einsum("hj,jhd,hdx,x->jh", a, v, w, g)
+                result[k, :, n, :heads] = per.numpy()
+                result[k, i, n, heads] = float(cache["mlp"][n][i] @ g)
+    return result
+
+
+def loop_atp(hf: Any, ids: torch.Tensor, bad: torch.Tensor, first: int) -> np.ndarray:
+    """``[K, L, layer, head]``: one clean forward with probes, one backward per target."""
+    _, proj, _, _, _, _ = _modules(hf)
+    heads = hf.config.num_attention_heads
+    corrupt: dict[int, torch.Tensor] = {}
+    hooks = [
+        p.register_forward_pre_hook(lambda _m, a, n=n: corrupt.__setitem__(n, a[0][0]))
+        for n, p in enumerate(proj)
+    ]
+    with torch.no_grad():
+        hf(input_ids=bad, use_cache=False)
+    for h in hooks:
+        h.remove()
+    clean: dict[int, torch.Tensor] = {}
+    probes = [torch.zeros(ids.shape[1], hf.config.hidden_size, requires_grad=True) for _ in proj]
+
+    def add(n: int) -> Callable:
+        def hook(_m: Any, a: tuple) -> tuple:
+            clean[n] = a[0][0].detach()
+            return (a[0] + probes[n], *a[1:])
+
+        return hook
+
+    hooks = [p.register_forward_pre_hook(add(n)) for n, p in enumerate(proj)]
+    logits = hf(input_ids=ids, use_cache=False).logits[0]
+    for h in hooks:
+        h.remove()
+    probs = torch.softmax(logits, -1)
+    length = ids.shape[1]
+    result = np.zeros((length - first, length, len(proj), heads))
+    for k in range(length - first):  # the per-target loop being compared
+        i, t = first + k - 1, int(ids[0, first + k])
+        grads = torch.autograd.grad(probs[i, t], probes, retain_graph=True)
+        for n, g in enumerate(grads):
+            delta = (corrupt[n] - clean[n]).unflatten(-1, (heads, -1))
+            result[k, :, n] = (g.unflatten(-1, (heads, -1)) * delta).sum(-1).numpy()
+    return result
+
+
+def timed(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
+    times, out = [], None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), out
+
+
+def llama_like(gpt2: Any) -> Any:
+    """A random Llama of the benchmark GPT-2's sizes (RoPE, RMSNorm, 2 key-value heads)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    c = gpt2.config
+    config = LlamaConfig(
+        vocab_size=c.vocab_size, hidden_size=c.n_embd, intermediate_size=4 * c.n_embd,
+        num_hidden_layers=c.n_layer, num_attention_heads=c.n_head, num_key_value_heads=2,
+        max_position_embeddings=c.n_positions, tie_word_embeddings=False,
+        bos_token_id=c.bos_token_id, eos_token_id=c.eos_token_id, pad_token_id=c.eos_token_id,
+        initializer_range=0.1, attn_implementation="eager",
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config).eval()
+
+
+def run(quick: bool, repeats: int) -> dict[str, Any]:
+    torch.manual_seed(0)
+    gpt2, tok = workloads.load("gpt2")
+    n_prompt, n_target = (16, 8) if quick else (32, 32)
+    prompt, target = workloads.texts("gpt2", tok, n_prompt, n_target)
+    corrupted = workloads._exact(tok, workloads.word_stream(99), n_prompt, leading_space=False)
+    ids = torch.tensor([tok(prompt + target)["input_ids"]])
+    bad = torch.tensor([tok(corrupted + target)["input_ids"]])
+    assert bad.shape == ids.shape and (bad[0, n_prompt:] == ids[0, n_prompt:]).all()
+    results: dict[str, Any] = {"n_prompt": n_prompt, "n_target": n_target, "workloads": {}}
+    for name, hf in (("W1", gpt2), ("W1-llama", llama_like(gpt2))):
+        model = ax.load_model(hf, tokenizer=tok)
+        row: dict[str, Any] = {}
+        for method, attrax_fn, loop_fn in (
+            (
+                "direct_logit_attribution",
+                lambda m=model: ax.direct_logit_attribution(m, prompt, target),
+                lambda hf=hf: loop_dla(hf, ids, n_prompt),
+            ),
+            (
+                "attribution_patching",
+                lambda m=model: ax.attribution_patching(m, prompt, target, corrupted=corrupted),
+                lambda hf=hf: loop_atp(hf, ids, bad, n_prompt),
+            ),
+        ):
+            got, want = attrax_fn(), loop_fn()  # parity before timing (and a warm-up)
+            values = np.nan_to_num(got.values, nan=0.0)
+            mask = np.isnan(got.values)
+            diff = float(np.abs(values - np.where(mask, 0.0, want)).max())
+            if diff > 1e-4:
+                raise SystemExit(f"{name} {method}: parity failed, max abs diff {diff:.3g}")
+            t_attrax, _ = timed(attrax_fn, repeats)
+            t_loop, _ = timed(loop_fn, repeats)
+            row[method] = {
+                "parity_max_abs_diff": diff,
+                "attrax_s": round(t_attrax, 4),
+                "loop_s": round(t_loop, 4),
+                "speedup": round(t_loop / t_attrax, 2),
+            }
+            print(name, method, row[method], flush=True)
+        results["workloads"][name] = row
+    marian, mtok = workloads.load("marian")
+    try:
+        ax.direct_logit_attribution(ax.load_model(marian, tokenizer=mtok), "a", "b")
+    except ax.ModelError as err:
+        results["workloads"]["W2"] = f"not defined: {err}"
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="16 + 8 tokens, 1 repeat")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--out", help="write the numbers as JSON")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    results = run(args.quick, 1 if args.quick else args.repeats)
+    results["threads"] = 1
+    if args.out:
+        with open(args.out, "w") as fh:
+            json.dump(results, fh, indent=2)
+    print(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
