@@ -226,7 +226,7 @@ def direct_logit_attribution(
     if t.contrast_ids is not None:
         direction = direction - unembed[t.contrast_ids]
     gamma = parts.norm.weight
-    u = full_precision(direction * gamma)
+    u = full_precision(direction) * full_precision(gamma)
     if parts.kind == "gpt2":
         u = u - u.mean(-1, keepdim=True)
     length = t.ids.shape[1]
