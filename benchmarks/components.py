@@ -45,7 +45,7 @@ def _modules(hf: Any) -> tuple[list, list, list, list, Any, str]:
 
 def loop_dla(hf: Any, ids: torch.Tensor, first: int) -> np.ndarray:
     """``[K, L, layer, head + 1]``: one cached forward, then one decomposition per target."""
-    blocks, proj, value, attn, norm, kind = _modules(hf)
+    blocks, proj, value, _, norm, kind = _modules(hf)
     heads = hf.config.num_attention_heads
     d = hf.config.hidden_size // heads
     cache: dict[str, Any] = {"v": {}, "mlp": {}}
