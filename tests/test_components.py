@@ -482,6 +482,12 @@ def test_errors(models, models64):
     bert = ax.load_model(hf, tokenizer=tok)
     with pytest.raises(ax.ModelError, match="BertForSequenceClassification"):
         ax.direct_logit_attribution(bert, "a good day", targets=0)
+    hf, tok = tiny_classifier("qwen2")
+    with pytest.raises(ax.ModelError, match="Qwen2ForSequenceClassification"):
+        ax.direct_logit_attribution(ax.load_model(hf, tokenizer=tok), "a good day", targets=0)
+    hf, tok = tiny_classifier("gpt2", task="token")
+    with pytest.raises(ax.ModelError, match="token classifier"):
+        ax.direct_logit_attribution(ax.load_model(hf, tokenizer=tok), "a good day", targets=0)
     with pytest.raises(ax.OptionError, match="objective"):
         ax.direct_logit_attribution(gpt2, SOURCE, TARGET, objective="logit")
     with pytest.raises(ax.OptionError, match="`corrupted` is required"):
@@ -547,3 +553,48 @@ def test_bad_options_are_refused_before_the_model_runs(models, monkeypatch, name
     monkeypatch.setattr(model.hf, "forward", boom)
     with pytest.raises(ax.OptionError):
         getattr(ax, name)(model, SOURCE, **options)
+
+
+def test_atp_contrast_is_the_difference_of_logit_estimates(models64):
+    """With the logit objective AtP is linear in the score: contrast = target minus contrast."""
+    model = models64["gpt2"]
+    contrast = " Rome"
+    if len(token_ids(model, SOURCE, contrast)[1]) != len(token_ids(model, SOURCE, TARGET)[1]):
+        pytest.skip("contrast does not align in this tokenizer")
+    kw = {"corrupted": CORRUPTED, "objective": "logit"}
+    both = ax.attribution_patching(model, SOURCE, TARGET, contrast=contrast, **kw)
+    one = ax.attribution_patching(model, SOURCE, TARGET, **kw)
+    other = ax.attribution_patching(model, SOURCE, contrast, **kw)
+    np.testing.assert_allclose(both.values, one.values - other.values, rtol=1e-9, atol=1e-12)
+
+
+def test_atp_token_classifier_equals_per_token_autograd():
+    hf, tok = tiny_classifier("gpt2", task="token")
+    model = ax.load_model(full_double(hf), tokenizer=tok)
+    text, bad = "a bad day", "a good dog"
+    got = ax.attribution_patching(model, text, 1, corrupted=bad, objective="logit")
+    ids, bad_ids = tok(text)["input_ids"], tok(bad)["input_ids"]
+    _, _, proj, _, _ = modules(model)
+    clean, corrupt = capture(model, ids, "heads"), capture(model, bad_ids, "heads")
+    heads = model.hf.config.num_attention_heads
+    assert got["target"].values.tolist() == list(range(len(ids)))
+    for position in range(len(ids)):  # the naive loop: one backward per token
+        probes = [torch.zeros_like(z, requires_grad=True) for z in clean]
+        handles = [
+            p.register_forward_pre_hook(lambda m, a, n=n, ps=probes: (a[0] + ps[n], *a[1:]))
+            for n, p in enumerate(proj)
+        ]
+        logit = model.hf(input_ids=torch.tensor([ids])).logits[0, position, 1]
+        for h in handles:
+            h.remove()
+        grads = torch.autograd.grad(logit, probes)
+        want = np.stack(
+            [
+                (g * (corrupt[n] - clean[n])).unflatten(-1, (heads, -1)).sum(-1).numpy()
+                for n, g in enumerate(grads)
+            ],
+            axis=1,
+        )  # [source, layer, head]
+        seen = position + 1  # causal: later tokens are NaN, and their gradients exactly 0
+        assert np.isnan(got.values[position, seen:]).all() and not want[seen:].any()
+        np.testing.assert_allclose(got.values[position, :seen], want[:seen], rtol=1e-9, atol=1e-12)
