@@ -52,12 +52,11 @@ COMPONENTS = Family(
 #: Attribution patching: one clean and one corrupted forward, one vectorized backward.
 PATCHING = Family(
     name="patching",
-    takes=("objective", "contrast", "positions", "chunk_size", "max_new_tokens"),
+    takes=("objective", "contrast", "positions", "chunk_size", "max_new_tokens", "max_memory"),
     refuses={
         "attribute_target": "attribution patching is for decoder-only models and classifiers",
         "batch_size": "attribution patching runs one clean and one corrupted forward: there are "
         "no points to batch",
-        "max_memory": "attribution patching has no planner: bound its backward with chunk_size",
     },
 )
 
@@ -328,8 +327,9 @@ def attribution_patching(
     forward give every estimate; real patching needs one forward per layer, head and position.
 
     Arguments:
-        model, inputs, targets, objective, contrast, positions, chunk_size, max_new_tokens: as
-            :func:`attrax.saliency`. The corrupted run is scored on the same targets.
+        model, inputs, targets, objective, contrast, positions, chunk_size, max_new_tokens,
+            max_memory: as :func:`attrax.saliency`. The corrupted run is scored on the same
+            targets.
         corrupted: the corrupted input(s), aligned with ``inputs``, each with exactly as many
             tokens as its clean input (positions must match for patching to mean anything).
         site: which activations: ``"heads"`` (each head's output before the output projection,
@@ -418,8 +418,8 @@ def attribution_patching(
     width = hidden.shape[1]
     one_hot = torch.eye(width, dtype=hidden.dtype, device=hidden.device)
     cotangents = one_hot[:, None, :, None] * head_grad[None]
-    chunk = call.options["chunk_size"]
-    chunk = None if chunk in ("auto", None) else chunk
+    # "auto": the planner's estimate for gradients of the same model (targets per backward)
+    _, chunk = problem.plan(1, None, call.options["chunk_size"])
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", r"There is a performance drop", UserWarning)
         grads = torch.vmap(pullback, chunk_size=chunk)(cotangents)  # per layer [K, B, L, ...]
