@@ -527,6 +527,11 @@ def test_cli_and_dataset(tmp_path, write_jsonl):
         reduce="sum:head,sum:layer",
         progress=False,
     )
+    with pytest.raises(ax.OptionError, match="`corrupted` is required"):
+        # `corrupted` belongs to each record, and dataset runs give every record the same options
+        ax.attribute_dataset(
+            None, data, tmp_path / "atp", method="attribution_patching", progress=False
+        )
     loaded = ax.load_dataset_results(tmp_path / "run")
     assert loaded.dims == ("example", "target", "source")
     first = loaded.isel(example=0).dropna("target", how="all").dropna("source", how="all")
