@@ -39,8 +39,7 @@ def _rescaled(hf, names, reference_forward, attributed_forward):
     modules = [m for m in hf.modules() if type(m).__name__ in names]
     seen: dict[int, list[torch.Tensor]] = {id(m): [] for m in modules}
     handles = [
-        m.register_forward_pre_hook(lambda m, a: seen[id(m)].append(a[0].detach()))
-        for m in modules
+        m.register_forward_pre_hook(lambda m, a: seen[id(m)].append(a[0].detach())) for m in modules
     ]
     try:
         with torch.no_grad():
@@ -129,7 +128,9 @@ def test_rescale_rule_sums_to_delta_on_an_mlp(kinds):
     # an MLP: linear -> act -> linear -> act -> linear; every nonlinearity is rescaled, so the
     # attributions of every output add up to f(x) - f(x0) exactly (vmapped over outputs)
     g = torch.Generator().manual_seed(0)
-    w1, w2, w3 = (torch.randn(s, generator=g, dtype=torch.float64) for s in ((7, 5), (6, 7), (4, 6)))
+    w1, w2, w3 = (
+        torch.randn(s, generator=g, dtype=torch.float64) for s in ((7, 5), (6, 7), (4, 6))
+    )
     b1, b2 = torch.randn(7, generator=g, dtype=torch.float64), torch.randn(6, dtype=torch.float64)
     x, x0 = torch.randn(5, generator=g, dtype=torch.float64), torch.zeros(5, dtype=torch.float64)
 
@@ -188,8 +189,10 @@ def test_deeplift_equals_hooked_loop(double_models, arch):
     run = _naive.Runner(model, source_ids, target_ids)
     x = run.embeddings()
     reference = [torch.zeros_like(x[0]), *x[1:]]
-    delta = [run.score(t, x, _naive.probability) - run.score(t, reference, _naive.probability)
-             for t in run.targets()]
+    delta = [
+        run.score(t, x, _naive.probability) - run.score(t, reference, _naive.probability)
+        for t in run.targets()
+    ]
     np.testing.assert_allclose(
         got.completeness_gap.values, np.nansum(want, axis=(1, 2)) - delta, rtol=1e-6, atol=1e-12
     )
@@ -202,7 +205,9 @@ def test_pad_baseline_chunks_and_forward_mode(double_models):
     assert_close(got.values, naive_deeplift(model, source, target, baseline="pad"))
     whole = ax.deeplift(model, source, target, baseline="pad")
     assert_close(whole.values, got.values, rtol=1e-9)
-    forward = ax.deeplift(model, source, target, baseline="pad", reduce_hidden="sum", mode="forward")
+    forward = ax.deeplift(
+        model, source, target, baseline="pad", reduce_hidden="sum", mode="forward"
+    )
     assert_close(forward.values, got.sum("hidden", skipna=False).values, rtol=1e-9)
     np.testing.assert_allclose(forward.completeness_gap, got.completeness_gap, rtol=1e-9)
 
@@ -350,7 +355,9 @@ def test_cli_and_dataset_run(tmp_path, default_model, write_jsonl):
     assert da.attrs["method"] == "deeplift" and "completeness_gap" in da.coords
     want = ax.deeplift(default_model, "3 1 4 =", " 4 1 3", reduce_hidden="sum")
     np.testing.assert_allclose(da.values, want.values, rtol=1e-5, atol=1e-7)
-    data = write_jsonl([{"input": "3 1 4 =", "target": " 4 1 3"}, {"input": "5 9 =", "target": " 9 5"}])
+    data = write_jsonl(
+        [{"input": "3 1 4 =", "target": " 4 1 3"}, {"input": "5 9 =", "target": " 9 5"}]
+    )
     out = tmp_path / "run"
     run = ax.attribute_dataset(
         default_model, data, out, method="deeplift_shap", progress=False, samples=2

@@ -119,7 +119,9 @@ class _References:
         return _Rescale.apply(u, reference, kind)[0]
 
     @torch.no_grad()
-    def record(self, problem: Problem, chunk: torch.Tensor, bases: tuple[torch.Tensor, ...]) -> None:
+    def record(
+        self, problem: Problem, chunk: torch.Tensor, bases: tuple[torch.Tensor, ...]
+    ) -> None:
         """The reference forward over baselines ``[n, B, L, H]`` per side (points ``chunk``)."""
         self.saved, self.calls, self.recording = [], 0, True
         try:
@@ -246,9 +248,7 @@ def deeplift(
     (('target', 'source', 'hidden'), True)
     """
     base = baseline_embeddings(problem, baseline)
-    return _rescale_rule(
-        problem, tuple(b[None] for b in base), torch.ones(1, dtype=torch.float64)
-    )
+    return _rescale_rule(problem, tuple(b[None] for b in base), torch.ones(1, dtype=torch.float64))
 
 
 def _check_samples(value: object, name: str) -> None:
