@@ -92,6 +92,7 @@ class _References:
         self.values: dict[int, torch.Tensor] = {}  # point index -> objective at its baseline
         self.total: torch.Tensor | None = None  # [B, K]: the attributions' sums
         self.weights: torch.Tensor | None = None  # [N]: the baselines' weights
+        self.end: torch.Tensor | None = None  # [B, K]: the objective at the input, f(x)
 
     def tap(self, u: torch.Tensor, kind: str) -> torch.Tensor | None:
         if kind not in self.kinds:
@@ -122,19 +123,32 @@ class _References:
     def record(
         self, problem: Problem, chunk: torch.Tensor, bases: tuple[torch.Tensor, ...]
     ) -> None:
-        """The reference forward over baselines ``[n, B, L, H]`` per side (points ``chunk``)."""
+        """The reference forward over baselines ``[n, B, L, H]`` per side (points ``chunk``).
+
+        The first one also runs the input itself (stacked first), for ``f(x)`` of the gap.
+        """
+        first = self.end is None
+        if first:
+            bases = tuple(
+                torch.cat([xi[None], b]) for xi, b in zip(problem.inputs, bases, strict=True)
+            )
         self.saved, self.calls, self.recording = [], 0, True
         try:
-            values = problem.evaluate(bases)  # [n, B, K]
+            values = problem.evaluate(bases)  # [n (+1), B, K]
         finally:
             self.recording = False
+        if first:
+            self.end, values = values[0], values[1:]
+            # rows are point-major (points flattened with the batch): drop the input's share
+            points = len(values) + 1
+            self.saved = [s[s.shape[0] // points :] for s in self.saved]
         for i, v in zip(chunk.tolist(), values, strict=True):
             self.values[i] = v
 
-    def gap(self, problem: Problem) -> torch.Tensor:
+    def gap(self) -> torch.Tensor:
         """``[B, K]``: the attributions' sum minus ``f(x) - sum_i w_i f(b_i)``."""
-        assert self.total is not None and self.weights is not None
-        end = problem.evaluate(tuple(xi[None] for xi in problem.inputs))[0]
+        assert self.total is not None and self.weights is not None and self.end is not None
+        end = self.end
         w = self.weights.to(dtype=end.dtype, device=end.device)
         start = torch.stack([self.values[i] for i in range(len(w))])
         return self.total - (end - torch.einsum("nbk,n->bk", start, w))
@@ -168,12 +182,12 @@ class _WithGap:
 
 
 def _run(core: Callable[..., Rule], call: Call, arguments: dict[str, Any]) -> xr.DataArray:
-    problem = call.problem  # tokenized (targets generated) before any activation is tapped
+    _ = call.problem  # tokenized (targets generated) before any activation is tapped
     references = _References(_KINDS[arguments["activations"]])
     token = _ACTIVE.set(references)
     try:
         with activation_tap(references.tap):
-            labelled = _WithGap(call, lambda: references.gap(problem))
+            labelled = _WithGap(call, references.gap)
             return GRADIENT.run(core, labelled, arguments)  # type: ignore[arg-type]
     finally:
         _ACTIVE.reset(token)
