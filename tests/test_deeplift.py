@@ -347,6 +347,20 @@ def test_bad_options_are_refused(default_model):
         ax.deeplift(default_model, *run, baselines=["zeros"])
 
 
+def test_unknown_activations_are_refused():
+    hf, tok = tiny_model("gpt2", activation_function="quick_gelu")
+    model = ax.load_model(hf, tokenizer=tok)
+    with pytest.raises(ax.ModelError, match=r"QuickGELUActivation.*activations='captum'"):
+        ax.deeplift(model, *PAIRS[0])
+    # Captum hooks no QuickGELU either: its DeepLift keeps the gradient there, as attrax then does
+    got = ax.deeplift(model, *PAIRS[0], activations="captum")
+    np.testing.assert_allclose(got.values, ax.input_x_gradient(model, *PAIRS[0]).values, rtol=1e-5)
+    hf, tok = tiny_model("gpt2")
+    hf.transformer.h[0].mlp.act = torch.nn.ELU()  # Captum hooks nn.ELU; attrax has no rule
+    with pytest.raises(ax.ModelError, match=r"'transformer.h.0.mlp.act' \(ELU\)"):
+        ax.deeplift(ax.load_model(hf, tokenizer=tok), *PAIRS[0], activations="captum")
+
+
 def test_cli_and_dataset_run(tmp_path, default_model, write_jsonl):
     nc = tmp_path / "dl.nc"
     args = ["attribute", "--method", "deeplift", "--input", "3 1 4 =", "--target", " 4 1 3"]

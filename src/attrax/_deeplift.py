@@ -32,7 +32,14 @@ from . import _validate as check
 from ._engine import Problem, baseline_embeddings
 from ._errors import ModelError, OptionError
 from ._gradients import GRADIENT, Baselines, Rule, _as_list
-from ._model import _ACTIVATIONS, _value, _value_and_derivative, activation_tap
+from ._model import (
+    _ACTIVATIONS,
+    Model,
+    _activation_kind,
+    _value,
+    _value_and_derivative,
+    activation_tap,
+)
 from ._protocol import COMMON, Call, Family, Param
 
 #: Which activations get the Rescale rule: every elementwise one attrax knows, or only those
@@ -42,6 +49,21 @@ _KINDS = {
     "all": frozenset(_ACTIVATIONS.values()),
     "captum": frozenset({"relu", "tanh", "sigmoid"}),
 }
+# modules of the activation libraries that are not elementwise: they keep their gradient
+_NOT_ELEMENTWISE = frozenset(
+    {
+        "MultiheadAttention",
+        "Softmax",
+        "Softmin",
+        "LogSoftmax",
+        "Softmax2d",
+        "GLU",
+        "LinearActivation",
+    }
+)
+_ACTIVATION_LIBRARIES = ("torch.nn.modules.activation", "transformers.activations")
+# the elementwise modules Captum's DeepLift hooks that attrax has no rule for
+_CAPTUM_ONLY = frozenset({"ELU", "LeakyReLU", "Softplus"})
 #: below this input difference the multiplier is the derivative (Captum's ``eps``)
 EPS = 1e-10
 
@@ -181,7 +203,30 @@ class _WithGap:
         return self._call.label(sides, target_coords=coords, **kwargs)
 
 
+def _check_activations(model: Model, activations: str) -> None:
+    """A ModelError for an elementwise activation module the Rescale rule would silently skip."""
+    for name, module in model.hf.named_modules():
+        kind = type(module).__name__
+        if type(module).__module__ not in _ACTIVATION_LIBRARIES or kind in _NOT_ELEMENTWISE:
+            continue
+        if _activation_kind(module) is not None:
+            continue
+        if activations == "all" or kind in _CAPTUM_ONLY:
+            covered = "ReLU, GELU, tanh-GELU, SiLU, Tanh, Sigmoid modules"
+            raise ModelError(
+                f"DeepLIFT has no Rescale rule for the activation module {name!r} ({kind}); "
+                f"attrax rescales {covered}"
+                + (
+                    ""
+                    if activations == "captum"
+                    else "; activations='captum' rescales only the "
+                    "ReLU/Tanh/Sigmoid modules and keeps the gradient elsewhere"
+                )
+            )
+
+
 def _run(core: Callable[..., Rule], call: Call, arguments: dict[str, Any]) -> xr.DataArray:
+    _check_activations(call.model, arguments["activations"])
     _ = call.problem  # tokenized (targets generated) before any activation is tapped
     references = _References(_KINDS[arguments["activations"]])
     token = _ACTIVE.set(references)
