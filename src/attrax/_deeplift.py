@@ -295,7 +295,8 @@ def deeplift(
         activations: ``"all"`` (default): every elementwise activation (ReLU, GELU, tanh-GELU,
             SiLU, tanh, sigmoid modules) gets the Rescale rule; ``"captum"``: only ReLU, tanh
             and sigmoid modules (Captum hooks ``nn.ReLU``/``nn.Tanh``/``nn.Sigmoid``, not GELU
-            or SiLU, whose gradient it keeps).
+            or SiLU, whose gradient it keeps). An elementwise activation module without a rule
+            (``QuickGELUActivation``, ``nn.ELU``, ...) raises a :class:`ModelError`.
 
     Returns:
         DataArray ``(target, source, hidden)`` with a ``completeness_gap`` coordinate along
