@@ -72,7 +72,9 @@ def _rescaled(hf, names, reference_forward, attributed_forward):
             h.remove()
 
 
-def naive_deeplift(model, source, target, baseline="zeros", names=EVERY) -> np.ndarray:
+def naive_deeplift(
+    model, source, target, baseline="zeros", names=EVERY, attribute_target=False
+) -> np.ndarray:
     """``[target, source, hidden]``: ``(x - x0) * g`` per target, one backward each; future NaN."""
     source_ids, target_ids = _naive.token_ids(model, source, target)
     run = _naive.Runner(model, source_ids, target_ids)
@@ -84,17 +86,23 @@ def naive_deeplift(model, source, target, baseline="zeros", names=EVERY) -> np.n
     else:  # the pad token's embedding everywhere
         pad = model.hf.get_input_embeddings()(torch.tensor([[model.pad_token_id]])).detach()
         x0 = pad.expand_as(x[0])
-    reference = [x0, *x[1:]]  # an encoder-decoder keeps its decoder input
+    reference = [x0, *x[1:]]  # an encoder-decoder keeps its decoder input...
+    if attribute_target:  # ...unless it is attributed too (a zero reference)
+        reference[1] = torch.zeros_like(x[1])
 
     def attributed():
         return run.gradients(x, _naive.probability, None)
 
     grads = _rescaled(model.hf, names, lambda: run.logits(reference), attributed)
+    sides = 2 if attribute_target else 1
     rows = []
     for t, g in zip(run.targets(), grads, strict=True):
-        row = ((x[0][0] - x0[0]) * g[0]).numpy().astype(np.float64)
+        parts = [(x[i][0] - reference[i][0]) * g[i] for i in range(sides)]
+        row = torch.cat(parts).numpy().astype(np.float64)
         if not model.is_encoder_decoder:
             row[t:] = np.nan
+        elif attribute_target:
+            row[len(source_ids) + t :] = np.nan
         rows.append(row)
     return np.stack(rows)
 
@@ -277,16 +285,15 @@ def test_deeplift_shap_batched_equals_single(double_models, arch, samples):
         np.testing.assert_allclose(gap, single.completeness_gap, rtol=1e-8, atol=1e-14)
 
 
-def test_attribute_target_on_encoder_decoder(double_models):
-    model = double_models["bart"]
-    source, target = PAIRS[0]
+@pytest.mark.parametrize("arch", ["marian", "bart"])
+def test_attribute_target_equals_hooked_loop(double_models, arch):
+    model = double_models[arch]
+    source, target = PAIRS[2]
     got = ax.deeplift(model, source, target, attribute_target=True)
-    x = model.embed(torch.tensor([[model.pad_token_id]]), "source")
-    assert got.sizes["source"] > len(model.tokenizer(source).input_ids)
-    # the sum over both sides still matches f(x) - f(0) up to the reported gap
+    assert set(got.side.values) == {"source", "target"}
+    assert_close(got.values, naive_deeplift(model, source, target, attribute_target=True))
     shap = ax.deeplift_shap(model, source, target, attribute_target=True, baselines=["zeros"])
     assert_close(shap.values, got.values, rtol=1e-9)
-    assert x.shape[-1] == got.sizes["hidden"]
 
 
 # --------------------------------------------------------------------------------------------------
