@@ -354,6 +354,21 @@ def test_bad_options_are_refused(default_model):
         ax.deeplift(default_model, *run, baselines=["zeros"])
 
 
+def test_memory_plan_counts_the_reference_inputs(default_model):
+    from attrax._protocol import Call
+
+    call = Call("deeplift", default_model, "1 2 3 =", " 3 2 1", {})
+    plain = call.problem.cost()
+    counted = _deeplift._WithGap(call, lambda: None).problem.cost()
+    config, x = default_model.hf.config, call.problem.inputs[0]
+    layers = config.num_hidden_layers if hasattr(config, "num_hidden_layers") else config.n_layer
+    width = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None)
+    width = width or 4 * x.shape[-1]
+    kept = x.shape[0] * x.shape[1] * width * x.element_size() * layers
+    assert counted.per_point - plain.per_point == kept
+    assert counted.per_cotangent == plain.per_cotangent and counted.fixed == plain.fixed
+
+
 def test_unknown_activations_are_refused():
     hf, tok = tiny_model("gpt2", activation_function="quick_gelu")
     model = ax.load_model(hf, tokenizer=tok)

@@ -22,16 +22,19 @@ of DeepLIFT with each (Captum's ``DeepLiftShap``), in one pass.
 from __future__ import annotations
 
 import contextvars
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
 import torch
 import xarray as xr
 
+from . import _arch
 from . import _validate as check
 from ._engine import Problem, baseline_embeddings
 from ._errors import ModelError, OptionError
 from ._gradients import GRADIENT, Baselines, Rule, _as_list
+from ._memory import Cost
 from ._model import (
     _ACTIVATIONS,
     Model,
@@ -188,12 +191,34 @@ _ACTIVE: contextvars.ContextVar[_References | None] = contextvars.ContextVar(
 )
 
 
+@dataclasses.dataclass(frozen=True)
+class _Problem(Problem):
+    """The call's problem, whose memory estimate also counts the reference inputs kept per point."""
+
+    def cost(self, saved: bool = True) -> Cost:
+        base = super().cost(saved)
+        if not saved:
+            return base
+        x = self.inputs[0]
+        tokens = sum(xi.shape[1] for xi in self.inputs)
+        if self.decoder_embeds is not None:
+            tokens += self.decoder_embeds.shape[1]
+        config = self.model.hf.config
+        width = _arch.mlp_width(config) or 4 * x.shape[-1]
+        kept = x.shape[0] * tokens * width * x.element_size() * _arch.total_layers(config)
+        return base._replace(per_point=base.per_point + kept)
+
+
 class _WithGap:
-    """The call, whose labelled result gains the ``completeness_gap`` along ``target``."""
+    """The call, whose labelled result gains the ``completeness_gap`` along ``target``, and
+    whose problem counts the reference inputs in its memory plan."""
 
     def __init__(self, call: Call, gap: Callable[[], torch.Tensor]) -> None:
         self._call = call
         self._gap = gap
+        problem = call.problem
+        fields = {f.name: getattr(problem, f.name) for f in dataclasses.fields(problem)}
+        self.problem = _Problem(**fields)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._call, name)
