@@ -19,6 +19,8 @@ if TYPE_CHECKING:
     from ._components import direct_logit_attribution as direct_logit_attribution
     from ._dataset import attribute_dataset as attribute_dataset
     from ._dataset import load_dataset_results as load_dataset_results
+    from ._deeplift import deeplift as deeplift
+    from ._deeplift import deeplift_shap as deeplift_shap
     from ._discrete import discretized_integrated_gradients as discretized_integrated_gradients
     from ._errors import AttraxError as AttraxError
     from ._errors import InputError as InputError

@@ -960,6 +960,9 @@ _ACTIVATIONS = {
     "SiLU": "silu",
     "SiLUActivation": "silu",
     "ReLU": "relu",
+    # BERT's pooler and sigmoid gates; DeepLIFT rescales them (as Captum hooks nn.Tanh/nn.Sigmoid)
+    "Tanh": "tanh",
+    "Sigmoid": "sigmoid",
     # BLOOM's tanh-GELU is an old-style autograd.Function, which torch.func cannot run at all
     "BloomGelu": "gelu_tanh",
 }
@@ -985,6 +988,10 @@ def _value_and_derivative(x: torch.Tensor, kind: str) -> tuple[torch.Tensor, tor
     elif kind == "silu":
         sig = torch.sigmoid(x)
         d = sig * (1.0 + x * (1.0 - sig))
+    elif kind == "tanh":
+        d = 1.0 - y * y
+    elif kind == "sigmoid":
+        d = y * (1.0 - y)
     else:  # relu
         d = (x > 0).to(x.dtype)
     return y, d
@@ -1030,6 +1037,9 @@ class _Activation(torch.autograd.Function):
         return tangent * derivative, None
 
 
+#: The activation kinds guided backprop and deconvolution modify by default (tanh and sigmoid,
+#: added for DeepLIFT, keep their true gradient there)
+GUIDED_KINDS = frozenset({"gelu_tanh", "gelu", "silu", "relu"})
 #: Backward rules an activation can run with (Springenberg et al. 2015, as Captum's hooks on
 #: ``nn.ReLU``): for a ReLU, guided = grad where input > 0 and grad > 0, deconvolution = relu(grad).
 BACKWARD_RULES = ("guided", "deconvolution")
@@ -1046,7 +1056,7 @@ def backward_rule(rule: str, kinds: Sequence[str] | None = None) -> Iterator[Non
     The rule is fixed at forward time and kept by autograd, so backwards (and vmapped backwards)
     run later still use it.
     """
-    every = frozenset(_ACTIVATIONS.values())
+    every = GUIDED_KINDS
     token = _RULE.set((rule, every if kinds is None else frozenset(kinds)))
     try:
         yield
@@ -1054,7 +1064,28 @@ def backward_rule(rule: str, kinds: Sequence[str] | None = None) -> Iterator[Non
         _RULE.reset(token)
 
 
+# a function each activation of attrax's forwards goes through first: (x, kind) -> its output,
+# or None for the usual one (DeepLIFT records and reads the reference inputs with it)
+Tap = Callable[[torch.Tensor, str], torch.Tensor | None]
+_TAP: contextvars.ContextVar[Tap | None] = contextvars.ContextVar("attrax_tap", default=None)
+
+
+@contextlib.contextmanager
+def activation_tap(tap: Tap) -> Iterator[None]:
+    """Forwards run inside pass every activation call through ``tap`` first."""
+    token = _TAP.set(tap)
+    try:
+        yield
+    finally:
+        _TAP.reset(token)
+
+
 def _activation(x: torch.Tensor, kind: str) -> torch.Tensor:
+    tap = _TAP.get()
+    if tap is not None:
+        out = tap(x, kind)
+        if out is not None:
+            return out
     if torch.is_grad_enabled():
         active = _RULE.get()
         if active is not None and kind in active[1]:
@@ -1070,6 +1101,10 @@ def _value(x: torch.Tensor, kind: str) -> torch.Tensor:
         return torch.nn.functional.gelu(x)
     if kind == "silu":
         return torch.nn.functional.silu(x)
+    if kind == "tanh":
+        return torch.tanh(x)
+    if kind == "sigmoid":
+        return torch.sigmoid(x)
     return torch.relu(x)
 
 
