@@ -146,12 +146,16 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for method in ("input_x_gradient", "integrated_gradients"):
         attrax_run(model, prompt, target, method)  # warm-up
-        mine, own = zip(*(attrax_run(model, prompt, target, method) for _ in range(repeats)))
+        mine, own = zip(
+            *(attrax_run(model, prompt, target, method) for _ in range(repeats)), strict=True
+        )
         ours = mine[-1]
         for library, run in libraries.items():
             if library == "inseq" and method == "integrated_gradients":
                 continue  # all zeros in Inseq 0.7 (module docstring)
-            theirs, times = zip(*(run(hf, tok, prompt, target, method) for _ in range(slow)))
+            theirs, times = zip(
+                *(run(hf, tok, prompt, target, method) for _ in range(slow)), strict=True
+            )
             error = rel_err(ours, theirs[-1])
             if np.isnan(ours).sum() != np.isnan(theirs[-1]).sum():
                 error = float("inf")  # a different NaN (future) pattern is a parity failure
