@@ -291,10 +291,14 @@ def saliency(problem: Problem, *, abs: bool = False) -> Rule:
         mode: ``"reverse"`` (one vectorized backward per target), ``"forward"`` (one ``jvp`` per
             source token; methods with a multiplier, with ``reduce_hidden="sum"``) or ``"auto"``.
         max_new_tokens: how many tokens to generate when ``targets`` is None.
+        layers: None (the token embeddings), an int, a list of ints or ``"all"``: attribute to
+            the residual stream at these layers instead (0: the embedding output, ``l``: block
+            ``l``'s output, before the final norm; negative from the end), adding a ``layer``
+            dim after ``source`` (docs/methods/gradients.md, "Layers").
 
     Returns:
         DataArray ``(target, source, hidden)``, with ``example`` first for a list of inputs;
-        ``(target, source)`` with ``reduce_hidden``.
+        ``(target, source)`` with ``reduce_hidden``; ``layer`` after ``source`` with ``layers``.
 
     >>> import attrax as ax
     >>> model = ax.load_model()
