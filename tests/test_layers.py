@@ -382,3 +382,15 @@ def test_gradient_shap_at_a_layer_equals_naive_loop(double):
     for k, t in enumerate(run.targets()):
         want[k, t:] = np.nan
     close(da.values, want)
+
+
+def test_decoder_only_classifier_layer_zero_is_the_embeddings_gradient():
+    """A GPT-2 sequence classifier pools its last token; layer 0 = token + position embeddings,
+    so its gradient is the embeddings' gradient; numpy ints are layers too."""
+    hf, tok = tiny_classifier("gpt2")
+    model = ax.load_model(hf.double(), tokenizer=tok)
+    texts = ["a fine film", "not good at all"]
+    da = ax.saliency(model, texts, layers=[np.int64(0), -1])
+    assert da.dims == ("example", "target", "source", "layer", "hidden")
+    assert da["layer"].values.tolist() == [0, 2]
+    close(da.isel(layer=0).values, ax.saliency(model, texts).values, tol=1e-12)

@@ -19,6 +19,7 @@ holds one copy of the points per layer, and copy ``l`` has block ``l``'s output 
 from __future__ import annotations
 
 import contextlib
+import numbers
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -37,17 +38,26 @@ ALL = "all"
 Layers = int | Sequence[int] | str | None
 
 
+def _is_int(value: object) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def check_layers(value: object, name: str) -> None:
     """``None``, an int, a non-empty list of ints or ``"all"`` (the range is checked against
-    the model when the call runs)."""
-    if value is None or value == ALL:
+    the model when the call runs).
+
+    >>> check_layers("last", "layers")
+    Traceback (most recent call last):
+    attrax._errors.OptionError: `layers` must be None, an int, a non-empty list of ints or 'all', got 'last'
+    """
+    if value is None or (isinstance(value, str) and value == ALL):
         return
-    if isinstance(value, int) and not isinstance(value, bool):
+    if _is_int(value):
         return
     if (
         isinstance(value, (list, tuple, range))
         and len(value) > 0
-        and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+        and all(_is_int(v) for v in value)
     ):
         return
     raise OptionError(
@@ -77,9 +87,9 @@ def resolve(model: Model, layers: Layers) -> list[int]:
     count = len(blocks(model))
     if layers == ALL:
         return list(range(count + 1))
-    given = [layers] if isinstance(layers, int) else list(layers)  # type: ignore[arg-type]
+    given = [layers] if _is_int(layers) else list(layers)  # type: ignore[arg-type]
     out = []
-    for layer in given:
+    for layer in map(int, given):
         if not -(count + 1) <= layer <= count:
             raise OptionError(
                 f"`layers={layers!r}`: layer {layer} is out of range; this model has layers "
