@@ -19,8 +19,10 @@ output, ``transformer.h[l-1]``) and every target:
   returns all-zero attributions on this model (transformers 5.24), so it is not compared.
 
 Parity first, on the timed outputs: max |a - b| / max |b| over every (target, source, layer,
-hidden) must be <= 1e-4; then the median time of ``--repeats`` attrax calls against the
-baselines' time (``--baseline-repeats``, default 1: they are slow), and the ratio.
+hidden) must be <= 1e-4 (else exit status 2); then the median time of ``--repeats`` attrax calls against the
+baselines' time (``--baseline-repeats``, default 1: they are slow), and the ratio. Results go to
+``--out`` (default ``benchmarks/layers.json``, committed); ``--docs`` renders them into the
+"Layers" section of ``docs/methods/gradients.md``, ``--report`` only re-renders from ``--out``.
 """
 
 from __future__ import annotations
@@ -39,6 +41,13 @@ from . import workloads
 
 TOLERANCE = 1e-4
 STEPS = 50
+DOCS = Path(__file__).resolve().parent.parent / "docs" / "methods" / "gradients.md"
+BEGIN, END = "<!-- layers-benchmark -->", "<!-- /layers-benchmark -->"
+NAMES = {
+    ("input_x_gradient", "captum"): "`LayerGradientXActivation`",
+    ("input_x_gradient", "inseq"): "`layer_gradient_x_activation`",
+    ("integrated_gradients", "captum"): "`LayerIntegratedGradients` (50 steps)",
+}
 
 
 def _prefix_forward(model):
@@ -122,6 +131,39 @@ def rel_err(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.abs(a[both] - b[both]).max() / np.abs(b[both]).max())
 
 
+def render(result: dict) -> str:
+    """The docs table of a recorded run."""
+    rows = result["rows"]
+    p, t = rows[0]["tokens"]
+    lines = [
+        f"GPT-2 W1 model, {p}-token prompt + {t}-token target, layers 0..{rows[0]['layers'] - 1}, "
+        f"{result['threads']} threads (1-minute load average {result['load_average']:.1f} on "
+        "the shared 2-core machine: absolute times are inflated, the ratio is within one run):",
+        "",
+        "| attrax method (one call) | baseline (a call per layer, per target) | parity | attrax s "
+        "| baseline s | ratio |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lib = r["library"]
+        name = f"{lib.capitalize()} {NAMES.get((r['method'], lib), r['method'])}"
+        if lib == "inseq":
+            name += " (Inseq loops over targets)"
+        lines.append(
+            f'| `{r["method"]}(..., layers="all")` | {name} | {r["parity"]:.1e} | '
+            f"{r['attrax_s']:.2f} | {r[f'{lib}_s']:.1f} | {r['ratio']:.1f}x |"
+        )
+    return "\n".join(lines)
+
+
+def write_docs(result: dict, page: Path = DOCS) -> None:
+    """Put :func:`render`'s table between the markers of ``page``."""
+    text = page.read_text()
+    head, rest = text.split(BEGIN)
+    _, tail = rest.split(END)
+    page.write_text(f"{head}{BEGIN}\n{render(result)}\n{END}{tail}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="8+6 tokens, one repeat")
@@ -130,8 +172,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--baseline-repeats", type=int, default=1)
     parser.add_argument("--tokens", default="16,8", help="prompt,target tokens (default 16,8)")
     parser.add_argument("--inseq", action="store_true", help="also time Inseq's layer methods")
-    parser.add_argument("--out", default="benchmarks/results/layers.json")
+    parser.add_argument("--out", default="benchmarks/layers.json")
+    parser.add_argument("--docs", action="store_true", help="render the table into the docs")
+    parser.add_argument(
+        "--report", action="store_true", help="only render the docs from --out; runs nothing"
+    )
     args = parser.parse_args(argv)
+    if args.report:
+        write_docs(json.loads(Path(args.out).read_text()))
+        return 0
     torch.set_num_threads(args.threads)
     import attrax as ax
 
@@ -184,6 +233,8 @@ def main(argv: list[str] | None = None) -> int:
     if failed:
         print("PARITY FAILED", json.dumps(failed))
         return 2
+    if args.docs:
+        write_docs(result)
     return 0
 
 
