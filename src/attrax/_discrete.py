@@ -21,7 +21,7 @@ import torch
 from . import _validate as check
 from ._engine import Problem
 from ._errors import OptionError
-from ._gradients import GRADIENT, Rule
+from ._gradients import GRADIENT, Rule, refuse_layers
 
 BASELINE_TOKENS = ("pad", "unk")
 # model.hf -> {(side, k): [V, k] neighbour ids}; dropped with the model
@@ -139,6 +139,10 @@ def _baseline_ids(problem: Problem, ids: torch.Tensor, baseline: str) -> torch.T
 
 
 @GRADIENT.method(
+    refuse_layers(
+        "discretized_integrated_gradients",
+        "its paths run through the vocabulary's embeddings, which no layer has",
+    ),
     steps=check.at_least(2),
     neighbours=check.positive_int,
     baseline=check.one_of(*BASELINE_TOKENS),

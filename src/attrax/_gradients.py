@@ -16,6 +16,7 @@ import numpy as np
 import torch
 import xarray as xr
 
+from . import _layers
 from . import _validate as check
 from ._engine import Baseline, PointFn, Problem, baseline_embeddings
 from ._errors import InputError, OptionError
@@ -46,6 +47,9 @@ class Rule(NamedTuple):
     gradients; ``(1, 2)``: both, for a variance); ``reference`` (the baseline, per side) adds a
     ``completeness_gap`` coordinate: the attributions' sum minus ``f(x) - f(reference)``;
     ``transform`` maps the moments, one argument each (e.g. ``abs``), before labelling.
+    For ``layers=`` (:mod:`attrax._layers`): ``alphas`` ``[N]`` mark a straight path from
+    ``reference`` (point i at ``alphas[i]``), which a layer reads as a path between the layer's
+    activations; ``origins`` give a per-point multiplier's start (``points`` minus the path).
     """
 
     points: PointFn | None = None
@@ -54,6 +58,8 @@ class Rule(NamedTuple):
     reference: tuple[torch.Tensor, ...] | None = None
     transform: Callable[..., torch.Tensor] | None = None
     moments: tuple[int, ...] = (1,)
+    alphas: torch.Tensor | None = None
+    origins: PointFn | None = None
 
 
 def _run(core: Callable[..., Rule], call: Call, arguments: dict[str, Any]) -> xr.DataArray:
@@ -61,8 +67,14 @@ def _run(core: Callable[..., Rule], call: Call, arguments: dict[str, Any]) -> xr
     forward mode (a ``jvp`` per source token, summing over ``hidden``)."""
     o = call.options
     reduce_hidden, mode = o["reduce_hidden"], o["mode"]
+    layers = None
+    if o.get("layers") is not None:
+        _check_layers(o)
+        layers = _layers.resolve(call.model, o["layers"])
     problem = call.problem
     rule = core(problem, **own_options(core, arguments))
+    if layers is not None:
+        return _run_layers(rule, call, layers)
     x = problem.inputs
     points = rule.points or (lambda chunk: tuple(xi[None] for xi in x))
     weights = rule.weights if rule.weights is not None else torch.ones(1, dtype=torch.float64)
@@ -140,6 +152,80 @@ def _run(core: Callable[..., Rule], call: Call, arguments: dict[str, Any]) -> xr
     return da
 
 
+def refuse_layers(
+    method: str, why: str, *also: Callable[[Mapping[str, Any]], None]
+) -> Callable[[Mapping[str, Any]], None]:
+    """A ``together`` check (after ``also``) for a GRADIENT method that cannot take ``layers``."""
+
+    def check_options(options: Mapping[str, Any]) -> None:
+        for other in also:
+            other(options)
+        if options.get("layers") is not None:
+            raise OptionError(
+                f"{method} does not take `layers` (got {options['layers']!r}): {why}; "
+                "use layers=None, or integrated_gradients for a path at a layer"
+            )
+
+    return check_options
+
+
+def _check_layers(options: Mapping[str, Any]) -> None:
+    """What ``layers=`` cannot be combined with, refused before the model runs."""
+    if options.get("layers") is None:
+        return
+    if options.get("mode") == "forward":
+        raise OptionError(
+            "`layers` reads gradients at hidden layers by reverse mode: mode='reverse'"
+        )
+    if options.get("attribute_target"):
+        raise OptionError(
+            "`layers` indexes the encoder's blocks; it cannot be combined with "
+            "attribute_target=True (the decoder prefix has no encoder layers)"
+        )
+
+
+def _run_layers(rule: Rule, call: Call, layers: list[int]) -> xr.DataArray:
+    """A rule read at ``layers`` (:mod:`attrax._layers`): dims ``(..., source, layer, hidden)``."""
+    o = call.options
+    problem = call.problem
+    moments = _layers.moments(problem, rule, layers, o["batch_size"], o["chunk_size"])
+    if rule.transform is not None:
+        values = rule.transform(*(m[0] for m in moments))
+    else:
+        values = moments[0][0]
+    if not torch.isfinite(values).all():
+        raise InputError(
+            f"{call.method}: the gradients are not finite (inf/NaN); check the model's dtype "
+            "and inputs"
+        )
+    target_coords = None
+    if rule.reference is not None and rule.alphas is not None:
+        # layer l's path starts at h_l(x'), whose forward gives f(x'): the same gap per layer
+        x, reference = problem.inputs[0], rule.reference[0]
+        ends = problem.evaluate((torch.stack([x, reference]),))
+        gap = values.sum(dim=(3, 4)) - (ends[0] - ends[1])[..., None]  # [B, K, n_layers]
+        target_coords = {f"_gap{j}": gap[..., j] for j in range(len(layers))}
+    reduce_hidden = o["reduce_hidden"]
+    if reduce_hidden:
+        reduce = torch.linalg.vector_norm if reduce_hidden == "l2_norm" else torch.sum
+        values = reduce(values, dim=-1)
+    values = values.transpose(2, 3)  # [B, K, L, n_layers, (H)]
+    trailing = ("layer",) if reduce_hidden else ("layer", "hidden")
+    da = call.label(
+        (values,),
+        trailing=trailing,
+        target_coords=target_coords,
+        trailing_coords={"layer": layers},
+    )
+    if target_coords is not None:
+        names = list(target_coords)
+        gaps = xr.Variable.concat([da[n].variable for n in names], dim="layer")
+        da = da.drop_vars(names).assign_coords(completeness_gap=gaps.transpose(..., "layer"))
+    if reduce_hidden:
+        da.attrs["reductions"] = f"{reduce_hidden}(hidden)"
+    return da
+
+
 def _check_mode(value: object, name: str) -> None:
     check.one_of(*MODES)(value, name)
 
@@ -165,6 +251,14 @@ GRADIENT = Family(
             "str",
             _check_mode,
             "'reverse', 'forward' (a jvp per source token; with reduce_hidden='sum') or 'auto'",
+        ),
+        "layers": Param(
+            None,
+            "int | Sequence[int] | str | None",
+            _layers.check_layers,
+            "None (the token embeddings), an int, a list of ints or 'all': attribute to the "
+            "residual stream at these layers (0: the embedding output, L: the last block's "
+            "output, before the final norm), as a `layer` dim",
         ),
     },
 )
@@ -197,10 +291,14 @@ def saliency(problem: Problem, *, abs: bool = False) -> Rule:
         mode: ``"reverse"`` (one vectorized backward per target), ``"forward"`` (one ``jvp`` per
             source token; methods with a multiplier, with ``reduce_hidden="sum"``) or ``"auto"``.
         max_new_tokens: how many tokens to generate when ``targets`` is None.
+        layers: None (the token embeddings), an int, a list of ints or ``"all"``: attribute to
+            the residual stream at these layers instead (0: the embedding output, ``l``: block
+            ``l``'s output, before the final norm; negative from the end), adding a ``layer``
+            dim after ``source`` (docs/methods/gradients.md, "Layers").
 
     Returns:
         DataArray ``(target, source, hidden)``, with ``example`` first for a list of inputs;
-        ``(target, source)`` with ``reduce_hidden``.
+        ``(target, source)`` with ``reduce_hidden``; ``layer`` after ``source`` with ``layers``.
 
     >>> import attrax as ax
     >>> model = ax.load_model()
@@ -278,7 +376,7 @@ def integrated_gradients(
         a = alpha[chunk].view(-1, 1, 1, 1)
         return tuple(bi[None] + a * di[None] for bi, di in zip(base, delta, strict=True))
 
-    return Rule(points, torch.as_tensor(weights), multiplier=delta, reference=base)
+    return Rule(points, torch.as_tensor(weights), multiplier=delta, reference=base, alphas=alpha)
 
 
 @GRADIENT.method(samples=check.positive_int, noise=check.non_negative, seed=check.integer)
@@ -409,8 +507,11 @@ def gradient_shap(
             bi[picked, batch[None]] + a * di for bi, di in zip(stacked, deltas(chunk), strict=True)
         )
 
+    def origins(chunk: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(bi[index[chunk], batch[None]] for bi in stacked)
+
     weights = torch.full((samples,), 1.0 / samples, dtype=torch.float64)
-    return Rule(points, weights, multiplier=deltas)
+    return Rule(points, weights, multiplier=deltas, origins=origins)
 
 
 def _as_list(baselines: Baselines) -> list[Baseline]:

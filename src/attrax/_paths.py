@@ -29,6 +29,7 @@ from ._gradients import (
     Rule,
     check_trapezoid_steps,
     quadrature_nodes,
+    refuse_layers,
 )
 from ._memory import Size
 from ._protocol import COMMON, Call, Family, own_options
@@ -37,7 +38,14 @@ from ._protocol import COMMON, Call, Family, own_options
 _CLOSE = 1e-9
 
 
-@GRADIENT.method(check_trapezoid_steps, **PATH_CHECKS)
+@GRADIENT.method(
+    refuse_layers(
+        "sequential_integrated_gradients",
+        "its paths move one source token at a time, which no layer has",
+        check_trapezoid_steps,
+    ),
+    **PATH_CHECKS,
+)
 def sequential_integrated_gradients(
     problem: Problem,
     *,
@@ -128,6 +136,8 @@ GUIDED_PATH = Family(
         "batch_size": "guided IG evaluates one point per target per step; `chunk_size` (targets "
         "per step) bounds its memory",
         "mode": "each target's path is its own: there is no forward-mode variant",
+        "layers": "its paths are chosen in the embedding space, per target; no layer variant "
+        "(use integrated_gradients(..., layers=...))",
     },
     run=_run_guided,
     extra={"reduce_hidden": REDUCE_HIDDEN},

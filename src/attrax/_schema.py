@@ -29,7 +29,7 @@ DIMS: dict[str, str] = {
     "source": "what the attribution is about: positions of the prompt+continuation or encoder input",
     "query": "the attending position of an encoder self-attention map",
     "hidden": "the embedding dimension",
-    "layer": "a layer of the model",
+    "layer": "a layer of the model (attention maps; the residual stream with `layers=`)",
     "head": "an attention head",
     "score": "a step score (probability, entropy, ...)",
     "fraction": "the share of ranked source tokens a faithfulness metric removes or keeps",

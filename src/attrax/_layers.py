@@ -1,0 +1,325 @@
+"""Layer-wise attribution for the gradient methods (``layers=``), from one vectorized backward.
+
+Layers index the residual stream as Hugging Face's ``output_hidden_states`` does: ``0`` is the
+input of the first block (the embedding output: token embeddings plus positions, scaled, normed,
+whatever the model does before its first block), ``l`` the output of block ``l`` (1-based). The
+last one, ``L``, is the last block's output *before* the final norm (``ln_f``/``norm``), as
+Captum's layer methods on ``model.transformer.h[-1]`` see it (Hugging Face's last
+``hidden_states`` entry has the norm applied for GPT-2, Llama and T5). Encoder-decoders: the
+encoder's blocks; classifiers: their one stack.
+
+How: every requested layer's output gets a zero *probe* added by a forward hook, the probes
+are primals of ``torch.func.vjp``, and the one ``vmap``-ed pullback over one-hot target
+cotangents gives ``d score_k / d h_l`` for every target and layer at once. Integrated gradients
+interpolate the layer's own activations (Captum's ``LayerIntegratedGradients``): the batch
+holds one copy of the points per layer, and copy ``l`` has block ``l``'s output replaced by
+``h_l(x') + a (h_l(x) - h_l(x'))`` (one forward for every layer and step, no loop over layers).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import numbers
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+from torch.func import vjp
+
+from . import _arch
+from ._engine import _NO_BATCHING_RULE, PointFn, Problem, _accumulation_dtype
+from ._errors import ModelError, OptionError
+from ._memory import Size
+from ._model import Model
+
+#: what ``layers=`` accepts besides ints
+ALL = "all"
+Layers = int | Sequence[int] | str | None
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def check_layers(value: object, name: str) -> None:
+    """``None``, an int, a non-empty list of ints or ``"all"`` (the range is checked against
+    the model when the call runs).
+
+    >>> check_layers("last", "layers")
+    Traceback (most recent call last):
+    attrax._errors.OptionError: `layers` must be None, an int, a non-empty list of ints or 'all', got 'last'
+    """
+    if value is None or (isinstance(value, str) and value == ALL):
+        return
+    if _is_int(value):
+        return
+    if (
+        isinstance(value, (list, tuple, range))
+        and len(value) > 0
+        and all(_is_int(v) for v in value)
+    ):
+        return
+    raise OptionError(
+        f"`{name}` must be None, an int, a non-empty list of ints or 'all', got {value!r}"
+    )
+
+
+def blocks(model: Model) -> torch.nn.ModuleList:
+    """The model's blocks whose outputs are the residual stream ``layers=`` indexes: the first
+    (shallowest) ``ModuleList`` with as many modules as the config has layers; the encoder's for
+    an encoder-decoder."""
+    hf = model.hf
+    root = hf.get_encoder() if model.is_encoder_decoder else hf
+    stack = "encoder" if model.is_encoder_decoder else "self"
+    count = _arch.layers(hf.config, stack)
+    for _name, module in root.named_modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) == count:
+            return module
+    raise ModelError(
+        f"`layers`: found no list of {count} blocks in {type(root).__name__}; attrax does not "
+        "know where this architecture's residual stream is"
+    )
+
+
+def resolve(model: Model, layers: Layers) -> list[int]:
+    """``layers`` as indices ``0..L`` (negative ones count from the end), in the order given."""
+    count = len(blocks(model))
+    if layers == ALL:
+        return list(range(count + 1))
+    given = [layers] if _is_int(layers) else list(layers)  # type: ignore[arg-type]
+    out = []
+    for layer in map(int, given):
+        if not -(count + 1) <= layer <= count:
+            raise OptionError(
+                f"`layers={layers!r}`: layer {layer} is out of range; this model has layers "
+                f"0..{count} (0: the embedding output, {count}: the last block's output; "
+                f"negative from -{count + 1})"
+            )
+        out.append(layer % (count + 1))
+    if len(set(out)) != len(out):
+        raise OptionError(f"`layers={layers!r}` names a layer twice")
+    return out
+
+
+@contextlib.contextmanager
+def edit_layers(
+    model: Model, layers: Sequence[int], edit: Callable[[int, torch.Tensor], torch.Tensor]
+) -> Iterator[None]:
+    """Inside the block, the residual stream at ``layers[j]`` becomes ``edit(j, h)``: layer 0 at
+    the first block's input, layer ``l`` at block ``l - 1``'s output."""
+    stack = blocks(model)
+    handles = []
+
+    def pre_hook(j: int) -> Callable[..., Any]:
+        def hook(_module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+            if args:
+                return (edit(j, args[0]), *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": edit(j, kwargs["hidden_states"])}
+
+        return hook
+
+    def post_hook(j: int) -> Callable[..., Any]:
+        def hook(_module: Any, _args: Any, output: Any) -> Any:
+            if isinstance(output, torch.Tensor):
+                return edit(j, output)
+            return (edit(j, output[0]), *output[1:])
+
+        return hook
+
+    try:
+        for j, layer in enumerate(layers):
+            if layer == 0:
+                handles.append(stack[0].register_forward_pre_hook(pre_hook(j), with_kwargs=True))
+            else:
+                handles.append(stack[layer - 1].register_forward_hook(post_hook(j)))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@torch.no_grad()
+def activations(problem: Problem, layers: Sequence[int], points: torch.Tensor) -> torch.Tensor:
+    """The residual stream ``[n_layers, n, B, L, H]`` at ``layers`` for ``n`` stacked points
+    ``[n, B, L, H]`` of the attributed side (one forward, no gradients)."""
+    n = points.shape[0]
+    kept: list[torch.Tensor | None] = [None] * len(layers)
+
+    def keep(j: int, h: torch.Tensor) -> torch.Tensor:
+        kept[j] = h
+        return h
+
+    with edit_layers(problem.model, layers, keep):
+        problem.hidden_fn(n)(points.flatten(0, 1))
+    return torch.stack([k.unflatten(0, (n, -1)) for k in kept])  # type: ignore[union-attr]
+
+
+def moments(
+    problem: Problem, rule: Any, layers: Sequence[int], batch_size: Size, chunk_size: Size
+) -> tuple[tuple[torch.Tensor], ...]:
+    """A gradient :class:`~attrax._gradients.Rule` read at ``layers``: per moment, one
+    ``[B, K, n_layers, L, H]`` tensor (in a tuple, as the engine's one side).
+
+    - no multiplier (saliency, SmoothGrad, ...): the gradient at each layer, at the rule's points
+      (noise and baselines stay on the embeddings);
+    - a multiplier shared by every point (input x gradient, and ``x - reference`` rules):
+      ``h_l(x) - h_l(reference)`` (``h_l(x)`` without a reference);
+    - a path (``alphas``, integrated gradients): the gradient at ``h_l(x') + a (h_l(x) - h_l(x'))``
+      put in place of layer ``l``'s output, times ``h_l(x) - h_l(x')``;
+    - a multiplier per point (GradientSHAP, with ``origins``): the gradient at the rule's points,
+      times ``h_l(origin_i + m_i) - h_l(origin_i)`` (Captum's ``LayerGradientShap``).
+    """
+    x = problem.inputs[0]
+    weights = rule.weights if rule.weights is not None else torch.ones(1, dtype=torch.float64)
+    if weights.ndim != 1:
+        raise OptionError("`layers` needs one weight per point; this method weighs tokens")
+    nl = len(layers)
+    replace = None
+    per_point = None
+    shared = None
+    points = rule.points or (lambda chunk: (x[None],))
+    if rule.alphas is not None:
+        ends = activations(problem, layers, torch.stack([x, rule.reference[0]]))
+        start, shared = ends[:, 1], ends[:, 0] - ends[:, 1]
+        alpha = rule.alphas.to(dtype=x.dtype, device=x.device)
+
+        def replace(chunk: torch.Tensor) -> torch.Tensor:
+            a = alpha[chunk].view(1, -1, 1, 1, 1)
+            return start[:, None] + a * shared[:, None]
+
+        def points(chunk: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            return (x[None].expand(len(chunk), *x.shape),)
+
+    elif callable(rule.multiplier):
+        if rule.origins is None:
+            raise OptionError("`layers`: this method's multiplier has no origins to read")
+
+        def per_point(chunk: torch.Tensor) -> torch.Tensor:
+            origin, delta = rule.origins(chunk)[0], rule.multiplier(chunk)[0]
+            both = activations(problem, layers, torch.cat([origin + delta, origin]))
+            return both[:, : len(chunk)] - both[:, len(chunk) :]
+
+    elif rule.multiplier is not None:
+        given = [x] if rule.reference is None else [x, rule.reference[0]]
+        ends = activations(problem, layers, torch.stack(given))
+        shared = ends[:, 0] if rule.reference is None else ends[:, 0] - ends[:, 1]
+    total = weights.shape[0]
+    batch, chunk = problem.plan(total * (nl if replace else 1), batch_size, chunk_size)
+    if batch is not None and replace is not None:
+        batch = max(1, batch // nl)  # a forward holds one copy of each point per layer
+    sums = gradient_sum(
+        problem,
+        layers,
+        points,
+        weights,
+        batch_size=batch,
+        chunk_size=chunk,
+        multiplier=per_point,
+        moments=rule.moments,
+        replace=replace,
+    )
+    if shared is not None:
+        m = shared.permute(1, 0, 2, 3)[:, None].to(sums[0].dtype)  # [B, 1, nl, L, H]
+        sums = tuple(s * m**p for s, p in zip(sums, rule.moments, strict=True))
+    return tuple((s,) for s in sums)
+
+
+def gradient_sum(
+    problem: Problem,
+    layers: Sequence[int],
+    points: PointFn,
+    weights: torch.Tensor,
+    *,
+    batch_size: int | None,
+    chunk_size: int | None,
+    multiplier: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    moments: tuple[int, ...] = (1,),
+    replace: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, ...]:
+    """``sum_i weights[i] * (m_i * d score_k / d h_l[i]) ** p`` as ``[B, K, n_layers, L, H]``,
+    one per entry of ``moments``: the gradients at the layers of the points ``points(chunk)``
+    (embeddings ``[n, B, L, H]``), or, with ``replace``, at the layer activations
+    ``replace(chunk)`` (``[n_layers, n, B, L, H]``) put in place of each layer's own output.
+
+    ``multiplier(chunk)`` gives each point's ``m_i`` per layer (``[n_layers, n, B, L, H]``).
+    Points go ``batch_size`` at a time, targets ``chunk_size`` at a time (memory chunking).
+    """
+    total = weights.shape[0]
+    x = problem.inputs[0]
+    nl = len(layers)
+    step = total if batch_size is None else batch_size
+    acc = _accumulation_dtype(x.dtype)
+    width = problem.tensors.valid.shape[1]
+    sums = [x.new_zeros(x.shape[0], width, nl, *x.shape[1:], dtype=acc) for _ in moments]
+    for start in range(0, total, step):  # chunking only: bounds memory
+        chunk = torch.arange(start, min(start + step, total))
+        stacked = points(chunk)[0]
+        at = None if replace is None else replace(chunk)
+        scale = None if multiplier is None else multiplier(chunk)
+        n = stacked.shape[0]
+        w = weights[chunk].to(dtype=acc, device=x.device)
+        for slots, length in problem._target_chunks(chunk_size):
+            g = _chunk_gradients(problem, layers, stacked, at, slots, length, chunk_size)
+            g = g.unflatten(2, (n, -1)).to(acc)  # [k, nl, n, B, L', H]
+            if scale is not None:
+                g = g * scale[None, :, :, :, : g.shape[4]].to(acc)
+            for power, total_sum in zip(moments, sums, strict=True):
+                term = g if power == 1 else g**power
+                part = torch.einsum("kjnblh,n->bkjlh", term, w)
+                total_sum[:, slots, :, : part.shape[3]] += part
+    return tuple(sums)
+
+
+def _chunk_gradients(
+    problem: Problem,
+    layers: Sequence[int],
+    stacked: torch.Tensor,
+    at: torch.Tensor | None,
+    slots: slice,
+    length: int | None,
+    chunk_size: int | None,
+) -> torch.Tensor:
+    """``[k, n_layers, n * B, L', H]``: each target's gradient at each layer, one backward."""
+    n = stacked.shape[0]
+    nl = len(layers)
+    flat = stacked.flatten(0, 1)
+    if length is not None:
+        flat = flat[:, :length]
+    if at is None:
+        # zero probes added to each layer: their gradients are the layers' gradients
+        primal = flat.new_zeros(nl, *flat.shape)
+        copies = n
+
+        def edit(j: int, h: torch.Tensor, probe: torch.Tensor) -> torch.Tensor:
+            return h + probe[j]
+
+    else:
+        # one copy of the points per layer; copy j runs from layer j's given activations
+        primal = at.flatten(1, 2)[:, :, : flat.shape[1]]
+        flat = flat.repeat(nl, 1, 1)
+        copies = n * nl
+        select = torch.eye(nl, dtype=torch.bool, device=flat.device)
+
+        def edit(j: int, h: torch.Tensor, given: torch.Tensor) -> torch.Tensor:
+            h = h.unflatten(0, (nl, -1))
+            return torch.where(select[j].view(nl, 1, 1, 1), given[j][None], h).flatten(0, 1)
+
+    body = problem.hidden_fn(copies, slots)
+
+    def f(values: torch.Tensor) -> torch.Tensor:
+        with edit_layers(problem.model, layers, lambda j, h: edit(j, h, values)):
+            return body(flat)
+
+    hidden, pullback = vjp(f, primal)
+    _, head_pullback = vjp(lambda h: problem.head_objective(h, slots), hidden)
+    valid = problem.tensors.valid[:, slots].to(hidden.dtype)
+    (head_grad,) = head_pullback(valid.repeat(copies, 1))
+    width = hidden.shape[1]
+    one_hot = torch.eye(width, dtype=hidden.dtype, device=hidden.device)
+    cotangents = one_hot[:, None, :, None] * head_grad[None]
+    vmap_chunk = None if problem.model.causal else chunk_size
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", _NO_BATCHING_RULE, UserWarning)
+        (grads,) = torch.vmap(pullback, chunk_size=vmap_chunk)(cotangents)
+    return grads
