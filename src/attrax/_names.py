@@ -40,6 +40,9 @@ PUBLIC: dict[str, str] = {
     "sobol": "._perturbation",
     "attention": "._attention",
     "rollout": "._attention",
+    "value_zeroing": "._mixing",
+    "alti": "._mixing",
+    "alti_logit": "._mixing",
     # step scores and faithfulness
     "step_scores": "._scores",
     "with_scores": "._scores",
@@ -91,6 +94,9 @@ METHODS = (
     "sobol",
     "attention",
     "rollout",
+    "value_zeroing",
+    "alti",
+    "alti_logit",
 )
 
 #: Reductions a CLI ``--reduce`` spec or a dataset run may name.

@@ -1,0 +1,585 @@
+"""Context mixing: how much each layer mixes each source token into each position.
+
+Two views, both per layer (``layer`` dim) and labelled like the attention maps:
+
+- :func:`value_zeroing` (Mohebbi et al. 2023) zeroes one source token's value vectors in a
+  layer's self-attention and measures how far each position's layer output moves. Every layer
+  is fed its clean input (captured from one clean forward), so one forward over copies of the
+  batch — copy ``j`` zeroes token ``j`` in every layer at once — gives every layer's zeroed
+  outputs; the copies are the only thing chunked (memory).
+- :func:`alti` (Ferrando et al. 2022) decomposes each layer's attention block output at
+  position ``i`` (attention weights, values, output projection, residual and LayerNorm) into
+  one vector per source token, ``T_i(x_j)``, and scores each by its L1 closeness to the output;
+  rolled out across layers. :func:`alti_logit` (Ferrando et al. 2023) projects each layer's
+  per-token updates onto the target's logit and carries them back to the input tokens through
+  the ALTI rollout of the layers below.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import xarray as xr
+
+from . import _arch
+from ._attention import Selection, _indices, _selection
+from ._errors import ModelError, OptionError
+from ._inputs import Tensors, to_tensors
+from ._memory import parse_bytes, plan_forwards
+from ._model import Model, _attention_modules
+from ._protocol import Call, Family
+
+_NOT_ENC_DEC = "encoder-decoder models are not supported by the context-mixing methods yet"
+_NO_OBJECTIVE = "context mixing is read from the model's forward, not from an objective"
+
+#: Value zeroing: batched forwards over zeroed copies, so batch_size and max_memory apply.
+VALUE_ZEROING = Family(
+    name="value_zeroing",
+    takes=("positions", "batch_size", "max_new_tokens", "max_memory"),
+    refuses={
+        "objective": _NO_OBJECTIVE,
+        "contrast": _NO_OBJECTIVE,
+        "chunk_size": "value zeroing runs no backward: `batch_size` bounds the zeroed copies "
+        "per forward",
+        "attribute_target": f"decoder-only models already attribute the target prefix; "
+        f"{_NOT_ENC_DEC}",
+    },
+)
+
+#: ALTI: one forward whose per-layer decomposition is computed as the layers run.
+ALTI = Family(
+    name="alti",
+    takes=("positions", "max_new_tokens"),
+    refuses={
+        "objective": _NO_OBJECTIVE,
+        "contrast": _NO_OBJECTIVE,
+        "chunk_size": "ALTI comes from one forward: there is no backward to chunk",
+        "batch_size": "ALTI comes from one forward: there are no points to batch",
+        "max_memory": "ALTI comes from one forward: there are no sizes to plan",
+        "attribute_target": f"decoder-only models already attribute the target prefix; "
+        f"{_NOT_ENC_DEC}",
+    },
+)
+
+SIMILARITIES = ("cosine", "euclidean")
+#: Inseq's ``min_score_threshold``: distances below it are set to 0 before normalizing
+THRESHOLD = 1e-5
+# how each architecture's value projection is found inside its attention module: the attribute
+# and the slice of its output features that holds the values (None: all of them)
+_VALUE_PROJECTIONS = ("v_proj", "value", "v_lin", "v")
+
+
+# --------------------------------------------------------------------------------------------------
+# The model's blocks and their attention parts
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class _Layer:
+    """One transformer block of a decoder-only or encoder-only model and its attention parts."""
+
+    block: torch.nn.Module
+    attention: torch.nn.Module
+    values: torch.nn.Module  # the value projection (whose output holds the value vectors)
+    value_slice: slice  # the features of its output that are values
+
+
+def _layers(model: Model) -> list[_Layer]:
+    """The blocks of the self-attention stack in the order they run (ModelError where none)."""
+    if model.is_encoder_decoder:
+        raise ModelError(f"{model.name} ({_architecture(model)}): {_NOT_ENC_DEC}")
+    names = {module: name for name, module in model.hf.named_modules()}
+    found = [m for m, (stack, _) in _attention_modules(model.hf).items() if stack == "self"]
+    layers = []
+    for attention in found:
+        parts = names[attention].split(".")
+        digits = [k for k, part in enumerate(parts) if part.isdigit()]
+        if not digits:
+            break
+        block = model.hf.get_submodule(".".join(parts[: digits[-1] + 1]))
+        layers.append(_Layer(block, attention, *_value_projection(model, attention)))
+    if not layers or len(layers) != len(found):
+        raise ModelError(
+            f"{model.name} ({_architecture(model)}): attrax finds no numbered self-attention blocks "
+            "to zero or decompose"
+        )
+    return layers
+
+
+def _value_projection(model: Model, attention: torch.nn.Module) -> tuple[torch.nn.Module, slice]:
+    for name in _VALUE_PROJECTIONS:
+        module = getattr(attention, name, None)
+        if isinstance(module, torch.nn.Module):
+            return module, slice(None)
+    fused = getattr(attention, "c_attn", None)  # GPT-2: queries, keys, values in one projection
+    if isinstance(fused, torch.nn.Module) and not getattr(attention, "is_cross_attention", False):
+        width = int(getattr(attention, "split_size", model.hidden_size))
+        return fused, slice(2 * width, 3 * width)
+    raise ModelError(
+        f"{model.name} ({_architecture(model)}): attrax finds no value projection in "
+        f"{type(attention).__name__} (looked for {', '.join(_VALUE_PROJECTIONS)}, c_attn)"
+    )
+
+
+@contextlib.contextmanager
+def _hooks(pairs: list[tuple[torch.nn.Module, Callable[..., Any]]]) -> Iterator[None]:
+    handles = [module.register_forward_hook(hook) for module, hook in pairs]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _base_forward(
+    model: Model, ids: torch.Tensor, mask: torch.Tensor, types: Any, **kw: Any
+) -> Any:
+    """The model's body (no LM or classifier head) over right-padded ``ids``."""
+    kwargs: dict[str, Any] = {"input_ids": ids, "attention_mask": mask, **kw}
+    if model.task == "generation":
+        positions = torch.arange(ids.shape[-1], device=ids.device)
+        kwargs |= {"position_ids": positions.expand(ids.shape), "use_cache": False}
+    elif types is not None:
+        kwargs["token_type_ids"] = types
+    return model.hf.base_model(**kwargs)
+
+
+def _rows(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``values[b, index[b, k]]`` for ``[B, L, ...]`` values: the attributed query rows."""
+    rows = torch.arange(index.shape[0], device=index.device)[:, None]
+    return values[rows, index]
+
+
+# --------------------------------------------------------------------------------------------------
+# Value zeroing
+# --------------------------------------------------------------------------------------------------
+def _similarity(value: object, name: str) -> None:
+    if value not in SIMILARITIES:
+        raise OptionError(f"`{name}` must be one of {SIMILARITIES}, got {value!r}")
+
+
+def _boolean(value: object, name: str) -> None:
+    if not isinstance(value, bool):
+        raise OptionError(f"`{name}` must be True or False, got {value!r}")
+
+
+@VALUE_ZEROING.method(similarity=_similarity, normalize=_boolean, layers=_selection)
+def value_zeroing(
+    call: Call, *, similarity: str = "cosine", normalize: bool = True, layers: Selection = None
+) -> xr.DataArray:
+    """Value zeroing (Mohebbi et al. 2023): how far zeroing a source token's value vectors in a
+    layer's self-attention moves the layer's output at the query that predicts each target.
+
+    For layer ``l`` and source token ``j``: the layer runs on its clean input with the value
+    vectors of ``j`` zeroed in every head; the score of query ``i`` is the distance between its
+    clean and zeroed outputs (``1 - cosine similarity``, or the Euclidean distance). The last
+    layer's output is compared as the model reports it (after a final norm, as Inseq does).
+    Scores below 1e-5 are set to 0 and, with ``normalize``, each row is divided by its sum over
+    sources (Inseq's aggregation). One forward over copies of the batch, one per zeroed token,
+    gives every layer at once; ``batch_size`` bounds the copies per forward.
+
+    Arguments:
+        model, inputs, targets, positions, max_new_tokens: as :func:`attrax.saliency`.
+        similarity: ``"cosine"`` (``1 - cos``, the paper's and Inseq's) or ``"euclidean"``.
+        normalize: divide each row by its sum over sources (per layer).
+        layers: which layers to keep (an int, a range, a slice or a list of ints).
+        batch_size: zeroed copies per forward (``"auto"``: as many as fit ``max_memory``).
+
+    Returns:
+        DataArray ``([example,] target, source, layer)``; sources a causal model's query cannot
+        see are NaN.
+
+    >>> import attrax as ax
+    >>> da = ax.value_zeroing(ax.load_model(), "1 2 3 =", " 3 2 1")
+    >>> da.dims
+    ('target', 'source', 'layer')
+    >>> bool(abs(da.sum("source") - 1).max() < 1e-5)
+    True
+    """
+    model = call.model
+    stack = _layers(model)
+    chosen = _indices(layers, len(stack), "layers", "layers")
+    t = to_tensors(call.batch, model)
+    scores = _zeroing_scores(model, stack, t, similarity, call.options)  # [B, Lq, Lk, layer]
+    scores = scores[..., chosen]
+    length = t.ids.shape[1]
+    keys = torch.arange(length, device=t.ids.device)
+    unseen = ~t.mask.bool()[:, None, :, None]  # padded sources
+    if model.causal:
+        unseen = unseen | (keys[None, None, :, None] > keys[None, :, None, None])
+    scores = scores.masked_fill(unseen, torch.nan)
+    scores = torch.where(scores < THRESHOLD, 0.0, scores)
+    if normalize:
+        total = scores.nansum(2, keepdim=True)
+        scores = scores / torch.where(total == 0, 1.0, total)
+    return call.label(
+        [_rows(scores, t.index)], trailing=("layer",), trailing_coords={"layer": chosen}
+    )
+
+
+@torch.no_grad()
+def _zeroing_scores(
+    model: Model, stack: list[_Layer], t: Tensors, similarity: str, options: Any
+) -> torch.Tensor:
+    """Distances ``[B, query, source, layer]`` between clean and value-zeroed layer outputs."""
+    batch, length = t.ids.shape
+    clean = _base_forward(model, t.ids, t.mask, t.token_types, output_hidden_states=True)
+    # block l's input is hidden_states[l]; its clean output hidden_states[l + 1] (the last one as
+    # the model reports it: after the final norm where there is one)
+    states = [h.detach() for h in clean.hidden_states[: len(stack)]] + [clean.last_hidden_state]
+    # a causal query never sees later tokens: zero only up to the last attributed query
+    sources = int(t.index.max()) + 1 if model.causal else length
+    per_copy = 4 * length * model.hidden_size * max(model.dtype.itemsize, 4) * (len(stack) + 4)
+    per_forward = plan_forwards(
+        sources * batch,
+        options["batch_size"],
+        per_copy,
+        model.device,
+        _budget(options),
+    )
+    tokens_per_forward = max(1, per_forward // batch)
+    out = torch.zeros(batch, length, length, len(stack), dtype=torch.float64, device=model.device)
+    for start in range(0, sources, tokens_per_forward):  # memory chunking over zeroed tokens
+        zeroed = torch.arange(start, min(sources, start + tokens_per_forward), device=t.ids.device)
+        out[:, :, zeroed] = _zeroed_forward(model, stack, t, states, zeroed, similarity)
+    return out
+
+
+def _budget(options: Any) -> int | None:
+    return parse_bytes(options.get("max_memory"))
+
+
+def _zeroed_forward(
+    model: Model,
+    stack: list[_Layer],
+    t: Tensors,
+    states: list[torch.Tensor],
+    zeroed: torch.Tensor,
+    similarity: str,
+) -> torch.Tensor:
+    """One forward over ``B * len(zeroed)`` copies (row ``b * m + c`` zeroes token
+    ``zeroed[c]`` in every layer): distances ``[B, query, m, layer]``."""
+    batch, length = t.ids.shape
+    m = zeroed.shape[0]
+
+    def copies(x: torch.Tensor) -> torch.Tensor:
+        return x.repeat_interleave(m, dim=0)
+
+    positions = torch.arange(length, device=t.ids.device)
+    keep = (positions[None, :] != zeroed[:, None]).repeat(batch, 1)  # [B * m, L]
+    distances: list[torch.Tensor | None] = [None] * len(stack)
+
+    def zero_values(layer: _Layer) -> Callable[..., Any]:
+        def hook(_module: torch.nn.Module, _args: Any, output: torch.Tensor) -> torch.Tensor:
+            features = torch.zeros(output.shape[-1], dtype=torch.bool, device=output.device)
+            features[layer.value_slice] = True
+            # zero the value features of the zeroed token, keep its queries and keys
+            return output.masked_fill(features & ~keep[:, :, None], 0.0)
+
+        return hook
+
+    def patch(index: int) -> Callable[..., Any]:
+        def hook(_module: torch.nn.Module, _args: Any, output: Any) -> Any:
+            hidden = output[0] if isinstance(output, tuple) else output
+            distances[index] = _distance(hidden, copies(states[index + 1]), similarity)
+            clean = copies(states[index + 1]).to(hidden.dtype)  # the next layer's clean input
+            return (clean, *output[1:]) if isinstance(output, tuple) else clean
+
+        return hook
+
+    pairs = [(layer.values, zero_values(layer)) for layer in stack]
+    pairs += [(layer.block, patch(i)) for i, layer in enumerate(stack[:-1])]
+    with _hooks(pairs):
+        last = _base_forward(
+            model,
+            copies(t.ids),
+            copies(t.mask),
+            None if t.token_types is None else copies(t.token_types),
+        ).last_hidden_state
+    distances[-1] = _distance(last, copies(states[-1]), similarity)
+    stacked = torch.stack([d for d in distances if d is not None], dim=-1)  # [B * m, L, layer]
+    return stacked.view(batch, m, length, len(stack)).transpose(1, 2)
+
+
+def _distance(zeroed: torch.Tensor, clean: torch.Tensor, similarity: str) -> torch.Tensor:
+    zeroed, clean = zeroed.double(), clean.double()
+    if similarity == "cosine":
+        return 1 - torch.nn.functional.cosine_similarity(zeroed, clean, dim=-1)
+    return torch.linalg.vector_norm(zeroed - clean, dim=-1)
+
+
+# --------------------------------------------------------------------------------------------------
+# ALTI and ALTI-Logit
+# --------------------------------------------------------------------------------------------------
+# the residual stream's norm around each attention block: before it (GPT-2, Llama: the norm is
+# inside the value vectors and the block output is ``x + attn``) or after it (BERT)
+_PRE_NORM = ("gpt2", "llama", "mistral", "qwen2")
+_POST_NORM = ("bert", "roberta", "xlm-roberta")
+
+#: ALTI-Logit: one forward like ALTI, with a logit objective (and its contrast) per target.
+ALTI_LOGIT = Family(
+    name="alti_logit",
+    takes=("contrast", "positions", "max_new_tokens"),
+    refuses={
+        "objective": "ALTI-Logit decomposes the target's logit (with `contrast`: the logit "
+        "difference)",
+        **{k: v for k, v in ALTI.refuses.items() if k not in ("objective", "contrast")},
+    },
+)
+
+
+@dataclass
+class _Parts:
+    """What ALTI reads from one layer: output projection ``W [d, heads * head_dim]`` and bias,
+    and (post-norm models) the norm after the residual."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    norm: torch.nn.Module | None
+
+
+def _parts(model: Model, layer: _Layer) -> _Parts:
+    kind = _architecture(model)
+    if kind not in _PRE_NORM + _POST_NORM:
+        raise ModelError(
+            f"{model.name}: ALTI has no decomposition for the {kind!r} architecture; attrax "
+            f"decomposes {', '.join(_PRE_NORM + _POST_NORM)}"
+        )
+    if kind in _PRE_NORM:
+        project = getattr(layer.attention, "o_proj", None) or layer.attention.c_proj
+        norm = None
+    else:
+        output = layer.block.attention.output
+        project, norm = output.dense, output.LayerNorm
+    weight = project.weight
+    if type(project).__name__ == "Conv1D":  # GPT-2's Conv1D computes x @ W: W is [in, out]
+        weight = weight.T
+    return _Parts(weight, project.bias, norm)
+
+
+def _architecture(model: Model) -> str:
+    """The config's ``model_type`` (``"gpt2"``, ``"llama"``, ``"bert"``, ...)."""
+    return str(getattr(model.hf.config, "model_type", type(model.hf).__name__))
+
+
+class _Decomposition:
+    """One eager forward whose layers are decomposed as they run (:meth:`Model.stream_attention`):
+    per layer, the attention weights ``A [B, H, L, L]``, the per-head value vectors through the
+    output projection ``u [B, H, L, d]`` (``W_O^h v_j^h``) and the block's input ``x``. Each
+    layer is handed to ``on_layer(index, A, u, x, parts)`` and dropped."""
+
+    def __init__(self, model: Model, t: Tensors, on_layer: Callable[..., None]) -> None:
+        self.model, self.t, self.on_layer = model, t, on_layer
+        self.stack = _layers(model)
+        self.parts = [_parts(model, layer) for layer in self.stack]
+        self.heads = _arch.heads(model.hf.config, "self") or 1
+        self.inputs: dict[int, torch.Tensor] = {}
+        self.values: dict[int, torch.Tensor] = {}
+        self.count = 0
+
+    def run(self) -> None:
+        position = {id(layer.block): i for i, layer in enumerate(self.stack)}
+        by_values = {id(layer.values): i for i, layer in enumerate(self.stack)}
+
+        def keep_input(module: torch.nn.Module, args: Any, kwargs: Any) -> None:
+            x = args[0] if args else kwargs["hidden_states"]
+            self.inputs[position[id(module)]] = x
+
+        def keep_values(module: torch.nn.Module, _args: Any, output: torch.Tensor) -> None:
+            index = by_values[id(module)]
+            self.values[index] = output[..., self.stack[index].value_slice]
+
+        handles = [
+            layer.block.register_forward_pre_hook(keep_input, with_kwargs=True)
+            for layer in self.stack
+        ]
+        handles += [layer.values.register_forward_hook(keep_values) for layer in self.stack]
+        try:
+            self.model.stream_attention(self.t, self._on_map)
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def _on_map(self, stack: str, weights: torch.Tensor) -> None:
+        index = self.count
+        self.count += 1
+        parts = self.parts[index]
+        values = self.values.pop(index)
+        batch, length, width = values.shape
+        kv = width // (parts.weight.shape[1] // self.heads)
+        per_head = values.view(batch, length, kv, -1).repeat_interleave(self.heads // kv, dim=2)
+        weight = parts.weight.view(parts.weight.shape[0], self.heads, -1)
+        u = torch.einsum("bjhk,dhk->bhjd", per_head, weight)
+        self.on_layer(index, weights, u, self.inputs.pop(index), parts)
+
+
+def _contributions(
+    weights: torch.Tensor, u: torch.Tensor, x: torch.Tensor, parts: _Parts, mask: torch.Tensor
+) -> torch.Tensor:
+    """ALTI's contributions ``C [B, L, L]`` of one layer: ``T_i(x_j) = sum_h A^h_ij W_O^h v^h_j +
+    [i = j] x_j`` (normalized like the block output where the norm comes after), scored
+    ``max(0, |y_i|_1 - |y_i - T_i(x_j)|_1)`` and divided by their sum over ``j``; padded rows
+    are the identity."""
+    eye = torch.eye(x.shape[1], dtype=x.dtype, device=x.device)
+    vectors = torch.einsum("bhij,bhjd->bijd", weights.to(u.dtype), u)
+    vectors = vectors + eye[None, :, :, None] * x[:, None, :, :]
+    output = vectors.sum(2) + (parts.bias if parts.bias is not None else 0)
+    if parts.norm is not None:  # LayerNorm after the residual: linear given y's own scale
+        norm = parts.norm
+        scale = torch.sqrt(output.var(-1, unbiased=False, keepdim=True) + norm.eps)
+        vectors = norm.weight * (vectors - vectors.mean(-1, keepdim=True)) / scale[:, :, None]
+        output = norm(output)
+    distance = torch.linalg.vector_norm(output[:, :, None] - vectors, ord=1, dim=-1)
+    scores = torch.relu(torch.linalg.vector_norm(output, ord=1, dim=-1)[..., None] - distance)
+    scores = scores * mask[:, None, :].to(scores.dtype)
+    total = scores.sum(-1, keepdim=True)
+    scores = scores / torch.where(total == 0, 1.0, total)
+    return torch.where(mask.bool()[:, :, None], scores, eye)
+
+
+def _check_aggregate(options: Any) -> None:
+    if options["aggregate"] and options["layers"] is not None:
+        raise OptionError(
+            "`layers` selects per-layer values: it needs aggregate=False (the rollout runs "
+            "through every layer)"
+        )
+
+
+@ALTI.method(_check_aggregate, aggregate=_boolean, layers=_selection)
+def alti(call: Call, *, aggregate: bool = True, layers: Selection = None) -> xr.DataArray:
+    """ALTI (Ferrando et al. 2022): how much each source token contributes to the query that
+    predicts each target, through attention weights, values, output projection, residual and
+    LayerNorm.
+
+    Each layer's attention block output ``y_i`` (the residual ``x_i`` plus the attention output;
+    BERT: after its LayerNorm, linearized with ``y_i``'s own scale) is split into one vector per
+    source, ``T_i(x_j)``; their contributions ``max(0, |y_i|_1 - |y_i - T_i(x_j)|_1)`` are
+    divided by their sum (each row sums to 1). ``aggregate=True`` rolls them out across layers
+    (``C_L ... C_1``, residual included, so no ``0.5 * I`` as in attention rollout).
+    Architectures: GPT-2, Llama-like (Llama, Mistral, Qwen2) and BERT-like (BERT, RoBERTa).
+
+    Arguments:
+        model, inputs, targets, positions, max_new_tokens: as :func:`attrax.saliency`.
+        aggregate: the rollout ``([example,] target, source)``; False: each layer's
+            contributions ``([example,] target, source, layer)``.
+        layers: with ``aggregate=False``, which layers to keep.
+
+    >>> import attrax as ax
+    >>> da = ax.alti(ax.load_model(), "1 2 3 =", " 3 2 1")
+    >>> da.dims
+    ('target', 'source')
+    >>> bool(abs(da.sum("source") - 1).max() < 1e-5)
+    True
+    """
+    model = call.model
+    t = to_tensors(call.batch, model)
+    per_layer: list[torch.Tensor] = []
+    rolled: list[torch.Tensor] = []
+
+    def on_layer(index: int, weights: Any, u: Any, x: Any, parts: _Parts) -> None:
+        step = _contributions(weights, u, x, parts, t.mask)
+        if aggregate:
+            rolled[:] = [step if not rolled else step @ rolled[0]]
+        else:
+            per_layer.append(_rows(step, t.index))
+
+    decomposition = _Decomposition(model, t, on_layer)
+    chosen = _indices(layers, len(decomposition.stack), "layers", "layers")
+    with torch.no_grad():
+        decomposition.run()
+    if aggregate:
+        return call.label([_rows(rolled[0], t.index)], trailing=())
+    values = torch.stack([per_layer[i] for i in chosen], dim=-1)
+    return call.label([values], trailing=("layer",), trailing_coords={"layer": chosen})
+
+
+@ALTI_LOGIT.method(_check_aggregate, aggregate=_boolean, layers=_selection)
+def alti_logit(call: Call, *, aggregate: bool = True, layers: Selection = None) -> xr.DataArray:
+    """ALTI-Logit (Ferrando et al. 2023): each source token's contribution to the target's logit.
+
+    Each layer's attention update at the predicting query, split by source position ``j``
+    (``sum_h A^h_ij W_O^h v^h_j``), is projected onto the target's unembedding through the final
+    norm, linearized with the final residual's own scale at that query (``Δlogit_l(j)``), and
+    carried back to the input tokens by the ALTI rollout of the layers below:
+    ``sum_l Δlogit_l R_{l-1}`` (``R_0 = I``). With ``contrast`` the logit difference target −
+    contrast is decomposed. Biases, the MLPs' direct updates and the embeddings' direct logit
+    are not attributed. Decoder-only LMs: GPT-2 and Llama-like.
+
+    Arguments:
+        model, inputs, targets, contrast, positions, max_new_tokens: as :func:`attrax.saliency`.
+        aggregate: summed over layers ``([example,] target, source)``; False: each layer's term
+            ``([example,] target, source, layer)``.
+        layers: with ``aggregate=False``, which layers to keep.
+
+    >>> import attrax as ax
+    >>> ax.alti_logit(ax.load_model(), "1 2 3 =", " 3 2 1").dims
+    ('target', 'source')
+    """
+    model = call.model
+    if model.task != "generation" or _architecture(model) not in _PRE_NORM:
+        raise ModelError(
+            f"{model.name} ({_architecture(model)}, {model.task}): ALTI-Logit decomposes the logits "
+            f"of decoder-only language models ({', '.join(_PRE_NORM)})"
+        )
+    t = to_tensors(call.batch, model)
+    final = getattr(model.hf.base_model, "ln_f", None) or model.hf.base_model.norm
+    residual: list[torch.Tensor] = []
+
+    def keep_final(_module: torch.nn.Module, args: Any) -> None:
+        residual.append(_rows(args[0], t.index))
+
+    # a first forward reads the final residual at the predicting queries (its norm's scale)
+    with torch.no_grad(), _pre_hook(final, keep_final):
+        _base_forward(model, t.ids, t.mask, None)
+    direction = _logit_direction(model, final, residual[0], t)  # [B, K, d]
+    terms: list[torch.Tensor] = []
+    below: list[torch.Tensor] = []
+
+    def on_layer(index: int, weights: Any, u: Any, x: Any, parts: _Parts) -> None:
+        rows = _rows(weights.transpose(1, 2), t.index).to(u.dtype)  # [B, K, H, L]
+        delta = torch.einsum("bkhj,bhjd,bkd->bkj", rows, u, direction.to(u.dtype))
+        terms.append(delta if not below else delta @ below[0])
+        step = _contributions(weights, u, x, parts, t.mask)
+        below[:] = [step if not below else step @ below[0]]
+
+    decomposition = _Decomposition(model, t, on_layer)
+    chosen = _indices(layers, len(decomposition.stack), "layers", "layers")
+    with torch.no_grad():
+        decomposition.run()
+    if aggregate:
+        return call.label([torch.stack(terms).sum(0)], trailing=())
+    values = torch.stack([terms[i] for i in chosen], dim=-1)
+    return call.label([values], trailing=("layer",), trailing_coords={"layer": chosen})
+
+
+def _logit_direction(
+    model: Model, final: torch.nn.Module, residual: torch.Tensor, t: Tensors
+) -> torch.Tensor:
+    """The direction ``g`` with ``Δlogit = g · update`` for each target: the unembedding row
+    (minus the contrast's) through the final norm linearized at the query's residual."""
+    head = model.hf.get_output_embeddings().weight
+    unembed = head[t.target_ids]
+    if t.contrast_ids is not None:
+        unembed = unembed - head[t.contrast_ids]
+    direction = unembed * final.weight
+    eps = getattr(final, "eps", None) or getattr(final, "variance_epsilon", 1e-6)
+    if isinstance(final, torch.nn.LayerNorm):
+        direction = direction - direction.mean(-1, keepdim=True)
+        scale = torch.sqrt(residual.var(-1, unbiased=False, keepdim=True) + eps)
+    else:  # RMSNorm: no centering
+        scale = torch.sqrt(residual.pow(2).mean(-1, keepdim=True) + eps)
+    return direction / scale
+
+
+@contextlib.contextmanager
+def _pre_hook(module: torch.nn.Module, hook: Callable[..., Any]) -> Iterator[None]:
+    handle = module.register_forward_pre_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+__all__ = ["alti", "alti_logit", "value_zeroing"]

@@ -1,0 +1,364 @@
+"""Value zeroing, ALTI and ALTI-Logit against naive per-layer, per-token references written here
+(plain loops over layers, heads and tokens, hooks on the HF model), and their properties."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import attrax as ax
+from attrax import _mixing
+from attrax._inputs import prepare, to_tensors
+from attrax.cli import main
+from attrax.testing import tiny_classifier, tiny_model
+from tests import _naive
+
+PROMPT, TARGET = "The capital of France is", " Paris."
+ARCHS = ("gpt2", "llama", "bert")
+
+
+@pytest.fixture(scope="module")
+def mixing_models() -> dict[str, ax.Model]:
+    built = {}
+    for arch in ARCHS:
+        hf, tok = tiny_classifier(arch) if arch == "bert" else tiny_model(arch)
+        built[arch] = ax.load_model(hf.double(), tokenizer=tok)
+    return built
+
+
+def ids_and_queries(model: ax.Model, text: str, target: str | None):
+    """The ids a user would build by hand, and the query rows each target is read from."""
+    if model.task != "generation":
+        ids = model.tokenizer(text).input_ids
+        return torch.tensor([ids]), [0]  # BERT pools its first token ([CLS])
+    source, target_ids = _naive.token_ids(model, text, target)
+    ids = source + target_ids
+    return torch.tensor([ids]), list(range(len(source) - 1, len(ids) - 1))
+
+
+def blocks(model: ax.Model):
+    hf = model.hf
+    if model.task != "generation":
+        return list(hf.bert.encoder.layer)
+    return list(hf.transformer.h) if hasattr(hf, "transformer") else list(hf.model.layers)
+
+
+def value_parts(model: ax.Model, block, x: torch.Tensor):
+    """Per-head value vectors [L, H, hd] of a block's input x (computed by hand, by module)."""
+    config = model.hf.config
+    heads = config.num_attention_heads
+    if model.task != "generation":
+        v = block.attention.self.value(x)
+    elif hasattr(block, "attn"):
+        d = config.n_embd
+        v = block.attn.c_attn(block.ln_1(x))[..., 2 * d :]
+    else:
+        v = block.self_attn.v_proj(block.input_layernorm(x))
+    kv = getattr(config, "num_key_value_heads", heads) or heads
+    v = v[0].view(x.shape[1], kv, -1)
+    return torch.stack([v[:, h // (heads // kv)] for h in range(heads)], dim=1)
+
+
+def project(model: ax.Model, block, z: torch.Tensor) -> torch.Tensor:
+    """The attention output projection of a concatenated-heads vector, without its bias."""
+    if model.task != "generation":
+        dense = block.attention.output.dense
+    elif hasattr(block, "attn"):
+        dense = block.attn.c_proj
+    else:
+        dense = block.self_attn.o_proj
+    bias = dense.bias if dense.bias is not None else 0
+    return dense(z) - bias
+
+
+def naive_alti_layers(model: ax.Model, ids: torch.Tensor):
+    """Per layer: the contributions C [L, L] from plain loops, checking on the way that the
+    decomposition adds up to the model's own attention block output."""
+    hf = model.hf
+    captured = []
+
+    def grab(_m, _a, out):
+        captured.append(out[0] if isinstance(out, tuple) else out)
+
+    if model.task != "generation":
+        modules = [b.attention.output for b in blocks(model)]  # BertSelfOutput: LN(x + attn)
+    else:
+        modules = [b.attn if hasattr(b, "attn") else b.self_attn for b in blocks(model)]
+    handles = [m.register_forward_hook(grab) for m in modules]
+    with torch.no_grad(), model.attention_as("eager"):
+        out = hf(input_ids=ids, output_attentions=True, output_hidden_states=True)
+    for h in handles:
+        h.remove()
+    per_layer = []
+    length = ids.shape[1]
+    for layer, block in enumerate(blocks(model)):
+        x = out.hidden_states[layer]
+        attn = out.attentions[layer][0]
+        heads, width = attn.shape[0], x.shape[-1]
+        with torch.no_grad():
+            v = value_parts(model, block, x)
+            hd = v.shape[-1]
+            T = torch.zeros(length, length, width, dtype=x.dtype)
+            for i in range(length):
+                for j in range(length):
+                    z = torch.zeros(heads * hd, dtype=x.dtype)
+                    for h in range(heads):
+                        z[h * hd : (h + 1) * hd] = attn[h, i, j] * v[j, h]
+                    T[i, j] = project(model, block, z)
+                    if i == j:
+                        T[i, j] += x[0, j]
+            if model.task != "generation":
+                ln = block.attention.output.LayerNorm
+                dense = block.attention.output.dense
+                pre = T.sum(1) + dense.bias
+                sigma = torch.sqrt(pre.var(-1, unbiased=False) + ln.eps)
+                for i in range(length):
+                    for j in range(length):
+                        T[i, j] = ln.weight * (T[i, j] - T[i, j].mean()) / sigma[i]
+                y = captured[layer][0]
+                bias = ln.weight * (dense.bias - dense.bias.mean()) / sigma[:, None] + ln.bias
+                torch.testing.assert_close(T.sum(1) + bias, y, rtol=1e-9, atol=1e-9)
+            else:
+                dense = modules[layer]
+                proj = dense.c_proj if hasattr(dense, "c_proj") else dense.o_proj
+                bias = proj.bias if proj.bias is not None else 0
+                y = x[0] + captured[layer][0]
+                torch.testing.assert_close(T.sum(1) + bias, y, rtol=1e-9, atol=1e-9)
+            C = torch.zeros(length, length, dtype=x.dtype)
+            for i in range(length):
+                for j in range(length):
+                    C[i, j] = max(0.0, float(y[i].abs().sum() - (y[i] - T[i, j]).abs().sum()))
+                C[i] = C[i] / C[i].sum()
+        per_layer.append(C)
+    return per_layer
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_alti_matches_naive_per_layer_and_rollout(mixing_models, arch):
+    model = mixing_models[arch]
+    target = None if arch == "bert" else TARGET
+    ids, queries = ids_and_queries(model, PROMPT, target)
+    layers = naive_alti_layers(model, ids)
+    got = ax.alti(model, PROMPT, target, aggregate=False)
+    assert got.dims == ("target", "source", "layer")
+    width = ids.shape[1]
+    for k, q in enumerate(queries):
+        for layer, C in enumerate(layers):
+            row = got.values[k, :, layer]
+            seen = q + 1 if model.causal else width
+            np.testing.assert_allclose(row[:seen], C[q, :seen].numpy(), atol=1e-9)
+    rolled = layers[0]
+    for C in layers[1:]:
+        rolled = C @ rolled
+    agg = ax.alti(model, PROMPT, target)
+    assert agg.dims == ("target", "source")
+    for k, q in enumerate(queries):
+        seen = q + 1 if model.causal else width
+        np.testing.assert_allclose(agg.values[k, :seen], rolled[q, :seen].numpy(), atol=1e-9)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_alti_rows_are_distributions_and_never_from_the_future(mixing_models, arch):
+    model = mixing_models[arch]
+    target = None if arch == "bert" else TARGET
+    t = to_tensors(
+        prepare(model, [PROMPT, "The capital"], None if target is None else [target, " of"]), model
+    )
+    seen = []
+
+    def on_layer(index, weights, u, x, parts):
+        seen.append(_mixing._contributions(weights, u, x, parts, t.mask))
+
+    _mixing._Decomposition(model, t, on_layer).run()
+    assert len(seen) == model.hf.config.num_hidden_layers
+    for C in seen:
+        assert (C >= 0).all()
+        torch.testing.assert_close(C.sum(-1), torch.ones_like(C.sum(-1)))
+        if model.causal:
+            assert (torch.triu(C, diagonal=1) == 0).all(), "no contribution from the future"
+
+
+def naive_value_zeroing(model: ax.Model, ids: torch.Tensor, similarity: str = "cosine"):
+    """distances[layer, query, zeroed token]: one forward per (layer, token), zeroing the value
+    vectors of one token in one layer only, comparing that layer's output as the model reports
+    it in hidden_states (no patching: the layers below run clean anyway)."""
+    hf = model.hf
+    base = hf.base_model
+    with torch.no_grad():
+        clean = base(input_ids=ids, output_hidden_states=True).hidden_states
+    n_layers, length = len(blocks(model)), ids.shape[1]
+    out = torch.zeros(n_layers, length, length, dtype=torch.float64)
+    for layer, block in enumerate(blocks(model)):
+        if model.task != "generation":
+            module, lo = block.attention.self.value, 0
+        elif hasattr(block, "attn"):
+            module, lo = block.attn.c_attn, 2 * hf.config.n_embd
+        else:
+            module, lo = block.self_attn.v_proj, 0
+        for j in range(length):
+
+            def zero(_m, _a, output, j=j, lo=lo):
+                output = output.clone()
+                output[:, j, lo:] = 0
+                return output
+
+            handle = module.register_forward_hook(zero)
+            with torch.no_grad():
+                states = base(input_ids=ids, output_hidden_states=True).hidden_states
+            handle.remove()
+            a, b = states[layer + 1][0], clean[layer + 1][0]
+            for i in range(length):
+                if similarity == "cosine":
+                    out[layer, i, j] = 1 - torch.nn.functional.cosine_similarity(a[i], b[i], dim=0)
+                else:
+                    out[layer, i, j] = (a[i] - b[i]).norm()
+    return out
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("similarity", ["cosine", "euclidean"])
+def test_value_zeroing_matches_naive(mixing_models, arch, similarity):
+    model = mixing_models[arch]
+    target = None if arch == "bert" else TARGET
+    ids, queries = ids_and_queries(model, PROMPT, target)
+    raw = naive_value_zeroing(model, ids, similarity)
+    got = ax.value_zeroing(model, PROMPT, target, similarity=similarity, normalize=False)
+    norm = ax.value_zeroing(model, PROMPT, target, similarity=similarity)
+    assert got.dims == ("target", "source", "layer")
+    width = ids.shape[1]
+    for k, q in enumerate(queries):
+        seen = q + 1 if model.causal else width
+        want = raw[:, q, :seen].T.numpy()  # [source, layer]
+        want = np.where(want < 1e-5, 0.0, want)  # Inseq's threshold
+        np.testing.assert_allclose(got.values[k, :seen], want, atol=1e-9)
+        np.testing.assert_allclose(norm.values[k, :seen], want / want.sum(0), atol=1e-9)
+        assert np.isnan(got.values[k, seen:]).all()
+
+
+def test_value_zeroing_of_an_unseen_token_changes_nothing(mixing_models):
+    model = mixing_models["gpt2"]
+    t = to_tensors(prepare(model, [PROMPT], [TARGET]), model)
+    t.mask[0, 2] = 0  # no query attends to token 2 now
+    options = {"batch_size": None, "max_memory": None}
+    scores = _mixing._zeroing_scores(model, _mixing._layers(model), t, "cosine", options)
+    others = [i for i in range(t.ids.shape[1]) if i != 2]
+    assert (scores[0, others, 2].abs() < 1e-12).all()
+    assert scores[0, others].sum() > 0
+    # causal: zeroing a later token never moves an earlier query
+    assert (torch.triu(scores[0].permute(2, 0, 1), diagonal=1).abs() < 1e-12).all()
+
+
+@pytest.mark.parametrize("method", [ax.value_zeroing, ax.alti, ax.alti_logit])
+def test_batched_equals_single(mixing_models, method):
+    model = mixing_models["llama"]
+    prompts, targets = [PROMPT, "The capital"], [TARGET, " of Italy is Rome"]
+    both = method(model, prompts, targets)
+    for b in range(2):
+        one = method(model, prompts[b], targets[b])
+        part = both.isel(example=b).sel(target=one.target.values, source=one.source.values)
+        np.testing.assert_allclose(part.values, one.values, atol=1e-9)
+
+
+def test_value_zeroing_copies_per_forward_do_not_change_scores(mixing_models):
+    model = mixing_models["gpt2"]
+    whole = ax.value_zeroing(model, PROMPT, TARGET)
+    chunked = ax.value_zeroing(model, PROMPT, TARGET, batch_size=2, layers=[-1])
+    np.testing.assert_allclose(chunked.values[..., 0], whole.values[..., -1], atol=1e-12)
+    assert chunked.layer.values.tolist() == [whole.sizes["layer"] - 1]
+
+
+def test_alti_logit_matches_naive_and_adds_up(mixing_models):
+    model = mixing_models["gpt2"]
+    hf = model.hf
+    ids, queries = ids_and_queries(model, PROMPT, TARGET)
+    layers = naive_alti_layers(model, ids)
+    final = hf.transformer.ln_f
+    before_final = []
+    handle = final.register_forward_pre_hook(lambda _m, args: before_final.append(args[0]))
+    with torch.no_grad(), model.attention_as("eager"):
+        out = hf(input_ids=ids, output_attentions=True, output_hidden_states=True)
+    handle.remove()
+    residual = before_final[0][0]  # the last block's output, before ln_f
+    length = ids.shape[1]
+    got = ax.alti_logit(model, PROMPT, TARGET, aggregate=False)
+    total = ax.alti_logit(model, PROMPT, TARGET)
+    for k, q in enumerate(queries):
+        target_id = int(ids[0, q + 1])
+        sigma = torch.sqrt(residual[q].var(unbiased=False) + final.eps)
+        g = final.weight * hf.lm_head.weight[target_id]
+        below = torch.eye(length, dtype=torch.float64)
+        expected_total = torch.zeros(length, dtype=torch.float64)
+        for layer, block in enumerate(blocks(model)):
+            x = out.hidden_states[layer]
+            attn = out.attentions[layer][0]
+            v = value_parts(model, block, x)
+            hd = v.shape[-1]
+            delta = torch.zeros(length, dtype=torch.float64)
+            for j in range(q + 1):
+                z = torch.zeros(attn.shape[0] * hd, dtype=torch.float64)
+                for h in range(attn.shape[0]):
+                    z[h * hd : (h + 1) * hd] = attn[h, q, j] * v[j, h]
+                update = project(model, block, z).detach()
+                delta[j] = (g * (update - update.mean())).sum() / sigma
+            term = delta @ below
+            np.testing.assert_allclose(got.values[k, : q + 1, layer], term[: q + 1], atol=1e-9)
+            expected_total += term
+            below = layers[layer] @ below
+        np.testing.assert_allclose(total.values[k, : q + 1], expected_total[: q + 1], atol=1e-9)
+
+
+def test_alti_logit_contrast_is_a_difference(mixing_models):
+    model = mixing_models["llama"]
+    a = ax.alti_logit(model, PROMPT, TARGET)
+    diff = ax.alti_logit(model, PROMPT, TARGET, contrast=" Rome.")
+    assert not np.allclose(a.values, diff.values, equal_nan=True)
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda m: ax.value_zeroing(m, PROMPT, TARGET, similarity="l1"), "`similarity` must be"),
+        (lambda m: ax.value_zeroing(m, PROMPT, TARGET, normalize=1), "`normalize` must be"),
+        (lambda m: ax.value_zeroing(m, PROMPT, TARGET, objective="logit"), "does not take"),
+        (lambda m: ax.value_zeroing(m, PROMPT, TARGET, layers=9), "out of range"),
+        (lambda m: ax.alti(m, PROMPT, TARGET, layers=0), "needs aggregate=False"),
+        (lambda m: ax.alti(m, PROMPT, TARGET, chunk_size=2), "does not take"),
+        (lambda m: ax.alti_logit(m, PROMPT, TARGET, objective="logprob"), "does not take"),
+    ],
+)
+def test_option_errors(mixing_models, call, message):
+    with pytest.raises(ax.OptionError, match=message.replace("(", r"\(")):
+        call(mixing_models["gpt2"])
+
+
+def test_unsupported_architectures_are_model_errors(mixing_models):
+    hf, tok = tiny_model("marian")
+    marian = ax.load_model(hf, tokenizer=tok)
+    for method in (ax.value_zeroing, ax.alti, ax.alti_logit):
+        with pytest.raises(ax.ModelError, match="encoder-decoder|marian"):
+            method(marian, "a b", "c")
+    with pytest.raises(ax.ModelError, match="bert.*ALTI-Logit decomposes"):
+        ax.alti_logit(mixing_models["bert"], PROMPT)
+    hf, tok = tiny_classifier("distilbert")
+    with pytest.raises(ax.ModelError, match="'distilbert'"):
+        ax.alti(ax.load_model(hf, tokenizer=tok), PROMPT)
+
+
+def test_cli_and_dataset_runs(tmp_path, capsys):
+    for method in ("value_zeroing", "alti", "alti_logit"):
+        nc = tmp_path / f"{method}.nc"
+        args = ["attribute", "--method", method, "--input", "1 2 3 =", "--target", " 3 2 1"]
+        assert main([*args, "--out", str(nc)]) == 0
+        assert ax.load(nc).attrs["method"] == method
+    data = tmp_path / "data.jsonl"
+    data.write_text("\n".join(json.dumps({"input": p, "target": " 1"}) for p in ["1 2 =", "3 ="]))
+    out = tmp_path / "vz"
+    run = ax.attribute_dataset(
+        None, data, out, method="value_zeroing", reduce="none", progress=False
+    )
+    assert run.records == 2
+    results = ax.load_dataset_results(out)
+    assert results.dims == ("example", "target", "source", "layer")
