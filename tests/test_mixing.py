@@ -338,9 +338,9 @@ def test_unsupported_architectures_are_model_errors(mixing_models):
     hf, tok = tiny_model("marian")
     marian = ax.load_model(hf, tokenizer=tok)
     for method in (ax.value_zeroing, ax.alti, ax.alti_logit):
-        with pytest.raises(ax.ModelError, match="encoder-decoder|marian"):
+        with pytest.raises(ax.ModelError, match=r"encoder-decoder|marian"):
             method(marian, "a b", "c")
-    with pytest.raises(ax.ModelError, match="bert.*ALTI-Logit decomposes"):
+    with pytest.raises(ax.ModelError, match=r"bert.*ALTI-Logit decomposes"):
         ax.alti_logit(mixing_models["bert"], PROMPT)
     hf, tok = tiny_classifier("distilbert")
     with pytest.raises(ax.ModelError, match="'distilbert'"):

@@ -503,7 +503,7 @@ def alti_logit(call: Call, *, aggregate: bool = True, layers: Selection = None) 
     (``sum_h A^h_ij W_O^h v^h_j``), is projected onto the target's unembedding through the final
     norm, linearized with the final residual's own scale at that query (``Δlogit_l(j)``), and
     carried back to the input tokens by the ALTI rollout of the layers below:
-    ``sum_l Δlogit_l R_{l-1}`` (``R_0 = I``). With ``contrast`` the logit difference target −
+    ``sum_l Δlogit_l R_{l-1}`` (``R_0 = I``). With ``contrast`` the logit difference target -
     contrast is decomposed. Biases, the MLPs' direct updates and the embeddings' direct logit
     are not attributed. Decoder-only LMs: GPT-2 and Llama-like.
 
