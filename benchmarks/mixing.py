@@ -52,7 +52,7 @@ def _inseq_shims() -> None:
             clean = self.clean_block_output_states[block_idx].to(hidden.device)
             if not is_tuple:
                 return clean
-            return output[:hidden_state_idx] + (clean,) + output[hidden_state_idx + 1 :]
+            return (*output[:hidden_state_idx], clean, *output[hidden_state_idx + 1 :])
 
         return hook
 
