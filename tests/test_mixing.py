@@ -238,12 +238,89 @@ def test_value_zeroing_matches_naive(mixing_models, arch, similarity):
         assert np.isnan(got.values[k, seen:]).all()
 
 
+def naive_seq2seq_zeroing(model: ax.Model, source_ids, target_ids, which: str):
+    """distances[layer, query, zeroed token] of an encoder-decoder, one forward per (layer,
+    token): ``which`` is "encoder" (encoder self-attention, encoder states), "cross" (the
+    cross-attention's values of encoder tokens, decoder states) or "decoder" (decoder
+    self-attention, decoder states)."""
+    hf = model.hf
+    ids = torch.tensor([source_ids])
+    decoder_ids = torch.tensor([[hf.config.decoder_start_token_id, *target_ids]])
+
+    def states(out):
+        return out.encoder_hidden_states if which == "encoder" else out.decoder_hidden_states
+
+    def forward():
+        with torch.no_grad():
+            return hf(input_ids=ids, decoder_input_ids=decoder_ids, output_hidden_states=True)
+
+    clean = states(forward())
+    if hasattr(hf.config, "num_decoder_layers"):  # T5
+        layers = hf.encoder.block if which == "encoder" else hf.decoder.block
+        sub = {"encoder": (0, "SelfAttention"), "decoder": (0, "SelfAttention")}
+        sub["cross"] = (1, "EncDecAttention")
+        index, name = sub[which]
+        modules = [getattr(block.layer[index], name).v for block in layers]
+    else:
+        layers = hf.model.encoder.layers if which == "encoder" else hf.model.decoder.layers
+        attr = "encoder_attn" if which == "cross" else "self_attn"
+        modules = [getattr(layer, attr).v_proj for layer in layers]
+    length = ids.shape[1] if which in ("encoder", "cross") else decoder_ids.shape[1]
+    queries = clean[0].shape[1]
+    out = torch.zeros(len(modules), queries, length, dtype=torch.float64)
+    for layer, module in enumerate(modules):
+        for j in range(length):
+
+            def zero(_m, _a, output, j=j):
+                output = output.clone()
+                output[:, j] = 0
+                return output
+
+            handle = module.register_forward_hook(zero)
+            zeroed = states(forward())
+            handle.remove()
+            a, b = zeroed[layer + 1][0], clean[layer + 1][0]
+            out[layer, :, j] = 1 - torch.nn.functional.cosine_similarity(a, b, dim=-1)
+    return out
+
+
+def inseq_aggregation(raw: torch.Tensor, causal: bool) -> np.ndarray:
+    """[layer, query, source] distances -> thresholded, row-normalized [query, source, layer]."""
+    raw = raw.clone()
+    if causal:
+        future = torch.triu(torch.ones(raw.shape[1:], dtype=torch.bool), diagonal=1)
+        raw[:, future] = torch.nan
+    raw = torch.where(raw < 1e-5, 0.0, raw)
+    return (raw / raw.nansum(-1, keepdim=True)).permute(1, 2, 0).numpy()
+
+
+@pytest.mark.parametrize("arch", ["marian", "t5"])
+def test_value_zeroing_encoder_decoder_matches_naive(arch):
+    hf, tok = tiny_model(arch)
+    model = ax.load_model(hf.double(), tokenizer=tok)
+    source, target = "the capital of france", "paris is"
+    source_ids, target_ids = _naive.token_ids(model, source, target)
+    queries = list(range(len(target_ids)))  # decoder position k predicts target k
+    got = ax.value_zeroing(model, source, target, attribute_target=True)
+    assert got.indexes["source"].names == ["side", "position"]
+    cross = inseq_aggregation(naive_seq2seq_zeroing(model, source_ids, target_ids, "cross"), False)
+    np.testing.assert_allclose(got.sel(side="source").values, cross[queries], atol=1e-9)
+    own = inseq_aggregation(naive_seq2seq_zeroing(model, source_ids, target_ids, "decoder"), True)
+    np.testing.assert_allclose(got.sel(side="target").values, own[queries], atol=1e-9)
+    default = ax.value_zeroing(model, source, target)
+    np.testing.assert_allclose(default.values, cross[queries], atol=1e-9)
+    encoder = ax.value_zeroing(model, source, maps="encoder", layers=[0, -1])
+    assert encoder.dims == ("query", "source", "layer")
+    enc = inseq_aggregation(naive_seq2seq_zeroing(model, source_ids, target_ids, "encoder"), False)
+    np.testing.assert_allclose(encoder.values, enc[..., [0, -1]], atol=1e-9)
+
+
 def test_value_zeroing_of_an_unseen_token_changes_nothing(mixing_models):
     model = mixing_models["gpt2"]
     t = to_tensors(prepare(model, [PROMPT], [TARGET]), model)
     t.mask[0, 2] = 0  # no query attends to token 2 now
     options = {"batch_size": None, "max_memory": None}
-    scores = _mixing._zeroing_scores(model, _mixing._layers(model), t, "cosine", options)
+    scores = _mixing._zeroing_scores(model, _mixing._self_run(model, t), "cosine", options)
     others = [i for i in range(t.ids.shape[1]) if i != 2]
     assert (scores[0, others, 2].abs() < 1e-12).all()
     assert scores[0, others].sum() > 0
@@ -337,9 +414,15 @@ def test_option_errors(mixing_models, call, message):
 def test_unsupported_architectures_are_model_errors(mixing_models):
     hf, tok = tiny_model("marian")
     marian = ax.load_model(hf, tokenizer=tok)
-    for method in (ax.value_zeroing, ax.alti, ax.alti_logit):
+    for method in (ax.alti, ax.alti_logit):
         with pytest.raises(ax.ModelError, match=r"encoder-decoder|marian"):
             method(marian, "a b", "c")
+    with pytest.raises(ax.OptionError, match="maps='self'"):
+        ax.value_zeroing(marian, "a b", "c", maps="self")
+    with pytest.raises(ax.OptionError, match="needs an encoder-decoder"):
+        ax.value_zeroing(mixing_models["gpt2"], "a b", "c", maps="cross")
+    with pytest.raises(ax.OptionError, match="attribute_target=True` is for encoder-decoder"):
+        ax.value_zeroing(mixing_models["gpt2"], "a b", "c", attribute_target=True)
     with pytest.raises(ax.ModelError, match=r"bert.*ALTI-Logit decomposes"):
         ax.alti_logit(mixing_models["bert"], PROMPT)
     hf, tok = tiny_classifier("distilbert")

@@ -26,27 +26,26 @@ import torch
 import xarray as xr
 
 from . import _arch
-from ._attention import Selection, _indices, _selection
+from ._attention import MAPS, Selection, _indices, _maps, _selection
 from ._errors import ModelError, OptionError
-from ._inputs import Tensors, to_tensors
+from ._inputs import Tensors, encode_sources, to_tensors
 from ._memory import parse_bytes, plan_forwards
 from ._model import Model, _attention_modules
 from ._protocol import Call, Family
+from ._schema import label_queries
 
-_NOT_ENC_DEC = "encoder-decoder models are not supported by the context-mixing methods yet"
+_NOT_ENC_DEC = "ALTI and ALTI-Logit do not decompose encoder-decoder models (ALTI+) yet"
 _NO_OBJECTIVE = "context mixing is read from the model's forward, not from an objective"
 
 #: Value zeroing: batched forwards over zeroed copies, so batch_size and max_memory apply.
 VALUE_ZEROING = Family(
     name="value_zeroing",
-    takes=("positions", "batch_size", "max_new_tokens", "max_memory"),
+    takes=("positions", "attribute_target", "batch_size", "max_new_tokens", "max_memory"),
     refuses={
         "objective": _NO_OBJECTIVE,
         "contrast": _NO_OBJECTIVE,
         "chunk_size": "value zeroing runs no backward: `batch_size` bounds the zeroed copies "
         "per forward",
-        "attribute_target": f"decoder-only models already attribute the target prefix; "
-        f"{_NOT_ENC_DEC}",
     },
 )
 
@@ -86,33 +85,38 @@ class _Layer:
     value_slice: slice  # the features of its output that are values
 
 
-def _layers(model: Model) -> list[_Layer]:
-    """The blocks of the self-attention stack in the order they run (ModelError where none)."""
-    if model.is_encoder_decoder:
+def _layers(model: Model, stack: str = "self") -> list[_Layer]:
+    """The blocks of one attention stack (``"self"``: decoder-only or encoder-only models;
+    ``"encoder"``, ``"decoder"``, ``"cross"``: an encoder-decoder's) in the order they run, each
+    with the attention module of that stack (a ModelError where attrax finds none)."""
+    if model.is_encoder_decoder and stack == "self":
         raise ModelError(f"{model.name} ({_architecture(model)}): {_NOT_ENC_DEC}")
     names = {module: name for name, module in model.hf.named_modules()}
-    found = [m for m, (stack, _) in _attention_modules(model.hf).items() if stack == "self"]
+    found = [m for m, (kind, _) in _attention_modules(model.hf).items() if kind == stack]
     layers = []
     for attention in found:
         parts = names[attention].split(".")
         digits = [k for k, part in enumerate(parts) if part.isdigit()]
         if not digits:
             break
-        block = model.hf.get_submodule(".".join(parts[: digits[-1] + 1]))
+        # the first numbered module is the block (T5 numbers its sub-layers too)
+        block = model.hf.get_submodule(".".join(parts[: digits[0] + 1]))
         layers.append(_Layer(block, attention, *_value_projection(model, attention)))
     if not layers or len(layers) != len(found):
         raise ModelError(
-            f"{model.name} ({_architecture(model)}): attrax finds no numbered self-attention blocks "
-            "to zero or decompose"
+            f"{model.name} ({_architecture(model)}): attrax finds no numbered {stack} attention "
+            "blocks to zero or decompose"
         )
     return layers
 
 
 def _value_projection(model: Model, attention: torch.nn.Module) -> tuple[torch.nn.Module, slice]:
-    for name in _VALUE_PROJECTIONS:
-        module = getattr(attention, name, None)
-        if isinstance(module, torch.nn.Module):
-            return module, slice(None)
+    # T5 records its sub-layer (T5LayerCrossAttention): the projections are one module down
+    for owner in (attention, *attention.children()):
+        for name in _VALUE_PROJECTIONS:
+            module = getattr(owner, name, None)
+            if isinstance(module, torch.nn.Module):
+                return module, slice(None)
     fused = getattr(attention, "c_attn", None)  # GPT-2: queries, keys, values in one projection
     if isinstance(fused, torch.nn.Module) and not getattr(attention, "is_cross_attention", False):
         width = int(getattr(attention, "split_size", model.hidden_size))
@@ -165,9 +169,21 @@ def _boolean(value: object, name: str) -> None:
         raise OptionError(f"`{name}` must be True or False, got {value!r}")
 
 
-@VALUE_ZEROING.method(similarity=_similarity, normalize=_boolean, layers=_selection)
+def _zeroing_maps(value: object, name: str) -> None:
+    if value is not None and value not in MAPS:
+        raise OptionError(f"`{name}` must be None or one of {MAPS}, got {value!r}")
+
+
+@VALUE_ZEROING.method(
+    similarity=_similarity, normalize=_boolean, layers=_selection, maps=_zeroing_maps
+)
 def value_zeroing(
-    call: Call, *, similarity: str = "cosine", normalize: bool = True, layers: Selection = None
+    call: Call,
+    *,
+    similarity: str = "cosine",
+    normalize: bool = True,
+    layers: Selection = None,
+    maps: str | None = None,
 ) -> xr.DataArray:
     """Value zeroing (Mohebbi et al. 2023): how far zeroing a source token's value vectors in a
     layer's self-attention moves the layer's output at the query that predicts each target.
@@ -185,6 +201,11 @@ def value_zeroing(
         similarity: ``"cosine"`` (``1 - cos``, the paper's and Inseq's) or ``"euclidean"``.
         normalize: divide each row by its sum over sources (per layer).
         layers: which layers to keep (an int, a range, a slice or a list of ints).
+        maps: as :func:`attrax.attention`: ``None`` (the model's default), ``"self"``
+            (decoder-only and encoder-only models), ``"cross"`` (encoder-decoder: zeroing encoder
+            tokens' values in the cross-attention, measured on the decoder; with
+            ``attribute_target=True`` also the decoder self-attention over the decoder prefix) or
+            ``"encoder"`` (the encoder self-attention: dims ``([example,] query, source, layer)``).
         batch_size: zeroed copies per forward (``"auto"``: as many as fit ``max_memory``).
 
     Returns:
@@ -199,51 +220,164 @@ def value_zeroing(
     True
     """
     model = call.model
-    stack = _layers(model)
-    chosen = _indices(layers, len(stack), "layers", "layers")
+    maps = _maps(model, maps)
+    if maps == "encoder":
+        if call.options["attribute_target"]:
+            raise OptionError("`attribute_target=True` does not apply to maps='encoder'")
+        if call.options["positions"] is not None:
+            raise OptionError("`positions` selects targets; maps='encoder' has no targets")
+        return _encoder_zeroing(call, similarity, normalize, layers)
+    if call.options["attribute_target"] and not model.is_encoder_decoder:
+        raise OptionError(
+            "`attribute_target=True` is for encoder-decoder models: a decoder-only model's "
+            "sources already hold the target prefix"
+        )
     t = to_tensors(call.batch, model)
-    scores = _zeroing_scores(model, stack, t, similarity, call.options)  # [B, Lq, Lk, layer]
-    scores = scores[..., chosen]
-    length = t.ids.shape[1]
-    keys = torch.arange(length, device=t.ids.device)
-    unseen = ~t.mask.bool()[:, None, :, None]  # padded sources
-    if model.causal:
-        unseen = unseen | (keys[None, None, :, None] > keys[None, :, None, None])
+    runs = [_self_run(model, t)] if maps == "self" else _decoder_runs(model, t, call.options)
+    chosen = _indices(layers, len(runs[0].layers), "layers", "layers")
+    sides = []
+    for run in runs:  # at most two: the cross-attention and the decoder self-attention
+        scores = _zeroing_scores(model, run, similarity, call.options)[..., chosen]
+        scores = _aggregate(scores, run.mask, run.causal, normalize)
+        sides.append(_rows(scores, t.index))
+    return call.label(sides, trailing=("layer",), trailing_coords={"layer": chosen})
+
+
+@dataclass
+class _Run:
+    """One value-zeroing run: the layers whose values are zeroed (and whose outputs are
+    measured), their clean outputs (the last as the model reports it), how the model part runs
+    on copies of the batch, and the zeroed tokens' padding mask ``[B, S]``."""
+
+    layers: list[_Layer]
+    measured: list[torch.nn.Module]
+    states: list[torch.Tensor]
+    forward: Callable[[Callable[[torch.Tensor], torch.Tensor]], torch.Tensor]
+    mask: torch.Tensor
+    causal: bool
+
+
+@torch.no_grad()
+def _self_run(model: Model, t: Tensors) -> _Run:
+    stack = _layers(model)
+    clean = _base_forward(model, t.ids, t.mask, t.token_types, output_hidden_states=True)
+    # block l's input is hidden_states[l]; its clean output hidden_states[l + 1] (the last one as
+    # the model reports it: after the final norm where there is one)
+    states = [h.detach() for h in clean.hidden_states[1 : len(stack)]] + [clean.last_hidden_state]
+
+    def forward(copies: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        types = None if t.token_types is None else copies(t.token_types)
+        return _base_forward(model, copies(t.ids), copies(t.mask), types).last_hidden_state
+
+    blocks = [layer.block for layer in stack]
+    return _Run(stack, blocks, states, forward, t.mask, model.causal)
+
+
+@torch.no_grad()
+def _decoder_runs(model: Model, t: Tensors, options: Any) -> list[_Run]:
+    """An encoder-decoder's cross-attention run (and its decoder self-attention run with
+    ``attribute_target``), both measured on the decoder fed the clean encoder output."""
+    assert t.decoder_ids is not None and t.decoder_mask is not None
+    encoded = model.hf.get_encoder()(input_ids=t.ids, attention_mask=t.mask).last_hidden_state
+    decoder = model.hf.get_decoder()
+
+    def run(ids: torch.Tensor, mask: torch.Tensor, encoder: torch.Tensor, encoder_mask: Any) -> Any:
+        return decoder(
+            input_ids=ids,
+            attention_mask=mask,
+            encoder_hidden_states=encoder,
+            encoder_attention_mask=encoder_mask,
+            use_cache=False,
+            output_hidden_states=True,
+        )
+
+    clean = run(t.decoder_ids, t.decoder_mask, encoded, t.mask)
+    cross = _layers(model, "cross")
+    states = [h.detach() for h in clean.hidden_states[1 : len(cross)]] + [clean.last_hidden_state]
+
+    def forward(copies: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        assert t.decoder_ids is not None and t.decoder_mask is not None
+        ids, mask = copies(t.decoder_ids), copies(t.decoder_mask)
+        return run(ids, mask, copies(encoded), copies(t.mask)).last_hidden_state
+
+    blocks = [layer.block for layer in cross]
+    runs = [_Run(cross, blocks, states, forward, t.mask, False)]
+    if options["attribute_target"]:
+        own = _layers(model, "decoder")
+        runs.append(_Run(own, blocks, states, forward, t.decoder_mask, True))
+    return runs
+
+
+def _encoder_zeroing(
+    call: Call, similarity: str, normalize: bool, layers: Selection
+) -> xr.DataArray:
+    """An encoder-decoder's encoder self-attention: ``([example,] query, source, layer)``."""
+    model = call.model
+    ids, mask, single = encode_sources(model, call.inputs)
+    ids, mask = ids.to(model.device), mask.to(model.device)
+    encoder = model.hf.get_encoder()
+    stack = _layers(model, "encoder")
+    chosen = _indices(layers, len(stack), "layers", "layers")
+    with torch.no_grad():
+        clean = encoder(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+    states = [h.detach() for h in clean.hidden_states[1 : len(stack)]] + [clean.last_hidden_state]
+
+    def forward(copies: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        return encoder(input_ids=copies(ids), attention_mask=copies(mask)).last_hidden_state
+
+    run = _Run(stack, [layer.block for layer in stack], states, forward, mask, False)
+    scores = _zeroing_scores(model, run, similarity, call.options)[..., chosen]
+    scores = _aggregate(scores, mask, False, normalize)
+    return label_queries(
+        model,
+        ids,
+        mask,
+        scores,
+        single=single,
+        method=call.method,
+        options=call.options,
+        trailing_coords={"layer": chosen},
+    )
+
+
+def _aggregate(
+    scores: torch.Tensor, mask: torch.Tensor, causal: bool, normalize: bool
+) -> torch.Tensor:
+    """Inseq's aggregation of distances ``[B, query, source, layer]``: NaN where the query cannot
+    see the source (padding, the future), 0 below the threshold, rows divided by their sums."""
+    keys = torch.arange(scores.shape[2], device=scores.device)
+    unseen = ~mask.bool()[:, None, :, None]
+    if causal:
+        queries = torch.arange(scores.shape[1], device=scores.device)
+        unseen = unseen | (keys[None, None, :, None] > queries[None, :, None, None])
     scores = scores.masked_fill(unseen, torch.nan)
     scores = torch.where(scores < THRESHOLD, 0.0, scores)
     if normalize:
         total = scores.nansum(2, keepdim=True)
         scores = scores / torch.where(total == 0, 1.0, total)
-    return call.label(
-        [_rows(scores, t.index)], trailing=("layer",), trailing_coords={"layer": chosen}
-    )
+    return scores
 
 
 @torch.no_grad()
-def _zeroing_scores(
-    model: Model, stack: list[_Layer], t: Tensors, similarity: str, options: Any
-) -> torch.Tensor:
+def _zeroing_scores(model: Model, run: _Run, similarity: str, options: Any) -> torch.Tensor:
     """Distances ``[B, query, source, layer]`` between clean and value-zeroed layer outputs."""
-    batch, length = t.ids.shape
-    clean = _base_forward(model, t.ids, t.mask, t.token_types, output_hidden_states=True)
-    # block l's input is hidden_states[l]; its clean output hidden_states[l + 1] (the last one as
-    # the model reports it: after the final norm where there is one)
-    states = [h.detach() for h in clean.hidden_states[: len(stack)]] + [clean.last_hidden_state]
-    # a causal query never sees later tokens: zero only up to the last attributed query
-    sources = int(t.index.max()) + 1 if model.causal else length
-    per_copy = 4 * length * model.hidden_size * max(model.dtype.itemsize, 4) * (len(stack) + 4)
+    batch, length = run.mask.shape
+    queries = run.states[0].shape[1]
+    # a causal query never sees later tokens: the last real query bounds the zeroed tokens
+    sources = length
+    if run.causal:
+        sources = int(run.mask.sum(1).max())
+    width = run.states[0].shape[-1]
+    per_copy = 4 * (queries + length) * width * 8 * (len(run.layers) + 4)
     per_forward = plan_forwards(
-        sources * batch,
-        options["batch_size"],
-        per_copy,
-        model.device,
-        _budget(options),
+        sources * batch, options["batch_size"], per_copy, model.device, _budget(options)
     )
     tokens_per_forward = max(1, per_forward // batch)
-    out = torch.zeros(batch, length, length, len(stack), dtype=torch.float64, device=model.device)
+    out = torch.zeros(batch, queries, length, len(run.layers), dtype=torch.float64)
+    out = out.to(model.device)
     for start in range(0, sources, tokens_per_forward):  # memory chunking over zeroed tokens
-        zeroed = torch.arange(start, min(sources, start + tokens_per_forward), device=t.ids.device)
-        out[:, :, zeroed] = _zeroed_forward(model, stack, t, states, zeroed, similarity)
+        zeroed = torch.arange(start, min(sources, start + tokens_per_forward), device=out.device)
+        out[:, :, zeroed] = _zeroed_forward(run, batch, zeroed, similarity)
     return out
 
 
@@ -251,25 +385,18 @@ def _budget(options: Any) -> int | None:
     return parse_bytes(options.get("max_memory"))
 
 
-def _zeroed_forward(
-    model: Model,
-    stack: list[_Layer],
-    t: Tensors,
-    states: list[torch.Tensor],
-    zeroed: torch.Tensor,
-    similarity: str,
-) -> torch.Tensor:
+def _zeroed_forward(run: _Run, batch: int, zeroed: torch.Tensor, similarity: str) -> torch.Tensor:
     """One forward over ``B * len(zeroed)`` copies (row ``b * m + c`` zeroes token
     ``zeroed[c]`` in every layer): distances ``[B, query, m, layer]``."""
-    batch, length = t.ids.shape
     m = zeroed.shape[0]
+    length = run.mask.shape[1]
 
     def copies(x: torch.Tensor) -> torch.Tensor:
         return x.repeat_interleave(m, dim=0)
 
-    positions = torch.arange(length, device=t.ids.device)
-    keep = (positions[None, :] != zeroed[:, None]).repeat(batch, 1)  # [B * m, L]
-    distances: list[torch.Tensor | None] = [None] * len(stack)
+    positions = torch.arange(length, device=zeroed.device)
+    keep = (positions[None, :] != zeroed[:, None]).repeat(batch, 1)  # [B * m, S]
+    distances: list[torch.Tensor | None] = [None] * len(run.layers)
 
     def zero_values(layer: _Layer) -> Callable[..., Any]:
         def hook(_module: torch.nn.Module, _args: Any, output: torch.Tensor) -> torch.Tensor:
@@ -283,24 +410,20 @@ def _zeroed_forward(
     def patch(index: int) -> Callable[..., Any]:
         def hook(_module: torch.nn.Module, _args: Any, output: Any) -> Any:
             hidden = output[0] if isinstance(output, tuple) else output
-            distances[index] = _distance(hidden, copies(states[index + 1]), similarity)
-            clean = copies(states[index + 1]).to(hidden.dtype)  # the next layer's clean input
+            clean = copies(run.states[index]).to(hidden.dtype)
+            distances[index] = _distance(hidden, clean, similarity)
+            # the next layer runs on its clean input
             return (clean, *output[1:]) if isinstance(output, tuple) else clean
 
         return hook
 
-    pairs = [(layer.values, zero_values(layer)) for layer in stack]
-    pairs += [(layer.block, patch(i)) for i, layer in enumerate(stack[:-1])]
+    pairs = [(layer.values, zero_values(layer)) for layer in run.layers]
+    pairs += [(block, patch(i)) for i, block in enumerate(run.measured[:-1])]
     with _hooks(pairs):
-        last = _base_forward(
-            model,
-            copies(t.ids),
-            copies(t.mask),
-            None if t.token_types is None else copies(t.token_types),
-        ).last_hidden_state
-    distances[-1] = _distance(last, copies(states[-1]), similarity)
-    stacked = torch.stack([d for d in distances if d is not None], dim=-1)  # [B * m, L, layer]
-    return stacked.view(batch, m, length, len(stack)).transpose(1, 2)
+        last = run.forward(copies)
+    distances[-1] = _distance(last, copies(run.states[-1]), similarity)
+    stacked = torch.stack([d for d in distances if d is not None], dim=-1)  # [B * m, Q, layer]
+    return stacked.view(batch, m, -1, len(run.layers)).transpose(1, 2)
 
 
 def _distance(zeroed: torch.Tensor, clean: torch.Tensor, similarity: str) -> torch.Tensor:
