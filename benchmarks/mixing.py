@@ -1,4 +1,4 @@
-"""Value zeroing: parity with Inseq 0.7's ``value_zeroing`` and time, attrax vs Inseq, on W1.
+"""Value zeroing: parity with Inseq 0.7's ``value_zeroing`` and time, attrax vs Inseq, W1 and W2.
 
 Run from the repository root in the bench venv::
 
@@ -9,17 +9,25 @@ fixed here by two shims that change no arithmetic:
 
 1. its model table names GPT-2's value tensor ``value`` (transformers 4.x); transformers 5
    calls it ``value_states`` (``register_model_config`` below);
-2. its patching hook assumes each block returns a tuple; transformers 5's ``GPT2Block`` returns
-   a tensor (``_tuple_or_tensor_patch`` below: the same hook, accepting both).
+2. its patching hook assumes each block returns a tuple; transformers 5's ``GPT2Block`` and
+   ``MarianDecoderLayer`` return a tensor (``_tuple_or_tensor_patch`` below: the same hook,
+   accepting both).
+
+W1 (GPT-2) compares the decoder self-attention scores; W2 (Marian) the cross-attention scores
+(Inseq's ``source_attributions``), Inseq's encoder and decoder self-attention scores switched
+off (``output_encoder_self_scores=False, output_decoder_self_scores=False``) so that both sides
+compute the same thing.
 
 Both sides run the same GPT-2 workload model, eager attention, cosine distance, Inseq's
 aggregation (distances below 1e-5 set to 0, each row divided by its sum over sources). Parity is
 the largest absolute difference over every (target, source, layer) both define, on a float64
-copy of the model (Inseq then still compares its states in float32); the float32 gap is recorded
-too (float32 rounding of ``1 - cos`` for nearly parallel states, amplified by the per-row
-normalization). Times are on the float32 model, the median of ``--repeats`` calls each, after one
+copy of the model, attrax's cosine taking the float32 casts Inseq's takes (Inseq stores the
+states of every layer but the last in float32 and takes their cosine in float32; the last
+layer's clean state is rounded to float32 too): :func:`_inseq_cosine`. Without that cast (``max_abs_diff_float64_cosine``) and on the
+float32 model (``max_abs_diff_float32_model``) the gaps are float32 rounding of ``1 - cos`` for
+nearly parallel states (distances of 1e-5 to 1e-4 on these random-weight models; float32 rounds
+``cos`` to about 6e-8), amplified by the per-row normalization. Times are on the float32 model, the median of ``--repeats`` calls each, after one
 warm-up call each, in the same process.
-Encoder-decoder models (W2) are not compared: attrax's value zeroing refuses them (ModelError).
 """
 
 from __future__ import annotations
@@ -72,19 +80,32 @@ def _timed(fn, repeats: int) -> tuple[object, float]:
     return result, statistics.median(seconds)
 
 
-def run(n_prompt: int, n_target: int, repeats: int) -> dict[str, object]:
+def run(kind: str, n_prompt: int, n_target: int, repeats: int) -> dict[str, object]:
     import inseq
 
     import attrax as ax
+    from attrax import _mixing
 
     _inseq_shims()
     torch.manual_seed(0)
-    model, tok = workloads.load("gpt2")
-    prompt, target = workloads.texts("gpt2", tok, n_prompt, n_target)
+    model, tok = workloads.load(kind)
+    prompt, target = workloads.texts(kind, tok, n_prompt, n_target)
     im = inseq.load_model(model, "value_zeroing", tokenizer=copy.deepcopy(tok))
     am = ax.load_model(model, tokenizer=tok)
+    enc_dec = kind == "marian"
 
     def inseq_call():
+        if enc_dec:
+            out = im.attribute(
+                prompt,
+                target,
+                show_progress=False,
+                step_scores=[],
+                output_encoder_self_scores=False,
+                output_decoder_self_scores=False,
+            )
+            # [encoder tokens, generated, layer] -> [target, source, layer]
+            return out.sequence_attributions[0].source_attributions.double().transpose(0, 1).numpy()
         out = im.attribute(prompt, prompt + target, show_progress=False, step_scores=[])
         seq = out.sequence_attributions[0]
         # [source (prompt + generated), generated, layer] -> [target, source, layer]
@@ -97,18 +118,47 @@ def run(n_prompt: int, n_target: int, repeats: int) -> dict[str, object]:
     ours, attrax_seconds = _timed(attrax_call, repeats)
     gap32 = _gap(theirs, ours)
     model.double()  # the same weights in float64: parity of the algorithm, not of the rounding
-    gap = _gap(inseq_call(), attrax_call())
+    theirs = inseq_call()
+    gap64 = _gap(theirs, attrax_call())
+    # Inseq casts both states to float32 and takes its cosine in float32: attrax's, the same way
+    exact = _mixing._distance
+    _mixing._distance = _inseq_cosine(len(_mixing._layers(am, "cross" if enc_dec else "self")))
+    try:
+        gap = _gap(theirs, attrax_call())
+    finally:
+        _mixing._distance = exact
     return {
-        "workload": f"W1 (GPT-2, {n_prompt} prompt + {n_target} target tokens)",
+        "workload": f"{kind}: {n_prompt} prompt + {n_target} target tokens",
         "shape": list(ours.shape),
         "max_abs_diff": gap,
-        "max_abs_diff_float32": gap32,
+        "max_abs_diff_float64_cosine": gap64,
+        "max_abs_diff_float32_model": gap32,
         "parity": gap <= 1e-4,
         "inseq_seconds": inseq_seconds,
         "attrax_seconds": attrax_seconds,
         "speedup": inseq_seconds / attrax_seconds,
         "threads": torch.get_num_threads(),
     }
+
+
+def _inseq_cosine(n_layers: int):
+    """attrax's distance taken with Inseq's casts: for layers below the last, both states in
+    float32 and a float32 cosine; for the last (read from the model's output, not cast), the
+    clean state rounded to float32 against the zeroed one as is. attrax computes each forward's
+    distances in layer order, so the call count says which layer it is."""
+    calls = [0]
+
+    def distance(zeroed: torch.Tensor, clean: torch.Tensor, similarity: str) -> torch.Tensor:
+        assert similarity == "cosine"
+        last = calls[0] % n_layers == n_layers - 1
+        calls[0] += 1
+        if last:
+            clean = clean.float().to(zeroed.dtype)
+        else:
+            zeroed, clean = zeroed.float(), clean.float()
+        return (1 - torch.nn.functional.cosine_similarity(zeroed, clean, dim=-1)).double()
+
+    return distance
 
 
 def _gap(theirs: np.ndarray, ours: np.ndarray) -> float:
@@ -121,11 +171,15 @@ def _gap(theirs: np.ndarray, ours: np.ndarray) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--quick", action="store_true", help="8 + 4 tokens instead of W1's 32 + 32")
+    parser.add_argument("--quick", action="store_true", help="8 + 4 tokens instead of 32 + 32")
+    parser.add_argument("--workloads", default="W1,W2")
     args = parser.parse_args()
-    plan = workloads.plans(quick=False)["W1"]
-    sizes = (8, 4) if args.quick else (plan.n_prompt, plan.n_target)
-    print(json.dumps(run(*sizes, args.repeats), indent=2))
+    results = {}
+    for name in args.workloads.split(","):
+        plan = workloads.plans(quick=False)[name]
+        sizes = (8, 4) if args.quick else (plan.n_prompt, plan.n_target)
+        results[name] = run(plan.kind, *sizes, args.repeats)
+    print(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":
