@@ -14,9 +14,11 @@ fixed here by two shims that change no arithmetic:
    accepting both).
 
 W1 (GPT-2) compares the decoder self-attention scores; W2 (Marian) the cross-attention scores
-(Inseq's ``source_attributions``), Inseq's encoder and decoder self-attention scores switched
-off (``output_encoder_self_scores=False, output_decoder_self_scores=False``) so that both sides
-compute the same thing.
+(Inseq's ``source_attributions``) and the decoder self-attention scores (``attribute_target=True``
+on both sides), Inseq's encoder self-attention scores switched off
+(``output_encoder_self_scores=False``) so that both sides compute the same thing.
+``nonzero_share`` is the share of scores above Inseq's 1e-5 threshold (the rest are 0 on both
+sides).
 
 Both sides run the same GPT-2 workload model, eager attention, cosine distance, Inseq's
 aggregation (distances below 1e-5 set to 0, each row divided by its sum over sources). Parity is
@@ -101,18 +103,21 @@ def run(kind: str, n_prompt: int, n_target: int, repeats: int) -> dict[str, obje
                 target,
                 show_progress=False,
                 step_scores=[],
+                attribute_target=True,
                 output_encoder_self_scores=False,
-                output_decoder_self_scores=False,
             )
-            # [encoder tokens, generated, layer] -> [target, source, layer]
-            return out.sequence_attributions[0].source_attributions.double().transpose(0, 1).numpy()
+            seq = out.sequence_attributions[0]
+            # [encoder tokens | decoder prefix, generated, layer] -> [target, source, layer]
+            sides = (seq.source_attributions, seq.target_attributions)
+            return torch.cat(sides).double().transpose(0, 1).numpy()
         out = im.attribute(prompt, prompt + target, show_progress=False, step_scores=[])
         seq = out.sequence_attributions[0]
         # [source (prompt + generated), generated, layer] -> [target, source, layer]
         return seq.target_attributions.double().transpose(0, 1).numpy()
 
     def attrax_call():
-        return ax.value_zeroing(am, prompt, target, batch_size=None).values
+        options = {"attribute_target": True} if enc_dec else {}
+        return ax.value_zeroing(am, prompt, target, batch_size=None, **options).values
 
     theirs, inseq_seconds = _timed(inseq_call, repeats)
     ours, attrax_seconds = _timed(attrax_call, repeats)
@@ -134,6 +139,7 @@ def run(kind: str, n_prompt: int, n_target: int, repeats: int) -> dict[str, obje
         "max_abs_diff_float64_cosine": gap64,
         "max_abs_diff_float32_model": gap32,
         "parity": gap <= 1e-4,
+        "nonzero_share": float((np.nan_to_num(theirs) > 0).sum() / (~np.isnan(theirs)).sum()),
         "inseq_seconds": inseq_seconds,
         "attrax_seconds": attrax_seconds,
         "speedup": inseq_seconds / attrax_seconds,

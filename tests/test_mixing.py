@@ -445,3 +445,11 @@ def test_cli_and_dataset_runs(tmp_path, capsys):
     assert run.records == 2
     results = ax.load_dataset_results(out)
     assert results.dims == ("example", "target", "source", "layer")
+
+
+def test_alti_row_chunks_do_not_change_contributions(mixing_models, monkeypatch):
+    model = mixing_models["bert"]
+    whole = ax.alti(model, [PROMPT, "a film"], aggregate=False)
+    monkeypatch.setattr(_mixing, "memory_budget", lambda device: 1)  # one query row at a time
+    rows = ax.alti(model, [PROMPT, "a film"], aggregate=False)
+    np.testing.assert_allclose(rows.values, whole.values, atol=1e-12)

@@ -29,7 +29,7 @@ from . import _arch
 from ._attention import MAPS, Selection, _indices, _maps, _selection
 from ._errors import ModelError, OptionError
 from ._inputs import Tensors, encode_sources, to_tensors
-from ._memory import parse_bytes, plan_forwards
+from ._memory import memory_budget, parse_bytes, plan_forwards
 from ._model import Model, _attention_modules
 from ._protocol import Call, Family
 from ._schema import label_queries
@@ -544,10 +544,33 @@ def _contributions(
     """ALTI's contributions ``C [B, L, L]`` of one layer: ``T_i(x_j) = sum_h A^h_ij W_O^h v^h_j +
     [i = j] x_j`` (normalized like the block output where the norm comes after), scored
     ``max(0, |y_i|_1 - |y_i - T_i(x_j)|_1)`` and divided by their sum over ``j``; padded rows
-    are the identity."""
-    eye = torch.eye(x.shape[1], dtype=x.dtype, device=x.device)
+    are the identity. The ``[B, rows, L, d]`` vectors are built for as many query rows at a time
+    as fit a quarter of the device's budget."""
+    batch, length, width = x.shape
+    per_row = 4 * batch * length * width * u.element_size()
+    rows = max(1, min(length, memory_budget(x.device) // 4 // per_row))
+    scores = torch.cat(
+        [  # memory chunking over query rows
+            _row_scores(weights[:, :, start : start + rows], u, x, parts, start)
+            for start in range(0, length, rows)
+        ],
+        dim=1,
+    )
+    scores = scores * mask[:, None, :].to(scores.dtype)
+    total = scores.sum(-1, keepdim=True)
+    scores = scores / torch.where(total == 0, 1.0, total)
+    eye = torch.eye(length, dtype=scores.dtype, device=scores.device)
+    return torch.where(mask.bool()[:, :, None], scores, eye)
+
+
+def _row_scores(
+    weights: torch.Tensor, u: torch.Tensor, x: torch.Tensor, parts: _Parts, start: int
+) -> torch.Tensor:
+    """Unnormalized ALTI scores ``[B, q, L]`` of the query rows ``start .. start + q``."""
+    queries, length = weights.shape[2], x.shape[1]
     vectors = torch.einsum("bhij,bhjd->bijd", weights.to(u.dtype), u)
-    vectors = vectors + eye[None, :, :, None] * x[:, None, :, :]
+    eye = torch.eye(length, dtype=x.dtype, device=x.device)[start : start + queries]
+    vectors = vectors + eye[None, :, :, None] * x[:, None, :, :]  # the residual: T_i(x_i) += x_i
     output = vectors.sum(2) + (parts.bias if parts.bias is not None else 0)
     if parts.norm is not None:  # LayerNorm after the residual: linear given y's own scale
         norm = parts.norm
@@ -555,11 +578,7 @@ def _contributions(
         vectors = norm.weight * (vectors - vectors.mean(-1, keepdim=True)) / scale[:, :, None]
         output = norm(output)
     distance = torch.linalg.vector_norm(output[:, :, None] - vectors, ord=1, dim=-1)
-    scores = torch.relu(torch.linalg.vector_norm(output, ord=1, dim=-1)[..., None] - distance)
-    scores = scores * mask[:, None, :].to(scores.dtype)
-    total = scores.sum(-1, keepdim=True)
-    scores = scores / torch.where(total == 0, 1.0, total)
-    return torch.where(mask.bool()[:, :, None], scores, eye)
+    return torch.relu(torch.linalg.vector_norm(output, ord=1, dim=-1)[..., None] - distance)
 
 
 def _check_aggregate(options: Any) -> None:
