@@ -453,3 +453,21 @@ def test_alti_row_chunks_do_not_change_contributions(mixing_models, monkeypatch)
     monkeypatch.setattr(_mixing, "memory_budget", lambda device: 1)  # one query row at a time
     rows = ax.alti(model, [PROMPT, "a film"], aggregate=False)
     np.testing.assert_allclose(rows.values, whole.values, atol=1e-12)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_decoder_only_classifiers_read_their_pooled_or_token_rows(arch):
+    hf, tok = tiny_classifier(arch, task="token")
+    tagger = ax.load_model(hf.double(), tokenizer=tok)
+    ids = tok(PROMPT).input_ids
+    for method in (ax.value_zeroing, ax.alti):
+        da = method(tagger, PROMPT)  # each token's predicted class
+        assert da.sizes["source"] == len(ids)
+        assert np.isfinite(da.values).any()
+    hf, tok = tiny_classifier(arch, task="sequence")
+    clf = ax.load_model(hf.double(), tokenizer=tok)
+    vz = ax.value_zeroing(clf, PROMPT, normalize=False)
+    alti = ax.alti(clf, PROMPT, aggregate=False)
+    # the pooled (last) token sees every token: no NaN in its row
+    assert np.isfinite(vz.values).all() and np.isfinite(alti.values).all()
+    np.testing.assert_allclose(alti.sum("source").values, 1.0)

@@ -3,10 +3,10 @@
 Two views, both per layer (``layer`` dim) and labelled like the attention maps:
 
 - :func:`value_zeroing` (Mohebbi et al. 2023) zeroes one source token's value vectors in a
-  layer's self-attention and measures how far each position's layer output moves. Every layer
-  is fed its clean input (captured from one clean forward), so one forward over copies of the
-  batch — copy ``j`` zeroes token ``j`` in every layer at once — gives every layer's zeroed
-  outputs; the copies are the only thing chunked (memory).
+  layer's attention (self, cross or encoder) and measures how far each position's layer output
+  moves. Every layer is fed its clean input (captured from one clean forward), so one forward
+  over copies of the batch — copy ``j`` zeroes token ``j`` in every layer at once — gives every
+  layer's zeroed outputs; the copies are the only thing chunked (memory).
 - :func:`alti` (Ferrando et al. 2022) decomposes each layer's attention block output at
   position ``i`` (attention weights, values, output projection, residual and LayerNorm) into
   one vector per source token, ``T_i(x_j)``, and scores each by its L1 closeness to the output;
@@ -26,7 +26,7 @@ import torch
 import xarray as xr
 
 from . import _arch
-from ._attention import MAPS, Selection, _indices, _maps, _selection
+from ._attention import Selection, _indices, _maps, _maps_name, _selection
 from ._errors import ModelError, OptionError
 from ._inputs import Tensors, encode_sources, to_tensors
 from ._memory import memory_budget, parse_bytes, plan_forwards
@@ -67,8 +67,8 @@ ALTI = Family(
 SIMILARITIES = ("cosine", "euclidean")
 #: Inseq's ``min_score_threshold``: distances below it are set to 0 before normalizing
 THRESHOLD = 1e-5
-# how each architecture's value projection is found inside its attention module: the attribute
-# and the slice of its output features that holds the values (None: all of them)
+# the names architectures give the value projection inside their attention module (whose whole
+# output is the values; GPT-2's fused c_attn is handled on its own)
 _VALUE_PROJECTIONS = ("v_proj", "value", "v_lin", "v")
 
 
@@ -77,7 +77,8 @@ _VALUE_PROJECTIONS = ("v_proj", "value", "v_lin", "v")
 # --------------------------------------------------------------------------------------------------
 @dataclass
 class _Layer:
-    """One transformer block of a decoder-only or encoder-only model and its attention parts."""
+    """One transformer block and the attention module of one of its stacks, with its value
+    projection."""
 
     block: torch.nn.Module
     attention: torch.nn.Module
@@ -169,13 +170,8 @@ def _boolean(value: object, name: str) -> None:
         raise OptionError(f"`{name}` must be True or False, got {value!r}")
 
 
-def _zeroing_maps(value: object, name: str) -> None:
-    if value is not None and value not in MAPS:
-        raise OptionError(f"`{name}` must be None or one of {MAPS}, got {value!r}")
-
-
 @VALUE_ZEROING.method(
-    similarity=_similarity, normalize=_boolean, layers=_selection, maps=_zeroing_maps
+    similarity=_similarity, normalize=_boolean, layers=_selection, maps=_maps_name
 )
 def value_zeroing(
     call: Call,
