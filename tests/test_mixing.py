@@ -39,9 +39,13 @@ def ids_and_queries(model: ax.Model, text: str, target: str | None):
     return torch.tensor([ids]), list(range(len(source) - 1, len(ids) - 1))
 
 
+def is_bert(model: ax.Model) -> bool:
+    return hasattr(model.hf, "bert")
+
+
 def blocks(model: ax.Model):
     hf = model.hf
-    if model.task != "generation":
+    if is_bert(model):
         return list(hf.bert.encoder.layer)
     return list(hf.transformer.h) if hasattr(hf, "transformer") else list(hf.model.layers)
 
@@ -50,7 +54,7 @@ def value_parts(model: ax.Model, block, x: torch.Tensor):
     """Per-head value vectors [L, H, hd] of a block's input x (computed by hand, by module)."""
     config = model.hf.config
     heads = config.num_attention_heads
-    if model.task != "generation":
+    if is_bert(model):
         v = block.attention.self.value(x)
     elif hasattr(block, "attn"):
         d = config.n_embd
@@ -64,7 +68,7 @@ def value_parts(model: ax.Model, block, x: torch.Tensor):
 
 def project(model: ax.Model, block, z: torch.Tensor) -> torch.Tensor:
     """The attention output projection of a concatenated-heads vector, without its bias."""
-    if model.task != "generation":
+    if is_bert(model):
         dense = block.attention.output.dense
     elif hasattr(block, "attn"):
         dense = block.attn.c_proj
@@ -83,7 +87,7 @@ def naive_alti_layers(model: ax.Model, ids: torch.Tensor):
     def grab(_m, _a, out):
         captured.append(out[0] if isinstance(out, tuple) else out)
 
-    if model.task != "generation":
+    if is_bert(model):
         modules = [b.attention.output for b in blocks(model)]  # BertSelfOutput: LN(x + attn)
     else:
         modules = [b.attn if hasattr(b, "attn") else b.self_attn for b in blocks(model)]
@@ -110,7 +114,7 @@ def naive_alti_layers(model: ax.Model, ids: torch.Tensor):
                     T[i, j] = project(model, block, z)
                     if i == j:
                         T[i, j] += x[0, j]
-            if model.task != "generation":
+            if is_bert(model):
                 ln = block.attention.output.LayerNorm
                 dense = block.attention.output.dense
                 pre = T.sum(1) + dense.bias
@@ -192,7 +196,7 @@ def naive_value_zeroing(model: ax.Model, ids: torch.Tensor, similarity: str = "c
     n_layers, length = len(blocks(model)), ids.shape[1]
     out = torch.zeros(n_layers, length, length, dtype=torch.float64)
     for layer, block in enumerate(blocks(model)):
-        if model.task != "generation":
+        if is_bert(model):
             module, lo = block.attention.self.value, 0
         elif hasattr(block, "attn"):
             module, lo = block.attn.c_attn, 2 * hf.config.n_embd
@@ -347,10 +351,26 @@ def test_value_zeroing_copies_per_forward_do_not_change_scores(mixing_models):
     assert chunked.layer.values.tolist() == [whole.sizes["layer"] - 1]
 
 
-def test_alti_logit_matches_naive_and_adds_up(mixing_models):
-    model = mixing_models["gpt2"]
+@pytest.mark.parametrize("kind", ["lm", "classifier"])
+def test_alti_logit_matches_naive(mixing_models, kind):
+    if kind == "lm":
+        model = mixing_models["gpt2"]
+        ids, queries = ids_and_queries(model, PROMPT, TARGET)
+        got = ax.alti_logit(model, PROMPT, TARGET, aggregate=False)
+        total = ax.alti_logit(model, PROMPT, TARGET)
+        head = model.hf.lm_head.weight
+        rows = [head[int(ids[0, q + 1])] for q in queries]
+    else:  # a GPT-2 sequence classifier: the predicted class's row of its score head
+        hf, tok = tiny_classifier("gpt2", task="sequence")
+        model = ax.load_model(hf.double(), tokenizer=tok)
+        ids = torch.tensor([tok(PROMPT).input_ids])
+        queries = [ids.shape[1] - 1]  # the pooled (last) token
+        got = ax.alti_logit(model, PROMPT, aggregate=False)
+        total = ax.alti_logit(model, PROMPT)
+        with torch.no_grad():
+            predicted = int(model.hf(input_ids=ids).logits[0].argmax())
+        rows = [model.hf.score.weight[predicted]]
     hf = model.hf
-    ids, queries = ids_and_queries(model, PROMPT, TARGET)
     layers = naive_alti_layers(model, ids)
     final = hf.transformer.ln_f
     before_final = []
@@ -360,12 +380,9 @@ def test_alti_logit_matches_naive_and_adds_up(mixing_models):
     handle.remove()
     residual = before_final[0][0]  # the last block's output, before ln_f
     length = ids.shape[1]
-    got = ax.alti_logit(model, PROMPT, TARGET, aggregate=False)
-    total = ax.alti_logit(model, PROMPT, TARGET)
     for k, q in enumerate(queries):
-        target_id = int(ids[0, q + 1])
         sigma = torch.sqrt(residual[q].var(unbiased=False) + final.eps)
-        g = final.weight * hf.lm_head.weight[target_id]
+        g = final.weight * rows[k]
         below = torch.eye(length, dtype=torch.float64)
         expected_total = torch.zeros(length, dtype=torch.float64)
         for layer, block in enumerate(blocks(model)):
@@ -423,7 +440,7 @@ def test_unsupported_architectures_are_model_errors(mixing_models):
         ax.value_zeroing(mixing_models["gpt2"], "a b", "c", maps="cross")
     with pytest.raises(ax.OptionError, match="attribute_target=True` is for encoder-decoder"):
         ax.value_zeroing(mixing_models["gpt2"], "a b", "c", attribute_target=True)
-    with pytest.raises(ax.ModelError, match=r"bert.*ALTI-Logit decomposes"):
+    with pytest.raises(ax.ModelError, match=r"bert.*ALTI-Logit decomposes.*post-norm"):
         ax.alti_logit(mixing_models["bert"], PROMPT)
     hf, tok = tiny_classifier("distilbert")
     with pytest.raises(ax.ModelError, match="'distilbert'"):

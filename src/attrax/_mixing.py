@@ -643,7 +643,8 @@ def alti_logit(call: Call, *, aggregate: bool = True, layers: Selection = None) 
     carried back to the input tokens by the ALTI rollout of the layers below:
     ``sum_l Δlogit_l R_{l-1}`` (``R_0 = I``). With ``contrast`` the logit difference target -
     contrast is decomposed. Biases, the MLPs' direct updates and the embeddings' direct logit
-    are not attributed. Decoder-only LMs: GPT-2 and Llama-like.
+    are not attributed. Decoder-only models (GPT-2, Llama-like): language models, and
+    classifiers whose linear head reads the final norm (the class's row of the head).
 
     Arguments:
         model, inputs, targets, contrast, positions, max_new_tokens: as :func:`attrax.saliency`.
@@ -656,10 +657,11 @@ def alti_logit(call: Call, *, aggregate: bool = True, layers: Selection = None) 
     ('target', 'source')
     """
     model = call.model
-    if model.task != "generation" or _architecture(model) not in _PRE_NORM:
+    if _architecture(model) not in _PRE_NORM:
         raise ModelError(
             f"{model.name} ({_architecture(model)}, {model.task}): ALTI-Logit decomposes the logits "
-            f"of decoder-only language models ({', '.join(_PRE_NORM)})"
+            f"of decoder-only models, language models or classifiers ({', '.join(_PRE_NORM)}): "
+            "a post-norm encoder's logit has no linear path from each layer"
         )
     t = to_tensors(call.batch, model)
     final = getattr(model.hf.base_model, "ln_f", None) or model.hf.base_model.norm
@@ -697,7 +699,7 @@ def _logit_direction(
 ) -> torch.Tensor:
     """The direction ``g`` with ``Δlogit = g · update`` for each target: the unembedding row
     (minus the contrast's) through the final norm linearized at the query's residual."""
-    head = model.hf.get_output_embeddings().weight
+    head = _head_weight(model)
     unembed = head[t.target_ids]
     if t.contrast_ids is not None:
         unembed = unembed - head[t.contrast_ids]
@@ -709,6 +711,21 @@ def _logit_direction(
     else:  # RMSNorm: no centering
         scale = torch.sqrt(residual.pow(2).mean(-1, keepdim=True) + eps)
     return direction / scale
+
+
+def _head_weight(model: Model) -> torch.Tensor:
+    """The rows that turn the final norm's output into logits: the unembedding, or a decoder-only
+    classifier's linear head (``score``, ``classifier``)."""
+    if model.task == "generation":
+        return model.hf.get_output_embeddings().weight
+    for name in ("score", "classifier"):
+        head = getattr(model.hf, name, None)
+        if isinstance(head, torch.nn.Linear):
+            return head.weight
+    raise ModelError(
+        f"{model.name} ({_architecture(model)}): ALTI-Logit needs a linear classifier head "
+        "(`score` or `classifier`) on the final norm"
+    )
 
 
 @contextlib.contextmanager
