@@ -364,7 +364,15 @@ def _zeroing_scores(model: Model, run: _Run, similarity: str, options: Any) -> t
     if run.causal:
         sources = int(run.mask.sum(1).max())
     width = run.states[0].shape[-1]
-    per_copy = 4 * (queries + length) * width * 8 * (len(run.layers) + 4)
+    # live per copy in one block: its input and output states, the attention scores of every
+    # head (eager), the MLP's hidden layer, and the clean states patched in, with some slack
+    heads = _arch.heads(model.hf.config, "self") or 1
+    mlp = _arch.mlp_width(model.hf.config) or 4 * width
+    per_copy = (
+        2
+        * max(model.dtype.itemsize, 4)
+        * (queries * (8 * width + 2 * mlp) + 2 * heads * queries * length)
+    )
     per_forward = plan_forwards(
         sources * batch, options["batch_size"], per_copy, model.device, _budget(options)
     )
@@ -527,11 +535,14 @@ class _Decomposition:
         parts = self.parts[index]
         values = self.values.pop(index)
         batch, length, width = values.shape
+        # half-precision models are decomposed in float32: the L1 scores subtract close norms
+        dtype = torch.promote_types(values.dtype, torch.float32)
         kv = width // (parts.weight.shape[1] // self.heads)
         per_head = values.view(batch, length, kv, -1).repeat_interleave(self.heads // kv, dim=2)
         weight = parts.weight.view(parts.weight.shape[0], self.heads, -1)
-        u = torch.einsum("bjhk,dhk->bhjd", per_head, weight)
-        self.on_layer(index, weights, u, self.inputs.pop(index), parts)
+        u = torch.einsum("bjhk,dhk->bhjd", per_head.to(dtype), weight.to(dtype))
+        x = self.inputs.pop(index).to(dtype)
+        self.on_layer(index, weights.to(dtype), u, x, parts)
 
 
 def _contributions(
@@ -572,7 +583,10 @@ def _row_scores(
         norm = parts.norm
         scale = torch.sqrt(output.var(-1, unbiased=False, keepdim=True) + norm.eps)
         vectors = norm.weight * (vectors - vectors.mean(-1, keepdim=True)) / scale[:, :, None]
-        output = norm(output)
+        bias = None if norm.bias is None else norm.bias.to(output.dtype)
+        output = torch.nn.functional.layer_norm(
+            output, output.shape[-1:], norm.weight.to(output.dtype), bias, norm.eps
+        )
     distance = torch.linalg.vector_norm(output[:, :, None] - vectors, ord=1, dim=-1)
     return torch.relu(torch.linalg.vector_norm(output, ord=1, dim=-1)[..., None] - distance)
 
@@ -699,11 +713,13 @@ def _logit_direction(
 ) -> torch.Tensor:
     """The direction ``g`` with ``Δlogit = g · update`` for each target: the unembedding row
     (minus the contrast's) through the final norm linearized at the query's residual."""
+    dtype = torch.promote_types(residual.dtype, torch.float32)
     head = _head_weight(model)
-    unembed = head[t.target_ids]
+    unembed = head[t.target_ids].to(dtype)
     if t.contrast_ids is not None:
-        unembed = unembed - head[t.contrast_ids]
-    direction = unembed * final.weight
+        unembed = unembed - head[t.contrast_ids].to(dtype)
+    residual = residual.to(dtype)
+    direction = unembed * final.weight.to(dtype)
     eps = getattr(final, "eps", None) or getattr(final, "variance_epsilon", 1e-6)
     if isinstance(final, torch.nn.LayerNorm):
         direction = direction - direction.mean(-1, keepdim=True)
