@@ -164,6 +164,143 @@ def test_alti_matches_naive_per_layer_and_rollout(mixing_models, arch):
         np.testing.assert_allclose(agg.values[k, :seen], rolled[q, :seen].numpy(), atol=1e-9)
 
 
+def naive_block_scores(T: torch.Tensor, bias: torch.Tensor, ln, actual: torch.Tensor, mask=None):
+    """ALTI scores [q, n] of vectors T [q, n, d] whose sum plus ``bias`` is the block output
+    before its LayerNorm ``ln``; checks the decomposition against the model's ``actual`` output."""
+    pre = T.sum(1) + bias
+    sigma = torch.sqrt(pre.var(-1, unbiased=False) + ln.eps)
+    out = torch.zeros_like(T)
+    for i in range(T.shape[0]):
+        for j in range(T.shape[1]):
+            out[i, j] = ln.weight * (T[i, j] - T[i, j].mean()) / sigma[i]
+    rest = ln.weight * (bias - bias.mean()) / sigma[:, None] + ln.bias
+    torch.testing.assert_close(out.sum(1) + rest, actual, rtol=1e-9, atol=1e-9)
+    C = torch.zeros(T.shape[:2], dtype=T.dtype)
+    for i in range(T.shape[0]):
+        for j in range(T.shape[1]):
+            C[i, j] = max(0.0, float(actual[i].abs().sum() - (actual[i] - out[i, j]).abs().sum()))
+        C[i] = C[i] / C[i].sum()
+    return C
+
+
+def naive_attention_vectors(attention, attn, keys_in, residual=None):
+    """T [q, n, d]: sum_h A^h_ij W_O^h v^h_j by loops (v from the module's own projection), plus
+    the residual on the diagonal when given."""
+    heads = attn.shape[0]
+    v = attention.v_proj(keys_in)
+    hd = v.shape[-1] // heads
+    q, n = attn.shape[1], attn.shape[2]
+    T = torch.zeros(q, n, v.shape[-1], dtype=v.dtype)
+    for i in range(q):
+        for j in range(n):
+            z = torch.zeros(v.shape[-1], dtype=v.dtype)
+            for h in range(heads):
+                z[h * hd : (h + 1) * hd] = attn[h, i, j] * v[j, h * hd : (h + 1) * hd]
+            T[i, j] = attention.out_proj(z) - attention.out_proj.bias
+            if residual is not None and i == j:
+                T[i, j] += residual[j]
+    return T
+
+
+@pytest.mark.parametrize("arch", ["marian", "bart"])
+def test_alti_plus_matches_naive(arch):
+    hf, tok = tiny_model(arch)
+    model = ax.load_model(hf.double(), tokenizer=tok)
+    source, target = "the capital of france", "paris is"
+    source_ids, target_ids = _naive.token_ids(model, source, target)
+    ids = torch.tensor([source_ids])
+    decoder_ids = torch.tensor([[hf.config.decoder_start_token_id, *target_ids]])
+    captured = {}
+
+    def keep(name):
+        def hook(_m, args, kwargs, output=None):
+            captured[name] = output if output is not None else (args[0] if args else kwargs)
+
+        return hook
+
+    handles = []
+    layers = hf.model.decoder.layers
+    for i, layer in enumerate(layers):
+        handles.append(
+            layer.encoder_attn.register_forward_pre_hook(
+                lambda _m, a, k, i=i: captured.__setitem__(
+                    ("cross_in", i), a[0] if a else k["hidden_states"]
+                ),
+                with_kwargs=True,
+            )
+        )
+        for name in ("self_attn_layer_norm", "encoder_attn_layer_norm"):
+            handles.append(
+                getattr(layer, name).register_forward_hook(
+                    lambda _m, _a, o, key=(name, i): captured.__setitem__(key, o)
+                )
+            )
+    for i, layer in enumerate(hf.model.encoder.layers):
+        handles.append(
+            layer.self_attn_layer_norm.register_forward_hook(
+                lambda _m, _a, o, i=i: captured.__setitem__(("encoder", i), o)
+            )
+        )
+    with torch.no_grad(), model.attention_as("eager"):
+        out = hf(
+            input_ids=ids,
+            decoder_input_ids=decoder_ids,
+            output_attentions=True,
+            output_hidden_states=True,
+        )
+        for h in handles:
+            h.remove()
+        S, T_len = ids.shape[1], decoder_ids.shape[1]
+        R_enc = torch.eye(S, dtype=torch.float64)
+        for i, layer in enumerate(hf.model.encoder.layers):
+            x = out.encoder_hidden_states[i][0]
+            vec = naive_attention_vectors(layer.self_attn, out.encoder_attentions[i][0], x, x)
+            C = naive_block_scores(
+                vec,
+                layer.self_attn.out_proj.bias,
+                layer.self_attn_layer_norm,
+                captured["encoder", i][0],
+            )
+            R_enc = C @ R_enc
+        encoded = out.encoder_last_hidden_state[0]
+        R = torch.cat(
+            [torch.zeros(T_len, S, dtype=torch.float64), torch.eye(T_len, dtype=torch.float64)], 1
+        )
+        for i, layer in enumerate(layers):
+            x = out.decoder_hidden_states[i][0]
+            vec = naive_attention_vectors(layer.self_attn, out.decoder_attentions[i][0], x, x)
+            C = naive_block_scores(
+                vec,
+                layer.self_attn.out_proj.bias,
+                layer.self_attn_layer_norm,
+                captured["self_attn_layer_norm", i][0],
+            )
+            R = C @ R
+            y = captured["cross_in", i][0]
+            cross = naive_attention_vectors(layer.encoder_attn, out.cross_attentions[i][0], encoded)
+            vec = torch.cat([cross, y[:, None, :]], dim=1)
+            c = naive_block_scores(
+                vec,
+                layer.encoder_attn.out_proj.bias,
+                layer.encoder_attn_layer_norm,
+                captured["encoder_attn_layer_norm", i][0],
+            )
+            new = c[:, -1:] * R
+            new[:, :S] += c[:, :-1] @ R_enc
+            R = new
+    got = ax.alti(model, source, target, attribute_target=True)
+    queries = list(range(len(target_ids)))
+    np.testing.assert_allclose(got.sel(side="source").values, R[queries, :S].numpy(), atol=1e-9)
+    want = R[queries, S:].numpy()
+    mine = got.sel(side="target").values
+    seen = ~np.isnan(mine)
+    np.testing.assert_allclose(mine[seen], want[seen], atol=1e-9)
+    assert np.abs(want[~seen]).max() < 1e-12  # NaN only where nothing flows (the future)
+    np.testing.assert_allclose(np.nansum(got.values, -1), 1.0)
+    source_only = ax.alti(model, source, target)
+    np.testing.assert_allclose(source_only.values, R[queries, :S].numpy(), atol=1e-9)
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_alti_rows_are_distributions_and_never_from_the_future(mixing_models, arch):
     model = mixing_models[arch]
@@ -173,7 +310,7 @@ def test_alti_rows_are_distributions_and_never_from_the_future(mixing_models, ar
     )
     seen = []
 
-    def on_layer(index, weights, u, x, parts):
+    def on_layer(index, weights, u, x, parts, _stack):
         seen.append(_mixing._contributions(weights, u, x, parts, t.mask))
 
     _mixing._Decomposition(model, t, on_layer).run()
@@ -431,9 +568,13 @@ def test_option_errors(mixing_models, call, message):
 def test_unsupported_architectures_are_model_errors(mixing_models):
     hf, tok = tiny_model("marian")
     marian = ax.load_model(hf, tokenizer=tok)
-    for method in (ax.alti, ax.alti_logit):
-        with pytest.raises(ax.ModelError, match=r"encoder-decoder|marian"):
-            method(marian, "a b", "c")
+    with pytest.raises(ax.ModelError, match=r"marian"):
+        ax.alti_logit(marian, "a b", "c")
+    with pytest.raises(ax.OptionError, match="an encoder-decoder's ALTI\\+ is the rollout"):
+        ax.alti(marian, "a b", "c", aggregate=False)
+    hf, tok = tiny_model("t5")
+    with pytest.raises(ax.ModelError, match="ALTI\\+ decomposes the post-norm"):
+        ax.alti(ax.load_model(hf, tokenizer=tok), "a b", "c")
     with pytest.raises(ax.OptionError, match="maps='self'"):
         ax.value_zeroing(marian, "a b", "c", maps="self")
     with pytest.raises(ax.OptionError, match="needs an encoder-decoder"):

@@ -34,7 +34,7 @@ from ._model import Model, _attention_modules
 from ._protocol import Call, Family
 from ._schema import label_queries
 
-_NOT_ENC_DEC = "ALTI and ALTI-Logit do not decompose encoder-decoder models (ALTI+) yet"
+_NOT_ENC_DEC = "an encoder-decoder model's attention stacks are 'encoder', 'decoder' and 'cross'"
 _NO_OBJECTIVE = "context mixing is read from the model's forward, not from an objective"
 
 #: Value zeroing: batched forwards over zeroed copies, so batch_size and max_memory apply.
@@ -52,15 +52,13 @@ VALUE_ZEROING = Family(
 #: ALTI: one forward whose per-layer decomposition is computed as the layers run.
 ALTI = Family(
     name="alti",
-    takes=("positions", "max_new_tokens"),
+    takes=("positions", "attribute_target", "max_new_tokens"),
     refuses={
         "objective": _NO_OBJECTIVE,
         "contrast": _NO_OBJECTIVE,
         "chunk_size": "ALTI comes from one forward: there is no backward to chunk",
         "batch_size": "ALTI comes from one forward: there are no points to batch",
         "max_memory": "ALTI comes from one forward: there are no sizes to plan",
-        "attribute_target": f"decoder-only models already attribute the target prefix; "
-        f"{_NOT_ENC_DEC}",
     },
 )
 
@@ -444,6 +442,8 @@ def _distance(zeroed: torch.Tensor, clean: torch.Tensor, similarity: str) -> tor
 # inside the value vectors and the block output is ``x + attn``) or after it (BERT)
 _PRE_NORM = ("gpt2", "llama", "mistral", "qwen2")
 _POST_NORM = ("bert", "roberta", "xlm-roberta")
+# post-norm encoder-decoders ALTI+ decomposes: encoder, decoder self- and cross-attention blocks
+_SEQ2SEQ = ("marian", "bart")
 
 #: ALTI-Logit: one forward like ALTI, with a logit objective (and its contrast) per target.
 ALTI_LOGIT = Family(
@@ -453,6 +453,8 @@ ALTI_LOGIT = Family(
         "objective": "ALTI-Logit decomposes the target's logit (with `contrast`: the logit "
         "difference)",
         **{k: v for k, v in ALTI.refuses.items() if k not in ("objective", "contrast")},
+        "attribute_target": "decoder-only models already attribute the target prefix; "
+        "ALTI-Logit does not decompose encoder-decoder models",
     },
 )
 
@@ -467,16 +469,20 @@ class _Parts:
     norm: torch.nn.Module | None
 
 
-def _parts(model: Model, layer: _Layer) -> _Parts:
+def _parts(model: Model, layer: _Layer, stack: str = "self") -> _Parts:
     kind = _architecture(model)
-    if kind not in _PRE_NORM + _POST_NORM:
+    if kind not in _PRE_NORM + _POST_NORM + _SEQ2SEQ:
         raise ModelError(
             f"{model.name}: ALTI has no decomposition for the {kind!r} architecture; attrax "
-            f"decomposes {', '.join(_PRE_NORM + _POST_NORM)}"
+            f"decomposes {', '.join(_PRE_NORM + _POST_NORM + _SEQ2SEQ)}"
         )
     if kind in _PRE_NORM:
         project = getattr(layer.attention, "o_proj", None) or layer.attention.c_proj
         norm = None
+    elif kind in _SEQ2SEQ:  # post-norm encoder-decoders: each attention block has its LayerNorm
+        project = layer.attention.out_proj
+        name = "encoder_attn_layer_norm" if stack == "cross" else "self_attn_layer_norm"
+        norm = getattr(layer.block, name)
     else:
         output = layer.block.attention.output
         project, norm = output.dense, output.LayerNorm
@@ -493,36 +499,65 @@ def _architecture(model: Model) -> str:
 
 class _Decomposition:
     """One eager forward whose layers are decomposed as they run (:meth:`Model.stream_attention`):
-    per layer, the attention weights ``A [B, H, L, L]``, the per-head value vectors through the
-    output projection ``u [B, H, L, d]`` (``W_O^h v_j^h``) and the block's input ``x``. Each
-    layer is handed to ``on_layer(index, A, u, x, parts)`` and dropped."""
+    per layer, the attention weights ``A [B, H, Q, K]``, the per-head value vectors through the
+    output projection ``u [B, H, K, d]`` (``W_O^h v_j^h``) and the residual ``x [B, Q, d]`` (the
+    block's input; a cross-attention's: its query input). Each layer is handed to
+    ``on_layer(index, A, u, x, parts, stack)`` and dropped. Decoder-only and encoder-only models
+    have the stack ``"self"``; encoder-decoders ``"encoder"``, ``"decoder"`` and ``"cross"``."""
 
     def __init__(self, model: Model, t: Tensors, on_layer: Callable[..., None]) -> None:
         self.model, self.t, self.on_layer = model, t, on_layer
-        self.stack = _layers(model)
-        self.parts = [_parts(model, layer) for layer in self.stack]
-        self.heads = _arch.heads(model.hf.config, "self") or 1
-        self.inputs: dict[int, torch.Tensor] = {}
-        self.values: dict[int, torch.Tensor] = {}
-        self.count = 0
+        if model.is_encoder_decoder:
+            if _architecture(model) not in _SEQ2SEQ:
+                raise ModelError(
+                    f"{model.name} ({_architecture(model)}): ALTI+ decomposes the post-norm "
+                    f"encoder-decoders {', '.join(_SEQ2SEQ)}"
+                )
+            names = ("encoder", "decoder", "cross")
+        else:
+            names = ("self",)
+        self.stacks = {name: _layers(model, name) for name in names}
+        self.stack = self.stacks["cross" if model.is_encoder_decoder else "self"]
+        self.parts = {
+            name: [_parts(model, layer, name) for layer in layers]
+            for name, layers in self.stacks.items()
+        }
+        config = model.hf.config
+        self.heads = {
+            name: _arch.heads(config, "cross" if name == "decoder" else name) or 1 for name in names
+        }
+        self.inputs: dict[tuple[str, int], torch.Tensor] = {}
+        self.values: dict[tuple[str, int], torch.Tensor] = {}
+        self.count = dict.fromkeys(names, 0)
 
     def run(self) -> None:
-        position = {id(layer.block): i for i, layer in enumerate(self.stack)}
-        by_values = {id(layer.values): i for i, layer in enumerate(self.stack)}
+        residual_of: dict[int, tuple[str, int]] = {}  # the module whose input is the residual
+        values_of: dict[int, tuple[str, int]] = {}
+        for name, layers in self.stacks.items():
+            for i, layer in enumerate(layers):
+                owner = layer.attention if name == "cross" else layer.block
+                residual_of[id(owner)] = (name, i)
+                values_of[id(layer.values)] = (name, i)
+        modules = {
+            id(m): m
+            for layers in self.stacks.values()
+            for layer in layers
+            for m in (layer.attention, layer.block, layer.values)
+        }
 
         def keep_input(module: torch.nn.Module, args: Any, kwargs: Any) -> None:
             x = args[0] if args else kwargs["hidden_states"]
-            self.inputs[position[id(module)]] = x
+            self.inputs[residual_of[id(module)]] = x
 
         def keep_values(module: torch.nn.Module, _args: Any, output: torch.Tensor) -> None:
-            index = by_values[id(module)]
-            self.values[index] = output[..., self.stack[index].value_slice]
+            name, index = values_of[id(module)]
+            self.values[name, index] = output[..., self.stacks[name][index].value_slice]
 
         handles = [
-            layer.block.register_forward_pre_hook(keep_input, with_kwargs=True)
-            for layer in self.stack
+            modules[key].register_forward_pre_hook(keep_input, with_kwargs=True)
+            for key in residual_of
         ]
-        handles += [layer.values.register_forward_hook(keep_values) for layer in self.stack]
+        handles += [modules[key].register_forward_hook(keep_values) for key in values_of]
         try:
             self.model.stream_attention(self.t, self._on_map)
         finally:
@@ -530,19 +565,19 @@ class _Decomposition:
                 handle.remove()
 
     def _on_map(self, stack: str, weights: torch.Tensor) -> None:
-        index = self.count
-        self.count += 1
-        parts = self.parts[index]
-        values = self.values.pop(index)
+        index = self.count[stack]
+        self.count[stack] += 1
+        parts, heads = self.parts[stack][index], self.heads[stack]
+        values = self.values.pop((stack, index))
         batch, length, width = values.shape
         # half-precision models are decomposed in float32: the L1 scores subtract close norms
         dtype = torch.promote_types(values.dtype, torch.float32)
-        kv = width // (parts.weight.shape[1] // self.heads)
-        per_head = values.view(batch, length, kv, -1).repeat_interleave(self.heads // kv, dim=2)
-        weight = parts.weight.view(parts.weight.shape[0], self.heads, -1)
+        kv = width // (parts.weight.shape[1] // heads)
+        per_head = values.view(batch, length, kv, -1).repeat_interleave(heads // kv, dim=2)
+        weight = parts.weight.view(parts.weight.shape[0], heads, -1)
         u = torch.einsum("bjhk,dhk->bhjd", per_head.to(dtype), weight.to(dtype))
-        x = self.inputs.pop(index).to(dtype)
-        self.on_layer(index, weights.to(dtype), u, x, parts)
+        x = self.inputs.pop((stack, index)).to(dtype)
+        self.on_layer(index, weights.to(dtype), u, x, parts, stack)
 
 
 def _contributions(
@@ -578,6 +613,27 @@ def _row_scores(
     vectors = torch.einsum("bhij,bhjd->bijd", weights.to(u.dtype), u)
     eye = torch.eye(length, dtype=x.dtype, device=x.device)[start : start + queries]
     vectors = vectors + eye[None, :, :, None] * x[:, None, :, :]  # the residual: T_i(x_i) += x_i
+    return _l1_scores(vectors, parts)
+
+
+def _cross_contributions(
+    weights: torch.Tensor, u: torch.Tensor, x: torch.Tensor, parts: _Parts, mask: torch.Tensor
+) -> torch.Tensor:
+    """ALTI+'s cross-attention block: contributions ``[B, T, S + 1]`` of the encoder tokens
+    (``sum_h A^h_ij W_O^h v^h_j``) and, last, of the decoder position's own residual ``x_i``,
+    scored as ALTI and divided by their sum."""
+    vectors = torch.einsum("bhij,bhjd->bijd", weights.to(u.dtype), u)
+    vectors = torch.cat([vectors, x[:, :, None, :]], dim=2)
+    scores = _l1_scores(vectors, parts)
+    seen = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+    scores = scores * seen[:, None, :].to(scores.dtype)
+    total = scores.sum(-1, keepdim=True)
+    return scores / torch.where(total == 0, 1.0, total)
+
+
+def _l1_scores(vectors: torch.Tensor, parts: _Parts) -> torch.Tensor:
+    """``max(0, |y_i|_1 - |y_i - T_i(x_j)|_1)`` for vectors ``T [B, q, n, d]`` summing (with the
+    output projection's bias) to the block output, normalized like it where a norm follows."""
     output = vectors.sum(2) + (parts.bias if parts.bias is not None else 0)
     if parts.norm is not None:  # LayerNorm after the residual: linear given y's own scale
         norm = parts.norm
@@ -627,10 +683,17 @@ def alti(call: Call, *, aggregate: bool = True, layers: Selection = None) -> xr.
     """
     model = call.model
     t = to_tensors(call.batch, model)
+    if model.is_encoder_decoder:
+        return _alti_plus(call, t, aggregate)
+    if call.options["attribute_target"]:
+        raise OptionError(
+            "`attribute_target=True` is for encoder-decoder models: a decoder-only model's "
+            "sources already hold the target prefix"
+        )
     per_layer: list[torch.Tensor] = []
     rolled: list[torch.Tensor] = []
 
-    def on_layer(index: int, weights: Any, u: Any, x: Any, parts: _Parts) -> None:
+    def on_layer(index: int, weights: Any, u: Any, x: Any, parts: _Parts, _stack: str) -> None:
         step = _contributions(weights, u, x, parts, t.mask)
         if aggregate:
             rolled[:] = [step if not rolled else step @ rolled[0]]
@@ -645,6 +708,60 @@ def alti(call: Call, *, aggregate: bool = True, layers: Selection = None) -> xr.
         return call.label([_rows(rolled[0], t.index)], trailing=())
     values = torch.stack([per_layer[i] for i in chosen], dim=-1)
     return call.label([values], trailing=("layer",), trailing_coords={"layer": chosen})
+
+
+def _alti_plus(call: Call, t: Tensors, aggregate: bool) -> xr.DataArray:
+    """ALTI+ (Ferrando et al. 2022b) of an encoder-decoder, rolled out over encoder and decoder."""
+    if not aggregate:
+        raise OptionError(
+            "`aggregate=False` (per-layer ALTI) is for decoder-only and encoder-only models; "
+            "an encoder-decoder's ALTI+ is the rollout"
+        )
+    assert t.decoder_mask is not None
+    rolled = _AltiPlus(t.mask, t.decoder_mask)
+    with torch.no_grad():
+        _Decomposition(call.model, t, rolled).run()
+    assert rolled.to_encoder is not None and rolled.to_decoder is not None
+    sides = [_rows(rolled.to_encoder, t.index)]
+    if call.options["attribute_target"]:
+        sides.append(_rows(rolled.to_decoder, t.index))
+    return call.label(sides, trailing=())
+
+
+class _AltiPlus:
+    """ALTI+'s rollout as the layers stream past: the encoder's ``R_enc <- C R_enc``; each
+    decoder position's shares of (encoder ``[B, T, S]``, decoder ``[B, T, T]``) input tokens go
+    through its self-attention block's ALTI ``C`` (both blocks ``<- C R``), then its
+    cross-attention block's contributions ``c`` of the encoder tokens and of its own residual:
+    ``to_encoder <- c_enc R_enc + c_own to_encoder`` and ``to_decoder <- c_own to_decoder``."""
+
+    def __init__(self, mask: torch.Tensor, decoder_mask: torch.Tensor) -> None:
+        self.mask, self.decoder_mask = mask, decoder_mask
+        self.encoder: torch.Tensor | None = None
+        self.to_encoder: torch.Tensor | None = None
+        self.to_decoder: torch.Tensor | None = None
+
+    def __call__(self, index: int, weights: Any, u: Any, x: Any, parts: _Parts, stack: str) -> None:
+        if stack == "encoder":
+            step = _contributions(weights, u, x, parts, self.mask)
+            self.encoder = step if self.encoder is None else step @ self.encoder
+            return
+        assert self.encoder is not None
+        if self.to_encoder is None or self.to_decoder is None:
+            batch, length = self.decoder_mask.shape
+            self.to_encoder = self.encoder.new_zeros((batch, length, self.encoder.shape[-1]))
+            eye = torch.eye(length, dtype=self.encoder.dtype, device=self.encoder.device)
+            self.to_decoder = eye.expand(batch, length, length)
+        if stack == "decoder":
+            step = _contributions(weights, u, x, parts, self.decoder_mask)
+            self.to_encoder, self.to_decoder = step @ self.to_encoder, step @ self.to_decoder
+            return
+        shares = _cross_contributions(weights, u, x, parts, self.mask)
+        real = self.decoder_mask.bool()[:, :, None]  # padded queries keep what they hold
+        own = torch.where(real, shares[..., -1:], 1.0)
+        from_encoder = torch.where(real, shares[..., :-1], 0.0)
+        self.to_encoder = from_encoder @ self.encoder + own * self.to_encoder
+        self.to_decoder = own * self.to_decoder
 
 
 @ALTI_LOGIT.method(_check_aggregate, aggregate=_boolean, layers=_selection)
@@ -691,7 +808,7 @@ def alti_logit(call: Call, *, aggregate: bool = True, layers: Selection = None) 
     terms: list[torch.Tensor] = []
     below: list[torch.Tensor] = []
 
-    def on_layer(index: int, weights: Any, u: Any, x: Any, parts: _Parts) -> None:
+    def on_layer(index: int, weights: Any, u: Any, x: Any, parts: _Parts, _stack: str) -> None:
         rows = _rows(weights.transpose(1, 2), t.index).to(u.dtype)  # [B, K, H, L]
         delta = torch.einsum("bkhj,bhjd,bkd->bkj", rows, u, direction.to(u.dtype))
         terms.append(delta if not below else delta @ below[0])
