@@ -666,12 +666,17 @@ def alti(call: Call, *, aggregate: bool = True, layers: Selection = None) -> xr.
     source, ``T_i(x_j)``; their contributions ``max(0, |y_i|_1 - |y_i - T_i(x_j)|_1)`` are
     divided by their sum (each row sums to 1). ``aggregate=True`` rolls them out across layers
     (``C_L ... C_1``, residual included, so no ``0.5 * I`` as in attention rollout).
-    Architectures: GPT-2, Llama-like (Llama, Mistral, Qwen2) and BERT-like (BERT, RoBERTa).
+    Architectures: GPT-2, Llama-like (Llama, Mistral, Qwen2) and BERT-like (BERT, RoBERTa);
+    the post-norm encoder-decoders Marian and BART get ALTI+ (Ferrando et al. 2022b): encoder
+    rollout, then per decoder layer its self-attention block's ALTI and its cross-attention
+    block split between the encoder tokens and the position's own residual.
 
     Arguments:
         model, inputs, targets, positions, max_new_tokens: as :func:`attrax.saliency`.
+        attribute_target: encoder-decoder: also the decoder prefix's share, on the
+            ``(side, position)`` source index (each row then sums to 1).
         aggregate: the rollout ``([example,] target, source)``; False: each layer's
-            contributions ``([example,] target, source, layer)``.
+            contributions ``([example,] target, source, layer)`` (not for encoder-decoders).
         layers: with ``aggregate=False``, which layers to keep.
 
     >>> import attrax as ax
