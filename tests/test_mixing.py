@@ -322,7 +322,9 @@ def test_alti_rows_are_distributions_and_never_from_the_future(mixing_models, ar
             assert (torch.triu(C, diagonal=1) == 0).all(), "no contribution from the future"
 
 
-def naive_value_zeroing(model: ax.Model, ids: torch.Tensor, similarity: str = "cosine"):
+def naive_value_zeroing(
+    model: ax.Model, ids: torch.Tensor, similarity: str = "cosine", heads=None, n_heads=1
+):
     """distances[layer, query, zeroed token]: one forward per (layer, token), zeroing the value
     vectors of one token in one layer only, comparing that layer's output as the model reports
     it in hidden_states (no patching: the layers below run clean anyway)."""
@@ -343,7 +345,12 @@ def naive_value_zeroing(model: ax.Model, ids: torch.Tensor, similarity: str = "c
 
             def zero(_m, _a, output, j=j, lo=lo):
                 output = output.clone()
-                output[:, j, lo:] = 0
+                if heads is None:
+                    output[:, j, lo:] = 0
+                    return output
+                hd = (output.shape[-1] - lo) // n_heads
+                for h in heads:
+                    output[:, j, lo + h * hd : lo + (h + 1) * hd] = 0
                 return output
 
             handle = module.register_forward_hook(zero)
@@ -454,6 +461,25 @@ def test_value_zeroing_encoder_decoder_matches_naive(arch):
     assert encoder.dims == ("query", "source", "layer")
     enc = inseq_aggregation(naive_seq2seq_zeroing(model, source_ids, target_ids, "encoder"), False)
     np.testing.assert_allclose(encoder.values, enc[..., [0, -1]], atol=1e-9)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_value_zeroing_of_some_heads_matches_naive(mixing_models, arch):
+    model = mixing_models[arch]
+    config = model.hf.config
+    n_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    ids, queries = ids_and_queries(model, PROMPT, TARGET)
+    raw = naive_value_zeroing(model, ids, heads=[1], n_heads=n_heads)
+    got = ax.value_zeroing(model, PROMPT, TARGET, heads=[1], normalize=False)
+    for k, q in enumerate(queries):
+        want = raw[:, q, : q + 1].T.numpy()
+        np.testing.assert_allclose(
+            got.values[k, : q + 1], np.where(want < 1e-5, 0, want), atol=1e-9
+        )
+    every = ax.value_zeroing(model, PROMPT, TARGET, heads=range(n_heads))
+    np.testing.assert_allclose(every.values, ax.value_zeroing(model, PROMPT, TARGET).values)
+    with pytest.raises(ax.OptionError, match=f"the model has {n_heads} value heads per layer"):
+        ax.value_zeroing(model, PROMPT, TARGET, heads=n_heads)
 
 
 def test_value_zeroing_of_an_unseen_token_changes_nothing(mixing_models):

@@ -169,7 +169,11 @@ def _boolean(value: object, name: str) -> None:
 
 
 @VALUE_ZEROING.method(
-    similarity=_similarity, normalize=_boolean, layers=_selection, maps=_maps_name
+    similarity=_similarity,
+    normalize=_boolean,
+    layers=_selection,
+    heads=_selection,
+    maps=_maps_name,
 )
 def value_zeroing(
     call: Call,
@@ -177,6 +181,7 @@ def value_zeroing(
     similarity: str = "cosine",
     normalize: bool = True,
     layers: Selection = None,
+    heads: Selection = None,
     maps: str | None = None,
 ) -> xr.DataArray:
     """Value zeroing (Mohebbi et al. 2023): how far zeroing a source token's value vectors in a
@@ -195,6 +200,9 @@ def value_zeroing(
         similarity: ``"cosine"`` (``1 - cos``, the paper's and Inseq's) or ``"euclidean"``.
         normalize: divide each row by its sum over sources (per layer).
         layers: which layers to keep (an int, a range, a slice or a list of ints).
+        heads: which heads' value vectors are zeroed (None: all, the paper's and Inseq's
+            default); with grouped-query attention these index the key/value heads, as Inseq's
+            ``zeroed_units_indices`` do.
         maps: as :func:`attrax.attention`: ``None`` (the model's default), ``"self"``
             (decoder-only and encoder-only models), ``"cross"`` (encoder-decoder: zeroing encoder
             tokens' values in the cross-attention, measured on the decoder; with
@@ -220,7 +228,7 @@ def value_zeroing(
             raise OptionError("`attribute_target=True` does not apply to maps='encoder'")
         if call.options["positions"] is not None:
             raise OptionError("`positions` selects targets; maps='encoder' has no targets")
-        return _encoder_zeroing(call, similarity, normalize, layers)
+        return _encoder_zeroing(call, similarity, normalize, layers, heads)
     if call.options["attribute_target"] and not model.is_encoder_decoder:
         raise OptionError(
             "`attribute_target=True` is for encoder-decoder models: a decoder-only model's "
@@ -231,7 +239,8 @@ def value_zeroing(
     chosen = _indices(layers, len(runs[0].layers), "layers", "layers")
     sides = []
     for run in runs:  # at most two: the cross-attention and the decoder self-attention
-        scores = _zeroing_scores(model, run, similarity, call.options)[..., chosen]
+        zeroed = _value_heads(heads, run)
+        scores = _zeroing_scores(model, run, similarity, call.options, zeroed)[..., chosen]
         scores = _aggregate(scores, run.mask, run.causal, normalize)
         sides.append(_rows(scores, t.index))
     return call.label(sides, trailing=("layer",), trailing_coords={"layer": chosen})
@@ -249,6 +258,13 @@ class _Run:
     forward: Callable[[Callable[[torch.Tensor], torch.Tensor]], torch.Tensor]
     mask: torch.Tensor
     causal: bool
+    value_heads: int  # heads of the value projection (key/value heads under grouped queries)
+
+
+def _value_heads(heads: Selection, run: _Run) -> list[int] | None:
+    if heads is None:
+        return None
+    return _indices(heads, run.value_heads, "heads", "value heads per layer")
 
 
 @torch.no_grad()
@@ -264,7 +280,9 @@ def _self_run(model: Model, t: Tensors) -> _Run:
         return _base_forward(model, copies(t.ids), copies(t.mask), types).last_hidden_state
 
     blocks = [layer.block for layer in stack]
-    return _Run(stack, blocks, states, forward, t.mask, model.causal)
+    config = model.hf.config
+    kv = getattr(config, "num_key_value_heads", None) or _arch.heads(config, "self") or 1
+    return _Run(stack, blocks, states, forward, t.mask, model.causal, kv)
 
 
 @torch.no_grad()
@@ -295,15 +313,16 @@ def _decoder_runs(model: Model, t: Tensors, options: Any) -> list[_Run]:
         return run(ids, mask, copies(encoded), copies(t.mask)).last_hidden_state
 
     blocks = [layer.block for layer in cross]
-    runs = [_Run(cross, blocks, states, forward, t.mask, False)]
+    heads = _arch.heads(model.hf.config, "cross") or 1
+    runs = [_Run(cross, blocks, states, forward, t.mask, False, heads)]
     if options["attribute_target"]:
         own = _layers(model, "decoder")
-        runs.append(_Run(own, blocks, states, forward, t.decoder_mask, True))
+        runs.append(_Run(own, blocks, states, forward, t.decoder_mask, True, heads))
     return runs
 
 
 def _encoder_zeroing(
-    call: Call, similarity: str, normalize: bool, layers: Selection
+    call: Call, similarity: str, normalize: bool, layers: Selection, heads: Selection
 ) -> xr.DataArray:
     """An encoder-decoder's encoder self-attention: ``([example,] query, source, layer)``."""
     model = call.model
@@ -319,8 +338,10 @@ def _encoder_zeroing(
     def forward(copies: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         return encoder(input_ids=copies(ids), attention_mask=copies(mask)).last_hidden_state
 
-    run = _Run(stack, [layer.block for layer in stack], states, forward, mask, False)
-    scores = _zeroing_scores(model, run, similarity, call.options)[..., chosen]
+    n_heads = _arch.heads(model.hf.config, "encoder") or 1
+    run = _Run(stack, [layer.block for layer in stack], states, forward, mask, False, n_heads)
+    zeroed = _value_heads(heads, run)
+    scores = _zeroing_scores(model, run, similarity, call.options, zeroed)[..., chosen]
     scores = _aggregate(scores, mask, False, normalize)
     return label_queries(
         model,
@@ -353,7 +374,9 @@ def _aggregate(
 
 
 @torch.no_grad()
-def _zeroing_scores(model: Model, run: _Run, similarity: str, options: Any) -> torch.Tensor:
+def _zeroing_scores(
+    model: Model, run: _Run, similarity: str, options: Any, heads: list[int] | None = None
+) -> torch.Tensor:
     """Distances ``[B, query, source, layer]`` between clean and value-zeroed layer outputs."""
     batch, length = run.mask.shape
     queries = run.states[0].shape[1]
@@ -364,12 +387,12 @@ def _zeroing_scores(model: Model, run: _Run, similarity: str, options: Any) -> t
     width = run.states[0].shape[-1]
     # live per copy in one block: its input and output states, the attention scores of every
     # head (eager), the MLP's hidden layer, and the clean states patched in, with some slack
-    heads = _arch.heads(model.hf.config, "self") or 1
+    n_heads = _arch.heads(model.hf.config, "self") or 1
     mlp = _arch.mlp_width(model.hf.config) or 4 * width
     per_copy = (
         2
         * max(model.dtype.itemsize, 4)
-        * (queries * (8 * width + 2 * mlp) + 2 * heads * queries * length)
+        * (queries * (8 * width + 2 * mlp) + 2 * n_heads * queries * length)
     )
     per_forward = plan_forwards(
         sources * batch, options["batch_size"], per_copy, model.device, _budget(options)
@@ -379,7 +402,7 @@ def _zeroing_scores(model: Model, run: _Run, similarity: str, options: Any) -> t
     out = out.to(model.device)
     for start in range(0, sources, tokens_per_forward):  # memory chunking over zeroed tokens
         zeroed = torch.arange(start, min(sources, start + tokens_per_forward), device=out.device)
-        out[:, :, zeroed] = _zeroed_forward(run, batch, zeroed, similarity)
+        out[:, :, zeroed] = _zeroed_forward(run, batch, zeroed, similarity, heads)
     return out
 
 
@@ -387,7 +410,9 @@ def _budget(options: Any) -> int | None:
     return parse_bytes(options.get("max_memory"))
 
 
-def _zeroed_forward(run: _Run, batch: int, zeroed: torch.Tensor, similarity: str) -> torch.Tensor:
+def _zeroed_forward(
+    run: _Run, batch: int, zeroed: torch.Tensor, similarity: str, heads: list[int] | None
+) -> torch.Tensor:
     """One forward over ``B * len(zeroed)`` copies (row ``b * m + c`` zeroes token
     ``zeroed[c]`` in every layer): distances ``[B, query, m, layer]``."""
     m = zeroed.shape[0]
@@ -402,8 +427,8 @@ def _zeroed_forward(run: _Run, batch: int, zeroed: torch.Tensor, similarity: str
 
     def zero_values(layer: _Layer) -> Callable[..., Any]:
         def hook(_module: torch.nn.Module, _args: Any, output: torch.Tensor) -> torch.Tensor:
-            features = torch.zeros(output.shape[-1], dtype=torch.bool, device=output.device)
-            features[layer.value_slice] = True
+            features = _value_features(output.shape[-1], layer.value_slice, run.value_heads, heads)
+            features = features.to(output.device)
             # zero the value features of the zeroed token, keep its queries and keys
             return output.masked_fill(features & ~keep[:, :, None], 0.0)
 
@@ -426,6 +451,19 @@ def _zeroed_forward(run: _Run, batch: int, zeroed: torch.Tensor, similarity: str
     distances[-1] = _distance(last, copies(run.states[-1]), similarity)
     stacked = torch.stack([d for d in distances if d is not None], dim=-1)  # [B * m, Q, layer]
     return stacked.view(batch, m, -1, len(run.layers)).transpose(1, 2)
+
+
+def _value_features(
+    width: int, values: slice, n_heads: int, heads: list[int] | None
+) -> torch.Tensor:
+    """Which of a value projection's ``width`` output features are the zeroed heads' values."""
+    index = torch.arange(width)
+    start, stop = values.start or 0, width if values.stop is None else values.stop
+    inside = (index >= start) & (index < stop)
+    if heads is None:
+        return inside
+    head_of = (index - start) // ((stop - start) // n_heads)
+    return inside & torch.isin(head_of, torch.tensor(heads))
 
 
 def _distance(zeroed: torch.Tensor, clean: torch.Tensor, similarity: str) -> torch.Tensor:
