@@ -506,6 +506,18 @@ def test_batched_equals_single(mixing_models, method):
         np.testing.assert_allclose(part.values, one.values, atol=1e-9)
 
 
+@pytest.mark.parametrize("method", [ax.value_zeroing, ax.alti])
+def test_encoder_decoder_batched_equals_single(method):
+    hf, tok = tiny_model("marian")
+    model = ax.load_model(hf.double(), tokenizer=tok)
+    sources, targets = ["the capital of france", "a b"], ["paris is", "c d e f"]
+    both = method(model, sources, targets, attribute_target=True)
+    for b in range(2):
+        one = method(model, sources[b], targets[b], attribute_target=True)
+        part = both.isel(example=b).sel(target=one.target.values, source=one.source.values)
+        np.testing.assert_allclose(part.values, one.values, atol=1e-9)
+
+
 def test_value_zeroing_copies_per_forward_do_not_change_scores(mixing_models):
     model = mixing_models["gpt2"]
     whole = ax.value_zeroing(model, PROMPT, TARGET)
