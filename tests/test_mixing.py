@@ -667,3 +667,13 @@ def test_decoder_only_classifiers_read_their_pooled_or_token_rows(arch):
     # the pooled (last) token sees every token: no NaN in its row
     assert np.isfinite(vz.values).all() and np.isfinite(alti.values).all()
     np.testing.assert_allclose(alti.sum("source").values, 1.0)
+
+
+@pytest.mark.parametrize("method", [ax.value_zeroing, ax.alti, ax.alti_logit])
+def test_positions_keep_their_rows(mixing_models, method):
+    model = mixing_models["gpt2"]
+    full = method(model, PROMPT, TARGET)
+    first = int(full.target.values[0])
+    one = method(model, PROMPT, TARGET, positions=[first])
+    assert one.target.values.tolist() == [first]
+    np.testing.assert_allclose(one.values[0], full.values[0], atol=1e-12)

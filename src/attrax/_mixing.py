@@ -259,6 +259,8 @@ class _Run:
     mask: torch.Tensor
     causal: bool
     value_heads: int  # heads of the value projection (key/value heads under grouped queries)
+    # a causal run's attributed queries never see tokens after the last of them: zero only those
+    sources: int | None = None
 
 
 def _value_heads(heads: Selection, run: _Run) -> list[int] | None:
@@ -282,7 +284,8 @@ def _self_run(model: Model, t: Tensors) -> _Run:
     blocks = [layer.block for layer in stack]
     config = model.hf.config
     kv = getattr(config, "num_key_value_heads", None) or _arch.heads(config, "self") or 1
-    return _Run(stack, blocks, states, forward, t.mask, model.causal, kv)
+    last = int(t.index.max()) + 1 if model.causal else None
+    return _Run(stack, blocks, states, forward, t.mask, model.causal, kv, last)
 
 
 @torch.no_grad()
@@ -317,7 +320,8 @@ def _decoder_runs(model: Model, t: Tensors, options: Any) -> list[_Run]:
     runs = [_Run(cross, blocks, states, forward, t.mask, False, heads)]
     if options["attribute_target"]:
         own = _layers(model, "decoder")
-        runs.append(_Run(own, blocks, states, forward, t.decoder_mask, True, heads))
+        last = int(t.index.max()) + 1
+        runs.append(_Run(own, blocks, states, forward, t.decoder_mask, True, heads, last))
     return runs
 
 
@@ -380,10 +384,7 @@ def _zeroing_scores(
     """Distances ``[B, query, source, layer]`` between clean and value-zeroed layer outputs."""
     batch, length = run.mask.shape
     queries = run.states[0].shape[1]
-    # a causal query never sees later tokens: the last real query bounds the zeroed tokens
-    sources = length
-    if run.causal:
-        sources = int(run.mask.sum(1).max())
+    sources = length if run.sources is None else min(length, run.sources)
     width = run.states[0].shape[-1]
     # live per copy in one block: its input and output states, the attention scores of every
     # head (eager), the MLP's hidden layer, and the clean states patched in, with some slack
