@@ -10,7 +10,8 @@ Two views, both per layer (``layer`` dim) and labelled like the attention maps:
 - :func:`alti` (Ferrando et al. 2022) decomposes each layer's attention block output at
   position ``i`` (attention weights, values, output projection, residual and LayerNorm) into
   one vector per source token, ``T_i(x_j)``, and scores each by its L1 closeness to the output;
-  rolled out across layers. :func:`alti_logit` (Ferrando et al. 2023) projects each layer's
+  rolled out across layers (ALTI+ for encoder-decoders: the cross-attention block split between
+  the encoder tokens and the decoder position's residual). :func:`alti_logit` (Ferrando et al. 2023) projects each layer's
   per-token updates onto the target's logit and carries them back to the input tokens through
   the ALTI rollout of the layers below.
 """
