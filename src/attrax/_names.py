@@ -44,6 +44,9 @@ PUBLIC: dict[str, str] = {
     "rollout": "._attention",
     "direct_logit_attribution": "._components",
     "attribution_patching": "._components",
+    "value_zeroing": "._mixing",
+    "alti": "._mixing",
+    "alti_logit": "._mixing",
     # step scores and faithfulness
     "step_scores": "._scores",
     "with_scores": "._scores",
@@ -99,6 +102,9 @@ METHODS = (
     "rollout",
     "direct_logit_attribution",
     "attribution_patching",
+    "value_zeroing",
+    "alti",
+    "alti_logit",
 )
 
 #: Reductions a CLI ``--reduce`` spec or a dataset run may name.

@@ -1,0 +1,918 @@
+"""Context mixing: how much each layer mixes each source token into each position.
+
+Two views, both per layer (``layer`` dim) and labelled like the attention maps:
+
+- :func:`value_zeroing` (Mohebbi et al. 2023) zeroes one source token's value vectors in a
+  layer's attention (self, cross or encoder) and measures how far each position's layer output
+  moves. Every layer is fed its clean input (captured from one clean forward), so one forward
+  over copies of the batch — copy ``j`` zeroes token ``j`` in every layer at once — gives every
+  layer's zeroed outputs; the copies are the only thing chunked (memory).
+- :func:`alti` (Ferrando et al. 2022) decomposes each layer's attention block output at
+  position ``i`` (attention weights, values, output projection, residual and LayerNorm) into
+  one vector per source token, ``T_i(x_j)``, and scores each by its L1 closeness to the output;
+  rolled out across layers (ALTI+ for encoder-decoders: the cross-attention block split between
+  the encoder tokens and the decoder position's residual). :func:`alti_logit` (Ferrando et al. 2023) projects each layer's
+  per-token updates onto the target's logit and carries them back to the input tokens through
+  the ALTI rollout of the layers below.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import xarray as xr
+
+from . import _arch
+from ._attention import Selection, _indices, _maps, _maps_name, _selection
+from ._errors import ModelError, OptionError
+from ._inputs import Tensors, encode_sources, to_tensors
+from ._memory import memory_budget, parse_bytes, plan_forwards
+from ._model import Model, _attention_modules
+from ._protocol import Call, Family
+from ._schema import label_queries
+
+_NOT_ENC_DEC = "an encoder-decoder model's attention stacks are 'encoder', 'decoder' and 'cross'"
+_NO_OBJECTIVE = "context mixing is read from the model's forward, not from an objective"
+
+#: Value zeroing: batched forwards over zeroed copies, so batch_size and max_memory apply.
+VALUE_ZEROING = Family(
+    name="value_zeroing",
+    takes=("positions", "attribute_target", "batch_size", "max_new_tokens", "max_memory"),
+    refuses={
+        "objective": _NO_OBJECTIVE,
+        "contrast": _NO_OBJECTIVE,
+        "chunk_size": "value zeroing runs no backward: `batch_size` bounds the zeroed copies "
+        "per forward",
+    },
+)
+
+#: ALTI: one forward whose per-layer decomposition is computed as the layers run.
+ALTI = Family(
+    name="alti",
+    takes=("positions", "attribute_target", "max_new_tokens"),
+    refuses={
+        "objective": _NO_OBJECTIVE,
+        "contrast": _NO_OBJECTIVE,
+        "chunk_size": "ALTI comes from one forward: there is no backward to chunk",
+        "batch_size": "ALTI comes from one forward: there are no points to batch",
+        "max_memory": "ALTI comes from one forward: there are no sizes to plan",
+    },
+)
+
+SIMILARITIES = ("cosine", "euclidean")
+#: Inseq's ``min_score_threshold``: distances below it are set to 0 before normalizing
+THRESHOLD = 1e-5
+# the names architectures give the value projection inside their attention module (whose whole
+# output is the values; GPT-2's fused c_attn is handled on its own)
+_VALUE_PROJECTIONS = ("v_proj", "value", "v_lin", "v")
+
+
+# --------------------------------------------------------------------------------------------------
+# The model's blocks and their attention parts
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class _Layer:
+    """One transformer block and the attention module of one of its stacks, with its value
+    projection."""
+
+    block: torch.nn.Module
+    attention: torch.nn.Module
+    values: torch.nn.Module  # the value projection (whose output holds the value vectors)
+    value_slice: slice  # the features of its output that are values
+
+
+def _layers(model: Model, stack: str = "self") -> list[_Layer]:
+    """The blocks of one attention stack (``"self"``: decoder-only or encoder-only models;
+    ``"encoder"``, ``"decoder"``, ``"cross"``: an encoder-decoder's) in the order they run, each
+    with the attention module of that stack (a ModelError where attrax finds none)."""
+    if model.is_encoder_decoder and stack == "self":
+        raise ModelError(f"{model.name} ({_architecture(model)}): {_NOT_ENC_DEC}")
+    names = {module: name for name, module in model.hf.named_modules()}
+    found = [m for m, (kind, _) in _attention_modules(model.hf).items() if kind == stack]
+    layers = []
+    for attention in found:
+        parts = names[attention].split(".")
+        digits = [k for k, part in enumerate(parts) if part.isdigit()]
+        if not digits:
+            break
+        # the first numbered module is the block (T5 numbers its sub-layers too)
+        block = model.hf.get_submodule(".".join(parts[: digits[0] + 1]))
+        layers.append(_Layer(block, attention, *_value_projection(model, attention)))
+    if not layers or len(layers) != len(found):
+        raise ModelError(
+            f"{model.name} ({_architecture(model)}): attrax finds no numbered {stack} attention "
+            "blocks to zero or decompose"
+        )
+    return layers
+
+
+def _value_projection(model: Model, attention: torch.nn.Module) -> tuple[torch.nn.Module, slice]:
+    # T5 records its sub-layer (T5LayerCrossAttention): the projections are one module down
+    for owner in (attention, *attention.children()):
+        for name in _VALUE_PROJECTIONS:
+            module = getattr(owner, name, None)
+            if isinstance(module, torch.nn.Module):
+                return module, slice(None)
+    fused = getattr(attention, "c_attn", None)  # GPT-2: queries, keys, values in one projection
+    if isinstance(fused, torch.nn.Module) and not getattr(attention, "is_cross_attention", False):
+        width = int(getattr(attention, "split_size", model.hidden_size))
+        return fused, slice(2 * width, 3 * width)
+    raise ModelError(
+        f"{model.name} ({_architecture(model)}): attrax finds no value projection in "
+        f"{type(attention).__name__} (looked for {', '.join(_VALUE_PROJECTIONS)}, c_attn)"
+    )
+
+
+@contextlib.contextmanager
+def _hooks(pairs: list[tuple[torch.nn.Module, Callable[..., Any]]]) -> Iterator[None]:
+    handles = [module.register_forward_hook(hook) for module, hook in pairs]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _base_forward(
+    model: Model, ids: torch.Tensor, mask: torch.Tensor, types: Any, **kw: Any
+) -> Any:
+    """The model's body (no LM or classifier head) over right-padded ``ids``."""
+    kwargs: dict[str, Any] = {"input_ids": ids, "attention_mask": mask, **kw}
+    if model.task == "generation":
+        positions = torch.arange(ids.shape[-1], device=ids.device)
+        kwargs |= {"position_ids": positions.expand(ids.shape), "use_cache": False}
+    elif types is not None:
+        kwargs["token_type_ids"] = types
+    return model.hf.base_model(**kwargs)
+
+
+def _rows(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``values[b, index[b, k]]`` for ``[B, L, ...]`` values: the attributed query rows."""
+    rows = torch.arange(index.shape[0], device=index.device)[:, None]
+    return values[rows, index]
+
+
+# --------------------------------------------------------------------------------------------------
+# Value zeroing
+# --------------------------------------------------------------------------------------------------
+def _similarity(value: object, name: str) -> None:
+    if value not in SIMILARITIES:
+        raise OptionError(f"`{name}` must be one of {SIMILARITIES}, got {value!r}")
+
+
+def _boolean(value: object, name: str) -> None:
+    if not isinstance(value, bool):
+        raise OptionError(f"`{name}` must be True or False, got {value!r}")
+
+
+@VALUE_ZEROING.method(
+    similarity=_similarity,
+    normalize=_boolean,
+    layers=_selection,
+    heads=_selection,
+    maps=_maps_name,
+)
+def value_zeroing(
+    call: Call,
+    *,
+    similarity: str = "cosine",
+    normalize: bool = True,
+    layers: Selection = None,
+    heads: Selection = None,
+    maps: str | None = None,
+) -> xr.DataArray:
+    """Value zeroing (Mohebbi et al. 2023): how far zeroing a source token's value vectors in a
+    layer's self-attention moves the layer's output at the query that predicts each target.
+
+    For layer ``l`` and source token ``j``: the layer runs on its clean input with the value
+    vectors of ``j`` zeroed in every head; the score of query ``i`` is the distance between its
+    clean and zeroed outputs (``1 - cosine similarity``, or the Euclidean distance). The last
+    layer's output is compared as the model reports it (after a final norm, as Inseq does).
+    Scores below 1e-5 are set to 0 and, with ``normalize``, each row is divided by its sum over
+    sources (Inseq's aggregation). One forward over copies of the batch, one per zeroed token,
+    gives every layer at once; ``batch_size`` bounds the copies per forward.
+
+    Arguments:
+        model, inputs, targets, positions, max_new_tokens: as :func:`attrax.saliency`.
+        similarity: ``"cosine"`` (``1 - cos``, the paper's and Inseq's) or ``"euclidean"``.
+        normalize: divide each row by its sum over sources (per layer).
+        layers: which layers to keep (an int, a range, a slice or a list of ints).
+        heads: which heads' value vectors are zeroed (None: all, the paper's and Inseq's
+            default); with grouped-query attention these index the key/value heads, as Inseq's
+            ``zeroed_units_indices`` do.
+        maps: as :func:`attrax.attention`: ``None`` (the model's default), ``"self"``
+            (decoder-only and encoder-only models), ``"cross"`` (encoder-decoder: zeroing encoder
+            tokens' values in the cross-attention, measured on the decoder; with
+            ``attribute_target=True`` also the decoder self-attention over the decoder prefix) or
+            ``"encoder"`` (the encoder self-attention: dims ``([example,] query, source, layer)``).
+        batch_size: zeroed copies per forward (``"auto"``: as many as fit ``max_memory``).
+
+    Returns:
+        DataArray ``([example,] target, source, layer)``; sources a causal model's query cannot
+        see are NaN.
+
+    >>> import attrax as ax
+    >>> da = ax.value_zeroing(ax.load_model(), "1 2 3 =", " 3 2 1")
+    >>> da.dims
+    ('target', 'source', 'layer')
+    >>> bool(abs(da.sum("source") - 1).max() < 1e-5)
+    True
+    """
+    model = call.model
+    maps = _maps(model, maps)
+    if maps == "encoder":
+        if call.options["attribute_target"]:
+            raise OptionError("`attribute_target=True` does not apply to maps='encoder'")
+        if call.options["positions"] is not None:
+            raise OptionError("`positions` selects targets; maps='encoder' has no targets")
+        return _encoder_zeroing(call, similarity, normalize, layers, heads)
+    if call.options["attribute_target"] and not model.is_encoder_decoder:
+        raise OptionError(
+            "`attribute_target=True` is for encoder-decoder models: a decoder-only model's "
+            "sources already hold the target prefix"
+        )
+    t = to_tensors(call.batch, model)
+    runs = [_self_run(model, t)] if maps == "self" else _decoder_runs(model, t, call.options)
+    chosen = _indices(layers, len(runs[0].layers), "layers", "layers")
+    sides = []
+    for run in runs:  # at most two: the cross-attention and the decoder self-attention
+        zeroed = _value_heads(heads, run)
+        scores = _zeroing_scores(model, run, similarity, call.options, zeroed)[..., chosen]
+        scores = _aggregate(scores, run.mask, run.causal, normalize)
+        sides.append(_rows(scores, t.index))
+    return call.label(sides, trailing=("layer",), trailing_coords={"layer": chosen})
+
+
+@dataclass
+class _Run:
+    """One value-zeroing run: the layers whose values are zeroed (and whose outputs are
+    measured), their clean outputs (the last as the model reports it), how the model part runs
+    on copies of the batch, and the zeroed tokens' padding mask ``[B, S]``."""
+
+    layers: list[_Layer]
+    measured: list[torch.nn.Module]
+    states: list[torch.Tensor]
+    forward: Callable[[Callable[[torch.Tensor], torch.Tensor]], torch.Tensor]
+    mask: torch.Tensor
+    causal: bool
+    value_heads: int  # heads of the value projection (key/value heads under grouped queries)
+    # a causal run's attributed queries never see tokens after the last of them: zero only those
+    sources: int | None = None
+
+
+def _value_heads(heads: Selection, run: _Run) -> list[int] | None:
+    if heads is None:
+        return None
+    return _indices(heads, run.value_heads, "heads", "value heads per layer")
+
+
+@torch.no_grad()
+def _self_run(model: Model, t: Tensors) -> _Run:
+    stack = _layers(model)
+    clean = _base_forward(model, t.ids, t.mask, t.token_types, output_hidden_states=True)
+    # block l's input is hidden_states[l]; its clean output hidden_states[l + 1] (the last one as
+    # the model reports it: after the final norm where there is one)
+    states = [h.detach() for h in clean.hidden_states[1 : len(stack)]] + [clean.last_hidden_state]
+
+    def forward(copies: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        types = None if t.token_types is None else copies(t.token_types)
+        return _base_forward(model, copies(t.ids), copies(t.mask), types).last_hidden_state
+
+    blocks = [layer.block for layer in stack]
+    config = model.hf.config
+    kv = getattr(config, "num_key_value_heads", None) or _arch.heads(config, "self") or 1
+    last = int(t.index.max()) + 1 if model.causal else None
+    return _Run(stack, blocks, states, forward, t.mask, model.causal, kv, last)
+
+
+@torch.no_grad()
+def _decoder_runs(model: Model, t: Tensors, options: Any) -> list[_Run]:
+    """An encoder-decoder's cross-attention run (and its decoder self-attention run with
+    ``attribute_target``), both measured on the decoder fed the clean encoder output."""
+    assert t.decoder_ids is not None and t.decoder_mask is not None
+    encoded = model.hf.get_encoder()(input_ids=t.ids, attention_mask=t.mask).last_hidden_state
+    decoder = model.hf.get_decoder()
+
+    def run(ids: torch.Tensor, mask: torch.Tensor, encoder: torch.Tensor, encoder_mask: Any) -> Any:
+        return decoder(
+            input_ids=ids,
+            attention_mask=mask,
+            encoder_hidden_states=encoder,
+            encoder_attention_mask=encoder_mask,
+            use_cache=False,
+            output_hidden_states=True,
+        )
+
+    clean = run(t.decoder_ids, t.decoder_mask, encoded, t.mask)
+    cross = _layers(model, "cross")
+    states = [h.detach() for h in clean.hidden_states[1 : len(cross)]] + [clean.last_hidden_state]
+
+    def forward(copies: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        assert t.decoder_ids is not None and t.decoder_mask is not None
+        ids, mask = copies(t.decoder_ids), copies(t.decoder_mask)
+        return run(ids, mask, copies(encoded), copies(t.mask)).last_hidden_state
+
+    blocks = [layer.block for layer in cross]
+    heads = _arch.heads(model.hf.config, "cross") or 1
+    runs = [_Run(cross, blocks, states, forward, t.mask, False, heads)]
+    if options["attribute_target"]:
+        own = _layers(model, "decoder")
+        last = int(t.index.max()) + 1
+        runs.append(_Run(own, blocks, states, forward, t.decoder_mask, True, heads, last))
+    return runs
+
+
+def _encoder_zeroing(
+    call: Call, similarity: str, normalize: bool, layers: Selection, heads: Selection
+) -> xr.DataArray:
+    """An encoder-decoder's encoder self-attention: ``([example,] query, source, layer)``."""
+    model = call.model
+    ids, mask, single = encode_sources(model, call.inputs)
+    ids, mask = ids.to(model.device), mask.to(model.device)
+    encoder = model.hf.get_encoder()
+    stack = _layers(model, "encoder")
+    chosen = _indices(layers, len(stack), "layers", "layers")
+    with torch.no_grad():
+        clean = encoder(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+    states = [h.detach() for h in clean.hidden_states[1 : len(stack)]] + [clean.last_hidden_state]
+
+    def forward(copies: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        return encoder(input_ids=copies(ids), attention_mask=copies(mask)).last_hidden_state
+
+    n_heads = _arch.heads(model.hf.config, "encoder") or 1
+    run = _Run(stack, [layer.block for layer in stack], states, forward, mask, False, n_heads)
+    zeroed = _value_heads(heads, run)
+    scores = _zeroing_scores(model, run, similarity, call.options, zeroed)[..., chosen]
+    scores = _aggregate(scores, mask, False, normalize)
+    return label_queries(
+        model,
+        ids,
+        mask,
+        scores,
+        single=single,
+        method=call.method,
+        options=call.options,
+        trailing_coords={"layer": chosen},
+    )
+
+
+def _aggregate(
+    scores: torch.Tensor, mask: torch.Tensor, causal: bool, normalize: bool
+) -> torch.Tensor:
+    """Inseq's aggregation of distances ``[B, query, source, layer]``: NaN where the query cannot
+    see the source (padding, the future), 0 below the threshold, rows divided by their sums."""
+    keys = torch.arange(scores.shape[2], device=scores.device)
+    unseen = ~mask.bool()[:, None, :, None]
+    if causal:
+        queries = torch.arange(scores.shape[1], device=scores.device)
+        unseen = unseen | (keys[None, None, :, None] > queries[None, :, None, None])
+    scores = scores.masked_fill(unseen, torch.nan)
+    scores = torch.where(scores < THRESHOLD, 0.0, scores)
+    if normalize:
+        total = scores.nansum(2, keepdim=True)
+        scores = scores / torch.where(total == 0, 1.0, total)
+    return scores
+
+
+@torch.no_grad()
+def _zeroing_scores(
+    model: Model, run: _Run, similarity: str, options: Any, heads: list[int] | None = None
+) -> torch.Tensor:
+    """Distances ``[B, query, source, layer]`` between clean and value-zeroed layer outputs."""
+    batch, length = run.mask.shape
+    queries = run.states[0].shape[1]
+    sources = length if run.sources is None else min(length, run.sources)
+    width = run.states[0].shape[-1]
+    # live per copy in one block: its input and output states, the attention scores of every
+    # head (eager), the MLP's hidden layer, and the clean states patched in, with some slack
+    n_heads = _arch.heads(model.hf.config, "self") or 1
+    mlp = _arch.mlp_width(model.hf.config) or 4 * width
+    per_copy = (
+        2
+        * max(model.dtype.itemsize, 4)
+        * (queries * (8 * width + 2 * mlp) + 2 * n_heads * queries * length)
+    )
+    per_forward = plan_forwards(
+        sources * batch, options["batch_size"], per_copy, model.device, _budget(options)
+    )
+    tokens_per_forward = max(1, per_forward // batch)
+    out = torch.zeros(batch, queries, length, len(run.layers), dtype=torch.float64)
+    out = out.to(model.device)
+    for start in range(0, sources, tokens_per_forward):  # memory chunking over zeroed tokens
+        zeroed = torch.arange(start, min(sources, start + tokens_per_forward), device=out.device)
+        out[:, :, zeroed] = _zeroed_forward(run, batch, zeroed, similarity, heads)
+    return out
+
+
+def _budget(options: Any) -> int | None:
+    return parse_bytes(options.get("max_memory"))
+
+
+def _zeroed_forward(
+    run: _Run, batch: int, zeroed: torch.Tensor, similarity: str, heads: list[int] | None
+) -> torch.Tensor:
+    """One forward over ``B * len(zeroed)`` copies (row ``b * m + c`` zeroes token
+    ``zeroed[c]`` in every layer): distances ``[B, query, m, layer]``."""
+    m = zeroed.shape[0]
+    length = run.mask.shape[1]
+
+    def copies(x: torch.Tensor) -> torch.Tensor:
+        return x.repeat_interleave(m, dim=0)
+
+    positions = torch.arange(length, device=zeroed.device)
+    keep = (positions[None, :] != zeroed[:, None]).repeat(batch, 1)  # [B * m, S]
+    distances: list[torch.Tensor | None] = [None] * len(run.layers)
+
+    def zero_values(layer: _Layer) -> Callable[..., Any]:
+        def hook(_module: torch.nn.Module, _args: Any, output: torch.Tensor) -> torch.Tensor:
+            features = _value_features(output.shape[-1], layer.value_slice, run.value_heads, heads)
+            features = features.to(output.device)
+            # zero the value features of the zeroed token, keep its queries and keys
+            return output.masked_fill(features & ~keep[:, :, None], 0.0)
+
+        return hook
+
+    def patch(index: int) -> Callable[..., Any]:
+        def hook(_module: torch.nn.Module, _args: Any, output: Any) -> Any:
+            hidden = output[0] if isinstance(output, tuple) else output
+            clean = copies(run.states[index]).to(hidden.dtype)
+            distances[index] = _distance(hidden, clean, similarity)
+            # the next layer runs on its clean input
+            return (clean, *output[1:]) if isinstance(output, tuple) else clean
+
+        return hook
+
+    pairs = [(layer.values, zero_values(layer)) for layer in run.layers]
+    pairs += [(block, patch(i)) for i, block in enumerate(run.measured[:-1])]
+    with _hooks(pairs):
+        last = run.forward(copies)
+    distances[-1] = _distance(last, copies(run.states[-1]), similarity)
+    stacked = torch.stack([d for d in distances if d is not None], dim=-1)  # [B * m, Q, layer]
+    return stacked.view(batch, m, -1, len(run.layers)).transpose(1, 2)
+
+
+def _value_features(
+    width: int, values: slice, n_heads: int, heads: list[int] | None
+) -> torch.Tensor:
+    """Which of a value projection's ``width`` output features are the zeroed heads' values."""
+    index = torch.arange(width)
+    start, stop = values.start or 0, width if values.stop is None else values.stop
+    inside = (index >= start) & (index < stop)
+    if heads is None:
+        return inside
+    head_of = (index - start) // ((stop - start) // n_heads)
+    return inside & torch.isin(head_of, torch.tensor(heads))
+
+
+def _distance(zeroed: torch.Tensor, clean: torch.Tensor, similarity: str) -> torch.Tensor:
+    zeroed, clean = zeroed.double(), clean.double()
+    if similarity == "cosine":
+        return 1 - torch.nn.functional.cosine_similarity(zeroed, clean, dim=-1)
+    return torch.linalg.vector_norm(zeroed - clean, dim=-1)
+
+
+# --------------------------------------------------------------------------------------------------
+# ALTI and ALTI-Logit
+# --------------------------------------------------------------------------------------------------
+# the residual stream's norm around each attention block: before it (GPT-2, Llama: the norm is
+# inside the value vectors and the block output is ``x + attn``) or after it (BERT)
+_PRE_NORM = ("gpt2", "llama", "mistral", "qwen2")
+_POST_NORM = ("bert", "roberta", "xlm-roberta")
+# post-norm encoder-decoders ALTI+ decomposes: encoder, decoder self- and cross-attention blocks
+_SEQ2SEQ = ("marian", "bart")
+
+#: ALTI-Logit: one forward like ALTI, with a logit objective (and its contrast) per target.
+ALTI_LOGIT = Family(
+    name="alti_logit",
+    takes=("contrast", "positions", "max_new_tokens"),
+    refuses={
+        "objective": "ALTI-Logit decomposes the target's logit (with `contrast`: the logit "
+        "difference)",
+        **{k: v for k, v in ALTI.refuses.items() if k not in ("objective", "contrast")},
+        "attribute_target": "decoder-only models already attribute the target prefix; "
+        "ALTI-Logit does not decompose encoder-decoder models",
+    },
+)
+
+
+@dataclass
+class _Parts:
+    """What ALTI reads from one layer: output projection ``W [d, heads * head_dim]`` and bias,
+    and (post-norm models) the norm after the residual."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    norm: torch.nn.Module | None
+
+
+def _parts(model: Model, layer: _Layer, stack: str = "self") -> _Parts:
+    kind = _architecture(model)
+    if kind not in _PRE_NORM + _POST_NORM + _SEQ2SEQ:
+        raise ModelError(
+            f"{model.name}: ALTI has no decomposition for the {kind!r} architecture; attrax "
+            f"decomposes {', '.join(_PRE_NORM + _POST_NORM + _SEQ2SEQ)}"
+        )
+    if kind in _PRE_NORM:
+        project = getattr(layer.attention, "o_proj", None) or layer.attention.c_proj
+        norm = None
+    elif kind in _SEQ2SEQ:  # post-norm encoder-decoders: each attention block has its LayerNorm
+        project = layer.attention.out_proj
+        name = "encoder_attn_layer_norm" if stack == "cross" else "self_attn_layer_norm"
+        norm = getattr(layer.block, name)
+    else:
+        output = layer.block.attention.output
+        project, norm = output.dense, output.LayerNorm
+    weight = project.weight
+    if type(project).__name__ == "Conv1D":  # GPT-2's Conv1D computes x @ W: W is [in, out]
+        weight = weight.T
+    return _Parts(weight, project.bias, norm)
+
+
+def _architecture(model: Model) -> str:
+    """The config's ``model_type`` (``"gpt2"``, ``"llama"``, ``"bert"``, ...)."""
+    return str(getattr(model.hf.config, "model_type", type(model.hf).__name__))
+
+
+class _Decomposition:
+    """One eager forward whose layers are decomposed as they run (:meth:`Model.stream_attention`):
+    per layer, the attention weights ``A [B, H, Q, K]``, the per-head value vectors through the
+    output projection ``u [B, H, K, d]`` (``W_O^h v_j^h``) and the residual ``x [B, Q, d]`` (the
+    block's input; a cross-attention's: its query input). Each layer is handed to
+    ``on_layer(index, A, u, x, parts, stack)`` and dropped. Decoder-only and encoder-only models
+    have the stack ``"self"``; encoder-decoders ``"encoder"``, ``"decoder"`` and ``"cross"``."""
+
+    def __init__(self, model: Model, t: Tensors, on_layer: Callable[..., None]) -> None:
+        self.model, self.t, self.on_layer = model, t, on_layer
+        if model.is_encoder_decoder:
+            if _architecture(model) not in _SEQ2SEQ:
+                raise ModelError(
+                    f"{model.name} ({_architecture(model)}): ALTI+ decomposes the post-norm "
+                    f"encoder-decoders {', '.join(_SEQ2SEQ)}"
+                )
+            names = ("encoder", "decoder", "cross")
+        else:
+            names = ("self",)
+        self.stacks = {name: _layers(model, name) for name in names}
+        self.stack = self.stacks["cross" if model.is_encoder_decoder else "self"]
+        self.parts = {
+            name: [_parts(model, layer, name) for layer in layers]
+            for name, layers in self.stacks.items()
+        }
+        config = model.hf.config
+        self.heads = {
+            name: _arch.heads(config, "cross" if name == "decoder" else name) or 1 for name in names
+        }
+        self.inputs: dict[tuple[str, int], torch.Tensor] = {}
+        self.values: dict[tuple[str, int], torch.Tensor] = {}
+        self.count = dict.fromkeys(names, 0)
+
+    def run(self) -> None:
+        residual_of: dict[int, tuple[str, int]] = {}  # the module whose input is the residual
+        values_of: dict[int, tuple[str, int]] = {}
+        for name, layers in self.stacks.items():
+            for i, layer in enumerate(layers):
+                owner = layer.attention if name == "cross" else layer.block
+                residual_of[id(owner)] = (name, i)
+                values_of[id(layer.values)] = (name, i)
+        modules = {
+            id(m): m
+            for layers in self.stacks.values()
+            for layer in layers
+            for m in (layer.attention, layer.block, layer.values)
+        }
+
+        def keep_input(module: torch.nn.Module, args: Any, kwargs: Any) -> None:
+            x = args[0] if args else kwargs["hidden_states"]
+            self.inputs[residual_of[id(module)]] = x
+
+        def keep_values(module: torch.nn.Module, _args: Any, output: torch.Tensor) -> None:
+            name, index = values_of[id(module)]
+            self.values[name, index] = output[..., self.stacks[name][index].value_slice]
+
+        handles = [
+            modules[key].register_forward_pre_hook(keep_input, with_kwargs=True)
+            for key in residual_of
+        ]
+        handles += [modules[key].register_forward_hook(keep_values) for key in values_of]
+        try:
+            self.model.stream_attention(self.t, self._on_map)
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def _on_map(self, stack: str, weights: torch.Tensor) -> None:
+        index = self.count[stack]
+        self.count[stack] += 1
+        parts, heads = self.parts[stack][index], self.heads[stack]
+        values = self.values.pop((stack, index))
+        batch, length, width = values.shape
+        # half-precision models are decomposed in float32: the L1 scores subtract close norms
+        dtype = torch.promote_types(values.dtype, torch.float32)
+        kv = width // (parts.weight.shape[1] // heads)
+        per_head = values.view(batch, length, kv, -1).repeat_interleave(heads // kv, dim=2)
+        weight = parts.weight.view(parts.weight.shape[0], heads, -1)
+        u = torch.einsum("bjhk,dhk->bhjd", per_head.to(dtype), weight.to(dtype))
+        x = self.inputs.pop((stack, index)).to(dtype)
+        self.on_layer(index, weights.to(dtype), u, x, parts, stack)
+
+
+def _contributions(
+    weights: torch.Tensor, u: torch.Tensor, x: torch.Tensor, parts: _Parts, mask: torch.Tensor
+) -> torch.Tensor:
+    """ALTI's contributions ``C [B, L, L]`` of one layer: ``T_i(x_j) = sum_h A^h_ij W_O^h v^h_j +
+    [i = j] x_j`` (normalized like the block output where the norm comes after), scored
+    ``max(0, |y_i|_1 - |y_i - T_i(x_j)|_1)`` and divided by their sum over ``j``; padded rows
+    are the identity. The ``[B, rows, L, d]`` vectors are built for as many query rows at a time
+    as fit a quarter of the device's budget."""
+    batch, length, width = x.shape
+    per_row = 4 * batch * length * width * u.element_size()
+    rows = max(1, min(length, memory_budget(x.device) // 4 // per_row))
+    scores = torch.cat(
+        [  # memory chunking over query rows
+            _row_scores(weights[:, :, start : start + rows], u, x, parts, start)
+            for start in range(0, length, rows)
+        ],
+        dim=1,
+    )
+    scores = scores * mask[:, None, :].to(scores.dtype)
+    total = scores.sum(-1, keepdim=True)
+    scores = scores / torch.where(total == 0, 1.0, total)
+    eye = torch.eye(length, dtype=scores.dtype, device=scores.device)
+    return torch.where(mask.bool()[:, :, None], scores, eye)
+
+
+def _row_scores(
+    weights: torch.Tensor, u: torch.Tensor, x: torch.Tensor, parts: _Parts, start: int
+) -> torch.Tensor:
+    """Unnormalized ALTI scores ``[B, q, L]`` of the query rows ``start .. start + q``."""
+    queries, length = weights.shape[2], x.shape[1]
+    vectors = torch.einsum("bhij,bhjd->bijd", weights.to(u.dtype), u)
+    eye = torch.eye(length, dtype=x.dtype, device=x.device)[start : start + queries]
+    vectors = vectors + eye[None, :, :, None] * x[:, None, :, :]  # the residual: T_i(x_i) += x_i
+    return _l1_scores(vectors, parts)
+
+
+def _cross_contributions(
+    weights: torch.Tensor, u: torch.Tensor, x: torch.Tensor, parts: _Parts, mask: torch.Tensor
+) -> torch.Tensor:
+    """ALTI+'s cross-attention block: contributions ``[B, T, S + 1]`` of the encoder tokens
+    (``sum_h A^h_ij W_O^h v^h_j``) and, last, of the decoder position's own residual ``x_i``,
+    scored as ALTI and divided by their sum."""
+    vectors = torch.einsum("bhij,bhjd->bijd", weights.to(u.dtype), u)
+    vectors = torch.cat([vectors, x[:, :, None, :]], dim=2)
+    scores = _l1_scores(vectors, parts)
+    seen = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+    scores = scores * seen[:, None, :].to(scores.dtype)
+    total = scores.sum(-1, keepdim=True)
+    return scores / torch.where(total == 0, 1.0, total)
+
+
+def _l1_scores(vectors: torch.Tensor, parts: _Parts) -> torch.Tensor:
+    """``max(0, |y_i|_1 - |y_i - T_i(x_j)|_1)`` for vectors ``T [B, q, n, d]`` summing (with the
+    output projection's bias) to the block output, normalized like it where a norm follows."""
+    output = vectors.sum(2) + (parts.bias if parts.bias is not None else 0)
+    if parts.norm is not None:  # LayerNorm after the residual: linear given y's own scale
+        norm = parts.norm
+        scale = torch.sqrt(output.var(-1, unbiased=False, keepdim=True) + norm.eps)
+        vectors = norm.weight * (vectors - vectors.mean(-1, keepdim=True)) / scale[:, :, None]
+        bias = None if norm.bias is None else norm.bias.to(output.dtype)
+        output = torch.nn.functional.layer_norm(
+            output, output.shape[-1:], norm.weight.to(output.dtype), bias, norm.eps
+        )
+    distance = torch.linalg.vector_norm(output[:, :, None] - vectors, ord=1, dim=-1)
+    return torch.relu(torch.linalg.vector_norm(output, ord=1, dim=-1)[..., None] - distance)
+
+
+def _check_aggregate(options: Any) -> None:
+    if options["aggregate"] and options["layers"] is not None:
+        raise OptionError(
+            "`layers` selects per-layer values: it needs aggregate=False (the rollout runs "
+            "through every layer)"
+        )
+
+
+@ALTI.method(_check_aggregate, aggregate=_boolean, layers=_selection)
+def alti(call: Call, *, aggregate: bool = True, layers: Selection = None) -> xr.DataArray:
+    """ALTI (Ferrando et al. 2022): how much each source token contributes to the query that
+    predicts each target, through attention weights, values, output projection, residual and
+    LayerNorm.
+
+    Each layer's attention block output ``y_i`` (the residual ``x_i`` plus the attention output;
+    BERT: after its LayerNorm, linearized with ``y_i``'s own scale) is split into one vector per
+    source, ``T_i(x_j)``; their contributions ``max(0, |y_i|_1 - |y_i - T_i(x_j)|_1)`` are
+    divided by their sum (each row sums to 1). ``aggregate=True`` rolls them out across layers
+    (``C_L ... C_1``, residual included, so no ``0.5 * I`` as in attention rollout).
+    Architectures: GPT-2, Llama-like (Llama, Mistral, Qwen2) and BERT-like (BERT, RoBERTa);
+    the post-norm encoder-decoders Marian and BART get ALTI+ (Ferrando et al. 2022b): encoder
+    rollout, then per decoder layer its self-attention block's ALTI and its cross-attention
+    block split between the encoder tokens and the position's own residual.
+
+    Arguments:
+        model, inputs, targets, positions, max_new_tokens: as :func:`attrax.saliency`.
+        attribute_target: encoder-decoder: also the decoder prefix's share, on the
+            ``(side, position)`` source index (each row then sums to 1).
+        aggregate: the rollout ``([example,] target, source)``; False: each layer's
+            contributions ``([example,] target, source, layer)`` (not for encoder-decoders).
+        layers: with ``aggregate=False``, which layers to keep.
+
+    >>> import attrax as ax
+    >>> da = ax.alti(ax.load_model(), "1 2 3 =", " 3 2 1")
+    >>> da.dims
+    ('target', 'source')
+    >>> bool(abs(da.sum("source") - 1).max() < 1e-5)
+    True
+    """
+    model = call.model
+    t = to_tensors(call.batch, model)
+    if model.is_encoder_decoder:
+        return _alti_plus(call, t, aggregate)
+    if call.options["attribute_target"]:
+        raise OptionError(
+            "`attribute_target=True` is for encoder-decoder models: a decoder-only model's "
+            "sources already hold the target prefix"
+        )
+    per_layer: list[torch.Tensor] = []
+    rolled: list[torch.Tensor] = []
+
+    def on_layer(index: int, weights: Any, u: Any, x: Any, parts: _Parts, _stack: str) -> None:
+        step = _contributions(weights, u, x, parts, t.mask)
+        if aggregate:
+            rolled[:] = [step if not rolled else step @ rolled[0]]
+        else:
+            per_layer.append(_rows(step, t.index))
+
+    decomposition = _Decomposition(model, t, on_layer)
+    chosen = _indices(layers, len(decomposition.stack), "layers", "layers")
+    with torch.no_grad():
+        decomposition.run()
+    if aggregate:
+        return call.label([_rows(rolled[0], t.index)], trailing=())
+    values = torch.stack([per_layer[i] for i in chosen], dim=-1)
+    return call.label([values], trailing=("layer",), trailing_coords={"layer": chosen})
+
+
+def _alti_plus(call: Call, t: Tensors, aggregate: bool) -> xr.DataArray:
+    """ALTI+ (Ferrando et al. 2022b) of an encoder-decoder, rolled out over encoder and decoder."""
+    if not aggregate:
+        raise OptionError(
+            "`aggregate=False` (per-layer ALTI) is for decoder-only and encoder-only models; "
+            "an encoder-decoder's ALTI+ is the rollout"
+        )
+    assert t.decoder_mask is not None
+    rolled = _AltiPlus(t.mask, t.decoder_mask)
+    with torch.no_grad():
+        _Decomposition(call.model, t, rolled).run()
+    assert rolled.to_encoder is not None and rolled.to_decoder is not None
+    sides = [_rows(rolled.to_encoder, t.index)]
+    if call.options["attribute_target"]:
+        sides.append(_rows(rolled.to_decoder, t.index))
+    return call.label(sides, trailing=())
+
+
+class _AltiPlus:
+    """ALTI+'s rollout as the layers stream past: the encoder's ``R_enc <- C R_enc``; each
+    decoder position's shares of (encoder ``[B, T, S]``, decoder ``[B, T, T]``) input tokens go
+    through its self-attention block's ALTI ``C`` (both blocks ``<- C R``), then its
+    cross-attention block's contributions ``c`` of the encoder tokens and of its own residual:
+    ``to_encoder <- c_enc R_enc + c_own to_encoder`` and ``to_decoder <- c_own to_decoder``."""
+
+    def __init__(self, mask: torch.Tensor, decoder_mask: torch.Tensor) -> None:
+        self.mask, self.decoder_mask = mask, decoder_mask
+        self.encoder: torch.Tensor | None = None
+        self.to_encoder: torch.Tensor | None = None
+        self.to_decoder: torch.Tensor | None = None
+
+    def __call__(self, index: int, weights: Any, u: Any, x: Any, parts: _Parts, stack: str) -> None:
+        if stack == "encoder":
+            step = _contributions(weights, u, x, parts, self.mask)
+            self.encoder = step if self.encoder is None else step @ self.encoder
+            return
+        assert self.encoder is not None
+        if self.to_encoder is None or self.to_decoder is None:
+            batch, length = self.decoder_mask.shape
+            self.to_encoder = self.encoder.new_zeros((batch, length, self.encoder.shape[-1]))
+            eye = torch.eye(length, dtype=self.encoder.dtype, device=self.encoder.device)
+            self.to_decoder = eye.expand(batch, length, length)
+        if stack == "decoder":
+            step = _contributions(weights, u, x, parts, self.decoder_mask)
+            self.to_encoder, self.to_decoder = step @ self.to_encoder, step @ self.to_decoder
+            return
+        shares = _cross_contributions(weights, u, x, parts, self.mask)
+        real = self.decoder_mask.bool()[:, :, None]  # padded queries keep what they hold
+        own = torch.where(real, shares[..., -1:], 1.0)
+        from_encoder = torch.where(real, shares[..., :-1], 0.0)
+        self.to_encoder = from_encoder @ self.encoder + own * self.to_encoder
+        self.to_decoder = own * self.to_decoder
+
+
+@ALTI_LOGIT.method(_check_aggregate, aggregate=_boolean, layers=_selection)
+def alti_logit(call: Call, *, aggregate: bool = True, layers: Selection = None) -> xr.DataArray:
+    """ALTI-Logit (Ferrando et al. 2023): each source token's contribution to the target's logit.
+
+    Each layer's attention update at the predicting query, split by source position ``j``
+    (``sum_h A^h_ij W_O^h v^h_j``), is projected onto the target's unembedding through the final
+    norm, linearized with the final residual's own scale at that query (``Δlogit_l(j)``), and
+    carried back to the input tokens by the ALTI rollout of the layers below:
+    ``sum_l Δlogit_l R_{l-1}`` (``R_0 = I``). With ``contrast`` the logit difference target -
+    contrast is decomposed. Biases, the MLPs' direct updates and the embeddings' direct logit
+    are not attributed. Decoder-only models (GPT-2, Llama-like): language models, and
+    classifiers whose linear head reads the final norm (the class's row of the head).
+
+    Arguments:
+        model, inputs, targets, contrast, positions, max_new_tokens: as :func:`attrax.saliency`.
+        aggregate: summed over layers ``([example,] target, source)``; False: each layer's term
+            ``([example,] target, source, layer)``.
+        layers: with ``aggregate=False``, which layers to keep.
+
+    >>> import attrax as ax
+    >>> ax.alti_logit(ax.load_model(), "1 2 3 =", " 3 2 1").dims
+    ('target', 'source')
+    """
+    model = call.model
+    if _architecture(model) not in _PRE_NORM:
+        raise ModelError(
+            f"{model.name} ({_architecture(model)}, {model.task}): ALTI-Logit decomposes the logits "
+            f"of decoder-only models, language models or classifiers ({', '.join(_PRE_NORM)}): "
+            "a post-norm encoder's logit has no linear path from each layer"
+        )
+    t = to_tensors(call.batch, model)
+    final = getattr(model.hf.base_model, "ln_f", None) or model.hf.base_model.norm
+    residual: list[torch.Tensor] = []
+
+    def keep_final(_module: torch.nn.Module, args: Any) -> None:
+        residual.append(_rows(args[0], t.index))
+
+    # a first forward reads the final residual at the predicting queries (its norm's scale)
+    with torch.no_grad(), _pre_hook(final, keep_final):
+        _base_forward(model, t.ids, t.mask, None)
+    direction = _logit_direction(model, final, residual[0], t)  # [B, K, d]
+    terms: list[torch.Tensor] = []
+    below: list[torch.Tensor] = []
+
+    def on_layer(index: int, weights: Any, u: Any, x: Any, parts: _Parts, _stack: str) -> None:
+        rows = _rows(weights.transpose(1, 2), t.index).to(u.dtype)  # [B, K, H, L]
+        delta = torch.einsum("bkhj,bhjd,bkd->bkj", rows, u, direction.to(u.dtype))
+        terms.append(delta if not below else delta @ below[0])
+        step = _contributions(weights, u, x, parts, t.mask)
+        below[:] = [step if not below else step @ below[0]]
+
+    decomposition = _Decomposition(model, t, on_layer)
+    chosen = _indices(layers, len(decomposition.stack), "layers", "layers")
+    with torch.no_grad():
+        decomposition.run()
+    if aggregate:
+        return call.label([torch.stack(terms).sum(0)], trailing=())
+    values = torch.stack([terms[i] for i in chosen], dim=-1)
+    return call.label([values], trailing=("layer",), trailing_coords={"layer": chosen})
+
+
+def _logit_direction(
+    model: Model, final: torch.nn.Module, residual: torch.Tensor, t: Tensors
+) -> torch.Tensor:
+    """The direction ``g`` with ``Δlogit = g · update`` for each target: the unembedding row
+    (minus the contrast's) through the final norm linearized at the query's residual."""
+    dtype = torch.promote_types(residual.dtype, torch.float32)
+    head = _head_weight(model)
+    unembed = head[t.target_ids].to(dtype)
+    if t.contrast_ids is not None:
+        unembed = unembed - head[t.contrast_ids].to(dtype)
+    residual = residual.to(dtype)
+    direction = unembed * final.weight.to(dtype)
+    eps = getattr(final, "eps", None) or getattr(final, "variance_epsilon", 1e-6)
+    if isinstance(final, torch.nn.LayerNorm):
+        direction = direction - direction.mean(-1, keepdim=True)
+        scale = torch.sqrt(residual.var(-1, unbiased=False, keepdim=True) + eps)
+    else:  # RMSNorm: no centering
+        scale = torch.sqrt(residual.pow(2).mean(-1, keepdim=True) + eps)
+    return direction / scale
+
+
+def _head_weight(model: Model) -> torch.Tensor:
+    """The rows that turn the final norm's output into logits: the unembedding, or a decoder-only
+    classifier's linear head (``score``, ``classifier``)."""
+    if model.task == "generation":
+        return model.hf.get_output_embeddings().weight
+    for name in ("score", "classifier"):
+        head = getattr(model.hf, name, None)
+        if isinstance(head, torch.nn.Linear):
+            return head.weight
+    raise ModelError(
+        f"{model.name} ({_architecture(model)}): ALTI-Logit needs a linear classifier head "
+        "(`score` or `classifier`) on the final norm"
+    )
+
+
+@contextlib.contextmanager
+def _pre_hook(module: torch.nn.Module, hook: Callable[..., Any]) -> Iterator[None]:
+    handle = module.register_forward_pre_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+__all__ = ["alti", "alti_logit", "value_zeroing"]

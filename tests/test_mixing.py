@@ -1,0 +1,679 @@
+"""Value zeroing, ALTI and ALTI-Logit against naive per-layer, per-token references written here
+(plain loops over layers, heads and tokens, hooks on the HF model), and their properties."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import attrax as ax
+from attrax import _mixing
+from attrax._inputs import prepare, to_tensors
+from attrax.cli import main
+from attrax.testing import tiny_classifier, tiny_model
+from tests import _naive
+
+PROMPT, TARGET = "The capital of France is", " Paris."
+ARCHS = ("gpt2", "llama", "bert")
+
+
+@pytest.fixture(scope="module")
+def mixing_models() -> dict[str, ax.Model]:
+    built = {}
+    for arch in ARCHS:
+        hf, tok = tiny_classifier(arch) if arch == "bert" else tiny_model(arch)
+        built[arch] = ax.load_model(hf.double(), tokenizer=tok)
+    return built
+
+
+def ids_and_queries(model: ax.Model, text: str, target: str | None):
+    """The ids a user would build by hand, and the query rows each target is read from."""
+    if model.task != "generation":
+        ids = model.tokenizer(text).input_ids
+        return torch.tensor([ids]), [0]  # BERT pools its first token ([CLS])
+    source, target_ids = _naive.token_ids(model, text, target)
+    ids = source + target_ids
+    return torch.tensor([ids]), list(range(len(source) - 1, len(ids) - 1))
+
+
+def is_bert(model: ax.Model) -> bool:
+    return hasattr(model.hf, "bert")
+
+
+def blocks(model: ax.Model):
+    hf = model.hf
+    if is_bert(model):
+        return list(hf.bert.encoder.layer)
+    return list(hf.transformer.h) if hasattr(hf, "transformer") else list(hf.model.layers)
+
+
+def value_parts(model: ax.Model, block, x: torch.Tensor):
+    """Per-head value vectors [L, H, hd] of a block's input x (computed by hand, by module)."""
+    config = model.hf.config
+    heads = config.num_attention_heads
+    if is_bert(model):
+        v = block.attention.self.value(x)
+    elif hasattr(block, "attn"):
+        d = config.n_embd
+        v = block.attn.c_attn(block.ln_1(x))[..., 2 * d :]
+    else:
+        v = block.self_attn.v_proj(block.input_layernorm(x))
+    kv = getattr(config, "num_key_value_heads", heads) or heads
+    v = v[0].view(x.shape[1], kv, -1)
+    return torch.stack([v[:, h // (heads // kv)] for h in range(heads)], dim=1)
+
+
+def project(model: ax.Model, block, z: torch.Tensor) -> torch.Tensor:
+    """The attention output projection of a concatenated-heads vector, without its bias."""
+    if is_bert(model):
+        dense = block.attention.output.dense
+    elif hasattr(block, "attn"):
+        dense = block.attn.c_proj
+    else:
+        dense = block.self_attn.o_proj
+    bias = dense.bias if dense.bias is not None else 0
+    return dense(z) - bias
+
+
+def naive_alti_layers(model: ax.Model, ids: torch.Tensor):
+    """Per layer: the contributions C [L, L] from plain loops, checking on the way that the
+    decomposition adds up to the model's own attention block output."""
+    hf = model.hf
+    captured = []
+
+    def grab(_m, _a, out):
+        captured.append(out[0] if isinstance(out, tuple) else out)
+
+    if is_bert(model):
+        modules = [b.attention.output for b in blocks(model)]  # BertSelfOutput: LN(x + attn)
+    else:
+        modules = [b.attn if hasattr(b, "attn") else b.self_attn for b in blocks(model)]
+    handles = [m.register_forward_hook(grab) for m in modules]
+    with torch.no_grad(), model.attention_as("eager"):
+        out = hf(input_ids=ids, output_attentions=True, output_hidden_states=True)
+    for h in handles:
+        h.remove()
+    per_layer = []
+    length = ids.shape[1]
+    for layer, block in enumerate(blocks(model)):
+        x = out.hidden_states[layer]
+        attn = out.attentions[layer][0]
+        heads, width = attn.shape[0], x.shape[-1]
+        with torch.no_grad():
+            v = value_parts(model, block, x)
+            hd = v.shape[-1]
+            T = torch.zeros(length, length, width, dtype=x.dtype)
+            for i in range(length):
+                for j in range(length):
+                    z = torch.zeros(heads * hd, dtype=x.dtype)
+                    for h in range(heads):
+                        z[h * hd : (h + 1) * hd] = attn[h, i, j] * v[j, h]
+                    T[i, j] = project(model, block, z)
+                    if i == j:
+                        T[i, j] += x[0, j]
+            if is_bert(model):
+                ln = block.attention.output.LayerNorm
+                dense = block.attention.output.dense
+                pre = T.sum(1) + dense.bias
+                sigma = torch.sqrt(pre.var(-1, unbiased=False) + ln.eps)
+                for i in range(length):
+                    for j in range(length):
+                        T[i, j] = ln.weight * (T[i, j] - T[i, j].mean()) / sigma[i]
+                y = captured[layer][0]
+                bias = ln.weight * (dense.bias - dense.bias.mean()) / sigma[:, None] + ln.bias
+                torch.testing.assert_close(T.sum(1) + bias, y, rtol=1e-9, atol=1e-9)
+            else:
+                dense = modules[layer]
+                proj = dense.c_proj if hasattr(dense, "c_proj") else dense.o_proj
+                bias = proj.bias if proj.bias is not None else 0
+                y = x[0] + captured[layer][0]
+                torch.testing.assert_close(T.sum(1) + bias, y, rtol=1e-9, atol=1e-9)
+            C = torch.zeros(length, length, dtype=x.dtype)
+            for i in range(length):
+                for j in range(length):
+                    C[i, j] = max(0.0, float(y[i].abs().sum() - (y[i] - T[i, j]).abs().sum()))
+                C[i] = C[i] / C[i].sum()
+        per_layer.append(C)
+    return per_layer
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_alti_matches_naive_per_layer_and_rollout(mixing_models, arch):
+    model = mixing_models[arch]
+    target = None if arch == "bert" else TARGET
+    ids, queries = ids_and_queries(model, PROMPT, target)
+    layers = naive_alti_layers(model, ids)
+    got = ax.alti(model, PROMPT, target, aggregate=False)
+    assert got.dims == ("target", "source", "layer")
+    width = ids.shape[1]
+    for k, q in enumerate(queries):
+        for layer, C in enumerate(layers):
+            row = got.values[k, :, layer]
+            seen = q + 1 if model.causal else width
+            np.testing.assert_allclose(row[:seen], C[q, :seen].numpy(), atol=1e-9)
+    rolled = layers[0]
+    for C in layers[1:]:
+        rolled = C @ rolled
+    agg = ax.alti(model, PROMPT, target)
+    assert agg.dims == ("target", "source")
+    for k, q in enumerate(queries):
+        seen = q + 1 if model.causal else width
+        np.testing.assert_allclose(agg.values[k, :seen], rolled[q, :seen].numpy(), atol=1e-9)
+
+
+def naive_block_scores(T: torch.Tensor, bias: torch.Tensor, ln, actual: torch.Tensor, mask=None):
+    """ALTI scores [q, n] of vectors T [q, n, d] whose sum plus ``bias`` is the block output
+    before its LayerNorm ``ln``; checks the decomposition against the model's ``actual`` output."""
+    pre = T.sum(1) + bias
+    sigma = torch.sqrt(pre.var(-1, unbiased=False) + ln.eps)
+    out = torch.zeros_like(T)
+    for i in range(T.shape[0]):
+        for j in range(T.shape[1]):
+            out[i, j] = ln.weight * (T[i, j] - T[i, j].mean()) / sigma[i]
+    rest = ln.weight * (bias - bias.mean()) / sigma[:, None] + ln.bias
+    torch.testing.assert_close(out.sum(1) + rest, actual, rtol=1e-9, atol=1e-9)
+    C = torch.zeros(T.shape[:2], dtype=T.dtype)
+    for i in range(T.shape[0]):
+        for j in range(T.shape[1]):
+            C[i, j] = max(0.0, float(actual[i].abs().sum() - (actual[i] - out[i, j]).abs().sum()))
+        C[i] = C[i] / C[i].sum()
+    return C
+
+
+def naive_attention_vectors(attention, attn, keys_in, residual=None):
+    """T [q, n, d]: sum_h A^h_ij W_O^h v^h_j by loops (v from the module's own projection), plus
+    the residual on the diagonal when given."""
+    heads = attn.shape[0]
+    v = attention.v_proj(keys_in)
+    hd = v.shape[-1] // heads
+    q, n = attn.shape[1], attn.shape[2]
+    T = torch.zeros(q, n, v.shape[-1], dtype=v.dtype)
+    for i in range(q):
+        for j in range(n):
+            z = torch.zeros(v.shape[-1], dtype=v.dtype)
+            for h in range(heads):
+                z[h * hd : (h + 1) * hd] = attn[h, i, j] * v[j, h * hd : (h + 1) * hd]
+            T[i, j] = attention.out_proj(z) - attention.out_proj.bias
+            if residual is not None and i == j:
+                T[i, j] += residual[j]
+    return T
+
+
+@pytest.mark.parametrize("arch", ["marian", "bart"])
+def test_alti_plus_matches_naive(arch):
+    hf, tok = tiny_model(arch)
+    model = ax.load_model(hf.double(), tokenizer=tok)
+    source, target = "the capital of france", "paris is"
+    source_ids, target_ids = _naive.token_ids(model, source, target)
+    ids = torch.tensor([source_ids])
+    decoder_ids = torch.tensor([[hf.config.decoder_start_token_id, *target_ids]])
+    captured = {}
+
+    def keep(name):
+        def hook(_m, args, kwargs, output=None):
+            captured[name] = output if output is not None else (args[0] if args else kwargs)
+
+        return hook
+
+    handles = []
+    layers = hf.model.decoder.layers
+    for i, layer in enumerate(layers):
+        handles.append(
+            layer.encoder_attn.register_forward_pre_hook(
+                lambda _m, a, k, i=i: captured.__setitem__(
+                    ("cross_in", i), a[0] if a else k["hidden_states"]
+                ),
+                with_kwargs=True,
+            )
+        )
+        for name in ("self_attn_layer_norm", "encoder_attn_layer_norm"):
+            handles.append(
+                getattr(layer, name).register_forward_hook(
+                    lambda _m, _a, o, key=(name, i): captured.__setitem__(key, o)
+                )
+            )
+    for i, layer in enumerate(hf.model.encoder.layers):
+        handles.append(
+            layer.self_attn_layer_norm.register_forward_hook(
+                lambda _m, _a, o, i=i: captured.__setitem__(("encoder", i), o)
+            )
+        )
+    with torch.no_grad(), model.attention_as("eager"):
+        out = hf(
+            input_ids=ids,
+            decoder_input_ids=decoder_ids,
+            output_attentions=True,
+            output_hidden_states=True,
+        )
+        for h in handles:
+            h.remove()
+        S, T_len = ids.shape[1], decoder_ids.shape[1]
+        R_enc = torch.eye(S, dtype=torch.float64)
+        for i, layer in enumerate(hf.model.encoder.layers):
+            x = out.encoder_hidden_states[i][0]
+            vec = naive_attention_vectors(layer.self_attn, out.encoder_attentions[i][0], x, x)
+            C = naive_block_scores(
+                vec,
+                layer.self_attn.out_proj.bias,
+                layer.self_attn_layer_norm,
+                captured["encoder", i][0],
+            )
+            R_enc = C @ R_enc
+        encoded = out.encoder_last_hidden_state[0]
+        R = torch.cat(
+            [torch.zeros(T_len, S, dtype=torch.float64), torch.eye(T_len, dtype=torch.float64)], 1
+        )
+        for i, layer in enumerate(layers):
+            x = out.decoder_hidden_states[i][0]
+            vec = naive_attention_vectors(layer.self_attn, out.decoder_attentions[i][0], x, x)
+            C = naive_block_scores(
+                vec,
+                layer.self_attn.out_proj.bias,
+                layer.self_attn_layer_norm,
+                captured["self_attn_layer_norm", i][0],
+            )
+            R = C @ R
+            y = captured["cross_in", i][0]
+            cross = naive_attention_vectors(layer.encoder_attn, out.cross_attentions[i][0], encoded)
+            vec = torch.cat([cross, y[:, None, :]], dim=1)
+            c = naive_block_scores(
+                vec,
+                layer.encoder_attn.out_proj.bias,
+                layer.encoder_attn_layer_norm,
+                captured["encoder_attn_layer_norm", i][0],
+            )
+            new = c[:, -1:] * R
+            new[:, :S] += c[:, :-1] @ R_enc
+            R = new
+    got = ax.alti(model, source, target, attribute_target=True)
+    queries = list(range(len(target_ids)))
+    np.testing.assert_allclose(got.sel(side="source").values, R[queries, :S].numpy(), atol=1e-9)
+    want = R[queries, S:].numpy()
+    mine = got.sel(side="target").values
+    seen = ~np.isnan(mine)
+    np.testing.assert_allclose(mine[seen], want[seen], atol=1e-9)
+    assert np.abs(want[~seen]).max() < 1e-12  # NaN only where nothing flows (the future)
+    np.testing.assert_allclose(np.nansum(got.values, -1), 1.0)
+    source_only = ax.alti(model, source, target)
+    np.testing.assert_allclose(source_only.values, R[queries, :S].numpy(), atol=1e-9)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_alti_rows_are_distributions_and_never_from_the_future(mixing_models, arch):
+    model = mixing_models[arch]
+    target = None if arch == "bert" else TARGET
+    t = to_tensors(
+        prepare(model, [PROMPT, "The capital"], None if target is None else [target, " of"]), model
+    )
+    seen = []
+
+    def on_layer(index, weights, u, x, parts, _stack):
+        seen.append(_mixing._contributions(weights, u, x, parts, t.mask))
+
+    _mixing._Decomposition(model, t, on_layer).run()
+    assert len(seen) == model.hf.config.num_hidden_layers
+    for C in seen:
+        assert (C >= 0).all()
+        torch.testing.assert_close(C.sum(-1), torch.ones_like(C.sum(-1)))
+        if model.causal:
+            assert (torch.triu(C, diagonal=1) == 0).all(), "no contribution from the future"
+
+
+def naive_value_zeroing(
+    model: ax.Model, ids: torch.Tensor, similarity: str = "cosine", heads=None, n_heads=1
+):
+    """distances[layer, query, zeroed token]: one forward per (layer, token), zeroing the value
+    vectors of one token in one layer only, comparing that layer's output as the model reports
+    it in hidden_states (no patching: the layers below run clean anyway)."""
+    hf = model.hf
+    base = hf.base_model
+    with torch.no_grad():
+        clean = base(input_ids=ids, output_hidden_states=True).hidden_states
+    n_layers, length = len(blocks(model)), ids.shape[1]
+    out = torch.zeros(n_layers, length, length, dtype=torch.float64)
+    for layer, block in enumerate(blocks(model)):
+        if is_bert(model):
+            module, lo = block.attention.self.value, 0
+        elif hasattr(block, "attn"):
+            module, lo = block.attn.c_attn, 2 * hf.config.n_embd
+        else:
+            module, lo = block.self_attn.v_proj, 0
+        for j in range(length):
+
+            def zero(_m, _a, output, j=j, lo=lo):
+                output = output.clone()
+                if heads is None:
+                    output[:, j, lo:] = 0
+                    return output
+                hd = (output.shape[-1] - lo) // n_heads
+                for h in heads:
+                    output[:, j, lo + h * hd : lo + (h + 1) * hd] = 0
+                return output
+
+            handle = module.register_forward_hook(zero)
+            with torch.no_grad():
+                states = base(input_ids=ids, output_hidden_states=True).hidden_states
+            handle.remove()
+            a, b = states[layer + 1][0], clean[layer + 1][0]
+            for i in range(length):
+                if similarity == "cosine":
+                    out[layer, i, j] = 1 - torch.nn.functional.cosine_similarity(a[i], b[i], dim=0)
+                else:
+                    out[layer, i, j] = (a[i] - b[i]).norm()
+    return out
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("similarity", ["cosine", "euclidean"])
+def test_value_zeroing_matches_naive(mixing_models, arch, similarity):
+    model = mixing_models[arch]
+    target = None if arch == "bert" else TARGET
+    ids, queries = ids_and_queries(model, PROMPT, target)
+    raw = naive_value_zeroing(model, ids, similarity)
+    got = ax.value_zeroing(model, PROMPT, target, similarity=similarity, normalize=False)
+    norm = ax.value_zeroing(model, PROMPT, target, similarity=similarity)
+    assert got.dims == ("target", "source", "layer")
+    width = ids.shape[1]
+    for k, q in enumerate(queries):
+        seen = q + 1 if model.causal else width
+        want = raw[:, q, :seen].T.numpy()  # [source, layer]
+        want = np.where(want < 1e-5, 0.0, want)  # Inseq's threshold
+        np.testing.assert_allclose(got.values[k, :seen], want, atol=1e-9)
+        np.testing.assert_allclose(norm.values[k, :seen], want / want.sum(0), atol=1e-9)
+        assert np.isnan(got.values[k, seen:]).all()
+
+
+def naive_seq2seq_zeroing(model: ax.Model, source_ids, target_ids, which: str):
+    """distances[layer, query, zeroed token] of an encoder-decoder, one forward per (layer,
+    token): ``which`` is "encoder" (encoder self-attention, encoder states), "cross" (the
+    cross-attention's values of encoder tokens, decoder states) or "decoder" (decoder
+    self-attention, decoder states)."""
+    hf = model.hf
+    ids = torch.tensor([source_ids])
+    decoder_ids = torch.tensor([[hf.config.decoder_start_token_id, *target_ids]])
+
+    def states(out):
+        return out.encoder_hidden_states if which == "encoder" else out.decoder_hidden_states
+
+    def forward():
+        with torch.no_grad():
+            return hf(input_ids=ids, decoder_input_ids=decoder_ids, output_hidden_states=True)
+
+    clean = states(forward())
+    if hasattr(hf.config, "num_decoder_layers"):  # T5
+        layers = hf.encoder.block if which == "encoder" else hf.decoder.block
+        sub = {"encoder": (0, "SelfAttention"), "decoder": (0, "SelfAttention")}
+        sub["cross"] = (1, "EncDecAttention")
+        index, name = sub[which]
+        modules = [getattr(block.layer[index], name).v for block in layers]
+    else:
+        layers = hf.model.encoder.layers if which == "encoder" else hf.model.decoder.layers
+        attr = "encoder_attn" if which == "cross" else "self_attn"
+        modules = [getattr(layer, attr).v_proj for layer in layers]
+    length = ids.shape[1] if which in ("encoder", "cross") else decoder_ids.shape[1]
+    queries = clean[0].shape[1]
+    out = torch.zeros(len(modules), queries, length, dtype=torch.float64)
+    for layer, module in enumerate(modules):
+        for j in range(length):
+
+            def zero(_m, _a, output, j=j):
+                output = output.clone()
+                output[:, j] = 0
+                return output
+
+            handle = module.register_forward_hook(zero)
+            zeroed = states(forward())
+            handle.remove()
+            a, b = zeroed[layer + 1][0], clean[layer + 1][0]
+            out[layer, :, j] = 1 - torch.nn.functional.cosine_similarity(a, b, dim=-1)
+    return out
+
+
+def inseq_aggregation(raw: torch.Tensor, causal: bool) -> np.ndarray:
+    """[layer, query, source] distances -> thresholded, row-normalized [query, source, layer]."""
+    raw = raw.clone()
+    if causal:
+        future = torch.triu(torch.ones(raw.shape[1:], dtype=torch.bool), diagonal=1)
+        raw[:, future] = torch.nan
+    raw = torch.where(raw < 1e-5, 0.0, raw)
+    return (raw / raw.nansum(-1, keepdim=True)).permute(1, 2, 0).numpy()
+
+
+@pytest.mark.parametrize("arch", ["marian", "t5"])
+def test_value_zeroing_encoder_decoder_matches_naive(arch):
+    hf, tok = tiny_model(arch)
+    model = ax.load_model(hf.double(), tokenizer=tok)
+    source, target = "the capital of france", "paris is"
+    source_ids, target_ids = _naive.token_ids(model, source, target)
+    queries = list(range(len(target_ids)))  # decoder position k predicts target k
+    got = ax.value_zeroing(model, source, target, attribute_target=True)
+    assert got.indexes["source"].names == ["side", "position"]
+    cross = inseq_aggregation(naive_seq2seq_zeroing(model, source_ids, target_ids, "cross"), False)
+    np.testing.assert_allclose(got.sel(side="source").values, cross[queries], atol=1e-9)
+    own = inseq_aggregation(naive_seq2seq_zeroing(model, source_ids, target_ids, "decoder"), True)
+    np.testing.assert_allclose(got.sel(side="target").values, own[queries], atol=1e-9)
+    default = ax.value_zeroing(model, source, target)
+    np.testing.assert_allclose(default.values, cross[queries], atol=1e-9)
+    encoder = ax.value_zeroing(model, source, maps="encoder", layers=[0, -1])
+    assert encoder.dims == ("query", "source", "layer")
+    enc = inseq_aggregation(naive_seq2seq_zeroing(model, source_ids, target_ids, "encoder"), False)
+    np.testing.assert_allclose(encoder.values, enc[..., [0, -1]], atol=1e-9)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_value_zeroing_of_some_heads_matches_naive(mixing_models, arch):
+    model = mixing_models[arch]
+    config = model.hf.config
+    n_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    ids, queries = ids_and_queries(model, PROMPT, TARGET)
+    raw = naive_value_zeroing(model, ids, heads=[1], n_heads=n_heads)
+    got = ax.value_zeroing(model, PROMPT, TARGET, heads=[1], normalize=False)
+    for k, q in enumerate(queries):
+        want = raw[:, q, : q + 1].T.numpy()
+        np.testing.assert_allclose(
+            got.values[k, : q + 1], np.where(want < 1e-5, 0, want), atol=1e-9
+        )
+    every = ax.value_zeroing(model, PROMPT, TARGET, heads=range(n_heads))
+    np.testing.assert_allclose(every.values, ax.value_zeroing(model, PROMPT, TARGET).values)
+    with pytest.raises(ax.OptionError, match=f"the model has {n_heads} value heads per layer"):
+        ax.value_zeroing(model, PROMPT, TARGET, heads=n_heads)
+
+
+def test_value_zeroing_of_an_unseen_token_changes_nothing(mixing_models):
+    model = mixing_models["gpt2"]
+    t = to_tensors(prepare(model, [PROMPT], [TARGET]), model)
+    t.mask[0, 2] = 0  # no query attends to token 2 now
+    options = {"batch_size": None, "max_memory": None}
+    scores = _mixing._zeroing_scores(model, _mixing._self_run(model, t), "cosine", options)
+    others = [i for i in range(t.ids.shape[1]) if i != 2]
+    assert (scores[0, others, 2].abs() < 1e-12).all()
+    assert scores[0, others].sum() > 0
+    # causal: zeroing a later token never moves an earlier query
+    assert (torch.triu(scores[0].permute(2, 0, 1), diagonal=1).abs() < 1e-12).all()
+
+
+@pytest.mark.parametrize("method", [ax.value_zeroing, ax.alti, ax.alti_logit])
+def test_batched_equals_single(mixing_models, method):
+    model = mixing_models["llama"]
+    prompts, targets = [PROMPT, "The capital"], [TARGET, " of Italy is Rome"]
+    both = method(model, prompts, targets)
+    for b in range(2):
+        one = method(model, prompts[b], targets[b])
+        part = both.isel(example=b).sel(target=one.target.values, source=one.source.values)
+        np.testing.assert_allclose(part.values, one.values, atol=1e-9)
+
+
+@pytest.mark.parametrize("method", [ax.value_zeroing, ax.alti])
+def test_encoder_decoder_batched_equals_single(method):
+    hf, tok = tiny_model("marian")
+    model = ax.load_model(hf.double(), tokenizer=tok)
+    sources, targets = ["the capital of france", "a b"], ["paris is", "c d e f"]
+    both = method(model, sources, targets, attribute_target=True)
+    for b in range(2):
+        one = method(model, sources[b], targets[b], attribute_target=True)
+        part = both.isel(example=b).sel(target=one.target.values, source=one.source.values)
+        np.testing.assert_allclose(part.values, one.values, atol=1e-9)
+
+
+def test_value_zeroing_copies_per_forward_do_not_change_scores(mixing_models):
+    model = mixing_models["gpt2"]
+    whole = ax.value_zeroing(model, PROMPT, TARGET)
+    chunked = ax.value_zeroing(model, PROMPT, TARGET, batch_size=2, layers=[-1])
+    np.testing.assert_allclose(chunked.values[..., 0], whole.values[..., -1], atol=1e-12)
+    assert chunked.layer.values.tolist() == [whole.sizes["layer"] - 1]
+
+
+@pytest.mark.parametrize("kind", ["lm", "classifier"])
+def test_alti_logit_matches_naive(mixing_models, kind):
+    if kind == "lm":
+        model = mixing_models["gpt2"]
+        ids, queries = ids_and_queries(model, PROMPT, TARGET)
+        got = ax.alti_logit(model, PROMPT, TARGET, aggregate=False)
+        total = ax.alti_logit(model, PROMPT, TARGET)
+        head = model.hf.lm_head.weight
+        rows = [head[int(ids[0, q + 1])] for q in queries]
+    else:  # a GPT-2 sequence classifier: the predicted class's row of its score head
+        hf, tok = tiny_classifier("gpt2", task="sequence")
+        model = ax.load_model(hf.double(), tokenizer=tok)
+        ids = torch.tensor([tok(PROMPT).input_ids])
+        queries = [ids.shape[1] - 1]  # the pooled (last) token
+        got = ax.alti_logit(model, PROMPT, aggregate=False)
+        total = ax.alti_logit(model, PROMPT)
+        with torch.no_grad():
+            predicted = int(model.hf(input_ids=ids).logits[0].argmax())
+        rows = [model.hf.score.weight[predicted]]
+    hf = model.hf
+    layers = naive_alti_layers(model, ids)
+    final = hf.transformer.ln_f
+    before_final = []
+    handle = final.register_forward_pre_hook(lambda _m, args: before_final.append(args[0]))
+    with torch.no_grad(), model.attention_as("eager"):
+        out = hf(input_ids=ids, output_attentions=True, output_hidden_states=True)
+    handle.remove()
+    residual = before_final[0][0]  # the last block's output, before ln_f
+    length = ids.shape[1]
+    for k, q in enumerate(queries):
+        sigma = torch.sqrt(residual[q].var(unbiased=False) + final.eps)
+        g = final.weight * rows[k]
+        below = torch.eye(length, dtype=torch.float64)
+        expected_total = torch.zeros(length, dtype=torch.float64)
+        for layer, block in enumerate(blocks(model)):
+            x = out.hidden_states[layer]
+            attn = out.attentions[layer][0]
+            v = value_parts(model, block, x)
+            hd = v.shape[-1]
+            delta = torch.zeros(length, dtype=torch.float64)
+            for j in range(q + 1):
+                z = torch.zeros(attn.shape[0] * hd, dtype=torch.float64)
+                for h in range(attn.shape[0]):
+                    z[h * hd : (h + 1) * hd] = attn[h, q, j] * v[j, h]
+                update = project(model, block, z).detach()
+                delta[j] = (g * (update - update.mean())).sum() / sigma
+            term = delta @ below
+            np.testing.assert_allclose(got.values[k, : q + 1, layer], term[: q + 1], atol=1e-9)
+            expected_total += term
+            below = layers[layer] @ below
+        np.testing.assert_allclose(total.values[k, : q + 1], expected_total[: q + 1], atol=1e-9)
+
+
+def test_alti_logit_contrast_is_a_difference(mixing_models):
+    model = mixing_models["llama"]
+    a = ax.alti_logit(model, PROMPT, TARGET)
+    diff = ax.alti_logit(model, PROMPT, TARGET, contrast=" Rome.")
+    assert not np.allclose(a.values, diff.values, equal_nan=True)
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda m: ax.value_zeroing(m, PROMPT, TARGET, similarity="l1"), "`similarity` must be"),
+        (lambda m: ax.value_zeroing(m, PROMPT, TARGET, normalize=1), "`normalize` must be"),
+        (lambda m: ax.value_zeroing(m, PROMPT, TARGET, objective="logit"), "does not take"),
+        (lambda m: ax.value_zeroing(m, PROMPT, TARGET, layers=9), "out of range"),
+        (lambda m: ax.alti(m, PROMPT, TARGET, layers=0), "needs aggregate=False"),
+        (lambda m: ax.alti(m, PROMPT, TARGET, chunk_size=2), "does not take"),
+        (lambda m: ax.alti_logit(m, PROMPT, TARGET, objective="logprob"), "does not take"),
+    ],
+)
+def test_option_errors(mixing_models, call, message):
+    with pytest.raises(ax.OptionError, match=message.replace("(", r"\(")):
+        call(mixing_models["gpt2"])
+
+
+def test_unsupported_architectures_are_model_errors(mixing_models):
+    hf, tok = tiny_model("marian")
+    marian = ax.load_model(hf, tokenizer=tok)
+    with pytest.raises(ax.ModelError, match=r"marian"):
+        ax.alti_logit(marian, "a b", "c")
+    with pytest.raises(ax.OptionError, match="an encoder-decoder's ALTI\\+ is the rollout"):
+        ax.alti(marian, "a b", "c", aggregate=False)
+    hf, tok = tiny_model("t5")
+    with pytest.raises(ax.ModelError, match="ALTI\\+ decomposes the post-norm"):
+        ax.alti(ax.load_model(hf, tokenizer=tok), "a b", "c")
+    with pytest.raises(ax.OptionError, match="maps='self'"):
+        ax.value_zeroing(marian, "a b", "c", maps="self")
+    with pytest.raises(ax.OptionError, match="needs an encoder-decoder"):
+        ax.value_zeroing(mixing_models["gpt2"], "a b", "c", maps="cross")
+    with pytest.raises(ax.OptionError, match="attribute_target=True` is for encoder-decoder"):
+        ax.value_zeroing(mixing_models["gpt2"], "a b", "c", attribute_target=True)
+    with pytest.raises(ax.ModelError, match=r"bert.*ALTI-Logit decomposes.*post-norm"):
+        ax.alti_logit(mixing_models["bert"], PROMPT)
+    hf, tok = tiny_classifier("distilbert")
+    with pytest.raises(ax.ModelError, match="'distilbert'"):
+        ax.alti(ax.load_model(hf, tokenizer=tok), PROMPT)
+
+
+def test_cli_and_dataset_runs(tmp_path, capsys):
+    for method in ("value_zeroing", "alti", "alti_logit"):
+        nc = tmp_path / f"{method}.nc"
+        args = ["attribute", "--method", method, "--input", "1 2 3 =", "--target", " 3 2 1"]
+        assert main([*args, "--out", str(nc)]) == 0
+        assert ax.load(nc).attrs["method"] == method
+    data = tmp_path / "data.jsonl"
+    data.write_text("\n".join(json.dumps({"input": p, "target": " 1"}) for p in ["1 2 =", "3 ="]))
+    out = tmp_path / "vz"
+    run = ax.attribute_dataset(
+        None, data, out, method="value_zeroing", reduce="none", progress=False
+    )
+    assert run.records == 2
+    results = ax.load_dataset_results(out)
+    assert results.dims == ("example", "target", "source", "layer")
+
+
+def test_alti_row_chunks_do_not_change_contributions(mixing_models, monkeypatch):
+    model = mixing_models["bert"]
+    whole = ax.alti(model, [PROMPT, "a film"], aggregate=False)
+    monkeypatch.setattr(_mixing, "memory_budget", lambda device: 1)  # one query row at a time
+    rows = ax.alti(model, [PROMPT, "a film"], aggregate=False)
+    np.testing.assert_allclose(rows.values, whole.values, atol=1e-12)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_decoder_only_classifiers_read_their_pooled_or_token_rows(arch):
+    hf, tok = tiny_classifier(arch, task="token")
+    tagger = ax.load_model(hf.double(), tokenizer=tok)
+    ids = tok(PROMPT).input_ids
+    for method in (ax.value_zeroing, ax.alti):
+        da = method(tagger, PROMPT)  # each token's predicted class
+        assert da.sizes["source"] == len(ids)
+        assert np.isfinite(da.values).any()
+    hf, tok = tiny_classifier(arch, task="sequence")
+    clf = ax.load_model(hf.double(), tokenizer=tok)
+    vz = ax.value_zeroing(clf, PROMPT, normalize=False)
+    alti = ax.alti(clf, PROMPT, aggregate=False)
+    # the pooled (last) token sees every token: no NaN in its row
+    assert np.isfinite(vz.values).all() and np.isfinite(alti.values).all()
+    np.testing.assert_allclose(alti.sum("source").values, 1.0)
+
+
+@pytest.mark.parametrize("method", [ax.value_zeroing, ax.alti, ax.alti_logit])
+def test_positions_keep_their_rows(mixing_models, method):
+    model = mixing_models["gpt2"]
+    full = method(model, PROMPT, TARGET)
+    first = int(full.target.values[0])
+    one = method(model, PROMPT, TARGET, positions=[first])
+    assert one.target.values.tolist() == [first]
+    np.testing.assert_allclose(one.values[0], full.values[0], atol=1e-12)
