@@ -148,6 +148,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="records per shard, given to the method in one call (default 8)",
     )
     dataset.add_argument("--quiet", action="store_true", help="no progress bar")
+    where = dataset.add_mutually_exclusive_group()
+    where.add_argument(
+        "--workers",
+        type=_workers,
+        metavar="N",
+        help="run the shards on a local Dask cluster of N worker processes, one torch thread "
+        "each ('auto': one per GPU with --device cuda, else one per core); needs "
+        "attrax[distributed] and a --model path (default: in this process)",
+    )
+    where.add_argument(
+        "--scheduler",
+        metavar="ADDRESS",
+        help="run the shards on the Dask cluster at ADDRESS (tcp://host:8786); its workers "
+        "must reach --model",
+    )
     dataset.set_defaults(handler=_attribute_dataset)
     return parser
 
@@ -377,6 +392,8 @@ def _attribute_dataset(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         device=_device(args.device),
         dtype=_dtype(args.dtype),
+        workers=args.workers,
+        scheduler=args.scheduler,
         **options,
     )
     resumed = f" ({run.skipped} already done)" if run.skipped else ""
@@ -502,6 +519,10 @@ def _device(name: str | None) -> str | None:
     if not available():
         raise OptionError(f"`--device` {name!r}: this torch has no {device.type} device available")
     return name
+
+
+def _workers(value: str) -> int | str:
+    return "auto" if value == "auto" else _positive(value)
 
 
 def _plural(n: int, word: str) -> str:
