@@ -89,13 +89,9 @@ def stack_models(models: Sequence[Model], names: Sequence[str] | None = None) ->
     vmapped call; the result has a ``model`` dim (coordinate: ``names``, default the models'
     names, made unique).
 
-    >>> import attrax as ax, torch
+    >>> import attrax as ax
     >>> from attrax.testing import tiny_model
-    >>> models = []
-    >>> for seed in (0, 1):
-    ...     torch.manual_seed(seed)
-    ...     hf, tok = tiny_model("gpt2")
-    ...     models.append(ax.load_model(hf, tokenizer=tok))
+    >>> models = [ax.load_model(hf, tokenizer=tok) for hf, tok in [tiny_model("gpt2")] * 2]
     >>> stack = ax.stack_models(models, names=["seed0", "seed1"])
     >>> ax.saliency(stack, "hello world", " again").dims[:2]
     ('model', 'target')
