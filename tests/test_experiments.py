@@ -85,3 +85,13 @@ def test_cli_evaluate_errors(tmp_path, capsys):
     assert "--field" in capsys.readouterr().err
     assert main([*base, "--methods", "saliency", "--metrics", "speed"]) == 2
     assert "`metrics`" in capsys.readouterr().err
+
+
+def test_cli_dataset_worker_options(tmp_path, capsys):
+    base = ["attribute-dataset", "--data", "x.jsonl", "--out", str(tmp_path / "o")]
+    with pytest.raises(SystemExit) as exit_:
+        main([*base, "--workers", "0"])
+    assert exit_.value.code == 2 and "positive integer" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        main([*base, "--workers", "2", "--scheduler", "tcp://127.0.0.1:1"])
+    assert exit_.value.code == 2 and "not allowed with" in capsys.readouterr().err

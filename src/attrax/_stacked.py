@@ -224,7 +224,6 @@ def _split(da: xr.DataArray, names: list[str], rows: int, single: bool) -> xr.Da
     ]  # labelling only: the computation ran in one call
     out = xr.concat(parts, dim=pd.Index(names, name="model"), coords="different", compat="equals")
     out.attrs = dict(da.attrs)
-    out.attrs["models"] = ",".join(names)
     if single:
         out = out.squeeze("example", drop=True)
     return out
