@@ -56,9 +56,12 @@ def main() -> None:
     options["shard_size"] = args.shard_size
 
     ax.attribute_dataset(None, warm, tmp / "warm-serial", **options)  # load the model here too
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     ax.attribute_dataset(None, data, tmp / "serial", **options)
     rates = {"in process": args.records / (time.perf_counter() - start)}
+    # examples per CPU second: what the configuration costs, whatever else the machine runs
+    per_cpu = {"in process": args.records / (time.process_time() - cpu)}
+    busy = {}
     reference = ax.load_dataset_results(tmp / "serial")
 
     for workers in (1, 2):
@@ -79,15 +82,33 @@ def main() -> None:
                 f"{workers} worker(s): cluster up and warm in {time.perf_counter() - begun:.1f} s"
             )
             out = tmp / f"dask-{workers}"
+            name = f"{workers} worker(s)"
+            cpu_before = client.run(time.process_time)
             start = time.perf_counter()
-            ax.attribute_dataset(None, data, out, **options, **where)
-            rates[f"{workers} worker(s)"] = args.records / (time.perf_counter() - start)
+            with distributed.get_task_stream(client) as stream:
+                ax.attribute_dataset(None, data, out, **options, **where)
+            wall = time.perf_counter() - start
+            rates[name] = args.records / wall
+            cpu_after = client.run(time.process_time)
+            used = sum(cpu_after[w] - cpu_before[w] for w in cpu_after)
+            per_cpu[name] = args.records / used
+            computing = sum(
+                part["stop"] - part["start"]
+                for task in stream.data
+                for part in task["startstops"]
+                if part["action"] == "compute"
+            )
+            busy[name] = computing / (workers * wall)
         xr.testing.assert_identical(ax.load_dataset_results(out), reference)
 
     print(f"\n{args.records} records, shards of {args.shard_size}, IG steps={args.steps}")
     print(f"machine: {os.cpu_count()} cores; load average {os.getloadavg()[0]:.2f}")
     for name, rate in rates.items():
-        print(f"{name:>12}: {rate:7.2f} examples/s  ({rate / rates['1 worker(s)']:.2f}x 1 worker)")
+        print(
+            f"{name:>12}: {rate:7.2f} examples/s ({rate / rates['1 worker(s)']:.2f}x 1 worker), "
+            f"{per_cpu[name]:6.2f} examples per CPU second"
+            + (f", workers computing {busy[name]:.0%} of the wall time" if name in busy else "")
+        )
     shutil.rmtree(tmp, ignore_errors=True)
 
 

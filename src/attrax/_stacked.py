@@ -133,7 +133,8 @@ def _config(model: Model) -> dict[str, Any]:
 
 
 class _Template(torch.nn.Module):
-    """The first model's module as ``functional_call`` sees it: ``forward`` is its logits."""
+    """The first model's module as ``functional_call`` sees it: ``forward`` gives its head inputs
+    at the attributed positions."""
 
     def __init__(self, model: Model) -> None:
         super().__init__()
@@ -144,14 +145,13 @@ class _Template(torch.nn.Module):
         self, embeds: torch.Tensor, mask: torch.Tensor, index: torch.Tensor
     ) -> torch.Tensor:
         # eager attention (forward_mode): what vmap batches over the parameter stacks
-        hidden = Model.hidden_at(self._model, embeds, mask, index, forward_mode=True)
-        return Model.head(self._model, hidden)
+        return Model.hidden_at(self._model, embeds, mask, index, forward_mode=True)
 
 
 class _Expanded(Model):
     """What the engine sees: a model whose batch holds every stacked model's rows, model-major;
-    :meth:`hidden_at` gives logits (vmapped over the parameter stacks) and :meth:`head` is the
-    identity, since each model has its own output layer."""
+    :meth:`hidden_at` runs the forward vmapped over the parameter stacks, :meth:`head` applies each
+    row's own model's output layer (one batched product over the stacked weights)."""
 
     def __init__(self, models: Sequence[Model]) -> None:
         first = models[0]
@@ -165,6 +165,14 @@ class _Expanded(Model):
         weight = first._source_embedding.weight
         self._tables = torch.stack([m._source_embedding.weight for m in models]).detach()
         assert self._tables.shape[1:] == weight.shape
+        heads = [m._head for m in models]
+        self._head_weight = torch.stack([h.weight for h in heads]).detach()  # [M, V, H]
+        biases = [getattr(h, "bias", None) for h in heads]
+        self._head_bias = None
+        if biases[0] is not None:
+            self._head_bias = torch.stack(biases).detach()  # [M, V]
+        if isinstance(getattr(first.hf, "final_logits_bias", None), torch.Tensor):
+            raise ModelError(f"{type(first.hf).__name__}: a final logits bias is not stacked")
         self.rows = 1  # examples per model of the running call (StackedModel.run sets it)
 
     def embed(self, ids: torch.Tensor, side: str = "source") -> torch.Tensor:
@@ -198,17 +206,25 @@ class _Expanded(Model):
         def one(params: dict, buffers: dict, e: torch.Tensor, mask: torch.Tensor, at: torch.Tensor):
             return functional_call(self._template, (params, buffers), (e, mask, at))
 
-        logits = torch.vmap(one)(
+        hidden = torch.vmap(one)(
             self._params,
             self._buffers,
             by_model(embeds),
             by_model(attention_mask),
             by_model(index),
-        )  # [M, n * B, k, V]
-        return logits.unflatten(1, (n, self.rows)).transpose(0, 1).flatten(0, 2)
+        )  # [M, n * B, k, H]
+        return hidden.unflatten(1, (n, self.rows)).transpose(0, 1).flatten(0, 2)
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
-        return hidden
+        count = len(self._models)
+        rows = hidden.unflatten(0, (-1, count, self.rows))  # [n, M, B, k, H]
+        logits = torch.einsum("nmbkh,mvh->nmbkv", rows, self._head_weight)
+        if self._head_bias is not None:
+            logits = logits + self._head_bias[None, :, None, None, :]
+        cap = getattr(self.hf.config, "final_logit_softcapping", None)
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        return logits.flatten(0, 2)
 
     def attention_for(self, tokens: int, device: torch.device) -> str:
         return "eager"
