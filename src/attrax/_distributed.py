@@ -12,12 +12,11 @@ Dask is an optional extra (``pip install 'attrax[distributed]'``), imported only
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import uuid
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -88,13 +87,19 @@ class Pool:
     scheduler: str | None = None
     _client: Any = None
     _cluster: Any = None
-    _stack: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
+    _owned: bool = True
 
     @property
     def client(self) -> Any:
         if self._client is None:
             distributed = require()
             if self.scheduler is not None:
+                # a client of this process on that scheduler is used as is: a second sync client
+                # in one process trips over the first one's event loop
+                self._client = _existing(distributed, self.scheduler)
+                if self._client is not None:
+                    self._owned = False
+                    return self._client
                 try:
                     self._client = distributed.Client(self.scheduler, timeout="30s")
                 except OSError as err:
@@ -123,7 +128,7 @@ class Pool:
         return 1 if self.scheduler is None else None
 
     def close(self) -> None:
-        if self._client is not None:
+        if self._client is not None and self._owned:
             self._client.close()
         if self._cluster is not None:
             self._cluster.close()
@@ -201,6 +206,15 @@ class Pool:
             raise InputError(
                 f"a Dask worker died on every try of {err.task!r} (out of memory?): rerun to resume"
             ) from None
+
+
+def _existing(distributed: Any, address: str) -> Any:
+    """This process's default client if it talks to the scheduler at ``address``, else None."""
+    try:
+        client = distributed.default_client()
+    except ValueError:
+        return None
+    return client if client.scheduler.address == address else None
 
 
 def worker_model(where: tuple[str | None, str | None, str | None, int | None]) -> Any:
