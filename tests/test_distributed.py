@@ -47,6 +47,14 @@ def _die_once_on(line: int, marker: str) -> None:
     dist._shard_task = shard_task
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
 @pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs POSIX signals")
 def test_a_worker_killed_mid_run_loses_nothing(tmp_path, default_model, write_jsonl):
     import cloudpickle
@@ -72,9 +80,7 @@ def test_a_worker_killed_mid_run_loses_nothing(tmp_path, default_model, write_js
             progress=False,
             scheduler=cluster.scheduler_address,
         )
-        client.wait_for_workers(2, timeout=60)
-        after = set(client.run(os.getpid).values())
-    assert marker.exists() and before != after  # a worker process really died and was replaced
+    assert marker.exists() and any(not _alive(pid) for pid in before)  # a worker really died
     assert (run.records, run.shards, run.skipped) == (8, 4, 0)
     result = ax.load_dataset_results(tmp_path / "dask")
     assert result.example.values.tolist() == list(range(8))  # every record exactly once
@@ -86,7 +92,8 @@ def test_a_local_cluster_equals_a_serial_run_and_resumes(tmp_path, default_model
     data = write_jsonl(_records(4))
     D.attribute_dataset(default_model, data, tmp_path / "serial", shard_size=1, progress=False)
     out = tmp_path / "dask"
-    D.attribute_dataset(None, data, out, shard_size=1, progress=False, workers=2)
+    # one worker process: the cheapest cluster attrax starts itself (two: the test above)
+    D.attribute_dataset(None, data, out, shard_size=1, progress=False, workers=1)
     xr.testing.assert_identical(
         ax.load_dataset_results(out), ax.load_dataset_results(tmp_path / "serial")
     )
