@@ -68,6 +68,7 @@ if TYPE_CHECKING:
     from ._reduce import sum as sum
     from ._scores import step_scores as step_scores
     from ._scores import with_scores as with_scores
+    from ._stacked import stack_models as stack_models
     from ._words import merge_subwords as merge_subwords
     from .io import load as load
     from .io import save as save

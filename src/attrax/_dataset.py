@@ -24,7 +24,7 @@ import importlib
 import json
 import os
 import re
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -173,6 +173,8 @@ def attribute_dataset(
     progress: bool = True,
     device: str | None = None,
     dtype: torch.dtype | None = None,
+    workers: int | str | None = None,
+    scheduler: str | None = None,
     **options: Any,
 ) -> DatasetRun:
     """Attribute every record of a JSONL file, ``shard_size`` records per netCDF shard; resumable.
@@ -199,6 +201,13 @@ def attribute_dataset(
             identity, so a run may resume on another device.
         dtype: the precision to load a model given by path in (``torch.bfloat16``...). It changes
             the results, so a run resumes only with the same ``dtype``.
+        workers: run the shards on a Dask ``LocalCluster`` of this many worker processes (one
+            torch thread each; ``"auto"``: one per GPU with ``device="cuda"``, else one per core).
+            None (default): in this process. Needs ``pip install 'attrax[distributed]'`` and a
+            model given by path: each worker loads it once.
+        scheduler: run the shards on the existing Dask cluster at this address
+            (``"tcp://host:8786"``); its workers must reach the model path. Only this process
+            writes shards and the manifest, so resuming works as without Dask.
         options: keyword options of the method (``objective="logprob"``, ``steps=16``,
             ``batch_size=8``: model evaluations per forward...). A run is identified by all of
             them with the method's defaults filled in, so ``steps=50`` (the default) resumes a
@@ -243,6 +252,41 @@ def attribute_dataset(
         run["dtype"] = str(dtype).removeprefix("torch.")
     if out.exists() and not out.is_dir():
         raise InputError(f"`out` {str(out)!r} exists and is not a directory")
+    pool = None
+    if workers is not None or scheduler is not None:
+        from . import _distributed
+
+        _distributed.check(model, workers, scheduler)
+        spec = None if model is None else model_name
+        pool = _distributed.Pool(spec, device, dtype, workers=workers, scheduler=scheduler)
+    try:
+        return _attribute_dataset(
+            model, fn, resolved, steps, data, out, scan, shards, run, shard_size, method,
+            options, progress, device, dtype, pool,
+        )  # fmt: skip
+    finally:
+        if pool is not None:
+            pool.close()
+
+
+def _attribute_dataset(
+    model: Model | PathLike | None,
+    fn: Callable[..., xr.DataArray],
+    resolved: Mapping[str, Any],
+    steps: list[tuple[str, str | None]] | None,
+    data: Path,
+    out: Path,
+    scan: _Scan,
+    shards: int,
+    run: dict[str, Any],
+    shard_size: int,
+    method: str,
+    options: Mapping[str, Any],
+    progress: bool,
+    device: str | None,
+    dtype: torch.dtype | None,
+    pool: Any,
+) -> DatasetRun:
     loaded: list[Model] = []
 
     def ready() -> Model:
@@ -256,7 +300,11 @@ def attribute_dataset(
     if previous is None or len(previous["done"]) < shards:
         if previous is not None:
             _compare(out, previous["run"], run, fn)  # another run: say so before loading
-        ready()  # a record that does not tokenize fails before the directory is touched
+        # a record that does not tokenize fails before the directory is touched
+        if pool is None:
+            ready()
+        else:
+            pool.check(data, shard_size, resolved.get("max_new_tokens"))
     out.mkdir(parents=True, exist_ok=True)
     with _lock(out):
         manifest = _start(out, run, data, shards, fn)
@@ -264,17 +312,29 @@ def attribute_dataset(
         manifest["done"] = [name for name in manifest["done"] if _readable(out / name)]
         done = set(manifest["done"])
         todo = [k for k in range(shards) if _SHARD.format(k) not in done]
-        if todo:
-            _run(ready(), fn, steps, options, data, scan, shard_size, out, manifest, todo, progress)
+        if todo and pool is None:
+            results = _serial(ready(), fn, steps, options, data, scan, shard_size, todo)
+            _run(fn, results, scan, shard_size, out, manifest, todo, progress)
+        elif todo:
+            results = pool.shards(method, steps, options, data, scan, shard_size, todo)
+            _run(fn, results, scan, shard_size, out, manifest, todo, progress)
     return DatasetRun(out, scan.records, shards, shards - len(todo))
 
 
-def load_dataset_results(out: PathLike, *, partial: bool = False) -> xr.DataArray:
+def load_dataset_results(
+    out: PathLike, *, partial: bool = False, lazy: bool = False, chunks: Any = None
+) -> xr.DataArray:
     """All shards of an :func:`attribute_dataset` run as one array along ``example``.
 
     Shards are concatenated in record order, NaN-padded to the union of their ``target`` and
     ``source`` positions (missing tokens ``""``, ids ``-1``). An unfinished run is an error unless
     ``partial=True``, which returns the complete shards only.
+
+    ``lazy=True`` (needs ``dask``: ``pip install 'attrax[distributed]'``) opens the shards without
+    reading their values: a dask array, one chunk per shard along ``example`` (or ``chunks``, as
+    :func:`attrax.load` takes them), computed when used, so a large run is analysed piece by
+    piece. ``out`` may also be a single results file (an ``ax.evaluate`` Dataset saved with
+    ``ax.save``), then opened as :func:`attrax.load` does.
 
     >>> import json, tempfile, pathlib
     >>> d = pathlib.Path(tempfile.mkdtemp())
@@ -286,6 +346,10 @@ def load_dataset_results(out: PathLike, *, partial: bool = False) -> xr.DataArra
     """
 
     out = Path(out).expanduser()
+    if lazy and chunks is None:
+        chunks = -1  # one chunk per shard
+    if out.is_file():
+        return load(out, chunks=chunks)
     manifest = _read_manifest(out)
     if manifest is None:
         raise InputError(f"{str(out)!r} holds no attrax dataset run (no {MANIFEST})")
@@ -299,7 +363,7 @@ def load_dataset_results(out: PathLike, *, partial: bool = False) -> xr.DataArra
         raise InputError(f"{str(out)!r} has no complete shard yet")
     parts = []
     for name in sorted(done, key=_shard_index):
-        loaded = load(out / name)
+        loaded = load(out / name, chunks=chunks)
         if not isinstance(loaded, xr.DataArray):
             raise InputError(f"{str(out / name)!r} does not hold an attrax DataArray")
         parts.append(loaded)
@@ -492,8 +556,15 @@ def _readable(path: Path) -> bool:
 
 def _check_records(model: Model, data: Path, max_new_tokens: Any) -> None:
     """Tokenize every record as the method will: its errors, with the record's line, up front."""
+    _check_lines(model, _records(data), data.name, max_new_tokens)
+
+
+def _check_lines(
+    model: Model, records: Iterable[dict[str, Any]], name: str, max_new_tokens: Any
+) -> None:
+    """:func:`_check_records` of records read from the file called ``name``."""
     room = max_new_tokens if isinstance(max_new_tokens, int) else None
-    for record in _records(data):
+    for record in records:
         try:
             check_example(
                 model,
@@ -506,7 +577,7 @@ def _check_records(model: Model, data: Path, max_new_tokens: Any) -> None:
             if "label" in record:
                 _label(model, record["label"])
         except InputError as err:
-            raise InputError(f"{data.name} line {record['_line'] + 1}: {err}") from None
+            raise InputError(f"{name} line {record['_line'] + 1}: {err}") from None
 
 
 def _name(key: str) -> str:
@@ -519,7 +590,7 @@ def _show(key: str, value: Any) -> str:
     return json.dumps(value) if isinstance(value, (dict, list)) else repr(value)
 
 
-def _run(
+def _serial(
     model: Model,
     fn: Callable[..., xr.DataArray],
     steps: list[tuple[str, str | None]] | None,
@@ -527,11 +598,26 @@ def _run(
     data: Path,
     scan: _Scan,
     shard_size: int,
+    todo: list[int],
+) -> Iterator[tuple[int, xr.DataArray]]:
+    """``(k, array)`` for every shard ``k`` of ``todo``, computed here, in order."""
+    wanted = set(todo)
+    for k, records in enumerate(_shards(data, shard_size)):
+        if k in wanted:
+            yield k, _attribute(model, fn, steps, options, records, scan)
+
+
+def _run(
+    fn: Callable[..., xr.DataArray],
+    results: Iterator[tuple[int, xr.DataArray]],
+    scan: _Scan,
+    shard_size: int,
     out: Path,
     manifest: dict[str, Any],
     todo: list[int],
     show: bool,
 ) -> None:
+    """Write each shard as it comes (atomically), then list it in the manifest."""
     from rich.console import Console
     from rich.progress import (
         BarColumn,
@@ -560,15 +646,12 @@ def _run(
     console = Console(stderr=True)
     with Progress(*columns, console=console, disable=not show, transient=False) as bar:
         task = bar.add_task(description, total=scan.records, completed=skipped)
-        for k, records in enumerate(_shards(data, shard_size)):
-            if k not in wanted:
-                continue
-            da = _attribute(model, fn, steps, options, records, scan)
+        for k, da in results:
             name = _SHARD.format(k)
             save(da, out / name)
             manifest["done"] = sorted({*manifest["done"], name}, key=_shard_index)
             _write_manifest(out, manifest)
-            bar.advance(task, len(records))
+            bar.advance(task, min(shard_size, scan.records - k * shard_size))
 
 
 def _attribute(

@@ -57,6 +57,7 @@ PUBLIC: dict[str, str] = {
     "evaluate": "._evaluate",
     "summary": "._evaluate",
     "sanity_checks": "._evaluate",
+    "stack_models": "._stacked",
     # reductions
     "absmax": "._reduce",
     "l2_norm": "._reduce",

@@ -248,6 +248,8 @@ def _public(
         bound.apply_defaults()
         arguments = dict(bound.arguments)
         check_values(arguments)
+        if getattr(arguments.get("model"), "attrax_stacked", False):  # ax.stack_models
+            return arguments["model"].run(public, name, arguments)
         return family.run(core, _call(name, family, arguments), arguments)
 
     public.__signature__ = signature  # type: ignore[attr-defined]

@@ -36,6 +36,7 @@ DIMS: dict[str, str] = {
     "method": "ax.evaluate: the attribution method scored",
     "other": "ax.evaluate: the method another is compared with (agreement metrics)",
     "randomized": "ax.sanity_checks: the lowest layer randomized so far (top layer first)",
+    "model": "ax.stack_models: one of the stacked models (checkpoints, seeds)",
 }
 #: Every non-dimension coordinate (and index level) a result can have, and what it means.
 COORDS: dict[str, str] = {

@@ -1,4 +1,4 @@
-"""The ``attrax`` command: ``demo``, ``attribute`` and ``attribute-dataset``.
+"""The ``attrax`` command: ``demo``, ``attribute``, ``attribute-dataset`` and ``evaluate``.
 
 Errors that attrax raises on purpose (bad option, unreadable file, mismatched data) print one
 ``attrax: error: ...`` line and exit with status 2, like argparse's own usage errors; no traceback.
@@ -148,8 +148,142 @@ def build_parser() -> argparse.ArgumentParser:
         help="records per shard, given to the method in one call (default 8)",
     )
     dataset.add_argument("--quiet", action="store_true", help="no progress bar")
+    where = dataset.add_mutually_exclusive_group()
+    where.add_argument(
+        "--workers",
+        type=_workers,
+        metavar="N",
+        help="run the shards on a local Dask cluster of N worker processes, one torch thread "
+        "each ('auto': one per GPU with --device cuda, else one per core); needs "
+        "attrax[distributed] and a --model path (default: in this process)",
+    )
+    where.add_argument(
+        "--scheduler",
+        metavar="ADDRESS",
+        help="run the shards on the Dask cluster at ADDRESS (tcp://host:8786); its workers "
+        "must reach --model",
+    )
     dataset.set_defaults(handler=_attribute_dataset)
+    _evaluate_parser(commands)
     return parser
+
+
+def _evaluate_parser(commands: Any) -> None:
+    evaluate = commands.add_parser(
+        "evaluate",
+        help="compare attribution methods on a dataset: faithfulness, plausibility, agreement",
+        description="Attribute every record of --data with every method of --methods, score "
+        "each attribution with --metrics and print the method-by-metric table (mean and 95%% "
+        "bootstrap interval over examples: attrax.evaluate, attrax.summary).",
+    )
+    evaluate.add_argument(
+        "--data",
+        required=True,
+        metavar="FILE",
+        help="the records: JSONL, CSV or Parquet, or a datasets save_to_disk folder",
+    )
+    evaluate.add_argument(
+        "--methods",
+        required=True,
+        metavar="M1,M2",
+        help="comma-separated method names (as attrax attribute --method takes them)",
+    )
+    evaluate.add_argument(
+        "--metrics",
+        default="comprehensiveness,sufficiency",
+        metavar="NAMES",
+        help="comma-separated: comprehensiveness, sufficiency, deletion, insertion, token_f1, "
+        "iou, auprc, spearman, kendall, topk_overlap (default comprehensiveness,sufficiency)",
+    )
+    evaluate.add_argument(
+        "--model", metavar="PATH", help="model directory or hub name (default: the built-in model)"
+    )
+    evaluate.add_argument("--device", help="where to run the model, e.g. cuda (default: cpu)")
+    evaluate.add_argument("--dtype", choices=DTYPES, help="precision to load the model in")
+    evaluate.add_argument("--reduce", default="auto", help=_REDUCE_HELP)
+    evaluate.add_argument(
+        "--objective", choices=("probability", "logprob", "logit"), help="(default: probability)"
+    )
+    evaluate.add_argument(
+        "--steps", type=_positive, help="`steps` of the methods that take it (integrated_gradients)"
+    )
+    evaluate.add_argument(
+        "--samples", type=_positive, help="`samples` of the methods that take it (smoothgrad...)"
+    )
+    evaluate.add_argument(
+        "--field",
+        action="append",
+        default=[],
+        metavar="KEY=NAME",
+        help="the data's name for input, target, label or rationale, e.g. --field input=text",
+    )
+    evaluate.add_argument("--top-k", type=_positive, default=3, help="k of topk_overlap (3)")
+    evaluate.add_argument(
+        "--batch-size", type=_positive, help="perturbed copies per forward (default: auto)"
+    )
+    evaluate.add_argument(
+        "--attributions", action="store_true", help="keep the attributions in --out"
+    )
+    evaluate.add_argument("--out", metavar="FILE.nc", help="save the scores as netCDF (ax.save)")
+    evaluate.add_argument("--csv", metavar="FILE", help="write the summary table as CSV")
+    evaluate.add_argument("--png", metavar="FILE", help="draw the summary table (ax.plot)")
+    evaluate.set_defaults(handler=_evaluate)
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    import functools
+
+    from ._dataset import resolve_method, resolve_options
+    from ._errors import OptionError
+    from ._evaluate import evaluate, summary
+    from ._model import load_model
+
+    methods = {}
+    for name in (m.strip() for m in args.methods.split(",") if m.strip()):
+        fn = resolve_method(name)
+        given = {"objective": args.objective, "steps": args.steps, "samples": args.samples}
+        taken = set(resolve_options(fn, {}))
+        methods[name] = functools.partial(
+            fn, **{k: v for k, v in given.items() if v is not None and k in taken}
+        )
+    fields = {}
+    for item in args.field:
+        key, sep, value = item.partition("=")
+        if not sep or key not in ("input", "target", "label", "rationale") or not value:
+            raise OptionError(
+                f"`--field` {item!r}: expected KEY=NAME, KEY one of input, target, label, rationale"
+            )
+        fields[key] = value
+    metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
+    model = load_model(args.model, device=_device(args.device), dtype=_dtype(args.dtype))
+    ds = evaluate(
+        model,
+        args.data,
+        methods,
+        metrics,
+        reduce=args.reduce,
+        top_k=args.top_k,
+        batch_size="auto" if args.batch_size is None else args.batch_size,
+        attributions=args.attributions,
+        fields=fields,
+    )
+    table = summary(ds)
+    console = _console()
+    console.print(_summary_table(table))
+    if args.out:
+        from .io import save
+
+        save(ds, args.out)
+        console.print(f"wrote {args.out}")
+    if args.csv:
+        table.to_csv(args.csv)
+        console.print(f"wrote {args.csv}")
+    if args.png:
+        from .viz import plot
+
+        plot(table, path=args.png)  # type: ignore[arg-type]
+        console.print(f"wrote {args.png}")
+    return 0
 
 
 def _model_options(parser: argparse.ArgumentParser) -> None:
@@ -377,6 +511,8 @@ def _attribute_dataset(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         device=_device(args.device),
         dtype=_dtype(args.dtype),
+        workers=args.workers,
+        scheduler=args.scheduler,
         **options,
     )
     resumed = f" ({run.skipped} already done)" if run.skipped else ""
@@ -502,6 +638,30 @@ def _device(name: str | None) -> str | None:
     if not available():
         raise OptionError(f"`--device` {name!r}: this torch has no {device.type} device available")
     return name
+
+
+def _summary_table(table: Any) -> Any:
+    """An ``ax.summary`` DataFrame as a rich table: ``mean [low, high]`` per method and metric."""
+    from rich.table import Table
+
+    from ._evaluate import HIGHER_IS_BETTER
+
+    metrics = list(dict.fromkeys(table.columns.get_level_values(0)))
+    out = Table(title="mean [95% interval] over examples", title_style="bold")
+    out.add_column("method")
+    for metric in metrics:
+        better = {True: " ↑", False: " ↓"}.get(HIGHER_IS_BETTER.get(metric), "")
+        out.add_column(metric + better, justify="right")
+    for method, row in table.iterrows():
+        cells = [
+            f"{row[m, 'mean']:.3f} [{row[m, 'low']:.3f}, {row[m, 'high']:.3f}]" for m in metrics
+        ]
+        out.add_row(str(method), *cells)
+    return out
+
+
+def _workers(value: str) -> int | str:
+    return "auto" if value == "auto" else _positive(value)
 
 
 def _plural(n: int, word: str) -> str:

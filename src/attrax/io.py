@@ -98,8 +98,12 @@ def write_atomically(path: Path, write: Callable[[Path], object]) -> Path:
     return path
 
 
-def load(path: PathLike) -> xr.DataArray | xr.Dataset:
+def load(path: PathLike, *, chunks: Any = None) -> xr.DataArray | xr.Dataset:
     """Read a file written by :func:`save` (or any netCDF file) fully into memory.
+
+    ``chunks`` (needs ``dask``) opens it lazily instead, as dask arrays of those chunks
+    (``{"example": 100}``, ``-1``: one chunk, ``{}``: the file's own): values are read when
+    computed, and the file stays open until then.
 
     Returns a DataArray if a DataArray was saved, with its name, dtypes, attrs and any
     ``MultiIndex`` restored; a plain netCDF file comes back as a Dataset. The file is closed
@@ -116,8 +120,12 @@ def load(path: PathLike) -> xr.DataArray | xr.Dataset:
     if not path.exists():
         raise InputError(f"`path` {str(path)!r} does not exist")
     try:
-        with xr.open_dataset(path, engine="netcdf4", cache=False) as opened:
-            ds = opened.load()
+        if chunks is None:
+            with xr.open_dataset(path, engine="netcdf4", cache=False) as opened:
+                ds = opened.load()
+        else:
+            _require_dask()
+            ds = xr.open_dataset(path, engine="netcdf4", cache=False, chunks=chunks)
     except (OSError, ValueError, RuntimeError) as err:
         raise InputError(f"`path` {str(path)!r} is not a readable netCDF4 file: {err}") from err
     ds = ds.drop_encoding()
@@ -133,6 +141,16 @@ def load(path: PathLike) -> xr.DataArray | xr.Dataset:
     except (TypeError, ValueError, KeyError) as err:
         raise InputError(f"`path` {str(path)!r} has a corrupt {_MARKER!r} attribute") from err
     return _from_stored(ds, meta, kind)
+
+
+def _require_dask() -> None:
+    try:
+        import dask  # noqa: F401
+    except ImportError:
+        raise OptionError(
+            "`chunks` opens results lazily with dask, which is not installed: "
+            "pip install 'attrax[distributed]'"
+        ) from None
 
 
 def _as_path(path: object) -> Path:

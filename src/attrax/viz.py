@@ -710,12 +710,18 @@ def plot(
     (one example only). Saves a PNG (or any format matplotlib knows from the suffix) to
     ``path`` when given. Uses no pyplot state and needs no display. Classifier rows (see
     :func:`show`; ``labels``: the true labels) are drawn one example per line, in one axes.
+    An :func:`attrax.summary` table (a DataFrame) is drawn as one panel per metric, each method's
+    mean with its confidence interval.
 
     >>> import xarray as xr
     >>> fig = plot(xr.DataArray([[0.2, -0.7]], dims=("target", "source")))
     >>> len(fig.axes)  # heatmap + colorbar
     2
     """
+    if type(da).__name__ == "DataFrame":  # an ax.summary table: metrics with their intervals
+        from ._summary_plot import plot_summary
+
+        return plot_summary(da, path=path, title=title, dpi=dpi)  # type: ignore[arg-type]
     name = _default_title(_check_dims(da, rows=_is_rows(da)), title)
     if _is_rows(da):
         rows, scale = _prepare_rows(da, example, labels, cmap)

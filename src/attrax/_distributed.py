@@ -1,0 +1,264 @@
+"""Dataset runs on Dask distributed: a local cluster of worker processes or an existing one.
+
+:func:`attribute_dataset` with ``workers=N`` or ``scheduler=ADDRESS`` hands one task per shard to
+Dask. Each worker process loads the model once (a cache keyed by path, device and dtype) and
+returns the shard's array; the client alone writes shard files (atomically) and the manifest, so
+the manifest stays the single truth and a run resumes after any crash exactly as an in-process
+one. A worker that dies mid-shard is replaced and its shard rerun by Dask; results are the same
+as a serial run's, since each shard is computed by one method call on the same records.
+
+Dask is an optional extra (``pip install 'attrax[distributed]'``), imported only here, on use.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import uuid
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import xarray as xr
+
+from ._errors import InputError, OptionError
+
+TRIM = "distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_"
+# worker side: models loaded in this process, keyed by (path, device, dtype)
+_MODELS: dict[tuple[str | None, str | None, str | None], Any] = {}
+
+
+def require() -> Any:
+    """The ``distributed`` module, or an error saying how to install it."""
+    try:
+        import distributed
+    except ImportError:
+        raise OptionError(
+            "`workers`/`scheduler` run on Dask distributed, which is not installed: "
+            "pip install 'attrax[distributed]'"
+        ) from None
+    return distributed
+
+
+def check(model: Any, workers: Any, scheduler: Any) -> None:
+    """Refuse options that cannot work before anything starts."""
+    from ._model import Model
+
+    if workers is not None and scheduler is not None:
+        raise OptionError(
+            "give `workers` (start a local cluster) or `scheduler` (use one), not both"
+        )
+    if workers not in (None, "auto") and (
+        isinstance(workers, bool) or not isinstance(workers, int) or workers < 1
+    ):
+        raise OptionError(f"`workers` must be a positive integer or 'auto', got {workers!r}")
+    if scheduler is not None and (not isinstance(scheduler, str) or not scheduler.strip()):
+        raise OptionError(
+            f"`scheduler` must be a scheduler address such as 'tcp://host:8786', got {scheduler!r}"
+        )
+    if isinstance(model, Model):
+        raise OptionError(
+            "`model` must be a path (or None, the built-in model) with `workers`/`scheduler`: "
+            "each worker process loads it once; an in-memory Model is not shipped to workers"
+        )
+    require()
+
+
+def local_workers(workers: int | str, device: str | None) -> int:
+    """``workers`` as a count: ``"auto"`` is one per GPU when running on CUDA, else one per core."""
+    if workers != "auto":
+        return int(workers)
+    if device is not None and str(device).startswith("cuda") and torch.cuda.is_available():
+        return torch.cuda.device_count()
+    return os.cpu_count() or 1
+
+
+@dataclass
+class Pool:
+    """A Dask client for one run, started on first use: a ``LocalCluster`` of ``workers``
+    processes (one thread each) or a connection to ``scheduler``."""
+
+    spec: str | None
+    device: str | None
+    dtype: torch.dtype | None
+    workers: int | str | None = None
+    scheduler: str | None = None
+    _client: Any = None
+    _cluster: Any = None
+    _owned: bool = True
+
+    @property
+    def client(self) -> Any:
+        if self._client is None:
+            distributed = require()
+            if self.scheduler is not None:
+                # a client of this process on that scheduler is used as is: a second sync client
+                # in one process trips over the first one's event loop
+                self._client = _existing(distributed, self.scheduler)
+                if self._client is not None:
+                    self._owned = False
+                    return self._client
+                try:
+                    self._client = distributed.Client(self.scheduler, timeout="30s")
+                except OSError as err:
+                    raise InputError(
+                        f"`scheduler` {self.scheduler!r}: no Dask scheduler answers there ({err})"
+                    ) from None
+            else:
+                import dask
+
+                count = local_workers(self.workers or 1, self.device)
+                # Dask's nannies set MALLOC_TRIM_THRESHOLD_, which turns off attrax's own malloc
+                # tuning (_memory.reuse_host_memory): measured 2x slower per shard without it
+                with dask.config.set({TRIM: None}):
+                    self._cluster = distributed.LocalCluster(
+                        n_workers=count,
+                        threads_per_worker=1,  # one task, one torch thread per process
+                        processes=True,
+                        dashboard_address=None,
+                        silence_logs=logging.ERROR,
+                    )
+                self._client = distributed.Client(self._cluster)
+        return self._client
+
+    @property
+    def _threads(self) -> int | None:
+        return 1 if self.scheduler is None else None
+
+    def close(self) -> None:
+        if self._client is not None and self._owned:
+            self._client.close()
+        if self._cluster is not None:
+            self._cluster.close()
+        self._client = self._cluster = None
+
+    def check(self, data: Path, shard_size: int, max_new_tokens: Any) -> None:
+        """Tokenize every record on the workers (which load the model meanwhile): a record that
+        cannot be attributed fails, naming its line, before any shard is computed."""
+        from ._dataset import _shards
+
+        futures = [
+            self.client.submit(
+                _check_task, self._where(), records, data.name, max_new_tokens, pure=False
+            )
+            for records in _shards(data, max(shard_size, 64))
+        ]
+        self._gather(futures)
+
+    def shards(
+        self,
+        method: str,
+        steps: Any,
+        options: Mapping[str, Any],
+        data: Path,
+        scan: Any,
+        shard_size: int,
+        todo: list[int],
+    ) -> Iterator[tuple[int, xr.DataArray]]:
+        """``(k, array)`` for every shard ``k`` of ``todo``, in the order they complete."""
+        from ._dataset import _shards
+
+        distributed = require()
+        wanted = set(todo)
+        run = uuid.uuid4().hex[:8]
+        futures = {}
+        for k, records in enumerate(_shards(data, shard_size)):
+            if k in wanted:
+                future = self.client.submit(
+                    _shard_task,
+                    self._where(),
+                    method,
+                    dict(options),
+                    steps,
+                    records,
+                    scan,
+                    key=f"attrax-shard-{k:05d}-{run}",
+                )
+                futures[future] = k
+        try:
+            for future in distributed.as_completed(futures):
+                yield futures[future], self._result(future)
+                future.release()
+        finally:
+            for future in futures:
+                future.cancel()
+
+    def _where(self) -> tuple[str | None, str | None, str | None, int | None]:
+        dtype = None if self.dtype is None else str(self.dtype).removeprefix("torch.")
+        return self.spec, self.device, dtype, self._threads
+
+    def _gather(self, futures: list[Any]) -> None:
+        try:
+            for future in futures:
+                self._result(future)
+        finally:
+            for future in futures:
+                future.cancel()
+
+    @staticmethod
+    def _result(future: Any) -> Any:
+        distributed = require()
+        try:
+            return future.result()
+        except distributed.KilledWorker as err:
+            raise InputError(
+                f"a Dask worker died on every try of {err.task!r} (out of memory?): rerun to resume"
+            ) from None
+
+
+def _existing(distributed: Any, address: str) -> Any:
+    """This process's default client if it talks to the scheduler at ``address``, else None."""
+    try:
+        client = distributed.default_client()
+    except ValueError:
+        return None
+    return client if client.scheduler.address == address else None
+
+
+def worker_model(where: tuple[str | None, str | None, str | None, int | None]) -> Any:
+    """The model on this worker, loaded on first use; a local cluster's worker ``i`` takes GPU
+    ``i mod count`` when the device is ``cuda``."""
+    from ._model import load_model
+
+    spec, device, dtype, threads = where
+    if threads is not None:
+        torch.set_num_threads(threads)
+    if device is not None and device == "cuda" and torch.cuda.device_count() > 1:
+        device = f"cuda:{_rank() % torch.cuda.device_count()}"
+    key = (spec, device, dtype)
+    if key not in _MODELS:
+        _MODELS[key] = load_model(
+            spec, device=device, dtype=None if dtype is None else getattr(torch, dtype)
+        )
+    return _MODELS[key]
+
+
+def _rank() -> int:
+    try:
+        import distributed
+
+        name = distributed.get_worker().name
+        return int(name)
+    except (ImportError, ValueError, TypeError):
+        return 0
+
+
+def _check_task(where: Any, records: list[dict[str, Any]], name: str, max_new_tokens: Any) -> None:
+    from ._dataset import _check_lines
+
+    _check_lines(worker_model(where), records, name, max_new_tokens)
+
+
+def _shard_task(
+    where: Any,
+    method: str,
+    options: Mapping[str, Any],
+    steps: Any,
+    records: list[dict[str, Any]],
+    scan: Any,
+) -> xr.DataArray:
+    from ._dataset import _attribute, resolve_method
+
+    return _attribute(worker_model(where), resolve_method(method), steps, options, records, scan)

@@ -1,0 +1,245 @@
+"""Checkpoints or seeds of one architecture as one model: a method runs on all of them in one vmap.
+
+:func:`stack_models` stacks the models' parameters (``torch.func.stack_module_state``). A method
+called on the stack sees one batch of ``M * B`` rows (model-major: the ``B`` examples for model 0,
+then for model 1, ...): the embeddings of row ``r`` come from model ``r // B``'s table, and every
+forward is ``torch.vmap`` over the parameter stacks of ``functional_call`` on one template module,
+each model running on its own rows. The engine's backward (vjp, vmap over targets) goes through
+that vmapped forward unchanged. The result's ``example`` dim is then split into ``model`` (the
+models' names) and ``example``.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import xarray as xr
+from torch.func import functional_call, stack_module_state
+
+from ._errors import ModelError, OptionError
+from ._model import Model
+
+#: the methods a stack runs (gradient methods of decoder-only language models)
+SUPPORTED = (
+    "saliency",
+    "input_x_gradient",
+    "integrated_gradients",
+    "smoothgrad",
+    "squaregrad",
+    "vargrad",
+)
+
+
+class StackedModel:
+    """Models of one architecture and tokenizer, run together by every supported method; results
+    gain a ``model`` dim. Build it with :func:`stack_models`."""
+
+    attrax_stacked = True
+
+    def __init__(self, models: Sequence[Model], names: Sequence[str]) -> None:
+        self.models = list(models)
+        self.names = list(names)
+        self._expanded = _Expanded(self.models)
+
+    def __len__(self) -> int:
+        return len(self.models)
+
+    def __repr__(self) -> str:
+        return f"attrax.StackedModel({self.names!r})"
+
+    def run(
+        self, public: Callable[..., xr.DataArray], name: str, arguments: Mapping[str, Any]
+    ) -> xr.DataArray:
+        """``public(stack, inputs, targets, **options)``: every model's rows in one call."""
+        if name not in SUPPORTED:
+            raise OptionError(
+                f"{name} does not run on stacked models; they run: {', '.join(SUPPORTED)}"
+            )
+        inputs, targets = arguments["inputs"], arguments.get("targets")
+        single = isinstance(inputs, str)
+        inputs = [inputs] if single else list(inputs)
+        if targets is None:
+            raise OptionError(
+                "`targets` is required with stacked models: every model explains the same tokens"
+            )
+        targets = [targets] if isinstance(targets, str) else list(targets)
+        if any(not isinstance(x, str) for x in inputs):
+            raise OptionError("stacked models take texts as `inputs` (no text pairs)")
+        options = {k: v for k, v in arguments.items() if k not in ("model", "inputs", "targets")}
+        if isinstance(options.get("baseline"), str) and options["baseline"] != "zeros":
+            raise OptionError(
+                f"`baseline={options['baseline']!r}` is not supported on stacked models: each "
+                "model has its own embeddings; use 'zeros' or a tensor"
+            )
+        m, b = len(self.models), len(inputs)
+        self._expanded.rows = b
+        da = public(self._expanded, inputs * m, targets * m, **options)
+        return _split(da, self.names, b, single)
+
+
+def stack_models(models: Sequence[Model], names: Sequence[str] | None = None) -> StackedModel:
+    """Stack models of one architecture and tokenizer (checkpoints, seeds) into one.
+
+    Gradient methods (:data:`SUPPORTED`) of decoder-only language models run on every model in one
+    vmapped call; the result has a ``model`` dim (coordinate: ``names``, default the models'
+    names, made unique).
+
+    >>> import attrax as ax
+    >>> from attrax.testing import tiny_model
+    >>> models = [ax.load_model(hf, tokenizer=tok) for hf, tok in [tiny_model("gpt2")] * 2]
+    >>> stack = ax.stack_models(models, names=["seed0", "seed1"])
+    >>> ax.saliency(stack, "hello world", " again").dims[:2]
+    ('model', 'target')
+    """
+    models = list(models)
+    if len(models) < 2 or not all(isinstance(m, Model) for m in models):
+        raise OptionError("`models` must be a list of two or more attrax Models")
+    first = models[0]
+    if first.task != "generation" or first.is_encoder_decoder or not first.causal:
+        raise ModelError(
+            f"stack_models runs decoder-only language models; {first.name} is "
+            f"{first.model_type} ({first.task})"
+        )
+    for i, other in enumerate(models[1:], 1):
+        if type(other.hf) is not type(first.hf) or other.hf.config.to_dict() != _config(first):
+            raise ModelError(
+                f"`models[{i}]` ({type(other.hf).__name__}) is not the architecture of "
+                f"`models[0]` ({type(first.hf).__name__}): stacked models share one config"
+            )
+        if other.tokenizer.get_vocab() != first.tokenizer.get_vocab():
+            raise ModelError(f"`models[{i}]` has another tokenizer than `models[0]`")
+        if other.device != first.device or other.dtype != first.dtype:
+            raise ModelError(
+                f"`models[{i}]` runs on {other.device}/{other.dtype}, `models[0]` on "
+                f"{first.device}/{first.dtype}"
+            )
+    if names is None:
+        names = [m.name for m in models]
+        if len(set(names)) < len(names):
+            names = [f"{n}#{i}" for i, n in enumerate(names)]
+    names = [str(n) for n in names]
+    if len(names) != len(models) or len(set(names)) < len(names):
+        raise OptionError(f"`names` must be {len(models)} distinct names, got {names!r}")
+    return StackedModel(models, names)
+
+
+def _config(model: Model) -> dict[str, Any]:
+    return model.hf.config.to_dict()
+
+
+class _Template(torch.nn.Module):
+    """The first model's module as ``functional_call`` sees it: ``forward`` gives its head inputs
+    at the attributed positions."""
+
+    def __init__(self, model: Model) -> None:
+        super().__init__()
+        self.hf = model.hf
+        self._model = model
+
+    def forward(
+        self, embeds: torch.Tensor, mask: torch.Tensor, index: torch.Tensor
+    ) -> torch.Tensor:
+        # eager attention (forward_mode): what vmap batches over the parameter stacks
+        return Model.hidden_at(self._model, embeds, mask, index, forward_mode=True)
+
+
+class _Expanded(Model):
+    """What the engine sees: a model whose batch holds every stacked model's rows, model-major;
+    :meth:`hidden_at` runs the forward vmapped over the parameter stacks, :meth:`head` applies each
+    row's own model's output layer (one batched product over the stacked weights)."""
+
+    def __init__(self, models: Sequence[Model]) -> None:
+        first = models[0]
+        self.__dict__.update(copy.copy(first.__dict__))
+        self.name = "+".join(m.name for m in models)
+        self._models = list(models)
+        self._template = _Template(first)
+        params, buffers = stack_module_state([m.hf for m in models])
+        self._params = {f"hf.{k}": v for k, v in params.items()}
+        self._buffers = {f"hf.{k}": v for k, v in buffers.items()}
+        weight = first._source_embedding.weight
+        self._tables = torch.stack([m._source_embedding.weight for m in models]).detach()
+        assert self._tables.shape[1:] == weight.shape
+        heads = [m._head for m in models]
+        self._head_weight = torch.stack([h.weight for h in heads]).detach()  # [M, V, H]
+        biases = [getattr(h, "bias", None) for h in heads]
+        self._head_bias = None
+        if biases[0] is not None:
+            self._head_bias = torch.stack(biases).detach()  # [M, V]
+        if isinstance(getattr(first.hf, "final_logits_bias", None), torch.Tensor):
+            raise ModelError(f"{type(first.hf).__name__}: a final logits bias is not stacked")
+        self.rows = 1  # examples per model of the running call (StackedModel.run sets it)
+
+    def embed(self, ids: torch.Tensor, side: str = "source") -> torch.Tensor:
+        ids = ids.to(self.device)
+        count = len(self._models)
+        if ids.shape[0] != count * self.rows:
+            raise OptionError(
+                "stacked models embed their own batch only (a token baseline is not supported)"
+            )
+        which = torch.arange(count, device=ids.device).repeat_interleave(self.rows)
+        return self._tables[which[:, None], ids]
+
+    def hidden_at(
+        self,
+        embeds: torch.Tensor,
+        attention_mask: torch.Tensor,
+        index: torch.Tensor,
+        decoder_embeds: torch.Tensor | None = None,
+        decoder_attention_mask: torch.Tensor | None = None,
+        forward_mode: bool = False,
+        token_types: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        count = len(self._models)
+        # rows are [n copies][M models][B examples]: each model gets its rows of every copy
+        n = embeds.shape[0] // (count * self.rows)
+
+        def by_model(x: torch.Tensor) -> torch.Tensor:
+            x = x.unflatten(0, (n, count, self.rows)).transpose(0, 1)
+            return x.flatten(1, 2)
+
+        def one(params: dict, buffers: dict, e: torch.Tensor, mask: torch.Tensor, at: torch.Tensor):
+            return functional_call(self._template, (params, buffers), (e, mask, at))
+
+        hidden = torch.vmap(one)(
+            self._params,
+            self._buffers,
+            by_model(embeds),
+            by_model(attention_mask),
+            by_model(index),
+        )  # [M, n * B, k, H]
+        return hidden.unflatten(1, (n, self.rows)).transpose(0, 1).flatten(0, 2)
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        count = len(self._models)
+        rows = hidden.unflatten(0, (-1, count, self.rows))  # [n, M, B, k, H]
+        logits = torch.einsum("nmbkh,mvh->nmbkv", rows, self._head_weight)
+        if self._head_bias is not None:
+            logits = logits + self._head_bias[None, :, None, None, :]
+        cap = getattr(self.hf.config, "final_logit_softcapping", None)
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        return logits.flatten(0, 2)
+
+    def attention_for(self, tokens: int, device: torch.device) -> str:
+        return "eager"
+
+
+def _split(da: xr.DataArray, names: list[str], rows: int, single: bool) -> xr.DataArray:
+    """``example`` of ``M * B`` rows -> ``model`` (``names``) x ``example`` (``B``)."""
+    if "example" not in da.dims:  # one input: the call squeezed a batch of M rows
+        raise AssertionError("a stacked call always has an example dim")
+    parts = [
+        da.isel(example=slice(m * rows, (m + 1) * rows)).assign_coords(example=np.arange(rows))
+        for m in range(len(names))
+    ]  # labelling only: the computation ran in one call
+    out = xr.concat(parts, dim=pd.Index(names, name="model"), coords="different", compat="equals")
+    out.attrs = dict(da.attrs)
+    if single:
+        out = out.squeeze("example", drop=True)
+    return out

@@ -1,0 +1,162 @@
+"""Dataset runs on Dask distributed: a worker killed mid-run loses nothing, lazy loading."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import sys
+
+import numpy as np
+import pytest
+import xarray as xr
+
+import attrax as ax
+from attrax import _dataset as D
+from attrax._default_model_task import make_example
+
+distributed = pytest.importorskip("distributed")
+
+
+def _records(n: int, seed: int = 5) -> list[dict]:
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        prompt, continuation = make_example(rng, n_digits=rng.randint(4, 6))
+        out.append({"input": prompt, "target": continuation, "id": f"r{i}"})
+    return out
+
+
+def _die_once_on(line: int, marker: str) -> None:
+    """Run on every worker: the shard task holding record ``line`` SIGKILLs its own process the
+    first time any worker runs it (``marker`` created exclusively), before returning."""
+    import attrax._distributed as dist
+
+    task = dist._shard_task
+
+    def shard_task(where, method, options, steps, records, scan):  # type: ignore[no-untyped-def]
+        if any(r["_line"] == line for r in records):
+            try:
+                os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            except FileExistsError:
+                pass
+            else:
+                os.kill(os.getpid(), signal.SIGKILL)
+        return task(where, method, options, steps, records, scan)
+
+    dist._shard_task = shard_task
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs POSIX signals")
+def test_a_worker_killed_mid_run_loses_nothing(tmp_path, default_model, write_jsonl):
+    import cloudpickle
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers need not import us
+    data = write_jsonl(_records(8))
+    D.attribute_dataset(default_model, data, tmp_path / "serial", shard_size=2, progress=False)
+    serial = ax.load_dataset_results(tmp_path / "serial")
+    marker = tmp_path / "killed"
+    with (
+        distributed.LocalCluster(
+            n_workers=2, threads_per_worker=1, dashboard_address=None, silence_logs=50
+        ) as cluster,
+        distributed.Client(cluster) as client,
+    ):
+        client.run(_die_once_on, 4, str(marker))
+        before = set(client.run(os.getpid).values())
+        run = D.attribute_dataset(
+            None,
+            data,
+            tmp_path / "dask",
+            shard_size=2,
+            progress=False,
+            scheduler=cluster.scheduler_address,
+        )
+    assert marker.exists() and any(not _alive(pid) for pid in before)  # a worker really died
+    assert (run.records, run.shards, run.skipped) == (8, 4, 0)
+    result = ax.load_dataset_results(tmp_path / "dask")
+    assert result.example.values.tolist() == list(range(8))  # every record exactly once
+    # the client loaded the same model by path as the serial run held in memory: same run but name
+    xr.testing.assert_identical(result, serial)
+
+
+def test_a_local_cluster_equals_a_serial_run_and_resumes(tmp_path, default_model, write_jsonl):
+    data = write_jsonl(_records(4))
+    D.attribute_dataset(default_model, data, tmp_path / "serial", shard_size=1, progress=False)
+    out = tmp_path / "dask"
+    # one worker process: the cheapest cluster attrax starts itself (two: the test above)
+    D.attribute_dataset(None, data, out, shard_size=1, progress=False, workers=1)
+    xr.testing.assert_identical(
+        ax.load_dataset_results(out), ax.load_dataset_results(tmp_path / "serial")
+    )
+    # the manifest is the truth: a lost shard is recomputed in process, the rest kept
+    (out / "shard-00002.nc").unlink()
+    again = D.attribute_dataset(None, data, out, shard_size=1, progress=False)
+    assert again.skipped == 3
+    xr.testing.assert_identical(
+        ax.load_dataset_results(out), ax.load_dataset_results(tmp_path / "serial")
+    )
+
+
+def test_two_clients_on_one_output_are_refused(tmp_path, write_jsonl):
+    fcntl = pytest.importorskip("fcntl")
+    data = write_jsonl(_records(1))
+    out = tmp_path / "out"
+    D.attribute_dataset(None, data, out, progress=False)
+    with open(out / ".lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(ax.InputError, match="in use by another attrax process"):
+            # a finished run needs no cluster: the address is never dialled, the lock refuses
+            D.attribute_dataset(None, data, out, progress=False, scheduler="tcp://127.0.0.1:1")
+
+
+def test_distributed_options_are_checked(tmp_path, default_model, write_jsonl, monkeypatch):
+    data = write_jsonl(_records(1))
+    with pytest.raises(ax.OptionError, match="in-memory Model"):
+        D.attribute_dataset(default_model, data, tmp_path / "o", workers=2)
+    with pytest.raises(ax.OptionError, match="positive integer"):
+        D.attribute_dataset(None, data, tmp_path / "o", workers=0)
+    with pytest.raises(ax.OptionError, match="not both"):
+        D.attribute_dataset(None, data, tmp_path / "o", workers=1, scheduler="tcp://x:1")
+    monkeypatch.setitem(sys.modules, "distributed", None)  # the extra is not installed
+    with pytest.raises(ax.OptionError, match=r"attrax\[distributed\]"):
+        D.attribute_dataset(None, data, tmp_path / "o", workers=2)
+    assert not (tmp_path / "o").exists()
+
+
+def test_results_open_lazily_as_one_array(tmp_path, default_model, write_jsonl):
+    dask = pytest.importorskip("dask")
+    data = write_jsonl(_records(5))
+    out = tmp_path / "out"
+    D.attribute_dataset(default_model, data, out, shard_size=2, progress=False)
+    eager = ax.load_dataset_results(out)
+    lazy = ax.load_dataset_results(out, lazy=True)
+    assert isinstance(lazy.data, dask.array.Array)
+    assert lazy.chunks[0] == (2, 2, 1)  # one chunk per shard along example
+    assert np.isnan(eager.values).any()  # shards of different widths: padding is compared too
+    xr.testing.assert_identical(lazy.compute(), eager)
+    rechunked = ax.load_dataset_results(out, chunks={"source": -1})
+    assert isinstance(rechunked.data, dask.array.Array)
+    xr.testing.assert_identical(rechunked.compute(), eager)
+    # a reduction over the run without loading it whole
+    np.testing.assert_allclose(
+        lazy.mean("example").compute().values, eager.mean("example").values, rtol=1e-6
+    )
+
+
+def test_an_evaluation_opens_lazily(tmp_path, default_model):
+    dask = pytest.importorskip("dask")
+    data = _records(3)
+    ds = ax.evaluate(default_model, data, {"saliency": ax.saliency, "ixg": ax.input_x_gradient})
+    ax.save(ds, tmp_path / "eval.nc")
+    lazy = ax.load_dataset_results(tmp_path / "eval.nc", lazy=True)
+    assert isinstance(lazy["comprehensiveness"].data, dask.array.Array)
+    xr.testing.assert_identical(lazy.compute(), ds)

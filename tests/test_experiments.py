@@ -1,0 +1,97 @@
+"""The experiment workflow's CLI and plot: ``attrax evaluate``, ``ax.plot`` of a summary table."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import attrax as ax
+from attrax.cli import main
+
+RECORDS = [
+    {"text": "3 1 4 0 5 9 =", "answer": " 9 5 0 4 1 3", "why": [1, 1, 1, 1, 1, 1, 0]},
+    {"text": "2 7 1 8 6 4 =", "answer": " 4 6 8 1 7 2", "why": [1, 1, 1, 1, 1, 1, 0]},
+]
+
+
+def _table() -> pd.DataFrame:
+    columns = pd.MultiIndex.from_product(
+        [["comprehensiveness", "auprc"], ["mean", "low", "high"]], names=("metric", "stat")
+    )
+    rows = [[0.5, 0.4, 0.6, 0.9, 0.85, 0.95], [0.3, 0.1, 0.5, 0.7, 0.6, 0.8]]
+    return pd.DataFrame(rows, pd.Index(["ig", "saliency"], name="method"), columns)
+
+
+def test_plot_of_a_summary_table(tmp_path):
+    fig = ax.plot(_table(), path=tmp_path / "t.png", title="methods")
+    panels = [a for a in fig.axes if a.get_title()]
+    assert [a.get_title() for a in panels] == [
+        "comprehensiveness (higher better)",
+        "auprc (higher better)",
+    ]
+    # the error bars span each method's interval, centred where the table says
+    bars = panels[0].containers[0]
+    centres = bars.lines[0].get_xdata()
+    np.testing.assert_allclose(centres, [0.5, 0.3])
+    segments = bars.lines[2][0].get_segments()
+    np.testing.assert_allclose([[s[0][0], s[1][0]] for s in segments], [[0.4, 0.6], [0.1, 0.5]])
+    assert [t.get_text() for t in panels[0].get_yticklabels()] == ["ig", "saliency"]
+    assert (tmp_path / "t.png").stat().st_size > 0
+    with pytest.raises(ax.InputError, match=r"ax\.summary"):
+        ax.plot(pd.DataFrame({"a": [1.0]}))
+
+
+def test_cli_evaluate_equals_the_api(tmp_path, capsys, default_model):
+    data = tmp_path / "data.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in RECORDS) + "\n")
+    argv = ["evaluate", "--data", str(data), "--methods", "saliency,integrated_gradients"]
+    argv += ["--steps", "8", "--metrics", "sufficiency,iou,spearman"]
+    argv += ["--field", "input=text", "--field", "target=answer", "--field", "rationale=why"]
+    argv += ["--out", str(tmp_path / "e.nc"), "--csv", str(tmp_path / "t.csv")]
+    argv += ["--png", str(tmp_path / "t.png")]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "integrated_gradi" in out and "sufficiency" in out
+    import functools
+
+    methods = {
+        "saliency": ax.saliency,
+        "integrated_gradients": functools.partial(ax.integrated_gradients, steps=8),
+    }
+    fields = {"input": "text", "target": "answer", "rationale": "why"}
+    expected = ax.evaluate(
+        default_model, data, methods, ["sufficiency", "iou", "spearman"], fields=fields
+    )
+    saved = ax.load(tmp_path / "e.nc")
+    for metric in ("sufficiency", "iou", "spearman"):
+        np.testing.assert_allclose(saved[metric].values, expected[metric].values, rtol=1e-5)
+    table = pd.read_csv(tmp_path / "t.csv", header=[0, 1], index_col=0)
+    np.testing.assert_allclose(
+        table.to_numpy(), ax.summary(expected).to_numpy(), rtol=1e-5, equal_nan=True
+    )
+    assert (tmp_path / "t.png").exists()
+
+
+def test_cli_evaluate_errors(tmp_path, capsys):
+    data = tmp_path / "data.jsonl"
+    data.write_text(json.dumps(RECORDS[0]) + "\n")
+    base = ["evaluate", "--data", str(data), "--field", "input=text"]
+    assert main([*base, "--methods", "nonsense"]) == 2
+    assert "unknown method 'nonsense'" in capsys.readouterr().err
+    assert main([*base, "--methods", "saliency", "--field", "inputs"]) == 2
+    assert "--field" in capsys.readouterr().err
+    assert main([*base, "--methods", "saliency", "--metrics", "speed"]) == 2
+    assert "`metrics`" in capsys.readouterr().err
+
+
+def test_cli_dataset_worker_options(tmp_path, capsys):
+    base = ["attribute-dataset", "--data", "x.jsonl", "--out", str(tmp_path / "o")]
+    with pytest.raises(SystemExit) as exit_:
+        main([*base, "--workers", "0"])
+    assert exit_.value.code == 2 and "positive integer" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        main([*base, "--workers", "2", "--scheduler", "tcp://127.0.0.1:1"])
+    assert exit_.value.code == 2 and "not allowed with" in capsys.readouterr().err

@@ -1,0 +1,101 @@
+"""ax.stack_models: checkpoints of one architecture in one vmapped call, equal to each alone."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import xarray as xr
+
+import attrax as ax
+from attrax.testing import tiny_model
+
+X = ["hello world", "the cat sat on"]
+Y = [" again", " the mat"]
+
+
+def _checkpoints(arch: str, count: int = 3) -> list[ax.Model]:
+    """``count`` float64 models of one architecture whose weights differ (seeded noise)."""
+    models = []
+    for seed in range(count):
+        hf, tok = tiny_model(arch)
+        hf.double()
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for p in hf.parameters():
+                p.add_(0.05 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+        model = ax.load_model(hf, tokenizer=tok)
+        model.name = f"{arch}-seed{seed}"
+        models.append(model)
+    return models
+
+
+@pytest.fixture(scope="module", params=["gpt2", "llama"])
+def checkpoints(request) -> list[ax.Model]:
+    return _checkpoints(request.param)
+
+
+@pytest.mark.parametrize(
+    "method",
+    [
+        ax.saliency,
+        ax.input_x_gradient,
+        lambda m, x, y: ax.integrated_gradients(m, x, y, steps=8),
+        lambda m, x, y: ax.pipe(ax.saliency, ax.l2_norm)(m, x, y),
+    ],
+    ids=["saliency", "input_x_gradient", "integrated_gradients", "pipe"],
+)
+def test_a_stack_equals_each_model_alone(checkpoints, method):
+    stack = ax.stack_models(checkpoints)
+    names = [m.name for m in checkpoints]
+    together = method(stack, X, Y)
+    assert together.dims[0] == "model" and together["model"].values.tolist() == names
+    alone = [method(m, X, Y) for m in checkpoints]
+    assert not np.allclose(alone[0].values, alone[1].values, equal_nan=True)  # they differ
+    for name, reference in zip(names, alone, strict=True):
+        got = together.sel(model=name, drop=True)
+        # values and every coordinate (tokens, IG's completeness_gap...) as the model alone gives
+        xr.testing.assert_allclose(got, reference, rtol=1e-9, atol=1e-12)
+
+
+def test_one_input_and_names(checkpoints):
+    stack = ax.stack_models(checkpoints[:2], names=["early", "late"])
+    da = ax.saliency(stack, X[0], Y[0])
+    assert da.dims == ("model", "target", "source", "hidden")
+    assert da["model"].values.tolist() == ["early", "late"]
+    np.testing.assert_allclose(
+        da.sel(model="late").values, ax.saliency(checkpoints[1], X[0], Y[0]).values, rtol=1e-9
+    )
+
+
+def test_what_a_stack_refuses(checkpoints):
+    other = _checkpoints("llama" if checkpoints[0].name.startswith("gpt2") else "gpt2", 1)[0]
+    with pytest.raises(ax.ModelError, match="architecture"):
+        ax.stack_models([checkpoints[0], other])
+    with pytest.raises(ax.OptionError, match="two or more"):
+        ax.stack_models(checkpoints[:1])
+    with pytest.raises(ax.OptionError, match="distinct names"):
+        ax.stack_models(checkpoints[:2], names=["a", "a"])
+    stack = ax.stack_models(checkpoints[:2])
+    with pytest.raises(ax.OptionError, match="occlusion does not run on stacked models"):
+        ax.occlusion(stack, X, Y)
+    with pytest.raises(ax.OptionError, match="`targets` is required"):
+        ax.saliency(stack, X)
+    with pytest.raises(ax.OptionError, match="baseline='pad'"):
+        ax.integrated_gradients(stack, X, Y, baseline="pad")
+
+
+def test_a_stack_refuses_another_tokenizer():
+    a = _checkpoints("gpt2", 1)[0]
+    hf, tok = tiny_model("gpt2")
+    tok.add_tokens(["zzzz"])
+    b = ax.load_model(hf, tokenizer=tok)
+    with pytest.raises(ax.ModelError, match="tokenizer"):
+        ax.stack_models([a, b])
+
+
+def test_a_stack_refuses_an_encoder_decoder():
+    hf, tok = tiny_model("marian")
+    m = ax.load_model(hf, tokenizer=tok)
+    with pytest.raises(ax.ModelError, match="decoder-only"):
+        ax.stack_models([m, m])
