@@ -40,6 +40,8 @@ PUBLIC: dict[str, str] = {
     "sobol": "._perturbation",
     "attention": "._attention",
     "rollout": "._attention",
+    "attention_x_gradient": "._heads",
+    "head_attribution": "._heads",
     # step scores and faithfulness
     "step_scores": "._scores",
     "with_scores": "._scores",
@@ -91,6 +93,8 @@ METHODS = (
     "sobol",
     "attention",
     "rollout",
+    "attention_x_gradient",
+    "head_attribution",
 )
 
 #: Reductions a CLI ``--reduce`` spec or a dataset run may name.

@@ -59,6 +59,7 @@ COORDS: dict[str, str] = {
     "contrast_id": "token id of the contrast token of each target",
     "contrast_token": "token string of the contrast token of each target",
     "completeness_gap": "integrated gradients: sum of attributions minus f(x) - f(baseline)",
+    "head_total": "head_attribution: each head's attribution summed over queries and keys",
     "auc": "deletion/insertion: area under the curve over `fraction`",
     "aopc": "comprehensiveness/sufficiency: mean over `fraction` (ERASER's AOPC)",
     "original": "faithfulness: the objective of the unperturbed input",
