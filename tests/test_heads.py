@@ -10,10 +10,12 @@ scaling is a pre-hook on the attention's output projection).
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
 import torch
+import xarray as xr
 
 import attrax as ax
 from attrax.cli import main
@@ -400,3 +402,33 @@ def test_cli_and_dataset(tmp_path, write_jsonl):
     )
     got = ax.load_dataset_results(out)
     assert got.sizes["example"] == 2 and json.loads(got.attrs["options"])["steps"] == 2
+
+
+def grid_values(page: str) -> list[float]:
+    return [float(v) for v in re.findall(r'data-value="([^"]+)"', page)]
+
+
+def test_show_draws_a_layer_by_head_grid(models64, tmp_path):
+    model = models64["gpt2"]
+    da = ax.head_attribution(model, SOURCE, TARGET, steps=2)
+    page = ax.show(da.isel(target=0), path=tmp_path / "grid.html")._repr_html_()
+    layers, heads = da.sizes["layer"], da.sizes["head"]
+    assert page.count('<tr><th class="ax-tgt"') == layers
+    assert all(f"head {h}</th>" in page for h in range(heads))
+    want = da.head_total.isel(target=0).transpose("layer", "head").values.ravel()
+    np.testing.assert_allclose(grid_values(page), want, rtol=1e-5)
+    assert "each head&#x27;s total over queries and keys" in page
+    assert (tmp_path / "grid.html").read_text().count("ax-c") >= layers * heads
+    # without head_total: the sum over sources, NaN (future) sources skipped
+    axg = ax.attention_x_gradient(model, SOURCE, TARGET).isel(target=0)
+    summed = axg.sum("source").transpose("layer", "head").values.ravel()
+    np.testing.assert_allclose(grid_values(ax.show(axg)._repr_html_()), summed, rtol=1e-5)
+
+
+def test_show_grid_needs_one_target():
+    da = xr.DataArray(np.ones((2, 3, 2, 2)), dims=("target", "source", "layer", "head"))
+    with pytest.raises(
+        ax.InputError, match=r"one target; select one first, e.g. da.isel\(target=0\)"
+    ):
+        ax.show(da)
+    assert len(grid_values(ax.show(da.isel(target=[1]))._repr_html_())) == 4
