@@ -187,18 +187,19 @@ def _probing(model: Model, state: _Probes) -> Iterator[None]:
 
 
 def _forward(problem: Problem, state: _Probes, n: int) -> Callable[..., torch.Tensor]:
-    """``f(*probes)``: the objective ``[n * B, K]`` of ``n`` stacked copies, probes in ``state``."""
+    """``h(*probes)``: the head inputs ``[n * B, K, H]`` of ``n`` stacked copies (a classifier's
+    class logits), with the probes in ``state``."""
     model = problem.model
     keys = list(state.probes)
-    objective = problem.objective_fn(n)
+    hidden = problem.hidden_fn(n)
     x = tuple(xi.repeat(n, 1, 1) for xi in problem.inputs)
 
-    def f(*probes: torch.Tensor) -> torch.Tensor:
+    def h(*probes: torch.Tensor) -> torch.Tensor:
         state.probes = dict(zip(keys, probes, strict=True))
         with _probing(model, state):
-            return objective(*x)
+            return hidden(*x)
 
-    return f
+    return h
 
 
 def _weights(problem: Problem, keys: Sequence[Key]) -> dict[Key, torch.Tensor]:
@@ -229,13 +230,17 @@ def _gradients(
     a time)."""
     state = _Probes(_placed(problem.model), rows=rows or {}, alpha=alpha)
     state.probes = {key: torch.zeros_like(a) for key, a in maps.items()}
-    scores, pullback = vjp(_forward(problem, state, n), *state.probes.values())
-    valid = problem.tensors.valid.to(scores.dtype).repeat(n, 1)  # [n * B, K]
+    hidden, pullback = vjp(_forward(problem, state, n), *state.probes.values())
+    valid = problem.tensors.valid.to(hidden.dtype).repeat(n, 1)  # [n * B, K]
     if weights is not None:
-        valid = valid * weights.to(scores.dtype).repeat_interleave(valid.shape[0] // n)[:, None]
-    width = scores.shape[1]
-    one_hot = torch.eye(width, dtype=scores.dtype, device=scores.device)
-    cotangents = one_hot[:, None, :] * valid[None]  # target k: d score_k of every copy
+        valid = valid * weights.to(hidden.dtype).repeat_interleave(valid.shape[0] // n)[:, None]
+    # score k depends on head input k only: one backward through the head gives every
+    # d score_k / d h_k, so the vocabulary never enters the per-target backward
+    _, head_pullback = vjp(problem.head_objective, hidden)
+    (head_grad,) = head_pullback(valid)
+    width = hidden.shape[1]
+    one_hot = torch.eye(width, dtype=hidden.dtype, device=hidden.device)
+    cotangents = one_hot[:, None, :, None] * head_grad[None]  # target k: d score_k, every copy
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "There is a performance drop", UserWarning)
         grads = torch.vmap(pullback, chunk_size=chunk_size)(cotangents)
