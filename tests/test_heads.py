@@ -281,11 +281,25 @@ def test_head_attribution_batches_and_chunks(models64):
     np.testing.assert_allclose(parts.head_total.values, whole.head_total.values, rtol=1e-9)
 
 
-@pytest.mark.parametrize("method", ["attention_x_gradient", "head_attribution"])
-def test_batched_equals_single(models64, method):
+def test_attention_x_gradient_chunks(models64):
+    model = models64["gpt2"]
+    for kw in ({}, {"rollout": True}):
+        whole = ax.attention_x_gradient(model, SOURCE, TARGET, chunk_size=None, **kw)
+        parts = ax.attention_x_gradient(model, SOURCE, TARGET, chunk_size=1, **kw)
+        np.testing.assert_allclose(parts.values, whole.values, rtol=1e-9, equal_nan=True)
+
+
+@pytest.mark.parametrize(
+    ("method", "kw"),
+    [
+        ("attention_x_gradient", {}),
+        ("attention_x_gradient", {"rollout": True}),
+        ("head_attribution", {"steps": 3}),
+    ],
+)
+def test_batched_equals_single(models64, method, kw):
     model = models64["gpt2"]
     f = getattr(ax, method)
-    kw = {"steps": 3} if method == "head_attribution" else {}
     both = f(model, [SOURCE, PAIR[0]], [TARGET, PAIR[1]], **kw)
     for b, (s, t) in enumerate([(SOURCE, TARGET), PAIR]):
         one = f(model, s, t, **kw)

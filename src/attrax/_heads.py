@@ -36,7 +36,7 @@ from ._attention import MAPS, Selection, _indices, _maps, _maps_name, _selection
 from ._engine import Problem
 from ._errors import ModelError, OptionError
 from ._gradients import QUADRATURES, check_trapezoid_steps, quadrature_nodes
-from ._memory import full_precision, to_host
+from ._memory import Cost, full_precision, plan, to_host
 from ._model import Model, _attention_modules
 from ._protocol import Call, Family
 from ._schema import _target_coords
@@ -294,9 +294,22 @@ def _check_queries(value: object, name: str) -> None:
     check.one_of(*QUERIES)(value, name)
 
 
-def _plan_targets(problem: Problem, chunk_size: Any) -> int | None:
-    _, chunk = problem.plan(1, None, chunk_size)
-    return chunk
+def _plan(
+    problem: Problem,
+    maps: dict[Key, torch.Tensor],
+    points: int,
+    batch_size: Any,
+    chunk_size: Any,
+) -> tuple[int | None, int | None]:
+    """``"auto"`` sizes: the engine's estimate of a backward, plus what each target's gradients
+    of the probes hold (the gradients, their product with ``A`` and a working copy)."""
+    cost = problem.cost()
+    probes = sum(a.numel() * a.element_size() for a in maps.values())
+    per_target = -(-3 * probes // points)  # the probes' gradients are per target, not per point
+    cost = Cost(cost.per_cotangent + per_target, cost.per_point, cost.fixed)
+    targets = problem.tensors.valid.shape[1]
+    device = problem.inputs[0].device
+    return plan(points, targets, batch_size, chunk_size, cost, device, problem.max_memory)
 
 
 @ATTENTION_GRADIENT.method(
@@ -357,7 +370,8 @@ def attention_x_gradient(
     keys = [(stack, layer) for stack in stacks for layer in chosen_layers]
     weights = _weights(problem, keys)
     chosen_heads = _indices(heads, weights[keys[0]].shape[1], "heads", "heads per layer")
-    grads = _gradients(problem, weights, _plan_targets(problem, call.options["chunk_size"]))
+    _, chunk = _plan(problem, weights, 1, None, call.options["chunk_size"])
+    grads = _gradients(problem, weights, chunk)
     index = problem.tensors.index
     sides = []
     for stack in stacks:
@@ -406,7 +420,8 @@ def _rollout(
     else:
         keys = [k for k in keys if k[1] in chosen]
     weights = _weights(problem, keys)
-    grads = _gradients(problem, weights, _plan_targets(problem, call.options["chunk_size"]))
+    _, chunk = _plan(problem, weights, 1, None, call.options["chunk_size"])
+    grads = _gradients(problem, weights, chunk)
     relevance = {key: _relevance(weights[key], grads[key], heads) for key in keys}
     del grads
     n_targets = index.shape[1]
@@ -498,8 +513,8 @@ def head_attribution(
     alpha = torch.as_tensor(alphas, dtype=x.dtype, device=x.device)
     w = torch.as_tensor(step_weights, dtype=x.dtype, device=x.device)
     total = len(keys) * steps  # copy c: block c // steps scaled by alpha[c % steps]
-    batch_size, chunk_size = problem.plan(
-        total, call.options["batch_size"], call.options["chunk_size"]
+    batch_size, chunk_size = _plan(
+        problem, weights, total, call.options["batch_size"], call.options["chunk_size"]
     )
     step = total if batch_size is None else batch_size
     sums = {key: torch.zeros(0) for key in keys}
