@@ -446,3 +446,17 @@ def test_show_grid_needs_one_target():
     ):
         ax.show(da)
     assert len(grid_values(ax.show(da.isel(target=[1]))._repr_html_())) == 4
+
+
+def test_attribute_target_adds_the_decoder_self_attention(models64):
+    model = models64["bart"]
+    got = ax.attention_x_gradient(model, SOURCE, TARGET, attribute_target=True)
+    grads, maps, rows = naive_grads(model, SOURCE, TARGET, "decoder")
+    decoder = got.sel(side="target").values
+    for k, q in enumerate(rows):
+        want = np.stack([(m * grads[k][layer])[:, q].numpy() for layer, m in enumerate(maps)])
+        want = want.transpose(2, 0, 1)[: q + 1]
+        np.testing.assert_allclose(decoder[k, : q + 1], want, rtol=1e-7, atol=1e-12)
+        assert np.isnan(decoder[k, q + 1 :]).all()
+    cross = ax.attention_x_gradient(model, SOURCE, TARGET)
+    np.testing.assert_allclose(got.sel(side="source").values, cross.values, rtol=1e-9)
