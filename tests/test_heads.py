@@ -460,3 +460,26 @@ def test_attribute_target_adds_the_decoder_self_attention(models64):
         assert np.isnan(decoder[k, q + 1 :]).all()
     cross = ax.attention_x_gradient(model, SOURCE, TARGET)
     np.testing.assert_allclose(got.sel(side="source").values, cross.values, rtol=1e-9)
+
+
+def test_encoder_decoder_batched_equals_single(models64):
+    model = models64["bart"]
+    sources, targets = [SOURCE, PAIR[0]], [TARGET, PAIR[1]]
+    for kw in ({}, {"rollout": True}):
+        both = ax.attention_x_gradient(model, sources, targets, **kw)
+        for b, (s, t) in enumerate(zip(sources, targets, strict=True)):
+            one = ax.attention_x_gradient(model, s, t, **kw)
+            got = both.isel(example=b).dropna("target", how="all")
+            got = got.isel(source=slice(0, one.sizes["source"]))
+            np.testing.assert_allclose(got.values, one.values, rtol=1e-7, atol=1e-12)
+
+
+def test_sdpa_model_gives_the_eager_result():
+    hf, tok = tiny_model("gpt2", attn_implementation="sdpa")
+    model = ax.load_model(hf.double(), tokenizer=tok, attn_implementation="sdpa")
+    eager_hf, eager_tok = tiny_model("gpt2")
+    eager = ax.load_model(eager_hf.double(), tokenizer=eager_tok)
+    got = ax.attention_x_gradient(model, SOURCE, TARGET, positions=[-1])
+    want = ax.attention_x_gradient(eager, SOURCE, TARGET, positions=[-1])
+    np.testing.assert_allclose(got.values, want.values, rtol=1e-7, equal_nan=True)
+    assert model.hf.config._attn_implementation == "sdpa"
