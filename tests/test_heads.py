@@ -276,9 +276,12 @@ def test_head_attribution_batches_and_chunks(models64):
     model = models64["gpt2"]
     kw = dict(steps=4, quadrature="riemann_middle")
     whole = ax.head_attribution(model, SOURCE, TARGET, **kw, batch_size=None, chunk_size=None)
-    parts = ax.head_attribution(model, SOURCE, TARGET, **kw, batch_size=3, chunk_size=1)
-    np.testing.assert_allclose(parts.values, whole.values, rtol=1e-9, atol=1e-14, equal_nan=True)
-    np.testing.assert_allclose(parts.head_total.values, whole.head_total.values, rtol=1e-9)
+    for sizes in ({"batch_size": 3, "chunk_size": 1}, {}):  # {}: "auto", one layer a forward
+        parts = ax.head_attribution(model, SOURCE, TARGET, **kw, **sizes)
+        np.testing.assert_allclose(
+            parts.values, whole.values, rtol=1e-9, atol=1e-14, equal_nan=True
+        )
+        np.testing.assert_allclose(parts.head_total.values, whole.head_total.values, rtol=1e-9)
 
 
 def test_attention_x_gradient_chunks(models64):

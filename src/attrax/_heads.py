@@ -479,15 +479,18 @@ def head_attribution(
     ``A_l * integral_0^1 d score_k(alpha A_l) / d A_l d alpha``, the weights of layer ``l`` (all
     its heads) scaled together from 0 while the other layers keep theirs. Its sum over heads,
     queries and keys is ``score_k(A) - score_k(A_l = 0)`` up to the quadrature error
-    (completeness, per layer). Every (layer, step) copy of the batch runs in one stacked forward
-    (``batch_size`` copies at a time), every target in one vectorized backward.
+    (completeness, per layer). The (layer, step) copies of the batch run in stacked forwards
+    (by default one per layer, all its steps stacked), every target in one vectorized backward.
 
     Arguments:
         model, inputs, targets, objective, positions, ...: as :func:`attrax.saliency`.
         layers, heads, maps, queries: as :func:`attrax.attention_x_gradient`.
         steps, quadrature: the quadrature of the integral (the paper: 20 Riemann steps,
             ``"riemann_right"``); as :func:`attrax.integrated_gradients`.
-        batch_size: (layer, step) copies per forward.
+        batch_size: (layer, step) copies per forward: ``"auto"`` as many steps of one layer
+            as fit in memory (never two layers: a stacked backward would run every copy through
+            the layers below the lowest one scaled), an int that many copies, None every copy
+            of every layer in one stacked forward.
 
     Returns:
         DataArray ``([example,] target, source, layer, head)`` with a ``head_total`` coordinate
@@ -516,10 +519,9 @@ def head_attribution(
     batch_size, chunk_size = _plan(
         problem, weights, total, call.options["batch_size"], call.options["chunk_size"]
     )
-    step = total if batch_size is None else batch_size
     sums = {key: torch.zeros(0) for key in keys}
-    for start in range(0, total, step):  # chunking only: bounds memory
-        copies = torch.arange(start, min(start + step, total), device=x.device)
+    for copies in _copy_chunks(total, steps, batch_size, call.options["batch_size"]):
+        copies = copies.to(x.device)
         block, at = copies // steps, copies % steps
         n = len(copies)
         b = problem.tensors.index.shape[0]
@@ -552,6 +554,22 @@ def head_attribution(
         trailing_coords={"layer": chosen_layers, "head": chosen_heads},
     )
     return _with_head_total(da, call, full_precision(sum(head_totals)))
+
+
+def _copy_chunks(total: int, steps: int, batch_size: int | None, given: Any) -> list[torch.Tensor]:
+    """The (layer, step) copies of each forward.
+
+    ``batch_size`` given (an int, or None: every copy in one stacked forward) cuts the copies
+    as it says. ``"auto"`` never mixes layers in one forward: a stacked backward runs through
+    every layer below the lowest scaled one for all copies, so copies of a high layer would pay
+    for the layers under a low one (one layer per forward measured 2x faster on the W1 workload).
+    """
+    every = torch.arange(total)
+    if given != "auto":
+        step = total if batch_size is None else batch_size
+        return list(every.split(step))  # chunking only: bounds memory
+    step = min(batch_size or total, steps)
+    return [piece for block in every.split(steps) for piece in block.split(step)]
 
 
 def _with_head_total(da: xr.DataArray, call: Call, totals: torch.Tensor) -> xr.DataArray:
