@@ -32,7 +32,7 @@ import xarray as xr
 from torch.func import vjp
 
 from . import _validate as check
-from ._attention import MAPS, Selection, _indices, _maps, _maps_name, _selection
+from ._attention import Selection, _indices, _maps, _maps_name, _selection
 from ._engine import Problem
 from ._errors import ModelError, OptionError
 from ._gradients import QUADRATURES, check_trapezoid_steps, quadrature_nodes
@@ -587,4 +587,4 @@ def _with_head_total(da: xr.DataArray, call: Call, totals: torch.Tensor) -> xr.D
     return da.assign_coords(head_total=(("example", "target", "layer", "head"), dense))
 
 
-__all__ = ["IMPLEMENTATION", "MAPS", "attention_x_gradient", "head_attribution"]
+__all__ = ["IMPLEMENTATION", "attention_x_gradient", "head_attribution"]
