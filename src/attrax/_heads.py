@@ -11,9 +11,10 @@ forward from a context variable); one forward and one backward ``vmap``-ed over 
 cotangents give ``d score_k / d A_l`` for every target ``k`` and probed layer ``l`` at once.
 
 Head attribution (Hao et al. 2021) scales one layer's weights to ``alpha * A_l`` (the attention
-output scales with it) and integrates the gradient over ``alpha``: the copies of the batch
-``(layer, step)`` run as one stacked forward, each scaling its own layer, and each layer's probe
-is shared by that layer's steps, so its gradient is the quadrature sum itself.
+output scales with it) and integrates the gradient over ``alpha``: the ``(layer, step)`` copies
+of the batch run stacked (by default one layer's steps a forward: see :func:`_copy_chunks`), each
+scaling its own layer, and each layer's probe is shared by that layer's steps, so its gradient,
+the cotangents weighted by the quadrature weights, is the quadrature sum itself.
 """
 
 from __future__ import annotations
