@@ -379,6 +379,8 @@ def test_errors(models64, call, message):
 def test_encoder_maps_need_summed_queries(models64):
     with pytest.raises(ax.OptionError, match="queries='sum'"):
         ax.attention_x_gradient(models64["bart"], SOURCE, TARGET, maps="encoder")
+    with pytest.raises(ax.OptionError, match="does not apply with rollout=True"):
+        ax.attention_x_gradient(models64["bart"], SOURCE, TARGET, maps="cross", rollout=True)
 
 
 def test_unprobeable_model_is_a_model_error(models64, monkeypatch):

@@ -358,6 +358,11 @@ def attention_x_gradient(
     ('target', 'source')
     """
     model = call.model
+    if rollout and maps is not None:
+        raise OptionError(
+            f"`maps={maps!r}` does not apply with rollout=True: the rollout runs through every "
+            "attention stack of the model"
+        )
     maps = _maps(model, maps)
     attribute_target = call.options["attribute_target"]
     counts = _counts(model)
