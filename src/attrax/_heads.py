@@ -225,10 +225,11 @@ def _gradients(
     rows: dict[Key, torch.Tensor] | None = None,
     alpha: torch.Tensor | None = None,
     weights: torch.Tensor | None = None,
-) -> dict[Key, torch.Tensor]:
-    """``sum_c weights[c] * d score_k / d A`` over the ``n`` copies, ``[K, B, H, Q, keys]`` per
-    probed layer: one forward and one backward ``vmap``-ed over the targets (``chunk_size`` at
-    a time)."""
+) -> Iterator[tuple[slice, dict[Key, torch.Tensor]]]:
+    """``sum_c weights[c] * d score_k / d A`` over the ``n`` copies, ``[k, B, H, Q, keys]`` per
+    probed layer, for ``chunk_size`` targets ``k`` at a time (each chunk is reduced by the caller
+    before the next is computed): one forward, then one backward ``vmap``-ed over a chunk's
+    targets."""
     state = _Probes(_placed(problem.model), rows=rows or {}, alpha=alpha)
     state.probes = {key: torch.zeros_like(a) for key, a in maps.items()}
     hidden, pullback = vjp(_forward(problem, state, n), *state.probes.values())
@@ -241,11 +242,14 @@ def _gradients(
     (head_grad,) = head_pullback(valid)
     width = hidden.shape[1]
     one_hot = torch.eye(width, dtype=hidden.dtype, device=hidden.device)
-    cotangents = one_hot[:, None, :, None] * head_grad[None]  # target k: d score_k, every copy
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", "There is a performance drop", UserWarning)
-        grads = torch.vmap(pullback, chunk_size=chunk_size)(cotangents)
-    return dict(zip(maps, grads, strict=True))
+    step = width if chunk_size is None else chunk_size
+    for start in range(0, width, step):  # chunking only: bounds memory
+        slots = slice(start, min(start + step, width))
+        cotangents = one_hot[slots, None, :, None] * head_grad[None]  # target k: d score_k
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "There is a performance drop", UserWarning)
+            grads = torch.vmap(pullback)(cotangents)
+        yield slots, dict(zip(maps, grads, strict=True))
 
 
 def _rows(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -377,15 +381,18 @@ def attention_x_gradient(
     weights = _weights(problem, keys)
     chosen_heads = _indices(heads, weights[keys[0]].shape[1], "heads", "heads per layer")
     _, chunk = _plan(problem, weights, 1, None, call.options["chunk_size"])
-    grads = _gradients(problem, weights, chunk)
     index = problem.tensors.index
-    sides = []
-    for stack in stacks:
-        per_layer = [
-            _per_query(weights[(stack, layer)][None] * grads[(stack, layer)], index, queries)
-            for layer in chosen_layers
-        ]
-        sides.append(full_precision(torch.stack(per_layer, dim=-2)[..., chosen_heads]))
+    pieces: dict[str, list[torch.Tensor]] = {stack: [] for stack in stacks}
+    for slots, grads in _gradients(problem, weights, chunk):
+        for stack in stacks:
+            per_layer = [
+                _per_query(
+                    weights[(stack, layer)][None] * grads[(stack, layer)], index[:, slots], queries
+                )
+                for layer in chosen_layers
+            ]
+            pieces[stack].append(torch.stack(per_layer, dim=-2)[..., chosen_heads])
+    sides = [full_precision(torch.cat(pieces[stack], dim=1)) for stack in stacks]
     return call.label(
         sides,
         trailing=("layer", "head"),
@@ -427,26 +434,43 @@ def _rollout(
         keys = [k for k in keys if k[1] in chosen]
     weights = _weights(problem, keys)
     _, chunk = _plan(problem, weights, 1, None, call.options["chunk_size"])
-    grads = _gradients(problem, weights, chunk)
-    relevance = {key: _relevance(weights[key], grads[key], heads) for key in keys}
-    del grads
-    n_targets = index.shape[1]
-    if not model.is_encoder_decoder:
+    pieces: list[list[torch.Tensor]] = []
+    for slots, grads in _gradients(problem, weights, chunk):
+        relevance = {key: _relevance(weights[key], grads[key], heads) for key in keys}
+        del grads
+        pieces.append(_rolled(relevance, keys, chosen, problem, index[:, slots], call))
+    sides = [torch.cat([piece[side] for piece in pieces], dim=1) for side in range(len(pieces[0]))]
+    return call.label([full_precision(s) for s in sides], trailing=())
+
+
+def _rolled(
+    relevance: dict[Key, torch.Tensor],
+    keys: Sequence[Key],
+    chosen: Sequence[int],
+    problem: Problem,
+    index: torch.Tensor,
+    call: Call,
+) -> list[torch.Tensor]:
+    """The rolled-out rows ``[B, k, source]`` per side of the targets ``index`` [B, k] whose
+    relevances ``[k, B, Q, keys]`` are given."""
+    if not problem.model.is_encoder_decoder:
         r = None
         for key in keys:  # in the order the layers run
             step = relevance[key]
             r = _eye(step, step.shape[-1]) if r is None else r
             r = r + step @ r
         assert r is not None
-        return call.label([full_precision(_rollout_rows(r, index))], trailing=())
+        return [_rollout_rows(r, index)]
     enc = [k for k in keys if k[0] == "encoder"]
     some = relevance[enc[0]]
     r_ss = _eye(some, some.shape[-1]).clone()
     for key in enc:
         r_ss = r_ss + relevance[key] @ r_ss
-    length = problem.tensors.decoder_mask.shape[1]
+    decoder_mask = problem.tensors.decoder_mask
+    assert decoder_mask is not None
+    length = decoder_mask.shape[1]
     r_tt = _eye(some, length).clone()
-    r_ts = some.new_zeros(n_targets, index.shape[0], length, some.shape[-1])
+    r_ts = some.new_zeros(some.shape[0], some.shape[1], length, some.shape[-1])
     for layer in chosen:
         own, cross = relevance[("decoder", layer)], relevance[("cross", layer)]
         r_tt, r_ts = r_tt + own @ r_tt, r_ts + own @ r_ts
@@ -454,7 +478,7 @@ def _rollout(
     sides = [_rollout_rows(r_ts, index)]
     if call.options["attribute_target"]:
         sides.append(_rollout_rows(r_tt, index))
-    return call.label([full_precision(s) for s in sides], trailing=())
+    return sides
 
 
 def _rollout_rows(r: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -525,33 +549,37 @@ def head_attribution(
     batch_size, chunk_size = _plan(
         problem, weights, total, call.options["batch_size"], call.options["chunk_size"]
     )
-    sums = {key: torch.zeros(0) for key in keys}
+    index = problem.tensors.index
+    b, width = index.shape
+    # per layer, summed over the copy chunks: the target rows [B, K, keys, H] and the head
+    # totals [B, K, H] of A * sum_i w_i grad (linear in the gradients)
+    acc = torch.promote_types(x.dtype, torch.float32)  # steps summed in at least float32
+    rows_of = {
+        k: a.new_zeros(b, width, a.shape[-1], a.shape[1], dtype=acc) for k, a in weights.items()
+    }
+    totals_of = {k: a.new_zeros(b, width, a.shape[1], dtype=acc) for k, a in weights.items()}
     for copies in _copy_chunks(total, steps, batch_size, call.options["batch_size"]):
         copies = copies.to(x.device)
         block, at = copies // steps, copies % steps
-        n = len(copies)
-        b = problem.tensors.index.shape[0]
         present = sorted(set(block.tolist()))
-        rows = {keys[j]: (block == j).repeat_interleave(b) for j in present}
         grads = _gradients(
             problem,
             {keys[j]: weights[keys[j]] for j in present},
             chunk_size,
-            n=n,
-            rows=rows,
+            n=len(copies),
+            rows={keys[j]: (block == j).repeat_interleave(b) for j in present},
             alpha=alpha[at].repeat_interleave(b),
             weights=w[at],
         )
-        for key, g in grads.items():
-            sums[key] = g if sums[key].numel() == 0 else sums[key] + g
-    index = problem.tensors.index
+        for slots, chunk in grads:
+            for key, g in chunk.items():
+                attributed = weights[key][None] * g  # [k, B, H, Q, keys]
+                rows_of[key][:, slots] += _per_query(attributed, index[:, slots], queries)
+                totals_of[key][:, slots] += attributed.sum((3, 4)).transpose(0, 1)
     sides, head_totals = [], []
     for stack in stacks:
-        per_layer, totals = [], []
-        for layer in chosen_layers:
-            attributed = weights[(stack, layer)][None] * sums[(stack, layer)]  # [K, B, H, Q, S]
-            per_layer.append(_per_query(attributed, index, queries))
-            totals.append(attributed.sum((3, 4)).transpose(0, 1))  # [B, K, H]
+        per_layer = [rows_of[(stack, layer)] for layer in chosen_layers]
+        totals = [totals_of[(stack, layer)] for layer in chosen_layers]
         sides.append(full_precision(torch.stack(per_layer, dim=-2)[..., chosen_heads]))
         head_totals.append(torch.stack(totals, dim=-2)[..., chosen_heads])
     da = call.label(
