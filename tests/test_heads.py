@@ -488,3 +488,11 @@ def test_sdpa_model_gives_the_eager_result():
     want = ax.attention_x_gradient(eager, SOURCE, TARGET, positions=[-1])
     np.testing.assert_allclose(got.values, want.values, rtol=1e-7, equal_nan=True)
     assert model.hf.config._attn_implementation == "sdpa"
+
+
+def test_head_total_survives_save_and_load(models64, tmp_path):
+    da = ax.head_attribution(models64["gpt2"], [SOURCE, PAIR[0]], [TARGET, PAIR[1]], steps=2)
+    assert da.head_total.dims == ("example", "target", "layer", "head")
+    ax.save(da, tmp_path / "h.nc")
+    back = ax.load(tmp_path / "h.nc")
+    np.testing.assert_array_equal(back.head_total.values, da.head_total.values)
