@@ -433,6 +433,7 @@ def _rollout(
     else:
         keys = [k for k in keys if k[1] in chosen]
     weights = _weights(problem, keys)
+    _indices(heads, weights[keys[-1]].shape[1], "heads", "heads per layer")  # before the backward
     _, chunk = _plan(problem, weights, 1, None, call.options["chunk_size"])
     pieces: list[list[torch.Tensor]] = []
     for slots, grads in _gradients(problem, weights, chunk):
