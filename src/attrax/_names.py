@@ -47,6 +47,8 @@ PUBLIC: dict[str, str] = {
     "value_zeroing": "._mixing",
     "alti": "._mixing",
     "alti_logit": "._mixing",
+    "attention_x_gradient": "._heads",
+    "head_attribution": "._heads",
     # step scores and faithfulness
     "step_scores": "._scores",
     "with_scores": "._scores",
@@ -106,6 +108,8 @@ METHODS = (
     "value_zeroing",
     "alti",
     "alti_logit",
+    "attention_x_gradient",
+    "head_attribution",
 )
 
 #: Reductions a CLI ``--reduce`` spec or a dataset run may name.

@@ -61,6 +61,7 @@ COORDS: dict[str, str] = {
     "contrast_token": "token string of the contrast token of each target",
     "component": "direct_logit_attribution: 'attention' for a head, 'mlp' for the MLP at head=-1",
     "completeness_gap": "integrated gradients: sum of attributions minus f(x) - f(baseline)",
+    "head_total": "head_attribution: each head's attribution summed over queries and keys",
     "auc": "deletion/insertion: area under the curve over `fraction`",
     "aopc": "comprehensiveness/sufficiency: mean over `fraction` (ERASER's AOPC)",
     "original": "faithfulness: the objective of the unperturbed input",

@@ -27,7 +27,8 @@ _GRADIENT_METHODS = ("saliency", "input_x_gradient", "integrated_gradients", "sm
 _METHOD_HELP = (
     "attribution method: saliency (default), input_x_gradient, integrated_gradients, "
     "smoothgrad, squaregrad, vargrad, gradient_shap; also occlusion, feature_ablation, lime, "
-    "kernel_shap, shapley_sampling, sobol, attention, rollout where this attrax has them"
+    "kernel_shap, shapley_sampling, sobol, attention, rollout, attention_x_gradient, "
+    "head_attribution where this attrax has them"
 )
 _REDUCE_HELP = (
     "comma-separated reductions, each NAME or NAME:DIM, applied in order; NAME is one of "

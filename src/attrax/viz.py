@@ -639,6 +639,11 @@ def show(
     all). Select ``example=`` to see one example's classes as a heatmap:
     ``show(da.isel(example=0))``.
 
+    An array with ``layer`` and ``head`` dims (:func:`attrax.head_attribution`,
+    :func:`attrax.attention_x_gradient`, :func:`attrax.attention`), one target selected, is drawn
+    as a layer x head grid: each cell the head's ``head_total`` when the array has it, else its
+    sum over ``source``: ``show(da.isel(target=0))``.
+
     >>> import xarray as xr
     >>> da = xr.DataArray([[0.2, -0.7]], dims=("target", "source"),
     ...                   coords={"source_token": ("source", ["Ġa", "Ġb"])})
@@ -649,6 +654,8 @@ def show(
     >>> "positive" in show(rows, labels=["positive"])._repr_html_()
     True
     """
+    if _is_grid(da):
+        return _show_grid(da, path, title, cmap, annotate)
     name = _default_title(_check_dims(da, rows=_is_rows(da)), title)
     parts = [f'<div class="attrax-viz">\n<style>{_CSS}</style>']
     if name:
@@ -663,6 +670,64 @@ def show(
             raise OptionError(_LABELS_ONLY)
         panels, scale = _prepare(da, example, scores, cmap)
         parts += [_panel_html(p, scale, annotate) for p in panels]
+    parts.append(_legend_html(scale) + "\n</div>")
+    page = HTML("\n".join(parts), title=name or "attrax")
+    if path is not None:
+        page.save(path)
+    return page
+
+
+def _is_grid(da: object) -> bool:
+    """Whether ``da`` is shown as a layer x head grid (it has both dims)."""
+    return isinstance(da, xr.DataArray) and "layer" in da.dims and "head" in da.dims
+
+
+def _show_grid(
+    da: xr.DataArray,
+    path: PathLike | None,
+    title: str | None,
+    cmap: str | colors.Colormap | None,
+    annotate: bool,
+) -> HTML:
+    """One target's layer x head grid: each cell the head's total (``head_total`` when the
+    result has it, else the sum over ``source``)."""
+    extra = [str(d) for d in da.dims if d not in ("source", "layer", "head") and da.sizes[d] != 1]
+    if extra:
+        raise InputError(
+            f"`da` has dims {tuple(str(d) for d in da.dims)}: the layer x head grid shows one "
+            f"target; select one first, e.g. da.isel({extra[0]}=0)"
+        )
+    one = da.squeeze([d for d in da.dims if d not in ("source", "layer", "head")])
+    if "head_total" in one.coords and set(one["head_total"].dims) == {"layer", "head"}:
+        cells, what = one["head_total"], "each head's total over queries and keys"
+    elif "source" in one.dims:
+        cells, what = one.sum("source", skipna=True, min_count=1), "each head's sum over sources"
+    else:
+        cells, what = one, "each head's value"
+    cells = cells.transpose("layer", "head")
+    layers = [str(v) for v in cells["layer"].values.tolist()]
+    heads = [str(v) for v in cells["head"].values.tolist()]
+    panel = _Panel(
+        values=np.asarray(cells.values, dtype=np.float64),
+        target_labels=[f"layer {v}" for v in layers],
+        source_labels=[f"head {v}" for v in heads],
+        target_where=layers,
+        source_where=heads,
+        sides=None,
+        example=None,
+    )
+    scale = _scale([panel], cmap)
+    name = _default_title(da, title)
+    target = ""
+    if "target_token" in one.coords and one["target_token"].ndim == 0:
+        target = f" of target {readable_token(str(one['target_token'].item()))!r}"
+    elif "target" in one.coords and one["target"].ndim == 0:
+        target = f" of target {one['target'].item()}"
+    parts = [f'<div class="attrax-viz">\n<style>{_CSS}</style>']
+    if name:
+        parts.append(f'<div class="ax-title">{_esc(name)}</div>')
+    parts.append(f'<div class="ax-example">layer &times; head: {_esc(what + target)}</div>')
+    parts.append(_panel_html(panel, scale, annotate))
     parts.append(_legend_html(scale) + "\n</div>")
     page = HTML("\n".join(parts), title=name or "attrax")
     if path is not None:

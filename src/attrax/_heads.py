@@ -1,0 +1,625 @@
+"""Gradients with respect to attention weights: attention x gradient (and its rollout) and head
+attribution, over ``(target, source, layer, head)``.
+
+The attention probabilities are made an input of the differentiated function. Every attention
+module runs through one attention function registered with transformers' ``AttentionInterface``
+(:data:`IMPLEMENTATION`): it calls the module's own eager attention, then, for the layers being
+probed, adds ``P @ V`` to the output, ``P`` a zero *probe* the shape of the weights ``A``
+(``[B, heads, queries, keys]``). The output is linear in ``A``, so ``d score / d P`` at ``P = 0``
+is ``d score / d A``. The probes are the primals of one ``torch.func.vjp`` (read inside the
+forward from a context variable); one forward and one backward ``vmap``-ed over one-hot
+cotangents give ``d score_k / d A_l`` for every target ``k`` and probed layer ``l`` at once.
+
+Head attribution (Hao et al. 2021) scales one layer's weights to ``alpha * A_l`` (the attention
+output scales with it) and integrates the gradient over ``alpha``: the ``(layer, step)`` copies
+of the batch run stacked (by default one layer's steps a forward: see :func:`_copy_chunks`), each
+scaling its own layer, and each layer's probe is shared by that layer's steps, so its gradient,
+the cotangents weighted by the quadrature weights, is the quadrature sum itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import xarray as xr
+from torch.func import vjp
+
+from . import _validate as check
+from ._attention import Selection, _indices, _maps, _maps_name, _selection
+from ._engine import Problem
+from ._errors import ModelError, OptionError
+from ._gradients import QUADRATURES, check_trapezoid_steps, quadrature_nodes
+from ._memory import Cost, full_precision, plan, to_host
+from ._model import Model, _attention_modules
+from ._protocol import Call, Family
+from ._schema import _target_coords
+
+#: The attention implementation attrax registers with transformers while it probes weights.
+IMPLEMENTATION = "attrax_probe"
+QUERIES = ("target", "sum")
+Key = tuple[str, int]  # (stack, layer index within the stack)
+
+_NO_POINTS = "attention x gradient takes the gradient at the model's own weights: one point"
+#: Attention x gradient: one forward, one vectorized backward over targets.
+ATTENTION_GRADIENT = Family(
+    name="attention_gradient",
+    takes=(
+        "objective",
+        "contrast",
+        "positions",
+        "attribute_target",
+        "chunk_size",
+        "max_new_tokens",
+        "max_memory",
+    ),
+    refuses={"batch_size": f"{_NO_POINTS}, there are no points to batch"},
+)
+#: Head attribution: integrated gradients over the attention weights of each layer.
+HEAD_ATTRIBUTION = Family(
+    name="head_attribution",
+    takes=(
+        "objective",
+        "contrast",
+        "positions",
+        "attribute_target",
+        "chunk_size",
+        "batch_size",
+        "max_new_tokens",
+        "max_memory",
+    ),
+    refuses={},
+)
+
+
+@dataclass
+class _Probes:
+    """What the registered attention function reads during one forward.
+
+    ``where`` places each attention module; ``probes`` are added as ``P @ V`` to the copies
+    ``rows[key]`` selects (all copies when absent) after the weights of those copies are scaled
+    by ``alpha`` (head attribution); ``seen`` collects each module's weights.
+    """
+
+    where: dict[torch.nn.Module, Key]
+    probes: dict[Key, torch.Tensor] = field(default_factory=dict)
+    rows: dict[Key, torch.Tensor] = field(default_factory=dict)
+    alpha: torch.Tensor | None = None
+    seen: dict[Key, torch.Tensor] = field(default_factory=dict)
+
+
+_STATE: ContextVar[_Probes | None] = ContextVar("attrax_probes", default=None)
+
+
+def _probed_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The module's own eager attention, with the probes of :data:`_STATE` added."""
+    eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+    if eager is None:
+        raise ModelError(
+            f"{type(module).__name__}: its module has no eager_attention_forward to probe"
+        )
+    out, weights = eager(module, query, key, value, attention_mask, **kwargs)
+    state = _STATE.get()
+    place = None if state is None else state.where.get(module)
+    if state is None or place is None:
+        return out, weights
+    if out.shape[:3] != (weights.shape[0], weights.shape[2], weights.shape[1]):
+        raise ModelError(
+            f"{type(module).__name__}: eager attention output {tuple(out.shape)} is not "
+            "[batch, queries, heads, dim]; attrax cannot probe its weights"
+        )
+    rows = state.rows.get(place)
+    if state.alpha is not None and rows is not None:
+        # head attribution: this layer's weights scaled by alpha in its own copies
+        scale = torch.where(rows, state.alpha, torch.ones_like(state.alpha)).to(out.dtype)
+        out = out * scale.view(-1, 1, 1, 1)
+        weights = weights * scale.view(-1, 1, 1, 1)
+    state.seen[place] = weights
+    probe = state.probes.get(place)
+    if probe is not None:
+        copies = weights.shape[0] // probe.shape[0]
+        p = probe.repeat(copies, 1, 1, 1)
+        if rows is not None:
+            p = p * rows.view(-1, 1, 1, 1).to(p.dtype)
+        heads = weights.shape[1]
+        v = (
+            value
+            if value.shape[1] == heads
+            else value.repeat_interleave(heads // value.shape[1], 1)
+        )
+        out = out + (p.to(v.dtype) @ v).transpose(1, 2)
+    return out, weights
+
+
+def _register() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+    AttentionInterface.register(IMPLEMENTATION, _probed_attention)
+    AttentionMaskInterface.register(IMPLEMENTATION, eager_mask)  # the additive masks of eager
+
+
+_register()
+
+
+def _placed(model: Model) -> dict[torch.nn.Module, Key]:
+    """Each attention module with its stack and layer index (in the order layers run)."""
+    found = _attention_modules(model.hf)
+    if not found:
+        raise ModelError(
+            f"{type(model.hf).__name__}: attrax finds no attention modules in it to probe "
+            "(its transformers class records no attentions)"
+        )
+    count: dict[str, int] = {}
+    where = {}
+    for module, (stack, _) in found.items():
+        # a recorded wrapper (T5LayerSelfAttention) places the attention module inside it
+        for sub in module.modules():
+            where.setdefault(sub, (stack, count.get(stack, 0)))
+        count[stack] = count.get(stack, 0) + 1
+    return where
+
+
+@contextlib.contextmanager
+def _probing(model: Model, state: _Probes) -> Iterator[None]:
+    """Forwards inside run attention through :func:`_probed_attention` with ``state``."""
+    token = _STATE.set(state)
+    saved = model.attn_implementation
+    model.attn_implementation = IMPLEMENTATION  # Model.hidden_at switches to it per forward
+    try:
+        yield
+    finally:
+        model.attn_implementation = saved
+        _STATE.reset(token)
+
+
+def _forward(problem: Problem, state: _Probes, n: int) -> Callable[..., torch.Tensor]:
+    """``h(*probes)``: the head inputs ``[n * B, K, H]`` of ``n`` stacked copies (a classifier's
+    class logits), with the probes in ``state``."""
+    model = problem.model
+    keys = list(state.probes)
+    hidden = problem.hidden_fn(n)
+    x = tuple(xi.repeat(n, 1, 1) for xi in problem.inputs)
+
+    def h(*probes: torch.Tensor) -> torch.Tensor:
+        state.probes = dict(zip(keys, probes, strict=True))
+        with _probing(model, state):
+            return hidden(*x)
+
+    return h
+
+
+def _weights(problem: Problem, keys: Sequence[Key]) -> dict[Key, torch.Tensor]:
+    """Every probed layer's attention weights ``[B, heads, queries, keys]`` from one forward."""
+    state = _Probes(_placed(problem.model))
+    with torch.no_grad():
+        _forward(problem, state, 1)()
+    missing = [key for key in keys if key not in state.seen]
+    if missing:
+        raise ModelError(
+            f"{type(problem.model.hf).__name__} did not run its attention through transformers' "
+            f"AttentionInterface for {missing} (stack, layer): attrax cannot probe its weights"
+        )
+    return {key: state.seen[key].detach() for key in keys}
+
+
+def _gradients(
+    problem: Problem,
+    maps: dict[Key, torch.Tensor],
+    chunk_size: int | None,
+    n: int = 1,
+    rows: dict[Key, torch.Tensor] | None = None,
+    alpha: torch.Tensor | None = None,
+    weights: torch.Tensor | None = None,
+) -> Iterator[tuple[slice, dict[Key, torch.Tensor]]]:
+    """``sum_c weights[c] * d score_k / d A`` over the ``n`` copies, ``[k, B, H, Q, keys]`` per
+    probed layer, for ``chunk_size`` targets ``k`` at a time (each chunk is reduced by the caller
+    before the next is computed): one forward, then one backward ``vmap``-ed over a chunk's
+    targets."""
+    state = _Probes(_placed(problem.model), rows=rows or {}, alpha=alpha)
+    state.probes = {key: torch.zeros_like(a) for key, a in maps.items()}
+    hidden, pullback = vjp(_forward(problem, state, n), *state.probes.values())
+    valid = problem.tensors.valid.to(hidden.dtype).repeat(n, 1)  # [n * B, K]
+    if weights is not None:
+        valid = valid * weights.to(hidden.dtype).repeat_interleave(valid.shape[0] // n)[:, None]
+    # score k depends on head input k only: one backward through the head gives every
+    # d score_k / d h_k, so the vocabulary never enters the per-target backward
+    _, head_pullback = vjp(problem.head_objective, hidden)
+    (head_grad,) = head_pullback(valid)
+    width = hidden.shape[1]
+    one_hot = torch.eye(width, dtype=hidden.dtype, device=hidden.device)
+    step = width if chunk_size is None else chunk_size
+    for start in range(0, width, step):  # chunking only: bounds memory
+        slots = slice(start, min(start + step, width))
+        cotangents = one_hot[slots, None, :, None] * head_grad[None]  # target k: d score_k
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "There is a performance drop", UserWarning)
+            grads = torch.vmap(pullback)(cotangents)
+        yield slots, dict(zip(maps, grads, strict=True))
+
+
+def _rows(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``[K, B, H, Q, keys]`` -> ``[B, K, keys, H]``: the query row ``index[b, k]`` of target k."""
+    k = torch.arange(values.shape[0], device=values.device)[:, None]
+    b = torch.arange(values.shape[1], device=values.device)[None, :]
+    return values[k, b, :, index.T, :].permute(1, 0, 3, 2)  # [K, B, H, keys] -> [B, K, keys, H]
+
+
+def _per_query(values: torch.Tensor, index: torch.Tensor, queries: str) -> torch.Tensor:
+    if queries == "sum":
+        return values.sum(3).permute(1, 0, 3, 2)
+    return _rows(values, index)
+
+
+def _stacks(model: Model, maps: str, attribute_target: bool, queries: str) -> list[str]:
+    """The attention stacks a row result reads, checked against ``queries``."""
+    if maps == "encoder":
+        if queries != "sum":
+            raise OptionError(
+                "`maps='encoder'`: encoder self-attention has no row of a target's query; use "
+                "queries='sum' (each key summed over the encoder queries) or maps='cross'"
+            )
+        if attribute_target:
+            raise OptionError("`attribute_target=True` does not apply to maps='encoder'")
+        return ["encoder"]
+    if maps == "self":
+        return ["self"]
+    return ["cross", "decoder"][: 1 + attribute_target]
+
+
+def _chosen(stacks: Sequence[str], layers: Selection, counts: dict[str, int]) -> list[int]:
+    n = counts.get(stacks[0], 0)
+    if n == 0:
+        raise ModelError(f"the model has no {stacks[0]!r} attention layers")
+    return _indices(layers, n, "layers", "layers")
+
+
+def _counts(model: Model) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for stack, _ in set(_placed(model).values()):
+        counts[stack] = counts.get(stack, 0) + 1
+    return counts
+
+
+def _check_queries(value: object, name: str) -> None:
+    check.one_of(*QUERIES)(value, name)
+
+
+def _plan(
+    problem: Problem,
+    maps: dict[Key, torch.Tensor],
+    points: int,
+    batch_size: Any,
+    chunk_size: Any,
+) -> tuple[int | None, int | None]:
+    """``"auto"`` sizes: the engine's estimate of a backward, plus what each target's gradients
+    of the probes hold (the gradients, their product with ``A`` and a working copy)."""
+    cost = problem.cost()
+    probes = sum(a.numel() * a.element_size() for a in maps.values())
+    per_target = -(-3 * probes // points)  # the probes' gradients are per target, not per point
+    cost = Cost(cost.per_cotangent + per_target, cost.per_point, cost.fixed)
+    targets = problem.tensors.valid.shape[1]
+    device = problem.inputs[0].device
+    return plan(points, targets, batch_size, chunk_size, cost, device, problem.max_memory)
+
+
+@ATTENTION_GRADIENT.method(
+    layers=_selection, heads=_selection, maps=_maps_name, rollout=check.boolean,
+    queries=_check_queries,
+)  # fmt: skip
+def attention_x_gradient(
+    call: Call,
+    *,
+    layers: Selection = None,
+    heads: Selection = None,
+    maps: str | None = None,
+    rollout: bool = False,
+    queries: str = "target",
+) -> xr.DataArray:
+    """Attention maps times their gradients (Chefer et al. 2021), per target, layer and head.
+
+    ``A_l * d score_k / d A_l`` for every layer ``l`` and target ``k``, from one forward and one
+    vectorized backward over the targets. ``rollout=True`` gives the paper's relevance
+    propagation instead: ``R = I``, then per layer ``R <- R + mean_heads(relu(grad * A)) @ R``
+    (encoder-decoders: the encoder the same way, then per decoder layer its self-attention
+    ``R_tt <- R_tt + Abar R_tt``, ``R_ts <- R_ts + Abar R_ts`` and its cross-attention
+    ``R_ts <- R_ts + norm(R_tt)^T Abar norm(R_ss)``, norm being the paper's Eq. 8-9).
+
+    Arguments:
+        model, inputs, targets, objective, positions, ...: as :func:`attrax.saliency`.
+        layers, heads: the layers / heads kept (an int, range, slice or list of ints); with
+            ``rollout`` the layers rolled through and the heads averaged.
+        maps: ``None`` (the model's default), ``"self"``, ``"cross"`` or ``"encoder"`` as
+            :func:`attrax.attention`.
+        rollout: relevance rolled out across layers, ``(target, source)``.
+        queries: ``"target"`` (default): the row of the query that predicts each target (the
+            pooled position of a sequence classifier, each token's own of a token classifier);
+            ``"sum"``: each key summed over every query (needed for ``maps="encoder"``).
+
+    Returns:
+        DataArray ``([example,] target, source, layer, head)``; with ``rollout``
+        ``([example,] target, source)``.
+
+    >>> import attrax as ax
+    >>> da = ax.attention_x_gradient(ax.load_model(), "1 2 3 =", " 3 2 1")
+    >>> da.dims
+    ('target', 'source', 'layer', 'head')
+    >>> ax.attention_x_gradient(ax.load_model(), "1 2 3 =", " 3 2 1", rollout=True).dims
+    ('target', 'source')
+    """
+    model = call.model
+    if rollout and maps is not None:
+        raise OptionError(
+            f"`maps={maps!r}` does not apply with rollout=True: the rollout runs through every "
+            "attention stack of the model"
+        )
+    maps = _maps(model, maps)
+    attribute_target = call.options["attribute_target"]
+    counts = _counts(model)
+    if rollout:
+        if queries != "target":
+            raise OptionError("`queries` does not apply with rollout=True")
+        return _rollout(call, layers, heads, counts)
+    stacks = _stacks(model, maps, attribute_target, queries)
+    chosen_layers = _chosen(stacks, layers, counts)
+    problem = call.problem
+    keys = [(stack, layer) for stack in stacks for layer in chosen_layers]
+    weights = _weights(problem, keys)
+    chosen_heads = _indices(heads, weights[keys[0]].shape[1], "heads", "heads per layer")
+    _, chunk = _plan(problem, weights, 1, None, call.options["chunk_size"])
+    index = problem.tensors.index
+    pieces: dict[str, list[torch.Tensor]] = {stack: [] for stack in stacks}
+    for slots, grads in _gradients(problem, weights, chunk):
+        for stack in stacks:
+            per_layer = [
+                _per_query(
+                    weights[(stack, layer)][None] * grads[(stack, layer)], index[:, slots], queries
+                )
+                for layer in chosen_layers
+            ]
+            pieces[stack].append(torch.stack(per_layer, dim=-2)[..., chosen_heads])
+    sides = [full_precision(torch.cat(pieces[stack], dim=1)) for stack in stacks]
+    return call.label(
+        sides,
+        trailing=("layer", "head"),
+        trailing_coords={"layer": chosen_layers, "head": chosen_heads},
+    )
+
+
+def _relevance(a: torch.Tensor, g: torch.Tensor, heads: Selection) -> torch.Tensor:
+    """``mean_heads(relu(grad * A))``: ``[K, B, Q, keys]`` (Chefer et al. Eq. 5)."""
+    chosen = _indices(heads, a.shape[1], "heads", "heads per layer")
+    return (a[None] * g)[:, :, chosen].clamp(min=0).mean(2)
+
+
+def _eye(like: torch.Tensor, n: int) -> torch.Tensor:
+    return torch.eye(n, dtype=like.dtype, device=like.device).expand(*like.shape[:2], n, n)
+
+
+def _normalized(r: torch.Tensor) -> torch.Tensor:
+    """Eq. 8-9: ``R_hat = R - I`` rows scaled to sum 1, plus ``I`` (rows summing to 0: ``I``)."""
+    eye = torch.eye(r.shape[-1], dtype=r.dtype, device=r.device)
+    hat = r - eye
+    total = hat.sum(-1, keepdim=True)
+    return torch.where(total != 0, hat / torch.where(total != 0, total, 1), 0) + eye
+
+
+def _rollout(
+    call: Call, layers: Selection, heads: Selection, counts: dict[str, int]
+) -> xr.DataArray:
+    model = call.model
+    problem = call.problem
+    index = problem.tensors.index
+    stacks = ["encoder", "decoder", "cross"] if model.is_encoder_decoder else ["self"]
+    first = stacks[-1] if model.is_encoder_decoder else "self"
+    chosen = _indices(layers, counts.get(first, 0), "layers", "layers")
+    keys = [(s, layer) for s in stacks for layer in range(counts.get(s, 0))]
+    if model.is_encoder_decoder:  # the encoder fully, the chosen decoder layers
+        keys = [k for k in keys if k[0] == "encoder" or k[1] in chosen]
+    else:
+        keys = [k for k in keys if k[1] in chosen]
+    weights = _weights(problem, keys)
+    _indices(heads, weights[keys[-1]].shape[1], "heads", "heads per layer")  # before the backward
+    _, chunk = _plan(problem, weights, 1, None, call.options["chunk_size"])
+    pieces: list[list[torch.Tensor]] = []
+    for slots, grads in _gradients(problem, weights, chunk):
+        relevance = {key: _relevance(weights[key], grads[key], heads) for key in keys}
+        del grads
+        pieces.append(_rolled(relevance, keys, chosen, problem, index[:, slots], call))
+    sides = [torch.cat([piece[side] for piece in pieces], dim=1) for side in range(len(pieces[0]))]
+    return call.label([full_precision(s) for s in sides], trailing=())
+
+
+def _rolled(
+    relevance: dict[Key, torch.Tensor],
+    keys: Sequence[Key],
+    chosen: Sequence[int],
+    problem: Problem,
+    index: torch.Tensor,
+    call: Call,
+) -> list[torch.Tensor]:
+    """The rolled-out rows ``[B, k, source]`` per side of the targets ``index`` [B, k] whose
+    relevances ``[k, B, Q, keys]`` are given."""
+    if not problem.model.is_encoder_decoder:
+        r = None
+        for key in keys:  # in the order the layers run
+            step = relevance[key]
+            r = _eye(step, step.shape[-1]) if r is None else r
+            r = r + step @ r
+        assert r is not None
+        return [_rollout_rows(r, index)]
+    enc = [k for k in keys if k[0] == "encoder"]
+    some = relevance[enc[0]]
+    r_ss = _eye(some, some.shape[-1]).clone()
+    for key in enc:
+        r_ss = r_ss + relevance[key] @ r_ss
+    decoder_mask = problem.tensors.decoder_mask
+    assert decoder_mask is not None
+    length = decoder_mask.shape[1]
+    r_tt = _eye(some, length).clone()
+    r_ts = some.new_zeros(some.shape[0], some.shape[1], length, some.shape[-1])
+    for layer in chosen:
+        own, cross = relevance[("decoder", layer)], relevance[("cross", layer)]
+        r_tt, r_ts = r_tt + own @ r_tt, r_ts + own @ r_ts
+        r_ts = r_ts + _normalized(r_tt).transpose(-1, -2) @ cross @ _normalized(r_ss)
+    sides = [_rollout_rows(r_ts, index)]
+    if call.options["attribute_target"]:
+        sides.append(_rollout_rows(r_tt, index))
+    return sides
+
+
+def _rollout_rows(r: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``[K, B, Q, keys]`` -> ``[B, K, keys]``: the row of each target's query."""
+    k = torch.arange(r.shape[0], device=r.device)[:, None]
+    b = torch.arange(r.shape[1], device=r.device)[None, :]
+    return r[k, b, index.T].transpose(0, 1)
+
+
+@HEAD_ATTRIBUTION.method(
+    check_trapezoid_steps,
+    layers=_selection, heads=_selection, maps=_maps_name, queries=_check_queries,
+    steps=check.positive_int, quadrature=check.one_of(*QUADRATURES),
+)  # fmt: skip
+def head_attribution(
+    call: Call,
+    *,
+    layers: Selection = None,
+    heads: Selection = None,
+    maps: str | None = None,
+    queries: str = "target",
+    steps: int = 20,
+    quadrature: str = "riemann_right",
+) -> xr.DataArray:
+    """Self-attention attribution (Hao et al. 2021): integrated gradients over each layer's
+    attention weights, per target, layer and head.
+
+    ``A_l * integral_0^1 d score_k(alpha A_l) / d A_l d alpha``, the weights of layer ``l`` (all
+    its heads) scaled together from 0 while the other layers keep theirs. Its sum over heads,
+    queries and keys is ``score_k(A) - score_k(A_l = 0)`` up to the quadrature error
+    (completeness, per layer). The (layer, step) copies of the batch run in stacked forwards
+    (by default one per layer, all its steps stacked), every target in one vectorized backward.
+
+    Arguments:
+        model, inputs, targets, objective, positions, ...: as :func:`attrax.saliency`.
+        layers, heads, maps, queries: as :func:`attrax.attention_x_gradient`.
+        steps, quadrature: the quadrature of the integral (the paper: 20 Riemann steps,
+            ``"riemann_right"``); as :func:`attrax.integrated_gradients`.
+        batch_size: (layer, step) copies per forward: ``"auto"`` as many steps of one layer
+            as fit in memory (never two layers: a stacked backward would run every copy through
+            the layers below the lowest one scaled), an int that many copies, None every copy
+            of every layer in one stacked forward.
+
+    Returns:
+        DataArray ``([example,] target, source, layer, head)`` with a ``head_total`` coordinate
+        ``([example,] target, layer, head)``: each head's attribution summed over every query
+        and key (the paper's head importance).
+
+    >>> import attrax as ax
+    >>> da = ax.head_attribution(ax.load_model(), "1 2 3 =", " 3 2 1", steps=4)
+    >>> da.dims, da.head_total.dims
+    (('target', 'source', 'layer', 'head'), ('target', 'layer', 'head'))
+    """
+    model = call.model
+    maps = _maps(model, maps)
+    counts = _counts(model)
+    stacks = _stacks(model, maps, call.options["attribute_target"], queries)
+    chosen_layers = _chosen(stacks, layers, counts)
+    problem = call.problem
+    keys = [(stack, layer) for stack in stacks for layer in chosen_layers]
+    weights = _weights(problem, keys)
+    chosen_heads = _indices(heads, weights[keys[0]].shape[1], "heads", "heads per layer")
+    alphas, step_weights = quadrature_nodes(quadrature, steps)
+    x = problem.inputs[0]
+    alpha = torch.as_tensor(alphas, dtype=x.dtype, device=x.device)
+    w = torch.as_tensor(step_weights, dtype=x.dtype, device=x.device)
+    total = len(keys) * steps  # copy c: block c // steps scaled by alpha[c % steps]
+    batch_size, chunk_size = _plan(
+        problem, weights, total, call.options["batch_size"], call.options["chunk_size"]
+    )
+    index = problem.tensors.index
+    b, width = index.shape
+    # per layer, summed over the copy chunks: the target rows [B, K, keys, H] and the head
+    # totals [B, K, H] of A * sum_i w_i grad (linear in the gradients)
+    acc = torch.promote_types(x.dtype, torch.float32)  # steps summed in at least float32
+    rows_of = {
+        k: a.new_zeros(b, width, a.shape[-1], a.shape[1], dtype=acc) for k, a in weights.items()
+    }
+    totals_of = {k: a.new_zeros(b, width, a.shape[1], dtype=acc) for k, a in weights.items()}
+    for copies in _copy_chunks(total, steps, batch_size, call.options["batch_size"]):
+        copies = copies.to(x.device)
+        block, at = copies // steps, copies % steps
+        present = sorted(set(block.tolist()))
+        grads = _gradients(
+            problem,
+            {keys[j]: weights[keys[j]] for j in present},
+            chunk_size,
+            n=len(copies),
+            rows={keys[j]: (block == j).repeat_interleave(b) for j in present},
+            alpha=alpha[at].repeat_interleave(b),
+            weights=w[at],
+        )
+        for slots, chunk in grads:
+            for key, g in chunk.items():
+                attributed = weights[key][None] * g  # [k, B, H, Q, keys]
+                rows_of[key][:, slots] += _per_query(attributed, index[:, slots], queries)
+                totals_of[key][:, slots] += attributed.sum((3, 4)).transpose(0, 1)
+    sides, head_totals = [], []
+    for stack in stacks:
+        per_layer = [rows_of[(stack, layer)] for layer in chosen_layers]
+        totals = [totals_of[(stack, layer)] for layer in chosen_layers]
+        sides.append(full_precision(torch.stack(per_layer, dim=-2)[..., chosen_heads]))
+        head_totals.append(torch.stack(totals, dim=-2)[..., chosen_heads])
+    da = call.label(
+        sides,
+        trailing=("layer", "head"),
+        trailing_coords={"layer": chosen_layers, "head": chosen_heads},
+    )
+    return _with_head_total(da, call, full_precision(sum(head_totals)))
+
+
+def _copy_chunks(total: int, steps: int, batch_size: int | None, given: Any) -> list[torch.Tensor]:
+    """The (layer, step) copies of each forward.
+
+    ``batch_size`` given (an int, or None: every copy in one stacked forward) cuts the copies
+    as it says. ``"auto"`` never mixes layers in one forward: a stacked backward runs through
+    every layer below the lowest scaled one for all copies, so copies of a high layer would pay
+    for the layers under a low one (one layer per forward measured 2x faster on the W1 workload).
+    """
+    every = torch.arange(total)
+    if given != "auto":
+        step = total if batch_size is None else batch_size
+        return list(every.split(step))  # chunking only: bounds memory
+    step = min(batch_size or total, steps)
+    return [piece for block in every.split(steps) for piece in block.split(step)]
+
+
+def _with_head_total(da: xr.DataArray, call: Call, totals: torch.Tensor) -> xr.DataArray:
+    """``head_total`` ``([example,] target, layer, head)`` from per-example ``[B, K, layer,
+    head]``, targets placed as :func:`~attrax._schema.label` places them."""
+    values = to_host(totals)
+    examples = call.batch.examples
+    _, row_of, _ = _target_coords(call.model, call.batch)
+    dense = np.full((len(examples), da.sizes["target"], *values.shape[2:]), np.nan)
+    for b, example in enumerate(examples):
+        for k, p in enumerate(example.positions):
+            dense[b, row_of[p]] = values[b, k]
+    if "example" not in da.dims:
+        return da.assign_coords(head_total=(("target", "layer", "head"), dense[0]))
+    return da.assign_coords(head_total=(("example", "target", "layer", "head"), dense))
+
+
+__all__ = ["IMPLEMENTATION", "attention_x_gradient", "head_attribution"]
