@@ -13,6 +13,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from ._adversarial import pgd as pgd
     from ._attention import attention as attention
     from ._attention import rollout as rollout
     from ._dataset import attribute_dataset as attribute_dataset
@@ -36,6 +37,7 @@ if TYPE_CHECKING:
     from ._gradients import smoothgrad as smoothgrad
     from ._gradients import squaregrad as squaregrad
     from ._gradients import vargrad as vargrad
+    from ._greedy import greedy_pig as greedy_pig
     from ._guided import deconvolution as deconvolution
     from ._guided import guided_backprop as guided_backprop
     from ._model import Model as Model
