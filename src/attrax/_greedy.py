@@ -6,6 +6,7 @@ attributed again from that new baseline. Which tokens are fixed depends on the t
 second round on every target has its own baseline: each step's ``K`` points (one per target) go
 through one forward of ``K x n`` stacked copies of the batch (``n`` quadrature nodes) and one
 backward in which copy ``(k, i)`` carries target ``k``'s objective only, as guided IG's paths do.
+The first round, whose baseline all targets share, is integrated gradients on the engine.
 """
 
 from __future__ import annotations
@@ -86,9 +87,10 @@ def greedy_pig(
     Each round is complete on its own (``sum a_r = f(x) - f(b_r)``), so the ``completeness_gap``
     coordinate is ``sum(result) - sum_r (f(x) - f(b_r))``.
 
-    Cost: ``rounds * steps`` points per target, each a forward and a backward of its own copy of
-    the batch (the baseline depends on the target): about ``K`` times the forwards of
-    ``rounds`` integrated-gradients runs (``K`` targets), the same backwards.
+    Cost: the first round is :func:`integrated_gradients` (its baseline is every target's). After
+    it each target has its own baseline: ``(rounds - 1) * steps`` points per target, each a
+    forward and a backward of its own copy of the batch, about ``K`` times the forwards of as many
+    integrated-gradients steps (``K`` targets) and the same backwards.
 
     Arguments (others as :func:`saliency`):
         rounds: integrated-gradients rounds (the loop over rounds is sequential: a round's
@@ -117,11 +119,32 @@ def greedy_pig(
     alpha = torch.as_tensor(alphas, dtype=x[0].dtype, device=x[0].device)
     weight = torch.as_tensor(weights, dtype=_accumulation_dtype(x[0].dtype), device=x[0].device)
     at_input = problem.evaluate(tuple(xi[None] for xi in x))[0]  # [B, K]
+    # the first round's baseline is every target's: integrated gradients on the shared engine
+    delta = tuple(xi - bi for xi, bi in zip(x, base, strict=True))
+
+    def points(chunk: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        a = alpha[chunk.to(alpha.device)].view(-1, 1, 1, 1)
+        return tuple(bi[None] + a * di[None] for bi, di in zip(base, delta, strict=True))
+
+    (grads,) = problem.gradient_sum(
+        points, torch.as_tensor(weights), batch_size=batch_size, chunk_size=chunk_size
+    )
+    first_round = tuple(g * d[:, None].to(g.dtype) for g, d in zip(grads, delta, strict=True))
     parts, gaps = [], []
     for first in range(0, width, step):  # chunking only: bounds memory
         slots = slice(first, min(first + step, width))
+        opening = tuple(a[:, slots].transpose(0, 1) for a in first_round)  # [k, B, L, H]
         attr, gap = _greedy_rounds(
-            problem, slots, base, alpha, weight, nodes, rounds, per_round, at_input[:, slots]
+            problem,
+            slots,
+            base,
+            alpha,
+            weight,
+            nodes,
+            rounds,
+            per_round,
+            at_input[:, slots],
+            opening,
         )
         parts.append(attr)
         gaps.append(gap)
@@ -139,9 +162,10 @@ def _greedy_rounds(
     rounds: int,
     per_round: int,
     at_input: torch.Tensor,
+    opening: tuple[torch.Tensor, ...],
 ) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
     """Attributions ``[B, k, L, H]`` per side and completeness gaps ``[B, k]`` of the targets
-    in ``slots``, each with its own fixed set."""
+    in ``slots``, each with its own fixed set; ``opening`` is the first round's ``[k, B, L, H]``."""
     x = problem.inputs
     widths = [xi.shape[1] for xi in x]
     visible = problem.visible()[:, slots]  # [B, k, L]
@@ -150,40 +174,61 @@ def _greedy_rounds(
     selected = torch.zeros_like(visible)
     total = [xi.new_zeros(k, *xi.shape, dtype=acc) for xi in x]  # [k, B, L, H]
     gap = at_input.new_zeros(at_input.shape, dtype=acc)
-    steps = alpha.shape[0]
-    for _ in range(rounds):  # sequential: each round's baselines follow the last one's choice
+    for r in range(rounds):  # sequential: each round's baselines follow the last one's choice
         fixed = selected.transpose(0, 1).split(widths, dim=-1)  # [k, B, L] per side
         starts = tuple(
             torch.where(m[..., None], xi[None], bi[None])
             for m, xi, bi in zip(fixed, x, base, strict=True)
         )
-        delta = tuple(xi[None] - si for xi, si in zip(x, starts, strict=True))
-        grads = [torch.zeros_like(t) for t in total]
-        for first in range(0, steps, nodes):  # chunking only: bounds memory
-            a = alpha[first : first + nodes]
-            n = a.shape[0]
-            points = tuple(
-                si[:, None] + a.view(1, n, 1, 1, 1) * di[:, None]
-                for si, di in zip(starts, delta, strict=True)
-            )
-            for side, g in enumerate(_diagonal_gradients(problem, slots, n)(points)):
-                grads[side] += torch.einsum("knblh,n->kblh", g.to(acc), weight[first : first + n])
-        round_attr = [g * d.to(acc) for g, d in zip(grads, delta, strict=True)]
-        for side, r in enumerate(round_attr):
-            total[side] += r
+        if r == 0:
+            round_attr = [o.to(acc) for o in opening]
+        else:
+            round_attr = _round(problem, slots, starts, alpha, weight, nodes)
+        for side, part in enumerate(round_attr):
+            total[side] += part
         # completeness of this round: its sum against f(x) - f(b_r), per target at its baseline
         ends = problem.evaluate(starts)[:, :, slots]  # [k, B, k]
         at_start = torch.diagonal(ends, dim1=0, dim2=2)  # [B, k]
-        summed = sum(r.sum(dim=(2, 3)) for r in round_attr).T  # [B, k]
+        summed = sum(part.sum(dim=(2, 3)) for part in round_attr).T  # [B, k]
         gap += summed - (at_input - at_start).to(acc)
         # the next round fixes each target's top tokens among those it sees and has not fixed
-        score = torch.cat([r.sum(-1) for r in round_attr], dim=-1).transpose(0, 1)  # [B, k, L]
+        score = torch.cat([part.sum(-1) for part in round_attr], dim=-1).transpose(
+            0, 1
+        )  # [B, k, L]
         candidates = visible & ~selected
         ranked = score.masked_fill(~candidates, -torch.inf)
         top = ranked.topk(min(per_round, ranked.shape[-1]), dim=-1).indices
         chosen = torch.zeros_like(selected).scatter(-1, top, True) & candidates
         selected = selected | chosen
     return tuple(t.transpose(0, 1) for t in total), gap
+
+
+def _round(
+    problem: Problem,
+    slots: slice,
+    starts: tuple[torch.Tensor, ...],
+    alpha: torch.Tensor,
+    weight: torch.Tensor,
+    nodes: int,
+) -> list[torch.Tensor]:
+    """Integrated gradients ``[k, B, L, H]`` per side of each target in ``slots`` from its own
+    baseline ``starts[side][j]``, ``nodes`` quadrature nodes per forward."""
+    x = problem.inputs
+    delta = tuple(xi[None] - si for xi, si in zip(x, starts, strict=True))
+    grads = [torch.zeros_like(d, dtype=weight.dtype) for d in delta]
+    steps = alpha.shape[0]
+    for first in range(0, steps, nodes):  # chunking only: bounds memory
+        a = alpha[first : first + nodes]
+        n = a.shape[0]
+        points = tuple(
+            si[:, None] + a.view(1, n, 1, 1, 1) * di[:, None]
+            for si, di in zip(starts, delta, strict=True)
+        )
+        for side, g in enumerate(_diagonal_gradients(problem, slots, n)(points)):
+            grads[side] += torch.einsum(
+                "knblh,n->kblh", g.to(weight.dtype), weight[first : first + n]
+            )
+    return [g * d.to(weight.dtype) for g, d in zip(grads, delta, strict=True)]
 
 
 def _diagonal_gradients(problem: Problem, slots: slice, n: int) -> Any:
