@@ -191,12 +191,12 @@ def _greedy_rounds(
         at_start = torch.diagonal(ends, dim1=0, dim2=2)  # [B, k]
         summed = sum(part.sum(dim=(2, 3)) for part in round_attr).T  # [B, k]
         gap += summed - (at_input - at_start).to(acc)
+        if r == rounds - 1:
+            break
         # the next round fixes each target's top tokens among those it sees and has not fixed
-        score = torch.cat([part.sum(-1) for part in round_attr], dim=-1).transpose(
-            0, 1
-        )  # [B, k, L]
+        score = torch.cat([part.sum(-1) for part in round_attr], dim=-1)  # [k, B, L]
         candidates = visible & ~selected
-        ranked = score.masked_fill(~candidates, -torch.inf)
+        ranked = score.transpose(0, 1).masked_fill(~candidates, -torch.inf)
         top = ranked.topk(min(per_round, ranked.shape[-1]), dim=-1).indices
         chosen = torch.zeros_like(selected).scatter(-1, top, True) & candidates
         selected = selected | chosen
