@@ -564,10 +564,10 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         report.write_docs()
     for row in report.speedups(out["runs"], report.goals(args.device)):
         flag = "met" if row["met"] else "MISSED"
+        goal = "no goal" if row["goal"] is None else f"goal {row['goal']:g}x: {flag}"
         print(
             f"  {row['workload']} {row['method']:21s} vs {row['baseline']:6s}: "
-            f"{row['speedup']:7.1f}x (goal {row['goal']:g}x: {flag})"
-            + (" [extrapolated]" if row["extrapolated"] else "")
+            f"{row['speedup']:7.1f}x ({goal})" + (" [extrapolated]" if row["extrapolated"] else "")
         )
     return 0
 
