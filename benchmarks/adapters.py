@@ -121,12 +121,20 @@ class Runner:
     """One library with one model (loaded once) and one method."""
 
     def __init__(
-        self, library: str, kind: str, method: str, device: str = "cpu", baseline_attn="eager"
+        self,
+        library: str,
+        kind: str,
+        method: str,
+        device: str = "cpu",
+        baseline_attn="eager",
+        dtype: str = "float32",
     ):
         self.library, self.kind, self.method = library, kind, method
         # attrax picks its attention per call (its "auto"); Inseq's attention needs eager maps
         attn = "eager" if library == "attrax" or method == "attention" else baseline_attn
         self.hf, self.tok = workloads.load(kind, attn_implementation=attn)
+        if dtype == "float64":  # the parity gate of comparisons float32 cannot resolve
+            self.hf.double()
         self.hf.to(device)  # Inseq keeps a model's device; so do the others
         self.handle: Any = None
         if library == "attrax":

@@ -290,6 +290,16 @@ def _load_arrays(path: str) -> dict[str, Any]:
         return {k: z[k] for k in z.files}
 
 
+#: comparisons float32 cannot resolve on the random-weight Marian model: VarGrad's variance is
+#: about 1e-5 of its mean square, token drops of probabilities near 1/8000 about 1e-7 of them.
+#: Their gate runs both sides in float64; the float32 errors are recorded alongside.
+FLOAT64_GATE = {
+    ("marian", "vargrad"),
+    ("marian", "feature_ablation"),
+    ("marian", "shapley_sampling"),
+}
+
+
 def parity_gate(kinds: list[str], methods: list[str], libraries: list[str]) -> list[dict]:
     """Small inputs, every library in this process; the records (ok or not)."""
     records = []
@@ -297,15 +307,24 @@ def parity_gate(kinds: list[str], methods: list[str], libraries: list[str]) -> l
         _, tok = workloads.load(kind)
         prompt, target = workloads.texts(kind, tok, 8, 6)
         for method in methods:
-            _, _, agg = Runner("attrax", kind, method)(prompt, target)
+            dtype = "float64" if (kind, method) in FLOAT64_GATE else "float32"
+            _, _, agg = Runner("attrax", kind, method, dtype=dtype)(prompt, target)
             for lib in libraries:
                 if lib == "attrax" or method not in SUPPORTS[lib]:
                     continue
-                raw, _, _ = Runner(lib, kind, method)(prompt, target)
+                raw, _, _ = Runner(lib, kind, method, dtype=dtype)(prompt, target)
                 res = parity(agg, raw, method)
                 sizes = "8+6" if kind == "gpt2" else "8->6"
-                records.append(dict(kind=kind, sizes=sizes, method=method, baseline=lib, **res))
-                print(f"  parity {kind:6s} {method:21s} vs {lib:6s}: {_verdict(res)}", flush=True)
+                record = dict(kind=kind, sizes=sizes, method=method, baseline=lib, dtype=dtype)
+                line = f"  parity {kind:6s} {method:21s} vs {lib:6s}: {_verdict(res)}"
+                if dtype == "float64":  # the float32 gap, reported, not gated
+                    _, _, agg32 = Runner("attrax", kind, method)(prompt, target)
+                    raw32, _, _ = Runner(lib, kind, method)(prompt, target)
+                    record["float32_errors"] = parity(agg32, raw32, method)["errors"]
+                    gap = ", ".join(f"{k} {v:.1e}" for k, v in record["float32_errors"].items())
+                    line += f" in float64; float32: {gap}"
+                records.append(record | res)
+                print(line, flush=True)
     return records
 
 
@@ -530,7 +549,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
                     ran = [lib for lib in libraries if (key[0], lib) in jobs]
                     if key[1] == ran[-1]:
                         outs = {lib: jobs[key[0], lib]["out"] for lib in ran}
-                        records = _timed_parity(wl, key[0], outs)
+                        records = _timed_parity(wl, key[0], outs, plan.kind)
                         results["parity"] += records
                         failures = [f"{wl} {key[0]} vs {r['baseline']}: {f}" for r in records for f in r["failures"]]  # fmt: skip
                         if failures:
@@ -545,10 +564,10 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         report.write_docs()
     for row in report.speedups(out["runs"], report.goals(args.device)):
         flag = "met" if row["met"] else "MISSED"
+        goal = "no goal" if row["goal"] is None else f"goal {row['goal']:g}x: {flag}"
         print(
             f"  {row['workload']} {row['method']:21s} vs {row['baseline']:6s}: "
-            f"{row['speedup']:7.1f}x (goal {row['goal']:g}x: {flag})"
-            + (" [extrapolated]" if row["extrapolated"] else "")
+            f"{row['speedup']:7.1f}x ({goal})" + (" [extrapolated]" if row["extrapolated"] else "")
         )
     return 0
 
@@ -582,13 +601,21 @@ def _quietest(
     return best
 
 
-def _timed_parity(wl: str, method: str, outs: dict[str, str]) -> list[dict[str, Any]]:
-    """attrax vs each baseline on the outputs of their timed calls (``outs``: library -> file)."""
+def _timed_parity(
+    wl: str, method: str, outs: dict[str, str], kind: str = ""
+) -> list[dict[str, Any]]:
+    """attrax vs each baseline on the outputs of their timed calls (``outs``: library -> file).
+
+    Comparisons of :data:`FLOAT64_GATE` (float32 cannot resolve them; the gate checked them in
+    float64) record their float32 errors without failing."""
     agg = {k[4:]: v for k, v in _load_arrays(outs.pop("attrax")).items()}
     records = []
     for base, out in outs.items():
         raw = _load_arrays(out)["raw"]
         res = parity(first_targets(agg, *raw.shape[:2]), raw, method)
+        if (kind, method) in FLOAT64_GATE and res["failures"]:
+            note = "float32 errors recorded, not gated: the parity gate compares it in float64"
+            res = res | dict(ok=True, failures=[], notes=[*res["notes"], note])
         print(f"    parity {method} vs {base}: {_verdict(res)}", flush=True)
         records.append(
             dict(workload=wl, method=method, baseline=base, targets_compared=raw.shape[0], **res)

@@ -13,6 +13,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from ._adversarial import pgd as pgd
     from ._attention import attention as attention
     from ._attention import rollout as rollout
     from ._components import attribution_patching as attribution_patching
@@ -40,6 +41,7 @@ if TYPE_CHECKING:
     from ._gradients import smoothgrad as smoothgrad
     from ._gradients import squaregrad as squaregrad
     from ._gradients import vargrad as vargrad
+    from ._greedy import greedy_pig as greedy_pig
     from ._guided import deconvolution as deconvolution
     from ._guided import guided_backprop as guided_backprop
     from ._heads import attention_x_gradient as attention_x_gradient
