@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     from ._gradients import vargrad as vargrad
     from ._guided import deconvolution as deconvolution
     from ._guided import guided_backprop as guided_backprop
+    from ._lrp import lrp as lrp
     from ._model import Model as Model
     from ._model import load_model as load_model
     from ._objectives import logit as logit
