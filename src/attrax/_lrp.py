@@ -72,6 +72,12 @@ def _uniform(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return 0.5 * (a * b.detach()) + 0.5 * (a.detach() * b)
 
 
+def _at_least_float32(dtype: torch.dtype) -> torch.dtype:
+    """Norms and softmax run in float32 for half precision, as transformers' do; a float64
+    model keeps float64 (transformers' RMSNorm would round it to float32)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def _rule() -> str:
     rule = _ACTIVE.get()
     if rule is None:  # an attrax module patch outside `lrp_rules`: a programming error
@@ -123,7 +129,9 @@ def _attention(
             scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
         else:
             scores = scores + mask
-    weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    # in float32 at least, as transformers' eager attention (float64 stays float64)
+    weights = torch.softmax(scores, dim=-1, dtype=_at_least_float32(scores.dtype))
+    weights = weights.to(query.dtype)
     out = torch.matmul(weights, value).transpose(1, 2).contiguous()
     return out, weights
 
@@ -155,16 +163,16 @@ def _layer_norm(module: torch.nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
 def _rms_norm(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Llama-style RMSNorm (``weight * x / rms(x)``, in float32) with ``1 / rms`` constant."""
     eps = getattr(module, "variance_epsilon", None) or module.eps
-    h = x.to(torch.float32)
+    h = x.to(_at_least_float32(x.dtype))
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps).detach()
     return module.weight * h.to(x.dtype)
 
 
 def _gemma_rms_norm(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Gemma's RMSNorm (``x / rms(x) * (1 + weight)``) with ``1 / rms`` constant."""
-    h = x.float()
+    h = x.to(_at_least_float32(x.dtype))
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + module.eps).detach()
-    return (h * (1.0 + module.weight.float())).type_as(x)
+    return (h * (1.0 + module.weight.to(h.dtype))).type_as(x)
 
 
 def _gated_mlp(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:

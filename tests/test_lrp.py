@@ -1,0 +1,275 @@
+"""ax.lrp (AttnLRP, CP-LRP) against an explicit layer-by-layer LRP written here, and its axioms.
+
+The reference propagates relevance *messages* (``R_in_j = sum_i x_j w_ij R_out_i / z_i`` and the
+papers' rules written out per layer), one target at a time: nothing of attrax's
+gradient-times-input formulation or its detach tricks.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import attrax as ax
+from attrax._lrp import lrp_rules
+from attrax.testing import tiny_classifier, tiny_model
+
+PROMPT, TARGET = "The capital of France", " is Paris."
+
+
+def _double(hf, tok, zero_biases: bool = False) -> ax.Model:
+    hf = hf.double()
+    if zero_biases:
+        with torch.no_grad():
+            for name, parameter in hf.named_parameters():
+                constant = ("position", "wpe", "token_type", "final_logits_bias")
+                if name.endswith("bias") or any(part in name for part in constant):
+                    parameter.zero_()
+            for name, buffer in hf.named_buffers():
+                if name.endswith("final_logits_bias"):
+                    buffer.zero_()
+    return ax.load_model(hf, tokenizer=tok)
+
+
+# the explicit reference: a 2-layer Llama, relevance messages layer by layer
+
+
+def _rms(h: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps) * weight
+
+
+def _linear_messages(
+    x: torch.Tensor, weight: torch.Tensor, relevance: torch.Tensor, z: torch.Tensor
+) -> torch.Tensor:
+    """LRP-0 through ``z = x @ weight.T`` (no bias): ``R_j = x_j sum_i w_ij R_i / z_i``."""
+    return x * ((relevance / z) @ weight)
+
+
+def _rotations(cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE as one matrix per position ``[T, d, d]``: ``q' = M q`` (HF's rotate_half)."""
+    t, d = cos.shape
+    half = d // 2
+    m = torch.zeros(t, d, d, dtype=cos.dtype)
+    idx = torch.arange(d)
+    m[:, idx, idx] = cos
+    m[:, idx[:half], idx[:half] + half] = -sin[:, :half]
+    m[:, idx[half:], idx[half:] - half] = sin[:, half:]
+    return m
+
+
+@torch.no_grad()
+def llama_lrp_reference(
+    hf, ids: list[int], position: int, target: int, rule: str
+) -> tuple[np.ndarray, float, float]:
+    """Relevance ``[T, H]`` of the token embeddings for the logit of ``target`` read at
+    ``position``, the relevance the softmaxes absorb, and the logit."""
+    cfg = hf.config
+    hidden, heads, kv = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads
+    d, group, eps = hidden // heads, heads // kv, cfg.rms_norm_eps
+    t = len(ids)
+    x = hf.model.embed_tokens.weight[torch.tensor(ids)]
+    cos, sin = hf.model.rotary_emb(x[None], torch.arange(t)[None])
+    rot = _rotations(cos[0].double(), sin[0].double())
+    causal = torch.ones(t, t, dtype=torch.bool).tril()
+    scale = d**-0.5
+    saved, h = [], x
+    for layer in hf.model.layers:
+        att, mlp = layer.self_attn, layer.mlp
+        n1 = _rms(h, layer.input_layernorm.weight, eps)
+        q, k, v = (n1 @ p.weight.T for p in (att.q_proj, att.k_proj, att.v_proj))
+        q, k, v = q.view(t, heads, d), k.view(t, kv, d), v.view(t, kv, d)
+        qr = torch.einsum("tnm,thm->thn", rot, q)
+        kr = torch.einsum("tnm,thm->thn", rot, k)
+        kf, vf = kr.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+        s = torch.einsum("ihd,jhd->hij", qr, kf) * scale
+        s = s.masked_fill(~causal, -torch.inf)
+        a = torch.softmax(s, -1)
+        o = torch.einsum("hij,jhd->ihd", a, vf)
+        attn = o.reshape(t, hidden) @ att.o_proj.weight.T
+        h1 = h + attn
+        n2 = _rms(h1, layer.post_attention_layernorm.weight, eps)
+        g, u = n2 @ mlp.gate_proj.weight.T, n2 @ mlp.up_proj.weight.T
+        z = torch.nn.functional.silu(g) * u
+        out = z @ mlp.down_proj.weight.T
+        h2 = h1 + out
+        saved.append((layer, h, n1, q, k, v, qr, kr, kf, vf, s, a, o, attn, h1, n2, g, u, z, out, h2))
+        h = h2
+    final = _rms(h, hf.model.norm.weight, eps)
+    head = hf.lm_head.weight[target]
+    relevance = torch.zeros(t, hidden, dtype=x.dtype)
+    relevance[position] = final[position] * head  # the logit's terms; RMSNorm passes them on
+    absorbed = 0.0
+    for layer, h, n1, q, k, v, qr, kr, kf, vf, s, a, o, attn, h1, n2, g, u, z, out, h2 in reversed(
+        saved
+    ):
+        att, mlp = layer.self_attn, layer.mlp
+        # residual h2 = h1 + out: split in proportion to the summands
+        r_h1, r_out = h1 / h2 * relevance, out / h2 * relevance
+        r_z = _linear_messages(z, mlp.down_proj.weight, r_out, out)
+        if rule == "attnlrp":  # uniform rule on silu(g) * u, identity rule on silu
+            r_g, r_u = r_z / 2, r_z / 2
+        else:  # CP-LRP: the gate is a constant, all to u
+            r_g, r_u = torch.zeros_like(r_z), r_z
+        r_n2 = _linear_messages(n2, mlp.gate_proj.weight, r_g, g)
+        r_n2 = r_n2 + _linear_messages(n2, mlp.up_proj.weight, r_u, u)
+        r_h1 = r_h1 + r_n2  # RMSNorm with its scale constant: elementwise, passes R unchanged
+        r_h, r_attn = h / h1 * r_h1, attn / h1 * r_h1
+        r_o = _linear_messages(o.reshape(t, hidden), att.o_proj.weight, r_attn, attn)
+        r_o = r_o.view(t, heads, d)
+        # o[i,h,:] = sum_j a[h,i,j] v[j,h,:]: each term's share of R
+        terms = torch.einsum("hij,jhd->ihjd", a, vf)
+        share = terms / o[:, :, None, :] * r_o[:, :, None, :]
+        if rule == "attnlrp":
+            r_a = 0.5 * share.sum(-1).permute(1, 0, 2)  # [h, i, j]
+            r_vf = 0.5 * share.sum(0).permute(1, 0, 2)  # [j, h, d]
+            # softmax rule (AttnLRP, Prop. 3.1): R_S = S (R_A - A sum_j R_A)
+            r_s = s * (r_a - a * r_a.sum(-1, keepdim=True))
+            r_s = torch.where(causal, r_s, 0.0)
+            absorbed += float(r_a.sum() - r_s.sum())
+            # s[h,i,j] = scale * sum_d qr[i,h,d] kf[j,h,d]: uniform rule
+            tq = torch.einsum("ihd,jhd->hijd", qr, kf) * scale
+            part = torch.where(causal[None, :, :, None], tq / s[..., None] * r_s[..., None], 0.0)
+            r_qr = 0.5 * part.sum(2).permute(1, 0, 2)  # [i, h, d]
+            r_kr = 0.5 * part.sum(1).permute(1, 0, 2).reshape(t, kv, group, d).sum(2)
+            r_q = q * torch.einsum("tnm,thn->thm", rot, r_qr / qr)  # RoPE: LRP-0 of a rotation
+            r_k = k * torch.einsum("tnm,thn->thm", rot, r_kr / kr)
+        else:  # CP-LRP: attention weights are constants, everything to v
+            r_vf = share.sum(0).permute(1, 0, 2)
+            r_q, r_k = torch.zeros_like(q), torch.zeros_like(k)
+        r_v = r_vf.reshape(t, kv, group, d).sum(2)  # copies of a kv head add up
+        r_n1 = sum(
+            _linear_messages(n1, p.weight, r.reshape(t, -1), y.reshape(t, -1))
+            for p, r, y in ((att.q_proj, r_q, q), (att.k_proj, r_k, k), (att.v_proj, r_v, v))
+        )
+        relevance = r_h + r_n1
+    logit = float(final[position] @ head)
+    return relevance.numpy(), absorbed, logit
+
+
+@pytest.fixture(scope="module")
+def llama() -> ax.Model:
+    return _double(*tiny_model("llama"))
+
+
+@pytest.mark.parametrize("rule", ["attnlrp", "cp-lrp"])
+def test_llama_equals_explicit_layer_by_layer_lrp(llama, rule):
+    got = ax.lrp(llama, PROMPT, TARGET, rule=rule)
+    ids = got.source_id.values.tolist()
+    for k, position in enumerate(got.target.values.tolist()):
+        want, _, _ = llama_lrp_reference(
+            llama.hf, ids, position - 1, int(got.target_id[k]), rule
+        )
+        np.testing.assert_allclose(got[k].fillna(0).values, want, rtol=1e-7, atol=1e-10)
+
+
+@pytest.mark.parametrize("rule", ["attnlrp", "cp-lrp"])
+def test_llama_conservation(llama, rule):
+    # sum of relevance + what the softmaxes absorb (AttnLRP; none for CP-LRP) = the logit, up to
+    # float64 rounding: the model has no biases and no position embeddings (RoPE acts on q, k)
+    got = ax.lrp(llama, PROMPT, TARGET, rule=rule)
+    ids = got.source_id.values.tolist()
+    for k, position in enumerate(got.target.values.tolist()):
+        _, absorbed, logit = llama_lrp_reference(
+            llama.hf, ids, position - 1, int(got.target_id[k]), rule
+        )
+        total = float(got[k].sum())
+        if rule == "cp-lrp":
+            assert absorbed == 0.0
+        assert total + absorbed == pytest.approx(logit, rel=1e-9, abs=1e-9)
+
+
+@torch.no_grad()
+def _logits(model: ax.Model, da) -> np.ndarray:
+    """The explained logits, from the Hugging Face model's own forward on the ids."""
+    hf = model.hf
+    ids = torch.tensor(da.source_id.values)
+    if model.task != "generation":  # a sequence classifier: one logit per class
+        return hf(input_ids=ids[None]).logits[0, da.target_class.values].numpy()
+    if model.is_encoder_decoder:
+        sides = da.side.values
+        source, decoder = ids[sides == "source"][None], ids[sides == "target"][None]
+        logits = hf(input_ids=source, decoder_input_ids=decoder).logits[0]
+    else:
+        logits = hf(input_ids=ids[None]).logits[0]
+    # target k at position p is read from the logits at p - 1 of its sequence
+    return logits[da.target.values - 1, da.target_id.values].numpy()
+
+
+BIAS_FREE = {
+    "gpt2": lambda: tiny_model("gpt2"),
+    "marian": lambda: tiny_model("marian"),
+    "bart": lambda: tiny_model("bart"),
+    "bert": lambda: tiny_classifier("bert"),
+}
+
+
+@pytest.mark.parametrize("arch", list(BIAS_FREE))
+def test_cp_lrp_is_exactly_conservative_without_biases(arch):
+    # CP-LRP makes every layer linear (attention weights, norm scales, f(x)/x constant): with the
+    # biases and position embeddings zeroed the relevance sums to the logit (float64 rounding)
+    model = _double(*BIAS_FREE[arch](), zero_biases=True)
+    if model.task == "generation":
+        got = ax.lrp(model, PROMPT, TARGET, rule="cp-lrp", attribute_target=True)
+        if not model.is_encoder_decoder:
+            got = ax.lrp(model, PROMPT, TARGET, rule="cp-lrp")
+    else:
+        got = ax.lrp(model, "the plot was good", [0, 1, 2], rule="cp-lrp")
+    np.testing.assert_allclose(
+        got.sum(("source", "hidden")).values, _logits(model, got), rtol=1e-9, atol=1e-9
+    )
+
+
+def test_attnlrp_runs_on_every_architecture():
+    for hf, tok in (tiny_model("marian"), tiny_model("bart"), tiny_classifier("qwen2")):
+        model = ax.load_model(hf, tokenizer=tok)
+        generation = model.task == "generation"
+        got = ax.lrp(model, PROMPT if generation else "good", TARGET if generation else None)
+        assert np.isfinite(got.fillna(0).values).all() and float(abs(got).sum()) > 0
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_the_rules_keep_the_forward(arch):
+    # the rewritten modules compute the same values (float32): only the backward changes
+    hf, tok = tiny_model(arch)
+    llama = ax.load_model(hf, tokenizer=tok)
+    ids = torch.tensor([[1, 5, 9, 14, 3]])
+    embeds, mask = llama.embed(ids), torch.ones_like(ids)
+    index = torch.tensor([[2, 4]])
+    want = llama.logits_at(embeds, mask, index)
+    for rule in ("attnlrp", "cp-lrp"):
+        with lrp_rules(llama, rule):
+            got = llama.logits_at(embeds, mask, index)
+        # float32 roundings: the LayerNorm is spelt out instead of fused
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_batched_equals_single():
+    model = _double(*tiny_model("gpt2"))
+    prompts, targets = [PROMPT, "def f(x):"], [TARGET, " return x + 1"]
+    batched = ax.lrp(model, prompts, targets)
+    for b, (prompt, target) in enumerate(zip(prompts, targets, strict=True)):
+        single = ax.lrp(model, prompt, target)
+        part = batched.isel(example=b).sel(target=single.target, source=single.source)
+        np.testing.assert_allclose(part.values, single.values, rtol=1e-9, atol=1e-12)
+
+
+def test_forward_mode_equals_reverse_mode(llama):
+    reverse = ax.lrp(llama, PROMPT, TARGET, reduce_hidden="sum", mode="reverse")
+    forward = ax.lrp(llama, PROMPT, TARGET, reduce_hidden="sum", mode="forward")
+    np.testing.assert_allclose(forward.values, reverse.values, rtol=1e-9, atol=1e-12)
+
+
+def test_unsupported_modules_are_refused():
+    t5 = ax.load_model(*tiny_model("t5")[:1], tokenizer=tiny_model("t5")[1])
+    with pytest.raises(ax.ModelError, match=r"no LRP rule for the module `.*` \(T5"):
+        ax.lrp(t5, "translate: a b", "x")
+    distilbert = ax.load_model(*tiny_classifier("distilbert")[:1], tokenizer=tiny_classifier("distilbert")[1])
+    with pytest.raises(ax.ModelError, match="DistilBert"):
+        ax.lrp(distilbert, "good", 0)
+
+
+def test_options_are_checked(default_model):
+    assert ax.lrp.attrax_resolve({})["objective"] == "logit"
+    with pytest.raises(ax.OptionError, match="rule"):
+        ax.lrp(default_model, "1 2 =", " 2 1", rule="lrp-0")
