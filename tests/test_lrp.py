@@ -93,7 +93,9 @@ def llama_lrp_reference(
         z = torch.nn.functional.silu(g) * u
         out = z @ mlp.down_proj.weight.T
         h2 = h1 + out
-        saved.append((layer, h, n1, q, k, v, qr, kr, kf, vf, s, a, o, attn, h1, n2, g, u, z, out, h2))
+        saved.append(
+            (layer, h, n1, q, k, v, qr, kr, kf, vf, s, a, o, attn, h1, n2, g, u, z, out, h2)
+        )
         h = h2
     final = _rms(h, hf.model.norm.weight, eps)
     head = hf.lm_head.weight[target]
@@ -157,9 +159,7 @@ def test_llama_equals_explicit_layer_by_layer_lrp(llama, rule):
     got = ax.lrp(llama, PROMPT, TARGET, rule=rule)
     ids = got.source_id.values.tolist()
     for k, position in enumerate(got.target.values.tolist()):
-        want, _, _ = llama_lrp_reference(
-            llama.hf, ids, position - 1, int(got.target_id[k]), rule
-        )
+        want, _, _ = llama_lrp_reference(llama.hf, ids, position - 1, int(got.target_id[k]), rule)
         np.testing.assert_allclose(got[k].fillna(0).values, want, rtol=1e-7, atol=1e-10)
 
 
@@ -264,7 +264,9 @@ def test_unsupported_modules_are_refused():
     t5 = ax.load_model(*tiny_model("t5")[:1], tokenizer=tiny_model("t5")[1])
     with pytest.raises(ax.ModelError, match=r"no LRP rule for the module `.*` \(T5"):
         ax.lrp(t5, "translate: a b", "x")
-    distilbert = ax.load_model(*tiny_classifier("distilbert")[:1], tokenizer=tiny_classifier("distilbert")[1])
+    distilbert = ax.load_model(
+        *tiny_classifier("distilbert")[:1], tokenizer=tiny_classifier("distilbert")[1]
+    )
     with pytest.raises(ax.ModelError, match="DistilBert"):
         ax.lrp(distilbert, "good", 0)
 
@@ -273,3 +275,34 @@ def test_options_are_checked(default_model):
     assert ax.lrp.attrax_resolve({})["objective"] == "logit"
     with pytest.raises(ax.OptionError, match="rule"):
         ax.lrp(default_model, "1 2 =", " 2 1", rule="lrp-0")
+
+
+def test_cli_attribute_method_lrp(tmp_path):
+    from attrax.cli import main
+
+    out = tmp_path / "lrp.nc"
+    args = ["attribute", "--method", "lrp", "--input", "1 2 3 =", "--target", " 3 2 1"]
+    assert main([*args, "-o", "rule=cp-lrp", "--reduce", "sum", "--out", str(out)]) == 0
+    da = ax.load(out)
+    assert da.attrs["method"] == "lrp" and da.attrs["objective"] == "logit"
+    assert '"rule": "cp-lrp"' in da.attrs["options"]
+    direct = ax.lrp(ax.load_model(), "1 2 3 =", " 3 2 1", rule="cp-lrp")
+    want = direct.sum("hidden", skipna=False).values
+    np.testing.assert_allclose(da.values, want, rtol=1e-5, atol=1e-6)
+
+
+def test_dataset_run(tmp_path, default_model):
+    import json
+
+    data = tmp_path / "data.jsonl"
+    rows = [{"input": "1 2 3 =", "target": " 3 2 1"}, {"input": "4 5 =", "target": " 5 4"}]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "out"
+    run = ax.attribute_dataset(
+        default_model, data, out, method="lrp", reduce="sum", rule="cp-lrp", progress=False
+    )
+    assert run.records == 2
+    got = ax.load_dataset_results(out).isel(example=1)
+    direct = ax.lrp(default_model, "4 5 =", " 5 4", rule="cp-lrp", reduce_hidden="sum")
+    part = got.sel(target=direct.target, source=direct.source)
+    np.testing.assert_allclose(part.values, direct.values, rtol=1e-5, atol=1e-6)
