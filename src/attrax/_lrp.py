@@ -230,6 +230,7 @@ _LINEAR = frozenset(
         "ModuleDict",
         "Identity",
         "BartScaledWordEmbedding",
+        "GemmaTextScaledWordEmbedding",
         "BartLearnedPositionalEmbedding",
         "MarianSinusoidalPositionalEmbedding",
         "GPT2MLP",
