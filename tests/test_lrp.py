@@ -287,14 +287,17 @@ def test_forward_mode_equals_reverse_mode(llama):
 
 
 def test_unsupported_modules_are_refused():
-    t5 = ax.load_model(*tiny_model("t5")[:1], tokenizer=tiny_model("t5")[1])
-    with pytest.raises(ax.ModelError, match=r"no LRP rule for the module `.*` \(T5"):
-        ax.lrp(t5, "translate: a b", "x")
-    distilbert = ax.load_model(
-        *tiny_classifier("distilbert")[:1], tokenizer=tiny_classifier("distilbert")[1]
-    )
-    with pytest.raises(ax.ModelError, match="DistilBert"):
-        ax.lrp(distilbert, "good", 0)
+    hf, tok = tiny_model("t5")
+    with pytest.raises(ax.ModelError, match=r"no LRP rule for the modules T5ForConditional"):
+        ax.lrp(ax.load_model(hf, tokenizer=tok), "translate: a b", "x")
+    hf, tok = tiny_classifier("distilbert")
+    with pytest.raises(ax.ModelError, match=r"DistilBertSelfAttention \(`distilbert\.trans"):
+        ax.lrp(ax.load_model(hf, tokenizer=tok), "good", 0)
+    # one foreign nonlinearity in a supported model is named, never silently propagated
+    hf, tok = tiny_model("gpt2")
+    hf.transformer.h[1].mlp.act = torch.nn.Sigmoid()
+    with pytest.raises(ax.ModelError, match=r"modules Sigmoid \(`transformer\.h\.1\.mlp\.act`\)"):
+        ax.lrp(ax.load_model(hf, tokenizer=tok), "a b", " c")
 
 
 def test_options_are_checked(default_model):

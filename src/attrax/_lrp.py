@@ -297,19 +297,22 @@ def _plan(hf: torch.nn.Module) -> list[tuple[torch.nn.Module, Callable[..., torc
             "so attrax cannot install its LRP attention"
         )
     patches = []
+    unknown: dict[str, str] = {}  # module type -> where it first occurs
     for path, module in hf.named_modules():
         kind = type(module).__name__
         if kind in _PATCHED:
             if kind == "LayerNorm" and not isinstance(module, torch.nn.LayerNorm):
-                raise ModelError(f"lrp: no rule for {kind} at `{path}` of {name}")
+                unknown.setdefault(kind, path)
             patches.append((module, _PATCHED[kind]))
-        elif kind in _ATTENTION or kind in _LINEAR or _activation_kind(module) is not None:
-            continue
-        else:
-            raise ModelError(
-                f"lrp: attrax has no LRP rule for the module `{path or '(model)'}` ({kind}) of "
-                f"{name}; supported architectures: {', '.join(ARCHITECTURES)}"
-            )
+        elif not (kind in _ATTENTION or kind in _LINEAR or _activation_kind(module) is not None):
+            unknown.setdefault(kind, path or "(the model)")
+    if unknown:
+        shown = ", ".join(f"{kind} (`{path}`)" for kind, path in list(unknown.items())[:6])
+        more = f" and {len(unknown) - 6} more" if len(unknown) > 6 else ""
+        raise ModelError(
+            f"lrp: attrax has no LRP rule for the modules {shown}{more} of {name}; supported "
+            f"architectures: {', '.join(ARCHITECTURES)}"
+        )
     return patches
 
 
