@@ -391,8 +391,8 @@ def lrp(problem: Problem, *, rule: str = "attnlrp") -> Rule:
 
     >>> import attrax as ax
     >>> da = ax.lrp(ax.load_model(), "1 2 3 =", " 3 2 1")
-    >>> da.dims, da.attrs["options"]["rule"]
-    (('target', 'source', 'hidden'), 'attnlrp')
+    >>> da.dims, da.attrs["method"], da.attrs["objective"]
+    (('target', 'source', 'hidden'), 'lrp', 'logit')
     """
     return Rule(multiplier=problem.inputs)
 
