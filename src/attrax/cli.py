@@ -26,7 +26,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 _GRADIENT_METHODS = ("saliency", "input_x_gradient", "integrated_gradients", "smoothgrad")
 _METHOD_HELP = (
     "attribution method: saliency (default), input_x_gradient, integrated_gradients, "
-    "smoothgrad, squaregrad, vargrad, gradient_shap; also occlusion, feature_ablation, lime, "
+    "smoothgrad, squaregrad, vargrad, gradient_shap, lrp; also occlusion, feature_ablation, lime, "
     "kernel_shap, shapley_sampling, sobol, attention, rollout where this attrax has them"
 )
 _REDUCE_HELP = (
@@ -165,7 +165,9 @@ def _model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--method", default="saliency", help=_METHOD_HELP)
     parser.add_argument("--reduce", default="auto", help=_REDUCE_HELP)
     parser.add_argument(
-        "--objective", choices=("probability", "logprob", "logit"), help="(default: probability)"
+        "--objective",
+        choices=("probability", "logprob", "logit"),
+        help="(default: probability; lrp: logit)",
     )
     parser.add_argument(
         "--steps",
