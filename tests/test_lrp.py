@@ -58,6 +58,40 @@ def _rotations(cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     return m
 
 
+def _attention_messages(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    s: torch.Tensor,
+    a: torch.Tensor,
+    o: torch.Tensor,
+    r_o: torch.Tensor,
+    scale: float,
+    rule: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+    """Relevance of ``q, k, v`` ``[T, heads, d]`` from that of ``o[i] = sum_j a[i, j] v[j]``
+    (``s`` the masked scores ``[heads, T, T]``, ``a`` their softmax), and what the softmax
+    absorbs. Causal masking: ``s`` is ``-inf`` above the diagonal."""
+    causal = torch.isfinite(s)
+    # o[i,h,:] = sum_j a[h,i,j] v[j,h,:]: each term's share of R
+    terms = torch.einsum("hij,jhd->ihjd", a, v)
+    share = terms / o[:, :, None, :] * r_o[:, :, None, :]
+    if rule == "cp-lrp":  # attention weights are constants: everything to v
+        zero = torch.zeros_like(q)
+        return zero, torch.zeros_like(k), share.sum(0).permute(1, 0, 2), 0.0
+    r_a = 0.5 * share.sum(-1).permute(1, 0, 2)  # [h, i, j]
+    r_v = 0.5 * share.sum(0).permute(1, 0, 2)  # [j, h, d]
+    # softmax rule (AttnLRP, Prop. 3.1): R_S = S (R_A - A sum_j R_A)
+    r_s = torch.where(causal, s * (r_a - a * r_a.sum(-1, keepdim=True)), 0.0)
+    absorbed = float(r_a.sum() - r_s.sum())
+    # s[h,i,j] = scale * sum_d q[i,h,d] k[j,h,d]: uniform rule
+    tq = torch.einsum("ihd,jhd->hijd", q, k) * scale
+    part = torch.where(causal[..., None], tq / s[..., None] * r_s[..., None], 0.0)
+    r_q = 0.5 * part.sum(2).permute(1, 0, 2)  # [i, h, d]
+    r_k = 0.5 * part.sum(1).permute(1, 0, 2)  # [j, h, d]
+    return r_q, r_k, r_v, absorbed
+
+
 @torch.no_grad()
 def llama_lrp_reference(
     hf, ids: list[int], position: int, target: int, rule: str
@@ -119,25 +153,13 @@ def llama_lrp_reference(
         r_h, r_attn = h / h1 * r_h1, attn / h1 * r_h1
         r_o = _linear_messages(o.reshape(t, hidden), att.o_proj.weight, r_attn, attn)
         r_o = r_o.view(t, heads, d)
-        # o[i,h,:] = sum_j a[h,i,j] v[j,h,:]: each term's share of R
-        terms = torch.einsum("hij,jhd->ihjd", a, vf)
-        share = terms / o[:, :, None, :] * r_o[:, :, None, :]
+        r_qr, r_kf, r_vf, lost = _attention_messages(qr, kf, vf, s, a, o, r_o, scale, rule)
+        absorbed += lost
         if rule == "attnlrp":
-            r_a = 0.5 * share.sum(-1).permute(1, 0, 2)  # [h, i, j]
-            r_vf = 0.5 * share.sum(0).permute(1, 0, 2)  # [j, h, d]
-            # softmax rule (AttnLRP, Prop. 3.1): R_S = S (R_A - A sum_j R_A)
-            r_s = s * (r_a - a * r_a.sum(-1, keepdim=True))
-            r_s = torch.where(causal, r_s, 0.0)
-            absorbed += float(r_a.sum() - r_s.sum())
-            # s[h,i,j] = scale * sum_d qr[i,h,d] kf[j,h,d]: uniform rule
-            tq = torch.einsum("ihd,jhd->hijd", qr, kf) * scale
-            part = torch.where(causal[None, :, :, None], tq / s[..., None] * r_s[..., None], 0.0)
-            r_qr = 0.5 * part.sum(2).permute(1, 0, 2)  # [i, h, d]
-            r_kr = 0.5 * part.sum(1).permute(1, 0, 2).reshape(t, kv, group, d).sum(2)
+            r_kr = r_kf.reshape(t, kv, group, d).sum(2)  # copies of a kv head add up
             r_q = q * torch.einsum("tnm,thn->thm", rot, r_qr / qr)  # RoPE: LRP-0 of a rotation
             r_k = k * torch.einsum("tnm,thn->thm", rot, r_kr / kr)
-        else:  # CP-LRP: attention weights are constants, everything to v
-            r_vf = share.sum(0).permute(1, 0, 2)
+        else:
             r_q, r_k = torch.zeros_like(q), torch.zeros_like(k)
         r_v = r_vf.reshape(t, kv, group, d).sum(2)  # copies of a kv head add up
         r_n1 = sum(
@@ -147,6 +169,88 @@ def llama_lrp_reference(
         relevance = r_h + r_n1
     logit = float(final[position] @ head)
     return relevance.numpy(), absorbed, logit
+
+
+def _affine_messages(
+    x: torch.Tensor, weight: torch.Tensor, relevance: torch.Tensor, z: torch.Tensor
+) -> torch.Tensor:
+    """LRP-0 through ``z = x @ weight + bias`` (GPT-2's Conv1D): the bias keeps its share."""
+    return x * ((relevance / z) @ weight.T)
+
+
+def _layer_norm_messages(
+    h: torch.Tensor, norm: torch.nn.LayerNorm, relevance: torch.Tensor, y: torch.Tensor
+) -> torch.Tensor:
+    """LRP-0 through ``y = (h - mean h) c w + b`` with ``c = 1 / std`` a constant:
+    ``R_j = h_j c (w_j R_j / y_j - mean_i w_i R_i / y_i)``; ``b`` keeps its share."""
+    c = torch.rsqrt(h.var(-1, unbiased=False, keepdim=True) + norm.eps)
+    ratio = norm.weight * relevance / y
+    return h * c * (ratio - ratio.mean(-1, keepdim=True))
+
+
+@torch.no_grad()
+def gpt2_lrp_reference(hf, ids: list[int], position: int, target: int, rule: str) -> np.ndarray:
+    """Relevance ``[T, H]`` of GPT-2's token embeddings for the logit of ``target`` at
+    ``position``: biases, LayerNorm shifts and position embeddings absorb their shares."""
+    cfg, tr = hf.config, hf.transformer
+    hidden, heads = cfg.n_embd, cfg.n_head
+    d, t = hidden // heads, len(ids)
+    x = tr.wte.weight[torch.tensor(ids)]
+    h = x + tr.wpe.weight[:t]
+    causal = torch.ones(t, t, dtype=torch.bool).tril()
+    scale = d**-0.5
+
+    def gelu(f: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.gelu(f, approximate="tanh")
+
+    saved, h0 = [], h
+    for block in tr.h:
+        att, mlp = block.attn, block.mlp
+        n1 = block.ln_1(h)
+        qkv = n1 @ att.c_attn.weight + att.c_attn.bias
+        q, k, v = (part.view(t, heads, d) for part in qkv.split(hidden, -1))
+        s = torch.einsum("ihd,jhd->hij", q, k) * scale
+        s = s.masked_fill(~causal, -torch.inf)
+        a = torch.softmax(s, -1)
+        o = torch.einsum("hij,jhd->ihd", a, v)
+        attn = o.reshape(t, hidden) @ att.c_proj.weight + att.c_proj.bias
+        h1 = h + attn
+        n2 = block.ln_2(h1)
+        f = n2 @ mlp.c_fc.weight + mlp.c_fc.bias
+        out = gelu(f) @ mlp.c_proj.weight + mlp.c_proj.bias
+        h2 = h1 + out
+        saved.append((block, h, n1, qkv, q, k, v, s, a, o, attn, h1, n2, f, out, h2))
+        h = h2
+    final = tr.ln_f(h)
+    head = hf.lm_head.weight[target]
+    r_final = torch.zeros(t, hidden, dtype=x.dtype)
+    r_final[position] = final[position] * head
+    relevance = _layer_norm_messages(h, tr.ln_f, r_final, final)
+    for block, h, n1, qkv, q, k, v, s, a, o, attn, h1, n2, f, out, h2 in reversed(saved):
+        att, mlp = block.attn, block.mlp
+        r_h1, r_out = h1 / h2 * relevance, out / h2 * relevance
+        r_gelu = _affine_messages(gelu(f), mlp.c_proj.weight, r_out, out)
+        # identity rule: R passes through GELU unchanged
+        r_n2 = _affine_messages(n2, mlp.c_fc.weight, r_gelu, f)
+        r_h1 = r_h1 + _layer_norm_messages(h1, block.ln_2, r_n2, n2)
+        r_h, r_attn = h / h1 * r_h1, attn / h1 * r_h1
+        r_o = _affine_messages(o.reshape(t, hidden), att.c_proj.weight, r_attn, attn)
+        r_q, r_k, r_v, _ = _attention_messages(q, k, v, s, a, o, r_o.view(t, heads, d), scale, rule)
+        r_qkv = torch.cat([r.reshape(t, hidden) for r in (r_q, r_k, r_v)], -1)
+        r_n1 = _affine_messages(n1, att.c_attn.weight, r_qkv, qkv)
+        relevance = r_h + _layer_norm_messages(h, block.ln_1, r_n1, n1)
+    return (x / h0 * relevance).numpy()  # the position embeddings keep their share
+
+
+@pytest.mark.parametrize("rule", ["attnlrp", "cp-lrp"])
+def test_gpt2_equals_explicit_layer_by_layer_lrp(rule):
+    # biases, LayerNorm (centring and shift), tanh-GELU, position embeddings
+    model = _double(*tiny_model("gpt2"))
+    got = ax.lrp(model, PROMPT, TARGET, rule=rule)
+    ids = got.source_id.values.tolist()
+    for k, position in enumerate(got.target.values.tolist()):
+        want = gpt2_lrp_reference(model.hf, ids, position - 1, int(got.target_id[k]), rule)
+        np.testing.assert_allclose(got[k].fillna(0).values, want, rtol=1e-7, atol=1e-10)
 
 
 @pytest.fixture(scope="module")
