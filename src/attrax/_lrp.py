@@ -332,6 +332,8 @@ def lrp_rules(model: Model, rule: str) -> Iterator[None]:
         return original(model, IMPLEMENTATION, required=True)
 
     model.attention_as = attention_as  # type: ignore[method-assign]
+    # the memory planner then counts the [heads, L, L] weights this attention keeps
+    model.attention_for = lambda tokens, device: "eager"  # type: ignore[method-assign]
     for module, forward in patches:
         module.forward = functools.partial(forward, module)
     try:
@@ -340,7 +342,7 @@ def lrp_rules(model: Model, rule: str) -> Iterator[None]:
     finally:
         for module, _ in patches:
             del module.forward
-        del model.attention_as
+        del model.attention_as, model.attention_for
         _ACTIVE.reset(token)
 
 
