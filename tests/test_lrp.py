@@ -439,3 +439,14 @@ def test_dataset_run(tmp_path, default_model):
     direct = ax.lrp(default_model, "4 5 =", " 5 4", rule="cp-lrp", reduce_hidden="sum")
     part = got.sel(target=direct.target, source=direct.source)
     np.testing.assert_allclose(part.values, direct.values, rtol=1e-5, atol=1e-6)
+
+
+def test_any_attention_implementation_gives_the_same_relevance():
+    # the rules run attrax's own attention whatever the model was loaded with
+    hf, tok = tiny_model("llama")
+    eager = ax.load_model(hf, tokenizer=tok)
+    hf, tok = tiny_model("llama", attn_implementation="sdpa")
+    sdpa = ax.load_model(hf, tokenizer=tok, attn_implementation="sdpa")
+    want = ax.lrp(eager, PROMPT, TARGET)
+    np.testing.assert_allclose(ax.lrp(sdpa, PROMPT, TARGET).values, want.values, rtol=1e-5)
+    assert sdpa.hf.config._attn_implementation == "sdpa"  # switched back afterwards
