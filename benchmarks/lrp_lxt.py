@@ -43,22 +43,38 @@ CASES = {
     "bert-tiny": ("bert", ("attnlrp",)),
     "gpt2-w1": ("gpt2", ("attnlrp", "cp-lrp")),
 }
+# with --real-size: GPT-2 small's shape (768 wide, 12 layers, 12 heads), random weights, W1's texts
+REAL_SIZE = {"gpt2-124m": ("gpt2", ("attnlrp",))}
 PROMPT, TARGET = "The capital of France is Paris, and the capital of", " Italy is Rome."
 
 
 # --------------------------------------------------------------------------------------------------
 # prepare and compare: attrax's environment
 # --------------------------------------------------------------------------------------------------
-def prepare(root: Path) -> dict:
+def prepare(root: Path, real_size: bool = False) -> dict:
     import attrax as ax
     from attrax.testing import tiny_classifier, tiny_model
     from benchmarks import workloads
 
     root.mkdir(parents=True, exist_ok=True)
     cases = {}
-    for name, (arch, rules) in CASES.items():
+    for name, (arch, rules) in (CASES | (REAL_SIZE if real_size else {})).items():
         path = root / "models" / name
-        if name == "gpt2-w1":
+        if name == "gpt2-124m":
+            import torch
+            from transformers import GPT2Config, GPT2LMHeadModel
+
+            w1, tok = workloads.load("gpt2")
+            config = GPT2Config(
+                vocab_size=w1.config.vocab_size, n_positions=1024, n_embd=768, n_layer=12,
+                n_head=12, bos_token_id=w1.config.bos_token_id, eos_token_id=w1.config.eos_token_id,
+            )  # fmt: skip
+            torch.manual_seed(workloads.SEED)
+            if not (path / "config.json").exists():
+                GPT2LMHeadModel(config).eval().save_pretrained(path)
+                tok.save_pretrained(path)
+            prompt, target = workloads.texts("gpt2", tok, 32, 32)
+        elif name == "gpt2-w1":
             path = workloads.build_all()["gpt2"]
             _, tok = workloads.load("gpt2")
             prompt, target = workloads.texts("gpt2", tok, 32, 32)
@@ -218,12 +234,13 @@ def main() -> int:
     parser.add_argument("--root", type=Path, default=ROOT)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--real-size", action="store_true", help="also GPT-2 small's shape")
     args = parser.parse_args()
     if args.step == "lxt":
         run_lxt(args.root, args.rule, args.threads, args.repeats)
         return 0
     if args.step in ("all", "prepare"):
-        prepare(args.root)
+        prepare(args.root, args.real_size)
     if args.step == "all":
         env = {**os.environ, "PYTHONPATH": str(STUB)}
         for rule in ("attnlrp", "cp-lrp"):

@@ -374,9 +374,15 @@ def test_the_rules_keep_the_forward(arch):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-def test_batched_equals_single():
-    model = _double(*tiny_model("gpt2"))
-    prompts, targets = [PROMPT, "def f(x):"], [TARGET, " return x + 1"]
+@pytest.mark.parametrize("arch", ["gpt2", "bert", "marian"])
+def test_batched_equals_single(arch):
+    # padding is masked in attrax's LRP attention as in the model's own (causal, bidirectional)
+    if arch == "bert":
+        model = _double(*tiny_classifier("bert"))
+        prompts, targets = ["the plot was good", "bad"], [[0, 2], [1, 2]]
+    else:
+        model = _double(*tiny_model(arch))
+        prompts, targets = [PROMPT, "def f(x):"], [TARGET, " return x + 1"]
     batched = ax.lrp(model, prompts, targets)
     for b, (prompt, target) in enumerate(zip(prompts, targets, strict=True)):
         single = ax.lrp(model, prompt, target)
