@@ -456,3 +456,17 @@ def test_any_attention_implementation_gives_the_same_relevance():
     want = ax.lrp(eager, PROMPT, TARGET)
     np.testing.assert_allclose(ax.lrp(sdpa, PROMPT, TARGET).values, want.values, rtol=1e-5)
     assert sdpa.hf.config._attn_implementation == "sdpa"  # switched back afterwards
+
+
+def test_contrastive_relevance_explains_the_logit_difference(llama):
+    # CP-LRP on the bias-free Llama: relevance sums to logit(target) - logit(contrast) (float64)
+    contrast = " is Rome."
+    got = ax.lrp(llama, PROMPT, TARGET, contrast=contrast, rule="cp-lrp")
+    ids = got.source_id.values.tolist()
+    foil = llama.tokenizer(PROMPT + contrast)["input_ids"][-got.sizes["target"] :]
+    for k, position in enumerate(got.target.values.tolist()):
+        _, _, logit = llama_lrp_reference(
+            llama.hf, ids, position - 1, int(got.target_id[k]), "cp-lrp"
+        )
+        _, _, other = llama_lrp_reference(llama.hf, ids, position - 1, foil[k], "cp-lrp")
+        assert float(got[k].sum()) == pytest.approx(logit - other, rel=1e-9, abs=1e-9)
