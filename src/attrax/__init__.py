@@ -49,6 +49,7 @@ if TYPE_CHECKING:
     from ._mixing import alti as alti
     from ._mixing import alti_logit as alti_logit
     from ._mixing import value_zeroing as value_zeroing
+    from ._lrp import lrp as lrp
     from ._model import Model as Model
     from ._model import load_model as load_model
     from ._objectives import logit as logit

@@ -1001,7 +1001,9 @@ class _Activation(torch.autograd.Function):
     """``f(x)`` for an elementwise ``f``, whose backward (and jvp) multiplies by a saved ``f'(x)``.
 
     ``rule`` replaces the backward (not the jvp): ``"guided"`` passes ``relu(grad * f'(x))``,
-    ``"deconvolution"`` passes ``relu(grad)`` (see :data:`BACKWARD_RULES`).
+    ``"deconvolution"`` passes ``relu(grad)`` (see :data:`BACKWARD_RULES`). ``"identity"`` (LRP's
+    identity rule) replaces ``f'(x)`` by ``f(x) / x`` in the backward and the jvp alike, so that
+    ``x * grad_in == f(x) * grad_out``: the relevance passes through unchanged.
     """
 
     generate_vmap_rule = True
@@ -1010,7 +1012,12 @@ class _Activation(torch.autograd.Function):
     def forward(
         x: torch.Tensor, kind: str, rule: str | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        return _value_and_derivative(x, kind)
+        y, derivative = _value_and_derivative(x, kind)
+        if rule == "identity":
+            # f(x) / x, and its limit f'(0) at 0 (every activation here has f(0) = 0)
+            nonzero = x != 0
+            derivative = torch.where(nonzero, y / torch.where(nonzero, x, 1), derivative)
+        return y, derivative
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, ...]) -> None:
@@ -1041,8 +1048,9 @@ class _Activation(torch.autograd.Function):
 #: added for DeepLIFT, keep their true gradient there)
 GUIDED_KINDS = frozenset({"gelu_tanh", "gelu", "silu", "relu"})
 #: Backward rules an activation can run with (Springenberg et al. 2015, as Captum's hooks on
-#: ``nn.ReLU``): for a ReLU, guided = grad where input > 0 and grad > 0, deconvolution = relu(grad).
-BACKWARD_RULES = ("guided", "deconvolution")
+#: ``nn.ReLU``): for a ReLU, guided = grad where input > 0 and grad > 0, deconvolution = relu(grad);
+#: identity = grad * f(x) / x (LRP's identity rule, ``_lrp``).
+BACKWARD_RULES = ("guided", "deconvolution", "identity")
 # (rule, activation kinds it applies to) for the forwards run under `backward_rule`
 _RULE: contextvars.ContextVar[tuple[str, frozenset[str]] | None] = contextvars.ContextVar(
     "attrax_backward_rule", default=None

@@ -16,6 +16,8 @@ import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from ._names import METHODS
+
 if TYPE_CHECKING:
     import xarray as xr
     from rich.console import Console
@@ -24,12 +26,7 @@ __all__ = ["build_parser", "main"]
 
 DTYPES = ("float32", "bfloat16", "float16")
 _GRADIENT_METHODS = ("saliency", "input_x_gradient", "integrated_gradients", "smoothgrad")
-_METHOD_HELP = (
-    "attribution method: saliency (default), input_x_gradient, integrated_gradients, "
-    "smoothgrad, squaregrad, vargrad, gradient_shap; also occlusion, feature_ablation, lime, "
-    "kernel_shap, shapley_sampling, sobol, attention, rollout, attention_x_gradient, "
-    "head_attribution where this attrax has them"
-)
+_METHOD_HELP = "attribution method: saliency (default) or any of " + ", ".join(METHODS[1:])
 _REDUCE_HELP = (
     "comma-separated reductions, each NAME or NAME:DIM, applied in order; NAME is one of "
     "l2_norm, sum, mean, max, absmax, normalize, rescale. 'auto' (default): l2_norm over hidden, "
@@ -300,7 +297,9 @@ def _model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--method", default="saliency", help=_METHOD_HELP)
     parser.add_argument("--reduce", default="auto", help=_REDUCE_HELP)
     parser.add_argument(
-        "--objective", choices=("probability", "logprob", "logit"), help="(default: probability)"
+        "--objective",
+        choices=("probability", "logprob", "logit"),
+        help="(default: probability; lrp: logit)",
     )
     parser.add_argument(
         "--steps",

@@ -1,0 +1,402 @@
+"""Layer-wise relevance propagation for transformers: AttnLRP (Achtibat et al., ICML 2024) and
+CP-LRP (Ali et al., ICML 2022), on the vectorized engine.
+
+LRP is computed in its "gradient x input" form (as LXT's ``lxt.efficient`` does): the forward is
+run with each nonlinearity rewritten so that its *backward* is the LRP rule, and the relevance of
+a source token's hidden unit is ``embedding * modified gradient``. The rewritten forward computes
+the same values; only the backward changes. The rules:
+
+- elementwise activations (GELU, tanh-GELU, SiLU, ReLU, tanh): identity rule, the backward
+  multiplies by ``f(x) / x`` instead of ``f'(x)`` (so ``x * grad_in = f(x) * grad_out``);
+- LayerNorm and RMSNorm: the normalising scale (``1 / std``, ``1 / rms``) held constant;
+- products of two activations: uniform rule, half the relevance to each factor. In attention
+  that is ``q . k`` and ``softmax . v`` (the query and key gradients are divided by 4, the
+  value's by 2, as LXT does); in gated MLPs (Llama, Qwen2, Mistral, Gemma) ``act(gate) * up``;
+- the attention softmax: AttnLRP's rule, which in gradient x input form is the softmax's true
+  gradient (``x_i (R_i - s_i sum_j R_j)``, the bias term of its Taylor expansion dropped);
+  CP-LRP holds the attention weights constant (query and key get no relevance) and, as LXT's
+  CP-LRP, the MLP gate too.
+
+Linear layers keep their gradient (LRP-0): their biases, position embeddings, LayerNorm shifts
+and the softmax absorb relevance, so the sum over sources and hidden is the explained logit
+minus those terms (exactly the logit for a bias-free model under CP-LRP).
+
+Rules are installed by :func:`lrp_rules`: attention runs as attrax's own implementation
+registered with transformers' ``AttentionInterface``, norms and gated MLPs run patched forwards,
+and activations the identity rule of :class:`~attrax._model._Activation`. Every rule is a
+detach-product or an autograd function with a vmap rule, so ``torch.func.vjp`` + ``vmap`` give
+every target's relevance from one forward. A model with a module attrax has no rule for is
+refused with a :class:`~attrax.ModelError` naming it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+import xarray as xr
+
+from . import _validate as check
+from ._engine import Problem
+from ._errors import ModelError
+from ._gradients import GRADIENT, Rule
+from ._model import Model, _activation_kind, _can_switch, backward_rule
+from ._protocol import COMMON, Call, Family, Param
+
+#: LRP variants: AttnLRP (softmax rule, uniform rule on attention products) or CP-LRP
+#: (attention weights and MLP gates held constant)
+RULES = ("attnlrp", "cp-lrp")
+#: the name attrax's LRP attention is registered under in transformers' AttentionInterface
+IMPLEMENTATION = "attrax_lrp"
+
+# the rule forwards run with (set by `lrp_rules`, read when a patched module runs)
+_ACTIVE: contextvars.ContextVar[str | None] = contextvars.ContextVar("attrax_lrp", default=None)
+
+
+def _with_gradient(value: torch.Tensor, x: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
+    """``value`` in the forward, ``local * grad`` to ``x`` in the backward (and jvp)."""
+    return value.detach() + local.detach() * (x - x.detach())
+
+
+def _scale_gradient(x: torch.Tensor, factor: float) -> torch.Tensor:
+    """``x`` exactly, whose gradient is multiplied by ``factor``."""
+    return x.detach() + factor * (x - x.detach())
+
+
+def _uniform(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a * b`` whose relevance goes half to each factor (the uniform rule)."""
+    return 0.5 * (a * b.detach()) + 0.5 * (a.detach() * b)
+
+
+def _at_least_float32(dtype: torch.dtype) -> torch.dtype:
+    """Norms and softmax run in float32 for half precision, as transformers' do; a float64
+    model keeps float64 (transformers' RMSNorm would round it to float32)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _rule() -> str:
+    rule = _ACTIVE.get()
+    if rule is None:  # an attrax module patch outside `lrp_rules`: a programming error
+        raise RuntimeError("attrax LRP rules used outside lrp_rules()")
+    return rule
+
+
+# kwargs of the attention interface that change its math in ways this attention does not know
+_REFUSED_KWARGS = ("softcap", "s_aux", "sinks", "head_mask")
+
+
+def _attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eager attention (``[B, heads, L, d]`` in, ``[B, L, heads, d]`` out) with the LRP rules."""
+    for name in _REFUSED_KWARGS:
+        if kwargs.get(name) is not None:
+            raise ModelError(
+                f"{type(module).__name__} passes `{name}` to its attention: attrax's LRP "
+                "attention has no rule for it"
+            )
+    rule = _rule()
+    groups = query.shape[1] // key.shape[1]
+    if groups > 1:  # grouped-query attention: each key/value head serves `groups` query heads
+        key = key.repeat_interleave(groups, dim=1)
+        value = value.repeat_interleave(groups, dim=1)
+    if rule == "attnlrp":
+        # uniform rule on q . k (1/2 each) after the uniform rule on softmax . v (1/2 each)
+        query, key, value = (
+            _scale_gradient(query, 0.25),
+            _scale_gradient(key, 0.25),
+            _scale_gradient(value, 0.5),
+        )
+    else:  # CP-LRP: the attention weights are constants
+        query, key = query.detach(), key.detach()
+    if scaling is None:
+        scaling = query.shape[-1] ** -0.5
+    scores = torch.matmul(query, key.transpose(-1, -2)) * scaling
+    if attention_mask is not None:
+        mask = attention_mask[..., : key.shape[-2]]
+        if mask.dtype == torch.bool:
+            scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+        else:
+            scores = scores + mask
+    # in float32 at least, as transformers' eager attention (float64 stays float64)
+    weights = torch.softmax(scores, dim=-1, dtype=_at_least_float32(scores.dtype))
+    weights = weights.to(query.dtype)
+    out = torch.matmul(weights, value).transpose(1, 2).contiguous()
+    return out, weights
+
+
+def _register() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+    AttentionInterface.register(IMPLEMENTATION, _attention)
+    # masks as eager attention gets them (additive, -inf where masked)
+    AttentionMaskInterface.register(IMPLEMENTATION, eager_mask)
+
+
+_register()
+
+
+def _layer_norm(module: torch.nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
+    """LayerNorm with ``1 / std`` held constant: linear in ``x`` for the backward."""
+    centered = x - x.mean(dim=-1, keepdim=True)
+    variance = centered.pow(2).mean(dim=-1, keepdim=True)
+    y = centered * torch.rsqrt(variance + module.eps).detach()
+    if module.weight is not None:
+        y = y * module.weight
+    if module.bias is not None:
+        y = y + module.bias
+    return y
+
+
+def _rms_norm(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Llama-style RMSNorm (``weight * x / rms(x)``, in float32) with ``1 / rms`` constant."""
+    eps = getattr(module, "variance_epsilon", None) or module.eps
+    h = x.to(_at_least_float32(x.dtype))
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps).detach()
+    return module.weight * h.to(x.dtype)
+
+
+def _gemma_rms_norm(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Gemma's RMSNorm (``x / rms(x) * (1 + weight)``) with ``1 / rms`` constant."""
+    h = x.to(_at_least_float32(x.dtype))
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + module.eps).detach()
+    return (h * (1.0 + module.weight.to(h.dtype))).type_as(x)
+
+
+def _gated_mlp(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``down(act(gate(x)) * up(x))``: the uniform rule on the product (AttnLRP) or the gate
+    held constant (CP-LRP, as LXT)."""
+    gate = module.gate_proj(x)
+    if _rule() == "cp-lrp":
+        return module.down_proj(module.act_fn(gate.detach()) * module.up_proj(x))
+    return module.down_proj(_uniform(module.act_fn(gate), module.up_proj(x)))
+
+
+def _tanh(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """tanh (BERT's pooler) with the identity rule: the backward multiplies by ``tanh(x) / x``."""
+    y = torch.tanh(x)
+    nonzero = x != 0
+    return _with_gradient(y, x, torch.where(nonzero, y / torch.where(nonzero, x, 1), 1.0))
+
+
+# module class name -> the forward it runs under LRP (the module is the first argument)
+_PATCHED: dict[str, Callable[[Any, torch.Tensor], torch.Tensor]] = {
+    "LayerNorm": _layer_norm,
+    "LlamaRMSNorm": _rms_norm,
+    "Qwen2RMSNorm": _rms_norm,
+    "MistralRMSNorm": _rms_norm,
+    "GemmaRMSNorm": _gemma_rms_norm,
+    "LlamaMLP": _gated_mlp,
+    "Qwen2MLP": _gated_mlp,
+    "MistralMLP": _gated_mlp,
+    "GemmaMLP": _gated_mlp,
+    "Tanh": _tanh,
+}
+# attention modules that call transformers' AttentionInterface (attrax's LRP attention runs)
+_ATTENTION = frozenset(
+    {
+        "GPT2Attention",
+        "LlamaAttention",
+        "Qwen2Attention",
+        "MistralAttention",
+        "GemmaAttention",
+        "BertSelfAttention",
+        "MarianAttention",
+        "BartAttention",
+    }
+)
+# modules whose own computation is linear (their children get the rules): projections,
+# embeddings, dropout (eval), containers, rotary tables (constants), and the model, block and
+# residual classes of the supported architectures (sums and reshapes)
+_LINEAR = frozenset(
+    {
+        "Linear",
+        "Conv1D",
+        "Embedding",
+        "Dropout",
+        "ModuleList",
+        "ModuleDict",
+        "Identity",
+        "BartScaledWordEmbedding",
+        "GemmaTextScaledWordEmbedding",
+        "BartLearnedPositionalEmbedding",
+        "MarianSinusoidalPositionalEmbedding",
+        "GPT2MLP",
+        "GPT2Block",
+        "GPT2Model",
+        "GPT2LMHeadModel",
+        "GPT2ForSequenceClassification",
+        "GPT2ForTokenClassification",
+        *(
+            f"{family}{part}"
+            for family in ("Llama", "Qwen2", "Mistral", "Gemma")
+            for part in (
+                "RotaryEmbedding",
+                "DecoderLayer",
+                "Model",
+                "ForCausalLM",
+                "ForSequenceClassification",
+                "ForTokenClassification",
+            )
+        ),
+        "BertEmbeddings",
+        "BertEncoder",
+        "BertLayer",
+        "BertAttention",
+        "BertSelfOutput",
+        "BertIntermediate",
+        "BertOutput",
+        "BertPooler",
+        "BertModel",
+        "BertForSequenceClassification",
+        "BertForTokenClassification",
+        *(
+            f"{family}{part}"
+            for family in ("Marian", "Bart")
+            for part in ("Encoder", "Decoder", "EncoderLayer", "DecoderLayer", "Model")
+        ),
+        "MarianMTModel",
+        "BartForConditionalGeneration",
+    }
+)
+#: model types whose modules the tables above cover
+ARCHITECTURES = ("gpt2", "llama", "qwen2", "mistral", "gemma", "bert", "marian", "bart")
+
+
+def _plan(hf: torch.nn.Module) -> list[tuple[torch.nn.Module, Callable[..., torch.Tensor]]]:
+    """The modules to patch, after checking every module of ``hf`` has an LRP rule.
+
+    Raises :class:`ModelError` naming the first module attrax has no rule for.
+    """
+    config = hf.config
+    name = type(hf).__name__
+    if getattr(config, "final_logit_softcapping", None) or getattr(
+        config, "attn_logit_softcapping", None
+    ):
+        raise ModelError(f"lrp: {name} soft-caps its logits (tanh); attrax has no LRP rule for it")
+    if getattr(config, "position_embedding_type", "absolute") not in ("absolute", None):
+        raise ModelError(
+            f"lrp: {name} uses {config.position_embedding_type!r} position embeddings in its "
+            "attention scores; attrax's LRP attention has no rule for them"
+        )
+    if not _can_switch(hf):
+        raise ModelError(
+            f"lrp: {name} does not route attention through transformers' AttentionInterface, "
+            "so attrax cannot install its LRP attention"
+        )
+    patches = []
+    unknown: dict[str, str] = {}  # module type -> where it first occurs
+    for path, module in hf.named_modules():
+        kind = type(module).__name__
+        if kind in _PATCHED:
+            if kind == "LayerNorm" and not isinstance(module, torch.nn.LayerNorm):
+                unknown.setdefault(kind, path)
+            patches.append((module, _PATCHED[kind]))
+        elif not (kind in _ATTENTION or kind in _LINEAR or _activation_kind(module) is not None):
+            unknown.setdefault(kind, path or "(the model)")
+    if unknown:
+        shown = ", ".join(f"{kind} (`{path}`)" for kind, path in list(unknown.items())[:6])
+        more = f" and {len(unknown) - 6} more" if len(unknown) > 6 else ""
+        raise ModelError(
+            f"lrp: attrax has no LRP rule for the modules {shown}{more} of {name}; supported "
+            f"architectures: {', '.join(ARCHITECTURES)}"
+        )
+    return patches
+
+
+@contextlib.contextmanager
+def lrp_rules(model: Model, rule: str) -> Iterator[None]:
+    """Forwards of ``model`` run inside compute the same values with LRP ``rule``'s backward.
+
+    The rule is fixed at forward time and kept by autograd, so backwards (and vmapped
+    backwards) run later still use it.
+    """
+    patches = _plan(model.hf)
+    token = _ACTIVE.set(rule)
+    original = Model.attention_as
+
+    def attention_as(implementation: str, required: bool = False) -> Any:
+        # whatever attrax would run (eager, SDPA, eager for jvp), LRP runs its own attention
+        return original(model, IMPLEMENTATION, required=True)
+
+    model.attention_as = attention_as  # type: ignore[method-assign]
+    # the memory planner then counts the [heads, L, L] weights this attention keeps
+    model.attention_for = lambda tokens, device: "eager"  # type: ignore[method-assign]
+    for module, forward in patches:
+        module.forward = functools.partial(forward, module)
+    try:
+        with backward_rule("identity"):
+            yield
+    finally:
+        for module, _ in patches:
+            del module.forward
+        del model.attention_as, model.attention_for
+        _ACTIVE.reset(token)
+
+
+def _run(core: Callable[..., Rule], call: Call, arguments: dict[str, Any]) -> xr.DataArray:
+    with lrp_rules(call.model, arguments["rule"]):
+        return GRADIENT.run(core, call, arguments)
+
+
+#: LRP: the gradient family's options, run inside :func:`lrp_rules`, explaining the logit
+LRP = Family(
+    name="gradient",
+    takes=tuple(COMMON),
+    refuses={},
+    run=_run,
+    extra={
+        **GRADIENT.extra,
+        "objective": Param(
+            "logit",
+            COMMON["objective"].annotation,
+            COMMON["objective"].check,
+            "'logit' (default: LRP explains a logit), 'probability', 'logprob' or a callable",
+        ),
+    },
+)
+
+
+@LRP.method(rule=check.one_of(*RULES))
+def lrp(problem: Problem, *, rule: str = "attnlrp") -> Rule:
+    """Layer-wise relevance propagation: AttnLRP (Achtibat et al. 2024) or CP-LRP (Ali et al.
+    2022), every target from one forward and one vectorized backward.
+
+    Relevance of source token ``s``, hidden unit ``h`` for target ``k``: the embedding times the
+    gradient of target ``k``'s objective taken through the LRP rules (identity rule for
+    activations, norms' scale constant, uniform rule for products of two activations, the
+    softmax per AttnLRP or held constant for CP-LRP; see docs/methods/propagation.md).
+
+    Arguments as :func:`saliency` (no ``abs``), plus:
+        rule: ``"attnlrp"`` (default) or ``"cp-lrp"``.
+        objective: default ``"logit"``: LRP explains a logit (a classifier's class logit).
+
+    Returns:
+        DataArray ``(target, source, hidden)`` (``example`` first for a list of inputs). Summed
+        over sources and hidden it is the logit minus what biases, position embeddings and (for
+        AttnLRP) the softmaxes absorb.
+
+    Raises:
+        ModelError: the model has a module attrax has no LRP rule for (named in the message).
+
+    >>> import attrax as ax
+    >>> da = ax.lrp(ax.load_model(), "1 2 3 =", " 3 2 1")
+    >>> da.dims, da.attrs["method"], da.attrs["objective"]
+    (('target', 'source', 'hidden'), 'lrp', 'logit')
+    """
+    return Rule(multiplier=problem.inputs)
+
+
+__all__ = ["ARCHITECTURES", "IMPLEMENTATION", "RULES", "lrp", "lrp_rules"]

@@ -1,0 +1,472 @@
+"""ax.lrp (AttnLRP, CP-LRP) against an explicit layer-by-layer LRP written here, and its axioms.
+
+The reference propagates relevance *messages* (``R_in_j = sum_i x_j w_ij R_out_i / z_i`` and the
+papers' rules written out per layer), one target at a time: nothing of attrax's
+gradient-times-input formulation or its detach tricks.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import attrax as ax
+from attrax._lrp import lrp_rules
+from attrax.testing import tiny_classifier, tiny_model
+
+PROMPT, TARGET = "The capital of France", " is Paris."
+
+
+def _double(hf, tok, zero_biases: bool = False) -> ax.Model:
+    hf = hf.double()
+    if zero_biases:
+        with torch.no_grad():
+            for name, parameter in hf.named_parameters():
+                constant = ("position", "wpe", "token_type", "final_logits_bias")
+                if name.endswith("bias") or any(part in name for part in constant):
+                    parameter.zero_()
+            for name, buffer in hf.named_buffers():
+                if name.endswith("final_logits_bias"):
+                    buffer.zero_()
+    return ax.load_model(hf, tokenizer=tok)
+
+
+# the explicit reference: a 2-layer Llama, relevance messages layer by layer
+
+
+def _rms(h: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps) * weight
+
+
+def _linear_messages(
+    x: torch.Tensor, weight: torch.Tensor, relevance: torch.Tensor, z: torch.Tensor
+) -> torch.Tensor:
+    """LRP-0 through ``z = x @ weight.T`` (no bias): ``R_j = x_j sum_i w_ij R_i / z_i``."""
+    return x * ((relevance / z) @ weight)
+
+
+def _rotations(cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE as one matrix per position ``[T, d, d]``: ``q' = M q`` (HF's rotate_half)."""
+    t, d = cos.shape
+    half = d // 2
+    m = torch.zeros(t, d, d, dtype=cos.dtype)
+    idx = torch.arange(d)
+    m[:, idx, idx] = cos
+    m[:, idx[:half], idx[:half] + half] = -sin[:, :half]
+    m[:, idx[half:], idx[half:] - half] = sin[:, half:]
+    return m
+
+
+def _attention_messages(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    s: torch.Tensor,
+    a: torch.Tensor,
+    o: torch.Tensor,
+    r_o: torch.Tensor,
+    scale: float,
+    rule: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+    """Relevance of ``q, k, v`` ``[T, heads, d]`` from that of ``o[i] = sum_j a[i, j] v[j]``
+    (``s`` the masked scores ``[heads, T, T]``, ``a`` their softmax), and what the softmax
+    absorbs. Causal masking: ``s`` is ``-inf`` above the diagonal."""
+    causal = torch.isfinite(s)
+    # o[i,h,:] = sum_j a[h,i,j] v[j,h,:]: each term's share of R
+    terms = torch.einsum("hij,jhd->ihjd", a, v)
+    share = terms / o[:, :, None, :] * r_o[:, :, None, :]
+    if rule == "cp-lrp":  # attention weights are constants: everything to v
+        zero = torch.zeros_like(q)
+        return zero, torch.zeros_like(k), share.sum(0).permute(1, 0, 2), 0.0
+    r_a = 0.5 * share.sum(-1).permute(1, 0, 2)  # [h, i, j]
+    r_v = 0.5 * share.sum(0).permute(1, 0, 2)  # [j, h, d]
+    # softmax rule (AttnLRP, Prop. 3.1): R_S = S (R_A - A sum_j R_A)
+    r_s = torch.where(causal, s * (r_a - a * r_a.sum(-1, keepdim=True)), 0.0)
+    absorbed = float(r_a.sum() - r_s.sum())
+    # s[h,i,j] = scale * sum_d q[i,h,d] k[j,h,d]: uniform rule
+    tq = torch.einsum("ihd,jhd->hijd", q, k) * scale
+    part = torch.where(causal[..., None], tq / s[..., None] * r_s[..., None], 0.0)
+    r_q = 0.5 * part.sum(2).permute(1, 0, 2)  # [i, h, d]
+    r_k = 0.5 * part.sum(1).permute(1, 0, 2)  # [j, h, d]
+    return r_q, r_k, r_v, absorbed
+
+
+@torch.no_grad()
+def llama_lrp_reference(
+    hf, ids: list[int], position: int, target: int, rule: str
+) -> tuple[np.ndarray, float, float]:
+    """Relevance ``[T, H]`` of the token embeddings for the logit of ``target`` read at
+    ``position``, the relevance the softmaxes absorb, and the logit."""
+    cfg = hf.config
+    hidden, heads, kv = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads
+    d, group, eps = hidden // heads, heads // kv, cfg.rms_norm_eps
+    t = len(ids)
+    x = hf.model.embed_tokens.weight[torch.tensor(ids)]
+    cos, sin = hf.model.rotary_emb(x[None], torch.arange(t)[None])
+    rot = _rotations(cos[0].double(), sin[0].double())
+    causal = torch.ones(t, t, dtype=torch.bool).tril()
+    scale = d**-0.5
+    saved, h = [], x
+    for layer in hf.model.layers:
+        att, mlp = layer.self_attn, layer.mlp
+        n1 = _rms(h, layer.input_layernorm.weight, eps)
+        q, k, v = (n1 @ p.weight.T for p in (att.q_proj, att.k_proj, att.v_proj))
+        q, k, v = q.view(t, heads, d), k.view(t, kv, d), v.view(t, kv, d)
+        qr = torch.einsum("tnm,thm->thn", rot, q)
+        kr = torch.einsum("tnm,thm->thn", rot, k)
+        kf, vf = kr.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+        s = torch.einsum("ihd,jhd->hij", qr, kf) * scale
+        s = s.masked_fill(~causal, -torch.inf)
+        a = torch.softmax(s, -1)
+        o = torch.einsum("hij,jhd->ihd", a, vf)
+        attn = o.reshape(t, hidden) @ att.o_proj.weight.T
+        h1 = h + attn
+        n2 = _rms(h1, layer.post_attention_layernorm.weight, eps)
+        g, u = n2 @ mlp.gate_proj.weight.T, n2 @ mlp.up_proj.weight.T
+        z = torch.nn.functional.silu(g) * u
+        out = z @ mlp.down_proj.weight.T
+        h2 = h1 + out
+        saved.append(
+            (layer, h, n1, q, k, v, qr, kr, kf, vf, s, a, o, attn, h1, n2, g, u, z, out, h2)
+        )
+        h = h2
+    final = _rms(h, hf.model.norm.weight, eps)
+    head = hf.lm_head.weight[target]
+    relevance = torch.zeros(t, hidden, dtype=x.dtype)
+    relevance[position] = final[position] * head  # the logit's terms; RMSNorm passes them on
+    absorbed = 0.0
+    for layer, h, n1, q, k, v, qr, kr, kf, vf, s, a, o, attn, h1, n2, g, u, z, out, h2 in reversed(
+        saved
+    ):
+        att, mlp = layer.self_attn, layer.mlp
+        # residual h2 = h1 + out: split in proportion to the summands
+        r_h1, r_out = h1 / h2 * relevance, out / h2 * relevance
+        r_z = _linear_messages(z, mlp.down_proj.weight, r_out, out)
+        if rule == "attnlrp":  # uniform rule on silu(g) * u, identity rule on silu
+            r_g, r_u = r_z / 2, r_z / 2
+        else:  # CP-LRP: the gate is a constant, all to u
+            r_g, r_u = torch.zeros_like(r_z), r_z
+        r_n2 = _linear_messages(n2, mlp.gate_proj.weight, r_g, g)
+        r_n2 = r_n2 + _linear_messages(n2, mlp.up_proj.weight, r_u, u)
+        r_h1 = r_h1 + r_n2  # RMSNorm with its scale constant: elementwise, passes R unchanged
+        r_h, r_attn = h / h1 * r_h1, attn / h1 * r_h1
+        r_o = _linear_messages(o.reshape(t, hidden), att.o_proj.weight, r_attn, attn)
+        r_o = r_o.view(t, heads, d)
+        r_qr, r_kf, r_vf, lost = _attention_messages(qr, kf, vf, s, a, o, r_o, scale, rule)
+        absorbed += lost
+        if rule == "attnlrp":
+            r_kr = r_kf.reshape(t, kv, group, d).sum(2)  # copies of a kv head add up
+            r_q = q * torch.einsum("tnm,thn->thm", rot, r_qr / qr)  # RoPE: LRP-0 of a rotation
+            r_k = k * torch.einsum("tnm,thn->thm", rot, r_kr / kr)
+        else:
+            r_q, r_k = torch.zeros_like(q), torch.zeros_like(k)
+        r_v = r_vf.reshape(t, kv, group, d).sum(2)  # copies of a kv head add up
+        r_n1 = sum(
+            _linear_messages(n1, p.weight, r.reshape(t, -1), y.reshape(t, -1))
+            for p, r, y in ((att.q_proj, r_q, q), (att.k_proj, r_k, k), (att.v_proj, r_v, v))
+        )
+        relevance = r_h + r_n1
+    logit = float(final[position] @ head)
+    return relevance.numpy(), absorbed, logit
+
+
+def _affine_messages(
+    x: torch.Tensor, weight: torch.Tensor, relevance: torch.Tensor, z: torch.Tensor
+) -> torch.Tensor:
+    """LRP-0 through ``z = x @ weight + bias`` (GPT-2's Conv1D): the bias keeps its share."""
+    return x * ((relevance / z) @ weight.T)
+
+
+def _layer_norm_messages(
+    h: torch.Tensor, norm: torch.nn.LayerNorm, relevance: torch.Tensor, y: torch.Tensor
+) -> torch.Tensor:
+    """LRP-0 through ``y = (h - mean h) c w + b`` with ``c = 1 / std`` a constant:
+    ``R_j = h_j c (w_j R_j / y_j - mean_i w_i R_i / y_i)``; ``b`` keeps its share."""
+    c = torch.rsqrt(h.var(-1, unbiased=False, keepdim=True) + norm.eps)
+    ratio = norm.weight * relevance / y
+    return h * c * (ratio - ratio.mean(-1, keepdim=True))
+
+
+@torch.no_grad()
+def gpt2_lrp_reference(hf, ids: list[int], position: int, target: int, rule: str) -> np.ndarray:
+    """Relevance ``[T, H]`` of GPT-2's token embeddings for the logit of ``target`` at
+    ``position``: biases, LayerNorm shifts and position embeddings absorb their shares."""
+    cfg, tr = hf.config, hf.transformer
+    hidden, heads = cfg.n_embd, cfg.n_head
+    d, t = hidden // heads, len(ids)
+    x = tr.wte.weight[torch.tensor(ids)]
+    h = x + tr.wpe.weight[:t]
+    causal = torch.ones(t, t, dtype=torch.bool).tril()
+    scale = d**-0.5
+
+    def gelu(f: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.gelu(f, approximate="tanh")
+
+    saved, h0 = [], h
+    for block in tr.h:
+        att, mlp = block.attn, block.mlp
+        n1 = block.ln_1(h)
+        qkv = n1 @ att.c_attn.weight + att.c_attn.bias
+        q, k, v = (part.view(t, heads, d) for part in qkv.split(hidden, -1))
+        s = torch.einsum("ihd,jhd->hij", q, k) * scale
+        s = s.masked_fill(~causal, -torch.inf)
+        a = torch.softmax(s, -1)
+        o = torch.einsum("hij,jhd->ihd", a, v)
+        attn = o.reshape(t, hidden) @ att.c_proj.weight + att.c_proj.bias
+        h1 = h + attn
+        n2 = block.ln_2(h1)
+        f = n2 @ mlp.c_fc.weight + mlp.c_fc.bias
+        out = gelu(f) @ mlp.c_proj.weight + mlp.c_proj.bias
+        h2 = h1 + out
+        saved.append((block, h, n1, qkv, q, k, v, s, a, o, attn, h1, n2, f, out, h2))
+        h = h2
+    final = tr.ln_f(h)
+    head = hf.lm_head.weight[target]
+    r_final = torch.zeros(t, hidden, dtype=x.dtype)
+    r_final[position] = final[position] * head
+    relevance = _layer_norm_messages(h, tr.ln_f, r_final, final)
+    for block, h, n1, qkv, q, k, v, s, a, o, attn, h1, n2, f, out, h2 in reversed(saved):
+        att, mlp = block.attn, block.mlp
+        r_h1, r_out = h1 / h2 * relevance, out / h2 * relevance
+        r_gelu = _affine_messages(gelu(f), mlp.c_proj.weight, r_out, out)
+        # identity rule: R passes through GELU unchanged
+        r_n2 = _affine_messages(n2, mlp.c_fc.weight, r_gelu, f)
+        r_h1 = r_h1 + _layer_norm_messages(h1, block.ln_2, r_n2, n2)
+        r_h, r_attn = h / h1 * r_h1, attn / h1 * r_h1
+        r_o = _affine_messages(o.reshape(t, hidden), att.c_proj.weight, r_attn, attn)
+        r_q, r_k, r_v, _ = _attention_messages(q, k, v, s, a, o, r_o.view(t, heads, d), scale, rule)
+        r_qkv = torch.cat([r.reshape(t, hidden) for r in (r_q, r_k, r_v)], -1)
+        r_n1 = _affine_messages(n1, att.c_attn.weight, r_qkv, qkv)
+        relevance = r_h + _layer_norm_messages(h, block.ln_1, r_n1, n1)
+    return (x / h0 * relevance).numpy()  # the position embeddings keep their share
+
+
+@pytest.mark.parametrize("rule", ["attnlrp", "cp-lrp"])
+def test_gpt2_equals_explicit_layer_by_layer_lrp(rule):
+    # biases, LayerNorm (centring and shift), tanh-GELU, position embeddings
+    model = _double(*tiny_model("gpt2"))
+    got = ax.lrp(model, PROMPT, TARGET, rule=rule)
+    ids = got.source_id.values.tolist()
+    for k, position in enumerate(got.target.values.tolist()):
+        want = gpt2_lrp_reference(model.hf, ids, position - 1, int(got.target_id[k]), rule)
+        np.testing.assert_allclose(got[k].fillna(0).values, want, rtol=1e-7, atol=1e-10)
+
+
+@pytest.fixture(scope="module")
+def llama() -> ax.Model:
+    return _double(*tiny_model("llama"))
+
+
+@pytest.mark.parametrize("rule", ["attnlrp", "cp-lrp"])
+def test_llama_equals_explicit_layer_by_layer_lrp(llama, rule):
+    got = ax.lrp(llama, PROMPT, TARGET, rule=rule)
+    ids = got.source_id.values.tolist()
+    for k, position in enumerate(got.target.values.tolist()):
+        want, _, _ = llama_lrp_reference(llama.hf, ids, position - 1, int(got.target_id[k]), rule)
+        np.testing.assert_allclose(got[k].fillna(0).values, want, rtol=1e-7, atol=1e-10)
+
+
+@pytest.mark.parametrize("rule", ["attnlrp", "cp-lrp"])
+def test_llama_conservation(llama, rule):
+    # sum of relevance + what the softmaxes absorb (AttnLRP; none for CP-LRP) = the logit, up to
+    # float64 rounding: the model has no biases and no position embeddings (RoPE acts on q, k)
+    got = ax.lrp(llama, PROMPT, TARGET, rule=rule)
+    ids = got.source_id.values.tolist()
+    for k, position in enumerate(got.target.values.tolist()):
+        _, absorbed, logit = llama_lrp_reference(
+            llama.hf, ids, position - 1, int(got.target_id[k]), rule
+        )
+        total = float(got[k].sum())
+        if rule == "cp-lrp":
+            assert absorbed == 0.0
+        assert total + absorbed == pytest.approx(logit, rel=1e-9, abs=1e-9)
+
+
+@torch.no_grad()
+def _logits(model: ax.Model, da) -> np.ndarray:
+    """The explained logits, from the Hugging Face model's own forward on the ids."""
+    hf = model.hf
+    ids = torch.tensor(da.source_id.values)
+    if model.task != "generation":  # a sequence classifier: one logit per class
+        return hf(input_ids=ids[None]).logits[0, da.target_class.values].numpy()
+    if model.is_encoder_decoder:
+        sides = da.side.values
+        source, decoder = ids[sides == "source"][None], ids[sides == "target"][None]
+        logits = hf(input_ids=source, decoder_input_ids=decoder).logits[0]
+    else:
+        logits = hf(input_ids=ids[None]).logits[0]
+    # target k at position p is read from the logits at p - 1 of its sequence
+    return logits[da.target.values - 1, da.target_id.values].numpy()
+
+
+def _causal_lm(name: str) -> tuple:
+    """A tiny Mistral or Gemma (not in attrax.testing), with the tiny Llama's tokenizer."""
+    import transformers
+
+    _, tok = tiny_model("llama")
+    config = getattr(transformers, f"{name}Config")(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64,
+        initializer_range=0.3, bos_token_id=1, eos_token_id=2, pad_token_id=None,
+    )  # fmt: skip
+    config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    hf = getattr(transformers, f"{name}ForCausalLM")(config).eval()
+    if name == "Gemma":  # its RMSNorm scales by 1 + weight, initialised at 0
+        with torch.no_grad():
+            for module in hf.modules():
+                if type(module).__name__ == "GemmaRMSNorm":
+                    module.weight.normal_(std=0.3)
+    return hf, tok
+
+
+BIAS_FREE = {
+    "gpt2": lambda: tiny_model("gpt2"),
+    "mistral": lambda: _causal_lm("Mistral"),
+    "gemma": lambda: _causal_lm("Gemma"),
+    "marian": lambda: tiny_model("marian"),
+    "bart": lambda: tiny_model("bart"),
+    "bert": lambda: tiny_classifier("bert"),
+}
+
+
+@pytest.mark.parametrize("arch", list(BIAS_FREE))
+def test_cp_lrp_is_exactly_conservative_without_biases(arch):
+    # CP-LRP makes every layer linear (attention weights, norm scales, f(x)/x constant): with the
+    # biases and position embeddings zeroed the relevance sums to the logit (float64 rounding)
+    model = _double(*BIAS_FREE[arch](), zero_biases=True)
+    if model.task == "generation":
+        got = ax.lrp(model, PROMPT, TARGET, rule="cp-lrp", attribute_target=True)
+        if not model.is_encoder_decoder:
+            got = ax.lrp(model, PROMPT, TARGET, rule="cp-lrp")
+    else:
+        got = ax.lrp(model, "the plot was good", [0, 1, 2], rule="cp-lrp")
+    # float64 rounding; transformers' RMSNorm rounds to float32 even in a float64 model, so
+    # there the explained logits (its forward) carry float32 roundings (~1e-7 per layer)
+    tolerance = 1e-5 if arch in ("mistral", "gemma") else 1e-9
+    np.testing.assert_allclose(
+        got.sum(("source", "hidden")).values, _logits(model, got), rtol=tolerance, atol=tolerance
+    )
+
+
+def test_attnlrp_runs_on_every_architecture():
+    for hf, tok in (tiny_model("marian"), tiny_model("bart"), tiny_classifier("qwen2")):
+        model = ax.load_model(hf, tokenizer=tok)
+        generation = model.task == "generation"
+        got = ax.lrp(model, PROMPT if generation else "good", TARGET if generation else None)
+        assert np.isfinite(got.fillna(0).values).all() and float(abs(got).sum()) > 0
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_the_rules_keep_the_forward(arch):
+    # the rewritten modules compute the same values (float32): only the backward changes
+    hf, tok = tiny_model(arch)
+    llama = ax.load_model(hf, tokenizer=tok)
+    ids = torch.tensor([[1, 5, 9, 14, 3]])
+    embeds, mask = llama.embed(ids), torch.ones_like(ids)
+    index = torch.tensor([[2, 4]])
+    want = llama.logits_at(embeds, mask, index)
+    for rule in ("attnlrp", "cp-lrp"):
+        with lrp_rules(llama, rule):
+            got = llama.logits_at(embeds, mask, index)
+        # float32 roundings: the LayerNorm is spelt out instead of fused
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "bert", "marian"])
+def test_batched_equals_single(arch):
+    # padding is masked in attrax's LRP attention as in the model's own (causal, bidirectional)
+    if arch == "bert":
+        model = _double(*tiny_classifier("bert"))
+        prompts, targets = ["the plot was good", "bad"], [[0, 2], [1, 2]]
+    else:
+        model = _double(*tiny_model(arch))
+        prompts, targets = [PROMPT, "def f(x):"], [TARGET, " return x + 1"]
+    batched = ax.lrp(model, prompts, targets)
+    for b, (prompt, target) in enumerate(zip(prompts, targets, strict=True)):
+        single = ax.lrp(model, prompt, target)
+        part = batched.isel(example=b).sel(target=single.target, source=single.source)
+        np.testing.assert_allclose(part.values, single.values, rtol=1e-9, atol=1e-12)
+
+
+def test_forward_mode_equals_reverse_mode(llama):
+    reverse = ax.lrp(llama, PROMPT, TARGET, reduce_hidden="sum", mode="reverse")
+    forward = ax.lrp(llama, PROMPT, TARGET, reduce_hidden="sum", mode="forward")
+    np.testing.assert_allclose(forward.values, reverse.values, rtol=1e-9, atol=1e-12)
+
+
+def test_unsupported_modules_are_refused():
+    hf, tok = tiny_model("t5")
+    with pytest.raises(ax.ModelError, match=r"no LRP rule for the modules T5ForConditional"):
+        ax.lrp(ax.load_model(hf, tokenizer=tok), "translate: a b", "x")
+    hf, tok = tiny_classifier("distilbert")
+    with pytest.raises(ax.ModelError, match=r"DistilBertSelfAttention \(`distilbert\.trans"):
+        ax.lrp(ax.load_model(hf, tokenizer=tok), "good", 0)
+    # one foreign nonlinearity in a supported model is named, never silently propagated
+    hf, tok = tiny_model("gpt2")
+    hf.transformer.h[1].mlp.act = torch.nn.Sigmoid()
+    with pytest.raises(ax.ModelError, match=r"modules Sigmoid \(`transformer\.h\.1\.mlp\.act`\)"):
+        ax.lrp(ax.load_model(hf, tokenizer=tok), "a b", " c")
+
+
+def test_options_are_checked(default_model):
+    assert ax.lrp.attrax_resolve({})["objective"] == "logit"
+    with pytest.raises(ax.OptionError, match="rule"):
+        ax.lrp(default_model, "1 2 =", " 2 1", rule="lrp-0")
+
+
+def test_cli_attribute_method_lrp(tmp_path):
+    from attrax.cli import main
+
+    out = tmp_path / "lrp.nc"
+    args = ["attribute", "--method", "lrp", "--input", "1 2 3 =", "--target", " 3 2 1"]
+    assert main([*args, "-o", "rule=cp-lrp", "--reduce", "sum", "--out", str(out)]) == 0
+    da = ax.load(out)
+    assert da.attrs["method"] == "lrp" and da.attrs["objective"] == "logit"
+    assert '"rule": "cp-lrp"' in da.attrs["options"]
+    direct = ax.lrp(ax.load_model(), "1 2 3 =", " 3 2 1", rule="cp-lrp")
+    want = direct.sum("hidden", skipna=False).values
+    np.testing.assert_allclose(da.values, want, rtol=1e-5, atol=1e-6)
+
+
+def test_dataset_run(tmp_path, default_model):
+    import json
+
+    data = tmp_path / "data.jsonl"
+    rows = [{"input": "1 2 3 =", "target": " 3 2 1"}, {"input": "4 5 =", "target": " 5 4"}]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "out"
+    run = ax.attribute_dataset(
+        default_model, data, out, method="lrp", reduce="sum", rule="cp-lrp", progress=False
+    )
+    assert run.records == 2
+    got = ax.load_dataset_results(out).isel(example=1)
+    direct = ax.lrp(default_model, "4 5 =", " 5 4", rule="cp-lrp", reduce_hidden="sum")
+    part = got.sel(target=direct.target, source=direct.source)
+    np.testing.assert_allclose(part.values, direct.values, rtol=1e-5, atol=1e-6)
+
+
+def test_any_attention_implementation_gives_the_same_relevance():
+    # the rules run attrax's own attention whatever the model was loaded with
+    hf, tok = tiny_model("llama")
+    eager = ax.load_model(hf, tokenizer=tok)
+    hf, tok = tiny_model("llama", attn_implementation="sdpa")
+    sdpa = ax.load_model(hf, tokenizer=tok, attn_implementation="sdpa")
+    want = ax.lrp(eager, PROMPT, TARGET)
+    np.testing.assert_allclose(ax.lrp(sdpa, PROMPT, TARGET).values, want.values, rtol=1e-5)
+    assert sdpa.hf.config._attn_implementation == "sdpa"  # switched back afterwards
+
+
+def test_contrastive_relevance_explains_the_logit_difference(llama):
+    # CP-LRP on the bias-free Llama: relevance sums to logit(target) - logit(contrast) (float64)
+    contrast = " is Rome."
+    got = ax.lrp(llama, PROMPT, TARGET, contrast=contrast, rule="cp-lrp")
+    ids = got.source_id.values.tolist()
+    foil = llama.tokenizer(PROMPT + contrast)["input_ids"][-got.sizes["target"] :]
+    for k, position in enumerate(got.target.values.tolist()):
+        _, _, logit = llama_lrp_reference(
+            llama.hf, ids, position - 1, int(got.target_id[k]), "cp-lrp"
+        )
+        _, _, other = llama_lrp_reference(llama.hf, ids, position - 1, foil[k], "cp-lrp")
+        assert float(got[k].sum()) == pytest.approx(logit - other, rel=1e-9, abs=1e-9)
