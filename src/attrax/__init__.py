@@ -46,10 +46,10 @@ if TYPE_CHECKING:
     from ._guided import guided_backprop as guided_backprop
     from ._heads import attention_x_gradient as attention_x_gradient
     from ._heads import head_attribution as head_attribution
+    from ._lrp import lrp as lrp
     from ._mixing import alti as alti
     from ._mixing import alti_logit as alti_logit
     from ._mixing import value_zeroing as value_zeroing
-    from ._lrp import lrp as lrp
     from ._model import Model as Model
     from ._model import load_model as load_model
     from ._objectives import logit as logit
