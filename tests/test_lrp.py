@@ -470,3 +470,20 @@ def test_contrastive_relevance_explains_the_logit_difference(llama):
         )
         _, _, other = llama_lrp_reference(llama.hf, ids, position - 1, foil[k], "cp-lrp")
         assert float(got[k].sum()) == pytest.approx(logit - other, rel=1e-9, abs=1e-9)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "mistral", "bert"])
+def test_cp_lrp_is_conserved_at_every_layer(arch):
+    # `layers=`: relevance read at each residual-stream layer (activation x modified gradient)
+    # crosses only the blocks above it, each linear under CP-LRP: every layer sums to the logit
+    model = _double(*BIAS_FREE[arch](), zero_biases=True)
+    if model.task == "generation":
+        got = ax.lrp(model, PROMPT, TARGET, rule="cp-lrp", layers="all")
+    else:
+        got = ax.lrp(model, "the plot was good", [0, 1], rule="cp-lrp", layers="all")
+    assert got.sizes["layer"] == model.hf.config.num_hidden_layers + 1
+    tolerance = 1e-5 if arch == "mistral" else 1e-9
+    logits = _logits(model, got.isel(layer=0))
+    for layer in got["layer"].values:  # assertions only: one check per layer
+        total = got.sel(layer=layer).sum(("source", "hidden")).values
+        np.testing.assert_allclose(total, logits, rtol=tolerance, atol=tolerance)

@@ -184,13 +184,6 @@ def _gated_mlp(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     return module.down_proj(_uniform(module.act_fn(gate), module.up_proj(x)))
 
 
-def _tanh(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """tanh (BERT's pooler) with the identity rule: the backward multiplies by ``tanh(x) / x``."""
-    y = torch.tanh(x)
-    nonzero = x != 0
-    return _with_gradient(y, x, torch.where(nonzero, y / torch.where(nonzero, x, 1), 1.0))
-
-
 # module class name -> the forward it runs under LRP (the module is the first argument)
 _PATCHED: dict[str, Callable[[Any, torch.Tensor], torch.Tensor]] = {
     "LayerNorm": _layer_norm,
@@ -202,8 +195,9 @@ _PATCHED: dict[str, Callable[[Any, torch.Tensor], torch.Tensor]] = {
     "Qwen2MLP": _gated_mlp,
     "MistralMLP": _gated_mlp,
     "GemmaMLP": _gated_mlp,
-    "Tanh": _tanh,
 }
+# activation kinds the identity rule covers (tanh: BERT's pooler); sigmoid is not one (f(0) != 0)
+IDENTITY_KINDS = ("gelu_tanh", "gelu", "silu", "relu", "tanh")
 # attention modules that call transformers' AttentionInterface (attrax's LRP attention runs)
 _ATTENTION = frozenset(
     {
@@ -304,7 +298,9 @@ def _plan(hf: torch.nn.Module) -> list[tuple[torch.nn.Module, Callable[..., torc
             if kind == "LayerNorm" and not isinstance(module, torch.nn.LayerNorm):
                 unknown.setdefault(kind, path)
             patches.append((module, _PATCHED[kind]))
-        elif not (kind in _ATTENTION or kind in _LINEAR or _activation_kind(module) is not None):
+        elif not (
+            kind in _ATTENTION or kind in _LINEAR or _activation_kind(module) in IDENTITY_KINDS
+        ):
             unknown.setdefault(kind, path or "(the model)")
     if unknown:
         shown = ", ".join(f"{kind} (`{path}`)" for kind, path in list(unknown.items())[:6])
@@ -337,7 +333,7 @@ def lrp_rules(model: Model, rule: str) -> Iterator[None]:
     for module, forward in patches:
         module.forward = functools.partial(forward, module)
     try:
-        with backward_rule("identity"):
+        with backward_rule("identity", IDENTITY_KINDS):
             yield
     finally:
         for module, _ in patches:
