@@ -528,10 +528,39 @@ def test_cli_and_dataset(tmp_path, write_jsonl):
         progress=False,
     )
     with pytest.raises(ax.OptionError, match="`corrupted` is required"):
-        # `corrupted` belongs to each record, and dataset runs give every record the same options
+        # records without a 'corrupted' field and no option: nothing to patch from
         ax.attribute_dataset(
             None, data, tmp_path / "atp", method="attribution_patching", progress=False
         )
+    # each record's own corrupted input, from its 'corrupted' field
+    rows = [
+        {"input": "1 2 3 =", "target": " 3 2 1", "corrupted": "1 2 4 ="},
+        {"input": "4 5 6 =", "target": " 6 5 4", "corrupted": "4 7 6 ="},
+    ]
+    per_record = write_jsonl(rows, name="corrupted.jsonl")
+    ax.attribute_dataset(
+        None, per_record, tmp_path / "atp", method="attribution_patching",
+        reduce="sum:head,sum:layer", shard_size=2, progress=False,
+    )  # fmt: skip
+    got = ax.load_dataset_results(tmp_path / "atp")
+    for b, row in enumerate(rows):  # assertions only: one check per record
+        alone = ax.attribution_patching(
+            ax.load_model(), row["input"], row["target"], corrupted=row["corrupted"]
+        )
+        want = alone.sum(["head", "layer"], skipna=False)
+        mine = got.isel(example=b).sel(target=want.target, source=want.source)
+        np.testing.assert_allclose(mine.values, want.values, rtol=1e-5, atol=1e-7)
+    with pytest.raises(ax.OptionError, match="both as an option"):
+        ax.attribute_dataset(
+            None, per_record, tmp_path / "both", method="attribution_patching",
+            corrupted="1 2 4 =", progress=False,
+        )  # fmt: skip
+    rows[1].pop("corrupted")
+    with pytest.raises(ax.InputError, match="1 of 2 records have a 'corrupted'"):
+        ax.attribute_dataset(
+            None, write_jsonl(rows, name="some.jsonl"), tmp_path / "some",
+            method="attribution_patching", progress=False,
+        )  # fmt: skip
     loaded = ax.load_dataset_results(tmp_path / "run")
     assert loaded.dims == ("example", "target", "source")
     first = loaded.isel(example=0).dropna("target", how="all").dropna("source", how="all")

@@ -21,6 +21,7 @@ import contextlib
 import dataclasses
 import hashlib
 import importlib
+import inspect
 import json
 import os
 import re
@@ -223,10 +224,10 @@ def attribute_dataset(
     if not isinstance(shard_size, int) or isinstance(shard_size, bool) or shard_size < 1:
         raise OptionError(f"`shard_size` must be a positive integer, got {shard_size!r}")
     fn = resolve_method(method)
-    resolved = resolve_options(fn, options)
     steps = parse_reduce(reduce)
     data, out = Path(data).expanduser(), Path(out).expanduser()
     scan = _scan(data)
+    resolved = resolve_options(fn, _with_record_options(fn, options, scan))
     shards = -(-scan.records // shard_size)
     if isinstance(model, Model):
         model_name = model.name
@@ -408,6 +409,7 @@ class _Scan:
     has_target: bool
     has_id: bool
     has_label: bool = False
+    has_corrupted: bool = False
 
 
 def _scan(data: Path) -> _Scan:
@@ -415,9 +417,10 @@ def _scan(data: Path) -> _Scan:
     if not data.is_file():
         raise InputError(f"`data` {str(data)!r} is not a file")
     digest = hashlib.sha256()
-    records, with_target, with_id, with_label = 0, 0, 0, 0
+    records, with_target, with_id, with_label, with_corrupted = 0, 0, 0, 0, 0
     for record in _records(data, digest):
         records += 1
+        with_corrupted += "corrupted" in record
         with_target += "target" in record
         with_id += "id" in record
         with_label += "label" in record
@@ -433,7 +436,14 @@ def _scan(data: Path) -> _Scan:
             f"`data` {str(data)!r}: {with_label} of {records} records have a 'label'; give one "
             "on every line, or on none"
         )
-    return _Scan(digest.hexdigest(), records, with_target > 0, with_id > 0, with_label > 0)
+    if 0 < with_corrupted < records:
+        raise InputError(
+            f"`data` {str(data)!r}: {with_corrupted} of {records} records have a 'corrupted'; "
+            "give one on every line, or on none"
+        )
+    return _Scan(
+        digest.hexdigest(), records, with_target > 0, with_id > 0, with_label > 0, with_corrupted > 0
+    )
 
 
 def _records(data: Path, digest: Any = None) -> Iterator[dict[str, Any]]:
@@ -451,7 +461,7 @@ def _records(data: Path, digest: Any = None) -> Iterator[dict[str, Any]]:
                 raise InputError(f"{where}: not valid JSON ({err})") from None
             if not isinstance(record, dict):
                 raise InputError(f"{where}: expected a JSON object, got {type(record).__name__}")
-            for key in ("input", "target", "input_pair"):
+            for key in ("input", "target", "input_pair", "corrupted"):
                 value = record.get(key, "")
                 if (key in record or key == "input") and (
                     not isinstance(value, str) or not value.strip()
@@ -664,6 +674,8 @@ def _attribute(
 ) -> xr.DataArray:
     inputs = [(r["input"], r["input_pair"]) if "input_pair" in r else r["input"] for r in records]
     targets = [record["target"] for record in records] if scan.has_target else None
+    if scan.has_corrupted and _takes(fn, "corrupted"):
+        options = {**options, "corrupted": [record["corrupted"] for record in records]}
     da = reduce(call_method(fn, model, inputs, targets, options), steps)
     da = da.assign_coords(example=[record["_line"] for record in records])
     if scan.has_id:
@@ -673,6 +685,24 @@ def _attribute(
         labels = [_label(model, record["label"]) for record in records]
         da = da.assign_coords(label=("example", np.asarray(labels, dtype=str)))
     return da
+
+
+def _takes(fn: Callable[..., xr.DataArray], name: str) -> bool:
+    return name in inspect.signature(fn).parameters
+
+
+def _with_record_options(
+    fn: Callable[..., xr.DataArray], options: Mapping[str, Any], scan: _Scan
+) -> Mapping[str, Any]:
+    """``options`` with those the records give per record (``corrupted``) named for the checks
+    and the manifest; a record field and the same option given to the call is an error."""
+    if not (scan.has_corrupted and _takes(fn, "corrupted")):
+        return options
+    if "corrupted" in options:
+        raise OptionError(
+            "`corrupted` is given both as an option and by the records' 'corrupted' field: give one"
+        )
+    return {**options, "corrupted": "(each record's 'corrupted')"}
 
 
 def _label(model: Model, value: str | int) -> str:
