@@ -29,7 +29,7 @@ from typing import Any
 import torch
 import xarray as xr
 
-from . import _arch
+from . import _arch, _layers
 from . import _validate as check
 from ._engine import Problem, baseline_embeddings
 from ._errors import ModelError, OptionError
@@ -115,7 +115,7 @@ class _References:
         self.recording = False
         self.calls = 0
         self.values: dict[int, torch.Tensor] = {}  # point index -> objective at its baseline
-        self.total: torch.Tensor | None = None  # [B, K]: the attributions' sums
+        self.total: torch.Tensor | None = None  # [B, K] (, n_layers): the attributions' sums
         self.weights: torch.Tensor | None = None  # [N]: the baselines' weights
         self.end: torch.Tensor | None = None  # [B, K]: the objective at the input, f(x)
 
@@ -171,17 +171,20 @@ class _References:
             self.values[i] = v
 
     def gap(self) -> torch.Tensor:
-        """``[B, K]``: the attributions' sum minus ``f(x) - sum_i w_i f(b_i)``."""
+        """``[B, K]`` (``[B, K, n_layers]`` at layers): the attributions' sum minus
+        ``f(x) - sum_i w_i f(b_i)``."""
         assert self.total is not None and self.weights is not None and self.end is not None
         end = self.end
         w = self.weights.to(dtype=end.dtype, device=end.device)
         start = torch.stack([self.values[i] for i in range(len(w))])
-        return self.total - (end - torch.einsum("nbk,n->bk", start, w))
+        delta = end - torch.einsum("nbk,n->bk", start, w)
+        return self.total - (delta if self.total.ndim == 2 else delta[..., None])
 
     def sums(self, *per_side: torch.Tensor) -> torch.Tensor:
-        """The rule's transform: records each side's sum over sources (and hidden), keeps it."""
+        """The rule's transform: records each side's sum over sources and hidden (its last two
+        dims: ``[B, K, L, H]``, or ``[B, K, n_layers, L, H]`` at layers), keeps it."""
         (values,) = per_side
-        total = values.sum(dim=tuple(range(2, values.ndim)))
+        total = values.sum(dim=(-2, -1))
         self.total = total if self.total is None else self.total + total
         return values
 
@@ -224,8 +227,14 @@ class _WithGap:
         return getattr(self._call, name)
 
     def label(self, sides: Any, *, target_coords: Any = None, **kwargs: Any) -> xr.DataArray:
-        coords = {**(target_coords or {}), "completeness_gap": self._gap()}
-        return self._call.label(sides, target_coords=coords, **kwargs)
+        gap = self._gap()
+        if gap.ndim == 2:
+            coords = {**(target_coords or {}), "completeness_gap": gap}
+            return self._call.label(sides, target_coords=coords, **kwargs)
+        # at layers: one gap per layer, (target, layer)
+        coords = {**(target_coords or {}), **_layers.gap_coords(gap)}
+        da = self._call.label(sides, target_coords=coords, **kwargs)
+        return _layers.join_gaps(da, gap.shape[-1])
 
 
 def _check_activations(model: Model, activations: str) -> None:
@@ -278,7 +287,11 @@ def _rescale_rule(problem: Problem, bases: tuple[torch.Tensor, ...], weights: to
     def deltas(chunk: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return tuple(xi[None] - b[chunk.to(b.device)] for xi, b in zip(x, bases, strict=True))
 
-    return Rule(points, weights, multiplier=deltas, transform=references.sums)
+    def origins(chunk: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        # at layers: the multiplier is h_l(x) - h_l(b_i) (Captum's LayerDeepLift)
+        return tuple(b[chunk.to(b.device)] for b in bases)
+
+    return Rule(points, weights, multiplier=deltas, transform=references.sums, origins=origins)
 
 
 _ACTIVATIONS_PARAM = Param(
