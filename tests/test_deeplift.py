@@ -581,3 +581,15 @@ def test_deeplift_layers_cli(tmp_path, default_model):
     da = ax.load(out)
     assert da.dims == ("target", "source", "layer")
     assert da.completeness_gap.dims == ("target", "layer")
+
+
+def test_committed_layer_benchmark_table_is_rendered():
+    """The docs' table is what ``python -m benchmarks.deeplift --report`` renders from the JSON."""
+    from pathlib import Path
+
+    from benchmarks import deeplift as bench
+
+    root = Path(__file__).parent.parent
+    result = json.loads((root / "benchmarks" / "deeplift-layers.json").read_text())
+    assert all(r["ok"] for r in result["records"])
+    assert bench.render_layers(result) in (root / "docs" / "methods" / "propagation.md").read_text()

@@ -181,10 +181,12 @@ class _References:
         return self.total - (delta if self.total.ndim == 2 else delta[..., None])
 
     def sums(self, *per_side: torch.Tensor) -> torch.Tensor:
-        """The rule's transform: records each side's sum over sources and hidden (its last two
-        dims: ``[B, K, L, H]``, or ``[B, K, n_layers, L, H]`` at layers), keeps it."""
+        """The rule's transform: records each side's sum over sources (and hidden), keeps it:
+        ``[B, K, L(, H)]`` sum to ``[B, K]``; at layers ``[B, K, n_layers, L, H]`` keep their
+        layer, ``[B, K, n_layers]``."""
         (values,) = per_side
-        total = values.sum(dim=(-2, -1))
+        layered = values.ndim == 5
+        total = values.sum(dim=(-2, -1) if layered else tuple(range(2, values.ndim)))
         self.total = total if self.total is None else self.total + total
         return values
 
