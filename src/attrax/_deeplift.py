@@ -16,7 +16,10 @@ forward over the matching baselines records every covered activation's input (in
 stacked like the points); the forward over the input then runs those activations as
 :class:`_Rescale`, an autograd function with a vmap rule, so the engine's vectorized backward
 gives every target at once. DeepLiftSHAP stacks its baselines as points: the mean over baselines
-of DeepLIFT with each (Captum's ``DeepLiftShap``), in one pass.
+of DeepLIFT with each (Captum's ``DeepLiftShap``), in one pass. ``layers=`` (Captum's
+``LayerDeepLift``) goes through the gradient family's layer reader (:mod:`attrax._layers`): the
+baselines are the rule's per-point ``origins``, so the multiplier at layer ``l`` is
+``h_l(x) - h_l(b_i)``, and the probes' backward runs through the same rescaled activations.
 """
 
 from __future__ import annotations
@@ -337,10 +340,14 @@ def deeplift(
             and sigmoid modules (Captum hooks ``nn.ReLU``/``nn.Tanh``/``nn.Sigmoid``, not GELU
             or SiLU, whose gradient it keeps). An elementwise activation module without a rule
             (``QuickGELUActivation``, ``nn.ELU``, ...) raises a :class:`ModelError`.
+        layers: as :func:`saliency`: attribute to the residual stream at these layers instead
+            (Captum's ``LayerDeepLift``): ``(h_l(x) - h_l(x0))`` times the multipliers read at
+            the layer's output, the Rescale rule still at every activation downstream.
 
     Returns:
         DataArray ``(target, source, hidden)`` with a ``completeness_gap`` coordinate along
-        ``target``: the attributions' sum minus ``f(x) - f(x0)``.
+        ``target``: the attributions' sum minus ``f(x) - f(x0)``. With ``layers``:
+        ``(target, source, layer, hidden)``, the gap ``(target, layer)``, per layer.
 
     >>> import attrax as ax
     >>> da = ax.deeplift(ax.load_model(), "1 2 3 =", " 3 2 1")
@@ -375,6 +382,7 @@ def deeplift_shap(
             seeded with ``seed`` (``torch.randint(len(baselines), (samples,))``), so batched
             equals single.
         seed: the random seed of the draws.
+        layers: as :func:`deeplift` (Captum's ``LayerDeepLiftShap``: the mean over baselines).
 
     Returns:
         DataArray ``(target, source, hidden)`` with a ``completeness_gap`` coordinate: the
