@@ -574,13 +574,23 @@ def test_deeplift_at_the_last_layer_of_a_classifier_sums_to_delta():
     assert_close(got.isel(layer=-1).values, want)
 
 
-def test_deeplift_layers_cli(tmp_path, default_model):
+def test_deeplift_layers_cli_and_dataset(tmp_path, default_model, write_jsonl):
     out = tmp_path / "dl.nc"
     args = ["attribute", "--method", "deeplift", "--input", "1 2 =", "--target", " 2 1"]
     assert main([*args, "--option", "layers=[0, 2]", "--reduce", "l2_norm", "--out", str(out)]) == 0
     da = ax.load(out)
     assert da.dims == ("target", "source", "layer")
     assert da.completeness_gap.dims == ("target", "layer")
+    data = write_jsonl(
+        [{"input": "3 1 4 =", "target": " 4 1 3"}, {"input": "5 9 =", "target": " 9 5"}]
+    )
+    out = tmp_path / "run"
+    ax.attribute_dataset(
+        default_model, data, out, method="deeplift_shap", layers=[0, -1], reduce="l2_norm",
+        progress=False,
+    )  # fmt: skip
+    loaded = ax.load_dataset_results(out)
+    assert "layer" in loaded.dims and loaded.attrs["method"] == "deeplift_shap"
 
 
 def test_committed_layer_benchmark_table_is_rendered():
