@@ -402,3 +402,204 @@ def test_cli_and_dataset_run(tmp_path, default_model, write_jsonl):
     loaded = ax.load_dataset_results(out)
     assert loaded.attrs["method"] == "deeplift_shap"
     assert json.loads((out / "manifest.json").read_text())["run"]["options"]["samples"] == 2
+
+
+# --------------------------------------------------------------------------------------------------
+# layers=: Captum's LayerDeepLift / LayerDeepLiftShap (the layer's output)
+# --------------------------------------------------------------------------------------------------
+def naive_layer_deeplift(model, arch, source, target, layers, baseline="zeros", names=EVERY):
+    """``[target, source, layer, hidden]``: per layer and target, the rescaled gradient at the
+    block's output (one hooked backward each) times ``h_l(x) - h_l(x0)``; future NaN."""
+    from tests.test_layers import layer_gradients, stream
+
+    run = _naive.Runner(model, *_naive.token_ids(model, source, target))
+    x = run.embeddings()
+    if baseline == "zeros":
+        x0 = torch.zeros_like(x[0])
+    else:  # the pad token's embedding everywhere
+        pad = model.hf.get_input_embeddings()(torch.tensor([[model.pad_token_id]])).detach()
+        x0 = pad.expand_as(x[0])
+    reference = [x0, *x[1:]]
+    blocks = arch.split("-")[0]  # gpt2-relu keeps GPT-2's blocks
+    per_layer = []
+    for layer in layers:
+        h = stream(run, model, blocks, layer, x)
+        h0 = stream(run, model, blocks, layer, reference)
+        grads = _rescaled(
+            model.hf,
+            names,
+            lambda: run.logits(reference),
+            lambda h=h, layer=layer: layer_gradients(run, model, blocks, layer, x, h),
+        )
+        per_layer.append(torch.stack(grads) * (h - h0))
+    out = torch.stack(per_layer, dim=2).numpy().copy()  # [K, L, layers, H]
+    if not model.is_encoder_decoder:
+        for k, t in enumerate(run.targets()):
+            out[k, t:] = np.nan
+    return out
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "marian", "gpt2-relu"])
+def test_deeplift_at_layers_equals_hooked_loop(double_models, arch):
+    model = double_models[arch]
+    source, target = PAIRS[0]
+    layers = [0, 1, -1]
+    got = ax.deeplift(model, source, target, layers=layers)
+    assert got.dims == ("target", "source", "layer", "hidden")
+    assert got.completeness_gap.dims == ("target", "layer")
+    count = int(got.layer.values[-1])
+    want = naive_layer_deeplift(model, arch, source, target, [0, 1, count])
+    assert_close(got.values, want)
+    # the rule reaches the layers: not layer input x gradient times h_l(x) - h_l(x0)
+    plain = ax.integrated_gradients(model, source, target, layers=layers, steps=1).values
+    ok = ~np.isnan(want)
+    assert not np.allclose(got.values[ok], plain[ok], atol=1e-8)
+    # the gap per layer: the layer's sum minus f(x) - f(x0), f from the model run here
+    run = _naive.Runner(model, *_naive.token_ids(model, source, target))
+    x = run.embeddings()
+    reference = [torch.zeros_like(x[0]), *x[1:]]
+    delta = np.array(
+        [
+            float(run.score(t, x, _naive.probability) - run.score(t, reference, _naive.probability))
+            for t in run.targets()
+        ]
+    )
+    np.testing.assert_allclose(
+        got.completeness_gap.values,
+        np.nansum(want, axis=(1, 3)) - delta[:, None],
+        rtol=1e-6,
+        atol=1e-12,
+    )
+    # layer 0 with an embedding-only baseline is the embeddings' DeepLIFT (positions cancel)
+    if arch in ("llama", "gpt2"):
+        whole = ax.deeplift(model, source, target)
+        assert_close(got.isel(layer=0).values, whole.values, rtol=1e-9)
+
+
+def test_deeplift_at_layers_pad_baseline_chunks(double_models):
+    model = double_models["gpt2-relu"]
+    source, target = PAIRS[1]
+    got = ax.deeplift(model, source, target, baseline="pad", layers=[2, 1], chunk_size=1)
+    want = naive_layer_deeplift(model, "gpt2-relu", source, target, [2, 1], baseline="pad")
+    assert_close(got.values, want)
+    whole = ax.deeplift(model, source, target, baseline="pad", layers=[2, 1])
+    assert_close(whole.values, got.values, rtol=1e-9)
+    np.testing.assert_allclose(whole.completeness_gap, got.completeness_gap, rtol=1e-8)
+    # the gap on a ReLU GPT-2 is not zero at a hidden layer: layer norms and attention downstream
+    # keep their gradient (Captum's LayerDeepLift has the same delta)
+    assert np.abs(got.completeness_gap.values).max() > 1e-6
+
+
+def test_deeplift_shap_at_layers_is_the_mean_over_baselines(double_models):
+    model = double_models["gpt2-relu"]
+    source, target = PAIRS[0]
+    noise = torch.randn(1, 1, model.hf.config.n_embd, generator=torch.Generator().manual_seed(1))
+    baselines = ["zeros", "pad", noise.double()]
+    got = ax.deeplift_shap(model, source, target, baselines=baselines, layers="all")
+    singles = [ax.deeplift(model, source, target, baseline=b, layers="all") for b in baselines]
+    assert_close(got.values, np.mean([s.values for s in singles], axis=0), rtol=1e-9)
+    gaps = np.mean([s.completeness_gap.values for s in singles], axis=0)
+    np.testing.assert_allclose(got.completeness_gap, gaps, rtol=1e-8, atol=1e-14)
+    # one baseline per forward: the same sums
+    one = ax.deeplift_shap(model, source, target, baselines=baselines, layers="all", batch_size=1)
+    assert_close(one.values, got.values, rtol=1e-9)
+    np.testing.assert_allclose(one.completeness_gap, got.completeness_gap, rtol=1e-8, atol=1e-14)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "marian"])
+def test_deeplift_at_layers_batched_equals_single(double_models, arch):
+    model = double_models[arch]
+    sources, targets = [p[0] for p in PAIRS], [p[1] for p in PAIRS]
+    options = {"baselines": ["zeros", "pad"], "samples": 3, "layers": [1, -1]}
+    batched = ax.deeplift_shap(model, sources, targets, **options)
+    for i, (source, target) in enumerate(PAIRS):
+        single = ax.deeplift_shap(model, source, target, **options)
+        row = batched.isel(example=i).sel(target=single.target, source=single.source)
+        np.testing.assert_allclose(row.values, single.values, rtol=1e-9, atol=1e-14)
+        gap = batched.completeness_gap.isel(example=i).sel(target=single.target)
+        np.testing.assert_allclose(gap, single.completeness_gap, rtol=1e-8, atol=1e-14)
+
+
+def test_deeplift_at_the_last_layer_of_a_classifier_sums_to_delta():
+    # BERT's last block output feeds only the pooler (dense, tanh) and a linear classifier: with
+    # the logit as objective the Rescale rule covers every nonlinearity downstream, so the last
+    # layer's attributions add up to f(x) - f(x0) exactly; earlier layers (attention and norms
+    # downstream) keep a gap
+    hf, tok = tiny_classifier("bert", hidden_act="relu")
+    model = ax.load_model(hf.double(), tokenizer=tok)
+    text = "the capital of france is paris"
+    got = ax.deeplift(model, text, "all", objective="logit", layers=[1, -1])
+    gap = np.abs(got.completeness_gap.values)
+    scale = np.abs(got.sum(("source", "hidden")).values).max()
+    assert scale > 1e-3
+    assert gap[:, -1].max() < 1e-10 * max(scale, 1.0)
+    assert gap[:, 0].max() > 1e-6
+    # and it is the hooked gradient at that output times h_L(x) - h_L(x0)
+    from tests.test_layers import at_layer
+
+    enc = tok(text, return_tensors="pt")
+    last = int(got.layer.values[-1])
+    embed = hf.get_input_embeddings()
+
+    def run(reference: bool, edit=None):
+        # the zero baseline replaces the token embeddings (positions and types are added after)
+        zero = embed.register_forward_hook(lambda m, a, out: torch.zeros_like(out))
+        if not reference:
+            zero.remove()
+        try:
+            with at_layer(model, "bert", last, edit or (lambda h: h)):
+                return hf(**enc).logits[0]
+        finally:
+            zero.remove()
+
+    def stream_at(reference: bool) -> torch.Tensor:
+        kept = []
+        with torch.no_grad():
+            run(reference, lambda h: kept.append(h) or h)
+        return kept[0]
+
+    h, h0 = stream_at(False), stream_at(True)
+
+    def attributed():
+        leaf = h.clone().requires_grad_(True)
+        logits = run(False, lambda _h: leaf)
+        return [torch.autograd.grad(v, leaf, retain_graph=True)[0] for v in logits]
+
+    def reference_forward():
+        with torch.no_grad():
+            run(True)
+
+    grads = _rescaled(hf, EVERY, reference_forward, attributed)
+    want = np.stack([((h - h0) * g)[0].numpy() for g in grads])
+    assert_close(got.isel(layer=-1).values, want)
+
+
+def test_deeplift_layers_cli_and_dataset(tmp_path, default_model, write_jsonl):
+    out = tmp_path / "dl.nc"
+    args = ["attribute", "--method", "deeplift", "--input", "1 2 =", "--target", " 2 1"]
+    assert main([*args, "--option", "layers=[0, 2]", "--reduce", "l2_norm", "--out", str(out)]) == 0
+    da = ax.load(out)
+    assert da.dims == ("target", "source", "layer")
+    assert da.completeness_gap.dims == ("target", "layer")
+    data = write_jsonl(
+        [{"input": "3 1 4 =", "target": " 4 1 3"}, {"input": "5 9 =", "target": " 9 5"}]
+    )
+    out = tmp_path / "run"
+    ax.attribute_dataset(
+        default_model, data, out, method="deeplift_shap", layers=[0, -1], reduce="l2_norm",
+        progress=False,
+    )  # fmt: skip
+    loaded = ax.load_dataset_results(out)
+    assert "layer" in loaded.dims and loaded.attrs["method"] == "deeplift_shap"
+
+
+def test_committed_layer_benchmark_table_is_rendered():
+    """The docs' table is what ``python -m benchmarks.deeplift --report`` renders from the JSON."""
+    from pathlib import Path
+
+    from benchmarks import deeplift as bench
+
+    root = Path(__file__).parent.parent
+    result = json.loads((root / "benchmarks" / "deeplift-layers.json").read_text())
+    assert all(r["ok"] for r in result["records"])
+    assert bench.render_layers(result) in (root / "docs" / "methods" / "propagation.md").read_text()

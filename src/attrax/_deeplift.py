@@ -16,7 +16,10 @@ forward over the matching baselines records every covered activation's input (in
 stacked like the points); the forward over the input then runs those activations as
 :class:`_Rescale`, an autograd function with a vmap rule, so the engine's vectorized backward
 gives every target at once. DeepLiftSHAP stacks its baselines as points: the mean over baselines
-of DeepLIFT with each (Captum's ``DeepLiftShap``), in one pass.
+of DeepLIFT with each (Captum's ``DeepLiftShap``), in one pass. ``layers=`` (Captum's
+``LayerDeepLift``) goes through the gradient family's layer reader (:mod:`attrax._layers`): the
+baselines are the rule's per-point ``origins``, so the multiplier at layer ``l`` is
+``h_l(x) - h_l(b_i)``, and the probes' backward runs through the same rescaled activations.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from typing import Any
 import torch
 import xarray as xr
 
-from . import _arch
+from . import _arch, _layers
 from . import _validate as check
 from ._engine import Problem, baseline_embeddings
 from ._errors import ModelError, OptionError
@@ -115,7 +118,7 @@ class _References:
         self.recording = False
         self.calls = 0
         self.values: dict[int, torch.Tensor] = {}  # point index -> objective at its baseline
-        self.total: torch.Tensor | None = None  # [B, K]: the attributions' sums
+        self.total: torch.Tensor | None = None  # [B, K] (, n_layers): the attributions' sums
         self.weights: torch.Tensor | None = None  # [N]: the baselines' weights
         self.end: torch.Tensor | None = None  # [B, K]: the objective at the input, f(x)
 
@@ -171,17 +174,22 @@ class _References:
             self.values[i] = v
 
     def gap(self) -> torch.Tensor:
-        """``[B, K]``: the attributions' sum minus ``f(x) - sum_i w_i f(b_i)``."""
+        """``[B, K]`` (``[B, K, n_layers]`` at layers): the attributions' sum minus
+        ``f(x) - sum_i w_i f(b_i)``."""
         assert self.total is not None and self.weights is not None and self.end is not None
         end = self.end
         w = self.weights.to(dtype=end.dtype, device=end.device)
         start = torch.stack([self.values[i] for i in range(len(w))])
-        return self.total - (end - torch.einsum("nbk,n->bk", start, w))
+        delta = end - torch.einsum("nbk,n->bk", start, w)
+        return self.total - (delta if self.total.ndim == 2 else delta[..., None])
 
     def sums(self, *per_side: torch.Tensor) -> torch.Tensor:
-        """The rule's transform: records each side's sum over sources (and hidden), keeps it."""
+        """The rule's transform: records each side's sum over sources (and hidden), keeps it:
+        ``[B, K, L(, H)]`` sum to ``[B, K]``; at layers ``[B, K, n_layers, L, H]`` keep their
+        layer, ``[B, K, n_layers]``."""
         (values,) = per_side
-        total = values.sum(dim=tuple(range(2, values.ndim)))
+        layered = values.ndim == 5
+        total = values.sum(dim=(-2, -1) if layered else tuple(range(2, values.ndim)))
         self.total = total if self.total is None else self.total + total
         return values
 
@@ -224,8 +232,14 @@ class _WithGap:
         return getattr(self._call, name)
 
     def label(self, sides: Any, *, target_coords: Any = None, **kwargs: Any) -> xr.DataArray:
-        coords = {**(target_coords or {}), "completeness_gap": self._gap()}
-        return self._call.label(sides, target_coords=coords, **kwargs)
+        gap = self._gap()
+        if gap.ndim == 2:
+            coords = {**(target_coords or {}), "completeness_gap": gap}
+            return self._call.label(sides, target_coords=coords, **kwargs)
+        # at layers: one gap per layer, (target, layer)
+        coords = {**(target_coords or {}), **_layers.gap_coords(gap)}
+        da = self._call.label(sides, target_coords=coords, **kwargs)
+        return _layers.join_gaps(da, gap.shape[-1])
 
 
 def _check_activations(model: Model, activations: str) -> None:
@@ -278,7 +292,11 @@ def _rescale_rule(problem: Problem, bases: tuple[torch.Tensor, ...], weights: to
     def deltas(chunk: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return tuple(xi[None] - b[chunk.to(b.device)] for xi, b in zip(x, bases, strict=True))
 
-    return Rule(points, weights, multiplier=deltas, transform=references.sums)
+    def origins(chunk: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        # at layers: the multiplier is h_l(x) - h_l(b_i) (Captum's LayerDeepLift)
+        return tuple(b[chunk.to(b.device)] for b in bases)
+
+    return Rule(points, weights, multiplier=deltas, transform=references.sums, origins=origins)
 
 
 _ACTIVATIONS_PARAM = Param(
@@ -322,10 +340,14 @@ def deeplift(
             and sigmoid modules (Captum hooks ``nn.ReLU``/``nn.Tanh``/``nn.Sigmoid``, not GELU
             or SiLU, whose gradient it keeps). An elementwise activation module without a rule
             (``QuickGELUActivation``, ``nn.ELU``, ...) raises a :class:`ModelError`.
+        layers: as :func:`saliency`: attribute to the residual stream at these layers instead
+            (Captum's ``LayerDeepLift``): ``(h_l(x) - h_l(x0))`` times the multipliers read at
+            the layer's output, the Rescale rule still at every activation downstream.
 
     Returns:
         DataArray ``(target, source, hidden)`` with a ``completeness_gap`` coordinate along
-        ``target``: the attributions' sum minus ``f(x) - f(x0)``.
+        ``target``: the attributions' sum minus ``f(x) - f(x0)``. With ``layers``:
+        ``(target, source, layer, hidden)``, the gap ``(target, layer)``, per layer.
 
     >>> import attrax as ax
     >>> da = ax.deeplift(ax.load_model(), "1 2 3 =", " 3 2 1")
@@ -360,6 +382,7 @@ def deeplift_shap(
             seeded with ``seed`` (``torch.randint(len(baselines), (samples,))``), so batched
             equals single.
         seed: the random seed of the draws.
+        layers: as :func:`deeplift` (Captum's ``LayerDeepLiftShap``: the mean over baselines).
 
     Returns:
         DataArray ``(target, source, hidden)`` with a ``completeness_gap`` coordinate: the

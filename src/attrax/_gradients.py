@@ -204,7 +204,7 @@ def _run_layers(rule: Rule, call: Call, layers: list[int]) -> xr.DataArray:
         x, reference = problem.inputs[0], rule.reference[0]
         ends = problem.evaluate((torch.stack([x, reference]),))
         gap = values.sum(dim=(3, 4)) - (ends[0] - ends[1])[..., None]  # [B, K, n_layers]
-        target_coords = {f"_gap{j}": gap[..., j] for j in range(len(layers))}
+        target_coords = _layers.gap_coords(gap)
     reduce_hidden = o["reduce_hidden"]
     if reduce_hidden:
         reduce = torch.linalg.vector_norm if reduce_hidden == "l2_norm" else torch.sum
@@ -218,9 +218,7 @@ def _run_layers(rule: Rule, call: Call, layers: list[int]) -> xr.DataArray:
         trailing_coords={"layer": layers},
     )
     if target_coords is not None:
-        names = list(target_coords)
-        gaps = xr.Variable.concat([da[n].variable for n in names], dim="layer")
-        da = da.drop_vars(names).assign_coords(completeness_gap=gaps.transpose(..., "layer"))
+        da = _layers.join_gaps(da, len(layers))
     if reduce_hidden:
         da.attrs["reductions"] = f"{reduce_hidden}(hidden)"
     return da

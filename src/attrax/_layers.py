@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
+import xarray as xr
 from torch.func import vjp
 
 from . import _arch
@@ -102,6 +103,19 @@ def resolve(model: Model, layers: Layers) -> list[int]:
     return out
 
 
+def gap_coords(gap: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A completeness gap per layer ``[B, K, n_layers]`` as target coordinates ``[B, K]`` (one
+    per layer, as the labeller takes them); :func:`join_gaps` makes them one after labelling."""
+    return {f"_gap{j}": gap[..., j] for j in range(gap.shape[-1])}
+
+
+def join_gaps(da: xr.DataArray, count: int) -> xr.DataArray:
+    """The coordinates of :func:`gap_coords` as one ``completeness_gap`` ``(..., layer)``."""
+    names = [f"_gap{j}" for j in range(count)]
+    gaps = xr.Variable.concat([da[n].variable for n in names], dim="layer")
+    return da.drop_vars(names).assign_coords(completeness_gap=gaps.transpose(..., "layer"))
+
+
 @contextlib.contextmanager
 def edit_layers(
     model: Model, layers: Sequence[int], edit: Callable[[int, torch.Tensor], torch.Tensor]
@@ -167,8 +181,10 @@ def moments(
       ``h_l(x) - h_l(reference)`` (``h_l(x)`` without a reference);
     - a path (``alphas``, integrated gradients): the gradient at ``h_l(x') + a (h_l(x) - h_l(x'))``
       put in place of layer ``l``'s output, times ``h_l(x) - h_l(x')``;
-    - a multiplier per point (GradientSHAP, with ``origins``): the gradient at the rule's points,
-      times ``h_l(origin_i + m_i) - h_l(origin_i)`` (Captum's ``LayerGradientShap``).
+    - a multiplier per point (GradientSHAP, DeepLIFT, with ``origins``): the gradient at the
+      rule's points, times ``h_l(origin_i + m_i) - h_l(origin_i)`` (Captum's
+      ``LayerGradientShap``; ``LayerDeepLift``, whose origins are the baselines and whose
+      backward the DeepLIFT family changes).
     """
     x = problem.inputs[0]
     weights = rule.weights if rule.weights is not None else torch.ones(1, dtype=torch.float64)
