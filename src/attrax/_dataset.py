@@ -442,7 +442,12 @@ def _scan(data: Path) -> _Scan:
             "give one on every line, or on none"
         )
     return _Scan(
-        digest.hexdigest(), records, with_target > 0, with_id > 0, with_label > 0, with_corrupted > 0
+        digest.hexdigest(),
+        records,
+        with_target > 0,
+        with_id > 0,
+        with_label > 0,
+        with_corrupted > 0,
     )
 
 
