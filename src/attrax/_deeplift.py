@@ -46,7 +46,7 @@ from ._model import (
     _value_and_derivative,
     activation_tap,
 )
-from ._protocol import COMMON, Call, Family, Param
+from ._protocol import Call, Param
 
 #: Which activations get the Rescale rule: every elementwise one attrax knows, or only those
 #: Captum's ``DeepLift`` hooks (``nn.ReLU``, ``nn.Tanh``, ``nn.Sigmoid`` modules)
@@ -308,13 +308,7 @@ _ACTIVATIONS_PARAM = Param(
 )
 
 #: DeepLIFT methods: the gradient family's options, plus ``activations``.
-DEEPLIFT = Family(
-    name="gradient",
-    takes=tuple(COMMON),
-    refuses={},
-    run=_run,
-    extra={**GRADIENT.extra, "activations": _ACTIVATIONS_PARAM},
-)
+DEEPLIFT = GRADIENT.derive(_run, activations=_ACTIVATIONS_PARAM)
 
 
 @DEEPLIFT.method(baseline=check.baseline)

@@ -24,7 +24,7 @@ from . import _validate as check
 from ._engine import Problem
 from ._gradients import GRADIENT, Rule
 from ._model import backward_rule
-from ._protocol import COMMON, Call, Family, Param
+from ._protocol import Call, Param
 
 #: Which activations get the modified backward: every elementwise one, or ReLUs only (Captum)
 ACTIVATIONS = ("all", "relu")
@@ -49,18 +49,8 @@ _ACTIVATIONS_PARAM = Param(
 )
 
 
-def _family(rule: str) -> Family:
-    return Family(
-        name="gradient",
-        takes=tuple(COMMON),
-        refuses={},
-        run=_with_rule(rule),
-        extra={**GRADIENT.extra, "activations": _ACTIVATIONS_PARAM},
-    )
-
-
-GUIDED = _family("guided")
-DECONVOLUTION = _family("deconvolution")
+GUIDED = GRADIENT.derive(_with_rule("guided"), activations=_ACTIVATIONS_PARAM)
+DECONVOLUTION = GRADIENT.derive(_with_rule("deconvolution"), activations=_ACTIVATIONS_PARAM)
 
 
 @GUIDED.method()

@@ -45,7 +45,7 @@ from ._engine import Problem
 from ._errors import ModelError
 from ._gradients import GRADIENT, Rule
 from ._model import Model, _activation_kind, _can_switch, backward_rule
-from ._protocol import COMMON, Call, Family, Param
+from ._protocol import COMMON, Call, Param
 
 #: LRP variants: AttnLRP (softmax rule, uniform rule on attention products) or CP-LRP
 #: (attention weights and MLP gates held constant)
@@ -348,20 +348,14 @@ def _run(core: Callable[..., Rule], call: Call, arguments: dict[str, Any]) -> xr
 
 
 #: LRP: the gradient family's options, run inside :func:`lrp_rules`, explaining the logit
-LRP = Family(
-    name="gradient",
-    takes=tuple(COMMON),
-    refuses={},
-    run=_run,
-    extra={
-        **GRADIENT.extra,
-        "objective": Param(
-            "logit",
-            COMMON["objective"].annotation,
-            COMMON["objective"].check,
-            "'logit' (default: LRP explains a logit), 'probability', 'logprob' or a callable",
-        ),
-    },
+LRP = GRADIENT.derive(
+    _run,
+    objective=Param(
+        "logit",
+        COMMON["objective"].annotation,
+        COMMON["objective"].check,
+        "'logit' (default: LRP explains a logit), 'probability', 'logprob' or a callable",
+    ),
 )
 
 

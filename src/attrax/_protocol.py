@@ -17,7 +17,7 @@ from __future__ import annotations
 import functools
 import inspect
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from typing import Any
 
@@ -183,6 +183,11 @@ class Family:
         """Decorator: the public method of a core, its own options checked by ``checks`` (one
         per option) and ``together`` (all options at once, for rules that join two)."""
         return functools.partial(_public, self, checks, together)
+
+    def derive(self, run: Run, **extra: Param) -> Family:
+        """This family's parameters plus ``extra`` (which may override one), run by ``run``:
+        usually ``self.run`` inside a context that changes the backward (guided, DeepLIFT, LRP)."""
+        return replace(self, run=run, extra={**self.extra, **extra})
 
 
 def _public(
