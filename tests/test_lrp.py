@@ -253,6 +253,134 @@ def test_gpt2_equals_explicit_layer_by_layer_lrp(rule):
         np.testing.assert_allclose(got[k].fillna(0).values, want, rtol=1e-7, atol=1e-10)
 
 
+# the explicit reference for BERT-family classifiers (post-LayerNorm blocks, biases, a head)
+
+#: the encoder classifiers attrax's tiny_classifier builds and LRP covers
+ENCODERS = ("bert", "roberta", "xlm-roberta", "electra", "distilbert")
+
+
+def _encoder_blocks(hf) -> tuple:
+    """(embeddings module, projection or None, heads, blocks) of a BERT-family classifier; a block
+    is ``(query, key, value, attention out, LayerNorm 1, FFN in, activation, FFN out, LayerNorm 2)``."""
+    if hf.config.model_type == "distilbert":
+        base = hf.distilbert
+        blocks = [
+            (b.attention.q_lin, b.attention.k_lin, b.attention.v_lin, b.attention.out_lin,
+             b.sa_layer_norm, b.ffn.lin1, b.ffn.activation, b.ffn.lin2, b.output_layer_norm)
+            for b in base.transformer.layer
+        ]  # fmt: skip
+        return base.embeddings, None, hf.config.n_heads, blocks
+    base = getattr(hf, hf.base_model_prefix)
+    blocks = [
+        (b.attention.self.query, b.attention.self.key, b.attention.self.value,
+         b.attention.output.dense, b.attention.output.LayerNorm, b.intermediate.dense,
+         b.intermediate.intermediate_act_fn, b.output.dense, b.output.LayerNorm)
+        for b in base.encoder.layer
+    ]  # fmt: skip
+    projection = getattr(base, "embeddings_project", None)  # ELECTRA's embedding_size -> hidden
+    return base.embeddings, projection, hf.config.num_attention_heads, blocks
+
+
+def _sequence_head(hf) -> tuple:
+    """(dense, its nonlinearity, output projection) of a sequence classifier's head."""
+    kind = hf.config.model_type
+    if kind == "distilbert":  # pre_classifier, an inline nn.ReLU(), classifier
+        return hf.pre_classifier, torch.relu, hf.classifier
+    if kind == "electra":  # gelu, as a module
+        return hf.classifier.dense, hf.classifier.activation, hf.classifier.out_proj
+    return hf.classifier.dense, torch.tanh, hf.classifier.out_proj  # RoBERTa, XLM-R: torch.tanh
+
+
+@torch.no_grad()
+def encoder_lrp_reference(hf, ids: list[int], position: int | None, cls: int, rule: str):
+    """Relevance ``[T, E]`` of the word embeddings for class ``cls``'s logit: of the sequence
+    (``position=None``, the head reads the first token) or of token ``position``. Biases,
+    LayerNorm shifts, position and segment embeddings keep their shares."""
+    embeddings, projection, heads, blocks = _encoder_blocks(hf)
+    t = len(ids)
+    x = embeddings.word_embeddings.weight[torch.tensor(ids)]
+    summed = []  # the embedding sum the LayerNorm normalises (positions, segments, x)
+    hook = embeddings.LayerNorm.register_forward_pre_hook(lambda _m, a: summed.append(a[0][0]))
+    embeddings(input_ids=torch.tensor([ids]))
+    hook.remove()
+    e = summed[0]
+    normed = embeddings.LayerNorm(e)
+    h = projection(normed) if projection is not None else normed
+    h0, saved = h, []
+    for block in blocks:
+        ql, kl, vl, out_l, ln1, fin, act, fout, ln2 = block
+        hidden = h.shape[-1]
+        d = hidden // heads
+        zq, zk, zv = ql(h), kl(h), vl(h)
+        q, k, v = (z.view(t, heads, d) for z in (zq, zk, zv))
+        s = torch.einsum("ihd,jhd->hij", q, k) * d**-0.5
+        a = torch.softmax(s, -1)
+        o = torch.einsum("hij,jhd->ihd", a, v)
+        att = out_l(o.reshape(t, hidden))
+        r1 = att + h
+        n1 = ln1(r1)
+        f = fin(n1)
+        g = act(f)
+        out = fout(g)
+        r2 = out + n1
+        n2 = ln2(r2)
+        saved.append((block, h, zq, zk, zv, q, k, v, s, a, o, att, r1, n1, f, g, out, r2, n2))
+        h = n2
+    relevance = torch.zeros_like(h)
+    if position is None:  # dense -> nonlinearity (identity rule) -> out_proj, on the first token
+        dense, nonlinearity, out_proj = _sequence_head(hf)
+        z = dense(h[0])
+        r_z = nonlinearity(z) * out_proj.weight[cls]  # identity rule: passes on unchanged
+        relevance[0] = _linear_messages(h[0], dense.weight, r_z, z)
+    else:
+        relevance[position] = h[position] * hf.classifier.weight[cls]
+    for block, h, zq, zk, zv, q, k, v, s, a, o, att, r1, n1, f, g, out, r2, n2 in reversed(saved):
+        ql, kl, vl, out_l, ln1, fin, act, fout, ln2 = block
+        r_r2 = _layer_norm_messages(r2, ln2, relevance, n2)
+        r_out, r_n1 = out / r2 * r_r2, n1 / r2 * r_r2
+        r_g = _linear_messages(g, fout.weight, r_out, out)  # identity rule through the GELU
+        r_n1 = r_n1 + _linear_messages(n1, fin.weight, r_g, f)
+        r_r1 = _layer_norm_messages(r1, ln1, r_n1, n1)
+        r_att, r_h = att / r1 * r_r1, h / r1 * r_r1
+        r_o = _linear_messages(o.reshape(t, -1), out_l.weight, r_att, att)
+        r_q, r_k, r_v, _ = _attention_messages(
+            q, k, v, s, a, o, r_o.view(q.shape), q.shape[-1] ** -0.5, rule
+        )
+        relevance = r_h + sum(
+            _linear_messages(h, p.weight, r.reshape(t, -1), z)
+            for p, r, z in ((ql, r_q, zq), (kl, r_k, zk), (vl, r_v, zv))
+        )
+    if projection is not None:
+        relevance = _linear_messages(normed, projection.weight, relevance, h0)
+    relevance = _layer_norm_messages(e, embeddings.LayerNorm, relevance, normed)
+    return (x / e * relevance).numpy()  # position and segment embeddings keep their share
+
+
+@pytest.mark.parametrize("rule", ["attnlrp", "cp-lrp"])
+@pytest.mark.parametrize(
+    ("arch", "task"),
+    [
+        ("roberta", "sequence"),  # torch.tanh in the head: the identity rule, not 1 - tanh^2
+        ("xlm-roberta", "sequence"),
+        ("electra", "sequence"),  # GELU head, embedding projection
+        ("distilbert", "sequence"),  # inline ReLU in the head
+        ("roberta", "token"),
+        ("distilbert", "token"),
+    ],
+)
+def test_encoder_classifiers_equal_explicit_layer_by_layer_lrp(arch, task, rule):
+    model = _double(*tiny_classifier(arch, task=task))
+    if task == "sequence":
+        got = ax.lrp(model, "the plot was good", [0, 1, 2], rule=rule)
+    else:
+        got = ax.lrp(model, "the plot was good", rule=rule)
+    ids = got.source_id.values.tolist()
+    for k, target in enumerate(got.target.values.tolist()):
+        position = None if task == "sequence" else target
+        want = encoder_lrp_reference(model.hf, ids, position, int(got.target_class[k]), rule)
+        np.testing.assert_allclose(got[k].values, want, rtol=1e-7, atol=1e-10)
+
+
 @pytest.fixture(scope="module")
 def llama() -> ax.Model:
     return _double(*tiny_model("llama"))
@@ -288,8 +416,11 @@ def _logits(model: ax.Model, da) -> np.ndarray:
     """The explained logits, from the Hugging Face model's own forward on the ids."""
     hf = model.hf
     ids = torch.tensor(da.source_id.values)
-    if model.task != "generation":  # a sequence classifier: one logit per class
+    if model.task == "sequence-classification":  # one logit per class
         return hf(input_ids=ids[None]).logits[0, da.target_class.values].numpy()
+    if model.task == "token-classification":  # target = the token's position, and its class
+        positions, classes = da.target.values.tolist(), da.target_class.values.tolist()
+        return hf(input_ids=ids[None]).logits[0, positions, classes].numpy()
     if model.is_encoder_decoder:
         sides = da.side.values
         source, decoder = ids[sides == "source"][None], ids[sides == "target"][None]
@@ -328,6 +459,13 @@ BIAS_FREE = {
     "marian": lambda: tiny_model("marian"),
     "bart": lambda: tiny_model("bart"),
     "bert": lambda: tiny_classifier("bert"),
+    "roberta": lambda: tiny_classifier("roberta"),  # tanh called in its head: the patched head
+    "xlm-roberta": lambda: tiny_classifier("xlm-roberta"),
+    "electra": lambda: tiny_classifier("electra"),  # GELU head, embedding projection
+    "distilbert": lambda: tiny_classifier("distilbert"),  # inline nn.ReLU() in its head
+    "roberta-token": lambda: tiny_classifier("roberta", task="token"),
+    "electra-token": lambda: tiny_classifier("electra", task="token"),
+    "distilbert-token": lambda: tiny_classifier("distilbert", task="token"),
 }
 
 
@@ -340,6 +478,8 @@ def test_cp_lrp_is_exactly_conservative_without_biases(arch):
         got = ax.lrp(model, PROMPT, TARGET, rule="cp-lrp", attribute_target=True)
         if not model.is_encoder_decoder:
             got = ax.lrp(model, PROMPT, TARGET, rule="cp-lrp")
+    elif model.task == "token-classification":  # every token, its predicted class
+        got = ax.lrp(model, "the plot was good", rule="cp-lrp")
     else:
         got = ax.lrp(model, "the plot was good", [0, 1, 2], rule="cp-lrp")
     # float64 rounding; transformers' RMSNorm rounds to float32 even in a float64 model, so
@@ -374,11 +514,34 @@ def test_the_rules_keep_the_forward(arch):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "bert", "marian"])
+@pytest.mark.parametrize(
+    ("arch", "task"),
+    [("roberta", "sequence"), ("electra", "sequence"), ("distilbert", "sequence"),
+     ("xlm-roberta", "token")],
+)  # fmt: skip
+def test_the_rules_keep_the_classifiers_forward(arch, task):
+    # the patched heads (RoBERTa's torch.tanh) and norms compute the model's own logits
+    hf, tok = tiny_classifier(arch, task=task)
+    model = ax.load_model(hf, tokenizer=tok)
+    ids = tok("the plot was good", return_tensors="pt")["input_ids"]
+    embeds, mask = model.embed(ids), torch.ones_like(ids)
+    index = torch.tensor([[0]]) if task == "sequence" else torch.tensor([[1, 3]])
+    with torch.no_grad():
+        logits = hf(input_ids=ids).logits
+    want = logits[:, None] if task == "sequence" else logits[:, [1, 3]]
+    for rule in ("attnlrp", "cp-lrp"):
+        with lrp_rules(model, rule):
+            got = model.logits_at(embeds, mask, index)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "arch", ["gpt2", "bert", "roberta", "xlm-roberta", "electra", "distilbert", "marian"]
+)
 def test_batched_equals_single(arch):
     # padding is masked in attrax's LRP attention as in the model's own (causal, bidirectional)
-    if arch == "bert":
-        model = _double(*tiny_classifier("bert"))
+    if arch in ENCODERS:
+        model = _double(*tiny_classifier(arch))
         prompts, targets = ["the plot was good", "bad"], [[0, 2], [1, 2]]
     else:
         model = _double(*tiny_model(arch))
@@ -400,14 +563,45 @@ def test_unsupported_modules_are_refused():
     hf, tok = tiny_model("t5")
     with pytest.raises(ax.ModelError, match=r"no LRP rule for the modules T5ForConditional"):
         ax.lrp(ax.load_model(hf, tokenizer=tok), "translate: a b", "x")
-    hf, tok = tiny_classifier("distilbert")
-    with pytest.raises(ax.ModelError, match=r"DistilBertSelfAttention \(`distilbert\.trans"):
-        ax.lrp(ax.load_model(hf, tokenizer=tok), "good", 0)
     # one foreign nonlinearity in a supported model is named, never silently propagated
     hf, tok = tiny_model("gpt2")
     hf.transformer.h[1].mlp.act = torch.nn.Sigmoid()
     with pytest.raises(ax.ModelError, match=r"modules Sigmoid \(`transformer\.h\.1\.mlp\.act`\)"):
         ax.lrp(ax.load_model(hf, tokenizer=tok), "a b", " c")
+
+
+def test_unsupported_encoder_parts_are_refused():
+    # what the BERT family's rules do not cover is named, never silently propagated
+    hf, tok = tiny_classifier("modernbert")
+    with pytest.raises(ax.ModelError, match=r"modules ModernBertForSequenceClassification"):
+        ax.lrp(ax.load_model(hf, tokenizer=tok), "good", 0)
+    hf, tok = tiny_classifier("deberta-v2")  # its disentangled attention is its own code
+    with pytest.raises(ax.ModelError, match=r"DebertaV2ForSequenceClassification does not route"):
+        ax.lrp(ax.load_model(hf, tokenizer=tok), "good", 0)
+    # a RoBERTa with cross-attention layers
+    hf, tok = tiny_classifier("roberta", is_decoder=True, add_cross_attention=True)
+    with pytest.raises(
+        ax.ModelError, match=r"RobertaCrossAttention \(`roberta\.encoder\.layer\.0\.crossattention"
+    ):
+        ax.lrp(ax.load_model(hf, tokenizer=tok), "good", 0)
+    # DistilBERT's generic class names are allowed from DistilBERT's module only
+    hf, tok = tiny_classifier("distilbert")
+
+    class FFN(torch.nn.Module):  # a gated feed-forward under DistilBERT's class name
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x * torch.sigmoid(x)
+
+    hf.distilbert.transformer.layer[1].ffn = FFN()
+    with pytest.raises(ax.ModelError, match=r"modules FFN \(`distilbert\.transformer\.layer\.1\."):
+        ax.lrp(ax.load_model(hf, tokenizer=tok), "good", 0)
+    # an activation that is a Python function is no module the walk can see
+    hf, tok = tiny_classifier("electra")
+    intermediate = hf.electra.encoder.layer[1].intermediate
+    del intermediate.intermediate_act_fn  # a config with a callable hidden_act builds this
+    intermediate.intermediate_act_fn = torch.nn.functional.silu
+    where = r"`electra\.encoder\.layer\.1\.intermediate\.intermediate_act_fn` of Electra"
+    with pytest.raises(ax.ModelError, match=where):
+        ax.lrp(ax.load_model(hf, tokenizer=tok), "good", 0)
 
 
 def test_options_are_checked(default_model):
@@ -472,7 +666,7 @@ def test_contrastive_relevance_explains_the_logit_difference(llama):
         assert float(got[k].sum()) == pytest.approx(logit - other, rel=1e-9, abs=1e-9)
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "mistral", "bert"])
+@pytest.mark.parametrize("arch", ["gpt2", "mistral", "bert", "roberta", "distilbert"])
 def test_cp_lrp_is_conserved_at_every_layer(arch):
     # `layers=`: relevance read at each residual-stream layer (activation x modified gradient)
     # crosses only the blocks above it, each linear under CP-LRP: every layer sums to the logit
@@ -481,7 +675,7 @@ def test_cp_lrp_is_conserved_at_every_layer(arch):
         got = ax.lrp(model, PROMPT, TARGET, rule="cp-lrp", layers="all")
     else:
         got = ax.lrp(model, "the plot was good", [0, 1], rule="cp-lrp", layers="all")
-    assert got.sizes["layer"] == model.hf.config.num_hidden_layers + 1
+    assert got.sizes["layer"] == model.hf.config.num_hidden_layers + 1  # DistilBERT: n_layers
     tolerance = 1e-5 if arch == "mistral" else 1e-9
     logits = _logits(model, got.isel(layer=0))
     for layer in got["layer"].values:  # assertions only: one check per layer

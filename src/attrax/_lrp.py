@@ -44,7 +44,7 @@ from . import _validate as check
 from ._engine import Problem
 from ._errors import ModelError
 from ._gradients import GRADIENT, Rule
-from ._model import Model, _activation_kind, _can_switch, backward_rule
+from ._model import Model, _activation, _activation_kind, _can_switch, backward_rule
 from ._protocol import COMMON, Call, Param
 
 #: LRP variants: AttnLRP (softmax rule, uniform rule on attention products) or CP-LRP
@@ -184,8 +184,15 @@ def _gated_mlp(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     return module.down_proj(_uniform(module.act_fn(gate), module.up_proj(x)))
 
 
+def _tanh_head(module: torch.nn.Module, features: torch.Tensor, **_: Any) -> torch.Tensor:
+    """RoBERTa's and XLM-R's classification head, ``out_proj(tanh(dense(features[:, 0])))``,
+    whose ``torch.tanh`` is a function call, not a module: here it gets the identity rule."""
+    x = module.dense(module.dropout(features[:, 0, :]))
+    return module.out_proj(module.dropout(_activation(x, "tanh")))
+
+
 # module class name -> the forward it runs under LRP (the module is the first argument)
-_PATCHED: dict[str, Callable[[Any, torch.Tensor], torch.Tensor]] = {
+_PATCHED: dict[str, Callable[..., torch.Tensor]] = {
     "LayerNorm": _layer_norm,
     "LlamaRMSNorm": _rms_norm,
     "Qwen2RMSNorm": _rms_norm,
@@ -195,8 +202,11 @@ _PATCHED: dict[str, Callable[[Any, torch.Tensor], torch.Tensor]] = {
     "Qwen2MLP": _gated_mlp,
     "MistralMLP": _gated_mlp,
     "GemmaMLP": _gated_mlp,
+    "RobertaClassificationHead": _tanh_head,
+    "XLMRobertaClassificationHead": _tanh_head,
 }
-# activation kinds the identity rule covers (tanh: BERT's pooler); sigmoid is not one (f(0) != 0)
+# activation kinds the identity rule covers (tanh: poolers, RoBERTa's head); sigmoid is not
+# one (f(0) != 0)
 IDENTITY_KINDS = ("gelu_tanh", "gelu", "silu", "relu", "tanh")
 # attention modules that call transformers' AttentionInterface (attrax's LRP attention runs)
 _ATTENTION = frozenset(
@@ -207,6 +217,10 @@ _ATTENTION = frozenset(
         "MistralAttention",
         "GemmaAttention",
         "BertSelfAttention",
+        "RobertaSelfAttention",
+        "XLMRobertaSelfAttention",
+        "ElectraSelfAttention",
+        "DistilBertSelfAttention",  # its output projection `out_lin` is a child Linear
         "MarianAttention",
         "BartAttention",
     }
@@ -245,17 +259,30 @@ _LINEAR = frozenset(
                 "ForTokenClassification",
             )
         ),
-        "BertEmbeddings",
-        "BertEncoder",
-        "BertLayer",
-        "BertAttention",
-        "BertSelfOutput",
-        "BertIntermediate",
-        "BertOutput",
-        "BertPooler",
-        "BertModel",
-        "BertForSequenceClassification",
-        "BertForTokenClassification",
+        # BERT and the encoders whose blocks are BERT's computation (RoBERTa and XLM-R differ in
+        # their position ids, ELECTRA in an embedding projection: constants and a Linear)
+        *(
+            f"{family}{part}"
+            for family in ("Bert", "Roberta", "XLMRoberta", "Electra")
+            for part in (
+                "Embeddings",
+                "Encoder",
+                "Layer",
+                "Attention",
+                "SelfOutput",
+                "Intermediate",
+                "Output",
+                "Model",
+                "ForSequenceClassification",
+                "ForTokenClassification",
+            )
+        ),
+        "BertPooler",  # tanh as an nn.Tanh child, as RoBERTa's and XLM-R's
+        "RobertaPooler",
+        "XLMRobertaPooler",
+        "ElectraClassificationHead",  # its GELU is a child module (get_activation("gelu"))
+        "DistilBertModel",
+        "DistilBertForTokenClassification",
         *(
             f"{family}{part}"
             for family in ("Marian", "Bart")
@@ -265,8 +292,34 @@ _LINEAR = frozenset(
         "BartForConditionalGeneration",
     }
 )
+# attributes through which the allowed modules call their activation (BERT's
+# `intermediate_act_fn`, ELECTRA's head and DistilBERT's FFN `activation`, GPT-2's `act`,
+# gated MLPs' `act_fn`): each must be a module, which the walk then checks
+_ACTIVATION_SLOTS = ("intermediate_act_fn", "activation", "act", "act_fn")
+# modules with generic class names, allowed by qualified name only (module.qualname)
+_QUALIFIED = frozenset(
+    f"transformers.models.distilbert.modeling_distilbert.{name}"
+    for name in ("Embeddings", "Transformer", "TransformerBlock", "FFN")
+)
+# modules whose own computation calls a nonlinearity functionally whose gradient IS its LRP
+# rule: DistilBERT's sequence head runs `nn.ReLU()(x)` inline (not a child module), and
+# relu(x) = x relu'(x), so ReLU's gradient is its identity rule exactly
+_GRADIENT_IS_RULE = frozenset({"DistilBertForSequenceClassification"})
 #: model types whose modules the tables above cover
-ARCHITECTURES = ("gpt2", "llama", "qwen2", "mistral", "gemma", "bert", "marian", "bart")
+ARCHITECTURES = (
+    "gpt2",
+    "llama",
+    "qwen2",
+    "mistral",
+    "gemma",
+    "bert",
+    "roberta",
+    "xlm-roberta",
+    "electra",
+    "distilbert",
+    "marian",
+    "bart",
+)
 
 
 def _plan(hf: torch.nn.Module) -> list[tuple[torch.nn.Module, Callable[..., torch.Tensor]]]:
@@ -298,10 +351,25 @@ def _plan(hf: torch.nn.Module) -> list[tuple[torch.nn.Module, Callable[..., torc
             if kind == "LayerNorm" and not isinstance(module, torch.nn.LayerNorm):
                 unknown.setdefault(kind, path)
             patches.append((module, _PATCHED[kind]))
+        elif _activation_kind(module) is not None:  # its own `act` may well be a function
+            if _activation_kind(module) not in IDENTITY_KINDS:
+                unknown.setdefault(kind, path)
+            continue
         elif not (
-            kind in _ATTENTION or kind in _LINEAR or _activation_kind(module) in IDENTITY_KINDS
+            kind in _ATTENTION
+            or kind in _LINEAR
+            or kind in _GRADIENT_IS_RULE
+            or f"{type(module).__module__}.{type(module).__qualname__}" in _QUALIFIED
         ):
             unknown.setdefault(kind, path or "(the model)")
+            continue
+        for slot in _ACTIVATION_SLOTS:  # a function there runs unseen by the walk
+            act = getattr(module, slot, None)
+            if callable(act) and not isinstance(act, torch.nn.Module):
+                raise ModelError(
+                    f"lrp: `{path}.{slot}` of {name} is a Python function ({act!r}), not an "
+                    "activation module: attrax cannot give it an LRP rule"
+                )
     if unknown:
         shown = ", ".join(f"{kind} (`{path}`)" for kind, path in list(unknown.items())[:6])
         more = f" and {len(unknown) - 6} more" if len(unknown) > 6 else ""
