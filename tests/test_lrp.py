@@ -260,8 +260,9 @@ ENCODERS = ("bert", "roberta", "xlm-roberta", "electra", "distilbert")
 
 
 def _encoder_blocks(hf) -> tuple:
-    """(embeddings module, projection or None, heads, blocks) of a BERT-family classifier; a block
-    is ``(query, key, value, attention out, LayerNorm 1, FFN in, activation, FFN out, LayerNorm 2)``."""
+    """(embeddings module, projection or None, heads, blocks) of a BERT-family classifier; a
+    block is ``(query, key, value, attention out, LayerNorm 1, FFN in, activation, FFN out,
+    LayerNorm 2)``."""
     if hf.config.model_type == "distilbert":
         base = hf.distilbert
         blocks = [
