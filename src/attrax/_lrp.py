@@ -8,6 +8,8 @@ the same values; only the backward changes. The rules:
 
 - elementwise activations (GELU, tanh-GELU, SiLU, ReLU, tanh): identity rule, the backward
   multiplies by ``f(x) / x`` instead of ``f'(x)`` (so ``x * grad_in = f(x) * grad_out``);
+  RoBERTa's and XLM-R's classification heads call ``torch.tanh`` as a function and run a
+  patched forward that gives it the rule (a ReLU's gradient is already its identity rule);
 - LayerNorm and RMSNorm: the normalising scale (``1 / std``, ``1 / rms``) held constant;
 - products of two activations: uniform rule, half the relevance to each factor. In attention
   that is ``q . k`` and ``softmax . v`` (the query and key gradients are divided by 4, the
