@@ -560,6 +560,15 @@ def test_forward_mode_equals_reverse_mode(llama):
     np.testing.assert_allclose(forward.values, reverse.values, rtol=1e-9, atol=1e-12)
 
 
+def test_forward_mode_equals_reverse_mode_through_the_patched_head():
+    # RoBERTa's tanh head (patched forward) linearised the same way by jvp and vjp
+    model = _double(*tiny_classifier("roberta"))
+    kw = {"reduce_hidden": "sum", "rule": "attnlrp"}
+    reverse = ax.lrp(model, "the plot was good", [0, 1, 2], mode="reverse", **kw)
+    forward = ax.lrp(model, "the plot was good", [0, 1, 2], mode="forward", **kw)
+    np.testing.assert_allclose(forward.values, reverse.values, rtol=1e-9, atol=1e-12)
+
+
 def test_unsupported_modules_are_refused():
     hf, tok = tiny_model("t5")
     with pytest.raises(ax.ModelError, match=r"no LRP rule for the modules T5ForConditional"):
