@@ -676,7 +676,7 @@ def test_contrastive_relevance_explains_the_logit_difference(llama):
         assert float(got[k].sum()) == pytest.approx(logit - other, rel=1e-9, abs=1e-9)
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "mistral", "bert", "roberta", "distilbert"])
+@pytest.mark.parametrize("arch", ["gpt2", "mistral", "bert", "roberta", "distilbert", "electra"])
 def test_cp_lrp_is_conserved_at_every_layer(arch):
     # `layers=`: relevance read at each residual-stream layer (activation x modified gradient)
     # crosses only the blocks above it, each linear under CP-LRP: every layer sums to the logit

@@ -267,7 +267,9 @@ def gradient_sum(
     step = total if batch_size is None else batch_size
     acc = _accumulation_dtype(x.dtype)
     width = problem.tensors.valid.shape[1]
-    sums = [x.new_zeros(x.shape[0], width, nl, *x.shape[1:], dtype=acc) for _ in moments]
+    # the residual stream's width: the embeddings' unless the model projects them (ELECTRA)
+    residual = int(getattr(problem.model.hf.config, "hidden_size", None) or x.shape[-1])
+    sums = [x.new_zeros(x.shape[0], width, nl, x.shape[1], residual, dtype=acc) for _ in moments]
     for start in range(0, total, step):  # chunking only: bounds memory
         chunk = torch.arange(start, min(start + step, total))
         stacked = points(chunk)[0]
@@ -276,7 +278,7 @@ def gradient_sum(
         n = stacked.shape[0]
         w = weights[chunk].to(dtype=acc, device=x.device)
         for slots, length in problem._target_chunks(chunk_size):
-            g = _chunk_gradients(problem, layers, stacked, at, slots, length, chunk_size)
+            g = _chunk_gradients(problem, layers, stacked, at, slots, length, chunk_size, residual)
             g = g.unflatten(2, (n, -1)).to(acc)  # [k, nl, n, B, L', H]
             if scale is not None:
                 g = g * scale[None, :, :, :, : g.shape[4]].to(acc)
@@ -295,6 +297,7 @@ def _chunk_gradients(
     slots: slice,
     length: int | None,
     chunk_size: int | None,
+    residual: int,
 ) -> torch.Tensor:
     """``[k, n_layers, n * B, L', H]``: each target's gradient at each layer, one backward."""
     n = stacked.shape[0]
@@ -304,7 +307,7 @@ def _chunk_gradients(
         flat = flat[:, :length]
     if at is None:
         # zero probes added to each layer: their gradients are the layers' gradients
-        primal = flat.new_zeros(nl, *flat.shape)
+        primal = flat.new_zeros(nl, *flat.shape[:-1], residual)
         copies = n
 
         def edit(j: int, h: torch.Tensor, probe: torch.Tensor) -> torch.Tensor:
