@@ -27,6 +27,7 @@ import torch
 import xarray as xr
 from torch.func import vjp
 
+from . import _arch
 from ._attention import Selection, _indices, _selection
 from ._errors import InputError, ModelError, OptionError
 from ._inputs import Texts, contrast_batch, prepare, to_tensors
@@ -35,6 +36,9 @@ from ._model import Model
 from ._protocol import Call, Family
 
 SITES = ("heads", "mlp", "residual")
+#: an encoder-decoder's stacks: encoder blocks, decoder blocks (self-attention heads), and the
+#: decoder's cross-attention heads
+STACKS = ("encoder", "decoder", "cross")
 
 #: Direct logit attribution: one forward, the logit decomposed; no objective, nothing to plan.
 COMPONENTS = Family(
@@ -54,7 +58,9 @@ PATCHING = Family(
     name="patching",
     takes=("objective", "contrast", "positions", "chunk_size", "max_new_tokens", "max_memory"),
     refuses={
-        "attribute_target": "attribution patching is for decoder-only models and classifiers",
+        "attribute_target": "attribution patching reports the positions of the stack it patches "
+        "(an encoder-decoder's decoder and cross-attention heads live on the decoder positions: "
+        "stack='decoder' / 'cross')",
         "batch_size": "attribution patching runs one clean and one corrupted forward: there are "
         "no points to batch",
     },
@@ -298,6 +304,11 @@ def _site(value: object, name: str) -> None:
         raise OptionError(f"`{name}` must be one of {SITES}, got {value!r}")
 
 
+def _stack(value: object, name: str) -> None:
+    if value is not None and value not in STACKS:
+        raise OptionError(f"`{name}` must be None or one of {STACKS}, got {value!r}")
+
+
 def _corrupted(value: object, name: str) -> None:
     if value is None:
         raise OptionError(
@@ -308,12 +319,94 @@ def _corrupted(value: object, name: str) -> None:
         raise OptionError(f"`{name}` must be a string or a list of strings, got {value!r}")
 
 
-@PATCHING.method(corrupted=_corrupted, site=_site, layers=_selection, heads=_selection)
+@dataclass(frozen=True)
+class _Stack:
+    """The patchable modules of one stack, layer by layer: each block (its output is the
+    residual stream), the module whose input is the concatenated head outputs, the MLP (its
+    output is what the MLP writes), and the heads per layer."""
+
+    name: str  # "self" (decoder-only), "encoder", "decoder" or "cross"
+    blocks: list[torch.nn.Module]
+    projections: list[torch.nn.Module]
+    mlps: list[torch.nn.Module]
+    heads: int
+
+    @property
+    def on_decoder(self) -> bool:
+        """Whether the activations live on the decoder positions (else on the encoder's or the
+        decoder-only sequence's)."""
+        return self.name in ("decoder", "cross")
+
+
+def _patch_stack(model: Model, method: str, stack: str | None, site: str) -> _Stack:
+    """The stack ``stack`` patches (checked against the model and ``site``)."""
+    if not model.is_encoder_decoder:
+        if stack is not None:
+            raise OptionError(
+                f"`stack={stack!r}` needs an encoder-decoder model; {model.name} has one stack "
+                "(leave stack=None)"
+            )
+        parts = _parts(model, method)
+        projections = [parts.projection_module(i) for i in range(len(parts.blocks))]
+        return _Stack("self", parts.blocks, projections, parts.mlps, parts.heads)
+    if stack is None:  # as `maps=None` elsewhere: the cross-attention, or the decoder's blocks
+        stack = "cross" if site == "heads" else "decoder"
+    if stack == "cross" and site != "heads":
+        raise OptionError(
+            f"`stack='cross'` names the cross-attention heads (site='heads'); the decoder's "
+            f"{'MLPs' if site == 'mlp' else 'residual stream'} are stack='decoder', got "
+            f"site={site!r}"
+        )
+    return _encoder_decoder_stack(model, method, stack)
+
+
+def _encoder_decoder_stack(model: Model, method: str, stack: str) -> _Stack:
+    """An encoder-decoder's stack: BART-like layers (Marian, BART: ``self_attn`` /
+    ``encoder_attn`` with ``out_proj``, ``fc2``) or T5 blocks (``SelfAttention`` /
+    ``EncDecAttention`` with ``o``, ``DenseReluDense``); anything else is a ModelError."""
+    hf = model.hf
+    name = f"{type(hf).__name__} (model_type {getattr(hf.config, 'model_type', None)!r})"
+    part = hf.get_encoder() if stack == "encoder" else hf.get_decoder()
+    blocks = list(getattr(part, "layers", None) or getattr(part, "block", None) or [])
+    first = blocks[0] if blocks else None
+    if first is not None and hasattr(first, "fc2") and hasattr(first, "self_attn"):
+        attention = "encoder_attn" if stack == "cross" else "self_attn"
+        modules = [getattr(b, attention, None) for b in blocks]
+        projections = [getattr(a, "out_proj", None) for a in modules]
+        mlps = [b.fc2 for b in blocks]  # fc2's output: what the MLP adds to the residual
+    elif first is not None and hasattr(first, "layer"):  # T5: [self, (cross,) feed-forward]
+        inner = "EncDecAttention" if stack == "cross" else "SelfAttention"
+        at = 1 if stack == "cross" else 0
+        modules = [getattr(b.layer[at], inner, None) for b in blocks]
+        projections = [getattr(a, "o", None) for a in modules]
+        mlps = [getattr(b.layer[-1], "DenseReluDense", None) for b in blocks]
+    else:
+        raise ModelError(
+            f"attribution_patching has no rule for {name}: it knows BART-like encoder-decoders "
+            "(Marian, BART: self_attn / encoder_attn with out_proj, fc2) and T5"
+        )
+    if any(not isinstance(m, torch.nn.Module) for m in [*projections, *mlps]):
+        raise ModelError(
+            f"{method}: {name}'s {stack} blocks lack the attention output projection or MLP "
+            "attrax patches"
+        )
+    attention = modules[0]
+    heads = getattr(attention, "num_heads", None) or getattr(attention, "n_heads", None)
+    heads = heads or _arch.heads(hf.config, "encoder" if stack == "encoder" else "cross")
+    if not isinstance(heads, int):
+        raise ModelError(f"{method}: cannot tell how many heads {name}'s {stack} layers have")
+    return _Stack(stack, blocks, projections, mlps, heads)
+
+
+@PATCHING.method(
+    corrupted=_corrupted, site=_site, stack=_stack, layers=_selection, heads=_selection
+)
 def attribution_patching(
     call: Call,
     *,
     corrupted: Texts | None = None,
     site: str = "heads",
+    stack: str | None = None,
     layers: Selection = None,
     heads: Selection = None,
 ) -> xr.DataArray:
@@ -329,12 +422,20 @@ def attribution_patching(
     Arguments:
         model, inputs, targets, objective, contrast, positions, chunk_size, max_new_tokens,
             max_memory: as :func:`attrax.saliency`. The corrupted run is scored on the same
-            targets.
-        corrupted: the corrupted input(s), aligned with ``inputs``, each with exactly as many
-            tokens as its clean input (positions must match for patching to mean anything).
+            targets (an encoder-decoder's decoder input stays the clean one).
+        corrupted: the corrupted input(s) (an encoder-decoder's source), aligned with
+            ``inputs``, each with exactly as many tokens as its clean input (positions must
+            match for patching to mean anything; an encoder-decoder's decoder stacks, whose
+            positions are the decoder's, take a source of any length).
         site: which activations: ``"heads"`` (each head's output before the output projection,
             ``(target, source, layer, head)``), ``"mlp"`` (each MLP's output) or ``"residual"``
             (the residual stream after each layer), both ``(target, source, layer)``.
+        stack: encoder-decoders: ``"encoder"`` (the encoder blocks; ``source`` = the encoder
+            tokens), ``"decoder"`` (the decoder blocks, their self-attention heads) or
+            ``"cross"`` (the decoder's cross-attention heads); both decoder stacks live on the
+            decoder positions: ``source`` is the ``(side, position)`` index, side ``"target"``.
+            ``None``: ``"cross"`` for heads, ``"decoder"`` for MLPs and residual. Decoder-only
+            models and classifiers have one stack (``None``).
         layers, heads: which layers / heads to keep (``heads`` only with ``site="heads"``).
 
     Returns:
@@ -349,20 +450,16 @@ def attribution_patching(
     """
     model = call.model
     method = "attribution_patching"
-    if model.is_encoder_decoder:
-        raise ModelError(
-            f"{method} patches decoder-only models and decoder-only classifiers; "
-            f"{type(model.hf).__name__} is an encoder-decoder"
-        )
-    parts = _parts(model, method)
     if site != "heads" and heads is not None:
         raise OptionError(f"`heads` applies to site='heads' only, got site={site!r}")
+    parts = _patch_stack(model, method, stack, site)
     chosen_layers = _indices(layers, len(parts.blocks), "layers", "layers")
     chosen_heads = _indices(heads, parts.heads, "heads", "heads per layer")
     problem = call.problem
     t = problem.tensors
     assert corrupted is not None
-    corrupt_ids = _corrupted_ids(model, call, corrupted)
+    # only positions that are patched must align: the decoder's, for the decoder stacks
+    corrupt_ids, corrupt_mask = _corrupted_ids(model, call, corrupted, not parts.on_decoder)
     clean_embeds = problem.inputs[0]
     with torch.no_grad():
         corrupt_embeds = model.embed(corrupt_ids, "source")
@@ -382,7 +479,7 @@ def attribution_patching(
                 def pre(_m: torch.nn.Module, args: tuple[Any, ...], add=add) -> tuple[Any, ...]:
                     return (add(args[0]), *args[1:])
 
-                module = parts.projection_module(layer)
+                module = parts.projections[layer]
                 handles.append(module.register_forward_pre_hook(pre))
                 continue
 
@@ -395,20 +492,29 @@ def attribution_patching(
             handles.append(module.register_forward_hook(post))
         return handles
 
-    def run(embeds: torch.Tensor, probes: list[torch.Tensor] | None) -> tuple[Any, ...]:
+    def run(
+        embeds: torch.Tensor, mask: torch.Tensor, probes: list[torch.Tensor] | None
+    ) -> tuple[Any, ...]:
         seen: list[torch.Tensor] = []
         with _hooks(*install(probes, seen)):
-            hidden = model.hidden_at(embeds, t.mask, t.index, token_types=t.token_types)
+            hidden = model.hidden_at(
+                embeds,
+                mask,
+                t.index,
+                problem.decoder_embeds,
+                t.decoder_mask,
+                token_types=t.token_types,
+            )
         return hidden, seen
 
     with torch.no_grad():
-        _, corrupt_acts = run(corrupt_embeds, None)
+        _, corrupt_acts = run(corrupt_embeds, corrupt_mask, None)
     zeros = [torch.zeros_like(a) for a in corrupt_acts]
     if len(zeros) != len(chosen_layers):
         raise ModelError(f"{method}: {type(model.hf).__name__} did not run the modules it names")
 
     def clean(*probes: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        hidden, seen = run(clean_embeds, list(probes))
+        hidden, seen = run(clean_embeds, t.mask, list(probes))
         return hidden, [s.detach() for s in seen]
 
     hidden, pullback, clean_acts = vjp(clean, *zeros, has_aux=True)
@@ -435,17 +541,26 @@ def attribution_patching(
             per_layer.append(torch.einsum("kblx,blx->bkl", grad, delta))
     stacked = torch.stack(per_layer, dim=3)  # [B, K, L, layer(, head)]
     if site == "heads":
-        return call.label(
-            [stacked],
-            trailing=("layer", "head"),
-            trailing_coords={"layer": chosen_layers, "head": chosen_heads},
-        )
-    return call.label([stacked], trailing=("layer",), trailing_coords={"layer": chosen_layers})
+        trailing, coords = ("layer", "head"), {"layer": chosen_layers, "head": chosen_heads}
+    else:
+        trailing, coords = ("layer",), {"layer": chosen_layers}
+    if not parts.on_decoder:
+        return call.label([stacked], trailing=trailing, trailing_coords=coords)
+    # decoder positions: labelled as the target side of the (side, position) source index
+    encoder = torch.full(
+        (*stacked.shape[:2], t.ids.shape[1], *stacked.shape[3:]), torch.nan, dtype=stacked.dtype
+    )
+    da = call.label([encoder, stacked], trailing=trailing, trailing_coords=coords)
+    return da.isel(source=slice(t.ids.shape[1], None))
 
 
-def _corrupted_ids(model: Model, call: Call, corrupted: Texts) -> torch.Tensor:
-    """Token ids ``[B, L]`` of the corrupted run, aligned position by position with the clean
-    ones (same targets teacher-forced); an InputError when a corrupted input's length differs."""
+def _corrupted_ids(
+    model: Model, call: Call, corrupted: Texts, same_length: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids ``[B, L]`` and attention mask of the corrupted run, aligned position by position
+    with the clean ones (same targets teacher-forced); an InputError when a corrupted input's
+    length differs. Without ``same_length`` (an encoder-decoder's decoder stacks, patched on the
+    decoder positions) the corrupted source keeps its own length and padding."""
     batch = call.batch
     t = to_tensors(batch, model)
     texts = [corrupted] if isinstance(corrupted, str) else list(corrupted)
@@ -458,6 +573,9 @@ def _corrupted_ids(model: Model, call: Call, corrupted: Texts) -> torch.Tensor:
         other = contrast_batch(model, batch, corrupted)
     else:
         other = prepare(model, corrupted)
+    if not same_length:
+        theirs = to_tensors(other, model)
+        return theirs.ids, theirs.mask
     pairs = zip(batch.examples, other.examples, strict=True)
     for i, (clean, bad) in enumerate((len(a.source_ids), len(b.source_ids)) for a, b in pairs):
         if clean != bad:
@@ -474,4 +592,4 @@ def _corrupted_ids(model: Model, call: Call, corrupted: Texts) -> torch.Tensor:
             f"{tuple(t.ids.shape)}: they must align position by position"
         )
     # padded positions keep the clean ids: the mask hides them either way
-    return torch.where(t.mask.bool(), ids, t.ids)
+    return torch.where(t.mask.bool(), ids, t.ids), t.mask
