@@ -474,8 +474,6 @@ def test_atp_sequence_classifier_first_order():
 
 def test_errors(models, models64):
     gpt2 = models64["gpt2"]
-    with pytest.raises(ax.ModelError, match="encoder-decoder"):
-        ax.direct_logit_attribution(models["bart"], SOURCE, TARGET)
     hf, tok = tiny_classifier("bert")
     bert = ax.load_model(hf, tokenizer=tok)
     with pytest.raises(ax.ModelError, match="BertForSequenceClassification"):
@@ -844,3 +842,122 @@ def test_atp_encoder_decoder_defaults_and_errors(models, encdec64):
         ax.attribution_patching(model, SOURCE, ED_TARGET, stack="self", **kw)
     with pytest.raises(ax.OptionError, match="attribute_target"):
         ax.attribution_patching(model, SOURCE, ED_TARGET, attribute_target=True, **kw)
+
+
+# --- direct logit attribution on encoder-decoders ------------------------------------------
+
+
+def t5_double() -> ax.Model:
+    """A float64 tiny T5 whose RMSNorms also run in float64 (T5LayerNorm takes its variance in
+    float32 even in a float64 model)."""
+    hf, tok = tiny_model("t5")
+    hf = hf.double()
+    for module in hf.modules():
+        if type(module).__name__ == "T5LayerNorm":
+
+            def forward(x: torch.Tensor, m: torch.nn.Module = module) -> torch.Tensor:
+                return (
+                    m.weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + m.variance_epsilon)
+                )
+
+            module.forward = forward
+    return ax.load_model(hf, tokenizer=tok)
+
+
+def naive_t5_dla(model: ax.Model, source: str, target: str):
+    """Per target, decoder layer, head and source, from one plain HF forward: cross heads over the
+    encoder tokens, self heads over the decoder positions, the MLP at the predicting position;
+    and the embedding's share (the only term no component owns: T5 has no biases)."""
+    hf, tok = model.hf, model.tokenizer
+    ids = tok(source).input_ids
+    target_ids = tok(text_target=target).input_ids
+    decoder_ids = [hf.config.decoder_start_token_id, *target_ids]
+    blocks = hf.get_decoder().block
+    norm = hf.get_decoder().final_layer_norm
+    found: dict = {"decoder": {}, "cross": {}, "mlp": {}}
+    handles = []
+    for layer, block in enumerate(blocks):
+        for stack, attention in (
+            ("decoder", block.layer[0].SelfAttention),
+            ("cross", block.layer[1].EncDecAttention),
+        ):
+            handles.append(
+                attention.v.register_forward_hook(
+                    lambda m, a, o, s=stack, n=layer: found[s].__setitem__(n, o[0])
+                )
+            )
+        handles.append(
+            block.layer[2].DenseReluDense.register_forward_hook(
+                lambda m, a, o, n=layer: found["mlp"].__setitem__(n, o[0])
+            )
+        )
+    handles.append(norm.register_forward_pre_hook(lambda m, a: found.__setitem__("final", a[0][0])))
+    with torch.no_grad(), model.attention_as("eager", required=True):
+        out = hf(
+            input_ids=torch.tensor([ids]),
+            decoder_input_ids=torch.tensor([decoder_ids]),
+            output_attentions=True,
+            use_cache=False,
+        )
+    for h in handles:
+        h.remove()
+    heads = hf.config.num_heads
+    d = hf.config.d_kv
+    n_layers = len(blocks)
+    scale = hf.config.d_model**-0.5 if hf.config.scale_decoder_outputs else 1.0
+    unembed = hf.get_output_embeddings().weight
+    cross = np.zeros((len(target_ids), len(ids), n_layers, heads + 1))
+    own = np.full((len(target_ids), len(decoder_ids), n_layers, heads + 1), np.nan)
+    rest, logits = np.zeros(len(target_ids)), np.zeros(len(target_ids))
+    for k in range(len(target_ids)):
+        i = k  # target k + 1 of the decoder sequence is predicted at position k
+        x = found["final"][i]
+        rms = torch.sqrt(x.pow(2).mean() + norm.variance_epsilon)
+        direction = unembed[target_ids[k]]
+
+        def proj(c, rms=rms, direction=direction):
+            return float((norm.weight * c / rms * scale) @ direction)
+
+        logits[k] = float(out.logits[0, i, target_ids[k]])
+        for layer in range(n_layers):
+            for stack, maps, block in (
+                ("cross", out.cross_attentions, cross),
+                ("decoder", out.decoder_attentions, own),
+            ):
+                attention = blocks[layer].layer[0 if stack == "decoder" else 1]
+                w = (
+                    attention.SelfAttention if stack == "decoder" else attention.EncDecAttention
+                ).o.weight.T
+                for h in range(heads):
+                    for j in range(len(ids) if stack == "cross" else i + 1):
+                        a = maps[layer][0, h, i, j]
+                        v = found[stack][layer][j, h * d : (h + 1) * d]
+                        block[k, j, layer, h] = proj(a * v @ w[h * d : (h + 1) * d])
+            own[k, : i + 1, layer, heads] = 0.0
+            own[k, i, layer, heads] = proj(found["mlp"][layer][i])
+        rest[k] = proj(hf.get_decoder().embed_tokens(torch.tensor(decoder_ids[i])))
+    return cross, own, rest, logits
+
+
+def test_dla_t5_equals_naive_and_sums_back():
+    model = t5_double()
+    got = ax.direct_logit_attribution(model, SOURCE, ED_TARGET)
+    cross, own, rest, logits = naive_t5_dla(model, SOURCE, ED_TARGET)
+    assert got.dims == ("target", "source", "layer", "head")
+    assert got.indexes["source"].names == ["side", "position"]
+    assert got.component.values.tolist()[-1] == "mlp"
+    np.testing.assert_allclose(got.sel(side="source").values, cross, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(got.sel(side="target").values, own, rtol=1e-9, atol=1e-12)
+    # the identity: heads of both sides + MLPs + the decoder embedding = the logit
+    total = np.nansum(got.values, axis=(1, 2, 3)) + rest
+    np.testing.assert_allclose(total, logits, rtol=1e-9, atol=1e-9)
+    picked = ax.direct_logit_attribution(model, SOURCE, ED_TARGET, layers=[1], heads=[1])
+    np.testing.assert_allclose(
+        picked.values, got.sel(layer=[1], head=[1, -1]).values, rtol=1e-12, atol=1e-14
+    )
+
+
+def test_dla_post_norm_encoder_decoders_are_refused(models):
+    for arch in ("marian", "bart"):
+        with pytest.raises(ax.ModelError, match="post-LN"):
+            ax.direct_logit_attribution(models[arch], SOURCE, ED_TARGET)

@@ -47,7 +47,9 @@ COMPONENTS = Family(
     refuses={
         "objective": "direct logit attribution decomposes the logit (the target's unembedding "
         "row times the final norm's output), not an objective",
-        "attribute_target": "direct logit attribution is for decoder-only models",
+        "attribute_target": "direct logit attribution of an encoder-decoder covers both sides "
+        "already (cross-attention heads on the encoder tokens, self-attention heads and MLPs on "
+        "the decoder positions)",
         "chunk_size": "direct logit attribution runs one forward: there is no backward to chunk",
         "batch_size": "direct logit attribution runs one forward: there are no points to batch",
         "max_memory": "direct logit attribution runs one forward: there are no sizes to plan",
@@ -220,6 +222,8 @@ def direct_logit_attribution(
     """
     model = call.model
     method = "direct_logit_attribution"
+    if model.is_encoder_decoder:
+        return _encoder_decoder_dla(call, layers, heads)
     parts = _parts(model, method)
     unembed, _ = _readout(model, method)
     chosen_layers = _indices(layers, len(parts.blocks), "layers", "layers")
@@ -289,6 +293,121 @@ def direct_logit_attribution(
     stacked = torch.stack(values, dim=-2) * scale[:, :, None, None, None]
     da = call.label(
         [stacked],
+        trailing=("layer", "head"),
+        trailing_coords={"layer": chosen_layers, "head": [*chosen_heads, -1]},
+    )
+    component = ["attention"] * len(chosen_heads) + ["mlp"]
+    return da.assign_coords(component=("head", component))
+
+
+def _encoder_decoder_dla(call: Call, layers: Selection, heads: Selection) -> xr.DataArray:
+    """Direct logit attribution of a T5 decoder (pre-norm, RMSNorm, no biases): the decoder's
+    self-attention heads over the decoder positions, its cross-attention heads over the encoder
+    tokens and its MLPs, each projected on ``gamma * W_U[target] * scale / rms``."""
+    model = call.model
+    method = "direct_logit_attribution"
+    hf = model.hf
+    name = f"{type(hf).__name__} (model_type {getattr(hf.config, 'model_type', None)!r})"
+    decoder = hf.get_decoder()
+    blocks = list(getattr(decoder, "block", None) or [])
+    norm = getattr(decoder, "final_layer_norm", None)
+    if not blocks or not hasattr(blocks[0], "layer") or norm is None:
+        layout = list(getattr(decoder, "layers", None) or [])
+        post_norm = bool(layout) and hasattr(layout[0], "final_layer_norm")
+        if post_norm and getattr(hf.config, "model_type", None) in ("marian", "bart"):
+            raise ModelError(
+                f"{method} has no direct path to decompose in {name}: a post-LN encoder-decoder (each "
+                "decoder layer ends in LayerNorms, self_attn_layer_norm, encoder_attn_layer_norm "
+                "and final_layer_norm, applied to the residual stream itself), so no head's or "
+                "MLP's output reaches the logits through one final norm: every later LayerNorm "
+                "rescales and recenters it. T5 (pre-LN) is supported"
+            )
+        raise ModelError(
+            f"{method} has no rule for {name}: among encoder-decoders it knows T5 (pre-LN "
+            "RMSNorm decoder; Marian and BART are post-LN and have no direct path)"
+        )
+    selfs = [b.layer[0].SelfAttention for b in blocks]
+    crosses = [b.layer[1].EncDecAttention for b in blocks]
+    mlps = [b.layer[-1].DenseReluDense for b in blocks]
+    unembed, bias = _readout(model, method)
+    if bias is not None:
+        raise ModelError(f"{method}: {name}'s LM head has a bias, which T5's has not")
+    n_layers, n_heads = len(blocks), selfs[0].n_heads
+    head_dim = selfs[0].key_value_proj_dim
+    chosen_layers = _indices(layers, n_layers, "layers", "layers")
+    chosen_heads = _indices(heads, n_heads, "heads", "heads per layer")
+    t = to_tensors(call.batch, model)
+    rows = torch.arange(t.index.shape[0], device=t.index.device)[:, None]
+    direction = unembed[t.target_ids]
+    if t.contrast_ids is not None:
+        direction = direction - unembed[t.contrast_ids]
+    u = full_precision(direction) * full_precision(norm.weight)
+    if getattr(hf.config, "scale_decoder_outputs", False):  # tied embeddings: d_model ** -0.5
+        u = u * hf.config.d_model**-0.5
+    values: dict[tuple[str, int], torch.Tensor] = {}
+    out: dict[tuple[str, int], torch.Tensor] = {}
+    mlps_out: dict[int, torch.Tensor] = {}
+    count = {"decoder": 0, "cross": 0}
+    found: dict[str, torch.Tensor] = {}
+
+    def on_values(key: tuple[str, int]) -> Callable[..., None]:
+        def hook(_module: torch.nn.Module, _args: Any, output: torch.Tensor) -> None:
+            if key[1] in chosen_layers:  # [B, J, heads, d]
+                values[key] = output.unflatten(-1, (n_heads, head_dim))
+
+        return hook
+
+    def on_mlp(layer: int) -> Callable[..., None]:
+        def hook(_module: torch.nn.Module, _args: Any, output: torch.Tensor) -> None:
+            if layer in chosen_layers:  # [B, K]: the MLP's output at each target's position
+                mlps_out[layer] = torch.einsum(
+                    "bkh,bkh->bk", full_precision(output[rows, t.index]), u
+                )
+
+        return hook
+
+    def on_map(stack: str, weights: torch.Tensor) -> None:
+        if stack not in count:  # the encoder's own maps: nothing of it writes to the decoder
+            return
+        layer = count[stack]
+        count[stack] += 1
+        if layer not in chosen_layers:
+            return
+        module = selfs[layer] if stack == "decoder" else crosses[layer]
+        v = full_precision(values.pop((stack, layer)))[..., chosen_heads, :]  # [B, J, h, d]
+        w_o = module.o.weight.T.reshape(n_heads, head_dim, -1)[chosen_heads]  # [h, d, H]
+        r = torch.einsum("hdx,bkx->bkhd", full_precision(w_o), u)
+        vu = torch.einsum("bjhd,bkhd->bkjh", v, r)
+        a = full_precision(weights[:, chosen_heads].permute(0, 2, 3, 1)[rows, t.index])
+        out[(stack, layer)] = a * vu  # [B, K, J, h]
+
+    def on_final(_module: torch.nn.Module, args: tuple[Any, ...]) -> None:
+        found["final"] = args[0][rows, t.index]
+
+    handles = []
+    for layer in range(n_layers):
+        handles.append(selfs[layer].v.register_forward_hook(on_values(("decoder", layer))))
+        handles.append(crosses[layer].v.register_forward_hook(on_values(("cross", layer))))
+        handles.append(mlps[layer].register_forward_hook(on_mlp(layer)))
+    handles.append(norm.register_forward_pre_hook(on_final))
+    with _hooks(*handles):
+        model.stream_attention(t, on_map)
+    if len(out) != 2 * len(chosen_layers) or "final" not in found:
+        raise ModelError(f"{method}: {type(hf).__name__} did not run the modules it names")
+    x = full_precision(found["final"])
+    scale = 1.0 / torch.sqrt(x.pow(2).mean(-1) + norm.variance_epsilon).to(u.dtype)  # [B, K]
+    at_index = torch.nn.functional.one_hot(t.index, t.decoder_ids.shape[1]).to(u.dtype)
+    sources, targets = [], []
+    for layer in chosen_layers:  # assembling the kept layers' results, not a computation
+        cross = out[("cross", layer)]
+        sources.append(torch.cat([cross, torch.zeros_like(cross[..., :1])], dim=-1))
+        mlp = at_index * mlps_out[layer][..., None]  # the MLP writes at the target's position
+        targets.append(torch.cat([out[("decoder", layer)], mlp[..., None]], dim=-1))
+    per_side = [
+        torch.stack(side, dim=-2) * scale[:, :, None, None, None] for side in (sources, targets)
+    ]
+    da = call.label(
+        per_side,
         trailing=("layer", "head"),
         trailing_coords={"layer": chosen_layers, "head": [*chosen_heads, -1]},
     )
