@@ -3,7 +3,9 @@
 Both read the model's own modules (attention heads, MLPs, residual stream) of the architectures
 they know, GPT-2 (``Conv1D``, LayerNorm) and Llama (``o_proj``, RMSNorm, RoPE, grouped keys and
 values), as causal LMs or as sequence classifiers whose ``score`` head reads the final norm
-directly; any other model is a :class:`ModelError` naming its architecture.
+directly, and encoder-decoders (attribution patching: Marian, BART, T5; direct logit attribution:
+T5, the post-LN Marian and BART having no direct path); any other model is a
+:class:`ModelError` naming its architecture.
 
 * :func:`direct_logit_attribution` splits the residual stream the final norm reads into what each
   attention head (per source position, through its attention weights) and each MLP wrote, and
@@ -203,6 +205,11 @@ def direct_logit_attribution(
     terms no head or MLP owns: the token and position embeddings, each layer's output-projection
     bias (GPT-2's ``c_proj``), the final norm's bias and the head's bias, all projected the same
     way. The final-norm centering is exact, not an approximation (it is linear).
+
+    T5 encoder-decoders: the decoder's residual stream, with its cross-attention heads on the
+    encoder tokens (``side="source"`` of the ``(side, position)`` source index) and its
+    self-attention heads and MLPs on the decoder positions (``side="target"``); the output
+    scale ``d_model ** -0.5`` rides in the direction. Post-LN Marian and BART are refused.
 
     Arguments:
         model, inputs, targets, contrast, positions, max_new_tokens: as :func:`attrax.saliency`.
