@@ -333,9 +333,20 @@ def _encoder_decoder_dla(call: Call, layers: Selection, heads: Selection) -> xr.
             f"{method} has no rule for {name}: among encoder-decoders it knows T5 (pre-LN "
             "RMSNorm decoder; Marian and BART are post-LN and have no direct path)"
         )
-    selfs = [b.layer[0].SelfAttention for b in blocks]
-    crosses = [b.layer[1].EncDecAttention for b in blocks]
-    mlps = [b.layer[-1].DenseReluDense for b in blocks]
+    selfs = [getattr(b.layer[0], "SelfAttention", None) for b in blocks]
+    crosses = [
+        getattr(b.layer[1], "EncDecAttention", None) if len(b.layer) > 2 else None for b in blocks
+    ]
+    mlps = [getattr(b.layer[-1], "DenseReluDense", None) for b in blocks]
+    known = all(
+        all(hasattr(a, key) for key in ("v", "o", "n_heads", "key_value_proj_dim"))
+        for a in [*selfs, *crosses]
+    )
+    if not known or any(m is None for m in mlps) or not hasattr(norm, "variance_epsilon"):
+        raise ModelError(
+            f"{method} has no rule for {name}: its decoder blocks are not T5's (SelfAttention, "
+            "EncDecAttention with v / o, DenseReluDense, an RMS final_layer_norm)"
+        )
     unembed, bias = _readout(model, method)
     if bias is not None:
         raise ModelError(f"{method}: {name}'s LM head has a bias, which T5's has not")
