@@ -323,11 +323,11 @@ def _encoder_decoder_dla(call: Call, layers: Selection, heads: Selection) -> xr.
         post_norm = bool(layout) and hasattr(layout[0], "final_layer_norm")
         if post_norm and getattr(hf.config, "model_type", None) in ("marian", "bart"):
             raise ModelError(
-                f"{method} has no direct path to decompose in {name}: a post-LN encoder-decoder (each "
-                "decoder layer ends in LayerNorms, self_attn_layer_norm, encoder_attn_layer_norm "
-                "and final_layer_norm, applied to the residual stream itself), so no head's or "
-                "MLP's output reaches the logits through one final norm: every later LayerNorm "
-                "rescales and recenters it. T5 (pre-LN) is supported"
+                f"{method} has no direct path to decompose in {name}: a post-LN "
+                "encoder-decoder (each decoder layer ends in LayerNorms, self_attn_layer_norm, "
+                "encoder_attn_layer_norm and final_layer_norm, applied to the residual stream "
+                "itself), so no head's or MLP's output reaches the logits through one final "
+                "norm: every later LayerNorm rescales and recenters it. T5 (pre-LN) is supported"
             )
         raise ModelError(
             f"{method} has no rule for {name}: among encoder-decoders it knows T5 (pre-LN "
@@ -717,10 +717,15 @@ def _corrupted_ids(
     for i, (clean, bad) in enumerate((len(a.source_ids), len(b.source_ids)) for a, b in pairs):
         if clean != bad:
             where = "" if batch.single else f"[{i}]"
+            hint = (
+                " (stack='decoder' or 'cross', patched on the decoder positions, take any length)"
+                if model.is_encoder_decoder
+                else ""
+            )
             raise InputError(
-                f"`corrupted{where}` {texts[i]!r} has {bad} tokens but its clean input has {clean}: "
-                "attribution patching patches position by position, so both must have the same "
-                "token length"
+                f"`corrupted{where}` {texts[i]!r} has {bad} tokens but its clean input has "
+                f"{clean}: attribution patching patches position by position, so both must have "
+                f"the same token length{hint}"
             )
     ids = to_tensors(other, model).ids
     if ids.shape != t.ids.shape:
