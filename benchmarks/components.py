@@ -10,7 +10,8 @@ the graph retained (AtP), the corrupted activations read once. attrax runs every
 
 W1: the benchmark GPT-2 (``workloads.py``; 4 layers, 4 heads, 256 wide), 32 prompt + 32 target
 tokens. W1-llama: a random Llama of the same sizes (2 key-value heads, RMSNorm, RoPE) on the same
-texts. W2 (Marian, an encoder-decoder) is outside both methods (a ModelError, reported).
+texts. W2 (Marian, a post-LN encoder-decoder) has no direct logit attribution (a ModelError,
+reported); attribution patching on encoder-decoders is not timed here.
 
     PYTHONPATH=$PWD/src:$PWD python -m benchmarks.components [--quick] [--out FILE.json]
 """

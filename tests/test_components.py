@@ -474,10 +474,6 @@ def test_atp_sequence_classifier_first_order():
 
 def test_errors(models, models64):
     gpt2 = models64["gpt2"]
-    with pytest.raises(ax.ModelError, match="encoder-decoder"):
-        ax.direct_logit_attribution(models["bart"], SOURCE, TARGET)
-    with pytest.raises(ax.ModelError, match="encoder-decoder"):
-        ax.attribution_patching(models["t5"], SOURCE, TARGET, corrupted=SOURCE)
     hf, tok = tiny_classifier("bert")
     bert = ax.load_model(hf, tokenizer=tok)
     with pytest.raises(ax.ModelError, match="BertForSequenceClassification"):
@@ -574,6 +570,7 @@ def test_cli_and_dataset(tmp_path, write_jsonl):
         ("attribution_patching", {"site": "keys", "corrupted": "x"}),
         ("attribution_patching", {"corrupted": None}),
         ("attribution_patching", {"corrupted": 3}),
+        ("attribution_patching", {"corrupted": "x", "stack": "both"}),
         ("direct_logit_attribution", {"layers": "first"}),
         ("direct_logit_attribution", {"heads": "all"}),
     ],
@@ -632,3 +629,402 @@ def test_atp_token_classifier_equals_per_token_autograd():
         seen = position + 1  # causal: later tokens are NaN, and their gradients exactly 0
         assert np.isnan(got.values[position, seen:]).all() and not want[seen:].any()
         np.testing.assert_allclose(got.values[position, :seen], want[:seen], rtol=1e-9, atol=1e-12)
+
+
+# --- attribution patching on encoder-decoders ----------------------------------------------
+
+ED_TARGET = " Paris is a city"
+
+
+@pytest.fixture(scope="module")
+def encdec64() -> dict[str, ax.Model]:
+    built = {}
+    for arch in ("marian", "bart"):
+        hf, tok = tiny_model(arch)
+        built[arch] = ax.load_model(hf.double(), tokenizer=tok)
+    return built
+
+
+def ed_module(model: ax.Model, stack: str, layer: int, site: str) -> torch.nn.Module:
+    """The module hooked, read from the HF layout by hand: the head outputs enter ``out_proj``,
+    the MLP's output is ``fc2``'s, the residual stream is the layer's output."""
+    hf = model.hf
+    part = hf.get_encoder() if stack == "encoder" else hf.get_decoder()
+    if hf.config.model_type == "t5":  # T5 blocks: [self-attention, (cross-attention,) MLP]
+        block = part.block[layer]
+        if site == "heads":
+            at = (
+                block.layer[1].EncDecAttention if stack == "cross" else block.layer[0].SelfAttention
+            )
+            return at.o
+        return block.layer[-1].DenseReluDense if site == "mlp" else block
+    block = part.layers[layer]
+    if site == "heads":
+        return (block.encoder_attn if stack == "cross" else block.self_attn).out_proj
+    return block.fc2 if site == "mlp" else block
+
+
+def ed_run(model, ids, decoder_ids, hook=None) -> tuple[torch.Tensor, dict]:
+    """One plain HF forward from ids (logits ``[T, V]``); ``hook`` = (module, site, edit) with
+    ``edit(x)`` the replaced activation of the one example (``[L, width]``)."""
+    handles = []
+    if hook is not None:
+        module, site, edit = hook
+
+        def put(x: torch.Tensor) -> torch.Tensor:
+            x = x.clone()
+            x[0] = edit(x[0])
+            return x
+
+        if site == "heads":
+            handles.append(module.register_forward_pre_hook(lambda m, a: (put(a[0]), *a[1:])))
+        else:
+            handles.append(
+                module.register_forward_hook(
+                    lambda m, a, o: (put(o[0]), *o[1:]) if isinstance(o, tuple) else put(o)
+                )
+            )
+    try:
+        with torch.no_grad():
+            out = model.hf(
+                input_ids=torch.tensor([ids]),
+                decoder_input_ids=torch.tensor([decoder_ids]),
+                use_cache=False,
+            )
+    finally:
+        for h in handles:
+            h.remove()
+    return out.logits[0]
+
+
+def ed_capture(model, ids, decoder_ids, stack, site, layers) -> list[torch.Tensor]:
+    seen: dict[int, torch.Tensor] = {}
+
+    def keep(layer):
+        def edit(x):
+            seen[layer] = x.clone()
+            return x
+
+        return edit
+
+    for layer in range(layers):
+        ed_run(model, ids, decoder_ids, (ed_module(model, stack, layer, site), site, keep(layer)))
+    return [seen[layer] for layer in range(layers)]
+
+
+def ed_patching(model, source, target, corrupted, stack, site, objective="logit", eps=1e-5):
+    """Per (layer, head, position): the central difference of the target scores under patching
+    ``clean + s * (corrupted - clean)`` at ``s = +-eps`` (every target read from one forward)."""
+    tok = model.tokenizer
+    ids, bad = tok(source).input_ids, tok(corrupted).input_ids
+    target_ids = tok(text_target=target).input_ids
+    decoder_ids = [model.hf.config.decoder_start_token_id, *target_ids]
+    config = model.hf.config
+    if config.model_type == "t5":
+        n_layers = config.num_layers if stack == "encoder" else config.num_decoder_layers
+        heads = config.num_heads
+    else:
+        n_layers = config.encoder_layers if stack == "encoder" else config.decoder_layers
+        heads = (
+            config.encoder_attention_heads if stack == "encoder" else config.decoder_attention_heads
+        )
+    clean = ed_capture(model, ids, decoder_ids, stack, site, n_layers)
+    corrupt = ed_capture(model, bad, decoder_ids, stack, site, n_layers)
+    rows = torch.arange(len(target_ids))  # target k is predicted at decoder position k
+
+    def scores(logits: torch.Tensor) -> np.ndarray:
+        values = logits if objective == "logit" else torch.softmax(logits, -1)
+        return values[rows, torch.tensor(target_ids)].numpy()
+
+    groups = [slice(None)]
+    if site == "heads":
+        d = clean[0].shape[-1] // heads
+        groups = [slice(h * d, (h + 1) * d) for h in range(heads)]
+    out = np.zeros((len(target_ids), clean[0].shape[0], n_layers, len(groups)))
+    for layer in range(n_layers):
+        module = ed_module(model, stack, layer, site)
+        for g, cols in enumerate(groups):
+            for p in range(clean[0].shape[0]):
+                moved = []
+                for s in (eps, -eps):
+
+                    def edit(x, s=s, p=p, cols=cols, layer=layer):
+                        step = corrupt[layer][p, cols] - clean[layer][p, cols]
+                        x[p, cols] = clean[layer][p, cols] + s * step
+                        return x
+
+                    moved.append(scores(ed_run(model, ids, decoder_ids, (module, site, edit))))
+                out[:, p, layer, g] = (moved[0] - moved[1]) / (2 * eps)
+    return out if site == "heads" else out[..., 0]
+
+
+@pytest.mark.parametrize("arch", ["marian", "bart"])
+@pytest.mark.parametrize("stack", ["encoder", "decoder", "cross"])
+def test_atp_encoder_decoder_heads_first_order(encdec64, arch, stack):
+    model = encdec64[arch]
+    got = ax.attribution_patching(
+        model, SOURCE, ED_TARGET, corrupted=CORRUPTED, stack=stack, objective="logit"
+    )
+    want = ed_patching(model, SOURCE, ED_TARGET, CORRUPTED, stack, "heads")
+    assert got.dims == ("target", "source", "layer", "head")
+    values = got.values
+    if stack == "encoder":  # encoder heads live on the encoder positions: every target sees all
+        assert "side" not in got.indexes["source"].names
+        assert got.source_id.values.tolist() == model.tokenizer(SOURCE).input_ids
+        np.testing.assert_allclose(values, want, rtol=1e-6, atol=1e-9)
+        return
+    # decoder self and cross heads live on the decoder positions: the target side
+    assert set(got["side"].values) == {"target"}
+    assert got["position"].values.tolist() == list(range(want.shape[1]))
+    for k in range(want.shape[0]):  # target k (decoder position k + 1) is read at position k
+        np.testing.assert_allclose(values[k, : k + 1], want[k, : k + 1], rtol=1e-6, atol=1e-9)
+        assert np.isnan(values[k, k + 1 :]).all() and not want[k, k + 1 :].any()
+
+
+@pytest.mark.parametrize("stack", ["encoder", "decoder", "cross"])
+def test_atp_t5_heads_first_order(stack):
+    model = t5_double()
+    got = ax.attribution_patching(
+        model, SOURCE, ED_TARGET, corrupted=CORRUPTED, stack=stack, objective="logit"
+    )
+    want = ed_patching(model, SOURCE, ED_TARGET, CORRUPTED, stack, "heads")
+    values = np.where(np.isnan(got.values), 0.0, got.values)  # the future: exactly 0 in the loop
+    np.testing.assert_allclose(values, want, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize(("stack", "site"), [("encoder", "mlp"), ("decoder", "residual")])
+def test_atp_encoder_decoder_sites_first_order(encdec64, stack, site):
+    model = encdec64["marian"]
+    got = ax.attribution_patching(
+        model, SOURCE, ED_TARGET, corrupted=CORRUPTED, stack=stack, site=site,
+        objective="probability",
+    )  # fmt: skip
+    want = ed_patching(model, SOURCE, ED_TARGET, CORRUPTED, stack, site, "probability")
+    assert got.dims == ("target", "source", "layer")
+    values = got.values
+    if stack == "decoder":
+        values = np.where(np.isnan(values), 0.0, values)  # the future: exactly 0 in the loop
+    np.testing.assert_allclose(values, want, rtol=1e-6, atol=1e-10)
+
+
+def test_atp_decoder_stacks_take_a_corrupted_source_of_any_length(encdec64):
+    """Patched on the decoder positions, the corrupted source need not align with the clean one."""
+    model = encdec64["bart"]
+    shorter = "The capital is"
+    assert len(model.tokenizer(shorter).input_ids) != len(model.tokenizer(SOURCE).input_ids)
+    got = ax.attribution_patching(
+        model, SOURCE, ED_TARGET, corrupted=shorter, stack="cross", objective="logit"
+    )
+    want = ed_patching(model, SOURCE, ED_TARGET, shorter, "cross", "heads")
+    for k in range(want.shape[0]):
+        np.testing.assert_allclose(got.values[k, : k + 1], want[k, : k + 1], rtol=1e-6, atol=1e-9)
+    with pytest.raises(ax.InputError, match="same token length"):
+        ax.attribution_patching(model, SOURCE, ED_TARGET, corrupted=shorter, stack="encoder")
+
+
+@pytest.mark.parametrize("stack", ["encoder", "cross"])
+def test_atp_encoder_decoder_batched_equals_single(encdec64, stack):
+    model = encdec64["marian"]
+    inputs, targets = [SOURCE, "Hello"], [ED_TARGET, " world"]
+    corrupted = [CORRUPTED, "Howdy"]  # both 7 tokens in the tiny Marian tokenizer
+    full = ax.attribution_patching(
+        model, inputs, targets, corrupted=corrupted, stack=stack, chunk_size=1
+    )
+    for e in range(2):
+        single = ax.attribution_patching(
+            model, inputs[e], targets[e], corrupted=corrupted[e], stack=stack
+        )
+        part = full.isel(example=e).dropna("target", how="all")
+        part = part.isel(source=slice(0, single.sizes["source"]))
+        np.testing.assert_allclose(part.values, single.values, rtol=1e-9, atol=1e-12)
+    picked = ax.attribution_patching(
+        model, SOURCE, ED_TARGET, corrupted=CORRUPTED, stack=stack, layers=-1, heads=[1]
+    )
+    assert picked.layer.values.tolist() == [1] and picked["head"].values.tolist() == [1]
+    whole = full.isel(example=0).dropna("target", how="all")
+    whole = whole.isel(source=slice(0, picked.sizes["source"]))
+    np.testing.assert_allclose(
+        picked.values, whole.sel(layer=[1], head=[1]).values, rtol=1e-9, atol=1e-12
+    )
+
+
+def test_atp_encoder_decoder_defaults_and_errors(models, encdec64):
+    model = encdec64["marian"]
+    kw = {"corrupted": CORRUPTED, "objective": "logit"}
+    heads = ax.attribution_patching(model, SOURCE, ED_TARGET, **kw)
+    cross = ax.attribution_patching(model, SOURCE, ED_TARGET, stack="cross", **kw)
+    np.testing.assert_array_equal(heads.values, cross.values)
+    mlp = ax.attribution_patching(model, SOURCE, ED_TARGET, site="mlp", **kw)
+    decoder = ax.attribution_patching(model, SOURCE, ED_TARGET, site="mlp", stack="decoder", **kw)
+    np.testing.assert_array_equal(mlp.values, decoder.values)
+    t5 = ax.attribution_patching(models["t5"], SOURCE, ED_TARGET, corrupted=CORRUPTED)
+    assert t5.dims == ("target", "source", "layer", "head")
+    assert np.isfinite(t5.values[0, 0]).all()
+    with pytest.raises(ax.OptionError, match="stack='decoder'"):
+        ax.attribution_patching(model, SOURCE, ED_TARGET, stack="cross", site="mlp", **kw)
+    with pytest.raises(ax.OptionError, match="needs an encoder-decoder"):
+        ax.attribution_patching(models["gpt2"], SOURCE, TARGET, stack="encoder", **kw)
+    with pytest.raises(ax.OptionError, match="stack"):
+        ax.attribution_patching(model, SOURCE, ED_TARGET, stack="self", **kw)
+    with pytest.raises(ax.OptionError, match="attribute_target"):
+        ax.attribution_patching(model, SOURCE, ED_TARGET, attribute_target=True, **kw)
+
+
+# --- direct logit attribution on encoder-decoders ------------------------------------------
+
+
+def t5_double() -> ax.Model:
+    """A float64 tiny T5 whose RMSNorms also run in float64 (T5LayerNorm takes its variance in
+    float32 even in a float64 model)."""
+    hf, tok = tiny_model("t5")
+    hf = hf.double()
+    for module in hf.modules():
+        if type(module).__name__ == "T5LayerNorm":
+
+            def forward(x: torch.Tensor, m: torch.nn.Module = module) -> torch.Tensor:
+                return (
+                    m.weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + m.variance_epsilon)
+                )
+
+            module.forward = forward
+    return ax.load_model(hf, tokenizer=tok)
+
+
+def naive_t5_dla(model: ax.Model, source: str, target: str):
+    """Per target, decoder layer, head and source, from one plain HF forward: cross heads over the
+    encoder tokens, self heads over the decoder positions, the MLP at the predicting position;
+    and the embedding's share (the only term no component owns: T5 has no biases)."""
+    hf, tok = model.hf, model.tokenizer
+    ids = tok(source).input_ids
+    target_ids = tok(text_target=target).input_ids
+    decoder_ids = [hf.config.decoder_start_token_id, *target_ids]
+    blocks = hf.get_decoder().block
+    norm = hf.get_decoder().final_layer_norm
+    found: dict = {"decoder": {}, "cross": {}, "mlp": {}}
+    handles = []
+    for layer, block in enumerate(blocks):
+        for stack, attention in (
+            ("decoder", block.layer[0].SelfAttention),
+            ("cross", block.layer[1].EncDecAttention),
+        ):
+            handles.append(
+                attention.v.register_forward_hook(
+                    lambda m, a, o, s=stack, n=layer: found[s].__setitem__(n, o[0])
+                )
+            )
+        handles.append(
+            block.layer[2].DenseReluDense.register_forward_hook(
+                lambda m, a, o, n=layer: found["mlp"].__setitem__(n, o[0])
+            )
+        )
+    handles.append(norm.register_forward_pre_hook(lambda m, a: found.__setitem__("final", a[0][0])))
+    with torch.no_grad(), model.attention_as("eager", required=True):
+        out = hf(
+            input_ids=torch.tensor([ids]),
+            decoder_input_ids=torch.tensor([decoder_ids]),
+            output_attentions=True,
+            use_cache=False,
+        )
+    for h in handles:
+        h.remove()
+    heads = hf.config.num_heads
+    d = hf.config.d_kv
+    n_layers = len(blocks)
+    scale = hf.config.d_model**-0.5 if hf.config.scale_decoder_outputs else 1.0
+    unembed = hf.get_output_embeddings().weight
+    cross = np.zeros((len(target_ids), len(ids), n_layers, heads + 1))
+    own = np.full((len(target_ids), len(decoder_ids), n_layers, heads + 1), np.nan)
+    rest, logits = np.zeros(len(target_ids)), np.zeros(len(target_ids))
+    for k in range(len(target_ids)):
+        i = k  # target k + 1 of the decoder sequence is predicted at position k
+        x = found["final"][i]
+        rms = torch.sqrt(x.pow(2).mean() + norm.variance_epsilon)
+        direction = unembed[target_ids[k]]
+
+        def proj(c, rms=rms, direction=direction):
+            return float((norm.weight * c / rms * scale) @ direction)
+
+        logits[k] = float(out.logits[0, i, target_ids[k]])
+        for layer in range(n_layers):
+            for stack, maps, block in (
+                ("cross", out.cross_attentions, cross),
+                ("decoder", out.decoder_attentions, own),
+            ):
+                attention = blocks[layer].layer[0 if stack == "decoder" else 1]
+                w = (
+                    attention.SelfAttention if stack == "decoder" else attention.EncDecAttention
+                ).o.weight.T
+                for h in range(heads):
+                    for j in range(len(ids) if stack == "cross" else i + 1):
+                        a = maps[layer][0, h, i, j]
+                        v = found[stack][layer][j, h * d : (h + 1) * d]
+                        block[k, j, layer, h] = proj(a * v @ w[h * d : (h + 1) * d])
+            own[k, : i + 1, layer, heads] = 0.0
+            own[k, i, layer, heads] = proj(found["mlp"][layer][i])
+        rest[k] = proj(hf.get_decoder().embed_tokens(torch.tensor(decoder_ids[i])))
+    return cross, own, rest, logits
+
+
+def test_dla_t5_equals_naive_and_sums_back():
+    model = t5_double()
+    got = ax.direct_logit_attribution(model, SOURCE, ED_TARGET)
+    cross, own, rest, logits = naive_t5_dla(model, SOURCE, ED_TARGET)
+    assert got.dims == ("target", "source", "layer", "head")
+    assert got.indexes["source"].names == ["side", "position"]
+    assert got.component.values.tolist()[-1] == "mlp"
+    np.testing.assert_allclose(got.sel(side="source").values, cross, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(got.sel(side="target").values, own, rtol=1e-9, atol=1e-12)
+    # the identity: heads of both sides + MLPs + the decoder embedding = the logit
+    total = np.nansum(got.values, axis=(1, 2, 3)) + rest
+    np.testing.assert_allclose(total, logits, rtol=1e-9, atol=1e-9)
+    picked = ax.direct_logit_attribution(model, SOURCE, ED_TARGET, layers=[1], heads=[1])
+    np.testing.assert_allclose(
+        picked.values, got.sel(layer=[1], head=[1, -1]).values, rtol=1e-12, atol=1e-14
+    )
+
+
+def test_dla_post_norm_encoder_decoders_are_refused(models):
+    for arch in ("marian", "bart"):
+        with pytest.raises(ax.ModelError, match="post-LN"):
+            ax.direct_logit_attribution(models[arch], SOURCE, ED_TARGET)
+
+
+def test_dla_t5_batched_equals_single_and_contrast():
+    model = t5_double()
+    inputs, targets = [SOURCE, "Hello"], [ED_TARGET, " world"]
+    full = ax.direct_logit_attribution(model, inputs, targets)
+    for e in range(2):
+        single = ax.direct_logit_attribution(model, inputs[e], targets[e])
+        part = full.isel(example=e).dropna("target", how="all")
+        for side in ("source", "target"):
+            mine = part.sel(side=side)  # the dim is now `position`
+            mine = mine.isel(position=slice(0, single.sel(side=side).sizes["position"]))
+            np.testing.assert_allclose(
+                mine.values, single.sel(side=side).values, rtol=1e-9, atol=1e-12
+            )
+    # the logit difference is linear in the direction: target minus contrast (first target only:
+    # later ones are teacher-forced on different prefixes in the contrast's own run)
+    both = ax.direct_logit_attribution(model, SOURCE, " Paris", contrast=" Rome").isel(target=0)
+    one = ax.direct_logit_attribution(model, SOURCE, " Paris").isel(target=0)
+    other = ax.direct_logit_attribution(model, SOURCE, " Rome").isel(target=0)
+    assert np.nanmax(np.abs(both.values - one.values)) > 1e-3  # the contrast counts
+    np.testing.assert_allclose(both.values, one.values - other.values, rtol=1e-9, atol=1e-12)
+
+
+def test_atp_encoder_decoder_dataset(encdec64, tmp_path, write_jsonl):
+    model = encdec64["marian"]
+    rows = [
+        {"input": SOURCE, "target": " Paris is", "corrupted": CORRUPTED},
+        {"input": "Hello", "target": " world", "corrupted": "Howdy"},
+    ]
+    ax.attribute_dataset(
+        model, write_jsonl(rows), tmp_path / "atp", method="attribution_patching",
+        stack="encoder", reduce="sum:head,sum:layer", progress=False,
+    )  # fmt: skip
+    got = ax.load_dataset_results(tmp_path / "atp")
+    for b, row in enumerate(rows):  # assertions only: one check per record
+        alone = ax.attribution_patching(
+            model, row["input"], row["target"], corrupted=row["corrupted"], stack="encoder"
+        ).sum(["head", "layer"], skipna=False)
+        mine = got.isel(example=b).sel(target=alone.target, source=alone.source)
+        np.testing.assert_allclose(mine.values, alone.values, rtol=1e-5, atol=1e-9)

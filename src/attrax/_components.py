@@ -3,7 +3,9 @@
 Both read the model's own modules (attention heads, MLPs, residual stream) of the architectures
 they know, GPT-2 (``Conv1D``, LayerNorm) and Llama (``o_proj``, RMSNorm, RoPE, grouped keys and
 values), as causal LMs or as sequence classifiers whose ``score`` head reads the final norm
-directly; any other model is a :class:`ModelError` naming its architecture.
+directly, and encoder-decoders (attribution patching: Marian, BART, T5; direct logit attribution:
+T5, the post-LN Marian and BART having no direct path); any other model is a
+:class:`ModelError` naming its architecture.
 
 * :func:`direct_logit_attribution` splits the residual stream the final norm reads into what each
   attention head (per source position, through its attention weights) and each MLP wrote, and
@@ -27,6 +29,7 @@ import torch
 import xarray as xr
 from torch.func import vjp
 
+from . import _arch
 from ._attention import Selection, _indices, _selection
 from ._errors import InputError, ModelError, OptionError
 from ._inputs import Texts, contrast_batch, prepare, to_tensors
@@ -35,6 +38,9 @@ from ._model import Model
 from ._protocol import Call, Family
 
 SITES = ("heads", "mlp", "residual")
+#: an encoder-decoder's stacks: encoder blocks, decoder blocks (self-attention heads), and the
+#: decoder's cross-attention heads
+STACKS = ("encoder", "decoder", "cross")
 
 #: Direct logit attribution: one forward, the logit decomposed; no objective, nothing to plan.
 COMPONENTS = Family(
@@ -43,7 +49,9 @@ COMPONENTS = Family(
     refuses={
         "objective": "direct logit attribution decomposes the logit (the target's unembedding "
         "row times the final norm's output), not an objective",
-        "attribute_target": "direct logit attribution is for decoder-only models",
+        "attribute_target": "direct logit attribution of an encoder-decoder covers both sides "
+        "already (cross-attention heads on the encoder tokens, self-attention heads and MLPs on "
+        "the decoder positions)",
         "chunk_size": "direct logit attribution runs one forward: there is no backward to chunk",
         "batch_size": "direct logit attribution runs one forward: there are no points to batch",
         "max_memory": "direct logit attribution runs one forward: there are no sizes to plan",
@@ -54,7 +62,9 @@ PATCHING = Family(
     name="patching",
     takes=("objective", "contrast", "positions", "chunk_size", "max_new_tokens", "max_memory"),
     refuses={
-        "attribute_target": "attribution patching is for decoder-only models and classifiers",
+        "attribute_target": "attribution patching reports the positions of the stack it patches "
+        "(an encoder-decoder's decoder and cross-attention heads live on the decoder positions: "
+        "stack='decoder' / 'cross')",
         "batch_size": "attribution patching runs one clean and one corrupted forward: there are "
         "no points to batch",
     },
@@ -196,6 +206,11 @@ def direct_logit_attribution(
     bias (GPT-2's ``c_proj``), the final norm's bias and the head's bias, all projected the same
     way. The final-norm centering is exact, not an approximation (it is linear).
 
+    T5 encoder-decoders: the decoder's residual stream, with its cross-attention heads on the
+    encoder tokens (``side="source"`` of the ``(side, position)`` source index) and its
+    self-attention heads and MLPs on the decoder positions (``side="target"``); the output
+    scale ``d_model ** -0.5`` rides in the direction. Post-LN Marian and BART are refused.
+
     Arguments:
         model, inputs, targets, contrast, positions, max_new_tokens: as :func:`attrax.saliency`.
         layers, heads: which layers / heads to keep (as :func:`attrax.attention`).
@@ -214,6 +229,8 @@ def direct_logit_attribution(
     """
     model = call.model
     method = "direct_logit_attribution"
+    if model.is_encoder_decoder:
+        return _encoder_decoder_dla(call, layers, heads)
     parts = _parts(model, method)
     unembed, _ = _readout(model, method)
     chosen_layers = _indices(layers, len(parts.blocks), "layers", "layers")
@@ -290,12 +307,143 @@ def direct_logit_attribution(
     return da.assign_coords(component=("head", component))
 
 
+def _encoder_decoder_dla(call: Call, layers: Selection, heads: Selection) -> xr.DataArray:
+    """Direct logit attribution of a T5 decoder (pre-norm, RMSNorm, no biases): the decoder's
+    self-attention heads over the decoder positions, its cross-attention heads over the encoder
+    tokens and its MLPs, each projected on ``gamma * W_U[target] * scale / rms``."""
+    model = call.model
+    method = "direct_logit_attribution"
+    hf = model.hf
+    name = f"{type(hf).__name__} (model_type {getattr(hf.config, 'model_type', None)!r})"
+    decoder = hf.get_decoder()
+    blocks = list(getattr(decoder, "block", None) or [])
+    norm = getattr(decoder, "final_layer_norm", None)
+    if not blocks or not hasattr(blocks[0], "layer") or norm is None:
+        layout = list(getattr(decoder, "layers", None) or [])
+        post_norm = bool(layout) and hasattr(layout[0], "final_layer_norm")
+        if post_norm and getattr(hf.config, "model_type", None) in ("marian", "bart"):
+            raise ModelError(
+                f"{method} has no direct path to decompose in {name}: a post-LN "
+                "encoder-decoder (each decoder layer ends in LayerNorms, self_attn_layer_norm, "
+                "encoder_attn_layer_norm and final_layer_norm, applied to the residual stream "
+                "itself), so no head's or MLP's output reaches the logits through one final "
+                "norm: every later LayerNorm rescales and recenters it. T5 (pre-LN) is supported"
+            )
+        raise ModelError(
+            f"{method} has no rule for {name}: among encoder-decoders it knows T5 (pre-LN "
+            "RMSNorm decoder; Marian and BART are post-LN and have no direct path)"
+        )
+    selfs = [getattr(b.layer[0], "SelfAttention", None) for b in blocks]
+    crosses = [
+        getattr(b.layer[1], "EncDecAttention", None) if len(b.layer) > 2 else None for b in blocks
+    ]
+    mlps = [getattr(b.layer[-1], "DenseReluDense", None) for b in blocks]
+    known = all(
+        all(hasattr(a, key) for key in ("v", "o", "n_heads", "key_value_proj_dim"))
+        for a in [*selfs, *crosses]
+    )
+    if not known or any(m is None for m in mlps) or not hasattr(norm, "variance_epsilon"):
+        raise ModelError(
+            f"{method} has no rule for {name}: its decoder blocks are not T5's (SelfAttention, "
+            "EncDecAttention with v / o, DenseReluDense, an RMS final_layer_norm)"
+        )
+    unembed, bias = _readout(model, method)
+    if bias is not None:
+        raise ModelError(f"{method}: {name}'s LM head has a bias, which T5's has not")
+    n_layers, n_heads = len(blocks), selfs[0].n_heads
+    head_dim = selfs[0].key_value_proj_dim
+    chosen_layers = _indices(layers, n_layers, "layers", "layers")
+    chosen_heads = _indices(heads, n_heads, "heads", "heads per layer")
+    t = to_tensors(call.batch, model)
+    rows = torch.arange(t.index.shape[0], device=t.index.device)[:, None]
+    direction = unembed[t.target_ids]
+    if t.contrast_ids is not None:
+        direction = direction - unembed[t.contrast_ids]
+    u = full_precision(direction) * full_precision(norm.weight)
+    if getattr(hf.config, "scale_decoder_outputs", False):  # tied embeddings: d_model ** -0.5
+        u = u * hf.config.d_model**-0.5
+    values: dict[tuple[str, int], torch.Tensor] = {}
+    out: dict[tuple[str, int], torch.Tensor] = {}
+    mlps_out: dict[int, torch.Tensor] = {}
+    count = {"decoder": 0, "cross": 0}
+    found: dict[str, torch.Tensor] = {}
+
+    def on_values(key: tuple[str, int]) -> Callable[..., None]:
+        def hook(_module: torch.nn.Module, _args: Any, output: torch.Tensor) -> None:
+            if key[1] in chosen_layers:  # [B, J, heads, d]
+                values[key] = output.unflatten(-1, (n_heads, head_dim))
+
+        return hook
+
+    def on_mlp(layer: int) -> Callable[..., None]:
+        def hook(_module: torch.nn.Module, _args: Any, output: torch.Tensor) -> None:
+            if layer in chosen_layers:  # [B, K]: the MLP's output at each target's position
+                mlps_out[layer] = torch.einsum(
+                    "bkh,bkh->bk", full_precision(output[rows, t.index]), u
+                )
+
+        return hook
+
+    def on_map(stack: str, weights: torch.Tensor) -> None:
+        if stack not in count:  # the encoder's own maps: nothing of it writes to the decoder
+            return
+        layer = count[stack]
+        count[stack] += 1
+        if layer not in chosen_layers:
+            return
+        module = selfs[layer] if stack == "decoder" else crosses[layer]
+        v = full_precision(values.pop((stack, layer)))[..., chosen_heads, :]  # [B, J, h, d]
+        w_o = module.o.weight.T.reshape(n_heads, head_dim, -1)[chosen_heads]  # [h, d, H]
+        r = torch.einsum("hdx,bkx->bkhd", full_precision(w_o), u)
+        vu = torch.einsum("bjhd,bkhd->bkjh", v, r)
+        a = full_precision(weights[:, chosen_heads].permute(0, 2, 3, 1)[rows, t.index])
+        out[(stack, layer)] = a * vu  # [B, K, J, h]
+
+    def on_final(_module: torch.nn.Module, args: tuple[Any, ...]) -> None:
+        found["final"] = args[0][rows, t.index]
+
+    handles = []
+    for layer in range(n_layers):
+        handles.append(selfs[layer].v.register_forward_hook(on_values(("decoder", layer))))
+        handles.append(crosses[layer].v.register_forward_hook(on_values(("cross", layer))))
+        handles.append(mlps[layer].register_forward_hook(on_mlp(layer)))
+    handles.append(norm.register_forward_pre_hook(on_final))
+    with _hooks(*handles):
+        model.stream_attention(t, on_map)
+    if len(out) != 2 * len(chosen_layers) or "final" not in found:
+        raise ModelError(f"{method}: {type(hf).__name__} did not run the modules it names")
+    x = full_precision(found["final"])
+    scale = 1.0 / torch.sqrt(x.pow(2).mean(-1) + norm.variance_epsilon).to(u.dtype)  # [B, K]
+    at_index = torch.nn.functional.one_hot(t.index, t.decoder_ids.shape[1]).to(u.dtype)
+    sources, targets = [], []
+    for layer in chosen_layers:  # assembling the kept layers' results, not a computation
+        cross = out[("cross", layer)]
+        sources.append(torch.cat([cross, torch.zeros_like(cross[..., :1])], dim=-1))
+        mlp = at_index * mlps_out[layer][..., None]  # the MLP writes at the target's position
+        targets.append(torch.cat([out[("decoder", layer)], mlp[..., None]], dim=-1))
+    per_side = [
+        torch.stack(side, dim=-2) * scale[:, :, None, None, None] for side in (sources, targets)
+    ]
+    da = call.label(
+        per_side,
+        trailing=("layer", "head"),
+        trailing_coords={"layer": chosen_layers, "head": [*chosen_heads, -1]},
+    )
+    component = ["attention"] * len(chosen_heads) + ["mlp"]
+    return da.assign_coords(component=("head", component))
+
+
 # --- attribution patching --------------------------------------------------------------------
 
 
 def _site(value: object, name: str) -> None:
     if value not in SITES:
         raise OptionError(f"`{name}` must be one of {SITES}, got {value!r}")
+
+
+def _stack(value: object, name: str) -> None:
+    if value is not None and value not in STACKS:
+        raise OptionError(f"`{name}` must be None or one of {STACKS}, got {value!r}")
 
 
 def _corrupted(value: object, name: str) -> None:
@@ -308,12 +456,94 @@ def _corrupted(value: object, name: str) -> None:
         raise OptionError(f"`{name}` must be a string or a list of strings, got {value!r}")
 
 
-@PATCHING.method(corrupted=_corrupted, site=_site, layers=_selection, heads=_selection)
+@dataclass(frozen=True)
+class _Stack:
+    """The patchable modules of one stack, layer by layer: each block (its output is the
+    residual stream), the module whose input is the concatenated head outputs, the MLP (its
+    output is what the MLP writes), and the heads per layer."""
+
+    name: str  # "self" (decoder-only), "encoder", "decoder" or "cross"
+    blocks: list[torch.nn.Module]
+    projections: list[torch.nn.Module]
+    mlps: list[torch.nn.Module]
+    heads: int
+
+    @property
+    def on_decoder(self) -> bool:
+        """Whether the activations live on the decoder positions (else on the encoder's or the
+        decoder-only sequence's)."""
+        return self.name in ("decoder", "cross")
+
+
+def _patch_stack(model: Model, method: str, stack: str | None, site: str) -> _Stack:
+    """The stack ``stack`` patches (checked against the model and ``site``)."""
+    if not model.is_encoder_decoder:
+        if stack is not None:
+            raise OptionError(
+                f"`stack={stack!r}` needs an encoder-decoder model; {model.name} has one stack "
+                "(leave stack=None)"
+            )
+        parts = _parts(model, method)
+        projections = [parts.projection_module(i) for i in range(len(parts.blocks))]
+        return _Stack("self", parts.blocks, projections, parts.mlps, parts.heads)
+    if stack is None:  # as `maps=None` elsewhere: the cross-attention, or the decoder's blocks
+        stack = "cross" if site == "heads" else "decoder"
+    if stack == "cross" and site != "heads":
+        raise OptionError(
+            f"`stack='cross'` names the cross-attention heads (site='heads'); the decoder's "
+            f"{'MLPs' if site == 'mlp' else 'residual stream'} are stack='decoder', got "
+            f"site={site!r}"
+        )
+    return _encoder_decoder_stack(model, method, stack)
+
+
+def _encoder_decoder_stack(model: Model, method: str, stack: str) -> _Stack:
+    """An encoder-decoder's stack: BART-like layers (Marian, BART: ``self_attn`` /
+    ``encoder_attn`` with ``out_proj``, ``fc2``) or T5 blocks (``SelfAttention`` /
+    ``EncDecAttention`` with ``o``, ``DenseReluDense``); anything else is a ModelError."""
+    hf = model.hf
+    name = f"{type(hf).__name__} (model_type {getattr(hf.config, 'model_type', None)!r})"
+    part = hf.get_encoder() if stack == "encoder" else hf.get_decoder()
+    blocks = list(getattr(part, "layers", None) or getattr(part, "block", None) or [])
+    first = blocks[0] if blocks else None
+    if first is not None and hasattr(first, "fc2") and hasattr(first, "self_attn"):
+        attention = "encoder_attn" if stack == "cross" else "self_attn"
+        modules = [getattr(b, attention, None) for b in blocks]
+        projections = [getattr(a, "out_proj", None) for a in modules]
+        mlps = [b.fc2 for b in blocks]  # fc2's output: what the MLP adds to the residual
+    elif first is not None and hasattr(first, "layer"):  # T5: [self, (cross,) feed-forward]
+        inner = "EncDecAttention" if stack == "cross" else "SelfAttention"
+        at = 1 if stack == "cross" else 0
+        modules = [getattr(b.layer[at], inner, None) for b in blocks]
+        projections = [getattr(a, "o", None) for a in modules]
+        mlps = [getattr(b.layer[-1], "DenseReluDense", None) for b in blocks]
+    else:
+        raise ModelError(
+            f"attribution_patching has no rule for {name}: it knows BART-like encoder-decoders "
+            "(Marian, BART: self_attn / encoder_attn with out_proj, fc2) and T5"
+        )
+    if any(not isinstance(m, torch.nn.Module) for m in [*projections, *mlps]):
+        raise ModelError(
+            f"{method}: {name}'s {stack} blocks lack the attention output projection or MLP "
+            "attrax patches"
+        )
+    attention = modules[0]
+    heads = getattr(attention, "num_heads", None) or getattr(attention, "n_heads", None)
+    heads = heads or _arch.heads(hf.config, "encoder" if stack == "encoder" else "cross")
+    if not isinstance(heads, int):
+        raise ModelError(f"{method}: cannot tell how many heads {name}'s {stack} layers have")
+    return _Stack(stack, blocks, projections, mlps, heads)
+
+
+@PATCHING.method(
+    corrupted=_corrupted, site=_site, stack=_stack, layers=_selection, heads=_selection
+)
 def attribution_patching(
     call: Call,
     *,
     corrupted: Texts | None = None,
     site: str = "heads",
+    stack: str | None = None,
     layers: Selection = None,
     heads: Selection = None,
 ) -> xr.DataArray:
@@ -329,12 +559,20 @@ def attribution_patching(
     Arguments:
         model, inputs, targets, objective, contrast, positions, chunk_size, max_new_tokens,
             max_memory: as :func:`attrax.saliency`. The corrupted run is scored on the same
-            targets.
-        corrupted: the corrupted input(s), aligned with ``inputs``, each with exactly as many
-            tokens as its clean input (positions must match for patching to mean anything).
+            targets (an encoder-decoder's decoder input stays the clean one).
+        corrupted: the corrupted input(s) (an encoder-decoder's source), aligned with
+            ``inputs``, each with exactly as many tokens as its clean input (positions must
+            match for patching to mean anything; an encoder-decoder's decoder stacks, whose
+            positions are the decoder's, take a source of any length).
         site: which activations: ``"heads"`` (each head's output before the output projection,
             ``(target, source, layer, head)``), ``"mlp"`` (each MLP's output) or ``"residual"``
             (the residual stream after each layer), both ``(target, source, layer)``.
+        stack: encoder-decoders: ``"encoder"`` (the encoder blocks; ``source`` = the encoder
+            tokens), ``"decoder"`` (the decoder blocks, their self-attention heads) or
+            ``"cross"`` (the decoder's cross-attention heads); both decoder stacks live on the
+            decoder positions: ``source`` is the ``(side, position)`` index, side ``"target"``.
+            ``None``: ``"cross"`` for heads, ``"decoder"`` for MLPs and residual. Decoder-only
+            models and classifiers have one stack (``None``).
         layers, heads: which layers / heads to keep (``heads`` only with ``site="heads"``).
 
     Returns:
@@ -349,20 +587,16 @@ def attribution_patching(
     """
     model = call.model
     method = "attribution_patching"
-    if model.is_encoder_decoder:
-        raise ModelError(
-            f"{method} patches decoder-only models and decoder-only classifiers; "
-            f"{type(model.hf).__name__} is an encoder-decoder"
-        )
-    parts = _parts(model, method)
     if site != "heads" and heads is not None:
         raise OptionError(f"`heads` applies to site='heads' only, got site={site!r}")
+    parts = _patch_stack(model, method, stack, site)
     chosen_layers = _indices(layers, len(parts.blocks), "layers", "layers")
     chosen_heads = _indices(heads, parts.heads, "heads", "heads per layer")
     problem = call.problem
     t = problem.tensors
     assert corrupted is not None
-    corrupt_ids = _corrupted_ids(model, call, corrupted)
+    # only positions that are patched must align: the decoder's, for the decoder stacks
+    corrupt_ids, corrupt_mask = _corrupted_ids(model, call, corrupted, not parts.on_decoder)
     clean_embeds = problem.inputs[0]
     with torch.no_grad():
         corrupt_embeds = model.embed(corrupt_ids, "source")
@@ -382,7 +616,7 @@ def attribution_patching(
                 def pre(_m: torch.nn.Module, args: tuple[Any, ...], add=add) -> tuple[Any, ...]:
                     return (add(args[0]), *args[1:])
 
-                module = parts.projection_module(layer)
+                module = parts.projections[layer]
                 handles.append(module.register_forward_pre_hook(pre))
                 continue
 
@@ -395,20 +629,29 @@ def attribution_patching(
             handles.append(module.register_forward_hook(post))
         return handles
 
-    def run(embeds: torch.Tensor, probes: list[torch.Tensor] | None) -> tuple[Any, ...]:
+    def run(
+        embeds: torch.Tensor, mask: torch.Tensor, probes: list[torch.Tensor] | None
+    ) -> tuple[Any, ...]:
         seen: list[torch.Tensor] = []
         with _hooks(*install(probes, seen)):
-            hidden = model.hidden_at(embeds, t.mask, t.index, token_types=t.token_types)
+            hidden = model.hidden_at(
+                embeds,
+                mask,
+                t.index,
+                problem.decoder_embeds,
+                t.decoder_mask,
+                token_types=t.token_types,
+            )
         return hidden, seen
 
     with torch.no_grad():
-        _, corrupt_acts = run(corrupt_embeds, None)
+        _, corrupt_acts = run(corrupt_embeds, corrupt_mask, None)
     zeros = [torch.zeros_like(a) for a in corrupt_acts]
     if len(zeros) != len(chosen_layers):
         raise ModelError(f"{method}: {type(model.hf).__name__} did not run the modules it names")
 
     def clean(*probes: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        hidden, seen = run(clean_embeds, list(probes))
+        hidden, seen = run(clean_embeds, t.mask, list(probes))
         return hidden, [s.detach() for s in seen]
 
     hidden, pullback, clean_acts = vjp(clean, *zeros, has_aux=True)
@@ -435,17 +678,26 @@ def attribution_patching(
             per_layer.append(torch.einsum("kblx,blx->bkl", grad, delta))
     stacked = torch.stack(per_layer, dim=3)  # [B, K, L, layer(, head)]
     if site == "heads":
-        return call.label(
-            [stacked],
-            trailing=("layer", "head"),
-            trailing_coords={"layer": chosen_layers, "head": chosen_heads},
-        )
-    return call.label([stacked], trailing=("layer",), trailing_coords={"layer": chosen_layers})
+        trailing, coords = ("layer", "head"), {"layer": chosen_layers, "head": chosen_heads}
+    else:
+        trailing, coords = ("layer",), {"layer": chosen_layers}
+    if not parts.on_decoder:
+        return call.label([stacked], trailing=trailing, trailing_coords=coords)
+    # decoder positions: labelled as the target side of the (side, position) source index
+    encoder = torch.full(
+        (*stacked.shape[:2], t.ids.shape[1], *stacked.shape[3:]), torch.nan, dtype=stacked.dtype
+    )
+    da = call.label([encoder, stacked], trailing=trailing, trailing_coords=coords)
+    return da.isel(source=slice(t.ids.shape[1], None))
 
 
-def _corrupted_ids(model: Model, call: Call, corrupted: Texts) -> torch.Tensor:
-    """Token ids ``[B, L]`` of the corrupted run, aligned position by position with the clean
-    ones (same targets teacher-forced); an InputError when a corrupted input's length differs."""
+def _corrupted_ids(
+    model: Model, call: Call, corrupted: Texts, same_length: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids ``[B, L]`` and attention mask of the corrupted run, aligned position by position
+    with the clean ones (same targets teacher-forced); an InputError when a corrupted input's
+    length differs. Without ``same_length`` (an encoder-decoder's decoder stacks, patched on the
+    decoder positions) the corrupted source keeps its own length and padding."""
     batch = call.batch
     t = to_tensors(batch, model)
     texts = [corrupted] if isinstance(corrupted, str) else list(corrupted)
@@ -458,14 +710,22 @@ def _corrupted_ids(model: Model, call: Call, corrupted: Texts) -> torch.Tensor:
         other = contrast_batch(model, batch, corrupted)
     else:
         other = prepare(model, corrupted)
+    if not same_length:
+        theirs = to_tensors(other, model)
+        return theirs.ids, theirs.mask
     pairs = zip(batch.examples, other.examples, strict=True)
     for i, (clean, bad) in enumerate((len(a.source_ids), len(b.source_ids)) for a, b in pairs):
         if clean != bad:
             where = "" if batch.single else f"[{i}]"
+            hint = (
+                " (stack='decoder' or 'cross', patched on the decoder positions, take any length)"
+                if model.is_encoder_decoder
+                else ""
+            )
             raise InputError(
-                f"`corrupted{where}` {texts[i]!r} has {bad} tokens but its clean input has {clean}: "
-                "attribution patching patches position by position, so both must have the same "
-                "token length"
+                f"`corrupted{where}` {texts[i]!r} has {bad} tokens but its clean input has "
+                f"{clean}: attribution patching patches position by position, so both must have "
+                f"the same token length{hint}"
             )
     ids = to_tensors(other, model).ids
     if ids.shape != t.ids.shape:
@@ -474,4 +734,4 @@ def _corrupted_ids(model: Model, call: Call, corrupted: Texts) -> torch.Tensor:
             f"{tuple(t.ids.shape)}: they must align position by position"
         )
     # padded positions keep the clean ids: the mask hides them either way
-    return torch.where(t.mask.bool(), ids, t.ids)
+    return torch.where(t.mask.bool(), ids, t.ids), t.mask
