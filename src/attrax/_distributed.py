@@ -1,11 +1,13 @@
-"""Dataset runs on Dask distributed: a local cluster of worker processes or an existing one.
+"""Dataset runs and evaluations on Dask distributed: a local cluster of worker processes or an
+existing one.
 
-:func:`attribute_dataset` with ``workers=N`` or ``scheduler=ADDRESS`` hands one task per shard to
-Dask. Each worker process loads the model once (a cache keyed by path, device and dtype) and
-returns the shard's array; the client alone writes shard files (atomically) and the manifest, so
-the manifest stays the single truth and a run resumes after any crash exactly as an in-process
-one. A worker that dies mid-shard is replaced and its shard rerun by Dask; results are the same
-as a serial run's, since each shard is computed by one method call on the same records.
+:func:`attribute_dataset` and :func:`evaluate` with ``workers=N`` or ``scheduler=ADDRESS`` hand
+one task per shard of records to Dask. Each worker process loads the model once (a cache keyed by
+path, device and dtype) and returns the shard's result; the client alone writes files (shards
+atomically, and the manifest), so the manifest stays the single truth and a run resumes after any
+crash exactly as an in-process one. A worker that dies mid-shard is replaced and its shard rerun
+by Dask; results are the same as a serial run's, since each shard is computed by one call on the
+same records (an evaluation's shards are joined along ``example`` in record order).
 
 Dask is an optional extra (``pip install 'attrax[distributed]'``), imported only here, on use.
 """
@@ -44,8 +46,6 @@ def require() -> Any:
 
 def check(model: Any, workers: Any, scheduler: Any) -> None:
     """Refuse options that cannot work before anything starts."""
-    from ._model import Model
-
     if workers is not None and scheduler is not None:
         raise OptionError(
             "give `workers` (start a local cluster) or `scheduler` (use one), not both"
@@ -58,12 +58,28 @@ def check(model: Any, workers: Any, scheduler: Any) -> None:
         raise OptionError(
             f"`scheduler` must be a scheduler address such as 'tcp://host:8786', got {scheduler!r}"
         )
-    if isinstance(model, Model):
+    if model is not None and not isinstance(model, (str, os.PathLike)):
         raise OptionError(
             "`model` must be a path (or None, the built-in model) with `workers`/`scheduler`: "
-            "each worker process loads it once; an in-memory Model is not shipped to workers"
+            "each worker process loads it once; an in-memory Model is not shipped to workers, "
+            f"got {type(model).__name__}"
         )
     require()
+
+
+def picklable(methods: Mapping[str, Any]) -> None:
+    """Refuse a method that cannot be sent to the workers, before anything starts."""
+    from distributed.protocol import pickle
+
+    for name, fn in methods.items():
+        try:
+            pickle.dumps(fn)
+        except Exception as err:
+            raise OptionError(
+                f"`methods[{name!r}]` {fn!r} does not pickle, so it cannot be sent to Dask "
+                f"workers ({type(err).__name__}: {err}); give a method name, a public attrax "
+                "function, or a functools.partial or ax.pipe of them"
+            ) from None
 
 
 def local_workers(workers: int | str, device: str | None) -> int:
@@ -189,10 +205,30 @@ class Pool:
         dtype = None if self.dtype is None else str(self.dtype).removeprefix("torch.")
         return self.spec, self.device, dtype, self._threads
 
-    def _gather(self, futures: list[Any]) -> None:
+    def evaluations(
+        self,
+        shards: list[list[Any]],
+        methods: Mapping[str, Any],
+        options: Mapping[str, Any],
+    ) -> list[xr.Dataset]:
+        """:func:`attrax.evaluate` of every shard of records on the workers, in shard order."""
+        run = uuid.uuid4().hex[:8]
+        futures = [
+            self.client.submit(
+                _evaluate_task,
+                self._where(),
+                records,
+                dict(methods),
+                dict(options),
+                key=f"attrax-evaluate-{k:05d}-{run}",
+            )
+            for k, records in enumerate(shards)
+        ]
+        return self._gather(futures)
+
+    def _gather(self, futures: list[Any]) -> list[Any]:
         try:
-            for future in futures:
-                self._result(future)
+            return [self._result(future) for future in futures]
         finally:
             for future in futures:
                 future.cancel()
@@ -262,3 +298,14 @@ def _shard_task(
     from ._dataset import _attribute, resolve_method
 
     return _attribute(worker_model(where), resolve_method(method), steps, options, records, scan)
+
+
+def _evaluate_task(
+    where: Any,
+    records: list[Any],
+    methods: Mapping[str, Any],
+    options: Mapping[str, Any],
+) -> xr.Dataset:
+    from ._evaluate import _score
+
+    return _score(worker_model(where), records, methods, **options)

@@ -27,11 +27,11 @@ import pandas as pd
 import xarray as xr
 
 from . import _faithfulness
-from ._dataset import concat_examples, parse_reduce
+from ._dataset import concat_examples, parse_reduce, resolve_method
 from ._dataset import reduce as apply_reductions
 from ._errors import InputError, OptionError
 from ._model import Model, ModelLike, load_model
-from ._schema import label_evaluation, label_sanity
+from ._schema import fill_value, label_evaluation, label_sanity
 
 FAITHFULNESS = {
     "comprehensiveness": "aopc",
@@ -156,7 +156,7 @@ def _rationale(marks: Any, text: str, where: str) -> tuple[int, ...]:
 def evaluate(
     model: ModelLike,
     data: Any,
-    methods: Mapping[str, Callable[..., xr.DataArray]],
+    methods: Mapping[str, Callable[..., xr.DataArray] | str],
     metrics: Sequence[str] = ("comprehensiveness", "sufficiency"),
     *,
     reduce: str = "auto",
@@ -164,6 +164,11 @@ def evaluate(
     batch_size: int | str | None = "auto",
     attributions: bool = False,
     fields: Mapping[str, str] | None = None,
+    device: str | None = None,
+    dtype: Any = None,
+    workers: int | str | None = None,
+    scheduler: str | None = None,
+    shard_size: int = 16,
 ) -> xr.Dataset:
     """Attribute ``data`` with every method of ``methods`` and score each attribution.
 
@@ -172,7 +177,7 @@ def evaluate(
         data: records (see :func:`read_records`); ``fields`` renames their keys, e.g.
             ``{"input": "text", "rationale": "evidence"}``.
         methods: name -> attribution function ``(model, inputs, targets) -> DataArray`` (an
-            ``ax.pipe``, or ``functools.partial`` with options bound).
+            ``ax.pipe``, or ``functools.partial`` with options bound) or method name.
         metrics: from :data:`METRICS`; plausibility needs a ``rationale`` per record (0/1 per
             whitespace-separated word of the input), agreement two methods or more.
         reduce: how attributions become ``(example, target, source)`` (the CLI's
@@ -181,6 +186,17 @@ def evaluate(
         top_k: the k of ``topk_overlap``.
         batch_size: perturbed copies per forward for the faithfulness metrics.
         attributions: also return the reduced attributions as ``attribution``.
+        device, dtype: where and in which precision to load a model given by path.
+        workers: evaluate on a Dask ``LocalCluster`` of this many worker processes (one torch
+            thread each; ``"auto"``: one per GPU with ``device="cuda"``, else one per core).
+            None (default): in this process. Needs ``pip install 'attrax[distributed]'``, a
+            model given by path (or None), and ``methods`` that pickle (method names, public
+            attrax functions, ``functools.partial``/``ax.pipe`` of them).
+        scheduler: evaluate on the existing Dask cluster at this address (``"tcp://host:8786"``);
+            its workers must reach the model path.
+        shard_size: with ``workers``/``scheduler``, examples per task: each worker scores a
+            shard with every method and metric in one batch, and the shards are joined along
+            ``example`` in record order, equal to an evaluation in one process.
 
     Returns:
         Dataset with one variable per metric along ``(method, example, target)`` (agreement also
@@ -193,10 +209,50 @@ def evaluate(
     >>> sorted(ds.data_vars), ds.sizes["method"]
     (['comprehensiveness', 'sufficiency'], 2)
     """
+    if isinstance(methods, Mapping):  # a method may be given by name ("saliency")
+        methods = {
+            k: resolve_method(fn) if isinstance(fn, str) else fn for k, fn in methods.items()
+        }
     chosen = _check(methods, metrics, top_k)
     steps = parse_reduce(reduce)
-    model = load_model(model)  # a Model passes through as is
+    if not isinstance(shard_size, int) or isinstance(shard_size, bool) or shard_size < 1:
+        raise OptionError(f"`shard_size` must be a positive integer, got {shard_size!r}")
+    options = {"chosen": chosen, "steps": steps, "reduce": reduce, "top_k": top_k,
+               "batch_size": batch_size, "attributions": attributions}  # fmt: skip
+    if workers is None and scheduler is None:
+        model = load_model(model, device=device, dtype=dtype)  # a Model passes through as is
+        return _score(model, read_records(data, **dict(fields or {})), methods, **options)
+    from . import _distributed
+
+    _distributed.check(model, workers, scheduler)
+    _distributed.picklable(methods)
     records = read_records(data, **dict(fields or {}))
+    spec = None if model is None else str(model)
+    pool = _distributed.Pool(spec, device, dtype, workers=workers, scheduler=scheduler)
+    try:
+        shards = [records[i : i + shard_size] for i in range(0, len(records), shard_size)]
+        parts = pool.evaluations(shards, methods, options)
+    finally:
+        pool.close()
+    ds = concat_evaluations(parts)
+    if spec is not None:  # named as in one process: the path as given, not as the workers saw it
+        ds.attrs["model"] = spec
+    return ds
+
+
+def _score(
+    model: Model,
+    records: list[Record],
+    methods: Mapping[str, Callable[..., xr.DataArray]],
+    *,
+    chosen: list[str],
+    steps: Any,
+    reduce: str,
+    top_k: int,
+    batch_size: int | str | None,
+    attributions: bool,
+) -> xr.Dataset:
+    """Every method and metric on ``records``, as one batch: the body of :func:`evaluate`."""
     inputs = [r.input for r in records]
     targets = None if records[0].target is None else [r.target for r in records]
     names = list(methods)
@@ -224,6 +280,36 @@ def evaluate(
         flat, names, scores, pairwise,
         attributions=attributions, labels=[r.label for r in records], attrs=attrs,
     )  # fmt: skip
+
+
+def concat_evaluations(parts: list[xr.Dataset]) -> xr.Dataset:
+    """Evaluations of consecutive shards of the records as one, along ``example`` in order:
+    ``example`` renumbered, ``target``/``source`` padded to their union as in one batch."""
+    union = {
+        dim: sorted(set().union(*(p.indexes[dim].tolist() for p in parts)))
+        for dim in ("target", "source")
+        if dim in parts[0].dims
+    }
+    labelled = any("label" in p.coords for p in parts)
+    aligned, start = [], 0
+    for part in parts:
+        if labelled and "label" not in part.coords:  # as one batch labels it: str(None)
+            part = part.assign_coords(label=("example", np.full(part.sizes["example"], "None")))
+        n = part.sizes["example"]
+        fill = {str(k): fill_value(v.dtype) for k, v in part.variables.items()}
+        aligned.append(
+            part.reindex(union, fill_value=fill).assign_coords(example=np.arange(start, start + n))
+        )
+        start += n
+    return xr.concat(
+        aligned,
+        dim="example",
+        data_vars="minimal",
+        coords="minimal",
+        compat="override",
+        join="exact",
+        combine_attrs="override",
+    )
 
 
 def _check(

@@ -146,21 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="records per shard, given to the method in one call (default 8)",
     )
     dataset.add_argument("--quiet", action="store_true", help="no progress bar")
-    where = dataset.add_mutually_exclusive_group()
-    where.add_argument(
-        "--workers",
-        type=_workers,
-        metavar="N",
-        help="run the shards on a local Dask cluster of N worker processes, one torch thread "
-        "each ('auto': one per GPU with --device cuda, else one per core); needs "
-        "attrax[distributed] and a --model path (default: in this process)",
-    )
-    where.add_argument(
-        "--scheduler",
-        metavar="ADDRESS",
-        help="run the shards on the Dask cluster at ADDRESS (tcp://host:8786); its workers "
-        "must reach --model",
-    )
+    _dask_options(dataset)
     dataset.set_defaults(handler=_attribute_dataset)
     _evaluate_parser(commands)
     return parser
@@ -225,7 +211,32 @@ def _evaluate_parser(commands: Any) -> None:
     evaluate.add_argument("--out", metavar="FILE.nc", help="save the scores as netCDF (ax.save)")
     evaluate.add_argument("--csv", metavar="FILE", help="write the summary table as CSV")
     evaluate.add_argument("--png", metavar="FILE", help="draw the summary table (ax.plot)")
+    evaluate.add_argument(
+        "--shard-size",
+        type=_positive,
+        default=16,
+        help="with --workers/--scheduler: records per task, scored in one batch (default 16)",
+    )
+    _dask_options(evaluate)
     evaluate.set_defaults(handler=_evaluate)
+
+
+def _dask_options(parser: argparse.ArgumentParser) -> None:
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument(
+        "--workers",
+        type=_workers,
+        metavar="N",
+        help="run the shards on a local Dask cluster of N worker processes, one torch thread "
+        "each ('auto': one per GPU with --device cuda, else one per core); needs "
+        "attrax[distributed] and a --model path (default: in this process)",
+    )
+    where.add_argument(
+        "--scheduler",
+        metavar="ADDRESS",
+        help="run the shards on the Dask cluster at ADDRESS (tcp://host:8786); its workers "
+        "must reach --model",
+    )
 
 
 def _evaluate(args: argparse.Namespace) -> int:
@@ -253,7 +264,12 @@ def _evaluate(args: argparse.Namespace) -> int:
             )
         fields[key] = value
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
-    model = load_model(args.model, device=_device(args.device), dtype=_dtype(args.dtype))
+    dask = {"workers": args.workers, "scheduler": args.scheduler, "shard_size": args.shard_size}
+    if args.workers is None and args.scheduler is None:
+        model: Any = load_model(args.model, device=_device(args.device), dtype=_dtype(args.dtype))
+    else:  # each worker loads it
+        model = args.model
+        dask.update(device=_device(args.device), dtype=_dtype(args.dtype))
     ds = evaluate(
         model,
         args.data,
@@ -264,6 +280,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         batch_size="auto" if args.batch_size is None else args.batch_size,
         attributions=args.attributions,
         fields=fields,
+        **dask,
     )
     table = summary(ds)
     console = _console()
@@ -274,7 +291,11 @@ def _evaluate(args: argparse.Namespace) -> int:
         save(ds, args.out)
         console.print(f"wrote {args.out}")
     if args.csv:
-        table.to_csv(args.csv)
+        from pathlib import Path
+
+        from .io import write_atomically
+
+        write_atomically(Path(args.csv).expanduser(), table.to_csv)
         console.print(f"wrote {args.csv}")
     if args.png:
         from .viz import plot
