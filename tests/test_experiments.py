@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+import xarray as xr
 
 import attrax as ax
 from attrax.cli import main
@@ -95,3 +96,114 @@ def test_cli_dataset_worker_options(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
         main([*base, "--workers", "2", "--scheduler", "tcp://127.0.0.1:1"])
     assert exit_.value.code == 2 and "not allowed with" in capsys.readouterr().err
+
+
+# --- evaluate on Dask distributed ----------------------------------------------------------------
+
+# three records of two lengths: shards of different widths, joined with padding
+DASK_RECORDS = [
+    {"text": "3 1 4 0 5 9 =", "answer": " 9 5 0 4 1 3", "why": [1, 1, 1, 1, 1, 1, 0], "y": "a"},
+    {"text": "2 7 1 =", "answer": " 1 7 2", "why": [0, 1, 1, 0], "y": "b"},
+    {"text": "8 6 4 5 =", "answer": " 5 4 6 8", "why": [1, 0, 0, 1, 0], "y": "a"},
+]
+FIELDS = {"input": "text", "target": "answer", "rationale": "why", "label": "y"}
+
+
+@pytest.fixture(scope="module")
+def scheduler():
+    """One 2-worker local cluster for the module's Dask tests (a start costs seconds)."""
+    distributed = pytest.importorskip("distributed")
+    with distributed.LocalCluster(
+        n_workers=2, threads_per_worker=1, dashboard_address=None, silence_logs=50
+    ) as cluster:
+        yield cluster.scheduler_address
+
+
+def test_evaluate_on_a_cluster_equals_in_process(scheduler, default_model):
+    import functools
+
+    methods = {
+        "saliency": "saliency",  # by name
+        "ig": functools.partial(ax.integrated_gradients, steps=4),
+        "norm": ax.pipe(ax.input_x_gradient, ax.normalize),
+    }
+    metrics = ["sufficiency", "iou", "spearman"]
+    kwargs = {"fields": FIELDS, "attributions": True}
+    serial = ax.evaluate(default_model, DASK_RECORDS, methods, metrics, **kwargs)
+    dask = ax.evaluate(
+        None, DASK_RECORDS, methods, metrics, scheduler=scheduler, shard_size=2, **kwargs
+    )
+    assert serial.sizes["source"] > 0 and np.isnan(serial["attribution"].values).any()
+    _same(dask, serial)
+    pd.testing.assert_frame_equal(ax.summary(dask), ax.summary(serial), rtol=1e-6)
+
+
+def _same(a: xr.Dataset, b: xr.Dataset) -> None:
+    """Coords, attrs, padding identical; values up to float32 rounding (a shard pads its batch
+    to its own longest record, which changes the order of float sums, not the result)."""
+    xr.testing.assert_identical(a.drop_vars(list(a.data_vars)), b.drop_vars(list(b.data_vars)))
+    assert list(a.data_vars) == list(b.data_vars)
+    for name in a.data_vars:
+        assert a[name].dims == b[name].dims and a[name].dtype == b[name].dtype
+        np.testing.assert_allclose(a[name].values, b[name].values, rtol=1e-5, atol=1e-6)
+
+
+def test_cli_evaluate_on_a_cluster_equals_the_api(scheduler, tmp_path, default_model):
+    data = tmp_path / "data.csv"
+    pd.DataFrame(DASK_RECORDS).drop(columns="why").to_csv(data, index=False)
+    argv = ["evaluate", "--data", str(data), "--methods", "saliency,integrated_gradients"]
+    argv += ["--steps", "4", "--metrics", "comprehensiveness,kendall", "--shard-size", "1"]
+    argv += ["--field", "input=text", "--field", "target=answer", "--field", "label=y"]
+    argv += ["--scheduler", scheduler, "--out", str(tmp_path / "e.nc")]
+    assert main(argv) == 0
+    import functools
+
+    methods = {
+        "saliency": ax.saliency,
+        "integrated_gradients": functools.partial(ax.integrated_gradients, steps=4),
+    }
+    fields = {"input": "text", "target": "answer", "label": "y"}
+    expected = ax.evaluate(
+        default_model, data, methods, ["comprehensiveness", "kendall"], fields=fields
+    )
+    _same(ax.load(tmp_path / "e.nc"), expected)
+
+
+def test_evaluate_dask_options_are_checked(tmp_path, default_model, capsys, monkeypatch):
+    import threading
+
+    pytest.importorskip("distributed")
+    import functools
+
+    methods = {"saliency": ax.saliency}
+    with pytest.raises(ax.OptionError, match="in-memory Model"):
+        ax.evaluate(default_model, DASK_RECORDS, methods, fields=FIELDS, workers=2)
+    with pytest.raises(ax.OptionError, match="not both"):
+        ax.evaluate(None, DASK_RECORDS, methods, workers=1, scheduler="tcp://127.0.0.1:1")
+    with pytest.raises(ax.OptionError, match="`workers` must be a positive integer"):
+        ax.evaluate(None, DASK_RECORDS, methods, workers=0)
+    with pytest.raises(ax.OptionError, match="`shard_size` must be a positive integer"):
+        ax.evaluate(None, DASK_RECORDS, methods, workers=2, shard_size=0)
+    locked = functools.partial(ax.saliency, objective=threading.Lock())
+    with pytest.raises(ax.OptionError, match=r"`methods\['locked'\]`.*does not pickle"):
+        ax.evaluate(None, DASK_RECORDS, {"locked": locked}, workers=2)
+    # the CLI: --workers reaches evaluate with the model as a path, never loaded here
+    data = tmp_path / "data.jsonl"
+    data.write_text(json.dumps(RECORDS[0]) + "\n")
+    base = ["evaluate", "--data", str(data), "--field", "input=text", "--methods", "saliency"]
+    with pytest.raises(SystemExit) as exit_:
+        main([*base, "--workers", "2", "--scheduler", "tcp://127.0.0.1:1"])
+    assert exit_.value.code == 2 and "not allowed with" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        main([*base, "--workers", "0"])
+    assert exit_.value.code == 2 and "positive integer" in capsys.readouterr().err
+    seen = {}
+
+    def fake(model, data, methods, metrics, **options):  # type: ignore[no-untyped-def]
+        seen.update(options, model=model)
+        raise ax.InputError("stop here")
+
+    monkeypatch.setattr("attrax._evaluate.evaluate", fake)
+    assert main([*base, "--workers", "2", "--shard-size", "4", "--dtype", "bfloat16"]) == 2
+    assert seen["model"] is None and (seen["workers"], seen["shard_size"]) == (2, 4)
+    assert str(seen["dtype"]) == "torch.bfloat16" and seen["scheduler"] is None

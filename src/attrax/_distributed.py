@@ -7,7 +7,8 @@ path, device and dtype) and returns the shard's result; the client alone writes 
 atomically, and the manifest), so the manifest stays the single truth and a run resumes after any
 crash exactly as an in-process one. A worker that dies mid-shard is replaced and its shard rerun
 by Dask; results are the same as a serial run's, since each shard is computed by one call on the
-same records (an evaluation's shards are joined along ``example`` in record order).
+same records (an evaluation's shards are joined along ``example`` in record order, equal to one
+batch up to float rounding).
 
 Dask is an optional extra (``pip install 'attrax[distributed]'``), imported only here, on use.
 """

@@ -196,7 +196,8 @@ def evaluate(
             its workers must reach the model path.
         shard_size: with ``workers``/``scheduler``, examples per task: each worker scores a
             shard with every method and metric in one batch, and the shards are joined along
-            ``example`` in record order, equal to an evaluation in one process.
+            ``example`` in record order: the same result as in one process (up to float
+            rounding: a shard's batch is padded to its own longest record).
 
     Returns:
         Dataset with one variable per metric along ``(method, example, target)`` (agreement also
