@@ -228,6 +228,12 @@ def evaluate(
     _distributed.check(model, workers, scheduler)
     _distributed.picklable(methods)
     records = read_records(data, **dict(fields or {}))
+    if any(m in PLAUSIBILITY for m in chosen):  # here, where the record's number is known
+        missing = next((e for e, r in enumerate(records) if r.rationale is None), None)
+        if missing is not None:
+            raise InputError(
+                f"`data` record {missing} has no rationale: plausibility metrics need one"
+            )
     spec = None if model is None else str(model)
     pool = _distributed.Pool(spec, device, dtype, workers=workers, scheduler=scheduler)
     try:
