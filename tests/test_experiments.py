@@ -148,13 +148,18 @@ def _same(a: xr.Dataset, b: xr.Dataset) -> None:
         np.testing.assert_allclose(a[name].values, b[name].values, rtol=1e-5, atol=1e-6)
 
 
-def test_cli_evaluate_on_a_cluster_equals_the_api(scheduler, tmp_path, default_model):
+def test_cli_evaluate_on_a_cluster_equals_the_api(scheduler, tmp_path, monkeypatch):
+    from attrax._default_model_task import DEFAULT_MODEL_PATH
+
+    # a relative --model path: the workers get it absolute, the result names it as given
+    monkeypatch.chdir(DEFAULT_MODEL_PATH.parent)
+    model = DEFAULT_MODEL_PATH.name
     data = tmp_path / "data.csv"
     pd.DataFrame(DASK_RECORDS).drop(columns="why").to_csv(data, index=False)
     argv = ["evaluate", "--data", str(data), "--methods", "saliency,integrated_gradients"]
     argv += ["--steps", "4", "--metrics", "comprehensiveness,kendall", "--shard-size", "1"]
     argv += ["--field", "input=text", "--field", "target=answer", "--field", "label=y"]
-    argv += ["--scheduler", scheduler, "--out", str(tmp_path / "e.nc")]
+    argv += ["--scheduler", scheduler, "--out", str(tmp_path / "e.nc"), "--model", model]
     assert main(argv) == 0
     import functools
 
@@ -163,9 +168,8 @@ def test_cli_evaluate_on_a_cluster_equals_the_api(scheduler, tmp_path, default_m
         "integrated_gradients": functools.partial(ax.integrated_gradients, steps=4),
     }
     fields = {"input": "text", "target": "answer", "label": "y"}
-    expected = ax.evaluate(
-        default_model, data, methods, ["comprehensiveness", "kendall"], fields=fields
-    )
+    expected = ax.evaluate(model, data, methods, ["comprehensiveness", "kendall"], fields=fields)
+    assert expected.attrs["model"] == model
     _same(ax.load(tmp_path / "e.nc"), expected)
 
 

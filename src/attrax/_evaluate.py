@@ -235,7 +235,13 @@ def evaluate(
                 f"`data` record {missing} has no rationale: plausibility metrics need one"
             )
     spec = None if model is None else str(model)
-    pool = _distributed.Pool(spec, device, dtype, workers=workers, scheduler=scheduler)
+    # a local directory by its absolute path: a worker's working directory may be another one
+    where = (
+        spec
+        if spec is None or not Path(spec).expanduser().exists()
+        else str(Path(spec).expanduser().resolve())
+    )
+    pool = _distributed.Pool(where, device, dtype, workers=workers, scheduler=scheduler)
     try:
         shards = [records[i : i + shard_size] for i in range(0, len(records), shard_size)]
         parts = pool.evaluations(shards, methods, options)
