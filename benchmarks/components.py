@@ -4,14 +4,17 @@ The loops are what a TransformerLens/nnsight user writes by hand: one cached for
 attention maps, values, MLPs and the final norm's input), then one decomposition per target
 (DLA); one clean forward with probes on the head outputs and one ``backward`` per target with
 the graph retained (AtP), the corrupted activations read once. attrax runs every target at once
-(DLA: two contractions per layer; AtP: one ``vmap``-ed backward). Parity (max abs difference
-<= 1e-4 after the same labelling) is checked before anything is timed; times are medians of
-``--repeats`` runs, ratios from the same process.
+(DLA: two contractions per layer; AtP: one ``vmap``-ed backward). Parity (max |a - b| / max |b|
+<= 1e-4 after the same labelling; the max abs difference is reported too) is checked before
+anything is timed; times are medians of ``--repeats`` runs, ratios from the same process.
 
 W1: the benchmark GPT-2 (``workloads.py``; 4 layers, 4 heads, 256 wide), 32 prompt + 32 target
 tokens. W1-llama: a random Llama of the same sizes (2 key-value heads, RMSNorm, RoPE) on the same
-texts. W2 (Marian, a post-LN encoder-decoder) has no direct logit attribution (a ModelError,
-reported); attribution patching on encoder-decoders is not timed here.
+texts. W2: the benchmark Marian (4 + 4 layers, 4 heads, 256 wide; 32 source + 32 target tokens,
+``</s>`` included), attribution patching of the encoder's self-attention heads, the decoder's
+self-attention heads and its cross-attention heads against a loop of one corrupted forward, one
+clean forward whose hooks keep the head outputs in the graph and one ``autograd.grad`` per
+target; its direct logit attribution is a ModelError (post-LN: no direct path), reported.
 
     PYTHONPATH=$PWD/src:$PWD python -m benchmarks.components [--quick] [--out FILE.json]
 """
