@@ -6,7 +6,8 @@ attention maps, values, MLPs and the final norm's input), then one decomposition
 the graph retained (AtP), the corrupted activations read once. attrax runs every target at once
 (DLA: two contractions per layer; AtP: one ``vmap``-ed backward). Parity (max |a - b| / max |b|
 <= 1e-4 after the same labelling; the max abs difference is reported too) is checked before
-anything is timed; times are medians of ``--repeats`` runs, ratios from the same process.
+anything is timed; times are medians of ``--repeats`` rounds (attrax then the loop, back to back),
+the speedup the median of the per-round ratios (and their range).
 
 W1: the benchmark GPT-2 (``workloads.py``; 4 layers, 4 heads, 256 wide), 32 prompt + 32 target
 tokens. W1-llama: a random Llama of the same sizes (2 key-value heads, RMSNorm, RoPE) on the same
@@ -226,14 +227,21 @@ def llama_like(gpt2: Any) -> Any:
 
 
 def measure(attrax_fn: Callable[[], Any], loop_fn: Callable[[], Any], repeats: int) -> dict:
-    """Parity first (it doubles as a warm-up), then the medians of ``repeats`` runs of each."""
+    """Parity first (it doubles as a warm-up), then ``repeats`` rounds of one attrax run and one
+    loop run back to back (a shared machine's load shifts hit both): the median time of each and
+    the median of the per-round ratios."""
     row = parity(attrax_fn(), loop_fn())
     if row["parity_rel_diff"] > 1e-4:
         raise SystemExit(f"parity failed: {row}")
-    t_attrax, _ = timed(attrax_fn, repeats)
-    t_loop, _ = timed(loop_fn, repeats)
+    rounds = [(timed(attrax_fn, 1)[0], timed(loop_fn, 1)[0]) for _ in range(repeats)]
     row.update(
-        attrax_s=round(t_attrax, 4), loop_s=round(t_loop, 4), speedup=round(t_loop / t_attrax, 2)
+        attrax_s=round(statistics.median(a for a, _ in rounds), 4),
+        loop_s=round(statistics.median(b for _, b in rounds), 4),
+        speedup=round(statistics.median(b / a for a, b in rounds), 2),
+        speedup_range=[
+            round(min(b / a for a, b in rounds), 2),
+            round(max(b / a for a, b in rounds), 2),
+        ],
     )
     return row
 
