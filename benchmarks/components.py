@@ -196,6 +196,7 @@ def parity(got: Any, want: np.ndarray) -> dict[str, float]:
     exactly 0 in the loops)."""
     assert got.shape == want.shape, (got.shape, want.shape)
     mask = np.isnan(got.values)
+    assert not np.abs(want[mask]).any(), "the loop has values where attrax has none"
     values = np.where(mask, 0.0, got.values)
     diff = float(np.abs(values - np.where(mask, 0.0, want)).max())
     return {"parity_max_abs_diff": diff, "parity_rel_diff": diff / float(np.abs(want).max())}
