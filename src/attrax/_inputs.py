@@ -672,9 +672,7 @@ def with_predictions(model: Model, batch: Batch, logits: torch.Tensor | None = N
     if logits is None:
         with torch.no_grad():
             t = to_tensors(batch, model)
-            logits = model.hidden_at(
-                model.embed(t.ids), t.mask, t.index, token_types=t.token_types
-            )
+            logits = model.hidden_at(model.embed(t.ids), t.mask, t.index, token_types=t.token_types)
     if batch.task == "sequence-classification":
         logits = logits[:, :1]  # every slot reads the same pooled position
         counts = [1] * len(examples)
