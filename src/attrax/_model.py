@@ -977,6 +977,10 @@ def _activation_kind(module: torch.nn.Module) -> str | None:
 
 def _value_and_derivative(x: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
     y = _value(x, kind)
+    if not torch.is_grad_enabled() and kind in ("gelu_tanh", "gelu"):
+        # an autograd.Function's forward: the same operations in the same order, in place (one
+        # buffer per term instead of one per operation), so the same bits, measured ~2x faster
+        return y, _gelu_derivative_in_place(x, kind)
     if kind == "gelu_tanh":
         c, a = math.sqrt(2.0 / math.pi), 0.044715
         t = torch.tanh(c * (x + a * x**3))
@@ -995,6 +999,23 @@ def _value_and_derivative(x: torch.Tensor, kind: str) -> tuple[torch.Tensor, tor
     else:  # relu
         d = (x > 0).to(x.dtype)
     return y, d
+
+
+def _gelu_derivative_in_place(x: torch.Tensor, kind: str) -> torch.Tensor:
+    """:func:`_value_and_derivative`'s GELU derivatives, each operation in place on a fresh
+    buffer (a multiplication's operands swapped, which IEEE arithmetic leaves exact)."""
+    if kind == "gelu_tanh":
+        c, a = math.sqrt(2.0 / math.pi), 0.044715
+        # t = tanh(c * (x + a * x**3))
+        t = x.pow(3).mul_(a).add_(x, alpha=1).mul_(c).tanh_()
+        # 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * c * (1.0 + 3.0 * a * x * x)
+        second = x.mul(0.5).mul_(torch.mul(t, t).neg_().add_(1.0)).mul_(c)
+        second.mul_(x.mul(3.0 * a).mul_(x).add_(1.0))
+        return t.add_(1.0).mul_(0.5).add_(second)
+    # 0.5 * (1.0 + erf(x / sqrt(2))) + x * exp(-0.5 * x * x) / sqrt(2 pi)
+    first = torch.div(x, math.sqrt(2.0)).erf_().add_(1.0).mul_(0.5)
+    second = x.mul(-0.5).mul_(x).exp_().mul_(x).div_(math.sqrt(2.0 * math.pi))
+    return first.add_(second)
 
 
 class _Activation(torch.autograd.Function):
