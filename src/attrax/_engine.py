@@ -8,6 +8,7 @@ over masked copies of the embeddings, every target scored at once.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ from ._memory import (
     plan_forwards,
     reuse_host_memory,
 )
-from ._model import Model
+from ._model import Model, one_backward
 from ._objectives import Objective, evaluate_objective
 
 # points[i] for i in a chunk of indices -> one tensor [n, B, L, H] per attributed side
@@ -352,7 +353,10 @@ class Problem:
         flat = [p.flatten(0, 1) for p in stacked]
         if length is not None:
             flat[0] = flat[0][:, :length]
-        hidden, pullback = vjp(self.hidden_fn(n, slots), *flat)
+        # a call with one target runs one plain backward: the activations' own fused backward
+        single = self.tensors.valid.shape[1] == 1
+        with one_backward() if single else contextlib.nullcontext():
+            hidden, pullback = vjp(self.hidden_fn(n, slots), *flat)
         # score k depends on head input k only, so one backward through the head gives every
         # d score_k / d h_k; the vocabulary never enters the per-target backward
         _, head_pullback = vjp(lambda h: self.head_objective(h, slots), hidden)
