@@ -435,3 +435,51 @@ def test_dataset_runs_take_pairs_and_keep_the_true_label(tmp_path, capsys):
     assert main([*args, "--input-pair", "is paris", "--target", "all", "--out", str(out)]) == 0
     pair = ax.load(out)
     assert (pair.segment.values == 1).any() and pair.sizes["target"] == 3
+
+
+_GIVEN = [
+    ("saliency", {}),
+    ("input_x_gradient", {}),
+    ("integrated_gradients", {"steps": 4}),
+    ("smoothgrad", {"samples": 2}),  # its points are noisy copies: the prediction's own forward
+    ("input_x_gradient", {"mode": "forward", "reduce_hidden": "sum"}),
+    ("saliency", {"layers": 1}),
+]
+
+
+@pytest.mark.parametrize(("arch", "task"), [("bert", "sequence"), ("gpt2", "sequence")])
+@pytest.mark.parametrize(("method", "options"), _GIVEN)
+def test_given_targets_keep_the_prediction_of_an_independent_forward(
+    classifiers, arch, task, method, options
+):
+    """With targets given the gradient family takes the prediction from its own forward (or one
+    at labelling): the predicted class and probability are those of each example alone."""
+    model = classifiers[arch, task]
+    texts = ["hello world", LONG]
+    da = getattr(ax, method)(model, texts, [1, "label_0"], **options)
+    for b, text in enumerate(texts):
+        naive = Naive(model, text)
+        with torch.no_grad():
+            probs = torch.softmax(naive.logits(naive.embeddings()), -1)
+        assert da.predicted_class.values[b] == int(probs.argmax())
+        assert da.predicted_label.values[b] == model.labels[int(probs.argmax())]
+        np.testing.assert_allclose(da.predicted_probability.values[b], float(probs.max()), 1e-5)
+
+
+@pytest.mark.parametrize("method", ["saliency", "integrated_gradients"])
+def test_given_token_targets_keep_each_tokens_prediction(classifiers, method):
+    model = classifiers["bert", "token"]
+    texts = ["hello world", LONG]
+    options = {"steps": 4} if method == "integrated_gradients" else {}
+    da = getattr(ax, method)(model, texts, 1, **options)
+    for b, text in enumerate(texts):
+        naive = Naive(model, text)
+        with torch.no_grad():
+            probs = torch.softmax(naive.logits(naive.embeddings()), -1)  # [L, C]
+        positions = [p for p, _ in _rows(model, naive)]
+        got = da.isel(example=b).sel(target=positions)
+        assert got.target_class.values.tolist() == [1] * len(positions)
+        assert got.predicted_class.values.tolist() == probs[positions].argmax(-1).tolist()
+        np.testing.assert_allclose(
+            got.predicted_probability.values, probs[positions].max(-1).values.numpy(), 1e-5
+        )

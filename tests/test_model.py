@@ -282,3 +282,29 @@ def test_sdpa_forwards_equal_eager_forwards(models, arch, sdpa_always):
     sdpa = ax.occlusion(model, sources, targets)
     assert set(seen) == {"sdpa"}
     np.testing.assert_allclose(sdpa.values, eager.values, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["gelu_tanh", "gelu", "silu", "relu", "tanh", "sigmoid"])
+def test_one_backward_activation_is_autograds_own(kind):
+    """A one-target call's activations (``one_backward``) give autograd's own gradient, bit for
+    bit, and the guided rule still applies."""
+    reference = {
+        "gelu_tanh": lambda x: torch.nn.functional.gelu(x, approximate="tanh"),
+        "gelu": torch.nn.functional.gelu,
+        "silu": torch.nn.functional.silu,
+        "relu": torch.relu,
+        "tanh": torch.tanh,
+        "sigmoid": torch.sigmoid,
+    }[kind]
+    x = torch.linspace(-6, 6, 1001).requires_grad_(True)
+    grad = torch.randn_like(x)
+    with _model.one_backward():
+        y = _model._activation(x, kind)
+    (d,) = torch.autograd.grad(y, x, grad)
+    (d_ref,) = torch.autograd.grad(reference(x), x, grad)
+    assert torch.equal(y, reference(x)) and torch.equal(d, d_ref)
+    with _model.one_backward(), _model.backward_rule("guided"):
+        guided = _model._activation(x, kind)
+    (g,) = torch.autograd.grad(guided, x, grad)
+    want = torch.relu(d_ref) if kind in _model.GUIDED_KINDS else d_ref
+    assert torch.equal(g, want)

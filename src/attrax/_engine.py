@@ -8,6 +8,7 @@ over masked copies of the embeddings, every target scored at once.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ from ._memory import (
     plan_forwards,
     reuse_host_memory,
 )
-from ._model import Model
+from ._model import Model, one_backward
 from ._objectives import Objective, evaluate_objective
 
 # points[i] for i in a chunk of indices -> one tensor [n, B, L, H] per attributed side
@@ -154,6 +155,17 @@ class Problem:
         values = self.objective_fn(n)(*(p.flatten(0, 1) for p in points))
         return values.unflatten(0, (n, -1))
 
+    @torch.no_grad()
+    def evaluate_with_hidden(
+        self, points: tuple[torch.Tensor, ...]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`evaluate`, and the head inputs ``[n, B, K, H]`` it computed on the way (a
+        classifier's class logits)."""
+        n = points[0].shape[0]
+        hidden = self.hidden_fn(n)(*(p.flatten(0, 1) for p in points))
+        values = self.head_objective(hidden)
+        return values.unflatten(0, (n, -1)), hidden.unflatten(0, (n, -1))
+
     @reuse_host_memory()
     def masked_objective(
         self,
@@ -185,7 +197,6 @@ class Problem:
             out.append(self.evaluate(points))
         return torch.cat(out)
 
-    @reuse_host_memory()
     def gradient_sum(
         self,
         points: PointFn,
@@ -196,6 +207,27 @@ class Problem:
         multiplier: PointFn | None = None,
         moments: tuple[int, ...] = (1,),
     ) -> tuple[tuple[torch.Tensor, ...], ...]:
+        """The moments of :meth:`gradient_sum_with_hidden`, without the head inputs."""
+        return self.gradient_sum_with_hidden(
+            points,
+            weights,
+            batch_size=batch_size,
+            chunk_size=chunk_size,
+            multiplier=multiplier,
+            moments=moments,
+        )[0]
+
+    @reuse_host_memory()
+    def gradient_sum_with_hidden(
+        self,
+        points: PointFn,
+        weights: torch.Tensor,
+        *,
+        batch_size: Size,
+        chunk_size: Size,
+        multiplier: PointFn | None = None,
+        moments: tuple[int, ...] = (1,),
+    ) -> tuple[tuple[tuple[torch.Tensor, ...], ...], torch.Tensor]:
         """``sum_i weights[i] * (m_i * d score_k / d points[i]) ** p`` per moment ``p`` and side,
         as ``[B, K, L, H]``: one tuple of sides per entry of ``moments``.
 
@@ -205,6 +237,10 @@ class Problem:
         ``batch_size`` at a time (all at once when None); targets ``chunk_size`` at a time (all
         at once when None), each chunk in one vectorized backward whose gradients feed every
         moment. ``"auto"`` sizes fit the device's free memory (:meth:`plan`).
+
+        Also returns the head inputs ``[B, K, H]`` at point 0 (detached), which the forward of
+        the backward computed anyway: a classifier's class logits at the input when point 0 is
+        the input itself (saliency, input x gradient), for its prediction.
         """
         total = weights.shape[0]
         batch_size, chunk_size = self.plan(total, batch_size, chunk_size)
@@ -216,6 +252,8 @@ class Problem:
             [x.new_zeros(x.shape[0], width, *x.shape[1:], dtype=acc) for x in self.inputs]
             for _ in moments
         ]
+        x0 = self.inputs[0]
+        first = x0.new_zeros(x0.shape[0], width, 0)
         for start in range(0, total, step):  # chunking only: bounds memory
             chunk = torch.arange(start, min(start + step, total))
             stacked = points(chunk)
@@ -224,7 +262,11 @@ class Problem:
             w = weights[chunk].to(dtype=acc, device=self.inputs[0].device)
             per_side = _per_side(w, self.inputs)
             for slots, length in self._target_chunks(chunk_size):
-                grads = self._chunk_gradients(stacked, slots, length, chunk_size)
+                grads, hidden = self._chunk_gradients(stacked, slots, length, chunk_size)
+                if start == 0:
+                    if first.shape[-1] == 0:
+                        first = hidden.new_zeros(x0.shape[0], width, hidden.shape[-1])
+                    first[:, slots] = hidden[: x0.shape[0]].detach()
                 for side, g in enumerate(grads):
                     g = g.unflatten(1, (n, -1)).to(acc)  # [k, n, B, L', H]
                     if scale is not None:
@@ -239,7 +281,7 @@ class Problem:
                         else:
                             part = torch.einsum("knblh,nblh->bklh", term, ws[:, :, : g.shape[3]])
                         side_sums[side][:, slots, : part.shape[2]] += part
-        return tuple(tuple(side_sums) for side_sums in sums)
+        return tuple(tuple(side_sums) for side_sums in sums), first
 
     def plan(
         self, points: int, batch_size: Size, chunk_size: Size
@@ -304,13 +346,17 @@ class Problem:
         slots: slice,
         length: int | None,
         chunk_size: int | None,
-    ) -> tuple[torch.Tensor, ...]:
-        """Per-target gradients ``[k, n * B, L', H]`` for the targets in ``slots``."""
+    ) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+        """Per-target gradients ``[k, n * B, L', H]`` for the targets in ``slots``, and the head
+        inputs ``[n * B, k, H]`` of the forward."""
         n = stacked[0].shape[0]
         flat = [p.flatten(0, 1) for p in stacked]
         if length is not None:
             flat[0] = flat[0][:, :length]
-        hidden, pullback = vjp(self.hidden_fn(n, slots), *flat)
+        # a call with one target runs one plain backward: the activations' own fused backward
+        single = self.tensors.valid.shape[1] == 1
+        with one_backward() if single else contextlib.nullcontext():
+            hidden, pullback = vjp(self.hidden_fn(n, slots), *flat)
         # score k depends on head input k only, so one backward through the head gives every
         # d score_k / d h_k; the vocabulary never enters the per-target backward
         _, head_pullback = vjp(lambda h: self.head_objective(h, slots), hidden)
@@ -318,6 +364,9 @@ class Problem:
         (head_grad,) = head_pullback(valid.repeat(n, 1))
         # cotangent k carries d score_k / d h_k at slot k of every example and copy
         width = hidden.shape[1]
+        if width == 1:
+            # one target: the plain backward, without vmap's batching of every op
+            return tuple(g[None] for g in pullback(head_grad)), hidden
         one_hot = torch.eye(width, dtype=hidden.dtype, device=hidden.device)
         cotangents = one_hot[:, None, :, None] * head_grad[None]
         vmap_chunk = None if self.model.causal else chunk_size
@@ -325,7 +374,7 @@ class Problem:
             # SDPA's backward has no batching rule: vmap runs it once per target, which attrax
             # chose knowingly (Model.attention_for), so the warning would only be noise
             warnings.filterwarnings("ignore", _NO_BATCHING_RULE, UserWarning)
-            return torch.vmap(pullback, chunk_size=vmap_chunk)(cotangents)
+            return torch.vmap(pullback, chunk_size=vmap_chunk)(cotangents), hidden
 
     @reuse_host_memory()
     def directional_sum(

@@ -75,6 +75,10 @@ def _run(core: Callable[..., Rule], call: Call, arguments: dict[str, Any]) -> xr
     rule = core(problem, **own_options(core, arguments))
     if layers is not None:
         return _run_layers(rule, call, layers)
+    # a classifier's prediction from the class logits at the input of a forward run anyway
+    # (Call.lazy_prediction): point 0 of the default points, or IG's end point
+    predict = getattr(call, "lazy_prediction", False) and problem.batch.task != "generation"
+    class_logits = None
     x = problem.inputs
     points = rule.points or (lambda chunk: tuple(xi[None] for xi in x))
     weights = rule.weights if rule.weights is not None else torch.ones(1, dtype=torch.float64)
@@ -112,13 +116,15 @@ def _run(core: Callable[..., Rule], call: Call, arguments: dict[str, Any]) -> xr
             ),
         )
     else:
-        moments = problem.gradient_sum(
+        moments, first = problem.gradient_sum_with_hidden(
             points,
             weights,
             multiplier=rule.multiplier if per_point else None,  # type: ignore[arg-type]
             moments=rule.moments,
             **sizes,
         )
+        if predict and rule.points is None:
+            class_logits = first
         if rule.multiplier is not None and not per_point:
             shared = rule.multiplier
             moments = tuple(
@@ -137,15 +143,22 @@ def _run(core: Callable[..., Rule], call: Call, arguments: dict[str, Any]) -> xr
     target_coords = None
     if rule.reference is not None:
         total = sum(v.sum(dim=tuple(range(2, v.ndim))) for v in values)
-        ends = problem.evaluate(
-            tuple(torch.stack([xi, ri]) for xi, ri in zip(x, rule.reference, strict=True))
-        )
+        ends_at = tuple(torch.stack([xi, ri]) for xi, ri in zip(x, rule.reference, strict=True))
+        if predict:
+            ends, hidden = problem.evaluate_with_hidden(ends_at)
+            class_logits = hidden[0] if class_logits is None else class_logits
+        else:
+            ends = problem.evaluate(ends_at)
         target_coords = {"completeness_gap": total - (ends[0] - ends[1])}
     if reduce_hidden and not forward:
         reduce = torch.linalg.vector_norm if reduce_hidden == "l2_norm" else torch.sum
         values = tuple(reduce(v, dim=-1) for v in values)
+    extra = {} if class_logits is None else {"class_logits": class_logits}
     da = call.label(
-        values, trailing=() if reduce_hidden else ("hidden",), target_coords=target_coords
+        values,
+        trailing=() if reduce_hidden else ("hidden",),
+        target_coords=target_coords,
+        **extra,
     )
     if reduce_hidden:
         da.attrs["reductions"] = f"{reduce_hidden}(hidden)"
@@ -242,6 +255,7 @@ GRADIENT = Family(
     takes=tuple(COMMON),
     refuses={},
     run=_run,
+    lazy_prediction=True,
     extra={
         "reduce_hidden": REDUCE_HIDDEN,
         "mode": Param(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -88,6 +88,7 @@ def prepare(
     contrast: Texts | None = None,
     positions: int | Sequence[int] | None = None,
     max_new_tokens: int = 20,
+    predict: bool = True,
 ) -> Batch:
     """Tokenize ``inputs``/``targets`` (generating targets greedily when None) for ``model``.
 
@@ -95,7 +96,7 @@ def prepare(
     max_new_tokens`` of them (a translator's decoder ``1 + max_new_tokens``), checked before the
     model runs; an :class:`InputError` says how many new tokens fit. Generation is not cut short
     silently, since the attributed target would then depend on where it was cut. A classifier's
-    inputs and targets are read by :func:`prepare_classification`.
+    inputs and targets are read by :func:`prepare_classification` (``predict``: see there).
     """
     if model.task != "generation":
         return prepare_classification(
@@ -104,6 +105,7 @@ def prepare(
             targets,
             contrast=contrast,
             positions=positions,  # type: ignore[arg-type]
+            predict=predict,
         )
     sources, single = _as_texts(inputs, "inputs")
     target_texts = None if targets is None else _aligned(targets, "targets", sources, single)
@@ -479,6 +481,7 @@ def prepare_classification(
     *,
     contrast: ClassTargets = None,
     positions: int | Sequence[int] | None = None,
+    predict: bool = True,
 ) -> Batch:
     """Tokenize texts or text pairs for a classifier and resolve the classes to attribute.
 
@@ -488,12 +491,19 @@ def prepare_classification(
     real, non-special token), each attributed for its predicted class, or for the class
     ``targets`` names. ``contrast`` is a second class: the objective of the target class minus
     that of the contrast class.
+
+    ``predict=False`` leaves the prediction (``Example.predicted``) to :func:`with_predictions`
+    when ``targets`` are given: a caller whose own forward gives the class logits at the input
+    saves a forward. Without targets the prediction picks the classes, so it runs here anyway.
     """
     items, single = _as_items(inputs)
     encoded = [
         _encode_item(model, text, pair, _at(i, single)) for i, (text, pair) in enumerate(items)
     ]
-    predicted, probability = _predict(model, encoded)
+    if predict or targets is None:
+        predicted, probability = _predict(model, encoded)
+    else:
+        predicted = probability = None
     token = model.task == "token-classification"
     examples = []
     n = len(encoded)
@@ -502,12 +512,12 @@ def prepare_classification(
             available = tuple(p for p in range(len(ids)) if not special[p])
             chosen = _select(positions, available or tuple(range(len(ids))), len(ids))
             given = _classes_for(model, targets, "targets", i, n, single, len(chosen))
-            classes = given or tuple(predicted[i][p] for p in chosen)
             against = _classes_for(model, contrast, "contrast", i, n, single, len(chosen))
-            pred, prob = (
-                tuple(predicted[i][p] for p in chosen),
-                tuple(probability[i][p] for p in chosen),
-            )
+            pred = prob = None
+            if predicted is not None and probability is not None:
+                pred = tuple(predicted[i][p] for p in chosen)
+                prob = tuple(probability[i][p] for p in chosen)
+            classes = given or pred or ()
         else:
             if positions is not None:
                 raise OptionError(
@@ -517,13 +527,15 @@ def prepare_classification(
             if isinstance(targets, str) and targets == "all":
                 classes = tuple(model.labels)
             else:
-                classes = _classes_for(model, targets, "targets", i, n, single, None) or (
-                    predicted[i][0],
-                )
+                given = _classes_for(model, targets, "targets", i, n, single, None)
+                # no targets: the prediction ran (above) to pick the class
+                classes = given or (() if predicted is None else (predicted[i][0],))
             classes = tuple(sorted(set(classes)))
             against = _classes_for(model, contrast, "contrast", i, n, single, len(classes))
             chosen = classes
-            pred, prob = (predicted[i][0],), (probability[i][0],)
+            pred = prob = None
+            if predicted is not None and probability is not None:
+                pred, prob = (predicted[i][0],), (probability[i][0],)
         examples.append(
             Example(ids, classes, against, chosen, segments, special, token_types, pred, prob)
         )
@@ -605,7 +617,15 @@ def _encode_item(
 def _forward_parameters(model: Model) -> tuple[str, ...]:
     import inspect
 
-    return tuple(inspect.signature(model.hf.forward).parameters)
+    forward = model.hf.forward
+    # one signature per model class, not per text (inspect costs ~0.2 ms a call)
+    key = getattr(forward, "__func__", forward)
+    if key not in _PARAMETERS:
+        _PARAMETERS[key] = tuple(inspect.signature(forward).parameters)
+    return _PARAMETERS[key]
+
+
+_PARAMETERS: dict[Any, tuple[str, ...]] = {}
 
 
 @torch.no_grad()
@@ -630,14 +650,48 @@ def _predict(
     t = to_tensors(batch, model)
     embeds = model.embed(t.ids)
     logits = model.hidden_at(embeds, t.mask, t.index, token_types=t.token_types)
-    probs = torch.softmax(logits.float(), dim=-1)
-    best = probs.max(dim=-1)
+    return _best(logits, [len(e.positions) for e in examples])
+
+
+def _best(
+    logits: torch.Tensor, counts: Sequence[int]
+) -> tuple[list[tuple[int, ...]], list[tuple[float, ...]]]:
+    """Each row's most probable class and its probability, for the first ``counts[b]`` slots of
+    class logits ``[B, K, classes]``."""
+    best = torch.softmax(logits.detach().float(), dim=-1).max(dim=-1)
     classes, chances = best.indices.cpu().tolist(), best.values.cpu().tolist()
-    counts = [len(e.positions) for e in examples]
     return (
         [tuple(c[:n]) for c, n in zip(classes, counts, strict=True)],
         [tuple(p[:n]) for p, n in zip(chances, counts, strict=True)],
     )
+
+
+def with_predictions(model: Model, batch: Batch, logits: torch.Tensor | None = None) -> Batch:
+    """``batch`` whose classifier examples carry the model's prediction (``Example.predicted``).
+
+    A batch prepared with ``predict=False`` has none yet. ``logits`` are the class logits
+    ``[B, K, classes]`` at the unperturbed input at each example's attributed slots (the
+    :class:`Tensors` layout), from a forward the caller ran anyway; without them one no-grad
+    forward computes the prediction. A batch that has it (or a generation batch) is returned as is.
+    """
+    examples = batch.examples
+    if batch.task == "generation" or all(e.predicted is not None for e in examples):
+        return batch
+    if logits is None:
+        with torch.no_grad():
+            t = to_tensors(batch, model)
+            logits = model.hidden_at(model.embed(t.ids), t.mask, t.index, token_types=t.token_types)
+    if batch.task == "sequence-classification":
+        logits = logits[:, :1]  # every slot reads the same pooled position
+        counts = [1] * len(examples)
+    else:
+        counts = [len(e.positions) for e in examples]
+    classes, chances = _best(logits, counts)
+    updated = tuple(
+        replace(e, predicted=c, predicted_probability=p)
+        for e, c, p in zip(examples, classes, chances, strict=True)
+    )
+    return replace(batch, examples=updated)
 
 
 def _class_id(model: Model, value: Any, name: str) -> int:

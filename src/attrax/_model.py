@@ -977,6 +977,10 @@ def _activation_kind(module: torch.nn.Module) -> str | None:
 
 def _value_and_derivative(x: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
     y = _value(x, kind)
+    if not torch.is_grad_enabled() and kind in ("gelu_tanh", "gelu"):
+        # an autograd.Function's forward: the same operations in the same order, in place (one
+        # buffer per term instead of one per operation), so the same bits, measured ~2x faster
+        return y, _gelu_derivative_in_place(x, kind)
     if kind == "gelu_tanh":
         c, a = math.sqrt(2.0 / math.pi), 0.044715
         t = torch.tanh(c * (x + a * x**3))
@@ -995,6 +999,23 @@ def _value_and_derivative(x: torch.Tensor, kind: str) -> tuple[torch.Tensor, tor
     else:  # relu
         d = (x > 0).to(x.dtype)
     return y, d
+
+
+def _gelu_derivative_in_place(x: torch.Tensor, kind: str) -> torch.Tensor:
+    """:func:`_value_and_derivative`'s GELU derivatives, each operation in place on a fresh
+    buffer (a multiplication's operands swapped, which IEEE arithmetic leaves exact)."""
+    if kind == "gelu_tanh":
+        c, a = math.sqrt(2.0 / math.pi), 0.044715
+        # t = tanh(c * (x + a * x**3))
+        t = x.pow(3).mul_(a).add_(x, alpha=1).mul_(c).tanh_()
+        # 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * c * (1.0 + 3.0 * a * x * x)
+        second = x.mul(0.5).mul_(torch.mul(t, t).neg_().add_(1.0)).mul_(c)
+        second.mul_(x.mul(3.0 * a).mul_(x).add_(1.0))
+        return t.add_(1.0).mul_(0.5).add_(second)
+    # 0.5 * (1.0 + erf(x / sqrt(2))) + x * exp(-0.5 * x * x) / sqrt(2 pi)
+    first = torch.div(x, math.sqrt(2.0)).erf_().add_(1.0).mul_(0.5)
+    second = x.mul(-0.5).mul_(x).exp_().mul_(x).div_(math.sqrt(2.0 * math.pi))
+    return first.add_(second)
 
 
 class _Activation(torch.autograd.Function):
@@ -1042,6 +1063,73 @@ class _Activation(torch.autograd.Function):
     ) -> tuple[torch.Tensor, None]:
         (derivative,) = ctx.saved_tensors
         return tangent * derivative, None
+
+
+class _OneBackward(torch.autograd.Function):
+    """``f(x)`` whose backward (and jvp) is autograd's own fused one, ``grad * f'(x)`` in one
+    pass: for forwards followed by a single unbatched backward (:func:`one_backward`), where
+    saving ``f'(x)`` for many cotangents would only cost time. ``rule`` as :class:`_Activation`.
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x: torch.Tensor, kind: str, rule: str | None = None) -> torch.Tensor:
+        return _value(x, kind)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
+        ctx.save_for_backward(inputs[0], output)
+        ctx.save_for_forward(inputs[0], output)
+        ctx.kind = inputs[1]
+        ctx.rule = inputs[2] if len(inputs) > 2 else None
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, None, None]:
+        if ctx.rule == "deconvolution":
+            return torch.relu(grad), None, None
+        x, y = ctx.saved_tensors
+        out = _times_derivative(grad, x, y, ctx.kind)
+        return (torch.relu(out) if ctx.rule == "guided" else out), None, None
+
+    @staticmethod
+    def jvp(ctx: Any, tangent: torch.Tensor, _kind: Any, _rule: Any = None) -> torch.Tensor:
+        x, y = ctx.saved_tensors
+        return _times_derivative(tangent, x, y, ctx.kind)
+
+
+def _times_derivative(
+    grad: torch.Tensor, x: torch.Tensor, y: torch.Tensor, kind: str
+) -> torch.Tensor:
+    """``grad * f'(x)`` by torch's fused backward kernel of activation ``kind`` (input ``x``,
+    output ``y``): autograd's own formula."""
+    aten = torch.ops.aten
+    if kind in ("gelu", "gelu_tanh"):
+        return aten.gelu_backward(grad, x, approximate="tanh" if kind == "gelu_tanh" else "none")
+    if kind == "silu":
+        return aten.silu_backward(grad, x)
+    if kind == "tanh":
+        return aten.tanh_backward(grad, y)
+    if kind == "sigmoid":
+        return aten.sigmoid_backward(grad, y)
+    return aten.threshold_backward(grad, y, 0)  # relu: grad where x > 0
+
+
+_ONE_BACKWARD: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "attrax_one_backward", default=False
+)
+
+
+@contextlib.contextmanager
+def one_backward() -> Iterator[None]:
+    """Forwards run inside are followed by one unbatched backward (a call with a single target):
+    their activations run as :class:`_OneBackward` (autograd's fused backward, nothing saved
+    ahead) instead of :class:`_Activation`; rules and taps apply as usual."""
+    token = _ONE_BACKWARD.set(True)
+    try:
+        yield
+    finally:
+        _ONE_BACKWARD.reset(token)
 
 
 #: The activation kinds guided backprop and deconvolution modify by default (tanh and sigmoid,
@@ -1096,9 +1184,10 @@ def _activation(x: torch.Tensor, kind: str) -> torch.Tensor:
             return out
     if torch.is_grad_enabled():
         active = _RULE.get()
-        if active is not None and kind in active[1]:
-            return _Activation.apply(x, kind, active[0])[0]
-        return _Activation.apply(x, kind)[0]
+        rule = active[0] if active is not None and kind in active[1] else None
+        if _ONE_BACKWARD.get():
+            return _OneBackward.apply(x, kind, rule)
+        return _Activation.apply(x, kind, rule)[0]
     return _value(x, kind)  # no backward will follow: no derivative to save
 
 

@@ -28,7 +28,7 @@ import xarray as xr
 from . import _validate as check
 from ._engine import Problem
 from ._errors import OptionError
-from ._inputs import Batch, Texts, prepare
+from ._inputs import Batch, Texts, prepare, with_predictions
 from ._memory import parse_bytes
 from ._model import Model, ModelLike, load_model
 from ._objectives import Objective, resolve
@@ -102,6 +102,9 @@ class Call:
     inputs: Texts
     targets: Texts | None
     options: Mapping[str, Any]
+    #: a classifier's prediction (given targets) waits for :meth:`label`, which takes the class
+    #: logits of a forward the method ran anyway (:attr:`Family.lazy_prediction`)
+    lazy_prediction: bool = False
 
     @cached_property
     def batch(self) -> Batch:
@@ -114,6 +117,7 @@ class Call:
             contrast=o.get("contrast"),
             positions=o.get("positions"),
             max_new_tokens=o.get("max_new_tokens", COMMON["max_new_tokens"].default),
+            predict=not self.lazy_prediction,
         )
 
     @cached_property
@@ -137,11 +141,15 @@ class Call:
         trailing: Sequence[str] = ("hidden",),
         target_coords: Mapping[str, torch.Tensor | np.ndarray] | None = None,
         trailing_coords: Mapping[str, Sequence[int]] | None = None,
+        class_logits: torch.Tensor | None = None,
     ) -> xr.DataArray:
-        """The labelled result of per-example values ``[B, K, L, *trailing]`` per side."""
+        """The labelled result of per-example values ``[B, K, L, *trailing]`` per side.
+
+        ``class_logits``: a classifier's logits ``[B, K, classes]`` at the unperturbed input,
+        for a batch whose prediction was left for later (one forward computes it when None)."""
         return label(
             self.model,
-            self.batch,
+            with_predictions(self.model, self.batch, class_logits),
             sides,
             method=self.method,
             objective=self.objective[0],
@@ -176,6 +184,10 @@ class Family:
     run: Run = run_with_call
     extra: Mapping[str, Param] = field(default_factory=dict)
     leading: tuple[str, ...] = ("model", "inputs", "targets")
+    #: ``run`` leaves a classifier's prediction (when targets are given) to ``Call.label``, with
+    #: the class logits of its own forward: only for runs whose forwards are the model's own
+    #: (no activation taps), so that the logits are the prediction's
+    lazy_prediction: bool = False
 
     def method(
         self, together: Callable[[Mapping[str, Any]], None] | None = None, **checks: Check
@@ -277,7 +289,9 @@ def _leading(name: str) -> inspect.Parameter:
 def _call(name: str, family: Family, arguments: dict[str, Any]) -> Call:
     options = {k: v for k, v in arguments.items() if k not in family.leading}
     model = load_model(arguments["model"])  # a Model passes through as is
-    return Call(name, model, arguments["inputs"], arguments.get("targets"), options)
+    return Call(
+        name, model, arguments["inputs"], arguments.get("targets"), options, family.lazy_prediction
+    )
 
 
 def own_options(core: Core, arguments: Mapping[str, Any]) -> dict[str, Any]:

@@ -525,9 +525,20 @@ def _place(
     if all(r == list(range(n_targets)) for r in rows) and all(w == width for w in widths):
         return values[:, :n_targets]  # the common case: nothing to move, no padding
     block = values.new_full((batch, n_targets, *values.shape[2:]), nan)
-    for b, (r, length) in enumerate(zip(rows, widths, strict=True)):
-        index = torch.as_tensor(r, device=values.device)
-        block[b, index, :length] = values[b, : len(r), :length]
+    # one scatter for every (example, target): example b's k-th row goes to row rows[b][k]
+    device = values.device
+
+    def index(items: list[int]) -> torch.Tensor:
+        return torch.as_tensor(items, dtype=torch.long, device=device)
+
+    b_index = index([b for b, r in enumerate(rows) for _ in r])
+    k_index = index([k for r in rows for k in range(len(r))])
+    t_index = index([t for r in rows for t in r])
+    block[b_index, t_index] = values[b_index, k_index]
+    if any(w < width for w in widths):  # no source beyond an example's own length
+        columns = torch.arange(width, device=device)
+        beyond = columns[None, :] >= torch.as_tensor(widths, device=device)[:, None]
+        block.masked_fill_(beyond.view(batch, 1, width, *[1] * (values.ndim - 3)), nan)
     return block
 
 
