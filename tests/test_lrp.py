@@ -691,3 +691,14 @@ def test_cp_lrp_is_conserved_at_every_layer(arch):
     for layer in got["layer"].values:  # assertions only: one check per layer
         total = got.sel(layer=layer).sum(("source", "hidden")).values
         np.testing.assert_allclose(total, logits, rtol=tolerance, atol=tolerance)
+
+
+@pytest.mark.parametrize("rule", ["attnlrp", "cp-lrp"])
+def test_one_target_equals_the_same_target_among_many(default_model, rule):
+    # a call with one target takes another backward path (no vmap): the rules must hold there too
+    many = ax.lrp(default_model, "1 2 3 =", " 3 2 1", rule=rule)
+    for position in many["target"].values:  # assertions only: one call per target position
+        one = ax.lrp(default_model, "1 2 3 =", " 3 2 1", rule=rule, positions=[int(position)])
+        np.testing.assert_allclose(
+            one.values[0], many.sel(target=position).values, rtol=1e-5, atol=1e-7
+        )

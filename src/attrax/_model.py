@@ -1185,7 +1185,8 @@ def _activation(x: torch.Tensor, kind: str) -> torch.Tensor:
     if torch.is_grad_enabled():
         active = _RULE.get()
         rule = active[0] if active is not None and kind in active[1] else None
-        if _ONE_BACKWARD.get():
+        # LRP's identity rule replaces f'(x) itself: only the saved-derivative path has it
+        if _ONE_BACKWARD.get() and rule != "identity":
             return _OneBackward.apply(x, kind, rule)
         return _Activation.apply(x, kind, rule)[0]
     return _value(x, kind)  # no backward will follow: no derivative to save
