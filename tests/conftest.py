@@ -8,12 +8,13 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
 import attrax as ax
 from attrax import _model
-from attrax.testing import tiny_model
+from attrax.testing import tiny_classifier, tiny_model
 
 # tiny models gain nothing from intra-op threads, and on a busy 2-core machine a second thread
 # per process makes every op wait (seen: 20x slower suites under load)
@@ -148,3 +149,28 @@ def peak_above_start() -> Callable[[str], dict[str, Any]]:
         return json.loads(out.stdout.strip().splitlines()[-1])
 
     return run
+
+
+def assert_close(got: Any, want: Any, rtol: float = 1e-6, atol: float = 1e-7) -> None:
+    """``got`` equals ``want`` where ``want`` is not NaN (NaN patterns equal), within ``rtol``
+    and ``atol`` times the largest ``|want|``."""
+    got, want = np.asarray(got), np.asarray(want)
+    assert got.shape == want.shape
+    assert np.array_equal(np.isnan(got), np.isnan(want)), "NaN (future/padding) pattern differs"
+    ok = ~np.isnan(want)
+    scale = np.abs(want[ok]).max()
+    assert scale > 0
+    np.testing.assert_allclose(got[ok], want[ok], rtol=rtol, atol=atol * scale)
+
+
+@pytest.fixture(scope="session")
+def doubles() -> dict[str, ax.Model]:
+    """Tiny float64 models (GPT-2, Llama, Marian, T5, a BERT sequence classifier): tight
+    tolerances against the tests' loops."""
+    built = {}
+    for arch in ("gpt2", "llama", "marian", "t5"):
+        hf, tok = tiny_model(arch)
+        built[arch] = ax.load_model(hf.double(), tokenizer=tok)
+    hf, tok = tiny_classifier("bert", "sequence")
+    built["bert"] = ax.load_model(hf.double(), tokenizer=tok)
+    return built

@@ -13,7 +13,7 @@ from attrax import _deeplift
 from attrax.cli import main
 from attrax.testing import tiny_classifier, tiny_model
 from tests import _naive
-from tests.conftest import PAIRS
+from tests.conftest import PAIRS, assert_close
 
 # the elementwise activation modules of the tiny models, named here (not read from attrax)
 EVERY = (
@@ -105,16 +105,6 @@ def naive_deeplift(
             row[len(source_ids) + t :] = np.nan
         rows.append(row)
     return np.stack(rows)
-
-
-def assert_close(got, want, rtol=1e-6) -> None:
-    got, want = np.asarray(got), np.asarray(want)
-    assert got.shape == want.shape
-    assert np.array_equal(np.isnan(got), np.isnan(want)), "NaN (future/padding) pattern differs"
-    ok = ~np.isnan(want)
-    scale = np.abs(want[ok]).max()
-    assert scale > 0
-    np.testing.assert_allclose(got[ok], want[ok], rtol=rtol, atol=1e-7 * scale)
 
 
 @pytest.fixture(scope="module")

@@ -9,21 +9,8 @@ import pytest
 import torch
 
 import attrax as ax
-from attrax.testing import tiny_classifier, tiny_model
 from tests import _naive
-from tests.conftest import PAIRS
-
-
-@pytest.fixture(scope="module")
-def doubles() -> dict[str, ax.Model]:
-    """Tiny float64 models: tight tolerances against the loop."""
-    built = {}
-    for arch in ("gpt2", "llama", "marian", "t5"):
-        hf, tok = tiny_model(arch)
-        built[arch] = ax.load_model(hf.double(), tokenizer=tok)
-    hf, tok = tiny_classifier("bert", "sequence")
-    built["bert"] = ax.load_model(hf.double(), tokenizer=tok)
-    return built
+from tests.conftest import PAIRS, assert_close
 
 
 def greedy_loop(emb, base, gradient, score, visible, rounds, per_round, steps):
@@ -74,16 +61,6 @@ def naive_greedy(model, source, target, rounds, per_round, steps):
         rows.append(row)
         ends.append(end)
     return np.stack(rows), np.array(ends)
-
-
-def assert_close(got, want, rtol=1e-6):
-    got, want = np.asarray(got), np.asarray(want)
-    assert got.shape == want.shape
-    assert np.array_equal(np.isnan(got), np.isnan(want))
-    ok = ~np.isnan(want)
-    scale = np.abs(want[ok]).max()
-    assert scale > 0
-    np.testing.assert_allclose(got[ok], want[ok], rtol=rtol, atol=1e-7 * scale)
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "marian"])

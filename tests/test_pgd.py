@@ -7,21 +7,8 @@ import pytest
 import torch
 
 import attrax as ax
-from attrax.testing import tiny_classifier, tiny_model
 from tests import _naive
-from tests.conftest import PAIRS
-
-
-@pytest.fixture(scope="module")
-def doubles() -> dict[str, ax.Model]:
-    """Tiny float64 models: tight tolerances against the loop."""
-    built = {}
-    for arch in ("gpt2", "llama", "marian", "t5"):
-        hf, tok = tiny_model(arch)
-        built[arch] = ax.load_model(hf.double(), tokenizer=tok)
-    hf, tok = tiny_classifier("bert", "sequence")
-    built["bert"] = ax.load_model(hf.double(), tokenizer=tok)
-    return built
+from tests.conftest import PAIRS, assert_close
 
 
 def attack_loop(emb, token, score, epsilon, steps, step_size, norm, start=None) -> float:
@@ -66,16 +53,6 @@ def naive_pgd(model, source, target, epsilon, steps, step_size, norm, starts=Non
             row[s] = full - attack_loop(emb, s, score, epsilon, steps, step_size, norm, start)
         rows.append(row)
     return np.stack(rows)
-
-
-def assert_close(got, want, rtol=1e-6):
-    got, want = np.asarray(got), np.asarray(want)
-    assert got.shape == want.shape
-    assert np.array_equal(np.isnan(got), np.isnan(want))
-    ok = ~np.isnan(want)
-    scale = np.abs(want[ok]).max()
-    assert scale > 0
-    np.testing.assert_allclose(got[ok], want[ok], rtol=rtol, atol=1e-7 * scale)
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "marian"])
