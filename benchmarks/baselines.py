@@ -570,7 +570,7 @@ def inseq_attribute(
 # --------------------------------------------------------------------------------------------------
 # Classifiers: Captum as its BERT tutorials run it, Interpreto 0.5.2's classification explainers
 # --------------------------------------------------------------------------------------------------
-CAPTUM_CLASSIFIER_METHODS = ("saliency", "input_x_gradient", "integrated_gradients")
+CAPTUM_CLASSIFIER_METHODS = ("saliency", "input_x_gradient", "integrated_gradients", "occlusion")
 INTERPRETO_CLASSIFIER_METHODS = ("saliency", "input_x_gradient", "occlusion")
 
 
@@ -590,21 +590,33 @@ def captum_classify(
     n_steps: int = 50,
     ig_method: str = "gausslegendre",
     internal_batch_size: int | None = None,
+    from_texts: bool = True,
+    perturbations_per_eval: int = 8,
 ) -> BaselineResult:
     """Captum on a ``*ForSequenceClassification``: ``[example, class, source, hidden]``.
 
     Saliency (``abs=False``) and InputXGradient on ``inputs_embeds``; IG as
     ``LayerIntegratedGradients`` on ``model.bert.embeddings.word_embeddings`` (the same quantity
-    as IG on ``inputs_embeds``) from :func:`reference_ids`. The forward returns the softmax
+    as IG on ``inputs_embeds``) from :func:`reference_ids`; occlusion as ``Occlusion`` on
+    ``inputs_embeds`` with one-token windows replaced by ``[MASK]``'s embedding
+    (``perturbations_per_eval`` copies per forward), ``[example, class, source]`` (every hidden
+    element of a window holds the window's difference; NaN at special tokens, which Captum
+    occludes too but attrax keeps). The forward returns the softmax
     probabilities; one batched ``attribute`` call per class column of ``classes`` (every example
     has the same number of classes), as a user loops over classes.
+
+    ``from_texts``: the clock starts at the texts, as attrax's and Interpreto's do (the
+    tokenizer call and the embedding lookup a Captum user writes are timed); else at the
+    tokenized, embedded batch.
     """
-    from captum.attr import InputXGradient, LayerIntegratedGradients, Saliency
+    from captum.attr import InputXGradient, LayerIntegratedGradients, Occlusion, Saliency
 
     if method not in CAPTUM_CLASSIFIER_METHODS:
         raise ValueError(f"method must be one of {CAPTUM_CLASSIFIER_METHODS}")
-    enc = tok(texts, return_tensors="pt", padding=True).to(model.device)
-    ids, mask, types = enc["input_ids"], enc["attention_mask"], enc["token_type_ids"]
+    if method == "integrated_gradients":
+        # attrax gets its baseline built before its clock too
+        first = tok(texts, return_tensors="pt", padding=True)["input_ids"].to(model.device)
+        reference = reference_ids(tok, first)
 
     def from_embeds(x, mask, types):
         return model(inputs_embeds=x, attention_mask=mask, token_type_ids=types).logits.softmax(-1)
@@ -612,28 +624,56 @@ def captum_classify(
     def from_ids(x, mask, types):
         return model(input_ids=x, attention_mask=mask, token_type_ids=types).logits.softmax(-1)
 
+    def tokenized():
+        enc = tok(texts, return_tensors="pt", padding=True).to(model.device)
+        ids, mask, types = enc["input_ids"], enc["attention_mask"], enc["token_type_ids"]
+        if method == "integrated_gradients":
+            return ids, mask, types
+        with torch.no_grad():
+            return model.get_input_embeddings()(ids).detach(), mask, types
+
     if method == "integrated_gradients":
         layer = model.bert.embeddings.word_embeddings
-        algo, inputs = LayerIntegratedGradients(from_ids, layer), ids
+        algo = LayerIntegratedGradients(from_ids, layer)
         kw = dict(
-            baselines=reference_ids(tok, ids), n_steps=n_steps, method=ig_method,
+            baselines=reference, n_steps=n_steps, method=ig_method,
             internal_batch_size=internal_batch_size,
+        )  # fmt: skip
+    elif method == "occlusion":
+        algo = Occlusion(from_embeds)
+        width = model.config.hidden_size
+        with torch.no_grad():
+            masked = model.get_input_embeddings()(torch.tensor(tok.mask_token_id))
+        kw = dict(
+            sliding_window_shapes=(1, width), strides=(1, width),
+            perturbations_per_eval=perturbations_per_eval,
         )  # fmt: skip
     else:
         algo = (Saliency if method == "saliency" else InputXGradient)(from_embeds)
-        with torch.no_grad():
-            inputs = model.get_input_embeddings()(ids).detach()
         kw = {"abs": False} if method == "saliency" else {}
+    if not from_texts:
+        ready = tokenized()
     columns = []
     t0 = time.perf_counter()
+    inputs, mask, types = tokenized() if from_texts else ready
     for k in range(len(classes[0])):
         target = [c[k] for c in classes]
+        if method == "occlusion":
+            kw["baselines"] = masked.expand_as(inputs)
+            got = algo.attribute(inputs, target=target, additional_forward_args=(mask, types), **kw)
+            columns.append(got.detach()[..., 0])
+            continue
         x = inputs if method == "integrated_gradients" else inputs.clone().requires_grad_(True)
         got = algo.attribute(x, target=target, additional_forward_args=(mask, types), **kw)
         columns.append(got.detach())
     seconds = time.perf_counter() - t0
-    out = torch.stack(columns, 1).float().cpu().numpy()  # [B, K, L, H]
-    return BaselineResult(out, seconds, np.asarray(classes), ids.cpu().numpy(), np.arange(0))
+    out = torch.stack(columns, 1).float().cpu().numpy()  # [B, K, L(, H)]
+    if method == "occlusion":
+        # attrax keeps [CLS]/[SEP] (never occluded): Captum's windows on them are not compared
+        enc = tok(texts, padding=True, return_special_tokens_mask=True, return_tensors="np")
+        out[np.broadcast_to(enc["special_tokens_mask"][:, None].astype(bool), out.shape)] = np.nan
+    ids = tok(texts, return_tensors="pt", padding=True)["input_ids"]
+    return BaselineResult(out, seconds, np.asarray(classes), ids.numpy(), np.arange(0))
 
 
 def interpreto_classify(

@@ -38,11 +38,12 @@ METHODS = ("saliency", "input_x_gradient", "integrated_gradients", "occlusion")
 LIBRARIES = ("attrax", "captum", "interpreto")
 SUPPORTS = {
     "attrax": set(METHODS),
-    "captum": {"saliency", "input_x_gradient", "integrated_gradients"},
+    "captum": {"saliency", "input_x_gradient", "integrated_gradients", "occlusion"},
     "interpreto": {"saliency", "input_x_gradient", "occlusion"},
 }
-#: attrax never slower on one class per example; ≥ 5x on every class of the 20-class head
-GOALS = {"C1": 1.0, "C2": 5.0}
+#: attrax never slower than either library on one class per example; ≥ 5x faster than Captum's
+#: loop over classes on every class of the 20-class head (the issue sets no C2 goal vs Interpreto)
+GOALS = {("C1", "captum"): 1.0, ("C1", "interpreto"): 1.0, ("C2", "captum"): 5.0}
 
 
 @dataclasses.dataclass
@@ -125,7 +126,7 @@ def compare(
     difference: its error is taken relative to ``probability`` (the largest attributed class
     probability), the plain errors kept as ``raw_plain`` and ``normalize_plain``.
     """
-    if library == "captum":
+    if library == "captum" and method != "occlusion":
         flat = (-1, *attrax.shape[2:])
         return parity(attrax.reshape(flat), base.reshape(flat), method)
     a = np.abs(attrax.astype(np.float64)).mean(-1) if attrax.ndim == 4 else attrax.astype(float)
@@ -237,9 +238,11 @@ def speedups(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if lib == "attrax" or ours is None:
             continue
         ratio = r["median_s"] * r.get("scale", 1.0) / ours["median_s"]
+        goal = GOALS.get((wl, lib))
         rows.append(
-            dict(workload=wl, method=method, baseline=lib, speedup=ratio, goal=GOALS[wl],
-                 met=ratio >= GOALS[wl], extrapolated=r.get("scale", 1.0) != 1.0)
+            dict(workload=wl, method=method, baseline=lib, speedup=ratio, goal=goal,
+                 met=None if goal is None else ratio >= goal,
+                 extrapolated=r.get("scale", 1.0) != 1.0)
         )  # fmt: skip
     return rows
 
@@ -261,7 +264,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         cases={k: dataclasses.asdict(chosen[k]) for k in args.workloads},
         machine=harness.machine_info(), attrax_source=harness.attrax_source(),
         versions=harness.versions() | _versions(("interpreto", "nnsight")),
-        tolerance=TOLERANCE, goals=GOALS, load1_start=os.getloadavg()[0],
+        tolerance=TOLERANCE, goals={f"{w} vs {b}": g for (w, b), g in GOALS.items()},
+        load1_start=os.getloadavg()[0],
     )  # fmt: skip
     results: dict[str, Any] = dict(
         meta=meta, status="running", gate=[], runs=[], parity=[], speedups=[]
@@ -320,9 +324,13 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
                 args.out.write_text(json.dumps(results, indent=1))
     results["speedups"] = speedups(results["runs"])
     for row in results["speedups"]:
-        flag = "met" if row["met"] else "MISSED"
+        goal = (
+            "no goal"
+            if row["goal"] is None
+            else f"goal {row['goal']:g}x: " + ("met" if row["met"] else "MISSED")
+        )
         extra = " [extrapolated]" if row["extrapolated"] else ""
-        print(f"  {row['workload']} {row['method']:21s} vs {row['baseline']:10s}: {row['speedup']:6.2f}x (goal {row['goal']:g}x: {flag}){extra}")  # fmt: skip
+        print(f"  {row['workload']} {row['method']:21s} vs {row['baseline']:10s}: {row['speedup']:6.2f}x ({goal}){extra}")  # fmt: skip
     code = finish("ok")
     if args.record:
         record(results)

@@ -567,11 +567,15 @@ def _sides(batch: Batch, width: int) -> np.ndarray:
 
 def token_strings(ids: np.ndarray, tokens: Any) -> np.ndarray:
     """Token strings of ``ids``; :data:`MISSING_TOKEN` where an id is :data:`MISSING_ID`."""
-    out = np.full(ids.shape, MISSING_TOKEN, dtype=object)
     present = ids != MISSING_ID
-    if present.any():
-        out[present] = tokens([int(i) for i in ids[present]])
-    return out.astype(str)
+    if not present.any():
+        return np.full(ids.shape, MISSING_TOKEN)
+    # each distinct id converted once: a batch repeats most of its tokens
+    unique, inverse = np.unique(ids[present], return_inverse=True)
+    names = np.asarray([MISSING_TOKEN, *tokens(unique.tolist())], dtype=str)
+    where = np.zeros(ids.shape, dtype=np.int64)
+    where[present] = inverse.reshape(-1) + 1
+    return names[where]
 
 
 # --- readers -------------------------------------------------------------------------------
