@@ -16,6 +16,8 @@ DOCS = HERE.parent / "docs"
 CPU_RESULTS = HERE / "cpu.json"
 GPU_RESULTS = HERE / "gpu-h200.json"
 VARIANTS = (HERE / "malloc-tuned.json", HERE / "baselines-sdpa.json")
+#: ``python -m benchmarks real-size --out`` results on the CPU, one file per shape
+REAL_SIZE = ("real-size-gpt2-small-cpu.json", "real-size-llama-1b-cpu.json")
 
 METHOD_ORDER = ("saliency", "input_x_gradient", "integrated_gradients", "attention")
 LABEL = {
@@ -182,9 +184,11 @@ def render_cpu(
     gpu: dict[str, Any] | None = None,
     variants: dict[str, dict[str, Any]] | None = None,
     png_name: str = "benchmarks.png",
+    real_size: dict[str, dict[str, Any]] | None = None,
 ) -> str:
     """``docs/benchmarks.md`` from CPU results; ``gpu`` and ``variants`` (file name -> results of a
-    variant run) add one summary paragraph each."""
+    variant run) add one summary paragraph each, ``real_size`` (file name -> results) a table
+    each."""
     meta, plans = results["meta"], results["meta"]["plans"]
     runs = _keyed(results["runs"], "library")
     sp = _keyed(speedups(results["runs"], CPU_GOALS), "baseline")
@@ -413,7 +417,79 @@ def render_cpu(
             )
     out += _parity_section(results)
     out += _classifier_section(results.get("classifiers"))
+    out += _real_size_section(real_size or {})
     return "\n".join(out) + "\n"
+
+
+REAL_SIZE_SHAPES = {
+    "gpt2-small": "GPT-2-small shape (12 layers, d=768, vocabulary 50257), float32",
+    "llama-1b": "Llama-3.2-1B shape (16 layers, d=2048, gated MLP 8192, RMSNorm, 32/8 heads, "
+    "vocabulary 128256), bfloat16",
+}
+
+
+def _real_size_section(files: dict[str, dict[str, Any]]) -> list[str]:
+    """One table per ``real-size`` results file: time and peak memory per library, parity."""
+    if not files:
+        return []
+    out = ["## Real size (CPU)\n"]
+    w = out.append
+    w(
+        "`python -m benchmarks real-size` (`benchmarks/real_size.py`): random weights built from "
+        "a config, one process, parity checked before any timing, libraries interleaved. Captum "
+        "and Inseq may run only their first targets, their time then multiplied by targets / "
+        "first targets (marked \\*: an under-estimate, later targets have longer prefixes). "
+        "Peak memory: the process's peak RSS above its RSS before the call. Why the ratios sit "
+        'where they do: `docs/methods/gradients.md`, "At real size". The GPU runs (a '
+        "Llama-3-8B shape over 2,048 and 8,192 tokens) are `bash benchmarks/gpu_memory.sh`.\n"
+    )
+    for name, result in files.items():
+        meta, rows = result["meta"], result["rows"]
+        first = meta.get("first_targets")
+        star = "\\*" if first and first < meta["target"] else ""
+        w(
+            f"### {REAL_SIZE_SHAPES.get(meta['shape'], meta['shape'])}: {meta['prompt']} + "
+            f"{meta['target']} tokens\n"
+        )
+        w(
+            f"`{name}`: {meta['threads']} threads, {meta['repeats']} timed call(s) per library "
+            "(median)"
+            + (
+                f", IG {meta['steps']} points"
+                if any(r["method"] == "integrated_gradients" for r in rows)
+                else ""
+            )
+            + (f", Captum and Inseq on the first {first} targets" if star else "")
+            + (f", attrax `max_memory={meta['max_memory']}`" if meta.get("max_memory") else "")
+            + (f". {meta['note']}" if meta.get("note") else "")
+            + ".\n"
+        )
+        libraries = [lib for lib in ("attrax", "captum", "inseq") if lib in rows[0]["seconds"]]
+        w(
+            "| method | "
+            + " | ".join(f"{lib} (s, peak MiB)" for lib in libraries)
+            + " | "
+            + " | ".join(f"vs {lib}" for lib in libraries[1:])
+            + " | parity |"
+        )
+        w("|---" * (2 * len(libraries) + 1) + "|")
+        for row in rows:
+            sec, peak = row["seconds"], row.get("peak_bytes", {})
+            cells = [
+                f"{_fmt_s(sec[lib])}{'' if lib == 'attrax' else star}, "
+                f"{peak.get(lib, float('nan')) / 2**20:.0f}"
+                for lib in libraries
+            ]
+            ratios = [f"**{_fmt_x(sec[lib] / sec['attrax'])}**" for lib in libraries[1:]]
+            parity = ", ".join(
+                f"{lib} {e:.1e}" if isinstance(e, float) else f"{lib} {e}"
+                for lib, e in row.get("parity", {}).items()
+            )
+            w(
+                f"| {LABEL.get(row['method'], row['method'])} | {' | '.join(cells + ratios)} | {parity} |"
+            )
+        w("")
+    return out
 
 
 CLASSIFIER_LABEL = {**LABEL, "occlusion": "occlusion"}
@@ -766,8 +842,9 @@ def render_all(cpu: Path = CPU_RESULTS, gpu: Path = GPU_RESULTS) -> dict[str, st
     """``{doc name: markdown}`` from the results files (read only)."""
     gpu_results = load(gpu)
     variants = {p.name: load(p) for p in VARIANTS if p.exists()}
+    real_size = {n: load(HERE / n) for n in REAL_SIZE if (HERE / n).exists()}
     return {
-        "benchmarks.md": render_cpu(load(cpu), gpu_results, variants),
+        "benchmarks.md": render_cpu(load(cpu), gpu_results, variants, real_size=real_size),
         "benchmarks-gpu.md": render_gpu(gpu_results),
     }
 

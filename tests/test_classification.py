@@ -182,6 +182,22 @@ def test_text_pairs_mark_segments_and_special_tokens(classifiers):
     np.testing.assert_array_equal(again.values, da.values)
 
 
+def test_texts_and_pairs_in_one_call_equal_the_naive_loop(classifiers):
+    # a batch of texts alone, or of pairs alone, is tokenized in one call; a mixed one text by text
+    model = classifiers["bert", "sequence"]
+    mixed = [("the capital of france", "is paris"), "hello world", ("hello", "world")]
+    da = ax.saliency(model, mixed, "all")
+    _check(da, model, mixed, lambda n, e, p, c: n.gradient(e, p, c))
+    texts = ax.saliency(model, ["hello world", "the capital of france is paris"], "all")
+    alone = ax.saliency(model, "hello world", "all")
+    width = alone.sizes["source"]
+    first = texts.isel(example=0, source=slice(0, width))
+    np.testing.assert_array_equal(first.source_id, alone.source_id)
+    np.testing.assert_array_equal(first.special, alone.special)
+    np.testing.assert_allclose(first, alone, rtol=1e-5, atol=1e-6)  # float32: batched vs alone
+    assert (texts.segment.values[0][:width] == 0).all()
+
+
 @pytest.mark.parametrize("arch", ["deberta-v2", "electra", "xlm-roberta"])
 def test_text_pairs_on_other_encoders_equal_the_naive_loop(classifiers, arch):
     model = classifiers[arch, "sequence"]
