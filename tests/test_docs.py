@@ -41,7 +41,8 @@ import json
 import os
 import re
 import shlex
-from collections.abc import Callable
+import signal
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -149,7 +150,7 @@ class PageRun:
 
 
 @pytest.fixture(scope="session")
-def page_runs(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], PageRun]:
+def page_runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[[str], PageRun]]:
     runs: dict[str, PageRun] = {}
 
     def get(page: str) -> PageRun:
@@ -167,7 +168,12 @@ def page_runs(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], PageR
             runs[page] = PageRun(directory)
         return runs[page]
 
-    return get
+    yield get
+    # a stand-in SLURM job left running by a block that failed before closing its cluster
+    for run in runs.values():
+        for pid in (run.directory / "slurm-jobs").glob("*.pid"):
+            with contextlib.suppress(ProcessLookupError, PermissionError, ValueError):
+                os.killpg(int(pid.read_text()), signal.SIGKILL)
 
 
 def _cli(argv: list[str]) -> tuple[int, str]:
