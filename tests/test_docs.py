@@ -87,7 +87,7 @@ FIXTURES: dict[str, Callable[[Path], object]] = {
 _SBATCH = """#!/usr/bin/env bash
 # a stand-in for SLURM's sbatch (tests/test_docs.py): runs the job script on this machine
 set -euo pipefail
-jobs="$(dirname "$0")/../slurm-jobs"
+jobs="$(cd "$(dirname "$0")/.." && pwd -P)/slurm-jobs"
 mkdir -p "$jobs"
 id=$$
 cp "$1" "$jobs/$id.sh"  # the submitter may delete its script once sbatch returns
@@ -100,6 +100,7 @@ _SCANCEL = """#!/usr/bin/env bash
 jobs="$(dirname "$0")/../slurm-jobs"
 for id in "$@"; do
   kill -TERM -- "-$(cat "$jobs/$id.pid")" 2>/dev/null || true
+  rm -f "$jobs/$id.pid"
 done
 """
 COMMANDS = {"sbatch": _SBATCH, "scancel": _SCANCEL}
@@ -169,11 +170,15 @@ def page_runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[[st
         return runs[page]
 
     yield get
-    # a stand-in SLURM job left running by a block that failed before closing its cluster
+    # a stand-in SLURM job that a block which failed before closing its cluster left running
+    # (its pid file is still there): killed if that pid still runs this job's script
     for run in runs.values():
-        for pid in (run.directory / "slurm-jobs").glob("*.pid"):
-            with contextlib.suppress(ProcessLookupError, PermissionError, ValueError):
-                os.killpg(int(pid.read_text()), signal.SIGKILL)
+        for pid_file in (run.directory / "slurm-jobs").glob("*.pid"):
+            with contextlib.suppress(OSError, ValueError):
+                pid = int(pid_file.read_text())
+                command = Path(f"/proc/{pid}/cmdline").read_bytes()
+                if str(pid_file.resolve().with_suffix(".sh")).encode() in command:
+                    os.killpg(pid, signal.SIGKILL)
 
 
 def _cli(argv: list[str]) -> tuple[int, str]:
