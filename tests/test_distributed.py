@@ -88,6 +88,65 @@ def test_a_worker_killed_mid_run_loses_nothing(tmp_path, default_model, write_js
     xr.testing.assert_identical(result, serial)
 
 
+def _evaluate_dying_on(text: str, marker: str, reruns: str):  # type: ignore[no-untyped-def]
+    """An ``_evaluate_task`` for the client to submit (pickled by value): the task of the shard
+    holding the record whose input is ``text`` SIGKILLs its worker process the first time any
+    worker runs it (``marker`` created exclusively, holding that pid); a rerun appends its pid to
+    ``reruns``."""
+
+    def evaluate_task(where, records, methods, options):  # type: ignore[no-untyped-def]
+        import attrax._distributed as dist  # on the worker: the task as attrax defines it
+
+        if any(r.input == text for r in records):
+            try:
+                fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                with open(reruns, "a") as f:
+                    f.write(f"{os.getpid()}\n")
+            else:
+                os.write(fd, str(os.getpid()).encode())
+                os.close(fd)
+                os.kill(os.getpid(), signal.SIGKILL)
+        return dist._evaluate_task(where, records, methods, options)
+
+    return evaluate_task
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs POSIX signals")
+def test_an_evaluation_survives_a_killed_worker(tmp_path, default_model, monkeypatch):
+    import functools
+
+    import cloudpickle
+
+    import attrax._distributed as dist
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers need not import us
+    records = _records(6, seed=7)  # 4 to 6 digits: shards of different widths, padded when joined
+    methods = {"saliency": "saliency", "ig": functools.partial(ax.integrated_gradients, steps=4)}
+    metrics = ["comprehensiveness", "sufficiency", "spearman"]
+    serial = ax.evaluate(default_model, records, methods, metrics, attributions=True)
+    marker, reruns = tmp_path / "killed", tmp_path / "reruns"
+    # the client submits this wrapper in place of the task; the workers run it
+    wrapper = _evaluate_dying_on(records[2]["input"], str(marker), str(reruns))
+    monkeypatch.setattr(dist, "_evaluate_task", wrapper)
+    ds = ax.evaluate(None, records, methods, metrics, attributions=True, workers=2, shard_size=2)
+    killed = int(marker.read_text())  # the shard's first run killed its worker...
+    rerun = [int(pid) for pid in reruns.read_text().split()]
+    assert len(rerun) == 1 and rerun[0] != killed  # ...and another process ran it once more
+    assert ds.example.values.tolist() == list(range(6))  # every record once, in record order
+    # the inputs themselves, in record order: shard 1 (records 2, 3) is neither lost nor doubled
+    assert serial.sizes["source"] > 0 and np.isnan(serial["attribution"].values).any()
+    xr.testing.assert_identical(
+        ds.drop_vars(list(ds.data_vars)), serial.drop_vars(list(serial.data_vars))
+    )
+    assert list(ds.data_vars) == list(serial.data_vars)
+    for name in ds.data_vars:
+        # as the cluster-vs-in-process test (tests/test_experiments.py): a shard pads its batch to
+        # its own longest record, which changes the order of float sums, not the result; padding
+        # (NaN) is compared exactly
+        np.testing.assert_allclose(ds[name].values, serial[name].values, rtol=1e-5, atol=1e-6)
+
+
 def test_a_local_cluster_equals_a_serial_run_and_resumes(tmp_path, default_model, write_jsonl):
     data = write_jsonl(_records(4))
     D.attribute_dataset(default_model, data, tmp_path / "serial", shard_size=1, progress=False)

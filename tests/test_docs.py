@@ -23,6 +23,11 @@ themselves. Two files stand for what a CLI user brings, and are created in a pag
 when the page names them (``FIXTURES``): ``my-gpt2/`` (a tiny offline GPT-2 with a byte-level
 BPE tokenizer, ``attrax.testing.save_tiny_model``) and ``prompts.jsonl`` (held-out prompts of
 the built-in model's task, with their answers).
+
+Stand-ins: commands a page calls that this machine lacks (``COMMANDS``) are written to the page
+directory's ``bin/``, first on ``PATH`` while its blocks run, when the page names them: SLURM's
+``sbatch`` and ``scancel`` for docs/experiments.md's dask-jobqueue example (the job scripts run
+here, in the background).
 """
 
 from __future__ import annotations
@@ -33,9 +38,11 @@ import contextlib
 import inspect
 import io
 import json
+import os
 import re
 import shlex
-from collections.abc import Callable
+import signal
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -73,6 +80,30 @@ FIXTURES: dict[str, Callable[[Path], object]] = {
     "my-gpt2": lambda path: save_tiny_model("gpt2", path),
     "prompts.jsonl": _write_prompts,
 }
+
+
+# sbatch runs the job script on this machine, in the background and in a session of its own (so
+# scancel ends the job's whole process tree), and answers as SLURM's does
+_SBATCH = """#!/usr/bin/env bash
+# a stand-in for SLURM's sbatch (tests/test_docs.py): runs the job script on this machine
+set -euo pipefail
+jobs="$(cd "$(dirname "$0")/.." && pwd -P)/slurm-jobs"
+mkdir -p "$jobs"
+id=$$
+cp "$1" "$jobs/$id.sh"  # the submitter may delete its script once sbatch returns
+setsid bash "$jobs/$id.sh" >"$jobs/$id.log" 2>&1 </dev/null &
+echo $! >"$jobs/$id.pid"
+echo "Submitted batch job $id"
+"""
+_SCANCEL = """#!/usr/bin/env bash
+# a stand-in for SLURM's scancel (tests/test_docs.py): ends each job's process group
+jobs="$(dirname "$0")/../slurm-jobs"
+for id in "$@"; do
+  kill -TERM -- "-$(cat "$jobs/$id.pid")" 2>/dev/null || true
+  rm -f "$jobs/$id.pid"
+done
+"""
+COMMANDS = {"sbatch": _SBATCH, "scancel": _SCANCEL}
 
 
 @dataclass
@@ -120,7 +151,7 @@ class PageRun:
 
 
 @pytest.fixture(scope="session")
-def page_runs(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], PageRun]:
+def page_runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[[str], PageRun]]:
     runs: dict[str, PageRun] = {}
 
     def get(page: str) -> PageRun:
@@ -130,10 +161,24 @@ def page_runs(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], PageR
             for name, make in FIXTURES.items():
                 if name in text:
                     make(directory / name)
+            for name, script in COMMANDS.items():
+                if name in text:
+                    (directory / "bin").mkdir(exist_ok=True)
+                    (directory / "bin" / name).write_text(script)
+                    (directory / "bin" / name).chmod(0o755)
             runs[page] = PageRun(directory)
         return runs[page]
 
-    return get
+    yield get
+    # a stand-in SLURM job that a block which failed before closing its cluster left running
+    # (its pid file is still there): killed if that pid still runs this job's script
+    for run in runs.values():
+        for pid_file in (run.directory / "slurm-jobs").glob("*.pid"):
+            with contextlib.suppress(OSError, ValueError):
+                pid = int(pid_file.read_text())
+                command = Path(f"/proc/{pid}/cmdline").read_bytes()
+                if str(pid_file.resolve().with_suffix(".sh")).encode() in command:
+                    os.killpg(pid, signal.SIGKILL)
 
 
 def _cli(argv: list[str]) -> tuple[int, str]:
@@ -265,6 +310,8 @@ def test_doc_block(
 ) -> None:
     run = page_runs(block.page)
     monkeypatch.chdir(run.directory)
+    if (run.directory / "bin").is_dir():  # the page's stand-in commands come first
+        monkeypatch.setenv("PATH", f"{run.directory / 'bin'}{os.pathsep}{os.environ['PATH']}")
     monkeypatch.setenv("COLUMNS", "80")  # the width the console transcripts were taken at
     monkeypatch.setenv("MPLBACKEND", "Agg")
     page = [b for b in BLOCKS if b.page == block.page]

@@ -318,6 +318,8 @@ def _attribute_dataset(
             _run(fn, results, scan, shard_size, out, manifest, todo, progress)
         elif todo:
             results = pool.shards(method, steps, options, data, scan, shard_size, todo)
+            if model is not None:  # named as in one process: the path as given, not resolved
+                results = ((k, part.assign_attrs(model=str(model))) for k, part in results)
             _run(fn, results, scan, shard_size, out, manifest, todo, progress)
     return DatasetRun(out, scan.records, shards, shards - len(todo))
 
