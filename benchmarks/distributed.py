@@ -41,12 +41,17 @@ def main() -> None:
     import dask
     import distributed
 
-    from attrax._distributed import TRIM
+    from attrax._distributed import QUIET, TRIM
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--records", type=int, default=96)
     parser.add_argument("--shard-size", type=int, default=4)
     parser.add_argument("--steps", type=int, default=32)
+    parser.add_argument(
+        "--dask-defaults",
+        action="store_true",
+        help="Dask's own periodic bookkeeping (attrax before it set QUIET), for comparison",
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     tmp = Path(tempfile.mkdtemp())
@@ -67,7 +72,8 @@ def main() -> None:
     for workers in (1, 2):
         begun = time.perf_counter()
         with (
-            dask.config.set({TRIM: None}),  # as attribute_dataset(workers=N) starts its cluster
+            # as attribute_dataset(workers=N) starts its cluster
+            dask.config.set({TRIM: None} if args.dask_defaults else QUIET),
             distributed.LocalCluster(
                 n_workers=workers, threads_per_worker=1, dashboard_address=None, silence_logs=50
             ) as cluster,

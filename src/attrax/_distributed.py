@@ -29,6 +29,20 @@ import xarray as xr
 from ._errors import InputError, OptionError
 
 TRIM = "distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_"
+# a local cluster that attrax starts: Dask's periodic bookkeeping, made rare. Measured on 2 cores:
+# an idle 2-worker cluster took 0.17 of a core (event-loop health checks every 20 ms in every
+# process, the workers' statistical profiler sampling every 10 ms, system and memory monitors);
+# work stealing has nothing to balance when every task is one equal shard
+QUIET = {
+    TRIM: None,  # Dask's nannies would turn off attrax's own malloc tuning (_memory.reuse_host_memory)
+    "distributed.worker.profile.enabled": False,
+    "distributed.admin.tick.interval": "1s",
+    "distributed.admin.system-monitor.interval": "5s",
+    "distributed.admin.system-monitor.disk": False,
+    "distributed.worker.memory.monitor-interval": "1s",
+    "distributed.scheduler.work-stealing": False,
+    "distributed.deploy.cluster-repr-interval": "10s",
+}
 # worker side: models loaded in this process, keyed by (path, device, dtype)
 _MODELS: dict[tuple[str | None, str | None, str | None], Any] = {}
 
@@ -127,9 +141,9 @@ class Pool:
                 import dask
 
                 count = local_workers(self.workers or 1, self.device)
-                # Dask's nannies set MALLOC_TRIM_THRESHOLD_, which turns off attrax's own malloc
-                # tuning (_memory.reuse_host_memory): measured 2x slower per shard without it
-                with dask.config.set({TRIM: None}):
+                # QUIET: without Dask's MALLOC_TRIM_THRESHOLD_ (measured 2x slower per shard with
+                # it) and with its periodic bookkeeping made rare
+                with dask.config.set(QUIET):
                     self._cluster = distributed.LocalCluster(
                         n_workers=count,
                         threads_per_worker=1,  # one task, one torch thread per process
