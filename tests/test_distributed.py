@@ -216,22 +216,33 @@ def test_a_worker_without_the_output_directory_returns_the_shard(tmp_path, write
     xr.testing.assert_identical(ax.load(shard), returned)
 
 
-def _die_once_after_writing(marker: str) -> None:
-    """Run on every worker: the first shard written anywhere SIGKILLs its worker right after the
-    file is in place, before the client hears of it; Dask reruns that shard."""
-    import attrax._distributed as dist
+def _write_then_die_once(marker: str):  # type: ignore[no-untyped-def]
+    """A ``_write_shard_task`` for the client to submit (pickled by value): the first shard
+    written anywhere SIGKILLs its worker right after its file is in place, before the client
+    hears of it (``marker`` created exclusively, holding the pid); Dask reruns that shard."""
 
-    save = dist._save_shard
+    def write_shard_task(*args):  # type: ignore[no-untyped-def]
+        import attrax._distributed as dist  # on the worker: the task as attrax defines it
 
-    def save_then_die(da, path):  # type: ignore[no-untyped-def]
-        save(da, path)
+        save = dist._save_shard
+
+        def save_then_die(da, path):  # type: ignore[no-untyped-def]
+            save(da, path)
+            try:
+                fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                return
+            os.write(fd, str(os.getpid()).encode())
+            os.close(fd)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        dist._save_shard = save_then_die
         try:
-            os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-        except FileExistsError:
-            return
-        os.kill(os.getpid(), signal.SIGKILL)
+            return dist._write_shard_task(*args)
+        finally:
+            dist._save_shard = save
 
-    dist._save_shard = save_then_die
+    return write_shard_task
 
 
 @pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs POSIX signals")
@@ -239,6 +250,8 @@ def test_a_shard_written_then_rerun_after_a_worker_death_is_one_copy(
     tmp_path, default_model, write_jsonl, monkeypatch
 ):
     import cloudpickle
+
+    import attrax._distributed as dist
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers need not import us
     data = write_jsonl(_records(6))
@@ -249,20 +262,12 @@ def test_a_shard_written_then_rerun_after_a_worker_death_is_one_copy(
         raise AssertionError("the client wrote a shard: the workers should have")
 
     monkeypatch.setattr(D, "save", client_writes)
-    marker = tmp_path / "killed"
-    out = tmp_path / "dask"
-    with (
-        distributed.LocalCluster(
-            n_workers=2, threads_per_worker=1, dashboard_address=None, silence_logs=50
-        ) as cluster,
-        distributed.Client(cluster) as client,
-    ):
-        client.run(_die_once_after_writing, str(marker))
-        before = set(client.run(os.getpid).values())
-        run = D.attribute_dataset(
-            None, data, out, shard_size=2, progress=False, scheduler=cluster.scheduler_address
-        )
-    assert marker.exists() and any(not _alive(pid) for pid in before)  # a worker really died
+    marker, out = tmp_path / "killed", tmp_path / "dask"
+    # the client submits this wrapper in place of the task; the workers run it
+    monkeypatch.setattr(dist, "_write_shard_task", _write_then_die_once(str(marker)))
+    # one worker, as attrax starts it: its nanny restarts it and Dask reruns the shard there
+    run = D.attribute_dataset(None, data, out, shard_size=2, progress=False, workers=1)
+    assert not _alive(int(marker.read_text()))  # the worker really died after writing
     assert (run.records, run.shards, run.skipped) == (6, 3, 0)
     names = ["shard-00000.nc", "shard-00001.nc", "shard-00002.nc"]
     assert sorted(p.name for p in out.iterdir()) == [".lock", "manifest.json", *names]

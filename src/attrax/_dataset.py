@@ -263,7 +263,10 @@ def attribute_dataset(
 
         _distributed.check(model, workers, scheduler)
         spec = None if model is None else model_name
-        pool = _distributed.Pool(spec, device, dtype, workers=workers, scheduler=scheduler)
+        named = None if model is None else str(model)  # as one process names it: as given
+        pool = _distributed.Pool(
+            spec, device, dtype, workers=workers, scheduler=scheduler, name=named
+        )
     try:
         return _attribute_dataset(
             model, fn, resolved, steps, data, out, scan, shards, run, shard_size, method,

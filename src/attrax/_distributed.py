@@ -132,6 +132,7 @@ class Pool:
     dtype: torch.dtype | None
     workers: int | str | None = None
     scheduler: str | None = None
+    name: str | None = None  # the model as the arrays name it (as given), when not ``spec``
     _client: Any = None
     _cluster: Any = None
     _owned: bool = True
@@ -229,6 +230,7 @@ class Pool:
                         scan,
                         str(out / _SHARD.format(k)),
                         token.name,
+                        self.name,
                         key=f"attrax-shard-{k:05d}-{run}",
                     )
                     futures[future] = k
@@ -348,10 +350,14 @@ def _write_shard_task(
     scan: Any,
     path: str,
     token: str,
+    name: str | None = None,
 ) -> xr.DataArray | Written:
     """:func:`_shard_task`, then the shard written to ``path`` when the client's ``token`` file
-    is beside it (the same filesystem as the client's), else the array returned to the client."""
+    is beside it (the same filesystem as the client's), else the array returned to the client.
+    ``name``: the model as the array names it (the path as given, as in one process)."""
     da = _shard_task(where, method, options, steps, records, scan)
+    if name is not None:
+        da = da.assign_attrs(model=name)
     target = Path(path)
     if not (target.parent / token).exists():
         return da
