@@ -275,3 +275,23 @@ def test_a_shard_written_then_rerun_after_a_worker_death_is_one_copy(
     result = ax.load_dataset_results(out)
     assert result.example.values.tolist() == list(range(6))
     xr.testing.assert_identical(result, serial)
+
+
+def test_a_shard_write_takes_no_cluster_lock(tmp_path, monkeypatch):
+    """With a Dask client active, xarray would guard each netCDF write call with a cluster-wide
+    ``distributed.Lock`` (a scheduler round trip each, ~50 per shard); ``ax.save`` of values in
+    memory takes a lock of this process instead."""
+
+    def cluster_lock(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise AssertionError("a shard write asked the scheduler for a lock")
+
+    da = xr.DataArray(np.arange(6.0).reshape(2, 3), dims=("target", "source"), name="saliency")
+    with (
+        distributed.LocalCluster(
+            n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None
+        ) as cluster,
+        distributed.Client(cluster),
+    ):
+        monkeypatch.setattr(distributed.Lock, "acquire", cluster_lock)
+        ax.save(da, tmp_path / "a.nc")
+    xr.testing.assert_identical(ax.load(tmp_path / "a.nc"), da)
