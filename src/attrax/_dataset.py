@@ -637,7 +637,7 @@ def _serial(
 
 def _run(
     fn: Callable[..., xr.DataArray],
-    results: Iterator[tuple[int, xr.DataArray]],
+    results: Iterator[tuple[int, Any]],  # an array, or a _distributed.Written
     scan: _Scan,
     shard_size: int,
     out: Path,

@@ -34,7 +34,7 @@ from ._errors import InputError, OptionError
 
 TRIM = "distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_"
 # a local cluster that attrax starts: Dask's periodic bookkeeping, made rare. Measured on 2 cores:
-# an idle 2-worker cluster took 0.17 of a core (event-loop health checks every 20 ms in every
+# an idle 2-worker cluster took 0.14-0.24 of a core (event-loop health checks every 20 ms in every
 # process, the workers' statistical profiler sampling every 10 ms, system and memory monitors);
 # work stealing has nothing to balance when every task is one equal shard
 QUIET = {
