@@ -1,12 +1,15 @@
 """Throughput of ``attribute_dataset`` in process and on a local Dask cluster of 1 and 2 workers.
 
     PYTHONPATH=src python -m benchmarks.distributed [--records 96] [--shard-size 4] [--steps 32]
+        [--dask-defaults]
 
 Every configuration runs one torch thread per process on the same JSONL file (prompts of the
-built-in model) with integrated gradients. The clusters are started, and their workers' model
-caches warmed by a one-record run, before the clock starts: the examples/s reported are those of
-the steady state, what a long run sees (the start-up, about a second per worker, is printed
-apart). The results are checked equal to the in-process run before any time is reported.
+built-in model) with integrated gradients. The clusters are started (with attrax's settings,
+``_distributed.QUIET``, or Dask's own with ``--dask-defaults``), and their workers' model caches
+and netCDF writers warmed by a one-record run, before the clock starts: the examples/s reported
+are those of the steady state, what a long run sees (the start-up, about a second per worker, is
+printed apart). The results are checked equal to the in-process run before any time is reported.
+CPU seconds per shard by process and thread: ``benchmarks/distributed_cpu.py``.
 """
 
 from __future__ import annotations
@@ -41,12 +44,17 @@ def main() -> None:
     import dask
     import distributed
 
-    from attrax._distributed import TRIM
+    from attrax._distributed import QUIET, TRIM
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--records", type=int, default=96)
     parser.add_argument("--shard-size", type=int, default=4)
     parser.add_argument("--steps", type=int, default=32)
+    parser.add_argument(
+        "--dask-defaults",
+        action="store_true",
+        help="Dask's own periodic bookkeeping (attrax before it set QUIET), for comparison",
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     tmp = Path(tempfile.mkdtemp())
@@ -61,13 +69,15 @@ def main() -> None:
     rates = {"in process": args.records / (time.perf_counter() - start)}
     # examples per CPU second: what the configuration costs, whatever else the machine runs
     per_cpu = {"in process": args.records / (time.process_time() - cpu)}
-    busy = {}
+    busy, client_cpu = {}, {}
+    shards = -(-args.records // args.shard_size)
     reference = ax.load_dataset_results(tmp / "serial")
 
     for workers in (1, 2):
         begun = time.perf_counter()
         with (
-            dask.config.set({TRIM: None}),  # as attribute_dataset(workers=N) starts its cluster
+            # as attribute_dataset(workers=N) starts its cluster
+            dask.config.set({TRIM: None} if args.dask_defaults else QUIET),
             distributed.LocalCluster(
                 n_workers=workers, threads_per_worker=1, dashboard_address=None, silence_logs=50
             ) as cluster,
@@ -84,10 +94,12 @@ def main() -> None:
             out = tmp / f"dask-{workers}"
             name = f"{workers} worker(s)"
             cpu_before = client.run(time.process_time)
+            here = time.process_time()  # this process: the client loop, scheduler and nannies
             start = time.perf_counter()
             with distributed.get_task_stream(client) as stream:
                 ax.attribute_dataset(None, data, out, **options, **where)
             wall = time.perf_counter() - start
+            client_cpu[name] = 1e3 * (time.process_time() - here) / shards
             rates[name] = args.records / wall
             cpu_after = client.run(time.process_time)
             used = sum(cpu_after[w] - cpu_before[w] for w in cpu_after)
@@ -108,6 +120,11 @@ def main() -> None:
             f"{name:>12}: {rate:7.2f} examples/s ({rate / rates['1 worker(s)']:.2f}x 1 worker), "
             f"{per_cpu[name]:6.2f} examples per CPU second"
             + (f", workers computing {busy[name]:.0%} of the wall time" if name in busy else "")
+            + (
+                f", client process {client_cpu[name]:.0f} CPU ms per shard"
+                if name in client_cpu
+                else ""
+            )
         )
     shutil.rmtree(tmp, ignore_errors=True)
 
@@ -118,7 +135,9 @@ def _warm(warm: str, steps: int) -> None:
 
     model = _distributed.worker_model((None, None, None, None))
     fn = _dataset.resolve_method("integrated_gradients")
-    fn(model, ["3 1 4 0 5 9 ="], [" 9 5 0 4 1 3"], steps=steps)
+    da = fn(model, ["3 1 4 0 5 9 ="], [" 9 5 0 4 1 3"], steps=steps)
+    with tempfile.TemporaryDirectory() as tmp:  # and the netCDF writer, as shard writes use it
+        _distributed._save_shard(da, Path(tmp) / "warm.nc")
 
 
 if __name__ == "__main__":

@@ -219,3 +219,138 @@ def test_an_evaluation_opens_lazily(tmp_path, default_model):
     lazy = ax.load_dataset_results(tmp_path / "eval.nc", lazy=True)
     assert isinstance(lazy["comprehensiveness"].data, dask.array.Array)
     xr.testing.assert_identical(lazy.compute(), ds)
+
+
+# --- workers write their own shards (d17speed): the manifest stays the single truth ----------
+
+
+def test_a_shard_file_not_in_the_manifest_is_recomputed_on_resume(
+    tmp_path, default_model, write_jsonl
+):
+    """What a worker that wrote its shard and died (or a client that died before listing it)
+    leaves: a file the manifest does not list. It is not part of the run: rewritten on resume."""
+    import json
+
+    data = write_jsonl(_records(6))
+    out = tmp_path / "out"
+    D.attribute_dataset(default_model, data, out, shard_size=2, progress=False)
+    serial = ax.load_dataset_results(out)
+    manifest = json.loads((out / D.MANIFEST).read_text())
+    manifest["done"].remove("shard-00001.nc")
+    (out / D.MANIFEST).write_text(json.dumps(manifest))
+    stale = ax.load(out / "shard-00001.nc")
+    ax.save(stale * 0 + 7.0, out / "shard-00001.nc")  # readable, but not this run's values
+    (out / ".shard-00001.nc.0123456789ab.tmp").write_bytes(b"half a write")
+    (out / ".attrax-run-0123abcd").touch()  # the token of a Dask run that a kill ended
+    run = D.attribute_dataset(default_model, data, out, shard_size=2, progress=False)
+    assert run.skipped == 2
+    xr.testing.assert_identical(ax.load_dataset_results(out), serial)
+    assert sorted(p.name for p in out.iterdir()) == [
+        ".lock",
+        "manifest.json",
+        "shard-00000.nc",
+        "shard-00001.nc",
+        "shard-00002.nc",
+    ]
+
+
+def test_a_worker_without_the_output_directory_returns_the_shard(tmp_path, write_jsonl):
+    """The token file tells a worker it shares the client's filesystem; without it (a cluster
+    with no shared filesystem) the worker writes nothing and returns the array."""
+    import attrax._distributed as dist
+
+    data = write_jsonl(_records(2))
+    scan = D._scan(data)
+    records = next(D._shards(data, 2))
+    where = (None, None, None, None)
+    args = (where, "saliency", {}, None, records, scan)
+    out = tmp_path / "out"
+    out.mkdir()
+    shard = out / "shard-00000.nc"
+    returned = dist._write_shard_task(*args, str(shard), ".attrax-run-0000abcd")
+    assert isinstance(returned, xr.DataArray) and not shard.exists()
+    (out / ".attrax-run-0000abcd").touch()
+    written = dist._write_shard_task(*args, str(shard), ".attrax-run-0000abcd")
+    assert written == dist.Written("shard-00000.nc", (0, 1), tuple(returned.sizes.items()))
+    xr.testing.assert_identical(ax.load(shard), returned)
+
+
+def _write_then_die_once(marker: str):  # type: ignore[no-untyped-def]
+    """A ``_write_shard_task`` for the client to submit (pickled by value): the first shard
+    written anywhere SIGKILLs its worker right after its file is in place, before the client
+    hears of it (``marker`` created exclusively, holding the pid); Dask reruns that shard."""
+
+    def write_shard_task(*args):  # type: ignore[no-untyped-def]
+        import attrax._distributed as dist  # on the worker: the task as attrax defines it
+
+        save = dist._save_shard
+
+        def save_then_die(da, path):  # type: ignore[no-untyped-def]
+            save(da, path)
+            try:
+                fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                return
+            os.write(fd, str(os.getpid()).encode())
+            os.close(fd)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        dist._save_shard = save_then_die
+        try:
+            return dist._write_shard_task(*args)
+        finally:
+            dist._save_shard = save
+
+    return write_shard_task
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs POSIX signals")
+def test_a_shard_written_then_rerun_after_a_worker_death_is_one_copy(
+    tmp_path, default_model, write_jsonl, monkeypatch
+):
+    import cloudpickle
+
+    import attrax._distributed as dist
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers need not import us
+    data = write_jsonl(_records(6))
+    D.attribute_dataset(default_model, data, tmp_path / "serial", shard_size=2, progress=False)
+    serial = ax.load_dataset_results(tmp_path / "serial")
+
+    def client_writes(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise AssertionError("the client wrote a shard: the workers should have")
+
+    monkeypatch.setattr(D, "save", client_writes)
+    marker, out = tmp_path / "killed", tmp_path / "dask"
+    # the client submits this wrapper in place of the task; the workers run it
+    monkeypatch.setattr(dist, "_write_shard_task", _write_then_die_once(str(marker)))
+    # one worker, as attrax starts it: its nanny restarts it and Dask reruns the shard there
+    run = D.attribute_dataset(None, data, out, shard_size=2, progress=False, workers=1)
+    assert not _alive(int(marker.read_text()))  # the worker really died after writing
+    assert (run.records, run.shards, run.skipped) == (6, 3, 0)
+    names = ["shard-00000.nc", "shard-00001.nc", "shard-00002.nc"]
+    assert sorted(p.name for p in out.iterdir()) == [".lock", "manifest.json", *names]
+    assert D._read_manifest(out)["done"] == names  # each shard listed once
+    result = ax.load_dataset_results(out)
+    assert result.example.values.tolist() == list(range(6))
+    xr.testing.assert_identical(result, serial)
+
+
+def test_a_shard_write_takes_no_cluster_lock(tmp_path, monkeypatch):
+    """With a Dask client active, xarray would guard each netCDF write call with a cluster-wide
+    ``distributed.Lock`` (a scheduler round trip each, ~50 per shard); ``ax.save`` of values in
+    memory takes a lock of this process instead."""
+
+    def cluster_lock(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise AssertionError("a shard write asked the scheduler for a lock")
+
+    da = xr.DataArray(np.arange(6.0).reshape(2, 3), dims=("target", "source"), name="saliency")
+    with (
+        distributed.LocalCluster(
+            n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None
+        ) as cluster,
+        distributed.Client(cluster),
+    ):
+        monkeypatch.setattr(distributed.Lock, "acquire", cluster_lock)
+        ax.save(da, tmp_path / "a.nc")
+    xr.testing.assert_identical(ax.load(tmp_path / "a.nc"), da)

@@ -60,7 +60,10 @@ _FORMAT = "attrax-dataset"
 _VERSION = 1
 _SHARD = "shard-{:05d}.nc"
 _KEPT_DIMS = ("example", "target", "source")
-_STRAY = re.compile(r"^\.(shard-\d{5,}\.nc|manifest\.json)\.[0-9a-f]{12}\.tmp$")
+_STRAY = re.compile(
+    r"^\.(shard-\d{5,}\.nc|manifest\.json)\.[0-9a-f]{12}\.tmp$"
+    r"|^\.attrax-run-[0-9a-f]{8}$"  # a Dask run's token (_distributed.TOKEN) that a kill left
+)
 
 PathLike = str | os.PathLike[str]
 
@@ -207,8 +210,9 @@ def attribute_dataset(
             None (default): in this process. Needs ``pip install 'attrax[distributed]'`` and a
             model given by path: each worker loads it once.
         scheduler: run the shards on the existing Dask cluster at this address
-            (``"tcp://host:8786"``); its workers must reach the model path. Only this process
-            writes shards and the manifest, so resuming works as without Dask.
+            (``"tcp://host:8786"``); its workers must reach the model path. Workers that see
+            ``out`` (a shared filesystem) write their shards there themselves, atomically; only
+            this process writes the manifest, so resuming works as without Dask.
         options: keyword options of the method (``objective="logprob"``, ``steps=16``,
             ``batch_size=8``: model evaluations per forward...). A run is identified by all of
             them with the method's defaults filled in, so ``steps=50`` (the default) resumes a
@@ -259,7 +263,10 @@ def attribute_dataset(
 
         _distributed.check(model, workers, scheduler)
         spec = None if model is None else model_name
-        pool = _distributed.Pool(spec, device, dtype, workers=workers, scheduler=scheduler)
+        named = None if model is None else str(model)  # as one process names it: as given
+        pool = _distributed.Pool(
+            spec, device, dtype, workers=workers, scheduler=scheduler, name=named
+        )
     try:
         return _attribute_dataset(
             model, fn, resolved, steps, data, out, scan, shards, run, shard_size, method,
@@ -317,10 +324,9 @@ def _attribute_dataset(
             results = _serial(ready(), fn, steps, options, data, scan, shard_size, todo)
             _run(fn, results, scan, shard_size, out, manifest, todo, progress)
         elif todo:
-            results = pool.shards(method, steps, options, data, scan, shard_size, todo)
-            if model is not None:  # named as in one process: the path as given, not resolved
-                results = ((k, part.assign_attrs(model=str(model))) for k, part in results)
+            results = pool.shards(method, steps, options, data, scan, shard_size, todo, out)
             _run(fn, results, scan, shard_size, out, manifest, todo, progress)
+            _clean(out)  # a worker killed mid-write left its temp file here
     return DatasetRun(out, scan.records, shards, shards - len(todo))
 
 
@@ -500,10 +506,7 @@ def _start(
     out: Path, run: dict[str, Any], data: Path, shards: int, fn: Callable[..., xr.DataArray]
 ) -> dict[str, Any]:
     """Check a previous run's manifest against this one, or write a fresh manifest."""
-    for stray in out.iterdir():
-        # temp files of a write that a kill interrupted; io.save cleans up after anything else
-        if _STRAY.match(stray.name):
-            stray.unlink()
+    _clean(out)
     manifest = _read_manifest(out)
     if manifest is None:
         if any(out.glob("shard-*.nc")):
@@ -519,6 +522,14 @@ def _start(
         manifest["run"] = run
         _write_manifest(out, manifest)
     return manifest
+
+
+def _clean(out: Path) -> None:
+    """Remove temp files of writes that a kill interrupted (io.save cleans up after anything
+    else) and tokens of Dask runs that a kill ended."""
+    for stray in out.iterdir():
+        if _STRAY.match(stray.name):
+            stray.unlink(missing_ok=True)
 
 
 def _compare(
@@ -626,7 +637,7 @@ def _serial(
 
 def _run(
     fn: Callable[..., xr.DataArray],
-    results: Iterator[tuple[int, xr.DataArray]],
+    results: Iterator[tuple[int, Any]],  # an array, or a _distributed.Written
     scan: _Scan,
     shard_size: int,
     out: Path,
@@ -634,7 +645,8 @@ def _run(
     todo: list[int],
     show: bool,
 ) -> None:
-    """Write each shard as it comes (atomically), then list it in the manifest."""
+    """Write each shard as it comes (atomically; a Dask worker may have written it), then list
+    it in the manifest."""
     from rich.console import Console
     from rich.progress import (
         BarColumn,
@@ -665,7 +677,10 @@ def _run(
         task = bar.add_task(description, total=scan.records, completed=skipped)
         for k, da in results:
             name = _SHARD.format(k)
-            save(da, out / name)
+            if isinstance(da, xr.DataArray):
+                save(da, out / name)
+            elif not (out / name).is_file():  # a Dask worker wrote it (_distributed.Written)
+                raise InputError(f"a Dask worker wrote {name} but {str(out)!r} does not hold it")
             manifest["done"] = sorted({*manifest["done"], name}, key=_shard_index)
             _write_manifest(out, manifest)
             bar.advance(task, min(shard_size, scan.records - k * shard_size))

@@ -3,10 +3,14 @@ existing one.
 
 :func:`attribute_dataset` and :func:`evaluate` with ``workers=N`` or ``scheduler=ADDRESS`` hand
 one task per shard of records to Dask. Each worker process loads the model once (a cache keyed by
-path, device and dtype) and returns the shard's result; the client alone writes files (shards
-atomically, and the manifest), so the manifest stays the single truth and a run resumes after any
-crash exactly as an in-process one. A worker that dies mid-shard is replaced and its shard rerun
-by Dask; results are the same as a serial run's, since each shard is computed by one call on the
+path, device and dtype), computes the shard and writes its file itself, atomically (temp name in
+the output directory, fsync, rename), returning only the shard's name to the client, which lists
+it in the manifest. The manifest stays the single truth: a shard file it does not list (a worker
+wrote it, then it or the client died) is not part of the run and is rewritten on resume; a shard
+that Dask reruns after a worker death writes the same file again, atomically, with the same
+values. A worker that does not see the output directory (a cluster without a shared filesystem:
+it finds no token file the client put there for this run) returns the array for the client to
+write. Results are the same as a serial run's, since each shard is computed by one call on the
 same records (an evaluation's shards are joined along ``example`` in record order, equal to one
 batch up to float rounding).
 
@@ -29,6 +33,20 @@ import xarray as xr
 from ._errors import InputError, OptionError
 
 TRIM = "distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_"
+# a local cluster that attrax starts: Dask's periodic bookkeeping, made rare. Measured on 2 cores:
+# an idle 2-worker cluster took 0.14-0.24 of a core (event-loop health checks every 20 ms in every
+# process, the workers' statistical profiler sampling every 10 ms, system and memory monitors);
+# work stealing has nothing to balance when every task is one equal shard
+QUIET = {
+    TRIM: None,  # Dask's nannies would turn off attrax's own malloc tuning (_memory.reuse_host_memory)
+    "distributed.worker.profile.enabled": False,
+    "distributed.admin.tick.interval": "1s",
+    "distributed.admin.system-monitor.interval": "5s",
+    "distributed.admin.system-monitor.disk": False,
+    "distributed.worker.memory.monitor-interval": "1s",
+    "distributed.scheduler.work-stealing": False,
+    "distributed.deploy.cluster-repr-interval": "10s",
+}
 # worker side: models loaded in this process, keyed by (path, device, dtype)
 _MODELS: dict[tuple[str | None, str | None, str | None], Any] = {}
 
@@ -92,6 +110,18 @@ def local_workers(workers: int | str, device: str | None) -> int:
     return os.cpu_count() or 1
 
 
+TOKEN = ".attrax-run-"  # + a run id: the file that tells workers they share the output directory
+
+
+@dataclass(frozen=True)
+class Written:
+    """What a worker returns for a shard file it wrote: its name and what it holds."""
+
+    name: str
+    examples: tuple[int, ...]
+    sizes: tuple[tuple[str, int], ...]
+
+
 @dataclass
 class Pool:
     """A Dask client for one run, started on first use: a ``LocalCluster`` of ``workers``
@@ -102,6 +132,7 @@ class Pool:
     dtype: torch.dtype | None
     workers: int | str | None = None
     scheduler: str | None = None
+    name: str | None = None  # the model as the arrays name it (as given), when not ``spec``
     _client: Any = None
     _cluster: Any = None
     _owned: bool = True
@@ -127,9 +158,9 @@ class Pool:
                 import dask
 
                 count = local_workers(self.workers or 1, self.device)
-                # Dask's nannies set MALLOC_TRIM_THRESHOLD_, which turns off attrax's own malloc
-                # tuning (_memory.reuse_host_memory): measured 2x slower per shard without it
-                with dask.config.set({TRIM: None}):
+                # QUIET: without Dask's MALLOC_TRIM_THRESHOLD_ (measured 2x slower per shard with
+                # it) and with its periodic bookkeeping made rare
+                with dask.config.set(QUIET):
                     self._cluster = distributed.LocalCluster(
                         n_workers=count,
                         threads_per_worker=1,  # one task, one torch thread per process
@@ -173,34 +204,43 @@ class Pool:
         scan: Any,
         shard_size: int,
         todo: list[int],
-    ) -> Iterator[tuple[int, xr.DataArray]]:
-        """``(k, array)`` for every shard ``k`` of ``todo``, in the order they complete."""
-        from ._dataset import _shards
+        out: Path,
+    ) -> Iterator[tuple[int, xr.DataArray | Written]]:
+        """``(k, result)`` for every shard ``k`` of ``todo``, in the order they complete: a
+        :class:`Written` where the worker wrote the shard file into ``out``, else the array."""
+        from ._dataset import _SHARD, _shards
 
         distributed = require()
         wanted = set(todo)
         run = uuid.uuid4().hex[:8]
+        # workers that see this file share the client's filesystem and write shards themselves
+        token = out / f"{TOKEN}{run}"
+        token.touch()
         futures = {}
-        for k, records in enumerate(_shards(data, shard_size)):
-            if k in wanted:
-                future = self.client.submit(
-                    _shard_task,
-                    self._where(),
-                    method,
-                    dict(options),
-                    steps,
-                    records,
-                    scan,
-                    key=f"attrax-shard-{k:05d}-{run}",
-                )
-                futures[future] = k
         try:
+            for k, records in enumerate(_shards(data, shard_size)):
+                if k in wanted:
+                    future = self.client.submit(
+                        _write_shard_task,
+                        self._where(),
+                        method,
+                        dict(options),
+                        steps,
+                        records,
+                        scan,
+                        str(out / _SHARD.format(k)),
+                        token.name,
+                        self.name,
+                        key=f"attrax-shard-{k:05d}-{run}",
+                    )
+                    futures[future] = k
             for future in distributed.as_completed(futures):
                 yield futures[future], self._result(future)
                 future.release()
         finally:
             for future in futures:
                 future.cancel()
+            token.unlink(missing_ok=True)
 
     def _where(self) -> tuple[str | None, str | None, str | None, int | None]:
         dtype = None if self.dtype is None else str(self.dtype).removeprefix("torch.")
@@ -299,6 +339,38 @@ def _shard_task(
     from ._dataset import _attribute, resolve_method
 
     return _attribute(worker_model(where), resolve_method(method), steps, options, records, scan)
+
+
+def _write_shard_task(
+    where: Any,
+    method: str,
+    options: Mapping[str, Any],
+    steps: Any,
+    records: list[dict[str, Any]],
+    scan: Any,
+    path: str,
+    token: str,
+    name: str | None = None,
+) -> xr.DataArray | Written:
+    """:func:`_shard_task`, then the shard written to ``path`` when the client's ``token`` file
+    is beside it (the same filesystem as the client's), else the array returned to the client.
+    ``name``: the model as the array names it (the path as given, as in one process)."""
+    da = _shard_task(where, method, options, steps, records, scan)
+    if name is not None:
+        da = da.assign_attrs(model=name)
+    target = Path(path)
+    if not (target.parent / token).exists():
+        return da
+    _save_shard(da, target)
+    sizes = tuple((str(dim), int(n)) for dim, n in da.sizes.items())
+    return Written(target.name, tuple(int(e) for e in da["example"].values), sizes)
+
+
+def _save_shard(da: xr.DataArray, path: Path) -> None:
+    """Write one shard atomically, as the in-process run does (the same writer)."""
+    from .io import save
+
+    save(da, path)
 
 
 def _evaluate_task(
