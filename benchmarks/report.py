@@ -90,7 +90,10 @@ def _fmt_s(x: float | None) -> str:
 
 
 def _fmt_x(x: float | None) -> str:
-    return "–" if x is None else (f"{x:.0f}×" if x >= 100 else f"{x:.1f}×")
+    if x is None:
+        return "–"
+    # two decimals near parity, where 0.96 and 1.04 both round to "1.0"
+    return f"{x:.0f}×" if x >= 100 else f"{x:.1f}×" if x >= 2 else f"{x:.2f}×"
 
 
 def _fmt_e(x: float | None) -> str:
