@@ -353,6 +353,11 @@ def test_cli_and_dataset_take_layers(tmp_path, write_jsonl, default_model):
     back = ax.load_dataset_results(tmp_path / "runs")
     assert back.dims == ("example", "target", "source", "layer")
     assert back.sizes["example"] == 2
+    # out of range: refused before the run starts (nothing written), by Model and by path
+    for model in (default_model, None):
+        with pytest.raises(ax.OptionError, match="layer 9 is out of range"):
+            ax.attribute_dataset(model, data, tmp_path / "bad", layers=[0, 9], progress=False)
+        assert not (tmp_path / "bad").exists()
 
 
 def test_gradient_shap_at_a_layer_equals_naive_loop(double):

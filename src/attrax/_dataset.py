@@ -232,6 +232,8 @@ def attribute_dataset(
     data, out = Path(data).expanduser(), Path(out).expanduser()
     scan = _scan(data)
     resolved = resolve_options(fn, _with_record_options(fn, options, scan))
+    if resolved.get("layers") is not None:
+        _check_layers(model, resolved["layers"])
     shards = -(-scan.records // shard_size)
     if isinstance(model, Model):
         model_name = model.name
@@ -328,6 +330,27 @@ def _attribute_dataset(
             _run(fn, results, scan, shard_size, out, manifest, todo, progress)
             _clean(out)  # a worker killed mid-write left its temp file here
     return DatasetRun(out, scan.records, shards, shards - len(todo))
+
+
+def _check_layers(model: Model | PathLike | None, layers: Any) -> None:
+    """An out-of-range ``layers`` refused before the run starts, from the model's config."""
+    from . import _layers
+
+    if isinstance(model, Model):
+        config = model.hf.config
+    else:
+        from transformers import AutoConfig
+
+        from ._default_model_task import DEFAULT_MODEL_PATH
+
+        path = Path(DEFAULT_MODEL_PATH if model is None else model).expanduser()
+        if not path.is_dir():  # a hub name: only the run's own load may reach the hub
+            return
+        try:
+            config = AutoConfig.from_pretrained(str(path))
+        except (OSError, ValueError):  # the run's own load names what is wrong with the model
+            return
+    _layers.check_config(config, layers)
 
 
 def load_dataset_results(

@@ -85,7 +85,22 @@ def blocks(model: Model) -> torch.nn.ModuleList:
 
 def resolve(model: Model, layers: Layers) -> list[int]:
     """``layers`` as indices ``0..L`` (negative ones count from the end), in the order given."""
-    count = len(blocks(model))
+    return resolve_count(len(blocks(model)), layers)
+
+
+def check_config(config: Any, layers: Layers) -> None:
+    """Refuse ``layers`` out of the range a model of ``config`` has, before it is loaded (dataset
+    runs check their options before any shard runs); a config that does not say: no check."""
+    if layers is None or layers == ALL:
+        return
+    stack = "encoder" if getattr(config, "is_encoder_decoder", False) else "self"
+    count = _arch.layers(config, stack)
+    if count is not None:
+        resolve_count(count, layers)
+
+
+def resolve_count(count: int, layers: Layers) -> list[int]:
+    """:func:`resolve` for a model of ``count`` blocks."""
     if layers == ALL:
         return list(range(count + 1))
     given = [layers] if _is_int(layers) else list(layers)  # type: ignore[arg-type]
