@@ -362,6 +362,9 @@ class Problem:
         (head_grad,) = head_pullback(valid.repeat(n, 1))
         # cotangent k carries d score_k / d h_k at slot k of every example and copy
         width = hidden.shape[1]
+        if width == 1:
+            # a chunk of one target (chunk_size=1): its backward without vmap's batching
+            return tuple(g[None] for g in pullback(head_grad)), hidden
         one_hot = torch.eye(width, dtype=hidden.dtype, device=hidden.device)
         cotangents = one_hot[:, None, :, None] * head_grad[None]
         vmap_chunk = None if self.model.causal else chunk_size

@@ -210,15 +210,17 @@ def _classifier_tensors(batch: Batch, model: Model) -> Tensors:
     valid = torch.from_numpy(np.arange(max(counts)) < np.asarray(counts)[:, None])
     index = torch.zeros(valid.shape, dtype=torch.long)
     if batch.task == "token-classification":
-        index[valid] = torch.tensor([p for e in examples for p in e.positions])
+        index[valid] = torch.tensor([p for e in examples for p in e.positions], dtype=torch.long)
     elif batch.causal:  # decoder-only classifiers pool their last real token
         last = torch.tensor([len(e.source_ids) - 1 for e in examples])
         index = torch.where(valid, last[:, None], index)
     target_ids = torch.zeros_like(index)
-    target_ids[valid] = torch.tensor([c for e in examples for c in e.target_ids])
+    target_ids[valid] = torch.tensor([c for e in examples for c in e.target_ids], dtype=torch.long)
     contrast_ids = torch.zeros_like(index)
     if examples[0].contrast_ids is not None:
-        contrast_ids[valid] = torch.tensor([c for e in examples for c in e.contrast_ids or ()])
+        contrast_ids[valid] = torch.tensor(
+            [c for e in examples for c in e.contrast_ids or ()], dtype=torch.long
+        )
     has_contrast = examples[0].contrast_ids is not None
     return Tensors(
         ids.to(device),
