@@ -22,6 +22,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 import xarray as xr
@@ -40,28 +41,39 @@ def _data(path: Path, n: int, seed: int = 0) -> Path:
     return path
 
 
-def main() -> None:
-    import dask
-    import distributed
-
-    from attrax._distributed import QUIET, TRIM
-
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--records", type=int, default=96)
-    parser.add_argument("--shard-size", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=32)
-    parser.add_argument(
+def parser() -> argparse.ArgumentParser:
+    """The options this benchmark and ``distributed_cpu`` share."""
+    p = argparse.ArgumentParser()
+    p.add_argument("--records", type=int, default=96)
+    p.add_argument("--shard-size", type=int, default=4)
+    p.add_argument("--steps", type=int, default=32)
+    p.add_argument(
         "--dask-defaults",
         action="store_true",
         help="Dask's own periodic bookkeeping (attrax before it set QUIET), for comparison",
     )
-    args = parser.parse_args()
+    return p
+
+
+def setup(args: argparse.Namespace) -> tuple[Path, Path, Path, dict[str, Any]]:
+    """One torch thread; ``(tmp dir, data file, one-record warm-up file, run options)``."""
     torch.set_num_threads(1)
     tmp = Path(tempfile.mkdtemp())
     data = _data(tmp / "data.jsonl", args.records)
     warm = _data(tmp / "warm.jsonl", 1, seed=1)
     options = {"method": "integrated_gradients", "steps": args.steps, "progress": False}
     options["shard_size"] = args.shard_size
+    return tmp, data, warm, options
+
+
+def main() -> None:
+    import dask
+    import distributed
+
+    from attrax._distributed import QUIET, TRIM
+
+    args = parser().parse_args()
+    tmp, data, warm, options = setup(args)
 
     ax.attribute_dataset(None, warm, tmp / "warm-serial", **options)  # load the model here too
     start, cpu = time.perf_counter(), time.process_time()

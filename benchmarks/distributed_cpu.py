@@ -14,20 +14,17 @@ cProfile of the main thread.
 
 from __future__ import annotations
 
-import argparse
 import cProfile
 import os
 import shutil
-import tempfile
 import threading
 import time
 from pathlib import Path
 
 import psutil
-import torch
 
 import attrax as ax
-from benchmarks.distributed import _data, _warm
+from benchmarks.distributed import _warm, parser, setup
 
 
 def _threads() -> dict[int, float]:
@@ -54,25 +51,12 @@ def main() -> None:
 
     from attrax._distributed import QUIET, TRIM
 
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--records", type=int, default=96)
-    parser.add_argument("--shard-size", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=32)
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--profile", default=None)
-    parser.add_argument("--idle", type=float, default=5.0)
-    parser.add_argument(
-        "--dask-defaults",
-        action="store_true",
-        help="Dask's own periodic bookkeeping (attrax before it set QUIET), for comparison",
-    )
-    args = parser.parse_args()
-    torch.set_num_threads(1)
-    tmp = Path(tempfile.mkdtemp())
-    data = _data(tmp / "data.jsonl", args.records)
-    warm = _data(tmp / "warm.jsonl", 1, seed=1)
-    options = {"method": "integrated_gradients", "steps": args.steps, "progress": False}
-    options["shard_size"] = args.shard_size
+    arguments = parser()
+    arguments.add_argument("--workers", type=int, default=2)
+    arguments.add_argument("--profile", default=None)
+    arguments.add_argument("--idle", type=float, default=5.0)
+    args = arguments.parse_args()
+    tmp, data, warm, options = setup(args)
     shards = -(-args.records // args.shard_size)
     me = psutil.Process()
     with (
