@@ -499,3 +499,62 @@ def test_given_token_targets_keep_each_tokens_prediction(classifiers, method):
         np.testing.assert_allclose(
             got.predicted_probability.values, probs[positions].max(-1).values.numpy(), 1e-5
         )
+
+
+def _feed_forward_widths(model: ax.Model, run) -> set[int]:
+    """The sequence lengths the last encoder layer's feed-forward ran on during ``run()``."""
+    widths: set[int] = set()
+    layer = model.hf.base_model.encoder.layer[-1]
+    handle = layer.intermediate.register_forward_hook(
+        lambda _m, args, _out: widths.add(args[0].shape[1])
+    )
+    try:
+        run()
+    finally:
+        handle.remove()
+    return widths
+
+
+@pytest.mark.parametrize(
+    ("arch", "task"),
+    [("bert", "sequence"), ("roberta", "sequence"), ("xlm-roberta", "sequence"),
+     ("electra", "sequence"), ("bert", "token")],
+)  # fmt: skip
+def test_a_head_reading_position_0_skips_the_last_feed_forward_elsewhere(classifiers, arch, task):
+    """The objective's forwards compute the last layer's feed-forward where the head reads:
+    position 0 of a sequence classifier (its values equal the naive loop's, tested above),
+    every position of a token classifier."""
+    model = classifiers[arch, task]
+    length = max(map(len, model.tokenizer(TEXTS)["input_ids"]))  # padded
+
+    def run() -> None:
+        ax.saliency(model, TEXTS, _all(model))
+        ax.occlusion(model, TEXTS, _all(model))
+        ax.integrated_gradients(model, TEXTS, _all(model), steps=3)
+
+    want = {1} if task == "sequence" else {length}
+    assert _feed_forward_widths(model, run) == want
+    assert "feed_forward_chunk" not in model.hf.base_model.encoder.layer[-1].__dict__
+
+
+def test_another_threads_forward_keeps_every_position(classifiers):
+    """While one thread's objective forward runs the first position only, another thread's
+    forward of the same model computes every position."""
+    import threading
+
+    from attrax import _model
+
+    layer = classifiers["bert", "sequence"].hf.base_model.encoder.layer[-1]
+    x = torch.randn(2, 5, layer.intermediate.dense.in_features)
+    with torch.no_grad():
+        want = layer.feed_forward_chunk(x)
+        there: list[torch.Tensor] = []
+        with _model.head_rows_only(), _model._first_position_only(layer):
+            here = layer.feed_forward_chunk(x)
+            thread = threading.Thread(target=lambda: there.append(layer.feed_forward_chunk(x)))
+            thread.start()
+            thread.join()
+    torch.testing.assert_close(there[0], want)
+    torch.testing.assert_close(here[:, :1], want[:, :1])
+    assert not torch.allclose(here[:, 1:], want[:, 1:])  # the others were not computed
+    assert "feed_forward_chunk" not in layer.__dict__

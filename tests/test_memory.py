@@ -42,6 +42,8 @@ class FakeLibc:
 def fake(monkeypatch: pytest.MonkeyPatch) -> FakeLibc:
     libc = FakeLibc()
     monkeypatch.setattr(_memory, "_libc", libc)
+    monkeypatch.setattr(_memory, "_measured", (-float("inf"), 0))
+    monkeypatch.setattr(_memory, "CHECK_EVERY", 0.0)  # every block measures the free heap
     for name in _memory.TUNING_VARIABLES:
         monkeypatch.delenv(name, raising=False)
     return libc
@@ -73,6 +75,29 @@ def test_a_small_free_heap_is_kept(fake):
     with _memory.reuse_host_memory():
         pass
     assert fake.calls == [*settings(_memory.DURING), *settings(_memory.AFTER)]
+
+
+def test_the_free_heap_is_measured_once_a_second_unless_the_process_grew(fake, monkeypatch):
+    resident = [1 << 30]  # the process's resident bytes, as /proc would give them
+    monkeypatch.setattr(_memory, "_resident", lambda: resident[0])
+    monkeypatch.setattr(_memory, "CHECK_EVERY", 3600.0)
+    trims = lambda: fake.calls.count(("malloc_trim", 0))  # noqa: E731
+    with _memory.reuse_host_memory():
+        pass
+    assert trims() == 1  # the first block measures
+    with _memory.reuse_host_memory():
+        resident[0] += _memory.GREW  # grown, but not by more than GREW
+    assert trims() == 1  # within the hour: not measured
+    with _memory.reuse_host_memory():
+        resident[0] += 1
+    assert trims() == 2  # now by more than GREW since the last measure
+    with _memory.reuse_host_memory():
+        pass
+    assert trims() == 2
+    monkeypatch.setattr(_memory, "CHECK_EVERY", 0.0)
+    with _memory.reuse_host_memory():
+        pass
+    assert trims() == 3  # a second later, measured again
 
 
 def test_user_tuning_wins(fake, monkeypatch):

@@ -90,6 +90,21 @@ def test_every_produced_name_is_documented(models):
             assert set(variable.attrs) <= set(_schema.ATTRS), variable.attrs.keys()
 
 
+def test_arrays_built_directly_equal_the_constructors(models, monkeypatch):
+    """``_schema._direct`` skips xarray's constructor: every result equals the constructor's,
+    coordinate dtypes and indexes included."""
+    fast = _results(models)
+    monkeypatch.setattr(_schema, "_direct", lambda *args: None)
+    slow = _results(models)
+    for a, b in zip(fast, slow, strict=True):
+        xr.testing.assert_identical(a, b)
+        for name in b.coords:
+            assert a.coords[name].dtype == b.coords[name].dtype, name
+        assert {k: type(v) for k, v in a.xindexes.items()} == {
+            k: type(v) for k, v in b.xindexes.items()
+        }
+
+
 def test_missing_markers_fill_a_batch(models):
     da = ax.saliency(models["gpt2"], [PAIRS[0][0], "Hi"], [PAIRS[0][1], " there"])
     short = da.isel(example=1)

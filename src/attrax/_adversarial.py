@@ -16,7 +16,7 @@ import torch
 import xarray as xr
 
 from . import _validate as check
-from ._engine import Problem
+from ._engine import Problem, all_finite
 from ._errors import InputError, OptionError
 from ._memory import Size
 from ._protocol import COMMON, Call, Family, own_options
@@ -30,7 +30,7 @@ def _run(core: Any, call: Call, arguments: dict[str, Any]) -> xr.DataArray:
     o = call.options
     problem = call.problem
     values = core(problem, o["chunk_size"], o["batch_size"], **own_options(core, arguments))
-    if not torch.isfinite(values).all():
+    if not all_finite(values):
         raise InputError(
             f"{call.method}: the objective values are not finite (inf/NaN); check the model's "
             "dtype and inputs"

@@ -28,7 +28,7 @@ from ._memory import (
     plan_forwards,
     reuse_host_memory,
 )
-from ._model import Model, one_backward
+from ._model import Model, head_rows_only, one_backward
 from ._objectives import Objective, evaluate_objective
 
 # points[i] for i in a chunk of indices -> one tensor [n, B, L, H] per attributed side
@@ -151,7 +151,8 @@ class Problem:
     def evaluate(self, points: tuple[torch.Tensor, ...]) -> torch.Tensor:
         """The objective ``[n, B, K]`` of the targets at ``n`` stacked points (no gradients)."""
         n = points[0].shape[0]
-        values = self.objective_fn(n)(*(p.flatten(0, 1) for p in points))
+        with head_rows_only():
+            values = self.objective_fn(n)(*(p.flatten(0, 1) for p in points))
         return values.unflatten(0, (n, -1))
 
     @torch.no_grad()
@@ -161,7 +162,8 @@ class Problem:
         """:meth:`evaluate`, and the head inputs ``[n, B, K, H]`` it computed on the way (a
         classifier's class logits)."""
         n = points[0].shape[0]
-        hidden = self.hidden_fn(n)(*(p.flatten(0, 1) for p in points))
+        with head_rows_only():
+            hidden = self.hidden_fn(n)(*(p.flatten(0, 1) for p in points))
         values = self.head_objective(hidden)
         return values.unflatten(0, (n, -1)), hidden.unflatten(0, (n, -1))
 
@@ -247,10 +249,8 @@ class Problem:
         # allocated where the model runs: copying a host tensor over costs a transfer per call
         acc = _accumulation_dtype(self.inputs[0].dtype)
         width = self.tensors.valid.shape[1]
-        sums = [
-            [x.new_zeros(x.shape[0], width, *x.shape[1:], dtype=acc) for x in self.inputs]
-            for _ in moments
-        ]
+        # each side's sums [B, K, L, H], allocated at the first part that does not fill them
+        sums: list[list[torch.Tensor | None]] = [[None] * len(self.inputs) for _ in moments]
         x0 = self.inputs[0]
         first = x0.new_zeros(x0.shape[0], width, 0)
         for start in range(0, total, step):  # chunking only: bounds memory
@@ -258,6 +258,8 @@ class Problem:
             stacked = points(chunk)
             scale = None if multiplier is None else multiplier(chunk)
             n = stacked[0].shape[0]
+            # one point of weight 1 (saliency, input x gradient): its gradient is the sum
+            unit = total == 1 and weights.ndim == 1 and bool(weights[0] == 1)
             w = weights[chunk].to(dtype=acc, device=self.inputs[0].device)
             per_side = _per_side(w, self.inputs)
             for slots, length in self._target_chunks(chunk_size):
@@ -273,20 +275,38 @@ class Problem:
                     ws = per_side[side]
                     for power, side_sums in zip(moments, sums, strict=True):
                         term = g if power == 1 else g**power
-                        if ws.ndim == 1:
+                        if unit:
+                            part = term[:, 0].transpose(0, 1)
+                        elif ws.ndim == 1:
                             part = torch.einsum("knblh,n->bklh", term, ws)
                         elif ws.ndim == 2:
                             part = torch.einsum("knblh,nl->bklh", term, ws[:, : g.shape[3]])
                         else:
                             part = torch.einsum("knblh,nblh->bklh", term, ws[:, :, : g.shape[3]])
+                        full = (x0.shape[0], width, *self.inputs[side].shape[1:])
+                        if side_sums[side] is None and part.shape == full and start + n == total:
+                            side_sums[side] = part  # the only part: no zeros to add it to
+                            continue
+                        if side_sums[side] is None:
+                            side_sums[side] = part.new_zeros(full)
                         side_sums[side][:, slots, : part.shape[2]] += part
-        return tuple(tuple(side_sums) for side_sums in sums), first
+        # a side no chunk reached (none attributed) stays zero
+        out = tuple(
+            tuple(
+                x.new_zeros(x.shape[0], width, *x.shape[1:], dtype=acc) if s is None else s
+                for s, x in zip(side_sums, self.inputs, strict=True)
+            )
+            for side_sums in sums
+        )
+        return out, first
 
     def plan(
         self, points: int, batch_size: Size, chunk_size: Size
     ) -> tuple[int | None, int | None]:
         """Sizes for ``points`` and every target: :func:`plan` on this call's shapes."""
         targets = self.tensors.valid.shape[1]
+        if points == targets == 1 and self.max_memory is None:
+            return None, None  # nothing to split, and no budget to check
         device = self.inputs[0].device
         cost = self.cost()
         return plan(points, targets, batch_size, chunk_size, cost, device, self.max_memory)
@@ -354,7 +374,8 @@ class Problem:
             flat[0] = flat[0][:, :length]
         if self.tensors.valid.shape[1] == 1:
             return self._one_target_gradients(flat, n, slots)
-        hidden, pullback = vjp(self.hidden_fn(n, slots), *flat)
+        with head_rows_only():
+            hidden, pullback = vjp(self.hidden_fn(n, slots), *flat)
         # score k depends on head input k only, so one backward through the head gives every
         # d score_k / d h_k; the vocabulary never enters the per-target backward
         _, head_pullback = vjp(lambda h: self.head_objective(h, slots), hidden)
@@ -381,7 +402,7 @@ class Problem:
         ``vmap``, no ``torch.func`` wrapping: ~4% of a small classifier's call), activations
         with autograd's own fused backward (:func:`~attrax._model.one_backward`)."""
         leaves = [x.detach().requires_grad_(True) for x in flat]
-        with torch.enable_grad(), one_backward():
+        with torch.enable_grad(), one_backward(), head_rows_only():
             hidden = self.hidden_fn(n, slots)(*leaves)
             score = self.head_objective(hidden, slots)
             valid = self.tensors.valid[:, slots].to(score.dtype).repeat(n, 1)
@@ -417,6 +438,22 @@ class Problem:
         width = self.tensors.valid.shape[1]
         acc = _accumulation_dtype(self.inputs[0].dtype)
         sums = [x.new_zeros(x.shape[0], width, x.shape[1], dtype=acc) for x in self.inputs]
+        with head_rows_only():
+            self._directional_chunks(points, weights, directions, sums, step, chunk_size, acc)
+        return tuple(sums)
+
+    def _directional_chunks(
+        self,
+        points: PointFn,
+        weights: torch.Tensor,
+        directions: tuple[torch.Tensor, ...] | PointFn,
+        sums: list[torch.Tensor],
+        step: int,
+        chunk_size: int | None,
+        acc: torch.dtype,
+    ) -> None:
+        """:meth:`directional_sum`'s chunks of ``step`` points, added to ``sums``."""
+        total = weights.shape[0]
         for start in range(0, total, step):  # chunking only: bounds memory
             chunk = torch.arange(start, min(start + step, total))
             stacked = points(chunk)
@@ -445,7 +482,19 @@ class Problem:
                 ws = per_side[side]
                 pattern = "lnbk,n->bkl" if ws.ndim == 1 else "lnbk,nl->bkl"
                 sums[side] += torch.einsum(pattern, dots, ws)
-        return tuple(sums)
+
+
+def all_finite(*values: torch.Tensor) -> bool:
+    """Whether every element of ``values`` is finite: one min/max pass each (NaN and inf
+    propagate to them), ~7x cheaper on the CPU than ``isfinite(v).all()``.
+
+    >>> all_finite(torch.ones(3), torch.tensor([1.0, float("nan")]))
+    False
+    """
+    for v in values:
+        if v.numel() and not bool(torch.isfinite(torch.stack(torch.aminmax(v))).all()):
+            return False
+    return True
 
 
 def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:

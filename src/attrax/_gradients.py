@@ -18,7 +18,7 @@ import xarray as xr
 
 from . import _layers
 from . import _validate as check
-from ._engine import Baseline, PointFn, Problem, baseline_embeddings
+from ._engine import Baseline, PointFn, Problem, all_finite, baseline_embeddings
 from ._errors import InputError, OptionError
 from ._protocol import COMMON, Call, Family, Param, own_options
 
@@ -135,7 +135,7 @@ def _run(core: Callable[..., Rule], call: Call, arguments: dict[str, Any]) -> xr
         values = tuple(rule.transform(*per_side) for per_side in zip(*moments, strict=True))
     else:
         values = moments[0]
-    if not all(torch.isfinite(v).all() for v in values):
+    if not all_finite(*values):
         raise InputError(
             f"{call.method}: the gradients are not finite (inf/NaN); check the model's dtype "
             "and inputs"
@@ -206,7 +206,7 @@ def _run_layers(rule: Rule, call: Call, layers: list[int]) -> xr.DataArray:
         values = rule.transform(*(m[0] for m in moments))
     else:
         values = moments[0][0]
-    if not torch.isfinite(values).all():
+    if not all_finite(values):
         raise InputError(
             f"{call.method}: the gradients are not finite (inf/NaN); check the model's dtype "
             "and inputs"

@@ -18,7 +18,7 @@ import xarray as xr
 from torch.func import vjp
 
 from . import _validate as check
-from ._engine import Problem, _accumulation_dtype, baseline_embeddings
+from ._engine import Problem, _accumulation_dtype, all_finite, baseline_embeddings
 from ._errors import InputError
 from ._gradients import PATH_CHECKS, REDUCE_HIDDEN, check_trapezoid_steps, quadrature_nodes
 from ._memory import Size
@@ -31,7 +31,7 @@ def _run_greedy(core: Any, call: Call, arguments: dict[str, Any]) -> xr.DataArra
     attributions, gap = core(
         problem, o["chunk_size"], o["batch_size"], **own_options(core, arguments)
     )
-    if not all(torch.isfinite(v).all() for v in attributions):
+    if not all_finite(*attributions):
         raise InputError(
             f"{call.method}: the gradients are not finite (inf/NaN); check the model's dtype "
             "and inputs"

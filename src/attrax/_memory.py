@@ -11,7 +11,8 @@ attention gradients) again and again. glibc serves every block above its mmap th
 at most) with a fresh ``mmap`` and unmaps it on ``free``, so each one is page-faulted and zeroed by
 the kernel anew (most of the system time of long CPU calls; measured in docs/benchmarks.md).
 Within :func:`reuse_host_memory` large blocks come from the heap and are reused; at the end, if
-much of the heap is free, it goes back to the OS.
+much of the heap is free, it goes back to the OS (measured at most once a second, or when the
+process grew: :func:`_trim`).
 
 This is a process-wide setting of glibc's malloc, made only while an attrax computation runs.
 Linux with glibc only; elsewhere, when the user tuned malloc through its environment variables
@@ -27,6 +28,7 @@ import ctypes
 import os
 import re
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any, NamedTuple
 
@@ -53,6 +55,11 @@ AFTER = {M_MMAP_MAX: 65536, M_MMAP_THRESHOLD: 32 << 20, M_TRIM_THRESHOLD: 64 << 
 # Free heap kept after a call, as glibc itself keeps blocks below its thresholds: releasing a
 # small call's ~100 MB every time made small calls slower, as the next call faults it back in
 KEEP_FREE = 256 << 20
+# Measuring the free heap walks malloc's bins (~0.4 ms, ~1% of a small classifier's call): after
+# a call it is measured when CHECK_EVERY seconds have passed since the last measure, or when the
+# process's resident memory grew by more than GREW since then (a call that grew the heap)
+CHECK_EVERY = 1.0
+GREW = KEEP_FREE // 4
 TUNING_VARIABLES = (
     "MALLOC_ARENA_MAX",
     "MALLOC_MMAP_MAX_",
@@ -68,6 +75,9 @@ SWITCH = "ATTRAX_HOST_MEMORY"
 _lock = threading.Lock()
 _depth = 0
 _libc: Any = None
+# (monotonic seconds, resident bytes) at the last measure of the free heap
+_measured: tuple[float, int] = (-float("inf"), 0)
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
 def _glibc() -> Any:
@@ -116,6 +126,42 @@ def _free_bytes(libc: Any) -> int | None:
         return None
 
 
+_proc_files: dict[str, tuple[int, int]] = {}  # path -> (pid, descriptor)
+
+
+def _read_proc(path: str) -> bytes:
+    """A ``/proc`` file read again through a descriptor kept open (a tenth of an ``open``;
+    reopened in a forked child, whose ``/proc/self`` is another process)."""
+    pid = os.getpid()
+    held = _proc_files.get(path)
+    if held is None or held[0] != pid:
+        held = _proc_files[path] = (pid, os.open(path, os.O_RDONLY | os.O_CLOEXEC))
+    return os.pread(held[1], 4096, 0)
+
+
+def _resident() -> int | None:
+    """The process's resident bytes (Linux), or None where they cannot be read."""
+    try:
+        return int(_read_proc("/proc/self/statm").split()[1]) * _PAGE
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _trim(libc: Any) -> None:
+    """Release the free heap beyond :data:`KEEP_FREE`, measured at most every
+    :data:`CHECK_EVERY` seconds unless resident memory grew by :data:`GREW`."""
+    global _measured
+    now, resident = time.monotonic(), _resident()
+    last, was = _measured
+    if resident is not None and now - last < CHECK_EVERY and resident - was <= GREW:
+        return
+    free = _free_bytes(libc)
+    if free is None or free > KEEP_FREE:
+        libc.malloc_trim(0)
+        resident = _resident()
+    _measured = (now, resident or 0)
+
+
 def _is_glibc() -> bool:
     try:
         return os.confstr("CS_GNU_LIBC_VERSION").startswith("glibc")
@@ -151,9 +197,7 @@ def reuse_host_memory() -> Iterator[None]:
             _depth -= 1
             if _depth == 0:
                 _set(libc, AFTER)
-                free = _free_bytes(libc)
-                if free is None or free > KEEP_FREE:
-                    libc.malloc_trim(0)
+                _trim(libc)
 
 
 # --- planning ------------------------------------------------------------------------------
@@ -374,11 +418,10 @@ def memory_budget(device: torch.device) -> int:
         free, _ = torch.cuda.mem_get_info(device)
         return free // 2
     try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024 // 2
-    except OSError:
+        for line in _read_proc("/proc/meminfo").splitlines():
+            if line.startswith(b"MemAvailable:"):
+                return int(line.split()[1]) * 1024 // 2
+    except (OSError, ValueError, IndexError):
         pass
     return 4 << 30
 

@@ -80,6 +80,7 @@ class Model:
         for parameter in self.hf.parameters():
             parameter.requires_grad_(False)
         self.tokenizer = tokenizer
+        self._tokens: dict[int, str] = {}  # id -> token string, filled by token_strings
         self.attn_implementation = attn_implementation
         config = hf_model.config
         self.name = name or getattr(config, "_name_or_path", "") or type(hf_model).__name__
@@ -125,6 +126,7 @@ class Model:
         # decoder-only sequence classifiers score their last real token with a `score` head
         self._score = getattr(hf_model, "score", None) if self.task != "generation" else None
         self._activations = [m for m in hf_model.modules() if _activation_kind(m) is not None]
+        self._first_position_layer = _first_position_layer(hf_model, self.task)
         self._source_scale = 1.0
         self._target_scale = 1.0
         self._calibrate_embedding_scales()
@@ -257,7 +259,12 @@ class Model:
         )
         if self._source_scale != 1.0:
             embeds = embeds * self._source_scale
-        kwargs: dict[str, Any] = {"inputs_embeds": embeds, "attention_mask": mask}
+        # without padding HF needs no mask: it skips building and adding one in every layer
+        unpadded = mask.device.type == "cpu" and _keeps_every_token(mask)
+        kwargs: dict[str, Any] = {
+            "inputs_embeds": embeds,
+            "attention_mask": None if unpadded else mask,
+        }
         if token_types is not None:
             kwargs["token_type_ids"] = token_types
         if self.causal:
@@ -267,6 +274,7 @@ class Model:
         with (
             self.attention_as(implementation, required=forward_mode),
             fast_activations(self._activations),
+            _first_position_only(self._first_position_layer),
         ):
             if self._score is not None and self.task == "sequence-classification":
                 # from embeddings HF cannot find the last real token, so the pooling happens here
@@ -403,6 +411,21 @@ class Model:
             yield
         finally:
             hf.set_attn_implementation(previous)
+
+    def token_strings(self, ids: Sequence[int]) -> list[str]:
+        """The tokenizer's strings of ``ids``, each distinct id converted once per model: labelling
+        a result asks for the same ids call after call.
+
+        >>> import attrax as ax
+        >>> model = ax.load_model()
+        >>> model.token_strings([5, 6, 5])
+        ['1', '2', '1']
+        """
+        known = self._tokens
+        new = [i for i in dict.fromkeys(ids) if i not in known]
+        if new:
+            known.update(zip(new, self.tokenizer.convert_ids_to_tokens(new), strict=True))
+        return [known[i] for i in ids]
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits from head inputs (:meth:`hidden_at`): the output projection and what follows it
@@ -908,6 +931,15 @@ def _hub_reachable(timeout: float = 1.0) -> bool:
     return bool(result and result[0])
 
 
+def _keeps_every_token(mask: torch.Tensor) -> bool:
+    """Whether an attention mask keeps every token (False for a mask batched by ``vmap``, whose
+    values a Python branch cannot read)."""
+    try:
+        return bool(mask.all())
+    except RuntimeError:
+        return False
+
+
 def _first_int(*values: Any) -> int | None:
     for value in values:
         if isinstance(value, (list, tuple)):
@@ -1113,6 +1145,84 @@ def _times_derivative(
     if kind == "sigmoid":
         return aten.sigmoid_backward(grad, y)
     return aten.threshold_backward(grad, y, 0)  # relu: grad where x > 0
+
+
+# Sequence classifiers whose head reads the last layer at position 0 only ([CLS] or <s>): BERT's
+# pooler and the classification heads of RoBERTa, XLM-R, CamemBERT and ELECTRA
+FIRST_POSITION_HEADS = frozenset({"bert", "roberta", "xlm-roberta", "camembert", "electra"})
+_HEAD_ROWS: contextvars.ContextVar[bool] = contextvars.ContextVar("attrax_head_rows", default=False)
+
+
+@contextlib.contextmanager
+def head_rows_only() -> Iterator[None]:
+    """Forwards run inside give only the head's output (the engine's objective forwards): a
+    classifier whose head reads the last layer at position 0 computes that layer's feed-forward
+    there alone (:func:`_first_position_layer`). Outside, every position is computed, as hooks
+    on the layers (layer and component methods) expect."""
+    token = _HEAD_ROWS.set(True)
+    try:
+        yield
+    finally:
+        _HEAD_ROWS.reset(token)
+
+
+def _first_position_layer(hf: PreTrainedModel, task: str) -> torch.nn.Module | None:
+    """The last encoder layer of a transformers sequence classifier whose head reads position 0
+    only (:data:`FIRST_POSITION_HEADS`), if its feed-forward runs per position through
+    ``feed_forward_chunk`` (not chunked); else None."""
+    kind = type(hf)
+    if (
+        task != "sequence-classification"
+        or getattr(hf.config, "model_type", None) not in FIRST_POSITION_HEADS
+        or not kind.__module__.startswith("transformers.models.")
+        or not kind.__name__.endswith("ForSequenceClassification")
+    ):
+        return None
+    layers = getattr(getattr(hf.base_model, "encoder", None), "layer", None)
+    if not isinstance(layers, torch.nn.ModuleList) or len(layers) == 0:
+        return None
+    last = layers[-1]
+    if not callable(getattr(type(last), "feed_forward_chunk", None)):
+        return None
+    if getattr(last, "chunk_size_feed_forward", 0):  # chunks would split position 0 from the rest
+        return None
+    return last
+
+
+def _first_position_now() -> bool:
+    """Inside :func:`head_rows_only`, and no activation tap: DeepLIFT pairs each activation
+    with its reference forward's, taken by forwards of every kind, so all of its run in full."""
+    return _HEAD_ROWS.get() and _TAP.get() is None
+
+
+class _FirstPositionFeedForward:
+    """A last layer's ``feed_forward_chunk`` computed at position 0 only; the other positions
+    pass through unchanged, since the head never reads them (~8/12 of the layer's products).
+    A forward outside :func:`head_rows_only` (another thread's) gets the full feed-forward."""
+
+    def __init__(self, layer: torch.nn.Module) -> None:
+        self.layer = layer
+
+    def __call__(self, attention_output: torch.Tensor) -> torch.Tensor:
+        full = type(self.layer).feed_forward_chunk
+        if not _first_position_now():
+            return full(self.layer, attention_output)
+        first = full(self.layer, attention_output[:, :1])
+        return torch.cat([first, attention_output[:, 1:]], dim=1)
+
+
+@contextlib.contextmanager
+def _first_position_only(layer: torch.nn.Module | None) -> Iterator[None]:
+    """Within :func:`head_rows_only`, ``layer`` (:func:`_first_position_layer`) runs its
+    feed-forward at position 0 alone; the module is restored on leaving."""
+    if layer is None or not _first_position_now():
+        yield
+        return
+    layer.feed_forward_chunk = _FirstPositionFeedForward(layer)
+    try:
+        yield
+    finally:
+        layer.__dict__.pop("feed_forward_chunk", None)
 
 
 _ONE_BACKWARD: contextvars.ContextVar[bool] = contextvars.ContextVar(

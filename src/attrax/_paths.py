@@ -20,7 +20,7 @@ import xarray as xr
 from torch.func import vjp
 
 from . import _validate as check
-from ._engine import Problem, baseline_embeddings
+from ._engine import Problem, all_finite, baseline_embeddings
 from ._errors import InputError, OptionError
 from ._gradients import (
     GRADIENT,
@@ -108,7 +108,7 @@ def _run_guided(core: Any, call: Call, arguments: dict[str, Any]) -> xr.DataArra
     o = call.options
     problem = call.problem
     attributions, reference = core(problem, o["chunk_size"], **own_options(core, arguments))
-    if not all(torch.isfinite(v).all() for v in attributions):
+    if not all_finite(*attributions):
         raise InputError(
             f"{call.method}: the gradients are not finite (inf/NaN); check the model's dtype "
             "and inputs"

@@ -17,7 +17,7 @@ import torch
 import xarray as xr
 
 from . import _validate as check
-from ._engine import Baseline, Problem, baseline_embeddings
+from ._engine import Baseline, Problem, all_finite, baseline_embeddings
 from ._errors import InputError, OptionError
 from ._memory import Size
 from ._protocol import COMMON, Call, Family, own_options
@@ -31,7 +31,7 @@ def _run(core: Callable[..., torch.Tensor], call: Call, arguments: dict[str, Any
     """Run a perturbation core: ``[B, K, L]`` values split into the attributed sides, labelled."""
     problem = call.problem
     values = core(problem, call.options["batch_size"], **own_options(core, arguments))
-    if not torch.isfinite(values).all():
+    if not all_finite(values):
         raise InputError(
             f"{call.method}: the objective values are not finite (inf/NaN); check the model's dtype and "
             "inputs"
@@ -406,7 +406,7 @@ def _group_ids(
 def _word_ids(problem: Problem) -> list[list[int]]:
     """Word index of each attributed source token (sides concatenated; -1 for padding)."""
     batch, widths = problem.batch, [x.shape[1] for x in problem.inputs]
-    tokens = problem.model.tokenizer.convert_ids_to_tokens
+    tokens = problem.model.token_strings
     rows, sides = [], []
     for e in batch.examples:
         if batch.encoder_decoder:  # the encoder input, then the decoder input when attributed
