@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import inspect
 import json
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
+import xarray as xr
 
 import attrax as ax
 from attrax._gradients import GRADIENT, Rule
@@ -152,3 +154,44 @@ def test_positional_and_keyword_calls_agree(models):
     np.testing.assert_array_equal(a.values, b.values)
     with pytest.raises(ax.OptionError, match="saliency: "):
         ax.saliency(model, *PAIRS[0], torch.zeros(1))
+
+
+def test_two_threads_calls_on_one_model_take_turns(models):
+    """attrax patches a model's modules for the length of a call: a second thread's call on the
+    same model waits for the first to end, and both equal their serial results."""
+    import threading
+
+    model = models["gpt2"]
+    inside, go = threading.Event(), threading.Event()
+
+    def waiting(logits, ids):  # an objective that holds its call open until told to go
+        inside.set()
+        go.wait(10)
+        return torch.log_softmax(logits, -1).gather(-1, ids[..., None])[..., 0]
+
+    got: dict[str, Any] = {}
+    first = threading.Thread(
+        target=lambda: got.update(first=ax.saliency(model, *PAIRS[0], objective=waiting))
+    )
+    second = threading.Thread(target=lambda: got.update(second=ax.lrp(model, *PAIRS[1])))
+    first.start()
+    assert inside.wait(10)
+    second.start()
+    second.join(1.0)
+    assert second.is_alive() and "second" not in got  # waiting for the first call to end
+    go.set()
+    first.join(30)
+    second.join(30)
+    xr.testing.assert_allclose(got["first"], ax.saliency(model, *PAIRS[0], objective="logprob"))
+    xr.testing.assert_allclose(got["second"], ax.lrp(model, *PAIRS[1]))
+
+
+def test_a_copied_model_has_a_lock_of_its_own(models):
+    """A copy (deepcopy, or pickle where the model's hooks allow it) gets its own lock: a lock
+    itself neither copies nor pickles."""
+    import copy as copying
+
+    model = models["gpt2"]
+    copy = copying.deepcopy(model)
+    assert copy.call_lock is not model.call_lock
+    xr.testing.assert_allclose(ax.saliency(copy, *PAIRS[0]), ax.saliency(model, *PAIRS[0]))

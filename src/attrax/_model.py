@@ -8,6 +8,7 @@ import functools
 import math
 import os
 import re
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -81,6 +82,9 @@ class Model:
             parameter.requires_grad_(False)
         self.tokenizer = tokenizer
         self._tokens: dict[int, str] = {}  # id -> token string, filled by token_strings
+        #: held by each method call: attrax patches the model's modules for the length of a
+        #: call, so two threads' calls on one model (a Dask worker's threads) take turns
+        self.call_lock = threading.RLock()
         self.attn_implementation = attn_implementation
         config = hf_model.config
         self.name = name or getattr(config, "_name_or_path", "") or type(hf_model).__name__
@@ -156,6 +160,15 @@ class Model:
 
     def __repr__(self) -> str:
         return f"attrax.Model({self.name!r}, {self.model_type}, {type(self.hf).__name__})"
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state.pop("call_lock", None)  # a lock does not pickle; each copy gets its own
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.call_lock = threading.RLock()
 
     def embed(self, ids: torch.Tensor, side: str = "source") -> torch.Tensor:
         """Rows of the embedding table for ``ids``: what attributions are taken with respect to.
@@ -905,7 +918,6 @@ def _hub_reachable(timeout: float = 1.0) -> bool:
     Name resolution has no timeout of its own, so the attempt runs in a daemon thread.
     """
     import socket
-    import threading
     import urllib.parse
     import urllib.request
 

@@ -267,7 +267,9 @@ def _public(
         check_values(arguments)
         if getattr(arguments.get("model"), "attrax_stacked", False):  # ax.stack_models
             return arguments["model"].run(public, name, arguments)
-        return family.run(core, _call(name, family, arguments), arguments)
+        call = _call(name, family, arguments)
+        with call.model.call_lock:
+            return family.run(core, call, arguments)
 
     public.__signature__ = signature  # type: ignore[attr-defined]
     public.attrax_family = family.name  # type: ignore[attr-defined]
