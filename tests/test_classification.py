@@ -501,11 +501,18 @@ def test_given_token_targets_keep_each_tokens_prediction(classifiers, method):
         )
 
 
+def _last_feed_forward_input(model: ax.Model) -> torch.nn.Module:
+    """The first linear layer of the last encoder layer's feed-forward."""
+    base = model.hf.base_model
+    if model.hf.config.model_type == "distilbert":
+        return base.transformer.layer[-1].ffn.lin1
+    return base.encoder.layer[-1].intermediate
+
+
 def _feed_forward_widths(model: ax.Model, run) -> set[int]:
     """The sequence lengths the last encoder layer's feed-forward ran on during ``run()``."""
     widths: set[int] = set()
-    layer = model.hf.base_model.encoder.layer[-1]
-    handle = layer.intermediate.register_forward_hook(
+    handle = _last_feed_forward_input(model).register_forward_hook(
         lambda _m, args, _out: widths.add(args[0].shape[1])
     )
     try:
@@ -518,7 +525,7 @@ def _feed_forward_widths(model: ax.Model, run) -> set[int]:
 @pytest.mark.parametrize(
     ("arch", "task"),
     [("bert", "sequence"), ("roberta", "sequence"), ("xlm-roberta", "sequence"),
-     ("electra", "sequence"), ("bert", "token")],
+     ("electra", "sequence"), ("distilbert", "sequence"), ("bert", "token")],
 )  # fmt: skip
 def test_a_head_reading_position_0_skips_the_last_feed_forward_elsewhere(classifiers, arch, task):
     """The objective's forwards compute the last layer's feed-forward where the head reads:
@@ -534,7 +541,11 @@ def test_a_head_reading_position_0_skips_the_last_feed_forward_elsewhere(classif
 
     want = {1} if task == "sequence" else {length}
     assert _feed_forward_widths(model, run) == want
-    assert "feed_forward_chunk" not in model.hf.base_model.encoder.layer[-1].__dict__
+    assert not any(
+        name in module.__dict__
+        for module in model.hf.modules()
+        for name in ("feed_forward_chunk", "ff_chunk")
+    )  # the model as it was
 
 
 def test_another_threads_forward_keeps_every_position(classifiers):
@@ -549,7 +560,7 @@ def test_another_threads_forward_keeps_every_position(classifiers):
     with torch.no_grad():
         want = layer.feed_forward_chunk(x)
         there: list[torch.Tensor] = []
-        with _model.head_rows_only(), _model._first_position_only(layer):
+        with _model.head_rows_only(), _model._first_position_only((layer, "feed_forward_chunk")):
             here = layer.feed_forward_chunk(x)
             thread = threading.Thread(target=lambda: there.append(layer.feed_forward_chunk(x)))
             thread.start()

@@ -130,7 +130,7 @@ class Model:
         # decoder-only sequence classifiers score their last real token with a `score` head
         self._score = getattr(hf_model, "score", None) if self.task != "generation" else None
         self._activations = [m for m in hf_model.modules() if _activation_kind(m) is not None]
-        self._first_position_layer = _first_position_layer(hf_model, self.task)
+        self._first_position = _first_position_feed_forward(hf_model, self.task)
         self._source_scale = 1.0
         self._target_scale = 1.0
         self._calibrate_embedding_scales()
@@ -287,7 +287,7 @@ class Model:
         with (
             self.attention_as(implementation, required=forward_mode),
             fast_activations(self._activations),
-            _first_position_only(self._first_position_layer),
+            _first_position_only(self._first_position),
         ):
             if self._score is not None and self.task == "sequence-classification":
                 # from embeddings HF cannot find the last real token, so the pooling happens here
@@ -1160,8 +1160,18 @@ def _times_derivative(
 
 
 # Sequence classifiers whose head reads the last layer at position 0 only ([CLS] or <s>): BERT's
-# pooler and the classification heads of RoBERTa, XLM-R, CamemBERT and ELECTRA
-FIRST_POSITION_HEADS = frozenset({"bert", "roberta", "xlm-roberta", "camembert", "electra"})
+# pooler and the heads of RoBERTa, XLM-R, CamemBERT, ELECTRA and DistilBERT. Per model type:
+# the layer list under the base model, the last layer's module that owns the feed-forward ("" for
+# the layer itself) and the method that computes it per position
+_BERT_FEED_FORWARD = ("encoder.layer", "", "feed_forward_chunk")
+FIRST_POSITION_HEADS = {
+    "bert": _BERT_FEED_FORWARD,
+    "roberta": _BERT_FEED_FORWARD,
+    "xlm-roberta": _BERT_FEED_FORWARD,
+    "camembert": _BERT_FEED_FORWARD,
+    "electra": _BERT_FEED_FORWARD,
+    "distilbert": ("transformer.layer", "ffn", "ff_chunk"),
+}
 _HEAD_ROWS: contextvars.ContextVar[bool] = contextvars.ContextVar("attrax_head_rows", default=False)
 
 
@@ -1169,7 +1179,7 @@ _HEAD_ROWS: contextvars.ContextVar[bool] = contextvars.ContextVar("attrax_head_r
 def head_rows_only() -> Iterator[None]:
     """Forwards run inside give only the head's output (the engine's objective forwards): a
     classifier whose head reads the last layer at position 0 computes that layer's feed-forward
-    there alone (:func:`_first_position_layer`). Outside, every position is computed, as hooks
+    there alone (:func:`_first_position_feed_forward`). Outside, every position is computed, as hooks
     on the layers (layer and component methods) expect."""
     token = _HEAD_ROWS.set(True)
     try:
@@ -1178,27 +1188,32 @@ def head_rows_only() -> Iterator[None]:
         _HEAD_ROWS.reset(token)
 
 
-def _first_position_layer(hf: PreTrainedModel, task: str) -> torch.nn.Module | None:
-    """The last encoder layer of a transformers sequence classifier whose head reads position 0
-    only (:data:`FIRST_POSITION_HEADS`), if its feed-forward runs per position through
-    ``feed_forward_chunk`` (not chunked); else None."""
+def _first_position_feed_forward(
+    hf: PreTrainedModel, task: str
+) -> tuple[torch.nn.Module, str] | None:
+    """The last encoder layer's feed-forward ``(owner module, method)`` of a transformers
+    sequence classifier whose head reads position 0 only (:data:`FIRST_POSITION_HEADS`), if it
+    runs per position (not chunked); else None."""
     kind = type(hf)
+    where = FIRST_POSITION_HEADS.get(getattr(hf.config, "model_type", None))
     if (
-        task != "sequence-classification"
-        or getattr(hf.config, "model_type", None) not in FIRST_POSITION_HEADS
+        where is None
+        or task != "sequence-classification"
         or not kind.__module__.startswith("transformers.models.")
         or not kind.__name__.endswith("ForSequenceClassification")
     ):
         return None
-    layers = getattr(getattr(hf.base_model, "encoder", None), "layer", None)
-    if not isinstance(layers, torch.nn.ModuleList) or len(layers) == 0:
+    path, part, method = where
+    try:
+        layers = hf.base_model.get_submodule(path)
+        owner = layers[-1].get_submodule(part) if part else layers[-1]  # type: ignore[index]
+    except (AttributeError, IndexError, TypeError):
         return None
-    last = layers[-1]
-    if not callable(getattr(type(last), "feed_forward_chunk", None)):
+    if not callable(getattr(type(owner), method, None)):
         return None
-    if getattr(last, "chunk_size_feed_forward", 0):  # chunks would split position 0 from the rest
+    if getattr(owner, "chunk_size_feed_forward", 0):  # chunks would split position 0 from the rest
         return None
-    return last
+    return owner, method
 
 
 def _first_position_now() -> bool:
@@ -1208,33 +1223,32 @@ def _first_position_now() -> bool:
 
 
 class _FirstPositionFeedForward:
-    """A last layer's ``feed_forward_chunk`` computed at position 0 only; the other positions
-    pass through unchanged, since the head never reads them (~8/12 of the layer's products).
-    A forward outside :func:`head_rows_only` (another thread's) gets the full feed-forward."""
+    """A last layer's feed-forward computed at position 0 only; the other positions pass
+    through unchanged, since the head never reads them (~8/12 of the layer's products). A
+    forward outside :func:`head_rows_only` (another thread's) gets the full feed-forward."""
 
-    def __init__(self, layer: torch.nn.Module) -> None:
-        self.layer = layer
+    def __init__(self, owner: torch.nn.Module, method: str) -> None:
+        self.owner, self.full = owner, getattr(type(owner), method)
 
-    def __call__(self, attention_output: torch.Tensor) -> torch.Tensor:
-        full = type(self.layer).feed_forward_chunk
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
         if not _first_position_now():
-            return full(self.layer, attention_output)
-        first = full(self.layer, attention_output[:, :1])
-        return torch.cat([first, attention_output[:, 1:]], dim=1)
+            return self.full(self.owner, hidden)
+        return torch.cat([self.full(self.owner, hidden[:, :1]), hidden[:, 1:]], dim=1)
 
 
 @contextlib.contextmanager
-def _first_position_only(layer: torch.nn.Module | None) -> Iterator[None]:
-    """Within :func:`head_rows_only`, ``layer`` (:func:`_first_position_layer`) runs its
-    feed-forward at position 0 alone; the module is restored on leaving."""
-    if layer is None or not _first_position_now():
+def _first_position_only(feed_forward: tuple[torch.nn.Module, str] | None) -> Iterator[None]:
+    """Within :func:`head_rows_only`, the feed-forward ``(owner, method)``
+    (:func:`_first_position_feed_forward`) runs at position 0 alone; restored on leaving."""
+    if feed_forward is None or not _first_position_now():
         yield
         return
-    layer.feed_forward_chunk = _FirstPositionFeedForward(layer)
+    owner, method = feed_forward
+    setattr(owner, method, _FirstPositionFeedForward(owner, method))
     try:
         yield
     finally:
-        layer.__dict__.pop("feed_forward_chunk", None)
+        owner.__dict__.pop(method, None)
 
 
 _ONE_BACKWARD: contextvars.ContextVar[bool] = contextvars.ContextVar(

@@ -456,7 +456,10 @@ def _direct(
         else:
             variables[key] = xr.Variable(along, values)
     variable = xr.Variable(dims, data, attrs=dict(attrs))
-    return xr.DataArray._construct_direct(variable, variables, name, indexes)
+    try:
+        return xr.DataArray._construct_direct(variable, variables, name, indexes)
+    except (TypeError, ValueError):  # a private xarray API: another version may differ
+        return None
 
 
 def _target_coords(model: Model, batch: Batch) -> tuple[list[int], dict[int, int], dict[str, Any]]:
