@@ -135,7 +135,7 @@ def _read_proc(path: str) -> bytes:
     pid = os.getpid()
     held = _proc_files.get(path)
     if held is None or held[0] != pid:
-        held = _proc_files[path] = (pid, os.open(path, os.O_RDONLY | os.O_CLOEXEC))
+        held = _proc_files[path] = (pid, os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)))
     return os.pread(held[1], 4096, 0)
 
 
@@ -143,7 +143,7 @@ def _resident() -> int | None:
     """The process's resident bytes (Linux), or None where they cannot be read."""
     try:
         return int(_read_proc("/proc/self/statm").split()[1]) * _PAGE
-    except (OSError, ValueError, IndexError):
+    except (OSError, ValueError, IndexError, AttributeError):  # no /proc, or no pread
         return None
 
 
@@ -433,7 +433,7 @@ def memory_budget(device: torch.device) -> int:
         for line in _read_proc("/proc/meminfo").splitlines():
             if line.startswith(b"MemAvailable:"):
                 return int(line.split()[1]) * 1024 // 2
-    except (OSError, ValueError, IndexError):
+    except (OSError, ValueError, IndexError, AttributeError):  # no /proc, or no pread
         pass
     return 4 << 30
 
