@@ -643,7 +643,9 @@ def captum_classify(
         algo = Occlusion(from_embeds)
         width = model.config.hidden_size
         with torch.no_grad():
-            masked = model.get_input_embeddings()(torch.tensor(tok.mask_token_id))
+            masked = model.get_input_embeddings()(
+                torch.tensor(tok.mask_token_id, device=model.device)
+            )
         kw = dict(
             sliding_window_shapes=(1, width), strides=(1, width),
             perturbations_per_eval=perturbations_per_eval,
@@ -666,6 +668,7 @@ def captum_classify(
         x = inputs if method == "integrated_gradients" else inputs.clone().requires_grad_(True)
         got = algo.attribute(x, target=target, additional_forward_args=(mask, types), **kw)
         columns.append(got.detach())
+    _synchronize(model)  # a GPU's kernels are asynchronous: the clock stops when they are done
     seconds = time.perf_counter() - t0
     out = torch.stack(columns, 1).float().cpu().numpy()  # [B, K, L(, H)]
     if method == "occlusion":
@@ -674,6 +677,15 @@ def captum_classify(
         out[np.broadcast_to(enc["special_tokens_mask"][:, None].astype(bool), out.shape)] = np.nan
     ids = tok(texts, return_tensors="pt", padding=True)["input_ids"]
     return BaselineResult(out, seconds, np.asarray(classes), ids.numpy(), np.arange(0))
+
+
+def _synchronize(model) -> None:
+    """Wait for the model's GPU (nothing on the CPU)."""
+    import torch
+
+    device = next(model.parameters()).device
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def interpreto_classify(
@@ -702,11 +714,12 @@ def interpreto_classify(
         )  # fmt: skip
     t0 = time.perf_counter()
     outs = explainer.explain(texts, targets=torch.tensor(classes))
+    _synchronize(model)
     seconds = time.perf_counter() - t0
     ids = tok(texts, padding=True)["input_ids"]
     out = np.full((len(texts), len(classes[0]), len(ids[0])), np.nan, dtype=np.float32)
     for b, res in enumerate(outs):
-        got = res.attributions.float().numpy()  # [K, tokens]
+        got = res.attributions.float().cpu().numpy()  # [K, tokens]
         if method == "occlusion":
             special = tok.get_special_tokens_mask(ids[b], already_has_special_tokens=True)
             where = [i for i, s in enumerate(special) if not s]

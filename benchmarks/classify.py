@@ -71,7 +71,8 @@ def _classes(hf, tok, texts: list[str], how: str) -> tuple[list[list[int]], floa
     import torch
 
     with torch.no_grad():
-        probs = hf(**tok(texts, return_tensors="pt", padding=True)).logits.softmax(-1)
+        enc = tok(texts, return_tensors="pt", padding=True).to(hf.device)
+        probs = hf(**enc).logits.softmax(-1).cpu()
     if how == "all":
         return [list(range(hf.config.num_labels))] * len(texts), float(probs.max())
     return [[int(c)] for c in probs.argmax(-1)], float(probs.max())
@@ -104,8 +105,9 @@ def _classes_run(case: Case, library: str, method: str, classes: int) -> int:
     return min(case.baseline_classes or classes, classes) if loops else classes
 
 
-def _setup(library: str, model: str):
+def _setup(library: str, model: str, device: str = "cpu"):
     hf, tok = workloads.load_classifier(model)
+    hf = hf.to(device)
     handle = None
     if library == "attrax":
         import attrax as ax
@@ -190,13 +192,16 @@ def worker(spec_path: str) -> None:
     torch.set_num_threads(spec["threads"])
     case = Case(**spec["case"])
     t0 = time.perf_counter()
-    handle, hf, tok = _setup(spec["library"], case.model)
+    device = spec.get("device", "cpu")
+    handle, hf, tok = _setup(spec["library"], case.model, device)
     setup_seconds = time.perf_counter() - t0
     setup_hwm = harness.status_mb("VmHWM")
     args = (spec["library"], handle, hf, tok)
     warm = _call(*args, spec["texts"][:2], spec["classes"][:2], spec["method"], case)[1]
     can_reset = harness.reset_peak_rss()
     base_rss = harness.status_mb("VmRSS")
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     times: list[float] = []
     while True:
         values, seconds = _call(*args, spec["texts"], spec["classes"], spec["method"], case)
@@ -210,6 +215,8 @@ def worker(spec_path: str) -> None:
         setup_seconds=setup_seconds, shape=list(values.shape), threads=torch.get_num_threads(),
         rss_peak_mb=max(setup_hwm or 0, run_hwm or 0) if can_reset else run_hwm,
         rss_attribution_mb=run_hwm - base_rss if can_reset and run_hwm and base_rss else None,
+        device=device,
+        gpu_peak_mb=torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None,
     )  # fmt: skip
     Path(spec["out"] + ".json").write_text(json.dumps(rec))
 
@@ -258,7 +265,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     libraries = ["attrax"] + [lib for lib in args.libraries if lib != "attrax"]
     chosen = cases(args.quick)
     meta = dict(
-        command="python -m benchmarks " + " ".join(argv), quick=args.quick,
+        command="python -m benchmarks " + " ".join(argv), quick=args.quick, device=args.device,
         started=time.strftime("%Y-%m-%d %H:%M:%S %Z"), threads=args.threads,
         texts=list(workloads.CLASSIFIER_TEXTS), spec=workloads.BERT_SPEC,
         cases={k: dataclasses.asdict(chosen[k]) for k in args.workloads},
@@ -291,7 +298,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         for wl in args.workloads:
             case = chosen[wl]
             hf, tok = workloads.load_classifier(case.model)
-            classes, top = _classes(hf, tok, texts, case.classes)
+            classes, top = _classes(hf.to(args.device), tok, texts, case.classes)
             for method in args.methods:
                 outs = {}
                 for lib in (lib for lib in libraries if method in SUPPORTS[lib]):
@@ -300,7 +307,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
                     spec = dict(
                         library=lib, method=method, case=dataclasses.asdict(case), texts=texts,
                         classes=[c[:k] for c in classes], threads=args.threads, repeats=args.repeats,
-                        min_time=0.0 if args.quick else 1.0, out=out,
+                        min_time=0.0 if args.quick else 1.0, out=out, device=args.device,
                     )  # fmt: skip
                     print(f"{wl} {method:21s} {lib:10s} ...", end=" ", flush=True)
                     load = os.getloadavg()[0]  # a shared machine: record how busy it was
@@ -309,7 +316,10 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
                         load1_after=os.getloadavg()[0], classes_run=k,
                         scale=len(classes[0]) / k,
                     )  # fmt: skip
-                    print(f"median {rec['median_s']:.3f} s, peak RSS {rec['rss_peak_mb']:.0f} MB", flush=True)  # fmt: skip
+                    gpu = (
+                        f", GPU peak {rec['gpu_peak_mb']:.0f} MB" if rec.get("gpu_peak_mb") else ""
+                    )
+                    print(f"median {rec['median_s']:.3f} s, peak RSS {rec['rss_peak_mb']:.0f} MB{gpu}", flush=True)  # fmt: skip
                     results["runs"].append(rec)
                     outs[lib] = np.load(out + ".npy")
                 for lib, theirs in outs.items():
@@ -381,6 +391,11 @@ def parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--methods", type=names(METHODS), default=list(METHODS))
     p.add_argument("--libraries", type=names(LIBRARIES), default=list(LIBRARIES))
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument(
+        "--device", choices=("cpu", "cuda"), default="cpu",
+        help="where every library's model runs (the parity gate stays on the CPU); cuda writes "
+        "results/classifiers-cuda.json and is not --record'ed",
+    )  # fmt: skip
     p.add_argument("--repeats", type=int, help="timed calls at least (default 3; --quick 1)")
     p.add_argument("--out", type=Path, help="results JSON (default benchmarks/results/...)")
     p.add_argument(
@@ -391,6 +406,10 @@ def parser(p: argparse.ArgumentParser) -> None:
 
 def defaults(args: argparse.Namespace) -> argparse.Namespace:
     args.repeats = args.repeats or (1 if args.quick else 3)
+    if args.device == "cuda" and args.record:
+        raise SystemExit("--record stores a CPU run in cpu.json; a cuda run is kept in its --out")
     name = "classifiers-quick" if args.quick else "classifiers"
+    if args.device == "cuda":
+        name += "-cuda"
     args.out = args.out or harness.REPO / "benchmarks" / "results" / f"{name}.json"
     return args
