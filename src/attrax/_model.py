@@ -1178,9 +1178,9 @@ _HEAD_ROWS: contextvars.ContextVar[bool] = contextvars.ContextVar("attrax_head_r
 @contextlib.contextmanager
 def head_rows_only() -> Iterator[None]:
     """Forwards run inside give only the head's output (the engine's objective forwards): a
-    classifier whose head reads the last layer at position 0 computes that layer's feed-forward
-    there alone (:func:`_first_position_feed_forward`). Outside, every position is computed, as hooks
-    on the layers (layer and component methods) expect."""
+    classifier whose head reads the last layer at position 0 computes that layer's
+    feed-forward there alone (:func:`_first_position_feed_forward`). Outside, every position
+    is computed, as hooks on the layers (layer and component methods) expect."""
     token = _HEAD_ROWS.set(True)
     try:
         yield
