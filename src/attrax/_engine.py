@@ -198,26 +198,6 @@ class Problem:
             out.append(self.evaluate(points))
         return torch.cat(out)
 
-    def gradient_sum(
-        self,
-        points: PointFn,
-        weights: torch.Tensor,
-        *,
-        batch_size: Size,
-        chunk_size: Size,
-        multiplier: PointFn | None = None,
-        moments: tuple[int, ...] = (1,),
-    ) -> tuple[tuple[torch.Tensor, ...], ...]:
-        """The moments of :meth:`gradient_sum_with_hidden`, without the head inputs."""
-        return self.gradient_sum_with_hidden(
-            points,
-            weights,
-            batch_size=batch_size,
-            chunk_size=chunk_size,
-            multiplier=multiplier,
-            moments=moments,
-        )[0]
-
     @reuse_host_memory()
     def gradient_sum_with_hidden(
         self,

@@ -126,7 +126,7 @@ def greedy_pig(
         a = alpha[chunk.to(alpha.device)].view(-1, 1, 1, 1)
         return tuple(bi[None] + a * di[None] for bi, di in zip(base, delta, strict=True))
 
-    (grads,) = problem.gradient_sum(
+    ((grads,), _) = problem.gradient_sum_with_hidden(
         points, torch.as_tensor(weights), batch_size=batch_size, chunk_size=chunk_size
     )
     first_round = tuple(g * d[:, None].to(g.dtype) for g, d in zip(grads, delta, strict=True))
