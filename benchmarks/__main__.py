@@ -1,4 +1,5 @@
-"""``python -m benchmarks run|classifiers|report|real-size|methods|calibrate|models``: the one entry point (see README.md)."""
+"""``python -m benchmarks run|classifiers|report|real-size|long-attention|methods|calibrate|models``:
+the one entry point (see README.md)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
-    from . import calibrate, classify, harness, methods, real_size, report
+    from . import calibrate, classify, harness, long_attention, methods, real_size, report
 
     harness.parser(sub.add_parser("run", help="parity gate, then time and memory (CPU or GPU)"))
     classify.parser(sub.add_parser("classifiers", help="C1, C2: BERT-shaped classifiers"))
@@ -19,6 +20,9 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--cpu", default=report.CPU_RESULTS, help="CPU results JSON")
     r.add_argument("--gpu", default=report.GPU_RESULTS, help="GPU results JSON")
     real_size.parser(sub.add_parser("real-size", help="the comparison on a GPT-2-small shape"))
+    long_attention.parser(
+        sub.add_parser("long-attention", help="attention and rollout's memory on long inputs")
+    )
     methods.parser(sub.add_parser("methods", help="parity and time of the newer gradient methods"))
     calibrate.parser(sub.add_parser("calibrate", help="the memory estimate against measured peaks"))
     m = sub.add_parser("models", help="build the workload models and print a summary")
@@ -26,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("worker").add_argument("spec")  # one measurement, started by the harness
     sub.add_parser("calibrate-worker").add_argument("spec")  # one calibration measurement
     sub.add_parser("classifiers-worker").add_argument("spec")
+    sub.add_parser("long-attention-worker").add_argument("spec")
     args = p.parse_args(argv)
 
     if args.command == "run":
@@ -51,6 +56,10 @@ def main(argv: list[str] | None = None) -> int:
         calibrate.worker(args.spec)
     elif args.command == "real-size":
         return real_size.run(args)
+    elif args.command == "long-attention":
+        return long_attention.run(args)
+    elif args.command == "long-attention-worker":
+        long_attention.worker(args.spec)
     elif args.command == "models":
         from . import workloads
 

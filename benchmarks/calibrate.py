@@ -1,7 +1,8 @@
 """``python -m benchmarks calibrate``: the planner's memory estimate against measured peaks.
 
-Per architecture family (GPT-2; Llama-style with RMSNorm and a gated MLP; encoder-decoder), a
-model of a few million parameters built from a config with random weights runs saliency with one
+Per architecture family (GPT-2; Llama-style with RMSNorm and a gated MLP; encoder-decoder; a
+BERT sequence classifier, every class of a 20-class head as the targets), a model of a few
+million parameters built from a config with random weights runs saliency with one
 target per backward and with all at once, and occlusion with one copy per forward and with all
 at once, each in a fresh process. The peak is the process's peak RSS above its RSS before the
 call (``VmHWM`` after ``/proc/self/clear_refs``), after a warm-up call on a short input and
@@ -26,7 +27,9 @@ from .harness import reset_peak_rss, status_mb
 
 OUT = Path(__file__).resolve().parent / "calibration.json"
 
-# family -> (tiny_model arch, config overrides, prompt words, target words, attention)
+# family -> (tiny_model arch, config overrides, prompt words, target words, attention); for
+# "classifier": (tiny_classifier arch, overrides, words per text, classes, attention), every class
+# of each text a target, and "texts" overrides (default 1) in the config are the batch
 SHAPES: dict[str, list[tuple[str, dict[str, Any], int, int, str]]] = {
     "gpt2": [
         ("gpt2", dict(n_embd=256, n_layer=4, n_head=4, n_positions=1024), 96, 32, "eager"),
@@ -45,6 +48,13 @@ SHAPES: dict[str, list[tuple[str, dict[str, Any], int, int, str]]] = {
                         decoder_ffn_dim=1024, encoder_attention_heads=4,
                         decoder_attention_heads=4, max_position_embeddings=1024), 96, 32, "eager"),
         ("t5", dict(d_model=256, d_kv=64, d_ff=1024, num_layers=3, num_heads=4), 96, 32, "eager"),
+    ],
+    "classifier": [
+        ("bert", dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
+                      intermediate_size=1024, max_position_embeddings=512), 160, 20, "eager"),
+        ("bert", dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
+                      intermediate_size=1024, max_position_embeddings=512, texts=4), 40, 20,
+         "eager"),
     ],
 }  # fmt: skip
 
@@ -67,6 +77,27 @@ def _texts(tok: Any, n_prompt: int, n_target: int) -> tuple[str, str]:
     return " ".join(words[:n_prompt]), " " + " ".join(words[n_prompt : n_prompt + n_target])
 
 
+def _workload(
+    family: str, arch: str, config: dict[str, Any], n_prompt: int, n_target: int, attn: str
+) -> tuple[Any, Any, Any, tuple[Any, Any]]:
+    """``(model, inputs, targets, warm_up)``: a shape's attrax model, its call's inputs and
+    targets, and a short ``(inputs, targets)`` pair to warm up on."""
+    import attrax as ax
+    from attrax.testing import corpus, tiny_classifier, tiny_model
+
+    if family != "classifier":
+        hf, tok = tiny_model(arch, **config)
+        model = ax.load_model(hf, tokenizer=tok, attn_implementation=attn)
+        return model, *_texts(tok, n_prompt, n_target), _texts(tok, 6, 3)
+    config = dict(config)
+    n_texts = config.pop("texts", 1)
+    hf, tok = tiny_classifier(arch, num_labels=n_target, **config)
+    model = ax.load_model(hf, tokenizer=tok, attn_implementation=attn)
+    words = " ".join(corpus()).split()
+    texts = [" ".join(words[i * n_prompt : (i + 1) * n_prompt]) for i in range(n_texts)]
+    return model, texts if n_texts > 1 else texts[0], "all", (" ".join(words[:6]), "all")  # fmt: skip
+
+
 def worker(spec: str) -> None:
     """One measurement: prints a JSON line with the peak above the start and the estimate."""
     import torch
@@ -75,22 +106,22 @@ def worker(spec: str) -> None:
     from attrax._engine import Problem
     from attrax._inputs import prepare
     from attrax._objectives import resolve
-    from attrax.testing import tiny_model
 
     s = json.loads(spec)
     torch.set_num_threads(s["threads"])
-    hf, tok = tiny_model(s["arch"], **s["config"])
-    model = ax.load_model(hf, tokenizer=tok, attn_implementation=s["attn"])
-    prompt, target = _texts(tok, s["prompt"], s["target"])
+    model, inputs, targets, warm_up = _workload(
+        s["family"], s["arch"], s["config"], s["prompt"], s["target"], s["attn"]
+    )
     method, options = RUNS[s["run"]]
     fn = getattr(ax, method)
-    fn(model, *_texts(tok, 6, 3), **options)  # warm-up: code pages, lazy imports
+    fn(model, *warm_up, **options)  # warm-up: code pages, lazy imports
     ctypes.CDLL(None).malloc_trim(0)
     reset_peak_rss()
     start = status_mb("VmRSS")
-    fn(model, prompt, target, **options)
+    fn(model, inputs, targets, **options)
     peak = status_mb("VmHWM")
-    problem = Problem.build(model, prepare(model, prompt, target), resolve("probability")[1], False)
+    objective = resolve("probability" if model.task == "generation" else "logit")[1]
+    problem = Problem.build(model, prepare(model, inputs, targets), objective, False)
     cost, inference = problem.cost(), problem.cost(saved=False)
     x = problem.inputs[0]
     tokens = sum(xi.shape[1] for xi in problem.inputs)
@@ -134,7 +165,9 @@ def run(args: argparse.Namespace) -> int:
         for arch, config, n_prompt, n_target, attn in SHAPES[family][
             : 1 if args.first_shape else None
         ]:
-            base = dict(arch=arch, config=config, prompt=n_prompt, target=n_target, attn=attn)
+            base = dict(
+                family=family, arch=arch, config=config, prompt=n_prompt, target=n_target, attn=attn
+            )
             got = {run: _measure({**base, "run": run, "threads": args.threads}) for run in RUNS}
             one, every = got["backward_one"], got["backward_all"]
             k, mb = every["targets"], 2**20
@@ -182,25 +215,33 @@ def run(args: argparse.Namespace) -> int:
                 print(f"  {part:14s} measured {format_bytes(int(m)):>9s}  "
                       f"estimate {format_bytes(int(e)):>9s}  ratio {e / max(m, 1):.2f}")  # fmt: skip
     if args.out:
-        Path(args.out).write_text(json.dumps(rows, indent=1) + "\n")
+        out = Path(args.out)
+        # families not measured now keep their committed rows
+        kept = (
+            [r for r in json.loads(out.read_text()) if r["family"] not in families]
+            if out.exists()
+            else []
+        )
+        order = list(SHAPES)
+        rows = sorted(kept + rows, key=lambda r: order.index(r["family"]))
+        tmp = out.with_suffix(".tmp")
+        tmp.write_text(json.dumps(rows, indent=1) + "\n")
+        tmp.replace(out)  # complete or not written
     return 0
 
 
 def estimates(row: dict[str, Any]) -> dict[str, float]:
     """The current estimate (``attrax._memory``'s constants now) of each run of a measured row."""
-    import attrax as ax
     from attrax._engine import Problem
     from attrax._inputs import prepare
     from attrax._objectives import resolve
-    from attrax.testing import tiny_model
 
-    arch, config, n_prompt, n_target, attn = next(
+    shape = next(
         shape for shape in SHAPES[row["family"]] if shape[:2] == (row["arch"], row["config"])
     )
-    hf, tok = tiny_model(arch, **config)
-    model = ax.load_model(hf, tokenizer=tok, attn_implementation=attn)
-    prompt, target = _texts(tok, n_prompt, n_target)
-    problem = Problem.build(model, prepare(model, prompt, target), resolve("probability")[1], False)
+    model, inputs, targets, _ = _workload(row["family"], *shape)
+    objective = resolve("probability" if model.task == "generation" else "logit")[1]
+    problem = Problem.build(model, prepare(model, inputs, targets), objective, False)
     cost, inference = problem.cost(), problem.cost(saved=False)
     k = int(problem.tensors.valid.shape[1])
     copies = min(COPIES, sum(x.shape[1] for x in problem.inputs))
@@ -233,11 +274,17 @@ def report(path: str | Path = OUT) -> str:
                 continue
             m, e = measured[name], now[name]
             lines.append(
-                f"| {row['family']} | {row['arch']} | {row['tokens']} | {row['targets']} | "
+                f"| {row['family']} | {row['arch']} | {_tokens(row)} | {row['targets']} | "
                 f"{LABELS[name]} | {m / mib:.1f} MiB | {e / mib:.1f} MiB | "
                 f"{e / m if m > 0 else float('inf'):.2f} |"
             )
     return "\n".join(lines) + "\n"
+
+
+def _tokens(row: dict[str, Any]) -> str:
+    """Tokens of the measured input: ``texts x padded length`` for a batch of texts."""
+    texts = row["config"].get("texts", 1)
+    return f"{texts} \u00d7 {row['tokens']}" if texts > 1 else str(row["tokens"])
 
 
 PARTS = ("per_target", "per_point", "per_copy")

@@ -18,6 +18,10 @@ GPU_RESULTS = HERE / "gpu-h200.json"
 VARIANTS = (HERE / "malloc-tuned.json", HERE / "baselines-sdpa.json")
 #: ``python -m benchmarks real-size --out`` results on the CPU, one file per shape
 REAL_SIZE = ("real-size-gpt2-small-cpu.json", "real-size-llama-1b-cpu.json")
+#: the same on a GPU (``bash benchmarks/gpu_memory.sh``): a Llama-3-8B shape over long prompts
+REAL_SIZE_GPU = tuple(
+    f"real-size-llama3-8b-{n}-cuda.json" for n in ("2048", "8192", "2048-ig", "2048-lrp")
+)
 
 METHOD_ORDER = ("saliency", "input_x_gradient", "integrated_gradients", "attention")
 LABEL = {
@@ -428,23 +432,37 @@ REAL_SIZE_SHAPES = {
     "gpt2-small": "GPT-2-small shape (12 layers, d=768, vocabulary 50257), float32",
     "llama-1b": "Llama-3.2-1B shape (16 layers, d=2048, gated MLP 8192, RMSNorm, 32/8 heads, "
     "vocabulary 128256), bfloat16",
+    "llama3-8b": "Llama-3-8B shape (32 layers, d=4096, gated MLP 14336, RMSNorm, 32/8 heads, "
+    "vocabulary 128256), bfloat16",
 }
 
 
-def _real_size_section(files: dict[str, dict[str, Any]]) -> list[str]:
+def _real_size_section(files: dict[str, dict[str, Any]], gpu: bool = False) -> list[str]:
     """One table per ``real-size`` results file: time and peak memory per library, parity."""
     if not files:
         return []
-    out = ["## Real size (CPU)\n"]
+    out = ["## Real size and long context (GPU)\n" if gpu else "## Real size (CPU)\n"]
     w = out.append
     w(
         "`python -m benchmarks real-size` (`benchmarks/real_size.py`): random weights built from "
         "a config, one process, parity checked before any timing, libraries interleaved. Captum "
         "and Inseq may run only their first targets, their time then multiplied by targets / "
         "first targets (marked \\*: an under-estimate, later targets have longer prefixes). "
-        "Peak memory: the process's peak RSS above its RSS before the call. Why the ratios sit "
-        'where they do: `docs/methods/gradients.md`, "At real size". The GPU runs (a '
-        "Llama-3-8B shape over 2,048 and 8,192 tokens) are `bash benchmarks/gpu_memory.sh`.\n"
+        + (
+            "Peak memory: `torch.cuda.max_memory_allocated` above the allocation before the call. "
+            if gpu
+            else "Peak memory: the process's peak RSS above its RSS before the call. "
+        )
+        + "A bfloat16 shape is gated on a float32 copy of the same weights (`float32 gate`) "
+        "unless the file says otherwise, and its bfloat16 difference reported. Why the ratios sit "
+        'where they do: `docs/methods/gradients.md`, "At real size".'
+        + (
+            ""
+            if gpu
+            else " The GPU runs (a Llama-3-8B shape over 2,048 and 8,192 tokens) are "
+            "`bash benchmarks/gpu_memory.sh`."
+        )
+        + "\n"
     )
     for name, result in files.items():
         meta, rows = result["meta"], result["rows"]
@@ -464,10 +482,16 @@ def _real_size_section(files: dict[str, dict[str, Any]]) -> list[str]:
             )
             + (f", Captum and Inseq on the first {first} targets" if star else "")
             + (f", attrax `max_memory={meta['max_memory']}`" if meta.get("max_memory") else "")
+            + (
+                f", parity gated in {_dtype(meta)} at {meta['tolerance']:g} relative"
+                if meta.get("parity_dtype", "same") == "same" and "tolerance" in meta
+                else ""
+            )
             + (f". {meta['note']}" if meta.get("note") else "")
             + ".\n"
         )
-        libraries = [lib for lib in ("attrax", "captum", "inseq") if lib in rows[0]["seconds"]]
+        ran = {lib for row in rows for lib in [*row["seconds"], *row.get("out_of_memory", [])]}
+        libraries = [lib for lib in ("attrax", "captum", "inseq") if lib in ran]
         w(
             "| method | "
             + " | ".join(f"{lib} (s, peak MiB)" for lib in libraries)
@@ -478,21 +502,40 @@ def _real_size_section(files: dict[str, dict[str, Any]]) -> list[str]:
         w("|---" * (2 * len(libraries) + 1) + "|")
         for row in rows:
             sec, peak = row["seconds"], row.get("peak_bytes", {})
+            # a loop that ran out of memory has no time (real_size.py records it so)
             cells = [
                 f"{_fmt_s(sec[lib])}{'' if lib == 'attrax' else star}, "
                 f"{peak.get(lib, float('nan')) / 2**20:.0f}"
+                if lib in sec
+                else "out of memory"
                 for lib in libraries
             ]
-            ratios = [f"**{_fmt_x(sec[lib] / sec['attrax'])}**" for lib in libraries[1:]]
-            parity = ", ".join(
-                f"{lib} {e:.1e}" if isinstance(e, float) else f"{lib} {e}"
-                for lib, e in row.get("parity", {}).items()
+            ratios = [
+                f"**{_fmt_x(sec[lib] / sec['attrax'])}**" if lib in sec else "—"
+                for lib in libraries[1:]
+            ]
+            parity = "; ".join(
+                f"{lib} {_real_size_parity(e)}" for lib, e in row.get("parity", {}).items()
             )
             w(
                 f"| {LABEL.get(row['method'], row['method'])} | {' | '.join(cells + ratios)} | {parity} |"
             )
         w("")
     return out
+
+
+def _dtype(meta: dict[str, Any]) -> str:
+    """The shape's dtype, as its description ends."""
+    return REAL_SIZE_SHAPES.get(meta["shape"], "").rsplit(", ", 1)[-1] or "its dtype"
+
+
+def _real_size_parity(error: float | str | dict[str, float]) -> str:
+    """One library's parity cell: its gated error, or (a gate run in another dtype) that gate's
+    error and the timing dtype's, e.g. ``1.6e-06 (float32 gate), bfloat16 4.1e-02``."""
+    if isinstance(error, dict):
+        (gate, gated), *rest = error.items()
+        return f"{gated:.1e} ({gate} gate)" + "".join(f", {d} {e:.1e}" for d, e in rest)
+    return f"{error:.1e}" if isinstance(error, float) else str(error)
 
 
 CLASSIFIER_LABEL = {**LABEL, "occlusion": "occlusion"}
@@ -725,8 +768,8 @@ def _variant_summary(results: dict[str, Any], variant: dict[str, Any], name: str
 # --------------------------------------------------------------------------------------------------
 # GPU markdown
 # --------------------------------------------------------------------------------------------------
-def render_gpu(results: dict[str, Any]) -> str:
-    """``docs/benchmarks-gpu.md`` from GPU results."""
+def render_gpu(results: dict[str, Any], real_size: dict[str, dict[str, Any]] | None = None) -> str:
+    """``docs/benchmarks-gpu.md`` from GPU results and the ``real-size`` GPU files."""
     m = results["meta"]
     v, git = m["versions"], (m.get("attrax_source") or {}).get("git_head")
     lines: list[str] = []
@@ -831,6 +874,20 @@ def render_gpu(results: dict[str, Any]) -> str:
                 if not r["ok"]
             )
         )
+    if real_size:
+        lines += _real_size_section(real_size, gpu=True)
+    else:
+        w(
+            "## Real size and long context (GPU): not measured yet\n\n"
+            "No GPU has been lent since this part was written. `bash benchmarks/gpu_memory.sh "
+            "long long-ig long-lrp` runs it: a Llama-3-8B-shaped bfloat16 model built on the GPU "
+            "with random weights, 128 targets after 2,048- and 8,192-token prompts; saliency and "
+            "input × gradient (both lengths), integrated gradients and AttnLRP (2,048); attrax "
+            "within `max_memory`, Captum and Inseq on their first targets (their time "
+            "extrapolated; an out-of-memory loop recorded as such). Copying its "
+            "`benchmarks/results/real-size-llama3-8b-*-cuda.json` into `benchmarks/` and running "
+            "`python -m benchmarks report` puts the tables here.\n"
+        )
     return "\n".join(lines)
 
 
@@ -848,7 +905,9 @@ def render_all(cpu: Path = CPU_RESULTS, gpu: Path = GPU_RESULTS) -> dict[str, st
     real_size = {n: load(HERE / n) for n in REAL_SIZE if (HERE / n).exists()}
     return {
         "benchmarks.md": render_cpu(load(cpu), gpu_results, variants, real_size=real_size),
-        "benchmarks-gpu.md": render_gpu(gpu_results),
+        "benchmarks-gpu.md": render_gpu(
+            gpu_results, {n: load(HERE / n) for n in REAL_SIZE_GPU if (HERE / n).exists()}
+        ),
     }
 
 

@@ -7,6 +7,7 @@ tiny default model, and the report is rendered from the committed results.
 from __future__ import annotations
 
 import ast
+import json
 from pathlib import Path
 
 import numpy as np
@@ -178,3 +179,65 @@ def test_the_classifier_section_renders_from_a_recorded_run():
         "| C2 | saliency | 1.00 | 5.00\\* (**5.0\u00d7**) | \u2014 | 500 / 500 / \u2014 MB |"
         in text
     )
+
+
+def test_the_real_size_section_shows_a_gate_run_in_another_dtype():
+    meta = dict(
+        shape="llama-1b",
+        prompt=16,
+        target=8,
+        threads=2,
+        repeats=1,
+        steps=20,
+        first_targets=2,
+        max_memory="8GB",
+    )
+    row = dict(
+        method="saliency",
+        seconds={"attrax": 2.0, "captum": 20.0},
+        peak_bytes={"attrax": 2**20, "captum": 2**21},
+        parity={"captum": {"float32": 1.6e-6, "bfloat16": 4.1e-2}},
+    )  # fmt: skip
+    text = "\n".join(report._real_size_section({"f.json": {"meta": meta, "rows": [row]}}))
+    assert "| saliency | 2.00, 1 | 20.0\\*, 2 | **10.0\u00d7** |" in text
+    assert "captum 1.6e-06 (float32 gate), bfloat16 4.1e-02 |" in text
+
+
+def test_long_attention_measures_a_short_input(tmp_path, monkeypatch):
+    from benchmarks import __main__ as cli
+
+    if not Path("/proc/self/clear_refs").exists():
+        pytest.skip("peak RSS needs Linux's /proc/self/clear_refs")
+    monkeypatch.chdir(Path(__file__).resolve().parent.parent)  # python -m benchmarks from here
+    out = tmp_path / "long.json"
+    argv = ["long-attention", "--tokens", "40", "--layers", "2", "--heads", "2", "--hidden", "16",
+            "--targets", "3", "--out", str(out)]  # fmt: skip
+    assert cli.main(argv) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["method"] for r in rows] == ["attention", "rollout"]
+    for row in rows:
+        assert row["input_tokens"] == 40
+        assert row["every_map_bytes"] == 40 * 40 * 2 * 2 * 4
+        assert row["peak_bytes"] > 0
+    assert rows[0]["shape"] == {"target": 3, "source": 40, "layer": 2, "head": 2}
+
+
+def test_the_real_size_section_shows_a_loop_that_ran_out_of_memory():
+    meta = dict(
+        shape="llama3-8b",
+        prompt=8192,
+        target=128,
+        threads=2,
+        repeats=1,
+        steps=20,
+        first_targets=4,
+        max_memory="60GB",
+        parity_dtype="same",
+        tolerance=5e-2,
+    )
+    row = dict(method="saliency", seconds={"attrax": 2.0}, peak_bytes={"attrax": 2**20},
+               parity={}, out_of_memory=["captum"])  # fmt: skip
+    text = "\n".join(report._real_size_section({"f.json": {"meta": meta, "rows": [row]}}, gpu=True))
+    assert "## Real size and long context (GPU)" in text
+    assert "parity gated in bfloat16 at 0.05 relative" in text
+    assert "| saliency | 2.00, 1 | out of memory | — |" in text

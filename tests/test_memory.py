@@ -238,10 +238,10 @@ def test_the_planner_fits_the_budget_it_is_given(models, monkeypatch):
         ax.integrated_gradients(model, sources, targets, steps=6, chunk_size=4, max_memory=12_000)
 
 
-def test_cpu_passes_without_a_budget_take_fewer_points_not_fewer_targets(monkeypatch):
-    """Without max_memory on the CPU, points are halved until a pass fits CPU_PASS (the
-    targets keep the budget's plan: fewer targets per pass can cost a forward each); a given
-    max_memory, a given batch_size or another device keeps the budget's plan alone."""
+def test_cpu_passes_take_fewer_points_not_fewer_targets(monkeypatch):
+    """On the CPU, points are halved until a pass fits CPU_PASS, with or without max_memory
+    (the targets keep the budget's plan: fewer targets per pass can cost a forward each); a
+    given batch_size or another device keeps the budget's plan alone."""
     monkeypatch.setattr(_memory, "memory_budget", lambda device: 1 << 40)  # a huge host
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
     cost = _memory.Cost(per_cotangent=_memory.CPU_PASS // 64, per_point=0, fixed=0)
@@ -249,7 +249,8 @@ def test_cpu_passes_without_a_budget_take_fewer_points_not_fewer_targets(monkeyp
     assert _memory.plan(50, 32, "auto", "auto", cost, cpu) == (2, None)
     assert _memory.plan(50, 32, "auto", "auto", cost, gpu) == (None, None)
     assert _memory.plan(50, 32, 10, "auto", cost, cpu) == (10, None)
-    assert _memory.plan(50, 32, "auto", "auto", cost, cpu, max_memory=1 << 40) == (None, None)
+    assert _memory.plan(50, 32, "auto", "auto", cost, cpu, max_memory=1 << 40) == (2, None)
+    assert _memory.plan(50, 32, "auto", "auto", cost, gpu, max_memory=1 << 40) == (None, None)
     assert _memory.plan(1, 32, "auto", "auto", cost, cpu) == (None, None)  # one point: as is
 
 

@@ -332,8 +332,8 @@ def _width(tokens: int, hidden: int, mlp: int, heads: int) -> int:
 
 # On the CPU, passes estimated above this ran no faster per point and faulted in fresh memory
 # (W1 IG, 50 points: 9.2 s first call and 4.8 s after in one 5.4 GB pass, 4.4 s in ~1 GB passes;
-# IG over 20 classes: 13.5 s at 6.8 GB, 8.2 s at 1.8 GB): without `max_memory`, points are
-# halved until a pass fits
+# IG over 20 classes: 13.5 s at 6.8 GB, 8.2 s at 1.8 GB; Llama-1B IG: 85 s at 8 GB, 62-73 s):
+# points are halved until a pass fits, whatever the budget (a budget is a ceiling, not a target)
 CPU_PASS = 2 << 30
 
 
@@ -349,8 +349,8 @@ def plan(
     """Resolve ``"auto"`` sizes against ``max_memory`` bytes (None: half the free memory of
     ``device``): all ``points`` and ``targets`` in one vectorized backward when the estimated
     ``cost`` fits, else halves of the targets (which, decoder-only, also cuts each chunk's
-    sequence after its last target), then of the points. Without ``max_memory`` on the CPU,
-    points are then halved until a pass fits :data:`CPU_PASS`. Given sizes (ints, None for all)
+    sequence after its last target), then of the points. On the CPU, points are then halved
+    until a pass fits :data:`CPU_PASS`. Given sizes (ints, None for all)
     are kept. A ``max_memory`` that even the smallest sizes the planner may pick exceed is an
     :class:`OptionError` that says the smallest budget that can be met.
 
@@ -374,7 +374,7 @@ def plan(
             batch = -(-batch // 2)
         else:
             break
-    if max_memory is None and device.type == "cpu":
+    if device.type == "cpu":
         # then fewer points per pass (no extra forward) while a pass exceeds CPU_PASS
         while batch_size == AUTO and batch > 1 and cost.at(batch, chunk) > CPU_PASS:
             batch = -(-batch // 2)
