@@ -294,7 +294,7 @@ def call():
 @pytest.mark.parametrize(
     ("method", "options", "budget"),
     [
-        ("saliency", "", 150 << 20),
+        ("saliency", "", 110 << 20),
         ("integrated_gradients", "steps=16", 200 << 20),
         ("occlusion", "", 120 << 20),
     ],
