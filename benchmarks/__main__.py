@@ -1,4 +1,4 @@
-"""``python -m benchmarks run|classifiers|report|real-size|long-attention|methods|calibrate|models``:
+"""``python -m benchmarks run|classifiers|report|real-size|long-attention|budgets|methods|calibrate|models``:
 the one entry point (see README.md)."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
-    from . import calibrate, classify, harness, long_attention, methods, real_size, report
+    from . import budgets, calibrate, classify, harness, long_attention, methods, real_size, report
 
     harness.parser(sub.add_parser("run", help="parity gate, then time and memory (CPU or GPU)"))
     classify.parser(sub.add_parser("classifiers", help="C1, C2: BERT-shaped classifiers"))
@@ -23,6 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     long_attention.parser(
         sub.add_parser("long-attention", help="attention and rollout's memory on long inputs")
     )
+    budgets.parser(sub.add_parser("budgets", help="max_memory on every benchmark workload"))
     methods.parser(sub.add_parser("methods", help="parity and time of the newer gradient methods"))
     calibrate.parser(sub.add_parser("calibrate", help="the memory estimate against measured peaks"))
     m = sub.add_parser("models", help="build the workload models and print a summary")
@@ -31,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("calibrate-worker").add_argument("spec")  # one calibration measurement
     sub.add_parser("classifiers-worker").add_argument("spec")
     sub.add_parser("long-attention-worker").add_argument("spec")
+    sub.add_parser("budgets-worker").add_argument("spec")
     args = p.parse_args(argv)
 
     if args.command == "run":
@@ -60,6 +62,10 @@ def main(argv: list[str] | None = None) -> int:
         return long_attention.run(args)
     elif args.command == "long-attention-worker":
         long_attention.worker(args.spec)
+    elif args.command == "budgets":
+        return budgets.run(args)
+    elif args.command == "budgets-worker":
+        budgets.worker(args.spec)
     elif args.command == "models":
         from . import workloads
 

@@ -241,3 +241,27 @@ def test_the_real_size_section_shows_a_loop_that_ran_out_of_memory():
     assert "## Real size and long context (GPU)" in text
     assert "parity gated in bfloat16 at 0.05 relative" in text
     assert "| saliency | 2.00, 1 | out of memory | — |" in text
+
+
+def test_budgets_retries_at_the_smallest_budget_the_planner_names():
+    from benchmarks import budgets
+
+    from attrax._memory import parse_bytes
+
+    model = ax.load_model()
+    for method in (ax.saliency, ax.occlusion):  # their messages differ ("need", "needs")
+        with pytest.raises(ax.OptionError) as refused:
+            method(model, "3 1 4 0 5 9 =", " 9 5 0 4 1 3", max_memory="1kB")
+        smallest = parse_bytes(budgets._SMALLEST.search(str(refused.value)).group(1))
+        assert smallest > 1000
+        budget = budgets._rounded_up(smallest)
+        assert smallest <= budget < smallest * 1.01 + 2**20
+        got = method(model, "3 1 4 0 5 9 =", " 9 5 0 4 1 3", max_memory=budget)
+        assert got.attrs["options"]
+
+
+def test_the_memory_doc_shows_the_committed_budgets_run():
+    from benchmarks import budgets
+
+    doc = (report.DOCS / "memory.md").read_text()
+    assert budgets.table() in doc, "paste `budgets.table()` into docs/memory.md"

@@ -24,6 +24,7 @@ from ._memory import (
     Size,
     backward_bytes,
     forward_bytes,
+    head_bytes,
     plan,
     plan_forwards,
     reuse_host_memory,
@@ -310,13 +311,16 @@ class Problem:
         # the float32 sums [B, K, L, H] and the labelled copy of them
         results = 2 * x.shape[0] * targets * attributed * x.shape[-1] * 4
         if not saved:
-            # a copy's embeddings, and its forward's temporaries (no backward)
+            # a copy's embeddings, and its forward's temporaries (no backward), and its head rows
             per_copy = forward_bytes(*shape, 1, family, saved=False)
+            per_copy += head_bytes(x.shape[0], targets, self.model.head_width, x.element_size())
             per_copy += x.shape[0] * attributed * x.shape[-1] * x.element_size()
             return Cost(0, per_copy, CALL_OVERHEAD + x.shape[0] * targets * attributed * 8)
         layers = _arch.total_layers(config)
+        # a pass's forward scores only its chunk's target rows: the head costs per (point, target)
+        head = head_bytes(x.shape[0], 1, self.model.head_width, x.element_size())
         return Cost(
-            backward_bytes(*shape, family),
+            backward_bytes(*shape, family) + head,
             forward_bytes(*shape, layers, family),
             CALL_OVERHEAD + results,
         )

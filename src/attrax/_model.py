@@ -152,6 +152,13 @@ class Model:
         return int(self._source_embedding.weight.shape[-1])
 
     @property
+    def head_width(self) -> int:
+        """Scores the output projection gives per position (the vocabulary); 0 without one (a
+        classifier's forward gives its few class logits itself)."""
+        weight = getattr(self._head, "weight", None)
+        return int(weight.shape[0]) if isinstance(weight, torch.Tensor) else 0
+
+    @property
     def model_type(self) -> str:
         """``"decoder-only"``, ``"encoder-decoder"`` or ``"encoder-only"``, as results record it."""
         if self.is_encoder_decoder:

@@ -1,0 +1,199 @@
+"""``python -m benchmarks budgets``: ``max_memory`` holds on every benchmark workload.
+
+Per workload (W1, W2, W3, C1, C2: the models and texts of ``run`` and ``classifiers``) and method
+(saliency, integrated gradients with ``--steps`` points, occlusion), attrax runs twice in fresh
+processes: without a budget, then with ``max_memory`` at a third of that call's measured peak, or,
+where the planner refuses that as too small, at the smallest budget its ``OptionError`` names
+(plus 1% for its rounding, up to a MiB). The peak is the process's peak RSS above its RSS before the call (``VmHWM``
+after ``/proc/self/clear_refs``, after a warm-up call and ``malloc_trim``); on a GPU
+``max_memory_allocated`` above the allocation before it. The bounded peak must stay within the
+budget (exit status 1 otherwise). W3 attributes the first ``--w3-targets`` of its 128 targets, to
+keep IG and occlusion within minutes. Results: ``--out`` (default ``benchmarks/budgets-<device>.json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from . import workloads
+from .harness import reset_peak_rss, status_mb
+
+HERE = Path(__file__).resolve().parent
+# workload -> (model, prompt tokens or texts, target tokens or classes)
+WORKLOADS: dict[str, tuple[str, int, int | str]] = {
+    "W1": ("gpt2", 32, 32),
+    "W2": ("marian", 32, 32),
+    "W3": ("gpt2", 1024, 128),
+    "C1": ("bert2", 16, "predicted"),
+    "C2": ("bert20", 16, "all"),
+}
+METHODS = ("saliency", "integrated_gradients", "occlusion")
+_SMALLEST = re.compile(r"needs? an estimated ([\d.]+ \w+)")
+
+
+def _inputs(name: str, w3_targets: int):
+    """``(model, inputs, targets)`` of workload ``name``."""
+    import attrax as ax
+
+    kind, n_prompt, n_target = WORKLOADS[name]
+    if name.startswith("C"):
+        hf, tok = workloads.load_classifier(kind)
+        model = ax.load_model(hf, tokenizer=tok)
+        texts = workloads.classifier_texts(tok, n=n_prompt)
+        return model, texts, None if n_target == "predicted" else n_target
+    hf, tok = workloads.load(kind)
+    model = ax.load_model(hf, tokenizer=tok)
+    prompt, target = workloads.texts(kind, tok, n_prompt, int(n_target))
+    if name == "W3":
+        target = workloads.first_targets_text(tok, prompt, target, w3_targets, kind)
+    return model, prompt, target
+
+
+def worker(spec: str) -> None:
+    """One call: prints a JSON line with its peak bytes above the start, or the planner's error."""
+    import torch
+
+    import attrax as ax
+
+    s = json.loads(spec)
+    torch.set_num_threads(s["threads"])
+    model, inputs, targets = _inputs(s["workload"], s["w3_targets"])
+    model = (
+        model
+        if s["device"] == "cpu"
+        else ax.load_model(model.hf.to(s["device"]), tokenizer=model.tokenizer)
+    )
+    options: dict[str, Any] = {"steps": s["steps"]} if s["method"] == "integrated_gradients" else {}
+    fn = getattr(ax, s["method"])
+    short = (inputs[:2], targets) if isinstance(inputs, list) else (inputs[:40], targets)
+    fn(model, *short, **options)  # warm-up: code pages, lazy imports
+    cuda = s["device"].startswith("cuda")
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        start = torch.cuda.memory_allocated()
+    else:
+        ctypes.CDLL(None).malloc_trim(0)
+        reset_peak_rss()
+        start = (status_mb("VmRSS") or 0.0) * 2**20
+    try:
+        fn(model, inputs, targets, max_memory=s["budget"], **options)
+    except ax.OptionError as error:
+        print(json.dumps({"error": str(error)}))
+        return
+    if cuda:
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - start
+    else:
+        peak = (status_mb("VmHWM") or 0.0) * 2**20 - start
+    print(json.dumps({"peak_bytes": peak}))
+
+
+def _rounded_up(smallest: int) -> int:
+    """A budget at least ``smallest``, which the message rounds to 3 digits: +1%, to a MiB."""
+    return -(-int(smallest * 1.01) // 2**20) << 20
+
+
+def _measure(spec: dict[str, Any], host_memory: str = "attrax") -> dict[str, Any]:
+    env = dict(os.environ)
+    if host_memory == "system":  # glibc's malloc left as it is (attrax._memory.SWITCH)
+        env["ATTRAX_HOST_MEMORY"] = "system"
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "budgets-worker", json.dumps(spec)],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    if done.returncode:
+        raise RuntimeError(f"the measured process failed:\n{done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def run(args: argparse.Namespace) -> int:
+    from attrax._memory import format_bytes, parse_bytes
+
+    rows, failed = [], 0
+    for name in args.workloads.split(","):
+        for method in args.methods.split(","):
+            spec = dict(
+                workload=name, method=method, steps=args.steps, w3_targets=args.w3_targets,
+                threads=args.threads, device=args.device, budget=None,
+            )  # fmt: skip
+            free = _measure(spec, args.host_memory)["peak_bytes"]
+            budget = max(int(free / 3) >> 20, 1) << 20
+            bounded = _measure({**spec, "budget": budget}, args.host_memory)
+            refused = bounded.get("error")
+            if refused:  # a third is below the smallest passes: take the smallest, as told
+                budget = _rounded_up(parse_bytes(_SMALLEST.search(refused).group(1)))  # type: ignore[union-attr,arg-type]
+                bounded = _measure({**spec, "budget": budget}, args.host_memory)
+            peak = bounded.get("peak_bytes", float("nan"))  # NaN: refused even at the smallest
+            ok = peak <= budget
+            failed += not ok
+            rows.append(dict(
+                workload=name, method=method, unbounded_bytes=free, budget_bytes=budget,
+                bounded_bytes=peak, smallest=bool(refused), ok=ok,
+            ))  # fmt: skip
+            print(
+                f"{name} {method}: unbounded {format_bytes(int(free))}, max_memory "
+                f"{format_bytes(budget)}{' (the smallest)' if refused else ''}, bounded "
+                f"{format_bytes(int(peak)) if ok else peak}: {'ok' if ok else 'OVER THE BUDGET'}",
+                flush=True,
+            )
+    out = Path(args.out or HERE / f"budgets-{args.device.split(':')[0]}.json")
+    meta = {k: v for k, v in vars(args).items() if k not in ("func", "out")}
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+    tmp.replace(out)  # complete or not written
+    return 1 if failed else 0
+
+
+LABEL = {"saliency": "saliency", "integrated_gradients": "integrated gradients",
+         "occlusion": "occlusion"}  # fmt: skip
+
+
+def table(path: str | Path = HERE / "budgets-cpu.json") -> str:
+    """The markdown table of a ``budgets`` results file (``docs/memory.md`` shows the CPU one)."""
+    result = json.loads(Path(path).read_text())
+    steps = result["meta"]["steps"]
+    lines = [
+        "| workload | method | no budget | `max_memory` | with it |",
+        "|---|---|---|---|---|",
+    ]
+    mib = 2**20
+    for row in result["rows"]:
+        method = LABEL.get(row["method"], row["method"])
+        if row["method"] == "integrated_gradients":
+            method += f", {steps} points"
+        lines.append(
+            f"| {row['workload']} | {method} | {row['unbounded_bytes'] / mib:,.0f} MiB | "
+            f"{row['budget_bytes'] / mib:,.0f} MiB{' (smallest)' if row['smallest'] else ''} | "
+            f"{row['bounded_bytes'] / mib:,.0f} MiB{'' if row['ok'] else ' ✗'} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def parser(p: argparse.ArgumentParser) -> None:
+    """The options of ``python -m benchmarks budgets``."""
+    p.add_argument("--workloads", default=",".join(WORKLOADS))
+    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--steps", type=int, default=16, help="integrated gradients' points")
+    p.add_argument("--w3-targets", type=int, default=32, help="W3's first targets attributed")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument(
+        "--host-memory",
+        default="attrax",
+        choices=("attrax", "system"),
+        help="system: run with ATTRAX_HOST_MEMORY=system (glibc's malloc left as it is)",
+    )
+    p.add_argument(
+        "--out", default="", help="results JSON (default benchmarks/budgets-<device>.json)"
+    )
