@@ -14,7 +14,6 @@ keep IG and occlusion within minutes. Results: ``--out`` (default ``benchmarks/b
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import os
 import re
@@ -24,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from . import workloads
-from .harness import reset_peak_rss, status_mb
+from .harness import peak_meter
 
 HERE = Path(__file__).resolve().parent
 # workload -> (model, prompt tokens or texts, target tokens or classes)
@@ -75,26 +74,14 @@ def worker(spec: str) -> None:
     fn = getattr(ax, s["method"])
     short = (inputs[:2], targets) if isinstance(inputs, list) else (inputs[:40], targets)
     fn(model, *short, **options)  # warm-up: code pages, lazy imports
-    cuda = s["device"].startswith("cuda")
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        start = torch.cuda.memory_allocated()
-    else:
-        ctypes.CDLL(None).malloc_trim(0)
-        reset_peak_rss()
-        start = (status_mb("VmRSS") or 0.0) * 2**20
+    start, stop = peak_meter(s["device"])
+    base = start()
     try:
         fn(model, inputs, targets, max_memory=s["budget"], **options)
     except ax.OptionError as error:
         print(json.dumps({"error": str(error)}))
         return
-    if cuda:
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() - start
-    else:
-        peak = (status_mb("VmHWM") or 0.0) * 2**20 - start
-    print(json.dumps({"peak_bytes": peak}))
+    print(json.dumps({"peak_bytes": stop(base)}))
 
 
 def _rounded_up(smallest: int) -> int:

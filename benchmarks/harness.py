@@ -21,6 +21,7 @@ it.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import dataclasses
 import gc
 import hashlib
@@ -62,6 +63,36 @@ def reset_peak_rss() -> bool:
         return True
     except OSError:
         return False
+
+
+def peak_meter(device: str):
+    """``(start, stop)``: ``base = start()`` resets the peak; ``stop(base)`` reads the peak bytes
+    since, above ``base``: CUDA ``max_memory_allocated``, else peak RSS (``VmHWM``) after
+    ``malloc_trim``."""
+    import torch
+
+    if device.startswith("cuda"):
+
+        def start() -> float:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            return torch.cuda.memory_allocated()
+
+        def stop(base: float) -> float:
+            torch.cuda.synchronize()
+            return torch.cuda.max_memory_allocated() - base
+
+        return start, stop
+
+    def start_cpu() -> float:
+        ctypes.CDLL(None).malloc_trim(0)
+        reset_peak_rss()
+        return (status_mb("VmRSS") or 0.0) * 2**20
+
+    def stop_cpu(base: float) -> float:
+        return (status_mb("VmHWM") or 0.0) * 2**20 - base
+
+    return start_cpu, stop_cpu
 
 
 def worker(spec_path: str) -> None:

@@ -13,7 +13,6 @@ attrax streams them, keeping the attributed rows (attention) or one running ``[L
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import subprocess
 import sys
@@ -21,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .harness import reset_peak_rss, status_mb
+from .harness import peak_meter
 
 HERE = Path(__file__).resolve().parent
 
@@ -55,25 +54,12 @@ def worker(spec: str) -> None:
     prompt, target = tok.decode(ids[:-k]), tok.decode(ids[-k:])
     fn = getattr(ax, s["method"])
     fn(model, "a b c", " d e")  # warm-up: code pages, lazy imports
-    cuda = s["device"].startswith("cuda")
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        start = torch.cuda.memory_allocated()
-    else:
-        ctypes.CDLL(None).malloc_trim(0)
-        reset_peak_rss()
-        start = (status_mb("VmRSS") or 0.0) * 2**20
+    start, stop = peak_meter(s["device"])
+    base = start()
     began = time.perf_counter()
     out = fn(model, prompt, target)
-    if cuda:
-        torch.cuda.synchronize()
+    peak = stop(base)  # synchronizes a GPU first
     seconds = time.perf_counter() - began
-    peak = (
-        torch.cuda.max_memory_allocated() - start
-        if cuda
-        else (status_mb("VmHWM") or 0.0) * 2**20 - start
-    )
     print(
         json.dumps(
             {

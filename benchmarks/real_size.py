@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import ctypes
 import gc
 import json
 import statistics
@@ -29,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from . import baselines, workloads
-from .harness import reset_peak_rss, status_mb
+from .harness import peak_meter
 from .parity import first_targets, parity
 
 # shape -> (config class, config, dtype)
@@ -65,34 +64,6 @@ def build(shape: str = "gpt2-small", device: str = "cpu", seed: int = 0):
     with torch.device(device):
         model = getattr(transformers, model_class)._from_config(config, dtype=getattr(torch, dtype))
     return model.eval(), tok
-
-
-def _peak(device: str):
-    """``(start, stop)``: reset the peak, then read the call's peak bytes above its start."""
-    import torch
-
-    if device.startswith("cuda"):
-
-        def start() -> float:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            return torch.cuda.memory_allocated()
-
-        def stop(base: float) -> float:
-            torch.cuda.synchronize()
-            return torch.cuda.max_memory_allocated() - base
-
-        return start, stop
-
-    def start_cpu() -> float:
-        ctypes.CDLL(None).malloc_trim(0)
-        reset_peak_rss()
-        return (status_mb("VmRSS") or 0.0) * 2**20
-
-    def stop_cpu(base: float) -> float:
-        return (status_mb("VmHWM") or 0.0) * 2**20 - base
-
-    return start_cpu, stop_cpu
 
 
 def _calls(method: str, hf, model, tok, prompt: str, target: str, short: str, args) -> dict:
@@ -159,7 +130,7 @@ def run(args: argparse.Namespace) -> int:
         f"{args.threads} threads"
         + (f"; Captum/Inseq on the first {k} targets, times x{scale:g}" if k else "")
     )
-    start, stop = _peak(args.device)
+    start, stop = peak_meter(args.device)
     methods = args.methods.split(",")
     dtype = SHAPES[args.shape][2]
     gate_dtype = dtype if args.parity_dtype == "same" else args.parity_dtype
