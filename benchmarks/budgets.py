@@ -4,11 +4,12 @@ Per workload (W1, W2, W3, C1, C2: the models and texts of ``run`` and ``classifi
 (saliency, integrated gradients with ``--steps`` points, occlusion), attrax runs twice in fresh
 processes: without a budget, then with ``max_memory`` at a third of that call's measured peak, or,
 where the planner refuses that as too small, at the smallest budget its ``OptionError`` names
-(plus 1% for its rounding, up to a MiB). The peak is the process's peak RSS above its RSS before the call (``VmHWM``
-after ``/proc/self/clear_refs``, after a warm-up call and ``malloc_trim``); on a GPU
-``max_memory_allocated`` above the allocation before it. The bounded peak must stay within the
-budget (exit status 1 otherwise). W3 attributes the first ``--w3-targets`` of its 128 targets, to
-keep IG and occlusion within minutes. Results: ``--out`` (default ``benchmarks/budgets-<device>.json``).
+(plus 1% for its rounding, up to a MiB). The peak is the process's peak RSS above its RSS before
+the call (``VmHWM`` after ``/proc/self/clear_refs``, after a warm-up call and ``malloc_trim``); on
+a GPU ``max_memory_allocated`` above the allocation before it. The bounded peak must stay within
+the budget (exit status 1 otherwise). W3 attributes the first ``--w3-targets`` of its 128
+targets, to keep IG and occlusion within minutes. Results: ``--out`` (default
+``benchmarks/budgets-<device>.json``).
 """
 
 from __future__ import annotations

@@ -8,6 +8,8 @@ the texts (its ids are all below every shape's vocabulary). One process, offline
 
 Per method, each library runs once (warm-up and parity: ``--tolerance`` relative, or exit status
 2 before any timing), then ``repeats`` timed calls, libraries interleaved; the median is printed.
+A bfloat16 shape is gated first on a float32 copy of the same weights (``--parity-dtype``), where
+a batched and a looped backward round alike; its own bfloat16 difference is then reported only.
 Captum and Inseq can run the first ``--first-targets`` targets only: their time is then
 extrapolated by ``targets / first_targets`` (an under-estimate of theirs: later targets have longer
 prefixes), as W3 does. Peak memory per call: on the CPU the process's peak RSS above its RSS
