@@ -16,14 +16,13 @@ the ``LIVE_TENSORS`` constants of ``attrax._memory``. The table printed (and wri
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
-from .harness import reset_peak_rss, status_mb
+from .harness import peak_meter
 
 OUT = Path(__file__).resolve().parent / "calibration.json"
 
@@ -98,14 +97,22 @@ def _workload(
     return model, texts if n_texts > 1 else texts[0], "all", (" ".join(words[:6]), "all")  # fmt: skip
 
 
+def _problem(model: Any, inputs: Any, targets: Any) -> Any:
+    """The engine's ``Problem`` of a call (the default objective of the model's task), whose
+    ``cost()`` is the planner's estimate."""
+    from attrax._engine import Problem
+    from attrax._inputs import prepare
+    from attrax._objectives import resolve
+
+    objective = resolve("probability" if model.task == "generation" else "logit")[1]
+    return Problem.build(model, prepare(model, inputs, targets), objective, False)
+
+
 def worker(spec: str) -> None:
     """One measurement: prints a JSON line with the peak above the start and the estimate."""
     import torch
 
     import attrax as ax
-    from attrax._engine import Problem
-    from attrax._inputs import prepare
-    from attrax._objectives import resolve
 
     s = json.loads(spec)
     torch.set_num_threads(s["threads"])
@@ -115,13 +122,11 @@ def worker(spec: str) -> None:
     method, options = RUNS[s["run"]]
     fn = getattr(ax, method)
     fn(model, *warm_up, **options)  # warm-up: code pages, lazy imports
-    ctypes.CDLL(None).malloc_trim(0)
-    reset_peak_rss()
-    start = status_mb("VmRSS")
+    start, stop = peak_meter("cpu")
+    base = start()
     fn(model, inputs, targets, **options)
-    peak = status_mb("VmHWM")
-    objective = resolve("probability" if model.task == "generation" else "logit")[1]
-    problem = Problem.build(model, prepare(model, inputs, targets), objective, False)
+    peak_mb = stop(base) / 2**20
+    problem = _problem(model, inputs, targets)
     cost, inference = problem.cost(), problem.cost(saved=False)
     x = problem.inputs[0]
     tokens = sum(xi.shape[1] for xi in problem.inputs)
@@ -130,7 +135,7 @@ def worker(spec: str) -> None:
     print(
         json.dumps(
             {
-                "peak_mb": peak - start,
+                "peak_mb": peak_mb,
                 "targets": int(problem.tensors.valid.shape[1]),
                 "tokens": tokens,
                 "sources": sum(xi.shape[1] for xi in problem.inputs),
@@ -232,16 +237,12 @@ def run(args: argparse.Namespace) -> int:
 
 def estimates(row: dict[str, Any]) -> dict[str, float]:
     """The current estimate (``attrax._memory``'s constants now) of each run of a measured row."""
-    from attrax._engine import Problem
-    from attrax._inputs import prepare
-    from attrax._objectives import resolve
 
     shape = next(
         shape for shape in SHAPES[row["family"]] if shape[:2] == (row["arch"], row["config"])
     )
     model, inputs, targets, _ = _workload(row["family"], *shape)
-    objective = resolve("probability" if model.task == "generation" else "logit")[1]
-    problem = Problem.build(model, prepare(model, inputs, targets), objective, False)
+    problem = _problem(model, inputs, targets)
     cost, inference = problem.cost(), problem.cost(saved=False)
     k = int(problem.tensors.valid.shape[1])
     copies = min(COPIES, sum(x.shape[1] for x in problem.inputs))
