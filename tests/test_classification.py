@@ -12,6 +12,7 @@ import torch
 
 import attrax as ax
 from attrax.testing import tiny_classifier
+from tests.conftest import assert_close
 
 CLASSIFIERS = [
     ("bert", "sequence"),
@@ -96,8 +97,11 @@ def _rows(model: ax.Model, naive: Naive) -> list[tuple[int | None, int]]:
     return targets
 
 
-def _check(da, model: ax.Model, texts, per_target) -> None:
-    """``per_target(naive, embeds, position, class) -> [L, H]`` against each example's rows."""
+def _check(da, model: ax.Model, texts, per_target, differences: bool = False) -> None:
+    """``per_target(naive, embeds, position, class) -> [L, H]`` against each example's rows.
+
+    ``differences``: the values are differences of two probabilities, whose float32 rounding is
+    relative to the probabilities, not to the differences."""
     for b, text in enumerate(texts):
         naive = Naive(model, *((text,) if isinstance(text, str) else text))
         embeds = naive.embeddings()
@@ -108,7 +112,8 @@ def _check(da, model: ax.Model, texts, per_target) -> None:
             if model.causal and position is not None:
                 row, want = row[: position + 1], want[: position + 1]
             # float32 rounding of the largest entries shows on the smallest: scale atol by them
-            np.testing.assert_allclose(row, want, rtol=1e-4, atol=1e-6 * np.abs(want).max())
+            scale = float(naive.score(embeds, position, cls)) if differences else np.abs(want).max()
+            np.testing.assert_allclose(row, want, rtol=1e-4, atol=1e-6 * scale)
 
 
 def _all(model: ax.Model):
@@ -161,7 +166,7 @@ def test_occlusion_equals_the_naive_loop(classifiers, arch, task):
         return torch.stack(drops)
 
     da = ax.occlusion(model, TEXTS, _all(model))
-    _check(da, model, TEXTS, naive_occlusion)
+    _check(da, model, TEXTS, naive_occlusion, differences=True)
 
 
 def test_text_pairs_mark_segments_and_special_tokens(classifiers):
@@ -349,7 +354,7 @@ def test_the_mask_baseline_keeps_special_tokens(classifiers):
     special = torch.tensor(got.special.values)[None, :, None]
     base = torch.where(special, x, mask.detach().expand_as(x))
     want = ax.integrated_gradients(model, TEXTS[0], "all", steps=4, baseline=base)
-    np.testing.assert_allclose(got.values, want.values, rtol=1e-5, atol=1e-8)
+    assert_close(got.values, want.values, rtol=1e-5, atol=1e-6)
     assert (got.values[:, got.special.values] == 0).all()  # nothing moves along kept tokens
 
 

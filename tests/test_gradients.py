@@ -16,7 +16,7 @@ from attrax._inputs import prepare
 from attrax._objectives import resolve
 from attrax.testing import tiny_model
 from tests import _naive
-from tests.conftest import PAIRS, integrated_gradients
+from tests.conftest import PAIRS, assert_close, integrated_gradients
 
 NAIVE_OBJECTIVES = {
     "probability": _naive.probability,
@@ -309,9 +309,7 @@ def test_positions_select_rows(models):
     last = int(full.target[-1])
     some = ax.input_x_gradient(model, *PAIRS[1], positions=[int(full.target[0]), -1])
     assert list(some.target.values) == [int(full.target[0]), last]
-    np.testing.assert_allclose(
-        some.values, full.sel(target=some.target).values, rtol=1e-5, atol=1e-8
-    )
+    assert_close(some.values, full.sel(target=some.target).values, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("arch", ["llama", "marian"])
@@ -323,7 +321,7 @@ def test_chunking_changes_nothing(models, arch):
         chunked = ax.integrated_gradients(
             model, sources, targets, steps=6, batch_size=batch_size, chunk_size=chunk_size
         )
-        np.testing.assert_allclose(chunked.values, whole.values, rtol=1e-5, atol=1e-8)
+        assert_close(chunked.values, whole.values, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("arch", ["llama", "marian"])
@@ -350,7 +348,7 @@ def test_auto_sizes_fit_the_memory_budget(models, arch, monkeypatch):
         assert problem.plan(6, "auto", "auto") == expected, budget
         assert problem.plan(6, 4, None) == (4, None)  # given sizes are kept
         auto = ax.integrated_gradients(model, sources, targets, steps=6)
-        np.testing.assert_allclose(auto.values, whole.values, rtol=1e-5, atol=1e-8)
+        assert_close(auto.values, whole.values, rtol=1e-5, atol=1e-6)
     assert '"chunk_size": "auto"' in auto.attrs["options"]
     with pytest.raises(
         ax.OptionError, match="`chunk_size` must be a positive integer, None or 'auto'"

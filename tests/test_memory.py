@@ -16,7 +16,7 @@ from attrax import _memory
 from attrax._engine import Problem
 from attrax._inputs import prepare
 from attrax._objectives import resolve
-from tests.conftest import PAIRS
+from tests.conftest import PAIRS, assert_close
 
 
 class FakeLibc:
@@ -98,6 +98,40 @@ def test_the_free_heap_is_measured_once_a_second_unless_the_process_grew(fake, m
     with _memory.reuse_host_memory():
         pass
     assert trims() == 3  # a second later, measured again
+
+
+def test_a_stated_budget_gives_the_heap_back_between_passes_that_could_exceed_it(fake, monkeypatch):
+    resident = [1 << 30]
+    monkeypatch.setattr(_memory, "_resident", lambda: resident[0])
+    trims = lambda: fake.calls.count(("malloc_trim", 0))  # noqa: E731
+    cpu = torch.device("cpu")
+    with _memory.reuse_host_memory():
+        _memory.expect_passes(100 << 20, 60 << 20, cpu)  # a 60 MiB pass under 100 MiB
+        _memory.between_passes()
+        resident[0] += 40 << 20  # 40 MiB freed but resident: 40 + 60 fits exactly
+        _memory.between_passes()
+        assert trims() == 0
+        resident[0] += 1  # one byte more could take the next pass over the budget
+        _memory.between_passes()
+        assert trims() == 1
+    assert _memory._limit is None  # the budget ends with the call
+    with _memory.reuse_host_memory():  # no budget stated: reuse is never interrupted
+        resident[0] += 1 << 30
+        _memory.between_passes()
+    with _memory.reuse_host_memory():  # a budget on another device is not of host memory
+        _memory.expect_passes(1, 1, torch.device("meta"))
+        _memory.between_passes()
+    assert trims() == 1 + 3  # the one between passes, and each call's own end
+
+
+def test_the_planner_states_each_pass_it_plans(fake, monkeypatch):
+    seen = []
+    monkeypatch.setattr(_memory, "expect_passes", lambda *a: seen.append(a[:2]))
+    cpu = torch.device("cpu")
+    _memory.plan(8, 32, "auto", "auto", _memory.Cost(per_cotangent=10), cpu, max_memory=640)
+    _memory.plan_forwards(100, "auto", 10, cpu, max_memory=250, fixed=5)
+    _memory.plan_forwards(100, 7, 10, cpu, max_memory=250)
+    assert seen == [(640, 8 * 8 * 10), (250, 5 + 24 * 10), (250, 0)]
 
 
 def test_user_tuning_wins(fake, monkeypatch):
@@ -231,7 +265,7 @@ def test_the_planner_fits_the_budget_it_is_given(models, monkeypatch):
         bounded = dataclasses.replace(problem, max_memory=budget)
         assert bounded.plan(6, "auto", "auto") == expected, budget
         got = ax.integrated_gradients(model, sources, targets, steps=6, max_memory=budget)
-        np.testing.assert_allclose(got.values, whole.values, rtol=1e-5, atol=1e-8)
+        assert_close(got.values, whole.values, rtol=1e-5, atol=1e-6)
     with pytest.raises(ax.OptionError, match=r"`max_memory` of 11.5 kB cannot be met.*11.5 kB"):
         ax.integrated_gradients(model, sources, targets, steps=6, max_memory=11_499)
     with pytest.raises(ax.OptionError, match="the smallest passes with chunk_size=4"):

@@ -23,6 +23,7 @@ from ._memory import (
     Cost,
     Size,
     backward_bytes,
+    between_passes,
     forward_bytes,
     head_bytes,
     plan,
@@ -189,6 +190,7 @@ class Problem:
         step = plan_forwards(total, batch_size, cost.per_point, device, self.max_memory, cost.fixed)
         out = []
         for start in range(0, total, step):  # chunking only: bounds memory
+            between_passes()
             parts = keep[start : start + step].split(widths, dim=-1)
             points = tuple(
                 torch.where(p[..., None], x[None], b[None])
@@ -244,6 +246,7 @@ class Problem:
             w = weights[chunk].to(dtype=acc, device=self.inputs[0].device)
             per_side = _per_side(w, self.inputs)
             for slots, length in self._target_chunks(chunk_size):
+                between_passes()
                 grads, hidden = self._chunk_gradients(stacked, slots, length, chunk_size)
                 if start == 0:
                     if first.shape[-1] == 0:
@@ -439,6 +442,7 @@ class Problem:
         """:meth:`directional_sum`'s chunks of ``step`` points, added to ``sums``."""
         total = weights.shape[0]
         for start in range(0, total, step):  # chunking only: bounds memory
+            between_passes()
             chunk = torch.arange(start, min(start + step, total))
             stacked = points(chunk)
             n = stacked[0].shape[0]

@@ -12,7 +12,9 @@ at most) with a fresh ``mmap`` and unmaps it on ``free``, so each one is page-fa
 the kernel anew (most of the system time of long CPU calls; measured in docs/benchmarks.md).
 Within :func:`reuse_host_memory` large blocks come from the heap and are reused; at the end, if
 much of the heap is free, it goes back to the OS (measured at most once a second, or when the
-process grew: :func:`_trim`).
+process grew: :func:`_trim`). Under a stated ``max_memory`` the heap is also given back between
+passes whenever the freed memory it holds could take the next pass past the budget
+(:func:`between_passes`).
 
 This is a process-wide setting of glibc's malloc, made only while an attrax computation runs.
 Linux with glibc only; elsewhere, when the user tuned malloc through its environment variables
@@ -77,6 +79,9 @@ _depth = 0
 _libc: Any = None
 # (monotonic seconds, resident bytes) at the last measure of the free heap
 _measured: tuple[float, int] = (-float("inf"), 0)
+# the outermost block's resident bytes at entry, and a stated budget with its planned pass bytes
+_entry_resident: int | None = None
+_limit: tuple[int, int] | None = None
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
@@ -181,7 +186,7 @@ def reuse_host_memory() -> Iterator[None]:
 
     Re-entrant and thread-safe: nested and concurrent blocks share one setting.
     """
-    global _depth
+    global _depth, _entry_resident, _limit
     libc = _glibc()
     if libc is None:
         yield
@@ -189,6 +194,7 @@ def reuse_host_memory() -> Iterator[None]:
     with _lock:
         if _depth == 0:
             _set(libc, DURING)
+            _entry_resident, _limit = _resident(), None
         _depth += 1
     try:
         yield
@@ -198,6 +204,34 @@ def reuse_host_memory() -> Iterator[None]:
             if _depth == 0:
                 _set(libc, AFTER)
                 _trim(libc)
+                _entry_resident = _limit = None
+
+
+def expect_passes(max_memory: int | None, pass_bytes: int, device: torch.device) -> None:
+    """Note a stated budget and the planned bytes of each pass, for :func:`between_passes`
+    (the planner calls this; nothing happens outside :func:`reuse_host_memory`, or off the CPU)."""
+    global _limit
+    if max_memory is not None and device.type == "cpu" and _depth:
+        with _lock:
+            _limit = (max_memory, pass_bytes)
+
+
+def between_passes() -> None:
+    """Before a pass of a call with a stated ``max_memory``: give the free heap back to the OS
+    when the resident growth since the call began plus the planned pass could exceed the budget.
+
+    Reused heap is resident wherever it was freed, and a pass's blocks may not fit the holes an
+    earlier pass left (W1 occlusion under a 291 MiB budget: 183-505 MiB without this), so the
+    freed memory and the next pass add up; the budget wins over the faults saved.
+    """
+    limit, entry = _limit, _entry_resident
+    if limit is None or entry is None:
+        return
+    resident = _resident()
+    if resident is not None and resident - entry + limit[1] > limit[0]:
+        libc = _glibc()
+        if libc is not None:
+            libc.malloc_trim(0)
 
 
 # --- planning ------------------------------------------------------------------------------
@@ -374,6 +408,7 @@ def plan(
     if isinstance(cost, int):
         cost = Cost(per_cotangent=cost)
     if AUTO not in (batch_size, chunk_size):  # nothing to estimate
+        expect_passes(max_memory, 0, device)
         return _given(batch_size), _given(chunk_size)
     chunk = targets if chunk_size in (None, AUTO) else int(chunk_size)  # type: ignore[arg-type]
     batch = points if batch_size in (None, AUTO) else int(batch_size)  # type: ignore[arg-type]
@@ -390,6 +425,7 @@ def plan(
         while batch_size == AUTO and batch > 1 and cost.at(batch, chunk) > CPU_PASS:
             batch = -(-batch // 2)
     needed = cost.at(batch, chunk)
+    expect_passes(max_memory, needed, device)
     if max_memory is not None and needed > max_memory:
         fixed = [f"{n}={v}" for n, v in (("batch_size", batch_size), ("chunk_size", chunk_size))]
         given = [f for f, v in zip(fixed, (batch_size, chunk_size), strict=True) if v != AUTO]
@@ -419,9 +455,11 @@ def plan_forwards(
     25
     """
     if batch_size != AUTO:
+        expect_passes(max_memory, 0, device)
         return copies if batch_size is None else int(batch_size)
     budget = memory_budget(device) if max_memory is None else max_memory
     batch = max(1, min(copies, (budget - fixed) // max(per_copy, 1)))
+    expect_passes(max_memory, fixed + batch * per_copy, device)
     if max_memory is not None and fixed + per_copy > max_memory:
         raise OptionError(
             f"`max_memory` of {format_bytes(max_memory)} cannot be met: one perturbed copy per forward needs an "
