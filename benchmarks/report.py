@@ -911,7 +911,7 @@ def _w3_options(results: dict[str, Any], runs: dict[tuple[str, str, str], Any]) 
         "through its own vmap-aware op (`attrax._sdpa`): every target folded into the batch "
         "dim, one fused backward per attention call, which on a GPU recomputes the forward "
         "through `F.scaled_dot_product_attention` so that torch picks the kernel "
-        "([gradients](methods/gradients.md#attention-implementation)). Its effect on the GPU is "
+        "([gradients](methods/gradients.md#sdpas-backward-under-vmap)). Its effect on the GPU is "
         "not measured yet: `python -m benchmarks run --device cuda --variants` measures it and "
         "runs W3 with the fastest option."
     )

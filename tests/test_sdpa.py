@@ -203,6 +203,23 @@ def test_classifiers_through_sdpa_equal_eager(arch, task, no_fallback):
     assert 0 < kernels[BACKWARD] <= kernels[FORWARD]
 
 
+@pytest.mark.parametrize("arch", ["llama", "bart"])
+def test_the_recomputing_path_through_a_model(arch, monkeypatch, no_fallback):
+    # what a GPU runs, forced on the CPU: the backward recomputes SDPA under autograd
+    monkeypatch.setitem(attention.__kwdefaults__, "recompute", True)
+    hf, tok = tiny_model(arch)
+    sources, targets = [p[0] for p in PAIRS[:2]], [p[1] for p in PAIRS[:2]]
+
+    def call(model):
+        return ax.saliency(model, sources, targets)
+
+    want = call(ax.load_model(hf, tokenizer=tok, attn_implementation="eager")).values
+    got, kernels = _through_sdpa(hf, tok, call)
+    assert_close(got, want, rtol=0, atol=1e-5)
+    # each backward recomputes its forward: forwards = the passes' own + the backwards'
+    assert 0 < kernels[BACKWARD] <= kernels[FORWARD] // 2
+
+
 def test_layers_through_sdpa_equal_eager(no_fallback):
     hf, tok = tiny_model("gpt2")
 
