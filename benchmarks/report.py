@@ -891,8 +891,15 @@ def _w3_options(results: dict[str, Any], runs: dict[tuple[str, str, str], Any]) 
             + (f" ({v['sdpa_backwards']} fused backwards)" if "sdpa_backwards" in v else "")
             for v in rows
         )
-        + f". {used} A `torch.profiler` table of one such call is in "
-        "`benchmarks/gpu-h200-profile-w3-saliency.txt`.\n"
+        + f". {used} "
+        + (
+            "`torch.profiler` tables of one call with `chunk_size=32` are in "
+            "`benchmarks/gpu-h200-profile-w3-saliency.txt` (eager) and "
+            "`benchmarks/gpu-h200-profile-w3-saliency-sdpa.txt` (SDPA).\n"
+            if folded
+            else "A `torch.profiler` table of one such call is in "
+            "`benchmarks/gpu-h200-profile-w3-saliency.txt`.\n"
+        )
     )
     ig = runs.get(("W3", "integrated_gradients", "attrax"))
     captum = runs.get(("W3", "integrated_gradients", "captum"))
