@@ -128,6 +128,7 @@ class Runner:
         device: str = "cpu",
         baseline_attn="eager",
         dtype: str = "float32",
+        attrax_attn: str = "auto",
     ):
         self.library, self.kind, self.method = library, kind, method
         # attrax picks its attention per call (its "auto"); Inseq's attention needs eager maps
@@ -140,7 +141,9 @@ class Runner:
         if library == "attrax":
             import attrax as ax
 
-            self.handle = ax.load_model(self.hf, tokenizer=self.tok)
+            self.handle = ax.load_model(
+                self.hf, tokenizer=self.tok, attn_implementation=attrax_attn
+            )
         elif library == "inseq":
             from .baselines import inseq_load
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -75,7 +76,12 @@ def smoke(device: str) -> list[dict[str, Any]]:
 
 
 def variants(device: str, plan: Plan, out_dir: Path) -> list[dict[str, Any]]:
-    """attrax alone on W3 saliency: chunk sizes and attention kernels; a profile of one call."""
+    """attrax alone on W3 saliency: chunk sizes and attention kernels; a profile of one call.
+
+    SDPA runs through attrax's vmap-aware op (``attrax._sdpa``); each row records how many
+    fused attention backwards one call ran (``sdpa_backwards``: one per attention call and pass
+    when every target shares it, ``targets`` times that when ``vmap`` falls back per target).
+    """
     import torch
 
     import attrax as ax
@@ -90,7 +96,7 @@ def variants(device: str, plan: Plan, out_dir: Path) -> list[dict[str, Any]]:
         model = ax.load_model(hf.to(device), tokenizer=tok, attn_implementation=attn)
         prompt, target = workloads.texts("gpt2", tok, plan.n_prompt, plan.n_target)
         attrax_attribute(model, "a b c d", " e f", "saliency")  # warm-up
-        for chunk in (16, 32, 64, None) if attn == "eager" else (32, None):
+        for chunk in (16, 32, 64, None):
             times = []
             for _ in range(3):
                 sync()
@@ -98,11 +104,17 @@ def variants(device: str, plan: Plan, out_dir: Path) -> list[dict[str, Any]]:
                 attrax_attribute(model, prompt, target, "saliency", chunk_size=chunk)
                 sync()
                 times.append(time.perf_counter() - t0)
-            rows.append(dict(attn=attn, chunk_size=chunk, median_s=statistics.median(times)))
+            row = dict(attn=attn, chunk_size=chunk, median_s=statistics.median(times))
+            if attn == "sdpa":
+                row["sdpa_backwards"] = _sdpa_backwards(
+                    attrax_attribute, model, prompt, target, "saliency", chunk_size=chunk
+                )
+            rows.append(row)
             print(
-                f"  variant W3 saliency {attn:5s} chunk_size={chunk}: {rows[-1]['median_s']:.4f} s"
+                f"  variant W3 saliency {attn:5s} chunk_size={chunk}: {row['median_s']:.4f} s"
+                + (f" ({row['sdpa_backwards']} SDPA backwards)" if attn == "sdpa" else "")
             )
-            if attn == "eager" and chunk == 32 and device.startswith("cuda"):
+            if chunk == 32 and device.startswith("cuda"):
                 from torch.profiler import ProfilerActivity, profile
 
                 with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
@@ -110,8 +122,31 @@ def variants(device: str, plan: Plan, out_dir: Path) -> list[dict[str, Any]]:
                     sync()
                 table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25)
                 table += "\n" + prof.key_averages().table(sort_by="cpu_time_total", row_limit=25)
-                (out_dir / "profile-w3-saliency.txt").write_text(table)
+                name = "profile-w3-saliency" + ("-sdpa" if attn == "sdpa" else "") + ".txt"
+                (out_dir / name).write_text(table)
         del model, hf
         if device.startswith("cuda"):
             torch.cuda.empty_cache()
     return rows
+
+
+def fastest(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The quickest of :func:`variants`' rows: the attention and ``chunk_size`` W3 then runs."""
+    return min(rows, key=lambda row: row["median_s"])
+
+
+def _sdpa_backwards(call: Callable[..., Any], *args: Any, **kwargs: Any) -> int:
+    """How many fused SDPA backward kernels (any backend) ``call(*args, **kwargs)`` ran."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    names: list[str] = []
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if "scaled_dot_product" in func.name() and func.name().endswith("_backward"):
+                names.append(func.name())
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        call(*args, **kwargs)
+    return len(names)

@@ -838,27 +838,7 @@ def render_gpu(results: dict[str, Any], real_size: dict[str, dict[str, Any]] | N
             + f"largest error {worst:.1e}.\n"
         )
     if results.get("variants"):
-        w(
-            "**attrax options on W3 saliency** (attrax alone, median of 3 calls): "
-            + "; ".join(
-                f"{v['attn']} attention, `chunk_size={v['chunk_size']}` "
-                f"{v['median_s'] * 1e3:.0f} ms"
-                for v in results["variants"]
-            )
-            + ". The table above uses eager attention and `chunk_size=32`. A `torch.profiler` "
-            "table of one such call is in `benchmarks/gpu-h200-profile-w3-saliency.txt`.\n"
-        )
-        w(
-            "**Below the goal on W3.** attrax does one backward per (target, point) through "
-            "~1100 positions. For W3 IG that is 16 × 50 backwards, about 9 TFLOP: some 0.15 s at "
-            "the H200's float32 rate, so 10× over Captum's 2.2 s is possible in principle, and "
-            "the measured 0.7 s is not bound by arithmetic. The vectorized attention backward materializes "
-            "`[targets × points, heads, n, n]` tensors (7 GB each here), so softmax-backward, "
-            "multiply and copy kernels bound by memory dominate. SDPA's fused backward has no "
-            "`vmap` batching rule: it falls back to one call per sample and is slower still "
-            "(the variants above). A fused, vmap-aware attention backward is what would close the "
-            "gap.\n"
-        )
+        lines += _w3_options(results, runs)
     smoke = results.get("smoke", [])
     if smoke:
         worst = max((r.get("rel_err", 0.0) for r in smoke), default=0.0)
@@ -889,6 +869,67 @@ def render_gpu(results: dict[str, Any], real_size: dict[str, dict[str, Any]] | N
             "`python -m benchmarks report` puts the tables here.\n"
         )
     return "\n".join(lines)
+
+
+def _w3_options(results: dict[str, Any], runs: dict[tuple[str, str, str], Any]) -> list[str]:
+    """The GPU page's paragraphs on attrax's options on W3 and why W3 stays below the goal."""
+    rows = results["variants"]
+    plan = results["meta"].get("plans", {}).get("W3", {})
+    # runs before the vmap-aware SDPA fixed W3's attention (eager, chunk_size=32)
+    chosen = plan.get("attn_implementation")
+    folded = any("sdpa_backwards" in v for v in rows)
+    used = (
+        f"The W3 rows of the table above run the fastest of these, {chosen} attention and "
+        f"`chunk_size={plan.get('chunk_size')}`."
+        if chosen
+        else "The table above uses eager attention and `chunk_size=32`."
+    )
+    options = (
+        "**attrax options on W3 saliency** (attrax alone, median of 3 calls): "
+        + "; ".join(
+            f"{v['attn']} attention, `chunk_size={v['chunk_size']}` {v['median_s'] * 1e3:.0f} ms"
+            + (f" ({v['sdpa_backwards']} fused backwards)" if "sdpa_backwards" in v else "")
+            for v in rows
+        )
+        + f". {used} "
+        + (
+            "`torch.profiler` tables of one call with `chunk_size=32` are in "
+            "`benchmarks/gpu-h200-profile-w3-saliency.txt` (eager) and "
+            "`benchmarks/gpu-h200-profile-w3-saliency-sdpa.txt` (SDPA).\n"
+            if folded
+            else "A `torch.profiler` table of one such call is in "
+            "`benchmarks/gpu-h200-profile-w3-saliency.txt`.\n"
+        )
+    )
+    ig = runs.get(("W3", "integrated_gradients", "attrax"))
+    captum = runs.get(("W3", "integrated_gradients", "captum"))
+    measured = (
+        f"10× over Captum's {captum['median_s']:.1f} s is possible in principle, and the measured "
+        f"{ig['median_s']:.1f} s is not bound by arithmetic"
+        if ig and captum
+        else "10× over Captum is possible in principle"
+    )
+    sdpa = (
+        "The sdpa variants above ran attrax's vmap-aware SDPA (`attrax._sdpa`): every target "
+        "folded into the batch dim, one fused backward per attention call and chunk."
+        if folded
+        else "In this run SDPA's fused backward had no `vmap` batching rule: it fell back to one "
+        "call per target and was slower still (the sdpa variants above). attrax now runs SDPA "
+        "through its own vmap-aware op (`attrax._sdpa`): every target folded into the batch "
+        "dim, one fused backward per attention call, which on a GPU recomputes the forward "
+        "through `F.scaled_dot_product_attention` so that torch picks the kernel "
+        "([gradients](methods/gradients.md#sdpas-backward-under-vmap)). Its effect on the GPU is "
+        "not measured yet: `python -m benchmarks run --device cuda --variants` measures it and "
+        "runs W3 with the fastest option."
+    )
+    below = (
+        "**Below the goal on W3.** attrax does one backward per (target, point) through "
+        "~1100 positions. For W3 IG that is 16 × 50 backwards, about 9 TFLOP: some 0.15 s at "
+        f"the H200's float32 rate, so {measured}. The vectorized eager attention backward "
+        "materializes `[targets × points, heads, n, n]` tensors (7 GB each here), so "
+        "softmax-backward, multiply and copy kernels bound by memory dominate. " + sdpa + "\n"
+    )
+    return [options, below]
 
 
 # --------------------------------------------------------------------------------------------------

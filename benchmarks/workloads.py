@@ -58,6 +58,7 @@ class Plan:
     batch_size: int | None = None  # attrax IG batch_size (interpolation points per forward)
     internal_batch_size: int | None = None  # Captum/Inseq IG internal_batch_size
     steps: int = IG_STEPS  # IG quadrature points, the same for every library
+    attn_implementation: str = "auto"  # attrax's attention ("auto": its own choice per call)
 
 
 def plans(quick: bool = False, device: str = "cpu") -> dict[str, Plan]:

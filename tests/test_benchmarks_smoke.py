@@ -100,6 +100,26 @@ def test_committed_docs_are_rendered_from_the_committed_results():
         )
 
 
+def test_the_gpu_page_names_the_w3_option_its_rows_ran():
+    # a run with the folded SDPA: W3's attrax rows take the fastest variant, and the page says so
+    from benchmarks import gpu
+
+    results = report.load(report.GPU_RESULTS)
+    variants = [
+        dict(attn="eager", chunk_size=32, median_s=0.279),
+        dict(attn="sdpa", chunk_size=32, median_s=0.201, sdpa_backwards=16),
+        dict(attn="sdpa", chunk_size=None, median_s=0.230, sdpa_backwards=4),
+    ]
+    best = gpu.fastest(variants)
+    assert (best["attn"], best["chunk_size"]) == ("sdpa", 32)
+    meta = dict(results["meta"], plans={"W3": dict(attn_implementation="sdpa", chunk_size=32)})
+    text = report.render_gpu(dict(results, variants=variants, meta=meta))
+    assert "`chunk_size=32` 201 ms (16 fused backwards)" in text
+    assert "run the fastest of these, sdpa attention and `chunk_size=32`" in text
+    assert "one fused backward per attention call and chunk" in text
+    assert "not measured yet" not in text.split("**Below the goal")[1].split("\n")[0]
+
+
 def test_plot_renders(tmp_path):
     report.plot_speedups(report.load(report.CPU_RESULTS), tmp_path / "b.png")
     assert (tmp_path / "b.png").read_bytes()[:4] == b"\x89PNG"

@@ -8,7 +8,6 @@ over masked copies of the embeddings, every target scored at once.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -36,7 +35,6 @@ from ._objectives import Objective, evaluate_objective
 # points[i] for i in a chunk of indices -> one tensor [n, B, L, H] per attributed side
 PointFn = Callable[[torch.Tensor], tuple[torch.Tensor, ...]]
 Baseline = str | torch.Tensor | tuple[torch.Tensor, ...]
-_NO_BATCHING_RULE = r"There is a performance drop .* batching rule for aten::_scaled_dot_product"
 
 
 @dataclass(frozen=True)
@@ -376,11 +374,8 @@ class Problem:
         one_hot = torch.eye(width, dtype=hidden.dtype, device=hidden.device)
         cotangents = one_hot[:, None, :, None] * head_grad[None]
         vmap_chunk = None if self.model.causal else chunk_size
-        with warnings.catch_warnings():
-            # SDPA's backward has no batching rule: vmap runs it once per target, which attrax
-            # chose knowingly (Model.attention_for), so the warning would only be noise
-            warnings.filterwarnings("ignore", _NO_BATCHING_RULE, UserWarning)
-            return torch.vmap(pullback, chunk_size=vmap_chunk)(cotangents), hidden
+        # SDPA runs attrax's own op here (Model.attention_as), whose backward batches over targets
+        return torch.vmap(pullback, chunk_size=vmap_chunk)(cotangents), hidden
 
     def _one_target_gradients(
         self, flat: list[torch.Tensor], n: int, slots: slice

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import numbers
-import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -29,7 +28,7 @@ import xarray as xr
 from torch.func import vjp
 
 from . import _arch
-from ._engine import _NO_BATCHING_RULE, PointFn, Problem, _accumulation_dtype
+from ._engine import PointFn, Problem, _accumulation_dtype
 from ._errors import ModelError, OptionError
 from ._memory import Size
 from ._model import Model
@@ -353,7 +352,5 @@ def _chunk_gradients(
     one_hot = torch.eye(width, dtype=hidden.dtype, device=hidden.device)
     cotangents = one_hot[:, None, :, None] * head_grad[None]
     vmap_chunk = None if problem.model.causal else chunk_size
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", _NO_BATCHING_RULE, UserWarning)
-        (grads,) = torch.vmap(pullback, chunk_size=vmap_chunk)(cotangents)
+    (grads,) = torch.vmap(pullback, chunk_size=vmap_chunk)(cotangents)
     return grads

@@ -33,6 +33,7 @@ from transformers.utils import logging as hf_logging
 
 from . import _arch
 from ._errors import ModelError, OptionError
+from ._sdpa import folded_sdpa
 
 ATTENTION_IMPLEMENTATIONS = ("auto", "eager", "sdpa")
 #: What a model does: generate text (causal and seq2seq LMs) or classify sequences or tokens.
@@ -410,12 +411,15 @@ class Model:
 
         A model that cannot switch after loading keeps its own attention, which gives the same
         gradients; when the block ``required`` this one (attention maps, forward mode), that is a
-        :class:`ModelError`.
+        :class:`ModelError`. While SDPA runs, its calls that need gradients go through
+        :func:`~attrax._sdpa.folded_sdpa`: one fused backward for all of a vectorized
+        backward's targets.
         """
         hf = self.hf
         previous = getattr(hf.config, "_attn_implementation", None) or "eager"
         if previous == implementation:
-            yield
+            with _routed(previous):
+                yield
             return
         if not _can_switch(hf):
             if required:
@@ -424,11 +428,13 @@ class Model:
                     f"loading; this needs {implementation!r}: load it with "
                     f"attn_implementation={implementation!r}"
                 )
-            yield
+            with _routed(previous):
+                yield
             return
         hf.set_attn_implementation(implementation)
         try:
-            yield
+            with _routed(implementation):
+                yield
         finally:
             hf.set_attn_implementation(previous)
 
@@ -692,6 +698,11 @@ def _task(hf_model: PreTrainedModel) -> str:
     if name.endswith("ForTokenClassification"):
         return "token-classification"
     return "generation"
+
+
+def _routed(implementation: str) -> contextlib.AbstractContextManager[None]:
+    """SDPA through attrax's vmap-aware op (:mod:`~attrax._sdpa`); any other attention as it is."""
+    return folded_sdpa() if implementation == "sdpa" else contextlib.nullcontext()
 
 
 def _check_attention(attn_implementation: object) -> None:
