@@ -15,5 +15,7 @@ export PYTHONPATH="/tmp/site:$PWD/src:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNB
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | tee "$OUT/log"
 PY=python3 bash benchmarks/gpu_memory.sh "$@" 2>&1 | tee -a "$OUT/log"
 status=${PIPESTATUS[0]}
-cp benchmarks/results/*-cuda.json benchmarks/results/results-gpu.json "$OUT"/ 2>/dev/null
+# what the parts write (each call empties $OUT, which takes at most 8 files)
+cp benchmarks/results/*-cuda.json benchmarks/results/results-gpu.json \
+  benchmarks/results/profile-w3-saliency*.txt benchmarks/gpu-h200.json "$OUT"/ 2>/dev/null
 exit "$status"

@@ -2,7 +2,8 @@
 # The GPU part of issue 18, from the repository root on a CUDA machine with the bench environment
 # (benchmarks/README.md): [PY=python] bash benchmarks/gpu_memory.sh [part ...]
 # Parts (default: all, in this order), each one command that fits a 10-minute device call:
-#   harness      the harness on the GPU: parity gate, time and memory of W1-W3 (results-gpu.json)
+#   harness      the harness on the GPU: parity gate, time and memory of W1-W3, W3 on the
+#                fastest of the eager and folded-SDPA variants (results-gpu.json)
 #   classifiers  C1/C2 (issue 13: C2's 5x on every class is FLOP-bound on the CPU), every
 #                library's model on the GPU (classifiers-cuda.json)
 #   long         a Llama-3-8B-shaped bfloat16 model built on the GPU with random weights:
@@ -29,7 +30,7 @@ llama() {  # llama <tokens> <methods> <libraries> <first targets> <name>
 }
 for part in $PARTS; do
   case $part in
-    harness) "$PY" -m benchmarks run --device cuda ;;
+    harness) "$PY" -m benchmarks run --device cuda --variants ;;
     classifiers) "$PY" -m benchmarks classifiers --device cuda --threads "${THREADS:-8}" ;;
     long)
       for n in 2048 8192; do
