@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
+import re
 import resource
 from types import SimpleNamespace
 
@@ -15,6 +17,7 @@ import attrax as ax
 from attrax import _memory
 from attrax._engine import Problem
 from attrax._inputs import prepare
+from attrax._names import METHODS
 from attrax._objectives import resolve
 from tests.conftest import PAIRS, assert_close
 
@@ -217,6 +220,50 @@ def test_budgets_parse(given, expected):
     assert _memory.parse_bytes(given) == expected
 
 
+def test_messages_round_a_smallest_budget_up():
+    """A budget a message names, given back, is never below the one it rounds."""
+    rng = np.random.default_rng(0)
+    for n in [*rng.integers(1, 10**13, size=2000), 999, 1001, 999_999, 67_612_345]:
+        named = _memory.format_bytes(int(n), up=True)
+        assert int(n) <= _memory.parse_bytes(named.replace(" ", "")) < int(n) * 1.01 + 1, named
+    assert _memory.format_bytes(999_999) == "1 MB"  # not "1e+03 kB"
+    assert _memory.format_bytes(67_612_345) == "67.6 MB"
+    assert _memory.format_bytes(67_612_345, up=True) == "67.7 MB"
+
+
+# options small enough for the built-in model, per method
+_SMALL = {
+    "integrated_gradients": {"steps": 3},
+    "smoothgrad": {"samples": 2},
+    "lime": {"samples": 8},
+    "kernel_shap": {"samples": 8},
+    "discretized_integrated_gradients": {"neighbours": 3, "steps": 3},
+    "sequential_integrated_gradients": {"steps": 3},
+    "guided_integrated_gradients": {"steps": 3},
+    "greedy_pig": {"rounds": 2, "steps": 3},
+    "pgd": {"steps": 2},
+    "attribution_patching": {"corrupted": "1 2 4 ="},
+}
+_BUDGETED = [
+    name
+    for name in METHODS
+    if "max_memory" in inspect.signature(getattr(ax, name)).parameters
+]
+
+
+@pytest.mark.parametrize("name", _BUDGETED)
+def test_the_smallest_budget_a_refusal_names_is_met(name):
+    """Every method with ``max_memory``: a budget too small for one pass is refused, naming the
+    smallest that can be met, and that budget, given back as written, is accepted."""
+    model, fn = ax.load_model(), getattr(ax, name)
+    with pytest.raises(ax.OptionError, match="cannot be met") as refused:
+        fn(model, "1 2 3 =", " 3 2 1", max_memory=1, **_SMALL.get(name, {}))
+    named = re.search(r"estimated ([\d.]+ [kMGT]?B); give at least that", str(refused.value))
+    assert named, str(refused.value)
+    got = fn(model, "1 2 3 =", " 3 2 1", max_memory=named.group(1), **_SMALL.get(name, {}))
+    assert json.loads(got.attrs["options"])["max_memory"] == named.group(1)
+
+
 @pytest.mark.parametrize("bad", [0, -1, "", "8 GiBs", "GB", True, 1.5e9, "0.1B"])
 def test_a_bad_budget_is_refused_before_the_model_runs(models, bad):
     with pytest.raises(ax.OptionError, match="`max_memory` must be a positive number of bytes"):
@@ -340,6 +387,8 @@ MEDIUM = '" ".join(words[:40]), target'
         # GPT-2's vocabulary: each copy's logits at the 24 target rows outweigh its body
         ("occlusion", "", 300 << 20, ", vocab_size=50257", SHORT),
         ("occlusion", "", 300 << 20, ", vocab_size=50257", MEDIUM),
+        # the call's own overhead counts: value zeroing once planned its copies alone
+        ("value_zeroing", "", 90 << 20, "", SHORT),
     ],
 )
 def test_the_measured_peak_stays_within_the_budget(

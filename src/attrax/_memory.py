@@ -277,12 +277,16 @@ def parse_bytes(value: int | str | None, name: str = "max_memory") -> int | None
     return int(float(match.group(1)) * unit)
 
 
-def format_bytes(n: int) -> str:
-    """``n`` bytes for a message: ``"1.23 GB"``.
+def format_bytes(n: int, up: bool = False) -> str:
+    """``n`` bytes for a message: ``"1.23 GB"``, to 3 digits; ``up`` rounds up, so that a
+    smallest budget a message names is enough when given back.
 
-    >>> format_bytes(1_234_567_890)
-    '1.23 GB'
+    >>> format_bytes(1_234_567_890), format_bytes(1_234_567_890, up=True)
+    ('1.23 GB', '1.24 GB')
     """
+    # to 3 significant digits in bytes first, which the decimal units below show exactly
+    step = 10 ** max(len(str(n)) - 3, 0)
+    n = -(-n // step) * step if up else (n + step // 2) // step * step
     for unit in ("TB", "GB", "MB", "kB"):
         scale = _UNITS[unit.lower()]
         if n >= scale:
@@ -434,7 +438,7 @@ def plan(
             smallest = f"the smallest passes with {', '.join(given)}"
         raise OptionError(
             f"`max_memory` of {format_bytes(max_memory)} cannot be met: {smallest} need an estimated "
-            f"{format_bytes(needed)}; give at least that"
+            f"{format_bytes(needed, up=True)}; give at least that"
         )
     return (None if batch >= points else batch, None if chunk >= targets else chunk)
 
@@ -463,7 +467,7 @@ def plan_forwards(
     if max_memory is not None and fixed + per_copy > max_memory:
         raise OptionError(
             f"`max_memory` of {format_bytes(max_memory)} cannot be met: one perturbed copy per forward needs an "
-            f"estimated {format_bytes(fixed + per_copy)}; give at least that"
+            f"estimated {format_bytes(fixed + per_copy, up=True)}; give at least that"
         )
     return batch
 

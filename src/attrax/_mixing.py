@@ -30,7 +30,7 @@ from . import _arch
 from ._attention import Selection, _indices, _maps, _maps_name, _selection
 from ._errors import ModelError, OptionError
 from ._inputs import Tensors, encode_sources, to_tensors
-from ._memory import memory_budget, parse_bytes, plan_forwards
+from ._memory import CALL_OVERHEAD, memory_budget, parse_bytes, plan_forwards
 from ._model import Model, _attention_modules
 from ._protocol import Call, Family
 from ._schema import label_queries
@@ -396,8 +396,10 @@ def _zeroing_scores(
         * max(model.dtype.itemsize, 4)
         * (queries * (8 * width + 2 * mlp) + 2 * n_heads * queries * length)
     )
+    # held whatever the sizes: the call's own overhead and the distances it returns
+    fixed = CALL_OVERHEAD + batch * queries * length * len(run.layers) * 8
     per_forward = plan_forwards(
-        sources * batch, options["batch_size"], per_copy, model.device, _budget(options)
+        sources * batch, options["batch_size"], per_copy, model.device, _budget(options), fixed
     )
     tokens_per_forward = max(1, per_forward // batch)
     out = torch.zeros(batch, queries, length, len(run.layers), dtype=torch.float64)
