@@ -245,9 +245,7 @@ _SMALL = {
     "attribution_patching": {"corrupted": "1 2 4 ="},
 }
 _BUDGETED = [
-    name
-    for name in METHODS
-    if "max_memory" in inspect.signature(getattr(ax, name)).parameters
+    name for name in METHODS if "max_memory" in inspect.signature(getattr(ax, name)).parameters
 ]
 
 
