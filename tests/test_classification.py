@@ -1,5 +1,5 @@
 """Sequence and token classifiers: every method against a naive per-(example, class) autograd
-loop written here, on encoder (BERT, DistilBERT, RoBERTa, XLM-R, DeBERTa-v2, ELECTRA, ModernBERT)
+loop written here, on encoder (BERT, DistilBERT, RoBERTa, XLM-R, CamemBERT, DeBERTa-v2, ELECTRA, ModernBERT)
 and decoder-only (GPT-2, Llama, Qwen2) heads."""
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ CLASSIFIERS = [
     ("distilbert", "sequence"),
     ("roberta", "sequence"),
     ("xlm-roberta", "sequence"),
+    ("camembert", "sequence"),
     ("deberta-v2", "sequence"),
     ("electra", "sequence"),
     ("modernbert", "sequence"),
@@ -28,6 +29,7 @@ CLASSIFIERS = [
     ("bert", "token"),
     ("roberta", "token"),
     ("xlm-roberta", "token"),
+    ("camembert", "token"),
     ("deberta-v2", "token"),
     ("electra", "token"),
     ("modernbert", "token"),
@@ -315,15 +317,24 @@ def test_attention_rows_are_the_pooled_or_token_queries(classifiers):
             )
 
 
-def test_a_classifier_loads_from_a_directory(tmp_path):
-    hf, tok = tiny_classifier("bert", "sequence")
+@pytest.mark.parametrize(
+    ("arch", "task"), [("bert", "sequence"), ("camembert", "sequence"), ("camembert", "token")]
+)
+def test_a_classifier_loads_from_a_directory(tmp_path, classifiers, arch, task):
+    hf, tok = tiny_classifier(arch, task)
     hf.save_pretrained(tmp_path)
     tok.save_pretrained(tmp_path)
     model = ax.load_model(tmp_path)
-    assert model.task == "sequence-classification" and model.labels[1] == "label_1"
-    da = ax.saliency(model, TEXTS[0], "label_1")
-    assert da.attrs["task"] == "sequence-classification"
+    assert model.task == f"{task}-classification" and model.labels[1] == "label_1"
+    assert type(model.hf).__name__ == type(hf).__name__
+    da = ax.saliency(model, TEXTS[0], "label_1" if task == "sequence" else None)
+    assert da.attrs["task"] == f"{task}-classification"
     assert da.attrs["model_type"] == "encoder-only"
+    # the same weights as the model built in memory: the same attributions
+    built = ax.saliency(
+        classifiers[arch, task], TEXTS[0], "label_1" if task == "sequence" else None
+    )
+    assert_close(da.values, built.values, rtol=1e-5, atol=1e-6)  # float32 (2.7e-7 seen)
 
 
 @pytest.mark.parametrize(
@@ -530,7 +541,8 @@ def _feed_forward_widths(model: ax.Model, run) -> set[int]:
 @pytest.mark.parametrize(
     ("arch", "task"),
     [("bert", "sequence"), ("roberta", "sequence"), ("xlm-roberta", "sequence"),
-     ("electra", "sequence"), ("distilbert", "sequence"), ("bert", "token")],
+     ("camembert", "sequence"), ("electra", "sequence"), ("distilbert", "sequence"),
+     ("bert", "token")],
 )  # fmt: skip
 def test_a_head_reading_position_0_skips_the_last_feed_forward_elsewhere(classifiers, arch, task):
     """The objective's forwards compute the last layer's feed-forward where the head reads:

@@ -401,6 +401,15 @@ _CLASSIFIERS: dict[str, tuple[str, str, dict[str, Any]]] = {
             max_position_embeddings=80, type_vocab_size=1, initializer_range=0.3,
         ),
     ),
+    # transformers' copy of RoBERTa's classes under its own model type
+    "camembert": (
+        "bart",
+        "CamembertConfig",
+        dict(
+            hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+            max_position_embeddings=80, type_vocab_size=1, initializer_range=0.3,
+        ),
+    ),
     # DeBERTa-v3 style: relative positions only (no absolute ones), no segment embeddings
     "deberta-v2": (
         "wordpiece",
@@ -438,7 +447,8 @@ _CLASSIFIERS: dict[str, tuple[str, str, dict[str, Any]]] = {
 CLASSIFIER_ARCHS = tuple(_CLASSIFIERS)
 _CLASSIFIER_NAMES = {
     "bert": "Bert", "distilbert": "DistilBert", "roberta": "Roberta", "gpt2": "GPT2",
-    "xlm-roberta": "XLMRoberta", "deberta-v2": "DebertaV2", "electra": "Electra",
+    "xlm-roberta": "XLMRoberta", "camembert": "Camembert", "deberta-v2": "DebertaV2",
+    "electra": "Electra",
     "modernbert": "ModernBert", "llama": "Llama", "qwen2": "Qwen2",
 }  # fmt: skip
 
@@ -449,8 +459,8 @@ def tiny_classifier(
     """A tiny randomly initialised classifier ``(model, tokenizer)``, offline and deterministic.
 
     ``arch`` is one of :data:`CLASSIFIER_ARCHS`: encoders (``bert``, ``distilbert``, ``roberta``,
-    ``xlm-roberta``, ``deberta-v2``, ``electra``, ``modernbert``) and decoder-only heads that pool
-    their last real token (``gpt2``, ``llama``, ``qwen2``); ``task`` is
+    ``xlm-roberta``, ``camembert``, ``deberta-v2``, ``electra``, ``modernbert``) and decoder-only
+    heads that pool their last real token (``gpt2``, ``llama``, ``qwen2``); ``task`` is
     ``"sequence"`` (``*ForSequenceClassification``) or ``"token"`` (``*ForTokenClassification``).
     Labels are named ``label_0``, ``label_1``, ...
 
