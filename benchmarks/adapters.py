@@ -95,7 +95,7 @@ def attrax_attribute(
         )  # fmt: skip
     elif method == "shapley_sampling":
         kwargs.update(permutations=workloads.PERMUTATIONS, seed=workloads.SEED)
-    elif method not in ("input_x_gradient", "attention", "feature_ablation"):
+    elif method not in ("input_x_gradient", "lrp", "attention", "feature_ablation"):
         raise ValueError(f"unknown method {method!r}")
     t0 = time.perf_counter()
     da = getattr(ax, method)(model, prompt, target, **kwargs)

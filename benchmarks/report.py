@@ -29,6 +29,7 @@ LABEL = {
     "input_x_gradient": "input × gradient",
     "integrated_gradients": "integrated gradients",
     "attention": "attention",
+    "lrp": "AttnLRP",
 }
 SHORT = {**LABEL, "input_x_gradient": "input x gradient", "integrated_gradients": "IG"}
 LIB = {"attrax": "attrax", "captum": "Captum", "inseq": "Inseq"}
@@ -484,7 +485,9 @@ def _real_size_section(files: dict[str, dict[str, Any]], gpu: bool = False) -> l
             + (f", attrax `max_memory={meta['max_memory']}`" if meta.get("max_memory") else "")
             + (
                 f", parity gated in {_dtype(meta)} at {meta['tolerance']:g} relative"
-                if meta.get("parity_dtype", "same") == "same" and "tolerance" in meta
+                if meta.get("parity_dtype", "same") == "same"
+                and "tolerance" in meta
+                and meta.get("libraries", "attrax,captum,inseq") != "attrax"  # alone: no gate
                 else ""
             )
             + (f". {meta['note']}" if meta.get("note") else "")
@@ -492,13 +495,13 @@ def _real_size_section(files: dict[str, dict[str, Any]], gpu: bool = False) -> l
         )
         ran = {lib for row in rows for lib in [*row["seconds"], *row.get("out_of_memory", [])]}
         libraries = [lib for lib in ("attrax", "captum", "inseq") if lib in ran]
-        w(
-            "| method | "
-            + " | ".join(f"{lib} (s, peak MiB)" for lib in libraries)
-            + " | "
-            + " | ".join(f"vs {lib}" for lib in libraries[1:])
-            + " | parity |"
-        )
+        header = [
+            "method",
+            *(f"{lib} (s, peak MiB)" for lib in libraries),
+            *(f"vs {lib}" for lib in libraries[1:]),
+            "parity",
+        ]
+        w("| " + " | ".join(header) + " |")
         w("|---" * (2 * len(libraries) + 1) + "|")
         for row in rows:
             sec, peak = row["seconds"], row.get("peak_bytes", {})
@@ -514,8 +517,11 @@ def _real_size_section(files: dict[str, dict[str, Any]], gpu: bool = False) -> l
                 f"**{_fmt_x(sec[lib] / sec['attrax'])}**" if lib in sec else "—"
                 for lib in libraries[1:]
             ]
-            parity = "; ".join(
-                f"{lib} {_real_size_parity(e)}" for lib, e in row.get("parity", {}).items()
+            parity = (
+                "; ".join(
+                    f"{lib} {_real_size_parity(e)}" for lib, e in row.get("parity", {}).items()
+                )
+                or "— (attrax alone)"
             )
             w(
                 f"| {LABEL.get(row['method'], row['method'])} | {' | '.join(cells + ratios)} | {parity} |"

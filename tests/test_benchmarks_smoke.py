@@ -285,3 +285,37 @@ def test_the_memory_doc_shows_the_committed_budgets_run():
 
     doc = (report.DOCS / "memory.md").read_text()
     assert budgets.table() in doc, "paste `budgets.table()` into docs/memory.md"
+
+
+def test_the_real_size_section_shows_attrax_alone():
+    """``gpu_memory.sh long-lrp`` runs attrax alone: no ratio columns, no gate claimed."""
+    meta = dict(shape="llama3-8b", prompt=2048, target=128, threads=8, repeats=1, steps=20,
+                first_targets=0, max_memory="60GB", parity_dtype="same", tolerance=5e-2,
+                libraries="attrax")  # fmt: skip
+    row = dict(method="lrp", seconds={"attrax": 3.0}, peak_bytes={"attrax": 2**30}, parity={})
+    text = "\n".join(report._real_size_section({"f.json": {"meta": meta, "rows": [row]}}, gpu=True))
+    table = [line for line in text.splitlines() if line.startswith("|")]
+    assert table == [
+        "| method | attrax (s, peak MiB) | parity |",
+        "|---|---|---|",
+        "| AttnLRP | 3.00, 1024 | — (attrax alone) |",
+    ], table
+    assert "parity gated" not in text
+
+
+def test_every_method_the_gpu_script_names_runs_through_the_adapter():
+    """The methods each ``gpu_memory.sh`` part passes to ``real-size`` are ones the attrax
+    adapter knows (an unknown one would fail on the device, after building an 8B model)."""
+    import re
+
+    script = (BENCH / "gpu_memory.sh").read_text()
+    named = set()
+    for line in script.splitlines():
+        call = re.match(r"\s*(?:[\w-]+\)\s*)?(?:for .*?do\s*)?llama \S+ (\S+) ", line)
+        if call:
+            named.update(call.group(1).split(","))
+    assert {"saliency", "input_x_gradient", "integrated_gradients", "lrp"} <= named, named
+    model = ax.load_model()
+    for method in sorted(named):
+        da, seconds = adapters.attrax_attribute(model, "1 2 3 =", " 3 2 1", method, steps=3)
+        assert da.sizes["target"] == 3 and seconds > 0, method  # " 3", " 2", " 1"
