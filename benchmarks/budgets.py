@@ -4,7 +4,7 @@ Per workload (W1, W2, W3, C1, C2: the models and texts of ``run`` and ``classifi
 (saliency, integrated gradients with ``--steps`` points, occlusion), attrax runs twice in fresh
 processes: without a budget, then with ``max_memory`` at a third of that call's measured peak, or,
 where the planner refuses that as too small, at the smallest budget its ``OptionError`` names
-(plus 1% for its rounding, up to a MiB). The peak is the process's peak RSS above its RSS before
+(which it rounds up), up to a MiB. The peak is the process's peak RSS above its RSS before
 the call (``VmHWM`` after ``/proc/self/clear_refs``, after a warm-up call and ``malloc_trim``); on
 a GPU ``max_memory_allocated`` above the allocation before it. The bounded peak must stay within
 the budget (exit status 1 otherwise). W3 attributes the first ``--w3-targets`` of its 128
@@ -86,8 +86,8 @@ def worker(spec: str) -> None:
 
 
 def _rounded_up(smallest: int) -> int:
-    """A budget at least ``smallest``, which the message rounds to 3 digits: +1%, to a MiB."""
-    return -(-int(smallest * 1.01) // 2**20) << 20
+    """``smallest`` (as the message rounds it up) up to a whole MiB."""
+    return -(-int(smallest) // 2**20) << 20
 
 
 def _measure(spec: dict[str, Any], host_memory: str = "attrax") -> dict[str, Any]:
