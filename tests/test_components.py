@@ -11,7 +11,7 @@ import torch
 import attrax as ax
 from attrax.cli import main
 from attrax.testing import tiny_classifier, tiny_model
-from tests.conftest import PAIRS
+from tests.conftest import PAIRS, assert_close
 
 SOURCE, TARGET = PAIRS[0]
 CORRUPTED = "The capital of Spain is"  # as many tokens as SOURCE in both tiny tokenizers
@@ -195,15 +195,15 @@ def test_dla_selection_and_batched_equals_single(models64):
         single = ax.direct_logit_attribution(model, s, t)
         part = full.isel(example=e).dropna("target", how="all")
         part = part.isel(source=slice(0, single.sizes["source"]))
-        np.testing.assert_allclose(part.values, single.values, rtol=1e-9, atol=1e-12)
+        # Llama's eager attention takes its softmax in float32 even in this float64 model, and
+        # padding changes that float32 sum's order (1.4e-6 relative seen on an AMD EPYC)
+        assert_close(part.values, single.values, rtol=1e-5, atol=1e-6)
     picked = ax.direct_logit_attribution(model, SOURCE, TARGET, layers=-1, heads=[2, 0])
     assert picked.layer.values.tolist() == [1]
     assert picked["head"].values.tolist() == [2, 0, -1]
     whole = full.isel(example=0).dropna("target", how="all")
     whole = whole.isel(source=slice(0, picked.sizes["source"]))
-    np.testing.assert_allclose(
-        picked.values, whole.sel(layer=[1], head=[2, 0, -1]).values, rtol=1e-9, atol=1e-12
-    )
+    assert_close(picked.values, whole.sel(layer=[1], head=[2, 0, -1]).values, 1e-5, 1e-6)
 
 
 def test_dla_sequence_classifier_sums_back():
