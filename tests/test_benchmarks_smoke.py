@@ -319,3 +319,13 @@ def test_every_method_the_gpu_script_names_runs_through_the_adapter():
     for method in sorted(named):
         da, seconds = adapters.attrax_attribute(model, "1 2 3 =", " 3 2 1", method, steps=3)
         assert da.sizes["target"] == 3 and seconds > 0, method  # " 3", " 2", " 1"
+
+
+def test_the_memory_doc_shows_the_calibration_against_the_current_estimate():
+    """``docs/memory.md``'s calibration table is ``calibrate --report`` of the committed
+    measurements against the estimate of the code as it is, and nothing else leaked in."""
+    from benchmarks import calibrate
+
+    doc = (report.DOCS / "memory.md").read_text()
+    assert calibrate.report() in doc
+    assert "[transformers]" not in doc
