@@ -293,6 +293,20 @@ class Problem:
         cost = self.cost()
         return plan(points, targets, batch_size, chunk_size, cost, device, self.max_memory)
 
+    def plan_copies(
+        self, points: int, batch_size: Size, chunk_size: Size
+    ) -> tuple[int | None, int | None]:
+        """Sizes where every (target, point) is a copy of the batch of its own, with one
+        cotangent (each target along its own path: guided IG, greedy PIG's later rounds, PGD):
+        :func:`plan` on a cost in which a copy's forward counts once per target."""
+        targets = self.tensors.valid.shape[1]
+        if points == targets == 1 and self.max_memory is None:
+            return None, None
+        cost = self.cost()
+        copies = Cost(cost.per_point + cost.per_cotangent, 0, cost.fixed)
+        device = self.inputs[0].device
+        return plan(points, targets, batch_size, chunk_size, copies, device, self.max_memory)
+
     def cost(self, saved: bool = True) -> Cost:
         """Estimated memory of this call's passes (:class:`~attrax._memory.Cost`): per target
         and point of the vectorized backward, per point of the forward (what it keeps for the
