@@ -119,7 +119,7 @@ def pgd(
     eta = 2.5 * epsilon / steps if step_size is None else step_size
     width = problem.tensors.valid.shape[1]
     tokens = sum(xi.shape[1] for xi in x)
-    per_forward, chunk = problem.plan_copies(tokens, batch_size, chunk_size)
+    per_forward, chunk = problem.plan(tokens, batch_size, chunk_size, copies=True)
     token_step = tokens if per_forward is None else per_forward
     target_step = width if chunk is None else chunk
     start = _starts(problem, epsilon, norm, seed)  # [K, L, B, H] or None

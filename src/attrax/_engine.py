@@ -283,29 +283,20 @@ class Problem:
         return out, first
 
     def plan(
-        self, points: int, batch_size: Size, chunk_size: Size
+        self, points: int, batch_size: Size, chunk_size: Size, copies: bool = False
     ) -> tuple[int | None, int | None]:
-        """Sizes for ``points`` and every target: :func:`plan` on this call's shapes."""
+        """Sizes for ``points`` and every target: :func:`plan` on this call's shapes. With
+        ``copies``, every (target, point) is a copy of the batch of its own with one cotangent
+        (each target along its own path: guided IG, greedy PIG's later rounds, PGD), so a copy's
+        forward counts once per target."""
         targets = self.tensors.valid.shape[1]
         if points == targets == 1 and self.max_memory is None:
             return None, None  # nothing to split, and no budget to check
         device = self.inputs[0].device
         cost = self.cost()
+        if copies:
+            cost = Cost(cost.per_point + cost.per_cotangent, 0, cost.fixed)
         return plan(points, targets, batch_size, chunk_size, cost, device, self.max_memory)
-
-    def plan_copies(
-        self, points: int, batch_size: Size, chunk_size: Size
-    ) -> tuple[int | None, int | None]:
-        """Sizes where every (target, point) is a copy of the batch of its own, with one
-        cotangent (each target along its own path: guided IG, greedy PIG's later rounds, PGD):
-        :func:`plan` on a cost in which a copy's forward counts once per target."""
-        targets = self.tensors.valid.shape[1]
-        if points == targets == 1 and self.max_memory is None:
-            return None, None
-        cost = self.cost()
-        copies = Cost(cost.per_point + cost.per_cotangent, 0, cost.fixed)
-        device = self.inputs[0].device
-        return plan(points, targets, batch_size, chunk_size, copies, device, self.max_memory)
 
     def cost(self, saved: bool = True) -> Cost:
         """Estimated memory of this call's passes (:class:`~attrax._memory.Cost`): per target

@@ -113,7 +113,7 @@ def greedy_pig(
     base = baseline_embeddings(problem, baseline)
     width = problem.tensors.valid.shape[1]
     # the later rounds run every (target, node) as a copy of its own
-    nodes, chunk = problem.plan_copies(steps, batch_size, chunk_size)
+    nodes, chunk = problem.plan(steps, batch_size, chunk_size, copies=True)
     nodes = steps if nodes is None else nodes
     step = width if chunk is None else chunk
     alpha = torch.as_tensor(alphas, dtype=x[0].dtype, device=x[0].device)

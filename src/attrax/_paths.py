@@ -214,7 +214,7 @@ def guided_integrated_gradients(
     target = torch.cat([xi.flatten(1) for xi in x], dim=1).double()
     # padding never moves: its baseline is the input
     start = torch.where(real, torch.cat([b.flatten(1) for b in base], dim=1).double(), target)
-    _, chunk = problem.plan_copies(1, None, chunk_size)
+    _, chunk = problem.plan(1, None, chunk_size, copies=True)
     step = width if chunk is None else chunk
     parts = []
     for first in range(0, width, step):  # chunking only: bounds memory
