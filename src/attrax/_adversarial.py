@@ -154,13 +154,12 @@ def _attack(
     valid = problem.tensors.valid[:, slots].to(dtype)  # [B, k]
     batch, k = valid.shape
     m = columns.numel()
-    hidden = problem.hidden_fn(k * m, slots)
+    hidden = problem.hidden_fn(m, slots, own=True)  # copy (j, i) scores target j alone
     tokens = sum(xi.shape[1] for xi in x)
     where = torch.zeros(m, tokens, dtype=dtype, device=device)
     where[torch.arange(m, device=device), columns] = 1
     moving = where.split([xi.shape[1] for xi in x], dim=-1)  # [m, L_side] per side
-    # copy (j, i) scores target j only
-    pick = torch.eye(k, dtype=dtype, device=device)[:, None, None, :] * valid[None, None]
+    pick = valid.T[:, None, :]  # [k, 1, B]
     hidden_size = x[0].shape[-1]
     d = torch.zeros(k, m, batch, hidden_size, dtype=dtype, device=device)
     if start is not None:
@@ -171,8 +170,8 @@ def _attack(
             (xi[None, None] + mi[None, :, None, :, None] * d[:, :, :, None, :]).flatten(0, 2)
             for xi, mi in zip(x, moving, strict=True)
         ]
-        values = problem.head_objective(hidden(*embeds), slots).unflatten(0, (k, m, batch))
-        return (values * pick).sum(-1)  # [k, m, B]
+        values = problem.head_objective(hidden(*embeds), slots, own=True)
+        return values.view(k, m, batch) * pick  # [k, m, B]
 
     for _ in range(steps):  # sequential: each step starts where the last one ended
         with torch.enable_grad():

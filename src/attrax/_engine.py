@@ -75,22 +75,25 @@ class Problem:
         return cls(model, batch, tensors, objective, inputs, decoder_embeds, max_memory)
 
     def hidden_fn(
-        self, n: int, slots: slice = slice(None), forward_mode: bool = False
+        self, n: int, slots: slice = slice(None), forward_mode: bool = False, own: bool = False
     ) -> Callable[..., torch.Tensor]:
         """``h(*embeds)``: head inputs ``[n * B, k, H]`` at the attributed positions ``slots``.
 
         ``n`` stacked copies of the batch. A decoder-only sequence may be passed cut short: only
         positions up to the last attributed one matter (causal attention). ``forward_mode`` when
-        ``h`` is differentiated with ``jvp``.
+        ``h`` is differentiated with ``jvp``. With ``own``, ``n`` copies per target of ``slots``
+        (``k * n`` copies, target-major), each at its own target's position only:
+        ``[k * n * B, 1, H]`` (methods that move each target along points of its own).
         """
         t = self.tensors
-        index = t.index[:, slots].repeat(n, 1)
-        mask = t.mask.repeat(n, 1)
-        decoder_mask = None if t.decoder_mask is None else t.decoder_mask.repeat(n, 1)
-        token_types = None if t.token_types is None else t.token_types.repeat(n, 1)
+        copies = n * t.valid[:, slots].shape[1] if own else n
+        index = self._own(t.index, slots, n) if own else t.index[:, slots].repeat(n, 1)
+        mask = t.mask.repeat(copies, 1)
+        decoder_mask = None if t.decoder_mask is None else t.decoder_mask.repeat(copies, 1)
+        token_types = None if t.token_types is None else t.token_types.repeat(copies, 1)
         fixed_decoder = None
         if self.decoder_embeds is not None:
-            fixed_decoder = self.decoder_embeds.repeat(n, 1, 1)
+            fixed_decoder = self.decoder_embeds.repeat(copies, 1, 1)
 
         def h(*embeds: torch.Tensor) -> torch.Tensor:
             decoder = embeds[1] if len(embeds) > 1 else fixed_decoder
@@ -108,13 +111,29 @@ class Problem:
 
         return h
 
-    def head_objective(self, hidden: torch.Tensor, slots: slice = slice(None)) -> torch.Tensor:
-        """The objective ``[n * B, k]`` from head inputs ``[n * B, k, H]`` at ``slots``."""
+    def head_objective(
+        self, hidden: torch.Tensor, slots: slice = slice(None), own: bool = False
+    ) -> torch.Tensor:
+        """The objective ``[n * B, k]`` from head inputs ``[n * B, k, H]`` at ``slots``; with
+        ``own``, ``[k * n * B, 1]`` from ``hidden_fn(n, slots, own=True)``'s, each copy's own
+        target alone (its head row only: every target's row in every copy cost k times more)."""
         t = self.tensors
-        n = hidden.shape[0] // t.target_ids.shape[0]
-        target_ids = t.target_ids[:, slots].repeat(n, 1)
-        contrast = None if t.contrast_ids is None else t.contrast_ids[:, slots].repeat(n, 1)
+        contrast = t.contrast_ids
+        if own:
+            n = hidden.shape[0] // t.target_ids[:, slots].numel()
+            target_ids = self._own(t.target_ids, slots, n)
+            contrast = None if contrast is None else self._own(contrast, slots, n)
+        else:
+            n = hidden.shape[0] // t.target_ids.shape[0]
+            target_ids = t.target_ids[:, slots].repeat(n, 1)
+            contrast = None if contrast is None else contrast[:, slots].repeat(n, 1)
         return evaluate_objective(self.objective, self.model.head(hidden), target_ids, contrast)
+
+    @staticmethod
+    def _own(a: torch.Tensor, slots: slice, n: int) -> torch.Tensor:
+        """``a[B, K]`` at ``slots`` as ``[k * n * B, 1]``: copy ``(j, i, b)`` holds ``a[b, slots][j]``."""
+        own = a[:, slots].T  # [k, B]
+        return own[:, None].expand(-1, n, -1).reshape(-1, 1)
 
     def objective_fn(self, n: int) -> Callable[..., torch.Tensor]:
         """``f(*embeds)`` for ``n`` stacked copies of the batch: the objective ``[n * B, K]``."""

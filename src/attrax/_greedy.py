@@ -235,21 +235,20 @@ def _diagonal_gradients(problem: Problem, slots: slice, n: int) -> Any:
     """``grad(points) -> gradients``, per side ``[k, n, B, L, H]``: target ``slots[j]``'s gradient
     at its own points ``points[j, i]``.
 
-    The ``k * n`` points go through the model as stacked copies of the batch; the cotangent of
-    copy ``(j, i)`` is one-hot at target ``j``, so one backward gives every target at its points.
+    The ``k * n`` points go through the model as stacked copies of the batch, copy ``(j, i)``
+    scoring target ``j`` alone, so one backward gives every target at its points.
     """
     x = problem.inputs
     valid = problem.tensors.valid[:, slots].to(x[0].dtype)  # [B, k]
     k = valid.shape[1]
-    hidden = problem.hidden_fn(k * n, slots)
-    eye = torch.eye(k, dtype=x[0].dtype, device=x[0].device)
-    cotangent = (eye[:, None, None, :] * valid[None, None]).expand(k, n, -1, k).reshape(-1, k)
+    hidden = problem.hidden_fn(n, slots, own=True)
+    cotangent = valid.T[:, None].expand(k, n, -1).reshape(-1, 1)  # copy (j, i, b)
 
     def gradient(points: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         embeds = [p.flatten(0, 2) for p in points]
 
         def f(*e: torch.Tensor) -> torch.Tensor:
-            return problem.head_objective(hidden(*e), slots)
+            return problem.head_objective(hidden(*e), slots, own=True)
 
         _, pullback = vjp(f, *embeds)
         return tuple(g.unflatten(0, (k, n, -1)) for g in pullback(cotangent))

@@ -287,16 +287,14 @@ def _guided_paths(
 def _per_target_gradients(problem: Problem, slots: slice) -> Any:
     """``grad(points [k, B, F]) -> [k, B, F]``: target ``slots[i]``'s gradient at point ``i``.
 
-    The ``k`` points go through the model as ``k`` stacked copies of the batch; the cotangent of
-    copy ``i`` is one-hot at target ``i``, so one backward gives every target at its own point.
+    The ``k`` points go through the model as ``k`` stacked copies of the batch, copy ``i``
+    scoring target ``i`` alone, so one backward gives every target at its own point.
     """
     x = problem.inputs
     k = problem.tensors.valid[:, slots].shape[1]
-    hidden = problem.hidden_fn(k, slots)
+    hidden = problem.hidden_fn(1, slots, own=True)
     sizes = [xi.shape[1] * xi.shape[2] for xi in x]
-    valid = problem.tensors.valid[:, slots].to(x[0].dtype)  # [B, k]
-    eye = torch.eye(k, dtype=x[0].dtype, device=x[0].device)
-    cotangent = (eye[:, None, :] * valid[None]).flatten(0, 1)  # [k * B, k]
+    cotangent = problem.tensors.valid[:, slots].T.reshape(-1, 1).to(x[0].dtype)  # [k * B, 1]
 
     def gradient(points: torch.Tensor) -> torch.Tensor:
         flat = points.to(x[0].dtype).split(sizes, dim=-1)
@@ -305,7 +303,7 @@ def _per_target_gradients(problem: Problem, slots: slice) -> Any:
         ]
 
         def f(*e: torch.Tensor) -> torch.Tensor:
-            return problem.head_objective(hidden(*e), slots)
+            return problem.head_objective(hidden(*e), slots, own=True)
 
         _, pullback = vjp(f, *embeds)
         grads = pullback(cotangent)
