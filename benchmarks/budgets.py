@@ -1,7 +1,8 @@
 """``python -m benchmarks budgets``: ``max_memory`` holds on every benchmark workload.
 
 Per workload (W1, W2, W3, C1, C2: the models and texts of ``run`` and ``classifiers``) and method
-(saliency, integrated gradients with ``--steps`` points, occlusion), attrax runs twice in fresh
+(saliency, integrated gradients with ``--steps`` points, occlusion; ``--methods every``: every
+method that takes ``max_memory``, with the sizes of ``SIZES``), attrax runs twice in fresh
 processes: without a budget, then with ``max_memory`` at a third of that call's measured peak, or,
 where the planner refuses that as too small, at the smallest budget its ``OptionError`` names
 (which it rounds up), up to a MiB. The peak is the process's peak RSS above its RSS before
@@ -37,24 +38,66 @@ WORKLOADS: dict[str, tuple[str, int, int | str]] = {
 }
 METHODS = ("saliency", "integrated_gradients", "occlusion")
 _SMALLEST = re.compile(r"needs? an estimated ([\d.]+ \w+)")
+# --methods every: the methods' defaults, but paths, samples and rounds cut to keep each call within
+# a minute on 2 cores (``steps`` is ``--steps`` for every path method)
+SIZES: dict[str, dict[str, Any]] = {
+    "smoothgrad": {"samples": 8},
+    "squaregrad": {"samples": 8},
+    "vargrad": {"samples": 8},
+    "discretized_integrated_gradients": {"neighbours": 10},
+    "greedy_pig": {"rounds": 2},
+    "lime": {"samples": 64},
+    "kernel_shap": {"samples": 64},
+    "shapley_sampling": {"permutations": 4},
+    "sobol": {"samples": 8},
+}
+PATHS = ("integrated_gradients", "sequential_integrated_gradients", "guided_integrated_gradients",
+         "discretized_integrated_gradients", "greedy_pig", "head_attribution")  # fmt: skip
+
+
+def every_method() -> tuple[str, ...]:
+    """The public methods that take ``max_memory``, in ``attrax._names.METHODS``' order."""
+    import inspect
+
+    import attrax as ax
+    from attrax._names import METHODS as ALL
+
+    return tuple(n for n in ALL if "max_memory" in inspect.signature(getattr(ax, n)).parameters)
+
+
+def _sizes(method: str, steps: int) -> dict[str, Any]:
+    """The sizes ``method`` runs at in this benchmark: ``steps`` (``--steps``) on a path, or
+    ``SIZES``'."""
+    return {**({"steps": steps} if method in PATHS else {}), **SIZES.get(method, {})}
+
+
+def _options(method: str, steps: int, corrupted: Any) -> dict[str, Any]:
+    """The keyword arguments of ``method`` in this benchmark (beyond the budget)."""
+    options = _sizes(method, steps)
+    if method == "attribution_patching":  # needs a corrupted input with the clean one's length
+        options["corrupted"] = corrupted
+    return options
 
 
 def _inputs(name: str, w3_targets: int):
-    """``(model, inputs, targets)`` of workload ``name``."""
+    """``(model, inputs, targets, corrupted)`` of workload ``name``; ``corrupted``: other inputs
+    of the same lengths (attribution patching's)."""
     import attrax as ax
 
     kind, n_prompt, n_target = WORKLOADS[name]
     if name.startswith("C"):
         hf, tok = workloads.load_classifier(kind)
         model = ax.load_model(hf, tokenizer=tok)
-        texts = workloads.classifier_texts(tok, n=n_prompt)
-        return model, texts, None if n_target == "predicted" else n_target
+        texts = workloads.classifier_texts(tok, n=n_prompt)  # all of one length
+        targets = None if n_target == "predicted" else n_target
+        return model, texts, targets, texts[::-1]
     hf, tok = workloads.load(kind)
     model = ax.load_model(hf, tokenizer=tok)
     prompt, target = workloads.texts(kind, tok, n_prompt, int(n_target))
+    corrupted = workloads.other_prompt(kind, tok, n_prompt)
     if name == "W3":
         target = workloads.first_targets_text(tok, prompt, target, w3_targets, kind)
-    return model, prompt, target
+    return model, prompt, target, corrupted
 
 
 def worker(spec: str) -> None:
@@ -65,16 +108,17 @@ def worker(spec: str) -> None:
 
     s = json.loads(spec)
     torch.set_num_threads(s["threads"])
-    model, inputs, targets = _inputs(s["workload"], s["w3_targets"])
+    model, inputs, targets, corrupted = _inputs(s["workload"], s["w3_targets"])
     model = (
         model
         if s["device"] == "cpu"
         else ax.load_model(model.hf.to(s["device"]), tokenizer=model.tokenizer)
     )
-    options: dict[str, Any] = {"steps": s["steps"]} if s["method"] == "integrated_gradients" else {}
+    options = _options(s["method"], s["steps"], corrupted)
     fn = getattr(ax, s["method"])
     short = (inputs[:2], targets) if isinstance(inputs, list) else (inputs[:40], targets)
-    fn(model, *short, **options)  # warm-up: code pages, lazy imports
+    warm = {**options, "corrupted": short[0]} if "corrupted" in options else options
+    fn(model, *short, **warm)  # warm-up: code pages, lazy imports
     start, stop = peak_meter(s["device"])
     base = start()
     try:
@@ -109,8 +153,9 @@ def run(args: argparse.Namespace) -> int:
     from attrax._memory import format_bytes, parse_bytes
 
     rows, failed = [], 0
+    methods = every_method() if args.methods == "every" else tuple(args.methods.split(","))
     for name in args.workloads.split(","):
-        for method in args.methods.split(","):
+        for method in methods:
             spec = dict(
                 workload=name, method=method, steps=args.steps, w3_targets=args.w3_targets,
                 threads=args.threads, device=args.device, budget=None,
@@ -143,12 +188,31 @@ def run(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-LABEL = {"saliency": "saliency", "integrated_gradients": "integrated gradients",
-         "occlusion": "occlusion"}  # fmt: skip
+LABEL = {
+    "input_x_gradient": "input × gradient",  # noqa: RUF001
+    "integrated_gradients": "integrated gradients",
+    "smoothgrad": "SmoothGrad", "guided_backprop": "guided backprop", "lrp": "AttnLRP",
+    "sequential_integrated_gradients": "sequential IG", "guided_integrated_gradients": "guided IG",
+    "discretized_integrated_gradients": "discretized IG", "greedy_pig": "greedy PIG",
+    "pgd": "PGD", "squaregrad": "SquareGrad", "vargrad": "VarGrad",
+    "gradient_shap": "GradientSHAP", "deeplift": "DeepLIFT", "deeplift_shap": "DeepLIFT-SHAP",
+    "feature_ablation": "feature ablation", "lime": "LIME", "kernel_shap": "KernelSHAP",
+    "shapley_sampling": "Shapley sampling", "sobol": "Sobol", "value_zeroing": "value zeroing",
+    "attribution_patching": "attribution patching",
+    "attention_x_gradient": "attention × gradient",  # noqa: RUF001
+    "head_attribution": "head attribution",
+}  # fmt: skip
+
+
+def _label(method: str, steps: int) -> str:
+    """``method`` as the table names it, with the sizes it ran at."""
+    label = LABEL.get(method, method)
+    sizes = [f"{v} {'points' if k == 'steps' else k}" for k, v in _sizes(method, steps).items()]
+    return ", ".join([label, *sizes])
 
 
 def table(path: str | Path = HERE / "budgets-cpu.json") -> str:
-    """The markdown table of a ``budgets`` results file (``docs/memory.md`` shows the CPU one)."""
+    """The markdown table of a ``budgets`` results file (``docs/memory.md`` shows the CPU ones)."""
     result = json.loads(Path(path).read_text())
     steps = result["meta"]["steps"]
     lines = [
@@ -157,11 +221,9 @@ def table(path: str | Path = HERE / "budgets-cpu.json") -> str:
     ]
     mib = 2**20
     for row in result["rows"]:
-        method = LABEL.get(row["method"], row["method"])
-        if row["method"] == "integrated_gradients":
-            method += f", {steps} points"
         lines.append(
-            f"| {row['workload']} | {method} | {row['unbounded_bytes'] / mib:,.0f} MiB | "
+            f"| {row['workload']} | {_label(row['method'], steps)} | "
+            f"{row['unbounded_bytes'] / mib:,.0f} MiB | "
             f"{row['budget_bytes'] / mib:,.0f} MiB{' (smallest)' if row['smallest'] else ''} | "
             f"{row['bounded_bytes'] / mib:,.0f} MiB{'' if row['ok'] else ' ✗'} |"
         )
@@ -171,7 +233,9 @@ def table(path: str | Path = HERE / "budgets-cpu.json") -> str:
 def parser(p: argparse.ArgumentParser) -> None:
     """The options of ``python -m benchmarks budgets``."""
     p.add_argument("--workloads", default=",".join(WORKLOADS))
-    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument(
+        "--methods", default=",".join(METHODS), help="comma-separated, or every (every_method())"
+    )
     p.add_argument("--steps", type=int, default=16, help="integrated gradients' points")
     p.add_argument("--w3-targets", type=int, default=32, help="W3's first targets attributed")
     p.add_argument("--device", default="cpu")

@@ -17,27 +17,34 @@
 # Results in benchmarks/results/: results-gpu.json, classifiers-cuda.json and
 # real-size-llama3-8b-*-cuda.json; copied into benchmarks/, `python -m benchmarks report` renders
 # the real-size ones into docs/benchmarks-gpu.md.
+# A dry run of the long parts on the CPU before spending device time, on a 2-layer miniature
+# (tests/test_benchmarks_smoke.py runs it):
+#   SHAPE=llama-tiny DEVICE=cpu LONG="40 56" TARGETS=6 RESULTS=/tmp/dry \
+#     bash benchmarks/gpu_memory.sh long long-ig long-lrp
 set -euo pipefail
 PY=${PY:-python}
 PARTS=${*:-harness classifiers long long-ig long-lrp}
 MEMORY=${ATTRAX_MAX_MEMORY:-60GB}
-mkdir -p benchmarks/results
+SHAPE=${SHAPE:-llama3-8b} DEVICE=${DEVICE:-cuda} LONG=${LONG:-2048 8192} TARGETS=${TARGETS:-128}
+RESULTS=${RESULTS:-benchmarks/results}
+FIRST=${LONG%% *}  # the IG and AttnLRP prompt: the shorter one
+mkdir -p "$RESULTS"
 llama() {  # llama <tokens> <methods> <libraries> <first targets> <name>
-  "$PY" -m benchmarks real-size --shape llama3-8b --device cuda --attn sdpa --prompt "$1" \
-    --target 128 --methods "$2" --libraries "$3" --first-targets "$4" --repeats 1 \
+  "$PY" -m benchmarks real-size --shape "$SHAPE" --device "$DEVICE" --attn sdpa --prompt "$1" \
+    --target "$TARGETS" --methods "$2" --libraries "$3" --first-targets "$4" --repeats 1 \
     --max-memory "$MEMORY" --parity-dtype same --tolerance 5e-2 \
-    --out "benchmarks/results/real-size-llama3-8b-$5-cuda.json"
+    --out "$RESULTS/real-size-$SHAPE-$5-$DEVICE.json"
 }
 for part in $PARTS; do
   case $part in
-    harness) "$PY" -m benchmarks run --device cuda --variants ;;
-    classifiers) "$PY" -m benchmarks classifiers --device cuda --threads "${THREADS:-8}" ;;
+    harness) "$PY" -m benchmarks run --device "$DEVICE" --variants ;;
+    classifiers) "$PY" -m benchmarks classifiers --device "$DEVICE" --threads "${THREADS:-8}" ;;
     long)
-      for n in 2048 8192; do
+      for n in $LONG; do
         llama "$n" saliency,input_x_gradient attrax,captum,inseq 4 "$n"
       done ;;
-    long-ig) llama 2048 integrated_gradients attrax,captum,inseq 2 2048-ig ;;
-    long-lrp) llama 2048 lrp attrax 0 2048-lrp ;;
+    long-ig) llama "$FIRST" integrated_gradients attrax,captum,inseq 2 "$FIRST-ig" ;;
+    long-lrp) llama "$FIRST" lrp attrax 0 "$FIRST-lrp" ;;
     *) echo "gpu_memory.sh: unknown part '$part' (harness classifiers long long-ig long-lrp)" >&2
        exit 2 ;;
   esac

@@ -44,6 +44,11 @@ SHAPES: dict[str, tuple[str, dict[str, Any], str]] = {
         vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
         num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072,
         rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=False), "bfloat16"),
+    # llama3-8b's family and dtype in miniature: gpu_memory.sh's dry run on the CPU
+    "llama-tiny": ("LlamaConfig", dict(
+        vocab_size=128256, hidden_size=64, intermediate_size=224, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=131072,
+        rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=False), "bfloat16"),
 }  # fmt: skip
 
 
@@ -229,7 +234,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"* extrapolated from the first {k} of {args.target} targets (peaks are theirs)")
     if args.out:
         meta = {k: v for k, v in vars(args).items() if k != "func"}
-        Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+        out = Path(args.out)
+        tmp = out.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+        tmp.replace(out)  # complete or not written
     return 0
 
 

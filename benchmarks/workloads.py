@@ -303,6 +303,13 @@ def texts(kind: str, tok, n_prompt: int, n_target: int) -> tuple[str, str]:
     return prompt, target
 
 
+def other_prompt(kind: str, tok, n_prompt: int) -> str:
+    """A prompt of the same ``n_prompt`` tokens as :func:`texts`' (``</s>`` included for marian)
+    from other words: a corrupted input for attribution patching."""
+    n = n_prompt if kind == "gpt2" else n_prompt - 1
+    return _exact(tok, word_stream(13), n, leading_space=False)
+
+
 def first_targets_text(tok, prompt: str, target: str, k: int | None, kind: str) -> str:
     """The text of the first ``k`` target tokens (decoder-only), checked to tokenize as such."""
     if k is None:

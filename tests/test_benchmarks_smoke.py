@@ -280,11 +280,18 @@ def test_budgets_retries_at_the_smallest_budget_the_planner_names():
         assert got.attrs["options"]
 
 
-def test_the_memory_doc_shows_the_committed_budgets_run():
+def test_the_memory_doc_shows_the_committed_budgets_runs():
+    """docs/memory.md shows both committed runs, and the every-method one covers every method
+    that takes ``max_memory`` (a new one is measured before it lands)."""
     from benchmarks import budgets
 
     doc = (report.DOCS / "memory.md").read_text()
-    assert budgets.table() in doc, "paste `budgets.table()` into docs/memory.md"
+    for name in ("budgets-cpu.json", "budgets-every-cpu.json"):
+        assert budgets.table(BENCH / name) in doc, f"paste `budgets.table({name!r})` into the doc"
+    every: dict[str, list[str]] = {}
+    for row in json.loads((BENCH / "budgets-every-cpu.json").read_text())["rows"]:
+        every.setdefault(row["workload"], []).append(row["method"])
+    assert every and all(m == list(budgets.every_method()) for m in every.values()), every
 
 
 def test_the_real_size_section_shows_attrax_alone():
@@ -329,3 +336,34 @@ def test_the_memory_doc_shows_the_calibration_against_the_current_estimate():
     doc = (report.DOCS / "memory.md").read_text()
     assert calibrate.report() in doc
     assert "[transformers]" not in doc
+
+
+def test_the_gpu_scripts_long_parts_run_on_a_tiny_shape(tmp_path):
+    """``gpu_memory.sh``'s long parts, as the device would run them but on a miniature of the
+    Llama-3-8B shape on the CPU: they complete, write their results, and the GPU page renders
+    them (a failure here would otherwise show only after building 8B on a lent GPU). Captum and
+    Inseq are needed for ``long`` and ``long-ig``: with the bench extra only."""
+    import importlib.util
+    import os
+    import subprocess
+    import sys
+
+    parts = ["long-lrp"]
+    if all(importlib.util.find_spec(m) for m in ("captum", "inseq")):
+        parts += ["long", "long-ig"]
+    env = dict(os.environ, PY=sys.executable, SHAPE="llama-tiny", DEVICE="cpu", LONG="40 56",
+               TARGETS="6", RESULTS=str(tmp_path), THREADS="2")  # fmt: skip
+    done = subprocess.run(
+        ["bash", str(BENCH / "gpu_memory.sh"), *parts],
+        cwd=BENCH.parent, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    written = {"long-lrp": ["40-lrp"], "long": ["40", "56"], "long-ig": ["40-ig"]}
+    files = {}
+    for name in (f"real-size-llama-tiny-{n}-cpu.json" for part in parts for n in written[part]):
+        result = json.loads((tmp_path / name).read_text())
+        assert result["meta"]["shape"] == "llama-tiny" and result["meta"]["target"] == 6
+        assert all(row["seconds"]["attrax"] > 0 for row in result["rows"]), result["rows"]
+        files[name] = result
+    text = "\n".join(report._real_size_section(files, gpu=True))
+    assert "| AttnLRP |" in text and "— (attrax alone)" in text, text
