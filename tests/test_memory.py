@@ -361,6 +361,39 @@ def test_methods_with_a_copy_per_target_plan_every_copy(models, monkeypatch, nam
     assert_close(got.values, whole.values, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("name", ["head_attribution", "attention_x_gradient"])
+def test_head_methods_plan_eager_attention_and_every_targets_head_rows(monkeypatch, name):
+    """The attention-gradient methods probe eager attention whatever the model runs, and one
+    backward through the head serves all their target chunks: their estimate counts eager's
+    ``[heads, L, L]`` weights on an SDPA model too, and per point every target's rows over the
+    vocabulary, the rows the call's head computes (on W1, GPT-2's 50,257 tokens, head
+    attribution took 301 MiB under a 250 MiB budget without them)."""
+    from attrax import _heads
+    from attrax.testing import corpus, tiny_model
+
+    hf, tok = tiny_model("gpt2", n_head=8, vocab_size=50257)
+    words = " ".join(corpus()).split()
+    prompt, target = " ".join(words[:16]), " " + " ".join(words[16:20])
+    costs: dict[str, _memory.Cost] = {}
+    per_copy: list[int] = []
+    plan, head = _heads.plan, ax.Model.head
+
+    def recorded_head(self, hidden):
+        out = head(self, hidden)
+        per_copy.append(out[0].numel() * out.element_size())  # one copy's rows
+        return out
+
+    monkeypatch.setattr(ax.Model, "head", recorded_head)
+    for attention in ("eager", "sdpa"):
+        model = ax.load_model(hf, tokenizer=tok, attn_implementation=attention)
+        monkeypatch.setattr(
+            _heads, "plan", lambda *a, at=attention: costs.setdefault(at, a[4]) and plan(*a)
+        )
+        getattr(ax, name)(model, prompt, target, max_memory="1GB")
+    assert costs["sdpa"] == costs["eager"], costs
+    assert costs["eager"].per_point >= max(per_copy), (costs["eager"], max(per_copy))
+
+
 def test_cpu_passes_take_fewer_points_not_fewer_targets(monkeypatch):
     """On the CPU, points are halved until a pass fits CPU_PASS, with or without max_memory
     (the targets keep the budget's plan: fewer targets per pass can cost a forward each); a

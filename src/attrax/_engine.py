@@ -317,17 +317,18 @@ class Problem:
             cost = Cost(cost.per_point + cost.per_cotangent, 0, cost.fixed)
         return plan(points, targets, batch_size, chunk_size, cost, device, self.max_memory)
 
-    def cost(self, saved: bool = True) -> Cost:
+    def cost(self, saved: bool = True, eager: bool = False) -> Cost:
         """Estimated memory of this call's passes (:class:`~attrax._memory.Cost`): per target
         and point of the vectorized backward, per point of the forward (what it keeps for the
-        backward when ``saved``, else a forward's temporaries), and the results."""
+        backward when ``saved``, else a forward's temporaries), and the results. ``eager``: the
+        forwards run eager attention whatever the model's (methods that probe the weights)."""
         x = self.inputs[0]
         tokens = sum(xi.shape[1] for xi in self.inputs)
         if self.decoder_embeds is not None:
             tokens += self.decoder_embeds.shape[1]
         config = self.model.hf.config
         heads = _arch.heads(config, "self") or _arch.heads(config, "encoder") or 1
-        if self.model.attention_for(tokens, x.device) != "eager":
+        if not eager and self.model.attention_for(tokens, x.device) != "eager":
             heads = 0  # fused attention never stores [heads, L, L] weights
         shape = (x.shape[0], tokens, x.shape[-1], x.element_size(), _arch.mlp_width(config), heads)
         family = _arch.family(config)

@@ -37,7 +37,7 @@ from ._attention import Selection, _indices, _maps, _maps_name, _selection
 from ._engine import Problem
 from ._errors import ModelError, OptionError
 from ._gradients import QUADRATURES, check_trapezoid_steps, quadrature_nodes
-from ._memory import Cost, full_precision, plan, to_host
+from ._memory import Cost, full_precision, head_bytes, plan, to_host
 from ._model import Model, _attention_modules
 from ._protocol import Call, Family
 from ._schema import _target_coords
@@ -306,14 +306,18 @@ def _plan(
     batch_size: Any,
     chunk_size: Any,
 ) -> tuple[int | None, int | None]:
-    """``"auto"`` sizes: the engine's estimate of a backward, plus what each target's gradients
-    of the probes hold (the gradients, their product with ``A`` and a working copy)."""
-    cost = problem.cost()
-    probes = sum(a.numel() * a.element_size() for a in maps.values())
-    per_target = -(-3 * probes // points)  # the probes' gradients are per target, not per point
-    cost = Cost(cost.per_cotangent + per_target, cost.per_point, cost.fixed)
+    """``"auto"`` sizes: the engine's estimate of a backward through eager attention (the
+    probes run there, whatever the model's attention), plus every target's head rows at each
+    point (one backward through the head serves all the chunks), plus what each target's
+    gradients of the probes hold (the gradients, their product with ``A`` and a working copy)."""
+    cost = problem.cost(eager=True)
+    x = problem.inputs[0]
     targets = problem.tensors.valid.shape[1]
-    device = problem.inputs[0].device
+    head = head_bytes(x.shape[0], targets, problem.model.head_width, x.element_size())
+    probes = sum(a.numel() * a.element_size() for a in maps.values())
+    per_target = 3 * probes  # the probes' gradients are per target, whatever its points
+    cost = Cost(cost.per_cotangent, cost.per_point + head, cost.fixed, per_target)
+    device = x.device
     return plan(points, targets, batch_size, chunk_size, cost, device, problem.max_memory)
 
 

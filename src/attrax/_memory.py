@@ -312,20 +312,27 @@ CALL_OVERHEAD = 64 << 20
 
 
 class Cost(NamedTuple):
-    """Estimated bytes of one call: ``fixed + points * (per_point + targets * per_cotangent)``.
+    """Estimated bytes of one call:
+    ``fixed + targets * per_target + points * (per_point + targets * per_cotangent)``.
 
     ``per_point``: what the forward keeps for the backward (or, without one, a forward's
-    temporaries) per point; ``per_cotangent``: one target's backward at one point; ``fixed``:
-    the results, held whatever the sizes.
+    temporaries) per point; ``per_cotangent``: one target's backward at one point;
+    ``per_target``: what a target of a pass holds whatever its points (head attribution's
+    gradients of the attention weights); ``fixed``: the results, held whatever the sizes.
     """
 
     per_cotangent: int
     per_point: int = 0
     fixed: int = 0
+    per_target: int = 0
 
     def at(self, points: int, targets: int) -> int:
         """Bytes with ``points`` points per forward and ``targets`` targets per backward."""
-        return self.fixed + points * (self.per_point + targets * self.per_cotangent)
+        return (
+            self.fixed
+            + targets * self.per_target
+            + points * (self.per_point + targets * self.per_cotangent)
+        )
 
 
 def backward_bytes(
