@@ -5,11 +5,12 @@ Per workload (W1, W2, W3, C1, C2: the models and texts of ``run`` and ``classifi
 method that takes ``max_memory``, with the sizes of ``SIZES``), attrax runs twice in fresh
 processes: without a budget, then with ``max_memory`` at a third of that call's measured peak, or,
 where the planner refuses that as too small, at the smallest budget its ``OptionError`` names
-(which it rounds up), up to a MiB. The peak is the process's peak RSS above its RSS before
-the call (``VmHWM`` after ``/proc/self/clear_refs``, after a warm-up call and ``malloc_trim``); on
-a GPU ``max_memory_allocated`` above the allocation before it. The bounded peak must stay within
-the budget (exit status 1 otherwise). W3 attributes the first ``--w3-targets`` of its 128
-targets, to keep IG and occlusion within minutes. Results: ``--out`` (default
+(which it rounds up), up to a MiB; a method that does not apply to the model (a ``ModelError``:
+ALTI-Logit on an encoder-decoder) is a row saying so. The peak is the process's peak RSS above
+its RSS before the call (``VmHWM`` after ``/proc/self/clear_refs``, after a warm-up call and
+``malloc_trim``); on a GPU ``max_memory_allocated`` above the allocation before it. The bounded
+peak must stay within the budget (exit status 1 otherwise). W3 attributes the first
+``--w3-targets`` of its 128 targets, to keep IG and occlusion within minutes. Results: ``--out`` (default
 ``benchmarks/budgets-<device>.json``).
 """
 
@@ -118,7 +119,12 @@ def worker(spec: str) -> None:
     fn = getattr(ax, s["method"])
     short = (inputs[:2], targets) if isinstance(inputs, list) else (inputs[:40], targets)
     warm = {**options, "corrupted": short[0]} if "corrupted" in options else options
-    fn(model, *short, **warm)  # warm-up: code pages, lazy imports
+    try:
+        fn(model, *short, **warm)  # warm-up: code pages, lazy imports
+    except ax.ModelError as error:  # the method does not apply to this model (ALTI-Logit: T5)
+        reason = str(error).replace(model.name, Path(model.name).name)  # no local path
+        print(json.dumps({"skipped": reason}))
+        return
     start, stop = peak_meter(s["device"])
     base = start()
     try:
@@ -160,7 +166,12 @@ def run(args: argparse.Namespace) -> int:
                 workload=name, method=method, steps=args.steps, w3_targets=args.w3_targets,
                 threads=args.threads, device=args.device, budget=None,
             )  # fmt: skip
-            free = _measure(spec, args.host_memory)["peak_bytes"]
+            unbounded = _measure(spec, args.host_memory)
+            if "skipped" in unbounded:
+                rows.append(dict(workload=name, method=method, skipped=unbounded["skipped"]))
+                print(f"{name} {method}: not for this model ({unbounded['skipped']})", flush=True)
+                continue
+            free = unbounded["peak_bytes"]
             budget = max(int(free / 3) >> 20, 1) << 20
             bounded = _measure({**spec, "budget": budget}, args.host_memory)
             refused = bounded.get("error")
@@ -200,7 +211,7 @@ LABEL = {
     "shapley_sampling": "Shapley sampling", "sobol": "Sobol", "value_zeroing": "value zeroing",
     "attribution_patching": "attribution patching",
     "attention_x_gradient": "attention × gradient",  # noqa: RUF001
-    "head_attribution": "head attribution",
+    "head_attribution": "head attribution", "alti": "ALTI", "alti_logit": "ALTI-Logit",
 }  # fmt: skip
 
 
@@ -221,6 +232,11 @@ def table(path: str | Path = HERE / "budgets-cpu.json") -> str:
     ]
     mib = 2**20
     for row in result["rows"]:
+        if "skipped" in row:  # a ModelError: the method does not apply to the model
+            lines.append(
+                f"| {row['workload']} | {_label(row['method'], steps)} | not for this model | | |"
+            )
+            continue
         lines.append(
             f"| {row['workload']} | {_label(row['method'], steps)} | "
             f"{row['unbounded_bytes'] / mib:,.0f} MiB | "

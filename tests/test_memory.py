@@ -410,6 +410,22 @@ def test_cpu_passes_take_fewer_points_not_fewer_targets(monkeypatch):
     assert _memory.plan(1, 32, "auto", "auto", cost, cpu) == (None, None)  # one point: as is
 
 
+def test_cpu_forwards_take_at_most_a_pass_of_copies(monkeypatch):
+    """On the CPU, perturbed copies per forward stop at what fits CPU_PASS, with or without
+    max_memory; another device, or a given batch_size, keeps the budget's plan alone."""
+    monkeypatch.setattr(_memory, "memory_budget", lambda device: 1 << 40)  # a huge host
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    per_copy, fixed = _memory.CPU_PASS // 64, 1 << 20
+    # (CPU_PASS - 1 MiB) // (CPU_PASS / 64) = 63 copies a forward
+    assert _memory.plan_forwards(1000, "auto", per_copy, cpu, fixed=fixed) == 63
+    assert _memory.plan_forwards(1000, "auto", per_copy, cpu, 1 << 40, fixed) == 63
+    assert _memory.plan_forwards(1000, "auto", per_copy, cpu, per_copy * 11 + fixed, fixed) == 11
+    assert _memory.plan_forwards(1000, "auto", per_copy, gpu, 1 << 40, fixed) == 1000
+    assert _memory.plan_forwards(1000, 500, per_copy, cpu, fixed=fixed) == 500
+    # one copy above a pass still runs, one a forward
+    assert _memory.plan_forwards(1000, "auto", 2 * _memory.CPU_PASS, cpu, fixed=fixed) == 1
+
+
 def test_perturbation_batches_fit_the_budget(models, monkeypatch):
     """batch_size='auto' takes as many copies per forward as fit max_memory."""
     model = models["gpt2"]
@@ -487,3 +503,36 @@ def test_the_measured_peak_stays_within_the_budget(
           f"bounded {bounded['peak'] / mib:.0f} MiB")  # fmt: skip
     assert free["peak"] > budget, "the workload must need more than the budget unbounded"
     assert bounded["peak"] <= budget, (bounded["peak"] / 2**20, budget / 2**20)
+
+
+_LONG_ALTI = """
+import attrax as ax
+from attrax.testing import corpus, tiny_model
+hf, tok = tiny_model("gpt2", n_embd=256, n_layer=4, n_head=4, n_positions=2048)
+model = ax.load_model(hf, tokenizer=tok)
+words = (" ".join(corpus()).split() * 8)[:1000]
+prompt, target = " ".join(words[:-8]), " " + " ".join(words[-8:])
+def warm():
+    ax.{method}(model, "a b c", " d e")
+def call():
+    ax.{method}(model, prompt, target{options})
+    return model.tokenizer(prompt + target, return_length=True)["length"]
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["alti", "alti_logit"])
+def test_alti_on_a_long_input_stays_within_the_budget(peak_above_start, method):
+    """~1,500 tokens: ALTI's ``[B, rows, L, d]`` vectors come in query-row chunks that
+    max_memory bounds. Small chunks once fragmented the heap (their scores, kept for a final
+    concatenation, sat between the next chunks' temporaries: 1.4-2.2 GB in chunks of 32 MB)."""
+    budget = 400 * 10**6
+    free = peak_above_start(_LONG_ALTI.format(method=method, options=""))
+    bounded = peak_above_start(_LONG_ALTI.format(method=method, options=f", max_memory={budget}"))
+    length = free["result"][0] if isinstance(free["result"], list) else free["result"]
+    mib = 2**20
+    print(f"{method}, {length} tokens: unbounded {free['peak'] / mib:.0f} MiB, "
+          f"budget {budget / mib:.0f} MiB, bounded {bounded['peak'] / mib:.0f} MiB")  # fmt: skip
+    assert length > 1400, length
+    assert free["peak"] > budget, "the workload must need more than the budget unbounded"
+    assert bounded["peak"] <= budget, (bounded["peak"] / mib, budget / mib)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -311,7 +312,7 @@ def test_alti_rows_are_distributions_and_never_from_the_future(mixing_models, ar
     seen = []
 
     def on_layer(index, weights, u, x, parts, _stack):
-        seen.append(_mixing._contributions(weights, u, x, parts, t.mask))
+        seen.append(_mixing._contributions(weights, u, x, parts, t.mask, 1 << 30))
 
     _mixing._Decomposition(model, t, on_layer).run()
     assert len(seen) == model.hf.config.num_hidden_layers
@@ -648,6 +649,54 @@ def test_alti_row_chunks_do_not_change_contributions(mixing_models, monkeypatch)
     whole = ax.alti(model, [PROMPT, "a film"], aggregate=False)
     monkeypatch.setattr(_mixing, "memory_budget", lambda device: 1)  # one query row at a time
     rows = ax.alti(model, [PROMPT, "a film"], aggregate=False)
+    np.testing.assert_allclose(rows.values, whole.values, atol=1e-12)
+
+
+def _chunks(monkeypatch) -> list[int]:
+    """The query rows of each chunk ALTI scores, as the calls run."""
+    sizes: list[int] = []
+    for name in ("_row_scores", "_cross_row_scores"):
+        original = getattr(_mixing, name)
+
+        def spy(weights, *args, _original=original, **kwargs):
+            sizes.append(weights.shape[2])
+            return _original(weights, *args, **kwargs)
+
+        monkeypatch.setattr(_mixing, name, spy)
+    return sizes
+
+
+@pytest.mark.parametrize("method", [ax.alti, ax.alti_logit])
+def test_alti_max_memory_bounds_its_row_chunks_not_its_values(mixing_models, monkeypatch, method):
+    """A budget just above the smallest builds few query rows' vectors at a time; the values
+    are those of one chunk per layer."""
+    model = mixing_models["gpt2"]
+    sizes = _chunks(monkeypatch)
+    whole = method(model, PROMPT, TARGET)
+    length = max(sizes)
+    assert sizes == [length] * len(sizes)  # one chunk per layer without a budget
+    monkeypatch.setattr(_mixing, "format_bytes", lambda n, up=False: f"{n} B")  # not rounded
+    with pytest.raises(ax.OptionError, match="cannot be met") as refused:
+        method(model, PROMPT, TARGET, max_memory=1)
+    smallest = int(re.search(r"estimated (\d+) B;", str(refused.value))[1])
+    row = _mixing._row_bytes(1, length, model.hidden_size)
+    sizes.clear()
+    bounded = method(model, PROMPT, TARGET, max_memory=smallest + 2 * row)  # three rows
+    layers = model.hf.config.n_layer
+    assert sizes == ([3] * (length // 3) + [length % 3] * (length % 3 > 0)) * layers, sizes
+    np.testing.assert_allclose(bounded.values, whole.values, atol=1e-12)
+
+
+def test_alti_plus_row_chunks_do_not_change_contributions(monkeypatch):
+    """ALTI+ chunks the encoder's, the decoder's and the cross-attention's query rows alike."""
+    hf, tok = tiny_model("marian")
+    model = ax.load_model(hf.double(), tokenizer=tok)
+    source, target = "the capital of france is", "paris is a city"
+    whole = ax.alti(model, source, target, attribute_target=True)
+    sizes = _chunks(monkeypatch)
+    monkeypatch.setattr(_mixing, "memory_budget", lambda device: 1)  # one query row at a time
+    rows = ax.alti(model, source, target, attribute_target=True)
+    assert set(sizes) == {1} and len(sizes) > 2 * whole.sizes["target"], sizes
     np.testing.assert_allclose(rows.values, whole.values, atol=1e-12)
 
 

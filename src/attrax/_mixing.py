@@ -30,7 +30,15 @@ from . import _arch
 from ._attention import Selection, _indices, _maps, _maps_name, _selection
 from ._errors import ModelError, OptionError
 from ._inputs import Tensors, encode_sources, to_tensors
-from ._memory import CALL_OVERHEAD, memory_budget, parse_bytes, plan_forwards
+from ._memory import (
+    CALL_OVERHEAD,
+    CPU_PASS,
+    format_bytes,
+    forward_bytes,
+    memory_budget,
+    parse_bytes,
+    plan_forwards,
+)
 from ._model import Model, _attention_modules
 from ._protocol import Call, Family
 from ._schema import label_queries
@@ -50,16 +58,16 @@ VALUE_ZEROING = Family(
     },
 )
 
-#: ALTI: one forward whose per-layer decomposition is computed as the layers run.
+#: ALTI: one forward whose per-layer decomposition is computed as the layers run; max_memory
+#: bounds the query rows whose ``[B, rows, L, d]`` vectors are built at once.
 ALTI = Family(
     name="alti",
-    takes=("positions", "attribute_target", "max_new_tokens"),
+    takes=("positions", "attribute_target", "max_new_tokens", "max_memory"),
     refuses={
         "objective": _NO_OBJECTIVE,
         "contrast": _NO_OBJECTIVE,
         "chunk_size": "ALTI comes from one forward: there is no backward to chunk",
         "batch_size": "ALTI comes from one forward: there are no points to batch",
-        "max_memory": "ALTI comes from one forward: there are no sizes to plan",
     },
 )
 
@@ -490,7 +498,7 @@ _SEQ2SEQ = ("marian", "bart")
 #: ALTI-Logit: one forward like ALTI, with a logit objective (and its contrast) per target.
 ALTI_LOGIT = Family(
     name="alti_logit",
-    takes=("contrast", "positions", "max_new_tokens"),
+    takes=("contrast", "positions", "max_new_tokens", "max_memory"),
     refuses={
         "objective": "ALTI-Logit decomposes the target's logit (with `contrast`: the logit "
         "difference)",
@@ -623,23 +631,25 @@ class _Decomposition:
 
 
 def _contributions(
-    weights: torch.Tensor, u: torch.Tensor, x: torch.Tensor, parts: _Parts, mask: torch.Tensor
+    weights: torch.Tensor,
+    u: torch.Tensor,
+    x: torch.Tensor,
+    parts: _Parts,
+    mask: torch.Tensor,
+    vectors: int,
 ) -> torch.Tensor:
     """ALTI's contributions ``C [B, L, L]`` of one layer: ``T_i(x_j) = sum_h A^h_ij W_O^h v^h_j +
     [i = j] x_j`` (normalized like the block output where the norm comes after), scored
     ``max(0, |y_i|_1 - |y_i - T_i(x_j)|_1)`` and divided by their sum over ``j``; padded rows
     are the identity. The ``[B, rows, L, d]`` vectors are built for as many query rows at a time
-    as fit a quarter of the device's budget."""
-    batch, length, width = x.shape
-    per_row = 4 * batch * length * width * u.element_size()
-    rows = max(1, min(length, memory_budget(x.device) // 4 // per_row))
-    scores = torch.cat(
-        [  # memory chunking over query rows
-            _row_scores(weights[:, :, start : start + rows], u, x, parts, start)
-            for start in range(0, length, rows)
-        ],
-        dim=1,
-    )
+    as fit ``vectors`` bytes (:func:`_vector_budget`)."""
+    batch, length, _ = x.shape
+    rows = _rows_within(vectors, x, length)
+    # written in place: chunks kept alive between the chunks' temporaries fragment the heap
+    scores = u.new_empty((batch, length, length))
+    for start in range(0, length, rows):  # memory chunking over query rows
+        chunk = weights[:, :, start : start + rows]
+        scores[:, start : start + rows] = _row_scores(chunk, u, x, parts, start)
     scores = scores * mask[:, None, :].to(scores.dtype)
     total = scores.sum(-1, keepdim=True)
     scores = scores / torch.where(total == 0, 1.0, total)
@@ -647,30 +657,95 @@ def _contributions(
     return torch.where(mask.bool()[:, :, None], scores, eye)
 
 
+def _rows_within(vectors: int, x: torch.Tensor, keys: int) -> int:
+    """Query rows of ``x [B, Q, d]`` whose vectors over ``keys`` sources fit ``vectors`` bytes."""
+    batch, queries, width = x.shape
+    return max(1, min(queries, vectors // _row_bytes(batch, keys, width)))
+
+
+def _row_bytes(batch: int, keys: int, width: int) -> int:
+    # one query row's float32 vectors [B, 1, keys, d] and the three temporaries _l1_scores makes
+    return 4 * batch * keys * width * 4
+
+
+def _vector_budget(model: Model, t: Tensors, options: Any) -> int:
+    """Bytes ALTI's per-layer vectors may take at once: ``max_memory`` (None: half the free memory
+    of the model's device) less the rest of the call's estimate: one layer's eager forward (its
+    temporaries, three ``[B, heads, L, L]`` maps), the float32 decomposition (the per-head values
+    ``[B, heads, L, d]``; the maps' copy on half-precision models) and three ``[B, L, L]``
+    rollout matrices; on the CPU at most :data:`CPU_PASS`. A ``max_memory`` below one query
+    row's vectors on top of that is an :class:`OptionError` naming the smallest that can be met."""
+    config = model.hf.config
+    batch, length = t.ids.shape[0], t.ids.shape[1]
+    if t.decoder_ids is not None:
+        length = max(length, t.decoder_ids.shape[1])
+    width, size = model.hidden_size, model.dtype.itemsize
+    heads = max(_arch.heads(config, name) or 1 for name in ("self", "encoder", "cross"))
+    # the layer's temporaries at the MLP's width, and three [B, heads, L, L] maps (scores,
+    # softmax, the mask; the softmax in float32 on half-precision models): 1523 tokens, 16 heads
+    # of a d=64 GPT-2 held 351 MiB, two maps and a half
+    body = forward_bytes(
+        batch, length, width, size, _arch.mlp_width(config) or 4 * width, 0, 1,
+        _arch.family(config), saved=False,
+    )  # fmt: skip
+    maps = 3 * batch * heads * length * length * max(size, 4)
+    # float32 decomposition: u [B, heads, L, d] and x, the maps' copy when the model is not
+    copy = heads * length * length if size < 4 else 0
+    decomposition = 4 * batch * (heads * length * width + length * width + copy)
+    fixed = CALL_OVERHEAD + body + maps + decomposition + 3 * 4 * batch * length * length
+    smallest = fixed + _row_bytes(batch, length, width)
+    max_memory = parse_bytes(options.get("max_memory"))
+    if max_memory is not None and smallest > max_memory:
+        raise OptionError(
+            f"`max_memory` of {format_bytes(max_memory)} cannot be met: ALTI's forward with one "
+            f"query row's vectors at a time needs an estimated {format_bytes(smallest, up=True)}; "
+            "give at least that"
+        )
+    budget = memory_budget(model.device) if max_memory is None else max_memory
+    if model.device.type == "cpu":
+        budget = min(budget, fixed + CPU_PASS)
+    return budget - fixed
+
+
 def _row_scores(
     weights: torch.Tensor, u: torch.Tensor, x: torch.Tensor, parts: _Parts, start: int
 ) -> torch.Tensor:
     """Unnormalized ALTI scores ``[B, q, L]`` of the query rows ``start .. start + q``."""
-    queries, length = weights.shape[2], x.shape[1]
     vectors = torch.einsum("bhij,bhjd->bijd", weights.to(u.dtype), u)
-    eye = torch.eye(length, dtype=x.dtype, device=x.device)[start : start + queries]
-    vectors = vectors + eye[None, :, :, None] * x[:, None, :, :]  # the residual: T_i(x_i) += x_i
+    i = torch.arange(weights.shape[2], device=x.device)
+    vectors[:, i, start + i] += x[:, start + i]  # the residual: T_i(x_i) += x_i
     return _l1_scores(vectors, parts)
 
 
 def _cross_contributions(
-    weights: torch.Tensor, u: torch.Tensor, x: torch.Tensor, parts: _Parts, mask: torch.Tensor
+    weights: torch.Tensor,
+    u: torch.Tensor,
+    x: torch.Tensor,
+    parts: _Parts,
+    mask: torch.Tensor,
+    vectors: int,
 ) -> torch.Tensor:
     """ALTI+'s cross-attention block: contributions ``[B, T, S + 1]`` of the encoder tokens
     (``sum_h A^h_ij W_O^h v^h_j``) and, last, of the decoder position's own residual ``x_i``,
-    scored as ALTI and divided by their sum."""
-    vectors = torch.einsum("bhij,bhjd->bijd", weights.to(u.dtype), u)
-    vectors = torch.cat([vectors, x[:, :, None, :]], dim=2)
-    scores = _l1_scores(vectors, parts)
+    scored as ALTI and divided by their sum; query rows in chunks as :func:`_contributions`."""
+    (batch, queries, _), keys = x.shape, weights.shape[-1]
+    rows = _rows_within(vectors, x, keys + 1)
+    scores = u.new_empty((batch, queries, keys + 1))  # in place, as in _contributions
+    for start in range(0, queries, rows):  # memory chunking over query rows
+        chunk = slice(start, start + rows)
+        scores[:, chunk] = _cross_row_scores(weights[:, :, chunk], u, x[:, chunk], parts)
     seen = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
     scores = scores * seen[:, None, :].to(scores.dtype)
     total = scores.sum(-1, keepdim=True)
     return scores / torch.where(total == 0, 1.0, total)
+
+
+def _cross_row_scores(
+    weights: torch.Tensor, u: torch.Tensor, x: torch.Tensor, parts: _Parts
+) -> torch.Tensor:
+    """Unnormalized ALTI+ cross-attention scores ``[B, q, S + 1]`` of the query rows of ``x``."""
+    vectors = torch.einsum("bhij,bhjd->bijd", weights.to(u.dtype), u)
+    return _l1_scores(torch.cat([vectors, x[:, :, None, :]], dim=2), parts)
 
 
 def _l1_scores(vectors: torch.Tensor, parts: _Parts) -> torch.Tensor:
@@ -720,6 +795,10 @@ def alti(call: Call, *, aggregate: bool = True, layers: Selection = None) -> xr.
         aggregate: the rollout ``([example,] target, source)``; False: each layer's
             contributions ``([example,] target, source, layer)`` (not for encoder-decoders).
         layers: with ``aggregate=False``, which layers to keep.
+        max_memory: bytes (or ``"8GB"``) the call may take: bounds the query rows whose
+            ``[B, rows, L, d]`` vectors are built at once (None: half the device's free memory;
+            on the CPU 2 GiB of vectors at most). Below one row on top of the forward: an
+            :class:`~attrax.OptionError` naming the smallest budget.
 
     >>> import attrax as ax
     >>> da = ax.alti(ax.load_model(), "1 2 3 =", " 3 2 1")
@@ -739,9 +818,10 @@ def alti(call: Call, *, aggregate: bool = True, layers: Selection = None) -> xr.
         )
     per_layer: list[torch.Tensor] = []
     rolled: list[torch.Tensor] = []
+    vectors = _vector_budget(model, t, call.options)
 
     def on_layer(index: int, weights: Any, u: Any, x: Any, parts: _Parts, _stack: str) -> None:
-        step = _contributions(weights, u, x, parts, t.mask)
+        step = _contributions(weights, u, x, parts, t.mask, vectors)
         if aggregate:
             rolled[:] = [step if not rolled else step @ rolled[0]]
         else:
@@ -765,7 +845,7 @@ def _alti_plus(call: Call, t: Tensors, aggregate: bool) -> xr.DataArray:
             "an encoder-decoder's ALTI+ is the rollout"
         )
     assert t.decoder_mask is not None
-    rolled = _AltiPlus(t.mask, t.decoder_mask)
+    rolled = _AltiPlus(t.mask, t.decoder_mask, _vector_budget(call.model, t, call.options))
     with torch.no_grad():
         _Decomposition(call.model, t, rolled).run()
     assert rolled.to_encoder is not None and rolled.to_decoder is not None
@@ -782,15 +862,15 @@ class _AltiPlus:
     cross-attention block's contributions ``c`` of the encoder tokens and of its own residual:
     ``to_encoder <- c_enc R_enc + c_own to_encoder`` and ``to_decoder <- c_own to_decoder``."""
 
-    def __init__(self, mask: torch.Tensor, decoder_mask: torch.Tensor) -> None:
-        self.mask, self.decoder_mask = mask, decoder_mask
+    def __init__(self, mask: torch.Tensor, decoder_mask: torch.Tensor, vectors: int) -> None:
+        self.mask, self.decoder_mask, self.vectors = mask, decoder_mask, vectors
         self.encoder: torch.Tensor | None = None
         self.to_encoder: torch.Tensor | None = None
         self.to_decoder: torch.Tensor | None = None
 
     def __call__(self, index: int, weights: Any, u: Any, x: Any, parts: _Parts, stack: str) -> None:
         if stack == "encoder":
-            step = _contributions(weights, u, x, parts, self.mask)
+            step = _contributions(weights, u, x, parts, self.mask, self.vectors)
             self.encoder = step if self.encoder is None else step @ self.encoder
             return
         assert self.encoder is not None
@@ -800,10 +880,10 @@ class _AltiPlus:
             eye = torch.eye(length, dtype=self.encoder.dtype, device=self.encoder.device)
             self.to_decoder = eye.expand(batch, length, length)
         if stack == "decoder":
-            step = _contributions(weights, u, x, parts, self.decoder_mask)
+            step = _contributions(weights, u, x, parts, self.decoder_mask, self.vectors)
             self.to_encoder, self.to_decoder = step @ self.to_encoder, step @ self.to_decoder
             return
-        shares = _cross_contributions(weights, u, x, parts, self.mask)
+        shares = _cross_contributions(weights, u, x, parts, self.mask, self.vectors)
         real = self.decoder_mask.bool()[:, :, None]  # padded queries keep what they hold
         own = torch.where(real, shares[..., -1:], 1.0)
         from_encoder = torch.where(real, shares[..., :-1], 0.0)
@@ -829,6 +909,10 @@ def alti_logit(call: Call, *, aggregate: bool = True, layers: Selection = None) 
         aggregate: summed over layers ``([example,] target, source)``; False: each layer's term
             ``([example,] target, source, layer)``.
         layers: with ``aggregate=False``, which layers to keep.
+        max_memory: bytes (or ``"8GB"``) the call may take: bounds the query rows whose
+            ``[B, rows, L, d]`` vectors are built at once (None: half the device's free memory;
+            on the CPU 2 GiB of vectors at most). Below one row on top of the forward: an
+            :class:`~attrax.OptionError` naming the smallest budget.
 
     >>> import attrax as ax
     >>> ax.alti_logit(ax.load_model(), "1 2 3 =", " 3 2 1").dims
@@ -842,6 +926,7 @@ def alti_logit(call: Call, *, aggregate: bool = True, layers: Selection = None) 
             "a post-norm encoder's logit has no linear path from each layer"
         )
     t = to_tensors(call.batch, model)
+    vectors = _vector_budget(model, t, call.options)  # a refused budget before any forward
     final = getattr(model.hf.base_model, "ln_f", None) or model.hf.base_model.norm
     residual: list[torch.Tensor] = []
 
@@ -859,7 +944,7 @@ def alti_logit(call: Call, *, aggregate: bool = True, layers: Selection = None) 
         rows = _rows(weights.transpose(1, 2), t.index).to(u.dtype)  # [B, K, H, L]
         delta = torch.einsum("bkhj,bhjd,bkd->bkj", rows, u, direction.to(u.dtype))
         terms.append(delta if not below else delta @ below[0])
-        step = _contributions(weights, u, x, parts, t.mask)
+        step = _contributions(weights, u, x, parts, t.mask, vectors)
         below[:] = [step if not below else step @ below[0]]
 
     decomposition = _Decomposition(model, t, on_layer)
