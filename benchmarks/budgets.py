@@ -10,8 +10,8 @@ ALTI-Logit on an encoder-decoder) is a row saying so. The peak is the process's 
 its RSS before the call (``VmHWM`` after ``/proc/self/clear_refs``, after a warm-up call and
 ``malloc_trim``); on a GPU ``max_memory_allocated`` above the allocation before it. The bounded
 peak must stay within the budget (exit status 1 otherwise). W3 attributes the first
-``--w3-targets`` of its 128 targets, to keep IG and occlusion within minutes. Results: ``--out`` (default
-``benchmarks/budgets-<device>.json``).
+``--w3-targets`` of its 128 targets, to keep IG and occlusion within minutes. Results:
+``--out`` (default ``benchmarks/budgets-<device>.json``).
 """
 
 from __future__ import annotations

@@ -525,7 +525,7 @@ def call():
 def test_alti_on_a_long_input_stays_within_the_budget(peak_above_start, method):
     """~1,500 tokens: ALTI's ``[B, rows, L, d]`` vectors come in query-row chunks that
     max_memory bounds. Small chunks once fragmented the heap (their scores, kept for a final
-    concatenation, sat between the next chunks' temporaries: 1.4-2.2 GB in chunks of 32 MB)."""
+    concatenation, sat between the next chunks' temporaries: 1.4-2.2 GiB in 64-128 MiB chunks)."""
     budget = 400 * 10**6
     free = peak_above_start(_LONG_ALTI.format(method=method, options=""))
     bounded = peak_above_start(_LONG_ALTI.format(method=method, options=f", max_memory={budget}"))
