@@ -643,13 +643,10 @@ def _contributions(
     ``max(0, |y_i|_1 - |y_i - T_i(x_j)|_1)`` and divided by their sum over ``j``; padded rows
     are the identity. The ``[B, rows, L, d]`` vectors are built for as many query rows at a time
     as fit ``vectors`` bytes (:func:`_vector_budget`)."""
-    batch, length, _ = x.shape
-    rows = _rows_within(vectors, x, length)
-    # written in place: chunks kept alive between the chunks' temporaries fragment the heap
-    scores = u.new_empty((batch, length, length))
-    for start in range(0, length, rows):  # memory chunking over query rows
-        chunk = weights[:, :, start : start + rows]
-        scores[:, start : start + rows] = _row_scores(chunk, u, x, parts, start)
+    length = x.shape[1]
+    scores = _by_rows(
+        x, length, vectors, lambda rows: _row_scores(weights[:, :, rows], u, x, parts, rows.start)
+    )
     scores = scores * mask[:, None, :].to(scores.dtype)
     total = scores.sum(-1, keepdim=True)
     scores = scores / torch.where(total == 0, 1.0, total)
@@ -657,10 +654,19 @@ def _contributions(
     return torch.where(mask.bool()[:, :, None], scores, eye)
 
 
-def _rows_within(vectors: int, x: torch.Tensor, keys: int) -> int:
-    """Query rows of ``x [B, Q, d]`` whose vectors over ``keys`` sources fit ``vectors`` bytes."""
+def _by_rows(
+    x: torch.Tensor, keys: int, vectors: int, score: Callable[[slice], torch.Tensor]
+) -> torch.Tensor:
+    """``[B, Q, keys]`` scores of the query rows of ``x [B, Q, d]``, ``score(rows)`` a chunk
+    at a time: as many rows as their vectors over ``keys`` sources fit ``vectors`` bytes."""
     batch, queries, width = x.shape
-    return max(1, min(queries, vectors // _row_bytes(batch, keys, width)))
+    rows = max(1, min(queries, vectors // _row_bytes(batch, keys, width)))
+    # written in place: chunks kept alive between the chunks' temporaries fragment the heap
+    scores = x.new_empty((batch, queries, keys))
+    for start in range(0, queries, rows):  # memory chunking over query rows
+        chunk = slice(start, start + rows)
+        scores[:, chunk] = score(chunk)
+    return scores
 
 
 def _row_bytes(batch: int, keys: int, width: int) -> int:
@@ -728,12 +734,12 @@ def _cross_contributions(
     """ALTI+'s cross-attention block: contributions ``[B, T, S + 1]`` of the encoder tokens
     (``sum_h A^h_ij W_O^h v^h_j``) and, last, of the decoder position's own residual ``x_i``,
     scored as ALTI and divided by their sum; query rows in chunks as :func:`_contributions`."""
-    (batch, queries, _), keys = x.shape, weights.shape[-1]
-    rows = _rows_within(vectors, x, keys + 1)
-    scores = u.new_empty((batch, queries, keys + 1))  # in place, as in _contributions
-    for start in range(0, queries, rows):  # memory chunking over query rows
-        chunk = slice(start, start + rows)
-        scores[:, chunk] = _cross_row_scores(weights[:, :, chunk], u, x[:, chunk], parts)
+    scores = _by_rows(
+        x,
+        weights.shape[-1] + 1,
+        vectors,
+        lambda rows: _cross_row_scores(weights[:, :, rows], u, x[:, rows], parts),
+    )
     seen = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
     scores = scores * seen[:, None, :].to(scores.dtype)
     total = scores.sum(-1, keepdim=True)
