@@ -354,3 +354,77 @@ def test_a_shard_write_takes_no_cluster_lock(tmp_path, monkeypatch):
         monkeypatch.setattr(distributed.Lock, "acquire", cluster_lock)
         ax.save(da, tmp_path / "a.nc")
     xr.testing.assert_identical(ax.load(tmp_path / "a.nc"), da)
+
+
+def _process_limit_on_a_worker(terminate: float | bool) -> int | None:
+    """``attrax._memory``'s process limit once a 3 GB worker with this ``terminate`` share
+    loaded the model (in this process: ``processes=False``)."""
+    import dask
+
+    from attrax import _memory
+    from attrax._distributed import worker_model
+
+    with (
+        dask.config.set({"distributed.worker.memory.terminate": terminate}),
+        distributed.LocalCluster(
+            n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None,
+            memory_limit="3GB",
+        ) as cluster,
+        distributed.Client(cluster) as client,
+    ):  # fmt: skip
+        task = client.submit(lambda: (worker_model((None, None, None, 1)), _memory._process_limit))
+        return task.result()[1]
+
+
+def test_a_worker_plans_below_the_limit_its_nanny_kills_it_at(monkeypatch):
+    """A worker's calls without ``max_memory`` plan below ``terminate`` times its memory limit,
+    which /proc/meminfo (the host's memory) does not show."""
+    from attrax import _memory
+    from attrax._distributed import worker_model
+
+    monkeypatch.setattr(_memory, "_process_limit", None)
+    assert _process_limit_on_a_worker(0.9) == int(0.9 * 3e9)
+    assert _process_limit_on_a_worker(False) is None  # a nanny that never kills
+    worker_model((None, None, None, None))  # outside a worker: no limit
+    assert _memory._process_limit is None
+
+
+def test_a_task_that_kills_every_worker_is_one_error_that_names_a_budget():
+    from attrax._distributed import Pool
+
+    class Dead:  # a future whose task killed every worker that ran it
+        def result(self):  # type: ignore[no-untyped-def]
+            raise distributed.KilledWorker("attrax-shard-00003-ab", None, 3)
+
+    with pytest.raises(ax.InputError) as died:
+        Pool._result(Dead())
+    assert str(died.value) == (
+        "a Dask worker died on every try of 'attrax-shard-00003-ab' (out of memory? a smaller "
+        "`max_memory` or larger workers may help): rerun to resume"
+    )
+
+
+@pytest.mark.slow
+def test_a_worker_with_little_memory_completes_a_call_that_needs_more(tmp_path, write_jsonl):
+    """Occlusion over GPT-2's vocabulary takes over 1 GiB without a budget; a 1.6 GB worker,
+    killed by its nanny above 95% of that, completes it without ``max_memory``."""
+    import logging
+
+    from attrax.testing import corpus, tiny_model
+
+    hf, tok = tiny_model("gpt2", n_embd=128, n_layer=4, n_head=4, n_positions=1024,
+                         vocab_size=50257)  # fmt: skip
+    hf.save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    words = " ".join(corpus()).split()
+    data = write_jsonl([{"input": " ".join(words[:100]), "target": " " + " ".join(words[100:124])}])
+    with distributed.LocalCluster(
+        n_workers=1, threads_per_worker=1, memory_limit="1.6GB", dashboard_address=None,
+        silence_logs=logging.CRITICAL,
+    ) as cluster:  # fmt: skip
+        run = D.attribute_dataset(
+            str(tmp_path / "model"), data, tmp_path / "out", method="occlusion", progress=False,
+            scheduler=cluster.scheduler_address,
+        )  # fmt: skip
+    assert (run.records, run.shards, run.skipped) == (1, 1, 0)
+    assert np.isfinite(ax.load_dataset_results(tmp_path / "out").values).any()

@@ -118,13 +118,21 @@ def test_a_stated_budget_gives_the_heap_back_between_passes_that_could_exceed_it
         _memory.between_passes()
         assert trims() == 1
     assert _memory._limit is None  # the budget ends with the call
-    with _memory.reuse_host_memory():  # no budget stated: reuse is never interrupted
+    with _memory.reuse_host_memory():  # no passes announced: reuse is never interrupted
         resident[0] += 1 << 30
         _memory.between_passes()
     with _memory.reuse_host_memory():  # a budget on another device is not of host memory
         _memory.expect_passes(1, 1, torch.device("meta"))
         _memory.between_passes()
     assert trims() == 1 + 3  # the one between passes, and each call's own end
+    monkeypatch.setattr(_memory, "memory_budget", lambda device: 100 << 20)
+    with _memory.reuse_host_memory():  # no budget stated: the default one is held the same way
+        _memory.expect_passes(None, 60 << 20, cpu)
+        _memory.between_passes()
+        assert trims() == 4
+        resident[0] += 41 << 20
+        _memory.between_passes()
+        assert trims() == 5
 
 
 def test_the_planner_states_each_pass_it_plans(fake, monkeypatch):
@@ -135,6 +143,80 @@ def test_the_planner_states_each_pass_it_plans(fake, monkeypatch):
     _memory.plan_forwards(100, "auto", 10, cpu, max_memory=250, fixed=5)
     _memory.plan_forwards(100, 7, 10, cpu, max_memory=250)
     assert seen == [(640, 8 * 8 * 10), (250, 5 + 24 * 10), (250, 0)]
+    seen.clear()  # without a budget: the default one the sizes were planned against
+    monkeypatch.setattr(_memory, "memory_budget", lambda device: 320)
+    _memory.plan(8, 32, "auto", "auto", _memory.Cost(per_cotangent=10), cpu)
+    _memory.plan_forwards(100, "auto", 10, cpu, fixed=5)
+    _memory.plan_forwards(100, 7, 10, cpu)
+    assert seen == [(320, 4 * 8 * 10), (320, 5 + 31 * 10), (None, 0)]
+
+
+def _cgroups(root, monkeypatch, membership: str, files: dict[str, str]) -> None:
+    """A fake cgroup file system under ``root``: this process in ``membership`` (the text of
+    ``/proc/self/cgroup``), ``files`` relative to the mount."""
+    for name, text in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+    (root / "self-cgroup").write_text(membership)
+    monkeypatch.setattr(_memory, "CGROUP_MOUNT", str(root))
+    monkeypatch.setattr(_memory, "CGROUP_OF_PROCESS", str(root / "self-cgroup"))
+    monkeypatch.setattr(_memory, "_cgroups", None)
+    monkeypatch.setattr(_memory, "_process_limit", None)
+
+
+GiB = 2**30
+
+
+def test_the_default_budget_is_half_the_tightest_headroom(tmp_path, monkeypatch):
+    """A batch job's cgroup (v2) limits a step below it: its headroom counts its page cache as
+    free, and /proc/meminfo's available memory, which does not see the limit, is larger."""
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(_memory, "_available", lambda: 20 * GiB)
+    _cgroups(tmp_path, monkeypatch, "0::/job/step\n", {
+        "cgroup.controllers": "cpu io memory pids\n",
+        "job/memory.max": f"{4 * GiB}\n",
+        "job/memory.current": f"{3 * GiB}\n",
+        "job/memory.stat": f"anon {2 * GiB}\nfile {GiB}\ninactive_file {GiB // 2}\n",
+        "job/step/memory.max": "max\n",
+        "job/step/memory.current": f"{2 * GiB}\n",
+        "job/step/memory.stat": "inactive_file 0\n",
+    })  # fmt: skip
+    assert _memory.memory_budget(cpu) == (4 - 3 + 0.5) * GiB / 2
+    monkeypatch.setattr(_memory, "_resident", lambda: 5 * GiB)
+    _memory.limit_process(5 * GiB + GiB)  # a Dask worker 1 GiB below its nanny's kill limit
+    assert _memory.memory_budget(cpu) == GiB / 2
+    _memory.limit_process(None)
+    monkeypatch.setattr(_memory, "_available", lambda: GiB)  # the host is tighter still
+    assert _memory.memory_budget(cpu) == GiB / 2
+
+
+def test_a_v1_memory_cgroup_is_read_and_no_limit_is_none(tmp_path, monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(_memory, "_available", lambda: 20 * GiB)
+    unlimited = "9223372036854771712\n"  # what v1 writes where no limit is set
+    _cgroups(tmp_path, monkeypatch, "5:cpu,cpuacct:/slurm/job_7\n4:memory:/slurm/job_7\n0::/\n", {
+        "memory/memory.limit_in_bytes": unlimited,
+        "memory/slurm/memory.limit_in_bytes": unlimited,
+        "memory/slurm/job_7/memory.limit_in_bytes": f"{8 * GiB}\n",
+        "memory/slurm/job_7/memory.usage_in_bytes": f"{7 * GiB}\n",
+        "memory/slurm/job_7/memory.stat": f"inactive_file 1\ntotal_inactive_file {GiB}\n",
+    })  # fmt: skip
+    assert _memory.memory_budget(cpu) == (8 - 7 + 1) * GiB / 2
+    (tmp_path / "memory/slurm/job_7/memory.limit_in_bytes").write_text(unlimited)
+    monkeypatch.setattr(_memory, "_cgroups", None)
+    assert _memory._cgroup_headroom() is None
+    assert _memory.memory_budget(cpu) == 10 * GiB
+    # a path of another cgroup namespace: the mount's root is this process's own cgroup
+    _cgroups(tmp_path / "ns", monkeypatch, "0::/../elsewhere\n", {
+        "cgroup.controllers": "memory\n",
+        "memory.max": f"{2 * GiB}\n",
+        "memory.current": f"{GiB}\n",
+        "memory.stat": "inactive_file 0\n",
+    })  # fmt: skip
+    assert _memory.memory_budget(cpu) == GiB / 2
+    (tmp_path / "ns" / "self-cgroup").write_text("0::/..\n")  # outside the mount, and a folder
+    monkeypatch.setattr(_memory, "_cgroups", None)
+    assert _memory.memory_budget(cpu) == GiB / 2
 
 
 def test_user_tuning_wins(fake, monkeypatch):
@@ -536,3 +618,27 @@ def test_alti_on_a_long_input_stays_within_the_budget(peak_above_start, method):
     assert length > 1400, length
     assert free["peak"] > budget, "the workload must need more than the budget unbounded"
     assert bounded["peak"] <= budget, (bounded["peak"] / mib, budget / mib)
+
+
+_LIMITED = """
+from attrax import _memory
+""" + _BUDGET_MODEL.replace(
+    "def call():\n",
+    "def call():\n    _memory.limit_process(_memory._resident() + {limit} if {limit} else None)\n",
+)
+
+
+@pytest.mark.slow
+def test_a_process_limit_holds_without_a_budget(peak_above_start):
+    """A process whose resident memory must stay under a limit (a Dask worker's nanny kills it
+    above one; :func:`attrax._memory.limit_process`) holds it in calls that state no
+    ``max_memory``: they plan below it and give the heap back between passes."""
+    limit = 600 << 20
+    code = dict(method="occlusion", options="", config=", vocab_size=50257", warm=MEDIUM)
+    free = peak_above_start(_LIMITED.format(limit=0, **code))
+    limited = peak_above_start(_LIMITED.format(limit=limit, **code))
+    mib = 2**20
+    print(f"no limit {free['peak'] / mib:.0f} MiB, {limited['peak'] / mib:.0f} MiB "
+          f"with {limit / mib:.0f} MiB of headroom")  # fmt: skip
+    assert free["peak"] > limit, "the workload must need more than the limit without it"
+    assert limited["peak"] <= limit, (limited["peak"] / mib, limit / mib)

@@ -31,6 +31,7 @@ import torch
 import xarray as xr
 
 from ._errors import InputError, OptionError
+from ._memory import limit_process
 
 TRIM = "distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_"
 # a local cluster that attrax starts: Dask's periodic bookkeeping, made rare. Measured on 2 cores:
@@ -281,7 +282,8 @@ class Pool:
             return future.result()
         except distributed.KilledWorker as err:
             raise InputError(
-                f"a Dask worker died on every try of {err.task!r} (out of memory?): rerun to resume"
+                f"a Dask worker died on every try of {err.task!r} (out of memory? a smaller "
+                "`max_memory` or larger workers may help): rerun to resume"
             ) from None
 
 
@@ -302,6 +304,7 @@ def worker_model(where: tuple[str | None, str | None, str | None, int | None]) -
     spec, device, dtype, threads = where
     if threads is not None:
         torch.set_num_threads(threads)
+    limit_process(_kill_limit())
     if device is not None and device == "cuda" and torch.cuda.device_count() > 1:
         device = f"cuda:{_rank() % torch.cuda.device_count()}"
     key = (spec, device, dtype)
@@ -310,6 +313,20 @@ def worker_model(where: tuple[str | None, str | None, str | None, int | None]) -
             spec, device=device, dtype=None if dtype is None else getattr(torch, dtype)
         )
     return _MODELS[key]
+
+
+def _kill_limit() -> int | None:
+    """The resident bytes above which this Dask worker's nanny kills it (a share, ``terminate``,
+    of its memory limit), or None: calls without ``max_memory`` plan below it."""
+    try:
+        import dask
+        import distributed
+
+        limit = distributed.get_worker().memory_manager.memory_limit
+        share = dask.config.get("distributed.worker.memory.terminate")
+    except (ImportError, ValueError, AttributeError):  # not in a worker
+        return None
+    return int(limit * share) if limit and share else None
 
 
 def _rank() -> int:

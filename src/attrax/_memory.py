@@ -1,7 +1,8 @@
 """Memory: how much a call may hold at once (planning ``"auto"`` sizes), and host memory.
 
 Planning: :func:`plan` resolves ``chunk_size``/``batch_size`` from an estimate of one backward's
-memory against half the device's free memory.
+memory against ``max_memory``, else half the device's free memory (on the host, also below its
+memory cgroup's limit and a Dask worker's: :func:`memory_budget`).
 
 Host memory: within :func:`reuse_host_memory`, freed host memory is reused instead of mapping
 fresh pages.
@@ -12,9 +13,8 @@ at most) with a fresh ``mmap`` and unmaps it on ``free``, so each one is page-fa
 the kernel anew (most of the system time of long CPU calls; measured in docs/benchmarks.md).
 Within :func:`reuse_host_memory` large blocks come from the heap and are reused; at the end, if
 much of the heap is free, it goes back to the OS (measured at most once a second, or when the
-process grew: :func:`_trim`). Under a stated ``max_memory`` the heap is also given back between
-passes whenever the freed memory it holds could take the next pass past the budget
-(:func:`between_passes`).
+process grew: :func:`_trim`). The heap is also given back between passes whenever the freed
+memory it holds could take the next pass past the call's budget (:func:`between_passes`).
 
 This is a process-wide setting of glibc's malloc, made only while an attrax computation runs.
 Linux with glibc only; elsewhere, when the user tuned malloc through its environment variables
@@ -207,18 +207,22 @@ def reuse_host_memory() -> Iterator[None]:
                 _entry_resident = _limit = None
 
 
-def expect_passes(max_memory: int | None, pass_bytes: int, device: torch.device) -> None:
-    """Note a stated budget and the planned bytes of each pass, for :func:`between_passes`
-    (the planner calls this; nothing happens outside :func:`reuse_host_memory`, or off the CPU)."""
+def expect_passes(budget: int | None, pass_bytes: int, device: torch.device) -> None:
+    """Note the call's budget (None: :func:`memory_budget`'s) and the planned bytes of each
+    pass, for :func:`between_passes` (the planner calls this; nothing happens outside
+    :func:`reuse_host_memory`, or off the CPU)."""
     global _limit
-    if max_memory is not None and device.type == "cpu" and _depth:
+    if device.type == "cpu" and _depth:
+        budget = memory_budget(device) if budget is None else budget
         with _lock:
-            _limit = (max_memory, pass_bytes)
+            _limit = (budget, pass_bytes)
 
 
 def between_passes() -> None:
-    """Before a pass of a call with a stated ``max_memory``: give the free heap back to the OS
-    when the resident growth since the call began plus the planned pass could exceed the budget.
+    """Before a pass: give the free heap back to the OS when the resident growth since the call
+    began plus the planned pass could exceed the call's budget (its ``max_memory``, else
+    :func:`memory_budget`'s, which a call near the host's, its cgroup's or its Dask worker's
+    limit reaches).
 
     Reused heap is resident wherever it was freed, and a pass's blocks may not fit the holes an
     earlier pass left (W1 occlusion under a 291 MiB budget: 183-505 MiB without this), so the
@@ -436,7 +440,7 @@ def plan(
         while batch_size == AUTO and batch > 1 and cost.at(batch, chunk) > CPU_PASS:
             batch = -(-batch // 2)
     needed = cost.at(batch, chunk)
-    expect_passes(max_memory, needed, device)
+    expect_passes(budget, needed, device)
     if max_memory is not None and needed > max_memory:
         fixed = [f"{n}={v}" for n, v in (("batch_size", batch_size), ("chunk_size", chunk_size))]
         given = [f for f, v in zip(fixed, (batch_size, chunk_size), strict=True) if v != AUTO]
@@ -469,12 +473,12 @@ def plan_forwards(
     if batch_size != AUTO:
         expect_passes(max_memory, 0, device)
         return copies if batch_size is None else int(batch_size)
-    budget = memory_budget(device) if max_memory is None else max_memory
+    budget = held = memory_budget(device) if max_memory is None else max_memory
     if device.type == "cpu":
         # bigger forwards ran slower there (W1 Sobol, 8 samples: 9.3-12.0 s in 6.9 GB, 6.8-7.6 s)
         budget = min(budget, max(CPU_PASS, fixed + per_copy))
     batch = max(1, min(copies, (budget - fixed) // max(per_copy, 1)))
-    expect_passes(max_memory, fixed + batch * per_copy, device)
+    expect_passes(held, fixed + batch * per_copy, device)
     if max_memory is not None and fixed + per_copy > max_memory:
         raise OptionError(
             f"`max_memory` of {format_bytes(max_memory)} cannot be met: one perturbed copy per forward needs an "
@@ -487,19 +491,129 @@ def _given(size: Size) -> int | None:
     return None if size is None else int(size)
 
 
-def memory_budget(device: torch.device) -> int:
-    """Half the free memory of ``device`` (the host's available memory for the CPU; 4 GiB where
-    it cannot be read)."""
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return free // 2
+# where cgroup file systems are mounted, and the file that names this process's cgroups: a
+# container's or a batch job's (SLURM's) memory limit, which /proc/meminfo does not show
+CGROUP_MOUNT = "/sys/fs/cgroup"
+CGROUP_OF_PROCESS = "/proc/self/cgroup"
+# per cgroup version: (limit, usage, statistics, the statistic of reclaimable page cache); both
+# usages and these statistics count the cgroup's descendants
+CGROUP_FILES = {
+    2: ("memory.max", "memory.current", "memory.stat", b"inactive_file"),
+    1: ("memory.limit_in_bytes", "memory.usage_in_bytes", "memory.stat", b"total_inactive_file"),
+}
+# (pid, [(cgroup directory, version, limit)]): the limited cgroups of this process and their
+# ancestors, read once per process (limits are set when a job starts)
+_cgroups: tuple[int, list[tuple[str, int, int]]] | None = None
+# the resident bytes this process must stay under (limit_process), or None
+_process_limit: int | None = None
+
+
+def limit_process(limit: int | None) -> None:
+    """Keep this process's calls without a ``max_memory`` below ``limit`` resident bytes (None:
+    no limit): they plan within half the headroom below it. A Dask worker sets the share of its
+    memory limit above which its nanny kills it.
+
+    >>> limit_process(None)
+    """
+    global _process_limit
+    _process_limit = limit
+
+
+def _available() -> int | None:
+    """The host's available memory (``MemAvailable``), or None where it cannot be read."""
     try:
         for line in _read_proc("/proc/meminfo").splitlines():
             if line.startswith(b"MemAvailable:"):
-                return int(line.split()[1]) * 1024 // 2
+                return int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError, AttributeError):  # no /proc, or no pread
         pass
-    return 4 << 30
+    return None
+
+
+def _cgroup_dirs() -> list[tuple[str, int]]:
+    """This process's memory cgroup directory and its ancestors, each with its version."""
+    try:
+        with open(CGROUP_OF_PROCESS) as f:
+            lines = f.read().splitlines()
+    except OSError:  # not Linux
+        return []
+    for line in lines:
+        number, controllers, path = [*line.split(":", 2), "", ""][:3]
+        version = 2 if number == "0" and not controllers else 1
+        if version == 1 and "memory" not in controllers.split(","):
+            continue
+        root = os.path.normpath(CGROUP_MOUNT if version == 2 else f"{CGROUP_MOUNT}/memory")
+        if not _has_memory_controller(root, version):
+            continue  # v2 without the memory controller (a hybrid host: memory on v1)
+        here = os.path.normpath(f"{root}/{path}")
+        if not here.startswith(f"{root}/") or not os.path.isdir(here):
+            here = root  # another namespace's path (or the root's): ours is the mount's root
+        dirs = [(here, version)]
+        while here != root:
+            here = os.path.dirname(here)
+            dirs.append((here, version))
+        return dirs
+    return []
+
+
+def _has_memory_controller(root: str, version: int) -> bool:
+    if version == 1:
+        return os.path.isdir(root)
+    try:
+        with open(os.path.join(root, "cgroup.controllers")) as f:
+            return "memory" in f.read().split()
+    except OSError:
+        return False
+
+
+def _cgroup_limits() -> list[tuple[str, int, int]]:
+    """``(directory, version, limit)`` of this process's memory cgroups that have a limit."""
+    global _cgroups
+    pid = os.getpid()
+    if _cgroups is None or _cgroups[0] != pid:
+        limited = []
+        for here, version in _cgroup_dirs():
+            try:
+                with open(os.path.join(here, CGROUP_FILES[version][0]), "rb") as f:
+                    limit = f.read().strip()
+                if limit != b"max" and int(limit) < 1 << 60:  # v1 writes no limit as ~2**63
+                    limited.append((here, version, int(limit)))
+            except (OSError, ValueError):
+                continue
+        _cgroups = (pid, limited)
+    return _cgroups[1]
+
+
+def _cgroup_headroom() -> int | None:
+    """Bytes this process's memory cgroups can still take before the tightest of their limits
+    (reclaimable page cache counted as free), or None without a limit."""
+    headroom = None
+    for here, version, limit in _cgroup_limits():
+        _, usage_file, stat_file, key = CGROUP_FILES[version]
+        try:
+            with open(os.path.join(here, usage_file), "rb") as f:
+                usage = int(f.read())
+            with open(os.path.join(here, stat_file), "rb") as f:
+                cache = next((int(x.split()[1]) for x in f if x.split()[:1] == [key]), 0)
+        except (OSError, ValueError, IndexError):
+            continue
+        room = max(limit - usage + cache, 0)
+        headroom = room if headroom is None else min(headroom, room)
+    return headroom
+
+
+def memory_budget(device: torch.device) -> int:
+    """Half the free memory of ``device``. For the CPU the tightest of: the host's available
+    memory, the headroom below its memory cgroup's limit, and the headroom below
+    :func:`limit_process`'s limit; 4 GiB where none can be read."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free // 2
+    process = None
+    if _process_limit is not None:
+        process = max(_process_limit - (_resident() or 0), 0)
+    free = [f for f in (_available(), _cgroup_headroom(), process) if f is not None]
+    return min(free) // 2 if free else 4 << 30
 
 
 # --- device to host ------------------------------------------------------------------------
