@@ -642,3 +642,12 @@ def test_a_process_limit_holds_without_a_budget(peak_above_start):
           f"with {limit / mib:.0f} MiB of headroom")  # fmt: skip
     assert free["peak"] > limit, "the workload must need more than the limit without it"
     assert limited["peak"] <= limit, (limited["peak"] / mib, limit / mib)
+
+
+def test_a_gpu_budget_counts_the_blocks_torch_caches_as_free(monkeypatch):
+    """A previous call's freed blocks stay reserved by torch's caching allocator, so the
+    driver no longer reports them free; torch reuses them, so the budget counts them."""
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (10 * GiB, 80 * GiB))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device: 50 * GiB)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device: 20 * GiB)  # model, results
+    assert _memory.memory_budget(torch.device("cuda:0")) == (10 + 50 - 20) * GiB / 2

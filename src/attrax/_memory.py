@@ -603,12 +603,14 @@ def _cgroup_headroom() -> int | None:
 
 
 def memory_budget(device: torch.device) -> int:
-    """Half the free memory of ``device``. For the CPU the tightest of: the host's available
-    memory, the headroom below its memory cgroup's limit, and the headroom below
-    :func:`limit_process`'s limit; 4 GiB where none can be read."""
+    """Half the free memory of ``device``. On a GPU, what the driver has free plus what torch's
+    caching allocator holds unused (a previous call's blocks, which it reuses). For the CPU the
+    tightest of: the host's available memory, the headroom below its memory cgroup's limit, and
+    the headroom below :func:`limit_process`'s limit; 4 GiB where none can be read."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        return free // 2
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return (free + cached) // 2
     process = None
     if _process_limit is not None:
         process = max(_process_limit - (_resident() or 0), 0)
