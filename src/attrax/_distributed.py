@@ -324,7 +324,7 @@ def _kill_limit() -> int | None:
 
         limit = distributed.get_worker().memory_manager.memory_limit
         share = dask.config.get("distributed.worker.memory.terminate")
-    except (ImportError, ValueError, AttributeError):  # not in a worker
+    except (ImportError, ValueError, AttributeError, KeyError):  # not in a worker
         return None
     return int(limit * share) if limit and share else None
 

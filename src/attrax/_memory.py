@@ -221,8 +221,7 @@ def expect_passes(budget: int | None, pass_bytes: int, device: torch.device) -> 
 def between_passes() -> None:
     """Before a pass: give the free heap back to the OS when the resident growth since the call
     began plus the planned pass could exceed the call's budget (its ``max_memory``, else
-    :func:`memory_budget`'s, which a call near the host's, its cgroup's or its Dask worker's
-    limit reaches).
+    :func:`memory_budget`'s, which calls reach near a cgroup's or a Dask worker's limit).
 
     Reused heap is resident wherever it was freed, and a pass's blocks may not fit the holes an
     earlier pass left (W1 occlusion under a 291 MiB budget: 183-505 MiB without this), so the
