@@ -6,6 +6,7 @@ import os
 import random
 import signal
 import sys
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -151,8 +152,10 @@ def test_a_local_cluster_equals_a_serial_run_and_resumes(tmp_path, default_model
     data = write_jsonl(_records(4))
     D.attribute_dataset(default_model, data, tmp_path / "serial", shard_size=1, progress=False)
     out = tmp_path / "dask"
+    environ = dict(os.environ)
     # one worker process: the cheapest cluster attrax starts itself (two: the test above)
     D.attribute_dataset(None, data, out, shard_size=1, progress=False, workers=1)
+    assert dict(os.environ) == environ  # not the nannies' OMP_NUM_THREADS=1 for later processes
     xr.testing.assert_identical(
         ax.load_dataset_results(out), ax.load_dataset_results(tmp_path / "serial")
     )
@@ -418,7 +421,9 @@ def test_a_worker_with_little_memory_completes_a_call_that_needs_more(tmp_path, 
     tok.save_pretrained(tmp_path / "model")
     words = " ".join(corpus()).split()
     data = write_jsonl([{"input": " ".join(words[:100]), "target": " " + " ".join(words[100:124])}])
-    with distributed.LocalCluster(
+    # a cluster started here sets its nannies' MALLOC_TRIM_THRESHOLD_ and others in this
+    # process, which every later measured process would inherit
+    with mock.patch.dict(os.environ), distributed.LocalCluster(
         n_workers=1, threads_per_worker=1, memory_limit="1.6GB", dashboard_address=None,
         silence_logs=logging.CRITICAL,
     ) as cluster:  # fmt: skip

@@ -137,6 +137,9 @@ class Pool:
     _client: Any = None
     _cluster: Any = None
     _owned: bool = True
+    # the variables starting the cluster set in this process, with their values before (None:
+    # unset); put back on close
+    _environ: dict[str, str | None] | None = None
 
     @property
     def client(self) -> Any:
@@ -159,6 +162,8 @@ class Pool:
                 import dask
 
                 count = local_workers(self.workers or 1, self.device)
+                # the nannies set OMP_NUM_THREADS=1 and others in this process to spawn workers
+                before = dict(os.environ)
                 # QUIET: without Dask's MALLOC_TRIM_THRESHOLD_ (measured 2x slower per shard with
                 # it) and with its periodic bookkeeping made rare
                 with dask.config.set(QUIET):
@@ -170,6 +175,11 @@ class Pool:
                         silence_logs=logging.ERROR,
                     )
                 self._client = distributed.Client(self._cluster)
+                self._environ = {
+                    name: before.get(name)
+                    for name in set(before) | set(os.environ)
+                    if before.get(name) != os.environ.get(name)
+                }
         return self._client
 
     @property
@@ -181,7 +191,12 @@ class Pool:
             self._client.close()
         if self._cluster is not None:
             self._cluster.close()
-        self._client = self._cluster = None
+        for name, value in (self._environ or {}).items():  # else in every later subprocess
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        self._client = self._cluster = self._environ = None
 
     def check(self, data: Path, shard_size: int, max_new_tokens: Any) -> None:
         """Tokenize every record on the workers (which load the model meanwhile): a record that
