@@ -6,6 +6,7 @@ import os
 import random
 import signal
 import sys
+from collections.abc import Iterator
 from unittest import mock
 
 import numpy as np
@@ -17,6 +18,15 @@ from attrax import _dataset as D
 from attrax._default_model_task import make_example
 
 distributed = pytest.importorskip("distributed")
+
+
+@pytest.fixture(autouse=True)
+def _environment() -> Iterator[None]:
+    """A cluster a test starts sets its nannies' variables in this process (``OMP_NUM_THREADS=1``,
+    ``MALLOC_TRIM_THRESHOLD_``, which turns off attrax's malloc tuning): later tests, and the
+    processes they measure, would inherit them."""
+    with mock.patch.dict(os.environ):
+        yield
 
 
 def _records(n: int, seed: int = 5) -> list[dict]:
@@ -421,9 +431,7 @@ def test_a_worker_with_little_memory_completes_a_call_that_needs_more(tmp_path, 
     tok.save_pretrained(tmp_path / "model")
     words = " ".join(corpus()).split()
     data = write_jsonl([{"input": " ".join(words[:100]), "target": " " + " ".join(words[100:124])}])
-    # a cluster started here sets its nannies' MALLOC_TRIM_THRESHOLD_ and others in this
-    # process, which every later measured process would inherit
-    with mock.patch.dict(os.environ), distributed.LocalCluster(
+    with distributed.LocalCluster(
         n_workers=1, threads_per_worker=1, memory_limit="1.6GB", dashboard_address=None,
         silence_logs=logging.CRITICAL,
     ) as cluster:  # fmt: skip
