@@ -160,6 +160,8 @@ def run(args: argparse.Namespace) -> int:
 
     rows, failed = [], 0
     methods = every_method() if args.methods == "every" else tuple(args.methods.split(","))
+    out = Path(args.out or HERE / f"budgets-{args.device.split(':')[0]}.json")
+    meta = {k: v for k, v in vars(args).items() if k not in ("func", "out")}
     for name in args.workloads.split(","):
         for method in methods:
             spec = dict(
@@ -170,6 +172,7 @@ def run(args: argparse.Namespace) -> int:
             if "skipped" in unbounded:
                 rows.append(dict(workload=name, method=method, skipped=unbounded["skipped"]))
                 print(f"{name} {method}: not for this model ({unbounded['skipped']})", flush=True)
+                _write(out, meta, rows)
                 continue
             free = unbounded["peak_bytes"]
             budget = max(int(free / 3) >> 20, 1) << 20
@@ -191,12 +194,16 @@ def run(args: argparse.Namespace) -> int:
                 f"{format_bytes(int(peak)) if ok else peak}: {'ok' if ok else 'OVER THE BUDGET'}",
                 flush=True,
             )
-    out = Path(args.out or HERE / f"budgets-{args.device.split(':')[0]}.json")
-    meta = {k: v for k, v in vars(args).items() if k not in ("func", "out")}
+            _write(out, meta, rows)
+    return 1 if failed else 0
+
+
+def _write(out: Path, meta: dict[str, Any], rows: list[dict[str, Any]]) -> None:
+    """The results so far (rewritten after every row: a sweep stopped for time keeps its rows),
+    complete or not written."""
     tmp = out.with_suffix(".tmp")
     tmp.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
-    tmp.replace(out)  # complete or not written
-    return 1 if failed else 0
+    tmp.replace(out)
 
 
 LABEL = {
@@ -235,6 +242,12 @@ def table(path: str | Path = HERE / "budgets-cpu.json") -> str:
         if "skipped" in row:  # a ModelError: the method does not apply to the model
             lines.append(
                 f"| {row['workload']} | {_label(row['method'], steps)} | not for this model | | |"
+            )
+            continue
+        if "not_measured" in row:  # a sweep stopped for time before this call ended
+            lines.append(
+                f"| {row['workload']} | {_label(row['method'], steps)} | "
+                f"not measured: {row['not_measured']} | | |"
             )
             continue
         lines.append(

@@ -280,6 +280,23 @@ def test_budgets_retries_at_the_smallest_budget_the_planner_names():
         assert got.attrs["options"]
 
 
+def test_a_budgets_table_says_which_calls_did_not_apply_or_were_not_measured(tmp_path):
+    from benchmarks import budgets
+
+    rows = [
+        dict(workload="C2", method="saliency", unbounded_bytes=300 * 2**20,
+             budget_bytes=100 * 2**20, bounded_bytes=50 * 2**20, smallest=False, ok=True),
+        dict(workload="C2", method="alti_logit", skipped="post-norm"),
+        dict(workload="C2", method="pgd", not_measured="stopped for time"),
+    ]  # fmt: skip
+    (tmp_path / "b.json").write_text(json.dumps({"meta": {"steps": 16}, "rows": rows}))
+    assert budgets.table(tmp_path / "b.json").splitlines()[2:] == [
+        "| C2 | saliency | 300 MiB | 100 MiB | 50 MiB |",
+        "| C2 | ALTI-Logit | not for this model | | |",
+        "| C2 | PGD | not measured: stopped for time | | |",
+    ]
+
+
 def test_the_memory_doc_shows_the_committed_budgets_runs():
     """docs/memory.md shows both committed runs, and the every-method one covers every method
     that takes ``max_memory`` (a new one is measured before it lands)."""
