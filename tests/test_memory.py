@@ -476,6 +476,36 @@ def test_head_methods_plan_eager_attention_and_every_targets_head_rows(monkeypat
     assert costs["eager"].per_point >= max(per_copy), (costs["eager"], max(per_copy))
 
 
+@pytest.mark.parametrize(
+    ("batch_size", "layers"), [("auto", 1), (None, 4), (1, 1), (8, 1), (9, 2), (20, 3)]
+)
+def test_head_attribution_plans_the_probes_of_one_forward(monkeypatch, batch_size, layers):
+    """Each target holds the gradients of the attention maps its backward differentiates: those
+    of the layers whose copies share a forward (one under ``"auto"``), not every layer's (on a
+    32-layer model that would be 32 times too many)."""
+    from attrax import _heads
+    from attrax.testing import corpus, tiny_model
+
+    hf, tok = tiny_model("gpt2", n_layer=4, n_head=4)
+    model = ax.load_model(hf, tokenizer=tok, attn_implementation="eager")
+    words = " ".join(corpus()).split()
+    prompt, target = " ".join(words[:12]), " " + " ".join(words[12:15])
+    plan, gradients = _heads.plan, _heads._gradients
+    costs: list[_memory.Cost] = []
+    maps_of_forward: list[dict] = []  # the maps each backward differentiates
+
+    def recorded(problem, maps, *args, **kwargs):
+        maps_of_forward.append(maps)
+        return gradients(problem, maps, *args, **kwargs)
+
+    monkeypatch.setattr(_heads, "plan", lambda *a: costs.append(a[4]) or plan(*a))
+    monkeypatch.setattr(_heads, "_gradients", recorded)
+    ax.head_attribution(model, prompt, target, steps=8, batch_size=batch_size)
+    assert max(map(len, maps_of_forward)) == layers, [list(m) for m in maps_of_forward]
+    one_map = max(a.numel() * a.element_size() for a in maps_of_forward[0].values())
+    assert costs[0].per_target == 3 * layers * one_map, (costs[0], one_map)
+
+
 def test_cpu_passes_take_fewer_points_not_fewer_targets(monkeypatch):
     """On the CPU, points are halved until a pass fits CPU_PASS, with or without max_memory
     (the targets keep the budget's plan: fewer targets per pass can cost a forward each); a

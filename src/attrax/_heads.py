@@ -299,25 +299,33 @@ def _check_queries(value: object, name: str) -> None:
     check.one_of(*QUERIES)(value, name)
 
 
+def _cost(problem: Problem, maps: dict[Key, torch.Tensor], probed: int | None = None) -> Cost:
+    """The estimate: the engine's backward through eager attention (the probes run there,
+    whatever the model's attention), plus every target's head rows at each point (one backward
+    through the head serves all the chunks), plus what each target's gradients of the probes
+    hold (the gradients, their product with ``A`` and a working copy) for the ``probed`` largest
+    maps one backward differentiates (None: all of them)."""
+    cost = problem.cost(eager=True)
+    x = problem.inputs[0]
+    targets = problem.tensors.valid.shape[1]
+    head = head_bytes(x.shape[0], targets, problem.model.head_width, x.element_size())
+    sizes = sorted((a.numel() * a.element_size() for a in maps.values()), reverse=True)
+    per_target = 3 * sum(sizes[:probed])  # per target, whatever its points
+    return Cost(cost.per_cotangent, cost.per_point + head, cost.fixed, per_target)
+
+
 def _plan(
     problem: Problem,
     maps: dict[Key, torch.Tensor],
     points: int,
     batch_size: Any,
     chunk_size: Any,
+    probed: int | None = None,
 ) -> tuple[int | None, int | None]:
-    """``"auto"`` sizes: the engine's estimate of a backward through eager attention (the
-    probes run there, whatever the model's attention), plus every target's head rows at each
-    point (one backward through the head serves all the chunks), plus what each target's
-    gradients of the probes hold (the gradients, their product with ``A`` and a working copy)."""
-    cost = problem.cost(eager=True)
-    x = problem.inputs[0]
+    """``"auto"`` sizes within the budget, by :func:`_cost`."""
+    cost = _cost(problem, maps, probed)
     targets = problem.tensors.valid.shape[1]
-    head = head_bytes(x.shape[0], targets, problem.model.head_width, x.element_size())
-    probes = sum(a.numel() * a.element_size() for a in maps.values())
-    per_target = 3 * probes  # the probes' gradients are per target, whatever its points
-    cost = Cost(cost.per_cotangent, cost.per_point + head, cost.fixed, per_target)
-    device = x.device
+    device = problem.inputs[0].device
     return plan(points, targets, batch_size, chunk_size, cost, device, problem.max_memory)
 
 
@@ -551,8 +559,14 @@ def head_attribution(
     alpha = torch.as_tensor(alphas, dtype=x.dtype, device=x.device)
     w = torch.as_tensor(step_weights, dtype=x.dtype, device=x.device)
     total = len(keys) * steps  # copy c: block c // steps scaled by alpha[c % steps]
+    given = call.options["batch_size"]
     batch_size, chunk_size = _plan(
-        problem, weights, total, call.options["batch_size"], call.options["chunk_size"]
+        problem,
+        weights,
+        total,
+        given,
+        call.options["chunk_size"],
+        _layers_per_forward(given, steps, total),
     )
     index = problem.tensors.index
     b, width = index.shape
@@ -593,6 +607,15 @@ def head_attribution(
         trailing_coords={"layer": chosen_layers, "head": chosen_heads},
     )
     return _with_head_total(da, call, full_precision(sum(head_totals)))
+
+
+def _layers_per_forward(given: Any, steps: int, total: int) -> int:
+    """The most layers whose copies one forward of :func:`_copy_chunks` holds: one under
+    ``"auto"``; with ``given`` copies a forward, the most any of its runs of copies spans."""
+    if given == "auto":
+        return 1
+    n = total if given is None else int(given)
+    return max((min(s + n, total) - 1) // steps - s // steps + 1 for s in range(0, total, n))
 
 
 def _copy_chunks(total: int, steps: int, batch_size: int | None, given: Any) -> list[torch.Tensor]:
