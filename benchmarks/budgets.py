@@ -52,6 +52,9 @@ SIZES: dict[str, dict[str, Any]] = {
     "shapley_sampling": {"permutations": 4},
     "sobol": {"samples": 8},
 }
+# per workload: C2's PGD at 10 steps took over 38 min without a budget on 2 cores; a step's
+# passes are the same at any step count, so fewer steps measure the same peak
+WORKLOAD_SIZES: dict[str, dict[str, dict[str, Any]]] = {"C2": {"pgd": {"steps": 2}}}
 PATHS = ("integrated_gradients", "sequential_integrated_gradients", "guided_integrated_gradients",
          "discretized_integrated_gradients", "greedy_pig", "head_attribution")  # fmt: skip
 
@@ -66,15 +69,20 @@ def every_method() -> tuple[str, ...]:
     return tuple(n for n in ALL if "max_memory" in inspect.signature(getattr(ax, n)).parameters)
 
 
-def _sizes(method: str, steps: int) -> dict[str, Any]:
-    """The sizes ``method`` runs at in this benchmark: ``steps`` (``--steps``) on a path, or
-    ``SIZES``'."""
-    return {**({"steps": steps} if method in PATHS else {}), **SIZES.get(method, {})}
+def _sizes(method: str, steps: int, workload: str = "") -> dict[str, Any]:
+    """The sizes ``method`` runs at on ``workload`` in this benchmark: ``steps`` (``--steps``) on
+    a path, ``SIZES``' or ``WORKLOAD_SIZES``'."""
+    return {
+        **({"steps": steps} if method in PATHS else {}),
+        **SIZES.get(method, {}),
+        **WORKLOAD_SIZES.get(workload, {}).get(method, {}),
+    }
 
 
-def _options(method: str, steps: int, corrupted: Any) -> dict[str, Any]:
-    """The keyword arguments of ``method`` in this benchmark (beyond the budget)."""
-    options = _sizes(method, steps)
+def _options(method: str, steps: int, corrupted: Any, workload: str = "") -> dict[str, Any]:
+    """The keyword arguments of ``method`` on ``workload`` in this benchmark (beyond the
+    budget)."""
+    options = _sizes(method, steps, workload)
     if method == "attribution_patching":  # needs a corrupted input with the clean one's length
         options["corrupted"] = corrupted
     return options
@@ -115,7 +123,7 @@ def worker(spec: str) -> None:
         if s["device"] == "cpu"
         else ax.load_model(model.hf.to(s["device"]), tokenizer=model.tokenizer)
     )
-    options = _options(s["method"], s["steps"], corrupted)
+    options = _options(s["method"], s["steps"], corrupted, s["workload"])
     fn = getattr(ax, s["method"])
     short = (inputs[:2], targets) if isinstance(inputs, list) else (inputs[:40], targets)
     warm = {**options, "corrupted": short[0]} if "corrupted" in options else options
@@ -222,10 +230,13 @@ LABEL = {
 }  # fmt: skip
 
 
-def _label(method: str, steps: int) -> str:
-    """``method`` as the table names it, with the sizes it ran at."""
+def _label(method: str, steps: int, workload: str = "") -> str:
+    """``method`` as the table names it, with the sizes it ran at on ``workload``."""
     label = LABEL.get(method, method)
-    sizes = [f"{v} {'points' if k == 'steps' else k}" for k, v in _sizes(method, steps).items()]
+    sizes = [
+        f"{v} {'points' if k == 'steps' and method in PATHS else k}"
+        for k, v in _sizes(method, steps, workload).items()
+    ]
     return ", ".join([label, *sizes])
 
 
@@ -239,19 +250,17 @@ def table(path: str | Path = HERE / "budgets-cpu.json") -> str:
     ]
     mib = 2**20
     for row in result["rows"]:
+        name = _label(row["method"], steps, row["workload"])
         if "skipped" in row:  # a ModelError: the method does not apply to the model
-            lines.append(
-                f"| {row['workload']} | {_label(row['method'], steps)} | not for this model | | |"
-            )
+            lines.append(f"| {row['workload']} | {name} | not for this model | | |")
             continue
         if "not_measured" in row:  # a sweep stopped for time before this call ended
             lines.append(
-                f"| {row['workload']} | {_label(row['method'], steps)} | "
-                f"not measured: {row['not_measured']} | | |"
+                f"| {row['workload']} | {name} | not measured: {row['not_measured']} | | |"
             )
             continue
         lines.append(
-            f"| {row['workload']} | {_label(row['method'], steps)} | "
+            f"| {row['workload']} | {name} | "
             f"{row['unbounded_bytes'] / mib:,.0f} MiB | "
             f"{row['budget_bytes'] / mib:,.0f} MiB{' (smallest)' if row['smallest'] else ''} | "
             f"{row['bounded_bytes'] / mib:,.0f} MiB{'' if row['ok'] else ' ✗'} |"

@@ -9,8 +9,10 @@ call (``VmHWM`` after ``/proc/self/clear_refs``), after a warm-up call on a shor
 ``malloc_trim``, so that neither first-touch code pages nor the warm-up's freed heap count. The
 differences give the bytes per target of the backward, per point of the forward and per copy of
 a forward without gradients; divided by the estimate's unit (``[B, L, width]`` elements) they give
-the ``LIVE_TENSORS`` constants of ``attrax._memory``. The table printed (and written to
-``benchmarks/calibration.json``) compares the estimate with the measured peak.
+the ``LIVE_TENSORS`` constants of ``attrax._memory``. Head attribution (``heads_one``,
+``heads_all``: 8 steps, one step and target a pass, and a layer's steps with every target)
+checks its own estimate, which adds the probes' gradients to the engine's. The table printed
+(and written to ``benchmarks/calibration.json``) compares the estimate with the measured peak.
 """
 
 from __future__ import annotations
@@ -66,7 +68,11 @@ RUNS = {
     "points": ("integrated_gradients", {"steps": POINTS, "chunk_size": 1, "batch_size": None}),
     "inference_one": ("occlusion", {"batch_size": 1}),
     "inference_all": ("occlusion", {"batch_size": COPIES}),
+    # head attribution (one layer's POINTS steps a forward, its "auto" form): its own estimate
+    "heads_one": ("head_attribution", {"steps": POINTS, "batch_size": 1, "chunk_size": 1}),
+    "heads_all": ("head_attribution", {"steps": POINTS, "batch_size": POINTS, "chunk_size": None}),
 }
+ENGINE = ("backward_one", "backward_all", "points", "inference_one", "inference_all")
 
 
 def _texts(tok: Any, n_prompt: int, n_target: int) -> tuple[str, str]:
@@ -108,6 +114,18 @@ def _problem(model: Any, inputs: Any, targets: Any) -> Any:
     return Problem.build(model, prepare(model, inputs, targets), objective, False)
 
 
+def _heads_cost(model: Any, problem: Any) -> Any:
+    """Head attribution's estimate (``attrax._heads._cost``) over the model's default maps, one
+    layer's probes a backward (as ``batch_size`` at most ``steps`` runs it)."""
+    from attrax import _heads
+
+    maps = _heads._maps(model, None)
+    stacks = _heads._stacks(model, maps, False, "target")
+    layers = _heads._chosen(stacks, None, _heads._counts(model))
+    weights = _heads._weights(problem, [(stack, layer) for stack in stacks for layer in layers])
+    return _heads._cost(problem, weights, 1)
+
+
 def worker(spec: str) -> None:
     """One measurement: prints a JSON line with the peak above the start and the estimate."""
     import torch
@@ -142,6 +160,7 @@ def worker(spec: str) -> None:
                 "hidden": x.shape[-1],
                 "cost": list(cost),
                 "inference": list(inference),
+                "heads": list(_heads_cost(model, problem)),
             }
         )
     )
@@ -158,14 +177,21 @@ def _measure(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from attrax._memory import format_bytes
+    from attrax._memory import Cost, format_bytes
 
     if args.report:
         print(report(args.out), end="")
         return 0
 
-    rows = []
-    families = args.families.split(",")
+    out = Path(args.out) if args.out else None
+    committed = json.loads(out.read_text()) if out and out.exists() else []
+    runs = args.runs.split(",")
+    unknown = sorted(set(runs) - set(RUNS))
+    if unknown:
+        raise SystemExit(f"calibrate: unknown runs {unknown}: {', '.join(RUNS)}")
+    if set(runs) & set(ENGINE) and not set(ENGINE) <= set(runs):
+        raise SystemExit(f"calibrate: the engine's runs are measured together: {', '.join(ENGINE)}")
+    rows, families = [], args.families.split(",")
     for family in families:
         for arch, config, n_prompt, n_target, attn in SHAPES[family][
             : 1 if args.first_shape else None
@@ -173,66 +199,82 @@ def run(args: argparse.Namespace) -> int:
             base = dict(
                 family=family, arch=arch, config=config, prompt=n_prompt, target=n_target, attn=attn
             )
-            got = {run: _measure({**base, "run": run, "threads": args.threads}) for run in RUNS}
-            one, every = got["backward_one"], got["backward_all"]
-            k, mb = every["targets"], 2**20
-            per_target = (every["peak_mb"] - one["peak_mb"]) * mb / max(k - 1, 1)
-            copies = min(COPIES, every["sources"])
-            per_copy = (
-                (got["inference_all"]["peak_mb"] - got["inference_one"]["peak_mb"])
-                * mb
-                / max(copies - 1, 1)
-            )
-            per_cotangent, per_point, fixed = every["cost"]
-            # IG's extra forward (the completeness gap) runs after the passes: not in the peak
-            per_point_measured = (got["points"]["peak_mb"] - one["peak_mb"]) * mb / (POINTS - 1)
-            per_point_measured -= per_target
-            row = {
-                "family": family,
-                "arch": arch,
-                "config": config,
-                "tokens": every["tokens"],
-                "targets": k,
-                "measured": {run: g["peak_mb"] * mb for run, g in got.items()},
-                "estimate": {
-                    "backward_one": fixed + per_point + per_cotangent,
-                    "backward_all": fixed + per_point + k * per_cotangent,
-                    "points": fixed + POINTS * (per_point + per_cotangent),
-                    "inference_one": got["inference_one"]["inference"][1]
-                    + got["inference_one"]["inference"][2],
-                    "inference_all": copies * got["inference_all"]["inference"][1]
-                    + got["inference_all"]["inference"][2],
-                },
-                "per_target": {"measured": per_target, "estimate": per_cotangent},
-                "per_copy": {"measured": per_copy, "estimate": every["inference"][1]},
-                "per_point": {"measured": per_point_measured, "estimate": per_point},
-            }
+            got = {run: _measure({**base, "run": run, "threads": args.threads}) for run in runs}
+            row = next(
+                (r for r in committed if (r["family"], r["arch"], r["config"]) == (family, arch, config)),
+                {"family": family, "arch": arch, "config": config, "measured": {}, "estimate": {}},
+            )  # fmt: skip
+            row = _measured_row(row, got) if set(ENGINE) <= set(got) else row
+            any_run = next(iter(got.values()))
+            k, mb = any_run["targets"], 2**20
+            row.update(tokens=any_run["tokens"], targets=k)
+            heads = any_run["heads"]
+            for run in ("heads_one", "heads_all"):
+                if run in got:
+                    points, chunk = (1, 1) if run == "heads_one" else (POINTS, k)
+                    row["measured"][run] = got[run]["peak_mb"] * mb
+                    row["estimate"][run] = Cost(*heads).at(points, chunk)
             rows.append(row)
             print(f"{family} ({arch}, {row['tokens']} tokens, {k} targets):")
-            for run in RUNS:
+            for run in runs:
                 m, e = row["measured"][run], row["estimate"][run]
                 print(
                     f"  {run:14s} measured {format_bytes(int(m)):>9s}  "
                     f"estimate {format_bytes(int(e)):>9s}  ratio {e / m:.2f}"
                 )
-            for part in ("per_target", "per_point", "per_copy"):
+            for part in PARTS if set(ENGINE) <= set(got) else ():
                 m, e = row[part]["measured"], row[part]["estimate"]
                 print(f"  {part:14s} measured {format_bytes(int(m)):>9s}  "
                       f"estimate {format_bytes(int(e)):>9s}  ratio {e / max(m, 1):.2f}")  # fmt: skip
-    if args.out:
-        out = Path(args.out)
-        # families not measured now keep their committed rows
-        kept = (
-            [r for r in json.loads(out.read_text()) if r["family"] not in families]
-            if out.exists()
-            else []
+    if out:
+        # shapes not measured now keep their committed rows
+        now = {(r["family"], r["arch"], json.dumps(r["config"])) for r in rows}
+        kept = [
+            r for r in committed if (r["family"], r["arch"], json.dumps(r["config"])) not in now
+        ]
+        order = [(f, shape[0], json.dumps(shape[1])) for f in SHAPES for shape in SHAPES[f]]
+        rows = sorted(
+            kept + rows,
+            key=lambda r: order.index((r["family"], r["arch"], json.dumps(r["config"]))),
         )
-        order = list(SHAPES)
-        rows = sorted(kept + rows, key=lambda r: order.index(r["family"]))
         tmp = out.with_suffix(".tmp")
         tmp.write_text(json.dumps(rows, indent=1) + "\n")
         tmp.replace(out)  # complete or not written
     return 0
+
+
+def _measured_row(row: dict[str, Any], got: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """``row`` with the engine's runs of ``got`` and the slopes they give."""
+    one, every = got["backward_one"], got["backward_all"]
+    k, mb = every["targets"], 2**20
+    per_target = (every["peak_mb"] - one["peak_mb"]) * mb / max(k - 1, 1)
+    copies = min(COPIES, every["sources"])
+    per_copy = (
+        (got["inference_all"]["peak_mb"] - got["inference_one"]["peak_mb"])
+        * mb
+        / max(copies - 1, 1)
+    )
+    per_cotangent, per_point, fixed = every["cost"][:3]
+    # IG's extra forward (the completeness gap) runs after the passes: not in the peak
+    per_point_measured = (got["points"]["peak_mb"] - one["peak_mb"]) * mb / (POINTS - 1)
+    per_point_measured -= per_target
+    return {
+        **row,
+        "measured": {**row["measured"], **{run: got[run]["peak_mb"] * mb for run in ENGINE}},
+        "estimate": {
+            **row["estimate"],
+            "backward_one": fixed + per_point + per_cotangent,
+            "backward_all": fixed + per_point + k * per_cotangent,
+            "points": fixed + POINTS * (per_point + per_cotangent),
+            "inference_one": got["inference_one"]["inference"][1]
+            + got["inference_one"]["inference"][2],
+            "inference_all": copies * got["inference_all"]["inference"][1]
+            + got["inference_all"]["inference"][2],
+        },
+        "per_target": {"measured": per_target, "estimate": per_cotangent},
+        "per_copy": {"measured": per_copy, "estimate": every["inference"][1]},
+        "per_point": {"measured": per_point_measured, "estimate": per_point},
+    }
 
 
 def estimates(row: dict[str, Any]) -> dict[str, float]:
@@ -246,7 +288,10 @@ def estimates(row: dict[str, Any]) -> dict[str, float]:
     cost, inference = problem.cost(), problem.cost(saved=False)
     k = int(problem.tensors.valid.shape[1])
     copies = min(COPIES, sum(x.shape[1] for x in problem.inputs))
+    heads = _heads_cost(model, problem)
     return {
+        "heads_one": heads.at(1, 1),
+        "heads_all": heads.at(POINTS, k),
         "backward_one": cost.at(1, 1),
         "backward_all": cost.at(1, k),
         "points": cost.at(POINTS, 1),
@@ -270,7 +315,7 @@ def report(path: str | Path = OUT) -> str:
         now = estimates(row)
         measured = {**row["measured"]}
         measured.update({part: row[part]["measured"] for part in PARTS if part in row})
-        for name in [*RUNS, *PARTS]:
+        for name in [*ENGINE, *PARTS, "heads_one", "heads_all"]:
             if name not in measured:  # a run this row did not measure
                 continue
             m, e = measured[name], now[name]
@@ -295,6 +340,8 @@ LABELS = {
     "points": f"IG, {POINTS} points at once, 1 target",
     "inference_one": "occlusion, 1 copy per forward",
     "inference_all": f"occlusion, {COPIES} copies per forward",
+    "heads_one": f"head attribution, {POINTS} steps, 1 step and 1 target per pass",
+    "heads_all": f"head attribution, {POINTS} steps, a layer's steps and all targets per pass",
     "per_target": "per target (slope)",
     "per_point": "per point (slope)",
     "per_copy": "per copy (slope)",
@@ -305,6 +352,12 @@ def parser(p: argparse.ArgumentParser) -> None:
     """The options of ``python -m benchmarks calibrate``."""
     p.add_argument("--families", default=",".join(SHAPES), help="default: all")
     p.add_argument("--first-shape", action="store_true", help="only the first shape per family")
+    p.add_argument(
+        "--runs",
+        default=",".join(RUNS),
+        help="default: all; the engine's five together, and/or heads_one, heads_all (merged "
+        "into the committed rows)",
+    )
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=str(OUT), help="results JSON ('' for none)")
     p.add_argument(

@@ -288,12 +288,14 @@ def test_a_budgets_table_says_which_calls_did_not_apply_or_were_not_measured(tmp
              budget_bytes=100 * 2**20, bounded_bytes=50 * 2**20, smallest=False, ok=True),
         dict(workload="C2", method="alti_logit", skipped="post-norm"),
         dict(workload="C2", method="pgd", not_measured="stopped for time"),
+        dict(workload="C1", method="pgd", not_measured="stopped for time"),
     ]  # fmt: skip
     (tmp_path / "b.json").write_text(json.dumps({"meta": {"steps": 16}, "rows": rows}))
     assert budgets.table(tmp_path / "b.json").splitlines()[2:] == [
         "| C2 | saliency | 300 MiB | 100 MiB | 50 MiB |",
         "| C2 | ALTI-Logit | not for this model | | |",
-        "| C2 | PGD | not measured: stopped for time | | |",
+        "| C2 | PGD, 2 steps | not measured: stopped for time | | |",  # WORKLOAD_SIZES
+        "| C1 | PGD | not measured: stopped for time | | |",
     ]
 
 
@@ -353,6 +355,35 @@ def test_the_memory_doc_shows_the_calibration_against_the_current_estimate():
     doc = (report.DOCS / "memory.md").read_text()
     assert calibrate.report() in doc
     assert "[transformers]" not in doc
+
+
+def test_calibrate_measures_head_attribution_into_the_committed_rows(tmp_path, monkeypatch):
+    """``calibrate --runs heads_one,heads_all`` adds the two runs to each shape's committed row,
+    keeping its engine runs and every other shape's row; the engine's runs go together."""
+    import argparse
+
+    from benchmarks import calibrate
+
+    out = tmp_path / "calibration.json"
+    out.write_text((BENCH / "calibration.json").read_text())
+    committed = json.loads(out.read_text())
+    fake = {"targets": 37, "tokens": 219, "heads": [10, 20, 30, 5]}
+    peaks = {"heads_one": 1.0, "heads_all": 2.0}
+    monkeypatch.setattr(calibrate, "_measure", lambda spec: {**fake, "peak_mb": peaks[spec["run"]]})
+    args = dict(report=False, families="gpt2", first_shape=True, threads=1, out=str(out))
+    calibrate.run(argparse.Namespace(**args, runs="heads_one,heads_all"))
+    rows = json.loads(out.read_text())
+    assert len(rows) == len(committed)
+    first = rows[0]
+    assert first["measured"]["heads_one"] == 2**20 and first["measured"]["heads_all"] == 2 * 2**20
+    # Cost(10, 20, 30, 5).at(points, targets): 30 + 5 k + p (20 + 10 k)
+    assert first["estimate"]["heads_one"] == 30 + 5 + 20 + 10
+    assert first["estimate"]["heads_all"] == 30 + 5 * 37 + calibrate.POINTS * (20 + 10 * 37)
+    for run in calibrate.ENGINE:
+        assert first["measured"][run] == committed[0]["measured"][run], run
+    assert rows[1:] == committed[1:]
+    with pytest.raises(SystemExit, match="measured together"):
+        calibrate.run(argparse.Namespace(**args, runs="backward_one"))
 
 
 def test_the_gpu_scripts_long_parts_run_on_a_tiny_shape(tmp_path):
