@@ -10,8 +10,9 @@ call (``VmHWM`` after ``/proc/self/clear_refs``), after a warm-up call on a shor
 differences give the bytes per target of the backward, per point of the forward and per copy of
 a forward without gradients; divided by the estimate's unit (``[B, L, width]`` elements) they give
 the ``LIVE_TENSORS`` constants of ``attrax._memory``. Head attribution (``heads_one``,
-``heads_all``: 8 steps, one step and target a pass, and a layer's steps with every target)
-checks its own estimate, which adds the probes' gradients to the engine's. The table printed
+``heads_all``: 8 steps, one step and target a pass, and a layer's steps with every target) and
+attention x gradient (``attention_all``: every target a pass) check their own estimate, which
+adds the probes' gradients to the engine's. The table printed
 (and written to ``benchmarks/calibration.json``) compares the estimate with the measured peak.
 """
 
@@ -71,6 +72,13 @@ RUNS = {
     # head attribution (one layer's POINTS steps a forward, its "auto" form): its own estimate
     "heads_one": ("head_attribution", {"steps": POINTS, "batch_size": 1, "chunk_size": 1}),
     "heads_all": ("head_attribution", {"steps": POINTS, "batch_size": POINTS, "chunk_size": None}),
+    "attention_all": ("attention_x_gradient", {"chunk_size": None}),
+}
+# the attention-gradient runs: (the worker's estimate, points, targets a pass (None: all))
+HEAD_RUNS = {
+    "heads_one": ("heads", 1, 1),
+    "heads_all": ("heads", POINTS, None),
+    "attention_all": ("attention", 1, None),
 }
 ENGINE = ("backward_one", "backward_all", "points", "inference_one", "inference_all")
 
@@ -114,16 +122,17 @@ def _problem(model: Any, inputs: Any, targets: Any) -> Any:
     return Problem.build(model, prepare(model, inputs, targets), objective, False)
 
 
-def _heads_cost(model: Any, problem: Any) -> Any:
-    """Head attribution's estimate (``attrax._heads._cost``) over the model's default maps, one
-    layer's probes a backward (as ``batch_size`` at most ``steps`` runs it)."""
+def _heads_cost(model: Any, problem: Any, probed: int | None) -> Any:
+    """The attention-gradient methods' estimate (``attrax._heads._cost``) over the model's
+    default maps, ``probed`` layers' maps a backward: head attribution's one (as ``batch_size``
+    at most ``steps`` runs it), attention x gradient's all (None)."""
     from attrax import _heads
 
     maps = _heads._maps(model, None)
     stacks = _heads._stacks(model, maps, False, "target")
     layers = _heads._chosen(stacks, None, _heads._counts(model))
     weights = _heads._weights(problem, [(stack, layer) for stack in stacks for layer in layers])
-    return _heads._cost(problem, weights, 1)
+    return _heads._cost(problem, weights, probed)
 
 
 def worker(spec: str) -> None:
@@ -160,7 +169,8 @@ def worker(spec: str) -> None:
                 "hidden": x.shape[-1],
                 "cost": list(cost),
                 "inference": list(inference),
-                "heads": list(_heads_cost(model, problem)),
+                "heads": list(_heads_cost(model, problem, 1)),
+                "attention": list(_heads_cost(model, problem, None)),
             }
         )
     )
@@ -208,12 +218,10 @@ def run(args: argparse.Namespace) -> int:
             any_run = next(iter(got.values()))
             k, mb = any_run["targets"], 2**20
             row.update(tokens=any_run["tokens"], targets=k)
-            heads = any_run["heads"]
-            for run in ("heads_one", "heads_all"):
+            for run, (estimate, points, chunk) in HEAD_RUNS.items():
                 if run in got:
-                    points, chunk = (1, 1) if run == "heads_one" else (POINTS, k)
                     row["measured"][run] = got[run]["peak_mb"] * mb
-                    row["estimate"][run] = Cost(*heads).at(points, chunk)
+                    row["estimate"][run] = Cost(*any_run[estimate]).at(points, chunk or k)
             rows.append(row)
             print(f"{family} ({arch}, {row['tokens']} tokens, {k} targets):")
             for run in runs:
@@ -288,10 +296,12 @@ def estimates(row: dict[str, Any]) -> dict[str, float]:
     cost, inference = problem.cost(), problem.cost(saved=False)
     k = int(problem.tensors.valid.shape[1])
     copies = min(COPIES, sum(x.shape[1] for x in problem.inputs))
-    heads = _heads_cost(model, problem)
+    heads = {
+        "heads": _heads_cost(model, problem, 1),
+        "attention": _heads_cost(model, problem, None),
+    }
     return {
-        "heads_one": heads.at(1, 1),
-        "heads_all": heads.at(POINTS, k),
+        **{run: heads[e].at(points, chunk or k) for run, (e, points, chunk) in HEAD_RUNS.items()},
         "backward_one": cost.at(1, 1),
         "backward_all": cost.at(1, k),
         "points": cost.at(POINTS, 1),
@@ -315,7 +325,7 @@ def report(path: str | Path = OUT) -> str:
         now = estimates(row)
         measured = {**row["measured"]}
         measured.update({part: row[part]["measured"] for part in PARTS if part in row})
-        for name in [*ENGINE, *PARTS, "heads_one", "heads_all"]:
+        for name in [*ENGINE, *PARTS, *HEAD_RUNS]:
             if name not in measured:  # a run this row did not measure
                 continue
             m, e = measured[name], now[name]
@@ -342,6 +352,7 @@ LABELS = {
     "inference_all": f"occlusion, {COPIES} copies per forward",
     "heads_one": f"head attribution, {POINTS} steps, 1 step and 1 target per pass",
     "heads_all": f"head attribution, {POINTS} steps, a layer's steps and all targets per pass",
+    "attention_all": "attention × gradient, all targets per pass",  # noqa: RUF001
     "per_target": "per target (slope)",
     "per_point": "per point (slope)",
     "per_copy": "per copy (slope)",
@@ -355,7 +366,8 @@ def parser(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--runs",
         default=",".join(RUNS),
-        help="default: all; the engine's five together, and/or heads_one, heads_all (merged "
+        help="default: all; the engine's five together, and/or heads_one, heads_all, "
+        "attention_all (merged "
         "into the committed rows)",
     )
     p.add_argument("--threads", type=int, default=2)

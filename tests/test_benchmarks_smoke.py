@@ -358,7 +358,7 @@ def test_the_memory_doc_shows_the_calibration_against_the_current_estimate():
 
 
 def test_calibrate_measures_head_attribution_into_the_committed_rows(tmp_path, monkeypatch):
-    """``calibrate --runs heads_one,heads_all`` adds the two runs to each shape's committed row,
+    """``calibrate --runs heads_one,heads_all,attention_all`` adds the runs to each shape's row,
     keeping its engine runs and every other shape's row; the engine's runs go together."""
     import argparse
 
@@ -367,11 +367,11 @@ def test_calibrate_measures_head_attribution_into_the_committed_rows(tmp_path, m
     out = tmp_path / "calibration.json"
     out.write_text((BENCH / "calibration.json").read_text())
     committed = json.loads(out.read_text())
-    fake = {"targets": 37, "tokens": 219, "heads": [10, 20, 30, 5]}
-    peaks = {"heads_one": 1.0, "heads_all": 2.0}
+    fake = {"targets": 37, "tokens": 219, "heads": [10, 20, 30, 5], "attention": [1, 2, 3, 4]}
+    peaks = {"heads_one": 1.0, "heads_all": 2.0, "attention_all": 3.0}
     monkeypatch.setattr(calibrate, "_measure", lambda spec: {**fake, "peak_mb": peaks[spec["run"]]})
     args = dict(report=False, families="gpt2", first_shape=True, threads=1, out=str(out))
-    calibrate.run(argparse.Namespace(**args, runs="heads_one,heads_all"))
+    calibrate.run(argparse.Namespace(**args, runs="heads_one,heads_all,attention_all"))
     rows = json.loads(out.read_text())
     assert len(rows) == len(committed)
     first = rows[0]
@@ -379,6 +379,7 @@ def test_calibrate_measures_head_attribution_into_the_committed_rows(tmp_path, m
     # Cost(10, 20, 30, 5).at(points, targets): 30 + 5 k + p (20 + 10 k)
     assert first["estimate"]["heads_one"] == 30 + 5 + 20 + 10
     assert first["estimate"]["heads_all"] == 30 + 5 * 37 + calibrate.POINTS * (20 + 10 * 37)
+    assert first["estimate"]["attention_all"] == 3 + 4 * 37 + (2 + 1 * 37)  # one point
     for run in calibrate.ENGINE:
         assert first["measured"][run] == committed[0]["measured"][run], run
     assert rows[1:] == committed[1:]
