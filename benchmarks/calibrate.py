@@ -210,10 +210,8 @@ def run(args: argparse.Namespace) -> int:
                 family=family, arch=arch, config=config, prompt=n_prompt, target=n_target, attn=attn
             )
             got = {run: _measure({**base, "run": run, "threads": args.threads}) for run in runs}
-            row = next(
-                (r for r in committed if (r["family"], r["arch"], r["config"]) == (family, arch, config)),
-                {"family": family, "arch": arch, "config": config, "measured": {}, "estimate": {}},
-            )  # fmt: skip
+            new = {"family": family, "arch": arch, "config": config, "measured": {}, "estimate": {}}
+            row = next((r for r in committed if _key(r) == _key(new)), new)
             row = _measured_row(row, got) if set(ENGINE) <= set(got) else row
             any_run = next(iter(got.values()))
             k, mb = any_run["targets"], 2**20
@@ -236,19 +234,19 @@ def run(args: argparse.Namespace) -> int:
                       f"estimate {format_bytes(int(e)):>9s}  ratio {e / max(m, 1):.2f}")  # fmt: skip
     if out:
         # shapes not measured now keep their committed rows
-        now = {(r["family"], r["arch"], json.dumps(r["config"])) for r in rows}
-        kept = [
-            r for r in committed if (r["family"], r["arch"], json.dumps(r["config"])) not in now
-        ]
+        now = {_key(r) for r in rows}
+        kept = [r for r in committed if _key(r) not in now]
         order = [(f, shape[0], json.dumps(shape[1])) for f in SHAPES for shape in SHAPES[f]]
-        rows = sorted(
-            kept + rows,
-            key=lambda r: order.index((r["family"], r["arch"], json.dumps(r["config"]))),
-        )
+        rows = sorted(kept + rows, key=lambda r: order.index(_key(r)))
         tmp = out.with_suffix(".tmp")
         tmp.write_text(json.dumps(rows, indent=1) + "\n")
         tmp.replace(out)  # complete or not written
     return 0
+
+
+def _key(row: dict[str, Any]) -> tuple[str, str, str]:
+    """A row's shape: its family, architecture and config."""
+    return row["family"], row["arch"], json.dumps(row["config"])
 
 
 def _measured_row(row: dict[str, Any], got: dict[str, dict[str, Any]]) -> dict[str, Any]:
