@@ -610,12 +610,10 @@ def head_attribution(
 
 
 def _layers_per_forward(given: Any, steps: int, total: int) -> int:
-    """The most layers whose copies one forward of :func:`_copy_chunks` holds: one under
-    ``"auto"``; with ``given`` copies a forward, the most any of its runs of copies spans."""
-    if given == "auto":
-        return 1
-    n = total if given is None else int(given)
-    return max((min(s + n, total) - 1) // steps - s // steps + 1 for s in range(0, total, n))
+    """The most layers whose copies one forward of :func:`_copy_chunks` holds (one under
+    ``"auto"``, at any planned size)."""
+    largest = None if given in (None, "auto") else int(given)
+    return max(len(set((c // steps).tolist())) for c in _copy_chunks(total, steps, largest, given))
 
 
 def _copy_chunks(total: int, steps: int, batch_size: int | None, given: Any) -> list[torch.Tensor]:
