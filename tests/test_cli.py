@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 import re
 import subprocess
@@ -304,3 +305,22 @@ def test_type_checking_imports_mirror_the_public_table():
             for alias in node.names:
                 found[alias.name] = f".{node.module}"
     assert found == PUBLIC
+
+
+def test_the_cli_page_names_every_command_and_method():
+    """docs/cli.md's command count and ``--method`` list, and ``-o``'s example, follow the code."""
+    from pathlib import Path
+
+    from attrax._names import METHODS
+    from attrax.cli import build_parser
+
+    page = (Path(__file__).parents[1] / "docs" / "cli.md").read_text()
+    commands = next(a for a in build_parser()._actions if a.dest == "command").choices
+    count = ["no", "One", "Two", "Three", "Four", "Five", "Six"][len(commands)]
+    assert f"{count} commands, each with `--help`" in page
+    row = next(line for line in page.splitlines() if line.startswith("| `--method` |"))
+    assert tuple(re.findall(r"`(\w+)`", row)) == METHODS
+    help_text = next(a for a in build_parser()._actions if a.dest == "command")
+    attribute = help_text.choices["attribute"].format_help()
+    example = re.search(r"-o baseline=(\w+) -o (\w+)=", " ".join(attribute.split()))
+    assert example and example[2] in inspect.signature(ax.integrated_gradients).parameters

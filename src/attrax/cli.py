@@ -343,7 +343,7 @@ def _model_options(parser: argparse.ArgumentParser) -> None:
         default=[],
         metavar="KEY=VALUE",
         help="any other keyword option of the method, VALUE as JSON or a plain string "
-        "(e.g. -o baseline=pad -o method=riemann_middle); repeatable",
+        "(e.g. -o baseline=pad -o quadrature=riemann_middle); repeatable",
     )
 
 
