@@ -346,6 +346,10 @@ def test_a_classifier_loads_from_a_directory(tmp_path, classifiers, arch, task):
         (("bert", "sequence"), {"positions": [1]}, "sequence classifier's targets are classes"),
         (("bert", "token"), {"targets": "all"}, "for sequence classifiers"),
         (("gpt2", "sequence"), {"inputs": ("a text", "a pair")}, "no pair template"),
+        # options a classifier would ignore (they changed nothing, silently)
+        (("bert", "sequence"), {"attribute_target": True}, "`attribute_target` does not apply"),
+        (("bert", "token"), {"max_new_tokens": 3}, "`max_new_tokens` does not apply"),
+        (("bert", "token"), {"positions": -1}, r"-1 \(position \d+ of the \d+ tokens\)"),
     ],
 )
 def test_bad_targets_and_inputs_are_clear_errors(classifiers, key, call, match):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import logging
 import os
 import re
 import subprocess
@@ -13,11 +14,23 @@ import numpy as np
 import pytest
 
 import attrax as ax
-from attrax import _model
+from attrax import _evaluate, _model
 from attrax.cli import main
 from tests.conftest import IG_RULE
 
 PROMPT, TARGET = "3 1 4 0 5 9 =", " 9 5 0 4 1 3"
+LONG = " ".join(["1"] * 100) + " ="  # more tokens than the built-in model's 64 positions
+
+
+@pytest.fixture
+def no_computation(monkeypatch):
+    """Loading a model or evaluating fails the test: what is checked must be checked before."""
+
+    def computed(*args, **kwargs):
+        raise AssertionError("the computation started before the outputs were checked")
+
+    monkeypatch.setattr(_model, "load_model", computed)
+    monkeypatch.setattr(_evaluate, "evaluate", computed)
 
 
 def test_demo_reports_the_ground_truth(capsys):
@@ -150,27 +163,121 @@ def test_samples_and_steps_are_separate_flags(tmp_path):
     assert '"steps": 3' in ax.load(tmp_path / "i.nc").attrs["options"]
 
 
-def test_output_paths_are_checked_before_the_computation(tmp_path, capsys, monkeypatch):
-    def computed(*args, **kwargs):
-        raise AssertionError("the model was loaded before the output path was checked")
-
-    monkeypatch.setattr(ax, "load_model", computed)
+def test_output_paths_are_checked_before_the_computation(tmp_path, capsys, no_computation):
     (tmp_path / "file.txt").write_text("")
     cases = [
         (["--out", str(tmp_path)], f"`--out` {str(tmp_path)!r} is a directory"),
-        (["--html", str(tmp_path / "no" / "x.html")], "the directory .*no' does not exist"),
+        (["--html", str(tmp_path / "no" / "x.html")], "directory .*no' does not exist"),
         (["--png", str(tmp_path / "file.txt" / "x.png")], "file.txt' is not a directory"),
+        (["--png", str(tmp_path / "x.txt")], "`--png` .*matplotlib cannot write 'txt' files"),
     ]
     if hasattr(os, "geteuid") and os.geteuid() != 0:  # root writes anywhere
         locked = tmp_path / "locked"
         locked.mkdir(mode=0o500)
         cases.append((["--out", str(locked / "r.nc")], "is not writable"))
+    if os.path.isdir("/proc/self"):  # os.access lets root write here; the OS refuses
+        cases.append((["--out", "/proc/x.nc"], "`--out` '/proc/x.nc': cannot write in '/proc'"))
     for extra, message in cases:
-        assert main(["attribute", "--input", PROMPT, "--target", TARGET, *extra]) == 2
+        args = ["attribute", "--input", PROMPT, "--target", TARGET, "--out", str(tmp_path / "r.nc")]
+        assert main([*args, *extra]) == 2
         err = capsys.readouterr().err
         assert err.startswith("attrax: error: ") and re.search(message, err), err
+        assert len(err.splitlines()) == 1
     assert main(["demo", "--html", str(tmp_path / "no" / "demo.html")]) == 2
     assert "does not exist" in capsys.readouterr().err
+    assert set(os.listdir(tmp_path)) <= {"file.txt", "locked"}
+
+
+def test_evaluate_checks_every_output_before_the_computation(
+    tmp_path, capsys, write_jsonl, no_computation
+):
+    data = write_jsonl([{"input": PROMPT, "target": TARGET}])
+    args = [
+        "evaluate",
+        "--data",
+        str(data),
+        "--methods",
+        "saliency",
+        "--out",
+        str(tmp_path / "e.nc"),
+    ]
+    cases = [
+        (["--csv", str(tmp_path / "no" / "x.csv")], "`--csv` .*: directory .*no' does not exist"),
+        (["--png", str(tmp_path / "x.txt")], "`--png` .*matplotlib cannot write 'txt' files"),
+        (["--out", str(tmp_path)], f"`--out` {str(tmp_path)!r} is a directory"),
+    ]
+    for extra, message in cases:
+        assert main([*args, *extra]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("attrax: error: ") and re.search(message, err), err
+        assert len(err.splitlines()) == 1
+    assert os.listdir(tmp_path) == ["data.jsonl"]
+
+
+@pytest.mark.parametrize(
+    ("command", "first", "second"),
+    [
+        (["attribute", "--input", PROMPT], ("--out", "x.nc"), ("--html", "x.nc")),
+        (["attribute", "--input", PROMPT], ("--html", "x.png"), ("--png", "sub/../x.png")),
+        (["evaluate", "--methods", "saliency"], ("--out", "same.nc"), ("--csv", "./same.nc")),
+    ],
+)
+def test_two_outputs_naming_one_file_are_refused(
+    tmp_path, capsys, write_jsonl, no_computation, command, first, second
+):
+    (tmp_path / "sub").mkdir()
+    if command[0] == "evaluate":
+        command = [*command, "--data", str(write_jsonl([{"input": PROMPT}]))]
+    args = [*command, first[0], str(tmp_path / first[1]), second[0], str(tmp_path / second[1])]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"attrax: error: `{first[0]}` and `{second[0]}` both name ")
+    assert len(err.splitlines()) == 1
+
+
+def test_an_output_that_cannot_be_drawn_leaves_none_written(tmp_path, capsys):
+    nc, png = tmp_path / "raw.nc", tmp_path / "raw.png"
+    args = ["attribute", "--input", PROMPT, "--target", TARGET, "--reduce", "none"]
+    assert main([*args, "--out", str(nc), "--png", str(png)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"attrax: error: `--png` {str(png)!r}: `da` has dims")
+    assert len(err.splitlines()) == 1
+    assert os.listdir(tmp_path) == []  # neither --out nor a temp file
+
+
+@pytest.mark.parametrize(
+    ("spec", "dims"), [("sum:hidden,sum:source", ("target",)), ("l2_norm,sum:target", ("source",))]
+)
+def test_a_result_that_is_no_table_is_saved_and_its_dims_printed(tmp_path, capsys, spec, dims):
+    nc = tmp_path / "r.nc"
+    args = ["attribute", "--input", PROMPT, "--target", TARGET, "--reduce", spec]
+    assert main([*args, "--out", str(nc)]) == 0
+    out = capsys.readouterr().out
+    assert f"result dims ({dims[0]}: " in out and f"wrote {nc}" in out
+    assert ax.load(nc).dims == dims
+
+
+@pytest.mark.parametrize("command", ["attribute", "attribute-dataset", "evaluate", "demo"])
+def test_a_too_long_input_prints_only_the_attrax_error(tmp_path, capsys, write_jsonl, command):
+    data = str(write_jsonl([{"input": LONG}]))
+    args = {
+        "attribute": ["attribute", "--input", LONG],
+        "attribute-dataset": ["attribute-dataset", "--data", data, "--out", str(tmp_path / "o")],
+        "evaluate": ["evaluate", "--data", data, "--methods", "saliency"],
+        "demo": ["demo", "--task", "classification", "--text", "the " * 100 + "good"],
+    }[command]
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    # transformers' own handler writes to the stderr of pytest's start, out of capsys' sight
+    logging.getLogger("transformers").addHandler(handler)
+    try:
+        assert main(args) == 2
+    finally:
+        logging.getLogger("transformers").removeHandler(handler)
+    err = capsys.readouterr().err
+    assert err.startswith("attrax: error: ") and len(err.splitlines()) == 1
+    assert [r.getMessage() for r in records if r.levelno >= logging.WARNING] == []
 
 
 def test_a_model_name_that_is_not_local_fails_at_once(capsys, monkeypatch):
@@ -202,12 +309,18 @@ def test_demo_refuses_a_prompt_the_model_cannot_solve(capsys):
     assert "exactly 6 distinct digits" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("command", [[], ["demo"], ["attribute"], ["attribute-dataset"]])
+@pytest.mark.parametrize(
+    "command", [[], ["demo"], ["attribute"], ["attribute-dataset"], ["evaluate"]]
+)
 def test_help(capsys, command):
     with pytest.raises(SystemExit) as exit_:
         main([*command, "--help"])
     assert exit_.value.code == 0
-    assert "usage: attrax" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "usage: attrax" in out
+    assert "%%" not in out  # argparse %-formats help= strings but not descriptions
+    if command == ["evaluate"]:
+        assert "95% bootstrap interval" in " ".join(out.split())
 
 
 def test_usage_errors_exit_2(capsys):

@@ -490,6 +490,8 @@ def test_errors(models, models64):
         ax.attribution_patching(gpt2, SOURCE, TARGET)
     with pytest.raises(ax.InputError, match="same token length"):
         ax.attribution_patching(gpt2, SOURCE, TARGET, corrupted="The capital is")
+    with pytest.raises(ax.InputError, match="`corrupted` is empty"):  # not `contrast_inputs`
+        ax.attribution_patching(gpt2, SOURCE, TARGET, corrupted="")
     with pytest.raises(ax.InputError, match="align"):
         ax.attribution_patching(gpt2, SOURCE, TARGET, corrupted=[CORRUPTED, CORRUPTED])
     with pytest.raises(ax.OptionError, match="site"):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -227,7 +228,7 @@ def test_generated_targets_and_reductions(tmp_path, model, write_jsonl):
     ("lines", "match"),
     [
         (['{"input": "1 2 ="}', "{oops"], "line 2: not valid JSON"),
-        (['{"target": " 1"}'], "line 1: 'input' must be a non-empty string"),
+        (['{"target": " 1"}'], "line 1 has no field 'input': its fields are \\['target'\\]"),
         (['{"input": "1 2 =", "target": " 2 1"}', '{"input": "1 2 ="}'], "1 of 2 records"),
         (['{"input": "1 2 =", "id": [1]}'], "'id' must be"),
         (["", ""], "no records"),
@@ -272,6 +273,87 @@ def test_dtype_loads_the_model_in_it_and_is_part_of_the_run(tmp_path, model, wri
     with pytest.raises(ax.InputError, match="dtype"):
         D.attribute_dataset(None, data, tmp_path / "half", progress=False)
     with pytest.raises(
-        ax.OptionError, match=r"`dtype` torch\.float16 applies to a model loaded by"
+        ax.OptionError, match=r"`dtype` torch\.float16 applies to a model given by path"
     ):
         D.attribute_dataset(model, data, tmp_path / "x", progress=False, dtype=torch.float16)
+
+
+@pytest.mark.parametrize(
+    ("damage", "match"),
+    [
+        (lambda m: m.pop("version"), "'version' must be 1, got None"),
+        (lambda m: m.pop("run"), "'run' must be an object, got None"),
+        (lambda m: m.pop("shards"), "'shards' must be a positive integer, got None"),
+        (lambda m: m.update(shards=1), "'shards' is 1, but its run's 3 records in shards of 2"),
+        (lambda m: m.update(done=[1, 2]), "'done' lists 1: expected names of its 2 shard files"),
+        (lambda m: m.update(done=["shard-00007.nc"]), "'done' lists 'shard-00007.nc': expected"),
+        (lambda m: m["done"].append("shard-00000.nc"), "'done' lists 'shard-00000.nc' twice"),
+    ],
+)
+def test_a_damaged_manifest_is_named_on_resume_and_on_load(
+    tmp_path, model, write_jsonl, damage, match
+):
+    data = write_jsonl(_records(3))
+    out = tmp_path / "out"
+    D.attribute_dataset(model, data, out, shard_size=2, progress=False)
+    manifest = json.loads((out / "manifest.json").read_text())
+    damage(manifest)
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    match = r"manifest\.json' is a damaged attrax dataset manifest: " + re.escape(match)
+    with pytest.raises(ax.InputError, match=match):
+        D.attribute_dataset(model, data, out, shard_size=2, progress=False)
+    with pytest.raises(ax.InputError, match=match):  # never shards read twice or missing
+        D.load_dataset_results(out)
+
+
+def test_an_out_that_cannot_be_made_fails_before_the_model_loads(
+    tmp_path, write_jsonl, monkeypatch, capsys
+):
+    data = write_jsonl(_records(1))
+
+    def no_load(*args, **kwargs):  # the model given by path must not load
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(D, "load_model", no_load)
+    with pytest.raises(ax.InputError, match=r"`out` '.*data\.jsonl/run' is not a directory: "):
+        D.attribute_dataset(None, data, data / "run", progress=False)
+    if Path("/proc/self").is_dir():  # a filesystem where no directory can be made
+        with pytest.raises(ax.InputError, match="`out` '/proc/attrax-run': cannot create"):
+            D.attribute_dataset(None, data, "/proc/attrax-run", progress=False)
+    assert main(["attribute-dataset", "--data", str(data), "--out", str(data / "run")]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_directories_a_failed_run_made_are_removed(tmp_path, model, write_jsonl):
+    data = write_jsonl([{"input": "1 2 =", "target": "2 1"}])  # off a token boundary
+    with pytest.raises(ax.InputError, match="does not continue the prompt"):
+        D.attribute_dataset(model, data, tmp_path / "a" / "b" / "out", progress=False)
+    assert not (tmp_path / "a").exists()
+
+
+def test_arguments_of_the_wrong_kind_are_named(tmp_path, model, write_jsonl):
+    data, out = write_jsonl(_records(1)), tmp_path / "out"
+    with pytest.raises(ax.ModelError, match=r"`model` must be an attrax Model, a path, .* got int"):
+        D.attribute_dataset(3, data, out)
+    with pytest.raises(ax.InputError, match="`data` must be a path, got int"):
+        D.attribute_dataset(model, 3, out)
+    with pytest.raises(ax.InputError, match="`out` must be a path, got int"):
+        D.attribute_dataset(model, data, 3)
+    # the manifest records the method by name: a function is refused, saying so
+    with pytest.raises(
+        ax.OptionError,
+        match=r"`method` must be a method name such as 'saliency', got the function saliency: a "
+        "run records its method by name",
+    ):
+        D.attribute_dataset(model, data, out, method=ax.saliency)
+    with pytest.raises(ax.OptionError, match="`progress` must be True or False, got 'no'"):
+        D.attribute_dataset(model, data, out, progress="no")
+    with pytest.raises(ax.OptionError, match="`reduce` must be a reduce spec"):
+        D.attribute_dataset(model, data, out, reduce=3)
+    # an in-memory Model is not moved: a `device` it is not on is refused, not ignored
+    with pytest.raises(ax.OptionError, match="`device` 'tpu' is not a device"):
+        D.attribute_dataset(model, data, out, device="tpu")
+    with pytest.raises(ax.OptionError, match="`device` 'meta' applies to a model given by path"):
+        D.attribute_dataset(model, data, out, device="meta")
+    assert not out.exists()
+    assert D.attribute_dataset(model, data, out, device="cpu", progress=False).shards == 1

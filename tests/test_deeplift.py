@@ -246,6 +246,11 @@ def test_deeplift_shap_is_the_mean_over_baselines(double_models):
     one = ax.deeplift_shap(model, source, target, baselines=baselines, batch_size=1)
     assert_close(one.values, got.values, rtol=1e-9)
     np.testing.assert_allclose(one.completeness_gap, got.completeness_gap, rtol=1e-8, atol=1e-14)
+    # forward mode: the baselines' points are one input expanded, which jvp's duals cannot alias
+    forward = ax.deeplift_shap(
+        model, source, target, baselines=baselines, reduce_hidden="sum", mode="forward"
+    )
+    assert_close(forward.values, got.sum("hidden", skipna=False).values, rtol=1e-9)
 
 
 def test_deeplift_shap_samples_draw_the_baselines(double_models):

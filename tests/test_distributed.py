@@ -204,6 +204,17 @@ def test_distributed_options_are_checked(tmp_path, default_model, write_jsonl, m
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("address", ["notanaddress", "foo://x:1", "tcp://x:port"])
+def test_a_malformed_scheduler_address_is_an_option_error(tmp_path, write_jsonl, address):
+    data = write_jsonl(_records(1))
+    match = rf"`scheduler` '{address}' is not a Dask scheduler address \(.*\): expected 'tcp://"
+    with pytest.raises(ax.OptionError, match=match):
+        D.attribute_dataset(None, data, tmp_path / "o", progress=False, scheduler=address)
+    with pytest.raises(ax.OptionError, match=match):
+        ax.evaluate(None, data, {"s": "saliency"}, scheduler=address)
+    assert not (tmp_path / "o").exists()
+
+
 def test_results_open_lazily_as_one_array(tmp_path, default_model, write_jsonl):
     dask = pytest.importorskip("dask")
     data = write_jsonl(_records(5))

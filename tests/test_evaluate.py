@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 import xarray as xr
 
 import attrax as ax
@@ -214,3 +215,223 @@ def test_random_logit_is_another_class():
 def test_sanity_checks_of_a_language_model_need_targets(default_model):
     with pytest.raises(ax.InputError, match="need a `target`"):
         ax.sanity_checks(default_model, [PROMPT], ax.saliency)
+
+
+def _one_record_only(model, inputs, targets):
+    """A method that drops every record but the first."""
+    return ax.saliency(model, inputs[:1], targets[:1])
+
+
+def _not_an_array(model, inputs, targets):
+    return np.zeros(3)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        pytest.param(
+            {"reduce": "none"}, ax.OptionError, r"dims \(.*'hidden'\).*need \(example, target",
+            id="reduce-leaves-hidden",
+        ),
+        pytest.param(
+            {"fields": {"foo": "bar"}}, ax.OptionError,
+            r"`fields` key 'foo'.*\('input', 'target', 'label', 'rationale'\)", id="fields-key",
+        ),
+        pytest.param(
+            {"methods": {"s": _not_an_array}}, ax.OptionError,
+            r"`methods\['s'\]` returned ndarray.*DataArray", id="method-returns-ndarray",
+        ),
+        pytest.param(
+            {"methods": {"s": _one_record_only}}, ax.OptionError,
+            r"`example` dim of size 1 for 2 records", id="method-drops-records",
+        ),
+        pytest.param(
+            {"data": [{"input": "1 2 3 =", "target": " 3 2 1", "rationale": [2, -1, 0, 0]}],
+             "metrics": ["token_f1", "auprc"]}, ax.InputError,
+            r"record 0: field 'rationale' must mark each word 0 or 1, got word 0 \('1'\): 2, "
+            r"word 1 \('2'\): -1", id="rationale-marks",
+        ),
+        pytest.param(
+            {"device": "tpu"}, ax.OptionError, r"`device` 'tpu' is not a device", id="device-bad"
+        ),
+        pytest.param(
+            {"device": "meta"}, ax.OptionError, r"`device` 'meta' .* this Model is on 'cpu'",
+            id="device-not-the-models",
+        ),
+        pytest.param(
+            {"dtype": torch.float16}, ax.OptionError,
+            r"`dtype` torch.float16 .* this Model is torch.float32", id="dtype-not-the-models",
+        ),
+    ],
+)  # fmt: skip
+def test_bad_inputs_and_options_name_what_was_expected(default_model, kwargs, error, match):
+    data = [{"input": PROMPT, "target": ANSWER}, {"input": OTHER[0], "target": OTHER[1]}]
+    call = {"data": data, "methods": {"s": ax.saliency}}
+    call.update(kwargs)
+    with pytest.raises(error, match=match):
+        ax.evaluate(default_model, call.pop("data"), call.pop("methods"), **call)
+
+
+def test_the_models_own_device_and_dtype_are_accepted(default_model):
+    data = [{"input": PROMPT, "target": ANSWER}]
+    ds = ax.evaluate(default_model, data, {"s": ax.saliency}, device="cpu", dtype=torch.float32)
+    assert ds.comprehensiveness.notnull().all()
+
+
+def test_rationale_marks_may_be_bools_or_floats():
+    data = [{"input": "1 2 3 =", "rationale": [True, 0.0, 1, np.int64(0)]}]
+    assert ax._evaluate.read_records(data)[0].rationale == (1, 0, 1, 0)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"reduce": "none"}, r"`method` 'saliency' with dims \(.*'hidden'\)"),
+        ({"method": _not_an_array}, r"`method` '_not_an_array' returned ndarray"),
+        ({"fields": {"foo": "bar"}}, r"`fields` key 'foo'"),
+        ({"seed": "x"}, r"`seed` must be an integer .*, got 'x'"),
+        ({"seed": 2**70}, r"`seed` must be an integer from -2\*\*63 to 2\*\*64 - 1"),
+    ],
+    ids=["reduce-leaves-hidden", "method-returns-ndarray", "fields-key", "seed", "seed-too-big"],
+)
+def test_sanity_checks_refuse_bad_options_before_randomizing(default_model, kwargs, match):
+    calls, method = [], kwargs.get("method", ax.saliency)
+
+    def counted(model, inputs, targets, **options):
+        calls.append(1)
+        return method(model, inputs, targets, **options)
+
+    counted.__name__ = method.__name__  # errors name the method by its name
+    call = {"reduce": "auto", **kwargs, "method": counted}
+    with pytest.raises(ax.OptionError, match=match):
+        ax.sanity_checks(default_model, [{"input": PROMPT, "target": ANSWER}], **call)
+    assert len(calls) <= 1  # no randomized copy was attributed
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"resamples": -1}, r"`resamples` must be a positive integer, got -1"),
+        ({"resamples": 0}, r"`resamples` must be a positive integer, got 0"),
+        ({"resamples": 2.5}, r"`resamples` must be a positive integer, got 2.5"),
+        ({"seed": "x"}, r"`seed` must be an integer of at least 0, got 'x'"),
+        ({"seed": -1}, r"`seed` must be an integer of at least 0, got -1"),
+        ({"confidence": "high"}, r"`confidence` must be a number in \(0, 1\), got 'high'"),
+    ],
+    ids=[
+        "resamples-negative",
+        "resamples-zero",
+        "resamples-float",
+        "seed-str",
+        "seed-negative",
+        "confidence-str",
+    ],
+)
+def test_summary_refuses_bad_bootstrap_options(kwargs, match):
+    scores = np.arange(4.0).reshape(1, 4, 1)
+    ds = xr.Dataset(
+        {"sufficiency": (("method", "example", "target"), scores)}, coords={"method": ["m"]}
+    )
+    with pytest.raises(ax.OptionError, match=match):
+        ax.summary(ds, **kwargs)
+
+
+# --- bad data files: errors name the file and its line (JSONL) or row (CSV), as attribute-dataset's
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "match"),
+    [
+        pytest.param(
+            "malformed.jsonl", f'{{"input": "{PROMPT}"}}\n{{"input": "{OTHER[0]}",\n',
+            r"malformed\.jsonl line 2: not valid JSON \(", id="jsonl-malformed-line",
+        ),
+        pytest.param(
+            "pretty.json", f'[\n {{"input": "{PROMPT}"}}\n]\n',
+            r"pretty\.json line 1: not valid JSON .*read as JSON Lines", id="json-pretty-printed",
+        ),
+        pytest.param(
+            "bad.csv", f'input,target\n"{PROMPT}","{ANSWER}\n',
+            r"`data` '.*bad\.csv' is not a readable CSV file \(.*EOF inside string", id="csv-quote",
+        ),
+        pytest.param(
+            "empty.csv", "", r"`data` '.*empty\.csv' is empty: expected a header line",
+            id="csv-empty",
+        ),
+        pytest.param(
+            "header.csv", "input,target\n", r"`data` '.*header\.csv' has no records",
+            id="csv-header-only",
+        ),
+        pytest.param(
+            "num.jsonl", f'{{"input": "{PROMPT}", "target": 9}}\n',
+            r"num\.jsonl line 1: field 'target' must be a non-empty text, got 9", id="jsonl-int",
+        ),
+        pytest.param(
+            "blank.csv", f'input,target\n"{PROMPT}",\n"{OTHER[0]}",\n',
+            r"blank\.csv row 1: field 'target' must be a non-empty text, got ''",
+            id="csv-blank-targets",
+        ),
+        pytest.param(
+            "mixed.jsonl", f'\n{{"input": "{PROMPT}", "target": "{ANSWER}"}}\n{{"input": "x"}}\n',
+            r"`data` '.*mixed\.jsonl': 1 of 2 records have a field 'target'", id="jsonl-mixed",
+        ),
+        pytest.param(
+            "text.jsonl", f'\n{{"text": "{PROMPT}"}}\n',
+            r"text\.jsonl line 2 has no field 'input': its fields are \['text'\]",
+            id="jsonl-no-input-key",
+        ),
+        pytest.param(
+            "long.jsonl", json.dumps({"input": "1 " * 70 + "="}) + "\n",
+            r"long\.jsonl line 1: `input` has 71 tokens", id="jsonl-too-long",
+        ),
+    ],
+)  # fmt: skip
+def test_bad_data_files_name_the_file_and_line(default_model, tmp_path, name, text, match):
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(ax.InputError, match=match):
+        ax.evaluate(default_model, path, {"s": ax.saliency})
+
+
+@pytest.mark.parametrize(
+    ("line", "match"),
+    [
+        ({"input": 3, "target": ANSWER}, r"d\.jsonl line 2: field 'input' must be a non-empty"),
+        (
+            {"input": "1 " * 70 + "=", "target": ANSWER},
+            r"d\.jsonl line 2: `input` \+ `target` have 71",
+        ),
+    ],
+    ids=["not-a-text", "too-long"],
+)
+def test_sanity_checks_name_the_bad_line(default_model, tmp_path, line, match):
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps({"input": PROMPT, "target": ANSWER}) + "\n" + json.dumps(line))
+    with pytest.raises(ax.InputError, match=match):
+        ax.sanity_checks(default_model, path, ax.saliency)
+
+
+def test_csv_targets_are_read_as_text(default_model, tmp_path):
+    # pandas would read this column as the integers 9 and 0 (and drop the leading spaces)
+    path = tmp_path / "digits.csv"
+    path.write_text(f'input,target\n"{PROMPT}", 9\n"{OTHER[0]}", 0\n')
+    from attrax._evaluate import read_records
+
+    assert [r.target for r in read_records(path)] == [" 9", " 0"]
+    ds = ax.evaluate(default_model, path, {"s": ax.saliency}, attributions=True)
+    assert ds.attribution.target_token.values.ravel().tolist() == ["9", "0"]
+
+
+def test_labels_are_checked_against_the_classifier(tmp_path):
+    classifier = ax.load_model("attrax:classifier")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(
+        '{"input": "a good film", "label": "positive"}\n{"input": "bad", "label": "great"}\n'
+    )
+    with pytest.raises(ax.InputError, match=r"bad\.jsonl line 2: `label` 'great' is not a label"):
+        ax.evaluate(classifier, bad, {"s": ax.saliency})
+    # a CSV's class ids are text: "2" is class 2, named in the `label` coordinate
+    ids = tmp_path / "ids.csv"
+    ids.write_text("input,label\na good film,2\na bad film,0\n")
+    ds = ax.evaluate(classifier, ids, {"s": ax.saliency})
+    assert ds.label.values.tolist() == ["positive", "negative"]

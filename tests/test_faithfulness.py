@@ -144,3 +144,37 @@ def test_clear_errors(model):
         F.insertion(model, da, PROMPT, CONTINUATION, baseline="mean")
     with pytest.raises(ax.OptionError, match="fractions"):
         F.insertion(model, da, PROMPT, CONTINUATION, fractions=0)
+
+
+def test_a_contrastive_attribution_is_scored_with_its_contrast(model):
+    """The objective a contrastive attribution explained is p(target) - p(contrast): its curve
+    starts there (step scores' contrast_prob_diff, computed apart), whether `contrast` is given
+    again or read from the attribution; another contrast is refused."""
+    contrast = " 9 5 0 4 1 4"
+    da = ax.l2_norm(ax.saliency(model, PROMPT, CONTINUATION, contrast=contrast))
+    want = ax.step_scores(
+        model, PROMPT, CONTINUATION, contrast=contrast, scores="contrast_prob_diff"
+    )
+    read = F.comprehensiveness(model, da, PROMPT, CONTINUATION)
+    given = F.comprehensiveness(model, da, PROMPT, CONTINUATION, contrast=contrast)
+    np.testing.assert_allclose(read.original, want.squeeze("score"), rtol=1e-5, atol=1e-7)
+    np.testing.assert_array_equal(read.values, given.values)
+    with pytest.raises(ax.InputError, match="contrast tokens"):
+        F.comprehensiveness(model, da, PROMPT, CONTINUATION, contrast=" 9 5 0 4 1 5")
+    unrecorded = da.assign_attrs(options="{}")
+    with pytest.raises(ax.InputError, match="pass `contrast=`"):
+        F.deletion(model, unrecorded, PROMPT, CONTINUATION)
+
+
+def test_sources_are_matched_by_label_not_place(model):
+    """An attribution whose sources were reordered (here reversed) scores as the original: the
+    ranking follows the `source` labels. The palindrome's token ids read the same either way,
+    so only the labels can tell."""
+    prompt, continuation = "1 2 3 =", " 3 2 1"
+    da = ax.l2_norm(ax.saliency(model, prompt, continuation))
+    ids = da.source_id.values
+    assert np.array_equal(ids, ids[::-1])  # the reorder is invisible in the ids
+    reversed_ = da.isel(source=slice(None, None, -1))
+    for metric in (F.deletion, F.insertion):
+        want = metric(model, da, prompt, continuation)
+        np.testing.assert_array_equal(metric(model, reversed_, prompt, continuation), want)

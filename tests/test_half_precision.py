@@ -116,3 +116,14 @@ def test_a_checkpoint_saved_in_bfloat16_loads_in_it(tmp_path):
     assert model.dtype == torch.bfloat16
     da = ax.saliency(model, *PAIRS[0])
     assert da.dtype == np.float32 and np.isfinite(da.values[~np.isnan(da.values)]).all()
+
+
+def test_dtype_is_a_floating_point_dtype_or_its_name():
+    """A dtype by name works for a model instance too (it was read as a device); an integer
+    dtype is an OptionError naming `dtype`, not a loading failure blamed on the model."""
+    model = ax.load_model()
+    again = ax.load_model(model.hf, tokenizer=model.tokenizer, dtype="bfloat16")
+    assert again.dtype == torch.bfloat16
+    for bad in (torch.int32, "int8", 3):
+        with pytest.raises(ax.OptionError, match="`dtype` must be a floating-point torch dtype"):
+            ax.load_model(dtype=bad)

@@ -151,6 +151,12 @@ def test_bad_smoothgrad_options(models, options, match):
 def test_bad_callable_objective(models):
     with pytest.raises(ax.OptionError, match="one score per target token"):
         ax.saliency(models["gpt2"], *PAIRS[0], objective=lambda logits, ids: logits)
+    # the ids themselves: integers, nothing to differentiate (a raw torch.func error before)
+    for method in (ax.saliency, ax.occlusion):
+        with pytest.raises(ax.OptionError, match="floating-point scores"):
+            method(models["gpt2"], *PAIRS[0], objective=lambda logits, ids: ids)
+    with pytest.raises(ax.OptionError, match=r"must take \(logits, target_ids\)"):
+        ax.saliency(models["gpt2"], *PAIRS[0], objective=lambda logits: logits[..., 0])
 
 
 def test_options_are_checked_before_the_model_runs(models, monkeypatch):
@@ -179,3 +185,15 @@ def test_baseline_tokens(models):
     tensor = torch.zeros(model.hidden_size)
     same = ax.integrated_gradients(model, *PAIRS[0], steps=4, baseline=tensor)
     np.testing.assert_array_equal(same.values, zeros.values)
+
+
+def test_one_baseline_for_two_attributed_sides_says_give_a_tuple(models):
+    model = models["marian"]
+    with pytest.raises(ax.OptionError, match=r"got 1: give a tuple \(encoder source, decoder"):
+        ax.integrated_gradients(
+            model,
+            *PAIRS[0],
+            steps=2,
+            attribute_target=True,
+            baseline=torch.zeros(model.hidden_size),
+        )

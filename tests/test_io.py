@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
@@ -209,6 +210,60 @@ def test_save_errors(tmp_path: Path) -> None:
     with pytest.raises(ax.InputError, match=r"`obj.name`"):
         io.save(da.rename(("a", "b")), tmp_path / "a.nc")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_unwritable_location_is_an_input_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def refused(self, path, *args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied", str(path))
+
+    with monkeypatch.context() as m:
+        m.setattr(xr.Dataset, "to_netcdf", refused)
+        with pytest.raises(ax.InputError, match=r"`path`.*cannot write.*Permission denied"):
+            io.save(single(), tmp_path / "a.nc")
+    assert list(tmp_path.iterdir()) == []
+    if Path("/proc/self").is_dir():  # a real refusal, for root too
+        with pytest.raises(ax.InputError, match=r"`path` '/proc/a.nc'"):
+            io.save(single(), "/proc/a.nc")
+
+
+def test_save_refuses_strings_that_netcdf_would_cut(tmp_path: Path) -> None:
+    da = single()
+    tokens = da.source_token.values.astype(object)
+    tokens[1] = "a\x00b"
+    with pytest.raises(ax.InputError, match=r"coordinate 'source_token' holds 'a\\x00b'"):
+        io.save(da.assign_coords(source_token=("source", tokens)), tmp_path / "a.nc")
+    fixed = tokens.astype(str)  # fixed width: the padding NULs are not the string's own
+    with pytest.raises(ax.InputError, match=r"coordinate 'source_token'"):
+        io.save(da.assign_coords(source_token=("source", fixed)), tmp_path / "a.nc")
+    with pytest.raises(ax.InputError, match=r"`obj` holds"):
+        io.save(xr.DataArray(np.array(["ok", "\x00x"])), tmp_path / "a.nc")
+    with pytest.raises(ax.InputError, match=r"'note'.*NUL"):
+        io.save(da.assign_attrs(note="a\x00b"), tmp_path / "a.nc")
+    assert list(tmp_path.iterdir()) == []
+    short = xr.DataArray(np.array(["a", "bcd"]), dims="source")  # padded to <U3, saved as is
+    assert_same(short, io.load(io.save(short, tmp_path / "s.nc")))
+
+
+@pytest.mark.parametrize(
+    "bad", ["foo", 2.5, True, 0, -2, (2, 3), [2], {1: 2}, {"target": "x"}, {"target": ()}]
+)
+def test_load_bad_chunks_is_an_option_error(tmp_path: Path, bad) -> None:
+    pytest.importorskip("dask")
+    path = io.save(single(), tmp_path / "a.nc")
+    with pytest.raises(ax.OptionError, match=r"`chunks` must be"):
+        io.load(path, chunks=bad)
+
+
+def test_load_chunks_that_do_not_fit_the_file(tmp_path: Path) -> None:
+    pytest.importorskip("dask")
+    path = io.save(single(), tmp_path / "a.nc")
+    with pytest.raises(ax.OptionError, match=r"`chunks` names dims \['nope'\]"):
+        io.load(path, chunks={"nope": 2})
+    with pytest.raises(ax.OptionError, match=r"`chunks` .* does not fit"):
+        io.load(path, chunks={"target": (1,) * 8})
+    assert io.load(path, chunks={"target": -1}).chunks[0] == (5,)
 
 
 def test_staged_copy_to_host_is_exact(monkeypatch):

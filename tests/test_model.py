@@ -152,6 +152,18 @@ def test_a_directory_without_tokenizer_files_is_refused(tmp_path):
     assert ax.load_model(path, tokenizer=tiny_model("gpt2")[1]).model_type == "decoder-only"
 
 
+@pytest.mark.parametrize(
+    ("name", "text"),
+    [("tokenizer.json", '{"broken'), ("tokenizer.json", "{}"), ("tokenizer_config.json", "{[")],
+)
+def test_tokenizer_files_that_do_not_load_are_a_model_error(tmp_path, name, text):
+    """Corrupt tokenizer files were a raw JSONDecodeError or KeyError from transformers."""
+    path = save_tiny_model("gpt2", tmp_path / "gpt2")
+    (path / name).write_text(text)
+    with pytest.raises(ax.ModelError, match="its tokenizer files do not load"):
+        ax.load_model(path)
+
+
 @pytest.mark.parametrize("offline", [False, True])
 def test_a_name_that_is_not_local_fails_at_once(monkeypatch, offline):
     if offline:
@@ -308,3 +320,43 @@ def test_one_backward_activation_is_autograds_own(kind):
     (g,) = torch.autograd.grad(guided, x, grad)
     want = torch.relu(d_ref) if kind in _model.GUIDED_KINDS else d_ref
     assert torch.equal(g, want)
+
+
+def test_a_tokenizer_that_is_not_the_models_is_refused():
+    """Token ids past the embedding table are a ModelError naming the token, before torch's
+    IndexError in the lookup: for a language model's prompt and target, and a classifier's
+    text; a tokenizer that is no tokenizer is refused at load."""
+    small = ax.load_model()  # 14 embedding rows
+    _, big = tiny_model("gpt2")
+    other = ax.load_model(small.hf, tokenizer=big)
+    with pytest.raises(ax.ModelError, match=r"`inputs` has token id \d+ .* 14 rows"):
+        ax.saliency(other, "The capital of France is", " Paris")
+    with pytest.raises(ax.ModelError, match=r"`targets` has token id \d+"):
+        ax.saliency(other, "$%&", " Paris")  # the prompt's ids (4, 5, 6) have rows
+    classifier = ax.load_model("attrax:classifier")
+    rows = classifier.embedding_rows()
+    beyond = max(big.get_vocab().values())
+    assert beyond >= rows
+    mixed = ax.load_model(classifier.hf, tokenizer=big)
+    with pytest.raises(ax.ModelError, match="`inputs` has token id"):
+        ax.saliency(mixed, big.decode([beyond]))
+    with pytest.raises(ax.ModelError, match="`tokenizer` must be a transformers tokenizer"):
+        ax.load_model(tokenizer=3)
+
+
+def test_the_meta_device_is_refused_by_name():
+    """The 'meta' device holds no values: torch's raw errors came from the first probe."""
+    with pytest.raises(ax.OptionError, match="`device` 'meta'"):
+        ax.load_model(device="meta")
+    hf, tok = tiny_model("gpt2")
+    with pytest.raises(ax.ModelError, match="weights on the 'meta' device"):
+        ax.load_model(hf.to("meta"), tokenizer=tok)
+    model = ax.load_model()
+    with pytest.raises(ax.OptionError, match="`baseline` is a tensor on the 'meta' device"):
+        ax.integrated_gradients(
+            model,
+            "1 2 3 =",
+            " 3 2 1",
+            steps=2,
+            baseline=torch.zeros(model.hidden_size, device="meta"),
+        )

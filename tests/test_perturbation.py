@@ -340,3 +340,33 @@ def test_bad_inputs_raise(models):
         occlusion(models["gpt2"], [], [])
     with pytest.raises(ax.InputError, match="`positions`"):
         lime(models["gpt2"], *PAIRS[0], positions=[0])
+
+
+def _log_if_likely(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """log p(target), -inf where p <= 0.5: finite on the clean input, not on every coalition."""
+    p = logits.float().softmax(-1).gather(-1, ids[..., None])[..., 0]
+    return torch.log(torch.where(p > 0.5, p, torch.zeros_like(p)))
+
+
+@pytest.mark.parametrize(
+    ("method", "options"),
+    [
+        ("occlusion", {}),
+        ("feature_ablation", {}),
+        ("lime", {"samples": 8}),
+        ("kernel_shap", {"samples": 8}),
+        ("shapley_sampling", {"permutations": 2}),
+        ("sobol", {"samples": 8}),
+    ],
+)
+def test_non_finite_objective_values_are_an_input_error(method, options):
+    """Every perturbation method refuses objective values that are not finite, whether the
+    method differences them (occlusion), fits them (LIME: LAPACK failed inside torch) or divides
+    their variances (Sobol: a NaN variance read as 0 gave all-zero indices)."""
+    model = ax.load_model()
+    clean = ax.step_scores(model, "3 1 4 0 5 9 =", " 9 5 0 4 1 3", scores="probability")
+    assert float(clean.min()) > 0.5  # the unperturbed objective is finite
+    with pytest.raises(ax.InputError, match=f"{method}: the objective values are not finite"):
+        getattr(ax, method)(
+            model, "3 1 4 0 5 9 =", " 9 5 0 4 1 3", objective=_log_if_likely, **options
+        )

@@ -91,6 +91,8 @@ def test_every_option_is_recorded_with_its_default(models, name):
         ("saliency", {"mode": "sideways"}),
         ("integrated_gradients", {"quadrature": "simpson"}),
         ("integrated_gradients", {"quadrature": "riemann_trapezoid", "steps": 1}),
+        ("integrated_gradients", {"steps": 1001}),  # gausslegendre: O(steps³) nodes
+        ("greedy_pig", {"steps": 10**8}),  # a raw 71 PiB MemoryError from numpy before
         ("smoothgrad", {"noise": float("inf")}),
         ("occlusion", {"baseline": "mean"}),
         ("lime", {"kernel_width": 0}),
@@ -110,6 +112,25 @@ def test_bad_options_are_refused_before_the_model_runs(models, monkeypatch, name
     monkeypatch.setattr(model.hf, "forward", boom)
     with pytest.raises(ax.OptionError, match=f"`{next(iter(options))}`|steps"):
         getattr(ax, name)(model, PAIRS[0][0], **options)  # no target: nothing generated either
+
+
+@pytest.mark.parametrize("value", [2**70, -(2**63) - 1, 1.5, "x", None])
+def test_every_seed_is_one_torch_can_take(models, monkeypatch, value):
+    """Every method with a `seed` refuses one torch's generators cannot take (2**70 was a raw
+    "Overflow when unpacking long long"), before the model runs. PGD's None is its own default."""
+    model = models["gpt2"]
+
+    def boom(*args, **kwargs):
+        raise AssertionError("the model ran")
+
+    monkeypatch.setattr(model.hf, "forward", boom)
+    seeded = [n for n in METHODS if "seed" in inspect.signature(getattr(ax, n)).parameters]
+    assert len(seeded) >= 9, seeded
+    for name in seeded:
+        if value is None and name == "pgd":
+            continue
+        with pytest.raises(ax.OptionError, match="`seed` must be an integer"):
+            getattr(ax, name)(model, PAIRS[0][0], seed=value)
 
 
 def test_a_new_gradient_method_is_one_short_function(models):
@@ -195,3 +216,48 @@ def test_a_copied_model_has_a_lock_of_its_own(models):
     copy = copying.deepcopy(model)
     assert copy.call_lock is not model.call_lock
     xr.testing.assert_allclose(ax.saliency(copy, *PAIRS[0]), ax.saliency(model, *PAIRS[0]))
+
+
+# options small enough for a quick call, per method (the NaN model test)
+_QUICK = {
+    **SMALL,
+    "discretized_integrated_gradients": {"neighbours": 3, "steps": 3},
+    "sequential_integrated_gradients": {"steps": 3},
+    "guided_integrated_gradients": {"steps": 3},
+    "greedy_pig": {"rounds": 2, "steps": 3},
+    "pgd": {"steps": 2},
+    "sobol": {"samples": 4},
+    "shapley_sampling": {"permutations": 2},
+    "squaregrad": {"samples": 2},
+    "vargrad": {"samples": 2},
+    "gradient_shap": {"samples": 2},
+    "head_attribution": {"steps": 2},
+}
+
+
+@pytest.fixture(scope="module")
+def nan_model() -> ax.Model:
+    """A tiny GPT-2 with one NaN weight in its first attention, set after loading (loading
+    refuses it: below): NaN reaches every output."""
+    from attrax.testing import tiny_model
+
+    hf, tok = tiny_model("gpt2")
+    model = ax.load_model(hf, tokenizer=tok)
+    with torch.no_grad():
+        hf.transformer.h[0].attn.c_attn.weight[0, 0] = float("nan")
+    return model
+
+
+def test_loading_a_model_that_outputs_nan_says_so(nan_model):
+    # it said "a forward from `inputs_embeds` does not reproduce the forward from `input_ids`"
+    with pytest.raises(ax.ModelError, match="outputs on a probe input are not finite"):
+        ax.load_model(nan_model.hf, tokenizer=nan_model.tokenizer)
+
+
+@pytest.mark.parametrize("name", (*METHODS, "step_scores"))
+def test_a_model_that_outputs_nan_is_an_input_error_for_every_method(nan_model, name):
+    """NaN marks the future and padding in results, so a NaN the model made must not pass as
+    one: attention, mixing, component and head methods returned all-NaN arrays, guided IG's
+    path never ended, and step scores were NaN."""
+    with pytest.raises(ax.InputError, match="not finite"):
+        getattr(ax, name)(nan_model, *PAIRS[0], **_QUICK.get(name, {}))

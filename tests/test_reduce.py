@@ -234,3 +234,22 @@ def test_reductions_do_not_modify_input(da):
     before = da.copy(deep=True)
     ax.normalize(ax.l2_norm(da))
     xr.testing.assert_identical(da, before)
+
+
+def test_a_dataset_without_the_dim_is_an_error(da):
+    with pytest.raises(ax.OptionError, match=r"sum: `dim` 'nope' is not a dim of any variable"):
+        ax.sum(xr.Dataset({"a": da}), "nope")
+    with pytest.raises(ax.OptionError, match=r"`dim` 'hidden'"):
+        ax.l2_norm(xr.Dataset({"a": da.isel(hidden=0, drop=True)}))
+
+
+@pytest.mark.parametrize(
+    "name", ["l2_norm", "sum", "mean", "max", "absmax", "normalize", "rescale"]
+)
+def test_empty_dims_and_strings_are_input_errors(name):
+    empty = xr.DataArray(np.zeros((2, 0)), dims=("source", "hidden"))
+    with pytest.raises(ax.InputError, match=rf"{name}: `dim` 'hidden' has length 0"):
+        getattr(ax, name)(empty, "hidden")
+    words = xr.DataArray(np.array([["a", "bb"]]), dims=("source", "hidden"))
+    with pytest.raises(ax.InputError, match=rf"{name}: `da` must hold numbers.*<U2"):
+        getattr(ax, name)(words, "hidden")

@@ -135,6 +135,11 @@ def test_bad_arguments_raise(models):
         step_scores(model, SOURCE, TARGET, scores="contrast_prob_diff")
     with pytest.raises(ax.OptionError, match="twice"):
         step_scores(model, SOURCE, TARGET, scores=["entropy", "entropy"])
+    # a contrast no requested score reads changed nothing, silently
+    with pytest.raises(ax.OptionError, match="`contrast_inputs` is read only by"):
+        step_scores(model, SOURCE, TARGET, contrast_inputs=CONTRAST_SOURCE)
+    with pytest.raises(ax.OptionError, match="`contrast` is read only by"):
+        step_scores(model, SOURCE, TARGET, scores="entropy", contrast=TARGET)
     with pytest.raises(ax.InputError, match="contrast_inputs"):
         step_scores(model, SOURCE, TARGET, scores="pcxmi", contrast_inputs=["a", "b"])
     assert set(SCORES) >= set(BASIC)
@@ -153,3 +158,18 @@ def test_with_scores_joins_into_dataset(models):
     other = step_scores(model, SOURCE, TARGET + " x", scores="probability")
     with pytest.raises(ax.InputError, match="same inputs"):
         with_scores(da, other)
+
+
+def test_with_scores_refuses_other_targets_at_the_same_positions(models):
+    """Scores of other texts (or of the same examples in another order) whose targets sit at the
+    same positions are refused: the target ids and the examples are compared, not only where."""
+    model = models["gpt2"]
+    texts = [("1 2 3 =", " 3 2 1"), ("4 5 6 =", " 6 5 4")]
+    da = ax.l2_norm(ax.saliency(model, *texts[0]))
+    with pytest.raises(ax.InputError, match="target_id"):
+        with_scores(da, step_scores(model, *texts[1]))
+    both = ax.l2_norm(ax.saliency(model, *zip(*texts, strict=True)))
+    swapped = step_scores(model, *zip(*texts[::-1], strict=True))
+    with pytest.raises(ax.InputError, match="target_id"):
+        with_scores(both, swapped)
+    assert with_scores(both, step_scores(model, *zip(*texts, strict=True))).sizes["example"] == 2

@@ -83,6 +83,17 @@ def test_what_a_stack_refuses(checkpoints):
         ax.saliency(stack, X)
     with pytest.raises(ax.OptionError, match="baseline='pad'"):
         ax.integrated_gradients(stack, X, Y, baseline="pad")
+    with pytest.raises(ax.OptionError, match="`mode='forward'` is not supported on stacked"):
+        ax.input_x_gradient(stack, X, Y, mode="forward", reduce_hidden="sum")
+
+
+def test_a_stack_names_the_config_keys_that_differ():
+    models = []
+    for epsilon in (1e-5, 1e-3):
+        hf, tok = tiny_model("gpt2", layer_norm_epsilon=epsilon)
+        models.append(ax.load_model(hf, tokenizer=tok))
+    with pytest.raises(ax.ModelError, match=r"layer_norm_epsilon=0\.001 \(models\[0\]: 1e-05\)"):
+        ax.stack_models(models)
 
 
 def test_a_stack_refuses_another_tokenizer():

@@ -328,6 +328,23 @@ def test_classifier_rows_errors() -> None:
         viz.show(two)
 
 
+def test_labels_are_checked_against_the_classes() -> None:
+    every = classifier(attributed="all")  # all three classes: the labels must be among them
+    with pytest.raises(ax.OptionError, match=r"`labels\[0\]` 'happy' is not a class.*'neutral'"):
+        viz.show(every, labels=["happy", 0, 2])
+    with pytest.raises(ax.OptionError, match=r"`labels\[1\]` 7 is not a class"):
+        viz.plot(every, labels=["positive", 7, 2])
+    with pytest.raises(ax.OptionError, match=r"`labels\[0\]` must be a class name"):
+        viz.show(every, labels=[True, 0, 2])
+    with pytest.raises(ax.OptionError, match=r"`labels\[2\]` must be a class name"):
+        viz.show(classifier(), labels=["positive", 0, 2.0])
+    parsed = parse_rows(viz.show(every, labels=["neutral", np.int64(0), "positive"]))
+    assert [r["cells"][1]["text"] for r in parsed.rows] == ["neutral", "negative", "positive"]
+    # each example's predicted class only: a true class the array never saw is still allowed
+    parsed = parse_rows(viz.show(classifier(), labels=["neutral", 1, "positive"]))
+    assert [r["cells"][1]["text"] for r in parsed.rows] == ["neutral", "1", "positive"]
+
+
 def test_plot_classifier_rows(tmp_path: Path) -> None:
     da = classifier()
     fig = viz.plot(da, labels=["positive", "negative", "neutral"], path=tmp_path / "rows.png")
@@ -357,6 +374,66 @@ def test_html_object_and_saving(tmp_path: Path) -> None:
     assert "attrax.viz.HTML" in repr(page)
     with pytest.raises(ax.InputError, match=r"`path`.*directory"):
         page.save(tmp_path)
+
+
+def test_output_paths_and_titles_are_checked_before_drawing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_drawing(*args, **kwargs):
+        raise AssertionError("drew before checking the options")
+
+    monkeypatch.setattr(viz, "_prepare", no_drawing)
+    monkeypatch.setattr(viz, "_check_dims", no_drawing)
+    missing = tmp_path / "nodir"
+    with pytest.raises(ax.InputError, match=r"`path`.*nodir' does not exist"):
+        viz.plot(single(), path=missing / "x.png")
+    with pytest.raises(ax.InputError, match=r"`path`.*cannot write 'xyz' files.*\.png"):
+        viz.plot(single(), path=tmp_path / "x.xyz")
+    with pytest.raises(ax.InputError, match=r"`path`.*nodir' does not exist"):
+        viz.show(single(), path=missing / "x.html")
+    with pytest.raises(ax.InputError, match=r"`path`.*nodir' does not exist"):
+        viz.HTML("<p>hi</p>").save(missing / "x.html")
+    with pytest.raises(ax.InputError, match=r"`path`.*is a directory"):
+        viz.plot(single(), path=tmp_path)
+    with pytest.raises(ax.InputError, match=r"`path` must be"):
+        viz.show(single(), path=3)  # type: ignore[arg-type]
+    with pytest.raises(ax.OptionError, match=r"`title` must be a string or None, got 3"):
+        viz.show(single(), title=3)  # type: ignore[arg-type]
+    with pytest.raises(ax.OptionError, match=r"`title`"):
+        viz.plot(single(), title=["a"])  # type: ignore[arg-type]
+    if Path("/proc/self").is_dir():  # a directory nobody may write in, root included
+        with pytest.raises(ax.InputError, match=r"`path` '/proc/x.html'"):
+            viz.HTML("<p>hi</p>").save("/proc/x.html")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_plot_and_show_write_whole_files_or_none(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from matplotlib.figure import Figure
+
+    png, html = tmp_path / "a.png", tmp_path / "a.html"
+    viz.plot(single(), path=png, dpi=20)
+    page = viz.show(single(), path=html)
+    before = png.read_bytes()
+
+    def failing(self, fname, *args, **kwargs):
+        Path(fname).write_bytes(b"partial")
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(Figure, "savefig", failing)
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        viz.plot(batch(), path=png)
+    assert png.read_bytes() == before
+    assert sorted(tmp_path.iterdir()) == [html, png]  # no temp file left behind
+    monkeypatch.undo()
+    # no suffix: matplotlib's default format, although the file is written under a temp name
+    bare = tmp_path / "figure"
+    viz.plot(single(), path=bare, dpi=20)
+    assert bare.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    viz.plot(single(), path=tmp_path / "a.svg")
+    assert (tmp_path / "a.svg").read_text().lstrip().startswith("<?xml")
+    assert html.read_text(encoding="utf-8") == str(page)
 
 
 def test_input_errors() -> None:

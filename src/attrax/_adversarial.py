@@ -51,7 +51,7 @@ def _step_size(value: object, name: str) -> None:
 
 def _seed(value: object, name: str) -> None:
     if value is not None:
-        check.integer(value, name)
+        check.seed(value, name)
 
 
 def _finite_epsilon(value: object, name: str) -> None:

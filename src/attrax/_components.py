@@ -135,8 +135,9 @@ def _parts(model: Model, method: str) -> _Parts:
         )
     if kind not in ("gpt2", "llama"):
         raise ModelError(
-            f"{method} has no rule for {name}: it knows GPT-2 (Conv1D, LayerNorm) and Llama "
-            "(o_proj, RMSNorm) causal LMs and sequence classifiers"
+            f"{method} has no rule for {name}: it knows the GPT-2 (Conv1D, LayerNorm) and "
+            "Llama (o_proj, RMSNorm) architectures only, as causal LMs or sequence classifiers "
+            "(GPT2ForSequenceClassification, LlamaForSequenceClassification)"
         )
     if model.task == "token-classification" and method == "direct_logit_attribution":
         raise ModelError(
@@ -707,7 +708,7 @@ def _corrupted_ids(
             f"{'string' if batch.single else 'texts'}, got {corrupted!r}"
         )
     if model.task == "generation":
-        other = contrast_batch(model, batch, corrupted)
+        other = contrast_batch(model, batch, corrupted, "corrupted")
     else:
         other = prepare(model, corrupted)
     if not same_length:

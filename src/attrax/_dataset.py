@@ -33,9 +33,10 @@ import numpy as np
 import pandas as pd
 import torch
 import xarray as xr
+from transformers import PreTrainedModel
 
 from . import _reduce
-from ._errors import InputError, OptionError
+from ._errors import InputError, ModelError, OptionError
 from ._inputs import check_example
 from ._model import Model, load_model
 from ._names import METHODS, PUBLIC, REDUCTIONS
@@ -48,6 +49,7 @@ __all__ = [
     "DatasetRun",
     "attribute_dataset",
     "call_method",
+    "check_model_options",
     "load_dataset_results",
     "parse_reduce",
     "reduce",
@@ -124,6 +126,10 @@ def parse_reduce(spec: str | None) -> list[tuple[str, str | None]] | None:
     >>> parse_reduce("l2_norm, normalize:source")
     [('l2_norm', None), ('normalize', 'source')]
     """
+    if spec is not None and not isinstance(spec, str):
+        raise OptionError(
+            f"`reduce` must be a reduce spec such as 'l2_norm,normalize', got {spec!r}"
+        )
     if spec is None or spec.strip() == "auto":
         return None
     if spec.strip() in ("none", ""):
@@ -166,6 +172,34 @@ def reduce(da: xr.DataArray, steps: list[tuple[str, str | None]] | None) -> xr.D
 # --- the run ----------------------------------------------------------------------------------
 
 
+def check_model_options(model: Model, device: Any, dtype: Any) -> None:
+    """Refuse a ``device``/``dtype`` that an in-memory Model is not on (it is not moved).
+
+    >>> check_model_options(load_model(), "cpu", None)
+    """
+    if device is not None:
+        try:
+            want = torch.device(device)
+        except (RuntimeError, TypeError):
+            raise OptionError(
+                f"`device` {device!r} is not a device: expected 'cpu', 'cuda', 'cuda:N' or 'mps'"
+            ) from None
+        have = model.device
+        if want.type != have.type or want.index not in (None, have.index):
+            raise OptionError(
+                f"`device` {device!r} applies to a model given by path; this Model is on "
+                f"{str(have)!r}: load it with ax.load_model(..., device=...) or leave `device` "
+                "unset"
+            )
+    if isinstance(dtype, str):  # a name, as the CLI's --dtype and load_model take it
+        dtype = getattr(torch, dtype, dtype)
+    if dtype is not None and dtype != model.dtype:
+        raise OptionError(
+            f"`dtype` {dtype!r} applies to a model given by path; this Model is {model.dtype}: "
+            "load it with ax.load_model(..., dtype=...) or leave `dtype` unset"
+        )
+
+
 def attribute_dataset(
     model: Model | PathLike | None,
     data: PathLike,
@@ -197,14 +231,17 @@ def attribute_dataset(
     Arguments:
         model: a :class:`Model`, a path, or None for the built-in model.
         data: the JSONL file. out: the output directory (created if needed).
-        method: an attribution function name (``saliency``, ``integrated_gradients``...).
+        method: an attribution function name (``saliency``, ``integrated_gradients``...), not
+            the function: the manifest records the run's method by name.
         reduce: a reduce spec (see :func:`parse_reduce`); ``"auto"`` gives ``(target, source)``.
         shard_size: records per shard, given to the method in one call.
-        progress: show a progress bar (on stderr).
+        progress: show a progress bar (on stderr): True or False.
         device: where to load a model given by path (``"cuda"``...); not part of the run's
-            identity, so a run may resume on another device.
+            identity, so a run may resume on another device. With a :class:`Model`, a device it
+            is not on is an :class:`OptionError` (it is not moved).
         dtype: the precision to load a model given by path in (``torch.bfloat16``...). It changes
-            the results, so a run resumes only with the same ``dtype``.
+            the results, so a run resumes only with the same ``dtype``. With a :class:`Model`,
+            a dtype it is not in is an :class:`OptionError`.
         workers: run the shards on a Dask ``LocalCluster`` of this many worker processes (one
             torch thread each; ``"auto"``: one per GPU with ``device="cuda"``, else one per core).
             None (default): in this process. Needs ``pip install 'attrax[distributed]'`` and a
@@ -225,8 +262,27 @@ def attribute_dataset(
     >>> attribute_dataset(None, d / "x.jsonl", d / "out", progress=False).shards
     1
     """
+    if model is not None and not isinstance(model, (Model, str, os.PathLike)):
+        wrap = ": wrap it with ax.load_model first" if isinstance(model, PreTrainedModel) else ""
+        raise ModelError(
+            "`model` must be an attrax Model, a path, a hub name or None (the built-in model), "
+            f"got {type(model).__name__}{wrap}"
+        )
+    for name, path in (("data", data), ("out", out)):
+        if not isinstance(path, (str, os.PathLike)):
+            raise InputError(f"`{name}` must be a path, got {type(path).__name__}")
+    if not isinstance(method, str):
+        raise OptionError(
+            f"`method` must be a method name such as 'saliency', got {_described(method)}: a run "
+            "records its method by name in its manifest, to check a resumed run against it (and "
+            "Dask workers look it up by name)"
+        )
     if not isinstance(shard_size, int) or isinstance(shard_size, bool) or shard_size < 1:
         raise OptionError(f"`shard_size` must be a positive integer, got {shard_size!r}")
+    if not isinstance(progress, bool):
+        raise OptionError(f"`progress` must be True or False, got {progress!r}")
+    if isinstance(model, Model):
+        check_model_options(model, device, dtype)
     fn = resolve_method(method)
     steps = parse_reduce(reduce)
     data, out = Path(data).expanduser(), Path(out).expanduser()
@@ -251,10 +307,6 @@ def attribute_dataset(
         "shard_size": shard_size,
         "options": _as_json(resolved),
     }
-    if isinstance(model, Model) and dtype is not None and dtype != model.dtype:
-        raise OptionError(
-            f"`dtype` {dtype} applies to a model loaded by path; this Model runs in {model.dtype}"
-        )
     if dtype is not None:  # only when given: runs from before this option still resume
         run["dtype"] = str(dtype).removeprefix("torch.")
     if out.exists() and not out.is_dir():
@@ -307,15 +359,20 @@ def _attribute_dataset(
         return loaded[0]
 
     previous = _read_manifest(out) if out.is_dir() else None
-    if previous is None or len(previous["done"]) < shards:
-        if previous is not None:
-            _compare(out, previous["run"], run, fn)  # another run: say so before loading
-        # a record that does not tokenize fails before the directory is touched
-        if pool is None:
-            ready()
-        else:
-            pool.check(data, shard_size, resolved.get("max_new_tokens"))
-    out.mkdir(parents=True, exist_ok=True)
+    # an `out` that cannot be made fails before the model loads; made here, it is removed again
+    # if the run fails before its manifest is written
+    created = _make_out(out)
+    try:
+        if previous is None or len(previous["done"]) < shards:
+            if previous is not None:
+                _compare(out, previous["run"], run, fn)  # another run: say so before loading
+            if pool is None:
+                ready()
+            else:
+                pool.check(data, shard_size, resolved.get("max_new_tokens"))
+    except BaseException:
+        _remove(created)
+        raise
     with _lock(out):
         manifest = _start(out, run, data, shards, fn)
         # a listed shard that was deleted or no longer reads back is recomputed, not trusted
@@ -330,6 +387,40 @@ def _attribute_dataset(
             _run(fn, results, scan, shard_size, out, manifest, todo, progress)
             _clean(out)  # a worker killed mid-write left its temp file here
     return DatasetRun(out, scan.records, shards, shards - len(todo))
+
+
+def _make_out(out: Path) -> list[Path]:
+    """Create the directory ``out`` and its missing parents; returns those created, innermost
+    first. One that cannot be created or written in is an error naming ``out``."""
+    missing = []
+    for path in (out, *out.parents):
+        if path.is_dir():
+            break
+        if path.exists():
+            where = "" if path == out else f": {str(path)!r} is a file"
+            raise InputError(f"`out` {str(out)!r} is not a directory{where}")
+        missing.append(path)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        _remove(missing)
+        raise InputError(
+            f"`out` {str(out)!r}: cannot create the directory ({err.strerror or err})"
+        ) from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise InputError(f"`out` {str(out)!r}: cannot write in the directory (permission denied)")
+    return missing
+
+
+def _remove(created: list[Path]) -> None:
+    """Remove the directories :func:`_make_out` created, innermost first, while empty."""
+    for path in created:
+        try:
+            path.rmdir()
+        except FileNotFoundError:  # a parent whose own mkdir failed
+            continue
+        except OSError:  # not empty: something else wrote there meanwhile
+            return
 
 
 def _check_layers(model: Model | PathLike | None, layers: Any) -> None:
@@ -497,6 +588,11 @@ def _records(data: Path, digest: Any = None) -> Iterator[dict[str, Any]]:
                 raise InputError(f"{where}: not valid JSON ({err})") from None
             if not isinstance(record, dict):
                 raise InputError(f"{where}: expected a JSON object, got {type(record).__name__}")
+            if "input" not in record:
+                raise InputError(
+                    f"{where} has no field 'input': its fields are {sorted(record)}; every line "
+                    "needs the text to attribute as 'input'"
+                )
             for key in ("input", "target", "input_pair", "corrupted"):
                 value = record.get(key, "")
                 if (key in record or key == "input") and (
@@ -732,6 +828,12 @@ def _attribute(
     return da
 
 
+def _described(value: Any) -> str:
+    """A value for an error message: a function by its name, anything else by its repr."""
+    name = getattr(value, "__name__", None)
+    return f"the function {name}" if callable(value) and isinstance(name, str) else repr(value)
+
+
 def _takes(fn: Callable[..., xr.DataArray], name: str) -> bool:
     return name in inspect.signature(fn).parameters
 
@@ -770,19 +872,64 @@ def _label(model: Model, value: str | int) -> str:
 
 
 def _read_manifest(out: Path) -> dict[str, Any] | None:
+    """The manifest in ``out`` (None if there is none), its structure checked: a hand-edited one
+    is an error that says what is wrong, never a crash or a shard read twice."""
     path = out / MANIFEST
     if not path.exists():
         return None
     try:
         manifest = json.loads(path.read_text())
-        ok = manifest.get("format") == _FORMAT and isinstance(manifest.get("done"), list)
-    except (ValueError, AttributeError):
-        ok = False
-    if not ok:
+    except (ValueError, OSError) as err:
+        raise InputError(f"{str(path)!r} is not an attrax dataset manifest ({err})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != _FORMAT:
         raise InputError(f"{str(path)!r} is not an attrax dataset manifest")
-    if manifest["version"] != _VERSION:
-        raise InputError(f"{str(path)!r} has manifest version {manifest['version']}")
+    version = manifest.get("version")
+    if isinstance(version, int) and not isinstance(version, bool) and version != _VERSION:
+        raise InputError(
+            f"{str(path)!r} has manifest version {version}: this attrax reads version {_VERSION}"
+        )
+    problem = _manifest_problem(manifest)
+    if problem:
+        raise InputError(f"{str(path)!r} is a damaged attrax dataset manifest: {problem}")
     return manifest
+
+
+def _manifest_problem(manifest: Mapping[str, Any]) -> str | None:
+    """What is wrong with a manifest's ``version``, ``run``, ``shards`` and ``done``, or None."""
+    version, run = manifest.get("version"), manifest.get("run")
+    shards, done = manifest.get("shards"), manifest.get("done")
+    if _count(version) != _VERSION:
+        return f"'version' must be {_VERSION}, got {version!r}"
+    if not isinstance(run, dict):
+        return f"'run' must be an object, got {run!r}"
+    if _count(shards) is None:
+        return f"'shards' must be a positive integer, got {shards!r}"
+    records = _count(run["data"].get("records")) if isinstance(run.get("data"), dict) else None
+    size = _count(run.get("shard_size", run.get("batch_size")))  # older manifests: `batch_size`
+    if records is not None and size is not None and shards != -(-records // size):
+        return (
+            f"'shards' is {shards}, but its run's {records} records in shards of {size} make "
+            f"{-(-records // size)}"
+        )
+    if not isinstance(done, list):
+        return f"'done' must be a list of shard file names, got {done!r}"
+    seen: set[str] = set()
+    for name in done:
+        index = re.fullmatch(r"shard-(\d+)\.nc", name) if isinstance(name, str) else None
+        if index is None or name != _SHARD.format(int(index[1])) or int(index[1]) >= shards:
+            return (
+                f"'done' lists {name!r}: expected names of its {shards} shard files, "
+                f"{_SHARD.format(0)!r} .. {_SHARD.format(shards - 1)!r}"
+            )
+        if name in seen:
+            return f"'done' lists {name!r} twice"
+        seen.add(name)
+    return None
+
+
+def _count(value: Any) -> int | None:
+    """``value`` if it is a positive integer (not a bool), else None."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
 
 
 def _write_manifest(out: Path, manifest: Mapping[str, Any]) -> None:

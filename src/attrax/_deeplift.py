@@ -357,7 +357,7 @@ def _check_samples(value: object, name: str) -> None:
         check.positive_int(value, name)
 
 
-@DEEPLIFT.method(baselines=check.baselines, samples=_check_samples, seed=check.integer)
+@DEEPLIFT.method(baselines=check.baselines, samples=_check_samples, seed=check.seed)
 def deeplift_shap(
     problem: Problem,
     *,

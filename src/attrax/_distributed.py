@@ -19,6 +19,7 @@ Dask is an optional extra (``pip install 'attrax[distributed]'``), imported only
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import uuid
@@ -85,6 +86,25 @@ def check(model: Any, workers: Any, scheduler: Any) -> None:
             f"got {type(model).__name__}"
         )
     require()
+    if scheduler is not None:
+        _check_address(scheduler)
+
+
+def _check_address(scheduler: str) -> None:
+    """A scheduler address that Dask cannot parse refused as an option, before any connection."""
+    from distributed.comm import registry
+    from distributed.comm.addressing import parse_address
+
+    try:
+        scheme, location = parse_address(scheduler)
+        backend = registry.get_backend(scheme)
+        with contextlib.suppress(NotImplementedError):  # inproc:// has no host and port to check
+            backend.get_address_host_port(location)
+    except ValueError as err:
+        raise OptionError(
+            f"`scheduler` {scheduler!r} is not a Dask scheduler address ({err}): expected "
+            "'tcp://host:port'"
+        ) from None
 
 
 def picklable(methods: Mapping[str, Any]) -> None:

@@ -466,7 +466,8 @@ class Problem:
             chunk = torch.arange(start, min(start + step, total))
             stacked = points(chunk)
             n = stacked[0].shape[0]
-            flat = tuple(p.flatten(0, 1) for p in stacked)
+            # jvp's duals cannot alias memory: points may be expanded views (DeepLIFT's inputs)
+            flat = tuple(p.flatten(0, 1).contiguous() for p in stacked)
             body = self.hidden_fn(n, forward_mode=True)
             with torch.no_grad():
                 hidden = body(*flat)
@@ -565,11 +566,19 @@ def baseline_embeddings(problem: Problem, baseline: Baseline) -> tuple[torch.Ten
         return out
     given = baseline if isinstance(baseline, tuple) else (baseline,)
     if len(given) != len(x):
+        sides = (
+            "a tuple (encoder source, decoder prefix): attribute_target=True attributes both"
+            if len(x) == 2
+            else "one tensor for the source side"
+        )
         raise OptionError(
-            f"`baseline` must be {len(x)} tensor(s), one per attributed side, got {len(given)}"
+            f"`baseline` must be {len(x)} tensor(s), one per attributed side, got {len(given)}: "
+            f"give {sides}"
         )
     out = []
     for tensor, xi in zip(given, x, strict=True):
+        if isinstance(tensor, torch.Tensor) and tensor.is_meta:
+            raise OptionError("`baseline` is a tensor on the 'meta' device, which holds no values")
         tensor = torch.as_tensor(tensor, dtype=xi.dtype, device=xi.device)
         try:
             out.append(torch.broadcast_to(tensor, xi.shape))

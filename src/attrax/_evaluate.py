@@ -15,7 +15,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import numbers
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -27,9 +29,11 @@ import pandas as pd
 import xarray as xr
 
 from . import _faithfulness
-from ._dataset import concat_examples, parse_reduce, resolve_method
+from . import _validate as check
+from ._dataset import check_model_options, concat_examples, parse_reduce, resolve_method
 from ._dataset import reduce as apply_reductions
 from ._errors import InputError, OptionError
+from ._inputs import check_example
 from ._model import Model, ModelLike, load_model
 from ._schema import fill_value, label_evaluation, label_sanity
 
@@ -55,12 +59,18 @@ HIGHER_IS_BETTER = {
 
 @dataclass(frozen=True)
 class Record:
-    """One example: its input, target (None: generated), true label and word rationale."""
+    """One example: its input, target (None: generated), true label and word rationale, and where
+    it came from (``where``, for errors: a file's line or row, or the record's index)."""
 
     input: str
     target: str | None
     label: Any = None
     rationale: tuple[int, ...] | None = None
+    where: str = "`data`"
+
+
+#: the record fields ``fields=`` may rename (the keyword arguments of :func:`read_records`)
+FIELDS = tuple(f.name for f in dataclasses.fields(Record) if f.name != "where")
 
 
 def read_records(
@@ -74,83 +84,211 @@ def read_records(
     """Records from a list of dicts or texts, a pandas DataFrame, a Hugging Face ``datasets``
     Dataset (or a ``save_to_disk`` folder), or a JSONL, CSV or Parquet file; field names given.
 
+    A record's errors name its file and line (JSONL) or row (CSV, Parquet, from 1 after the
+    header), or its index in ``data``. A CSV is read as text: a target ``9`` stays ``'9'``.
+
     >>> [r.input for r in read_records([{"text": "1 2 ="}], input="text")]
     ['1 2 =']
     """
-    rows = _rows(data)
+    source, rows = _rows(data)
     records = []
-    for i, row in enumerate(rows):
+    for where, row in rows:
         if isinstance(row, str):
             row = {input: row}
         if not isinstance(row, Mapping):
+            raise InputError(f"{where} must be a mapping or a text, got {type(row).__name__}")
+        if input not in row:
             raise InputError(
-                f"`data` record {i} must be a mapping or a text, got {type(row).__name__}"
+                f"{where} has no field {input!r}: its fields are {list(row)}; name the one to "
+                "use with `fields` (the CLI's --field input=NAME)"
             )
-        text = row.get(input)
+        text = row[input]
         if not isinstance(text, str) or not text.strip():
+            raise InputError(f"{where}: field {input!r} must be a non-empty text, got {text!r}")
+        goal = None if _missing(row.get(target)) else row[target]
+        # a number is a mistyped target, not "generate one": refuse rather than drop it
+        if goal is not None and (not isinstance(goal, str) or not goal.strip()):
             raise InputError(
-                f"`data` record {i}: field {input!r} must be a non-empty text, got {text!r}"
+                f"{where}: field {target!r} must be a non-empty text, got {goal!r} (leave the "
+                "field out of every record to generate targets)"
             )
-        goal = row.get(target)
-        marks = row.get(rationale)
+        tag = None if _missing(row.get(label)) else row[label]
+        if tag is not None and (
+            isinstance(tag, (bool, np.bool_)) or not isinstance(tag, (str, numbers.Integral))
+        ):
+            raise InputError(
+                f"{where}: field {label!r} must be a label name or a class id, got {tag!r}"
+            )
+        marks = None if _missing(row.get(rationale)) else row[rationale]
         if marks is not None:
-            marks = _rationale(marks, text, f"`data` record {i}: field {rationale!r}")
-        records.append(Record(text, goal if isinstance(goal, str) else None, row.get(label), marks))
+            marks = _rationale(marks, text, f"{where}: field {rationale!r}")
+        tag = tag if tag is None or isinstance(tag, str) else int(tag)
+        records.append(Record(text, goal, tag, marks, where))
     if not records:
-        raise InputError("`data` has no records")
-    if len({r.target is None for r in records}) > 1:
-        raise InputError(f"`data`: give field {target!r} on every record or on none")
+        raise InputError(f"{source} has no records")
+    given = sum(r.target is not None for r in records)
+    if 0 < given < len(records):
+        raise InputError(
+            f"{source}: {given} of {len(records)} records have a field {target!r}; give one on "
+            "every record, or on none (then targets are generated)"
+        )
     return records
 
 
-def _rows(data: Any) -> Iterable[Any]:
+def _missing(value: Any) -> bool:
+    """Whether a field's value means "not given": None, or NaN/NA (a DataFrame's empty cell)."""
+    return value is None or value is pd.NA or (isinstance(value, float) and value != value)
+
+
+def _rows(data: Any) -> tuple[str, Iterable[tuple[str, Any]]]:
+    """``data`` as it is named in errors, and its rows, each with where it is (file line or row)."""
     if isinstance(data, (str, os.PathLike)):
         path = Path(data).expanduser()
+        name = f"`data` {str(path)!r}"
         if path.is_dir():
-            try:
-                import datasets
-            except ImportError:
-                raise InputError(
-                    f"`data` {str(path)!r} is a folder: reading a datasets `save_to_disk` folder "
-                    "needs the `datasets` package (pip install 'attrax[data]')"
-                ) from None
-            return datasets.load_from_disk(str(path))
+            return name, _numbered(_folder(path), f"{path.name} record {{}}", start=0)
         if not path.is_file():
-            raise InputError(f"`data` {str(path)!r} is not a file or folder")
+            raise InputError(f"{name} is not a file or folder")
         suffix = path.suffix.lower()
         if suffix in (".jsonl", ".json"):
-            lines = path.read_text().splitlines()
-            return [json.loads(line) for line in lines if line.strip()]
+            return name, _jsonl(path)
         if suffix == ".csv":
-            return pd.read_csv(path).to_dict("records")
+            try:
+                # as text: a target "9" stays "9" (and " 9" keeps its space), an empty cell ""
+                frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+            except pd.errors.EmptyDataError:
+                raise InputError(
+                    f"{name} is empty: expected a header line, then one row per record"
+                ) from None
+            except (ValueError, OSError) as err:  # pandas' ParserError, bad UTF-8, unreadable
+                raise InputError(f"{name} is not a readable CSV file ({err})") from None
+            return name, _numbered(frame.to_dict("records"), f"{path.name} row {{}}")
         if suffix == ".parquet":
             try:
-                return pd.read_parquet(path).to_dict("records")
+                frame = pd.read_parquet(path)
             except ImportError:
                 raise InputError(
-                    f"`data` {str(path)!r}: reading Parquet needs pyarrow (pip install "
-                    "'attrax[data]')"
+                    f"{name}: reading Parquet needs pyarrow (pip install 'attrax[data]')"
                 ) from None
-        raise InputError(f"`data` {str(path)!r}: expected a .jsonl, .csv or .parquet file")
+            except (ValueError, OSError) as err:  # pyarrow's ArrowInvalid is a ValueError
+                raise InputError(f"{name} is not a readable Parquet file ({err})") from None
+            return name, _numbered(frame.to_dict("records"), f"{path.name} row {{}}")
+        raise InputError(f"{name}: expected a .jsonl, .csv or .parquet file")
     if isinstance(data, pd.DataFrame):
-        return data.to_dict("records")
+        return "`data`", _numbered(data.to_dict("records"), "`data` record {}", start=0)
     if isinstance(data, Iterable) and not isinstance(data, (bytes, Mapping)):
-        return data
+        return "`data`", _numbered(data, "`data` record {}", start=0)
     raise InputError(
         "`data` must be records (dicts or texts), a DataFrame, a datasets Dataset or a file path, "
         f"got {type(data).__name__}"
     )
 
 
+def _numbered(rows: Iterable[Any], where: str, start: int = 1) -> Iterable[tuple[str, Any]]:
+    return ((where.format(i), row) for i, row in enumerate(rows, start))
+
+
+def _folder(path: Path) -> Any:
+    """A ``datasets`` ``save_to_disk`` folder's rows."""
+    try:
+        import datasets
+    except ImportError:
+        raise InputError(
+            f"`data` {str(path)!r} is a folder: reading a datasets `save_to_disk` folder "
+            "needs the `datasets` package (pip install 'attrax[data]')"
+        ) from None
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except (ValueError, OSError) as err:
+        raise InputError(f"`data` {str(path)!r} is not a datasets folder ({err})") from None
+    if isinstance(ds, datasets.DatasetDict):  # iterating it would give the split names
+        raise InputError(
+            f"`data` {str(path)!r} holds the splits {list(ds)}: give one split's folder"
+        )
+    return ds
+
+
+def _jsonl(path: Path) -> list[tuple[str, Any]]:
+    """A JSONL file's records, each named by its line (from 1); blank lines skipped."""
+    try:
+        lines = path.read_bytes().split(b"\n")
+    except OSError as err:
+        raise InputError(f"`data` {str(path)!r} cannot be read ({err.strerror})") from None
+    rows = []
+    for n, raw in enumerate(lines, 1):
+        if not raw.strip():
+            continue
+        where = f"{path.name} line {n}"
+        try:
+            rows.append((where, json.loads(raw)))
+        except ValueError as err:  # JSONDecodeError and bad UTF-8 alike
+            # a pretty-printed .json array fails on its first line: say how the file is read
+            json_ = path.suffix.lower() == ".json"
+            hint = "; a .json file is read as JSON Lines, one record per line" if json_ else ""
+            raise InputError(f"{where}: not valid JSON ({err}){hint}") from None
+    return rows
+
+
 def _rationale(marks: Any, text: str, where: str) -> tuple[int, ...]:
     words = text.split()
+    if isinstance(marks, str):  # a CSV cell: its characters are not marks
+        raise InputError(f"{where} must be a list of 0/1 per word, got {marks!r}")
     try:
-        values = tuple(int(bool(m)) for m in marks)
+        values = tuple(marks)
     except TypeError:
         raise InputError(f"{where} must be a list of 0/1 per word, got {marks!r}") from None
     if len(values) != len(words):
         raise InputError(f"{where} has {len(values)} marks for the input's {len(words)} words")
-    return values
+    # a 2 or a -1 is a labelling mistake, not a strong or negative mark: refuse, don't binarize
+    bad = [
+        f"word {w} ({words[w]!r}): {m!r}"
+        for w, m in enumerate(values)
+        if not isinstance(m, (numbers.Real, np.bool_)) or m not in (0, 1)
+    ]
+    if bad:
+        raise InputError(f"{where} must mark each word 0 or 1, got {', '.join(bad)}")
+    return tuple(int(m) for m in values)
+
+
+def _fields(fields: Any) -> dict[str, str]:
+    """``fields=`` checked: record field -> the data's key for it."""
+    if fields is None:
+        return {}
+    if not isinstance(fields, Mapping):
+        raise OptionError(
+            f"`fields` must be a mapping of record field -> the data's key, got {fields!r}"
+        )
+    for key, name in fields.items():
+        if key not in FIELDS:
+            raise OptionError(
+                f"`fields` key {key!r} is not a record field: expected one of {FIELDS}"
+            )
+        if not isinstance(name, str):
+            raise OptionError(f"`fields[{key!r}]` must be the data's key (a str), got {name!r}")
+    return dict(fields)
+
+
+def _reduced(da: Any, steps: Any, *, method: str, reduce: str, examples: int) -> xr.DataArray:
+    """A method's output reduced to ``(example, target, source)``; an error names the method."""
+    if not isinstance(da, xr.DataArray):
+        raise OptionError(
+            f"{method} returned {type(da).__name__}: an attribution function must return an "
+            "xarray DataArray with dims (example, target, source, ...), as ax.saliency does"
+        )
+    da = apply_reductions(da, steps)
+    da = da if "example" in da.dims else da.expand_dims(example=[0])
+    if set(da.dims) != {"example", "target", "source"}:
+        raise OptionError(
+            f"`reduce` {reduce!r} leaves the attribution of {method} with dims {da.dims}: the "
+            "metrics need (example, target, source) arrays, so `reduce` must reduce the others "
+            "(e.g. 'auto', or 'l2_norm:hidden,normalize:source')"
+        )
+    if da.sizes["example"] != examples:
+        raise OptionError(
+            f"{method} returned an `example` dim of size {da.sizes['example']} for {examples} "
+            "records: expected one attribution per record"
+        )
+    return da.transpose("example", "target", "source")
 
 
 def evaluate(
@@ -186,7 +324,9 @@ def evaluate(
         top_k: the k of ``topk_overlap``.
         batch_size: perturbed copies per forward for the faithfulness metrics.
         attributions: also return the reduced attributions as ``attribution``.
-        device, dtype: where and in which precision to load a model given by path.
+        device, dtype: where and in which precision to load a model given by path; with a
+            :class:`Model`, a ``device``/``dtype`` it is not on is an :class:`OptionError` (it is
+            not moved).
         workers: evaluate on a Dask ``LocalCluster`` of this many worker processes (one torch
             thread each; ``"auto"``: one per GPU with ``device="cuda"``, else one per core).
             None (default): in this process. Needs ``pip install 'attrax[distributed]'``, a
@@ -216,24 +356,25 @@ def evaluate(
         }
     chosen = _check(methods, metrics, top_k)
     steps = parse_reduce(reduce)
+    renamed = _fields(fields)
     if not isinstance(shard_size, int) or isinstance(shard_size, bool) or shard_size < 1:
         raise OptionError(f"`shard_size` must be a positive integer, got {shard_size!r}")
     options = {"chosen": chosen, "steps": steps, "reduce": reduce, "top_k": top_k,
                "batch_size": batch_size, "attributions": attributions}  # fmt: skip
     if workers is None and scheduler is None:
+        if isinstance(model, Model):
+            check_model_options(model, device, dtype)
         model = load_model(model, device=device, dtype=dtype)  # a Model passes through as is
-        return _score(model, read_records(data, **dict(fields or {})), methods, **options)
+        return _score(model, read_records(data, **renamed), methods, **options)
     from . import _distributed
 
     _distributed.check(model, workers, scheduler)
     _distributed.picklable(methods)
-    records = read_records(data, **dict(fields or {}))
-    if any(m in PLAUSIBILITY for m in chosen):  # here, where the record's number is known
-        missing = next((e for e, r in enumerate(records) if r.rationale is None), None)
+    records = read_records(data, **renamed)
+    if any(m in PLAUSIBILITY for m in chosen):  # here, before a pool is started for nothing
+        missing = next((r for r in records if r.rationale is None), None)
         if missing is not None:
-            raise InputError(
-                f"`data` record {missing} has no rationale: plausibility metrics need one"
-            )
+            raise InputError(f"{missing.where} has no rationale: plausibility metrics need one")
     spec = None if model is None else str(model)
     # a local directory by its absolute path: a worker's working directory may be another one
     where = (
@@ -266,13 +407,15 @@ def _score(
     attributions: bool,
 ) -> xr.Dataset:
     """Every method and metric on ``records``, as one batch: the body of :func:`evaluate`."""
+    labels = _checked(model, records)
     inputs = [r.input for r in records]
     targets = None if records[0].target is None else [r.target for r in records]
     names = list(methods)
     reduced = []
-    for fn in methods.values():  # each method is its own computation
-        da = apply_reductions(fn(model, inputs, targets), steps)
-        reduced.append(da.transpose("example", "target", "source"))
+    for name, fn in methods.items():  # each method is its own computation
+        got = fn(model, inputs, targets)
+        named = f"`methods[{name!r}]`"
+        reduced.append(_reduced(got, steps, method=named, reduce=reduce, examples=len(inputs)))
     flat = _one_batch(reduced)  # every method's examples as one batch: [M * N, T, S]
     scores: dict[str, np.ndarray] = {}
     for metric in (m for m in chosen if m in FAITHFULNESS):
@@ -291,8 +434,40 @@ def _score(
     attrs = {"model": model.name, "metrics": ",".join(chosen), "reductions": reduce}
     return label_evaluation(
         flat, names, scores, pairwise,
-        attributions=attributions, labels=[r.label for r in records], attrs=attrs,
+        attributions=attributions, labels=labels, attrs=attrs,
     )  # fmt: skip
+
+
+def _checked(model: Model, records: list[Record]) -> list[Any]:
+    """Each record tokenized as the methods will and its label checked, before any method runs,
+    so that an error names the record's line; returns the labels (a class id named)."""
+    labels = []
+    for record in records:
+        try:
+            # room for one generated token at least: the methods' own limit is not known here
+            room = 1 if record.target is None else None
+            check_example(model, record.input, record.target, room, names=("input", "target"))
+            labels.append(None if record.label is None else _label(model, record.label))
+        except InputError as err:
+            raise InputError(f"{record.where}: {err}") from None
+    return labels
+
+
+def _label(model: Model, value: str | int) -> str | int:
+    """A true label as the classifier's label name (a name, or a class id such as a CSV's '1');
+    a language model's label is a free tag, kept as it is."""
+    if not model.labels:
+        return value
+    if isinstance(value, str) and value in model.labels.values():
+        return value
+    # a CSV cell is text: its "1" is the class id 1
+    cls = value if isinstance(value, int) else int(value) if value.strip().isdecimal() else None
+    if cls not in model.labels:
+        raise InputError(
+            f"`label` {value!r} is not a label of {model.name}: expected one of "
+            f"{list(model.labels.values())} or a class id 0..{len(model.labels) - 1}"
+        )
+    return model.labels[cls]
 
 
 def concat_evaluations(parts: list[xr.Dataset]) -> xr.Dataset:
@@ -365,7 +540,7 @@ def _rationale_tokens(model: Model, flat: xr.DataArray, records: list[Record]) -
     truth = np.full((n, width), np.nan)
     for e, record in enumerate(records):
         if record.rationale is None:
-            raise InputError(f"`data` record {e} has no rationale: plausibility metrics need one")
+            raise InputError(f"{record.where} has no rationale: plausibility metrics need one")
         spans, start = [], 0
         for word in record.input.split():
             start = record.input.index(word, start)
@@ -476,8 +651,10 @@ def summary(
     """
     if not isinstance(ds, xr.Dataset) or "method" not in ds.dims:
         raise InputError("`ds` must be the Dataset ax.evaluate returns (with a `method` dim)")
-    if not 0 < confidence < 1:
-        raise OptionError(f"`confidence` must be in (0, 1), got {confidence!r}")
+    if not isinstance(confidence, (int, float)) or not 0 < confidence < 1:
+        raise OptionError(f"`confidence` must be a number in (0, 1), got {confidence!r}")
+    check.positive_int(resamples, "resamples")
+    check.at_least(0)(seed, "seed")  # numpy's generators take non-negative seeds only
     rng = np.random.default_rng(seed)
     metrics = [m for m in METRICS if m in ds.data_vars]
     n = ds.sizes["example"]
@@ -538,25 +715,31 @@ def sanity_checks(
 
     import torch
 
-    model = load_model(model)  # a Model passes through as is
     if not callable(method):
         raise OptionError(f"`method` must be an attribution function, got {method!r}")
-    records = read_records(data, **dict(fields or {}))
+    steps = parse_reduce(reduce)
+    check.seed(seed, "seed")  # torch's, for the re-initialised weights
+    check.at_least(0)(seed, "seed")  # numpy's generators take non-negative seeds only
+    renamed = _fields(fields)
+    model = load_model(model)  # a Model passes through as is
+    records = read_records(data, **renamed)
+    _checked(model, records)
     inputs = [r.input for r in records]
     targets: Any = None if records[0].target is None else [r.target for r in records]
     if targets is None and model.task == "generation":
         raise InputError(
             "`data`: sanity checks of a language model need a `target` on every record"
         )
-    steps = parse_reduce(reduce)
+    named = f"`method` {getattr(method, '__name__', method)!r}"
 
     def attribute(on: Model, objective: Any = None) -> np.ndarray:
         kwargs = {} if objective is None else {"objective": objective}
-        da = apply_reductions(method(on, inputs, targets, **kwargs), steps)
-        da = da if "example" in da.dims else da.expand_dims(example=[0])
-        return da.transpose("example", "target", "source").values
+        got = method(on, inputs, targets, **kwargs)
+        return _reduced(got, steps, method=named, reduce=reduce, examples=len(inputs)).values
 
     original_da = method(model, inputs, targets)
+    # checked before the randomized copies are made and attributed
+    _reduced(original_da, steps, method=named, reduce=reduce, examples=len(inputs))
     if targets is None and model.task == "sequence-classification":
         chosen = original_da["target_label"]
         targets = [[str(x) for x in row if x] for row in np.atleast_2d(chosen.values).tolist()]

@@ -20,6 +20,7 @@ is read from the copy made for it.
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -228,6 +229,7 @@ def _curve(
     baseline: Baseline,
 ) -> xr.DataArray:
     _check_attribution(attribution)
+    call = _with_its_contrast(call, attribution)
     objective = call.options["objective"]
     if objective is None:
         known = attribution.attrs.get("objective")
@@ -262,10 +264,40 @@ def _curve(
     )
 
 
+def _with_its_contrast(call: Call, attribution: xr.DataArray) -> Call:
+    """``call`` scoring what a contrastive attribution explained: the ``contrast`` its options
+    record, unless one is given (its tokens are checked against the attribution's)."""
+    contrastive = {"contrast_id", "contrast_class"} & set(attribution.coords)
+    if call.options["contrast"] is not None or not contrastive:
+        return call
+    try:
+        recorded = json.loads(attribution.attrs.get("options", "{}")).get("contrast")
+    except (TypeError, ValueError, AttributeError):
+        recorded = None
+    if recorded is None:
+        raise InputError(
+            f"`attribution` is contrastive (its `{min(contrastive)}` coordinate) but its attrs "
+            "record no `contrast`: pass `contrast=` the texts it was computed with"
+        )
+    return dataclasses.replace(call, options={**call.options, "contrast": recorded})
+
+
+def _in_source_order(template: xr.DataArray) -> xr.DataArray:
+    """``template`` with its sources in the order the model reads them (the sources side first),
+    whatever order a user's selection left them in: they are matched by label, not place."""
+    index = template.indexes["source"]
+    if isinstance(index, pd.MultiIndex):
+        sides, where = index.get_level_values(0), index.get_level_values(1)
+        order = np.lexsort((np.asarray(where), np.asarray(sides) != "source"))
+    else:
+        order = np.argsort(np.asarray(index), kind="stable")
+    return template.isel(source=order)
+
+
 def _rank(call: Call, da: xr.DataArray, objective: Any) -> _Ranked:
     single = "example" not in da.dims
     template = da.expand_dims("example") if single else da
-    template = template.transpose("example", "target", "source")
+    template = _in_source_order(template.transpose("example", "target", "source"))
     attribute_target = isinstance(da.indexes.get("source"), pd.MultiIndex)
     batch = call.batch
     if batch.single != single or len(batch.examples) != template.sizes["example"]:
@@ -341,6 +373,15 @@ def _check_tokens(template: xr.DataArray, problem: Problem, rows: list[list[int]
                 raise InputError(
                     f"`attribution`'s target tokens (example {b}) differ from those of "
                     "`inputs`/`targets`: pass the texts the attribution was computed from"
+                )
+    name = "contrast_class" if "contrast_class" in template.coords else "contrast_id"
+    if name in template.coords and t.contrast_ids is not None:
+        given = per_example(template, name, ("example", "target"))
+        for b, example_rows in enumerate(rows):
+            if given[b, example_rows].tolist() != t.contrast_ids[b, : len(example_rows)].tolist():
+                raise InputError(
+                    f"`attribution`'s contrast tokens (example {b}) differ from those of "
+                    "`contrast`: pass the contrast the attribution was computed with"
                 )
     if "source_id" in template.coords:
         given = per_example(template, "source_id", ("example", "source"))

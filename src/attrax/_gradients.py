@@ -335,9 +335,19 @@ def input_x_gradient(problem: Problem) -> Rule:
     return Rule(multiplier=problem.inputs)
 
 
-def check_trapezoid_steps(options: Mapping[str, Any]) -> None:
+#: numpy's Gauss-Legendre nodes take O(steps³) time: 0.2 s at 1,000, minutes at 4,096
+MAX_GAUSS_LEGENDRE = 1000
+
+
+def check_quadrature_steps(options: Mapping[str, Any]) -> None:
     if options["quadrature"] == "riemann_trapezoid" and options["steps"] < 2:
         raise OptionError("`steps` must be at least 2 for quadrature='riemann_trapezoid'")
+    if options["quadrature"] == "gausslegendre" and options["steps"] > MAX_GAUSS_LEGENDRE:
+        raise OptionError(
+            f"`steps` {options['steps']} is more than quadrature='gausslegendre' computes nodes "
+            f"for ({MAX_GAUSS_LEGENDRE}, already exact for polynomials of degree "
+            f"{2 * MAX_GAUSS_LEGENDRE - 1}); use a riemann_* quadrature for more points"
+        )
 
 
 #: the options of a path integral by quadrature, shared by IG and the other path methods
@@ -348,7 +358,7 @@ PATH_CHECKS = {
 }
 
 
-@GRADIENT.method(check_trapezoid_steps, **PATH_CHECKS)
+@GRADIENT.method(check_quadrature_steps, **PATH_CHECKS)
 def integrated_gradients(
     problem: Problem,
     *,
@@ -391,7 +401,7 @@ def integrated_gradients(
     return Rule(points, torch.as_tensor(weights), multiplier=delta, reference=base, alphas=alpha)
 
 
-@GRADIENT.method(samples=check.positive_int, noise=check.non_negative, seed=check.integer)
+@GRADIENT.method(samples=check.positive_int, noise=check.non_negative, seed=check.seed)
 def smoothgrad(problem: Problem, *, samples: int = 20, noise: float = 0.1, seed: int = 0) -> Rule:
     """SmoothGrad (Smilkov et al. 2017): the gradient averaged over noisy copies of the embeddings.
 
@@ -410,7 +420,7 @@ def smoothgrad(problem: Problem, *, samples: int = 20, noise: float = 0.1, seed:
     return Rule(*_noisy_copies(problem, samples, noise, seed))
 
 
-@GRADIENT.method(samples=check.positive_int, noise=check.non_negative, seed=check.integer)
+@GRADIENT.method(samples=check.positive_int, noise=check.non_negative, seed=check.seed)
 def squaregrad(problem: Problem, *, samples: int = 20, noise: float = 0.1, seed: int = 0) -> Rule:
     """SquareGrad (Captum NoiseTunnel's ``smoothgrad_sq``): the mean squared gradient over noisy
     copies of the embeddings, drawn exactly as :func:`smoothgrad`'s (same ``noise``, ``seed``).
@@ -425,7 +435,7 @@ def squaregrad(problem: Problem, *, samples: int = 20, noise: float = 0.1, seed:
     return Rule(*_noisy_copies(problem, samples, noise, seed), moments=(2,))
 
 
-@GRADIENT.method(samples=check.positive_int, noise=check.non_negative, seed=check.integer)
+@GRADIENT.method(samples=check.positive_int, noise=check.non_negative, seed=check.seed)
 def vargrad(problem: Problem, *, samples: int = 20, noise: float = 0.1, seed: int = 0) -> Rule:
     """VarGrad (Adebayo et al. 2018; Captum NoiseTunnel's ``vargrad``): the variance of the
     gradient over noisy copies, ``mean(g**2) - mean(g)**2``, from :func:`smoothgrad`'s draws.
@@ -463,7 +473,7 @@ def _noisy_copies(
 @GRADIENT.method(
     samples=check.positive_int,
     stdevs=check.non_negative,
-    seed=check.integer,
+    seed=check.seed,
     baselines=check.baselines,
 )
 def gradient_shap(

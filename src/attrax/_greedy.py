@@ -20,7 +20,7 @@ from torch.func import vjp
 from . import _validate as check
 from ._engine import Problem, _accumulation_dtype, all_finite, baseline_embeddings
 from ._errors import InputError
-from ._gradients import PATH_CHECKS, REDUCE_HIDDEN, check_trapezoid_steps, quadrature_nodes
+from ._gradients import PATH_CHECKS, REDUCE_HIDDEN, check_quadrature_steps, quadrature_nodes
 from ._memory import Size
 from ._protocol import COMMON, Call, Family, own_options
 
@@ -61,7 +61,7 @@ GREEDY_PATH = Family(
 
 
 @GREEDY_PATH.method(
-    check_trapezoid_steps, rounds=check.positive_int, per_round=check.positive_int, **PATH_CHECKS
+    check_quadrature_steps, rounds=check.positive_int, per_round=check.positive_int, **PATH_CHECKS
 )
 def greedy_pig(
     problem: Problem,

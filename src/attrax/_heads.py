@@ -36,7 +36,7 @@ from . import _validate as check
 from ._attention import Selection, _indices, _maps, _maps_name, _selection
 from ._engine import Problem
 from ._errors import ModelError, OptionError
-from ._gradients import QUADRATURES, check_trapezoid_steps, quadrature_nodes
+from ._gradients import QUADRATURES, check_quadrature_steps, quadrature_nodes
 from ._memory import Cost, full_precision, head_bytes, plan, to_host
 from ._model import Model, _attention_modules
 from ._protocol import Call, Family
@@ -502,7 +502,7 @@ def _rollout_rows(r: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 
 @HEAD_ATTRIBUTION.method(
-    check_trapezoid_steps,
+    check_quadrature_steps,
     layers=_selection, heads=_selection, maps=_maps_name, queries=_check_queries,
     steps=check.positive_int, quadrature=check.one_of(*QUADRATURES),
 )  # fmt: skip

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ._errors import InputError, OptionError
+from ._errors import InputError, ModelError, OptionError
 from ._model import Model, head_rows_only
 
 Texts = str | Sequence[str]
@@ -245,14 +245,16 @@ def encode_sources(model: Model, inputs: Texts) -> tuple[torch.Tensor, torch.Ten
     return ids, mask, single
 
 
-def contrast_batch(model: Model, batch: Batch, contrast_inputs: Texts) -> Batch:
-    """The batch with each prompt / source replaced by ``contrast_inputs`` and the same target
-    tokens.
+def contrast_batch(
+    model: Model, batch: Batch, contrast_inputs: Texts, name: str = "contrast_inputs"
+) -> Batch:
+    """The batch with each prompt / source replaced by ``contrast_inputs`` (the argument
+    ``name``) and the same target tokens.
 
     Decoder-only positions shift by the difference in prompt length, so row ``k`` of both batches'
     tensors predicts the same target token.
     """
-    texts = _aligned(contrast_inputs, "contrast_inputs", [""] * len(batch.examples), batch.single)
+    texts = _aligned(contrast_inputs, name, [""] * len(batch.examples), batch.single)
     examples = []
     for i, (example, text) in enumerate(zip(batch.examples, texts, strict=True)):
         source = _encode_source(model.tokenizer, text, model.is_encoder_decoder)
@@ -417,6 +419,18 @@ def check_room(
     )
 
 
+def _check_vocabulary(model: Model, ids: Sequence[int], name: str, side: str = "source") -> None:
+    """Refuse token ids the model has no embedding row for: a tokenizer that is not the model's
+    (torch would fail in the embedding lookup with an ``IndexError``)."""
+    rows = model.embedding_rows(side)
+    if ids and max(ids) >= rows:
+        token = model.tokenizer.convert_ids_to_tokens(max(ids))
+        raise ModelError(
+            f"`{name}` has token id {max(ids)} ({token!r}) but the model's {side} embeddings "
+            f"have {rows} rows: `tokenizer` is not the model's; pass the one saved with it"
+        )
+
+
 def _check_length(
     model: Model,
     source: tuple[int, ...],
@@ -424,6 +438,8 @@ def _check_length(
     inputs: str = "inputs",
     targets: str = "targets",
 ) -> None:
+    _check_vocabulary(model, source, inputs)
+    _check_vocabulary(model, target, targets, "target" if model.is_encoder_decoder else "source")
     limit = model.max_positions
     if limit is None:
         return
@@ -460,9 +476,11 @@ def _select(positions: Any, available: tuple[int, ...], length: int) -> tuple[in
     for p in wanted:
         absolute = p + length if p < 0 else p
         if absolute not in available:
+            counted = f" (position {absolute} of the {length} tokens)" if p < 0 else ""
             raise InputError(
-                f"`positions` contains {p}, which is not a target position; target positions "
-                f"are {available[0]}..{available[-1]} (negative values count from the end)"
+                f"`positions` contains {p}{counted}, which is not a target position; target "
+                f"positions are {available[0]}..{available[-1]} (negative values count from "
+                "the end of the whole sequence, special tokens included)"
             )
         chosen.append(absolute)
     return tuple(sorted(set(chosen)))
@@ -643,6 +661,7 @@ def _from_encoding(
         raise InputError(
             f"`inputs{where}` has {len(ids)} tokens, more than the model's {limit} positions"
         )
+    _check_vocabulary(model, ids, f"inputs{where}")
     return ids, tuple(segments), special, token_types
 
 

@@ -78,6 +78,16 @@ class Model:
             )
         if tokenizer is None:
             raise ModelError("`tokenizer` is required when `model` is a model instance")
+        if not callable(tokenizer) or not hasattr(tokenizer, "convert_ids_to_tokens"):
+            raise ModelError(
+                "`tokenizer` must be a transformers tokenizer, a local path or a hub name, got "
+                f"{type(tokenizer).__name__}"
+            )
+        if any(p.is_meta for p in hf_model.parameters()):
+            raise ModelError(
+                f"`model` ({type(hf_model).__name__}) has weights on the 'meta' device, which "
+                "holds no values: load them (from_pretrained, or to_empty and load_state_dict)"
+            )
         self.hf = hf_model.eval()
         for parameter in self.hf.parameters():
             parameter.requires_grad_(False)
@@ -177,6 +187,11 @@ class Model:
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self.call_lock = threading.RLock()
+
+    def embedding_rows(self, side: str = "source") -> int:
+        """How many token ids the embedding table of ``side`` (as :meth:`embed`) has rows for."""
+        table = self._target_embedding if side == "target" else self._source_embedding
+        return int(getattr(table, "num_embeddings", 0) or table.weight.shape[0])
 
     def embed(self, ids: torch.Tensor, side: str = "source") -> torch.Tensor:
         """Rows of the embedding table for ``ids``: what attributions are taken with respect to.
@@ -510,6 +525,11 @@ class Model:
                 module = self._target_embedding if side == "target" else self._source_embedding
                 candidates = [1.0, *_embedding_scales(self.hf, side)]
                 ref = self._probe(ids, mask, None, None)
+                if not bool(torch.isfinite(ref).all()):  # NaN compares unequal to itself
+                    raise ModelError(
+                        f"{type(self.hf).__name__}: its outputs on a probe input are not finite "
+                        "(inf/NaN): its weights hold NaN/inf or overflow its dtype"
+                    )
                 errors = [
                     _mismatch(self._probe(ids, mask, module(ids) * s, side), ref)
                     for s in candidates
@@ -607,7 +627,7 @@ def load_model(
     tokenizer: Any = None,
     attn_implementation: str = "auto",
     device: str | torch.device | None = None,
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | str | None = None,
 ) -> Model:
     """Wrap a causal or seq2seq language model, or a classifier, for attribution.
 
@@ -625,7 +645,8 @@ def load_model(
         attn_implementation: ``"auto"`` (attrax picks per call: SDPA for long sequences on the
             CPU, eager attention otherwise), ``"eager"`` or ``"sdpa"``. All three give the same
             attributions; forward-mode calls always run eager attention.
-        device, dtype: where and in which precision to run; default: as loaded (CPU, float32).
+        device, dtype: where and in which precision to run (a floating-point torch dtype or its
+            name, "bfloat16"); default: as loaded (CPU, float32).
 
     Returns:
         A :class:`Model` in eval mode with parameter gradients off.
@@ -639,6 +660,13 @@ def load_model(
     if isinstance(model, Model):
         return model
     _check_attention(attn_implementation)
+    if dtype in ("float32", "float16", "bfloat16", "float64"):
+        dtype = getattr(torch, dtype)
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise OptionError(
+            f"`dtype` must be a floating-point torch dtype (torch.float32, torch.bfloat16, ...) "
+            f"or its name, got {dtype!r}"
+        )
     # "auto" switches per call; between calls (generation, attention maps) the model runs eager
     resting = "eager" if attn_implementation == "auto" else attn_implementation
     name = None
@@ -678,8 +706,17 @@ def load_model(
         if tokenizer is not model:
             where = _locate(tokenizer, "tokenizer")
             _check_tokenizer_files(tokenizer, "tokenizer")
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer, **where)
+        named = "tokenizer" if tokenizer is not model else "model"
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(tokenizer, **where)
+        except (OSError, ValueError, KeyError, TypeError) as error:  # JSONDecodeError is one
+            raise ModelError(
+                f"`{named}` {str(tokenizer)!r}: its tokenizer files do not load "
+                f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})"
+            ) from None
     if device is not None:
+        if str(device) == "meta":
+            raise OptionError("`device` 'meta' holds no weights' values: attrax runs the model")
         try:
             hf_model = hf_model.to(torch.device(device))
         except (RuntimeError, AssertionError, TypeError) as err:

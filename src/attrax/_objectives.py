@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 
 import torch
@@ -40,7 +41,16 @@ OBJECTIVES: dict[str, Objective] = {
 def resolve(objective: str | Objective) -> tuple[str, Objective]:
     """The objective's name and function; callables ``(logits, target_ids) -> scores`` pass."""
     if callable(objective):
-        return getattr(objective, "__name__", type(objective).__name__), objective
+        name = getattr(objective, "__name__", type(objective).__name__)
+        try:
+            inspect.signature(objective).bind(None, None)
+        except TypeError as err:
+            raise OptionError(
+                f"`objective` {name} must take (logits, target_ids), two arguments: {err}"
+            ) from None
+        except ValueError:  # a builtin without a signature: its call will tell
+            pass
+        return name, objective
     if isinstance(objective, str) and objective in OBJECTIVES:
         return objective, OBJECTIVES[objective]
     raise OptionError(
@@ -69,5 +79,9 @@ def _checked(objective: Objective, logits: torch.Tensor, ids: torch.Tensor) -> t
         raise OptionError(
             f"`objective` must return one score per target token, shape {tuple(ids.shape)}, "
             f"got {shape}"
+        )
+    if not value.is_floating_point():  # nothing to differentiate; torch.func would say so raw
+        raise OptionError(
+            f"`objective` must return floating-point scores (of the logits), got {value.dtype}"
         )
     return value

@@ -27,7 +27,7 @@ from ._gradients import (
     PATH_CHECKS,
     REDUCE_HIDDEN,
     Rule,
-    check_trapezoid_steps,
+    check_quadrature_steps,
     quadrature_nodes,
     refuse_layers,
 )
@@ -42,7 +42,7 @@ _CLOSE = 1e-9
     refuse_layers(
         "sequential_integrated_gradients",
         "its paths move one source token at a time, which no layer has",
-        check_trapezoid_steps,
+        check_quadrature_steps,
     ),
     **PATH_CHECKS,
 )
@@ -249,6 +249,11 @@ def _guided_paths(
     gradient = _per_target_gradients(problem, slots)
     for s in range(steps):  # the path depends on the last step's gradients
         grad_actual = gradient(x)
+        if not all_finite(grad_actual):  # NaN selects no feature: the loop below would not end
+            raise InputError(
+                "guided_integrated_gradients: the gradients are not finite (inf/NaN); check the "
+                "model's dtype and inputs"
+            )
         grad = grad_actual.clone()
         alpha = (s + 1.0) / steps
         alpha_min, alpha_max = max(alpha - max_dist, 0.0), min(alpha + max_dist, 1.0)
@@ -280,7 +285,8 @@ def _guided_paths(
             moved = torch.where(chosen & full[..., None], x_max.expand_as(x), moved)
             x = torch.where((active & ~close)[..., None], moved, x)
             attr = attr + (x - x_old) * grad_actual * active[..., None]
-            active = active & ~close & full
+            # a row that moved nothing would repeat itself forever
+            active = active & ~close & full & (x != x_old).any(-1)
     return attr.transpose(0, 1)
 
 

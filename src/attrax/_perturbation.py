@@ -86,7 +86,7 @@ def occlusion(problem: Problem, batch_size: Size, *, baseline: Baseline = "zeros
 @PERTURBATION.method(
     samples=check.positive_int,
     kernel_width=check.positive,
-    seed=check.integer,
+    seed=check.seed,
     baseline=check.baseline,
 )
 def lime(
@@ -131,7 +131,7 @@ def lime(
     return linear_surrogate(masks, values.transpose(0, 1), weights, visible=visible)
 
 
-@PERTURBATION.method(samples=check.positive_int, seed=check.integer, baseline=check.baseline)
+@PERTURBATION.method(samples=check.positive_int, seed=check.seed, baseline=check.baseline)
 def kernel_shap(
     problem: Problem,
     batch_size: Size,
@@ -245,7 +245,7 @@ def feature_ablation(
 
 @PERTURBATION.method(
     permutations=_check_permutations,
-    seed=check.integer,
+    seed=check.seed,
     baseline=check.baseline,
     groups=_check_groups,
 )
@@ -307,7 +307,7 @@ def shapley_sampling(
 
 @PERTURBATION.method(
     samples=check.positive_int,
-    seed=check.integer,
+    seed=check.seed,
     baseline=check.baseline,
     groups=_check_groups,
 )
@@ -365,7 +365,8 @@ def sobol(
     f_a, f_b, f_c = values[:, 0], values[:, 1], values[:, 2:]
     variance = torch.cat([f_a, f_b]).var(dim=0, correction=0)  # [B, K]
     spread = ((f_a[:, None] - f_c) ** 2).mean(dim=0) / 2  # [n, B, K]
-    total = torch.where(variance > 0, spread / variance.clamp(min=1e-300), 0.0)
+    # NaN/inf values keep their NaN here, so the family's finite check names them
+    total = torch.where(variance == 0, 0.0, spread / variance.clamp(min=1e-300))
     return _spread_groups(total.permute(1, 2, 0), group)
 
 
@@ -500,6 +501,10 @@ def linear_surrogate(
             f"{tuple(y.shape)}"
         )
     n_features, n_targets = z.shape[-1], y.shape[-1]
+    if not all_finite(
+        y, *(torch.as_tensor(b) for b in bounds or ())
+    ):  # lstsq fails inside LAPACK on them; NaN coefficients say where it came from
+        return y.new_full((*z.shape[:-2], n_targets, n_features), float("nan"))
     if visible is None:
         v = z.new_ones((*z.shape[:-2], n_targets, n_features))
     else:

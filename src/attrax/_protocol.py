@@ -26,8 +26,8 @@ import torch
 import xarray as xr
 
 from . import _validate as check
-from ._engine import Problem
-from ._errors import OptionError
+from ._engine import Problem, all_finite
+from ._errors import InputError, OptionError
 from ._inputs import Batch, Texts, prepare, with_predictions
 from ._memory import parse_bytes
 from ._model import Model, ModelLike, load_model
@@ -147,6 +147,7 @@ class Call:
 
         ``class_logits``: a classifier's logits ``[B, K, classes]`` at the unperturbed input,
         for a batch whose prediction was left for later (one forward computes it when None)."""
+        _check_finite(self, sides)
         return label(
             self.model,
             with_predictions(self.model, self.batch, class_logits),
@@ -157,6 +158,27 @@ class Call:
             trailing=trailing,
             target_coords=target_coords,
             trailing_coords=trailing_coords,
+        )
+
+
+def _check_finite(call: Call, sides: Sequence[torch.Tensor | np.ndarray]) -> None:
+    """Refuse inf anywhere and NaN where a target can see its source: NaN marks the future and
+    padding in results, and one the model made (NaN weights, a float16 overflow) must not pass
+    as that."""
+    values = [torch.as_tensor(side) for side in sides]
+    if all_finite(*values):
+        return
+    bad = any(bool(v.isinf().any()) for v in values)
+    if not bad:
+        joined = torch.cat([v.reshape(*v.shape[:3], -1).isnan().any(-1) for v in values], 2)
+        visible = call.problem.visible().to(joined.device)
+        # sides laid out otherwise (a decoder's own stacks) cannot be told apart from padding
+        bad = visible.shape == joined.shape and bool((joined & visible).any())
+    if bad:
+        raise InputError(
+            f"{call.method}: the values are not finite (inf/NaN) where the targets see their "
+            "sources: the model's outputs overflowed or hold NaN; check the model's weights and "
+            "dtype, and the inputs"
         )
 
 
@@ -268,6 +290,7 @@ def _public(
         if getattr(arguments.get("model"), "attrax_stacked", False):  # ax.stack_models
             return arguments["model"].run(public, name, arguments)
         call = _call(name, family, arguments)
+        _check_applies(call.model, kwargs)
         with call.model.call_lock:
             return family.run(core, call, arguments)
 
@@ -286,6 +309,25 @@ def _leading(name: str) -> inspect.Parameter:
         return inspect.Parameter(name, kind, default=None, annotation="Texts | None")
     annotation = {"model": "ModelLike", "inputs": "Texts", "attribution": "xr.DataArray"}[name]
     return inspect.Parameter(name, kind, annotation=annotation)
+
+
+#: options given to a classifier that only a language model's generation or decoder reads
+_GENERATION_ONLY = {
+    "attribute_target": "it adds an encoder-decoder's decoder prefix to the sources",
+    "max_new_tokens": "it bounds the targets a language model generates",
+}
+
+
+def _check_applies(model: Model, given: Mapping[str, Any]) -> None:
+    """Refuse options given to a classifier that it would ignore."""
+    if model.task == "generation":
+        return
+    for key, why in _GENERATION_ONLY.items():
+        if key in given and (key != "attribute_target" or given[key]):
+            raise OptionError(
+                f"`{key}` does not apply to {model.name}, a classifier: {why}; a classifier's "
+                "targets are classes"
+            )
 
 
 def _call(name: str, family: Family, arguments: dict[str, Any]) -> Call:

@@ -14,7 +14,7 @@ from typing import Any, overload
 import numpy as np
 import xarray as xr
 
-from ._errors import OptionError
+from ._errors import InputError, OptionError
 
 Reduction = Callable[[xr.DataArray], xr.DataArray]
 
@@ -36,6 +36,12 @@ def _reduction(default: str) -> Callable[[Callable[[xr.DataArray, str], xr.DataA
             if da is None:
                 return functools.partial(reduction, dim=dim)
             if isinstance(da, xr.Dataset):
+                dims = tuple(dict.fromkeys(d for v in da.data_vars.values() for d in v.dims))
+                if dim not in dims:
+                    raise OptionError(
+                        f"{fn.__name__}: `dim` {dim!r} is not a dim of any variable of the"
+                        f" Dataset; their dims are {dims}"
+                    )
                 return da.map(lambda v: reduction(v, dim) if dim in v.dims else v, keep_attrs=True)
             if not isinstance(da, xr.DataArray):
                 raise OptionError(
@@ -44,6 +50,17 @@ def _reduction(default: str) -> Callable[[Callable[[xr.DataArray, str], xr.DataA
             if dim not in da.dims:
                 raise OptionError(
                     f"{fn.__name__}: `dim` {dim!r} is not a dim of the array; its dims are {da.dims}"
+                )
+            if da.dtype.kind not in "biuf":
+                raise InputError(
+                    f"{fn.__name__}: `da` must hold numbers (bool, int or float), got dtype"
+                    f" {da.dtype}"
+                )
+            if da.sizes[dim] == 0:
+                # numpy has no max of nothing, and NaN would pass for "not attributed"
+                raise InputError(
+                    f"{fn.__name__}: `dim` {dim!r} has length 0 in the array {dict(da.sizes)};"
+                    " there is nothing to reduce"
                 )
             with xr.set_options(keep_attrs=True):
                 out = fn(da, dim)

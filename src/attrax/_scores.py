@@ -14,6 +14,7 @@ import numpy as np
 import torch
 import xarray as xr
 
+from ._engine import all_finite
 from ._errors import InputError, OptionError
 from ._inputs import Tensors, Texts, check_aligned, contrast_batch, to_tensors
 from ._model import Model
@@ -105,6 +106,11 @@ def step_scores(
         contrast_tensors = to_tensors(contrast_batch(model, batch, contrast_inputs), model)
         other = torch.log_softmax(_logits(model, contrast_tensors), dim=-1)
     values = _columns(names, t, logits, logp, other)
+    if not all_finite(values):  # NaN would read as a missing target
+        raise InputError(
+            "step_scores: the scores are not finite (inf/NaN): the model's logits overflowed or "
+            "hold NaN; check the model's weights and dtype"
+        )
     return label_steps(model, batch, values, names, call.options)
 
 
@@ -140,6 +146,16 @@ def with_scores(attribution: xr.DataArray | xr.Dataset, scores: xr.DataArray) ->
             f"`scores` has targets {got.tolist()} but `attribution` has {want.tolist()}: compute "
             "both with the same inputs, targets and positions"
         )
+    # equal positions are not the same targets: the token ids and examples must agree too
+    for name, coord in scores.coords.items():
+        if name == "target" or "score" in coord.dims or name not in dataset.coords:
+            continue
+        if dataset[name].dims != coord.dims or not np.array_equal(dataset[name].values, coord):
+            raise InputError(
+                f"`scores` has {name} {coord.values.tolist()} but `attribution` has "
+                f"{dataset[name].values.tolist()}: compute both with the same inputs, targets and "
+                "positions"
+            )
     variables = {}
     for name in scores["score"].values.tolist():
         if name in dataset.data_vars:
@@ -200,6 +216,11 @@ def _require(names: tuple[str, ...], needy: tuple[str, ...], value: Any, option:
     wanting = [name for name in names if name in needy]
     if wanting and value is None:
         raise OptionError(f"score(s) {wanting} need `{option}`")
+    if value is not None and not wanting:  # it would change nothing: a forgotten score?
+        raise OptionError(
+            f"`{option}` is read only by the score(s) {list(needy)}, and `scores` {list(names)} "
+            "has none of them: add one, or leave it out"
+        )
 
 
 @torch.no_grad()

@@ -71,6 +71,10 @@ class StackedModel:
         if any(not isinstance(x, str) for x in inputs):
             raise OptionError("stacked models take texts as `inputs` (no text pairs)")
         options = {k: v for k, v in arguments.items() if k not in ("model", "inputs", "targets")}
+        if options.get("mode") == "forward":  # jvp through the vmapped parameter stacks fails
+            raise OptionError(
+                "`mode='forward'` is not supported on stacked models: use mode='reverse' or 'auto'"
+            )
         if isinstance(options.get("baseline"), str) and options["baseline"] != "zeros":
             raise OptionError(
                 f"`baseline={options['baseline']!r}` is not supported on stacked models: each "
@@ -106,10 +110,21 @@ def stack_models(models: Sequence[Model], names: Sequence[str] | None = None) ->
             f"{first.model_type} ({first.task})"
         )
     for i, other in enumerate(models[1:], 1):
-        if type(other.hf) is not type(first.hf) or other.hf.config.to_dict() != _config(first):
+        if type(other.hf) is not type(first.hf):
             raise ModelError(
                 f"`models[{i}]` ({type(other.hf).__name__}) is not the architecture of "
                 f"`models[0]` ({type(first.hf).__name__}): stacked models share one config"
+            )
+        mine, theirs = _config(other), _config(first)
+        differ = sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k))
+        if differ:
+            shown = ", ".join(
+                f"{k}={mine.get(k)!r} (models[0]: {theirs.get(k)!r})" for k in differ[:3]
+            )
+            raise ModelError(
+                f"`models[{i}]`'s config differs from `models[0]`'s: {shown}"
+                f"{f' and {len(differ) - 3} more' if len(differ) > 3 else ''}; stacked models "
+                "share one config"
             )
         if other.tokenizer.get_vocab() != first.tokenizer.get_vocab():
             raise ModelError(f"`models[{i}]` has another tokenizer than `models[0]`")

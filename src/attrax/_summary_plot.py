@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -15,13 +13,7 @@ from ._errors import InputError
 STATS = ("mean", "low", "high")
 
 
-def plot_summary(
-    table: pd.DataFrame,
-    *,
-    path: str | os.PathLike[str] | None = None,
-    title: str | None = None,
-    dpi: int = 100,
-) -> Figure:
+def plot_summary(table: pd.DataFrame, *, title: str | None = None) -> Figure:
     """Draw a method x metric table (:func:`attrax.summary`): a panel per metric, a row per
     method, a dot at the mean and a bar over the confidence interval; better is marked.
 
@@ -61,6 +53,4 @@ def plot_summary(
     axes[0].set_ylim(len(methods) - 0.5, -0.5)  # the table's first method on top
     if title:
         fig.suptitle(title)
-    if path is not None:
-        fig.savefig(Path(path).expanduser(), dpi=dpi)
     return fig

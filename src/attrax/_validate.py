@@ -55,10 +55,15 @@ def size(value: object, name: str) -> None:
         raise OptionError(f"`{name}` must be a positive integer, None or 'auto', got {value!r}")
 
 
-def integer(value: object, name: str) -> None:
-    """Any integer (a seed)."""
-    if not _is_int(value):
-        raise OptionError(f"`{name}` must be an integer, got {value!r}")
+def seed(value: object, name: str) -> None:
+    """An integer torch's generators take: from -2**63 to 2**64 - 1.
+
+    >>> seed(2**70, "seed")
+    Traceback (most recent call last):
+    attrax._errors.OptionError: `seed` must be an integer from -2**63 to 2**64 - 1, got 1180591620717411303424
+    """
+    if not _is_int(value) or not -(2**63) <= value < 2**64:  # type: ignore[operator]
+        raise OptionError(f"`{name}` must be an integer from -2**63 to 2**64 - 1, got {value!r}")
 
 
 def boolean(value: object, name: str) -> None:

@@ -12,13 +12,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from ._names import METHODS
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     import xarray as xr
     from rich.console import Console
 
@@ -47,6 +50,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     # a progress bar per weight file is noise next to attrax's own output
     hf_logging.disable_progress_bar()
+    tokenizer_log = logging.getLogger("transformers.tokenization_utils_base")
+    tokenizer_log.addFilter(_no_length_warning)
     try:
         return int(args.handler(args))
     except (AttraxError, OSError) as err:
@@ -61,6 +66,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         print(f"attrax: interrupted{hint}", file=sys.stderr)
         return 130
+    finally:
+        tokenizer_log.removeFilter(_no_length_warning)
+
+
+def _no_length_warning(record: logging.LogRecord) -> bool:
+    # attrax checks lengths against the model's positions itself; this would be a 2nd stderr line
+    return not record.getMessage().startswith("Token indices sequence length is longer")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -157,7 +169,7 @@ def _evaluate_parser(commands: Any) -> None:
         "evaluate",
         help="compare attribution methods on a dataset: faithfulness, plausibility, agreement",
         description="Attribute every record of --data with every method of --methods, score "
-        "each attribution with --metrics and print the method-by-metric table (mean and 95%% "
+        "each attribution with --metrics and print the method-by-metric table (mean and 95% "
         "bootstrap interval over examples: attrax.evaluate, attrax.summary).",
     )
     evaluate.add_argument(
@@ -246,6 +258,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     from ._errors import OptionError
     from ._evaluate import evaluate, summary
     from ._model import load_model
+    from .io import save, write_atomically
+    from .viz import plot
 
     methods = {}
     for name in (m.strip() for m in args.methods.split(",") if m.strip()):
@@ -264,6 +278,7 @@ def _evaluate(args: argparse.Namespace) -> int:
             )
         fields[key] = value
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
+    _check_outputs({"--out": args.out, "--csv": args.csv, "--png": args.png})
     dask = {"workers": args.workers, "scheduler": args.scheduler, "shard_size": args.shard_size}
     if args.workers is None and args.scheduler is None:
         model: Any = load_model(args.model, device=_device(args.device), dtype=_dtype(args.dtype))
@@ -283,25 +298,17 @@ def _evaluate(args: argparse.Namespace) -> int:
         **dask,
     )
     table = summary(ds)
+    written = _write_outputs(
+        [
+            ("--out", args.out, lambda tmp: save(ds, tmp)),
+            ("--csv", args.csv, lambda tmp: write_atomically(tmp, table.to_csv)),
+            ("--png", args.png, lambda tmp: plot(table, path=tmp)),  # type: ignore[arg-type]
+        ]
+    )
     console = _console()
     console.print(_summary_table(table))
-    if args.out:
-        from .io import save
-
-        save(ds, args.out)
-        console.print(f"wrote {args.out}")
-    if args.csv:
-        from pathlib import Path
-
-        from .io import write_atomically
-
-        write_atomically(Path(args.csv).expanduser(), table.to_csv)
-        console.print(f"wrote {args.csv}")
-    if args.png:
-        from .viz import plot
-
-        plot(table, path=args.png)  # type: ignore[arg-type]
-        console.print(f"wrote {args.png}")
+    for path in written:
+        console.print(f"wrote {path}")
     return 0
 
 
@@ -488,8 +495,7 @@ def _attribute(args: argparse.Namespace) -> int:
     fn = resolve_method(args.method)
     steps = parse_reduce(args.reduce)
     options = _method_options(args, fn)
-    for path, flag in ((args.out, "--out"), (args.html, "--html"), (args.png, "--png")):
-        _check_output(path, flag)
+    _check_outputs({"--out": args.out, "--html": args.html, "--png": args.png})
     console = _console()
     model = load_model(args.model, device=_device(args.device), dtype=_dtype(args.dtype))
     inputs: Any = args.input
@@ -503,16 +509,17 @@ def _attribute(args: argparse.Namespace) -> int:
     with console.status(f"attributing with {args.method}…"):
         raw = call_method(fn, model, inputs, args.target, options)
     da = reduce(raw, steps)
+    # saved before printing: no way of printing the result may lose the files asked for
+    written = _write_outputs(
+        [
+            ("--out", args.out, lambda tmp: save(da, tmp)),
+            ("--html", args.html, lambda tmp: show(da, path=tmp)),
+            ("--png", args.png, lambda tmp: plot(da, path=tmp)),
+        ]
+    )
     _print_result(console, da)
-    if args.out:
-        save(da, args.out)
-        console.print(f"wrote {args.out}")
-    if args.html:
-        show(da, path=args.html)
-        console.print(f"wrote {args.html}")
-    if args.png:
-        plot(da, path=args.png)
-        console.print(f"wrote {args.png}")
+    for path in written:
+        console.print(f"wrote {path}")
     return 0
 
 
@@ -582,33 +589,109 @@ def _method_options(args: argparse.Namespace, fn: Any) -> dict[str, Any]:
     return options
 
 
+_EXAMPLES = {"--out": "x.nc", "--html": "a.html", "--png": "a.png", "--csv": "a.csv"}
+
+
+def _check_outputs(paths: dict[str, str | None]) -> None:
+    """Check every output flag's file before the computation: each one writable, ``--png`` a
+    format matplotlib writes, and no file named by two flags."""
+    import os
+
+    from ._errors import InputError
+
+    seen: dict[str, str] = {}
+    for flag, path in paths.items():
+        if path is None:
+            continue
+        _check_output(path, flag)
+        real = os.path.realpath(os.path.expanduser(path))
+        if real in seen:
+            raise InputError(
+                f"`{seen[real]}` and `{flag}` both name {path!r}; give each output its own file"
+            )
+        seen[real] = flag
+    if paths.get("--png") is not None:
+        from pathlib import Path
+
+        from matplotlib.backend_bases import FigureCanvasBase
+
+        suffix = Path(str(paths["--png"])).suffix[1:].lower()
+        known = FigureCanvasBase.get_supported_filetypes()
+        if suffix and suffix not in known:
+            raise InputError(
+                f"`--png` {paths['--png']!r}: matplotlib cannot write {suffix!r} files; end it in "
+                "one of " + ", ".join(f".{k}" for k in sorted(known))
+            )
+
+
 def _check_output(path: str | None, flag: str) -> None:
     """Check where ``flag`` will write before the computation, not after it."""
     if path is None:
         return
+    import tempfile
+
+    from ._errors import AttraxError, InputError
+    from .io import output_path
+
+    try:
+        directory = output_path(path, _EXAMPLES.get(flag, "a.out")).parent
+    except AttraxError as err:
+        # io names its own argument; the user typed the flag
+        raise InputError(str(err).replace("`path`", f"`{flag}`", 1)) from None
+    try:
+        # os.access says yes to root even where the OS refuses (/proc, read-only mounts)
+        tempfile.TemporaryFile(dir=directory).close()
+    except OSError as err:
+        raise InputError(
+            f"`{flag}` {path!r}: cannot write in {str(directory)!r} ({err.strerror})"
+        ) from None
+
+
+def _write_outputs(
+    writes: Sequence[tuple[str, str | None, Callable[[Path], object]]],
+) -> list[str]:
+    """Write each ``(flag, path, write)`` given a path (``write(tmp)``) to a temp file beside it,
+    then move them all into place: one that fails leaves none written. Returns the paths."""
+    import contextlib
     import os
+    import uuid
     from pathlib import Path
 
-    from ._errors import InputError
+    from ._errors import AttraxError, InputError
 
-    target = Path(path).expanduser()
-    parent = target.parent
-    if target.is_dir():
-        raise InputError(f"`{flag}` {path!r} is a directory; expected a file to write")
-    if not parent.is_dir():
-        what = "is not a directory" if parent.exists() else "does not exist"
-        raise InputError(f"`{flag}` {path!r}: the directory {str(parent)!r} {what}")
-    if not os.access(parent, os.W_OK | os.X_OK) or (
-        target.exists() and not os.access(target, os.W_OK)
-    ):
-        raise InputError(f"`{flag}` {path!r} is not writable (permission denied)")
+    staged: list[tuple[Path, Path]] = []
+    try:
+        for flag, path, write in writes:
+            if path is None:
+                continue
+            final = Path(path).expanduser()
+            # the real suffix (or none) last: ax.plot reads the image format from it
+            tmp = final.with_name(f".{final.stem}-{uuid.uuid4().hex[:12]}-tmp{final.suffix}")
+            staged.append((tmp, final))
+            try:
+                write(tmp)
+            except (AttraxError, OSError) as err:
+                cause = err if isinstance(err, OSError) else err.__cause__
+                if isinstance(cause, OSError):
+                    raise InputError(
+                        f"`{flag}` {path!r}: cannot write in {str(final.parent)!r} "
+                        f"({cause.strerror})"
+                    ) from err
+                raise InputError(f"`{flag}` {path!r}: {err}") from err
+        for tmp, final in staged:
+            os.replace(tmp, final)
+    finally:
+        for tmp, _ in staged:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+    return [path for _, path, _ in writes if path is not None]
 
 
 def _print_result(console: Console, da: xr.DataArray) -> None:
     reductions = da.attrs.get("reductions", "").replace(";", " → ")
     if reductions:
         console.print(f"[dim]reduced: {reductions}[/]")
-    if set(da.dims) <= {"example", "target", "source"}:
+    if {"target", "source"} <= set(da.dims) <= {"example", "target", "source"}:
         _table(console, da)
     else:
         sizes = ", ".join(f"{d}: {n}" for d, n in da.sizes.items())

@@ -67,11 +67,7 @@ def save(obj: xr.DataArray | xr.Dataset, path: PathLike, *, compress: bool | int
             f"`obj` must be an xarray.DataArray or xarray.Dataset, got {type(obj).__name__}"
         )
     level = _compress_level(compress)
-    path = _as_path(path)
-    if path.is_dir():
-        raise InputError(f"`path` {str(path)!r} is a directory; give a file name such as 'x.nc'")
-    if not path.parent.is_dir():
-        raise InputError(f"`path` {str(path)!r}: directory {str(path.parent)!r} does not exist")
+    path = output_path(path, "x.nc")
 
     ds = _to_storable(obj)
     encoding = {name: _encoding(var, level) for name, var in ds.variables.items()}
@@ -102,6 +98,23 @@ def _local_write_lock(ds: xr.Dataset) -> Any:
         yield
 
 
+def output_path(path: object, example: str) -> Path:
+    """``path`` checked as a file to write (``example``: a file name to suggest), before any work:
+    a str or PathLike, not a directory, in a directory that exists and that we may write in."""
+    path = _as_path(path)
+    if path.is_dir():
+        raise InputError(
+            f"`path` {str(path)!r} is a directory; give a file name such as {example!r}"
+        )
+    parent = path.parent
+    if not parent.is_dir():
+        what = "is not a directory" if parent.exists() else "does not exist"
+        raise InputError(f"`path` {str(path)!r}: directory {str(parent)!r} {what}")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise InputError(f"`path` {str(path)!r}: directory {str(parent)!r} is not writable")
+    return path
+
+
 def write_atomically(path: Path, write: Callable[[Path], object]) -> Path:
     """``write(tmp)`` to a temporary file beside ``path``, synced, then moved onto ``path``:
     ``path`` is the old file or the complete new one, never a partial write."""
@@ -111,10 +124,16 @@ def write_atomically(path: Path, write: Callable[[Path], object]) -> Path:
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         # BaseException too: a Ctrl-C mid-write must not leave a stray temp file behind.
         with contextlib.suppress(OSError):
             tmp.unlink()
+        # the OS refusing our file (os.access says yes to root even in /proc or on read-only
+        # mounts, and a disk fills up) is about `path`, not a crash to show as a traceback
+        if isinstance(err, OSError) and str(err.filename) in (str(tmp), str(path)):
+            raise InputError(
+                f"`path` {str(path)!r}: cannot write in {str(path.parent)!r} ({err.strerror})"
+            ) from err
         raise
     return path
 
@@ -140,15 +159,26 @@ def load(path: PathLike, *, chunks: Any = None) -> xr.DataArray | xr.Dataset:
         raise InputError(f"`path` {str(path)!r} is a directory, not a netCDF file")
     if not path.exists():
         raise InputError(f"`path` {str(path)!r} does not exist")
+    if chunks is not None:
+        _check_chunks(chunks)
+        _require_dask()
     try:
-        if chunks is None:
-            with xr.open_dataset(path, engine="netcdf4", cache=False) as opened:
-                ds = opened.load()
-        else:
-            _require_dask()
-            ds = xr.open_dataset(path, engine="netcdf4", cache=False, chunks=chunks)
+        with xr.open_dataset(path, engine="netcdf4", cache=False) as opened:
+            ds = opened.load() if chunks is None else None
+            sizes = {str(k): v for k, v in opened.sizes.items()}
     except (OSError, ValueError, RuntimeError) as err:
         raise InputError(f"`path` {str(path)!r} is not a readable netCDF4 file: {err}") from err
+    if ds is None:
+        # the file opened fine above, so what fails here is `chunks` not fitting its dims
+        unknown = [k for k in chunks if k not in sizes] if isinstance(chunks, Mapping) else []
+        if unknown:
+            raise OptionError(f"`chunks` names dims {unknown} that the file lacks; it has {sizes}")
+        try:
+            ds = xr.open_dataset(path, engine="netcdf4", cache=False, chunks=chunks)
+        except ValueError as err:
+            raise OptionError(
+                f"`chunks` {chunks!r} does not fit the file's dims {sizes}: {err}"
+            ) from err
     ds = ds.drop_encoding()
 
     raw_meta = ds.attrs.pop(_MARKER, None)
@@ -162,6 +192,33 @@ def load(path: PathLike, *, chunks: Any = None) -> xr.DataArray | xr.Dataset:
     except (TypeError, ValueError, KeyError) as err:
         raise InputError(f"`path` {str(path)!r} has a corrupt {_MARKER!r} attribute") from err
     return _from_stored(ds, meta, kind)
+
+
+def _check_chunks(chunks: object) -> None:
+    """The forms of ``chunks`` that xarray takes (dim names are checked once the file is open)."""
+
+    def integer(c: object) -> bool:
+        return isinstance(c, numbers.Integral) and not isinstance(c, bool)
+
+    def size(c: object) -> bool:
+        if isinstance(c, tuple):  # explicit chunk lengths along one dim
+            return bool(c) and all(integer(i) and i >= 1 for i in c)
+        return integer(c) and (c >= 1 or c == -1)
+
+    def auto(c: object) -> bool:
+        return isinstance(c, str) and c == "auto"
+
+    if isinstance(chunks, Mapping):
+        ok = all(
+            isinstance(k, str) and (v is None or auto(v) or size(v)) for k, v in chunks.items()
+        )
+    else:
+        ok = auto(chunks) or (size(chunks) and not isinstance(chunks, tuple))
+    if not ok:
+        raise OptionError(
+            "`chunks` must be 'auto', a chunk size (a positive int, or -1 for one chunk) or a dict"
+            f" of them by dim name such as {{'example': 100}} ({{}}: the file's own), got {chunks!r}"
+        )
 
 
 def _require_dask() -> None:
@@ -265,6 +322,28 @@ def _check_names_and_attrs(ds: xr.Dataset) -> None:
             raise InputError(f"`obj` variable names must be strings for netCDF, got {name!r}")
         where = "`obj.attrs`" if name == _DA_VAR else f"attrs of variable {name!r}"
         _check_attrs(var.attrs, where)
+        bad = _string_with_nul(var.values) if var.dtype.kind in "OU" else None
+        if bad is not None:
+            kind = "coordinate" if name in ds.coords else "variable"
+            what = "`obj`" if name == _DA_VAR else f"`obj` {kind} {name!r}"
+            raise InputError(
+                f"{what} holds {bad!r}: netCDF stores strings up to their first NUL character"
+                " ('\\x00') and would cut it short; remove or replace it before saving"
+            )
+
+
+def _string_with_nul(values: np.ndarray) -> str | None:
+    """The first string of ``values`` holding a NUL (netCDF would cut it there), or None."""
+    if values.dtype.kind == "O":
+        return next(
+            (v for v in values.ravel().tolist() if isinstance(v, str) and "\x00" in v), None
+        )
+    if not values.size or not values.dtype.itemsize:
+        return None
+    # numpy pads fixed-width strings with NULs at the end; one followed by a character is real
+    codes = np.ascontiguousarray(values).view(np.uint32).reshape(values.size, -1)
+    hits = np.flatnonzero(((codes[:, :-1] == 0) & (codes[:, 1:] != 0)).any(axis=1))
+    return str(values.ravel()[hits[0]]) if hits.size else None
 
 
 def _check_attrs(attrs: Mapping[Hashable, Any], where: str) -> None:
@@ -275,6 +354,11 @@ def _check_attrs(attrs: Mapping[Hashable, Any], where: str) -> None:
             raise InputError(
                 f"{where}: {key!r} is a netCDF/CF attribute that would change the data on load;"
                 " rename it"
+            )
+        if isinstance(value, str) and "\x00" in value:
+            raise InputError(
+                f"{where}: {key!r} = {value!r} holds a NUL character, which netCDF would drop;"
+                " remove or replace it"
             )
         if not _is_storable_attr(value):
             raise InputError(

@@ -33,6 +33,7 @@ from matplotlib.figure import Figure
 
 from ._errors import InputError, OptionError
 from ._schema import MISSING_TOKEN, drop_padding
+from .io import output_path, write_atomically
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -290,6 +291,11 @@ def _scale(panels: Sequence[_Panel | _Row], cmap: str | colors.Colormap | None) 
     return _Scale(signed=signed, vmin=-top if signed else 0.0, vmax=top, cmap=cmap)
 
 
+def _check_title(title: object) -> None:
+    if title is not None and not isinstance(title, str):
+        raise OptionError(f"`title` must be a string or None, got {title!r}")
+
+
 def _default_title(da: xr.DataArray, title: str | None) -> str | None:
     if title is not None:
         return title
@@ -370,15 +376,7 @@ def _prepare_rows(
     da: xr.DataArray, example: Examples, labels: Labels, cmap: str | colors.Colormap | None
 ) -> tuple[list[_Row], _Scale]:
     da = _check_dims(da, rows=True)
-    n = da.sizes.get("example", 1)
-    if labels is not None and (
-        isinstance(labels, str) or not isinstance(labels, Sequence) or len(labels) != n
-    ):
-        raise OptionError(
-            f"`labels` must be a list of {n} true labels (names or class ids), one per "
-            f"example of `da`, got {labels!r}"
-        )
-    names = _class_names(da)
+    trues = _true_labels(da, labels)
     rows = []
     for e in _example_positions(da, example):
         sub = da if e is None else da.isel(example=e)
@@ -392,11 +390,7 @@ def _prepare_rows(
         values = np.asarray(sub.values, dtype=np.float64)
         keep = [j for j, t in enumerate(tokens) if not (t == MISSING_TOKEN and np.isnan(values[j]))]
         _, where = _coord_labels(sub, "source")
-        true = None
-        if labels is not None:
-            given = labels[0 if e is None else e]
-            given = given.item() if isinstance(given, np.generic) else given
-            true = names.get(given, str(given)) if isinstance(given, int) else str(given)
+        true = None if trues is None else trues[0 if e is None else e]
         probability = _one(sub, "predicted_probability")
         attributed = _one(sub, "target")
         rows.append(
@@ -414,6 +408,47 @@ def _prepare_rows(
             )
         )
     return rows, _scale(rows, cmap)
+
+
+def _true_labels(da: xr.DataArray, labels: Labels) -> list[str] | None:
+    """``labels`` checked, one class name or id per example of ``da``, as the names shown."""
+    if labels is None:
+        return None
+    n = da.sizes.get("example", 1)
+    if isinstance(labels, str) or not isinstance(labels, Sequence) or len(labels) != n:
+        raise OptionError(
+            f"`labels` must be a list of {n} true labels (names or class ids), one per "
+            f"example of `da`, got {labels!r}"
+        )
+    names, every = _class_names(da), _every_class(da)
+    trues = []
+    for i, given in enumerate(labels):
+        given = given.item() if isinstance(given, np.generic) else given
+        if isinstance(given, bool) or not isinstance(given, str | int):
+            raise OptionError(
+                f"`labels[{i}]` must be a class name (str) or class id (int), got {given!r}"
+            )
+        if every is not None and given not in (every if isinstance(given, int) else every.values()):
+            classes = ", ".join(f"{k} {v!r}" for k, v in sorted(every.items()))
+            raise OptionError(
+                f"`labels[{i}]` {given!r} is not a class of `da`; its classes are {classes}"
+            )
+        trues.append(names.get(given, str(given)) if isinstance(given, int) else given)
+    return trues
+
+
+def _every_class(da: xr.DataArray) -> dict[int, str] | None:
+    """Class id -> label when ``da`` holds every class: a ``target`` dim of two or more classes
+    that each example is attributed to, ids 0..K-1 (``target="all"``). Otherwise (each
+    example's predicted class, one class selected) a true label may be one it never saw."""
+    if not {"target_class", "target_label"} <= set(da.coords) or "target" not in da.dims:
+        return None
+    k = da.sizes["target"]
+    ids = da["target_class"]
+    if k < 2 or "target" not in ids.dims:
+        return None
+    rows = ids.transpose(..., "target").values.reshape(-1, k)
+    return _class_names(da) if (np.sort(rows, axis=1) == np.arange(k)).all() else None
 
 
 def _row_caption(row: _Row) -> list[tuple[str, str]]:
@@ -497,12 +532,9 @@ class HTML:
         return f"<attrax.viz.HTML {self.title!r}, {len(self.body)} characters>"
 
     def save(self, path: PathLike) -> Path:
-        """Write the standalone page (UTF-8) to ``path`` and return it."""
-        path = Path(path).expanduser()
-        if path.is_dir():
-            raise InputError(f"`path` {str(path)!r} is a directory; give a file name like 'a.html'")
-        path.write_text(str(self), encoding="utf-8")
-        return path
+        """Write the standalone page (UTF-8) to ``path``, atomically, and return it."""
+        path = output_path(path, "a.html")
+        return write_atomically(path, lambda tmp: tmp.write_text(str(self), encoding="utf-8"))
 
 
 _CSS = """
@@ -654,6 +686,8 @@ def show(
     >>> "positive" in show(rows, labels=["positive"])._repr_html_()
     True
     """
+    _check_title(title)
+    path = None if path is None else output_path(path, "a.html")
     if _is_grid(da):
         return _show_grid(da, path, title, cmap, annotate)
     name = _default_title(_check_dims(da, rows=_is_rows(da)), title)
@@ -783,15 +817,19 @@ def plot(
     >>> len(fig.axes)  # heatmap + colorbar
     2
     """
+    _check_title(title)
+    target = _figure_path(path)
     if type(da).__name__ == "DataFrame":  # an ax.summary table: metrics with their intervals
         from ._summary_plot import plot_summary
 
-        return plot_summary(da, path=path, title=title, dpi=dpi)  # type: ignore[arg-type]
+        fig = plot_summary(da, title=title)  # type: ignore[arg-type]
+        _save_figure(fig, target, dpi)
+        return fig
     name = _default_title(_check_dims(da, rows=_is_rows(da)), title)
     if _is_rows(da):
         rows, scale = _prepare_rows(da, example, labels, cmap)
         fig = _plot_rows(rows, scale, ax, name)
-        _save_figure(fig, path, dpi)
+        _save_figure(fig, target, dpi)
         return fig
     if labels is not None:
         raise OptionError(_LABELS_ONLY)
@@ -833,16 +871,38 @@ def plot(
         a.figure.colorbar(image, ax=a, shrink=0.9)
     if name:
         fig.suptitle(name)
-    _save_figure(fig, path, dpi)
+    _save_figure(fig, target, dpi)
     return fig
 
 
-def _save_figure(fig: Figure, path: PathLike | None, dpi: int) -> None:
-    if path is not None:
-        with warnings.catch_warnings():
-            # Emoji and some scripts have no glyph in any installed font; a box is drawn.
-            warnings.filterwarnings("ignore", message="Glyph .* missing from font")
-            fig.savefig(Path(path).expanduser(), dpi=dpi)
+def _figure_path(path: PathLike | None) -> tuple[Path, str] | None:
+    """``path`` checked before drawing, and the format its suffix names (none: matplotlib's
+    default), which must be given to ``savefig`` since the file is first written under a temp
+    name."""
+    if path is None:
+        return None
+    from matplotlib import rcParams
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    checked = output_path(path, "a.png")
+    fmt = checked.suffix[1:].lower() or str(rcParams["savefig.format"])
+    known = FigureCanvasBase.get_supported_filetypes()
+    if fmt not in known:
+        raise InputError(
+            f"`path` {str(checked)!r}: matplotlib cannot write {fmt!r} files; end it in one of "
+            + ", ".join(f".{k}" for k in sorted(known))
+        )
+    return checked, fmt
+
+
+def _save_figure(fig: Figure, target: tuple[Path, str] | None, dpi: int) -> None:
+    if target is None:
+        return
+    path, fmt = target
+    with warnings.catch_warnings():
+        # Emoji and some scripts have no glyph in any installed font; a box is drawn.
+        warnings.filterwarnings("ignore", message="Glyph .* missing from font")
+        write_atomically(path, lambda tmp: fig.savefig(tmp, format=fmt, dpi=dpi))
 
 
 def _plot_rows(rows: list[_Row], scale: _Scale, ax: Axes | None, name: str | None) -> Figure:
