@@ -86,6 +86,9 @@ def test_cli_evaluate_errors(tmp_path, capsys):
     assert "--field" in capsys.readouterr().err
     assert main([*base, "--methods", "saliency", "--metrics", "speed"]) == 2
     assert "`metrics`" in capsys.readouterr().err
+    # no listed method takes --steps: it was dropped without a word
+    assert main([*base, "--methods", "saliency,occlusion", "--steps", "8"]) == 2
+    assert "`--steps` applies to none of --methods" in capsys.readouterr().err
 
 
 def test_cli_dataset_worker_options(tmp_path, capsys):

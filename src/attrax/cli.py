@@ -262,12 +262,20 @@ def _evaluate(args: argparse.Namespace) -> int:
     from .viz import plot
 
     methods = {}
+    given = {"objective": args.objective, "steps": args.steps, "samples": args.samples}
+    used: set[str] = set()
     for name in (m.strip() for m in args.methods.split(",") if m.strip()):
         fn = resolve_method(name)
-        given = {"objective": args.objective, "steps": args.steps, "samples": args.samples}
         taken = set(resolve_options(fn, {}))
+        used |= taken
         methods[name] = functools.partial(
             fn, **{k: v for k, v in given.items() if v is not None and k in taken}
+        )
+    unused = [k for k, v in given.items() if v is not None and k not in used]
+    if unused:  # each method takes what applies to it; one none takes would change nothing
+        raise OptionError(
+            f"`--{unused[0]}` applies to none of --methods {args.methods!r}: no method of them "
+            f"takes `{unused[0]}`"
         )
     fields = {}
     for item in args.field:
