@@ -197,3 +197,13 @@ def test_one_baseline_for_two_attributed_sides_says_give_a_tuple(models):
             attribute_target=True,
             baseline=torch.zeros(model.hidden_size),
         )
+
+
+def test_a_text_the_tokenizer_does_not_know_at_all_is_refused():
+    """The built-in model knows digits only: 'hello world' was attributed as two <unk> tokens."""
+    model = ax.load_model()
+    with pytest.raises(ax.InputError, match="`inputs` is nothing but unknown and special tokens"):
+        ax.saliency(model, "hello world", " 1 2")
+    with pytest.raises(ax.InputError, match="`targets` is nothing but unknown"):
+        ax.saliency(model, "1 2 =", " zzz")
+    assert ax.saliency(model, "1 hello 2 =", " 2 1").sizes["target"] == 2  # partly known: fine

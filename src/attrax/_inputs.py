@@ -429,6 +429,13 @@ def _check_vocabulary(model: Model, ids: Sequence[int], name: str, side: str = "
             f"`{name}` has token id {max(ids)} ({token!r}) but the model's {side} embeddings "
             f"have {rows} rows: `tokenizer` is not the model's; pass the one saved with it"
         )
+    unknown = model.tokenizer.unk_token_id
+    if unknown is not None and unknown in ids and set(ids) <= set(model.tokenizer.all_special_ids):
+        raise InputError(
+            f"`{name}` is nothing but unknown and special tokens "
+            f"({model.tokenizer.convert_ids_to_tokens(list(ids))}): none of its text reaches the "
+            "model, whose tokenizer does not know it"
+        )
 
 
 def _check_length(
