@@ -420,6 +420,24 @@ def test_atp_batched_equals_single_and_selection(models64):
     )
 
 
+@pytest.mark.parametrize("site", ["heads", "mlp", "residual"])
+def test_atp_layers_in_any_order_are_those_layers(models64, encdec64, site):
+    """`layers=[1, 0]`: each layer's gradient times its own activation difference (the
+    activations were gathered in the model's order, the probes in the caller's: layer 0's
+    gradient met layer 1's difference), labelled as asked."""
+    for model, stack in ((models64["gpt2"], None), (encdec64["marian"], "cross")):
+        if stack is not None and site != "heads":
+            continue  # cross-attention patches heads only
+        target = TARGET if stack is None else ED_TARGET
+        kwargs = {"corrupted": CORRUPTED, "site": site, **({"stack": stack} if stack else {})}
+        whole = ax.attribution_patching(model, SOURCE, target, **kwargs)
+        picked = ax.attribution_patching(model, SOURCE, target, layers=[1, 0], **kwargs)
+        assert picked.layer.values.tolist() == [1, 0]
+        np.testing.assert_allclose(
+            picked.values, whole.sel(layer=[1, 0]).values, rtol=1e-9, atol=1e-12
+        )
+
+
 def test_atp_sequence_classifier_first_order():
     hf, tok = tiny_classifier("gpt2")
     model = ax.load_model(full_double(hf), tokenizer=tok)

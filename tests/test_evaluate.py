@@ -193,6 +193,25 @@ def test_sanity_checks_randomize_the_top_layer_first(default_model):
     assert decay[1] < decay[0] < 1
 
 
+@pytest.mark.parametrize("arch", ["t5", "bart"])
+def test_the_cascade_is_the_blocks_of_each_stack(arch):
+    """One step per block, decoder first: T5's blocks hold lists of sub-layers, which were
+    counted as 10 more "layers" that re-randomized blocks already random."""
+    from attrax.testing import tiny_model
+
+    hf, tok = tiny_model(arch)
+    model = ax.load_model(hf, tokenizer=tok)
+    data = [{"input": "The capital of France is", "target": " Paris"}]
+    ds = ax.sanity_checks(model, data, ax.pipe(ax.saliency, ax.l2_norm))
+    prefix, name = ("", "block") if arch == "t5" else ("model.", "layers")
+    want = [
+        f"{prefix}{side}.{name}.{i}"
+        for side, stack in (("decoder", hf.get_decoder()), ("encoder", hf.get_encoder()))
+        for i in reversed(range(len(getattr(stack, name))))
+    ]
+    assert ds.randomized.values.tolist() == want
+
+
 def test_random_logit_is_another_class():
     from attrax.testing import tiny_classifier
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -9,6 +11,7 @@ import xarray as xr
 
 import attrax as ax
 from attrax.testing import tiny_model
+from tests.conftest import assert_close
 
 X = ["hello world", "the cat sat on"]
 Y = [" again", " the mat"]
@@ -85,6 +88,9 @@ def test_what_a_stack_refuses(checkpoints):
         ax.integrated_gradients(stack, X, Y, baseline="pad")
     with pytest.raises(ax.OptionError, match="`mode='forward'` is not supported on stacked"):
         ax.input_x_gradient(stack, X, Y, mode="forward", reduce_hidden="sum")
+    # its hooks read the rows the vmapped forward splits: another model's values, or zeros
+    with pytest.raises(ax.OptionError, match="`layers` is not supported on stacked models"):
+        ax.saliency(stack, X, Y, layers=1)
 
 
 def test_a_stack_names_the_config_keys_that_differ():
@@ -110,3 +116,19 @@ def test_a_stack_refuses_an_encoder_decoder():
     m = ax.load_model(hf, tokenizer=tok)
     with pytest.raises(ax.ModelError, match="decoder-only"):
         ax.stack_models([m, m])
+
+
+def test_a_contrast_is_each_models_own(checkpoints):
+    """A contrast (one text, or one per input) applies to every model: each slice equals that
+    model alone, and the options record it as given."""
+    tokenize = checkpoints[0].tokenizer.tokenize
+    contrast = " the" * len(tokenize(Y[0]))  # aligned with the target token by token
+    assert len(tokenize(contrast)) == len(tokenize(Y[0]))
+    stack = ax.stack_models(checkpoints)
+    for given in (contrast, [contrast]):
+        inputs, targets = (X[0], Y[0]) if isinstance(given, str) else (X[:1], Y[:1])
+        got = ax.saliency(stack, inputs, targets, contrast=given)
+        for i, model in enumerate(checkpoints):
+            alone = ax.saliency(model, inputs, targets, contrast=given)
+            assert_close(got.isel(model=i).values, alone.values, rtol=1e-9)
+        assert json.loads(got.attrs["options"])["contrast"] == given

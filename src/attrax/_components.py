@@ -603,13 +603,16 @@ def attribution_patching(
         corrupt_embeds = model.embed(corrupt_ids, "source")
 
     # the activation of each chosen layer at `site`, and how a probe is added to it
-    def install(probes: list[torch.Tensor] | None, seen: list[torch.Tensor]) -> list[Any]:
+    def install(probes: list[torch.Tensor] | None, seen: list[Any]) -> list[Any]:
         handles = []
         for position, layer in enumerate(chosen_layers):
             probe = None if probes is None else probes[position]
 
-            def add(value: torch.Tensor, probe: torch.Tensor | None = probe) -> torch.Tensor:
-                seen.append(value)
+            def add(
+                value: torch.Tensor, probe: torch.Tensor | None = probe, position: int = position
+            ) -> torch.Tensor:
+                # by the caller's order, as the probes: the model runs its layers in its own
+                seen[position] = value
                 return value if probe is None else value + probe
 
             if site == "heads":
@@ -633,7 +636,7 @@ def attribution_patching(
     def run(
         embeds: torch.Tensor, mask: torch.Tensor, probes: list[torch.Tensor] | None
     ) -> tuple[Any, ...]:
-        seen: list[torch.Tensor] = []
+        seen: list[Any] = [None] * len(chosen_layers)
         with _hooks(*install(probes, seen)):
             hidden = model.hidden_at(
                 embeds,
@@ -647,9 +650,9 @@ def attribution_patching(
 
     with torch.no_grad():
         _, corrupt_acts = run(corrupt_embeds, corrupt_mask, None)
-    zeros = [torch.zeros_like(a) for a in corrupt_acts]
-    if len(zeros) != len(chosen_layers):
+    if any(a is None for a in corrupt_acts):
         raise ModelError(f"{method}: {type(model.hf).__name__} did not run the modules it names")
+    zeros = [torch.zeros_like(a) for a in corrupt_acts]
 
     def clean(*probes: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         hidden, seen = run(clean_embeds, t.mask, list(probes))

@@ -785,6 +785,8 @@ def _layers(model: Model) -> list[str]:
         for name, module in model.hf.named_modules()
         if isinstance(module, torch.nn.ModuleList) and len(module) > 0
     ]
+    # lists inside a block (T5's sub-layers) are that block's parts, randomized with it
+    lists = [(n, m) for n, m in lists if not any(n.startswith(f"{o}.") for o, _ in lists)]
     if not lists:
         raise InputError(f"{type(model.hf).__name__}: no stack of layers found to randomize")
     lists.sort(key=lambda item: "encoder" in item[0])  # decoder (or only) stack first

@@ -12,6 +12,7 @@ models' names) and ``example``.
 from __future__ import annotations
 
 import copy
+import json
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -71,6 +72,19 @@ class StackedModel:
         if any(not isinstance(x, str) for x in inputs):
             raise OptionError("stacked models take texts as `inputs` (no text pairs)")
         options = {k: v for k, v in arguments.items() if k not in ("model", "inputs", "targets")}
+        if options.get("layers") is not None:  # its hooks read rows the vmapped forward splits
+            raise OptionError(
+                "`layers` is not supported on stacked models: attribute to the embeddings, or run "
+                "each model with `layers=` on its own"
+            )
+        given = options.get("contrast")
+        if given is not None:  # one contrast per example, for every model
+            contrast = [given] if isinstance(given, str) else list(given)
+            if len(contrast) != len(inputs):
+                raise OptionError(
+                    f"`contrast` must have one text per input ({len(inputs)}), got {len(contrast)}"
+                )
+            options["contrast"] = contrast * len(self.models)
         if options.get("mode") == "forward":  # jvp through the vmapped parameter stacks fails
             raise OptionError(
                 "`mode='forward'` is not supported on stacked models: use mode='reverse' or 'auto'"
@@ -82,8 +96,14 @@ class StackedModel:
             )
         m, b = len(self.models), len(inputs)
         self._expanded.rows = b
-        da = public(self._expanded, inputs * m, targets * m, **options)
-        return _split(da, self.names, b, single)
+        da = _split(
+            public(self._expanded, inputs * m, targets * m, **options), self.names, b, single
+        )
+        if given is not None:  # the contrast as given, not as repeated for the models
+            recorded = json.loads(da.attrs["options"])
+            recorded["contrast"] = given
+            da.attrs["options"] = json.dumps(recorded, sort_keys=True)
+        return da
 
 
 def stack_models(models: Sequence[Model], names: Sequence[str] | None = None) -> StackedModel:
