@@ -50,6 +50,7 @@ __all__ = [
     "attribute_dataset",
     "call_method",
     "check_model_options",
+    "json_lines",
     "load_dataset_results",
     "parse_reduce",
     "reduce",
@@ -573,8 +574,16 @@ def _scan(data: Path) -> _Scan:
     )
 
 
-def _records(data: Path, digest: Any = None) -> Iterator[dict[str, Any]]:
-    """Each record with its 0-based line number as ``record["_line"]``; blank lines skipped."""
+def json_lines(data: Path, digest: Any = None) -> Iterator[tuple[int, str, Any]]:
+    """``(line_no, where, value)`` of each non-blank line of a JSON Lines file: its 0-based
+    number, ``"name line n"`` for messages, and its parsed JSON (``digest`` sees every byte).
+
+    >>> import tempfile, pathlib
+    >>> path = pathlib.Path(tempfile.mkdtemp()) / "d.jsonl"
+    >>> _ = path.write_text('{"input": "1 ="}' + chr(10) * 2 + '[2]' + chr(10))
+    >>> list(json_lines(path))
+    [(0, 'd.jsonl line 1', {'input': '1 ='}), (2, 'd.jsonl line 3', [2])]
+    """
     with open(data, "rb") as f:
         for line_no, raw in enumerate(f):
             if digest is not None:
@@ -583,31 +592,40 @@ def _records(data: Path, digest: Any = None) -> Iterator[dict[str, Any]]:
                 continue
             where = f"{data.name} line {line_no + 1}"
             try:
-                record = json.loads(raw)
-            except ValueError as err:
-                raise InputError(f"{where}: not valid JSON ({err})") from None
-            if not isinstance(record, dict):
-                raise InputError(f"{where}: expected a JSON object, got {type(record).__name__}")
-            if "input" not in record:
-                raise InputError(
-                    f"{where} has no field 'input': its fields are {sorted(record)}; every line "
-                    "needs the text to attribute as 'input'"
-                )
-            for key in ("input", "target", "input_pair", "corrupted"):
-                value = record.get(key, "")
-                if (key in record or key == "input") and (
-                    not isinstance(value, str) or not value.strip()
-                ):
-                    raise InputError(f"{where}: {key!r} must be a non-empty string, got {value!r}")
-            if "id" in record and (
-                isinstance(record["id"], bool) or not isinstance(record["id"], (str, int))
+                value = json.loads(raw)
+            except ValueError as err:  # JSONDecodeError and bad UTF-8 alike
+                # a pretty-printed .json array fails on its first line: say how the file is read
+                json_ = data.suffix.lower() == ".json"
+                hint = "; a .json file is read as JSON Lines, one record per line" if json_ else ""
+                raise InputError(f"{where}: not valid JSON ({err}){hint}") from None
+            yield line_no, where, value
+
+
+def _records(data: Path, digest: Any = None) -> Iterator[dict[str, Any]]:
+    """Each record with its 0-based line number as ``record["_line"]``; blank lines skipped."""
+    for line_no, where, record in json_lines(data, digest):
+        if not isinstance(record, dict):
+            raise InputError(f"{where}: expected a JSON object, got {type(record).__name__}")
+        if "input" not in record:
+            raise InputError(
+                f"{where} has no field 'input': its fields are {sorted(record)}; every line "
+                "needs the text to attribute as 'input'"
+            )
+        for key in ("input", "target", "input_pair", "corrupted"):
+            value = record.get(key, "")
+            if (key in record or key == "input") and (
+                not isinstance(value, str) or not value.strip()
             ):
-                raise InputError(f"{where}: 'id' must be a string or an integer")
-            if "label" in record and (
-                isinstance(record["label"], bool) or not isinstance(record["label"], (str, int))
-            ):
-                raise InputError(f"{where}: 'label' must be a label name or a class id")
-            yield {**record, "_line": line_no}
+                raise InputError(f"{where}: {key!r} must be a non-empty string, got {value!r}")
+        if "id" in record and (
+            isinstance(record["id"], bool) or not isinstance(record["id"], (str, int))
+        ):
+            raise InputError(f"{where}: 'id' must be a string or an integer")
+        if "label" in record and (
+            isinstance(record["label"], bool) or not isinstance(record["label"], (str, int))
+        ):
+            raise InputError(f"{where}: 'label' must be a label name or a class id")
+        yield {**record, "_line": line_no}
 
 
 def _shards(data: Path, size: int) -> Iterator[list[dict[str, Any]]]:

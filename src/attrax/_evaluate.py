@@ -16,7 +16,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import numbers
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -30,7 +29,13 @@ import xarray as xr
 
 from . import _faithfulness
 from . import _validate as check
-from ._dataset import check_model_options, concat_examples, parse_reduce, resolve_method
+from ._dataset import (
+    check_model_options,
+    concat_examples,
+    json_lines,
+    parse_reduce,
+    resolve_method,
+)
 from ._dataset import reduce as apply_reductions
 from ._errors import InputError, OptionError
 from ._inputs import check_example
@@ -211,22 +216,9 @@ def _folder(path: Path) -> Any:
 def _jsonl(path: Path) -> list[tuple[str, Any]]:
     """A JSONL file's records, each named by its line (from 1); blank lines skipped."""
     try:
-        lines = path.read_bytes().split(b"\n")
+        return [(where, value) for _, where, value in json_lines(path)]
     except OSError as err:
         raise InputError(f"`data` {str(path)!r} cannot be read ({err.strerror})") from None
-    rows = []
-    for n, raw in enumerate(lines, 1):
-        if not raw.strip():
-            continue
-        where = f"{path.name} line {n}"
-        try:
-            rows.append((where, json.loads(raw)))
-        except ValueError as err:  # JSONDecodeError and bad UTF-8 alike
-            # a pretty-printed .json array fails on its first line: say how the file is read
-            json_ = path.suffix.lower() == ".json"
-            hint = "; a .json file is read as JSON Lines, one record per line" if json_ else ""
-            raise InputError(f"{where}: not valid JSON ({err}){hint}") from None
-    return rows
 
 
 def _rationale(marks: Any, text: str, where: str) -> tuple[int, ...]:

@@ -618,18 +618,6 @@ def _check_outputs(paths: dict[str, str | None]) -> None:
                 f"`{seen[real]}` and `{flag}` both name {path!r}; give each output its own file"
             )
         seen[real] = flag
-    if paths.get("--png") is not None:
-        from pathlib import Path
-
-        from matplotlib.backend_bases import FigureCanvasBase
-
-        suffix = Path(str(paths["--png"])).suffix[1:].lower()
-        known = FigureCanvasBase.get_supported_filetypes()
-        if suffix and suffix not in known:
-            raise InputError(
-                f"`--png` {paths['--png']!r}: matplotlib cannot write {suffix!r} files; end it in "
-                "one of " + ", ".join(f".{k}" for k in sorted(known))
-            )
 
 
 def _check_output(path: str | None, flag: str) -> None:
@@ -640,9 +628,13 @@ def _check_output(path: str | None, flag: str) -> None:
 
     from ._errors import AttraxError, InputError
     from .io import output_path
+    from .viz import figure_path
 
     try:
-        directory = output_path(path, _EXAMPLES.get(flag, "a.out")).parent
+        if flag == "--png":  # also a format matplotlib writes
+            directory = figure_path(path)[0].parent  # type: ignore[index]
+        else:
+            directory = output_path(path, _EXAMPLES.get(flag, "a.out")).parent
     except AttraxError as err:
         # io names its own argument; the user typed the flag
         raise InputError(str(err).replace("`path`", f"`{flag}`", 1)) from None

@@ -818,7 +818,7 @@ def plot(
     2
     """
     _check_title(title)
-    target = _figure_path(path)
+    target = figure_path(path)
     if type(da).__name__ == "DataFrame":  # an ax.summary table: metrics with their intervals
         from ._summary_plot import plot_summary
 
@@ -875,7 +875,7 @@ def plot(
     return fig
 
 
-def _figure_path(path: PathLike | None) -> tuple[Path, str] | None:
+def figure_path(path: PathLike | None) -> tuple[Path, str] | None:
     """``path`` checked before drawing, and the format its suffix names (none: matplotlib's
     default), which must be given to ``savefig`` since the file is first written under a temp
     name."""
