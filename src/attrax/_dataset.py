@@ -51,6 +51,7 @@ __all__ = [
     "call_method",
     "check_model_options",
     "json_lines",
+    "label_name",
     "load_dataset_results",
     "parse_reduce",
     "reduce",
@@ -740,7 +741,7 @@ def _check_lines(
                 pair=record.get("input_pair"),
             )
             if "label" in record:
-                _label(model, record["label"])
+                label_name(model, record["label"])
         except InputError as err:
             raise InputError(f"{name} line {record['_line'] + 1}: {err}") from None
 
@@ -841,7 +842,7 @@ def _attribute(
         ids = [str(record.get("id", "")) for record in records]
         da = da.assign_coords(id=("example", np.asarray(ids, dtype=str)))
     if scan.has_label:
-        labels = [_label(model, record["label"]) for record in records]
+        labels = [label_name(model, record["label"]) for record in records]
         da = da.assign_coords(label=("example", np.asarray(labels, dtype=str)))
     return da
 
@@ -870,8 +871,12 @@ def _with_record_options(
     return {**options, "corrupted": "(each record's 'corrupted')"}
 
 
-def _label(model: Model, value: str | int) -> str:
-    """A record's true label as a label name: a classifier's class id is named, a name checked."""
+def label_name(model: Model, value: str | int) -> str:
+    """A record's true label as a label name: a classifier's class id is named, a name checked.
+
+    >>> label_name(load_model("attrax:classifier"), 2)
+    'positive'
+    """
     if not model.labels:
         return str(value)
     if isinstance(value, int):

@@ -33,6 +33,7 @@ from ._dataset import (
     check_model_options,
     concat_examples,
     json_lines,
+    label_name,
     parse_reduce,
     resolve_method,
 )
@@ -450,16 +451,10 @@ def _label(model: Model, value: str | int) -> str | int:
     a language model's label is a free tag, kept as it is."""
     if not model.labels:
         return value
-    if isinstance(value, str) and value in model.labels.values():
-        return value
-    # a CSV cell is text: its "1" is the class id 1
-    cls = value if isinstance(value, int) else int(value) if value.strip().isdecimal() else None
-    if cls not in model.labels:
-        raise InputError(
-            f"`label` {value!r} is not a label of {model.name}: expected one of "
-            f"{list(model.labels.values())} or a class id 0..{len(model.labels) - 1}"
-        )
-    return model.labels[cls]
+    # a CSV cell is text: its "1" is the class id 1, unless a label is named "1"
+    if isinstance(value, str) and value not in model.labels.values() and value.isdecimal():
+        value = int(value)
+    return label_name(model, value)
 
 
 def concat_evaluations(parts: list[xr.Dataset]) -> xr.Dataset:
