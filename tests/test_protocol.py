@@ -261,3 +261,56 @@ def test_a_model_that_outputs_nan_is_an_input_error_for_every_method(nan_model, 
     path never ended, and step scores were NaN."""
     with pytest.raises(ax.InputError, match="not finite"):
         getattr(ax, name)(nan_model, *PAIRS[0], **_QUICK.get(name, {}))
+
+
+# methods that only evaluate the objective: a score without a gradient is theirs to take
+_EVALUATE_ONLY = {
+    "occlusion",
+    "feature_ablation",
+    "lime",
+    "kernel_shap",
+    "shapley_sampling",
+    "sobol",
+}
+
+
+def _detached(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    return torch.log_softmax(logits.detach(), dim=-1).gather(-1, ids[..., None])[..., 0]
+
+
+def _under_no_grad(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return logits.gather(-1, ids[..., None])[..., 0]
+
+
+def _is_argmax(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    return (logits.argmax(-1) == ids).to(logits.dtype)
+
+
+@pytest.fixture(scope="module")
+def classifier() -> ax.Model:
+    from attrax.testing import tiny_classifier
+
+    hf, tok = tiny_classifier("bert", "sequence")
+    return ax.load_model(hf, tokenizer=tok)
+
+
+@pytest.mark.parametrize(
+    "name", [n for n in METHODS if "objective" in inspect.signature(getattr(ax, n)).parameters]
+)
+def test_an_objective_without_a_gradient_is_refused_where_it_is_differentiated(
+    models, classifier, name
+):
+    """A callable objective that detaches the logits gave all-zero gradient attributions
+    without a word; methods that only evaluate it still take it."""
+    fn = getattr(ax, name)
+    for model, pair in ((models["gpt2"], PAIRS[0]), (classifier, (PAIRS[0][0], None))):
+        for objective in (_detached, _under_no_grad, _is_argmax):
+            if name in _EVALUATE_ONLY:
+                da = fn(model, *pair, objective=objective, **_QUICK.get(name, {}))
+                assert bool(da.notnull().any())  # NaN only marks the future
+                continue
+            with pytest.raises(
+                ax.OptionError, match=f"`objective` {objective.__name__} has a zero"
+            ):
+                fn(model, *pair, objective=objective, **_QUICK.get(name, {}))

@@ -41,7 +41,9 @@ def _run(core: Any, call: Call, arguments: dict[str, Any]) -> xr.DataArray:
 
 
 #: PGD: every common parameter; the attack is its own.
-ADVERSARIAL = Family(name="adversarial", takes=tuple(COMMON), refuses={}, run=_run)
+ADVERSARIAL = Family(
+    name="adversarial", takes=tuple(COMMON), refuses={}, run=_run, differentiates=True
+)
 
 
 def _step_size(value: object, name: str) -> None:

@@ -60,6 +60,7 @@ COMPONENTS = Family(
 #: Attribution patching: one clean and one corrupted forward, one vectorized backward.
 PATCHING = Family(
     name="patching",
+    differentiates=True,
     takes=("objective", "contrast", "positions", "chunk_size", "max_new_tokens", "max_memory"),
     refuses={
         "attribute_target": "attribution patching reports the positions of the stack it patches "

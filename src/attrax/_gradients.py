@@ -256,6 +256,7 @@ GRADIENT = Family(
     refuses={},
     run=_run,
     lazy_prediction=True,
+    differentiates=True,
     extra={
         "reduce_hidden": REDUCE_HIDDEN,
         "mode": Param(

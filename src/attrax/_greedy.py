@@ -53,6 +53,7 @@ def _run_greedy(core: Any, call: Call, arguments: dict[str, Any]) -> xr.DataArra
 #: Greedy PIG: every common parameter, plus ``reduce_hidden``; its rounds are its own.
 GREEDY_PATH = Family(
     name="gradient",
+    differentiates=True,
     takes=tuple(COMMON),
     refuses={"mode": "each target's baseline is its own after the first round: reverse mode only"},
     run=_run_greedy,

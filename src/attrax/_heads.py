@@ -51,6 +51,7 @@ _NO_POINTS = "attention x gradient takes the gradient at the model's own weights
 #: Attention x gradient: one forward, one vectorized backward over targets.
 ATTENTION_GRADIENT = Family(
     name="attention_gradient",
+    differentiates=True,
     takes=(
         "objective",
         "contrast",
@@ -65,6 +66,7 @@ ATTENTION_GRADIENT = Family(
 #: Head attribution: integrated gradients over the attention weights of each layer.
 HEAD_ATTRIBUTION = Family(
     name="head_attribution",
+    differentiates=True,
     takes=(
         "objective",
         "contrast",

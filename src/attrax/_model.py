@@ -170,6 +170,13 @@ class Model:
         return int(weight.shape[0]) if isinstance(weight, torch.Tensor) else 0
 
     @property
+    def output_width(self) -> int:
+        """Entries of the logits an objective scores: the vocabulary, or a classifier's classes."""
+        if self._head is not None:
+            return int(self._head.weight.shape[0])
+        return len(self.labels)
+
+    @property
     def model_type(self) -> str:
         """``"decoder-only"``, ``"encoder-decoder"`` or ``"encoder-only"``, as results record it."""
         if self.is_encoder_decoder:

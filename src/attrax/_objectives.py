@@ -59,6 +59,30 @@ def resolve(objective: str | Objective) -> tuple[str, Objective]:
     )
 
 
+def check_differentiable(objective: Objective, method: str, width: int) -> None:
+    """Refuse a callable objective whose gradient with respect to the logits is zero at random
+    logits (``width`` classes or vocabulary entries): it detaches them, runs under ``no_grad`` or
+    is piecewise constant (argmax, comparisons), and every gradient of ``method`` would be zero.
+    """
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, width, generator=generator)
+    ids = torch.tensor([0, width - 1])
+    try:
+        value, pull = torch.func.vjp(lambda x: objective(x, ids), logits)
+        (gradient,) = pull(torch.ones_like(value))
+    except Exception:  # the call itself checks the objective and says what is wrong
+        return
+    if not bool(gradient.any()):
+        name = getattr(objective, "__name__", type(objective).__name__)
+        raise OptionError(
+            f"`objective` {name} has a zero gradient with respect to the logits (at random "
+            f"logits): it detaches them, runs under no_grad or is piecewise constant (argmax, "
+            f"comparisons), so every attribution of {method}, which differentiates it, would be "
+            "zero; give a differentiable score, or use a perturbation method (occlusion, lime, "
+            "kernel_shap), which only evaluates it"
+        )
+
+
 def evaluate_objective(
     objective: Objective,
     logits: torch.Tensor,

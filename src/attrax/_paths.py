@@ -131,6 +131,7 @@ def _run_guided(core: Any, call: Call, arguments: dict[str, Any]) -> xr.DataArra
 #: Guided IG: every common parameter, plus ``reduce_hidden``; its paths are its own.
 GUIDED_PATH = Family(
     name="gradient",
+    differentiates=True,
     takes=tuple(n for n in COMMON if n != "batch_size"),
     refuses={
         "batch_size": "guided IG evaluates one point per target per step; `chunk_size` (targets "

@@ -31,7 +31,7 @@ from ._errors import InputError, OptionError
 from ._inputs import Batch, Texts, prepare, with_predictions
 from ._memory import parse_bytes
 from ._model import Model, ModelLike, load_model
-from ._objectives import Objective, resolve
+from ._objectives import Objective, check_differentiable, resolve
 from ._schema import label
 from ._validate import Check
 
@@ -210,6 +210,8 @@ class Family:
     #: the class logits of its own forward: only for runs whose forwards are the model's own
     #: (no activation taps), so that the logits are the prediction's
     lazy_prediction: bool = False
+    #: the methods differentiate the objective (a callable one is checked to have a gradient)
+    differentiates: bool = False
 
     def method(
         self, together: Callable[[Mapping[str, Any]], None] | None = None, **checks: Check
@@ -291,6 +293,9 @@ def _public(
             return arguments["model"].run(public, name, arguments)
         call = _call(name, family, arguments)
         _check_applies(call.model, kwargs)
+        objective = arguments.get("objective")
+        if family.differentiates and callable(objective):
+            check_differentiable(objective, name, call.model.output_width)
         with call.model.call_lock:
             return family.run(core, call, arguments)
 
