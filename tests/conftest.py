@@ -32,6 +32,27 @@ PAIRS = [
 ]
 
 
+# options small enough for a quick call of each method on the tiny models (attribution patching's
+# `corrupted` text depends on the model: each test adds its own)
+QUICK = {
+    "integrated_gradients": {"steps": 3},
+    "smoothgrad": {"samples": 2},
+    "lime": {"samples": 8},
+    "kernel_shap": {"samples": 8},
+    "discretized_integrated_gradients": {"neighbours": 3, "steps": 3},
+    "sequential_integrated_gradients": {"steps": 3},
+    "guided_integrated_gradients": {"steps": 3},
+    "greedy_pig": {"rounds": 2, "steps": 3},
+    "pgd": {"steps": 2},
+    "sobol": {"samples": 4},
+    "shapley_sampling": {"permutations": 2},
+    "squaregrad": {"samples": 2},
+    "vargrad": {"samples": 2},
+    "gradient_shap": {"samples": 2},
+    "head_attribution": {"steps": 2},
+}
+
+
 # the integrated_gradients option that picks the quadrature rule; every test names it through here
 IG_RULE = "quadrature"
 

@@ -19,7 +19,7 @@ from attrax._engine import Problem
 from attrax._inputs import prepare
 from attrax._names import METHODS
 from attrax._objectives import resolve
-from tests.conftest import PAIRS, assert_close
+from tests.conftest import PAIRS, QUICK, assert_close
 
 
 class FakeLibc:
@@ -314,18 +314,7 @@ def test_messages_round_a_smallest_budget_up():
 
 
 # options small enough for the built-in model, per method
-_SMALL = {
-    "integrated_gradients": {"steps": 3},
-    "smoothgrad": {"samples": 2},
-    "lime": {"samples": 8},
-    "kernel_shap": {"samples": 8},
-    "discretized_integrated_gradients": {"neighbours": 3, "steps": 3},
-    "sequential_integrated_gradients": {"steps": 3},
-    "guided_integrated_gradients": {"steps": 3},
-    "greedy_pig": {"rounds": 2, "steps": 3},
-    "pgd": {"steps": 2},
-    "attribution_patching": {"corrupted": "1 2 4 ="},
-}
+_SMALL = {**QUICK, "attribution_patching": {"corrupted": "1 2 4 ="}}
 _BUDGETED = [
     name for name in METHODS if "max_memory" in inspect.signature(getattr(ax, name)).parameters
 ]

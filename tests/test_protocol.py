@@ -17,17 +17,10 @@ from attrax._gradients import GRADIENT, Rule
 from attrax._names import METHODS
 from attrax._protocol import COMMON
 
-from .conftest import PAIRS, assert_close
+from .conftest import PAIRS, QUICK, assert_close
 
 EVERY = (*METHODS, "step_scores", "deletion", "insertion", "comprehensiveness", "sufficiency")
-# options small enough for the tiny models, per method
-SMALL = {
-    "integrated_gradients": {"steps": 3},
-    "smoothgrad": {"samples": 2},
-    "lime": {"samples": 8},
-    "kernel_shap": {"samples": 8},
-    "attribution_patching": {"corrupted": "The capital of Spain is"},
-}
+SMALL = {**QUICK, "attribution_patching": {"corrupted": "The capital of Spain is"}}
 
 
 def _options(fn) -> list[str]:
@@ -218,23 +211,6 @@ def test_a_copied_model_has_a_lock_of_its_own(models):
     xr.testing.assert_allclose(ax.saliency(copy, *PAIRS[0]), ax.saliency(model, *PAIRS[0]))
 
 
-# options small enough for a quick call, per method (the NaN model test)
-_QUICK = {
-    **SMALL,
-    "discretized_integrated_gradients": {"neighbours": 3, "steps": 3},
-    "sequential_integrated_gradients": {"steps": 3},
-    "guided_integrated_gradients": {"steps": 3},
-    "greedy_pig": {"rounds": 2, "steps": 3},
-    "pgd": {"steps": 2},
-    "sobol": {"samples": 4},
-    "shapley_sampling": {"permutations": 2},
-    "squaregrad": {"samples": 2},
-    "vargrad": {"samples": 2},
-    "gradient_shap": {"samples": 2},
-    "head_attribution": {"steps": 2},
-}
-
-
 @pytest.fixture(scope="module")
 def nan_model() -> ax.Model:
     """A tiny GPT-2 with one NaN weight in its first attention, set after loading (loading
@@ -260,7 +236,7 @@ def test_a_model_that_outputs_nan_is_an_input_error_for_every_method(nan_model, 
     one: attention, mixing, component and head methods returned all-NaN arrays, guided IG's
     path never ended, and step scores were NaN."""
     with pytest.raises(ax.InputError, match="not finite"):
-        getattr(ax, name)(nan_model, *PAIRS[0], **_QUICK.get(name, {}))
+        getattr(ax, name)(nan_model, *PAIRS[0], **SMALL.get(name, {}))
 
 
 # methods that only evaluate the objective: a score without a gradient is theirs to take
@@ -307,10 +283,10 @@ def test_an_objective_without_a_gradient_is_refused_where_it_is_differentiated(
     for model, pair in ((models["gpt2"], PAIRS[0]), (classifier, (PAIRS[0][0], None))):
         for objective in (_detached, _under_no_grad, _is_argmax):
             if name in _EVALUATE_ONLY:
-                da = fn(model, *pair, objective=objective, **_QUICK.get(name, {}))
+                da = fn(model, *pair, objective=objective, **SMALL.get(name, {}))
                 assert bool(da.notnull().any())  # NaN only marks the future
                 continue
             with pytest.raises(
                 ax.OptionError, match=f"`objective` {objective.__name__} has a zero"
             ):
-                fn(model, *pair, objective=objective, **_QUICK.get(name, {}))
+                fn(model, *pair, objective=objective, **SMALL.get(name, {}))

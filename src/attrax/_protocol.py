@@ -294,9 +294,9 @@ def _public(
         call = _call(name, family, arguments)
         _check_applies(call.model, kwargs)
         objective = arguments.get("objective")
-        if family.differentiates and callable(objective):
-            check_differentiable(objective, name, call.model.output_width)
         with call.model.call_lock:
+            if family.differentiates and callable(objective):
+                check_differentiable(objective, name, call.model.output_width)
             return family.run(core, call, arguments)
 
     public.__signature__ = signature  # type: ignore[attr-defined]
