@@ -57,8 +57,16 @@ def on_graph(model: ax.Model) -> list:
     ]
 
 
-def naive_run(model: ax.Model, source: str, target: str, scale: dict | None = None):
-    """Per target: the probability score (with graph) and the maps by stack, from ids.
+def naive_run(
+    model: ax.Model,
+    source: str,
+    target: str,
+    scale: dict | None = None,
+    objective=_naive.probability,
+    contrast: str | None = None,
+):
+    """Per target: the score (with graph; the probability unless ``objective`` is given, minus
+    the contrast token's where ``contrast`` is) and the maps by stack, from ids.
 
     ``scale`` {(stack, layer): alpha} multiplies that attention's output by alpha.
     """
@@ -90,15 +98,18 @@ def naive_run(model: ax.Model, source: str, target: str, scale: dict | None = No
     finally:
         for h in handles:
             h.remove()
-    scores = [
-        _naive.probability(out.logits[0, q], t) for q, t in zip(rows, target_ids, strict=False)
-    ]
+    scores = [objective(out.logits[0, q], t) for q, t in zip(rows, target_ids, strict=False)]
+    if contrast is not None:
+        other = _naive.token_ids(model, source, contrast)[1]
+        assert len(other) == len(target_ids) and other != target_ids
+        pairs = zip(scores, rows, other, strict=True)
+        scores = [s - objective(out.logits[0, q], c) for s, q, c in pairs]
     return scores, maps, rows
 
 
-def naive_grads(model, source, target, stack):
+def naive_grads(model, source, target, stack, **how):
     """[target][layer] -> d score / d A as [heads, Q, K] arrays, plus the maps and rows."""
-    scores, maps, rows = naive_run(model, source, target)
+    scores, maps, rows = naive_run(model, source, target, **how)
     grads = []
     for score in scores:  # one backward per target
         g = torch.autograd.grad(score, maps[stack], retain_graph=True, allow_unused=True)
@@ -172,6 +183,14 @@ def test_rollout_decoder_only(models64):
         for layer, m in enumerate(maps):
             r = r + relevance(m, grads[k][layer]) @ r
         np.testing.assert_allclose(got.values[k, : q + 1], r[q, : q + 1].numpy(), rtol=1e-7)
+    # `heads` picks the heads averaged, `layers` the layers rolled through (from R = I)
+    some = ax.attention_x_gradient(model, SOURCE, TARGET, rollout=True, heads=[1], layers=[-1])
+    last = len(maps) - 1
+    for k, q in enumerate(rows):
+        a = relevance(maps[last][[1]], grads[k][last][[1]])
+        r = torch.eye(a.shape[-1], dtype=torch.float64) + a
+        np.testing.assert_allclose(some.values[k, : q + 1], r[q, : q + 1].numpy(), rtol=1e-7)
+        assert not np.allclose(some.values[k, : q + 1], got.values[k, : q + 1])
 
 
 def test_rollout_encoder_decoder(models64):
@@ -216,14 +235,14 @@ def test_rollout_encoder_decoder(models64):
         )
 
 
-def naive_head_ig(model, source, target, stack, layer, steps):
+def naive_head_ig(model, source, target, stack, layer, steps, rule="gausslegendre", **how):
     """Per target [heads, Q, K]: A * sum_i w_i dF(alpha_i A)/dA, by pre-hooks and autograd."""
-    nodes, weights = _naive.quadrature_nodes("gausslegendre", steps)
+    nodes, weights = _naive.quadrature_nodes(rule, steps)
     _, maps, rows = naive_run(model, source, target)
     base = maps[stack][layer][0].detach()
     total = [torch.zeros_like(base) for _ in rows]
     for alpha, w in zip(nodes, weights, strict=False):
-        scores, maps, _ = naive_run(model, source, target, {(stack, layer): alpha})
+        scores, maps, _ = naive_run(model, source, target, {(stack, layer): alpha}, **how)
         for k, score in enumerate(scores):
             (g,) = torch.autograd.grad(score, maps[stack][layer], retain_graph=True)
             # the output is alpha * (A @ V): dF/dA = alpha * dF/d(alpha A)
@@ -252,6 +271,29 @@ def test_head_attribution_equals_autograd(models64, arch, stack):
             np.testing.assert_allclose(values, row, rtol=rtol, atol=atol)
             total = want[k].sum((1, 2)).numpy()
             np.testing.assert_allclose(got.head_total.values[k, j], total, rtol=rtol, atol=atol)
+
+
+def test_objective_and_contrast_equal_autograd(models64):
+    """``objective`` and ``contrast`` reach the gradients: d(logprob(target) - logprob(contrast))
+    / dA by autograd, for attention x gradient and for head attribution (Riemann nodes)."""
+    model = models64["gpt2"]
+    score = {"objective": _naive.logprob, "contrast": " Rome"}
+    kw = {"objective": "logprob", "contrast": " Rome"}
+    got = ax.attention_x_gradient(model, SOURCE, TARGET, **kw)
+    grads, maps, rows = naive_grads(model, SOURCE, TARGET, "self", **score)
+    for k, q in enumerate(rows):
+        want = np.stack([(m * grads[k][layer])[:, q].numpy() for layer, m in enumerate(maps)])
+        want = want.transpose(2, 0, 1)[: q + 1]
+        np.testing.assert_allclose(got.values[k, : q + 1], want, rtol=1e-7, atol=1e-12)
+    heads = ax.head_attribution(
+        model, SOURCE, TARGET, steps=3, quadrature="riemann_right", layers=[0], **kw
+    )
+    want, rows = naive_head_ig(model, SOURCE, TARGET, "self", 0, 3, "riemann_right", **score)
+    for k, q in enumerate(rows):
+        row = want[k][:, q].T.numpy()[: q + 1]
+        np.testing.assert_allclose(heads.values[k, : q + 1, 0], row, rtol=1e-7, atol=1e-12)
+        total = want[k].sum((1, 2)).numpy()
+        np.testing.assert_allclose(heads.head_total.values[k, 0], total, rtol=1e-7, atol=1e-12)
 
 
 # the tiny Llama's first layer turns sharply near alpha = 0.1 (RMSNorm of a small residual):
@@ -327,6 +369,7 @@ def test_classifier_rows(task):
     if task == "sequence":
         # the predicted class is the target; its row is the pooled [CLS] query
         for k, c in enumerate(got.target_class.values):
+            assert int(c) == int(probs[0].argmax())  # the predicted class, found here
             grads = torch.autograd.grad(probs[0, int(c)], out.attentions, retain_graph=True)
             want = np.stack(
                 [
@@ -339,7 +382,11 @@ def test_classifier_rows(task):
             )
     else:
         target_class = got.target_class.values
+        special = set(tok.all_special_ids)  # every token but [CLS] and [SEP] is a target
+        words = [p for p, i in enumerate(ids.input_ids[0].tolist()) if i not in special]
+        assert got.target.values.tolist() == words
         for k, position in enumerate(got.target.values):
+            assert int(target_class[k]) == int(probs[0, position].argmax())
             score = probs[0, position, int(target_class[k])]
             grads = torch.autograd.grad(score, out.attentions, retain_graph=True)
             want = np.stack(

@@ -527,15 +527,23 @@ def test_value_zeroing_copies_per_forward_do_not_change_scores(mixing_models):
     assert chunked.layer.values.tolist() == [whole.sizes["layer"] - 1]
 
 
-@pytest.mark.parametrize("kind", ["lm", "classifier"])
+@pytest.mark.parametrize("kind", ["lm", "llama_contrast", "classifier"])
 def test_alti_logit_matches_naive(mixing_models, kind):
-    if kind == "lm":
-        model = mixing_models["gpt2"]
+    """GPT-2 (LayerNorm: centered direction), Llama with a contrast (RMSNorm: no centering; the
+    unembedding row minus the contrast's) and a GPT-2 sequence classifier, against loops."""
+    if kind in ("lm", "llama_contrast"):
+        model = mixing_models["gpt2" if kind == "lm" else "llama"]
+        contrast = " Rome." if kind == "llama_contrast" else None
         ids, queries = ids_and_queries(model, PROMPT, TARGET)
-        got = ax.alti_logit(model, PROMPT, TARGET, aggregate=False)
-        total = ax.alti_logit(model, PROMPT, TARGET)
+        got = ax.alti_logit(model, PROMPT, TARGET, contrast=contrast, aggregate=False)
+        total = ax.alti_logit(model, PROMPT, TARGET, contrast=contrast)
         head = model.hf.lm_head.weight
         rows = [head[int(ids[0, q + 1])] for q in queries]
+        if contrast is not None:
+            other = _naive.token_ids(model, PROMPT, contrast)[1]
+            assert len(other) == len(rows)
+            assert all(int(ids[0, q + 1]) != c for q, c in zip(queries, other, strict=True))
+            rows = [row - head[c] for row, c in zip(rows, other, strict=True)]
     else:  # a GPT-2 sequence classifier: the predicted class's row of its score head
         hf, tok = tiny_classifier("gpt2", task="sequence")
         model = ax.load_model(hf.double(), tokenizer=tok)
@@ -548,16 +556,20 @@ def test_alti_logit_matches_naive(mixing_models, kind):
         rows = [model.hf.score.weight[predicted]]
     hf = model.hf
     layers = naive_alti_layers(model, ids)
-    final = hf.transformer.ln_f
+    final = hf.transformer.ln_f if hasattr(hf, "transformer") else hf.model.norm
+    layer_norm = isinstance(final, torch.nn.LayerNorm)
     before_final = []
     handle = final.register_forward_pre_hook(lambda _m, args: before_final.append(args[0]))
     with torch.no_grad(), model.attention_as("eager"):
         out = hf(input_ids=ids, output_attentions=True, output_hidden_states=True)
     handle.remove()
-    residual = before_final[0][0]  # the last block's output, before ln_f
+    residual = before_final[0][0]  # the last block's output, before the final norm
     length = ids.shape[1]
     for k, q in enumerate(queries):
-        sigma = torch.sqrt(residual[q].var(unbiased=False) + final.eps)
+        if layer_norm:
+            sigma = torch.sqrt(residual[q].var(unbiased=False) + final.eps)
+        else:  # RMSNorm: the root mean square, no centering
+            sigma = torch.sqrt(residual[q].pow(2).mean() + final.variance_epsilon)
         g = final.weight * rows[k]
         below = torch.eye(length, dtype=torch.float64)
         expected_total = torch.zeros(length, dtype=torch.float64)
@@ -572,19 +584,15 @@ def test_alti_logit_matches_naive(mixing_models, kind):
                 for h in range(attn.shape[0]):
                     z[h * hd : (h + 1) * hd] = attn[h, q, j] * v[j, h]
                 update = project(model, block, z).detach()
-                delta[j] = (g * (update - update.mean())).sum() / sigma
+                if layer_norm:
+                    update = update - update.mean()
+                delta[j] = (g * update).sum() / sigma
             term = delta @ below
             np.testing.assert_allclose(got.values[k, : q + 1, layer], term[: q + 1], atol=1e-9)
             expected_total += term
             below = layers[layer] @ below
         np.testing.assert_allclose(total.values[k, : q + 1], expected_total[: q + 1], atol=1e-9)
-
-
-def test_alti_logit_contrast_is_a_difference(mixing_models):
-    model = mixing_models["llama"]
-    a = ax.alti_logit(model, PROMPT, TARGET)
-    diff = ax.alti_logit(model, PROMPT, TARGET, contrast=" Rome.")
-    assert not np.allclose(a.values, diff.values, equal_nan=True)
+        assert np.abs(expected_total.numpy()).max() > 1e-3  # a term that is all 0 tests nothing
 
 
 @pytest.mark.parametrize(
@@ -702,20 +710,33 @@ def test_alti_plus_row_chunks_do_not_change_contributions(monkeypatch):
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_decoder_only_classifiers_read_their_pooled_or_token_rows(arch):
-    hf, tok = tiny_classifier(arch, task="token")
-    tagger = ax.load_model(hf.double(), tokenizer=tok)
-    ids = tok(PROMPT).input_ids
-    for method in (ax.value_zeroing, ax.alti):
-        da = method(tagger, PROMPT)  # each token's predicted class
-        assert da.sizes["source"] == len(ids)
-        assert np.isfinite(da.values).any()
-    hf, tok = tiny_classifier(arch, task="sequence")
-    clf = ax.load_model(hf.double(), tokenizer=tok)
-    vz = ax.value_zeroing(clf, PROMPT, normalize=False)
-    alti = ax.alti(clf, PROMPT, aggregate=False)
-    # the pooled (last) token sees every token: no NaN in its row
-    assert np.isfinite(vz.values).all() and np.isfinite(alti.values).all()
-    np.testing.assert_allclose(alti.sum("source").values, 1.0)
+    """A token classifier's target k is read at query k itself (not k - 1 as a language model's),
+    a sequence classifier's at its pooled (last) token: both against the loops above."""
+    for task in ("token", "sequence"):
+        hf, tok = tiny_classifier(arch, task=task)
+        model = ax.load_model(hf.double(), tokenizer=tok)
+        ids = torch.tensor([tok(PROMPT).input_ids])
+        length = ids.shape[1]
+        # a tagger's targets: every token but the special ones (Llama's BOS)
+        special = set(tok.all_special_ids)
+        words = [p for p, i in enumerate(ids[0].tolist()) if i not in special]
+        queries = words if task == "token" else [length - 1]
+        vz = ax.value_zeroing(model, PROMPT, normalize=False)
+        alti = ax.alti(model, PROMPT, aggregate=False)
+        assert vz.sizes["source"] == alti.sizes["source"] == length
+        if task == "token":
+            assert vz.target.values.tolist() == alti.target.values.tolist() == queries
+        raw = naive_value_zeroing(model, ids)
+        layers = naive_alti_layers(model, ids)
+        for k, q in enumerate(queries):
+            want = raw[:, q, : q + 1].T.numpy()  # [source, layer]
+            np.testing.assert_allclose(
+                vz.values[k, : q + 1], np.where(want < 1e-5, 0.0, want), atol=1e-9
+            )
+            rows = np.stack([C[q, : q + 1].numpy() for C in layers], axis=-1)
+            np.testing.assert_allclose(alti.values[k, : q + 1], rows, atol=1e-9)
+            assert np.isnan(vz.values[k, q + 1 :]).all() and np.isnan(alti.values[k, q + 1 :]).all()
+        np.testing.assert_allclose(alti.sum("source", skipna=True).values, 1.0)
 
 
 @pytest.mark.parametrize("method", [ax.value_zeroing, ax.alti, ax.alti_logit])
