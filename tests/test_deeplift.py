@@ -121,7 +121,9 @@ def double_models():
 # --------------------------------------------------------------------------------------------------
 # the rule itself: exact summation-to-delta where it covers every nonlinearity
 # --------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("kinds", [("relu", "relu"), ("tanh", "gelu"), ("sigmoid", "silu")])
+@pytest.mark.parametrize(
+    "kinds", [("relu", "relu"), ("tanh", "gelu"), ("sigmoid", "silu"), ("gelu_tanh", "tanh")]
+)
 def test_rescale_rule_sums_to_delta_on_an_mlp(kinds):
     # an MLP: linear -> act -> linear -> act -> linear; every nonlinearity is rescaled, so the
     # attributions of every output add up to f(x) - f(x0) exactly (vmapped over outputs)
@@ -129,7 +131,7 @@ def test_rescale_rule_sums_to_delta_on_an_mlp(kinds):
     w1, w2, w3 = (
         torch.randn(s, generator=g, dtype=torch.float64) for s in ((7, 5), (6, 7), (4, 6))
     )
-    b1, b2 = torch.randn(7, generator=g, dtype=torch.float64), torch.randn(6, dtype=torch.float64)
+    b1, b2 = (torch.randn(s, generator=g, dtype=torch.float64) for s in (7, 6))
     x, x0 = torch.randn(5, generator=g, dtype=torch.float64), torch.zeros(5, dtype=torch.float64)
 
     def f(v, references=None):

@@ -92,6 +92,24 @@ def test_integrated_gradients_sums_in_float32(pairs, dtype):
         assert _rel(row[:visible], ref[:visible]) < 8e-3, k
 
 
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+def test_sums_over_points_run_in_float32(pairs, dtype):
+    """Noise-free SmoothGrad, one point per forward: every point is the input, so the mean of
+    the points' gradients is saliency's gradient up to float32 rounding of the sum (~1e-7).
+
+    The IG test above cannot tell a half-precision sum from a float32 one in float16 (both
+    ~3e-3 from the loop, whose own per-point gradients differ); here a bfloat16 sum is 3e-2
+    away, a float16 one 5e-3.
+    """
+    model = pairs["gpt2"][1][dtype]
+    source, target = PAIRS[0]
+    got = ax.smoothgrad(model, source, target, samples=30, noise=0.0, batch_size=1)
+    assert got.dtype == np.float32
+    want = ax.saliency(model, source, target)
+    assert np.array_equal(np.isnan(got.values), np.isnan(want.values))
+    assert _rel(got.values, want.values) < 1e-5
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_head_check_rejects_changed_logits(dtype):
     """A model whose logits are not its head applied to its last hidden states is refused."""

@@ -39,6 +39,11 @@ def _rms(h: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps) * weight
 
 
+def _norm_scale(norm: torch.nn.Module) -> torch.Tensor:
+    """An RMSNorm's elementwise scale: ``weight``, or Gemma's ``1 + weight``."""
+    return 1.0 + norm.weight if type(norm).__name__.startswith("Gemma") else norm.weight
+
+
 def _linear_messages(
     x: torch.Tensor, weight: torch.Tensor, relevance: torch.Tensor, z: torch.Tensor
 ) -> torch.Tensor:
@@ -94,24 +99,27 @@ def _attention_messages(
 
 @torch.no_grad()
 def llama_lrp_reference(
-    hf, ids: list[int], position: int, target: int, rule: str
+    hf, ids: list[int], position: int, target: int, rule: str, head: torch.Tensor | None = None
 ) -> tuple[np.ndarray, float, float]:
     """Relevance ``[T, H]`` of the token embeddings for the logit of ``target`` read at
-    ``position``, the relevance the softmaxes absorb, and the logit."""
+    ``position``, the relevance the softmaxes absorb, and the logit. The Llama family: Qwen2's
+    query/key/value biases keep their shares, Gemma's norms scale by ``1 + weight``; ``head``:
+    the output projection's rows (default: the LM head's; a classifier's ``score``)."""
     cfg = hf.config
     hidden, heads, kv = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads
-    d, group, eps = hidden // heads, heads // kv, cfg.rms_norm_eps
+    d = getattr(cfg, "head_dim", None) or hidden // heads
+    group, eps = heads // kv, cfg.rms_norm_eps
     t = len(ids)
-    x = hf.model.embed_tokens.weight[torch.tensor(ids)]
+    x = hf.model.embed_tokens(torch.tensor(ids))  # Gemma's scaled by sqrt(hidden)
     cos, sin = hf.model.rotary_emb(x[None], torch.arange(t)[None])
     rot = _rotations(cos[0].double(), sin[0].double())
     causal = torch.ones(t, t, dtype=torch.bool).tril()
-    scale = d**-0.5
     saved, h = [], x
     for layer in hf.model.layers:
         att, mlp = layer.self_attn, layer.mlp
-        n1 = _rms(h, layer.input_layernorm.weight, eps)
-        q, k, v = (n1 @ p.weight.T for p in (att.q_proj, att.k_proj, att.v_proj))
+        scale = att.scaling  # Gemma: query_pre_attn_scalar ** -0.5
+        n1 = _rms(h, _norm_scale(layer.input_layernorm), eps)
+        q, k, v = (p(n1) for p in (att.q_proj, att.k_proj, att.v_proj))  # Qwen2: biases
         q, k, v = q.view(t, heads, d), k.view(t, kv, d), v.view(t, kv, d)
         qr = torch.einsum("tnm,thm->thn", rot, q)
         kr = torch.einsum("tnm,thm->thn", rot, k)
@@ -120,19 +128,19 @@ def llama_lrp_reference(
         s = s.masked_fill(~causal, -torch.inf)
         a = torch.softmax(s, -1)
         o = torch.einsum("hij,jhd->ihd", a, vf)
-        attn = o.reshape(t, hidden) @ att.o_proj.weight.T
+        attn = o.reshape(t, heads * d) @ att.o_proj.weight.T
         h1 = h + attn
-        n2 = _rms(h1, layer.post_attention_layernorm.weight, eps)
+        n2 = _rms(h1, _norm_scale(layer.post_attention_layernorm), eps)
         g, u = n2 @ mlp.gate_proj.weight.T, n2 @ mlp.up_proj.weight.T
-        z = torch.nn.functional.silu(g) * u
+        z = mlp.act_fn(g) * u  # SiLU; Gemma: tanh-GELU
         out = z @ mlp.down_proj.weight.T
         h2 = h1 + out
         saved.append(
             (layer, h, n1, q, k, v, qr, kr, kf, vf, s, a, o, attn, h1, n2, g, u, z, out, h2)
         )
         h = h2
-    final = _rms(h, hf.model.norm.weight, eps)
-    head = hf.lm_head.weight[target]
+    final = _rms(h, _norm_scale(hf.model.norm), eps)
+    head = (hf.lm_head.weight if head is None else head)[target]
     relevance = torch.zeros(t, hidden, dtype=x.dtype)
     relevance[position] = final[position] * head  # the logit's terms; RMSNorm passes them on
     absorbed = 0.0
@@ -151,9 +159,9 @@ def llama_lrp_reference(
         r_n2 = r_n2 + _linear_messages(n2, mlp.up_proj.weight, r_u, u)
         r_h1 = r_h1 + r_n2  # RMSNorm with its scale constant: elementwise, passes R unchanged
         r_h, r_attn = h / h1 * r_h1, attn / h1 * r_h1
-        r_o = _linear_messages(o.reshape(t, hidden), att.o_proj.weight, r_attn, attn)
+        r_o = _linear_messages(o.reshape(t, heads * d), att.o_proj.weight, r_attn, attn)
         r_o = r_o.view(t, heads, d)
-        r_qr, r_kf, r_vf, lost = _attention_messages(qr, kf, vf, s, a, o, r_o, scale, rule)
+        r_qr, r_kf, r_vf, lost = _attention_messages(qr, kf, vf, s, a, o, r_o, att.scaling, rule)
         absorbed += lost
         if rule == "attnlrp":
             r_kr = r_kf.reshape(t, kv, group, d).sum(2)  # copies of a kv head add up
@@ -475,10 +483,9 @@ def test_cp_lrp_is_exactly_conservative_without_biases(arch):
     # CP-LRP makes every layer linear (attention weights, norm scales, f(x)/x constant): with the
     # biases and position embeddings zeroed the relevance sums to the logit (float64 rounding)
     model = _double(*BIAS_FREE[arch](), zero_biases=True)
-    if model.task == "generation":
-        got = ax.lrp(model, PROMPT, TARGET, rule="cp-lrp", attribute_target=True)
-        if not model.is_encoder_decoder:
-            got = ax.lrp(model, PROMPT, TARGET, rule="cp-lrp")
+    if model.task == "generation":  # an encoder-decoder: both sides hold relevance
+        both = model.is_encoder_decoder
+        got = ax.lrp(model, PROMPT, TARGET, rule="cp-lrp", attribute_target=both)
     elif model.task == "token-classification":  # every token, its predicted class
         got = ax.lrp(model, "the plot was good", rule="cp-lrp")
     else:
@@ -491,12 +498,28 @@ def test_cp_lrp_is_exactly_conservative_without_biases(arch):
     )
 
 
-def test_attnlrp_runs_on_every_architecture():
-    for hf, tok in (tiny_model("marian"), tiny_model("bart"), tiny_classifier("qwen2")):
-        model = ax.load_model(hf, tokenizer=tok)
-        generation = model.task == "generation"
-        got = ax.lrp(model, PROMPT if generation else "good", TARGET if generation else None)
-        assert np.isfinite(got.fillna(0).values).all() and float(abs(got).sum()) > 0
+@pytest.mark.parametrize("rule", ["attnlrp", "cp-lrp"])
+@pytest.mark.parametrize("arch", ["qwen2", "mistral", "gemma"])
+def test_llama_family_equals_explicit_layer_by_layer_lrp(arch, rule):
+    # Qwen2 (a classifier: biased q/k/v, the score head at the last token), Mistral, Gemma
+    # (1 + weight norms, scaled embeddings, tanh-GELU gate, its own attention scaling)
+    if arch == "qwen2":
+        model = _double(*tiny_classifier("qwen2"))
+        got = ax.lrp(model, "the plot was good", [0, 1, 2], rule=rule)
+    else:
+        model = _double(*BIAS_FREE[arch]())
+        got = ax.lrp(model, PROMPT, TARGET, rule=rule)
+    ids = got.source_id.values.tolist()
+    logits = _logits(model, got)  # the model's own forward
+    for k, position in enumerate(got.target.values.tolist()):
+        if arch == "qwen2":
+            where, token, head = len(ids) - 1, int(got.target_class[k]), model.hf.score.weight
+        else:
+            where, token, head = position - 1, int(got.target_id[k]), None
+        want, _, logit = llama_lrp_reference(model.hf, ids, where, token, rule, head=head)
+        # the reference's forward is the model's (transformers' RMSNorm rounds to float32)
+        assert logit == pytest.approx(logits[k], rel=1e-5, abs=1e-5)
+        np.testing.assert_allclose(got[k].fillna(0).values, want, rtol=1e-7, atol=1e-10)
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
@@ -702,3 +725,195 @@ def test_one_target_equals_the_same_target_among_many(default_model, rule):
         np.testing.assert_allclose(
             one.values[0], many.sel(target=position).values, rtol=1e-5, atol=1e-7
         )
+
+
+# the explicit reference for encoder-decoders (Marian, BART: post-LayerNorm blocks, biases,
+# cross-attention), relevance messages layer by layer, both sides
+
+
+def _attention_forward(att, hq: torch.Tensor, hkv: torch.Tensor, heads: int, causal: bool):
+    """``att``'s multi-head attention of queries from ``hq`` over keys and values from ``hkv``,
+    and what its messages need."""
+    t, u = hq.shape[0], hkv.shape[0]
+    d = hq.shape[-1] // heads
+    zq, zk, zv = att.q_proj(hq), att.k_proj(hkv), att.v_proj(hkv)
+    q, k, v = zq.view(t, heads, d), zk.view(u, heads, d), zv.view(u, heads, d)
+    s = torch.einsum("ihd,jhd->hij", q, k) * d**-0.5
+    if causal:
+        s = s.masked_fill(~torch.ones(t, u, dtype=torch.bool).tril(), -torch.inf)
+    a = torch.softmax(s, -1)
+    o = torch.einsum("hij,jhd->ihd", a, v)
+    y = att.out_proj(o.reshape(t, -1))
+    return y, (hq, hkv, zq, zk, zv, q, k, v, s, a, o, y)
+
+
+def _attention_backward(att, saved: tuple, r_y: torch.Tensor, rule: str):
+    """Relevance of the attention's query input and of its key/value input."""
+    hq, hkv, zq, zk, zv, q, k, v, s, a, o, y = saved
+    t, u = hq.shape[0], hkv.shape[0]
+    r_o = _linear_messages(o.reshape(t, -1), att.out_proj.weight, r_y, y)
+    r_q, r_k, r_v, _ = _attention_messages(
+        q, k, v, s, a, o, r_o.view(q.shape), q.shape[-1] ** -0.5, rule
+    )
+    r_hq = _linear_messages(hq, att.q_proj.weight, r_q.reshape(t, -1), zq)
+    r_hkv = _linear_messages(hkv, att.k_proj.weight, r_k.reshape(u, -1), zk)
+    return r_hq, r_hkv + _linear_messages(hkv, att.v_proj.weight, r_v.reshape(u, -1), zv)
+
+
+def _residual_norm(h: torch.Tensor, update: torch.Tensor, norm) -> tuple[torch.Tensor, tuple]:
+    """``norm(h + update)`` (post-LayerNorm) and what its messages need."""
+    r = h + update
+    n = norm(r)
+    return n, (h, update, r, n)
+
+
+def _residual_norm_backward(norm, saved: tuple, relevance: torch.Tensor):
+    """Relevance of ``h`` and of ``update`` from that of ``norm(h + update)``."""
+    h, update, r, n = saved
+    r_r = _layer_norm_messages(r, norm, relevance, n)
+    return h / r * r_r, update / r * r_r
+
+
+def _feed_forward(layer, h: torch.Tensor) -> tuple[torch.Tensor, tuple]:
+    f = layer.fc1(h)
+    g = layer.activation_fn(f)
+    out = layer.fc2(g)
+    return out, (h, f, g, out)
+
+
+def _feed_forward_backward(layer, saved: tuple, r_out: torch.Tensor) -> torch.Tensor:
+    h, f, g, out = saved
+    r_g = _linear_messages(g, layer.fc2.weight, r_out, out)  # identity rule through the GELU
+    return _linear_messages(h, layer.fc1.weight, r_g, f)
+
+
+@torch.no_grad()
+def _stack_inputs(hf, source: torch.Tensor, decoder: torch.Tensor) -> list[tuple]:
+    """Per stack (encoder, decoder): the token-embedding part of the summed embeddings ``c x``,
+    the sum ``e`` (with the positions) and the first block's input (``e``, or
+    ``layernorm_embedding(e)``), read from the model's own forward by hooks."""
+    stacks = [hf.get_encoder(), hf.get_decoder()]
+    for stack in stacks:
+        assert getattr(stack, "layer_norm", None) is None  # no final norm in these
+    sums: list[list[torch.Tensor]] = [[], []]
+
+    def run(zero_tokens: bool) -> list[torch.Tensor]:
+        for kept in sums:
+            kept.clear()
+        handles = []
+        for i, stack in enumerate(stacks):
+            first = getattr(stack, "layernorm_embedding", None) or stack.layers[0]
+
+            def keep(_m, args, kwargs, i=i):
+                sums[i].append(args[0] if args else kwargs["hidden_states"])
+
+            handles.append(first.register_forward_pre_hook(keep, with_kwargs=True))
+            if zero_tokens:
+                handles.append(
+                    stack.embed_tokens.register_forward_hook(lambda _m, _a, y: torch.zeros_like(y))
+                )
+        try:
+            hf(input_ids=source[None], decoder_input_ids=decoder[None])
+        finally:
+            for handle in handles:
+                handle.remove()
+        return [kept[0][0] for kept in sums]
+
+    positions = run(zero_tokens=True)  # the summed embeddings without the tokens' share
+    summed = run(zero_tokens=False)
+    out = []
+    for stack, e, p in zip(stacks, summed, positions, strict=True):
+        norm = getattr(stack, "layernorm_embedding", None)
+        out.append((e - p, e, norm, norm(e) if norm is not None else e))
+    return out
+
+
+@torch.no_grad()
+def seq2seq_lrp_reference(
+    hf, source: list[int], decoder: list[int], position: int, target: int, rule: str
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """Relevance ``[S, H]`` of the source and ``[T, H]`` of the decoder token embeddings for the
+    logit of ``target`` read at decoder position ``position``, and that logit (this forward's)."""
+    encoder_stack, decoder_stack = hf.get_encoder(), hf.get_decoder()
+    (x_src, e_src, ln_src, h_src), (x_dec, e_dec, ln_dec, h_dec) = _stack_inputs(
+        hf, torch.tensor(source), torch.tensor(decoder)
+    )
+    heads = hf.config.encoder_attention_heads
+    h, encoder_saved = h_src, []
+    for layer in encoder_stack.layers:
+        y, att = _attention_forward(layer.self_attn, h, h, heads, causal=False)
+        n1, res1 = _residual_norm(h, y, layer.self_attn_layer_norm)
+        out, ffn = _feed_forward(layer, n1)
+        h, res2 = _residual_norm(n1, out, layer.final_layer_norm)
+        encoder_saved.append((layer, att, res1, ffn, res2))
+    memory = h
+    heads = hf.config.decoder_attention_heads
+    h, decoder_saved = h_dec, []
+    for layer in decoder_stack.layers:
+        y1, self_att = _attention_forward(layer.self_attn, h, h, heads, causal=True)
+        n1, res1 = _residual_norm(h, y1, layer.self_attn_layer_norm)
+        y2, cross = _attention_forward(layer.encoder_attn, n1, memory, heads, causal=False)
+        n2, res2 = _residual_norm(n1, y2, layer.encoder_attn_layer_norm)
+        out, ffn = _feed_forward(layer, n2)
+        h, res3 = _residual_norm(n2, out, layer.final_layer_norm)
+        decoder_saved.append((layer, self_att, res1, cross, res2, ffn, res3))
+    head = hf.get_output_embeddings().weight[target]
+    bias = getattr(hf, "final_logits_bias", None)
+    logit = float(h[position] @ head + (bias[0, target] if bias is not None else 0.0))
+    relevance = torch.zeros_like(h)
+    relevance[position] = h[position] * head  # the logit's terms; its bias keeps its share
+    r_memory = torch.zeros_like(memory)
+    for layer, self_att, res1, cross, res2, ffn, res3 in reversed(decoder_saved):
+        r_n2, r_out = _residual_norm_backward(layer.final_layer_norm, res3, relevance)
+        r_n2 = r_n2 + _feed_forward_backward(layer, ffn, r_out)
+        r_n1, r_y2 = _residual_norm_backward(layer.encoder_attn_layer_norm, res2, r_n2)
+        r_query, r_keys = _attention_backward(layer.encoder_attn, cross, r_y2, rule)
+        r_memory = r_memory + r_keys
+        r_h, r_y1 = _residual_norm_backward(layer.self_attn_layer_norm, res1, r_n1 + r_query)
+        r_query, r_keys = _attention_backward(layer.self_attn, self_att, r_y1, rule)
+        relevance = r_h + r_query + r_keys
+    r_dec = relevance
+    relevance = r_memory
+    for layer, att, res1, ffn, res2 in reversed(encoder_saved):
+        r_n1, r_out = _residual_norm_backward(layer.final_layer_norm, res2, relevance)
+        r_n1 = r_n1 + _feed_forward_backward(layer, ffn, r_out)
+        r_h, r_y = _residual_norm_backward(layer.self_attn_layer_norm, res1, r_n1)
+        r_query, r_keys = _attention_backward(layer.self_attn, att, r_y, rule)
+        relevance = r_h + r_query + r_keys
+    r_src = relevance
+    sides = []
+    for x, e, norm, h0, r in (
+        (x_src, e_src, ln_src, h_src, r_src),
+        (x_dec, e_dec, ln_dec, h_dec, r_dec),
+    ):
+        if norm is not None:  # BART's layernorm_embedding
+            r = _layer_norm_messages(e, norm, r, h0)
+        # the position embeddings keep their share (Marian's start token is the zero pad row,
+        # where e is a sinusoid's zero: nothing to share)
+        sides.append(torch.where(x == 0, 0.0, x / e * r).numpy())
+    return sides[0], sides[1], logit
+
+
+@pytest.mark.parametrize("rule", ["attnlrp", "cp-lrp"])
+@pytest.mark.parametrize("arch", ["marian", "bart"])
+def test_encoder_decoders_equal_explicit_layer_by_layer_lrp(arch, rule):
+    # cross-attention: under AttnLRP its query's relevance goes to the decoder, its keys' to
+    # the encoder; attribute_target: both sides, against one reference
+    model = _double(*tiny_model(arch))
+    got = ax.lrp(model, PROMPT, TARGET, rule=rule, attribute_target=True)
+    sides = got.side.values
+    ids = got.source_id.values
+    source, decoder = ids[sides == "source"].tolist(), ids[sides == "target"].tolist()
+    with torch.no_grad():
+        logits = model.hf(
+            input_ids=torch.tensor([source]), decoder_input_ids=torch.tensor([decoder])
+        ).logits[0]
+    for k, position in enumerate(got.target.values.tolist()):
+        target = int(got.target_id[k])
+        r_src, r_dec, logit = seq2seq_lrp_reference(
+            model.hf, source, decoder, position - 1, target, rule
+        )
+        # the reference's own forward is the model's
+        assert logit == pytest.approx(float(logits[position - 1, target]), rel=1e-9, abs=1e-9)
+        want = np.concatenate([r_src, r_dec])
+        np.testing.assert_allclose(got[k].fillna(0).values, want, rtol=1e-7, atol=1e-10)
