@@ -100,6 +100,19 @@ def test_committed_docs_are_rendered_from_the_committed_results():
         )
 
 
+def test_the_layer_tables_are_rendered_from_their_results():
+    # the pages' DeepLIFT-at-layers and layer-method tables are what `--report` renders from the
+    # JSON (whose parity the benchmark checked before writing it)
+    from benchmarks import deeplift, layers
+
+    root = Path(__file__).parent.parent
+    result = json.loads((root / "benchmarks" / "deeplift-layers.json").read_text())
+    assert deeplift.render_layers(result) in (root / "docs/methods/propagation.md").read_text()
+    result = json.loads((root / "benchmarks" / "layers.json").read_text())
+    block = f"{layers.BEGIN}\n{layers.render(result)}\n{layers.END}"
+    assert block in layers.DOCS.read_text()
+
+
 def test_the_gpu_page_names_the_w3_option_its_rows_ran():
     # a run with the folded SDPA: W3's attrax rows take the fastest variant, and the page says so
     from benchmarks import gpu

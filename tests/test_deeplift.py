@@ -588,15 +588,3 @@ def test_deeplift_layers_cli_and_dataset(tmp_path, default_model, write_jsonl):
     )  # fmt: skip
     loaded = ax.load_dataset_results(out)
     assert "layer" in loaded.dims and loaded.attrs["method"] == "deeplift_shap"
-
-
-def test_committed_layer_benchmark_table_is_rendered():
-    """The docs' table is what ``python -m benchmarks.deeplift --report`` renders from the JSON."""
-    from pathlib import Path
-
-    from benchmarks import deeplift as bench
-
-    root = Path(__file__).parent.parent
-    result = json.loads((root / "benchmarks" / "deeplift-layers.json").read_text())
-    assert all(r["ok"] for r in result["records"])
-    assert bench.render_layers(result) in (root / "docs" / "methods" / "propagation.md").read_text()

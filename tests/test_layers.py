@@ -399,15 +399,3 @@ def test_decoder_only_classifier_layer_zero_is_the_embeddings_gradient():
     assert da.dims == ("example", "target", "source", "layer", "hidden")
     assert da["layer"].values.tolist() == [0, 2]
     close(da.isel(layer=0).values, ax.saliency(model, texts).values, tol=1e-12)
-
-
-def test_committed_layer_benchmark_table_is_rendered():
-    """The docs' table is what ``python -m benchmarks.layers --report`` renders from the JSON."""
-    from pathlib import Path
-
-    from benchmarks import layers as bench
-
-    result = json.loads((Path(__file__).parent.parent / "benchmarks" / "layers.json").read_text())
-    assert all(row["parity"] <= bench.TOLERANCE for row in result["rows"])
-    page = bench.DOCS.read_text()
-    assert f"{bench.BEGIN}\n{bench.render(result)}\n{bench.END}" in page
