@@ -13,10 +13,12 @@ from tests import _naive
 from tests.conftest import PAIRS, assert_close
 
 
-def greedy_loop(emb, base, gradient, score, visible, rounds, per_round, steps):
+def greedy_loop(
+    emb, base, gradient, score, visible, rounds, per_round, steps, rule="gausslegendre"
+):
     """One target's Greedy PIG, written from the algorithm: ``(sum of rounds [L, H], sum over
     rounds of f(x) - f(b_r))``. ``gradient(point) -> [L, H]``, ``score(point) -> float``."""
-    alphas, weights = _naive.quadrature_nodes("gausslegendre", steps)
+    alphas, weights = _naive.quadrature_nodes(rule, steps)
     fixed: list[int] = []
     total = torch.zeros_like(emb)
     ends = 0.0
@@ -36,28 +38,55 @@ def greedy_loop(emb, base, gradient, score, visible, rounds, per_round, steps):
     return total, ends
 
 
-def naive_greedy(model, source, target, rounds, per_round, steps):
-    """``[target, source, hidden]`` and the per-target sums of ``f(x) - f(b_r)``; zero baseline."""
+def naive_greedy(
+    model,
+    source,
+    target,
+    rounds,
+    per_round,
+    steps,
+    rule="gausslegendre",
+    baseline=None,
+    attribute_target=False,
+):
+    """``[target, source(+decoder), hidden]`` and the per-target sums of ``f(x) - f(b_r)``.
+
+    ``baseline``: per attributed side, broadcastable to ``[1, L, H]`` (None: zeros). With
+    ``attribute_target`` the decoder prefix is attributed too: its tokens join the encoder's
+    (one token list, sides concatenated), visible before the target's position."""
     source_ids, target_ids = _naive.token_ids(model, source, target)
     run = _naive.Runner(model, source_ids, target_ids)
     x = run.embeddings()
-    emb = x[0][0]
-    rows, ends = [], []
-    for k, t in enumerate(run.targets()):
+    sides = 2 if attribute_target else 1
+    widths = [xi.shape[1] for xi in x[:sides]]
+    emb = torch.cat([xi[0] for xi in x[:sides]])
+    base = torch.zeros_like(emb)
+    if baseline is not None:
+        base = torch.cat([b.expand_as(xi)[0] for b, xi in zip(baseline, x, strict=False)])
 
-        def gradient(point, k=k):
-            return run.gradients([point[None], *x[1:]], _naive.probability, None)[k][0]
+    def split(point):
+        return [p[None] for p in point.split(widths)] + x[sides:]
+
+    rows, ends = [], []
+    for t in run.targets():
+
+        def gradient(point, t=t):
+            return target_gradient(run, split(point), t, sides)
 
         def score(point, t=t):
-            return run.score(t, [point[None], *x[1:]], _naive.probability)
+            return run.score(t, split(point), _naive.probability)
 
-        visible = range(emb.shape[0]) if model.is_encoder_decoder else range(t)
-        row, end = greedy_loop(
-            emb, torch.zeros_like(emb), gradient, score, visible, rounds, per_round, steps
-        )
+        if not model.is_encoder_decoder:
+            visible = list(range(t))
+        else:
+            decoder = [widths[0] + j for j in range(t)] if attribute_target else []
+            visible = list(range(widths[0])) + decoder
+        row, end = greedy_loop(emb, base, gradient, score, visible, rounds, per_round, steps, rule)
         row = row.numpy()
         if not model.is_encoder_decoder:
             row[t:] = np.nan
+        elif attribute_target:
+            row[widths[0] + t :] = np.nan
         rows.append(row)
         ends.append(end)
     return np.stack(rows), np.array(ends)
@@ -111,13 +140,40 @@ def test_greedy_pig_equals_the_loop_on_a_classifier(doubles):
         assert abs(gap - (float(da.isel(target=c).sum()) - ends)) < 1e-9
 
 
-def test_one_round_is_integrated_gradients(doubles):
+def test_pad_baseline_and_trapezoid_equal_the_loop(doubles):
+    # the baseline and the rule reach every round (the later ones run outside the IG engine),
+    # and every round's f(b_r) starts from the pad baseline
     model = doubles["llama"]
+    source, target = "Hello", " world, café"
     kw = dict(steps=5, quadrature="riemann_trapezoid", baseline="pad")
-    pig = ax.greedy_pig(model, "Hello", " world, café", rounds=1, **kw)
-    ig = ax.integrated_gradients(model, "Hello", " world, café", **kw)
-    np.testing.assert_allclose(pig.values, ig.values, rtol=1e-9, atol=1e-12)
-    np.testing.assert_allclose(pig.completeness_gap, ig.completeness_gap, atol=1e-12)
+    run = _naive.Runner(model, *_naive.token_ids(model, source, target))
+    with torch.no_grad():
+        pad = run.modules[0](torch.tensor([[model.pad_token_id]]))
+    for rounds in (1, 2):
+        pig = ax.greedy_pig(model, source, target, rounds=rounds, **kw)
+        want, ends = naive_greedy(
+            model, source, target, rounds, 1, 5, rule="riemann_trapezoid", baseline=[pad]
+        )
+        assert_close(pig.values, want)
+        total = pig.sum(("source", "hidden")).values
+        scale = float(np.abs(ends).max())
+        np.testing.assert_allclose(pig.completeness_gap, total - ends, rtol=0, atol=1e-6 * scale)
+    # one round is integrated gradients, gap included
+    one = ax.greedy_pig(model, source, target, rounds=1, **kw)
+    ig = ax.integrated_gradients(model, source, target, **kw)
+    np.testing.assert_allclose(one.values, ig.values, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(one.completeness_gap, ig.completeness_gap, atol=1e-12)
+
+
+def test_attribute_target_equals_the_loop(doubles):
+    # decoder-prefix tokens are fixed like source tokens, among those the target can see
+    model = doubles["marian"]
+    source, target = PAIRS[0]
+    da = ax.greedy_pig(model, source, target, rounds=3, per_round=2, steps=3, attribute_target=True)
+    want, ends = naive_greedy(model, source, target, 3, 2, 3, attribute_target=True)
+    assert_close(da.values, want)
+    total = da.sum(("source", "hidden")).values
+    np.testing.assert_allclose(da.completeness_gap.values, total - ends, atol=1e-9)
 
 
 def test_every_round_is_complete(doubles):
@@ -196,3 +252,12 @@ def test_pipe_cli_and_dataset_runs(default_model, write_jsonl, tmp_path, capsys)
     argv = ["attribute", "--method", "greedy_pig", "--input", "1 2 =", "--target", " 2 1"]
     assert main([*argv, "-o", "rounds=2", "--steps", "2"]) == 0
     assert "target" in capsys.readouterr().out
+
+
+def target_gradient(run, points, t: int, sides: int) -> torch.Tensor:
+    """Target ``t``'s gradient w.r.t. the first ``sides`` points, sides concatenated: one
+    backward of that target alone (``_naive.Runner.gradients`` takes every target's)."""
+    leaves = [p.clone().requires_grad_(True) for p in points[:sides]]
+    logits = run.logits(leaves + list(points[sides:]))
+    score = _naive.probability(logits[t - 1], run.sequence[t])
+    return torch.cat([g[0] for g in torch.autograd.grad(score, leaves)])

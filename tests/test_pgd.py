@@ -33,21 +33,41 @@ def attack_loop(emb, token, score, epsilon, steps, step_size, norm, start=None) 
         return float(score(point))
 
 
-def naive_pgd(model, source, target, epsilon, steps, step_size, norm, starts=None) -> np.ndarray:
-    """``[target, source]``: ``f(x) - f(x + d e_s)`` per target and source token."""
+def naive_pgd(
+    model,
+    source,
+    target,
+    epsilon,
+    steps,
+    step_size,
+    norm,
+    starts=None,
+    attribute_target=False,
+) -> np.ndarray:
+    """``[target, source(+decoder)]``: ``f(x) - f(x + d e_s)`` per target and token ``s``.
+
+    With ``attribute_target`` the decoder prefix's tokens follow the encoder's (one token list),
+    each target attacking those before its position; ``starts[k][s]`` is the attack's start."""
     source_ids, target_ids = _naive.token_ids(model, source, target)
     run = _naive.Runner(model, source_ids, target_ids)
     x = run.embeddings()
-    emb = x[0][0]
+    sides = 2 if attribute_target else 1
+    widths = [xi.shape[1] for xi in x[:sides]]
+    emb = torch.cat([xi[0] for xi in x[:sides]])
     rows = []
     for k, t in enumerate(run.targets()):
 
         def score(point, t=t):
-            return _naive.probability(run.logits([point[None], *x[1:]])[t - 1], run.sequence[t])
+            points = [p[None] for p in point.split(widths)] + x[sides:]
+            return _naive.probability(run.logits(points)[t - 1], run.sequence[t])
 
         full = float(score(emb))
         row = np.full(emb.shape[0], np.nan)
-        visible = range(emb.shape[0]) if model.is_encoder_decoder else range(t)
+        if not model.is_encoder_decoder:
+            visible = list(range(t))
+        else:
+            decoder = [widths[0] + j for j in range(t)] if attribute_target else []
+            visible = list(range(widths[0])) + decoder
         for s in visible:
             start = None if starts is None else starts[k][s]
             row[s] = full - attack_loop(emb, s, score, epsilon, steps, step_size, norm, start)
@@ -82,6 +102,53 @@ def test_linf_with_random_starts_equals_the_loop(doubles):
     assert_close(da.values, want)
     plain = ax.pgd(model, source, target, epsilon=0.2, steps=2, step_size=0.15, norm="linf")
     assert not np.allclose(np.nan_to_num(plain.values), np.nan_to_num(da.values))
+
+
+def ball_starts(generator, shape, epsilon) -> torch.Tensor:
+    """Uniform draws in the L2 ball, the textbook way: a normalized Gaussian direction, then a
+    radius ``epsilon * U ** (1 / H)`` (``U`` uniform) per ``(target, token)``."""
+    direction = torch.randn(shape, generator=generator, dtype=torch.float64)
+    direction = direction / direction.norm(dim=-1, keepdim=True)
+    radius = torch.rand((*shape[:2], 1), generator=generator, dtype=torch.float64)
+    return direction * epsilon * radius ** (1.0 / shape[-1])
+
+
+def test_l2_random_starts_equal_the_loop(doubles):
+    model = doubles["gpt2"]
+    source, target = PAIRS[1]
+    kw = dict(epsilon=0.3, steps=2, step_size=0.05)
+    da = ax.pgd(model, source, target, seed=4, **kw)
+    # the documented draws: per example a CPU generator seeded with `seed`, per side uniform in
+    # the ball, of shape (its targets, its tokens, hidden)
+    source_ids, target_ids = _naive.token_ids(model, source, target)
+    shape = (len(target_ids), len(source_ids) + len(target_ids), model.hf.config.hidden_size)
+    starts = ball_starts(torch.Generator().manual_seed(4), shape, 0.3)
+    assert_close(da.values, naive_pgd(model, source, target, 0.3, 2, 0.05, "l2", starts))
+    plain = ax.pgd(model, source, target, **kw)
+    assert not np.allclose(np.nan_to_num(plain.values), np.nan_to_num(da.values))
+
+
+def test_attribute_target_equals_the_loop(doubles):
+    # decoder-prefix tokens are attacked like source tokens, each from its own random start
+    model = doubles["t5"]
+    source, target = PAIRS[0]
+    kw = dict(epsilon=0.2, steps=2, step_size=0.08, norm="linf", seed=3)
+    da = ax.pgd(model, source, target, attribute_target=True, **kw)
+    source_ids, target_ids = _naive.token_ids(model, source, target)
+    hidden = model.hf.config.d_model
+    generator = torch.Generator().manual_seed(3)
+    starts = torch.cat(
+        [
+            (2 * torch.rand((len(target_ids), n, hidden), generator=generator, dtype=torch.float64)
+             - 1) * 0.2
+            for n in (len(source_ids), len(target_ids) + 1)  # the decoder adds its start token
+        ],
+        dim=1,
+    )  # fmt: skip
+    want = naive_pgd(model, source, target, 0.2, 2, 0.08, "linf", starts, attribute_target=True)
+    assert_close(da.values, want)
+    decoder = da.sel(side="target").values
+    assert np.abs(decoder[~np.isnan(decoder)]).max() > 1e-3 * np.nanmax(np.abs(want))
 
 
 def test_pgd_on_a_classifier_equals_the_loop(doubles):
