@@ -278,17 +278,26 @@ def test_batched_equals_single(classifiers, arch, task):
 
 
 def test_integrated_gradients_are_complete_per_class(classifiers):
+    """Each class's attributions sum to p(x) - p(baseline), both ends from the naive forward with
+    the pad token's embedding at every position (not the gap attrax reports, which shares its
+    baseline), and the reported ``completeness_gap`` is that difference."""
     model = classifiers["bert", "sequence"]
-    gaps = [
-        float(
-            abs(
-                ax.integrated_gradients(
-                    model, TEXTS, "all", steps=n, baseline="pad"
-                ).completeness_gap
-            ).max()
-        )
-        for n in (4, 32)
-    ]
+    pad = model.hf.get_input_embeddings()(torch.tensor([model.tokenizer.pad_token_id])).detach()
+    gaps = []
+    for n in (4, 32):
+        da = ax.integrated_gradients(model, TEXTS, "all", steps=n, baseline="pad")
+        gap = []
+        for b, text in enumerate(TEXTS):
+            naive = Naive(model, text)
+            x = naive.embeddings()
+            with torch.no_grad():
+                for c in range(len(model.labels)):
+                    label = model.labels[c]
+                    want = float(naive.score(x, None, c) - naive.score(pad.expand_as(x), None, c))
+                    row = da.isel(example=b).sel(target=label)
+                    gap.append(float(row.sum(skipna=True)) - want)
+                    np.testing.assert_allclose(float(row.completeness_gap), gap[-1], atol=1e-6)
+        gaps.append(max(map(abs, gap)))
     assert gaps[1] < 1e-4 and gaps[1] < gaps[0] / 4, gaps
 
 
@@ -360,7 +369,8 @@ def test_bad_targets_and_inputs_are_clear_errors(classifiers, key, call, match):
 
 
 def test_the_mask_baseline_keeps_special_tokens(classifiers):
-    """IG from the [MASK] embedding with [CLS]/[SEP] kept: equal to IG from that tensor."""
+    """IG from the [MASK] embedding with [CLS]/[SEP] kept: equal to the naive loop's IG (its own
+    Gauss-Legendre nodes) along the straight path from that baseline, built here."""
     model = classifiers["bert", "sequence"]
     got = ax.integrated_gradients(model, TEXTS[0], "all", steps=4, baseline="mask")
     naive = Naive(model, TEXTS[0])
@@ -368,8 +378,21 @@ def test_the_mask_baseline_keeps_special_tokens(classifiers):
     mask = model.hf.get_input_embeddings()(torch.tensor([[model.tokenizer.mask_token_id]]))
     special = torch.tensor(got.special.values)[None, :, None]
     base = torch.where(special, x, mask.detach().expand_as(x))
-    want = ax.integrated_gradients(model, TEXTS[0], "all", steps=4, baseline=base)
-    assert_close(got.values, want.values, rtol=1e-5, atol=1e-6)
+    nodes, weights = np.polynomial.legendre.leggauss(4)
+    alphas, weights = (nodes + 1) / 2, weights / 2
+    want = np.stack(
+        [
+            sum(
+                w * naive.gradient(base + float(a) * (x - base), None, c)
+                for a, w in zip(alphas, weights, strict=True)
+            )
+            .mul((x - base)[0])
+            .numpy()
+            for c in range(len(model.labels))
+        ]
+    )
+    assert got.target.values.tolist() == [model.labels[c] for c in range(len(model.labels))]
+    assert_close(got.values, want, rtol=1e-4, atol=1e-6)
     assert (got.values[:, got.special.values] == 0).all()  # nothing moves along kept tokens
 
 

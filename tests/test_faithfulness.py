@@ -6,6 +6,7 @@ computation must equal a naive loop of one masked forward per target and fractio
 
 from __future__ import annotations
 
+import functools
 import math
 import random
 
@@ -17,6 +18,8 @@ import xarray as xr
 import attrax as ax
 from attrax import _faithfulness as F
 from attrax._default_model_task import make_example
+from attrax.testing import tiny_model
+from tests import _naive
 
 PROMPT, CONTINUATION = "3 1 4 0 5 9 =", " 9 5 0 4 1 3"
 
@@ -64,7 +67,9 @@ def test_true_attributions_beat_random_rankings(model, examples, method):
 def test_matches_a_naive_loop_of_masked_forwards(model):
     # short: the reference is one plain forward per target and fraction
     prompt, continuation = "3 1 4 =", " 4 1 3"
-    da = ax.l2_norm(ax.saliency(model, prompt, continuation))
+    # signed: "higher ranks first" is not "larger magnitude ranks first"
+    da = ax.sum(ax.input_x_gradient(model, prompt, continuation))
+    assert (da.fillna(0) < 0).any() and (da > 0).any()
     steps, fractions = 3, (0.2, 0.5)
     deletion = F.deletion(model, da, prompt, continuation, fractions=steps)
     insertion = F.insertion(model, da, prompt, continuation, fractions=steps)
@@ -178,3 +183,43 @@ def test_sources_are_matched_by_label_not_place(model):
     for metric in (F.deletion, F.insertion):
         want = metric(model, da, prompt, continuation)
         np.testing.assert_array_equal(metric(model, reversed_, prompt, continuation), want)
+
+
+def test_encoder_decoder_sides_match_a_naive_loop():
+    """attribute_target=True on an encoder-decoder: a target ranks every encoder token and the
+    decoder prefix before it (labels (side, position)), each side's removed tokens take that
+    side's pad embedding, and the objective is the attribution's (logprob)."""
+    hf, tok = tiny_model("bart")
+    model = ax.load_model(hf, tokenizer=tok)
+    source, target = "Hello there", " ok"
+    da = ax.occlusion(model, source, target, attribute_target=True, objective="logprob")
+    deletion = F.deletion(model, da, source, target, fractions=2)
+    suff = F.sufficiency(model, da, source, target, fractions=[0.6])
+    assert deletion.attrs["objective"] == "logprob"
+
+    run = _naive.Runner(model, *_naive.token_ids(model, source, target))
+    x = run.embeddings()
+    with torch.no_grad():
+        pad = [module(torch.tensor([[tok.pad_token_id]]))[0, 0] for module in run.modules]
+    sides = {"source": 0, "target": 1}
+    columns = [(sides[side], int(p)) for side, p in da.indexes["source"]]
+
+    @functools.cache
+    def logprob(removed: tuple[tuple[int, int], ...], t: int) -> float:
+        points = [xi.clone() for xi in x]
+        for side, p in removed:
+            points[side][0, p] = pad[side]
+        return run.score(t, points, _naive.logprob)
+
+    for k, t in enumerate(da.target.values.tolist()):
+        row = da.isel(target=k).values
+        visible = [i for i, (side, p) in enumerate(columns) if side == 0 or p < t]
+        order = [columns[visible[i]] for i in np.argsort(-row[visible], kind="stable")]
+        full = logprob((), t)
+        for f in deletion.fraction.values:
+            n = math.ceil(round(f * len(visible), 9))
+            got = float(deletion.isel(target=k).sel(fraction=f))
+            assert got == pytest.approx(logprob(tuple(order[:n]), t), rel=1e-5)
+        n = math.ceil(0.6 * len(visible))
+        got = float(suff.isel(target=k, fraction=0))
+        assert got == pytest.approx(full - logprob(tuple(order[n:]), t), abs=1e-5 * abs(full))

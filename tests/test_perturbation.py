@@ -3,6 +3,7 @@ against known linear functions, and their options."""
 
 from __future__ import annotations
 
+import copy
 import itertools
 import math
 from typing import Any
@@ -14,6 +15,7 @@ from transformers import PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutput
 
 import attrax as ax
+from attrax import _perturbation
 from attrax._perturbation import kernel_shap, lime, linear_surrogate, occlusion
 from attrax.testing import train_tokenizer
 from tests import _naive
@@ -217,13 +219,19 @@ def test_methods_recover_linear_model(linear_model, method):
         assert_close(row.values, want, rtol=1e-4, atol=1e-4)
 
 
-def test_kernel_shap_is_efficient(models):
-    model = models["gpt2"]
+@pytest.mark.parametrize(("arch", "attribute_target"), [("gpt2", False), ("bart", True)])
+def test_kernel_shap_is_efficient(models, arch, attribute_target):
+    # bart: both attributed sides (encoder source and decoder prefix) go to the baseline
+    model = models[arch]
     source, target = PAIRS[1]
-    da = kernel_shap(model, source, target, samples=16, objective="logprob")
+    da = kernel_shap(
+        model, source, target, samples=16, objective="logprob", attribute_target=attribute_target
+    )
     run = _naive.Runner(model, *_naive.token_ids(model, source, target))
     x = run.embeddings()
-    zero = [torch.zeros_like(x[0])]
+    zero = [torch.zeros_like(xi) for xi in x]
+    if not attribute_target:
+        zero[1:] = x[1:]
     want = [
         run.score(t, x, _naive.logprob) - run.score(t, zero, _naive.logprob) for t in run.targets()
     ]
@@ -335,6 +343,14 @@ def test_bad_options_raise(models, method, option, value):
         fn(models["gpt2"], *PAIRS[0], **{option: value})
 
 
+def test_lime_needs_a_second_coalition(models):
+    """One coalition (the full input) has nothing to regress on: the minimum-norm fit split the
+    objective evenly over the tokens, a flat row that looked like an answer."""
+    with pytest.raises(ax.OptionError, match="`samples` must be an integer of at least 2, got 1"):
+        lime(models["gpt2"], *PAIRS[0], samples=1)
+    assert np.isfinite(lime(models["gpt2"], *PAIRS[0], samples=2).values).any()
+
+
 def test_bad_inputs_raise(models):
     with pytest.raises(ax.InputError, match="`inputs`"):
         occlusion(models["gpt2"], [], [])
@@ -370,3 +386,57 @@ def test_non_finite_objective_values_are_an_input_error(method, options):
         getattr(ax, method)(
             model, "3 1 4 0 5 9 =", " 9 5 0 4 1 3", objective=_log_if_likely, **options
         )
+
+
+# --- LIME against a naive weighted fit on the test's own coalitions -----------------------------
+
+
+def naive_lime(model, source: str, target: str, masks: np.ndarray, width: float) -> np.ndarray:
+    """[target, source]: one plain HF forward per coalition (removed tokens zeroed), then per
+    target a numpy weighted least squares with an intercept over the tokens it sees, weighted by
+    exp(-d^2 / (2 width^2)) with d the cosine distance of the coalition to the full input."""
+    run = _naive.Runner(model, *_naive.token_ids(model, source, target))
+    x = run.embeddings()[0]
+    targets = run.targets()
+    values = []
+    for z in masks:
+        points = x.clone()
+        points[0, [i for i in range(len(z)) if not z[i]]] = 0.0
+        with torch.no_grad():
+            logits = run.logits([points])
+        values.append([float(_naive.probability(logits[t - 1], run.sequence[t])) for t in targets])
+    values = np.array(values)
+    out = np.full((len(targets), x.shape[1]), np.nan)
+    for k, t in enumerate(targets):
+        seen = masks[:, :t].astype(np.float64)  # a target sees the tokens before it
+        ones = np.ones(t)
+        norms = np.linalg.norm(seen, axis=1) * np.linalg.norm(ones)
+        similarity = np.divide(seen @ ones, norms, out=np.zeros(len(seen)), where=norms > 0)
+        w = np.exp(-((1 - similarity) ** 2) / (2 * width**2))
+        design = np.hstack([seen, np.ones((len(seen), 1))])
+        root = np.sqrt(w)[:, None]
+        solution, *_ = np.linalg.lstsq(root * design, root[:, 0] * values[:, k], rcond=None)
+        out[k, :t] = solution[:t]
+    return out
+
+
+def test_lime_equals_a_naive_weighted_fit_on_its_coalitions(models, monkeypatch):
+    """The test draws the coalitions (fed to attrax through its draw function); the kernel on the
+    cosine distance, the intercept and the per-target visible tokens are checked, which a model
+    whose objective is linear in the kept tokens cannot see."""
+    hf = copy.deepcopy(models["gpt2"].hf).double()  # float64: a tight comparison
+    model = ax.load_model(hf, tokenizer=models["gpt2"].tokenizer)
+    source, target = PAIRS[1]
+    samples, width = 40, 0.5  # a non-default kernel width
+    players = sum(map(len, _naive.token_ids(model, source, target))) - 1  # never the last token
+    masks = np.random.default_rng(11).random((samples, players)) < 0.5
+    masks[0] = True  # LIME's first coalition is the full input
+
+    def draw(n: int, m: int, generator: torch.Generator) -> torch.Tensor:
+        assert (n, m) == (samples, players)
+        return torch.as_tensor(masks)
+
+    monkeypatch.setattr(_perturbation, "_bernoulli", draw)
+    got = lime(model, source, target, samples=samples, kernel_width=width)
+    want = naive_lime(model, source, target, masks, width)
+    assert_close(got.values, want, rtol=1e-6, atol=1e-9)

@@ -83,14 +83,12 @@ def test_contrast_input_scores(models, arch):
 def test_contrast_prob_diff(models):
     model = models["llama"]
     contrast = " Rome"
-    if len(_naive.token_ids(model, SOURCE, contrast)[1]) != len(
-        _naive.token_ids(model, SOURCE, TARGET)[1]
-    ):
-        contrast = " Paris"
+    # aligned token by token, and another token: a contrast equal to the target gives p - p = 0
+    contrast_ids, target_ids = (_naive.token_ids(model, SOURCE, t)[1] for t in (contrast, TARGET))
+    assert len(contrast_ids) == len(target_ids) and contrast_ids != target_ids
     got = step_scores(model, SOURCE, TARGET, scores="contrast_prob_diff", contrast=contrast)
     logits, target_ids, first = hf_logits(model, SOURCE, TARGET)
     probs = torch.softmax(predicting_rows(logits, first, len(target_ids)), -1)
-    contrast_ids = _naive.token_ids(model, SOURCE, contrast)[1]
     rows = torch.arange(len(target_ids))
     want = probs[rows, torch.tensor(target_ids)] - probs[rows, torch.tensor(contrast_ids)]
     np.testing.assert_allclose(got.sel(score="contrast_prob_diff"), want.numpy(), atol=1e-7)

@@ -59,7 +59,12 @@ CASES = {
     "float mask 2-d": (2, 4, 4, 12, 9, (12, 9), torch.float64, False),
     "gqa causal": (2, 4, 2, 12, 12, None, None, True),
     "gqa bool mask": (2, 4, 2, 12, 12, (2, 1, 12, 12), torch.bool, False),
+    "scaled causal": (2, 4, 4, 12, 12, None, None, True),
+    "scaled bool mask per example": (3, 4, 4, 12, 12, (3, 1, 12, 12), torch.bool, False),
 }
+# a softmax scale other than 1/sqrt(head width), on the op itself: through the models only T5's
+# (1.0) differs from it, and never on the recomputing path that GPUs run
+SCALES = {"scaled causal": 0.3, "scaled bool mask per example": 1.7}
 
 
 def _case(name: str) -> tuple[tuple[torch.Tensor, ...], dict]:
@@ -74,6 +79,8 @@ def _case(name: str) -> tuple[tuple[torch.Tensor, ...], dict]:
     elif mask_dtype is not None:
         mask = torch.randn(mask_shape, generator=g, dtype=mask_dtype)
     options = dict(attn_mask=mask, is_causal=causal, enable_gqa=kv_heads != heads)
+    if name in SCALES:
+        options["scale"] = SCALES[name]
     return (q, k, v), options
 
 

@@ -93,20 +93,22 @@ def test_detect_scheme(tokenizers):
 
 
 def test_how_and_nan_semantics():
-    tokens = ["▁a", "b", "c", "▁d", "e", "▁f"]
+    # the four reductions differ on every word that has a value; "fgh" is partly NaN (ignored:
+    # its mean is over the two values), "de" all NaN (stays NaN)
+    tokens = ["▁a", "b", "c", "▁d", "e", "▁f", "g", "h"]
     da = tokens_array(tokens).isel(target=[0])
-    da[0] = [1.0, -3.0, 2.0, np.nan, np.nan, 5.0]
+    da[0] = [2.0, -6.0, 1.0, np.nan, np.nan, np.nan, -5.0, 4.0]
     want = {
-        "sum": [0.0, np.nan, 5.0],
-        "mean": [0.0, np.nan, 5.0],
-        "max": [2.0, np.nan, 5.0],
-        "absmax": [-3.0, np.nan, 5.0],
+        "sum": [-3.0, np.nan, -1.0],
+        "mean": [-1.0, np.nan, -0.5],
+        "max": [2.0, np.nan, 4.0],
+        "absmax": [-6.0, np.nan, -5.0],
     }
     for how, values in want.items():
         merged = merge_subwords(da, how, dims="source")
         np.testing.assert_array_equal(merged.values[0], np.float32(values))
         assert list(merged.source.values) == [0, 3, 5]
-        assert list(merged.source_word.values) == ["abc", "de", "f"]
+        assert list(merged.source_word.values) == ["abc", "de", "fgh"]
         assert merged.attrs["reductions"] == f"merge_subwords(source,{how})"
 
 

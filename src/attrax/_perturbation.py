@@ -84,7 +84,11 @@ def occlusion(problem: Problem, batch_size: Size, *, baseline: Baseline = "zeros
 
 
 @PERTURBATION.method(
-    samples=check.positive_int,
+    samples=check.at_least(
+        2,
+        "the first coalition keeps every token, and a surrogate fitted to it alone has no "
+        "variation to fit (its coefficients would be an even split)",
+    ),
     kernel_width=check.positive,
     seed=check.seed,
     baseline=check.baseline,

@@ -37,12 +37,20 @@ def positive_int(value: object, name: str) -> None:
         raise OptionError(f"`{name}` must be a positive integer, got {value!r}")
 
 
-def at_least(minimum: int) -> Check:
-    """An integer of at least ``minimum``."""
+def at_least(minimum: int, why: str = "") -> Check:
+    """An integer of at least ``minimum``; ``why`` ends the message.
+
+    >>> at_least(2, "one coalition fits nothing")(1, "samples")
+    Traceback (most recent call last):
+    attrax._errors.OptionError: `samples` must be an integer of at least 2, got 1: one coalition fits nothing
+    """
 
     def check(value: object, name: str) -> None:
         if not _is_int(value) or value < minimum:  # type: ignore[operator]
-            raise OptionError(f"`{name}` must be an integer of at least {minimum}, got {value!r}")
+            raise OptionError(
+                f"`{name}` must be an integer of at least {minimum}, got {value!r}"
+                + (f": {why}" if why else "")
+            )
 
     return check
 
