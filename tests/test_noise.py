@@ -84,6 +84,46 @@ def test_gradient_shap_equals_naive_loop(models, arch):
     close(got.values, want)
 
 
+def pad_embeddings(model, source, target, attributed) -> list[torch.Tensor]:
+    """``[1, 1, H]`` per attributed side: that side's embedding module run on the pad token."""
+    run = _naive.Runner(model, *_naive.token_ids(model, source, target))
+    with torch.no_grad():
+        pad = torch.tensor([[model.pad_token_id]])
+        return [run.modules[s](pad) for s in range(attributed)]
+
+
+@pytest.mark.parametrize("arch", ["llama", "t5"])  # BART's, Marian's pad embeddings are zeros
+def test_gradient_shap_default_pad_baseline_equals_naive_loop(models, arch):
+    # the default baselines: zeros and each side's own pad embedding, drawn uniformly
+    model = models[arch]
+    attributed = 2 if model.is_encoder_decoder else 1
+    source, target = PAIRS[1]
+    options = dict(samples=6, stdevs=0.05, seed=4, attribute_target=attributed == 2)
+    pad = pad_embeddings(model, source, target, attributed)
+    zeros = [torch.zeros_like(p) for p in pad]
+    got = ax.gradient_shap(model, source, target, **options)
+    want = naive_gradient_shap(model, source, target, [zeros, pad], 6, 0.05, 4, attributed)
+    close(got.values, want)
+    # the pad baseline alone (one baseline, not a list): every draw starts from it
+    alone = ax.gradient_shap(model, source, target, baselines="pad", **options)
+    want_pad = naive_gradient_shap(model, source, target, [pad], 6, 0.05, 4, attributed)
+    close(alone.values, want_pad)
+    zero = naive_gradient_shap(model, source, target, [zeros], 6, 0.05, 4, attributed)
+    finite = ~np.isnan(want_pad)
+    assert not np.allclose(want_pad[finite], zero[finite], rtol=1e-2, atol=0), "pad == zeros?"
+
+
+def test_gradient_shap_per_position_tensor_baseline_equals_naive_loop(models):
+    # one tensor baseline, not a list, with a vector per position (no broadcast over length)
+    model = models["llama"]
+    source, target = PAIRS[0]
+    run = _naive.Runner(model, *_naive.token_ids(model, source, target))
+    shape = run.embeddings()[0].shape
+    own = torch.randn(shape, generator=torch.Generator().manual_seed(8))
+    got = ax.gradient_shap(model, source, target, baselines=own, samples=3, stdevs=0.1, seed=2)
+    close(got.values, naive_gradient_shap(model, source, target, [[own]], 3, 0.1, 2, 1))
+
+
 def naive_noise_moments(model, source, target, samples, noise, seed):
     """Per-target mean and mean square of SmoothGrad's noisy gradients (decoder side not
     attributed), with the noise drawn as ``ax.smoothgrad`` documents it."""
@@ -155,6 +195,27 @@ def test_gradient_shap_forward_mode_equals_reverse(models):
     np.testing.assert_allclose(forward, reverse, rtol=1e-4, atol=1e-7)
     with pytest.raises(ax.OptionError, match="has none"):
         ax.vargrad(model, *PAIRS[0], samples=2, reduce_hidden="sum", mode="forward")
+
+
+@pytest.mark.parametrize("method", ["gradient_shap", "deeplift_shap"])
+def test_a_lone_tuple_of_one_tensor_per_side_is_one_baseline(models, method):
+    """With both sides attributed a lone tensor is no baseline, so a tuple of two tensors is one
+    per-side baseline (the docstring's "or one of them"); it was refused as two baselines. With
+    one side, a tuple of tensors is still a list of baselines."""
+    fn, t5, llama = getattr(ax, method), models["t5"], models["llama"]
+    g = torch.Generator().manual_seed(3)
+    source, decoder = (torch.randn(1, 1, t5.hidden_size, generator=g) for _ in range(2))
+    options = dict(samples=3, attribute_target=True)
+    alone = fn(t5, *PAIRS[0], baselines=(source, decoder), **options)
+    listed = fn(t5, *PAIRS[0], baselines=[(source, decoder)], **options)
+    np.testing.assert_array_equal(alone.values, listed.values)
+    two = fn(llama, *PAIRS[0], baselines=(source, decoder), samples=3)
+    np.testing.assert_array_equal(
+        two.values, fn(llama, *PAIRS[0], baselines=[source, decoder], samples=3).values
+    )
+    assert not np.allclose(
+        two.values, fn(llama, *PAIRS[0], baselines=[source], samples=3).values, equal_nan=True
+    )
 
 
 def test_gradient_shap_options_are_checked(models):

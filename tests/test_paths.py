@@ -135,6 +135,44 @@ def test_modified_backprop_batched_equals_single(models, arch):
         np.testing.assert_allclose(row.values, single.values, rtol=1e-5, atol=1e-7)
 
 
+def naive_modified_gradient_both_sides(model, source, target, rule) -> np.ndarray:
+    """``[target, source + decoder, hidden]``: one hooked backward per target, taken w.r.t. the
+    encoder's and the decoder's embeddings alike; the decoder's future positions NaN."""
+    handles = _hooked(model, rule, only_relu=False)
+    try:
+        source_ids, target_ids = _naive.token_ids(model, source, target)
+        run = _naive.Runner(model, source_ids, target_ids)
+        grads = run.gradients(run.embeddings(), _naive.probability, None)
+    finally:
+        for h in handles:
+            h.remove()
+    rows = []
+    for t, g in zip(run.targets(), grads, strict=True):
+        row = torch.cat([g[0], g[1]]).numpy().astype(np.float64)
+        row[len(source_ids) + t :] = np.nan
+        rows.append(row)
+    return np.stack(rows)
+
+
+@pytest.mark.parametrize("arch", ["t5", "bart"])  # ReLU, GELU
+@pytest.mark.parametrize("rule", ["guided", "deconvolution"])
+def test_modified_backprop_decoder_side_equals_hooked_loop(models, arch, rule):
+    # with attribute_target the decoder prefix's gradients pass the same modified backward
+    model = models[arch]
+    method = ax.guided_backprop if rule == "guided" else ax.deconvolution
+    source, target = PAIRS[0]
+    got = method(model, source, target, attribute_target=True)
+    assert "side" in got.indexes["source"].names
+    want = naive_modified_gradient_both_sides(model, source, target, rule)
+    assert_close(got.values, want)
+    # the decoder side is there, and the rule changes it: it is not the plain gradient there
+    decoder = got.sel(side="target").values
+    seen = ~np.isnan(decoder)
+    assert np.abs(decoder[seen]).max() > 1e-3 * np.nanmax(np.abs(want))
+    plain = ax.saliency(model, source, target, attribute_target=True).sel(side="target").values
+    assert not np.allclose(decoder[seen], plain[seen], rtol=1e-3, atol=1e-6)
+
+
 def test_modified_backprop_refuses_forward_mode(default_model):
     with pytest.raises(ax.OptionError, match="multiplier"):
         ax.deconvolution(default_model, "1 2 =", " 2 1", reduce_hidden="sum", mode="forward")
@@ -465,11 +503,15 @@ def naive_dig_path(table, word: int, base: int, special: bool, k: int, steps: in
     return points[::-1]
 
 
-def naive_dig(model, source, target, steps, k, attribute_target=False) -> np.ndarray:
+def naive_dig(
+    model, source, target, steps, k, attribute_target=False, baseline="pad"
+) -> np.ndarray:
     """``[target, source(+decoder), hidden]``: every token's path (each side through its own
-    embedding module's table), one backward per target and path point; future NaN."""
+    embedding module's table), one backward per target and path point; future NaN. Each path
+    starts at the ``baseline`` token (``"pad"`` or ``"unk"``), EOS tokens at EOS."""
     tok = model.tokenizer
     special = set(tok.all_special_ids)
+    start = {"pad": model.pad_token_id, "unk": tok.unk_token_id}[baseline]
     source_ids, target_ids = _naive.token_ids(model, source, target)
     run = _naive.Runner(model, source_ids, target_ids)
     x = run.embeddings()
@@ -478,9 +520,7 @@ def naive_dig(model, source, target, steps, k, attribute_target=False) -> np.nda
     for side, ids in enumerate(sides):
         table = run.modules[side].weight.detach()
         per_token = [
-            naive_dig_path(
-                table, w, w if w == tok.eos_token_id else model.pad_token_id, w in special, k, steps
-            )
+            naive_dig_path(table, w, w if w == tok.eos_token_id else start, w in special, k, steps)
             for w in ids[0].tolist()
         ]
         paths.append(torch.stack([torch.stack(p) for p in per_token], dim=1))
@@ -530,6 +570,35 @@ def test_dig_batched_equals_single_and_completeness(models):
         delta = [run.score(t, x, _naive.probability) - run.score(t, b, _naive.probability)
                  for t in run.targets()]  # fmt: skip
         np.testing.assert_allclose(single.completeness_gap.values, total - delta, atol=1e-6)
+
+
+@pytest.mark.parametrize(("arch", "attribute_target"), [("llama", False), ("bart", True)])
+def test_dig_unk_baseline_equals_naive_loop(models, arch, attribute_target):
+    # every path starts at the unk token's embedding (EOS at EOS); unk is neither pad nor EOS
+    model = models[arch]
+    tok = model.tokenizer
+    assert tok.unk_token_id not in (model.pad_token_id, tok.eos_token_id)
+    source, target = PAIRS[2]
+    options = dict(steps=4, neighbours=5, attribute_target=attribute_target)
+    got = ax.discretized_integrated_gradients(model, source, target, baseline="unk", **options)
+    want = naive_dig(model, source, target, 4, 5, attribute_target, baseline="unk")
+    assert_close(got.values, want)
+    pad = ax.discretized_integrated_gradients(model, source, target, **options)
+    assert not np.allclose(got.values[~np.isnan(want)], pad.values[~np.isnan(want)], atol=1e-6)
+    # completeness_gap: the sum minus f(x) - f(x'), x' the unk embedding (EOS kept), scored here
+    source_ids, target_ids = _naive.token_ids(model, source, target)
+    run = _naive.Runner(model, source_ids, target_ids)
+    x = run.embeddings()
+    sides = [run.ids, run.decoder_ids][: 2 if attribute_target else 1]
+    bases = [
+        run.modules[s](torch.where(ids == tok.eos_token_id, ids, tok.unk_token_id)).detach()
+        for s, ids in enumerate(sides)
+    ]
+    bases += x[len(bases) :]
+    delta = [run.score(t, x, _naive.probability) - run.score(t, bases, _naive.probability)
+             for t in run.targets()]  # fmt: skip
+    total = got.sum(("source", "hidden")).values
+    np.testing.assert_allclose(got.completeness_gap.values, total - delta, atol=1e-6)
 
 
 def test_nearest_neighbours_exact(models):

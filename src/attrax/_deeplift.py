@@ -370,7 +370,8 @@ def deeplift_shap(
 
     Arguments (others as :func:`deeplift`):
         baselines: the baseline distribution: a list (or tuple) of baselines as :func:`deeplift`
-            takes them, or one of them. Default: zeros and the pad embedding.
+            takes them, or one of them (with both sides attributed, a lone tuple of one tensor
+            per side is one baseline). Default: zeros and the pad embedding.
         samples: None (default): every baseline once, Captum's exact mean; an int: that many
             baselines drawn uniformly with replacement, each example from its own CPU generator
             seeded with ``seed`` (``torch.randint(len(baselines), (samples,))``), so batched
@@ -387,7 +388,7 @@ def deeplift_shap(
     'deeplift_shap'
     """
     x = problem.inputs
-    bases = [baseline_embeddings(problem, b) for b in _as_list(baselines)]
+    bases = [baseline_embeddings(problem, b) for b in _as_list(baselines, len(x))]
     stacked = tuple(torch.stack(side) for side in zip(*bases, strict=True))  # [N, B, L, H]
     if samples is not None:
         index = torch.zeros((samples, x[0].shape[0]), dtype=torch.long)

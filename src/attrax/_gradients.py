@@ -498,7 +498,8 @@ def gradient_shap(
     Arguments (others as :func:`saliency`):
         baselines: the baselines to draw from: a list (or tuple) of baselines as
             :func:`integrated_gradients` takes them (``"zeros"``, ``"pad"``, ``"unk"``, a tensor,
-            a tuple of tensors per side), or one of them. Default: zeros and the pad embedding.
+            a tuple of tensors per side), or one of them (with both sides attributed, a lone
+            tuple of one tensor per side is one baseline). Default: zeros and the pad embedding.
         samples: draws (points); stdevs: the noise's standard deviation; seed: the random seed.
 
     Returns:
@@ -510,7 +511,7 @@ def gradient_shap(
     ('target', 'source', 'hidden')
     """
     x = problem.inputs
-    given = _as_list(baselines)
+    given = _as_list(baselines, len(x))
     bases = [baseline_embeddings(problem, b) for b in given]
     stacked = tuple(torch.stack(side) for side in zip(*bases, strict=True))  # [N_b, B, L, H]
     index, alpha, noise = _shap_draws(problem, len(given), samples, seed)
@@ -537,7 +538,12 @@ def gradient_shap(
     return Rule(points, weights, multiplier=deltas, origins=origins)
 
 
-def _as_list(baselines: Baselines) -> list[Baseline]:
+def _as_list(baselines: Baselines, sides: int) -> list[Baseline]:
+    """The baselines given, as a list; a tuple of one tensor per attributed side (``sides``) is
+    one baseline: with two sides a lone tensor is no baseline, so it cannot mean two."""
+    per_side = isinstance(baselines, tuple) and all(isinstance(b, torch.Tensor) for b in baselines)
+    if per_side and sides > 1 and len(baselines) == sides:
+        return [baselines]
     if isinstance(baselines, (list, tuple)):
         return list(baselines)
     return [baselines]
