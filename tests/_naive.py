@@ -7,6 +7,7 @@ model's token-embedding modules, substituted through forward hooks while the mod
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -126,3 +127,15 @@ class Runner:
     def score(self, t: int, points: list[torch.Tensor], objective: Objective) -> float:
         with torch.no_grad():
             return float(objective(self.logits(list(points))[t - 1], self.sequence[t]))
+
+
+def future_to_nan(
+    row: np.ndarray, model: Any, t: int, source_length: int = 0, attribute_target: bool = False
+) -> np.ndarray:
+    """``row`` (one target's, over sources) with what target ``t`` cannot see set to NaN: a
+    decoder-only model's positions from ``t`` on, an attributed decoder prefix's from ``t`` on."""
+    if not model.is_encoder_decoder:
+        row[t:] = np.nan
+    elif attribute_target:
+        row[source_length + t :] = np.nan
+    return row

@@ -99,10 +99,7 @@ def naive_deeplift(
     for t, g in zip(run.targets(), grads, strict=True):
         parts = [(x[i][0] - reference[i][0]) * g[i] for i in range(sides)]
         row = torch.cat(parts).numpy().astype(np.float64)
-        if not model.is_encoder_decoder:
-            row[t:] = np.nan
-        elif attribute_target:
-            row[len(source_ids) + t :] = np.nan
+        _naive.future_to_nan(row, model, t, len(source_ids), attribute_target)
         rows.append(row)
     return np.stack(rows)
 

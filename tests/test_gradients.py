@@ -92,10 +92,7 @@ def naive_attribution(
         elif method == "integrated_gradients":
             total = [g * (xi - bi)[0] for g, xi, bi in zip(total, x, base, strict=True)]
         row = torch.cat(total[:attributed], dim=0).numpy().copy()
-        if not model.is_encoder_decoder:
-            row[t:] = np.nan
-        elif attribute_target:
-            row[len(source_ids) + t :] = np.nan
+        _naive.future_to_nan(row, model, t, len(source_ids), attribute_target)
         rows.append(row)
     return np.stack(rows)
 

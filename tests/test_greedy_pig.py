@@ -83,10 +83,7 @@ def naive_greedy(
             visible = list(range(widths[0])) + decoder
         row, end = greedy_loop(emb, base, gradient, score, visible, rounds, per_round, steps, rule)
         row = row.numpy()
-        if not model.is_encoder_decoder:
-            row[t:] = np.nan
-        elif attribute_target:
-            row[widths[0] + t :] = np.nan
+        _naive.future_to_nan(row, model, t, widths[0], attribute_target)
         rows.append(row)
         ends.append(end)
     return np.stack(rows), np.array(ends)

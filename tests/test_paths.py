@@ -57,13 +57,16 @@ def naive_rows(model, source, target, per_target_fn) -> np.ndarray:
     rows = []
     for k, t in enumerate(run.targets()):
         row = np.array(per_target_fn(run, x, k, t), dtype=np.float64)
-        if not model.is_encoder_decoder:
-            row[t:] = np.nan
+        _naive.future_to_nan(row, model, t)
         rows.append(row)
     return np.stack(rows)
 
 
-def naive_modified_gradient(model, source, target, rule, only_relu=False) -> np.ndarray:
+def naive_modified_gradient(
+    model, source, target, rule, only_relu=False, attribute_target=False
+) -> np.ndarray:
+    """``[target, source (+ decoder), hidden]``: one hooked backward per target; with
+    ``attribute_target`` taken w.r.t. the encoder's and the decoder's embeddings alike."""
     handles = _hooked(model, rule, only_relu)
     try:
         source_ids, target_ids = _naive.token_ids(model, source, target)
@@ -72,11 +75,11 @@ def naive_modified_gradient(model, source, target, rule, only_relu=False) -> np.
     finally:
         for h in handles:
             h.remove()
+    sides = 2 if attribute_target else 1
     rows = []
     for t, g in zip(run.targets(), grads, strict=True):
-        row = g[0].numpy().astype(np.float64)
-        if not model.is_encoder_decoder:
-            row[t:] = np.nan
+        row = torch.cat(g[:sides]).numpy().astype(np.float64)
+        _naive.future_to_nan(row, model, t, len(source_ids), attribute_target)
         rows.append(row)
     return np.stack(rows)
 
@@ -135,25 +138,6 @@ def test_modified_backprop_batched_equals_single(models, arch):
         np.testing.assert_allclose(row.values, single.values, rtol=1e-5, atol=1e-7)
 
 
-def naive_modified_gradient_both_sides(model, source, target, rule) -> np.ndarray:
-    """``[target, source + decoder, hidden]``: one hooked backward per target, taken w.r.t. the
-    encoder's and the decoder's embeddings alike; the decoder's future positions NaN."""
-    handles = _hooked(model, rule, only_relu=False)
-    try:
-        source_ids, target_ids = _naive.token_ids(model, source, target)
-        run = _naive.Runner(model, source_ids, target_ids)
-        grads = run.gradients(run.embeddings(), _naive.probability, None)
-    finally:
-        for h in handles:
-            h.remove()
-    rows = []
-    for t, g in zip(run.targets(), grads, strict=True):
-        row = torch.cat([g[0], g[1]]).numpy().astype(np.float64)
-        row[len(source_ids) + t :] = np.nan
-        rows.append(row)
-    return np.stack(rows)
-
-
 @pytest.mark.parametrize("arch", ["t5", "bart"])  # ReLU, GELU
 @pytest.mark.parametrize("rule", ["guided", "deconvolution"])
 def test_modified_backprop_decoder_side_equals_hooked_loop(models, arch, rule):
@@ -163,7 +147,7 @@ def test_modified_backprop_decoder_side_equals_hooked_loop(models, arch, rule):
     source, target = PAIRS[0]
     got = method(model, source, target, attribute_target=True)
     assert "side" in got.indexes["source"].names
-    want = naive_modified_gradient_both_sides(model, source, target, rule)
+    want = naive_modified_gradient(model, source, target, rule, attribute_target=True)
     assert_close(got.values, want)
     # the decoder side is there, and the rule changes it: it is not the plain gradient there
     decoder = got.sel(side="target").values
@@ -219,10 +203,7 @@ def naive_sig(
     for t, per_side in zip(targets, sums, strict=True):
         moved = [g * (xi - bi)[0] for g, xi, bi in zip(per_side, x, base, strict=False)]
         row = torch.cat(moved).numpy().astype(np.float64)
-        if not model.is_encoder_decoder:
-            row[t:] = np.nan
-        elif attribute_target:
-            row[len(source_ids) + t :] = np.nan
+        _naive.future_to_nan(row, model, t, len(source_ids), attribute_target)
         rows.append(row)
     return np.stack(rows)
 
@@ -367,10 +348,7 @@ def naive_guided_ig(
         out = pair_guided_ig(flat, np.zeros_like(flat), grad_func, steps, fraction, max_dist)
         parts = np.split(out, np.cumsum(sizes)[:-1])
         row = np.concatenate([o.reshape(s[1:]) for o, s in zip(parts, shapes, strict=True)])
-        if not model.is_encoder_decoder:
-            row[t:] = np.nan
-        elif attribute_target:
-            row[len(source_ids) + t :] = np.nan
+        _naive.future_to_nan(row, model, t, len(source_ids), attribute_target)
         rows.append(row)
     return np.stack(rows)
 
@@ -532,10 +510,7 @@ def naive_dig(
             grads = run.gradients(points, _naive.probability, None)[index]
             out = [o + g * (p[j + 1] - p[j]) for o, g, p in zip(out, grads, paths, strict=False)]
         row = torch.cat(out).numpy().astype(np.float64)
-        if not model.is_encoder_decoder:
-            row[t:] = np.nan
-        elif attribute_target:
-            row[len(source_ids) + t :] = np.nan
+        _naive.future_to_nan(row, model, t, len(source_ids), attribute_target)
         rows.append(row)
     return np.stack(rows)
 
