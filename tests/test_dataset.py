@@ -89,12 +89,21 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(tmp_path, model, write
     assert got.example.values.tolist() == [0, 1, 2, 4, 5, 6, 7]
     assert got.id.values.tolist() == ["r0", "", "r2", "r3", "", "r5", "r6"]
     assert got.dims == ("example", "target", "source")
-    # a record's array is what a direct call gives, up to the batch padding
-    prompt, continuation = _pair(data, 0)
-    direct = ax.normalize(ax.l2_norm(ax.saliency(model, prompt, continuation)))
-    record = got.sel(example=0, target=direct.target, source=direct.source)
-    assert record.source_token.values.tolist() == direct.source_token.values.tolist()
-    np.testing.assert_allclose(record.values, direct.values, rtol=1e-5, atol=1e-7)
+    # every record's array is what a direct call gives, up to the batch padding, in its line's
+    # place (the resumed shards and those after the blank line too), and NaN outside its own
+    # targets and sources: the two runs share the padding code, a direct call does not
+    for line in got.example.values.tolist():
+        prompt, continuation = _pair(data, line)
+        raw = ax.saliency(model, prompt, continuation)
+        # the run's default reduction, by xarray here: L2 over hidden, then L1-normalized rows
+        norm = np.sqrt((raw**2).sum("hidden", min_count=1))
+        direct = norm / abs(norm).sum("source", min_count=1)
+        row = got.sel(example=line)
+        record = row.sel(target=direct.target, source=direct.source)
+        assert record.source_token.values.tolist() == direct.source_token.values.tolist()
+        assert record.target_token.values.tolist() == direct.target_token.values.tolist()
+        np.testing.assert_allclose(record.values, direct.values, rtol=1e-5, atol=1e-7)
+        assert int(row.notnull().sum()) == int(direct.notnull().sum()), line
 
 
 def _pair(data: Path, line: int) -> tuple[str, str]:
@@ -222,6 +231,18 @@ def test_generated_targets_and_reductions(tmp_path, model, write_jsonl):
     assert da.sizes["example"] == 3
     assert da.sel(example=1).target_token.values.tolist() == ["9", "8", "7"]
     assert float(abs(da).max()) == pytest.approx(1.0)
+    # the values too: a direct call's signed sum over hidden, rescaled (reduced here by xarray,
+    # not by attrax's reductions), where every target is generated as in the run
+    for line, record in enumerate(records):
+        raw = ax.input_x_gradient(model, record["input"], max_new_tokens=3)
+        summed = raw.sum("hidden", min_count=1)  # NaN (sources a target cannot see) stays NaN
+        direct = summed / abs(summed).max("source")
+        assert (direct < 0).any() and (direct > 0).any()
+        got = da.sel(example=line, target=direct.target, source=direct.source)
+        assert got.target_token.values.tolist() == direct.target_token.values.tolist()
+        # values in [-1, 1]; a signed sum over hidden cancels, so batch padding's rounding
+        # shows as ~1e-5 (float32)
+        np.testing.assert_allclose(got.values, direct.values, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize(

@@ -69,17 +69,34 @@ def test_plausibility_against_hand_worked_values(default_model):
 
 
 def test_agreement_of_a_method_with_itself_and_its_reverse(default_model):
+    """±1 at the extremes, and against rank statistics written here for a third ranking."""
     data = [{"input": PROMPT, "target": ANSWER}]
     relevance = [0.1, 0.9, 0.0, 0.2, 0.8, 0.3, 0.05]
-    methods = {"a": _fixed({7: relevance}), "b": _fixed({7: [-v for v in relevance]})}
-    ds = ax.evaluate(
-        default_model, data, methods, ["spearman", "kendall", "topk_overlap"], reduce="none"
-    )
+    # neither monotone in `relevance` nor without ties: ±1 and 0 cannot tell Spearman from
+    # Pearson, tau-b from tau-a, or an overlap divided by k from one divided by the sources
+    other = [0.6, 0.7, 0.1, 0.5, 0.1, 0.9, 0.3]
+    methods = {
+        "a": _fixed({7: relevance}),
+        "b": _fixed({7: [-v for v in relevance]}),
+        "c": _fixed({7: other}),
+    }
+    metrics = ["spearman", "kendall", "topk_overlap"]
+    ds = ax.evaluate(default_model, data, methods, metrics, reduce="none", top_k=4)
     pair = ds.sel(example=0, target=7)
     assert float(pair.spearman.sel({"method": "a", "other": "a"})) == pytest.approx(1.0)
     assert float(pair.spearman.sel({"method": "a", "other": "b"})) == pytest.approx(-1.0)
     assert float(pair.kendall.sel({"method": "b", "other": "a"})) == pytest.approx(-1.0)
-    assert float(pair.topk_overlap.sel({"method": "a", "other": "b"})) == 0.0  # top 3 vs bottom 3
+    # top 4 of a (sources 1, 4, 5, 3) against its bottom 4 (2, 6, 0, 3): of 7, one is both
+    assert float(pair.topk_overlap.sel({"method": "a", "other": "b"})) == 1 / 4
+    for x, y, m, o in ((relevance, other, "a", "c"), (other, relevance, "c", "a")):
+        at = {"method": m, "other": o}
+        assert float(pair.spearman.sel(at)) == pytest.approx(_naive_spearman(x, y), abs=1e-12)
+        assert float(pair.kendall.sel(at)) == pytest.approx(_naive_tau_b(x, y), abs=1e-12)
+        # top 4 of a: sources 1, 4, 5, 3; of c: 5, 1, 0, 3
+        assert float(pair.topk_overlap.sel(at)) == 3 / 4
+    assert _naive_spearman(relevance, other) != pytest.approx(
+        float(np.corrcoef(relevance, other)[0, 1]), abs=1e-3
+    )  # ranks, not values, matter here
     assert np.isnan(
         ds.spearman.sel({"method": "a", "other": "b", "target": 8}).item()
     )  # no relevance
@@ -101,6 +118,47 @@ def test_summary_means_and_bootstrap_intervals(default_model):
     # agreement leaves out a method's agreement with itself (which is 1)
     versus = ds.spearman.sel({"method": "saliency", "other": "ixg"}).mean("target").values.mean()
     assert table.loc["saliency", ("spearman", "mean")] == pytest.approx(versus)
+
+
+def test_summary_intervals_are_percentiles_of_the_bootstrap_over_examples():
+    """Against the exact bootstrap distribution of the mean over examples, enumerated here (all
+    5**5 resamples of 5 examples): each bound lies between the exact quantiles a Monte Carlo
+    estimate of its percentile can reach (5 standard errors either side)."""
+    import itertools
+
+    rng = np.random.default_rng(5)
+    methods, n, targets = ["a", "b"], 5, 3
+    scores = rng.normal(size=(2, n, targets))
+    scores[0, 1, 2] = scores[1, 3, 0] = np.nan  # a target without a score: left out of its mean
+    pairs = rng.normal(size=(2, 2, n, targets))  # agreement of each method with each other
+    ds = xr.Dataset(
+        {
+            "sufficiency": (("method", "example", "target"), scores),
+            "spearman": (("method", "other", "example", "target"), pairs),
+        },
+        coords={"method": methods, "other": methods},
+    )
+    confidence, resamples = 0.9, 20_000
+    table = ax.summary(ds, confidence=confidence, resamples=resamples, seed=1)
+    for i, name in enumerate(methods):
+        per_example = {
+            "sufficiency": [_mean(scores[i, e].tolist()) for e in range(n)],
+            # agreement with the other method only, never with itself
+            "spearman": [_mean(pairs[i, 1 - i, e].tolist()) for e in range(n)],
+        }
+        for metric, values in per_example.items():
+            assert table.loc[name, (metric, "mean")] == pytest.approx(_mean(values), abs=1e-12)
+            means = sorted(
+                _mean([values[j] for j in draw]) for draw in itertools.product(range(n), repeat=n)
+            )
+
+            def quantile(p: float, means: list[float] = means) -> float:
+                return means[min(max(int(np.ceil(p * len(means))) - 1, 0), len(means) - 1)]
+
+            for stat, p in (("low", (1 - confidence) / 2), ("high", (1 + confidence) / 2)):
+                slack = 5 * (p * (1 - p) / resamples) ** 0.5
+                got = table.loc[name, (metric, stat)]
+                assert quantile(p - slack) <= got <= quantile(p + slack), (name, metric, stat)
 
 
 @pytest.mark.parametrize("kind", ["list", "jsonl", "csv", "frame"])
@@ -176,20 +234,30 @@ def test_sanity_checks_randomize_the_top_layer_first(default_model):
     import torch
 
     data = [{"input": PROMPT, "target": ANSWER}]
-    ds = ax.sanity_checks(default_model, data, ax.pipe(ax.saliency, ax.l2_norm), seed=3)
+    # signed relevance: the rank correlation of magnitudes (spearman_abs) is another statistic
+    method = ax.pipe(ax.input_x_gradient, ax.sum)
+    ds = ax.sanity_checks(default_model, data, method, seed=3)
     assert ds.randomized.values.tolist() == ["transformer.h.1", "transformer.h.0"]
-    hf = copy.deepcopy(default_model.hf)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(3)
-        hf.transformer.h[1].apply(hf._init_weights)
-    shaken = ax.load_model(hf, tokenizer=default_model.tokenizer)
-    before = ax.normalize(ax.pipe(ax.saliency, ax.l2_norm)(default_model, PROMPT, ANSWER))
-    after = ax.normalize(ax.pipe(ax.saliency, ax.l2_norm)(shaken, PROMPT, ANSWER))
-    for k, target in enumerate(ds.target.values):
-        want = _spearman(before.sel(target=target).values, after.sel(target=target).values)
-        assert float(ds.spearman.isel(randomized=0, example=0, target=k)) == pytest.approx(want)
-    # the trained model's explanation decays as more layers are randomized
-    decay = ds.spearman.mean(("example", "target")).values
+    before = ax.normalize(method(default_model, PROMPT, ANSWER))
+    assert (before < 0).any() and (before > 0).any()
+    for depth in range(2):  # the cascade: the top block, then the top two, from the same seed
+        hf = copy.deepcopy(default_model.hf)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(3)
+            for block in (hf.transformer.h[1], hf.transformer.h[0])[: depth + 1]:
+                block.apply(hf._init_weights)
+        after = ax.normalize(
+            method(ax.load_model(hf, tokenizer=default_model.tokenizer), PROMPT, ANSWER)
+        )
+        for k, target in enumerate(ds.target.values):
+            x, y = before.sel(target=target).values, after.sel(target=target).values
+            got = ds.isel(randomized=depth, example=0, target=k)
+            assert float(got.spearman) == pytest.approx(_spearman(x, y), abs=1e-12)
+            want = _spearman(np.abs(x), np.abs(y))
+            assert float(got.spearman_abs) == pytest.approx(want, abs=1e-12)
+    # the trained model's explanation (the ranking of its magnitudes) decays as more layers are
+    # randomized
+    decay = ds.spearman_abs.mean(("example", "target")).values
     assert decay[1] < decay[0] < 1
 
 
@@ -454,3 +522,40 @@ def test_labels_are_checked_against_the_classifier(tmp_path):
     ids.write_text("input,label\na good film,2\na bad film,0\n")
     ds = ax.evaluate(classifier, ids, {"s": ax.saliency})
     assert ds.label.values.tolist() == ["positive", "negative"]
+
+
+# --- references written here: rank statistics by their textbook definitions, pair by pair ------
+
+
+def _average_ranks(x: list[float]) -> list[float]:
+    """0-based ranks, a tie sharing the mean of the ranks it spans."""
+    return [sum(v < xi for v in x) + (sum(v == xi for v in x) - 1) / 2 for xi in x]
+
+
+def _naive_spearman(x: list[float], y: list[float]) -> float:
+    rx, ry = _average_ranks(x), _average_ranks(y)
+    mx, my = sum(rx) / len(rx), sum(ry) / len(ry)
+    cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry, strict=True))
+    vx, vy = sum((a - mx) ** 2 for a in rx), sum((b - my) ** 2 for b in ry)
+    return cov / (vx * vy) ** 0.5
+
+
+def _naive_tau_b(x: list[float], y: list[float]) -> float:
+    """Kendall's tau-b: (concordant - discordant) / sqrt((n0 - ties in x)(n0 - ties in y))."""
+    n = len(x)
+    concordant = discordant = ties_x = ties_y = 0
+    for i in range(n):
+        for j in range(i + 1, n):
+            dx, dy = x[i] - x[j], y[i] - y[j]
+            ties_x += dx == 0
+            ties_y += dy == 0
+            concordant += dx * dy > 0
+            discordant += dx * dy < 0
+    pairs = n * (n - 1) // 2
+    return (concordant - discordant) / ((pairs - ties_x) * (pairs - ties_y)) ** 0.5
+
+
+def _mean(values: list[float]) -> float:
+    """The mean of the values that are not NaN."""
+    kept = [v for v in values if v == v]
+    return sum(kept) / len(kept)

@@ -331,6 +331,12 @@ def test_the_smallest_budget_a_refusal_names_is_met(name):
     assert named, str(refused.value)
     got = fn(model, "1 2 3 =", " 3 2 1", max_memory=named.group(1), **_SMALL.get(name, {}))
     assert json.loads(got.attrs["options"])["max_memory"] == named.group(1)
+    # and it is the smallest: the message rounds the estimate up by less than 1 %, so a budget
+    # 1 % below the one named is below the estimate, refused with the same smallest budget
+    below = _memory.parse_bytes(named.group(1).replace(" ", "")) * 100 // 101
+    with pytest.raises(ax.OptionError, match="cannot be met") as again:
+        fn(model, "1 2 3 =", " 3 2 1", max_memory=below, **_SMALL.get(name, {}))
+    assert f"estimated {named.group(1)};" in str(again.value), str(again.value)
 
 
 @pytest.mark.parametrize("bad", [0, -1, "", "8 GiBs", "GB", True, 1.5e9, "0.1B"])
@@ -372,6 +378,7 @@ def test_the_planner_fits_the_budget_it_is_given(models, monkeypatch):
         model, prepare(model, sources, targets), resolve("probability")[1], False
     )
     k = problem.tensors.valid.shape[1]
+    passes = _record_passes(monkeypatch)
     for budget, expected in [
         (10_000 + 6 * (500 + k * 1000), (None, None)),
         (10_000 + 6 * (500 + 2 * 1000), (None, 2)),
@@ -380,8 +387,15 @@ def test_the_planner_fits_the_budget_it_is_given(models, monkeypatch):
     ]:
         bounded = dataclasses.replace(problem, max_memory=budget)
         assert bounded.plan(6, "auto", "auto") == expected, budget
+        passes.clear()
         got = ax.integrated_gradients(model, sources, targets, steps=6, max_memory=budget)
         assert_close(got.values, whole.values, rtol=1e-5, atol=1e-6)
+        # the call ran the planned passes, not just planned them: each (point, target) once,
+        # no pass above the budget at the patched estimate, and as large as the plan allows
+        points, chunk = expected[0] or 6, expected[1] or k
+        assert sum(n * t for n, t in passes) == 6 * k, (budget, passes)
+        assert max(n for n, _ in passes) == points and max(t for _, t in passes) == chunk
+        assert all(10_000 + n * (500 + t * 1000) <= budget for n, t in passes), (budget, passes)
     with pytest.raises(ax.OptionError, match=r"`max_memory` of 11.5 kB cannot be met.*11.5 kB"):
         ax.integrated_gradients(model, sources, targets, steps=6, max_memory=11_499)
     with pytest.raises(ax.OptionError, match="the smallest passes with chunk_size=4"):
@@ -670,3 +684,18 @@ def test_a_gpu_budget_counts_the_blocks_torch_caches_as_free(monkeypatch):
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device: 50 * GiB)
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device: 20 * GiB)  # model, results
     assert _memory.memory_budget(torch.device("cuda:0")) == (10 + 50 - 20) * GiB / 2
+
+
+def _record_passes(monkeypatch) -> list[tuple[int, int]]:
+    """``(points, targets)`` of every vectorized backward the engine runs from now on, read
+    from the tensors it is given (not from the planner)."""
+    passes: list[tuple[int, int]] = []
+    original = Problem._chunk_gradients
+
+    def recorded(self, stacked, slots, length, chunk_size):
+        targets = len(range(self.tensors.valid.shape[1])[slots])
+        passes.append((stacked[0].shape[0], targets))
+        return original(self, stacked, slots, length, chunk_size)
+
+    monkeypatch.setattr(Problem, "_chunk_gradients", recorded)
+    return passes
