@@ -106,7 +106,9 @@ def _loop_saliency(model: ax.Model, source: str, target: str) -> list[np.ndarray
 
 def _check(model: ax.Model, source: str, target: str, got=None) -> None:
     got = ax.saliency(model, source, target) if got is None else got
-    for k, ref in enumerate(_loop_saliency(model, source, target)):
+    refs = _loop_saliency(model, source, target)
+    _check_labels(got, model, source, target)
+    for k, ref in enumerate(refs):
         row = got.isel(target=k).values
         scale = np.abs(ref).max()
         np.testing.assert_allclose(row[: len(ref)], ref, rtol=0, atol=1e-5 * scale)
@@ -154,6 +156,7 @@ def test_translator_saliency_equals_the_loop(family):
     model = _translator(family)
     source, target = PAIRS[0][0], PAIRS[0][1].strip()
     got = ax.saliency(model, source, target)
+    _check_labels(got, model, source, target)
     source_ids, target_ids = _naive.token_ids(model, source, target)
     run = _naive.Runner(model, source_ids, target_ids)
     for k, (grad, _) in enumerate(run.gradients(run.embeddings(), _naive.probability, None)):
@@ -184,3 +187,27 @@ def test_attention_maps_need_eager_on_a_model_that_cannot_switch(families, tmp_p
         one = ax.attention(model, sources[i], targets[i])
         part = both.isel(example=i).sel(target=one.target, source=one.source)
         np.testing.assert_allclose(part.values, one.values, atol=1e-6)
+        # and they are the eager model's own maps: target t's row is query t - 1
+        source_ids, target_ids = _naive.token_ids(model, sources[i], targets[i])
+        ids = torch.tensor([source_ids + target_ids])
+        with torch.no_grad():
+            maps = model.hf(input_ids=ids, output_attentions=True).attentions
+        want = np.stack([m[0].numpy() for m in maps])  # [layer, head, query, key]
+        assert one.dims == ("target", "source", "layer", "head")
+        assert one.target.values.tolist() == list(range(len(source_ids), ids.shape[1]))
+        for k, t in enumerate(one.target.values):
+            row = want[:, :, t - 1, :t].transpose(2, 0, 1)  # [key, layer, head]
+            np.testing.assert_allclose(one.values[k, :t], row, rtol=1e-5, atol=1e-6)
+            assert np.isnan(one.values[k, t:]).all()
+
+
+def _check_labels(got, model: ax.Model, source: str, target: str) -> None:
+    """``got``'s targets and token labels are the tokenizer's own ids, tokenized by hand: one
+    row per target token, labelled with the position it sits at and its id."""
+    source_ids, target_ids = _naive.token_ids(model, source, target)
+    first = 1 if model.is_encoder_decoder else len(source_ids)
+    sources = source_ids if model.is_encoder_decoder else source_ids + target_ids
+    assert got.target.values.tolist() == list(range(first, first + len(target_ids)))
+    assert got.target_id.values.tolist() == target_ids
+    assert got.source_id.values.tolist() == sources
+    assert got.source_token.values.tolist() == model.tokenizer.convert_ids_to_tokens(sources)

@@ -16,6 +16,7 @@ import xarray as xr
 import attrax as ax
 from attrax import _dataset as D
 from attrax._default_model_task import make_example
+from tests import _naive
 
 distributed = pytest.importorskip("distributed")
 
@@ -97,6 +98,7 @@ def test_a_worker_killed_mid_run_loses_nothing(tmp_path, default_model, write_js
     assert result.example.values.tolist() == list(range(8))  # every record exactly once
     # the client loaded the same model by path as the serial run held in memory: same run but name
     xr.testing.assert_identical(result, serial)
+    _assert_records_equal_the_loop(result, default_model, _records(8))
 
 
 def _evaluate_dying_on(text: str, marker: str, reruns: str):  # type: ignore[no-untyped-def]
@@ -151,6 +153,9 @@ def test_an_evaluation_survives_a_killed_worker(tmp_path, default_model, monkeyp
         ds.drop_vars(list(ds.data_vars)), serial.drop_vars(list(serial.data_vars))
     )
     assert list(ds.data_vars) == list(serial.data_vars)
+    # each record's saliency, as the workers computed it, is the plain loop's on that record
+    saliency = ds["attribution"].sel({"method": "saliency"})  # not sel(method=): xarray's own
+    _assert_records_equal_the_loop(saliency, default_model, records, ids=False)
     for name in ds.data_vars:
         # as the cluster-vs-in-process test (tests/test_experiments.py): a shard pads its batch to
         # its own longest record, which changes the order of float sums, not the result; padding
@@ -169,6 +174,7 @@ def test_a_local_cluster_equals_a_serial_run_and_resumes(tmp_path, default_model
     xr.testing.assert_identical(
         ax.load_dataset_results(out), ax.load_dataset_results(tmp_path / "serial")
     )
+    _assert_records_equal_the_loop(ax.load_dataset_results(out), default_model, _records(4))
     # the manifest is the truth: a lost shard is recomputed in process, the rest kept
     (out / "shard-00002.nc").unlink()
     again = D.attribute_dataset(None, data, out, shard_size=1, progress=False)
@@ -452,3 +458,37 @@ def test_a_worker_with_little_memory_completes_a_call_that_needs_more(tmp_path, 
         )  # fmt: skip
     assert (run.records, run.shards, run.skipped) == (1, 1, 0)
     assert np.isfinite(ax.load_dataset_results(tmp_path / "out").values).any()
+
+
+def _assert_records_equal_the_loop(
+    result: xr.DataArray, model: ax.Model, records: list[dict], ids: bool = True
+) -> None:
+    """Each ``example`` of a run's ``(example, target, source)`` result against a plain autograd
+    loop on its record alone, nothing of attrax's dataset, shard or reduction code: per target
+    token, the gradient of its probability w.r.t. each earlier embedding, its L2 norm over the
+    hidden size, divided by the sum over sources (the "auto" reduction); the rest is NaN."""
+    assert result.dims == ("example", "target", "source")
+    assert result.example.values.tolist() == list(range(len(records)))
+    if ids:
+        assert result.id.values.tolist() == [r["id"] for r in records]
+    for i, record in enumerate(records):
+        source_ids, target_ids = _naive.token_ids(model, record["input"], record["target"])
+        run = _naive.Runner(model, source_ids, target_ids)
+        grads = run.gradients(run.embeddings(), _naive.probability, None)
+        sequence = source_ids + target_ids
+        row = result.isel(example=i)
+        width = row.sizes["source"]
+        if "source_id" in row.coords:  # an evaluation's attributions carry none
+            assert row.source_id.values.tolist() == sequence + [-1] * (width - len(sequence))
+        positions = row.target.values.tolist()
+        want = np.full((len(positions), width), np.nan)
+        want_ids = [-1] * len(positions)
+        for k, t in enumerate(run.targets()):
+            norms = np.linalg.norm(grads[k][0].numpy()[:t], axis=-1)
+            want[positions.index(t), :t] = norms / norms.sum()
+            want_ids[positions.index(t)] = sequence[t]
+        assert row.target_id.values.tolist() == want_ids
+        values = row.values
+        assert np.array_equal(np.isnan(values), np.isnan(want)), "NaN (future/padding) differs"
+        ok = ~np.isnan(want)
+        np.testing.assert_allclose(values[ok], want[ok], rtol=1e-4, atol=1e-6)

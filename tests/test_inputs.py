@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import attrax as ax
+from tests import _naive
 from tests.conftest import IG_RULE, PAIRS, integrated_gradients
 
 
@@ -175,7 +176,11 @@ def test_options_are_checked_before_the_model_runs(models, monkeypatch):
 def test_baseline_tokens(models):
     model = models["llama"]
     zeros = ax.integrated_gradients(model, *PAIRS[0], steps=4, baseline="zeros")
-    for baseline, token in (("pad", model.pad_token_id), ("unk", model.tokenizer.unk_token_id)):
+    tok = model.tokenizer
+    # the tokenizer's own pad token, or EOS where it has none (this one), not attrax's choice
+    assert tok.pad_token_id is None
+    pad = tok.eos_token_id
+    for baseline, token in (("pad", pad), ("unk", tok.unk_token_id)):
         da = ax.integrated_gradients(model, *PAIRS[0], steps=4, baseline=baseline)
         assert json.loads(da.attrs["options"])["baseline"] == baseline
         embedding = model.hf.get_input_embeddings().weight[token]
@@ -207,3 +212,50 @@ def test_a_text_the_tokenizer_does_not_know_at_all_is_refused():
     with pytest.raises(ax.InputError, match="`targets` is nothing but unknown"):
         ax.saliency(model, "1 2 =", " zzz")
     assert ax.saliency(model, "1 hello 2 =", " 2 1").sizes["target"] == 2  # partly known: fine
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "t5"])
+def test_tokens_targets_and_padding_are_the_tokenizers_own(models, arch):
+    """A padded batch's labels are the ids a user gets from the tokenizer by hand (GPT-2: no
+    BOS; Llama: a BOS; T5: encoder input and decoder targets apart, each ending in EOS), each
+    row's values are a plain autograd loop's on that example alone, padding is NaN / -1 / "",
+    and ``positions=-1`` picks each example's own last token."""
+    model = models[arch]
+    tok = model.tokenizer
+    sources, targets = [p[0] for p in PAIRS], [p[1] for p in PAIRS]
+    got = ax.saliency(model, sources, targets)
+    last = ax.saliency(model, sources, targets, positions=-1)
+    by_hand = [_naive.token_ids(model, s, t) for s, t in PAIRS]
+    firsts = [1 if model.is_encoder_decoder else len(s) for s, _ in by_hand]
+    spans = [range(first, first + len(t)) for first, (_, t) in zip(firsts, by_hand, strict=True)]
+    assert got.target.values.tolist() == sorted(set().union(*spans))
+    assert last.target.values.tolist() == sorted({span[-1] for span in spans})
+    for i, (source_ids, target_ids) in enumerate(by_hand):
+        sequence = source_ids if model.is_encoder_decoder else source_ids + target_ids
+        row = got.isel(example=i)
+        width = row.sizes["source"]
+        assert row.source_id.values.tolist() == sequence + [-1] * (width - len(sequence))
+        tokens = tok.convert_ids_to_tokens(sequence)
+        assert row.source_token.values.tolist() == tokens + [""] * (width - len(sequence))
+        ids = dict(zip(spans[i], target_ids, strict=True))
+        want_ids = [ids.get(int(t), -1) for t in got.target.values]
+        assert row.target_id.values.tolist() == want_ids
+        assert row.target_token.values.tolist() == [
+            tok.convert_ids_to_tokens(t) if t >= 0 else "" for t in want_ids
+        ]
+        end = spans[i][-1]
+        assert last.isel(example=i).target_id.sel(target=end) == target_ids[-1]
+        assert (last.isel(example=i).drop_sel(target=end).target_id == -1).all()
+        # values: one backward per target on this example alone, unpadded
+        run = _naive.Runner(model, source_ids, target_ids)
+        grads = run.gradients(run.embeddings(), _naive.probability, None)
+        for t in got.target.values:
+            values = row.sel(target=t).values  # [source, hidden]
+            if int(t) not in ids:
+                assert np.isnan(values).all()  # not one of this example's targets
+                continue
+            want = grads[int(t) - firsts[i]][0].numpy()
+            seen = len(sequence) if model.is_encoder_decoder else int(t)  # no future
+            scale = np.abs(want).max()
+            np.testing.assert_allclose(values[:seen], want[:seen], rtol=0, atol=1e-5 * scale)
+            assert np.isnan(values[seen:]).all()

@@ -128,6 +128,22 @@ def test_classifier_checkpoints_load_as_classifiers(tmp_path, architecture, task
     tokenizer.save_pretrained(tmp_path)
     model = ax.load_model(tmp_path)
     assert model.task == task and type(model.hf).__name__ == architecture
+    # attrax's view of the classifier against its own forward from ids: bidirectional, and the
+    # class logits from embeddings (a padded batch) are HF's
+    assert model.model_type == "encoder-only" and not model.causal
+    encoded = tokenizer(["the film was great", "bad"], padding=True, return_tensors="pt")
+    ids, mask = encoded.input_ids, encoded.attention_mask
+    assert not bool(mask.all())
+    with torch.no_grad():
+        want = model.hf(input_ids=ids, attention_mask=mask).logits
+        if task == "sequence-classification":
+            got = model.logits_at(model.embed(ids), mask, torch.zeros(2, 1, dtype=torch.long))
+            want = want[:, None]
+        else:
+            index = torch.arange(ids.shape[1]).expand(ids.shape)
+            got = model.logits_at(model.embed(ids), mask, index)
+            got, want = got[mask.bool()], want[mask.bool()]  # padding positions are not scored
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
 def test_language_model_architectures_are_not_refused_by_name():
@@ -188,19 +204,26 @@ def test_parameters_frozen_and_eval(models):
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_logits_at_equal_full_forward(models, arch):
+    """A batch from embeddings, the second row right-padded, against the HF model's own forward
+    from ids of each row alone: embedding scale, positions, heads and the padding mask."""
     model = models[arch]
-    ids = torch.tensor([[5, 9, 12, 7, 3, 8]])
-    mask = torch.ones_like(ids)
-    index = torch.tensor([[4, 1]])
+    rows = [[5, 9, 12, 7, 3, 8], [6, 11, 4, 10]]
+    ids = torch.tensor([row + [model.pad_token_id] * (6 - len(row)) for row in rows])
+    mask = torch.tensor([[1] * len(row) + [0] * (6 - len(row)) for row in rows])
+    index = torch.tensor([[4, 1], [3, 0]])
     embeds = model.embed(ids)
     with torch.no_grad():
         if model.is_encoder_decoder:
-            full = model.hf(input_ids=ids, decoder_input_ids=ids).logits
             got = model.logits_at(embeds, mask, index, model.embed(ids, "target"), mask)
         else:
-            full = model.hf(input_ids=ids).logits
             got = model.logits_at(embeds, mask, index)
-    torch.testing.assert_close(got, full[:, [4, 1]], rtol=1e-5, atol=1e-5)
+        for b, row in enumerate(rows):
+            alone = torch.tensor([row])
+            if model.is_encoder_decoder:
+                full = model.hf(input_ids=alone, decoder_input_ids=alone).logits
+            else:
+                full = model.hf(input_ids=alone).logits
+            torch.testing.assert_close(got[b], full[0, index[b]], rtol=1e-5, atol=1e-5)
 
 
 def test_lm_head_sees_only_attributed_positions(models):
