@@ -172,9 +172,7 @@ class Model:
     @property
     def output_width(self) -> int:
         """Entries of the logits an objective scores: the vocabulary, or a classifier's classes."""
-        if self._head is not None:
-            return int(self._head.weight.shape[0])
-        return len(self.labels)
+        return self.head_width or len(self.labels)
 
     @property
     def model_type(self) -> str:
