@@ -78,22 +78,23 @@ def _translator(family: str, start: str = "eos") -> ax.Model:
     return ax.load_model(T.AutoModelForSeq2SeqLM.from_config(cfg), tokenizer=tok)
 
 
+def _family(name: str, tok, **kw) -> T.PreTrainedModel:
+    """A tiny causal LM of family ``name`` on ``tok``'s vocabulary (``kw``: from_config's)."""
+    torch.manual_seed(0)
+    cfg = CONFIGS[name](len(tok))
+    # the families' default special ids point past a 800-token vocabulary
+    cfg.pad_token_id, cfg.bos_token_id, cfg.eos_token_id = (
+        tok.pad_token_id,
+        tok.bos_token_id,
+        tok.eos_token_id,
+    )
+    return T.AutoModelForCausalLM.from_config(cfg, **kw)
+
+
 @pytest.fixture(scope="module")
 def families() -> dict[str, ax.Model]:
     _, tok = tiny_model("gpt2")
-    built = {}
-    for name, config in CONFIGS.items():
-        torch.manual_seed(0)
-        cfg = config(len(tok))
-        # the families' default special ids point past a 800-token vocabulary
-        cfg.pad_token_id, cfg.bos_token_id, cfg.eos_token_id = (
-            tok.pad_token_id,
-            tok.bos_token_id,
-            tok.eos_token_id,
-        )
-        hf = T.AutoModelForCausalLM.from_config(cfg)
-        built[name] = ax.load_model(hf, tokenizer=tok)
-    return built
+    return {name: ax.load_model(_family(name, tok), tokenizer=tok) for name in CONFIGS}
 
 
 def _loop_saliency(model: ax.Model, source: str, target: str) -> list[np.ndarray]:
@@ -132,9 +133,12 @@ def test_saliency_through_sdpa_equals_the_loop(families, family, sdpa_always):
     assert ran == ({"eager"} if family in ("gemma2", "bloom") else {"sdpa"})
 
 
-def test_a_model_that_cannot_switch_attention_keeps_it_quietly(families):
-    """Falcon cannot change attention after loading: attrax neither tries nor warns."""
-    hf = families["falcon"].hf
+def test_a_model_that_cannot_switch_attention_keeps_it_quietly(monkeypatch):
+    """A model that cannot change attention after loading (Falcon before transformers 5.25; made
+    so here where it can): attrax neither tries nor warns."""
+    _, tok = tiny_model("gpt2")
+    hf = _family("falcon", tok, attn_implementation="sdpa")
+    monkeypatch.setattr(type(hf), "_can_set_attn_implementation", classmethod(lambda cls: False))
     loaded_with = hf.config._attn_implementation
     records: list[logging.LogRecord] = []
     handler = logging.Handler()
@@ -142,12 +146,12 @@ def test_a_model_that_cannot_switch_attention_keeps_it_quietly(families):
     logger = logging.getLogger("transformers")
     logger.addHandler(handler)
     try:
-        model = ax.load_model(hf, tokenizer=families["falcon"].tokenizer)
+        model = ax.load_model(hf, tokenizer=tok)
         got = ax.saliency(model, *PAIRS[1])  # short: "auto" would want eager
     finally:
         logger.removeHandler(handler)
     assert not [r for r in records if "attention implementation" in r.getMessage()]
-    assert hf.config._attn_implementation == loaded_with
+    assert hf.config._attn_implementation == loaded_with == "sdpa"
     _check(model, *PAIRS[1], got=got)
 
 
@@ -171,10 +175,15 @@ def test_positions_that_embeddings_cannot_reproduce_are_refused():
         _translator("m2m100", start="pad")
 
 
-def test_attention_maps_need_eager_on_a_model_that_cannot_switch(families, tmp_path):
-    """Falcon built with SDPA returns maps that ignore padding; attrax refuses instead of using
-    them, and the same weights loaded from a directory (eager, as load_model asks) work."""
-    falcon = families["falcon"]
+def test_attention_maps_need_eager_on_a_model_that_cannot_switch(tmp_path, monkeypatch):
+    """A model that cannot change its attention after loading (Falcon before transformers 5.25;
+    made so here where it can), built with SDPA, gives no eager maps: attrax refuses instead of
+    using what it has, and the same weights loaded from a directory (eager, as load_model asks)
+    work."""
+    _, tok = tiny_model("gpt2")
+    hf = _family("falcon", tok, attn_implementation="sdpa")
+    monkeypatch.setattr(type(hf), "_can_set_attn_implementation", classmethod(lambda cls: False))
+    falcon = ax.load_model(hf, tokenizer=tok)
     assert falcon.hf.config._attn_implementation == "sdpa"
     with pytest.raises(ax.ModelError, match="cannot switch after loading; this needs 'eager'"):
         ax.attention(falcon, *PAIRS[0])

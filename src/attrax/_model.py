@@ -1023,7 +1023,7 @@ def _first_int(*values: Any) -> int | None:
 
 def _can_switch(hf: PreTrainedModel) -> bool:
     """Whether ``hf`` can change its attention after loading. Models that do not route attention
-    through transformers' AttentionInterface (Falcon) cannot: ``set_attn_implementation`` only
+    through transformers' AttentionInterface (Falcon before transformers 5.25) cannot: ``set_attn_implementation`` only
     warns, and they keep the attention they were loaded with."""
     can = getattr(type(hf), "_can_set_attn_implementation", None)
     return can is not None and bool(can())
