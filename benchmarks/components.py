@@ -3,7 +3,8 @@
 The loops are what a TransformerLens/nnsight user writes by hand: one cached forward (hooks on the
 attention maps, values, MLPs and the final norm's input), then one decomposition per target
 (DLA); one clean forward with probes on the head outputs and one ``backward`` per target with
-the graph retained (AtP), the corrupted activations read once. attrax runs every target at once
+the graph retained (AtP), the corrupted activations read once; that AtP loop once per layer with
+the layer's residual contribution detached (GradDrop: ``L x K`` backwards). attrax runs every target at once
 (DLA: two contractions per layer; AtP: one ``vmap``-ed backward). Parity (max |a - b| / max |b|
 <= 1e-4 after the same labelling; the max abs difference is reported too) is checked before
 anything is timed; times are medians of ``--repeats`` rounds (attrax then the loop, back to back),
@@ -95,9 +96,12 @@ def loop_dla(hf: Any, ids: torch.Tensor, first: int) -> np.ndarray:
     return result
 
 
-def loop_atp(hf: Any, ids: torch.Tensor, bad: torch.Tensor, first: int) -> np.ndarray:
-    """``[K, L, layer, head]``: one clean forward with probes, one backward per target."""
-    _, proj, _, _, _, _ = _modules(hf)
+def loop_atp(
+    hf: Any, ids: torch.Tensor, bad: torch.Tensor, first: int, drop: int | None = None
+) -> np.ndarray:
+    """``[K, L, layer, head]``: one clean forward with probes, one backward per target; with
+    ``drop``, that block's residual contribution detached (GradDrop's backward)."""
+    blocks, proj, _, _, _, _ = _modules(hf)
     heads = hf.config.num_attention_heads
     corrupt: dict[int, torch.Tensor] = {}
     hooks = [
@@ -119,6 +123,16 @@ def loop_atp(hf: Any, ids: torch.Tensor, bad: torch.Tensor, first: int) -> np.nd
         return hook
 
     hooks = [p.register_forward_pre_hook(add(n)) for n, p in enumerate(proj)]
+    if drop is not None:  # out = x + b(x): the gradient at out reaches x only
+        hooks.append(
+            blocks[drop].register_forward_hook(
+                lambda _m, a, o: (
+                    (a[0] + (o[0] - a[0]).detach(), *o[1:])
+                    if isinstance(o, tuple)
+                    else a[0] + (o - a[0]).detach()
+                )
+            )
+        )
     logits = hf(input_ids=ids, use_cache=False).logits[0]
     for h in hooks:
         h.remove()
@@ -127,8 +141,11 @@ def loop_atp(hf: Any, ids: torch.Tensor, bad: torch.Tensor, first: int) -> np.nd
     result = np.zeros((length - first, length, len(proj), heads))
     for k in range(length - first):  # the per-target loop being compared
         i, t = first + k - 1, int(ids[0, first + k])
-        grads = torch.autograd.grad(probs[i, t], probes, retain_graph=True)
+        # a dropped block's own probes are unused: their gradient is zero
+        grads = torch.autograd.grad(probs[i, t], probes, retain_graph=True, allow_unused=True)
         for n, g in enumerate(grads):
+            if g is None:
+                continue
             delta = (corrupt[n] - clean[n]).unflatten(-1, (heads, -1))
             result[k, :, n] = (g.unflatten(-1, (heads, -1)) * delta).sum(-1).numpy()
     return result
@@ -189,6 +206,13 @@ def loop_atp_encdec(
             delta = (corrupt[n] - acts[n][0].detach()).unflatten(-1, (heads, -1))
             result[k, :, n] = (g[0].unflatten(-1, (heads, -1)) * delta).sum(-1).numpy()
     return result
+
+
+def loop_grad_drop(hf: Any, ids: torch.Tensor, bad: torch.Tensor, first: int) -> np.ndarray:
+    """GradDrop by hand: the AtP loop once per dropped layer, ``sum_l |AtP_l| / (L - 1)``."""
+    layers = len(_modules(hf)[0])
+    runs = [loop_atp(hf, ids, bad, first, drop=layer) for layer in range(layers)]
+    return sum(np.abs(r) for r in runs) / (layers - 1)
 
 
 def parity(got: Any, want: np.ndarray) -> dict[str, float]:
@@ -270,6 +294,13 @@ def run(quick: bool, repeats: int) -> dict[str, Any]:
                 "attribution_patching",
                 lambda m=model: ax.attribution_patching(m, prompt, target, corrupted=corrupted),
                 lambda hf=hf: loop_atp(hf, ids, bad, n_prompt),
+            ),
+            (
+                "attribution_patching grad_drop=True",
+                lambda m=model: ax.attribution_patching(
+                    m, prompt, target, corrupted=corrupted, grad_drop=True
+                ),
+                lambda hf=hf: loop_grad_drop(hf, ids, bad, n_prompt),
             ),
         ):
             row[method] = measure(attrax_fn, loop_fn, repeats)

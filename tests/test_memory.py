@@ -320,22 +320,36 @@ _BUDGETED = [
 ]
 
 
-@pytest.mark.parametrize("name", _BUDGETED)
-def test_the_smallest_budget_a_refusal_names_is_met(name):
+# attribution patching's planned variants: the QK fix's held tensors, GradDrop's L rows a target
+_VARIANTS = [(name, _SMALL.get(name, {})) for name in _BUDGETED] + [
+    ("attribution_patching", {**_SMALL["attribution_patching"], **extra})
+    for extra in ({"site": "keys"}, {"site": "values"}, {"grad_drop": True})
+]
+
+
+def _variant(value: object) -> str:
+    if isinstance(value, str):
+        return value
+    assert isinstance(value, dict)
+    return ",".join(f"{k}={v}" for k, v in value.items() if k != "corrupted") or "default"
+
+
+@pytest.mark.parametrize(("name", "options"), _VARIANTS, ids=_variant)
+def test_the_smallest_budget_a_refusal_names_is_met(name, options):
     """Every method with ``max_memory``: a budget too small for one pass is refused, naming the
     smallest that can be met, and that budget, given back as written, is accepted."""
     model, fn = ax.load_model(), getattr(ax, name)
     with pytest.raises(ax.OptionError, match="cannot be met") as refused:
-        fn(model, "1 2 3 =", " 3 2 1", max_memory=1, **_SMALL.get(name, {}))
+        fn(model, "1 2 3 =", " 3 2 1", max_memory=1, **options)
     named = re.search(r"estimated ([\d.]+ [kMGT]?B); give at least that", str(refused.value))
     assert named, str(refused.value)
-    got = fn(model, "1 2 3 =", " 3 2 1", max_memory=named.group(1), **_SMALL.get(name, {}))
+    got = fn(model, "1 2 3 =", " 3 2 1", max_memory=named.group(1), **options)
     assert json.loads(got.attrs["options"])["max_memory"] == named.group(1)
     # and it is the smallest: the message rounds the estimate up by less than 1 %, so a budget
     # 1 % below the one named is below the estimate, refused with the same smallest budget
     below = _memory.parse_bytes(named.group(1).replace(" ", "")) * 100 // 101
     with pytest.raises(ax.OptionError, match="cannot be met") as again:
-        fn(model, "1 2 3 =", " 3 2 1", max_memory=below, **_SMALL.get(name, {}))
+        fn(model, "1 2 3 =", " 3 2 1", max_memory=below, **options)
     assert f"estimated {named.group(1)};" in str(again.value), str(again.value)
 
 

@@ -14,13 +14,13 @@ T5, the post-LN Marian and BART having no direct path); any other model is a
 * :func:`attribution_patching` (AtP) estimates activation patching to first order: gradient times
   (corrupted - clean) activation, from one clean forward, one corrupted forward and one
   vectorized backward over targets, with zero probes on the chosen activations as the ``vjp``
-  primals so that every layer and head comes out of that one backward.
+  primals so that every layer and head comes out of that one backward. AtP*'s QK fix (queries
+  and keys through their softmax, :mod:`attrax._heads`) and GradDrop (:mod:`attrax._drop`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -30,14 +30,17 @@ import xarray as xr
 from torch.func import vjp
 
 from . import _arch
+from . import _validate as check
 from ._attention import Selection, _indices, _selection
+from ._drop import Drop, averaged, dropping, pulled
 from ._errors import InputError, ModelError, OptionError
+from ._heads import ATTENTION_INPUTS, patch_attention_inputs
 from ._inputs import Texts, contrast_batch, prepare, to_tensors
 from ._memory import full_precision
 from ._model import Model
 from ._protocol import Call, Family
 
-SITES = ("heads", "mlp", "residual")
+SITES = ("heads", "mlp", "residual", *ATTENTION_INPUTS)
 #: an encoder-decoder's stacks: encoder blocks, decoder blocks (self-attention heads), and the
 #: decoder's cross-attention heads
 STACKS = ("encoder", "decoder", "cross")
@@ -448,6 +451,11 @@ def _stack(value: object, name: str) -> None:
         raise OptionError(f"`{name}` must be None or one of {STACKS}, got {value!r}")
 
 
+def _qk_fix(value: object, name: str) -> None:
+    if value is not None and not isinstance(value, bool):
+        raise OptionError(f"`{name}` must be None, True or False, got {value!r}")
+
+
 def _corrupted(value: object, name: str) -> None:
     if value is None:
         raise OptionError(
@@ -538,7 +546,13 @@ def _encoder_decoder_stack(model: Model, method: str, stack: str) -> _Stack:
 
 
 @PATCHING.method(
-    corrupted=_corrupted, site=_site, stack=_stack, layers=_selection, heads=_selection
+    corrupted=_corrupted,
+    site=_site,
+    stack=_stack,
+    layers=_selection,
+    heads=_selection,
+    qk_fix=_qk_fix,
+    grad_drop=check.boolean,
 )
 def attribution_patching(
     call: Call,
@@ -548,6 +562,8 @@ def attribution_patching(
     stack: str | None = None,
     layers: Selection = None,
     heads: Selection = None,
+    qk_fix: bool | None = None,
+    grad_drop: bool = False,
 ) -> xr.DataArray:
     """Attribution patching (AtP; Nanda 2023, Kramár et al. 2024): the first-order estimate of
     activation patching, ``grad . (corrupted - clean)`` per layer, position and head.
@@ -568,14 +584,30 @@ def attribution_patching(
             positions are the decoder's, take a source of any length).
         site: which activations: ``"heads"`` (each head's output before the output projection,
             ``(target, source, layer, head)``), ``"mlp"`` (each MLP's output) or ``"residual"``
-            (the residual stream after each layer), both ``(target, source, layer)``.
+            (the residual stream after each layer), both ``(target, source, layer)``; or the
+            attention inputs, one head's vector at one position a node, ``(target, source,
+            layer, head)``: ``"queries"`` (``source`` the query position), ``"keys"`` or
+            ``"values"`` (``source`` the key position, ``head`` the key/value head under
+            grouped-query attention). These run on any model whose attention goes through
+            transformers' ``AttentionInterface`` (encoder-only classifiers too).
+        qk_fix: queries and keys only: AtP*'s fix for attention saturation (Kramar et al.
+            2024): a query's or key's effect through its softmax is computed exactly, ``sum
+            dS/dA * (A' - A)`` with ``A'`` the pattern recomputed with that one vector
+            corrupted; ``None`` (the default) is ``True``, ``False`` plain AtP.
+        grad_drop: AtP*'s GradDrop: the estimate once per layer ``l`` with ``l``'s residual
+            contribution dropped from the backward pass, reported as ``sum_l |estimate_l| / (L
+            - 1)`` (nonnegative; every site but ``"residual"``; decoder-only models and
+            classifiers), all ``L`` backward rows of every target in one ``vmap``.
         stack: encoder-decoders: ``"encoder"`` (the encoder blocks; ``source`` = the encoder
             tokens), ``"decoder"`` (the decoder blocks, their self-attention heads) or
             ``"cross"`` (the decoder's cross-attention heads); both decoder stacks live on the
             decoder positions: ``source`` is the ``(side, position)`` index, side ``"target"``.
-            ``None``: ``"cross"`` for heads, ``"decoder"`` for MLPs and residual. Decoder-only
+            ``None``: ``"cross"`` for heads and the attention inputs (cross-attention keys
+            and values live on the encoder positions), ``"decoder"`` for MLPs and residual.
+            Decoder-only
             models and classifiers have one stack (``None``).
-        layers, heads: which layers / heads to keep (``heads`` only with ``site="heads"``).
+        layers, heads: which layers / heads to keep (``heads`` not with ``"mlp"`` or
+            ``"residual"``).
 
     Returns:
         DataArray ``([example,] target, source, layer[, head])``: ``source`` is the position
@@ -589,8 +621,16 @@ def attribution_patching(
     """
     model = call.model
     method = "attribution_patching"
-    if site != "heads" and heads is not None:
-        raise OptionError(f"`heads` applies to site='heads' only, got site={site!r}")
+    if qk_fix is not None and site not in ("queries", "keys"):
+        raise OptionError(
+            f"`qk_fix` applies to site='queries' or 'keys' (whose effect goes through the "
+            f"softmax), got site={site!r}"
+        )
+    drop = _grad_drop(model, method, site) if grad_drop else None
+    if site in ATTENTION_INPUTS:
+        return _patch_attention_inputs(call, corrupted, site, stack, layers, heads, qk_fix, drop)
+    if site in ("mlp", "residual") and heads is not None:
+        raise OptionError(f"`heads` applies to the attention sites only, got site={site!r}")
     parts = _patch_stack(model, method, stack, site)
     chosen_layers = _indices(layers, len(parts.blocks), "layers", "layers")
     chosen_heads = _indices(heads, parts.heads, "heads", "heads per layer")
@@ -639,14 +679,7 @@ def attribution_patching(
     ) -> tuple[Any, ...]:
         seen: list[Any] = [None] * len(chosen_layers)
         with _hooks(*install(probes, seen)):
-            hidden = model.hidden_at(
-                embeds,
-                mask,
-                t.index,
-                problem.decoder_embeds,
-                t.decoder_mask,
-                token_types=t.token_types,
-            )
+            hidden = problem.hidden_of(embeds, mask)
         return hidden, seen
 
     with torch.no_grad():
@@ -656,7 +689,8 @@ def attribution_patching(
     zeros = [torch.zeros_like(a) for a in corrupt_acts]
 
     def clean(*probes: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        hidden, seen = run(clean_embeds, t.mask, list(probes))
+        with dropping(drop):
+            hidden, seen = run(clean_embeds, t.mask, list(probes))
         return hidden, [s.detach() for s in seen]
 
     hidden, pullback, clean_acts = vjp(clean, *zeros, has_aux=True)
@@ -665,35 +699,111 @@ def attribution_patching(
     (head_grad,) = head_pullback(t.valid.to(hidden.dtype))
     width = hidden.shape[1]
     one_hot = torch.eye(width, dtype=hidden.dtype, device=hidden.device)
-    cotangents = one_hot[:, None, :, None] * head_grad[None]
     # "auto": the planner's estimate for gradients of the same model (targets per backward)
-    _, chunk = problem.plan(1, None, call.options["chunk_size"])
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", r"There is a performance drop", UserWarning)
-        grads = torch.vmap(pullback, chunk_size=chunk)(cotangents)  # per layer [K, B, L, ...]
-    per_layer = []
-    for grad, before, after in zip(grads, clean_acts, corrupt_acts, strict=True):
+    rows = 1 if drop is None else len(drop.blocks)
+    _, chunk = problem.plan(1, None, call.options["chunk_size"], rows=rows)
+    deltas = []
+    for before, after in zip(clean_acts, corrupt_acts, strict=True):
         delta = full_precision(after - before)
-        grad = full_precision(grad)
         if site == "heads":  # split the concatenated heads, keep the chosen ones
             delta = delta.unflatten(-1, (parts.heads, -1))[..., chosen_heads, :]
-            grad = grad.unflatten(-1, (parts.heads, -1))[..., chosen_heads, :]
-            per_layer.append(torch.einsum("kblhd,blhd->bklh", grad, delta))
-        else:
-            per_layer.append(torch.einsum("kblx,blx->bkl", grad, delta))
-    stacked = torch.stack(per_layer, dim=3)  # [B, K, L, layer(, head)]
+        deltas.append(delta)
+    pieces: list[list[torch.Tensor]] = [[] for _ in deltas]
+
+    def cotangent(slots: slice) -> torch.Tensor:
+        return one_hot[slots, None, :, None] * head_grad[None]
+
+    # per layer [k, B, L, ...] (with GradDrop [layers dropped, k, B, L, ...])
+    for _, grads in pulled(pullback, cotangent, width, chunk, drop):
+        for i, (grad, delta) in enumerate(zip(grads, deltas, strict=True)):
+            grad = full_precision(grad)
+            if site == "heads":
+                grad = grad.unflatten(-1, (parts.heads, -1))[..., chosen_heads, :]
+                effect = torch.einsum("...kblhd,blhd->...bklh", grad, delta)
+            else:
+                effect = torch.einsum("...kblx,blx->...bkl", grad, delta)
+            pieces[i].append(averaged(effect, drop))
+    stacked = torch.stack([torch.cat(p, dim=1) for p in pieces], dim=3)  # [B, K, L, layer(, h)]
     if site == "heads":
-        trailing, coords = ("layer", "head"), {"layer": chosen_layers, "head": chosen_heads}
+        coords = {"layer": chosen_layers, "head": chosen_heads}
     else:
-        trailing, coords = ("layer",), {"layer": chosen_layers}
-    if not parts.on_decoder:
+        coords = {"layer": chosen_layers}
+    return _positions(call, stacked, coords, parts.on_decoder)
+
+
+def _patch_attention_inputs(
+    call: Call,
+    corrupted: Texts | None,
+    site: str,
+    stack: str | None,
+    layers: Selection,
+    heads: Selection,
+    qk_fix: bool | None,
+    drop: Drop | None,
+) -> xr.DataArray:
+    """Attribution patching of the queries, keys or values (:func:`attrax._heads.
+    patch_attention_inputs`), labelled: queries on their stack's query positions, keys and
+    values on its key positions (the encoder's, for cross-attention)."""
+    model = call.model
+    if not model.is_encoder_decoder:
+        if stack is not None:
+            raise OptionError(
+                f"`stack={stack!r}` needs an encoder-decoder model; {model.name} has one stack "
+                "(leave stack=None)"
+            )
+        stack = "self"
+    elif stack is None:  # as for the heads: the cross-attention
+        stack = "cross"
+    on_decoder = stack == "decoder" or (stack == "cross" and site == "queries")
+    assert corrupted is not None
+    corrupt = _corrupted_ids(model, call, corrupted, not on_decoder)
+    with torch.no_grad():
+        embeds = model.embed(corrupt[0], "source")
+    stacked, chosen_layers, chosen_heads = patch_attention_inputs(
+        call, (embeds, corrupt[1]), stack, site, qk_fix is not False, layers, heads, drop
+    )
+    coords = {"layer": chosen_layers, "head": chosen_heads}
+    return _positions(call, stacked, coords, on_decoder)
+
+
+def _grad_drop(model: Model, method: str, site: str) -> Drop:
+    """GradDrop's blocks: a decoder-only model's or classifier's layers (GPT-2, Llama)."""
+    if site == "residual":
+        raise OptionError(
+            "`grad_drop=True` averages over the layers other than a node's own; the residual "
+            "stream after a layer is no node inside one (site='heads', 'mlp', 'queries', "
+            "'keys' or 'values')"
+        )
+    if model.is_encoder_decoder:
+        raise OptionError(
+            f"`grad_drop=True` drops the layers of one residual stream: decoder-only models and "
+            f"classifiers; {model.name} is an encoder-decoder"
+        )
+    blocks = _parts(model, method).blocks
+    if len(blocks) < 2:
+        raise OptionError(
+            f"`grad_drop=True` averages over the layers other than a node's own: {model.name} "
+            f"has {len(blocks)} layer"
+        )
+    return Drop(blocks)
+
+
+def _positions(
+    call: Call, stacked: torch.Tensor, coords: dict[str, list[int]], on_decoder: bool
+) -> xr.DataArray:
+    """``stacked`` ``[B, K, positions, layer(, head)]`` labelled: the positions are the source
+    tokens, or on an encoder-decoder's decoder the ``(side, position)`` index of side
+    ``"target"``."""
+    trailing = tuple(coords)
+    if not on_decoder:
         return call.label([stacked], trailing=trailing, trailing_coords=coords)
     # decoder positions: labelled as the target side of the (side, position) source index
+    sources = call.problem.tensors.ids.shape[1]
     encoder = torch.full(
-        (*stacked.shape[:2], t.ids.shape[1], *stacked.shape[3:]), torch.nan, dtype=stacked.dtype
+        (*stacked.shape[:2], sources, *stacked.shape[3:]), torch.nan, dtype=stacked.dtype
     )
     da = call.label([encoder, stacked], trailing=trailing, trailing_coords=coords)
-    return da.isel(source=slice(t.ids.shape[1], None))
+    return da.isel(source=slice(sources, None))
 
 
 def _corrupted_ids(

@@ -301,20 +301,35 @@ class Problem:
         )
         return out, first
 
+    def hidden_of(self, embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The head inputs ``[B, K, H]`` of other source embeddings and mask (a corrupted run),
+        the rest of this call (target positions, decoder input, token types) as it is."""
+        t = self.tensors
+        return self.model.hidden_at(
+            embeds, mask, t.index, self.decoder_embeds, t.decoder_mask, token_types=t.token_types
+        )
+
     def plan(
-        self, points: int, batch_size: Size, chunk_size: Size, copies: bool = False
+        self,
+        points: int,
+        batch_size: Size,
+        chunk_size: Size,
+        copies: bool = False,
+        rows: int = 1,
     ) -> tuple[int | None, int | None]:
         """Sizes for ``points`` and every target: :func:`plan` on this call's shapes. With
         ``copies``, every (target, point) is a copy of the batch of its own with one cotangent
         (each target along its own path: guided IG, greedy PIG's later rounds, PGD), so a copy's
-        forward counts once per target."""
+        forward counts once per target. ``rows``: cotangents per target in one backward
+        (GradDrop's one per layer)."""
         targets = self.tensors.valid.shape[1]
-        if points == targets == 1 and self.max_memory is None:
+        if points == targets == 1 and rows == 1 and self.max_memory is None:
             return None, None  # nothing to split, and no budget to check
         device = self.inputs[0].device
         cost = self.cost()
         if copies:
             cost = Cost(cost.per_point + cost.per_cotangent, 0, cost.fixed)
+        cost = cost._replace(per_cotangent=rows * cost.per_cotangent)
         return plan(points, targets, batch_size, chunk_size, cost, device, self.max_memory)
 
     def cost(self, saved: bool = True, eager: bool = False) -> Cost:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import sys
-import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -34,6 +33,7 @@ from torch.func import vjp
 
 from . import _validate as check
 from ._attention import Selection, _indices, _maps, _maps_name, _selection
+from ._drop import Drop, averaged, dropping, pulled
 from ._engine import Problem
 from ._errors import ModelError, OptionError
 from ._gradients import QUADRATURES, check_quadrature_steps, quadrature_nodes
@@ -87,14 +87,55 @@ class _Probes:
 
     ``where`` places each attention module; ``probes`` are added as ``P @ V`` to the copies
     ``rows[key]`` selects (all copies when absent) after the weights of those copies are scaled
-    by ``alpha`` (head attribution); ``seen`` collects each module's weights.
+    by ``alpha`` (head attribution); ``inputs[(key, name)]`` are added to the module's
+    ``"query"``, ``"key"`` or ``"value"`` before its attention runs; ``seen`` collects each
+    module's weights, and ``calls`` (when not None) each module's attention call.
     """
 
     where: dict[torch.nn.Module, Key]
     probes: dict[Key, torch.Tensor] = field(default_factory=dict)
     rows: dict[Key, torch.Tensor] = field(default_factory=dict)
     alpha: torch.Tensor | None = None
+    inputs: dict[tuple[Key, str], torch.Tensor] = field(default_factory=dict)
     seen: dict[Key, torch.Tensor] = field(default_factory=dict)
+    calls: dict[Key, AttentionCall] | None = None
+
+
+@dataclass(frozen=True)
+class AttentionCall:
+    """One attention module's call of its eager attention: ``query`` ``[B, heads, Lq, d]``,
+    ``key``/``value`` ``[B, kv heads, Lk, d]`` (after rotary embeddings), the additive mask
+    and the other keyword arguments, so that :meth:`weights` can rerun its softmax on other
+    queries or keys."""
+
+    module: torch.nn.Module
+    query: torch.Tensor
+    key: torch.Tensor
+    value: torch.Tensor
+    mask: torch.Tensor | None
+    kwargs: dict[str, Any]
+
+    def weights(
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, doubled: bool = False
+    ) -> torch.Tensor:
+        """The module's attention weights ``[B, heads, Lq, keys]`` on these tensors, with this
+        call's mask and arguments in ``query``'s dtype; ``doubled``: ``key``/``value`` hold the
+        call's keys twice over (``2 * Lk``) and every argument that runs over the keys (the
+        mask, a position bias) is repeated to match."""
+        length = self.key.shape[2]
+
+        def cast(x: Any) -> Any:
+            if not isinstance(x, torch.Tensor):
+                return x
+            x = x.to(query.dtype) if x.is_floating_point() else x
+            if doubled and x.ndim == 4 and x.shape[-1] >= length:
+                x = torch.cat([x[..., :length], x[..., :length]], dim=-1)
+            return x
+
+        kwargs = {name: cast(arg) for name, arg in self.kwargs.items()}
+        kwargs.pop("dropout", None)  # the module's own forward ran in eval mode
+        _, weights = _eager(self.module)(self.module, query, key, value, cast(self.mask), **kwargs)
+        return weights
 
 
 _STATE: ContextVar[_Probes | None] = ContextVar("attrax_probes", default=None)
@@ -109,16 +150,18 @@ def _probed_attention(
     **kwargs: Any,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The module's own eager attention, with the probes of :data:`_STATE` added."""
-    eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
-    if eager is None:
-        raise ModelError(
-            f"{type(module).__name__}: its module has no eager_attention_forward to probe"
-        )
-    out, weights = eager(module, query, key, value, attention_mask, **kwargs)
+    eager = _eager(module)
     state = _STATE.get()
     place = None if state is None else state.where.get(module)
     if state is None or place is None:
-        return out, weights
+        return eager(module, query, key, value, attention_mask, **kwargs)
+    query, key, value = (
+        _plus(x, state.inputs.get((place, name)))
+        for x, name in ((query, "query"), (key, "key"), (value, "value"))
+    )
+    if state.calls is not None:
+        state.calls[place] = AttentionCall(module, query, key, value, attention_mask, kwargs)
+    out, weights = eager(module, query, key, value, attention_mask, **kwargs)
     if out.shape[:3] != (weights.shape[0], weights.shape[2], weights.shape[1]):
         raise ModelError(
             f"{type(module).__name__}: eager attention output {tuple(out.shape)} is not "
@@ -145,6 +188,23 @@ def _probed_attention(
         )
         out = out + (p.to(v.dtype) @ v).transpose(1, 2)
     return out, weights
+
+
+def _eager(module: torch.nn.Module) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
+    """The eager attention function of ``module``'s transformers module."""
+    eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+    if eager is None:
+        raise ModelError(
+            f"{type(module).__name__}: its module has no eager_attention_forward to probe"
+        )
+    return eager
+
+
+def _plus(x: torch.Tensor, probe: torch.Tensor | None) -> torch.Tensor:
+    """``x`` plus ``probe`` repeated over the stacked copies of the batch (no probe: ``x``)."""
+    if probe is None:
+        return x
+    return x + probe.repeat(x.shape[0] // probe.shape[0], 1, 1, 1).to(x.dtype)
 
 
 def _register() -> None:
@@ -189,17 +249,21 @@ def _probing(model: Model, state: _Probes) -> Iterator[None]:
         _STATE.reset(token)
 
 
-def _forward(problem: Problem, state: _Probes, n: int) -> Callable[..., torch.Tensor]:
+def _forward(
+    problem: Problem, state: _Probes, n: int, drop: Drop | None = None
+) -> Callable[..., torch.Tensor]:
     """``h(*probes)``: the head inputs ``[n * B, K, H]`` of ``n`` stacked copies (a classifier's
-    class logits), with the probes in ``state``."""
+    class logits), with the probes in ``state`` (and the blocks of ``drop`` routed for
+    GradDrop)."""
     model = problem.model
-    keys = list(state.probes)
+    keys, names = list(state.probes), list(state.inputs)
     hidden = problem.hidden_fn(n)
     x = tuple(xi.repeat(n, 1, 1) for xi in problem.inputs)
 
     def h(*probes: torch.Tensor) -> torch.Tensor:
-        state.probes = dict(zip(keys, probes, strict=True))
-        with _probing(model, state):
+        state.probes = dict(zip(keys, probes[: len(keys)], strict=True))
+        state.inputs = dict(zip(names, probes[len(keys) :], strict=True))
+        with _probing(model, state), dropping(drop):
             return hidden(*x)
 
     return h
@@ -227,14 +291,20 @@ def _gradients(
     rows: dict[Key, torch.Tensor] | None = None,
     alpha: torch.Tensor | None = None,
     weights: torch.Tensor | None = None,
-) -> Iterator[tuple[slice, dict[Key, torch.Tensor]]]:
+    inputs: dict[tuple[Key, str], torch.Tensor] | None = None,
+    drop: Drop | None = None,
+) -> Iterator[tuple[slice, dict[Any, torch.Tensor]]]:
     """``sum_c weights[c] * d score_k / d A`` over the ``n`` copies, ``[k, B, H, Q, keys]`` per
     probed layer, for ``chunk_size`` targets ``k`` at a time (each chunk is reduced by the caller
     before the next is computed): one forward, then one backward ``vmap``-ed over a chunk's
-    targets."""
+    targets. With ``inputs`` (tensors shaped as a module's query, key or value, by ``(key,
+    name)``) the gradients w.r.t. those attention inputs come with them, by the same keys; with
+    ``drop``, each gradient ``[L, k, ...]``: one per layer dropped (GradDrop)."""
     state = _Probes(_placed(problem.model), rows=rows or {}, alpha=alpha)
     state.probes = {key: torch.zeros_like(a) for key, a in maps.items()}
-    hidden, pullback = vjp(_forward(problem, state, n), *state.probes.values())
+    state.inputs = {key: torch.zeros_like(a) for key, a in (inputs or {}).items()}
+    probes = [*state.probes.values(), *state.inputs.values()]
+    hidden, pullback = vjp(_forward(problem, state, n, drop), *probes)
     valid = problem.tensors.valid.to(hidden.dtype).repeat(n, 1)  # [n * B, K]
     if weights is not None:
         valid = valid * weights.to(hidden.dtype).repeat_interleave(valid.shape[0] // n)[:, None]
@@ -244,14 +314,12 @@ def _gradients(
     (head_grad,) = head_pullback(valid)
     width = hidden.shape[1]
     one_hot = torch.eye(width, dtype=hidden.dtype, device=hidden.device)
-    step = width if chunk_size is None else chunk_size
-    for start in range(0, width, step):  # chunking only: bounds memory
-        slots = slice(start, min(start + step, width))
-        cotangents = one_hot[slots, None, :, None] * head_grad[None]  # target k: d score_k
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", "There is a performance drop", UserWarning)
-            grads = torch.vmap(pullback)(cotangents)
-        yield slots, dict(zip(maps, grads, strict=True))
+
+    def cotangent(slots: slice) -> torch.Tensor:  # target k: d score_k
+        return one_hot[slots, None, :, None] * head_grad[None]
+
+    for slots, grads in pulled(pullback, cotangent, width, chunk_size, drop):
+        yield slots, dict(zip([*maps, *(inputs or {})], grads, strict=True))
 
 
 def _rows(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -301,31 +369,41 @@ def _check_queries(value: object, name: str) -> None:
     check.one_of(*QUERIES)(value, name)
 
 
-def _cost(problem: Problem, maps: dict[Key, torch.Tensor], probed: int | None = None) -> Cost:
+def _cost(
+    problem: Problem,
+    maps: dict[Any, torch.Tensor],
+    probed: int | None = None,
+    held: int = 0,
+    rows: int = 1,
+) -> Cost:
     """The estimate: the engine's backward through eager attention (the probes run there,
     whatever the model's attention), plus every target's head rows at each point (one backward
     through the head serves all the chunks), plus what each target's gradients of the probes
     hold (the gradients, their product with ``A`` and a working copy) for the ``probed`` largest
-    maps one backward differentiates (None: all of them)."""
+    maps one backward differentiates (None: all of them), plus ``held`` bytes kept throughout;
+    ``rows`` cotangents a target (GradDrop's one per layer)."""
     cost = problem.cost(eager=True)
     x = problem.inputs[0]
     targets = problem.tensors.valid.shape[1]
     head = head_bytes(x.shape[0], targets, problem.model.head_width, x.element_size())
     sizes = sorted((a.numel() * a.element_size() for a in maps.values()), reverse=True)
-    per_target = 3 * sum(sizes[:probed])  # per target, whatever its points
-    return Cost(cost.per_cotangent, cost.per_point + head, cost.fixed, per_target)
+    per_target = 3 * rows * sum(sizes[:probed])  # per target, whatever its points
+    per_cotangent = rows * cost.per_cotangent
+    return Cost(per_cotangent, cost.per_point + head, cost.fixed + held, per_target)
 
 
 def _plan(
     problem: Problem,
-    maps: dict[Key, torch.Tensor],
+    maps: dict[Any, torch.Tensor],
     points: int,
     batch_size: Any,
     chunk_size: Any,
     probed: int | None = None,
+    held: int = 0,
+    rows: int = 1,
 ) -> tuple[int | None, int | None]:
     """``"auto"`` sizes within the budget, by :func:`_cost`."""
-    cost = _cost(problem, maps, probed)
+    cost = _cost(problem, maps, probed, held, rows)
     targets = problem.tensors.valid.shape[1]
     device = problem.inputs[0].device
     return plan(points, targets, batch_size, chunk_size, cost, device, problem.max_memory)
@@ -650,3 +728,136 @@ def _with_head_total(da: xr.DataArray, call: Call, totals: torch.Tensor) -> xr.D
 
 
 __all__ = ["IMPLEMENTATION", "attention_x_gradient", "head_attribution"]
+
+
+# --- attribution patching of the attention inputs (AtP and AtP*'s QK fix) ---------------------
+
+#: The attention inputs attribution patching patches, and the argument each is of the attention.
+ATTENTION_INPUTS = {"queries": "query", "keys": "key", "values": "value"}
+
+
+def patch_attention_inputs(
+    call: Call,
+    corrupt: tuple[torch.Tensor, torch.Tensor],
+    stack: str,
+    site: str,
+    qk_fix: bool,
+    layers: Selection,
+    heads: Selection,
+    drop: Drop | None = None,
+) -> tuple[torch.Tensor, list[int], list[int]]:
+    """Attribution patching of one stack's queries, keys or values (``site``), one head's vector
+    at one position a node: ``[B, K, positions, layer, head]`` with the chosen layers and heads
+    (keys and values: the key/value heads).
+
+    ``corrupt`` holds the corrupted run's input embeddings and mask. Plain AtP is ``grad .
+    (corrupted - clean)`` of each vector. With ``qk_fix`` (AtP*, Kramar et al. 2024), a query's
+    or key's effect goes through its softmax exactly: ``sum dS/dA * (A' - A)`` with ``A'`` the
+    attention pattern recomputed with that one query (key) corrupted, ``dS/dA`` every target's
+    gradient of the layer's probabilities from one vectorized backward. With ``drop``, each
+    estimate is GradDrop's average over the dropped layers (:func:`attrax._drop.averaged`).
+    """
+    problem = call.problem
+    model, t = problem.model, problem.tensors
+    chosen_layers = _chosen([stack], layers, _counts(model))
+    keys = [(stack, layer) for layer in chosen_layers]
+    name = ATTENTION_INPUTS[site]
+
+    def record(embeds: torch.Tensor, mask: torch.Tensor) -> _Probes:
+        state = _Probes(_placed(model), calls={})
+        with torch.no_grad(), _probing(model, state):
+            problem.hidden_of(embeds, mask)
+        assert state.calls is not None
+        missing = [key for key in keys if key not in state.calls]
+        if missing:
+            raise ModelError(
+                f"{type(model.hf).__name__} did not run its attention through transformers' "
+                f"AttentionInterface for {missing} (stack, layer): attrax cannot patch its "
+                f"{site}"
+            )
+        return state
+
+    clean = record(problem.inputs[0], t.mask)
+    corrupt_calls = record(*corrupt).calls
+    assert clean.calls is not None and corrupt_calls is not None
+    first = clean.calls[keys[0]]
+    kv_heads = first.key.shape[1]
+    total = first.query.shape[1] if site == "queries" else kv_heads
+    what = "heads per layer" if site == "queries" else "key/value heads per layer"
+    chosen_heads = _indices(heads, total, "heads", what)
+    fixed = qk_fix and site != "values"
+    if fixed:  # the softmax recomputed: coefficients of dS/dA, then A's probes
+        coefficients = {
+            key: _softmax_changes(clean.calls[key], corrupt_calls[key], site) for key in keys
+        }
+        maps, inputs = {key: clean.seen[key] for key in keys}, None
+        held = sum(c.numel() * c.element_size() for key in keys for c in coefficients[key])
+    else:  # plain AtP: the inputs' own gradients
+        deltas = {
+            key: full_precision(getattr(corrupt_calls[key], name) - getattr(clean.calls[key], name))
+            for key in keys
+        }
+        maps, inputs = {}, {(key, name): getattr(clean.calls[key], name) for key in keys}
+        held = sum(d.numel() * d.element_size() for d in deltas.values())
+    del clean, corrupt_calls
+    probed = {**maps, **(inputs or {})}
+    rows = 1 if drop is None else len(drop.blocks)
+    _, chunk = _plan(problem, probed, 1, None, call.options["chunk_size"], held=held, rows=rows)
+    pieces: list[list[torch.Tensor]] = [[] for _ in keys]
+    # leading dims of each gradient: [k] (one per target), with GradDrop [L, k]
+    for _, grads in _gradients(problem, maps, chunk, inputs=inputs, drop=drop):
+        for i, key in enumerate(keys):
+            if not fixed:
+                grad = full_precision(grads[(key, name)])  # [..., B, heads, L, d]
+                effect = torch.einsum("...bhld,bhld->...bhl", grad, deltas[key])
+            elif site == "queries":
+                (change,) = coefficients[key]
+                grad = full_precision(grads[key])  # [..., B, H, T, S]
+                effect = torch.einsum("...bhts,bhts->...bht", grad, change.to(grad.dtype))
+            else:
+                grad = full_precision(grads[key])
+                a, gamma, delta = (c.to(grad.dtype) for c in coefficients[key])
+                mixed = torch.einsum("...bhts,bhts->...bht", grad, a)
+                effect = torch.einsum("...bht,bhts->...bhs", mixed, gamma)
+                effect = effect + torch.einsum("...bhts,bhts->...bhs", grad, delta)
+                effect = effect.unflatten(-2, (kv_heads, -1)).sum(-2)  # a key serves its group
+            effect = averaged(effect, drop)  # [k, B, heads, positions]
+            pieces[i].append(effect[:, :, chosen_heads].permute(1, 0, 3, 2))  # [B, k, L, h]
+    stacked = torch.stack([torch.cat(p, dim=1) for p in pieces], dim=3)
+    return stacked, chosen_layers, chosen_heads
+
+
+def _softmax_changes(
+    clean: AttentionCall, corrupt: AttentionCall, site: str
+) -> tuple[torch.Tensor, ...]:
+    """What one corrupted query or key does to the module's attention probabilities, exactly,
+    in float64 where its eager attention allows (``[B, heads, queries, keys]`` each).
+
+    Queries: ``A' - A``, each query's row with its own query corrupted (a row depends on its
+    query alone, so all rows come from one call). Keys: the attention run once on the clean
+    keys followed by the corrupted ones; splitting it, ``P_c`` and ``P_p``, shares one
+    normaliser per row, so with ``c = sum(P_c)`` and ``d_s = c - P_c[s] + P_p[s]`` the row with
+    key ``s`` alone corrupted is ``P_c / d_s`` off ``s`` and ``P_p[s] / d_s`` at it. Returned:
+    ``A = P_c / c``, ``gamma = c / d - 1`` (how every other probability of the row scales) and
+    ``delta = P_p / d - A - A * gamma``, so that key ``s``'s effect is ``sum_t (sum_s' G A)_t
+    gamma_ts + sum_t G_ts delta_ts``.
+    """
+    wide = torch.float64
+    q, k, v = (x.to(wide) for x in (clean.query, clean.key, clean.value))
+    if site == "queries":
+        return (clean.weights(corrupt.query.to(wide), k, v) - clean.weights(q, k, v),)
+    keys, values = torch.cat([k, corrupt.key.to(wide)], 2), torch.cat([v, v], 2)
+    both = clean.weights(q, keys, values, doubled=True).to(wide)
+    own, patched = both.split(k.shape[2], dim=-1)
+    c = own.sum(-1, keepdim=True)
+    a = own / c
+    if not torch.allclose(a, clean.weights(q, k, v).to(wide), rtol=1e-3, atol=1e-5):
+        raise ModelError(
+            f"{type(clean.module).__name__}: its attention is not a softmax over the keys alone "
+            "(attrax recomputes it with one key corrupted); use qk_fix=False for plain AtP"
+        )
+    d = c - own + patched
+    ok = d > 0  # zero only where the whole row underflows: that key cannot move it
+    gamma = torch.where(ok, c / d.where(ok, 1.0) - 1, 0.0)
+    delta = torch.where(ok, patched / d.where(ok, 1.0), a) - a - a * gamma
+    return a, gamma, delta
