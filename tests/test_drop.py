@@ -418,6 +418,43 @@ def test_grad_drop_sequence_classifier_equals_naive():
     assert_close(got.values, want, rtol=1e-7, atol=1e-9)
 
 
+def test_grad_drop_qwen2_classifier_values_equal_naive():
+    """Any decoder-only model's layers: a Qwen2 sequence classifier (grouped-query attention),
+    class 1's logit, values against the loop."""
+    hf, tok = tiny_classifier("qwen2")
+    model = ax.load_model(hf.double(), tokenizer=tok)
+    text, corrupt = "a bad day", "a good dog"
+    ids, bad = tok(text)["input_ids"], tok(corrupt)["input_ids"]
+    assert len(ids) == len(bad)
+    per_drop = naive_estimates(
+        model, "values", ids, bad, lambda logits: [logits[1]], range(len(blocks_of(model)))
+    )
+    kw = {"targets": 1, "corrupted": corrupt, "objective": "logit", "site": "values"}
+    got = ax.attribution_patching(model, text, grad_drop=True, **kw)
+    assert got.sizes["head"] == model.hf.config.num_key_value_heads
+    want = graddrop(per_drop)
+    assert np.abs(want).max() > 0
+    # Qwen2's RMSNorm and eager softmax run in float32 even in a float64 model
+    assert_close(got.values, want, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("family", ["pythia", "qwen2", "gemma2", "phi3"])
+def test_grad_drop_on_other_decoder_families(family):
+    """The families the docs name (parallel residual, grouped keys, softcapping, fused qkv): the
+    last layer is ``|plain AtP|``, the first is not, nothing is negative; OPT is refused."""
+    from tests.test_architectures import _family
+
+    _, tok = tiny_model("gpt2")
+    model = ax.load_model(_family(family, tok), tokenizer=tok)
+    kw = {"corrupted": CORRUPTED, "site": "keys", "objective": "logit"}
+    plain = np.abs(ax.attribution_patching(model, SOURCE, TARGETS, **kw).values)
+    got = ax.attribution_patching(model, SOURCE, TARGETS, grad_drop=True, **kw).values
+    seen = ~np.isnan(got)
+    assert (got[seen] >= 0).all() and np.array_equal(seen, ~np.isnan(plain))
+    assert_close(np.nan_to_num(got[:, :, -1]), np.nan_to_num(plain[:, :, -1]), 1e-5, 1e-9)
+    assert not np.allclose(np.nan_to_num(got[:, :, 0]), np.nan_to_num(plain[:, :, 0]), rtol=1e-3)
+
+
 def test_grad_drop_errors(two64):
     gpt2 = two64["gpt2"]
     kw = {"corrupted": CORRUPTED}
@@ -437,7 +474,12 @@ def test_grad_drop_errors(two64):
             ax.attribution_patching(
                 bert, "a good day", 1, corrupted="the good day", site=site, grad_drop=True
             )
+    from tests.test_architectures import _family
+
     hf, tok = tiny_model("gpt2", n_layer=1)
+    opt = ax.load_model(_family("opt", tok), tokenizer=tok)  # its layers in `decoder.layers`
+    with pytest.raises(ax.ModelError, match="OPTForCausalLM"):
+        ax.attribution_patching(opt, SOURCE, TARGET, site="values", grad_drop=True, **kw)
     one = ax.load_model(hf, tokenizer=tok)
     with pytest.raises(ax.OptionError, match="has 1 layer"):  # L - 1 = 0: nothing to average
         ax.attribution_patching(one, SOURCE, TARGET, grad_drop=True, **kw)

@@ -596,7 +596,7 @@ def attribution_patching(
             corrupted; ``None`` (the default) is ``True``, ``False`` plain AtP.
         grad_drop: AtP*'s GradDrop: the estimate once per layer ``l`` with ``l``'s residual
             contribution dropped from the backward pass, reported as ``sum_l |estimate_l| / (L
-            - 1)`` (nonnegative; every site but ``"residual"``; decoder-only models and
+            - 1)`` (nonnegative; every site but ``"residual"``; decoder-only models and their
             classifiers), all ``L`` backward rows of every target in one ``vmap``.
         stack: encoder-decoders: ``"encoder"`` (the encoder blocks; ``source`` = the encoder
             tokens), ``"decoder"`` (the decoder blocks, their self-attention heads) or
@@ -767,7 +767,9 @@ def _patch_attention_inputs(
 
 
 def _grad_drop(model: Model, method: str, site: str) -> Drop:
-    """GradDrop's blocks: a decoder-only model's or classifier's layers (GPT-2, Llama)."""
+    """GradDrop's blocks: the layers of a decoder-only model's (or its classifier's) residual
+    stream, its base model's ``layers`` or ``h`` (GPT-2, Llama, Qwen2, Mistral, Gemma, Falcon:
+    each maps ``x`` to ``x + b(x)``)."""
     if site == "residual":
         raise OptionError(
             "`grad_drop=True` averages over the layers other than a node's own; the residual "
@@ -779,13 +781,19 @@ def _grad_drop(model: Model, method: str, site: str) -> Drop:
             f"`grad_drop=True` drops the layers of one residual stream: decoder-only models and "
             f"classifiers; {model.name} is an encoder-decoder"
         )
-    blocks = _parts(model, method).blocks
+    base = model.hf.base_model
+    blocks = getattr(base, "layers", None) or getattr(base, "h", None)
+    if not isinstance(blocks, torch.nn.ModuleList):  # post-LN encoders (BERT) among them
+        raise ModelError(
+            f"{method}: GradDrop drops the layers of a decoder-only model's residual stream "
+            f"(the base model's `layers` or `h`); {type(model.hf).__name__} has none"
+        )
     if len(blocks) < 2:
         raise OptionError(
             f"`grad_drop=True` averages over the layers other than a node's own: {model.name} "
             f"has {len(blocks)} layer"
         )
-    return Drop(blocks)
+    return Drop(list(blocks))
 
 
 def _positions(
