@@ -727,9 +727,6 @@ def _with_head_total(da: xr.DataArray, call: Call, totals: torch.Tensor) -> xr.D
     return da.assign_coords(head_total=(("example", "target", "layer", "head"), dense))
 
 
-__all__ = ["IMPLEMENTATION", "attention_x_gradient", "head_attribution"]
-
-
 # --- attribution patching of the attention inputs (AtP and AtP*'s QK fix) ---------------------
 
 #: The attention inputs attribution patching patches, and the argument each is of the attention.
@@ -861,3 +858,6 @@ def _softmax_changes(
     gamma = torch.where(ok, c / d.where(ok, 1.0) - 1, 0.0)
     delta = torch.where(ok, patched / d.where(ok, 1.0), a) - a - a * gamma
     return a, gamma, delta
+
+
+__all__ = ["IMPLEMENTATION", "attention_x_gradient", "head_attribution"]
