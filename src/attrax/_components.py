@@ -1,10 +1,11 @@
 """Component attributions: direct logit attribution and attribution patching.
 
-Both read the model's own modules (attention heads, MLPs, residual stream) of the architectures
-they know, GPT-2 (``Conv1D``, LayerNorm) and Llama (``o_proj``, RMSNorm, RoPE, grouped keys and
-values), as causal LMs or as sequence classifiers whose ``score`` head reads the final norm
-directly, and encoder-decoders (attribution patching: Marian, BART, T5; direct logit attribution:
-T5, the post-LN Marian and BART having no direct path); any other model is a
+Both read the model's own modules (attention heads, MLPs, residual stream). Direct logit
+attribution knows GPT-2 (``Conv1D``, LayerNorm) and Llama (``o_proj``, RMSNorm, RoPE, grouped
+keys and values), as causal LMs or as sequence classifiers whose ``score`` head reads the final
+norm directly, and T5 (the post-LN Marian and BART have no direct path); attribution patching
+any decoder-only model whose layers sit where :func:`_blocks` looks (GPT-2, Llama, Qwen2, Gemma,
+Phi-3, Pythia, BLOOM, Falcon), its classifiers, and Marian, BART and T5. Any other model is a
 :class:`ModelError` naming its architecture.
 
 * :func:`direct_logit_attribution` splits the residual stream the final norm reads into what each
@@ -21,6 +22,7 @@ T5, the post-LN Marian and BART having no direct path); any other model is a
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -98,11 +100,6 @@ class _Parts:
             projection = attention.o_proj  # Linear: out = z @ weight.T (+ bias)
             weight = projection.weight.T
         return weight.reshape(self.heads, self.head_dim, -1), projection.bias
-
-    def projection_module(self, layer: int) -> torch.nn.Module:
-        """The module whose input is the concatenated head outputs ``[B, L, heads * head_dim]``."""
-        attention = self.attentions[layer]
-        return attention.c_proj if self.kind == "gpt2" else attention.o_proj
 
     def value_module(self, layer: int) -> torch.nn.Module:
         attention = self.attentions[layer]
@@ -493,9 +490,7 @@ def _patch_stack(model: Model, method: str, stack: str | None, site: str) -> _St
                 f"`stack={stack!r}` needs an encoder-decoder model; {model.name} has one stack "
                 "(leave stack=None)"
             )
-        parts = _parts(model, method)
-        projections = [parts.projection_module(i) for i in range(len(parts.blocks))]
-        return _Stack("self", parts.blocks, projections, parts.mlps, parts.heads)
+        return _decoder_stack(model, method)
     if stack is None:  # as `maps=None` elsewhere: the cross-attention, or the decoder's blocks
         stack = "cross" if site == "heads" else "decoder"
     if stack == "cross" and site != "heads":
@@ -505,6 +500,49 @@ def _patch_stack(model: Model, method: str, stack: str | None, site: str) -> _St
             f"site={site!r}"
         )
     return _encoder_decoder_stack(model, method, stack)
+
+
+#: where decoder-only blocks keep their attention, and where it keeps its output projection
+_ATTENTIONS = ("self_attn", "attn", "attention", "self_attention")
+_PROJECTIONS = ("o_proj", "c_proj", "dense", "out_proj")
+
+
+def _blocks(model: Model, method: str) -> list[torch.nn.Module]:
+    """A decoder-only model's (or its classifier's) layers: its base model's ``layers`` or
+    ``h``, each mapping the residual stream ``x`` to ``x + b(x)``."""
+    base = model.hf.base_model
+    blocks = getattr(base, "layers", None) or getattr(base, "h", None)
+    if model.is_encoder_decoder or not isinstance(blocks, torch.nn.ModuleList):
+        raise ModelError(
+            f"{method}: {type(model.hf).__name__} keeps no decoder-only layers where attrax "
+            "looks (the base model's `layers` or `h`: GPT-2, Llama, Qwen2, Gemma, Phi-3, "
+            "Pythia, BLOOM, Falcon...); post-LN encoders such as BERT have no residual stream "
+            "of that form"
+        )
+    return list(blocks)
+
+
+def _named(module: torch.nn.Module | None, names: tuple[str, ...]) -> torch.nn.Module | None:
+    found = (getattr(module, name, None) for name in names)
+    return next((m for m in found if isinstance(m, torch.nn.Module)), None)
+
+
+def _decoder_stack(model: Model, method: str) -> _Stack:
+    """A decoder-only model's blocks, each with its attention's output projection (its input:
+    the concatenated heads) and its ``mlp``; a ModelError when a block lacks either."""
+    blocks = _blocks(model, method)
+    attentions = [_named(block, _ATTENTIONS) for block in blocks]
+    projections = [_named(attention, _PROJECTIONS) for attention in attentions]
+    mlps = [getattr(block, "mlp", None) for block in blocks]
+    if any(not isinstance(m, torch.nn.Module) for m in [*projections, *mlps]):
+        raise ModelError(
+            f"{method}: {type(model.hf).__name__}'s layers lack an attention output projection "
+            f"({' / '.join(_PROJECTIONS)} of {' / '.join(_ATTENTIONS)}) or an `mlp`"
+        )
+    heads = _arch.heads(model.hf.config, "self")
+    if not isinstance(heads, int):
+        raise ModelError(f"{method}: cannot tell how many heads {type(model.hf).__name__} has")
+    return _Stack("self", blocks, projections, mlps, heads)
 
 
 def _encoder_decoder_stack(model: Model, method: str, stack: str) -> _Stack:
@@ -632,6 +670,12 @@ def attribution_patching(
     if site in ("mlp", "residual") and heads is not None:
         raise OptionError(f"`heads` applies to the attention sites only, got site={site!r}")
     parts = _patch_stack(model, method, stack, site)
+    if site == "mlp" and "residual" in inspect.signature(parts.mlps[0].forward).parameters:
+        raise ModelError(
+            f"{method}: {type(model.hf).__name__}'s MLP adds the residual stream to its own "
+            "output (BLOOM), so its output is no MLP contribution; patch site='residual' or "
+            "'heads'"
+        )
     chosen_layers = _indices(layers, len(parts.blocks), "layers", "layers")
     chosen_heads = _indices(heads, parts.heads, "heads", "heads per layer")
     problem = call.problem
@@ -653,8 +697,11 @@ def attribution_patching(
                 value: torch.Tensor, probe: torch.Tensor | None = probe, position: int = position
             ) -> torch.Tensor:
                 # by the caller's order, as the probes: the model runs its layers in its own
+                if probe is None:  # a copy: the model may add to what it gets back in place
+                    seen[position] = value.clone()
+                    return value
                 seen[position] = value
-                return value if probe is None else value + probe
+                return value + probe
 
             if site == "heads":
 
@@ -767,9 +814,8 @@ def _patch_attention_inputs(
 
 
 def _grad_drop(model: Model, method: str, site: str) -> Drop:
-    """GradDrop's blocks: the layers of a decoder-only model's (or its classifier's) residual
-    stream, its base model's ``layers`` or ``h`` (GPT-2, Llama, Qwen2, Mistral, Gemma, Falcon:
-    each maps ``x`` to ``x + b(x)``)."""
+    """GradDrop's blocks: a decoder-only model's (or its classifier's) layers
+    (:func:`_blocks`)."""
     if site == "residual":
         raise OptionError(
             "`grad_drop=True` averages over the layers other than a node's own; the residual "
@@ -781,19 +827,13 @@ def _grad_drop(model: Model, method: str, site: str) -> Drop:
             f"`grad_drop=True` drops the layers of one residual stream: decoder-only models and "
             f"classifiers; {model.name} is an encoder-decoder"
         )
-    base = model.hf.base_model
-    blocks = getattr(base, "layers", None) or getattr(base, "h", None)
-    if not isinstance(blocks, torch.nn.ModuleList):  # post-LN encoders (BERT) among them
-        raise ModelError(
-            f"{method}: GradDrop drops the layers of a decoder-only model's residual stream "
-            f"(the base model's `layers` or `h`); {type(model.hf).__name__} has none"
-        )
+    blocks = _blocks(model, method)
     if len(blocks) < 2:
         raise OptionError(
             f"`grad_drop=True` averages over the layers other than a node's own: {model.name} "
             f"has {len(blocks)} layer"
         )
-    return Drop(list(blocks))
+    return Drop(blocks)
 
 
 def _positions(
