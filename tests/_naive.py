@@ -16,11 +16,16 @@ Objective = Callable[[torch.Tensor, int], torch.Tensor]
 
 
 def probability(logits: torch.Tensor, token: int) -> torch.Tensor:
-    return torch.softmax(logits, dim=-1)[token]
+    # half precision: the softmax in float32, as transformers' losses take it
+    return torch.softmax(logits, dim=-1, dtype=_at_least_float32(logits))[token]
 
 
 def logprob(logits: torch.Tensor, token: int) -> torch.Tensor:
-    return torch.log_softmax(logits, dim=-1)[token]
+    return torch.log_softmax(logits, dim=-1, dtype=_at_least_float32(logits))[token]
+
+
+def _at_least_float32(x: torch.Tensor) -> torch.dtype:
+    return torch.promote_types(x.dtype, torch.float32)
 
 
 def logit(logits: torch.Tensor, token: int) -> torch.Tensor:
