@@ -388,7 +388,8 @@ def test_chunking_changes_nothing(models, arch):
 @pytest.mark.parametrize("arch", ["llama", "marian"])
 def test_auto_sizes_fit_the_memory_budget(models, arch, monkeypatch):
     """ "auto" halves the targets per backward first, then the points per forward, until the
-    estimate fits; given sizes are kept; the attributions do not change."""
+    estimate fits (decoder-only: the targets of least work that fit, then the points); given
+    sizes are kept; the attributions do not change."""
     model = models[arch]
     sources, targets = [p[0] for p in PAIRS], [p[1] for p in PAIRS]
     whole = ax.integrated_gradients(
@@ -399,10 +400,15 @@ def test_auto_sizes_fit_the_memory_budget(models, arch, monkeypatch):
     )
     cost = problem.cost()
     k = problem.tensors.valid.shape[1]
+    # decoder-only: (3, k) fits cost.at(6, 2) and (1, k) cost.at(3, 1)
+    assert not model.causal or cost.per_cotangent <= cost.per_point
     for budget, expected in [
         (cost.at(6, k), (None, None)),  # everything fits
-        (cost.at(6, 2), (None, 2)),  # two targets at a time, all points
-        (cost.at(3, 1), (3, 1)),  # one target, half the points
+        # two targets at a time, all points; decoder-only, the least work (a forward per chunk)
+        # is all k = 5 targets in one forward, 3 points fitting as per_cotangent <= per_point
+        (cost.at(6, 2), (3, None) if model.causal else (None, 2)),
+        # one target, half the points; decoder-only, all targets in one forward, one point
+        (cost.at(3, 1), (1, None) if model.causal else (3, 1)),
         (cost.at(1, 1) - 1, (1, 1)),  # nothing fits: the smallest plan
     ]:
         monkeypatch.setattr(_memory, "memory_budget", lambda device, b=budget: b)

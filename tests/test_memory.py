@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import itertools
 import json
 import re
 import resource
+from collections import Counter
 from types import SimpleNamespace
 
 import numpy as np
@@ -392,11 +394,17 @@ def test_the_planner_fits_the_budget_it_is_given(models, monkeypatch):
         model, prepare(model, sources, targets), resolve("probability")[1], False
     )
     k = problem.tensors.valid.shape[1]
+    # decoder-only, each target chunk runs a forward over its sequence up to its last target:
+    # one target a chunk, the 5 sequences end after 7, 8, ..., 11 tokens
+    assert k == 5 and [n for _, n in problem._target_chunks(1)] == [7, 8, 9, 10, 11]
     passes = _record_passes(monkeypatch)
     for budget, expected in [
         (10_000 + 6 * (500 + k * 1000), (None, None)),
-        (10_000 + 6 * (500 + 2 * 1000), (None, 2)),
-        (10_000 + 3 * (500 + 1000), (3, 1)),
+        # the work model: all 5 targets (11 * (1 + 5) = 66) are less work than chunks of 3
+        # (9 * 4 + 11 * 3 = 69), 2 (76) or 1 (90), and fit with 2 points (21,000 <= 25,000)
+        (10_000 + 6 * (500 + 2 * 1000), (2, None)),
+        # the work model: at one point at most 4 targets fit (14,500), so 3 (69) beats 2 (76)
+        (10_000 + 3 * (500 + 1000), (1, 3)),
         (10_000 + 1 * (500 + 1000), (1, 1)),
     ]:
         bounded = dataclasses.replace(problem, max_memory=budget)
@@ -713,3 +721,193 @@ def _record_passes(monkeypatch) -> list[tuple[int, int]]:
 
     monkeypatch.setattr(Problem, "_chunk_gradients", recorded)
     return passes
+
+
+# --- targets per backward: the least work (decoder-only) -------------------------------------
+
+
+def _halvings(n: int) -> list[int]:
+    """n, ceil(n / 2), ..., 1: the sizes the planner may pick for ``n``."""
+    sizes = [n]
+    while sizes[-1] > 1:
+        sizes.append(-(-sizes[-1] // 2))
+    return sizes
+
+
+def _causal_work(prompt: int, targets: int):
+    """A decoder-only call's work for ``chunk`` targets per backward: target i ends its
+    chunk's sequence at ``prompt + i + 1`` tokens; a chunk costs a forward and a backward per
+    target over that sequence."""
+    ends = [prompt + i + 1 for i in range(targets)]
+    return lambda chunk: sum(
+        ends[min(start + chunk, targets) - 1] * (1 + min(chunk, targets - start))
+        for start in range(0, targets, chunk)
+    )
+
+
+def test_the_planner_takes_the_least_work_among_the_target_chunks_that_fit():
+    """With ``work``, of the halvings of the targets that fit at the fewest points the planner
+    may pick, the one of least work (ties to the larger), then as many points as fit; a call
+    that fits whole stays whole, and a budget nothing meets is the same refusal."""
+    cpu = torch.device("cpu")
+    cost = _memory.Cost(per_cotangent=10, per_point=25, fixed=100, per_target=3)
+    points, targets = 12, 13
+    works = {
+        "long prompt": _causal_work(200, targets),  # forwards dominate: fewest chunks
+        "short prompt": _causal_work(2, targets),  # least at 7 (9 * 8 + 15 * 7 = 177)
+        "ties": {13: 5, 7: 3, 4: 3, 2: 4, 1: 8}.__getitem__,
+    }
+    assert min(_halvings(targets), key=works["short prompt"]) == 7
+    chosen = set()
+    for name, work in works.items():
+        for batch_size in ("auto", None, 3):
+            batches = _halvings(points) if batch_size == "auto" else [batch_size or points]
+            for budget in range(cost.at(batches[-1], 1), cost.at(points, targets) + 2):
+                got = _memory.plan(
+                    points, targets, batch_size, "auto", cost, cpu, budget, work=work
+                )
+                where = (name, batch_size, budget, got)
+                if cost.at(batches[0], targets) <= budget:
+                    assert got == (None if batch_size == "auto" else batch_size, None), where
+                    continue
+                batch, chunk = got[0] or points, got[1] or targets
+                assert cost.at(batch, chunk) <= budget, where
+                # by brute force: no sizes that fit take less work, or as little with more
+                # targets; and the most points that fit with the chosen targets
+                for b, c in itertools.product(batches, _halvings(targets)):
+                    if cost.at(b, c) <= budget:
+                        assert (work(c), -c) >= (work(chunk), -chunk), (*where, b, c)
+                assert batch == max(b for b in batches if cost.at(b, chunk) <= budget), where
+                chosen.add((name, chunk))
+    # the cases met: fewest chunks, a split, and ties to the larger
+    assert {("long prompt", 13), ("short prompt", 7), ("ties", 7), ("ties", 4)} <= chosen
+    # nothing fits: the same refusal as without work
+    for batch_size in ("auto", None, 3):
+        refusals = []
+        for work in (None, works["ties"]):
+            with pytest.raises(ax.OptionError, match="cannot be met") as refused:
+                _memory.plan(points, targets, batch_size, "auto", cost, cpu, 120, work=work)
+            refusals.append(str(refused.value))
+        assert refusals[0] == refusals[1]
+    # without work, the old rule: the targets halved first, then the points (by hand: 13 -> 7
+    # -> 4 targets, 100 + 4 * 3 + 12 * (25 + 4 * 10) = 892 <= 916; at 173, 1 target and 12 ->
+    # 6 -> 3 -> 2 points, 100 + 3 + 2 * (25 + 10) = 173)
+    assert _memory.plan(points, targets, "auto", "auto", cost, cpu, 916) == (None, 4)
+    assert _memory.plan(points, targets, "auto", "auto", cost, cpu, 173) == (2, 1)
+    # with work (long prompt): at 916 every target fits with one point (294), the fewest
+    # chunks, and 3 points (100 + 39 + 6 * 155 = 1,069 > 916 >= 604); at 173 2 targets fit with
+    # one point (151; 4 need 177): 7 forwards a point rather than 13
+    long = works["long prompt"]
+    assert _memory.plan(points, targets, "auto", "auto", cost, cpu, 916, work=long) == (3, None)
+    assert _memory.plan(points, targets, "auto", "auto", cost, cpu, 173, work=long) == (1, 2)
+
+
+def _long_llama(words: int, target_words: int) -> tuple[ax.Model, str, str]:
+    """A tiny Llama long enough for ``words`` words of prompt and ``target_words`` of target."""
+    from attrax.testing import corpus, tiny_model
+
+    hf, tok = tiny_model("llama", max_position_embeddings=128)
+    tok.model_max_length = 128
+    text = " ".join(corpus()).split()
+    prompt = " ".join(text[:words])
+    target = " " + " ".join(text[words : words + target_words])
+    return ax.load_model(hf, tokenizer=tok), prompt, target
+
+
+def _planned(monkeypatch, words: int, target_words: int):
+    """``(model, prompt, target, problem)`` of :func:`_long_llama` for IG's probability, its
+    estimate fixed: 1,000 per (point, target), 500 per point, 10,000 fixed."""
+    model, prompt, target = _long_llama(words, target_words)
+    fixed_cost(monkeypatch, _memory.Cost(per_cotangent=1000, per_point=500, fixed=10_000))
+    problem = Problem.build(model, prepare(model, prompt, target), resolve("probability")[1], False)
+    return model, prompt, target, problem
+
+
+def _forwards(model: ax.Model) -> list[tuple[int, int]]:
+    """``(rows, tokens)`` of every forward of ``model`` from now on (its final norm's input)."""
+    seen: list[tuple[int, int]] = []
+    model.hf.model.norm.register_forward_hook(
+        lambda module, args, out: seen.append(tuple(out.shape[:2]))
+    )
+    return seen
+
+
+def test_a_long_prompt_keeps_its_few_targets_together_and_halves_the_points(monkeypatch):
+    """Decoder-only, every target chunk runs a forward of its own over the sequence up to its
+    last target, for every point. A long prompt's few targets at the end save almost no backward
+    work in chunks, so where one point with every target fits, the points are halved (no forward
+    more) rather than the targets (a forward per chunk and point); the attributions are the
+    same. (On an 8B model, 2,048 tokens and 128 targets under 100 GB: 40 forwards, not 2,560.)"""
+    model, prompt, target, problem = _planned(monkeypatch, 46, 2)
+    whole = ax.integrated_gradients(model, prompt, target, steps=8, batch_size=None)
+    k = problem.tensors.valid.shape[1]
+    # 4 targets after 68 tokens of prompt: their sequences end at 69, ..., 72 tokens
+    assert k == 4 and [n for _, n in problem._target_chunks(1)] == [69, 70, 71, 72]
+    budget = 10_000 + 2 * (500 + k * 1000)  # 2 points with every target
+    bounded = dataclasses.replace(problem, max_memory=budget)
+    forwards = _forwards(model)
+    got = ax.integrated_gradients(model, prompt, target, steps=8, max_memory=budget)
+    assert_close(got.values, whole.values, rtol=1e-5, atol=1e-6)
+    least_work = list(forwards)
+    # 72 * (1 + 4) = 360 is less work than 71 * 3 + 72 * 3 = 429 (2) or 70 + ... + 72 = 564 (1)
+    assert bounded.plan(8, "auto", "auto") == (2, None)
+    forwards.clear()
+    monkeypatch.setattr(Problem, "_work", lambda self, rows: None)  # the old rule
+    # 8 points: 1,500 a point even at one target, 4 points fit 9,000
+    assert bounded.plan(8, "auto", "auto") == (4, 1)
+    old = ax.integrated_gradients(model, prompt, target, steps=8, max_memory=budget)
+    assert_close(old.values, whole.values, rtol=1e-5, atol=1e-6)
+    # the gradients' forwards: 4 of 2 points over all 72 tokens, against 4 of 4 points (each
+    # cut after its target) for each half of the points; the other forwards alike in both
+    planned = Counter({(2, 72): 4}), Counter({(4, n): 2 for n in (69, 70, 71, 72)})
+    assert planned[0] <= Counter(least_work) and planned[1] <= Counter(forwards)
+    assert Counter(least_work) - planned[0] == Counter(forwards) - planned[1]
+    assert len(least_work) < len(forwards)
+    assert sum(r * n for r, n in least_work) < sum(r * n for r, n in forwards)
+
+
+def test_targets_spanning_the_sequence_are_still_split_when_that_is_less_work(monkeypatch):
+    """A short prompt's many targets: a chunk of early targets runs on a much shorter sequence,
+    so chunks save more backward work than their forwards cost, and the planner splits the
+    targets though every target fits with one point."""
+    model, prompt, target, problem = _planned(monkeypatch, 2, 16)
+    whole = ax.integrated_gradients(model, prompt, target, steps=8, batch_size=None)
+    k = problem.tensors.valid.shape[1]
+    assert k == 21 and [n for _, n in problem._target_chunks(6)] == [8, 14, 20, 23]
+    budget = 10_000 + 1 * (500 + k * 1000)  # every target fits, at one point
+    bounded = dataclasses.replace(problem, max_memory=budget)
+    # chunks of 6: (8 + 14 + 20) * 7 + 23 * 4 = 386 against 23 * 22 = 506 all at once, 409 in
+    # 11s, 392 in 3s; then 2 points (13,000 <= 21,500 < 4 * 6,500)
+    assert bounded.plan(8, "auto", "auto") == (2, 6)
+    work = problem._work(1)
+    assert work(6) == 386 < work(k) == 506
+    got = ax.integrated_gradients(model, prompt, target, steps=8, max_memory=budget)
+    assert_close(got.values, whole.values, rtol=1e-5, atol=1e-6)
+
+
+def test_attribution_patching_plans_without_the_work_model(monkeypatch):
+    """Attribution patching runs one forward for every target chunk, so no chunk buys a shorter
+    forward: it takes the largest halving of the targets that fits (11 of 21 here), where the
+    engine's own calls take the least work (6)."""
+    model, prompt, target, problem = _planned(monkeypatch, 2, 16)
+    k = problem.tensors.valid.shape[1]
+    assert k == 21
+    budget = 10_000 + 500 + 11 * 1000  # 11 targets at one point, not 21
+    bounded = dataclasses.replace(problem, max_memory=budget)
+    work = problem._work(1)
+    assert work(6) < work(11)  # (8 + 14 + 20) * 7 + 23 * 4 = 386 < 12 * 13 + 23 * 11 = 409
+    assert bounded.plan(1, None, "auto") == (None, 6)
+    assert bounded.plan(1, None, "auto", shared_forward=True) == (None, 11)
+    planned = []
+    original = Problem.plan
+
+    def recorded(self, *args, **kwargs):
+        planned.append((kwargs.get("shared_forward", False), original(self, *args, **kwargs)))
+        return planned[-1][1]
+
+    monkeypatch.setattr(Problem, "plan", recorded)
+    corrupted = " ".join(["x"] * len(prompt.split()))
+    ax.attribution_patching(
+        model, prompt, target, corrupted=corrupted, site="residual", max_memory=budget
+    )
+    assert planned == [(True, (None, 11))]

@@ -748,7 +748,7 @@ def attribution_patching(
     one_hot = torch.eye(width, dtype=hidden.dtype, device=hidden.device)
     # "auto": the planner's estimate for gradients of the same model (targets per backward)
     rows = 1 if drop is None else len(drop.blocks)
-    _, chunk = problem.plan(1, None, call.options["chunk_size"], rows=rows)
+    _, chunk = problem.plan(1, None, call.options["chunk_size"], rows=rows, shared_forward=True)
     deltas = []
     for before, after in zip(clean_acts, corrupt_acts, strict=True):
         delta = full_precision(after - before)

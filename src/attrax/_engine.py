@@ -35,6 +35,10 @@ from ._objectives import Objective, evaluate_objective
 # points[i] for i in a chunk of indices -> one tensor [n, B, L, H] per attributed side
 PointFn = Callable[[torch.Tensor], tuple[torch.Tensor, ...]]
 Baseline = str | torch.Tensor | tuple[torch.Tensor, ...]
+# A cotangent's backward with frozen weights costs about one forward (one product per weight
+# product; on an H200, 2,048 tokens and 128 targets of a Llama-3-8B shape: 2 forwards and 128
+# backwards took 12.3 s, ~320 TFLOP/s counting each as a forward): the planner's work per backward
+BACKWARD_WORK = 1.0
 
 
 @dataclass(frozen=True)
@@ -316,12 +320,15 @@ class Problem:
         chunk_size: Size,
         copies: bool = False,
         rows: int = 1,
+        shared_forward: bool = False,
     ) -> tuple[int | None, int | None]:
         """Sizes for ``points`` and every target: :func:`plan` on this call's shapes. With
         ``copies``, every (target, point) is a copy of the batch of its own with one cotangent
         (each target along its own path: guided IG, greedy PIG's later rounds, PGD), so a copy's
         forward counts once per target. ``rows``: cotangents per target in one backward
-        (GradDrop's one per layer)."""
+        (GradDrop's one per layer). Decoder-only, each target chunk is a forward of its own: of
+        the chunks that fit, the least work (:meth:`_work`) is taken, unless the caller runs one
+        ``shared_forward`` for every chunk (attribution patching)."""
         targets = self.tensors.valid.shape[1]
         if points == targets == 1 and rows == 1 and self.max_memory is None:
             return None, None  # nothing to split, and no budget to check
@@ -330,7 +337,23 @@ class Problem:
         if copies:
             cost = Cost(cost.per_point + cost.per_cotangent, 0, cost.fixed)
         cost = cost._replace(per_cotangent=rows * cost.per_cotangent)
-        return plan(points, targets, batch_size, chunk_size, cost, device, self.max_memory)
+        causal = self.model.causal and not copies and not shared_forward
+        work = self._work(rows) if causal else None
+        return plan(points, targets, batch_size, chunk_size, cost, device, self.max_memory, work)
+
+    def _work(self, rows: int) -> Callable[[int], float]:
+        """A decoder-only call's estimated work (in forwards of one token, per point) with
+        ``chunk`` targets per backward: each chunk runs a forward and its targets' backwards
+        (``rows`` cotangents each) over its sequence, which ends at its last target."""
+
+        def work(chunk: int) -> float:
+            return sum(
+                length * (1 + BACKWARD_WORK * rows * (slots.stop - slots.start))
+                for slots, length in self._target_chunks(chunk)
+                if length is not None
+            )
+
+        return work
 
     def cost(self, saved: bool = True, eager: bool = False) -> Cost:
         """Estimated memory of this call's passes (:class:`~attrax._memory.Cost`): per target

@@ -31,7 +31,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -404,17 +404,23 @@ def plan(
     cost: Cost | int,
     device: torch.device,
     max_memory: int | None = None,
+    work: Callable[[int], float] | None = None,
 ) -> tuple[int | None, int | None]:
     """Resolve ``"auto"`` sizes against ``max_memory`` bytes (None: half the free memory of
     ``device``): all ``points`` and ``targets`` in one vectorized backward when the estimated
     ``cost`` fits, else halves of the targets (which, decoder-only, also cuts each chunk's
-    sequence after its last target), then of the points. On the CPU, points are then halved
-    until a pass fits :data:`CPU_PASS`. Given sizes (ints, None for all)
-    are kept. A ``max_memory`` that even the smallest sizes the planner may pick exceed is an
-    :class:`OptionError` that says the smallest budget that can be met.
+    sequence after its last target), then of the points. With ``work`` (a whole call's
+    estimated work for a number of targets per backward), the halving of the targets that fits
+    with the fewest points and needs the least work is taken instead, then points are halved.
+    On the CPU, points are then halved until a pass fits :data:`CPU_PASS`. Given sizes (ints,
+    None for all) are kept. A ``max_memory`` that even the smallest sizes the planner may pick
+    exceed is an :class:`OptionError` that says the smallest budget that can be met.
 
     >>> plan(8, 32, "auto", "auto", Cost(per_cotangent=10), torch.device("cpu"), max_memory=640)
     (None, 8)
+    >>> plan(8, 32, "auto", "auto", Cost(per_cotangent=10), torch.device("cpu"), max_memory=640,
+    ...      work=lambda chunk: 32 // chunk)  # a forward per chunk: all targets, fewer points
+    (2, None)
     >>> plan(8, 32, "auto", "auto", Cost(per_cotangent=10, fixed=100), torch.device("cpu"), max_memory=90)
     Traceback (most recent call last):
     attrax._errors.OptionError: `max_memory` of 90 B cannot be met: the smallest passes (one target, one point) need an estimated 110 B; give at least that
@@ -427,6 +433,18 @@ def plan(
     chunk = targets if chunk_size in (None, AUTO) else int(chunk_size)  # type: ignore[arg-type]
     batch = points if batch_size in (None, AUTO) else int(batch_size)  # type: ignore[arg-type]
     budget = memory_budget(device) if max_memory is None else max_memory
+    if work is not None and chunk_size == AUTO and cost.at(batch, chunk) > budget:
+        # the halvings of the targets that fit with the fewest points the planner may pick,
+        # largest first: the least work among them (ties to the larger), then fewer points
+        fewest = 1 if batch_size == AUTO else batch
+        halvings = [targets]
+        while halvings[-1] > 1:
+            halvings.append(-(-halvings[-1] // 2))
+        fitting = [c for c in halvings if cost.at(fewest, c) <= budget]
+        if fitting:
+            chunk = min(fitting, key=work)
+            while batch_size == AUTO and batch > 1 and cost.at(batch, chunk) > budget:
+                batch = -(-batch // 2)
     while cost.at(batch, chunk) > budget:
         if chunk_size == AUTO and chunk > 1:
             chunk = -(-chunk // 2)
