@@ -42,6 +42,9 @@ TASKS = ("generation", "sequence-classification", "token-classification")
 # runs SDPA's fused kernel: where it overtakes eager attention under the vectorized backward (the
 # measurements are in docs/methods/gradients.md)
 SDPA_MIN_TOKENS = 256
+# On a GPU, from this many: on an H200 at 1,152 tokens the folded SDPA backward took 149 ms against
+# eager attention's best 190 ms (W3 saliency, docs/benchmarks-gpu.md); shorter: not measured
+SDPA_MIN_TOKENS_GPU = 1024
 
 
 class Model:
@@ -416,14 +419,15 @@ class Model:
     def attention_for(self, tokens: int, device: torch.device) -> str:
         """The attention implementation attrax runs for a forward over ``tokens`` on ``device``.
 
-        An explicit ``attn_implementation`` is kept; ``"auto"`` picks ``"sdpa"`` on the CPU from
-        :data:`SDPA_MIN_TOKENS` tokens (when the model supports it), ``"eager"`` otherwise.
+        An explicit ``attn_implementation`` is kept; ``"auto"`` picks ``"sdpa"`` from
+        :data:`SDPA_MIN_TOKENS` tokens on the CPU and :data:`SDPA_MIN_TOKENS_GPU` on other devices
+        (when the model supports it), ``"eager"`` otherwise.
         """
         if self.attn_implementation != "auto":
             return self.attn_implementation
-        long_on_cpu = device.type == "cpu" and tokens >= SDPA_MIN_TOKENS
+        least = SDPA_MIN_TOKENS if device.type == "cpu" else SDPA_MIN_TOKENS_GPU
         sdpa = getattr(self.hf, "_supports_sdpa", False) and _can_switch(self.hf)
-        return "sdpa" if long_on_cpu and sdpa else "eager"
+        return "sdpa" if tokens >= least and sdpa else "eager"
 
     @contextlib.contextmanager
     def attention_as(self, implementation: str, required: bool = False) -> Iterator[None]:
