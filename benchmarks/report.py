@@ -17,11 +17,17 @@ CPU_RESULTS = HERE / "cpu.json"
 GPU_RESULTS = HERE / "gpu-h200.json"
 VARIANTS = (HERE / "malloc-tuned.json", HERE / "baselines-sdpa.json")
 #: ``python -m benchmarks real-size --out`` results on the CPU, one file per shape
-REAL_SIZE = ("real-size-gpt2-small-cpu.json", "real-size-llama-1b-cpu.json")
+REAL_SIZE = (
+    "real-size-gpt2-small-cpu.json",
+    "real-size-llama-1b-cpu.json",
+    "real-size-llama-1b-256-cpu.json",
+)
 #: the same on a GPU (``bash benchmarks/gpu_memory.sh``): a Llama-3-8B shape over long prompts
 REAL_SIZE_GPU = tuple(
     f"real-size-llama3-8b-{n}-cuda.json" for n in ("2048", "8192", "2048-ig", "2048-lrp")
 )
+#: a later GPU run of the harness's W3 options alone (its comparison rows did not run)
+W3_OPTIONS = HERE / "gpu-h200-w3-options.json"
 
 METHOD_ORDER = ("saliency", "input_x_gradient", "integrated_gradients", "attention")
 LABEL = {
@@ -465,6 +471,12 @@ def _real_size_section(files: dict[str, dict[str, Any]], gpu: bool = False) -> l
         )
         + "\n"
     )
+    if any(row.get("parity_failed") for result in files.values() for row in result["rows"]):
+        w(
+            "**over the gate**: an aggregate beyond the tolerance in the shape's dtype; the run "
+            "went on (`--on-parity-failure record`) and its row is kept, marked. Why bfloat16 "
+            'parity is loose: [gradients](methods/gradients.md), "At real size".\n'
+        )
     for name, result in files.items():
         meta, rows = result["meta"], result["rows"]
         first = meta.get("first_targets")
@@ -474,8 +486,12 @@ def _real_size_section(files: dict[str, dict[str, Any]], gpu: bool = False) -> l
             f"{meta['target']} tokens\n"
         )
         w(
-            f"`{name}`: {meta['threads']} threads, {meta['repeats']} timed call(s) per library "
-            "(median)"
+            f"`{name}`: {meta['threads']} threads, "
+            + (
+                f"{meta['repeats']} timed call(s) per library (median)"
+                if meta["repeats"]
+                else "each library timed on its parity call (an extrapolated loop on one more)"
+            )
             + (
                 f", IG {meta['steps']} points"
                 if any(r["method"] == "integrated_gradients" for r in rows)
@@ -490,7 +506,12 @@ def _real_size_section(files: dict[str, dict[str, Any]], gpu: bool = False) -> l
                 and meta.get("libraries", "attrax,captum,inseq") != "attrax"  # alone: no gate
                 else ""
             )
-            + (f". {meta['note']}" if meta.get("note") else "")
+            + (f". {meta['note'][:1].upper()}{meta['note'][1:]}" if meta.get("note") else "")
+            + (
+                ". **Incomplete**: the run stopped before its last method"
+                if meta.get("complete") is False
+                else ""
+            )
             + ".\n"
         )
         ran = {lib for row in rows for lib in [*row["seconds"], *row.get("out_of_memory", [])]}
@@ -519,7 +540,9 @@ def _real_size_section(files: dict[str, dict[str, Any]], gpu: bool = False) -> l
             ]
             parity = (
                 "; ".join(
-                    f"{lib} {_real_size_parity(e)}" for lib, e in row.get("parity", {}).items()
+                    f"{lib} {_real_size_parity(e)}"
+                    + (" **over the gate**" if lib in row.get("parity_failed", ()) else "")
+                    for lib, e in row.get("parity", {}).items()
                 )
                 or "— (attrax alone)"
             )
@@ -540,8 +563,16 @@ def _real_size_parity(error: float | str | dict[str, float]) -> str:
     error and the timing dtype's, e.g. ``1.6e-06 (float32 gate), bfloat16 4.1e-02``."""
     if isinstance(error, dict):
         (gate, gated), *rest = error.items()
-        return f"{gated:.1e} ({gate} gate)" + "".join(f", {d} {e:.1e}" for d, e in rest)
+        return f"{gated:.1e} ({gate} gate)" + "".join(f", {d} {_largest(e)}" for d, e in rest)
     return f"{error:.1e}" if isinstance(error, float) else str(error)
+
+
+def _largest(error: float | dict[str, float]) -> str:
+    """An error, or the largest of one per aggregate with that aggregate's name."""
+    if not isinstance(error, dict):
+        return f"{error:.1e}"
+    name = max(error, key=error.__getitem__)
+    return f"{error[name]:.1e} ({name})"
 
 
 CLASSIFIER_LABEL = {**LABEL, "occlusion": "occlusion"}
@@ -774,7 +805,11 @@ def _variant_summary(results: dict[str, Any], variant: dict[str, Any], name: str
 # --------------------------------------------------------------------------------------------------
 # GPU markdown
 # --------------------------------------------------------------------------------------------------
-def render_gpu(results: dict[str, Any], real_size: dict[str, dict[str, Any]] | None = None) -> str:
+def render_gpu(
+    results: dict[str, Any],
+    real_size: dict[str, dict[str, Any]] | None = None,
+    w3_options: dict[str, Any] | None = None,
+) -> str:
     """``docs/benchmarks-gpu.md`` from GPU results and the ``real-size`` GPU files."""
     m = results["meta"]
     v, git = m["versions"], (m.get("attrax_source") or {}).get("git_head")
@@ -844,7 +879,9 @@ def render_gpu(results: dict[str, Any], real_size: dict[str, dict[str, Any]] | N
             + f"largest error {worst:.1e}.\n"
         )
     if results.get("variants"):
-        lines += _w3_options(results, runs)
+        lines += _w3_options(results, runs, rerun=bool(w3_options))
+    if w3_options:
+        lines += _w3_options_rerun(w3_options)
     smoke = results.get("smoke", [])
     if smoke:
         worst = max((r.get("rel_err", 0.0) for r in smoke), default=0.0)
@@ -862,6 +899,7 @@ def render_gpu(results: dict[str, Any], real_size: dict[str, dict[str, Any]] | N
         )
     if real_size:
         lines += _real_size_section(real_size, gpu=True)
+        lines += _real_size_missing(real_size)
     else:
         w(
             "## Real size and long context (GPU): not measured yet\n\n"
@@ -877,7 +915,9 @@ def render_gpu(results: dict[str, Any], real_size: dict[str, dict[str, Any]] | N
     return "\n".join(lines)
 
 
-def _w3_options(results: dict[str, Any], runs: dict[tuple[str, str, str], Any]) -> list[str]:
+def _w3_options(
+    results: dict[str, Any], runs: dict[tuple[str, str, str], Any], rerun: bool = False
+) -> list[str]:
     """The GPU page's paragraphs on attrax's options on W3 and why W3 stays below the goal."""
     rows = results["variants"]
     plan = results["meta"].get("plans", {}).get("W3", {})
@@ -924,9 +964,13 @@ def _w3_options(results: dict[str, Any], runs: dict[tuple[str, str, str], Any]) 
         "through its own vmap-aware op (`attrax._sdpa`): every target folded into the batch "
         "dim, one fused backward per attention call, which on a GPU recomputes the forward "
         "through `F.scaled_dot_product_attention` so that torch picks the kernel "
-        "([gradients](methods/gradients.md#sdpas-backward-under-vmap)). Its effect on the GPU is "
-        "not measured yet: `python -m benchmarks run --device cuda --variants` measures it and "
-        "runs W3 with the fastest option."
+        "([gradients](methods/gradients.md#sdpas-backward-under-vmap)). "
+        + (
+            "Its effect on the GPU is measured in the later run below."
+            if rerun
+            else "Its effect on the GPU is not measured yet: `python -m benchmarks run --device "
+            "cuda --variants` measures it and runs W3 with the fastest option."
+        )
     )
     below = (
         "**Below the goal on W3.** attrax does one backward per (target, point) through "
@@ -936,6 +980,60 @@ def _w3_options(results: dict[str, Any], runs: dict[tuple[str, str, str], Any]) 
         "softmax-backward, multiply and copy kernels bound by memory dominate. " + sdpa + "\n"
     )
     return [options, below]
+
+
+def _w3_options_rerun(rerun: dict[str, Any]) -> list[str]:
+    """A paragraph on a later device run of the W3 options alone, against the run above's."""
+    meta, rows = rerun["meta"], rerun["variants"]
+
+    def best(attn: str) -> dict[str, Any]:
+        return min((v for v in rows if v["attn"] == attn), key=lambda v: v["median_s"])
+
+    eager, sdpa = best("eager"), best("sdpa")
+    cells = "; ".join(
+        f"{v['attn']}, `chunk_size={v['chunk_size']}` {v['median_s'] * 1e3:.0f} ms" for v in rows
+    )
+    return [
+        f"**W3 options again, {meta['started'][:10]}** ({meta['device_name']}, torch "
+        f"{meta['versions']['torch']}, attrax at `{meta['attrax_source']['git_head']}`; "
+        f"`benchmarks/{W3_OPTIONS.name}`: {meta['note']}): {cells}. attrax's vmap-aware SDPA "
+        f"(every target folded into one fused backward per attention call) is now the fastest, "
+        f"{sdpa['median_s'] * 1e3:.0f} ms against eager's best {eager['median_s'] * 1e3:.0f} ms "
+        f"({eager['median_s'] / sdpa['median_s']:.2f}×). The W3 ratios in the table above are "
+        "still those of the earlier run; a ratio across runs is not a measurement, so none is "
+        "given. Profiles of one call with `chunk_size=32`: "
+        "`benchmarks/gpu-h200-w3-options-profile-eager.txt` and `-sdpa.txt`.\n"
+    ]
+
+
+#: what each GPU real-size file holds, for the parts not yet measured
+REAL_SIZE_GPU_PARTS = {
+    "real-size-llama3-8b-2048-cuda.json": "saliency and input × gradient over 2,048 tokens",
+    "real-size-llama3-8b-8192-cuda.json": "saliency and input × gradient over 8,192 tokens",
+    "real-size-llama3-8b-2048-ig-cuda.json": "integrated gradients over 2,048 tokens",
+    "real-size-llama3-8b-2048-lrp-cuda.json": "AttnLRP over 2,048 tokens",
+}
+
+
+def _real_size_missing(files: dict[str, Any]) -> list[str]:
+    """The GPU real-size parts with no results file yet, and the command that measures them."""
+    missing = [name for name in REAL_SIZE_GPU if name not in files]
+    if not missing:
+        return []
+    parts = {
+        "real-size-llama3-8b-2048-cuda.json": "long:2048",
+        "real-size-llama3-8b-8192-cuda.json": "long:8192",
+        "real-size-llama3-8b-2048-ig-cuda.json": "long-ig",
+        "real-size-llama3-8b-2048-lrp-cuda.json": "long-lrp",
+    }
+    return [
+        "**Not measured yet**: "
+        + "; ".join(REAL_SIZE_GPU_PARTS[name] for name in missing)
+        + ". The device time lent so far ran out first (`benchmarks/gpu-h200-2026-12-04.log` "
+        "records the runs). `bash benchmarks/device_run.sh "
+        + " ".join(parts[name] for name in missing)
+        + "` on a lent GPU measures them (`benchmarks/README.md`).\n"
+    ]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -953,7 +1051,9 @@ def render_all(cpu: Path = CPU_RESULTS, gpu: Path = GPU_RESULTS) -> dict[str, st
     return {
         "benchmarks.md": render_cpu(load(cpu), gpu_results, variants, real_size=real_size),
         "benchmarks-gpu.md": render_gpu(
-            gpu_results, {n: load(HERE / n) for n in REAL_SIZE_GPU if (HERE / n).exists()}
+            gpu_results,
+            {n: load(HERE / n) for n in REAL_SIZE_GPU if (HERE / n).exists()},
+            load(W3_OPTIONS) if W3_OPTIONS.exists() else None,
         ),
     }
 

@@ -234,6 +234,16 @@ def test_the_real_size_section_shows_a_gate_run_in_another_dtype():
     text = "\n".join(report._real_size_section({"f.json": {"meta": meta, "rows": [row]}}))
     assert "| saliency | 2.00, 1 | 20.0\\*, 2 | **10.0\u00d7** |" in text
     assert "captum 1.6e-06 (float32 gate), bfloat16 4.1e-02 |" in text
+    # the loop's own bfloat16 rounding and attrax's, per aggregate: the largest, named
+    row["parity"]["captum"] |= {
+        "captum bfloat16 vs float32": {"raw": 0.01, "sum": 0.04, "l2_normalize": 0.002},
+        "attrax bfloat16 vs captum float32": {"raw": 0.012, "sum": 0.03, "l2_normalize": 0.05},
+    }
+    text = "\n".join(report._real_size_section({"f.json": {"meta": meta, "rows": [row]}}))
+    assert (
+        "captum 1.6e-06 (float32 gate), bfloat16 4.1e-02, captum bfloat16 vs float32 4.0e-02 "
+        "(sum), attrax bfloat16 vs captum float32 5.0e-02 (l2_normalize) |"
+    ) in text
 
 
 def test_long_attention_measures_a_short_input(tmp_path, monkeypatch):
@@ -429,3 +439,169 @@ def test_the_gpu_scripts_long_parts_run_on_a_tiny_shape(tmp_path):
         files[name] = result
     text = "\n".join(report._real_size_section(files, gpu=True))
     assert "| AttnLRP |" in text and "— (attrax alone)" in text, text
+
+
+def _real_size_args(tmp_path, *options):
+    import argparse
+
+    from benchmarks import real_size
+
+    p = argparse.ArgumentParser()
+    real_size.parser(p)
+    return p.parse_args(
+        ["--shape", "llama-tiny", "--prompt", "12", "--target", "4", "--methods", "saliency",
+         "--libraries", "attrax", "--first-targets", "2", "--parity-dtype", "same",
+         "--tolerance", "0.05", "--out", str(tmp_path / "out.json"), *options]
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("on_failure", ["record", "stop"])
+def test_real_size_times_on_the_parity_call_and_records_a_failed_gate(
+    tmp_path, monkeypatch, on_failure
+):
+    """``--repeats 0``: attrax runs once on all targets (after one warm-up on the first ones), an
+    extrapolated library once more than its parity call; a baseline 10% off fails the 5% gate:
+    ``record`` keeps and marks the row with the error, ``stop`` exits 2 and writes nothing. The
+    baseline is attrax's own first targets scaled by 1.1: error 0.1 / 1.1 on every aggregate."""
+    from benchmarks import real_size
+
+    calls, last = [], {}
+    original = real_size._calls
+
+    def with_a_baseline(method, hf, model, tok, prompt, target, short, args):
+        ours = original(method, hf, model, tok, prompt, target, short, args)["attrax"]
+
+        def attrax():
+            calls.append(("attrax", target == short))
+            last["raw"] = ours().values
+            return ours()
+
+        def baseline():
+            calls.append(("baseline", False))
+            return last["raw"][:2] * 1.1
+
+        return {"attrax": attrax, "baseline": baseline}
+
+    monkeypatch.setattr(real_size, "_calls", with_a_baseline)
+    args = _real_size_args(tmp_path, "--repeats", "0", "--on-parity-failure", on_failure)
+    code = real_size.run(args)
+    out = tmp_path / "out.json"
+    if on_failure == "stop":
+        assert code == 2 and not out.exists()
+        return
+    assert code == 0
+    # the warm-up on the first targets, the parity call; the baseline's parity and timed calls
+    assert [c for c in calls if c[0] == "attrax"] == [("attrax", True), ("attrax", False)]
+    assert calls.count(("baseline", False)) == 2
+    result = json.loads(out.read_text())
+    (row,) = result["rows"]
+    assert result["meta"]["complete"] is True and result["meta"]["repeats"] == 0
+    assert result["meta"]["attrax_source"]["sha256_src"] and "torch" in result["meta"]["versions"]
+    assert row["parity_failed"] == ["baseline"]
+    assert row["parity"]["baseline"] == pytest.approx(0.1 / 1.1, rel=1e-3)
+    assert any(f.startswith("raw: relative error 9.09") for f in row["parity_failures"])
+    assert set(row["seconds"]) == {"attrax", "baseline"}
+
+
+def test_the_real_size_section_marks_a_failed_gate_and_an_incomplete_run():
+    """A row over the gate is marked per library, a file the run left before its last method
+    says so, and ``repeats=0`` says how it was timed."""
+    meta = dict(shape="llama3-8b", prompt=2048, target=128, threads=2, repeats=0, steps=20,
+                first_targets=4, max_memory="120GB", parity_dtype="same", tolerance=5e-2,
+                complete=False)  # fmt: skip
+    rows = [
+        dict(method="saliency", seconds={"attrax": 2.0, "captum": 8.0, "inseq": 4.0},
+             peak_bytes={"attrax": 2**30, "captum": 2**29, "inseq": 2**29},
+             parity={"captum": 0.17, "inseq": 0.02}, parity_failed=["captum"]),
+    ]  # fmt: skip
+    text = "\n".join(report._real_size_section({"f.json": {"meta": meta, "rows": rows}}, gpu=True))
+    (line,) = [row for row in text.splitlines() if row.startswith("| saliency")]
+    assert line.endswith("| captum 1.7e-01 **over the gate**; inseq 2.0e-02 |"), line
+    assert "**4.0\u00d7** | **2.0\u00d7**" in line
+    assert "**Incomplete**" in text and "timed on its parity call" in text
+    assert "--on-parity-failure record" in text
+    meta.update(repeats=3, complete=True)
+    rows[0].pop("parity_failed")
+    text = "\n".join(report._real_size_section({"f.json": {"meta": meta, "rows": rows}}, gpu=True))
+    assert "over the gate" not in text and "Incomplete" not in text and "3 timed call(s)" in text
+
+
+def test_the_gpu_page_names_the_real_size_parts_not_measured():
+    """Each GPU real-size file that is missing is named with the device command that makes it;
+    with all four there, nothing is."""
+    one = {report.REAL_SIZE_GPU[0]: {}}
+    (text,) = report._real_size_missing(one)
+    assert "8,192 tokens" in text and "integrated gradients" in text and "AttnLRP" in text
+    assert "`bash benchmarks/device_run.sh long:8192 long-ig long-lrp`" in text
+    assert "input \u00d7 gradient over 2,048" not in text  # that one is there
+    assert report._real_size_missing({name: {} for name in report.REAL_SIZE_GPU}) == []
+
+
+def test_a_later_w3_options_run_is_compared_within_itself():
+    """The re-run of W3's options names each option's time, the fastest SDPA against the
+    fastest eager option, and gives no ratio against the earlier run's baselines."""
+    rerun = {
+        "meta": dict(started="2026-12-04 17:11:49 UTC", device_name="GPU", note="a note",
+                     versions={"torch": "2.11.0"}, attrax_source={"git_head": "abc"}),
+        "variants": [dict(attn="eager", chunk_size=None, median_s=0.3),
+                     dict(attn="eager", chunk_size=32, median_s=0.2),
+                     dict(attn="sdpa", chunk_size=None, median_s=0.16, sdpa_backwards=4),
+                     dict(attn="sdpa", chunk_size=32, median_s=0.25, sdpa_backwards=16)],
+    }  # fmt: skip
+    (text,) = report._w3_options_rerun(rerun)
+    assert "sdpa, `chunk_size=32` 250 ms" in text and "eager, `chunk_size=None` 300 ms" in text
+    assert "160 ms against eager's best 200 ms (1.25\u00d7)" in text
+    assert "2026-12-04" in text and "a note" in text
+
+
+def test_device_run_starts_no_part_past_its_deadline(tmp_path):
+    """``device_run.sh`` gives each part the time left and starts none with under a minute:
+    with no time, every part is named as not started, the exit status is 124, the log is in
+    ``$OUT``."""
+    import os
+    import subprocess
+
+    env = dict(os.environ, OUT=str(tmp_path / "out"), RESULTS=str(tmp_path / "results"),
+               DEADLINE="30", WHEELS=str(tmp_path / "none"))  # fmt: skip
+    done = subprocess.run(
+        ["bash", str(BENCH / "device_run.sh"), "long:2048", "harness"],
+        cwd=BENCH.parent, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 124, done.stdout + done.stderr
+    log = (tmp_path / "out" / "log").read_text()
+    assert "long:2048 not started" in log and "harness not started" in log
+
+
+def test_real_size_reports_each_dtypes_rounding_next_to_the_float32_gate(tmp_path, monkeypatch):
+    """Gated on a float32 copy, each baseline is also compared with itself across the two dtypes,
+    and attrax's bfloat16 result with the baseline's float32 one, per aggregate. The baseline
+    here is attrax's own result in float32 and 1.1 times it in bfloat16: the gate sees 0, the
+    baseline's own difference is about 10%, attrax's only bfloat16's rounding."""
+    import torch
+    from benchmarks import real_size
+
+    last = {}
+    original = real_size._calls
+
+    def with_a_baseline(method, hf, model, tok, prompt, target, short, args):
+        ours = original(method, hf, model, tok, prompt, target, short, args)["attrax"]
+        factor = 1.0 if hf.dtype == torch.float32 else 1.1
+
+        def attrax():
+            last["raw"] = ours().values
+            return ours()
+
+        return {"attrax": attrax, "baseline": lambda: last["raw"][:2] * factor}
+
+    monkeypatch.setattr(real_size, "_calls", with_a_baseline)
+    args = _real_size_args(tmp_path, "--repeats", "1", "--parity-dtype", "float32")
+    args.tolerance = 1e-5
+    assert real_size.run(args) == 0
+    (row,) = json.loads((tmp_path / "out.json").read_text())["rows"]
+    error = row["parity"]["baseline"]
+    assert error["float32"] < 1e-6
+    own = error["baseline bfloat16 vs float32"]
+    attrax = error["attrax bfloat16 vs baseline float32"]
+    assert set(own) == set(attrax) == {"raw", "l2_normalize", "sum"}
+    assert 0.08 < own["raw"] < 0.12 and attrax["raw"] < 0.05
+    assert "parity_failed" not in row
