@@ -483,6 +483,7 @@ def test_real_size_times_on_the_parity_call_and_records_a_failed_gate(
         return {"attrax": attrax, "baseline": baseline}
 
     monkeypatch.setattr(real_size, "_calls", with_a_baseline)
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)  # the suite's, left as it is
     args = _real_size_args(tmp_path, "--repeats", "0", "--on-parity-failure", on_failure)
     code = real_size.run(args)
     out = tmp_path / "out.json"
@@ -577,7 +578,6 @@ def test_real_size_reports_each_dtypes_rounding_next_to_the_float32_gate(tmp_pat
     and attrax's bfloat16 result with the baseline's float32 one, per aggregate. The baseline
     here is attrax's own result in float32 and 1.1 times it in bfloat16: the gate sees 0, the
     baseline's own difference is about 10%, attrax's only bfloat16's rounding."""
-    import torch
     from benchmarks import real_size
 
     last = {}
@@ -594,6 +594,7 @@ def test_real_size_reports_each_dtypes_rounding_next_to_the_float32_gate(tmp_pat
         return {"attrax": attrax, "baseline": lambda: last["raw"][:2] * factor}
 
     monkeypatch.setattr(real_size, "_calls", with_a_baseline)
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)  # the suite's, left as it is
     args = _real_size_args(tmp_path, "--repeats", "1", "--parity-dtype", "float32")
     args.tolerance = 1e-5
     assert real_size.run(args) == 0
