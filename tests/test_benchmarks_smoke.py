@@ -521,6 +521,10 @@ def test_the_real_size_section_marks_a_failed_gate_and_an_incomplete_run():
     assert "**4.0\u00d7** | **2.0\u00d7**" in line
     assert "**Incomplete**" in text and "timed on its parity call" in text
     assert "--on-parity-failure record" in text
+    assert "predates the objectives' softmax in float32" in text  # no attrax_source: older
+    meta["attrax_source"] = {"git_head": "abc"}
+    text = "\n".join(report._real_size_section({"f.json": {"meta": meta, "rows": rows}}, gpu=True))
+    assert "**over the gate**" in text and "predates" not in text
     meta.update(repeats=3, complete=True)
     rows[0].pop("parity_failed")
     text = "\n".join(report._real_size_section({"f.json": {"meta": meta, "rows": rows}}, gpu=True))
