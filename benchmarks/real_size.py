@@ -115,18 +115,15 @@ def _calls(method: str, hf, model, tok, prompt: str, target: str, short: str, ar
     return calls
 
 
-def _gate(ours: dict, raw, method: str, tolerance: float, failures: list | None = None):
-    """The largest gated relative error of attrax's aggregates against a baseline's raw array,
-    or None (and the failures printed, and added to ``failures``) when one exceeds
-    ``tolerance``."""
+def _gate(ours: dict, raw, method: str, tolerance: float) -> tuple[float | str, list[str]]:
+    """The largest relative error of attrax's aggregates against a baseline's raw array
+    (``"failed"`` where they could not be compared), and the aggregates beyond ``tolerance``
+    (printed)."""
     got = parity(first_targets(ours, *raw.shape[:2]), raw, method, tol=tolerance)
     if got["failures"]:
         print("  " + "\n  ".join(got["failures"]))
-        if failures is not None:
-            failures.extend(got["failures"])
-        return None
     # sum_plain is reported, not gated (a cancellation-dominated sum): not the parity
-    return _largest(got["errors"])
+    return (_largest(got["errors"]) if got["errors"] else "failed"), got["failures"]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -178,8 +175,8 @@ def run(args: argparse.Namespace) -> int:
             references[method] = {}
             gate_outputs[method] = outputs
             for lib, raw in outputs.items():
-                error = _gate(ours, raw, method, args.tolerance)
-                if error is None:
+                error, failures = _gate(ours, raw, method, args.tolerance)
+                if failures:
                     print(f"PARITY FAILED {method} vs {lib} in {gate_dtype}")
                     return 2
                 references[method][lib] = error
@@ -194,11 +191,7 @@ def run(args: argparse.Namespace) -> int:
         for lib, call in list(calls.items()):  # warm-up, parity and peak memory
             base = start()
             try:
-                _synchronise(args.device)
-                began = time.perf_counter()
-                outputs[lib] = call()
-                _synchronise(args.device)
-                first_call[lib] = time.perf_counter() - began
+                outputs[lib], first_call[lib] = _timed(call, args.device)
             except torch.OutOfMemoryError:
                 if lib == "attrax":
                     raise
@@ -217,20 +210,21 @@ def run(args: argparse.Namespace) -> int:
                 continue
             gated = method not in references  # else reported: the gate ran in gate_dtype
             tolerance = args.tolerance if gated else float("inf")
-            error = _gate(ours, outputs[lib], method, tolerance, reasons)
-            if error is None:
+            error, failures = _gate(ours, outputs[lib], method, tolerance)
+            if failures:
                 print(f"PARITY FAILED {method} vs {lib}")
                 if args.on_parity_failure == "stop":
                     return 2
                 failed.append(lib)
-                error = _gate(ours, outputs[lib], method, float("inf"))  # the error, ungated
-                error = "failed" if error is None else error
+                reasons += failures
             if not gated:
                 # the same loop in both dtypes, and attrax against the loop in gate_dtype: the
                 # shape's dtype's own rounding, next to attrax's difference from the loop
                 exact = gate_outputs[method][lib]
                 own = parity(aggregates(outputs[lib], method), exact, method, tol=float("inf"))
-                theirs = parity(first_targets(ours, *exact.shape[:2]), exact, method, tol=1.0)
+                theirs = parity(
+                    first_targets(ours, *exact.shape[:2]), exact, method, tol=float("inf")
+                )
                 error = {
                     gate_dtype: references[method][lib],
                     dtype: error,
@@ -245,10 +239,11 @@ def run(args: argparse.Namespace) -> int:
             seconds = {lib: [first_call[lib]] for lib in calls if lib == "attrax" or not k}
             for lib, call in calls.items():
                 if lib not in seconds:
-                    seconds[lib] = [_timed(call, args.device) * scale]
+                    seconds[lib] = [_timed(call, args.device)[1] * scale]
         for _ in range(args.repeats):
             for lib, call in calls.items():  # interleaved: drifting load hits every library alike
-                seconds[lib].append(_timed(call, args.device) * (1.0 if lib == "attrax" else scale))
+                took = _timed(call, args.device)[1]
+                seconds[lib].append(took * (1.0 if lib == "attrax" else scale))
         median = {lib: statistics.median(s) for lib, s in seconds.items()}
         row = dict(
             method=method,
@@ -302,13 +297,13 @@ def _synchronise(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _timed(call, device: str) -> float:
-    """Seconds of one ``call``, the device synchronised before and after."""
+def _timed(call, device: str) -> tuple[Any, float]:
+    """What one ``call`` returns, and its seconds, the device synchronised before and after."""
     _synchronise(device)
     began = time.perf_counter()
-    call()
+    out = call()
     _synchronise(device)
-    return time.perf_counter() - began
+    return out, time.perf_counter() - began
 
 
 def _write(args: argparse.Namespace, rows: list[dict], complete: bool) -> None:
