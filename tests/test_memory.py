@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import attrax as ax
-from attrax import _memory
+from attrax import _engine, _memory
 from attrax._engine import Problem
 from attrax._inputs import prepare
 from attrax._names import METHODS
@@ -383,6 +383,12 @@ def fixed_cost(monkeypatch, cost: _memory.Cost) -> None:
     monkeypatch.setattr(Problem, "cost", lambda self, saved=True: cost)
 
 
+def cut_at_every_target(monkeypatch) -> None:
+    """Decoder-only chunks cut right after their last target (not at a multiple of 64 tokens):
+    the short texts here then have a sequence length per chunk for the work model to weigh."""
+    monkeypatch.setattr(_engine, "CUT_MULTIPLE", 1)
+
+
 def test_the_planner_fits_the_budget_it_is_given(models, monkeypatch):
     """With a patched estimate, max_memory decides the sizes, and a budget that even one target
     and one point exceed is an OptionError naming the smallest one that can be met."""
@@ -390,6 +396,7 @@ def test_the_planner_fits_the_budget_it_is_given(models, monkeypatch):
     sources, targets = [p[0] for p in PAIRS], [p[1] for p in PAIRS]
     whole = ax.integrated_gradients(model, sources, targets, steps=6, batch_size=None)
     fixed_cost(monkeypatch, _memory.Cost(per_cotangent=1000, per_point=500, fixed=10_000))
+    cut_at_every_target(monkeypatch)
     problem = Problem.build(
         model, prepare(model, sources, targets), resolve("probability")[1], False
     )
@@ -642,6 +649,37 @@ def test_the_measured_peak_stays_within_the_budget(
     assert bounded["peak"] <= budget, (bounded["peak"] / 2**20, budget / 2**20)
 
 
+_BFLOAT16_LLAMA = """
+import torch
+import attrax as ax
+from attrax.testing import corpus, tiny_model
+hf, tok = tiny_model("llama", hidden_size=256, intermediate_size=512, num_hidden_layers=4,
+                     num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=2048)
+model = ax.load_model(hf.to(torch.bfloat16), tokenizer=tok)
+words = (" ".join(corpus()).split() * 8)[:400]
+prompt, target = " ".join(words[:-24]), " " + " ".join(words[-24:])
+def warm():
+    ax.saliency(model, "a b c", " d e")
+def call():
+    ax.saliency(model, prompt, target{options})
+"""
+
+
+@pytest.mark.slow
+def test_a_first_bfloat16_call_stays_within_the_budget(peak_above_start):
+    """bfloat16 on the CPU runs oneDNN's kernels, which keep a primitive (and its memory) per
+    shape: a first call on ~600 tokens whose passes took one target each, each cut after its
+    target, took 341 MiB under this 172 MiB budget (its passes alone: 89 MiB)."""
+    budget = 180 * 10**6
+    free = peak_above_start(_BFLOAT16_LLAMA.format(options=""))
+    bounded = peak_above_start(_BFLOAT16_LLAMA.format(options=f", max_memory={budget}"))
+    mib = 2**20
+    print(f"unbounded {free['peak'] / mib:.0f} MiB, budget {budget / mib:.0f} MiB, "
+          f"bounded {bounded['peak'] / mib:.0f} MiB")  # fmt: skip
+    assert free["peak"] > budget, "the workload must need more than the budget unbounded"
+    assert bounded["peak"] <= budget, (bounded["peak"] / mib, budget / mib)
+
+
 _LONG_ALTI = """
 import attrax as ax
 from attrax.testing import corpus, tiny_model
@@ -676,7 +714,7 @@ def test_alti_on_a_long_input_stays_within_the_budget(peak_above_start, method):
 
 
 _LIMITED = """
-from attrax import _memory
+from attrax import _engine, _memory
 """ + _BUDGET_MODEL.replace(
     "def call():\n",
     "def call():\n    _memory.limit_process(_memory._resident() + {limit} if {limit} else None)\n",
@@ -819,6 +857,7 @@ def _planned(monkeypatch, words: int, target_words: int):
     estimate fixed: 1,000 per (point, target), 500 per point, 10,000 fixed."""
     model, prompt, target = _long_llama(words, target_words)
     fixed_cost(monkeypatch, _memory.Cost(per_cotangent=1000, per_point=500, fixed=10_000))
+    cut_at_every_target(monkeypatch)
     problem = Problem.build(model, prepare(model, prompt, target), resolve("probability")[1], False)
     return model, prompt, target, problem
 
@@ -911,3 +950,29 @@ def test_attribution_patching_plans_without_the_work_model(monkeypatch):
         model, prompt, target, corrupted=corrupted, site="residual", max_memory=budget
     )
     assert planned == [(True, (None, 11))]
+
+
+def test_decoder_only_chunks_are_cut_at_multiples_of_64_tokens():
+    """A chunk's sequence ends at a multiple of 64 tokens at or after its last target (or at the
+    sequence's end): one shape for every chunk whose targets end within the same 64 tokens, where
+    a cut per chunk gave oneDNN a primitive per pass to keep. The positions kept after a chunk's
+    last target change none of its attributions."""
+    from attrax.testing import corpus, tiny_model
+
+    hf, tok = tiny_model("llama", max_position_embeddings=512)
+    tok.model_max_length = 512
+    words = " ".join(corpus()).split()
+    prompt, target = " ".join(words[:60]), " " + " ".join(words[60:110])
+    model = ax.load_model(hf, tokenizer=tok)
+    problem = Problem.build(model, prepare(model, prompt, target), resolve("probability")[1], False)
+    full = problem.inputs[0].shape[1]
+    ends = [int(problem.tensors.index[:, c].max()) + 1 for c, _ in problem._target_chunks(1)]
+    assert full > 128 and ends[0] < 128 and len(set(ends)) == len(ends) > 64  # spans 2+ cuts
+    got = [n for _, n in problem._target_chunks(1)]
+    assert got == [min(full, -(-e // 64) * 64) for e in ends]
+    assert len(set(got)) <= -(-full // 64) and set(got) - {full} <= {128, 192, 256}
+    forwards = _forwards(model)
+    cut = ax.saliency(model, prompt, target, chunk_size=1)
+    assert {n for _, n in forwards} == set(got)
+    whole = ax.saliency(model, prompt, target, chunk_size=None)
+    assert_close(cut.values, whole.values, rtol=1e-5, atol=1e-6)

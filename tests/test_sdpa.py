@@ -146,6 +146,45 @@ def test_vmapped_forward_folds_too(recompute, no_fallback):
             torch.testing.assert_close(a[i], b, rtol=1e-10, atol=1e-12)
 
 
+def _softmax_attention_float64(q, k, v, causal: bool):
+    """Attention written out in float64, grouped key/value heads repeated."""
+    q, k, v = (x.double() for x in (q, k, v))
+    k, v = (x.repeat_interleave(q.shape[1] // x.shape[1], dim=1) for x in (k, v))
+    scores = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
+    if causal:
+        future = torch.ones(scores.shape[-2:], dtype=torch.bool).triu(1)
+        scores = scores.masked_fill(future, float("-inf"))
+    return scores.softmax(-1) @ v
+
+
+# a unit roundoff of each dtype's mantissa, times 1.5: the inputs are exact in both, so what is left
+# is the rounding of the results (the fused kernels' own half-precision backward: 2e-2 and 3e-3)
+HALF_BOUND = {torch.bfloat16: 1.5 * 2.0**-8, torch.float16: 1.5 * 2.0**-11}
+
+
+@pytest.mark.parametrize("dtype", list(HALF_BOUND), ids=str)
+def test_half_precision_runs_a_float32_core(dtype, no_fallback):
+    # values and output gradients that share an offset, as a model's do: the softmax gradient's row
+    # sums then cancel, and a backward that takes them from the rounded output is off by that much
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(2, 4, 64, 16, generator=g).to(dtype)
+    k = torch.randn(2, 2, 64, 16, generator=g).to(dtype)
+    v = (torch.randn(2, 2, 64, 16, generator=g) + 5).to(dtype)
+    cotangents = (torch.randn(3, 2, 4, 64, 16, generator=g) + 1).to(dtype)
+    out, pullback = vjp(lambda *x: attention(*x, is_causal=True, enable_gqa=True), q, k, v)
+    got = torch.vmap(pullback)(cotangents)
+    assert out.dtype == dtype and all(x.dtype == dtype for x in got)
+    leaves = [x.double().requires_grad_(True) for x in (q, k, v)]
+    want = _softmax_attention_float64(*leaves, causal=True)
+    bound = HALF_BOUND[dtype]
+    assert (out.double() - want).abs().max() <= bound * want.abs().max()
+    for t, cotangent in enumerate(cotangents):
+        ref = torch.autograd.grad(want, leaves, cotangent.double(), retain_graph=True)
+        for name, a, b in zip("qkv", got, ref, strict=True):
+            err = ((a[t].double() - b).abs().max() / b.abs().max()).item()
+            assert err <= bound, f"d{name}, cotangent {t}: {err:.2e} > {bound:.2e}"
+
+
 def test_calls_it_does_not_serve_run_torch_sdpa():
     (q, k, v), _ = _case("causal")
     q = q.requires_grad_(True)

@@ -39,6 +39,11 @@ Baseline = str | torch.Tensor | tuple[torch.Tensor, ...]
 # product; on an H200, 2,048 tokens and 128 targets of a Llama-3-8B shape: 2 forwards and 128
 # backwards took 12.3 s, ~320 TFLOP/s counting each as a forward): the planner's work per backward
 BACKWARD_WORK = 1.0
+# A decoder-only chunk's sequence is cut at a multiple of this many tokens after its last target
+# (the positions after it change none of its targets): one shape per 64 tokens, where a cut per
+# target gave oneDNN's bfloat16 kernels on the CPU a primitive, and memory, per pass that it kept
+# (a first bfloat16 call took 341 MiB under a 172 MiB budget; 104 MiB cut at multiples of 64)
+CUT_MULTIPLE = 64
 
 
 @dataclass(frozen=True)
@@ -344,7 +349,7 @@ class Problem:
     def _work(self, rows: int) -> Callable[[int], float]:
         """A decoder-only call's estimated work (in forwards of one token, per point) with
         ``chunk`` targets per backward: each chunk runs a forward and its targets' backwards
-        (``rows`` cotangents each) over its sequence, which ends at its last target."""
+        (``rows`` cotangents each) over its sequence, cut after its last target."""
 
         def work(chunk: int) -> float:
             return sum(
@@ -393,8 +398,8 @@ class Problem:
         """Slices of target slots, each with the sequence length its targets need.
 
         Decoder-only targets at positions up to ``p`` read nothing at or after ``p``, so a chunk of
-        early targets runs on a shorter sequence. One forward per chunk buys backwards through
-        fewer positions. Chunks of bidirectional models (encoder-decoders, encoder classifiers)
+        early targets runs on a shorter sequence, cut at a multiple of :data:`CUT_MULTIPLE`. One
+        forward per chunk buys backwards through fewer positions. Chunks of bidirectional models (encoder-decoders, encoder classifiers)
         share one forward (``vmap``'s own chunking).
         """
         t = self.tensors
@@ -405,7 +410,8 @@ class Problem:
             chunks = [slice(k, min(k + chunk_size, width)) for k in range(0, width, chunk_size)]
         if not self.model.causal:
             return [(chunks[0], None)]
-        return [(c, int(t.index[:, c].max()) + 1) for c in chunks]
+        full = self.inputs[0].shape[1]
+        return [(c, min(full, _round_up(int(t.index[:, c].max()) + 1))) for c in chunks]
 
     def _chunk_gradients(
         self,
@@ -548,6 +554,11 @@ def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     """Sums over points and targets run in at least float32: 50 IG steps in bfloat16 would lose
     most of their digits (a float64 model keeps float64)."""
     return torch.promote_types(dtype, torch.float32)
+
+
+def _round_up(length: int) -> int:
+    """``length`` rounded up to a multiple of :data:`CUT_MULTIPLE`."""
+    return -(-length // CUT_MULTIPLE) * CUT_MULTIPLE
 
 
 def _per_side(w: torch.Tensor, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
