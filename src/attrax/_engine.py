@@ -39,11 +39,12 @@ Baseline = str | torch.Tensor | tuple[torch.Tensor, ...]
 # product; on an H200, 2,048 tokens and 128 targets of a Llama-3-8B shape: 2 forwards and 128
 # backwards took 12.3 s, ~320 TFLOP/s counting each as a forward): the planner's work per backward
 BACKWARD_WORK = 1.0
-# A decoder-only chunk's sequence is cut at a multiple of this many tokens after its last target
-# (the positions after it change none of its targets): one shape per 64 tokens, where a cut per
-# target gave oneDNN's bfloat16 kernels on the CPU a primitive, and memory, per pass that it kept
-# (a first bfloat16 call took 341 MiB under a 172 MiB budget; 104 MiB cut at multiples of 64)
-CUT_MULTIPLE = 64
+# A decoder-only chunk's sequence is cut after its last target at a multiple of 1/CUT_SHAPES of
+# the sequence (the positions kept after it change none of its targets): a call's chunks take at
+# most this many lengths, where a cut per target gave oneDNN's bfloat16 kernels on the CPU a
+# primitive, and memory, per pass that it kept (a first bfloat16 call took 341 MiB under a 172 MiB
+# budget, 97 MiB now); a chunk runs at most 1/16 of the sequence more
+CUT_SHAPES = 16
 
 
 @dataclass(frozen=True)
@@ -398,9 +399,9 @@ class Problem:
         """Slices of target slots, each with the sequence length its targets need.
 
         Decoder-only targets at positions up to ``p`` read nothing at or after ``p``, so a chunk of
-        early targets runs on a shorter sequence, cut at a multiple of :data:`CUT_MULTIPLE`. One
-        forward per chunk buys backwards through fewer positions. Chunks of bidirectional models (encoder-decoders, encoder classifiers)
-        share one forward (``vmap``'s own chunking).
+        early targets runs on a shorter sequence, cut at a multiple of 1/:data:`CUT_SHAPES` of it.
+        One forward per chunk buys backwards through fewer positions. Chunks of bidirectional
+        models (encoder-decoders, encoder classifiers) share one forward (``vmap``'s own chunking).
         """
         t = self.tensors
         width = t.valid.shape[1]
@@ -411,7 +412,7 @@ class Problem:
         if not self.model.causal:
             return [(chunks[0], None)]
         full = self.inputs[0].shape[1]
-        return [(c, min(full, _round_up(int(t.index[:, c].max()) + 1))) for c in chunks]
+        return [(c, _cut(int(t.index[:, c].max()) + 1, full)) for c in chunks]
 
     def _chunk_gradients(
         self,
@@ -556,9 +557,14 @@ def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def _round_up(length: int) -> int:
-    """``length`` rounded up to a multiple of :data:`CUT_MULTIPLE`."""
-    return -(-length // CUT_MULTIPLE) * CUT_MULTIPLE
+def _cut(length: int, full: int) -> int:
+    """``length`` rounded up to a multiple of ``full / CUT_SHAPES`` (rounded up), at most ``full``.
+
+    >>> _cut(33, 64), _cut(556, 599), _cut(599, 599), _cut(3, 8)
+    (36, 570, 599, 3)
+    """
+    step = -(-full // CUT_SHAPES)
+    return min(full, -(-length // step) * step)
 
 
 def _per_side(w: torch.Tensor, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:

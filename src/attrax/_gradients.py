@@ -295,7 +295,7 @@ def saliency(problem: Problem, *, abs: bool = False) -> Rule:
         attribute_target: encoder-decoder only: also attribute to the decoder prefix.
         chunk_size: how many targets go through one vectorized backward (memory bound); for
             decoder-only models each chunk also runs on the sequence cut after its last target
-            (at a multiple of 64 tokens).
+            (at a multiple of a sixteenth of the sequence).
             ``"auto"`` (default): all at once when that fits half the device's free memory (an
             estimate), else fewer; None: all at once.
         batch_size: points (interpolation points, noisy copies) per forward, the same bound
