@@ -714,7 +714,7 @@ def test_alti_on_a_long_input_stays_within_the_budget(peak_above_start, method):
 
 
 _LIMITED = """
-from attrax import _engine, _memory
+from attrax import _memory
 """ + _BUDGET_MODEL.replace(
     "def call():\n",
     "def call():\n    _memory.limit_process(_memory._resident() + {limit} if {limit} else None)\n",
