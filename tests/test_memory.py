@@ -6,6 +6,7 @@ import dataclasses
 import inspect
 import itertools
 import json
+import os
 import re
 import resource
 from collections import Counter
@@ -259,6 +260,30 @@ def test_switched_off_by_the_environment(fake, monkeypatch):
     with _memory.reuse_host_memory():
         pass
     assert fake.calls == []
+
+
+_KERNEL_CACHE_VARIABLES = [name for names in _memory.KERNEL_CACHES for name in names]
+
+
+@pytest.mark.parametrize(
+    ("given", "expected"),
+    [
+        ({}, {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "64", "LRU_CACHE_CAPACITY": "64"}),
+        # oneDNN's older name for the same cache is the user's choice too
+        ({"DNNL_PRIMITIVE_CACHE_CAPACITY": "7"}, {"LRU_CACHE_CAPACITY": "64"}),
+        ({"LRU_CACHE_CAPACITY": "2048"}, {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "64"}),
+        ({_memory.SWITCH: "system"}, {}),
+    ],
+)
+def test_loading_a_model_bounds_the_kernel_caches_the_user_left_alone(monkeypatch, given, expected):
+    for name in [*_KERNEL_CACHE_VARIABLES, _memory.SWITCH]:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in given.items():
+        monkeypatch.setenv(name, value)
+    ax.load_model()
+    assert {name: os.environ.get(name) for name in _KERNEL_CACHE_VARIABLES} == {
+        name: given.get(name, expected.get(name)) for name in _KERNEL_CACHE_VARIABLES
+    }
 
 
 def test_staged_copies_from_two_threads_do_not_mix(monkeypatch):
@@ -678,6 +703,46 @@ def test_a_first_bfloat16_call_stays_within_the_budget(peak_above_start):
           f"bounded {bounded['peak'] / mib:.0f} MiB")  # fmt: skip
     assert free["peak"] > budget, "the workload must need more than the budget unbounded"
     assert bounded["peak"] <= budget, (bounded["peak"] / mib, budget / mib)
+
+
+_MANY_LENGTHS = """
+import json, os, tempfile
+from pathlib import Path
+import torch
+{user}
+import attrax as ax
+from attrax.testing import corpus, tiny_model
+hf, tok = tiny_model("llama", hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=2048)
+model = ax.load_model(hf.to(torch.bfloat16), tokenizer=tok)
+words = (" ".join(corpus()).split() * 8)
+data = Path(tempfile.mkdtemp())
+with open(data / "texts.jsonl", "w") as f:
+    for n in range(20, 300, 4):  # 70 records, each its own length
+        f.write(json.dumps({{"input": " ".join(words[:n]), "target": " " + words[n]}}) + "\\n")
+def warm():
+    ax.saliency(model, " ".join(words[:300]), " " + words[300])
+def call():
+    ax.attribute_dataset(model, data / "texts.jsonl", data / "out", shard_size=1, progress=False)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not torch.ops.mkldnn._is_mkldnn_bf16_supported(),
+    reason="this CPU runs bfloat16 matmuls without oneDNN: no kernel cache",
+)
+def test_a_bfloat16_dataset_of_many_lengths_holds_a_bounded_kernel_cache(peak_above_start):
+    """oneDNN keeps a compiled kernel (~1 MiB) per shape in two caches of 1,024 by default: 70
+    records of 70 lengths grew the process by ~500 MiB; loading a model bounds them to 64."""
+    mib = 2**20
+    bounded = peak_above_start(_MANY_LENGTHS.format(user=""))["peak"] / mib
+    # the user's own value wins: oneDNN's default capacity, as before attrax bounded it
+    default = "os.environ.update(ONEDNN_PRIMITIVE_CACHE_CAPACITY='1024', LRU_CACHE_CAPACITY='1024')"
+    unbounded = peak_above_start(_MANY_LENGTHS.format(user=default))["peak"] / mib
+    print(f"70 lengths: {bounded:.0f} MiB with the caches bounded, {unbounded:.0f} MiB without")
+    assert unbounded > 300, "the workload must grow the caches when they are not bounded"
+    assert bounded < 200, bounded
 
 
 _LONG_ALTI = """

@@ -5,7 +5,7 @@ memory against ``max_memory``, else half the device's free memory (on the host, 
 memory cgroup's limit and a Dask worker's: :func:`memory_budget`).
 
 Host memory: within :func:`reuse_host_memory`, freed host memory is reused instead of mapping
-fresh pages.
+fresh pages; :func:`bound_kernel_caches` bounds oneDNN's caches of compiled CPU kernels.
 
 A vectorized backward allocates and frees the same large temporaries (``[targets, heads, n, n]``
 attention gradients) again and again. glibc serves every block above its mmap threshold (32 MiB
@@ -235,6 +235,36 @@ def between_passes() -> None:
         libc = _glibc()
         if libc is not None:
             libc.malloc_trim(0)
+
+
+# oneDNN, which runs bfloat16 and float16 matmuls on the CPU, keeps every kernel it compiles
+# (about 1 MiB each, one per shape) in two caches of 1,024 (its own and ideep's): over many
+# lengths (a dataset) a process grew by 1.1 GiB and on. A pass uses 10-20; 64 measured no slower.
+KERNEL_CACHE_CAPACITY = 64
+# each cache's variables, the first the one set; a user's value under any of them wins
+KERNEL_CACHES = (
+    ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "DNNL_PRIMITIVE_CACHE_CAPACITY"),
+    ("LRU_CACHE_CAPACITY",),
+)
+
+
+def bound_kernel_caches() -> None:
+    """Bound oneDNN's CPU kernel caches to :data:`KERNEL_CACHE_CAPACITY` kernels each.
+
+    oneDNN reads these variables when it compiles its first kernel, so this is done when a
+    model is loaded; later it changes nothing. A cache whose variable the user set is left
+    alone, and so is everything with ``ATTRAX_HOST_MEMORY=system``.
+
+    >>> import os
+    >>> bound_kernel_caches()
+    >>> os.environ.get("LRU_CACHE_CAPACITY") is not None
+    True
+    """
+    if os.environ.get(SWITCH, "").lower() == "system":
+        return
+    for names in KERNEL_CACHES:
+        if not any(name in os.environ for name in names):
+            os.environ[names[0]] = str(KERNEL_CACHE_CAPACITY)
 
 
 # --- planning ------------------------------------------------------------------------------

@@ -33,6 +33,7 @@ from transformers.utils import logging as hf_logging
 
 from . import _arch
 from ._errors import ModelError, OptionError
+from ._memory import bound_kernel_caches
 from ._sdpa import folded_sdpa
 
 ATTENTION_IMPLEMENTATIONS = ("auto", "eager", "sdpa")
@@ -660,6 +661,10 @@ def load_model(
     Returns:
         A :class:`Model` in eval mode with parameter gradients off.
 
+    Loading bounds oneDNN's caches of compiled CPU kernels (bfloat16 and float16 matmuls) to 64
+    each, through their environment variables where they are unset; oneDNN reads them at its
+    first kernel, so before the process's first such matmul (docs/memory.md).
+
     >>> import attrax as ax
     >>> ax.load_model().model_type
     'decoder-only'
@@ -669,6 +674,7 @@ def load_model(
     if isinstance(model, Model):
         return model
     _check_attention(attn_implementation)
+    bound_kernel_caches()  # before the model's first matmul, when oneDNN reads them
     if dtype in ("float32", "float16", "bfloat16", "float64"):
         dtype = getattr(torch, dtype)
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
