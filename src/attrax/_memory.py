@@ -384,13 +384,20 @@ def backward_bytes(
 
 # [B, K, vocabulary] tensors a point holds at its K target rows: the logits and their
 # log-softmax (W1 occlusion: 1.9 measured per copy), with a backward their gradient in turn
+# (all but the logits in float32 at least: head_bytes)
 HEAD_LIVE = 2.5
 
 
 def head_bytes(examples: int, targets: int, vocabulary: int, element_size: int) -> int:
     """Estimated memory of one point's output projection at its ``targets`` rows: a vocabulary
-    of 50,257 over 32 targets is 6 MiB a tensor, more than the body of a small model holds."""
-    return int(examples * targets * vocabulary * element_size * HEAD_LIVE)
+    of 50,257 over 32 targets is 6 MiB a tensor, more than the body of a small model holds.
+
+    The logits are in the model's precision; the objective's tensors in float32 at least (a
+    half-precision model's log-softmax reads a float32 copy of its logits)."""
+    wide = max(element_size, 4)
+    upcast = wide if element_size < wide else 0
+    per_entry = element_size + (HEAD_LIVE - 1) * wide + upcast
+    return int(examples * targets * vocabulary * per_entry)
 
 
 def forward_bytes(
