@@ -388,7 +388,7 @@ class Problem:
             return Cost(0, per_copy, CALL_OVERHEAD + x.shape[0] * targets * attributed * 8)
         layers = _arch.total_layers(config)
         # a pass's forward scores only its chunk's target rows: the head costs per (point, target)
-        head = head_bytes(x.shape[0], 1, self.model.head_width, x.element_size())
+        head = head_bytes(x.shape[0], 1, self.model.head_width, x.element_size(), backward=True)
         return Cost(
             backward_bytes(*shape, family) + head,
             forward_bytes(*shape, layers, family),

@@ -385,7 +385,9 @@ def _cost(
     cost = problem.cost(eager=True)
     x = problem.inputs[0]
     targets = problem.tensors.valid.shape[1]
-    head = head_bytes(x.shape[0], targets, problem.model.head_width, x.element_size())
+    head = head_bytes(
+        x.shape[0], targets, problem.model.head_width, x.element_size(), backward=True
+    )
     sizes = sorted((a.numel() * a.element_size() for a in maps.values()), reverse=True)
     per_target = 3 * rows * sum(sizes[:probed])  # per target, whatever its points
     per_cotangent = rows * cost.per_cotangent

@@ -388,15 +388,19 @@ def backward_bytes(
 HEAD_LIVE = 2.5
 
 
-def head_bytes(examples: int, targets: int, vocabulary: int, element_size: int) -> int:
+def head_bytes(
+    examples: int, targets: int, vocabulary: int, element_size: int, backward: bool = False
+) -> int:
     """Estimated memory of one point's output projection at its ``targets`` rows: a vocabulary
     of 50,257 over 32 targets is 6 MiB a tensor, more than the body of a small model holds.
 
-    The logits are in the model's precision; the objective's tensors in float32 at least (a
-    half-precision model's log-softmax reads a float32 copy of its logits)."""
+    The logits are in the model's precision; the objective's tensors in float32 at least. Below
+    float32 the log-softmax reads a float32 copy of the logits, and a ``backward`` casts its
+    float32 gradient back to the logits' precision."""
     wide = max(element_size, 4)
-    upcast = wide if element_size < wide else 0
-    per_entry = element_size + (HEAD_LIVE - 1) * wide + upcast
+    half = element_size < wide
+    per_entry = element_size + (HEAD_LIVE - 1) * wide
+    per_entry += half * (wide + backward * element_size)
     return int(examples * targets * vocabulary * per_entry)
 
 
