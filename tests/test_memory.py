@@ -804,7 +804,7 @@ def test_a_process_limit_holds_without_a_budget(peak_above_start):
     above one; :func:`attrax._memory.limit_process`) holds it in calls that state no
     ``max_memory``: they plan below it and give the heap back between passes."""
     limit = 600 << 20
-    code = dict(method="occlusion", options="", config=", vocab_size=50257", warm=MEDIUM)
+    code = dict(method="occlusion", options="", config=", vocab_size=50257", warm=MEDIUM, cast="")
     free = peak_above_start(_LIMITED.format(limit=0, **code))
     limited = peak_above_start(_LIMITED.format(limit=limit, **code))
     mib = 2**20
