@@ -118,11 +118,10 @@ def worker(spec: str) -> None:
     s = json.loads(spec)
     torch.set_num_threads(s["threads"])
     model, inputs, targets, corrupted = _inputs(s["workload"], s["w3_targets"])
-    model = (
-        model
-        if s["device"] == "cpu"
-        else ax.load_model(model.hf.to(s["device"]), tokenizer=model.tokenizer)
-    )
+    dtype = getattr(torch, s.get("dtype", "float32"))
+    if s["device"] != "cpu" or dtype != torch.float32:
+        hf = model.hf.to(device=s["device"], dtype=dtype)
+        model = ax.load_model(hf, tokenizer=model.tokenizer)
     options = _options(s["method"], s["steps"], corrupted, s["workload"])
     fn = getattr(ax, s["method"])
     short = (inputs[:2], targets) if isinstance(inputs, list) else (inputs[:40], targets)
@@ -174,7 +173,7 @@ def run(args: argparse.Namespace) -> int:
         for method in methods:
             spec = dict(
                 workload=name, method=method, steps=args.steps, w3_targets=args.w3_targets,
-                threads=args.threads, device=args.device, budget=None,
+                threads=args.threads, device=args.device, dtype=args.dtype, budget=None,
             )  # fmt: skip
             unbounded = _measure(spec, args.host_memory)
             if "skipped" in unbounded:
@@ -277,6 +276,10 @@ def parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=16, help="integrated gradients' points")
     p.add_argument("--w3-targets", type=int, default=32, help="W3's first targets attributed")
     p.add_argument("--device", default="cpu")
+    p.add_argument(
+        "--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+        help="the models' precision (bfloat16 on the CPU runs oneDNN's kernels)",
+    )  # fmt: skip
     p.add_argument("--threads", type=int, default=2)
     p.add_argument(
         "--host-memory",

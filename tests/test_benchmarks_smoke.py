@@ -303,6 +303,30 @@ def test_budgets_retries_at_the_smallest_budget_the_planner_names():
         assert got.attrs["options"]
 
 
+def test_budgets_runs_a_workload_in_the_precision_it_is_given(monkeypatch, capsys):
+    """``--dtype bfloat16``: the measured call gets the workload's model cast to bfloat16."""
+    from benchmarks import budgets
+
+    built = ax.load_model()
+    monkeypatch.setattr(
+        budgets, "_inputs", lambda name, w3: (built, "3 1 4 0 5 9 =", " 9 5 0 4 1 3", None)
+    )
+    seen, saliency = [], ax.saliency
+
+    def spy(model, *args, **options):
+        seen.append((model.hf.dtype, options.get("max_memory")))
+        return saliency(model, *args, **options)
+
+    monkeypatch.setattr(ax, "saliency", spy)
+    spec = dict(
+        workload="W1", method="saliency", steps=16, w3_targets=32, threads=1, device="cpu",
+        dtype="bfloat16", budget=2**30,
+    )  # fmt: skip
+    budgets.worker(json.dumps(spec))
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["peak_bytes"] >= 0
+    assert seen == [(torch.bfloat16, None), (torch.bfloat16, 2**30)]  # the warm-up, the call
+
+
 def test_a_budgets_table_says_which_calls_did_not_apply_or_were_not_measured(tmp_path):
     from benchmarks import budgets
 
@@ -323,17 +347,19 @@ def test_a_budgets_table_says_which_calls_did_not_apply_or_were_not_measured(tmp
 
 
 def test_the_memory_doc_shows_the_committed_budgets_runs():
-    """docs/memory.md shows both committed runs, and the every-method one covers every method
-    that takes ``max_memory`` (a new one is measured before it lands)."""
+    """docs/memory.md shows the committed runs, and the every-method ones (float32, bfloat16)
+    cover every method that takes ``max_memory`` (a new one is measured before it lands)."""
     from benchmarks import budgets
 
     doc = (report.DOCS / "memory.md").read_text()
-    for name in ("budgets-cpu.json", "budgets-every-cpu.json"):
+    runs = ("budgets-cpu.json", "budgets-every-cpu.json", "budgets-every-cpu-bfloat16.json")
+    for name in runs:
         assert budgets.table(BENCH / name) in doc, f"paste `budgets.table({name!r})` into the doc"
-    every: dict[str, list[str]] = {}
-    for row in json.loads((BENCH / "budgets-every-cpu.json").read_text())["rows"]:
-        every.setdefault(row["workload"], []).append(row["method"])
-    assert every and all(m == list(budgets.every_method()) for m in every.values()), every
+    for name in runs[1:]:
+        every: dict[str, list[str]] = {}
+        for row in json.loads((BENCH / name).read_text())["rows"]:
+            every.setdefault(row["workload"], []).append(row["method"])
+        assert every and all(m == list(budgets.every_method()) for m in every.values()), every
 
 
 def test_the_real_size_section_shows_attrax_alone():
