@@ -613,3 +613,25 @@ def test_another_threads_forward_keeps_every_position(classifiers):
     torch.testing.assert_close(here[:, :1], want[:, :1])
     assert not torch.allclose(here[:, 1:], want[:, 1:])  # the others were not computed
     assert "feed_forward_chunk" not in layer.__dict__
+
+
+def test_the_first_position_feed_forward_multiplies_rows_not_copies_of_its_weights(classifiers):
+    """Position 0 of ``[rows, L, H]`` is a strided ``[rows, 1, H]``, which ``matmul`` cannot fold
+    into rows: it expanded each weight per row into a ``bmm``, which bfloat16 copies (C1's
+    occlusion in bfloat16: 384 MiB for 768 rows of BERT's intermediate weight)."""
+    from torch.profiler import profile
+
+    from attrax import _model
+
+    layer = classifiers["bert", "sequence"].hf.base_model.encoder.layer[-1]
+    x = torch.randn(6, 5, layer.intermediate.dense.in_features)
+    with torch.no_grad():
+        want = layer.feed_forward_chunk(x[:, :1].contiguous())
+        with (
+            _model.head_rows_only(),
+            _model._first_position_only((layer, "feed_forward_chunk")),
+            profile() as run,
+        ):
+            here = layer.feed_forward_chunk(x)
+    assert "aten::bmm" not in {event.key for event in run.key_averages()}
+    torch.testing.assert_close(here[:, :1], want)

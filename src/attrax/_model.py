@@ -1305,7 +1305,9 @@ class _FirstPositionFeedForward:
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
         if not _first_position_now():
             return self.full(self.owner, hidden)
-        return torch.cat([self.full(self.owner, hidden[:, :1]), hidden[:, 1:]], dim=1)
+        # contiguous: a strided [rows, 1, H] made matmul expand each weight per row (bf16 copies it)
+        first = hidden[:, :1].contiguous()
+        return torch.cat([self.full(self.owner, first), hidden[:, 1:]], dim=1)
 
 
 @contextlib.contextmanager
