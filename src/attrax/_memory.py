@@ -398,9 +398,9 @@ def head_bytes(
     float32 the log-softmax reads a float32 copy of the logits, and a ``backward`` casts its
     float32 gradient back to the logits' precision."""
     wide = max(element_size, 4)
-    half = element_size < wide
     per_entry = element_size + (HEAD_LIVE - 1) * wide
-    per_entry += half * (wide + backward * element_size)
+    if element_size < wide:
+        per_entry += wide + (element_size if backward else 0)
     return int(examples * targets * vocabulary * per_entry)
 
 
