@@ -28,6 +28,7 @@ from typing import Any
 from .harness import peak_meter
 
 OUT = Path(__file__).resolve().parent / "calibration.json"
+TENSORS_OUT = OUT.with_name("calibration-tensors.json")
 
 # family -> (tiny_model arch, config overrides, prompt words, target words, attention); for
 # "classifier": (tiny_classifier arch, overrides, words per text, classes, attention), every class
@@ -60,6 +61,7 @@ SHAPES: dict[str, list[tuple[str, dict[str, Any], int, int, str]]] = {
     ],
 }  # fmt: skip
 
+HALF = ("bfloat16", "float16")
 COPIES = 64  # perturbed copies per forward in the many-copies run
 POINTS = 8  # IG points per forward in the many-points run
 # (method, options): one target / copy per pass, and everything (or COPIES copies) at once
@@ -91,21 +93,30 @@ def _texts(tok: Any, n_prompt: int, n_target: int) -> tuple[str, str]:
 
 
 def _workload(
-    family: str, arch: str, config: dict[str, Any], n_prompt: int, n_target: int, attn: str
+    family: str,
+    arch: str,
+    config: dict[str, Any],
+    n_prompt: int,
+    n_target: int,
+    attn: str,
+    dtype: str = "float32",
 ) -> tuple[Any, Any, Any, tuple[Any, Any]]:
-    """``(model, inputs, targets, warm_up)``: a shape's attrax model, its call's inputs and
-    targets, and a short ``(inputs, targets)`` pair to warm up on."""
+    """``(model, inputs, targets, warm_up)``: a shape's attrax model in ``dtype``, its call's
+    inputs and targets, and a short ``(inputs, targets)`` pair to warm up on."""
+    import torch
+
     import attrax as ax
     from attrax.testing import corpus, tiny_classifier, tiny_model
 
+    precision = getattr(torch, dtype)
     if family != "classifier":
         hf, tok = tiny_model(arch, **config)
-        model = ax.load_model(hf, tokenizer=tok, attn_implementation=attn)
+        model = ax.load_model(hf.to(precision), tokenizer=tok, attn_implementation=attn)
         return model, *_texts(tok, n_prompt, n_target), _texts(tok, 6, 3)
     config = dict(config)
     n_texts = config.pop("texts", 1)
     hf, tok = tiny_classifier(arch, num_labels=n_target, **config)
-    model = ax.load_model(hf, tokenizer=tok, attn_implementation=attn)
+    model = ax.load_model(hf.to(precision), tokenizer=tok, attn_implementation=attn)
     words = " ".join(corpus()).split()
     texts = [" ".join(words[i * n_prompt : (i + 1) * n_prompt]) for i in range(n_texts)]
     return model, texts if n_texts > 1 else texts[0], "all", (" ".join(words[:6]), "all")  # fmt: skip
@@ -144,15 +155,18 @@ def worker(spec: str) -> None:
     s = json.loads(spec)
     torch.set_num_threads(s["threads"])
     model, inputs, targets, warm_up = _workload(
-        s["family"], s["arch"], s["config"], s["prompt"], s["target"], s["attn"]
+        s["family"], s["arch"], s["config"], s["prompt"], s["target"], s["attn"], s["dtype"]
     )
     method, options = RUNS[s["run"]]
     fn = getattr(ax, method)
     fn(model, *warm_up, **options)  # warm-up: code pages, lazy imports
-    start, stop = peak_meter("cpu")
-    base = start()
-    fn(model, inputs, targets, **options)
-    peak_mb = stop(base) / 2**20
+    if s.get("meter") == "tensors":
+        peak_mb = tensor_peak(lambda: fn(model, inputs, targets, **options)) / 2**20
+    else:
+        start, stop = peak_meter("cpu")
+        base = start()
+        fn(model, inputs, targets, **options)
+        peak_mb = stop(base) / 2**20
     problem = _problem(model, inputs, targets)
     cost, inference = problem.cost(), problem.cost(saved=False)
     x = problem.inputs[0]
@@ -176,6 +190,29 @@ def worker(spec: str) -> None:
     )
 
 
+def tensor_peak(call: Any) -> int:
+    """The peak bytes of tensors that ``call()`` holds above those it started with, as torch's
+    CPU allocator counts them (its profiler's allocation events): the tensors alone, what a
+    GPU's allocator would hold of the same tensors, without the heap's or the kernels' own."""
+    from torch._C._profiler import _EventType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        call()
+    events, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        node = stack.pop()
+        if node.tag == _EventType.Allocation:
+            fields = node.extra_fields
+            events.append((node.start_time_ns, fields.alloc_size, fields.total_allocated))
+        stack.extend(node.children)
+    if not events:
+        return 0
+    events.sort()
+    start = events[0][2] - events[0][1]
+    return max(total for _, _, total in events) - start
+
+
 def _measure(spec: dict[str, Any]) -> dict[str, Any]:
     out = subprocess.run(
         [sys.executable, "-m", "benchmarks", "calibrate-worker", json.dumps(spec)],
@@ -189,6 +226,8 @@ def _measure(spec: dict[str, Any]) -> dict[str, Any]:
 def run(args: argparse.Namespace) -> int:
     from attrax._memory import Cost, format_bytes
 
+    if args.out is None:
+        args.out = str(TENSORS_OUT if args.meter == "tensors" else OUT)
     if args.report:
         print(report(args.out), end="")
         return 0
@@ -203,14 +242,20 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(f"calibrate: the engine's runs are measured together: {', '.join(ENGINE)}")
     rows, families = [], args.families.split(",")
     for family in families:
-        for arch, config, n_prompt, n_target, attn in SHAPES[family][
+        for arch, config, n_prompt, n_target, shape_attn in SHAPES[family][
             : 1 if args.first_shape else None
         ]:
+            attn = args.attn or shape_attn
             base = dict(
-                family=family, arch=arch, config=config, prompt=n_prompt, target=n_target, attn=attn
-            )
+                family=family, arch=arch, config=config, prompt=n_prompt, target=n_target,
+                attn=attn, dtype=args.dtype, meter=args.meter,
+            )  # fmt: skip
             got = {run: _measure({**base, "run": run, "threads": args.threads}) for run in runs}
             new = {"family": family, "arch": arch, "config": config, "measured": {}, "estimate": {}}
+            if args.dtype != "float32":
+                new["dtype"] = args.dtype
+            if attn != shape_attn:
+                new["attn"] = attn
             row = next((r for r in committed if _key(r) == _key(new)), new)
             row = _measured_row(row, got) if set(ENGINE) <= set(got) else row
             any_run = next(iter(got.values()))
@@ -221,7 +266,7 @@ def run(args: argparse.Namespace) -> int:
                     row["measured"][run] = got[run]["peak_mb"] * mb
                     row["estimate"][run] = Cost(*any_run[estimate]).at(points, chunk or k)
             rows.append(row)
-            print(f"{family} ({arch}, {row['tokens']} tokens, {k} targets):")
+            print(f"{family} ({arch}, {args.dtype}, {attn}, {row['tokens']} tokens, {k} targets):")
             for run in runs:
                 m, e = row["measured"][run], row["estimate"][run]
                 print(
@@ -236,17 +281,26 @@ def run(args: argparse.Namespace) -> int:
         # shapes not measured now keep their committed rows
         now = {_key(r) for r in rows}
         kept = [r for r in committed if _key(r) not in now]
-        order = [(f, shape[0], json.dumps(shape[1])) for f in SHAPES for shape in SHAPES[f]]
-        rows = sorted(kept + rows, key=lambda r: order.index(_key(r)))
+        rows = sorted(kept + rows, key=_order)
         tmp = out.with_suffix(".tmp")
         tmp.write_text(json.dumps(rows, indent=1) + "\n")
         tmp.replace(out)  # complete or not written
     return 0
 
 
-def _key(row: dict[str, Any]) -> tuple[str, str, str]:
-    """A row's shape: its family, architecture and config."""
-    return row["family"], row["arch"], json.dumps(row["config"])
+def _key(row: dict[str, Any]) -> tuple[str, str, str, str, str]:
+    """A row's shape: its family, architecture, config, precision and attention where that is
+    not the shape's."""
+    dtype = row.get("dtype", "float32")
+    return row["family"], row["arch"], json.dumps(row["config"]), dtype, row.get("attn", "")
+
+
+def _order(row: dict[str, Any]) -> tuple[int, str, int]:
+    """Rows in order: float32's, then each half precision's; the shape's attention first; then
+    ``SHAPES``' order."""
+    shapes = [(f, shape[0], json.dumps(shape[1])) for f in SHAPES for shape in SHAPES[f]]
+    family, arch, config, dtype, attn = _key(row)
+    return ("float32", *HALF).index(dtype), attn, shapes.index((family, arch, config))
 
 
 def _measured_row(row: dict[str, Any], got: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -289,7 +343,10 @@ def estimates(row: dict[str, Any]) -> dict[str, float]:
     shape = next(
         shape for shape in SHAPES[row["family"]] if shape[:2] == (row["arch"], row["config"])
     )
-    model, inputs, targets, _ = _workload(row["family"], *shape)
+    family, arch, config, n_prompt, n_target, attn = row["family"], *shape
+    model, inputs, targets, _ = _workload(
+        family, arch, config, n_prompt, n_target, row.get("attn", attn), row.get("dtype", "float32")
+    )
     problem = _problem(model, inputs, targets)
     cost, inference = problem.cost(), problem.cost(saved=False)
     k = int(problem.tensors.valid.shape[1])
@@ -328,17 +385,61 @@ def report(path: str | Path = OUT) -> str:
                 continue
             m, e = measured[name], now[name]
             lines.append(
-                f"| {row['family']} | {row['arch']} | {_tokens(row)} | {row['targets']} | "
+                f"| {row['family']} | {_model(row)} | {_tokens(row)} | {row['targets']} | "
                 f"{LABELS[name]} | {m / mib:.1f} MiB | {e / mib:.1f} MiB | "
                 f"{e / m if m > 0 else float('inf'):.2f} |"
             )
     return "\n".join(lines) + "\n"
 
 
+def _model(row: dict[str, Any]) -> str:
+    """The row's architecture, with its precision where that is not float32 and its attention
+    where that is not the shape's."""
+    dtype, attn = row.get("dtype", "float32"), row.get("attn")
+    return ", ".join([row["arch"], *([dtype] if dtype != "float32" else []), *filter(None, [attn])])
+
+
 def _tokens(row: dict[str, Any]) -> str:
     """Tokens of the measured input: ``texts x padded length`` for a batch of texts."""
     texts = row["config"].get("texts", 1)
     return f"{texts} \u00d7 {row['tokens']}" if texts > 1 else str(row["tokens"])
+
+
+def half_precision(paths: tuple[str | Path, ...] = (OUT, TENSORS_OUT)) -> str:
+    """A markdown table of what each shape measured per target, point and copy in half
+    precision against float32, in each results file of ``paths`` (resident memory, tensors)."""
+    lines = [
+        "| family | model | attention | measured as | per target | per point | per copy |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    mib = 2**20
+    for path in paths:
+        rows = [r for r in json.loads(Path(path).read_text()) if PARTS[0] in r]
+        meter = "tensors" if Path(path).name == TENSORS_OUT.name else "resident memory"
+        full = {
+            _key(r)[:3] + _key(r)[4:]: r for r in rows if r.get("dtype", "float32") == "float32"
+        }
+        for half in (r for r in rows if r.get("dtype", "float32") != "float32"):
+            key = _key(half)
+            base = full.get(key[:3] + key[4:])
+            if base is None:
+                continue
+            attn = half.get("attn") or next(
+                shape[4]
+                for shape in SHAPES[half["family"]]
+                if shape[:2] == (half["arch"], half["config"])
+            )
+            cells = [
+                f"{half[p]['measured'] / mib:.1f} / {base[p]['measured'] / mib:.1f} MiB: "
+                f"{half[p]['measured'] / base[p]['measured']:.2f}"
+                for p in PARTS
+            ]
+            lines.append(
+                f"| {half['family']} | {half['arch']}, {half['dtype']} | {attn} | {meter} | "
+                + " | ".join(cells)
+                + " |"
+            )
+    return "\n".join(lines) + "\n"
 
 
 PARTS = ("per_target", "per_point", "per_copy")
@@ -368,8 +469,22 @@ def parser(p: argparse.ArgumentParser) -> None:
         "attention_all (merged "
         "into the committed rows)",
     )
+    p.add_argument(
+        "--dtype", default="float32", choices=("float32", *HALF),
+        help="the models' precision (rows of each precision are kept apart)",
+    )  # fmt: skip
+    p.add_argument("--attn", default="", choices=("", "eager", "sdpa"), help="default: the shape's")
+    p.add_argument(
+        "--meter", default="rss", choices=("rss", "tensors"),
+        help="rss: the process's peak resident memory (what the estimate is calibrated on); "
+        "tensors: the peak of torch's CPU allocator, the tensors alone (tensor_peak)",
+    )  # fmt: skip
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--out", default=str(OUT), help="results JSON ('' for none)")
+    p.add_argument(
+        "--out", default=None,
+        help="results JSON ('' for none; default benchmarks/calibration.json, with --meter "
+        "tensors benchmarks/calibration-tensors.json)",
+    )  # fmt: skip
     p.add_argument(
         "--report",
         action="store_true",

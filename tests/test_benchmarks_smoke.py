@@ -398,17 +398,22 @@ def test_every_method_the_gpu_script_names_runs_through_the_adapter():
 
 def test_the_memory_doc_shows_the_calibration_against_the_current_estimate():
     """``docs/memory.md``'s calibration table is ``calibrate --report`` of the committed
-    measurements against the estimate of the code as it is, and nothing else leaked in."""
+    measurements against the estimate of the code as it is, its half-precision table is that of
+    the committed rows, and nothing else leaked in."""
     from benchmarks import calibrate
 
     doc = (report.DOCS / "memory.md").read_text()
     assert calibrate.report() in doc
+    half = calibrate.half_precision()
+    assert half.count("\n") > 2 + 4, "a row per family measured both ways"
+    assert half in doc
     assert "[transformers]" not in doc
 
 
 def test_calibrate_measures_head_attribution_into_the_committed_rows(tmp_path, monkeypatch):
     """``calibrate --runs heads_one,heads_all,attention_all`` adds the runs to each shape's row,
-    keeping its engine runs and every other shape's row; the engine's runs go together."""
+    keeping its engine runs and every other shape's row, a precision's rows apart from the
+    others'; the engine's runs go together."""
     import argparse
 
     from benchmarks import calibrate
@@ -419,7 +424,10 @@ def test_calibrate_measures_head_attribution_into_the_committed_rows(tmp_path, m
     fake = {"targets": 37, "tokens": 219, "heads": [10, 20, 30, 5], "attention": [1, 2, 3, 4]}
     peaks = {"heads_one": 1.0, "heads_all": 2.0, "attention_all": 3.0}
     monkeypatch.setattr(calibrate, "_measure", lambda spec: {**fake, "peak_mb": peaks[spec["run"]]})
-    args = dict(report=False, families="gpt2", first_shape=True, threads=1, out=str(out))
+    args = dict(
+        report=False, families="gpt2", first_shape=True, threads=1, out=str(out),
+        dtype="float32", attn="", meter="rss",
+    )  # fmt: skip
     calibrate.run(argparse.Namespace(**args, runs="heads_one,heads_all,attention_all"))
     rows = json.loads(out.read_text())
     assert len(rows) == len(committed)
@@ -432,6 +440,17 @@ def test_calibrate_measures_head_attribution_into_the_committed_rows(tmp_path, m
     for run in calibrate.ENGINE:
         assert first["measured"][run] == committed[0]["measured"][run], run
     assert rows[1:] == committed[1:]
+    half = next(i for i, r in enumerate(committed) if r.get("dtype") == "bfloat16")
+    assert committed[half]["family"] == "gpt2", "the committed rows: float32's, then bfloat16's"
+    peaks = {"heads_one": 4.0, "heads_all": 5.0, "attention_all": 6.0}
+    calibrate.run(
+        argparse.Namespace(
+            **{**args, "dtype": "bfloat16"}, runs="heads_one,heads_all,attention_all"
+        )
+    )
+    again = json.loads(out.read_text())
+    assert again[half]["measured"]["heads_one"] == 4 * 2**20
+    assert again[:half] == rows[:half] and again[half + 1 :] == rows[half + 1 :]
     with pytest.raises(SystemExit, match="measured together"):
         calibrate.run(argparse.Namespace(**args, runs="backward_one"))
 

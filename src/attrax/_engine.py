@@ -382,7 +382,7 @@ class Problem:
         results = 2 * x.shape[0] * targets * attributed * x.shape[-1] * 4
         if not saved:
             # a copy's embeddings, and its forward's temporaries (no backward), and its head rows
-            per_copy = forward_bytes(*shape, 1, family, saved=False)
+            per_copy = forward_bytes(*shape, 1, family, saved=False, device=x.device.type)
             per_copy += head_bytes(x.shape[0], targets, self.model.head_width, x.element_size())
             per_copy += x.shape[0] * attributed * x.shape[-1] * x.element_size()
             return Cost(0, per_copy, CALL_OVERHEAD + x.shape[0] * targets * attributed * 8)
@@ -390,8 +390,8 @@ class Problem:
         # a pass's forward scores only its chunk's target rows: the head costs per (point, target)
         head = head_bytes(x.shape[0], 1, self.model.head_width, x.element_size(), backward=True)
         return Cost(
-            backward_bytes(*shape, family) + head,
-            forward_bytes(*shape, layers, family),
+            backward_bytes(*shape, family, x.device.type) + head,
+            forward_bytes(*shape, layers, family, device=x.device.type),
             CALL_OVERHEAD + results,
         )
 

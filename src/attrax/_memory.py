@@ -337,6 +337,44 @@ LIVE_TENSORS: dict[str, dict[str, float]] = {
     "llama": {"backward": 12, "forward": 8, "inference": 10},
     "encoder-decoder": {"backward": 8, "forward": 8, "inference": 8},
 }
+# Of those units, how many a bfloat16 or float16 model still prices at 4 bytes (the rest at its
+# own size). On the CPU, fitted per family: its resident memory held 0.63-0.95 of float32's per
+# point, not half (``python -m benchmarks calibrate --dtype bfloat16``). Elsewhere only the
+# tensors count, which halve but for HF Llama's eager attention, whose softmax weights stay
+# float32 (``--meter tensors``; SDPA keeps none). docs/memory.md has the measurements.
+FLOAT32_TENSORS: dict[str, dict[str, dict[str, float]]] = {
+    "cpu": {
+        "gpt2": {"backward": 0, "forward": 4, "inference": 0},
+        "llama": {"backward": 3, "forward": 8, "inference": 1},
+        "encoder-decoder": {"backward": 1, "forward": 5, "inference": 0},
+    },
+    "eager": {"llama": {"backward": 0, "forward": 2, "inference": 0}},
+}
+
+
+def _entry_bytes(
+    family: str, kind: str, element_size: int, device: str = "cpu", eager: bool = True
+) -> float:
+    """Bytes per entry of ``[B, L, width]`` of ``kind`` (a key of ``LIVE_TENSORS``) for
+    ``family`` at ``element_size`` on a ``device`` of that type (``eager``: eager attention):
+    below float32, its ``FLOAT32_TENSORS`` units at 4 bytes.
+
+    >>> _entry_bytes("llama", "forward", 4), _entry_bytes("llama", "forward", 2)
+    (32, 32)
+    >>> _entry_bytes("llama", "forward", 2, "cuda"), _entry_bytes("llama", "forward", 2, "cuda", False)
+    (20, 16)
+    """
+    units = LIVE_TENSORS[family][kind]
+    if element_size >= 4:
+        return units * element_size
+    if device == "cpu":
+        table = FLOAT32_TENSORS["cpu"]
+    elif eager:
+        table = FLOAT32_TENSORS["eager"]
+    else:
+        return units * element_size
+    wide = table.get(family, {}).get(kind, 0)
+    return (units - wide) * element_size + wide * 4
 
 
 # What a call holds besides its passes (small tensors, the allocator's and thread pools' own):
@@ -376,10 +414,12 @@ def backward_bytes(
     mlp: int,
     heads: int,
     family: str = "gpt2",
+    device: str = "cpu",
 ) -> int:
-    """Estimated memory of one target's backward at one point, for all ``examples``."""
-    live = LIVE_TENSORS[family]["backward"]
-    return int(examples * tokens * _width(tokens, hidden, mlp, heads) * element_size * live)
+    """Estimated memory of one target's backward at one point, for all ``examples``, on a
+    ``device`` of that type (``heads`` 0: fused attention)."""
+    entry = _entry_bytes(family, "backward", element_size, device, heads > 0)
+    return int(examples * tokens * _width(tokens, hidden, mlp, heads) * entry)
 
 
 # [B, K, vocabulary] tensors a point holds at its K target rows: the logits and their
@@ -414,15 +454,15 @@ def forward_bytes(
     layers: int,
     family: str = "gpt2",
     saved: bool = True,
+    device: str = "cpu",
 ) -> int:
     """Estimated memory of one point's forward: what it keeps for the backward over ``layers``
-    layers (``saved``), or the temporaries of a forward without gradients."""
+    layers (``saved``), or the temporaries of a forward without gradients, on a ``device`` of
+    that type (``heads`` 0: fused attention)."""
     width = _width(tokens, hidden, mlp, heads)
-    if saved:
-        return int(
-            examples * tokens * width * element_size * layers * LIVE_TENSORS[family]["forward"]
-        )
-    return int(examples * tokens * width * element_size * LIVE_TENSORS[family]["inference"])
+    kind = "forward" if saved else "inference"
+    entry = _entry_bytes(family, kind, element_size, device, heads > 0)
+    return int(examples * tokens * width * (layers if saved else 1) * entry)
 
 
 def _width(tokens: int, hidden: int, mlp: int, heads: int) -> int:

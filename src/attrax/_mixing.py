@@ -692,7 +692,7 @@ def _vector_budget(model: Model, t: Tensors, options: Any) -> int:
     # of a d=64 GPT-2 held 351 MiB, two maps and a half
     body = forward_bytes(
         batch, length, width, size, _arch.mlp_width(config) or 4 * width, 0, 1,
-        _arch.family(config), saved=False,
+        _arch.family(config), saved=False, device=model.device.type,
     )  # fmt: skip
     maps = 3 * batch * heads * length * length * max(size, 4)
     # float32 decomposition: u [B, heads, L, d] and x, the maps' copy when the model is not
