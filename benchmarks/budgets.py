@@ -1,6 +1,7 @@
 """``python -m benchmarks budgets``: ``max_memory`` holds on every benchmark workload.
 
-Per workload (W1, W2, W3, C1, C2: the models and texts of ``run`` and ``classifiers``) and method
+Per workload (W1, W2, W3, C1, C2: the models and texts of ``run`` and ``classifiers``; L1: a
+Llama-style model at W1's size, ``LLAMA_SPEC``, built in the process) and method
 (saliency, integrated gradients with ``--steps`` points, occlusion; ``--methods every``: every
 method that takes ``max_memory``, with the sizes of ``SIZES``), attrax runs twice in fresh
 processes: without a budget, then with ``max_memory`` at a third of that call's measured peak, or,
@@ -36,7 +37,16 @@ WORKLOADS: dict[str, tuple[str, int, int | str]] = {
     "W3": ("gpt2", 1024, 128),
     "C1": ("bert2", 16, "predicted"),
     "C2": ("bert20", 16, "all"),
+    "L1": ("llama", 96, 32),
 }
+# L1: the Llama family (RMSNorm, gated MLP, grouped-query attention) at W1's size, over W1's
+# tokenizer and texts; 128 tokens, under SDPA_MIN_TOKENS: eager attention, whose softmax HF
+# Llama runs in float32 whatever the model's precision
+LLAMA_SPEC = dict(
+    vocab_size=32000, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
+    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1280,
+    tie_word_embeddings=False,
+)  # fmt: skip
 METHODS = ("saliency", "integrated_gradients", "occlusion")
 _SMALLEST = re.compile(r"needs? an estimated ([\d.]+ \w+)")
 # --methods every: the methods' defaults, but paths, samples and rounds cut to keep each call within
@@ -100,13 +110,28 @@ def _inputs(name: str, w3_targets: int):
         texts = workloads.classifier_texts(tok, n=n_prompt)  # all of one length
         targets = None if n_target == "predicted" else n_target
         return model, texts, targets, texts[::-1]
-    hf, tok = workloads.load(kind)
+    hf, tok = _llama() if kind == "llama" else workloads.load(kind)
     model = ax.load_model(hf, tokenizer=tok)
+    kind = "gpt2" if kind == "llama" else kind  # W1's tokenizer and texts
     prompt, target = workloads.texts(kind, tok, n_prompt, int(n_target))
     corrupted = workloads.other_prompt(kind, tok, n_prompt)
     if name == "W3":
         target = workloads.first_targets_text(tok, prompt, target, w3_targets, kind)
     return model, prompt, target, corrupted
+
+
+def _llama():
+    """``(model, tokenizer)`` of L1: ``LLAMA_SPEC`` with random weights (seed 1234), built in the
+    process, on W1's tokenizer; eval, float32, eager attention."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    _, tok = workloads.load("gpt2")
+    config = LlamaConfig(**LLAMA_SPEC, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    config._attn_implementation = "eager"
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1234)
+        return LlamaForCausalLM(config).eval(), tok
 
 
 def worker(spec: str) -> None:

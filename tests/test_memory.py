@@ -706,8 +706,10 @@ def call():
 def test_a_first_bfloat16_call_stays_within_the_budget(peak_above_start):
     """bfloat16 on the CPU runs oneDNN's kernels, which keep a primitive (and its memory) per
     shape: a first call on ~600 tokens whose passes took one target each, each cut after its
-    target, took 341 MiB under this 172 MiB budget (its passes alone: 89 MiB)."""
-    budget = 180 * 10**6
+    target, took 341 MiB under a 172 MiB budget (its passes alone: 89 MiB). This budget is
+    about the smallest the estimate accepts (219 MB, since a bfloat16 Llama's forward is
+    priced at float32's on the CPU): its passes take one target each too."""
+    budget = 220 * 10**6
     free = peak_above_start(_BFLOAT16_LLAMA.format(options=""))
     bounded = peak_above_start(_BFLOAT16_LLAMA.format(options=f", max_memory={budget}"))
     mib = 2**20
