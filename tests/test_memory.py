@@ -11,6 +11,7 @@ import re
 import resource
 from collections import Counter
 from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
 import pytest
@@ -709,9 +710,14 @@ def test_a_first_bfloat16_call_stays_within_the_budget(peak_above_start):
     target, took 341 MiB under a 172 MiB budget (its passes alone: 89 MiB). This budget is
     about the smallest the estimate accepts (219 MB, since a bfloat16 Llama's forward is
     priced at float32's on the CPU): its passes take one target each too."""
-    budget = 220 * 10**6
-    free = peak_above_start(_BFLOAT16_LLAMA.format(options=""))
-    bounded = peak_above_start(_BFLOAT16_LLAMA.format(options=f", max_memory={budget}"))
+    _held(peak_above_start, _BFLOAT16_LLAMA, 220 * 10**6)
+
+
+def _held(peak_above_start: Any, script: str, budget: int) -> None:
+    """``script`` (its call's ``{options}`` left open) needs more than ``budget`` unbounded,
+    and its measured peak stays within it as ``max_memory``."""
+    free = peak_above_start(script.format(options=""))
+    bounded = peak_above_start(script.format(options=f", max_memory={budget}"))
     mib = 2**20
     print(f"unbounded {free['peak'] / mib:.0f} MiB, budget {budget / mib:.0f} MiB, "
           f"bounded {bounded['peak'] / mib:.0f} MiB")  # fmt: skip
@@ -738,16 +744,9 @@ def call():
 @pytest.mark.slow
 def test_a_bfloat16_llamas_points_stay_within_the_budget(peak_above_start):
     """A bfloat16 Llama's forward does not hold half a float32's: RMSNorm and eager attention's
-    softmax stay float32 and its kernels hold more, 0.99 of float32 per point measured. Priced
+    softmax stay float32 and its kernels hold more, 0.95 of float32 per point measured. Priced
     at half, IG over 234 tokens (eager) took 424-450 MiB under this 400 MiB budget."""
-    budget = 400 << 20
-    free = peak_above_start(_BFLOAT16_LLAMA_POINTS.format(options=""))
-    bounded = peak_above_start(_BFLOAT16_LLAMA_POINTS.format(options=f", max_memory={budget}"))
-    mib = 2**20
-    print(f"unbounded {free['peak'] / mib:.0f} MiB, budget {budget / mib:.0f} MiB, "
-          f"bounded {bounded['peak'] / mib:.0f} MiB")  # fmt: skip
-    assert free["peak"] > budget, "the workload must need more than the budget unbounded"
-    assert bounded["peak"] <= budget, (bounded["peak"] / mib, budget / mib)
+    _held(peak_above_start, _BFLOAT16_LLAMA_POINTS, 400 << 20)
 
 
 _MANY_LENGTHS = """
