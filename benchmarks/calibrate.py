@@ -14,6 +14,9 @@ the ``LIVE_TENSORS`` constants of ``attrax._memory``. Head attribution (``heads_
 attention x gradient (``attention_all``: every target a pass) check their own estimate, which
 adds the probes' gradients to the engine's. The table printed
 (and written to ``benchmarks/calibration.json``) compares the estimate with the measured peak.
+``--dtype bfloat16`` casts the models (the half-precision units of ``FLOAT32_TENSORS``), ``--attn``
+runs another attention than the shape's, each in rows of their own; ``--meter tensors`` measures
+the peak of torch's allocator instead (:func:`tensor_peak`, ``calibration-tensors.json``).
 """
 
 from __future__ import annotations
