@@ -124,9 +124,9 @@ def _llama():
     """``(model, tokenizer)`` of L1: ``LLAMA_SPEC`` with random weights (seed 1234), built in the
     process, on W1's tokenizer; eval, float32, eager attention."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    _, tok = workloads.load("gpt2")
+    tok = AutoTokenizer.from_pretrained(workloads.build_all()["gpt2"])  # not W1's weights
     config = LlamaConfig(**LLAMA_SPEC, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
     config._attn_implementation = "eager"
     with torch.random.fork_rng(devices=[]):
