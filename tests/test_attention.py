@@ -149,6 +149,18 @@ def naive_rollout(maps) -> np.ndarray:
     return result
 
 
+def test_a_float64_models_rollout_keeps_float64():
+    """The product of maps is taken in the model's float64, not rounded to float32 on the way."""
+    hf, tok = tiny_model("gpt2")
+    model = ax.load_model(hf.double(), tokenizer=tok)
+    got = rollout(model, SOURCE, TARGET)
+    out, first, end = hf_attentions(model, SOURCE, TARGET)
+    want = naive_rollout(out.attentions)[first - 1 : end - 1]
+    assert got.dtype == np.float64
+    # float32 products are ~1e-7 off: only a float64 product meets 1e-12
+    np.testing.assert_allclose(np.nan_to_num(got.values), want, rtol=1e-12, atol=1e-14)
+
+
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_rollout_equals_naive_product(models, arch):
     model = models[arch]

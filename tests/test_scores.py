@@ -10,6 +10,7 @@ import xarray as xr
 import attrax as ax
 from attrax._attention import rollout
 from attrax._scores import SCORES, step_scores, with_scores
+from attrax.testing import tiny_model
 from tests import _naive
 from tests.conftest import PAIRS
 
@@ -60,6 +61,22 @@ def test_basic_scores_equal_direct_computation(model):
         np.testing.assert_allclose(
             got.sel(score=name).values, value.numpy(), rtol=2e-5, err_msg=name
         )
+
+
+def test_a_float64_models_scores_keep_float64():
+    """Softmax and its sums run in the model's float64 (in float32 at least: half precision)."""
+    hf, tok = tiny_model("gpt2")
+    model = ax.load_model(hf.double(), tokenizer=tok)
+    got = step_scores(model, SOURCE, TARGET, scores=["probability", "logprob", "entropy"])
+    logits, target_ids, first = hf_logits(model, SOURCE, TARGET)
+    logp = torch.log_softmax(predicting_rows(logits, first, len(target_ids)), -1)
+    picked = logp[torch.arange(len(target_ids)), torch.tensor(target_ids)]
+    assert got.dtype == np.float64
+    # a float32 softmax is ~1e-7 off: only float64 meets 1e-12
+    np.testing.assert_allclose(got.sel(score="logprob"), picked.numpy(), rtol=1e-12)
+    np.testing.assert_allclose(got.sel(score="probability"), picked.exp().numpy(), rtol=1e-12)
+    entropy = -(logp.exp() * logp).sum(-1)
+    np.testing.assert_allclose(got.sel(score="entropy"), entropy.numpy(), rtol=1e-12)
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "t5"])

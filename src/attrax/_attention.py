@@ -20,7 +20,7 @@ import xarray as xr
 from . import _arch
 from ._errors import OptionError
 from ._inputs import encode_sources, to_tensors
-from ._memory import full_precision
+from ._memory import at_least_float32, full_precision
 from ._model import Model
 from ._protocol import Call, Family
 from ._schema import label_queries
@@ -192,7 +192,7 @@ class _Rollout:
 
     def __call__(self, stack: str, weights: torch.Tensor) -> None:
         if stack in ("self", "encoder"):
-            step = _with_residual(weights.float().mean(1), self.mask)
+            step = _with_residual(weights.to(at_least_float32(weights.dtype)).mean(1), self.mask)
             self.encoder = step if self.encoder is None else step @ self.encoder
             return
         mask = self.decoder_mask
@@ -202,11 +202,13 @@ class _Rollout:
             self.to_encoder = self.encoder.new_zeros((batch, length, self.encoder.shape[-1]))
             self.to_decoder = torch.eye(length, device=mask.device).expand(batch, length, length)
         if stack == "decoder":
-            step = _with_residual(weights.float().mean(1), mask)
+            step = _with_residual(weights.to(at_least_float32(weights.dtype)).mean(1), mask)
             self.to_encoder, self.to_decoder = step @ self.to_encoder, step @ self.to_decoder
         else:
             # padded decoder queries are never read by real rows (causal mask, right padding)
-            cross = torch.where(mask.bool()[:, :, None], weights.float().mean(1), 0.0)
+            cross = torch.where(
+                mask.bool()[:, :, None], weights.to(at_least_float32(weights.dtype)).mean(1), 0.0
+            )
             self.to_encoder = 0.5 * (cross @ self.encoder) + 0.5 * self.to_encoder
             self.to_decoder = 0.5 * self.to_decoder
 

@@ -38,7 +38,7 @@ from ._drop import Drop, averaged, dropping, pulled
 from ._errors import InputError, ModelError, OptionError
 from ._heads import ATTENTION_INPUTS, patch_attention_inputs
 from ._inputs import Texts, contrast_batch, prepare, to_tensors
-from ._memory import full_precision
+from ._memory import at_least_float32, full_precision
 from ._model import Model
 from ._protocol import Call, Family
 
@@ -118,7 +118,7 @@ class _Parts:
     def norm_scale(self, x: torch.Tensor) -> torch.Tensor:
         """The final norm's divisor at residuals ``x`` ``[..., H]``: LayerNorm's standard
         deviation, RMSNorm's root mean square (each with its epsilon)."""
-        x = x.double() if x.dtype == torch.float64 else x.float()
+        x = x.to(at_least_float32(x.dtype))
         if self.kind == "gpt2":
             return torch.sqrt(x.var(-1, unbiased=False) + self.norm.eps)
         return torch.sqrt(x.pow(2).mean(-1) + self.norm.variance_epsilon)

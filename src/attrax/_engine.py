@@ -21,6 +21,7 @@ from ._memory import (
     CALL_OVERHEAD,
     Cost,
     Size,
+    at_least_float32,
     backward_bytes,
     between_passes,
     forward_bytes,
@@ -257,7 +258,7 @@ class Problem:
         batch_size, chunk_size = self.plan(total, batch_size, chunk_size)
         step = total if batch_size is None else batch_size
         # allocated where the model runs: copying a host tensor over costs a transfer per call
-        acc = _accumulation_dtype(self.inputs[0].dtype)
+        acc = at_least_float32(self.inputs[0].dtype)  # 50 bf16 IG steps lose most digits
         width = self.tensors.valid.shape[1]
         # each side's sums [B, K, L, H], allocated at the first part that does not fill them
         sums: list[list[torch.Tensor | None]] = [[None] * len(self.inputs) for _ in moments]
@@ -488,7 +489,7 @@ class Problem:
         batch_size, _ = self.plan(total, batch_size, None)
         step = total if batch_size is None else batch_size
         width = self.tensors.valid.shape[1]
-        acc = _accumulation_dtype(self.inputs[0].dtype)
+        acc = at_least_float32(self.inputs[0].dtype)  # 50 bf16 IG steps lose most digits
         sums = [x.new_zeros(x.shape[0], width, x.shape[1], dtype=acc) for x in self.inputs]
         with head_rows_only():
             self._directional_chunks(points, weights, directions, sums, step, chunk_size, acc)
@@ -549,12 +550,6 @@ def all_finite(*values: torch.Tensor) -> bool:
         if v.numel() and not bool(torch.isfinite(torch.stack(torch.aminmax(v))).all()):
             return False
     return True
-
-
-def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Sums over points and targets run in at least float32: 50 IG steps in bfloat16 would lose
-    most of their digits (a float64 model keeps float64)."""
-    return torch.promote_types(dtype, torch.float32)
 
 
 def _cut(length: int, full: int) -> int:

@@ -18,10 +18,10 @@ import xarray as xr
 from torch.func import vjp
 
 from . import _validate as check
-from ._engine import Problem, _accumulation_dtype, all_finite, baseline_embeddings
+from ._engine import Problem, all_finite, baseline_embeddings
 from ._errors import InputError
 from ._gradients import PATH_CHECKS, REDUCE_HIDDEN, check_quadrature_steps, quadrature_nodes
-from ._memory import Size
+from ._memory import Size, at_least_float32
 from ._protocol import COMMON, Call, Family, own_options
 
 
@@ -118,7 +118,7 @@ def greedy_pig(
     nodes = steps if nodes is None else nodes
     step = width if chunk is None else chunk
     alpha = torch.as_tensor(alphas, dtype=x[0].dtype, device=x[0].device)
-    weight = torch.as_tensor(weights, dtype=_accumulation_dtype(x[0].dtype), device=x[0].device)
+    weight = torch.as_tensor(weights, dtype=at_least_float32(x[0].dtype), device=x[0].device)
     at_input = problem.evaluate(tuple(xi[None] for xi in x))[0]  # [B, K]
     # the first round's baseline is every target's: integrated gradients on the shared engine
     delta = tuple(xi - bi for xi, bi in zip(x, base, strict=True))

@@ -37,7 +37,7 @@ from ._drop import Drop, averaged, dropping, pulled
 from ._engine import Problem
 from ._errors import ModelError, OptionError
 from ._gradients import QUADRATURES, check_quadrature_steps, quadrature_nodes
-from ._memory import Cost, full_precision, head_bytes, plan, to_host
+from ._memory import Cost, at_least_float32, full_precision, head_bytes, plan, to_host
 from ._model import Model, _attention_modules
 from ._protocol import Call, Family
 from ._schema import _target_coords
@@ -654,7 +654,7 @@ def head_attribution(
     b, width = index.shape
     # per layer, summed over the copy chunks: the target rows [B, K, keys, H] and the head
     # totals [B, K, H] of A * sum_i w_i grad (linear in the gradients)
-    acc = torch.promote_types(x.dtype, torch.float32)  # steps summed in at least float32
+    acc = at_least_float32(x.dtype)  # the steps' sums
     rows_of = {
         k: a.new_zeros(b, width, a.shape[-1], a.shape[1], dtype=acc) for k, a in weights.items()
     }

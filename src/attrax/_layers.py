@@ -28,9 +28,9 @@ import xarray as xr
 from torch.func import vjp
 
 from . import _arch
-from ._engine import PointFn, Problem, _accumulation_dtype
+from ._engine import PointFn, Problem
 from ._errors import ModelError, OptionError
-from ._memory import Size
+from ._memory import Size, at_least_float32
 from ._model import Model
 
 #: what ``layers=`` accepts besides ints
@@ -279,7 +279,7 @@ def gradient_sum(
     x = problem.inputs[0]
     nl = len(layers)
     step = total if batch_size is None else batch_size
-    acc = _accumulation_dtype(x.dtype)
+    acc = at_least_float32(x.dtype)
     width = problem.tensors.valid.shape[1]
     # the residual stream's width: the embeddings' unless the model projects them (ELECTRA)
     residual = int(getattr(problem.model.hf.config, "hidden_size", None) or x.shape[-1])

@@ -46,6 +46,7 @@ from . import _validate as check
 from ._engine import Problem
 from ._errors import ModelError
 from ._gradients import GRADIENT, Rule
+from ._memory import at_least_float32
 from ._model import Model, _activation, _activation_kind, _can_switch, backward_rule
 from ._protocol import COMMON, Call, Param
 
@@ -72,12 +73,6 @@ def _scale_gradient(x: torch.Tensor, factor: float) -> torch.Tensor:
 def _uniform(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``a * b`` whose relevance goes half to each factor (the uniform rule)."""
     return 0.5 * (a * b.detach()) + 0.5 * (a.detach() * b)
-
-
-def _at_least_float32(dtype: torch.dtype) -> torch.dtype:
-    """Norms and softmax run in float32 for half precision, as transformers' do; a float64
-    model keeps float64 (transformers' RMSNorm would round it to float32)."""
-    return torch.promote_types(dtype, torch.float32)
 
 
 def _rule() -> str:
@@ -132,7 +127,7 @@ def _attention(
         else:
             scores = scores + mask
     # in float32 at least, as transformers' eager attention (float64 stays float64)
-    weights = torch.softmax(scores, dim=-1, dtype=_at_least_float32(scores.dtype))
+    weights = torch.softmax(scores, dim=-1, dtype=at_least_float32(scores.dtype))
     weights = weights.to(query.dtype)
     out = torch.matmul(weights, value).transpose(1, 2).contiguous()
     return out, weights
@@ -165,14 +160,14 @@ def _layer_norm(module: torch.nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
 def _rms_norm(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Llama-style RMSNorm (``weight * x / rms(x)``, in float32) with ``1 / rms`` constant."""
     eps = getattr(module, "variance_epsilon", None) or module.eps
-    h = x.to(_at_least_float32(x.dtype))
+    h = x.to(at_least_float32(x.dtype))
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps).detach()
     return module.weight * h.to(x.dtype)
 
 
 def _gemma_rms_norm(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Gemma's RMSNorm (``x / rms(x) * (1 + weight)``) with ``1 / rms`` constant."""
-    h = x.to(_at_least_float32(x.dtype))
+    h = x.to(at_least_float32(x.dtype))
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + module.eps).detach()
     return (h * (1.0 + module.weight.to(h.dtype))).type_as(x)
 

@@ -719,6 +719,16 @@ def memory_budget(device: torch.device) -> int:
 # --- device to host ------------------------------------------------------------------------
 
 
+def at_least_float32(dtype: torch.dtype) -> torch.dtype:
+    """The precision sums, norms and softmax run in: float32 for a half-precision model (bfloat16
+    keeps 8 bits of mantissa), float64 for a float64 one.
+
+    >>> at_least_float32(torch.bfloat16), at_least_float32(torch.float64)
+    (torch.float32, torch.float64)
+    """
+    return torch.promote_types(dtype, torch.float32)
+
+
 def full_precision(values: torch.Tensor) -> torch.Tensor:
     """Half-precision values as float32 (numpy has no bfloat16, netCDF no float16); others as is."""
     return values.float() if values.dtype in (torch.float16, torch.bfloat16) else values

@@ -33,6 +33,7 @@ from ._inputs import Tensors, encode_sources, to_tensors
 from ._memory import (
     CALL_OVERHEAD,
     CPU_PASS,
+    at_least_float32,
     format_bytes,
     forward_bytes,
     memory_budget,
@@ -621,7 +622,7 @@ class _Decomposition:
         values = self.values.pop((stack, index))
         batch, length, width = values.shape
         # half-precision models are decomposed in float32: the L1 scores subtract close norms
-        dtype = torch.promote_types(values.dtype, torch.float32)
+        dtype = at_least_float32(values.dtype)
         kv = width // (parts.weight.shape[1] // heads)
         per_head = values.view(batch, length, kv, -1).repeat_interleave(heads // kv, dim=2)
         weight = parts.weight.view(parts.weight.shape[0], heads, -1)
@@ -968,7 +969,7 @@ def _logit_direction(
 ) -> torch.Tensor:
     """The direction ``g`` with ``Δlogit = g · update`` for each target: the unembedding row
     (minus the contrast's) through the final norm linearized at the query's residual."""
-    dtype = torch.promote_types(residual.dtype, torch.float32)
+    dtype = at_least_float32(residual.dtype)
     head = _head_weight(model)
     unembed = head[t.target_ids].to(dtype)
     if t.contrast_ids is not None:

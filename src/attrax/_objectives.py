@@ -8,6 +8,7 @@ from collections.abc import Callable
 import torch
 
 from ._errors import OptionError
+from ._memory import at_least_float32
 
 Objective = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -26,7 +27,7 @@ def log_softmax(logits: torch.Tensor) -> torch.Tensor:
     """Log-probabilities over the last dim, in float32 at least: a bfloat16 log-probability near
     -12 (a 128k vocabulary) is rounded to 1/32, so its ``exp`` (and the probability's gradient)
     was off by up to 3%, where the loops' ``softmax`` rounds the probability itself (0.4%)."""
-    return torch.log_softmax(logits, dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32))
+    return torch.log_softmax(logits, dim=-1, dtype=at_least_float32(logits.dtype))
 
 
 def logit(logits: torch.Tensor, target_ids: torch.Tensor) -> torch.Tensor:
