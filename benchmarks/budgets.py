@@ -62,9 +62,13 @@ SIZES: dict[str, dict[str, Any]] = {
     "shapley_sampling": {"permutations": 4},
     "sobol": {"samples": 8},
 }
-# per workload: C2's PGD at 10 steps took over 38 min without a budget on 2 cores; a step's
-# passes are the same at any step count, so fewer steps measure the same peak
-WORKLOAD_SIZES: dict[str, dict[str, dict[str, Any]]] = {"C2": {"pgd": {"steps": 2}}}
+# per workload: C2's PGD at 10 steps took over 38 min without a budget on 2 cores, L1's over 13 in
+# float32; a step's passes are the same at any step count, so fewer steps measure the same peak.
+# L1's sequential IG (96 words, each a path of its own) ran past 15 min at 16 points in float32
+WORKLOAD_SIZES: dict[str, dict[str, dict[str, Any]]] = {
+    "C2": {"pgd": {"steps": 2}},
+    "L1": {"pgd": {"steps": 2}, "sequential_integrated_gradients": {"steps": 4}},
+}
 PATHS = ("integrated_gradients", "sequential_integrated_gradients", "guided_integrated_gradients",
          "discretized_integrated_gradients", "greedy_pig", "head_attribution")  # fmt: skip
 
@@ -200,9 +204,12 @@ def run(args: argparse.Namespace) -> int:
                 workload=name, method=method, steps=args.steps, w3_targets=args.w3_targets,
                 threads=args.threads, device=args.device, dtype=args.dtype, budget=None,
             )  # fmt: skip
+            sizes = _sizes(method, args.steps, name)
             unbounded = _measure(spec, args.host_memory)
             if "skipped" in unbounded:
-                rows.append(dict(workload=name, method=method, skipped=unbounded["skipped"]))
+                rows.append(dict(
+                workload=name, method=method, sizes=sizes, skipped=unbounded["skipped"]
+            ))  # fmt: skip
                 print(f"{name} {method}: not for this model ({unbounded['skipped']})", flush=True)
                 _write(out, meta, rows)
                 continue
@@ -217,7 +224,7 @@ def run(args: argparse.Namespace) -> int:
             ok = peak <= budget
             failed += not ok
             rows.append(dict(
-                workload=name, method=method, unbounded_bytes=free, budget_bytes=budget,
+                workload=name, method=method, sizes=sizes, unbounded_bytes=free, budget_bytes=budget,
                 bounded_bytes=peak, smallest=bool(refused), ok=ok,
             ))  # fmt: skip
             print(
@@ -254,14 +261,11 @@ LABEL = {
 }  # fmt: skip
 
 
-def _label(method: str, steps: int, workload: str = "") -> str:
-    """``method`` as the table names it, with the sizes it ran at on ``workload``."""
+def _label(method: str, sizes: dict[str, Any]) -> str:
+    """``method`` as the table names it, with the ``sizes`` it ran at."""
     label = LABEL.get(method, method)
-    sizes = [
-        f"{v} {'points' if k == 'steps' and method in PATHS else k}"
-        for k, v in _sizes(method, steps, workload).items()
-    ]
-    return ", ".join([label, *sizes])
+    named = [f"{v} {'points' if k == 'steps' and method in PATHS else k}" for k, v in sizes.items()]
+    return ", ".join([label, *named])
 
 
 def table(path: str | Path = HERE / "budgets-cpu.json") -> str:
@@ -274,7 +278,9 @@ def table(path: str | Path = HERE / "budgets-cpu.json") -> str:
     ]
     mib = 2**20
     for row in result["rows"]:
-        name = _label(row["method"], steps, row["workload"])
+        # rows record their sizes since L1's got sizes of its own; older ones ran at today's
+        sizes = row.get("sizes", _sizes(row["method"], steps, row["workload"]))
+        name = _label(row["method"], sizes)
         if "skipped" in row:  # a ModelError: the method does not apply to the model
             lines.append(f"| {row['workload']} | {name} | not for this model | | |")
             continue

@@ -17,7 +17,6 @@ import random
 from collections.abc import Iterator
 from pathlib import Path
 
-SEED = 1234
 DEFAULT_ROOT = Path(__file__).resolve().parent / "results" / "models"
 GPT2_SPEC = dict(
     n_embd=256, n_layer=4, n_head=4, vocab_size=50257, n_positions=1280, tok_vocab=8192
@@ -31,7 +30,8 @@ PERTURBATION_METHODS = ("feature_ablation", "shapley_sampling")
 METHODS = CORE_METHODS + NOISE_METHODS
 IG_STEPS = 50
 IG_QUADRATURE = "gausslegendre"  # Captum's and Inseq's default
-# the draws both sides share: attrax's documented seeding rules, rebuilt on Captum's side
+# the models' weights, tokenizers and texts, and the draws both sides share: attrax's documented
+# seeding rules, rebuilt on Captum's side
 SEED = 0
 NOISE_SAMPLES = 8  # GradientShap n_samples, NoiseTunnel nt_samples
 NOISE_LEVEL = 0.1  # SmoothGrad's: stdev = NOISE_LEVEL * (max - min) of the example's embeddings
