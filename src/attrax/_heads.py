@@ -704,7 +704,7 @@ def _copy_chunks(total: int, steps: int, batch_size: int | None, given: Any) -> 
     ``batch_size`` given (an int, or None: every copy in one stacked forward) cuts the copies
     as it says. ``"auto"`` never mixes layers in one forward: a stacked backward runs through
     every layer below the lowest scaled one for all copies, so copies of a high layer would pay
-    for the layers under a low one (one layer per forward measured 2x faster on the W1 workload).
+    for the layers under a low one (measured in docs/methods/internals.md).
     """
     every = torch.arange(total)
     if given != "auto":

@@ -224,8 +224,8 @@ def between_passes() -> None:
     :func:`memory_budget`'s, which calls reach near a cgroup's or a Dask worker's limit).
 
     Reused heap is resident wherever it was freed, and a pass's blocks may not fit the holes an
-    earlier pass left (W1 occlusion under a 291 MiB budget: 183-505 MiB without this), so the
-    freed memory and the next pass add up; the budget wins over the faults saved.
+    earlier pass left, so the freed memory and the next pass add up (docs/memory.md); the budget
+    wins over the faults saved.
     """
     limit, entry = _limit, _entry_resident
     if limit is None or entry is None:
@@ -423,8 +423,8 @@ def backward_bytes(
 
 
 # [B, K, vocabulary] tensors a point holds at its K target rows: the logits and their
-# log-softmax (W1 occlusion: 1.9 measured per copy), with a backward their gradient in turn
-# (all but the logits in float32 at least: head_bytes)
+# log-softmax, with a backward their gradient in turn (all but the logits in float32 at least:
+# head_bytes; measured in docs/memory.md)
 HEAD_LIVE = 2.5
 
 
@@ -471,9 +471,8 @@ def _width(tokens: int, hidden: int, mlp: int, heads: int) -> int:
 
 
 # On the CPU, passes estimated above this ran no faster per point and faulted in fresh memory
-# (W1 IG, 50 points: 9.2 s first call and 4.8 s after in one 5.4 GB pass, 4.4 s in ~1 GB passes;
-# IG over 20 classes: 13.5 s at 6.8 GB, 8.2 s at 1.8 GB; Llama-1B IG: 85 s at 8 GB, 62-73 s):
-# points are halved until a pass fits, whatever the budget (a budget is a ceiling, not a target)
+# (docs/memory.md): points are halved until a pass fits, whatever the budget (a budget is a
+# ceiling, not a target)
 CPU_PASS = 2 << 30
 
 
@@ -573,7 +572,7 @@ def plan_forwards(
         return copies if batch_size is None else int(batch_size)
     budget = held = memory_budget(device) if max_memory is None else max_memory
     if device.type == "cpu":
-        # bigger forwards ran slower there (W1 Sobol, 8 samples: 9.3-12.0 s in 6.9 GB, 6.8-7.6 s)
+        # bigger forwards ran slower there (docs/memory.md)
         budget = min(budget, max(CPU_PASS, fixed + per_copy))
     batch = max(1, min(copies, (budget - fixed) // max(per_copy, 1)))
     expect_passes(held, fixed + batch * per_copy, device)

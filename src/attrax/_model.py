@@ -43,8 +43,8 @@ TASKS = ("generation", "sequence-classification", "token-classification")
 # runs SDPA's fused kernel: where it overtakes eager attention under the vectorized backward (the
 # measurements are in docs/methods/gradients.md)
 SDPA_MIN_TOKENS = 256
-# On a GPU, from this many: on an H200 at 1,152 tokens the folded SDPA backward took 149 ms against
-# eager attention's best 190 ms (W3 saliency, docs/benchmarks-gpu.md); shorter: not measured
+# On a GPU, from this many: where the folded SDPA backward overtook eager attention on an H200
+# (docs/benchmarks-gpu.md); shorter: not measured
 SDPA_MIN_TOKENS_GPU = 1024
 
 
