@@ -142,7 +142,7 @@ def _heads_cost(model: Any, problem: Any, probed: int | None) -> Any:
     at most ``steps`` runs it), attention x gradient's all (None)."""
     from attrax import _heads
 
-    maps = _heads._maps(model, None)
+    maps = _heads.resolve_maps(model, None)
     stacks = _heads._stacks(model, maps, False, "target")
     layers = _heads._chosen(stacks, None, _heads._counts(model))
     weights = _heads._weights(problem, [(stack, layer) for stack in stacks for layer in layers])

@@ -216,14 +216,14 @@ def test_streamed_maps_equal_the_returned_ones(models, arch, monkeypatch):
     from attrax import _model
 
     model = models[arch]
-    found = _model._attention_modules(model.hf)
+    found = _model.attention_modules(model.hf)
     stacks = sorted({stack for stack, _ in found.values()})
     assert stacks == (["cross", "decoder", "encoder"] if model.is_encoder_decoder else ["self"])
     streamed = (
         attention(model, SOURCE, TARGET, attribute_target=model.is_encoder_decoder),
         rollout(model, SOURCE, TARGET, attribute_target=model.is_encoder_decoder),
     )
-    monkeypatch.setattr(_model, "_attention_modules", lambda hf: {})
+    monkeypatch.setattr(_model, "attention_modules", lambda hf: {})
     returned = (
         attention(model, SOURCE, TARGET, attribute_target=model.is_encoder_decoder),
         rollout(model, SOURCE, TARGET, attribute_target=model.is_encoder_decoder),

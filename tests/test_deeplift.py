@@ -133,11 +133,11 @@ def test_rescale_rule_sums_to_delta_on_an_mlp(kinds):
 
     def f(v, references=None):
         u1 = w1 @ v + b1
-        h1 = _deeplift._value(u1, kinds[0])
+        h1 = _deeplift.activation_value(u1, kinds[0])
         if references is not None:
             h1 = _deeplift._Rescale.apply(u1, references[0], kinds[0])[0]
         u2 = w2 @ h1 + b2
-        h2 = _deeplift._value(u2, kinds[1])
+        h2 = _deeplift.activation_value(u2, kinds[1])
         if references is not None:
             h2 = _deeplift._Rescale.apply(u2, references[1], kinds[1])[0]
         return w3 @ h2, (u1, u2)
@@ -161,7 +161,7 @@ def test_tanh_and_sigmoid_kinds_match_autograd(kind):
 
     fn = {"tanh": torch.tanh, "sigmoid": torch.sigmoid}[kind]
     x = torch.linspace(-6, 6, 101, dtype=torch.float64).requires_grad_(True)
-    y, d = _model._value_and_derivative(x.detach(), kind)
+    y, d = _model.activation_value_and_derivative(x.detach(), kind)
     (want,) = torch.autograd.grad(fn(x).sum(), x)
     np.testing.assert_allclose(y, fn(x).detach(), rtol=1e-14)
     np.testing.assert_allclose(d, want, rtol=1e-12, atol=1e-15)

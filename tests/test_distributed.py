@@ -291,7 +291,7 @@ def test_a_worker_without_the_output_directory_returns_the_shard(tmp_path, write
 
     data = write_jsonl(_records(2))
     scan = D._scan(data)
-    records = next(D._shards(data, 2))
+    records = next(D.shard_records(data, 2))
     where = (None, None, None, None)
     args = (where, "saliency", {}, None, records, scan)
     out = tmp_path / "out"

@@ -433,7 +433,7 @@ def test_encoder_maps_need_summed_queries(models64):
 def test_unprobeable_model_is_a_model_error(models64, monkeypatch):
     from attrax import _heads
 
-    monkeypatch.setattr(_heads, "_attention_modules", lambda hf: {})
+    monkeypatch.setattr(_heads, "attention_modules", lambda hf: {})
     with pytest.raises(ax.ModelError, match="no attention modules"):
         ax.attention_x_gradient(models64["gpt2"], SOURCE, TARGET)
 

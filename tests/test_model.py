@@ -256,7 +256,7 @@ def test_activations_only_swapped_inside_attrax_calls(models):
     # forwards; the user's model keeps its own modules
     for arch, kinds in (("gpt2", {"gelu_tanh"}), ("llama", {"silu"}), ("t5", {"relu"})):
         model = models[arch]
-        assert {_model._activation_kind(a) for a in model._activations} == kinds
+        assert {_model.activation_kind(a) for a in model._activations} == kinds
         ax.saliency(model, *PAIRS[0])
         assert all("forward" not in vars(a) for a in model._activations)
 
@@ -340,12 +340,12 @@ def test_one_backward_activation_is_autograds_own(kind):
     x = torch.linspace(-6, 6, 1001).requires_grad_(True)
     grad = torch.randn_like(x)
     with _model.one_backward():
-        y = _model._activation(x, kind)
+        y = _model.apply_activation(x, kind)
     (d,) = torch.autograd.grad(y, x, grad)
     (d_ref,) = torch.autograd.grad(reference(x), x, grad)
     assert torch.equal(y, reference(x)) and torch.equal(d, d_ref)
     with _model.one_backward(), _model.backward_rule("guided"):
-        guided = _model._activation(x, kind)
+        guided = _model.apply_activation(x, kind)
     (g,) = torch.autograd.grad(guided, x, grad)
     want = torch.relu(d_ref) if kind in _model.GUIDED_KINDS else d_ref
     assert torch.equal(g, want)

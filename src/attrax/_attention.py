@@ -45,7 +45,7 @@ ATTENTION = Family(
 )
 
 
-def _selection(value: object, name: str) -> None:
+def check_selection(value: object, name: str) -> None:
     """Layers/heads: an int, a range, a slice, a list of ints or None (checked again against
     the model's sizes)."""
     if value is None or isinstance(value, (slice, range)):
@@ -57,12 +57,12 @@ def _selection(value: object, name: str) -> None:
         )
 
 
-def _maps_name(value: object, name: str) -> None:
+def check_maps_name(value: object, name: str) -> None:
     if value is not None and value not in MAPS:
         raise OptionError(f"`{name}` must be None or one of {MAPS}, got {value!r}")
 
 
-@ATTENTION.method(layers=_selection, heads=_selection, maps=_maps_name)
+@ATTENTION.method(layers=check_selection, heads=check_selection, maps=check_maps_name)
 def attention(
     call: Call, *, layers: Selection = None, heads: Selection = None, maps: str | None = None
 ) -> xr.DataArray:
@@ -95,15 +95,15 @@ def attention(
     ('target', 'source')
     """
     model = call.model
-    maps = _maps(model, maps)
+    maps = resolve_maps(model, maps)
     attribute_target = call.options["attribute_target"]
     stack = "cross" if maps == "cross" else maps
     n_layers, n_heads = _arch.layers(model.hf.config, stack), _arch.heads(model.hf.config, stack)
     # validated before tokenizing or generating; checked again against the weights themselves
     if n_layers is not None:
-        _indices(layers, n_layers, "layers", "layers")
+        selection_indices(layers, n_layers, "layers", "layers")
     if n_heads is not None:
-        _indices(heads, n_heads, "heads", "heads per layer")
+        selection_indices(heads, n_heads, "heads", "heads per layer")
     if maps == "encoder":
         if attribute_target:
             raise OptionError("`attribute_target=True` does not apply to maps='encoder'")
@@ -121,8 +121,10 @@ def attention(
             kept[stack].append(full_precision(weights.permute(0, 2, 3, 1)[rows, tensors.index]))
 
     model.stream_attention(tensors, keep)
-    chosen_layers = _indices(layers, len(kept[wanted[0]]), "layers", "layers")
-    chosen_heads = _indices(heads, kept[wanted[0]][0].shape[-1], "heads", "heads per layer")
+    chosen_layers = selection_indices(layers, len(kept[wanted[0]]), "layers", "layers")
+    chosen_heads = selection_indices(
+        heads, kept[wanted[0]][0].shape[-1], "heads", "heads per layer"
+    )
     sides = [
         torch.stack([kept[stack][layer][..., chosen_heads] for layer in chosen_layers], dim=-2)
         for stack in wanted
@@ -225,7 +227,7 @@ def _with_residual(weights: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.where(mask.bool()[:, :, None], mixed, eye)
 
 
-def _maps(model: Model, maps: str | None) -> str:
+def resolve_maps(model: Model, maps: str | None) -> str:
     if maps is None:
         return "cross" if model.is_encoder_decoder else "self"
     if model.is_encoder_decoder and maps == "self":
@@ -238,7 +240,7 @@ def _maps(model: Model, maps: str | None) -> str:
     return maps
 
 
-def _indices(value: Selection, n: int, name: str, what: str) -> list[int]:
+def selection_indices(value: Selection, n: int, name: str, what: str) -> list[int]:
     """Non-negative indices into ``n`` items from an int, range, slice, list or None (all)."""
     valid = f"the model has {n} {what}: valid values are 0..{n - 1} or -{n}..-1"
     if value is None:
@@ -272,8 +274,8 @@ def _encoder_attention(call: Call, layers: Selection, heads: Selection) -> xr.Da
     model = call.model
     ids, mask, single = encode_sources(model, call.inputs)
     maps = model.encoder_attention_maps(ids, mask)
-    chosen_layers = _indices(layers, len(maps), "layers", "layers")
-    chosen_heads = _indices(heads, maps[0].shape[1], "heads", "heads per layer")
+    chosen_layers = selection_indices(layers, len(maps), "layers", "layers")
+    chosen_heads = selection_indices(heads, maps[0].shape[1], "heads", "heads per layer")
     # [B, H, Q, S] per layer -> [B, Q, S, layer, head]
     values = torch.stack([maps[layer][:, chosen_heads] for layer in chosen_layers], dim=-1)
     return label_queries(

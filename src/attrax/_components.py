@@ -33,7 +33,7 @@ from torch.func import vjp
 
 from . import _arch
 from . import _validate as check
-from ._attention import Selection, _indices, _selection
+from ._attention import Selection, check_selection, selection_indices
 from ._drop import Drop, averaged, dropping, pulled
 from ._errors import InputError, ModelError, OptionError
 from ._heads import ATTENTION_INPUTS, patch_attention_inputs
@@ -187,7 +187,7 @@ def _hooks(*handles: Any) -> Iterator[None]:
 # --- direct logit attribution ----------------------------------------------------------------
 
 
-@COMPONENTS.method(layers=_selection, heads=_selection)
+@COMPONENTS.method(layers=check_selection, heads=check_selection)
 def direct_logit_attribution(
     call: Call, *, layers: Selection = None, heads: Selection = None
 ) -> xr.DataArray:
@@ -235,8 +235,8 @@ def direct_logit_attribution(
         return _encoder_decoder_dla(call, layers, heads)
     parts = _parts(model, method)
     unembed, _ = _readout(model, method)
-    chosen_layers = _indices(layers, len(parts.blocks), "layers", "layers")
-    chosen_heads = _indices(heads, parts.heads, "heads", "heads per layer")
+    chosen_layers = selection_indices(layers, len(parts.blocks), "layers", "layers")
+    chosen_heads = selection_indices(heads, parts.heads, "heads", "heads per layer")
     t = to_tensors(call.batch, model)
     rows = torch.arange(t.index.shape[0], device=t.index.device)[:, None]
     # u = gamma * W_U[target] (- W_U[contrast]), centered for LayerNorm; 1 / sigma comes later
@@ -354,8 +354,8 @@ def _encoder_decoder_dla(call: Call, layers: Selection, heads: Selection) -> xr.
         raise ModelError(f"{method}: {name}'s LM head has a bias, which T5's has not")
     n_layers, n_heads = len(blocks), selfs[0].n_heads
     head_dim = selfs[0].key_value_proj_dim
-    chosen_layers = _indices(layers, n_layers, "layers", "layers")
-    chosen_heads = _indices(heads, n_heads, "heads", "heads per layer")
+    chosen_layers = selection_indices(layers, n_layers, "layers", "layers")
+    chosen_heads = selection_indices(heads, n_heads, "heads", "heads per layer")
     t = to_tensors(call.batch, model)
     rows = torch.arange(t.index.shape[0], device=t.index.device)[:, None]
     direction = unembed[t.target_ids]
@@ -587,8 +587,8 @@ def _encoder_decoder_stack(model: Model, method: str, stack: str) -> _Stack:
     corrupted=_corrupted,
     site=_site,
     stack=_stack,
-    layers=_selection,
-    heads=_selection,
+    layers=check_selection,
+    heads=check_selection,
     qk_fix=_qk_fix,
     grad_drop=check.boolean,
 )
@@ -676,8 +676,8 @@ def attribution_patching(
             "output (BLOOM), so its output is no MLP contribution; patch site='residual' or "
             "'heads'"
         )
-    chosen_layers = _indices(layers, len(parts.blocks), "layers", "layers")
-    chosen_heads = _indices(heads, parts.heads, "heads", "heads per layer")
+    chosen_layers = selection_indices(layers, len(parts.blocks), "layers", "layers")
+    chosen_heads = selection_indices(heads, parts.heads, "heads", "heads per layer")
     problem = call.problem
     t = problem.tensors
     assert corrupted is not None

@@ -62,7 +62,7 @@ __all__ = [
 MANIFEST = "manifest.json"
 _FORMAT = "attrax-dataset"
 _VERSION = 1
-_SHARD = "shard-{:05d}.nc"
+SHARD = "shard-{:05d}.nc"
 _KEPT_DIMS = ("example", "target", "source")
 _STRAY = re.compile(
     r"^\.(shard-\d{5,}\.nc|manifest\.json)\.[0-9a-f]{12}\.tmp$"
@@ -380,7 +380,7 @@ def _attribute_dataset(
         # a listed shard that was deleted or no longer reads back is recomputed, not trusted
         manifest["done"] = [name for name in manifest["done"] if _readable(out / name)]
         done = set(manifest["done"])
-        todo = [k for k in range(shards) if _SHARD.format(k) not in done]
+        todo = [k for k in range(shards) if SHARD.format(k) not in done]
         if todo and pool is None:
             results = _serial(ready(), fn, steps, options, data, scan, shard_size, todo)
             _run(fn, results, scan, shard_size, out, manifest, todo, progress)
@@ -629,7 +629,7 @@ def _records(data: Path, digest: Any = None) -> Iterator[dict[str, Any]]:
         yield {**record, "_line": line_no}
 
 
-def _shards(data: Path, size: int) -> Iterator[list[dict[str, Any]]]:
+def shard_records(data: Path, size: int) -> Iterator[list[dict[str, Any]]]:
     shard: list[dict[str, Any]] = []
     for record in _records(data):
         shard.append(record)
@@ -722,10 +722,10 @@ def _readable(path: Path) -> bool:
 
 def _check_records(model: Model, data: Path, max_new_tokens: Any) -> None:
     """Tokenize every record as the method will: its errors, with the record's line, up front."""
-    _check_lines(model, _records(data), data.name, max_new_tokens)
+    check_lines(model, _records(data), data.name, max_new_tokens)
 
 
-def _check_lines(
+def check_lines(
     model: Model, records: Iterable[dict[str, Any]], name: str, max_new_tokens: Any
 ) -> None:
     """:func:`_check_records` of records read from the file called ``name``."""
@@ -768,9 +768,9 @@ def _serial(
 ) -> Iterator[tuple[int, xr.DataArray]]:
     """``(k, array)`` for every shard ``k`` of ``todo``, computed here, in order."""
     wanted = set(todo)
-    for k, records in enumerate(_shards(data, shard_size)):
+    for k, records in enumerate(shard_records(data, shard_size)):
         if k in wanted:
-            yield k, _attribute(model, fn, steps, options, records, scan)
+            yield k, attribute_records(model, fn, steps, options, records, scan)
 
 
 def _run(
@@ -814,7 +814,7 @@ def _run(
     with Progress(*columns, console=console, disable=not show, transient=False) as bar:
         task = bar.add_task(description, total=scan.records, completed=skipped)
         for k, da in results:
-            name = _SHARD.format(k)
+            name = SHARD.format(k)
             if isinstance(da, xr.DataArray):
                 save(da, out / name)
             elif not (out / name).is_file():  # a Dask worker wrote it (_distributed.Written)
@@ -824,7 +824,7 @@ def _run(
             bar.advance(task, min(shard_size, scan.records - k * shard_size))
 
 
-def _attribute(
+def attribute_records(
     model: Model,
     fn: Callable[..., xr.DataArray],
     steps: list[tuple[str, str | None]] | None,
@@ -939,10 +939,10 @@ def _manifest_problem(manifest: Mapping[str, Any]) -> str | None:
     seen: set[str] = set()
     for name in done:
         index = re.fullmatch(r"shard-(\d+)\.nc", name) if isinstance(name, str) else None
-        if index is None or name != _SHARD.format(int(index[1])) or int(index[1]) >= shards:
+        if index is None or name != SHARD.format(int(index[1])) or int(index[1]) >= shards:
             return (
                 f"'done' lists {name!r}: expected names of its {shards} shard files, "
-                f"{_SHARD.format(0)!r} .. {_SHARD.format(shards - 1)!r}"
+                f"{SHARD.format(0)!r} .. {SHARD.format(shards - 1)!r}"
             )
         if name in seen:
             return f"'done' lists {name!r} twice"

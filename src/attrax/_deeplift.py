@@ -36,15 +36,15 @@ from . import _arch, _layers
 from . import _validate as check
 from ._engine import Problem, baseline_embeddings
 from ._errors import ModelError, OptionError
-from ._gradients import GRADIENT, Baselines, Rule, _as_list
+from ._gradients import GRADIENT, Baselines, Rule, as_baseline_list
 from ._memory import Cost
 from ._model import (
-    _ACTIVATIONS,
+    ACTIVATION_KINDS,
     Model,
-    _activation_kind,
-    _value,
-    _value_and_derivative,
+    activation_kind,
     activation_tap,
+    activation_value,
+    activation_value_and_derivative,
 )
 from ._protocol import Call, Param
 
@@ -52,7 +52,7 @@ from ._protocol import Call, Param
 #: Captum's ``DeepLift`` hooks (``nn.ReLU``, ``nn.Tanh``, ``nn.Sigmoid`` modules)
 ACTIVATIONS = ("all", "captum")
 _KINDS = {
-    "all": frozenset(_ACTIVATIONS.values()),
+    "all": frozenset(ACTIVATION_KINDS.values()),
     "captum": frozenset({"relu", "tanh", "sigmoid"}),
 }
 # modules of the activation libraries that are not elementwise: they keep their gradient
@@ -83,9 +83,9 @@ class _Rescale(torch.autograd.Function):
     def forward(
         u: torch.Tensor, reference: torch.Tensor, kind: str
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        y, derivative = _value_and_derivative(u, kind)
+        y, derivative = activation_value_and_derivative(u, kind)
         delta = u - reference
-        secant = (y - _value(reference, kind)) / delta
+        secant = (y - activation_value(reference, kind)) / delta
         return y, torch.where(delta.abs() < EPS, derivative, secant)
 
     @staticmethod
@@ -248,7 +248,7 @@ def _check_activations(model: Model, activations: str) -> None:
         kind = type(module).__name__
         if type(module).__module__ not in _ACTIVATION_LIBRARIES or kind in _NOT_ELEMENTWISE:
             continue
-        if _activation_kind(module) is not None:
+        if activation_kind(module) is not None:
             continue
         if activations == "all" or kind in _CAPTUM_ONLY:
             covered = "ReLU, GELU, tanh-GELU, SiLU, Tanh, Sigmoid modules"
@@ -388,7 +388,7 @@ def deeplift_shap(
     'deeplift_shap'
     """
     x = problem.inputs
-    bases = [baseline_embeddings(problem, b) for b in _as_list(baselines, len(x))]
+    bases = [baseline_embeddings(problem, b) for b in as_baseline_list(baselines, len(x))]
     stacked = tuple(torch.stack(side) for side in zip(*bases, strict=True))  # [N, B, L, H]
     if samples is not None:
         index = torch.zeros((samples, x[0].shape[0]), dtype=torch.long)

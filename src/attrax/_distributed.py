@@ -221,13 +221,13 @@ class Pool:
     def check(self, data: Path, shard_size: int, max_new_tokens: Any) -> None:
         """Tokenize every record on the workers (which load the model meanwhile): a record that
         cannot be attributed fails, naming its line, before any shard is computed."""
-        from ._dataset import _shards
+        from ._dataset import shard_records
 
         futures = [
             self.client.submit(
                 _check_task, self._where(), records, data.name, max_new_tokens, pure=False
             )
-            for records in _shards(data, max(shard_size, 64))
+            for records in shard_records(data, max(shard_size, 64))
         ]
         self._gather(futures)
 
@@ -244,7 +244,7 @@ class Pool:
     ) -> Iterator[tuple[int, xr.DataArray | Written]]:
         """``(k, result)`` for every shard ``k`` of ``todo``, in the order they complete: a
         :class:`Written` where the worker wrote the shard file into ``out``, else the array."""
-        from ._dataset import _SHARD, _shards
+        from ._dataset import SHARD, shard_records
 
         distributed = require()
         wanted = set(todo)
@@ -254,7 +254,7 @@ class Pool:
         token.touch()
         futures = {}
         try:
-            for k, records in enumerate(_shards(data, shard_size)):
+            for k, records in enumerate(shard_records(data, shard_size)):
                 if k in wanted:
                     future = self.client.submit(
                         _write_shard_task,
@@ -264,7 +264,7 @@ class Pool:
                         steps,
                         records,
                         scan,
-                        str(out / _SHARD.format(k)),
+                        str(out / SHARD.format(k)),
                         token.name,
                         self.name,
                         key=f"attrax-shard-{k:05d}-{run}",
@@ -375,9 +375,9 @@ def _rank() -> int:
 
 
 def _check_task(where: Any, records: list[dict[str, Any]], name: str, max_new_tokens: Any) -> None:
-    from ._dataset import _check_lines
+    from ._dataset import check_lines
 
-    _check_lines(worker_model(where), records, name, max_new_tokens)
+    check_lines(worker_model(where), records, name, max_new_tokens)
 
 
 def _shard_task(
@@ -388,9 +388,11 @@ def _shard_task(
     records: list[dict[str, Any]],
     scan: Any,
 ) -> xr.DataArray:
-    from ._dataset import _attribute, resolve_method
+    from ._dataset import attribute_records, resolve_method
 
-    return _attribute(worker_model(where), resolve_method(method), steps, options, records, scan)
+    return attribute_records(
+        worker_model(where), resolve_method(method), steps, options, records, scan
+    )
 
 
 def _write_shard_task(
@@ -431,6 +433,6 @@ def _evaluate_task(
     methods: Mapping[str, Any],
     options: Mapping[str, Any],
 ) -> xr.Dataset:
-    from ._evaluate import _score
+    from ._evaluate import score_records
 
-    return _score(worker_model(where), records, methods, **options)
+    return score_records(worker_model(where), records, methods, **options)

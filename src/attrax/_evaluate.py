@@ -358,7 +358,7 @@ def evaluate(
         if isinstance(model, Model):
             check_model_options(model, device, dtype)
         model = load_model(model, device=device, dtype=dtype)  # a Model passes through as is
-        return _score(model, read_records(data, **renamed), methods, **options)
+        return score_records(model, read_records(data, **renamed), methods, **options)
     from . import _distributed
 
     _distributed.check(model, workers, scheduler)
@@ -387,7 +387,7 @@ def evaluate(
     return ds
 
 
-def _score(
+def score_records(
     model: Model,
     records: list[Record],
     methods: Mapping[str, Callable[..., xr.DataArray]],

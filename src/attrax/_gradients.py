@@ -512,7 +512,7 @@ def gradient_shap(
     ('target', 'source', 'hidden')
     """
     x = problem.inputs
-    given = _as_list(baselines, len(x))
+    given = as_baseline_list(baselines, len(x))
     bases = [baseline_embeddings(problem, b) for b in given]
     stacked = tuple(torch.stack(side) for side in zip(*bases, strict=True))  # [N_b, B, L, H]
     index, alpha, noise = _shap_draws(problem, len(given), samples, seed)
@@ -539,7 +539,7 @@ def gradient_shap(
     return Rule(points, weights, multiplier=deltas, origins=origins)
 
 
-def _as_list(baselines: Baselines, sides: int) -> list[Baseline]:
+def as_baseline_list(baselines: Baselines, sides: int) -> list[Baseline]:
     """The baselines given, as a list; a tuple of one tensor per attributed side (``sides``) is
     one baseline: with two sides a lone tensor is no baseline, so it cannot mean two."""
     per_side = isinstance(baselines, tuple) and all(isinstance(b, torch.Tensor) for b in baselines)

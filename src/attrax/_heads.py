@@ -32,15 +32,15 @@ import xarray as xr
 from torch.func import vjp
 
 from . import _validate as check
-from ._attention import Selection, _indices, _maps, _maps_name, _selection
+from ._attention import Selection, check_maps_name, check_selection, resolve_maps, selection_indices
 from ._drop import Drop, averaged, dropping, pulled
 from ._engine import Problem
 from ._errors import ModelError, OptionError
 from ._gradients import QUADRATURES, check_quadrature_steps, quadrature_nodes
 from ._memory import Cost, at_least_float32, full_precision, head_bytes, plan, to_host
-from ._model import Model, _attention_modules
+from ._model import Model, attention_modules
 from ._protocol import Call, Family
-from ._schema import _target_coords
+from ._schema import target_coordinates
 
 #: The attention implementation attrax registers with transformers while it probes weights.
 IMPLEMENTATION = "attrax_probe"
@@ -220,7 +220,7 @@ _register()
 
 def _placed(model: Model) -> dict[torch.nn.Module, Key]:
     """Each attention module with its stack and layer index (in the order layers run)."""
-    found = _attention_modules(model.hf)
+    found = attention_modules(model.hf)
     if not found:
         raise ModelError(
             f"{type(model.hf).__name__}: attrax finds no attention modules in it to probe "
@@ -355,7 +355,7 @@ def _chosen(stacks: Sequence[str], layers: Selection, counts: dict[str, int]) ->
     n = counts.get(stacks[0], 0)
     if n == 0:
         raise ModelError(f"the model has no {stacks[0]!r} attention layers")
-    return _indices(layers, n, "layers", "layers")
+    return selection_indices(layers, n, "layers", "layers")
 
 
 def _counts(model: Model) -> dict[str, int]:
@@ -412,7 +412,7 @@ def _plan(
 
 
 @ATTENTION_GRADIENT.method(
-    layers=_selection, heads=_selection, maps=_maps_name, rollout=check.boolean,
+    layers=check_selection, heads=check_selection, maps=check_maps_name, rollout=check.boolean,
     queries=_check_queries,
 )  # fmt: skip
 def attention_x_gradient(
@@ -461,7 +461,7 @@ def attention_x_gradient(
             f"`maps={maps!r}` does not apply with rollout=True: the rollout runs through every "
             "attention stack of the model"
         )
-    maps = _maps(model, maps)
+    maps = resolve_maps(model, maps)
     attribute_target = call.options["attribute_target"]
     counts = _counts(model)
     if rollout:
@@ -473,7 +473,7 @@ def attention_x_gradient(
     problem = call.problem
     keys = [(stack, layer) for stack in stacks for layer in chosen_layers]
     weights = _weights(problem, keys)
-    chosen_heads = _indices(heads, weights[keys[0]].shape[1], "heads", "heads per layer")
+    chosen_heads = selection_indices(heads, weights[keys[0]].shape[1], "heads", "heads per layer")
     _, chunk = _plan(problem, weights, 1, None, call.options["chunk_size"])
     index = problem.tensors.index
     pieces: dict[str, list[torch.Tensor]] = {stack: [] for stack in stacks}
@@ -496,7 +496,7 @@ def attention_x_gradient(
 
 def _relevance(a: torch.Tensor, g: torch.Tensor, heads: Selection) -> torch.Tensor:
     """``mean_heads(relu(grad * A))``: ``[K, B, Q, keys]`` (Chefer et al. Eq. 5)."""
-    chosen = _indices(heads, a.shape[1], "heads", "heads per layer")
+    chosen = selection_indices(heads, a.shape[1], "heads", "heads per layer")
     return (a[None] * g)[:, :, chosen].clamp(min=0).mean(2)
 
 
@@ -520,14 +520,16 @@ def _rollout(
     index = problem.tensors.index
     stacks = ["encoder", "decoder", "cross"] if model.is_encoder_decoder else ["self"]
     first = stacks[-1] if model.is_encoder_decoder else "self"
-    chosen = _indices(layers, counts.get(first, 0), "layers", "layers")
+    chosen = selection_indices(layers, counts.get(first, 0), "layers", "layers")
     keys = [(s, layer) for s in stacks for layer in range(counts.get(s, 0))]
     if model.is_encoder_decoder:  # the encoder fully, the chosen decoder layers
         keys = [k for k in keys if k[0] == "encoder" or k[1] in chosen]
     else:
         keys = [k for k in keys if k[1] in chosen]
     weights = _weights(problem, keys)
-    _indices(heads, weights[keys[-1]].shape[1], "heads", "heads per layer")  # before the backward
+    selection_indices(
+        heads, weights[keys[-1]].shape[1], "heads", "heads per layer"
+    )  # before the backward
     _, chunk = _plan(problem, weights, 1, None, call.options["chunk_size"])
     pieces: list[list[torch.Tensor]] = []
     for slots, grads in _gradients(problem, weights, chunk):
@@ -585,7 +587,7 @@ def _rollout_rows(r: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 @HEAD_ATTRIBUTION.method(
     check_quadrature_steps,
-    layers=_selection, heads=_selection, maps=_maps_name, queries=_check_queries,
+    layers=check_selection, heads=check_selection, maps=check_maps_name, queries=_check_queries,
     steps=check.positive_int, quadrature=check.one_of(*QUADRATURES),
 )  # fmt: skip
 def head_attribution(
@@ -628,14 +630,14 @@ def head_attribution(
     (('target', 'source', 'layer', 'head'), ('target', 'layer', 'head'))
     """
     model = call.model
-    maps = _maps(model, maps)
+    maps = resolve_maps(model, maps)
     counts = _counts(model)
     stacks = _stacks(model, maps, call.options["attribute_target"], queries)
     chosen_layers = _chosen(stacks, layers, counts)
     problem = call.problem
     keys = [(stack, layer) for stack in stacks for layer in chosen_layers]
     weights = _weights(problem, keys)
-    chosen_heads = _indices(heads, weights[keys[0]].shape[1], "heads", "heads per layer")
+    chosen_heads = selection_indices(heads, weights[keys[0]].shape[1], "heads", "heads per layer")
     alphas, step_weights = quadrature_nodes(quadrature, steps)
     x = problem.inputs[0]
     alpha = torch.as_tensor(alphas, dtype=x.dtype, device=x.device)
@@ -719,7 +721,7 @@ def _with_head_total(da: xr.DataArray, call: Call, totals: torch.Tensor) -> xr.D
     head]``, targets placed as :func:`~attrax._schema.label` places them."""
     values = to_host(totals)
     examples = call.batch.examples
-    _, row_of, _ = _target_coords(call.model, call.batch)
+    _, row_of, _ = target_coordinates(call.model, call.batch)
     dense = np.full((len(examples), da.sizes["target"], *values.shape[2:]), np.nan)
     for b, example in enumerate(examples):
         for k, p in enumerate(example.positions):
@@ -783,7 +785,7 @@ def patch_attention_inputs(
     kv_heads = first.key.shape[1]
     total = first.query.shape[1] if site == "queries" else kv_heads
     what = "heads per layer" if site == "queries" else "key/value heads per layer"
-    chosen_heads = _indices(heads, total, "heads", what)
+    chosen_heads = selection_indices(heads, total, "heads", what)
     fixed = qk_fix and site != "values"
     if fixed:  # the softmax recomputed: coefficients of dS/dA, then A's probes
         coefficients = {

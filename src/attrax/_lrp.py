@@ -47,7 +47,7 @@ from ._engine import Problem
 from ._errors import ModelError
 from ._gradients import GRADIENT, Rule
 from ._memory import at_least_float32
-from ._model import Model, _activation, _activation_kind, _can_switch, backward_rule
+from ._model import Model, activation_kind, apply_activation, backward_rule, can_switch
 from ._protocol import COMMON, Call, Param
 
 #: LRP variants: AttnLRP (softmax rule, uniform rule on attention products) or CP-LRP
@@ -185,7 +185,7 @@ def _tanh_head(module: torch.nn.Module, features: torch.Tensor, **_: Any) -> tor
     """RoBERTa's and XLM-R's classification head, ``out_proj(tanh(dense(features[:, 0])))``,
     whose ``torch.tanh`` is a function call, not a module: here it gets the identity rule."""
     x = module.dense(module.dropout(features[:, 0, :]))
-    return module.out_proj(module.dropout(_activation(x, "tanh")))
+    return module.out_proj(module.dropout(apply_activation(x, "tanh")))
 
 
 # module class name -> the forward it runs under LRP (the module is the first argument)
@@ -335,7 +335,7 @@ def _plan(hf: torch.nn.Module) -> list[tuple[torch.nn.Module, Callable[..., torc
             f"lrp: {name} uses {config.position_embedding_type!r} position embeddings in its "
             "attention scores; attrax's LRP attention has no rule for them"
         )
-    if not _can_switch(hf):
+    if not can_switch(hf):
         raise ModelError(
             f"lrp: {name} does not route attention through transformers' AttentionInterface, "
             "so attrax cannot install its LRP attention"
@@ -348,8 +348,8 @@ def _plan(hf: torch.nn.Module) -> list[tuple[torch.nn.Module, Callable[..., torc
             if kind == "LayerNorm" and not isinstance(module, torch.nn.LayerNorm):
                 unknown.setdefault(kind, path)
             patches.append((module, _PATCHED[kind]))
-        elif _activation_kind(module) is not None:  # its own `act` may well be a function
-            if _activation_kind(module) not in IDENTITY_KINDS:
+        elif activation_kind(module) is not None:  # its own `act` may well be a function
+            if activation_kind(module) not in IDENTITY_KINDS:
                 unknown.setdefault(kind, path)
             continue
         elif not (

@@ -27,7 +27,7 @@ import torch
 import xarray as xr
 
 from . import _arch
-from ._attention import Selection, _indices, _maps, _maps_name, _selection
+from ._attention import Selection, check_maps_name, check_selection, resolve_maps, selection_indices
 from ._errors import ModelError, OptionError
 from ._inputs import Tensors, encode_sources, to_tensors
 from ._memory import (
@@ -40,7 +40,7 @@ from ._memory import (
     parse_bytes,
     plan_forwards,
 )
-from ._model import Model, _attention_modules
+from ._model import Model, attention_modules
 from ._protocol import Call, Family
 from ._schema import label_queries
 
@@ -101,7 +101,7 @@ def _layers(model: Model, stack: str = "self") -> list[_Layer]:
     if model.is_encoder_decoder and stack == "self":
         raise ModelError(f"{model.name} ({_architecture(model)}): {_NOT_ENC_DEC}")
     names = {module: name for name, module in model.hf.named_modules()}
-    found = [m for m, (kind, _) in _attention_modules(model.hf).items() if kind == stack]
+    found = [m for m, (kind, _) in attention_modules(model.hf).items() if kind == stack]
     layers = []
     for attention in found:
         parts = names[attention].split(".")
@@ -181,9 +181,9 @@ def _boolean(value: object, name: str) -> None:
 @VALUE_ZEROING.method(
     similarity=_similarity,
     normalize=_boolean,
-    layers=_selection,
-    heads=_selection,
-    maps=_maps_name,
+    layers=check_selection,
+    heads=check_selection,
+    maps=check_maps_name,
 )
 def value_zeroing(
     call: Call,
@@ -232,7 +232,7 @@ def value_zeroing(
     True
     """
     model = call.model
-    maps = _maps(model, maps)
+    maps = resolve_maps(model, maps)
     if maps == "encoder":
         if call.options["attribute_target"]:
             raise OptionError("`attribute_target=True` does not apply to maps='encoder'")
@@ -246,7 +246,7 @@ def value_zeroing(
         )
     t = to_tensors(call.batch, model)
     runs = [_self_run(model, t)] if maps == "self" else _decoder_runs(model, t, call.options)
-    chosen = _indices(layers, len(runs[0].layers), "layers", "layers")
+    chosen = selection_indices(layers, len(runs[0].layers), "layers", "layers")
     sides = []
     for run in runs:  # at most two: the cross-attention and the decoder self-attention
         zeroed = _value_heads(heads, run)
@@ -276,7 +276,7 @@ class _Run:
 def _value_heads(heads: Selection, run: _Run) -> list[int] | None:
     if heads is None:
         return None
-    return _indices(heads, run.value_heads, "heads", "value heads per layer")
+    return selection_indices(heads, run.value_heads, "heads", "value heads per layer")
 
 
 @torch.no_grad()
@@ -344,7 +344,7 @@ def _encoder_zeroing(
     ids, mask = ids.to(model.device), mask.to(model.device)
     encoder = model.hf.get_encoder()
     stack = _layers(model, "encoder")
-    chosen = _indices(layers, len(stack), "layers", "layers")
+    chosen = selection_indices(layers, len(stack), "layers", "layers")
     with torch.no_grad():
         clean = encoder(input_ids=ids, attention_mask=mask, output_hidden_states=True)
     states = [h.detach() for h in clean.hidden_states[1 : len(stack)]] + [clean.last_hidden_state]
@@ -779,7 +779,7 @@ def _check_aggregate(options: Any) -> None:
         )
 
 
-@ALTI.method(_check_aggregate, aggregate=_boolean, layers=_selection)
+@ALTI.method(_check_aggregate, aggregate=_boolean, layers=check_selection)
 def alti(call: Call, *, aggregate: bool = True, layers: Selection = None) -> xr.DataArray:
     """ALTI (Ferrando et al. 2022): how much each source token contributes to the query that
     predicts each target, through attention weights, values, output projection, residual and
@@ -835,7 +835,7 @@ def alti(call: Call, *, aggregate: bool = True, layers: Selection = None) -> xr.
             per_layer.append(_rows(step, t.index))
 
     decomposition = _Decomposition(model, t, on_layer)
-    chosen = _indices(layers, len(decomposition.stack), "layers", "layers")
+    chosen = selection_indices(layers, len(decomposition.stack), "layers", "layers")
     with torch.no_grad():
         decomposition.run()
     if aggregate:
@@ -898,7 +898,7 @@ class _AltiPlus:
         self.to_decoder = own * self.to_decoder
 
 
-@ALTI_LOGIT.method(_check_aggregate, aggregate=_boolean, layers=_selection)
+@ALTI_LOGIT.method(_check_aggregate, aggregate=_boolean, layers=check_selection)
 def alti_logit(call: Call, *, aggregate: bool = True, layers: Selection = None) -> xr.DataArray:
     """ALTI-Logit (Ferrando et al. 2023): each source token's contribution to the target's logit.
 
@@ -955,7 +955,7 @@ def alti_logit(call: Call, *, aggregate: bool = True, layers: Selection = None) 
         below[:] = [step if not below else step @ below[0]]
 
     decomposition = _Decomposition(model, t, on_layer)
-    chosen = _indices(layers, len(decomposition.stack), "layers", "layers")
+    chosen = selection_indices(layers, len(decomposition.stack), "layers", "layers")
     with torch.no_grad():
         decomposition.run()
     if aggregate:

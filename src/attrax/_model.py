@@ -144,7 +144,7 @@ class Model:
         self._head = hf_model.get_output_embeddings() if self.task == "generation" else None
         # decoder-only sequence classifiers score their last real token with a `score` head
         self._score = getattr(hf_model, "score", None) if self.task != "generation" else None
-        self._activations = [m for m in hf_model.modules() if _activation_kind(m) is not None]
+        self._activations = [m for m in hf_model.modules() if activation_kind(m) is not None]
         self._first_position = _first_position_feed_forward(hf_model, self.task)
         self._source_scale = 1.0
         self._target_scale = 1.0
@@ -341,7 +341,7 @@ class Model:
         a long input never holds every layer's ``[L, L]`` maps at once. The head computes no
         logits.
         """
-        modules = _attention_modules(self.hf)
+        modules = attention_modules(self.hf)
 
         def hook(module: torch.nn.Module, _args: Any, output: Any) -> None:
             stack, index = modules[module]
@@ -427,7 +427,7 @@ class Model:
         if self.attn_implementation != "auto":
             return self.attn_implementation
         least = SDPA_MIN_TOKENS if device.type == "cpu" else SDPA_MIN_TOKENS_GPU
-        sdpa = getattr(self.hf, "_supports_sdpa", False) and _can_switch(self.hf)
+        sdpa = getattr(self.hf, "_supports_sdpa", False) and can_switch(self.hf)
         return "sdpa" if tokens >= least and sdpa else "eager"
 
     @contextlib.contextmanager
@@ -446,7 +446,7 @@ class Model:
             with _routed(previous):
                 yield
             return
-        if not _can_switch(hf):
+        if not can_switch(hf):
             if required:
                 raise ModelError(
                     f"{type(hf).__name__} runs {previous!r} attention and cannot switch after "
@@ -710,7 +710,7 @@ def load_model(
     elif isinstance(model, PreTrainedModel):
         hf_model = model
         current = getattr(hf_model.config, "_attn_implementation", None)
-        if current != resting and _can_switch(hf_model):
+        if current != resting and can_switch(hf_model):
             hf_model.set_attn_implementation(resting)
         if dtype is not None:
             hf_model = hf_model.to(dtype)
@@ -1033,7 +1033,7 @@ def _first_int(*values: Any) -> int | None:
     return None
 
 
-def _can_switch(hf: PreTrainedModel) -> bool:
+def can_switch(hf: PreTrainedModel) -> bool:
     """Whether ``hf`` can change its attention after loading. Models that do not route attention
     through transformers' AttentionInterface (Falcon before transformers 5.25) cannot: ``set_attn_implementation`` only
     warns, and they keep the attention they were loaded with."""
@@ -1067,7 +1067,7 @@ def _embedding_scales(hf_model: PreTrainedModel, side: str) -> list[float]:
 # forward and each backward multiplies by it. The engine runs one forward and K vectorized
 # backwards, and autograd's own formulas recompute f'(x) (tanh, erf, sigmoid) for every target.
 # Python-level tanh-GELUs (GPT-2's gelu_new) also become one fused kernel.
-_ACTIVATIONS = {
+ACTIVATION_KINDS = {
     "NewGELUActivation": "gelu_tanh",
     "FastGELUActivation": "gelu_tanh",
     "GELUTanh": "gelu_tanh",
@@ -1084,15 +1084,17 @@ _ACTIVATIONS = {
 }
 
 
-def _activation_kind(module: torch.nn.Module) -> str | None:
-    kind = _ACTIVATIONS.get(type(module).__name__)
+def activation_kind(module: torch.nn.Module) -> str | None:
+    kind = ACTIVATION_KINDS.get(type(module).__name__)
     if isinstance(module, torch.nn.GELU):
         kind = "gelu_tanh" if module.approximate == "tanh" else "gelu"
     return kind
 
 
-def _value_and_derivative(x: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
-    y = _value(x, kind)
+def activation_value_and_derivative(
+    x: torch.Tensor, kind: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    y = activation_value(x, kind)
     if not torch.is_grad_enabled() and kind in ("gelu_tanh", "gelu"):
         # an autograd.Function's forward: the same operations in the same order, in place (one
         # buffer per term instead of one per operation), so the same bits, measured ~2x faster
@@ -1118,7 +1120,7 @@ def _value_and_derivative(x: torch.Tensor, kind: str) -> tuple[torch.Tensor, tor
 
 
 def _gelu_derivative_in_place(x: torch.Tensor, kind: str) -> torch.Tensor:
-    """:func:`_value_and_derivative`'s GELU derivatives, each operation in place on a fresh
+    """:func:`activation_value_and_derivative`'s GELU derivatives, each operation in place on a fresh
     buffer (a multiplication's operands swapped, which IEEE arithmetic leaves exact)."""
     if kind == "gelu_tanh":
         c, a = math.sqrt(2.0 / math.pi), 0.044715
@@ -1149,7 +1151,7 @@ class _Activation(torch.autograd.Function):
     def forward(
         x: torch.Tensor, kind: str, rule: str | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        y, derivative = _value_and_derivative(x, kind)
+        y, derivative = activation_value_and_derivative(x, kind)
         if rule == "identity":
             # f(x) / x, and its limit f'(0) at 0 (every activation here has f(0) = 0)
             nonzero = x != 0
@@ -1191,7 +1193,7 @@ class _OneBackward(torch.autograd.Function):
 
     @staticmethod
     def forward(x: torch.Tensor, kind: str, rule: str | None = None) -> torch.Tensor:
-        return _value(x, kind)
+        return activation_value(x, kind)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
@@ -1386,7 +1388,7 @@ def activation_tap(tap: Tap) -> Iterator[None]:
         _TAP.reset(token)
 
 
-def _activation(x: torch.Tensor, kind: str) -> torch.Tensor:
+def apply_activation(x: torch.Tensor, kind: str) -> torch.Tensor:
     tap = _TAP.get()
     if tap is not None:
         out = tap(x, kind)
@@ -1399,12 +1401,12 @@ def _activation(x: torch.Tensor, kind: str) -> torch.Tensor:
         if _ONE_BACKWARD.get() and rule != "identity":
             # no rule: the plain op (autograd's own backward, no Function to dispatch: ~6% of a
             # one-target call on a small classifier)
-            return _value(x, kind) if rule is None else _OneBackward.apply(x, kind, rule)
+            return activation_value(x, kind) if rule is None else _OneBackward.apply(x, kind, rule)
         return _Activation.apply(x, kind, rule)[0]
-    return _value(x, kind)  # no backward will follow: no derivative to save
+    return activation_value(x, kind)  # no backward will follow: no derivative to save
 
 
-def _value(x: torch.Tensor, kind: str) -> torch.Tensor:
+def activation_value(x: torch.Tensor, kind: str) -> torch.Tensor:
     if kind == "gelu_tanh":
         return torch.nn.functional.gelu(x, approximate="tanh")
     if kind == "gelu":
@@ -1422,8 +1424,8 @@ def _value(x: torch.Tensor, kind: str) -> torch.Tensor:
 def fast_activations(modules: Sequence[torch.nn.Module]) -> Iterator[None]:
     """Run elementwise activation ``modules`` as :class:`_Activation`, for attrax's forwards only."""
     for module in modules:
-        kind = _activation_kind(module)
-        module.forward = lambda x, kind=kind: _activation(x, kind)
+        kind = activation_kind(module)
+        module.forward = lambda x, kind=kind: apply_activation(x, kind)
     try:
         yield
     finally:
@@ -1450,7 +1452,7 @@ def capture_before(
         handle.remove()
 
 
-def _attention_modules(hf: PreTrainedModel) -> dict[torch.nn.Module, tuple[str, int]]:
+def attention_modules(hf: PreTrainedModel) -> dict[torch.nn.Module, tuple[str, int]]:
     """Each attention module of ``hf`` with its stack and where its output holds the weights.
 
     Read from the table transformers itself records attentions by (``_can_record_outputs`` of

@@ -160,7 +160,7 @@ def label(
     NaN marks padding and sources at or after the target position on the target side.
     """
     examples = batch.examples
-    targets, row_of, coords = _target_coords(model, batch)
+    targets, row_of, coords = target_coordinates(model, batch)
 
     # assembled where the values are (the GPU, usually), then one copy to the host: on a long
     # sequence the [target, source, hidden] block is large and host-side passes dominate
@@ -223,7 +223,7 @@ def label_steps(
     options: Mapping[str, Any],
 ) -> xr.DataArray:
     """Step scores ``[B, K, score]`` -> ``([example,] target, score)``, targets as :func:`label`."""
-    targets, row_of, coords = _target_coords(model, batch)
+    targets, row_of, coords = target_coordinates(model, batch)
     raw = to_host(values)
     data = np.full((len(batch.examples), len(targets), len(names)), np.nan, dtype=raw.dtype)
     for b, example in enumerate(batch.examples):
@@ -462,7 +462,9 @@ def _direct(
         return None
 
 
-def _target_coords(model: Model, batch: Batch) -> tuple[list[int], dict[int, int], dict[str, Any]]:
+def target_coordinates(
+    model: Model, batch: Batch
+) -> tuple[list[int], dict[int, int], dict[str, Any]]:
     """The union of target positions, each position's row, and the target coordinates."""
     if batch.task != "generation":
         return _class_coords(model, batch)
