@@ -127,15 +127,7 @@ def _inputs(name: str, w3_targets: int):
 def _llama():
     """``(model, tokenizer)`` of L1: ``LLAMA_SPEC`` with random weights (seed 1234), built in the
     process, on W1's tokenizer; eval, float32, eager attention."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    tok = AutoTokenizer.from_pretrained(workloads.build_all()["gpt2"])  # not W1's weights
-    config = LlamaConfig(**LLAMA_SPEC, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-    config._attn_implementation = "eager"
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(1234)
-        return LlamaForCausalLM(config).eval(), tok
+    return workloads.from_config("LlamaConfig", LLAMA_SPEC, seed=1234, pad=False)
 
 
 def worker(spec: str) -> None:

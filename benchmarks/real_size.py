@@ -64,24 +64,11 @@ SHAPES: dict[str, tuple[str, dict[str, Any], str]] = {
 def build(shape: str = "gpt2-small", device: str = "cpu", seed: int = 0):
     """``(hf_model, tokenizer)`` of ``shape``: random weights, built on ``device`` in the shape's
     dtype, eager attention (the baselines' attention, as in the harness)."""
-    import torch
-    import transformers
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(workloads.build_all()["gpt2"])
-    # the benchmark tokenizer's 1,280 would make Inseq cut a longer prompt (and then refuse it)
-    tok.model_max_length = SHAPES[shape][1].get("max_position_embeddings", 1024)
-    eot = tok.convert_tokens_to_ids("<|endoftext|>")
     config_class, config, dtype = SHAPES[shape]
-    config = getattr(transformers, config_class)(
-        **config, bos_token_id=eot, eos_token_id=eot, pad_token_id=eot
-    )
-    config._attn_implementation = "eager"
-    model_class = "GPT2LMHeadModel" if config_class == "GPT2Config" else "LlamaForCausalLM"
-    torch.manual_seed(seed)
-    with torch.device(device):
-        model = getattr(transformers, model_class)._from_config(config, dtype=getattr(torch, dtype))
-    return model.eval(), tok
+    model, tok = workloads.from_config(config_class, config, dtype, device, seed)
+    # the benchmark tokenizer's 1,280 would make Inseq cut a longer prompt (and then refuse it)
+    tok.model_max_length = config.get("max_position_embeddings", 1024)
+    return model, tok
 
 
 def _calls(method: str, hf, model, tok, prompt: str, target: str, short: str, args) -> dict:

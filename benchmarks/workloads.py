@@ -258,6 +258,34 @@ def load(kind: str, root: str | os.PathLike | None = None, **model_kwargs):
     return cls.from_pretrained(path, **model_kwargs).eval(), AutoTokenizer.from_pretrained(path)
 
 
+def from_config(
+    config_class: str,
+    config: dict,
+    dtype: str = "float32",
+    device: str = "cpu",
+    seed: int = 0,
+    pad: bool = True,
+):
+    """``(model, tokenizer)``: a ``transformers`` causal LM (GPT-2 or Llama) built from
+    ``config_class(**config)`` with random weights (``seed``) on ``device`` in ``dtype``, eager
+    attention, on W1's tokenizer (its ids are below every vocabulary here). ``pad``: the
+    tokenizer's end of text as the pad token too (it zeroes that token's embedding row)."""
+    import torch
+    import transformers
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(build_all()["gpt2"])  # not W1's weights
+    eot = tok.convert_tokens_to_ids("<|endoftext|>")
+    ids = dict(bos_token_id=eot, eos_token_id=eot, **({"pad_token_id": eot} if pad else {}))
+    made = getattr(transformers, config_class)(**config, **ids)
+    made._attn_implementation = "eager"
+    model_class = "GPT2LMHeadModel" if config_class == "GPT2Config" else "LlamaForCausalLM"
+    with torch.random.fork_rng(devices=[]), torch.device(device):
+        torch.manual_seed(seed)
+        model = getattr(transformers, model_class)._from_config(made, dtype=getattr(torch, dtype))
+    return model.eval(), tok
+
+
 # --------------------------------------------------------------------------------------------------
 # Exact-length texts
 # --------------------------------------------------------------------------------------------------
