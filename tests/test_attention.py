@@ -149,18 +149,6 @@ def naive_rollout(maps) -> np.ndarray:
     return result
 
 
-def test_a_float64_models_rollout_keeps_float64():
-    """The product of maps is taken in the model's float64, not rounded to float32 on the way."""
-    hf, tok = tiny_model("gpt2")
-    model = ax.load_model(hf.double(), tokenizer=tok)
-    got = rollout(model, SOURCE, TARGET)
-    out, first, end = hf_attentions(model, SOURCE, TARGET)
-    want = naive_rollout(out.attentions)[first - 1 : end - 1]
-    assert got.dtype == np.float64
-    # float32 products are ~1e-7 off: only a float64 product meets 1e-12
-    np.testing.assert_allclose(np.nan_to_num(got.values), want, rtol=1e-12, atol=1e-14)
-
-
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_rollout_equals_naive_product(models, arch):
     model = models[arch]
@@ -173,10 +161,8 @@ def test_rollout_equals_naive_product(models, arch):
     np.testing.assert_allclose(got.sum("source").values, 1.0, rtol=1e-5)
 
 
-@pytest.mark.parametrize("arch", ["marian", "t5"])
-def test_encoder_decoder_rollout_equals_joint_product(models, arch):
-    """The decoder rows of one (S + T) x (S + T) product: encoder rows fixed at [R_enc, 0]."""
-    model = models[arch]
+def naive_joint_rollout(model) -> tuple[np.ndarray, int]:
+    """The decoder rows of one (S + T) x (S + T) product, encoder rows fixed at [R_enc, 0], and S."""
     out, first, end = hf_attentions(model, SOURCE, TARGET)
     encoder = naive_rollout(out.encoder_attentions)
     n_src, n_dec = encoder.shape[0], end
@@ -191,12 +177,36 @@ def test_encoder_decoder_rollout_equals_joint_product(models, arch):
         step[n_src:, :n_src] = 0.5 * cross_map[0].mean(0).double().numpy()
         step[n_src:, n_src:] = 0.5 * np.eye(n_dec)
         joint = step @ joint
-    want = joint[n_src + first - 1 : n_src + end - 1]
+    return joint[n_src + first - 1 : n_src + end - 1], n_src
+
+
+@pytest.mark.parametrize("arch", ["marian", "t5"])
+def test_encoder_decoder_rollout_equals_joint_product(models, arch):
+    """The decoder rows of one (S + T) x (S + T) product: encoder rows fixed at [R_enc, 0]."""
+    model = models[arch]
+    want, n_src = naive_joint_rollout(model)
     got = rollout(model, SOURCE, TARGET, attribute_target=True)
     np.testing.assert_allclose(np.nan_to_num(got.values), want, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(got.sum("source").values, 1.0, rtol=1e-5)
     only_source = rollout(model, SOURCE, TARGET)
     np.testing.assert_allclose(only_source.values, want[:, :n_src], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "t5"])
+def test_a_float64_models_rollout_keeps_float64(arch):
+    """The product of maps is taken in the model's float64, not rounded to float32 on the way."""
+    hf, tok = tiny_model(arch)
+    model = ax.load_model(hf.double(), tokenizer=tok)
+    if model.is_encoder_decoder:
+        want, _ = naive_joint_rollout(model)
+        got = rollout(model, SOURCE, TARGET, attribute_target=True)
+    else:
+        out, first, end = hf_attentions(model, SOURCE, TARGET)
+        want = naive_rollout(out.attentions)[first - 1 : end - 1]
+        got = rollout(model, SOURCE, TARGET)
+    assert got.dtype == np.float64
+    # float32 products are ~1e-7 off: only a float64 product meets 1e-12
+    np.testing.assert_allclose(np.nan_to_num(got.values), want, rtol=1e-12, atol=1e-14)
 
 
 def test_rollout_batched_equals_single(models):

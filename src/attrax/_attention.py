@@ -202,7 +202,9 @@ class _Rollout:
         if self.to_encoder is None or self.to_decoder is None:
             batch, length = mask.shape
             self.to_encoder = self.encoder.new_zeros((batch, length, self.encoder.shape[-1]))
-            self.to_decoder = torch.eye(length, device=mask.device).expand(batch, length, length)
+            self.to_decoder = torch.eye(
+                length, device=mask.device, dtype=self.encoder.dtype
+            ).expand(batch, length, length)
         if stack == "decoder":
             step = _with_residual(weights.to(at_least_float32(weights.dtype)).mean(1), mask)
             self.to_encoder, self.to_decoder = step @ self.to_encoder, step @ self.to_decoder
