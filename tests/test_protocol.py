@@ -241,6 +241,37 @@ def test_a_model_that_outputs_nan_is_an_input_error_for_every_method(nan_model, 
         getattr(ax, name)(nan_model, *PAIRS[0], **SMALL.get(name, {}))
 
 
+# the data model's dtypes (docs/data-model.md): a half-precision model's results come back float32
+_RESULT_DTYPE = {"float32": np.float32, "float64": np.float64, "bfloat16": np.float32}
+
+
+@pytest.fixture(scope="module")
+def typed_models() -> dict[tuple[str, str], ax.Model]:
+    """A decoder-only and an encoder-decoder tiny model in float64 and bfloat16, built once."""
+    from attrax.testing import tiny_model
+
+    built = {}
+    for arch in ("gpt2", "t5"):
+        for dtype in ("float64", "bfloat16"):
+            hf, tok = tiny_model(arch)
+            built[arch, dtype] = ax.load_model(hf.to(getattr(torch, dtype)), tokenizer=tok)
+    return built
+
+
+@pytest.mark.parametrize("dtype", list(_RESULT_DTYPE))
+@pytest.mark.parametrize("arch", ["gpt2", "t5"])
+@pytest.mark.parametrize("name", (*METHODS, "step_scores"))
+def test_every_method_returns_the_data_models_dtype(models, typed_models, name, arch, dtype):
+    """float32, float64 for a float64 model: value zeroing returned float64 for every model,
+    step scores and rollout float32 for a float64 one (and T5's rollout raised)."""
+    model = models[arch] if dtype == "float32" else typed_models[arch, dtype]
+    try:
+        got = getattr(ax, name)(model, *PAIRS[0], **SMALL.get(name, {}))
+    except ax.ModelError:  # the method does not apply to the architecture (ALTI-Logit: T5)
+        pytest.skip(f"{name} does not apply to {arch}")
+    assert got.dtype == _RESULT_DTYPE[dtype]
+
+
 # methods that only evaluate the objective: a score without a gradient is theirs to take
 _EVALUATE_ONLY = {
     "occlusion",

@@ -406,16 +406,18 @@ def _zeroing_scores(
         * (queries * (8 * width + 2 * mlp) + 2 * n_heads * queries * length)
     )
     # held whatever the sizes: the call's own overhead and the distances it returns
-    fixed = CALL_OVERHEAD + batch * queries * length * len(run.layers) * 8
+    kept = at_least_float32(model.dtype)
+    fixed = CALL_OVERHEAD + batch * queries * length * len(run.layers) * kept.itemsize
     per_forward = plan_forwards(
         sources * batch, options["batch_size"], per_copy, model.device, _budget(options), fixed
     )
     tokens_per_forward = max(1, per_forward // batch)
-    out = torch.zeros(batch, queries, length, len(run.layers), dtype=torch.float64)
+    # the data model's dtype; _distance takes each distance in float64 before it lands here
+    out = torch.zeros(batch, queries, length, len(run.layers), dtype=kept)
     out = out.to(model.device)
     for start in range(0, sources, tokens_per_forward):  # memory chunking over zeroed tokens
         zeroed = torch.arange(start, min(sources, start + tokens_per_forward), device=out.device)
-        out[:, :, zeroed] = _zeroed_forward(run, batch, zeroed, similarity, heads)
+        out[:, :, zeroed] = _zeroed_forward(run, batch, zeroed, similarity, heads).to(out.dtype)
     return out
 
 
@@ -480,6 +482,7 @@ def _value_features(
 
 
 def _distance(zeroed: torch.Tensor, clean: torch.Tensor, similarity: str) -> torch.Tensor:
+    # float64: one minus the cosine of near-identical states would cancel to 0 in float32
     zeroed, clean = zeroed.double(), clean.double()
     if similarity == "cosine":
         return 1 - torch.nn.functional.cosine_similarity(zeroed, clean, dim=-1)
