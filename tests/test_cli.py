@@ -114,6 +114,15 @@ def test_attribute_passes_method_options(tmp_path, capsys):
     assert da.attrs["reductions"] == "sum(hidden);rescale(source)"
 
 
+def test_an_option_with_a_space_at_either_end_is_a_string(tmp_path, default_model):
+    """` 5` is a token of the built-in model: JSON would have read it as the number 5."""
+    nc = tmp_path / "contrast.nc"
+    args = ["attribute", "--input", PROMPT, "--target", " 9", "-o", "contrast= 5"]
+    assert main([*args, "--reduce", "none", "--out", str(nc)]) == 0
+    want = ax.saliency(default_model, PROMPT, " 9", contrast=" 5")
+    np.testing.assert_allclose(ax.load(nc).values, want.values, rtol=1e-6)
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [

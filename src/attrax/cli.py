@@ -358,7 +358,8 @@ def _model_options(parser: argparse.ArgumentParser) -> None:
         default=[],
         metavar="KEY=VALUE",
         help="any other keyword option of the method, VALUE as JSON or a plain string "
-        "(e.g. -o baseline=pad -o quadrature=riemann_middle); repeatable",
+        "(e.g. -o baseline=pad -o quadrature=riemann_middle; a space at either end keeps it a "
+        "string: -o 'contrast= 5'); repeatable",
     )
 
 
@@ -573,8 +574,10 @@ def _method_options(args: argparse.Namespace, fn: Any) -> dict[str, Any]:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise OptionError(f"`-o {item}`: expected KEY=VALUE")
+        # text with a space at either end is a string (` 1`, a target token), never JSON's 1
+        plain = value != value.strip()
         try:
-            options[key.strip()] = json.loads(value)
+            options[key.strip()] = value if plain else json.loads(value)
         except ValueError:
             options[key.strip()] = value
     if args.objective is not None:
