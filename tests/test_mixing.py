@@ -626,8 +626,6 @@ def test_unsupported_architectures_are_model_errors(mixing_models):
         ax.value_zeroing(marian, "a b", "c", maps="self")
     with pytest.raises(ax.OptionError, match="needs an encoder-decoder"):
         ax.value_zeroing(mixing_models["gpt2"], "a b", "c", maps="cross")
-    with pytest.raises(ax.OptionError, match="attribute_target=True` is for encoder-decoder"):
-        ax.value_zeroing(mixing_models["gpt2"], "a b", "c", attribute_target=True)
     with pytest.raises(ax.ModelError, match=r"bert.*ALTI-Logit decomposes.*post-norm"):
         ax.alti_logit(mixing_models["bert"], PROMPT)
     hf, tok = tiny_classifier("distilbert")

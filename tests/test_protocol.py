@@ -272,6 +272,19 @@ def test_every_method_returns_the_data_models_dtype(models, typed_models, name, 
     assert got.dtype == _RESULT_DTYPE[dtype]
 
 
+@pytest.mark.parametrize(
+    "name", [n for n in METHODS if "attribute_target" in _options(getattr(ax, n))]
+)
+def test_attribute_target_on_a_decoder_only_model_changes_nothing(models, name):
+    """Its sources hold the target prefix already, for every method alike: value zeroing and
+    ALTI refused the option there while the others took it."""
+    model = models["gpt2"]
+    plain = getattr(ax, name)(model, *PAIRS[0], **SMALL.get(name, {}))
+    both = getattr(ax, name)(model, *PAIRS[0], attribute_target=True, **SMALL.get(name, {}))
+    assert both.dims == plain.dims
+    np.testing.assert_array_equal(both.values, plain.values)
+
+
 # methods that only evaluate the objective: a score without a gradient is theirs to take
 _EVALUATE_ONLY = {
     "occlusion",

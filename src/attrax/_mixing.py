@@ -239,11 +239,6 @@ def value_zeroing(
         if call.options["positions"] is not None:
             raise OptionError("`positions` selects targets; maps='encoder' has no targets")
         return _encoder_zeroing(call, similarity, normalize, layers, heads)
-    if call.options["attribute_target"] and not model.is_encoder_decoder:
-        raise OptionError(
-            "`attribute_target=True` is for encoder-decoder models: a decoder-only model's "
-            "sources already hold the target prefix"
-        )
     t = to_tensors(call.batch, model)
     runs = [_self_run(model, t)] if maps == "self" else _decoder_runs(model, t, call.options)
     chosen = selection_indices(layers, len(runs[0].layers), "layers", "layers")
@@ -821,11 +816,6 @@ def alti(call: Call, *, aggregate: bool = True, layers: Selection = None) -> xr.
     t = to_tensors(call.batch, model)
     if model.is_encoder_decoder:
         return _alti_plus(call, t, aggregate)
-    if call.options["attribute_target"]:
-        raise OptionError(
-            "`attribute_target=True` is for encoder-decoder models: a decoder-only model's "
-            "sources already hold the target prefix"
-        )
     per_layer: list[torch.Tensor] = []
     rolled: list[torch.Tensor] = []
     vectors = _vector_budget(model, t, call.options)
