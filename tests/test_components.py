@@ -23,7 +23,28 @@ def models64() -> dict[str, ax.Model]:
     for arch in ("gpt2", "llama"):
         hf, tok = tiny_model(arch)
         built[arch] = ax.load_model(full_double(hf), tokenizer=tok)
+    _, tok = tiny_model("llama")
+    for arch in ("mistral", "qwen2"):  # Llama's layout; Qwen2's v_proj has a bias
+        built[arch] = ax.load_model(full_double(llama_like(arch, tok)), tokenizer=tok)
     return built
+
+
+def llama_like(arch: str, tok) -> torch.nn.Module:
+    """A tiny random Mistral or Qwen2 causal LM on the Llama test tokenizer."""
+    import transformers as T
+
+    config = getattr(T, {"mistral": "MistralConfig", "qwen2": "Qwen2Config"}[arch])(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    hf = T.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    with torch.no_grad():  # random biases: the zeros Qwen2 starts with would test nothing
+        for module in hf.modules():
+            if isinstance(module, torch.nn.Linear) and module.bias is not None:
+                module.bias.normal_(0, 0.5)
+    return hf.eval()
 
 
 def full_double(hf: torch.nn.Module) -> torch.nn.Module:
@@ -31,7 +52,7 @@ def full_double(hf: torch.nn.Module) -> torch.nn.Module:
     which would leave float32 rounding in the logits the references compare with."""
     hf = hf.double()
     for module in hf.modules():
-        if type(module).__name__ == "LlamaRMSNorm":
+        if type(module).__name__.endswith("RMSNorm"):  # Llama's, Mistral's, Qwen2's
 
             def forward(x: torch.Tensor, m: torch.nn.Module = module) -> torch.Tensor:
                 return (
@@ -163,7 +184,7 @@ def naive_dla(model: ax.Model, source: str, target: str, contrast: str | None = 
     return out, rest, logits, len(src)
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "mistral", "qwen2"])
 @pytest.mark.parametrize("contrast", [None, " Rome"])
 def test_dla_equals_naive_and_sums_back(models64, arch, contrast):
     model = models64[arch]
@@ -206,24 +227,29 @@ def test_dla_selection_and_batched_equals_single(models64):
     assert_close(picked.values, whole.sel(layer=[1], head=[2, 0, -1]).values, 1e-5, 1e-6)
 
 
-def test_dla_sequence_classifier_sums_back():
-    hf, tok = tiny_classifier("gpt2")
-    model = ax.load_model(hf.double(), tokenizer=tok)
+@pytest.mark.parametrize("arch", ["gpt2", "qwen2"])
+def test_dla_sequence_classifier_sums_back(arch):
+    hf, tok = tiny_classifier(arch)
+    model = ax.load_model(full_double(hf), tokenizer=tok)
     got = ax.direct_logit_attribution(model, "a good day", targets=1)
     ids = tok("a good day")["input_ids"]
     found = traced_classifier(model, ids)
     i = len(ids) - 1
     direction = model.hf.score.weight[1]
     proj = readout(model, i, found, direction)
-    emb = model.hf.base_model.wte(torch.tensor(ids[i])) + model.hf.base_model.wpe(torch.tensor(i))
-    rest = proj(emb) + float(model.hf.base_model.ln_f.bias @ direction)
-    rest += sum(proj(b.attn.c_proj.bias) for b in model.hf.base_model.h)
+    base = model.hf.base_model
+    if arch == "gpt2":
+        emb = base.wte(torch.tensor(ids[i])) + base.wpe(torch.tensor(i))
+        rest = proj(emb) + float(base.ln_f.bias @ direction)
+        rest += sum(proj(b.attn.c_proj.bias) for b in base.h)
+    else:  # RMSNorm has no bias, Qwen2's o_proj none
+        rest = proj(base.embed_tokens(torch.tensor(ids[i])))
     total = float(np.nansum(got.values)) + rest
     np.testing.assert_allclose(total, float(found["logits"][1]), rtol=1e-9)
 
 
 def traced_classifier(model: ax.Model, ids: list[int]) -> dict:
-    norm = model.hf.base_model.ln_f
+    norm = modules(model)[-1]
     found: dict = {}
     handle = norm.register_forward_pre_hook(lambda m, a: found.__setitem__("final", a[0][0]))
     with torch.no_grad():
@@ -493,15 +519,28 @@ def test_atp_sequence_classifier_first_order():
 # --- errors, CLI, dataset ------------------------------------------------------------------
 
 
+def _gemma2() -> ax.Model:
+    """A tiny random Gemma 2 (norms before and after each block) on the GPT-2 test tokenizer."""
+    import transformers as T
+
+    _, tok = tiny_model("gpt2")
+    config = T.Gemma2Config(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+        pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return ax.load_model(T.AutoModelForCausalLM.from_config(config), tokenizer=tok)
+
+
 def test_errors(models, models64):
     gpt2 = models64["gpt2"]
     hf, tok = tiny_classifier("bert")
     bert = ax.load_model(hf, tokenizer=tok)
     with pytest.raises(ax.ModelError, match="BertForSequenceClassification"):
         ax.direct_logit_attribution(bert, "a good day", targets=0)
-    hf, tok = tiny_classifier("qwen2")
-    with pytest.raises(ax.ModelError, match="Qwen2ForSequenceClassification"):
-        ax.direct_logit_attribution(ax.load_model(hf, tokenizer=tok), "a good day", targets=0)
+    with pytest.raises(ax.ModelError, match="Gemma2ForCausalLM"):  # sandwich norms
+        ax.direct_logit_attribution(_gemma2(), SOURCE, TARGET)
     hf, tok = tiny_classifier("gpt2", task="token")
     with pytest.raises(ax.ModelError, match="token classifier"):
         ax.direct_logit_attribution(ax.load_model(hf, tokenizer=tok), "a good day", targets=0)

@@ -124,6 +124,11 @@ class _Parts:
         return torch.sqrt(x.pow(2).mean(-1) + self.norm.variance_epsilon)
 
 
+# Llama's layout (self_attn with v_proj / o_proj, mlp, RMSNorm; residual adds around both):
+# Mistral's too, and Qwen2's, whose v_proj has a bias (in the values, so in each head's share)
+_LLAMA_LIKE = ("llama", "mistral", "qwen2")
+
+
 def _parts(model: Model, method: str) -> _Parts:
     """The architecture's modules, or a ModelError naming it."""
     hf = model.hf
@@ -134,11 +139,12 @@ def _parts(model: Model, method: str) -> _Parts:
             f"{method} decomposes decoder-only models (GPT-2, Llama); {name} is an "
             "encoder-decoder, whose decoder also reads the encoder through cross-attention"
         )
-    if kind not in ("gpt2", "llama"):
+    if kind not in ("gpt2", *_LLAMA_LIKE):
         raise ModelError(
             f"{method} has no rule for {name}: it knows the GPT-2 (Conv1D, LayerNorm) and "
-            "Llama (o_proj, RMSNorm) architectures only, as causal LMs or sequence classifiers "
-            "(GPT2ForSequenceClassification, LlamaForSequenceClassification)"
+            "Llama (o_proj, RMSNorm; also Mistral and Qwen2) architectures only, as causal LMs "
+            "or sequence classifiers (GPT2ForSequenceClassification, "
+            "LlamaForSequenceClassification...)"
         )
     if model.task == "token-classification" and method == "direct_logit_attribution":
         raise ModelError(
@@ -160,7 +166,9 @@ def _parts(model: Model, method: str) -> _Parts:
         norm = base.norm
         heads = config.num_attention_heads
     head_dim = getattr(attentions[0], "head_dim", None) or config.hidden_size // heads
-    return _Parts(kind, blocks, attentions, mlps, norm, heads, head_dim)
+    return _Parts(
+        "gpt2" if kind == "gpt2" else "llama", blocks, attentions, mlps, norm, heads, head_dim
+    )
 
 
 def _readout(model: Model, method: str) -> tuple[torch.Tensor, torch.Tensor | None]:
