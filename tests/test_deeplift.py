@@ -252,6 +252,38 @@ def test_deeplift_shap_is_the_mean_over_baselines(double_models):
     assert_close(forward.values, got.sum("hidden", skipna=False).values, rtol=1e-9)
 
 
+def _opt() -> ax.Model:
+    """A tiny random OPT in float64 (ReLU), on the GPT-2 test tokenizer: its MLP runs on the rows
+    and tokens flattened into one dim, ``[rows * L, H]``."""
+    import transformers as T
+
+    _, tok = tiny_model("gpt2")
+    config = T.OPTConfig(
+        vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        ffn_dim=64, word_embed_proj_dim=32, max_position_embeddings=128,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    hf = T.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    return ax.load_model(hf.double().eval(), tokenizer=tok)
+
+
+def test_deeplift_shap_on_a_model_that_flattens_its_tokens():
+    """Each baseline's activations are read row by row: with two baselines the early targets'
+    cut sequences took the first rows of the flattened reference, the first baseline's (OPT's
+    DeepLiftSHAP depended on the baselines' order, 12% off their mean)."""
+    model = _opt()
+    source, target = PAIRS[0]
+    wants = [naive_deeplift(model, source, target, baseline=b) for b in ("zeros", "pad")]
+    for baselines in (["zeros", "pad"], ["pad", "zeros"]):
+        got = ax.deeplift_shap(model, source, target, baselines=baselines)
+        assert_close(got.values, np.mean(wants, axis=0))
+    batched = ax.deeplift_shap(model, [PAIRS[0][0], PAIRS[1][0]], [PAIRS[0][1], PAIRS[1][1]])
+    single = ax.deeplift_shap(model, *PAIRS[1])
+    picked = batched.isel(example=1).sel(target=single.target, source=single.source)
+    assert_close(picked.values, single.values, rtol=1e-9)
+
+
 def test_deeplift_shap_samples_draw_the_baselines(double_models):
     model = double_models["gpt2"]
     source, target = PAIRS[0]

@@ -115,6 +115,7 @@ class _References:
     def __init__(self, kinds: frozenset[str]) -> None:
         self.kinds = kinds
         self.saved: list[torch.Tensor] = []
+        self.length = 1  # tokens per row of the reference forward (record sets it)
         self.recording = False
         self.calls = 0
         self.values: dict[int, torch.Tensor] = {}  # point index -> objective at its baseline
@@ -144,6 +145,11 @@ class _References:
                 "activations the same way on every forward"
             )
         # a decoder-only chunk of early targets runs on a cut sequence: causal, so the prefix
+        if u.shape[0] != reference.shape[0] and reference.shape[0] % self.length == 0:
+            # rows flattened with their tokens (OPT's MLP runs on [rows * L, H]): cut each row
+            rows = reference.shape[0] // self.length
+            cut = reference.unflatten(0, (rows, self.length))[:, : u.shape[0] // rows]
+            reference = cut.flatten(0, 1)
         reference = reference[tuple(slice(0, s) for s in u.shape)]
         return _Rescale.apply(u, reference, kind)[0]
 
@@ -156,6 +162,7 @@ class _References:
         The first one also runs the input itself (stacked first), for ``f(x)`` of the gap.
         """
         first = self.end is None
+        self.length = bases[0].shape[-2]  # the tokens of a row; one side: decoder-only's
         if first:
             bases = tuple(
                 torch.cat([xi[None], b]) for xi, b in zip(problem.inputs, bases, strict=True)
