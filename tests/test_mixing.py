@@ -387,6 +387,81 @@ def test_value_zeroing_matches_naive(mixing_models, arch, similarity):
         assert np.isnan(got.values[k, seen:]).all()
 
 
+def _fused(family: str) -> ax.Model:
+    """A tiny random Pythia (GPT-NeoX: each head's query, key and value side by side in one
+    projection) or Phi-3 (all queries, then keys, then values) in float64, GPT-2's tokenizer."""
+    import transformers as T
+
+    _, tok = tiny_model("gpt2")
+    sizes = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
+    # Phi-3's default pad id lies past this vocabulary
+    ids = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=None)
+    if family == "pythia":
+        config = T.GPTNeoXConfig(vocab_size=len(tok), **sizes, **ids)
+    else:
+        config = T.Phi3Config(vocab_size=len(tok), num_key_value_heads=2, **sizes, **ids)
+    torch.manual_seed(0)
+    hf = T.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    return ax.load_model(hf.double().eval(), tokenizer=tok)
+
+
+def naive_fused_zeroing(model: ax.Model, ids: torch.Tensor, heads=None) -> torch.Tensor:
+    """distances[layer, query, zeroed token] (cosine), one forward per (layer, token), zeroing
+    token j's values where each family's fused projection keeps them."""
+    hf, config = model.hf, model.hf.config
+    n, d = config.num_attention_heads, config.hidden_size // config.num_attention_heads
+    layers = hf.base_model.layers
+    with torch.no_grad():
+        clean = hf.base_model(input_ids=ids, output_hidden_states=True).hidden_states
+    length = ids.shape[1]
+    out = torch.zeros(len(layers), length, length, dtype=torch.float64)
+    for layer, block in enumerate(layers):
+        if config.model_type == "gpt_neox":
+            module = block.attention.query_key_value
+        else:
+            module = block.self_attn.qkv_proj
+        for j in range(length):
+
+            def zero(_m, _a, output, j=j):
+                output = output.clone()
+                chosen = range(n) if heads is None else heads
+                if config.model_type == "gpt_neox":  # [heads, (q, k, v), d] per token
+                    view = output.view(*output.shape[:2], n, 3, d)
+                    for h in chosen:
+                        view[:, j, h, 2] = 0
+                else:  # [q (n d), k (kv d), v (kv d)]
+                    kv = config.num_key_value_heads
+                    for h in chosen:
+                        start = (n + kv) * d + h * d
+                        output[:, j, start : start + d] = 0
+                return output
+
+            handle = module.register_forward_hook(zero)
+            with torch.no_grad():
+                states = hf.base_model(input_ids=ids, output_hidden_states=True).hidden_states
+            handle.remove()
+            a, b = states[layer + 1][0], clean[layer + 1][0]
+            for i in range(length):
+                out[layer, i, j] = 1 - torch.nn.functional.cosine_similarity(a[i], b[i], dim=0)
+    return out
+
+
+@pytest.mark.parametrize("family", ["pythia", "phi3"])
+def test_value_zeroing_of_fused_projections_matches_naive(family):
+    model = _fused(family)
+    ids, queries = ids_and_queries(model, PROMPT, TARGET)
+    got = ax.value_zeroing(model, PROMPT, TARGET, normalize=False)
+    one_head = ax.value_zeroing(model, PROMPT, TARGET, normalize=False, heads=[1])
+    for result, raw in ((got, naive_fused_zeroing(model, ids)), (one_head, None)):
+        raw = naive_fused_zeroing(model, ids, heads=[1]) if raw is None else raw
+        for k, q in enumerate(queries):
+            want = raw[:, q, : q + 1].T.numpy()  # [source, layer]
+            want = np.where(want < 1e-5, 0.0, want)  # Inseq's threshold
+            np.testing.assert_allclose(result.values[k, : q + 1], want, atol=1e-9)
+            assert np.isnan(result.values[k, q + 1 :]).all()
+    assert not np.allclose(got.values, one_head.values, equal_nan=True)
+
+
 def naive_seq2seq_zeroing(model: ax.Model, source_ids, target_ids, which: str):
     """distances[layer, query, zeroed token] of an encoder-decoder, one forward per (layer,
     token): ``which`` is "encoder" (encoder self-attention, encoder states), "cross" (the

@@ -91,7 +91,9 @@ class _Layer:
     block: torch.nn.Module
     attention: torch.nn.Module
     values: torch.nn.Module  # the value projection (whose output holds the value vectors)
-    value_slice: slice  # the features of its output that are values
+    # the features of its output that are values, head by head: a slice, or their indices where
+    # a fused projection interleaves them with queries and keys
+    value_features: slice | torch.Tensor
 
 
 def _layers(model: Model, stack: str = "self") -> list[_Layer]:
@@ -119,7 +121,9 @@ def _layers(model: Model, stack: str = "self") -> list[_Layer]:
     return layers
 
 
-def _value_projection(model: Model, attention: torch.nn.Module) -> tuple[torch.nn.Module, slice]:
+def _value_projection(
+    model: Model, attention: torch.nn.Module
+) -> tuple[torch.nn.Module, slice | torch.Tensor]:
     # T5 records its sub-layer (T5LayerCrossAttention): the projections are one module down
     for owner in (attention, *attention.children()):
         for name in _VALUE_PROJECTIONS:
@@ -130,9 +134,23 @@ def _value_projection(model: Model, attention: torch.nn.Module) -> tuple[torch.n
     if isinstance(fused, torch.nn.Module) and not getattr(attention, "is_cross_attention", False):
         width = int(getattr(attention, "split_size", model.hidden_size))
         return fused, slice(2 * width, 3 * width)
+    config = model.hf.config
+    heads = _arch.heads(config, "self") or 1
+    head_dim = getattr(attention, "head_dim", None) or getattr(attention, "head_size", None)
+    head_dim = int(head_dim or model.hidden_size // heads)
+    fused = getattr(attention, "qkv_proj", None)  # Phi-3: all queries, then keys, then values
+    if isinstance(fused, torch.nn.Linear):
+        kv = getattr(config, "num_key_value_heads", None) or heads
+        return fused, slice((heads + kv) * head_dim, None)
+    fused = getattr(attention, "query_key_value", None)
+    if isinstance(fused, torch.nn.Linear) and _architecture(model) == "gpt_neox":
+        # GPT-NeoX: each head's query, key and value side by side, values at 2d..3d of every 3d
+        within = torch.arange(2 * head_dim, 3 * head_dim)
+        return fused, (torch.arange(heads)[:, None] * 3 * head_dim + within).flatten()
     raise ModelError(
         f"{model.name} ({_architecture(model)}): attrax finds no value projection in "
-        f"{type(attention).__name__} (looked for {', '.join(_VALUE_PROJECTIONS)}, c_attn)"
+        f"{type(attention).__name__} (looked for {', '.join(_VALUE_PROJECTIONS)}, c_attn, "
+        "qkv_proj, and GPT-NeoX's query_key_value)"
     )
 
 
@@ -437,7 +455,9 @@ def _zeroed_forward(
 
     def zero_values(layer: _Layer) -> Callable[..., Any]:
         def hook(_module: torch.nn.Module, _args: Any, output: torch.Tensor) -> torch.Tensor:
-            features = _value_features(output.shape[-1], layer.value_slice, run.value_heads, heads)
+            features = _value_features(
+                output.shape[-1], layer.value_features, run.value_heads, heads
+            )
             features = features.to(output.device)
             # zero the value features of the zeroed token, keep its queries and keys
             return output.masked_fill(features & ~keep[:, :, None], 0.0)
@@ -464,16 +484,15 @@ def _zeroed_forward(
 
 
 def _value_features(
-    width: int, values: slice, n_heads: int, heads: list[int] | None
+    width: int, values: slice | torch.Tensor, n_heads: int, heads: list[int] | None
 ) -> torch.Tensor:
-    """Which of a value projection's ``width`` output features are the zeroed heads' values."""
-    index = torch.arange(width)
-    start, stop = values.start or 0, width if values.stop is None else values.stop
-    inside = (index >= start) & (index < stop)
-    if heads is None:
-        return inside
-    head_of = (index - start) // ((stop - start) // n_heads)
-    return inside & torch.isin(head_of, torch.tensor(heads))
+    """Which of a value projection's ``width`` output features are the zeroed heads' values
+    (``values``: the value features, head by head)."""
+    chosen = torch.arange(width)[values]
+    if heads is not None:
+        head_of = torch.arange(len(chosen)) // (len(chosen) // n_heads)
+        chosen = chosen[torch.isin(head_of, torch.tensor(heads))]
+    return torch.zeros(width, dtype=torch.bool).index_fill_(0, chosen, True)
 
 
 def _distance(zeroed: torch.Tensor, clean: torch.Tensor, similarity: str) -> torch.Tensor:
@@ -600,7 +619,7 @@ class _Decomposition:
 
         def keep_values(module: torch.nn.Module, _args: Any, output: torch.Tensor) -> None:
             name, index = values_of[id(module)]
-            self.values[name, index] = output[..., self.stacks[name][index].value_slice]
+            self.values[name, index] = output[..., self.stacks[name][index].value_features]
 
         handles = [
             modules[key].register_forward_pre_hook(keep_input, with_kwargs=True)
