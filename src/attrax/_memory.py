@@ -348,6 +348,9 @@ FLOAT32_TENSORS: dict[str, dict[str, dict[str, float]]] = {
         "llama": {"backward": 3, "forward": 8, "inference": 1},
         "encoder-decoder": {"backward": 1, "forward": 5, "inference": 0},
     },
+    # Llama under SDPA on the CPU: no float32 softmax weights beside their copy (0.83 of
+    # float32 per point measured, against 0.95 eager)
+    "cpu-sdpa": {"llama": {"backward": 0, "forward": 5, "inference": 1}},
     "eager": {"llama": {"backward": 0, "forward": 2, "inference": 0}},
 }
 
@@ -363,12 +366,14 @@ def _entry_bytes(
     (32, 32)
     >>> _entry_bytes("llama", "forward", 2, "cuda"), _entry_bytes("llama", "forward", 2, "cuda", False)
     (20, 16)
+    >>> _entry_bytes("llama", "forward", 2, "cpu", eager=False)
+    26
     """
     units = LIVE_TENSORS[family][kind]
     if element_size >= 4:
         return units * element_size
     if device == "cpu":
-        table = FLOAT32_TENSORS["cpu"]
+        table = FLOAT32_TENSORS["cpu"] | ({} if eager else FLOAT32_TENSORS["cpu-sdpa"])
     elif eager:
         table = FLOAT32_TENSORS["eager"]
     else:
