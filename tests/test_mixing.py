@@ -60,6 +60,9 @@ def value_parts(model: ax.Model, block, x: torch.Tensor):
     elif hasattr(block, "attn"):
         d = config.n_embd
         v = block.attn.c_attn(block.ln_1(x))[..., 2 * d :]
+    elif hasattr(block.self_attn, "qkv_proj"):  # Phi-3: queries, keys, then values
+        kv, hd = config.num_key_value_heads, config.hidden_size // heads
+        v = block.self_attn.qkv_proj(block.input_layernorm(x))[..., (heads + kv) * hd :]
     else:
         v = block.self_attn.v_proj(block.input_layernorm(x))
     kv = getattr(config, "num_key_value_heads", heads) or heads
@@ -141,9 +144,9 @@ def naive_alti_layers(model: ax.Model, ids: torch.Tensor):
     return per_layer
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", [*ARCHS, "phi3"])
 def test_alti_matches_naive_per_layer_and_rollout(mixing_models, arch):
-    model = mixing_models[arch]
+    model = mixing_models[arch] if arch != "phi3" else _fused("phi3")
     target = None if arch == "bert" else TARGET
     ids, queries = ids_and_queries(model, PROMPT, target)
     layers = naive_alti_layers(model, ids)
@@ -602,12 +605,15 @@ def test_value_zeroing_copies_per_forward_do_not_change_scores(mixing_models):
     assert chunked.layer.values.tolist() == [whole.sizes["layer"] - 1]
 
 
-@pytest.mark.parametrize("kind", ["lm", "llama_contrast", "classifier"])
+@pytest.mark.parametrize("kind", ["lm", "llama_contrast", "phi3", "classifier"])
 def test_alti_logit_matches_naive(mixing_models, kind):
     """GPT-2 (LayerNorm: centered direction), Llama with a contrast (RMSNorm: no centering; the
-    unembedding row minus the contrast's) and a GPT-2 sequence classifier, against loops."""
-    if kind in ("lm", "llama_contrast"):
-        model = mixing_models["gpt2" if kind == "lm" else "llama"]
+    unembedding row minus the contrast's), Phi-3 (values in a fused projection) and a GPT-2
+    sequence classifier, against loops."""
+    if kind in ("lm", "llama_contrast", "phi3"):
+        model = (
+            _fused("phi3") if kind == "phi3" else mixing_models["gpt2" if kind == "lm" else "llama"]
+        )
         contrast = " Rome." if kind == "llama_contrast" else None
         ids, queries = ids_and_queries(model, PROMPT, TARGET)
         got = ax.alti_logit(model, PROMPT, TARGET, contrast=contrast, aggregate=False)
