@@ -24,16 +24,17 @@ def models64() -> dict[str, ax.Model]:
         hf, tok = tiny_model(arch)
         built[arch] = ax.load_model(full_double(hf), tokenizer=tok)
     _, tok = tiny_model("llama")
-    for arch in ("mistral", "qwen2"):  # Llama's layout; Qwen2's v_proj has a bias
+    for arch in ("mistral", "qwen2", "phi3"):  # Llama's layout; Qwen2's v_proj has a bias
         built[arch] = ax.load_model(full_double(llama_like(arch, tok)), tokenizer=tok)
     return built
 
 
 def llama_like(arch: str, tok) -> torch.nn.Module:
-    """A tiny random Mistral or Qwen2 causal LM on the Llama test tokenizer."""
+    """A tiny random Mistral, Qwen2 or Phi-3 causal LM on the Llama test tokenizer."""
     import transformers as T
 
-    config = getattr(T, {"mistral": "MistralConfig", "qwen2": "Qwen2Config"}[arch])(
+    names = {"mistral": "MistralConfig", "qwen2": "Qwen2Config", "phi3": "Phi3Config"}
+    config = getattr(T, names[arch])(
         vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, pad_token_id=tok.pad_token_id,
         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
@@ -72,7 +73,8 @@ def modules(model: ax.Model):
         return blocks, attn, [a.c_proj for a in attn], [a.c_attn for a in attn], hf.base_model.ln_f
     blocks = list(hf.base_model.layers)
     attn = [b.self_attn for b in blocks]
-    return blocks, attn, [a.o_proj for a in attn], [a.v_proj for a in attn], hf.base_model.norm
+    values = [getattr(a, "v_proj", None) or a.qkv_proj for a in attn]  # Phi-3: one fused
+    return blocks, attn, [a.o_proj for a in attn], values, hf.base_model.norm
 
 
 def token_ids(model: ax.Model, source: str, target: str) -> tuple[list[int], list[int]]:
@@ -160,6 +162,8 @@ def naive_dla(model: ax.Model, source: str, target: str, contrast: str | None = 
             if config.model_type == "gpt2":
                 v_all = v_all[:, 2 * config.hidden_size :]
             else:  # grouped values: query head h reads key-value head h // group
+                if config.model_type == "phi3":  # [q (heads d), k (kv d), v (kv d)]
+                    v_all = v_all[:, (heads + config.num_key_value_heads) * d :]
                 v_all = v_all.unflatten(-1, (-1, d))
                 v_all = v_all.repeat_interleave(heads // v_all.shape[1], dim=1).flatten(1)
             w = w_out(model, layer)
@@ -184,7 +188,7 @@ def naive_dla(model: ax.Model, source: str, target: str, contrast: str | None = 
     return out, rest, logits, len(src)
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama", "mistral", "qwen2"])
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "mistral", "qwen2", "phi3"])
 @pytest.mark.parametrize("contrast", [None, " Rome"])
 def test_dla_equals_naive_and_sums_back(models64, arch, contrast):
     model = models64[arch]

@@ -103,15 +103,21 @@ class _Parts:
 
     def value_module(self, layer: int) -> torch.nn.Module:
         attention = self.attentions[layer]
-        return attention.c_attn if self.kind == "gpt2" else attention.v_proj
+        if self.kind == "gpt2":
+            return attention.c_attn
+        return getattr(attention, "v_proj", None) or attention.qkv_proj  # Phi-3's fused one
 
     def values(self, layer: int, output: torch.Tensor) -> torch.Tensor:
         """Value vectors ``[B, L, heads, head_dim]`` from :meth:`value_module`'s output (GPT-2's
-        third of ``c_attn``; Llama's key-value heads repeated for the query heads they serve)."""
+        third of ``c_attn``, Phi-3's values after its queries and keys; Llama's key-value heads
+        repeated for the query heads they serve)."""
         if self.kind == "gpt2":
             width = self.heads * self.head_dim
             output = output[..., 2 * width : 3 * width]
             return output.unflatten(-1, (self.heads, self.head_dim))
+        if not hasattr(self.attentions[layer], "v_proj"):  # [queries, keys, values]
+            kv = (output.shape[-1] // self.head_dim - self.heads) // 2
+            output = output[..., (self.heads + kv) * self.head_dim :]
         v = output.unflatten(-1, (-1, self.head_dim))
         return v.repeat_interleave(self.heads // v.shape[-2], dim=-2)
 
@@ -125,8 +131,9 @@ class _Parts:
 
 
 # Llama's layout (self_attn with v_proj / o_proj, mlp, RMSNorm; residual adds around both):
-# Mistral's too, and Qwen2's, whose v_proj has a bias (in the values, so in each head's share)
-_LLAMA_LIKE = ("llama", "mistral", "qwen2")
+# Mistral's too, Qwen2's, whose v_proj has a bias (in the values, so in each head's share), and
+# Phi-3's, whose values come out of one qkv_proj after the queries and keys
+_LLAMA_LIKE = ("llama", "mistral", "qwen2", "phi3")
 
 
 def _parts(model: Model, method: str) -> _Parts:
@@ -142,7 +149,7 @@ def _parts(model: Model, method: str) -> _Parts:
     if kind not in ("gpt2", *_LLAMA_LIKE):
         raise ModelError(
             f"{method} has no rule for {name}: it knows the GPT-2 (Conv1D, LayerNorm) and "
-            "Llama (o_proj, RMSNorm; also Mistral and Qwen2) architectures only, as causal LMs "
+            "Llama (o_proj, RMSNorm; also Mistral, Qwen2, Phi-3) architectures only, as causal LMs "
             "or sequence classifiers (GPT2ForSequenceClassification, "
             "LlamaForSequenceClassification...)"
         )
