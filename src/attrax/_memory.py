@@ -348,8 +348,8 @@ FLOAT32_TENSORS: dict[str, dict[str, dict[str, float]]] = {
         "llama": {"backward": 3, "forward": 8, "inference": 1},
         "encoder-decoder": {"backward": 1, "forward": 5, "inference": 0},
     },
-    # Llama under SDPA on the CPU: no float32 softmax weights beside their copy (0.83 of
-    # float32 per point measured, against 0.95 eager)
+    # Llama under SDPA on the CPU: no float32 softmax weights beside their bfloat16 copy, so
+    # fewer of the forward's units stay float32 than under eager attention (docs/memory.md)
     "cpu-sdpa": {"llama": {"backward": 0, "forward": 5, "inference": 1}},
     "eager": {"llama": {"backward": 0, "forward": 2, "inference": 0}},
 }
