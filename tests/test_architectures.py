@@ -39,7 +39,12 @@ CONFIGS = {
         attn_logit_softcapping=3.0,
         **SIZES,
     ),
-    "phi3": lambda v: T.Phi3Config(vocab_size=v, intermediate_size=64, **SIZES),
+    "phi3": lambda v: T.Phi3Config(
+        vocab_size=v, intermediate_size=64, num_key_value_heads=2, **SIZES
+    ),
+    "mistral": lambda v: T.MistralConfig(
+        vocab_size=v, intermediate_size=64, num_key_value_heads=2, **SIZES
+    ),
     "opt": lambda v: T.OPTConfig(
         vocab_size=v, ffn_dim=64, word_embed_proj_dim=32, max_position_embeddings=128, **SIZES
     ),

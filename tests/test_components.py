@@ -12,6 +12,7 @@ import attrax as ax
 from attrax.cli import main
 from attrax.testing import tiny_classifier, tiny_model
 from tests.conftest import PAIRS, assert_close
+from tests.test_architectures import _family
 
 SOURCE, TARGET = PAIRS[0]
 CORRUPTED = "The capital of Spain is"  # as many tokens as SOURCE in both tiny tokenizers
@@ -30,17 +31,8 @@ def models64() -> dict[str, ax.Model]:
 
 
 def llama_like(arch: str, tok) -> torch.nn.Module:
-    """A tiny random Mistral, Qwen2 or Phi-3 causal LM on the Llama test tokenizer."""
-    import transformers as T
-
-    names = {"mistral": "MistralConfig", "qwen2": "Qwen2Config", "phi3": "Phi3Config"}
-    config = getattr(T, names[arch])(
-        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, pad_token_id=tok.pad_token_id,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    hf = T.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    """A tiny random Mistral, Qwen2 or Phi-3 causal LM on ``tok``, its biases random."""
+    hf = _family(arch, tok, attn_implementation="eager")
     with torch.no_grad():  # random biases: the zeros Qwen2 starts with would test nothing
         for module in hf.modules():
             if isinstance(module, torch.nn.Linear) and module.bias is not None:
@@ -525,16 +517,8 @@ def test_atp_sequence_classifier_first_order():
 
 def _gemma2() -> ax.Model:
     """A tiny random Gemma 2 (norms before and after each block) on the GPT-2 test tokenizer."""
-    import transformers as T
-
     _, tok = tiny_model("gpt2")
-    config = T.Gemma2Config(
-        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-        pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    return ax.load_model(T.AutoModelForCausalLM.from_config(config), tokenizer=tok)
+    return ax.load_model(_family("gemma2", tok), tokenizer=tok)
 
 
 def test_errors(models, models64):
@@ -1579,7 +1563,6 @@ def test_atp_other_decoder_families_first_order(family, site):
     head, position) equals the central difference of really patching it along ``clean + s *
     (corrupted - clean)``, hooks on the modules of the table above. BLOOM's MLP adds the
     residual stream itself: its MLP site is refused."""
-    from tests.test_architectures import _family
 
     _, tok = tiny_model("gpt2")
     model = ax.load_model(_family(family, tok).double(), tokenizer=tok)

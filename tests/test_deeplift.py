@@ -14,6 +14,7 @@ from attrax.cli import main
 from attrax.testing import tiny_classifier, tiny_model
 from tests import _naive
 from tests.conftest import PAIRS, assert_close
+from tests.test_architectures import _family
 
 # the elementwise activation modules of the tiny models, named here (not read from attrax)
 EVERY = (
@@ -255,16 +256,8 @@ def test_deeplift_shap_is_the_mean_over_baselines(double_models):
 def _opt() -> ax.Model:
     """A tiny random OPT in float64 (ReLU), on the GPT-2 test tokenizer: its MLP runs on the rows
     and tokens flattened into one dim, ``[rows * L, H]``."""
-    import transformers as T
-
     _, tok = tiny_model("gpt2")
-    config = T.OPTConfig(
-        vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-        ffn_dim=64, word_embed_proj_dim=32, max_position_embeddings=128,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    hf = T.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    hf = _family("opt", tok, attn_implementation="eager")
     return ax.load_model(hf.double().eval(), tokenizer=tok)
 
 

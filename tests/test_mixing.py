@@ -16,6 +16,7 @@ from attrax._inputs import prepare, to_tensors
 from attrax.cli import main
 from attrax.testing import tiny_classifier, tiny_model
 from tests import _naive
+from tests.test_architectures import _family
 
 PROMPT, TARGET = "The capital of France is", " Paris."
 ARCHS = ("gpt2", "llama", "bert")
@@ -393,18 +394,8 @@ def test_value_zeroing_matches_naive(mixing_models, arch, similarity):
 def _fused(family: str) -> ax.Model:
     """A tiny random Pythia (GPT-NeoX: each head's query, key and value side by side in one
     projection) or Phi-3 (all queries, then keys, then values) in float64, GPT-2's tokenizer."""
-    import transformers as T
-
     _, tok = tiny_model("gpt2")
-    sizes = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
-    # Phi-3's default pad id lies past this vocabulary
-    ids = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=None)
-    if family == "pythia":
-        config = T.GPTNeoXConfig(vocab_size=len(tok), **sizes, **ids)
-    else:
-        config = T.Phi3Config(vocab_size=len(tok), num_key_value_heads=2, **sizes, **ids)
-    torch.manual_seed(0)
-    hf = T.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    hf = _family(family, tok, attn_implementation="eager")
     return ax.load_model(hf.double().eval(), tokenizer=tok)
 
 
