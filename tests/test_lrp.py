@@ -97,13 +97,30 @@ def _attention_messages(
     return r_q, r_k, r_v, absorbed
 
 
+def _query_key_value(att, queries: int, keys: int) -> list[tuple]:
+    """(weight, bias) of the query, key and value projections: three, or Phi-3's one fused
+    ``qkv_proj`` cut in three (``queries`` rows, then ``keys`` and ``keys``)."""
+    if hasattr(att, "qkv_proj"):
+        return [(w, None) for w in att.qkv_proj.weight.split([queries, keys, keys])]
+    return [(p.weight, p.bias) for p in (att.q_proj, att.k_proj, att.v_proj)]
+
+
+def _gate_up(mlp) -> tuple:
+    """(gate weight, up weight, activation) of a gated MLP: two projections, or Phi-3's fused
+    ``gate_up_proj`` (gate rows first)."""
+    if hasattr(mlp, "gate_up_proj"):
+        return (*mlp.gate_up_proj.weight.chunk(2), mlp.activation_fn)
+    return mlp.gate_proj.weight, mlp.up_proj.weight, mlp.act_fn
+
+
 @torch.no_grad()
 def llama_lrp_reference(
     hf, ids: list[int], position: int, target: int, rule: str, head: torch.Tensor | None = None
 ) -> tuple[np.ndarray, float, float]:
     """Relevance ``[T, H]`` of the token embeddings for the logit of ``target`` read at
     ``position``, the relevance the softmaxes absorb, and the logit. The Llama family: Qwen2's
-    query/key/value biases keep their shares, Gemma's norms scale by ``1 + weight``; ``head``:
+    query/key/value biases keep their shares, Gemma's norms scale by ``1 + weight``, Phi-3's
+    projections are fused; ``head``:
     the output projection's rows (default: the LM head's; a classifier's ``score``)."""
     cfg = hf.config
     hidden, heads, kv = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads
@@ -119,7 +136,8 @@ def llama_lrp_reference(
         att, mlp = layer.self_attn, layer.mlp
         scale = att.scaling  # Gemma: query_pre_attn_scalar ** -0.5
         n1 = _rms(h, _norm_scale(layer.input_layernorm), eps)
-        q, k, v = (p(n1) for p in (att.q_proj, att.k_proj, att.v_proj))  # Qwen2: biases
+        projections = _query_key_value(att, heads * d, kv * d)
+        q, k, v = (n1 @ w.T + (0 if b is None else b) for w, b in projections)  # Qwen2: biases
         q, k, v = q.view(t, heads, d), k.view(t, kv, d), v.view(t, kv, d)
         qr = torch.einsum("tnm,thm->thn", rot, q)
         kr = torch.einsum("tnm,thm->thn", rot, k)
@@ -131,8 +149,9 @@ def llama_lrp_reference(
         attn = o.reshape(t, heads * d) @ att.o_proj.weight.T
         h1 = h + attn
         n2 = _rms(h1, _norm_scale(layer.post_attention_layernorm), eps)
-        g, u = n2 @ mlp.gate_proj.weight.T, n2 @ mlp.up_proj.weight.T
-        z = mlp.act_fn(g) * u  # SiLU; Gemma: tanh-GELU
+        w_gate, w_up, act = _gate_up(mlp)
+        g, u = n2 @ w_gate.T, n2 @ w_up.T
+        z = act(g) * u  # SiLU; Gemma: tanh-GELU
         out = z @ mlp.down_proj.weight.T
         h2 = h1 + out
         saved.append(
@@ -155,8 +174,8 @@ def llama_lrp_reference(
             r_g, r_u = r_z / 2, r_z / 2
         else:  # CP-LRP: the gate is a constant, all to u
             r_g, r_u = torch.zeros_like(r_z), r_z
-        r_n2 = _linear_messages(n2, mlp.gate_proj.weight, r_g, g)
-        r_n2 = r_n2 + _linear_messages(n2, mlp.up_proj.weight, r_u, u)
+        w_gate, w_up, _ = _gate_up(mlp)
+        r_n2 = _linear_messages(n2, w_gate, r_g, g) + _linear_messages(n2, w_up, r_u, u)
         r_h1 = r_h1 + r_n2  # RMSNorm with its scale constant: elementwise, passes R unchanged
         r_h, r_attn = h / h1 * r_h1, attn / h1 * r_h1
         r_o = _linear_messages(o.reshape(t, heads * d), att.o_proj.weight, r_attn, attn)
@@ -170,9 +189,10 @@ def llama_lrp_reference(
         else:
             r_q, r_k = torch.zeros_like(q), torch.zeros_like(k)
         r_v = r_vf.reshape(t, kv, group, d).sum(2)  # copies of a kv head add up
+        projections = _query_key_value(att, heads * d, kv * d)
         r_n1 = sum(
-            _linear_messages(n1, p.weight, r.reshape(t, -1), y.reshape(t, -1))
-            for p, r, y in ((att.q_proj, r_q, q), (att.k_proj, r_k, k), (att.v_proj, r_v, v))
+            _linear_messages(n1, w, r.reshape(t, -1), y.reshape(t, -1))
+            for (w, _), r, y in zip(projections, (r_q, r_k, r_v), (q, k, v), strict=True)
         )
         relevance = r_h + r_n1
     logit = float(final[position] @ head)
@@ -259,6 +279,224 @@ def test_gpt2_equals_explicit_layer_by_layer_lrp(rule):
     for k, position in enumerate(got.target.values.tolist()):
         want = gpt2_lrp_reference(model.hf, ids, position - 1, int(got.target_id[k]), rule)
         np.testing.assert_allclose(got[k].fillna(0).values, want, rtol=1e-7, atol=1e-10)
+
+
+def _partial_rotations(cos: torch.Tensor, sin: torch.Tensor, d: int) -> torch.Tensor:
+    """RoPE on the first ``cos.shape[-1]`` of ``d`` dims (GPT-NeoX's rotary share), the identity
+    on the rest, as one matrix per position ``[T, d, d]``."""
+    t, r = cos.shape
+    m = torch.eye(d, dtype=cos.dtype).repeat(t, 1, 1)
+    m[:, :r, :r] = _rotations(cos, sin)
+    return m
+
+
+@torch.no_grad()
+def neox_lrp_reference(
+    hf, ids: list[int], position: int, target: int, rule: str, head: torch.Tensor | None = None
+) -> np.ndarray:
+    """Relevance ``[T, H]`` of GPT-NeoX's (Pythia's) token embeddings for the logit of
+    ``target`` at ``position``: parallel residual ``h + attention(ln1 h) + mlp(ln2 h)`` (or
+    sequential, ``h1 = h + attention(ln1 h)``, ``h1 + mlp(ln2 h1)``), a query/key/value
+    projection fused per head, RoPE on a share of each head, biases; ``head``: the output
+    projection's rows (default: the LM head's; a classifier's ``score``)."""
+    cfg, body = hf.config, hf.gpt_neox
+    hidden, heads = cfg.hidden_size, cfg.num_attention_heads
+    d, t = hidden // heads, len(ids)
+    x = body.embed_in.weight[torch.tensor(ids)]
+    cos, sin = body.rotary_emb(x[None], torch.arange(t)[None])
+    rot = _partial_rotations(cos[0].double(), sin[0].double(), d)
+    causal = torch.ones(t, t, dtype=torch.bool).tril()
+    saved, h = [], x
+    for layer in body.layers:
+        att, mlp = layer.attention, layer.mlp
+        n1 = layer.input_layernorm(h)
+        qkv = att.query_key_value(n1)
+        q, k, v = qkv.view(t, heads, 3 * d).split(d, -1)  # per head: its query, key, value
+        qr = torch.einsum("tnm,thm->thn", rot, q)
+        kr = torch.einsum("tnm,thm->thn", rot, k)
+        s = torch.einsum("ihd,jhd->hij", qr, kr) * d**-0.5
+        s = s.masked_fill(~causal, -torch.inf)
+        a = torch.softmax(s, -1)
+        o = torch.einsum("hij,jhd->ihd", a, v)
+        attn = att.dense(o.reshape(t, hidden))
+        h1 = h if layer.use_parallel_residual else h + attn  # what the MLP's norm reads
+        n2 = layer.post_attention_layernorm(h1)
+        f = mlp.dense_h_to_4h(n2)
+        out = mlp.dense_4h_to_h(torch.nn.functional.gelu(f))
+        h2 = h + attn + out
+        saved.append((layer, h, n1, qkv, q, k, v, qr, kr, s, a, o, attn, h1, n2, f, out, h2))
+        h = h2
+    final = body.final_layer_norm(h)
+    head = (hf.get_output_embeddings().weight if head is None else head)[target]
+    r_final = torch.zeros(t, hidden, dtype=x.dtype)
+    r_final[position] = final[position] * head
+    relevance = _layer_norm_messages(h, body.final_layer_norm, r_final, final)
+    for layer, h, n1, qkv, q, k, v, qr, kr, s, a, o, attn, h1, n2, f, out, h2 in reversed(saved):
+        att, mlp = layer.attention, layer.mlp
+        # h2 = h + attn + out: split in proportion to the three summands
+        r_h, r_attn, r_out = (part / h2 * relevance for part in (h, attn, out))
+        r_gelu = _linear_messages(
+            torch.nn.functional.gelu(f), mlp.dense_4h_to_h.weight, r_out, out
+        )  # identity rule: R passes through GELU unchanged
+        r_n2 = _linear_messages(n2, mlp.dense_h_to_4h.weight, r_gelu, f)
+        r_h1 = _layer_norm_messages(h1, layer.post_attention_layernorm, r_n2, n2)
+        if layer.use_parallel_residual:
+            r_h = r_h + r_h1
+        else:  # h1 = h + attn: split in proportion
+            r_h, r_attn = r_h + h / h1 * r_h1, r_attn + attn / h1 * r_h1
+        r_o = _linear_messages(o.reshape(t, hidden), att.dense.weight, r_attn, attn)
+        r_qr, r_kr, r_v, _ = _attention_messages(
+            qr, kr, v, s, a, o, r_o.view(t, heads, d), d**-0.5, rule
+        )
+        if rule == "attnlrp":  # RoPE: LRP-0 of a rotation (the identity past its share)
+            r_q = q * torch.einsum("tnm,thn->thm", rot, r_qr / qr)
+            r_k = k * torch.einsum("tnm,thn->thm", rot, r_kr / kr)
+        else:
+            r_q, r_k = torch.zeros_like(q), torch.zeros_like(k)
+        r_qkv = torch.cat([r_q, r_k, r_v], -1).reshape(t, 3 * hidden)
+        r_n1 = _linear_messages(n1, att.query_key_value.weight, r_qkv, qkv)
+        relevance = r_h + _layer_norm_messages(h, layer.input_layernorm, r_n1, n1)
+    return relevance.numpy()
+
+
+@torch.no_grad()
+def opt_lrp_reference(hf, ids: list[int], position: int, target: int, rule: str) -> np.ndarray:
+    """Relevance ``[T, W]`` of OPT's token embeddings for the logit of ``target`` at
+    ``position``: learned positions (rows offset by 2) keep their share, LayerNorms before each
+    block's attention and MLP (or, as OPT-350m, after each residual sum, with no final norm),
+    the query scaled after its projection, ReLU, and ``project_in``/``project_out`` between the
+    embeddings' width ``W`` and the blocks' where they differ."""
+    cfg, body = hf.config, hf.model.decoder
+    hidden, heads, pre = cfg.hidden_size, cfg.num_attention_heads, cfg.do_layer_norm_before
+    d, t = hidden // heads, len(ids)
+    x = body.embed_tokens.weight[torch.tensor(ids)]
+    e = x if body.project_in is None else x @ body.project_in.weight.T
+    h = e + body.embed_positions.weight[torch.arange(t) + 2]
+    h0 = h
+    causal = torch.ones(t, t, dtype=torch.bool).tril()
+
+    def norm_before(ln, h: torch.Tensor) -> torch.Tensor:
+        return ln(h) if pre else h
+
+    def norm_after(ln, h: torch.Tensor) -> torch.Tensor:
+        return h if pre else ln(h)
+
+    saved = []
+    for layer in body.layers:
+        att, ln1, ln2 = layer.self_attn, layer.self_attn_layer_norm, layer.final_layer_norm
+        n1 = norm_before(ln1, h)
+        ql, k, v = att.q_proj(n1), att.k_proj(n1), att.v_proj(n1)
+        q = ql * att.scaling
+        s = torch.einsum("ihd,jhd->hij", q.view(t, heads, d), k.view(t, heads, d))
+        s = s.masked_fill(~causal, -torch.inf)
+        a = torch.softmax(s, -1)
+        o = torch.einsum("hij,jhd->ihd", a, v.view(t, heads, d))
+        attn = att.out_proj(o.reshape(t, hidden))
+        s1 = h + attn
+        h1 = norm_after(ln1, s1)
+        n2 = norm_before(ln2, h1)
+        f = layer.fc1(n2)
+        out = layer.fc2(torch.relu(f))
+        s2 = h1 + out
+        h2 = norm_after(ln2, s2)
+        saved.append((layer, h, n1, ql, q, k, v, s, a, o, attn, s1, h1, n2, f, out, s2, h2))
+        h = h2
+    final = h if body.final_layer_norm is None else body.final_layer_norm(h)
+    projected = final if body.project_out is None else final @ body.project_out.weight.T
+    head = hf.lm_head.weight[target]
+    r_projected = torch.zeros_like(projected)
+    r_projected[position] = projected[position] * head
+    relevance = r_projected
+    if body.project_out is not None:
+        relevance = _linear_messages(final, body.project_out.weight, r_projected, projected)
+    if body.final_layer_norm is not None:
+        relevance = _layer_norm_messages(h, body.final_layer_norm, relevance, final)
+    for layer, h, n1, ql, q, k, v, s, a, o, attn, s1, h1, n2, f, out, s2, h2 in reversed(saved):
+        att, ln1, ln2 = layer.self_attn, layer.self_attn_layer_norm, layer.final_layer_norm
+        r_s2 = relevance if pre else _layer_norm_messages(s2, ln2, relevance, h2)
+        r_h1, r_out = h1 / s2 * r_s2, out / s2 * r_s2  # the residual sum, in proportion
+        r_relu = _linear_messages(torch.relu(f), layer.fc2.weight, r_out, out)
+        r_n2 = _linear_messages(n2, layer.fc1.weight, r_relu, f)  # ReLU: identity rule
+        r_h1 = r_h1 + (_layer_norm_messages(h1, ln2, r_n2, n2) if pre else r_n2)
+        r_s1 = r_h1 if pre else _layer_norm_messages(s1, ln1, r_h1, h1)
+        r_h, r_attn = h / s1 * r_s1, attn / s1 * r_s1
+        r_o = _linear_messages(o.reshape(t, hidden), att.out_proj.weight, r_attn, attn)
+        r_q, r_k, r_v, _ = _attention_messages(
+            q.view(t, heads, d), k.view(t, heads, d), v.view(t, heads, d), s, a, o,
+            r_o.view(t, heads, d), 1.0, rule,
+        )  # fmt: skip
+        # q = scaling * ql: a constant factor passes relevance on unchanged
+        r_n1 = sum(
+            _linear_messages(n1, p.weight, r.reshape(t, hidden), y)
+            for p, r, y in ((att.q_proj, r_q, ql), (att.k_proj, r_k, k), (att.v_proj, r_v, v))
+        )
+        relevance = r_h + (_layer_norm_messages(h, ln1, r_n1, n1) if pre else r_n1)
+    r_e = e / h0 * relevance  # the position embeddings keep their share
+    if body.project_in is None:
+        return r_e.numpy()
+    return _linear_messages(x, body.project_in.weight, r_e, e).numpy()
+
+
+def _neighbour(family: str, **config) -> tuple:
+    """A tiny random GPT-NeoX or OPT (not in attrax.testing; eager attention, weights large
+    enough that the nonlinearities bend) on the tiny GPT-2's tokenizer."""
+    import transformers
+
+    _, tok = tiny_model("gpt2")
+    sizes = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4}
+    common = {"vocab_size": len(tok), "initializer_range": 0.3, "pad_token_id": tok.pad_token_id}
+    if family == "gpt_neox":
+        cfg = transformers.GPTNeoXConfig(intermediate_size=64, **sizes, **common, **config)
+    else:
+        cfg = transformers.OPTConfig(
+            ffn_dim=64, max_position_embeddings=64, **sizes, **common, **config
+        )
+    cfg.bos_token_id = cfg.eos_token_id = tok.eos_token_id
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(cfg).eval(), tok
+
+
+NEIGHBOURS = {
+    "pythia": lambda: _neighbour("gpt_neox"),  # a quarter of each head rotated
+    "pythia-sequential": lambda: _neighbour(
+        "gpt_neox", use_parallel_residual=False, partial_rotary_factor=1.0
+    ),
+    "opt": lambda: _neighbour("opt", word_embed_proj_dim=32),
+    "opt-projected": lambda: _neighbour("opt", word_embed_proj_dim=16),  # project_in/out
+    # OPT-350m's layout: a LayerNorm after each residual sum, no final norm
+    "opt-post-ln": lambda: _neighbour("opt", word_embed_proj_dim=16, do_layer_norm_before=False),
+}
+
+
+@pytest.mark.parametrize("rule", ["attnlrp", "cp-lrp"])
+@pytest.mark.parametrize("arch", list(NEIGHBOURS))
+def test_neox_and_opt_equal_explicit_layer_by_layer_lrp(arch, rule):
+    model = _double(*NEIGHBOURS[arch]())
+    got = ax.lrp(model, PROMPT, TARGET, rule=rule)
+    ids = got.source_id.values.tolist()
+    reference = opt_lrp_reference if arch.startswith("opt") else neox_lrp_reference
+    for k, position in enumerate(got.target.values.tolist()):
+        want = reference(model.hf, ids, position - 1, int(got.target_id[k]), rule)
+        np.testing.assert_allclose(got[k].fillna(0).values, want, rtol=1e-7, atol=1e-10)
+
+
+@pytest.mark.parametrize("rule", ["attnlrp", "cp-lrp"])
+def test_a_pythia_classifier_equals_explicit_layer_by_layer_lrp(rule):
+    # GPT-NeoX's sequence head: its `score` rows read at the last token
+    import transformers
+
+    hf, tok = NEIGHBOURS["pythia"]()
+    hf.config.num_labels = 3
+    torch.manual_seed(1)
+    hf = transformers.GPTNeoXForSequenceClassification(hf.config).eval()
+    model = _double(hf, tok)
+    got = ax.lrp(model, "the plot was good", [0, 1, 2], rule=rule)
+    ids = got.source_id.values.tolist()
+    for k in range(got.sizes["target"]):
+        cls = int(got.target_class[k])
+        want = neox_lrp_reference(hf, ids, len(ids) - 1, cls, rule, head=hf.score.weight)
+        np.testing.assert_allclose(got[k].values, want, rtol=1e-7, atol=1e-10)
 
 
 # the explicit reference for BERT-family classifiers (post-LayerNorm blocks, biases, a head)
@@ -465,6 +703,8 @@ BIAS_FREE = {
     "gpt2": lambda: tiny_model("gpt2"),
     "mistral": lambda: _causal_lm("Mistral"),
     "gemma": lambda: _causal_lm("Gemma"),
+    "phi3": lambda: _causal_lm("Phi3"),
+    **NEIGHBOURS,
     "marian": lambda: tiny_model("marian"),
     "bart": lambda: tiny_model("bart"),
     "bert": lambda: tiny_classifier("bert"),
@@ -490,19 +730,23 @@ def test_cp_lrp_is_exactly_conservative_without_biases(arch):
         got = ax.lrp(model, "the plot was good", rule="cp-lrp")
     else:
         got = ax.lrp(model, "the plot was good", [0, 1, 2], rule="cp-lrp")
-    # float64 rounding; transformers' RMSNorm rounds to float32 even in a float64 model, so
-    # there the explained logits (its forward) carry float32 roundings (~1e-7 per layer)
-    tolerance = 1e-5 if arch in ("mistral", "gemma") else 1e-9
+    # float64 rounding; transformers' RMSNorm and GPT-NeoX's and OPT's eager softmax round
+    # to float32 even in a float64 model, so there the explained logits (their forward, which
+    # runs eager attention once attrax has loaded the model) carry float32 roundings (~1e-7
+    # per layer)
+    islands = ("mistral", "gemma", "phi3", *NEIGHBOURS)
+    tolerance = 1e-5 if arch in islands else 1e-9
     np.testing.assert_allclose(
         got.sum(("source", "hidden")).values, _logits(model, got), rtol=tolerance, atol=tolerance
     )
 
 
 @pytest.mark.parametrize("rule", ["attnlrp", "cp-lrp"])
-@pytest.mark.parametrize("arch", ["qwen2", "mistral", "gemma"])
+@pytest.mark.parametrize("arch", ["qwen2", "mistral", "gemma", "phi3"])
 def test_llama_family_equals_explicit_layer_by_layer_lrp(arch, rule):
     # Qwen2 (a classifier: biased q/k/v, the score head at the last token), Mistral, Gemma
-    # (1 + weight norms, scaled embeddings, tanh-GELU gate, its own attention scaling)
+    # (1 + weight norms, scaled embeddings, tanh-GELU gate, its own attention scaling), Phi-3
+    # (fused q/k/v and gate/up projections)
     if arch == "qwen2":
         model = _double(*tiny_classifier("qwen2"))
         got = ax.lrp(model, "the plot was good", [0, 1, 2], rule=rule)
@@ -522,10 +766,10 @@ def test_llama_family_equals_explicit_layer_by_layer_lrp(arch, rule):
         np.testing.assert_allclose(got[k].fillna(0).values, want, rtol=1e-7, atol=1e-10)
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "phi3", "pythia", "opt-projected"])
 def test_the_rules_keep_the_forward(arch):
     # the rewritten modules compute the same values (float32): only the backward changes
-    hf, tok = tiny_model(arch)
+    hf, tok = tiny_model(arch) if arch in ("gpt2", "llama") else BIAS_FREE[arch]()
     llama = ax.load_model(hf, tokenizer=tok)
     ids = torch.tensor([[1, 5, 9, 14, 3]])
     embeds, mask = llama.embed(ids), torch.ones_like(ids)
@@ -560,15 +804,17 @@ def test_the_rules_keep_the_classifiers_forward(arch, task):
 
 
 @pytest.mark.parametrize(
-    "arch", ["gpt2", "bert", "roberta", "xlm-roberta", "electra", "distilbert", "marian"]
+    "arch",
+    ["gpt2", "bert", "roberta", "xlm-roberta", "electra", "distilbert", "marian", "pythia", "opt"],
 )
 def test_batched_equals_single(arch):
-    # padding is masked in attrax's LRP attention as in the model's own (causal, bidirectional)
+    # padding is masked in attrax's LRP attention as in the model's own (causal, bidirectional);
+    # OPT counts its positions from the mask
     if arch in ENCODERS:
         model = _double(*tiny_classifier(arch))
         prompts, targets = ["the plot was good", "bad"], [[0, 2], [1, 2]]
     else:
-        model = _double(*tiny_model(arch))
+        model = _double(*(NEIGHBOURS[arch]() if arch in NEIGHBOURS else tiny_model(arch)))
         prompts, targets = [PROMPT, "def f(x):"], [TARGET, " return x + 1"]
     batched = ax.lrp(model, prompts, targets)
     for b, (prompt, target) in enumerate(zip(prompts, targets, strict=True)):

@@ -181,6 +181,15 @@ def _gated_mlp(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     return module.down_proj(_uniform(module.act_fn(gate), module.up_proj(x)))
 
 
+def _fused_gated_mlp(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Phi-3's ``down(up * act(gate))``, gate and up from one fused projection: the rules of
+    :func:`_gated_mlp`."""
+    gate, up = module.gate_up_proj(x).chunk(2, dim=-1)
+    if _rule() == "cp-lrp":
+        return module.down_proj(up * module.activation_fn(gate.detach()))
+    return module.down_proj(_uniform(module.activation_fn(gate), up))
+
+
 def _tanh_head(module: torch.nn.Module, features: torch.Tensor, **_: Any) -> torch.Tensor:
     """RoBERTa's and XLM-R's classification head, ``out_proj(tanh(dense(features[:, 0])))``,
     whose ``torch.tanh`` is a function call, not a module: here it gets the identity rule."""
@@ -195,10 +204,12 @@ _PATCHED: dict[str, Callable[..., torch.Tensor]] = {
     "Qwen2RMSNorm": _rms_norm,
     "MistralRMSNorm": _rms_norm,
     "GemmaRMSNorm": _gemma_rms_norm,
+    "Phi3RMSNorm": _rms_norm,
     "LlamaMLP": _gated_mlp,
     "Qwen2MLP": _gated_mlp,
     "MistralMLP": _gated_mlp,
     "GemmaMLP": _gated_mlp,
+    "Phi3MLP": _fused_gated_mlp,
     "RobertaClassificationHead": _tanh_head,
     "XLMRobertaClassificationHead": _tanh_head,
 }
@@ -213,6 +224,9 @@ _ATTENTION = frozenset(
         "Qwen2Attention",
         "MistralAttention",
         "GemmaAttention",
+        "Phi3Attention",  # a fused q/k/v projection (a Linear), split by reshapes
+        "GPTNeoXAttention",  # fused per head, rotary on a part of each head (constants)
+        "OPTAttention",  # the query scaled before the call (a constant factor)
         "BertSelfAttention",
         "RobertaSelfAttention",
         "XLMRobertaSelfAttention",
@@ -246,7 +260,7 @@ _LINEAR = frozenset(
         "GPT2ForTokenClassification",
         *(
             f"{family}{part}"
-            for family in ("Llama", "Qwen2", "Mistral", "Gemma")
+            for family in ("Llama", "Qwen2", "Mistral", "Gemma", "Phi3")
             for part in (
                 "RotaryEmbedding",
                 "DecoderLayer",
@@ -254,6 +268,31 @@ _LINEAR = frozenset(
                 "ForCausalLM",
                 "ForSequenceClassification",
                 "ForTokenClassification",
+            )
+        ),
+        # GPT-NeoX (Pythia): its parallel residual adds both branches to the input (a sum)
+        *(
+            f"GPTNeoX{part}"
+            for part in (
+                "RotaryEmbedding",
+                "Layer",
+                "MLP",
+                "Model",
+                "ForCausalLM",
+                "ForSequenceClassification",
+                "ForTokenClassification",
+            )
+        ),
+        # OPT: positions are an Embedding's rows (offset 2), project_in/out Linears
+        *(
+            f"OPT{part}"
+            for part in (
+                "LearnedPositionalEmbedding",
+                "Decoder",
+                "DecoderLayer",
+                "Model",
+                "ForCausalLM",
+                "ForSequenceClassification",
             )
         ),
         # BERT and the encoders whose blocks are BERT's computation (RoBERTa and XLM-R differ in
@@ -290,9 +329,10 @@ _LINEAR = frozenset(
     }
 )
 # attributes through which the allowed modules call their activation (BERT's
-# `intermediate_act_fn`, ELECTRA's head and DistilBERT's FFN `activation`, GPT-2's `act`,
-# gated MLPs' `act_fn`): each must be a module, which the walk then checks
-_ACTIVATION_SLOTS = ("intermediate_act_fn", "activation", "act", "act_fn")
+# `intermediate_act_fn`, ELECTRA's head and DistilBERT's FFN `activation`, GPT-2's and
+# GPT-NeoX's `act`, gated MLPs' `act_fn`, OPT's and Phi-3's `activation_fn`): each must be a
+# module, which the walk then checks
+_ACTIVATION_SLOTS = ("intermediate_act_fn", "activation", "act", "act_fn", "activation_fn")
 # modules with generic class names, allowed by qualified name only (module.qualname)
 _QUALIFIED = frozenset(
     f"transformers.models.distilbert.modeling_distilbert.{name}"
@@ -309,6 +349,9 @@ ARCHITECTURES = (
     "qwen2",
     "mistral",
     "gemma",
+    "phi3",
+    "gpt_neox",
+    "opt",
     "bert",
     "roberta",
     "xlm-roberta",
