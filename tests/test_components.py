@@ -7,12 +7,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
 import attrax as ax
 from attrax.cli import main
 from attrax.testing import tiny_classifier, tiny_model
 from tests.conftest import PAIRS, assert_close
-from tests.test_architectures import _family
+from tests.test_architectures import CONFIGS, _family
 
 SOURCE, TARGET = PAIRS[0]
 CORRUPTED = "The capital of Spain is"  # as many tokens as SOURCE in both tiny tokenizers
@@ -27,7 +28,39 @@ def models64() -> dict[str, ax.Model]:
     _, tok = tiny_model("llama")
     for arch in ("mistral", "qwen2", "phi3"):  # Llama's layout; Qwen2's v_proj has a bias
         built[arch] = ax.load_model(full_double(llama_like(arch, tok)), tokenizer=tok)
+    for arch in NEIGHBOURS:
+        built[arch] = ax.load_model(neighbour(arch, tok).double(), tokenizer=tok)
     return built
+
+
+# GPT-NeoX (Pythia: parallel residual, per-head fused query/key/value) and OPT (its MLP no
+# module, learned positions; with project_in/out where the embeddings are narrower)
+NEIGHBOURS = {
+    "pythia": ("pythia", {}),
+    "pythia-sequential": ("pythia", {"use_parallel_residual": False}),
+    "opt": ("opt", {}),
+    "opt-projected": ("opt", {"word_embed_proj_dim": 16}),
+}
+
+
+def neighbour(arch: str, tok) -> torch.nn.Module:
+    """A tiny random GPT-NeoX or OPT causal LM on ``tok``, its biases random."""
+    family, changes = NEIGHBOURS[arch]
+    config = CONFIGS[family](len(tok))
+    for key, value in changes.items():
+        setattr(config, key, value)
+    config.pad_token_id, config.bos_token_id, config.eos_token_id = (
+        tok.pad_token_id, tok.bos_token_id, tok.eos_token_id,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    hf = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    with torch.no_grad():  # random biases and norm weights: zeros and ones would test less
+        for name, parameter in hf.named_parameters():
+            if name.endswith("bias"):
+                parameter.normal_(0, 0.5)
+            elif "layer_norm" in name or "layernorm" in name:
+                parameter.normal_(1, 0.3)
+    return hf.eval()
 
 
 def llama_like(arch: str, tok) -> torch.nn.Module:
@@ -57,12 +90,23 @@ def full_double(hf: torch.nn.Module) -> torch.nn.Module:
 
 
 def modules(model: ax.Model):
-    """(blocks, attention modules, output projections, value modules, mlps, final norm)."""
+    """(blocks, attention modules, output projections, value modules, final norm)."""
     hf = model.hf
     if hf.config.model_type == "gpt2":
         blocks = list(hf.base_model.h)
         attn = [b.attn for b in blocks]
         return blocks, attn, [a.c_proj for a in attn], [a.c_attn for a in attn], hf.base_model.ln_f
+    if hf.config.model_type == "gpt_neox":
+        blocks = list(hf.base_model.layers)
+        attn = [b.attention for b in blocks]
+        values = [a.query_key_value for a in attn]
+        return blocks, attn, [a.dense for a in attn], values, hf.base_model.final_layer_norm
+    if hf.config.model_type == "opt":
+        decoder = hf.base_model.decoder
+        blocks = list(decoder.layers)
+        attn = [b.self_attn for b in blocks]
+        values = [a.v_proj for a in attn]
+        return blocks, attn, [a.out_proj for a in attn], values, decoder.final_layer_norm
     blocks = list(hf.base_model.layers)
     attn = [b.self_attn for b in blocks]
     values = [getattr(a, "v_proj", None) or a.qkv_proj for a in attn]  # Phi-3: one fused
@@ -94,9 +138,13 @@ def traced(model: ax.Model, ids: list[int]) -> dict:
                 lambda m, a, layer=layer: found["z"].__setitem__(layer, a[0][0])
             )
         )
+        # OPT's MLP is fc1, ReLU, fc2 inline in its block, on [L, H] for one example
+        mlp = blocks[layer].fc2 if model.hf.config.model_type == "opt" else blocks[layer].mlp
         handles.append(
-            blocks[layer].mlp.register_forward_hook(
-                lambda m, a, o, layer=layer: found["mlp"].__setitem__(layer, o[0])
+            mlp.register_forward_hook(
+                lambda m, a, o, layer=layer: found["mlp"].__setitem__(
+                    layer, o.view(-1, *o.shape[-2:])[0]
+                )
             )
         )
     handles.append(norm.register_forward_pre_hook(lambda m, a: found.__setitem__("final", a[0][0])))
@@ -114,11 +162,19 @@ def readout(model: ax.Model, i: int, found: dict, direction: torch.Tensor):
     scale frozen at its value for ``x_i``."""
     norm = modules(model)[-1]
     x = found["final"][i]
-    if model.hf.config.model_type == "gpt2":
+    if model.hf.config.model_type in ("gpt2", "gpt_neox", "opt"):  # LayerNorm
         sigma = torch.sqrt(x.var(unbiased=False) + norm.eps)
-        return lambda c: float((norm.weight * (c - c.mean()) / sigma) @ direction)
+        return lambda c: head_read(model, norm.weight * (c - c.mean()) / sigma, direction)
     rms = torch.sqrt(x.pow(2).mean() + norm.variance_epsilon)
     return lambda c: float((norm.weight * c / rms) @ direction)
+
+
+def head_read(model: ax.Model, y: torch.Tensor, direction: torch.Tensor) -> float:
+    """``direction`` read off the final norm's output ``y``: through OPT's ``project_out`` where
+    it has one."""
+    decoder = getattr(model.hf.base_model, "decoder", None)
+    out = getattr(decoder, "project_out", None)
+    return float((y if out is None else out(y)) @ direction)
 
 
 def w_out(model: ax.Model, layer: int) -> torch.Tensor:
@@ -153,7 +209,11 @@ def naive_dla(model: ax.Model, source: str, target: str, contrast: str | None = 
             v_all = found["v"][layer]
             if config.model_type == "gpt2":
                 v_all = v_all[:, 2 * config.hidden_size :]
-            else:  # grouped values: query head h reads key-value head h // group
+            elif config.model_type == "gpt_neox":  # per head: query, key, value
+                v_all = v_all.unflatten(-1, (heads, 3 * d))[..., 2 * d :].flatten(1)
+            elif (
+                config.model_type != "opt"
+            ):  # grouped values: query head h reads key-value head h // group
                 if config.model_type == "phi3":  # [q (heads d), k (kv d), v (kv d)]
                     v_all = v_all[:, (heads + config.num_key_value_heads) * d :]
                 v_all = v_all.unflatten(-1, (-1, d))
@@ -174,13 +234,18 @@ def naive_dla(model: ax.Model, source: str, target: str, contrast: str | None = 
         emb = model.hf.get_input_embeddings()(torch.tensor(ids[i]))
         if config.model_type == "gpt2":
             emb = emb + model.hf.base_model.wpe(torch.tensor(i))
-            norm = modules(model)[-1]
-            rest[k] += float(norm.bias @ direction)
+        if config.model_type == "opt":  # positions are rows 2, 3, ... of their table
+            decoder = model.hf.base_model.decoder
+            if decoder.project_in is not None:
+                emb = decoder.project_in(emb)
+            emb = emb + decoder.embed_positions.weight[i + 2]
+        if config.model_type in ("gpt2", "gpt_neox", "opt"):  # the final LayerNorm's shift
+            rest[k] += head_read(model, modules(model)[-1].bias, direction)
         rest[k] += proj(emb)
     return out, rest, logits, len(src)
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama", "mistral", "qwen2", "phi3"])
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "mistral", "qwen2", "phi3", *NEIGHBOURS])
 @pytest.mark.parametrize("contrast", [None, " Rome"])
 def test_dla_equals_naive_and_sums_back(models64, arch, contrast):
     model = models64[arch]
@@ -221,6 +286,30 @@ def test_dla_selection_and_batched_equals_single(models64):
     whole = full.isel(example=0).dropna("target", how="all")
     whole = whole.isel(source=slice(0, picked.sizes["source"]))
     assert_close(picked.values, whole.sel(layer=[1], head=[2, 0, -1]).values, 1e-5, 1e-6)
+
+
+@pytest.mark.parametrize("arch", ["pythia", "opt-projected"])
+def test_dla_batched_equals_single_on_neox_and_opt(models64, arch):
+    # OPT's fc2 runs on [B * L, H]: each example's MLP rows are cut back out of it
+    model = models64[arch]
+    pairs = PAIRS[:2]
+    full = ax.direct_logit_attribution(model, [s for s, _ in pairs], [t for _, t in pairs])
+    for e, (s, t) in enumerate(pairs):
+        single = ax.direct_logit_attribution(model, s, t)
+        part = full.isel(example=e).dropna("target", how="all")
+        part = part.isel(source=slice(0, single.sizes["source"]))
+        # their eager attention takes its softmax in float32 even in a float64 model
+        assert_close(part.values, single.values, rtol=1e-5, atol=1e-6)
+
+
+def test_dla_refuses_a_post_layer_norm_opt():
+    # OPT-350m's layout: a LayerNorm after each block rescales the stream before the head
+    _, tok = tiny_model("llama")
+    config = CONFIGS["opt"](len(tok))
+    config.do_layer_norm_before = False
+    model = ax.load_model(AutoModelForCausalLM.from_config(config), tokenizer=tok)
+    with pytest.raises(ax.ModelError, match="normalises after each block"):
+        ax.direct_logit_attribution(model, SOURCE, TARGET)
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "qwen2"])

@@ -9,6 +9,7 @@ import re
 import numpy as np
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
 import attrax as ax
 from attrax import _mixing
@@ -16,10 +17,18 @@ from attrax._inputs import prepare, to_tensors
 from attrax.cli import main
 from attrax.testing import tiny_classifier, tiny_model
 from tests import _naive
-from tests.test_architectures import _family
+from tests.test_architectures import CONFIGS, _family
 
 PROMPT, TARGET = "The capital of France is", " Paris."
 ARCHS = ("gpt2", "llama", "bert")
+
+# built by _fused besides Pythia and Phi-3: GPT-NeoX with a sequential residual, OPT with and
+# without project_in/out (embeddings narrower than the blocks)
+NEIGHBOURS = {
+    "pythia-sequential": ("pythia", {"use_parallel_residual": False}),
+    "opt": ("opt", {}),
+    "opt-projected": ("opt", {"word_embed_proj_dim": 16}),
+}
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +58,20 @@ def blocks(model: ax.Model):
     hf = model.hf
     if is_bert(model):
         return list(hf.bert.encoder.layer)
+    if hasattr(hf, "gpt_neox"):
+        return list(hf.gpt_neox.layers)
+    if hasattr(hf.base_model, "decoder"):  # OPT
+        return list(hf.base_model.decoder.layers)
     return list(hf.transformer.h) if hasattr(hf, "transformer") else list(hf.model.layers)
+
+
+def attention_of(block) -> torch.nn.Module:
+    """A decoder block's attention module (GPT-2's `attn`, GPT-NeoX's `attention`, Llama's and
+    OPT's `self_attn`)."""
+    for name in ("attn", "attention", "self_attn"):
+        if hasattr(block, name):
+            return getattr(block, name)
+    raise AssertionError(f"no attention in {type(block).__name__}")
 
 
 def value_parts(model: ax.Model, block, x: torch.Tensor):
@@ -61,6 +83,12 @@ def value_parts(model: ax.Model, block, x: torch.Tensor):
     elif hasattr(block, "attn"):
         d = config.n_embd
         v = block.attn.c_attn(block.ln_1(x))[..., 2 * d :]
+    elif hasattr(block, "attention"):  # GPT-NeoX: each head's query, key, value side by side
+        hd = config.hidden_size // heads
+        qkv = block.attention.query_key_value(block.input_layernorm(x))
+        v = qkv.unflatten(-1, (heads, 3 * hd))[..., 2 * hd :].flatten(-2)
+    elif hasattr(block, "self_attn_layer_norm"):  # OPT
+        v = block.self_attn.v_proj(block.self_attn_layer_norm(x))
     elif hasattr(block.self_attn, "qkv_proj"):  # Phi-3: queries, keys, then values
         kv, hd = config.num_key_value_heads, config.hidden_size // heads
         v = block.self_attn.qkv_proj(block.input_layernorm(x))[..., (heads + kv) * hd :]
@@ -73,14 +101,19 @@ def value_parts(model: ax.Model, block, x: torch.Tensor):
 
 def project(model: ax.Model, block, z: torch.Tensor) -> torch.Tensor:
     """The attention output projection of a concatenated-heads vector, without its bias."""
-    if is_bert(model):
-        dense = block.attention.output.dense
-    elif hasattr(block, "attn"):
-        dense = block.attn.c_proj
-    else:
-        dense = block.self_attn.o_proj
+    dense = output_projection(model, block)
     bias = dense.bias if dense.bias is not None else 0
     return dense(z) - bias
+
+
+def output_projection(model: ax.Model, block) -> torch.nn.Module:
+    if is_bert(model):
+        return block.attention.output.dense
+    attention = attention_of(block)
+    for name in ("c_proj", "dense", "out_proj", "o_proj"):  # GPT-2, GPT-NeoX, OPT, Llama
+        if hasattr(attention, name):
+            return getattr(attention, name)
+    raise AssertionError(f"no output projection in {type(attention).__name__}")
 
 
 def naive_alti_layers(model: ax.Model, ids: torch.Tensor):
@@ -95,7 +128,7 @@ def naive_alti_layers(model: ax.Model, ids: torch.Tensor):
     if is_bert(model):
         modules = [b.attention.output for b in blocks(model)]  # BertSelfOutput: LN(x + attn)
     else:
-        modules = [b.attn if hasattr(b, "attn") else b.self_attn for b in blocks(model)]
+        modules = [attention_of(b) for b in blocks(model)]
     handles = [m.register_forward_hook(grab) for m in modules]
     with torch.no_grad(), model.attention_as("eager"):
         out = hf(input_ids=ids, output_attentions=True, output_hidden_states=True)
@@ -131,8 +164,7 @@ def naive_alti_layers(model: ax.Model, ids: torch.Tensor):
                 bias = ln.weight * (dense.bias - dense.bias.mean()) / sigma[:, None] + ln.bias
                 torch.testing.assert_close(T.sum(1) + bias, y, rtol=1e-9, atol=1e-9)
             else:
-                dense = modules[layer]
-                proj = dense.c_proj if hasattr(dense, "c_proj") else dense.o_proj
+                proj = output_projection(model, block)
                 bias = proj.bias if proj.bias is not None else 0
                 y = x[0] + captured[layer][0]
                 torch.testing.assert_close(T.sum(1) + bias, y, rtol=1e-9, atol=1e-9)
@@ -145,9 +177,9 @@ def naive_alti_layers(model: ax.Model, ids: torch.Tensor):
     return per_layer
 
 
-@pytest.mark.parametrize("arch", [*ARCHS, "phi3"])
+@pytest.mark.parametrize("arch", [*ARCHS, "phi3", "pythia", *NEIGHBOURS])
 def test_alti_matches_naive_per_layer_and_rollout(mixing_models, arch):
-    model = mixing_models[arch] if arch != "phi3" else _fused("phi3")
+    model = mixing_models[arch] if arch in ARCHS else _fused(arch)
     target = None if arch == "bert" else TARGET
     ids, queries = ids_and_queries(model, PROMPT, target)
     layers = naive_alti_layers(model, ids)
@@ -393,9 +425,21 @@ def test_value_zeroing_matches_naive(mixing_models, arch, similarity):
 
 def _fused(family: str) -> ax.Model:
     """A tiny random Pythia (GPT-NeoX: each head's query, key and value side by side in one
-    projection) or Phi-3 (all queries, then keys, then values) in float64, GPT-2's tokenizer."""
+    projection), Phi-3 (all queries, then keys, then values) or one of :data:`NEIGHBOURS` in
+    float64, GPT-2's tokenizer."""
     _, tok = tiny_model("gpt2")
-    hf = _family(family, tok, attn_implementation="eager")
+    if family not in NEIGHBOURS:
+        hf = _family(family, tok, attn_implementation="eager")
+        return ax.load_model(hf.double().eval(), tokenizer=tok)
+    name, changes = NEIGHBOURS[family]
+    config = CONFIGS[name](len(tok))
+    for key, value in changes.items():
+        setattr(config, key, value)
+    config.pad_token_id, config.bos_token_id, config.eos_token_id = (
+        tok.pad_token_id, tok.bos_token_id, tok.eos_token_id,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    hf = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
     return ax.load_model(hf.double().eval(), tokenizer=tok)
 
 
@@ -596,20 +640,24 @@ def test_value_zeroing_copies_per_forward_do_not_change_scores(mixing_models):
     assert chunked.layer.values.tolist() == [whole.sizes["layer"] - 1]
 
 
-@pytest.mark.parametrize("kind", ["lm", "llama_contrast", "phi3", "classifier"])
+@pytest.mark.parametrize(
+    "kind", ["lm", "llama_contrast", "phi3", "pythia", "opt-projected", "classifier"]
+)
 def test_alti_logit_matches_naive(mixing_models, kind):
     """GPT-2 (LayerNorm: centered direction), Llama with a contrast (RMSNorm: no centering; the
-    unembedding row minus the contrast's), Phi-3 (values in a fused projection) and a GPT-2
-    sequence classifier, against loops."""
-    if kind in ("lm", "llama_contrast", "phi3"):
-        model = (
-            _fused("phi3") if kind == "phi3" else mixing_models["gpt2" if kind == "lm" else "llama"]
-        )
+    unembedding row minus the contrast's), Phi-3 (values in a fused projection), Pythia
+    (parallel residual), OPT (its head reads `project_out`) and a GPT-2 sequence classifier,
+    against loops."""
+    if kind != "classifier":
+        if kind in ("lm", "llama_contrast"):
+            model = mixing_models["gpt2" if kind == "lm" else "llama"]
+        else:
+            model = _fused(kind)
         contrast = " Rome." if kind == "llama_contrast" else None
         ids, queries = ids_and_queries(model, PROMPT, TARGET)
         got = ax.alti_logit(model, PROMPT, TARGET, contrast=contrast, aggregate=False)
         total = ax.alti_logit(model, PROMPT, TARGET, contrast=contrast)
-        head = model.hf.lm_head.weight
+        head = model.hf.get_output_embeddings().weight
         rows = [head[int(ids[0, q + 1])] for q in queries]
         if contrast is not None:
             other = _naive.token_ids(model, PROMPT, contrast)[1]
@@ -628,7 +676,14 @@ def test_alti_logit_matches_naive(mixing_models, kind):
         rows = [model.hf.score.weight[predicted]]
     hf = model.hf
     layers = naive_alti_layers(model, ids)
-    final = hf.transformer.ln_f if hasattr(hf, "transformer") else hf.model.norm
+    if hasattr(hf, "transformer"):
+        final, project_out = hf.transformer.ln_f, None
+    elif hasattr(hf, "gpt_neox"):
+        final, project_out = hf.gpt_neox.final_layer_norm, None
+    elif hasattr(hf.base_model, "decoder"):  # OPT: its head reads project_out's output
+        final, project_out = hf.base_model.decoder.final_layer_norm, hf.model.decoder.project_out
+    else:
+        final, project_out = hf.model.norm, None
     layer_norm = isinstance(final, torch.nn.LayerNorm)
     before_final = []
     handle = final.register_forward_pre_hook(lambda _m, args: before_final.append(args[0]))
@@ -642,7 +697,10 @@ def test_alti_logit_matches_naive(mixing_models, kind):
             sigma = torch.sqrt(residual[q].var(unbiased=False) + final.eps)
         else:  # RMSNorm: the root mean square, no centering
             sigma = torch.sqrt(residual[q].pow(2).mean() + final.variance_epsilon)
-        g = final.weight * rows[k]
+
+        def read(y: torch.Tensor, k: int = k) -> float:  # the target's logit of norm output y
+            return float((y if project_out is None else project_out(y)) @ rows[k])
+
         below = torch.eye(length, dtype=torch.float64)
         expected_total = torch.zeros(length, dtype=torch.float64)
         for layer, block in enumerate(blocks(model)):
@@ -658,7 +716,7 @@ def test_alti_logit_matches_naive(mixing_models, kind):
                 update = project(model, block, z).detach()
                 if layer_norm:
                     update = update - update.mean()
-                delta[j] = (g * update).sum() / sigma
+                delta[j] = read(final.weight * update / sigma)
             term = delta @ below
             np.testing.assert_allclose(got.values[k, : q + 1, layer], term[: q + 1], atol=1e-9)
             expected_total += term
@@ -703,6 +761,13 @@ def test_unsupported_architectures_are_model_errors(mixing_models):
     hf, tok = tiny_classifier("distilbert")
     with pytest.raises(ax.ModelError, match="'distilbert'"):
         ax.alti(ax.load_model(hf, tokenizer=tok), PROMPT)
+    _, tok = tiny_model("gpt2")
+    config = CONFIGS["opt"](len(tok))
+    config.do_layer_norm_before = False  # OPT-350m: a LayerNorm after each block
+    post_ln = ax.load_model(AutoModelForCausalLM.from_config(config), tokenizer=tok)
+    for method in (ax.alti, ax.alti_logit):
+        with pytest.raises(ax.ModelError, match="normalises after each block"):
+            method(post_ln, PROMPT, TARGET)
 
 
 def test_cli_and_dataset_runs(tmp_path, capsys):

@@ -1,9 +1,10 @@
 """Component attributions: direct logit attribution and attribution patching.
 
 Both read the model's own modules (attention heads, MLPs, residual stream). Direct logit
-attribution knows GPT-2 (``Conv1D``, LayerNorm) and Llama (``o_proj``, RMSNorm, RoPE, grouped
-keys and values), as causal LMs or as sequence classifiers whose ``score`` head reads the final
-norm directly, and T5 (the post-LN Marian and BART have no direct path); attribution patching
+attribution knows GPT-2 (``Conv1D``, LayerNorm), Llama (``o_proj``, RMSNorm, RoPE, grouped
+keys and values; Mistral, Qwen2, Phi-3), GPT-NeoX and pre-LN OPT, as causal LMs or as sequence
+classifiers whose ``score`` head reads the final norm directly, and T5 (the post-LN Marian and
+BART have no direct path); attribution patching
 any decoder-only model whose layers sit where :func:`_blocks` looks (GPT-2, Llama, Qwen2, Gemma,
 Phi-3, Pythia, BLOOM, Falcon), its classifiers, and Marian, BART and T5. Any other model is a
 :class:`ModelError` naming its architecture.
@@ -81,13 +82,20 @@ PATCHING = Family(
 class _Parts:
     """The modules of a supported architecture, layer by layer."""
 
-    kind: str  # "gpt2" or "llama"
+    kind: str  # "gpt2", "llama", "neox" or "opt"
     blocks: list[torch.nn.Module]
     attentions: list[torch.nn.Module]
-    mlps: list[torch.nn.Module]
+    mlps: list[torch.nn.Module]  # OPT's: each block's `fc2`, whose output is the MLP's
     norm: torch.nn.Module
     heads: int
     head_dim: int
+    # OPT's `project_out` (Linear, no bias) between the final norm and the head, or None
+    readout: torch.nn.Module | None = None
+
+    @property
+    def centered(self) -> bool:
+        """Whether the final norm is a LayerNorm (centres), not an RMSNorm."""
+        return self.kind != "llama"
 
     def output_projection(self, layer: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Layer ``layer``'s output projection as ``W_O`` ``[heads, head_dim, hidden]`` (a head's
@@ -96,8 +104,9 @@ class _Parts:
         if self.kind == "gpt2":
             projection = attention.c_proj  # Conv1D: out = z @ weight + bias
             weight = projection.weight
-        else:
-            projection = attention.o_proj  # Linear: out = z @ weight.T (+ bias)
+        else:  # Linear: out = z @ weight.T (+ bias)
+            projection = {"neox": "dense", "opt": "out_proj"}.get(self.kind, "o_proj")
+            projection = getattr(attention, projection)
             weight = projection.weight.T
         return weight.reshape(self.heads, self.head_dim, -1), projection.bias
 
@@ -105,16 +114,21 @@ class _Parts:
         attention = self.attentions[layer]
         if self.kind == "gpt2":
             return attention.c_attn
+        if self.kind == "neox":
+            return attention.query_key_value
         return getattr(attention, "v_proj", None) or attention.qkv_proj  # Phi-3's fused one
 
     def values(self, layer: int, output: torch.Tensor) -> torch.Tensor:
         """Value vectors ``[B, L, heads, head_dim]`` from :meth:`value_module`'s output (GPT-2's
-        third of ``c_attn``, Phi-3's values after its queries and keys; Llama's key-value heads
-        repeated for the query heads they serve)."""
+        third of ``c_attn``, GPT-NeoX's last third of each head's slice, Phi-3's values after
+        its queries and keys; Llama's key-value heads repeated for the query heads they
+        serve)."""
         if self.kind == "gpt2":
             width = self.heads * self.head_dim
             output = output[..., 2 * width : 3 * width]
             return output.unflatten(-1, (self.heads, self.head_dim))
+        if self.kind == "neox":  # per head: [query, key, value]
+            return output.unflatten(-1, (self.heads, 3 * self.head_dim))[..., 2 * self.head_dim :]
         if not hasattr(self.attentions[layer], "v_proj"):  # [queries, keys, values]
             kv = (output.shape[-1] // self.head_dim - self.heads) // 2
             output = output[..., (self.heads + kv) * self.head_dim :]
@@ -125,7 +139,7 @@ class _Parts:
         """The final norm's divisor at residuals ``x`` ``[..., H]``: LayerNorm's standard
         deviation, RMSNorm's root mean square (each with its epsilon)."""
         x = x.to(at_least_float32(x.dtype))
-        if self.kind == "gpt2":
+        if self.centered:
             return torch.sqrt(x.var(-1, unbiased=False) + self.norm.eps)
         return torch.sqrt(x.pow(2).mean(-1) + self.norm.variance_epsilon)
 
@@ -146,12 +160,19 @@ def _parts(model: Model, method: str) -> _Parts:
             f"{method} decomposes decoder-only models (GPT-2, Llama); {name} is an "
             "encoder-decoder, whose decoder also reads the encoder through cross-attention"
         )
-    if kind not in ("gpt2", *_LLAMA_LIKE):
+    if kind not in ("gpt2", "gpt_neox", "opt", *_LLAMA_LIKE):
         raise ModelError(
-            f"{method} has no rule for {name}: it knows the GPT-2 (Conv1D, LayerNorm) and "
-            "Llama (o_proj, RMSNorm; also Mistral, Qwen2, Phi-3) architectures only, as causal LMs "
-            "or sequence classifiers (GPT2ForSequenceClassification, "
-            "LlamaForSequenceClassification...)"
+            f"{method} has no rule for {name}: it knows the GPT-2 (Conv1D, LayerNorm), Llama "
+            "(o_proj, RMSNorm; also Mistral, Qwen2, Phi-3), GPT-NeoX (Pythia) and OPT "
+            "architectures only, as causal LMs or sequence classifiers "
+            "(GPT2ForSequenceClassification, LlamaForSequenceClassification...)"
+        )
+    if kind == "opt" and not (
+        hf.config.do_layer_norm_before and hf.base_model.decoder.final_layer_norm is not None
+    ):
+        raise ModelError(
+            f"{method}: {name} normalises after each block (OPT-350m's layout): no final norm "
+            "reads the residual stream that the blocks write into"
         )
     if model.task == "token-classification" and method == "direct_logit_attribution":
         raise ModelError(
@@ -160,12 +181,26 @@ def _parts(model: Model, method: str) -> _Parts:
         )
     base = hf.base_model
     config = hf.config
+    readout = None
     if kind == "gpt2":
         blocks = list(base.h)
         attentions = [b.attn for b in blocks]
         mlps = [b.mlp for b in blocks]
         norm = base.ln_f
         heads = config.n_head
+    elif kind == "gpt_neox":  # the parallel residual adds both branches: the same sum
+        blocks = list(base.layers)
+        attentions = [b.attention for b in blocks]
+        mlps = [b.mlp for b in blocks]
+        norm = base.final_layer_norm
+        heads = config.num_attention_heads
+    elif kind == "opt":
+        blocks = list(base.decoder.layers)
+        attentions = [b.self_attn for b in blocks]
+        mlps = [b.fc2 for b in blocks]  # OPT's MLP is no module: fc2 writes its output
+        norm = base.decoder.final_layer_norm
+        heads = config.num_attention_heads
+        readout = base.decoder.project_out
     else:
         blocks = list(base.layers)
         attentions = [b.self_attn for b in blocks]
@@ -173,9 +208,8 @@ def _parts(model: Model, method: str) -> _Parts:
         norm = base.norm
         heads = config.num_attention_heads
     head_dim = getattr(attentions[0], "head_dim", None) or config.hidden_size // heads
-    return _Parts(
-        "gpt2" if kind == "gpt2" else "llama", blocks, attentions, mlps, norm, heads, head_dim
-    )
+    short = {"gpt2": "gpt2", "gpt_neox": "neox", "opt": "opt"}.get(kind, "llama")
+    return _Parts(short, blocks, attentions, mlps, norm, heads, head_dim, readout)
 
 
 def _readout(model: Model, method: str) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -258,9 +292,11 @@ def direct_logit_attribution(
     direction = unembed[t.target_ids]
     if t.contrast_ids is not None:
         direction = direction - unembed[t.contrast_ids]
+    if parts.readout is not None:  # OPT's project_out: the head reads W x, so x is read by W^T
+        direction = full_precision(direction) @ full_precision(parts.readout.weight)
     gamma = parts.norm.weight
     u = full_precision(direction) * full_precision(gamma)
-    if parts.kind == "gpt2":
+    if parts.centered:
         u = u - u.mean(-1, keepdim=True)
     length = t.ids.shape[1]
     n_layers = len(parts.blocks)
@@ -279,7 +315,8 @@ def direct_logit_attribution(
     def on_mlp(layer: int) -> Callable[..., None]:
         def hook(_module: torch.nn.Module, _args: Any, output: torch.Tensor) -> None:
             if layer in chosen_layers:  # [B, K]: the MLP's output at each target's position
-                at = full_precision(output[rows, t.index])
+                # OPT's fc2 runs on [B * L, H]
+                at = full_precision(output.reshape(*t.ids.shape, -1)[rows, t.index])
                 mlps_out[layer] = torch.einsum("bkh,bkh->bk", at, u)
 
         return hook

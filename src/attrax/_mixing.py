@@ -507,8 +507,9 @@ def _distance(zeroed: torch.Tensor, clean: torch.Tensor, similarity: str) -> tor
 # ALTI and ALTI-Logit
 # --------------------------------------------------------------------------------------------------
 # the residual stream's norm around each attention block: before it (GPT-2, Llama: the norm is
-# inside the value vectors and the block output is ``x + attn``) or after it (BERT)
-_PRE_NORM = ("gpt2", "llama", "mistral", "qwen2", "phi3")
+# inside the value vectors and the block output is ``x + attn``; GPT-NeoX's parallel MLP reads
+# ``x`` too and, like every MLP, mixes no tokens) or after it (BERT)
+_PRE_NORM = ("gpt2", "llama", "mistral", "qwen2", "phi3", "gpt_neox", "opt")
 _POST_NORM = ("bert", "roberta", "xlm-roberta")
 # post-norm encoder-decoders ALTI+ decomposes: encoder, decoder self- and cross-attention blocks
 _SEQ2SEQ = ("marian", "bart")
@@ -544,8 +545,13 @@ def _parts(model: Model, layer: _Layer, stack: str = "self") -> _Parts:
             f"{model.name}: ALTI has no decomposition for the {kind!r} architecture; attrax "
             f"decomposes {', '.join(_PRE_NORM + _POST_NORM + _SEQ2SEQ)}"
         )
+    _refuse_post_ln_opt(model)
     if kind in _PRE_NORM:
-        project = getattr(layer.attention, "o_proj", None) or layer.attention.c_proj
+        project = next(
+            getattr(layer.attention, name)
+            for name in ("o_proj", "c_proj", "dense", "out_proj")  # Llama, GPT-2, NeoX, OPT
+            if isinstance(getattr(layer.attention, name, None), torch.nn.Module)
+        )
         norm = None
     elif kind in _SEQ2SEQ:  # post-norm encoder-decoders: each attention block has its LayerNorm
         project = layer.attention.out_proj
@@ -558,6 +564,14 @@ def _parts(model: Model, layer: _Layer, stack: str = "self") -> _Parts:
     if type(project).__name__ == "Conv1D":  # GPT-2's Conv1D computes x @ W: W is [in, out]
         weight = weight.T
     return _Parts(weight, project.bias, norm)
+
+
+def _refuse_post_ln_opt(model: Model) -> None:
+    if _architecture(model) == "opt" and not model.hf.config.do_layer_norm_before:
+        raise ModelError(
+            f"{model.name}: ALTI decomposes pre-LN OPT; this one normalises after each block "
+            "(OPT-350m's layout), which attrax has no decomposition for"
+        )
 
 
 def _architecture(model: Model) -> str:
@@ -944,9 +958,10 @@ def alti_logit(call: Call, *, aggregate: bool = True, layers: Selection = None) 
             f"of decoder-only models, language models or classifiers ({', '.join(_PRE_NORM)}): "
             "a post-norm encoder's logit has no linear path from each layer"
         )
+    _refuse_post_ln_opt(model)
     t = to_tensors(call.batch, model)
     vectors = _vector_budget(model, t, call.options)  # a refused budget before any forward
-    final = getattr(model.hf.base_model, "ln_f", None) or model.hf.base_model.norm
+    final = _final_norm(model)
     residual: list[torch.Tensor] = []
 
     def keep_final(_module: torch.nn.Module, args: Any) -> None:
@@ -976,16 +991,31 @@ def alti_logit(call: Call, *, aggregate: bool = True, layers: Selection = None) 
     return call.label([values], trailing=("layer",), trailing_coords={"layer": chosen})
 
 
+def _final_norm(model: Model) -> torch.nn.Module:
+    """The norm the head reads: GPT-2's ``ln_f``, Llama's ``norm``, GPT-NeoX's and OPT's
+    ``final_layer_norm``."""
+    base = model.hf.base_model
+    base = getattr(base, "decoder", base)  # OPT's layers live in its `decoder`
+    for name in ("ln_f", "norm", "final_layer_norm"):
+        if isinstance(getattr(base, name, None), torch.nn.Module):
+            return getattr(base, name)
+    raise ModelError(f"{model.name} ({_architecture(model)}): attrax finds no final norm")
+
+
 def _logit_direction(
     model: Model, final: torch.nn.Module, residual: torch.Tensor, t: Tensors
 ) -> torch.Tensor:
     """The direction ``g`` with ``Δlogit = g · update`` for each target: the unembedding row
-    (minus the contrast's) through the final norm linearized at the query's residual."""
+    (minus the contrast's), through OPT's ``project_out`` where it has one, and through the
+    final norm linearized at the query's residual."""
     dtype = at_least_float32(residual.dtype)
     head = _head_weight(model)
     unembed = head[t.target_ids].to(dtype)
     if t.contrast_ids is not None:
         unembed = unembed - head[t.contrast_ids].to(dtype)
+    readout = getattr(getattr(model.hf.base_model, "decoder", None), "project_out", None)
+    if readout is not None:  # the head reads P y: y is read by P^T
+        unembed = unembed @ readout.weight.to(dtype)
     residual = residual.to(dtype)
     direction = unembed * final.weight.to(dtype)
     eps = getattr(final, "eps", None) or getattr(final, "variance_epsilon", 1e-6)
