@@ -4,6 +4,8 @@ real activation patching (one forward per layer, head and position) for AtP."""
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pytest
 import torch
@@ -47,6 +49,7 @@ def neighbour(arch: str, tok) -> torch.nn.Module:
     """A tiny random GPT-NeoX or OPT causal LM on ``tok``, its biases random."""
     family, changes = NEIGHBOURS[arch]
     config = CONFIGS[family](len(tok))
+    config.initializer_range = 0.3  # weights that make the patching effects far from 0
     for key, value in changes.items():
         setattr(config, key, value)
     config.pad_token_id, config.bos_token_id, config.eos_token_id = (
@@ -346,9 +349,17 @@ def traced_classifier(model: ax.Model, ids: list[int]) -> dict:
 # --- attribution patching ----------------------------------------------------------------
 
 
+def reference_forward(model: ax.Model, ids: list[int]):
+    """The plain HF forward on one example; GPT-NeoX and OPT under SDPA, as their eager
+    attention takes its softmax in float32 even in a float64 model (finite differences of
+    float32 roundings would swamp the effects)."""
+    exact = model.hf.config.model_type in ("gpt_neox", "opt")
+    with torch.no_grad(), model.attention_as("sdpa") if exact else contextlib.nullcontext():
+        return model.hf(input_ids=torch.tensor([ids]), use_cache=False)
+
+
 def score(model: ax.Model, ids: list[int], i: int, t: int, objective: str) -> float:
-    with torch.no_grad():
-        logits = model.hf(input_ids=torch.tensor([ids]), use_cache=False).logits[0, i]
+    logits = reference_forward(model, ids).logits[0, i]
     if objective == "logit":
         return float(logits[t])
     return float(torch.softmax(logits, -1)[t])
@@ -365,18 +376,27 @@ def capture(model: ax.Model, ids: list[int], site: str) -> list[torch.Tensor]:
                 lambda m, a, layer=layer: seen.__setitem__(layer, a[0][0].clone())
             )
         else:
-            module = blocks[layer].mlp if site == "mlp" else blocks[layer]
+            module = mlp_of(blocks[layer]) if site == "mlp" else blocks[layer]
             hook = module.register_forward_hook(
                 lambda m, a, o, layer=layer: seen.__setitem__(
-                    layer, (o[0] if isinstance(o, tuple) else o)[0].clone()
+                    layer, one_example(o[0] if isinstance(o, tuple) else o)[0].clone()
                 )
             )
         handles.append(hook)
-    with torch.no_grad():
-        model.hf(input_ids=torch.tensor([ids]), use_cache=False)
+    reference_forward(model, ids)
     for h in handles:
         h.remove()
     return [seen[layer] for layer in range(len(blocks))]
+
+
+def mlp_of(block) -> torch.nn.Module:
+    """What a block's MLP writes: its `mlp`, or OPT's `fc2` (fc1, ReLU and fc2 are inline)."""
+    return block.mlp if hasattr(block, "mlp") else block.fc2
+
+
+def one_example(x: torch.Tensor) -> torch.Tensor:
+    """``[1, L, H]``: OPT's fc2 runs on the rows flattened, ``[L, H]`` for one example."""
+    return x[None] if x.dim() == 2 else x
 
 
 def patched(model, ids, i, t, objective, site, layer, position, cols, value) -> float:
@@ -384,14 +404,14 @@ def patched(model, ids, i, t, objective, site, layer, position, cols, value) -> 
     blocks, _, proj, _, _ = modules(model)
 
     def put(x: torch.Tensor) -> torch.Tensor:
-        x = x.clone()
-        x[0, position, cols] = value
-        return x
+        y = one_example(x).clone()
+        y[0, position, cols] = value
+        return y.view(x.shape)
 
     if site == "heads":
         handle = proj[layer].register_forward_pre_hook(lambda m, a: (put(a[0]), *a[1:]))
     else:
-        module = blocks[layer].mlp if site == "mlp" else blocks[layer]
+        module = mlp_of(blocks[layer]) if site == "mlp" else blocks[layer]
         handle = module.register_forward_hook(
             lambda m, a, o: (put(o[0]), *o[1:]) if isinstance(o, tuple) else put(o)
         )
@@ -446,19 +466,23 @@ def test_corrupted_aligns(models64):
         )
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "pythia", "opt-projected"])
 @pytest.mark.parametrize("objective", ["logit", "probability"])
 def test_atp_is_the_first_order_patching_effect(models64, arch, objective):
     model = models64[arch]
     got = ax.attribution_patching(model, SOURCE, TARGET, corrupted=CORRUPTED, objective=objective)
     # Llama's eager attention takes its softmax in float32 even in a float64 model: its finite
-    # differences carry float32 rounding / eps, so a wider step and a looser tolerance there
-    eps, tol = (1e-4, 1e-6) if arch == "gpt2" else (1e-3, 2e-3)
+    # differences carry float32 rounding / eps, so a wider step and a looser tolerance there.
+    # GPT-NeoX's and OPT's references run SDPA (float64), but attrax's eager forward keeps that
+    # float32 rounding in their effects (~4e-8 absolute against effects up to 2e-3)
+    eps, rtol, atol = {"llama": (1e-3, 2e-3, 2e-5), "gpt2": (1e-4, 1e-6, 1e-8)}.get(
+        arch, (1e-4, 1e-6, 1e-7)
+    )
     want, first = patching_effects(model, objective, eps=eps)
     assert got.dims == ("target", "source", "layer", "head")
     for k in range(want.shape[0]):
         t = first + k
-        np.testing.assert_allclose(got.values[k, :t], want[k, :t], rtol=tol, atol=tol * 1e-2)
+        np.testing.assert_allclose(got.values[k, :t], want[k, :t], rtol=rtol, atol=atol)
 
 
 @pytest.mark.parametrize("objective", ["logit", "probability"])
@@ -484,9 +508,11 @@ def test_atp_ranks_like_real_patching(default_model, objective):
     assert np.mean(per_target) > (0.99 if objective == "logit" else 0.85), per_target
 
 
+@pytest.mark.parametrize("arch", ["gpt2", "opt-projected"])
 @pytest.mark.parametrize("site", ["mlp", "residual"])
-def test_atp_sites_first_order(models64, site):
-    model = models64["gpt2"]
+def test_atp_sites_first_order(models64, site, arch):
+    # OPT: its MLP is fc2's output, on the rows flattened
+    model = models64[arch]
     got = ax.attribution_patching(
         model, SOURCE, TARGET, corrupted=CORRUPTED, site=site, objective="logit", layers=[0, 1]
     )
@@ -532,6 +558,24 @@ def test_atp_batched_equals_single_and_selection(models64):
     np.testing.assert_allclose(
         picked.values, whole.sel(layer=[1], head=[1]).values, rtol=1e-9, atol=1e-12
     )
+
+
+def test_atp_of_opts_mlp_batched_equals_single(models64):
+    # OPT's fc2 runs on [B * L, H]: each example's rows are patched and read where they are
+    model = models64["opt-projected"]
+    inputs, targets = [SOURCE, "The capital of Italy is"], [TARGET, " Rome."]
+    corrupted = [CORRUPTED, "The capital of Germany is"]  # 7 tokens each, 6 in the first
+    for clean, bad, target in zip(inputs, corrupted, targets, strict=True):
+        assert len(token_ids(model, bad, target)[0]) == len(token_ids(model, clean, target)[0])
+    kw = {"site": "mlp", "objective": "logit"}
+    full = ax.attribution_patching(model, inputs, targets, corrupted=corrupted, **kw)
+    for e in range(2):
+        single = ax.attribution_patching(model, inputs[e], targets[e], corrupted=corrupted[e], **kw)
+        assert np.nanmax(np.abs(single.values)) > 1e-5
+        part = full.isel(example=e).dropna("target", how="all")
+        part = part.isel(source=slice(0, single.sizes["source"]))
+        # the eager attention's float32 softmax sums padded rows in another order
+        np.testing.assert_allclose(part.values, single.values, rtol=1e-5, atol=1e-9)
 
 
 @pytest.mark.parametrize("site", ["heads", "mlp", "residual"])

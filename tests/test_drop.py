@@ -438,10 +438,11 @@ def test_grad_drop_qwen2_classifier_values_equal_naive():
     assert_close(got.values, want, rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("family", ["pythia", "qwen2", "gemma2", "phi3"])
+@pytest.mark.parametrize("family", ["pythia", "qwen2", "gemma2", "phi3", "opt"])
 def test_grad_drop_on_other_decoder_families(family):
-    """The families the docs name (parallel residual, grouped keys, softcapping, fused qkv): the
-    last layer is ``|plain AtP|``, the first is not, nothing is negative; OPT is refused."""
+    """The families the docs name (parallel residual, grouped keys, softcapping, fused qkv, OPT's
+    `decoder.layers`): the last layer is ``|plain AtP|``, the first is not, nothing is
+    negative."""
     from tests.test_architectures import _family
 
     _, tok = tiny_model("gpt2")
@@ -474,11 +475,15 @@ def test_grad_drop_errors(two64):
             ax.attribution_patching(
                 bert, "a good day", 1, corrupted="the good day", site=site, grad_drop=True
             )
-    from tests.test_architectures import _family
+    from transformers import AutoModelForCausalLM
+
+    from tests.test_architectures import CONFIGS
 
     hf, tok = tiny_model("gpt2", n_layer=1)
-    opt = ax.load_model(_family("opt", tok), tokenizer=tok)  # its layers in `decoder.layers`
-    with pytest.raises(ax.ModelError, match="OPTForCausalLM"):
+    config = CONFIGS["opt"](len(tok))
+    config.do_layer_norm_before = False  # OPT-350m's layout: no skip connection to route to
+    opt = ax.load_model(AutoModelForCausalLM.from_config(config), tokenizer=tok)
+    with pytest.raises(ax.ModelError, match="normalises after each residual sum"):
         ax.attribution_patching(opt, SOURCE, TARGET, site="values", grad_drop=True, **kw)
     one = ax.load_model(hf, tokenizer=tok)
     with pytest.raises(ax.OptionError, match="has 1 layer"):  # L - 1 = 0: nothing to average

@@ -6,7 +6,7 @@ keys and values; Mistral, Qwen2, Phi-3), GPT-NeoX and pre-LN OPT, as causal LMs 
 classifiers whose ``score`` head reads the final norm directly, and T5 (the post-LN Marian and
 BART have no direct path); attribution patching
 any decoder-only model whose layers sit where :func:`_blocks` looks (GPT-2, Llama, Qwen2, Gemma,
-Phi-3, Pythia, BLOOM, Falcon), its classifiers, and Marian, BART and T5. Any other model is a
+Phi-3, Pythia, OPT, BLOOM, Falcon), its classifiers, and Marian, BART and T5. Any other model is a
 :class:`ModelError` naming its architecture.
 
 * :func:`direct_logit_attribution` splits the residual stream the final norm reads into what each
@@ -563,13 +563,15 @@ def _blocks(model: Model, method: str) -> list[torch.nn.Module]:
     """A decoder-only model's (or its classifier's) layers: its base model's ``layers`` or
     ``h``, each mapping the residual stream ``x`` to ``x + b(x)``."""
     base = model.hf.base_model
+    if not model.is_encoder_decoder:  # OPT keeps its layers in its `decoder`
+        base = getattr(base, "decoder", base)
     blocks = getattr(base, "layers", None) or getattr(base, "h", None)
     if model.is_encoder_decoder or not isinstance(blocks, torch.nn.ModuleList):
         raise ModelError(
             f"{method}: {type(model.hf).__name__} keeps no decoder-only layers where attrax "
             "looks (the base model's `layers` or `h`: GPT-2, Llama, Qwen2, Gemma, Phi-3, "
-            "Pythia, BLOOM, Falcon...); post-LN encoders such as BERT have no residual stream "
-            "of that form"
+            "Pythia, OPT, BLOOM, Falcon...); post-LN encoders such as BERT have no residual "
+            "stream of that form"
         )
     return list(blocks)
 
@@ -581,11 +583,12 @@ def _named(module: torch.nn.Module | None, names: tuple[str, ...]) -> torch.nn.M
 
 def _decoder_stack(model: Model, method: str) -> _Stack:
     """A decoder-only model's blocks, each with its attention's output projection (its input:
-    the concatenated heads) and its ``mlp``; a ModelError when a block lacks either."""
+    the concatenated heads) and its ``mlp`` (OPT's: ``fc2``, whose output is what the MLP
+    adds); a ModelError when a block lacks either."""
     blocks = _blocks(model, method)
     attentions = [_named(block, _ATTENTIONS) for block in blocks]
     projections = [_named(attention, _PROJECTIONS) for attention in attentions]
-    mlps = [getattr(block, "mlp", None) for block in blocks]
+    mlps = [_named(block, ("mlp", "fc2")) for block in blocks]
     if any(not isinstance(m, torch.nn.Module) for m in [*projections, *mlps]):
         raise ModelError(
             f"{method}: {type(model.hf).__name__}'s layers lack an attention output projection "
@@ -767,6 +770,9 @@ def attribution_patching(
             def post(_m: torch.nn.Module, _args: Any, output: Any, add=add) -> Any:
                 if isinstance(output, tuple):
                     return (add(output[0]), *output[1:])
+                if output.dim() == 2:  # OPT's fc2 runs on [B * L, H]: patched as [B, L, H]
+                    rows = output.view(t.ids.shape[0], -1, output.shape[-1])
+                    return add(rows).reshape(output.shape)
                 return add(output)
 
             module = parts.mlps[layer] if site == "mlp" else parts.blocks[layer]
@@ -878,6 +884,11 @@ def _grad_drop(model: Model, method: str, site: str) -> Drop:
         raise OptionError(
             f"`grad_drop=True` drops the layers of one residual stream: decoder-only models and "
             f"classifiers; {model.name} is an encoder-decoder"
+        )
+    if getattr(model.hf.config, "do_layer_norm_before", True) is False:
+        raise ModelError(
+            f"`grad_drop=True` sends a layer's gradient down its skip connection; {model.name} "
+            "normalises after each residual sum (OPT-350m's layout), so its blocks have none"
         )
     blocks = _blocks(model, method)
     if len(blocks) < 2:
