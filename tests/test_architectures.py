@@ -2,10 +2,10 @@
 
 Each is a tiny random model from its config (offline), sharing the GPT-2 test tokenizer. They cover
 what differs between families: rotary and ALiBi positions (Pythia, BLOOM, Falcon), grouped-query
-attention (Qwen2, Gemma 2), logit soft-capping and sliding windows (Gemma 2), learned positions
-with an offset (OPT), a fused QKV projection (Phi-3), BLOOM's tanh-GELU written as an old-style
-``autograd.Function`` (which ``torch.func`` cannot run) and Falcon's attention, which cannot be
-switched after loading. Translators: M2M100 (NLLB's architecture, positions that count non-pad
+attention (Qwen2, Gemma 2), query and key norms (Qwen3), layers without positions (SmolLM3),
+logit soft-capping and sliding windows (Gemma 2), learned positions with an offset (OPT), a fused
+QKV projection (Phi-3), BLOOM's tanh-GELU written as an old-style ``autograd.Function`` (which
+``torch.func`` cannot run) and Falcon's attention, which cannot be switched after loading. Translators: M2M100 (NLLB's architecture, positions that count non-pad
 tokens), Pegasus, mBART and mT5, with the Marian test tokenizer.
 """
 
@@ -44,6 +44,12 @@ CONFIGS = {
     ),
     "mistral": lambda v: T.MistralConfig(
         vocab_size=v, intermediate_size=64, num_key_value_heads=2, **SIZES
+    ),
+    "qwen3": lambda v: T.Qwen3Config(
+        vocab_size=v, intermediate_size=64, num_key_value_heads=2, head_dim=8, **SIZES
+    ),
+    "smollm3": lambda v: T.SmolLM3Config(  # its second layer without RoPE
+        vocab_size=v, intermediate_size=64, num_key_value_heads=2, no_rope_layers=[1, 0], **SIZES
     ),
     "opt": lambda v: T.OPTConfig(
         vocab_size=v, ffn_dim=64, word_embed_proj_dim=32, max_position_embeddings=128, **SIZES

@@ -28,7 +28,8 @@ def models64() -> dict[str, ax.Model]:
         hf, tok = tiny_model(arch)
         built[arch] = ax.load_model(full_double(hf), tokenizer=tok)
     _, tok = tiny_model("llama")
-    for arch in ("mistral", "qwen2", "phi3"):  # Llama's layout; Qwen2's v_proj has a bias
+    # Llama's layout; Qwen2's v_proj has a bias, Qwen3 norms queries and keys, SmolLM3 has NoPE
+    for arch in ("mistral", "qwen2", "phi3", "qwen3", "smollm3"):
         built[arch] = ax.load_model(full_double(llama_like(arch, tok)), tokenizer=tok)
     for arch in NEIGHBOURS:
         built[arch] = ax.load_model(neighbour(arch, tok).double(), tokenizer=tok)
@@ -248,7 +249,9 @@ def naive_dla(model: ax.Model, source: str, target: str, contrast: str | None = 
     return out, rest, logits, len(src)
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama", "mistral", "qwen2", "phi3", *NEIGHBOURS])
+@pytest.mark.parametrize(
+    "arch", ["gpt2", "llama", "mistral", "qwen2", "phi3", "qwen3", "smollm3", *NEIGHBOURS]
+)
 @pytest.mark.parametrize("contrast", [None, " Rome"])
 def test_dla_equals_naive_and_sums_back(models64, arch, contrast):
     model = models64[arch]

@@ -120,8 +120,9 @@ def llama_lrp_reference(
     """Relevance ``[T, H]`` of the token embeddings for the logit of ``target`` read at
     ``position``, the relevance the softmaxes absorb, and the logit. The Llama family: Qwen2's
     query/key/value biases keep their shares, Gemma's norms scale by ``1 + weight``, Phi-3's
-    projections are fused; ``head``:
-    the output projection's rows (default: the LM head's; a classifier's ``score``)."""
+    projections are fused, Qwen3 normalises each query and key head (RMSNorm, its scale a
+    constant: relevance passes through), SmolLM3 skips RoPE in some layers; ``head``: the output
+    projection's rows (default: the LM head's; a classifier's ``score``)."""
     cfg = hf.config
     hidden, heads, kv = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads
     d = getattr(cfg, "head_dim", None) or hidden // heads
@@ -129,18 +130,23 @@ def llama_lrp_reference(
     t = len(ids)
     x = hf.model.embed_tokens(torch.tensor(ids))  # Gemma's scaled by sqrt(hidden)
     cos, sin = hf.model.rotary_emb(x[None], torch.arange(t)[None])
-    rot = _rotations(cos[0].double(), sin[0].double())
+    rotary = _rotations(cos[0].double(), sin[0].double())
     causal = torch.ones(t, t, dtype=torch.bool).tril()
     saved, h = [], x
     for layer in hf.model.layers:
         att, mlp = layer.self_attn, layer.mlp
         scale = att.scaling  # Gemma: query_pre_attn_scalar ** -0.5
+        # SmolLM3's NoPE layers: the identity
+        rot = rotary if getattr(att, "use_rope", True) else torch.eye(d).double().repeat(t, 1, 1)
         n1 = _rms(h, _norm_scale(layer.input_layernorm), eps)
         projections = _query_key_value(att, heads * d, kv * d)
         q, k, v = (n1 @ w.T + (0 if b is None else b) for w, b in projections)  # Qwen2: biases
         q, k, v = q.view(t, heads, d), k.view(t, kv, d), v.view(t, kv, d)
-        qr = torch.einsum("tnm,thm->thn", rot, q)
-        kr = torch.einsum("tnm,thm->thn", rot, k)
+        qn, kn = q, k
+        if hasattr(att, "q_norm"):  # Qwen3: each head's query and key RMS-normalised
+            qn, kn = _rms(q, att.q_norm.weight, eps), _rms(k, att.k_norm.weight, eps)
+        qr = torch.einsum("tnm,thm->thn", rot, qn)
+        kr = torch.einsum("tnm,thm->thn", rot, kn)
         kf, vf = kr.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
         s = torch.einsum("ihd,jhd->hij", qr, kf) * scale
         s = s.masked_fill(~causal, -torch.inf)
@@ -155,7 +161,8 @@ def llama_lrp_reference(
         out = z @ mlp.down_proj.weight.T
         h2 = h1 + out
         saved.append(
-            (layer, h, n1, q, k, v, qr, kr, kf, vf, s, a, o, attn, h1, n2, g, u, z, out, h2)
+            (layer, rot, h, n1, q, k, v, qn, kn, qr, kr, kf, vf, s, a, o, attn, h1, n2, g, u, z)
+            + (out, h2)
         )
         h = h2
     final = _rms(h, _norm_scale(hf.model.norm), eps)
@@ -163,9 +170,9 @@ def llama_lrp_reference(
     relevance = torch.zeros(t, hidden, dtype=x.dtype)
     relevance[position] = final[position] * head  # the logit's terms; RMSNorm passes them on
     absorbed = 0.0
-    for layer, h, n1, q, k, v, qr, kr, kf, vf, s, a, o, attn, h1, n2, g, u, z, out, h2 in reversed(
-        saved
-    ):
+    for (
+        layer, rot, h, n1, q, k, v, qn, kn, qr, kr, kf, vf, s, a, o, attn, h1, n2, g, u, z, out, h2
+    ) in reversed(saved):  # fmt: skip
         att, mlp = layer.self_attn, layer.mlp
         # residual h2 = h1 + out: split in proportion to the summands
         r_h1, r_out = h1 / h2 * relevance, out / h2 * relevance
@@ -184,8 +191,9 @@ def llama_lrp_reference(
         absorbed += lost
         if rule == "attnlrp":
             r_kr = r_kf.reshape(t, kv, group, d).sum(2)  # copies of a kv head add up
-            r_q = q * torch.einsum("tnm,thn->thm", rot, r_qr / qr)  # RoPE: LRP-0 of a rotation
-            r_k = k * torch.einsum("tnm,thn->thm", rot, r_kr / kr)
+            # RoPE: LRP-0 of a rotation; Qwen3's query and key norms pass relevance on
+            r_q = qn * torch.einsum("tnm,thn->thm", rot, r_qr / qr)
+            r_k = kn * torch.einsum("tnm,thn->thm", rot, r_kr / kr)
         else:
             r_q, r_k = torch.zeros_like(q), torch.zeros_like(k)
         r_v = r_vf.reshape(t, kv, group, d).sum(2)  # copies of a kv head add up
@@ -689,13 +697,14 @@ def _causal_lm(name: str) -> tuple:
         initializer_range=0.3, bos_token_id=1, eos_token_id=2, pad_token_id=None,
     )  # fmt: skip
     config._attn_implementation = "eager"
+    if name == "SmolLM3":  # its second layer without RoPE (NoPE)
+        config.no_rope_layers = [1, 0]
     torch.manual_seed(0)
     hf = getattr(transformers, f"{name}ForCausalLM")(config).eval()
-    if name == "Gemma":  # its RMSNorm scales by 1 + weight, initialised at 0
-        with torch.no_grad():
-            for module in hf.modules():
-                if type(module).__name__ == "GemmaRMSNorm":
-                    module.weight.normal_(std=0.3)
+    with torch.no_grad():  # random norm weights (Gemma's scale by 1 + weight, initialised at 0)
+        for module in hf.modules():
+            if type(module).__name__.endswith("RMSNorm"):
+                module.weight.normal_(0.0 if name == "Gemma" else 1.0, 0.3)
     return hf, tok
 
 
@@ -704,6 +713,8 @@ BIAS_FREE = {
     "mistral": lambda: _causal_lm("Mistral"),
     "gemma": lambda: _causal_lm("Gemma"),
     "phi3": lambda: _causal_lm("Phi3"),
+    "qwen3": lambda: _causal_lm("Qwen3"),
+    "smollm3": lambda: _causal_lm("SmolLM3"),
     **NEIGHBOURS,
     "marian": lambda: tiny_model("marian"),
     "bart": lambda: tiny_model("bart"),
@@ -734,7 +745,7 @@ def test_cp_lrp_is_exactly_conservative_without_biases(arch):
     # to float32 even in a float64 model, so there the explained logits (their forward, which
     # runs eager attention once attrax has loaded the model) carry float32 roundings (~1e-7
     # per layer)
-    islands = ("mistral", "gemma", "phi3", *NEIGHBOURS)
+    islands = ("mistral", "gemma", "phi3", "qwen3", "smollm3", *NEIGHBOURS)
     tolerance = 1e-5 if arch in islands else 1e-9
     np.testing.assert_allclose(
         got.sum(("source", "hidden")).values, _logits(model, got), rtol=tolerance, atol=tolerance
@@ -742,11 +753,11 @@ def test_cp_lrp_is_exactly_conservative_without_biases(arch):
 
 
 @pytest.mark.parametrize("rule", ["attnlrp", "cp-lrp"])
-@pytest.mark.parametrize("arch", ["qwen2", "mistral", "gemma", "phi3"])
+@pytest.mark.parametrize("arch", ["qwen2", "mistral", "gemma", "phi3", "qwen3", "smollm3"])
 def test_llama_family_equals_explicit_layer_by_layer_lrp(arch, rule):
     # Qwen2 (a classifier: biased q/k/v, the score head at the last token), Mistral, Gemma
     # (1 + weight norms, scaled embeddings, tanh-GELU gate, its own attention scaling), Phi-3
-    # (fused q/k/v and gate/up projections)
+    # (fused q/k/v and gate/up projections), Qwen3 (query and key norms), SmolLM3 (NoPE layers)
     if arch == "qwen2":
         model = _double(*tiny_classifier("qwen2"))
         got = ax.lrp(model, "the plot was good", [0, 1, 2], rule=rule)

@@ -177,7 +177,7 @@ def naive_alti_layers(model: ax.Model, ids: torch.Tensor):
     return per_layer
 
 
-@pytest.mark.parametrize("arch", [*ARCHS, "phi3", "pythia", *NEIGHBOURS])
+@pytest.mark.parametrize("arch", [*ARCHS, "phi3", "pythia", "qwen3", "smollm3", *NEIGHBOURS])
 def test_alti_matches_naive_per_layer_and_rollout(mixing_models, arch):
     model = mixing_models[arch] if arch in ARCHS else _fused(arch)
     target = None if arch == "bert" else TARGET
@@ -641,7 +641,7 @@ def test_value_zeroing_copies_per_forward_do_not_change_scores(mixing_models):
 
 
 @pytest.mark.parametrize(
-    "kind", ["lm", "llama_contrast", "phi3", "pythia", "opt-projected", "classifier"]
+    "kind", ["lm", "llama_contrast", "phi3", "pythia", "opt-projected", "qwen3", "classifier"]
 )
 def test_alti_logit_matches_naive(mixing_models, kind):
     """GPT-2 (LayerNorm: centered direction), Llama with a contrast (RMSNorm: no centering; the

@@ -2,7 +2,8 @@
 
 Both read the model's own modules (attention heads, MLPs, residual stream). Direct logit
 attribution knows GPT-2 (``Conv1D``, LayerNorm), Llama (``o_proj``, RMSNorm, RoPE, grouped
-keys and values; Mistral, Qwen2, Phi-3), GPT-NeoX and pre-LN OPT, as causal LMs or as sequence
+keys and values; Mistral, Qwen2, Qwen3, SmolLM3, Phi-3), GPT-NeoX and pre-LN OPT, as causal LMs
+or as sequence
 classifiers whose ``score`` head reads the final norm directly, and T5 (the post-LN Marian and
 BART have no direct path); attribution patching
 any decoder-only model whose layers sit where :func:`_blocks` looks (GPT-2, Llama, Qwen2, Gemma,
@@ -145,9 +146,11 @@ class _Parts:
 
 
 # Llama's layout (self_attn with v_proj / o_proj, mlp, RMSNorm; residual adds around both):
-# Mistral's too, Qwen2's, whose v_proj has a bias (in the values, so in each head's share), and
-# Phi-3's, whose values come out of one qkv_proj after the queries and keys
-_LLAMA_LIKE = ("llama", "mistral", "qwen2", "phi3")
+# Mistral's too, Qwen2's, whose v_proj has a bias (in the values, so in each head's share),
+# Qwen3's (its query and key norms do not touch the values), SmolLM3's (RoPE in some layers
+# only: queries and keys), and Phi-3's, whose values come out of one qkv_proj after the queries
+# and keys
+_LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3", "smollm3", "phi3")
 
 
 def _parts(model: Model, method: str) -> _Parts:
@@ -163,7 +166,8 @@ def _parts(model: Model, method: str) -> _Parts:
     if kind not in ("gpt2", "gpt_neox", "opt", *_LLAMA_LIKE):
         raise ModelError(
             f"{method} has no rule for {name}: it knows the GPT-2 (Conv1D, LayerNorm), Llama "
-            "(o_proj, RMSNorm; also Mistral, Qwen2, Phi-3), GPT-NeoX (Pythia) and OPT "
+            "(o_proj, RMSNorm; also Mistral, Qwen2, Qwen3, SmolLM3, Phi-3), GPT-NeoX (Pythia) and "
+            "OPT "
             "architectures only, as causal LMs or sequence classifiers "
             "(GPT2ForSequenceClassification, LlamaForSequenceClassification...)"
         )

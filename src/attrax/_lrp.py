@@ -13,7 +13,8 @@ the same values; only the backward changes. The rules:
 - LayerNorm and RMSNorm: the normalising scale (``1 / std``, ``1 / rms``) held constant;
 - products of two activations: uniform rule, half the relevance to each factor. In attention
   that is ``q . k`` and ``softmax . v`` (the query and key gradients are divided by 4, the
-  value's by 2, as LXT does); in gated MLPs (Llama, Qwen2, Mistral, Gemma) ``act(gate) * up``;
+  value's by 2, as LXT does); in gated MLPs (Llama, Qwen2, Qwen3, Mistral, Gemma, Phi-3,
+  SmolLM3) ``act(gate) * up``;
 - the attention softmax: AttnLRP's rule, which in gradient x input form is the softmax's true
   gradient (``x_i (R_i - s_i sum_j R_j)``, the bias term of its Taylor expansion dropped);
   CP-LRP holds the attention weights constant (query and key get no relevance) and, as LXT's
@@ -205,11 +206,15 @@ _PATCHED: dict[str, Callable[..., torch.Tensor]] = {
     "MistralRMSNorm": _rms_norm,
     "GemmaRMSNorm": _gemma_rms_norm,
     "Phi3RMSNorm": _rms_norm,
+    "Qwen3RMSNorm": _rms_norm,  # also its per-head query and key norms
+    "SmolLM3RMSNorm": _rms_norm,
     "LlamaMLP": _gated_mlp,
     "Qwen2MLP": _gated_mlp,
     "MistralMLP": _gated_mlp,
     "GemmaMLP": _gated_mlp,
     "Phi3MLP": _fused_gated_mlp,
+    "Qwen3MLP": _gated_mlp,
+    "SmolLM3MLP": _gated_mlp,
     "RobertaClassificationHead": _tanh_head,
     "XLMRobertaClassificationHead": _tanh_head,
 }
@@ -225,6 +230,8 @@ _ATTENTION = frozenset(
         "MistralAttention",
         "GemmaAttention",
         "Phi3Attention",  # a fused q/k/v projection (a Linear), split by reshapes
+        "Qwen3Attention",  # its query and key norms are Qwen3RMSNorm children (patched)
+        "SmolLM3Attention",  # RoPE skipped in some layers (NoPE): nothing to give a rule
         "GPTNeoXAttention",  # fused per head, rotary on a part of each head (constants)
         "OPTAttention",  # the query scaled before the call (a constant factor)
         "BertSelfAttention",
@@ -260,7 +267,7 @@ _LINEAR = frozenset(
         "GPT2ForTokenClassification",
         *(
             f"{family}{part}"
-            for family in ("Llama", "Qwen2", "Mistral", "Gemma", "Phi3")
+            for family in ("Llama", "Qwen2", "Qwen3", "Mistral", "Gemma", "Phi3", "SmolLM3")
             for part in (
                 "RotaryEmbedding",
                 "DecoderLayer",
@@ -347,9 +354,11 @@ ARCHITECTURES = (
     "gpt2",
     "llama",
     "qwen2",
+    "qwen3",
     "mistral",
     "gemma",
     "phi3",
+    "smollm3",
     "gpt_neox",
     "opt",
     "bert",

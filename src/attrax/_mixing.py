@@ -509,7 +509,7 @@ def _distance(zeroed: torch.Tensor, clean: torch.Tensor, similarity: str) -> tor
 # the residual stream's norm around each attention block: before it (GPT-2, Llama: the norm is
 # inside the value vectors and the block output is ``x + attn``; GPT-NeoX's parallel MLP reads
 # ``x`` too and, like every MLP, mixes no tokens) or after it (BERT)
-_PRE_NORM = ("gpt2", "llama", "mistral", "qwen2", "phi3", "gpt_neox", "opt")
+_PRE_NORM = ("gpt2", "llama", "mistral", "qwen2", "qwen3", "smollm3", "phi3", "gpt_neox", "opt")
 _POST_NORM = ("bert", "roberta", "xlm-roberta")
 # post-norm encoder-decoders ALTI+ decomposes: encoder, decoder self- and cross-attention blocks
 _SEQ2SEQ = ("marian", "bart")
