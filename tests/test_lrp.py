@@ -160,10 +160,10 @@ def llama_lrp_reference(
         z = act(g) * u  # SiLU; Gemma: tanh-GELU
         out = z @ mlp.down_proj.weight.T
         h2 = h1 + out
-        saved.append(
-            (layer, rot, h, n1, q, k, v, qn, kn, qr, kr, kf, vf, s, a, o, attn, h1, n2, g, u, z)
-            + (out, h2)
-        )
+        saved.append((
+            layer, rot, h, n1, q, k, v, qn, kn, qr, kr, kf, vf, s, a, o, attn, h1, n2, g, u, z,
+            out, h2,
+        ))  # fmt: skip
         h = h2
     final = _rms(h, _norm_scale(hf.model.norm), eps)
     head = (hf.lm_head.weight if head is None else head)[target]
