@@ -2,11 +2,13 @@
 
 Each is a tiny random model from its config (offline), sharing the GPT-2 test tokenizer. They cover
 what differs between families: rotary and ALiBi positions (Pythia, BLOOM, Falcon), grouped-query
-attention (Qwen2, Gemma 2), query and key norms (Qwen3), layers without positions (SmolLM3),
-logit soft-capping and sliding windows (Gemma 2), learned positions with an offset (OPT), a fused
-QKV projection (Phi-3), BLOOM's tanh-GELU written as an old-style ``autograd.Function`` (which
-``torch.func`` cannot run) and Falcon's attention, which cannot be switched after loading. Translators: M2M100 (NLLB's architecture, positions that count non-pad
-tokens), Pegasus, mBART and mT5, with the Marian test tokenizer.
+attention (Qwen2, Gemma 2), query and key norms (Qwen3, Gemma 3), layers without positions
+(SmolLM3), norms after attention and MLP (Gemma 2, Gemma 3), logit soft-capping and sliding
+windows (Gemma 2, Gemma 3), learned positions with an offset (OPT), a fused QKV projection
+(Phi-3), BLOOM's tanh-GELU written as an old-style ``autograd.Function`` (which ``torch.func``
+cannot run) and Falcon's attention, which cannot be switched after loading. Translators: M2M100
+(NLLB's architecture, positions that count non-pad tokens), Pegasus, mBART and mT5, with the
+Marian test tokenizer.
 """
 
 from __future__ import annotations
@@ -47,6 +49,15 @@ CONFIGS = {
     ),
     "qwen3": lambda v: T.Qwen3Config(
         vocab_size=v, intermediate_size=64, num_key_value_heads=2, head_dim=8, **SIZES
+    ),
+    "gemma3": lambda v: T.Gemma3TextConfig(  # a local layer (3-token window), a global one
+        vocab_size=v,
+        intermediate_size=64,
+        num_key_value_heads=2,
+        head_dim=8,
+        layer_types=["sliding_attention", "full_attention"],
+        sliding_window=3,
+        **SIZES,
     ),
     "smollm3": lambda v: T.SmolLM3Config(  # its second layer without RoPE
         vocab_size=v, intermediate_size=64, num_key_value_heads=2, no_rope_layers=[1, 0], **SIZES

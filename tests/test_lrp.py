@@ -120,31 +120,37 @@ def llama_lrp_reference(
     """Relevance ``[T, H]`` of the token embeddings for the logit of ``target`` read at
     ``position``, the relevance the softmaxes absorb, and the logit. The Llama family: Qwen2's
     query/key/value biases keep their shares, Gemma's norms scale by ``1 + weight``, Phi-3's
-    projections are fused, Qwen3 normalises each query and key head (RMSNorm, its scale a
-    constant: relevance passes through), SmolLM3 skips RoPE in some layers; ``head``: the output
-    projection's rows (default: the LM head's; a classifier's ``score``)."""
+    projections are fused, Qwen3 and Gemma 3 normalise each query and key head (RMSNorm, its
+    scale a constant: relevance passes through), SmolLM3 skips RoPE in some layers, Gemma 3
+    normalises the attention's and the MLP's outputs too, and its sliding-window layers take
+    another RoPE table; ``head``: the output projection's rows (default: the LM head's; a
+    classifier's ``score``)."""
     cfg = hf.config
     hidden, heads, kv = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads
     d = getattr(cfg, "head_dim", None) or hidden // heads
     group, eps = heads // kv, cfg.rms_norm_eps
     t = len(ids)
     x = hf.model.embed_tokens(torch.tensor(ids))  # Gemma's scaled by sqrt(hidden)
-    cos, sin = hf.model.rotary_emb(x[None], torch.arange(t)[None])
-    rotary = _rotations(cos[0].double(), sin[0].double())
-    causal = torch.ones(t, t, dtype=torch.bool).tril()
+    positions = torch.arange(t)
     saved, h = [], x
     for layer in hf.model.layers:
         att, mlp = layer.self_attn, layer.mlp
         scale = att.scaling  # Gemma: query_pre_attn_scalar ** -0.5
-        # SmolLM3's NoPE layers: the identity
-        rot = rotary if getattr(att, "use_rope", True) else torch.eye(d).double().repeat(t, 1, 1)
+        kind = getattr(att, "layer_type", None)  # Gemma 3: a table per layer type
+        tables = (kind,) if type(att).__name__ == "Gemma3Attention" else ()
+        cos, sin = hf.model.rotary_emb(x[None], positions[None], *tables)
+        rot = _rotations(cos[0].double(), sin[0].double())
+        if not getattr(att, "use_rope", True):  # SmolLM3's NoPE layers: the identity
+            rot = torch.eye(d).double().repeat(t, 1, 1)
+        window = getattr(att, "sliding_window", None) or t
+        causal = (positions[:, None] >= positions) & (positions[:, None] - positions < window)
         n1 = _rms(h, _norm_scale(layer.input_layernorm), eps)
         projections = _query_key_value(att, heads * d, kv * d)
         q, k, v = (n1 @ w.T + (0 if b is None else b) for w, b in projections)  # Qwen2: biases
         q, k, v = q.view(t, heads, d), k.view(t, kv, d), v.view(t, kv, d)
         qn, kn = q, k
-        if hasattr(att, "q_norm"):  # Qwen3: each head's query and key RMS-normalised
-            qn, kn = _rms(q, att.q_norm.weight, eps), _rms(k, att.k_norm.weight, eps)
+        if hasattr(att, "q_norm"):  # Qwen3, Gemma 3: each head's query and key RMS-normalised
+            qn, kn = _rms(q, _norm_scale(att.q_norm), eps), _rms(k, _norm_scale(att.k_norm), eps)
         qr = torch.einsum("tnm,thm->thn", rot, qn)
         kr = torch.einsum("tnm,thm->thn", rot, kn)
         kf, vf = kr.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
@@ -153,16 +159,20 @@ def llama_lrp_reference(
         a = torch.softmax(s, -1)
         o = torch.einsum("hij,jhd->ihd", a, vf)
         attn = o.reshape(t, heads * d) @ att.o_proj.weight.T
-        h1 = h + attn
-        n2 = _rms(h1, _norm_scale(layer.post_attention_layernorm), eps)
+        sandwich = hasattr(layer, "pre_feedforward_layernorm")  # Gemma 3's norms after too
+        an = _rms(attn, _norm_scale(layer.post_attention_layernorm), eps) if sandwich else attn
+        h1 = h + an
+        before_mlp = layer.pre_feedforward_layernorm if sandwich else layer.post_attention_layernorm
+        n2 = _rms(h1, _norm_scale(before_mlp), eps)
         w_gate, w_up, act = _gate_up(mlp)
         g, u = n2 @ w_gate.T, n2 @ w_up.T
         z = act(g) * u  # SiLU; Gemma: tanh-GELU
         out = z @ mlp.down_proj.weight.T
-        h2 = h1 + out
+        on = _rms(out, _norm_scale(layer.post_feedforward_layernorm), eps) if sandwich else out
+        h2 = h1 + on
         saved.append((
-            layer, rot, h, n1, q, k, v, qn, kn, qr, kr, kf, vf, s, a, o, attn, h1, n2, g, u, z,
-            out, h2,
+            layer, rot, h, n1, q, k, v, qn, kn, qr, kr, kf, vf, s, a, o, attn, an, h1, n2, g, u,
+            z, out, on, h2,
         ))  # fmt: skip
         h = h2
     final = _rms(h, _norm_scale(hf.model.norm), eps)
@@ -171,11 +181,13 @@ def llama_lrp_reference(
     relevance[position] = final[position] * head  # the logit's terms; RMSNorm passes them on
     absorbed = 0.0
     for (
-        layer, rot, h, n1, q, k, v, qn, kn, qr, kr, kf, vf, s, a, o, attn, h1, n2, g, u, z, out, h2
+        layer, rot, h, n1, q, k, v, qn, kn, qr, kr, kf, vf, s, a, o, attn, an, h1, n2, g, u, z,
+        out, on, h2,
     ) in reversed(saved):  # fmt: skip
         att, mlp = layer.self_attn, layer.mlp
-        # residual h2 = h1 + out: split in proportion to the summands
-        r_h1, r_out = h1 / h2 * relevance, out / h2 * relevance
+        # residual h2 = h1 + on: split in proportion to the summands; Gemma 3's norm of the MLP's
+        # output (scale constant, elementwise) passes its share on to `out`
+        r_h1, r_out = h1 / h2 * relevance, on / h2 * relevance
         r_z = _linear_messages(z, mlp.down_proj.weight, r_out, out)
         if rule == "attnlrp":  # uniform rule on silu(g) * u, identity rule on silu
             r_g, r_u = r_z / 2, r_z / 2
@@ -184,7 +196,7 @@ def llama_lrp_reference(
         w_gate, w_up, _ = _gate_up(mlp)
         r_n2 = _linear_messages(n2, w_gate, r_g, g) + _linear_messages(n2, w_up, r_u, u)
         r_h1 = r_h1 + r_n2  # RMSNorm with its scale constant: elementwise, passes R unchanged
-        r_h, r_attn = h / h1 * r_h1, attn / h1 * r_h1
+        r_h, r_attn = h / h1 * r_h1, an / h1 * r_h1  # an: attn, or Gemma 3's norm of it
         r_o = _linear_messages(o.reshape(t, heads * d), att.o_proj.weight, r_attn, attn)
         r_o = r_o.view(t, heads, d)
         r_qr, r_kf, r_vf, lost = _attention_messages(qr, kf, vf, s, a, o, r_o, att.scaling, rule)
@@ -687,11 +699,12 @@ def _logits(model: ax.Model, da) -> np.ndarray:
 
 
 def _causal_lm(name: str) -> tuple:
-    """A tiny Mistral or Gemma (not in attrax.testing), with the tiny Llama's tokenizer."""
+    """A tiny Mistral, Gemma, Phi-3, Qwen3, SmolLM3 or Gemma 3 (not in attrax.testing), with the
+    tiny Llama's tokenizer and random norm weights."""
     import transformers
 
     _, tok = tiny_model("llama")
-    config = getattr(transformers, f"{name}Config")(
+    config = getattr(transformers, f"{name}{'Text' if name == 'Gemma3' else ''}Config")(
         vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64,
         initializer_range=0.3, bos_token_id=1, eos_token_id=2, pad_token_id=None,
@@ -699,12 +712,14 @@ def _causal_lm(name: str) -> tuple:
     config._attn_implementation = "eager"
     if name == "SmolLM3":  # its second layer without RoPE (NoPE)
         config.no_rope_layers = [1, 0]
+    if name == "Gemma3":  # a local layer (3-token window, its own RoPE table), a global one
+        config.layer_types, config.sliding_window = ["sliding_attention", "full_attention"], 3
     torch.manual_seed(0)
     hf = getattr(transformers, f"{name}ForCausalLM")(config).eval()
-    with torch.no_grad():  # random norm weights (Gemma's scale by 1 + weight, initialised at 0)
+    with torch.no_grad():  # Gemma's norms scale by 1 + weight, initialised at 0
         for module in hf.modules():
             if type(module).__name__.endswith("RMSNorm"):
-                module.weight.normal_(0.0 if name == "Gemma" else 1.0, 0.3)
+                module.weight.normal_(0.0 if name.startswith("Gemma") else 1.0, 0.3)
     return hf, tok
 
 
@@ -715,6 +730,7 @@ BIAS_FREE = {
     "phi3": lambda: _causal_lm("Phi3"),
     "qwen3": lambda: _causal_lm("Qwen3"),
     "smollm3": lambda: _causal_lm("SmolLM3"),
+    "gemma3": lambda: _causal_lm("Gemma3"),
     **NEIGHBOURS,
     "marian": lambda: tiny_model("marian"),
     "bart": lambda: tiny_model("bart"),
@@ -745,7 +761,7 @@ def test_cp_lrp_is_exactly_conservative_without_biases(arch):
     # to float32 even in a float64 model, so there the explained logits (their forward, which
     # runs eager attention once attrax has loaded the model) carry float32 roundings (~1e-7
     # per layer)
-    islands = ("mistral", "gemma", "phi3", "qwen3", "smollm3", *NEIGHBOURS)
+    islands = ("mistral", "gemma", "phi3", "qwen3", "smollm3", "gemma3", *NEIGHBOURS)
     tolerance = 1e-5 if arch in islands else 1e-9
     np.testing.assert_allclose(
         got.sum(("source", "hidden")).values, _logits(model, got), rtol=tolerance, atol=tolerance
@@ -753,11 +769,14 @@ def test_cp_lrp_is_exactly_conservative_without_biases(arch):
 
 
 @pytest.mark.parametrize("rule", ["attnlrp", "cp-lrp"])
-@pytest.mark.parametrize("arch", ["qwen2", "mistral", "gemma", "phi3", "qwen3", "smollm3"])
+@pytest.mark.parametrize(
+    "arch", ["qwen2", "mistral", "gemma", "phi3", "qwen3", "smollm3", "gemma3"]
+)
 def test_llama_family_equals_explicit_layer_by_layer_lrp(arch, rule):
     # Qwen2 (a classifier: biased q/k/v, the score head at the last token), Mistral, Gemma
     # (1 + weight norms, scaled embeddings, tanh-GELU gate, its own attention scaling), Phi-3
-    # (fused q/k/v and gate/up projections), Qwen3 (query and key norms), SmolLM3 (NoPE layers)
+    # (fused q/k/v and gate/up projections), Qwen3 (query and key norms), SmolLM3 (NoPE layers),
+    # Gemma 3 (norms after attention and MLP, query and key norms, local and global layers)
     if arch == "qwen2":
         model = _double(*tiny_classifier("qwen2"))
         got = ax.lrp(model, "the plot was good", [0, 1, 2], rule=rule)

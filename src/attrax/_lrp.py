@@ -205,6 +205,7 @@ _PATCHED: dict[str, Callable[..., torch.Tensor]] = {
     "Qwen2RMSNorm": _rms_norm,
     "MistralRMSNorm": _rms_norm,
     "GemmaRMSNorm": _gemma_rms_norm,
+    "Gemma3RMSNorm": _gemma_rms_norm,  # also after attention and MLP, and on queries and keys
     "Phi3RMSNorm": _rms_norm,
     "Qwen3RMSNorm": _rms_norm,  # also its per-head query and key norms
     "SmolLM3RMSNorm": _rms_norm,
@@ -212,6 +213,7 @@ _PATCHED: dict[str, Callable[..., torch.Tensor]] = {
     "Qwen2MLP": _gated_mlp,
     "MistralMLP": _gated_mlp,
     "GemmaMLP": _gated_mlp,
+    "Gemma3MLP": _gated_mlp,
     "Phi3MLP": _fused_gated_mlp,
     "Qwen3MLP": _gated_mlp,
     "SmolLM3MLP": _gated_mlp,
@@ -229,6 +231,7 @@ _ATTENTION = frozenset(
         "Qwen2Attention",
         "MistralAttention",
         "GemmaAttention",
+        "Gemma3Attention",
         "Phi3Attention",  # a fused q/k/v projection (a Linear), split by reshapes
         "Qwen3Attention",  # its query and key norms are Qwen3RMSNorm children (patched)
         "SmolLM3Attention",  # RoPE skipped in some layers (NoPE): nothing to give a rule
@@ -257,6 +260,12 @@ _LINEAR = frozenset(
         "Identity",
         "BartScaledWordEmbedding",
         "GemmaTextScaledWordEmbedding",
+        "Gemma3TextScaledWordEmbedding",
+        "Gemma3RotaryEmbedding",  # local and global tables: constants
+        "Gemma3DecoderLayer",  # norms after attention and MLP (patched), then residual sums
+        "Gemma3TextModel",
+        "Gemma3ForCausalLM",
+        "Gemma3ForSequenceClassification",
         "BartLearnedPositionalEmbedding",
         "MarianSinusoidalPositionalEmbedding",
         "GPT2MLP",
@@ -357,6 +366,7 @@ ARCHITECTURES = (
     "qwen3",
     "mistral",
     "gemma",
+    "gemma3_text",
     "phi3",
     "smollm3",
     "gpt_neox",
