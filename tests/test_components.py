@@ -33,6 +33,14 @@ def models64() -> dict[str, ax.Model]:
         built[arch] = ax.load_model(full_double(llama_like(arch, tok)), tokenizer=tok)
     for arch in NEIGHBOURS:
         built[arch] = ax.load_model(neighbour(arch, tok).double(), tokenizer=tok)
+    for arch in ("gemma2", "gemma3"):  # norms on each attention's and MLP's output
+        hf = _family(arch, tok, attn_implementation="eager")
+        hf.config.final_logit_softcapping = None  # a linear readout (DLA refuses the cap)
+        with torch.no_grad():  # random gains: Gemma's norms scale by 1 + weight, weight 0
+            for module in hf.modules():
+                if type(module).__name__.endswith("RMSNorm"):
+                    module.weight.normal_(0, 0.3)
+        built[arch] = ax.load_model(full_double(hf), tokenizer=tok)
     return built
 
 
@@ -82,15 +90,24 @@ def full_double(hf: torch.nn.Module) -> torch.nn.Module:
     which would leave float32 rounding in the logits the references compare with."""
     hf = hf.double()
     for module in hf.modules():
-        if type(module).__name__.endswith("RMSNorm"):  # Llama's, Mistral's, Qwen2's
+        if type(module).__name__.endswith("RMSNorm"):  # Llama's, Mistral's, Qwen2's, Gemma's
 
             def forward(x: torch.Tensor, m: torch.nn.Module = module) -> torch.Tensor:
-                return (
-                    m.weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + m.variance_epsilon)
-                )
+                eps = getattr(m, "variance_epsilon", None) or m.eps
+                return gain(m) * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
 
             module.forward = forward
     return hf
+
+
+def gain(norm: torch.nn.Module) -> torch.Tensor:
+    """An RMSNorm's elementwise factor: ``weight``, the Gemma family's ``1 + weight``."""
+    return 1.0 + norm.weight if type(norm).__name__.startswith("Gemma") else norm.weight
+
+
+def sandwich(model: ax.Model) -> bool:
+    """Whether each block norms its attention's and MLP's outputs (Gemma 2, Gemma 3)."""
+    return hasattr(modules(model)[0][0], "post_feedforward_layernorm")
 
 
 def modules(model: ax.Model):
@@ -129,7 +146,7 @@ def traced(model: ax.Model, ids: list[int]) -> dict:
     """One plain HF forward with hooks: attention maps, values, head outputs z, MLP outputs, the
     final norm's input, logits (all for the one example)."""
     blocks, _attn, proj, value, norm = modules(model)
-    found: dict = {"v": {}, "z": {}, "mlp": {}, "final": None}
+    found: dict = {"v": {}, "z": {}, "mlp": {}, "attention_output": {}, "final": None}
     handles = []
     for layer in range(len(blocks)):
         handles.append(
@@ -142,8 +159,16 @@ def traced(model: ax.Model, ids: list[int]) -> dict:
                 lambda m, a, layer=layer: found["z"].__setitem__(layer, a[0][0])
             )
         )
-        # OPT's MLP is fc1, ReLU, fc2 inline in its block, on [L, H] for one example
+        # OPT's MLP is fc1, ReLU, fc2 inline in its block, on [L, H] for one example; Gemma's
+        # writes its norm's output
         mlp = blocks[layer].fc2 if model.hf.config.model_type == "opt" else blocks[layer].mlp
+        if sandwich(model):
+            mlp = blocks[layer].post_feedforward_layernorm
+            handles.append(  # the attention's output, before its norm
+                blocks[layer].post_attention_layernorm.register_forward_pre_hook(
+                    lambda m, a, layer=layer: found["attention_output"].__setitem__(layer, a[0][0])
+                )
+            )
         handles.append(
             mlp.register_forward_hook(
                 lambda m, a, o, layer=layer: found["mlp"].__setitem__(
@@ -169,8 +194,8 @@ def readout(model: ax.Model, i: int, found: dict, direction: torch.Tensor):
     if model.hf.config.model_type in ("gpt2", "gpt_neox", "opt"):  # LayerNorm
         sigma = torch.sqrt(x.var(unbiased=False) + norm.eps)
         return lambda c: head_read(model, norm.weight * (c - c.mean()) / sigma, direction)
-    rms = torch.sqrt(x.pow(2).mean() + norm.variance_epsilon)
-    return lambda c: float((norm.weight * c / rms) @ direction)
+    rms = torch.sqrt(x.pow(2).mean() + (getattr(norm, "variance_epsilon", None) or norm.eps))
+    return lambda c: float((gain(norm) * c / rms) @ direction)
 
 
 def head_read(model: ax.Model, y: torch.Tensor, direction: torch.Tensor) -> float:
@@ -215,19 +240,23 @@ def naive_dla(model: ax.Model, source: str, target: str, contrast: str | None = 
                 v_all = v_all[:, 2 * config.hidden_size :]
             elif config.model_type == "gpt_neox":  # per head: query, key, value
                 v_all = v_all.unflatten(-1, (heads, 3 * d))[..., 2 * d :].flatten(1)
-            elif (
-                config.model_type != "opt"
-            ):  # grouped values: query head h reads key-value head h // group
+            elif config.model_type != "opt":
+                # grouped values: query head h reads key-value head h // group
                 if config.model_type == "phi3":  # [q (heads d), k (kv d), v (kv d)]
                     v_all = v_all[:, (heads + config.num_key_value_heads) * d :]
                 v_all = v_all.unflatten(-1, (-1, d))
                 v_all = v_all.repeat_interleave(heads // v_all.shape[1], dim=1).flatten(1)
             w = w_out(model, layer)
+            after = 1.0  # Gemma: the norm on the attention's output, at its scale for x_i
+            if sandwich(model):
+                norm = modules(model)[0][layer].post_attention_layernorm
+                y = found["attention_output"][layer][i]
+                after = gain(norm) / torch.sqrt(y.pow(2).mean() + norm.eps)
             for h in range(heads):
                 for j in range(i + 1):
                     a = found["attn"][layer][h, i, j]
                     piece = a * v_all[j, h * d : (h + 1) * d] @ w[h * d : (h + 1) * d]
-                    out[k, j, layer, h] = proj(piece)
+                    out[k, j, layer, h] = proj(after * piece)
                 out[k, i + 1 :, layer, h] = 0.0
             out[k, : i + 1, layer, heads] = 0.0
             out[k, i, layer, heads] = proj(found["mlp"][layer][i])
@@ -249,9 +278,10 @@ def naive_dla(model: ax.Model, source: str, target: str, contrast: str | None = 
     return out, rest, logits, len(src)
 
 
-@pytest.mark.parametrize(
-    "arch", ["gpt2", "llama", "mistral", "qwen2", "phi3", "qwen3", "smollm3", *NEIGHBOURS]
-)
+DLA_ARCHS = ("gpt2", "llama", "mistral", "qwen2", "phi3", "qwen3", "smollm3", "gemma2", "gemma3")
+
+
+@pytest.mark.parametrize("arch", [*DLA_ARCHS, *NEIGHBOURS])
 @pytest.mark.parametrize("contrast", [None, " Rome"])
 def test_dla_equals_naive_and_sums_back(models64, arch, contrast):
     model = models64[arch]
@@ -652,7 +682,8 @@ def test_atp_sequence_classifier_first_order():
 
 
 def _gemma2() -> ax.Model:
-    """A tiny random Gemma 2 (norms before and after each block) on the GPT-2 test tokenizer."""
+    """A tiny random Gemma 2 (norms before and after each block, soft-capped logits) on the GPT-2
+    test tokenizer."""
     _, tok = tiny_model("gpt2")
     return ax.load_model(_family("gemma2", tok), tokenizer=tok)
 
@@ -663,7 +694,7 @@ def test_errors(models, models64):
     bert = ax.load_model(hf, tokenizer=tok)
     with pytest.raises(ax.ModelError, match="BertForSequenceClassification"):
         ax.direct_logit_attribution(bert, "a good day", targets=0)
-    with pytest.raises(ax.ModelError, match="Gemma2ForCausalLM"):  # sandwich norms
+    with pytest.raises(ax.ModelError, match=r"Gemma2ForCausalLM.*soft-caps its logits"):
         ax.direct_logit_attribution(_gemma2(), SOURCE, TARGET)
     hf, tok = tiny_classifier("gpt2", task="token")
     with pytest.raises(ax.ModelError, match="token classifier"):

@@ -18,6 +18,7 @@ from attrax.cli import main
 from attrax.testing import tiny_classifier, tiny_model
 from tests import _naive
 from tests.test_architectures import CONFIGS, _family
+from tests.test_components import full_double
 
 PROMPT, TARGET = "The capital of France is", " Paris."
 ARCHS = ("gpt2", "llama", "bert")
@@ -106,6 +107,20 @@ def project(model: ax.Model, block, z: torch.Tensor) -> torch.Tensor:
     return dense(z) - bias
 
 
+def gain(norm: torch.nn.Module) -> torch.Tensor:
+    """An RMSNorm's elementwise factor: ``weight``, the Gemma family's ``1 + weight``."""
+    return 1.0 + norm.weight if type(norm).__name__.startswith("Gemma") else norm.weight
+
+
+def after_attention(block, output: torch.Tensor, i: int) -> torch.Tensor | float:
+    """Gemma 2's and 3's norm on the attention's output ``[1, L, d]``, as the factor it applies
+    at query ``i`` (``gain / rms``); 1 for the blocks that add the output as it is."""
+    if not hasattr(block, "pre_feedforward_layernorm"):
+        return 1.0
+    norm = block.post_attention_layernorm
+    return gain(norm) / torch.sqrt(output[0, i].pow(2).mean() + norm.eps)
+
+
 def output_projection(model: ax.Model, block) -> torch.nn.Module:
     if is_bert(model):
         return block.attention.output.dense
@@ -149,7 +164,7 @@ def naive_alti_layers(model: ax.Model, ids: torch.Tensor):
                     z = torch.zeros(heads * hd, dtype=x.dtype)
                     for h in range(heads):
                         z[h * hd : (h + 1) * hd] = attn[h, i, j] * v[j, h]
-                    T[i, j] = project(model, block, z)
+                    T[i, j] = project(model, block, z) * after_attention(block, captured[layer], i)
                     if i == j:
                         T[i, j] += x[0, j]
             if is_bert(model):
@@ -166,7 +181,10 @@ def naive_alti_layers(model: ax.Model, ids: torch.Tensor):
             else:
                 proj = output_projection(model, block)
                 bias = proj.bias if proj.bias is not None else 0
-                y = x[0] + captured[layer][0]
+                output = captured[layer][0]
+                if hasattr(block, "pre_feedforward_layernorm"):  # Gemma: the norm's output
+                    output = block.post_attention_layernorm(output)
+                y = x[0] + output
                 torch.testing.assert_close(T.sum(1) + bias, y, rtol=1e-9, atol=1e-9)
             C = torch.zeros(length, length, dtype=x.dtype)
             for i in range(length):
@@ -177,7 +195,9 @@ def naive_alti_layers(model: ax.Model, ids: torch.Tensor):
     return per_layer
 
 
-@pytest.mark.parametrize("arch", [*ARCHS, "phi3", "pythia", "qwen3", "smollm3", *NEIGHBOURS])
+@pytest.mark.parametrize(
+    "arch", [*ARCHS, "phi3", "pythia", "qwen3", "smollm3", "gemma2", "gemma3", *NEIGHBOURS]
+)
 def test_alti_matches_naive_per_layer_and_rollout(mixing_models, arch):
     model = mixing_models[arch] if arch in ARCHS else _fused(arch)
     target = None if arch == "bert" else TARGET
@@ -428,6 +448,13 @@ def _fused(family: str) -> ax.Model:
     projection), Phi-3 (all queries, then keys, then values) or one of :data:`NEIGHBOURS` in
     float64, GPT-2's tokenizer."""
     _, tok = tiny_model("gpt2")
+    if family.startswith("gemma"):  # random gains (1 + weight), the norms run in float64
+        hf = _family(family, tok, attn_implementation="eager")
+        with torch.no_grad():
+            for module in hf.modules():
+                if type(module).__name__.endswith("RMSNorm"):
+                    module.weight.normal_(0, 0.3)
+        return ax.load_model(full_double(hf).eval(), tokenizer=tok)
     if family not in NEIGHBOURS:
         hf = _family(family, tok, attn_implementation="eager")
         return ax.load_model(hf.double().eval(), tokenizer=tok)
@@ -641,7 +668,8 @@ def test_value_zeroing_copies_per_forward_do_not_change_scores(mixing_models):
 
 
 @pytest.mark.parametrize(
-    "kind", ["lm", "llama_contrast", "phi3", "pythia", "opt-projected", "qwen3", "classifier"]
+    "kind",
+    ["lm", "llama_contrast", "phi3", "pythia", "opt-projected", "qwen3", "gemma3", "classifier"],
 )
 def test_alti_logit_matches_naive(mixing_models, kind):
     """GPT-2 (LayerNorm: centered direction), Llama with a contrast (RMSNorm: no centering; the
@@ -685,18 +713,24 @@ def test_alti_logit_matches_naive(mixing_models, kind):
     else:
         final, project_out = hf.model.norm, None
     layer_norm = isinstance(final, torch.nn.LayerNorm)
-    before_final = []
-    handle = final.register_forward_pre_hook(lambda _m, args: before_final.append(args[0]))
+    before_final, outputs = [], []
+    handles = [final.register_forward_pre_hook(lambda _m, args: before_final.append(args[0]))]
+    handles += [  # each attention's output (Gemma norms it before the residual adds it)
+        attention_of(b).register_forward_hook(lambda _m, _a, o: outputs.append(o[0]))
+        for b in blocks(model)
+    ]
     with torch.no_grad(), model.attention_as("eager"):
         out = hf(input_ids=ids, output_attentions=True, output_hidden_states=True)
-    handle.remove()
+    for handle in handles:
+        handle.remove()
     residual = before_final[0][0]  # the last block's output, before the final norm
     length = ids.shape[1]
     for k, q in enumerate(queries):
         if layer_norm:
             sigma = torch.sqrt(residual[q].var(unbiased=False) + final.eps)
         else:  # RMSNorm: the root mean square, no centering
-            sigma = torch.sqrt(residual[q].pow(2).mean() + final.variance_epsilon)
+            eps = getattr(final, "variance_epsilon", None) or final.eps
+            sigma = torch.sqrt(residual[q].pow(2).mean() + eps)
 
         def read(y: torch.Tensor, k: int = k) -> float:  # the target's logit of norm output y
             return float((y if project_out is None else project_out(y)) @ rows[k])
@@ -713,10 +747,10 @@ def test_alti_logit_matches_naive(mixing_models, kind):
                 z = torch.zeros(attn.shape[0] * hd, dtype=torch.float64)
                 for h in range(attn.shape[0]):
                     z[h * hd : (h + 1) * hd] = attn[h, q, j] * v[j, h]
-                update = project(model, block, z).detach()
+                update = project(model, block, z) * after_attention(block, outputs[layer], q)
                 if layer_norm:
                     update = update - update.mean()
-                delta[j] = read(final.weight * update / sigma)
+                delta[j] = read(gain(final) * update.detach() / sigma)
             term = delta @ below
             np.testing.assert_allclose(got.values[k, : q + 1, layer], term[: q + 1], atol=1e-9)
             expected_total += term
@@ -768,6 +802,9 @@ def test_unsupported_architectures_are_model_errors(mixing_models):
     for method in (ax.alti, ax.alti_logit):
         with pytest.raises(ax.ModelError, match="normalises after each block"):
             method(post_ln, PROMPT, TARGET)
+    gemma2 = ax.load_model(_family("gemma2", tok), tokenizer=tok)  # its logits soft-capped
+    with pytest.raises(ax.ModelError, match="soft-caps its logits"):
+        ax.alti_logit(gemma2, PROMPT, TARGET)
 
 
 def test_cli_and_dataset_runs(tmp_path, capsys):

@@ -40,8 +40,8 @@ from ._drop import Drop, averaged, dropping, pulled
 from ._errors import InputError, ModelError, OptionError
 from ._heads import ATTENTION_INPUTS, patch_attention_inputs
 from ._inputs import Texts, contrast_batch, prepare, to_tensors
-from ._memory import at_least_float32, full_precision
-from ._model import Model
+from ._memory import full_precision
+from ._model import Model, norm_divisor, norm_gain
 from ._protocol import Call, Family
 
 SITES = ("heads", "mlp", "residual", *ATTENTION_INPUTS)
@@ -92,6 +92,9 @@ class _Parts:
     head_dim: int
     # OPT's `project_out` (Linear, no bias) between the final norm and the head, or None
     readout: torch.nn.Module | None = None
+    # Gemma 2's and 3's norms of each attention's and MLP's output before the residual adds it
+    after_attention: list[torch.nn.Module] | None = None
+    after_mlp: list[torch.nn.Module] | None = None
 
     @property
     def centered(self) -> bool:
@@ -139,12 +142,12 @@ class _Parts:
     def norm_scale(self, x: torch.Tensor) -> torch.Tensor:
         """The final norm's divisor at residuals ``x`` ``[..., H]``: LayerNorm's standard
         deviation, RMSNorm's root mean square (each with its epsilon)."""
-        x = x.to(at_least_float32(x.dtype))
-        if self.centered:
-            return torch.sqrt(x.var(-1, unbiased=False) + self.norm.eps)
-        return torch.sqrt(x.pow(2).mean(-1) + self.norm.variance_epsilon)
+        return norm_divisor(self.norm, x, self.centered)
 
 
+# Gemma 2's and 3's: Llama's, with a norm on each attention's and MLP's output (held at its
+# scale like the final norm's) and the final norm's 1 + weight
+_SANDWICH = ("gemma2", "gemma3_text")
 # Llama's layout (self_attn with v_proj / o_proj, mlp, RMSNorm; residual adds around both):
 # Mistral's too, Qwen2's, whose v_proj has a bias (in the values, so in each head's share),
 # Qwen3's (its query and key norms do not touch the values), SmolLM3's (RoPE in some layers
@@ -163,13 +166,18 @@ def _parts(model: Model, method: str) -> _Parts:
             f"{method} decomposes decoder-only models (GPT-2, Llama); {name} is an "
             "encoder-decoder, whose decoder also reads the encoder through cross-attention"
         )
-    if kind not in ("gpt2", "gpt_neox", "opt", *_LLAMA_LIKE):
+    if kind not in ("gpt2", "gpt_neox", "opt", *_LLAMA_LIKE, *_SANDWICH):
         raise ModelError(
             f"{method} has no rule for {name}: it knows the GPT-2 (Conv1D, LayerNorm), Llama "
-            "(o_proj, RMSNorm; also Mistral, Qwen2, Qwen3, SmolLM3, Phi-3), GPT-NeoX (Pythia) and "
-            "OPT "
+            "(o_proj, RMSNorm; also Mistral, Qwen2, Qwen3, SmolLM3, Phi-3, Gemma 2, Gemma 3), "
+            "GPT-NeoX (Pythia) and OPT "
             "architectures only, as causal LMs or sequence classifiers "
             "(GPT2ForSequenceClassification, LlamaForSequenceClassification...)"
+        )
+    if getattr(hf.config, "final_logit_softcapping", None):
+        raise ModelError(
+            f"{method}: {name} soft-caps its logits (tanh): the logit is no linear readout of "
+            "the residual stream to decompose"
         )
     if kind == "opt" and not (
         hf.config.do_layer_norm_before and hf.base_model.decoder.final_layer_norm is not None
@@ -213,7 +221,13 @@ def _parts(model: Model, method: str) -> _Parts:
         heads = config.num_attention_heads
     head_dim = getattr(attentions[0], "head_dim", None) or config.hidden_size // heads
     short = {"gpt2": "gpt2", "gpt_neox": "neox", "opt": "opt"}.get(kind, "llama")
-    return _Parts(short, blocks, attentions, mlps, norm, heads, head_dim, readout)
+    after_attention = after_mlp = None
+    if kind in _SANDWICH:
+        after_attention = [b.post_attention_layernorm for b in blocks]
+        after_mlp = [b.post_feedforward_layernorm for b in blocks]
+    return _Parts(
+        short, blocks, attentions, mlps, norm, heads, head_dim, readout, after_attention, after_mlp
+    )
 
 
 def _readout(model: Model, method: str) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -298,8 +312,7 @@ def direct_logit_attribution(
         direction = direction - unembed[t.contrast_ids]
     if parts.readout is not None:  # OPT's project_out: the head reads W x, so x is read by W^T
         direction = full_precision(direction) @ full_precision(parts.readout.weight)
-    gamma = parts.norm.weight
-    u = full_precision(direction) * full_precision(gamma)
+    u = full_precision(direction) * full_precision(norm_gain(parts.norm))
     if parts.centered:
         u = u - u.mean(-1, keepdim=True)
     length = t.ids.shape[1]
@@ -307,6 +320,8 @@ def direct_logit_attribution(
     found = {"values": [None] * n_layers, "final": None}
     heads_out: dict[int, torch.Tensor] = {}
     mlps_out: dict[int, torch.Tensor] = {}
+    # Gemma 2 and 3: 1 / the divisor of the norm on each attention's output, at the targets
+    attention_scale: dict[int, torch.Tensor] = {}
     order = iter(range(n_layers))
 
     def on_values(layer: int) -> Callable[..., None]:
@@ -332,8 +347,11 @@ def direct_logit_attribution(
         v = full_precision(found["values"][layer])[..., chosen_heads, :]  # [B, J, h, d]
         w_o, _ = parts.output_projection(layer)
         w_o = full_precision(w_o[chosen_heads])  # [h, d, H]
+        # the norm on the attention's output (Gemma): its gain here, its divisor once it has run
+        after = parts.after_attention
+        gained = u if after is None else u * full_precision(norm_gain(after[layer]))
         # every target, head and source in two contractions: (v_j W_O^h) . u_k, then A[h, i_k, j]
-        r = torch.einsum("hdx,bkx->bkhd", w_o, u)
+        r = torch.einsum("hdx,bkx->bkhd", w_o, gained)
         vu = torch.einsum("bjhd,bkhd->bkjh", v, r)
         a = full_precision(weights[:, chosen_heads].permute(0, 2, 3, 1)[rows, t.index])
         heads_out[layer] = a * vu  # [B, K, J, h]
@@ -342,8 +360,23 @@ def direct_logit_attribution(
     def on_final(_module: torch.nn.Module, args: tuple[Any, ...]) -> None:
         found["final"] = args[0][rows, t.index]
 
+    def on_attention_norm(layer: int) -> Callable[..., None]:
+        def hook(module: torch.nn.Module, args: tuple[Any, ...]) -> None:
+            if layer in chosen_layers:
+                divisor = norm_divisor(module, args[0][rows, t.index], centered=False)
+                attention_scale[layer] = 1.0 / divisor.to(u.dtype)
+
+        return hook
+
     handles = [parts.value_module(i).register_forward_hook(on_values(i)) for i in range(n_layers)]
-    handles += [parts.mlps[i].register_forward_hook(on_mlp(i)) for i in range(n_layers)]
+    # what each MLP writes: its output, or (Gemma) its norm's output
+    writes = parts.mlps if parts.after_mlp is None else parts.after_mlp
+    handles += [writes[i].register_forward_hook(on_mlp(i)) for i in range(n_layers)]
+    if parts.after_attention is not None:
+        handles += [
+            norm.register_forward_pre_hook(on_attention_norm(i))
+            for i, norm in enumerate(parts.after_attention)
+        ]
     handles.append(parts.norm.register_forward_pre_hook(on_final))
     with _hooks(*handles):
         model.stream_attention(t, on_map)
@@ -354,7 +387,10 @@ def direct_logit_attribution(
     values = []
     for layer in chosen_layers:  # assembling the kept layers' results, not a computation
         mlp = at_index * mlps_out[layer][..., None]  # the MLP writes at the target's position
-        values.append(torch.cat([heads_out[layer], mlp[..., None]], dim=-1))
+        heads = heads_out[layer]
+        if parts.after_attention is not None:
+            heads = heads * attention_scale[layer][:, :, None, None]
+        values.append(torch.cat([heads, mlp[..., None]], dim=-1))
     stacked = torch.stack(values, dim=-2) * scale[:, :, None, None, None]
     da = call.label(
         [stacked],

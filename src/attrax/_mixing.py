@@ -19,6 +19,7 @@ Two views, both per layer (``layer`` dim) and labelled like the attention maps:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -40,7 +41,7 @@ from ._memory import (
     parse_bytes,
     plan_forwards,
 )
-from ._model import Model, attention_modules
+from ._model import Model, attention_modules, norm_divisor, norm_gain
 from ._protocol import Call, Family
 from ._schema import label_queries
 
@@ -510,6 +511,8 @@ def _distance(zeroed: torch.Tensor, clean: torch.Tensor, similarity: str) -> tor
 # inside the value vectors and the block output is ``x + attn``; GPT-NeoX's parallel MLP reads
 # ``x`` too and, like every MLP, mixes no tokens) or after it (BERT)
 _PRE_NORM = ("gpt2", "llama", "mistral", "qwen2", "qwen3", "smollm3", "phi3", "gpt_neox", "opt")
+# Gemma 2 and 3: pre-norm, and a norm on each attention's output before the residual adds it
+_SANDWICH = ("gemma2", "gemma3_text")
 _POST_NORM = ("bert", "roberta", "xlm-roberta")
 # post-norm encoder-decoders ALTI+ decomposes: encoder, decoder self- and cross-attention blocks
 _SEQ2SEQ = ("marian", "bart")
@@ -531,21 +534,31 @@ ALTI_LOGIT = Family(
 @dataclass
 class _Parts:
     """What ALTI reads from one layer: output projection ``W [d, heads * head_dim]`` and bias,
-    and (post-norm models) the norm after the residual."""
+    (post-norm models) the norm after the residual, and (Gemma 2, 3) the norm on the attention's
+    output before the residual adds it, with its factor ``gain / rms`` ``[B, L, d]`` at each
+    query once the layer has run."""
 
     weight: torch.Tensor
     bias: torch.Tensor | None
     norm: torch.nn.Module | None
+    after: torch.nn.Module | None = None
+    scale: torch.Tensor | None = None
 
 
 def _parts(model: Model, layer: _Layer, stack: str = "self") -> _Parts:
     kind = _architecture(model)
-    if kind not in _PRE_NORM + _POST_NORM + _SEQ2SEQ:
+    known = _PRE_NORM + _SANDWICH + _POST_NORM + _SEQ2SEQ
+    if kind not in known:
         raise ModelError(
             f"{model.name}: ALTI has no decomposition for the {kind!r} architecture; attrax "
-            f"decomposes {', '.join(_PRE_NORM + _POST_NORM + _SEQ2SEQ)}"
+            f"decomposes {', '.join(known)}"
         )
     _refuse_post_ln_opt(model)
+    if kind in _SANDWICH:  # Llama's layout, the attention's output normed before the residual
+        project = layer.attention.o_proj
+        if project.bias is not None:  # it would sit inside that norm, per query
+            raise ModelError(f"{model.name}: ALTI has no decomposition for a biased o_proj here")
+        return _Parts(project.weight, None, None, layer.block.post_attention_layernorm)
     if kind in _PRE_NORM:
         project = next(
             getattr(layer.attention, name)
@@ -610,6 +623,7 @@ class _Decomposition:
         }
         self.inputs: dict[tuple[str, int], torch.Tensor] = {}
         self.values: dict[tuple[str, int], torch.Tensor] = {}
+        self.outputs: dict[tuple[str, int], torch.Tensor] = {}
         self.count = dict.fromkeys(names, 0)
 
     def run(self) -> None:
@@ -635,11 +649,25 @@ class _Decomposition:
             name, index = values_of[id(module)]
             self.values[name, index] = output[..., self.stacks[name][index].value_features]
 
+        def keep_output(key: tuple[str, int]) -> Callable[..., None]:
+            def hook(_module: torch.nn.Module, _args: Any, output: Any) -> None:
+                self.outputs[key] = output[0] if isinstance(output, tuple) else output
+
+            return hook
+
         handles = [
             modules[key].register_forward_pre_hook(keep_input, with_kwargs=True)
             for key in residual_of
         ]
         handles += [modules[key].register_forward_hook(keep_values) for key in values_of]
+        # before stream_attention's own hooks, which hand the layer on: the attention's output,
+        # which Gemma's norm reads
+        handles += [
+            layer.attention.register_forward_hook(keep_output((name, i)))
+            for name, layers in self.stacks.items()
+            for i, layer in enumerate(layers)
+            if self.parts[name][i].after is not None
+        ]
         try:
             self.model.stream_attention(self.t, self._on_map)
         finally:
@@ -659,6 +687,11 @@ class _Decomposition:
         weight = parts.weight.view(parts.weight.shape[0], heads, -1)
         u = torch.einsum("bjhk,dhk->bhjd", per_head.to(dtype), weight.to(dtype))
         x = self.inputs.pop((stack, index)).to(dtype)
+        if parts.after is not None:  # the norm on the attention's output, at each query's scale
+            output = self.outputs.pop((stack, index))
+            divisor = norm_divisor(parts.after, output, centered=False).to(dtype)
+            gain = norm_gain(parts.after).to(dtype)
+            parts = dataclasses.replace(parts, scale=gain / divisor[..., None])
         self.on_layer(index, weights.to(dtype), u, x, parts, stack)
 
 
@@ -751,6 +784,8 @@ def _row_scores(
     """Unnormalized ALTI scores ``[B, q, L]`` of the query rows ``start .. start + q``."""
     vectors = torch.einsum("bhij,bhjd->bijd", weights.to(u.dtype), u)
     i = torch.arange(weights.shape[2], device=x.device)
+    if parts.scale is not None:  # Gemma: the norm on the attention's output, linear at its scale
+        vectors = vectors * parts.scale[:, start + i, None, :]
     vectors[:, i, start + i] += x[:, start + i]  # the residual: T_i(x_i) += x_i
     return _l1_scores(vectors, parts)
 
@@ -952,11 +987,17 @@ def alti_logit(call: Call, *, aggregate: bool = True, layers: Selection = None) 
     ('target', 'source')
     """
     model = call.model
-    if _architecture(model) not in _PRE_NORM:
+    if _architecture(model) not in _PRE_NORM + _SANDWICH:
         raise ModelError(
             f"{model.name} ({_architecture(model)}, {model.task}): ALTI-Logit decomposes the logits "
-            f"of decoder-only models, language models or classifiers ({', '.join(_PRE_NORM)}): "
-            "a post-norm encoder's logit has no linear path from each layer"
+            f"of decoder-only models, language models or classifiers "
+            f"({', '.join(_PRE_NORM + _SANDWICH)}): a post-norm encoder's logit has no linear path "
+            "from each layer"
+        )
+    if getattr(model.hf.config, "final_logit_softcapping", None):
+        raise ModelError(
+            f"{model.name}: ALTI-Logit decomposes a logit linear in the last residual; this "
+            "model soft-caps its logits (tanh)"
         )
     _refuse_post_ln_opt(model)
     t = to_tensors(call.batch, model)
@@ -976,7 +1017,10 @@ def alti_logit(call: Call, *, aggregate: bool = True, layers: Selection = None) 
 
     def on_layer(index: int, weights: Any, u: Any, x: Any, parts: _Parts, _stack: str) -> None:
         rows = _rows(weights.transpose(1, 2), t.index).to(u.dtype)  # [B, K, H, L]
-        delta = torch.einsum("bkhj,bhjd,bkd->bkj", rows, u, direction.to(u.dtype))
+        read = direction.to(u.dtype)
+        if parts.scale is not None:  # Gemma: the norm on the attention's output at the query
+            read = read * _rows(parts.scale, t.index)
+        delta = torch.einsum("bkhj,bhjd,bkd->bkj", rows, u, read)
         terms.append(delta if not below else delta @ below[0])
         step = _contributions(weights, u, x, parts, t.mask, vectors)
         below[:] = [step if not below else step @ below[0]]
@@ -1017,7 +1061,7 @@ def _logit_direction(
     if readout is not None:  # the head reads P y: y is read by P^T
         unembed = unembed @ readout.weight.to(dtype)
     residual = residual.to(dtype)
-    direction = unembed * final.weight.to(dtype)
+    direction = unembed * norm_gain(final).to(dtype)
     eps = getattr(final, "eps", None) or getattr(final, "variance_epsilon", 1e-6)
     if isinstance(final, torch.nn.LayerNorm):
         direction = direction - direction.mean(-1, keepdim=True)

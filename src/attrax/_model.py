@@ -33,7 +33,7 @@ from transformers.utils import logging as hf_logging
 
 from . import _arch
 from ._errors import ModelError, OptionError
-from ._memory import bound_kernel_caches
+from ._memory import at_least_float32, bound_kernel_caches
 from ._sdpa import folded_sdpa
 
 ATTENTION_IMPLEMENTATIONS = ("auto", "eager", "sdpa")
@@ -1082,6 +1082,23 @@ ACTIVATION_KINDS = {
     # BLOOM's tanh-GELU is an old-style autograd.Function, which torch.func cannot run at all
     "BloomGelu": "gelu_tanh",
 }
+
+
+def norm_divisor(norm: torch.nn.Module, x: torch.Tensor, centered: bool) -> torch.Tensor:
+    """``norm``'s divisor at ``x`` ``[..., H]`` (at least float32): a LayerNorm's standard
+    deviation (``centered``) or an RMSNorm's root mean square, each with its epsilon."""
+    x = x.to(at_least_float32(x.dtype))
+    eps = getattr(norm, "variance_epsilon", None) or norm.eps
+    if centered:
+        return torch.sqrt(x.var(-1, unbiased=False) + eps)
+    return torch.sqrt(x.pow(2).mean(-1) + eps)
+
+
+def norm_gain(norm: torch.nn.Module) -> torch.Tensor:
+    """The elementwise factor a norm applies after dividing: its ``weight``, or the Gemma
+    family's ``1 + weight``."""
+    weight = norm.weight
+    return 1.0 + weight if type(norm).__name__.startswith("Gemma") else weight
 
 
 def activation_kind(module: torch.nn.Module) -> str | None:
