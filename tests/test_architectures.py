@@ -3,7 +3,7 @@
 Each is a tiny random model from its config (offline), sharing the GPT-2 test tokenizer. They cover
 what differs between families: rotary and ALiBi positions (Pythia, BLOOM, Falcon), grouped-query
 attention (Qwen2, Gemma 2), query and key norms (Qwen3, Gemma 3), layers without positions
-(SmolLM3), norms after attention and MLP (Gemma 2, Gemma 3), logit soft-capping and sliding
+(SmolLM3), norms after attention and MLP (Gemma 2, Gemma 3, OLMo 2), logit soft-capping and sliding
 windows (Gemma 2, Gemma 3), learned positions with an offset (OPT), a fused QKV projection
 (Phi-3), BLOOM's tanh-GELU written as an old-style ``autograd.Function`` (which ``torch.func``
 cannot run) and Falcon's attention, which cannot be switched after loading. Translators: M2M100
@@ -58,6 +58,9 @@ CONFIGS = {
         layer_types=["sliding_attention", "full_attention"],
         sliding_window=3,
         **SIZES,
+    ),
+    "olmo2": lambda v: T.Olmo2Config(  # norms after attention and MLP only
+        vocab_size=v, intermediate_size=64, num_key_value_heads=2, **SIZES
     ),
     "smollm3": lambda v: T.SmolLM3Config(  # its second layer without RoPE
         vocab_size=v, intermediate_size=64, num_key_value_heads=2, no_rope_layers=[1, 0], **SIZES

@@ -33,13 +33,13 @@ def models64() -> dict[str, ax.Model]:
         built[arch] = ax.load_model(full_double(llama_like(arch, tok)), tokenizer=tok)
     for arch in NEIGHBOURS:
         built[arch] = ax.load_model(neighbour(arch, tok).double(), tokenizer=tok)
-    for arch in ("gemma2", "gemma3"):  # norms on each attention's and MLP's output
+    for arch in ("gemma2", "gemma3", "olmo2"):  # norms on each attention's and MLP's output
         hf = _family(arch, tok, attn_implementation="eager")
         hf.config.final_logit_softcapping = None  # a linear readout (DLA refuses the cap)
-        with torch.no_grad():  # random gains: Gemma's norms scale by 1 + weight, weight 0
+        with torch.no_grad():  # random gains (Gemma's norms scale by 1 + weight, weight 0)
             for module in hf.modules():
                 if type(module).__name__.endswith("RMSNorm"):
-                    module.weight.normal_(0, 0.3)
+                    module.weight.normal_(0.0 if arch.startswith("gemma") else 1.0, 0.3)
         built[arch] = ax.load_model(full_double(hf), tokenizer=tok)
     return built
 
@@ -251,7 +251,8 @@ def naive_dla(model: ax.Model, source: str, target: str, contrast: str | None = 
             if sandwich(model):
                 norm = modules(model)[0][layer].post_attention_layernorm
                 y = found["attention_output"][layer][i]
-                after = gain(norm) / torch.sqrt(y.pow(2).mean() + norm.eps)
+                eps = getattr(norm, "variance_epsilon", None) or norm.eps
+                after = gain(norm) / torch.sqrt(y.pow(2).mean() + eps)
             for h in range(heads):
                 for j in range(i + 1):
                     a = found["attn"][layer][h, i, j]
@@ -278,7 +279,9 @@ def naive_dla(model: ax.Model, source: str, target: str, contrast: str | None = 
     return out, rest, logits, len(src)
 
 
-DLA_ARCHS = ("gpt2", "llama", "mistral", "qwen2", "phi3", "qwen3", "smollm3", "gemma2", "gemma3")
+DLA_ARCHS = (
+    "gpt2", "llama", "mistral", "qwen2", "phi3", "qwen3", "smollm3", "gemma2", "gemma3", "olmo2",
+)  # fmt: skip
 
 
 @pytest.mark.parametrize("arch", [*DLA_ARCHS, *NEIGHBOURS])

@@ -144,13 +144,18 @@ def llama_lrp_reference(
             rot = torch.eye(d).double().repeat(t, 1, 1)
         window = getattr(att, "sliding_window", None) or t
         causal = (positions[:, None] >= positions) & (positions[:, None] - positions < window)
-        n1 = _rms(h, _norm_scale(layer.input_layernorm), eps)
+        # OLMo 2 normalises no block input, only outputs
+        pre = hasattr(layer, "input_layernorm")
+        n1 = _rms(h, _norm_scale(layer.input_layernorm), eps) if pre else h
         projections = _query_key_value(att, heads * d, kv * d)
         q, k, v = (n1 @ w.T + (0 if b is None else b) for w, b in projections)  # Qwen2: biases
         q, k, v = q.view(t, heads, d), k.view(t, kv, d), v.view(t, kv, d)
         qn, kn = q, k
-        if hasattr(att, "q_norm"):  # Qwen3, Gemma 3: each head's query and key RMS-normalised
+        if hasattr(att, "q_norm") and att.q_norm.weight.shape[0] == d:  # per head: Qwen3, Gemma 3
             qn, kn = _rms(q, _norm_scale(att.q_norm), eps), _rms(k, _norm_scale(att.k_norm), eps)
+        elif hasattr(att, "q_norm"):  # OLMo 2: all queries' width at once, all keys'
+            qn = _rms(q.reshape(t, -1), att.q_norm.weight, eps).view(t, heads, d)
+            kn = _rms(k.reshape(t, -1), att.k_norm.weight, eps).view(t, kv, d)
         qr = torch.einsum("tnm,thm->thn", rot, qn)
         kr = torch.einsum("tnm,thm->thn", rot, kn)
         kf, vf = kr.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
@@ -159,11 +164,14 @@ def llama_lrp_reference(
         a = torch.softmax(s, -1)
         o = torch.einsum("hij,jhd->ihd", a, vf)
         attn = o.reshape(t, heads * d) @ att.o_proj.weight.T
-        sandwich = hasattr(layer, "pre_feedforward_layernorm")  # Gemma 3's norms after too
+        # Gemma 3's and OLMo 2's norms on the attention's and the MLP's outputs
+        sandwich = hasattr(layer, "post_feedforward_layernorm")
         an = _rms(attn, _norm_scale(layer.post_attention_layernorm), eps) if sandwich else attn
         h1 = h + an
-        before_mlp = layer.pre_feedforward_layernorm if sandwich else layer.post_attention_layernorm
-        n2 = _rms(h1, _norm_scale(before_mlp), eps)
+        n2 = h1  # OLMo 2: no norm before the MLP
+        if pre:  # Llama's post_attention_layernorm is that norm; Gemma 3 has a norm there too
+            before = getattr(layer, "pre_feedforward_layernorm", layer.post_attention_layernorm)
+            n2 = _rms(h1, _norm_scale(before), eps)
         w_gate, w_up, act = _gate_up(mlp)
         g, u = n2 @ w_gate.T, n2 @ w_up.T
         z = act(g) * u  # SiLU; Gemma: tanh-GELU
@@ -699,8 +707,8 @@ def _logits(model: ax.Model, da) -> np.ndarray:
 
 
 def _causal_lm(name: str) -> tuple:
-    """A tiny Mistral, Gemma, Phi-3, Qwen3, SmolLM3 or Gemma 3 (not in attrax.testing), with the
-    tiny Llama's tokenizer and random norm weights."""
+    """A tiny Mistral, Gemma, Phi-3, Qwen3, SmolLM3, Gemma 3 or OLMo 2 (not in attrax.testing),
+    with the tiny Llama's tokenizer and random norm weights."""
     import transformers
 
     _, tok = tiny_model("llama")
@@ -731,6 +739,7 @@ BIAS_FREE = {
     "qwen3": lambda: _causal_lm("Qwen3"),
     "smollm3": lambda: _causal_lm("SmolLM3"),
     "gemma3": lambda: _causal_lm("Gemma3"),
+    "olmo2": lambda: _causal_lm("Olmo2"),
     **NEIGHBOURS,
     "marian": lambda: tiny_model("marian"),
     "bart": lambda: tiny_model("bart"),
@@ -761,7 +770,7 @@ def test_cp_lrp_is_exactly_conservative_without_biases(arch):
     # to float32 even in a float64 model, so there the explained logits (their forward, which
     # runs eager attention once attrax has loaded the model) carry float32 roundings (~1e-7
     # per layer)
-    islands = ("mistral", "gemma", "phi3", "qwen3", "smollm3", "gemma3", *NEIGHBOURS)
+    islands = ("mistral", "gemma", "phi3", "qwen3", "smollm3", "gemma3", "olmo2", *NEIGHBOURS)
     tolerance = 1e-5 if arch in islands else 1e-9
     np.testing.assert_allclose(
         got.sum(("source", "hidden")).values, _logits(model, got), rtol=tolerance, atol=tolerance
@@ -770,13 +779,14 @@ def test_cp_lrp_is_exactly_conservative_without_biases(arch):
 
 @pytest.mark.parametrize("rule", ["attnlrp", "cp-lrp"])
 @pytest.mark.parametrize(
-    "arch", ["qwen2", "mistral", "gemma", "phi3", "qwen3", "smollm3", "gemma3"]
+    "arch", ["qwen2", "mistral", "gemma", "phi3", "qwen3", "smollm3", "gemma3", "olmo2"]
 )
 def test_llama_family_equals_explicit_layer_by_layer_lrp(arch, rule):
     # Qwen2 (a classifier: biased q/k/v, the score head at the last token), Mistral, Gemma
     # (1 + weight norms, scaled embeddings, tanh-GELU gate, its own attention scaling), Phi-3
     # (fused q/k/v and gate/up projections), Qwen3 (query and key norms), SmolLM3 (NoPE layers),
-    # Gemma 3 (norms after attention and MLP, query and key norms, local and global layers)
+    # Gemma 3 (norms after attention and MLP, query and key norms, local and global layers),
+    # OLMo 2 (norms after attention and MLP only, query and key norms over all heads)
     if arch == "qwen2":
         model = _double(*tiny_classifier("qwen2"))
         got = ax.lrp(model, "the plot was good", [0, 1, 2], rule=rule)

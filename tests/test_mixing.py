@@ -93,8 +93,9 @@ def value_parts(model: ax.Model, block, x: torch.Tensor):
     elif hasattr(block.self_attn, "qkv_proj"):  # Phi-3: queries, keys, then values
         kv, hd = config.num_key_value_heads, config.hidden_size // heads
         v = block.self_attn.qkv_proj(block.input_layernorm(x))[..., (heads + kv) * hd :]
-    else:
-        v = block.self_attn.v_proj(block.input_layernorm(x))
+    else:  # OLMo 2 normalises no block input
+        norm = getattr(block, "input_layernorm", torch.nn.Identity())
+        v = block.self_attn.v_proj(norm(x))
     kv = getattr(config, "num_key_value_heads", heads) or heads
     v = v[0].view(x.shape[1], kv, -1)
     return torch.stack([v[:, h // (heads // kv)] for h in range(heads)], dim=1)
@@ -113,12 +114,14 @@ def gain(norm: torch.nn.Module) -> torch.Tensor:
 
 
 def after_attention(block, output: torch.Tensor, i: int) -> torch.Tensor | float:
-    """Gemma 2's and 3's norm on the attention's output ``[1, L, d]``, as the factor it applies
+    """Gemma 2's, 3's and OLMo 2's norm on the attention's output ``[1, L, d]``, as the factor it
+    applies
     at query ``i`` (``gain / rms``); 1 for the blocks that add the output as it is."""
-    if not hasattr(block, "pre_feedforward_layernorm"):
+    if not hasattr(block, "post_feedforward_layernorm"):
         return 1.0
     norm = block.post_attention_layernorm
-    return gain(norm) / torch.sqrt(output[0, i].pow(2).mean() + norm.eps)
+    eps = getattr(norm, "variance_epsilon", None) or norm.eps
+    return gain(norm) / torch.sqrt(output[0, i].pow(2).mean() + eps)
 
 
 def output_projection(model: ax.Model, block) -> torch.nn.Module:
@@ -182,7 +185,7 @@ def naive_alti_layers(model: ax.Model, ids: torch.Tensor):
                 proj = output_projection(model, block)
                 bias = proj.bias if proj.bias is not None else 0
                 output = captured[layer][0]
-                if hasattr(block, "pre_feedforward_layernorm"):  # Gemma: the norm's output
+                if hasattr(block, "post_feedforward_layernorm"):  # Gemma, OLMo 2: the norm's
                     output = block.post_attention_layernorm(output)
                 y = x[0] + output
                 torch.testing.assert_close(T.sum(1) + bias, y, rtol=1e-9, atol=1e-9)
@@ -196,7 +199,8 @@ def naive_alti_layers(model: ax.Model, ids: torch.Tensor):
 
 
 @pytest.mark.parametrize(
-    "arch", [*ARCHS, "phi3", "pythia", "qwen3", "smollm3", "gemma2", "gemma3", *NEIGHBOURS]
+    "arch",
+    [*ARCHS, "phi3", "pythia", "qwen3", "smollm3", "gemma2", "gemma3", "olmo2", *NEIGHBOURS],
 )
 def test_alti_matches_naive_per_layer_and_rollout(mixing_models, arch):
     model = mixing_models[arch] if arch in ARCHS else _fused(arch)
@@ -448,12 +452,12 @@ def _fused(family: str) -> ax.Model:
     projection), Phi-3 (all queries, then keys, then values) or one of :data:`NEIGHBOURS` in
     float64, GPT-2's tokenizer."""
     _, tok = tiny_model("gpt2")
-    if family.startswith("gemma"):  # random gains (1 + weight), the norms run in float64
+    if family in ("gemma2", "gemma3", "olmo2"):  # random gains, the norms run in float64
         hf = _family(family, tok, attn_implementation="eager")
-        with torch.no_grad():
+        with torch.no_grad():  # Gemma's norms scale by 1 + weight, initialised at 0
             for module in hf.modules():
                 if type(module).__name__.endswith("RMSNorm"):
-                    module.weight.normal_(0, 0.3)
+                    module.weight.normal_(0.0 if family.startswith("gemma") else 1.0, 0.3)
         return ax.load_model(full_double(hf).eval(), tokenizer=tok)
     if family not in NEIGHBOURS:
         hf = _family(family, tok, attn_implementation="eager")
@@ -667,10 +671,10 @@ def test_value_zeroing_copies_per_forward_do_not_change_scores(mixing_models):
     assert chunked.layer.values.tolist() == [whole.sizes["layer"] - 1]
 
 
-@pytest.mark.parametrize(
-    "kind",
-    ["lm", "llama_contrast", "phi3", "pythia", "opt-projected", "qwen3", "gemma3", "classifier"],
-)
+LOGIT_KINDS = ("lm", "llama_contrast", "phi3", "pythia", "opt-projected", "qwen3", "gemma3")
+
+
+@pytest.mark.parametrize("kind", [*LOGIT_KINDS, "olmo2", "classifier"])
 def test_alti_logit_matches_naive(mixing_models, kind):
     """GPT-2 (LayerNorm: centered direction), Llama with a contrast (RMSNorm: no centering; the
     unembedding row minus the contrast's), Phi-3 (values in a fused projection), Pythia

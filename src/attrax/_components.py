@@ -146,8 +146,8 @@ class _Parts:
 
 
 # Gemma 2's and 3's: Llama's, with a norm on each attention's and MLP's output (held at its
-# scale like the final norm's) and the final norm's 1 + weight
-_SANDWICH = ("gemma2", "gemma3_text")
+# scale like the final norm's) and the final norm's 1 + weight; OLMo 2's: those norms only
+_SANDWICH = ("gemma2", "gemma3_text", "olmo2")
 # Llama's layout (self_attn with v_proj / o_proj, mlp, RMSNorm; residual adds around both):
 # Mistral's too, Qwen2's, whose v_proj has a bias (in the values, so in each head's share),
 # Qwen3's (its query and key norms do not touch the values), SmolLM3's (RoPE in some layers
@@ -169,7 +169,8 @@ def _parts(model: Model, method: str) -> _Parts:
     if kind not in ("gpt2", "gpt_neox", "opt", *_LLAMA_LIKE, *_SANDWICH):
         raise ModelError(
             f"{method} has no rule for {name}: it knows the GPT-2 (Conv1D, LayerNorm), Llama "
-            "(o_proj, RMSNorm; also Mistral, Qwen2, Qwen3, SmolLM3, Phi-3, Gemma 2, Gemma 3), "
+            "(o_proj, RMSNorm; also Mistral, Qwen2, Qwen3, SmolLM3, Phi-3, Gemma 2, Gemma 3, "
+            "OLMo 2), "
             "GPT-NeoX (Pythia) and OPT "
             "architectures only, as causal LMs or sequence classifiers "
             "(GPT2ForSequenceClassification, LlamaForSequenceClassification...)"

@@ -166,6 +166,14 @@ def _rms_norm(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     return module.weight * h.to(x.dtype)
 
 
+def _olmo2_rms_norm(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """OLMo 2's RMSNorm (``weight * x / rms(x)``, cast back after the weight) with ``1 / rms``
+    constant."""
+    h = x.to(at_least_float32(x.dtype))
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + module.variance_epsilon).detach()
+    return (module.weight * h).to(x.dtype)
+
+
 def _gemma_rms_norm(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Gemma's RMSNorm (``x / rms(x) * (1 + weight)``) with ``1 / rms`` constant."""
     h = x.to(at_least_float32(x.dtype))
@@ -206,6 +214,7 @@ _PATCHED: dict[str, Callable[..., torch.Tensor]] = {
     "MistralRMSNorm": _rms_norm,
     "GemmaRMSNorm": _gemma_rms_norm,
     "Gemma3RMSNorm": _gemma_rms_norm,  # also after attention and MLP, and on queries and keys
+    "Olmo2RMSNorm": _olmo2_rms_norm,  # after attention and MLP only, and on queries and keys
     "Phi3RMSNorm": _rms_norm,
     "Qwen3RMSNorm": _rms_norm,  # also its per-head query and key norms
     "SmolLM3RMSNorm": _rms_norm,
@@ -214,6 +223,7 @@ _PATCHED: dict[str, Callable[..., torch.Tensor]] = {
     "MistralMLP": _gated_mlp,
     "GemmaMLP": _gated_mlp,
     "Gemma3MLP": _gated_mlp,
+    "Olmo2MLP": _gated_mlp,
     "Phi3MLP": _fused_gated_mlp,
     "Qwen3MLP": _gated_mlp,
     "SmolLM3MLP": _gated_mlp,
@@ -232,6 +242,7 @@ _ATTENTION = frozenset(
         "MistralAttention",
         "GemmaAttention",
         "Gemma3Attention",
+        "Olmo2Attention",
         "Phi3Attention",  # a fused q/k/v projection (a Linear), split by reshapes
         "Qwen3Attention",  # its query and key norms are Qwen3RMSNorm children (patched)
         "SmolLM3Attention",  # RoPE skipped in some layers (NoPE): nothing to give a rule
@@ -276,7 +287,16 @@ _LINEAR = frozenset(
         "GPT2ForTokenClassification",
         *(
             f"{family}{part}"
-            for family in ("Llama", "Qwen2", "Qwen3", "Mistral", "Gemma", "Phi3", "SmolLM3")
+            for family in (
+                "Llama",
+                "Qwen2",
+                "Qwen3",
+                "Mistral",
+                "Gemma",
+                "Phi3",
+                "SmolLM3",
+                "Olmo2",
+            )
             for part in (
                 "RotaryEmbedding",
                 "DecoderLayer",
@@ -367,6 +387,7 @@ ARCHITECTURES = (
     "mistral",
     "gemma",
     "gemma3_text",
+    "olmo2",
     "phi3",
     "smollm3",
     "gpt_neox",

@@ -511,8 +511,9 @@ def _distance(zeroed: torch.Tensor, clean: torch.Tensor, similarity: str) -> tor
 # inside the value vectors and the block output is ``x + attn``; GPT-NeoX's parallel MLP reads
 # ``x`` too and, like every MLP, mixes no tokens) or after it (BERT)
 _PRE_NORM = ("gpt2", "llama", "mistral", "qwen2", "qwen3", "smollm3", "phi3", "gpt_neox", "opt")
-# Gemma 2 and 3: pre-norm, and a norm on each attention's output before the residual adds it
-_SANDWICH = ("gemma2", "gemma3_text")
+# Gemma 2 and 3: pre-norm, and a norm on each attention's output before the residual adds it;
+# OLMo 2: that norm only
+_SANDWICH = ("gemma2", "gemma3_text", "olmo2")
 _POST_NORM = ("bert", "roberta", "xlm-roberta")
 # post-norm encoder-decoders ALTI+ decomposes: encoder, decoder self- and cross-attention blocks
 _SEQ2SEQ = ("marian", "bart")
