@@ -14,7 +14,8 @@ repository root, in attrax's environment::
     PYTHONPATH=src:. python benchmarks/lrp_lxt.py [--lxt-python /work/lxt-venv/bin/python]
 
 Steps: ``prepare`` saves the models (tiny GPT-2, Llama and BERT classifier from
-``attrax.testing``; the W1 GPT-2 of ``benchmarks/workloads.py``) and the token ids attrax
+``attrax.testing``; tiny Qwen2, Qwen3 and Gemma 3 built here from their configs, random norm
+weights; the W1 GPT-2 of ``benchmarks/workloads.py``) and the token ids attrax
 attributes; ``lxt`` (LXT's environment) runs LXT's per-target loop and dumps each target's
 relevance summed over hidden; ``compare`` runs ``ax.lrp`` and checks
 ``max |attrax - LXT| / max |LXT| <= 1e-4`` per case before timing both (the minimum of
@@ -41,7 +42,25 @@ CASES = {
     "gpt2-tiny": ("gpt2", ("attnlrp", "cp-lrp")),
     "llama-tiny": ("llama", ("attnlrp", "cp-lrp")),
     "bert-tiny": ("bert", ("attnlrp",)),
+    "qwen2-tiny": ("qwen2", ("attnlrp", "cp-lrp")),
+    "qwen3-tiny": ("qwen3", ("attnlrp", "cp-lrp")),
+    "gemma3-tiny": ("gemma3", ("attnlrp", "cp-lrp")),
     "gpt2-w1": ("gpt2", ("attnlrp", "cp-lrp")),
+}
+# the families built here from their configs (transformers' class-name stems), and the config
+# keys they take beyond the shared sizes; both transformers versions read the saved config alike
+FAMILIES = {
+    "qwen2": ("Qwen2", {}),
+    "qwen3": ("Qwen3", {"head_dim": 8}),  # query and key norms
+    # a local layer (3-token window, its own RoPE base) and a global one, norms after each part
+    "gemma3": (
+        "Gemma3Text",
+        {
+            "head_dim": 8,
+            "layer_types": ["sliding_attention", "full_attention"],
+            "sliding_window": 3,
+        },
+    ),
 }
 # with --real-size: GPT-2 small's shape (768 wide, 12 layers, 12 heads), random weights, W1's texts
 REAL_SIZE = {"gpt2-124m": ("gpt2", ("attnlrp",))}
@@ -51,7 +70,7 @@ PROMPT, TARGET = "The capital of France is Paris, and the capital of", " Italy i
 # --------------------------------------------------------------------------------------------------
 # prepare and compare: attrax's environment
 # --------------------------------------------------------------------------------------------------
-def prepare(root: Path, real_size: bool = False) -> dict:
+def prepare(root: Path, real_size: bool = False, only: list[str] | None = None) -> dict:
     import attrax as ax
     from attrax.testing import tiny_classifier, tiny_model
     from benchmarks import workloads
@@ -59,6 +78,8 @@ def prepare(root: Path, real_size: bool = False) -> dict:
     root.mkdir(parents=True, exist_ok=True)
     cases = {}
     for name, (arch, rules) in (CASES | (REAL_SIZE if real_size else {})).items():
+        if only and name not in only:
+            continue
         path = root / "models" / name
         if name == "gpt2-124m":
             import torch
@@ -79,7 +100,10 @@ def prepare(root: Path, real_size: bool = False) -> dict:
             _, tok = workloads.load("gpt2")
             prompt, target = workloads.texts("gpt2", tok, 32, 32)
         else:
-            hf, tok = tiny_classifier("bert") if arch == "bert" else tiny_model(arch)
+            if arch in FAMILIES:
+                hf, tok = _family(arch)
+            else:
+                hf, tok = tiny_classifier("bert") if arch == "bert" else tiny_model(arch)
             hf.save_pretrained(path)
             tok.save_pretrained(path)
             prompt, target = (
@@ -106,6 +130,30 @@ def prepare(root: Path, real_size: bool = False) -> dict:
         }
     (root / "cases.json").write_text(json.dumps(cases, indent=1))
     return cases
+
+
+def _family(arch: str) -> tuple:
+    """A tiny random causal LM of ``arch`` (:data:`FAMILIES`) on the tiny Llama's tokenizer, its
+    norm weights random (Gemma's scale by ``1 + weight``, initialised at 0)."""
+    import torch
+    import transformers
+
+    from attrax.testing import tiny_model
+
+    stem, extra = FAMILIES[arch]
+    _, tok = tiny_model("llama")
+    config = getattr(transformers, f"{stem}Config")(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        initializer_range=0.3, bos_token_id=1, eos_token_id=2, pad_token_id=None, **extra,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    hf = transformers.AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for module in hf.modules():
+            if type(module).__name__.endswith("RMSNorm"):
+                module.weight.normal_(0.0 if stem.startswith("Gemma") else 1.0, 0.3)
+    return hf, tok
 
 
 def compare(root: Path, threads: int, repeats: int) -> dict:
@@ -153,13 +201,16 @@ def run_lxt(root: Path, rule: str, threads: int, repeats: int) -> None:
     import torch
     import transformers
     from lxt.efficient import monkey_patch
-    from lxt.efficient.models import bert, gpt2, llama
+    from lxt.efficient.models import bert, gemma3, gpt2, llama, qwen2, qwen3
 
     torch.set_num_threads(threads)
     maps = {
         "gpt2": (transformers.models.gpt2.modeling_gpt2, gpt2),
         "llama": (transformers.models.llama.modeling_llama, llama),
         "bert": (transformers.models.bert.modeling_bert, bert),
+        "qwen2": (transformers.models.qwen2.modeling_qwen2, qwen2),
+        "qwen3": (transformers.models.qwen3.modeling_qwen3, qwen3),
+        "gemma3": (transformers.models.gemma3.modeling_gemma3, gemma3),
     }
     cases = json.loads((root / "cases.json").read_text())
     patched = set()
@@ -235,12 +286,13 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--real-size", action="store_true", help="also GPT-2 small's shape")
+    parser.add_argument("--cases", help=f"comma-separated, of {', '.join(CASES)} (default: all)")
     args = parser.parse_args()
     if args.step == "lxt":
         run_lxt(args.root, args.rule, args.threads, args.repeats)
         return 0
     if args.step in ("all", "prepare"):
-        prepare(args.root, args.real_size)
+        prepare(args.root, args.real_size, args.cases.split(",") if args.cases else None)
     if args.step == "all":
         env = {**os.environ, "PYTHONPATH": str(STUB)}
         for rule in ("attnlrp", "cp-lrp"):
