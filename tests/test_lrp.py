@@ -731,6 +731,19 @@ def _causal_lm(name: str) -> tuple:
     return hf, tok
 
 
+def _classifier(name: str) -> tuple:
+    """``_causal_lm(name)``'s body with a 3-class sequence head (Gemma 3's is
+    Gemma3TextForSequenceClassification)."""
+    import transformers
+
+    hf, tok = _causal_lm(name)
+    hf.config.num_labels = 3
+    torch.manual_seed(1)
+    head = transformers.AutoModelForSequenceClassification.from_config(hf.config).eval()
+    head.load_state_dict(hf.state_dict(), strict=False)  # the body's weights, a new score
+    return head, tok
+
+
 BIAS_FREE = {
     "gpt2": lambda: tiny_model("gpt2"),
     "mistral": lambda: _causal_lm("Mistral"),
@@ -740,6 +753,7 @@ BIAS_FREE = {
     "smollm3": lambda: _causal_lm("SmolLM3"),
     "gemma3": lambda: _causal_lm("Gemma3"),
     "olmo2": lambda: _causal_lm("Olmo2"),
+    "gemma3-classifier": lambda: _classifier("Gemma3"),
     **NEIGHBOURS,
     "marian": lambda: tiny_model("marian"),
     "bart": lambda: tiny_model("bart"),
@@ -770,7 +784,8 @@ def test_cp_lrp_is_exactly_conservative_without_biases(arch):
     # to float32 even in a float64 model, so there the explained logits (their forward, which
     # runs eager attention once attrax has loaded the model) carry float32 roundings (~1e-7
     # per layer)
-    islands = ("mistral", "gemma", "phi3", "qwen3", "smollm3", "gemma3", "olmo2", *NEIGHBOURS)
+    islands = ("mistral", "gemma", "phi3", "qwen3", "smollm3", "gemma3", "gemma3-classifier")
+    islands += ("olmo2", *NEIGHBOURS)
     tolerance = 1e-5 if arch in islands else 1e-9
     np.testing.assert_allclose(
         got.sum(("source", "hidden")).values, _logits(model, got), rtol=tolerance, atol=tolerance

@@ -277,6 +277,7 @@ _LINEAR = frozenset(
         "Gemma3TextModel",
         "Gemma3ForCausalLM",
         "Gemma3ForSequenceClassification",
+        "Gemma3TextForSequenceClassification",
         "BartLearnedPositionalEmbedding",
         "MarianSinusoidalPositionalEmbedding",
         "GPT2MLP",
