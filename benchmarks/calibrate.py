@@ -49,6 +49,14 @@ SHAPES: dict[str, list[tuple[str, dict[str, Any], int, int, str]]] = {
                        num_attention_heads=16, num_key_value_heads=4,
                        max_position_embeddings=1024), 50, 16, "eager"),
     ],
+    # Gemma 3 (priced as "llama"): norms after attention and MLP too, query and key norms,
+    # a local layer (96-token window) and a global one
+    "gemma": [
+        ("gemma3", dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4,
+                        num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+                        max_position_embeddings=1024, sliding_window=96,
+                        layer_types=["sliding_attention", "full_attention"] * 2), 96, 32, "eager"),
+    ],
     "encoder-decoder": [
         ("marian", dict(d_model=256, encoder_layers=3, decoder_layers=3, encoder_ffn_dim=1024,
                         decoder_ffn_dim=1024, encoder_attention_heads=4,

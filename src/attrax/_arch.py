@@ -62,16 +62,23 @@ def max_positions(config: Any) -> int | None:
     return _first_positive(config, _POSITION_KEYS)
 
 
+# model types whose blocks also norm each attention's and MLP's output (more saved per layer)
+_SANDWICH = ("gemma2", "gemma3_text", "olmo2")
+
+
 def family(config: Any) -> str:
-    """The memory-estimate family (``_memory.LIVE_TENSORS``): ``"encoder-decoder"``, ``"llama"``
+    """The memory-estimate family (``_memory.LIVE_TENSORS``): ``"encoder-decoder"``, ``"gemma"``
+    (Llama's, with norms after attention and MLP as well: Gemma 2, Gemma 3, OLMo 2), ``"llama"``
     (RMSNorm and a gated MLP: Llama, Mistral, Qwen, Gemma...) or ``"gpt2"`` (everything else).
 
-    >>> from transformers import LlamaConfig
-    >>> family(LlamaConfig())
-    'llama'
+    >>> from transformers import Gemma3TextConfig, LlamaConfig
+    >>> family(LlamaConfig()), family(Gemma3TextConfig())
+    ('llama', 'gemma')
     """
     if getattr(config, "is_encoder_decoder", False):
         return "encoder-decoder"
+    if getattr(config, "model_type", None) in _SANDWICH:
+        return "gemma"
     if getattr(config, "rms_norm_eps", None) is not None and _first_positive(
         config, ("intermediate_size",)
     ):

@@ -2,13 +2,13 @@
 
 Both read the model's own modules (attention heads, MLPs, residual stream). Direct logit
 attribution knows GPT-2 (``Conv1D``, LayerNorm), Llama (``o_proj``, RMSNorm, RoPE, grouped
-keys and values; Mistral, Qwen2, Qwen3, SmolLM3, Phi-3), GPT-NeoX and pre-LN OPT, as causal LMs
-or as sequence
+keys and values; Mistral, Qwen2, Qwen3, SmolLM3, Phi-3), Gemma 2, Gemma 3 and OLMo 2 (norms on
+each attention's and MLP's output), GPT-NeoX and pre-LN OPT, as causal LMs or as sequence
 classifiers whose ``score`` head reads the final norm directly, and T5 (the post-LN Marian and
-BART have no direct path); attribution patching
-any decoder-only model whose layers sit where :func:`_blocks` looks (GPT-2, Llama, Qwen2, Gemma,
-Phi-3, Pythia, OPT, BLOOM, Falcon), its classifiers, and Marian, BART and T5. Any other model is a
-:class:`ModelError` naming its architecture.
+BART have no direct path); attribution patching any decoder-only model whose layers sit where
+:func:`_blocks` looks (GPT-2, Llama, Qwen2, Gemma, Phi-3, Pythia, OPT, BLOOM, Falcon), its
+classifiers, and Marian, BART and T5. Any other model is a :class:`ModelError` naming its
+architecture.
 
 * :func:`direct_logit_attribution` splits the residual stream the final norm reads into what each
   attention head (per source position, through its attention weights) and each MLP wrote, and
@@ -92,7 +92,8 @@ class _Parts:
     head_dim: int
     # OPT's `project_out` (Linear, no bias) between the final norm and the head, or None
     readout: torch.nn.Module | None = None
-    # Gemma 2's and 3's norms of each attention's and MLP's output before the residual adds it
+    # Gemma 2's, 3's and OLMo 2's norms of each attention's and MLP's output, before the
+    # residual adds it
     after_attention: list[torch.nn.Module] | None = None
     after_mlp: list[torch.nn.Module] | None = None
 
@@ -170,10 +171,8 @@ def _parts(model: Model, method: str) -> _Parts:
         raise ModelError(
             f"{method} has no rule for {name}: it knows the GPT-2 (Conv1D, LayerNorm), Llama "
             "(o_proj, RMSNorm; also Mistral, Qwen2, Qwen3, SmolLM3, Phi-3, Gemma 2, Gemma 3, "
-            "OLMo 2), "
-            "GPT-NeoX (Pythia) and OPT "
-            "architectures only, as causal LMs or sequence classifiers "
-            "(GPT2ForSequenceClassification, LlamaForSequenceClassification...)"
+            "OLMo 2), GPT-NeoX (Pythia) and OPT architectures only, as causal LMs or sequence "
+            "classifiers (GPT2ForSequenceClassification, LlamaForSequenceClassification...)"
         )
     if getattr(hf.config, "final_logit_softcapping", None):
         raise ModelError(

@@ -335,6 +335,9 @@ def format_bytes(n: int, up: bool = False) -> str:
 LIVE_TENSORS: dict[str, dict[str, float]] = {
     "gpt2": {"backward": 12, "forward": 10, "inference": 9},
     "llama": {"backward": 12, "forward": 8, "inference": 10},
+    # Gemma 2, Gemma 3, OLMo 2: Llama's, whose norms after attention and MLP (in float32) and
+    # on queries and keys save more per layer
+    "gemma": {"backward": 12, "forward": 11, "inference": 11},
     "encoder-decoder": {"backward": 8, "forward": 8, "inference": 8},
 }
 # Of those units, how many a bfloat16 or float16 model still prices at 4 bytes (the rest at its
@@ -346,12 +349,17 @@ FLOAT32_TENSORS: dict[str, dict[str, dict[str, float]]] = {
     "cpu": {
         "gpt2": {"backward": 0, "forward": 4, "inference": 0},
         "llama": {"backward": 3, "forward": 8, "inference": 1},
+        "gemma": {"backward": 3, "forward": 11, "inference": 4},
         "encoder-decoder": {"backward": 1, "forward": 5, "inference": 0},
     },
     # Llama under SDPA on the CPU: no float32 softmax weights beside their bfloat16 copy, so
     # fewer of the forward's units stay float32 than under eager attention (docs/memory.md)
     "cpu-sdpa": {"llama": {"backward": 0, "forward": 5, "inference": 1}},
-    "eager": {"llama": {"backward": 0, "forward": 2, "inference": 0}},
+    # Gemma's norms compute in float32 whatever the model's precision, and keep it
+    "eager": {
+        "llama": {"backward": 0, "forward": 2, "inference": 0},
+        "gemma": {"backward": 0, "forward": 4, "inference": 0},
+    },
 }
 
 

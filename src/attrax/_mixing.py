@@ -786,7 +786,7 @@ def _row_scores(
     vectors = torch.einsum("bhij,bhjd->bijd", weights.to(u.dtype), u)
     i = torch.arange(weights.shape[2], device=x.device)
     if parts.scale is not None:  # Gemma: the norm on the attention's output, linear at its scale
-        vectors = vectors * parts.scale[:, start + i, None, :]
+        vectors.mul_(parts.scale[:, start + i, None, :])  # in place: no second [B, q, L, d]
     vectors[:, i, start + i] += x[:, start + i]  # the residual: T_i(x_i) += x_i
     return _l1_scores(vectors, parts)
 
