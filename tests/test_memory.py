@@ -381,6 +381,24 @@ def test_the_smallest_budget_a_refusal_names_is_met(name, options):
     assert f"estimated {named.group(1)};" in str(again.value), str(again.value)
 
 
+def test_vargrads_two_moments_are_priced_as_held_to_the_end(models, monkeypatch):
+    """VarGrad keeps two [B, K, L, H] float32 sums (the gradients and their squares) to the end,
+    then ``square - mean ** 2`` and the labelled result: three arrays more than SquareGrad's one
+    sum and its copy. Priced as one, a 20-class classifier's VarGrad held 395 MiB under a 411
+    MiB budget (96%; ``budgets-every-cpu.json``, C2)."""
+    model = models["gpt2"]
+    source, target = PAIRS[0]
+    problem = Problem.build(model, prepare(model, source, target), resolve("probability")[1], False)
+    x = problem.inputs[0]
+    array = x.shape[0] * problem.tensors.valid.shape[1] * x.shape[1] * x.shape[2] * 4
+    fixed_cost(monkeypatch, _memory.Cost(per_cotangent=1000, per_point=500, fixed=10_000))
+    smallest = 10_000 + 500 + 1000  # one point, one target a pass
+    ax.squaregrad(model, source, target, samples=2, max_memory=smallest)
+    with pytest.raises(ax.OptionError, match="cannot be met"):
+        ax.vargrad(model, source, target, samples=2, max_memory=smallest + 3 * array - 1)
+    ax.vargrad(model, source, target, samples=2, max_memory=smallest + 3 * array)
+
+
 @pytest.mark.parametrize("bad", [0, -1, "", "8 GiBs", "GB", True, 1.5e9, "0.1B"])
 def test_a_bad_budget_is_refused_before_the_model_runs(models, bad):
     with pytest.raises(ax.OptionError, match="`max_memory` must be a positive number of bytes"):

@@ -255,7 +255,7 @@ class Problem:
         the input itself (saliency, input x gradient), for its prediction.
         """
         total = weights.shape[0]
-        batch_size, chunk_size = self.plan(total, batch_size, chunk_size)
+        batch_size, chunk_size = self.plan(total, batch_size, chunk_size, moments=len(moments))
         step = total if batch_size is None else batch_size
         # allocated where the model runs: copying a host tensor over costs a transfer per call
         acc = at_least_float32(self.inputs[0].dtype)  # 50 bf16 IG steps lose most digits
@@ -328,6 +328,7 @@ class Problem:
         copies: bool = False,
         rows: int = 1,
         shared_forward: bool = False,
+        moments: int = 1,
     ) -> tuple[int | None, int | None]:
         """Sizes for ``points`` and every target: :func:`plan` on this call's shapes. With
         ``copies``, every (target, point) is a copy of the batch of its own with one cotangent
@@ -335,12 +336,15 @@ class Problem:
         forward counts once per target. ``rows``: cotangents per target in one backward
         (GradDrop's one per layer). Decoder-only, each target chunk is a forward of its own: of
         the chunks that fit, the least work (:meth:`_work`) is taken, unless the caller runs one
-        ``shared_forward`` for every chunk (attribution patching)."""
+        ``shared_forward`` for every chunk (attribution patching). ``moments``: the gradient
+        moments accumulated (VarGrad's two), each a ``[B, K, L, H]`` sum held to the end."""
         targets = self.tensors.valid.shape[1]
         if points == targets == 1 and rows == 1 and self.max_memory is None:
             return None, None  # nothing to split, and no budget to check
         device = self.inputs[0].device
         cost = self.cost()
+        if moments > 1:  # each moment's sums, and what combining them holds (VarGrad's mean ** 2)
+            cost = cost._replace(fixed=cost.fixed + (2 * moments - 1) * self._result_bytes())
         if copies:
             cost = Cost(cost.per_point + cost.per_cotangent, 0, cost.fixed)
         cost = cost._replace(per_cotangent=rows * cost.per_cotangent)
@@ -379,8 +383,7 @@ class Problem:
         family = _arch.family(config)
         targets = self.tensors.valid.shape[1]
         attributed = sum(xi.shape[1] for xi in self.inputs)
-        # the float32 sums [B, K, L, H] and the labelled copy of them
-        results = 2 * x.shape[0] * targets * attributed * x.shape[-1] * 4
+        results = 2 * self._result_bytes()  # the float32 sums and the labelled copy of them
         if not saved:
             # a copy's embeddings, and its forward's temporaries (no backward), and its head rows
             per_copy = forward_bytes(*shape, 1, family, saved=False, device=x.device.type)
@@ -395,6 +398,12 @@ class Problem:
             forward_bytes(*shape, layers, family, device=x.device.type),
             CALL_OVERHEAD + results,
         )
+
+    def _result_bytes(self) -> int:
+        """Bytes of one float32 ``[B, K, L, H]`` array of every target's attributions."""
+        x = self.inputs[0]
+        attributed = sum(xi.shape[1] for xi in self.inputs)
+        return x.shape[0] * self.tensors.valid.shape[1] * attributed * x.shape[-1] * 4
 
     def _target_chunks(self, chunk_size: int | None) -> list[tuple[slice, int | None]]:
         """Slices of target slots, each with the sequence length its targets need.
