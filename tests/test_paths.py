@@ -523,6 +523,17 @@ def test_dig_equals_naive_loop(models, arch):
     assert_close(got.values, naive_dig(model, source, target, 5, 6))
 
 
+@pytest.mark.parametrize(("arch", "attribute_target"), [("gpt2", False), ("bart", True)])
+def test_dig_forward_mode_equals_the_naive_loop_summed_over_hidden(models, arch, attribute_target):
+    # each point's path increment is a direction: one jvp per source token gives every target
+    model = models[arch]
+    source, target = PAIRS[2]
+    options = dict(steps=5, neighbours=6, attribute_target=attribute_target, reduce_hidden="sum")
+    forward = ax.discretized_integrated_gradients(model, source, target, mode="forward", **options)
+    want = naive_dig(model, source, target, 5, 6, attribute_target).sum(-1)
+    assert_close(forward.values, want)
+
+
 def test_dig_batched_equals_single_and_completeness(models):
     model = models["gpt2"]
     sources, targets = [p[0] for p in PAIRS], [p[1] for p in PAIRS]

@@ -187,13 +187,16 @@ def discretized_integrated_gradients(
     increments = tuple(
         torch.cat([p[1:] - p[:-1], torch.zeros_like(p[:1])]) for p in paths
     )  # the last point's gradient has nothing to move
-    weights = torch.cat(increments, dim=2)
 
     def points(chunk: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return tuple(p[chunk.to(p.device)] for p in paths)
 
-    reference = tuple(p[0] for p in paths)
-    return Rule(points, weights, reference=reference)
+    def moves(chunk: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(d[chunk.to(d.device)] for d in increments)
+
+    # each point's increment as its multiplier (weight 1): a direction, so forward mode runs too
+    weights = torch.ones(steps, dtype=torch.float64)
+    return Rule(points, weights, multiplier=moves, reference=tuple(p[0] for p in paths))
 
 
 __all__ = ["discretized_integrated_gradients", "nearest_neighbours", "word_paths"]
