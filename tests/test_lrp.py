@@ -884,6 +884,15 @@ def test_forward_mode_equals_reverse_mode(llama):
     np.testing.assert_allclose(forward.values, reverse.values, rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("arch", ["gemma3", "olmo2", "pythia", "opt-post-ln"])
+def test_forward_mode_equals_reverse_mode_on_the_other_families(arch):
+    # their patched norms (after the blocks, on queries and keys) linearised alike by jvp and vjp
+    model = _double(*BIAS_FREE[arch]())
+    reverse = ax.lrp(model, PROMPT, TARGET, reduce_hidden="sum", mode="reverse")
+    forward = ax.lrp(model, PROMPT, TARGET, reduce_hidden="sum", mode="forward")
+    np.testing.assert_allclose(forward.values, reverse.values, rtol=1e-9, atol=1e-12)
+
+
 def test_forward_mode_equals_reverse_mode_through_the_patched_head():
     # RoBERTa's tanh head (patched forward) linearised the same way by jvp and vjp
     model = _double(*tiny_classifier("roberta"))
