@@ -18,18 +18,14 @@ from attrax.cli import main
 from attrax.testing import tiny_classifier, tiny_model
 from tests import _naive
 from tests.test_architectures import CONFIGS, _family
-from tests.test_components import full_double
+from tests.test_components import full_double, neighbour
 
 PROMPT, TARGET = "The capital of France is", " Paris."
 ARCHS = ("gpt2", "llama", "bert")
 
-# built by _fused besides Pythia and Phi-3: GPT-NeoX with a sequential residual, OPT with and
-# without project_in/out (embeddings narrower than the blocks)
-NEIGHBOURS = {
-    "pythia-sequential": ("pythia", {"use_parallel_residual": False}),
-    "opt": ("opt", {}),
-    "opt-projected": ("opt", {"word_embed_proj_dim": 16}),
-}
+# built by _fused besides Pythia and Phi-3 (test_components' builders, random biases and norm
+# weights): GPT-NeoX with a sequential residual, OPT with and without project_in/out
+NEIGHBOURS = ("pythia-sequential", "opt", "opt-projected")
 
 
 @pytest.fixture(scope="module")
@@ -462,16 +458,7 @@ def _fused(family: str) -> ax.Model:
     if family not in NEIGHBOURS:
         hf = _family(family, tok, attn_implementation="eager")
         return ax.load_model(hf.double().eval(), tokenizer=tok)
-    name, changes = NEIGHBOURS[family]
-    config = CONFIGS[name](len(tok))
-    for key, value in changes.items():
-        setattr(config, key, value)
-    config.pad_token_id, config.bos_token_id, config.eos_token_id = (
-        tok.pad_token_id, tok.bos_token_id, tok.eos_token_id,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    hf = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
-    return ax.load_model(hf.double().eval(), tokenizer=tok)
+    return ax.load_model(neighbour(family, tok).double(), tokenizer=tok)
 
 
 def naive_fused_zeroing(model: ax.Model, ids: torch.Tensor, heads=None) -> torch.Tensor:
