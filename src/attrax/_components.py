@@ -174,11 +174,6 @@ def _parts(model: Model, method: str) -> _Parts:
             "OLMo 2), GPT-NeoX (Pythia) and OPT architectures only, as causal LMs or sequence "
             "classifiers (GPT2ForSequenceClassification, LlamaForSequenceClassification...)"
         )
-    if getattr(hf.config, "final_logit_softcapping", None):
-        raise ModelError(
-            f"{method}: {name} soft-caps its logits (tanh): the logit is no linear readout of "
-            "the residual stream to decompose"
-        )
     if kind == "opt" and not (
         hf.config.do_layer_norm_before and hf.base_model.decoder.final_layer_norm is not None
     ):
@@ -398,7 +393,15 @@ def direct_logit_attribution(
         trailing_coords={"layer": chosen_layers, "head": [*chosen_heads, -1]},
     )
     component = ["attention"] * len(chosen_heads) + ["mlp"]
-    return da.assign_coords(component=("head", component))
+    return softcapped(da.assign_coords(component=("head", component)), model)
+
+
+def softcapped(da: xr.DataArray, model: Model) -> xr.DataArray:
+    """``da`` with a ``logit_softcap`` attr where the model soft-caps its logits (Gemma 2): the
+    decomposition is of the logit ``z`` before the cap ``c``, the model's being
+    ``c * tanh(z / c)`` (no linear readout of the residual stream decomposes that)."""
+    cap = getattr(model.hf.config, "final_logit_softcapping", None)
+    return da.assign_attrs(logit_softcap=float(cap)) if cap else da
 
 
 def _encoder_decoder_dla(call: Call, layers: Selection, heads: Selection) -> xr.DataArray:

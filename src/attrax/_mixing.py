@@ -29,6 +29,7 @@ import xarray as xr
 
 from . import _arch
 from ._attention import Selection, check_maps_name, check_selection, resolve_maps, selection_indices
+from ._components import softcapped
 from ._errors import ModelError, OptionError
 from ._inputs import Tensors, encode_sources, to_tensors
 from ._memory import (
@@ -995,11 +996,6 @@ def alti_logit(call: Call, *, aggregate: bool = True, layers: Selection = None) 
             f"({', '.join(_PRE_NORM + _SANDWICH)}): a post-norm encoder's logit has no linear path "
             "from each layer"
         )
-    if getattr(model.hf.config, "final_logit_softcapping", None):
-        raise ModelError(
-            f"{model.name}: ALTI-Logit decomposes a logit linear in the last residual; this "
-            "model soft-caps its logits (tanh)"
-        )
     _refuse_post_ln_opt(model)
     t = to_tensors(call.batch, model)
     vectors = _vector_budget(model, t, call.options)  # a refused budget before any forward
@@ -1031,9 +1027,10 @@ def alti_logit(call: Call, *, aggregate: bool = True, layers: Selection = None) 
     with torch.no_grad():
         decomposition.run()
     if aggregate:
-        return call.label([torch.stack(terms).sum(0)], trailing=())
+        return softcapped(call.label([torch.stack(terms).sum(0)], trailing=()), model)
     values = torch.stack([terms[i] for i in chosen], dim=-1)
-    return call.label([values], trailing=("layer",), trailing_coords={"layer": chosen})
+    da = call.label([values], trailing=("layer",), trailing_coords={"layer": chosen})
+    return softcapped(da, model)
 
 
 def _final_norm(model: Model) -> torch.nn.Module:
