@@ -7,6 +7,8 @@ gradient-times-input formulation or its detach tricks.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -73,10 +75,13 @@ def _attention_messages(
     r_o: torch.Tensor,
     scale: float,
     rule: str,
+    capped: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
     """Relevance of ``q, k, v`` ``[T, heads, d]`` from that of ``o[i] = sum_j a[i, j] v[j]``
     (``s`` the masked scores ``[heads, T, T]``, ``a`` their softmax), and what the softmax
-    absorbs. Causal masking: ``s`` is ``-inf`` above the diagonal."""
+    absorbs. Causal masking: ``s`` is ``-inf`` above the diagonal. ``capped``: Gemma 2's
+    ``c * tanh(s / c)``, the softmax's input, through which the identity rule passes the
+    relevance on to ``s`` unchanged."""
     causal = torch.isfinite(s)
     # o[i,h,:] = sum_j a[h,i,j] v[j,h,:]: each term's share of R
     terms = torch.einsum("hij,jhd->ihjd", a, v)
@@ -87,7 +92,8 @@ def _attention_messages(
     r_a = 0.5 * share.sum(-1).permute(1, 0, 2)  # [h, i, j]
     r_v = 0.5 * share.sum(0).permute(1, 0, 2)  # [j, h, d]
     # softmax rule (AttnLRP, Prop. 3.1): R_S = S (R_A - A sum_j R_A)
-    r_s = torch.where(causal, s * (r_a - a * r_a.sum(-1, keepdim=True)), 0.0)
+    x = s if capped is None else capped  # the softmax's input
+    r_s = torch.where(causal, x * (r_a - a * r_a.sum(-1, keepdim=True)), 0.0)
     absorbed = float(r_a.sum() - r_s.sum())
     # s[h,i,j] = scale * sum_d q[i,h,d] k[j,h,d]: uniform rule
     tq = torch.einsum("ihd,jhd->hijd", q, k) * scale
@@ -160,8 +166,13 @@ def llama_lrp_reference(
         kr = torch.einsum("tnm,thm->thn", rot, kn)
         kf, vf = kr.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
         s = torch.einsum("ihd,jhd->hij", qr, kf) * scale
+        cap = getattr(att, "attn_logit_softcapping", None)  # Gemma 2
+        # capped before the mask, as Gemma 2 does (tanh(-inf) would let masked keys in)
+        capped = (
+            None if cap is None else (cap * torch.tanh(s / cap)).masked_fill(~causal, -torch.inf)
+        )
         s = s.masked_fill(~causal, -torch.inf)
-        a = torch.softmax(s, -1)
+        a = torch.softmax(s if cap is None else capped, -1)
         o = torch.einsum("hij,jhd->ihd", a, vf)
         attn = o.reshape(t, heads * d) @ att.o_proj.weight.T
         # Gemma 3's and OLMo 2's norms on the attention's and the MLP's outputs
@@ -179,18 +190,24 @@ def llama_lrp_reference(
         on = _rms(out, _norm_scale(layer.post_feedforward_layernorm), eps) if sandwich else out
         h2 = h1 + on
         saved.append((
-            layer, rot, h, n1, q, k, v, qn, kn, qr, kr, kf, vf, s, a, o, attn, an, h1, n2, g, u,
-            z, out, on, h2,
+            layer, rot, h, n1, q, k, v, qn, kn, qr, kr, kf, vf, s, capped, a, o, attn, an, h1,
+            n2, g, u, z, out, on, h2,
         ))  # fmt: skip
         h = h2
     final = _rms(h, _norm_scale(hf.model.norm), eps)
     head = (hf.lm_head.weight if head is None else head)[target]
     relevance = torch.zeros(t, hidden, dtype=x.dtype)
     relevance[position] = final[position] * head  # the logit's terms; RMSNorm passes them on
+    logit = float(final[position] @ head)
+    cap = getattr(hf.config, "final_logit_softcapping", None)  # Gemma 2: c * tanh(z / c)
+    if cap:  # the identity rule: the capped logit's relevance, shared as z's terms are
+        capped_logit = cap * math.tanh(logit / cap)
+        relevance[position] *= capped_logit / logit
+        logit = capped_logit
     absorbed = 0.0
     for (
-        layer, rot, h, n1, q, k, v, qn, kn, qr, kr, kf, vf, s, a, o, attn, an, h1, n2, g, u, z,
-        out, on, h2,
+        layer, rot, h, n1, q, k, v, qn, kn, qr, kr, kf, vf, s, capped, a, o, attn, an, h1, n2, g,
+        u, z, out, on, h2,
     ) in reversed(saved):  # fmt: skip
         att, mlp = layer.self_attn, layer.mlp
         # residual h2 = h1 + on: split in proportion to the summands; Gemma 3's norm of the MLP's
@@ -207,7 +224,9 @@ def llama_lrp_reference(
         r_h, r_attn = h / h1 * r_h1, an / h1 * r_h1  # an: attn, or Gemma 3's norm of it
         r_o = _linear_messages(o.reshape(t, heads * d), att.o_proj.weight, r_attn, attn)
         r_o = r_o.view(t, heads, d)
-        r_qr, r_kf, r_vf, lost = _attention_messages(qr, kf, vf, s, a, o, r_o, att.scaling, rule)
+        r_qr, r_kf, r_vf, lost = _attention_messages(
+            qr, kf, vf, s, a, o, r_o, att.scaling, rule, capped
+        )
         absorbed += lost
         if rule == "attnlrp":
             r_kr = r_kf.reshape(t, kv, group, d).sum(2)  # copies of a kv head add up
@@ -223,7 +242,6 @@ def llama_lrp_reference(
             for (w, _), r, y in zip(projections, (r_q, r_k, r_v), (q, k, v), strict=True)
         )
         relevance = r_h + r_n1
-    logit = float(final[position] @ head)
     return relevance.numpy(), absorbed, logit
 
 
@@ -722,6 +740,9 @@ def _causal_lm(name: str) -> tuple:
         config.no_rope_layers = [1, 0]
     if name == "Gemma3":  # a local layer (3-token window, its own RoPE table), a global one
         config.layer_types, config.sliding_window = ["sliding_attention", "full_attention"], 3
+    if name == "Gemma2":  # caps these small weights' scores and logits reach; a 3-token window
+        config.attn_logit_softcapping, config.final_logit_softcapping = 0.5, 2.0
+        config.sliding_window = 3
     torch.manual_seed(0)
     hf = getattr(transformers, f"{name}ForCausalLM")(config).eval()
     with torch.no_grad():  # Gemma's norms scale by 1 + weight, initialised at 0
@@ -752,6 +773,7 @@ BIAS_FREE = {
     "qwen3": lambda: _causal_lm("Qwen3"),
     "smollm3": lambda: _causal_lm("SmolLM3"),
     "gemma3": lambda: _causal_lm("Gemma3"),
+    "gemma2": lambda: _causal_lm("Gemma2"),  # soft-capped scores and logits
     "olmo2": lambda: _causal_lm("Olmo2"),
     "gemma3-classifier": lambda: _classifier("Gemma3"),
     **NEIGHBOURS,
@@ -785,6 +807,7 @@ def test_cp_lrp_is_exactly_conservative_without_biases(arch):
     # runs eager attention once attrax has loaded the model) carry float32 roundings (~1e-7
     # per layer)
     islands = ("mistral", "gemma", "phi3", "qwen3", "smollm3", "gemma3", "gemma3-classifier")
+    islands += ("gemma2",)
     islands += ("olmo2", *NEIGHBOURS)
     tolerance = 1e-5 if arch in islands else 1e-9
     np.testing.assert_allclose(
@@ -794,14 +817,15 @@ def test_cp_lrp_is_exactly_conservative_without_biases(arch):
 
 @pytest.mark.parametrize("rule", ["attnlrp", "cp-lrp"])
 @pytest.mark.parametrize(
-    "arch", ["qwen2", "mistral", "gemma", "phi3", "qwen3", "smollm3", "gemma3", "olmo2"]
+    "arch", ["qwen2", "mistral", "gemma", "phi3", "qwen3", "smollm3", "gemma3", "olmo2", "gemma2"]
 )
 def test_llama_family_equals_explicit_layer_by_layer_lrp(arch, rule):
     # Qwen2 (a classifier: biased q/k/v, the score head at the last token), Mistral, Gemma
     # (1 + weight norms, scaled embeddings, tanh-GELU gate, its own attention scaling), Phi-3
     # (fused q/k/v and gate/up projections), Qwen3 (query and key norms), SmolLM3 (NoPE layers),
     # Gemma 3 (norms after attention and MLP, query and key norms, local and global layers),
-    # OLMo 2 (norms after attention and MLP only, query and key norms over all heads)
+    # OLMo 2 (norms after attention and MLP only, query and key norms over all heads), Gemma 2
+    # (tanh-capped scores and logits: the identity rule)
     if arch == "qwen2":
         model = _double(*tiny_classifier("qwen2"))
         got = ax.lrp(model, "the plot was good", [0, 1, 2], rule=rule)

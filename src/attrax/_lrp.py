@@ -10,6 +10,8 @@ the same values; only the backward changes. The rules:
   multiplies by ``f(x) / x`` instead of ``f'(x)`` (so ``x * grad_in = f(x) * grad_out``);
   RoBERTa's and XLM-R's classification heads call ``torch.tanh`` as a function and run a
   patched forward that gives it the rule (a ReLU's gradient is already its identity rule);
+- Gemma 2's soft-capping of attention scores and logits, ``c * tanh(x / c)``: the identity
+  rule too;
 - LayerNorm and RMSNorm: the normalising scale (``1 / std``, ``1 / rms``) held constant;
 - products of two activations: uniform rule, half the relevance to each factor. In attention
   that is ``q . k`` and ``softmax . v`` (the query and key gradients are divided by 4, the
@@ -66,6 +68,14 @@ def _with_gradient(value: torch.Tensor, x: torch.Tensor, local: torch.Tensor) ->
     return value.detach() + local.detach() * (x - x.detach())
 
 
+def _soft_cap(x: torch.Tensor, cap: float) -> torch.Tensor:
+    """``cap * tanh(x / cap)`` (Gemma 2's attention scores and logits) with the identity rule:
+    the backward multiplies by ``f(x) / x``, so the relevance passes through unchanged."""
+    value = torch.tanh(x / cap) * cap
+    ratio = torch.where(x == 0, torch.ones_like(x), value / torch.where(x == 0, 1.0, x))
+    return _with_gradient(value, x, ratio)
+
+
 def _scale_gradient(x: torch.Tensor, factor: float) -> torch.Tensor:
     """``x`` exactly, whose gradient is multiplied by ``factor``."""
     return x.detach() + factor * (x - x.detach())
@@ -84,7 +94,7 @@ def _rule() -> str:
 
 
 # kwargs of the attention interface that change its math in ways this attention does not know
-_REFUSED_KWARGS = ("softcap", "s_aux", "sinks", "head_mask")
+_REFUSED_KWARGS = ("s_aux", "sinks", "head_mask")
 
 
 def _attention(
@@ -121,6 +131,8 @@ def _attention(
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
     scores = torch.matmul(query, key.transpose(-1, -2)) * scaling
+    if kwargs.get("softcap") is not None:  # Gemma 2: tanh-capped scores, the identity rule
+        scores = _soft_cap(scores, kwargs["softcap"])
     if attention_mask is not None:
         mask = attention_mask[..., : key.shape[-2]]
         if mask.dtype == torch.bool:
@@ -213,6 +225,7 @@ _PATCHED: dict[str, Callable[..., torch.Tensor]] = {
     "Qwen2RMSNorm": _rms_norm,
     "MistralRMSNorm": _rms_norm,
     "GemmaRMSNorm": _gemma_rms_norm,
+    "Gemma2RMSNorm": _gemma_rms_norm,  # also after attention and MLP
     "Gemma3RMSNorm": _gemma_rms_norm,  # also after attention and MLP, and on queries and keys
     "Olmo2RMSNorm": _olmo2_rms_norm,  # after attention and MLP only, and on queries and keys
     "Phi3RMSNorm": _rms_norm,
@@ -222,6 +235,7 @@ _PATCHED: dict[str, Callable[..., torch.Tensor]] = {
     "Qwen2MLP": _gated_mlp,
     "MistralMLP": _gated_mlp,
     "GemmaMLP": _gated_mlp,
+    "Gemma2MLP": _gated_mlp,
     "Gemma3MLP": _gated_mlp,
     "Olmo2MLP": _gated_mlp,
     "Phi3MLP": _fused_gated_mlp,
@@ -241,6 +255,7 @@ _ATTENTION = frozenset(
         "Qwen2Attention",
         "MistralAttention",
         "GemmaAttention",
+        "Gemma2Attention",  # tanh-capped scores: the identity rule (``_soft_cap``)
         "Gemma3Attention",
         "Olmo2Attention",
         "Phi3Attention",  # a fused q/k/v projection (a Linear), split by reshapes
@@ -271,6 +286,7 @@ _LINEAR = frozenset(
         "Identity",
         "BartScaledWordEmbedding",
         "GemmaTextScaledWordEmbedding",
+        "Gemma2TextScaledWordEmbedding",
         "Gemma3TextScaledWordEmbedding",
         "Gemma3RotaryEmbedding",  # local and global tables: constants
         "Gemma3DecoderLayer",  # norms after attention and MLP (patched), then residual sums
@@ -297,6 +313,7 @@ _LINEAR = frozenset(
                 "Phi3",
                 "SmolLM3",
                 "Olmo2",
+                "Gemma2",
             )
             for part in (
                 "RotaryEmbedding",
@@ -387,6 +404,7 @@ ARCHITECTURES = (
     "qwen3",
     "mistral",
     "gemma",
+    "gemma2",
     "gemma3_text",
     "olmo2",
     "phi3",
@@ -410,10 +428,6 @@ def _plan(hf: torch.nn.Module) -> list[tuple[torch.nn.Module, Callable[..., torc
     """
     config = hf.config
     name = type(hf).__name__
-    if getattr(config, "final_logit_softcapping", None) or getattr(
-        config, "attn_logit_softcapping", None
-    ):
-        raise ModelError(f"lrp: {name} soft-caps its logits (tanh); attrax has no LRP rule for it")
     if getattr(config, "position_embedding_type", "absolute") not in ("absolute", None):
         raise ModelError(
             f"lrp: {name} uses {config.position_embedding_type!r} position embeddings in its "
@@ -477,6 +491,8 @@ def lrp_rules(model: Model, rule: str) -> Iterator[None]:
         return original(model, IMPLEMENTATION, required=True)
 
     model.attention_as = attention_as  # type: ignore[method-assign]
+    # Gemma 2's logits: cap * tanh(z / cap), through which the identity rule passes relevance
+    model.soft_cap = _soft_cap  # type: ignore[method-assign]
     # the memory planner then counts the [heads, L, L] weights this attention keeps
     model.attention_for = lambda tokens, device: "eager"  # type: ignore[method-assign]
     for module, forward in patches:
@@ -487,7 +503,7 @@ def lrp_rules(model: Model, rule: str) -> Iterator[None]:
     finally:
         for module, _ in patches:
             del module.forward
-        del model.attention_as, model.attention_for
+        del model.attention_as, model.attention_for, model.soft_cap
         _ACTIVE.reset(token)
 
 

@@ -490,9 +490,11 @@ class Model:
         if isinstance(bias, torch.Tensor):
             logits = logits + bias
         cap = getattr(self.hf.config, "final_logit_softcapping", None)
-        if cap:
-            logits = torch.tanh(logits / cap) * cap
-        return logits
+        return self.soft_cap(logits, cap) if cap else logits
+
+    def soft_cap(self, logits: torch.Tensor, cap: float) -> torch.Tensor:
+        """Gemma 2's soft-capped logits ``cap * tanh(logits / cap)`` (LRP gives it its rule)."""
+        return torch.tanh(logits / cap) * cap
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> list[list[int]]:

@@ -84,6 +84,8 @@ ATTRS: dict[str, str] = {
     "metric": "the faithfulness metric of a curve",
     "score": "the step score a with_scores variable holds",
     "metrics": "ax.evaluate: the metrics computed",
+    "logit_softcap": "the cap c of a model that soft-caps its logits (Gemma 2), whose logit before "
+    "it direct logit attribution and ALTI-Logit decompose",
 }
 
 #: What fills a token string / a token id where a batch has no token.
