@@ -510,7 +510,7 @@ def _encoder_decoder_dla(call: Call, layers: Selection, heads: Selection) -> xr.
     if len(out) != 2 * len(chosen_layers) or "final" not in found:
         raise ModelError(f"{method}: {type(hf).__name__} did not run the modules it names")
     x = full_precision(found["final"])
-    scale = 1.0 / torch.sqrt(x.pow(2).mean(-1) + norm.variance_epsilon).to(u.dtype)  # [B, K]
+    scale = 1.0 / norm_divisor(norm, x, centered=False).to(u.dtype)  # [B, K]
     at_index = torch.nn.functional.one_hot(t.index, t.decoder_ids.shape[1]).to(u.dtype)
     sources, targets = [], []
     for layer in chosen_layers:  # assembling the kept layers' results, not a computation

@@ -1058,15 +1058,11 @@ def _logit_direction(
     readout = getattr(getattr(model.hf.base_model, "decoder", None), "project_out", None)
     if readout is not None:  # the head reads P y: y is read by P^T
         unembed = unembed @ readout.weight.to(dtype)
-    residual = residual.to(dtype)
     direction = unembed * norm_gain(final).to(dtype)
-    eps = getattr(final, "eps", None) or getattr(final, "variance_epsilon", 1e-6)
-    if isinstance(final, torch.nn.LayerNorm):
+    centered = isinstance(final, torch.nn.LayerNorm)  # RMSNorm: no centering
+    if centered:
         direction = direction - direction.mean(-1, keepdim=True)
-        scale = torch.sqrt(residual.var(-1, unbiased=False, keepdim=True) + eps)
-    else:  # RMSNorm: no centering
-        scale = torch.sqrt(residual.pow(2).mean(-1, keepdim=True) + eps)
-    return direction / scale
+    return direction / norm_divisor(final, residual.to(dtype), centered)[..., None]
 
 
 def _head_weight(model: Model) -> torch.Tensor:
