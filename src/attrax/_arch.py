@@ -62,8 +62,10 @@ def max_positions(config: Any) -> int | None:
     return _first_positive(config, _POSITION_KEYS)
 
 
-# model types whose blocks also norm each attention's and MLP's output (more saved per layer)
-_SANDWICH = ("gemma2", "gemma3_text", "olmo2")
+#: model types whose blocks also norm each attention's and MLP's output before the residual
+#: adds it (Gemma 2, Gemma 3; OLMo 2 norms only there): more saved per layer, and a norm that
+#: direct logit attribution and ALTI hold at its scale
+SANDWICH = ("gemma2", "gemma3_text", "olmo2")
 
 
 def family(config: Any) -> str:
@@ -77,7 +79,7 @@ def family(config: Any) -> str:
     """
     if getattr(config, "is_encoder_decoder", False):
         return "encoder-decoder"
-    if getattr(config, "model_type", None) in _SANDWICH:
+    if getattr(config, "model_type", None) in SANDWICH:
         return "gemma"
     if getattr(config, "rms_norm_eps", None) is not None and _first_positive(
         config, ("intermediate_size",)

@@ -146,9 +146,6 @@ class _Parts:
         return norm_divisor(self.norm, x, self.centered)
 
 
-# Gemma 2's and 3's: Llama's, with a norm on each attention's and MLP's output (held at its
-# scale like the final norm's) and the final norm's 1 + weight; OLMo 2's: those norms only
-_SANDWICH = ("gemma2", "gemma3_text", "olmo2")
 # Llama's layout (self_attn with v_proj / o_proj, mlp, RMSNorm; residual adds around both):
 # Mistral's too, Qwen2's, whose v_proj has a bias (in the values, so in each head's share),
 # Qwen3's (its query and key norms do not touch the values), SmolLM3's (RoPE in some layers
@@ -167,7 +164,7 @@ def _parts(model: Model, method: str) -> _Parts:
             f"{method} decomposes decoder-only models (GPT-2, Llama); {name} is an "
             "encoder-decoder, whose decoder also reads the encoder through cross-attention"
         )
-    if kind not in ("gpt2", "gpt_neox", "opt", *_LLAMA_LIKE, *_SANDWICH):
+    if kind not in ("gpt2", "gpt_neox", "opt", *_LLAMA_LIKE, *_arch.SANDWICH):
         raise ModelError(
             f"{method} has no rule for {name}: it knows the GPT-2 (Conv1D, LayerNorm), Llama "
             "(o_proj, RMSNorm; also Mistral, Qwen2, Qwen3, SmolLM3, Phi-3, Gemma 2, Gemma 3, "
@@ -217,7 +214,7 @@ def _parts(model: Model, method: str) -> _Parts:
     head_dim = getattr(attentions[0], "head_dim", None) or config.hidden_size // heads
     short = {"gpt2": "gpt2", "gpt_neox": "neox", "opt": "opt"}.get(kind, "llama")
     after_attention = after_mlp = None
-    if kind in _SANDWICH:
+    if kind in _arch.SANDWICH:
         after_attention = [b.post_attention_layernorm for b in blocks]
         after_mlp = [b.post_feedforward_layernorm for b in blocks]
     return _Parts(

@@ -512,9 +512,6 @@ def _distance(zeroed: torch.Tensor, clean: torch.Tensor, similarity: str) -> tor
 # inside the value vectors and the block output is ``x + attn``; GPT-NeoX's parallel MLP reads
 # ``x`` too and, like every MLP, mixes no tokens) or after it (BERT)
 _PRE_NORM = ("gpt2", "llama", "mistral", "qwen2", "qwen3", "smollm3", "phi3", "gpt_neox", "opt")
-# Gemma 2 and 3: pre-norm, and a norm on each attention's output before the residual adds it;
-# OLMo 2: that norm only
-_SANDWICH = ("gemma2", "gemma3_text", "olmo2")
 _POST_NORM = ("bert", "roberta", "xlm-roberta")
 # post-norm encoder-decoders ALTI+ decomposes: encoder, decoder self- and cross-attention blocks
 _SEQ2SEQ = ("marian", "bart")
@@ -549,14 +546,14 @@ class _Parts:
 
 def _parts(model: Model, layer: _Layer, stack: str = "self") -> _Parts:
     kind = _architecture(model)
-    known = _PRE_NORM + _SANDWICH + _POST_NORM + _SEQ2SEQ
+    known = _PRE_NORM + _arch.SANDWICH + _POST_NORM + _SEQ2SEQ
     if kind not in known:
         raise ModelError(
             f"{model.name}: ALTI has no decomposition for the {kind!r} architecture; attrax "
             f"decomposes {', '.join(known)}"
         )
     _refuse_post_ln_opt(model)
-    if kind in _SANDWICH:  # Llama's layout, the attention's output normed before the residual
+    if kind in _arch.SANDWICH:  # Llama's layout, the attention's output normed before the residual
         project = layer.attention.o_proj
         if project.bias is not None:  # it would sit inside that norm, per query
             raise ModelError(f"{model.name}: ALTI has no decomposition for a biased o_proj here")
@@ -989,11 +986,11 @@ def alti_logit(call: Call, *, aggregate: bool = True, layers: Selection = None) 
     ('target', 'source')
     """
     model = call.model
-    if _architecture(model) not in _PRE_NORM + _SANDWICH:
+    if _architecture(model) not in _PRE_NORM + _arch.SANDWICH:
         raise ModelError(
             f"{model.name} ({_architecture(model)}, {model.task}): ALTI-Logit decomposes the logits "
             f"of decoder-only models, language models or classifiers "
-            f"({', '.join(_PRE_NORM + _SANDWICH)}): a post-norm encoder's logit has no linear path "
+            f"({', '.join(_PRE_NORM + _arch.SANDWICH)}): a post-norm encoder's logit has no linear path "
             "from each layer"
         )
     _refuse_post_ln_opt(model)
