@@ -21,11 +21,19 @@ import torch
 import transformers as T
 
 import attrax as ax
+from attrax import _arch
 from attrax.testing import tiny_model
 from tests import _naive
 from tests.conftest import PAIRS
 
 SIZES = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4}
+# Granite's multipliers, far from 1 (its released models' are 12, 0.22, 1 / 64 and 8)
+GRANITE = {
+    "embedding_multiplier": 3.0,
+    "residual_multiplier": 0.4,
+    "attention_multiplier": 0.2,
+    "logits_scaling": 5.0,
+}
 CONFIGS = {
     "pythia": lambda v: T.GPTNeoXConfig(vocab_size=v, intermediate_size=64, **SIZES),
     "qwen2": lambda v: T.Qwen2Config(
@@ -70,6 +78,43 @@ CONFIGS = {
     ),
     "bloom": lambda v: T.BloomConfig(vocab_size=v, hidden_size=32, n_layer=2, n_head=4),
     "falcon": lambda v: T.FalconConfig(vocab_size=v, **SIZES),
+    # constant factors on the embeddings, attention scores, each block's output and the logits
+    "granite": lambda v: T.GraniteConfig(
+        vocab_size=v, intermediate_size=64, num_key_value_heads=2, **SIZES, **GRANITE
+    ),
+    # mixtures of experts: top-2 routers over 4 experts (Qwen2-MoE's with a shared expert)
+    "mixtral": lambda v: T.MixtralConfig(
+        vocab_size=v, intermediate_size=16, num_key_value_heads=2, num_local_experts=4, **SIZES
+    ),
+    "qwen2_moe": lambda v: T.Qwen2MoeConfig(
+        vocab_size=v,
+        moe_intermediate_size=16,
+        shared_expert_intermediate_size=32,
+        num_experts=4,
+        num_experts_per_tok=2,
+        num_key_value_heads=2,
+        **SIZES,
+    ),
+    "qwen3_moe": lambda v: T.Qwen3MoeConfig(  # query and key norms per head, as Qwen3
+        vocab_size=v,
+        moe_intermediate_size=16,
+        num_experts=4,
+        num_experts_per_tok=2,
+        num_key_value_heads=2,
+        head_dim=8,
+        **SIZES,
+    ),
+    "olmoe": lambda v: T.OlmoeConfig(  # query and key norms over all heads, as OLMo 2
+        vocab_size=v, intermediate_size=16, num_experts=4, num_experts_per_tok=2, **SIZES
+    ),
+    "granitemoe": lambda v: T.GraniteMoeConfig(
+        vocab_size=v,
+        intermediate_size=16,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        **SIZES,
+        **GRANITE,
+    ),
 }
 
 
@@ -245,3 +290,43 @@ def _check_labels(got, model: ax.Model, source: str, target: str) -> None:
     assert got.target_id.values.tolist() == target_ids
     assert got.source_id.values.tolist() == sources
     assert got.source_token.values.tolist() == model.tokenizer.convert_ids_to_tokens(sources)
+
+
+def test_granites_scaled_logits_are_what_attrax_reads(monkeypatch):
+    """Granite divides its LM head's output by ``logits_scaling``: the probability attributed is
+    the model's own, and a head read without that factor would be refused at loading."""
+    _, tok = tiny_model("gpt2")
+    model = ax.load_model(_family("granite", tok), tokenizer=tok)
+    got = ax.step_scores(model, *PAIRS[0], scores=["probability"])
+    source_ids, target_ids = _naive.token_ids(model, *PAIRS[0])
+    with torch.no_grad():
+        logits = model.hf(input_ids=torch.tensor([source_ids + target_ids])).logits[0]
+    start = len(source_ids) - 1
+    want = [float(torch.softmax(logits[start + k], -1)[t]) for k, t in enumerate(target_ids)]
+    np.testing.assert_allclose(got.sel(score="probability").values, want, rtol=1e-5)
+    monkeypatch.setattr(_arch, "logit_scale", lambda config: 1.0)  # a head read unscaled
+    with pytest.raises(ax.ModelError, match="not the output projection"):
+        ax.load_model(model.hf, tokenizer=tok)
+
+
+def _hybrid(tok) -> T.PreTrainedModel:
+    """A tiny Granite 4 hybrid: a Mamba 2 layer, then an attention layer."""
+    torch.manual_seed(0)
+    config = T.GraniteMoeHybridConfig(
+        vocab_size=len(tok), intermediate_size=16, num_local_experts=4, num_experts_per_tok=2,
+        layer_types=["mamba", "attention"], mamba_n_heads=4, mamba_d_head=16, mamba_d_state=8,
+        pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id, **SIZES, **GRANITE,
+    )  # fmt: skip
+    return T.AutoModelForCausalLM.from_config(config)
+
+
+def test_a_hybrid_with_layers_that_do_not_attend():
+    """Gradients run through its Mamba layer; methods that read every layer's attention refuse
+    it: its one map would be labelled layer 0 and rollout would skip the Mamba layer's mixing."""
+    _, tok = tiny_model("gpt2")
+    model = ax.load_model(_hybrid(tok), tokenizer=tok)
+    _check(model, *PAIRS[0])
+    for method in (ax.attention, ax.rollout, ax.attention_x_gradient, ax.value_zeroing, ax.alti):
+        with pytest.raises(ax.ModelError, match="only 1 of its 2 layers attend"):
+            method(model, *PAIRS[0])

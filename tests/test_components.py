@@ -29,7 +29,8 @@ def models64() -> dict[str, ax.Model]:
         built[arch] = ax.load_model(full_double(hf), tokenizer=tok)
     _, tok = tiny_model("llama")
     # Llama's layout; Qwen2's v_proj has a bias, Qwen3 norms queries and keys, SmolLM3 has NoPE
-    for arch in ("mistral", "qwen2", "phi3", "qwen3", "smollm3"):
+    # Granite: constant factors on the embeddings, the scores, each block's output, the logits
+    for arch in ("mistral", "qwen2", "phi3", "qwen3", "smollm3", "granite", *EXPERTS):
         built[arch] = ax.load_model(full_double(llama_like(arch, tok)), tokenizer=tok)
     for arch in NEIGHBOURS:
         built[arch] = ax.load_model(neighbour(arch, tok).double(), tokenizer=tok)
@@ -76,13 +77,19 @@ def neighbour(arch: str, tok) -> torch.nn.Module:
 
 
 def llama_like(arch: str, tok) -> torch.nn.Module:
-    """A tiny random Mistral, Qwen2 or Phi-3 causal LM on ``tok``, its biases random."""
-    hf = _family(arch, tok, attn_implementation="eager")
+    """A tiny random Mistral, Qwen2, Phi-3... causal LM on ``tok``, its biases random; a mixture
+    of experts runs its experts in a loop (transformers' grouped matmul takes no float64)."""
+    kw = {"experts_implementation": "eager"} if arch in EXPERTS else {}
+    hf = _family(arch, tok, attn_implementation="eager", **kw)
     with torch.no_grad():  # random biases: the zeros Qwen2 starts with would test nothing
         for module in hf.modules():
             if isinstance(module, torch.nn.Linear) and module.bias is not None:
                 module.bias.normal_(0, 0.5)
     return hf.eval()
+
+
+# mixtures of experts with Llama's layout: a routed `mlp` (Granite MoE's `block_sparse_moe`)
+EXPERTS = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe")
 
 
 def full_double(hf: torch.nn.Module) -> torch.nn.Module:
@@ -161,7 +168,7 @@ def traced(model: ax.Model, ids: list[int]) -> dict:
         )
         # OPT's MLP is fc1, ReLU, fc2 inline in its block, on [L, H] for one example; Gemma's
         # writes its norm's output
-        mlp = blocks[layer].fc2 if model.hf.config.model_type == "opt" else blocks[layer].mlp
+        mlp = mlp_of(blocks[layer])
         if sandwich(model):
             mlp = blocks[layer].post_feedforward_layernorm
             handles.append(  # the attention's output, before its norm
@@ -227,9 +234,11 @@ def naive_dla(model: ax.Model, source: str, target: str, contrast: str | None = 
     out = np.full((len(tgt), len(ids), n_layers, heads + 1), np.nan)
     rest = np.zeros(len(tgt))
     logits = np.zeros(len(tgt))
+    branch = getattr(config, "residual_multiplier", 1.0)  # Granite: what each block adds
     for k in range(len(tgt)):
         i = len(src) + k - 1
         direction = unembed[tgt[k]] - (0 if con is None else unembed[con[k]])
+        direction = direction / getattr(config, "logits_scaling", 1.0)  # Granite's logits
         proj = readout(model, i, found, direction)
         logits[k] = float(found["logits"][i, tgt[k]])
         if con is not None:
@@ -257,15 +266,16 @@ def naive_dla(model: ax.Model, source: str, target: str, contrast: str | None = 
                 for j in range(i + 1):
                     a = found["attn"][layer][h, i, j]
                     piece = a * v_all[j, h * d : (h + 1) * d] @ w[h * d : (h + 1) * d]
-                    out[k, j, layer, h] = proj(after * piece)
+                    out[k, j, layer, h] = proj(branch * after * piece)
                 out[k, i + 1 :, layer, h] = 0.0
             out[k, : i + 1, layer, heads] = 0.0
-            out[k, i, layer, heads] = proj(found["mlp"][layer][i])
+            out[k, i, layer, heads] = proj(branch * found["mlp"][layer][i])
             bias = modules(model)[2][layer].bias
             if bias is not None:
-                rest[k] += proj(bias)
+                rest[k] += proj(branch * bias)
         # the embeddings: the residual stream before the first layer
         emb = model.hf.get_input_embeddings()(torch.tensor(ids[i]))
+        emb = emb * getattr(config, "embedding_multiplier", 1.0)  # Granite
         if config.model_type == "gpt2":
             emb = emb + model.hf.base_model.wpe(torch.tensor(i))
         if config.model_type == "opt":  # positions are rows 2, 3, ... of their table
@@ -281,6 +291,7 @@ def naive_dla(model: ax.Model, source: str, target: str, contrast: str | None = 
 
 DLA_ARCHS = (
     "gpt2", "llama", "mistral", "qwen2", "phi3", "qwen3", "smollm3", "gemma2", "gemma3", "olmo2",
+    "granite", *EXPERTS,
 )  # fmt: skip
 
 
@@ -437,8 +448,12 @@ def capture(model: ax.Model, ids: list[int], site: str) -> list[torch.Tensor]:
 
 
 def mlp_of(block) -> torch.nn.Module:
-    """What a block's MLP writes: its `mlp`, or OPT's `fc2` (fc1, ReLU and fc2 are inline)."""
-    return block.mlp if hasattr(block, "mlp") else block.fc2
+    """What a block's MLP writes: its `mlp`, OPT's `fc2` (fc1, ReLU and fc2 are inline) or
+    Granite MoE's `block_sparse_moe`."""
+    for name in ("mlp", "fc2", "block_sparse_moe"):
+        if hasattr(block, name):
+            return getattr(block, name)
+    raise AssertionError(f"no MLP in {type(block).__name__}")
 
 
 def one_example(x: torch.Tensor) -> torch.Tensor:
@@ -1731,6 +1746,9 @@ FAMILY_MODULES = {
     "phi3": ("self_attn", "o_proj"),
     "bloom": ("self_attention", "dense"),
     "falcon": ("self_attention", "dense"),
+    "granite": ("self_attn", "o_proj"),
+    "mixtral": ("self_attn", "o_proj"),  # a routed MLP
+    "granitemoe": ("self_attn", "o_proj"),  # a routed MLP, `block_sparse_moe`
 }
 
 
@@ -1738,13 +1756,16 @@ FAMILY_MODULES = {
 @pytest.mark.parametrize("family", list(FAMILY_MODULES))
 def test_atp_other_decoder_families_first_order(family, site):
     """Heads, MLPs and the residual stream of Pythia (parallel residual), Qwen2, Gemma 2
-    (sandwich norms, softcapping), Phi-3 (fused qkv), BLOOM (ALiBi) and Falcon: each (layer,
+    (sandwich norms, softcapping), Phi-3 (fused qkv), BLOOM (ALiBi), Falcon, Granite (its
+    multipliers), Mixtral and Granite MoE (routed MLPs): each (layer,
     head, position) equals the central difference of really patching it along ``clean + s *
     (corrupted - clean)``, hooks on the modules of the table above. BLOOM's MLP adds the
     residual stream itself: its MLP site is refused."""
 
     _, tok = tiny_model("gpt2")
-    model = ax.load_model(_family(family, tok).double(), tokenizer=tok)
+    # RMSNorm's float32 island would round Granite's small MLP effects' central differences
+    kw = {"experts_implementation": "eager"} if family in EXPERTS else {}  # float64 experts
+    model = ax.load_model(full_double(_family(family, tok, **kw)), tokenizer=tok)
     kw = {"corrupted": CORRUPTED, "site": site, "objective": "logit"}
     if family == "bloom" and site == "mlp":
         with pytest.raises(ax.ModelError, match="residual stream"):
@@ -1757,7 +1778,7 @@ def test_atp_other_decoder_families_first_order(family, site):
     if site == "heads":
         where = [getattr(getattr(b, attention), projection) for b in blocks]
     else:
-        where = [b.mlp if site == "mlp" else b for b in blocks]
+        where = [mlp_of(b) if site == "mlp" else b for b in blocks]
     heads = model.hf.config.num_attention_heads
 
     def run(ids, layer=None, position=None, cols=None, value=None):

@@ -438,7 +438,7 @@ def test_grad_drop_qwen2_classifier_values_equal_naive():
     assert_close(got.values, want, rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("family", ["pythia", "qwen2", "gemma2", "phi3", "opt"])
+@pytest.mark.parametrize("family", ["pythia", "qwen2", "gemma2", "phi3", "opt", "granite"])
 def test_grad_drop_on_other_decoder_families(family):
     """The families the docs name (parallel residual, grouped keys, softcapping, fused qkv, OPT's
     `decoder.layers`): the last layer is ``|plain AtP|``, the first is not, nothing is

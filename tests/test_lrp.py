@@ -16,6 +16,7 @@ import torch
 import attrax as ax
 from attrax._lrp import lrp_rules
 from attrax.testing import tiny_classifier, tiny_model
+from tests.test_architectures import GRANITE
 
 PROMPT, TARGET = "The capital of France", " is Paris."
 
@@ -137,6 +138,8 @@ def llama_lrp_reference(
     group, eps = heads // kv, cfg.rms_norm_eps
     t = len(ids)
     x = hf.model.embed_tokens(torch.tensor(ids))  # Gemma's scaled by sqrt(hidden)
+    x = x * getattr(cfg, "embedding_multiplier", 1.0)  # Granite
+    branch = getattr(cfg, "residual_multiplier", 1.0)  # Granite: what each block adds, scaled
     positions = torch.arange(t)
     saved, h = [], x
     for layer in hf.model.layers:
@@ -178,7 +181,7 @@ def llama_lrp_reference(
         # Gemma 3's and OLMo 2's norms on the attention's and the MLP's outputs
         sandwich = hasattr(layer, "post_feedforward_layernorm")
         an = _rms(attn, _norm_scale(layer.post_attention_layernorm), eps) if sandwich else attn
-        h1 = h + an
+        h1 = h + branch * an
         n2 = h1  # OLMo 2: no norm before the MLP
         if pre:  # Llama's post_attention_layernorm is that norm; Gemma 3 has a norm there too
             before = getattr(layer, "pre_feedforward_layernorm", layer.post_attention_layernorm)
@@ -188,7 +191,7 @@ def llama_lrp_reference(
         z = act(g) * u  # SiLU; Gemma: tanh-GELU
         out = z @ mlp.down_proj.weight.T
         on = _rms(out, _norm_scale(layer.post_feedforward_layernorm), eps) if sandwich else out
-        h2 = h1 + on
+        h2 = h1 + branch * on
         saved.append((
             layer, rot, h, n1, q, k, v, qn, kn, qr, kr, kf, vf, s, capped, a, o, attn, an, h1,
             n2, g, u, z, out, on, h2,
@@ -197,6 +200,7 @@ def llama_lrp_reference(
     final = _rms(h, _norm_scale(hf.model.norm), eps)
     head = (hf.lm_head.weight if head is None else head)[target]
     relevance = torch.zeros(t, hidden, dtype=x.dtype)
+    head = head / getattr(cfg, "logits_scaling", 1.0)  # Granite divides its logits
     relevance[position] = final[position] * head  # the logit's terms; RMSNorm passes them on
     logit = float(final[position] @ head)
     cap = getattr(hf.config, "final_logit_softcapping", None)  # Gemma 2: c * tanh(z / c)
@@ -212,7 +216,7 @@ def llama_lrp_reference(
         att, mlp = layer.self_attn, layer.mlp
         # residual h2 = h1 + on: split in proportion to the summands; Gemma 3's norm of the MLP's
         # output (scale constant, elementwise) passes its share on to `out`
-        r_h1, r_out = h1 / h2 * relevance, on / h2 * relevance
+        r_h1, r_out = h1 / h2 * relevance, branch * on / h2 * relevance
         r_z = _linear_messages(z, mlp.down_proj.weight, r_out, out)
         if rule == "attnlrp":  # uniform rule on silu(g) * u, identity rule on silu
             r_g, r_u = r_z / 2, r_z / 2
@@ -221,7 +225,7 @@ def llama_lrp_reference(
         w_gate, w_up, _ = _gate_up(mlp)
         r_n2 = _linear_messages(n2, w_gate, r_g, g) + _linear_messages(n2, w_up, r_u, u)
         r_h1 = r_h1 + r_n2  # RMSNorm with its scale constant: elementwise, passes R unchanged
-        r_h, r_attn = h / h1 * r_h1, an / h1 * r_h1  # an: attn, or Gemma 3's norm of it
+        r_h, r_attn = h / h1 * r_h1, branch * an / h1 * r_h1  # an: attn, or Gemma 3's norm
         r_o = _linear_messages(o.reshape(t, heads * d), att.o_proj.weight, r_attn, attn)
         r_o = r_o.view(t, heads, d)
         r_qr, r_kf, r_vf, lost = _attention_messages(
@@ -740,6 +744,8 @@ def _causal_lm(name: str) -> tuple:
         config.no_rope_layers = [1, 0]
     if name == "Gemma3":  # a local layer (3-token window, its own RoPE table), a global one
         config.layer_types, config.sliding_window = ["sliding_attention", "full_attention"], 3
+    if name == "Granite":  # its multipliers, far from 1
+        config.update(GRANITE)
     if name == "Gemma2":  # caps these small weights' scores and logits reach; a 3-token window
         config.attn_logit_softcapping, config.final_logit_softcapping = 0.5, 2.0
         config.sliding_window = 3
@@ -775,6 +781,7 @@ BIAS_FREE = {
     "gemma3": lambda: _causal_lm("Gemma3"),
     "gemma2": lambda: _causal_lm("Gemma2"),  # soft-capped scores and logits
     "olmo2": lambda: _causal_lm("Olmo2"),
+    "granite": lambda: _causal_lm("Granite"),  # scaled embeddings, blocks' outputs and logits
     "gemma3-classifier": lambda: _classifier("Gemma3"),
     **NEIGHBOURS,
     "marian": lambda: tiny_model("marian"),
@@ -808,7 +815,7 @@ def test_cp_lrp_is_exactly_conservative_without_biases(arch):
     # per layer)
     islands = ("mistral", "gemma", "phi3", "qwen3", "smollm3", "gemma3", "gemma3-classifier")
     islands += ("gemma2",)
-    islands += ("olmo2", *NEIGHBOURS)
+    islands += ("olmo2", "granite", *NEIGHBOURS)
     tolerance = 1e-5 if arch in islands else 1e-9
     np.testing.assert_allclose(
         got.sum(("source", "hidden")).values, _logits(model, got), rtol=tolerance, atol=tolerance
@@ -817,7 +824,19 @@ def test_cp_lrp_is_exactly_conservative_without_biases(arch):
 
 @pytest.mark.parametrize("rule", ["attnlrp", "cp-lrp"])
 @pytest.mark.parametrize(
-    "arch", ["qwen2", "mistral", "gemma", "phi3", "qwen3", "smollm3", "gemma3", "olmo2", "gemma2"]
+    "arch",
+    [
+        "qwen2",
+        "mistral",
+        "gemma",
+        "phi3",
+        "qwen3",
+        "smollm3",
+        "gemma3",
+        "olmo2",
+        "gemma2",
+        "granite",
+    ],
 )
 def test_llama_family_equals_explicit_layer_by_layer_lrp(arch, rule):
     # Qwen2 (a classifier: biased q/k/v, the score head at the last token), Mistral, Gemma
@@ -825,7 +844,8 @@ def test_llama_family_equals_explicit_layer_by_layer_lrp(arch, rule):
     # (fused q/k/v and gate/up projections), Qwen3 (query and key norms), SmolLM3 (NoPE layers),
     # Gemma 3 (norms after attention and MLP, query and key norms, local and global layers),
     # OLMo 2 (norms after attention and MLP only, query and key norms over all heads), Gemma 2
-    # (tanh-capped scores and logits: the identity rule)
+    # (tanh-capped scores and logits: the identity rule), Granite (constant factors on the
+    # embeddings, the scores, each block's output and the logits)
     if arch == "qwen2":
         model = _double(*tiny_classifier("qwen2"))
         got = ax.lrp(model, "the plot was good", [0, 1, 2], rule=rule)

@@ -18,7 +18,7 @@ from attrax.cli import main
 from attrax.testing import tiny_classifier, tiny_model
 from tests import _naive
 from tests.test_architectures import CONFIGS, _family
-from tests.test_components import full_double, neighbour
+from tests.test_components import EXPERTS, full_double, neighbour
 
 PROMPT, TARGET = "The capital of France is", " Paris."
 ARCHS = ("gpt2", "llama", "bert")
@@ -111,10 +111,10 @@ def gain(norm: torch.nn.Module) -> torch.Tensor:
 
 def after_attention(block, output: torch.Tensor, i: int) -> torch.Tensor | float:
     """Gemma 2's, 3's and OLMo 2's norm on the attention's output ``[1, L, d]``, as the factor it
-    applies
-    at query ``i`` (``gain / rms``); 1 for the blocks that add the output as it is."""
+    applies at query ``i`` (``gain / rms``); Granite's ``residual_multiplier``; 1 for the blocks
+    that add the output as it is."""
     if not hasattr(block, "post_feedforward_layernorm"):
-        return 1.0
+        return getattr(block, "residual_multiplier", 1.0)
     norm = block.post_attention_layernorm
     eps = getattr(norm, "variance_epsilon", None) or norm.eps
     return gain(norm) / torch.sqrt(output[0, i].pow(2).mean() + eps)
@@ -179,11 +179,12 @@ def naive_alti_layers(model: ax.Model, ids: torch.Tensor):
                 torch.testing.assert_close(T.sum(1) + bias, y, rtol=1e-9, atol=1e-9)
             else:
                 proj = output_projection(model, block)
-                bias = proj.bias if proj.bias is not None else 0
+                branch = getattr(block, "residual_multiplier", 1.0)  # Granite
+                bias = branch * proj.bias if proj.bias is not None else 0
                 output = captured[layer][0]
                 if hasattr(block, "post_feedforward_layernorm"):  # Gemma, OLMo 2: the norm's
                     output = block.post_attention_layernorm(output)
-                y = x[0] + output
+                y = x[0] + branch * output
                 torch.testing.assert_close(T.sum(1) + bias, y, rtol=1e-9, atol=1e-9)
             C = torch.zeros(length, length, dtype=x.dtype)
             for i in range(length):
@@ -194,10 +195,10 @@ def naive_alti_layers(model: ax.Model, ids: torch.Tensor):
     return per_layer
 
 
-@pytest.mark.parametrize(
-    "arch",
-    [*ARCHS, "phi3", "pythia", "qwen3", "smollm3", "gemma2", "gemma3", "olmo2", *NEIGHBOURS],
-)
+ALTI_ARCHS = (*ARCHS, "phi3", "pythia", "qwen3", "smollm3", "gemma2", "gemma3", "olmo2")
+
+
+@pytest.mark.parametrize("arch", [*ALTI_ARCHS, "granite", *EXPERTS, *NEIGHBOURS])
 def test_alti_matches_naive_per_layer_and_rollout(mixing_models, arch):
     model = mixing_models[arch] if arch in ARCHS else _fused(arch)
     target = None if arch == "bert" else TARGET
@@ -445,20 +446,23 @@ def test_value_zeroing_matches_naive(mixing_models, arch, similarity):
 
 def _fused(family: str) -> ax.Model:
     """A tiny random Pythia (GPT-NeoX: each head's query, key and value side by side in one
-    projection), Phi-3 (all queries, then keys, then values) or one of :data:`NEIGHBOURS` in
-    float64, GPT-2's tokenizer."""
+    projection), Phi-3 (all queries, then keys, then values), another family of
+    ``test_architectures`` or one of :data:`NEIGHBOURS` in float64, GPT-2's tokenizer."""
     _, tok = tiny_model("gpt2")
-    if family in ("gemma2", "gemma3", "olmo2"):  # random gains, the norms run in float64
-        hf = _family(family, tok, attn_implementation="eager")
-        with torch.no_grad():  # Gemma's norms scale by 1 + weight, initialised at 0
+    if family in NEIGHBOURS:
+        return ax.load_model(neighbour(family, tok).double(), tokenizer=tok)
+    # transformers' grouped matmul of experts takes no float64: a loop over them does
+    kw = {"experts_implementation": "eager"} if family in EXPERTS else {}
+    hf = _family(family, tok, attn_implementation="eager", **kw)
+    if family in ("gemma2", "gemma3", "olmo2", "granite", "granitemoe"):
+        with torch.no_grad():  # random gains; Gemma's norms scale by 1 + weight, initialised at 0
             for module in hf.modules():
                 if type(module).__name__.endswith("RMSNorm"):
                     module.weight.normal_(0.0 if family.startswith("gemma") else 1.0, 0.3)
-        return ax.load_model(full_double(hf).eval(), tokenizer=tok)
-    if family not in NEIGHBOURS:
-        hf = _family(family, tok, attn_implementation="eager")
-        return ax.load_model(hf.double().eval(), tokenizer=tok)
-    return ax.load_model(neighbour(family, tok).double(), tokenizer=tok)
+                elif family.startswith("granite") and isinstance(module, torch.nn.Linear):
+                    module.weight.mul_(4.0)  # terms far from 0 despite its multipliers
+        return ax.load_model(full_double(hf).eval(), tokenizer=tok)  # its norms in float64
+    return ax.load_model(hf.double().eval(), tokenizer=tok)
 
 
 def naive_fused_zeroing(model: ax.Model, ids: torch.Tensor, heads=None) -> torch.Tensor:
@@ -658,10 +662,21 @@ def test_value_zeroing_copies_per_forward_do_not_change_scores(mixing_models):
     assert chunked.layer.values.tolist() == [whole.sizes["layer"] - 1]
 
 
-LOGIT_KINDS = ("lm", "llama_contrast", "phi3", "pythia", "opt-projected", "qwen3", "gemma3")
+LOGIT_KINDS = (
+    "lm",
+    "llama_contrast",
+    "phi3",
+    "pythia",
+    "opt-projected",
+    "qwen3",
+    "gemma3",
+    "granite",
+)
 
 
-@pytest.mark.parametrize("kind", [*LOGIT_KINDS, "olmo2", "gemma2", "classifier"])
+@pytest.mark.parametrize(
+    "kind", [*LOGIT_KINDS, "olmo2", "gemma2", "classifier", "qwen2_moe", "granitemoe"]
+)
 def test_alti_logit_matches_naive(mixing_models, kind):
     """GPT-2 (LayerNorm: centered direction), Llama with a contrast (RMSNorm: no centering; the
     unembedding row minus the contrast's), Phi-3 (values in a fused projection), Pythia
@@ -725,7 +740,8 @@ def test_alti_logit_matches_naive(mixing_models, kind):
             sigma = torch.sqrt(residual[q].pow(2).mean() + eps)
 
         def read(y: torch.Tensor, k: int = k) -> float:  # the target's logit of norm output y
-            return float((y if project_out is None else project_out(y)) @ rows[k])
+            logit = float((y if project_out is None else project_out(y)) @ rows[k])
+            return logit / getattr(hf.config, "logits_scaling", 1.0)  # Granite's
 
         below = torch.eye(length, dtype=torch.float64)
         expected_total = torch.zeros(length, dtype=torch.float64)

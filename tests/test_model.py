@@ -389,3 +389,20 @@ def test_the_meta_device_is_refused_by_name():
             steps=2,
             baseline=torch.zeros(model.hidden_size, device="meta"),
         )
+
+
+@pytest.mark.parametrize("how", ["input_ids", "inputs_embeds"])
+def test_a_model_whose_own_forward_fails_is_refused(how):
+    """An inconsistent config (key-value heads that do not divide the heads) or a model that takes
+    no ``inputs_embeds`` fails inside transformers: loading says so in a ModelError."""
+    hf, tok = tiny_model("llama")
+    original = hf.model.forward
+
+    def forward(*args, **kwargs):
+        if kwargs.get(how) is not None:
+            raise RuntimeError("The size of tensor a (4) must match the size of tensor b (8)")
+        return original(*args, **kwargs)
+
+    hf.model.forward = forward
+    with pytest.raises(ax.ModelError, match=rf"forward from `{how}` fails .*tensor a \(4\)"):
+        ax.load_model(hf, tokenizer=tok)

@@ -52,9 +52,48 @@ def heads(config: Any, stack: str) -> int | None:
 
 
 def mlp_width(config: Any) -> int:
-    """The widest MLP hidden layer the config names (0 when it names none)."""
+    """The widest MLP hidden layer the config names (0 when it names none); for a mixture of
+    experts, the width of the dense MLP it is priced as (:func:`experts_width`).
+
+    >>> from transformers import LlamaConfig, MixtralConfig
+    >>> mlp_width(LlamaConfig(intermediate_size=688))
+    688
+    >>> mlp_width(MixtralConfig(hidden_size=256, intermediate_size=896, num_experts_per_tok=2))
+    2304
+    """
+    routed = experts_width(config)
+    if routed:
+        return routed
     values = [getattr(config, key, None) for key in _MLP_KEYS]
     return max([v for v in values if isinstance(v, int) and not isinstance(v, bool)] or [0])
+
+
+def _positive(config: Any, key: str) -> int:
+    value = getattr(config, key, None)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+
+#: mixtures of experts with Llama's layout (their routed `mlp`, Granite MoE's `block_sparse_moe`,
+#: is the module whose output the residual adds)
+EXPERTS = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe")
+
+
+def experts_width(config: Any) -> int:
+    """A mixture of experts' layer priced as a dense MLP (0 for a dense model): each token's
+    ``k`` experts keep their own copy of its input and of their output besides their activations,
+    so ``k * (expert width + hidden)``, plus a shared expert's width (Qwen2-MoE, Granite MoE
+    shared, DeepSeek). docs/memory.md says how it compares with what such layers save."""
+    k = _positive(config, "num_experts_per_tok")
+    if not k:
+        return 0
+    hidden = _positive(config, "hidden_size")
+    expert = _positive(config, "moe_intermediate_size") or _positive(config, "intermediate_size")
+    shared = (
+        _positive(config, "shared_expert_intermediate_size")
+        or _positive(config, "shared_intermediate_size")
+        or _positive(config, "n_shared_experts") * expert
+    )
+    return k * (expert + hidden) + shared
 
 
 def max_positions(config: Any) -> int | None:
@@ -66,6 +105,44 @@ def max_positions(config: Any) -> int | None:
 #: adds it (Gemma 2, Gemma 3; OLMo 2 norms only there): more saved per layer, and a norm that
 #: direct logit attribution and ALTI hold at its scale
 SANDWICH = ("gemma2", "gemma3_text", "olmo2")
+
+
+#: model types whose LM head divides its logits by ``config.logits_scaling`` and whose blocks scale
+#: what they add to the residual stream by ``config.residual_multiplier`` (IBM Granite)
+GRANITE = (
+    "granite",
+    "granite_swa",
+    "granitemoe",
+    "granitemoe_swa",
+    "granitemoeshared",
+    "granitemoehybrid",
+)
+
+
+def logit_scale(config: Any) -> float:
+    """The factor a causal LM multiplies its head's output by: ``1 / logits_scaling`` for Granite,
+    1 for every other model.
+
+    >>> from transformers import GraniteConfig, LlamaConfig
+    >>> logit_scale(GraniteConfig(logits_scaling=8.0)), logit_scale(LlamaConfig())
+    (0.125, 1.0)
+    """
+    if getattr(config, "model_type", None) in GRANITE:
+        return 1.0 / float(config.logits_scaling)
+    return 1.0
+
+
+def branch_scale(config: Any) -> float:
+    """The factor a decoder block multiplies its attention's and its MLP's outputs by before the
+    residual stream adds them: Granite's ``residual_multiplier``, 1 for every other model.
+
+    >>> from transformers import GraniteConfig, LlamaConfig
+    >>> branch_scale(GraniteConfig(residual_multiplier=0.22)), branch_scale(LlamaConfig())
+    (0.22, 1.0)
+    """
+    if getattr(config, "model_type", None) in GRANITE:
+        return float(config.residual_multiplier)
+    return 1.0
 
 
 def family(config: Any) -> str:

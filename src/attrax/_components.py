@@ -2,7 +2,7 @@
 
 Both read the model's own modules (attention heads, MLPs, residual stream). Direct logit
 attribution knows GPT-2 (``Conv1D``, LayerNorm), Llama (``o_proj``, RMSNorm, RoPE, grouped
-keys and values; Mistral, Qwen2, Qwen3, SmolLM3, Phi-3), Gemma 2, Gemma 3 and OLMo 2 (norms on
+keys and values; Mistral, Qwen2, Qwen3, SmolLM3, Phi-3, Granite), Gemma 2, Gemma 3 and OLMo 2 (norms on
 each attention's and MLP's output), GPT-NeoX and pre-LN OPT, as causal LMs or as sequence
 classifiers whose ``score`` head reads the final norm directly, and T5 (the post-LN Marian and
 BART have no direct path); attribution patching any decoder-only model whose layers sit where
@@ -150,8 +150,8 @@ class _Parts:
 # Mistral's too, Qwen2's, whose v_proj has a bias (in the values, so in each head's share),
 # Qwen3's (its query and key norms do not touch the values), SmolLM3's (RoPE in some layers
 # only: queries and keys), and Phi-3's, whose values come out of one qkv_proj after the queries
-# and keys
-_LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3", "smollm3", "phi3")
+# and keys, and Granite's (constant factors on what each block adds and on the logits)
+_LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3", "smollm3", "phi3", "granite", *_arch.EXPERTS)
 
 
 def _parts(model: Model, method: str) -> _Parts:
@@ -168,8 +168,11 @@ def _parts(model: Model, method: str) -> _Parts:
         raise ModelError(
             f"{method} has no rule for {name}: it knows the GPT-2 (Conv1D, LayerNorm), Llama "
             "(o_proj, RMSNorm; also Mistral, Qwen2, Qwen3, SmolLM3, Phi-3, Gemma 2, Gemma 3, "
-            "OLMo 2), GPT-NeoX (Pythia) and OPT architectures only, as causal LMs or sequence "
-            "classifiers (GPT2ForSequenceClassification, LlamaForSequenceClassification...)"
+            "OLMo 2, Granite; the mixtures of experts Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, "
+            "Granite MoE), "
+            "GPT-NeoX (Pythia) and OPT architectures only, as causal LMs or "
+            "sequence classifiers (GPT2ForSequenceClassification, "
+            "LlamaForSequenceClassification...)"
         )
     if kind == "opt" and not (
         hf.config.do_layer_norm_before and hf.base_model.decoder.final_layer_norm is not None
@@ -208,7 +211,9 @@ def _parts(model: Model, method: str) -> _Parts:
     else:
         blocks = list(base.layers)
         attentions = [b.self_attn for b in blocks]
-        mlps = [b.mlp for b in blocks]
+        mlps = [_mlp_of(b) for b in blocks]
+        if any(m is None for m in mlps):
+            raise ModelError(f"{method}: {name}'s MLP output is not one module's ({_NO_MLP})")
         norm = base.norm
         heads = config.num_attention_heads
     head_dim = getattr(attentions[0], "head_dim", None) or config.hidden_size // heads
@@ -307,6 +312,10 @@ def direct_logit_attribution(
     u = full_precision(direction) * full_precision(norm_gain(parts.norm))
     if parts.centered:
         u = u - u.mean(-1, keepdim=True)
+    # Granite scales what each block adds (heads and MLPs alike) and its LM head's logits
+    u = u * _arch.branch_scale(model.hf.config)
+    if model.task == "generation":
+        u = u * _arch.logit_scale(model.hf.config)
     length = t.ids.shape[1]
     n_layers = len(parts.blocks)
     found = {"values": [None] * n_layers, "final": None}
@@ -621,6 +630,19 @@ def _named(module: torch.nn.Module | None, names: tuple[str, ...]) -> torch.nn.M
     return next((m for m in found if isinstance(m, torch.nn.Module)), None)
 
 
+# where a block keeps the module whose output its MLP adds: `mlp` (a mixture of experts' too),
+# OPT's `fc2`, Granite MoE's `block_sparse_moe`
+_MLPS = ("mlp", "fc2", "block_sparse_moe")
+_NO_MLP = "`mlp`, `fc2` or `block_sparse_moe`; Granite MoE shared adds a `shared_mlp` beside it"
+
+
+def _mlp_of(block: torch.nn.Module) -> torch.nn.Module | None:
+    """The module whose output is what ``block``'s MLP adds, or None where two modules add it."""
+    if isinstance(getattr(block, "shared_mlp", None), torch.nn.Module):
+        return None
+    return _named(block, _MLPS)
+
+
 def _decoder_stack(model: Model, method: str) -> _Stack:
     """A decoder-only model's blocks, each with its attention's output projection (its input:
     the concatenated heads) and its ``mlp`` (OPT's: ``fc2``, whose output is what the MLP
@@ -628,11 +650,12 @@ def _decoder_stack(model: Model, method: str) -> _Stack:
     blocks = _blocks(model, method)
     attentions = [_named(block, _ATTENTIONS) for block in blocks]
     projections = [_named(attention, _PROJECTIONS) for attention in attentions]
-    mlps = [_named(block, ("mlp", "fc2")) for block in blocks]
+    mlps = [_mlp_of(block) for block in blocks]
     if any(not isinstance(m, torch.nn.Module) for m in [*projections, *mlps]):
         raise ModelError(
             f"{method}: {type(model.hf).__name__}'s layers lack an attention output projection "
-            f"({' / '.join(_PROJECTIONS)} of {' / '.join(_ATTENTIONS)}) or an `mlp`"
+            f"({' / '.join(_PROJECTIONS)} of {' / '.join(_ATTENTIONS)}) or one MLP module "
+            f"({_NO_MLP})"
         )
     heads = _arch.heads(model.hf.config, "self")
     if not isinstance(heads, int):

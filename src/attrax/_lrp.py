@@ -231,6 +231,7 @@ _PATCHED: dict[str, Callable[..., torch.Tensor]] = {
     "Phi3RMSNorm": _rms_norm,
     "Qwen3RMSNorm": _rms_norm,  # also its per-head query and key norms
     "SmolLM3RMSNorm": _rms_norm,
+    "GraniteRMSNorm": _rms_norm,
     "LlamaMLP": _gated_mlp,
     "Qwen2MLP": _gated_mlp,
     "MistralMLP": _gated_mlp,
@@ -241,6 +242,7 @@ _PATCHED: dict[str, Callable[..., torch.Tensor]] = {
     "Phi3MLP": _fused_gated_mlp,
     "Qwen3MLP": _gated_mlp,
     "SmolLM3MLP": _gated_mlp,
+    "GraniteMLP": _gated_mlp,
     "RobertaClassificationHead": _tanh_head,
     "XLMRobertaClassificationHead": _tanh_head,
 }
@@ -261,6 +263,7 @@ _ATTENTION = frozenset(
         "Phi3Attention",  # a fused q/k/v projection (a Linear), split by reshapes
         "Qwen3Attention",  # its query and key norms are Qwen3RMSNorm children (patched)
         "SmolLM3Attention",  # RoPE skipped in some layers (NoPE): nothing to give a rule
+        "GraniteAttention",  # its `attention_multiplier` is the scores' scaling
         "GPTNeoXAttention",  # fused per head, rotary on a part of each head (constants)
         "OPTAttention",  # the query scaled before the call (a constant factor)
         "BertSelfAttention",
@@ -314,6 +317,7 @@ _LINEAR = frozenset(
                 "SmolLM3",
                 "Olmo2",
                 "Gemma2",
+                "Granite",  # constant factors on the embeddings, each block's output, the logits
             )
             for part in (
                 "RotaryEmbedding",

@@ -42,7 +42,13 @@ from ._memory import (
     parse_bytes,
     plan_forwards,
 )
-from ._model import Model, attention_modules, norm_divisor, norm_gain
+from ._model import (
+    Model,
+    attention_modules,
+    norm_divisor,
+    norm_gain,
+    refuse_layers_without_attention,
+)
 from ._protocol import Call, Family
 from ._schema import label_queries
 
@@ -105,7 +111,9 @@ def _layers(model: Model, stack: str = "self") -> list[_Layer]:
     if model.is_encoder_decoder and stack == "self":
         raise ModelError(f"{model.name} ({_architecture(model)}): {_NOT_ENC_DEC}")
     names = {module: name for name, module in model.hf.named_modules()}
-    found = [m for m, (kind, _) in attention_modules(model.hf).items() if kind == stack]
+    modules = attention_modules(model.hf)
+    refuse_layers_without_attention(model.hf, modules)
+    found = [m for m, (kind, _) in modules.items() if kind == stack]
     layers = []
     for attention in found:
         parts = names[attention].split(".")
@@ -511,7 +519,20 @@ def _distance(zeroed: torch.Tensor, clean: torch.Tensor, similarity: str) -> tor
 # the residual stream's norm around each attention block: before it (GPT-2, Llama: the norm is
 # inside the value vectors and the block output is ``x + attn``; GPT-NeoX's parallel MLP reads
 # ``x`` too and, like every MLP, mixes no tokens) or after it (BERT)
-_PRE_NORM = ("gpt2", "llama", "mistral", "qwen2", "qwen3", "smollm3", "phi3", "gpt_neox", "opt")
+_PRE_NORM = (
+    "gpt2",
+    "llama",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "smollm3",
+    "phi3",
+    "granite",
+    *_arch.EXPERTS,
+    "granitemoeshared",  # ALTI reads attention blocks only: its two MLP modules do not matter
+    "gpt_neox",
+    "opt",
+)
 _POST_NORM = ("bert", "roberta", "xlm-roberta")
 # post-norm encoder-decoders ALTI+ decomposes: encoder, decoder self- and cross-attention blocks
 _SEQ2SEQ = ("marian", "bart")
@@ -572,10 +593,13 @@ def _parts(model: Model, layer: _Layer, stack: str = "self") -> _Parts:
     else:
         output = layer.block.attention.output
         project, norm = output.dense, output.LayerNorm
-    weight = project.weight
+    weight, bias = project.weight, project.bias
     if type(project).__name__ == "Conv1D":  # GPT-2's Conv1D computes x @ W: W is [in, out]
         weight = weight.T
-    return _Parts(weight, project.bias, norm)
+    scale = _arch.branch_scale(model.hf.config)
+    if scale != 1.0:  # Granite: the residual adds the attention's output times a constant
+        weight, bias = weight * scale, None if bias is None else bias * scale
+    return _Parts(weight, bias, norm)
 
 
 def _refuse_post_ln_opt(model: Model) -> None:
@@ -1056,6 +1080,8 @@ def _logit_direction(
     if readout is not None:  # the head reads P y: y is read by P^T
         unembed = unembed @ readout.weight.to(dtype)
     direction = unembed * norm_gain(final).to(dtype)
+    if model.task == "generation":  # Granite's LM head scales its logits
+        direction = direction * _arch.logit_scale(model.hf.config)
     centered = isinstance(final, torch.nn.LayerNorm)  # RMSNorm: no centering
     if centered:
         direction = direction - direction.mean(-1, keepdim=True)

@@ -342,6 +342,7 @@ class Model:
         logits.
         """
         modules = attention_modules(self.hf)
+        refuse_layers_without_attention(self.hf, modules)
 
         def hook(module: torch.nn.Module, _args: Any, output: Any) -> None:
             stack, index = modules[module]
@@ -489,6 +490,9 @@ class Model:
         bias = getattr(self.hf, "final_logits_bias", None)
         if isinstance(bias, torch.Tensor):
             logits = logits + bias
+        scale = _arch.logit_scale(self.hf.config)
+        if scale != 1.0:
+            logits = logits * scale
         cap = getattr(self.hf.config, "final_logit_softcapping", None)
         return self.soft_cap(logits, cap) if cap else logits
 
@@ -538,16 +542,18 @@ class Model:
             for side in sides:
                 module = self._target_embedding if side == "target" else self._source_embedding
                 candidates = [1.0, *_embedding_scales(self.hf, side)]
-                ref = self._probe(ids, mask, None, None)
+                with _failing_forward(self.hf, "from `input_ids`"):
+                    ref = self._probe(ids, mask, None, None)
                 if not bool(torch.isfinite(ref).all()):  # NaN compares unequal to itself
                     raise ModelError(
                         f"{type(self.hf).__name__}: its outputs on a probe input are not finite "
                         "(inf/NaN): its weights hold NaN/inf or overflow its dtype"
                     )
-                errors = [
-                    _mismatch(self._probe(ids, mask, module(ids) * s, side), ref)
-                    for s in candidates
-                ]
+                with _failing_forward(self.hf, "from `inputs_embeds`"):
+                    errors = [
+                        _mismatch(self._probe(ids, mask, module(ids) * s, side), ref)
+                        for s in candidates
+                    ]
                 best = min(range(len(candidates)), key=errors.__getitem__)
                 if errors[best] <= _tolerance(ref.dtype):
                     if side == "target":
@@ -573,7 +579,7 @@ class Model:
         if _mismatch(split, full) > _tolerance(full.dtype):
             raise ModelError(
                 f"{type(self.hf).__name__}: its logits are not the output projection of its last "
-                "hidden states (plus a final bias or soft-capping); attrax does not support it yet"
+                "hidden states (plus a final bias, scale or soft-capping); attrax does not support it yet"
             )
 
     @torch.no_grad()
@@ -629,6 +635,20 @@ class Model:
         else:
             kwargs["decoder_input_ids"] = ids
         return self.hf(**kwargs).logits
+
+
+@contextlib.contextmanager
+def _failing_forward(hf: PreTrainedModel, how: str) -> Iterator[None]:
+    """A ModelError for a model whose own forward fails on attrax's probe input (an
+    inconsistent config, a model that takes no ``inputs_embeds``), naming what torch said."""
+    try:
+        yield
+    except (RuntimeError, ValueError, TypeError, IndexError, NotImplementedError) as error:
+        said = (str(error).strip().splitlines() or [""])[0][:200]
+        raise ModelError(
+            f"{type(hf).__name__}: its forward {how} fails on a 5-token probe input "
+            f"({type(error).__name__}: {said}); attrax runs models whose own forward runs"
+        ) from error
 
 
 # what every method's `model` argument takes: a loaded Model or a path for load_model
@@ -1469,6 +1489,23 @@ def capture_before(
         yield
     finally:
         handle.remove()
+
+
+def refuse_layers_without_attention(
+    hf: PreTrainedModel, modules: dict[torch.nn.Module, tuple[str, int]]
+) -> None:
+    """A ModelError for a decoder-only hybrid, some of whose layers mix tokens without attention
+    weights (Mamba layers: Granite 4, Jamba): maps of its attention layers alone would leave
+    that mixing out of rollout and mislabel the layers they come from."""
+    attending = sum(stack == "self" for stack, _ in modules.values())
+    total = _arch.layers(hf.config, "self")
+    if attending and total and attending < total and not hf.config.is_encoder_decoder:
+        raise ModelError(
+            f"{type(hf).__name__}: only {attending} of its {total} layers attend (the others "
+            "mix tokens without attention weights, as a hybrid's Mamba layers do); attrax's "
+            "attention-based methods need every layer's attention. Gradient, propagation and "
+            "perturbation methods run on it"
+        )
 
 
 def attention_modules(hf: PreTrainedModel) -> dict[torch.nn.Module, tuple[str, int]]:

@@ -22,6 +22,7 @@ import torch
 import xarray as xr
 from torch.func import functional_call, stack_module_state
 
+from . import _arch
 from ._errors import ModelError, OptionError
 from ._model import Model
 
@@ -256,6 +257,9 @@ class _Expanded(Model):
         logits = torch.einsum("nmbkh,mvh->nmbkv", rows, self._head_weight)
         if self._head_bias is not None:
             logits = logits + self._head_bias[None, :, None, None, :]
+        scale = _arch.logit_scale(self.hf.config)
+        if scale != 1.0:
+            logits = logits * scale
         cap = getattr(self.hf.config, "final_logit_softcapping", None)
         if cap:
             logits = torch.tanh(logits / cap) * cap
