@@ -15,7 +15,7 @@ import attrax as ax
 from attrax.cli import main
 from attrax.testing import tiny_classifier, tiny_model
 from tests.conftest import PAIRS, assert_close
-from tests.test_architectures import CONFIGS, _family
+from tests.test_architectures import CONFIGS, _family, _translator
 
 SOURCE, TARGET = PAIRS[0]
 CORRUPTED = "The capital of Spain is"  # as many tokens as SOURCE in both tiny tokenizers
@@ -1122,13 +1122,18 @@ def test_atp_encoder_decoder_defaults_and_errors(models, encdec64):
 # --- direct logit attribution on encoder-decoders ------------------------------------------
 
 
-def t5_double() -> ax.Model:
-    """A float64 tiny T5 whose RMSNorms also run in float64 (T5LayerNorm takes its variance in
-    float32 even in a float64 model)."""
-    hf, tok = tiny_model("t5")
+def t5_double(arch: str = "t5") -> ax.Model:
+    """A float64 tiny T5 (or mT5: gated-GELU MLPs, no scaling of the decoder's output) whose
+    RMSNorms also run in float64 (T5LayerNorm takes its variance in float32 even in a float64
+    model)."""
+    if arch == "t5":
+        hf, tok = tiny_model("t5")
+    else:
+        translator = _translator(arch)
+        hf, tok = translator.hf, translator.tokenizer
     hf = hf.double()
     for module in hf.modules():
-        if type(module).__name__ == "T5LayerNorm":
+        if type(module).__name__ in ("T5LayerNorm", "MT5LayerNorm"):
 
             def forward(x: torch.Tensor, m: torch.nn.Module = module) -> torch.Tensor:
                 return (
@@ -1179,7 +1184,8 @@ def naive_t5_dla(model: ax.Model, source: str, target: str):
     heads = hf.config.num_heads
     d = hf.config.d_kv
     n_layers = len(blocks)
-    scale = hf.config.d_model**-0.5 if hf.config.scale_decoder_outputs else 1.0
+    # T5 scales the decoder's output when its embeddings are tied; mT5 never does
+    scale = hf.config.d_model**-0.5 if getattr(hf.config, "scale_decoder_outputs", False) else 1.0
     unembed = hf.get_output_embeddings().weight
     cross = np.zeros((len(target_ids), len(ids), n_layers, heads + 1))
     own = np.full((len(target_ids), len(decoder_ids), n_layers, heads + 1), np.nan)
@@ -1214,8 +1220,9 @@ def naive_t5_dla(model: ax.Model, source: str, target: str):
     return cross, own, rest, logits
 
 
-def test_dla_t5_equals_naive_and_sums_back():
-    model = t5_double()
+@pytest.mark.parametrize("arch", ["t5", "mt5"])
+def test_dla_t5_equals_naive_and_sums_back(arch):
+    model = t5_double(arch)
     got = ax.direct_logit_attribution(model, SOURCE, ED_TARGET)
     cross, own, rest, logits = naive_t5_dla(model, SOURCE, ED_TARGET)
     assert got.dims == ("target", "source", "layer", "head")

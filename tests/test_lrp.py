@@ -552,7 +552,7 @@ def test_a_pythia_classifier_equals_explicit_layer_by_layer_lrp(rule):
 # the explicit reference for BERT-family classifiers (post-LayerNorm blocks, biases, a head)
 
 #: the encoder classifiers attrax's tiny_classifier builds and LRP covers
-ENCODERS = ("bert", "roberta", "xlm-roberta", "electra", "distilbert")
+ENCODERS = ("bert", "roberta", "xlm-roberta", "camembert", "electra", "distilbert")
 
 
 def _encoder_blocks(hf) -> tuple:
@@ -659,6 +659,7 @@ def encoder_lrp_reference(hf, ids: list[int], position: int | None, cls: int, ru
     [
         ("roberta", "sequence"),  # torch.tanh in the head: the identity rule, not 1 - tanh^2
         ("xlm-roberta", "sequence"),
+        ("camembert", "sequence"),  # RoBERTa's computation in classes of its own
         ("electra", "sequence"),  # GELU head, embedding projection
         ("distilbert", "sequence"),  # inline ReLU in the head
         ("roberta", "token"),

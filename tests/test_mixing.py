@@ -48,13 +48,14 @@ def ids_and_queries(model: ax.Model, text: str, target: str | None):
 
 
 def is_bert(model: ax.Model) -> bool:
-    return hasattr(model.hf, "bert")
+    """A BERT-layout encoder (BERT, ELECTRA, CamemBERT...): post-norm blocks in `encoder.layer`."""
+    return hasattr(getattr(model.hf.base_model, "encoder", None), "layer")
 
 
 def blocks(model: ax.Model):
     hf = model.hf
     if is_bert(model):
-        return list(hf.bert.encoder.layer)
+        return list(hf.base_model.encoder.layer)
     if hasattr(hf, "gpt_neox"):
         return list(hf.gpt_neox.layers)
     if hasattr(hf.base_model, "decoder"):  # OPT
@@ -198,10 +199,18 @@ def naive_alti_layers(model: ax.Model, ids: torch.Tensor):
 ALTI_ARCHS = (*ARCHS, "phi3", "pythia", "qwen3", "smollm3", "gemma2", "gemma3", "olmo2")
 
 
-@pytest.mark.parametrize("arch", [*ALTI_ARCHS, "granite", *EXPERTS, *NEIGHBOURS])
+# BERT's layout in classes of their own (ELECTRA's embeddings projected to its width)
+BERT_LIKE = ("electra", "camembert")
+
+
+@pytest.mark.parametrize("arch", [*ALTI_ARCHS, "granite", *EXPERTS, *BERT_LIKE, *NEIGHBOURS])
 def test_alti_matches_naive_per_layer_and_rollout(mixing_models, arch):
-    model = mixing_models[arch] if arch in ARCHS else _fused(arch)
-    target = None if arch == "bert" else TARGET
+    if arch in BERT_LIKE:
+        hf, tok = tiny_classifier(arch)
+        model = ax.load_model(hf.double(), tokenizer=tok)
+    else:
+        model = mixing_models[arch] if arch in ARCHS else _fused(arch)
+    target = None if model.task != "generation" else TARGET
     ids, queries = ids_and_queries(model, PROMPT, target)
     layers = naive_alti_layers(model, ids)
     got = ax.alti(model, PROMPT, target, aggregate=False)

@@ -245,6 +245,7 @@ _PATCHED: dict[str, Callable[..., torch.Tensor]] = {
     "GraniteMLP": _gated_mlp,
     "RobertaClassificationHead": _tanh_head,
     "XLMRobertaClassificationHead": _tanh_head,
+    "CamembertClassificationHead": _tanh_head,
 }
 # activation kinds the identity rule covers (tanh: poolers, RoBERTa's head); sigmoid is not
 # one (f(0) != 0)
@@ -269,6 +270,7 @@ _ATTENTION = frozenset(
         "BertSelfAttention",
         "RobertaSelfAttention",
         "XLMRobertaSelfAttention",
+        "CamembertSelfAttention",
         "ElectraSelfAttention",
         "DistilBertSelfAttention",  # its output projection `out_lin` is a child Linear
         "MarianAttention",
@@ -353,11 +355,11 @@ _LINEAR = frozenset(
                 "ForSequenceClassification",
             )
         ),
-        # BERT and the encoders whose blocks are BERT's computation (RoBERTa and XLM-R differ in
-        # their position ids, ELECTRA in an embedding projection: constants and a Linear)
+        # BERT and the encoders whose blocks are BERT's computation (RoBERTa, XLM-R and CamemBERT
+        # differ in their position ids, ELECTRA in an embedding projection: constants, a Linear)
         *(
             f"{family}{part}"
-            for family in ("Bert", "Roberta", "XLMRoberta", "Electra")
+            for family in ("Bert", "Roberta", "XLMRoberta", "Camembert", "Electra")
             for part in (
                 "Embeddings",
                 "Encoder",
@@ -374,6 +376,7 @@ _LINEAR = frozenset(
         "BertPooler",  # tanh as an nn.Tanh child, as RoBERTa's and XLM-R's
         "RobertaPooler",
         "XLMRobertaPooler",
+        "CamembertPooler",
         "ElectraClassificationHead",  # its GELU is a child module (get_activation("gelu"))
         "DistilBertModel",
         "DistilBertForTokenClassification",

@@ -533,7 +533,7 @@ _PRE_NORM = (
     "gpt_neox",
     "opt",
 )
-_POST_NORM = ("bert", "roberta", "xlm-roberta")
+_POST_NORM = ("bert", "roberta", "xlm-roberta", "camembert", "electra")
 # post-norm encoder-decoders ALTI+ decomposes: encoder, decoder self- and cross-attention blocks
 _SEQ2SEQ = ("marian", "bart")
 

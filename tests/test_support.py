@@ -1,0 +1,204 @@
+"""docs/architectures.md's table is what runs: every method of a column on a tiny random model of
+every row runs (✓) or is refused with an attrax error (—)."""
+
+from __future__ import annotations
+
+import functools
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+import transformers as T
+
+import attrax as ax
+from attrax.testing import tiny_classifier, tiny_model
+from tests.conftest import QUICK
+from tests.test_architectures import _family, _hybrid, _translator
+
+PAGE = Path(__file__).resolve().parent.parent / "docs" / "architectures.md"
+
+
+def _causal(name: str) -> Callable[[], ax.Model]:
+    def build() -> ax.Model:
+        _, tok = tiny_model("gpt2")
+        return ax.load_model(_family(name, tok, attn_implementation="eager"), tokenizer=tok)
+
+    return build
+
+
+def _tiny(name: str) -> Callable[[], ax.Model]:
+    def build() -> ax.Model:
+        hf, tok = tiny_model(name)
+        return ax.load_model(hf, tokenizer=tok)
+
+    return build
+
+
+def _classifier(name: str) -> Callable[[], ax.Model]:
+    def build() -> ax.Model:
+        hf, tok = tiny_classifier(name)
+        return ax.load_model(hf, tokenizer=tok)
+
+    return build
+
+
+def _post_ln_opt() -> ax.Model:
+    _, tok = tiny_model("gpt2")
+    config = T.OPTConfig(
+        vocab_size=len(tok), ffn_dim=64, hidden_size=32, num_hidden_layers=2,
+        num_attention_heads=4, do_layer_norm_before=False, word_embed_proj_dim=16,
+        pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return ax.load_model(T.AutoModelForCausalLM.from_config(config), tokenizer=tok)
+
+
+def _granite_hybrid() -> ax.Model:
+    _, tok = tiny_model("gpt2")
+    return ax.load_model(_hybrid(tok), tokenizer=tok)
+
+
+# the table's rows: a tiny random model of each family
+FAMILIES: dict[str, Callable[[], ax.Model]] = {
+    "GPT-2": _tiny("gpt2"),
+    "Llama": _tiny("llama"),
+    "Mistral": _causal("mistral"),
+    "Qwen2": _causal("qwen2"),
+    "Qwen3": _causal("qwen3"),
+    "Phi-3": _causal("phi3"),
+    "SmolLM3": _causal("smollm3"),
+    "Gemma 2": _causal("gemma2"),
+    "Gemma 3": _tiny("gemma3"),
+    "OLMo 2": _causal("olmo2"),
+    "Granite": _causal("granite"),
+    "Pythia (GPT-NeoX)": _causal("pythia"),
+    "OPT": _causal("opt"),
+    "OPT, post-LN (350m)": _post_ln_opt,
+    "BLOOM": _causal("bloom"),
+    "Falcon": _causal("falcon"),
+    "Mixtral": _causal("mixtral"),
+    "Qwen2-MoE": _causal("qwen2_moe"),
+    "Qwen3-MoE": _causal("qwen3_moe"),
+    "OLMoE": _causal("olmoe"),
+    "Granite MoE": _causal("granitemoe"),
+    "Granite 4 (Mamba hybrid)": _granite_hybrid,
+    "Marian": _tiny("marian"),
+    "BART": _tiny("bart"),
+    "T5": _tiny("t5"),
+    "M2M100 (NLLB)": lambda: _translator("m2m100"),
+    "Pegasus": lambda: _translator("pegasus"),
+    "mBART": lambda: _translator("mbart"),
+    "mT5": lambda: _translator("mt5"),
+    "BERT classifier": _classifier("bert"),
+    "RoBERTa classifier": _classifier("roberta"),
+    "XLM-R classifier": _classifier("xlm-roberta"),
+    "CamemBERT classifier": _classifier("camembert"),
+    "DistilBERT classifier": _classifier("distilbert"),
+    "ELECTRA classifier": _classifier("electra"),
+    "DeBERTa-v2 classifier": _classifier("deberta-v2"),
+    "ModernBERT classifier": _classifier("modernbert"),
+    "GPT-2 classifier": _classifier("gpt2"),
+    "Llama classifier": _classifier("llama"),
+    "Qwen2 classifier": _classifier("qwen2"),
+}
+
+Call = Callable[[ax.Model, dict], object]
+
+
+def _run(name: str, **extra) -> Call:
+    """``ax.<name>`` on the row's inputs, with the quick options of the tests."""
+    return lambda model, given: getattr(ax, name)(model, **given, **QUICK.get(name, {}), **extra)
+
+
+def _patching(**extra) -> Call:
+    def call(model: ax.Model, given: dict) -> object:
+        return ax.attribution_patching(model, **given, corrupted=_corrupted(model), **extra)
+
+    return call
+
+
+GRADIENTS = (
+    "saliency", "input_x_gradient", "integrated_gradients", "smoothgrad", "squaregrad", "vargrad",
+    "gradient_shap", "sequential_integrated_gradients", "guided_integrated_gradients",
+    "discretized_integrated_gradients", "greedy_pig", "pgd",
+)  # fmt: skip
+PERTURBATIONS = (
+    "occlusion",
+    "lime",
+    "kernel_shap",
+    "feature_ablation",
+    "shapley_sampling",
+    "sobol",
+)
+
+# the table's columns: the calls each one stands for
+GROUPS: dict[str, list[Call]] = {
+    "gradients": [_run(name) for name in GRADIENTS],
+    "guided": [_run("guided_backprop"), _run("deconvolution")],
+    "DeepLIFT": [_run("deeplift"), _run("deeplift_shap")],
+    "LRP": [_run("lrp", rule="attnlrp"), _run("lrp", rule="cp-lrp")],
+    "perturbation": [_run(name) for name in PERTURBATIONS],
+    "attention": [_run("attention"), _run("rollout")],
+    "attention \u00d7 gradient": [_run("attention_x_gradient"), _run("head_attribution")],
+    "value zeroing": [_run("value_zeroing")],
+    "ALTI": [_run("alti")],
+    "ALTI-Logit": [_run("alti_logit")],
+    "DLA": [_run("direct_logit_attribution")],
+    "AtP heads": [_patching(site="heads"), _patching(site="residual")],
+    "AtP MLP": [_patching(site="mlp")],
+    "AtP q/k/v": [_patching(site=site) for site in ("queries", "keys", "values")],
+    "GradDrop": [_patching(site="heads", grad_drop=True)],
+}
+
+
+def _inputs(model: ax.Model) -> dict:
+    if model.task == "generation":
+        return {"inputs": "The capital of France is", "targets": " Paris"}
+    return {"inputs": "the plot was good"}  # the predicted class (token classifiers: per token)
+
+
+def _corrupted(model: ax.Model) -> str:
+    # as many tokens as the clean input in every test tokenizer
+    return "The capital of Spain is" if model.task == "generation" else "the story was good"
+
+
+@functools.cache
+def _table() -> tuple[list[str], dict[str, list[str]]]:
+    """The page's table: its column names and each row's cells."""
+    rows = [line for line in PAGE.read_text().splitlines() if line.startswith("| ")]
+    header = [cell.strip() for cell in rows[0].strip("|").split("|")]
+    cells = {}
+    for line in rows[1:]:
+        parts = [cell.strip() for cell in line.strip("|").split("|")]
+        cells[re.sub(r"\*", "", parts[0])] = parts[1:]
+    return header[1:], cells
+
+
+def test_the_table_names_every_family_and_column():
+    columns, rows = _table()
+    assert columns == list(GROUPS)
+    assert list(rows) == list(FAMILIES)
+    assert all(set(cells) <= {"✓", "—"} and len(cells) == len(columns) for cells in rows.values())
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_the_table_row_is_what_runs(family):
+    columns, rows = _table()
+    model = FAMILIES[family]()
+    given = _inputs(model)
+    wrong = []
+    for column, cell in zip(columns, rows[family], strict=True):
+        for call in GROUPS[column]:
+            try:
+                call(model, given)
+                ran = "✓"
+            except (ax.ModelError, ax.OptionError):  # refused, saying why
+                ran = "—"
+            if ran != cell:
+                wrong.append(
+                    f"{column}: the table says {cell}, it {'ran' if ran == '✓' else 'was refused'}"
+                )
+    assert not wrong, f"{family}: " + "; ".join(wrong)
