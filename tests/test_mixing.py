@@ -48,14 +48,25 @@ def ids_and_queries(model: ax.Model, text: str, target: str | None):
 
 
 def is_bert(model: ax.Model) -> bool:
-    """A BERT-layout encoder (BERT, ELECTRA, CamemBERT...): post-norm blocks in `encoder.layer`."""
-    return hasattr(getattr(model.hf.base_model, "encoder", None), "layer")
+    """A post-norm encoder: BERT's layout (BERT, ELECTRA, CamemBERT...) or DistilBERT's."""
+    base = model.hf.base_model
+    return hasattr(getattr(base, "encoder", None) or getattr(base, "transformer", None), "layer")
+
+
+def post_norm(block) -> tuple[torch.nn.Module, torch.nn.Module, torch.nn.Module]:
+    """A post-norm encoder block's (attention output projection, the LayerNorm of the residual
+    sum, the module whose output is that norm's): BERT's `BertSelfOutput` or DistilBERT's."""
+    if hasattr(block, "sa_layer_norm"):  # DistilBERT
+        return block.attention.out_lin, block.sa_layer_norm, block.sa_layer_norm
+    output = block.attention.output
+    return output.dense, output.LayerNorm, output
 
 
 def blocks(model: ax.Model):
     hf = model.hf
     if is_bert(model):
-        return list(hf.base_model.encoder.layer)
+        base = hf.base_model
+        return list((getattr(base, "encoder", None) or base.transformer).layer)
     if hasattr(hf, "gpt_neox"):
         return list(hf.gpt_neox.layers)
     if hasattr(hf.base_model, "decoder"):  # OPT
@@ -77,7 +88,8 @@ def value_parts(model: ax.Model, block, x: torch.Tensor):
     config = model.hf.config
     heads = config.num_attention_heads
     if is_bert(model):
-        v = block.attention.self.value(x)
+        v = getattr(block.attention, "self", None) or block.attention
+        v = v.value(x) if hasattr(v, "value") else v.v_lin(x)  # DistilBERT's `v_lin`
     elif hasattr(block, "attn"):
         d = config.n_embd
         v = block.attn.c_attn(block.ln_1(x))[..., 2 * d :]
@@ -123,7 +135,7 @@ def after_attention(block, output: torch.Tensor, i: int) -> torch.Tensor | float
 
 def output_projection(model: ax.Model, block) -> torch.nn.Module:
     if is_bert(model):
-        return block.attention.output.dense
+        return post_norm(block)[0]
     attention = attention_of(block)
     for name in ("c_proj", "dense", "out_proj", "o_proj"):  # GPT-2, GPT-NeoX, OPT, Llama
         if hasattr(attention, name):
@@ -141,7 +153,7 @@ def naive_alti_layers(model: ax.Model, ids: torch.Tensor):
         captured.append(out[0] if isinstance(out, tuple) else out)
 
     if is_bert(model):
-        modules = [b.attention.output for b in blocks(model)]  # BertSelfOutput: LN(x + attn)
+        modules = [post_norm(b)[2] for b in blocks(model)]  # LN(x + attn)
     else:
         modules = [attention_of(b) for b in blocks(model)]
     handles = [m.register_forward_hook(grab) for m in modules]
@@ -168,8 +180,7 @@ def naive_alti_layers(model: ax.Model, ids: torch.Tensor):
                     if i == j:
                         T[i, j] += x[0, j]
             if is_bert(model):
-                ln = block.attention.output.LayerNorm
-                dense = block.attention.output.dense
+                dense, ln, _ = post_norm(block)
                 pre = T.sum(1) + dense.bias
                 sigma = torch.sqrt(pre.var(-1, unbiased=False) + ln.eps)
                 for i in range(length):
@@ -199,8 +210,9 @@ def naive_alti_layers(model: ax.Model, ids: torch.Tensor):
 ALTI_ARCHS = (*ARCHS, "phi3", "pythia", "qwen3", "smollm3", "gemma2", "gemma3", "olmo2")
 
 
-# BERT's layout in classes of their own (ELECTRA's embeddings projected to its width)
-BERT_LIKE = ("electra", "camembert")
+# BERT's layout in classes of their own (ELECTRA's embeddings projected to its width), and
+# DistilBERT's blocks (`out_lin`, then `sa_layer_norm` of the residual sum)
+BERT_LIKE = ("electra", "camembert", "distilbert")
 
 
 @pytest.mark.parametrize("arch", [*ALTI_ARCHS, "granite", *EXPERTS, *BERT_LIKE, *NEIGHBOURS])
@@ -811,8 +823,8 @@ def test_unsupported_architectures_are_model_errors(mixing_models):
         ax.value_zeroing(mixing_models["gpt2"], "a b", "c", maps="cross")
     with pytest.raises(ax.ModelError, match=r"bert.*ALTI-Logit decomposes.*post-norm"):
         ax.alti_logit(mixing_models["bert"], PROMPT)
-    hf, tok = tiny_classifier("distilbert")
-    with pytest.raises(ax.ModelError, match="'distilbert'"):
+    hf, tok = tiny_classifier("deberta-v2")  # its disentangled attention runs its own code
+    with pytest.raises(ax.ModelError, match="deberta-v2.*no numbered self attention blocks"):
         ax.alti(ax.load_model(hf, tokenizer=tok), PROMPT)
     _, tok = tiny_model("gpt2")
     config = CONFIGS["opt"](len(tok))

@@ -533,7 +533,7 @@ _PRE_NORM = (
     "gpt_neox",
     "opt",
 )
-_POST_NORM = ("bert", "roberta", "xlm-roberta", "camembert", "electra")
+_POST_NORM = ("bert", "roberta", "xlm-roberta", "camembert", "electra", "distilbert")
 # post-norm encoder-decoders ALTI+ decomposes: encoder, decoder self- and cross-attention blocks
 _SEQ2SEQ = ("marian", "bart")
 
@@ -590,6 +590,8 @@ def _parts(model: Model, layer: _Layer, stack: str = "self") -> _Parts:
         project = layer.attention.out_proj
         name = "encoder_attn_layer_norm" if stack == "cross" else "self_attn_layer_norm"
         norm = getattr(layer.block, name)
+    elif kind == "distilbert":  # `out_lin`, then the block's LayerNorm of the residual sum
+        project, norm = layer.attention.out_lin, layer.block.sa_layer_norm
     else:
         output = layer.block.attention.output
         project, norm = output.dense, output.LayerNorm
