@@ -635,3 +635,22 @@ def test_the_first_position_feed_forward_multiplies_rows_not_copies_of_its_weigh
             here = layer.feed_forward_chunk(x)
     assert "aten::bmm" not in {event.key for event in run.key_averages()}
     torch.testing.assert_close(here[:, :1], want)
+
+
+def test_a_mean_pooled_classifier_has_no_query_row_to_read():
+    """ModernBERT with ``classifier_pooling="mean"`` reads every position: its gradients are those
+    of the pooled logit; the methods that read one query's row refuse it."""
+    hf, tok = tiny_classifier("modernbert", classifier_pooling="mean")
+    model = ax.load_model(hf.double(), tokenizer=tok)
+    text = "the plot was good"
+    got = ax.saliency(model, text, [0, 1, 2], objective="logit")
+    ids = torch.tensor([tok(text).input_ids])
+    embeds = hf.get_input_embeddings()(ids).detach().requires_grad_(True)
+    for k in range(3):
+        (want,) = torch.autograd.grad(hf(inputs_embeds=embeds).logits[0, k], embeds)
+        np.testing.assert_allclose(got.values[k], want[0].numpy(), rtol=1e-9, atol=1e-12)
+    for method in (ax.attention, ax.rollout, ax.value_zeroing, ax.alti, ax.attention_x_gradient):
+        with pytest.raises(ax.ModelError, match="pools the mean of every position"):
+            method(model, text)
+    summed = ax.attention_x_gradient(model, text, queries="sum")  # every query: defined
+    assert summed.dims == ("target", "source", "layer", "head")

@@ -90,6 +90,8 @@ def value_parts(model: ax.Model, block, x: torch.Tensor):
     if is_bert(model):
         v = getattr(block.attention, "self", None) or block.attention
         v = v.value(x) if hasattr(v, "value") else v.v_lin(x)  # DistilBERT's `v_lin`
+    elif hasattr(block, "attn_norm"):  # ModernBERT: all queries, keys, then values in `Wqkv`
+        v = block.attn.Wqkv(block.attn_norm(x))[..., 2 * config.hidden_size :]
     elif hasattr(block, "attn"):
         d = config.n_embd
         v = block.attn.c_attn(block.ln_1(x))[..., 2 * d :]
@@ -137,7 +139,7 @@ def output_projection(model: ax.Model, block) -> torch.nn.Module:
     if is_bert(model):
         return post_norm(block)[0]
     attention = attention_of(block)
-    for name in ("c_proj", "dense", "out_proj", "o_proj"):  # GPT-2, GPT-NeoX, OPT, Llama
+    for name in ("c_proj", "dense", "out_proj", "o_proj", "Wo"):  # GPT-2, NeoX, OPT, Llama...
         if hasattr(attention, name):
             return getattr(attention, name)
     raise AssertionError(f"no output projection in {type(attention).__name__}")
@@ -215,11 +217,19 @@ ALTI_ARCHS = (*ARCHS, "phi3", "pythia", "qwen3", "smollm3", "gemma2", "gemma3", 
 BERT_LIKE = ("electra", "camembert", "distilbert")
 
 
-@pytest.mark.parametrize("arch", [*ALTI_ARCHS, "granite", *EXPERTS, *BERT_LIKE, *NEIGHBOURS])
+def _encoder(arch: str) -> ax.Model:
+    """A float64 tiny sequence classifier of ``arch`` (ModernBERT: pre-norm, `Wqkv`, `Wo`, local
+    and global layers)."""
+    hf, tok = tiny_classifier(arch)
+    return ax.load_model(hf.double(), tokenizer=tok)
+
+
+@pytest.mark.parametrize(
+    "arch", [*ALTI_ARCHS, "granite", *EXPERTS, *BERT_LIKE, "modernbert", *NEIGHBOURS]
+)
 def test_alti_matches_naive_per_layer_and_rollout(mixing_models, arch):
-    if arch in BERT_LIKE:
-        hf, tok = tiny_classifier(arch)
-        model = ax.load_model(hf.double(), tokenizer=tok)
+    if arch in (*BERT_LIKE, "modernbert"):
+        model = _encoder(arch)
     else:
         model = mixing_models[arch] if arch in ARCHS else _fused(arch)
     target = None if model.task != "generation" else TARGET
@@ -499,6 +509,8 @@ def naive_fused_zeroing(model: ax.Model, ids: torch.Tensor, heads=None) -> torch
     for layer, block in enumerate(layers):
         if config.model_type == "gpt_neox":
             module = block.attention.query_key_value
+        elif config.model_type == "modernbert":
+            module = block.attn.Wqkv
         else:
             module = block.self_attn.qkv_proj
         for j in range(length):
@@ -511,7 +523,7 @@ def naive_fused_zeroing(model: ax.Model, ids: torch.Tensor, heads=None) -> torch
                     for h in chosen:
                         view[:, j, h, 2] = 0
                 else:  # [q (n d), k (kv d), v (kv d)]
-                    kv = config.num_key_value_heads
+                    kv = getattr(config, "num_key_value_heads", n)
                     for h in chosen:
                         start = (n + kv) * d + h * d
                         output[:, j, start : start + d] = 0
@@ -527,19 +539,21 @@ def naive_fused_zeroing(model: ax.Model, ids: torch.Tensor, heads=None) -> torch
     return out
 
 
-@pytest.mark.parametrize("family", ["pythia", "phi3"])
+@pytest.mark.parametrize("family", ["pythia", "phi3", "modernbert"])
 def test_value_zeroing_of_fused_projections_matches_naive(family):
-    model = _fused(family)
-    ids, queries = ids_and_queries(model, PROMPT, TARGET)
-    got = ax.value_zeroing(model, PROMPT, TARGET, normalize=False)
-    one_head = ax.value_zeroing(model, PROMPT, TARGET, normalize=False, heads=[1])
+    model = _encoder(family) if family == "modernbert" else _fused(family)
+    target = TARGET if model.task == "generation" else None
+    ids, queries = ids_and_queries(model, PROMPT, target)
+    got = ax.value_zeroing(model, PROMPT, target, normalize=False)
+    one_head = ax.value_zeroing(model, PROMPT, target, normalize=False, heads=[1])
     for result, raw in ((got, naive_fused_zeroing(model, ids)), (one_head, None)):
         raw = naive_fused_zeroing(model, ids, heads=[1]) if raw is None else raw
         for k, q in enumerate(queries):
             want = raw[:, q, : q + 1].T.numpy()  # [source, layer]
             want = np.where(want < 1e-5, 0.0, want)  # Inseq's threshold
             np.testing.assert_allclose(result.values[k, : q + 1], want, atol=1e-9)
-            assert np.isnan(result.values[k, q + 1 :]).all()
+            if model.causal:
+                assert np.isnan(result.values[k, q + 1 :]).all()
     assert not np.allclose(got.values, one_head.values, equal_nan=True)
 
 
@@ -824,7 +838,7 @@ def test_unsupported_architectures_are_model_errors(mixing_models):
     with pytest.raises(ax.ModelError, match=r"bert.*ALTI-Logit decomposes.*post-norm"):
         ax.alti_logit(mixing_models["bert"], PROMPT)
     hf, tok = tiny_classifier("deberta-v2")  # its disentangled attention runs its own code
-    with pytest.raises(ax.ModelError, match="deberta-v2.*no numbered self attention blocks"):
+    with pytest.raises(ax.ModelError, match=r"deberta-v2.*no numbered self attention blocks"):
         ax.alti(ax.load_model(hf, tokenizer=tok), PROMPT)
     _, tok = tiny_model("gpt2")
     config = CONFIGS["opt"](len(tok))

@@ -38,7 +38,12 @@ from ._engine import Problem
 from ._errors import ModelError, OptionError
 from ._gradients import QUADRATURES, check_quadrature_steps, quadrature_nodes
 from ._memory import Cost, at_least_float32, full_precision, head_bytes, plan, to_host
-from ._model import Model, attention_modules, refuse_layers_without_attention
+from ._model import (
+    Model,
+    attention_modules,
+    refuse_layers_without_attention,
+    refuse_mean_pooling,
+)
 from ._protocol import Call, Family
 from ._schema import target_coordinates
 
@@ -457,6 +462,8 @@ def attention_x_gradient(
     ('target', 'source')
     """
     model = call.model
+    if queries == "target" or rollout:
+        refuse_mean_pooling(model, "attention_x_gradient")
     if rollout and maps is not None:
         raise OptionError(
             f"`maps={maps!r}` does not apply with rollout=True: the rollout runs through every "
@@ -631,6 +638,8 @@ def head_attribution(
     (('target', 'source', 'layer', 'head'), ('target', 'layer', 'head'))
     """
     model = call.model
+    if queries == "target":
+        refuse_mean_pooling(model, "head_attribution")
     maps = resolve_maps(model, maps)
     counts = _counts(model)
     stacks = _stacks(model, maps, call.options["attribute_target"], queries)

@@ -48,6 +48,7 @@ from ._model import (
     norm_divisor,
     norm_gain,
     refuse_layers_without_attention,
+    refuse_mean_pooling,
 )
 from ._protocol import Call, Family
 from ._schema import label_queries
@@ -148,7 +149,8 @@ def _value_projection(
     heads = _arch.heads(config, "self") or 1
     head_dim = getattr(attention, "head_dim", None) or getattr(attention, "head_size", None)
     head_dim = int(head_dim or model.hidden_size // heads)
-    fused = getattr(attention, "qkv_proj", None)  # Phi-3: all queries, then keys, then values
+    # Phi-3's `qkv_proj`, ModernBERT's `Wqkv`: all queries, then keys, then values
+    fused = getattr(attention, "qkv_proj", None) or getattr(attention, "Wqkv", None)
     if isinstance(fused, torch.nn.Linear):
         kv = getattr(config, "num_key_value_heads", None) or heads
         return fused, slice((heads + kv) * head_dim, None)
@@ -260,6 +262,7 @@ def value_zeroing(
     True
     """
     model = call.model
+    refuse_mean_pooling(model, "value_zeroing")
     maps = resolve_maps(model, maps)
     if maps == "encoder":
         if call.options["attribute_target"]:
@@ -530,6 +533,7 @@ _PRE_NORM = (
     "granite",
     *_arch.EXPERTS,
     "granitemoeshared",  # ALTI reads attention blocks only: its two MLP modules do not matter
+    "modernbert",  # a pre-norm encoder (its first layer's norm is an Identity)
     "gpt_neox",
     "opt",
 )
@@ -582,7 +586,7 @@ def _parts(model: Model, layer: _Layer, stack: str = "self") -> _Parts:
     if kind in _PRE_NORM:
         project = next(
             getattr(layer.attention, name)
-            for name in ("o_proj", "c_proj", "dense", "out_proj")  # Llama, GPT-2, NeoX, OPT
+            for name in ("o_proj", "c_proj", "dense", "out_proj", "Wo")  # Llama, GPT-2, NeoX, OPT
             if isinstance(getattr(layer.attention, name, None), torch.nn.Module)
         )
         norm = None
@@ -906,6 +910,7 @@ def alti(call: Call, *, aggregate: bool = True, layers: Selection = None) -> xr.
     True
     """
     model = call.model
+    refuse_mean_pooling(model, "alti")
     t = to_tensors(call.batch, model)
     if model.is_encoder_decoder:
         return _alti_plus(call, t, aggregate)

@@ -1491,6 +1491,19 @@ def capture_before(
         handle.remove()
 
 
+def refuse_mean_pooling(model: Model, method: str) -> None:
+    """A ModelError for a sequence classifier that pools the mean of all positions (ModernBERT's
+    ``classifier_pooling="mean"``): no one query row predicts its class, and ``method`` reads
+    that row."""
+    pooling = getattr(model.hf.config, "classifier_pooling", None)
+    if model.task == "sequence-classification" and pooling == "mean":
+        raise ModelError(
+            f"{method}: {type(model.hf).__name__} pools the mean of every position "
+            "(classifier_pooling='mean'), so no one query row predicts its class, which "
+            f"{method} reads; its gradient, propagation and perturbation methods run"
+        )
+
+
 def refuse_layers_without_attention(
     hf: PreTrainedModel, modules: dict[torch.nn.Module, tuple[str, int]]
 ) -> None:
