@@ -107,6 +107,20 @@ CONFIGS = {
     "olmoe": lambda v: T.OlmoeConfig(  # query and key norms over all heads, as OLMo 2
         vocab_size=v, intermediate_size=16, num_experts=4, num_experts_per_tok=2, **SIZES
     ),
+    # state-space models: no attention; Mamba 2 scans in chunks (4 tokens here, so several)
+    "mamba": lambda v: T.MambaConfig(
+        vocab_size=v, hidden_size=32, num_hidden_layers=2, state_size=8
+    ),
+    "mamba2": lambda v: T.Mamba2Config(
+        vocab_size=v,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_heads=4,
+        head_dim=16,
+        state_size=8,
+        n_groups=1,
+        chunk_size=4,
+    ),
     "granitemoe": lambda v: T.GraniteMoeConfig(
         vocab_size=v,
         intermediate_size=16,

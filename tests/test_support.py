@@ -85,6 +85,8 @@ FAMILIES: dict[str, Callable[[], ax.Model]] = {
     "OLMoE": _causal("olmoe"),
     "Granite MoE": _causal("granitemoe"),
     "Granite 4 (Mamba hybrid)": _granite_hybrid,
+    "Mamba": _causal("mamba"),
+    "Mamba 2": _causal("mamba2"),
     "Marian": _tiny("marian"),
     "BART": _tiny("bart"),
     "T5": _tiny("t5"),

@@ -84,7 +84,8 @@ def experts_width(config: Any) -> int:
     so ``k * (expert width + hidden)``, plus a shared expert's width (Qwen2-MoE, Granite MoE
     shared, DeepSeek). docs/memory.md says how it compares with what such layers save."""
     k = _positive(config, "num_experts_per_tok")
-    if not k:
+    pattern = getattr(config, "hybrid_override_pattern", None)  # Nemotron-H: "E" marks experts
+    if not k or (isinstance(pattern, str) and "E" not in pattern):
         return 0
     hidden = _positive(config, "hidden_size")
     expert = _positive(config, "moe_intermediate_size") or _positive(config, "intermediate_size")
@@ -94,6 +95,40 @@ def experts_width(config: Any) -> int:
         or _positive(config, "n_shared_experts") * expert
     )
     return k * (expert + hidden) + shared
+
+
+def _first(config: Any, keys: tuple[str, ...]) -> int:
+    return next((v for v in (_positive(config, key) for key in keys) if v), 0)
+
+
+def mixer_width(config: Any, tokens: int) -> int:
+    """Per token and layer, the widest activation of the state-space layers of a Mamba model or
+    a hybrid (Jamba, Bamba, Granite 4, Nemotron-H...) as transformers' torch path computes
+    them; 0 for a model without. Mamba 2's chunked scan keeps ``[heads, chunk, chunk]`` per
+    chunk of the padded sequence; Mamba's selective scan ``[d_inner, d_state]`` per token.
+
+    >>> from transformers import BambaConfig, JambaConfig, LlamaConfig
+    >>> mixer_width(JambaConfig(hidden_size=256, mamba_expand=2, mamba_d_state=16), 100)
+    8192
+    >>> mixer_width(BambaConfig(hidden_size=256, mamba_n_heads=8, mamba_chunk_size=256), 128)
+    5120
+    >>> mixer_width(LlamaConfig(), 100)
+    0
+    """
+    state = _first(config, ("mamba_d_state", "ssm_state_size", "state_size"))
+    hidden = _positive(config, "hidden_size")
+    if not state or not hidden:
+        return 0
+    inner = (
+        _positive(config, "mamba_d_ssm")
+        or (_first(config, ("mamba_expand", "expand")) or 2) * hidden
+    )
+    chunk = _first(config, ("mamba_chunk_size", "chunk_size"))
+    if not chunk:  # Mamba: the discretized state of every token
+        return inner * state
+    heads = _first(config, ("mamba_n_heads", "mamba_num_heads", "n_mamba_heads", "num_heads"))
+    padded = -(-max(tokens, 1) // chunk) * chunk  # the scan pads the sequence to whole chunks
+    return heads * chunk * padded // max(tokens, 1) + 2 * inner
 
 
 def max_positions(config: Any) -> int | None:

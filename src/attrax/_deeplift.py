@@ -219,7 +219,7 @@ class _Problem(Problem):
         if self.decoder_embeds is not None:
             tokens += self.decoder_embeds.shape[1]
         config = self.model.hf.config
-        width = _arch.mlp_width(config) or 4 * x.shape[-1]
+        width = max(_arch.mlp_width(config), _arch.mixer_width(config, tokens)) or 4 * x.shape[-1]
         kept = x.shape[0] * tokens * width * x.element_size() * _arch.total_layers(config)
         return base._replace(per_point=base.per_point + kept)
 

@@ -379,7 +379,9 @@ class Problem:
         heads = _arch.heads(config, "self") or _arch.heads(config, "encoder") or 1
         if not eager and self.model.attention_for(tokens, x.device) != "eager":
             heads = 0  # fused attention never stores [heads, L, L] weights
-        shape = (x.shape[0], tokens, x.shape[-1], x.element_size(), _arch.mlp_width(config), heads)
+        # a state-space layer's scan can be wider than any MLP (Mamba, hybrids)
+        width = max(_arch.mlp_width(config), _arch.mixer_width(config, tokens))
+        shape = (x.shape[0], tokens, x.shape[-1], x.element_size(), width, heads)
         family = _arch.family(config)
         targets = self.tensors.valid.shape[1]
         attributed = sum(xi.shape[1] for xi in self.inputs)

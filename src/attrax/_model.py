@@ -372,7 +372,14 @@ class Model:
                 handle.remove()
         if not modules:  # the model's own table names none: its returned maps, in order
             if not self.is_encoder_decoder:
-                for weights in out.attentions:
+                maps = getattr(out, "attentions", None)
+                if not maps:  # a state-space model (Mamba) has no attention to return
+                    raise ModelError(
+                        f"{type(self.hf).__name__}: its forward returns no attention weights "
+                        "(a model without attention layers, such as Mamba, or one that does "
+                        "not record them)"
+                    )
+                for weights in maps:
                     on_map("self", weights)
                 return
             for weights in out.encoder_attentions:
