@@ -6,7 +6,10 @@ attention (Qwen2, Gemma 2), query and key norms (Qwen3, Gemma 3), layers without
 (SmolLM3), norms after attention and MLP (Gemma 2, Gemma 3, OLMo 2), logit soft-capping and sliding
 windows (Gemma 2, Gemma 3), learned positions with an offset (OPT), a fused QKV projection
 (Phi-3), BLOOM's tanh-GELU written as an old-style ``autograd.Function`` (which ``torch.func``
-cannot run) and Falcon's attention, which cannot be switched after loading. Translators: M2M100
+cannot run), Falcon's attention, which cannot be switched after loading, Granite's constant
+multipliers (its logits divided by ``logits_scaling``), mixtures of experts (Mixtral, Qwen2-MoE,
+Qwen3-MoE, OLMoE, Granite MoE: top-k routers), and the state-space Mamba and Mamba 2 (Granite 4's
+hybrid of both: attention-based methods refuse it). Translators: M2M100
 (NLLB's architecture, positions that count non-pad tokens), Pegasus, mBART and mT5, with the
 Marian test tokenizer.
 """

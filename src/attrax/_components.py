@@ -2,11 +2,12 @@
 
 Both read the model's own modules (attention heads, MLPs, residual stream). Direct logit
 attribution knows GPT-2 (``Conv1D``, LayerNorm), Llama (``o_proj``, RMSNorm, RoPE, grouped
-keys and values; Mistral, Qwen2, Qwen3, SmolLM3, Phi-3, Granite), Gemma 2, Gemma 3 and OLMo 2 (norms on
-each attention's and MLP's output), GPT-NeoX and pre-LN OPT, as causal LMs or as sequence
-classifiers whose ``score`` head reads the final norm directly, and T5 (the post-LN Marian and
-BART have no direct path); attribution patching any decoder-only model whose layers sit where
-:func:`_blocks` looks (GPT-2, Llama, Qwen2, Gemma, Phi-3, Pythia, OPT, BLOOM, Falcon), its
+keys and values; Mistral, Qwen2, Qwen3, SmolLM3, Phi-3, Granite and the mixtures of experts of
+``_arch.EXPERTS``), Gemma 2, Gemma 3 and OLMo 2 (norms on each attention's and MLP's output),
+GPT-NeoX and pre-LN OPT, as causal LMs or as sequence classifiers whose ``score`` head reads the
+final norm directly, and T5 (the post-LN Marian and BART have no direct path); attribution
+patching any decoder-only model whose layers sit where :func:`_blocks` looks (GPT-2, Llama,
+Qwen2, Gemma, Phi-3, Pythia, OPT, BLOOM, Falcon, Granite, the mixtures of experts), its
 classifiers, and Marian, BART and T5. Any other model is a :class:`ModelError` naming its
 architecture.
 
@@ -150,7 +151,8 @@ class _Parts:
 # Mistral's too, Qwen2's, whose v_proj has a bias (in the values, so in each head's share),
 # Qwen3's (its query and key norms do not touch the values), SmolLM3's (RoPE in some layers
 # only: queries and keys), and Phi-3's, whose values come out of one qkv_proj after the queries
-# and keys, and Granite's (constant factors on what each block adds and on the logits)
+# and keys, Granite's (constant factors on what each block adds and on the logits), and the
+# mixtures of experts', whose routed MLP's output is what the block adds
 _LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3", "smollm3", "phi3", "granite", *_arch.EXPERTS)
 
 
@@ -169,8 +171,7 @@ def _parts(model: Model, method: str) -> _Parts:
             f"{method} has no rule for {name}: it knows the GPT-2 (Conv1D, LayerNorm), Llama "
             "(o_proj, RMSNorm; also Mistral, Qwen2, Qwen3, SmolLM3, Phi-3, Gemma 2, Gemma 3, "
             "OLMo 2, Granite; the mixtures of experts Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, "
-            "Granite MoE), "
-            "GPT-NeoX (Pythia) and OPT architectures only, as causal LMs or "
+            "Granite MoE), GPT-NeoX (Pythia) and OPT architectures only, as causal LMs or "
             "sequence classifiers (GPT2ForSequenceClassification, "
             "LlamaForSequenceClassification...)"
         )

@@ -586,7 +586,8 @@ def _parts(model: Model, layer: _Layer, stack: str = "self") -> _Parts:
     if kind in _PRE_NORM:
         project = next(
             getattr(layer.attention, name)
-            for name in ("o_proj", "c_proj", "dense", "out_proj", "Wo")  # Llama, GPT-2, NeoX, OPT
+            # Llama, GPT-2, GPT-NeoX, OPT, ModernBERT
+            for name in ("o_proj", "c_proj", "dense", "out_proj", "Wo")
             if isinstance(getattr(layer.attention, name, None), torch.nn.Module)
         )
         norm = None

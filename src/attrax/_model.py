@@ -586,7 +586,8 @@ class Model:
         if _mismatch(split, full) > _tolerance(full.dtype):
             raise ModelError(
                 f"{type(self.hf).__name__}: its logits are not the output projection of its last "
-                "hidden states (plus a final bias, scale or soft-capping); attrax does not support it yet"
+                "hidden states (plus a final bias, scale or soft-capping); attrax does not "
+                "support it yet"
             )
 
     @torch.no_grad()
@@ -1507,7 +1508,7 @@ def refuse_mean_pooling(model: Model, method: str) -> None:
         raise ModelError(
             f"{method}: {type(model.hf).__name__} pools the mean of every position "
             "(classifier_pooling='mean'), so no one query row predicts its class, which "
-            f"{method} reads; its gradient, propagation and perturbation methods run"
+            f"{method} reads; its gradient, DeepLIFT and perturbation methods run"
         )
 
 
@@ -1523,8 +1524,8 @@ def refuse_layers_without_attention(
         raise ModelError(
             f"{type(hf).__name__}: only {attending} of its {total} layers attend (the others "
             "mix tokens without attention weights, as a hybrid's Mamba layers do); attrax's "
-            "attention-based methods need every layer's attention. Gradient, propagation and "
-            "perturbation methods run on it"
+            "attention-based methods need every layer's attention. Its gradient, DeepLIFT and "
+            "perturbation methods run"
         )
 
 
