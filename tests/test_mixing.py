@@ -17,7 +17,7 @@ from attrax._inputs import prepare, to_tensors
 from attrax.cli import main
 from attrax.testing import tiny_classifier, tiny_model
 from tests import _naive
-from tests.test_architectures import CONFIGS, _family
+from tests.test_architectures import CONFIGS, _family, _translator
 from tests.test_components import EXPERTS, full_double, neighbour
 
 PROMPT, TARGET = "The capital of France is", " Paris."
@@ -388,6 +388,93 @@ def test_alti_plus_matches_naive(arch):
     np.testing.assert_allclose(np.nansum(got.values, -1), 1.0)
     source_only = ax.alti(model, source, target)
     np.testing.assert_allclose(source_only.values, R[queries, :S].numpy(), atol=1e-9)
+
+
+def naive_plain_scores(T: torch.Tensor, bias: torch.Tensor, actual: torch.Tensor) -> torch.Tensor:
+    """ALTI scores [q, n] of vectors T [q, n, d] whose sum plus ``bias`` is a pre-norm block's
+    output (no norm after it); checks the decomposition against the model's ``actual`` one."""
+    torch.testing.assert_close(T.sum(1) + bias, actual, rtol=1e-9, atol=1e-9)
+    C = torch.zeros(T.shape[:2], dtype=T.dtype)
+    for i in range(T.shape[0]):
+        for j in range(T.shape[1]):
+            C[i, j] = max(0.0, float(actual[i].abs().sum() - (actual[i] - T[i, j]).abs().sum()))
+        C[i] = C[i] / C[i].sum()
+    return C
+
+
+@pytest.mark.parametrize("arch", ["m2m100", "mbart", "pegasus"])
+def test_alti_plus_of_pre_norm_translators_matches_naive(arch):
+    """NLLB's M2M100, mBART and Pegasus norm each attention's input: the values read
+    ``LN(x)``, the block adds its output to ``x`` itself (the cross-attention's ``x`` is what
+    reaches its norm), and the encoder's final norm is inside the cross-attention's values."""
+    model = _translator(arch)
+    hf = model.hf.double()
+    source, target = "the capital of france", "paris is"
+    source_ids, target_ids = _naive.token_ids(model, source, target)
+    ids = torch.tensor([source_ids])
+    decoder_ids = torch.tensor([[model.decoder_start_token_id, *target_ids]])
+    captured = {}
+    handles = []
+    stacks = {"encoder": hf.model.encoder.layers, "decoder": hf.model.decoder.layers}
+    for stack, layers in stacks.items():
+        for i, layer in enumerate(layers):
+            handles.append(
+                layer.self_attn.register_forward_hook(
+                    lambda _m, _a, o, key=(stack, i): captured.__setitem__(key, o[0][0])
+                )
+            )
+            if stack == "decoder":
+                handles.append(
+                    layer.encoder_attn_layer_norm.register_forward_pre_hook(
+                        lambda _m, a, i=i: captured.__setitem__(("cross_in", i), a[0][0])
+                    )
+                )
+                handles.append(
+                    layer.encoder_attn.register_forward_hook(
+                        lambda _m, _a, o, i=i: captured.__setitem__(("cross", i), o[0][0])
+                    )
+                )
+    with torch.no_grad(), model.attention_as("eager"):
+        out = hf(
+            input_ids=ids,
+            decoder_input_ids=decoder_ids,
+            output_attentions=True,
+            output_hidden_states=True,
+        )
+        for h in handles:
+            h.remove()
+        S, T_len = ids.shape[1], decoder_ids.shape[1]
+        R_enc = torch.eye(S, dtype=torch.float64)
+        for i, layer in enumerate(stacks["encoder"]):
+            x = out.encoder_hidden_states[i][0]
+            normed = layer.self_attn_layer_norm(x)
+            vec = naive_attention_vectors(layer.self_attn, out.encoder_attentions[i][0], normed, x)
+            bias = layer.self_attn.out_proj.bias
+            R_enc = naive_plain_scores(vec, bias, x + captured["encoder", i]) @ R_enc
+        encoded = out.encoder_last_hidden_state[0]  # after the encoder's final norm
+        R = torch.cat(
+            [torch.zeros(T_len, S, dtype=torch.float64), torch.eye(T_len, dtype=torch.float64)], 1
+        )
+        for i, layer in enumerate(stacks["decoder"]):
+            x = out.decoder_hidden_states[i][0]
+            normed = layer.self_attn_layer_norm(x)
+            vec = naive_attention_vectors(layer.self_attn, out.decoder_attentions[i][0], normed, x)
+            bias = layer.self_attn.out_proj.bias
+            R = naive_plain_scores(vec, bias, x + captured["decoder", i]) @ R
+            y = captured["cross_in", i]
+            cross = naive_attention_vectors(layer.encoder_attn, out.cross_attentions[i][0], encoded)
+            vec = torch.cat([cross, y[:, None, :]], dim=1)
+            c = naive_plain_scores(vec, layer.encoder_attn.out_proj.bias, y + captured["cross", i])
+            new = c[:, -1:] * R
+            new[:, :S] += c[:, :-1] @ R_enc
+            R = new
+    got = ax.alti(model, source, target, attribute_target=True)
+    queries = list(range(len(target_ids)))
+    np.testing.assert_allclose(got.sel(side="source").values, R[queries, :S].numpy(), atol=1e-9)
+    mine, want = got.sel(side="target").values, R[queries, S:].numpy()
+    seen = ~np.isnan(mine)
+    np.testing.assert_allclose(mine[seen], want[seen], atol=1e-9)
+    assert np.abs(want[~seen]).max() < 1e-12
 
 
 @pytest.mark.parametrize("arch", ARCHS)

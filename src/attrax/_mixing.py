@@ -539,7 +539,11 @@ _PRE_NORM = (
 )
 _POST_NORM = ("bert", "roberta", "xlm-roberta", "camembert", "electra", "distilbert")
 # post-norm encoder-decoders ALTI+ decomposes: encoder, decoder self- and cross-attention blocks
+# (each followed by its LayerNorm)
 _SEQ2SEQ = ("marian", "bart")
+# pre-norm encoder-decoders (a LayerNorm before each attention, inside its values): NLLB's
+# M2M100, mBART, Pegasus
+_SEQ2SEQ_PRE_NORM = ("m2m_100", "mbart", "pegasus")
 
 #: ALTI-Logit: one forward like ALTI, with a logit objective (and its contrast) per target.
 ALTI_LOGIT = Family(
@@ -571,7 +575,7 @@ class _Parts:
 
 def _parts(model: Model, layer: _Layer, stack: str = "self") -> _Parts:
     kind = _architecture(model)
-    known = _PRE_NORM + _arch.SANDWICH + _POST_NORM + _SEQ2SEQ
+    known = _PRE_NORM + _arch.SANDWICH + _POST_NORM + _SEQ2SEQ + _SEQ2SEQ_PRE_NORM
     if kind not in known:
         raise ModelError(
             f"{model.name}: ALTI has no decomposition for the {kind!r} architecture; attrax "
@@ -583,7 +587,9 @@ def _parts(model: Model, layer: _Layer, stack: str = "self") -> _Parts:
         if project.bias is not None:  # it would sit inside that norm, per query
             raise ModelError(f"{model.name}: ALTI has no decomposition for a biased o_proj here")
         return _Parts(project.weight, None, None, layer.block.post_attention_layernorm)
-    if kind in _PRE_NORM:
+    if kind in _SEQ2SEQ_PRE_NORM:  # the block output is the residual plus the attention's
+        project, norm = layer.attention.out_proj, None
+    elif kind in _PRE_NORM:
         project = next(
             getattr(layer.attention, name)
             # Llama, GPT-2, GPT-NeoX, OPT, ModernBERT
@@ -633,10 +639,11 @@ class _Decomposition:
     def __init__(self, model: Model, t: Tensors, on_layer: Callable[..., None]) -> None:
         self.model, self.t, self.on_layer = model, t, on_layer
         if model.is_encoder_decoder:
-            if _architecture(model) not in _SEQ2SEQ:
+            if _architecture(model) not in _SEQ2SEQ + _SEQ2SEQ_PRE_NORM:
                 raise ModelError(
                     f"{model.name} ({_architecture(model)}): ALTI+ decomposes the post-norm "
-                    f"encoder-decoders {', '.join(_SEQ2SEQ)}"
+                    f"encoder-decoders {', '.join(_SEQ2SEQ)} and the pre-norm "
+                    f"{', '.join(_SEQ2SEQ_PRE_NORM)}"
                 )
             names = ("encoder", "decoder", "cross")
         else:
@@ -659,17 +666,16 @@ class _Decomposition:
     def run(self) -> None:
         residual_of: dict[int, tuple[str, int]] = {}  # the module whose input is the residual
         values_of: dict[int, tuple[str, int]] = {}
+        modules: dict[int, torch.nn.Module] = {}
+        pre_norm = _architecture(self.model) in _SEQ2SEQ_PRE_NORM
         for name, layers in self.stacks.items():
             for i, layer in enumerate(layers):
-                owner = layer.attention if name == "cross" else layer.block
+                owner = layer.block
+                if name == "cross":  # the residual reaches the norm before it, or the attention
+                    owner = layer.block.encoder_attn_layer_norm if pre_norm else layer.attention
                 residual_of[id(owner)] = (name, i)
                 values_of[id(layer.values)] = (name, i)
-        modules = {
-            id(m): m
-            for layers in self.stacks.values()
-            for layer in layers
-            for m in (layer.attention, layer.block, layer.values)
-        }
+                modules.update({id(m): m for m in (owner, layer.values)})
 
         def keep_input(module: torch.nn.Module, args: Any, kwargs: Any) -> None:
             x = args[0] if args else kwargs["hidden_states"]
@@ -887,7 +893,8 @@ def alti(call: Call, *, aggregate: bool = True, layers: Selection = None) -> xr.
     divided by their sum (each row sums to 1). ``aggregate=True`` rolls them out across layers
     (``C_L ... C_1``, residual included, so no ``0.5 * I`` as in attention rollout).
     Architectures: GPT-2, Llama-like (Llama, Mistral, Qwen2) and BERT-like (BERT, RoBERTa);
-    the post-norm encoder-decoders Marian and BART get ALTI+ (Ferrando et al. 2022b): encoder
+    the encoder-decoders Marian, BART (post-norm), NLLB's M2M100, mBART and Pegasus (pre-norm)
+    get ALTI+ (Ferrando et al. 2022b): encoder
     rollout, then per decoder layer its self-attention block's ALTI and its cross-attention
     block split between the encoder tokens and the position's own residual.
 
