@@ -8,6 +8,7 @@ gradient-times-input formulation or its detach tricks.
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import numpy as np
 import pytest
@@ -29,8 +30,8 @@ def _double(hf, tok, zero_biases: bool = False) -> ax.Model:
                 constant = ("position", "wpe", "token_type", "final_logits_bias")
                 if name.endswith("bias") or any(part in name for part in constant):
                     parameter.zero_()
-            for name, buffer in hf.named_buffers():
-                if name.endswith("final_logits_bias"):
+            for name, buffer in hf.named_buffers():  # M2M100's and Pegasus' sinusoid tables too
+                if name.endswith("final_logits_bias") or "embed_positions" in name:
                     buffer.zero_()
     return ax.load_model(hf, tokenizer=tok)
 
@@ -772,6 +773,14 @@ def _classifier(name: str) -> tuple:
     return head, tok
 
 
+def _translation_model(arch: str) -> tuple:
+    """A tiny pre-norm translator of ``test_architectures`` (Marian's tokenizer)."""
+    from tests.test_architectures import _translator
+
+    translator = _translator(arch)
+    return translator.hf, translator.tokenizer
+
+
 BIAS_FREE = {
     "gpt2": lambda: tiny_model("gpt2"),
     "mistral": lambda: _causal_lm("Mistral"),
@@ -787,6 +796,7 @@ BIAS_FREE = {
     **NEIGHBOURS,
     "marian": lambda: tiny_model("marian"),
     "bart": lambda: tiny_model("bart"),
+    **{arch: partial(_translation_model, arch) for arch in ("m2m100", "mbart", "pegasus")},
     "bert": lambda: tiny_classifier("bert"),
     "roberta": lambda: tiny_classifier("roberta"),  # tanh called in its head: the patched head
     "xlm-roberta": lambda: tiny_classifier("xlm-roberta"),
@@ -1148,8 +1158,6 @@ def _stack_inputs(hf, source: torch.Tensor, decoder: torch.Tensor) -> list[tuple
     the sum ``e`` (with the positions) and the first block's input (``e``, or
     ``layernorm_embedding(e)``), read from the model's own forward by hooks."""
     stacks = [hf.get_encoder(), hf.get_decoder()]
-    for stack in stacks:
-        assert getattr(stack, "layer_norm", None) is None  # no final norm in these
     sums: list[list[torch.Tensor]] = [[], []]
 
     def run(zero_tokens: bool) -> list[torch.Tensor]:
@@ -1190,6 +1198,8 @@ def seq2seq_lrp_reference(
     """Relevance ``[S, H]`` of the source and ``[T, H]`` of the decoder token embeddings for the
     logit of ``target`` read at decoder position ``position``, and that logit (this forward's)."""
     encoder_stack, decoder_stack = hf.get_encoder(), hf.get_decoder()
+    for stack in (encoder_stack, decoder_stack):
+        assert getattr(stack, "layer_norm", None) is None  # post-norm: no final norm
     (x_src, e_src, ln_src, h_src), (x_dec, e_dec, ln_dec, h_dec) = _stack_inputs(
         hf, torch.tensor(source), torch.tensor(decoder)
     )
@@ -1247,6 +1257,125 @@ def seq2seq_lrp_reference(
         # where e is a sinusoid's zero: nothing to share)
         sides.append(torch.where(x == 0, 0.0, x / e * r).numpy())
     return sides[0], sides[1], logit
+
+
+def _pre_norm_block(norm, h: torch.Tensor, block) -> tuple[torch.Tensor, tuple]:
+    """``h + block(norm(h))`` (a pre-LayerNorm sub-layer) and what its messages need."""
+    n = norm(h)
+    update, inner = block(n)
+    return h + update, (norm, h, n, update, inner)
+
+
+def _pre_norm_block_backward(saved: tuple, relevance: torch.Tensor, inner_backward):
+    """Relevance of ``h`` from that of ``h + block(norm(h))``: the sum split in proportion to
+    its summands, the block's share through ``inner_backward`` and the norm (its scale held)."""
+    norm, h, n, update, inner = saved
+    total = h + update
+    r_n = inner_backward(inner, update / total * relevance)
+    return h / total * relevance + _layer_norm_messages(h, norm, r_n, n)
+
+
+@torch.no_grad()
+def pre_norm_seq2seq_lrp_reference(
+    hf, source: list[int], decoder: list[int], position: int, target: int, rule: str
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """As :func:`seq2seq_lrp_reference` for the pre-norm M2M100 (NLLB), mBART and Pegasus: a
+    LayerNorm before each attention and feed-forward (inside the block, the residual outside),
+    and a final LayerNorm closing each stack (the encoder's read by the cross-attention)."""
+    encoder_stack, decoder_stack = hf.get_encoder(), hf.get_decoder()
+    (x_src, e_src, ln_src, h_src), (x_dec, e_dec, ln_dec, h_dec) = _stack_inputs(
+        hf, torch.tensor(source), torch.tensor(decoder)
+    )
+    heads = hf.config.encoder_attention_heads
+    h, encoder_saved = h_src, []
+    for layer in encoder_stack.layers:
+        attend = partial(_self_attention, layer.self_attn, heads, False)
+        h, att = _pre_norm_block(layer.self_attn_layer_norm, h, attend)
+        h, ffn = _pre_norm_block(layer.final_layer_norm, h, partial(_feed_forward, layer))
+        encoder_saved.append((layer, att, ffn))
+    encoder_last, memory = h, encoder_stack.layer_norm(h)
+    h, decoder_saved = h_dec, []
+    for layer in decoder_stack.layers:
+        attend = partial(_self_attention, layer.self_attn, heads, True)
+        h, own = _pre_norm_block(layer.self_attn_layer_norm, h, attend)
+        read = partial(_cross_attention, layer.encoder_attn, heads, memory)
+        h, cross = _pre_norm_block(layer.encoder_attn_layer_norm, h, read)
+        h, ffn = _pre_norm_block(layer.final_layer_norm, h, partial(_feed_forward, layer))
+        decoder_saved.append((layer, own, cross, ffn))
+    final = decoder_stack.layer_norm(h)
+    head = hf.get_output_embeddings().weight[target]
+    bias = getattr(hf, "final_logits_bias", None)
+    logit = float(final[position] @ head + (bias[0, target] if bias is not None else 0.0))
+    relevance = torch.zeros_like(final)
+    relevance[position] = final[position] * head  # the logit's terms; its bias keeps its share
+    relevance = _layer_norm_messages(h, decoder_stack.layer_norm, relevance, final)
+    r_memory = torch.zeros_like(memory)
+    for layer, own, cross, ffn in reversed(decoder_saved):
+        relevance = _pre_norm_block_backward(ffn, relevance, partial(_feed_forward_backward, layer))
+        # the cross-attention's query relevance to the decoder, its keys' to the encoder
+        r_keys = []
+        keys = partial(_cross_backward, layer.encoder_attn, rule, r_keys)
+        relevance = _pre_norm_block_backward(cross, relevance, keys)
+        r_memory = r_memory + r_keys[0]
+        own_back = partial(_self_backward, layer.self_attn, rule)
+        relevance = _pre_norm_block_backward(own, relevance, own_back)
+    r_dec = relevance
+    relevance = _layer_norm_messages(encoder_last, encoder_stack.layer_norm, r_memory, memory)
+    for layer, att, ffn in reversed(encoder_saved):
+        relevance = _pre_norm_block_backward(ffn, relevance, partial(_feed_forward_backward, layer))
+        own_back = partial(_self_backward, layer.self_attn, rule)
+        relevance = _pre_norm_block_backward(att, relevance, own_back)
+    r_src = relevance
+    sides = []
+    for x, e, norm, h0, r in (
+        (x_src, e_src, ln_src, h_src, r_src),
+        (x_dec, e_dec, ln_dec, h_dec, r_dec),
+    ):
+        if norm is not None:  # mBART's layernorm_embedding
+            r = _layer_norm_messages(e, norm, r, h0)
+        sides.append(torch.where(x == 0, 0.0, x / e * r).numpy())
+    return sides[0], sides[1], logit
+
+
+def _self_attention(att, heads: int, causal: bool, n: torch.Tensor):
+    return _attention_forward(att, n, n, heads, causal=causal)
+
+
+def _cross_attention(att, heads: int, memory: torch.Tensor, n: torch.Tensor):
+    return _attention_forward(att, n, memory, heads, causal=False)
+
+
+def _self_backward(att, rule: str, saved: tuple, r_y: torch.Tensor) -> torch.Tensor:
+    r_query, r_keys = _attention_backward(att, saved, r_y, rule)
+    return r_query + r_keys
+
+
+def _cross_backward(att, rule: str, keys: list, saved: tuple, r_y: torch.Tensor) -> torch.Tensor:
+    r_query, r_keys = _attention_backward(att, saved, r_y, rule)
+    keys.append(r_keys)
+    return r_query
+
+
+@pytest.mark.parametrize("rule", ["attnlrp", "cp-lrp"])
+@pytest.mark.parametrize("arch", ["m2m100", "mbart", "pegasus"])
+def test_pre_norm_translators_equal_explicit_layer_by_layer_lrp(arch, rule):
+    model = _double(*_translation_model(arch))
+    got = ax.lrp(model, PROMPT, TARGET, rule=rule, attribute_target=True)
+    sides = got.side.values
+    ids = got.source_id.values
+    source, decoder = ids[sides == "source"].tolist(), ids[sides == "target"].tolist()
+    with torch.no_grad():
+        logits = model.hf(
+            input_ids=torch.tensor([source]), decoder_input_ids=torch.tensor([decoder])
+        ).logits[0]
+    for k, position in enumerate(got.target.values.tolist()):
+        target = int(got.target_id[k])
+        r_src, r_dec, logit = pre_norm_seq2seq_lrp_reference(
+            model.hf, source, decoder, position - 1, target, rule
+        )
+        assert logit == pytest.approx(float(logits[position - 1, target]), rel=1e-9, abs=1e-9)
+        want = np.concatenate([r_src, r_dec])
+        np.testing.assert_allclose(got[k].fillna(0).values, want, rtol=1e-7, atol=1e-10)
 
 
 @pytest.mark.parametrize("rule", ["attnlrp", "cp-lrp"])

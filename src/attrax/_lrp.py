@@ -275,6 +275,9 @@ _ATTENTION = frozenset(
         "DistilBertSelfAttention",  # its output projection `out_lin` is a child Linear
         "MarianAttention",
         "BartAttention",
+        "M2M100Attention",
+        "MBartAttention",
+        "PegasusAttention",
     }
 )
 # modules whose own computation is linear (their children get the rules): projections,
@@ -301,6 +304,12 @@ _LINEAR = frozenset(
         "Gemma3TextForSequenceClassification",
         "BartLearnedPositionalEmbedding",
         "MarianSinusoidalPositionalEmbedding",
+        "M2M100ScaledWordEmbedding",
+        "MBartScaledWordEmbedding",
+        "MBartLearnedPositionalEmbedding",
+        # positions: constants (M2M100's count the non-pad tokens)
+        "M2M100SinusoidalPositionalEmbedding",
+        "PegasusSinusoidalPositionalEmbedding",
         "GPT2MLP",
         "GPT2Block",
         "GPT2Model",
@@ -380,13 +389,15 @@ _LINEAR = frozenset(
         "ElectraClassificationHead",  # its GELU is a child module (get_activation("gelu"))
         "DistilBertModel",
         "DistilBertForTokenClassification",
+        # the post-norm Marian and BART, the pre-norm M2M100 (NLLB), mBART and Pegasus: norms
+        # (patched), attention, residual sums
         *(
             f"{family}{part}"
-            for family in ("Marian", "Bart")
+            for family in ("Marian", "Bart", "M2M100", "MBart", "Pegasus")
             for part in ("Encoder", "Decoder", "EncoderLayer", "DecoderLayer", "Model")
         ),
         "MarianMTModel",
-        "BartForConditionalGeneration",
+        *(f"{family}ForConditionalGeneration" for family in ("Bart", "M2M100", "MBart", "Pegasus")),
     }
 )
 # attributes through which the allowed modules call their activation (BERT's
