@@ -9,6 +9,7 @@ import re
 import numpy as np
 import pytest
 import torch
+import transformers as T
 from transformers import AutoModelForCausalLM
 
 import attrax as ax
@@ -17,8 +18,8 @@ from attrax._inputs import prepare, to_tensors
 from attrax.cli import main
 from attrax.testing import tiny_classifier, tiny_model
 from tests import _naive
-from tests.test_architectures import CONFIGS, _family, _translator
-from tests.test_components import EXPERTS, full_double, neighbour
+from tests.test_architectures import CONFIGS, SEQ2SEQ_SIZES, _family, _translator
+from tests.test_components import EXPERTS, full_double, neighbour, t5_double
 
 PROMPT, TARGET = "The capital of France is", " Paris."
 ARCHS = ("gpt2", "llama", "bert")
@@ -477,6 +478,91 @@ def test_alti_plus_of_pre_norm_translators_matches_naive(arch):
     assert np.abs(want[~seen]).max() < 1e-12
 
 
+def naive_t5_vectors(attention, attn, keys_in, residual=None):
+    """T [q, n, d] of a T5 attention (``v``, ``o``, no biases) by loops, as
+    :func:`naive_attention_vectors`."""
+    heads = attn.shape[0]
+    v = attention.v(keys_in)
+    hd = v.shape[-1] // heads
+    T = torch.zeros(attn.shape[1], attn.shape[2], attention.o.out_features, dtype=v.dtype)
+    for i in range(attn.shape[1]):
+        for j in range(attn.shape[2]):
+            z = torch.zeros(v.shape[-1], dtype=v.dtype)
+            for h in range(heads):
+                z[h * hd : (h + 1) * hd] = attn[h, i, j] * v[j, h * hd : (h + 1) * hd]
+            T[i, j] = attention.o(z)
+            if residual is not None and i == j:
+                T[i, j] += residual[j]
+    return T
+
+
+@pytest.mark.parametrize("arch", ["t5", "mt5"])
+def test_alti_plus_of_t5_matches_naive(arch):
+    """T5 and mT5: each attention in a sub-layer that norms its input (RMSNorm) and adds the
+    attention's output to it; relative position biases inside the weights; no biases."""
+    model = t5_double(arch)
+    hf = model.hf
+    source, target = "the capital of france", "paris is"
+    source_ids, target_ids = _naive.token_ids(model, source, target)
+    ids = torch.tensor([source_ids])
+    decoder_ids = torch.tensor([[model.decoder_start_token_id, *target_ids]])
+    captured, handles = {}, []
+    stacks = {"encoder": hf.encoder.block, "decoder": hf.decoder.block}
+    for stack, blocks in stacks.items():
+        for i, block in enumerate(blocks):
+            for k, sub in enumerate(block.layer[:-1]):  # self-, then (decoder) cross-attention
+                handles.append(
+                    sub.register_forward_pre_hook(
+                        lambda _m, a, kw, key=(stack, i, k): captured.__setitem__(
+                            (*key, "in"), (a[0] if a else kw["hidden_states"])[0]
+                        ),
+                        with_kwargs=True,
+                    )
+                )
+                handles.append(
+                    sub.register_forward_hook(
+                        lambda _m, _a, o, key=(stack, i, k): captured.__setitem__(
+                            (*key, "out"), o[0][0]
+                        )
+                    )
+                )
+    with torch.no_grad(), model.attention_as("eager"):
+        out = hf(input_ids=ids, decoder_input_ids=decoder_ids, output_attentions=True)
+        for h in handles:
+            h.remove()
+        S, T_len = ids.shape[1], decoder_ids.shape[1]
+        R_enc = torch.eye(S, dtype=torch.float64)
+        for i, block in enumerate(stacks["encoder"]):
+            sub = block.layer[0]
+            x = captured["encoder", i, 0, "in"]
+            attn = out.encoder_attentions[i][0]
+            vec = naive_t5_vectors(sub.SelfAttention, attn, sub.layer_norm(x), x)
+            R_enc = naive_plain_scores(vec, 0.0, captured["encoder", i, 0, "out"]) @ R_enc
+        encoded = out.encoder_last_hidden_state[0]  # after the encoder's final RMSNorm
+        R = torch.cat(
+            [torch.zeros(T_len, S, dtype=torch.float64), torch.eye(T_len, dtype=torch.float64)], 1
+        )
+        for i, block in enumerate(stacks["decoder"]):
+            own, cross = block.layer[0], block.layer[1]
+            x = captured["decoder", i, 0, "in"]
+            attn = out.decoder_attentions[i][0]
+            vec = naive_t5_vectors(own.SelfAttention, attn, own.layer_norm(x), x)
+            R = naive_plain_scores(vec, 0.0, captured["decoder", i, 0, "out"]) @ R
+            y = captured["decoder", i, 1, "in"]
+            vec = naive_t5_vectors(cross.EncDecAttention, out.cross_attentions[i][0], encoded)
+            vec = torch.cat([vec, y[:, None, :]], dim=1)
+            c = naive_plain_scores(vec, 0.0, captured["decoder", i, 1, "out"])
+            new = c[:, -1:] * R
+            new[:, :S] += c[:, :-1] @ R_enc
+            R = new
+    got = ax.alti(model, source, target, attribute_target=True)
+    queries = list(range(len(target_ids)))
+    np.testing.assert_allclose(got.sel(side="source").values, R[queries, :S].numpy(), atol=1e-9)
+    mine, want = got.sel(side="target").values, R[queries, S:].numpy()
+    seen = ~np.isnan(mine)
+    np.testing.assert_allclose(mine[seen], want[seen], atol=1e-9)
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_alti_rows_are_distributions_and_never_from_the_future(mixing_models, arch):
     model = mixing_models[arch]
@@ -915,9 +1001,12 @@ def test_unsupported_architectures_are_model_errors(mixing_models):
         ax.alti_logit(marian, "a b", "c")
     with pytest.raises(ax.OptionError, match="an encoder-decoder's ALTI\\+ is the rollout"):
         ax.alti(marian, "a b", "c", aggregate=False)
-    hf, tok = tiny_model("t5")
-    with pytest.raises(ax.ModelError, match="ALTI\\+ decomposes the post-norm"):
-        ax.alti(ax.load_model(hf, tokenizer=tok), "a b", "c")
+    led = T.LEDConfig(vocab_size=len(marian.tokenizer), **SEQ2SEQ_SIZES)  # Longformer's encoder
+    led.pad_token_id, led.eos_token_id = marian.pad_token_id, marian.eos_token_id
+    led.decoder_start_token_id = marian.eos_token_id
+    led = ax.load_model(T.AutoModelForSeq2SeqLM.from_config(led), tokenizer=marian.tokenizer)
+    with pytest.raises(ax.ModelError, match=r"led.*ALTI\+ decomposes the post-norm"):
+        ax.alti(led, "a b", "c")
     with pytest.raises(ax.OptionError, match="maps='self'"):
         ax.value_zeroing(marian, "a b", "c", maps="self")
     with pytest.raises(ax.OptionError, match="needs an encoder-decoder"):

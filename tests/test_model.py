@@ -406,3 +406,18 @@ def test_a_model_whose_own_forward_fails_is_refused(how):
     hf.model.forward = forward
     with pytest.raises(ax.ModelError, match=rf"forward from `{how}` fails .*tensor a \(4\)"):
         ax.load_model(hf, tokenizer=tok)
+
+
+def test_a_head_that_reads_another_layout_is_refused():
+    """ProphetNet's head reads its n-gram streams ``[B, n, L, H]``: the check of the split
+    forward against the model's logits refuses it instead of failing inside it."""
+    _, tok = tiny_model("marian")
+    config = transformers.ProphetNetConfig(
+        vocab_size=len(tok), hidden_size=32, encoder_ffn_dim=64, decoder_ffn_dim=64,
+        num_encoder_layers=2, num_decoder_layers=2, num_encoder_attention_heads=4,
+        num_decoder_attention_heads=4, pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id, decoder_start_token_id=tok.eos_token_id,
+    )  # fmt: skip
+    hf = transformers.AutoModelForSeq2SeqLM.from_config(config)
+    with pytest.raises(ax.ModelError, match="not the output projection of its last hidden"):
+        ax.load_model(hf, tokenizer=tok)

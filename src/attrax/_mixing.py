@@ -544,6 +544,9 @@ _SEQ2SEQ = ("marian", "bart")
 # pre-norm encoder-decoders (a LayerNorm before each attention, inside its values): NLLB's
 # M2M100, mBART, Pegasus
 _SEQ2SEQ_PRE_NORM = ("m2m_100", "mbart", "pegasus")
+# T5's layout: each attention in a sub-layer (its RMSNorm, the attention, the residual sum), no
+# biases, relative position biases inside the weights
+_T5 = ("t5", "mt5")
 
 #: ALTI-Logit: one forward like ALTI, with a logit objective (and its contrast) per target.
 ALTI_LOGIT = Family(
@@ -575,7 +578,7 @@ class _Parts:
 
 def _parts(model: Model, layer: _Layer, stack: str = "self") -> _Parts:
     kind = _architecture(model)
-    known = _PRE_NORM + _arch.SANDWICH + _POST_NORM + _SEQ2SEQ + _SEQ2SEQ_PRE_NORM
+    known = _PRE_NORM + _arch.SANDWICH + _POST_NORM + _SEQ2SEQ + _SEQ2SEQ_PRE_NORM + _T5
     if kind not in known:
         raise ModelError(
             f"{model.name}: ALTI has no decomposition for the {kind!r} architecture; attrax "
@@ -589,6 +592,9 @@ def _parts(model: Model, layer: _Layer, stack: str = "self") -> _Parts:
         return _Parts(project.weight, None, None, layer.block.post_attention_layernorm)
     if kind in _SEQ2SEQ_PRE_NORM:  # the block output is the residual plus the attention's
         project, norm = layer.attention.out_proj, None
+    elif kind in _T5:  # the recorded sub-layer holds the attention and its output projection
+        inner = getattr(layer.attention, "SelfAttention", None) or layer.attention.EncDecAttention
+        project, norm = inner.o, None
     elif kind in _PRE_NORM:
         project = next(
             getattr(layer.attention, name)
@@ -639,11 +645,11 @@ class _Decomposition:
     def __init__(self, model: Model, t: Tensors, on_layer: Callable[..., None]) -> None:
         self.model, self.t, self.on_layer = model, t, on_layer
         if model.is_encoder_decoder:
-            if _architecture(model) not in _SEQ2SEQ + _SEQ2SEQ_PRE_NORM:
+            if _architecture(model) not in _SEQ2SEQ + _SEQ2SEQ_PRE_NORM + _T5:
                 raise ModelError(
                     f"{model.name} ({_architecture(model)}): ALTI+ decomposes the post-norm "
                     f"encoder-decoders {', '.join(_SEQ2SEQ)} and the pre-norm "
-                    f"{', '.join(_SEQ2SEQ_PRE_NORM)}"
+                    f"{', '.join(_SEQ2SEQ_PRE_NORM + _T5)}"
                 )
             names = ("encoder", "decoder", "cross")
         else:
@@ -893,8 +899,8 @@ def alti(call: Call, *, aggregate: bool = True, layers: Selection = None) -> xr.
     divided by their sum (each row sums to 1). ``aggregate=True`` rolls them out across layers
     (``C_L ... C_1``, residual included, so no ``0.5 * I`` as in attention rollout).
     Architectures: GPT-2, Llama-like (Llama, Mistral, Qwen2) and BERT-like (BERT, RoBERTa);
-    the encoder-decoders Marian, BART (post-norm), NLLB's M2M100, mBART and Pegasus (pre-norm)
-    get ALTI+ (Ferrando et al. 2022b): encoder
+    the encoder-decoders Marian, BART (post-norm), NLLB's M2M100, mBART, Pegasus, T5 and mT5
+    (pre-norm) get ALTI+ (Ferrando et al. 2022b): encoder
     rollout, then per decoder layer its self-attention block's ALTI and its cross-attention
     block split between the encoder tokens and the position's own residual.
 

@@ -582,8 +582,15 @@ class Model:
         with torch.no_grad():
             full = self._probe(ids, mask, None, None)[:, [1, 4]]
             decoder = self.embed(ids, "target") if self.is_encoder_decoder else None
-            split = self.logits_at(self.embed(ids), mask, index, decoder, mask)
-        if _mismatch(split, full) > _tolerance(full.dtype):
+            try:
+                split = self.logits_at(self.embed(ids), mask, index, decoder, mask)
+            except (IndexError, RuntimeError, ValueError):  # a head that reads another layout
+                split = None
+        if (
+            split is None
+            or split.shape != full.shape
+            or _mismatch(split, full) > _tolerance(full.dtype)
+        ):
             raise ModelError(
                 f"{type(self.hf).__name__}: its logits are not the output projection of its last "
                 "hidden states (plus a final bias, scale or soft-capping); attrax does not "
