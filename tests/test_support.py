@@ -13,6 +13,7 @@ import torch
 import transformers as T
 
 import attrax as ax
+from attrax._lrp import ARCHITECTURES
 from attrax.testing import tiny_classifier, tiny_model
 from tests.conftest import QUICK
 from tests.test_architectures import _family, _hybrid, _translator
@@ -204,3 +205,6 @@ def test_the_table_row_is_what_runs(family):
                     f"{column}: the table says {cell}, it {'ran' if ran == '✓' else 'was refused'}"
                 )
     assert not wrong, f"{family}: " + "; ".join(wrong)
+    # the model types LRP's refusals name as supported are the rows it runs on
+    lrp = rows[family][columns.index("LRP")] == "✓"
+    assert (model.hf.config.model_type in ARCHITECTURES) == lrp, model.hf.config.model_type

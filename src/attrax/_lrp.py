@@ -427,15 +427,20 @@ ARCHITECTURES = (
     "olmo2",
     "phi3",
     "smollm3",
+    "granite",
     "gpt_neox",
     "opt",
     "bert",
     "roberta",
     "xlm-roberta",
+    "camembert",
     "electra",
     "distilbert",
     "marian",
     "bart",
+    "m2m_100",
+    "mbart",
+    "pegasus",
 )
 
 
