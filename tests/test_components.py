@@ -1220,6 +1220,102 @@ def naive_t5_dla(model: ax.Model, source: str, target: str):
     return cross, own, rest, logits
 
 
+def naive_pre_norm_dla(model: ax.Model, source: str, target: str):
+    """As :func:`naive_t5_dla` for the pre-norm BART layout (NLLB's M2M100, mBART, Pegasus): the
+    final LayerNorm recenters, and the rest holds the decoder's input embeddings, each
+    attention's output-projection bias, the final norm's bias and the head's bias."""
+    hf, tok = model.hf, model.tokenizer
+    ids = tok(source).input_ids
+    target_ids = tok(text_target=target).input_ids
+    decoder_ids = [model.decoder_start_token_id, *target_ids]
+    decoder = hf.get_decoder()
+    layers, norm = decoder.layers, decoder.layer_norm
+    found: dict = {"decoder": {}, "cross": {}, "mlp": {}}
+    handles = []
+    for n, layer in enumerate(layers):
+        for stack, attention in (("decoder", layer.self_attn), ("cross", layer.encoder_attn)):
+            handles.append(
+                attention.v_proj.register_forward_hook(
+                    lambda m, a, o, s=stack, n=n: found[s].__setitem__(n, o[0])
+                )
+            )
+        handles.append(  # fc1, the activation and fc2 run inline: fc2 writes the MLP's output
+            layer.fc2.register_forward_hook(lambda m, a, o, n=n: found["mlp"].__setitem__(n, o[0]))
+        )
+    handles.append(norm.register_forward_pre_hook(lambda m, a: found.__setitem__("final", a[0][0])))
+    handles.append(  # the decoder's input: its embeddings and positions (mBART: their norm too)
+        layers[0].register_forward_pre_hook(
+            lambda m, a, kw: found.__setitem__("input", (a[0] if a else kw["hidden_states"])[0]),
+            with_kwargs=True,
+        )
+    )
+    with torch.no_grad(), model.attention_as("eager", required=True):
+        out = hf(
+            input_ids=torch.tensor([ids]),
+            decoder_input_ids=torch.tensor([decoder_ids]),
+            output_attentions=True,
+            use_cache=False,
+        )
+    for h in handles:
+        h.remove()
+    heads = hf.config.decoder_attention_heads
+    d = hf.config.d_model // heads
+    unembed = hf.get_output_embeddings().weight
+    head_bias = getattr(hf, "final_logits_bias", None)
+    n_layers = len(layers)
+    cross = np.zeros((len(target_ids), len(ids), n_layers, heads + 1))
+    own = np.full((len(target_ids), len(decoder_ids), n_layers, heads + 1), np.nan)
+    rest, logits = np.zeros(len(target_ids)), np.zeros(len(target_ids))
+    for k in range(len(target_ids)):
+        i = k  # target k + 1 of the decoder sequence is predicted at position k
+        x = found["final"][i]
+        sigma = torch.sqrt(x.var(unbiased=False) + norm.eps)
+        direction = unembed[target_ids[k]]
+
+        def proj(c, sigma=sigma, direction=direction):
+            return float((norm.weight * (c - c.mean()) / sigma) @ direction)
+
+        logits[k] = float(out.logits[0, i, target_ids[k]])
+        for n in range(n_layers):
+            for stack, maps, block in (
+                ("cross", out.cross_attentions, cross),
+                ("decoder", out.decoder_attentions, own),
+            ):
+                attention = layers[n].encoder_attn if stack == "cross" else layers[n].self_attn
+                w = attention.out_proj.weight.T
+                for h in range(heads):
+                    for j in range(len(ids) if stack == "cross" else i + 1):
+                        a = maps[n][0, h, i, j]
+                        v = found[stack][n][j, h * d : (h + 1) * d]
+                        block[k, j, n, h] = proj(a * v @ w[h * d : (h + 1) * d])
+                rest[k] += proj(attention.out_proj.bias)
+            own[k, : i + 1, n, heads] = 0.0
+            own[k, i, n, heads] = proj(found["mlp"][n][i])
+        rest[k] += proj(found["input"][i]) + float(norm.bias @ direction)
+        if head_bias is not None:
+            rest[k] += float(head_bias[0, target_ids[k]])
+    return cross, own, rest, logits
+
+
+@pytest.mark.parametrize("arch", ["m2m100", "mbart", "pegasus"])
+def test_dla_of_pre_norm_translators_equals_naive_and_sums_back(arch):
+    translator = _translator(arch)
+    model = ax.load_model(translator.hf.double(), tokenizer=translator.tokenizer)
+    with torch.no_grad():  # random biases and norm weights: zeros and ones would test less
+        for name, parameter in model.hf.named_parameters():
+            if name.endswith("bias"):
+                parameter.normal_(0, 0.5)
+            elif "layer_norm" in name or "layernorm" in name:
+                parameter.normal_(1, 0.3)
+    got = ax.direct_logit_attribution(model, SOURCE, ED_TARGET)
+    cross, own, rest, logits = naive_pre_norm_dla(model, SOURCE, ED_TARGET)
+    np.testing.assert_allclose(got.sel(side="source").values, cross, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(got.sel(side="target").values, own, rtol=1e-9, atol=1e-12)
+    # the identity: heads of both sides + MLPs + embeddings and biases = the logit
+    total = np.nansum(got.values, axis=(1, 2, 3)) + rest
+    np.testing.assert_allclose(total, logits, rtol=1e-9, atol=1e-9)
+
+
 @pytest.mark.parametrize("arch", ["t5", "mt5"])
 def test_dla_t5_equals_naive_and_sums_back(arch):
     model = t5_double(arch)

@@ -142,6 +142,11 @@ def max_positions(config: Any) -> int | None:
 SANDWICH = ("gemma2", "gemma3_text", "olmo2")
 
 
+#: encoder-decoders of BART's layout with a LayerNorm before each sub-layer (inside it) and one
+#: closing each stack: NLLB's M2M100, mBART, Pegasus
+PRE_NORM_SEQ2SEQ = ("m2m_100", "mbart", "pegasus")
+
+
 #: model types whose LM head divides its logits by ``config.logits_scaling`` and whose blocks scale
 #: what they add to the residual stream by ``config.residual_multiplier`` (IBM Granite)
 GRANITE = (

@@ -5,7 +5,8 @@ attribution knows GPT-2 (``Conv1D``, LayerNorm), Llama (``o_proj``, RMSNorm, RoP
 keys and values; Mistral, Qwen2, Qwen3, SmolLM3, Phi-3, Granite and the mixtures of experts of
 ``_arch.EXPERTS``), Gemma 2, Gemma 3 and OLMo 2 (norms on each attention's and MLP's output),
 GPT-NeoX and pre-LN OPT, as causal LMs or as sequence classifiers whose ``score`` head reads the
-final norm directly, and T5 (the post-LN Marian and BART have no direct path); attribution
+final norm directly, and the pre-LN encoder-decoders T5, NLLB's M2M100, mBART and Pegasus (the
+post-LN Marian and BART have no direct path); attribution
 patching any decoder-only model whose layers sit where :func:`_blocks` looks (GPT-2, Llama,
 Qwen2, Gemma, Phi-3, Pythia, OPT, BLOOM, Falcon, Granite, the mixtures of experts), its
 classifiers, and Marian, BART and T5. Any other model is a :class:`ModelError` naming its
@@ -411,31 +412,64 @@ def softcapped(da: xr.DataArray, model: Model) -> xr.DataArray:
     return da.assign_attrs(logit_softcap=float(cap)) if cap else da
 
 
-def _encoder_decoder_dla(call: Call, layers: Selection, heads: Selection) -> xr.DataArray:
-    """Direct logit attribution of a T5 decoder (pre-norm, RMSNorm, no biases): the decoder's
-    self-attention heads over the decoder positions, its cross-attention heads over the encoder
-    tokens and its MLPs, each projected on ``gamma * W_U[target] * scale / rms``."""
-    model = call.model
-    method = "direct_logit_attribution"
+@dataclass
+class _Decoder:
+    """An encoder-decoder's decoder as direct logit attribution reads it: per layer its self- and
+    cross-attention (value projection, output projection ``[H, heads * d]``) and the module whose
+    output its MLP adds; the final norm, whether it centers (LayerNorm), the factor on its output
+    (T5's tied embeddings) and the head's bias."""
+
+    values: dict[str, list[torch.nn.Module]]
+    outputs: dict[str, list[torch.nn.Module]]
+    mlps: list[torch.nn.Module]
+    norm: torch.nn.Module
+    centered: bool
+    heads: int
+    head_dim: int
+    scale: float
+
+
+def _decoder(model: Model, method: str) -> _Decoder:
+    """T5's decoder (``block[i].layer``: RMSNorm sub-layers, no biases) or the pre-norm BART
+    layout's (NLLB's M2M100, mBART, Pegasus: LayerNorm before each sub-layer, one closing the
+    stack, biases); a ModelError for the post-norm Marian and BART and anything else."""
     hf = model.hf
-    name = f"{type(hf).__name__} (model_type {getattr(hf.config, 'model_type', None)!r})"
+    kind = getattr(hf.config, "model_type", None)
+    name = f"{type(hf).__name__} (model_type {kind!r})"
     decoder = hf.get_decoder()
+    if kind in _arch.PRE_NORM_SEQ2SEQ:
+        blocks = list(decoder.layers)
+        selfs, crosses = [b.self_attn for b in blocks], [b.encoder_attn for b in blocks]
+        heads = selfs[0].num_heads if hasattr(selfs[0], "num_heads") else None
+        heads = heads or _arch.heads(hf.config, "cross") or 1
+        return _Decoder(
+            {"decoder": [a.v_proj for a in selfs], "cross": [a.v_proj for a in crosses]},
+            {"decoder": [a.out_proj for a in selfs], "cross": [a.out_proj for a in crosses]},
+            [b.fc2 for b in blocks],  # fc1, the activation and fc2 are inline: fc2 writes
+            decoder.layer_norm,
+            True,
+            heads,
+            hf.config.d_model // heads,
+            1.0,
+        )
     blocks = list(getattr(decoder, "block", None) or [])
     norm = getattr(decoder, "final_layer_norm", None)
     if not blocks or not hasattr(blocks[0], "layer") or norm is None:
         layout = list(getattr(decoder, "layers", None) or [])
         post_norm = bool(layout) and hasattr(layout[0], "final_layer_norm")
-        if post_norm and getattr(hf.config, "model_type", None) in ("marian", "bart"):
+        if post_norm and kind in ("marian", "bart"):
             raise ModelError(
                 f"{method} has no direct path to decompose in {name}: a post-LN "
                 "encoder-decoder (each decoder layer ends in LayerNorms, self_attn_layer_norm, "
                 "encoder_attn_layer_norm and final_layer_norm, applied to the residual stream "
                 "itself), so no head's or MLP's output reaches the logits through one final "
-                "norm: every later LayerNorm rescales and recenters it. T5 (pre-LN) is supported"
+                "norm: every later LayerNorm rescales and recenters it. T5 and the pre-LN "
+                "M2M100 (NLLB), mBART and Pegasus are supported"
             )
         raise ModelError(
-            f"{method} has no rule for {name}: among encoder-decoders it knows T5 (pre-LN "
-            "RMSNorm decoder; Marian and BART are post-LN and have no direct path)"
+            f"{method} has no rule for {name}: among encoder-decoders it knows T5 and the "
+            "pre-LN M2M100 (NLLB), mBART and Pegasus (Marian and BART are post-LN and have no "
+            "direct path)"
         )
     selfs = [getattr(b.layer[0], "SelfAttention", None) for b in blocks]
     crosses = [
@@ -451,11 +485,30 @@ def _encoder_decoder_dla(call: Call, layers: Selection, heads: Selection) -> xr.
             f"{method} has no rule for {name}: its decoder blocks are not T5's (SelfAttention, "
             "EncDecAttention with v / o, DenseReluDense, an RMS final_layer_norm)"
         )
-    unembed, bias = _readout(model, method)
-    if bias is not None:
-        raise ModelError(f"{method}: {name}'s LM head has a bias, which T5's has not")
-    n_layers, n_heads = len(blocks), selfs[0].n_heads
-    head_dim = selfs[0].key_value_proj_dim
+    # T5 scales the decoder's output when its embeddings are tied (d_model ** -0.5)
+    tied = getattr(hf.config, "scale_decoder_outputs", False)
+    return _Decoder(
+        {"decoder": [a.v for a in selfs], "cross": [a.v for a in crosses]},
+        {"decoder": [a.o for a in selfs], "cross": [a.o for a in crosses]},
+        mlps,
+        norm,
+        False,
+        selfs[0].n_heads,
+        selfs[0].key_value_proj_dim,
+        hf.config.d_model**-0.5 if tied else 1.0,
+    )
+
+
+def _encoder_decoder_dla(call: Call, layers: Selection, heads: Selection) -> xr.DataArray:
+    """Direct logit attribution of a pre-norm decoder (T5, NLLB's M2M100, mBART, Pegasus): the
+    decoder's self-attention heads over the decoder positions, its cross-attention heads over
+    the encoder tokens and its MLPs, each projected on ``gamma * W_U[target] * scale / sigma``
+    (centered where the final norm is a LayerNorm)."""
+    model = call.model
+    method = "direct_logit_attribution"
+    parts = _decoder(model, method)
+    unembed, _ = _readout(model, method)  # a head bias (mBART's) is owned by no component
+    n_layers, n_heads, head_dim = len(parts.mlps), parts.heads, parts.head_dim
     chosen_layers = selection_indices(layers, n_layers, "layers", "layers")
     chosen_heads = selection_indices(heads, n_heads, "heads", "heads per layer")
     t = to_tensors(call.batch, model)
@@ -463,9 +516,10 @@ def _encoder_decoder_dla(call: Call, layers: Selection, heads: Selection) -> xr.
     direction = unembed[t.target_ids]
     if t.contrast_ids is not None:
         direction = direction - unembed[t.contrast_ids]
-    u = full_precision(direction) * full_precision(norm.weight)
-    if getattr(hf.config, "scale_decoder_outputs", False):  # tied embeddings: d_model ** -0.5
-        u = u * hf.config.d_model**-0.5
+    u = full_precision(direction) * full_precision(norm_gain(parts.norm)) * parts.scale
+    if parts.centered:
+        u = u - u.mean(-1, keepdim=True)
+    norm = parts.norm
     values: dict[tuple[str, int], torch.Tensor] = {}
     out: dict[tuple[str, int], torch.Tensor] = {}
     mlps_out: dict[int, torch.Tensor] = {}
@@ -495,9 +549,9 @@ def _encoder_decoder_dla(call: Call, layers: Selection, heads: Selection) -> xr.
         count[stack] += 1
         if layer not in chosen_layers:
             return
-        module = selfs[layer] if stack == "decoder" else crosses[layer]
         v = full_precision(values.pop((stack, layer)))[..., chosen_heads, :]  # [B, J, h, d]
-        w_o = module.o.weight.T.reshape(n_heads, head_dim, -1)[chosen_heads]  # [h, d, H]
+        projection = parts.outputs[stack][layer].weight  # [H, heads * d]
+        w_o = projection.T.reshape(n_heads, head_dim, -1)[chosen_heads]  # [h, d, H]
         r = torch.einsum("hdx,bkx->bkhd", full_precision(w_o), u)
         vu = torch.einsum("bjhd,bkhd->bkjh", v, r)
         a = full_precision(weights[:, chosen_heads].permute(0, 2, 3, 1)[rows, t.index])
@@ -508,16 +562,17 @@ def _encoder_decoder_dla(call: Call, layers: Selection, heads: Selection) -> xr.
 
     handles = []
     for layer in range(n_layers):
-        handles.append(selfs[layer].v.register_forward_hook(on_values(("decoder", layer))))
-        handles.append(crosses[layer].v.register_forward_hook(on_values(("cross", layer))))
-        handles.append(mlps[layer].register_forward_hook(on_mlp(layer)))
+        for stack in ("decoder", "cross"):
+            module = parts.values[stack][layer]
+            handles.append(module.register_forward_hook(on_values((stack, layer))))
+        handles.append(parts.mlps[layer].register_forward_hook(on_mlp(layer)))
     handles.append(norm.register_forward_pre_hook(on_final))
     with _hooks(*handles):
         model.stream_attention(t, on_map)
     if len(out) != 2 * len(chosen_layers) or "final" not in found:
-        raise ModelError(f"{method}: {type(hf).__name__} did not run the modules it names")
+        raise ModelError(f"{method}: {type(model.hf).__name__} did not run the modules it names")
     x = full_precision(found["final"])
-    scale = 1.0 / norm_divisor(norm, x, centered=False).to(u.dtype)  # [B, K]
+    scale = 1.0 / norm_divisor(norm, x, centered=parts.centered).to(u.dtype)  # [B, K]
     at_index = torch.nn.functional.one_hot(t.index, t.decoder_ids.shape[1]).to(u.dtype)
     sources, targets = [], []
     for layer in chosen_layers:  # assembling the kept layers' results, not a computation

@@ -541,9 +541,8 @@ _POST_NORM = ("bert", "roberta", "xlm-roberta", "camembert", "electra", "distilb
 # post-norm encoder-decoders ALTI+ decomposes: encoder, decoder self- and cross-attention blocks
 # (each followed by its LayerNorm)
 _SEQ2SEQ = ("marian", "bart")
-# pre-norm encoder-decoders (a LayerNorm before each attention, inside its values): NLLB's
-# M2M100, mBART, Pegasus
-_SEQ2SEQ_PRE_NORM = ("m2m_100", "mbart", "pegasus")
+# pre-norm encoder-decoders (a LayerNorm before each attention, inside its values)
+_SEQ2SEQ_PRE_NORM = _arch.PRE_NORM_SEQ2SEQ
 # T5's layout: each attention in a sub-layer (its RMSNorm, the attention, the residual sum), no
 # biases, relative position biases inside the weights
 _T5 = ("t5", "mt5")
