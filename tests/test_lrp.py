@@ -654,6 +654,118 @@ def encoder_lrp_reference(hf, ids: list[int], position: int | None, cls: int, ru
     return (x / e * relevance).numpy()  # position and segment embeddings keep their share
 
 
+@torch.no_grad()
+def modernbert_lrp_reference(hf, ids: list[int], position: int | None, cls: int, rule: str):
+    """Relevance ``[T, H]`` of ModernBERT's token embeddings for class ``cls``'s logit, of the
+    sequence (``position=None``: its head reads the first token) or of token ``position``:
+    its embedding norm, pre-norm blocks (the first without a norm) with rotary queries and keys,
+    local layers' windows (read from the model's own maps), a GLU MLP (``act(input) * gate``:
+    the uniform rule, or the activated half held constant by CP-LRP), the final norm, and the
+    dense-activation-norm head. Biases and norm shifts keep their shares."""
+    base, cfg = hf.model, hf.config
+    heads = cfg.num_attention_heads
+    t = len(ids)
+    with torch.no_grad():
+        maps = hf(input_ids=torch.tensor([ids]), output_attentions=True).attentions
+    x = base.embeddings.tok_embeddings.weight[torch.tensor(ids)]
+    e = base.embeddings.norm(x)
+    positions = torch.arange(t)
+    h, saved = e, []
+    for n, layer in enumerate(base.layers):
+        att, mlp = layer.attn, layer.mlp
+        n1 = layer.attn_norm(h)
+        qkv = att.Wqkv(n1)
+        q, k, v = qkv.view(t, 3, heads, -1).unbind(1)
+        d = q.shape[-1]
+        cos, sin = base.rotary_emb(x[None], positions[None], cfg.layer_types[n])
+        rot = _rotations(cos[0].double(), sin[0].double())
+        qr, kr = torch.einsum("tnm,thm->thn", rot, q), torch.einsum("tnm,thm->thn", rot, k)
+        seen = maps[n][0, 0] > 0  # the model's own pattern: its local layers' windows
+        s = (torch.einsum("ihd,jhd->hij", qr, kr) * d**-0.5).masked_fill(~seen, -torch.inf)
+        a = torch.softmax(s, -1)
+        o = torch.einsum("hij,jhd->ihd", a, v)
+        attn = att.Wo(o.reshape(t, -1))
+        h1 = h + attn
+        n2 = layer.mlp_norm(h1)
+        wi = mlp.Wi(n2)
+        inner, gate = wi.chunk(2, dim=-1)
+        g = mlp.act(inner)
+        z = g * gate
+        out = mlp.Wo(z)
+        h2 = h1 + out
+        saved.append(
+            (layer, h, n1, qkv, q, k, v, rot, qr, kr, s, a, o, attn, h1, n2, wi, z, out, h2)
+        )
+        h = h2
+    final = base.final_norm(h)
+    pooled = final[0] if position is None else final[position]
+    dense = hf.head.dense(pooled)
+    act = hf.head.act(dense)
+    y = hf.head.norm(act)
+    w = hf.classifier.weight[cls]
+    r_y = y * w  # the logit's terms; its bias keeps its share
+    r_act = _layer_norm_messages(act[None], hf.head.norm, r_y[None], y[None])[0]
+    r_pooled = _linear_messages(pooled, hf.head.dense.weight, r_act, dense)  # GELU: identity
+    relevance = torch.zeros_like(final)
+    relevance[0 if position is None else position] = r_pooled
+    relevance = _layer_norm_messages(h, base.final_norm, relevance, final)
+    for layer, h, n1, qkv, q, k, v, rot, qr, kr, s, a, o, attn, h1, n2, wi, z, out, h2 in reversed(
+        saved
+    ):
+        att, mlp = layer.attn, layer.mlp
+        r_h1, r_out = h1 / h2 * relevance, out / h2 * relevance
+        r_z = _linear_messages(z, mlp.Wo.weight, r_out, out)
+        if rule == "attnlrp":  # the uniform rule on act(input) * gate, the identity rule on act
+            r_inner, r_gate = r_z / 2, r_z / 2
+        else:  # CP-LRP: the activated half is a constant, all to the gate
+            r_inner, r_gate = torch.zeros_like(r_z), r_z
+        r_n2 = _linear_messages(n2, mlp.Wi.weight, torch.cat([r_inner, r_gate], -1), wi)
+        r_h1 = r_h1 + _layer_norm_messages(h1, layer.mlp_norm, r_n2, n2)
+        r_h, r_attn = h / h1 * r_h1, attn / h1 * r_h1
+        r_o = _linear_messages(o.reshape(t, -1), att.Wo.weight, r_attn, attn).view(o.shape)
+        r_qr, r_kr, r_v, _ = _attention_messages(qr, kr, v, s, a, o, r_o, q.shape[-1] ** -0.5, rule)
+        if rule == "attnlrp":  # RoPE: LRP-0 of a rotation
+            r_q = q * torch.einsum("tnm,thn->thm", rot, r_qr / qr)
+            r_k = k * torch.einsum("tnm,thn->thm", rot, r_kr / kr)
+        else:
+            r_q, r_k = torch.zeros_like(q), torch.zeros_like(k)
+        r_qkv = torch.stack([r_q, r_k, r_v], 1).reshape(t, -1)
+        r_n1 = _linear_messages(n1, att.Wqkv.weight, r_qkv, qkv)
+        if isinstance(layer.attn_norm, torch.nn.LayerNorm):
+            r_n1 = _layer_norm_messages(h, layer.attn_norm, r_n1, n1)
+        relevance = r_h + r_n1
+    return _layer_norm_messages(x, base.embeddings.norm, relevance, e).numpy()
+
+
+@pytest.mark.parametrize("rule", ["attnlrp", "cp-lrp"])
+@pytest.mark.parametrize("task", ["sequence", "token"])
+def test_modernbert_equals_explicit_layer_by_layer_lrp(task, rule, monkeypatch):
+    from transformers.models.modernbert import modeling_modernbert
+
+    def rotate(q, k, cos, sin, unsqueeze_dim=1):  # in the model's dtype: HF's takes float32
+        cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
+        half = modeling_modernbert.rotate_half
+        return q * cos + half(q) * sin, k * cos + half(k) * sin
+
+    monkeypatch.setattr(modeling_modernbert, "apply_rotary_pos_emb", rotate)
+    hf, tok = tiny_classifier("modernbert", task=task)
+    with torch.no_grad():  # random norm weights and biases: ones and zeros would test less
+        for name, parameter in hf.named_parameters():
+            if "norm" in name:
+                parameter.normal_(1, 0.3)
+            elif name.endswith("bias"):
+                parameter.normal_(0, 0.5)
+    model = _double(hf, tok)
+    text = "the plot was good and the cast was great"  # longer than a local window
+    targets = [0, 1, 2] if task == "sequence" else None
+    got = ax.lrp(model, text, targets, rule=rule)
+    ids = got.source_id.values.tolist()
+    for k, target in enumerate(got.target.values.tolist()):
+        position = None if task == "sequence" else target
+        want = modernbert_lrp_reference(model.hf, ids, position, int(got.target_class[k]), rule)
+        np.testing.assert_allclose(got[k].values, want, rtol=1e-7, atol=1e-10)
+
+
 @pytest.mark.parametrize("rule", ["attnlrp", "cp-lrp"])
 @pytest.mark.parametrize(
     ("arch", "task"),
@@ -802,6 +914,8 @@ BIAS_FREE = {
     "xlm-roberta": lambda: tiny_classifier("xlm-roberta"),
     "electra": lambda: tiny_classifier("electra"),  # GELU head, embedding projection
     "distilbert": lambda: tiny_classifier("distilbert"),  # inline nn.ReLU() in its head
+    "modernbert": lambda: tiny_classifier("modernbert"),  # GLU, rotary, local windows
+    "modernbert-mean": lambda: tiny_classifier("modernbert", classifier_pooling="mean"),
     "roberta-token": lambda: tiny_classifier("roberta", task="token"),
     "electra-token": lambda: tiny_classifier("electra", task="token"),
     "distilbert-token": lambda: tiny_classifier("distilbert", task="token"),
@@ -827,6 +941,7 @@ def test_cp_lrp_is_exactly_conservative_without_biases(arch):
     islands = ("mistral", "gemma", "phi3", "qwen3", "smollm3", "gemma3", "gemma3-classifier")
     islands += ("gemma2",)
     islands += ("olmo2", "granite", *NEIGHBOURS)
+    islands += ("modernbert", "modernbert-mean")  # its rotary embedding rounds q and k to float32
     tolerance = 1e-5 if arch in islands else 1e-9
     np.testing.assert_allclose(
         got.sum(("source", "hidden")).values, _logits(model, got), rtol=tolerance, atol=tolerance
@@ -970,9 +1085,6 @@ def test_unsupported_modules_are_refused():
 
 def test_unsupported_encoder_parts_are_refused():
     # what the BERT family's rules do not cover is named, never silently propagated
-    hf, tok = tiny_classifier("modernbert")
-    with pytest.raises(ax.ModelError, match=r"modules ModernBertForSequenceClassification"):
-        ax.lrp(ax.load_model(hf, tokenizer=tok), "good", 0)
     hf, tok = tiny_classifier("deberta-v2")  # its disentangled attention is its own code
     with pytest.raises(ax.ModelError, match=r"DebertaV2ForSequenceClassification does not route"):
         ax.lrp(ax.load_model(hf, tokenizer=tok), "good", 0)

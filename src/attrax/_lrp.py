@@ -211,6 +211,15 @@ def _fused_gated_mlp(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     return module.down_proj(_uniform(module.activation_fn(gate), up))
 
 
+def _glu_mlp(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """ModernBERT's ``Wo(act(input) * gate)``, input and gate from one fused ``Wi``: the rules of
+    :func:`_gated_mlp` (its activated half is the gating factor)."""
+    inner, gate = module.Wi(x).chunk(2, dim=-1)
+    if _rule() == "cp-lrp":
+        return module.Wo(module.drop(module.act(inner.detach()) * gate))
+    return module.Wo(module.drop(_uniform(module.act(inner), gate)))
+
+
 def _tanh_head(module: torch.nn.Module, features: torch.Tensor, **_: Any) -> torch.Tensor:
     """RoBERTa's and XLM-R's classification head, ``out_proj(tanh(dense(features[:, 0])))``,
     whose ``torch.tanh`` is a function call, not a module: here it gets the identity rule."""
@@ -243,6 +252,7 @@ _PATCHED: dict[str, Callable[..., torch.Tensor]] = {
     "Qwen3MLP": _gated_mlp,
     "SmolLM3MLP": _gated_mlp,
     "GraniteMLP": _gated_mlp,
+    "ModernBertMLP": _glu_mlp,
     "RobertaClassificationHead": _tanh_head,
     "XLMRobertaClassificationHead": _tanh_head,
     "CamembertClassificationHead": _tanh_head,
@@ -271,6 +281,7 @@ _ATTENTION = frozenset(
         "RobertaSelfAttention",
         "XLMRobertaSelfAttention",
         "CamembertSelfAttention",
+        "ModernBertAttention",  # fused Wqkv split by views, rotary tables, local windows: masks
         "ElectraSelfAttention",
         "DistilBertSelfAttention",  # its output projection `out_lin` is a child Linear
         "MarianAttention",
@@ -386,6 +397,20 @@ _LINEAR = frozenset(
         "RobertaPooler",
         "XLMRobertaPooler",
         "CamembertPooler",
+        # ModernBERT: pre-norm blocks, a final norm, then a dense-activation-norm head and the
+        # classifier (its pooling, the first token's or the mean, is linear)
+        *(
+            f"ModernBert{part}"
+            for part in (
+                "Embeddings",
+                "RotaryEmbedding",
+                "EncoderLayer",
+                "Model",
+                "PredictionHead",
+                "ForSequenceClassification",
+                "ForTokenClassification",
+            )
+        ),
         "ElectraClassificationHead",  # its GELU is a child module (get_activation("gelu"))
         "DistilBertModel",
         "DistilBertForTokenClassification",
@@ -434,6 +459,7 @@ ARCHITECTURES = (
     "roberta",
     "xlm-roberta",
     "camembert",
+    "modernbert",
     "electra",
     "distilbert",
     "marian",
