@@ -124,6 +124,22 @@ CONFIGS = {
         n_groups=1,
         chunk_size=4,
     ),
+    # a hybrid: a gated delta rule (linear attention) layer, then full attention; experts
+    "qwen3_next": lambda v: T.Qwen3NextConfig(
+        vocab_size=v,
+        num_key_value_heads=2,
+        head_dim=8,
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=16,
+        shared_expert_intermediate_size=16,
+        linear_num_value_heads=4,
+        linear_num_key_heads=2,
+        linear_key_head_dim=8,
+        linear_value_head_dim=8,
+        layer_types=["linear_attention", "full_attention"],
+        **SIZES,
+    ),
     "granitemoe": lambda v: T.GraniteMoeConfig(
         vocab_size=v,
         intermediate_size=16,

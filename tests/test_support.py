@@ -86,6 +86,7 @@ FAMILIES: dict[str, Callable[[], ax.Model]] = {
     "OLMoE": _causal("olmoe"),
     "Granite MoE": _causal("granitemoe"),
     "Granite 4 (Mamba hybrid)": _granite_hybrid,
+    "Qwen3-Next (linear-attention hybrid)": _causal("qwen3_next"),
     "Mamba": _causal("mamba"),
     "Mamba 2": _causal("mamba2"),
     "Marian": _tiny("marian"),

@@ -102,10 +102,11 @@ def _first(config: Any, keys: tuple[str, ...]) -> int:
 
 
 def mixer_width(config: Any, tokens: int) -> int:
-    """Per token and layer, the widest activation of the state-space layers of a Mamba model or
-    a hybrid (Jamba, Bamba, Granite 4, Nemotron-H...) as transformers' torch path computes
-    them; 0 for a model without. Mamba 2's chunked scan keeps ``[heads, chunk, chunk]`` per
-    chunk of the padded sequence; Mamba's selective scan ``[d_inner, d_state]`` per token.
+    """Per token and layer, the widest activation of the state-space or linear-attention layers
+    of a Mamba model or a hybrid (Jamba, Bamba, Granite 4, Nemotron-H, Qwen3-Next...) as
+    transformers' torch path computes them; 0 for a model without. Mamba 2's chunked scan and
+    Qwen3-Next's gated delta rule keep ``[heads, chunk, chunk]`` per chunk of the padded
+    sequence; Mamba's selective scan ``[d_inner, d_state]`` per token.
 
     >>> from transformers import BambaConfig, JambaConfig, LlamaConfig
     >>> mixer_width(JambaConfig(hidden_size=256, mamba_expand=2, mamba_d_state=16), 100)
@@ -115,6 +116,12 @@ def mixer_width(config: Any, tokens: int) -> int:
     >>> mixer_width(LlamaConfig(), 100)
     0
     """
+    linear = _positive(config, "linear_num_value_heads")
+    if linear:  # Qwen3-Next's gated delta rule: 64-token chunks, projections of 2 q, k, v, z
+        keys = _positive(config, "linear_num_key_heads") * _positive(config, "linear_key_head_dim")
+        values = linear * _positive(config, "linear_value_head_dim")
+        padded = -(-max(tokens, 1) // 64) * 64
+        return linear * 64 * padded // max(tokens, 1) + 4 * (keys + values)
     state = _first(config, ("mamba_d_state", "ssm_state_size", "state_size"))
     hidden = _positive(config, "hidden_size")
     if not state or not hidden:
