@@ -122,6 +122,67 @@ def _gate_up(mlp) -> tuple:
 
 
 @torch.no_grad()
+def _gated_forward(n: torch.Tensor, w_gate, w_up, w_down, act) -> tuple[torch.Tensor, tuple]:
+    """``act(n W_g^T) * (n W_u^T)`` then ``W_d``: a gated MLP (SiLU; Gemma: tanh-GELU)."""
+    g, u = n @ w_gate.T, n @ w_up.T
+    z = act(g) * u
+    y = z @ w_down.T
+    return y, (n, w_gate, w_up, w_down, g, u, z, y)
+
+
+def _gated_backward(saved: tuple, r_y: torch.Tensor, rule: str) -> torch.Tensor:
+    n, w_gate, w_up, w_down, g, u, z, y = saved
+    r_z = _linear_messages(z, w_down, r_y, y)
+    if rule == "attnlrp":  # uniform rule on act(g) * u, identity rule on act
+        r_g, r_u = r_z / 2, r_z / 2
+    else:  # CP-LRP: the gate is a constant, all to u
+        r_g, r_u = torch.zeros_like(r_z), r_z
+    return _linear_messages(n, w_gate, r_g, g) + _linear_messages(n, w_up, r_u, u)
+
+
+def _mlp_forward(mlp, n2: torch.Tensor) -> tuple[torch.Tensor, tuple]:
+    """A gated MLP, or a mixture of experts: ``sum_k w_k E_k(x)`` over each token's chosen
+    experts, their weights from the model's own router (constants for the rules), plus Qwen2-MoE's
+    shared expert scaled by its sigmoid gate (a constant too)."""
+    experts = getattr(mlp, "experts", None)
+    if experts is None:
+        w_gate, w_up, act = _gate_up(mlp)
+        out, dense = _gated_forward(n2, w_gate, w_up, mlp.down_proj.weight, act)
+        return out, ("dense", dense)
+    _, weights, index = mlp.gate(n2)
+    out, terms = torch.zeros_like(n2), []
+    for i in range(n2.shape[0]):  # every token's chosen experts, one by one
+        for slot in range(index.shape[1]):
+            e = int(index[i, slot])
+            w_gate, w_up = experts.gate_up_proj[e].chunk(2)
+            y, inner = _gated_forward(n2[i], w_gate, w_up, experts.down_proj[e], experts.act_fn)
+            terms.append((i, weights[i, slot] * y, inner))
+            out[i] += weights[i, slot] * y
+    if hasattr(mlp, "shared_expert"):
+        gate = torch.sigmoid(mlp.shared_expert_gate(n2))
+        w_gate, w_up, act = _gate_up(mlp.shared_expert)
+        y, inner = _gated_forward(n2, w_gate, w_up, mlp.shared_expert.down_proj.weight, act)
+        terms.append((None, gate * y, inner))
+        out = out + gate * y
+    return out, ("experts", (out, terms))
+
+
+def _mlp_backward(mlp, saved: tuple, r_out: torch.Tensor, rule: str) -> torch.Tensor:
+    """Relevance of the MLP's input: each expert's weighted output takes its share of the sum
+    (its weight a constant), then its gated MLP's rules."""
+    kind, inner = saved
+    if kind == "dense":
+        return _gated_backward(inner, r_out, rule)
+    out, terms = inner
+    r_n2 = torch.zeros_like(out)
+    for i, term, gated in terms:  # a constant weight passes a term's relevance on to its expert
+        if i is None:  # the shared expert, every token
+            r_n2 = r_n2 + _gated_backward(gated, term / out * r_out, rule)
+        else:
+            r_n2[i] += _gated_backward(gated, term / out[i] * r_out[i], rule)
+    return r_n2
+
+
 def llama_lrp_reference(
     hf, ids: list[int], position: int, target: int, rule: str, head: torch.Tensor | None = None
 ) -> tuple[np.ndarray, float, float]:
@@ -187,15 +248,12 @@ def llama_lrp_reference(
         if pre:  # Llama's post_attention_layernorm is that norm; Gemma 3 has a norm there too
             before = getattr(layer, "pre_feedforward_layernorm", layer.post_attention_layernorm)
             n2 = _rms(h1, _norm_scale(before), eps)
-        w_gate, w_up, act = _gate_up(mlp)
-        g, u = n2 @ w_gate.T, n2 @ w_up.T
-        z = act(g) * u  # SiLU; Gemma: tanh-GELU
-        out = z @ mlp.down_proj.weight.T
+        out, ffn = _mlp_forward(mlp, n2)
         on = _rms(out, _norm_scale(layer.post_feedforward_layernorm), eps) if sandwich else out
         h2 = h1 + branch * on
         saved.append((
             layer, rot, h, n1, q, k, v, qn, kn, qr, kr, kf, vf, s, capped, a, o, attn, an, h1,
-            n2, g, u, z, out, on, h2,
+            ffn, on, h2,
         ))  # fmt: skip
         h = h2
     final = _rms(h, _norm_scale(hf.model.norm), eps)
@@ -211,21 +269,16 @@ def llama_lrp_reference(
         logit = capped_logit
     absorbed = 0.0
     for (
-        layer, rot, h, n1, q, k, v, qn, kn, qr, kr, kf, vf, s, capped, a, o, attn, an, h1, n2, g,
-        u, z, out, on, h2,
+        layer, rot, h, n1, q, k, v, qn, kn, qr, kr, kf, vf, s, capped, a, o, attn, an, h1, ffn,
+        on, h2,
     ) in reversed(saved):  # fmt: skip
         att, mlp = layer.self_attn, layer.mlp
         # residual h2 = h1 + on: split in proportion to the summands; Gemma 3's norm of the MLP's
         # output (scale constant, elementwise) passes its share on to `out`
         r_h1, r_out = h1 / h2 * relevance, branch * on / h2 * relevance
-        r_z = _linear_messages(z, mlp.down_proj.weight, r_out, out)
-        if rule == "attnlrp":  # uniform rule on silu(g) * u, identity rule on silu
-            r_g, r_u = r_z / 2, r_z / 2
-        else:  # CP-LRP: the gate is a constant, all to u
-            r_g, r_u = torch.zeros_like(r_z), r_z
-        w_gate, w_up, _ = _gate_up(mlp)
-        r_n2 = _linear_messages(n2, w_gate, r_g, g) + _linear_messages(n2, w_up, r_u, u)
-        r_h1 = r_h1 + r_n2  # RMSNorm with its scale constant: elementwise, passes R unchanged
+        r_h1 = r_h1 + _mlp_backward(
+            mlp, ffn, r_out, rule
+        )  # RMSNorm with its scale constant: elementwise, passes R unchanged
         r_h, r_attn = h / h1 * r_h1, branch * an / h1 * r_h1  # an: attn, or Gemma 3's norm
         r_o = _linear_messages(o.reshape(t, heads * d), att.o_proj.weight, r_attn, attn)
         r_o = r_o.view(t, heads, d)
@@ -863,6 +916,11 @@ def _causal_lm(name: str) -> tuple:
     if name == "Gemma2":  # caps these small weights' scores and logits reach; a 3-token window
         config.attn_logit_softcapping, config.final_logit_softcapping = 0.5, 2.0
         config.sliding_window = 3
+    if name in ("Mixtral", "Qwen2Moe", "Qwen3Moe"):  # top-2 of 4 experts (Qwen2-MoE: shared)
+        config.num_local_experts = config.num_experts = 4
+        config.num_experts_per_tok, config.moe_intermediate_size = 2, 16
+        config.shared_expert_intermediate_size = 32
+        config._experts_implementation = "eager"  # transformers' grouped matmul takes no float64
     torch.manual_seed(0)
     hf = getattr(transformers, f"{name}ForCausalLM")(config).eval()
     with torch.no_grad():  # Gemma's norms scale by 1 + weight, initialised at 0
@@ -902,6 +960,10 @@ BIAS_FREE = {
     "smollm3": lambda: _causal_lm("SmolLM3"),
     "gemma3": lambda: _causal_lm("Gemma3"),
     "gemma2": lambda: _causal_lm("Gemma2"),  # soft-capped scores and logits
+    # mixtures of experts: routing weights held constant (Qwen2-MoE's shared expert gate too)
+    "mixtral": lambda: _causal_lm("Mixtral"),
+    "qwen2_moe": lambda: _causal_lm("Qwen2Moe"),
+    "qwen3_moe": lambda: _causal_lm("Qwen3Moe"),
     "olmo2": lambda: _causal_lm("Olmo2"),
     "granite": lambda: _causal_lm("Granite"),  # scaled embeddings, blocks' outputs and logits
     "gemma3-classifier": lambda: _classifier("Gemma3"),
@@ -942,6 +1004,7 @@ def test_cp_lrp_is_exactly_conservative_without_biases(arch):
     islands += ("gemma2",)
     islands += ("olmo2", "granite", *NEIGHBOURS)
     islands += ("modernbert", "modernbert-mean")  # its rotary embedding rounds q and k to float32
+    islands += ("mixtral", "qwen2_moe", "qwen3_moe")
     tolerance = 1e-5 if arch in islands else 1e-9
     np.testing.assert_allclose(
         got.sum(("source", "hidden")).values, _logits(model, got), rtol=tolerance, atol=tolerance
@@ -962,6 +1025,9 @@ def test_cp_lrp_is_exactly_conservative_without_biases(arch):
         "olmo2",
         "gemma2",
         "granite",
+        "mixtral",
+        "qwen2_moe",
+        "qwen3_moe",
     ],
 )
 def test_llama_family_equals_explicit_layer_by_layer_lrp(arch, rule):

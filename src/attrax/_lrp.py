@@ -220,6 +220,49 @@ def _glu_mlp(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     return module.Wo(module.drop(_uniform(module.act(inner), gate)))
 
 
+def _experts(
+    module: torch.nn.Module, x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+) -> torch.Tensor:
+    """A mixture's experts, ``sum_k w_k E_k(x)`` over each token's chosen experts (transformers'
+    3-D ``gate_up_proj`` and ``down_proj``): the routing weights ``w`` are constants under both
+    rules (relevance reaches the experts alone), and each expert's gated MLP gets the rules of
+    :func:`_gated_mlp`. Its loop runs over the experts with tokens, as transformers' own."""
+    out = torch.zeros_like(x)
+    weights = top_k_weights.detach()
+    with torch.no_grad():
+        mask = torch.nn.functional.one_hot(top_k_index, module.num_experts + 1).permute(2, 1, 0)
+        hit = [int(e) for e in (mask.sum(dim=(-1, -2)) > 0).nonzero()[:, 0]]
+    for expert in hit:  # experts, not targets or points: which tokens each reads is data
+        if expert == module.num_experts:
+            continue
+        slot, token = torch.where(mask[expert])
+        gate, up = torch.nn.functional.linear(x[token], module.gate_up_proj[expert]).chunk(2, -1)
+        if _rule() == "cp-lrp":
+            z = module.act_fn(gate.detach()) * up
+        else:
+            z = _uniform(module.act_fn(gate), up)
+        y = torch.nn.functional.linear(z, module.down_proj[expert]) * weights[token, slot, None]
+        out = out.index_add(0, token, y.to(out.dtype))
+    return out
+
+
+def _router(module: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """A mixture's router as transformers computes it, its routing weights held constant."""
+    logits, weights, index = type(module).forward(module, x)
+    return logits, weights.detach(), index
+
+
+def _shared_experts(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Qwen2-MoE's block: the routed experts plus a shared expert scaled by a sigmoid gate, held
+    constant as the routing weights are."""
+    batch, length, width = x.shape
+    rows = x.view(-1, width)
+    _, weights, index = module.gate(rows)
+    routed = module.experts(rows, index, weights)
+    gate = torch.sigmoid(module.shared_expert_gate(rows)).detach()
+    return (routed + gate * module.shared_expert(rows)).reshape(batch, length, width)
+
+
 def _tanh_head(module: torch.nn.Module, features: torch.Tensor, **_: Any) -> torch.Tensor:
     """RoBERTa's and XLM-R's classification head, ``out_proj(tanh(dense(features[:, 0])))``,
     whose ``torch.tanh`` is a function call, not a module: here it gets the identity rule."""
@@ -253,6 +296,19 @@ _PATCHED: dict[str, Callable[..., torch.Tensor]] = {
     "SmolLM3MLP": _gated_mlp,
     "GraniteMLP": _gated_mlp,
     "ModernBertMLP": _glu_mlp,
+    # mixtures of experts: Mixtral, Qwen2-MoE (a gated shared expert), Qwen3-MoE
+    "MixtralRMSNorm": _rms_norm,
+    "Qwen2MoeRMSNorm": _rms_norm,
+    "Qwen3MoeRMSNorm": _rms_norm,  # also its per-head query and key norms
+    "Qwen2MoeMLP": _gated_mlp,  # the shared expert
+    "Qwen3MoeMLP": _gated_mlp,  # its dense layers (`mlp_only_layers`)
+    "MixtralExperts": _experts,
+    "Qwen2MoeExperts": _experts,
+    "Qwen3MoeExperts": _experts,
+    "MixtralTopKRouter": _router,
+    "Qwen2MoeTopKRouter": _router,
+    "Qwen3MoeTopKRouter": _router,
+    "Qwen2MoeSparseMoeBlock": _shared_experts,
     "RobertaClassificationHead": _tanh_head,
     "XLMRobertaClassificationHead": _tanh_head,
     "CamembertClassificationHead": _tanh_head,
@@ -282,6 +338,9 @@ _ATTENTION = frozenset(
         "XLMRobertaSelfAttention",
         "CamembertSelfAttention",
         "ModernBertAttention",  # fused Wqkv split by views, rotary tables, local windows: masks
+        "MixtralAttention",
+        "Qwen2MoeAttention",
+        "Qwen3MoeAttention",  # its query and key norms are Qwen3MoeRMSNorm children (patched)
         "ElectraSelfAttention",
         "DistilBertSelfAttention",  # its output projection `out_lin` is a child Linear
         "MarianAttention",
@@ -308,6 +367,8 @@ _LINEAR = frozenset(
         "Gemma2TextScaledWordEmbedding",
         "Gemma3TextScaledWordEmbedding",
         "Gemma3RotaryEmbedding",  # local and global tables: constants
+        "MixtralSparseMoeBlock",  # its router and experts (patched), reshapes
+        "Qwen3MoeSparseMoeBlock",
         "Gemma3DecoderLayer",  # norms after attention and MLP (patched), then residual sums
         "Gemma3TextModel",
         "Gemma3ForCausalLM",
@@ -340,6 +401,9 @@ _LINEAR = frozenset(
                 "Olmo2",
                 "Gemma2",
                 "Granite",  # constant factors on the embeddings, each block's output, the logits
+                "Mixtral",
+                "Qwen2Moe",
+                "Qwen3Moe",
             )
             for part in (
                 "RotaryEmbedding",
@@ -453,6 +517,9 @@ ARCHITECTURES = (
     "phi3",
     "smollm3",
     "granite",
+    "mixtral",
+    "qwen2_moe",
+    "qwen3_moe",
     "gpt_neox",
     "opt",
     "bert",
