@@ -916,7 +916,7 @@ def _causal_lm(name: str) -> tuple:
     if name == "Gemma2":  # caps these small weights' scores and logits reach; a 3-token window
         config.attn_logit_softcapping, config.final_logit_softcapping = 0.5, 2.0
         config.sliding_window = 3
-    if name in ("Mixtral", "Qwen2Moe", "Qwen3Moe"):  # top-2 of 4 experts (Qwen2-MoE: shared)
+    if name in ("Mixtral", "Qwen2Moe", "Qwen3Moe", "Olmoe"):  # top-2 of 4 (Qwen2-MoE: shared)
         config.num_local_experts = config.num_experts = 4
         config.num_experts_per_tok, config.moe_intermediate_size = 2, 16
         config.shared_expert_intermediate_size = 32
@@ -964,6 +964,7 @@ BIAS_FREE = {
     "mixtral": lambda: _causal_lm("Mixtral"),
     "qwen2_moe": lambda: _causal_lm("Qwen2Moe"),
     "qwen3_moe": lambda: _causal_lm("Qwen3Moe"),
+    "olmoe": lambda: _causal_lm("Olmoe"),  # query and key norms over all heads
     "olmo2": lambda: _causal_lm("Olmo2"),
     "granite": lambda: _causal_lm("Granite"),  # scaled embeddings, blocks' outputs and logits
     "gemma3-classifier": lambda: _classifier("Gemma3"),
@@ -1004,7 +1005,7 @@ def test_cp_lrp_is_exactly_conservative_without_biases(arch):
     islands += ("gemma2",)
     islands += ("olmo2", "granite", *NEIGHBOURS)
     islands += ("modernbert", "modernbert-mean")  # its rotary embedding rounds q and k to float32
-    islands += ("mixtral", "qwen2_moe", "qwen3_moe")
+    islands += ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
     tolerance = 1e-5 if arch in islands else 1e-9
     np.testing.assert_allclose(
         got.sum(("source", "hidden")).values, _logits(model, got), rtol=tolerance, atol=tolerance
@@ -1028,6 +1029,7 @@ def test_cp_lrp_is_exactly_conservative_without_biases(arch):
         "mixtral",
         "qwen2_moe",
         "qwen3_moe",
+        "olmoe",
     ],
 )
 def test_llama_family_equals_explicit_layer_by_layer_lrp(arch, rule):
@@ -1147,6 +1149,14 @@ def test_unsupported_modules_are_refused():
     hf.transformer.h[1].mlp.act = torch.nn.Sigmoid()
     with pytest.raises(ax.ModelError, match=r"modules Sigmoid \(`transformer\.h\.1\.mlp\.act`\)"):
         ax.lrp(ax.load_model(hf, tokenizer=tok), "a b", " c")
+
+
+def test_clipped_queries_keys_and_values_are_refused():
+    """OLMoE's ``clip_qkv`` clamps them in place inside its attention: no rule, a ModelError."""
+    hf, tok = _causal_lm("Olmoe")
+    hf.config.clip_qkv = 1.0
+    with pytest.raises(ax.ModelError, match=r"clips its queries, keys and values \(clip_qkv=1.0"):
+        ax.lrp(ax.load_model(hf, tokenizer=tok), PROMPT, TARGET)
 
 
 def test_unsupported_encoder_parts_are_refused():

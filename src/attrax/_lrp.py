@@ -300,14 +300,17 @@ _PATCHED: dict[str, Callable[..., torch.Tensor]] = {
     "MixtralRMSNorm": _rms_norm,
     "Qwen2MoeRMSNorm": _rms_norm,
     "Qwen3MoeRMSNorm": _rms_norm,  # also its per-head query and key norms
+    "OlmoeRMSNorm": _rms_norm,  # also its query and key norms over all heads
     "Qwen2MoeMLP": _gated_mlp,  # the shared expert
     "Qwen3MoeMLP": _gated_mlp,  # its dense layers (`mlp_only_layers`)
     "MixtralExperts": _experts,
     "Qwen2MoeExperts": _experts,
     "Qwen3MoeExperts": _experts,
+    "OlmoeExperts": _experts,
     "MixtralTopKRouter": _router,
     "Qwen2MoeTopKRouter": _router,
     "Qwen3MoeTopKRouter": _router,
+    "OlmoeTopKRouter": _router,
     "Qwen2MoeSparseMoeBlock": _shared_experts,
     "RobertaClassificationHead": _tanh_head,
     "XLMRobertaClassificationHead": _tanh_head,
@@ -341,6 +344,7 @@ _ATTENTION = frozenset(
         "MixtralAttention",
         "Qwen2MoeAttention",
         "Qwen3MoeAttention",  # its query and key norms are Qwen3MoeRMSNorm children (patched)
+        "OlmoeAttention",  # query and key norms over all heads (patched); no clip_qkv
         "ElectraSelfAttention",
         "DistilBertSelfAttention",  # its output projection `out_lin` is a child Linear
         "MarianAttention",
@@ -369,6 +373,7 @@ _LINEAR = frozenset(
         "Gemma3RotaryEmbedding",  # local and global tables: constants
         "MixtralSparseMoeBlock",  # its router and experts (patched), reshapes
         "Qwen3MoeSparseMoeBlock",
+        "OlmoeSparseMoeBlock",
         "Gemma3DecoderLayer",  # norms after attention and MLP (patched), then residual sums
         "Gemma3TextModel",
         "Gemma3ForCausalLM",
@@ -404,6 +409,7 @@ _LINEAR = frozenset(
                 "Mixtral",
                 "Qwen2Moe",
                 "Qwen3Moe",
+                "Olmoe",
             )
             for part in (
                 "RotaryEmbedding",
@@ -520,6 +526,7 @@ ARCHITECTURES = (
     "mixtral",
     "qwen2_moe",
     "qwen3_moe",
+    "olmoe",
     "gpt_neox",
     "opt",
     "bert",
@@ -553,6 +560,11 @@ def _plan(hf: torch.nn.Module) -> list[tuple[torch.nn.Module, Callable[..., torc
         raise ModelError(
             f"lrp: {name} does not route attention through transformers' AttentionInterface, "
             "so attrax cannot install its LRP attention"
+        )
+    if getattr(config, "clip_qkv", None) is not None:  # OLMoE's clamp, in place in its forward
+        raise ModelError(
+            f"lrp: {name} clips its queries, keys and values (clip_qkv={config.clip_qkv}); "
+            "attrax has no LRP rule for that clamp"
         )
     patches = []
     unknown: dict[str, str] = {}  # module type -> where it first occurs
