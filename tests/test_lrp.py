@@ -149,7 +149,7 @@ def _mlp_forward(mlp, n2: torch.Tensor) -> tuple[torch.Tensor, tuple]:
         w_gate, w_up, act = _gate_up(mlp)
         out, dense = _gated_forward(n2, w_gate, w_up, mlp.down_proj.weight, act)
         return out, ("dense", dense)
-    _, weights, index = mlp.gate(n2)
+    _, weights, index = (getattr(mlp, "gate", None) or mlp.router)(n2)  # Granite MoE: `router`
     out, terms = torch.zeros_like(n2), []
     for i in range(n2.shape[0]):  # every token's chosen experts, one by one
         for slot in range(index.shape[1]):
@@ -205,7 +205,7 @@ def llama_lrp_reference(
     positions = torch.arange(t)
     saved, h = [], x
     for layer in hf.model.layers:
-        att, mlp = layer.self_attn, layer.mlp
+        att, mlp = layer.self_attn, getattr(layer, "mlp", None) or layer.block_sparse_moe
         scale = att.scaling  # Gemma: query_pre_attn_scalar ** -0.5
         kind = getattr(att, "layer_type", None)  # Gemma 3: a table per layer type
         tables = (kind,) if type(att).__name__ == "Gemma3Attention" else ()
@@ -272,7 +272,7 @@ def llama_lrp_reference(
         layer, rot, h, n1, q, k, v, qn, kn, qr, kr, kf, vf, s, capped, a, o, attn, an, h1, ffn,
         on, h2,
     ) in reversed(saved):  # fmt: skip
-        att, mlp = layer.self_attn, layer.mlp
+        att, mlp = layer.self_attn, getattr(layer, "mlp", None) or layer.block_sparse_moe
         # residual h2 = h1 + on: split in proportion to the summands; Gemma 3's norm of the MLP's
         # output (scale constant, elementwise) passes its share on to `out`
         r_h1, r_out = h1 / h2 * relevance, branch * on / h2 * relevance
@@ -911,12 +911,12 @@ def _causal_lm(name: str) -> tuple:
         config.no_rope_layers = [1, 0]
     if name == "Gemma3":  # a local layer (3-token window, its own RoPE table), a global one
         config.layer_types, config.sliding_window = ["sliding_attention", "full_attention"], 3
-    if name == "Granite":  # its multipliers, far from 1
+    if name.startswith("Granite"):  # its multipliers, far from 1
         config.update(GRANITE)
     if name == "Gemma2":  # caps these small weights' scores and logits reach; a 3-token window
         config.attn_logit_softcapping, config.final_logit_softcapping = 0.5, 2.0
         config.sliding_window = 3
-    if name in ("Mixtral", "Qwen2Moe", "Qwen3Moe", "Olmoe"):  # top-2 of 4 (Qwen2-MoE: shared)
+    if name in ("Mixtral", "Qwen2Moe", "Qwen3Moe", "Olmoe", "GraniteMoe"):  # top-2 of 4 experts
         config.num_local_experts = config.num_experts = 4
         config.num_experts_per_tok, config.moe_intermediate_size = 2, 16
         config.shared_expert_intermediate_size = 32
@@ -965,6 +965,7 @@ BIAS_FREE = {
     "qwen2_moe": lambda: _causal_lm("Qwen2Moe"),
     "qwen3_moe": lambda: _causal_lm("Qwen3Moe"),
     "olmoe": lambda: _causal_lm("Olmoe"),  # query and key norms over all heads
+    "granitemoe": lambda: _causal_lm("GraniteMoe"),  # experts in `block_sparse_moe`
     "olmo2": lambda: _causal_lm("Olmo2"),
     "granite": lambda: _causal_lm("Granite"),  # scaled embeddings, blocks' outputs and logits
     "gemma3-classifier": lambda: _classifier("Gemma3"),
@@ -1005,7 +1006,7 @@ def test_cp_lrp_is_exactly_conservative_without_biases(arch):
     islands += ("gemma2",)
     islands += ("olmo2", "granite", *NEIGHBOURS)
     islands += ("modernbert", "modernbert-mean")  # its rotary embedding rounds q and k to float32
-    islands += ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
+    islands += ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe")
     tolerance = 1e-5 if arch in islands else 1e-9
     np.testing.assert_allclose(
         got.sum(("source", "hidden")).values, _logits(model, got), rtol=tolerance, atol=tolerance
@@ -1030,6 +1031,7 @@ def test_cp_lrp_is_exactly_conservative_without_biases(arch):
         "qwen2_moe",
         "qwen3_moe",
         "olmoe",
+        "granitemoe",
     ],
 )
 def test_llama_family_equals_explicit_layer_by_layer_lrp(arch, rule):

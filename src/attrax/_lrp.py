@@ -301,16 +301,19 @@ _PATCHED: dict[str, Callable[..., torch.Tensor]] = {
     "Qwen2MoeRMSNorm": _rms_norm,
     "Qwen3MoeRMSNorm": _rms_norm,  # also its per-head query and key norms
     "OlmoeRMSNorm": _rms_norm,  # also its query and key norms over all heads
+    "GraniteMoeRMSNorm": _rms_norm,
     "Qwen2MoeMLP": _gated_mlp,  # the shared expert
     "Qwen3MoeMLP": _gated_mlp,  # its dense layers (`mlp_only_layers`)
     "MixtralExperts": _experts,
     "Qwen2MoeExperts": _experts,
     "Qwen3MoeExperts": _experts,
     "OlmoeExperts": _experts,
+    "GraniteMoeExperts": _experts,
     "MixtralTopKRouter": _router,
     "Qwen2MoeTopKRouter": _router,
     "Qwen3MoeTopKRouter": _router,
     "OlmoeTopKRouter": _router,
+    "GraniteMoeTopKRouter": _router,
     "Qwen2MoeSparseMoeBlock": _shared_experts,
     "RobertaClassificationHead": _tanh_head,
     "XLMRobertaClassificationHead": _tanh_head,
@@ -345,6 +348,7 @@ _ATTENTION = frozenset(
         "Qwen2MoeAttention",
         "Qwen3MoeAttention",  # its query and key norms are Qwen3MoeRMSNorm children (patched)
         "OlmoeAttention",  # query and key norms over all heads (patched); no clip_qkv
+        "GraniteMoeAttention",
         "ElectraSelfAttention",
         "DistilBertSelfAttention",  # its output projection `out_lin` is a child Linear
         "MarianAttention",
@@ -374,6 +378,7 @@ _LINEAR = frozenset(
         "MixtralSparseMoeBlock",  # its router and experts (patched), reshapes
         "Qwen3MoeSparseMoeBlock",
         "OlmoeSparseMoeBlock",
+        "GraniteMoeMoE",
         "Gemma3DecoderLayer",  # norms after attention and MLP (patched), then residual sums
         "Gemma3TextModel",
         "Gemma3ForCausalLM",
@@ -410,6 +415,7 @@ _LINEAR = frozenset(
                 "Qwen2Moe",
                 "Qwen3Moe",
                 "Olmoe",
+                "GraniteMoe",
             )
             for part in (
                 "RotaryEmbedding",
@@ -527,6 +533,7 @@ ARCHITECTURES = (
     "qwen2_moe",
     "qwen3_moe",
     "olmoe",
+    "granitemoe",
     "gpt_neox",
     "opt",
     "bert",
