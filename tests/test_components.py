@@ -1144,6 +1144,21 @@ def t5_double(arch: str = "t5") -> ax.Model:
     return ax.load_model(hf, tokenizer=tok)
 
 
+def traced_translation(model: ax.Model, ids: list[int], decoder_ids: list[int], handles: list):
+    """One eager forward of a translator with its attention maps; ``handles`` removed after."""
+    try:
+        with torch.no_grad(), model.attention_as("eager", required=True):
+            return model.hf(
+                input_ids=torch.tensor([ids]),
+                decoder_input_ids=torch.tensor([decoder_ids]),
+                output_attentions=True,
+                use_cache=False,
+            )
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def naive_t5_dla(model: ax.Model, source: str, target: str):
     """Per target, decoder layer, head and source, from one plain HF forward: cross heads over the
     encoder tokens, self heads over the decoder positions, the MLP at the predicting position;
@@ -1172,15 +1187,7 @@ def naive_t5_dla(model: ax.Model, source: str, target: str):
             )
         )
     handles.append(norm.register_forward_pre_hook(lambda m, a: found.__setitem__("final", a[0][0])))
-    with torch.no_grad(), model.attention_as("eager", required=True):
-        out = hf(
-            input_ids=torch.tensor([ids]),
-            decoder_input_ids=torch.tensor([decoder_ids]),
-            output_attentions=True,
-            use_cache=False,
-        )
-    for h in handles:
-        h.remove()
+    out = traced_translation(model, ids, decoder_ids, handles)
     heads = hf.config.num_heads
     d = hf.config.d_kv
     n_layers = len(blocks)
@@ -1249,15 +1256,7 @@ def naive_pre_norm_dla(model: ax.Model, source: str, target: str):
             with_kwargs=True,
         )
     )
-    with torch.no_grad(), model.attention_as("eager", required=True):
-        out = hf(
-            input_ids=torch.tensor([ids]),
-            decoder_input_ids=torch.tensor([decoder_ids]),
-            output_attentions=True,
-            use_cache=False,
-        )
-    for h in handles:
-        h.remove()
+    out = traced_translation(model, ids, decoder_ids, handles)
     heads = hf.config.decoder_attention_heads
     d = hf.config.d_model // heads
     unembed = hf.get_output_embeddings().weight
