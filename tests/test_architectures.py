@@ -42,6 +42,9 @@ CONFIGS = {
     "qwen2": lambda v: T.Qwen2Config(
         vocab_size=v, intermediate_size=64, num_key_value_heads=2, **SIZES
     ),
+    "gemma": lambda v: T.GemmaConfig(  # 1 + weight norms, scaled embeddings, tanh-GELU gate
+        vocab_size=v, intermediate_size=64, num_key_value_heads=2, head_dim=8, **SIZES
+    ),
     "gemma2": lambda v: T.Gemma2Config(
         vocab_size=v,
         intermediate_size=64,

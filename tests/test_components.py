@@ -34,7 +34,8 @@ def models64() -> dict[str, ax.Model]:
         built[arch] = ax.load_model(full_double(llama_like(arch, tok)), tokenizer=tok)
     for arch in NEIGHBOURS:
         built[arch] = ax.load_model(neighbour(arch, tok).double(), tokenizer=tok)
-    for arch in ("gemma2", "gemma3", "olmo2"):  # norms on each attention's and MLP's output
+    # norms on each attention's and MLP's output (Gemma 1: 1 + weight norms only)
+    for arch in ("gemma", "gemma2", "gemma3", "olmo2"):
         hf = _family(arch, tok, attn_implementation="eager")
         hf.config.final_logit_softcapping = None  # a linear readout (DLA refuses the cap)
         with torch.no_grad():  # random gains (Gemma's norms scale by 1 + weight, weight 0)
@@ -290,7 +291,8 @@ def naive_dla(model: ax.Model, source: str, target: str, contrast: str | None = 
 
 
 DLA_ARCHS = (
-    "gpt2", "llama", "mistral", "qwen2", "phi3", "qwen3", "smollm3", "gemma2", "gemma3", "olmo2",
+    "gpt2", "llama", "mistral", "qwen2", "phi3", "qwen3", "smollm3", "gemma", "gemma2", "gemma3",
+    "olmo2",
     "granite", *EXPERTS,
 )  # fmt: skip
 

@@ -210,7 +210,7 @@ def naive_alti_layers(model: ax.Model, ids: torch.Tensor):
     return per_layer
 
 
-ALTI_ARCHS = (*ARCHS, "phi3", "pythia", "qwen3", "smollm3", "gemma2", "gemma3", "olmo2")
+ALTI_ARCHS = (*ARCHS, "phi3", "pythia", "qwen3", "smollm3", "gemma", "gemma2", "gemma3", "olmo2")
 
 
 # BERT's layout in classes of their own (ELECTRA's embeddings projected to its width), and
@@ -653,7 +653,7 @@ def _fused(family: str) -> ax.Model:
     # transformers' grouped matmul of experts takes no float64: a loop over them does
     kw = {"experts_implementation": "eager"} if family in EXPERTS else {}
     hf = _family(family, tok, attn_implementation="eager", **kw)
-    if family in ("gemma2", "gemma3", "olmo2", "granite", "granitemoe"):
+    if family in ("gemma", "gemma2", "gemma3", "olmo2", "granite", "granitemoe"):
         with torch.no_grad():  # random gains; Gemma's norms scale by 1 + weight, initialised at 0
             for module in hf.modules():
                 if type(module).__name__.endswith("RMSNorm"):
@@ -878,7 +878,7 @@ LOGIT_KINDS = (
 
 
 @pytest.mark.parametrize(
-    "kind", [*LOGIT_KINDS, "olmo2", "gemma2", "classifier", "qwen2_moe", "granitemoe"]
+    "kind", [*LOGIT_KINDS, "olmo2", "gemma", "gemma2", "classifier", "qwen2_moe", "granitemoe"]
 )
 def test_alti_logit_matches_naive(mixing_models, kind):
     """GPT-2 (LayerNorm: centered direction), Llama with a contrast (RMSNorm: no centering; the

@@ -71,6 +71,7 @@ FAMILIES: dict[str, Callable[[], ax.Model]] = {
     "Qwen3": _causal("qwen3"),
     "Phi-3": _causal("phi3"),
     "SmolLM3": _causal("smollm3"),
+    "Gemma": _causal("gemma"),
     "Gemma 2": _causal("gemma2"),
     "Gemma 3": _tiny("gemma3"),
     "OLMo 2": _causal("olmo2"),

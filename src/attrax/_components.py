@@ -154,7 +154,17 @@ class _Parts:
 # only: queries and keys), and Phi-3's, whose values come out of one qkv_proj after the queries
 # and keys, Granite's (constant factors on what each block adds and on the logits), and the
 # mixtures of experts', whose routed MLP's output is what the block adds
-_LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3", "smollm3", "phi3", "granite", *_arch.EXPERTS)
+_LLAMA_LIKE = (
+    "llama",
+    "mistral",
+    "gemma",  # its norms scale by 1 + weight (`norm_gain`)
+    "qwen2",
+    "qwen3",
+    "smollm3",
+    "phi3",
+    "granite",
+    *_arch.EXPERTS,
+)
 
 
 def _parts(model: Model, method: str) -> _Parts:

@@ -526,6 +526,7 @@ _PRE_NORM = (
     "gpt2",
     "llama",
     "mistral",
+    "gemma",
     "qwen2",
     "qwen3",
     "smollm3",
