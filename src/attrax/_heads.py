@@ -38,12 +38,7 @@ from ._engine import Problem
 from ._errors import ModelError, OptionError
 from ._gradients import QUADRATURES, check_quadrature_steps, quadrature_nodes
 from ._memory import Cost, at_least_float32, full_precision, head_bytes, plan, to_host
-from ._model import (
-    Model,
-    attention_modules,
-    refuse_layers_without_attention,
-    refuse_mean_pooling,
-)
+from ._model import Model, attention_modules, refuse_mean_pooling
 from ._protocol import Call, Family
 from ._schema import target_coordinates
 
@@ -231,7 +226,6 @@ def _placed(model: Model) -> dict[torch.nn.Module, Key]:
             f"{type(model.hf).__name__}: attrax finds no attention modules in it to probe "
             "(its transformers class records no attentions)"
         )
-    refuse_layers_without_attention(model.hf, found)
     count: dict[str, int] = {}
     where = {}
     for module, (stack, _) in found.items():

@@ -47,7 +47,6 @@ from ._model import (
     attention_modules,
     norm_divisor,
     norm_gain,
-    refuse_layers_without_attention,
     refuse_mean_pooling,
 )
 from ._protocol import Call, Family
@@ -112,9 +111,7 @@ def _layers(model: Model, stack: str = "self") -> list[_Layer]:
     if model.is_encoder_decoder and stack == "self":
         raise ModelError(f"{model.name} ({_architecture(model)}): {_NOT_ENC_DEC}")
     names = {module: name for name, module in model.hf.named_modules()}
-    modules = attention_modules(model.hf)
-    refuse_layers_without_attention(model.hf, modules)
-    found = [m for m, (kind, _) in modules.items() if kind == stack]
+    found = [m for m, (kind, _) in attention_modules(model.hf).items() if kind == stack]
     layers = []
     for attention in found:
         parts = names[attention].split(".")
@@ -542,8 +539,6 @@ _POST_NORM = ("bert", "roberta", "xlm-roberta", "camembert", "electra", "distilb
 # post-norm encoder-decoders ALTI+ decomposes: encoder, decoder self- and cross-attention blocks
 # (each followed by its LayerNorm)
 _SEQ2SEQ = ("marian", "bart")
-# pre-norm encoder-decoders (a LayerNorm before each attention, inside its values)
-_SEQ2SEQ_PRE_NORM = _arch.PRE_NORM_SEQ2SEQ
 # T5's layout: each attention in a sub-layer (its RMSNorm, the attention, the residual sum), no
 # biases, relative position biases inside the weights
 _T5 = ("t5", "mt5")
@@ -578,7 +573,7 @@ class _Parts:
 
 def _parts(model: Model, layer: _Layer, stack: str = "self") -> _Parts:
     kind = _architecture(model)
-    known = _PRE_NORM + _arch.SANDWICH + _POST_NORM + _SEQ2SEQ + _SEQ2SEQ_PRE_NORM + _T5
+    known = _PRE_NORM + _arch.SANDWICH + _POST_NORM + _SEQ2SEQ + _arch.PRE_NORM_SEQ2SEQ + _T5
     if kind not in known:
         raise ModelError(
             f"{model.name}: ALTI has no decomposition for the {kind!r} architecture; attrax "
@@ -590,7 +585,7 @@ def _parts(model: Model, layer: _Layer, stack: str = "self") -> _Parts:
         if project.bias is not None:  # it would sit inside that norm, per query
             raise ModelError(f"{model.name}: ALTI has no decomposition for a biased o_proj here")
         return _Parts(project.weight, None, None, layer.block.post_attention_layernorm)
-    if kind in _SEQ2SEQ_PRE_NORM:  # the block output is the residual plus the attention's
+    if kind in _arch.PRE_NORM_SEQ2SEQ:  # the block output is the residual plus the attention's
         project, norm = layer.attention.out_proj, None
     elif kind in _T5:  # the recorded sub-layer holds the attention and its output projection
         inner = getattr(layer.attention, "SelfAttention", None) or layer.attention.EncDecAttention
@@ -645,11 +640,11 @@ class _Decomposition:
     def __init__(self, model: Model, t: Tensors, on_layer: Callable[..., None]) -> None:
         self.model, self.t, self.on_layer = model, t, on_layer
         if model.is_encoder_decoder:
-            if _architecture(model) not in _SEQ2SEQ + _SEQ2SEQ_PRE_NORM + _T5:
+            if _architecture(model) not in _SEQ2SEQ + _arch.PRE_NORM_SEQ2SEQ + _T5:
                 raise ModelError(
                     f"{model.name} ({_architecture(model)}): ALTI+ decomposes the post-norm "
                     f"encoder-decoders {', '.join(_SEQ2SEQ)} and the pre-norm "
-                    f"{', '.join(_SEQ2SEQ_PRE_NORM + _T5)}"
+                    f"{', '.join(_arch.PRE_NORM_SEQ2SEQ + _T5)}"
                 )
             names = ("encoder", "decoder", "cross")
         else:
@@ -673,7 +668,7 @@ class _Decomposition:
         residual_of: dict[int, tuple[str, int]] = {}  # the module whose input is the residual
         values_of: dict[int, tuple[str, int]] = {}
         modules: dict[int, torch.nn.Module] = {}
-        pre_norm = _architecture(self.model) in _SEQ2SEQ_PRE_NORM
+        pre_norm = _architecture(self.model) in _arch.PRE_NORM_SEQ2SEQ
         for name, layers in self.stacks.items():
             for i, layer in enumerate(layers):
                 owner = layer.block

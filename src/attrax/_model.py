@@ -342,7 +342,6 @@ class Model:
         logits.
         """
         modules = attention_modules(self.hf)
-        refuse_layers_without_attention(self.hf, modules)
 
         def hook(module: torch.nn.Module, _args: Any, output: Any) -> None:
             stack, index = modules[module]
@@ -1519,7 +1518,7 @@ def refuse_mean_pooling(model: Model, method: str) -> None:
         )
 
 
-def refuse_layers_without_attention(
+def _refuse_layers_without_attention(
     hf: PreTrainedModel, modules: dict[torch.nn.Module, tuple[str, int]]
 ) -> None:
     """A ModelError for a decoder-only hybrid, some of whose layers mix tokens without attention
@@ -1541,7 +1540,8 @@ def attention_modules(hf: PreTrainedModel) -> dict[torch.nn.Module, tuple[str, i
 
     Read from the table transformers itself records attentions by (``_can_record_outputs`` of
     each sub-model: a class, a layer name, an index into the output); empty for a model without
-    one, whose maps then come from ``output_attentions``.
+    one, whose maps then come from ``output_attentions``. A ModelError for a hybrid some of whose
+    layers do not attend.
     """
     encoder = hf.get_encoder() if getattr(hf.config, "is_encoder_decoder", False) else None
     in_encoder = {id(m) for m in encoder.modules()} if encoder is not None else set()
@@ -1572,4 +1572,5 @@ def attention_modules(hf: PreTrainedModel) -> dict[torch.nn.Module, tuple[str, i
                     else:
                         stack = "decoder" if encoder is not None else "self"
                     found[module] = (stack, index)
+    _refuse_layers_without_attention(hf, found)
     return found
