@@ -1436,17 +1436,23 @@ def seq2seq_lrp_reference(
         r_query, r_keys = _attention_backward(layer.self_attn, att, r_y, rule)
         relevance = r_h + r_query + r_keys
     r_src = relevance
-    sides = []
-    for x, e, norm, h0, r in (
-        (x_src, e_src, ln_src, h_src, r_src),
-        (x_dec, e_dec, ln_dec, h_dec, r_dec),
-    ):
-        if norm is not None:  # BART's layernorm_embedding
-            r = _layer_norm_messages(e, norm, r, h0)
-        # the position embeddings keep their share (Marian's start token is the zero pad row,
-        # where e is a sinusoid's zero: nothing to share)
-        sides.append(torch.where(x == 0, 0.0, x / e * r).numpy())
+    sides = _token_shares(
+        ((x_src, e_src, ln_src, h_src, r_src), (x_dec, e_dec, ln_dec, h_dec, r_dec))
+    )
     return sides[0], sides[1], logit
+
+
+def _token_shares(stacks: tuple) -> list[np.ndarray]:
+    """Per stack ``(x, e, norm, h0, r)``: the token embeddings' share ``x / e`` of the relevance
+    of the summed embeddings ``e`` (through BART's or mBART's ``layernorm_embedding`` first). The
+    position embeddings keep theirs (Marian's start token is the zero pad row, where ``e`` is a
+    sinusoid's zero: nothing to share)."""
+    sides = []
+    for x, e, norm, h0, r in stacks:
+        if norm is not None:
+            r = _layer_norm_messages(e, norm, r, h0)
+        sides.append(torch.where(x == 0, 0.0, x / e * r).numpy())
+    return sides
 
 
 def _pre_norm_block(norm, h: torch.Tensor, block) -> tuple[torch.Tensor, tuple]:
@@ -1516,14 +1522,9 @@ def pre_norm_seq2seq_lrp_reference(
         own_back = partial(_self_backward, layer.self_attn, rule)
         relevance = _pre_norm_block_backward(att, relevance, own_back)
     r_src = relevance
-    sides = []
-    for x, e, norm, h0, r in (
-        (x_src, e_src, ln_src, h_src, r_src),
-        (x_dec, e_dec, ln_dec, h_dec, r_dec),
-    ):
-        if norm is not None:  # mBART's layernorm_embedding
-            r = _layer_norm_messages(e, norm, r, h0)
-        sides.append(torch.where(x == 0, 0.0, x / e * r).numpy())
+    sides = _token_shares(
+        ((x_src, e_src, ln_src, h_src, r_src), (x_dec, e_dec, ln_dec, h_dec, r_dec))
+    )
     return sides[0], sides[1], logit
 
 
