@@ -1431,17 +1431,36 @@ _register_mix()
 
 
 class mixing:
-    """``with mixing(model):`` the model's attention is :func:`_mixed_attention`."""
+    """``with mixing(model):`` the model's attention is :func:`_mixed_attention`. DeBERTa-v2's
+    disentangled attention runs its own code: its weights are read, and moved, where that code
+    hands them to its dropout (the identity in eval mode)."""
 
     def __init__(self, model: ax.Model) -> None:
         self.hf = model.hf
+        self.disentangled = [
+            m for m in model.hf.modules() if type(m).__name__ == "DisentangledSelfAttention"
+        ]
 
     def __enter__(self) -> None:
+        self.handles = []
+        for attention in self.disentangled:
+
+            def weights(_m, _a, probabilities, module=attention):
+                if module is MIXED["module"]:
+                    probabilities = probabilities + MIXED["delta"]
+                MIXED["seen"][module] = probabilities[0].detach().clone()
+                return probabilities
+
+            self.handles.append(attention.dropout.register_forward_hook(weights))
         self.previous = self.hf.config._attn_implementation
-        self.hf.set_attn_implementation(MIX)
+        if not self.disentangled:
+            self.hf.set_attn_implementation(MIX)
 
     def __exit__(self, *exc: object) -> None:
-        self.hf.set_attn_implementation(self.previous)
+        for handle in self.handles:
+            handle.remove()
+        if not self.disentangled:
+            self.hf.set_attn_implementation(self.previous)
         MIXED.update(module=None, delta=None, seen={})
 
 
@@ -1746,7 +1765,8 @@ def test_atp_cross_attention_inputs(encdec64, arch, site):
 
 
 def classifier_nodes(model, site, text, bad, target):
-    """As :func:`decoder_only_nodes` for a BERT sequence classifier's class ``target``."""
+    """As :func:`decoder_only_nodes` for a BERT or DeBERTa-v2 sequence classifier's class
+    ``target`` (DeBERTa names its projections `query_proj`, `key_proj`, `value_proj`)."""
     tok = model.tokenizer
     ids, bad_ids = tok(text).input_ids, tok(bad).input_ids
     assert len(ids) == len(bad_ids)
@@ -1759,11 +1779,12 @@ def classifier_nodes(model, site, text, bad, target):
         with replaced(patches):
             return read_scores(forward(ids), [target], "logit")
 
-    layers = model.hf.bert.encoder.layer
+    layers = model.hf.base_model.encoder.layer
     where = {}
     for n, layer in enumerate(layers):
         attn = layer.attention.self
-        module = {"queries": attn.query, "keys": attn.key, "values": attn.value}[site]
+        name = {"queries": "query", "keys": "key", "values": "value"}[site]
+        module = getattr(attn, name, None) or getattr(attn, f"{name}_proj")
         d = attn.attention_head_size
         for h in range(attn.num_attention_heads):
             where[n, h] = (module, slice(h * d, (h + 1) * d), attn)
@@ -1771,12 +1792,22 @@ def classifier_nodes(model, site, text, bad, target):
     return nodes, scores, (1, len(ids), len(layers), model.hf.config.num_attention_heads)
 
 
-@pytest.mark.parametrize("site", ["values", "keys"])
-def test_atp_attention_inputs_bert_classifier(site):
+@pytest.mark.parametrize(
+    ("arch", "site"),
+    [
+        ("bert", "values"),
+        ("bert", "keys"),
+        ("deberta-v2", "values"),
+        ("deberta-v2", "keys"),
+        ("deberta-v2", "queries"),
+    ],
+)
+def test_atp_attention_inputs_of_encoder_classifiers(arch, site):
     """An encoder-only classifier: plain AtP of the values against central differences through
-    the hooked `value` Linears; the keys' QK fix against the naive fix (no causal mask: a key
-    moves every row)."""
-    hf, tok = tiny_classifier("bert")
+    the hooked value Linears; the keys' and queries' QK fix against the naive fix (no causal
+    mask: a key moves every row). DeBERTa-v2's queries and keys also meet its relative
+    positions' projections."""
+    hf, tok = tiny_classifier(arch)
     model = ax.load_model(hf.double(), tokenizer=tok)
     text, bad = "a good day", "the good day"
     got = ax.attribution_patching(model, text, 1, corrupted=bad, site=site, objective="logit")

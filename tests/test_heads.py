@@ -353,29 +353,42 @@ def test_batched_equals_single(models64, method, kw):
         np.testing.assert_allclose(got.values, one.values, rtol=1e-7, atol=1e-12, equal_nan=True)
 
 
-@pytest.mark.parametrize("task", ["sequence", "token"])
-def test_classifier_rows(task):
-    hf, tok = tiny_classifier("bert", task=task)
+def classifier_maps(model: ax.Model, ids, scale: dict | None = None):
+    """The classifier's logits and maps from its own transformers forward (graph on), each layer
+    in ``scale`` {layer: alpha} with its attention output times alpha (a pre-hook on the
+    projection after ``A @ V``: BERT's and DeBERTa-v2's ``attention.output.dense``). DeBERTa-v2's
+    maps come from its own disentangled attention code, which returns the weights it used."""
+    handles = on_graph(model)
+    layers = model.hf.base_model.encoder.layer
+    for layer, alpha in (scale or {}).items():
+        dense = layers[layer].attention.output.dense
+        handles.append(dense.register_forward_pre_hook(lambda m, a, s=alpha: (a[0] * s,)))
+    try:
+        out = model.hf(**ids, output_attentions=True)
+    finally:
+        for h in handles:
+            h.remove()
+    return out.logits, out.attentions
+
+
+@pytest.mark.parametrize(
+    ("arch", "task"), [("bert", "sequence"), ("bert", "token"), ("deberta-v2", "sequence")]
+)
+def test_classifier_rows(arch, task):
+    hf, tok = tiny_classifier(arch, task=task)
     model = ax.load_model(hf.double(), tokenizer=tok)
     text = "the plot was good"
     got = ax.attention_x_gradient(model, text)
     ids = tok(text, return_tensors="pt")
-    handles = on_graph(model)
-    with model.attention_as("eager", required=True):
-        out = model.hf(**ids, output_attentions=True)
-    for h in handles:
-        h.remove()
-    probs = torch.softmax(out.logits, -1)
+    logits, maps = classifier_maps(model, ids)
+    probs = torch.softmax(logits, -1)
     if task == "sequence":
         # the predicted class is the target; its row is the pooled [CLS] query
         for k, c in enumerate(got.target_class.values):
             assert int(c) == int(probs[0].argmax())  # the predicted class, found here
-            grads = torch.autograd.grad(probs[0, int(c)], out.attentions, retain_graph=True)
+            grads = torch.autograd.grad(probs[0, int(c)], maps, retain_graph=True)
             want = np.stack(
-                [
-                    (m[0] * g[0])[:, 0].detach().numpy()
-                    for m, g in zip(out.attentions, grads, strict=False)
-                ]
+                [(m[0] * g[0])[:, 0].detach().numpy() for m, g in zip(maps, grads, strict=False)]
             )
             np.testing.assert_allclose(
                 got.values[k], want.transpose(2, 0, 1), rtol=1e-7, atol=1e-12
@@ -388,16 +401,43 @@ def test_classifier_rows(task):
         for k, position in enumerate(got.target.values):
             assert int(target_class[k]) == int(probs[0, position].argmax())
             score = probs[0, position, int(target_class[k])]
-            grads = torch.autograd.grad(score, out.attentions, retain_graph=True)
+            grads = torch.autograd.grad(score, maps, retain_graph=True)
             want = np.stack(
                 [
                     (m[0] * g[0])[:, position].detach().numpy()
-                    for m, g in zip(out.attentions, grads, strict=False)
+                    for m, g in zip(maps, grads, strict=False)
                 ]
             )
             np.testing.assert_allclose(
                 got.values[k], want.transpose(2, 0, 1), rtol=1e-7, atol=1e-12
             )
+
+
+@pytest.mark.parametrize("arch", ["bert", "deberta-v2"])
+def test_classifier_head_attribution_equals_autograd(arch):
+    """Head attribution of a sequence classifier's predicted class on its [CLS] row: per layer,
+    ``A * sum_i w_i dF(alpha_i A) / dA`` with each node's output scaled by a pre-hook, and its
+    head totals."""
+    hf, tok = tiny_classifier(arch)
+    model = ax.load_model(hf.double(), tokenizer=tok)
+    text = "the plot was good"
+    got = ax.head_attribution(model, text, steps=3, quadrature="gausslegendre")
+    ids = tok(text, return_tensors="pt")
+    logits, maps = classifier_maps(model, ids)
+    target = int(torch.softmax(logits, -1)[0].argmax())
+    assert got.target_class.values.tolist() == [target]
+    nodes, weights = _naive.quadrature_nodes("gausslegendre", 3)
+    for layer, base in enumerate(maps):
+        total = torch.zeros_like(base[0])
+        for alpha, w in zip(nodes, weights, strict=True):
+            logits, scaled = classifier_maps(model, ids, {layer: alpha})
+            score = torch.softmax(logits, -1)[0, target]
+            (g,) = torch.autograd.grad(score, scaled[layer])
+            total += w * g[0] / alpha  # the output is alpha * (A @ V)
+        want = (base[0].detach() * total)[:, 0].T.numpy()  # [source, head] of the [CLS] row
+        np.testing.assert_allclose(got.values[0, :, layer], want, rtol=1e-7, atol=1e-12)
+        whole = (base[0].detach() * total).sum((1, 2)).numpy()
+        np.testing.assert_allclose(got.head_total.values[0, layer], whole, rtol=1e-7, atol=1e-12)
 
 
 @pytest.mark.parametrize(

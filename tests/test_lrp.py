@@ -78,12 +78,14 @@ def _attention_messages(
     scale: float,
     rule: str,
     capped: torch.Tensor | None = None,
+    split=None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
     """Relevance of ``q, k, v`` ``[T, heads, d]`` from that of ``o[i] = sum_j a[i, j] v[j]``
     (``s`` the masked scores ``[heads, T, T]``, ``a`` their softmax), and what the softmax
     absorbs. Causal masking: ``s`` is ``-inf`` above the diagonal. ``capped``: Gemma 2's
     ``c * tanh(s / c)``, the softmax's input, through which the identity rule passes the
-    relevance on to ``s`` unchanged."""
+    relevance on to ``s`` unchanged. ``split(q, k, s, r_s)``: the relevance of ``q`` and ``k``
+    from the scores' where they are more than ``q . k`` (DeBERTa-v2's relative terms)."""
     causal = torch.isfinite(s)
     # o[i,h,:] = sum_j a[h,i,j] v[j,h,:]: each term's share of R
     terms = torch.einsum("hij,jhd->ihjd", a, v)
@@ -97,6 +99,8 @@ def _attention_messages(
     x = s if capped is None else capped  # the softmax's input
     r_s = torch.where(causal, x * (r_a - a * r_a.sum(-1, keepdim=True)), 0.0)
     absorbed = float(r_a.sum() - r_s.sum())
+    if split is not None:
+        return (*split(q, k, s, r_s), r_v, absorbed)
     # s[h,i,j] = scale * sum_d q[i,h,d] k[j,h,d]: uniform rule
     tq = torch.einsum("ihd,jhd->hijd", q, k) * scale
     part = torch.where(causal[..., None], tq / s[..., None] * r_s[..., None], 0.0)
@@ -606,7 +610,7 @@ def test_a_pythia_classifier_equals_explicit_layer_by_layer_lrp(rule):
 # the explicit reference for BERT-family classifiers (post-LayerNorm blocks, biases, a head)
 
 #: the encoder classifiers attrax's tiny_classifier builds and LRP covers
-ENCODERS = ("bert", "roberta", "xlm-roberta", "camembert", "electra", "distilbert")
+ENCODERS = ("bert", "roberta", "xlm-roberta", "camembert", "electra", "distilbert", "deberta-v2")
 
 
 def _encoder_blocks(hf) -> tuple:
@@ -622,8 +626,9 @@ def _encoder_blocks(hf) -> tuple:
         ]  # fmt: skip
         return base.embeddings, None, hf.config.n_heads, blocks
     base = getattr(hf, hf.base_model_prefix)
+    suffix = "_proj" if hf.config.model_type == "deberta-v2" else ""  # DeBERTa's `query_proj`
     blocks = [
-        (b.attention.self.query, b.attention.self.key, b.attention.self.value,
+        (*(getattr(b.attention.self, f"{name}{suffix}") for name in ("query", "key", "value")),
          b.attention.output.dense, b.attention.output.LayerNorm, b.intermediate.dense,
          b.intermediate.intermediate_act_fn, b.output.dense, b.output.LayerNorm)
         for b in base.encoder.layer
@@ -639,7 +644,57 @@ def _sequence_head(hf) -> tuple:
         return hf.pre_classifier, torch.relu, hf.classifier
     if kind == "electra":  # gelu, as a module
         return hf.classifier.dense, hf.classifier.activation, hf.classifier.out_proj
+    if kind == "deberta-v2":  # its pooler's GELU, then the classifier
+        return hf.pooler.dense, torch.nn.functional.gelu, hf.classifier
     return hf.classifier.dense, torch.tanh, hf.classifier.out_proj  # RoBERTa, XLM-R: torch.tanh
+
+
+class _Relative:
+    """DeBERTa-v2's relative terms in one layer, by loops: query ``i`` meets key ``j``'s relative
+    position ``i - j`` (unbucketed: inputs shorter than half its buckets) through the projected
+    position keys ``pk`` (c2p) and key ``j`` meets it through the projected position queries
+    ``pq`` (p2c), each row ``i - j + span`` of its ``[2 * span, heads, d]`` table."""
+
+    def __init__(self, hf, attention, t: int, heads: int) -> None:
+        config = hf.config
+        span = config.position_buckets
+        assert t < span // 2, "a longer input would reach the log buckets"
+        rel = hf.base_model.encoder.get_rel_embedding()[: 2 * span]
+        hd = config.hidden_size // heads
+        self.kinds = config.pos_att_type
+        self.pk = attention.pos_key_proj(rel).view(2 * span, heads, hd)
+        self.pq = attention.pos_query_proj(rel).view(2 * span, heads, hd)
+        self.row = torch.tensor([[i - j + span for j in range(t)] for i in range(t)])
+        # transformers' scale: a float32 square root of d times (1 + the relative terms)
+        factor = 1 + len(self.kinds)
+        self.scale = float(torch.sqrt(torch.tensor(hd, dtype=torch.float32) * factor))
+
+    def terms(self, q: torch.Tensor, k: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Each term's products ``[heads, i, j, d]`` (divided by the scale): their sum over
+        terms and ``d`` is the scores."""
+        out = {"content": torch.einsum("ihd,jhd->hijd", q, k) / self.scale}
+        t = q.shape[0]
+        c2p, p2c = (torch.zeros_like(out["content"]) for _ in range(2))
+        for i in range(t):
+            for j in range(t):
+                c2p[:, i, j] = q[i] * self.pk[self.row[i, j]] / self.scale
+                p2c[:, i, j] = self.pq[self.row[i, j]] * k[j] / self.scale
+        out |= {"c2p": c2p, "p2c": p2c}
+        return {kind: term for kind, term in out.items() if kind in ("content", *self.kinds)}
+
+    def messages(
+        self, q: torch.Tensor, k: torch.Tensor, s: torch.Tensor, r_s: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Relevance of ``q`` and ``k`` ``[T, heads, d]`` from the scores' ``r_s``: each product
+        its share ``term / s``; the content's half to each factor, a relative term's whole to
+        its query (c2p) or key (p2c), the positions' projections being constants."""
+        r_q, r_k = torch.zeros_like(q), torch.zeros_like(k)
+        for kind, term in self.terms(q, k).items():
+            part = term / s[..., None] * r_s[..., None]  # [h, i, j, d]
+            to_q = {"content": 0.5, "c2p": 1.0, "p2c": 0.0}[kind]
+            r_q += to_q * part.sum(2).permute(1, 0, 2)
+            r_k += (1.0 - to_q) * part.sum(1).permute(1, 0, 2)
+        return r_q, r_k
 
 
 @torch.no_grad()
@@ -658,13 +713,19 @@ def encoder_lrp_reference(hf, ids: list[int], position: int | None, cls: int, ru
     normed = embeddings.LayerNorm(e)
     h = projection(normed) if projection is not None else normed
     h0, saved = h, []
-    for block in blocks:
+    deberta = hf.config.model_type == "deberta-v2"
+    for n, block in enumerate(blocks):
         ql, kl, vl, out_l, ln1, fin, act, fout, ln2 = block
         hidden = h.shape[-1]
         d = hidden // heads
         zq, zk, zv = ql(h), kl(h), vl(h)
         q, k, v = (z.view(t, heads, d) for z in (zq, zk, zv))
-        s = torch.einsum("ihd,jhd->hij", q, k) * d**-0.5
+        relative = None
+        if deberta:
+            relative = _Relative(hf, hf.base_model.encoder.layer[n].attention.self, t, heads)
+            s = sum(term.sum(-1) for term in relative.terms(q, k).values())
+        else:
+            s = torch.einsum("ihd,jhd->hij", q, k) * d**-0.5
         a = torch.softmax(s, -1)
         o = torch.einsum("hij,jhd->ihd", a, v)
         att = out_l(o.reshape(t, hidden))
@@ -675,7 +736,9 @@ def encoder_lrp_reference(hf, ids: list[int], position: int | None, cls: int, ru
         out = fout(g)
         r2 = out + n1
         n2 = ln2(r2)
-        saved.append((block, h, zq, zk, zv, q, k, v, s, a, o, att, r1, n1, f, g, out, r2, n2))
+        saved.append(
+            (block, relative, h, zq, zk, zv, q, k, v, s, a, o, att, r1, n1, f, g, out, r2, n2)
+        )
         h = n2
     relevance = torch.zeros_like(h)
     if position is None:  # dense -> nonlinearity (identity rule) -> out_proj, on the first token
@@ -685,7 +748,8 @@ def encoder_lrp_reference(hf, ids: list[int], position: int | None, cls: int, ru
         relevance[0] = _linear_messages(h[0], dense.weight, r_z, z)
     else:
         relevance[position] = h[position] * hf.classifier.weight[cls]
-    for block, h, zq, zk, zv, q, k, v, s, a, o, att, r1, n1, f, g, out, r2, n2 in reversed(saved):
+    for step in reversed(saved):
+        block, relative, h, zq, zk, zv, q, k, v, s, a, o, att, r1, n1, f, g, out, r2, n2 = step
         ql, kl, vl, out_l, ln1, fin, act, fout, ln2 = block
         r_r2 = _layer_norm_messages(r2, ln2, relevance, n2)
         r_out, r_n1 = out / r2 * r_r2, n1 / r2 * r_r2
@@ -695,7 +759,16 @@ def encoder_lrp_reference(hf, ids: list[int], position: int | None, cls: int, ru
         r_att, r_h = att / r1 * r_r1, h / r1 * r_r1
         r_o = _linear_messages(o.reshape(t, -1), out_l.weight, r_att, att)
         r_q, r_k, r_v, _ = _attention_messages(
-            q, k, v, s, a, o, r_o.view(q.shape), q.shape[-1] ** -0.5, rule
+            q,
+            k,
+            v,
+            s,
+            a,
+            o,
+            r_o.view(q.shape),
+            q.shape[-1] ** -0.5,
+            rule,
+            split=None if relative is None else relative.messages,
         )
         relevance = r_h + sum(
             _linear_messages(h, p.weight, r.reshape(t, -1), z)
@@ -828,12 +901,16 @@ def test_modernbert_equals_explicit_layer_by_layer_lrp(task, rule, monkeypatch):
         ("camembert", "sequence"),  # RoBERTa's computation in classes of its own
         ("electra", "sequence"),  # GELU head, embedding projection
         ("distilbert", "sequence"),  # inline ReLU in the head
+        ("deberta-v2", "sequence"),  # relative positions in the scores, GELU in its pooler
         ("roberta", "token"),
         ("distilbert", "token"),
+        ("deberta-v2", "token"),
     ],
 )
 def test_encoder_classifiers_equal_explicit_layer_by_layer_lrp(arch, task, rule):
-    model = _double(*tiny_classifier(arch, task=task))
+    # DeBERTa: buckets wide enough that the input's relative positions are not log-bucketed
+    kw = {"position_buckets": 32} if arch == "deberta-v2" else {}
+    model = _double(*tiny_classifier(arch, task=task, **kw))
     if task == "sequence":
         got = ax.lrp(model, "the plot was good", [0, 1, 2], rule=rule)
     else:
@@ -1080,7 +1157,7 @@ def test_the_rules_keep_the_forward(arch):
 @pytest.mark.parametrize(
     ("arch", "task"),
     [("roberta", "sequence"), ("electra", "sequence"), ("distilbert", "sequence"),
-     ("xlm-roberta", "token")],
+     ("xlm-roberta", "token"), ("deberta-v2", "sequence")],
 )  # fmt: skip
 def test_the_rules_keep_the_classifiers_forward(arch, task):
     # the patched heads (RoBERTa's torch.tanh) and norms compute the model's own logits
@@ -1100,7 +1177,18 @@ def test_the_rules_keep_the_classifiers_forward(arch, task):
 
 @pytest.mark.parametrize(
     "arch",
-    ["gpt2", "bert", "roberta", "xlm-roberta", "electra", "distilbert", "marian", "pythia", "opt"],
+    [
+        "gpt2",
+        "bert",
+        "roberta",
+        "xlm-roberta",
+        "electra",
+        "distilbert",
+        "deberta-v2",
+        "marian",
+        "pythia",
+        "opt",
+    ],
 )
 def test_batched_equals_single(arch):
     # padding is masked in attrax's LRP attention as in the model's own (causal, bidirectional);
@@ -1133,9 +1221,11 @@ def test_forward_mode_equals_reverse_mode_on_the_other_families(arch):
     np.testing.assert_allclose(forward.values, reverse.values, rtol=1e-9, atol=1e-12)
 
 
-def test_forward_mode_equals_reverse_mode_through_the_patched_head():
-    # RoBERTa's tanh head (patched forward) linearised the same way by jvp and vjp
-    model = _double(*tiny_classifier("roberta"))
+@pytest.mark.parametrize("arch", ["roberta", "deberta-v2"])
+def test_forward_mode_equals_reverse_mode_through_the_patched_head(arch):
+    # RoBERTa's tanh head, DeBERTa's pooler (patched forwards) and DeBERTa's relative terms
+    # linearised the same way by jvp and vjp
+    model = _double(*tiny_classifier(arch))
     kw = {"reduce_hidden": "sum", "rule": "attnlrp"}
     reverse = ax.lrp(model, "the plot was good", [0, 1, 2], mode="reverse", **kw)
     forward = ax.lrp(model, "the plot was good", [0, 1, 2], mode="forward", **kw)
@@ -1163,8 +1253,9 @@ def test_clipped_queries_keys_and_values_are_refused():
 
 def test_unsupported_encoder_parts_are_refused():
     # what the BERT family's rules do not cover is named, never silently propagated
-    hf, tok = tiny_classifier("deberta-v2")  # its disentangled attention is its own code
-    with pytest.raises(ax.ModelError, match=r"DebertaV2ForSequenceClassification does not route"):
+    # DeBERTa-v2's pooler calls an activation it builds in the call: one without an identity rule
+    hf, tok = tiny_classifier("deberta-v2", pooler_hidden_act="sigmoid")
+    with pytest.raises(ax.ModelError, match=r"pooler activation 'sigmoid' of DeBERTa-v2"):
         ax.lrp(ax.load_model(hf, tokenizer=tok), "good", 0)
     # a RoBERTa with cross-attention layers
     hf, tok = tiny_classifier("roberta", is_decoder=True, add_cross_attention=True)

@@ -90,7 +90,8 @@ def value_parts(model: ax.Model, block, x: torch.Tensor):
     heads = config.num_attention_heads
     if is_bert(model):
         v = getattr(block.attention, "self", None) or block.attention
-        v = v.value(x) if hasattr(v, "value") else v.v_lin(x)  # DistilBERT's `v_lin`
+        # DistilBERT's `v_lin`, DeBERTa-v2's `value_proj`
+        v = next(getattr(v, n) for n in ("value", "v_lin", "value_proj") if hasattr(v, n))(x)
     elif hasattr(block, "attn_norm"):  # ModernBERT: all queries, keys, then values in `Wqkv`
         v = block.attn.Wqkv(block.attn_norm(x))[..., 2 * config.hidden_size :]
     elif hasattr(block, "attn"):
@@ -160,7 +161,8 @@ def naive_alti_layers(model: ax.Model, ids: torch.Tensor):
     else:
         modules = [attention_of(b) for b in blocks(model)]
     handles = [m.register_forward_hook(grab) for m in modules]
-    with torch.no_grad(), model.attention_as("eager"):
+    # the model's own eager forward (attrax runs DeBERTa's attention itself: not here)
+    with torch.no_grad():
         out = hf(input_ids=ids, output_attentions=True, output_hidden_states=True)
     for h in handles:
         h.remove()
@@ -213,9 +215,10 @@ def naive_alti_layers(model: ax.Model, ids: torch.Tensor):
 ALTI_ARCHS = (*ARCHS, "phi3", "pythia", "qwen3", "smollm3", "gemma", "gemma2", "gemma3", "olmo2")
 
 
-# BERT's layout in classes of their own (ELECTRA's embeddings projected to its width), and
-# DistilBERT's blocks (`out_lin`, then `sa_layer_norm` of the residual sum)
-BERT_LIKE = ("electra", "camembert", "distilbert")
+# BERT's layout in classes of their own (ELECTRA's embeddings projected to its width; DeBERTa-v2's
+# disentangled attention: relative positions in its weights), and DistilBERT's blocks (`out_lin`,
+# then `sa_layer_norm` of the residual sum)
+BERT_LIKE = ("electra", "camembert", "distilbert", "deberta-v2")
 
 
 def _encoder(arch: str) -> ax.Model:
@@ -593,7 +596,8 @@ def naive_value_zeroing(
     out = torch.zeros(n_layers, length, length, dtype=torch.float64)
     for layer, block in enumerate(blocks(model)):
         if is_bert(model):
-            module, lo = block.attention.self.value, 0
+            attention = block.attention.self
+            module, lo = getattr(attention, "value", None) or attention.value_proj, 0
         elif hasattr(block, "attn"):
             module, lo = block.attn.c_attn, 2 * hf.config.n_embd
         else:
@@ -623,11 +627,11 @@ def naive_value_zeroing(
     return out
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", [*ARCHS, "deberta-v2"])
 @pytest.mark.parametrize("similarity", ["cosine", "euclidean"])
 def test_value_zeroing_matches_naive(mixing_models, arch, similarity):
-    model = mixing_models[arch]
-    target = None if arch == "bert" else TARGET
+    model = mixing_models[arch] if arch in ARCHS else _encoder(arch)
+    target = None if model.task != "generation" else TARGET
     ids, queries = ids_and_queries(model, PROMPT, target)
     raw = naive_value_zeroing(model, ids, similarity)
     got = ax.value_zeroing(model, PROMPT, target, similarity=similarity, normalize=False)
@@ -1008,9 +1012,11 @@ def test_unsupported_architectures_are_model_errors(mixing_models):
         ax.value_zeroing(mixing_models["gpt2"], "a b", "c", maps="cross")
     with pytest.raises(ax.ModelError, match=r"bert.*ALTI-Logit decomposes.*post-norm"):
         ax.alti_logit(mixing_models["bert"], PROMPT)
-    hf, tok = tiny_classifier("deberta-v2")  # its disentangled attention runs its own code
-    with pytest.raises(ax.ModelError, match=r"deberta-v2.*no numbered self attention blocks"):
-        ax.alti(ax.load_model(hf, tokenizer=tok), PROMPT)
+    hf, tok = tiny_classifier("deberta-v2", conv_kernel_size=3)  # xlarge's convolution
+    deberta = ax.load_model(hf, tokenizer=tok)
+    for method in (ax.alti, ax.value_zeroing, ax.attention, ax.attention_x_gradient):
+        with pytest.raises(ax.ModelError, match=r"convolution over neighbouring tokens"):
+            method(deberta, PROMPT)
     _, tok = tiny_model("gpt2")
     config = CONFIGS["opt"](len(tok))
     config.do_layer_norm_before = False  # OPT-350m: a LayerNorm after each block

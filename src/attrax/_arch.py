@@ -138,6 +138,36 @@ def mixer_width(config: Any, tokens: int) -> int:
     return heads * chunk * padded // max(tokens, 1) + 2 * inner
 
 
+def relative_width(config: Any, tokens: int) -> int:
+    """Per token and layer, the entries DeBERTa-v2's relative-position terms keep for the
+    backward besides what a BERT layer keeps; 0 for a model without them. Each term (c2p, p2c)
+    keeps its ``[heads, 2 * span]`` products with every relative position (the input of the
+    gather that picks each pair's) and its ``[2 * span, hidden]`` projection of the positions,
+    shared by the layer's tokens.
+
+    >>> from transformers import BertConfig, DebertaV2Config
+    >>> relative_width(DebertaV2Config(hidden_size=768, num_attention_heads=12,
+    ...     relative_attention=True, position_buckets=256, pos_att_type=["p2c", "c2p"]), 128)
+    18432
+    >>> relative_width(BertConfig(), 128)
+    0
+    """
+    if getattr(config, "model_type", None) != "deberta-v2" or not getattr(
+        config, "relative_attention", False
+    ):
+        return 0
+    kinds = getattr(config, "pos_att_type", None) or []
+    terms = ("c2p" in kinds) + ("p2c" in kinds)
+    span = (
+        _positive(config, "position_buckets")
+        or _positive(config, "max_relative_positions")
+        or _positive(config, "max_position_embeddings")
+    )
+    heads, hidden = _positive(config, "num_attention_heads"), _positive(config, "hidden_size")
+    shared = -(-2 * span * hidden // max(tokens, 1))
+    return terms * (heads * 2 * span + shared)
+
+
 def max_positions(config: Any) -> int | None:
     """Absolute positions the model has; None for relative positions (T5): no hard limit."""
     return _first_positive(config, _POSITION_KEYS)

@@ -383,12 +383,15 @@ class Problem:
         width = max(_arch.mlp_width(config), _arch.mixer_width(config, tokens))
         shape = (x.shape[0], tokens, x.shape[-1], x.element_size(), width, heads)
         family = _arch.family(config)
+        relative = _arch.relative_width(config, tokens)  # DeBERTa-v2's position terms
         targets = self.tensors.valid.shape[1]
         attributed = sum(xi.shape[1] for xi in self.inputs)
         results = 2 * self._result_bytes()  # the float32 sums and the labelled copy of them
         if not saved:
             # a copy's embeddings, and its forward's temporaries (no backward), and its head rows
-            per_copy = forward_bytes(*shape, 1, family, saved=False, device=x.device.type)
+            per_copy = forward_bytes(
+                *shape, 1, family, saved=False, device=x.device.type, relative=relative
+            )
             per_copy += head_bytes(x.shape[0], targets, self.model.head_width, x.element_size())
             per_copy += x.shape[0] * attributed * x.shape[-1] * x.element_size()
             return Cost(0, per_copy, CALL_OVERHEAD + x.shape[0] * targets * attributed * 8)
@@ -396,8 +399,8 @@ class Problem:
         # a pass's forward scores only its chunk's target rows: the head costs per (point, target)
         head = head_bytes(x.shape[0], 1, self.model.head_width, x.element_size(), backward=True)
         return Cost(
-            backward_bytes(*shape, family, x.device.type) + head,
-            forward_bytes(*shape, layers, family, device=x.device.type),
+            backward_bytes(*shape, family, x.device.type, relative) + head,
+            forward_bytes(*shape, layers, family, device=x.device.type, relative=relative),
             CALL_OVERHEAD + results,
         )
 

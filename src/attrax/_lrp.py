@@ -44,7 +44,9 @@ from typing import Any
 
 import torch
 import xarray as xr
+from transformers.activations import ACT2FN
 
+from . import _disentangled
 from . import _validate as check
 from ._engine import Problem
 from ._errors import ModelError
@@ -146,11 +148,39 @@ def _attention(
     return out, weights
 
 
+def _disentangled_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeBERTa-v2's disentangled attention with the LRP rules: as :func:`_attention` on ``q . k``
+    and ``softmax . v``; each relative term, a query's (key's) product with the positions'
+    projections (constants, as a linear layer's weights), passes the relevance it gets from the
+    softmax's half to that query (key) whole."""
+    if _rule() == "attnlrp":
+        positional = (_scale_gradient(query, 0.5), _scale_gradient(key, 0.5))
+        query, key, value = (
+            _scale_gradient(query, 0.25),
+            _scale_gradient(key, 0.25),
+            _scale_gradient(value, 0.5),
+        )
+    else:  # CP-LRP: the attention weights are constants
+        query, key = query.detach(), key.detach()
+        positional = (query, key)
+    return _disentangled.eager(
+        module, query, key, value, attention_mask, positional=positional, **kwargs
+    )
+
+
 def _register() -> None:
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
     AttentionInterface.register(IMPLEMENTATION, _attention)
+    _disentangled.accept(IMPLEMENTATION, _disentangled_attention)
     # masks as eager attention gets them (additive, -inf where masked)
     AttentionMaskInterface.register(IMPLEMENTATION, eager_mask)
 
@@ -263,6 +293,25 @@ def _shared_experts(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     return (routed + gate * module.shared_expert(rows)).reshape(batch, length, width)
 
 
+def _pooler_activation(module: torch.nn.Module) -> str:
+    """The activation kind of DeBERTa-v2's pooler (a ModelError where it has no identity rule)."""
+    name = module.config.pooler_hidden_act
+    kind = activation_kind(ACT2FN[name]) if isinstance(name, str) and name in ACT2FN else None
+    if kind not in IDENTITY_KINDS:
+        raise ModelError(
+            f"lrp: the pooler activation {name!r} of DeBERTa-v2 has no identity rule in attrax "
+            f"(it covers {', '.join(IDENTITY_KINDS)})"
+        )
+    return str(kind)
+
+
+def _context_pooler(module: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """DeBERTa-v2's pooler, ``act(dense(hidden[:, 0]))``, whose activation transformers builds
+    inside the call (no module): here it gets the identity rule."""
+    x = module.dense(module.dropout(hidden[:, 0]))
+    return apply_activation(x, _pooler_activation(module))
+
+
 def _tanh_head(module: torch.nn.Module, features: torch.Tensor, **_: Any) -> torch.Tensor:
     """RoBERTa's and XLM-R's classification head, ``out_proj(tanh(dense(features[:, 0])))``,
     whose ``torch.tanh`` is a function call, not a module: here it gets the identity rule."""
@@ -318,6 +367,7 @@ _PATCHED: dict[str, Callable[..., torch.Tensor]] = {
     "RobertaClassificationHead": _tanh_head,
     "XLMRobertaClassificationHead": _tanh_head,
     "CamembertClassificationHead": _tanh_head,
+    "ContextPooler": _context_pooler,
 }
 # activation kinds the identity rule covers (tanh: poolers, RoBERTa's head); sigmoid is not
 # one (f(0) != 0)
@@ -351,6 +401,7 @@ _ATTENTION = frozenset(
         "GraniteMoeAttention",
         "ElectraSelfAttention",
         "DistilBertSelfAttention",  # its output projection `out_lin` is a child Linear
+        "DisentangledSelfAttention",  # DeBERTa-v2's, run by attrax (:mod:`attrax._disentangled`)
         "MarianAttention",
         "BartAttention",
         "M2M100Attention",
@@ -469,6 +520,23 @@ _LINEAR = frozenset(
                 "ForTokenClassification",
             )
         ),
+        # DeBERTa-v2: BERT's blocks; its embeddings multiply by the (0/1) mask; the encoder
+        # normalises the relative positions' embeddings (constants)
+        *(
+            f"DebertaV2{part}"
+            for part in (
+                "Embeddings",
+                "Encoder",
+                "Layer",
+                "Attention",
+                "SelfOutput",
+                "Intermediate",
+                "Output",
+                "Model",
+                "ForSequenceClassification",
+                "ForTokenClassification",
+            )
+        ),
         "BertPooler",  # tanh as an nn.Tanh child, as RoBERTa's and XLM-R's
         "RobertaPooler",
         "XLMRobertaPooler",
@@ -543,6 +611,7 @@ ARCHITECTURES = (
     "modernbert",
     "electra",
     "distilbert",
+    "deberta-v2",
     "marian",
     "bart",
     "m2m_100",
@@ -563,7 +632,7 @@ def _plan(hf: torch.nn.Module) -> list[tuple[torch.nn.Module, Callable[..., torc
             f"lrp: {name} uses {config.position_embedding_type!r} position embeddings in its "
             "attention scores; attrax's LRP attention has no rule for them"
         )
-    if not can_switch(hf):
+    if not can_switch(hf) and not _disentangled.modules(hf):
         raise ModelError(
             f"lrp: {name} does not route attention through transformers' AttentionInterface, "
             "so attrax cannot install its LRP attention"
@@ -580,6 +649,8 @@ def _plan(hf: torch.nn.Module) -> list[tuple[torch.nn.Module, Callable[..., torc
         if kind in _PATCHED:
             if kind == "LayerNorm" and not isinstance(module, torch.nn.LayerNorm):
                 unknown.setdefault(kind, path)
+            if kind == "ContextPooler":
+                _pooler_activation(module)  # refused before the forward, not inside it
             patches.append((module, _PATCHED[kind]))
         elif activation_kind(module) is not None:  # its own `act` may well be a function
             if activation_kind(module) not in IDENTITY_KINDS:

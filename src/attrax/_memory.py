@@ -428,11 +428,15 @@ def backward_bytes(
     heads: int,
     family: str = "gpt2",
     device: str = "cpu",
+    relative: int = 0,
 ) -> int:
     """Estimated memory of one target's backward at one point, for all ``examples``, on a
-    ``device`` of that type (``heads`` 0: fused attention)."""
+    ``device`` of that type (``heads`` 0: fused attention); ``relative``: the entries per token
+    a layer's relative-position terms keep (:func:`attrax._arch.relative_width`), whose gradient
+    and its scatter into them are live at once."""
     entry = _entry_bytes(family, "backward", element_size, device, heads > 0)
-    return int(examples * tokens * _width(tokens, hidden, mlp, heads) * entry)
+    width = _width(tokens, hidden, mlp, heads)
+    return int(examples * tokens * (width * entry + 2 * relative * element_size))
 
 
 # [B, K, vocabulary] tensors a point holds at its K target rows: the logits and their
@@ -468,14 +472,17 @@ def forward_bytes(
     family: str = "gpt2",
     saved: bool = True,
     device: str = "cpu",
+    relative: int = 0,
 ) -> int:
     """Estimated memory of one point's forward: what it keeps for the backward over ``layers``
     layers (``saved``), or the temporaries of a forward without gradients, on a ``device`` of
-    that type (``heads`` 0: fused attention)."""
+    that type (``heads`` 0: fused attention); ``relative`` entries per token and layer besides
+    (DeBERTa-v2's relative-position terms: :func:`attrax._arch.relative_width`)."""
     width = _width(tokens, hidden, mlp, heads)
     kind = "forward" if saved else "inference"
     entry = _entry_bytes(family, kind, element_size, device, heads > 0)
-    return int(examples * tokens * width * (layers if saved else 1) * entry)
+    per_token = width * entry + relative * element_size
+    return int(examples * tokens * per_token * (layers if saved else 1))
 
 
 def _width(tokens: int, hidden: int, mlp: int, heads: int) -> int:

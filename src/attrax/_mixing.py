@@ -85,7 +85,7 @@ SIMILARITIES = ("cosine", "euclidean")
 THRESHOLD = 1e-5
 # the names architectures give the value projection inside their attention module (whose whole
 # output is the values; GPT-2's fused c_attn is handled on its own)
-_VALUE_PROJECTIONS = ("v_proj", "value", "v_lin", "v")
+_VALUE_PROJECTIONS = ("v_proj", "value", "v_lin", "v", "value_proj")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -535,7 +535,15 @@ _PRE_NORM = (
     "gpt_neox",
     "opt",
 )
-_POST_NORM = ("bert", "roberta", "xlm-roberta", "camembert", "electra", "distilbert")
+_POST_NORM = (
+    "bert",
+    "roberta",
+    "xlm-roberta",
+    "camembert",
+    "electra",
+    "distilbert",
+    "deberta-v2",  # BERT's layout; its relative positions enter the weights alone
+)
 # post-norm encoder-decoders ALTI+ decomposes: encoder, decoder self- and cross-attention blocks
 # (each followed by its LayerNorm)
 _SEQ2SEQ = ("marian", "bart")
@@ -795,6 +803,7 @@ def _vector_budget(model: Model, t: Tensors, options: Any) -> int:
     body = forward_bytes(
         batch, length, width, size, _arch.mlp_width(config) or 4 * width, 0, 1,
         _arch.family(config), saved=False, device=model.device.type,
+        relative=_arch.relative_width(config, length),
     )  # fmt: skip
     maps = 3 * batch * heads * length * length * max(size, 4)
     # float32 decomposition: u [B, heads, L, d] and x, the maps' copy when the model is not

@@ -1,0 +1,99 @@
+"""DeBERTa-v2's disentangled attention as attrax runs it, against transformers' own forward.
+
+Each layout of the relative-position terms (both, content-to-position only, keys shared with the
+positions, no buckets, none at all) runs once through transformers' ``DisentangledSelfAttention``
+and once through attrax's (inside ``Model.attention_as``): the logits and every layer's weights
+must agree to float64 precision, and the module must run its own code again afterwards. The
+methods' own references (attention x gradient, head attribution, value zeroing, ALTI, AtP of
+queries, keys and values) are in their test modules and read transformers' forward alone.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import attrax as ax
+from attrax.testing import tiny_classifier
+
+TEXT = "the plot was good but the ending was not"
+LAYOUTS = {
+    "c2p and p2c, buckets": {},
+    "c2p only": {"pos_att_type": ["c2p"]},
+    "p2c only, shared keys": {"pos_att_type": ["p2c"], "share_att_key": True},
+    "no buckets": {"position_buckets": -1, "max_relative_positions": 6},
+    "absolute positions only": {"relative_attention": False, "position_biased_input": True},
+}
+
+
+def _model(**overrides) -> ax.Model:
+    hf, tok = tiny_classifier("deberta-v2", **overrides)
+    return ax.load_model(hf.double(), tokenizer=tok)
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_routed_attention_is_transformers_own(layout):
+    model = _model(**LAYOUTS[layout])
+    ids = model.tokenizer([TEXT, "a good day"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        want = model.hf(**ids, output_attentions=True)
+        with model.attention_as("eager"):
+            got = model.hf(**ids, output_attentions=True)
+    torch.testing.assert_close(got.logits, want.logits, rtol=1e-12, atol=1e-12)
+    for mine, theirs in zip(got.attentions, want.attentions, strict=True):
+        torch.testing.assert_close(mine, theirs, rtol=1e-12, atol=1e-12)
+    attentions = [m for m in model.hf.modules() if type(m).__name__ == "DisentangledSelfAttention"]
+    assert attentions and all("forward" not in m.__dict__ for m in attentions)
+
+
+@pytest.mark.parametrize("layout", ["c2p only", "no buckets", "absolute positions only"])
+def test_attention_weights_on_each_layout(layout):
+    """``ax.attention`` reads the [CLS] row of the weights transformers returns."""
+    model = _model(**LAYOUTS[layout])
+    got = ax.attention(model, TEXT)
+    ids = model.tokenizer(TEXT, return_tensors="pt")
+    with torch.no_grad():
+        maps = model.hf(**ids, output_attentions=True).attentions
+    want = np.stack([m[0, :, 0].numpy() for m in maps])  # [layer, head, key]
+    np.testing.assert_allclose(got.values[0], want.transpose(2, 0, 1), rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize(
+    ("method", "kw"),
+    [
+        ("attention", {}),
+        ("rollout", {}),
+        ("attention_x_gradient", {}),
+        ("head_attribution", {"steps": 2}),
+        ("value_zeroing", {}),
+        ("alti", {}),
+        ("attribution_patching", {"site": "keys"}),
+        ("attribution_patching", {"site": "queries"}),
+    ],
+)
+def test_a_padded_batch_equals_each_input_alone(method, kw):
+    """Padding reaches attrax's disentangled attention as transformers' boolean mask: a padded
+    batch gives each input what it gives alone."""
+    model = _model()
+    texts, bad = [TEXT, "a good day"], ["the film was good but the ending was not", "a good way"]
+    if method == "attribution_patching":
+        kw = {**kw, "corrupted": bad, "objective": "logit"}
+    run = getattr(ax, method)
+    batched = run(model, texts, **kw)
+    for e, text in enumerate(texts):
+        alone = {**kw, "corrupted": bad[e]} if "corrupted" in kw else kw
+        single = run(model, text, **alone)
+        part = batched.isel(example=e).dropna("target", how="all").dropna("source", how="all")
+        part = part.isel(source=slice(0, single.sizes["source"]))
+        assert np.abs(single.values).max() > 0
+        np.testing.assert_allclose(part.values, single.values, rtol=1e-9, atol=1e-12)
+
+
+def test_other_implementations_are_refused():
+    """An implementation attrax did not accept for these modules (one that would compute the
+    scores without the relative terms) is refused."""
+    model = _model()
+    refused = pytest.raises(ax.ModelError, match=r"disentangled attention cannot run as 'flash")
+    with refused, model.attention_as("flash_attention_2"):
+        pass
