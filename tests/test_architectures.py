@@ -1,7 +1,8 @@
 """More families than ``attrax.testing`` builds: saliency equals a plain autograd loop.
 
 Each is a tiny random model from its config (offline), sharing the GPT-2 test tokenizer. They cover
-what differs between families: rotary and ALiBi positions (Pythia, BLOOM, Falcon), grouped-query
+what differs between families: rotary and ALiBi positions (Pythia, BLOOM, Falcon), GPT-Neo's
+unscaled attention in its own code (attrax runs it) with a local layer, grouped-query
 attention (Qwen2, Gemma 2), query and key norms (Qwen3, Gemma 3), layers without positions
 (SmolLM3), norms after attention and MLP (Gemma 2, Gemma 3, OLMo 2), logit soft-capping and sliding
 windows (Gemma 2, Gemma 3), learned positions with an offset (OPT), a fused QKV projection
@@ -84,6 +85,15 @@ CONFIGS = {
     ),
     "bloom": lambda v: T.BloomConfig(vocab_size=v, hidden_size=32, n_layer=2, n_head=4),
     "falcon": lambda v: T.FalconConfig(vocab_size=v, **SIZES),
+    # TinyStories' architecture: attention attrax runs itself, a local layer of 3 positions
+    "gpt_neo": lambda v: T.GPTNeoConfig(
+        vocab_size=v,
+        hidden_size=32,
+        num_layers=2,
+        num_heads=4,
+        window_size=3,
+        attention_types=[[["global", "local"], 1]],
+    ),
     # constant factors on the embeddings, attention scores, each block's output and the logits
     "granite": lambda v: T.GraniteConfig(
         vocab_size=v, intermediate_size=64, num_key_value_heads=2, **SIZES, **GRANITE

@@ -24,7 +24,7 @@ CORRUPTED = "The capital of Spain is"  # as many tokens as SOURCE in both tiny t
 @pytest.fixture(scope="module")
 def models64() -> dict[str, ax.Model]:
     built = {}
-    for arch in ("gpt2", "llama"):
+    for arch in ("gpt2", "gpt_neo", "llama"):
         hf, tok = tiny_model(arch)
         built[arch] = ax.load_model(full_double(hf), tokenizer=tok)
     _, tok = tiny_model("llama")
@@ -125,6 +125,11 @@ def modules(model: ax.Model):
         blocks = list(hf.base_model.h)
         attn = [b.attn for b in blocks]
         return blocks, attn, [a.c_proj for a in attn], [a.c_attn for a in attn], hf.base_model.ln_f
+    if hf.config.model_type == "gpt_neo":  # each block's attention wraps another
+        blocks = list(hf.base_model.h)
+        attn = [b.attn.attention for b in blocks]
+        values = [a.v_proj for a in attn]
+        return blocks, attn, [a.out_proj for a in attn], values, hf.base_model.ln_f
     if hf.config.model_type == "gpt_neox":
         blocks = list(hf.base_model.layers)
         attn = [b.attention for b in blocks]
@@ -199,7 +204,7 @@ def readout(model: ax.Model, i: int, found: dict, direction: torch.Tensor):
     scale frozen at its value for ``x_i``."""
     norm = modules(model)[-1]
     x = found["final"][i]
-    if model.hf.config.model_type in ("gpt2", "gpt_neox", "opt"):  # LayerNorm
+    if model.hf.config.model_type in ("gpt2", "gpt_neo", "gpt_neox", "opt"):  # LayerNorm
         sigma = torch.sqrt(x.var(unbiased=False) + norm.eps)
         return lambda c: head_read(model, norm.weight * (c - c.mean()) / sigma, direction)
     rms = torch.sqrt(x.pow(2).mean() + (getattr(norm, "variance_epsilon", None) or norm.eps))
@@ -277,21 +282,21 @@ def naive_dla(model: ax.Model, source: str, target: str, contrast: str | None = 
         # the embeddings: the residual stream before the first layer
         emb = model.hf.get_input_embeddings()(torch.tensor(ids[i]))
         emb = emb * getattr(config, "embedding_multiplier", 1.0)  # Granite
-        if config.model_type == "gpt2":
+        if config.model_type in ("gpt2", "gpt_neo"):
             emb = emb + model.hf.base_model.wpe(torch.tensor(i))
         if config.model_type == "opt":  # positions are rows 2, 3, ... of their table
             decoder = model.hf.base_model.decoder
             if decoder.project_in is not None:
                 emb = decoder.project_in(emb)
             emb = emb + decoder.embed_positions.weight[i + 2]
-        if config.model_type in ("gpt2", "gpt_neox", "opt"):  # the final LayerNorm's shift
+        if config.model_type in ("gpt2", "gpt_neo", "gpt_neox", "opt"):  # final LayerNorm's shift
             rest[k] += head_read(model, modules(model)[-1].bias, direction)
         rest[k] += proj(emb)
     return out, rest, logits, len(src)
 
 
 DLA_ARCHS = (
-    "gpt2", "llama", "mistral", "qwen2", "phi3", "qwen3", "smollm3", "gemma", "gemma2", "gemma3",
+    "gpt2", "gpt_neo", "llama", "mistral", "qwen2", "phi3", "qwen3", "smollm3", "gemma", "gemma2", "gemma3",
     "olmo2",
     "granite", *EXPERTS,
 )  # fmt: skip
@@ -530,18 +535,21 @@ def test_corrupted_aligns(models64):
         )
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama", "pythia", "opt-projected"])
+@pytest.mark.parametrize("arch", ["gpt2", "gpt_neo", "llama", "pythia", "opt-projected"])
 @pytest.mark.parametrize("objective", ["logit", "probability"])
 def test_atp_is_the_first_order_patching_effect(models64, arch, objective):
     model = models64[arch]
     got = ax.attribution_patching(model, SOURCE, TARGET, corrupted=CORRUPTED, objective=objective)
     # Llama's eager attention takes its softmax in float32 even in a float64 model: its finite
-    # differences carry float32 rounding / eps, so a wider step and a looser tolerance there.
-    # GPT-NeoX's and OPT's references run SDPA (float64), but attrax's eager forward keeps that
-    # float32 rounding in their effects (~4e-8 absolute against effects up to 2e-3)
-    eps, rtol, atol = {"llama": (1e-3, 2e-3, 2e-5), "gpt2": (1e-4, 1e-6, 1e-8)}.get(
-        arch, (1e-4, 1e-6, 1e-7)
-    )
+    # differences carry float32 rounding / eps, so a wider step and a looser tolerance there
+    # (GPT-Neo's scores are float32 alike). GPT-NeoX's and OPT's references run SDPA (float64),
+    # but attrax's eager forward keeps that float32 rounding in their effects (~4e-8 absolute
+    # against effects up to 2e-3)
+    eps, rtol, atol = {
+        "llama": (1e-3, 2e-3, 2e-5),
+        "gpt_neo": (1e-3, 2e-3, 2e-5),
+        "gpt2": (1e-4, 1e-6, 1e-8),
+    }.get(arch, (1e-4, 1e-6, 1e-7))
     want, first = patching_effects(model, objective, eps=eps)
     assert got.dims == ("target", "source", "layer", "head")
     for k in range(want.shape[0]):

@@ -389,6 +389,74 @@ def test_gpt2_equals_explicit_layer_by_layer_lrp(rule):
         np.testing.assert_allclose(got[k].fillna(0).values, want, rtol=1e-7, atol=1e-10)
 
 
+@torch.no_grad()
+def gpt_neo_lrp_reference(hf, ids: list[int], position: int, target: int, rule: str) -> np.ndarray:
+    """Relevance ``[T, H]`` of GPT-Neo's token embeddings for the logit of ``target`` at
+    ``position``: GPT-2's blocks with Linear projections (no query, key or value biases),
+    unscaled scores and, in a local layer, only the last ``window_size`` positions."""
+    cfg, tr = hf.config, hf.transformer
+    hidden, heads = cfg.hidden_size, cfg.num_heads
+    d, t = hidden // heads, len(ids)
+    x = tr.wte.weight[torch.tensor(ids)]
+    h = x + tr.wpe.weight[:t]
+    i, j = torch.arange(t)[:, None], torch.arange(t)[None, :]
+
+    def gelu(f: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.gelu(f, approximate="tanh")  # "gelu_new"
+
+    saved, h0 = [], h
+    for layer, block in enumerate(tr.h):
+        att, mlp = block.attn.attention, block.mlp
+        seen = j <= i
+        if cfg.attention_layers[layer] == "local":
+            seen = seen & (i - j < cfg.window_size)
+        n1 = block.ln_1(h)
+        q, k, v = (p.weight @ n1.T for p in (att.q_proj, att.k_proj, att.v_proj))
+        q, k, v = (z.T.reshape(t, heads, d) for z in (q, k, v))
+        s = torch.einsum("ihd,jhd->hij", q, k).masked_fill(~seen, -torch.inf)
+        a = torch.softmax(s, -1)
+        o = torch.einsum("hij,jhd->ihd", a, v)
+        attn = o.reshape(t, hidden) @ att.out_proj.weight.T + att.out_proj.bias
+        h1 = h + attn
+        n2 = block.ln_2(h1)
+        f = n2 @ mlp.c_fc.weight.T + mlp.c_fc.bias
+        out = gelu(f) @ mlp.c_proj.weight.T + mlp.c_proj.bias
+        h2 = h1 + out
+        saved.append((block, h, n1, q, k, v, s, a, o, attn, h1, n2, f, out, h2))
+        h = h2
+    final = tr.ln_f(h)
+    r_final = torch.zeros(t, hidden, dtype=x.dtype)
+    r_final[position] = final[position] * hf.lm_head.weight[target]
+    relevance = _layer_norm_messages(h, tr.ln_f, r_final, final)
+    for block, h, n1, q, k, v, s, a, o, attn, h1, n2, f, out, h2 in reversed(saved):
+        att, mlp = block.attn.attention, block.mlp
+        r_h1, r_out = h1 / h2 * relevance, out / h2 * relevance
+        r_gelu = _linear_messages(gelu(f), mlp.c_proj.weight, r_out, out)  # identity rule
+        r_n2 = _linear_messages(n2, mlp.c_fc.weight, r_gelu, f)
+        r_h1 = r_h1 + _layer_norm_messages(h1, block.ln_2, r_n2, n2)
+        r_h, r_attn = h / h1 * r_h1, attn / h1 * r_h1
+        r_o = _linear_messages(o.reshape(t, hidden), att.out_proj.weight, r_attn, attn)
+        r_q, r_k, r_v, _ = _attention_messages(q, k, v, s, a, o, r_o.view(t, heads, d), 1.0, rule)
+        r_n1 = sum(
+            _linear_messages(n1, p.weight, r.reshape(t, hidden), z.reshape(t, hidden))
+            for p, r, z in ((att.q_proj, r_q, q), (att.k_proj, r_k, k), (att.v_proj, r_v, v))
+        )
+        relevance = r_h + _layer_norm_messages(h, block.ln_1, r_n1, n1)
+    return (x / h0 * relevance).numpy()  # the position embeddings keep their share
+
+
+@pytest.mark.parametrize("rule", ["attnlrp", "cp-lrp"])
+def test_gpt_neo_equals_explicit_layer_by_layer_lrp(rule):
+    # GPT-2's layout in Linear layers, no score scaling, a local layer narrower than the input
+    model = _double(*tiny_model("gpt_neo"))
+    got = ax.lrp(model, PROMPT, TARGET, rule=rule)
+    ids = got.source_id.values.tolist()
+    assert len(ids) > model.hf.config.window_size
+    for k, position in enumerate(got.target.values.tolist()):
+        want = gpt_neo_lrp_reference(model.hf, ids, position - 1, int(got.target_id[k]), rule)
+        np.testing.assert_allclose(got[k].fillna(0).values, want, rtol=1e-7, atol=1e-10)
+
+
 def _partial_rotations(cos: torch.Tensor, sin: torch.Tensor, d: int) -> torch.Tensor:
     """RoPE on the first ``cos.shape[-1]`` of ``d`` dims (GPT-NeoX's rotary share), the identity
     on the rest, as one matrix per position ``[T, d, d]``."""
@@ -1138,10 +1206,10 @@ def test_llama_family_equals_explicit_layer_by_layer_lrp(arch, rule):
         np.testing.assert_allclose(got[k].fillna(0).values, want, rtol=1e-7, atol=1e-10)
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama", "phi3", "pythia", "opt-projected"])
+@pytest.mark.parametrize("arch", ["gpt2", "gpt_neo", "llama", "phi3", "pythia", "opt-projected"])
 def test_the_rules_keep_the_forward(arch):
     # the rewritten modules compute the same values (float32): only the backward changes
-    hf, tok = tiny_model(arch) if arch in ("gpt2", "llama") else BIAS_FREE[arch]()
+    hf, tok = tiny_model(arch) if arch in ("gpt2", "gpt_neo", "llama") else BIAS_FREE[arch]()
     llama = ax.load_model(hf, tokenizer=tok)
     ids = torch.tensor([[1, 5, 9, 14, 3]])
     embeds, mask = llama.embed(ids), torch.ones_like(ids)
@@ -1179,6 +1247,7 @@ def test_the_rules_keep_the_classifiers_forward(arch, task):
     "arch",
     [
         "gpt2",
+        "gpt_neo",
         "bert",
         "roberta",
         "xlm-roberta",

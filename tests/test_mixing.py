@@ -22,7 +22,7 @@ from tests.test_architectures import CONFIGS, SEQ2SEQ_SIZES, _family, _translato
 from tests.test_components import EXPERTS, full_double, neighbour, t5_double
 
 PROMPT, TARGET = "The capital of France is", " Paris."
-ARCHS = ("gpt2", "llama", "bert")
+ARCHS = ("gpt2", "gpt_neo", "llama", "bert")
 
 # built by _fused besides Pythia and Phi-3 (test_components' builders, random biases and norm
 # weights): GPT-NeoX with a sequential residual, OPT with and without project_in/out
@@ -92,6 +92,8 @@ def value_parts(model: ax.Model, block, x: torch.Tensor):
         v = getattr(block.attention, "self", None) or block.attention
         # DistilBERT's `v_lin`, DeBERTa-v2's `value_proj`
         v = next(getattr(v, n) for n in ("value", "v_lin", "value_proj") if hasattr(v, n))(x)
+    elif hasattr(getattr(block, "attn", None), "attention"):  # GPT-Neo: a wrapped attention
+        v = block.attn.attention.v_proj(block.ln_1(x))
     elif hasattr(block, "attn_norm"):  # ModernBERT: all queries, keys, then values in `Wqkv`
         v = block.attn.Wqkv(block.attn_norm(x))[..., 2 * config.hidden_size :]
     elif hasattr(block, "attn"):
@@ -141,6 +143,7 @@ def output_projection(model: ax.Model, block) -> torch.nn.Module:
     if is_bert(model):
         return post_norm(block)[0]
     attention = attention_of(block)
+    attention = getattr(attention, "attention", attention)  # GPT-Neo's wrapped attention
     for name in ("c_proj", "dense", "out_proj", "o_proj", "Wo"):  # GPT-2, NeoX, OPT, Llama...
         if hasattr(attention, name):
             return getattr(attention, name)
@@ -598,6 +601,8 @@ def naive_value_zeroing(
         if is_bert(model):
             attention = block.attention.self
             module, lo = getattr(attention, "value", None) or attention.value_proj, 0
+        elif hasattr(getattr(block, "attn", None), "attention"):  # GPT-Neo
+            module, lo = block.attn.attention.v_proj, 0
         elif hasattr(block, "attn"):
             module, lo = block.attn.c_attn, 2 * hf.config.n_embd
         else:
@@ -882,7 +887,8 @@ LOGIT_KINDS = (
 
 
 @pytest.mark.parametrize(
-    "kind", [*LOGIT_KINDS, "olmo2", "gemma", "gemma2", "classifier", "qwen2_moe", "granitemoe"]
+    "kind",
+    [*LOGIT_KINDS, "olmo2", "gemma", "gemma2", "classifier", "qwen2_moe", "granitemoe", "gpt_neo"],
 )
 def test_alti_logit_matches_naive(mixing_models, kind):
     """GPT-2 (LayerNorm: centered direction), Llama with a contrast (RMSNorm: no centering; the
@@ -891,8 +897,8 @@ def test_alti_logit_matches_naive(mixing_models, kind):
     against loops. Gemma 2 soft-caps its logits: the terms are those of the logit before the
     cap, which the result's ``logit_softcap`` attr says."""
     if kind != "classifier":
-        if kind in ("lm", "llama_contrast"):
-            model = mixing_models["gpt2" if kind == "lm" else "llama"]
+        if kind in ("lm", "llama_contrast", "gpt_neo"):
+            model = mixing_models[{"lm": "gpt2", "llama_contrast": "llama"}.get(kind, kind)]
         else:
             model = _fused(kind)
         contrast = " Rome." if kind == "llama_contrast" else None
@@ -933,7 +939,7 @@ def test_alti_logit_matches_naive(mixing_models, kind):
         attention_of(b).register_forward_hook(lambda _m, _a, o: outputs.append(o[0]))
         for b in blocks(model)
     ]
-    with torch.no_grad(), model.attention_as("eager"):
+    with torch.no_grad():  # the model's own eager forward
         out = hf(input_ids=ids, output_attentions=True, output_hidden_states=True)
     for handle in handles:
         handle.remove()

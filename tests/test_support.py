@@ -65,6 +65,7 @@ def _granite_hybrid() -> ax.Model:
 # the table's rows: a tiny random model of each family
 FAMILIES: dict[str, Callable[[], ax.Model]] = {
     "GPT-2": _tiny("gpt2"),
+    "GPT-Neo": _tiny("gpt_neo"),
     "Llama": _tiny("llama"),
     "Mistral": _causal("mistral"),
     "Qwen2": _causal("qwen2"),

@@ -85,7 +85,7 @@ PATCHING = Family(
 class _Parts:
     """The modules of a supported architecture, layer by layer."""
 
-    kind: str  # "gpt2", "llama", "neox" or "opt"
+    kind: str  # "gpt2", "llama", "neox", "opt" or "neo" (GPT-Neo)
     blocks: list[torch.nn.Module]
     attentions: list[torch.nn.Module]
     mlps: list[torch.nn.Module]  # OPT's: each block's `fc2`, whose output is the MLP's
@@ -112,7 +112,9 @@ class _Parts:
             projection = attention.c_proj  # Conv1D: out = z @ weight + bias
             weight = projection.weight
         else:  # Linear: out = z @ weight.T (+ bias)
-            projection = {"neox": "dense", "opt": "out_proj"}.get(self.kind, "o_proj")
+            projection = {"neox": "dense", "opt": "out_proj", "neo": "out_proj"}.get(
+                self.kind, "o_proj"
+            )
             projection = getattr(attention, projection)
             weight = projection.weight.T
         return weight.reshape(self.heads, self.head_dim, -1), projection.bias
@@ -177,12 +179,12 @@ def _parts(model: Model, method: str) -> _Parts:
             f"{method} decomposes decoder-only models (GPT-2, Llama); {name} is an "
             "encoder-decoder, whose decoder also reads the encoder through cross-attention"
         )
-    if kind not in ("gpt2", "gpt_neox", "opt", *_LLAMA_LIKE, *_arch.SANDWICH):
+    if kind not in ("gpt2", "gpt_neo", "gpt_neox", "opt", *_LLAMA_LIKE, *_arch.SANDWICH):
         raise ModelError(
             f"{method} has no rule for {name}: it knows the GPT-2 (Conv1D, LayerNorm), Llama "
             "(o_proj, RMSNorm; also Mistral, Qwen2, Qwen3, SmolLM3, Phi-3, Gemma 2, Gemma 3, "
             "OLMo 2, Granite; the mixtures of experts Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, "
-            "Granite MoE), GPT-NeoX (Pythia) and OPT architectures only, as causal LMs or "
+            "Granite MoE), GPT-Neo, GPT-NeoX (Pythia) and OPT architectures only, as causal LMs or "
             "sequence classifiers (GPT2ForSequenceClassification, "
             "LlamaForSequenceClassification...)"
         )
@@ -207,6 +209,12 @@ def _parts(model: Model, method: str) -> _Parts:
         mlps = [b.mlp for b in blocks]
         norm = base.ln_f
         heads = config.n_head
+    elif kind == "gpt_neo":  # GPT-2's blocks with Linear projections, attention one level down
+        blocks = list(base.h)
+        attentions = [b.attn.attention for b in blocks]
+        mlps = [b.mlp for b in blocks]
+        norm = base.ln_f
+        heads = config.num_heads
     elif kind == "gpt_neox":  # the parallel residual adds both branches: the same sum
         blocks = list(base.layers)
         attentions = [b.attention for b in blocks]
@@ -229,7 +237,7 @@ def _parts(model: Model, method: str) -> _Parts:
         norm = base.norm
         heads = config.num_attention_heads
     head_dim = getattr(attentions[0], "head_dim", None) or config.hidden_size // heads
-    short = {"gpt2": "gpt2", "gpt_neox": "neox", "opt": "opt"}.get(kind, "llama")
+    short = {"gpt2": "gpt2", "gpt_neo": "neo", "gpt_neox": "neox", "opt": "opt"}.get(kind, "llama")
     after_attention = after_mlp = None
     if kind in _arch.SANDWICH:
         after_attention = [b.post_attention_layernorm for b in blocks]
@@ -715,7 +723,11 @@ def _decoder_stack(model: Model, method: str) -> _Stack:
     adds); a ModelError when a block lacks either."""
     blocks = _blocks(model, method)
     attentions = [_named(block, _ATTENTIONS) for block in blocks]
-    projections = [_named(attention, _PROJECTIONS) for attention in attentions]
+    # GPT-Neo wraps its attention module in another (`attn.attention`)
+    projections = [
+        _named(attention, _PROJECTIONS) or _named(_named(attention, ("attention",)), _PROJECTIONS)
+        for attention in attentions
+    ]
     mlps = [_mlp_of(block) for block in blocks]
     if any(not isinstance(m, torch.nn.Module) for m in [*projections, *mlps]):
         raise ModelError(

@@ -31,7 +31,7 @@ import torch
 import xarray as xr
 from torch.func import vjp
 
-from . import _disentangled
+from . import _routed
 from . import _validate as check
 from ._attention import Selection, check_maps_name, check_selection, resolve_maps, selection_indices
 from ._drop import Drop, averaged, dropping, pulled
@@ -192,9 +192,10 @@ def _probed_attention(
 
 
 def _eager(module: torch.nn.Module) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
-    """The eager attention function of ``module``'s transformers module (DeBERTa-v2's: attrax's)."""
-    if _disentangled.owns(module):
-        return _disentangled.eager
+    """The eager attention function of ``module``'s transformers module (attrax's own for the
+    classes it runs itself: DeBERTa-v2's, GPT-Neo's)."""
+    if _routed.owns(module):
+        return _routed.eager(module)
     eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
     if eager is None:
         raise ModelError(
@@ -215,7 +216,7 @@ def _register() -> None:
     from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
     AttentionInterface.register(IMPLEMENTATION, _probed_attention)
-    _disentangled.accept(IMPLEMENTATION, _probed_attention)
+    _routed.accept(IMPLEMENTATION, _probed_attention)
     AttentionMaskInterface.register(IMPLEMENTATION, eager_mask)  # the additive masks of eager
 
 

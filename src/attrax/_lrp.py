@@ -46,7 +46,7 @@ import torch
 import xarray as xr
 from transformers.activations import ACT2FN
 
-from . import _disentangled
+from . import _routed
 from . import _validate as check
 from ._engine import Problem
 from ._errors import ModelError
@@ -170,7 +170,7 @@ def _disentangled_attention(
     else:  # CP-LRP: the attention weights are constants
         query, key = query.detach(), key.detach()
         positional = (query, key)
-    return _disentangled.eager(
+    return _routed.eager(module)(
         module, query, key, value, attention_mask, positional=positional, **kwargs
     )
 
@@ -180,7 +180,9 @@ def _register() -> None:
     from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
     AttentionInterface.register(IMPLEMENTATION, _attention)
-    _disentangled.accept(IMPLEMENTATION, _disentangled_attention)
+    _routed.accept(IMPLEMENTATION, _disentangled_attention, ("DisentangledSelfAttention",))
+    # GPT-Neo's band is in its additive mask, its scale 1: the interface's signature
+    _routed.accept(IMPLEMENTATION, _attention, ("GPTNeoSelfAttention",))
     # masks as eager attention gets them (additive, -inf where masked)
     AttentionMaskInterface.register(IMPLEMENTATION, eager_mask)
 
@@ -401,7 +403,8 @@ _ATTENTION = frozenset(
         "GraniteMoeAttention",
         "ElectraSelfAttention",
         "DistilBertSelfAttention",  # its output projection `out_lin` is a child Linear
-        "DisentangledSelfAttention",  # DeBERTa-v2's, run by attrax (:mod:`attrax._disentangled`)
+        "DisentangledSelfAttention",  # DeBERTa-v2's, run by attrax (:mod:`attrax._routed`)
+        "GPTNeoSelfAttention",  # run by attrax: unscaled scores, its causal band in the mask
         "MarianAttention",
         "BartAttention",
         "M2M100Attention",
@@ -443,6 +446,18 @@ _LINEAR = frozenset(
         # positions: constants (M2M100's count the non-pad tokens)
         "M2M100SinusoidalPositionalEmbedding",
         "PegasusSinusoidalPositionalEmbedding",
+        *(
+            f"GPTNeo{part}"
+            for part in (
+                "Attention",  # a wrapper around GPTNeoSelfAttention
+                "MLP",
+                "Block",
+                "Model",
+                "ForCausalLM",
+                "ForSequenceClassification",
+                "ForTokenClassification",
+            )
+        ),
         "GPT2MLP",
         "GPT2Block",
         "GPT2Model",
@@ -586,6 +601,7 @@ _GRADIENT_IS_RULE = frozenset({"DistilBertForSequenceClassification"})
 #: model types whose modules the tables above cover
 ARCHITECTURES = (
     "gpt2",
+    "gpt_neo",
     "llama",
     "qwen2",
     "qwen3",
@@ -632,7 +648,7 @@ def _plan(hf: torch.nn.Module) -> list[tuple[torch.nn.Module, Callable[..., torc
             f"lrp: {name} uses {config.position_embedding_type!r} position embeddings in its "
             "attention scores; attrax's LRP attention has no rule for them"
         )
-    if not can_switch(hf) and not _disentangled.modules(hf):
+    if not can_switch(hf) and not _routed.modules(hf):
         raise ModelError(
             f"lrp: {name} does not route attention through transformers' AttentionInterface, "
             "so attrax cannot install its LRP attention"

@@ -534,6 +534,7 @@ _PRE_NORM = (
     "modernbert",  # a pre-norm encoder (its first layer's norm is an Identity)
     "gpt_neox",
     "opt",
+    "gpt_neo",  # GPT-2's layout, Linear projections (its attention run by attrax: _routed)
 )
 _POST_NORM = (
     "bert",

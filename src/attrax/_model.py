@@ -31,7 +31,7 @@ from transformers.models.auto.modeling_auto import (
 )
 from transformers.utils import logging as hf_logging
 
-from . import _arch, _disentangled
+from . import _arch, _routed
 from ._errors import ModelError, OptionError
 from ._memory import at_least_float32, bound_kernel_caches
 from ._sdpa import folded_sdpa
@@ -145,8 +145,8 @@ class Model:
         # decoder-only sequence classifiers score their last real token with a `score` head
         self._score = getattr(hf_model, "score", None) if self.task != "generation" else None
         self._activations = [m for m in hf_model.modules() if activation_kind(m) is not None]
-        # DeBERTa-v2: attention attrax runs itself, whatever implementation a forward asks for
-        self._disentangled = bool(_disentangled.modules(hf_model))
+        # DeBERTa-v2, GPT-Neo: attention attrax runs itself, whatever implementation is asked for
+        self._routed = bool(_routed.modules(hf_model))
         self._first_position = _first_position_feed_forward(hf_model, self.task)
         self._source_scale = 1.0
         self._target_scale = 1.0
@@ -447,17 +447,17 @@ class Model:
         gradients; when the block ``required`` this one (attention maps, forward mode), that is a
         :class:`ModelError`. While SDPA runs, its calls that need gradients go through
         :func:`~attrax._sdpa.folded_sdpa`: one fused backward for all of a vectorized
-        backward's targets. DeBERTa-v2's attention runs as attrax's own
-        (:mod:`~attrax._disentangled`), as any implementation.
+        backward's targets. DeBERTa-v2's and GPT-Neo's attention runs as attrax's own
+        (:mod:`~attrax._routed`), as any implementation.
         """
         hf = self.hf
-        if self._disentangled:
-            with _disentangled.routed(hf, implementation):
+        if self._routed:
+            with _routed.routed(hf, implementation):
                 yield
             return
         previous = getattr(hf.config, "_attn_implementation", None) or "eager"
         if previous == implementation:
-            with _routed(previous):
+            with _sdpa_folded(previous):
                 yield
             return
         if not can_switch(hf):
@@ -467,12 +467,12 @@ class Model:
                     f"loading; this needs {implementation!r}: load it with "
                     f"attn_implementation={implementation!r}"
                 )
-            with _routed(previous):
+            with _sdpa_folded(previous):
                 yield
             return
         hf.set_attn_implementation(implementation)
         try:
-            with _routed(implementation):
+            with _sdpa_folded(implementation):
                 yield
         finally:
             hf.set_attn_implementation(previous)
@@ -797,7 +797,7 @@ def _task(hf_model: PreTrainedModel) -> str:
     return "generation"
 
 
-def _routed(implementation: str) -> contextlib.AbstractContextManager[None]:
+def _sdpa_folded(implementation: str) -> contextlib.AbstractContextManager[None]:
     """SDPA through attrax's vmap-aware op (:mod:`~attrax._sdpa`); any other attention as it is."""
     return folded_sdpa() if implementation == "sdpa" else contextlib.nullcontext()
 
@@ -1547,8 +1547,8 @@ def attention_modules(hf: PreTrainedModel) -> dict[torch.nn.Module, tuple[str, i
 
     Read from the table transformers itself records attentions by (``_can_record_outputs`` of
     each sub-model: a class, a layer name, an index into the output); empty for a model without
-    one, whose maps then come from ``output_attentions``), and DeBERTa-v2's, which attrax runs
-    itself. A ModelError for a hybrid some of whose layers do not attend, and for a DeBERTa-v2
+    one, whose maps then come from ``output_attentions``), and those attrax runs itself
+    (DeBERTa-v2's, GPT-Neo's). A ModelError for a hybrid some of whose layers do not attend, and for a DeBERTa-v2
     whose convolution mixes tokens beside its first layer.
     """
     encoder = hf.get_encoder() if getattr(hf.config, "is_encoder_decoder", False) else None
@@ -1580,14 +1580,14 @@ def attention_modules(hf: PreTrainedModel) -> dict[torch.nn.Module, tuple[str, i
                     else:
                         stack = "decoder" if encoder is not None else "self"
                     found[module] = (stack, index)
-    disentangled = _disentangled.modules(hf)
-    if disentangled and _disentangled.convolved(hf):
+    routed = _routed.modules(hf)
+    if routed and _routed.convolved(hf):
         raise ModelError(
             f"{type(hf).__name__}: its encoder adds a convolution over neighbouring tokens to "
             "its first layer (conv_kernel_size > 0), which mixes tokens without attention "
             "weights; attrax's attention-based methods need every token mixing to be "
             "attention. Its gradient, DeepLIFT and perturbation methods run"
         )
-    found.update(dict.fromkeys(disentangled, ("self", 1)))
+    found.update(dict.fromkeys(routed, ("self", 1)))
     _refuse_layers_without_attention(hf, found)
     return found

@@ -50,7 +50,7 @@ __all__ = [
 ]
 
 TOKENIZER_KINDS = ("gpt2", "llama", "marian", "t5", "bart", "wordpiece")
-ARCHS = ("gpt2", "llama", "gemma3", "marian", "bart", "t5")
+ARCHS = ("gpt2", "gpt_neo", "llama", "gemma3", "marian", "bart", "t5")
 SEQ2SEQ_ARCHS = ("marian", "bart", "t5")
 
 _FIXED = (
@@ -293,7 +293,7 @@ def _tokenizer_for(arch: str) -> PreTrainedTokenizerFast:
 
 
 # the tokenizer kind of the architectures that share another's
-_TOKENIZER_OF = {"gemma3": "llama"}
+_TOKENIZER_OF = {"gemma3": "llama", "gpt_neo": "gpt2"}
 
 
 # arch -> (config class, model class, config defaults); token ids are filled in from the tokenizer.
@@ -310,6 +310,16 @@ _TINY: dict[str, tuple[str, str, dict[str, Any]]] = {
             hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=64, initializer_range=0.3,
             tie_word_embeddings=False,
+        ),
+    ),
+    # TinyStories' architecture: a global layer, then a local one (a 4-token window here),
+    # unscaled attention scores
+    "gpt_neo": (
+        "GPTNeoConfig",
+        "GPTNeoForCausalLM",
+        dict(
+            hidden_size=32, num_layers=2, num_heads=2, attention_types=[[["global", "local"], 1]],
+            window_size=4, max_position_embeddings=64, initializer_range=0.3,
         ),
     ),
     # norms after attention and MLP as well as before, query and key norms, a local layer
@@ -345,7 +355,7 @@ def _config(arch: str, tok: PreTrainedTokenizerFast, overrides: dict[str, Any]) 
     config_cls, _, defaults = _TINY[arch]
     pad, eos, bos = tok.pad_token_id, tok.eos_token_id, tok.bos_token_id
     kw: dict[str, Any] = dict(vocab_size=len(tok), pad_token_id=pad, eos_token_id=eos)
-    if arch in ("gpt2", "llama", "gemma3"):
+    if arch in ("gpt2", "gpt_neo", "llama", "gemma3"):
         kw.update(bos_token_id=bos)
     elif arch == "t5":
         kw.update(decoder_start_token_id=pad)
@@ -361,8 +371,8 @@ def tiny_model(
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
     """Build a tiny randomly initialised ``(model, tokenizer)`` pair, offline and deterministic.
 
-    ``arch`` is one of ``"gpt2"``, ``"llama"``, ``"gemma3"`` (causal LMs; Gemma 3 with
-    Llama's tokenizer) or ``"marian"``, ``"bart"``, ``"t5"`` (encoder-decoders). The model is float32, in eval mode, uses eager attention unless
+    ``arch`` is one of ``"gpt2"``, ``"gpt_neo"``, ``"llama"``, ``"gemma3"`` (causal LMs; GPT-Neo
+    with GPT-2's tokenizer, Gemma 3 with Llama's) or ``"marian"``, ``"bart"``, ``"t5"`` (encoder-decoders). The model is float32, in eval mode, uses eager attention unless
     ``attn_implementation=`` says otherwise, and has weights initialised with a large scale so
     that its next-token distributions are far from uniform. Other keyword arguments override
     the config. Tokenizers are trained once per process and cached; each call returns a fresh

@@ -1,11 +1,12 @@
-"""DeBERTa-v2's disentangled attention as attrax runs it, against transformers' own forward.
+"""The attention attrax runs itself (DeBERTa-v2's disentangled attention, GPT-Neo's), against
+transformers' own forward.
 
-Each layout of the relative-position terms (both, content-to-position only, keys shared with the
-positions, no buckets, none at all) runs once through transformers' ``DisentangledSelfAttention``
-and once through attrax's (inside ``Model.attention_as``): the logits and every layer's weights
-must agree to float64 precision, and the module must run its own code again afterwards. The
-methods' own references (attention x gradient, head attribution, value zeroing, ALTI, AtP of
-queries, keys and values) are in their test modules and read transformers' forward alone.
+Each layout of DeBERTa's relative-position terms (both, content-to-position only, keys shared
+with the positions, no buckets, none at all) and GPT-Neo's global and local layers run once through
+transformers' attention code and once through attrax's (inside ``Model.attention_as``): the
+logits and every layer's weights must agree to float64 precision, and the modules must run their
+own code again afterwards. The methods' own references (attention x gradient, head attribution,
+value zeroing, ALTI, AtP, LRP, DLA) are in their test modules and read transformers' forward alone.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import pytest
 import torch
 
 import attrax as ax
-from attrax.testing import tiny_classifier
+from attrax.testing import tiny_classifier, tiny_model
 
 TEXT = "the plot was good but the ending was not"
 LAYOUTS = {
@@ -44,6 +45,28 @@ def test_routed_attention_is_transformers_own(layout):
     for mine, theirs in zip(got.attentions, want.attentions, strict=True):
         torch.testing.assert_close(mine, theirs, rtol=1e-12, atol=1e-12)
     attentions = [m for m in model.hf.modules() if type(m).__name__ == "DisentangledSelfAttention"]
+    assert attentions and all("forward" not in m.__dict__ for m in attentions)
+
+
+@pytest.mark.parametrize("window", [4, 64])
+def test_gpt_neos_routed_attention_is_transformers_own(window):
+    """A global layer and a local one (a window shorter than the input, or longer), a padded
+    batch: attrax folds each layer's causal band into the additive mask."""
+    hf, tok = tiny_model("gpt_neo", window_size=window)
+    model = ax.load_model(hf.double(), tokenizer=tok)
+    tok.pad_token, tok.padding_side = tok.eos_token, "left"
+    ids = tok(["The capital of France is Paris", "a b"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        want = model.hf(**ids, output_attentions=True)
+        with model.attention_as("eager"):
+            got = model.hf(**ids, output_attentions=True)
+    torch.testing.assert_close(got.logits, want.logits, rtol=1e-12, atol=1e-12)
+    for mine, theirs in zip(got.attentions, want.attentions, strict=True):
+        torch.testing.assert_close(mine, theirs, rtol=1e-12, atol=1e-12)
+    local = want.attentions[1][0]  # the local layer: nothing past the window
+    if window < local.shape[-1]:
+        assert (local.tril(-window) == 0).all() and (local.tril(-window + 1) != 0).any()
+    attentions = [m for m in model.hf.modules() if type(m).__name__ == "GPTNeoSelfAttention"]
     assert attentions and all("forward" not in m.__dict__ for m in attentions)
 
 
@@ -94,6 +117,8 @@ def test_other_implementations_are_refused():
     """An implementation attrax did not accept for these modules (one that would compute the
     scores without the relative terms) is refused."""
     model = _model()
-    refused = pytest.raises(ax.ModelError, match=r"disentangled attention cannot run as 'flash")
+    refused = pytest.raises(
+        ax.ModelError, match=r"DisentangledSelfAttention itself, which cannot run as .flash"
+    )
     with refused, model.attention_as("flash_attention_2"):
         pass
