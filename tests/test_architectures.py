@@ -2,7 +2,9 @@
 
 Each is a tiny random model from its config (offline), sharing the GPT-2 test tokenizer. They cover
 what differs between families: rotary and ALiBi positions (Pythia, BLOOM, Falcon), GPT-Neo's
-unscaled attention in its own code (attrax runs it) with a local layer, grouped-query
+unscaled attention in its own code (attrax runs it) with a local layer, GPT-J's and Phi's parallel
+blocks, GPT-BigCode's multi-query attention, StarCoder2, OLMo's weightless LayerNorms, Cohere's
+scaled logits, grouped-query
 attention (Qwen2, Gemma 2), query and key norms (Qwen3, Gemma 3), layers without positions
 (SmolLM3), norms after attention and MLP (Gemma 2, Gemma 3, OLMo 2), logit soft-capping and sliding
 windows (Gemma 2, Gemma 3), learned positions with an offset (OPT), a fused QKV projection
@@ -85,6 +87,27 @@ CONFIGS = {
     ),
     "bloom": lambda v: T.BloomConfig(vocab_size=v, hidden_size=32, n_layer=2, n_head=4),
     "falcon": lambda v: T.FalconConfig(vocab_size=v, **SIZES),
+    # GPT-J: attention and MLP in parallel on one LayerNorm, rotary on part of each head
+    # (interleaved pairs), a biased head
+    "gptj": lambda v: T.GPTJConfig(vocab_size=v, n_embd=32, n_layer=2, n_head=4, rotary_dim=4),
+    # Phi-1/2: GPT-J's parallel block in Llama's naming, a partial rotary, a biased head
+    "phi": lambda v: T.PhiConfig(
+        vocab_size=v, intermediate_size=64, partial_rotary_factor=0.5, **SIZES
+    ),
+    # SantaCoder/StarCoder: GPT-2's block with one key-value head (multi-query) in Linear layers
+    "gpt_bigcode": lambda v: T.GPTBigCodeConfig(
+        vocab_size=v, n_embd=32, n_layer=2, n_head=4, multi_query=True
+    ),
+    # StarCoder2: Llama's layout with LayerNorms, biases and a plain GELU MLP
+    "starcoder2": lambda v: T.Starcoder2Config(
+        vocab_size=v, intermediate_size=64, num_key_value_heads=2, **SIZES
+    ),
+    # OLMo (1): Llama's layout with LayerNorms that have no weights
+    "olmo": lambda v: T.OlmoConfig(vocab_size=v, intermediate_size=64, **SIZES),
+    # Cohere (Command R): parallel attention and MLP, a bias-free LayerNorm, scaled logits
+    "cohere": lambda v: T.CohereConfig(
+        vocab_size=v, intermediate_size=64, logit_scale=0.25, **SIZES
+    ),
     # TinyStories' architecture: attention attrax runs itself, a local layer of 3 positions
     "gpt_neo": lambda v: T.GPTNeoConfig(
         vocab_size=v,

@@ -32,6 +32,8 @@ def models64() -> dict[str, ax.Model]:
     # Granite: constant factors on the embeddings, the scores, each block's output, the logits
     for arch in ("mistral", "qwen2", "phi3", "qwen3", "smollm3", "granite", *EXPERTS):
         built[arch] = ax.load_model(full_double(llama_like(arch, tok)), tokenizer=tok)
+    for arch in MORE_DECODERS:  # random biases, as Llama's relatives get
+        built[arch] = ax.load_model(full_double(llama_like(arch, tok)), tokenizer=tok)
     for arch in NEIGHBOURS:
         built[arch] = ax.load_model(neighbour(arch, tok).double(), tokenizer=tok)
     # norms on each attention's and MLP's output (Gemma 1: 1 + weight norms only)
@@ -91,6 +93,10 @@ def llama_like(arch: str, tok) -> torch.nn.Module:
 
 # mixtures of experts with Llama's layout: a routed `mlp` (Granite MoE's `block_sparse_moe`)
 EXPERTS = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe")
+# GPT-J and Phi (attention and MLP in parallel on one LayerNorm, a biased LM head), StarCoder2
+# and OLMo (Llama's layout with LayerNorms; OLMo's without weights), Cohere (parallel, its
+# LayerNorms without biases, its logits scaled)
+MORE_DECODERS = ("gptj", "phi", "starcoder2", "olmo", "cohere")
 
 
 def full_double(hf: torch.nn.Module) -> torch.nn.Module:
@@ -105,11 +111,22 @@ def full_double(hf: torch.nn.Module) -> torch.nn.Module:
                 return gain(m) * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
 
             module.forward = forward
+        elif type(module).__name__ in ("OlmoLayerNorm", "CohereLayerNorm"):  # float32 inside
+
+            def centred(x: torch.Tensor, m: torch.nn.Module = module) -> torch.Tensor:
+                eps = getattr(m, "variance_epsilon", 1e-5)  # OLMo's: 1e-5 in its forward
+                y = (x - x.mean(-1, keepdim=True)) / torch.sqrt(x.var(-1, False, True) + eps)
+                return gain(m) * y
+
+            module.forward = centred
     return hf
 
 
-def gain(norm: torch.nn.Module) -> torch.Tensor:
-    """An RMSNorm's elementwise factor: ``weight``, the Gemma family's ``1 + weight``."""
+def gain(norm: torch.nn.Module) -> torch.Tensor | float:
+    """A norm's elementwise factor: ``weight``, the Gemma family's ``1 + weight``, 1 for OLMo's
+    LayerNorm, which has none."""
+    if getattr(norm, "weight", None) is None:
+        return 1.0
     return 1.0 + norm.weight if type(norm).__name__.startswith("Gemma") else norm.weight
 
 
@@ -125,6 +142,21 @@ def modules(model: ax.Model):
         blocks = list(hf.base_model.h)
         attn = [b.attn for b in blocks]
         return blocks, attn, [a.c_proj for a in attn], [a.c_attn for a in attn], hf.base_model.ln_f
+    if hf.config.model_type == "gptj":
+        blocks = list(hf.base_model.h)
+        attn = [b.attn for b in blocks]
+        return (
+            blocks,
+            attn,
+            [a.out_proj for a in attn],
+            [a.v_proj for a in attn],
+            hf.base_model.ln_f,
+        )
+    if hf.config.model_type == "phi":
+        blocks = list(hf.base_model.layers)
+        attn = [b.self_attn for b in blocks]
+        values = [a.v_proj for a in attn]
+        return blocks, attn, [a.dense for a in attn], values, hf.base_model.final_layernorm
     if hf.config.model_type == "gpt_neo":  # each block's attention wraps another
         blocks = list(hf.base_model.h)
         attn = [b.attn.attention for b in blocks]
@@ -204,9 +236,10 @@ def readout(model: ax.Model, i: int, found: dict, direction: torch.Tensor):
     scale frozen at its value for ``x_i``."""
     norm = modules(model)[-1]
     x = found["final"][i]
-    if model.hf.config.model_type in ("gpt2", "gpt_neo", "gpt_neox", "opt"):  # LayerNorm
-        sigma = torch.sqrt(x.var(unbiased=False) + norm.eps)
-        return lambda c: head_read(model, norm.weight * (c - c.mean()) / sigma, direction)
+    if type(norm).__name__.endswith("LayerNorm"):  # torch's, OLMo's, Cohere's: they centre
+        eps = getattr(norm, "variance_epsilon", None) or getattr(norm, "eps", None) or 1e-5
+        sigma = torch.sqrt(x.var(unbiased=False) + eps)
+        return lambda c: head_read(model, gain(norm) * (c - c.mean()) / sigma, direction)
     rms = torch.sqrt(x.pow(2).mean() + (getattr(norm, "variance_epsilon", None) or norm.eps))
     return lambda c: float((gain(norm) * c / rms) @ direction)
 
@@ -244,7 +277,9 @@ def naive_dla(model: ax.Model, source: str, target: str, contrast: str | None = 
     for k in range(len(tgt)):
         i = len(src) + k - 1
         direction = unembed[tgt[k]] - (0 if con is None else unembed[con[k]])
-        direction = direction / getattr(config, "logits_scaling", 1.0)  # Granite's logits
+        # Granite divides its logits, Cohere multiplies them
+        direction = direction / getattr(config, "logits_scaling", 1.0)
+        direction = direction * getattr(config, "logit_scale", 1.0)
         proj = readout(model, i, found, direction)
         logits[k] = float(found["logits"][i, tgt[k]])
         if con is not None:
@@ -289,8 +324,11 @@ def naive_dla(model: ax.Model, source: str, target: str, contrast: str | None = 
             if decoder.project_in is not None:
                 emb = decoder.project_in(emb)
             emb = emb + decoder.embed_positions.weight[i + 2]
-        if config.model_type in ("gpt2", "gpt_neo", "gpt_neox", "opt"):  # final LayerNorm's shift
+        if getattr(modules(model)[-1], "bias", None) is not None:  # the final norm's shift
             rest[k] += head_read(model, modules(model)[-1].bias, direction)
+        head_bias = model.hf.get_output_embeddings().bias  # GPT-J's and Phi's
+        if head_bias is not None:
+            rest[k] += float(head_bias[tgt[k]] - (0 if con is None else head_bias[con[k]]))
         rest[k] += proj(emb)
     return out, rest, logits, len(src)
 
@@ -298,7 +336,7 @@ def naive_dla(model: ax.Model, source: str, target: str, contrast: str | None = 
 DLA_ARCHS = (
     "gpt2", "gpt_neo", "llama", "mistral", "qwen2", "phi3", "qwen3", "smollm3", "gemma", "gemma2", "gemma3",
     "olmo2",
-    "granite", *EXPERTS,
+    "granite", *EXPERTS, *MORE_DECODERS,
 )  # fmt: skip
 
 

@@ -94,6 +94,8 @@ def value_parts(model: ax.Model, block, x: torch.Tensor):
         v = next(getattr(v, n) for n in ("value", "v_lin", "value_proj") if hasattr(v, n))(x)
     elif hasattr(getattr(block, "attn", None), "attention"):  # GPT-Neo: a wrapped attention
         v = block.attn.attention.v_proj(block.ln_1(x))
+    elif hasattr(getattr(block, "attn", None), "v_proj"):  # GPT-J
+        v = block.attn.v_proj(block.ln_1(x))
     elif hasattr(block, "attn_norm"):  # ModernBERT: all queries, keys, then values in `Wqkv`
         v = block.attn.Wqkv(block.attn_norm(x))[..., 2 * config.hidden_size :]
     elif hasattr(block, "attn"):
@@ -123,8 +125,11 @@ def project(model: ax.Model, block, z: torch.Tensor) -> torch.Tensor:
     return dense(z) - bias
 
 
-def gain(norm: torch.nn.Module) -> torch.Tensor:
-    """An RMSNorm's elementwise factor: ``weight``, the Gemma family's ``1 + weight``."""
+def gain(norm: torch.nn.Module) -> torch.Tensor | float:
+    """A norm's elementwise factor: ``weight``, the Gemma family's ``1 + weight``, 1 for OLMo's
+    LayerNorm, which has no weight."""
+    if getattr(norm, "weight", None) is None:
+        return 1.0
     return 1.0 + norm.weight if type(norm).__name__.startswith("Gemma") else norm.weight
 
 
@@ -216,6 +221,10 @@ def naive_alti_layers(model: ax.Model, ids: torch.Tensor):
 
 
 ALTI_ARCHS = (*ARCHS, "phi3", "pythia", "qwen3", "smollm3", "gemma", "gemma2", "gemma3", "olmo2")
+# GPT-J, Phi and Cohere: attention and MLP in parallel on one norm (Cohere's LayerNorm without a
+# bias, its logits scaled); StarCoder2 and OLMo: Llama's layout with LayerNorms (OLMo's without
+# weights)
+MORE_PRE_NORM = ("gptj", "phi", "cohere", "starcoder2", "olmo")
 
 
 # BERT's layout in classes of their own (ELECTRA's embeddings projected to its width; DeBERTa-v2's
@@ -232,7 +241,8 @@ def _encoder(arch: str) -> ax.Model:
 
 
 @pytest.mark.parametrize(
-    "arch", [*ALTI_ARCHS, "granite", *EXPERTS, *BERT_LIKE, "modernbert", *NEIGHBOURS]
+    "arch",
+    [*ALTI_ARCHS, "granite", *EXPERTS, *BERT_LIKE, "modernbert", *NEIGHBOURS, *MORE_PRE_NORM],
 )
 def test_alti_matches_naive_per_layer_and_rollout(mixing_models, arch):
     if arch in (*BERT_LIKE, "modernbert"):
@@ -603,6 +613,8 @@ def naive_value_zeroing(
             module, lo = getattr(attention, "value", None) or attention.value_proj, 0
         elif hasattr(getattr(block, "attn", None), "attention"):  # GPT-Neo
             module, lo = block.attn.attention.v_proj, 0
+        elif hasattr(getattr(block, "attn", None), "v_proj"):  # GPT-J
+            module, lo = block.attn.v_proj, 0
         elif hasattr(block, "attn"):
             module, lo = block.attn.c_attn, 2 * hf.config.n_embd
         else:
@@ -632,10 +644,13 @@ def naive_value_zeroing(
     return out
 
 
-@pytest.mark.parametrize("arch", [*ARCHS, "deberta-v2"])
+@pytest.mark.parametrize("arch", [*ARCHS, "deberta-v2", *MORE_PRE_NORM])
 @pytest.mark.parametrize("similarity", ["cosine", "euclidean"])
 def test_value_zeroing_matches_naive(mixing_models, arch, similarity):
-    model = mixing_models[arch] if arch in ARCHS else _encoder(arch)
+    if arch in MORE_PRE_NORM:
+        model = _fused(arch)
+    else:
+        model = mixing_models[arch] if arch in ARCHS else _encoder(arch)
     target = None if model.task != "generation" else TARGET
     ids, queries = ids_and_queries(model, PROMPT, target)
     raw = naive_value_zeroing(model, ids, similarity)
@@ -678,7 +693,7 @@ def naive_fused_zeroing(model: ax.Model, ids: torch.Tensor, heads=None) -> torch
     token j's values where each family's fused projection keeps them."""
     hf, config = model.hf, model.hf.config
     n, d = config.num_attention_heads, config.hidden_size // config.num_attention_heads
-    layers = hf.base_model.layers
+    layers = getattr(hf.base_model, "layers", None) or hf.base_model.h  # GPT-BigCode's `h`
     with torch.no_grad():
         clean = hf.base_model(input_ids=ids, output_hidden_states=True).hidden_states
     length = ids.shape[1]
@@ -688,6 +703,8 @@ def naive_fused_zeroing(model: ax.Model, ids: torch.Tensor, heads=None) -> torch
             module = block.attention.query_key_value
         elif config.model_type == "modernbert":
             module = block.attn.Wqkv
+        elif config.model_type == "gpt_bigcode":
+            module = block.attn.c_attn
         else:
             module = block.self_attn.qkv_proj
         for j in range(length):
@@ -699,8 +716,9 @@ def naive_fused_zeroing(model: ax.Model, ids: torch.Tensor, heads=None) -> torch
                     view = output.view(*output.shape[:2], n, 3, d)
                     for h in chosen:
                         view[:, j, h, 2] = 0
-                else:  # [q (n d), k (kv d), v (kv d)]
-                    kv = getattr(config, "num_key_value_heads", n)
+                else:  # [q (n d), k (kv d), v (kv d)]; GPT-BigCode's multi-query: kv = 1
+                    kv = 1 if getattr(config, "multi_query", False) else n
+                    kv = getattr(config, "num_key_value_heads", kv)
                     for h in chosen:
                         start = (n + kv) * d + h * d
                         output[:, j, start : start + d] = 0
@@ -714,6 +732,21 @@ def naive_fused_zeroing(model: ax.Model, ids: torch.Tensor, heads=None) -> torch
             for i in range(length):
                 out[layer, i, j] = 1 - torch.nn.functional.cosine_similarity(a[i], b[i], dim=0)
     return out
+
+
+def test_value_zeroing_of_multi_query_values_matches_naive():
+    """GPT-BigCode's multi-query `c_attn`: every query head, then one key head and one value
+    head. Reading the values where GPT-2 keeps them (past the output) zeroed nothing: all 0."""
+    model = _fused("gpt_bigcode")
+    assert model.hf.config.multi_query
+    ids, queries = ids_and_queries(model, PROMPT, TARGET)
+    got = ax.value_zeroing(model, PROMPT, TARGET, normalize=False)
+    raw = naive_fused_zeroing(model, ids)
+    for k, q in enumerate(queries):
+        want = raw[:, q, : q + 1].T.numpy()  # [source, layer]
+        want = np.where(want < 1e-5, 0.0, want)  # Inseq's threshold
+        assert want.max() > 1e-3
+        np.testing.assert_allclose(got.values[k, : q + 1], want, atol=1e-9)
 
 
 @pytest.mark.parametrize("family", ["pythia", "phi3", "modernbert"])
@@ -888,7 +921,17 @@ LOGIT_KINDS = (
 
 @pytest.mark.parametrize(
     "kind",
-    [*LOGIT_KINDS, "olmo2", "gemma", "gemma2", "classifier", "qwen2_moe", "granitemoe", "gpt_neo"],
+    [
+        *LOGIT_KINDS,
+        "olmo2",
+        "gemma",
+        "gemma2",
+        "classifier",
+        "qwen2_moe",
+        "granitemoe",
+        "gpt_neo",
+        *MORE_PRE_NORM,
+    ],
 )
 def test_alti_logit_matches_naive(mixing_models, kind):
     """GPT-2 (LayerNorm: centered direction), Llama with a contrast (RMSNorm: no centering; the
@@ -930,9 +973,13 @@ def test_alti_logit_matches_naive(mixing_models, kind):
         final, project_out = hf.gpt_neox.final_layer_norm, None
     elif hasattr(hf.base_model, "decoder"):  # OPT: its head reads project_out's output
         final, project_out = hf.base_model.decoder.final_layer_norm, hf.model.decoder.project_out
-    else:
-        final, project_out = hf.model.norm, None
-    layer_norm = isinstance(final, torch.nn.LayerNorm)
+    else:  # Phi's is `final_layernorm`
+        final = getattr(hf.model, "final_layernorm", None) or hf.model.norm
+        project_out = None
+    # torch's, OLMo's (no weight) and Cohere's (no bias) LayerNorms centre; RMSNorms do not
+    layer_norm = type(final).__name__.endswith("LayerNorm")
+    # OLMo's LayerNorm fixes its epsilon at 1e-5 in its forward
+    final_eps = getattr(final, "variance_epsilon", None) or getattr(final, "eps", None) or 1e-5
     before_final, outputs = [], []
     handles = [final.register_forward_pre_hook(lambda _m, args: before_final.append(args[0]))]
     handles += [  # each attention's output (Gemma norms it before the residual adds it)
@@ -947,14 +994,19 @@ def test_alti_logit_matches_naive(mixing_models, kind):
     length = ids.shape[1]
     for k, q in enumerate(queries):
         if layer_norm:
-            sigma = torch.sqrt(residual[q].var(unbiased=False) + final.eps)
+            sigma = torch.sqrt(residual[q].var(unbiased=False) + final_eps)
         else:  # RMSNorm: the root mean square, no centering
             eps = getattr(final, "variance_epsilon", None) or final.eps
             sigma = torch.sqrt(residual[q].pow(2).mean() + eps)
 
         def read(y: torch.Tensor, k: int = k) -> float:  # the target's logit of norm output y
             logit = float((y if project_out is None else project_out(y)) @ rows[k])
-            return logit / getattr(hf.config, "logits_scaling", 1.0)  # Granite's
+            # Granite divides its logits, Cohere multiplies them
+            return (
+                logit
+                / getattr(hf.config, "logits_scaling", 1.0)
+                * getattr(hf.config, "logit_scale", 1.0)
+            )
 
         below = torch.eye(length, dtype=torch.float64)
         expected_total = torch.zeros(length, dtype=torch.float64)

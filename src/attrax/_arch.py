@@ -168,6 +168,21 @@ def relative_width(config: Any, tokens: int) -> int:
     return terms * (heads * 2 * span + shared)
 
 
+def kv_heads(config: Any) -> int:
+    """Key/value heads of the self-attention: ``num_key_value_heads`` under grouped queries, one
+    for GPT-BigCode's multi-query attention, else as many as the query heads (at least 1).
+
+    >>> from transformers import GPTBigCodeConfig, LlamaConfig
+    >>> kv_heads(LlamaConfig(num_attention_heads=8, num_key_value_heads=2))
+    2
+    >>> kv_heads(GPTBigCodeConfig(n_head=4, multi_query=True))
+    1
+    """
+    if getattr(config, "multi_query", False) is True:
+        return 1
+    return _positive(config, "num_key_value_heads") or heads(config, "self") or 1
+
+
 def max_positions(config: Any) -> int | None:
     """Absolute positions the model has; None for relative positions (T5): no hard limit."""
     return _first_positive(config, _POSITION_KEYS)
@@ -198,14 +213,19 @@ GRANITE = (
 
 def logit_scale(config: Any) -> float:
     """The factor a causal LM multiplies its head's output by: ``1 / logits_scaling`` for Granite,
-    1 for every other model.
+    Cohere's (Command R's) ``logit_scale``, 1 for every other model.
 
-    >>> from transformers import GraniteConfig, LlamaConfig
+    >>> from transformers import CohereConfig, GraniteConfig, LlamaConfig
     >>> logit_scale(GraniteConfig(logits_scaling=8.0)), logit_scale(LlamaConfig())
     (0.125, 1.0)
+    >>> logit_scale(CohereConfig(logit_scale=0.0625))
+    0.0625
     """
-    if getattr(config, "model_type", None) in GRANITE:
+    kind = getattr(config, "model_type", None)
+    if kind in GRANITE:
         return 1.0 / float(config.logits_scaling)
+    if kind in ("cohere", "cohere2"):
+        return float(config.logit_scale)
     return 1.0
 
 

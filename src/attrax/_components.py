@@ -43,7 +43,7 @@ from ._errors import InputError, ModelError, OptionError
 from ._heads import ATTENTION_INPUTS, patch_attention_inputs
 from ._inputs import Texts, contrast_batch, prepare, to_tensors
 from ._memory import full_precision
-from ._model import Model, norm_divisor, norm_gain
+from ._model import Model, norm_centers, norm_divisor, norm_gain
 from ._protocol import Call, Family
 
 SITES = ("heads", "mlp", "residual", *ATTENTION_INPUTS)
@@ -102,7 +102,7 @@ class _Parts:
     @property
     def centered(self) -> bool:
         """Whether the final norm is a LayerNorm (centres), not an RMSNorm."""
-        return self.kind != "llama"
+        return norm_centers(self.norm)
 
     def output_projection(self, layer: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Layer ``layer``'s output projection as ``W_O`` ``[heads, head_dim, hidden]`` (a head's
@@ -111,11 +111,9 @@ class _Parts:
         if self.kind == "gpt2":
             projection = attention.c_proj  # Conv1D: out = z @ weight + bias
             weight = projection.weight
-        else:  # Linear: out = z @ weight.T (+ bias)
-            projection = {"neox": "dense", "opt": "out_proj", "neo": "out_proj"}.get(
-                self.kind, "o_proj"
-            )
-            projection = getattr(attention, projection)
+        else:  # Linear: out = z @ weight.T (+ bias); GPT-NeoX's and Phi's `dense`
+            projection = _named(attention, ("o_proj", "out_proj", "dense"))
+            assert projection is not None, type(attention).__name__
             weight = projection.weight.T
         return weight.reshape(self.heads, self.head_dim, -1), projection.bias
 
@@ -166,7 +164,12 @@ _LLAMA_LIKE = (
     "phi3",
     "granite",
     *_arch.EXPERTS,
+    "starcoder2",  # LayerNorms and biases
+    "olmo",  # LayerNorms without weights
+    "cohere",  # attention and MLP in parallel, LayerNorms without biases, scaled logits
 )
+# attention and MLP in parallel on one LayerNorm, both added to the stream: the same sum
+_PARALLEL = ("gptj", "phi")
 
 
 def _parts(model: Model, method: str) -> _Parts:
@@ -179,12 +182,14 @@ def _parts(model: Model, method: str) -> _Parts:
             f"{method} decomposes decoder-only models (GPT-2, Llama); {name} is an "
             "encoder-decoder, whose decoder also reads the encoder through cross-attention"
         )
-    if kind not in ("gpt2", "gpt_neo", "gpt_neox", "opt", *_LLAMA_LIKE, *_arch.SANDWICH):
+    known = ("gpt2", "gpt_neo", "gpt_neox", "opt", *_PARALLEL, *_LLAMA_LIKE, *_arch.SANDWICH)
+    if kind not in known:
         raise ModelError(
             f"{method} has no rule for {name}: it knows the GPT-2 (Conv1D, LayerNorm), Llama "
             "(o_proj, RMSNorm; also Mistral, Qwen2, Qwen3, SmolLM3, Phi-3, Gemma 2, Gemma 3, "
             "OLMo 2, Granite; the mixtures of experts Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, "
-            "Granite MoE), GPT-Neo, GPT-NeoX (Pythia) and OPT architectures only, as causal LMs or "
+            "Granite MoE, StarCoder2, OLMo, Cohere), GPT-Neo, GPT-J, Phi, GPT-NeoX (Pythia) and "
+            "OPT architectures only, as causal LMs or "
             "sequence classifiers (GPT2ForSequenceClassification, "
             "LlamaForSequenceClassification...)"
         )
@@ -215,6 +220,18 @@ def _parts(model: Model, method: str) -> _Parts:
         mlps = [b.mlp for b in blocks]
         norm = base.ln_f
         heads = config.num_heads
+    elif kind == "gptj":
+        blocks = list(base.h)
+        attentions = [b.attn for b in blocks]
+        mlps = [b.mlp for b in blocks]
+        norm = base.ln_f
+        heads = config.n_head
+    elif kind == "phi":
+        blocks = list(base.layers)
+        attentions = [b.self_attn for b in blocks]
+        mlps = [b.mlp for b in blocks]
+        norm = base.final_layernorm
+        heads = config.num_attention_heads
     elif kind == "gpt_neox":  # the parallel residual adds both branches: the same sum
         blocks = list(base.layers)
         attentions = [b.attention for b in blocks]

@@ -45,6 +45,7 @@ from ._memory import (
 from ._model import (
     Model,
     attention_modules,
+    norm_centers,
     norm_divisor,
     norm_gain,
     refuse_mean_pooling,
@@ -141,7 +142,9 @@ def _value_projection(
     fused = getattr(attention, "c_attn", None)  # GPT-2: queries, keys, values in one projection
     if isinstance(fused, torch.nn.Module) and not getattr(attention, "is_cross_attention", False):
         width = int(getattr(attention, "split_size", model.hidden_size))
-        return fused, slice(2 * width, 3 * width)
+        # GPT-BigCode's multi-query attention: one key and one value head after the queries
+        kv = int(getattr(attention, "kv_dim", width))
+        return fused, slice(width + kv, width + 2 * kv)
     config = model.hf.config
     heads = _arch.heads(config, "self") or 1
     head_dim = getattr(attention, "head_dim", None) or getattr(attention, "head_size", None)
@@ -149,7 +152,7 @@ def _value_projection(
     # Phi-3's `qkv_proj`, ModernBERT's `Wqkv`: all queries, then keys, then values
     fused = getattr(attention, "qkv_proj", None) or getattr(attention, "Wqkv", None)
     if isinstance(fused, torch.nn.Linear):
-        kv = getattr(config, "num_key_value_heads", None) or heads
+        kv = _arch.kv_heads(config)
         return fused, slice((heads + kv) * head_dim, None)
     fused = getattr(attention, "query_key_value", None)
     if isinstance(fused, torch.nn.Linear) and _architecture(model) == "gpt_neox":
@@ -316,7 +319,7 @@ def _self_run(model: Model, t: Tensors) -> _Run:
 
     blocks = [layer.block for layer in stack]
     config = model.hf.config
-    kv = getattr(config, "num_key_value_heads", None) or _arch.heads(config, "self") or 1
+    kv = _arch.kv_heads(config)
     last = int(t.index.max()) + 1 if model.causal else None
     return _Run(stack, blocks, states, forward, t.mask, model.causal, kv, last)
 
@@ -535,6 +538,12 @@ _PRE_NORM = (
     "gpt_neox",
     "opt",
     "gpt_neo",  # GPT-2's layout, Linear projections (its attention run by attrax: _routed)
+    # attention and MLP in parallel on one norm: ALTI decomposes x + attention, as GPT-NeoX's
+    "gptj",
+    "phi",
+    "cohere",  # its LayerNorm has no bias
+    "starcoder2",  # Llama's layout with LayerNorms and biases
+    "olmo",  # Llama's layout with LayerNorms without weights
 )
 _POST_NORM = (
     "bert",
@@ -1085,7 +1094,7 @@ def _final_norm(model: Model) -> torch.nn.Module:
     ``final_layer_norm``."""
     base = model.hf.base_model
     base = getattr(base, "decoder", base)  # OPT's layers live in its `decoder`
-    for name in ("ln_f", "norm", "final_layer_norm"):
+    for name in ("ln_f", "norm", "final_layer_norm", "final_layernorm"):  # Phi's last
         if isinstance(getattr(base, name, None), torch.nn.Module):
             return getattr(base, name)
     raise ModelError(f"{model.name} ({_architecture(model)}): attrax finds no final norm")
@@ -1108,7 +1117,7 @@ def _logit_direction(
     direction = unembed * norm_gain(final).to(dtype)
     if model.task == "generation":  # Granite's LM head scales its logits
         direction = direction * _arch.logit_scale(model.hf.config)
-    centered = isinstance(final, torch.nn.LayerNorm)  # RMSNorm: no centering
+    centered = norm_centers(final)  # RMSNorm: no centering
     if centered:
         direction = direction - direction.mean(-1, keepdim=True)
     return direction / norm_divisor(final, residual.to(dtype), centered)[..., None]

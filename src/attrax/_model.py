@@ -1127,20 +1127,32 @@ ACTIVATION_KINDS = {
 }
 
 
+# LayerNorms that are not torch's: OLMo's has no weight (its epsilon fixed at 1e-5), Cohere's no
+# bias; both subtract the mean
+_LAYER_NORMS = ("OlmoLayerNorm", "CohereLayerNorm")
+
+
+def norm_centers(norm: torch.nn.Module) -> bool:
+    """Whether ``norm`` subtracts the mean (a LayerNorm), not only divides (an RMSNorm)."""
+    return isinstance(norm, torch.nn.LayerNorm) or type(norm).__name__ in _LAYER_NORMS
+
+
 def norm_divisor(norm: torch.nn.Module, x: torch.Tensor, centered: bool) -> torch.Tensor:
     """``norm``'s divisor at ``x`` ``[..., H]`` (at least float32): a LayerNorm's standard
     deviation (``centered``) or an RMSNorm's root mean square, each with its epsilon."""
     x = x.to(at_least_float32(x.dtype))
-    eps = getattr(norm, "variance_epsilon", None) or norm.eps
+    eps = getattr(norm, "variance_epsilon", None) or getattr(norm, "eps", None) or 1e-5
     if centered:
         return torch.sqrt(x.var(-1, unbiased=False) + eps)
     return torch.sqrt(x.pow(2).mean(-1) + eps)
 
 
 def norm_gain(norm: torch.nn.Module) -> torch.Tensor:
-    """The elementwise factor a norm applies after dividing: its ``weight``, or the Gemma
-    family's ``1 + weight``."""
-    weight = norm.weight
+    """The elementwise factor a norm applies after dividing: its ``weight``, the Gemma family's
+    ``1 + weight``, or 1 where it has none (OLMo's)."""
+    weight = getattr(norm, "weight", None)
+    if weight is None:
+        return torch.tensor(1.0)
     return 1.0 + weight if type(norm).__name__.startswith("Gemma") else weight
 
 
