@@ -9,7 +9,7 @@ import contextlib
 import numpy as np
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, FalconConfig
 
 import attrax as ax
 from attrax.cli import main
@@ -34,6 +34,8 @@ def models64() -> dict[str, ax.Model]:
         built[arch] = ax.load_model(full_double(llama_like(arch, tok)), tokenizer=tok)
     for arch in MORE_DECODERS:  # random biases, as Llama's relatives get
         built[arch] = ax.load_model(full_double(llama_like(arch, tok)), tokenizer=tok)
+    for layout in FALCONS:
+        built[layout] = _falcon(layout)
     for arch in NEIGHBOURS:
         built[arch] = ax.load_model(neighbour(arch, tok).double(), tokenizer=tok)
     # norms on each attention's and MLP's output (Gemma 1: 1 + weight norms only)
@@ -99,6 +101,44 @@ EXPERTS = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe")
 MORE_DECODERS = ("gptj", "phi", "starcoder2", "olmo", "cohere")
 
 
+# Falcon's three layouts of its fused query_key_value: Falcon-7B's (multi-query, parallel),
+# each head's query, key and value side by side (sequential blocks here), Falcon-40B's groups
+FALCONS = {
+    "falcon": {},
+    "falcon-heads": {"multi_query": False, "parallel_attn": False},
+    "falcon-40b": {"new_decoder_architecture": True, "num_kv_heads": 2},
+}
+
+
+def _falcon(layout: str) -> ax.Model:
+    """A tiny random float64 Falcon of one of :data:`FALCONS`' layouts, its biases random."""
+    _, tok = tiny_model("gpt2")
+    config = FalconConfig(
+        vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        bias=True, initializer_range=0.3, pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, **FALCONS[layout],
+    )  # fmt: skip
+    torch.manual_seed(0)
+    hf = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    with torch.no_grad():
+        for name, parameter in hf.named_parameters():
+            if name.endswith("bias"):
+                parameter.normal_(0, 0.5)
+    return ax.load_model(hf.double().eval(), tokenizer=tok)
+
+
+def falcon_values(attention, fused: torch.Tensor) -> torch.Tensor:
+    """The value heads ``[..., L, kv, d]`` inside Falcon's fused output ``[..., L, F]``, read
+    through the views its own forward takes (a view: writing to it writes to ``fused``)."""
+    d = attention.head_dim
+    x = fused.unflatten(-1, (-1, d))
+    if attention.new_decoder_architecture:  # [kv, group queries + key + value, d]
+        return x.unflatten(-2, (attention.num_kv_heads, -1))[..., -1, :]
+    if attention.multi_query:  # [heads + key + value, d]
+        return x[..., -1:, :]
+    return x.unflatten(-2, (attention.num_heads, 3))[..., 2, :]  # [heads, (q, k, v), d]
+
+
 def full_double(hf: torch.nn.Module) -> torch.nn.Module:
     """``hf`` in float64 throughout: LlamaRMSNorm normalizes in float32 even in a float64 model,
     which would leave float32 rounding in the logits the references compare with."""
@@ -142,6 +182,11 @@ def modules(model: ax.Model):
         blocks = list(hf.base_model.h)
         attn = [b.attn for b in blocks]
         return blocks, attn, [a.c_proj for a in attn], [a.c_attn for a in attn], hf.base_model.ln_f
+    if hf.config.model_type == "falcon":
+        blocks = list(hf.base_model.h)
+        attn = [b.self_attention for b in blocks]
+        values = [a.query_key_value for a in attn]
+        return blocks, attn, [a.dense for a in attn], values, hf.base_model.ln_f
     if hf.config.model_type == "gptj":
         blocks = list(hf.base_model.h)
         attn = [b.attn for b in blocks]
@@ -214,10 +259,10 @@ def traced(model: ax.Model, ids: list[int]) -> dict:
                     lambda m, a, layer=layer: found["attention_output"].__setitem__(layer, a[0][0])
                 )
             )
-        handles.append(
+        handles.append(  # a copy: Falcon's parallel block adds the attention to it in place
             mlp.register_forward_hook(
                 lambda m, a, o, layer=layer: found["mlp"].__setitem__(
-                    layer, o.view(-1, *o.shape[-2:])[0]
+                    layer, o.view(-1, *o.shape[-2:])[0].clone()
                 )
             )
         )
@@ -288,6 +333,9 @@ def naive_dla(model: ax.Model, source: str, target: str, contrast: str | None = 
             v_all = found["v"][layer]
             if config.model_type == "gpt2":
                 v_all = v_all[:, 2 * config.hidden_size :]
+            elif config.model_type == "falcon":  # its value heads, each read by its group
+                v_all = falcon_values(modules(model)[1][layer], v_all)
+                v_all = v_all.repeat_interleave(heads // v_all.shape[1], dim=1).flatten(1)
             elif config.model_type == "gpt_neox":  # per head: query, key, value
                 v_all = v_all.unflatten(-1, (heads, 3 * d))[..., 2 * d :].flatten(1)
             elif config.model_type != "opt":
@@ -336,7 +384,7 @@ def naive_dla(model: ax.Model, source: str, target: str, contrast: str | None = 
 DLA_ARCHS = (
     "gpt2", "gpt_neo", "llama", "mistral", "qwen2", "phi3", "qwen3", "smollm3", "gemma", "gemma2", "gemma3",
     "olmo2",
-    "granite", *EXPERTS, *MORE_DECODERS,
+    "granite", *EXPERTS, *MORE_DECODERS, *FALCONS,
 )  # fmt: skip
 
 

@@ -22,6 +22,7 @@ import attrax as ax
 from attrax.cli import main
 from attrax.testing import tiny_classifier, tiny_model
 from tests import _naive
+from tests.test_components import _falcon
 
 SOURCE, TARGET = "The capital of France is", " Paris"
 PAIR = ("def f(x):", " return x")
@@ -33,6 +34,8 @@ def models64() -> dict[str, ax.Model]:
     for arch in ("gpt2", "gpt_neo", "llama", "bart", "t5"):
         hf, tok = tiny_model(arch)
         built[arch] = ax.load_model(hf.double(), tokenizer=tok)
+    # Falcon-7B's layout: its attention records no weights for transformers' tables
+    built["falcon"] = _falcon("falcon")
     return built
 
 
@@ -45,6 +48,8 @@ def out_projection(model: ax.Model, stack: str, layer: int) -> torch.nn.Module:
         return hf.model.layers[layer].self_attn.o_proj
     if model.hf.config.model_type == "gpt_neo":
         return hf.transformer.h[layer].attn.attention.out_proj
+    if model.hf.config.model_type == "falcon":
+        return hf.transformer.h[layer].self_attention.dense
     if model.hf.config.model_type == "bart":
         block = hf.model.decoder.layers[layer]
         return block.encoder_attn.out_proj if stack == "cross" else block.self_attn.out_proj
@@ -130,7 +135,14 @@ def naive_grads(model, source, target, stack, **how):
 
 @pytest.mark.parametrize(
     ("arch", "stack"),
-    [("gpt2", "self"), ("gpt_neo", "self"), ("llama", "self"), ("bart", "cross"), ("t5", "cross")],
+    [
+        ("gpt2", "self"),
+        ("gpt_neo", "self"),
+        ("falcon", "self"),
+        ("llama", "self"),
+        ("bart", "cross"),
+        ("t5", "cross"),
+    ],
 )
 def test_attention_x_gradient_equals_autograd(models64, arch, stack):
     model = models64[arch]
@@ -258,7 +270,14 @@ def naive_head_ig(model, source, target, stack, layer, steps, rule="gausslegendr
 
 
 @pytest.mark.parametrize(
-    ("arch", "stack"), [("gpt2", "self"), ("gpt_neo", "self"), ("llama", "self"), ("bart", "cross")]
+    ("arch", "stack"),
+    [
+        ("gpt2", "self"),
+        ("gpt_neo", "self"),
+        ("falcon", "self"),
+        ("llama", "self"),
+        ("bart", "cross"),
+    ],
 )
 def test_head_attribution_equals_autograd(models64, arch, stack):
     model = models64[arch]

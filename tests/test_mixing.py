@@ -19,7 +19,15 @@ from attrax.cli import main
 from attrax.testing import tiny_classifier, tiny_model
 from tests import _naive
 from tests.test_architectures import CONFIGS, SEQ2SEQ_SIZES, _family, _translator
-from tests.test_components import EXPERTS, full_double, neighbour, t5_double
+from tests.test_components import (
+    EXPERTS,
+    FALCONS,
+    _falcon,
+    falcon_values,
+    full_double,
+    neighbour,
+    t5_double,
+)
 
 PROMPT, TARGET = "The capital of France is", " Paris."
 ARCHS = ("gpt2", "gpt_neo", "llama", "bert")
@@ -78,7 +86,7 @@ def blocks(model: ax.Model):
 def attention_of(block) -> torch.nn.Module:
     """A decoder block's attention module (GPT-2's `attn`, GPT-NeoX's `attention`, Llama's and
     OPT's `self_attn`)."""
-    for name in ("attn", "attention", "self_attn"):
+    for name in ("attn", "attention", "self_attn", "self_attention"):  # Falcon's last
         if hasattr(block, name):
             return getattr(block, name)
     raise AssertionError(f"no attention in {type(block).__name__}")
@@ -96,6 +104,10 @@ def value_parts(model: ax.Model, block, x: torch.Tensor):
         v = block.attn.attention.v_proj(block.ln_1(x))
     elif hasattr(getattr(block, "attn", None), "v_proj"):  # GPT-J
         v = block.attn.v_proj(block.ln_1(x))
+    elif hasattr(block, "self_attention"):  # Falcon: one norm (or ln_attn), a fused projection
+        norm = getattr(block, "ln_attn", None) or block.input_layernorm
+        fused = block.self_attention.query_key_value(norm(x))
+        v = falcon_values(block.self_attention, fused).flatten(-2)
     elif hasattr(block, "attn_norm"):  # ModernBERT: all queries, keys, then values in `Wqkv`
         v = block.attn.Wqkv(block.attn_norm(x))[..., 2 * config.hidden_size :]
     elif hasattr(block, "attn"):
@@ -113,7 +125,7 @@ def value_parts(model: ax.Model, block, x: torch.Tensor):
     else:  # OLMo 2 normalises no block input
         norm = getattr(block, "input_layernorm", torch.nn.Identity())
         v = block.self_attn.v_proj(norm(x))
-    kv = getattr(config, "num_key_value_heads", heads) or heads
+    kv = v.shape[-1] // (config.hidden_size // heads)  # key/value heads (grouped, multi-query)
     v = v[0].view(x.shape[1], kv, -1)
     return torch.stack([v[:, h // (heads // kv)] for h in range(heads)], dim=1)
 
@@ -225,6 +237,8 @@ ALTI_ARCHS = (*ARCHS, "phi3", "pythia", "qwen3", "smollm3", "gemma", "gemma2", "
 # bias, its logits scaled); StarCoder2 and OLMo: Llama's layout with LayerNorms (OLMo's without
 # weights)
 MORE_PRE_NORM = ("gptj", "phi", "cohere", "starcoder2", "olmo")
+# Falcon's layouts (test_mixing.FALCONS, defined below)
+FALCON_LAYOUTS = ("falcon", "falcon-heads", "falcon-40b")
 
 
 # BERT's layout in classes of their own (ELECTRA's embeddings projected to its width; DeBERTa-v2's
@@ -242,10 +256,21 @@ def _encoder(arch: str) -> ax.Model:
 
 @pytest.mark.parametrize(
     "arch",
-    [*ALTI_ARCHS, "granite", *EXPERTS, *BERT_LIKE, "modernbert", *NEIGHBOURS, *MORE_PRE_NORM],
+    [
+        *ALTI_ARCHS,
+        "granite",
+        *EXPERTS,
+        *BERT_LIKE,
+        "modernbert",
+        *NEIGHBOURS,
+        *MORE_PRE_NORM,
+        *FALCON_LAYOUTS,
+    ],
 )
 def test_alti_matches_naive_per_layer_and_rollout(mixing_models, arch):
-    if arch in (*BERT_LIKE, "modernbert"):
+    if arch in FALCON_LAYOUTS:
+        model = _falcon(arch)
+    elif arch in (*BERT_LIKE, "modernbert"):
         model = _encoder(arch)
     else:
         model = mixing_models[arch] if arch in ARCHS else _fused(arch)
@@ -705,17 +730,23 @@ def naive_fused_zeroing(model: ax.Model, ids: torch.Tensor, heads=None) -> torch
             module = block.attn.Wqkv
         elif config.model_type == "gpt_bigcode":
             module = block.attn.c_attn
+        elif config.model_type == "falcon":
+            module = block.self_attention.query_key_value
         else:
             module = block.self_attn.qkv_proj
         for j in range(length):
 
-            def zero(_m, _a, output, j=j):
+            def zero(_m, _a, output, j=j, block=block):
                 output = output.clone()
                 chosen = range(n) if heads is None else heads
                 if config.model_type == "gpt_neox":  # [heads, (q, k, v), d] per token
                     view = output.view(*output.shape[:2], n, 3, d)
                     for h in chosen:
                         view[:, j, h, 2] = 0
+                elif config.model_type == "falcon":
+                    values = falcon_values(block.self_attention, output)
+                    for h in range(values.shape[-2]) if heads is None else heads:
+                        values[:, j, h] = 0
                 else:  # [q (n d), k (kv d), v (kv d)]; GPT-BigCode's multi-query: kv = 1
                     kv = 1 if getattr(config, "multi_query", False) else n
                     kv = getattr(config, "num_key_value_heads", kv)
@@ -749,9 +780,12 @@ def test_value_zeroing_of_multi_query_values_matches_naive():
         np.testing.assert_allclose(got.values[k, : q + 1], want, atol=1e-9)
 
 
-@pytest.mark.parametrize("family", ["pythia", "phi3", "modernbert"])
+@pytest.mark.parametrize("family", ["pythia", "phi3", "modernbert", "falcon-heads", "falcon-40b"])
 def test_value_zeroing_of_fused_projections_matches_naive(family):
-    model = _encoder(family) if family == "modernbert" else _fused(family)
+    if family in FALCONS:
+        model = _falcon(family)
+    else:
+        model = _encoder(family) if family == "modernbert" else _fused(family)
     target = TARGET if model.task == "generation" else None
     ids, queries = ids_and_queries(model, PROMPT, target)
     got = ax.value_zeroing(model, PROMPT, target, normalize=False)
@@ -931,6 +965,7 @@ LOGIT_KINDS = (
         "granitemoe",
         "gpt_neo",
         *MORE_PRE_NORM,
+        *FALCON_LAYOUTS,
     ],
 )
 def test_alti_logit_matches_naive(mixing_models, kind):
@@ -942,6 +977,8 @@ def test_alti_logit_matches_naive(mixing_models, kind):
     if kind != "classifier":
         if kind in ("lm", "llama_contrast", "gpt_neo"):
             model = mixing_models[{"lm": "gpt2", "llama_contrast": "llama"}.get(kind, kind)]
+        elif kind in FALCON_LAYOUTS:
+            model = _falcon(kind)
         else:
             model = _fused(kind)
         contrast = " Rome." if kind == "llama_contrast" else None

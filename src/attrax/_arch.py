@@ -178,9 +178,37 @@ def kv_heads(config: Any) -> int:
     >>> kv_heads(GPTBigCodeConfig(n_head=4, multi_query=True))
     1
     """
-    if getattr(config, "multi_query", False) is True:
+    if getattr(config, "new_decoder_architecture", False):  # Falcon-40B's groups
+        return _positive(config, "num_kv_heads") or heads(config, "self") or 1
+    if getattr(config, "multi_query", False) is True:  # GPT-BigCode's, Falcon-7B's
         return 1
-    return _positive(config, "num_key_value_heads") or heads(config, "self") or 1
+    kv = _positive(config, "num_key_value_heads") or _positive(config, "num_kv_heads")
+    return kv or heads(config, "self") or 1
+
+
+def falcon_values(config: Any) -> list[int]:
+    """Which features of Falcon's fused ``query_key_value`` output are its values, key/value
+    head by key/value head: each group's queries then its key and value (``new_decoder_
+    architecture``: Falcon-40B, 180B), every query head then one key and one value head
+    (``multi_query``: Falcon-7B), or each head's query, key and value side by side.
+
+    >>> from transformers import FalconConfig
+    >>> falcon_values(FalconConfig(hidden_size=8, num_attention_heads=2, multi_query=True))
+    [12, 13, 14, 15]
+    >>> falcon_values(FalconConfig(hidden_size=8, num_attention_heads=2, multi_query=False))
+    [8, 9, 10, 11, 20, 21, 22, 23]
+    """
+    count = heads(config, "self") or 1
+    d = _positive(config, "hidden_size") // count
+    kv = kv_heads(config)
+    if getattr(config, "new_decoder_architecture", False):
+        group = (count // kv + 2) * d  # a group's queries, its key, its value
+        starts = [g * group + group - d for g in range(kv)]
+    elif getattr(config, "multi_query", False):
+        starts = [(count + 1) * d]
+    else:
+        starts = [h * 3 * d + 2 * d for h in range(count)]
+    return [start + i for start in starts for i in range(d)]
 
 
 def max_positions(config: Any) -> int | None:

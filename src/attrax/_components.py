@@ -85,7 +85,9 @@ PATCHING = Family(
 class _Parts:
     """The modules of a supported architecture, layer by layer."""
 
-    kind: str  # "gpt2", "llama", "neox", "opt" or "neo" (GPT-Neo)
+    # how the values are read: "gpt2" (Conv1D c_attn), "neox" (per-head fused), "falcon"
+    # (fused, three layouts) or a v_proj / qkv_proj ("llama", "opt", "neo")
+    kind: str
     blocks: list[torch.nn.Module]
     attentions: list[torch.nn.Module]
     mlps: list[torch.nn.Module]  # OPT's: each block's `fc2`, whose output is the MLP's
@@ -121,22 +123,26 @@ class _Parts:
         attention = self.attentions[layer]
         if self.kind == "gpt2":
             return attention.c_attn
-        if self.kind == "neox":
+        if self.kind in ("neox", "falcon"):
             return attention.query_key_value
         return getattr(attention, "v_proj", None) or attention.qkv_proj  # Phi-3's fused one
 
     def values(self, layer: int, output: torch.Tensor) -> torch.Tensor:
         """Value vectors ``[B, L, heads, head_dim]`` from :meth:`value_module`'s output (GPT-2's
         third of ``c_attn``, GPT-NeoX's last third of each head's slice, Phi-3's values after
-        its queries and keys; Llama's key-value heads repeated for the query heads they
-        serve)."""
+        its queries and keys, Falcon's where its layout keeps them; key-value heads repeated
+        for the query heads they serve)."""
         if self.kind == "gpt2":
             width = self.heads * self.head_dim
             output = output[..., 2 * width : 3 * width]
             return output.unflatten(-1, (self.heads, self.head_dim))
         if self.kind == "neox":  # per head: [query, key, value]
             return output.unflatten(-1, (self.heads, 3 * self.head_dim))[..., 2 * self.head_dim :]
-        if not hasattr(self.attentions[layer], "v_proj"):  # [queries, keys, values]
+        if self.kind == "falcon":  # its fused layouts: _arch.falcon_values
+            config = self.attentions[layer].config
+            index = torch.tensor(_arch.falcon_values(config), device=output.device)
+            output = output.index_select(-1, index)
+        elif not hasattr(self.attentions[layer], "v_proj"):  # [queries, keys, values]
             kv = (output.shape[-1] // self.head_dim - self.heads) // 2
             output = output[..., (self.heads + kv) * self.head_dim :]
         v = output.unflatten(-1, (-1, self.head_dim))
@@ -168,8 +174,9 @@ _LLAMA_LIKE = (
     "olmo",  # LayerNorms without weights
     "cohere",  # attention and MLP in parallel, LayerNorms without biases, scaled logits
 )
-# attention and MLP in parallel on one LayerNorm, both added to the stream: the same sum
-_PARALLEL = ("gptj", "phi")
+# attention and MLP in parallel on one LayerNorm (Falcon's: one or two), both added to the
+# stream: the same sum
+_PARALLEL = ("gptj", "phi", "falcon")
 
 
 def _parts(model: Model, method: str) -> _Parts:
@@ -188,7 +195,8 @@ def _parts(model: Model, method: str) -> _Parts:
             f"{method} has no rule for {name}: it knows the GPT-2 (Conv1D, LayerNorm), Llama "
             "(o_proj, RMSNorm; also Mistral, Qwen2, Qwen3, SmolLM3, Phi-3, Gemma 2, Gemma 3, "
             "OLMo 2, Granite; the mixtures of experts Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, "
-            "Granite MoE, StarCoder2, OLMo, Cohere), GPT-Neo, GPT-J, Phi, GPT-NeoX (Pythia) and "
+            "Granite MoE, StarCoder2, OLMo, Cohere), GPT-Neo, GPT-J, Phi, Falcon, GPT-NeoX "
+            "(Pythia) and "
             "OPT architectures only, as causal LMs or "
             "sequence classifiers (GPT2ForSequenceClassification, "
             "LlamaForSequenceClassification...)"
@@ -226,6 +234,12 @@ def _parts(model: Model, method: str) -> _Parts:
         mlps = [b.mlp for b in blocks]
         norm = base.ln_f
         heads = config.n_head
+    elif kind == "falcon":
+        blocks = list(base.h)
+        attentions = [b.self_attention for b in blocks]
+        mlps = [b.mlp for b in blocks]
+        norm = base.ln_f
+        heads = config.num_attention_heads
     elif kind == "phi":
         blocks = list(base.layers)
         attentions = [b.self_attn for b in blocks]
@@ -254,7 +268,9 @@ def _parts(model: Model, method: str) -> _Parts:
         norm = base.norm
         heads = config.num_attention_heads
     head_dim = getattr(attentions[0], "head_dim", None) or config.hidden_size // heads
-    short = {"gpt2": "gpt2", "gpt_neo": "neo", "gpt_neox": "neox", "opt": "opt"}.get(kind, "llama")
+    short = {
+        "gpt2": "gpt2", "gpt_neo": "neo", "gpt_neox": "neox", "opt": "opt", "falcon": "falcon"
+    }.get(kind, "llama")  # fmt: skip
     after_attention = after_mlp = None
     if kind in _arch.SANDWICH:
         after_attention = [b.post_attention_layernorm for b in blocks]

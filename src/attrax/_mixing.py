@@ -155,6 +155,8 @@ def _value_projection(
         kv = _arch.kv_heads(config)
         return fused, slice((heads + kv) * head_dim, None)
     fused = getattr(attention, "query_key_value", None)
+    if isinstance(fused, torch.nn.Linear) and _architecture(model) == "falcon":
+        return fused, torch.tensor(_arch.falcon_values(config))
     if isinstance(fused, torch.nn.Linear) and _architecture(model) == "gpt_neox":
         # GPT-NeoX: each head's query, key and value side by side, values at 2d..3d of every 3d
         within = torch.arange(2 * head_dim, 3 * head_dim)
@@ -544,6 +546,7 @@ _PRE_NORM = (
     "cohere",  # its LayerNorm has no bias
     "starcoder2",  # Llama's layout with LayerNorms and biases
     "olmo",  # Llama's layout with LayerNorms without weights
+    "falcon",  # parallel (7B, 40B) or sequential blocks, values in a fused query_key_value
 )
 _POST_NORM = (
     "bert",

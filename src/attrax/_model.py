@@ -1554,6 +1554,11 @@ def _refuse_layers_without_attention(
         )
 
 
+# attention classes that call transformers' attention interface and return their weights, in
+# models whose classes record no attentions (no `_can_record_outputs`): where the weights are
+_UNRECORDED = {"transformers.models.falcon.modeling_falcon.FalconAttention": 1}
+
+
 def attention_modules(hf: PreTrainedModel) -> dict[torch.nn.Module, tuple[str, int]]:
     """Each attention module of ``hf`` with its stack and where its output holds the weights.
 
@@ -1601,5 +1606,9 @@ def attention_modules(hf: PreTrainedModel) -> dict[torch.nn.Module, tuple[str, i
             "attention. Its gradient, DeepLIFT and perturbation methods run"
         )
     found.update(dict.fromkeys(routed, ("self", 1)))
+    for module in hf.modules():
+        index = _UNRECORDED.get(f"{type(module).__module__}.{type(module).__qualname__}")
+        if index is not None and not hf.config.is_encoder_decoder:
+            found.setdefault(module, ("self", index))
     _refuse_layers_without_attention(hf, found)
     return found
