@@ -9,7 +9,7 @@ import contextlib
 import numpy as np
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, FalconConfig
+from transformers import AutoModelForCausalLM, BloomConfig, FalconConfig
 
 import attrax as ax
 from attrax.cli import main
@@ -117,6 +117,24 @@ def _falcon(layout: str) -> ax.Model:
         vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
         bias=True, initializer_range=0.3, pad_token_id=tok.pad_token_id,
         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, **FALCONS[layout],
+    )  # fmt: skip
+    torch.manual_seed(0)
+    hf = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    with torch.no_grad():
+        for name, parameter in hf.named_parameters():
+            if name.endswith("bias"):
+                parameter.normal_(0, 0.5)
+    return ax.load_model(hf.double().eval(), tokenizer=tok)
+
+
+def _bloom() -> ax.Model:
+    """A tiny random float64 BLOOM (ALiBi, attention code of its own, each head's query, key and
+    value side by side), weights large enough that its attention moves its outputs."""
+    _, tok = tiny_model("gpt2")
+    config = BloomConfig(
+        vocab_size=len(tok), hidden_size=32, n_layer=2, n_head=4, initializer_range=0.3,
+        pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
     )  # fmt: skip
     torch.manual_seed(0)
     hf = AutoModelForCausalLM.from_config(config, attn_implementation="eager")

@@ -22,7 +22,7 @@ import attrax as ax
 from attrax.cli import main
 from attrax.testing import tiny_classifier, tiny_model
 from tests import _naive
-from tests.test_components import _falcon
+from tests.test_components import _bloom, _falcon
 
 SOURCE, TARGET = "The capital of France is", " Paris"
 PAIR = ("def f(x):", " return x")
@@ -36,6 +36,8 @@ def models64() -> dict[str, ax.Model]:
         built[arch] = ax.load_model(hf.double(), tokenizer=tok)
     # Falcon-7B's layout: its attention records no weights for transformers' tables
     built["falcon"] = _falcon("falcon")
+    # BLOOM: ALiBi, attention code of its own (attrax runs it)
+    built["bloom"] = _bloom()
     return built
 
 
@@ -48,7 +50,7 @@ def out_projection(model: ax.Model, stack: str, layer: int) -> torch.nn.Module:
         return hf.model.layers[layer].self_attn.o_proj
     if model.hf.config.model_type == "gpt_neo":
         return hf.transformer.h[layer].attn.attention.out_proj
-    if model.hf.config.model_type == "falcon":
+    if model.hf.config.model_type in ("falcon", "bloom"):
         return hf.transformer.h[layer].self_attention.dense
     if model.hf.config.model_type == "bart":
         block = hf.model.decoder.layers[layer]
@@ -85,7 +87,7 @@ def naive_run(
         handles.append(module.register_forward_pre_hook(lambda m, a, s=alpha: (a[0] * s,)))
     # transformers' own eager forward (GPT-Neo's attention code is its own: attrax's runs it
     # under attention_as, so the reference stays out of it)
-    own = model.hf.config.model_type == "gpt_neo"
+    own = model.hf.config.model_type in ("gpt_neo", "bloom")
     try:
         with contextlib.nullcontext() if own else model.attention_as("eager", required=True):
             if model.is_encoder_decoder:
@@ -139,6 +141,7 @@ def naive_grads(model, source, target, stack, **how):
         ("gpt2", "self"),
         ("gpt_neo", "self"),
         ("falcon", "self"),
+        ("bloom", "self"),
         ("llama", "self"),
         ("bart", "cross"),
         ("t5", "cross"),
@@ -275,6 +278,7 @@ def naive_head_ig(model, source, target, stack, layer, steps, rule="gausslegendr
         ("gpt2", "self"),
         ("gpt_neo", "self"),
         ("falcon", "self"),
+        ("bloom", "self"),
         ("llama", "self"),
         ("bart", "cross"),
     ],
@@ -285,8 +289,9 @@ def test_head_attribution_equals_autograd(models64, arch, stack):
         model, SOURCE, TARGET, steps=3, quadrature="gausslegendre", layers=[0, -1]
     )
     n_layers = got.sizes["layer"] if arch != "bart" else model.hf.config.decoder_layers
-    # Llama's eager softmax runs in float32 even in a float64 model: float32 noise in gradients
-    rtol, atol = (1e-4, 1e-9) if arch == "llama" else (1e-7, 1e-12)
+    # Llama's, Falcon's and BLOOM's eager softmax runs in float32 even in a float64 model:
+    # float32 noise in gradients
+    rtol, atol = (1e-4, 1e-9) if arch in ("llama", "falcon", "bloom") else (1e-7, 1e-12)
     for j, layer in enumerate([0, n_layers - 1]):
         want, rows = naive_head_ig(model, SOURCE, TARGET, stack, layer, 3)
         for k, q in enumerate(rows):

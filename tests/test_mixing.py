@@ -22,6 +22,7 @@ from tests.test_architectures import CONFIGS, SEQ2SEQ_SIZES, _family, _translato
 from tests.test_components import (
     EXPERTS,
     FALCONS,
+    _bloom,
     _falcon,
     falcon_values,
     full_double,
@@ -104,6 +105,10 @@ def value_parts(model: ax.Model, block, x: torch.Tensor):
         v = block.attn.attention.v_proj(block.ln_1(x))
     elif hasattr(getattr(block, "attn", None), "v_proj"):  # GPT-J
         v = block.attn.v_proj(block.ln_1(x))
+    elif type(block).__name__ == "BloomBlock":  # each head's query, key and value side by side
+        hd = config.hidden_size // heads
+        qkv = block.self_attention.query_key_value(block.input_layernorm(x))
+        v = qkv.unflatten(-1, (heads, 3 * hd))[..., 2 * hd :].flatten(-2)
     elif hasattr(block, "self_attention"):  # Falcon: one norm (or ln_attn), a fused projection
         norm = getattr(block, "ln_attn", None) or block.input_layernorm
         fused = block.self_attention.query_key_value(norm(x))
@@ -222,6 +227,8 @@ def naive_alti_layers(model: ax.Model, ids: torch.Tensor):
                 if hasattr(block, "post_feedforward_layernorm"):  # Gemma, OLMo 2: the norm's
                     output = block.post_attention_layernorm(output)
                 y = x[0] + branch * output
+                if type(block).__name__ == "BloomBlock":  # its attention adds the residual
+                    y = output
                 torch.testing.assert_close(T.sum(1) + bias, y, rtol=1e-9, atol=1e-9)
             C = torch.zeros(length, length, dtype=x.dtype)
             for i in range(length):
@@ -237,7 +244,7 @@ ALTI_ARCHS = (*ARCHS, "phi3", "pythia", "qwen3", "smollm3", "gemma", "gemma2", "
 # bias, its logits scaled); StarCoder2 and OLMo: Llama's layout with LayerNorms (OLMo's without
 # weights)
 MORE_PRE_NORM = ("gptj", "phi", "cohere", "starcoder2", "olmo")
-# Falcon's layouts (test_mixing.FALCONS, defined below)
+# Falcon's layouts (test_components.FALCONS)
 FALCON_LAYOUTS = ("falcon", "falcon-heads", "falcon-40b")
 
 
@@ -265,10 +272,13 @@ def _encoder(arch: str) -> ax.Model:
         *NEIGHBOURS,
         *MORE_PRE_NORM,
         *FALCON_LAYOUTS,
+        "bloom",  # its attention adds the residual; ALiBi
     ],
 )
 def test_alti_matches_naive_per_layer_and_rollout(mixing_models, arch):
-    if arch in FALCON_LAYOUTS:
+    if arch == "bloom":
+        model = _bloom()
+    elif arch in FALCON_LAYOUTS:
         model = _falcon(arch)
     elif arch in (*BERT_LIKE, "modernbert"):
         model = _encoder(arch)
@@ -726,6 +736,8 @@ def naive_fused_zeroing(model: ax.Model, ids: torch.Tensor, heads=None) -> torch
     for layer, block in enumerate(layers):
         if config.model_type == "gpt_neox":
             module = block.attention.query_key_value
+        elif config.model_type == "bloom":
+            module = block.self_attention.query_key_value
         elif config.model_type == "modernbert":
             module = block.attn.Wqkv
         elif config.model_type == "gpt_bigcode":
@@ -739,7 +751,7 @@ def naive_fused_zeroing(model: ax.Model, ids: torch.Tensor, heads=None) -> torch
             def zero(_m, _a, output, j=j, block=block):
                 output = output.clone()
                 chosen = range(n) if heads is None else heads
-                if config.model_type == "gpt_neox":  # [heads, (q, k, v), d] per token
+                if config.model_type in ("gpt_neox", "bloom"):  # [heads, (q, k, v), d] a token
                     view = output.view(*output.shape[:2], n, 3, d)
                     for h in chosen:
                         view[:, j, h, 2] = 0
@@ -780,9 +792,13 @@ def test_value_zeroing_of_multi_query_values_matches_naive():
         np.testing.assert_allclose(got.values[k, : q + 1], want, atol=1e-9)
 
 
-@pytest.mark.parametrize("family", ["pythia", "phi3", "modernbert", "falcon-heads", "falcon-40b"])
+@pytest.mark.parametrize(
+    "family", ["pythia", "phi3", "modernbert", "falcon-heads", "falcon-40b", "bloom"]
+)
 def test_value_zeroing_of_fused_projections_matches_naive(family):
-    if family in FALCONS:
+    if family == "bloom":
+        model = _bloom()
+    elif family in FALCONS:
         model = _falcon(family)
     else:
         model = _encoder(family) if family == "modernbert" else _fused(family)
@@ -966,6 +982,7 @@ LOGIT_KINDS = (
         "gpt_neo",
         *MORE_PRE_NORM,
         *FALCON_LAYOUTS,
+        "bloom",
     ],
 )
 def test_alti_logit_matches_naive(mixing_models, kind):
@@ -979,6 +996,8 @@ def test_alti_logit_matches_naive(mixing_models, kind):
             model = mixing_models[{"lm": "gpt2", "llama_contrast": "llama"}.get(kind, kind)]
         elif kind in FALCON_LAYOUTS:
             model = _falcon(kind)
+        elif kind == "bloom":
+            model = _bloom()
         else:
             model = _fused(kind)
         contrast = " Rome." if kind == "llama_contrast" else None

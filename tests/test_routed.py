@@ -1,9 +1,9 @@
-"""The attention attrax runs itself (DeBERTa-v2's disentangled attention, GPT-Neo's), against
-transformers' own forward.
+"""The attention attrax runs itself (DeBERTa-v2's disentangled attention, GPT-Neo's, BLOOM's),
+against transformers' own forward.
 
 Each layout of DeBERTa's relative-position terms (both, content-to-position only, keys shared
 with the positions, no buckets, none at all) and GPT-Neo's global and local layers run once through
-transformers' attention code and once through attrax's (inside ``Model.attention_as``): the
+transformers' attention code (and BLOOM's ALiBi) and once through attrax's (inside ``Model.attention_as``): the
 logits and every layer's weights must agree to float64 precision, and the modules must run their
 own code again afterwards. The methods' own references (attention x gradient, head attribution,
 value zeroing, ALTI, AtP, LRP, DLA) are in their test modules and read transformers' forward alone.
@@ -17,6 +17,7 @@ import torch
 
 import attrax as ax
 from attrax.testing import tiny_classifier, tiny_model
+from tests.test_components import _bloom
 
 TEXT = "the plot was good but the ending was not"
 LAYOUTS = {
@@ -46,6 +47,26 @@ def test_routed_attention_is_transformers_own(layout):
         torch.testing.assert_close(mine, theirs, rtol=1e-12, atol=1e-12)
     attentions = [m for m in model.hf.modules() if type(m).__name__ == "DisentangledSelfAttention"]
     assert attentions and all("forward" not in m.__dict__ for m in attentions)
+
+
+def test_blooms_routed_attention_is_transformers_own():
+    """ALiBi's bias folded into the mask, the residual added by the attention module, a padded
+    batch (right-padded: BLOOM's float32 softmax of a left-padded row that masks every key is
+    NaN, in transformers' code as in attrax's)."""
+    model = _bloom()
+    tok = model.tokenizer
+    tok.pad_token, tok.padding_side = tok.eos_token, "right"
+    ids = tok(["The capital of France is Paris", "a b"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        want = model.hf(**ids, output_attentions=True)
+        with model.attention_as("eager"):
+            attentions = [m for m in model.hf.modules() if type(m).__name__ == "BloomAttention"]
+            assert attentions and all("forward" in m.__dict__ for m in attentions)
+            got = model.hf(**ids, output_attentions=True)
+    torch.testing.assert_close(got.logits, want.logits, rtol=1e-12, atol=1e-12)
+    for mine, theirs in zip(got.attentions, want.attentions, strict=True):
+        torch.testing.assert_close(mine, theirs, rtol=1e-12, atol=1e-12)
+    assert all("forward" not in m.__dict__ for m in attentions)
 
 
 @pytest.mark.parametrize("window", [4, 64])

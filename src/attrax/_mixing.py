@@ -157,8 +157,8 @@ def _value_projection(
     fused = getattr(attention, "query_key_value", None)
     if isinstance(fused, torch.nn.Linear) and _architecture(model) == "falcon":
         return fused, torch.tensor(_arch.falcon_values(config))
-    if isinstance(fused, torch.nn.Linear) and _architecture(model) == "gpt_neox":
-        # GPT-NeoX: each head's query, key and value side by side, values at 2d..3d of every 3d
+    if isinstance(fused, torch.nn.Linear) and _architecture(model) in ("gpt_neox", "bloom"):
+        # GPT-NeoX, BLOOM: each head's query, key and value side by side, values at 2d..3d
         within = torch.arange(2 * head_dim, 3 * head_dim)
         return fused, (torch.arange(heads)[:, None] * 3 * head_dim + within).flatten()
     raise ModelError(
@@ -547,6 +547,7 @@ _PRE_NORM = (
     "starcoder2",  # Llama's layout with LayerNorms and biases
     "olmo",  # Llama's layout with LayerNorms without weights
     "falcon",  # parallel (7B, 40B) or sequential blocks, values in a fused query_key_value
+    "bloom",  # its attention module adds the residual itself; values as GPT-NeoX's
 )
 _POST_NORM = (
     "bert",
@@ -600,7 +601,7 @@ def _parts(model: Model, layer: _Layer, stack: str = "self") -> _Parts:
             f"{model.name}: ALTI has no decomposition for the {kind!r} architecture; attrax "
             f"decomposes {', '.join(known)}"
         )
-    _refuse_post_ln_opt(model)
+    _refuse_residual_layouts(model)
     if kind in _arch.SANDWICH:  # Llama's layout, the attention's output normed before the residual
         project = layer.attention.o_proj
         if project.bias is not None:  # it would sit inside that norm, per query
@@ -637,11 +638,18 @@ def _parts(model: Model, layer: _Layer, stack: str = "self") -> _Parts:
     return _Parts(weight, bias, norm)
 
 
-def _refuse_post_ln_opt(model: Model) -> None:
-    if _architecture(model) == "opt" and not model.hf.config.do_layer_norm_before:
+def _refuse_residual_layouts(model: Model) -> None:
+    """A ModelError for the layouts whose block is not ``x + attention``."""
+    config = model.hf.config
+    if _architecture(model) == "opt" and not config.do_layer_norm_before:
         raise ModelError(
             f"{model.name}: ALTI decomposes pre-LN OPT; this one normalises after each block "
             "(OPT-350m's layout), which attrax has no decomposition for"
+        )
+    if _architecture(model) == "bloom" and config.apply_residual_connection_post_layernorm:
+        raise ModelError(
+            f"{model.name}: its residual stream carries each block's normed input "
+            "(apply_residual_connection_post_layernorm=True), not the input ALTI decomposes"
         )
 
 
@@ -1055,7 +1063,7 @@ def alti_logit(call: Call, *, aggregate: bool = True, layers: Selection = None) 
             f"({', '.join(_PRE_NORM + _arch.SANDWICH)}): a post-norm encoder's logit has no linear path "
             "from each layer"
         )
-    _refuse_post_ln_opt(model)
+    _refuse_residual_layouts(model)
     t = to_tensors(call.batch, model)
     vectors = _vector_budget(model, t, call.options)  # a refused budget before any forward
     final = _final_norm(model)

@@ -1,5 +1,5 @@
 """Attention attrax runs itself, for the transformers classes that compute theirs in their own
-code: DeBERTa-v2's disentangled attention and GPT-Neo's.
+code: DeBERTa-v2's disentangled attention, GPT-Neo's and BLOOM's.
 
 Such a class reaches no ``AttentionInterface``, so neither attrax's probes nor its LRP rules could
 enter it, and DeBERTa's returns its weights only when asked. While attrax runs one of these models
@@ -16,6 +16,8 @@ arguments, or in the additive mask:
   position each pair reads (``[1, 1, Lq, Lk]``) are keyword arguments.
 - GPT-Neo: unscaled ``q . k`` in float32, each layer's causal band (global, or a local window)
   folded into the additive mask.
+- BLOOM: ``q . k / sqrt(d)`` plus ALiBi's per-head bias over the keys, folded into the additive
+  mask; its module adds the residual stream to its output, as transformers' does.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from ._errors import ModelError
 Attention = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 _DEBERTA = "transformers.models.deberta_v2.modeling_deberta_v2"
 _GPT_NEO = "transformers.models.gpt_neo.modeling_gpt_neo"
+_BLOOM = "transformers.models.bloom.modeling_bloom"
 #: attention implementations attrax computes with a family's eager attention
 _EAGER = ("eager", "sdpa")
 
@@ -197,6 +200,55 @@ def _gpt_neo_forward(
     return out, weights
 
 
+def _bloom_eager(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    **_: Any,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """BLOOM's attention as transformers computes it: ``q . k`` scaled, plus the additive mask
+    (ALiBi's bias folded in), its softmax in float32 cast back to the queries' dtype; the output
+    ``[B, Lq, H, d]`` and the weights ``[B, H, Lq, Lk]``."""
+    scores = query @ key.transpose(-1, -2) * scaling
+    if attention_mask is not None:
+        scores = scores + attention_mask
+    weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    return (weights @ value).transpose(1, 2), weights
+
+
+def _bloom_forward(
+    module: torch.nn.Module,
+    attention: Attention,
+    hidden_states: torch.Tensor,
+    residual: torch.Tensor,
+    alibi: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    layer_past: Any = None,
+    use_cache: bool = False,
+    output_attentions: bool = False,
+    **_: Any,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``BloomAttention.forward`` through ``attention``: each head's query, key and value side
+    by side in one projection, ALiBi's ``[B * H, 1, Lk]`` bias added to the mask, the residual
+    stream added to the output projection's."""
+    batch, length = hidden_states.shape[:2]
+    heads, d = module.num_heads, module.head_dim
+    fused = module.query_key_value(hidden_states).view(batch, length, heads, 3, d)
+    query, key, value = (fused[..., i, :].transpose(1, 2) for i in range(3))
+    if layer_past is not None:
+        key, value = layer_past.update(key, value, module.layer_idx)
+    mask = alibi.view(batch, heads, 1, -1)
+    if attention_mask is not None:
+        mask = mask + attention_mask
+    out, weights = attention(
+        module, query, key, value, mask, scaling=module.inv_norm_factor, dropout=0.0
+    )
+    return module.dense(out.reshape(batch, length, -1)) + residual, weights
+
+
 @dataclass(frozen=True)
 class _Family:
     """One transformers attention class attrax runs itself: its forward (the module, the
@@ -211,6 +263,7 @@ class _Family:
 _FAMILIES = (
     _Family(_DEBERTA, "DisentangledSelfAttention", _deberta_forward, _deberta_eager),
     _Family(_GPT_NEO, "GPTNeoSelfAttention", _gpt_neo_forward, _gpt_neo_eager),
+    _Family(_BLOOM, "BloomAttention", _bloom_forward, _bloom_eager),
 )
 # (implementation, class name) -> the attention function accepted for it (:func:`accept`)
 _ACCEPTED: dict[tuple[str, str], Attention] = {}
