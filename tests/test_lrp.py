@@ -43,6 +43,22 @@ def _rms(h: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps) * weight
 
 
+def _centred(h: torch.Tensor, eps: float) -> torch.Tensor:
+    """OLMo's LayerNorm: centred and divided by the standard deviation, no weight, no bias."""
+    c = h - h.mean(-1, keepdim=True)
+    return c * torch.rsqrt(c.pow(2).mean(-1, keepdim=True) + eps)
+
+
+def _centred_messages(
+    h: torch.Tensor, relevance: torch.Tensor, y: torch.Tensor, eps: float
+) -> torch.Tensor:
+    """LRP-0 through :func:`_centred` with ``1 / std`` a constant: ``R_j = h_j c (R_j / y_j -
+    mean_i R_i / y_i)``, the centring's share of each output spread over the inputs."""
+    c = torch.rsqrt(h.var(-1, unbiased=False, keepdim=True) + eps)
+    ratio = relevance / y
+    return h * c * (ratio - ratio.mean(-1, keepdim=True))
+
+
 def _norm_scale(norm: torch.nn.Module) -> torch.Tensor:
     """An RMSNorm's elementwise scale: ``weight``, or Gemma's ``1 + weight``."""
     return 1.0 + norm.weight if type(norm).__name__.startswith("Gemma") else norm.weight
@@ -197,11 +213,17 @@ def llama_lrp_reference(
     scale a constant: relevance passes through), SmolLM3 skips RoPE in some layers, Gemma 3
     normalises the attention's and the MLP's outputs too, and its sliding-window layers take
     another RoPE table; ``head``: the output projection's rows (default: the LM head's; a
-    classifier's ``score``)."""
+    classifier's ``score``). OLMo's norms are LayerNorms without weights: they centre, so
+    relevance passes them by :func:`_centred_messages`."""
     cfg = hf.config
     hidden, heads, kv = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads
     d = getattr(cfg, "head_dim", None) or hidden // heads
-    group, eps = heads // kv, cfg.rms_norm_eps
+    group, eps = heads // kv, getattr(cfg, "rms_norm_eps", 1e-5)  # OLMo: 1e-5 in its forward
+    centred = type(hf.model.norm).__name__ == "OlmoLayerNorm"
+
+    def norm(x: torch.Tensor, module: torch.nn.Module) -> torch.Tensor:
+        return _centred(x, eps) if centred else _rms(x, _norm_scale(module), eps)
+
     t = len(ids)
     x = hf.model.embed_tokens(torch.tensor(ids))  # Gemma's scaled by sqrt(hidden)
     x = x * getattr(cfg, "embedding_multiplier", 1.0)  # Granite
@@ -221,7 +243,7 @@ def llama_lrp_reference(
         causal = (positions[:, None] >= positions) & (positions[:, None] - positions < window)
         # OLMo 2 normalises no block input, only outputs
         pre = hasattr(layer, "input_layernorm")
-        n1 = _rms(h, _norm_scale(layer.input_layernorm), eps) if pre else h
+        n1 = norm(h, layer.input_layernorm) if pre else h
         projections = _query_key_value(att, heads * d, kv * d)
         q, k, v = (n1 @ w.T + (0 if b is None else b) for w, b in projections)  # Qwen2: biases
         q, k, v = q.view(t, heads, d), k.view(t, kv, d), v.view(t, kv, d)
@@ -251,16 +273,16 @@ def llama_lrp_reference(
         n2 = h1  # OLMo 2: no norm before the MLP
         if pre:  # Llama's post_attention_layernorm is that norm; Gemma 3 has a norm there too
             before = getattr(layer, "pre_feedforward_layernorm", layer.post_attention_layernorm)
-            n2 = _rms(h1, _norm_scale(before), eps)
+            n2 = norm(h1, before)
         out, ffn = _mlp_forward(mlp, n2)
         on = _rms(out, _norm_scale(layer.post_feedforward_layernorm), eps) if sandwich else out
         h2 = h1 + branch * on
         saved.append((
             layer, rot, h, n1, q, k, v, qn, kn, qr, kr, kf, vf, s, capped, a, o, attn, an, h1,
-            ffn, on, h2,
+            n2, ffn, on, h2,
         ))  # fmt: skip
         h = h2
-    final = _rms(h, _norm_scale(hf.model.norm), eps)
+    final = norm(h, hf.model.norm)
     head = (hf.lm_head.weight if head is None else head)[target]
     relevance = torch.zeros(t, hidden, dtype=x.dtype)
     head = head / getattr(cfg, "logits_scaling", 1.0)  # Granite divides its logits
@@ -272,17 +294,19 @@ def llama_lrp_reference(
         relevance[position] *= capped_logit / logit
         logit = capped_logit
     absorbed = 0.0
+    if centred:
+        relevance = _centred_messages(h, relevance, final, eps)
     for (
-        layer, rot, h, n1, q, k, v, qn, kn, qr, kr, kf, vf, s, capped, a, o, attn, an, h1, ffn,
-        on, h2,
+        layer, rot, h, n1, q, k, v, qn, kn, qr, kr, kf, vf, s, capped, a, o, attn, an, h1, n2,
+        ffn, on, h2,
     ) in reversed(saved):  # fmt: skip
         att, mlp = layer.self_attn, getattr(layer, "mlp", None) or layer.block_sparse_moe
         # residual h2 = h1 + on: split in proportion to the summands; Gemma 3's norm of the MLP's
         # output (scale constant, elementwise) passes its share on to `out`
         r_h1, r_out = h1 / h2 * relevance, branch * on / h2 * relevance
-        r_h1 = r_h1 + _mlp_backward(
-            mlp, ffn, r_out, rule
-        )  # RMSNorm with its scale constant: elementwise, passes R unchanged
+        r_n2 = _mlp_backward(mlp, ffn, r_out, rule)
+        # RMSNorm with its scale constant: elementwise, passes R unchanged; a LayerNorm centres
+        r_h1 = r_h1 + (_centred_messages(h1, r_n2, n2, eps) if centred else r_n2)
         r_h, r_attn = h / h1 * r_h1, branch * an / h1 * r_h1  # an: attn, or Gemma 3's norm
         r_o = _linear_messages(o.reshape(t, heads * d), att.o_proj.weight, r_attn, attn)
         r_o = r_o.view(t, heads, d)
@@ -303,7 +327,7 @@ def llama_lrp_reference(
             _linear_messages(n1, w, r.reshape(t, -1), y.reshape(t, -1))
             for (w, _), r, y in zip(projections, (r_q, r_k, r_v), (q, k, v), strict=True)
         )
-        relevance = r_h + r_n1
+        relevance = r_h + (_centred_messages(h, r_n1, n1, eps) if centred else r_n1)
     return relevance.numpy(), absorbed, logit
 
 
@@ -1112,6 +1136,7 @@ BIAS_FREE = {
     "olmoe": lambda: _causal_lm("Olmoe"),  # query and key norms over all heads
     "granitemoe": lambda: _causal_lm("GraniteMoe"),  # experts in `block_sparse_moe`
     "olmo2": lambda: _causal_lm("Olmo2"),
+    "olmo": lambda: _causal_lm("Olmo"),
     "granite": lambda: _causal_lm("Granite"),  # scaled embeddings, blocks' outputs and logits
     "gemma3-classifier": lambda: _classifier("Gemma3"),
     **NEIGHBOURS,
@@ -1149,7 +1174,7 @@ def test_cp_lrp_is_exactly_conservative_without_biases(arch):
     # per layer)
     islands = ("mistral", "gemma", "phi3", "qwen3", "smollm3", "gemma3", "gemma3-classifier")
     islands += ("gemma2",)
-    islands += ("olmo2", "granite", *NEIGHBOURS)
+    islands += ("olmo2", "olmo", "granite", *NEIGHBOURS)  # OLMo's LayerNorm: float32 too
     islands += ("modernbert", "modernbert-mean")  # its rotary embedding rounds q and k to float32
     islands += ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe")
     tolerance = 1e-5 if arch in islands else 1e-9
@@ -1170,6 +1195,7 @@ def test_cp_lrp_is_exactly_conservative_without_biases(arch):
         "smollm3",
         "gemma3",
         "olmo2",
+        "olmo",
         "gemma2",
         "granite",
         "mixtral",
@@ -1186,7 +1212,8 @@ def test_llama_family_equals_explicit_layer_by_layer_lrp(arch, rule):
     # Gemma 3 (norms after attention and MLP, query and key norms, local and global layers),
     # OLMo 2 (norms after attention and MLP only, query and key norms over all heads), Gemma 2
     # (tanh-capped scores and logits: the identity rule), Granite (constant factors on the
-    # embeddings, the scores, each block's output and the logits)
+    # embeddings, the scores, each block's output and the logits), OLMo (LayerNorms without
+    # weights, which centre)
     if arch == "qwen2":
         model = _double(*tiny_classifier("qwen2"))
         got = ax.lrp(model, "the plot was good", [0, 1, 2], rule=rule)

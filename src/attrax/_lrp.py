@@ -202,6 +202,15 @@ def _layer_norm(module: torch.nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
     return y
 
 
+def _olmo_layer_norm(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """OLMo's LayerNorm (no weight, no bias, epsilon 1e-5, in float32) with ``1 / std``
+    constant."""
+    h = x.to(at_least_float32(x.dtype))
+    centered = h - h.mean(dim=-1, keepdim=True)
+    scale = torch.rsqrt(centered.pow(2).mean(dim=-1, keepdim=True) + 1e-5).detach()
+    return (centered * scale).to(x.dtype)
+
+
 def _rms_norm(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Llama-style RMSNorm (``weight * x / rms(x)``, in float32) with ``1 / rms`` constant."""
     eps = getattr(module, "variance_epsilon", None) or module.eps
@@ -324,6 +333,7 @@ def _tanh_head(module: torch.nn.Module, features: torch.Tensor, **_: Any) -> tor
 # module class name -> the forward it runs under LRP (the module is the first argument)
 _PATCHED: dict[str, Callable[..., torch.Tensor]] = {
     "LayerNorm": _layer_norm,
+    "OlmoLayerNorm": _olmo_layer_norm,
     "LlamaRMSNorm": _rms_norm,
     "Qwen2RMSNorm": _rms_norm,
     "MistralRMSNorm": _rms_norm,
@@ -342,6 +352,7 @@ _PATCHED: dict[str, Callable[..., torch.Tensor]] = {
     "Gemma2MLP": _gated_mlp,
     "Gemma3MLP": _gated_mlp,
     "Olmo2MLP": _gated_mlp,
+    "OlmoMLP": _gated_mlp,
     "Phi3MLP": _fused_gated_mlp,
     "Qwen3MLP": _gated_mlp,
     "SmolLM3MLP": _gated_mlp,
@@ -385,6 +396,7 @@ _ATTENTION = frozenset(
         "Gemma2Attention",  # tanh-capped scores: the identity rule (``_soft_cap``)
         "Gemma3Attention",
         "Olmo2Attention",
+        "OlmoAttention",  # no clip_qkv (refused)
         "Phi3Attention",  # a fused q/k/v projection (a Linear), split by reshapes
         "Qwen3Attention",  # its query and key norms are Qwen3RMSNorm children (patched)
         "SmolLM3Attention",  # RoPE skipped in some layers (NoPE): nothing to give a rule
@@ -475,6 +487,7 @@ _LINEAR = frozenset(
                 "Phi3",
                 "SmolLM3",
                 "Olmo2",
+                "Olmo",  # LayerNorms without weights (patched)
                 "Gemma2",
                 "Granite",  # constant factors on the embeddings, each block's output, the logits
                 "Mixtral",
@@ -610,6 +623,7 @@ ARCHITECTURES = (
     "gemma2",
     "gemma3_text",
     "olmo2",
+    "olmo",
     "phi3",
     "smollm3",
     "granite",
