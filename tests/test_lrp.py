@@ -164,6 +164,10 @@ def _mlp_forward(mlp, n2: torch.Tensor) -> tuple[torch.Tensor, tuple]:
     """A gated MLP, or a mixture of experts: ``sum_k w_k E_k(x)`` over each token's chosen
     experts, their weights from the model's own router (constants for the rules), plus Qwen2-MoE's
     shared expert scaled by its sigmoid gate (a constant too)."""
+    if hasattr(mlp, "c_fc"):  # StarCoder2: c_proj(act(c_fc(x))), biases keep their shares
+        f = mlp.c_fc(n2)
+        g = mlp.act(f)
+        return mlp.c_proj(g), ("plain", (n2, f, g, mlp.c_proj(g)))
     experts = getattr(mlp, "experts", None)
     if experts is None:
         w_gate, w_up, act = _gate_up(mlp)
@@ -191,6 +195,10 @@ def _mlp_backward(mlp, saved: tuple, r_out: torch.Tensor, rule: str) -> torch.Te
     """Relevance of the MLP's input: each expert's weighted output takes its share of the sum
     (its weight a constant), then its gated MLP's rules."""
     kind, inner = saved
+    if kind == "plain":  # the identity rule through the activation
+        n2, f, g, out = inner
+        r_g = _linear_messages(g, mlp.c_proj.weight, r_out, out)
+        return _linear_messages(n2, mlp.c_fc.weight, r_g, f)
     if kind == "dense":
         return _gated_backward(inner, r_out, rule)
     out, terms = inner
@@ -220,9 +228,19 @@ def llama_lrp_reference(
     d = getattr(cfg, "head_dim", None) or hidden // heads
     group, eps = heads // kv, getattr(cfg, "rms_norm_eps", 1e-5)  # OLMo: 1e-5 in its forward
     centred = type(hf.model.norm).__name__ == "OlmoLayerNorm"
+    layer_norm = isinstance(hf.model.norm, torch.nn.LayerNorm)  # StarCoder2's
 
     def norm(x: torch.Tensor, module: torch.nn.Module) -> torch.Tensor:
+        if layer_norm:
+            return module(x)
         return _centred(x, eps) if centred else _rms(x, _norm_scale(module), eps)
+
+    def back(x: torch.Tensor, module: torch.nn.Module, r: torch.Tensor, y: torch.Tensor):
+        """Relevance of a norm's input ``x`` from that of its output ``y``: an RMSNorm (scale
+        constant, elementwise) passes it on, a LayerNorm's centring spreads it."""
+        if layer_norm:
+            return _layer_norm_messages(x, module, r, y)
+        return _centred_messages(x, r, y, eps) if centred else r
 
     t = len(ids)
     x = hf.model.embed_tokens(torch.tensor(ids))  # Gemma's scaled by sqrt(hidden)
@@ -266,6 +284,8 @@ def llama_lrp_reference(
         a = torch.softmax(s if cap is None else capped, -1)
         o = torch.einsum("hij,jhd->ihd", a, vf)
         attn = o.reshape(t, heads * d) @ att.o_proj.weight.T
+        if att.o_proj.bias is not None:  # StarCoder2's
+            attn = attn + att.o_proj.bias
         # Gemma 3's and OLMo 2's norms on the attention's and the MLP's outputs
         sandwich = hasattr(layer, "post_feedforward_layernorm")
         an = _rms(attn, _norm_scale(layer.post_attention_layernorm), eps) if sandwich else attn
@@ -294,8 +314,7 @@ def llama_lrp_reference(
         relevance[position] *= capped_logit / logit
         logit = capped_logit
     absorbed = 0.0
-    if centred:
-        relevance = _centred_messages(h, relevance, final, eps)
+    relevance = back(h, hf.model.norm, relevance, final)
     for (
         layer, rot, h, n1, q, k, v, qn, kn, qr, kr, kf, vf, s, capped, a, o, attn, an, h1, n2,
         ffn, on, h2,
@@ -306,7 +325,7 @@ def llama_lrp_reference(
         r_h1, r_out = h1 / h2 * relevance, branch * on / h2 * relevance
         r_n2 = _mlp_backward(mlp, ffn, r_out, rule)
         # RMSNorm with its scale constant: elementwise, passes R unchanged; a LayerNorm centres
-        r_h1 = r_h1 + (_centred_messages(h1, r_n2, n2, eps) if centred else r_n2)
+        r_h1 = r_h1 + back(h1, layer.post_attention_layernorm, r_n2, n2)
         r_h, r_attn = h / h1 * r_h1, branch * an / h1 * r_h1  # an: attn, or Gemma 3's norm
         r_o = _linear_messages(o.reshape(t, heads * d), att.o_proj.weight, r_attn, attn)
         r_o = r_o.view(t, heads, d)
@@ -327,7 +346,7 @@ def llama_lrp_reference(
             _linear_messages(n1, w, r.reshape(t, -1), y.reshape(t, -1))
             for (w, _), r, y in zip(projections, (r_q, r_k, r_v), (q, k, v), strict=True)
         )
-        relevance = r_h + (_centred_messages(h, r_n1, n1, eps) if centred else r_n1)
+        relevance = r_h + back(h, getattr(layer, "input_layernorm", None), r_n1, n1)
     return relevance.numpy(), absorbed, logit
 
 
@@ -1137,6 +1156,7 @@ BIAS_FREE = {
     "granitemoe": lambda: _causal_lm("GraniteMoe"),  # experts in `block_sparse_moe`
     "olmo2": lambda: _causal_lm("Olmo2"),
     "olmo": lambda: _causal_lm("Olmo"),
+    "starcoder2": lambda: _causal_lm("Starcoder2"),
     "granite": lambda: _causal_lm("Granite"),  # scaled embeddings, blocks' outputs and logits
     "gemma3-classifier": lambda: _classifier("Gemma3"),
     **NEIGHBOURS,
@@ -1174,7 +1194,8 @@ def test_cp_lrp_is_exactly_conservative_without_biases(arch):
     # per layer)
     islands = ("mistral", "gemma", "phi3", "qwen3", "smollm3", "gemma3", "gemma3-classifier")
     islands += ("gemma2",)
-    islands += ("olmo2", "olmo", "granite", *NEIGHBOURS)  # OLMo's LayerNorm: float32 too
+    # OLMo's LayerNorm and StarCoder2's softmax run in float32 too
+    islands += ("olmo2", "olmo", "starcoder2", "granite", *NEIGHBOURS)
     islands += ("modernbert", "modernbert-mean")  # its rotary embedding rounds q and k to float32
     islands += ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe")
     tolerance = 1e-5 if arch in islands else 1e-9
@@ -1196,6 +1217,7 @@ def test_cp_lrp_is_exactly_conservative_without_biases(arch):
         "gemma3",
         "olmo2",
         "olmo",
+        "starcoder2",
         "gemma2",
         "granite",
         "mixtral",
@@ -1213,7 +1235,7 @@ def test_llama_family_equals_explicit_layer_by_layer_lrp(arch, rule):
     # OLMo 2 (norms after attention and MLP only, query and key norms over all heads), Gemma 2
     # (tanh-capped scores and logits: the identity rule), Granite (constant factors on the
     # embeddings, the scores, each block's output and the logits), OLMo (LayerNorms without
-    # weights, which centre)
+    # weights, which centre), StarCoder2 (LayerNorms, biases everywhere, a plain GELU MLP)
     if arch == "qwen2":
         model = _double(*tiny_classifier("qwen2"))
         got = ax.lrp(model, "the plot was good", [0, 1, 2], rule=rule)

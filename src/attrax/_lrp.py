@@ -397,6 +397,7 @@ _ATTENTION = frozenset(
         "Gemma3Attention",
         "Olmo2Attention",
         "OlmoAttention",  # no clip_qkv (refused)
+        "Starcoder2Attention",  # biases on every projection
         "Phi3Attention",  # a fused q/k/v projection (a Linear), split by reshapes
         "Qwen3Attention",  # its query and key norms are Qwen3RMSNorm children (patched)
         "SmolLM3Attention",  # RoPE skipped in some layers (NoPE): nothing to give a rule
@@ -488,6 +489,7 @@ _LINEAR = frozenset(
                 "SmolLM3",
                 "Olmo2",
                 "Olmo",  # LayerNorms without weights (patched)
+                "Starcoder2",  # LayerNorms (patched), a plain GELU MLP
                 "Gemma2",
                 "Granite",  # constant factors on the embeddings, each block's output, the logits
                 "Mixtral",
@@ -505,6 +507,7 @@ _LINEAR = frozenset(
                 "ForTokenClassification",
             )
         ),
+        "Starcoder2MLP",  # c_fc, its activation (a child module), c_proj
         # GPT-NeoX (Pythia): its parallel residual adds both branches to the input (a sum)
         *(
             f"GPTNeoX{part}"
@@ -624,6 +627,7 @@ ARCHITECTURES = (
     "gemma3_text",
     "olmo2",
     "olmo",
+    "starcoder2",
     "phi3",
     "smollm3",
     "granite",
