@@ -17,7 +17,7 @@ import torch
 import attrax as ax
 from attrax._lrp import lrp_rules
 from attrax.testing import tiny_classifier, tiny_model
-from tests.test_architectures import GRANITE
+from tests.test_architectures import GRANITE, _family
 
 PROMPT, TARGET = "The capital of France", " is Paris."
 
@@ -576,6 +576,88 @@ def neox_lrp_reference(
         r_n1 = _linear_messages(n1, att.query_key_value.weight, r_qkv, qkv)
         relevance = r_h + _layer_norm_messages(h, layer.input_layernorm, r_n1, n1)
     return relevance.numpy()
+
+
+@torch.no_grad()
+def phi_lrp_reference(hf, ids: list[int], position: int, target: int, rule: str) -> np.ndarray:
+    """Relevance ``[T, H]`` of Phi's token embeddings for the logit of ``target`` at
+    ``position``: ``h + attention(n) + mlp(n)`` with one LayerNorm ``n = ln(h)`` (the relevance
+    both branches give ``n`` summed before it passes the norm), RoPE on a share of each head,
+    biases everywhere (the LM head's too) keeping their shares."""
+    cfg, body = hf.config, hf.model
+    hidden, heads = cfg.hidden_size, cfg.num_attention_heads
+    d, t = hidden // heads, len(ids)
+    x = body.embed_tokens.weight[torch.tensor(ids)]
+    cos, sin = body.rotary_emb(x[None], torch.arange(t)[None])
+    rot = _partial_rotations(cos[0].double(), sin[0].double(), d)
+    causal = torch.ones(t, t, dtype=torch.bool).tril()
+
+    def gelu(f: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.gelu(f, approximate="tanh")  # "gelu_new"
+
+    saved, h = [], x
+    for layer in body.layers:
+        att, mlp = layer.self_attn, layer.mlp
+        n = layer.input_layernorm(h)
+        zq, zk, zv = att.q_proj(n), att.k_proj(n), att.v_proj(n)
+        q, k, v = (z.view(t, heads, d) for z in (zq, zk, zv))
+        qr = torch.einsum("tnm,thm->thn", rot, q)
+        kr = torch.einsum("tnm,thm->thn", rot, k)
+        s = torch.einsum("ihd,jhd->hij", qr, kr) * d**-0.5
+        s = s.masked_fill(~causal, -torch.inf)
+        a = torch.softmax(s, -1)
+        o = torch.einsum("hij,jhd->ihd", a, v)
+        attn = att.dense(o.reshape(t, hidden))
+        f = mlp.fc1(n)
+        out = mlp.fc2(gelu(f))
+        h2 = h + attn + out
+        saved.append((layer, h, n, zq, zk, zv, q, k, v, qr, kr, s, a, o, attn, f, out, h2))
+        h = h2
+    final = body.final_layernorm(h)
+    r_final = torch.zeros(t, hidden, dtype=x.dtype)
+    r_final[position] = final[position] * hf.lm_head.weight[target]
+    relevance = _layer_norm_messages(h, body.final_layernorm, r_final, final)
+    for layer, h, n, zq, zk, zv, q, k, v, qr, kr, s, a, o, attn, f, out, h2 in reversed(saved):
+        att, mlp = layer.self_attn, layer.mlp
+        r_h, r_attn, r_out = (part / h2 * relevance for part in (h, attn, out))
+        r_gelu = _linear_messages(gelu(f), mlp.fc2.weight, r_out, out)  # the identity rule
+        r_n = _linear_messages(n, mlp.fc1.weight, r_gelu, f)
+        r_o = _linear_messages(o.reshape(t, hidden), att.dense.weight, r_attn, attn)
+        r_qr, r_kr, r_v, _ = _attention_messages(
+            qr, kr, v, s, a, o, r_o.view(t, heads, d), d**-0.5, rule
+        )
+        if rule == "attnlrp":  # RoPE: LRP-0 of a rotation (the identity past its share)
+            r_q = q * torch.einsum("tnm,thn->thm", rot, r_qr / qr)
+            r_k = k * torch.einsum("tnm,thn->thm", rot, r_kr / kr)
+        else:
+            r_q, r_k = torch.zeros_like(q), torch.zeros_like(k)
+        for projection, r, z in (
+            (att.q_proj, r_q, zq),
+            (att.k_proj, r_k, zk),
+            (att.v_proj, r_v, zv),
+        ):
+            r_n = r_n + _linear_messages(n, projection.weight, r.reshape(t, hidden), z)
+        relevance = r_h + _layer_norm_messages(h, layer.input_layernorm, r_n, n)
+    return relevance.numpy()
+
+
+@pytest.mark.parametrize("rule", ["attnlrp", "cp-lrp"])
+def test_phi_equals_explicit_layer_by_layer_lrp(rule):
+    # one LayerNorm read by attention and MLP in parallel, partial RoPE, biases, a biased head
+    _, tok = tiny_model("gpt2")
+    hf = _family("phi", tok, attn_implementation="eager")
+    with torch.no_grad():  # biases and norm weights far from 0 and 1
+        for name, parameter in hf.named_parameters():
+            if name.endswith("bias"):
+                parameter.normal_(0, 0.5)
+            elif "layernorm" in name:
+                parameter.normal_(1, 0.3)
+    model = _double(hf, tok)
+    got = ax.lrp(model, PROMPT, TARGET, rule=rule)
+    ids = got.source_id.values.tolist()
+    for k, position in enumerate(got.target.values.tolist()):
+        want = phi_lrp_reference(model.hf, ids, position - 1, int(got.target_id[k]), rule)
+        np.testing.assert_allclose(got[k].fillna(0).values, want, rtol=1e-7, atol=1e-10)
 
 
 @torch.no_grad()

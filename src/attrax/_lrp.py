@@ -398,6 +398,7 @@ _ATTENTION = frozenset(
         "Olmo2Attention",
         "OlmoAttention",  # no clip_qkv (refused)
         "Starcoder2Attention",  # biases on every projection
+        "PhiAttention",  # rotary on a share of each head; no q/k LayerNorm (a child if any)
         "Phi3Attention",  # a fused q/k/v projection (a Linear), split by reshapes
         "Qwen3Attention",  # its query and key norms are Qwen3RMSNorm children (patched)
         "SmolLM3Attention",  # RoPE skipped in some layers (NoPE): nothing to give a rule
@@ -508,6 +509,19 @@ _LINEAR = frozenset(
             )
         ),
         "Starcoder2MLP",  # c_fc, its activation (a child module), c_proj
+        # Phi (1, 2): attention and MLP in parallel on one LayerNorm, both added to the stream
+        *(
+            f"Phi{part}"
+            for part in (
+                "RotaryEmbedding",
+                "MLP",
+                "DecoderLayer",
+                "Model",
+                "ForCausalLM",
+                "ForSequenceClassification",
+                "ForTokenClassification",
+            )
+        ),
         # GPT-NeoX (Pythia): its parallel residual adds both branches to the input (a sum)
         *(
             f"GPTNeoX{part}"
@@ -628,6 +642,7 @@ ARCHITECTURES = (
     "olmo2",
     "olmo",
     "starcoder2",
+    "phi",
     "phi3",
     "smollm3",
     "granite",
