@@ -578,6 +578,80 @@ def neox_lrp_reference(
     return relevance.numpy()
 
 
+def _pair_rotations(sin: torch.Tensor, cos: torch.Tensor, d: int) -> torch.Tensor:
+    """GPT-J's RoPE as one matrix per position ``[T, d, d]``: dims ``2i`` and ``2i + 1`` of the
+    first ``2 * sin.shape[-1]`` rotated together by angle ``i``, the identity on the rest."""
+    t, pairs = sin.shape
+    m = torch.eye(d, dtype=sin.dtype).repeat(t, 1, 1)
+    for i in range(pairs):
+        a, b = 2 * i, 2 * i + 1
+        m[:, a, a], m[:, a, b] = cos[:, i], -sin[:, i]
+        m[:, b, a], m[:, b, b] = sin[:, i], cos[:, i]
+    return m
+
+
+@torch.no_grad()
+def gptj_lrp_reference(hf, ids: list[int], position: int, target: int, rule: str) -> np.ndarray:
+    """Relevance ``[T, H]`` of GPT-J's token embeddings for the logit of ``target`` at
+    ``position``: :func:`phi_lrp_reference`'s parallel block with GPT-J's names, no query, key
+    or value biases, and RoPE on interleaved pairs (its own sine table)."""
+    cfg, body = hf.config, hf.transformer
+    hidden, heads = cfg.n_embd, cfg.n_head
+    d, t = hidden // heads, len(ids)
+    x = body.wte.weight[torch.tensor(ids)]
+    sin, cos = body.rotary_emb(x[None], torch.arange(t)[None])
+    rot = _pair_rotations(sin[0].double(), cos[0].double(), d)
+    causal = torch.ones(t, t, dtype=torch.bool).tril()
+
+    def gelu(f: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.gelu(f, approximate="tanh")  # "gelu_new"
+
+    saved, h = [], x
+    for block in body.h:
+        att, mlp = block.attn, block.mlp
+        n = block.ln_1(h)
+        zq, zk, zv = (n @ p.weight.T for p in (att.q_proj, att.k_proj, att.v_proj))
+        q, k, v = (z.view(t, heads, d) for z in (zq, zk, zv))
+        qr = torch.einsum("tnm,thm->thn", rot, q)
+        kr = torch.einsum("tnm,thm->thn", rot, k)
+        s = torch.einsum("ihd,jhd->hij", qr, kr) * d**-0.5
+        s = s.masked_fill(~causal, -torch.inf)
+        a = torch.softmax(s, -1)
+        o = torch.einsum("hij,jhd->ihd", a, v)
+        attn = o.reshape(t, hidden) @ att.out_proj.weight.T
+        f = n @ mlp.fc_in.weight.T + mlp.fc_in.bias
+        out = gelu(f) @ mlp.fc_out.weight.T + mlp.fc_out.bias
+        h2 = h + attn + out
+        saved.append((block, h, n, zq, zk, zv, q, k, v, qr, kr, s, a, o, attn, f, out, h2))
+        h = h2
+    final = body.ln_f(h)
+    r_final = torch.zeros(t, hidden, dtype=x.dtype)
+    r_final[position] = final[position] * hf.lm_head.weight[target]
+    relevance = _layer_norm_messages(h, body.ln_f, r_final, final)
+    for block, h, n, zq, zk, zv, q, k, v, qr, kr, s, a, o, attn, f, out, h2 in reversed(saved):
+        att, mlp = block.attn, block.mlp
+        r_h, r_attn, r_out = (part / h2 * relevance for part in (h, attn, out))
+        r_gelu = _linear_messages(gelu(f), mlp.fc_out.weight, r_out, out)  # the identity rule
+        r_n = _linear_messages(n, mlp.fc_in.weight, r_gelu, f)
+        r_o = _linear_messages(o.reshape(t, hidden), att.out_proj.weight, r_attn, attn)
+        r_qr, r_kr, r_v, _ = _attention_messages(
+            qr, kr, v, s, a, o, r_o.view(t, heads, d), d**-0.5, rule
+        )
+        if rule == "attnlrp":  # RoPE: LRP-0 of a rotation
+            r_q = q * torch.einsum("tnm,thn->thm", rot, r_qr / qr)
+            r_k = k * torch.einsum("tnm,thn->thm", rot, r_kr / kr)
+        else:
+            r_q, r_k = torch.zeros_like(q), torch.zeros_like(k)
+        for projection, r, z in (
+            (att.q_proj, r_q, zq),
+            (att.k_proj, r_k, zk),
+            (att.v_proj, r_v, zv),
+        ):
+            r_n = r_n + _linear_messages(n, projection.weight, r.reshape(t, hidden), z)
+        relevance = r_h + _layer_norm_messages(h, block.ln_1, r_n, n)
+    return relevance.numpy()
+
+
 @torch.no_grad()
 def phi_lrp_reference(hf, ids: list[int], position: int, target: int, rule: str) -> np.ndarray:
     """Relevance ``[T, H]`` of Phi's token embeddings for the logit of ``target`` at
@@ -642,21 +716,24 @@ def phi_lrp_reference(hf, ids: list[int], position: int, target: int, rule: str)
 
 
 @pytest.mark.parametrize("rule", ["attnlrp", "cp-lrp"])
-def test_phi_equals_explicit_layer_by_layer_lrp(rule):
-    # one LayerNorm read by attention and MLP in parallel, partial RoPE, biases, a biased head
+@pytest.mark.parametrize("arch", ["phi", "gptj"])
+def test_parallel_blocks_equal_explicit_layer_by_layer_lrp(arch, rule):
+    # one LayerNorm read by attention and MLP in parallel, partial RoPE (Phi's on the first
+    # dims, GPT-J's on interleaved pairs), biases, a biased head
     _, tok = tiny_model("gpt2")
-    hf = _family("phi", tok, attn_implementation="eager")
+    hf = _family(arch, tok, attn_implementation="eager")
     with torch.no_grad():  # biases and norm weights far from 0 and 1
         for name, parameter in hf.named_parameters():
             if name.endswith("bias"):
                 parameter.normal_(0, 0.5)
-            elif "layernorm" in name:
+            elif "layernorm" in name or "ln_" in name:
                 parameter.normal_(1, 0.3)
     model = _double(hf, tok)
     got = ax.lrp(model, PROMPT, TARGET, rule=rule)
     ids = got.source_id.values.tolist()
+    reference = phi_lrp_reference if arch == "phi" else gptj_lrp_reference
     for k, position in enumerate(got.target.values.tolist()):
-        want = phi_lrp_reference(model.hf, ids, position - 1, int(got.target_id[k]), rule)
+        want = reference(model.hf, ids, position - 1, int(got.target_id[k]), rule)
         np.testing.assert_allclose(got[k].fillna(0).values, want, rtol=1e-7, atol=1e-10)
 
 

@@ -399,6 +399,7 @@ _ATTENTION = frozenset(
         "OlmoAttention",  # no clip_qkv (refused)
         "Starcoder2Attention",  # biases on every projection
         "PhiAttention",  # rotary on a share of each head; no q/k LayerNorm (a child if any)
+        "GPTJAttention",  # rotary on interleaved pairs of a share of each head
         "Phi3Attention",  # a fused q/k/v projection (a Linear), split by reshapes
         "Qwen3Attention",  # its query and key norms are Qwen3RMSNorm children (patched)
         "SmolLM3Attention",  # RoPE skipped in some layers (NoPE): nothing to give a rule
@@ -509,7 +510,19 @@ _LINEAR = frozenset(
             )
         ),
         "Starcoder2MLP",  # c_fc, its activation (a child module), c_proj
-        # Phi (1, 2): attention and MLP in parallel on one LayerNorm, both added to the stream
+        # GPT-J and Phi (1, 2): attention and MLP in parallel on one LayerNorm, both added to the
+        # stream
+        *(
+            f"GPTJ{part}"
+            for part in (
+                "RotaryEmbedding",
+                "MLP",
+                "Block",
+                "Model",
+                "ForCausalLM",
+                "ForSequenceClassification",
+            )
+        ),
         *(
             f"Phi{part}"
             for part in (
@@ -643,6 +656,7 @@ ARCHITECTURES = (
     "olmo",
     "starcoder2",
     "phi",
+    "gptj",
     "phi3",
     "smollm3",
     "granite",
