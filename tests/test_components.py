@@ -98,7 +98,7 @@ EXPERTS = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe")
 # GPT-J and Phi (attention and MLP in parallel on one LayerNorm, a biased LM head), StarCoder2
 # and OLMo (Llama's layout with LayerNorms; OLMo's without weights), Cohere (parallel, its
 # LayerNorms without biases, its logits scaled)
-MORE_DECODERS = ("gptj", "phi", "starcoder2", "olmo", "cohere")
+MORE_DECODERS = ("gptj", "phi", "starcoder2", "olmo", "cohere", "gpt_bigcode")
 
 
 # Falcon's three layouts of its fused query_key_value: Falcon-7B's (multi-query, parallel),
@@ -205,6 +205,10 @@ def modules(model: ax.Model):
         attn = [b.self_attention for b in blocks]
         values = [a.query_key_value for a in attn]
         return blocks, attn, [a.dense for a in attn], values, hf.base_model.ln_f
+    if hf.config.model_type == "gpt_bigcode":
+        blocks = list(hf.base_model.h)
+        attn = [b.attn for b in blocks]
+        return blocks, attn, [a.c_proj for a in attn], [a.c_attn for a in attn], hf.base_model.ln_f
     if hf.config.model_type == "gptj":
         blocks = list(hf.base_model.h)
         attn = [b.attn for b in blocks]
@@ -351,6 +355,9 @@ def naive_dla(model: ax.Model, source: str, target: str, contrast: str | None = 
             v_all = found["v"][layer]
             if config.model_type == "gpt2":
                 v_all = v_all[:, 2 * config.hidden_size :]
+            elif config.model_type == "gpt_bigcode":  # after the queries: one key, one value head
+                v_all = v_all[:, config.hidden_size :].chunk(2, -1)[1]
+                v_all = v_all.repeat(1, heads)
             elif config.model_type == "falcon":  # its value heads, each read by its group
                 v_all = falcon_values(modules(model)[1][layer], v_all)
                 v_all = v_all.repeat_interleave(heads // v_all.shape[1], dim=1).flatten(1)
@@ -383,7 +390,7 @@ def naive_dla(model: ax.Model, source: str, target: str, contrast: str | None = 
         # the embeddings: the residual stream before the first layer
         emb = model.hf.get_input_embeddings()(torch.tensor(ids[i]))
         emb = emb * getattr(config, "embedding_multiplier", 1.0)  # Granite
-        if config.model_type in ("gpt2", "gpt_neo"):
+        if config.model_type in ("gpt2", "gpt_neo", "gpt_bigcode"):
             emb = emb + model.hf.base_model.wpe(torch.tensor(i))
         if config.model_type == "opt":  # positions are rows 2, 3, ... of their table
             decoder = model.hf.base_model.decoder

@@ -105,6 +105,8 @@ def value_parts(model: ax.Model, block, x: torch.Tensor):
         v = block.attn.attention.v_proj(block.ln_1(x))
     elif hasattr(getattr(block, "attn", None), "v_proj"):  # GPT-J
         v = block.attn.v_proj(block.ln_1(x))
+    elif type(block).__name__ == "GPTBigCodeBlock":  # [queries, keys, values], one kv head
+        v = block.attn.c_attn(block.ln_1(x))[..., config.hidden_size :].chunk(2, -1)[1]
     elif type(block).__name__ == "BloomBlock":  # each head's query, key and value side by side
         hd = config.hidden_size // heads
         qkv = block.self_attention.query_key_value(block.input_layernorm(x))
@@ -243,7 +245,7 @@ ALTI_ARCHS = (*ARCHS, "phi3", "pythia", "qwen3", "smollm3", "gemma", "gemma2", "
 # GPT-J, Phi and Cohere: attention and MLP in parallel on one norm (Cohere's LayerNorm without a
 # bias, its logits scaled); StarCoder2 and OLMo: Llama's layout with LayerNorms (OLMo's without
 # weights)
-MORE_PRE_NORM = ("gptj", "phi", "cohere", "starcoder2", "olmo")
+MORE_PRE_NORM = ("gptj", "phi", "cohere", "starcoder2", "olmo", "gpt_bigcode")
 # Falcon's layouts (test_components.FALCONS)
 FALCON_LAYOUTS = ("falcon", "falcon-heads", "falcon-40b")
 
@@ -650,6 +652,9 @@ def naive_value_zeroing(
             module, lo = block.attn.attention.v_proj, 0
         elif hasattr(getattr(block, "attn", None), "v_proj"):  # GPT-J
             module, lo = block.attn.v_proj, 0
+        elif type(block).__name__ == "GPTBigCodeBlock":  # values after queries and keys
+            module = block.attn.c_attn
+            lo = hf.config.n_embd + (module.out_features - hf.config.n_embd) // 2
         elif hasattr(block, "attn"):
             module, lo = block.attn.c_attn, 2 * hf.config.n_embd
         else:

@@ -114,7 +114,7 @@ class _Parts:
             projection = attention.c_proj  # Conv1D: out = z @ weight + bias
             weight = projection.weight
         else:  # Linear: out = z @ weight.T (+ bias); GPT-NeoX's and Phi's `dense`
-            projection = _named(attention, ("o_proj", "out_proj", "dense"))
+            projection = _named(attention, ("o_proj", "out_proj", "dense", "c_proj"))
             assert projection is not None, type(attention).__name__
             weight = projection.weight.T
         return weight.reshape(self.heads, self.head_dim, -1), projection.bias
@@ -125,7 +125,10 @@ class _Parts:
             return attention.c_attn
         if self.kind in ("neox", "falcon"):
             return attention.query_key_value
-        return getattr(attention, "v_proj", None) or attention.qkv_proj  # Phi-3's fused one
+        # Phi-3's fused qkv_proj; GPT-BigCode's c_attn (a Linear: queries, then keys, values)
+        module = _named(attention, ("v_proj", "qkv_proj", "c_attn"))
+        assert module is not None, type(attention).__name__
+        return module
 
     def values(self, layer: int, output: torch.Tensor) -> torch.Tensor:
         """Value vectors ``[B, L, heads, head_dim]`` from :meth:`value_module`'s output (GPT-2's
@@ -177,6 +180,8 @@ _LLAMA_LIKE = (
 # attention and MLP in parallel on one LayerNorm (Falcon's: one or two), both added to the
 # stream: the same sum
 _PARALLEL = ("gptj", "phi", "falcon")
+# GPT-2's blocks in Linear layers (multi-query attention in GPT-BigCode)
+_GPT2_LIKE = ("gpt_neo", "gpt_bigcode")
 
 
 def _parts(model: Model, method: str) -> _Parts:
@@ -189,13 +194,14 @@ def _parts(model: Model, method: str) -> _Parts:
             f"{method} decomposes decoder-only models (GPT-2, Llama); {name} is an "
             "encoder-decoder, whose decoder also reads the encoder through cross-attention"
         )
-    known = ("gpt2", "gpt_neo", "gpt_neox", "opt", *_PARALLEL, *_LLAMA_LIKE, *_arch.SANDWICH)
+    known = ("gpt2", *_GPT2_LIKE, "gpt_neox", "opt", *_PARALLEL, *_LLAMA_LIKE, *_arch.SANDWICH)
     if kind not in known:
         raise ModelError(
             f"{method} has no rule for {name}: it knows the GPT-2 (Conv1D, LayerNorm), Llama "
             "(o_proj, RMSNorm; also Mistral, Qwen2, Qwen3, SmolLM3, Phi-3, Gemma 2, Gemma 3, "
             "OLMo 2, Granite; the mixtures of experts Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, "
-            "Granite MoE, StarCoder2, OLMo, Cohere), GPT-Neo, GPT-J, Phi, Falcon, GPT-NeoX "
+            "Granite MoE, StarCoder2, OLMo, Cohere), GPT-Neo, GPT-BigCode, GPT-J, Phi, Falcon, "
+            "GPT-NeoX "
             "(Pythia) and "
             "OPT architectures only, as causal LMs or "
             "sequence classifiers (GPT2ForSequenceClassification, "
@@ -240,6 +246,12 @@ def _parts(model: Model, method: str) -> _Parts:
         mlps = [b.mlp for b in blocks]
         norm = base.ln_f
         heads = config.num_attention_heads
+    elif kind == "gpt_bigcode":  # GPT-2's blocks in Linear layers
+        blocks = list(base.h)
+        attentions = [b.attn for b in blocks]
+        mlps = [b.mlp for b in blocks]
+        norm = base.ln_f
+        heads = config.n_head
     elif kind == "phi":
         blocks = list(base.layers)
         attentions = [b.self_attn for b in blocks]

@@ -548,6 +548,7 @@ _PRE_NORM = (
     "olmo",  # Llama's layout with LayerNorms without weights
     "falcon",  # parallel (7B, 40B) or sequential blocks, values in a fused query_key_value
     "bloom",  # its attention module adds the residual itself; values as GPT-NeoX's
+    "gpt_bigcode",  # GPT-2's layout in Linear layers, multi-query values in c_attn
 )
 _POST_NORM = (
     "bert",
