@@ -36,6 +36,17 @@ def models64() -> dict[str, ax.Model]:
         built[arch] = ax.load_model(full_double(llama_like(arch, tok)), tokenizer=tok)
     for layout in FALCONS:
         built[layout] = _falcon(layout)
+    # GPT-BigCode without multi-query: each head's query, key and value side by side in c_attn
+    config = CONFIGS["gpt_bigcode"](len(tok))
+    config.multi_query, config.pad_token_id = False, tok.pad_token_id
+    config.bos_token_id, config.eos_token_id = tok.bos_token_id, tok.eos_token_id
+    torch.manual_seed(0)
+    hf = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    with torch.no_grad():
+        for name, parameter in hf.named_parameters():
+            if name.endswith("bias"):
+                parameter.normal_(0, 0.5)
+    built["gpt_bigcode-mha"] = ax.load_model(hf.double().eval(), tokenizer=tok)
     for arch in NEIGHBOURS:
         built[arch] = ax.load_model(neighbour(arch, tok).double(), tokenizer=tok)
     # norms on each attention's and MLP's output (Gemma 1: 1 + weight norms only)
@@ -355,9 +366,12 @@ def naive_dla(model: ax.Model, source: str, target: str, contrast: str | None = 
             v_all = found["v"][layer]
             if config.model_type == "gpt2":
                 v_all = v_all[:, 2 * config.hidden_size :]
-            elif config.model_type == "gpt_bigcode":  # after the queries: one key, one value head
+            elif config.model_type == "gpt_bigcode" and config.multi_query:
+                # after the queries: one key head, then one value head, read by every head
                 v_all = v_all[:, config.hidden_size :].chunk(2, -1)[1]
                 v_all = v_all.repeat(1, heads)
+            elif config.model_type == "gpt_bigcode":  # per head: query, key, value
+                v_all = v_all.unflatten(-1, (heads, 3 * d))[..., 2 * d :].flatten(1)
             elif config.model_type == "falcon":  # its value heads, each read by its group
                 v_all = falcon_values(modules(model)[1][layer], v_all)
                 v_all = v_all.repeat_interleave(heads // v_all.shape[1], dim=1).flatten(1)
@@ -409,7 +423,7 @@ def naive_dla(model: ax.Model, source: str, target: str, contrast: str | None = 
 DLA_ARCHS = (
     "gpt2", "gpt_neo", "llama", "mistral", "qwen2", "phi3", "qwen3", "smollm3", "gemma", "gemma2", "gemma3",
     "olmo2",
-    "granite", *EXPERTS, *MORE_DECODERS, *FALCONS,
+    "granite", *EXPERTS, *MORE_DECODERS, *FALCONS, "gpt_bigcode-mha",
 )  # fmt: skip
 
 

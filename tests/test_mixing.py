@@ -105,8 +105,13 @@ def value_parts(model: ax.Model, block, x: torch.Tensor):
         v = block.attn.attention.v_proj(block.ln_1(x))
     elif hasattr(getattr(block, "attn", None), "v_proj"):  # GPT-J
         v = block.attn.v_proj(block.ln_1(x))
-    elif type(block).__name__ == "GPTBigCodeBlock":  # [queries, keys, values], one kv head
-        v = block.attn.c_attn(block.ln_1(x))[..., config.hidden_size :].chunk(2, -1)[1]
+    elif type(block).__name__ == "GPTBigCodeBlock":
+        qkv = block.attn.c_attn(block.ln_1(x))
+        if config.multi_query:  # [queries, one key head, one value head]
+            v = qkv[..., config.hidden_size :].chunk(2, -1)[1]
+        else:  # each head's query, key and value side by side
+            hd = config.hidden_size // heads
+            v = qkv.unflatten(-1, (heads, 3 * hd))[..., 2 * hd :].flatten(-2)
     elif type(block).__name__ == "BloomBlock":  # each head's query, key and value side by side
         hd = config.hidden_size // heads
         qkv = block.self_attention.query_key_value(block.input_layernorm(x))
@@ -653,6 +658,7 @@ def naive_value_zeroing(
         elif hasattr(getattr(block, "attn", None), "v_proj"):  # GPT-J
             module, lo = block.attn.v_proj, 0
         elif type(block).__name__ == "GPTBigCodeBlock":  # values after queries and keys
+            assert hf.config.multi_query, "per-head layouts: naive_fused_zeroing"
             module = block.attn.c_attn
             lo = hf.config.n_embd + (module.out_features - hf.config.n_embd) // 2
         elif hasattr(block, "attn"):
@@ -756,7 +762,10 @@ def naive_fused_zeroing(model: ax.Model, ids: torch.Tensor, heads=None) -> torch
             def zero(_m, _a, output, j=j, block=block):
                 output = output.clone()
                 chosen = range(n) if heads is None else heads
-                if config.model_type in ("gpt_neox", "bloom"):  # [heads, (q, k, v), d] a token
+                per_head = config.model_type in ("gpt_neox", "bloom") or (
+                    config.model_type == "gpt_bigcode" and not config.multi_query
+                )
+                if per_head:  # [heads, (q, k, v), d] a token
                     view = output.view(*output.shape[:2], n, 3, d)
                     for h in chosen:
                         view[:, j, h, 2] = 0
@@ -782,11 +791,20 @@ def naive_fused_zeroing(model: ax.Model, ids: torch.Tensor, heads=None) -> torch
     return out
 
 
-def test_value_zeroing_of_multi_query_values_matches_naive():
-    """GPT-BigCode's multi-query `c_attn`: every query head, then one key head and one value
-    head. Reading the values where GPT-2 keeps them (past the output) zeroed nothing: all 0."""
-    model = _fused("gpt_bigcode")
-    assert model.hf.config.multi_query
+@pytest.mark.parametrize("multi_query", [True, False])
+def test_value_zeroing_of_gpt_bigcodes_values_matches_naive(multi_query):
+    """GPT-BigCode's `c_attn`: multi-query, every query head then one key head and one value
+    head (read where GPT-2 keeps its values, past the output: all 0); without, each head's
+    query, key and value side by side (read as GPT-2's: the wrong features)."""
+    _, tok = tiny_model("gpt2")
+    config = CONFIGS["gpt_bigcode"](len(tok))
+    config.multi_query = multi_query
+    config.pad_token_id, config.bos_token_id, config.eos_token_id = (
+        tok.pad_token_id, tok.bos_token_id, tok.eos_token_id,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    hf = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    model = ax.load_model(hf.double().eval(), tokenizer=tok)
     ids, queries = ids_and_queries(model, PROMPT, TARGET)
     got = ax.value_zeroing(model, PROMPT, TARGET, normalize=False)
     raw = naive_fused_zeroing(model, ids)

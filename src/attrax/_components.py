@@ -139,7 +139,8 @@ class _Parts:
             width = self.heads * self.head_dim
             output = output[..., 2 * width : 3 * width]
             return output.unflatten(-1, (self.heads, self.head_dim))
-        if self.kind == "neox":  # per head: [query, key, value]
+        # per head: [query, key, value] (GPT-NeoX; GPT-BigCode without multi-query)
+        if self.kind == "neox" or getattr(self.attentions[layer], "multi_query", None) is False:
             return output.unflatten(-1, (self.heads, 3 * self.head_dim))[..., 2 * self.head_dim :]
         if self.kind == "falcon":  # its fused layouts: _arch.falcon_values
             config = self.attentions[layer].config

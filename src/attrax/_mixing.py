@@ -142,6 +142,11 @@ def _value_projection(
     fused = getattr(attention, "c_attn", None)  # GPT-2: queries, keys, values in one projection
     if isinstance(fused, torch.nn.Module) and not getattr(attention, "is_cross_attention", False):
         width = int(getattr(attention, "split_size", model.hidden_size))
+        if getattr(attention, "multi_query", None) is False:
+            # GPT-BigCode without multi-query: each head's query, key and value side by side
+            d = int(attention.head_dim)
+            within = torch.arange(2 * d, 3 * d)
+            return fused, (torch.arange(width // d)[:, None] * 3 * d + within).flatten()
         # GPT-BigCode's multi-query attention: one key and one value head after the queries
         kv = int(getattr(attention, "kv_dim", width))
         return fused, slice(width + kv, width + 2 * kv)
