@@ -3,7 +3,7 @@
 Each is a tiny random model from its config (offline), sharing the GPT-2 test tokenizer. They cover
 what differs between families: rotary and ALiBi positions (Pythia, BLOOM, Falcon), GPT-Neo's
 unscaled attention in its own code (attrax runs it) with a local layer, GPT-J's and Phi's parallel
-blocks, GPT-BigCode's multi-query attention, StarCoder2, OLMo's weightless LayerNorms, Cohere's
+blocks, CodeGen's sharded query/value/key projection, GPT-BigCode's multi-query attention, StarCoder2, OLMo's weightless LayerNorms, Cohere's
 scaled logits, grouped-query
 attention (Qwen2, Gemma 2), query and key norms (Qwen3, Gemma 3), layers without positions
 (SmolLM3), norms after attention and MLP (Gemma 2, Gemma 3, OLMo 2), logit soft-capping and sliding
@@ -87,6 +87,10 @@ CONFIGS = {
     ),
     "bloom": lambda v: T.BloomConfig(vocab_size=v, hidden_size=32, n_layer=2, n_head=4),
     "falcon": lambda v: T.FalconConfig(vocab_size=v, **SIZES),
+    # CodeGen: GPT-J's block, its query, value and key projections fused in 4 shards
+    "codegen": lambda v: T.CodeGenConfig(
+        vocab_size=v, n_embd=32, n_layer=2, n_head=4, rotary_dim=4
+    ),
     # GPT-J: attention and MLP in parallel on one LayerNorm, rotary on part of each head
     # (interleaved pairs), a biased head
     "gptj": lambda v: T.GPTJConfig(vocab_size=v, n_embd=32, n_layer=2, n_head=4, rotary_dim=4),

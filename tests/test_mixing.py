@@ -755,6 +755,8 @@ def naive_fused_zeroing(model: ax.Model, ids: torch.Tensor, heads=None) -> torch
             module = block.attn.c_attn
         elif config.model_type == "falcon":
             module = block.self_attention.query_key_value
+        elif config.model_type == "codegen":
+            module = block.attn.qkv_proj
         else:
             module = block.self_attn.qkv_proj
         for j in range(length):
@@ -769,6 +771,12 @@ def naive_fused_zeroing(model: ax.Model, ids: torch.Tensor, heads=None) -> torch
                     view = output.view(*output.shape[:2], n, 3, d)
                     for h in chosen:
                         view[:, j, h, 2] = 0
+                elif config.model_type == "codegen":  # 4 shards of [queries, values, keys]
+                    local = n * d // 4
+                    for h in range(n) if heads is None else heads:
+                        for f in range(h * d, (h + 1) * d):  # head h's values, flattened
+                            shard, offset = divmod(f, local)
+                            output[:, j, shard * 3 * local + local + offset] = 0
                 elif config.model_type == "falcon":
                     values = falcon_values(block.self_attention, output)
                     for h in range(values.shape[-2]) if heads is None else heads:
@@ -816,7 +824,7 @@ def test_value_zeroing_of_gpt_bigcodes_values_matches_naive(multi_query):
 
 
 @pytest.mark.parametrize(
-    "family", ["pythia", "phi3", "modernbert", "falcon-heads", "falcon-40b", "bloom"]
+    "family", ["pythia", "phi3", "modernbert", "falcon-heads", "falcon-40b", "bloom", "codegen"]
 )
 def test_value_zeroing_of_fused_projections_matches_naive(family):
     if family == "bloom":

@@ -80,6 +80,7 @@ FAMILIES: dict[str, Callable[[], ax.Model]] = {
     "Pythia (GPT-NeoX)": _causal("pythia"),
     "OPT": _causal("opt"),
     "GPT-J": _causal("gptj"),
+    "CodeGen": _causal("codegen"),
     "Phi (1, 2)": _causal("phi"),
     "GPT-BigCode (StarCoder)": _causal("gpt_bigcode"),
     "StarCoder2": _causal("starcoder2"),

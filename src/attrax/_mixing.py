@@ -156,6 +156,12 @@ def _value_projection(
     head_dim = int(head_dim or model.hidden_size // heads)
     # Phi-3's `qkv_proj`, ModernBERT's `Wqkv`: all queries, then keys, then values
     fused = getattr(attention, "qkv_proj", None) or getattr(attention, "Wqkv", None)
+    shards = getattr(attention, "mp_num", None)
+    if isinstance(fused, torch.nn.Linear) and isinstance(shards, int):
+        # CodeGen: `mp_num` shards of [queries, values, keys], the heads split across them
+        local = heads * head_dim // shards
+        flat = torch.arange(heads * head_dim)
+        return fused, (flat // local) * 3 * local + local + flat % local
     if isinstance(fused, torch.nn.Linear):
         kv = _arch.kv_heads(config)
         return fused, slice((heads + kv) * head_dim, None)
