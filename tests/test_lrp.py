@@ -421,17 +421,6 @@ def gpt2_lrp_reference(hf, ids: list[int], position: int, target: int, rule: str
     return (x / h0 * relevance).numpy()  # the position embeddings keep their share
 
 
-@pytest.mark.parametrize("rule", ["attnlrp", "cp-lrp"])
-def test_gpt2_equals_explicit_layer_by_layer_lrp(rule):
-    # biases, LayerNorm (centring and shift), tanh-GELU, position embeddings
-    model = _double(*tiny_model("gpt2"))
-    got = ax.lrp(model, PROMPT, TARGET, rule=rule)
-    ids = got.source_id.values.tolist()
-    for k, position in enumerate(got.target.values.tolist()):
-        want = gpt2_lrp_reference(model.hf, ids, position - 1, int(got.target_id[k]), rule)
-        np.testing.assert_allclose(got[k].fillna(0).values, want, rtol=1e-7, atol=1e-10)
-
-
 @torch.no_grad()
 def gpt_neo_lrp_reference(hf, ids: list[int], position: int, target: int, rule: str) -> np.ndarray:
     """Relevance ``[T, H]`` of GPT-Neo's token embeddings for the logit of ``target`` at
@@ -489,14 +478,17 @@ def gpt_neo_lrp_reference(hf, ids: list[int], position: int, target: int, rule: 
 
 
 @pytest.mark.parametrize("rule", ["attnlrp", "cp-lrp"])
-def test_gpt_neo_equals_explicit_layer_by_layer_lrp(rule):
-    # GPT-2's layout in Linear layers, no score scaling, a local layer narrower than the input
-    model = _double(*tiny_model("gpt_neo"))
+@pytest.mark.parametrize("arch", ["gpt2", "gpt_neo"])
+def test_gpt2_and_gpt_neo_equal_explicit_layer_by_layer_lrp(arch, rule):
+    # biases, LayerNorm (centring and shift), tanh-GELU, position embeddings; GPT-Neo: GPT-2's
+    # layout in Linear layers, no score scaling, a local layer narrower than the input
+    model = _double(*tiny_model(arch))
     got = ax.lrp(model, PROMPT, TARGET, rule=rule)
     ids = got.source_id.values.tolist()
-    assert len(ids) > model.hf.config.window_size
+    reference = gpt2_lrp_reference if arch == "gpt2" else gpt_neo_lrp_reference
+    assert arch == "gpt2" or len(ids) > model.hf.config.window_size
     for k, position in enumerate(got.target.values.tolist()):
-        want = gpt_neo_lrp_reference(model.hf, ids, position - 1, int(got.target_id[k]), rule)
+        want = reference(model.hf, ids, position - 1, int(got.target_id[k]), rule)
         np.testing.assert_allclose(got[k].fillna(0).values, want, rtol=1e-7, atol=1e-10)
 
 
@@ -591,88 +583,40 @@ def _pair_rotations(sin: torch.Tensor, cos: torch.Tensor, d: int) -> torch.Tenso
 
 
 @torch.no_grad()
-def gptj_lrp_reference(hf, ids: list[int], position: int, target: int, rule: str) -> np.ndarray:
-    """Relevance ``[T, H]`` of GPT-J's token embeddings for the logit of ``target`` at
-    ``position``: :func:`phi_lrp_reference`'s parallel block with GPT-J's names, no query, key
-    or value biases, and RoPE on interleaved pairs (its own sine table)."""
-    cfg, body = hf.config, hf.transformer
-    hidden, heads = cfg.n_embd, cfg.n_head
-    d, t = hidden // heads, len(ids)
-    x = body.wte.weight[torch.tensor(ids)]
-    sin, cos = body.rotary_emb(x[None], torch.arange(t)[None])
-    rot = _pair_rotations(sin[0].double(), cos[0].double(), d)
-    causal = torch.ones(t, t, dtype=torch.bool).tril()
-
-    def gelu(f: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.gelu(f, approximate="tanh")  # "gelu_new"
-
-    saved, h = [], x
-    for block in body.h:
-        att, mlp = block.attn, block.mlp
-        n = block.ln_1(h)
-        zq, zk, zv = (n @ p.weight.T for p in (att.q_proj, att.k_proj, att.v_proj))
-        q, k, v = (z.view(t, heads, d) for z in (zq, zk, zv))
-        qr = torch.einsum("tnm,thm->thn", rot, q)
-        kr = torch.einsum("tnm,thm->thn", rot, k)
-        s = torch.einsum("ihd,jhd->hij", qr, kr) * d**-0.5
-        s = s.masked_fill(~causal, -torch.inf)
-        a = torch.softmax(s, -1)
-        o = torch.einsum("hij,jhd->ihd", a, v)
-        attn = o.reshape(t, hidden) @ att.out_proj.weight.T
-        f = n @ mlp.fc_in.weight.T + mlp.fc_in.bias
-        out = gelu(f) @ mlp.fc_out.weight.T + mlp.fc_out.bias
-        h2 = h + attn + out
-        saved.append((block, h, n, zq, zk, zv, q, k, v, qr, kr, s, a, o, attn, f, out, h2))
-        h = h2
-    final = body.ln_f(h)
-    r_final = torch.zeros(t, hidden, dtype=x.dtype)
-    r_final[position] = final[position] * hf.lm_head.weight[target]
-    relevance = _layer_norm_messages(h, body.ln_f, r_final, final)
-    for block, h, n, zq, zk, zv, q, k, v, qr, kr, s, a, o, attn, f, out, h2 in reversed(saved):
-        att, mlp = block.attn, block.mlp
-        r_h, r_attn, r_out = (part / h2 * relevance for part in (h, attn, out))
-        r_gelu = _linear_messages(gelu(f), mlp.fc_out.weight, r_out, out)  # the identity rule
-        r_n = _linear_messages(n, mlp.fc_in.weight, r_gelu, f)
-        r_o = _linear_messages(o.reshape(t, hidden), att.out_proj.weight, r_attn, attn)
-        r_qr, r_kr, r_v, _ = _attention_messages(
-            qr, kr, v, s, a, o, r_o.view(t, heads, d), d**-0.5, rule
-        )
-        if rule == "attnlrp":  # RoPE: LRP-0 of a rotation
-            r_q = q * torch.einsum("tnm,thn->thm", rot, r_qr / qr)
-            r_k = k * torch.einsum("tnm,thn->thm", rot, r_kr / kr)
-        else:
-            r_q, r_k = torch.zeros_like(q), torch.zeros_like(k)
-        for projection, r, z in (
-            (att.q_proj, r_q, zq),
-            (att.k_proj, r_k, zk),
-            (att.v_proj, r_v, zv),
-        ):
-            r_n = r_n + _linear_messages(n, projection.weight, r.reshape(t, hidden), z)
-        relevance = r_h + _layer_norm_messages(h, block.ln_1, r_n, n)
-    return relevance.numpy()
-
-
-@torch.no_grad()
-def phi_lrp_reference(hf, ids: list[int], position: int, target: int, rule: str) -> np.ndarray:
-    """Relevance ``[T, H]`` of Phi's token embeddings for the logit of ``target`` at
+def parallel_lrp_reference(hf, ids: list[int], position: int, target: int, rule: str) -> np.ndarray:
+    """Relevance ``[T, H]`` of Phi's or GPT-J's token embeddings for the logit of ``target`` at
     ``position``: ``h + attention(n) + mlp(n)`` with one LayerNorm ``n = ln(h)`` (the relevance
-    both branches give ``n`` summed before it passes the norm), RoPE on a share of each head,
-    biases everywhere (the LM head's too) keeping their shares."""
-    cfg, body = hf.config, hf.model
+    both branches give ``n`` summed before it passes the norm), RoPE on a share of each head
+    (Phi's on its first dims, GPT-J's on interleaved pairs, its own sine table), biases (GPT-J's
+    queries, keys, values and output projection have none; both LM heads have one) keeping
+    their shares."""
+    cfg = hf.config
+    phi = cfg.model_type == "phi"
+    body = hf.model if phi else hf.transformer
     hidden, heads = cfg.hidden_size, cfg.num_attention_heads
     d, t = hidden // heads, len(ids)
-    x = body.embed_tokens.weight[torch.tensor(ids)]
-    cos, sin = body.rotary_emb(x[None], torch.arange(t)[None])
-    rot = _partial_rotations(cos[0].double(), sin[0].double(), d)
+    x = hf.get_input_embeddings().weight[torch.tensor(ids)]
+    first, second = body.rotary_emb(x[None], torch.arange(t)[None])
+    if phi:  # (cos, sin)
+        rot = _partial_rotations(first[0].double(), second[0].double(), d)
+    else:  # (sin, cos)
+        rot = _pair_rotations(first[0].double(), second[0].double(), d)
     causal = torch.ones(t, t, dtype=torch.bool).tril()
+
+    def parts(block) -> tuple:  # (norm, attention, its output projection, MLP in, MLP out)
+        if phi:
+            att = block.self_attn
+            return block.input_layernorm, att, att.dense, block.mlp.fc1, block.mlp.fc2
+        att = block.attn
+        return block.ln_1, att, att.out_proj, block.mlp.fc_in, block.mlp.fc_out
 
     def gelu(f: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.gelu(f, approximate="tanh")  # "gelu_new"
 
     saved, h = [], x
-    for layer in body.layers:
-        att, mlp = layer.self_attn, layer.mlp
-        n = layer.input_layernorm(h)
+    for block in body.layers if phi else body.h:
+        ln, att, dense, fc_in, fc_out = parts(block)
+        n = ln(h)
         zq, zk, zv = att.q_proj(n), att.k_proj(n), att.v_proj(n)
         q, k, v = (z.view(t, heads, d) for z in (zq, zk, zv))
         qr = torch.einsum("tnm,thm->thn", rot, q)
@@ -681,22 +625,23 @@ def phi_lrp_reference(hf, ids: list[int], position: int, target: int, rule: str)
         s = s.masked_fill(~causal, -torch.inf)
         a = torch.softmax(s, -1)
         o = torch.einsum("hij,jhd->ihd", a, v)
-        attn = att.dense(o.reshape(t, hidden))
-        f = mlp.fc1(n)
-        out = mlp.fc2(gelu(f))
+        attn = dense(o.reshape(t, hidden))
+        f = fc_in(n)
+        out = fc_out(gelu(f))
         h2 = h + attn + out
-        saved.append((layer, h, n, zq, zk, zv, q, k, v, qr, kr, s, a, o, attn, f, out, h2))
+        saved.append((block, h, n, zq, zk, zv, q, k, v, qr, kr, s, a, o, attn, f, out, h2))
         h = h2
-    final = body.final_layernorm(h)
+    final_norm = body.final_layernorm if phi else body.ln_f
+    final = final_norm(h)
     r_final = torch.zeros(t, hidden, dtype=x.dtype)
     r_final[position] = final[position] * hf.lm_head.weight[target]
-    relevance = _layer_norm_messages(h, body.final_layernorm, r_final, final)
-    for layer, h, n, zq, zk, zv, q, k, v, qr, kr, s, a, o, attn, f, out, h2 in reversed(saved):
-        att, mlp = layer.self_attn, layer.mlp
+    relevance = _layer_norm_messages(h, final_norm, r_final, final)
+    for block, h, n, zq, zk, zv, q, k, v, qr, kr, s, a, o, attn, f, out, h2 in reversed(saved):
+        ln, att, dense, fc_in, fc_out = parts(block)
         r_h, r_attn, r_out = (part / h2 * relevance for part in (h, attn, out))
-        r_gelu = _linear_messages(gelu(f), mlp.fc2.weight, r_out, out)  # the identity rule
-        r_n = _linear_messages(n, mlp.fc1.weight, r_gelu, f)
-        r_o = _linear_messages(o.reshape(t, hidden), att.dense.weight, r_attn, attn)
+        r_gelu = _linear_messages(gelu(f), fc_out.weight, r_out, out)  # the identity rule
+        r_n = _linear_messages(n, fc_in.weight, r_gelu, f)
+        r_o = _linear_messages(o.reshape(t, hidden), dense.weight, r_attn, attn)
         r_qr, r_kr, r_v, _ = _attention_messages(
             qr, kr, v, s, a, o, r_o.view(t, heads, d), d**-0.5, rule
         )
@@ -711,7 +656,7 @@ def phi_lrp_reference(hf, ids: list[int], position: int, target: int, rule: str)
             (att.v_proj, r_v, zv),
         ):
             r_n = r_n + _linear_messages(n, projection.weight, r.reshape(t, hidden), z)
-        relevance = r_h + _layer_norm_messages(h, layer.input_layernorm, r_n, n)
+        relevance = r_h + _layer_norm_messages(h, ln, r_n, n)
     return relevance.numpy()
 
 
@@ -731,9 +676,8 @@ def test_parallel_blocks_equal_explicit_layer_by_layer_lrp(arch, rule):
     model = _double(hf, tok)
     got = ax.lrp(model, PROMPT, TARGET, rule=rule)
     ids = got.source_id.values.tolist()
-    reference = phi_lrp_reference if arch == "phi" else gptj_lrp_reference
     for k, position in enumerate(got.target.values.tolist()):
-        want = reference(model.hf, ids, position - 1, int(got.target_id[k]), rule)
+        want = parallel_lrp_reference(model.hf, ids, position - 1, int(got.target_id[k]), rule)
         np.testing.assert_allclose(got[k].fillna(0).values, want, rtol=1e-7, atol=1e-10)
 
 

@@ -728,12 +728,18 @@ def test_a_scan_or_experts_peak_stays_within_the_budget(peak_above_start, config
     """Mamba's and Mamba 2's scans and Mixtral's experts, priced by ``_arch.mixer_width`` and
     ``_arch.experts_width``: the call's peak RSS above its start stays within max_memory, where
     without a budget it takes more."""
+    script = _SCAN_MODEL.format(config=config, layout=layout, options="{options}")
+    _holds_its_budget(peak_above_start, script, budget, config)
+
+
+def _holds_its_budget(peak_above_start, script: str, budget: int, label: str) -> None:
+    """``script`` (its ``{options}`` filled) needs more than ``budget`` unbounded and peaks
+    within it under ``max_memory=budget``."""
     free, bounded = (
-        peak_above_start(_SCAN_MODEL.format(config=config, layout=layout, options=options))
-        for options in ("", f"max_memory={budget}")
+        peak_above_start(script.format(options=options)) for options in ("", f"max_memory={budget}")
     )
     mib = 2**20
-    print(f"{config}: unbounded {free['peak'] / mib:.0f} MiB, budget {budget / mib:.0f} MiB, "
+    print(f"{label}: unbounded {free['peak'] / mib:.0f} MiB, budget {budget / mib:.0f} MiB, "
           f"bounded {bounded['peak'] / mib:.0f} MiB")  # fmt: skip
     assert free["peak"] > budget, "the workload must need more than the budget unbounded"
     assert bounded["peak"] <= budget, (bounded["peak"] / mib, budget / mib)
@@ -760,16 +766,7 @@ def test_a_debertas_peak_stays_within_the_budget(peak_above_start):
     """DeBERTa-v2's relative terms, priced by ``_arch.relative_width``: IG over its three
     classes keeps its peak RSS above the call's start within max_memory, where without a budget
     it takes more."""
-    budget = 400 << 20
-    free, bounded = (
-        peak_above_start(_DEBERTA_MODEL.format(options=options))
-        for options in ("", f"max_memory={budget}")
-    )
-    mib = 2**20
-    print(f"DeBERTa: unbounded {free['peak'] / mib:.0f} MiB, budget {budget / mib:.0f} MiB, "
-          f"bounded {bounded['peak'] / mib:.0f} MiB")  # fmt: skip
-    assert free["peak"] > budget, "the workload must need more than the budget unbounded"
-    assert bounded["peak"] <= budget, (bounded["peak"] / mib, budget / mib)
+    _holds_its_budget(peak_above_start, _DEBERTA_MODEL, 400 << 20, "DeBERTa")
 
 
 @pytest.mark.slow

@@ -34,19 +34,28 @@ def _model(**overrides) -> ax.Model:
     return ax.load_model(hf.double(), tokenizer=tok)
 
 
-@pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_routed_attention_is_transformers_own(layout):
-    model = _model(**LAYOUTS[layout])
-    ids = model.tokenizer([TEXT, "a good day"], return_tensors="pt", padding=True)
+def check_routed_forward(model: ax.Model, ids: dict, attention: str) -> tuple:
+    """transformers' own forward over ``ids`` and attrax's (inside ``attention_as``, where each
+    ``attention`` module runs attrax's forward): equal logits and weights to 1e-12; afterwards
+    the modules run their class's forward again. Returns transformers' attentions."""
+    modules = [m for m in model.hf.modules() if type(m).__name__ == attention]
     with torch.no_grad():
         want = model.hf(**ids, output_attentions=True)
         with model.attention_as("eager"):
+            assert modules and all("forward" in m.__dict__ for m in modules)
             got = model.hf(**ids, output_attentions=True)
     torch.testing.assert_close(got.logits, want.logits, rtol=1e-12, atol=1e-12)
     for mine, theirs in zip(got.attentions, want.attentions, strict=True):
         torch.testing.assert_close(mine, theirs, rtol=1e-12, atol=1e-12)
-    attentions = [m for m in model.hf.modules() if type(m).__name__ == "DisentangledSelfAttention"]
-    assert attentions and all("forward" not in m.__dict__ for m in attentions)
+    assert all("forward" not in m.__dict__ for m in modules)
+    return want.attentions
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_routed_attention_is_transformers_own(layout):
+    model = _model(**LAYOUTS[layout])
+    ids = model.tokenizer([TEXT, "a good day"], return_tensors="pt", padding=True)
+    check_routed_forward(model, ids, "DisentangledSelfAttention")
 
 
 def test_blooms_routed_attention_is_transformers_own():
@@ -57,16 +66,7 @@ def test_blooms_routed_attention_is_transformers_own():
     tok = model.tokenizer
     tok.pad_token, tok.padding_side = tok.eos_token, "right"
     ids = tok(["The capital of France is Paris", "a b"], return_tensors="pt", padding=True)
-    with torch.no_grad():
-        want = model.hf(**ids, output_attentions=True)
-        with model.attention_as("eager"):
-            attentions = [m for m in model.hf.modules() if type(m).__name__ == "BloomAttention"]
-            assert attentions and all("forward" in m.__dict__ for m in attentions)
-            got = model.hf(**ids, output_attentions=True)
-    torch.testing.assert_close(got.logits, want.logits, rtol=1e-12, atol=1e-12)
-    for mine, theirs in zip(got.attentions, want.attentions, strict=True):
-        torch.testing.assert_close(mine, theirs, rtol=1e-12, atol=1e-12)
-    assert all("forward" not in m.__dict__ for m in attentions)
+    check_routed_forward(model, ids, "BloomAttention")
 
 
 @pytest.mark.parametrize("window", [4, 64])
@@ -77,18 +77,9 @@ def test_gpt_neos_routed_attention_is_transformers_own(window):
     model = ax.load_model(hf.double(), tokenizer=tok)
     tok.pad_token, tok.padding_side = tok.eos_token, "left"
     ids = tok(["The capital of France is Paris", "a b"], return_tensors="pt", padding=True)
-    with torch.no_grad():
-        want = model.hf(**ids, output_attentions=True)
-        with model.attention_as("eager"):
-            got = model.hf(**ids, output_attentions=True)
-    torch.testing.assert_close(got.logits, want.logits, rtol=1e-12, atol=1e-12)
-    for mine, theirs in zip(got.attentions, want.attentions, strict=True):
-        torch.testing.assert_close(mine, theirs, rtol=1e-12, atol=1e-12)
-    local = want.attentions[1][0]  # the local layer: nothing past the window
-    if window < local.shape[-1]:
+    local = check_routed_forward(model, ids, "GPTNeoSelfAttention")[1][0]
+    if window < local.shape[-1]:  # the local layer: nothing past the window
         assert (local.tril(-window) == 0).all() and (local.tril(-window + 1) != 0).any()
-    attentions = [m for m in model.hf.modules() if type(m).__name__ == "GPTNeoSelfAttention"]
-    assert attentions and all("forward" not in m.__dict__ for m in attentions)
 
 
 @pytest.mark.parametrize("layout", ["c2p only", "no buckets", "absolute positions only"])

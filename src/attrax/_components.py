@@ -183,6 +183,18 @@ _LLAMA_LIKE = (
 _PARALLEL = ("gptj", "phi", "falcon")
 # GPT-2's blocks in Linear layers (multi-query attention in GPT-BigCode)
 _GPT2_LIKE = ("gpt_neo", "gpt_bigcode")
+# where each layout keeps its blocks, each block its attention (a dotted path) and the model
+# its final norm; any other: Llama's `layers`, `self_attn`, `norm`
+_LAYOUTS = {
+    "gpt2": ("h", "attn", "ln_f"),
+    "gpt_neo": ("h", "attn.attention", "ln_f"),  # its attention module wrapped in another
+    "gpt_bigcode": ("h", "attn", "ln_f"),
+    "gptj": ("h", "attn", "ln_f"),
+    "falcon": ("h", "self_attention", "ln_f"),
+    "phi": ("layers", "self_attn", "final_layernorm"),
+    "gpt_neox": ("layers", "attention", "final_layer_norm"),
+    "opt": ("layers", "self_attn", "final_layer_norm"),  # in its `decoder`
+}
 
 
 def _parts(model: Model, method: str) -> _Parts:
@@ -223,63 +235,17 @@ def _parts(model: Model, method: str) -> _Parts:
     base = hf.base_model
     config = hf.config
     readout = None
-    if kind == "gpt2":
-        blocks = list(base.h)
-        attentions = [b.attn for b in blocks]
-        mlps = [b.mlp for b in blocks]
-        norm = base.ln_f
-        heads = config.n_head
-    elif kind == "gpt_neo":  # GPT-2's blocks with Linear projections, attention one level down
-        blocks = list(base.h)
-        attentions = [b.attn.attention for b in blocks]
-        mlps = [b.mlp for b in blocks]
-        norm = base.ln_f
-        heads = config.num_heads
-    elif kind == "gptj":
-        blocks = list(base.h)
-        attentions = [b.attn for b in blocks]
-        mlps = [b.mlp for b in blocks]
-        norm = base.ln_f
-        heads = config.n_head
-    elif kind == "falcon":
-        blocks = list(base.h)
-        attentions = [b.self_attention for b in blocks]
-        mlps = [b.mlp for b in blocks]
-        norm = base.ln_f
-        heads = config.num_attention_heads
-    elif kind == "gpt_bigcode":  # GPT-2's blocks in Linear layers
-        blocks = list(base.h)
-        attentions = [b.attn for b in blocks]
-        mlps = [b.mlp for b in blocks]
-        norm = base.ln_f
-        heads = config.n_head
-    elif kind == "phi":
-        blocks = list(base.layers)
-        attentions = [b.self_attn for b in blocks]
-        mlps = [b.mlp for b in blocks]
-        norm = base.final_layernorm
-        heads = config.num_attention_heads
-    elif kind == "gpt_neox":  # the parallel residual adds both branches: the same sum
-        blocks = list(base.layers)
-        attentions = [b.attention for b in blocks]
-        mlps = [b.mlp for b in blocks]
-        norm = base.final_layer_norm
-        heads = config.num_attention_heads
-    elif kind == "opt":
-        blocks = list(base.decoder.layers)
-        attentions = [b.self_attn for b in blocks]
-        mlps = [b.fc2 for b in blocks]  # OPT's MLP is no module: fc2 writes its output
-        norm = base.decoder.final_layer_norm
-        heads = config.num_attention_heads
-        readout = base.decoder.project_out
-    else:
-        blocks = list(base.layers)
-        attentions = [b.self_attn for b in blocks]
-        mlps = [_mlp_of(b) for b in blocks]
-        if any(m is None for m in mlps):
-            raise ModelError(f"{method}: {name}'s MLP output is not one module's ({_NO_MLP})")
-        norm = base.norm
-        heads = config.num_attention_heads
+    stack, attention, final = _LAYOUTS.get(kind, ("layers", "self_attn", "norm"))
+    if kind == "opt":  # its layers in its `decoder`; the head reads its `project_out`
+        base = base.decoder
+        readout = base.project_out
+    blocks = list(getattr(base, stack))
+    attentions = [b.get_submodule(attention) for b in blocks]
+    mlps = [_mlp_of(b) for b in blocks]  # OPT's MLP is no module: fc2 writes its output
+    if any(m is None for m in mlps):
+        raise ModelError(f"{method}: {name}'s MLP output is not one module's ({_NO_MLP})")
+    norm = getattr(base, final)
+    heads = _arch.heads(config, "self") or 1
     head_dim = getattr(attentions[0], "head_dim", None) or config.hidden_size // heads
     short = {
         "gpt2": "gpt2", "gpt_neo": "neo", "gpt_neox": "neox", "opt": "opt", "falcon": "falcon"

@@ -513,22 +513,13 @@ _LINEAR = frozenset(
         # GPT-J and Phi (1, 2): attention and MLP in parallel on one LayerNorm, both added to the
         # stream
         *(
-            f"GPTJ{part}"
+            f"{family}{part}"
+            for family in ("GPTJ", "Phi")
             for part in (
                 "RotaryEmbedding",
                 "MLP",
-                "Block",
-                "Model",
-                "ForCausalLM",
-                "ForSequenceClassification",
-            )
-        ),
-        *(
-            f"Phi{part}"
-            for part in (
-                "RotaryEmbedding",
-                "MLP",
-                "DecoderLayer",
+                "Block",  # GPT-J's
+                "DecoderLayer",  # Phi's
                 "Model",
                 "ForCausalLM",
                 "ForSequenceClassification",
@@ -561,27 +552,12 @@ _LINEAR = frozenset(
             )
         ),
         # BERT and the encoders whose blocks are BERT's computation (RoBERTa, XLM-R and CamemBERT
-        # differ in their position ids, ELECTRA in an embedding projection: constants, a Linear)
+        # differ in their position ids, ELECTRA in an embedding projection: constants, a Linear;
+        # DeBERTa-v2's embeddings multiply by the 0/1 mask, its encoder normalises the relative
+        # positions' embeddings: constants)
         *(
             f"{family}{part}"
-            for family in ("Bert", "Roberta", "XLMRoberta", "Camembert", "Electra")
-            for part in (
-                "Embeddings",
-                "Encoder",
-                "Layer",
-                "Attention",
-                "SelfOutput",
-                "Intermediate",
-                "Output",
-                "Model",
-                "ForSequenceClassification",
-                "ForTokenClassification",
-            )
-        ),
-        # DeBERTa-v2: BERT's blocks; its embeddings multiply by the (0/1) mask; the encoder
-        # normalises the relative positions' embeddings (constants)
-        *(
-            f"DebertaV2{part}"
+            for family in ("Bert", "Roberta", "XLMRoberta", "Camembert", "Electra", "DebertaV2")
             for part in (
                 "Embeddings",
                 "Encoder",
