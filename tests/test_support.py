@@ -218,3 +218,9 @@ def test_the_table_row_is_what_runs(family):
     # the model types LRP's refusals name as supported are the rows it runs on
     lrp = rows[family][columns.index("LRP")] == "✓"
     assert (model.hf.config.model_type in ARCHITECTURES) == lrp, model.hf.config.model_type
+
+
+def test_the_readme_counts_the_families():
+    readme = (PAGE.parent.parent / "README.md").read_text()
+    count = re.search(r"model families \((\d+) of them", readme)
+    assert count is not None and int(count.group(1)) == len(FAMILIES)

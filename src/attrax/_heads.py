@@ -193,7 +193,7 @@ def _probed_attention(
 
 def _eager(module: torch.nn.Module) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
     """The eager attention function of ``module``'s transformers module (attrax's own for the
-    classes it runs itself: DeBERTa-v2's, GPT-Neo's)."""
+    classes it runs itself: DeBERTa-v2's, GPT-Neo's, BLOOM's)."""
     if _routed.owns(module):
         return _routed.eager(module)
     eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)

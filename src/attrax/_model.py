@@ -145,7 +145,7 @@ class Model:
         # decoder-only sequence classifiers score their last real token with a `score` head
         self._score = getattr(hf_model, "score", None) if self.task != "generation" else None
         self._activations = [m for m in hf_model.modules() if activation_kind(m) is not None]
-        # DeBERTa-v2, GPT-Neo: attention attrax runs itself, whatever implementation is asked for
+        # DeBERTa-v2, GPT-Neo, BLOOM: attention attrax runs itself, as any implementation
         self._routed = bool(_routed.modules(hf_model))
         self._first_position = _first_position_feed_forward(hf_model, self.task)
         self._source_scale = 1.0
@@ -447,7 +447,7 @@ class Model:
         gradients; when the block ``required`` this one (attention maps, forward mode), that is a
         :class:`ModelError`. While SDPA runs, its calls that need gradients go through
         :func:`~attrax._sdpa.folded_sdpa`: one fused backward for all of a vectorized
-        backward's targets. DeBERTa-v2's and GPT-Neo's attention runs as attrax's own
+        backward's targets. DeBERTa-v2's, GPT-Neo's and BLOOM's attention runs as attrax's own
         (:mod:`~attrax._routed`), as any implementation.
         """
         hf = self.hf
@@ -1565,7 +1565,7 @@ def attention_modules(hf: PreTrainedModel) -> dict[torch.nn.Module, tuple[str, i
     Read from the table transformers itself records attentions by (``_can_record_outputs`` of
     each sub-model: a class, a layer name, an index into the output); empty for a model without
     one, whose maps then come from ``output_attentions``), and those attrax runs itself
-    (DeBERTa-v2's, GPT-Neo's). A ModelError for a hybrid some of whose layers do not attend, and for a DeBERTa-v2
+    (DeBERTa-v2's, GPT-Neo's, BLOOM's). A ModelError for a hybrid some of whose layers do not attend, and for a DeBERTa-v2
     whose convolution mixes tokens beside its first layer.
     """
     encoder = hf.get_encoder() if getattr(hf.config, "is_encoder_decoder", False) else None

@@ -6,8 +6,8 @@ enter it, and DeBERTa's returns its weights only when asked. While attrax runs o
 (:meth:`attrax._model.Model.attention_as`), :func:`routed` gives each such module a forward that
 projects the queries, keys and values as transformers does and hands them, ``[B, heads, L, d]``,
 to an attention function with the interface's signature: the family's eager attention (for
-``"eager"`` and ``"sdpa"``: neither class has a fused kernel) or the function attrax accepted under
-that name (:func:`accept`: its probes, LRP). What a family adds to the scores travels as keyword
+``"eager"`` and ``"sdpa"``: none of these classes has a fused kernel) or the function attrax
+accepted under that name (:func:`accept`: its probes, LRP). What a family adds to the scores travels as keyword
 arguments, or in the additive mask:
 
 - DeBERTa-v2 (and v3; He et al. 2021, transformers' layout): ``(q_i . k_j + q_i . pk[c(i, j)] +
