@@ -13,11 +13,12 @@ from functools import partial
 import numpy as np
 import pytest
 import torch
+import transformers
 
 import attrax as ax
 from attrax._lrp import lrp_rules
 from attrax.testing import tiny_classifier, tiny_model
-from tests.test_architectures import GRANITE, _family
+from tests.test_architectures import CONFIGS, GRANITE, _family
 
 PROMPT, TARGET = "The capital of France", " is Paris."
 
@@ -475,6 +476,99 @@ def gpt_neo_lrp_reference(hf, ids: list[int], position: int, target: int, rule: 
         )
         relevance = r_h + _layer_norm_messages(h, block.ln_1, r_n1, n1)
     return (x / h0 * relevance).numpy()  # the position embeddings keep their share
+
+
+@torch.no_grad()
+def bigcode_lrp_reference(hf, ids: list[int], position: int, target: int, rule: str) -> np.ndarray:
+    """Relevance ``[T, H]`` of GPT-BigCode's token embeddings for the logit of ``target`` at
+    ``position``: GPT-2's blocks in Linear layers, every query head reading one key and one
+    value head (multi-query: the relevance of a key or value is the sum over the heads that
+    read it) or each head its own (per head: query, key, value side by side in `c_attn`)."""
+    cfg, tr = hf.config, hf.transformer
+    hidden, heads = cfg.n_embd, cfg.n_head
+    d, t = hidden // heads, len(ids)
+    x = tr.wte.weight[torch.tensor(ids)]
+    h = x + tr.wpe.weight[:t]
+    causal = torch.ones(t, t, dtype=torch.bool).tril()
+
+    def gelu(f: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.gelu(f, approximate="tanh")  # "gelu_pytorch_tanh"
+
+    def split(qkv: torch.Tensor) -> tuple:  # [T, heads, d] each, keys and values repeated
+        if cfg.multi_query:
+            q, k, v = qkv.split([hidden, d, d], -1)
+            return (
+                q.view(t, heads, d),
+                k.view(t, 1, d).expand(t, heads, d),
+                v.view(t, 1, d).expand(t, heads, d),
+            )
+        return qkv.view(t, heads, 3 * d).split(d, -1)
+
+    saved, h0 = [], h
+    for block in tr.h:
+        att, mlp = block.attn, block.mlp
+        n1 = block.ln_1(h)
+        qkv = att.c_attn(n1)
+        q, k, v = split(qkv)
+        s = torch.einsum("ihd,jhd->hij", q, k) * d**-0.5
+        s = s.masked_fill(~causal, -torch.inf)
+        a = torch.softmax(s, -1)
+        o = torch.einsum("hij,jhd->ihd", a, v)
+        attn = att.c_proj(o.reshape(t, hidden))
+        h1 = h + attn
+        n2 = block.ln_2(h1)
+        f = mlp.c_fc(n2)
+        out = mlp.c_proj(gelu(f))
+        h2 = h1 + out
+        saved.append((block, h, n1, qkv, q, k, v, s, a, o, attn, h1, n2, f, out, h2))
+        h = h2
+    final = tr.ln_f(h)
+    r_final = torch.zeros(t, hidden, dtype=x.dtype)
+    r_final[position] = final[position] * hf.lm_head.weight[target]
+    relevance = _layer_norm_messages(h, tr.ln_f, r_final, final)
+    for block, h, n1, qkv, q, k, v, s, a, o, attn, h1, n2, f, out, h2 in reversed(saved):
+        att, mlp = block.attn, block.mlp
+        r_h1, r_out = h1 / h2 * relevance, out / h2 * relevance
+        r_gelu = _linear_messages(gelu(f), mlp.c_proj.weight, r_out, out)  # the identity rule
+        r_n2 = _linear_messages(n2, mlp.c_fc.weight, r_gelu, f)
+        r_h1 = r_h1 + _layer_norm_messages(h1, block.ln_2, r_n2, n2)
+        r_h, r_attn = h / h1 * r_h1, attn / h1 * r_h1
+        r_o = _linear_messages(o.reshape(t, hidden), att.c_proj.weight, r_attn, attn)
+        r_q, r_k, r_v, _ = _attention_messages(
+            q, k, v, s, a, o, r_o.view(t, heads, d), d**-0.5, rule
+        )
+        if cfg.multi_query:  # the one key and value head: what every head gives it
+            r_qkv = torch.cat([r_q.reshape(t, hidden), r_k.sum(1), r_v.sum(1)], -1)
+        else:
+            r_qkv = torch.cat([r_q, r_k, r_v], -1).reshape(t, 3 * hidden)
+        r_n1 = _linear_messages(n1, att.c_attn.weight, r_qkv, qkv)
+        relevance = r_h + _layer_norm_messages(h, block.ln_1, r_n1, n1)
+    return (x / h0 * relevance).numpy()  # the position embeddings keep their share
+
+
+@pytest.mark.parametrize("rule", ["attnlrp", "cp-lrp"])
+@pytest.mark.parametrize("multi_query", [True, False])
+def test_gpt_bigcode_equals_explicit_layer_by_layer_lrp(multi_query, rule):
+    _, tok = tiny_model("gpt2")
+    config = CONFIGS["gpt_bigcode"](len(tok))
+    config.multi_query = multi_query
+    config.pad_token_id, config.bos_token_id, config.eos_token_id = (
+        tok.pad_token_id, tok.bos_token_id, tok.eos_token_id,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    hf = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    with torch.no_grad():  # biases and norm weights far from 0 and 1
+        for name, parameter in hf.named_parameters():
+            if name.endswith("bias"):
+                parameter.normal_(0, 0.5)
+            elif "ln_" in name:
+                parameter.normal_(1, 0.3)
+    model = _double(hf, tok)
+    got = ax.lrp(model, PROMPT, TARGET, rule=rule)
+    ids = got.source_id.values.tolist()
+    for k, position in enumerate(got.target.values.tolist()):
+        want = bigcode_lrp_reference(model.hf, ids, position - 1, int(got.target_id[k]), rule)
+        np.testing.assert_allclose(got[k].fillna(0).values, want, rtol=1e-7, atol=1e-10)
 
 
 @pytest.mark.parametrize("rule", ["attnlrp", "cp-lrp"])

@@ -400,6 +400,7 @@ _ATTENTION = frozenset(
         "Starcoder2Attention",  # biases on every projection
         "PhiAttention",  # rotary on a share of each head; no q/k LayerNorm (a child if any)
         "GPTJAttention",  # rotary on interleaved pairs of a share of each head
+        "GPTBigCodeAttention",  # one fused Linear, multi-query keys and values (repeated)
         "Phi3Attention",  # a fused q/k/v projection (a Linear), split by reshapes
         "Qwen3Attention",  # its query and key norms are Qwen3RMSNorm children (patched)
         "SmolLM3Attention",  # RoPE skipped in some layers (NoPE): nothing to give a rule
@@ -465,6 +466,17 @@ _LINEAR = frozenset(
             f"GPTNeo{part}"
             for part in (
                 "Attention",  # a wrapper around GPTNeoSelfAttention
+                "MLP",
+                "Block",
+                "Model",
+                "ForCausalLM",
+                "ForSequenceClassification",
+                "ForTokenClassification",
+            )
+        ),
+        *(
+            f"GPTBigCode{part}"  # GPT-2's blocks in Linear layers
+            for part in (
                 "MLP",
                 "Block",
                 "Model",
@@ -621,6 +633,7 @@ _GRADIENT_IS_RULE = frozenset({"DistilBertForSequenceClassification"})
 ARCHITECTURES = (
     "gpt2",
     "gpt_neo",
+    "gpt_bigcode",
     "llama",
     "qwen2",
     "qwen3",
