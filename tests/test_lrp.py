@@ -676,41 +676,75 @@ def _pair_rotations(sin: torch.Tensor, cos: torch.Tensor, d: int) -> torch.Tenso
     return m
 
 
+def _weighted_layer_norm(h: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """``weight * (h - mean) / std``: Cohere's LayerNorm (no bias), here in float64."""
+    c = h - h.mean(-1, keepdim=True)
+    return weight * c * torch.rsqrt(c.pow(2).mean(-1, keepdim=True) + eps)
+
+
 @torch.no_grad()
 def parallel_lrp_reference(hf, ids: list[int], position: int, target: int, rule: str) -> np.ndarray:
-    """Relevance ``[T, H]`` of Phi's or GPT-J's token embeddings for the logit of ``target`` at
-    ``position``: ``h + attention(n) + mlp(n)`` with one LayerNorm ``n = ln(h)`` (the relevance
-    both branches give ``n`` summed before it passes the norm), RoPE on a share of each head
-    (Phi's on its first dims, GPT-J's on interleaved pairs, its own sine table), biases (GPT-J's
-    queries, keys, values and output projection have none; both LM heads have one) keeping
-    their shares."""
-    cfg = hf.config
-    phi = cfg.model_type == "phi"
-    body = hf.model if phi else hf.transformer
+    """Relevance ``[T, H]`` of Phi's, GPT-J's or Cohere's token embeddings for the logit of
+    ``target`` at ``position``: ``h + attention(n) + mlp(n)`` with one LayerNorm ``n = ln(h)``
+    (the relevance both branches give ``n`` summed before it passes the norm), RoPE on a share
+    of each head (Phi's on its first dims, GPT-J's and Cohere's on interleaved pairs), biases
+    (Phi's everywhere; GPT-J's in its MLP and LM head) keeping their shares. Cohere: a gated MLP,
+    LayerNorms without biases, its logits scaled."""
+    cfg, kind = hf.config, hf.config.model_type
+    body = hf.transformer if kind == "gptj" else hf.model
     hidden, heads = cfg.hidden_size, cfg.num_attention_heads
     d, t = hidden // heads, len(ids)
     x = hf.get_input_embeddings().weight[torch.tensor(ids)]
     first, second = body.rotary_emb(x[None], torch.arange(t)[None])
-    if phi:  # (cos, sin)
+    if kind == "phi":  # (cos, sin) of the first dims' halves
         rot = _partial_rotations(first[0].double(), second[0].double(), d)
-    else:  # (sin, cos)
+    elif kind == "gptj":  # (sin, cos) of each pair
         rot = _pair_rotations(first[0].double(), second[0].double(), d)
+    else:  # Cohere: (cos, sin), each pair's angle twice
+        rot = _pair_rotations(second[0, :, ::2].double(), first[0, :, ::2].double(), d)
     causal = torch.ones(t, t, dtype=torch.bool).tril()
 
-    def parts(block) -> tuple:  # (norm, attention, its output projection, MLP in, MLP out)
-        if phi:
-            att = block.self_attn
-            return block.input_layernorm, att, att.dense, block.mlp.fc1, block.mlp.fc2
-        att = block.attn
-        return block.ln_1, att, att.out_proj, block.mlp.fc_in, block.mlp.fc_out
+    def parts(block) -> tuple:  # (norm, attention, its output projection, MLP)
+        if kind == "gptj":
+            return block.ln_1, block.attn, block.attn.out_proj, block.mlp
+        att = block.self_attn
+        return block.input_layernorm, att, getattr(att, "dense", None) or att.o_proj, block.mlp
+
+    def norm(ln, h: torch.Tensor) -> torch.Tensor:
+        return (
+            _weighted_layer_norm(h, ln.weight, ln.variance_epsilon) if kind == "cohere" else ln(h)
+        )
+
+    def norm_messages(ln, h: torch.Tensor, r: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if kind != "cohere":
+            return _layer_norm_messages(h, ln, r, y)
+        c = torch.rsqrt(h.var(-1, unbiased=False, keepdim=True) + ln.variance_epsilon)
+        ratio = ln.weight * r / y
+        return h * c * (ratio - ratio.mean(-1, keepdim=True))
 
     def gelu(f: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.gelu(f, approximate="tanh")  # "gelu_new"
 
+    def mlp_forward(mlp, n: torch.Tensor) -> tuple:
+        if kind == "cohere":  # gated: down(act(gate n) * up n)
+            w_gate, w_up, act = _gate_up(mlp)
+            return _gated_forward(n, w_gate, w_up, mlp.down_proj.weight, act)
+        fc_in, fc_out = (mlp.fc1, mlp.fc2) if kind == "phi" else (mlp.fc_in, mlp.fc_out)
+        f = fc_in(n)
+        out = fc_out(gelu(f))
+        return out, (fc_in, fc_out, n, f, out)
+
+    def mlp_backward(inner: tuple, r_out: torch.Tensor) -> torch.Tensor:
+        if kind == "cohere":
+            return _gated_backward(inner, r_out, rule)
+        fc_in, fc_out, n, f, out = inner
+        r_gelu = _linear_messages(gelu(f), fc_out.weight, r_out, out)  # the identity rule
+        return _linear_messages(n, fc_in.weight, r_gelu, f)
+
     saved, h = [], x
-    for block in body.layers if phi else body.h:
-        ln, att, dense, fc_in, fc_out = parts(block)
-        n = ln(h)
+    for block in body.h if kind == "gptj" else body.layers:
+        ln, att, dense, mlp = parts(block)
+        n = norm(ln, h)
         zq, zk, zv = att.q_proj(n), att.k_proj(n), att.v_proj(n)
         q, k, v = (z.view(t, heads, d) for z in (zq, zk, zv))
         qr = torch.einsum("tnm,thm->thn", rot, q)
@@ -720,21 +754,20 @@ def parallel_lrp_reference(hf, ids: list[int], position: int, target: int, rule:
         a = torch.softmax(s, -1)
         o = torch.einsum("hij,jhd->ihd", a, v)
         attn = dense(o.reshape(t, hidden))
-        f = fc_in(n)
-        out = fc_out(gelu(f))
+        out, inner = mlp_forward(mlp, n)
         h2 = h + attn + out
-        saved.append((block, h, n, zq, zk, zv, q, k, v, qr, kr, s, a, o, attn, f, out, h2))
+        saved.append((block, h, n, zq, zk, zv, q, k, v, qr, kr, s, a, o, attn, inner, out, h2))
         h = h2
-    final_norm = body.final_layernorm if phi else body.ln_f
-    final = final_norm(h)
+    final_norm = getattr(body, {"phi": "final_layernorm", "gptj": "ln_f"}.get(kind, "norm"))
+    final = norm(final_norm, h)
     r_final = torch.zeros(t, hidden, dtype=x.dtype)
-    r_final[position] = final[position] * hf.lm_head.weight[target]
-    relevance = _layer_norm_messages(h, final_norm, r_final, final)
-    for block, h, n, zq, zk, zv, q, k, v, qr, kr, s, a, o, attn, f, out, h2 in reversed(saved):
-        ln, att, dense, fc_in, fc_out = parts(block)
+    scale = getattr(cfg, "logit_scale", 1.0)  # Cohere multiplies its logits
+    r_final[position] = final[position] * hf.lm_head.weight[target] * scale
+    relevance = norm_messages(final_norm, h, r_final, final)
+    for block, h, n, zq, zk, zv, q, k, v, qr, kr, s, a, o, attn, inner, out, h2 in reversed(saved):
+        ln, att, dense, mlp = parts(block)
         r_h, r_attn, r_out = (part / h2 * relevance for part in (h, attn, out))
-        r_gelu = _linear_messages(gelu(f), fc_out.weight, r_out, out)  # the identity rule
-        r_n = _linear_messages(n, fc_in.weight, r_gelu, f)
+        r_n = mlp_backward(inner, r_out)
         r_o = _linear_messages(o.reshape(t, hidden), dense.weight, r_attn, attn)
         r_qr, r_kr, r_v, _ = _attention_messages(
             qr, kr, v, s, a, o, r_o.view(t, heads, d), d**-0.5, rule
@@ -750,15 +783,16 @@ def parallel_lrp_reference(hf, ids: list[int], position: int, target: int, rule:
             (att.v_proj, r_v, zv),
         ):
             r_n = r_n + _linear_messages(n, projection.weight, r.reshape(t, hidden), z)
-        relevance = r_h + _layer_norm_messages(h, ln, r_n, n)
+        relevance = r_h + norm_messages(ln, h, r_n, n)
     return relevance.numpy()
 
 
 @pytest.mark.parametrize("rule", ["attnlrp", "cp-lrp"])
-@pytest.mark.parametrize("arch", ["phi", "gptj"])
+@pytest.mark.parametrize("arch", ["phi", "gptj", "cohere"])
 def test_parallel_blocks_equal_explicit_layer_by_layer_lrp(arch, rule):
     # one LayerNorm read by attention and MLP in parallel, partial RoPE (Phi's on the first
-    # dims, GPT-J's on interleaved pairs), biases, a biased head
+    # dims, GPT-J's on interleaved pairs), biases, a biased head; Cohere: a gated MLP, RoPE on
+    # interleaved pairs, LayerNorms without biases, scaled logits
     _, tok = tiny_model("gpt2")
     hf = _family(arch, tok, attn_implementation="eager")
     with torch.no_grad():  # biases and norm weights far from 0 and 1

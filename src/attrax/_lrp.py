@@ -211,6 +211,16 @@ def _olmo_layer_norm(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     return (centered * scale).to(x.dtype)
 
 
+def _cohere_layer_norm(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Cohere's LayerNorm (``weight * (x - mean) / std``, no bias, in float32) with ``1 / std``
+    constant."""
+    h = x.to(at_least_float32(x.dtype))
+    centered = h - h.mean(dim=-1, keepdim=True)
+    variance = centered.pow(2).mean(dim=-1, keepdim=True)
+    scale = torch.rsqrt(variance + module.variance_epsilon).detach()
+    return (module.weight.to(h.dtype) * centered * scale).to(x.dtype)
+
+
 def _rms_norm(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Llama-style RMSNorm (``weight * x / rms(x)``, in float32) with ``1 / rms`` constant."""
     eps = getattr(module, "variance_epsilon", None) or module.eps
@@ -334,6 +344,7 @@ def _tanh_head(module: torch.nn.Module, features: torch.Tensor, **_: Any) -> tor
 _PATCHED: dict[str, Callable[..., torch.Tensor]] = {
     "LayerNorm": _layer_norm,
     "OlmoLayerNorm": _olmo_layer_norm,
+    "CohereLayerNorm": _cohere_layer_norm,
     "LlamaRMSNorm": _rms_norm,
     "Qwen2RMSNorm": _rms_norm,
     "MistralRMSNorm": _rms_norm,
@@ -353,6 +364,7 @@ _PATCHED: dict[str, Callable[..., torch.Tensor]] = {
     "Gemma3MLP": _gated_mlp,
     "Olmo2MLP": _gated_mlp,
     "OlmoMLP": _gated_mlp,
+    "CohereMLP": _gated_mlp,
     "Phi3MLP": _fused_gated_mlp,
     "Qwen3MLP": _gated_mlp,
     "SmolLM3MLP": _gated_mlp,
@@ -401,6 +413,7 @@ _ATTENTION = frozenset(
         "PhiAttention",  # rotary on a share of each head; no q/k LayerNorm (a child if any)
         "GPTJAttention",  # rotary on interleaved pairs of a share of each head
         "GPTBigCodeAttention",  # one fused Linear, multi-query keys and values (repeated)
+        "CohereAttention",  # rotary on interleaved pairs; no query/key norms (children if any)
         "Phi3Attention",  # a fused q/k/v projection (a Linear), split by reshapes
         "Qwen3Attention",  # its query and key norms are Qwen3RMSNorm children (patched)
         "SmolLM3Attention",  # RoPE skipped in some layers (NoPE): nothing to give a rule
@@ -504,6 +517,7 @@ _LINEAR = frozenset(
                 "Olmo2",
                 "Olmo",  # LayerNorms without weights (patched)
                 "Starcoder2",  # LayerNorms (patched), a plain GELU MLP
+                "Cohere",  # parallel attention and MLP, its logits scaled (a constant)
                 "Gemma2",
                 "Granite",  # constant factors on the embeddings, each block's output, the logits
                 "Mixtral",
@@ -646,6 +660,7 @@ ARCHITECTURES = (
     "starcoder2",
     "phi",
     "gptj",
+    "cohere",
     "phi3",
     "smollm3",
     "granite",
