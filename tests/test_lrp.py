@@ -19,6 +19,7 @@ import attrax as ax
 from attrax._lrp import lrp_rules
 from attrax.testing import tiny_classifier, tiny_model
 from tests.test_architectures import CONFIGS, GRANITE, _family
+from tests.test_components import _falcon
 
 PROMPT, TARGET = "The capital of France", " is Paris."
 
@@ -806,6 +807,165 @@ def test_parallel_blocks_equal_explicit_layer_by_layer_lrp(arch, rule):
     ids = got.source_id.values.tolist()
     for k, position in enumerate(got.target.values.tolist()):
         want = parallel_lrp_reference(model.hf, ids, position - 1, int(got.target_id[k]), rule)
+        np.testing.assert_allclose(got[k].fillna(0).values, want, rtol=1e-7, atol=1e-10)
+
+
+@torch.no_grad()
+def falcon_lrp_reference(hf, ids: list[int], position: int, target: int, rule: str) -> np.ndarray:
+    """Relevance ``[T, H]`` of Falcon's token embeddings for the logit of ``target`` at
+    ``position``, in its three layouts: Falcon-7B's parallel block on one LayerNorm with one
+    key and value head (multi-query), Falcon-40B's on two LayerNorms with key-value groups, and
+    a sequential block with each head's query, key and value side by side. A key or value head
+    gets what every query head that reads it gives; RoPE over each whole head; biases keep
+    their shares."""
+    cfg, body = hf.config, hf.transformer
+    hidden, heads = cfg.hidden_size, cfg.num_attention_heads
+    d, t = hidden // heads, len(ids)
+    x = body.word_embeddings.weight[torch.tensor(ids)]
+    cos, sin = body.rotary_emb(x[None], torch.arange(t)[None])
+    rot = _rotations(cos[0].double(), sin[0].double())
+    causal = torch.ones(t, t, dtype=torch.bool).tril()
+
+    def split(att, qkv: torch.Tensor) -> tuple:  # q [T, H, d]; k, v [T, kv, d]
+        fused = qkv.view(t, -1, d)
+        if att.new_decoder_architecture:  # each group's queries, then its key and value
+            grouped = fused.view(t, att.num_kv_heads, -1, d)
+            return grouped[:, :, :-2].flatten(1, 2), grouped[:, :, -2], grouped[:, :, -1]
+        if att.multi_query:
+            return fused.split([heads, 1, 1], dim=1)
+        q, k, v = fused.unflatten(1, (heads, 3)).unbind(2)
+        return q, k, v
+
+    def join(att, r_q, r_k, r_v) -> torch.Tensor:  # the fused layout of the three relevances
+        if att.new_decoder_architecture:
+            kv = att.num_kv_heads
+            groups = r_q.view(t, kv, -1, d)
+            return torch.cat([groups, r_k[:, :, None], r_v[:, :, None]], 2).reshape(t, -1)
+        if att.multi_query:
+            return torch.cat([r_q, r_k, r_v], 1).reshape(t, -1)
+        return torch.stack([r_q, r_k, r_v], 2).reshape(t, -1)
+
+    def gelu(f: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.gelu(f)
+
+    saved, h = [], x
+    for layer in body.h:
+        att, mlp = layer.self_attention, layer.mlp
+        two = cfg.new_decoder_architecture  # ln_attn, ln_mlp
+        ln_attn = layer.ln_attn if two else layer.input_layernorm
+        n1 = ln_attn(h)
+        qkv = att.query_key_value(n1)
+        q, k, v = split(att, qkv)
+        group = heads // k.shape[1]
+        qr = torch.einsum("tnm,thm->thn", rot, q)
+        kr = torch.einsum("tnm,thm->thn", rot, k)
+        kf, vf = kr.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+        s = torch.einsum("ihd,jhd->hij", qr, kf) * d**-0.5
+        s = s.masked_fill(~causal, -torch.inf)
+        a = torch.softmax(s, -1)
+        o = torch.einsum("hij,jhd->ihd", a, vf)
+        attn = att.dense(o.reshape(t, hidden))
+        parallel = cfg.parallel_attn or two
+        h1 = h if parallel else h + attn  # what the MLP's norm reads
+        ln_mlp = (
+            layer.ln_mlp
+            if two
+            else (layer.input_layernorm if parallel else layer.post_attention_layernorm)
+        )
+        n2 = ln_mlp(h1)
+        f = mlp.dense_h_to_4h(n2)
+        out = mlp.dense_4h_to_h(gelu(f))
+        h2 = h + attn + out
+        saved.append(
+            (
+                layer,
+                ln_attn,
+                ln_mlp,
+                parallel,
+                h,
+                n1,
+                qkv,
+                q,
+                k,
+                qr,
+                kr,
+                kf,
+                vf,
+                s,
+                a,
+                o,
+                attn,
+                h1,
+                n2,
+                f,
+                out,
+                h2,
+            )
+        )
+        h = h2
+    final = body.ln_f(h)
+    r_final = torch.zeros(t, hidden, dtype=x.dtype)
+    r_final[position] = final[position] * hf.lm_head.weight[target]
+    relevance = _layer_norm_messages(h, body.ln_f, r_final, final)
+    for step in reversed(saved):
+        (
+            layer,
+            ln_attn,
+            ln_mlp,
+            parallel,
+            h,
+            n1,
+            qkv,
+            q,
+            k,
+            qr,
+            kr,
+            kf,
+            vf,
+            s,
+            a,
+            o,
+            attn,
+            h1,
+            n2,
+            f,
+            out,
+            h2,
+        ) = step
+        att, mlp = layer.self_attention, layer.mlp
+        r_h, r_attn, r_out = (part / h2 * relevance for part in (h, attn, out))
+        r_gelu = _linear_messages(gelu(f), mlp.dense_4h_to_h.weight, r_out, out)  # identity rule
+        r_n2 = _linear_messages(n2, mlp.dense_h_to_4h.weight, r_gelu, f)
+        r_h1 = _layer_norm_messages(h1, ln_mlp, r_n2, n2)
+        if parallel:
+            r_h = r_h + r_h1
+        else:  # h1 = h + attn: split in proportion
+            r_h, r_attn = r_h + h / h1 * r_h1, r_attn + attn / h1 * r_h1
+        r_o = _linear_messages(o.reshape(t, hidden), att.dense.weight, r_attn, attn)
+        r_qr, r_kf, r_vf, _ = _attention_messages(
+            qr, kf, vf, s, a, o, r_o.view(t, heads, d), d**-0.5, rule
+        )
+        kv, group = k.shape[1], heads // k.shape[1]
+        r_kr = r_kf.view(t, kv, group, d).sum(2)  # a key head: what its group's heads give it
+        r_v = r_vf.view(t, kv, group, d).sum(2)
+        if rule == "attnlrp":  # RoPE: LRP-0 of a rotation
+            r_q = q * torch.einsum("tnm,thn->thm", rot, r_qr / qr)
+            r_k = k * torch.einsum("tnm,thn->thm", rot, r_kr / kr)
+        else:
+            r_q, r_k = torch.zeros_like(q), torch.zeros_like(k)
+        r_n1 = _linear_messages(n1, att.query_key_value.weight, join(att, r_q, r_k, r_v), qkv)
+        relevance = r_h + _layer_norm_messages(h, ln_attn, r_n1, n1)
+    return relevance.numpy()
+
+
+@pytest.mark.parametrize("rule", ["attnlrp", "cp-lrp"])
+@pytest.mark.parametrize("layout", ["falcon", "falcon-heads", "falcon-40b"])
+def test_falcon_equals_explicit_layer_by_layer_lrp(layout, rule):
+    model = _falcon(layout)
+    got = ax.lrp(model, PROMPT, TARGET, rule=rule)
+    ids = got.source_id.values.tolist()
+    for k, position in enumerate(got.target.values.tolist()):
+        want = falcon_lrp_reference(model.hf, ids, position - 1, int(got.target_id[k]), rule)
         np.testing.assert_allclose(got[k].fillna(0).values, want, rtol=1e-7, atol=1e-10)
 
 

@@ -414,6 +414,7 @@ _ATTENTION = frozenset(
         "GPTJAttention",  # rotary on interleaved pairs of a share of each head
         "GPTBigCodeAttention",  # one fused Linear, multi-query keys and values (repeated)
         "CohereAttention",  # rotary on interleaved pairs; no query/key norms (children if any)
+        "FalconAttention",  # one fused projection (three layouts), rotary or ALiBi (a constant)
         "Phi3Attention",  # a fused q/k/v projection (a Linear), split by reshapes
         "Qwen3Attention",  # its query and key norms are Qwen3RMSNorm children (patched)
         "SmolLM3Attention",  # RoPE skipped in some layers (NoPE): nothing to give a rule
@@ -492,6 +493,20 @@ _LINEAR = frozenset(
             for part in (
                 "MLP",
                 "Block",
+                "Model",
+                "ForCausalLM",
+                "ForSequenceClassification",
+                "ForTokenClassification",
+            )
+        ),
+        # Falcon: parallel (one or two LayerNorms) or sequential blocks; its Linear subclass
+        "FalconLinear",
+        *(
+            f"Falcon{part}"
+            for part in (
+                "RotaryEmbedding",
+                "MLP",
+                "DecoderLayer",
                 "Model",
                 "ForCausalLM",
                 "ForSequenceClassification",
@@ -661,6 +676,7 @@ ARCHITECTURES = (
     "phi",
     "gptj",
     "cohere",
+    "falcon",
     "phi3",
     "smollm3",
     "granite",
