@@ -37,16 +37,7 @@ def models64() -> dict[str, ax.Model]:
     for layout in FALCONS:
         built[layout] = _falcon(layout)
     # GPT-BigCode without multi-query: each head's query, key and value side by side in c_attn
-    config = CONFIGS["gpt_bigcode"](len(tok))
-    config.multi_query, config.pad_token_id = False, tok.pad_token_id
-    config.bos_token_id, config.eos_token_id = tok.bos_token_id, tok.eos_token_id
-    torch.manual_seed(0)
-    hf = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
-    with torch.no_grad():
-        for name, parameter in hf.named_parameters():
-            if name.endswith("bias"):
-                parameter.normal_(0, 0.5)
-    built["gpt_bigcode-mha"] = ax.load_model(hf.double().eval(), tokenizer=tok)
+    built["gpt_bigcode-mha"] = ax.load_model(gpt_bigcode(tok, False).double(), tokenizer=tok)
     for arch in NEIGHBOURS:
         built[arch] = ax.load_model(neighbour(arch, tok).double(), tokenizer=tok)
     # norms on each attention's and MLP's output (Gemma 1: 1 + weight norms only)
@@ -121,6 +112,18 @@ FALCONS = {
 }
 
 
+def vary(hf: torch.nn.Module, norms: bool = False) -> torch.nn.Module:
+    """``hf`` with random biases (and, with ``norms``, LayerNorm weights near 1): the zeros and
+    ones models start with would test less."""
+    with torch.no_grad():
+        for name, parameter in hf.named_parameters():
+            if name.endswith("bias"):
+                parameter.normal_(0, 0.5)
+            elif norms and ("ln_" in name or "layernorm" in name):
+                parameter.normal_(1, 0.3)
+    return hf.eval()
+
+
 def _falcon(layout: str) -> ax.Model:
     """A tiny random float64 Falcon of one of :data:`FALCONS`' layouts, its biases random."""
     _, tok = tiny_model("gpt2")
@@ -131,11 +134,7 @@ def _falcon(layout: str) -> ax.Model:
     )  # fmt: skip
     torch.manual_seed(0)
     hf = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
-    with torch.no_grad():
-        for name, parameter in hf.named_parameters():
-            if name.endswith("bias"):
-                parameter.normal_(0, 0.5)
-    return ax.load_model(hf.double().eval(), tokenizer=tok)
+    return ax.load_model(vary(hf).double(), tokenizer=tok)
 
 
 def _bloom() -> ax.Model:
@@ -149,11 +148,21 @@ def _bloom() -> ax.Model:
     )  # fmt: skip
     torch.manual_seed(0)
     hf = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
-    with torch.no_grad():
-        for name, parameter in hf.named_parameters():
-            if name.endswith("bias"):
-                parameter.normal_(0, 0.5)
-    return ax.load_model(hf.double().eval(), tokenizer=tok)
+    return ax.load_model(vary(hf).double(), tokenizer=tok)
+
+
+def gpt_bigcode(tok, multi_query: bool, random: bool = True) -> torch.nn.Module:
+    """A tiny random GPT-BigCode causal LM on ``tok``, with multi-query attention (one key and one
+    value head after the queries in `c_attn`) or without (each head's query, key and value side
+    by side); ``random``: its biases and LayerNorm weights random too (:func:`vary`)."""
+    config = CONFIGS["gpt_bigcode"](len(tok))
+    config.multi_query = multi_query
+    config.pad_token_id, config.bos_token_id, config.eos_token_id = (
+        tok.pad_token_id, tok.bos_token_id, tok.eos_token_id,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    hf = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    return vary(hf, norms=True) if random else hf.eval()
 
 
 def falcon_values(attention, fused: torch.Tensor) -> torch.Tensor:

@@ -18,8 +18,8 @@ import transformers
 import attrax as ax
 from attrax._lrp import lrp_rules
 from attrax.testing import tiny_classifier, tiny_model
-from tests.test_architectures import CONFIGS, GRANITE, _family
-from tests.test_components import _falcon
+from tests.test_architectures import GRANITE, _family
+from tests.test_components import _falcon, gpt_bigcode, vary
 
 PROMPT, TARGET = "The capital of France", " is Paris."
 
@@ -479,6 +479,17 @@ def gpt_neo_lrp_reference(hf, ids: list[int], position: int, target: int, rule: 
     return (x / h0 * relevance).numpy()  # the position embeddings keep their share
 
 
+def check_lrp(model: ax.Model, reference, rule: str) -> list[int]:
+    """``ax.lrp`` of PROMPT -> TARGET equals ``reference(hf, ids, position, target, rule)`` for
+    every target (read at the position before it), to 1e-7; returns the ids."""
+    got = ax.lrp(model, PROMPT, TARGET, rule=rule)
+    ids = got.source_id.values.tolist()
+    for k, position in enumerate(got.target.values.tolist()):
+        want = reference(model.hf, ids, position - 1, int(got.target_id[k]), rule)
+        np.testing.assert_allclose(got[k].fillna(0).values, want, rtol=1e-7, atol=1e-10)
+    return ids
+
+
 @torch.no_grad()
 def bigcode_lrp_reference(hf, ids: list[int], position: int, target: int, rule: str) -> np.ndarray:
     """Relevance ``[T, H]`` of GPT-BigCode's token embeddings for the logit of ``target`` at
@@ -551,25 +562,8 @@ def bigcode_lrp_reference(hf, ids: list[int], position: int, target: int, rule: 
 @pytest.mark.parametrize("multi_query", [True, False])
 def test_gpt_bigcode_equals_explicit_layer_by_layer_lrp(multi_query, rule):
     _, tok = tiny_model("gpt2")
-    config = CONFIGS["gpt_bigcode"](len(tok))
-    config.multi_query = multi_query
-    config.pad_token_id, config.bos_token_id, config.eos_token_id = (
-        tok.pad_token_id, tok.bos_token_id, tok.eos_token_id,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    hf = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
-    with torch.no_grad():  # biases and norm weights far from 0 and 1
-        for name, parameter in hf.named_parameters():
-            if name.endswith("bias"):
-                parameter.normal_(0, 0.5)
-            elif "ln_" in name:
-                parameter.normal_(1, 0.3)
-    model = _double(hf, tok)
-    got = ax.lrp(model, PROMPT, TARGET, rule=rule)
-    ids = got.source_id.values.tolist()
-    for k, position in enumerate(got.target.values.tolist()):
-        want = bigcode_lrp_reference(model.hf, ids, position - 1, int(got.target_id[k]), rule)
-        np.testing.assert_allclose(got[k].fillna(0).values, want, rtol=1e-7, atol=1e-10)
+    model = _double(gpt_bigcode(tok, multi_query), tok)
+    check_lrp(model, bigcode_lrp_reference, rule)
 
 
 @pytest.mark.parametrize("rule", ["attnlrp", "cp-lrp"])
@@ -578,13 +572,9 @@ def test_gpt2_and_gpt_neo_equal_explicit_layer_by_layer_lrp(arch, rule):
     # biases, LayerNorm (centring and shift), tanh-GELU, position embeddings; GPT-Neo: GPT-2's
     # layout in Linear layers, no score scaling, a local layer narrower than the input
     model = _double(*tiny_model(arch))
-    got = ax.lrp(model, PROMPT, TARGET, rule=rule)
-    ids = got.source_id.values.tolist()
     reference = gpt2_lrp_reference if arch == "gpt2" else gpt_neo_lrp_reference
+    ids = check_lrp(model, reference, rule)
     assert arch == "gpt2" or len(ids) > model.hf.config.window_size
-    for k, position in enumerate(got.target.values.tolist()):
-        want = reference(model.hf, ids, position - 1, int(got.target_id[k]), rule)
-        np.testing.assert_allclose(got[k].fillna(0).values, want, rtol=1e-7, atol=1e-10)
 
 
 def _partial_rotations(cos: torch.Tensor, sin: torch.Tensor, d: int) -> torch.Tensor:
@@ -795,19 +785,8 @@ def test_parallel_blocks_equal_explicit_layer_by_layer_lrp(arch, rule):
     # dims, GPT-J's on interleaved pairs), biases, a biased head; Cohere: a gated MLP, RoPE on
     # interleaved pairs, LayerNorms without biases, scaled logits
     _, tok = tiny_model("gpt2")
-    hf = _family(arch, tok, attn_implementation="eager")
-    with torch.no_grad():  # biases and norm weights far from 0 and 1
-        for name, parameter in hf.named_parameters():
-            if name.endswith("bias"):
-                parameter.normal_(0, 0.5)
-            elif "layernorm" in name or "ln_" in name:
-                parameter.normal_(1, 0.3)
-    model = _double(hf, tok)
-    got = ax.lrp(model, PROMPT, TARGET, rule=rule)
-    ids = got.source_id.values.tolist()
-    for k, position in enumerate(got.target.values.tolist()):
-        want = parallel_lrp_reference(model.hf, ids, position - 1, int(got.target_id[k]), rule)
-        np.testing.assert_allclose(got[k].fillna(0).values, want, rtol=1e-7, atol=1e-10)
+    model = _double(vary(_family(arch, tok, attn_implementation="eager"), norms=True), tok)
+    check_lrp(model, parallel_lrp_reference, rule)
 
 
 @torch.no_grad()
@@ -876,62 +855,19 @@ def falcon_lrp_reference(hf, ids: list[int], position: int, target: int, rule: s
         f = mlp.dense_h_to_4h(n2)
         out = mlp.dense_4h_to_h(gelu(f))
         h2 = h + attn + out
-        saved.append(
-            (
-                layer,
-                ln_attn,
-                ln_mlp,
-                parallel,
-                h,
-                n1,
-                qkv,
-                q,
-                k,
-                qr,
-                kr,
-                kf,
-                vf,
-                s,
-                a,
-                o,
-                attn,
-                h1,
-                n2,
-                f,
-                out,
-                h2,
-            )
-        )
+        saved.append((
+            layer, ln_attn, ln_mlp, parallel, h, n1, qkv, q, k, qr, kr, kf, vf, s, a, o, attn, h1,
+            n2, f, out, h2,
+        ))  # fmt: skip
         h = h2
     final = body.ln_f(h)
     r_final = torch.zeros(t, hidden, dtype=x.dtype)
     r_final[position] = final[position] * hf.lm_head.weight[target]
     relevance = _layer_norm_messages(h, body.ln_f, r_final, final)
-    for step in reversed(saved):
-        (
-            layer,
-            ln_attn,
-            ln_mlp,
-            parallel,
-            h,
-            n1,
-            qkv,
-            q,
-            k,
-            qr,
-            kr,
-            kf,
-            vf,
-            s,
-            a,
-            o,
-            attn,
-            h1,
-            n2,
-            f,
-            out,
-            h2,
-        ) = step
+    for (
+        layer, ln_attn, ln_mlp, parallel, h, n1, qkv, q, k, qr, kr, kf, vf, s, a, o, attn, h1, n2,
+        f, out, h2,
+    ) in reversed(saved):  # fmt: skip
         att, mlp = layer.self_attention, layer.mlp
         r_h, r_attn, r_out = (part / h2 * relevance for part in (h, attn, out))
         r_gelu = _linear_messages(gelu(f), mlp.dense_4h_to_h.weight, r_out, out)  # identity rule
@@ -962,11 +898,7 @@ def falcon_lrp_reference(hf, ids: list[int], position: int, target: int, rule: s
 @pytest.mark.parametrize("layout", ["falcon", "falcon-heads", "falcon-40b"])
 def test_falcon_equals_explicit_layer_by_layer_lrp(layout, rule):
     model = _falcon(layout)
-    got = ax.lrp(model, PROMPT, TARGET, rule=rule)
-    ids = got.source_id.values.tolist()
-    for k, position in enumerate(got.target.values.tolist()):
-        want = falcon_lrp_reference(model.hf, ids, position - 1, int(got.target_id[k]), rule)
-        np.testing.assert_allclose(got[k].fillna(0).values, want, rtol=1e-7, atol=1e-10)
+    check_lrp(model, falcon_lrp_reference, rule)
 
 
 @torch.no_grad()
@@ -1050,7 +982,6 @@ def opt_lrp_reference(hf, ids: list[int], position: int, target: int, rule: str)
 def _neighbour(family: str, **config) -> tuple:
     """A tiny random GPT-NeoX or OPT (not in attrax.testing; eager attention, weights large
     enough that the nonlinearities bend) on the tiny GPT-2's tokenizer."""
-    import transformers
 
     _, tok = tiny_model("gpt2")
     sizes = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4}
@@ -1083,18 +1014,12 @@ NEIGHBOURS = {
 @pytest.mark.parametrize("arch", list(NEIGHBOURS))
 def test_neox_and_opt_equal_explicit_layer_by_layer_lrp(arch, rule):
     model = _double(*NEIGHBOURS[arch]())
-    got = ax.lrp(model, PROMPT, TARGET, rule=rule)
-    ids = got.source_id.values.tolist()
-    reference = opt_lrp_reference if arch.startswith("opt") else neox_lrp_reference
-    for k, position in enumerate(got.target.values.tolist()):
-        want = reference(model.hf, ids, position - 1, int(got.target_id[k]), rule)
-        np.testing.assert_allclose(got[k].fillna(0).values, want, rtol=1e-7, atol=1e-10)
+    check_lrp(model, opt_lrp_reference if arch.startswith("opt") else neox_lrp_reference, rule)
 
 
 @pytest.mark.parametrize("rule", ["attnlrp", "cp-lrp"])
 def test_a_pythia_classifier_equals_explicit_layer_by_layer_lrp(rule):
     # GPT-NeoX's sequence head: its `score` rows read at the last token
-    import transformers
 
     hf, tok = NEIGHBOURS["pythia"]()
     hf.config.num_labels = 3
@@ -1477,7 +1402,6 @@ def _logits(model: ax.Model, da) -> np.ndarray:
 def _causal_lm(name: str) -> tuple:
     """A tiny Mistral, Gemma, Phi-3, Qwen3, SmolLM3, Gemma 3 or OLMo 2 (not in attrax.testing),
     with the tiny Llama's tokenizer and random norm weights."""
-    import transformers
 
     _, tok = tiny_model("llama")
     config = getattr(transformers, f"{name}{'Text' if name == 'Gemma3' else ''}Config")(
@@ -1512,7 +1436,6 @@ def _causal_lm(name: str) -> tuple:
 def _classifier(name: str) -> tuple:
     """``_causal_lm(name)``'s body with a 3-class sequence head (Gemma 3's is
     Gemma3TextForSequenceClassification)."""
-    import transformers
 
     hf, tok = _causal_lm(name)
     hf.config.num_labels = 3

@@ -26,6 +26,7 @@ from tests.test_components import (
     _falcon,
     falcon_values,
     full_double,
+    gpt_bigcode,
     neighbour,
     t5_double,
 )
@@ -805,14 +806,7 @@ def test_value_zeroing_of_gpt_bigcodes_values_matches_naive(multi_query):
     head (read where GPT-2 keeps its values, past the output: all 0); without, each head's
     query, key and value side by side (read as GPT-2's: the wrong features)."""
     _, tok = tiny_model("gpt2")
-    config = CONFIGS["gpt_bigcode"](len(tok))
-    config.multi_query = multi_query
-    config.pad_token_id, config.bos_token_id, config.eos_token_id = (
-        tok.pad_token_id, tok.bos_token_id, tok.eos_token_id,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    hf = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
-    model = ax.load_model(hf.double().eval(), tokenizer=tok)
+    model = ax.load_model(gpt_bigcode(tok, multi_query, random=False).double(), tokenizer=tok)
     ids, queries = ids_and_queries(model, PROMPT, TARGET)
     got = ax.value_zeroing(model, PROMPT, TARGET, normalize=False)
     raw = naive_fused_zeroing(model, ids)

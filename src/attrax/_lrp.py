@@ -95,6 +95,21 @@ def _rule() -> str:
     return rule
 
 
+def _ruled(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """An attention's query, key and value under the active rule: AttnLRP's uniform rule on
+    ``q . k`` (1/2 each) after the uniform rule on ``softmax . v`` (1/2 each), or CP-LRP's
+    weights held constant (the query and key detached)."""
+    if _rule() == "attnlrp":
+        return (
+            _scale_gradient(query, 0.25),
+            _scale_gradient(key, 0.25),
+            _scale_gradient(value, 0.5),
+        )
+    return query.detach(), key.detach(), value
+
+
 # kwargs of the attention interface that change its math in ways this attention does not know
 _REFUSED_KWARGS = ("s_aux", "sinks", "head_mask")
 
@@ -116,20 +131,11 @@ def _attention(
                 f"{type(module).__name__} passes `{name}` to its attention: attrax's LRP "
                 "attention has no rule for it"
             )
-    rule = _rule()
     groups = query.shape[1] // key.shape[1]
     if groups > 1:  # grouped-query attention: each key/value head serves `groups` query heads
         key = key.repeat_interleave(groups, dim=1)
         value = value.repeat_interleave(groups, dim=1)
-    if rule == "attnlrp":
-        # uniform rule on q . k (1/2 each) after the uniform rule on softmax . v (1/2 each)
-        query, key, value = (
-            _scale_gradient(query, 0.25),
-            _scale_gradient(key, 0.25),
-            _scale_gradient(value, 0.5),
-        )
-    else:  # CP-LRP: the attention weights are constants
-        query, key = query.detach(), key.detach()
+    query, key, value = _ruled(query, key, value)
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
     scores = torch.matmul(query, key.transpose(-1, -2)) * scaling
@@ -160,16 +166,11 @@ def _disentangled_attention(
     and ``softmax . v``; each relative term, a query's (key's) product with the positions'
     projections (constants, as a linear layer's weights), passes the relevance it gets from the
     softmax's half to that query (key) whole."""
-    if _rule() == "attnlrp":
+    if _rule() == "attnlrp":  # the softmax . v rule's half, whole to the query (key)
         positional = (_scale_gradient(query, 0.5), _scale_gradient(key, 0.5))
-        query, key, value = (
-            _scale_gradient(query, 0.25),
-            _scale_gradient(key, 0.25),
-            _scale_gradient(value, 0.5),
-        )
     else:  # CP-LRP: the attention weights are constants
-        query, key = query.detach(), key.detach()
-        positional = (query, key)
+        positional = (query.detach(), key.detach())
+    query, key, value = _ruled(query, key, value)
     return _routed.eager(module)(
         module, query, key, value, attention_mask, positional=positional, **kwargs
     )
@@ -476,21 +477,12 @@ _LINEAR = frozenset(
         # positions: constants (M2M100's count the non-pad tokens)
         "M2M100SinusoidalPositionalEmbedding",
         "PegasusSinusoidalPositionalEmbedding",
+        # GPT-Neo and GPT-BigCode: GPT-2's blocks in Linear layers
         *(
-            f"GPTNeo{part}"
+            f"{family}{part}"
+            for family in ("GPTNeo", "GPTBigCode")
             for part in (
-                "Attention",  # a wrapper around GPTNeoSelfAttention
-                "MLP",
-                "Block",
-                "Model",
-                "ForCausalLM",
-                "ForSequenceClassification",
-                "ForTokenClassification",
-            )
-        ),
-        *(
-            f"GPTBigCode{part}"  # GPT-2's blocks in Linear layers
-            for part in (
+                "Attention",  # GPT-Neo's: a wrapper around GPTNeoSelfAttention
                 "MLP",
                 "Block",
                 "Model",
