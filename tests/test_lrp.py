@@ -19,7 +19,7 @@ import attrax as ax
 from attrax._lrp import lrp_rules
 from attrax.testing import tiny_classifier, tiny_model
 from tests.test_architectures import GRANITE, _family
-from tests.test_components import _falcon, gpt_bigcode, vary
+from tests.test_components import _bloom, _falcon, gpt_bigcode, vary
 
 PROMPT, TARGET = "The capital of France", " is Paris."
 
@@ -892,6 +892,75 @@ def falcon_lrp_reference(hf, ids: list[int], position: int, target: int, rule: s
         r_n1 = _linear_messages(n1, att.query_key_value.weight, join(att, r_q, r_k, r_v), qkv)
         relevance = r_h + _layer_norm_messages(h, ln_attn, r_n1, n1)
     return relevance.numpy()
+
+
+def _alibi_slopes(heads: int) -> torch.Tensor:
+    """ALiBi's slope per head for a power-of-two head count: ``2 ** (-8 (h + 1) / heads)``."""
+    assert heads & (heads - 1) == 0, "this reference covers power-of-two head counts"
+    return torch.tensor([2.0 ** (-8.0 * (h + 1) / heads) for h in range(heads)])
+
+
+@torch.no_grad()
+def bloom_lrp_reference(hf, ids: list[int], position: int, target: int, rule: str) -> np.ndarray:
+    """Relevance ``[T, H]`` of BLOOM's token embeddings for the logit of ``target`` at
+    ``position``: a LayerNorm on the embeddings, each head's query, key and value side by side
+    in one projection, ALiBi's bias ``slope_h * j`` on the scores (a constant: it keeps its
+    share, as a bias), biases, the tanh-GELU's identity rule."""
+    cfg, body = hf.config, hf.transformer
+    hidden, heads = cfg.hidden_size, cfg.n_head
+    d, t = hidden // heads, len(ids)
+    x = body.word_embeddings.weight[torch.tensor(ids)]
+    e = body.word_embeddings_layernorm(x)
+    # ALiBi as transformers rounds it: the slopes times each key's position, in bfloat16
+    bias = (_alibi_slopes(heads)[:, None].bfloat16() * torch.arange(t)).to(x.dtype)
+    causal = torch.ones(t, t, dtype=torch.bool).tril()
+
+    def gelu(f: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.gelu(f, approximate="tanh")
+
+    saved, h = [], e
+    for block in body.h:
+        att, mlp = block.self_attention, block.mlp
+        n1 = block.input_layernorm(h)
+        qkv = att.query_key_value(n1)
+        q, k, v = qkv.view(t, heads, 3 * d).split(d, -1)  # per head: its query, key, value
+        s = torch.einsum("ihd,jhd->hij", q, k) * d**-0.5 + bias[:, None, :]
+        s = s.masked_fill(~causal, -torch.inf)
+        a = torch.softmax(s, -1)
+        o = torch.einsum("hij,jhd->ihd", a, v)
+        attn = att.dense(o.reshape(t, hidden))
+        h1 = h + attn
+        n2 = block.post_attention_layernorm(h1)
+        f = mlp.dense_h_to_4h(n2)
+        out = mlp.dense_4h_to_h(gelu(f))
+        h2 = h1 + out
+        saved.append((block, h, n1, qkv, q, k, v, s, a, o, attn, h1, n2, f, out, h2))
+        h = h2
+    final = body.ln_f(h)
+    r_final = torch.zeros(t, hidden, dtype=x.dtype)
+    r_final[position] = final[position] * hf.lm_head.weight[target]
+    relevance = _layer_norm_messages(h, body.ln_f, r_final, final)
+    for block, h, n1, qkv, q, k, v, s, a, o, attn, h1, n2, f, out, h2 in reversed(saved):
+        att, mlp = block.self_attention, block.mlp
+        r_h1, r_out = h1 / h2 * relevance, out / h2 * relevance
+        r_gelu = _linear_messages(gelu(f), mlp.dense_4h_to_h.weight, r_out, out)  # identity rule
+        r_n2 = _linear_messages(n2, mlp.dense_h_to_4h.weight, r_gelu, f)
+        r_h1 = r_h1 + _layer_norm_messages(h1, block.post_attention_layernorm, r_n2, n2)
+        r_h, r_attn = h / h1 * r_h1, attn / h1 * r_h1
+        r_o = _linear_messages(o.reshape(t, hidden), att.dense.weight, r_attn, attn)
+        r_q, r_k, r_v, _ = _attention_messages(
+            q, k, v, s, a, o, r_o.view(t, heads, d), d**-0.5, rule
+        )
+        r_qkv = torch.cat([r_q, r_k, r_v], -1).reshape(t, 3 * hidden)
+        r_n1 = _linear_messages(n1, att.query_key_value.weight, r_qkv, qkv)
+        relevance = r_h + _layer_norm_messages(h, block.input_layernorm, r_n1, n1)
+    relevance = _layer_norm_messages(x, body.word_embeddings_layernorm, relevance, e)
+    return relevance.numpy()
+
+
+@pytest.mark.parametrize("rule", ["attnlrp", "cp-lrp"])
+def test_bloom_equals_explicit_layer_by_layer_lrp(rule):
+    check_lrp(_bloom(), bloom_lrp_reference, rule)
 
 
 @pytest.mark.parametrize("rule", ["attnlrp", "cp-lrp"])

@@ -182,8 +182,8 @@ def _register() -> None:
 
     AttentionInterface.register(IMPLEMENTATION, _attention)
     _routed.accept(IMPLEMENTATION, _disentangled_attention, ("DisentangledSelfAttention",))
-    # GPT-Neo's band is in its additive mask, its scale 1: the interface's signature
-    _routed.accept(IMPLEMENTATION, _attention, ("GPTNeoSelfAttention",))
+    # GPT-Neo's band and BLOOM's ALiBi are in their additive masks: the interface's signature
+    _routed.accept(IMPLEMENTATION, _attention, ("GPTNeoSelfAttention", "BloomAttention"))
     # masks as eager attention gets them (additive, -inf where masked)
     AttentionMaskInterface.register(IMPLEMENTATION, eager_mask)
 
@@ -416,6 +416,7 @@ _ATTENTION = frozenset(
         "GPTBigCodeAttention",  # one fused Linear, multi-query keys and values (repeated)
         "CohereAttention",  # rotary on interleaved pairs; no query/key norms (children if any)
         "FalconAttention",  # one fused projection (three layouts), rotary or ALiBi (a constant)
+        "BloomAttention",  # run by attrax: ALiBi in the mask (a constant), the residual added
         "Phi3Attention",  # a fused q/k/v projection (a Linear), split by reshapes
         "Qwen3Attention",  # its query and key norms are Qwen3RMSNorm children (patched)
         "SmolLM3Attention",  # RoPE skipped in some layers (NoPE): nothing to give a rule
@@ -483,6 +484,18 @@ _LINEAR = frozenset(
             for family in ("GPTNeo", "GPTBigCode")
             for part in (
                 "Attention",  # GPT-Neo's: a wrapper around GPTNeoSelfAttention
+                "MLP",
+                "Block",
+                "Model",
+                "ForCausalLM",
+                "ForSequenceClassification",
+                "ForTokenClassification",
+            )
+        ),
+        # BLOOM: its MLP adds the residual stream to its output (a sum); its GELU is a module
+        *(
+            f"Bloom{part}"
+            for part in (
                 "MLP",
                 "Block",
                 "Model",
@@ -669,6 +682,7 @@ ARCHITECTURES = (
     "gptj",
     "cohere",
     "falcon",
+    "bloom",
     "phi3",
     "smollm3",
     "granite",
