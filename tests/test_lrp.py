@@ -490,72 +490,97 @@ def check_lrp(model: ax.Model, reference, rule: str) -> list[int]:
     return ids
 
 
+def _alibi_slopes(heads: int) -> torch.Tensor:
+    """ALiBi's slope per head for a power-of-two head count: ``2 ** (-8 (h + 1) / heads)``."""
+    assert heads & (heads - 1) == 0, "this reference covers power-of-two head counts"
+    return torch.tensor([2.0 ** (-8.0 * (h + 1) / heads) for h in range(heads)])
+
+
 @torch.no_grad()
-def bigcode_lrp_reference(hf, ids: list[int], position: int, target: int, rule: str) -> np.ndarray:
-    """Relevance ``[T, H]`` of GPT-BigCode's token embeddings for the logit of ``target`` at
-    ``position``: GPT-2's blocks in Linear layers, every query head reading one key and one
-    value head (multi-query: the relevance of a key or value is the sum over the heads that
-    read it) or each head its own (per head: query, key, value side by side in `c_attn`)."""
-    cfg, tr = hf.config, hf.transformer
-    hidden, heads = cfg.n_embd, cfg.n_head
+def fused_lrp_reference(hf, ids: list[int], position: int, target: int, rule: str) -> np.ndarray:
+    """Relevance ``[T, H]`` of the token embeddings for the logit of ``target`` at ``position``
+    in GPT-2's sequential block with one fused query/key/value projection in Linear layers:
+    GPT-BigCode (learned positions, which keep their share; every query head reading one key
+    and one value head under multi-query, whose relevance is the sum over the heads that read
+    it, or each head its own, side by side) and BLOOM (a LayerNorm on the embeddings, each
+    head's query, key and value side by side, ALiBi's bias ``slope_h * j`` on the scores: a
+    constant, it keeps its share); biases; the tanh-GELU's identity rule."""
+    cfg, body = hf.config, hf.transformer
+    bloom = cfg.model_type == "bloom"
+    hidden, heads = cfg.hidden_size, cfg.num_attention_heads
     d, t = hidden // heads, len(ids)
-    x = tr.wte.weight[torch.tensor(ids)]
-    h = x + tr.wpe.weight[:t]
+    multi_query = getattr(cfg, "multi_query", False)
+    x = hf.get_input_embeddings().weight[torch.tensor(ids)]
+    e = body.word_embeddings_layernorm(x) if bloom else x + body.wpe.weight[:t]
+    bias = torch.zeros(heads, t, dtype=x.dtype)
+    if bloom:  # ALiBi as transformers rounds it: the slopes times each key's position, bfloat16
+        bias = (_alibi_slopes(heads)[:, None].bfloat16() * torch.arange(t)).to(x.dtype)
     causal = torch.ones(t, t, dtype=torch.bool).tril()
 
-    def gelu(f: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.gelu(f, approximate="tanh")  # "gelu_pytorch_tanh"
+    def parts(block) -> tuple:  # (norm 1, fused qkv, output projection, norm 2, MLP in, out)
+        if bloom:
+            att, mlp = block.self_attention, block.mlp
+            return (block.input_layernorm, att.query_key_value, att.dense,
+                    block.post_attention_layernorm, mlp.dense_h_to_4h, mlp.dense_4h_to_h)  # fmt: skip
+        att, mlp = block.attn, block.mlp
+        return block.ln_1, att.c_attn, att.c_proj, block.ln_2, mlp.c_fc, mlp.c_proj
 
     def split(qkv: torch.Tensor) -> tuple:  # [T, heads, d] each, keys and values repeated
-        if cfg.multi_query:
+        if multi_query:
             q, k, v = qkv.split([hidden, d, d], -1)
+            repeat = (t, heads, d)
             return (
                 q.view(t, heads, d),
-                k.view(t, 1, d).expand(t, heads, d),
-                v.view(t, 1, d).expand(t, heads, d),
+                k.view(t, 1, d).expand(repeat),
+                v.view(t, 1, d).expand(repeat),
             )
         return qkv.view(t, heads, 3 * d).split(d, -1)
 
-    saved, h0 = [], h
-    for block in tr.h:
-        att, mlp = block.attn, block.mlp
-        n1 = block.ln_1(h)
-        qkv = att.c_attn(n1)
+    def gelu(f: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.gelu(f, approximate="tanh")
+
+    saved, h = [], e
+    for block in body.h:
+        ln1, fused, dense, ln2, fc_in, fc_out = parts(block)
+        n1 = ln1(h)
+        qkv = fused(n1)
         q, k, v = split(qkv)
-        s = torch.einsum("ihd,jhd->hij", q, k) * d**-0.5
+        s = torch.einsum("ihd,jhd->hij", q, k) * d**-0.5 + bias[:, None, :]
         s = s.masked_fill(~causal, -torch.inf)
         a = torch.softmax(s, -1)
         o = torch.einsum("hij,jhd->ihd", a, v)
-        attn = att.c_proj(o.reshape(t, hidden))
+        attn = dense(o.reshape(t, hidden))
         h1 = h + attn
-        n2 = block.ln_2(h1)
-        f = mlp.c_fc(n2)
-        out = mlp.c_proj(gelu(f))
+        n2 = ln2(h1)
+        f = fc_in(n2)
+        out = fc_out(gelu(f))
         h2 = h1 + out
         saved.append((block, h, n1, qkv, q, k, v, s, a, o, attn, h1, n2, f, out, h2))
         h = h2
-    final = tr.ln_f(h)
+    final = body.ln_f(h)
     r_final = torch.zeros(t, hidden, dtype=x.dtype)
     r_final[position] = final[position] * hf.lm_head.weight[target]
-    relevance = _layer_norm_messages(h, tr.ln_f, r_final, final)
+    relevance = _layer_norm_messages(h, body.ln_f, r_final, final)
     for block, h, n1, qkv, q, k, v, s, a, o, attn, h1, n2, f, out, h2 in reversed(saved):
-        att, mlp = block.attn, block.mlp
+        ln1, fused, dense, ln2, fc_in, fc_out = parts(block)
         r_h1, r_out = h1 / h2 * relevance, out / h2 * relevance
-        r_gelu = _linear_messages(gelu(f), mlp.c_proj.weight, r_out, out)  # the identity rule
-        r_n2 = _linear_messages(n2, mlp.c_fc.weight, r_gelu, f)
-        r_h1 = r_h1 + _layer_norm_messages(h1, block.ln_2, r_n2, n2)
+        r_gelu = _linear_messages(gelu(f), fc_out.weight, r_out, out)  # the identity rule
+        r_n2 = _linear_messages(n2, fc_in.weight, r_gelu, f)
+        r_h1 = r_h1 + _layer_norm_messages(h1, ln2, r_n2, n2)
         r_h, r_attn = h / h1 * r_h1, attn / h1 * r_h1
-        r_o = _linear_messages(o.reshape(t, hidden), att.c_proj.weight, r_attn, attn)
+        r_o = _linear_messages(o.reshape(t, hidden), dense.weight, r_attn, attn)
         r_q, r_k, r_v, _ = _attention_messages(
             q, k, v, s, a, o, r_o.view(t, heads, d), d**-0.5, rule
         )
-        if cfg.multi_query:  # the one key and value head: what every head gives it
+        if multi_query:  # the one key and value head: what every head gives it
             r_qkv = torch.cat([r_q.reshape(t, hidden), r_k.sum(1), r_v.sum(1)], -1)
         else:
             r_qkv = torch.cat([r_q, r_k, r_v], -1).reshape(t, 3 * hidden)
-        r_n1 = _linear_messages(n1, att.c_attn.weight, r_qkv, qkv)
-        relevance = r_h + _layer_norm_messages(h, block.ln_1, r_n1, n1)
-    return (x / h0 * relevance).numpy()  # the position embeddings keep their share
+        r_n1 = _linear_messages(n1, fused.weight, r_qkv, qkv)
+        relevance = r_h + _layer_norm_messages(h, ln1, r_n1, n1)
+    if bloom:
+        return _layer_norm_messages(x, body.word_embeddings_layernorm, relevance, e).numpy()
+    return (x / e * relevance).numpy()  # the position embeddings keep their share
 
 
 @pytest.mark.parametrize("rule", ["attnlrp", "cp-lrp"])
@@ -563,7 +588,7 @@ def bigcode_lrp_reference(hf, ids: list[int], position: int, target: int, rule: 
 def test_gpt_bigcode_equals_explicit_layer_by_layer_lrp(multi_query, rule):
     _, tok = tiny_model("gpt2")
     model = _double(gpt_bigcode(tok, multi_query), tok)
-    check_lrp(model, bigcode_lrp_reference, rule)
+    check_lrp(model, fused_lrp_reference, rule)
 
 
 @pytest.mark.parametrize("rule", ["attnlrp", "cp-lrp"])
@@ -894,73 +919,9 @@ def falcon_lrp_reference(hf, ids: list[int], position: int, target: int, rule: s
     return relevance.numpy()
 
 
-def _alibi_slopes(heads: int) -> torch.Tensor:
-    """ALiBi's slope per head for a power-of-two head count: ``2 ** (-8 (h + 1) / heads)``."""
-    assert heads & (heads - 1) == 0, "this reference covers power-of-two head counts"
-    return torch.tensor([2.0 ** (-8.0 * (h + 1) / heads) for h in range(heads)])
-
-
-@torch.no_grad()
-def bloom_lrp_reference(hf, ids: list[int], position: int, target: int, rule: str) -> np.ndarray:
-    """Relevance ``[T, H]`` of BLOOM's token embeddings for the logit of ``target`` at
-    ``position``: a LayerNorm on the embeddings, each head's query, key and value side by side
-    in one projection, ALiBi's bias ``slope_h * j`` on the scores (a constant: it keeps its
-    share, as a bias), biases, the tanh-GELU's identity rule."""
-    cfg, body = hf.config, hf.transformer
-    hidden, heads = cfg.hidden_size, cfg.n_head
-    d, t = hidden // heads, len(ids)
-    x = body.word_embeddings.weight[torch.tensor(ids)]
-    e = body.word_embeddings_layernorm(x)
-    # ALiBi as transformers rounds it: the slopes times each key's position, in bfloat16
-    bias = (_alibi_slopes(heads)[:, None].bfloat16() * torch.arange(t)).to(x.dtype)
-    causal = torch.ones(t, t, dtype=torch.bool).tril()
-
-    def gelu(f: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.gelu(f, approximate="tanh")
-
-    saved, h = [], e
-    for block in body.h:
-        att, mlp = block.self_attention, block.mlp
-        n1 = block.input_layernorm(h)
-        qkv = att.query_key_value(n1)
-        q, k, v = qkv.view(t, heads, 3 * d).split(d, -1)  # per head: its query, key, value
-        s = torch.einsum("ihd,jhd->hij", q, k) * d**-0.5 + bias[:, None, :]
-        s = s.masked_fill(~causal, -torch.inf)
-        a = torch.softmax(s, -1)
-        o = torch.einsum("hij,jhd->ihd", a, v)
-        attn = att.dense(o.reshape(t, hidden))
-        h1 = h + attn
-        n2 = block.post_attention_layernorm(h1)
-        f = mlp.dense_h_to_4h(n2)
-        out = mlp.dense_4h_to_h(gelu(f))
-        h2 = h1 + out
-        saved.append((block, h, n1, qkv, q, k, v, s, a, o, attn, h1, n2, f, out, h2))
-        h = h2
-    final = body.ln_f(h)
-    r_final = torch.zeros(t, hidden, dtype=x.dtype)
-    r_final[position] = final[position] * hf.lm_head.weight[target]
-    relevance = _layer_norm_messages(h, body.ln_f, r_final, final)
-    for block, h, n1, qkv, q, k, v, s, a, o, attn, h1, n2, f, out, h2 in reversed(saved):
-        att, mlp = block.self_attention, block.mlp
-        r_h1, r_out = h1 / h2 * relevance, out / h2 * relevance
-        r_gelu = _linear_messages(gelu(f), mlp.dense_4h_to_h.weight, r_out, out)  # identity rule
-        r_n2 = _linear_messages(n2, mlp.dense_h_to_4h.weight, r_gelu, f)
-        r_h1 = r_h1 + _layer_norm_messages(h1, block.post_attention_layernorm, r_n2, n2)
-        r_h, r_attn = h / h1 * r_h1, attn / h1 * r_h1
-        r_o = _linear_messages(o.reshape(t, hidden), att.dense.weight, r_attn, attn)
-        r_q, r_k, r_v, _ = _attention_messages(
-            q, k, v, s, a, o, r_o.view(t, heads, d), d**-0.5, rule
-        )
-        r_qkv = torch.cat([r_q, r_k, r_v], -1).reshape(t, 3 * hidden)
-        r_n1 = _linear_messages(n1, att.query_key_value.weight, r_qkv, qkv)
-        relevance = r_h + _layer_norm_messages(h, block.input_layernorm, r_n1, n1)
-    relevance = _layer_norm_messages(x, body.word_embeddings_layernorm, relevance, e)
-    return relevance.numpy()
-
-
 @pytest.mark.parametrize("rule", ["attnlrp", "cp-lrp"])
 def test_bloom_equals_explicit_layer_by_layer_lrp(rule):
-    check_lrp(_bloom(), bloom_lrp_reference, rule)
+    check_lrp(_bloom(), fused_lrp_reference, rule)
 
 
 @pytest.mark.parametrize("rule", ["attnlrp", "cp-lrp"])

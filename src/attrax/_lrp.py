@@ -478,24 +478,13 @@ _LINEAR = frozenset(
         # positions: constants (M2M100's count the non-pad tokens)
         "M2M100SinusoidalPositionalEmbedding",
         "PegasusSinusoidalPositionalEmbedding",
-        # GPT-Neo and GPT-BigCode: GPT-2's blocks in Linear layers
+        # GPT-Neo, GPT-BigCode: GPT-2's blocks in Linear layers; BLOOM's MLP adds the residual
+        # stream to its output (a sum), its GELU is a module
         *(
             f"{family}{part}"
-            for family in ("GPTNeo", "GPTBigCode")
+            for family in ("GPTNeo", "GPTBigCode", "Bloom")
             for part in (
                 "Attention",  # GPT-Neo's: a wrapper around GPTNeoSelfAttention
-                "MLP",
-                "Block",
-                "Model",
-                "ForCausalLM",
-                "ForSequenceClassification",
-                "ForTokenClassification",
-            )
-        ),
-        # BLOOM: its MLP adds the residual stream to its output (a sum); its GELU is a module
-        *(
-            f"Bloom{part}"
-            for part in (
                 "MLP",
                 "Block",
                 "Model",
