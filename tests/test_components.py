@@ -216,7 +216,7 @@ def sandwich(model: ax.Model) -> bool:
 def modules(model: ax.Model):
     """(blocks, attention modules, output projections, value modules, final norm)."""
     hf = model.hf
-    if hf.config.model_type == "gpt2":
+    if hf.config.model_type in ("gpt2", "gpt_bigcode"):  # GPT-BigCode: in Linear layers
         blocks = list(hf.base_model.h)
         attn = [b.attn for b in blocks]
         return blocks, attn, [a.c_proj for a in attn], [a.c_attn for a in attn], hf.base_model.ln_f
@@ -225,10 +225,6 @@ def modules(model: ax.Model):
         attn = [b.self_attention for b in blocks]
         values = [a.query_key_value for a in attn]
         return blocks, attn, [a.dense for a in attn], values, hf.base_model.ln_f
-    if hf.config.model_type == "gpt_bigcode":
-        blocks = list(hf.base_model.h)
-        attn = [b.attn for b in blocks]
-        return blocks, attn, [a.c_proj for a in attn], [a.c_attn for a in attn], hf.base_model.ln_f
     if hf.config.model_type == "gptj":
         blocks = list(hf.base_model.h)
         attn = [b.attn for b in blocks]
