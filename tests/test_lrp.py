@@ -602,6 +602,16 @@ def test_gpt2_and_gpt_neo_equal_explicit_layer_by_layer_lrp(arch, rule):
     assert arch == "gpt2" or len(ids) > model.hf.config.window_size
 
 
+def _rotation_messages(q, k, qr, kr, r_qr, r_kr, rot: torch.Tensor, rule: str) -> tuple:
+    """Relevance of the query and key ``[T, heads, d]`` before RoPE from that of the rotated ones
+    (``qr = rot q``): LRP-0 of a rotation (the identity past its share); CP-LRP's queries and
+    keys get none."""
+    if rule != "attnlrp":
+        return torch.zeros_like(q), torch.zeros_like(k)
+    r_q = q * torch.einsum("tnm,thn->thm", rot, r_qr / qr)
+    return r_q, k * torch.einsum("tnm,thn->thm", rot, r_kr / kr)
+
+
 def _partial_rotations(cos: torch.Tensor, sin: torch.Tensor, d: int) -> torch.Tensor:
     """RoPE on the first ``cos.shape[-1]`` of ``d`` dims (GPT-NeoX's rotary share), the identity
     on the rest, as one matrix per position ``[T, d, d]``."""
@@ -669,11 +679,7 @@ def neox_lrp_reference(
         r_qr, r_kr, r_v, _ = _attention_messages(
             qr, kr, v, s, a, o, r_o.view(t, heads, d), d**-0.5, rule
         )
-        if rule == "attnlrp":  # RoPE: LRP-0 of a rotation (the identity past its share)
-            r_q = q * torch.einsum("tnm,thn->thm", rot, r_qr / qr)
-            r_k = k * torch.einsum("tnm,thn->thm", rot, r_kr / kr)
-        else:
-            r_q, r_k = torch.zeros_like(q), torch.zeros_like(k)
+        r_q, r_k = _rotation_messages(q, k, qr, kr, r_qr, r_kr, rot, rule)
         r_qkv = torch.cat([r_q, r_k, r_v], -1).reshape(t, 3 * hidden)
         r_n1 = _linear_messages(n1, att.query_key_value.weight, r_qkv, qkv)
         relevance = r_h + _layer_norm_messages(h, layer.input_layernorm, r_n1, n1)
@@ -788,11 +794,7 @@ def parallel_lrp_reference(hf, ids: list[int], position: int, target: int, rule:
         r_qr, r_kr, r_v, _ = _attention_messages(
             qr, kr, v, s, a, o, r_o.view(t, heads, d), d**-0.5, rule
         )
-        if rule == "attnlrp":  # RoPE: LRP-0 of a rotation (the identity past its share)
-            r_q = q * torch.einsum("tnm,thn->thm", rot, r_qr / qr)
-            r_k = k * torch.einsum("tnm,thn->thm", rot, r_kr / kr)
-        else:
-            r_q, r_k = torch.zeros_like(q), torch.zeros_like(k)
+        r_q, r_k = _rotation_messages(q, k, qr, kr, r_qr, r_kr, rot, rule)
         for projection, r, z in (
             (att.q_proj, r_q, zq),
             (att.k_proj, r_k, zk),
@@ -909,11 +911,7 @@ def falcon_lrp_reference(hf, ids: list[int], position: int, target: int, rule: s
         kv, group = k.shape[1], heads // k.shape[1]
         r_kr = r_kf.view(t, kv, group, d).sum(2)  # a key head: what its group's heads give it
         r_v = r_vf.view(t, kv, group, d).sum(2)
-        if rule == "attnlrp":  # RoPE: LRP-0 of a rotation
-            r_q = q * torch.einsum("tnm,thn->thm", rot, r_qr / qr)
-            r_k = k * torch.einsum("tnm,thn->thm", rot, r_kr / kr)
-        else:
-            r_q, r_k = torch.zeros_like(q), torch.zeros_like(k)
+        r_q, r_k = _rotation_messages(q, k, qr, kr, r_qr, r_kr, rot, rule)
         r_n1 = _linear_messages(n1, att.query_key_value.weight, join(att, r_q, r_k, r_v), qkv)
         relevance = r_h + _layer_norm_messages(h, ln_attn, r_n1, n1)
     return relevance.numpy()
@@ -1307,11 +1305,7 @@ def modernbert_lrp_reference(hf, ids: list[int], position: int | None, cls: int,
         r_h, r_attn = h / h1 * r_h1, attn / h1 * r_h1
         r_o = _linear_messages(o.reshape(t, -1), att.Wo.weight, r_attn, attn).view(o.shape)
         r_qr, r_kr, r_v, _ = _attention_messages(qr, kr, v, s, a, o, r_o, q.shape[-1] ** -0.5, rule)
-        if rule == "attnlrp":  # RoPE: LRP-0 of a rotation
-            r_q = q * torch.einsum("tnm,thn->thm", rot, r_qr / qr)
-            r_k = k * torch.einsum("tnm,thn->thm", rot, r_kr / kr)
-        else:
-            r_q, r_k = torch.zeros_like(q), torch.zeros_like(k)
+        r_q, r_k = _rotation_messages(q, k, qr, kr, r_qr, r_kr, rot, rule)
         r_qkv = torch.stack([r_q, r_k, r_v], 1).reshape(t, -1)
         r_n1 = _linear_messages(n1, att.Wqkv.weight, r_qkv, qkv)
         if isinstance(layer.attn_norm, torch.nn.LayerNorm):
