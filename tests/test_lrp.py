@@ -706,28 +706,30 @@ def _weighted_layer_norm(h: torch.Tensor, weight: torch.Tensor, eps: float) -> t
 
 @torch.no_grad()
 def parallel_lrp_reference(hf, ids: list[int], position: int, target: int, rule: str) -> np.ndarray:
-    """Relevance ``[T, H]`` of Phi's, GPT-J's or Cohere's token embeddings for the logit of
-    ``target`` at ``position``: ``h + attention(n) + mlp(n)`` with one LayerNorm ``n = ln(h)``
-    (the relevance both branches give ``n`` summed before it passes the norm), RoPE on a share
-    of each head (Phi's on its first dims, GPT-J's and Cohere's on interleaved pairs), biases
-    (Phi's everywhere; GPT-J's in its MLP and LM head) keeping their shares. Cohere: a gated MLP,
+    """Relevance ``[T, H]`` of Phi's, GPT-J's, CodeGen's or Cohere's token embeddings for the
+    logit of ``target`` at ``position``: ``h + attention(n) + mlp(n)`` with one LayerNorm ``n =
+    ln(h)`` (the relevance both branches give ``n`` summed before it passes the norm), RoPE on a
+    share of each head (Phi's on its first dims, GPT-J's, CodeGen's and Cohere's on interleaved
+    pairs), biases (Phi's everywhere; GPT-J's in its MLP and LM head) keeping their shares.
+    CodeGen: queries, values and keys in 4 shards of one projection. Cohere: a gated MLP,
     LayerNorms without biases, its logits scaled."""
     cfg, kind = hf.config, hf.config.model_type
-    body = hf.transformer if kind == "gptj" else hf.model
+    gptj = kind in ("gptj", "codegen")  # CodeGen: GPT-J's block with a fused projection
+    body = hf.transformer if gptj else hf.model
     hidden, heads = cfg.hidden_size, cfg.num_attention_heads
     d, t = hidden // heads, len(ids)
     x = hf.get_input_embeddings().weight[torch.tensor(ids)]
     first, second = body.rotary_emb(x[None], torch.arange(t)[None])
     if kind == "phi":  # (cos, sin) of the first dims' halves
         rot = _partial_rotations(first[0].double(), second[0].double(), d)
-    elif kind == "gptj":  # (sin, cos) of each pair
+    elif gptj:  # (sin, cos) of each pair
         rot = _pair_rotations(first[0].double(), second[0].double(), d)
     else:  # Cohere: (cos, sin), each pair's angle twice
         rot = _pair_rotations(second[0, :, ::2].double(), first[0, :, ::2].double(), d)
     causal = torch.ones(t, t, dtype=torch.bool).tril()
 
     def parts(block) -> tuple:  # (norm, attention, its output projection, MLP)
-        if kind == "gptj":
+        if gptj:
             return block.ln_1, block.attn, block.attn.out_proj, block.mlp
         att = block.self_attn
         return block.input_layernorm, att, getattr(att, "dense", None) or att.o_proj, block.mlp
@@ -763,11 +765,22 @@ def parallel_lrp_reference(hf, ids: list[int], position: int, target: int, rule:
         r_gelu = _linear_messages(gelu(f), fc_out.weight, r_out, out)  # the identity rule
         return _linear_messages(n, fc_in.weight, r_gelu, f)
 
+    def weights(att) -> tuple:  # the query, key and value projections' weights
+        if kind != "codegen":
+            return att.q_proj.weight, att.k_proj.weight, att.v_proj.weight
+        shards = att.qkv_proj.weight.view(att.mp_num, 3, -1, hidden)  # [queries, values, keys]
+        return tuple(shards[:, part].reshape(hidden, hidden) for part in (0, 2, 1))
+
+    def project(att, n: torch.Tensor) -> tuple:
+        if kind != "codegen":
+            return att.q_proj(n), att.k_proj(n), att.v_proj(n)
+        return tuple(n @ w.T for w in weights(att))
+
     saved, h = [], x
-    for block in body.h if kind == "gptj" else body.layers:
+    for block in body.h if gptj else body.layers:
         ln, att, dense, mlp = parts(block)
         n = norm(ln, h)
-        zq, zk, zv = att.q_proj(n), att.k_proj(n), att.v_proj(n)
+        zq, zk, zv = project(att, n)
         q, k, v = (z.view(t, heads, d) for z in (zq, zk, zv))
         qr = torch.einsum("tnm,thm->thn", rot, q)
         kr = torch.einsum("tnm,thm->thn", rot, k)
@@ -780,7 +793,7 @@ def parallel_lrp_reference(hf, ids: list[int], position: int, target: int, rule:
         h2 = h + attn + out
         saved.append((block, h, n, zq, zk, zv, q, k, v, qr, kr, s, a, o, attn, inner, out, h2))
         h = h2
-    final_norm = getattr(body, {"phi": "final_layernorm", "gptj": "ln_f"}.get(kind, "norm"))
+    final_norm = getattr(body, "final_layernorm" if kind == "phi" else "ln_f" if gptj else "norm")
     final = norm(final_norm, h)
     r_final = torch.zeros(t, hidden, dtype=x.dtype)
     scale = getattr(cfg, "logit_scale", 1.0)  # Cohere multiplies its logits
@@ -795,22 +808,19 @@ def parallel_lrp_reference(hf, ids: list[int], position: int, target: int, rule:
             qr, kr, v, s, a, o, r_o.view(t, heads, d), d**-0.5, rule
         )
         r_q, r_k = _rotation_messages(q, k, qr, kr, r_qr, r_kr, rot, rule)
-        for projection, r, z in (
-            (att.q_proj, r_q, zq),
-            (att.k_proj, r_k, zk),
-            (att.v_proj, r_v, zv),
-        ):
-            r_n = r_n + _linear_messages(n, projection.weight, r.reshape(t, hidden), z)
+        for weight, r, z in zip(weights(att), (r_q, r_k, r_v), (zq, zk, zv), strict=True):
+            r_n = r_n + _linear_messages(n, weight, r.reshape(t, hidden), z)
         relevance = r_h + norm_messages(ln, h, r_n, n)
     return relevance.numpy()
 
 
 @pytest.mark.parametrize("rule", ["attnlrp", "cp-lrp"])
-@pytest.mark.parametrize("arch", ["phi", "gptj", "cohere"])
+@pytest.mark.parametrize("arch", ["phi", "gptj", "codegen", "cohere"])
 def test_parallel_blocks_equal_explicit_layer_by_layer_lrp(arch, rule):
     # one LayerNorm read by attention and MLP in parallel, partial RoPE (Phi's on the first
-    # dims, GPT-J's on interleaved pairs), biases, a biased head; Cohere: a gated MLP, RoPE on
-    # interleaved pairs, LayerNorms without biases, scaled logits
+    # dims, GPT-J's and CodeGen's on interleaved pairs), biases, a biased head; CodeGen: one
+    # sharded projection; Cohere: a gated MLP, RoPE on interleaved pairs, LayerNorms without
+    # biases, scaled logits
     _, tok = tiny_model("gpt2")
     model = _double(vary(_family(arch, tok, attn_implementation="eager"), norms=True), tok)
     check_lrp(model, parallel_lrp_reference, rule)
@@ -1469,6 +1479,12 @@ def _classifier(name: str) -> tuple:
     return head, tok
 
 
+def _gpt2_vocabulary(arch: str) -> tuple:
+    """A tiny random model of ``test_architectures``' family ``arch`` on GPT-2's tokenizer."""
+    _, tok = tiny_model("gpt2")
+    return _family(arch, tok, attn_implementation="eager").eval(), tok
+
+
 def _translation_model(arch: str) -> tuple:
     """A tiny pre-norm translator of ``test_architectures`` (Marian's tokenizer)."""
     from tests.test_architectures import _translator
@@ -1501,6 +1517,9 @@ BIAS_FREE = {
     "marian": lambda: tiny_model("marian"),
     "bart": lambda: tiny_model("bart"),
     **{arch: partial(_translation_model, arch) for arch in ("m2m100", "mbart", "pegasus")},
+    "t5": lambda: _t5("t5"),  # relative position biases: constants the weights hold
+    "mt5": lambda: _t5("mt5"),
+    "codegen": lambda: _gpt2_vocabulary("codegen"),  # one sharded q/v/k projection
     "bert": lambda: tiny_classifier("bert"),
     "roberta": lambda: tiny_classifier("roberta"),  # tanh called in its head: the patched head
     "xlm-roberta": lambda: tiny_classifier("xlm-roberta"),
@@ -1535,6 +1554,7 @@ def test_cp_lrp_is_exactly_conservative_without_biases(arch):
     # OLMo's LayerNorm and StarCoder2's softmax run in float32 too
     islands += ("olmo2", "olmo", "starcoder2", "granite", *NEIGHBOURS)
     islands += ("modernbert", "modernbert-mean")  # its rotary embedding rounds q and k to float32
+    islands += ("t5", "mt5")  # T5's RMSNorm takes its variance in float32
     islands += ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe")
     tolerance = 1e-5 if arch in islands else 1e-9
     np.testing.assert_allclose(
@@ -1642,6 +1662,7 @@ def test_the_rules_keep_the_classifiers_forward(arch, task):
         "distilbert",
         "deberta-v2",
         "marian",
+        "t5",
         "pythia",
         "opt",
     ],
@@ -1668,9 +1689,10 @@ def test_forward_mode_equals_reverse_mode(llama):
     np.testing.assert_allclose(forward.values, reverse.values, rtol=1e-9, atol=1e-12)
 
 
-@pytest.mark.parametrize("arch", ["gemma3", "olmo2", "pythia", "opt-post-ln"])
+@pytest.mark.parametrize("arch", ["gemma3", "olmo2", "pythia", "opt-post-ln", "mt5", "codegen"])
 def test_forward_mode_equals_reverse_mode_on_the_other_families(arch):
-    # their patched norms (after the blocks, on queries and keys) linearised alike by jvp and vjp
+    # their patched norms (after the blocks, on queries and keys), mT5's gated feed-forward,
+    # linearised alike by jvp and vjp
     model = _double(*BIAS_FREE[arch]())
     reverse = ax.lrp(model, PROMPT, TARGET, reduce_hidden="sum", mode="reverse")
     forward = ax.lrp(model, PROMPT, TARGET, reduce_hidden="sum", mode="forward")
@@ -1689,9 +1711,17 @@ def test_forward_mode_equals_reverse_mode_through_the_patched_head(arch):
 
 
 def test_unsupported_modules_are_refused():
-    hf, tok = tiny_model("t5")
-    with pytest.raises(ax.ModelError, match=r"no LRP rule for the modules T5ForConditional"):
-        ax.lrp(ax.load_model(hf, tokenizer=tok), "translate: a b", "x")
+    # Persimmon: its squared ReLU has no identity rule (f(x) / x is not bounded)
+    _, tok = tiny_model("gpt2")
+    config = transformers.PersimmonConfig(
+        vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=64, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    hf = transformers.PersimmonForCausalLM(config).eval()
+    with pytest.raises(ax.ModelError, match=r"no LRP rule for the modules PersimmonForCausalLM"):
+        ax.lrp(ax.load_model(hf, tokenizer=tok), "a b", " c")
     # one foreign nonlinearity in a supported model is named, never silently propagated
     hf, tok = tiny_model("gpt2")
     hf.transformer.h[1].mlp.act = torch.nn.Sigmoid()
@@ -2116,5 +2146,171 @@ def test_encoder_decoders_equal_explicit_layer_by_layer_lrp(arch, rule):
         r_src, r_dec, logit = reference(model.hf, source, decoder, position - 1, target, rule)
         # the reference's own forward is the model's
         assert logit == pytest.approx(float(logits[position - 1, target]), rel=1e-9, abs=1e-9)
+        want = np.concatenate([r_src, r_dec])
+        np.testing.assert_allclose(got[k].fillna(0).values, want, rtol=1e-7, atol=1e-10)
+
+
+# the explicit reference for T5 and mT5: RMSNorm sub-layers (no biases), unscaled scores plus a
+# relative position bias, ReLU or gated-GELU feed-forwards, the decoder's output scaled when tied
+
+
+def _t5_attention(att, hq: torch.Tensor, hkv: torch.Tensor, bias: torch.Tensor, causal: bool):
+    """T5's attention of queries from ``hq`` over ``hkv``: ``q . k`` unscaled plus ``bias``
+    ``[heads, T, U]``, and what its messages need."""
+    t, u, heads = hq.shape[0], hkv.shape[0], att.n_heads
+    q, k, v = (p(h).view(-1, heads, att.key_value_proj_dim) for p, h in
+               ((att.q, hq), (att.k, hkv), (att.v, hkv)))  # fmt: skip
+    s = torch.einsum("ihd,jhd->hij", q, k) + bias
+    if causal:
+        s = s.masked_fill(~torch.ones(t, u, dtype=torch.bool).tril(), -torch.inf)
+    a = torch.softmax(s, -1)
+    o = torch.einsum("hij,jhd->ihd", a, v)
+    return att.o(o.reshape(t, -1)), (hq, hkv, q, k, v, s, a, o)
+
+
+def _t5_attention_backward(att, saved: tuple, r_y: torch.Tensor, rule: str) -> tuple:
+    """Relevance of the query input and of the key/value input from that of the output."""
+    hq, hkv, q, k, v, s, a, o = saved
+    t, u = hq.shape[0], hkv.shape[0]
+    o_flat = o.reshape(t, -1)
+    r_o = _linear_messages(o_flat, att.o.weight, r_y, o_flat @ att.o.weight.T)
+    r_q, r_k, r_v, _ = _attention_messages(q, k, v, s, a, o, r_o.view(o.shape), 1.0, rule)
+    # q, k, v are bias-free projections of the inputs
+    r_hq = _linear_messages(hq, att.q.weight, r_q.reshape(t, -1), q.reshape(t, -1))
+    r_hkv = _linear_messages(hkv, att.k.weight, r_k.reshape(u, -1), k.reshape(u, -1))
+    r_hkv = r_hkv + _linear_messages(hkv, att.v.weight, r_v.reshape(u, -1), v.reshape(u, -1))
+    return r_hq, r_hkv
+
+
+def _t5_feed_forward(ff, n: torch.Tensor) -> tuple[torch.Tensor, tuple]:
+    dense = ff.DenseReluDense
+    if hasattr(dense, "wi_0"):  # gated GELU (T5 v1.1, mT5)
+        out, saved = _gated_forward(n, dense.wi_0.weight, dense.wi_1.weight, dense.wo.weight,
+                                    dense.act)  # fmt: skip
+        return out, ("gated", saved)
+    f = n @ dense.wi.weight.T
+    g = torch.relu(f)
+    out = g @ dense.wo.weight.T
+    return out, ("relu", (n, f, g, out))
+
+
+def _t5_feed_forward_backward(ff, saved: tuple, r_out: torch.Tensor, rule: str) -> torch.Tensor:
+    kind, inner = saved
+    if kind == "gated":
+        return _gated_backward(inner, r_out, rule)
+    n, f, g, out = inner  # the identity rule through the ReLU
+    r_g = _linear_messages(g, ff.DenseReluDense.wo.weight, r_out, out)
+    return _linear_messages(n, ff.DenseReluDense.wi.weight, r_g, f)
+
+
+def _residual(h: torch.Tensor, update: torch.Tensor, relevance: torch.Tensor) -> tuple:
+    """Relevance of ``h`` and of ``update`` from that of ``h + update``, in proportion."""
+    total = h + update
+    return h / total * relevance, update / total * relevance
+
+
+@torch.no_grad()
+def t5_lrp_reference(
+    hf, source: list[int], decoder: list[int], position: int, target: int, rule: str
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """Relevance ``[S, H]`` of the source and ``[T, H]`` of the decoder token embeddings for the
+    logit of ``target`` at decoder position ``position``, and that logit. An RMSNorm with its
+    ``1 / rms`` constant scales each unit by a constant: relevance passes it unchanged. The
+    position biases (constants) keep what AttnLRP's softmax rule gives them."""
+    config = hf.config
+    encoder, decoder_stack = hf.get_encoder(), hf.get_decoder()
+    embed = hf.get_input_embeddings().weight
+    x_src, x_dec = embed[torch.tensor(source)], embed[torch.tensor(decoder)]
+    norm = partial(_t5_norm)
+    s, t = len(source), len(decoder)
+    own = encoder.block[0].layer[0].SelfAttention.compute_bias(s, s)[0]
+    h, encoder_saved = x_src, []
+    for block in encoder.block:
+        self_layer, ff = block.layer[0], block.layer[-1]
+        y, att = _t5_attention(self_layer.SelfAttention, norm(self_layer.layer_norm, h),
+                               norm(self_layer.layer_norm, h), own, causal=False)  # fmt: skip
+        h1 = h + y
+        out, inner = _t5_feed_forward(ff, norm(ff.layer_norm, h1))
+        encoder_saved.append((block, h, y, att, h1, out, inner))
+        h = h1 + out
+    memory = norm(encoder.final_layer_norm, h)
+    own = decoder_stack.block[0].layer[0].SelfAttention.compute_bias(t, t)[0]
+    none = torch.zeros(config.num_heads, t, s, dtype=h.dtype)  # cross-attention: no bias
+    h, decoder_saved = x_dec, []
+    for block in decoder_stack.block:
+        self_layer, cross_layer, ff = block.layer
+        n = norm(self_layer.layer_norm, h)
+        y1, att = _t5_attention(self_layer.SelfAttention, n, n, own, causal=True)
+        h1 = h + y1
+        y2, cross = _t5_attention(cross_layer.EncDecAttention, norm(cross_layer.layer_norm, h1),
+                                  memory, none, causal=False)  # fmt: skip
+        h2 = h1 + y2
+        out, inner = _t5_feed_forward(ff, norm(ff.layer_norm, h2))
+        decoder_saved.append((block, h, y1, att, h1, y2, cross, h2, out, inner))
+        h = h2 + out
+    final = norm(decoder_stack.final_layer_norm, h)
+    if getattr(config, "scale_decoder_outputs", False):  # T5's tied head: by d ** -0.5
+        final = final * config.d_model**-0.5
+    head = hf.get_output_embeddings().weight[target]
+    logit = float(final[position] @ head)
+    relevance = torch.zeros_like(final)
+    relevance[position] = final[position] * head  # RMSNorm and the scale pass it unchanged
+    r_memory = torch.zeros_like(memory)
+    for block, h, y1, att, h1, y2, cross, h2, out, inner in reversed(decoder_saved):
+        self_layer, cross_layer, ff = block.layer
+        r_h2, r_out = _residual(h2, out, relevance)
+        r_h2 = r_h2 + _t5_feed_forward_backward(ff, inner, r_out, rule)
+        r_h1, r_y2 = _residual(h1, y2, r_h2)
+        r_query, r_keys = _t5_attention_backward(cross_layer.EncDecAttention, cross, r_y2, rule)
+        r_memory = r_memory + r_keys
+        r_h, r_y1 = _residual(h, y1, r_h1 + r_query)
+        r_query, r_keys = _t5_attention_backward(self_layer.SelfAttention, att, r_y1, rule)
+        relevance = r_h + r_query + r_keys
+    r_dec, relevance = relevance, r_memory
+    for block, h, y, att, h1, out, inner in reversed(encoder_saved):
+        self_layer, ff = block.layer[0], block.layer[-1]
+        r_h1, r_out = _residual(h1, out, relevance)
+        r_h1 = r_h1 + _t5_feed_forward_backward(ff, inner, r_out, rule)
+        r_h, r_y = _residual(h, y, r_h1)
+        r_query, r_keys = _t5_attention_backward(self_layer.SelfAttention, att, r_y, rule)
+        relevance = r_h + r_query + r_keys
+    return relevance.numpy(), r_dec.numpy(), logit
+
+
+def _t5_norm(norm, h: torch.Tensor) -> torch.Tensor:
+    return _rms(h, norm.weight, norm.variance_epsilon)
+
+
+def _t5(arch: str) -> tuple:
+    """A tiny T5 (ReLU, its decoder's output scaled) or mT5 (gated GELU), random norm
+    weights."""
+    hf, tok = tiny_model("t5") if arch == "t5" else _translation_model("mt5")
+    with torch.no_grad():
+        for module in hf.modules():
+            if type(module).__name__.endswith("LayerNorm"):
+                module.weight.normal_(1.0, 0.3)
+    return hf, tok
+
+
+@pytest.mark.parametrize("rule", ["attnlrp", "cp-lrp"])
+@pytest.mark.parametrize("arch", ["t5", "mt5"])
+def test_t5_equals_explicit_layer_by_layer_lrp(arch, rule):
+    # T5's relative position bias is a constant in the scores: under AttnLRP it keeps its share
+    # of the softmax's relevance, under CP-LRP the weights are constants and it keeps none
+    model = _double(*_t5(arch))
+    got = ax.lrp(model, PROMPT, TARGET, rule=rule, attribute_target=True)
+    sides = got.side.values
+    ids = got.source_id.values
+    source, decoder = ids[sides == "source"].tolist(), ids[sides == "target"].tolist()
+    with torch.no_grad():
+        logits = model.hf(
+            input_ids=torch.tensor([source]), decoder_input_ids=torch.tensor([decoder])
+        ).logits[0]
+    for k, position in enumerate(got.target.values.tolist()):
+        target = int(got.target_id[k])
+        r_src, r_dec, logit = t5_lrp_reference(model.hf, source, decoder, position - 1, target,
+                                               rule)  # fmt: skip
+        # the reference's own forward is the model's (T5's RMSNorm rounds to float32)
+        assert logit == pytest.approx(float(logits[position - 1, target]), rel=1e-5, abs=1e-5)
         want = np.concatenate([r_src, r_dec])
         np.testing.assert_allclose(got[k].fillna(0).values, want, rtol=1e-7, atol=1e-10)

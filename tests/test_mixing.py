@@ -104,6 +104,9 @@ def value_parts(model: ax.Model, block, x: torch.Tensor):
         v = next(getattr(v, n) for n in ("value", "v_lin", "value_proj") if hasattr(v, n))(x)
     elif hasattr(getattr(block, "attn", None), "attention"):  # GPT-Neo: a wrapped attention
         v = block.attn.attention.v_proj(block.ln_1(x))
+    elif hasattr(getattr(block, "attn", None), "mp_num"):  # CodeGen: shards of [q, v, k]
+        qkv = block.attn.qkv_proj(block.ln_1(x))
+        v = qkv.view(*qkv.shape[:-1], block.attn.mp_num, 3, -1)[..., 1, :].flatten(-2)
     elif hasattr(getattr(block, "attn", None), "v_proj"):  # GPT-J
         v = block.attn.v_proj(block.ln_1(x))
     elif type(block).__name__ == "GPTBigCodeBlock":
@@ -248,10 +251,10 @@ def naive_alti_layers(model: ax.Model, ids: torch.Tensor):
 
 
 ALTI_ARCHS = (*ARCHS, "phi3", "pythia", "qwen3", "smollm3", "gemma", "gemma2", "gemma3", "olmo2")
-# GPT-J, Phi and Cohere: attention and MLP in parallel on one norm (Cohere's LayerNorm without a
-# bias, its logits scaled); StarCoder2 and OLMo: Llama's layout with LayerNorms (OLMo's without
-# weights)
-MORE_PRE_NORM = ("gptj", "phi", "cohere", "starcoder2", "olmo", "gpt_bigcode")
+# GPT-J, CodeGen, Phi and Cohere: attention and MLP in parallel on one norm (CodeGen's values in
+# shards of a fused projection, Cohere's LayerNorm without a bias, its logits scaled); StarCoder2
+# and OLMo: Llama's layout with LayerNorms (OLMo's without weights)
+MORE_PRE_NORM = ("gptj", "codegen", "phi", "cohere", "starcoder2", "olmo", "gpt_bigcode")
 # Falcon's layouts (test_components.FALCONS)
 FALCON_LAYOUTS = ("falcon", "falcon-heads", "falcon-40b")
 
@@ -691,7 +694,10 @@ def naive_value_zeroing(
     return out
 
 
-@pytest.mark.parametrize("arch", [*ARCHS, "deberta-v2", *MORE_PRE_NORM])
+# CodeGen's sharded values: test_value_zeroing_of_fused_projections_matches_naive
+@pytest.mark.parametrize(
+    "arch", [*ARCHS, "deberta-v2", *(a for a in MORE_PRE_NORM if a != "codegen")]
+)
 @pytest.mark.parametrize("similarity", ["cosine", "euclidean"])
 def test_value_zeroing_matches_naive(mixing_models, arch, similarity):
     if arch in MORE_PRE_NORM:

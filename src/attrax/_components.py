@@ -81,15 +81,73 @@ PATCHING = Family(
 )
 
 
+# the names architectures give the value projection inside their attention module (whose whole
+# output is the values; GPT-2's fused c_attn is handled on its own)
+_VALUE_PROJECTIONS = ("v_proj", "value", "v_lin", "v", "value_proj")
+
+
+def value_projection(
+    model: Model, attention: torch.nn.Module
+) -> tuple[torch.nn.Module, slice | torch.Tensor]:
+    """The module whose output holds ``attention``'s value vectors, and which of its output
+    features they are, head by head: a slice, or their indices where a fused projection
+    interleaves them with queries and keys (a ModelError where attrax finds none)."""
+    # T5 records its sub-layer (T5LayerCrossAttention): the projections are one module down
+    for owner in (attention, *attention.children()):
+        for name in _VALUE_PROJECTIONS:
+            module = getattr(owner, name, None)
+            if isinstance(module, torch.nn.Module):
+                return module, slice(None)
+    fused = getattr(attention, "c_attn", None)  # GPT-2: queries, keys, values in one projection
+    if isinstance(fused, torch.nn.Module) and not getattr(attention, "is_cross_attention", False):
+        width = int(getattr(attention, "split_size", model.hidden_size))
+        if getattr(attention, "multi_query", None) is False:
+            # GPT-BigCode without multi-query: each head's query, key and value side by side
+            d = int(attention.head_dim)
+            within = torch.arange(2 * d, 3 * d)
+            return fused, (torch.arange(width // d)[:, None] * 3 * d + within).flatten()
+        # GPT-BigCode's multi-query attention: one key and one value head after the queries
+        kv = int(getattr(attention, "kv_dim", width))
+        return fused, slice(width + kv, width + 2 * kv)
+    config = model.hf.config
+    kind = getattr(config, "model_type", None)
+    heads = _arch.heads(config, "self") or 1
+    head_dim = getattr(attention, "head_dim", None) or getattr(attention, "head_size", None)
+    head_dim = int(head_dim or model.hidden_size // heads)
+    # Phi-3's `qkv_proj`, ModernBERT's `Wqkv`: all queries, then keys, then values
+    fused = getattr(attention, "qkv_proj", None) or getattr(attention, "Wqkv", None)
+    shards = getattr(attention, "mp_num", None)
+    if isinstance(fused, torch.nn.Linear) and isinstance(shards, int):
+        # CodeGen: `mp_num` shards of [queries, values, keys], the heads split across them
+        local = heads * head_dim // shards
+        flat = torch.arange(heads * head_dim)
+        return fused, (flat // local) * 3 * local + local + flat % local
+    if isinstance(fused, torch.nn.Linear):
+        kv = _arch.kv_heads(config)
+        return fused, slice((heads + kv) * head_dim, None)
+    fused = getattr(attention, "query_key_value", None)
+    if isinstance(fused, torch.nn.Linear) and kind == "falcon":
+        return fused, torch.tensor(_arch.falcon_values(config))
+    if isinstance(fused, torch.nn.Linear) and kind in ("gpt_neox", "bloom"):
+        # GPT-NeoX, BLOOM: each head's query, key and value side by side, values at 2d..3d
+        within = torch.arange(2 * head_dim, 3 * head_dim)
+        return fused, (torch.arange(heads)[:, None] * 3 * head_dim + within).flatten()
+    raise ModelError(
+        f"{model.name} ({kind}): attrax finds no value projection in "
+        f"{type(attention).__name__} (looked for {', '.join(_VALUE_PROJECTIONS)}, c_attn, "
+        "qkv_proj, and GPT-NeoX's query_key_value)"
+    )
+
+
 @dataclass(frozen=True)
 class _Parts:
     """The modules of a supported architecture, layer by layer."""
 
-    # how the values are read: "gpt2" (Conv1D c_attn), "neox" (per-head fused), "falcon"
-    # (fused, three layouts) or a v_proj / qkv_proj ("llama", "opt", "neo")
-    kind: str
+    kind: str  # the config's model_type ("gpt2": a Conv1D output projection)
     blocks: list[torch.nn.Module]
     attentions: list[torch.nn.Module]
+    # each attention's value projection and its value features (:func:`value_projection`)
+    reads: list[tuple[torch.nn.Module, slice | torch.Tensor]]
     mlps: list[torch.nn.Module]  # OPT's: each block's `fc2`, whose output is the MLP's
     norm: torch.nn.Module
     heads: int
@@ -120,35 +178,17 @@ class _Parts:
         return weight.reshape(self.heads, self.head_dim, -1), projection.bias
 
     def value_module(self, layer: int) -> torch.nn.Module:
-        attention = self.attentions[layer]
-        if self.kind == "gpt2":
-            return attention.c_attn
-        if self.kind in ("neox", "falcon"):
-            return attention.query_key_value
-        # Phi-3's fused qkv_proj; GPT-BigCode's c_attn (a Linear: queries, then keys, values)
-        module = _named(attention, ("v_proj", "qkv_proj", "c_attn"))
-        assert module is not None, type(attention).__name__
-        return module
+        """The module whose output holds layer ``layer``'s value vectors (:func:`value_projection`)."""
+        return self.reads[layer][0]
 
     def values(self, layer: int, output: torch.Tensor) -> torch.Tensor:
-        """Value vectors ``[B, L, heads, head_dim]`` from :meth:`value_module`'s output (GPT-2's
-        third of ``c_attn``, GPT-NeoX's last third of each head's slice, Phi-3's values after
-        its queries and keys, Falcon's where its layout keeps them; key-value heads repeated
-        for the query heads they serve)."""
-        if self.kind == "gpt2":
-            width = self.heads * self.head_dim
-            output = output[..., 2 * width : 3 * width]
-            return output.unflatten(-1, (self.heads, self.head_dim))
-        # per head: [query, key, value] (GPT-NeoX; GPT-BigCode without multi-query)
-        if self.kind == "neox" or getattr(self.attentions[layer], "multi_query", None) is False:
-            return output.unflatten(-1, (self.heads, 3 * self.head_dim))[..., 2 * self.head_dim :]
-        if self.kind == "falcon":  # its fused layouts: _arch.falcon_values
-            config = self.attentions[layer].config
-            index = torch.tensor(_arch.falcon_values(config), device=output.device)
-            output = output.index_select(-1, index)
-        elif not hasattr(self.attentions[layer], "v_proj"):  # [queries, keys, values]
-            kv = (output.shape[-1] // self.head_dim - self.heads) // 2
-            output = output[..., (self.heads + kv) * self.head_dim :]
+        """Value vectors ``[B, L, heads, head_dim]`` from :meth:`value_module`'s output, key-value
+        heads repeated for the query heads they serve."""
+        features = self.reads[layer][1]
+        if isinstance(features, torch.Tensor):  # a fused projection's interleaved values
+            output = output.index_select(-1, features.to(output.device))
+        else:
+            output = output[..., features]
         v = output.unflatten(-1, (-1, self.head_dim))
         return v.repeat_interleave(self.heads // v.shape[-2], dim=-2)
 
@@ -180,7 +220,10 @@ _LLAMA_LIKE = (
 )
 # attention and MLP in parallel on one LayerNorm (Falcon's: one or two), both added to the
 # stream: the same sum
-_PARALLEL = ("gptj", "phi", "falcon")
+_PARALLEL = ("gptj", "codegen", "phi", "falcon")
+# GPT-NeoX's per-head fused query_key_value and LayerNorms; its attention and MLP modules add the
+# residual stream themselves (what the MLP adds: `dense_4h_to_h`'s output, see _mlp_of)
+_BLOOM = ("bloom",)
 # GPT-2's blocks in Linear layers (multi-query attention in GPT-BigCode)
 _GPT2_LIKE = ("gpt_neo", "gpt_bigcode")
 # where each layout keeps its blocks, each block its attention (a dotted path) and the model
@@ -190,7 +233,9 @@ _LAYOUTS = {
     "gpt_neo": ("h", "attn.attention", "ln_f"),  # its attention module wrapped in another
     "gpt_bigcode": ("h", "attn", "ln_f"),
     "gptj": ("h", "attn", "ln_f"),
+    "codegen": ("h", "attn", "ln_f"),
     "falcon": ("h", "self_attention", "ln_f"),
+    "bloom": ("h", "self_attention", "ln_f"),
     "phi": ("layers", "self_attn", "final_layernorm"),
     "gpt_neox": ("layers", "attention", "final_layer_norm"),
     "opt": ("layers", "self_attn", "final_layer_norm"),  # in its `decoder`
@@ -207,13 +252,15 @@ def _parts(model: Model, method: str) -> _Parts:
             f"{method} decomposes decoder-only models (GPT-2, Llama); {name} is an "
             "encoder-decoder, whose decoder also reads the encoder through cross-attention"
         )
-    known = ("gpt2", *_GPT2_LIKE, "gpt_neox", "opt", *_PARALLEL, *_LLAMA_LIKE, *_arch.SANDWICH)
+    known = ("gpt2", *_GPT2_LIKE, "gpt_neox", "opt", *_PARALLEL, *_BLOOM, *_LLAMA_LIKE)
+    known += _arch.SANDWICH
     if kind not in known:
         raise ModelError(
             f"{method} has no rule for {name}: it knows the GPT-2 (Conv1D, LayerNorm), Llama "
             "(o_proj, RMSNorm; also Mistral, Qwen2, Qwen3, SmolLM3, Phi-3, Gemma 2, Gemma 3, "
             "OLMo 2, Granite; the mixtures of experts Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, "
-            "Granite MoE, StarCoder2, OLMo, Cohere), GPT-Neo, GPT-BigCode, GPT-J, Phi, Falcon, "
+            "Granite MoE, StarCoder2, OLMo, Cohere), GPT-Neo, GPT-BigCode, GPT-J, CodeGen, Phi, "
+            "Falcon, BLOOM, "
             "GPT-NeoX "
             "(Pythia) and "
             "OPT architectures only, as causal LMs or "
@@ -226,6 +273,12 @@ def _parts(model: Model, method: str) -> _Parts:
         raise ModelError(
             f"{method}: {name} normalises after each block (OPT-350m's layout): no final norm "
             "reads the residual stream that the blocks write into"
+        )
+    if kind == "bloom" and hf.config.apply_residual_connection_post_layernorm:
+        raise ModelError(
+            f"{method}: {name} carries each block's normed input in its residual stream "
+            "(apply_residual_connection_post_layernorm): the stream is no sum of what the "
+            "blocks wrote"
         )
     if model.task == "token-classification" and method == "direct_logit_attribution":
         raise ModelError(
@@ -247,15 +300,23 @@ def _parts(model: Model, method: str) -> _Parts:
     norm = getattr(base, final)
     heads = _arch.heads(config, "self") or 1
     head_dim = getattr(attentions[0], "head_dim", None) or config.hidden_size // heads
-    short = {
-        "gpt2": "gpt2", "gpt_neo": "neo", "gpt_neox": "neox", "opt": "opt", "falcon": "falcon"
-    }.get(kind, "llama")  # fmt: skip
     after_attention = after_mlp = None
     if kind in _arch.SANDWICH:
         after_attention = [b.post_attention_layernorm for b in blocks]
         after_mlp = [b.post_feedforward_layernorm for b in blocks]
+    reads = [value_projection(model, module) for module in attentions]
     return _Parts(
-        short, blocks, attentions, mlps, norm, heads, head_dim, readout, after_attention, after_mlp
+        kind,
+        blocks,
+        attentions,
+        reads,
+        mlps,
+        norm,
+        heads,
+        head_dim,
+        readout,
+        after_attention,
+        after_mlp,
     )
 
 
@@ -719,14 +780,21 @@ def _named(module: torch.nn.Module | None, names: tuple[str, ...]) -> torch.nn.M
 # where a block keeps the module whose output its MLP adds: `mlp` (a mixture of experts' too),
 # OPT's `fc2`, Granite MoE's `block_sparse_moe`
 _MLPS = ("mlp", "fc2", "block_sparse_moe")
-_NO_MLP = "`mlp`, `fc2` or `block_sparse_moe`; Granite MoE shared adds a `shared_mlp` beside it"
+_NO_MLP = (
+    "`mlp` (BLOOM's: its `dense_4h_to_h`), `fc2` or `block_sparse_moe`; Granite MoE shared adds "
+    "a `shared_mlp` beside it"
+)
 
 
 def _mlp_of(block: torch.nn.Module) -> torch.nn.Module | None:
     """The module whose output is what ``block``'s MLP adds, or None where two modules add it."""
     if isinstance(getattr(block, "shared_mlp", None), torch.nn.Module):
         return None
-    return _named(block, _MLPS)
+    mlp = _named(block, _MLPS)
+    # BLOOM's MLP adds the residual stream to its own output: its last projection's is what it adds
+    if mlp is not None and "residual" in inspect.signature(mlp.forward).parameters:
+        return _named(mlp, ("dense_4h_to_h",))
+    return mlp
 
 
 def _decoder_stack(model: Model, method: str) -> _Stack:
@@ -878,12 +946,6 @@ def attribution_patching(
     if site in ("mlp", "residual") and heads is not None:
         raise OptionError(f"`heads` applies to the attention sites only, got site={site!r}")
     parts = _patch_stack(model, method, stack, site)
-    if site == "mlp" and "residual" in inspect.signature(parts.mlps[0].forward).parameters:
-        raise ModelError(
-            f"{method}: {type(model.hf).__name__}'s MLP adds the residual stream to its own "
-            "output (BLOOM), so its output is no MLP contribution; patch site='residual' or "
-            "'heads'"
-        )
     chosen_layers = selection_indices(layers, len(parts.blocks), "layers", "layers")
     chosen_heads = selection_indices(heads, parts.heads, "heads", "heads per layer")
     problem = call.problem

@@ -141,6 +141,8 @@ def _attention(
     scores = torch.matmul(query, key.transpose(-1, -2)) * scaling
     if kwargs.get("softcap") is not None:  # Gemma 2: tanh-capped scores, the identity rule
         scores = _soft_cap(scores, kwargs["softcap"])
+    if kwargs.get("position_bias") is not None:  # T5's relative bias: a constant, as ALiBi's
+        scores = scores + kwargs["position_bias"].detach()
     if attention_mask is not None:
         mask = attention_mask[..., : key.shape[-2]]
         if mask.dtype == torch.bool:
@@ -263,6 +265,17 @@ def _fused_gated_mlp(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     return module.down_proj(_uniform(module.activation_fn(gate), up))
 
 
+def _t5_gated_mlp(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """T5 v1.1's and mT5's ``wo(act(wi_0(x)) * wi_1(x))`` (FLAN-T5 keeps ``wo`` in float32): the
+    rules of :func:`_gated_mlp`."""
+    gate = module.wi_0(x)
+    if _rule() == "cp-lrp":
+        inner = module.act(gate.detach()) * module.wi_1(x)
+    else:
+        inner = _uniform(module.act(gate), module.wi_1(x))
+    return module.wo(module.dropout(inner).to(module.wo.weight.dtype))
+
+
 def _glu_mlp(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """ModernBERT's ``Wo(act(input) * gate)``, input and gate from one fused ``Wi``: the rules of
     :func:`_gated_mlp` (its activated half is the gating factor)."""
@@ -371,6 +384,10 @@ _PATCHED: dict[str, Callable[..., torch.Tensor]] = {
     "SmolLM3MLP": _gated_mlp,
     "GraniteMLP": _gated_mlp,
     "ModernBertMLP": _glu_mlp,
+    "T5LayerNorm": _rms_norm,  # T5's and mT5's RMSNorm (float32 variance, as Llama's)
+    "MT5LayerNorm": _rms_norm,
+    "T5DenseGatedActDense": _t5_gated_mlp,
+    "MT5DenseGatedActDense": _t5_gated_mlp,
     # mixtures of experts: Mixtral, Qwen2-MoE (a gated shared expert), Qwen3-MoE
     "MixtralRMSNorm": _rms_norm,
     "Qwen2MoeRMSNorm": _rms_norm,
@@ -413,6 +430,7 @@ _ATTENTION = frozenset(
         "Starcoder2Attention",  # biases on every projection
         "PhiAttention",  # rotary on a share of each head; no q/k LayerNorm (a child if any)
         "GPTJAttention",  # rotary on interleaved pairs of a share of each head
+        "CodeGenAttention",  # GPT-J's, its queries, values and keys in shards of one Linear
         "GPTBigCodeAttention",  # one fused Linear, multi-query keys and values (repeated)
         "CohereAttention",  # rotary on interleaved pairs; no query/key norms (children if any)
         "FalconAttention",  # one fused projection (three layouts), rotary or ALiBi (a constant)
@@ -442,6 +460,8 @@ _ATTENTION = frozenset(
         "M2M100Attention",
         "MBartAttention",
         "PegasusAttention",
+        "T5Attention",  # unscaled scores plus a relative position bias (a constant)
+        "MT5Attention",
     }
 )
 # modules whose own computation is linear (their children get the rules): projections,
@@ -545,11 +565,11 @@ _LINEAR = frozenset(
             )
         ),
         "Starcoder2MLP",  # c_fc, its activation (a child module), c_proj
-        # GPT-J and Phi (1, 2): attention and MLP in parallel on one LayerNorm, both added to the
-        # stream
+        # GPT-J, CodeGen and Phi (1, 2): attention and MLP in parallel on one LayerNorm, both
+        # added to the stream
         *(
             f"{family}{part}"
-            for family in ("GPTJ", "Phi")
+            for family in ("GPTJ", "CodeGen", "Phi")
             for part in (
                 "RotaryEmbedding",
                 "MLP",
@@ -636,6 +656,21 @@ _LINEAR = frozenset(
         ),
         "MarianMTModel",
         *(f"{family}ForConditionalGeneration" for family in ("Bart", "M2M100", "MBart", "Pegasus")),
+        # T5 and mT5: RMSNorm sub-layers (patched) with residual sums, the decoder's output scaled
+        # by a constant for tied embeddings; a float16 block clamps only at float16's overflow
+        *(
+            f"{family}{part}"
+            for family in ("T5", "MT5")
+            for part in (
+                "LayerSelfAttention",
+                "LayerCrossAttention",
+                "LayerFF",
+                "DenseActDense",  # wi, its activation (a child module), wo
+                "Block",
+                "Stack",
+                "ForConditionalGeneration",
+            )
+        ),
     }
 )
 # attributes through which the allowed modules call their activation (BERT's
@@ -669,6 +704,7 @@ ARCHITECTURES = (
     "starcoder2",
     "phi",
     "gptj",
+    "codegen",
     "cohere",
     "falcon",
     "bloom",
@@ -695,6 +731,8 @@ ARCHITECTURES = (
     "m2m_100",
     "mbart",
     "pegasus",
+    "t5",
+    "mt5",
 )
 
 

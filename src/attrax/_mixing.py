@@ -29,7 +29,7 @@ import xarray as xr
 
 from . import _arch
 from ._attention import Selection, check_maps_name, check_selection, resolve_maps, selection_indices
-from ._components import softcapped
+from ._components import softcapped, value_projection
 from ._errors import ModelError, OptionError
 from ._inputs import Tensors, encode_sources, to_tensors
 from ._memory import (
@@ -84,9 +84,6 @@ ALTI = Family(
 SIMILARITIES = ("cosine", "euclidean")
 #: Inseq's ``min_score_threshold``: distances below it are set to 0 before normalizing
 THRESHOLD = 1e-5
-# the names architectures give the value projection inside their attention module (whose whole
-# output is the values; GPT-2's fused c_attn is handled on its own)
-_VALUE_PROJECTIONS = ("v_proj", "value", "v_lin", "v", "value_proj")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -121,62 +118,13 @@ def _layers(model: Model, stack: str = "self") -> list[_Layer]:
             break
         # the first numbered module is the block (T5 numbers its sub-layers too)
         block = model.hf.get_submodule(".".join(parts[: digits[0] + 1]))
-        layers.append(_Layer(block, attention, *_value_projection(model, attention)))
+        layers.append(_Layer(block, attention, *value_projection(model, attention)))
     if not layers or len(layers) != len(found):
         raise ModelError(
             f"{model.name} ({_architecture(model)}): attrax finds no numbered {stack} attention "
             "blocks to zero or decompose"
         )
     return layers
-
-
-def _value_projection(
-    model: Model, attention: torch.nn.Module
-) -> tuple[torch.nn.Module, slice | torch.Tensor]:
-    # T5 records its sub-layer (T5LayerCrossAttention): the projections are one module down
-    for owner in (attention, *attention.children()):
-        for name in _VALUE_PROJECTIONS:
-            module = getattr(owner, name, None)
-            if isinstance(module, torch.nn.Module):
-                return module, slice(None)
-    fused = getattr(attention, "c_attn", None)  # GPT-2: queries, keys, values in one projection
-    if isinstance(fused, torch.nn.Module) and not getattr(attention, "is_cross_attention", False):
-        width = int(getattr(attention, "split_size", model.hidden_size))
-        if getattr(attention, "multi_query", None) is False:
-            # GPT-BigCode without multi-query: each head's query, key and value side by side
-            d = int(attention.head_dim)
-            within = torch.arange(2 * d, 3 * d)
-            return fused, (torch.arange(width // d)[:, None] * 3 * d + within).flatten()
-        # GPT-BigCode's multi-query attention: one key and one value head after the queries
-        kv = int(getattr(attention, "kv_dim", width))
-        return fused, slice(width + kv, width + 2 * kv)
-    config = model.hf.config
-    heads = _arch.heads(config, "self") or 1
-    head_dim = getattr(attention, "head_dim", None) or getattr(attention, "head_size", None)
-    head_dim = int(head_dim or model.hidden_size // heads)
-    # Phi-3's `qkv_proj`, ModernBERT's `Wqkv`: all queries, then keys, then values
-    fused = getattr(attention, "qkv_proj", None) or getattr(attention, "Wqkv", None)
-    shards = getattr(attention, "mp_num", None)
-    if isinstance(fused, torch.nn.Linear) and isinstance(shards, int):
-        # CodeGen: `mp_num` shards of [queries, values, keys], the heads split across them
-        local = heads * head_dim // shards
-        flat = torch.arange(heads * head_dim)
-        return fused, (flat // local) * 3 * local + local + flat % local
-    if isinstance(fused, torch.nn.Linear):
-        kv = _arch.kv_heads(config)
-        return fused, slice((heads + kv) * head_dim, None)
-    fused = getattr(attention, "query_key_value", None)
-    if isinstance(fused, torch.nn.Linear) and _architecture(model) == "falcon":
-        return fused, torch.tensor(_arch.falcon_values(config))
-    if isinstance(fused, torch.nn.Linear) and _architecture(model) in ("gpt_neox", "bloom"):
-        # GPT-NeoX, BLOOM: each head's query, key and value side by side, values at 2d..3d
-        within = torch.arange(2 * head_dim, 3 * head_dim)
-        return fused, (torch.arange(heads)[:, None] * 3 * head_dim + within).flatten()
-    raise ModelError(
-        f"{model.name} ({_architecture(model)}): attrax finds no value projection in "
-        f"{type(attention).__name__} (looked for {', '.join(_VALUE_PROJECTIONS)}, c_attn, "
-        "qkv_proj, and GPT-NeoX's query_key_value)"
-    )
 
 
 @contextlib.contextmanager
@@ -553,6 +501,7 @@ _PRE_NORM = (
     "gpt_neo",  # GPT-2's layout, Linear projections (its attention run by attrax: _routed)
     # attention and MLP in parallel on one norm: ALTI decomposes x + attention, as GPT-NeoX's
     "gptj",
+    "codegen",  # GPT-J's block, values in 4 shards of its fused qkv_proj
     "phi",
     "cohere",  # its LayerNorm has no bias
     "starcoder2",  # Llama's layout with LayerNorms and biases
