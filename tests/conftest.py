@@ -124,6 +124,20 @@ def sdpa_always(monkeypatch):
         hook.remove()
 
 
+@pytest.fixture
+def modernbert_rotary_in_its_dtype(monkeypatch):
+    """ModernBERT's rotary embedding in the model's dtype: transformers' takes it in float32,
+    whose roundings a float64 reference (finite differences, explicit LRP) would amplify."""
+    from transformers.models.modernbert import modeling_modernbert
+
+    def rotate(q, k, cos, sin, unsqueeze_dim=1):
+        cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
+        half = modeling_modernbert.rotate_half
+        return q * cos + half(q) * sin, k * cos + half(k) * sin
+
+    monkeypatch.setattr(modeling_modernbert, "apply_rotary_pos_emb", rotate)
+
+
 # Run in a fresh process by peak_above_start: ``call()`` is defined by the test's code; a warm-up
 # call pages in code and lazy imports, malloc_trim returns its freed heap, then the peak RSS above
 # the RSS before the call (VmHWM after clear_refs) is printed as JSON with what ``call`` returned.

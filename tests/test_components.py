@@ -856,6 +856,88 @@ def test_atp_sequence_classifier_first_order():
                 np.testing.assert_allclose(got.values[0, p, layer, h], want, rtol=1e-6, atol=1e-9)
 
 
+#: the test's own table for encoder classifiers: per block, the module whose input is the
+#: concatenated heads and the module whose output is what the MLP adds (BERT's before the
+#: LayerNorm of its residual sum)
+ENCODER_MODULES = {
+    "bert": (lambda b: b.attention.output.dense, lambda b: b.output.dense),
+    "roberta": (lambda b: b.attention.output.dense, lambda b: b.output.dense),
+    "electra": (lambda b: b.attention.output.dense, lambda b: b.output.dense),
+    "deberta-v2": (lambda b: b.attention.output.dense, lambda b: b.output.dense),
+    "distilbert": (lambda b: b.attention.out_lin, lambda b: b.ffn),
+    "modernbert": (lambda b: b.attn.Wo, lambda b: b.mlp),  # pre-norm
+}
+
+
+@pytest.mark.usefixtures("modernbert_rotary_in_its_dtype")
+@pytest.mark.parametrize("site", ["heads", "mlp", "residual"])
+@pytest.mark.parametrize("arch", list(ENCODER_MODULES))
+def test_atp_encoder_classifiers_first_order(arch, site):
+    # each (layer, [head,] position) of a class logit equals the central difference of really
+    # patching it along clean + s * (corrupted - clean); every position sees every other
+    hf, tok = tiny_classifier(arch)
+    model = ax.load_model(full_double(hf), tokenizer=tok)
+    text, bad = "a bad day", "a sad day"
+    ids, bad_ids = tok(text)["input_ids"], tok(bad)["input_ids"]
+    assert len(ids) == len(bad_ids)
+    got = ax.attribution_patching(model, text, 2, corrupted=bad, site=site, objective="logit")
+    base = hf.base_model
+    stack = base.transformer.layer if arch == "distilbert" else getattr(base, "layers", None)
+    blocks = list(stack if stack is not None else base.encoder.layer)
+    heads_of, mlp_of_block = ENCODER_MODULES[arch]
+    where = {"heads": heads_of, "mlp": mlp_of_block, "residual": lambda b: b}[site]
+    modules_ = [where(b) for b in blocks]
+
+    def run(x, layer=None, position=None, cols=None, value=None):
+        seen = {}
+
+        def hook(m, args, output, n):
+            a = args[0] if site == "heads" else (output[0] if isinstance(output, tuple) else output)
+            seen[n] = a[0].detach().clone()
+            if n != layer:
+                return None
+            a = a.clone()
+            a[0, position, cols] = value
+            if site == "heads":
+                return (a, *args[1:])
+            return (a, *output[1:]) if isinstance(output, tuple) else a
+
+        handles = [
+            m.register_forward_pre_hook(lambda m, a, n=n: hook(m, a, None, n))
+            if site == "heads"
+            else m.register_forward_hook(lambda m, a, o, n=n: hook(m, a, o, n))
+            for n, m in enumerate(modules_)
+        ]
+        try:
+            with torch.no_grad():
+                logit = model.hf(input_ids=torch.tensor([x])).logits[0, 2]
+        finally:
+            for h in handles:
+                h.remove()
+        return float(logit), seen
+
+    _, clean = run(ids)
+    _, corrupt = run(bad_ids)
+    heads = model.hf.config.num_attention_heads
+    # ModernBERT's softmax is float32 even in a float64 model: a step between its roundings
+    # (1e-3 fails) and the truncation error (1e-2 fails)
+    eps = 3e-3 if arch == "modernbert" else 1e-4
+    want = np.zeros(got.isel(target=0).shape)
+    for layer in range(len(blocks)):
+        width = clean[layer].shape[-1]
+        for h in range(heads) if site == "heads" else [None]:
+            cols = slice(None) if h is None else slice(h * width // heads, (h + 1) * width // heads)
+            for p in range(len(ids)):
+                a, b = clean[layer][p, cols], corrupt[layer][p, cols]
+                up = run(ids, layer, p, cols, a + eps * (b - a))[0]
+                down = run(ids, layer, p, cols, a - eps * (b - a))[0]
+                index = (p, layer) if h is None else (p, layer, h)
+                want[index] = (up - down) / (2 * eps)
+    assert np.abs(want).max() > 1e-6
+    rtol, atol = (1e-3, 1e-5) if arch == "modernbert" else (1e-6, 1e-9)
+    np.testing.assert_allclose(got.values[0], want, rtol=rtol, atol=atol)
+
+
 # --- errors, CLI, dataset ------------------------------------------------------------------
 
 

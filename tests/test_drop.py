@@ -66,12 +66,13 @@ def nodes_of(model: ax.Model, site: str) -> tuple[list[torch.nn.Module], str, li
     columns of each head; None: the whole output, one node per position)."""
     config = model.hf.config
     gpt2 = config.model_type == "gpt2"
+    modern = config.model_type == "modernbert"  # pre-norm encoder layers: attn.Wo, mlp
     blocks = blocks_of(model)
-    attns = [b.attn if gpt2 else b.self_attn for b in blocks]
+    attns = [b.attn if gpt2 or modern else b.self_attn for b in blocks]
     heads = config.num_attention_heads
     d = config.hidden_size // heads
     if site == "heads":
-        where = [a.c_proj if gpt2 else a.o_proj for a in attns]
+        where = [a.c_proj if gpt2 else a.Wo if modern else a.o_proj for a in attns]
         return where, "input", [slice(h * d, (h + 1) * d) for h in range(heads)]
     if site == "mlp":
         return [b.mlp for b in blocks], "output", None
@@ -416,6 +417,27 @@ def test_grad_drop_sequence_classifier_equals_naive():
     want = graddrop(per_drop)
     assert not np.allclose(want[:, :, 0], np.abs(plain.values[:, :, 0]), rtol=1e-2)
     assert_close(got.values, want, rtol=1e-7, atol=1e-9)
+
+
+@pytest.mark.usefixtures("modernbert_rotary_in_its_dtype")
+@pytest.mark.parametrize("site", ["heads", "mlp"])
+def test_grad_drop_modernbert_classifier_equals_naive(site):
+    """A pre-norm encoder: each ModernBERT layer writes ``x + b(x)``; class 2's logit."""
+    hf, tok = tiny_classifier("modernbert", num_hidden_layers=3)
+    model = ax.load_model(full_double(hf), tokenizer=tok)
+    text, corrupt = "a bad day", "a sad day"
+    ids, bad = tok(text)["input_ids"], tok(corrupt)["input_ids"]
+    assert len(ids) == len(bad)
+    per_drop = naive_estimates(
+        model, site, ids, bad, lambda logits: [logits[2]], range(len(blocks_of(model)))
+    )
+    kw = {"targets": 2, "corrupted": corrupt, "objective": "logit", "site": site}
+    got = ax.attribution_patching(model, text, grad_drop=True, **kw)
+    plain = ax.attribution_patching(model, text, **kw)
+    want = graddrop(per_drop)
+    assert not np.allclose(want[:, :, 0], np.abs(plain.values[:, :, 0]), rtol=1e-2)
+    # its eager softmax runs in float32 even in a float64 model
+    assert_close(got.values, want, rtol=1e-5, atol=1e-8)
 
 
 def test_grad_drop_qwen2_classifier_values_equal_naive():

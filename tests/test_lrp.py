@@ -1326,15 +1326,8 @@ def modernbert_lrp_reference(hf, ids: list[int], position: int | None, cls: int,
 
 @pytest.mark.parametrize("rule", ["attnlrp", "cp-lrp"])
 @pytest.mark.parametrize("task", ["sequence", "token"])
-def test_modernbert_equals_explicit_layer_by_layer_lrp(task, rule, monkeypatch):
-    from transformers.models.modernbert import modeling_modernbert
-
-    def rotate(q, k, cos, sin, unsqueeze_dim=1):  # in the model's dtype: HF's takes float32
-        cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
-        half = modeling_modernbert.rotate_half
-        return q * cos + half(q) * sin, k * cos + half(k) * sin
-
-    monkeypatch.setattr(modeling_modernbert, "apply_rotary_pos_emb", rotate)
+@pytest.mark.usefixtures("modernbert_rotary_in_its_dtype")
+def test_modernbert_equals_explicit_layer_by_layer_lrp(task, rule):
     hf, tok = tiny_classifier("modernbert", task=task)
     with torch.no_grad():  # random norm weights and biases: ones and zeros would test less
         for name, parameter in hf.named_parameters():

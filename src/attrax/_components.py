@@ -9,7 +9,8 @@ final norm directly, and the pre-LN encoder-decoders T5, NLLB's M2M100, mBART an
 post-LN Marian and BART have no direct path); attribution
 patching any decoder-only model whose layers sit where :func:`_blocks` looks (GPT-2, Llama,
 Qwen2, Gemma, Phi-3, Pythia, OPT, BLOOM, Falcon, Granite, the mixtures of experts), its
-classifiers, and Marian, BART and T5. Any other model is a :class:`ModelError` naming its
+classifiers, the encoder classifiers of :data:`_ENCODERS` (BERT and its kin, DistilBERT,
+ModernBERT), and Marian, BART and T5. Any other model is a :class:`ModelError` naming its
 architecture.
 
 * :func:`direct_logit_attribution` splits the residual stream the final norm reads into what each
@@ -738,7 +739,8 @@ def _patch_stack(model: Model, method: str, stack: str | None, site: str) -> _St
                 f"`stack={stack!r}` needs an encoder-decoder model; {model.name} has one stack "
                 "(leave stack=None)"
             )
-        return _decoder_stack(model, method)
+        kind = getattr(model.hf.config, "model_type", None)
+        return _encoder_stack(model, method) if kind in _ENCODERS else _decoder_stack(model, method)
     if stack is None:  # as `maps=None` elsewhere: the cross-attention, or the decoder's blocks
         stack = "cross" if site == "heads" else "decoder"
     if stack == "cross" and site != "heads":
@@ -756,8 +758,8 @@ _PROJECTIONS = ("o_proj", "c_proj", "dense", "out_proj")
 
 
 def _blocks(model: Model, method: str) -> list[torch.nn.Module]:
-    """A decoder-only model's (or its classifier's) layers: its base model's ``layers`` or
-    ``h``, each mapping the residual stream ``x`` to ``x + b(x)``."""
+    """A decoder-only model's (or its classifier's) layers, or ModernBERT's: its base model's
+    ``layers`` or ``h``, each mapping the residual stream ``x`` to ``x + b(x)``."""
     base = model.hf.base_model
     if not model.is_encoder_decoder:  # OPT keeps its layers in its `decoder`
         base = getattr(base, "decoder", base)
@@ -766,8 +768,8 @@ def _blocks(model: Model, method: str) -> list[torch.nn.Module]:
         raise ModelError(
             f"{method}: {type(model.hf).__name__} keeps no decoder-only layers where attrax "
             "looks (the base model's `layers` or `h`: GPT-2, Llama, Qwen2, Gemma, Phi-3, "
-            "Pythia, OPT, BLOOM, Falcon...); post-LN encoders such as BERT have no residual "
-            "stream of that form"
+            "Pythia, OPT, BLOOM, Falcon..., ModernBERT); post-LN encoders such as BERT have no "
+            "residual stream of that form"
         )
     return list(blocks)
 
@@ -819,6 +821,34 @@ def _decoder_stack(model: Model, method: str) -> _Stack:
     if not isinstance(heads, int):
         raise ModelError(f"{method}: cannot tell how many heads {type(model.hf).__name__} has")
     return _Stack("self", blocks, projections, mlps, heads)
+
+
+# encoder classifiers: where the base model keeps its blocks, where a block keeps the module
+# whose input is the concatenated heads, and the module whose output is what its MLP adds (in
+# BERT's post-norm blocks, before the LayerNorm of the residual sum)
+_BERT_BLOCKS = ("encoder.layer", "attention.output.dense", "output.dense")
+_ENCODERS = {
+    **dict.fromkeys(
+        ("bert", "roberta", "xlm-roberta", "camembert", "electra", "deberta-v2"), _BERT_BLOCKS
+    ),
+    "distilbert": ("transformer.layer", "attention.out_lin", "ffn"),
+    "modernbert": ("layers", "attn.Wo", "mlp"),  # pre-norm
+}
+
+
+def _encoder_stack(model: Model, method: str) -> _Stack:
+    """An encoder classifier's blocks (:data:`_ENCODERS`), each with the module whose input is
+    the concatenated heads and the module whose output is what its MLP adds."""
+    config = model.hf.config
+    where, projection, mlp = _ENCODERS[config.model_type]
+    blocks = list(model.hf.base_model.get_submodule(where))
+    heads = _arch.heads(config, "self")
+    if not isinstance(heads, int):
+        raise ModelError(f"{method}: cannot tell how many heads {model.name} has")
+    projections = [block.get_submodule(projection) for block in blocks]
+    return _Stack(
+        "self", blocks, projections, [block.get_submodule(mlp) for block in blocks], heads
+    )
 
 
 def _encoder_decoder_stack(model: Model, method: str, stack: str) -> _Stack:
@@ -911,7 +941,8 @@ def attribution_patching(
         grad_drop: AtP*'s GradDrop: the estimate once per layer ``l`` with ``l``'s residual
             contribution dropped from the backward pass, reported as ``sum_l |estimate_l| / (L
             - 1)`` (nonnegative; every site but ``"residual"``; decoder-only models and their
-            classifiers), all ``L`` backward rows of every target in one ``vmap``.
+            classifiers, ModernBERT's), all ``L`` backward rows of every target in one
+            ``vmap``.
         stack: encoder-decoders: ``"encoder"`` (the encoder blocks; ``source`` = the encoder
             tokens), ``"decoder"`` (the decoder blocks, their self-attention heads) or
             ``"cross"`` (the decoder's cross-attention heads); both decoder stacks live on the
