@@ -150,6 +150,20 @@ CONFIGS = {
     "olmoe": lambda v: T.OlmoeConfig(  # query and key norms over all heads, as OLMo 2
         vocab_size=v, intermediate_size=16, num_experts=4, num_experts_per_tok=2, **SIZES
     ),
+    # GPT-OSS: attention sinks (a learned logit per head beside the keys), biased projections, a
+    # local layer then a global one, experts with a clamped SwiGLU of interleaved gate and up
+    "gpt_oss": lambda v: T.GptOssConfig(
+        vocab_size=v,
+        intermediate_size=16,
+        num_key_value_heads=2,
+        head_dim=8,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        sliding_window=3,
+        layer_types=["sliding_attention", "full_attention"],
+        swiglu_limit=1.0,
+        **SIZES,
+    ),
     # state-space models: no attention; Mamba 2 scans in chunks (4 tokens here, so several)
     "mamba": lambda v: T.MambaConfig(
         vocab_size=v, hidden_size=32, num_hidden_layers=2, state_size=8

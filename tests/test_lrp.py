@@ -162,6 +162,35 @@ def _gated_backward(saved: tuple, r_y: torch.Tensor, rule: str) -> torch.Tensor:
     return _linear_messages(n, w_gate, r_g, g) + _linear_messages(n, w_up, r_u, u)
 
 
+@torch.no_grad()
+def _gpt_oss_forward(experts, e: int, n: torch.Tensor) -> tuple[torch.Tensor, tuple]:
+    """GPT-OSS's expert ``e``: gate and up interleaved in one biased projection, ``p = (clamp(up)
+    + 1) * g * sigmoid(alpha * g)`` with ``g = clamp(gate)``, then a biased down projection."""
+    w, b = experts.gate_up_proj[e], experts.gate_up_proj_bias[e]  # [H, 2I]: n @ w
+    z = n @ w + b
+    g = z[..., 0::2].clamp(max=experts.limit)
+    u = z[..., 1::2].clamp(min=-experts.limit, max=experts.limit)
+    glu = g * torch.sigmoid(experts.alpha * g)
+    p = (u + 1) * glu
+    y = p @ experts.down_proj[e] + experts.down_proj_bias[e]
+    return y, ("gpt_oss", experts, e, n, z, u, glu, p, y)
+
+
+def _gpt_oss_backward(saved: tuple, r_y: torch.Tensor, rule: str) -> torch.Tensor:
+    """Relevance of the expert's input: LRP-0 through the projections (biases keep their
+    shares), the uniform rule on ``(u + 1) * glu`` (CP-LRP: the GLU a constant), the ``+ 1``
+    keeping its share of ``u + 1``, the identity rule through the clamps and the GLU."""
+    _, experts, e, n, z, u, glu, p, y = saved
+    # the relevance per unit of p, R_p / p, then of u + 1: (R_p / p) * glu times its share
+    per_p = (r_y / y) @ experts.down_proj[e].T
+    share = 0.5 if rule == "attnlrp" else 1.0  # the uniform rule, or the GLU a constant
+    r_glu = (1 - share) * p * per_p
+    r_u = u * share * glu * per_p  # LRP-0 through u + 1: the 1 keeps its share
+    r_z = torch.empty_like(z)
+    r_z[..., 0::2], r_z[..., 1::2] = r_glu, r_u
+    return n * ((r_z / z) @ experts.gate_up_proj[e].T)
+
+
 def _mlp_forward(mlp, n2: torch.Tensor) -> tuple[torch.Tensor, tuple]:
     """A gated MLP, or a mixture of experts: ``sum_k w_k E_k(x)`` over each token's chosen
     experts, their weights from the model's own router (constants for the rules), plus Qwen2-MoE's
@@ -180,8 +209,11 @@ def _mlp_forward(mlp, n2: torch.Tensor) -> tuple[torch.Tensor, tuple]:
     for i in range(n2.shape[0]):  # every token's chosen experts, one by one
         for slot in range(index.shape[1]):
             e = int(index[i, slot])
-            w_gate, w_up = experts.gate_up_proj[e].chunk(2)
-            y, inner = _gated_forward(n2[i], w_gate, w_up, experts.down_proj[e], experts.act_fn)
+            if hasattr(experts, "alpha"):  # GPT-OSS's clamped SwiGLU
+                y, inner = _gpt_oss_forward(experts, e, n2[i])
+            else:
+                w_gate, w_up = experts.gate_up_proj[e].chunk(2)
+                y, inner = _gated_forward(n2[i], w_gate, w_up, experts.down_proj[e], experts.act_fn)
             terms.append((i, weights[i, slot] * y, inner))
             out[i] += weights[i, slot] * y
     if hasattr(mlp, "shared_expert"):
@@ -209,7 +241,8 @@ def _mlp_backward(mlp, saved: tuple, r_out: torch.Tensor, rule: str) -> torch.Te
         if i is None:  # the shared expert, every token
             r_n2 = r_n2 + _gated_backward(gated, term / out * r_out, rule)
         else:
-            r_n2[i] += _gated_backward(gated, term / out[i] * r_out[i], rule)
+            back = _gpt_oss_backward if gated[0] == "gpt_oss" else _gated_backward
+            r_n2[i] += back(gated, term / out[i] * r_out[i], rule)
     return r_n2
 
 
@@ -256,6 +289,8 @@ def llama_lrp_reference(
         kind = getattr(att, "layer_type", None)  # Gemma 3: a table per layer type
         tables = (kind,) if type(att).__name__ == "Gemma3Attention" else ()
         cos, sin = hf.model.rotary_emb(x[None], positions[None], *tables)
+        if cos.shape[-1] < d:  # GPT-OSS: one angle per pair of halves, not repeated
+            cos, sin = torch.cat([cos, cos], -1), torch.cat([sin, sin], -1)
         rot = _rotations(cos[0].double(), sin[0].double())
         if not getattr(att, "use_rope", True):  # SmolLM3's NoPE layers: the identity
             rot = torch.eye(d).double().repeat(t, 1, 1)
@@ -284,6 +319,10 @@ def llama_lrp_reference(
         )
         s = s.masked_fill(~causal, -torch.inf)
         a = torch.softmax(s if cap is None else capped, -1)
+        sinks = getattr(att, "sinks", None)  # GPT-OSS: one more logit per head, its share dropped
+        if sinks is not None:
+            a = torch.softmax(torch.cat([s, sinks[:, None, None].expand(-1, t, 1)], -1), -1)
+            a = a[..., :-1]
         o = torch.einsum("hij,jhd->ihd", a, vf)
         attn = o.reshape(t, heads * d) @ att.o_proj.weight.T
         if att.o_proj.bias is not None:  # StarCoder2's
@@ -1478,6 +1517,21 @@ def _gpt2_vocabulary(arch: str) -> tuple:
     return _family(arch, tok, attn_implementation="eager").eval(), tok
 
 
+def _gpt_oss() -> tuple:
+    """A tiny GPT-OSS on GPT-2's tokenizer (sinks, a local layer, experts with a SwiGLU limit of
+    1): random biases and sinks, wide enough that some gates and ups pass the limit, random norm
+    weights."""
+    _, tok = tiny_model("gpt2")
+    hf = _family("gpt_oss", tok, attn_implementation="eager", experts_implementation="eager")
+    with torch.no_grad():
+        for name, parameter in hf.named_parameters():
+            if name.endswith("bias") or name.endswith("sinks"):
+                parameter.normal_(0, 1.5)
+            elif "norm" in name:
+                parameter.normal_(1, 0.3)
+    return hf.eval(), tok
+
+
 def _translation_model(arch: str) -> tuple:
     """A tiny pre-norm translator of ``test_architectures`` (Marian's tokenizer)."""
     from tests.test_architectures import _translator
@@ -1576,6 +1630,7 @@ def test_cp_lrp_is_exactly_conservative_without_biases(arch):
         "qwen3_moe",
         "olmoe",
         "granitemoe",
+        "gpt_oss",
     ],
 )
 def test_llama_family_equals_explicit_layer_by_layer_lrp(arch, rule):
@@ -1586,12 +1641,13 @@ def test_llama_family_equals_explicit_layer_by_layer_lrp(arch, rule):
     # OLMo 2 (norms after attention and MLP only, query and key norms over all heads), Gemma 2
     # (tanh-capped scores and logits: the identity rule), Granite (constant factors on the
     # embeddings, the scores, each block's output and the logits), OLMo (LayerNorms without
-    # weights, which centre), StarCoder2 (LayerNorms, biases everywhere, a plain GELU MLP)
+    # weights, which centre), StarCoder2 (LayerNorms, biases everywhere, a plain GELU MLP),
+    # GPT-OSS (attention sinks, biased projections, clamped SwiGLU experts)
     if arch == "qwen2":
         model = _double(*tiny_classifier("qwen2"))
         got = ax.lrp(model, "the plot was good", [0, 1, 2], rule=rule)
     else:
-        model = _double(*BIAS_FREE[arch]())
+        model = _double(*(_gpt_oss() if arch == "gpt_oss" else BIAS_FREE[arch]()))
         got = ax.lrp(model, PROMPT, TARGET, rule=rule)
     ids = got.source_id.values.tolist()
     logits = _logits(model, got)  # the model's own forward
@@ -1682,11 +1738,13 @@ def test_forward_mode_equals_reverse_mode(llama):
     np.testing.assert_allclose(forward.values, reverse.values, rtol=1e-9, atol=1e-12)
 
 
-@pytest.mark.parametrize("arch", ["gemma3", "olmo2", "pythia", "opt-post-ln", "mt5", "codegen"])
+@pytest.mark.parametrize(
+    "arch", ["gemma3", "olmo2", "pythia", "opt-post-ln", "mt5", "codegen", "gpt_oss"]
+)
 def test_forward_mode_equals_reverse_mode_on_the_other_families(arch):
     # their patched norms (after the blocks, on queries and keys), mT5's gated feed-forward,
-    # linearised alike by jvp and vjp
-    model = _double(*BIAS_FREE[arch]())
+    # GPT-OSS's sinks and clamped experts, linearised alike by jvp and vjp
+    model = _double(*(_gpt_oss() if arch == "gpt_oss" else BIAS_FREE[arch]()))
     reverse = ax.lrp(model, PROMPT, TARGET, reduce_hidden="sum", mode="reverse")
     forward = ax.lrp(model, PROMPT, TARGET, reduce_hidden="sum", mode="forward")
     np.testing.assert_allclose(forward.values, reverse.values, rtol=1e-9, atol=1e-12)

@@ -1289,6 +1289,9 @@ EXPERTS = {
     "olmoe": ("OlmoeConfig", dict(intermediate_size=128, num_experts=16, num_experts_per_tok=8)),
     "granitemoeshared": ("GraniteMoeSharedConfig", dict(intermediate_size=344, num_local_experts=8,
                          shared_intermediate_size=512)),
+    # GPT-OSS: its clamped SwiGLU keeps more per expert than a SiLU gate; sinks, biases
+    "gpt_oss": ("GptOssConfig", dict(intermediate_size=344, num_local_experts=8,
+                num_experts_per_tok=4, head_dim=64, sliding_window=64)),
 }  # fmt: skip
 
 

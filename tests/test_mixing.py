@@ -1010,6 +1010,7 @@ LOGIT_KINDS = (
         "classifier",
         "qwen2_moe",
         "granitemoe",
+        "gpt_oss",  # attention sinks
         "gpt_neo",
         *MORE_PRE_NORM,
         *FALCON_LAYOUTS,

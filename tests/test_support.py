@@ -94,6 +94,7 @@ FAMILIES: dict[str, Callable[[], ax.Model]] = {
     "Qwen3-MoE": _causal("qwen3_moe"),
     "OLMoE": _causal("olmoe"),
     "Granite MoE": _causal("granitemoe"),
+    "GPT-OSS": _causal("gpt_oss"),
     "Granite 4 (Mamba hybrid)": _granite_hybrid,
     "Qwen3-Next (linear-attention hybrid)": _causal("qwen3_next"),
     "Mamba": _causal("mamba"),

@@ -74,8 +74,8 @@ def _positive(config: Any, key: str) -> int:
 
 
 #: mixtures of experts with Llama's layout (their routed `mlp`, Granite MoE's `block_sparse_moe`,
-#: is the module whose output the residual adds)
-EXPERTS = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe")
+#: is the module whose output the residual adds; GPT-OSS's attention has sinks)
+EXPERTS = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe", "gpt_oss")
 
 
 def experts_width(config: Any) -> int:

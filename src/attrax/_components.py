@@ -427,7 +427,9 @@ def direct_logit_attribution(
         return hook
 
     def on_mlp(layer: int) -> Callable[..., None]:
-        def hook(_module: torch.nn.Module, _args: Any, output: torch.Tensor) -> None:
+        def hook(_module: torch.nn.Module, _args: Any, output: Any) -> None:
+            if isinstance(output, tuple):  # GPT-OSS's MLP also returns its routing weights
+                output = output[0]
             if layer in chosen_layers:  # [B, K]: the MLP's output at each target's position
                 # OPT's fc2 runs on [B * L, H]
                 at = full_precision(output.reshape(*t.ids.shape, -1)[rows, t.index])
@@ -626,7 +628,9 @@ def _encoder_decoder_dla(call: Call, layers: Selection, heads: Selection) -> xr.
         return hook
 
     def on_mlp(layer: int) -> Callable[..., None]:
-        def hook(_module: torch.nn.Module, _args: Any, output: torch.Tensor) -> None:
+        def hook(_module: torch.nn.Module, _args: Any, output: Any) -> None:
+            if isinstance(output, tuple):  # GPT-OSS's MLP also returns its routing weights
+                output = output[0]
             if layer in chosen_layers:  # [B, K]: the MLP's output at each target's position
                 mlps_out[layer] = torch.einsum(
                     "bkh,bkh->bk", full_precision(output[rows, t.index]), u

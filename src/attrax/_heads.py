@@ -846,7 +846,8 @@ def _softmax_changes(
     Queries: ``A' - A``, each query's row with its own query corrupted (a row depends on its
     query alone, so all rows come from one call). Keys: the attention run once on the clean
     keys followed by the corrupted ones; splitting it, ``P_c`` and ``P_p``, shares one
-    normaliser per row, so with ``c = sum(P_c)`` and ``d_s = c - P_c[s] + P_p[s]`` the row with
+    normaliser per row, so with ``c = sum(P_c)`` (plus what an attention sink takes, ``1 -
+    sum(P_c) - sum(P_p)``) and ``d_s = c - P_c[s] + P_p[s]`` the row with
     key ``s`` alone corrupted is ``P_c / d_s`` off ``s`` and ``P_p[s] / d_s`` at it. Returned:
     ``A = P_c / c``, ``gamma = c / d - 1`` (how every other probability of the row scales) and
     ``delta = P_p / d - A - A * gamma``, so that key ``s``'s effect is ``sum_t (sum_s' G A)_t
@@ -859,7 +860,9 @@ def _softmax_changes(
     keys, values = torch.cat([k, corrupt.key.to(wide)], 2), torch.cat([v, v], 2)
     both = clean.weights(q, keys, values, doubled=True).to(wide)
     own, patched = both.split(k.shape[2], dim=-1)
-    c = own.sum(-1, keepdim=True)
+    # an attention sink (GPT-OSS) takes what the keys leave: a key never corrupted
+    sink = (1 - own.sum(-1, keepdim=True) - patched.sum(-1, keepdim=True)).clamp(min=0)
+    c = own.sum(-1, keepdim=True) + sink
     a = own / c
     if not torch.allclose(a, clean.weights(q, k, v).to(wide), rtol=1e-3, atol=1e-5):
         raise ModelError(

@@ -111,7 +111,7 @@ def _ruled(
 
 
 # kwargs of the attention interface that change its math in ways this attention does not know
-_REFUSED_KWARGS = ("s_aux", "sinks", "head_mask")
+_REFUSED_KWARGS = ("sinks", "head_mask")
 
 
 def _attention(
@@ -149,8 +149,14 @@ def _attention(
             scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
         else:
             scores = scores + mask
+    sinks = kwargs.get("s_aux")
+    if sinks is not None:  # GPT-OSS: a learned logit per head beside the keys (a constant)
+        column = sinks.detach().to(scores.dtype).reshape(1, -1, 1, 1)
+        scores = torch.cat([scores, column.expand(*scores.shape[:-1], 1)], dim=-1)
     # in float32 at least, as transformers' eager attention (float64 stays float64)
     weights = torch.softmax(scores, dim=-1, dtype=at_least_float32(scores.dtype))
+    if sinks is not None:  # the sink's probability: what the keys do not get
+        weights = weights[..., :-1]
     weights = weights.to(query.dtype)
     out = torch.matmul(weights, value).transpose(1, 2).contiguous()
     return out, weights
@@ -311,6 +317,44 @@ def _experts(
     return out
 
 
+def _identity(x: torch.Tensor, value: torch.Tensor, at_zero: float) -> torch.Tensor:
+    """``value = f(x)`` elementwise with the identity rule: the backward multiplies by ``f(x) /
+    x`` (``at_zero``, its limit, at 0), so the relevance passes through unchanged."""
+    zero = x == 0
+    return _with_gradient(value, x, torch.where(zero, at_zero, value / torch.where(zero, 1.0, x)))
+
+
+def _gpt_oss_experts(
+    module: torch.nn.Module,
+    x: torch.Tensor,
+    router_indices: torch.Tensor,
+    routing_weights: torch.Tensor,
+) -> torch.Tensor:
+    """GPT-OSS's experts, ``sum_k w_k E_k(x)``: each expert ``down((clamp(up) + 1) *
+    glu(clamp(gate)))`` with ``glu(g) = g * sigmoid(alpha * g)``, biases, and its gate and up
+    interleaved in one projection. The routing weights are constants (:func:`_experts`); the
+    clamps and the GLU get the identity rule, the product the uniform rule (AttnLRP) or its GLU
+    held constant (CP-LRP); the ``+ 1`` keeps its share, as a bias."""
+    out = torch.zeros_like(x)
+    weights = routing_weights.detach()
+    limit, alpha = module.limit, module.alpha
+    with torch.no_grad():
+        mask = torch.nn.functional.one_hot(router_indices, module.num_experts).permute(2, 1, 0)
+        hit = [int(e) for e in (mask.sum(dim=(-1, -2)) > 0).nonzero()[:, 0]]
+    for expert in hit:  # experts, not targets or points: which tokens each reads is data
+        slot, token = torch.where(mask[expert])
+        z = x[token] @ module.gate_up_proj[expert] + module.gate_up_proj_bias[expert]
+        gate, up = z[..., ::2], z[..., 1::2]
+        clamped = gate.clamp(max=limit)
+        glu = _identity(gate, clamped * torch.sigmoid(clamped * alpha), 0.5)
+        up = _identity(up, up.clamp(min=-limit, max=limit), 1.0)
+        cp = _rule() == "cp-lrp"  # the GLU held constant, or the uniform rule
+        inner = glu.detach() * (up + 1) if cp else _uniform(up + 1, glu)
+        y = inner @ module.down_proj[expert] + module.down_proj_bias[expert]
+        out = out.index_add(0, token, (y * weights[token, slot, None]).to(out.dtype))
+    return out
+
+
 def _router(module: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """A mixture's router as transformers computes it, its routing weights held constant."""
     logits, weights, index = type(module).forward(module, x)
@@ -401,11 +445,14 @@ _PATCHED: dict[str, Callable[..., torch.Tensor]] = {
     "Qwen3MoeExperts": _experts,
     "OlmoeExperts": _experts,
     "GraniteMoeExperts": _experts,
+    "GptOssExperts": _gpt_oss_experts,
     "MixtralTopKRouter": _router,
     "Qwen2MoeTopKRouter": _router,
     "Qwen3MoeTopKRouter": _router,
     "OlmoeTopKRouter": _router,
     "GraniteMoeTopKRouter": _router,
+    "GptOssTopKRouter": _router,
+    "GptOssRMSNorm": _olmo2_rms_norm,  # the weight applied before the cast back
     "Qwen2MoeSparseMoeBlock": _shared_experts,
     "RobertaClassificationHead": _tanh_head,
     "XLMRobertaClassificationHead": _tanh_head,
@@ -451,6 +498,7 @@ _ATTENTION = frozenset(
         "Qwen3MoeAttention",  # its query and key norms are Qwen3MoeRMSNorm children (patched)
         "OlmoeAttention",  # query and key norms over all heads (patched); no clip_qkv
         "GraniteMoeAttention",
+        "GptOssAttention",  # attention sinks (`s_aux`): a constant column in the softmax
         "ElectraSelfAttention",
         "DistilBertSelfAttention",  # its output projection `out_lin` is a child Linear
         "DisentangledSelfAttention",  # DeBERTa-v2's, run by attrax (:mod:`attrax._routed`)
@@ -485,6 +533,7 @@ _LINEAR = frozenset(
         "Qwen3MoeSparseMoeBlock",
         "OlmoeSparseMoeBlock",
         "GraniteMoeMoE",
+        "GptOssMLP",  # its router and experts (patched), reshapes
         "Gemma3DecoderLayer",  # norms after attention and MLP (patched), then residual sums
         "Gemma3TextModel",
         "Gemma3ForCausalLM",
@@ -554,6 +603,7 @@ _LINEAR = frozenset(
                 "Qwen3Moe",
                 "Olmoe",
                 "GraniteMoe",
+                "GptOss",
             )
             for part in (
                 "RotaryEmbedding",
@@ -716,6 +766,7 @@ ARCHITECTURES = (
     "qwen3_moe",
     "olmoe",
     "granitemoe",
+    "gpt_oss",
     "gpt_neox",
     "opt",
     "bert",
