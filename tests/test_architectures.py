@@ -79,6 +79,15 @@ CONFIGS = {
     "olmo2": lambda v: T.Olmo2Config(  # norms after attention and MLP only
         vocab_size=v, intermediate_size=64, num_key_value_heads=2, **SIZES
     ),
+    # OLMo 3: OLMo 2's layout, a local layer (a 3-token window, its own RoPE table) then a global
+    "olmo3": lambda v: T.Olmo3Config(
+        vocab_size=v,
+        intermediate_size=64,
+        num_key_value_heads=2,
+        sliding_window=3,
+        layer_types=["sliding_attention", "full_attention"],
+        **SIZES,
+    ),
     "smollm3": lambda v: T.SmolLM3Config(  # its second layer without RoPE
         vocab_size=v, intermediate_size=64, num_key_value_heads=2, no_rope_layers=[1, 0], **SIZES
     ),

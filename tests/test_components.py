@@ -43,7 +43,7 @@ def models64() -> dict[str, ax.Model]:
     for arch in NEIGHBOURS:
         built[arch] = ax.load_model(neighbour(arch, tok).double(), tokenizer=tok)
     # norms on each attention's and MLP's output (Gemma 1: 1 + weight norms only)
-    for arch in ("gemma", "gemma2", "gemma3", "olmo2"):
+    for arch in ("gemma", "gemma2", "gemma3", "olmo2", "olmo3"):
         hf = _family(arch, tok, attn_implementation="eager")
         hf.config.final_logit_softcapping = None  # a linear readout (DLA refuses the cap)
         with torch.no_grad():  # random gains (Gemma's norms scale by 1 + weight, weight 0)
@@ -435,6 +435,7 @@ def naive_dla(model: ax.Model, source: str, target: str, contrast: str | None = 
 DLA_ARCHS = (
     "gpt2", "gpt_neo", "llama", "mistral", "qwen2", "phi3", "qwen3", "smollm3", "gemma", "gemma2", "gemma3",
     "olmo2",
+    "olmo3",
     "granite", *EXPERTS, *MORE_DECODERS, *FALCONS, "gpt_bigcode-mha", "bloom",
 )  # fmt: skip
 

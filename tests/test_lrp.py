@@ -286,8 +286,9 @@ def llama_lrp_reference(
     for layer in hf.model.layers:
         att, mlp = layer.self_attn, getattr(layer, "mlp", None) or layer.block_sparse_moe
         scale = att.scaling  # Gemma: query_pre_attn_scalar ** -0.5
-        kind = getattr(att, "layer_type", None)  # Gemma 3: a table per layer type
-        tables = (kind,) if type(att).__name__ == "Gemma3Attention" else ()
+        # Gemma 3 and OLMo 3: a table per layer type
+        kind = getattr(att, "layer_type", None) or getattr(att, "attention_type", None)
+        tables = (kind,) if type(att).__name__ in ("Gemma3Attention", "Olmo3Attention") else ()
         cos, sin = hf.model.rotary_emb(x[None], positions[None], *tables)
         if cos.shape[-1] < d:  # GPT-OSS: one angle per pair of halves, not repeated
             cos, sin = torch.cat([cos, cos], -1), torch.cat([sin, sin], -1)
@@ -1478,7 +1479,7 @@ def _causal_lm(name: str) -> tuple:
     config._attn_implementation = "eager"
     if name == "SmolLM3":  # its second layer without RoPE (NoPE)
         config.no_rope_layers = [1, 0]
-    if name == "Gemma3":  # a local layer (3-token window, its own RoPE table), a global one
+    if name in ("Gemma3", "Olmo3"):  # a local layer (3-token window, its RoPE table), a global
         config.layer_types, config.sliding_window = ["sliding_attention", "full_attention"], 3
     if name.startswith("Granite"):  # its multipliers, far from 1
         config.update(GRANITE)
@@ -1556,6 +1557,7 @@ BIAS_FREE = {
     "olmoe": lambda: _causal_lm("Olmoe"),  # query and key norms over all heads
     "granitemoe": lambda: _causal_lm("GraniteMoe"),  # experts in `block_sparse_moe`
     "olmo2": lambda: _causal_lm("Olmo2"),
+    "olmo3": lambda: _causal_lm("Olmo3"),  # a local layer with its own RoPE table
     "olmo": lambda: _causal_lm("Olmo"),
     "starcoder2": lambda: _causal_lm("Starcoder2"),
     "granite": lambda: _causal_lm("Granite"),  # scaled embeddings, blocks' outputs and logits
@@ -1599,7 +1601,7 @@ def test_cp_lrp_is_exactly_conservative_without_biases(arch):
     islands = ("mistral", "gemma", "phi3", "qwen3", "smollm3", "gemma3", "gemma3-classifier")
     islands += ("gemma2",)
     # OLMo's LayerNorm and StarCoder2's softmax run in float32 too
-    islands += ("olmo2", "olmo", "starcoder2", "granite", *NEIGHBOURS)
+    islands += ("olmo2", "olmo3", "olmo", "starcoder2", "granite", *NEIGHBOURS)
     islands += ("modernbert", "modernbert-mean")  # its rotary embedding rounds q and k to float32
     islands += ("t5", "mt5")  # T5's RMSNorm takes its variance in float32
     islands += ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe")
@@ -1621,6 +1623,7 @@ def test_cp_lrp_is_exactly_conservative_without_biases(arch):
         "smollm3",
         "gemma3",
         "olmo2",
+        "olmo3",
         "olmo",
         "starcoder2",
         "gemma2",

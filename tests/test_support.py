@@ -76,6 +76,7 @@ FAMILIES: dict[str, Callable[[], ax.Model]] = {
     "Gemma 2": _causal("gemma2"),
     "Gemma 3": _tiny("gemma3"),
     "OLMo 2": _causal("olmo2"),
+    "OLMo 3": _causal("olmo3"),
     "Granite": _causal("granite"),
     "Pythia (GPT-NeoX)": _causal("pythia"),
     "OPT": _causal("opt"),

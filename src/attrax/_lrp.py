@@ -421,6 +421,8 @@ _PATCHED: dict[str, Callable[..., torch.Tensor]] = {
     "Gemma2MLP": _gated_mlp,
     "Gemma3MLP": _gated_mlp,
     "Olmo2MLP": _gated_mlp,
+    "Olmo3RMSNorm": _olmo2_rms_norm,  # OLMo 2's, with local layers
+    "Olmo3MLP": _gated_mlp,
     "OlmoMLP": _gated_mlp,
     "CohereMLP": _gated_mlp,
     "Phi3MLP": _fused_gated_mlp,
@@ -473,6 +475,7 @@ _ATTENTION = frozenset(
         "Gemma2Attention",  # tanh-capped scores: the identity rule (``_soft_cap``)
         "Gemma3Attention",
         "Olmo2Attention",
+        "Olmo3Attention",  # OLMo 2's, a sliding window in its local layers (in the mask)
         "OlmoAttention",  # no clip_qkv (refused)
         "Starcoder2Attention",  # biases on every projection
         "PhiAttention",  # rotary on a share of each head; no q/k LayerNorm (a child if any)
@@ -593,6 +596,7 @@ _LINEAR = frozenset(
                 "Phi3",
                 "SmolLM3",
                 "Olmo2",
+                "Olmo3",  # a RoPE table per layer type (constants)
                 "Olmo",  # LayerNorms without weights (patched)
                 "Starcoder2",  # LayerNorms (patched), a plain GELU MLP
                 "Cohere",  # parallel attention and MLP, its logits scaled (a constant)
@@ -750,6 +754,7 @@ ARCHITECTURES = (
     "gemma2",
     "gemma3_text",
     "olmo2",
+    "olmo3",
     "olmo",
     "starcoder2",
     "phi",
