@@ -426,3 +426,69 @@ def test_a_hybrid_with_layers_that_do_not_attend():
     for method in (ax.attention, ax.rollout, ax.attention_x_gradient, ax.value_zeroing, ax.alti):
         with pytest.raises(ax.ModelError, match="only 1 of its 2 layers attend"):
             method(model, *PAIRS[0])
+
+
+# hybrids whose every layer has attention, but whose token mixing is not all attention: layer
+# types that mix beside it (Falcon-H1's Mamba in parallel), instead of it (MiniMax's lightning
+# attention), or by a convolution (LFM2)
+MIXERS = {
+    "falcon_h1": (T.FalconH1Config, {}, "hybrid"),  # its layers are all "hybrid"
+    "minimax": (
+        T.MiniMaxConfig,
+        {"layer_types": ["linear_attention", "full_attention"], "num_local_experts": 2},
+        "linear_attention",
+    ),
+    "lfm2": (T.Lfm2Config, {"layer_types": ["conv", "full_attention"]}, "conv"),
+}
+
+
+@pytest.mark.parametrize("family", list(MIXERS))
+def test_a_hybrid_whose_layers_mix_beside_attention(family):
+    """Gradients run; the methods that read every layer's attention refuse it, naming the layer
+    types whose mixing its attention maps leave out (Falcon-H1's every layer attends)."""
+    config_class, layout, kind = MIXERS[family]
+    _, tok = tiny_model("gpt2")
+    config = config_class(
+        vocab_size=len(tok), intermediate_size=32, num_key_value_heads=2, head_dim=8,
+        pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id, **SIZES, **layout,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = ax.load_model(T.AutoModelForCausalLM.from_config(config), tokenizer=tok)
+    _check(model, *PAIRS[0])
+    for method in (ax.attention, ax.rollout, ax.attention_x_gradient, ax.value_zeroing, ax.alti):
+        with pytest.raises(ax.ModelError, match=f"{kind}|only 1 of its 2 layers attend"):
+            method(model, *PAIRS[0])
+
+
+def test_a_causal_lm_whose_prefix_names_no_attribute():
+    """Llama 4's causal LM names its body `language_model` but keeps it in `model`: value
+    zeroing (which runs the body alone) equals the loop over zeroed values run on the model."""
+    _, tok = tiny_model("gpt2")
+    config = T.Llama4TextConfig(
+        vocab_size=len(tok), intermediate_size=32, intermediate_size_mlp=32, num_local_experts=2,
+        num_key_value_heads=2, head_dim=8, pad_token_id=tok.pad_token_id, **SIZES,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    hf = T.AutoModelForCausalLM.from_config(config).double()
+    assert hf.base_model is hf  # the prefix names no attribute
+    model = ax.load_model(hf, tokenizer=tok)
+    got = ax.value_zeroing(model, *PAIRS[0], normalize=False, layers=0)
+    ids = torch.tensor([got.source_id.values.tolist()])
+    values = hf.model.layers[0].self_attn.v_proj
+    with torch.no_grad():
+        clean = hf(input_ids=ids, output_hidden_states=True).hidden_states[1][0]
+    for j in range(ids.shape[1]):
+        zero = values.register_forward_hook(
+            lambda m, a, o, j=j: o.index_fill(1, torch.tensor([j]), 0.0)
+        )
+        with torch.no_grad():
+            moved = hf(input_ids=ids, output_hidden_states=True).hidden_states[1][0]
+        zero.remove()
+        for k, position in enumerate(got.target.values.tolist()):
+            query = position - 1
+            if j > query:
+                continue
+            want = 1 - torch.nn.functional.cosine_similarity(moved[query], clean[query], dim=0)
+            want = float(want) if float(want) >= 1e-5 else 0.0
+            assert float(got[k, j, 0]) == pytest.approx(want, rel=1e-6, abs=1e-9)

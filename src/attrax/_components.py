@@ -44,7 +44,7 @@ from ._errors import InputError, ModelError, OptionError
 from ._heads import ATTENTION_INPUTS, patch_attention_inputs
 from ._inputs import Texts, contrast_batch, prepare, to_tensors
 from ._memory import full_precision
-from ._model import Model, norm_centers, norm_divisor, norm_gain
+from ._model import Model, body, norm_centers, norm_divisor, norm_gain
 from ._protocol import Call, Family
 
 SITES = ("heads", "mlp", "residual", *ATTENTION_INPUTS)
@@ -269,7 +269,7 @@ def _parts(model: Model, method: str) -> _Parts:
             "LlamaForSequenceClassification...)"
         )
     if kind == "opt" and not (
-        hf.config.do_layer_norm_before and hf.base_model.decoder.final_layer_norm is not None
+        hf.config.do_layer_norm_before and body(hf).decoder.final_layer_norm is not None
     ):
         raise ModelError(
             f"{method}: {name} normalises after each block (OPT-350m's layout): no final norm "
@@ -286,7 +286,7 @@ def _parts(model: Model, method: str) -> _Parts:
             f"{method} reads a causal LM's head or a sequence classifier's `score` head; {name} "
             "is a token classifier"
         )
-    base = hf.base_model
+    base = body(hf)
     config = hf.config
     readout = None
     stack, attention, final = _LAYOUTS.get(kind, ("layers", "self_attn", "norm"))
@@ -764,7 +764,7 @@ _PROJECTIONS = ("o_proj", "c_proj", "dense", "out_proj")
 def _blocks(model: Model, method: str) -> list[torch.nn.Module]:
     """A decoder-only model's (or its classifier's) layers, or ModernBERT's: its base model's
     ``layers`` or ``h``, each mapping the residual stream ``x`` to ``x + b(x)``."""
-    base = model.hf.base_model
+    base = body(model.hf)
     if not model.is_encoder_decoder:  # OPT keeps its layers in its `decoder`
         base = getattr(base, "decoder", base)
     blocks = getattr(base, "layers", None) or getattr(base, "h", None)
@@ -845,7 +845,7 @@ def _encoder_stack(model: Model, method: str) -> _Stack:
     the concatenated heads and the module whose output is what its MLP adds."""
     config = model.hf.config
     where, projection, mlp = _ENCODERS[config.model_type]
-    blocks = list(model.hf.base_model.get_submodule(where))
+    blocks = list(body(model.hf).get_submodule(where))
     heads = _arch.heads(config, "self")
     if not isinstance(heads, int):
         raise ModelError(f"{method}: cannot tell how many heads {model.name} has")

@@ -45,6 +45,7 @@ from ._memory import (
 from ._model import (
     Model,
     attention_modules,
+    body,
     norm_centers,
     norm_divisor,
     norm_gain,
@@ -147,7 +148,7 @@ def _base_forward(
         kwargs |= {"position_ids": positions.expand(ids.shape), "use_cache": False}
     elif types is not None:
         kwargs["token_type_ids"] = types
-    return model.hf.base_model(**kwargs)
+    return body(model.hf)(**kwargs)
 
 
 def _rows(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -1064,7 +1065,7 @@ def alti_logit(call: Call, *, aggregate: bool = True, layers: Selection = None) 
 def _final_norm(model: Model) -> torch.nn.Module:
     """The norm the head reads: GPT-2's ``ln_f``, Llama's ``norm``, GPT-NeoX's and OPT's
     ``final_layer_norm``."""
-    base = model.hf.base_model
+    base = body(model.hf)
     base = getattr(base, "decoder", base)  # OPT's layers live in its `decoder`
     for name in ("ln_f", "norm", "final_layer_norm", "final_layernorm"):  # Phi's last
         if isinstance(getattr(base, name, None), torch.nn.Module):
@@ -1083,7 +1084,7 @@ def _logit_direction(
     unembed = head[t.target_ids].to(dtype)
     if t.contrast_ids is not None:
         unembed = unembed - head[t.contrast_ids].to(dtype)
-    readout = getattr(getattr(model.hf.base_model, "decoder", None), "project_out", None)
+    readout = getattr(getattr(body(model.hf), "decoder", None), "project_out", None)
     if readout is not None:  # the head reads P y: y is read by P^T
         unembed = unembed @ readout.weight.to(dtype)
     direction = unembed * norm_gain(final).to(dtype)

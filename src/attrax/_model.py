@@ -325,7 +325,7 @@ class Model:
         ):
             if self._score is not None and self.task == "sequence-classification":
                 # from embeddings HF cannot find the last real token, so the pooling happens here
-                hidden = self.hf.base_model(**kwargs, use_cache=False)[0]
+                hidden = body(self.hf)(**kwargs, use_cache=False)[0]
                 return self._score(hidden[rows, index])
             logits = self.hf(**kwargs).logits
         if self.task == "sequence-classification":
@@ -615,7 +615,7 @@ class Model:
         changed = embeds.clone()
         changed[:, -1] = embeds[:, 0]  # another token (a constant shift would vanish in a norm)
         mask = torch.ones_like(ids)
-        base = self.hf.base_model
+        base = body(self.hf)
         first = [base(inputs_embeds=e, attention_mask=mask)[0][:, 0] for e in (embeds, changed)]
         return _mismatch(first[1], first[0]) <= _tolerance(embeds.dtype)
 
@@ -639,7 +639,7 @@ class Model:
         if self.task != "generation":
             given = {"input_ids": ids} if embeds is None else {"inputs_embeds": embeds}
             if self._score is not None and self.task == "sequence-classification":
-                hidden = self.hf.base_model(**given, attention_mask=mask)[0]
+                hidden = body(self.hf)(**given, attention_mask=mask)[0]
                 return self._score(hidden[:, -1])  # no padding in a probe: the last token
             return self.hf(**given, attention_mask=mask).logits
         if not self.is_encoder_decoder:
@@ -1132,6 +1132,15 @@ ACTIVATION_KINDS = {
 _LAYER_NORMS = ("OlmoLayerNorm", "CohereLayerNorm")
 
 
+def body(hf: PreTrainedModel) -> torch.nn.Module:
+    """``hf``'s transformer body (``base_model``), also where the class names a prefix it has no
+    attribute for (Llama 4's causal LM keeps its body in ``model``, not ``language_model``)."""
+    base = hf.base_model
+    if base is hf and isinstance(getattr(hf, "model", None), torch.nn.Module):
+        return hf.model
+    return base
+
+
 def norm_centers(norm: torch.nn.Module) -> bool:
     """Whether ``norm`` subtracts the mean (a LayerNorm), not only divides (an RMSNorm)."""
     return isinstance(norm, torch.nn.LayerNorm) or type(norm).__name__ in _LAYER_NORMS
@@ -1351,7 +1360,7 @@ def _first_position_feed_forward(
         return None
     path, part, method = where
     try:
-        layers = hf.base_model.get_submodule(path)
+        layers = body(hf).get_submodule(path)
         owner = layers[-1].get_submodule(part) if part else layers[-1]  # type: ignore[index]
     except (AttributeError, IndexError, TypeError):
         return None
@@ -1537,6 +1546,12 @@ def refuse_mean_pooling(model: Model, method: str) -> None:
         )
 
 
+# transformers' layer types whose layers mix tokens other than by softmax attention, or beside it
+# (Falcon-H1's and Zamba 2's "hybrid" layers run a Mamba mixer in parallel with attention;
+# MiniMax's "linear_attention" is its lightning attention; LFM2's "conv" a short convolution)
+_TOKEN_MIXERS = frozenset({"conv", "hybrid", "hybrid_sliding", "linear_attention"})
+
+
 def _refuse_layers_without_attention(
     hf: PreTrainedModel, modules: dict[torch.nn.Module, tuple[str, int]]
 ) -> None:
@@ -1545,6 +1560,14 @@ def _refuse_layers_without_attention(
     that mixing out of rollout and mislabel the layers they come from."""
     attending = sum(stack == "self" for stack, _ in modules.values())
     total = _arch.layers(hf.config, "self")
+    mixing = sorted(set(getattr(hf.config, "layer_types", None) or ()) & _TOKEN_MIXERS)
+    if attending and mixing and not hf.config.is_encoder_decoder:
+        raise ModelError(
+            f"{type(hf).__name__}: its {', '.join(mixing)} layers mix tokens without attention "
+            "weights (or beside them: a convolution, a linear attention's or a Mamba mixer's "
+            "state); attrax's attention-based methods need every layer's token mixing to be its "
+            "attention. Its gradient, DeepLIFT and perturbation methods run"
+        )
     if attending and total and attending < total and not hf.config.is_encoder_decoder:
         raise ModelError(
             f"{type(hf).__name__}: only {attending} of its {total} layers attend (the others "
