@@ -865,6 +865,69 @@ def test_atp_sequence_classifier_first_order():
                 np.testing.assert_allclose(got.values[0, p, layer, h], want, rtol=1e-6, atol=1e-9)
 
 
+def central_patching(
+    modules_: list,
+    site: str,
+    score,
+    ids: list[int],
+    bad: list[int],
+    positions: int,
+    heads: int,
+    eps: float,
+    added: bool = False,
+) -> np.ndarray:
+    """``[positions, layers(, heads)]``: per layer (``modules_``), head and position, the central
+    difference of ``score(ids)`` as that activation really moves along ``clean + s * (corrupted
+    - clean)``, ``s = +-eps``. ``site``: "heads" (the module's input), else its output;
+    ``added``: the module adds its second argument to its output (BLOOM's MLP), which is then no
+    part of the activation. ``score(ids)`` runs the model, the hooks in place."""
+
+    def run(x, layer=None, position=None, cols=None, value=None):
+        seen = {}
+
+        def hook(m, args, output, n):
+            a = args[0] if site == "heads" else (output[0] if isinstance(output, tuple) else output)
+            a = a - args[1] if added else a
+            seen[n] = a[0].detach().clone()
+            if n != layer:
+                return None
+            a = a.clone()
+            a[0, position, cols] = value
+            if site == "heads":
+                return (a, *args[1:])
+            if added:
+                return a + args[1]
+            return (a, *output[1:]) if isinstance(output, tuple) else a
+
+        handles = [
+            m.register_forward_pre_hook(lambda m, a, n=n: hook(m, a, None, n))
+            if site == "heads"
+            else m.register_forward_hook(lambda m, a, o, n=n: hook(m, a, o, n))
+            for n, m in enumerate(modules_)
+        ]
+        try:
+            with torch.no_grad():
+                return score(x), seen
+        finally:
+            for h in handles:
+                h.remove()
+
+    _, clean = run(ids)
+    _, corrupt = run(bad)
+    layers = len(modules_)
+    want = np.zeros((positions, layers) + ((heads,) if site == "heads" else ()))
+    for layer in range(layers):
+        width = clean[layer].shape[-1]
+        for h in range(heads) if site == "heads" else [None]:
+            cols = slice(None) if h is None else slice(h * width // heads, (h + 1) * width // heads)
+            for p in range(positions):
+                a, b = clean[layer][p, cols], corrupt[layer][p, cols]
+                up = run(ids, layer, p, cols, a + eps * (b - a))[0]
+                down = run(ids, layer, p, cols, a - eps * (b - a))[0]
+                want[(p, layer) if h is None else (p, layer, h)] = (up - down) / (2 * eps)
+    return want
+
+
 #: the test's own table for encoder classifiers: per block, the module whose input is the
 #: concatenated heads and the module whose output is what the MLP adds (BERT's before the
 #: LayerNorm of its residual sum)
@@ -897,51 +960,14 @@ def test_atp_encoder_classifiers_first_order(arch, site):
     where = {"heads": heads_of, "mlp": mlp_of_block, "residual": lambda b: b}[site]
     modules_ = [where(b) for b in blocks]
 
-    def run(x, layer=None, position=None, cols=None, value=None):
-        seen = {}
+    def score(x: list[int]) -> float:
+        return float(model.hf(input_ids=torch.tensor([x])).logits[0, 2])
 
-        def hook(m, args, output, n):
-            a = args[0] if site == "heads" else (output[0] if isinstance(output, tuple) else output)
-            seen[n] = a[0].detach().clone()
-            if n != layer:
-                return None
-            a = a.clone()
-            a[0, position, cols] = value
-            if site == "heads":
-                return (a, *args[1:])
-            return (a, *output[1:]) if isinstance(output, tuple) else a
-
-        handles = [
-            m.register_forward_pre_hook(lambda m, a, n=n: hook(m, a, None, n))
-            if site == "heads"
-            else m.register_forward_hook(lambda m, a, o, n=n: hook(m, a, o, n))
-            for n, m in enumerate(modules_)
-        ]
-        try:
-            with torch.no_grad():
-                logit = model.hf(input_ids=torch.tensor([x])).logits[0, 2]
-        finally:
-            for h in handles:
-                h.remove()
-        return float(logit), seen
-
-    _, clean = run(ids)
-    _, corrupt = run(bad_ids)
     heads = model.hf.config.num_attention_heads
     # ModernBERT's softmax is float32 even in a float64 model: a step between its roundings
     # (1e-3 fails) and the truncation error (1e-2 fails)
     eps = 3e-3 if arch == "modernbert" else 1e-4
-    want = np.zeros(got.isel(target=0).shape)
-    for layer in range(len(blocks)):
-        width = clean[layer].shape[-1]
-        for h in range(heads) if site == "heads" else [None]:
-            cols = slice(None) if h is None else slice(h * width // heads, (h + 1) * width // heads)
-            for p in range(len(ids)):
-                a, b = clean[layer][p, cols], corrupt[layer][p, cols]
-                up = run(ids, layer, p, cols, a + eps * (b - a))[0]
-                down = run(ids, layer, p, cols, a - eps * (b - a))[0]
-                index = (p, layer) if h is None else (p, layer, h)
-                want[index] = (up - down) / (2 * eps)
+    want = central_patching(modules_, site, score, ids, bad_ids, len(ids), heads, eps)
     assert np.abs(want).max() > 1e-6
     rtol, atol = (1e-3, 1e-5) if arch == "modernbert" else (1e-6, 1e-9)
     np.testing.assert_allclose(got.values[0], want, rtol=rtol, atol=atol)
@@ -2159,62 +2185,17 @@ def test_atp_other_decoder_families_first_order(family, site):
         where = [getattr(getattr(b, attention), projection) for b in blocks]
     else:
         where = [mlp_of(b) if site == "mlp" else b for b in blocks]
-    heads = model.hf.config.num_attention_heads
-
-    def run(ids, layer=None, position=None, cols=None, value=None):
-        seen = {}
-
-        def hook(m, args, output, n):
-            x = args[0] if site == "heads" else (output[0] if isinstance(output, tuple) else output)
-            added = family == "bloom" and site == "mlp"  # its output minus the residual
-            x = x - args[1] if added else x
-            seen[n] = x[0].detach().clone()
-            if n != layer:
-                return None
-            x = x.clone()
-            x[0, position, cols] = value
-            if site == "heads":
-                return (x, *args[1:])
-            if added:
-                return x + args[1]
-            return (x, *output[1:]) if isinstance(output, tuple) else x
-
-        handles = []
-        for n, module in enumerate(where):
-            if site == "heads":
-                h = module.register_forward_pre_hook(lambda m, a, n=n: hook(m, a, None, n))
-            else:
-                h = module.register_forward_hook(lambda m, a, o, n=n: hook(m, a, o, n))
-            handles.append(h)
-        try:
-            with torch.no_grad():
-                logits = model.hf(input_ids=torch.tensor([ids]), use_cache=False).logits[0]
-        finally:
-            for h in handles:
-                h.remove()
-        return logits, seen
-
     src, tgt = token_ids(model, SOURCE, TARGET)
     ids, bad = src + tgt, token_ids(model, CORRUPTED, TARGET)[0] + tgt
-    _, clean = run(ids)
-    _, corrupt = run(bad)
-    eps, k = 1e-2, 0
-    i, t = len(src) - 1, tgt[0]
-    want = np.zeros(got.isel(target=0).shape)
-    for layer in range(len(blocks)):
-        width = clean[layer].shape[-1]
-        groups = range(heads) if site == "heads" else [None]
-        for h in groups:
-            cols = slice(None) if h is None else slice(h * width // heads, (h + 1) * width // heads)
-            for p in range(i + 1):
-                a, b = clean[layer][p, cols], corrupt[layer][p, cols]
-                up = run(ids, layer, p, cols, a + eps * (b - a))[0][i, t]
-                down = run(ids, layer, p, cols, a - eps * (b - a))[0][i, t]
-                value = float(up - down) / (2 * eps)
-                if h is None:
-                    want[p, layer] = value
-                else:
-                    want[p, layer, h] = value
+    i, t, k = len(src) - 1, tgt[0], 0
+
+    def score(x: list[int]) -> float:
+        return float(model.hf(input_ids=torch.tensor([x]), use_cache=False).logits[0, i, t])
+
+    heads = model.hf.config.num_attention_heads
+    added = family == "bloom" and site == "mlp"  # its output minus the residual
+    want = central_patching(where, site, score, ids, bad, i + 1, heads, 1e-2, added)
+    want = np.concatenate([want, np.zeros((len(ids) - i - 1, *want.shape[1:]))])
     assert np.abs(want).max() > 0
     # the families' norms and eager softmax run in float32 even in a float64 model, hence the
     # wide step; measured at most 1.6e-4 of the largest value
