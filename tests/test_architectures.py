@@ -115,6 +115,20 @@ CONFIGS = {
     "starcoder2": lambda v: T.Starcoder2Config(
         vocab_size=v, intermediate_size=64, num_key_value_heads=2, **SIZES
     ),
+    # StableLM: Llama's layout with LayerNorms, rotary on a quarter of each head; its parallel
+    # layout (StableLM 2 12B) with per-head query and key LayerNorms and q/k/v biases
+    "stablelm": lambda v: T.StableLmConfig(
+        vocab_size=v, intermediate_size=64, num_key_value_heads=2, **SIZES
+    ),
+    "stablelm-parallel": lambda v: T.StableLmConfig(
+        vocab_size=v,
+        intermediate_size=64,
+        num_key_value_heads=2,
+        use_parallel_residual=True,
+        qk_layernorm=True,
+        use_qkv_bias=True,
+        **SIZES,
+    ),
     # OLMo (1): Llama's layout with LayerNorms that have no weights
     "olmo": lambda v: T.OlmoConfig(vocab_size=v, intermediate_size=64, **SIZES),
     # Cohere (Command R): parallel attention and MLP, a bias-free LayerNorm, scaled logits

@@ -104,6 +104,7 @@ EXPERTS = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe", "gpt_oss"
 # LayerNorms; OLMo's without weights), Cohere (parallel, its LayerNorms without biases, its
 # logits scaled)
 MORE_DECODERS = ("gptj", "codegen", "phi", "starcoder2", "olmo", "cohere", "gpt_bigcode")
+MORE_DECODERS += ("stablelm", "stablelm-parallel")  # LayerNorms; parallel, per-head q/k norms
 
 
 # Falcon's three layouts of its fused query_key_value: Falcon-7B's (multi-query, parallel),

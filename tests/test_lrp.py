@@ -290,9 +290,12 @@ def llama_lrp_reference(
         kind = getattr(att, "layer_type", None) or getattr(att, "attention_type", None)
         tables = (kind,) if type(att).__name__ in ("Gemma3Attention", "Olmo3Attention") else ()
         cos, sin = hf.model.rotary_emb(x[None], positions[None], *tables)
-        if cos.shape[-1] < d:  # GPT-OSS: one angle per pair of halves, not repeated
-            cos, sin = torch.cat([cos, cos], -1), torch.cat([sin, sin], -1)
-        rot = _rotations(cos[0].double(), sin[0].double())
+        if hasattr(att, "rotary_ndims"):  # StableLM: RoPE on a share of each head
+            rot = _partial_rotations(cos[0].double(), sin[0].double(), d)
+        else:
+            if cos.shape[-1] < d:  # GPT-OSS: one angle per pair of halves, not repeated
+                cos, sin = torch.cat([cos, cos], -1), torch.cat([sin, sin], -1)
+            rot = _rotations(cos[0].double(), sin[0].double())
         if not getattr(att, "use_rope", True):  # SmolLM3's NoPE layers: the identity
             rot = torch.eye(d).double().repeat(t, 1, 1)
         window = getattr(att, "sliding_window", None) or t
@@ -1512,10 +1515,12 @@ def _classifier(name: str) -> tuple:
     return head, tok
 
 
-def _gpt2_vocabulary(arch: str) -> tuple:
-    """A tiny random model of ``test_architectures``' family ``arch`` on GPT-2's tokenizer."""
+def _gpt2_vocabulary(arch: str, random: bool = False) -> tuple:
+    """A tiny random model of ``test_architectures``' family ``arch`` on GPT-2's tokenizer (with
+    ``random``: random biases and LayerNorm weights, :func:`tests.test_components.vary`)."""
     _, tok = tiny_model("gpt2")
-    return _family(arch, tok, attn_implementation="eager").eval(), tok
+    hf = _family(arch, tok, attn_implementation="eager")
+    return (vary(hf, norms=True) if random else hf).eval(), tok
 
 
 def _gpt_oss() -> tuple:
@@ -1560,6 +1565,10 @@ BIAS_FREE = {
     "olmo3": lambda: _causal_lm("Olmo3"),  # a local layer with its own RoPE table
     "olmo": lambda: _causal_lm("Olmo"),
     "starcoder2": lambda: _causal_lm("Starcoder2"),
+    # LayerNorms (random weights and biases here), a quarter of each head rotated; in parallel,
+    # per-head query and key LayerNorms, q/k/v biases
+    "stablelm": lambda: _gpt2_vocabulary("stablelm", random=True),
+    "stablelm-parallel": lambda: _gpt2_vocabulary("stablelm-parallel", random=True),
     "granite": lambda: _causal_lm("Granite"),  # scaled embeddings, blocks' outputs and logits
     "gemma3-classifier": lambda: _classifier("Gemma3"),
     **NEIGHBOURS,
@@ -1602,6 +1611,7 @@ def test_cp_lrp_is_exactly_conservative_without_biases(arch):
     islands += ("gemma2",)
     # OLMo's LayerNorm and StarCoder2's softmax run in float32 too
     islands += ("olmo2", "olmo3", "olmo", "starcoder2", "granite", *NEIGHBOURS)
+    islands += ("stablelm", "stablelm-parallel")  # its eager softmax runs in float32
     islands += ("modernbert", "modernbert-mean")  # its rotary embedding rounds q and k to float32
     islands += ("t5", "mt5")  # T5's RMSNorm takes its variance in float32
     islands += ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe")
@@ -1634,6 +1644,7 @@ def test_cp_lrp_is_exactly_conservative_without_biases(arch):
         "olmoe",
         "granitemoe",
         "gpt_oss",
+        "stablelm",
     ],
 )
 def test_llama_family_equals_explicit_layer_by_layer_lrp(arch, rule):

@@ -256,6 +256,7 @@ ALTI_ARCHS += ("olmo3",)  # OLMo 2's layout with local layers
 # shards of a fused projection, Cohere's LayerNorm without a bias, its logits scaled); StarCoder2
 # and OLMo: Llama's layout with LayerNorms (OLMo's without weights)
 MORE_PRE_NORM = ("gptj", "codegen", "phi", "cohere", "starcoder2", "olmo", "gpt_bigcode")
+MORE_PRE_NORM += ("stablelm", "stablelm-parallel")  # LayerNorms; parallel, per-head q/k norms
 # Falcon's layouts (test_components.FALCONS)
 FALCON_LAYOUTS = ("falcon", "falcon-heads", "falcon-40b")
 

@@ -85,6 +85,7 @@ FAMILIES: dict[str, Callable[[], ax.Model]] = {
     "Phi (1, 2)": _causal("phi"),
     "GPT-BigCode (StarCoder)": _causal("gpt_bigcode"),
     "StarCoder2": _causal("starcoder2"),
+    "StableLM": _causal("stablelm"),
     "OLMo": _causal("olmo"),
     "Cohere (Command R)": _causal("cohere"),
     "OPT, post-LN (350m)": _post_ln_opt,

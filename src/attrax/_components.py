@@ -218,6 +218,7 @@ _LLAMA_LIKE = (
     "starcoder2",  # LayerNorms and biases
     "olmo",  # LayerNorms without weights
     "cohere",  # attention and MLP in parallel, LayerNorms without biases, scaled logits
+    "stablelm",  # LayerNorms, attention and MLP in sequence or in parallel
 )
 # attention and MLP in parallel on one LayerNorm (Falcon's: one or two), both added to the
 # stream: the same sum

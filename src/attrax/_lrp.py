@@ -425,6 +425,7 @@ _PATCHED: dict[str, Callable[..., torch.Tensor]] = {
     "Olmo3MLP": _gated_mlp,
     "OlmoMLP": _gated_mlp,
     "CohereMLP": _gated_mlp,
+    "StableLmMLP": _gated_mlp,
     "Phi3MLP": _fused_gated_mlp,
     "Qwen3MLP": _gated_mlp,
     "SmolLM3MLP": _gated_mlp,
@@ -478,6 +479,7 @@ _ATTENTION = frozenset(
         "Olmo3Attention",  # OLMo 2's, a sliding window in its local layers (in the mask)
         "OlmoAttention",  # no clip_qkv (refused)
         "Starcoder2Attention",  # biases on every projection
+        "StableLmAttention",  # rotary on a share of each head; per-head LayerNorms (children)
         "PhiAttention",  # rotary on a share of each head; no q/k LayerNorm (a child if any)
         "GPTJAttention",  # rotary on interleaved pairs of a share of each head
         "CodeGenAttention",  # GPT-J's, its queries, values and keys in shards of one Linear
@@ -600,6 +602,7 @@ _LINEAR = frozenset(
                 "Olmo",  # LayerNorms without weights (patched)
                 "Starcoder2",  # LayerNorms (patched), a plain GELU MLP
                 "Cohere",  # parallel attention and MLP, its logits scaled (a constant)
+                "StableLm",  # LayerNorms (patched), parallel or sequential residuals
                 "Gemma2",
                 "Granite",  # constant factors on the embeddings, each block's output, the logits
                 "Mixtral",
@@ -619,6 +622,7 @@ _LINEAR = frozenset(
             )
         ),
         "Starcoder2MLP",  # c_fc, its activation (a child module), c_proj
+        "StableLmLayerNormPerHead",  # splits the heads, each its LayerNorm (patched), joins them
         # GPT-J, CodeGen and Phi (1, 2): attention and MLP in parallel on one LayerNorm, both
         # added to the stream
         *(
@@ -757,6 +761,7 @@ ARCHITECTURES = (
     "olmo3",
     "olmo",
     "starcoder2",
+    "stablelm",
     "phi",
     "gptj",
     "codegen",

@@ -506,6 +506,7 @@ _PRE_NORM = (
     "phi",
     "cohere",  # its LayerNorm has no bias
     "starcoder2",  # Llama's layout with LayerNorms and biases
+    "stablelm",  # Llama's layout with LayerNorms (parallel in some), per-head query/key norms
     "olmo",  # Llama's layout with LayerNorms without weights
     "falcon",  # parallel (7B, 40B) or sequential blocks, values in a fused query_key_value
     "bloom",  # its attention module adds the residual itself; values as GPT-NeoX's

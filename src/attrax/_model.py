@@ -1556,10 +1556,18 @@ def _refuse_layers_without_attention(
     hf: PreTrainedModel, modules: dict[torch.nn.Module, tuple[str, int]]
 ) -> None:
     """A ModelError for a decoder-only hybrid, some of whose layers mix tokens without attention
-    weights (Mamba layers: Granite 4, Jamba): maps of its attention layers alone would leave
-    that mixing out of rollout and mislabel the layers they come from."""
+    weights (Mamba layers: Granite 4, Jamba) or beside it (Falcon-H1): maps of its attention
+    layers alone would leave that mixing out of rollout and mislabel the layers they come
+    from."""
     attending = sum(stack == "self" for stack, _ in modules.values())
     total = _arch.layers(hf.config, "self")
+    if attending and total and attending < total and not hf.config.is_encoder_decoder:
+        raise ModelError(
+            f"{type(hf).__name__}: only {attending} of its {total} layers attend (the others "
+            "mix tokens without attention weights, as a hybrid's Mamba layers do); attrax's "
+            "attention-based methods need every layer's attention. Its gradient, DeepLIFT and "
+            "perturbation methods run"
+        )
     mixing = sorted(set(getattr(hf.config, "layer_types", None) or ()) & _TOKEN_MIXERS)
     if attending and mixing and not hf.config.is_encoder_decoder:
         raise ModelError(
@@ -1567,13 +1575,6 @@ def _refuse_layers_without_attention(
             "weights (or beside them: a convolution, a linear attention's or a Mamba mixer's "
             "state); attrax's attention-based methods need every layer's token mixing to be its "
             "attention. Its gradient, DeepLIFT and perturbation methods run"
-        )
-    if attending and total and attending < total and not hf.config.is_encoder_decoder:
-        raise ModelError(
-            f"{type(hf).__name__}: only {attending} of its {total} layers attend (the others "
-            "mix tokens without attention weights, as a hybrid's Mamba layers do); attrax's "
-            "attention-based methods need every layer's attention. Its gradient, DeepLIFT and "
-            "perturbation methods run"
         )
 
 
