@@ -307,7 +307,10 @@ def llama_lrp_reference(
         q, k, v = (n1 @ w.T + (0 if b is None else b) for w, b in projections)  # Qwen2: biases
         q, k, v = q.view(t, heads, d), k.view(t, kv, d), v.view(t, kv, d)
         qn, kn = q, k
-        if hasattr(att, "q_norm") and att.q_norm.weight.shape[0] == d:  # per head: Qwen3, Gemma 3
+        if getattr(att, "qk_layernorm", False):  # StableLM: a LayerNorm of each head's own
+            qn = torch.stack([n(q[:, i]) for i, n in enumerate(att.q_layernorm.norms)], 1)
+            kn = torch.stack([n(k[:, i]) for i, n in enumerate(att.k_layernorm.norms)], 1)
+        elif hasattr(att, "q_norm") and att.q_norm.weight.shape[0] == d:  # per head: Qwen3
             qn, kn = _rms(q, _norm_scale(att.q_norm), eps), _rms(k, _norm_scale(att.k_norm), eps)
         elif hasattr(att, "q_norm"):  # OLMo 2: all queries' width at once, all keys'
             qn = _rms(q.reshape(t, -1), att.q_norm.weight, eps).view(t, heads, d)
@@ -336,7 +339,9 @@ def llama_lrp_reference(
         an = _rms(attn, _norm_scale(layer.post_attention_layernorm), eps) if sandwich else attn
         h1 = h + branch * an
         n2 = h1  # OLMo 2: no norm before the MLP
-        if pre:  # Llama's post_attention_layernorm is that norm; Gemma 3 has a norm there too
+        if getattr(layer, "use_parallel_residual", False):  # StableLM: the MLP reads n1 too
+            n2 = n1
+        elif pre:  # Llama's post_attention_layernorm is that norm; Gemma 3 has a norm there too
             before = getattr(layer, "pre_feedforward_layernorm", layer.post_attention_layernorm)
             n2 = norm(h1, before)
         out, ffn = _mlp_forward(mlp, n2)
@@ -369,8 +374,10 @@ def llama_lrp_reference(
         # output (scale constant, elementwise) passes its share on to `out`
         r_h1, r_out = h1 / h2 * relevance, branch * on / h2 * relevance
         r_n2 = _mlp_backward(mlp, ffn, r_out, rule)
+        parallel = getattr(layer, "use_parallel_residual", False)  # then n2 is n1: added below
         # RMSNorm with its scale constant: elementwise, passes R unchanged; a LayerNorm centres
-        r_h1 = r_h1 + back(h1, layer.post_attention_layernorm, r_n2, n2)
+        if not parallel:
+            r_h1 = r_h1 + back(h1, layer.post_attention_layernorm, r_n2, n2)
         r_h, r_attn = h / h1 * r_h1, branch * an / h1 * r_h1  # an: attn, or Gemma 3's norm
         r_o = _linear_messages(o.reshape(t, heads * d), att.o_proj.weight, r_attn, attn)
         r_o = r_o.view(t, heads, d)
@@ -385,12 +392,19 @@ def llama_lrp_reference(
             r_k = kn * torch.einsum("tnm,thn->thm", rot, r_kr / kr)
         else:
             r_q, r_k = torch.zeros_like(q), torch.zeros_like(k)
+        if getattr(att, "qk_layernorm", False):  # StableLM: each head's LayerNorm centres it
+            r_q, r_k = (
+                torch.stack([_layer_norm_messages(x[:, i], n, r[:, i], y[:, i])
+                             for i, n in enumerate(norms.norms)], 1)
+                for x, r, y, norms in ((q, r_q, qn, att.q_layernorm), (k, r_k, kn, att.k_layernorm))
+            )  # fmt: skip
         r_v = r_vf.reshape(t, kv, group, d).sum(2)  # copies of a kv head add up
         projections = _query_key_value(att, heads * d, kv * d)
         r_n1 = sum(
             _linear_messages(n1, w, r.reshape(t, -1), y.reshape(t, -1))
             for (w, _), r, y in zip(projections, (r_q, r_k, r_v), (q, k, v), strict=True)
         )
+        r_n1 = r_n1 + r_n2 if parallel else r_n1
         relevance = r_h + back(h, getattr(layer, "input_layernorm", None), r_n1, n1)
     return relevance.numpy(), absorbed, logit
 
@@ -1645,6 +1659,7 @@ def test_cp_lrp_is_exactly_conservative_without_biases(arch):
         "granitemoe",
         "gpt_oss",
         "stablelm",
+        "stablelm-parallel",
     ],
 )
 def test_llama_family_equals_explicit_layer_by_layer_lrp(arch, rule):
