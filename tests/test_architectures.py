@@ -79,6 +79,20 @@ CONFIGS = {
     "olmo2": lambda v: T.Olmo2Config(  # norms after attention and MLP only
         vocab_size=v, intermediate_size=64, num_key_value_heads=2, **SIZES
     ),
+    # CWM: Llama's layout, a global layer then a local one (a 3-token window)
+    "cwm": lambda v: T.CwmConfig(
+        vocab_size=v,
+        intermediate_size=64,
+        num_key_value_heads=2,
+        head_dim=8,
+        sliding_window=3,
+        layer_types=["full_attention", "sliding_attention"],
+        **SIZES,
+    ),
+    # Seed-OSS: Llama's layout with biased query, key and value projections
+    "seed_oss": lambda v: T.SeedOssConfig(
+        vocab_size=v, intermediate_size=64, num_key_value_heads=2, head_dim=8, **SIZES
+    ),
     # OLMo 3: OLMo 2's layout, a local layer (a 3-token window, its own RoPE table) then a global
     "olmo3": lambda v: T.Olmo3Config(
         vocab_size=v,

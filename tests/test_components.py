@@ -31,7 +31,7 @@ def models64() -> dict[str, ax.Model]:
     _, tok = tiny_model("llama")
     # Llama's layout; Qwen2's v_proj has a bias, Qwen3 norms queries and keys, SmolLM3 has NoPE
     # Granite: constant factors on the embeddings, the scores, each block's output, the logits
-    for arch in ("mistral", "qwen2", "phi3", "qwen3", "smollm3", "granite", *EXPERTS):
+    for arch in ("mistral", "qwen2", "phi3", "qwen3", "smollm3", "granite", *LLAMA_KIN, *EXPERTS):
         built[arch] = ax.load_model(full_double(llama_like(arch, tok)), tokenizer=tok)
     for arch in MORE_DECODERS:  # random biases, as Llama's relatives get
         built[arch] = ax.load_model(full_double(llama_like(arch, tok)), tokenizer=tok)
@@ -97,6 +97,8 @@ def llama_like(arch: str, tok) -> torch.nn.Module:
     return hf.eval()
 
 
+# Llama's layout: CWM (local layers), Seed-OSS (biased projections)
+LLAMA_KIN = ("cwm", "seed_oss")
 # mixtures of experts with Llama's layout: a routed `mlp` (Granite MoE's `block_sparse_moe`)
 EXPERTS = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe", "gpt_oss")
 # GPT-J, CodeGen and Phi (attention and MLP in parallel on one LayerNorm, a biased LM head;
@@ -437,7 +439,7 @@ DLA_ARCHS = (
     "gpt2", "gpt_neo", "llama", "mistral", "qwen2", "phi3", "qwen3", "smollm3", "gemma", "gemma2", "gemma3",
     "olmo2",
     "olmo3",
-    "granite", *EXPERTS, *MORE_DECODERS, *FALCONS, "gpt_bigcode-mha", "bloom",
+    "granite", *LLAMA_KIN, *EXPERTS, *MORE_DECODERS, *FALCONS, "gpt_bigcode-mha", "bloom",
 )  # fmt: skip
 
 

@@ -1496,7 +1496,7 @@ def _causal_lm(name: str) -> tuple:
     config._attn_implementation = "eager"
     if name == "SmolLM3":  # its second layer without RoPE (NoPE)
         config.no_rope_layers = [1, 0]
-    if name in ("Gemma3", "Olmo3"):  # a local layer (3-token window, its RoPE table), a global
+    if name in ("Gemma3", "Olmo3", "Cwm"):  # a local layer (a 3-token window), a global one
         config.layer_types, config.sliding_window = ["sliding_attention", "full_attention"], 3
     if name.startswith("Granite"):  # its multipliers, far from 1
         config.update(GRANITE)
@@ -1584,6 +1584,8 @@ BIAS_FREE = {
     "stablelm": lambda: _gpt2_vocabulary("stablelm", random=True),
     "stablelm-parallel": lambda: _gpt2_vocabulary("stablelm-parallel", random=True),
     "granite": lambda: _causal_lm("Granite"),  # scaled embeddings, blocks' outputs and logits
+    "cwm": lambda: _causal_lm("Cwm"),  # a local layer
+    "seed_oss": lambda: _causal_lm("SeedOss"),  # biased q/k/v projections
     "gemma3-classifier": lambda: _classifier("Gemma3"),
     **NEIGHBOURS,
     "marian": lambda: tiny_model("marian"),
@@ -1626,6 +1628,7 @@ def test_cp_lrp_is_exactly_conservative_without_biases(arch):
     # OLMo's LayerNorm and StarCoder2's softmax run in float32 too
     islands += ("olmo2", "olmo3", "olmo", "starcoder2", "granite", *NEIGHBOURS)
     islands += ("stablelm", "stablelm-parallel")  # its eager softmax runs in float32
+    islands += ("cwm", "seed_oss")
     islands += ("modernbert", "modernbert-mean")  # its rotary embedding rounds q and k to float32
     islands += ("t5", "mt5")  # T5's RMSNorm takes its variance in float32
     islands += ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe")
@@ -1660,6 +1663,8 @@ def test_cp_lrp_is_exactly_conservative_without_biases(arch):
         "gpt_oss",
         "stablelm",
         "stablelm-parallel",
+        "cwm",
+        "seed_oss",
     ],
 )
 def test_llama_family_equals_explicit_layer_by_layer_lrp(arch, rule):

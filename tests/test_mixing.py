@@ -22,6 +22,7 @@ from tests.test_architectures import CONFIGS, SEQ2SEQ_SIZES, _family, _translato
 from tests.test_components import (
     EXPERTS,
     FALCONS,
+    LLAMA_KIN,
     _bloom,
     _falcon,
     falcon_values,
@@ -279,6 +280,7 @@ def _encoder(arch: str) -> ax.Model:
     [
         *ALTI_ARCHS,
         "granite",
+        *LLAMA_KIN,
         *EXPERTS,
         *BERT_LIKE,
         "modernbert",
@@ -1014,6 +1016,7 @@ LOGIT_KINDS = (
         "qwen2_moe",
         "granitemoe",
         "gpt_oss",  # attention sinks
+        *LLAMA_KIN,
         "gpt_neo",
         *MORE_PRE_NORM,
         *FALCON_LAYOUTS,

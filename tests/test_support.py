@@ -78,6 +78,8 @@ FAMILIES: dict[str, Callable[[], ax.Model]] = {
     "OLMo 2": _causal("olmo2"),
     "OLMo 3": _causal("olmo3"),
     "Granite": _causal("granite"),
+    "CWM": _causal("cwm"),
+    "Seed-OSS": _causal("seed_oss"),
     "Pythia (GPT-NeoX)": _causal("pythia"),
     "OPT": _causal("opt"),
     "GPT-J": _causal("gptj"),

@@ -214,6 +214,8 @@ _LLAMA_LIKE = (
     "smollm3",
     "phi3",
     "granite",
+    "cwm",  # local layers
+    "seed_oss",  # biased projections
     *_arch.EXPERTS,
     "starcoder2",  # LayerNorms and biases
     "olmo",  # LayerNorms without weights

@@ -414,6 +414,8 @@ _PATCHED: dict[str, Callable[..., torch.Tensor]] = {
     "Qwen3RMSNorm": _rms_norm,  # also its per-head query and key norms
     "SmolLM3RMSNorm": _rms_norm,
     "GraniteRMSNorm": _rms_norm,
+    "CwmRMSNorm": _rms_norm,
+    "SeedOssRMSNorm": _rms_norm,
     "LlamaMLP": _gated_mlp,
     "Qwen2MLP": _gated_mlp,
     "MistralMLP": _gated_mlp,
@@ -430,6 +432,8 @@ _PATCHED: dict[str, Callable[..., torch.Tensor]] = {
     "Qwen3MLP": _gated_mlp,
     "SmolLM3MLP": _gated_mlp,
     "GraniteMLP": _gated_mlp,
+    "CwmMLP": _gated_mlp,
+    "SeedOssMLP": _gated_mlp,  # its dropout the identity in eval mode
     "ModernBertMLP": _glu_mlp,
     "T5LayerNorm": _rms_norm,  # T5's and mT5's RMSNorm (float32 variance, as Llama's)
     "MT5LayerNorm": _rms_norm,
@@ -491,6 +495,8 @@ _ATTENTION = frozenset(
         "Qwen3Attention",  # its query and key norms are Qwen3RMSNorm children (patched)
         "SmolLM3Attention",  # RoPE skipped in some layers (NoPE): nothing to give a rule
         "GraniteAttention",  # its `attention_multiplier` is the scores' scaling
+        "CwmAttention",  # Llama's, a sliding window in some layers (in the mask)
+        "SeedOssAttention",  # Llama's with biased q/k/v (and o) projections
         "GPTNeoXAttention",  # fused per head, rotary on a part of each head (constants)
         "OPTAttention",  # the query scaled before the call (a constant factor)
         "BertSelfAttention",
@@ -605,6 +611,8 @@ _LINEAR = frozenset(
                 "StableLm",  # LayerNorms (patched), parallel or sequential residuals
                 "Gemma2",
                 "Granite",  # constant factors on the embeddings, each block's output, the logits
+                "Cwm",
+                "SeedOss",
                 "Mixtral",
                 "Qwen2Moe",
                 "Qwen3Moe",
@@ -771,6 +779,8 @@ ARCHITECTURES = (
     "phi3",
     "smollm3",
     "granite",
+    "cwm",
+    "seed_oss",
     "mixtral",
     "qwen2_moe",
     "qwen3_moe",

@@ -494,6 +494,8 @@ _PRE_NORM = (
     "smollm3",
     "phi3",
     "granite",
+    "cwm",  # Llama's layout, local layers
+    "seed_oss",  # Llama's layout, biased projections
     *_arch.EXPERTS,
     "granitemoeshared",  # ALTI reads attention blocks only: its two MLP modules do not matter
     "modernbert",  # a pre-norm encoder (its first layer's norm is an Identity)
