@@ -89,6 +89,13 @@ CONFIGS = {
         layer_types=["full_attention", "sliding_attention"],
         **SIZES,
     ),
+    # ERNIE 4.5 and Helium: Llama's layout, RoPE on interleaved pairs
+    "ernie4_5": lambda v: T.Ernie4_5Config(
+        vocab_size=v, intermediate_size=64, num_key_value_heads=2, head_dim=8, **SIZES
+    ),
+    "helium": lambda v: T.HeliumConfig(
+        vocab_size=v, intermediate_size=64, num_key_value_heads=2, head_dim=8, **SIZES
+    ),
     # Seed-OSS: Llama's layout with biased query, key and value projections
     "seed_oss": lambda v: T.SeedOssConfig(
         vocab_size=v, intermediate_size=64, num_key_value_heads=2, head_dim=8, **SIZES

@@ -80,6 +80,8 @@ FAMILIES: dict[str, Callable[[], ax.Model]] = {
     "Granite": _causal("granite"),
     "CWM": _causal("cwm"),
     "Seed-OSS": _causal("seed_oss"),
+    "ERNIE 4.5": _causal("ernie4_5"),
+    "Helium": _causal("helium"),
     "Pythia (GPT-NeoX)": _causal("pythia"),
     "OPT": _causal("opt"),
     "GPT-J": _causal("gptj"),

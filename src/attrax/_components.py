@@ -216,6 +216,8 @@ _LLAMA_LIKE = (
     "granite",
     "cwm",  # local layers
     "seed_oss",  # biased projections
+    "ernie4_5",  # RoPE on interleaved pairs
+    "helium",  # RoPE on interleaved pairs
     *_arch.EXPERTS,
     "starcoder2",  # LayerNorms and biases
     "olmo",  # LayerNorms without weights

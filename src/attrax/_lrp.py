@@ -415,6 +415,8 @@ _PATCHED: dict[str, Callable[..., torch.Tensor]] = {
     "SmolLM3RMSNorm": _rms_norm,
     "GraniteRMSNorm": _rms_norm,
     "CwmRMSNorm": _rms_norm,
+    "Ernie4_5RMSNorm": _rms_norm,
+    "HeliumRMSNorm": _olmo2_rms_norm,  # its weight in float32 before the cast back
     "SeedOssRMSNorm": _rms_norm,
     "LlamaMLP": _gated_mlp,
     "Qwen2MLP": _gated_mlp,
@@ -433,6 +435,8 @@ _PATCHED: dict[str, Callable[..., torch.Tensor]] = {
     "SmolLM3MLP": _gated_mlp,
     "GraniteMLP": _gated_mlp,
     "CwmMLP": _gated_mlp,
+    "Ernie4_5MLP": _gated_mlp,
+    "HeliumMLP": _gated_mlp,
     "SeedOssMLP": _gated_mlp,  # its dropout the identity in eval mode
     "ModernBertMLP": _glu_mlp,
     "T5LayerNorm": _rms_norm,  # T5's and mT5's RMSNorm (float32 variance, as Llama's)
@@ -496,6 +500,8 @@ _ATTENTION = frozenset(
         "SmolLM3Attention",  # RoPE skipped in some layers (NoPE): nothing to give a rule
         "GraniteAttention",  # its `attention_multiplier` is the scores' scaling
         "CwmAttention",  # Llama's, a sliding window in some layers (in the mask)
+        "Ernie4_5Attention",  # RoPE on interleaved pairs (constants)
+        "HeliumAttention",  # RoPE on interleaved pairs (constants)
         "SeedOssAttention",  # Llama's with biased q/k/v (and o) projections
         "GPTNeoXAttention",  # fused per head, rotary on a part of each head (constants)
         "OPTAttention",  # the query scaled before the call (a constant factor)
@@ -613,6 +619,8 @@ _LINEAR = frozenset(
                 "Granite",  # constant factors on the embeddings, each block's output, the logits
                 "Cwm",
                 "SeedOss",
+                "Ernie4_5",
+                "Helium",
                 "Mixtral",
                 "Qwen2Moe",
                 "Qwen3Moe",
@@ -781,6 +789,8 @@ ARCHITECTURES = (
     "granite",
     "cwm",
     "seed_oss",
+    "ernie4_5",
+    "helium",
     "mixtral",
     "qwen2_moe",
     "qwen3_moe",

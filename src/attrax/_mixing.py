@@ -496,6 +496,8 @@ _PRE_NORM = (
     "granite",
     "cwm",  # Llama's layout, local layers
     "seed_oss",  # Llama's layout, biased projections
+    "ernie4_5",  # Llama's layout, RoPE on interleaved pairs
+    "helium",  # Llama's layout, RoPE on interleaved pairs
     *_arch.EXPERTS,
     "granitemoeshared",  # ALTI reads attention blocks only: its two MLP modules do not matter
     "modernbert",  # a pre-norm encoder (its first layer's norm is an Identity)
