@@ -96,6 +96,10 @@ CONFIGS = {
     "helium": lambda v: T.HeliumConfig(
         vocab_size=v, intermediate_size=64, num_key_value_heads=2, head_dim=8, **SIZES
     ),
+    # HunYuan (dense): Llama's layout, each head's query and key RMS-normed after RoPE
+    "hunyuan_v1_dense": lambda v: T.HunYuanDenseV1Config(
+        vocab_size=v, intermediate_size=64, num_key_value_heads=2, head_dim=8, **SIZES
+    ),
     # Seed-OSS: Llama's layout with biased query, key and value projections
     "seed_oss": lambda v: T.SeedOssConfig(
         vocab_size=v, intermediate_size=64, num_key_value_heads=2, head_dim=8, **SIZES

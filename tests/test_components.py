@@ -99,7 +99,7 @@ def llama_like(arch: str, tok) -> torch.nn.Module:
 
 # Llama's layout: CWM (local layers), Seed-OSS (biased projections), ERNIE 4.5 and Helium (RoPE
 # on interleaved pairs)
-LLAMA_KIN = ("cwm", "seed_oss", "ernie4_5", "helium")
+LLAMA_KIN = ("cwm", "seed_oss", "ernie4_5", "helium", "hunyuan_v1_dense")  # HunYuan: q/k norms
 # mixtures of experts with Llama's layout: a routed `mlp` (Granite MoE's `block_sparse_moe`)
 EXPERTS = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe", "gpt_oss")
 # GPT-J, CodeGen and Phi (attention and MLP in parallel on one LayerNorm, a biased LM head;

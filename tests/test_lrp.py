@@ -321,8 +321,12 @@ def llama_lrp_reference(
             kn = _rms(k.reshape(t, -1), att.k_norm.weight, eps).view(t, kv, d)
         qr = torch.einsum("tnm,thm->thn", rot, qn)
         kr = torch.einsum("tnm,thm->thn", rot, kn)
-        kf, vf = kr.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
-        s = torch.einsum("ihd,jhd->hij", qr, kf) * scale
+        qs, ks = qr, kr  # what the scores read
+        if hasattr(att, "query_layernorm"):  # HunYuan: each head RMS-normed after RoPE
+            qs = _rms(qr, att.query_layernorm.weight, eps)
+            ks = _rms(kr, att.key_layernorm.weight, eps)
+        kf, vf = ks.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+        s = torch.einsum("ihd,jhd->hij", qs, kf) * scale
         cap = getattr(att, "attn_logit_softcapping", None)  # Gemma 2
         # capped before the mask, as Gemma 2 does (tanh(-inf) would let masked keys in)
         capped = (
@@ -352,8 +356,8 @@ def llama_lrp_reference(
         on = _rms(out, _norm_scale(layer.post_feedforward_layernorm), eps) if sandwich else out
         h2 = h1 + branch * on
         saved.append((
-            layer, rot, h, n1, q, k, v, qn, kn, qr, kr, kf, vf, s, capped, a, o, attn, an, h1,
-            n2, ffn, on, h2,
+            layer, rot, h, n1, q, k, v, qn, kn, qr, kr, qs, kf, vf, s, capped, a, o, attn, an,
+            h1, n2, ffn, on, h2,
         ))  # fmt: skip
         h = h2
     final = norm(h, hf.model.norm)
@@ -370,8 +374,8 @@ def llama_lrp_reference(
     absorbed = 0.0
     relevance = back(h, hf.model.norm, relevance, final)
     for (
-        layer, rot, h, n1, q, k, v, qn, kn, qr, kr, kf, vf, s, capped, a, o, attn, an, h1, n2,
-        ffn, on, h2,
+        layer, rot, h, n1, q, k, v, qn, kn, qr, kr, qs, kf, vf, s, capped, a, o, attn, an, h1,
+        n2, ffn, on, h2,
     ) in reversed(saved):  # fmt: skip
         att, mlp = layer.self_attn, getattr(layer, "mlp", None) or layer.block_sparse_moe
         # residual h2 = h1 + on: split in proportion to the summands; Gemma 3's norm of the MLP's
@@ -385,8 +389,9 @@ def llama_lrp_reference(
         r_h, r_attn = h / h1 * r_h1, branch * an / h1 * r_h1  # an: attn, or Gemma 3's norm
         r_o = _linear_messages(o.reshape(t, heads * d), att.o_proj.weight, r_attn, attn)
         r_o = r_o.view(t, heads, d)
+        # HunYuan's norms after RoPE (their scale a constant) pass the relevance on to qr, kr
         r_qr, r_kf, r_vf, lost = _attention_messages(
-            qr, kf, vf, s, a, o, r_o, att.scaling, rule, capped
+            qs, kf, vf, s, a, o, r_o, att.scaling, rule, capped
         )
         absorbed += lost
         if rule == "attnlrp":
@@ -1592,6 +1597,7 @@ BIAS_FREE = {
     "seed_oss": lambda: _causal_lm("SeedOss"),  # biased q/k/v projections
     "ernie4_5": lambda: _causal_lm("Ernie4_5"),  # RoPE on interleaved pairs
     "helium": lambda: _causal_lm("Helium"),  # RoPE on interleaved pairs
+    "hunyuan_v1_dense": lambda: _causal_lm("HunYuanDenseV1"),  # q/k norms after RoPE
     "gemma3-classifier": lambda: _classifier("Gemma3"),
     **NEIGHBOURS,
     "marian": lambda: tiny_model("marian"),
@@ -1634,7 +1640,7 @@ def test_cp_lrp_is_exactly_conservative_without_biases(arch):
     # OLMo's LayerNorm and StarCoder2's softmax run in float32 too
     islands += ("olmo2", "olmo3", "olmo", "starcoder2", "granite", *NEIGHBOURS)
     islands += ("stablelm", "stablelm-parallel")  # its eager softmax runs in float32
-    islands += ("cwm", "seed_oss", "ernie4_5", "helium")
+    islands += ("cwm", "seed_oss", "ernie4_5", "helium", "hunyuan_v1_dense")
     islands += ("modernbert", "modernbert-mean")  # its rotary embedding rounds q and k to float32
     islands += ("t5", "mt5")  # T5's RMSNorm takes its variance in float32
     islands += ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe")
@@ -1673,6 +1679,7 @@ def test_cp_lrp_is_exactly_conservative_without_biases(arch):
         "seed_oss",
         "ernie4_5",
         "helium",
+        "hunyuan_v1_dense",
     ],
 )
 def test_llama_family_equals_explicit_layer_by_layer_lrp(arch, rule):

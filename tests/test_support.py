@@ -82,6 +82,7 @@ FAMILIES: dict[str, Callable[[], ax.Model]] = {
     "Seed-OSS": _causal("seed_oss"),
     "ERNIE 4.5": _causal("ernie4_5"),
     "Helium": _causal("helium"),
+    "HunYuan (dense)": _causal("hunyuan_v1_dense"),
     "Pythia (GPT-NeoX)": _causal("pythia"),
     "OPT": _causal("opt"),
     "GPT-J": _causal("gptj"),

@@ -218,6 +218,7 @@ _LLAMA_LIKE = (
     "seed_oss",  # biased projections
     "ernie4_5",  # RoPE on interleaved pairs
     "helium",  # RoPE on interleaved pairs
+    "hunyuan_v1_dense",  # query and key norms after RoPE
     *_arch.EXPERTS,
     "starcoder2",  # LayerNorms and biases
     "olmo",  # LayerNorms without weights

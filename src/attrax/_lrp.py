@@ -416,6 +416,7 @@ _PATCHED: dict[str, Callable[..., torch.Tensor]] = {
     "GraniteRMSNorm": _rms_norm,
     "CwmRMSNorm": _rms_norm,
     "Ernie4_5RMSNorm": _rms_norm,
+    "HunYuanDenseV1RMSNorm": _rms_norm,  # also each head's query and key, after RoPE
     "HeliumRMSNorm": _olmo2_rms_norm,  # its weight in float32 before the cast back
     "SeedOssRMSNorm": _rms_norm,
     "LlamaMLP": _gated_mlp,
@@ -436,6 +437,7 @@ _PATCHED: dict[str, Callable[..., torch.Tensor]] = {
     "GraniteMLP": _gated_mlp,
     "CwmMLP": _gated_mlp,
     "Ernie4_5MLP": _gated_mlp,
+    "HunYuanDenseV1MLP": _gated_mlp,
     "HeliumMLP": _gated_mlp,
     "SeedOssMLP": _gated_mlp,  # its dropout the identity in eval mode
     "ModernBertMLP": _glu_mlp,
@@ -501,6 +503,7 @@ _ATTENTION = frozenset(
         "GraniteAttention",  # its `attention_multiplier` is the scores' scaling
         "CwmAttention",  # Llama's, a sliding window in some layers (in the mask)
         "Ernie4_5Attention",  # RoPE on interleaved pairs (constants)
+        "HunYuanDenseV1Attention",  # query and key norms (children, patched) after RoPE
         "HeliumAttention",  # RoPE on interleaved pairs (constants)
         "SeedOssAttention",  # Llama's with biased q/k/v (and o) projections
         "GPTNeoXAttention",  # fused per head, rotary on a part of each head (constants)
@@ -621,6 +624,7 @@ _LINEAR = frozenset(
                 "SeedOss",
                 "Ernie4_5",
                 "Helium",
+                "HunYuanDenseV1",
                 "Mixtral",
                 "Qwen2Moe",
                 "Qwen3Moe",
@@ -791,6 +795,7 @@ ARCHITECTURES = (
     "seed_oss",
     "ernie4_5",
     "helium",
+    "hunyuan_v1_dense",
     "mixtral",
     "qwen2_moe",
     "qwen3_moe",

@@ -498,6 +498,7 @@ _PRE_NORM = (
     "seed_oss",  # Llama's layout, biased projections
     "ernie4_5",  # Llama's layout, RoPE on interleaved pairs
     "helium",  # Llama's layout, RoPE on interleaved pairs
+    "hunyuan_v1_dense",  # Llama's layout, query and key norms after RoPE
     *_arch.EXPERTS,
     "granitemoeshared",  # ALTI reads attention blocks only: its two MLP modules do not matter
     "modernbert",  # a pre-norm encoder (its first layer's norm is an Identity)
