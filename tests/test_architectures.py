@@ -100,6 +100,14 @@ CONFIGS = {
     "hunyuan_v1_dense": lambda v: T.HunYuanDenseV1Config(
         vocab_size=v, intermediate_size=64, num_key_value_heads=2, head_dim=8, **SIZES
     ),
+    # GLM: a fused gate/up projection, RoPE on interleaved pairs of half of each head; GLM-4
+    # also norms each attention's and MLP's output (as Gemma 2, under names of its own)
+    "glm": lambda v: T.GlmConfig(
+        vocab_size=v, intermediate_size=64, num_key_value_heads=2, head_dim=8, **SIZES
+    ),
+    "glm4": lambda v: T.Glm4Config(
+        vocab_size=v, intermediate_size=64, num_key_value_heads=2, head_dim=8, **SIZES
+    ),
     # Seed-OSS: Llama's layout with biased query, key and value projections
     "seed_oss": lambda v: T.SeedOssConfig(
         vocab_size=v, intermediate_size=64, num_key_value_heads=2, head_dim=8, **SIZES

@@ -43,7 +43,7 @@ def models64() -> dict[str, ax.Model]:
     for arch in NEIGHBOURS:
         built[arch] = ax.load_model(neighbour(arch, tok).double(), tokenizer=tok)
     # norms on each attention's and MLP's output (Gemma 1: 1 + weight norms only)
-    for arch in ("gemma", "gemma2", "gemma3", "olmo2", "olmo3"):
+    for arch in ("gemma", "gemma2", "gemma3", "olmo2", "olmo3", "glm4"):
         hf = _family(arch, tok, attn_implementation="eager")
         hf.config.final_logit_softcapping = None  # a linear readout (DLA refuses the cap)
         with torch.no_grad():  # random gains (Gemma's norms scale by 1 + weight, weight 0)
@@ -100,6 +100,7 @@ def llama_like(arch: str, tok) -> torch.nn.Module:
 # Llama's layout: CWM (local layers), Seed-OSS (biased projections), ERNIE 4.5 and Helium (RoPE
 # on interleaved pairs)
 LLAMA_KIN = ("cwm", "seed_oss", "ernie4_5", "helium", "hunyuan_v1_dense")  # HunYuan: q/k norms
+LLAMA_KIN += ("glm",)  # a fused gate/up projection, RoPE on interleaved pairs of half a head
 # mixtures of experts with Llama's layout: a routed `mlp` (Granite MoE's `block_sparse_moe`)
 EXPERTS = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe", "gpt_oss")
 # GPT-J, CodeGen and Phi (attention and MLP in parallel on one LayerNorm, a biased LM head;
@@ -216,9 +217,19 @@ def gain(norm: torch.nn.Module) -> torch.Tensor | float:
     return 1.0 + norm.weight if type(norm).__name__.startswith("Gemma") else norm.weight
 
 
+def output_norms(block) -> tuple | None:
+    """A block's norms of its attention's and its MLP's outputs (Gemma 2, 3, OLMo 2, 3; GLM-4
+    names them `post_self_attn_layernorm` and `post_mlp_layernorm`), or None."""
+    if hasattr(block, "post_mlp_layernorm"):
+        return block.post_self_attn_layernorm, block.post_mlp_layernorm
+    if hasattr(block, "post_feedforward_layernorm"):
+        return block.post_attention_layernorm, block.post_feedforward_layernorm
+    return None
+
+
 def sandwich(model: ax.Model) -> bool:
-    """Whether each block norms its attention's and MLP's outputs (Gemma 2, Gemma 3)."""
-    return hasattr(modules(model)[0][0], "post_feedforward_layernorm")
+    """Whether each block norms its attention's and MLP's outputs (Gemma 2, Gemma 3, GLM-4)."""
+    return output_norms(modules(model)[0][0]) is not None
 
 
 def modules(model: ax.Model):
@@ -294,9 +305,9 @@ def traced(model: ax.Model, ids: list[int]) -> dict:
         # writes its norm's output
         mlp = mlp_of(blocks[layer])
         if sandwich(model):
-            mlp = blocks[layer].post_feedforward_layernorm
+            after, mlp = output_norms(blocks[layer])
             handles.append(  # the attention's output, before its norm
-                blocks[layer].post_attention_layernorm.register_forward_pre_hook(
+                after.register_forward_pre_hook(
                     lambda m, a, layer=layer: found["attention_output"].__setitem__(layer, a[0][0])
                 )
             )
@@ -400,7 +411,7 @@ def naive_dla(model: ax.Model, source: str, target: str, contrast: str | None = 
             w = w_out(model, layer)
             after = 1.0  # Gemma: the norm on the attention's output, at its scale for x_i
             if sandwich(model):
-                norm = modules(model)[0][layer].post_attention_layernorm
+                norm = output_norms(modules(model)[0][layer])[0]
                 y = found["attention_output"][layer][i]
                 eps = getattr(norm, "variance_epsilon", None) or norm.eps
                 after = gain(norm) / torch.sqrt(y.pow(2).mean() + eps)
@@ -440,6 +451,7 @@ DLA_ARCHS = (
     "gpt2", "gpt_neo", "llama", "mistral", "qwen2", "phi3", "qwen3", "smollm3", "gemma", "gemma2", "gemma3",
     "olmo2",
     "olmo3",
+    "glm4",
     "granite", *LLAMA_KIN, *EXPERTS, *MORE_DECODERS, *FALCONS, "gpt_bigcode-mha", "bloom",
 )  # fmt: skip
 

@@ -19,7 +19,7 @@ import attrax as ax
 from attrax._lrp import lrp_rules
 from attrax.testing import tiny_classifier, tiny_model
 from tests.test_architectures import GRANITE, _family
-from tests.test_components import _bloom, _falcon, gpt_bigcode, vary
+from tests.test_components import _bloom, _falcon, gpt_bigcode, output_norms, vary
 
 PROMPT, TARGET = "The capital of France", " is Paris."
 
@@ -246,6 +246,10 @@ def _mlp_backward(mlp, saved: tuple, r_out: torch.Tensor, rule: str) -> torch.Te
     return r_n2
 
 
+# attention classes whose RoPE turns interleaved pairs of dims (GLM's style)
+INTERLEAVED = ("Ernie4_5Attention", "HeliumAttention", "GlmAttention", "Glm4Attention")
+
+
 def llama_lrp_reference(
     hf, ids: list[int], position: int, target: int, rule: str, head: torch.Tensor | None = None
 ) -> tuple[np.ndarray, float, float]:
@@ -292,10 +296,13 @@ def llama_lrp_reference(
         cos, sin = hf.model.rotary_emb(x[None], positions[None], *tables)
         if hasattr(att, "rotary_ndims"):  # StableLM: RoPE on a share of each head
             rot = _partial_rotations(cos[0].double(), sin[0].double(), d)
-        elif type(att).__name__ in ("Ernie4_5Attention", "HeliumAttention"):
-            # dims 2i and 2i + 1 rotated together by angle i (the first half of the table)
-            half = d // 2
-            rot = _pair_rotations(sin[0, :, :half].double(), cos[0, :, :half].double(), d)
+        elif type(att).__name__ in INTERLEAVED:
+            # dims 2i and 2i + 1 of the first r rotated together by angle i (the first half of
+            # the table), the rest passed as they are (GLM rotates half of each head)
+            r = cos.shape[-1]
+            rot = torch.eye(d, dtype=torch.float64).repeat(t, 1, 1)
+            pairs = _pair_rotations(sin[0, :, : r // 2].double(), cos[0, :, : r // 2].double(), r)
+            rot[:, :r, :r] = pairs
         else:
             if cos.shape[-1] < d:  # GPT-OSS: one angle per pair of halves, not repeated
                 cos, sin = torch.cat([cos, cos], -1), torch.cat([sin, sin], -1)
@@ -343,8 +350,8 @@ def llama_lrp_reference(
         if att.o_proj.bias is not None:  # StarCoder2's
             attn = attn + att.o_proj.bias
         # Gemma 3's and OLMo 2's norms on the attention's and the MLP's outputs
-        sandwich = hasattr(layer, "post_feedforward_layernorm")
-        an = _rms(attn, _norm_scale(layer.post_attention_layernorm), eps) if sandwich else attn
+        sandwich = output_norms(layer)  # the norms of the attention's and the MLP's outputs
+        an = _rms(attn, _norm_scale(sandwich[0]), eps) if sandwich else attn
         h1 = h + branch * an
         n2 = h1  # OLMo 2: no norm before the MLP
         if getattr(layer, "use_parallel_residual", False):  # StableLM: the MLP reads n1 too
@@ -353,7 +360,7 @@ def llama_lrp_reference(
             before = getattr(layer, "pre_feedforward_layernorm", layer.post_attention_layernorm)
             n2 = norm(h1, before)
         out, ffn = _mlp_forward(mlp, n2)
-        on = _rms(out, _norm_scale(layer.post_feedforward_layernorm), eps) if sandwich else out
+        on = _rms(out, _norm_scale(sandwich[1]), eps) if sandwich else out
         h2 = h1 + branch * on
         saved.append((
             layer, rot, h, n1, q, k, v, qn, kn, qr, kr, qs, kf, vf, s, capped, a, o, attn, an,
@@ -1598,6 +1605,8 @@ BIAS_FREE = {
     "ernie4_5": lambda: _causal_lm("Ernie4_5"),  # RoPE on interleaved pairs
     "helium": lambda: _causal_lm("Helium"),  # RoPE on interleaved pairs
     "hunyuan_v1_dense": lambda: _causal_lm("HunYuanDenseV1"),  # q/k norms after RoPE
+    "glm": lambda: _causal_lm("Glm"),  # RoPE on interleaved pairs of half of each head
+    "glm4": lambda: _causal_lm("Glm4"),  # and norms after attention and MLP
     "gemma3-classifier": lambda: _classifier("Gemma3"),
     **NEIGHBOURS,
     "marian": lambda: tiny_model("marian"),
@@ -1640,7 +1649,7 @@ def test_cp_lrp_is_exactly_conservative_without_biases(arch):
     # OLMo's LayerNorm and StarCoder2's softmax run in float32 too
     islands += ("olmo2", "olmo3", "olmo", "starcoder2", "granite", *NEIGHBOURS)
     islands += ("stablelm", "stablelm-parallel")  # its eager softmax runs in float32
-    islands += ("cwm", "seed_oss", "ernie4_5", "helium", "hunyuan_v1_dense")
+    islands += ("cwm", "seed_oss", "ernie4_5", "helium", "hunyuan_v1_dense", "glm", "glm4")
     islands += ("modernbert", "modernbert-mean")  # its rotary embedding rounds q and k to float32
     islands += ("t5", "mt5")  # T5's RMSNorm takes its variance in float32
     islands += ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe")
@@ -1680,6 +1689,8 @@ def test_cp_lrp_is_exactly_conservative_without_biases(arch):
         "ernie4_5",
         "helium",
         "hunyuan_v1_dense",
+        "glm",
+        "glm4",
     ],
 )
 def test_llama_family_equals_explicit_layer_by_layer_lrp(arch, rule):

@@ -29,6 +29,7 @@ from tests.test_components import (
     full_double,
     gpt_bigcode,
     neighbour,
+    output_norms,
     t5_double,
 )
 
@@ -166,9 +167,10 @@ def after_attention(block, output: torch.Tensor, i: int) -> torch.Tensor | float
     """Gemma 2's, 3's and OLMo 2's norm on the attention's output ``[1, L, d]``, as the factor it
     applies at query ``i`` (``gain / rms``); Granite's ``residual_multiplier``; 1 for the blocks
     that add the output as it is."""
-    if not hasattr(block, "post_feedforward_layernorm"):
+    norms = output_norms(block)
+    if norms is None:
         return getattr(block, "residual_multiplier", 1.0)
-    norm = block.post_attention_layernorm
+    norm = norms[0]
     eps = getattr(norm, "variance_epsilon", None) or norm.eps
     return gain(norm) / torch.sqrt(output[0, i].pow(2).mean() + eps)
 
@@ -236,8 +238,8 @@ def naive_alti_layers(model: ax.Model, ids: torch.Tensor):
                 branch = getattr(block, "residual_multiplier", 1.0)  # Granite
                 bias = branch * proj.bias if proj.bias is not None else 0
                 output = captured[layer][0]
-                if hasattr(block, "post_feedforward_layernorm"):  # Gemma, OLMo 2: the norm's
-                    output = block.post_attention_layernorm(output)
+                if output_norms(block) is not None:  # Gemma, OLMo 2, GLM-4: the norm's
+                    output = output_norms(block)[0](output)
                 y = x[0] + branch * output
                 if type(block).__name__ == "BloomBlock":  # its attention adds the residual
                     y = output
@@ -252,7 +254,7 @@ def naive_alti_layers(model: ax.Model, ids: torch.Tensor):
 
 
 ALTI_ARCHS = (*ARCHS, "phi3", "pythia", "qwen3", "smollm3", "gemma", "gemma2", "gemma3", "olmo2")
-ALTI_ARCHS += ("olmo3",)  # OLMo 2's layout with local layers
+ALTI_ARCHS += ("olmo3", "glm4")  # OLMo 2's layout with local layers; GLM-4's output norms
 # GPT-J, CodeGen, Phi and Cohere: attention and MLP in parallel on one norm (CodeGen's values in
 # shards of a fused projection, Cohere's LayerNorm without a bias, its logits scaled); StarCoder2
 # and OLMo: Llama's layout with LayerNorms (OLMo's without weights)
@@ -734,7 +736,7 @@ def _fused(family: str) -> ax.Model:
     # transformers' grouped matmul of experts takes no float64: a loop over them does
     kw = {"experts_implementation": "eager"} if family in EXPERTS else {}
     hf = _family(family, tok, attn_implementation="eager", **kw)
-    if family in ("gemma", "gemma2", "gemma3", "olmo2", "olmo3", "granite", "granitemoe"):
+    if family in ("gemma", "gemma2", "gemma3", "olmo2", "olmo3", "glm4", "granite", "granitemoe"):
         with torch.no_grad():  # random gains; Gemma's norms scale by 1 + weight, initialised at 0
             for module in hf.modules():
                 if type(module).__name__.endswith("RMSNorm"):
@@ -1010,6 +1012,7 @@ LOGIT_KINDS = (
         *LOGIT_KINDS,
         "olmo2",
         "olmo3",
+        "glm4",
         "gemma",
         "gemma2",
         "classifier",

@@ -83,6 +83,8 @@ FAMILIES: dict[str, Callable[[], ax.Model]] = {
     "ERNIE 4.5": _causal("ernie4_5"),
     "Helium": _causal("helium"),
     "HunYuan (dense)": _causal("hunyuan_v1_dense"),
+    "GLM": _causal("glm"),
+    "GLM-4": _causal("glm4"),
     "Pythia (GPT-NeoX)": _causal("pythia"),
     "OPT": _causal("opt"),
     "GPT-J": _causal("gptj"),

@@ -219,7 +219,16 @@ def max_positions(config: Any) -> int | None:
 #: model types whose blocks also norm each attention's and MLP's output before the residual
 #: adds it (Gemma 2, Gemma 3; OLMo 2 norms only there): more saved per layer, and a norm that
 #: direct logit attribution and ALTI hold at its scale
-SANDWICH = ("gemma2", "gemma3_text", "olmo2", "olmo3")
+SANDWICH = ("gemma2", "gemma3_text", "olmo2", "olmo3", "glm4")
+
+
+def sandwich_norms(block: Any) -> tuple[Any, Any]:
+    """A :data:`SANDWICH` block's norms of its attention's and its MLP's outputs (GLM-4 names
+    them ``post_self_attn_layernorm`` and ``post_mlp_layernorm``; its ``post_attention_layernorm``
+    is the MLP's input norm)."""
+    if hasattr(block, "post_mlp_layernorm"):
+        return block.post_self_attn_layernorm, block.post_mlp_layernorm
+    return block.post_attention_layernorm, block.post_feedforward_layernorm
 
 
 #: encoder-decoders of BART's layout with a LayerNorm before each sub-layer (inside it) and one

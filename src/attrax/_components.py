@@ -219,6 +219,7 @@ _LLAMA_LIKE = (
     "ernie4_5",  # RoPE on interleaved pairs
     "helium",  # RoPE on interleaved pairs
     "hunyuan_v1_dense",  # query and key norms after RoPE
+    "glm",  # a fused gate/up projection, RoPE on interleaved pairs of half of each head
     *_arch.EXPERTS,
     "starcoder2",  # LayerNorms and biases
     "olmo",  # LayerNorms without weights
@@ -309,8 +310,8 @@ def _parts(model: Model, method: str) -> _Parts:
     head_dim = getattr(attentions[0], "head_dim", None) or config.hidden_size // heads
     after_attention = after_mlp = None
     if kind in _arch.SANDWICH:
-        after_attention = [b.post_attention_layernorm for b in blocks]
-        after_mlp = [b.post_feedforward_layernorm for b in blocks]
+        after_attention = [_arch.sandwich_norms(b)[0] for b in blocks]
+        after_mlp = [_arch.sandwich_norms(b)[1] for b in blocks]
     reads = [value_projection(model, module) for module in attentions]
     return _Parts(
         kind,

@@ -417,6 +417,8 @@ _PATCHED: dict[str, Callable[..., torch.Tensor]] = {
     "CwmRMSNorm": _rms_norm,
     "Ernie4_5RMSNorm": _rms_norm,
     "HunYuanDenseV1RMSNorm": _rms_norm,  # also each head's query and key, after RoPE
+    "GlmRMSNorm": _rms_norm,
+    "Glm4RMSNorm": _rms_norm,  # also after attention and MLP
     "HeliumRMSNorm": _olmo2_rms_norm,  # its weight in float32 before the cast back
     "SeedOssRMSNorm": _rms_norm,
     "LlamaMLP": _gated_mlp,
@@ -438,6 +440,8 @@ _PATCHED: dict[str, Callable[..., torch.Tensor]] = {
     "CwmMLP": _gated_mlp,
     "Ernie4_5MLP": _gated_mlp,
     "HunYuanDenseV1MLP": _gated_mlp,
+    "GlmMLP": _fused_gated_mlp,  # Phi-3's: up * act(gate), one fused projection
+    "Glm4MLP": _fused_gated_mlp,
     "HeliumMLP": _gated_mlp,
     "SeedOssMLP": _gated_mlp,  # its dropout the identity in eval mode
     "ModernBertMLP": _glu_mlp,
@@ -504,6 +508,8 @@ _ATTENTION = frozenset(
         "CwmAttention",  # Llama's, a sliding window in some layers (in the mask)
         "Ernie4_5Attention",  # RoPE on interleaved pairs (constants)
         "HunYuanDenseV1Attention",  # query and key norms (children, patched) after RoPE
+        "GlmAttention",  # RoPE on interleaved pairs of half of each head (constants)
+        "Glm4Attention",
         "HeliumAttention",  # RoPE on interleaved pairs (constants)
         "SeedOssAttention",  # Llama's with biased q/k/v (and o) projections
         "GPTNeoXAttention",  # fused per head, rotary on a part of each head (constants)
@@ -625,6 +631,8 @@ _LINEAR = frozenset(
                 "Ernie4_5",
                 "Helium",
                 "HunYuanDenseV1",
+                "Glm",
+                "Glm4",  # norms after attention and MLP (patched), then residual sums
                 "Mixtral",
                 "Qwen2Moe",
                 "Qwen3Moe",
@@ -796,6 +804,8 @@ ARCHITECTURES = (
     "ernie4_5",
     "helium",
     "hunyuan_v1_dense",
+    "glm",
+    "glm4",
     "mixtral",
     "qwen2_moe",
     "qwen3_moe",

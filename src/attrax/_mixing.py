@@ -499,6 +499,7 @@ _PRE_NORM = (
     "ernie4_5",  # Llama's layout, RoPE on interleaved pairs
     "helium",  # Llama's layout, RoPE on interleaved pairs
     "hunyuan_v1_dense",  # Llama's layout, query and key norms after RoPE
+    "glm",  # Llama's layout, a fused gate/up projection
     *_arch.EXPERTS,
     "granitemoeshared",  # ALTI reads attention blocks only: its two MLP modules do not matter
     "modernbert",  # a pre-norm encoder (its first layer's norm is an Identity)
@@ -574,7 +575,7 @@ def _parts(model: Model, layer: _Layer, stack: str = "self") -> _Parts:
         project = layer.attention.o_proj
         if project.bias is not None:  # it would sit inside that norm, per query
             raise ModelError(f"{model.name}: ALTI has no decomposition for a biased o_proj here")
-        return _Parts(project.weight, None, None, layer.block.post_attention_layernorm)
+        return _Parts(project.weight, None, None, _arch.sandwich_norms(layer.block)[0])
     if kind in _arch.PRE_NORM_SEQ2SEQ:  # the block output is the residual plus the attention's
         project, norm = layer.attention.out_proj, None
     elif kind in _T5:  # the recorded sub-layer holds the attention and its output projection
