@@ -108,6 +108,17 @@ CONFIGS = {
     "glm4": lambda v: T.Glm4Config(
         vocab_size=v, intermediate_size=64, num_key_value_heads=2, head_dim=8, **SIZES
     ),
+    # EXAONE 4: OLMo 2's norms after attention and MLP only, query and key norms, a local layer
+    # with RoPE, then a global one without
+    "exaone4": lambda v: T.Exaone4Config(
+        vocab_size=v,
+        intermediate_size=64,
+        num_key_value_heads=2,
+        head_dim=8,
+        sliding_window=3,
+        layer_types=["sliding_attention", "full_attention"],
+        **SIZES,
+    ),
     # Seed-OSS: Llama's layout with biased query, key and value projections
     "seed_oss": lambda v: T.SeedOssConfig(
         vocab_size=v, intermediate_size=64, num_key_value_heads=2, head_dim=8, **SIZES

@@ -43,7 +43,7 @@ def models64() -> dict[str, ax.Model]:
     for arch in NEIGHBOURS:
         built[arch] = ax.load_model(neighbour(arch, tok).double(), tokenizer=tok)
     # norms on each attention's and MLP's output (Gemma 1: 1 + weight norms only)
-    for arch in ("gemma", "gemma2", "gemma3", "olmo2", "olmo3", "glm4"):
+    for arch in ("gemma", "gemma2", "gemma3", "olmo2", "olmo3", "glm4", "exaone4"):
         hf = _family(arch, tok, attn_implementation="eager")
         hf.config.final_logit_softcapping = None  # a linear readout (DLA refuses the cap)
         with torch.no_grad():  # random gains (Gemma's norms scale by 1 + weight, weight 0)
@@ -452,6 +452,7 @@ DLA_ARCHS = (
     "olmo2",
     "olmo3",
     "glm4",
+    "exaone4",
     "granite", *LLAMA_KIN, *EXPERTS, *MORE_DECODERS, *FALCONS, "gpt_bigcode-mha", "bloom",
 )  # fmt: skip
 

@@ -307,9 +307,12 @@ def llama_lrp_reference(
             if cos.shape[-1] < d:  # GPT-OSS: one angle per pair of halves, not repeated
                 cos, sin = torch.cat([cos, cos], -1), torch.cat([sin, sin], -1)
             rot = _rotations(cos[0].double(), sin[0].double())
-        if not getattr(att, "use_rope", True):  # SmolLM3's NoPE layers: the identity
-            rot = torch.eye(d).double().repeat(t, 1, 1)
         window = getattr(att, "sliding_window", None) or t
+        # EXAONE 4's global layers keep the config's window but use neither it nor RoPE
+        nope = window < t and not getattr(att, "is_sliding", True)
+        window = t if nope else window
+        if nope or not getattr(att, "use_rope", True):  # SmolLM3's NoPE layers too
+            rot = torch.eye(d).double().repeat(t, 1, 1)
         causal = (positions[:, None] >= positions) & (positions[:, None] - positions < window)
         # OLMo 2 normalises no block input, only outputs
         pre = hasattr(layer, "input_layernorm")
@@ -1512,7 +1515,7 @@ def _causal_lm(name: str) -> tuple:
     config._attn_implementation = "eager"
     if name == "SmolLM3":  # its second layer without RoPE (NoPE)
         config.no_rope_layers = [1, 0]
-    if name in ("Gemma3", "Olmo3", "Cwm"):  # a local layer (a 3-token window), a global one
+    if name in ("Gemma3", "Olmo3", "Cwm", "Exaone4"):  # a local layer (a 3-token window), a global
         config.layer_types, config.sliding_window = ["sliding_attention", "full_attention"], 3
     if name.startswith("Granite"):  # its multipliers, far from 1
         config.update(GRANITE)
@@ -1607,6 +1610,7 @@ BIAS_FREE = {
     "hunyuan_v1_dense": lambda: _causal_lm("HunYuanDenseV1"),  # q/k norms after RoPE
     "glm": lambda: _causal_lm("Glm"),  # RoPE on interleaved pairs of half of each head
     "glm4": lambda: _causal_lm("Glm4"),  # and norms after attention and MLP
+    "exaone4": lambda: _causal_lm("Exaone4"),  # OLMo 2's norms, a local layer, NoPE globally
     "gemma3-classifier": lambda: _classifier("Gemma3"),
     **NEIGHBOURS,
     "marian": lambda: tiny_model("marian"),
@@ -1650,6 +1654,7 @@ def test_cp_lrp_is_exactly_conservative_without_biases(arch):
     islands += ("olmo2", "olmo3", "olmo", "starcoder2", "granite", *NEIGHBOURS)
     islands += ("stablelm", "stablelm-parallel")  # its eager softmax runs in float32
     islands += ("cwm", "seed_oss", "ernie4_5", "helium", "hunyuan_v1_dense", "glm", "glm4")
+    islands += ("exaone4",)
     islands += ("modernbert", "modernbert-mean")  # its rotary embedding rounds q and k to float32
     islands += ("t5", "mt5")  # T5's RMSNorm takes its variance in float32
     islands += ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe")
@@ -1691,6 +1696,7 @@ def test_cp_lrp_is_exactly_conservative_without_biases(arch):
         "hunyuan_v1_dense",
         "glm",
         "glm4",
+        "exaone4",
     ],
 )
 def test_llama_family_equals_explicit_layer_by_layer_lrp(arch, rule):

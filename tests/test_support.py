@@ -85,6 +85,7 @@ FAMILIES: dict[str, Callable[[], ax.Model]] = {
     "HunYuan (dense)": _causal("hunyuan_v1_dense"),
     "GLM": _causal("glm"),
     "GLM-4": _causal("glm4"),
+    "EXAONE 4": _causal("exaone4"),
     "Pythia (GPT-NeoX)": _causal("pythia"),
     "OPT": _causal("opt"),
     "GPT-J": _causal("gptj"),

@@ -219,7 +219,7 @@ def max_positions(config: Any) -> int | None:
 #: model types whose blocks also norm each attention's and MLP's output before the residual
 #: adds it (Gemma 2, Gemma 3; OLMo 2 norms only there): more saved per layer, and a norm that
 #: direct logit attribution and ALTI hold at its scale
-SANDWICH = ("gemma2", "gemma3_text", "olmo2", "olmo3", "glm4")
+SANDWICH = ("gemma2", "gemma3_text", "olmo2", "olmo3", "glm4", "exaone4")
 
 
 def sandwich_norms(block: Any) -> tuple[Any, Any]:

@@ -419,6 +419,7 @@ _PATCHED: dict[str, Callable[..., torch.Tensor]] = {
     "HunYuanDenseV1RMSNorm": _rms_norm,  # also each head's query and key, after RoPE
     "GlmRMSNorm": _rms_norm,
     "Glm4RMSNorm": _rms_norm,  # also after attention and MLP
+    "Exaone4RMSNorm": _rms_norm,  # after attention and MLP only, and on queries and keys
     "HeliumRMSNorm": _olmo2_rms_norm,  # its weight in float32 before the cast back
     "SeedOssRMSNorm": _rms_norm,
     "LlamaMLP": _gated_mlp,
@@ -442,6 +443,7 @@ _PATCHED: dict[str, Callable[..., torch.Tensor]] = {
     "HunYuanDenseV1MLP": _gated_mlp,
     "GlmMLP": _fused_gated_mlp,  # Phi-3's: up * act(gate), one fused projection
     "Glm4MLP": _fused_gated_mlp,
+    "Exaone4MLP": _gated_mlp,
     "HeliumMLP": _gated_mlp,
     "SeedOssMLP": _gated_mlp,  # its dropout the identity in eval mode
     "ModernBertMLP": _glu_mlp,
@@ -510,6 +512,7 @@ _ATTENTION = frozenset(
         "HunYuanDenseV1Attention",  # query and key norms (children, patched) after RoPE
         "GlmAttention",  # RoPE on interleaved pairs of half of each head (constants)
         "Glm4Attention",
+        "Exaone4Attention",  # query and key norms (children), RoPE in its local layers only
         "HeliumAttention",  # RoPE on interleaved pairs (constants)
         "SeedOssAttention",  # Llama's with biased q/k/v (and o) projections
         "GPTNeoXAttention",  # fused per head, rotary on a part of each head (constants)
@@ -633,6 +636,7 @@ _LINEAR = frozenset(
                 "HunYuanDenseV1",
                 "Glm",
                 "Glm4",  # norms after attention and MLP (patched), then residual sums
+                "Exaone4",
                 "Mixtral",
                 "Qwen2Moe",
                 "Qwen3Moe",
@@ -806,6 +810,7 @@ ARCHITECTURES = (
     "hunyuan_v1_dense",
     "glm",
     "glm4",
+    "exaone4",
     "mixtral",
     "qwen2_moe",
     "qwen3_moe",
