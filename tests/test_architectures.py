@@ -119,6 +119,10 @@ CONFIGS = {
         layer_types=["sliding_attention", "full_attention"],
         **SIZES,
     ),
+    # Arcee (AFM): Llama's layout, an MLP without a gate and relu(x) ** 2
+    "arcee": lambda v: T.ArceeConfig(
+        vocab_size=v, intermediate_size=64, num_key_value_heads=2, head_dim=8, **SIZES
+    ),
     # Seed-OSS: Llama's layout with biased query, key and value projections
     "seed_oss": lambda v: T.SeedOssConfig(
         vocab_size=v, intermediate_size=64, num_key_value_heads=2, head_dim=8, **SIZES

@@ -101,6 +101,7 @@ def llama_like(arch: str, tok) -> torch.nn.Module:
 # on interleaved pairs)
 LLAMA_KIN = ("cwm", "seed_oss", "ernie4_5", "helium", "hunyuan_v1_dense")  # HunYuan: q/k norms
 LLAMA_KIN += ("glm",)  # a fused gate/up projection, RoPE on interleaved pairs of half a head
+LLAMA_KIN += ("arcee",)  # an MLP without a gate, relu(x) ** 2
 # mixtures of experts with Llama's layout: a routed `mlp` (Granite MoE's `block_sparse_moe`)
 EXPERTS = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe", "gpt_oss")
 # GPT-J, CodeGen and Phi (attention and MLP in parallel on one LayerNorm, a biased LM head;

@@ -29,6 +29,7 @@ EVERY = (
     "GELUTanh",
     "PytorchGELUTanh",
     "FastGELUActivation",
+    "ReLUSquaredActivation",
 )
 CAPTUM = ("ReLU", "Tanh", "Sigmoid")  # what Captum's DeepLift hooks among them
 EPS = 1e-10
@@ -113,6 +114,8 @@ def double_models():
         built[arch] = ax.load_model(hf.double(), tokenizer=tok)
     hf, tok = tiny_model("gpt2", activation_function="relu")
     built["gpt2-relu"] = ax.load_model(hf.double(), tokenizer=tok)
+    hf, tok = tiny_model("gpt2", activation_function="relu2")  # Arcee's, Nemotron's relu(x)**2
+    built["gpt2-relu2"] = ax.load_model(hf.double(), tokenizer=tok)
     return built
 
 
@@ -120,7 +123,14 @@ def double_models():
 # the rule itself: exact summation-to-delta where it covers every nonlinearity
 # --------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
-    "kinds", [("relu", "relu"), ("tanh", "gelu"), ("sigmoid", "silu"), ("gelu_tanh", "tanh")]
+    "kinds",
+    [
+        ("relu", "relu"),
+        ("tanh", "gelu"),
+        ("sigmoid", "silu"),
+        ("gelu_tanh", "tanh"),
+        ("relu2", "silu"),
+    ],
 )
 def test_rescale_rule_sums_to_delta_on_an_mlp(kinds):
     # an MLP: linear -> act -> linear -> act -> linear; every nonlinearity is rescaled, so the
@@ -171,7 +181,7 @@ def test_tanh_and_sigmoid_kinds_match_autograd(kind):
 # --------------------------------------------------------------------------------------------------
 # against the hooked loop
 # --------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("arch", ["gpt2", "llama", "marian", "bart", "gpt2-relu"])
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "marian", "bart", "gpt2-relu", "gpt2-relu2"])
 def test_deeplift_equals_hooked_loop(double_models, arch):
     model = double_models[arch]
     source, target = PAIRS[0]

@@ -199,6 +199,10 @@ def _mlp_forward(mlp, n2: torch.Tensor) -> tuple[torch.Tensor, tuple]:
         f = mlp.c_fc(n2)
         g = mlp.act(f)
         return mlp.c_proj(g), ("plain", (n2, f, g, mlp.c_proj(g)))
+    if not hasattr(mlp, "gate_proj") and hasattr(mlp, "up_proj"):  # Arcee: no gate, relu ** 2
+        f = mlp.up_proj(n2)
+        g = torch.relu(f) ** 2
+        return mlp.down_proj(g), ("ungated", (n2, f, g, mlp.down_proj(g)))
     experts = getattr(mlp, "experts", None)
     if experts is None:
         w_gate, w_up, act = _gate_up(mlp)
@@ -233,6 +237,10 @@ def _mlp_backward(mlp, saved: tuple, r_out: torch.Tensor, rule: str) -> torch.Te
         n2, f, g, out = inner
         r_g = _linear_messages(g, mlp.c_proj.weight, r_out, out)
         return _linear_messages(n2, mlp.c_fc.weight, r_g, f)
+    if kind == "ungated":  # the identity rule through relu(x) ** 2
+        n2, f, g, out = inner
+        r_g = _linear_messages(g, mlp.down_proj.weight, r_out, out)
+        return _linear_messages(n2, mlp.up_proj.weight, r_g, f)
     if kind == "dense":
         return _gated_backward(inner, r_out, rule)
     out, terms = inner
@@ -1611,6 +1619,7 @@ BIAS_FREE = {
     "glm": lambda: _causal_lm("Glm"),  # RoPE on interleaved pairs of half of each head
     "glm4": lambda: _causal_lm("Glm4"),  # and norms after attention and MLP
     "exaone4": lambda: _causal_lm("Exaone4"),  # OLMo 2's norms, a local layer, NoPE globally
+    "arcee": lambda: _causal_lm("Arcee"),  # no gate: relu(up x) ** 2, the identity rule
     "gemma3-classifier": lambda: _classifier("Gemma3"),
     **NEIGHBOURS,
     "marian": lambda: tiny_model("marian"),
@@ -1654,7 +1663,7 @@ def test_cp_lrp_is_exactly_conservative_without_biases(arch):
     islands += ("olmo2", "olmo3", "olmo", "starcoder2", "granite", *NEIGHBOURS)
     islands += ("stablelm", "stablelm-parallel")  # its eager softmax runs in float32
     islands += ("cwm", "seed_oss", "ernie4_5", "helium", "hunyuan_v1_dense", "glm", "glm4")
-    islands += ("exaone4",)
+    islands += ("exaone4", "arcee")
     islands += ("modernbert", "modernbert-mean")  # its rotary embedding rounds q and k to float32
     islands += ("t5", "mt5")  # T5's RMSNorm takes its variance in float32
     islands += ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe")
@@ -1697,6 +1706,7 @@ def test_cp_lrp_is_exactly_conservative_without_biases(arch):
         "glm",
         "glm4",
         "exaone4",
+        "arcee",
     ],
 )
 def test_llama_family_equals_explicit_layer_by_layer_lrp(arch, rule):
@@ -1830,7 +1840,8 @@ def test_forward_mode_equals_reverse_mode_through_the_patched_head(arch):
 
 
 def test_unsupported_modules_are_refused():
-    # Persimmon: its squared ReLU has no identity rule (f(x) / x is not bounded)
+    # Persimmon: attrax has no LRP rules for its attention (per-head query and key LayerNorms,
+    # a fused projection) or its blocks
     _, tok = tiny_model("gpt2")
     config = transformers.PersimmonConfig(
         vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,

@@ -261,13 +261,14 @@ def test_activations_only_swapped_inside_attrax_calls(models):
         assert all("forward" not in vars(a) for a in model._activations)
 
 
-@pytest.mark.parametrize("kind", ["gelu_tanh", "gelu", "silu", "relu"])
+@pytest.mark.parametrize("kind", ["gelu_tanh", "gelu", "silu", "relu", "relu2"])
 def test_activation_value_and_derivative_match_autograd(kind):
     reference = {
         "gelu_tanh": lambda x: torch.nn.functional.gelu(x, approximate="tanh"),
         "gelu": torch.nn.functional.gelu,
         "silu": torch.nn.functional.silu,
         "relu": torch.relu,
+        "relu2": lambda x: torch.where(x > 0, x * x, 0.0),
     }[kind]
     x = torch.linspace(-6, 6, 1001, dtype=torch.float64).requires_grad_(True)
     y = _model._Activation.apply(x, kind)[0]
@@ -325,7 +326,7 @@ def test_sdpa_forwards_equal_eager_forwards(models, arch, sdpa_always):
     np.testing.assert_allclose(sdpa.values, eager.values, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("kind", ["gelu_tanh", "gelu", "silu", "relu", "tanh", "sigmoid"])
+@pytest.mark.parametrize("kind", ["gelu_tanh", "gelu", "silu", "relu", "relu2", "tanh", "sigmoid"])
 def test_one_backward_activation_is_autograds_own(kind):
     """A one-target call's activations (``one_backward``) give autograd's own gradient, bit for
     bit, and the guided rule still applies."""
@@ -334,6 +335,7 @@ def test_one_backward_activation_is_autograds_own(kind):
         "gelu": torch.nn.functional.gelu,
         "silu": torch.nn.functional.silu,
         "relu": torch.relu,
+        "relu2": lambda x: torch.square(torch.relu(x)),  # transformers' ReLUSquaredActivation
         "tanh": torch.tanh,
         "sigmoid": torch.sigmoid,
     }[kind]

@@ -86,6 +86,7 @@ FAMILIES: dict[str, Callable[[], ax.Model]] = {
     "GLM": _causal("glm"),
     "GLM-4": _causal("glm4"),
     "EXAONE 4": _causal("exaone4"),
+    "Arcee (AFM)": _causal("arcee"),
     "Pythia (GPT-NeoX)": _causal("pythia"),
     "OPT": _causal("opt"),
     "GPT-J": _causal("gptj"),

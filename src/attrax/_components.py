@@ -220,6 +220,7 @@ _LLAMA_LIKE = (
     "helium",  # RoPE on interleaved pairs
     "hunyuan_v1_dense",  # query and key norms after RoPE
     "glm",  # a fused gate/up projection, RoPE on interleaved pairs of half of each head
+    "arcee",  # an MLP without a gate: down(relu(up(x)) ** 2)
     *_arch.EXPERTS,
     "starcoder2",  # LayerNorms and biases
     "olmo",  # LayerNorms without weights

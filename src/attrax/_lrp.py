@@ -420,6 +420,7 @@ _PATCHED: dict[str, Callable[..., torch.Tensor]] = {
     "GlmRMSNorm": _rms_norm,
     "Glm4RMSNorm": _rms_norm,  # also after attention and MLP
     "Exaone4RMSNorm": _rms_norm,  # after attention and MLP only, and on queries and keys
+    "ArceeRMSNorm": _rms_norm,
     "HeliumRMSNorm": _olmo2_rms_norm,  # its weight in float32 before the cast back
     "SeedOssRMSNorm": _rms_norm,
     "LlamaMLP": _gated_mlp,
@@ -480,7 +481,7 @@ _PATCHED: dict[str, Callable[..., torch.Tensor]] = {
 }
 # activation kinds the identity rule covers (tanh: poolers, RoBERTa's head); sigmoid is not
 # one (f(0) != 0)
-IDENTITY_KINDS = ("gelu_tanh", "gelu", "silu", "relu", "tanh")
+IDENTITY_KINDS = ("gelu_tanh", "gelu", "silu", "relu", "relu2", "tanh")
 # attention modules that call transformers' AttentionInterface (attrax's LRP attention runs)
 _ATTENTION = frozenset(
     {
@@ -513,6 +514,7 @@ _ATTENTION = frozenset(
         "GlmAttention",  # RoPE on interleaved pairs of half of each head (constants)
         "Glm4Attention",
         "Exaone4Attention",  # query and key norms (children), RoPE in its local layers only
+        "ArceeAttention",
         "HeliumAttention",  # RoPE on interleaved pairs (constants)
         "SeedOssAttention",  # Llama's with biased q/k/v (and o) projections
         "GPTNeoXAttention",  # fused per head, rotary on a part of each head (constants)
@@ -563,6 +565,7 @@ _LINEAR = frozenset(
         "OlmoeSparseMoeBlock",
         "GraniteMoeMoE",
         "GptOssMLP",  # its router and experts (patched), reshapes
+        "ArceeMLP",  # down(act(up(x))): its activation (relu ** 2) a child module
         "Gemma3DecoderLayer",  # norms after attention and MLP (patched), then residual sums
         "Gemma3TextModel",
         "Gemma3ForCausalLM",
@@ -637,6 +640,7 @@ _LINEAR = frozenset(
                 "Glm",
                 "Glm4",  # norms after attention and MLP (patched), then residual sums
                 "Exaone4",
+                "Arcee",
                 "Mixtral",
                 "Qwen2Moe",
                 "Qwen3Moe",
@@ -811,6 +815,7 @@ ARCHITECTURES = (
     "glm",
     "glm4",
     "exaone4",
+    "arcee",
     "mixtral",
     "qwen2_moe",
     "qwen3_moe",

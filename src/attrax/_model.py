@@ -1119,6 +1119,7 @@ ACTIVATION_KINDS = {
     "SiLU": "silu",
     "SiLUActivation": "silu",
     "ReLU": "relu",
+    "ReLUSquaredActivation": "relu2",  # relu(x) ** 2: Arcee's, Nemotron's, Persimmon's MLPs
     # BERT's pooler and sigmoid gates; DeepLIFT rescales them (as Captum hooks nn.Tanh/nn.Sigmoid)
     "Tanh": "tanh",
     "Sigmoid": "sigmoid",
@@ -1195,6 +1196,8 @@ def activation_value_and_derivative(
         d = 1.0 - y * y
     elif kind == "sigmoid":
         d = y * (1.0 - y)
+    elif kind == "relu2":
+        d = 2.0 * torch.relu(x)
     else:  # relu
         d = (x > 0).to(x.dtype)
     return y, d
@@ -1311,6 +1314,9 @@ def _times_derivative(
         return aten.tanh_backward(grad, y)
     if kind == "sigmoid":
         return aten.sigmoid_backward(grad, y)
+    if kind == "relu2":  # square's backward (grad * 2 relu(x)), then relu's
+        r = torch.relu(x)
+        return aten.threshold_backward(grad * (2 * r), r, 0)
     return aten.threshold_backward(grad, y, 0)  # relu: grad where x > 0
 
 
@@ -1498,6 +1504,8 @@ def activation_value(x: torch.Tensor, kind: str) -> torch.Tensor:
         return torch.tanh(x)
     if kind == "sigmoid":
         return torch.sigmoid(x)
+    if kind == "relu2":
+        return torch.square(torch.relu(x))
     return torch.relu(x)
 
 
