@@ -123,6 +123,10 @@ CONFIGS = {
     "arcee": lambda v: T.ArceeConfig(
         vocab_size=v, intermediate_size=64, num_key_value_heads=2, head_dim=8, **SIZES
     ),
+    # Nemotron: Arcee's MLP, LayerNorms whose gain is 1 + weight, RoPE on half of each head
+    "nemotron": lambda v: T.NemotronConfig(
+        vocab_size=v, intermediate_size=64, num_key_value_heads=2, head_dim=8, **SIZES
+    ),
     # Seed-OSS: Llama's layout with biased query, key and value projections
     "seed_oss": lambda v: T.SeedOssConfig(
         vocab_size=v, intermediate_size=64, num_key_value_heads=2, head_dim=8, **SIZES

@@ -94,6 +94,8 @@ def llama_like(arch: str, tok) -> torch.nn.Module:
         for module in hf.modules():
             if isinstance(module, torch.nn.Linear) and module.bias is not None:
                 module.bias.normal_(0, 0.5)
+            elif type(module).__name__ == "NemotronLayerNorm1P":  # its gain 1 + weight, not 1
+                module.weight.normal_(0, 0.3)
     return hf.eval()
 
 
@@ -101,7 +103,7 @@ def llama_like(arch: str, tok) -> torch.nn.Module:
 # on interleaved pairs)
 LLAMA_KIN = ("cwm", "seed_oss", "ernie4_5", "helium", "hunyuan_v1_dense")  # HunYuan: q/k norms
 LLAMA_KIN += ("glm",)  # a fused gate/up projection, RoPE on interleaved pairs of half a head
-LLAMA_KIN += ("arcee",)  # an MLP without a gate, relu(x) ** 2
+LLAMA_KIN += ("arcee", "nemotron")  # an MLP without a gate; Nemotron's LayerNorms: 1 + weight
 # mixtures of experts with Llama's layout: a routed `mlp` (Granite MoE's `block_sparse_moe`)
 EXPERTS = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe", "gpt_oss")
 # GPT-J, CodeGen and Phi (attention and MLP in parallel on one LayerNorm, a biased LM head;
@@ -211,11 +213,12 @@ def full_double(hf: torch.nn.Module) -> torch.nn.Module:
 
 
 def gain(norm: torch.nn.Module) -> torch.Tensor | float:
-    """A norm's elementwise factor: ``weight``, the Gemma family's ``1 + weight``, 1 for OLMo's
-    LayerNorm, which has none."""
+    """A norm's elementwise factor: ``weight``, the Gemma family's and Nemotron's ``1 + weight``,
+    1 for OLMo's LayerNorm, which has none."""
     if getattr(norm, "weight", None) is None:
         return 1.0
-    return 1.0 + norm.weight if type(norm).__name__.startswith("Gemma") else norm.weight
+    one_plus = type(norm).__name__.startswith(("Gemma", "Nemotron"))
+    return 1.0 + norm.weight if one_plus else norm.weight
 
 
 def output_norms(block) -> tuple | None:
@@ -337,7 +340,8 @@ def readout(model: ax.Model, i: int, found: dict, direction: torch.Tensor):
     scale frozen at its value for ``x_i``."""
     norm = modules(model)[-1]
     x = found["final"][i]
-    if type(norm).__name__.endswith("LayerNorm"):  # torch's, OLMo's, Cohere's: they centre
+    # torch's, Nemotron's (a subclass), OLMo's, Cohere's: they centre
+    if isinstance(norm, torch.nn.LayerNorm) or type(norm).__name__.endswith("LayerNorm"):
         eps = getattr(norm, "variance_epsilon", None) or getattr(norm, "eps", None) or 1e-5
         sigma = torch.sqrt(x.var(unbiased=False) + eps)
         return lambda c: head_read(model, gain(norm) * (c - c.mean()) / sigma, direction)

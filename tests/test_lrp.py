@@ -19,7 +19,7 @@ import attrax as ax
 from attrax._lrp import lrp_rules
 from attrax.testing import tiny_classifier, tiny_model
 from tests.test_architectures import GRANITE, _family
-from tests.test_components import _bloom, _falcon, gpt_bigcode, output_norms, vary
+from tests.test_components import _bloom, _falcon, gain, gpt_bigcode, output_norms, vary
 
 PROMPT, TARGET = "The capital of France", " is Paris."
 
@@ -59,11 +59,6 @@ def _centred_messages(
     c = torch.rsqrt(h.var(-1, unbiased=False, keepdim=True) + eps)
     ratio = relevance / y
     return h * c * (ratio - ratio.mean(-1, keepdim=True))
-
-
-def _norm_scale(norm: torch.nn.Module) -> torch.Tensor:
-    """An RMSNorm's elementwise scale: ``weight``, or Gemma's ``1 + weight``."""
-    return 1.0 + norm.weight if type(norm).__name__.startswith("Gemma") else norm.weight
 
 
 def _linear_messages(
@@ -280,7 +275,7 @@ def llama_lrp_reference(
     def norm(x: torch.Tensor, module: torch.nn.Module) -> torch.Tensor:
         if layer_norm:
             return module(x)
-        return _centred(x, eps) if centred else _rms(x, _norm_scale(module), eps)
+        return _centred(x, eps) if centred else _rms(x, gain(module), eps)
 
     def back(x: torch.Tensor, module: torch.nn.Module, r: torch.Tensor, y: torch.Tensor):
         """Relevance of a norm's input ``x`` from that of its output ``y``: an RMSNorm (scale
@@ -311,9 +306,12 @@ def llama_lrp_reference(
             rot = torch.eye(d, dtype=torch.float64).repeat(t, 1, 1)
             pairs = _pair_rotations(sin[0, :, : r // 2].double(), cos[0, :, : r // 2].double(), r)
             rot[:, :r, :r] = pairs
+        elif hasattr(att, "sinks"):  # GPT-OSS: one angle per pair of halves, not repeated
+            cos, sin = torch.cat([cos, cos], -1), torch.cat([sin, sin], -1)
+            rot = _rotations(cos[0].double(), sin[0].double())
+        elif cos.shape[-1] < d:  # Nemotron: RoPE on a share of each head
+            rot = _partial_rotations(cos[0].double(), sin[0].double(), d)
         else:
-            if cos.shape[-1] < d:  # GPT-OSS: one angle per pair of halves, not repeated
-                cos, sin = torch.cat([cos, cos], -1), torch.cat([sin, sin], -1)
             rot = _rotations(cos[0].double(), sin[0].double())
         window = getattr(att, "sliding_window", None) or t
         # EXAONE 4's global layers keep the config's window but use neither it nor RoPE
@@ -333,7 +331,7 @@ def llama_lrp_reference(
             qn = torch.stack([n(q[:, i]) for i, n in enumerate(att.q_layernorm.norms)], 1)
             kn = torch.stack([n(k[:, i]) for i, n in enumerate(att.k_layernorm.norms)], 1)
         elif hasattr(att, "q_norm") and att.q_norm.weight.shape[0] == d:  # per head: Qwen3
-            qn, kn = _rms(q, _norm_scale(att.q_norm), eps), _rms(k, _norm_scale(att.k_norm), eps)
+            qn, kn = _rms(q, gain(att.q_norm), eps), _rms(k, gain(att.k_norm), eps)
         elif hasattr(att, "q_norm"):  # OLMo 2: all queries' width at once, all keys'
             qn = _rms(q.reshape(t, -1), att.q_norm.weight, eps).view(t, heads, d)
             kn = _rms(k.reshape(t, -1), att.k_norm.weight, eps).view(t, kv, d)
@@ -362,7 +360,7 @@ def llama_lrp_reference(
             attn = attn + att.o_proj.bias
         # Gemma 3's and OLMo 2's norms on the attention's and the MLP's outputs
         sandwich = output_norms(layer)  # the norms of the attention's and the MLP's outputs
-        an = _rms(attn, _norm_scale(sandwich[0]), eps) if sandwich else attn
+        an = _rms(attn, gain(sandwich[0]), eps) if sandwich else attn
         h1 = h + branch * an
         n2 = h1  # OLMo 2: no norm before the MLP
         if getattr(layer, "use_parallel_residual", False):  # StableLM: the MLP reads n1 too
@@ -371,7 +369,7 @@ def llama_lrp_reference(
             before = getattr(layer, "pre_feedforward_layernorm", layer.post_attention_layernorm)
             n2 = norm(h1, before)
         out, ffn = _mlp_forward(mlp, n2)
-        on = _rms(out, _norm_scale(sandwich[1]), eps) if sandwich else out
+        on = _rms(out, gain(sandwich[1]), eps) if sandwich else out
         h2 = h1 + branch * on
         saved.append((
             layer, rot, h, n1, q, k, v, qn, kn, qr, kr, qs, kf, vf, s, capped, a, o, attn, an,
@@ -449,7 +447,7 @@ def _layer_norm_messages(
     """LRP-0 through ``y = (h - mean h) c w + b`` with ``c = 1 / std`` a constant:
     ``R_j = h_j c (w_j R_j / y_j - mean_i w_i R_i / y_i)``; ``b`` keeps its share."""
     c = torch.rsqrt(h.var(-1, unbiased=False, keepdim=True) + norm.eps)
-    ratio = norm.weight * relevance / y
+    ratio = gain(norm) * relevance / y  # Nemotron's: 1 + weight
     return h * c * (ratio - ratio.mean(-1, keepdim=True))
 
 
@@ -1620,6 +1618,7 @@ BIAS_FREE = {
     "glm4": lambda: _causal_lm("Glm4"),  # and norms after attention and MLP
     "exaone4": lambda: _causal_lm("Exaone4"),  # OLMo 2's norms, a local layer, NoPE globally
     "arcee": lambda: _causal_lm("Arcee"),  # no gate: relu(up x) ** 2, the identity rule
+    "nemotron": lambda: _gpt2_vocabulary("nemotron", random=True),  # LayerNorms: 1 + weight
     "gemma3-classifier": lambda: _classifier("Gemma3"),
     **NEIGHBOURS,
     "marian": lambda: tiny_model("marian"),
@@ -1663,7 +1662,7 @@ def test_cp_lrp_is_exactly_conservative_without_biases(arch):
     islands += ("olmo2", "olmo3", "olmo", "starcoder2", "granite", *NEIGHBOURS)
     islands += ("stablelm", "stablelm-parallel")  # its eager softmax runs in float32
     islands += ("cwm", "seed_oss", "ernie4_5", "helium", "hunyuan_v1_dense", "glm", "glm4")
-    islands += ("exaone4", "arcee")
+    islands += ("exaone4", "arcee", "nemotron")
     islands += ("modernbert", "modernbert-mean")  # its rotary embedding rounds q and k to float32
     islands += ("t5", "mt5")  # T5's RMSNorm takes its variance in float32
     islands += ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe")
@@ -1707,6 +1706,7 @@ def test_cp_lrp_is_exactly_conservative_without_biases(arch):
         "glm4",
         "exaone4",
         "arcee",
+        "nemotron",
     ],
 )
 def test_llama_family_equals_explicit_layer_by_layer_lrp(arch, rule):

@@ -27,6 +27,7 @@ from tests.test_components import (
     _falcon,
     falcon_values,
     full_double,
+    gain,
     gpt_bigcode,
     neighbour,
     output_norms,
@@ -153,14 +154,6 @@ def project(model: ax.Model, block, z: torch.Tensor) -> torch.Tensor:
     dense = output_projection(model, block)
     bias = dense.bias if dense.bias is not None else 0
     return dense(z) - bias
-
-
-def gain(norm: torch.nn.Module) -> torch.Tensor | float:
-    """A norm's elementwise factor: ``weight``, the Gemma family's ``1 + weight``, 1 for OLMo's
-    LayerNorm, which has no weight."""
-    if getattr(norm, "weight", None) is None:
-        return 1.0
-    return 1.0 + norm.weight if type(norm).__name__.startswith("Gemma") else norm.weight
 
 
 def after_attention(block, output: torch.Tensor, i: int) -> torch.Tensor | float:
@@ -1076,7 +1069,7 @@ def test_alti_logit_matches_naive(mixing_models, kind):
         final = getattr(hf.model, "final_layernorm", None) or hf.model.norm
         project_out = None
     # torch's, OLMo's (no weight) and Cohere's (no bias) LayerNorms centre; RMSNorms do not
-    layer_norm = type(final).__name__.endswith("LayerNorm")
+    layer_norm = isinstance(final, torch.nn.LayerNorm) or type(final).__name__.endswith("LayerNorm")
     # OLMo's LayerNorm fixes its epsilon at 1e-5 in its forward
     final_eps = getattr(final, "variance_epsilon", None) or getattr(final, "eps", None) or 1e-5
     before_final, outputs = [], []

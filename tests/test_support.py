@@ -87,6 +87,7 @@ FAMILIES: dict[str, Callable[[], ax.Model]] = {
     "GLM-4": _causal("glm4"),
     "EXAONE 4": _causal("exaone4"),
     "Arcee (AFM)": _causal("arcee"),
+    "Nemotron": _causal("nemotron"),
     "Pythia (GPT-NeoX)": _causal("pythia"),
     "OPT": _causal("opt"),
     "GPT-J": _causal("gptj"),

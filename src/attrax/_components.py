@@ -221,6 +221,7 @@ _LLAMA_LIKE = (
     "hunyuan_v1_dense",  # query and key norms after RoPE
     "glm",  # a fused gate/up projection, RoPE on interleaved pairs of half of each head
     "arcee",  # an MLP without a gate: down(relu(up(x)) ** 2)
+    "nemotron",  # Arcee's MLP, LayerNorms with gain 1 + weight, RoPE on part of each head
     *_arch.EXPERTS,
     "starcoder2",  # LayerNorms and biases
     "olmo",  # LayerNorms without weights

@@ -211,6 +211,14 @@ def _layer_norm(module: torch.nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
     return y
 
 
+def _layer_norm_1p(module: torch.nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
+    """Nemotron's LayerNorm, whose gain is ``1 + weight``, with ``1 / std`` held constant."""
+    centered = x - x.mean(dim=-1, keepdim=True)
+    variance = centered.pow(2).mean(dim=-1, keepdim=True)
+    y = centered * torch.rsqrt(variance + module.eps).detach() * (module.weight + 1.0)
+    return y + module.bias if module.bias is not None else y
+
+
 def _olmo_layer_norm(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """OLMo's LayerNorm (no weight, no bias, epsilon 1e-5, in float32) with ``1 / std``
     constant."""
@@ -403,6 +411,7 @@ _PATCHED: dict[str, Callable[..., torch.Tensor]] = {
     "LayerNorm": _layer_norm,
     "OlmoLayerNorm": _olmo_layer_norm,
     "CohereLayerNorm": _cohere_layer_norm,
+    "NemotronLayerNorm1P": _layer_norm_1p,
     "LlamaRMSNorm": _rms_norm,
     "Qwen2RMSNorm": _rms_norm,
     "MistralRMSNorm": _rms_norm,
@@ -515,6 +524,7 @@ _ATTENTION = frozenset(
         "Glm4Attention",
         "Exaone4Attention",  # query and key norms (children), RoPE in its local layers only
         "ArceeAttention",
+        "NemotronAttention",  # RoPE on a share of each head (constants)
         "HeliumAttention",  # RoPE on interleaved pairs (constants)
         "SeedOssAttention",  # Llama's with biased q/k/v (and o) projections
         "GPTNeoXAttention",  # fused per head, rotary on a part of each head (constants)
@@ -566,6 +576,7 @@ _LINEAR = frozenset(
         "GraniteMoeMoE",
         "GptOssMLP",  # its router and experts (patched), reshapes
         "ArceeMLP",  # down(act(up(x))): its activation (relu ** 2) a child module
+        "NemotronMLP",  # the same
         "Gemma3DecoderLayer",  # norms after attention and MLP (patched), then residual sums
         "Gemma3TextModel",
         "Gemma3ForCausalLM",
@@ -641,6 +652,7 @@ _LINEAR = frozenset(
                 "Glm4",  # norms after attention and MLP (patched), then residual sums
                 "Exaone4",
                 "Arcee",
+                "Nemotron",
                 "Mixtral",
                 "Qwen2Moe",
                 "Qwen3Moe",
@@ -816,6 +828,7 @@ ARCHITECTURES = (
     "glm4",
     "exaone4",
     "arcee",
+    "nemotron",
     "mixtral",
     "qwen2_moe",
     "qwen3_moe",

@@ -501,6 +501,7 @@ _PRE_NORM = (
     "hunyuan_v1_dense",  # Llama's layout, query and key norms after RoPE
     "glm",  # Llama's layout, a fused gate/up projection
     "arcee",  # Llama's layout, an MLP without a gate
+    "nemotron",  # Arcee's layout with LayerNorms (gain 1 + weight)
     *_arch.EXPERTS,
     "granitemoeshared",  # ALTI reads attention blocks only: its two MLP modules do not matter
     "modernbert",  # a pre-norm encoder (its first layer's norm is an Identity)

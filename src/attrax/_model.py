@@ -1128,6 +1128,12 @@ ACTIVATION_KINDS = {
 }
 
 
+# norms whose gain is 1 + weight: Gemma's RMSNorms, Nemotron's LayerNorm
+_ONE_PLUS = frozenset(
+    {"GemmaRMSNorm", "Gemma2RMSNorm", "Gemma3RMSNorm", "VaultGemmaRMSNorm", "NemotronLayerNorm1P"}
+)
+
+
 # LayerNorms that are not torch's: OLMo's has no weight (its epsilon fixed at 1e-5), Cohere's no
 # bias; both subtract the mean
 _LAYER_NORMS = ("OlmoLayerNorm", "CohereLayerNorm")
@@ -1163,7 +1169,7 @@ def norm_gain(norm: torch.nn.Module) -> torch.Tensor:
     weight = getattr(norm, "weight", None)
     if weight is None:
         return torch.tensor(1.0)
-    return 1.0 + weight if type(norm).__name__.startswith("Gemma") else weight
+    return 1.0 + weight if type(norm).__name__ in _ONE_PLUS else weight
 
 
 def activation_kind(module: torch.nn.Module) -> str | None:
