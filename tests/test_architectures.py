@@ -127,6 +127,16 @@ CONFIGS = {
     "nemotron": lambda v: T.NemotronConfig(
         vocab_size=v, intermediate_size=64, num_key_value_heads=2, head_dim=8, **SIZES
     ),
+    # VaultGemma: Gemma 2 without its norms after attention and MLP (capped scores, local layers)
+    "vaultgemma": lambda v: T.VaultGemmaConfig(
+        vocab_size=v,
+        intermediate_size=64,
+        num_key_value_heads=2,
+        head_dim=8,
+        sliding_window=3,
+        layer_types=["sliding_attention", "full_attention"],
+        **SIZES,
+    ),
     # Seed-OSS: Llama's layout with biased query, key and value projections
     "seed_oss": lambda v: T.SeedOssConfig(
         vocab_size=v, intermediate_size=64, num_key_value_heads=2, head_dim=8, **SIZES

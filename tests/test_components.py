@@ -43,7 +43,7 @@ def models64() -> dict[str, ax.Model]:
     for arch in NEIGHBOURS:
         built[arch] = ax.load_model(neighbour(arch, tok).double(), tokenizer=tok)
     # norms on each attention's and MLP's output (Gemma 1: 1 + weight norms only)
-    for arch in ("gemma", "gemma2", "gemma3", "olmo2", "olmo3", "glm4", "exaone4"):
+    for arch in ("gemma", "gemma2", "vaultgemma", "gemma3", "olmo2", "olmo3", "glm4", "exaone4"):
         hf = _family(arch, tok, attn_implementation="eager")
         hf.config.final_logit_softcapping = None  # a linear readout (DLA refuses the cap)
         with torch.no_grad():  # random gains (Gemma's norms scale by 1 + weight, weight 0)
@@ -213,11 +213,11 @@ def full_double(hf: torch.nn.Module) -> torch.nn.Module:
 
 
 def gain(norm: torch.nn.Module) -> torch.Tensor | float:
-    """A norm's elementwise factor: ``weight``, the Gemma family's and Nemotron's ``1 + weight``,
-    1 for OLMo's LayerNorm, which has none."""
+    """A norm's elementwise factor: ``weight``, the Gemma family's (VaultGemma's) and Nemotron's
+    ``1 + weight``, 1 for OLMo's LayerNorm, which has none."""
     if getattr(norm, "weight", None) is None:
         return 1.0
-    one_plus = type(norm).__name__.startswith(("Gemma", "Nemotron"))
+    one_plus = type(norm).__name__.startswith(("Gemma", "VaultGemma", "Nemotron"))
     return 1.0 + norm.weight if one_plus else norm.weight
 
 
@@ -458,6 +458,7 @@ DLA_ARCHS = (
     "olmo3",
     "glm4",
     "exaone4",
+    "vaultgemma",
     "granite", *LLAMA_KIN, *EXPERTS, *MORE_DECODERS, *FALCONS, "gpt_bigcode-mha", "bloom",
 )  # fmt: skip
 

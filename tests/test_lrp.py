@@ -366,7 +366,8 @@ def llama_lrp_reference(
         if getattr(layer, "use_parallel_residual", False):  # StableLM: the MLP reads n1 too
             n2 = n1
         elif pre:  # Llama's post_attention_layernorm is that norm; Gemma 3 has a norm there too
-            before = getattr(layer, "pre_feedforward_layernorm", layer.post_attention_layernorm)
+            before = getattr(layer, "pre_feedforward_layernorm", None)  # VaultGemma: only that
+            before = layer.post_attention_layernorm if before is None else before
             n2 = norm(h1, before)
         out, ffn = _mlp_forward(mlp, n2)
         on = _rms(out, gain(sandwich[1]), eps) if sandwich else out
@@ -401,7 +402,9 @@ def llama_lrp_reference(
         parallel = getattr(layer, "use_parallel_residual", False)  # then n2 is n1: added below
         # RMSNorm with its scale constant: elementwise, passes R unchanged; a LayerNorm centres
         if not parallel:
-            r_h1 = r_h1 + back(h1, layer.post_attention_layernorm, r_n2, n2)
+            before = getattr(layer, "pre_feedforward_layernorm", None)  # VaultGemma: only that
+            before = layer.post_attention_layernorm if before is None else before
+            r_h1 = r_h1 + back(h1, before, r_n2, n2)
         r_h, r_attn = h / h1 * r_h1, branch * an / h1 * r_h1  # an: attn, or Gemma 3's norm
         r_o = _linear_messages(o.reshape(t, heads * d), att.o_proj.weight, r_attn, attn)
         r_o = r_o.view(t, heads, d)
@@ -1521,11 +1524,11 @@ def _causal_lm(name: str) -> tuple:
     config._attn_implementation = "eager"
     if name == "SmolLM3":  # its second layer without RoPE (NoPE)
         config.no_rope_layers = [1, 0]
-    if name in ("Gemma3", "Olmo3", "Cwm", "Exaone4"):  # a local layer (a 3-token window), a global
+    if name in ("Gemma3", "Olmo3", "Cwm", "Exaone4", "VaultGemma"):  # a local, then a global layer
         config.layer_types, config.sliding_window = ["sliding_attention", "full_attention"], 3
     if name.startswith("Granite"):  # its multipliers, far from 1
         config.update(GRANITE)
-    if name == "Gemma2":  # caps these small weights' scores and logits reach; a 3-token window
+    if name in ("Gemma2", "VaultGemma"):  # caps the small weights' scores and logits reach
         config.attn_logit_softcapping, config.final_logit_softcapping = 0.5, 2.0
         config.sliding_window = 3
     if name in ("Mixtral", "Qwen2Moe", "Qwen3Moe", "Olmoe", "GraniteMoe"):  # top-2 of 4 experts
@@ -1619,6 +1622,7 @@ BIAS_FREE = {
     "exaone4": lambda: _causal_lm("Exaone4"),  # OLMo 2's norms, a local layer, NoPE globally
     "arcee": lambda: _causal_lm("Arcee"),  # no gate: relu(up x) ** 2, the identity rule
     "nemotron": lambda: _gpt2_vocabulary("nemotron", random=True),  # LayerNorms: 1 + weight
+    "vaultgemma": lambda: _causal_lm("VaultGemma"),  # capped scores and logits, a local layer
     "gemma3-classifier": lambda: _classifier("Gemma3"),
     **NEIGHBOURS,
     "marian": lambda: tiny_model("marian"),
@@ -1662,7 +1666,7 @@ def test_cp_lrp_is_exactly_conservative_without_biases(arch):
     islands += ("olmo2", "olmo3", "olmo", "starcoder2", "granite", *NEIGHBOURS)
     islands += ("stablelm", "stablelm-parallel")  # its eager softmax runs in float32
     islands += ("cwm", "seed_oss", "ernie4_5", "helium", "hunyuan_v1_dense", "glm", "glm4")
-    islands += ("exaone4", "arcee", "nemotron")
+    islands += ("exaone4", "arcee", "nemotron", "vaultgemma")
     islands += ("modernbert", "modernbert-mean")  # its rotary embedding rounds q and k to float32
     islands += ("t5", "mt5")  # T5's RMSNorm takes its variance in float32
     islands += ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe")
@@ -1707,6 +1711,7 @@ def test_cp_lrp_is_exactly_conservative_without_biases(arch):
         "exaone4",
         "arcee",
         "nemotron",
+        "vaultgemma",
     ],
 )
 def test_llama_family_equals_explicit_layer_by_layer_lrp(arch, rule):

@@ -247,7 +247,7 @@ def naive_alti_layers(model: ax.Model, ids: torch.Tensor):
 
 
 ALTI_ARCHS = (*ARCHS, "phi3", "pythia", "qwen3", "smollm3", "gemma", "gemma2", "gemma3", "olmo2")
-ALTI_ARCHS += ("olmo3", "glm4", "exaone4")  # OLMo 2's layout, local layers; output norms
+ALTI_ARCHS += ("olmo3", "glm4", "exaone4", "vaultgemma")  # local layers; output norms
 # GPT-J, CodeGen, Phi and Cohere: attention and MLP in parallel on one norm (CodeGen's values in
 # shards of a fused projection, Cohere's LayerNorm without a bias, its logits scaled); StarCoder2
 # and OLMo: Llama's layout with LayerNorms (OLMo's without weights)
@@ -729,7 +729,7 @@ def _fused(family: str) -> ax.Model:
     # transformers' grouped matmul of experts takes no float64: a loop over them does
     kw = {"experts_implementation": "eager"} if family in EXPERTS else {}
     hf = _family(family, tok, attn_implementation="eager", **kw)
-    sandwiched = ("gemma", "gemma2", "gemma3", "olmo2", "olmo3", "glm4", "exaone4")
+    sandwiched = ("gemma", "gemma2", "vaultgemma", "gemma3", "olmo2", "olmo3", "glm4", "exaone4")
     if family in (*sandwiched, "granite", "granitemoe"):
         with torch.no_grad():  # random gains; Gemma's norms scale by 1 + weight, initialised at 0
             for module in hf.modules():
@@ -1008,6 +1008,7 @@ LOGIT_KINDS = (
         "olmo3",
         "glm4",
         "exaone4",
+        "vaultgemma",
         "gemma",
         "gemma2",
         "classifier",

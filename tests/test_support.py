@@ -74,6 +74,7 @@ FAMILIES: dict[str, Callable[[], ax.Model]] = {
     "SmolLM3": _causal("smollm3"),
     "Gemma": _causal("gemma"),
     "Gemma 2": _causal("gemma2"),
+    "VaultGemma": _causal("vaultgemma"),
     "Gemma 3": _tiny("gemma3"),
     "OLMo 2": _causal("olmo2"),
     "OLMo 3": _causal("olmo3"),

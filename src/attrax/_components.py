@@ -209,6 +209,7 @@ _LLAMA_LIKE = (
     "llama",
     "mistral",
     "gemma",  # its norms scale by 1 + weight (`norm_gain`)
+    "vaultgemma",  # Gemma 2's without its norms after attention and MLP
     "qwen2",
     "qwen3",
     "smollm3",

@@ -417,6 +417,7 @@ _PATCHED: dict[str, Callable[..., torch.Tensor]] = {
     "MistralRMSNorm": _rms_norm,
     "GemmaRMSNorm": _gemma_rms_norm,
     "Gemma2RMSNorm": _gemma_rms_norm,  # also after attention and MLP
+    "VaultGemmaRMSNorm": _gemma_rms_norm,
     "Gemma3RMSNorm": _gemma_rms_norm,  # also after attention and MLP, and on queries and keys
     "Olmo2RMSNorm": _olmo2_rms_norm,  # after attention and MLP only, and on queries and keys
     "Phi3RMSNorm": _rms_norm,
@@ -437,6 +438,7 @@ _PATCHED: dict[str, Callable[..., torch.Tensor]] = {
     "MistralMLP": _gated_mlp,
     "GemmaMLP": _gated_mlp,
     "Gemma2MLP": _gated_mlp,
+    "VaultGemmaMLP": _gated_mlp,
     "Gemma3MLP": _gated_mlp,
     "Olmo2MLP": _gated_mlp,
     "Olmo3RMSNorm": _olmo2_rms_norm,  # OLMo 2's, with local layers
@@ -500,6 +502,7 @@ _ATTENTION = frozenset(
         "MistralAttention",
         "GemmaAttention",
         "Gemma2Attention",  # tanh-capped scores: the identity rule (``_soft_cap``)
+        "VaultGemmaAttention",  # Gemma 2's, without norms after attention and MLP
         "Gemma3Attention",
         "Olmo2Attention",
         "Olmo3Attention",  # OLMo 2's, a sliding window in its local layers (in the mask)
@@ -568,6 +571,7 @@ _LINEAR = frozenset(
         "BartScaledWordEmbedding",
         "GemmaTextScaledWordEmbedding",
         "Gemma2TextScaledWordEmbedding",
+        "VaultGemmaTextScaledWordEmbedding",
         "Gemma3TextScaledWordEmbedding",
         "Gemma3RotaryEmbedding",  # local and global tables: constants
         "MixtralSparseMoeBlock",  # its router and experts (patched), reshapes
@@ -642,6 +646,7 @@ _LINEAR = frozenset(
                 "Cohere",  # parallel attention and MLP, its logits scaled (a constant)
                 "StableLm",  # LayerNorms (patched), parallel or sequential residuals
                 "Gemma2",
+                "VaultGemma",
                 "Granite",  # constant factors on the embeddings, each block's output, the logits
                 "Cwm",
                 "SeedOss",
@@ -804,6 +809,7 @@ ARCHITECTURES = (
     "mistral",
     "gemma",
     "gemma2",
+    "vaultgemma",
     "gemma3_text",
     "olmo2",
     "olmo3",

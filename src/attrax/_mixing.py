@@ -489,6 +489,7 @@ _PRE_NORM = (
     "llama",
     "mistral",
     "gemma",
+    "vaultgemma",  # Gemma 2's layout without its norms after attention and MLP
     "qwen2",
     "qwen3",
     "smollm3",
