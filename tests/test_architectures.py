@@ -137,6 +137,8 @@ CONFIGS = {
         layer_types=["sliding_attention", "full_attention"],
         **SIZES,
     ),
+    # BioGPT: OPT's pre-LN blocks, scaled token embeddings, learned positions, GELU
+    "biogpt": lambda v: T.BioGptConfig(vocab_size=v, intermediate_size=64, **SIZES),
     # Seed-OSS: Llama's layout with biased query, key and value projections
     "seed_oss": lambda v: T.SeedOssConfig(
         vocab_size=v, intermediate_size=64, num_key_value_heads=2, head_dim=8, **SIZES

@@ -31,7 +31,9 @@ def models64() -> dict[str, ax.Model]:
     _, tok = tiny_model("llama")
     # Llama's layout; Qwen2's v_proj has a bias, Qwen3 norms queries and keys, SmolLM3 has NoPE
     # Granite: constant factors on the embeddings, the scores, each block's output, the logits
-    for arch in ("mistral", "qwen2", "phi3", "qwen3", "smollm3", "granite", *LLAMA_KIN, *EXPERTS):
+    # random biases (BioGPT's too, OPT_KIN)
+    kin = (*LLAMA_KIN, *EXPERTS, *OPT_KIN)
+    for arch in ("mistral", "qwen2", "phi3", "qwen3", "smollm3", "granite", *kin):
         built[arch] = ax.load_model(full_double(llama_like(arch, tok)), tokenizer=tok)
     for arch in MORE_DECODERS:  # random biases, as Llama's relatives get
         built[arch] = ax.load_model(full_double(llama_like(arch, tok)), tokenizer=tok)
@@ -104,6 +106,8 @@ def llama_like(arch: str, tok) -> torch.nn.Module:
 LLAMA_KIN = ("cwm", "seed_oss", "ernie4_5", "helium", "hunyuan_v1_dense")  # HunYuan: q/k norms
 LLAMA_KIN += ("glm",)  # a fused gate/up projection, RoPE on interleaved pairs of half a head
 LLAMA_KIN += ("arcee", "nemotron")  # an MLP without a gate; Nemotron's LayerNorms: 1 + weight
+# OPT's pre-LN blocks (`self_attn`, `fc1`/`fc2`): BioGPT, its final norm `layer_norm`
+OPT_KIN = ("biogpt",)
 # mixtures of experts with Llama's layout: a routed `mlp` (Granite MoE's `block_sparse_moe`)
 EXPERTS = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe", "gpt_oss")
 # GPT-J, CodeGen and Phi (attention and MLP in parallel on one LayerNorm, a biased LM head;
@@ -268,12 +272,13 @@ def modules(model: ax.Model):
         attn = [b.attention for b in blocks]
         values = [a.query_key_value for a in attn]
         return blocks, attn, [a.dense for a in attn], values, hf.base_model.final_layer_norm
-    if hf.config.model_type == "opt":
-        decoder = hf.base_model.decoder
+    if hf.config.model_type in ("opt", "biogpt"):  # BioGPT's layers in its body itself
+        decoder = getattr(hf.base_model, "decoder", hf.base_model)
         blocks = list(decoder.layers)
         attn = [b.self_attn for b in blocks]
         values = [a.v_proj for a in attn]
-        return blocks, attn, [a.out_proj for a in attn], values, decoder.final_layer_norm
+        final = getattr(decoder, "final_layer_norm", None) or decoder.layer_norm
+        return blocks, attn, [a.out_proj for a in attn], values, final
     blocks = list(hf.base_model.layers)
     attn = [b.self_attn for b in blocks]
     values = [getattr(a, "v_proj", None) or a.qkv_proj for a in attn]  # Phi-3: one fused
@@ -438,6 +443,8 @@ def naive_dla(model: ax.Model, source: str, target: str, contrast: str | None = 
             emb = emb + model.hf.base_model.wpe(torch.tensor(i))
         if config.model_type == "bloom":  # a LayerNorm on the embeddings
             emb = model.hf.base_model.word_embeddings_layernorm(emb)
+        if config.model_type == "biogpt":  # positions are rows 2, 3, ... of their table
+            emb = emb + model.hf.base_model.embed_positions.weight[i + 2]
         if config.model_type == "opt":  # positions are rows 2, 3, ... of their table
             decoder = model.hf.base_model.decoder
             if decoder.project_in is not None:
@@ -459,7 +466,7 @@ DLA_ARCHS = (
     "glm4",
     "exaone4",
     "vaultgemma",
-    "granite", *LLAMA_KIN, *EXPERTS, *MORE_DECODERS, *FALCONS, "gpt_bigcode-mha", "bloom",
+    "granite", *LLAMA_KIN, *EXPERTS, *MORE_DECODERS, *FALCONS, "gpt_bigcode-mha", "bloom", *OPT_KIN,
 )  # fmt: skip
 
 

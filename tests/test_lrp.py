@@ -1030,15 +1030,23 @@ def opt_lrp_reference(hf, ids: list[int], position: int, target: int, rule: str)
     ``position``: learned positions (rows offset by 2) keep their share, LayerNorms before each
     block's attention and MLP (or, as OPT-350m, after each residual sum, with no final norm),
     the query scaled after its projection, ReLU, and ``project_in``/``project_out`` between the
-    embeddings' width ``W`` and the blocks' where they differ."""
-    cfg, body = hf.config, hf.model.decoder
-    hidden, heads, pre = cfg.hidden_size, cfg.num_attention_heads, cfg.do_layer_norm_before
+    embeddings' width ``W`` and the blocks' where they differ. BioGPT: OPT's pre-LN blocks with
+    GELU, its token embeddings scaled by ``sqrt(hidden)``, its final norm ``layer_norm``."""
+    cfg = hf.config
+    bio = cfg.model_type == "biogpt"
+    body = hf.biogpt if bio else hf.model.decoder
+    hidden, heads = cfg.hidden_size, cfg.num_attention_heads
+    pre = getattr(cfg, "do_layer_norm_before", True)  # BioGPT's are all before
     d, t = hidden // heads, len(ids)
-    x = body.embed_tokens.weight[torch.tensor(ids)]
-    e = x if body.project_in is None else x @ body.project_in.weight.T
+    x = body.embed_tokens.weight[torch.tensor(ids)] * getattr(body.embed_tokens, "embed_scale", 1)
+    project_in = getattr(body, "project_in", None)
+    project_out = getattr(body, "project_out", None)
+    final_norm = body.layer_norm if bio else body.final_layer_norm
+    e = x if project_in is None else x @ project_in.weight.T
     h = e + body.embed_positions.weight[torch.arange(t) + 2]
     h0 = h
     causal = torch.ones(t, t, dtype=torch.bool).tril()
+    act = torch.nn.functional.gelu if bio else torch.relu  # BioGPT's GELU is erf's
 
     def norm_before(ln, h: torch.Tensor) -> torch.Tensor:
         return ln(h) if pre else h
@@ -1061,27 +1069,27 @@ def opt_lrp_reference(hf, ids: list[int], position: int, target: int, rule: str)
         h1 = norm_after(ln1, s1)
         n2 = norm_before(ln2, h1)
         f = layer.fc1(n2)
-        out = layer.fc2(torch.relu(f))
+        out = layer.fc2(act(f))
         s2 = h1 + out
         h2 = norm_after(ln2, s2)
         saved.append((layer, h, n1, ql, q, k, v, s, a, o, attn, s1, h1, n2, f, out, s2, h2))
         h = h2
-    final = h if body.final_layer_norm is None else body.final_layer_norm(h)
-    projected = final if body.project_out is None else final @ body.project_out.weight.T
-    head = hf.lm_head.weight[target]
+    final = h if final_norm is None else final_norm(h)
+    projected = final if project_out is None else final @ project_out.weight.T
+    head = hf.get_output_embeddings().weight[target]
     r_projected = torch.zeros_like(projected)
     r_projected[position] = projected[position] * head
     relevance = r_projected
-    if body.project_out is not None:
-        relevance = _linear_messages(final, body.project_out.weight, r_projected, projected)
-    if body.final_layer_norm is not None:
-        relevance = _layer_norm_messages(h, body.final_layer_norm, relevance, final)
+    if project_out is not None:
+        relevance = _linear_messages(final, project_out.weight, r_projected, projected)
+    if final_norm is not None:
+        relevance = _layer_norm_messages(h, final_norm, relevance, final)
     for layer, h, n1, ql, q, k, v, s, a, o, attn, s1, h1, n2, f, out, s2, h2 in reversed(saved):
         att, ln1, ln2 = layer.self_attn, layer.self_attn_layer_norm, layer.final_layer_norm
         r_s2 = relevance if pre else _layer_norm_messages(s2, ln2, relevance, h2)
         r_h1, r_out = h1 / s2 * r_s2, out / s2 * r_s2  # the residual sum, in proportion
-        r_relu = _linear_messages(torch.relu(f), layer.fc2.weight, r_out, out)
-        r_n2 = _linear_messages(n2, layer.fc1.weight, r_relu, f)  # ReLU: identity rule
+        r_act = _linear_messages(act(f), layer.fc2.weight, r_out, out)
+        r_n2 = _linear_messages(n2, layer.fc1.weight, r_act, f)  # ReLU, GELU: identity rule
         r_h1 = r_h1 + (_layer_norm_messages(h1, ln2, r_n2, n2) if pre else r_n2)
         r_s1 = r_h1 if pre else _layer_norm_messages(s1, ln1, r_h1, h1)
         r_h, r_attn = h / s1 * r_s1, attn / s1 * r_s1
@@ -1097,9 +1105,9 @@ def opt_lrp_reference(hf, ids: list[int], position: int, target: int, rule: str)
         )
         relevance = r_h + (_layer_norm_messages(h, ln1, r_n1, n1) if pre else r_n1)
     r_e = e / h0 * relevance  # the position embeddings keep their share
-    if body.project_in is None:
+    if project_in is None:
         return r_e.numpy()
-    return _linear_messages(x, body.project_in.weight, r_e, e).numpy()
+    return _linear_messages(x, project_in.weight, r_e, e).numpy()
 
 
 def _neighbour(family: str, **config) -> tuple:
@@ -1134,10 +1142,12 @@ NEIGHBOURS = {
 
 
 @pytest.mark.parametrize("rule", ["attnlrp", "cp-lrp"])
-@pytest.mark.parametrize("arch", list(NEIGHBOURS))
-def test_neox_and_opt_equal_explicit_layer_by_layer_lrp(arch, rule):
-    model = _double(*NEIGHBOURS[arch]())
-    check_lrp(model, opt_lrp_reference if arch.startswith("opt") else neox_lrp_reference, rule)
+@pytest.mark.parametrize("arch", [*NEIGHBOURS, "biogpt"])
+def test_neox_opt_and_biogpt_equal_explicit_layer_by_layer_lrp(arch, rule):
+    # BioGPT: OPT's pre-LN blocks with GELU and scaled token embeddings, random LayerNorms
+    build = NEIGHBOURS.get(arch) or partial(_gpt2_vocabulary, "biogpt", random=True)
+    model = _double(*build())
+    check_lrp(model, neox_lrp_reference if arch.startswith("pythia") else opt_lrp_reference, rule)
 
 
 @pytest.mark.parametrize("rule", ["attnlrp", "cp-lrp"])

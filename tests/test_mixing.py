@@ -23,6 +23,7 @@ from tests.test_components import (
     EXPERTS,
     FALCONS,
     LLAMA_KIN,
+    OPT_KIN,
     _bloom,
     _falcon,
     falcon_values,
@@ -85,6 +86,8 @@ def blocks(model: ax.Model):
         return list(hf.gpt_neox.layers)
     if hasattr(hf.base_model, "decoder"):  # OPT
         return list(hf.base_model.decoder.layers)
+    if hasattr(hf, "biogpt"):  # OPT's blocks in BioGPT's body
+        return list(hf.biogpt.layers)
     return list(hf.transformer.h) if hasattr(hf, "transformer") else list(hf.model.layers)
 
 
@@ -276,6 +279,7 @@ def _encoder(arch: str) -> ax.Model:
         *ALTI_ARCHS,
         "granite",
         *LLAMA_KIN,
+        *OPT_KIN,
         *EXPERTS,
         *BERT_LIKE,
         "modernbert",
@@ -1016,6 +1020,7 @@ LOGIT_KINDS = (
         "granitemoe",
         "gpt_oss",  # attention sinks
         *LLAMA_KIN,
+        *OPT_KIN,
         "gpt_neo",
         *MORE_PRE_NORM,
         *FALCON_LAYOUTS,
@@ -1066,6 +1071,8 @@ def test_alti_logit_matches_naive(mixing_models, kind):
         final, project_out = hf.gpt_neox.final_layer_norm, None
     elif hasattr(hf.base_model, "decoder"):  # OPT: its head reads project_out's output
         final, project_out = hf.base_model.decoder.final_layer_norm, hf.model.decoder.project_out
+    elif hasattr(hf, "biogpt"):
+        final, project_out = hf.biogpt.layer_norm, None
     else:  # Phi's is `final_layernorm`
         final = getattr(hf.model, "final_layernorm", None) or hf.model.norm
         project_out = None

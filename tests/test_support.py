@@ -91,6 +91,7 @@ FAMILIES: dict[str, Callable[[], ax.Model]] = {
     "Nemotron": _causal("nemotron"),
     "Pythia (GPT-NeoX)": _causal("pythia"),
     "OPT": _causal("opt"),
+    "BioGPT": _causal("biogpt"),
     "GPT-J": _causal("gptj"),
     "CodeGen": _causal("codegen"),
     "Phi (1, 2)": _causal("phi"),

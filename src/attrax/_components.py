@@ -250,6 +250,7 @@ _LAYOUTS = {
     "phi": ("layers", "self_attn", "final_layernorm"),
     "gpt_neox": ("layers", "attention", "final_layer_norm"),
     "opt": ("layers", "self_attn", "final_layer_norm"),  # in its `decoder`
+    "biogpt": ("layers", "self_attn", "layer_norm"),  # OPT's pre-LN blocks
 }
 
 
@@ -263,7 +264,7 @@ def _parts(model: Model, method: str) -> _Parts:
             f"{method} decomposes decoder-only models (GPT-2, Llama); {name} is an "
             "encoder-decoder, whose decoder also reads the encoder through cross-attention"
         )
-    known = ("gpt2", *_GPT2_LIKE, "gpt_neox", "opt", *_PARALLEL, *_BLOOM, *_LLAMA_LIKE)
+    known = ("gpt2", *_GPT2_LIKE, "gpt_neox", "opt", "biogpt", *_PARALLEL, *_BLOOM, *_LLAMA_LIKE)
     known += _arch.SANDWICH
     if kind not in known:
         raise ModelError(
@@ -271,7 +272,7 @@ def _parts(model: Model, method: str) -> _Parts:
             "(o_proj, RMSNorm; also Mistral, Qwen2, Qwen3, SmolLM3, Phi-3, Gemma 2, Gemma 3, "
             "OLMo 2, Granite; the mixtures of experts Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, "
             "Granite MoE, StarCoder2, OLMo, Cohere), GPT-Neo, GPT-BigCode, GPT-J, CodeGen, Phi, "
-            "Falcon, BLOOM, "
+            "Falcon, BLOOM, BioGPT, "
             "GPT-NeoX "
             "(Pythia) and "
             "OPT architectures only, as causal LMs or "

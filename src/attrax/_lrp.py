@@ -532,6 +532,7 @@ _ATTENTION = frozenset(
         "SeedOssAttention",  # Llama's with biased q/k/v (and o) projections
         "GPTNeoXAttention",  # fused per head, rotary on a part of each head (constants)
         "OPTAttention",  # the query scaled before the call (a constant factor)
+        "BioGptAttention",
         "BertSelfAttention",
         "RobertaSelfAttention",
         "XLMRobertaSelfAttention",
@@ -717,6 +718,19 @@ _LINEAR = frozenset(
                 "ForSequenceClassification",
             )
         ),
+        # BioGPT: OPT's pre-LN blocks, scaled token embeddings, learned positions (constants)
+        *(
+            f"BioGpt{part}"
+            for part in (
+                "ScaledWordEmbedding",
+                "LearnedPositionalEmbedding",
+                "DecoderLayer",
+                "Model",
+                "ForCausalLM",
+                "ForSequenceClassification",
+                "ForTokenClassification",
+            )
+        ),
         # BERT and the encoders whose blocks are BERT's computation (RoBERTa, XLM-R and CamemBERT
         # differ in their position ids, ELECTRA in an embedding projection: constants, a Linear;
         # DeBERTa-v2's embeddings multiply by the 0/1 mask, its encoder normalises the relative
@@ -843,6 +857,7 @@ ARCHITECTURES = (
     "gpt_oss",
     "gpt_neox",
     "opt",
+    "biogpt",
     "bert",
     "roberta",
     "xlm-roberta",

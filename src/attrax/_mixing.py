@@ -508,6 +508,7 @@ _PRE_NORM = (
     "modernbert",  # a pre-norm encoder (its first layer's norm is an Identity)
     "gpt_neox",
     "opt",
+    "biogpt",  # OPT's pre-LN blocks
     "gpt_neo",  # GPT-2's layout, Linear projections (its attention run by attrax: _routed)
     # attention and MLP in parallel on one norm: ALTI decomposes x + attention, as GPT-NeoX's
     "gptj",
@@ -1074,10 +1075,10 @@ def alti_logit(call: Call, *, aggregate: bool = True, layers: Selection = None) 
 
 def _final_norm(model: Model) -> torch.nn.Module:
     """The norm the head reads: GPT-2's ``ln_f``, Llama's ``norm``, GPT-NeoX's and OPT's
-    ``final_layer_norm``."""
+    ``final_layer_norm``, BioGPT's ``layer_norm``."""
     base = body(model.hf)
     base = getattr(base, "decoder", base)  # OPT's layers live in its `decoder`
-    for name in ("ln_f", "norm", "final_layer_norm", "final_layernorm"):  # Phi's last
+    for name in ("ln_f", "norm", "final_layer_norm", "final_layernorm", "layer_norm"):
         if isinstance(getattr(base, name, None), torch.nn.Module):
             return getattr(base, name)
     raise ModelError(f"{model.name} ({_architecture(model)}): attrax finds no final norm")
