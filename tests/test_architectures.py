@@ -139,6 +139,8 @@ CONFIGS = {
     ),
     # BioGPT: OPT's pre-LN blocks, scaled token embeddings, learned positions, GELU
     "biogpt": lambda v: T.BioGptConfig(vocab_size=v, intermediate_size=64, **SIZES),
+    # Persimmon: GPT-NeoX's sequential blocks, per-head query/key LayerNorms, relu(x) ** 2
+    "persimmon": lambda v: T.PersimmonConfig(vocab_size=v, intermediate_size=64, **SIZES),
     # Seed-OSS: Llama's layout with biased query, key and value projections
     "seed_oss": lambda v: T.SeedOssConfig(
         vocab_size=v, intermediate_size=64, num_key_value_heads=2, head_dim=8, **SIZES

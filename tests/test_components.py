@@ -31,8 +31,8 @@ def models64() -> dict[str, ax.Model]:
     _, tok = tiny_model("llama")
     # Llama's layout; Qwen2's v_proj has a bias, Qwen3 norms queries and keys, SmolLM3 has NoPE
     # Granite: constant factors on the embeddings, the scores, each block's output, the logits
-    # random biases (BioGPT's too, OPT_KIN)
-    kin = (*LLAMA_KIN, *EXPERTS, *OPT_KIN)
+    # random biases (BioGPT's and Persimmon's too)
+    kin = (*LLAMA_KIN, *EXPERTS, *NEOX_AND_OPT_KIN)
     for arch in ("mistral", "qwen2", "phi3", "qwen3", "smollm3", "granite", *kin):
         built[arch] = ax.load_model(full_double(llama_like(arch, tok)), tokenizer=tok)
     for arch in MORE_DECODERS:  # random biases, as Llama's relatives get
@@ -106,8 +106,9 @@ def llama_like(arch: str, tok) -> torch.nn.Module:
 LLAMA_KIN = ("cwm", "seed_oss", "ernie4_5", "helium", "hunyuan_v1_dense")  # HunYuan: q/k norms
 LLAMA_KIN += ("glm",)  # a fused gate/up projection, RoPE on interleaved pairs of half a head
 LLAMA_KIN += ("arcee", "nemotron")  # an MLP without a gate; Nemotron's LayerNorms: 1 + weight
-# OPT's pre-LN blocks (`self_attn`, `fc1`/`fc2`): BioGPT, its final norm `layer_norm`
-OPT_KIN = ("biogpt",)
+# OPT's pre-LN blocks (`self_attn`, `fc1`/`fc2`): BioGPT, its final norm `layer_norm`; GPT-NeoX's
+# sequential blocks in `self_attn`: Persimmon
+NEOX_AND_OPT_KIN = ("biogpt", "persimmon")
 # mixtures of experts with Llama's layout: a routed `mlp` (Granite MoE's `block_sparse_moe`)
 EXPERTS = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe", "gpt_oss")
 # GPT-J, CodeGen and Phi (attention and MLP in parallel on one LayerNorm, a biased LM head;
@@ -267,11 +268,12 @@ def modules(model: ax.Model):
         attn = [b.attn.attention for b in blocks]
         values = [a.v_proj for a in attn]
         return blocks, attn, [a.out_proj for a in attn], values, hf.base_model.ln_f
-    if hf.config.model_type == "gpt_neox":
+    if hf.config.model_type in ("gpt_neox", "persimmon"):  # Persimmon's in `self_attn`
         blocks = list(hf.base_model.layers)
-        attn = [b.attention for b in blocks]
+        attn = [getattr(b, "attention", None) or b.self_attn for b in blocks]
         values = [a.query_key_value for a in attn]
-        return blocks, attn, [a.dense for a in attn], values, hf.base_model.final_layer_norm
+        final = getattr(hf.base_model, "final_layer_norm", None) or hf.base_model.final_layernorm
+        return blocks, attn, [a.dense for a in attn], values, final
     if hf.config.model_type in ("opt", "biogpt"):  # BioGPT's layers in its body itself
         decoder = getattr(hf.base_model, "decoder", hf.base_model)
         blocks = list(decoder.layers)
@@ -407,7 +409,7 @@ def naive_dla(model: ax.Model, source: str, target: str, contrast: str | None = 
             elif config.model_type == "falcon":  # its value heads, each read by its group
                 v_all = falcon_values(modules(model)[1][layer], v_all)
                 v_all = v_all.repeat_interleave(heads // v_all.shape[1], dim=1).flatten(1)
-            elif config.model_type in ("gpt_neox", "bloom"):  # per head: query, key, value
+            elif config.model_type in ("gpt_neox", "bloom", "persimmon"):  # per head: q, k, v
                 v_all = v_all.unflatten(-1, (heads, 3 * d))[..., 2 * d :].flatten(1)
             elif config.model_type == "codegen":  # mp_num shards of [queries, values, keys]
                 shards = modules(model)[1][layer].mp_num
@@ -466,7 +468,7 @@ DLA_ARCHS = (
     "glm4",
     "exaone4",
     "vaultgemma",
-    "granite", *LLAMA_KIN, *EXPERTS, *MORE_DECODERS, *FALCONS, "gpt_bigcode-mha", "bloom", *OPT_KIN,
+    "granite", *LLAMA_KIN, *EXPERTS, *MORE_DECODERS, *FALCONS, "gpt_bigcode-mha", "bloom", *NEOX_AND_OPT_KIN,
 )  # fmt: skip
 
 

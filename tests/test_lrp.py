@@ -714,20 +714,26 @@ def neox_lrp_reference(
     ``target`` at ``position``: parallel residual ``h + attention(ln1 h) + mlp(ln2 h)`` (or
     sequential, ``h1 = h + attention(ln1 h)``, ``h1 + mlp(ln2 h1)``), a query/key/value
     projection fused per head, RoPE on a share of each head, biases; ``head``: the output
-    projection's rows (default: the LM head's; a classifier's ``score``)."""
-    cfg, body = hf.config, hf.gpt_neox
+    projection's rows (default: the LM head's; a classifier's ``score``). Persimmon: GPT-NeoX's
+    sequential block with a LayerNorm on each head's query and key and ``relu(x) ** 2``."""
+    cfg = hf.config
+    persimmon = cfg.model_type == "persimmon"
+    body = hf.model if persimmon else hf.gpt_neox
     hidden, heads = cfg.hidden_size, cfg.num_attention_heads
     d, t = hidden // heads, len(ids)
-    x = body.embed_in.weight[torch.tensor(ids)]
+    x = (body.embed_tokens if persimmon else body.embed_in).weight[torch.tensor(ids)]
+    final_norm = body.final_layernorm if persimmon else body.final_layer_norm
     cos, sin = body.rotary_emb(x[None], torch.arange(t)[None])
     rot = _partial_rotations(cos[0].double(), sin[0].double(), d)
     causal = torch.ones(t, t, dtype=torch.bool).tril()
     saved, h = [], x
     for layer in body.layers:
-        att, mlp = layer.attention, layer.mlp
+        att, mlp = getattr(layer, "attention", None) or layer.self_attn, layer.mlp
         n1 = layer.input_layernorm(h)
         qkv = att.query_key_value(n1)
         q, k, v = qkv.view(t, heads, 3 * d).split(d, -1)  # per head: its query, key, value
+        if persimmon:  # a LayerNorm of each head's query and key, before RoPE
+            q, k = att.q_layernorm(q), att.k_layernorm(k)
         qr = torch.einsum("tnm,thm->thn", rot, q)
         kr = torch.einsum("tnm,thm->thn", rot, k)
         s = torch.einsum("ihd,jhd->hij", qr, kr) * d**-0.5
@@ -735,28 +741,28 @@ def neox_lrp_reference(
         a = torch.softmax(s, -1)
         o = torch.einsum("hij,jhd->ihd", a, v)
         attn = att.dense(o.reshape(t, hidden))
-        h1 = h if layer.use_parallel_residual else h + attn  # what the MLP's norm reads
+        parallel = getattr(layer, "use_parallel_residual", False)
+        h1 = h if parallel else h + attn  # what the MLP's norm reads
         n2 = layer.post_attention_layernorm(h1)
         f = mlp.dense_h_to_4h(n2)
-        out = mlp.dense_4h_to_h(torch.nn.functional.gelu(f))
+        out = mlp.dense_4h_to_h(mlp.act(f))  # GELU; Persimmon's relu(x) ** 2
         h2 = h + attn + out
         saved.append((layer, h, n1, qkv, q, k, v, qr, kr, s, a, o, attn, h1, n2, f, out, h2))
         h = h2
-    final = body.final_layer_norm(h)
+    final = final_norm(h)
     head = (hf.get_output_embeddings().weight if head is None else head)[target]
     r_final = torch.zeros(t, hidden, dtype=x.dtype)
     r_final[position] = final[position] * head
-    relevance = _layer_norm_messages(h, body.final_layer_norm, r_final, final)
+    relevance = _layer_norm_messages(h, final_norm, r_final, final)
     for layer, h, n1, qkv, q, k, v, qr, kr, s, a, o, attn, h1, n2, f, out, h2 in reversed(saved):
-        att, mlp = layer.attention, layer.mlp
+        att, mlp = getattr(layer, "attention", None) or layer.self_attn, layer.mlp
         # h2 = h + attn + out: split in proportion to the three summands
         r_h, r_attn, r_out = (part / h2 * relevance for part in (h, attn, out))
-        r_gelu = _linear_messages(
-            torch.nn.functional.gelu(f), mlp.dense_4h_to_h.weight, r_out, out
-        )  # identity rule: R passes through GELU unchanged
-        r_n2 = _linear_messages(n2, mlp.dense_h_to_4h.weight, r_gelu, f)
+        # the identity rule: R passes through the activation unchanged
+        r_act = _linear_messages(mlp.act(f), mlp.dense_4h_to_h.weight, r_out, out)
+        r_n2 = _linear_messages(n2, mlp.dense_h_to_4h.weight, r_act, f)
         r_h1 = _layer_norm_messages(h1, layer.post_attention_layernorm, r_n2, n2)
-        if layer.use_parallel_residual:
+        if getattr(layer, "use_parallel_residual", False):
             r_h = r_h + r_h1
         else:  # h1 = h + attn: split in proportion
             r_h, r_attn = r_h + h / h1 * r_h1, r_attn + attn / h1 * r_h1
@@ -765,6 +771,10 @@ def neox_lrp_reference(
             qr, kr, v, s, a, o, r_o.view(t, heads, d), d**-0.5, rule
         )
         r_q, r_k = _rotation_messages(q, k, qr, kr, r_qr, r_kr, rot, rule)
+        if persimmon:  # through each head's query and key LayerNorm (their scales held)
+            raw_q, raw_k, _ = qkv.view(t, heads, 3 * d).split(d, -1)
+            r_q = _layer_norm_messages(raw_q, att.q_layernorm, r_q, q)
+            r_k = _layer_norm_messages(raw_k, att.k_layernorm, r_k, k)
         r_qkv = torch.cat([r_q, r_k, r_v], -1).reshape(t, 3 * hidden)
         r_n1 = _linear_messages(n1, att.query_key_value.weight, r_qkv, qkv)
         relevance = r_h + _layer_norm_messages(h, layer.input_layernorm, r_n1, n1)
@@ -1142,12 +1152,14 @@ NEIGHBOURS = {
 
 
 @pytest.mark.parametrize("rule", ["attnlrp", "cp-lrp"])
-@pytest.mark.parametrize("arch", [*NEIGHBOURS, "biogpt"])
-def test_neox_opt_and_biogpt_equal_explicit_layer_by_layer_lrp(arch, rule):
-    # BioGPT: OPT's pre-LN blocks with GELU and scaled token embeddings, random LayerNorms
-    build = NEIGHBOURS.get(arch) or partial(_gpt2_vocabulary, "biogpt", random=True)
+@pytest.mark.parametrize("arch", [*NEIGHBOURS, "biogpt", "persimmon"])
+def test_neox_opt_and_their_kin_equal_explicit_layer_by_layer_lrp(arch, rule):
+    # BioGPT: OPT's pre-LN blocks with GELU and scaled token embeddings; Persimmon: GPT-NeoX's
+    # sequential block with per-head query/key LayerNorms and relu ** 2; random LayerNorms
+    build = NEIGHBOURS.get(arch) or partial(_gpt2_vocabulary, arch, random=True)
     model = _double(*build())
-    check_lrp(model, neox_lrp_reference if arch.startswith("pythia") else opt_lrp_reference, rule)
+    neox = arch.startswith("pythia") or arch == "persimmon"
+    check_lrp(model, neox_lrp_reference if neox else opt_lrp_reference, rule)
 
 
 @pytest.mark.parametrize("rule", ["attnlrp", "cp-lrp"])
@@ -1855,17 +1867,16 @@ def test_forward_mode_equals_reverse_mode_through_the_patched_head(arch):
 
 
 def test_unsupported_modules_are_refused():
-    # Persimmon: attrax has no LRP rules for its attention (per-head query and key LayerNorms,
-    # a fused projection) or its blocks
+    # XGLM: its attention runs in its own code, outside transformers' attention interface
     _, tok = tiny_model("gpt2")
-    config = transformers.PersimmonConfig(
-        vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-        intermediate_size=64, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+    config = transformers.XGLMConfig(
+        vocab_size=len(tok), d_model=32, num_layers=2, attention_heads=4, ffn_dim=64,
+        pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
     )  # fmt: skip
     torch.manual_seed(0)
-    hf = transformers.PersimmonForCausalLM(config).eval()
-    with pytest.raises(ax.ModelError, match=r"no LRP rule for the modules PersimmonForCausalLM"):
+    hf = transformers.XGLMForCausalLM(config).eval()
+    with pytest.raises(ax.ModelError, match=r"lrp: XGLMForCausalLM does not route attention"):
         ax.lrp(ax.load_model(hf, tokenizer=tok), "a b", " c")
     # one foreign nonlinearity in a supported model is named, never silently propagated
     hf, tok = tiny_model("gpt2")

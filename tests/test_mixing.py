@@ -23,7 +23,7 @@ from tests.test_components import (
     EXPERTS,
     FALCONS,
     LLAMA_KIN,
-    OPT_KIN,
+    NEOX_AND_OPT_KIN,
     _bloom,
     _falcon,
     falcon_values,
@@ -135,9 +135,13 @@ def value_parts(model: ax.Model, block, x: torch.Tensor):
     elif hasattr(block, "attn"):
         d = config.n_embd
         v = block.attn.c_attn(block.ln_1(x))[..., 2 * d :]
-    elif hasattr(block, "attention"):  # GPT-NeoX: each head's query, key, value side by side
+    elif hasattr(block, "attention") or hasattr(
+        getattr(block, "self_attn", None), "query_key_value"
+    ):
+        # GPT-NeoX, Persimmon: each head's query, key, value side by side
         hd = config.hidden_size // heads
-        qkv = block.attention.query_key_value(block.input_layernorm(x))
+        att = getattr(block, "attention", None) or block.self_attn
+        qkv = att.query_key_value(block.input_layernorm(x))
         v = qkv.unflatten(-1, (heads, 3 * hd))[..., 2 * hd :].flatten(-2)
     elif hasattr(block, "self_attn_layer_norm"):  # OPT
         v = block.self_attn.v_proj(block.self_attn_layer_norm(x))
@@ -279,7 +283,7 @@ def _encoder(arch: str) -> ax.Model:
         *ALTI_ARCHS,
         "granite",
         *LLAMA_KIN,
-        *OPT_KIN,
+        *NEOX_AND_OPT_KIN,
         *EXPERTS,
         *BERT_LIKE,
         "modernbert",
@@ -758,6 +762,8 @@ def naive_fused_zeroing(model: ax.Model, ids: torch.Tensor, heads=None) -> torch
     for layer, block in enumerate(layers):
         if config.model_type == "gpt_neox":
             module = block.attention.query_key_value
+        elif config.model_type == "persimmon":
+            module = block.self_attn.query_key_value
         elif config.model_type == "bloom":
             module = block.self_attention.query_key_value
         elif config.model_type == "modernbert":
@@ -775,7 +781,7 @@ def naive_fused_zeroing(model: ax.Model, ids: torch.Tensor, heads=None) -> torch
             def zero(_m, _a, output, j=j, block=block):
                 output = output.clone()
                 chosen = range(n) if heads is None else heads
-                per_head = config.model_type in ("gpt_neox", "bloom") or (
+                per_head = config.model_type in ("gpt_neox", "bloom", "persimmon") or (
                     config.model_type == "gpt_bigcode" and not config.multi_query
                 )
                 if per_head:  # [heads, (q, k, v), d] a token
@@ -828,7 +834,8 @@ def test_value_zeroing_of_gpt_bigcodes_values_matches_naive(multi_query):
 
 
 @pytest.mark.parametrize(
-    "family", ["pythia", "phi3", "modernbert", "falcon-heads", "falcon-40b", "bloom", "codegen"]
+    "family",
+    ["pythia", "phi3", "modernbert", "falcon-heads", "falcon-40b", "bloom", "codegen", "persimmon"],
 )
 def test_value_zeroing_of_fused_projections_matches_naive(family):
     if family == "bloom":
@@ -1020,7 +1027,7 @@ LOGIT_KINDS = (
         "granitemoe",
         "gpt_oss",  # attention sinks
         *LLAMA_KIN,
-        *OPT_KIN,
+        *NEOX_AND_OPT_KIN,
         "gpt_neo",
         *MORE_PRE_NORM,
         *FALCON_LAYOUTS,

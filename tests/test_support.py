@@ -92,6 +92,7 @@ FAMILIES: dict[str, Callable[[], ax.Model]] = {
     "Pythia (GPT-NeoX)": _causal("pythia"),
     "OPT": _causal("opt"),
     "BioGPT": _causal("biogpt"),
+    "Persimmon": _causal("persimmon"),
     "GPT-J": _causal("gptj"),
     "CodeGen": _causal("codegen"),
     "Phi (1, 2)": _causal("phi"),

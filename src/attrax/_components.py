@@ -129,8 +129,8 @@ def value_projection(
     fused = getattr(attention, "query_key_value", None)
     if isinstance(fused, torch.nn.Linear) and kind == "falcon":
         return fused, torch.tensor(_arch.falcon_values(config))
-    if isinstance(fused, torch.nn.Linear) and kind in ("gpt_neox", "bloom"):
-        # GPT-NeoX, BLOOM: each head's query, key and value side by side, values at 2d..3d
+    if isinstance(fused, torch.nn.Linear) and kind in ("gpt_neox", "bloom", "persimmon"):
+        # GPT-NeoX, BLOOM, Persimmon: each head's query, key and value side by side, values at 2d..3d
         within = torch.arange(2 * head_dim, 3 * head_dim)
         return fused, (torch.arange(heads)[:, None] * 3 * head_dim + within).flatten()
     raise ModelError(
@@ -249,6 +249,7 @@ _LAYOUTS = {
     "bloom": ("h", "self_attention", "ln_f"),
     "phi": ("layers", "self_attn", "final_layernorm"),
     "gpt_neox": ("layers", "attention", "final_layer_norm"),
+    "persimmon": ("layers", "self_attn", "final_layernorm"),  # GPT-NeoX's sequential blocks
     "opt": ("layers", "self_attn", "final_layer_norm"),  # in its `decoder`
     "biogpt": ("layers", "self_attn", "layer_norm"),  # OPT's pre-LN blocks
 }
@@ -264,7 +265,8 @@ def _parts(model: Model, method: str) -> _Parts:
             f"{method} decomposes decoder-only models (GPT-2, Llama); {name} is an "
             "encoder-decoder, whose decoder also reads the encoder through cross-attention"
         )
-    known = ("gpt2", *_GPT2_LIKE, "gpt_neox", "opt", "biogpt", *_PARALLEL, *_BLOOM, *_LLAMA_LIKE)
+    known = ("gpt2", *_GPT2_LIKE, "gpt_neox", "persimmon", "opt", "biogpt", *_PARALLEL, *_BLOOM)
+    known += _LLAMA_LIKE
     known += _arch.SANDWICH
     if kind not in known:
         raise ModelError(
@@ -272,7 +274,7 @@ def _parts(model: Model, method: str) -> _Parts:
             "(o_proj, RMSNorm; also Mistral, Qwen2, Qwen3, SmolLM3, Phi-3, Gemma 2, Gemma 3, "
             "OLMo 2, Granite; the mixtures of experts Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, "
             "Granite MoE, StarCoder2, OLMo, Cohere), GPT-Neo, GPT-BigCode, GPT-J, CodeGen, Phi, "
-            "Falcon, BLOOM, BioGPT, "
+            "Falcon, BLOOM, BioGPT, Persimmon, "
             "GPT-NeoX "
             "(Pythia) and "
             "OPT architectures only, as causal LMs or "

@@ -531,6 +531,7 @@ _ATTENTION = frozenset(
         "HeliumAttention",  # RoPE on interleaved pairs (constants)
         "SeedOssAttention",  # Llama's with biased q/k/v (and o) projections
         "GPTNeoXAttention",  # fused per head, rotary on a part of each head (constants)
+        "PersimmonAttention",  # GPT-NeoX's, with per-head query and key LayerNorms (children)
         "OPTAttention",  # the query scaled before the call (a constant factor)
         "BioGptAttention",
         "BertSelfAttention",
@@ -693,6 +694,13 @@ _LINEAR = frozenset(
                 "ForTokenClassification",
             )
         ),
+        # Persimmon: GPT-NeoX's sequential block, its MLP's activation (relu ** 2) a child module
+        *(
+            f"Persimmon{part}"
+            for part in ("RotaryEmbedding", "DecoderLayer", "MLP", "Model", "ForCausalLM")
+        ),
+        "PersimmonForSequenceClassification",
+        "PersimmonForTokenClassification",
         # GPT-NeoX (Pythia): its parallel residual adds both branches to the input (a sum)
         *(
             f"GPTNeoX{part}"
@@ -856,6 +864,7 @@ ARCHITECTURES = (
     "granitemoe",
     "gpt_oss",
     "gpt_neox",
+    "persimmon",
     "opt",
     "biogpt",
     "bert",

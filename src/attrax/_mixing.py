@@ -507,6 +507,7 @@ _PRE_NORM = (
     "granitemoeshared",  # ALTI reads attention blocks only: its two MLP modules do not matter
     "modernbert",  # a pre-norm encoder (its first layer's norm is an Identity)
     "gpt_neox",
+    "persimmon",  # GPT-NeoX's sequential blocks, values in its per-head fused projection
     "opt",
     "biogpt",  # OPT's pre-LN blocks
     "gpt_neo",  # GPT-2's layout, Linear projections (its attention run by attrax: _routed)
