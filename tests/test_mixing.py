@@ -749,6 +749,18 @@ def _fused(family: str) -> ax.Model:
     return ax.load_model(hf.double().eval(), tokenizer=tok)
 
 
+# where each family's block keeps its fused query/key/value projection (Phi-3's: self_attn.qkv_proj)
+_FUSED = {
+    "gpt_neox": "attention.query_key_value",
+    "persimmon": "self_attn.query_key_value",
+    "bloom": "self_attention.query_key_value",
+    "falcon": "self_attention.query_key_value",
+    "modernbert": "attn.Wqkv",
+    "gpt_bigcode": "attn.c_attn",
+    "codegen": "attn.qkv_proj",
+}
+
+
 def naive_fused_zeroing(model: ax.Model, ids: torch.Tensor, heads=None) -> torch.Tensor:
     """distances[layer, query, zeroed token] (cosine), one forward per (layer, token), zeroing
     token j's values where each family's fused projection keeps them."""
@@ -760,22 +772,7 @@ def naive_fused_zeroing(model: ax.Model, ids: torch.Tensor, heads=None) -> torch
     length = ids.shape[1]
     out = torch.zeros(len(layers), length, length, dtype=torch.float64)
     for layer, block in enumerate(layers):
-        if config.model_type == "gpt_neox":
-            module = block.attention.query_key_value
-        elif config.model_type == "persimmon":
-            module = block.self_attn.query_key_value
-        elif config.model_type == "bloom":
-            module = block.self_attention.query_key_value
-        elif config.model_type == "modernbert":
-            module = block.attn.Wqkv
-        elif config.model_type == "gpt_bigcode":
-            module = block.attn.c_attn
-        elif config.model_type == "falcon":
-            module = block.self_attention.query_key_value
-        elif config.model_type == "codegen":
-            module = block.attn.qkv_proj
-        else:
-            module = block.self_attn.qkv_proj
+        module = block.get_submodule(_FUSED.get(config.model_type, "self_attn.qkv_proj"))
         for j in range(length):
 
             def zero(_m, _a, output, j=j, block=block):

@@ -266,19 +266,11 @@ def _parts(model: Model, method: str) -> _Parts:
             "encoder-decoder, whose decoder also reads the encoder through cross-attention"
         )
     known = ("gpt2", *_GPT2_LIKE, "gpt_neox", "persimmon", "opt", "biogpt", *_PARALLEL, *_BLOOM)
-    known += _LLAMA_LIKE
-    known += _arch.SANDWICH
+    known += (*_LLAMA_LIKE, *_arch.SANDWICH)
     if kind not in known:
         raise ModelError(
-            f"{method} has no rule for {name}: it knows the GPT-2 (Conv1D, LayerNorm), Llama "
-            "(o_proj, RMSNorm; also Mistral, Qwen2, Qwen3, SmolLM3, Phi-3, Gemma 2, Gemma 3, "
-            "OLMo 2, Granite; the mixtures of experts Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, "
-            "Granite MoE, StarCoder2, OLMo, Cohere), GPT-Neo, GPT-BigCode, GPT-J, CodeGen, Phi, "
-            "Falcon, BLOOM, BioGPT, Persimmon, "
-            "GPT-NeoX "
-            "(Pythia) and "
-            "OPT architectures only, as causal LMs or "
-            "sequence classifiers (GPT2ForSequenceClassification, "
+            f"{method} has no rule for {name}: it knows the model types {', '.join(known)}, as "
+            "causal LMs or sequence classifiers (GPT2ForSequenceClassification, "
             "LlamaForSequenceClassification...)"
         )
     if kind == "opt" and not (
