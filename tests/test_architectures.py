@@ -40,6 +40,19 @@ GRANITE = {
     "attention_multiplier": 0.2,
     "logits_scaling": 5.0,
 }
+MLA = {
+    "intermediate_size": 64,
+    "moe_intermediate_size": 16,
+    "n_routed_experts": 4,
+    "num_experts_per_tok": 2,
+    "n_shared_experts": 1,
+    "first_k_dense_replace": 1,
+    "num_key_value_heads": 4,
+    "kv_lora_rank": 16,
+    "qk_nope_head_dim": 8,
+    "qk_rope_head_dim": 4,
+    "v_head_dim": 6,
+}
 CONFIGS = {
     "pythia": lambda v: T.GPTNeoXConfig(vocab_size=v, intermediate_size=64, **SIZES),
     "qwen2": lambda v: T.Qwen2Config(
@@ -252,6 +265,15 @@ CONFIGS = {
         layer_types=["sliding_attention", "full_attention"],
         swiglu_limit=1.0,
         **SIZES,
+    ),
+    # multi-head latent attention: keys and values expanded from one latent per token, value
+    # heads (6) narrower than query and key heads (8 + 4 rotated); routed and shared experts
+    # after a dense first layer. V2: queries straight from the stream, RoPE as complex
+    # products, greedy routing; V3: queries through their own latent, RoPE on interleaved
+    # pairs, routing limited to one of two groups of experts
+    "deepseek_v2": lambda v: T.DeepseekV2Config(vocab_size=v, q_lora_rank=None, **MLA, **SIZES),
+    "deepseek_v3": lambda v: T.DeepseekV3Config(
+        vocab_size=v, q_lora_rank=16, n_group=2, topk_group=1, **MLA, **SIZES
     ),
     # state-space models: no attention; Mamba 2 scans in chunks (4 tokens here, so several)
     "mamba": lambda v: T.MambaConfig(

@@ -5,6 +5,7 @@ real activation patching (one forward per layer, head and position) for AtP."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from typing import Any
 
 import numpy as np
@@ -37,6 +38,18 @@ def models64() -> dict[str, ax.Model]:
         built[arch] = ax.load_model(full_double(llama_like(arch, tok)), tokenizer=tok)
     for arch in MORE_DECODERS:  # random biases, as Llama's relatives get
         built[arch] = ax.load_model(full_double(llama_like(arch, tok)), tokenizer=tok)
+    # DeepSeek V3's attention without its experts, whose router rounds in float32 whatever the
+    # model's dtype: the finite differences of the q/k/v tests would read that rounding. Wider
+    # weights: at 0.02 the QK fix's effects are so small that its eager softmax's float32
+    # rounding is 1e-4 of the largest (1e-6 at 0.1)
+    config = CONFIGS["deepseek_v3"](len(tok))
+    config.first_k_dense_replace, config.initializer_range = config.num_hidden_layers, 0.1
+    config.pad_token_id, config.bos_token_id, config.eos_token_id = (
+        tok.pad_token_id, tok.bos_token_id, tok.eos_token_id,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    hf = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    built["deepseek_v3-dense"] = ax.load_model(full_double(hf), tokenizer=tok)
     for layout in FALCONS:
         built[layout] = _falcon(layout)
     built["bloom"] = _bloom()  # its attention and MLP modules add the residual stream
@@ -111,6 +124,7 @@ LLAMA_KIN += ("arcee", "nemotron")  # an MLP without a gate; Nemotron's LayerNor
 NEOX_AND_OPT_KIN = ("biogpt", "persimmon")
 # mixtures of experts with Llama's layout: a routed `mlp` (Granite MoE's `block_sparse_moe`)
 EXPERTS = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe", "gpt_oss")
+EXPERTS += ("deepseek_v2", "deepseek_v3")  # multi-head latent attention, shared experts
 # GPT-J, CodeGen and Phi (attention and MLP in parallel on one LayerNorm, a biased LM head;
 # CodeGen's values in shards of a fused projection), StarCoder2 and OLMo (Llama's layout with
 # LayerNorms; OLMo's without weights), Cohere (parallel, its LayerNorms without biases, its
@@ -283,7 +297,10 @@ def modules(model: ax.Model):
         return blocks, attn, [a.out_proj for a in attn], values, final
     blocks = list(hf.base_model.layers)
     attn = [b.self_attn for b in blocks]
-    values = [getattr(a, "v_proj", None) or a.qkv_proj for a in attn]  # Phi-3: one fused
+    # Phi-3: one fused projection; DeepSeek: the keys and values its latent expands into
+    values = [
+        getattr(a, "v_proj", None) or getattr(a, "kv_b_proj", None) or a.qkv_proj for a in attn
+    ]
     return blocks, attn, [a.o_proj for a in attn], values, hf.base_model.norm
 
 
@@ -378,7 +395,7 @@ def naive_dla(model: ax.Model, source: str, target: str, contrast: str | None = 
     found = traced(model, ids)
     config = model.hf.config
     heads = config.num_attention_heads
-    d = config.hidden_size // heads
+    d = getattr(config, "v_head_dim", None) or config.hidden_size // heads  # DeepSeek's: 6
     n_layers = len(found["attn"])
     unembed = model.hf.get_output_embeddings().weight
     con = None if contrast is None else token_ids(model, source, contrast)[1]
@@ -414,6 +431,9 @@ def naive_dla(model: ax.Model, source: str, target: str, contrast: str | None = 
             elif config.model_type == "codegen":  # mp_num shards of [queries, values, keys]
                 shards = modules(model)[1][layer].mp_num
                 v_all = v_all.view(len(ids), shards, 3, -1)[:, :, 1].flatten(1)
+            elif hasattr(config, "kv_lora_rank"):  # [1, L, heads (key part, value)]
+                v_all = v_all[0].unflatten(-1, (heads, -1))[..., config.qk_nope_head_dim :]
+                v_all = v_all.flatten(1)
             elif config.model_type != "opt":
                 # grouped values: query head h reads key-value head h // group
                 if config.model_type == "phi3":  # [q (heads d), k (kv d), v (kv d)]
@@ -1695,13 +1715,30 @@ MIX = "attrax_test_mix"
 
 # what the attention written here reads and writes: every attention module's weights of the last
 # forward ("seen"), the direction added to the weights of one module ("module", "delta")
-MIXED: dict = {"module": None, "delta": None, "seen": {}}
+MIXED: dict = {"module": None, "delta": None, "seen": {}, "inputs": {}, "put": []}
+
+
+@dataclasses.dataclass(frozen=True)
+class Interface:
+    """A site's vectors where :func:`_mixed_attention` receives them: DeepSeek's keys are in no
+    one module's output (each head's key repeats the one rotary part its latent writes)."""
+
+    attention: torch.nn.Module
+    site: str
 
 
 def _mixed_attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
     """Plain eager attention (softmax in the inputs' own dtype, float64 here), grouped keys and
     values repeated for their query heads (query head h reads key-value head h // group);
     GPT-OSS's sinks: one more logit per head in each row's softmax, whose share is dropped."""
+    given = {"queries": query, "keys": key, "values": value}
+    for where, position, head, vector in MIXED["put"]:  # Interface patches: [B, heads, L, d]
+        if where.attention is module:
+            given[where.site] = given[where.site].clone()
+            given[where.site][0, head, position] = vector
+    for site, tensor in given.items():
+        MIXED["inputs"][Interface(module, site)] = tensor[0].transpose(0, 1).detach().clone()
+    query, key, value = given.values()
     group = query.shape[1] // key.shape[1]
     key = key.repeat_interleave(group, dim=1)
     value = value.repeat_interleave(group, dim=1)
@@ -1764,7 +1801,7 @@ class mixing:
             handle.remove()
         if not self.disentangled:
             self.hf.set_attn_implementation(self.previous)
-        MIXED.update(module=None, delta=None, seen={})
+        MIXED.update(module=None, delta=None, seen={}, inputs={}, put=[])
 
 
 class replaced:
@@ -1777,6 +1814,9 @@ class replaced:
     def __enter__(self) -> None:
         self.handles = []
         for module, position, cols, value in self.patches:
+            if isinstance(module, Interface):  # cols: the head
+                MIXED["put"].append((module, position, cols, value))
+                continue
 
             def put(m, a, o, position=position, cols=cols, value=value):
                 o = o.clone()
@@ -1788,10 +1828,15 @@ class replaced:
     def __exit__(self, *exc: object) -> None:
         for handle in self.handles:
             handle.remove()
+        MIXED["put"] = []
 
 
 def outputs(mods, run) -> dict:
-    """Each module's output (of the one example) in the forward ``run()``."""
+    """Each module's output (of the one example) in the forward ``run()``; an
+    :class:`Interface`'s ``[L, heads, d]`` (the forward under :class:`mixing` then)."""
+    if all(isinstance(m, Interface) for m in mods):
+        run()
+        return {m: MIXED["inputs"][m] for m in mods}
     seen: dict = {}
     handles = [
         m.register_forward_hook(lambda m, a, o: seen.__setitem__(m, o[0].detach().clone()))
@@ -1809,6 +1854,8 @@ def qkv_node(model: ax.Model, layer: int, site: str, head: int):
     """(the module writing ``site``'s vector of ``head`` in ``layer``, its columns, the attention
     module); keys and values name key-value heads."""
     attn = modules(model)[1][layer]
+    if hasattr(attn, "kv_b_proj"):  # DeepSeek: the vectors its attention function receives
+        return Interface(attn, site), head, attn
     d = attn.head_dim
     if model.hf.config.model_type == "gpt2":
         start = {"queries": 0, "keys": 1, "values": 2}[site] * model.hf.config.hidden_size
@@ -1860,7 +1907,9 @@ def decoder_only_nodes(model, site, objective, texts=(SOURCE, QKV_TARGET, CORRUP
 
     layers, heads = len(modules(model)[0]), site_heads(model, site)
     where = {(n, h): qkv_node(model, n, site, h) for n in range(layers) for h in range(heads)}
-    nodes = collect(where, forward, ids, bad, len(ids))
+    interface = isinstance(where[0, 0][0], Interface)  # read in the mixing forward
+    with mixing(model) if interface else contextlib.nullcontext():
+        nodes = collect(where, forward, ids, bad, len(ids))
     return nodes, scores, (len(tgt), len(ids), layers, heads)
 
 
@@ -1955,9 +2004,10 @@ def assert_causal_close(got, want: np.ndarray, rtol: float, atol: float) -> None
 # Llama's own eager softmax runs in float32 even in a float64 model: the loops run under
 # `mixing` (float64 throughout), and the tolerance for Llama covers attrax's float32 softmax
 QKV_TOL = {"gpt2": (1e-6, 1e-8), "llama": (1e-4, 3e-6), "gpt_oss": (1e-4, 3e-6)}
+QKV_TOL["deepseek_v3-dense"] = QKV_TOL["llama"]
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "deepseek_v3-dense"])
 @pytest.mark.parametrize("site", ["queries", "keys", "values"])
 def test_atp_qkv_plain_first_order(models64, arch, site):
     """Plain AtP of each query, key and value vector (``qk_fix=False``; values have no fix): the
@@ -1978,7 +2028,7 @@ def test_atp_qkv_plain_first_order(models64, arch, site):
     assert_causal_close(got, want, *QKV_TOL[arch])
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama", "gpt_oss"])
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "gpt_oss", "deepseek_v3-dense"])
 @pytest.mark.parametrize("site", ["queries", "keys"])
 def test_atp_qk_fix_equals_naive(models64, arch, site):
     """AtP*'s QK fix (the default for queries and keys): per node, the derivative of the score
@@ -2191,6 +2241,7 @@ FAMILY_MODULES = {
     "mixtral": ("self_attn", "o_proj"),  # a routed MLP
     "granitemoe": ("self_attn", "o_proj"),  # a routed MLP, `block_sparse_moe`
     "gpt_oss": ("self_attn", "o_proj"),  # attention sinks; its MLP returns its routing too
+    "deepseek_v3": ("self_attn", "o_proj"),  # value heads narrower than the hidden / heads
 }
 
 

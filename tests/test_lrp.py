@@ -215,6 +215,11 @@ def _mlp_forward(mlp, n2: torch.Tensor) -> tuple[torch.Tensor, tuple]:
                 y, inner = _gated_forward(n2[i], w_gate, w_up, experts.down_proj[e], experts.act_fn)
             terms.append((i, weights[i, slot] * y, inner))
             out[i] += weights[i, slot] * y
+    if hasattr(mlp, "shared_experts"):  # DeepSeek: shared experts on every token, no gate
+        w_gate, w_up, act = _gate_up(mlp.shared_experts)
+        y, inner = _gated_forward(n2, w_gate, w_up, mlp.shared_experts.down_proj.weight, act)
+        terms.append((None, y, inner))
+        out = out + y
     if hasattr(mlp, "shared_expert"):
         gate = torch.sigmoid(mlp.shared_expert_gate(n2))
         w_gate, w_up, act = _gate_up(mlp.shared_expert)
@@ -434,6 +439,98 @@ def llama_lrp_reference(
         )
         r_n1 = r_n1 + r_n2 if parallel else r_n1
         relevance = r_h + back(h, getattr(layer, "input_layernorm", None), r_n1, n1)
+    return relevance.numpy(), absorbed, logit
+
+
+@torch.no_grad()
+def mla_lrp_reference(
+    hf, ids: list[int], position: int, target: int, rule: str
+) -> tuple[np.ndarray, float, float]:
+    """Relevance ``[T, H]`` of DeepSeek's token embeddings for the logit of ``target`` read at
+    ``position``, the relevance the softmaxes absorb, and the logit. Multi-head latent attention
+    by hand: a key-value latent per token (RMS-normed, its scale a constant) expanded into each
+    head's key part and value, and one rotated key part every head's key repeats (its copies'
+    relevance adds up); queries straight from the stream (V2) or through a latent of their own
+    (V3, RMS-normed); RoPE on interleaved pairs (LRP-0 of a rotation). The MLPs are
+    :func:`_mlp_forward`'s (V3's first layer dense, then routed and shared experts)."""
+    cfg = hf.config
+    heads, nope, rope, dv = (
+        cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim,
+    )  # fmt: skip
+    rank, eps, t = cfg.kv_lora_rank, cfg.rms_norm_eps, len(ids)
+    x = hf.model.embed_tokens(torch.tensor(ids))
+    positions = torch.arange(t)
+    table = hf.model.rotary_emb(x[None], positions[None])
+    if isinstance(table, tuple):  # V3: cos, sin; each pair's angle in the first half
+        cos, sin = (c[0, :, : rope // 2] for c in table)
+    else:  # V2: one complex number per pair
+        cos, sin = table[0].real, table[0].imag
+    rot = _pair_rotations(sin.double(), cos.double(), rope)  # [T, rope, rope]
+    causal = positions[:, None] >= positions
+    saved, h = [], x
+    for layer in hf.model.layers:
+        att, mlp = layer.self_attn, layer.mlp
+        n1 = _rms(h, layer.input_layernorm.weight, eps)
+        if att.q_lora_rank is None:
+            qa = qan = None
+            q = n1 @ att.q_proj.weight.T
+        else:
+            qa = n1 @ att.q_a_proj.weight.T
+            qan = _rms(qa, att.q_a_layernorm.weight, eps)
+            q = qan @ att.q_b_proj.weight.T
+        q = q.view(t, heads, nope + rope)
+        c = n1 @ att.kv_a_proj_with_mqa.weight.T  # [T, rank + rope]
+        latent = _rms(c[:, :rank], att.kv_a_layernorm.weight, eps)
+        kv = (latent @ att.kv_b_proj.weight.T).view(t, heads, nope + dv)
+        qr = torch.einsum("tnm,thm->thn", rot, q[..., nope:])
+        kr = torch.einsum("tnm,tm->tn", rot, c[:, rank:])  # one rotated part, every head's
+        qs = torch.cat([q[..., :nope], qr], -1)
+        ks = torch.cat([kv[..., :nope], kr[:, None].expand(t, heads, rope)], -1)
+        v = kv[..., nope:]
+        s = torch.einsum("ihd,jhd->hij", qs, ks) * att.scaling
+        s = s.masked_fill(~causal, -torch.inf)
+        a = torch.softmax(s, -1)
+        o = torch.einsum("hij,jhd->ihd", a, v)
+        attn = o.reshape(t, heads * dv) @ att.o_proj.weight.T
+        h1 = h + attn
+        n2 = _rms(h1, layer.post_attention_layernorm.weight, eps)
+        out, ffn = _mlp_forward(mlp, n2)
+        h2 = h1 + out
+        saved.append((layer, h, n1, qa, qan, q, c, latent, kv, qr, kr, qs, ks, v, s, a, o))
+        saved[-1] += (attn, h1, n2, out, ffn, h2)
+        h = h2
+    final = _rms(h, hf.model.norm.weight, eps)
+    head = hf.lm_head.weight[target]
+    relevance = torch.zeros_like(x)
+    relevance[position] = final[position] * head  # RMSNorm's constant scale passes it on
+    logit, absorbed = float(final[position] @ head), 0.0
+    for (
+        layer, h, n1, qa, qan, q, c, latent, kv, qr, kr, qs, ks, v, s, a, o, attn, h1, _n2, out,
+        ffn, h2,
+    ) in reversed(saved):  # fmt: skip
+        att = layer.self_attn
+        r_h1, r_out = h1 / h2 * relevance, out / h2 * relevance
+        r_h1 = r_h1 + _mlp_backward(layer.mlp, ffn, r_out, rule)  # through the norm unchanged
+        r_h, r_attn = h / h1 * r_h1, attn / h1 * r_h1
+        r_o = _linear_messages(o.reshape(t, -1), att.o_proj.weight, r_attn, attn)
+        r_qs, r_ks, r_v, lost = _attention_messages(
+            qs, ks, v, s, a, o, r_o.view(t, heads, dv), att.scaling, rule
+        )
+        absorbed += lost
+        # LRP-0 of each rotation; the rotated key part's copies add up over the heads
+        r_q_rope = q[..., nope:] * torch.einsum("tnm,thn->thm", rot, r_qs[..., nope:] / qr)
+        r_k_rope = c[:, rank:] * torch.einsum("tnm,tn->tm", rot, r_ks[..., nope:].sum(1) / kr)
+        r_kv = torch.cat([r_ks[..., :nope], r_v], -1).reshape(t, -1)
+        r_latent = _linear_messages(latent, att.kv_b_proj.weight, r_kv, kv.reshape(t, -1))
+        r_c = torch.cat([r_latent, r_k_rope], -1)  # the latent's norm passes its share on
+        r_n1 = _linear_messages(n1, att.kv_a_proj_with_mqa.weight, r_c, c)
+        r_q = torch.cat([r_qs[..., :nope], r_q_rope], -1).reshape(t, -1)
+        if qa is None:
+            r_n1 = r_n1 + _linear_messages(n1, att.q_proj.weight, r_q, q.reshape(t, -1))
+        else:
+            r_qa = _linear_messages(qan, att.q_b_proj.weight, r_q, q.reshape(t, -1))
+            r_n1 = r_n1 + _linear_messages(n1, att.q_a_proj.weight, r_qa, qa)
+        relevance = r_h + r_n1  # the input norm's constant scale passes it on
     return relevance.numpy(), absorbed, logit
 
 
@@ -1764,6 +1861,41 @@ def test_llama_family_equals_explicit_layer_by_layer_lrp(arch, rule):
         assert logit == pytest.approx(logits[k], rel=1e-5, abs=1e-5)
         # ERNIE 4.5's RoPE rounds queries and keys to float32 (1.2e-5 of an entry seen)
         rtol = 1e-4 if arch == "ernie4_5" else 1e-7
+        np.testing.assert_allclose(got[k].fillna(0).values, want, rtol=rtol, atol=1e-10)
+
+
+def _deepseek(arch: str) -> tuple:
+    """A tiny DeepSeek V2 or V3 on GPT-2's tokenizer (a dense layer, then routed and shared
+    experts), wide weights and random norm weights: effects far from 0."""
+    _, tok = tiny_model("gpt2")
+    torch.manual_seed(0)
+    hf = _family(arch, tok, attn_implementation="eager", experts_implementation="eager")
+    with torch.no_grad():
+        for name, parameter in hf.named_parameters():
+            if "norm" in name:
+                parameter.normal_(1, 0.3)
+            elif parameter.dim() > 1:
+                parameter.mul_(5.0)
+    return hf.eval(), tok
+
+
+@pytest.mark.parametrize("rule", ["attnlrp", "cp-lrp"])
+@pytest.mark.parametrize("arch", ["deepseek_v2", "deepseek_v3"])
+def test_multi_head_latent_attention_equals_explicit_layer_by_layer_lrp(arch, rule):
+    model = _double(*_deepseek(arch))
+    got = ax.lrp(model, PROMPT, TARGET, rule=rule)
+    ids = got.source_id.values.tolist()
+    logits = _logits(model, got)
+    for k, position in enumerate(got.target.values.tolist()):
+        want, absorbed, logit = mla_lrp_reference(
+            model.hf, ids, position - 1, int(got.target_id[k]), rule
+        )
+        assert logit == pytest.approx(logits[k], rel=1e-5, abs=1e-5)
+        # no biases: the sources hold the logit less what the softmaxes absorb (none: CP-LRP)
+        assert want.sum() + absorbed == pytest.approx(logit, rel=1e-6, abs=1e-6)
+        assert absorbed == 0.0 if rule == "cp-lrp" else absorbed != 0.0
+        # V2's RoPE rounds the rotated parts to float32
+        rtol = 1e-4 if arch == "deepseek_v2" else 1e-7
         np.testing.assert_allclose(got[k].fillna(0).values, want, rtol=rtol, atol=1e-10)
 
 

@@ -1292,6 +1292,13 @@ EXPERTS = {
     # GPT-OSS: its clamped SwiGLU keeps more per expert than a SiLU gate; sinks, biases
     "gpt_oss": ("GptOssConfig", dict(intermediate_size=344, num_local_experts=8,
                 num_experts_per_tok=4, head_dim=64, sliding_window=64)),
+    # DeepSeek V3: multi-head latent attention in V3's proportions (query and key heads three
+    # times hidden / heads wide, value heads twice), a dense layer, routed and shared experts
+    "deepseek_v3": ("DeepseekV3Config", dict(intermediate_size=688, moe_intermediate_size=96,
+                    n_routed_experts=16, num_experts_per_tok=8, n_shared_experts=1,
+                    first_k_dense_replace=1, n_group=4, topk_group=2, num_key_value_heads=4,
+                    q_lora_rank=96, kv_lora_rank=64, qk_nope_head_dim=128, qk_rope_head_dim=64,
+                    v_head_dim=128)),
 }  # fmt: skip
 
 
@@ -1365,10 +1372,9 @@ def test_a_mixture_of_experts_estimated_forward_covers_what_it_saves(dtype, arch
 
     _, tok = tiny_model("llama")
     name, experts = EXPERTS[arch]
-    config = getattr(transformers, name)(
-        vocab_size=len(tok), hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=1024, **experts,
-    )  # fmt: skip
+    body = dict(vocab_size=len(tok), hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=1024)  # fmt: skip
+    config = getattr(transformers, name)(**(body | experts))
     torch.manual_seed(0)
     hf = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
     hf = hf.to(dtype)

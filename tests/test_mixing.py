@@ -145,13 +145,19 @@ def value_parts(model: ax.Model, block, x: torch.Tensor):
         v = qkv.unflatten(-1, (heads, 3 * hd))[..., 2 * hd :].flatten(-2)
     elif hasattr(block, "self_attn_layer_norm"):  # OPT
         v = block.self_attn.v_proj(block.self_attn_layer_norm(x))
+    elif hasattr(block.self_attn, "kv_b_proj"):  # DeepSeek: per head a key part, then a value
+        att = block.self_attn
+        latent = att.kv_a_proj_with_mqa(block.input_layernorm(x))[..., : config.kv_lora_rank]
+        keys_values = att.kv_b_proj(att.kv_a_layernorm(latent)).unflatten(-1, (heads, -1))
+        v = keys_values[..., config.qk_nope_head_dim :].flatten(-2)
     elif hasattr(block.self_attn, "qkv_proj"):  # Phi-3: queries, keys, then values
         kv, hd = config.num_key_value_heads, config.hidden_size // heads
         v = block.self_attn.qkv_proj(block.input_layernorm(x))[..., (heads + kv) * hd :]
     else:  # OLMo 2 normalises no block input
         norm = getattr(block, "input_layernorm", torch.nn.Identity())
         v = block.self_attn.v_proj(norm(x))
-    kv = v.shape[-1] // (config.hidden_size // heads)  # key/value heads (grouped, multi-query)
+    # key/value heads (grouped, multi-query); DeepSeek's value heads are narrower than the rest
+    kv = v.shape[-1] // (getattr(config, "v_head_dim", None) or config.hidden_size // heads)
     v = v[0].view(x.shape[1], kv, -1)
     return torch.stack([v[:, h // (heads // kv)] for h in range(heads)], dim=1)
 
@@ -758,6 +764,8 @@ _FUSED = {
     "modernbert": "attn.Wqkv",
     "gpt_bigcode": "attn.c_attn",
     "codegen": "attn.qkv_proj",
+    "deepseek_v2": "self_attn.kv_b_proj",  # the keys and values its latent expands into
+    "deepseek_v3": "self_attn.kv_b_proj",
 }
 
 
@@ -791,6 +799,10 @@ def naive_fused_zeroing(model: ax.Model, ids: torch.Tensor, heads=None) -> torch
                         for f in range(h * d, (h + 1) * d):  # head h's values, flattened
                             shard, offset = divmod(f, local)
                             output[:, j, shard * 3 * local + local + offset] = 0
+                elif hasattr(config, "kv_lora_rank"):  # [B, 1, L, heads (key part, value)]
+                    view = output.view(*output.shape[:3], n, -1)
+                    for h in chosen:
+                        view[:, 0, j, h, config.qk_nope_head_dim :] = 0
                 elif config.model_type == "falcon":
                     values = falcon_values(block.self_attention, output)
                     for h in range(values.shape[-2]) if heads is None else heads:
@@ -832,7 +844,10 @@ def test_value_zeroing_of_gpt_bigcodes_values_matches_naive(multi_query):
 
 @pytest.mark.parametrize(
     "family",
-    ["pythia", "phi3", "modernbert", "falcon-heads", "falcon-40b", "bloom", "codegen", "persimmon"],
+    [
+        *("pythia", "phi3", "modernbert", "falcon-heads", "falcon-40b", "bloom", "codegen"),
+        *("persimmon", "deepseek_v2", "deepseek_v3"),
+    ],
 )
 def test_value_zeroing_of_fused_projections_matches_naive(family):
     if family == "bloom":
@@ -1023,6 +1038,8 @@ LOGIT_KINDS = (
         "qwen2_moe",
         "granitemoe",
         "gpt_oss",  # attention sinks
+        "deepseek_v2",  # multi-head latent attention
+        "deepseek_v3",
         *LLAMA_KIN,
         *NEOX_AND_OPT_KIN,
         "gpt_neo",

@@ -110,6 +110,8 @@ FAMILIES: dict[str, Callable[[], ax.Model]] = {
     "OLMoE": _causal("olmoe"),
     "Granite MoE": _causal("granitemoe"),
     "GPT-OSS": _causal("gpt_oss"),
+    "DeepSeek V2": _causal("deepseek_v2"),
+    "DeepSeek V3": _causal("deepseek_v3"),
     "Granite 4 (Mamba hybrid)": _granite_hybrid,
     "Qwen3-Next (linear-attention hybrid)": _causal("qwen3_next"),
     "Mamba": _causal("mamba"),

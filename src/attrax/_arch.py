@@ -73,9 +73,23 @@ def _positive(config: Any, key: str) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
 
 
+#: model types whose attention is multi-head latent attention: keys and values expanded from one
+#: shared latent per token by ``kv_b_proj``, value heads narrower or wider than query heads
+MLA = ("deepseek_v2", "deepseek_v3")
+
+
 #: mixtures of experts with Llama's layout (their routed `mlp`, Granite MoE's `block_sparse_moe`,
-#: is the module whose output the residual adds; GPT-OSS's attention has sinks)
-EXPERTS = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe", "gpt_oss")
+#: is the module whose output the residual adds; GPT-OSS's attention has sinks, DeepSeek's is
+#: :data:`MLA`)
+EXPERTS = (
+    "mixtral",
+    "qwen2_moe",
+    "qwen3_moe",
+    "olmoe",
+    "granitemoe",
+    "gpt_oss",
+    *MLA,  # shared experts beside the routed ones
+)
 
 
 def experts_width(config: Any) -> int:

@@ -92,13 +92,21 @@ def value_projection(
 ) -> tuple[torch.nn.Module, slice | torch.Tensor]:
     """The module whose output holds ``attention``'s value vectors, and which of its output
     features they are, head by head: a slice, or their indices where a fused projection
-    interleaves them with queries and keys (a ModelError where attrax finds none)."""
+    interleaves them with queries and keys (a ModelError where attrax finds none). Read its
+    output through :func:`token_rows`."""
     # T5 records its sub-layer (T5LayerCrossAttention): the projections are one module down
     for owner in (attention, *attention.children()):
         for name in _VALUE_PROJECTIONS:
             module = getattr(owner, name, None)
             if isinstance(module, torch.nn.Module):
                 return module, slice(None)
+    latent = getattr(attention, "kv_b_proj", None)
+    if isinstance(latent, torch.nn.Linear) and hasattr(attention, "v_head_dim"):
+        # multi-head latent attention (DeepSeek V2, V3): each head's key part, then its value
+        nope, d = int(attention.qk_nope_head_dim), int(attention.v_head_dim)
+        heads = latent.out_features // (nope + d)
+        within = torch.arange(nope, nope + d)
+        return latent, (torch.arange(heads)[:, None] * (nope + d) + within).flatten()
     fused = getattr(attention, "c_attn", None)  # GPT-2: queries, keys, values in one projection
     if isinstance(fused, torch.nn.Module) and not getattr(attention, "is_cross_attention", False):
         width = int(getattr(attention, "split_size", model.hidden_size))
@@ -138,6 +146,12 @@ def value_projection(
         f"{type(attention).__name__} (looked for {', '.join(_VALUE_PROJECTIONS)}, c_attn, "
         "qkv_proj, and GPT-NeoX's query_key_value)"
     )
+
+
+def token_rows(output: torch.Tensor) -> torch.Tensor:
+    """A value projection's output as ``[B, L, features]``: multi-head latent attention expands
+    its latents viewed as one head, ``[B, 1, L, rank]``, so its output has that axis too."""
+    return output.squeeze(1) if output.dim() == 4 else output
 
 
 @dataclass(frozen=True)
@@ -186,6 +200,7 @@ class _Parts:
         """Value vectors ``[B, L, heads, head_dim]`` from :meth:`value_module`'s output, key-value
         heads repeated for the query heads they serve."""
         features = self.reads[layer][1]
+        output = token_rows(output)
         if isinstance(features, torch.Tensor):  # a fused projection's interleaved values
             output = output.index_select(-1, features.to(output.device))
         else:
@@ -305,7 +320,11 @@ def _parts(model: Model, method: str) -> _Parts:
         raise ModelError(f"{method}: {name}'s MLP output is not one module's ({_NO_MLP})")
     norm = getattr(base, final)
     heads = _arch.heads(config, "self") or 1
-    head_dim = getattr(attentions[0], "head_dim", None) or config.hidden_size // heads
+    # a value head's width: multi-head latent attention's differs from its queries' and keys'
+    head_dim = getattr(attentions[0], "v_head_dim", None) or getattr(
+        attentions[0], "head_dim", None
+    )
+    head_dim = head_dim or config.hidden_size // heads
     after_attention = after_mlp = None
     if kind in _arch.SANDWICH:
         after_attention = [_arch.sandwich_norms(b)[0] for b in blocks]

@@ -484,6 +484,17 @@ _PATCHED: dict[str, Callable[..., torch.Tensor]] = {
     "GraniteMoeTopKRouter": _router,
     "GptOssTopKRouter": _router,
     "GptOssRMSNorm": _olmo2_rms_norm,  # the weight applied before the cast back
+    # DeepSeek V2, V3: also the query and key-value latents' norms; dense and shared MLPs
+    **{
+        f"{family}{part}": forward
+        for family in ("DeepseekV2", "DeepseekV3")
+        for part, forward in (
+            ("RMSNorm", _rms_norm),
+            ("MLP", _gated_mlp),
+            ("Experts", _experts),
+            ("TopkRouter", _router),
+        )
+    },
     "Qwen2MoeSparseMoeBlock": _shared_experts,
     "RobertaClassificationHead": _tanh_head,
     "XLMRobertaClassificationHead": _tanh_head,
@@ -545,6 +556,10 @@ _ATTENTION = frozenset(
         "OlmoeAttention",  # query and key norms over all heads (patched); no clip_qkv
         "GraniteMoeAttention",
         "GptOssAttention",  # attention sinks (`s_aux`): a constant column in the softmax
+        # multi-head latent attention: queries and the shared key-value latent through RMSNorms
+        # (children, patched), keys and values expanded from the latent by a Linear
+        "DeepseekV2Attention",  # RoPE as complex products (constants)
+        "DeepseekV3Attention",
         "ElectraSelfAttention",
         "DistilBertSelfAttention",  # its output projection `out_lin` is a child Linear
         "DisentangledSelfAttention",  # DeBERTa-v2's, run by attrax (:mod:`attrax._routed`)
@@ -581,6 +596,8 @@ _LINEAR = frozenset(
         "OlmoeSparseMoeBlock",
         "GraniteMoeMoE",
         "GptOssMLP",  # its router and experts (patched), reshapes
+        "DeepseekV2Moe",  # its router and experts (patched) plus its shared experts (patched)
+        "DeepseekV3MoE",
         "ArceeMLP",  # down(act(up(x))): its activation (relu ** 2) a child module
         "NemotronMLP",  # the same
         "Gemma3DecoderLayer",  # norms after attention and MLP (patched), then residual sums
@@ -666,6 +683,8 @@ _LINEAR = frozenset(
                 "Olmoe",
                 "GraniteMoe",
                 "GptOss",
+                "DeepseekV2",
+                "DeepseekV3",
             )
             for part in (
                 "RotaryEmbedding",
@@ -863,6 +882,8 @@ ARCHITECTURES = (
     "olmoe",
     "granitemoe",
     "gpt_oss",
+    "deepseek_v2",
+    "deepseek_v3",
     "gpt_neox",
     "persimmon",
     "opt",

@@ -29,7 +29,7 @@ import xarray as xr
 
 from . import _arch
 from ._attention import Selection, check_maps_name, check_selection, resolve_maps, selection_indices
-from ._components import softcapped, value_projection
+from ._components import softcapped, token_rows, value_projection
 from ._errors import ModelError, OptionError
 from ._inputs import Tensors, encode_sources, to_tensors
 from ._memory import (
@@ -435,7 +435,8 @@ def _zeroed_forward(
             )
             features = features.to(output.device)
             # zero the value features of the zeroed token, keep its queries and keys
-            return output.masked_fill(features & ~keep[:, :, None], 0.0)
+            rows = token_rows(output)
+            return rows.masked_fill(features & ~keep[:, :, None], 0.0).view_as(output)
 
         return hook
 
@@ -687,7 +688,9 @@ class _Decomposition:
 
         def keep_values(module: torch.nn.Module, _args: Any, output: torch.Tensor) -> None:
             name, index = values_of[id(module)]
-            self.values[name, index] = output[..., self.stacks[name][index].value_features]
+            self.values[name, index] = token_rows(output)[
+                ..., self.stacks[name][index].value_features
+            ]
 
         def keep_output(key: tuple[str, int]) -> Callable[..., None]:
             def hook(_module: torch.nn.Module, _args: Any, output: Any) -> None:
