@@ -275,6 +275,24 @@ CONFIGS = {
     "deepseek_v3": lambda v: T.DeepseekV3Config(
         vocab_size=v, q_lora_rank=16, n_group=2, topk_group=1, **MLA, **SIZES
     ),
+    # V3's, its indexer picking 3 keys for each query (the first three queries see them all)
+    "deepseek_v32": lambda v: T.DeepseekV32Config(
+        vocab_size=v,
+        q_lora_rank=16,
+        n_group=2,
+        topk_group=1,
+        index_topk=3,
+        index_head_dim=8,
+        index_n_heads=2,
+        **MLA,
+        **SIZES,
+    ),
+    # GLM-4.7-Flash: V3's layout, its layers' MLPs named by `mlp_layer_types`
+    "glm4_moe_lite": lambda v: T.Glm4MoeLiteConfig(
+        vocab_size=v, q_lora_rank=16, mlp_layer_types=["dense", "sparse"], **MLA, **SIZES
+    ),
+    # Youtu-LLM: V3's attention, dense MLPs, tied embeddings
+    "youtu": lambda v: T.YoutuConfig(vocab_size=v, q_lora_rank=16, **MLA, **SIZES),
     # state-space models: no attention; Mamba 2 scans in chunks (4 tokens here, so several)
     "mamba": lambda v: T.MambaConfig(
         vocab_size=v, hidden_size=32, num_hidden_layers=2, state_size=8
@@ -594,3 +612,31 @@ def test_a_causal_lm_whose_prefix_names_no_attribute():
             want = 1 - torch.nn.functional.cosine_similarity(moved[query], clean[query], dim=0)
             want = float(want) if float(want) >= 1e-5 else 0.0
             assert float(got[k, j, 0]) == pytest.approx(want, rel=1e-6, abs=1e-9)
+
+
+def test_a_sparse_attentions_picked_keys_hold_under_attraxs_attention():
+    """DeepSeek V3.2's indexer picks 3 keys for each query. Transformers masks the others under
+    eager and SDPA attention only and hands any other implementation the picks (`indices`):
+    attrax's probed attention and its LRP attention mask them too, so each reproduces the
+    model's logits (both ran every key before: 0.11 off on this model)."""
+    from attrax import _heads
+    from attrax._lrp import lrp_rules
+
+    _, tok = tiny_model("gpt2")
+    model = ax.load_model(_family("deepseek_v32", tok, attn_implementation="eager"), tokenizer=tok)
+    ids = tok("The capital of France is Paris, and", return_tensors="pt")["input_ids"]
+    assert ids.shape[1] > 2 * model.hf.config.index_topk
+
+    def logits() -> torch.Tensor:
+        with torch.no_grad():
+            return model.hf(input_ids=ids, use_cache=False).logits
+
+    want = logits()
+    with model.attention_as(_heads.IMPLEMENTATION, required=True):
+        torch.testing.assert_close(logits(), want, rtol=1e-6, atol=1e-6)
+    with lrp_rules(model, "attnlrp"), model.attention_as("eager"):
+        torch.testing.assert_close(logits(), want, rtol=1e-5, atol=1e-5)
+    # the picks matter here: every key in reach moves the logits
+    for layer in model.hf.model.layers:
+        layer.self_attn.indexer.index_topk = ids.shape[1]
+    assert (logits() - want).abs().max() > 1e-3

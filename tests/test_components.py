@@ -41,15 +41,17 @@ def models64() -> dict[str, ax.Model]:
     # DeepSeek V3's attention without its experts, whose router rounds in float32 whatever the
     # model's dtype: the finite differences of the q/k/v tests would read that rounding. Wider
     # weights: at 0.02 the QK fix's effects are so small that its eager softmax's float32
-    # rounding is 1e-4 of the largest (1e-6 at 0.1)
-    config = CONFIGS["deepseek_v3"](len(tok))
-    config.first_k_dense_replace, config.initializer_range = config.num_hidden_layers, 0.1
-    config.pad_token_id, config.bos_token_id, config.eos_token_id = (
-        tok.pad_token_id, tok.bos_token_id, tok.eos_token_id,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    hf = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
-    built["deepseek_v3-dense"] = ax.load_model(full_double(hf), tokenizer=tok)
+    # rounding is 1e-4 of the largest (1e-6 at 0.1). V3.2: its indexer picks each query's keys
+    for arch in ("deepseek_v3", "deepseek_v32"):
+        config = CONFIGS[arch](len(tok))
+        config.first_k_dense_replace, config.initializer_range = config.num_hidden_layers, 0.1
+        config.mlp_layer_types = ["dense"] * config.num_hidden_layers
+        config.pad_token_id, config.bos_token_id, config.eos_token_id = (
+            tok.pad_token_id, tok.bos_token_id, tok.eos_token_id,
+        )  # fmt: skip
+        torch.manual_seed(0)
+        hf = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+        built[f"{arch}-dense"] = ax.load_model(full_double(hf), tokenizer=tok)
     for layout in FALCONS:
         built[layout] = _falcon(layout)
     built["bloom"] = _bloom()  # its attention and MLP modules add the residual stream
@@ -119,12 +121,14 @@ def llama_like(arch: str, tok) -> torch.nn.Module:
 LLAMA_KIN = ("cwm", "seed_oss", "ernie4_5", "helium", "hunyuan_v1_dense")  # HunYuan: q/k norms
 LLAMA_KIN += ("glm",)  # a fused gate/up projection, RoPE on interleaved pairs of half a head
 LLAMA_KIN += ("arcee", "nemotron")  # an MLP without a gate; Nemotron's LayerNorms: 1 + weight
+LLAMA_KIN += ("youtu",)  # DeepSeek V3's multi-head latent attention, dense MLPs
 # OPT's pre-LN blocks (`self_attn`, `fc1`/`fc2`): BioGPT, its final norm `layer_norm`; GPT-NeoX's
 # sequential blocks in `self_attn`: Persimmon
 NEOX_AND_OPT_KIN = ("biogpt", "persimmon")
 # mixtures of experts with Llama's layout: a routed `mlp` (Granite MoE's `block_sparse_moe`)
 EXPERTS = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe", "gpt_oss")
 EXPERTS += ("deepseek_v2", "deepseek_v3")  # multi-head latent attention, shared experts
+EXPERTS += ("deepseek_v32", "glm4_moe_lite")  # V3.2: an indexer picks each query's keys
 # GPT-J, CodeGen and Phi (attention and MLP in parallel on one LayerNorm, a biased LM head;
 # CodeGen's values in shards of a fused projection), StarCoder2 and OLMo (Llama's layout with
 # LayerNorms; OLMo's without weights), Cohere (parallel, its LayerNorms without biases, its
@@ -1746,6 +1750,12 @@ def _mixed_attention(module, query, key, value, attention_mask, scaling=None, **
     logits = query @ key.transpose(-1, -2) * scale
     if attention_mask is not None:
         logits = logits + attention_mask[..., : key.shape[-2]]
+    indices = kwargs.get("indices")  # DeepSeek V3.2: the keys its indexer picked, no others
+    if indices is not None:
+        picked = torch.zeros(logits.shape[0], *logits.shape[2:], dtype=torch.bool)
+        for b, i in np.ndindex(*indices.shape[:2]):
+            picked[b, i, indices[b, i].long()] = True
+        logits = logits.masked_fill(~picked[:, None], -torch.inf)
     sinks = kwargs.get("s_aux")
     if sinks is not None:
         sink = sinks.reshape(1, -1, 1, 1).expand(*logits.shape[:-1], 1)
@@ -1979,7 +1989,9 @@ def qk_fixed(model, nodes, scores, shape, site, eps=1e-5):
             else:
                 group = delta.shape[0] // shape[-1]
                 rest[h * group : (h + 1) * group] = 0.0
-            assert not rest.any() and delta.any()
+            assert not rest.any()
+            if not delta.any():  # a key no query picks (DeepSeek V3.2's indexer) moves nothing
+                continue
             MIXED["module"] = attn
             moved = []
             for s in (eps, -eps):
@@ -2004,10 +2016,10 @@ def assert_causal_close(got, want: np.ndarray, rtol: float, atol: float) -> None
 # Llama's own eager softmax runs in float32 even in a float64 model: the loops run under
 # `mixing` (float64 throughout), and the tolerance for Llama covers attrax's float32 softmax
 QKV_TOL = {"gpt2": (1e-6, 1e-8), "llama": (1e-4, 3e-6), "gpt_oss": (1e-4, 3e-6)}
-QKV_TOL["deepseek_v3-dense"] = QKV_TOL["llama"]
+QKV_TOL["deepseek_v3-dense"] = QKV_TOL["deepseek_v32-dense"] = QKV_TOL["llama"]
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama", "deepseek_v3-dense"])
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "deepseek_v3-dense", "deepseek_v32-dense"])
 @pytest.mark.parametrize("site", ["queries", "keys", "values"])
 def test_atp_qkv_plain_first_order(models64, arch, site):
     """Plain AtP of each query, key and value vector (``qk_fix=False``; values have no fix): the
@@ -2028,7 +2040,9 @@ def test_atp_qkv_plain_first_order(models64, arch, site):
     assert_causal_close(got, want, *QKV_TOL[arch])
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama", "gpt_oss", "deepseek_v3-dense"])
+@pytest.mark.parametrize(
+    "arch", ["gpt2", "llama", "gpt_oss", "deepseek_v3-dense", "deepseek_v32-dense"]
+)
 @pytest.mark.parametrize("site", ["queries", "keys"])
 def test_atp_qk_fix_equals_naive(models64, arch, site):
     """AtP*'s QK fix (the default for queries and keys): per node, the derivative of the score

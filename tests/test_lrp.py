@@ -457,7 +457,12 @@ def mla_lrp_reference(
     heads, nope, rope, dv = (
         cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim,
     )  # fmt: skip
-    rank, eps, t = cfg.kv_lora_rank, cfg.rms_norm_eps, len(ids)
+    rank, t = cfg.kv_lora_rank, len(ids)
+
+    def norm(h: torch.Tensor, module: torch.nn.Module) -> torch.Tensor:
+        # each norm's own epsilon: the latents' are the class default, not the config's
+        return _rms(h, module.weight, module.variance_epsilon)
+
     x = hf.model.embed_tokens(torch.tensor(ids))
     positions = torch.arange(t)
     table = hf.model.rotary_emb(x[None], positions[None])
@@ -470,36 +475,41 @@ def mla_lrp_reference(
     saved, h = [], x
     for layer in hf.model.layers:
         att, mlp = layer.self_attn, layer.mlp
-        n1 = _rms(h, layer.input_layernorm.weight, eps)
+        n1 = norm(h, layer.input_layernorm)
         if att.q_lora_rank is None:
             qa = qan = None
             q = n1 @ att.q_proj.weight.T
         else:
             qa = n1 @ att.q_a_proj.weight.T
-            qan = _rms(qa, att.q_a_layernorm.weight, eps)
+            qan = norm(qa, att.q_a_layernorm)
             q = qan @ att.q_b_proj.weight.T
         q = q.view(t, heads, nope + rope)
         c = n1 @ att.kv_a_proj_with_mqa.weight.T  # [T, rank + rope]
-        latent = _rms(c[:, :rank], att.kv_a_layernorm.weight, eps)
+        latent = norm(c[:, :rank], att.kv_a_layernorm)
         kv = (latent @ att.kv_b_proj.weight.T).view(t, heads, nope + dv)
+        keep = causal
+        if hasattr(att, "indexer"):  # V3.2: the keys its indexer picks, the model's own choice
+            additive = torch.zeros(1, t, t, dtype=x.dtype).masked_fill(~causal, -torch.inf)
+            picked = att.indexer(n1[None], qan[None], table, additive, positions[None])[0]
+            keep = causal & torch.zeros_like(causal).scatter(-1, picked.long(), True)
         qr = torch.einsum("tnm,thm->thn", rot, q[..., nope:])
         kr = torch.einsum("tnm,tm->tn", rot, c[:, rank:])  # one rotated part, every head's
         qs = torch.cat([q[..., :nope], qr], -1)
         ks = torch.cat([kv[..., :nope], kr[:, None].expand(t, heads, rope)], -1)
         v = kv[..., nope:]
         s = torch.einsum("ihd,jhd->hij", qs, ks) * att.scaling
-        s = s.masked_fill(~causal, -torch.inf)
+        s = s.masked_fill(~keep, -torch.inf)
         a = torch.softmax(s, -1)
         o = torch.einsum("hij,jhd->ihd", a, v)
         attn = o.reshape(t, heads * dv) @ att.o_proj.weight.T
         h1 = h + attn
-        n2 = _rms(h1, layer.post_attention_layernorm.weight, eps)
+        n2 = norm(h1, layer.post_attention_layernorm)
         out, ffn = _mlp_forward(mlp, n2)
         h2 = h1 + out
         saved.append((layer, h, n1, qa, qan, q, c, latent, kv, qr, kr, qs, ks, v, s, a, o))
         saved[-1] += (attn, h1, n2, out, ffn, h2)
         h = h2
-    final = _rms(h, hf.model.norm.weight, eps)
+    final = norm(h, hf.model.norm)
     head = hf.lm_head.weight[target]
     relevance = torch.zeros_like(x)
     relevance[position] = final[position] * head  # RMSNorm's constant scale passes it on
@@ -1880,7 +1890,9 @@ def _deepseek(arch: str) -> tuple:
 
 
 @pytest.mark.parametrize("rule", ["attnlrp", "cp-lrp"])
-@pytest.mark.parametrize("arch", ["deepseek_v2", "deepseek_v3"])
+@pytest.mark.parametrize(
+    "arch", ["deepseek_v2", "deepseek_v3", "deepseek_v32", "glm4_moe_lite", "youtu"]
+)
 def test_multi_head_latent_attention_equals_explicit_layer_by_layer_lrp(arch, rule):
     model = _double(*_deepseek(arch))
     got = ax.lrp(model, PROMPT, TARGET, rule=rule)

@@ -766,6 +766,9 @@ _FUSED = {
     "codegen": "attn.qkv_proj",
     "deepseek_v2": "self_attn.kv_b_proj",  # the keys and values its latent expands into
     "deepseek_v3": "self_attn.kv_b_proj",
+    "deepseek_v32": "self_attn.kv_b_proj",  # its indexer picks each query's keys
+    "glm4_moe_lite": "self_attn.kv_b_proj",
+    "youtu": "self_attn.kv_b_proj",
 }
 
 
@@ -846,7 +849,7 @@ def test_value_zeroing_of_gpt_bigcodes_values_matches_naive(multi_query):
     "family",
     [
         *("pythia", "phi3", "modernbert", "falcon-heads", "falcon-40b", "bloom", "codegen"),
-        *("persimmon", "deepseek_v2", "deepseek_v3"),
+        *("persimmon", "deepseek_v2", "deepseek_v3", "deepseek_v32", "glm4_moe_lite", "youtu"),
     ],
 )
 def test_value_zeroing_of_fused_projections_matches_naive(family):
@@ -1040,6 +1043,8 @@ LOGIT_KINDS = (
         "gpt_oss",  # attention sinks
         "deepseek_v2",  # multi-head latent attention
         "deepseek_v3",
+        "deepseek_v32",  # an indexer picks each query's keys
+        "glm4_moe_lite",
         *LLAMA_KIN,
         *NEOX_AND_OPT_KIN,
         "gpt_neo",

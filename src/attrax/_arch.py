@@ -73,14 +73,8 @@ def _positive(config: Any, key: str) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
 
 
-#: model types whose attention is multi-head latent attention: keys and values expanded from one
-#: shared latent per token by ``kv_b_proj``, value heads narrower or wider than query heads
-MLA = ("deepseek_v2", "deepseek_v3")
-
-
 #: mixtures of experts with Llama's layout (their routed `mlp`, Granite MoE's `block_sparse_moe`,
-#: is the module whose output the residual adds; GPT-OSS's attention has sinks, DeepSeek's is
-#: :data:`MLA`)
+#: is the module whose output the residual adds; GPT-OSS's attention has sinks)
 EXPERTS = (
     "mixtral",
     "qwen2_moe",
@@ -88,7 +82,12 @@ EXPERTS = (
     "olmoe",
     "granitemoe",
     "gpt_oss",
-    *MLA,  # shared experts beside the routed ones
+    # multi-head latent attention (keys and values expanded from one latent per token by
+    # `kv_b_proj`), shared experts beside the routed ones; GLM-4.7-Flash's is `glm4_moe_lite`
+    "deepseek_v2",
+    "deepseek_v3",
+    "deepseek_v32",
+    "glm4_moe_lite",
 )
 
 

@@ -238,6 +238,7 @@ _LLAMA_LIKE = (
     "glm",  # a fused gate/up projection, RoPE on interleaved pairs of half of each head
     "arcee",  # an MLP without a gate: down(relu(up(x)) ** 2)
     "nemotron",  # Arcee's MLP, LayerNorms with gain 1 + weight, RoPE on part of each head
+    "youtu",  # multi-head latent attention (values in kv_b_proj), dense MLPs
     *_arch.EXPERTS,
     "starcoder2",  # LayerNorms and biases
     "olmo",  # LayerNorms without weights

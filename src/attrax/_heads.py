@@ -39,7 +39,7 @@ from ._engine import Problem
 from ._errors import ModelError, OptionError
 from ._gradients import QUADRATURES, check_quadrature_steps, quadrature_nodes
 from ._memory import Cost, at_least_float32, full_precision, head_bytes, plan, to_host
-from ._model import Model, attention_modules, refuse_mean_pooling
+from ._model import Model, attention_modules, refuse_mean_pooling, selected_keys
 from ._protocol import Call, Family
 from ._schema import target_coordinates
 
@@ -151,6 +151,7 @@ def _probed_attention(
     **kwargs: Any,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The module's own eager attention, with the probes of :data:`_STATE` added."""
+    attention_mask = selected_keys(attention_mask, kwargs, query, key.shape[-2])
     eager = _eager(module)
     state = _STATE.get()
     place = None if state is None else state.where.get(module)

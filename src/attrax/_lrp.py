@@ -52,7 +52,14 @@ from ._engine import Problem
 from ._errors import ModelError
 from ._gradients import GRADIENT, Rule
 from ._memory import at_least_float32
-from ._model import Model, activation_kind, apply_activation, backward_rule, can_switch
+from ._model import (
+    Model,
+    activation_kind,
+    apply_activation,
+    backward_rule,
+    can_switch,
+    selected_keys,
+)
 from ._protocol import COMMON, Call, Param
 
 #: LRP variants: AttnLRP (softmax rule, uniform rule on attention products) or CP-LRP
@@ -125,6 +132,7 @@ def _attention(
     **kwargs: Any,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Eager attention (``[B, heads, L, d]`` in, ``[B, L, heads, d]`` out) with the LRP rules."""
+    attention_mask = selected_keys(attention_mask, kwargs, query, key.shape[-2])
     for name in _REFUSED_KWARGS:
         if kwargs.get(name) is not None:
             raise ModelError(
@@ -487,7 +495,7 @@ _PATCHED: dict[str, Callable[..., torch.Tensor]] = {
     # DeepSeek V2, V3: also the query and key-value latents' norms; dense and shared MLPs
     **{
         f"{family}{part}": forward
-        for family in ("DeepseekV2", "DeepseekV3")
+        for family in ("DeepseekV2", "DeepseekV3", "DeepseekV32", "Glm4MoeLite", "Youtu")
         for part, forward in (
             ("RMSNorm", _rms_norm),
             ("MLP", _gated_mlp),
@@ -560,6 +568,9 @@ _ATTENTION = frozenset(
         # (children, patched), keys and values expanded from the latent by a Linear
         "DeepseekV2Attention",  # RoPE as complex products (constants)
         "DeepseekV3Attention",
+        "DeepseekV32Attention",  # the keys its indexer picks: in the mask (`selected_keys`)
+        "Glm4MoeLiteAttention",
+        "YoutuAttention",
         "ElectraSelfAttention",
         "DistilBertSelfAttention",  # its output projection `out_lin` is a child Linear
         "DisentangledSelfAttention",  # DeBERTa-v2's, run by attrax (:mod:`attrax._routed`)
@@ -598,6 +609,11 @@ _LINEAR = frozenset(
         "GptOssMLP",  # its router and experts (patched), reshapes
         "DeepseekV2Moe",  # its router and experts (patched) plus its shared experts (patched)
         "DeepseekV3MoE",
+        "DeepseekV32MoE",
+        "Glm4MoeLiteMoE",
+        # DeepSeek V3.2's choice of each query's keys: integer indices, computed without
+        # gradients (a constant, as a mask)
+        "DeepseekV32Indexer",
         "ArceeMLP",  # down(act(up(x))): its activation (relu ** 2) a child module
         "NemotronMLP",  # the same
         "Gemma3DecoderLayer",  # norms after attention and MLP (patched), then residual sums
@@ -685,6 +701,9 @@ _LINEAR = frozenset(
                 "GptOss",
                 "DeepseekV2",
                 "DeepseekV3",
+                "DeepseekV32",
+                "Glm4MoeLite",
+                "Youtu",
             )
             for part in (
                 "RotaryEmbedding",
@@ -884,6 +903,9 @@ ARCHITECTURES = (
     "gpt_oss",
     "deepseek_v2",
     "deepseek_v3",
+    "deepseek_v32",
+    "glm4_moe_lite",
+    "youtu",
     "gpt_neox",
     "persimmon",
     "opt",

@@ -1076,6 +1076,26 @@ def _first_int(*values: Any) -> int | None:
     return None
 
 
+def selected_keys(
+    mask: torch.Tensor | None, kwargs: dict[str, Any], query: torch.Tensor, keys: int
+) -> torch.Tensor | None:
+    """An attention call's mask with the keys a sparse attention left out masked, ``kwargs``'s
+    ``indices`` taken out: DeepSeek V3.2's indexer picks each query's keys, which transformers
+    masks under eager and SDPA only and hands any other implementation as ``indices`` ``[B, Q,
+    k]``. Without them, the mask as it is."""
+    indices = kwargs.pop("indices", None)
+    if indices is None:
+        return mask
+    shape = (*indices.shape[:2], keys)
+    left = torch.ones(shape, dtype=torch.bool, device=indices.device)
+    left = left.scatter(-1, indices.long(), False)[:, None]  # [B, 1, Q, K]: True = left out
+    if mask is None:
+        mask = torch.zeros(left.shape, dtype=query.dtype, device=query.device)
+    if mask.dtype == torch.bool:
+        return mask & ~left
+    return mask.masked_fill(left, torch.finfo(mask.dtype).min)
+
+
 def can_switch(hf: PreTrainedModel) -> bool:
     """Whether ``hf`` can change its attention after loading. Models that do not route attention
     through transformers' AttentionInterface (Falcon before transformers 5.25) cannot: ``set_attn_implementation`` only
