@@ -283,13 +283,25 @@ CONFIGS = {
         topk_group=1,
         index_topk=3,
         index_head_dim=8,
-        index_n_heads=2,
+        index_n_heads=8,
         **MLA,
         **SIZES,
     ),
     # GLM-4.7-Flash: V3's layout, its layers' MLPs named by `mlp_layer_types`
     "glm4_moe_lite": lambda v: T.Glm4MoeLiteConfig(
         vocab_size=v, q_lora_rank=16, mlp_layer_types=["dense", "sparse"], **MLA, **SIZES
+    ),
+    # GLM-5: V3.2's, its second layer reusing the first's picks of keys
+    "glm_moe_dsa": lambda v: T.GlmMoeDsaConfig(
+        vocab_size=v,
+        q_lora_rank=16,
+        mlp_layer_types=["dense", "sparse"],
+        indexer_types=["full", "shared"],
+        index_topk=3,
+        index_head_dim=8,
+        index_n_heads=8,
+        **MLA,
+        **SIZES,
     ),
     # Youtu-LLM: V3's attention, dense MLPs, tied embeddings
     "youtu": lambda v: T.YoutuConfig(vocab_size=v, q_lora_rank=16, **MLA, **SIZES),
@@ -614,8 +626,9 @@ def test_a_causal_lm_whose_prefix_names_no_attribute():
             assert float(got[k, j, 0]) == pytest.approx(want, rel=1e-6, abs=1e-9)
 
 
-def test_a_sparse_attentions_picked_keys_hold_under_attraxs_attention():
-    """DeepSeek V3.2's indexer picks 3 keys for each query. Transformers masks the others under
+@pytest.mark.parametrize("family", ["deepseek_v32", "glm_moe_dsa"])
+def test_a_sparse_attentions_picked_keys_hold_under_attraxs_attention(family):
+    """DeepSeek V3.2's indexer (GLM-5's, reused by its second layer) picks 3 keys for each query. Transformers masks the others under
     eager and SDPA attention only and hands any other implementation the picks (`indices`):
     attrax's probed attention and its LRP attention mask them too, so each reproduces the
     model's logits (both ran every key before: 0.11 off on this model)."""
@@ -623,7 +636,7 @@ def test_a_sparse_attentions_picked_keys_hold_under_attraxs_attention():
     from attrax._lrp import lrp_rules
 
     _, tok = tiny_model("gpt2")
-    model = ax.load_model(_family("deepseek_v32", tok, attn_implementation="eager"), tokenizer=tok)
+    model = ax.load_model(_family(family, tok, attn_implementation="eager"), tokenizer=tok)
     ids = tok("The capital of France is Paris, and", return_tensors="pt")["input_ids"]
     assert ids.shape[1] > 2 * model.hf.config.index_topk
 
@@ -638,5 +651,6 @@ def test_a_sparse_attentions_picked_keys_hold_under_attraxs_attention():
         torch.testing.assert_close(logits(), want, rtol=1e-5, atol=1e-5)
     # the picks matter here: every key in reach moves the logits
     for layer in model.hf.model.layers:
-        layer.self_attn.indexer.index_topk = ids.shape[1]
+        if layer.self_attn.indexer is not None:  # GLM-5's second layer reuses the first's
+            layer.self_attn.indexer.index_topk = ids.shape[1]
     assert (logits() - want).abs().max() > 1e-3

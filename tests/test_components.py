@@ -129,6 +129,7 @@ NEOX_AND_OPT_KIN = ("biogpt", "persimmon")
 EXPERTS = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe", "gpt_oss")
 EXPERTS += ("deepseek_v2", "deepseek_v3")  # multi-head latent attention, shared experts
 EXPERTS += ("deepseek_v32", "glm4_moe_lite")  # V3.2: an indexer picks each query's keys
+EXPERTS += ("glm_moe_dsa",)  # GLM-5: V3.2's, a layer reusing the previous one's picks
 # GPT-J, CodeGen and Phi (attention and MLP in parallel on one LayerNorm, a biased LM head;
 # CodeGen's values in shards of a fused projection), StarCoder2 and OLMo (Llama's layout with
 # LayerNorms; OLMo's without weights), Cohere (parallel, its LayerNorms without biases, its
@@ -2064,8 +2065,10 @@ def test_atp_qk_fix_equals_naive(models64, arch, site):
     plain = ax.attribution_patching(model, SOURCE, QKV_TARGET, qk_fix=False, **kw)
     gap = np.nanmax(np.abs(plain.values - got.values)) / np.nanmax(np.abs(got.values))
     # measured 0.37 to 2.3 of the largest value; 0.0086 for GPT-OSS's queries, whose tiny random
-    # scores leave its softmax near linear
-    assert gap > (0.005 if arch == "gpt_oss" and site == "queries" else 0.05), gap
+    # scores leave its softmax near linear, 0.0075 and 0.043 for DeepSeek V3.2's queries and keys
+    # (three keys a row)
+    near = (arch == "gpt_oss" and site == "queries") or arch == "deepseek_v32-dense"
+    assert gap > (0.005 if near else 0.05), gap
 
 
 @pytest.mark.parametrize("site", ["queries", "keys"])

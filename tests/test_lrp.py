@@ -489,8 +489,9 @@ def mla_lrp_reference(
         kv = (latent @ att.kv_b_proj.weight.T).view(t, heads, nope + dv)
         keep = causal
         if hasattr(att, "indexer"):  # V3.2: the keys its indexer picks, the model's own choice
-            additive = torch.zeros(1, t, t, dtype=x.dtype).masked_fill(~causal, -torch.inf)
-            picked = att.indexer(n1[None], qan[None], table, additive, positions[None])[0]
+            if att.indexer is not None:  # GLM-5's layers without one reuse the last one's picks
+                additive = torch.zeros(1, t, t, dtype=x.dtype).masked_fill(~causal, -torch.inf)
+                picked = att.indexer(n1[None], qan[None], table, additive, positions[None])[0]
             keep = causal & torch.zeros_like(causal).scatter(-1, picked.long(), True)
         qr = torch.einsum("tnm,thm->thn", rot, q[..., nope:])
         kr = torch.einsum("tnm,tm->tn", rot, c[:, rank:])  # one rotated part, every head's
@@ -1891,7 +1892,7 @@ def _deepseek(arch: str) -> tuple:
 
 @pytest.mark.parametrize("rule", ["attnlrp", "cp-lrp"])
 @pytest.mark.parametrize(
-    "arch", ["deepseek_v2", "deepseek_v3", "deepseek_v32", "glm4_moe_lite", "youtu"]
+    "arch", ["deepseek_v2", "deepseek_v3", "deepseek_v32", "glm4_moe_lite", "youtu", "glm_moe_dsa"]
 )
 def test_multi_head_latent_attention_equals_explicit_layer_by_layer_lrp(arch, rule):
     model = _double(*_deepseek(arch))

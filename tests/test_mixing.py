@@ -769,6 +769,7 @@ _FUSED = {
     "deepseek_v32": "self_attn.kv_b_proj",  # its indexer picks each query's keys
     "glm4_moe_lite": "self_attn.kv_b_proj",
     "youtu": "self_attn.kv_b_proj",
+    "glm_moe_dsa": "self_attn.kv_b_proj",  # a layer reusing the previous one's picks
 }
 
 
@@ -850,6 +851,7 @@ def test_value_zeroing_of_gpt_bigcodes_values_matches_naive(multi_query):
     [
         *("pythia", "phi3", "modernbert", "falcon-heads", "falcon-40b", "bloom", "codegen"),
         *("persimmon", "deepseek_v2", "deepseek_v3", "deepseek_v32", "glm4_moe_lite", "youtu"),
+        "glm_moe_dsa",
     ],
 )
 def test_value_zeroing_of_fused_projections_matches_naive(family):
@@ -1045,6 +1047,7 @@ LOGIT_KINDS = (
         "deepseek_v3",
         "deepseek_v32",  # an indexer picks each query's keys
         "glm4_moe_lite",
+        "glm_moe_dsa",
         *LLAMA_KIN,
         *NEOX_AND_OPT_KIN,
         "gpt_neo",

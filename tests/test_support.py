@@ -114,6 +114,7 @@ FAMILIES: dict[str, Callable[[], ax.Model]] = {
     "DeepSeek V3": _causal("deepseek_v3"),
     "DeepSeek V3.2": _causal("deepseek_v32"),
     "GLM-4.7-Flash": _causal("glm4_moe_lite"),
+    "GLM-5": _causal("glm_moe_dsa"),
     "Youtu": _causal("youtu"),
     "Granite 4 (Mamba hybrid)": _granite_hybrid,
     "Qwen3-Next (linear-attention hybrid)": _causal("qwen3_next"),

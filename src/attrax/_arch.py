@@ -88,6 +88,7 @@ EXPERTS = (
     "deepseek_v3",
     "deepseek_v32",
     "glm4_moe_lite",
+    "glm_moe_dsa",  # GLM-5: V3.2's indexer, some layers reusing the previous one's picks
 )
 
 

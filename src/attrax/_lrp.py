@@ -495,7 +495,14 @@ _PATCHED: dict[str, Callable[..., torch.Tensor]] = {
     # DeepSeek V2, V3: also the query and key-value latents' norms; dense and shared MLPs
     **{
         f"{family}{part}": forward
-        for family in ("DeepseekV2", "DeepseekV3", "DeepseekV32", "Glm4MoeLite", "Youtu")
+        for family in (
+            "DeepseekV2",
+            "DeepseekV3",
+            "DeepseekV32",
+            "Glm4MoeLite",
+            "Youtu",
+            "GlmMoeDsa",
+        )
         for part, forward in (
             ("RMSNorm", _rms_norm),
             ("MLP", _gated_mlp),
@@ -571,6 +578,7 @@ _ATTENTION = frozenset(
         "DeepseekV32Attention",  # the keys its indexer picks: in the mask (`selected_keys`)
         "Glm4MoeLiteAttention",
         "YoutuAttention",
+        "GlmMoeDsaAttention",  # V3.2's, some layers reusing the previous indexer's picks
         "ElectraSelfAttention",
         "DistilBertSelfAttention",  # its output projection `out_lin` is a child Linear
         "DisentangledSelfAttention",  # DeBERTa-v2's, run by attrax (:mod:`attrax._routed`)
@@ -611,9 +619,11 @@ _LINEAR = frozenset(
         "DeepseekV3MoE",
         "DeepseekV32MoE",
         "Glm4MoeLiteMoE",
-        # DeepSeek V3.2's choice of each query's keys: integer indices, computed without
-        # gradients (a constant, as a mask)
+        "GlmMoeDsaMoE",
+        # DeepSeek V3.2's (and GLM-5's) choice of each query's keys: integer indices, computed
+        # without gradients (a constant, as a mask)
         "DeepseekV32Indexer",
+        "GlmMoeDsaIndexer",
         "ArceeMLP",  # down(act(up(x))): its activation (relu ** 2) a child module
         "NemotronMLP",  # the same
         "Gemma3DecoderLayer",  # norms after attention and MLP (patched), then residual sums
@@ -704,6 +714,7 @@ _LINEAR = frozenset(
                 "DeepseekV32",
                 "Glm4MoeLite",
                 "Youtu",
+                "GlmMoeDsa",
             )
             for part in (
                 "RotaryEmbedding",
@@ -906,6 +917,7 @@ ARCHITECTURES = (
     "deepseek_v32",
     "glm4_moe_lite",
     "youtu",
+    "glm_moe_dsa",
     "gpt_neox",
     "persimmon",
     "opt",
