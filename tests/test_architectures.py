@@ -305,6 +305,24 @@ CONFIGS = {
     ),
     # Youtu-LLM: V3's attention, dense MLPs, tied embeddings
     "youtu": lambda v: T.YoutuConfig(vocab_size=v, q_lora_rank=16, **MLA, **SIZES),
+    # Llama 4: a dense layer, then experts (each chosen expert's input scaled by its routing
+    # weight) beside a shared expert; RoPE as complex products in chunked local layers (3
+    # tokens a chunk) with weightless query and key norms; a NoPE layer whose queries scale with
+    # their position
+    "llama4": lambda v: T.Llama4TextConfig(
+        vocab_size=v,
+        intermediate_size=16,
+        intermediate_size_mlp=64,
+        num_local_experts=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        moe_layers=[1],
+        no_rope_layers=[1, 0],
+        attention_chunk_size=3,
+        floor_scale=2,
+        attn_scale=0.5,
+        **SIZES,
+    ),
     # state-space models: no attention; Mamba 2 scans in chunks (4 tokens here, so several)
     "mamba": lambda v: T.MambaConfig(
         vocab_size=v, hidden_size=32, num_hidden_layers=2, state_size=8

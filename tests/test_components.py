@@ -130,6 +130,7 @@ EXPERTS = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe", "gpt_oss"
 EXPERTS += ("deepseek_v2", "deepseek_v3")  # multi-head latent attention, shared experts
 EXPERTS += ("deepseek_v32", "glm4_moe_lite")  # V3.2: an indexer picks each query's keys
 EXPERTS += ("glm_moe_dsa",)  # GLM-5: V3.2's, a layer reusing the previous one's picks
+EXPERTS += ("llama4",)  # its MLP `feed_forward`; a routing weight scales each expert's input
 # GPT-J, CodeGen and Phi (attention and MLP in parallel on one LayerNorm, a biased LM head;
 # CodeGen's values in shards of a fused projection), StarCoder2 and OLMo (Llama's layout with
 # LayerNorms; OLMo's without weights), Cohere (parallel, its LayerNorms without biases, its
@@ -300,13 +301,14 @@ def modules(model: ax.Model):
         values = [a.v_proj for a in attn]
         final = getattr(decoder, "final_layer_norm", None) or decoder.layer_norm
         return blocks, attn, [a.out_proj for a in attn], values, final
-    blocks = list(hf.base_model.layers)
+    base = hf.model if hf.base_model is hf else hf.base_model  # Llama 4 names no body prefix
+    blocks = list(base.layers)
     attn = [b.self_attn for b in blocks]
     # Phi-3: one fused projection; DeepSeek: the keys and values its latent expands into
     values = [
         getattr(a, "v_proj", None) or getattr(a, "kv_b_proj", None) or a.qkv_proj for a in attn
     ]
-    return blocks, attn, [a.o_proj for a in attn], values, hf.base_model.norm
+    return blocks, attn, [a.o_proj for a in attn], values, base.norm
 
 
 def token_ids(model: ax.Model, source: str, target: str) -> tuple[list[int], list[int]]:
@@ -662,7 +664,7 @@ def mlp_output(output, args: tuple, added: bool) -> torch.Tensor:
 def mlp_of(block) -> torch.nn.Module:
     """What a block's MLP writes: its `mlp`, OPT's `fc2` (fc1, ReLU and fc2 are inline) or
     Granite MoE's `block_sparse_moe`."""
-    for name in ("mlp", "fc2", "block_sparse_moe"):
+    for name in ("mlp", "fc2", "block_sparse_moe", "feed_forward"):  # Llama 4: `feed_forward`
         if hasattr(block, name):
             return getattr(block, name)
     raise AssertionError(f"no MLP in {type(block).__name__}")
@@ -945,11 +947,14 @@ def central_patching(
         def hook(m, args, output, n):
             a = args[0] if site == "heads" else (output[0] if isinstance(output, tuple) else output)
             a = a - args[1] if added else a
+            flat = a.dim() == 2  # Llama 4's experts: the rows flattened, [L, H] for one example
+            a = a[None] if flat else a
             seen[n] = a[0].detach().clone()
             if n != layer:
                 return None
             a = a.clone()
             a[0, position, cols] = value
+            a = a[0] if flat else a
             if site == "heads":
                 return (a, *args[1:])
             if added:
@@ -2259,6 +2264,7 @@ FAMILY_MODULES = {
     "granitemoe": ("self_attn", "o_proj"),  # a routed MLP, `block_sparse_moe`
     "gpt_oss": ("self_attn", "o_proj"),  # attention sinks; its MLP returns its routing too
     "deepseek_v3": ("self_attn", "o_proj"),  # value heads narrower than the hidden / heads
+    "llama4": ("self_attn", "o_proj"),  # its MLP returns its routing too, its rows flattened
 }
 
 
@@ -2278,7 +2284,7 @@ def test_atp_other_decoder_families_first_order(family, site):
     model = ax.load_model(full_double(_family(family, tok, **kw)), tokenizer=tok)
     kw = {"corrupted": CORRUPTED, "site": site, "objective": "logit"}
     got = ax.attribution_patching(model, SOURCE, TARGET, **kw)
-    base = model.hf.base_model
+    base = model.hf.model if model.hf.base_model is model.hf else model.hf.base_model
     blocks = list(getattr(base, "layers", None) or base.h)
     attention, projection = FAMILY_MODULES[family]
     if site == "heads":

@@ -620,3 +620,21 @@ def test_deeplift_layers_cli_and_dataset(tmp_path, default_model, write_jsonl):
     )  # fmt: skip
     loaded = ax.load_dataset_results(out)
     assert "layer" in loaded.dims and loaded.attrs["method"] == "deeplift_shap"
+
+
+def test_llama4s_stacked_experts_are_refused_and_its_dense_layers_run():
+    """Llama 4's experts run on every token's input stacked expert by expert ``[experts, tokens,
+    width]``: refused, naming them. A Llama 4 without expert layers (chunked local layers,
+    weightless query and key norms, a NoPE layer) equals the hooked loop."""
+    from tests.test_architectures import _family
+
+    _, tok = tiny_model("gpt2")
+    model = ax.load_model(_family("llama4", tok), tokenizer=tok)
+    with pytest.raises(ax.ModelError, match=r"feed_forward.experts.*Llama4TextExperts"):
+        ax.deeplift(model, *PAIRS[0])
+    hf = _family("llama4", tok)
+    hf.config.moe_layers = []
+    torch.manual_seed(0)
+    dense = ax.load_model(type(hf)(hf.config).double().eval(), tokenizer=tok)
+    assert not any(type(m).__name__ == "Llama4TextMoe" for m in dense.hf.modules())
+    assert_close(ax.deeplift(dense, *PAIRS[0]).values, naive_deeplift(dense, *PAIRS[0]))

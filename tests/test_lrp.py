@@ -135,7 +135,15 @@ def _gate_up(mlp) -> tuple:
     ``gate_up_proj`` (gate rows first)."""
     if hasattr(mlp, "gate_up_proj"):
         return (*mlp.gate_up_proj.weight.chunk(2), mlp.activation_fn)
-    return mlp.gate_proj.weight, mlp.up_proj.weight, mlp.act_fn
+    act = getattr(mlp, "act_fn", None) or mlp.activation_fn  # Llama 4's `activation_fn`
+    return mlp.gate_proj.weight, mlp.up_proj.weight, act
+
+
+def _mlp_of(layer):
+    """A block's MLP: `mlp`, Granite MoE's `block_sparse_moe` or Llama 4's `feed_forward`."""
+    return next(
+        getattr(layer, n) for n in ("mlp", "block_sparse_moe", "feed_forward") if hasattr(layer, n)
+    )
 
 
 @torch.no_grad()
@@ -203,8 +211,19 @@ def _mlp_forward(mlp, n2: torch.Tensor) -> tuple[torch.Tensor, tuple]:
         w_gate, w_up, act = _gate_up(mlp)
         out, dense = _gated_forward(n2, w_gate, w_up, mlp.down_proj.weight, act)
         return out, ("dense", dense)
-    _, weights, index = (getattr(mlp, "gate", None) or mlp.router)(n2)  # Granite MoE: `router`
     out, terms = torch.zeros_like(n2), []
+    if hasattr(experts, "expert_dim"):  # Llama 4: the routing weight scales an expert's input
+        scores, _ = mlp.router(n2)  # [T, experts]: a sigmoid of each chosen logit, 0 elsewhere
+        width = experts.expert_dim
+        for i, e in scores.nonzero().tolist():  # every token's chosen experts, one by one
+            w_gate_up, w_down = experts.gate_up_proj[e], experts.down_proj[e]  # x @ W
+            w_gate, w_up = w_gate_up[:, :width].T, w_gate_up[:, width:].T
+            y, inner = _gated_forward(scores[i, e] * n2[i], w_gate, w_up, w_down.T, experts.act_fn)
+            terms.append((i, y, inner))
+            out[i] += y
+        weights = index = torch.zeros(n2.shape[0], 0)  # no more experts below
+    else:
+        _, weights, index = (getattr(mlp, "gate", None) or mlp.router)(n2)  # Granite MoE: `router`
     for i in range(n2.shape[0]):  # every token's chosen experts, one by one
         for slot in range(index.shape[1]):
             e = int(index[i, slot])
@@ -220,8 +239,9 @@ def _mlp_forward(mlp, n2: torch.Tensor) -> tuple[torch.Tensor, tuple]:
         y, inner = _gated_forward(n2, w_gate, w_up, mlp.shared_experts.down_proj.weight, act)
         terms.append((None, y, inner))
         out = out + y
-    if hasattr(mlp, "shared_expert"):
-        gate = torch.sigmoid(mlp.shared_expert_gate(n2))
+    if hasattr(mlp, "shared_expert"):  # Qwen2-MoE's gated, Llama 4's not
+        gated = hasattr(mlp, "shared_expert_gate")
+        gate = torch.sigmoid(mlp.shared_expert_gate(n2)) if gated else torch.ones(n2.shape[0], 1)
         w_gate, w_up, act = _gate_up(mlp.shared_expert)
         y, inner = _gated_forward(n2, w_gate, w_up, mlp.shared_expert.down_proj.weight, act)
         terms.append((None, gate * y, inner))
@@ -296,13 +316,17 @@ def llama_lrp_reference(
     positions = torch.arange(t)
     saved, h = [], x
     for layer in hf.model.layers:
-        att, mlp = layer.self_attn, getattr(layer, "mlp", None) or layer.block_sparse_moe
+        att, mlp = layer.self_attn, _mlp_of(layer)
         scale = att.scaling  # Gemma: query_pre_attn_scalar ** -0.5
         # Gemma 3 and OLMo 3: a table per layer type
         kind = getattr(att, "layer_type", None) or getattr(att, "attention_type", None)
         tables = (kind,) if type(att).__name__ in ("Gemma3Attention", "Olmo3Attention") else ()
-        cos, sin = hf.model.rotary_emb(x[None], positions[None], *tables)
-        if hasattr(att, "rotary_ndims"):  # StableLM: RoPE on a share of each head
+        table = hf.model.rotary_emb(x[None], positions[None], *tables)
+        pairs = isinstance(table, torch.Tensor)  # Llama 4: one complex number per pair of dims
+        cos, sin = (table[0].real, table[0].imag) if pairs else table
+        if pairs:
+            rot = _pair_rotations(sin.double(), cos.double(), d)
+        elif hasattr(att, "rotary_ndims"):  # StableLM: RoPE on a share of each head
             rot = _partial_rotations(cos[0].double(), sin[0].double(), d)
         elif type(att).__name__ in INTERLEAVED:
             # dims 2i and 2i + 1 of the first r rotated together by angle i (the first half of
@@ -325,6 +349,10 @@ def llama_lrp_reference(
         if nope or not getattr(att, "use_rope", True):  # SmolLM3's NoPE layers too
             rot = torch.eye(d).double().repeat(t, 1, 1)
         causal = (positions[:, None] >= positions) & (positions[:, None] - positions < window)
+        if getattr(att, "use_rope", 0) and getattr(cfg, "attention_chunk_size", None):
+            # Llama 4's RoPE layers attend within chunks: keys in the query's own chunk only
+            chunk = cfg.attention_chunk_size
+            causal = causal & (positions[:, None] // chunk == positions // chunk)
         # OLMo 2 normalises no block input, only outputs
         pre = hasattr(layer, "input_layernorm")
         n1 = norm(h, layer.input_layernorm) if pre else h
@@ -346,6 +374,13 @@ def llama_lrp_reference(
         if hasattr(att, "query_layernorm"):  # HunYuan: each head RMS-normed after RoPE
             qs = _rms(qr, att.query_layernorm.weight, eps)
             ks = _rms(kr, att.key_layernorm.weight, eps)
+        if hasattr(att, "qk_norm"):  # Llama 4: the same, without weights
+            qs, ks = _rms(qr, 1.0, eps), _rms(kr, 1.0, eps)
+        if getattr(att, "attn_temperature_tuning", False) and not att.use_rope:
+            # Llama 4's NoPE layers: each query scaled by a constant of its position, through
+            # which its relevance passes unchanged
+            steps = torch.floor((positions.double() + 1) / att.floor_scale)
+            qs = qs * (torch.log1p(steps) * att.attn_scale + 1)[:, None, None]
         kf, vf = ks.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
         s = torch.einsum("ihd,jhd->hij", qs, kf) * scale
         cap = getattr(att, "attn_logit_softcapping", None)  # Gemma 2
@@ -399,7 +434,7 @@ def llama_lrp_reference(
         layer, rot, h, n1, q, k, v, qn, kn, qr, kr, qs, kf, vf, s, capped, a, o, attn, an, h1,
         n2, ffn, on, h2,
     ) in reversed(saved):  # fmt: skip
-        att, mlp = layer.self_attn, getattr(layer, "mlp", None) or layer.block_sparse_moe
+        att, mlp = layer.self_attn, _mlp_of(layer)
         # residual h2 = h1 + on: split in proportion to the summands; Gemma 3's norm of the MLP's
         # output (scale constant, elementwise) passes its share on to `out`
         r_h1, r_out = h1 / h2 * relevance, branch * on / h2 * relevance
@@ -1753,6 +1788,9 @@ BIAS_FREE = {
     "arcee": lambda: _causal_lm("Arcee"),  # no gate: relu(up x) ** 2, the identity rule
     "nemotron": lambda: _gpt2_vocabulary("nemotron", random=True),  # LayerNorms: 1 + weight
     "vaultgemma": lambda: _causal_lm("VaultGemma"),  # capped scores and logits, a local layer
+    # a routing weight scaling each chosen expert's input, a shared expert; chunked local layers
+    # with complex RoPE and weightless query and key norms; a NoPE layer with scaled queries
+    "llama4": lambda: _gpt2_vocabulary("llama4", random=True),
     "gemma3-classifier": lambda: _classifier("Gemma3"),
     **NEIGHBOURS,
     "marian": lambda: tiny_model("marian"),
@@ -1797,6 +1835,7 @@ def test_cp_lrp_is_exactly_conservative_without_biases(arch):
     islands += ("stablelm", "stablelm-parallel")  # its eager softmax runs in float32
     islands += ("cwm", "seed_oss", "ernie4_5", "helium", "hunyuan_v1_dense", "glm", "glm4")
     islands += ("exaone4", "arcee", "nemotron", "vaultgemma")
+    islands += ("llama4",)  # its RMSNorm and its complex RoPE run in float32
     islands += ("modernbert", "modernbert-mean")  # its rotary embedding rounds q and k to float32
     islands += ("t5", "mt5")  # T5's RMSNorm takes its variance in float32
     islands += ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe")
@@ -1842,6 +1881,7 @@ def test_cp_lrp_is_exactly_conservative_without_biases(arch):
         "arcee",
         "nemotron",
         "vaultgemma",
+        "llama4",
     ],
 )
 def test_llama_family_equals_explicit_layer_by_layer_lrp(arch, rule):
@@ -1870,8 +1910,9 @@ def test_llama_family_equals_explicit_layer_by_layer_lrp(arch, rule):
         want, _, logit = llama_lrp_reference(model.hf, ids, where, token, rule, head=head)
         # the reference's forward is the model's (transformers' RMSNorm rounds to float32)
         assert logit == pytest.approx(logits[k], rel=1e-5, abs=1e-5)
-        # ERNIE 4.5's RoPE rounds queries and keys to float32 (1.2e-5 of an entry seen)
-        rtol = 1e-4 if arch == "ernie4_5" else 1e-7
+        # ERNIE 4.5's and Llama 4's RoPE round queries and keys to float32 (1.2e-5 of an entry
+        # seen)
+        rtol = 1e-4 if arch in ("ernie4_5", "llama4") else 1e-7
         np.testing.assert_allclose(got[k].fillna(0).values, want, rtol=rtol, atol=1e-10)
 
 

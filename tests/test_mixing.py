@@ -1048,6 +1048,7 @@ LOGIT_KINDS = (
         "deepseek_v32",  # an indexer picks each query's keys
         "glm4_moe_lite",
         "glm_moe_dsa",
+        "llama4",  # chunked local layers, a NoPE layer whose queries scale with position
         *LLAMA_KIN,
         *NEOX_AND_OPT_KIN,
         "gpt_neo",

@@ -239,6 +239,7 @@ _LLAMA_LIKE = (
     "arcee",  # an MLP without a gate: down(relu(up(x)) ** 2)
     "nemotron",  # Arcee's MLP, LayerNorms with gain 1 + weight, RoPE on part of each head
     "youtu",  # multi-head latent attention (values in kv_b_proj), dense MLPs
+    "llama4_text",  # its MLP `feed_forward`, experts in some layers; NoPE and chunked layers
     *_arch.EXPERTS,
     "starcoder2",  # LayerNorms and biases
     "olmo",  # LayerNorms without weights
@@ -809,11 +810,11 @@ def _named(module: torch.nn.Module | None, names: tuple[str, ...]) -> torch.nn.M
 
 
 # where a block keeps the module whose output its MLP adds: `mlp` (a mixture of experts' too),
-# OPT's `fc2`, Granite MoE's `block_sparse_moe`
-_MLPS = ("mlp", "fc2", "block_sparse_moe")
+# OPT's `fc2`, Granite MoE's `block_sparse_moe`, Llama 4's `feed_forward`
+_MLPS = ("mlp", "fc2", "block_sparse_moe", "feed_forward")
 _NO_MLP = (
-    "`mlp` (BLOOM's: its `dense_4h_to_h`), `fc2` or `block_sparse_moe`; Granite MoE shared adds "
-    "a `shared_mlp` beside it"
+    "`mlp` (BLOOM's: its `dense_4h_to_h`), `fc2`, `block_sparse_moe` or `feed_forward`; Granite "
+    "MoE shared adds a `shared_mlp` beside it"
 )
 
 
@@ -1043,12 +1044,13 @@ def attribution_patching(
                 continue
 
             def post(_m: torch.nn.Module, _args: Any, output: Any, add=add) -> Any:
-                if isinstance(output, tuple):
-                    return (add(output[0]), *output[1:])
-                if output.dim() == 2:  # OPT's fc2 runs on [B * L, H]: patched as [B, L, H]
-                    rows = output.view(t.ids.shape[0], -1, output.shape[-1])
-                    return add(rows).reshape(output.shape)
-                return add(output)
+                # GPT-OSS's and Llama 4's experts also return their routing
+                out = output[0] if isinstance(output, tuple) else output
+                if out.dim() == 2:  # OPT's fc2, Llama 4's experts: [B * L, H], patched as [B, L, H]
+                    out = add(out.view(t.ids.shape[0], -1, out.shape[-1])).reshape(out.shape)
+                else:
+                    out = add(out)
+                return (out, *output[1:]) if isinstance(output, tuple) else out
 
             module = parts.mlps[layer] if site == "mlp" else parts.blocks[layer]
             handles.append(module.register_forward_hook(post))

@@ -249,10 +249,22 @@ class _WithGap:
         return _layers.join_gaps(da, gap.shape[-1])
 
 
+# experts that run on every token's input stacked expert by expert (``[experts, tokens, width]``):
+# their activations' rows are no batch rows, which the reference forward's are matched by
+_STACKED_EXPERTS = frozenset({"Llama4TextExperts"})
+
+
 def _check_activations(model: Model, activations: str) -> None:
-    """A ModelError for an elementwise activation module the Rescale rule would silently skip."""
+    """A ModelError for an elementwise activation module the Rescale rule would silently skip,
+    or for experts whose activations it cannot match with the reference forward's."""
     for name, module in model.hf.named_modules():
         kind = type(module).__name__
+        if kind in _STACKED_EXPERTS:
+            raise ModelError(
+                f"DeepLIFT: {type(model.hf).__name__}'s experts ({name!r}, {kind}) run on every "
+                "token's input stacked expert by expert, whose activations attrax cannot match "
+                "with the reference forward's; attrax has no DeepLIFT for this model"
+            )
         if type(module).__module__ not in _ACTIVATION_LIBRARIES or kind in _NOT_ELEMENTWISE:
             continue
         if activation_kind(module) is not None:

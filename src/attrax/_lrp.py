@@ -254,6 +254,15 @@ def _rms_norm(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     return module.weight * h.to(x.dtype)
 
 
+def _weightless_rms_norm(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Llama 4's RMSNorm of queries and keys (``x / rms(x)`` in float32, no weight) with
+    ``1 / rms`` constant."""
+    h = x.to(at_least_float32(x.dtype))
+    return (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + module.variance_epsilon).detach()).to(
+        x.dtype
+    )
+
+
 def _olmo2_rms_norm(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """OLMo 2's RMSNorm (``weight * x / rms(x)``, cast back after the weight) with ``1 / rms``
     constant."""
@@ -273,9 +282,10 @@ def _gated_mlp(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``down(act(gate(x)) * up(x))``: the uniform rule on the product (AttnLRP) or the gate
     held constant (CP-LRP, as LXT)."""
     gate = module.gate_proj(x)
+    act = getattr(module, "act_fn", None) or module.activation_fn  # Llama 4's `activation_fn`
     if _rule() == "cp-lrp":
-        return module.down_proj(module.act_fn(gate.detach()) * module.up_proj(x))
-    return module.down_proj(_uniform(module.act_fn(gate), module.up_proj(x)))
+        return module.down_proj(act(gate.detach()) * module.up_proj(x))
+    return module.down_proj(_uniform(act(gate), module.up_proj(x)))
 
 
 def _fused_gated_mlp(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -369,6 +379,26 @@ def _gpt_oss_experts(
         y = inner @ module.down_proj[expert] + module.down_proj_bias[expert]
         out = out.index_add(0, token, (y * weights[token, slot, None]).to(out.dtype))
     return out
+
+
+def _llama4_experts(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Llama 4's experts: each runs on every token's input, scaled before it by the token's
+    routing weight for it (0 where it was not chosen; a constant, :func:`_llama4_router`), as
+    ``down(up * act(gate))`` by batched matmuls: the rules of :func:`_gated_mlp`."""
+    h = x.view(module.gate_up_proj.shape[0], -1, module.hidden_size)
+    gate, up = torch.bmm(h, module.gate_up_proj).chunk(2, dim=-1)
+    if _rule() == "cp-lrp":
+        inner = up * module.act_fn(gate.detach())
+    else:
+        inner = _uniform(module.act_fn(gate), up)
+    return torch.bmm(inner, module.down_proj).view(-1, module.hidden_size)
+
+
+def _llama4_router(module: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Llama 4's router as transformers computes it (a sigmoid of each chosen expert's logit),
+    its routing weights held constant."""
+    scores, logits = type(module).forward(module, x)
+    return scores.detach(), logits
 
 
 def _router(module: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -492,6 +522,13 @@ _PATCHED: dict[str, Callable[..., torch.Tensor]] = {
     "GraniteMoeTopKRouter": _router,
     "GptOssTopKRouter": _router,
     "GptOssRMSNorm": _olmo2_rms_norm,  # the weight applied before the cast back
+    # Llama 4: experts in some layers (each on every token, its routing weight scaling its
+    # input), a shared expert, dense MLPs elsewhere; a weightless norm of queries and keys
+    "Llama4TextRMSNorm": _rms_norm,
+    "Llama4TextWeightlessRMSNorm": _weightless_rms_norm,
+    "Llama4TextMLP": _gated_mlp,
+    "Llama4TextExperts": _llama4_experts,
+    "Llama4Router": _llama4_router,
     # DeepSeek V2, V3: also the query and key-value latents' norms; dense and shared MLPs
     **{
         f"{family}{part}": forward
@@ -579,6 +616,9 @@ _ATTENTION = frozenset(
         "Glm4MoeLiteAttention",
         "YoutuAttention",
         "GlmMoeDsaAttention",  # V3.2's, some layers reusing the previous indexer's picks
+        # RoPE as complex products, queries scaled per position in NoPE layers (constants),
+        # query and key norms (children, patched), chunked local layers (in the mask)
+        "Llama4TextAttention",
         "ElectraSelfAttention",
         "DistilBertSelfAttention",  # its output projection `out_lin` is a child Linear
         "DisentangledSelfAttention",  # DeBERTa-v2's, run by attrax (:mod:`attrax._routed`)
@@ -620,6 +660,8 @@ _LINEAR = frozenset(
         "DeepseekV32MoE",
         "Glm4MoeLiteMoE",
         "GlmMoeDsaMoE",
+        "Llama4TextMoe",  # its routing weights (patched) scale the experts' input: constants
+        "Llama4ForCausalLM",  # a Llama4TextModel and the LM head
         # DeepSeek V3.2's (and GLM-5's) choice of each query's keys: integer indices, computed
         # without gradients (a constant, as a mask)
         "DeepseekV32Indexer",
@@ -715,6 +757,7 @@ _LINEAR = frozenset(
                 "Glm4MoeLite",
                 "Youtu",
                 "GlmMoeDsa",
+                "Llama4Text",  # its RotaryEmbedding, DecoderLayer and Model
             )
             for part in (
                 "RotaryEmbedding",
@@ -918,6 +961,7 @@ ARCHITECTURES = (
     "glm4_moe_lite",
     "youtu",
     "glm_moe_dsa",
+    "llama4_text",
     "gpt_neox",
     "persimmon",
     "opt",

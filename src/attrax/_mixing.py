@@ -505,6 +505,7 @@ _PRE_NORM = (
     "arcee",  # Llama's layout, an MLP without a gate
     "nemotron",  # Arcee's layout with LayerNorms (gain 1 + weight)
     "youtu",  # Llama's layout, multi-head latent attention (values in kv_b_proj)
+    "llama4_text",  # Llama's layout, chunked local layers, queries scaled in its NoPE layers
     *_arch.EXPERTS,
     "granitemoeshared",  # ALTI reads attention blocks only: its two MLP modules do not matter
     "modernbert",  # a pre-norm encoder (its first layer's norm is an Identity)
