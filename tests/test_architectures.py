@@ -323,6 +323,22 @@ CONFIGS = {
         attn_scale=0.5,
         **SIZES,
     ),
+    # Gemma 4: per-layer embeddings (a second table, looked up by token id), a local layer,
+    # then a global one with wider heads (16 against 8) and RoPE on a quarter of each head;
+    # soft-capped logits
+    "gemma4": lambda v: T.Gemma4TextConfig(
+        vocab_size=v,
+        intermediate_size=64,
+        num_key_value_heads=2,
+        head_dim=8,
+        global_head_dim=16,
+        hidden_size_per_layer_input=8,
+        vocab_size_per_layer_input=v,
+        layer_types=["sliding_attention", "full_attention"],
+        sliding_window=3,
+        final_logit_softcapping=5.0,
+        **SIZES,
+    ),
     # state-space models: no attention; Mamba 2 scans in chunks (4 tokens here, so several)
     "mamba": lambda v: T.MambaConfig(
         vocab_size=v, hidden_size=32, num_hidden_layers=2, state_size=8
@@ -672,3 +688,33 @@ def test_a_sparse_attentions_picked_keys_hold_under_attraxs_attention(family):
         if layer.self_attn.indexer is not None:  # GLM-5's second layer reuses the first's
             layer.self_attn.indexer.index_topk = ids.shape[1]
     assert (logits() - want).abs().max() > 1e-3
+
+
+def test_per_layer_embeddings_are_constants_of_the_input_tokens():
+    """Gemma 4 looks its per-layer embeddings up by token id (transformers recovers the ids from
+    `inputs_embeds` when it gets none: off the embedding table, an error). attrax holds them at
+    the input's tokens, as positions: integrated gradients from the unk token's embedding sums
+    to the logit at the input less the logit of a forward (the test's own) with the unk
+    embedding at every position and the input's per-layer embeddings."""
+    _, tok = tiny_model("gpt2")
+    hf = _family("gemma4", tok).double().eval()
+    hf.config.final_logit_softcapping = None  # the logit objective: the logit itself
+    model = ax.load_model(hf, tokenizer=tok)
+    source, target = PAIRS[0]
+    kw = {"objective": "logit", "baseline": "unk", "steps": 200}  # 50 steps: 1.6% short
+    got = ax.integrated_gradients(model, source, target, **kw)
+    ids = torch.tensor([got.source_id.values.tolist()])
+    with torch.no_grad():
+        logits = hf(input_ids=ids).logits[0]
+        unk = hf.model.embed_tokens(torch.full_like(ids, tok.unk_token_id))
+        base = hf(inputs_embeds=unk, per_layer_inputs=hf.model.get_per_layer_inputs(ids)).logits
+        moved = hf(input_ids=torch.full_like(ids, tok.unk_token_id)).logits[0]
+    for k, position in enumerate(got.target.values.tolist()):
+        t = int(got.target_id[k])
+        want = float(logits[position - 1, t] - base[0, position - 1, t])
+        # the per-layer embeddings matter: moved with the baseline, the difference is another
+        assert abs(float(logits[position - 1, t] - moved[position - 1, t]) - want) > 1e-3
+        total = float(got[k].sum())
+        assert total == pytest.approx(want, rel=1e-5, abs=1e-7)
+        # attrax's own baseline score is the test's
+        assert float(got.completeness_gap[k]) == pytest.approx(total - want, abs=1e-12)

@@ -76,6 +76,7 @@ FAMILIES: dict[str, Callable[[], ax.Model]] = {
     "Gemma 2": _causal("gemma2"),
     "VaultGemma": _causal("vaultgemma"),
     "Gemma 3": _tiny("gemma3"),
+    "Gemma 4": _causal("gemma4"),
     "OLMo 2": _causal("olmo2"),
     "OLMo 3": _causal("olmo3"),
     "Granite": _causal("granite"),

@@ -30,7 +30,7 @@ from ._memory import (
     plan_forwards,
     reuse_host_memory,
 )
-from ._model import Model, head_rows_only, one_backward
+from ._model import Model, head_rows_only, one_backward, reading
 from ._objectives import Objective, evaluate_objective
 
 # points[i] for i in a chunk of indices -> one tensor [n, B, L, H] per attributed side
@@ -110,15 +110,16 @@ class Problem:
             decoder = embeds[1] if len(embeds) > 1 else fixed_decoder
             length = embeds[0].shape[1]
             types = None if token_types is None else token_types[:, :length]
-            return self.model.hidden_at(
-                embeds[0],
-                mask[:, :length],
-                index,
-                decoder,
-                decoder_mask,
-                forward_mode=forward_mode,
-                token_types=types,
-            )
+            with reading(t.ids):
+                return self.model.hidden_at(
+                    embeds[0],
+                    mask[:, :length],
+                    index,
+                    decoder,
+                    decoder_mask,
+                    forward_mode=forward_mode,
+                    token_types=types,
+                )
 
         return h
 
@@ -316,9 +317,15 @@ class Problem:
         """The head inputs ``[B, K, H]`` of other source embeddings and mask (a corrupted run),
         the rest of this call (target positions, decoder input, token types) as it is."""
         t = self.tensors
-        return self.model.hidden_at(
-            embeds, mask, t.index, self.decoder_embeds, t.decoder_mask, token_types=t.token_types
-        )
+        with reading(t.ids):
+            return self.model.hidden_at(
+                embeds,
+                mask,
+                t.index,
+                self.decoder_embeds,
+                t.decoder_mask,
+                token_types=t.token_types,
+            )
 
     def plan(
         self,

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from ._errors import InputError, ModelError, OptionError
-from ._model import Model, head_rows_only
+from ._model import Model, head_rows_only, reading
 
 Texts = str | Sequence[str]
 
@@ -707,7 +707,7 @@ def _predict(
     batch = Batch(examples, False, False, None, model.task, model.causal)
     t = to_tensors(batch, model)
     embeds = model.embed(t.ids)
-    with head_rows_only():
+    with head_rows_only(), reading(t.ids):
         logits = model.hidden_at(embeds, t.mask, t.index, token_types=t.token_types)
     return _best(logits, [len(e.positions) for e in examples])
 
@@ -737,8 +737,8 @@ def with_predictions(model: Model, batch: Batch, logits: torch.Tensor | None = N
     if batch.task == "generation" or all(e.predicted is not None for e in examples):
         return batch
     if logits is None:
-        with torch.no_grad(), head_rows_only():
-            t = to_tensors(batch, model)
+        t = to_tensors(batch, model)
+        with torch.no_grad(), head_rows_only(), reading(t.ids):
             logits = model.hidden_at(model.embed(t.ids), t.mask, t.index, token_types=t.token_types)
     if batch.task == "sequence-classification":
         logits = logits[:, :1]  # every slot reads the same pooled position

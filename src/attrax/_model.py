@@ -148,6 +148,10 @@ class Model:
         # DeBERTa-v2, GPT-Neo, BLOOM: attention attrax runs itself, as any implementation
         self._routed = bool(_routed.modules(hf_model))
         self._first_position = _first_position_feed_forward(hf_model, self.task)
+        # Gemma 4's and Gemma 3n's per-layer embeddings: a second table looked up by token id
+        self._per_layer = bool(getattr(hf_model.config, "hidden_size_per_layer_input", 0)) and (
+            hasattr(body(hf_model), "get_per_layer_inputs")
+        )
         self._source_scale = 1.0
         self._target_scale = 1.0
         self._calibrate_embedding_scales()
@@ -290,6 +294,7 @@ class Model:
                     attention_mask=attention_mask,
                     position_ids=positions.expand(attention_mask.shape),
                     use_cache=False,
+                    **self._per_layer_inputs(embeds),
                 )
         return captured[0]
 
@@ -311,6 +316,7 @@ class Model:
         kwargs: dict[str, Any] = {
             "inputs_embeds": embeds,
             "attention_mask": None if unpadded else mask,
+            **self._per_layer_inputs(embeds),
         }
         if token_types is not None:
             kwargs["token_type_ids"] = token_types
@@ -542,6 +548,21 @@ class Model:
             result.append(row)
         return result
 
+    def _per_layer_inputs(self, embeds: torch.Tensor) -> dict[str, torch.Tensor]:
+        """A forward's ``per_layer_inputs`` (Gemma 4's and Gemma 3n's per-layer embeddings,
+        looked up by the token ids of :func:`reading`, repeated over the stacked copies of the
+        batch and cut to the embeddings' length), or none for a model without them."""
+        if not self._per_layer:
+            return {}
+        ids = _READING.get()
+        if ids is None:
+            raise ModelError(
+                f"{type(self.hf).__name__}: its per-layer embeddings are looked up by token id, "
+                "and this forward from embeddings was given none"
+            )
+        ids = ids.to(embeds.device).repeat(embeds.shape[0] // ids.shape[0], 1)
+        return {"per_layer_inputs": body(self.hf).get_per_layer_inputs(ids[:, : embeds.shape[1]])}
+
     def _calibrate_embedding_scales(self) -> None:
         """Find the factor that makes ``inputs_embeds`` forwards equal ``input_ids`` forwards.
 
@@ -589,7 +610,8 @@ class Model:
             full = self._probe(ids, mask, None, None)[:, [1, 4]]
             decoder = self.embed(ids, "target") if self.is_encoder_decoder else None
             try:
-                split = self.logits_at(self.embed(ids), mask, index, decoder, mask)
+                with reading(ids):
+                    split = self.logits_at(self.embed(ids), mask, index, decoder, mask)
             except (IndexError, RuntimeError, ValueError):  # a head that reads another layout
                 split = None
         if (
@@ -616,7 +638,11 @@ class Model:
         changed[:, -1] = embeds[:, 0]  # another token (a constant shift would vanish in a norm)
         mask = torch.ones_like(ids)
         base = body(self.hf)
-        first = [base(inputs_embeds=e, attention_mask=mask)[0][:, 0] for e in (embeds, changed)]
+        with reading(ids):
+            first = [
+                base(inputs_embeds=e, attention_mask=mask, **self._per_layer_inputs(e))[0][:, 0]
+                for e in (embeds, changed)
+            ]
         return _mismatch(first[1], first[0]) <= _tolerance(embeds.dtype)
 
     def _probe_ids(self, count: int, step: int, offset: int) -> torch.Tensor:
@@ -636,8 +662,11 @@ class Model:
         embeds: torch.Tensor | None,
         side: str | None,
     ) -> torch.Tensor:
+        if embeds is not None and not self.is_encoder_decoder:
+            with reading(ids):
+                per_layer = self._per_layer_inputs(embeds)
         if self.task != "generation":
-            given = {"input_ids": ids} if embeds is None else {"inputs_embeds": embeds}
+            given = {"input_ids": ids} if embeds is None else {"inputs_embeds": embeds, **per_layer}
             if self._score is not None and self.task == "sequence-classification":
                 hidden = body(self.hf)(**given, attention_mask=mask)[0]
                 return self._score(hidden[:, -1])  # no padding in a probe: the last token
@@ -645,7 +674,9 @@ class Model:
         if not self.is_encoder_decoder:
             if embeds is None:
                 return self.hf(input_ids=ids, attention_mask=mask, use_cache=False).logits
-            return self.hf(inputs_embeds=embeds, attention_mask=mask, use_cache=False).logits
+            return self.hf(
+                inputs_embeds=embeds, attention_mask=mask, use_cache=False, **per_layer
+            ).logits
         kwargs: dict[str, Any] = {"attention_mask": mask, "use_cache": False}
         if side == "source":
             kwargs["inputs_embeds"] = embeds
@@ -1094,6 +1125,24 @@ def selected_keys(
     if mask.dtype == torch.bool:
         return mask & ~left
     return mask.masked_fill(left, torch.finfo(mask.dtype).min)
+
+
+# the token ids ``[B, L]`` the running forwards from embeddings stand for (:func:`reading`)
+_READING: contextvars.ContextVar[torch.Tensor | None] = contextvars.ContextVar(
+    "attrax_reading", default=None
+)
+
+
+@contextlib.contextmanager
+def reading(ids: torch.Tensor) -> Iterator[None]:
+    """Forwards from embeddings inside stand for the token ids ``ids`` ``[B, L]``: a model with
+    per-layer embeddings (Gemma 4, Gemma 3n) looks those up by id, not from the embeddings,
+    which attributions move. They are constants of the input tokens, as positions are."""
+    token = _READING.set(ids)
+    try:
+        yield
+    finally:
+        _READING.reset(token)
 
 
 def can_switch(hf: PreTrainedModel) -> bool:

@@ -18,7 +18,7 @@ from ._engine import all_finite
 from ._errors import InputError, OptionError
 from ._inputs import Tensors, Texts, check_aligned, contrast_batch, to_tensors
 from ._memory import at_least_float32
-from ._model import Model
+from ._model import Model, reading
 from ._protocol import Call, Family
 from ._schema import label_steps
 
@@ -228,9 +228,10 @@ def _require(names: tuple[str, ...], needy: tuple[str, ...], value: Any, option:
 def _logits(model: Model, t: Tensors) -> torch.Tensor:
     embeds = model.embed(t.ids, "source")
     decoder = None if t.decoder_ids is None else model.embed(t.decoder_ids, "target")
-    logits = model.logits_at(
-        embeds, t.mask, t.index, decoder, t.decoder_mask, token_types=t.token_types
-    )
+    with reading(t.ids):
+        logits = model.logits_at(
+            embeds, t.mask, t.index, decoder, t.decoder_mask, token_types=t.token_types
+        )
     return logits.to(at_least_float32(logits.dtype))
 
 
