@@ -369,6 +369,19 @@ CONFIGS = {
         layer_types=["linear_attention", "full_attention"],
         **SIZES,
     ),
+    # Qwen 3.5: Qwen3-Next's gated delta rule and gated full attention, dense MLPs
+    "qwen3_5": lambda v: T.Qwen3_5TextConfig(
+        vocab_size=v,
+        intermediate_size=64,
+        num_key_value_heads=2,
+        head_dim=8,
+        linear_num_value_heads=4,
+        linear_num_key_heads=2,
+        linear_key_head_dim=8,
+        linear_value_head_dim=8,
+        layer_types=["linear_attention", "full_attention"],
+        **SIZES,
+    ),
     "granitemoe": lambda v: T.GraniteMoeConfig(
         vocab_size=v,
         intermediate_size=16,

@@ -120,6 +120,7 @@ FAMILIES: dict[str, Callable[[], ax.Model]] = {
     "Youtu": _causal("youtu"),
     "Granite 4 (Mamba hybrid)": _granite_hybrid,
     "Qwen3-Next (linear-attention hybrid)": _causal("qwen3_next"),
+    "Qwen 3.5 (linear-attention hybrid)": _causal("qwen3_5"),
     "Mamba": _causal("mamba"),
     "Mamba 2": _causal("mamba2"),
     "Marian": _tiny("marian"),
