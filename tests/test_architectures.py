@@ -305,6 +305,40 @@ CONFIGS = {
     ),
     # Youtu-LLM: V3's attention, dense MLPs, tied embeddings
     "youtu": lambda v: T.YoutuConfig(vocab_size=v, q_lora_rank=16, **MLA, **SIZES),
+    # GLM-4.5: biased q/k/v, per-head query and key norms, RoPE on half of each head; a dense
+    # layer, then DeepSeek V3's experts (a sigmoid router over groups, a shared expert)
+    "glm4_moe": lambda v: T.Glm4MoeConfig(
+        vocab_size=v,
+        intermediate_size=64,
+        moe_intermediate_size=16,
+        n_routed_experts=4,
+        num_experts_per_tok=2,
+        n_shared_experts=1,
+        first_k_dense_replace=1,
+        n_group=2,
+        topk_group=1,
+        num_key_value_heads=2,
+        head_dim=8,
+        use_qk_norm=True,
+        attention_bias=True,
+        **SIZES,
+    ),
+    # MiniMax M2: query and key norms over all heads, RoPE on half of each head; experts behind
+    # a sigmoid router with a score correction
+    "minimax_m2": lambda v: T.MiniMaxM2Config(
+        vocab_size=v,
+        intermediate_size=16,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        num_key_value_heads=2,
+        head_dim=8,
+        rope_parameters={
+            "rope_theta": 10000.0,
+            "rope_type": "default",
+            "partial_rotary_factor": 0.5,
+        },
+        **SIZES,
+    ),
     # Llama 4: a dense layer, then experts (each chosen expert's input scaled by its routing
     # weight) beside a shared expert; RoPE as complex products in chunked local layers (3
     # tokens a chunk) with weightless query and key norms; a NoPE layer whose queries scale with

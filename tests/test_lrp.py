@@ -223,7 +223,10 @@ def _mlp_forward(mlp, n2: torch.Tensor) -> tuple[torch.Tensor, tuple]:
             out[i] += y
         weights = index = torch.zeros(n2.shape[0], 0)  # no more experts below
     else:
-        _, weights, index = (getattr(mlp, "gate", None) or mlp.router)(n2)  # Granite MoE: `router`
+        router = getattr(mlp, "gate", None) or mlp.router  # Granite MoE: `router`
+    # MiniMax M2's router also takes its experts' score correction
+    correction = getattr(mlp, "e_score_correction_bias", None)
+    _, weights, index = router(n2) if correction is None else router(n2, correction)
     for i in range(n2.shape[0]):  # every token's chosen experts, one by one
         for slot in range(index.shape[1]):
             e = int(index[i, slot])
@@ -1722,11 +1725,12 @@ def _classifier(name: str) -> tuple:
     return head, tok
 
 
-def _gpt2_vocabulary(arch: str, random: bool = False) -> tuple:
+def _gpt2_vocabulary(arch: str, random: bool = False, **kw: object) -> tuple:
     """A tiny random model of ``test_architectures``' family ``arch`` on GPT-2's tokenizer (with
-    ``random``: random biases and LayerNorm weights, :func:`tests.test_components.vary`)."""
+    ``random``: random biases and LayerNorm weights, :func:`tests.test_components.vary`; ``kw``:
+    from_config's)."""
     _, tok = tiny_model("gpt2")
-    hf = _family(arch, tok, attn_implementation="eager")
+    hf = _family(arch, tok, attn_implementation="eager", **kw)
     return (vary(hf, norms=True) if random else hf).eval(), tok
 
 
@@ -1791,6 +1795,11 @@ BIAS_FREE = {
     # a routing weight scaling each chosen expert's input, a shared expert; chunked local layers
     # with complex RoPE and weightless query and key norms; a NoPE layer with scaled queries
     "llama4": lambda: _gpt2_vocabulary("llama4", random=True),
+    # biased q/k/v and per-head q/k norms; q/k norms over all heads (experts in float64: a loop)
+    **{
+        arch: partial(_gpt2_vocabulary, arch, random=True, experts_implementation="eager")
+        for arch in ("glm4_moe", "minimax_m2")
+    },
     "gemma3-classifier": lambda: _classifier("Gemma3"),
     **NEIGHBOURS,
     "marian": lambda: tiny_model("marian"),
@@ -1836,6 +1845,7 @@ def test_cp_lrp_is_exactly_conservative_without_biases(arch):
     islands += ("cwm", "seed_oss", "ernie4_5", "helium", "hunyuan_v1_dense", "glm", "glm4")
     islands += ("exaone4", "arcee", "nemotron", "vaultgemma")
     islands += ("llama4",)  # its RMSNorm and its complex RoPE run in float32
+    islands += ("glm4_moe", "minimax_m2")  # RMSNorm in float32, float32 routers
     islands += ("modernbert", "modernbert-mean")  # its rotary embedding rounds q and k to float32
     islands += ("t5", "mt5")  # T5's RMSNorm takes its variance in float32
     islands += ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe")
@@ -1882,6 +1892,8 @@ def test_cp_lrp_is_exactly_conservative_without_biases(arch):
         "nemotron",
         "vaultgemma",
         "llama4",
+        "glm4_moe",
+        "minimax_m2",
     ],
 )
 def test_llama_family_equals_explicit_layer_by_layer_lrp(arch, rule):

@@ -1049,6 +1049,8 @@ LOGIT_KINDS = (
         "glm4_moe_lite",
         "glm_moe_dsa",
         "llama4",  # chunked local layers, a NoPE layer whose queries scale with position
+        "glm4_moe",  # biased q/k/v, RoPE on half of each head
+        "minimax_m2",  # query and key norms over all heads
         *LLAMA_KIN,
         *NEOX_AND_OPT_KIN,
         "gpt_neo",

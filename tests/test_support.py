@@ -117,6 +117,8 @@ FAMILIES: dict[str, Callable[[], ax.Model]] = {
     "GLM-4.7-Flash": _causal("glm4_moe_lite"),
     "GLM-5": _causal("glm_moe_dsa"),
     "Llama 4": _causal("llama4"),
+    "GLM-4.5": _causal("glm4_moe"),
+    "MiniMax M2": _causal("minimax_m2"),
     "Youtu": _causal("youtu"),
     "Granite 4 (Mamba hybrid)": _granite_hybrid,
     "Qwen3-Next (linear-attention hybrid)": _causal("qwen3_next"),

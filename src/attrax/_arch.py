@@ -89,6 +89,8 @@ EXPERTS = (
     "deepseek_v32",
     "glm4_moe_lite",
     "glm_moe_dsa",  # GLM-5: V3.2's indexer, some layers reusing the previous one's picks
+    "glm4_moe",  # GLM-4.5: DeepSeek V3's experts beside Llama's attention
+    "minimax_m2",  # a sigmoid router with a score correction, query and key norms
 )
 
 

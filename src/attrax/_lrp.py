@@ -401,9 +401,10 @@ def _llama4_router(module: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tens
     return scores.detach(), logits
 
 
-def _router(module: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """A mixture's router as transformers computes it, its routing weights held constant."""
-    logits, weights, index = type(module).forward(module, x)
+def _router(module: torch.nn.Module, x: torch.Tensor, *rest: Any) -> tuple[torch.Tensor, ...]:
+    """A mixture's router as transformers computes it (MiniMax M2's also takes its experts'
+    score correction), its routing weights held constant."""
+    logits, weights, index = type(module).forward(module, x, *rest)
     return logits, weights.detach(), index
 
 
@@ -521,6 +522,10 @@ _PATCHED: dict[str, Callable[..., torch.Tensor]] = {
     "OlmoeTopKRouter": _router,
     "GraniteMoeTopKRouter": _router,
     "GptOssTopKRouter": _router,
+    # MiniMax M2: a sigmoid router with a score correction; query and key norms over all heads
+    "MiniMaxM2TopKRouter": _router,
+    "MiniMaxM2Experts": _experts,
+    "MiniMaxM2RMSNorm": _rms_norm,
     "GptOssRMSNorm": _olmo2_rms_norm,  # the weight applied before the cast back
     # Llama 4: experts in some layers (each on every token, its routing weight scaling its
     # input), a shared expert, dense MLPs elsewhere; a weightless norm of queries and keys
@@ -539,6 +544,7 @@ _PATCHED: dict[str, Callable[..., torch.Tensor]] = {
             "Glm4MoeLite",
             "Youtu",
             "GlmMoeDsa",
+            "Glm4Moe",  # GLM-4.5: DeepSeek V3's experts, Llama's attention (RoPE on a part)
         )
         for part, forward in (
             ("RMSNorm", _rms_norm),
@@ -661,6 +667,11 @@ _LINEAR = frozenset(
         "Glm4MoeLiteMoE",
         "GlmMoeDsaMoE",
         "Llama4TextMoe",  # its routing weights (patched) scale the experts' input: constants
+        "Glm4MoeMoE",
+        "MiniMaxM2SparseMoeBlock",
+        # GLM-4.5: biased q/k/v, RoPE on part of each head, optional per-head q/k norms
+        "Glm4MoeAttention",
+        "MiniMaxM2Attention",  # RoPE on part of each head, q/k norms over all heads (patched)
         "Llama4ForCausalLM",  # a Llama4TextModel and the LM head
         # DeepSeek V3.2's (and GLM-5's) choice of each query's keys: integer indices, computed
         # without gradients (a constant, as a mask)
@@ -758,6 +769,8 @@ _LINEAR = frozenset(
                 "Youtu",
                 "GlmMoeDsa",
                 "Llama4Text",  # its RotaryEmbedding, DecoderLayer and Model
+                "Glm4Moe",
+                "MiniMaxM2",
             )
             for part in (
                 "RotaryEmbedding",
@@ -962,6 +975,8 @@ ARCHITECTURES = (
     "youtu",
     "glm_moe_dsa",
     "llama4_text",
+    "glm4_moe",
+    "minimax_m2",
     "gpt_neox",
     "persimmon",
     "opt",
