@@ -224,9 +224,9 @@ def _mlp_forward(mlp, n2: torch.Tensor) -> tuple[torch.Tensor, tuple]:
         weights = index = torch.zeros(n2.shape[0], 0)  # no more experts below
     else:
         router = getattr(mlp, "gate", None) or mlp.router  # Granite MoE: `router`
-    # MiniMax M2's router also takes its experts' score correction
-    correction = getattr(mlp, "e_score_correction_bias", None)
-    _, weights, index = router(n2) if correction is None else router(n2, correction)
+        # MiniMax M2's router also takes its experts' score correction
+        correction = getattr(mlp, "e_score_correction_bias", None)
+        _, weights, index = router(n2) if correction is None else router(n2, correction)
     for i in range(n2.shape[0]):  # every token's chosen experts, one by one
         for slot in range(index.shape[1]):
             e = int(index[i, slot])
