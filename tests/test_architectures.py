@@ -214,6 +214,16 @@ CONFIGS = {
     "cohere": lambda v: T.CohereConfig(
         vocab_size=v, intermediate_size=64, logit_scale=0.25, **SIZES
     ),
+    # Command R7B / A: Cohere's block, a local layer with RoPE over 3 positions, a global one
+    # without RoPE
+    "cohere2": lambda v: T.Cohere2Config(
+        vocab_size=v,
+        intermediate_size=64,
+        logit_scale=0.25,
+        sliding_window=3,
+        layer_types=["sliding_attention", "full_attention"],
+        **SIZES,
+    ),
     # TinyStories' architecture: attention attrax runs itself, a local layer of 3 positions
     "gpt_neo": lambda v: T.GPTNeoConfig(
         vocab_size=v,

@@ -138,6 +138,7 @@ EXPERTS += ("glm4_moe", "minimax_m2")  # GLM-4.5, MiniMax M2: partial RoPE, q/k 
 # logits scaled)
 MORE_DECODERS = ("gptj", "codegen", "phi", "starcoder2", "olmo", "cohere", "gpt_bigcode")
 MORE_DECODERS += ("stablelm", "stablelm-parallel")  # LayerNorms; parallel, per-head q/k norms
+MORE_DECODERS += ("cohere2",)  # Cohere's, RoPE and a window in its local layers only
 
 
 # Falcon's three layouts of its fused query_key_value: Falcon-7B's (multi-query, parallel),
@@ -227,7 +228,7 @@ def full_double(hf: torch.nn.Module) -> torch.nn.Module:
                 return gain(m) * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
 
             module.forward = forward
-        elif type(module).__name__ in ("OlmoLayerNorm", "CohereLayerNorm"):  # float32 inside
+        elif type(module).__name__ in ("OlmoLayerNorm", "CohereLayerNorm", "Cohere2LayerNorm"):
 
             def centred(x: torch.Tensor, m: torch.nn.Module = module) -> torch.Tensor:
                 eps = getattr(m, "variance_epsilon", 1e-5)  # OLMo's: 1e-5 in its forward

@@ -953,8 +953,10 @@ def parallel_lrp_reference(hf, ids: list[int], position: int, target: int, rule:
     share of each head (Phi's on its first dims, GPT-J's, CodeGen's and Cohere's on interleaved
     pairs), biases (Phi's everywhere; GPT-J's in its MLP and LM head) keeping their shares.
     CodeGen: queries, values and keys in 4 shards of one projection. Cohere: a gated MLP,
-    LayerNorms without biases, its logits scaled."""
+    LayerNorms without biases, its logits scaled; Cohere 2's local layers with RoPE over a
+    window, its global ones without."""
     cfg, kind = hf.config, hf.config.model_type
+    cohere = kind in ("cohere", "cohere2")
     gptj = kind in ("gptj", "codegen")  # CodeGen: GPT-J's block with a fused projection
     body = hf.transformer if gptj else hf.model
     hidden, heads = cfg.hidden_size, cfg.num_attention_heads
@@ -967,7 +969,7 @@ def parallel_lrp_reference(hf, ids: list[int], position: int, target: int, rule:
         rot = _pair_rotations(first[0].double(), second[0].double(), d)
     else:  # Cohere: (cos, sin), each pair's angle twice
         rot = _pair_rotations(second[0, :, ::2].double(), first[0, :, ::2].double(), d)
-    causal = torch.ones(t, t, dtype=torch.bool).tril()
+    positions = torch.arange(t)
 
     def parts(block) -> tuple:  # (norm, attention, its output projection, MLP)
         if gptj:
@@ -976,12 +978,10 @@ def parallel_lrp_reference(hf, ids: list[int], position: int, target: int, rule:
         return block.input_layernorm, att, getattr(att, "dense", None) or att.o_proj, block.mlp
 
     def norm(ln, h: torch.Tensor) -> torch.Tensor:
-        return (
-            _weighted_layer_norm(h, ln.weight, ln.variance_epsilon) if kind == "cohere" else ln(h)
-        )
+        return _weighted_layer_norm(h, ln.weight, ln.variance_epsilon) if cohere else ln(h)
 
     def norm_messages(ln, h: torch.Tensor, r: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        if kind != "cohere":
+        if not cohere:
             return _layer_norm_messages(h, ln, r, y)
         c = torch.rsqrt(h.var(-1, unbiased=False, keepdim=True) + ln.variance_epsilon)
         ratio = ln.weight * r / y
@@ -991,7 +991,7 @@ def parallel_lrp_reference(hf, ids: list[int], position: int, target: int, rule:
         return torch.nn.functional.gelu(f, approximate="tanh")  # "gelu_new"
 
     def mlp_forward(mlp, n: torch.Tensor) -> tuple:
-        if kind == "cohere":  # gated: down(act(gate n) * up n)
+        if cohere:  # gated: down(act(gate n) * up n)
             w_gate, w_up, act = _gate_up(mlp)
             return _gated_forward(n, w_gate, w_up, mlp.down_proj.weight, act)
         fc_in, fc_out = (mlp.fc1, mlp.fc2) if kind == "phi" else (mlp.fc_in, mlp.fc_out)
@@ -1000,7 +1000,7 @@ def parallel_lrp_reference(hf, ids: list[int], position: int, target: int, rule:
         return out, (fc_in, fc_out, n, f, out)
 
     def mlp_backward(inner: tuple, r_out: torch.Tensor) -> torch.Tensor:
-        if kind == "cohere":
+        if cohere:
             return _gated_backward(inner, r_out, rule)
         fc_in, fc_out, n, f, out = inner
         r_gelu = _linear_messages(gelu(f), fc_out.weight, r_out, out)  # the identity rule
@@ -1023,8 +1023,15 @@ def parallel_lrp_reference(hf, ids: list[int], position: int, target: int, rule:
         n = norm(ln, h)
         zq, zk, zv = project(att, n)
         q, k, v = (z.view(t, heads, d) for z in (zq, zk, zv))
-        qr = torch.einsum("tnm,thm->thn", rot, q)
-        kr = torch.einsum("tnm,thm->thn", rot, k)
+        # Cohere 2: RoPE and a window in its local layers, neither in its global ones
+        window = getattr(att, "sliding_window", None)
+        local = kind != "cohere2" or window is not None
+        causal = (positions[:, None] >= positions) & (
+            positions[:, None] - positions < (window or t)
+        )
+        layer_rot = rot if local else torch.eye(d, dtype=rot.dtype).repeat(t, 1, 1)
+        qr = torch.einsum("tnm,thm->thn", layer_rot, q)
+        kr = torch.einsum("tnm,thm->thn", layer_rot, k)
         s = torch.einsum("ihd,jhd->hij", qr, kr) * d**-0.5
         s = s.masked_fill(~causal, -torch.inf)
         a = torch.softmax(s, -1)
@@ -1033,6 +1040,7 @@ def parallel_lrp_reference(hf, ids: list[int], position: int, target: int, rule:
         out, inner = mlp_forward(mlp, n)
         h2 = h + attn + out
         saved.append((block, h, n, zq, zk, zv, q, k, v, qr, kr, s, a, o, attn, inner, out, h2))
+        saved[-1] += (layer_rot,)
         h = h2
     final_norm = getattr(body, "final_layernorm" if kind == "phi" else "ln_f" if gptj else "norm")
     final = norm(final_norm, h)
@@ -1040,7 +1048,27 @@ def parallel_lrp_reference(hf, ids: list[int], position: int, target: int, rule:
     scale = getattr(cfg, "logit_scale", 1.0)  # Cohere multiplies its logits
     r_final[position] = final[position] * hf.lm_head.weight[target] * scale
     relevance = norm_messages(final_norm, h, r_final, final)
-    for block, h, n, zq, zk, zv, q, k, v, qr, kr, s, a, o, attn, inner, out, h2 in reversed(saved):
+    for (
+        block,
+        h,
+        n,
+        zq,
+        zk,
+        zv,
+        q,
+        k,
+        v,
+        qr,
+        kr,
+        s,
+        a,
+        o,
+        attn,
+        inner,
+        out,
+        h2,
+        layer_rot,
+    ) in reversed(saved):
         ln, att, dense, mlp = parts(block)
         r_h, r_attn, r_out = (part / h2 * relevance for part in (h, attn, out))
         r_n = mlp_backward(inner, r_out)
@@ -1048,7 +1076,7 @@ def parallel_lrp_reference(hf, ids: list[int], position: int, target: int, rule:
         r_qr, r_kr, r_v, _ = _attention_messages(
             qr, kr, v, s, a, o, r_o.view(t, heads, d), d**-0.5, rule
         )
-        r_q, r_k = _rotation_messages(q, k, qr, kr, r_qr, r_kr, rot, rule)
+        r_q, r_k = _rotation_messages(q, k, qr, kr, r_qr, r_kr, layer_rot, rule)
         for weight, r, z in zip(weights(att), (r_q, r_k, r_v), (zq, zk, zv), strict=True):
             r_n = r_n + _linear_messages(n, weight, r.reshape(t, hidden), z)
         relevance = r_h + norm_messages(ln, h, r_n, n)
@@ -1056,7 +1084,7 @@ def parallel_lrp_reference(hf, ids: list[int], position: int, target: int, rule:
 
 
 @pytest.mark.parametrize("rule", ["attnlrp", "cp-lrp"])
-@pytest.mark.parametrize("arch", ["phi", "gptj", "codegen", "cohere"])
+@pytest.mark.parametrize("arch", ["phi", "gptj", "codegen", "cohere", "cohere2"])
 def test_parallel_blocks_equal_explicit_layer_by_layer_lrp(arch, rule):
     # one LayerNorm read by attention and MLP in parallel, partial RoPE (Phi's on the first
     # dims, GPT-J's and CodeGen's on interleaved pairs), biases, a biased head; CodeGen: one

@@ -266,6 +266,7 @@ ALTI_ARCHS += ("olmo3", "glm4", "exaone4", "vaultgemma")  # local layers; output
 # and OLMo: Llama's layout with LayerNorms (OLMo's without weights)
 MORE_PRE_NORM = ("gptj", "codegen", "phi", "cohere", "starcoder2", "olmo", "gpt_bigcode")
 MORE_PRE_NORM += ("stablelm", "stablelm-parallel")  # LayerNorms; parallel, per-head q/k norms
+MORE_PRE_NORM += ("cohere2",)  # Cohere's, with local layers
 # Falcon's layouts (test_components.FALCONS)
 FALCON_LAYOUTS = ("falcon", "falcon-heads", "falcon-40b")
 

@@ -423,3 +423,20 @@ def test_a_head_that_reads_another_layout_is_refused():
     hf = transformers.AutoModelForSeq2SeqLM.from_config(config)
     with pytest.raises(ax.ModelError, match="not the output projection of its last hidden"):
         ax.load_model(hf, tokenizer=tok)
+
+
+def test_a_layer_norm_of_a_class_of_its_own_is_known_by_what_it_does():
+    """Cohere 2's LayerNorm is no torch LayerNorm and no class attrax names: read as an RMSNorm,
+    DLA's terms missed a tiny model's logit by 2e-3. Whether a norm centres is probed: its output
+    does not move when every input moves by one constant. An RMSNorm's does."""
+    from transformers.models.cohere2.modeling_cohere2 import Cohere2LayerNorm
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from attrax._model import norm_centers
+
+    torch.manual_seed(0)
+    centring, scaling = Cohere2LayerNorm(8), LlamaRMSNorm(8)
+    for norm in (centring, scaling):
+        torch.nn.init.normal_(norm.weight)
+    assert norm_centers(centring) and norm_centers(torch.nn.LayerNorm(8))
+    assert not norm_centers(scaling)

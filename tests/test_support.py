@@ -102,6 +102,7 @@ FAMILIES: dict[str, Callable[[], ax.Model]] = {
     "StableLM": _causal("stablelm"),
     "OLMo": _causal("olmo"),
     "Cohere (Command R)": _causal("cohere"),
+    "Cohere 2 (Command R7B, A)": _causal("cohere2"),
     "OPT, post-LN (350m)": _post_ln_opt,
     "BLOOM": _causal("bloom"),
     "Falcon": _causal("falcon"),

@@ -244,6 +244,7 @@ _LLAMA_LIKE = (
     "starcoder2",  # LayerNorms and biases
     "olmo",  # LayerNorms without weights
     "cohere",  # attention and MLP in parallel, LayerNorms without biases, scaled logits
+    "cohere2",  # Cohere's, with local layers
     "stablelm",  # LayerNorms, attention and MLP in sequence or in parallel
 )
 # attention and MLP in parallel on one LayerNorm (Falcon's: one or two), both added to the

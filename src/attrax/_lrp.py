@@ -450,6 +450,7 @@ _PATCHED: dict[str, Callable[..., torch.Tensor]] = {
     "LayerNorm": _layer_norm,
     "OlmoLayerNorm": _olmo_layer_norm,
     "CohereLayerNorm": _cohere_layer_norm,
+    "Cohere2LayerNorm": _cohere_layer_norm,
     "NemotronLayerNorm1P": _layer_norm_1p,
     "LlamaRMSNorm": _rms_norm,
     "Qwen2RMSNorm": _rms_norm,
@@ -484,6 +485,7 @@ _PATCHED: dict[str, Callable[..., torch.Tensor]] = {
     "Olmo3MLP": _gated_mlp,
     "OlmoMLP": _gated_mlp,
     "CohereMLP": _gated_mlp,
+    "Cohere2MLP": _gated_mlp,
     "StableLmMLP": _gated_mlp,
     "Phi3MLP": _fused_gated_mlp,
     "Qwen3MLP": _gated_mlp,
@@ -583,6 +585,7 @@ _ATTENTION = frozenset(
         "CodeGenAttention",  # GPT-J's, its queries, values and keys in shards of one Linear
         "GPTBigCodeAttention",  # one fused Linear, multi-query keys and values (repeated)
         "CohereAttention",  # rotary on interleaved pairs; no query/key norms (children if any)
+        "Cohere2Attention",  # Cohere's, RoPE and a window in its local layers only
         "FalconAttention",  # one fused projection (three layouts), rotary or ALiBi (a constant)
         "BloomAttention",  # run by attrax: ALiBi in the mask (a constant), the residual added
         "Phi3Attention",  # a fused q/k/v projection (a Linear), split by reshapes
@@ -742,6 +745,7 @@ _LINEAR = frozenset(
                 "Olmo",  # LayerNorms without weights (patched)
                 "Starcoder2",  # LayerNorms (patched), a plain GELU MLP
                 "Cohere",  # parallel attention and MLP, its logits scaled (a constant)
+                "Cohere2",  # Cohere's, RoPE in its local layers only
                 "StableLm",  # LayerNorms (patched), parallel or sequential residuals
                 "Gemma2",
                 "VaultGemma",
@@ -947,6 +951,7 @@ ARCHITECTURES = (
     "gptj",
     "codegen",
     "cohere",
+    "cohere2",
     "falcon",
     "bloom",
     "phi3",

@@ -519,6 +519,7 @@ _PRE_NORM = (
     "codegen",  # GPT-J's block, values in 4 shards of its fused qkv_proj
     "phi",
     "cohere",  # its LayerNorm has no bias
+    "cohere2",  # Cohere's, with local layers
     "starcoder2",  # Llama's layout with LayerNorms and biases
     "stablelm",  # Llama's layout with LayerNorms (parallel in some), per-head query/key norms
     "olmo",  # Llama's layout with LayerNorms without weights

@@ -1218,8 +1218,18 @@ def body(hf: PreTrainedModel) -> torch.nn.Module:
 
 
 def norm_centers(norm: torch.nn.Module) -> bool:
-    """Whether ``norm`` subtracts the mean (a LayerNorm), not only divides (an RMSNorm)."""
-    return isinstance(norm, torch.nn.LayerNorm) or type(norm).__name__ in _LAYER_NORMS
+    """Whether ``norm`` subtracts the mean (a LayerNorm), not only divides (an RMSNorm): torch's
+    and the known classes, else whether its output stays put when every input moves by one
+    constant (Cohere 2's LayerNorm is a class of its own)."""
+    if isinstance(norm, torch.nn.LayerNorm) or type(norm).__name__ in _LAYER_NORMS:
+        return True
+    weight = getattr(norm, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 1:
+        return False
+    with torch.no_grad():
+        x = torch.linspace(-1.0, 1.0, weight.numel(), device=weight.device)[None]
+        x = x.to(weight.dtype if weight.is_floating_point() else torch.float32)
+        return bool(torch.allclose(norm(x), norm(x + 1.0), rtol=1e-3, atol=1e-3))
 
 
 def norm_divisor(norm: torch.nn.Module, x: torch.Tensor, centered: bool) -> torch.Tensor:
