@@ -224,6 +224,23 @@ CONFIGS = {
         layer_types=["sliding_attention", "full_attention"],
         **SIZES,
     ),
+    # Ministral 3: Mistral's, YaRN RoPE, each query scaled by 1 + 0.5 log(1 + floor(p / 2)) after
+    # it (its released models count p in 16384s)
+    "ministral3": lambda v: T.Ministral3Config(
+        vocab_size=v,
+        intermediate_size=64,
+        num_key_value_heads=2,
+        head_dim=8,
+        rope_parameters={
+            "rope_type": "yarn",
+            "rope_theta": 10000.0,
+            "factor": 32.0,
+            "original_max_position_embeddings": 2,
+            "llama_4_scaling_beta": 0.5,
+        },
+        max_position_embeddings=64,
+        **SIZES,
+    ),
     # TinyStories' architecture: attention attrax runs itself, a local layer of 3 positions
     "gpt_neo": lambda v: T.GPTNeoConfig(
         vocab_size=v,

@@ -122,6 +122,7 @@ LLAMA_KIN = ("cwm", "seed_oss", "ernie4_5", "helium", "hunyuan_v1_dense")  # Hun
 LLAMA_KIN += ("glm",)  # a fused gate/up projection, RoPE on interleaved pairs of half a head
 LLAMA_KIN += ("arcee", "nemotron")  # an MLP without a gate; Nemotron's LayerNorms: 1 + weight
 LLAMA_KIN += ("youtu",)  # DeepSeek V3's multi-head latent attention, dense MLPs
+LLAMA_KIN += ("ministral3",)  # Mistral's, its queries scaled by a constant of their position
 # OPT's pre-LN blocks (`self_attn`, `fc1`/`fc2`): BioGPT, its final norm `layer_norm`; GPT-NeoX's
 # sequential blocks in `self_attn`: Persimmon
 NEOX_AND_OPT_KIN = ("biogpt", "persimmon")

@@ -384,6 +384,10 @@ def llama_lrp_reference(
             # which its relevance passes unchanged
             steps = torch.floor((positions.double() + 1) / att.floor_scale)
             qs = qs * (torch.log1p(steps) * att.attn_scale + 1)[:, None, None]
+        rope = getattr(cfg, "rope_parameters", None) or {}
+        if "llama_4_scaling_beta" in rope:  # Ministral 3: the same after RoPE, in every layer
+            steps = torch.floor(positions.double() / rope["original_max_position_embeddings"])
+            qs = qs * (1 + rope["llama_4_scaling_beta"] * torch.log1p(steps))[:, None, None]
         kf, vf = ks.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
         s = torch.einsum("ihd,jhd->hij", qs, kf) * scale
         cap = getattr(att, "attn_logit_softcapping", None)  # Gemma 2
@@ -1823,6 +1827,7 @@ BIAS_FREE = {
     # a routing weight scaling each chosen expert's input, a shared expert; chunked local layers
     # with complex RoPE and weightless query and key norms; a NoPE layer with scaled queries
     "llama4": lambda: _gpt2_vocabulary("llama4", random=True),
+    "ministral3": lambda: _gpt2_vocabulary("ministral3", random=True),  # position-scaled queries
     # biased q/k/v and per-head q/k norms; q/k norms over all heads (experts in float64: a loop)
     **{
         arch: partial(_gpt2_vocabulary, arch, random=True, experts_implementation="eager")
@@ -1874,6 +1879,7 @@ def test_cp_lrp_is_exactly_conservative_without_biases(arch):
     islands += ("exaone4", "arcee", "nemotron", "vaultgemma")
     islands += ("llama4",)  # its RMSNorm and its complex RoPE run in float32
     islands += ("glm4_moe", "minimax_m2")  # RMSNorm in float32, float32 routers
+    islands += ("ministral3",)
     islands += ("modernbert", "modernbert-mean")  # its rotary embedding rounds q and k to float32
     islands += ("t5", "mt5")  # T5's RMSNorm takes its variance in float32
     islands += ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe")
@@ -1922,6 +1928,7 @@ def test_cp_lrp_is_exactly_conservative_without_biases(arch):
         "llama4",
         "glm4_moe",
         "minimax_m2",
+        "ministral3",
     ],
 )
 def test_llama_family_equals_explicit_layer_by_layer_lrp(arch, rule):

@@ -68,6 +68,7 @@ FAMILIES: dict[str, Callable[[], ax.Model]] = {
     "GPT-Neo": _tiny("gpt_neo"),
     "Llama": _tiny("llama"),
     "Mistral": _causal("mistral"),
+    "Ministral 3": _causal("ministral3"),
     "Qwen2": _causal("qwen2"),
     "Qwen3": _causal("qwen3"),
     "Phi-3": _causal("phi3"),

@@ -245,6 +245,7 @@ _LLAMA_LIKE = (
     "olmo",  # LayerNorms without weights
     "cohere",  # attention and MLP in parallel, LayerNorms without biases, scaled logits
     "cohere2",  # Cohere's, with local layers
+    "ministral3",  # Mistral's, its queries scaled by a constant of their position
     "stablelm",  # LayerNorms, attention and MLP in sequence or in parallel
 )
 # attention and MLP in parallel on one LayerNorm (Falcon's: one or two), both added to the

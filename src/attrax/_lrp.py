@@ -485,6 +485,8 @@ _PATCHED: dict[str, Callable[..., torch.Tensor]] = {
     "Olmo3MLP": _gated_mlp,
     "OlmoMLP": _gated_mlp,
     "CohereMLP": _gated_mlp,
+    "Ministral3MLP": _gated_mlp,
+    "Ministral3RMSNorm": _rms_norm,
     "Cohere2MLP": _gated_mlp,
     "StableLmMLP": _gated_mlp,
     "Phi3MLP": _fused_gated_mlp,
@@ -586,6 +588,7 @@ _ATTENTION = frozenset(
         "GPTBigCodeAttention",  # one fused Linear, multi-query keys and values (repeated)
         "CohereAttention",  # rotary on interleaved pairs; no query/key norms (children if any)
         "Cohere2Attention",  # Cohere's, RoPE and a window in its local layers only
+        "Ministral3Attention",  # queries scaled by a constant of their position after RoPE
         "FalconAttention",  # one fused projection (three layouts), rotary or ALiBi (a constant)
         "BloomAttention",  # run by attrax: ALiBi in the mask (a constant), the residual added
         "Phi3Attention",  # a fused q/k/v projection (a Linear), split by reshapes
@@ -746,6 +749,7 @@ _LINEAR = frozenset(
                 "Starcoder2",  # LayerNorms (patched), a plain GELU MLP
                 "Cohere",  # parallel attention and MLP, its logits scaled (a constant)
                 "Cohere2",  # Cohere's, RoPE in its local layers only
+                "Ministral3",
                 "StableLm",  # LayerNorms (patched), parallel or sequential residuals
                 "Gemma2",
                 "VaultGemma",
@@ -952,6 +956,7 @@ ARCHITECTURES = (
     "codegen",
     "cohere",
     "cohere2",
+    "ministral3",
     "falcon",
     "bloom",
     "phi3",

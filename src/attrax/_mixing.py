@@ -520,6 +520,7 @@ _PRE_NORM = (
     "phi",
     "cohere",  # its LayerNorm has no bias
     "cohere2",  # Cohere's, with local layers
+    "ministral3",  # Mistral's layout, position-scaled queries
     "starcoder2",  # Llama's layout with LayerNorms and biases
     "stablelm",  # Llama's layout with LayerNorms (parallel in some), per-head query/key norms
     "olmo",  # Llama's layout with LayerNorms without weights
