@@ -350,6 +350,30 @@ CONFIGS = {
         attention_bias=True,
         **SIZES,
     ),
+    # ERNIE 4.5 MoE: ERNIE 4.5's attention (RoPE on interleaved pairs), a dense layer, then 2 of
+    # 4 experts and a shared one
+    "ernie4_5_moe": lambda v: T.Ernie4_5_MoeConfig(
+        vocab_size=v,
+        intermediate_size=64,
+        moe_intermediate_size=16,
+        moe_k=2,
+        moe_num_experts=4,
+        moe_num_shared_experts=1,
+        moe_layer_start_index=1,
+        num_key_value_heads=2,
+        **SIZES,
+    ),
+    # HunYuan MoE: HunYuan's attention (query and key norms after RoPE), a shared MLP beside 2
+    # of 4 experts
+    "hunyuan_v1_moe": lambda v: T.HunYuanMoEV1Config(
+        vocab_size=v,
+        intermediate_size=16,
+        num_experts=4,
+        moe_topk=2,
+        num_key_value_heads=2,
+        head_dim=8,
+        **SIZES,
+    ),
     # MiniMax M2: query and key norms over all heads, RoPE on half of each head; experts behind
     # a sigmoid router with a score correction
     "minimax_m2": lambda v: T.MiniMaxM2Config(

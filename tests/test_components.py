@@ -133,6 +133,7 @@ EXPERTS += ("deepseek_v32", "glm4_moe_lite")  # V3.2: an indexer picks each quer
 EXPERTS += ("glm_moe_dsa",)  # GLM-5: V3.2's, a layer reusing the previous one's picks
 EXPERTS += ("llama4",)  # its MLP `feed_forward`; a routing weight scales each expert's input
 EXPERTS += ("glm4_moe", "minimax_m2")  # GLM-4.5, MiniMax M2: partial RoPE, q/k norms
+EXPERTS += ("ernie4_5_moe", "hunyuan_v1_moe")  # shared experts; HunYuan's `shared_mlp`
 # GPT-J, CodeGen and Phi (attention and MLP in parallel on one LayerNorm, a biased LM head;
 # CodeGen's values in shards of a fused projection), StarCoder2 and OLMo (Llama's layout with
 # LayerNorms; OLMo's without weights), Cohere (parallel, its LayerNorms without biases, its

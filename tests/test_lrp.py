@@ -237,9 +237,11 @@ def _mlp_forward(mlp, n2: torch.Tensor) -> tuple[torch.Tensor, tuple]:
                 y, inner = _gated_forward(n2[i], w_gate, w_up, experts.down_proj[e], experts.act_fn)
             terms.append((i, weights[i, slot] * y, inner))
             out[i] += weights[i, slot] * y
-    if hasattr(mlp, "shared_experts"):  # DeepSeek: shared experts on every token, no gate
-        w_gate, w_up, act = _gate_up(mlp.shared_experts)
-        y, inner = _gated_forward(n2, w_gate, w_up, mlp.shared_experts.down_proj.weight, act)
+    # DeepSeek's, ERNIE 4.5's shared experts, HunYuan's shared MLP: every token, no gate
+    shared = getattr(mlp, "shared_experts", None) or getattr(mlp, "shared_mlp", None)
+    if shared is not None:
+        w_gate, w_up, act = _gate_up(shared)
+        y, inner = _gated_forward(n2, w_gate, w_up, shared.down_proj.weight, act)
         terms.append((None, y, inner))
         out = out + y
     if hasattr(mlp, "shared_expert"):  # Qwen2-MoE's gated, Llama 4's not
@@ -279,6 +281,7 @@ def _mlp_backward(mlp, saved: tuple, r_out: torch.Tensor, rule: str) -> torch.Te
 
 # attention classes whose RoPE turns interleaved pairs of dims (GLM's style)
 INTERLEAVED = ("Ernie4_5Attention", "HeliumAttention", "GlmAttention", "Glm4Attention")
+INTERLEAVED += ("Ernie4_5_MoeAttention",)
 
 
 def llama_lrp_reference(
@@ -1831,7 +1834,7 @@ BIAS_FREE = {
     # biased q/k/v and per-head q/k norms; q/k norms over all heads (experts in float64: a loop)
     **{
         arch: partial(_gpt2_vocabulary, arch, random=True, experts_implementation="eager")
-        for arch in ("glm4_moe", "minimax_m2")
+        for arch in ("glm4_moe", "minimax_m2", "ernie4_5_moe", "hunyuan_v1_moe")
     },
     "gemma3-classifier": lambda: _classifier("Gemma3"),
     **NEIGHBOURS,
@@ -1879,7 +1882,7 @@ def test_cp_lrp_is_exactly_conservative_without_biases(arch):
     islands += ("exaone4", "arcee", "nemotron", "vaultgemma")
     islands += ("llama4",)  # its RMSNorm and its complex RoPE run in float32
     islands += ("glm4_moe", "minimax_m2")  # RMSNorm in float32, float32 routers
-    islands += ("ministral3",)
+    islands += ("ministral3", "ernie4_5_moe", "hunyuan_v1_moe")
     islands += ("modernbert", "modernbert-mean")  # its rotary embedding rounds q and k to float32
     islands += ("t5", "mt5")  # T5's RMSNorm takes its variance in float32
     islands += ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe")
@@ -1929,6 +1932,8 @@ def test_cp_lrp_is_exactly_conservative_without_biases(arch):
         "glm4_moe",
         "minimax_m2",
         "ministral3",
+        "ernie4_5_moe",
+        "hunyuan_v1_moe",
     ],
 )
 def test_llama_family_equals_explicit_layer_by_layer_lrp(arch, rule):
@@ -1959,7 +1964,7 @@ def test_llama_family_equals_explicit_layer_by_layer_lrp(arch, rule):
         assert logit == pytest.approx(logits[k], rel=1e-5, abs=1e-5)
         # ERNIE 4.5's and Llama 4's RoPE round queries and keys to float32 (1.2e-5 of an entry
         # seen)
-        rtol = 1e-4 if arch in ("ernie4_5", "llama4") else 1e-7
+        rtol = 1e-4 if arch in ("ernie4_5", "ernie4_5_moe", "llama4") else 1e-7
         np.testing.assert_allclose(got[k].fillna(0).values, want, rtol=rtol, atol=1e-10)
 
 

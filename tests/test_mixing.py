@@ -1052,6 +1052,8 @@ LOGIT_KINDS = (
         "llama4",  # chunked local layers, a NoPE layer whose queries scale with position
         "glm4_moe",  # biased q/k/v, RoPE on half of each head
         "minimax_m2",  # query and key norms over all heads
+        "ernie4_5_moe",  # shared experts
+        "hunyuan_v1_moe",  # query and key norms after RoPE
         *LLAMA_KIN,
         *NEOX_AND_OPT_KIN,
         "gpt_neo",

@@ -121,6 +121,8 @@ FAMILIES: dict[str, Callable[[], ax.Model]] = {
     "Llama 4": _causal("llama4"),
     "GLM-4.5": _causal("glm4_moe"),
     "MiniMax M2": _causal("minimax_m2"),
+    "ERNIE 4.5 MoE": _causal("ernie4_5_moe"),
+    "HunYuan MoE": _causal("hunyuan_v1_moe"),
     "Youtu": _causal("youtu"),
     "Granite 4 (Mamba hybrid)": _granite_hybrid,
     "Qwen3-Next (linear-attention hybrid)": _causal("qwen3_next"),

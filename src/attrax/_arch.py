@@ -91,6 +91,8 @@ EXPERTS = (
     "glm_moe_dsa",  # GLM-5: V3.2's indexer, some layers reusing the previous one's picks
     "glm4_moe",  # GLM-4.5: DeepSeek V3's experts beside Llama's attention
     "minimax_m2",  # a sigmoid router with a score correction, query and key norms
+    "ernie4_5_moe",  # ERNIE 4.5's attention, shared experts
+    "hunyuan_v1_moe",  # HunYuan's attention, a shared MLP inside its mixture
 )
 
 

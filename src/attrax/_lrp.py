@@ -486,6 +486,15 @@ _PATCHED: dict[str, Callable[..., torch.Tensor]] = {
     "OlmoMLP": _gated_mlp,
     "CohereMLP": _gated_mlp,
     "Ministral3MLP": _gated_mlp,
+    # ERNIE 4.5 MoE, HunYuan MoE: softmax routers, shared experts beside the routed ones
+    "Ernie4_5_MoeRMSNorm": _rms_norm,
+    "Ernie4_5_MoeMLP": _gated_mlp,
+    "Ernie4_5_MoeExperts": _experts,
+    "Ernie4_5_MoeTopKRouter": _router,
+    "HunYuanMoEV1RMSNorm": _rms_norm,
+    "HunYuanMoEV1MLP": _gated_mlp,
+    "HunYuanMoEV1Experts": _experts,
+    "HunYuanMoEV1Gate": _router,
     "Ministral3RMSNorm": _rms_norm,
     "Cohere2MLP": _gated_mlp,
     "StableLmMLP": _gated_mlp,
@@ -589,6 +598,8 @@ _ATTENTION = frozenset(
         "CohereAttention",  # rotary on interleaved pairs; no query/key norms (children if any)
         "Cohere2Attention",  # Cohere's, RoPE and a window in its local layers only
         "Ministral3Attention",  # queries scaled by a constant of their position after RoPE
+        "Ernie4_5_MoeAttention",  # ERNIE 4.5's: RoPE on interleaved pairs (constants)
+        "HunYuanMoEV1Attention",  # HunYuan's: query and key norms after RoPE (patched)
         "FalconAttention",  # one fused projection (three layouts), rotary or ALiBi (a constant)
         "BloomAttention",  # run by attrax: ALiBi in the mask (a constant), the residual added
         "Phi3Attention",  # a fused q/k/v projection (a Linear), split by reshapes
@@ -675,6 +686,9 @@ _LINEAR = frozenset(
         "Llama4TextMoe",  # its routing weights (patched) scale the experts' input: constants
         "Glm4MoeMoE",
         "MiniMaxM2SparseMoeBlock",
+        "Ernie4_5_MoeSparseMoeBlock",
+        "Ernie4_5_MoeStatics",  # its router's score correction: the routing is a constant
+        "HunYuanMoEV1Moe",
         # GLM-4.5: biased q/k/v, RoPE on part of each head, optional per-head q/k norms
         "Glm4MoeAttention",
         "MiniMaxM2Attention",  # RoPE on part of each head, q/k norms over all heads (patched)
@@ -750,6 +764,8 @@ _LINEAR = frozenset(
                 "Cohere",  # parallel attention and MLP, its logits scaled (a constant)
                 "Cohere2",  # Cohere's, RoPE in its local layers only
                 "Ministral3",
+                "Ernie4_5_Moe",
+                "HunYuanMoEV1",
                 "StableLm",  # LayerNorms (patched), parallel or sequential residuals
                 "Gemma2",
                 "VaultGemma",
@@ -957,6 +973,8 @@ ARCHITECTURES = (
     "cohere",
     "cohere2",
     "ministral3",
+    "ernie4_5_moe",
+    "hunyuan_v1_moe",
     "falcon",
     "bloom",
     "phi3",
