@@ -1249,14 +1249,17 @@ def _saved_bytes(model: torch.nn.Module, ids: torch.Tensor) -> int:
     return sum(saved.values())
 
 
-@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+@pytest.mark.parametrize("arch", ["llama", "gemma3", "gemma4"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_a_llamas_estimated_forward_covers_what_it_saves_on_any_device(dtype, arch):
     """HF Llama's eager attention keeps its softmax weights in float32 beside their bfloat16
     copy: priced at 2 bytes an entry, a bfloat16 forward's estimate (a GPU's: tensors alone)
     fell below what it saves, 15.3 MiB against 14.3. Gemma 3's norms after attention and MLP
     (in float32) save more again: priced as a Llama its bfloat16 forward saved 22.6 MiB against
-    an estimated 17.8, its float32 one 28.5 against 28.5 (its own family, ``"gemma"``, since)."""
+    an estimated 17.8, its float32 one 28.5 against 28.5 (its own family, ``"gemma"``, since).
+    Gemma 4 adds per-layer embeddings (64 wide here): priced as a Llama, 26.4 MiB against 17.8
+    in bfloat16, as a Gemma 26.7, and under SDPA 21.8 against 19.6: ``_arch.relative_width``
+    prices them."""
     from attrax import _arch
     from attrax.testing import corpus, tiny_model
 
@@ -1264,17 +1267,34 @@ def test_a_llamas_estimated_forward_covers_what_it_saves_on_any_device(dtype, ar
                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)  # fmt: skip
     if arch == "gemma3":  # a local layer and a global one, twice
         shape |= dict(head_dim=64, sliding_window=96, layer_types=["sliding_attention", "full_attention"] * 2)  # fmt: skip
-    hf, tok = tiny_model(arch, **shape)
+    if arch == "gemma4":  # per-layer embeddings; a global layer of the local ones' head width
+        import transformers
+
+        _, tok = tiny_model("llama")
+        config = transformers.Gemma4TextConfig(
+            vocab_size=len(tok), head_dim=64, global_head_dim=64, sliding_window=96,
+            hidden_size_per_layer_input=64, vocab_size_per_layer_input=len(tok),
+            layer_types=["sliding_attention"] * 3 + ["full_attention"], **shape,
+        )  # fmt: skip
+        torch.manual_seed(0)
+        hf = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    else:
+        hf, tok = tiny_model(arch, **shape)
     hf = hf.to(dtype)
     family = _arch.family(hf.config)
     ids = tok(" ".join(corpus()), return_tensors="pt")["input_ids"][:, :228]
     saved = _saved_bytes(hf, ids)
-    estimate = _memory.forward_bytes(1, 228, 256, dtype.itemsize, 688, 4, 4, family, device="cuda")
+    extra = _arch.relative_width(hf.config, 228)  # Gemma 4's per-layer embeddings
+    estimate = _memory.forward_bytes(
+        1, 228, 256, dtype.itemsize, 688, 4, 4, family, device="cuda", relative=extra
+    )
     print(f"{arch}, {dtype}: saved {saved / 2**20:.1f} MiB, estimated {estimate / 2**20:.1f} MiB")
     assert saved <= estimate
     # under SDPA, which saves no weights, the estimate (no [heads, L, L] width) still covers it
     hf.set_attn_implementation("sdpa")
-    sdpa = _memory.forward_bytes(1, 228, 256, dtype.itemsize, 688, 0, 4, family, device="cuda")
+    sdpa = _memory.forward_bytes(
+        1, 228, 256, dtype.itemsize, 688, 0, 4, family, device="cuda", relative=extra
+    )
     assert _saved_bytes(hf, ids) <= sdpa
 
 
