@@ -1249,7 +1249,21 @@ def _saved_bytes(model: torch.nn.Module, ids: torch.Tensor) -> int:
     return sum(saved.values())
 
 
-@pytest.mark.parametrize("arch", ["llama", "gemma3", "gemma4"])
+# transformers configs beside attrax.testing's tiny models, 256 wide and 4 layers as theirs:
+# Gemma 4's per-layer embeddings (a global layer of the local ones' head width, then one with
+# heads 8 times hidden / heads as its released models' are), a Qwen3 whose heads are twice
+# hidden / heads (Qwen3-0.6B's)
+_GEMMA4 = dict(sliding_window=96, layer_types=["sliding_attention"] * 3 + ["full_attention"])
+WIDER = {
+    "gemma4": ("Gemma4TextConfig", dict(head_dim=64, global_head_dim=64,
+               hidden_size_per_layer_input=64, **_GEMMA4)),
+    "gemma4-wide": ("Gemma4TextConfig", dict(head_dim=128, global_head_dim=512,
+                    hidden_size_per_layer_input=256, **_GEMMA4)),
+    "qwen3-wide": ("Qwen3Config", dict(head_dim=128)),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3", *WIDER])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_a_llamas_estimated_forward_covers_what_it_saves_on_any_device(dtype, arch):
     """HF Llama's eager attention keeps its softmax weights in float32 beside their bfloat16
@@ -1258,8 +1272,11 @@ def test_a_llamas_estimated_forward_covers_what_it_saves_on_any_device(dtype, ar
     (in float32) save more again: priced as a Llama its bfloat16 forward saved 22.6 MiB against
     an estimated 17.8, its float32 one 28.5 against 28.5 (its own family, ``"gemma"``, since).
     Gemma 4 adds per-layer embeddings (64 wide here): priced as a Llama, 26.4 MiB against 17.8
-    in bfloat16, as a Gemma 26.7, and under SDPA 21.8 against 19.6: ``_arch.relative_width``
-    prices them."""
+    in bfloat16, as a Gemma 26.7, and under SDPA 21.8 against 19.6. Heads wider than hidden /
+    heads keep more: a Qwen3 with heads twice that saved 21.2 MiB against 17.8 in bfloat16, the
+    wide Gemma 4 41.7 against 26.7. ``_arch.relative_width`` prices both."""
+    import transformers
+
     from attrax import _arch
     from attrax.testing import corpus, tiny_model
 
@@ -1267,15 +1284,12 @@ def test_a_llamas_estimated_forward_covers_what_it_saves_on_any_device(dtype, ar
                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)  # fmt: skip
     if arch == "gemma3":  # a local layer and a global one, twice
         shape |= dict(head_dim=64, sliding_window=96, layer_types=["sliding_attention", "full_attention"] * 2)  # fmt: skip
-    if arch == "gemma4":  # per-layer embeddings; a global layer of the local ones' head width
-        import transformers
-
+    if arch in WIDER:
         _, tok = tiny_model("llama")
-        config = transformers.Gemma4TextConfig(
-            vocab_size=len(tok), head_dim=64, global_head_dim=64, sliding_window=96,
-            hidden_size_per_layer_input=64, vocab_size_per_layer_input=len(tok),
-            layer_types=["sliding_attention"] * 3 + ["full_attention"], **shape,
-        )  # fmt: skip
+        name, layout = WIDER[arch]
+        if name.startswith("Gemma4"):
+            layout = layout | {"vocab_size_per_layer_input": len(tok)}
+        config = getattr(transformers, name)(vocab_size=len(tok), **shape, **layout)
         torch.manual_seed(0)
         hf = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
     else:
@@ -1284,7 +1298,7 @@ def test_a_llamas_estimated_forward_covers_what_it_saves_on_any_device(dtype, ar
     family = _arch.family(hf.config)
     ids = tok(" ".join(corpus()), return_tensors="pt")["input_ids"][:, :228]
     saved = _saved_bytes(hf, ids)
-    extra = _arch.relative_width(hf.config, 228)  # Gemma 4's per-layer embeddings
+    extra = _arch.relative_width(hf.config, 228)  # per-layer embeddings, wider heads
     estimate = _memory.forward_bytes(
         1, 228, 256, dtype.itemsize, 688, 4, 4, family, device="cuda", relative=extra
     )

@@ -69,8 +69,26 @@ def mlp_width(config: Any) -> int:
 
 
 def _positive(config: Any, key: str) -> int:
-    value = getattr(config, key, None)
-    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+    return max(per_layer(config, key))
+
+
+def per_layer(config: Any, key: str) -> list[int]:
+    """``key`` (a positive int, else 0) of each layer where a config's layers differ
+    (transformers' ``per_layer_config``: Gemma 4's global layers' heads), else its one value.
+
+    >>> from transformers import Gemma4TextConfig, LlamaConfig
+    >>> per_layer(Gemma4TextConfig(num_hidden_layers=2, head_dim=8, global_head_dim=16,
+    ...     layer_types=["sliding_attention", "full_attention"]), "head_dim")
+    [8, 16]
+    >>> per_layer(LlamaConfig(num_key_value_heads=2), "num_key_value_heads")
+    [2]
+    """
+    try:
+        values = [getattr(config, key, None)]
+    except RuntimeError:  # transformers refuses a global value that differs by layer
+        layers = config.per_layer_config
+        values = [getattr(layers[i], key, None) for i in range(config.num_hidden_layers)]
+    return [v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else 0 for v in values]
 
 
 #: mixtures of experts with Llama's layout (their routed `mlp`, Granite MoE's `block_sparse_moe`,
@@ -157,8 +175,9 @@ def mixer_width(config: Any, tokens: int) -> int:
 
 
 def relative_width(config: Any, tokens: int) -> int:
-    """Per token and layer, the entries DeBERTa-v2's relative-position terms keep for the
-    backward besides what a BERT layer keeps; 0 for a model without them. Each term (c2p, p2c)
+    """Per token and layer, the entries a layer keeps for the backward beyond what its widths
+    price (0 for most models). DeBERTa-v2's relative-position terms, besides what a BERT layer
+    keeps: each term (c2p, p2c)
     keeps its ``[heads, 2 * span]`` products with every relative position (the input of the
     gather that picks each pair's) and its ``[2 * span, hidden]`` projection of the positions,
     shared by the layer's tokens.
@@ -170,11 +189,43 @@ def relative_width(config: Any, tokens: int) -> int:
     >>> relative_width(BertConfig(), 128)
     0
 
-    Gemma 4's per-layer embeddings (its ``hidden_size_per_layer_input``) keep 8 hidden-wide
-    entries more (measured: 4.5 in float32, 7.5 in bfloat16 on a 256-wide model, 64 wide ones).
+    Gemma 4's per-layer embeddings (``hidden_size_per_layer_input`` wide) keep 8 hidden-wide
+    entries and 4 of their own width more (measured on a 256-wide model with 64-wide ones: 4.5
+    hidden-wide in float32, 7.5 in bfloat16), and heads wider than ``hidden / heads`` keep more
+    (:func:`attention_width`).
     """
-    if _positive(config, "hidden_size_per_layer_input"):
-        return 8 * _positive(config, "hidden_size")
+    extra = attention_width(config)
+    per_layer_input = _positive(config, "hidden_size_per_layer_input")
+    if per_layer_input:
+        extra += 8 * _positive(config, "hidden_size") + 4 * per_layer_input
+    return extra + _relative_terms(config, tokens)
+
+
+def attention_width(config: Any) -> int:
+    """Per token and layer (the mean over layers), the entries an attention keeps beyond what a
+    model priced by its hidden width does: 4 for each query, key, value and output entry past
+    ``hidden / heads`` a head. Qwen3-0.6B's heads are twice that wide, Gemma 4's global ones
+    up to four times; on 256-wide models a Qwen3 with heads twice as wide saved 2.4 (float32)
+    to 2.9 (bfloat16) entries more per such entry.
+
+    >>> from transformers import LlamaConfig, Qwen3Config
+    >>> attention_width(LlamaConfig(hidden_size=256, num_attention_heads=4))
+    0
+    >>> attention_width(Qwen3Config(hidden_size=256, num_attention_heads=4,
+    ...     num_key_value_heads=2, head_dim=128))
+    3072
+    """
+    heads, hidden = _positive(config, "num_attention_heads"), _positive(config, "hidden_size")
+    dims = [d for d in per_layer(config, "head_dim") if d]
+    if not heads or not hidden or not dims:
+        return 0
+    kv = max(per_layer(config, "num_key_value_heads")) or heads
+    excess = sum(max(0, d - hidden // heads) for d in dims) / len(dims)
+    return int(4 * excess * (2 * heads + 2 * kv))
+
+
+def _relative_terms(config: Any, tokens: int) -> int:
+    """DeBERTa-v2's relative-position terms (:func:`relative_width`), 0 for another model."""
     if getattr(config, "model_type", None) != "deberta-v2" or not getattr(
         config, "relative_attention", False
     ):
