@@ -390,7 +390,8 @@ class Problem:
         width = max(_arch.mlp_width(config), _arch.mixer_width(config, tokens))
         shape = (x.shape[0], tokens, x.shape[-1], x.element_size(), width, heads)
         family = _arch.family(config)
-        relative = _arch.relative_width(config, tokens)  # DeBERTa-v2's position terms
+        # DeBERTa-v2's position terms, per-layer embeddings, heads wider than hidden / heads
+        relative = _arch.relative_width(config, tokens)
         targets = self.tensors.valid.shape[1]
         attributed = sum(xi.shape[1] for xi in self.inputs)
         results = 2 * self._result_bytes()  # the float32 sums and the labelled copy of them
