@@ -445,6 +445,11 @@ def _tanh_head(module: torch.nn.Module, features: torch.Tensor, **_: Any) -> tor
     return module.out_proj(module.dropout(apply_activation(x, "tanh")))
 
 
+# class-name prefixes of DeepSeek V2's and V3's kin: multi-head latent attention (Youtu, GLM-4.7-
+# Flash's `Glm4MoeLite`, V3.2's and GLM-5's with an indexer) or DeepSeek V3's experts beside
+# Llama's attention (GLM-4.5's `Glm4Moe`)
+_DEEPSEEK_KIN = ("DeepseekV2", "DeepseekV3", "DeepseekV32", "Glm4MoeLite", "Youtu", "GlmMoeDsa")
+_DEEPSEEK_KIN += ("Glm4Moe",)
 # module class name -> the forward it runs under LRP (the module is the first argument)
 _PATCHED: dict[str, Callable[..., torch.Tensor]] = {
     "LayerNorm": _layer_norm,
@@ -550,15 +555,7 @@ _PATCHED: dict[str, Callable[..., torch.Tensor]] = {
     # DeepSeek V2, V3: also the query and key-value latents' norms; dense and shared MLPs
     **{
         f"{family}{part}": forward
-        for family in (
-            "DeepseekV2",
-            "DeepseekV3",
-            "DeepseekV32",
-            "Glm4MoeLite",
-            "Youtu",
-            "GlmMoeDsa",
-            "Glm4Moe",  # GLM-4.5: DeepSeek V3's experts, Llama's attention (RoPE on a part)
-        )
+        for family in _DEEPSEEK_KIN
         for part, forward in (
             ("RMSNorm", _rms_norm),
             ("MLP", _gated_mlp),
@@ -786,14 +783,8 @@ _LINEAR = frozenset(
                 "Olmoe",
                 "GraniteMoe",
                 "GptOss",
-                "DeepseekV2",
-                "DeepseekV3",
-                "DeepseekV32",
-                "Glm4MoeLite",
-                "Youtu",
-                "GlmMoeDsa",
+                *_DEEPSEEK_KIN,
                 "Llama4Text",  # its RotaryEmbedding, DecoderLayer and Model
-                "Glm4Moe",
                 "MiniMaxM2",
             )
             for part in (
