@@ -440,3 +440,5 @@ def test_a_layer_norm_of_a_class_of_its_own_is_known_by_what_it_does():
         torch.nn.init.normal_(norm.weight)
     assert norm_centers(centring) and norm_centers(torch.nn.LayerNorm(8))
     assert not norm_centers(scaling)
+    # in half precision too, whose shifted inputs would round apart
+    assert norm_centers(centring.to(torch.bfloat16)) and not norm_centers(scaling.bfloat16())
