@@ -1357,6 +1357,10 @@ STATE_SPACE = {
                    moe_intermediate_size=128, shared_expert_intermediate_size=256,
                    linear_num_value_heads=8, linear_num_key_heads=4, linear_key_head_dim=64,
                    linear_value_head_dim=64, layer_types=["linear_attention", "full_attention"] * 2)),
+    # Qwen 3.5: Qwen3-Next's layers with dense MLPs
+    "qwen3_5": ("Qwen3_5TextConfig", dict(head_dim=64, intermediate_size=688,
+                linear_num_value_heads=8, linear_num_key_heads=4, linear_key_head_dim=64,
+                linear_value_head_dim=64, layer_types=["linear_attention", "full_attention"] * 2)),
 }  # fmt: skip
 
 
