@@ -1244,7 +1244,8 @@ def _saved_bytes(model: torch.nn.Module, ids: torch.Tensor) -> int:
 
     embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = model.base_model(inputs_embeds=embeds).last_hidden_state
+        body = model.model if model.base_model is model else model.base_model  # Llama 4's
+        out = body(inputs_embeds=embeds).last_hidden_state
     del out
     return sum(saved.values())
 
@@ -1333,6 +1334,17 @@ EXPERTS = {
                     first_k_dense_replace=1, n_group=4, topk_group=2, num_key_value_heads=4,
                     q_lora_rank=96, kv_lora_rank=64, qk_nope_head_dim=128, qk_rope_head_dim=64,
                     v_head_dim=128)),
+    "glm4_moe": ("Glm4MoeConfig", dict(intermediate_size=688, moe_intermediate_size=96,
+                 n_routed_experts=16, num_experts_per_tok=8, n_shared_experts=1, head_dim=64)),
+    "minimax_m2": ("MiniMaxM2Config", dict(intermediate_size=96, num_local_experts=16,
+                   num_experts_per_tok=8, head_dim=64)),
+    "ernie4_5_moe": ("Ernie4_5_MoeConfig", dict(intermediate_size=688, moe_intermediate_size=96,
+                     moe_num_experts=16, moe_k=8, moe_num_shared_experts=1)),
+    "hunyuan_v1_moe": ("HunYuanMoEV1Config", dict(intermediate_size=96, num_experts=16,
+                       moe_topk=8, head_dim=64)),
+    # Llama 4: every expert runs on every token (unchosen ones on zeros), a shared expert
+    "llama4": ("Llama4TextConfig", dict(intermediate_size=96, intermediate_size_mlp=688,
+               num_local_experts=16, num_experts_per_tok=1, head_dim=64)),
 }  # fmt: skip
 
 

@@ -118,7 +118,8 @@ def experts_width(config: Any) -> int:
     """A mixture of experts' layer priced as a dense MLP (0 for a dense model): each token's
     ``k`` experts keep their own copy of its input and of their output besides their activations,
     so ``k * (expert width + hidden)``, plus a shared expert's width (Qwen2-MoE, Granite MoE
-    shared, DeepSeek). docs/memory.md says how it compares with what such layers save."""
+    shared, DeepSeek); Llama 4's experts each run on every token, so all of them count.
+    docs/memory.md says how it compares with what such layers save."""
     k = _positive(config, "num_experts_per_tok")
     pattern = getattr(config, "hybrid_override_pattern", None)  # Nemotron-H: "E" marks experts
     if not k or (isinstance(pattern, str) and "E" not in pattern):
@@ -130,6 +131,9 @@ def experts_width(config: Any) -> int:
         or _positive(config, "shared_intermediate_size")
         or _positive(config, "n_shared_experts") * expert
     )
+    if getattr(config, "model_type", None) == "llama4_text":
+        # every expert runs on every token (the unchosen ones on zeros), beside a shared one
+        return _positive(config, "num_local_experts") * (expert + hidden) + expert
     return k * (expert + hidden) + shared
 
 
