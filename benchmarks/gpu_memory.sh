@@ -31,6 +31,12 @@ PARTS=${*:-harness classifiers long long-ig long-lrp}
 # 108 GB for its smallest pass, 70 GB the 8B forward and 34 GB the results (128 x 8,192 x 4,096
 # float32 and their labelled copy); its calibration over-estimates (docs/memory.md)
 MEMORY=${ATTRAX_MAX_MEMORY:-120GB}
+if [ -z "${ATTRAX_MAX_MEMORY:-}" ] && [ "${DEVICE:-cuda}" = cuda ] && command -v nvidia-smi >/dev/null; then
+  # a smaller card (an H100's 80 GB): its memory less 24 GB (the 8B weights and a margin)
+  card=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -n 1)
+  fits=$((card * 1048576 / 1000000000 - 24))
+  ((fits < 120)) && MEMORY=${fits}GB
+fi
 SHAPE=${SHAPE:-llama3-8b} DEVICE=${DEVICE:-cuda} LONG=${LONG:-2048 8192} TARGETS=${TARGETS:-128}
 RESULTS=${RESULTS:-benchmarks/results}
 FIRST=${LONG%% *}  # the IG and AttnLRP prompt: the shorter one

@@ -17,6 +17,7 @@ import transformers
 
 import attrax as ax
 from attrax._lrp import lrp_rules
+from attrax._model import reading
 from attrax.testing import tiny_classifier, tiny_model
 from tests.test_architectures import GRANITE, _family
 from tests.test_components import _bloom, _falcon, gain, gpt_bigcode, output_norms, vary
@@ -2003,6 +2004,249 @@ def test_multi_head_latent_attention_equals_explicit_layer_by_layer_lrp(arch, ru
         # V2's RoPE rounds the rotated parts to float32
         rtol = 1e-4 if arch == "deepseek_v2" else 1e-7
         np.testing.assert_allclose(got[k].fillna(0).values, want, rtol=rtol, atol=1e-10)
+
+
+def _gemma4(**layout) -> tuple:
+    """A tiny Gemma 4 (its per-layer embeddings, a local then a global layer with wider heads and
+    RoPE on a quarter of each) on GPT-2's tokenizer, with ``layout`` over its config, random norm
+    weights and layer scalars: effects far from 0."""
+    _, tok = tiny_model("gpt2")
+    config = _family("gemma4", tok).config
+    config.update(layout)
+    torch.manual_seed(0)
+    hf = transformers.Gemma4ForCausalLM._from_config(
+        config, attn_implementation="eager", experts_implementation="eager"
+    )
+    with torch.no_grad():
+        for name, parameter in hf.named_parameters():
+            if "norm" in name or name.endswith("scale"):
+                parameter.normal_(1, 0.3)
+            elif parameter.dim() > 1:
+                parameter.mul_(4.0)
+        for name, buffer in hf.named_buffers():
+            if name.endswith("layer_scalar"):
+                buffer.uniform_(0.5, 1.5)
+    return hf.eval(), tok
+
+
+GEMMA4 = {
+    "gemma4": {},
+    # a third layer reusing the first's keys and values (twice as wide an MLP), keys as values
+    # in the global layer, a mixture of 4 experts (top 2) beside every MLP
+    "gemma4-shared-moe": dict(
+        num_hidden_layers=3, layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        num_kv_shared_layers=1, use_double_wide_mlp=True, attention_k_eq_v=True,
+        enable_moe_block=True, num_experts=4, top_k_experts=2, moe_intermediate_size=16,
+    ),
+}  # fmt: skip
+
+
+@torch.no_grad()
+def gemma4_lrp_reference(
+    hf, ids: list[int], position: int, target: int, rule: str
+) -> tuple[np.ndarray, float, float, float]:
+    """Relevance ``[T, H]`` of the token embeddings for the logit of ``target`` read at
+    ``position`` on Gemma 4, what the softmaxes absorb, what the per-layer embeddings looked up
+    by token id absorb (constants), and the logit. Every layer adds a per-layer branch,
+    ``norm(W_p (act(W_g h) * p_l))``, whose input ``p_l`` is a projection of the embeddings
+    (through an RMSNorm) plus that table's row, and then scales its stream by a constant;
+    values are RMS-normed without a weight; a shared layer reads an earlier layer's keys and
+    values; a mixture of experts (its routing weights constants) beside the MLP."""
+    cfg, model = hf.config, hf.model
+    t, hidden, heads, eps = len(ids), cfg.hidden_size, cfg.num_attention_heads, cfg.rms_norm_eps
+    layers, width = cfg.num_hidden_layers, cfg.hidden_size_per_layer_input
+    index = torch.tensor(ids)
+    x = model.embed_tokens(index)  # scaled by sqrt(hidden)
+    # the per-layer inputs: (norm(x W^T / sqrt(H)) + table[ids]) / sqrt(2)
+    projected = x @ model.per_layer_model_projection.weight.T  # then scaled by 1 / sqrt(H)
+    pn = _rms(
+        projected.view(t, layers, width) * hidden**-0.5, model.per_layer_projection_norm.weight, eps
+    )
+    table = model.embed_tokens_per_layer(index).view(t, layers, width)  # scaled by sqrt(width)
+    per_layer = (pn + table) * 2**-0.5
+    positions = torch.arange(t)
+    act = lambda g: torch.nn.functional.gelu(g, approximate="tanh")  # noqa: E731
+    saved, stored, h = [], {}, x
+    for i, layer in enumerate(model.layers):
+        att = layer.self_attn
+        d, kind = att.head_dim, cfg.layer_types[i]
+        cos, sin = model.rotary_emb(x[None], positions[None], kind)
+        rot = _rotations(cos[0].double(), sin[0].double())
+        window = att.sliding_window or t
+        mask = (positions[:, None] >= positions) & (positions[:, None] - positions < window)
+        n1 = _rms(h, layer.input_layernorm.weight, eps)
+        q = (n1 @ att.q_proj.weight.T).view(t, heads, d)
+        qn = _rms(q, att.q_norm.weight, eps)
+        qr = torch.einsum("tnm,thm->thn", rot, qn)
+        if att.is_kv_shared_layer:  # an earlier layer's normed, rotated keys and its values
+            k = v = kn = None
+            kr, vn = stored[kind][:2]
+        else:
+            k = (n1 @ att.k_proj.weight.T).view(t, -1, d)
+            v = k if att.v_proj is None else (n1 @ att.v_proj.weight.T).view(t, -1, d)
+            kn, vn = _rms(k, att.k_norm.weight, eps), _rms(v, 1.0, eps)
+            kr = torch.einsum("tnm,thm->thn", rot, kn)
+            if att.store_full_length_kv:
+                stored[kind] = [kr, vn, torch.zeros_like(kr), torch.zeros_like(vn)]
+        group = heads // kr.shape[1]
+        kf, vf = kr.repeat_interleave(group, 1), vn.repeat_interleave(group, 1)
+        s = torch.einsum("ihd,jhd->hij", qr, kf).masked_fill(~mask, -torch.inf)  # unscaled
+        a = torch.softmax(s, -1)
+        o = torch.einsum("hij,jhd->ihd", a, vf)
+        attn = o.reshape(t, -1) @ att.o_proj.weight.T
+        an = _rms(attn, layer.post_attention_layernorm.weight, eps)
+        h1 = h + an
+        n2 = _rms(h1, layer.pre_feedforward_layernorm.weight, eps)
+        w_gate, w_up, _ = _gate_up(layer.mlp)
+        dense, inner = _gated_forward(n2, w_gate, w_up, layer.mlp.down_proj.weight, act)
+        moe = None
+        if cfg.enable_moe_block:  # norm(MLP(n2)) + norm(experts(norm(h1))), then a norm
+            d1 = _rms(dense, layer.post_feedforward_layernorm_1.weight, eps)
+            n3 = _rms(h1, layer.pre_feedforward_layernorm_2.weight, eps)
+            # the routing (constants): a softmax (in float32, as Gemma 4's) over the experts of
+            # the weightless-normed stream's projection, its top k renormalised, then scaled
+            router = layer.router
+            scores = (_rms(h1, router.scale, eps) * hidden**-0.5) @ router.proj.weight.T
+            weights, chosen = torch.softmax(scores, -1, dtype=torch.float32).topk(cfg.top_k_experts)
+            weights = weights / weights.sum(-1, keepdim=True) * router.per_expert_scale[chosen]
+            out, terms = torch.zeros_like(n3), []
+            for j in range(t):
+                for slot in range(chosen.shape[1]):
+                    e = int(chosen[j, slot])
+                    w_g, w_u = layer.experts.gate_up_proj[e].chunk(2)
+                    y, gated = _gated_forward(n3[j], w_g, w_u, layer.experts.down_proj[e], act)
+                    terms.append((j, weights[j, slot] * y, gated))
+                    out[j] += weights[j, slot] * y
+            d2 = _rms(out, layer.post_feedforward_layernorm_2.weight, eps)
+            moe = (d1, out, terms, d2)
+            ff = d1 + d2
+        else:
+            ff = dense
+        fn = _rms(ff, layer.post_feedforward_layernorm.weight, eps)
+        h2 = h1 + fn
+        g = h2 @ layer.per_layer_input_gate.weight.T
+        z = act(g) * per_layer[:, i]
+        y = z @ layer.per_layer_projection.weight.T
+        yn = _rms(y, layer.post_per_layer_input_norm.weight, eps)
+        h3 = h2 + yn
+        saved.append((layer, i, rot, h, n1, q, k, kn, qn, qr, kr, kf, vf, s, a, o, attn, an, h1,
+                      inner, moe, ff, fn, h2, g, z, y, yn, h3))  # fmt: skip
+        h = h3 * layer.layer_scalar
+    final = _rms(h, model.norm.weight, eps)
+    head = hf.lm_head.weight[target]
+    logit = float(final[position] @ head)
+    cap = cfg.final_logit_softcapping
+    relevance = torch.zeros(t, hidden, dtype=x.dtype)
+    relevance[position] = final[position] * head * (cap * math.tanh(logit / cap) / logit)
+    logit = cap * math.tanh(logit / cap)  # the identity rule: the capped logit's relevance
+    r_per_layer, absorbed = torch.zeros_like(per_layer), 0.0
+    for (layer, i, rot, h, n1, q, k, kn, qn, qr, kr, kf, vf, s, a, o, attn, an, h1, inner, moe,
+         ff, fn, h2, g, z, y, yn, h3) in reversed(saved):  # fmt: skip
+        att = layer.self_attn
+        # the layer's scalar and the norms (their scales constants) pass relevance unchanged
+        r_h2, r_y = h2 / h3 * relevance, yn / h3 * relevance
+        r_z = _linear_messages(z, layer.per_layer_projection.weight, r_y, y)
+        # act(g) * p: uniform rule (identity rule through act), or the gate a constant
+        r_g, r_p = (r_z / 2, r_z / 2) if rule == "attnlrp" else (torch.zeros_like(r_z), r_z)
+        r_per_layer[:, i] = r_p
+        r_h2 = r_h2 + _linear_messages(h2, layer.per_layer_input_gate.weight, r_g, g)
+        r_h1, r_ff = h1 / h2 * r_h2, fn / h2 * r_h2
+        if moe is None:
+            r_h1 = r_h1 + _gated_backward(inner, r_ff, rule)
+        else:
+            d1, out, terms, d2 = moe
+            r_h1 = r_h1 + _gated_backward(inner, d1 / ff * r_ff, rule)
+            r_out, r_n3 = d2 / ff * r_ff, torch.zeros_like(out)
+            for j, term, gated in terms:  # a constant weight passes a term's share on
+                r_n3[j] += _gated_backward(gated, term / out[j] * r_out[j], rule)
+            r_h1 = r_h1 + r_n3
+        relevance, r_attn = h / h1 * r_h1, an / h1 * r_h1
+        r_o = _linear_messages(o.reshape(t, -1), att.o_proj.weight, r_attn, attn).view(o.shape)
+        r_qr, r_kf, r_vf, lost = _attention_messages(qr, kf, vf, s, a, o, r_o, 1.0, rule)
+        absorbed += lost
+        group = heads // kr.shape[1]
+        r_kr = r_kf.reshape(*kr.shape[:2], group, -1).sum(2)  # copies of a kv head add up
+        r_vn = r_vf.reshape(*kr.shape[:2], group, -1).sum(2)
+        kind = cfg.layer_types[i]
+        if att.is_kv_shared_layer:  # to the layer that computed them
+            stored[kind][2] += r_kr
+            stored[kind][3] += r_vn
+            r_q_only = True
+        else:
+            r_q_only = False
+            if att.store_full_length_kv:  # what the later layers read of them
+                r_kr, r_vn = r_kr + stored[kind][2], r_vn + stored[kind][3]
+        # RoPE: LRP-0 of a rotation; the norms of queries, keys and values pass relevance on
+        r_q = qn * torch.einsum("tnm,thn->thm", rot, r_qr / qr)
+        r_n1 = _linear_messages(n1, att.q_proj.weight, r_q.reshape(t, -1), q.reshape(t, -1))
+        if not r_q_only:
+            r_k = kn * torch.einsum("tnm,thn->thm", rot, r_kr / kr)
+            if att.v_proj is None:  # the values are the keys before their norm and RoPE
+                r_k = r_k + r_vn
+            else:
+                v = (n1 @ att.v_proj.weight.T).view(r_vn.shape)
+                r_n1 = r_n1 + _linear_messages(
+                    n1, att.v_proj.weight, r_vn.reshape(t, -1), v.reshape(t, -1)
+                )
+            r_n1 = r_n1 + _linear_messages(
+                n1, att.k_proj.weight, r_k.reshape(t, -1), k.reshape(t, -1)
+            )
+        relevance = relevance + r_n1
+    # the per-layer inputs' relevance: the projection's share to the embeddings, the table's
+    # absorbed (a constant of the token)
+    r_pn = pn / (pn + table) * r_per_layer
+    looked_up = float((r_per_layer - r_pn).sum())
+    w = model.per_layer_model_projection.weight  # its scale and the norm pass relevance on
+    relevance = relevance + _linear_messages(x, w, r_pn.reshape(t, -1), projected)
+    return relevance.numpy(), absorbed, looked_up, logit
+
+
+@pytest.mark.parametrize("rule", ["attnlrp", "cp-lrp"])
+@pytest.mark.parametrize("arch", list(GEMMA4))
+def test_gemma4_equals_explicit_layer_by_layer_lrp(arch, rule):
+    model = _double(*_gemma4(**GEMMA4[arch]))
+    got = ax.lrp(model, PROMPT, TARGET, rule=rule)
+    ids = got.source_id.values.tolist()
+    logits = _logits(model, got)
+    for k, position in enumerate(got.target.values.tolist()):
+        want, absorbed, looked_up, logit = gemma4_lrp_reference(
+            model.hf, ids, position - 1, int(got.target_id[k]), rule
+        )
+        # transformers' Gemma 4 norms round to float32 (attrax's rules and the reference's
+        # norms compute in the model's float64)
+        assert logit == pytest.approx(logits[k], rel=1e-5, abs=1e-5)
+        # no biases: the sources hold the logit less what the softmaxes and the per-layer
+        # embeddings' table absorb
+        assert want.sum() + absorbed + looked_up == pytest.approx(logit, rel=1e-6, abs=1e-6)
+        assert abs(looked_up) > 1e-3 and (absorbed == 0.0) == (rule == "cp-lrp")
+        np.testing.assert_allclose(got[k].fillna(0).values, want, rtol=1e-7, atol=1e-10)
+
+
+@pytest.mark.parametrize("arch", list(GEMMA4))
+def test_gemma4_rules_keep_the_forward_batches_and_both_modes(arch):
+    """The patched layers, gates and norms compute Gemma 4's own logits; a padded batch's
+    relevance is each text's alone (their per-layer embeddings looked up at their own ids); jvp
+    and vjp linearise the rules alike."""
+    hf, tok = _gemma4(**GEMMA4[arch])
+    model = ax.load_model(hf, tokenizer=tok)
+    ids = tok(PROMPT + TARGET, return_tensors="pt")["input_ids"]
+    embeds, mask, index = model.embed(ids), torch.ones_like(ids), torch.tensor([[2, 4]])
+    with torch.no_grad():
+        want = hf(input_ids=ids).logits[:, [2, 4]]
+    for rule in ("attnlrp", "cp-lrp"):
+        with lrp_rules(model, rule), reading(ids):
+            got = model.logits_at(embeds, mask, index)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    model = _double(hf, tok)
+    prompts, targets = [PROMPT, "def f(x):"], [TARGET, " return x + 1"]
+    batched = ax.lrp(model, prompts, targets)
+    for b, (prompt, target) in enumerate(zip(prompts, targets, strict=True)):
+        single = ax.lrp(model, prompt, target)
+        part = batched.isel(example=b).sel(target=single.target, source=single.source)
+        np.testing.assert_allclose(part.values, single.values, rtol=1e-9, atol=1e-12)
+    reverse = ax.lrp(model, PROMPT, TARGET, reduce_hidden="sum", mode="reverse")
+    forward = ax.lrp(model, PROMPT, TARGET, reduce_hidden="sum", mode="forward")
+    np.testing.assert_allclose(forward.values, reverse.values, rtol=1e-9, atol=1e-12)
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "gpt_neo", "llama", "phi3", "pythia", "opt-projected"])

@@ -278,6 +278,36 @@ def _gemma_rms_norm(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     return (h * (1.0 + module.weight.to(h.dtype))).type_as(x)
 
 
+def _gemma4_rms_norm(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Gemma 4's RMSNorm (``x / rms(x)``, times ``weight`` unless built without one, in float32
+    at least) with ``1 / rms`` constant."""
+    h = x.to(at_least_float32(x.dtype))
+    h = h * torch.pow(h.pow(2).mean(-1, keepdim=True) + module.variance_epsilon, -0.5).detach()
+    return (h * module.weight.to(h.dtype) if module.with_scale else h).type_as(x)
+
+
+def _gemma4_layer(
+    module: torch.nn.Module,
+    hidden_states: torch.Tensor,
+    per_layer_input: torch.Tensor | None = None,
+    **kwargs: Any,
+) -> torch.Tensor:
+    """Gemma 4's decoder layer as transformers runs it, whose per-layer branch multiplies the
+    layer's per-layer input by the gate ``act(per_layer_input_gate(h))``: the uniform rule
+    (half of each gradient, the gate's half in :func:`_per_layer_gate`) or, under CP-LRP, the
+    gate held constant, as a gated MLP's."""
+    if per_layer_input is not None and _rule() == "attnlrp":
+        per_layer_input = _scale_gradient(per_layer_input, 0.5)
+    return type(module).forward(module, hidden_states, per_layer_input, **kwargs)
+
+
+def _per_layer_gate(module: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """Gemma 4's ``per_layer_input_gate``: the gate's half of the uniform rule (AttnLRP), or
+    the gate held constant (CP-LRP); see :func:`_gemma4_layer`."""
+    y = torch.nn.functional.linear(x, module.weight, module.bias)
+    return y.detach() if _rule() == "cp-lrp" else _scale_gradient(y, 0.5)
+
+
 def _gated_mlp(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``down(act(gate(x)) * up(x))``: the uniform rule on the product (AttnLRP) or the gate
     held constant (CP-LRP, as LXT)."""
@@ -552,6 +582,13 @@ _PATCHED: dict[str, Callable[..., torch.Tensor]] = {
     "Llama4TextMLP": _gated_mlp,
     "Llama4TextExperts": _llama4_experts,
     "Llama4Router": _llama4_router,
+    # Gemma 4: norms with and without weights (values', routers'), per-layer inputs gated into
+    # each layer (the layer's and its gate's patches), a mixture beside the MLP in some layers
+    "Gemma4RMSNorm": _gemma4_rms_norm,
+    "Gemma4TextMLP": _gated_mlp,
+    "Gemma4TextDecoderLayer": _gemma4_layer,
+    "Gemma4TextExperts": _experts,
+    "Gemma4TextRouter": _router,
     # DeepSeek V2, V3: also the query and key-value latents' norms; dense and shared MLPs
     **{
         f"{family}{part}": forward
@@ -639,6 +676,9 @@ _ATTENTION = frozenset(
         # RoPE as complex products, queries scaled per position in NoPE layers (constants),
         # query and key norms (children, patched), chunked local layers (in the mask)
         "Llama4TextAttention",
+        # query, key and value norms (children, patched; the value's without weight), keys
+        # as values in some global layers, keys and values shared by later layers, unscaled
+        "Gemma4TextAttention",
         "ElectraSelfAttention",
         "DistilBertSelfAttention",  # its output projection `out_lin` is a child Linear
         "DisentangledSelfAttention",  # DeBERTa-v2's, run by attrax (:mod:`attrax._routed`)
@@ -697,6 +737,12 @@ _LINEAR = frozenset(
         "ArceeMLP",  # down(act(up(x))): its activation (relu ** 2) a child module
         "NemotronMLP",  # the same
         "Gemma3DecoderLayer",  # norms after attention and MLP (patched), then residual sums
+        # Gemma 4: the per-layer inputs, a projection of the embeddings (normed, patched) plus
+        # a table looked up by token id (a constant), summed and scaled; rotary tables
+        "Gemma4TextModel",
+        "Gemma4ForCausalLM",
+        "Gemma4TextScaledWordEmbedding",
+        "Gemma4TextRotaryEmbedding",
         "Gemma3TextModel",
         "Gemma3ForCausalLM",
         "Gemma3ForSequenceClassification",
@@ -994,6 +1040,7 @@ ARCHITECTURES = (
     "youtu",
     "glm_moe_dsa",
     "llama4_text",
+    "gemma4_text",
     "glm4_moe",
     "minimax_m2",
     "gpt_neox",
@@ -1047,6 +1094,8 @@ def _plan(hf: torch.nn.Module) -> list[tuple[torch.nn.Module, Callable[..., torc
         if kind in _PATCHED:
             if kind == "LayerNorm" and not isinstance(module, torch.nn.LayerNorm):
                 unknown.setdefault(kind, path)
+            if kind == "Gemma4TextDecoderLayer" and module.hidden_size_per_layer_input:
+                patches.append((module.per_layer_input_gate, _per_layer_gate))
             if kind == "ContextPooler":
                 _pooler_activation(module)  # refused before the forward, not inside it
             patches.append((module, _PATCHED[kind]))
