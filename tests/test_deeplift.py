@@ -638,3 +638,27 @@ def test_llama4s_stacked_experts_are_refused_and_its_dense_layers_run():
     dense = ax.load_model(type(hf)(hf.config).double().eval(), tokenizer=tok)
     assert not any(type(m).__name__ == "Llama4TextMoe" for m in dense.hf.modules())
     assert_close(ax.deeplift(dense, *PAIRS[0]).values, naive_deeplift(dense, *PAIRS[0]))
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe", "gpt_oss"])
+def test_routed_experts_are_refused(arch):
+    """A mixture's experts run on the (token, expert) pairs their router picks: under
+    transformers' default grouped implementation one activation call over the pairs sorted by
+    expert, otherwise a call per expert. The zero baseline routes its tokens elsewhere, so the
+    i-th row of the reference forward's activations is another pair's input than the input's
+    i-th (the rows the Rescale rule would pair, before 2026-12-05: silently). DeepLIFT and
+    DeepLiftSHAP refuse, naming the experts."""
+    _, tok = tiny_model("gpt2")
+    model = ax.load_model(_family(arch, tok), tokenizer=tok)
+    picks = []
+    router = next(m for m in model.hf.modules() if type(m).__name__.endswith("Router"))
+    hook = router.register_forward_hook(lambda m, i, out: picks.append(out[-1]))
+    ids = tok(PAIRS[0][0] + PAIRS[0][1], return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        for embeds in (model.embed(ids), torch.zeros_like(model.embed(ids))):
+            model.hf(inputs_embeds=embeds)
+    hook.remove()
+    assert not torch.equal(picks[0], picks[1])  # the pairs the two forwards' rows stand for
+    for method in (ax.deeplift, ax.deeplift_shap):
+        with pytest.raises(ax.ModelError, match=r"mlp\.experts.*Experts.*router picks"):
+            method(model, *PAIRS[0])

@@ -249,21 +249,26 @@ class _WithGap:
         return _layers.join_gaps(da, gap.shape[-1])
 
 
-# experts that run on every token's input stacked expert by expert (``[experts, tokens, width]``):
-# their activations' rows are no batch rows, which the reference forward's are matched by
-_STACKED_EXPERTS = frozenset({"Llama4TextExperts"})
+def _routed(kind: str) -> bool:
+    """Whether a module class holds a mixture's routed experts (transformers names them all
+    ``...Experts``): the rows of their activations are the (token, expert) pairs the router
+    picked, or (Llama 4's) every expert stacked on every token's routing-scaled input."""
+    return kind.endswith("Experts")
 
 
 def _check_activations(model: Model, activations: str) -> None:
     """A ModelError for an elementwise activation module the Rescale rule would silently skip,
-    or for experts whose activations it cannot match with the reference forward's."""
+    or for routed experts, whose activations it cannot match with the reference forward's."""
     for name, module in model.hf.named_modules():
         kind = type(module).__name__
-        if kind in _STACKED_EXPERTS:
+        if _routed(kind):
+            # the reference's tokens go to other experts: the i-th rows of the two forwards'
+            # activations (sorted by expert, or one call per expert) are other pairs' inputs
             raise ModelError(
-                f"DeepLIFT: {type(model.hf).__name__}'s experts ({name!r}, {kind}) run on every "
-                "token's input stacked expert by expert, whose activations attrax cannot match "
-                "with the reference forward's; attrax has no DeepLIFT for this model"
+                f"DeepLIFT: {type(model.hf).__name__}'s experts ({name!r}, {kind}) run on the "
+                "tokens their router picks, which the reference routes elsewhere, so attrax cannot "
+                "pair their activations with the reference forward's; attrax has no DeepLIFT for "
+                "mixtures of experts (LRP holds their routing constant)"
             )
         if type(module).__module__ not in _ACTIVATION_LIBRARIES or kind in _NOT_ELEMENTWISE:
             continue
