@@ -33,7 +33,9 @@ def _checkpoints(arch: str, count: int = 3) -> list[ax.Model]:
     return models
 
 
-@pytest.fixture(scope="module", params=["gpt2", "llama"])
+# Gemma 3's embedding module scales its rows by sqrt(hidden): a stack read the raw tables, 1.26
+# of the largest saliency off, until 2026-12-05
+@pytest.fixture(scope="module", params=["gpt2", "llama", "gemma3"])
 def checkpoints(request) -> list[ax.Model]:
     return _checkpoints(request.param)
 

@@ -198,9 +198,9 @@ class _Expanded(Model):
         params, buffers = stack_module_state([m.hf for m in models])
         self._params = {f"hf.{k}": v for k, v in params.items()}
         self._buffers = {f"hf.{k}": v for k, v in buffers.items()}
-        weight = first._source_embedding.weight
-        self._tables = torch.stack([m._source_embedding.weight for m in models]).detach()
-        assert self._tables.shape[1:] == weight.shape
+        # each model's embedding module, not its raw table: Gemma's and BioGPT's scale their rows
+        tables = stack_module_state([m._source_embedding for m in models])
+        self._tables = tuple({k: v.detach() for k, v in part.items()} for part in tables)
         heads = [m._head for m in models]
         self._head_weight = torch.stack([h.weight for h in heads]).detach()  # [M, V, H]
         biases = [getattr(h, "bias", None) for h in heads]
@@ -218,8 +218,13 @@ class _Expanded(Model):
             raise OptionError(
                 "stacked models embed their own batch only (a token baseline is not supported)"
             )
-        which = torch.arange(count, device=ids.device).repeat_interleave(self.rows)
-        return self._tables[which[:, None], ids]
+        module = self._models[0]._source_embedding
+
+        def rows(params: dict, buffers: dict, own: torch.Tensor) -> torch.Tensor:
+            return functional_call(module, (params, buffers), (own,))
+
+        by_model = ids.unflatten(0, (count, self.rows))
+        return torch.vmap(rows)(*self._tables, by_model).flatten(0, 1)
 
     def hidden_at(
         self,
