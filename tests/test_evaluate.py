@@ -18,8 +18,10 @@ OTHER = ("2 7 1 8 6 4 =", " 4 6 8 1 7 2")
 
 
 def test_faithfulness_equals_each_method_scored_alone(default_model):
+    """Each method is scored with the objective it explained: LRP's logit beside saliency's
+    probability (scored with the first method's until 2026-12-05)."""
     data = [{"input": PROMPT, "target": ANSWER}, {"input": OTHER[0], "target": OTHER[1]}]
-    methods = {"saliency": ax.saliency, "occlusion": ax.occlusion}
+    methods = {"saliency": ax.saliency, "occlusion": ax.occlusion, "lrp": ax.lrp}
     ds = ax.evaluate(default_model, data, methods, ["comprehensiveness", "deletion"], top_k=2)
     inputs, targets = [d["input"] for d in data], [d["target"] for d in data]
     for name, fn in methods.items():

@@ -410,13 +410,26 @@ def score_records(
         named = f"`methods[{name!r}]`"
         reduced.append(_reduced(got, steps, method=named, reduce=reduce, examples=len(inputs)))
     flat = _one_batch(reduced)  # every method's examples as one batch: [M * N, T, S]
+    n = len(inputs)
+    # each method scored with the objective it explained: one batch per objective (the joined
+    # batch keeps the first method's attrs)
+    groups: dict[str, list[int]] = {}
+    for m, da in enumerate(reduced):
+        groups.setdefault(str(da.attrs.get("objective")), []).append(m)
     scores: dict[str, np.ndarray] = {}
     for metric in (m for m in chosen if m in FAITHFULNESS):
-        curve = getattr(_faithfulness, metric)(
-            model, flat, inputs * len(names), None if targets is None else targets * len(names),
-            batch_size=batch_size,
-        )  # fmt: skip
-        scores[metric] = curve[FAITHFULNESS[metric]].values
+        per_method: list[np.ndarray] = [np.empty(0)] * len(names)
+        for members in groups.values():
+            part = flat.isel(example=np.concatenate([np.arange(m * n, m * n + n) for m in members]))
+            part.attrs = dict(reduced[members[0]].attrs)
+            curve = getattr(_faithfulness, metric)(
+                model, part, inputs * len(members),
+                None if targets is None else targets * len(members), batch_size=batch_size,
+            )  # fmt: skip
+            values = curve[FAITHFULNESS[metric]].values
+            for j, m in enumerate(members):
+                per_method[m] = values[j * n : j * n + n]
+        scores[metric] = np.concatenate(per_method)
     relevance = flat.values  # [M * N, T, S], NaN where nothing is attributed
     if any(m in PLAUSIBILITY for m in chosen):
         truth = _rationale_tokens(model, flat, records)  # [N, S] of 0/1/NaN
