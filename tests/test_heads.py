@@ -256,6 +256,12 @@ def test_rollout_encoder_decoder(models64):
             rtol=1e-7,
             atol=1e-12,
         )
+    # the decoder layers roll in the order they run, however `layers` lists them (the order
+    # given until 2026-12-05)
+    listed = [ax.attention_x_gradient(model, SOURCE, TARGET, rollout=True, layers=layers)
+              for layers in ([0, 1], [1, 0])]  # fmt: skip
+    np.testing.assert_allclose(listed[1].values, listed[0].values, rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(listed[0].values, got.sel(side="source").values, rtol=1e-12)
 
 
 def naive_head_ig(model, source, target, stack, layer, steps, rule="gausslegendre", **how):

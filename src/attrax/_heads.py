@@ -576,7 +576,7 @@ def _rolled(
     length = decoder_mask.shape[1]
     r_tt = _eye(some, length).clone()
     r_ts = some.new_zeros(some.shape[0], some.shape[1], length, some.shape[-1])
-    for layer in chosen:
+    for layer in sorted(chosen):  # in the order the layers run, whatever order they were given
         own, cross = relevance[("decoder", layer)], relevance[("cross", layer)]
         r_tt, r_ts = r_tt + own @ r_tt, r_ts + own @ r_ts
         r_ts = r_ts + _normalized(r_tt).transpose(-1, -2) @ cross @ _normalized(r_ss)
