@@ -372,6 +372,28 @@ def test_rationale_marks_may_be_bools_or_floats():
     assert ax._evaluate.read_records(data)[0].rationale == (1, 0, 1, 0)
 
 
+def test_sanity_checks_of_a_method_without_objective(default_model):
+    """ALTI reads the forward, not an output: its random-logit check is NaN and the cascade
+    runs. A wrapper that passes `objective` on to ALTI is refused before any randomized copy
+    (it failed after all of them, naming neither the check nor sanity_checks, until
+    2026-12-05)."""
+    data = [{"input": PROMPT, "target": ANSWER}]
+    ds = ax.sanity_checks(default_model, data, ax.alti)
+    assert np.isnan(ds.random_logit.values).all()
+    assert np.isfinite(ds.spearman.values).any()
+    calls = []
+
+    def wrapped(model, inputs, targets, **options):
+        calls.append(1)
+        return ax.alti(model, inputs, targets, **options)
+
+    with pytest.raises(
+        ax.OptionError, match=r"random-logit check .*alti does not take `objective`"
+    ):
+        ax.sanity_checks(default_model, data, wrapped)
+    assert len(calls) == 2  # the original and the random logit
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [

@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import numbers
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -694,7 +695,9 @@ def sanity_checks(
       target. A method that explains the model falls towards 0 as layers are randomized.
     - Random logit: the attribution of another, randomly chosen output for each target (another
       class; for a language model another vocabulary token) against the original, as
-      ``random_logit``. A method that explains the chosen output should not stay the same.
+      ``random_logit``. A method that explains the chosen output should not stay the same. A
+      method that takes no ``objective`` (ALTI, attention, value zeroing, DLA: they read the
+      forward, not an output) gets NaN there.
 
     Each randomized model is a full copy of the model: memory grows with its size. Targets must be
     given for language models (``target`` on every record), so every model explains the same
@@ -739,11 +742,33 @@ def sanity_checks(
 
     original_da = method(model, inputs, targets)
     # checked before the randomized copies are made and attributed
-    _reduced(original_da, steps, method=named, reduce=reduce, examples=len(inputs))
+    original = _reduced(original_da, steps, method=named, reduce=reduce, examples=len(inputs))
+    original = original.values
     if targets is None and model.task == "sequence-classification":
         chosen = original_da["target_label"]
         targets = [[str(x) for x in row if x] for row in np.atleast_2d(chosen.values).tolist()]
-    original = attribute(model)
+    outputs = (
+        len(model.labels) if model.labels else model.hf.get_output_embeddings().weight.shape[0]
+    )
+    offset = int(np.random.default_rng(seed).integers(1, outputs))
+
+    def random_logit(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        # a fixed relabelling of every target to another output: vectorized, batch-independent
+        other = (ids + offset) % logits.shape[-1]
+        return torch.softmax(logits, -1).gather(-1, other[..., None])[..., 0]
+
+    # before the randomized copies: a method that explains no chosen output (ALTI, attention,
+    # value zeroing, DLA) takes no objective and gets NaN; one that refuses it fails early
+    shuffled = np.full(original.shape, np.nan)
+    parameters = inspect.signature(method).parameters.values()
+    if any(p.name == "objective" or p.kind is p.VAR_KEYWORD for p in parameters):
+        try:
+            shuffled = attribute(model, random_logit)
+        except OptionError as err:
+            raise OptionError(
+                f"sanity_checks' random-logit check explains another output with "
+                f"`objective=`: {err}"
+            ) from None
     blocks = _layers(model)
     names, randomized = [], []
     for depth in range(len(blocks)):  # each randomized model is its own computation
@@ -758,17 +783,6 @@ def sanity_checks(
         )
         randomized.append(attribute(shaken))
         names.append(blocks[depth])
-    outputs = (
-        len(model.labels) if model.labels else model.hf.get_output_embeddings().weight.shape[0]
-    )
-    offset = int(np.random.default_rng(seed).integers(1, outputs))
-
-    def random_logit(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        # a fixed relabelling of every target to another output: vectorized, batch-independent
-        other = (ids + offset) % logits.shape[-1]
-        return torch.softmax(logits, -1).gather(-1, other[..., None])[..., 0]
-
-    shuffled = attribute(model, random_logit)
     spearman = np.stack([_rank_agreement(original, r, False) for r in randomized])
     magnitude = np.stack([_rank_agreement(original, r, True) for r in randomized])
     return label_sanity(
