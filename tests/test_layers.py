@@ -13,6 +13,7 @@ import json
 import numpy as np
 import pytest
 import torch
+import xarray as xr
 
 import attrax as ax
 from attrax.testing import tiny_classifier, tiny_model
@@ -296,7 +297,14 @@ def test_reductions_and_save_load(double, tmp_path):
         ({"layers": 3}, "layer 3 is out of range; this model has layers 0..2"),
         ({"layers": -4}, "layer -4 is out of range"),
         ({"layers": [1, -2]}, "names a layer twice"),
-        ({"layers": "first"}, "`layers` must be None, an int, a non-empty list of ints or 'all'"),
+        (
+            {"layers": "first"},
+            "`layers` must be None, an int, a non-empty list of ints, a slice or 'all'",
+        ),
+        (
+            {"layers": slice(5, 9)},
+            "`layers=slice(5, 9, None)` selects nothing; this model has layers 0..2",
+        ),
         ({"layers": []}, "`layers` must be"),
         ({"layers": True}, "`layers` must be"),
         ({"layers": 1, "mode": "forward"}, "mode='reverse'"),
@@ -305,6 +313,20 @@ def test_reductions_and_save_load(double, tmp_path):
 def test_bad_layers_are_refused(double, options, message):
     with pytest.raises(ax.OptionError, match=message.replace("(", r"\(").replace(")", r"\)")):
         ax.saliency(double["gpt2"], SOURCE, TARGET, **options)
+
+
+def test_layers_as_a_slice_or_numpy_ints(double):
+    """A slice over the layers 0..L (as the attention methods' `layers` take), and numpy ints
+    (np.argmax's), give what the list of their ints gives; so do the attention methods' numpy
+    ints (a bare one was refused until 2026-12-05)."""
+    model = double["gpt2"]
+    want = ax.lrp(model, SOURCE, TARGET, layers=[1, 2])
+    for given in (slice(1, None), slice(-2, None), [np.int64(1), np.int64(2)]):
+        got = ax.lrp(model, SOURCE, TARGET, layers=given)
+        xr.testing.assert_identical(got.drop_attrs(), want.drop_attrs())
+    last = ax.alti(model, SOURCE, TARGET, aggregate=False, layers=[1])
+    got = ax.alti(model, SOURCE, TARGET, aggregate=False, layers=np.int64(1))
+    xr.testing.assert_identical(got.drop_attrs(), last.drop_attrs())
 
 
 def test_methods_without_a_layer_variant_refuse(double):

@@ -50,7 +50,7 @@ def check_selection(value: object, name: str) -> None:
     the model's sizes)."""
     if value is None or isinstance(value, (slice, range)):
         return
-    items = [value] if isinstance(value, int) else value
+    items = [value] if isinstance(value, (int, np.integer)) else value  # np.argmax's too
     if isinstance(value, (str, bytes)) or not isinstance(items, Sequence):
         raise OptionError(
             f"`{name}` must be an int, a range, a slice or a list of ints, got {value!r}"
@@ -254,7 +254,7 @@ def selection_indices(value: Selection, n: int, name: str, what: str) -> list[in
         if not chosen:
             raise OptionError(f"`{name}` {value!r} selects nothing; {valid}")
         return chosen
-    items = [value] if isinstance(value, int) else value
+    items = [value] if isinstance(value, (int, np.integer)) else value
     if isinstance(value, (str, bytes)) or not isinstance(items, (Sequence, range)):
         raise OptionError(
             f"`{name}` must be an int, a range, a slice or a list of ints, got {value!r}"

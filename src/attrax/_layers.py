@@ -35,7 +35,7 @@ from ._model import Model
 
 #: what ``layers=`` accepts besides ints
 ALL = "all"
-Layers = int | Sequence[int] | str | None
+Layers = int | Sequence[int] | slice | str | None
 
 
 def _is_int(value: object) -> bool:
@@ -43,14 +43,14 @@ def _is_int(value: object) -> bool:
 
 
 def check_layers(value: object, name: str) -> None:
-    """``None``, an int, a non-empty list of ints or ``"all"`` (the range is checked against
-    the model when the call runs).
+    """``None``, an int, a non-empty list of ints, a slice or ``"all"`` (the range is checked
+    against the model when the call runs), as the attention methods' ``layers`` take them.
 
     >>> check_layers("last", "layers")
     Traceback (most recent call last):
-    attrax._errors.OptionError: `layers` must be None, an int, a non-empty list of ints or 'all', got 'last'
+    attrax._errors.OptionError: `layers` must be None, an int, a non-empty list of ints, a slice or 'all', got 'last'
     """
-    if value is None or (isinstance(value, str) and value == ALL):
+    if value is None or isinstance(value, slice) or (isinstance(value, str) and value == ALL):
         return
     if _is_int(value):
         return
@@ -61,7 +61,7 @@ def check_layers(value: object, name: str) -> None:
     ):
         return
     raise OptionError(
-        f"`{name}` must be None, an int, a non-empty list of ints or 'all', got {value!r}"
+        f"`{name}` must be None, an int, a non-empty list of ints, a slice or 'all', got {value!r}"
     )
 
 
@@ -100,9 +100,16 @@ def check_config(config: Any, layers: Layers) -> None:
 
 def resolve_count(count: int, layers: Layers) -> list[int]:
     """:func:`resolve` for a model of ``count`` blocks."""
-    if layers == ALL:
+    if isinstance(layers, str) and layers == ALL:
         return list(range(count + 1))
-    given = [layers] if _is_int(layers) else list(layers)  # type: ignore[arg-type]
+    if isinstance(layers, slice):  # over the layers 0..count
+        given = list(range(count + 1))[layers]
+        if not given:
+            raise OptionError(
+                f"`layers={layers!r}` selects nothing; this model has layers 0..{count}"
+            )
+    else:
+        given = [layers] if _is_int(layers) else list(layers)  # type: ignore[arg-type]
     out = []
     for layer in map(int, given):
         if not -(count + 1) <= layer <= count:
