@@ -120,6 +120,17 @@ def test_bad_options(models, options, match):
         ax.saliency(models["gpt2"], *PAIRS[0], **options)
 
 
+def test_a_position_missing_from_one_example_of_a_batch_names_it(models):
+    """`positions` apply to every example: one that is another example's target position only
+    names the example it is not one of (it gave the first example's range alone)."""
+    (a, b), (c, d) = PAIRS[0], PAIRS[1]
+    inputs, targets = [a, c], [b, d]
+    last = max(ax.saliency(models["gpt2"], c, d).target.values)
+    match = rf"contains {last}, which is not a target position of `inputs\[0\]`; its target"
+    with pytest.raises(ax.InputError, match=match):
+        ax.saliency(models["gpt2"], inputs, targets, positions=[int(last)])
+
+
 @pytest.mark.parametrize(
     ("options", "match"),
     [

@@ -151,7 +151,9 @@ def prepare(
         first = 1 if model.is_encoder_decoder else len(src)
         available = tuple(range(first, first + len(tgt)))
         examples.append(
-            Example(src, tgt, contrast_ids[i], _select(positions, available, first + len(tgt)))
+            Example(
+                src, tgt, contrast_ids[i], _select(positions, available, first + len(tgt), where)
+            )
         )
     return Batch(tuple(examples), single, model.is_encoder_decoder, start)
 
@@ -467,7 +469,11 @@ def _check_length(
         )
 
 
-def _select(positions: Any, available: tuple[int, ...], length: int) -> tuple[int, ...]:
+def _select(
+    positions: Any, available: tuple[int, ...], length: int, where: str = ""
+) -> tuple[int, ...]:
+    """The target positions of one example (``where``: its index in a batch, ``"[i]"``) that
+    ``positions`` selects: every one of them must be one of that example's."""
     if positions is None:
         return available
     wanted = [positions] if isinstance(positions, int) else positions
@@ -484,10 +490,12 @@ def _select(positions: Any, available: tuple[int, ...], length: int) -> tuple[in
         absolute = p + length if p < 0 else p
         if absolute not in available:
             counted = f" (position {absolute} of the {length} tokens)" if p < 0 else ""
+            whose = f" of `inputs{where}`; its" if where else "; the"
+            batch = "; positions apply to every example of a batch" if where else ""
             raise InputError(
-                f"`positions` contains {p}{counted}, which is not a target position; target "
+                f"`positions` contains {p}{counted}, which is not a target position{whose} target "
                 f"positions are {available[0]}..{available[-1]} (negative values count from "
-                "the end of the whole sequence, special tokens included)"
+                f"the end of the whole sequence, special tokens included{batch})"
             )
         chosen.append(absolute)
     return tuple(sorted(set(chosen)))
@@ -534,7 +542,9 @@ def prepare_classification(
     for i, (ids, segments, special, token_types) in enumerate(encoded):
         if token:
             available = tuple(p for p in range(len(ids)) if not special[p])
-            chosen = _select(positions, available or tuple(range(len(ids))), len(ids))
+            chosen = _select(
+                positions, available or tuple(range(len(ids))), len(ids), _at(i, single)
+            )
             given = _classes_for(model, targets, "targets", i, n, single, len(chosen))
             against = _classes_for(model, contrast, "contrast", i, n, single, len(chosen))
             pred = prob = None
