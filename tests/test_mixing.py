@@ -1331,3 +1331,23 @@ def test_positions_keep_their_rows(mixing_models, method):
     one = method(model, PROMPT, TARGET, positions=[first])
     assert one.target.values.tolist() == [first]
     np.testing.assert_allclose(one.values[0], full.values[0], atol=1e-12)
+
+
+# a third layer (local) reading the first's keys and values; keys as values in the global one
+SHARED = {"num_kv_shared_layers": 1, "num_hidden_layers": 3}
+SHARED["layer_types"] = ["sliding_attention", "full_attention", "sliding_attention"]
+
+
+@pytest.mark.parametrize("layout", [SHARED, {"attention_k_eq_v": True}])
+def test_value_zeroing_refuses_attention_without_its_own_values(layout):
+    """Gemma 4's layers that reuse an earlier layer's keys and values, and its global layers
+    that take their keys as values, have no value projection of their own: refused, naming
+    the attention, as docs/architectures.md says."""
+    _, tok = tiny_model("gpt2")
+    hf = _family("gemma4", tok)
+    config = hf.config
+    config.update(layout)
+    torch.manual_seed(0)
+    model = ax.load_model(type(hf)(config), tokenizer=tok)
+    with pytest.raises(ax.ModelError, match="no value projection in Gemma4TextAttention"):
+        ax.value_zeroing(model, "The capital of France is", " Paris")
