@@ -742,8 +742,8 @@ def sanity_checks(
 
     original_da = method(model, inputs, targets)
     # checked before the randomized copies are made and attributed
-    original = _reduced(original_da, steps, method=named, reduce=reduce, examples=len(inputs))
-    original = original.values
+    checked = _reduced(original_da, steps, method=named, reduce=reduce, examples=len(inputs))
+    original = checked.values
     if targets is None and model.task == "sequence-classification":
         chosen = original_da["target_label"]
         targets = [[str(x) for x in row if x] for row in np.atleast_2d(chosen.values).tolist()]
