@@ -110,6 +110,10 @@ def test_too_long_encoder_input(models):
         ({"positions": [0]}, "`positions` contains 0, which is not a target position"),
         ({"positions": []}, "`positions` is empty"),
         ({"positions": "x"}, "`positions` must be an int or a list of ints"),
+        # a string's digits, a float's floor and a bool were read as positions until 2026-12-05
+        ({"positions": "5"}, r"`positions` must be an int or a list of ints, got '5'"),
+        ({"positions": [5.9]}, r"`positions` must be an int or a list of ints, got \[5.9\]"),
+        ({"positions": True}, "`positions` must be an int or a list of ints, got True"),
         ({"max_new_tokens": 0}, "`max_new_tokens` must be a positive integer"),
         ({"attribute_target": "yes"}, "`attribute_target` must be a bool"),
         ({"contrast": " Paris is"}, "`contrast` .* has .* tokens but the target has"),

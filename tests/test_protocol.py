@@ -336,3 +336,15 @@ def test_an_objective_without_a_gradient_is_refused_where_it_is_differentiated(
                 ax.OptionError, match=f"`objective` {objective.__name__} has a zero"
             ):
                 fn(model, *pair, objective=objective, **SMALL.get(name, {}))
+
+
+def test_numpy_scalars_are_options_as_python_ones(default_model):
+    """np.arange's and np.argmax's scalars are ints and floats: the call equals the one with
+    Python's, and its attrs record Python's (np.int64 steps were refused as no positive integer
+    until 2026-12-05)."""
+    given = {"steps": np.int64(4), "baseline": "pad", "chunk_size": np.int32(2)}
+    got = ax.integrated_gradients(default_model, "1 2 3 =", " 3 2 1", **given)
+    want = ax.integrated_gradients(
+        default_model, "1 2 3 =", " 3 2 1", steps=4, baseline="pad", chunk_size=2
+    )
+    xr.testing.assert_identical(got, want)

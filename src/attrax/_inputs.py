@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+import numbers
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -469,6 +470,11 @@ def _check_length(
         )
 
 
+def _integral(value: object) -> bool:
+    """An int, numpy's too, not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def _select(
     positions: Any, available: tuple[int, ...], length: int, where: str = ""
 ) -> tuple[int, ...]:
@@ -476,13 +482,14 @@ def _select(
     ``positions`` selects: every one of them must be one of that example's."""
     if positions is None:
         return available
-    wanted = [positions] if isinstance(positions, int) else positions
-    try:
-        wanted = [int(p) for p in wanted]
-    except (TypeError, ValueError):
-        raise InputError(
-            f"`positions` must be an int or a list of ints, got {positions!r}"
-        ) from None
+    wanted = [positions] if _integral(positions) else positions
+    # a string's digits, a float's floor or a bool are no positions: refused, not read as ints
+    if isinstance(positions, (str, bytes)) or not isinstance(wanted, Iterable):
+        wanted = [positions]
+    wanted = list(wanted)
+    if not all(_integral(p) for p in wanted):
+        raise InputError(f"`positions` must be an int or a list of ints, got {positions!r}")
+    wanted = [int(p) for p in wanted]
     if not wanted:
         raise InputError("`positions` is empty: select at least one target position")
     chosen = []

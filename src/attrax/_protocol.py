@@ -260,6 +260,10 @@ def _public(
                 f"{name} has no option {key!r}; its options are: {', '.join(option_names)}"
             )
 
+    def python_scalars(arguments: Mapping[str, Any]) -> dict[str, Any]:
+        # numpy's scalars (np.arange's, np.argmax's) as the Python ones the checks and attrs take
+        return {k: v.item() if isinstance(v, np.generic) else v for k, v in arguments.items()}
+
     def check_values(arguments: Mapping[str, Any]) -> None:
         for key, value in arguments.items():
             if key in all_checks:
@@ -275,7 +279,7 @@ def _public(
             raise OptionError(f"{name}: {leading} are arguments, not options")
         bound = signature.bind_partial(**options)
         bound.apply_defaults()
-        resolved = {k: v for k, v in bound.arguments.items() if k in option_names}
+        resolved = python_scalars({k: v for k, v in bound.arguments.items() if k in option_names})
         check_values(resolved)
         return resolved
 
@@ -287,7 +291,7 @@ def _public(
         except TypeError as err:
             raise OptionError(f"{name}: {err}") from None
         bound.apply_defaults()
-        arguments = dict(bound.arguments)
+        arguments = python_scalars(bound.arguments)
         check_values(arguments)
         if getattr(arguments.get("model"), "attrax_stacked", False):  # ax.stack_models
             return arguments["model"].run(public, name, arguments)
