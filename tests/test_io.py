@@ -209,7 +209,32 @@ def test_save_errors(tmp_path: Path) -> None:
         io.save(da.assign_attrs(scale_factor=2.0), tmp_path / "a.nc")
     with pytest.raises(ax.InputError, match=r"`obj.name`"):
         io.save(da.rename(("a", "b")), tmp_path / "a.nc")
+    # numbers that would load as dates (they did until 2026-12-05), on a coordinate too
+    with pytest.raises(ax.InputError, match=r"'units' = 'days since 2000-01-01' reads as a time"):
+        io.save(da.assign_attrs(units="days since 2000-01-01"), tmp_path / "a.nc")
+    with pytest.raises(ax.InputError, match=r"'units' = 'seconds since start'"):
+        io.save(
+            da.assign_coords(target=da.target.assign_attrs(units="seconds since start")),
+            tmp_path / "a.nc",
+        )
     assert list(tmp_path.iterdir()) == []
+
+
+def test_links_are_followed_and_what_is_no_file_refused(tmp_path: Path) -> None:
+    """A symbolic link's target is the file written (the link stays); a FIFO (as a device
+    such as /dev/null, which root's writes replaced until 2026-12-05) is refused."""
+    da = single()
+    real, link = tmp_path / "real.nc", tmp_path / "link.nc"
+    real.write_bytes(b"old")
+    link.symlink_to(real.name)
+    io.save(da, link)
+    assert link.is_symlink() and link.resolve() == real.resolve()
+    xr.testing.assert_identical(io.load(real), da)
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    with pytest.raises(ax.InputError, match=r"`path` '.*fifo' is no regular file"):
+        io.save(da, fifo)
+    assert fifo.exists() and not fifo.is_file()
 
 
 def test_unwritable_location_is_an_input_error(

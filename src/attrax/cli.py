@@ -658,16 +658,16 @@ def _write_outputs(
     import contextlib
     import os
     import uuid
-    from pathlib import Path
 
     from ._errors import AttraxError, InputError
+    from .io import output_path
 
     staged: list[tuple[Path, Path]] = []
     try:
         for flag, path, write in writes:
             if path is None:
                 continue
-            final = Path(path).expanduser()
+            final = output_path(path, _EXAMPLES.get(flag, "a.out"))  # a link's target
             # the real suffix (or none) last: ax.plot reads the image format from it
             tmp = final.with_name(f".{final.stem}-{uuid.uuid4().hex[:12]}-tmp{final.suffix}")
             staged.append((tmp, final))

@@ -100,11 +100,20 @@ def _local_write_lock(ds: xr.Dataset) -> Any:
 
 def output_path(path: object, example: str) -> Path:
     """``path`` checked as a file to write (``example``: a file name to suggest), before any work:
-    a str or PathLike, not a directory, in a directory that exists and that we may write in."""
-    path = _as_path(path)
+    a str or PathLike, not a directory, in a directory that exists and that we may write in.
+    A symbolic link is followed: the file it points to is the one written. Anything else that
+    is no regular file (a device such as /dev/null, a FIFO, a socket) is refused: a file is
+    written whole beside it and moved onto it, which would replace it (root may)."""
+    given = _as_path(path)
+    path = given.resolve() if given.is_symlink() else given
     if path.is_dir():
         raise InputError(
-            f"`path` {str(path)!r} is a directory; give a file name such as {example!r}"
+            f"`path` {str(given)!r} is a directory; give a file name such as {example!r}"
+        )
+    if path.exists() and not path.is_file():
+        raise InputError(
+            f"`path` {str(given)!r} is no regular file (a device, FIFO or socket): attrax writes "
+            f"a whole file in its place; give a file name such as {example!r}"
         )
     parent = path.parent
     if not parent.is_dir():
@@ -234,7 +243,10 @@ def _require_dask() -> None:
 def _as_path(path: object) -> Path:
     if not isinstance(path, str | os.PathLike):
         raise InputError(f"`path` must be a str or os.PathLike, got {type(path).__name__}")
-    return Path(path).expanduser()
+    try:
+        return Path(path).expanduser()
+    except RuntimeError:  # ~user of no such user: pathlib cannot expand it
+        raise InputError(f"`path` {str(path)!r}: no home directory for its `~`") from None
 
 
 def _compress_level(compress: object) -> int:
@@ -354,6 +366,12 @@ def _check_attrs(attrs: Mapping[Hashable, Any], where: str) -> None:
             raise InputError(
                 f"{where}: {key!r} is a netCDF/CF attribute that would change the data on load;"
                 " rename it"
+            )
+        if key == "units" and isinstance(value, str) and " since " in value:
+            # CF decoding reads "<unit> since <date>" as a time axis: numbers would load as dates
+            raise InputError(
+                f"{where}: 'units' = {value!r} reads as a time axis on load (\"... since ...\")"
+                " and would turn the numbers into dates; rename the attribute"
             )
         if isinstance(value, str) and "\x00" in value:
             raise InputError(
