@@ -130,6 +130,30 @@ def test_a_changed_run_is_refused(tmp_path, model, write_jsonl):
         D.attribute_dataset(model, data, out, shard_size=2, progress=False)
 
 
+def test_a_checkpoint_saved_over_the_model_directory_is_another_run(tmp_path, write_jsonl):
+    """A resumed run reads the model's directory again: new weights saved there are another
+    model, refused (it resumed, mixing the two models' rows, until 2026-12-05). The same files
+    copied elsewhere and back resume."""
+    from attrax.testing import tiny_model
+
+    data = write_jsonl([{"input": "The capital of France is", "target": " Paris"}] * 3)
+    hf, tok = tiny_model("gpt2")
+    directory, out = tmp_path / "m", tmp_path / "out"
+    hf.save_pretrained(directory)
+    tok.save_pretrained(directory)
+    D.attribute_dataset(directory, data, out, shard_size=2, progress=False)
+    (out / "shard-00001.nc").unlink()  # unfinished
+    with torch.no_grad():
+        hf.lm_head.weight.mul_(2.0)
+    hf.save_pretrained(directory)
+    with pytest.raises(ax.InputError, match=r"model files: was sha256 \w{12}, now sha256"):
+        D.attribute_dataset(directory, data, out, shard_size=2, progress=False)
+    with torch.no_grad():
+        hf.lm_head.weight.mul_(0.5)
+    hf.save_pretrained(directory)  # the first weights again: the same run
+    assert D.attribute_dataset(directory, data, out, shard_size=2, progress=False).skipped == 1
+
+
 def test_a_default_given_explicitly_is_the_same_run(tmp_path, model, monkeypatch, write_jsonl):
     data = write_jsonl(_records(3))
     out = tmp_path / "out"

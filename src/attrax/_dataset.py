@@ -309,6 +309,9 @@ def attribute_dataset(
         "shard_size": shard_size,
         "options": _as_json(resolved),
     }
+    if isinstance(model, str | os.PathLike) and Path(model).expanduser().is_dir():
+        # its files' contents: a checkpoint saved over the directory is another model
+        run["model_sha256"] = _directory_sha256(Path(model).expanduser())
     if dtype is not None:  # only when given: runs from before this option still resume
         run["dtype"] = str(dtype).removeprefix("torch.")
     if out.exists() and not out.is_dir():
@@ -682,8 +685,11 @@ def _compare(
     defaults = _as_json(resolve_options(fn, {}))
     if isinstance(previous.get("options"), Mapping):
         previous["options"] = {**defaults, **previous["options"]}
-    # keys either run has: a run given a dtype and one without differ
+    # keys either run has: a run given a dtype and one without differ; a manifest before the
+    # model's files were hashed resumes
     keys = dict.fromkeys([*run, *previous])
+    if "model_sha256" not in previous:
+        keys.pop("model_sha256", None)
     if previous.get("method") != run.get("method"):
         keys.pop("options", None)  # another method's options: the method says it all
     changed = []
@@ -747,12 +753,27 @@ def check_lines(
 
 
 def _name(key: str) -> str:
-    return "data file" if key == "data" else key
+    return {"data": "data file", "model_sha256": "model files"}.get(key, key)
+
+
+def _directory_sha256(path: Path) -> str:
+    """SHA-256 of a model directory's files (names and contents, its subdirectories aside)."""
+    digest = hashlib.sha256()
+    for file in sorted(f for f in path.iterdir() if f.is_file()):
+        digest.update(file.name.encode() + b"\0")
+        inner = hashlib.sha256()
+        with open(file, "rb") as f:
+            while block := f.read(1 << 24):
+                inner.update(block)
+        digest.update(inner.digest())
+    return digest.hexdigest()
 
 
 def _show(key: str, value: Any) -> str:
     if key == "data" and isinstance(value, Mapping):
         return f"{value.get('records')} records, sha256 {str(value.get('sha256'))[:12]}"
+    if key == "model_sha256" and isinstance(value, str):
+        return f"sha256 {value[:12]}"
     return json.dumps(value) if isinstance(value, (dict, list)) else repr(value)
 
 
