@@ -154,6 +154,37 @@ def test_a_checkpoint_saved_over_the_model_directory_is_another_run(tmp_path, wr
     assert D.attribute_dataset(directory, data, out, shard_size=2, progress=False).skipped == 1
 
 
+def _log_probability(logits, ids):
+    return torch.log_softmax(logits, -1).gather(-1, ids[..., None])[..., 0]
+
+
+def test_a_function_or_tensor_option_is_recorded_by_what_it_is(tmp_path, model, write_jsonl):
+    """A function objective resumes (recorded by its name and code: its repr's memory address
+    changed between processes, so no run resumed, until 2026-12-05); a tensor baseline is
+    recorded by its contents (its repr cut a large tensor short: another with the same edges
+    resumed the run)."""
+    data = write_jsonl([{"input": "3 1 4 0 5 9 =", "target": " 9 5 0 4 1 3"}] * 3)
+    kw = {"shard_size": 2, "progress": False}
+    D.attribute_dataset(model, data, tmp_path / "f", objective=_log_probability, **kw)
+    (tmp_path / "f" / "shard-00001.nc").unlink()
+    manifest = json.loads((tmp_path / "f" / "manifest.json").read_text())
+    assert "tests.test_dataset._log_probability " in manifest["run"]["options"]["objective"]
+    again = D.attribute_dataset(model, data, tmp_path / "f", objective=_log_probability, **kw)
+    assert again.skipped == 1
+    base = torch.zeros(1, 13, model.hidden_size)
+    D.attribute_dataset(
+        model, data, tmp_path / "t", method="integrated_gradients", baseline=base, **kw
+    )
+    (tmp_path / "t" / "shard-00001.nc").unlink()
+    other = base.clone()
+    other[0, 6, 5] = 1.0  # inside what a repr shows as "..."
+    assert repr(other) == repr(base)
+    with pytest.raises(ax.InputError, match=r"option baseline: was 'tensor \(1, 13, 128\) float32"):
+        D.attribute_dataset(
+            model, data, tmp_path / "t", method="integrated_gradients", baseline=other, **kw
+        )
+
+
 def test_a_default_given_explicitly_is_the_same_run(tmp_path, model, monkeypatch, write_jsonl):
     data = write_jsonl(_records(3))
     out = tmp_path / "out"

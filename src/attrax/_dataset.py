@@ -713,8 +713,23 @@ def _compare(
 
 
 def _as_json(options: Mapping[str, Any]) -> dict[str, Any]:
-    """Options as the manifest stores them (JSON; anything else by its repr)."""
-    return json.loads(json.dumps(options, sort_keys=True, default=repr))
+    """Options as the manifest stores them: JSON, a tensor by its shape, dtype and contents'
+    SHA-256, a function by its qualified name and its code's (a repr holds a memory address,
+    and cuts a large tensor short); anything else by its repr."""
+    return json.loads(json.dumps(options, sort_keys=True, default=_identity))
+
+
+def _identity(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        flat = value.detach().cpu().contiguous().flatten()
+        digest = hashlib.sha256(flat.view(torch.uint8).numpy().tobytes()).hexdigest()
+        return f"tensor {tuple(value.shape)} {str(value.dtype).removeprefix('torch.')} {digest}"
+    code = getattr(value, "__code__", None)
+    if callable(value) and code is not None:
+        parts = (code.co_code, repr(code.co_consts), repr(code.co_names))
+        digest = hashlib.sha256(repr(parts).encode()).hexdigest()
+        return f"{value.__module__}.{value.__qualname__} {digest}"
+    return repr(value)
 
 
 def _readable(path: Path) -> bool:
