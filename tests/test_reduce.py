@@ -221,6 +221,14 @@ def test_pipe_composes_left_to_right(da):
         ax.pipe(ax.l2_norm, "normalize")
     with pytest.raises(ax.OptionError, match="at least one"):
         ax.pipe()
+    # a reduction first gets a model's call: named, not a raw TypeError (until 2026-12-05)
+    wrong = ax.pipe(ax.l2_norm, ax.saliency)
+    with pytest.raises(
+        ax.OptionError, match=r"first function, l2_norm, is a reduction .*got str, str"
+    ):
+        wrong("model", "1 2 3 =")
+    with pytest.raises(ax.OptionError, match=r"first function, .* is a reduction"):
+        ax.pipe(ax.normalize("source"))(da, "more")
 
 
 def test_reductions_on_a_dataset(da):

@@ -174,6 +174,7 @@ def pipe(*functions: Callable[..., Any]) -> Callable[..., Any]:
             raise OptionError(f"pipe: argument {i} is not callable, got {type(fn).__name__}")
 
     first, rest = functions[0], functions[1:]
+    reduction = getattr(getattr(first, "func", first), "attrax_reduction", None) is not None
     fused = _hidden_reduction(rest[0]) if rest else None
     if fused and getattr(first, "attrax_reduces_hidden", False):
         # the method reduces over hidden on the model's device: no [.., hidden] array is built
@@ -190,6 +191,13 @@ def pipe(*functions: Callable[..., Any]) -> Callable[..., Any]:
                     f"pipe: `reduce_hidden={given!r}` contradicts the chain, whose next step is "
                     f"{fused}(hidden); drop the option or the step"
                 )
+        if reduction and not (len(args) == 1 and isinstance(args[0], xr.DataArray)):
+            # a chain of reductions takes an array; a model's call needs a method first
+            raise OptionError(
+                f"pipe: its first function, {names[0]}, is a reduction and takes one DataArray, "
+                f"got {', '.join(type(a).__name__ for a in args) or 'nothing'}; put an "
+                "attribution method first, as pipe(ax.saliency, ax.l2_norm)"
+            )
         result = first(*args, **kwargs)
         for fn in rest:
             result = fn(result)
