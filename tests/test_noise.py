@@ -158,9 +158,13 @@ def test_vargrad_is_squaregrad_minus_squared_smoothgrad(models):
         variance, square - mean**2, rtol=1e-4, atol=1e-6 * float(square.max())
     )
     assert bool((variance.fillna(0) >= -1e-6 * float(square.max())).all())
-    # one sample: no variance; the square of the gradient
+    # one draw, or no noise: no variance, refused (an all-zero array until 2026-12-05); the
+    # square of the gradient
     one = dict(samples=1, noise=0.0)
-    np.testing.assert_allclose(ax.vargrad(model, *PAIRS[0], **one).fillna(0), 0, atol=1e-7)
+    with pytest.raises(ax.OptionError, match="`samples` must be an integer of at least 2, got 1"):
+        ax.vargrad(model, *PAIRS[0], samples=1)
+    with pytest.raises(ax.OptionError, match="`noise` must be a positive number, got 0"):
+        ax.vargrad(model, *PAIRS[0], noise=0.0)
     sal = ax.saliency(model, *PAIRS[0])
     np.testing.assert_allclose(ax.squaregrad(model, *PAIRS[0], **one), sal**2, rtol=1e-5)
 

@@ -351,6 +351,18 @@ def test_lime_needs_a_second_coalition(models):
     assert np.isfinite(lime(models["gpt2"], *PAIRS[0], samples=2).values).any()
 
 
+def test_kernel_shap_and_sobol_need_enough_samples(models):
+    """KernelSHAP draws coalitions in pairs with their complements: one pair fits the even split
+    of the sum alone; Sobol's variance over one row of each design divides by noise (values up
+    to 166 for indices in [0, 1]). Both returned them until 2026-12-05."""
+    flat = kernel_shap(models["gpt2"], *PAIRS[0], samples=3).values[0]
+    assert np.nanstd(flat) > 0
+    with pytest.raises(ax.OptionError, match="`samples` must be an integer of at least 3, got 2"):
+        kernel_shap(models["gpt2"], *PAIRS[0], samples=2)
+    with pytest.raises(ax.OptionError, match="`samples` must be an integer of at least 2, got 1"):
+        ax.sobol(models["gpt2"], *PAIRS[0], samples=1)
+
+
 def test_bad_inputs_raise(models):
     with pytest.raises(ax.InputError, match="`inputs`"):
         occlusion(models["gpt2"], [], [])

@@ -437,7 +437,11 @@ def squaregrad(problem: Problem, *, samples: int = 20, noise: float = 0.1, seed:
     return Rule(*_noisy_copies(problem, samples, noise, seed), moments=(2,))
 
 
-@GRADIENT.method(samples=check.positive_int, noise=check.non_negative, seed=check.seed)
+@GRADIENT.method(
+    samples=check.at_least(2, "the variance of one draw is 0 everywhere"),
+    noise=check.positive,  # no noise: every draw is the input, whose variance is 0
+    seed=check.seed,
+)
 def vargrad(problem: Problem, *, samples: int = 20, noise: float = 0.1, seed: int = 0) -> Rule:
     """VarGrad (Adebayo et al. 2018; Captum NoiseTunnel's ``vargrad``): the variance of the
     gradient over noisy copies, ``mean(g**2) - mean(g)**2``, from :func:`smoothgrad`'s draws.

@@ -135,7 +135,15 @@ def lime(
     return linear_surrogate(masks, values.transpose(0, 1), weights, visible=visible)
 
 
-@PERTURBATION.method(samples=check.positive_int, seed=check.seed, baseline=check.baseline)
+@PERTURBATION.method(
+    samples=check.at_least(
+        3,
+        "a coalition and its complement (samples=2, drawn as a pair) fit nothing but the even "
+        "split of the sum",
+    ),
+    seed=check.seed,
+    baseline=check.baseline,
+)
 def kernel_shap(
     problem: Problem,
     batch_size: Size,
@@ -310,7 +318,7 @@ def shapley_sampling(
 
 
 @PERTURBATION.method(
-    samples=check.positive_int,
+    samples=check.at_least(2, "one row of each design gives no variance to divide by"),
     seed=check.seed,
     baseline=check.baseline,
     groups=_check_groups,
