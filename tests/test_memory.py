@@ -473,6 +473,15 @@ def test_the_planner_fits_the_budget_it_is_given(models, monkeypatch):
         ax.integrated_gradients(model, sources, targets, steps=6, max_memory=11_499)
     with pytest.raises(ax.OptionError, match="the smallest passes with chunk_size=4"):
         ax.integrated_gradients(model, sources, targets, steps=6, chunk_size=4, max_memory=12_000)
+    # both sizes given: checked, not dropped (they ran whatever the budget until 2026-12-05)
+    given = {"steps": 6, "chunk_size": 1, "batch_size": 2}
+    with pytest.raises(ax.OptionError, match=r"cannot be met with batch_size=2 and chunk_size=1"):
+        ax.integrated_gradients(model, sources, targets, **given, max_memory=12_999)
+    got = ax.integrated_gradients(model, sources, targets, **given, max_memory=13_000)
+    assert_close(got.values, whole.values, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ax.OptionError, match=r"cannot be met with batch_size=4: its forwards"):
+        ax.occlusion(model, sources, targets, batch_size=4, max_memory=11_999)
+    ax.occlusion(model, sources, targets, batch_size=4, max_memory=12_000)  # 10,000 + 4 * 500
 
 
 @pytest.mark.parametrize(

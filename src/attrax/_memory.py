@@ -514,7 +514,8 @@ def plan(
     with the fewest points and needs the least work is taken instead, then points are halved.
     On the CPU, points are then halved until a pass fits :data:`CPU_PASS`. Given sizes (ints,
     None for all) are kept. A ``max_memory`` that even the smallest sizes the planner may pick
-    exceed is an :class:`OptionError` that says the smallest budget that can be met.
+    exceed, or that given sizes exceed, is an :class:`OptionError` that says the smallest budget
+    that can be met.
 
     >>> plan(8, 32, "auto", "auto", Cost(per_cotangent=10), torch.device("cpu"), max_memory=640)
     (None, 8)
@@ -527,9 +528,19 @@ def plan(
     """
     if isinstance(cost, int):
         cost = Cost(per_cotangent=cost)
-    if AUTO not in (batch_size, chunk_size):  # nothing to estimate
+    if AUTO not in (batch_size, chunk_size):  # nothing to choose: the sizes given, checked
+        given = _given(batch_size), _given(chunk_size)
+        needed = cost.at(
+            points if given[0] is None else given[0], targets if given[1] is None else given[1]
+        )
+        if max_memory is not None and needed > max_memory:
+            raise OptionError(
+                f"`max_memory` of {format_bytes(max_memory)} cannot be met with batch_size="
+                f"{batch_size!r} and chunk_size={chunk_size!r}: their passes need an estimated "
+                f"{format_bytes(needed, up=True)}; give at least that, or 'auto' sizes"
+            )
         expect_passes(max_memory, 0, device)
-        return _given(batch_size), _given(chunk_size)
+        return given
     chunk = targets if chunk_size in (None, AUTO) else int(chunk_size)  # type: ignore[arg-type]
     batch = points if batch_size in (None, AUTO) else int(batch_size)  # type: ignore[arg-type]
     budget = memory_budget(device) if max_memory is None else max_memory
@@ -587,9 +598,17 @@ def plan_forwards(
     >>> plan_forwards(100, "auto", 10, torch.device("cpu"), max_memory=250)
     25
     """
-    if batch_size != AUTO:
+    if batch_size != AUTO:  # the size given, checked
+        batch = copies if batch_size is None else int(batch_size)  # type: ignore[arg-type]
+        if max_memory is not None and fixed + batch * per_copy > max_memory:
+            raise OptionError(
+                f"`max_memory` of {format_bytes(max_memory)} cannot be met with batch_size="
+                f"{batch_size!r}: its forwards need an estimated "
+                f"{format_bytes(fixed + batch * per_copy, up=True)}; give at least that, or "
+                "batch_size='auto'"
+            )
         expect_passes(max_memory, 0, device)
-        return copies if batch_size is None else int(batch_size)
+        return batch
     budget = held = memory_budget(device) if max_memory is None else max_memory
     if device.type == "cpu":
         # bigger forwards ran slower there (docs/memory.md)
