@@ -82,6 +82,40 @@ def test_weights_that_do_not_load_whole_are_one_model_error(tmp_path):
         ax.load_model(incomplete)
 
 
+def _edited(saved: Path, to: Path, **config) -> Path:
+    """A copy of the model directory ``saved`` whose config.json has ``config`` over it."""
+    edited = _copy(saved, to)
+    given = json.loads((edited / "config.json").read_text())
+    (edited / "config.json").write_text(json.dumps({**given, **config}))
+    return edited
+
+
+def test_configs_that_do_not_describe_the_weights_are_refused_before_building(tmp_path):
+    """Each loaded until 2026-12-05: a config naming another model type (transformers built a
+    6.5B-parameter Llama from its defaults, 21 GB, and was killed), one with fewer layers than
+    the weights (the rest were dropped: a model of no blocks ran), a field of the wrong type
+    (a raw validation error), and a path to a file of the directory (its config read as
+    weights: an unpickling traceback)."""
+    saved = save_tiny_model("gpt2", tmp_path / "gpt2")
+    llama = _edited(
+        saved, tmp_path / "llama", model_type="llama", architectures=["LlamaForCausalLM"]
+    )
+    with pytest.raises(ax.ModelError, match=r"describes a llama model of 6,479,548,416 parameters"):
+        ax.load_model(llama)
+    fewer = _edited(saved, tmp_path / "fewer", n_layer=1)
+    with pytest.raises(
+        ax.ModelError, match=r"blocks its config.json has no place for \(transformer\.h\.1\."
+    ):
+        ax.load_model(fewer)
+    typed = _edited(saved, tmp_path / "typed", n_embd="abc")
+    with pytest.raises(ax.ModelError, match=r"is not a loadable directory: .*'n_embd'"):
+        ax.load_model(typed)
+    with pytest.raises(
+        ax.ModelError, match=r"config\.json' is a file: expected the model's directory"
+    ):
+        ax.load_model(saved / "config.json")
+
+
 def _tiny_bert(**overrides):
     """A WordPiece tokenizer and a one-layer BERT config sized to it."""
     tokenizer = train_tokenizer("wordpiece")

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
 from safetensors import SafetensorError
 from transformers import (
     AutoConfig,
@@ -857,9 +858,10 @@ def _from_pretrained(
     where = _locate(path)
     try:
         config = AutoConfig.from_pretrained(path, **where)
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, StrictDataclassError) as error:  # the last: a field's type
         what = "directory" if Path(path).exists() else "hub name"
-        raise ModelError(f"`model` {str(path)!r} is not a loadable {what}: {error}") from None
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ModelError(f"`model` {str(path)!r} is not a loadable {what}: {first}") from None
     if with_tokenizer:
         _check_tokenizer_files(path, "model")
     named = list(getattr(config, "architectures", None) or [])
@@ -871,6 +873,7 @@ def _from_pretrained(
         auto = AutoModelForSequenceClassification
     elif classifier == "token-classification":
         auto = AutoModelForTokenClassification
+    _check_size(path, config, auto)
     # shape mismatches come back in the loading info, not as transformers' report + RuntimeError
     kwargs: dict[str, Any] = {
         "attn_implementation": attn_implementation,
@@ -972,10 +975,48 @@ def _refuse_load(
     return ModelError(message)
 
 
+# the weights' files of a model directory
+_WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt", "*.pth")
+
+
+def _check_size(path: str | os.PathLike[str], config: Any, auto: Any) -> None:
+    """Refuse a directory whose config describes a model far larger than its weight files (a
+    config edited or from another model): transformers would build it whole and initialise what
+    the files lack, a 7B model from a default config, before any check of the weights."""
+    local = Path(path).expanduser()
+    stored = sum(f.stat().st_size for pattern in _WEIGHT_FILES for f in local.glob(pattern))
+    if not local.is_dir() or not stored:
+        return
+    with torch.device("meta"):  # shapes only: no memory
+        try:
+            described = sum(p.numel() for p in auto.from_config(config).parameters())
+        except Exception:  # a config it cannot build: from_pretrained says why
+            return
+    # 2 bytes a parameter at least (4-bit quantized checkpoints hold 0.5: within the factor 4)
+    if 2 * described > 4 * stored:
+        raise ModelError(
+            f"`model` {str(path)!r}: its config.json describes a {config.model_type} model of "
+            f"{described:,} parameters, which its weight files ({stored:,} bytes) cannot hold; "
+            "expected the config the weights were saved with"
+        )
+
+
+# block lists whose index a parameter name carries (GPT-2's h.3, Llama's layers.3, T5's block.3)
+_BLOCK_INDEX = re.compile(r"\.(?:h|layers?|blocks?)\.(\d+)\.")
+
+
 def _check_loaded(
     path: str | os.PathLike[str], hf_model: PreTrainedModel, info: Any, unsupported: list[str]
 ) -> None:
-    """Refuse a load that left weights newly initialised: a wrong head or shapes give noise."""
+    """Refuse a load that left weights newly initialised (a wrong head or shapes give noise), or
+    that left out blocks the weights hold (a config with fewer layers than its checkpoint)."""
+    unused = [k for k in sorted(info.get("unexpected_keys") or []) if _BLOCK_INDEX.search(k)]
+    if unused:
+        more = f" (and {len(unused) - 3} more)" if len(unused) > 3 else ""
+        raise ModelError(
+            f"`model` {str(path)!r}: its weights hold blocks its config.json has no place for "
+            f"({', '.join(unused[:3])}{more}); expected the config the weights were saved with"
+        )
     mismatched = sorted(info.get("mismatched_keys") or [])
     if mismatched:
         shown = "; ".join(
@@ -1024,6 +1065,11 @@ def _locate(path: str | os.PathLike[str], argument: str = "model") -> dict[str, 
     missing model is an error at once instead of half a minute of retries.
     """
     local = Path(path).expanduser()
+    if local.is_file():  # its config.json, say: from_pretrained would read it as weights
+        raise ModelError(
+            f"`{argument}` {str(path)!r} is a file: expected the model's directory (config.json, "
+            "weights and tokenizer files)"
+        )
     if local.exists():
         return {}
     name = str(path)
