@@ -274,3 +274,15 @@ def test_tokens_targets_and_padding_are_the_tokenizers_own(models, arch):
             scale = np.abs(want).max()
             np.testing.assert_allclose(values[:seen], want[:seen], rtol=0, atol=1e-5 * scale)
             assert np.isnan(values[seen:]).all()
+
+
+def test_errors_name_the_baseline_and_the_demo_model():
+    """A NaN baseline is named (the error blamed the gradients and the model's dtype), and text
+    the built-in demo model (model=None) cannot read says it is that model."""
+    model = ax.load_model()
+    nan = torch.full((1, 7, model.hidden_size), float("nan"))
+    for method in (ax.integrated_gradients, ax.deeplift, ax.occlusion):
+        with pytest.raises(ax.OptionError, match="`baseline` holds NaN or infinite values"):
+            method(model, "1 2 3 =", " 3 2 1", baseline=nan)
+    with pytest.raises(ax.InputError, match=r"built-in demo model \(model=None\)"):
+        ax.saliency(None, "The capital of France is", " Paris.")

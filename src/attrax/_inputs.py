@@ -434,10 +434,17 @@ def _check_vocabulary(model: Model, ids: Sequence[int], name: str, side: str = "
         )
     unknown = model.tokenizer.unk_token_id
     if unknown is not None and unknown in ids and set(ids) <= set(model.tokenizer.all_special_ids):
+        # model=None loads the built-in demo model, which knows digits and '=' alone
+        demo = (
+            "; `model` is attrax's built-in demo model (model=None), whose vocabulary is digits "
+            "and '=': load yours with ax.load_model(path)"
+            if model.name == "attrax-default"
+            else ""
+        )
         raise InputError(
             f"`{name}` is nothing but unknown and special tokens "
             f"({model.tokenizer.convert_ids_to_tokens(list(ids))}): none of its text reaches the "
-            "model, whose tokenizer does not know it"
+            f"model, whose tokenizer does not know it{demo}"
         )
 
 
