@@ -310,6 +310,9 @@ def test_contrast_is_a_second_class(classifiers):
     (want,) = torch.autograd.grad(logits[1] - logits[0], e)
     np.testing.assert_allclose(got.values[0], want[0].numpy(), rtol=1e-4, atol=1e-6)
     assert got.contrast_label.values.tolist() == ["label_0"]
+    # the target class itself: zeros everywhere, silently, until 2026-12-05
+    with pytest.raises(ax.InputError, match=r"`contrast` names the target classes themselves"):
+        ax.saliency(model, TEXTS[0], "label_1", contrast="label_1")
 
 
 def test_attention_rows_are_the_pooled_or_token_queries(classifiers):

@@ -117,6 +117,8 @@ def test_too_long_encoder_input(models):
         ({"max_new_tokens": 0}, "`max_new_tokens` must be a positive integer"),
         ({"attribute_target": "yes"}, "`attribute_target` must be a bool"),
         ({"contrast": " Paris is"}, "`contrast` .* has .* tokens but the target has"),
+        # the target itself: all zeros, silently, until 2026-12-05
+        ({"contrast": " Paris"}, "`contrast` ' Paris' is the target itself, token for token"),
     ],
 )
 def test_bad_options(models, options, match):

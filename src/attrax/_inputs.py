@@ -141,6 +141,11 @@ def prepare(
                     f"`{name}` {text!r} has {len(ids)} tokens but the target has "
                     f"{len(target_ids[i])}: a contrast must align token by token with the target"
                 )
+            if ids == target_ids[i]:  # the objective minus itself: zero everywhere
+                raise InputError(
+                    f"`{name}` {text!r} is the target itself, token for token: its contrast "
+                    "(target minus contrast) is 0 everywhere; give other tokens"
+                )
             contrast_ids[i] = ids
     start = model.decoder_start_token_id if model.is_encoder_decoder else None
     examples = []
@@ -584,6 +589,15 @@ def prepare_classification(
             pred = prob = None
             if predicted is not None and probability is not None:
                 pred, prob = (predicted[i][0],), (probability[i][0],)
+        if (
+            against is not None
+            and len(against) == len(classes)
+            and tuple(against) == tuple(classes)
+        ):
+            raise InputError(
+                f"`contrast{_at(i, single)}` names the target classes themselves ({list(against)}): "
+                "target minus contrast is 0 everywhere; give other classes"
+            )
         examples.append(
             Example(ids, classes, against, chosen, segments, special, token_types, pred, prob)
         )
