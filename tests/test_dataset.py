@@ -307,6 +307,12 @@ def test_generated_targets_and_reductions(tmp_path, model, write_jsonl):
         (['{"target": " 1"}'], "line 1 has no field 'input': its fields are \\['target'\\]"),
         (['{"input": "1 2 =", "target": " 2 1"}', '{"input": "1 2 ="}'], "1 of 2 records"),
         (['{"input": "1 2 =", "id": [1]}'], "'id' must be"),
+        # failed after shards were written until 2026-12-05 (a save error, a tokenizer's)
+        (
+            ['{"input": "1 2 ="}', '{"input": "1 2 =", "id": "a\\u0000b"}'],
+            "line 2: 'id' holds a NUL",
+        ),
+        (['{"input": "1 \\ud800 ="}'], "line 1: 'input' holds a lone surrogate"),
         (["", ""], "no records"),
     ],
 )

@@ -477,6 +477,10 @@ def test_summary_refuses_bad_bootstrap_options(kwargs, match):
             "num.jsonl", f'{{"input": "{PROMPT}", "target": 9}}\n',
             r"num\.jsonl line 1: field 'target' must be a non-empty text, got 9", id="jsonl-int",
         ),
+        pytest.param(  # a tokenizer's TypeError until 2026-12-05
+            "half.jsonl", '{"input": "3 1 \\ud800 ="}\n',
+            r"half\.jsonl line 1: field 'input' holds a lone surrogate", id="jsonl-surrogate",
+        ),
         pytest.param(
             "blank.csv", f'input,target\n"{PROMPT}",\n"{OTHER[0]}",\n',
             r"blank\.csv row 1: field 'target' must be a non-empty text, got ''",

@@ -629,7 +629,24 @@ def _records(data: Path, digest: Any = None) -> Iterator[dict[str, Any]]:
             isinstance(record["label"], bool) or not isinstance(record["label"], (str, int))
         ):
             raise InputError(f"{where}: 'label' must be a label name or a class id")
+        for key in ("input", "target", "input_pair", "corrupted", "id", "label"):
+            problem = not_text(record.get(key))
+            if problem:  # before any work: a tokenizer or a shard's save fails on them later
+                raise InputError(f"{where}: {key!r} {problem}")
         yield {**record, "_line": line_no}
+
+
+def not_text(value: Any) -> str | None:
+    """What makes a string no text a tokenizer or netCDF takes (None: nothing, or no string)."""
+    if not isinstance(value, str):
+        return None
+    if "\x00" in value:
+        return f"holds a NUL character: {value!r}"
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:  # JSON's "\ud800": half of a surrogate pair, alone
+        return f"holds a lone surrogate, which is no character: {value!r}"
+    return None
 
 
 def shard_records(data: Path, size: int) -> Iterator[list[dict[str, Any]]]:

@@ -35,6 +35,7 @@ from ._dataset import (
     concat_examples,
     json_lines,
     label_name,
+    not_text,
     parse_reduce,
     resolve_method,
 )
@@ -126,6 +127,10 @@ def read_records(
             raise InputError(
                 f"{where}: field {label!r} must be a label name or a class id, got {tag!r}"
             )
+        for name, value in ((input, text), (target, goal), (label, tag)):
+            problem = not_text(value)
+            if problem:  # before any method runs: the tokenizer fails on them later
+                raise InputError(f"{where}: field {name!r} {problem}")
         marks = None if _missing(row.get(rationale)) else row[rationale]
         if marks is not None:
             marks = _rationale(marks, text, f"{where}: field {rationale!r}")
