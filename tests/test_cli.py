@@ -135,7 +135,9 @@ def test_an_option_with_a_space_at_either_end_is_a_string(tmp_path, default_mode
         (["--method", "integrated_gradients", "--samples", "3"], "(it takes --steps)"),
         (["--model", "/nonexistent/model"], "does not exist locally"),
         (["--target", "9 5"], "does not continue the prompt"),
-        (["--max-new-tokens", "60"], "`max_new_tokens` 60 does not fit `inputs`: 7 prompt"),
+        # the flags named, not the Python arguments (until 2026-12-05)
+        (["--max-new-tokens", "60"], "`--max-new-tokens` 60 does not fit `--input`: 7 prompt"),
+        (["--target", " "], "`--target` is empty: there is nothing to attribute"),
         (["--reduce", "mean:layer"], "'layer' is not a dim"),
         (["--device", "nope"], "is not a device"),
         (["-o", "steps"], "expected KEY=VALUE"),

@@ -288,3 +288,13 @@ def test_errors_name_the_baseline_and_the_demo_model():
             method(model, "1 2 3 =", " 3 2 1", baseline=nan)
     with pytest.raises(ax.InputError, match=r"built-in demo model \(model=None\)"):
         ax.saliency(None, "The capital of France is", " Paris.")
+
+
+def test_texts_that_are_no_text_are_refused(models):
+    """A lone surrogate (argv bytes that are no UTF-8 reach Python so) or a NUL: an InputError
+    naming the argument (a tokenizer's TypeError until 2026-12-05)."""
+    for text, match in (("3 1 \ud800 =", "lone surrogate"), ("3 1 \x00 =", "NUL character")):
+        with pytest.raises(ax.InputError, match=rf"`inputs` holds a {match}"):
+            ax.saliency(models["gpt2"], text, " 1 3")
+        with pytest.raises(ax.InputError, match=rf"`targets\[1\]` holds a {match}"):
+            ax.saliency(models["gpt2"], ["a", "b"], [" c", text])

@@ -37,7 +37,7 @@ from transformers import PreTrainedModel
 
 from . import _reduce
 from ._errors import InputError, ModelError, OptionError
-from ._inputs import check_example
+from ._inputs import check_example, not_text
 from ._model import Model, load_model
 from ._names import METHODS, PUBLIC, REDUCTIONS
 from ._schema import fill_value
@@ -634,19 +634,6 @@ def _records(data: Path, digest: Any = None) -> Iterator[dict[str, Any]]:
             if problem:  # before any work: a tokenizer or a shard's save fails on them later
                 raise InputError(f"{where}: {key!r} {problem}")
         yield {**record, "_line": line_no}
-
-
-def not_text(value: Any) -> str | None:
-    """What makes a string no text a tokenizer or netCDF takes (None: nothing, or no string)."""
-    if not isinstance(value, str):
-        return None
-    if "\x00" in value:
-        return f"holds a NUL character: {value!r}"
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:  # JSON's "\ud800": half of a surrogate pair, alone
-        return f"holds a lone surrogate, which is no character: {value!r}"
-    return None
 
 
 def shard_records(data: Path, size: int) -> Iterator[list[dict[str, Any]]]:

@@ -35,13 +35,12 @@ from ._dataset import (
     concat_examples,
     json_lines,
     label_name,
-    not_text,
     parse_reduce,
     resolve_method,
 )
 from ._dataset import reduce as apply_reductions
 from ._errors import InputError, OptionError
-from ._inputs import check_example
+from ._inputs import check_example, not_text
 from ._model import Model, ModelLike, load_model
 from ._schema import fill_value, label_evaluation, label_sanity
 

@@ -292,6 +292,19 @@ def _at(i: int, single: bool) -> str:
     return "" if single else f"[{i}]"
 
 
+def not_text(value: Any) -> str | None:
+    """What makes a string no text a tokenizer or netCDF takes (None: nothing, or no string)."""
+    if not isinstance(value, str):
+        return None
+    if "\x00" in value:
+        return f"holds a NUL character: {value!r}"
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:  # JSON's "\ud800": half of a surrogate pair, alone
+        return f"holds a lone surrogate, which is no character: {value!r}"
+    return None
+
+
 def _as_texts(value: Any, name: str) -> tuple[list[str], bool]:
     if isinstance(value, str):
         texts, single = [value], True
@@ -310,6 +323,9 @@ def _as_texts(value: Any, name: str) -> tuple[list[str], bool]:
             )
         if not text.strip():
             raise InputError(f"`{name}{_at(i, single)}` is empty: there is nothing to attribute")
+        problem = not_text(text)
+        if problem:  # a tokenizer's TypeError otherwise
+            raise InputError(f"`{name}{_at(i, single)}` {problem}")
     return texts, single
 
 

@@ -11,10 +11,12 @@ Errors that attrax raises on purpose (bad option, unreadable file, mismatched da
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import re
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from ._names import METHODS
@@ -515,7 +517,7 @@ def _attribute(args: argparse.Namespace) -> int:
                 "language model: give --input alone"
             )
         inputs = (args.input, args.input_pair)
-    with console.status(f"attributing with {args.method}…"):
+    with console.status(f"attributing with {args.method}…"), _flags_named():
         raw = call_method(fn, model, inputs, args.target, options)
     da = reduce(raw, steps)
     # saved before printing: no way of printing the result may lose the files asked for
@@ -530,6 +532,25 @@ def _attribute(args: argparse.Namespace) -> int:
     for path in written:
         console.print(f"wrote {path}")
     return 0
+
+
+# the Python arguments an error names, as the flags `attrax attribute` takes them
+_FLAGS = {"inputs": "--input", "targets": "--target", "max_new_tokens": "--max-new-tokens"}
+
+
+@contextlib.contextmanager
+def _flags_named() -> Iterator[None]:
+    """Errors inside name the flags the user typed (``--input``), not the Python arguments."""
+    from ._errors import AttraxError
+
+    try:
+        yield
+    except AttraxError as err:
+        named = "|".join(_FLAGS)
+        message = re.sub(rf"`({named})(\[\d+\])?`", lambda m: f"`{_FLAGS[m[1]]}`", str(err))
+        if message == str(err):
+            raise
+        raise type(err)(message) from None
 
 
 def _attribute_dataset(args: argparse.Namespace) -> int:
