@@ -303,3 +303,31 @@ def test_staged_copy_to_host_is_exact(monkeypatch):
         out = _label._staged_to_host(x[:, 1:])  # a non-contiguous view
         assert out.dtype == x.numpy().dtype
         np.testing.assert_array_equal(out, x[:, 1:].numpy())
+
+
+def test_what_netcdf_cannot_store_or_name_is_an_input_error(tmp_path: Path) -> None:
+    """Each raised netCDF4's, xarray's or the OS's own error until 2026-12-05 (a traceback)."""
+    base = xr.DataArray([1.0, 2.0], dims="x")
+    for da in (
+        base.assign_attrs(a="b\ud800"),  # a lone surrogate
+        xr.DataArray([1 + 2j], dims="x"),
+        xr.DataArray([1.0], dims="a/b"),
+        base.assign_attrs(n=2**70),
+    ):
+        with pytest.raises(ax.InputError, match=r"`obj` cannot be stored as netCDF4 \("):
+            io.save(da, tmp_path / "a.nc")
+    with pytest.raises(ax.InputError, match=r"File name too long"):
+        io.save(base, tmp_path / ("x" * 300 + ".nc"))
+    with pytest.raises(ax.InputError, match=r"is no UTF-8 text"):
+        io.save(base, tmp_path / "bad\udcff.nc")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_damaged_marker_is_an_input_error(tmp_path: Path) -> None:
+    import netCDF4
+
+    path = io.save(single(), tmp_path / "a.nc")
+    with netCDF4.Dataset(path, "a") as f:
+        f.setncattr("attrax_io", '{"kind": "DataArray", "dtypes": "abc"}')
+    with pytest.raises(ax.InputError, match=r"corrupt 'attrax_io' attribute \(AttributeError"):
+        io.load(path)

@@ -74,7 +74,16 @@ def save(obj: xr.DataArray | xr.Dataset, path: PathLike, *, compress: bool | int
 
     def write(tmp: Path) -> None:
         with _local_write_lock(ds):
-            ds.to_netcdf(tmp, engine="netcdf4", format="NETCDF4", encoding=encoding)
+            try:
+                ds.to_netcdf(tmp, engine="netcdf4", format="NETCDF4", encoding=encoding)
+            except (ValueError, TypeError, UnicodeError, AttributeError) as err:
+                # what netCDF cannot store (complex numbers, mixed objects, '/' in a name, an
+                # attribute it reserves or too large an integer): said, not a traceback of its
+                first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+                raise InputError(
+                    f"`obj` cannot be stored as netCDF4 ({type(err).__name__}: {first}); "
+                    "expected numbers, strings and datetimes under plain names"
+                ) from err
 
     return write_atomically(path, write)
 
@@ -105,7 +114,14 @@ def output_path(path: object, example: str) -> Path:
     is no regular file (a device such as /dev/null, a FIFO, a socket) is refused: a file is
     written whole beside it and moved onto it, which would replace it (root may)."""
     given = _as_path(path)
-    path = given.resolve() if given.is_symlink() else given
+    try:
+        str(given).encode("utf-8")
+        path = given.resolve() if given.is_symlink() else given
+        path.is_dir()  # a name too long for the file system raises here
+    except UnicodeEncodeError:  # argv bytes that are no UTF-8: netCDF cannot name the file
+        raise InputError(f"`path` {str(given)!r} is no UTF-8 text: name the file in it") from None
+    except OSError as err:
+        raise InputError(f"`path` {str(given)[:80]!r}...: {err.strerror}") from None
     if path.is_dir():
         raise InputError(
             f"`path` {str(given)!r} is a directory; give a file name such as {example!r}"
@@ -197,10 +213,13 @@ def load(path: PathLike, *, chunks: Any = None) -> xr.DataArray | xr.Dataset:
         return ds
     try:
         meta = json.loads(raw_meta)
-        kind = meta["kind"]
-    except (TypeError, ValueError, KeyError) as err:
-        raise InputError(f"`path` {str(path)!r} has a corrupt {_MARKER!r} attribute") from err
-    return _from_stored(ds, meta, kind)
+        return _from_stored(ds, meta, meta["kind"])
+    except (TypeError, ValueError, KeyError, AttributeError) as err:
+        # a marker edited or written by something else: its dtypes, names or levels do not fit
+        raise InputError(
+            f"`path` {str(path)!r} has a corrupt {_MARKER!r} attribute "
+            f"({type(err).__name__}: {err})"
+        ) from err
 
 
 def _check_chunks(chunks: object) -> None:
