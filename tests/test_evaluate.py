@@ -587,3 +587,16 @@ def _mean(values: list[float]) -> float:
     """The mean of the values that are not NaN."""
     kept = [v for v in values if v == v]
     return sum(kept) / len(kept)
+
+
+def test_a_metric_no_example_defines_summarises_to_nan_quietly(default_model):
+    """No rationale word marked anywhere: the plausibility metrics are NaN, and summary says so
+    without numpy's RuntimeWarnings (18 lines on the CLI's stderr until 2026-12-05)."""
+    import warnings
+
+    data = [{"input": PROMPT, "target": ANSWER, "rationale": [0] * 7}]
+    ds = ax.evaluate(default_model, data, {"s": ax.saliency, "o": ax.occlusion}, ["iou", "auprc"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        table = ax.summary(ds)
+    assert table.isna().all().all()

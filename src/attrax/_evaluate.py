@@ -19,6 +19,7 @@ import dataclasses
 import inspect
 import numbers
 import os
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -670,12 +671,15 @@ def summary(
         if "other" in values.dims:  # a method against the others, not itself
             values = values.where(values["other"] != values["method"]).mean("other", skipna=True)
         per_example = values.mean("target", skipna=True).transpose("method", "example").values
-        means = np.nanmean(per_example, axis=1)
-        boot = np.nanmean(per_example[:, draws], axis=2)  # [M, resamples]
         tail = (1 - confidence) / 2 * 100
-        table[metric, "mean"] = means.tolist()
-        table[metric, "low"] = np.nanpercentile(boot, tail, axis=1).tolist()
-        table[metric, "high"] = np.nanpercentile(boot, 100 - tail, axis=1).tolist()
+        # a metric no example defines (no rationale word marked anywhere) is NaN, not warnings
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            means = np.nanmean(per_example, axis=1)
+            boot = np.nanmean(per_example[:, draws], axis=2)  # [M, resamples]
+            table[metric, "mean"] = means.tolist()
+            table[metric, "low"] = np.nanpercentile(boot, tail, axis=1).tolist()
+            table[metric, "high"] = np.nanpercentile(boot, 100 - tail, axis=1).tolist()
     frame = pd.DataFrame(table, index=pd.Index(ds["method"].values.tolist(), name="method"))
     frame.columns = pd.MultiIndex.from_tuples(frame.columns, names=("metric", "stat"))
     return frame
