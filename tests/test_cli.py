@@ -216,6 +216,9 @@ def test_evaluate_checks_every_output_before_the_computation(
         (["--csv", str(tmp_path / "no" / "x.csv")], "`--csv` .*: directory .*no' does not exist"),
         (["--png", str(tmp_path / "x.txt")], "`--png` .*matplotlib cannot write 'txt' files"),
         (["--out", str(tmp_path)], f"`--out` {str(tmp_path)!r} is a directory"),
+        # a Python message, and a row silently dropped, until 2026-12-05
+        (["--methods", ","], "`--methods` names no method, got ','"),
+        (["--methods", "saliency,saliency"], "`--methods` names saliency twice"),
     ]
     for extra, message in cases:
         assert main([*args, *extra]) == 2

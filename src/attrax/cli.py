@@ -266,7 +266,15 @@ def _evaluate(args: argparse.Namespace) -> int:
     methods = {}
     given = {"objective": args.objective, "steps": args.steps, "samples": args.samples}
     used: set[str] = set()
-    for name in (m.strip() for m in args.methods.split(",") if m.strip()):
+    names = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if not names:
+        raise OptionError(
+            f"`--methods` names no method, got {args.methods!r}: give a list such as saliency,occlusion"
+        )
+    if len(set(names)) < len(names):
+        twice = sorted({n for n in names if names.count(n) > 1})
+        raise OptionError(f"`--methods` names {', '.join(twice)} twice: each method is one row")
+    for name in names:
         fn = resolve_method(name)
         taken = set(resolve_options(fn, {}))
         used |= taken
