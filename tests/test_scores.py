@@ -175,6 +175,21 @@ def test_with_scores_joins_into_dataset(models):
         with_scores(da, other)
 
 
+def test_with_scores_after_words_merged_along_target_says_so(models):
+    """Targets merged into words (merge_subwords' default dims) no longer match the scores'
+    tokens: said, not blamed on the inputs (until 2026-12-05); merged along source they join."""
+    model = models["marian"]
+    source, target = "The capital of France is Paris.", "Die Hauptstadt ist Paris."
+    relevance = ax.pipe(ax.saliency, ax.l2_norm)(model, source, target)
+    scores = step_scores(model, source, target)
+    merged = ax.merge_subwords(relevance)
+    assert merged.sizes["target"] < relevance.sizes["target"]  # the tiny tokenizer splits words
+    with pytest.raises(ax.InputError, match=r"targets were merged into words .*dims='source'"):
+        with_scores(merged, scores)
+    joined = with_scores(ax.merge_subwords(relevance, dims="source"), scores)
+    assert joined.sizes["target"] == scores.sizes["target"]
+
+
 def test_with_scores_refuses_other_targets_at_the_same_positions(models):
     """Scores of other texts (or of the same examples in another order) whose targets sit at the
     same positions are refused: the target ids and the examples are compared, not only where."""

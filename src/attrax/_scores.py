@@ -143,9 +143,19 @@ def with_scores(attribution: xr.DataArray | xr.Dataset, scores: xr.DataArray) ->
         raise InputError("`attribution` has no `target` dim to align the step scores with")
     got, want = scores["target"].values, dataset["target"].values
     if not np.array_equal(got, want):
+        merged = [
+            step
+            for step in str(attribution.attrs.get("reductions", "")).split(";")
+            if step.startswith("merge_subwords(") and "target" in step
+        ]
+        why = (
+            f"`attribution`'s targets were merged into words ({merged[0]}), the scores' are "
+            "tokens: merge dims='source' only to join them"
+            if merged
+            else "compute both with the same inputs, targets and positions"
+        )
         raise InputError(
-            f"`scores` has targets {got.tolist()} but `attribution` has {want.tolist()}: compute "
-            "both with the same inputs, targets and positions"
+            f"`scores` has targets {got.tolist()} but `attribution` has {want.tolist()}: {why}"
         )
     # equal positions are not the same targets: the token ids and examples must agree too
     for name, coord in scores.coords.items():
