@@ -218,6 +218,11 @@ def test_evaluate_checks_every_output_before_the_computation(
         (["--out", str(tmp_path)], f"`--out` {str(tmp_path)!r} is a directory"),
         # a Python message, and a row silently dropped, until 2026-12-05
         (["--methods", ","], "`--methods` names no method, got ','"),
+        # netCDF written into a .json file, HTML into .csv (until 2026-12-05)
+        (
+            ["--out", str(tmp_path / "e.json")],
+            r"`--out` .*e\.json': --out writes nc files, not \.json",
+        ),
         (["--methods", "saliency,saliency"], "`--methods` names saliency twice"),
     ]
     for extra, message in cases:
@@ -231,9 +236,10 @@ def test_evaluate_checks_every_output_before_the_computation(
 @pytest.mark.parametrize(
     ("command", "first", "second"),
     [
-        (["attribute", "--input", PROMPT], ("--out", "x.nc"), ("--html", "x.nc")),
-        (["attribute", "--input", PROMPT], ("--html", "x.png"), ("--png", "sub/../x.png")),
-        (["evaluate", "--methods", "saliency"], ("--out", "same.nc"), ("--csv", "./same.nc")),
+        # names no flag refuses for its format (an .nc given to --html is, since 2026-12-05)
+        (["attribute", "--input", PROMPT], ("--out", "x"), ("--html", "x")),
+        (["attribute", "--input", PROMPT], ("--html", "x.eps"), ("--png", "sub/../x.eps")),
+        (["evaluate", "--methods", "saliency"], ("--out", "same"), ("--csv", "./same")),
     ],
 )
 def test_two_outputs_naming_one_file_are_refused(
