@@ -340,6 +340,8 @@ def test_reduce_specs():
     assert D.parse_reduce("mean:head, normalize") == [("mean", "head"), ("normalize", None)]
     with pytest.raises(ax.OptionError, match="valid: l2_norm, sum"):
         D.parse_reduce("l2,normalize")
+    with pytest.raises(ax.OptionError, match="reduction 'sum:' in 'sum:' names no dim"):
+        D.parse_reduce("sum:")  # ran as sum over hidden until 2026-12-05
     with pytest.raises(ax.OptionError, match="available: saliency"):
         D.resolve_method("magic")
 

@@ -138,12 +138,14 @@ def parse_reduce(spec: str | None) -> list[tuple[str, str | None]] | None:
         return []
     steps: list[tuple[str, str | None]] = []
     for item in spec.split(","):
-        name, _, dim = item.strip().partition(":")
+        name, colon, dim = item.strip().partition(":")
         if name not in REDUCTIONS:
             raise OptionError(
                 f"unknown reduction {name!r} in {spec!r}; valid: {', '.join(REDUCTIONS)} "
                 "(each optionally as name:dim), or 'auto' / 'none'"
             )
+        if colon and not dim.strip():  # "sum:" ran as sum over its default dim
+            raise OptionError(f"reduction {item.strip()!r} in {spec!r} names no dim after ':'")
         steps.append((name, dim.strip() or None))
     return steps
 
