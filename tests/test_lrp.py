@@ -2238,12 +2238,7 @@ def test_gemma4_rules_keep_the_forward_batches_and_both_modes(arch):
             got = model.logits_at(embeds, mask, index)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     model = _double(hf, tok)
-    prompts, targets = [PROMPT, "def f(x):"], [TARGET, " return x + 1"]
-    batched = ax.lrp(model, prompts, targets)
-    for b, (prompt, target) in enumerate(zip(prompts, targets, strict=True)):
-        single = ax.lrp(model, prompt, target)
-        part = batched.isel(example=b).sel(target=single.target, source=single.source)
-        np.testing.assert_allclose(part.values, single.values, rtol=1e-9, atol=1e-12)
+    _batched_equals_single(model, [PROMPT, "def f(x):"], [TARGET, " return x + 1"])
     reverse = ax.lrp(model, PROMPT, TARGET, reduce_hidden="sum", mode="reverse")
     forward = ax.lrp(model, PROMPT, TARGET, reduce_hidden="sum", mode="forward")
     np.testing.assert_allclose(forward.values, reverse.values, rtol=1e-9, atol=1e-12)
@@ -2312,6 +2307,11 @@ def test_batched_equals_single(arch):
     else:
         model = _double(*(NEIGHBOURS[arch]() if arch in NEIGHBOURS else tiny_model(arch)))
         prompts, targets = [PROMPT, "def f(x):"], [TARGET, " return x + 1"]
+    _batched_equals_single(model, prompts, targets)
+
+
+def _batched_equals_single(model: ax.Model, prompts: list, targets: list) -> None:
+    """Each example of a padded batch has the relevance it has alone."""
     batched = ax.lrp(model, prompts, targets)
     for b, (prompt, target) in enumerate(zip(prompts, targets, strict=True)):
         single = ax.lrp(model, prompt, target)

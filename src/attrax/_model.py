@@ -860,8 +860,9 @@ def _from_pretrained(
         config = AutoConfig.from_pretrained(path, **where)
     except (OSError, ValueError, StrictDataclassError) as error:  # the last: a field's type
         what = "directory" if Path(path).exists() else "hub name"
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ModelError(f"`model` {str(path)!r} is not a loadable {what}: {first}") from None
+        raise ModelError(
+            f"`model` {str(path)!r} is not a loadable {what}: {_first_line(error)}"
+        ) from None
     if with_tokenizer:
         _check_tokenizer_files(path, "model")
     named = list(getattr(config, "architectures", None) or [])
@@ -897,9 +898,8 @@ def _from_pretrained(
             f"language model: {error}"
         ) from None
     except (OSError, RuntimeError, SafetensorError) as error:
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ModelError(
-            f"`model` {str(path)!r}: its weights do not load ({first}); expected complete "
+            f"`model` {str(path)!r}: its weights do not load ({_first_line(error)}); expected complete "
             "weight files (model.safetensors or pytorch_model.bin) saved with this config"
         ) from None
     finally:
@@ -973,6 +973,12 @@ def _refuse_load(
             f"does not have, which would be newly initialised: {shown}{more}"
         )
     return ModelError(message)
+
+
+def _first_line(error: BaseException) -> str:
+    """An error's first line (its type's name when it says nothing): one line for the CLI."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 # the weights' files of a model directory
