@@ -221,7 +221,7 @@ def test_evaluate_checks_every_output_before_the_computation(
         # netCDF written into a .json file, HTML into .csv (until 2026-12-05)
         (
             ["--out", str(tmp_path / "e.json")],
-            r"`--out` .*e\.json': --out writes nc files, not \.json",
+            r"`--out` .*e\.json' ends in \.json, another format's: this writes nc files",
         ),
         (["--methods", "saliency,saliency"], "`--methods` names saliency twice"),
     ]

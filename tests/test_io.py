@@ -323,6 +323,15 @@ def test_what_netcdf_cannot_store_or_name_is_an_input_error(tmp_path: Path) -> N
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_name_of_another_format_is_refused(tmp_path: Path) -> None:
+    """save to "r.json" wrote netCDF4 into it, ax.show to "a.png" HTML (until 2026-12-05)."""
+    with pytest.raises(ax.InputError, match=r"ends in \.json, another format's: this writes nc"):
+        io.save(single(), tmp_path / "r.json")
+    with pytest.raises(ax.InputError, match=r"ends in \.png, another format's: this writes html"):
+        ax.show(single(), path=tmp_path / "a.png")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_damaged_marker_is_an_input_error(tmp_path: Path) -> None:
     import netCDF4
 

@@ -630,12 +630,6 @@ def _method_options(args: argparse.Namespace, fn: Any) -> dict[str, Any]:
 
 
 _EXAMPLES = {"--out": "x.nc", "--html": "a.html", "--png": "a.png", "--csv": "a.csv"}
-# suffixes of formats a flag does not write: a file named so would be another format within
-_OTHER_FORMATS = {
-    "--out": {".json", ".csv", ".html", ".htm", ".png", ".pdf", ".svg", ".txt", ".parquet"},
-    "--html": {".json", ".csv", ".nc", ".png", ".pdf", ".svg", ".txt"},
-    "--csv": {".json", ".nc", ".html", ".htm", ".png", ".parquet", ".txt"},
-}
 
 
 def _check_outputs(paths: dict[str, str | None]) -> None:
@@ -663,18 +657,11 @@ def _check_output(path: str | None, flag: str) -> None:
     if path is None:
         return
     import tempfile
-    from pathlib import Path
 
     from ._errors import AttraxError, InputError
     from .io import output_path
     from .viz import figure_path
 
-    suffix = Path(path).suffix.lower()
-    if suffix in _OTHER_FORMATS.get(flag, ()):
-        raise InputError(
-            f"`{flag}` {path!r}: {flag} writes {_EXAMPLES[flag].split('.')[-1]} files, not "
-            f"{suffix}; name it as {_EXAMPLES[flag]!r}"
-        )
     try:
         if flag == "--png":  # also a format matplotlib writes
             directory = figure_path(path)[0].parent  # type: ignore[index]

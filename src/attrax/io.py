@@ -107,6 +107,15 @@ def _local_write_lock(ds: xr.Dataset) -> Any:
         yield
 
 
+# suffixes of other formats than the one a writer writes (keyed by its example's suffix): a
+# file named so would hold another format within (`save` to "r.json": netCDF4)
+_OTHER_FORMATS = {
+    ".nc": {".json", ".csv", ".html", ".htm", ".png", ".pdf", ".svg", ".txt", ".parquet"},
+    ".html": {".json", ".csv", ".nc", ".png", ".pdf", ".svg", ".txt"},
+    ".csv": {".json", ".nc", ".html", ".htm", ".png", ".parquet", ".txt"},
+}
+
+
 def output_path(path: object, example: str) -> Path:
     """``path`` checked as a file to write (``example``: a file name to suggest), before any work:
     a str or PathLike, not a directory, in a directory that exists and that we may write in.
@@ -125,6 +134,12 @@ def output_path(path: object, example: str) -> Path:
     if path.is_dir():
         raise InputError(
             f"`path` {str(given)!r} is a directory; give a file name such as {example!r}"
+        )
+    writes = Path(example).suffix
+    if path.suffix.lower() in _OTHER_FORMATS.get(writes, ()):
+        raise InputError(
+            f"`path` {str(given)!r} ends in {path.suffix}, another format's: this writes "
+            f"{writes[1:]} files; name it as {example!r}"
         )
     if path.exists() and not path.is_file():
         raise InputError(
