@@ -175,6 +175,16 @@ def test_with_scores_joins_into_dataset(models):
         with_scores(da, other)
 
 
+def test_show_refuses_scores_of_other_target_tokens(models):
+    """Scores of another continuation at the same positions were drawn beside the attribution
+    (until 2026-12-05): their target tokens are compared, as with_scores compares them."""
+    model = models["gpt2"]
+    da = ax.pipe(ax.saliency, ax.l2_norm)(model, "The capital of France is", " Paris.")
+    other = step_scores(model, "The capital of France is", " Spain!").to_dataset("score")
+    with pytest.raises(ax.InputError, match="`scores` has other target tokens than `da`"):
+        ax.show(da, scores=other)
+
+
 def test_with_scores_after_words_merged_along_target_says_so(models):
     """Targets merged into words (merge_subwords' default dims) no longer match the scores'
     tokens: said, not blamed on the inputs (until 2026-12-05); merged along source they join."""

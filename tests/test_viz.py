@@ -192,6 +192,15 @@ def test_show_scores_columns() -> None:
     )
     tables = parse(viz.show(b, scores={"p": probs}))
     assert [c["text"] for c in tables[1]["scores"]] == ["5", "6", "7", "8", "9"]
+    # labelled examples are matched by label: a selection of `da` shows its own examples'
+    # scores (the first example's were shown until 2026-12-05)
+    labelled = probs.assign_coords(example=b.example)
+    (one,) = parse(viz.show(b.isel(example=[1]), scores={"p": labelled}))
+    assert [c["text"] for c in one["scores"]] == ["5", "6", "7", "8", "9"]
+    with pytest.raises(ax.InputError, match="`scores` has no example 1, which `da` shows"):
+        viz.show(b.isel(example=[1]), scores={"p": labelled.isel(example=[0])})
+    with pytest.raises(ax.InputError, match="`scores` has 2 unlabelled examples but `da` has 3"):
+        viz.show(b, scores={"p": probs.isel(example=[0, 1])})
 
 
 # --- classification rows --------------------------------------------------------------------

@@ -209,13 +209,40 @@ def _scores_dict(scores: Scores | None) -> dict[str, xr.DataArray]:
     return items
 
 
-def _score_column(score: xr.DataArray, panel_da: xr.DataArray, example: int | None) -> np.ndarray:
+def _score_column(
+    score: xr.DataArray, panel_da: xr.DataArray, example: tuple[int, Any] | None, of: int
+) -> np.ndarray:
+    """``score``'s values at the panel's targets, for ``example`` (its position among `da`'s
+    ``of`` examples, and its label): matched by label where the scores are labelled (`da` may
+    be a selection of the examples scored), else by position, the same number of examples."""
     if "example" in score.dims:
         if example is None:
             raise InputError("`scores` has an 'example' dim but `da` does not")
-        score = score.isel(example=example)
+        position, label = example
+        if "example" in score.indexes:
+            if label not in score.indexes["example"]:
+                raise InputError(f"`scores` has no example {label!r}, which `da` shows")
+            score = score.sel(example=label)
+        elif score.sizes["example"] != of:
+            raise InputError(
+                f"`scores` has {score.sizes['example']} unlabelled examples but `da` has {of}"
+            )
+        else:
+            score = score.isel(example=position)
     if "target" in score.indexes and "target" in panel_da.indexes:
         score = score.reindex(target=panel_da.indexes["target"])
+        if score.sizes["target"] and bool(score.isnull().all()):
+            raise InputError(
+                f"`scores` has none of the targets {panel_da.indexes['target'].tolist()} of `da`"
+            )
+        if "target_id" in score.coords and "target_id" in panel_da.coords:
+            ids, want = score["target_id"].values, panel_da["target_id"].values
+            scored = (ids >= 0) & (want >= 0)  # -1: padding, no token
+            if not np.array_equal(ids[scored], want[scored]):
+                raise InputError(
+                    f"`scores` has other target tokens than `da` (target_id {ids.tolist()} "
+                    f"against {want.tolist()}): compute both with the same inputs and targets"
+                )
     elif score.sizes["target"] != panel_da.sizes["target"]:
         raise InputError(
             f"`scores` has {score.sizes['target']} targets but `da` has {panel_da.sizes['target']}"
@@ -251,6 +278,7 @@ def _prepare(
     panels = []
     for e in _example_positions(da, example):
         sub = da if e is None else da.isel(example=e)
+        which = None if e is None else (e, da["example"].values[e].item())
         sub = drop_padding(sub.transpose("target", "source"))
         target_labels, target_where = _coord_labels(sub, "target")
         source_labels, source_where = _coord_labels(sub, "source")
@@ -266,7 +294,10 @@ def _prepare(
                 source_where=source_where,
                 sides=sides,
                 example=None if e is None else da["example"].values[e].item(),
-                scores={k: _score_column(v, sub, e) for k, v in score_items.items()},
+                scores={
+                    k: _score_column(v, sub, which, da.sizes.get("example", 1))
+                    for k, v in score_items.items()
+                },
             )
         )
     return panels, _scale(panels, cmap)
