@@ -134,6 +134,21 @@ def test_only_the_attributed_positions_are_scored(model):
     assert out.attrs["method"] == "saliency"
 
 
+def test_a_target_that_ranks_nothing_has_no_curve(model):
+    """A target whose attribution row is all NaN removes nothing: its curve is NaN, not a flat 0
+    averaged in with the others (until 2026-12-05); the other targets' are as before."""
+    da = ax.l2_norm(ax.saliency(model, PROMPT, CONTINUATION))
+    blank = da.copy()
+    blank[0, :] = np.nan
+    for metric in (F.comprehensiveness, F.deletion):
+        got, want = (
+            metric(model, blank, PROMPT, CONTINUATION),
+            metric(model, da, PROMPT, CONTINUATION),
+        )
+        assert np.isnan(got.values[0]).all()
+        np.testing.assert_allclose(got.values[1:], want.values[1:], rtol=1e-6)
+
+
 def test_clear_errors(model):
     raw = ax.saliency(model, PROMPT, CONTINUATION)
     with pytest.raises(ax.InputError, match=r"\('target', 'source', 'hidden'\).*l2_norm"):

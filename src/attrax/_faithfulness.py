@@ -250,6 +250,9 @@ def _curve(
     original = problem.evaluate(tuple(x[None] for x in problem.inputs))[0]  # [B, K]
     if metric in ("comprehensiveness", "sufficiency"):
         values = original[..., None] - values
+    # a target whose attribution ranks no source (all NaN) has no curve: NaN, not a flat 0
+    unranked = (ranked.count == 0).to(values.device)[..., None]
+    values = values.masked_fill(unranked, float("nan"))
     attrs = run_attrs(call.model, attribution.attrs.get("method", ""), objective_name, call.options)
     attrs["reductions"] = attribution.attrs.get("reductions", "")
     return label_curve(
