@@ -463,6 +463,21 @@ def test_input_errors() -> None:
         viz.show(batch(), example=3)
     with pytest.raises(ax.OptionError, match="`example`"):
         viz.show(single(), example=0)
+    # numpy's, matplotlib's or a TypeError until 2026-12-05
+    with pytest.raises(ax.OptionError, match="`example` selects no example"):
+        viz.show(batch(), example=[])
+    with pytest.raises(ax.OptionError, match=r"`example` must be positions .*got 1\.0"):
+        viz.show(batch(), example=1.0)
+    with pytest.raises(ax.InputError, match="`da` has no examples to draw"):
+        viz.show(batch().isel(example=[]))
+    with pytest.raises(ax.InputError, match="`da` must hold real numbers to draw"):
+        viz.show(xr.DataArray([["a", "b"]], dims=("target", "source")))
+    with pytest.raises(ax.OptionError, match="`dpi` must be a positive number, got 0"):
+        viz.plot(single(), dpi=0)
+    with pytest.raises(ax.OptionError, match="`ax` must be a matplotlib Axes, got str"):
+        viz.plot(single(), ax="notaxes")  # type: ignore[arg-type]
+    with pytest.raises(ax.InputError, match="`out` must be a run's directory"):
+        ax.load_dataset_results(5)  # type: ignore[arg-type]
     with pytest.raises(ax.OptionError, match="`cmap`"):
         viz.show(single(), cmap="no-such-map")
     with pytest.raises(ax.InputError, match="`scores"):

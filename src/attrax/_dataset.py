@@ -475,6 +475,8 @@ def load_dataset_results(
     [0, 1, 2]
     """
 
+    if not isinstance(out, str | os.PathLike):
+        raise InputError(f"`out` must be a run's directory or a results file, got {out!r}")
     out = Path(out).expanduser()
     if lazy and chunks is None:
         chunks = -1  # one chunk per shard

@@ -19,9 +19,10 @@ import functools
 import html
 import io as _io
 import math
+import numbers
 import os
 import warnings
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -134,6 +135,10 @@ def _check_dims(da: object, rows: bool = False) -> xr.DataArray:
     """``da`` itself, checked for the heatmap view (or, with ``rows``, the classifier rows)."""
     if not isinstance(da, xr.DataArray):
         raise InputError(f"`da` must be an xarray.DataArray, got {type(da).__name__}")
+    if da.dtype.kind not in "biuf":  # strings, objects, complex numbers: no heat to draw
+        raise InputError(f"`da` must hold real numbers to draw, got dtype {da.dtype}")
+    if "example" in da.dims and da.sizes["example"] == 0:
+        raise InputError("`da` has no examples to draw")
     dims = tuple(str(d) for d in da.dims)
     if "hidden" in dims:
         raise InputError(
@@ -258,10 +263,12 @@ def _example_positions(da: xr.DataArray, example: Examples) -> list[int | None]:
     n = da.sizes["example"]
     if example is None:
         chosen: list[object] = list(range(n))
-    elif isinstance(example, int | np.integer | str):
-        chosen = [example]
+    elif isinstance(example, int | np.integer | str) or not isinstance(example, Iterable):
+        chosen = [example]  # a float or other object: refused below, named
     else:
         chosen = list(example)
+        if not chosen:
+            raise OptionError(f"`example` selects no example: give positions in 0..{n - 1}")
     positions: list[int | None] = []
     for e in chosen:
         if isinstance(e, bool) or not isinstance(e, int | np.integer) or not -n <= int(e) < n:
@@ -849,6 +856,10 @@ def plot(
     2
     """
     _check_title(title)
+    if isinstance(dpi, bool) or not isinstance(dpi, numbers.Real) or not 0 < dpi < math.inf:
+        raise OptionError(f"`dpi` must be a positive number, got {dpi!r}")
+    if ax is not None and not hasattr(ax, "figure"):  # matplotlib's Axes: drawn into
+        raise OptionError(f"`ax` must be a matplotlib Axes, got {type(ax).__name__}")
     target = figure_path(path)
     if type(da).__name__ == "DataFrame":  # an ax.summary table: metrics with their intervals
         from ._summary_plot import plot_summary
