@@ -672,3 +672,27 @@ def test_chromium_renders_classifier_rows(tmp_path: Path) -> None:
     assert int((np.abs(pixels - rgb).max(axis=-1) <= 2).sum()) >= 150  # a highlighted word
     ok = np.array([0x1A, 0x7F, 0x37])  # the correct prediction's green text
     assert int((np.abs(pixels - ok).max(axis=-1) <= 40).sum()) >= 10
+
+
+def test_merged_words_label_the_views_and_their_padding_goes() -> None:
+    """merge_subwords' arrays carry words (``source_word``/``target_word``) and pad a batch
+    with "" words: the heatmap and the rows show the words and drop the padding (positions and
+    blank all-NaN columns were shown until 2026-12-05)."""
+    values = np.array([[[0.1, 0.2, 0.3], [0.4, 0.5, 0.6]], [[0.1, 0.2, np.nan], [np.nan] * 3]])
+    da = xr.DataArray(
+        values,
+        dims=("example", "target", "source"),
+        coords={
+            "example": [0, 1],
+            "target": [1, 2],
+            "source": [0, 1, 2],
+            "source_word": (("example", "source"), [["The", "café", "is"], ["Hello", "café", ""]]),
+            "target_word": (("example", "target"), [["café", "is"], ["café", ""]]),
+        },
+    )
+    panels, _ = viz._prepare(da, None, None, None)
+    assert panels[0].source_labels == ["The", "café", "is"]
+    assert panels[1].source_labels == ["Hello", "café"] and panels[1].target_labels == ["café"]
+    rows = da.isel(target=0, drop=True).drop_vars("target_word")
+    shown, _ = viz._prepare_rows(rows, None, None, None)
+    assert [w for w, _ in shown[1].words] == ["Hello", "café"]

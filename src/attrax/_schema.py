@@ -647,8 +647,8 @@ def drop_padding(da: xr.DataArray) -> xr.DataArray:
     (all NaN, with the missing token)."""
     keep: dict[str, np.ndarray] = {}
     for dim, other in (("target", "source"), ("source", "target")):
-        token = f"{dim}_token"
-        if token in da.coords and da[token].dims == (dim,):
-            empty = da.isnull().all(other).values & (da[token].values == MISSING_TOKEN)
-            keep[dim] = ~empty
+        for label in (f"{dim}_token", f"{dim}_word"):  # merge_subwords pads with "" words too
+            if label in da.coords and da[label].dims == (dim,):
+                empty = da.isnull().all(other).values & (da[label].values == MISSING_TOKEN)
+                keep[dim] = keep.get(dim, np.ones(da.sizes[dim], bool)) & ~empty
     return da.isel({d: np.flatnonzero(k) for d, k in keep.items()})

@@ -180,8 +180,10 @@ def _coord_labels(da: xr.DataArray, dim: str) -> tuple[list[str], list[str]]:
         where = [str(v) for v in da[dim].values.tolist()]
     else:
         where = [str(i) for i in range(n)]
-    token = f"{dim}_token"
-    if token in da.coords and da[token].dims == (dim,):
+    word, token = f"{dim}_word", f"{dim}_token"  # merge_subwords' words, else the tokens
+    if word in da.coords and da[word].dims == (dim,):
+        labels = [str(w) for w in da[word].values.tolist()]
+    elif token in da.coords and da[token].dims == (dim,):
         labels = [readable_token(str(t)) for t in da[token].values.tolist()]
     else:
         labels = where
@@ -420,9 +422,11 @@ def _prepare_rows(
         sub = da if e is None else da.isel(example=e)
         if "target" in sub.dims:
             sub = _row_of_classes(sub, 0 if e is None else e)
+        # merge_subwords' words (each its own, space-separated), else the tokens, else positions
+        label = next((c for c in ("source_word", "source_token") if c in sub.coords), None)
         tokens = (
-            [str(t) for t in sub["source_token"].values.tolist()]
-            if "source_token" in sub.coords
+            [str(t) for t in sub[label].values.tolist()]
+            if label is not None
             else [str(i) for i in range(sub.sizes["source"])]
         )
         values = np.asarray(sub.values, dtype=np.float64)
