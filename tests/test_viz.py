@@ -696,3 +696,13 @@ def test_merged_words_label_the_views_and_their_padding_goes() -> None:
     rows = da.isel(target=0, drop=True).drop_vars("target_word")
     shown, _ = viz._prepare_rows(rows, None, None, None)
     assert [w for w, _ in shown[1].words] == ["Hello", "café"]
+
+
+def test_table_titles_are_text_not_markup() -> None:
+    """A model named with square brackets was read as rich markup: "[/x]" raised a MarkupError
+    and "[red]" vanished from the title (until 2026-12-05)."""
+    da = xr.DataArray(
+        [[0.2, -0.7]], dims=("target", "source"), attrs={"method": "m", "model": "[red]a [/x]"}
+    )
+    text = viz.table(da, console=Console(width=80, color_system=None))
+    assert "[red]a" in text and "[/x]" in text

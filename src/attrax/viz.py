@@ -1044,7 +1044,8 @@ def table(
         if panel.example is not None:
             caption.append(f"example {panel.example}")
         t = Table(
-            title=" · ".join(caption) or None,
+            # a Text, not markup: a model or example named "[red]m" or "[/x]" is shown as it is
+            title=Text(" · ".join(caption)) if caption else None,
             caption="rows: target · columns: source",
             box=box.SIMPLE_HEAD,
             padding=(0, 1),
