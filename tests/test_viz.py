@@ -478,6 +478,14 @@ def test_input_errors() -> None:
         viz.plot(single(), ax="notaxes")  # type: ignore[arg-type]
     with pytest.raises(ax.InputError, match="`out` must be a run's directory"):
         ax.load_dataset_results(5)  # type: ignore[arg-type]
+    # read as True, or ignored, until 2026-12-05
+    with pytest.raises(ax.OptionError, match="`lazy` must be a bool, got 'no'"):
+        ax.load_dataset_results("runs", lazy="no")  # type: ignore[arg-type]
+    with pytest.raises(ax.OptionError, match="`annotate` must be a bool, got 'no'"):
+        viz.show(single(), annotate="no")  # type: ignore[arg-type]
+    grid = xr.DataArray(np.zeros((2, 2, 3)), dims=("layer", "head", "source"))
+    with pytest.raises(ax.OptionError, match="`labels` does not apply to the layer x head grid"):
+        viz.show(grid, labels=["x"])
     with pytest.raises(ax.OptionError, match="`cmap`"):
         viz.show(single(), cmap="no-such-map")
     with pytest.raises(ax.InputError, match="`scores"):

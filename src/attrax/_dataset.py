@@ -477,6 +477,9 @@ def load_dataset_results(
 
     if not isinstance(out, str | os.PathLike):
         raise InputError(f"`out` must be a run's directory or a results file, got {out!r}")
+    for name, value in (("partial", partial), ("lazy", lazy)):
+        if not isinstance(value, bool):  # "no" would read as True
+            raise OptionError(f"`{name}` must be a bool, got {value!r}")
     out = Path(out).expanduser()
     if lazy and chunks is None:
         chunks = -1  # one chunk per shard

@@ -32,6 +32,7 @@ import xarray as xr
 from matplotlib import colormaps, colors
 from matplotlib.figure import Figure
 
+from . import _validate as check
 from ._errors import InputError, OptionError
 from ._schema import MISSING_TOKEN, drop_padding
 from .io import output_path, write_atomically
@@ -729,8 +730,19 @@ def show(
     True
     """
     _check_title(title)
+    check.boolean(annotate, "annotate")
     path = None if path is None else output_path(path, "a.html")
     if _is_grid(da):
+        given = [
+            n
+            for n, v in (("scores", scores), ("labels", labels), ("example", example))
+            if v is not None
+        ]
+        if given:  # the grid shows one target of one example: nothing for them to pick
+            raise OptionError(
+                f"`{given[0]}` does not apply to the layer x head grid (one target of one "
+                "example); select with da.isel(...) before show"
+            )
         return _show_grid(da, path, title, cmap, annotate)
     name = _default_title(_check_dims(da, rows=_is_rows(da)), title)
     parts = [f'<div class="attrax-viz">\n<style>{_CSS}</style>']
