@@ -235,6 +235,9 @@ def test_bad_options_raise(kwargs, error, name):
 def test_bad_arrays_raise():
     with pytest.raises(ax.InputError, match="`source_token`"):
         merge_subwords(tokens_array(["▁a", "b"]).drop_vars("source_token"))
+    # a KeyError until 2026-12-05
+    with pytest.raises(ax.InputError, match="has no `source` coordinate"):
+        merge_subwords(tokens_array(["▁a", "b"]).drop_vars("source"), dims="source")
     with pytest.raises(ax.InputError, match="DataArray"):
         merge_subwords(np.zeros((2, 2)))
     with pytest.raises(ax.OptionError, match="neither"):

@@ -79,6 +79,11 @@ def merge_subwords(
                 f"merge_subwords: `da` has no `{dim}_token` coordinate to find words along "
                 f"`{dim}` (merge words before reductions that drop token coordinates)"
             )
+        if dim not in da.indexes:  # the positions label the merged words
+            raise InputError(
+                f"merge_subwords: `da` has no `{dim}` coordinate (the positions attrax labels "
+                f"its {dim}s with); merge an array as a method returns it"
+            )
     if scheme is None:
         scheme = detect_scheme(
             [str(t) for dim in chosen for t in np.ravel(da.coords[f"{dim}_token"].values)]
