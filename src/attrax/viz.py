@@ -303,7 +303,7 @@ def _prepare(
                 target_where=target_where,
                 source_where=source_where,
                 sides=sides,
-                example=None if e is None else da["example"].values[e].item(),
+                example=None if which is None else which[1],
                 scores={
                     k: _score_column(v, sub, which, da.sizes.get("example", 1))
                     for k, v in score_items.items()
