@@ -1,5 +1,5 @@
-"""``python -m benchmarks run|classifiers|report|real-size|long-attention|budgets|methods|calibrate|models``:
-the one entry point (see README.md)."""
+"""``python -m benchmarks run|classifiers|question-answering|report|real-size|long-attention|budgets|
+methods|calibrate|models``: the one entry point (see README.md)."""
 
 from __future__ import annotations
 
@@ -12,10 +12,23 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
-    from . import budgets, calibrate, classify, harness, long_attention, methods, real_size, report
+    from . import (
+        budgets,
+        calibrate,
+        classify,
+        harness,
+        long_attention,
+        methods,
+        question_answering,
+        real_size,
+        report,
+    )
 
     harness.parser(sub.add_parser("run", help="parity gate, then time and memory (CPU or GPU)"))
     classify.parser(sub.add_parser("classifiers", help="C1, C2: BERT-shaped classifiers"))
+    question_answering.parser(
+        sub.add_parser("question-answering", help="Q1: a BERT-shaped question-answering model")
+    )
     r = sub.add_parser("report", help="render the docs from the committed results JSON")
     r.add_argument("--cpu", default=report.CPU_RESULTS, help="CPU results JSON")
     r.add_argument("--gpu", default=report.GPU_RESULTS, help="GPU results JSON")
@@ -45,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
         return harness.run(args, argv)
     if args.command == "classifiers":
         return classify.run(classify.defaults(args), argv)
+    if args.command == "question-answering":
+        return question_answering.run(question_answering.defaults(args), argv)
     if args.command == "classifiers-worker":
         classify.worker(args.spec)
         return 0

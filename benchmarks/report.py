@@ -431,6 +431,7 @@ def render_cpu(
             )
     out += _parity_section(results)
     out += _classifier_section(results.get("classifiers"))
+    out += _question_answering_section(results.get("question_answering"))
     out += _real_size_section(real_size or {})
     return "\n".join(out) + "\n"
 
@@ -687,6 +688,50 @@ def _classifier_section(results: dict[str, Any] | None) -> list[str]:
             f"- {r['workload']} {CLASSIFIER_LABEL.get(r['method'], r['method'])} vs "
             f"{r['baseline']}: {'ok' if r['ok'] else 'FAILED'} ({errors})"
         )
+    w("")
+    return out
+
+
+def _question_answering_section(results: dict[str, Any] | None) -> list[str]:
+    """The question-answering workload (Q1) of ``python -m benchmarks question-answering``."""
+    if not results:
+        return []
+    meta = results["meta"]
+    n, question, context = meta["pairs"]
+    s, v = meta["spec"], meta["versions"]
+    kind = "a quick run (`--quick`)" if meta["quick"] else "a full run"
+    out = ["## Question answering (Q1)\n"]
+    w = out.append
+    w(
+        f"Recorded from {kind}: `{meta['command']}`, {meta['started']} – "
+        f"{meta.get('finished', '?')}, {meta['threads']} threads; captum {v.get('captum')}, "
+        f"transformers {v.get('transformers')}. `BertForQuestionAnswering` is the classifiers' "
+        f"encoder (hidden {s['hidden']}, {s['layers']} layers, random weights) with a "
+        f"`qa_outputs` head, the task of Captum's BERT-on-SQuAD tutorial. The inputs are {n} "
+        f"(question, context) pairs of {question} + {context} tokens, "
+        f"{question + context + 3} with the special tokens, so nothing is padded. The targets "
+        "are each pair's predicted answer: the softmax probability of its start and of its end "
+        "over the pair's positions. attrax attributes both targets in one call. Captum makes one "
+        "batched `attribute` call per target, as its tutorial does. Both are timed in one "
+        f"process, calls alternated, median of {meta['repeats']}. Both clocks start at the "
+        f"texts. IG uses Gauss–Legendre with {meta['steps']} points from the tutorial's "
+        "reference ([PAD], [CLS] and [SEP] kept); Captum runs it as `LayerIntegratedGradients` "
+        "on the word embeddings.\n"
+    )
+    w("| method | attrax (s) | Captum (s) | attrax's speed-up |")
+    w("|---|---|---|---|")
+    for r in results["runs"]:
+        label = CLASSIFIER_LABEL.get(r["method"], r["method"])
+        w(
+            f"| {label} | {_fmt_s(r['attrax_s'])} | {_fmt_s(r['captum_s'])} | "
+            f"**{_fmt_x(r['speedup'])}** |"
+        )
+    w("")
+    w("Parity before timing (max |attrax − Captum| / max |Captum| after the aggregation):\n")
+    for r in results["parity"]:
+        errors = ", ".join(f"{k} {x:.1e}" for k, x in r["errors"].items())
+        label = CLASSIFIER_LABEL.get(r["method"], r["method"])
+        w(f"- {label}: {'ok' if r['ok'] else 'FAILED'} ({errors})")
     w("")
     return out
 

@@ -186,6 +186,46 @@ def test_classifier_parity_and_the_attrax_adapter():
     np.testing.assert_allclose(values[1, 0], every.isel(example=1, target=0).values, rtol=1e-4)
 
 
+@pytest.mark.parametrize("method", ["saliency", "input_x_gradient", "integrated_gradients"])
+def test_question_answering_equals_captums_loop_over_start_and_end(method):
+    pytest.importorskip("captum")  # the bench venv's (benchmarks/setup_bench_env.sh)
+    from benchmarks import question_answering as qa
+    from benchmarks.parity import parity
+
+    from attrax.testing import tiny_classifier
+
+    hf, tok = tiny_classifier("bert", "question-answering")
+    model = ax.load_model(hf, tokenizer=tok)
+    given = [("who was good", "the plot was good"), ("who was good", "the story was good")]
+    spans = qa.predicted_spans(model, given)
+    assert spans != [(0, 0), (0, 0)] and all(s <= e for s, e in spans)
+    ours, _ = qa.attrax_qa(model, given, spans, method, steps=8)
+    theirs, seconds = qa.captum_qa(hf, tok, given, spans, method, steps=8)
+    assert ours.shape == theirs.shape == (2, 2, 23, hf.config.hidden_size) and seconds > 0
+    flat = (-1, *ours.shape[2:])
+    assert parity(ours.reshape(flat), theirs.reshape(flat), method)["ok"]
+    # the slots are not interchangeable: the end's attribution is not the start's
+    assert not parity(ours[:, ::-1].reshape(flat), theirs.reshape(flat), method)["ok"]
+
+
+def test_the_question_answering_section_renders_from_a_recorded_run():
+    from benchmarks import question_answering as qa
+
+    results = {
+        "meta": dict(
+            quick=False, command="python -m benchmarks question-answering", started="s",
+            finished="f", threads=2, pairs=list(qa.PAIRS), steps=50, repeats=5,
+            spec=dict(hidden=256, layers=4), versions={"captum": "0.9.0"},
+        ),
+        "runs": [dict(method="saliency", attrax_s=0.1, captum_s=0.25, speedup=2.5)],
+        "parity": [dict(method="saliency", ok=True, errors={"raw": 1e-7})],
+    }  # fmt: skip
+    text = "\n".join(report._question_answering_section(results))
+    assert "## Question answering (Q1)" in text
+    assert "| saliency | 0.100 | 0.250 | **2.5\u00d7** |" in text
+    assert "- saliency: ok (raw 1.0e-07)" in text
+
+
 def test_the_classifier_section_renders_from_a_recorded_run():
     run = dict(median_s=1.0, rss_peak_mb=500.0, load1_before=1.0, scale=1.0, calls=1)
     results = {

@@ -1039,6 +1039,39 @@ def test_atp_encoder_classifiers_first_order(arch, site):
     np.testing.assert_allclose(got.values[0], want, rtol=rtol, atol=atol)
 
 
+@pytest.mark.parametrize("site", ["heads", "mlp", "residual"])
+@pytest.mark.parametrize("arch", ["bert", "distilbert"])
+def test_atp_question_answering_first_order(arch, site):
+    # the answer's start and end logits, each at its own token, patched at every position of a
+    # (question, context) pair against a corrupted pair of the same length
+    hf, tok = tiny_classifier(arch, "question-answering")
+    model = ax.load_model(full_double(hf), tokenizer=tok)
+    clean, bad = ("who was good", "the plot was good"), ("who was good", "the slot was good")
+    encoding = tok(*clean)
+    ids, bad_ids = encoding["input_ids"], tok(*bad)["input_ids"]
+    assert len(ids) == len(bad_ids) and ids != bad_ids
+    span = (14, 20)
+    got = ax.attribution_patching(model, clean, span, corrupted=bad, site=site, objective="logit")
+    assert got.target.values.tolist() == ["start", "end"]
+    types = {}
+    if arch == "bert":  # its segment embeddings
+        types = {"token_type_ids": torch.tensor([encoding["token_type_ids"]])}
+    base = hf.base_model
+    blocks = list(base.transformer.layer if arch == "distilbert" else base.encoder.layer)
+    heads_of, mlp_of_block = ENCODER_MODULES[arch]
+    where = {"heads": heads_of, "mlp": mlp_of_block, "residual": lambda b: b}[site]
+    modules_ = [where(b) for b in blocks]
+    heads = model.hf.config.num_attention_heads
+    for slot, name in enumerate(("start_logits", "end_logits")):
+
+        def score(x: list[int], name: str = name, position: int = span[slot]) -> float:
+            return float(getattr(model.hf(input_ids=torch.tensor([x]), **types), name)[0, position])
+
+        want = central_patching(modules_, site, score, ids, bad_ids, len(ids), heads, 1e-4)
+        assert np.abs(want).max() > 1e-6
+        np.testing.assert_allclose(got.values[slot], want, rtol=1e-6, atol=1e-9)
+
+
 # --- errors, CLI, dataset ------------------------------------------------------------------
 
 

@@ -324,7 +324,8 @@ def _not_an_array(model, inputs, targets):
         ),
         pytest.param(
             {"fields": {"foo": "bar"}}, ax.OptionError,
-            r"`fields` key 'foo'.*\('input', 'target', 'label', 'rationale'\)", id="fields-key",
+            r"`fields` key 'foo'.*\('input', 'target', 'label', 'rationale', 'input_pair'\)",
+            id="fields-key",
         ),
         pytest.param(
             {"methods": {"s": _not_an_array}}, ax.OptionError,

@@ -18,7 +18,7 @@ import xarray as xr
 import attrax as ax
 from attrax import _faithfulness as F
 from attrax._default_model_task import make_example
-from attrax.testing import tiny_model
+from attrax.testing import tiny_classifier, tiny_model
 from tests import _naive
 
 PROMPT, CONTINUATION = "3 1 4 0 5 9 =", " 9 5 0 4 1 3"
@@ -124,6 +124,21 @@ def test_a_batch_equals_its_examples_one_by_one(model):
         np.testing.assert_allclose(got.values, alone.values, rtol=1e-5, atol=1e-7)
         np.testing.assert_allclose(got.auc.values, alone.auc.values, rtol=1e-5, atol=1e-7)
         assert got.target_token.values.tolist() == alone.target_token.values.tolist()
+
+
+def test_a_token_classifiers_targets_in_another_order_score_the_same():
+    """A selection of a token classifier's targets, reordered, is scored as the full array's rows
+    (its classes followed the full order: a raw RuntimeError until 2026-12-06)."""
+    hf, tok = tiny_classifier("bert", "token")
+    clf = ax.load_model(hf, tokenizer=tok)
+    text = "the cat sat on the mat"
+    da = ax.l2_norm(ax.saliency(clf, text))
+    full = F.comprehensiveness(clf, da, text)
+    sub = F.comprehensiveness(clf, da.isel(target=[3, 1]), text)
+    assert sub.target.values.tolist() == da.target.values[[3, 1]].tolist()
+    for name in ("target_class", "predicted_class"):
+        np.testing.assert_array_equal(sub[name], full[name].isel(target=[3, 1]))
+    np.testing.assert_allclose(sub.values, full.isel(target=[3, 1]).values, rtol=1e-6)
 
 
 def test_only_the_attributed_positions_are_scored(model):

@@ -85,6 +85,23 @@ def test_object_and_fixed_width_strings_keep_their_dtype(tmp_path: Path) -> None
     assert_same(da, loaded)
 
 
+def test_variable_width_strings_load_back_as_fixed_width(tmp_path: Path) -> None:
+    """numpy's StringDType (pandas' string dtype, ``ax.stack_models``' model names until
+    2026-12-06) saved, then failed to load: its dtype has no string to restore it by."""
+    import pandas as pd
+
+    variable = np.array(["p", "qr"], dtype=np.dtypes.StringDType())
+    da = xr.DataArray(
+        [1.0, 2.0],
+        dims="model",
+        coords={"model": pd.Index(["a", "bc"], dtype="str"), "tag": ("model", variable)},
+    )
+    loaded = io.load(io.save(da, tmp_path / "s.nc"))
+    assert loaded.tag.values.tolist() == ["p", "qr"] and loaded.tag.dtype.kind == "U"
+    assert loaded["model"].values.tolist() == ["a", "bc"]
+    np.testing.assert_array_equal(loaded.values, da.values)
+
+
 def test_half_precision_round_trips(tmp_path: Path) -> None:
     # netCDF has no float16; a half-precision model's attributions must still come back as such.
     da = single().astype(np.float16)

@@ -1452,16 +1452,19 @@ class _Relative:
 
 
 @torch.no_grad()
-def encoder_lrp_reference(hf, ids: list[int], position: int | None, cls: int, rule: str):
+def encoder_lrp_reference(
+    hf, ids: list[int], position: int | None, cls: int, rule: str, types: list[int] | None = None
+):
     """Relevance ``[T, E]`` of the word embeddings for class ``cls``'s logit: of the sequence
     (``position=None``, the head reads the first token) or of token ``position``. Biases,
-    LayerNorm shifts, position and segment embeddings keep their shares."""
+    LayerNorm shifts, position and segment embeddings (``types``: a pair's) keep their shares."""
     embeddings, projection, heads, blocks = _encoder_blocks(hf)
     t = len(ids)
     x = embeddings.word_embeddings.weight[torch.tensor(ids)]
     summed = []  # the embedding sum the LayerNorm normalises (positions, segments, x)
     hook = embeddings.LayerNorm.register_forward_pre_hook(lambda _m, a: summed.append(a[0][0]))
-    embeddings(input_ids=torch.tensor([ids]))
+    segments = {} if types is None else {"token_type_ids": torch.tensor([types])}
+    embeddings(input_ids=torch.tensor([ids]), **segments)
     hook.remove()
     e = summed[0]
     normed = embeddings.LayerNorm(e)
@@ -1501,7 +1504,8 @@ def encoder_lrp_reference(hf, ids: list[int], position: int | None, cls: int, ru
         r_z = nonlinearity(z) * out_proj.weight[cls]  # identity rule: passes on unchanged
         relevance[0] = _linear_messages(h[0], dense.weight, r_z, z)
     else:
-        relevance[position] = h[position] * hf.classifier.weight[cls]
+        head = getattr(hf, "qa_outputs", None) or hf.classifier  # cls 0, 1: start, end
+        relevance[position] = h[position] * head.weight[cls]
     for step in reversed(saved):
         block, relative, h, zq, zk, zv, q, k, v, s, a, o, att, r1, n1, f, g, out, r2, n2 = step
         ql, kl, vl, out_l, ln1, fin, act, fout, ln2 = block
@@ -1614,7 +1618,7 @@ def modernbert_lrp_reference(hf, ids: list[int], position: int | None, cls: int,
 
 
 @pytest.mark.parametrize("rule", ["attnlrp", "cp-lrp"])
-@pytest.mark.parametrize("task", ["sequence", "token"])
+@pytest.mark.parametrize("task", ["sequence", "token", "question-answering"])
 @pytest.mark.usefixtures("modernbert_rotary_in_its_dtype")
 def test_modernbert_equals_explicit_layer_by_layer_lrp(task, rule):
     hf, tok = tiny_classifier("modernbert", task=task)
@@ -1627,11 +1631,16 @@ def test_modernbert_equals_explicit_layer_by_layer_lrp(task, rule):
     model = _double(hf, tok)
     text = "the plot was good and the cast was great"  # longer than a local window
     targets = [0, 1, 2] if task == "sequence" else None
+    if task == "question-answering":  # the start's logit (head row 0) and the end's (row 1)
+        text, targets = ("what was good", text), "the cast was"
     got = ax.lrp(model, text, targets, rule=rule)
     ids = got.source_id.values.tolist()
     for k, target in enumerate(got.target.values.tolist()):
         position = None if task == "sequence" else target
-        want = modernbert_lrp_reference(model.hf, ids, position, int(got.target_class[k]), rule)
+        cls = int(got.target_class[k]) if "target_class" in got.coords else k
+        if task == "question-answering":
+            position = int(got.target_position[k])
+        want = modernbert_lrp_reference(model.hf, ids, position, cls, rule)
         np.testing.assert_allclose(got[k].values, want, rtol=1e-7, atol=1e-10)
 
 
@@ -1663,6 +1672,24 @@ def test_encoder_classifiers_equal_explicit_layer_by_layer_lrp(arch, task, rule)
         position = None if task == "sequence" else target
         want = encoder_lrp_reference(model.hf, ids, position, int(got.target_class[k]), rule)
         np.testing.assert_allclose(got[k].values, want, rtol=1e-7, atol=1e-10)
+
+
+@pytest.mark.parametrize("rule", ["attnlrp", "cp-lrp"])
+@pytest.mark.parametrize("arch", ["bert", "distilbert", "deberta-v2"])
+def test_question_answering_equals_explicit_layer_by_layer_lrp(arch, rule):
+    # each target is the logit of the answer's start (head row 0) or end (row 1) at its token
+    kw = {"position_buckets": 64} if arch == "deberta-v2" else {}
+    model = _double(*tiny_classifier(arch, task="question-answering", **kw))
+    pair = ("who was good", "the plot was good")
+    got = ax.lrp(model, pair, (14, 20), rule=rule)
+    assert got.target_position.values.tolist() == [14, 20]
+    ids = got.source_id.values.tolist()
+    # BERT's segment embeddings (DistilBERT has none)
+    types = None if arch == "distilbert" else model.tokenizer(*pair).get("token_type_ids")
+    for slot in (0, 1):
+        position = int(got.target_position[slot])
+        want = encoder_lrp_reference(model.hf, ids, position, slot, rule, types)
+        np.testing.assert_allclose(got[slot].values, want, rtol=1e-7, atol=1e-10)
 
 
 @pytest.fixture(scope="module")

@@ -238,6 +238,34 @@ def test_reductions_on_a_dataset(da):
     xr.testing.assert_identical(out["b"], ds["b"])
 
 
+def test_reductions_of_a_dataset_record_themselves():
+    """The reduced variable and the Dataset record the reductions (a Dataset's map put back the
+    old attrs until 2026-12-06); a variable without the dim keeps its own."""
+    attribution = xr.DataArray(
+        np.ones((2, 3, 4)), dims=("target", "source", "hidden"), attrs={"reductions": "first"}
+    )
+    score = xr.DataArray(np.ones(2), dims="target", attrs={"score": "probability"})
+    ds = xr.Dataset({"attribution": attribution, "probability": score}, attrs={"method": "m"})
+    out = ax.normalize(ax.l2_norm(ds))
+    want = "first;l2_norm(hidden);normalize(source)"
+    assert out["attribution"].attrs["reductions"] == want
+    assert out.attrs == {"method": "m", "reductions": "l2_norm(hidden);normalize(source)"}
+    assert out["probability"].attrs == {"score": "probability"}
+    np.testing.assert_allclose(out["attribution"].values, 1 / 3)
+
+
+@pytest.mark.parametrize("dtype", [np.int8, np.uint8, np.int16])
+def test_narrow_integers_do_not_wrap_around(dtype):
+    values = np.array([[100, 5, 0], [-128 if dtype != np.uint8 else 200, 3, 1]], dtype=dtype)
+    da = xr.DataArray(values, dims=("source", "hidden"))
+    wide = values.astype(np.float64)  # the reference: plain float64 arithmetic
+    np.testing.assert_allclose(ax.l2_norm(da).values, np.sqrt((wide**2).sum(-1)))
+    np.testing.assert_allclose(ax.absmax(da).values, wide[np.arange(2), np.abs(wide).argmax(-1)])
+    row = xr.DataArray(values[1], dims="source")
+    np.testing.assert_allclose(ax.normalize(row).values, wide[1] / np.abs(wide[1]).sum())
+    np.testing.assert_allclose(ax.rescale(row).values, wide[1] / np.abs(wide[1]).max())
+
+
 def test_reductions_do_not_modify_input(da):
     before = da.copy(deep=True)
     ax.normalize(ax.l2_norm(da))

@@ -63,9 +63,10 @@ def test_a_stack_equals_each_model_alone(checkpoints, method):
         xr.testing.assert_allclose(got, reference, rtol=1e-9, atol=1e-12)
 
 
-def test_one_input_and_names(checkpoints):
+def test_one_input_and_names(checkpoints, tmp_path):
     stack = ax.stack_models(checkpoints[:2], names=["early", "late"])
     da = ax.saliency(stack, X[0], Y[0])
+    xr.testing.assert_identical(ax.load(ax.save(da, tmp_path / "stack.nc")), da)
     assert da.dims == ("model", "target", "source", "hidden")
     assert da["model"].values.tolist() == ["early", "late"]
     np.testing.assert_allclose(

@@ -37,9 +37,9 @@ def _tiny(name: str) -> Callable[[], ax.Model]:
     return build
 
 
-def _classifier(name: str) -> Callable[[], ax.Model]:
+def _classifier(name: str, task: str = "sequence") -> Callable[[], ax.Model]:
     def build() -> ax.Model:
-        hf, tok = tiny_classifier(name)
+        hf, tok = tiny_classifier(name, task)
         return ax.load_model(hf, tokenizer=tok)
 
     return build
@@ -147,6 +147,19 @@ FAMILIES: dict[str, Callable[[], ax.Model]] = {
     "GPT-2 classifier": _classifier("gpt2"),
     "Llama classifier": _classifier("llama"),
     "Qwen2 classifier": _classifier("qwen2"),
+    **{
+        f"{name} question answering": _classifier(arch, "question-answering")
+        for name, arch in (
+            ("BERT", "bert"),
+            ("RoBERTa", "roberta"),
+            ("XLM-R", "xlm-roberta"),
+            ("CamemBERT", "camembert"),
+            ("DistilBERT", "distilbert"),
+            ("ELECTRA", "electra"),
+            ("DeBERTa-v2", "deberta-v2"),
+            ("ModernBERT", "modernbert"),
+        )
+    },
 }
 
 Call = Callable[[ax.Model, dict], object]
@@ -201,11 +214,15 @@ GROUPS: dict[str, list[Call]] = {
 def _inputs(model: ax.Model) -> dict:
     if model.task == "generation":
         return {"inputs": "The capital of France is", "targets": " Paris"}
+    if model.task == "question-answering":  # the predicted answer
+        return {"inputs": ("who was good", "the plot was good")}
     return {"inputs": "the plot was good"}  # the predicted class (token classifiers: per token)
 
 
-def _corrupted(model: ax.Model) -> str:
+def _corrupted(model: ax.Model) -> str | tuple[str, str]:
     # as many tokens as the clean input in every test tokenizer
+    if model.task == "question-answering":
+        return ("who was good", "the story was good")
     return "The capital of Spain is" if model.task == "generation" else "the story was good"
 
 
@@ -253,5 +270,5 @@ def test_the_table_row_is_what_runs(family):
 
 def test_the_readme_counts_the_families():
     readme = (PAGE.parent.parent / "README.md").read_text()
-    count = re.search(r"model families \((\d+) of them", readme)
+    count = re.search(r"model families and heads \((\d+) rows", readme)
     assert count is not None and int(count.group(1)) == len(FAMILIES)

@@ -21,7 +21,7 @@ from . import _arch
 from ._errors import OptionError
 from ._inputs import encode_sources, to_tensors
 from ._memory import at_least_float32, full_precision
-from ._model import Model, refuse_mean_pooling
+from ._model import Model, refuse_no_query_row
 from ._protocol import Call, Family
 from ._schema import label_queries
 
@@ -95,7 +95,7 @@ def attention(
     ('target', 'source')
     """
     model = call.model
-    refuse_mean_pooling(model, "attention")
+    refuse_no_query_row(model, "attention")
     maps = resolve_maps(model, maps)
     attribute_target = call.options["attribute_target"]
     stack = "cross" if maps == "cross" else maps
@@ -162,7 +162,7 @@ def rollout(call: Call) -> xr.DataArray:
     True
     """
     model = call.model
-    refuse_mean_pooling(model, "rollout")
+    refuse_no_query_row(model, "rollout")
     tensors = to_tensors(call.batch, model)
     rolled = _Rollout(tensors.mask, tensors.decoder_mask)
     model.stream_attention(tensors, rolled)

@@ -1205,8 +1205,17 @@ def _corrupted_ids(
     decoder positions) the corrupted source keeps its own length and padding."""
     batch = call.batch
     t = to_tensors(batch, model)
-    texts = [corrupted] if isinstance(corrupted, str) else list(corrupted)
-    if isinstance(corrupted, str) != batch.single or len(texts) != len(batch.examples):
+    # one classifier input may be a (text, text_pair) pair: a question and its context
+    pair = (
+        model.task != "generation"
+        and batch.single
+        and isinstance(corrupted, tuple)
+        and len(corrupted) == 2
+        and all(isinstance(text, str) for text in corrupted)
+    )
+    one = isinstance(corrupted, str) or pair
+    texts = [corrupted] if one else list(corrupted)
+    if one != batch.single or len(texts) != len(batch.examples):
         raise InputError(
             f"`corrupted` must align with `inputs`: {len(batch.examples)} "
             f"{'string' if batch.single else 'texts'}, got {corrupted!r}"

@@ -510,7 +510,10 @@ def concat_examples(parts: list[xr.DataArray]) -> xr.DataArray:
     padded_dims = [d for d in ("target", "source") if d in parts[0].dims]
     union = xr.Coordinates()
     for dim in padded_dims:
-        values = sorted(set().union(*(p.indexes[dim].tolist() for p in parts)))
+        listed = [p.indexes[dim].tolist() for p in parts]
+        # the parts' own order where they agree (a question-answering model's start, end)
+        same = all(values == listed[0] for values in listed)
+        values = listed[0] if same else sorted(set().union(*listed))
         index = parts[0].indexes[dim]
         if isinstance(index, pd.MultiIndex):  # (side, position) sources of attribute_target
             midx = pd.MultiIndex.from_tuples(values, names=index.names)

@@ -75,6 +75,13 @@ class Record:
     label: Any = None
     rationale: tuple[int, ...] | None = None
     where: str = "`data`"
+    #: a classifier's second text (NLI), a question-answering model's context
+    input_pair: str | None = None
+
+    @property
+    def item(self) -> str | tuple[str, str]:
+        """What a method takes as this record's input: the text, or the (text, pair) pair."""
+        return self.input if self.input_pair is None else (self.input, self.input_pair)
 
 
 #: the record fields ``fields=`` may rename (the keyword arguments of :func:`read_records`)
@@ -88,6 +95,7 @@ def read_records(
     target: str = "target",
     label: str = "label",
     rationale: str = "rationale",
+    input_pair: str = "input_pair",
 ) -> list[Record]:
     """Records from a list of dicts or texts, a pandas DataFrame, a Hugging Face ``datasets``
     Dataset (or a ``save_to_disk`` folder), or a JSONL, CSV or Parquet file; field names given.
@@ -120,6 +128,11 @@ def read_records(
                 f"{where}: field {target!r} must be a non-empty text, got {goal!r} (leave the "
                 "field out of every record to generate targets)"
             )
+        pair = None if _missing(row.get(input_pair)) else row[input_pair]
+        if pair is not None and (not isinstance(pair, str) or not pair.strip()):
+            raise InputError(
+                f"{where}: field {input_pair!r} must be a non-empty text, got {pair!r}"
+            )
         tag = None if _missing(row.get(label)) else row[label]
         if tag is not None and (
             isinstance(tag, (bool, np.bool_)) or not isinstance(tag, (str, numbers.Integral))
@@ -127,7 +140,7 @@ def read_records(
             raise InputError(
                 f"{where}: field {label!r} must be a label name or a class id, got {tag!r}"
             )
-        for name, value in ((input, text), (target, goal), (label, tag)):
+        for name, value in ((input, text), (input_pair, pair), (target, goal), (label, tag)):
             problem = not_text(value)
             if problem:  # before any method runs: the tokenizer fails on them later
                 raise InputError(f"{where}: field {name!r} {problem}")
@@ -135,7 +148,7 @@ def read_records(
         if marks is not None:
             marks = _rationale(marks, text, f"{where}: field {rationale!r}")
         tag = tag if tag is None or isinstance(tag, str) else int(tag)
-        records.append(Record(text, goal, tag, marks, where))
+        records.append(Record(text, goal, tag, marks, where, pair))
     if not records:
         raise InputError(f"{source} has no records")
     given = sum(r.target is not None for r in records)
@@ -407,7 +420,7 @@ def score_records(
 ) -> xr.Dataset:
     """Every method and metric on ``records``, as one batch: the body of :func:`evaluate`."""
     labels = _checked(model, records)
-    inputs = [r.input for r in records]
+    inputs = [r.item for r in records]
     targets = None if records[0].target is None else [r.target for r in records]
     names = list(methods)
     reduced = []
@@ -458,7 +471,14 @@ def _checked(model: Model, records: list[Record]) -> list[Any]:
         try:
             # room for one generated token at least: the methods' own limit is not known here
             room = 1 if record.target is None else None
-            check_example(model, record.input, record.target, room, names=("input", "target"))
+            check_example(
+                model,
+                record.input,
+                record.target,
+                room,
+                names=("input", "target"),
+                pair=record.input_pair,
+            )
             labels.append(None if record.label is None else _label(model, record.label))
         except InputError as err:
             raise InputError(f"{record.where}: {err}") from None
@@ -735,7 +755,7 @@ def sanity_checks(
     model = load_model(model)  # a Model passes through as is
     records = read_records(data, **renamed)
     _checked(model, records)
-    inputs = [r.input for r in records]
+    inputs = [r.item for r in records]
     targets: Any = None if records[0].target is None else [r.target for r in records]
     if targets is None and model.task == "generation":
         raise InputError(

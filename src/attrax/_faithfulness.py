@@ -341,7 +341,8 @@ def _restrict(
     """Keep, per example, the target positions (classes: ``labels``) the attribution covers;
     their rows in it."""
     positions = template["target"].values.tolist()
-    if batch.task == "sequence-classification":  # targets are labelled by class name
+    # targets labelled by name: a class's, or a question-answering model's "start" and "end"
+    if batch.task in ("sequence-classification", "question-answering"):
         by_name = {name: i for i, name in labels.items()}
         positions = [by_name.get(p, -1) for p in positions]
     present = has_targets(template)
@@ -358,16 +359,42 @@ def _restrict(
             )
         if not wanted:
             raise InputError(f"`attribution` has no target for example {b}")
-        examples.append(dataclasses.replace(example, positions=tuple(wanted)))
+        examples.append(_keep(batch.task, example, wanted))
         rows.append([positions.index(p) for p in wanted])
     return dataclasses.replace(batch, examples=tuple(examples)), rows
+
+
+def _keep(task: str, example: Any, wanted: list[int]) -> Any:
+    """``example`` with only the target positions ``wanted``, in that order: a classifier's
+    classes (and a token classifier's or an answer's predictions) follow its positions."""
+    if task == "generation":  # a language model's target tokens are its continuation
+        return dataclasses.replace(example, positions=tuple(wanted))
+    keep = [example.positions.index(p) for p in wanted]
+
+    def pick(values: Sequence[Any] | None) -> tuple[Any, ...] | None:
+        return None if values is None else tuple(values[k] for k in keep)
+
+    changes: dict[str, Any] = {
+        "positions": tuple(wanted),
+        "target_ids": pick(example.target_ids),
+        "contrast_ids": pick(example.contrast_ids),
+    }
+    if task != "sequence-classification":  # a sequence's prediction is one class
+        changes["predicted"] = pick(example.predicted)
+        changes["predicted_probability"] = pick(example.predicted_probability)
+    return dataclasses.replace(example, **changes)
+
+
+def _first_of(template: xr.DataArray, names: Sequence[str]) -> str:
+    """The first of ``names`` that ``template`` has as a coordinate (the last if none)."""
+    return next((name for name in names if name in template.coords), names[-1])
 
 
 def _check_tokens(template: xr.DataArray, problem: Problem, rows: list[list[int]]) -> None:
     """The attribution's token ids must be those of the texts: catch a mismatched pair early."""
     t = problem.tensors
-    # a classifier's targets are classes; a language model's, tokens
-    name = "target_class" if "target_class" in template.coords else "target_id"
+    # a classifier's targets are classes; an answer's, positions; a language model's, tokens
+    name = _first_of(template, ("target_class", "target_position", "target_id"))
     if name in template.coords:
         given = per_example(template, name, ("example", "target"))
         for b, example_rows in enumerate(rows):
@@ -377,7 +404,7 @@ def _check_tokens(template: xr.DataArray, problem: Problem, rows: list[list[int]
                     f"`attribution`'s target tokens (example {b}) differ from those of "
                     "`inputs`/`targets`: pass the texts the attribution was computed from"
                 )
-    name = "contrast_class" if "contrast_class" in template.coords else "contrast_id"
+    name = _first_of(template, ("contrast_class", "contrast_position", "contrast_id"))
     if name in template.coords and t.contrast_ids is not None:
         given = per_example(template, name, ("example", "target"))
         for b, example_rows in enumerate(rows):

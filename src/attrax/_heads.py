@@ -39,7 +39,7 @@ from ._engine import Problem
 from ._errors import ModelError, OptionError
 from ._gradients import QUADRATURES, check_quadrature_steps, quadrature_nodes
 from ._memory import Cost, at_least_float32, full_precision, head_bytes, plan, to_host
-from ._model import Model, attention_modules, refuse_mean_pooling, selected_keys
+from ._model import Model, attention_modules, refuse_no_query_row, selected_keys
 from ._protocol import Call, Family
 from ._schema import target_coordinates
 
@@ -463,7 +463,7 @@ def attention_x_gradient(
     """
     model = call.model
     if queries == "target" or rollout:
-        refuse_mean_pooling(model, "attention_x_gradient")
+        refuse_no_query_row(model, "attention_x_gradient")
     if rollout and maps is not None:
         raise OptionError(
             f"`maps={maps!r}` does not apply with rollout=True: the rollout runs through every "
@@ -639,7 +639,7 @@ def head_attribution(
     """
     model = call.model
     if queries == "target":
-        refuse_mean_pooling(model, "head_attribution")
+        refuse_no_query_row(model, "head_attribution")
     maps = resolve_maps(model, maps)
     counts = _counts(model)
     stacks = _stacks(model, maps, call.options["attribute_target"], queries)

@@ -217,7 +217,8 @@ def _classifier_tensors(batch: Batch, model: Model) -> Tensors:
     counts = [len(e.positions) for e in examples]
     valid = torch.from_numpy(np.arange(max(counts)) < np.asarray(counts)[:, None])
     index = torch.zeros(valid.shape, dtype=torch.long)
-    if batch.task == "token-classification":
+    if batch.task in ("token-classification", "question-answering"):
+        # a token's position; a question-answering target's slot (0: the start, 1: the end)
         index[valid] = torch.tensor([p for e in examples for p in e.positions], dtype=torch.long)
     elif batch.causal:  # decoder-only classifiers pool their last real token
         last = torch.tensor([len(e.source_ids) - 1 for e in examples])
@@ -391,6 +392,16 @@ def check_example(
             f"`{names[0]}_pair` is the second text of a classifier's (text, text_pair) input; "
             f"{model.name} is a language model: give one text"
         )
+    if model.task == "question-answering":  # its target is an answer in the context
+        if pair is None:
+            raise InputError(
+                f"`{names[0]}` needs its context as `{names[0]}_pair`: {model.name} is a "
+                "question-answering model, which reads (question, context) pairs"
+            )
+        ids = _encode_item(model, source, pair, "")[0]
+        if target is not None:
+            _answer_span(model, source, pair, target, names[1], ids)
+        return
     if model.task != "generation":  # a classifier's target names a class
         _encode_item(model, source, pair, "")
         if target is not None and not (model.task == "sequence-classification" and target == "all"):
@@ -566,6 +577,8 @@ def prepare_classification(
     saves a forward. Without targets the prediction picks the classes, so it runs here anyway.
     """
     items, single = _as_items(inputs)
+    if model.task == "question-answering":
+        return _prepare_answers(model, items, single, targets, contrast, positions, predict)
     encoded = _encode_items(model, items, single)
     if predict or targets is None:
         predicted, probability = _predict(model, encoded)
@@ -618,6 +631,138 @@ def prepare_classification(
             Example(ids, classes, against, chosen, segments, special, token_types, pred, prob)
         )
     return Batch(tuple(examples), single, False, None, model.task, model.causal)
+
+
+def _prepare_answers(
+    model: Model,
+    items: list[tuple[str, str | None]],
+    single: bool,
+    targets: Any,
+    contrast: Any,
+    positions: Any,
+    predict: bool,
+) -> Batch:
+    """A question-answering batch: each example's two targets are the logits of its answer's
+    first token (``"start"``) and last token (``"end"``) over the sequence's positions.
+
+    ``targets`` (and ``contrast``) give each example an answer span: ``(start, end)`` token
+    positions, or the answer's text, found in the context. None: the predicted answer.
+    """
+    if positions is not None:
+        raise OptionError(
+            "`positions` selects tokens of a token classifier; a question-answering model's "
+            "targets are its answer's start and end: give the answer as `targets`"
+        )
+    for i, (_, context) in enumerate(items):
+        if context is None:
+            raise InputError(
+                f"`inputs{_at(i, single)}` must be a (question, context) pair for "
+                f"{model.name}, a question-answering model: it answers with a span of the context"
+            )
+    encoded = _encode_items(model, items, single)
+    n = len(items)
+    given = [_span_for(model, targets, "targets", items, encoded, i, single) for i in range(n)]
+    against = [_span_for(model, contrast, "contrast", items, encoded, i, single) for i in range(n)]
+    predicted: list[tuple[int, ...]] | None = None
+    probability: list[tuple[float, ...]] | None = None
+    if predict or targets is None:
+        predicted, probability = _predict(model, encoded)
+    examples = []
+    for i, (ids, segments, special, token_types) in enumerate(encoded):
+        span = given[i] or (predicted[i] if predicted is not None else ())
+        if against[i] is not None and against[i] == span:
+            raise InputError(
+                f"`contrast{_at(i, single)}` is the target span itself ({list(span)}): target "
+                "minus contrast is 0 everywhere; give another span"
+            )
+        examples.append(
+            Example(
+                ids,
+                tuple(span),
+                against[i],
+                (0, 1),  # the start's slot and the end's
+                segments,
+                special,
+                token_types,
+                None if predicted is None else predicted[i],
+                None if probability is None else probability[i],
+            )
+        )
+    return Batch(tuple(examples), single, False, None, model.task, model.causal)
+
+
+def _span_for(
+    model: Model,
+    value: Any,
+    name: str,
+    items: list[tuple[str, str | None]],
+    encoded: list[tuple[Any, ...]],
+    i: int,
+    single: bool,
+) -> tuple[int, int] | None:
+    """Example ``i``'s answer span ``(start, end)`` from ``value`` (None when it gives none)."""
+    if value is None:
+        return None
+    where = _at(i, single)
+    if not single:
+        if not isinstance(value, (list, tuple)) or len(value) != len(items):
+            raise InputError(
+                f"`{name}` must give one answer per example (a text or (start, end) token "
+                f"positions): {len(items)} examples, got {value!r}"
+            )
+        value = value[i]
+    ids = encoded[i][0]
+    if isinstance(value, str):
+        question, context = items[i]
+        return _answer_span(model, question, context or "", value, f"{name}{where}", ids)
+    if (
+        not isinstance(value, (list, tuple))
+        or len(value) != 2
+        or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in value)
+    ):
+        raise InputError(
+            f"`{name}{where}` must be the answer's text or its (start, end) token positions, "
+            f"got {value!r}"
+        )
+    start, end = int(value[0]), int(value[1])
+    if not 0 <= start <= end < len(ids):
+        raise InputError(
+            f"`{name}{where}` {(start, end)} is not a span of the input's {len(ids)} tokens: "
+            f"expected 0 <= start <= end <= {len(ids) - 1}"
+        )
+    return start, end
+
+
+def _answer_span(
+    model: Model, question: str, context: str, answer: str, name: str, ids: tuple[int, ...]
+) -> tuple[int, int]:
+    """The tokens of ``answer``'s first occurrence in ``context``: ``(first, last)`` position."""
+    at = context.find(answer) if answer.strip() else -1
+    if at < 0:
+        raise InputError(
+            f"`{name}` {answer!r} is not in the example's context: give a text of the context, "
+            "or the answer's (start, end) token positions"
+        )
+    tokenizer = model.tokenizer
+    if not getattr(tokenizer, "is_fast", False):
+        raise InputError(
+            f"`{name}` {answer!r}: {model.name}'s tokenizer is not a fast tokenizer and maps no "
+            "characters to tokens; give the answer's (start, end) token positions"
+        )
+    encoding = tokenizer(question, context, add_special_tokens=True, return_offsets_mapping=True)
+    if tuple(encoding["input_ids"]) != tuple(ids):  # the same call as the input's, and offsets
+        raise InputError(f"`{name}` {answer!r}: the tokenizer encodes the context differently")
+    stop = at + len(answer)
+    inside = [
+        p
+        for p, (sequence, (first, last)) in enumerate(
+            zip(encoding.sequence_ids(), encoding["offset_mapping"], strict=True)
+        )
+        if sequence == 1 and last > first and first < stop and last > at
+    ]
+    if not inside:
+        raise InputError(f"`{name}` {answer!r} covers no token of the context")
+    return inside[0], inside[-1]
 
 
 def _as_items(value: Any) -> tuple[list[tuple[str, str | None]], bool]:
@@ -749,6 +894,15 @@ def _predict(
         Example(ids, (0,) * len(ids), None, tuple(range(len(ids))), seg, sp, tt)
         for ids, seg, sp, tt in encoded
     )
+    if model.task == "question-answering":
+        slots = tuple(
+            Example(ids, (0, 0), None, (0, 1), seg, sp, tt) for ids, seg, sp, tt in encoded
+        )
+        batch = Batch(slots, False, False, None, model.task, model.causal)
+        t = to_tensors(batch, model)
+        with reading(t.ids):
+            logits = model.hidden_at(model.embed(t.ids), t.mask, t.index, token_types=t.token_types)
+        return _best_spans(logits, slots)
     token = model.task == "token-classification"
     examples = (
         placeholder
@@ -779,6 +933,33 @@ def _best(
     )
 
 
+def _best_spans(
+    logits: torch.Tensor, examples: Sequence[Example]
+) -> tuple[list[tuple[int, ...]], list[tuple[float, ...]]]:
+    """Each example's answer: the span of context tokens ``start <= end`` whose start logit plus
+    end logit is largest (from start and end logits ``[B, 2, L]``), and the probability of its
+    start and of its end (softmax over the input's positions)."""
+    logits = logits.detach().float()
+    count, width = logits.shape[0], logits.shape[-1]
+    context = np.zeros((count, width), dtype=bool)
+    for b, e in enumerate(examples):
+        segments = np.asarray(e.segments or (), dtype=np.int64)
+        context[b, : len(segments)] = (segments == 1) & ~np.asarray(e.special or (), dtype=bool)
+    allowed = torch.from_numpy(context).to(logits.device)
+    first = logits[:, 0].masked_fill(~allowed, -torch.inf)
+    last = logits[:, 1].masked_fill(~allowed, -torch.inf)
+    # the best end at or after each start: a running max from the right, O(L) not O(L^2)
+    best, where = last.flip(-1).cummax(-1)
+    best, where = best.flip(-1), (width - 1 - where).flip(-1)
+    start = (first + best).argmax(-1)
+    rows = torch.arange(count, device=logits.device)
+    end = where[rows, start]
+    chances = torch.softmax(logits, dim=-1)
+    spans = torch.stack((start, end), -1).cpu().tolist()
+    pairs = torch.stack((chances[rows, 0, start], chances[rows, 1, end]), -1).cpu().tolist()
+    return [tuple(s) for s in spans], [tuple(p) for p in pairs]
+
+
 def with_predictions(model: Model, batch: Batch, logits: torch.Tensor | None = None) -> Batch:
     """``batch`` whose classifier examples carry the model's prediction (``Example.predicted``).
 
@@ -790,21 +971,36 @@ def with_predictions(model: Model, batch: Batch, logits: torch.Tensor | None = N
     examples = batch.examples
     if batch.task == "generation" or all(e.predicted is not None for e in examples):
         return batch
-    if logits is None:
+    if logits is None and batch.task != "question-answering":
         t = to_tensors(batch, model)
         with torch.no_grad(), head_rows_only(), reading(t.ids):
             logits = model.hidden_at(model.embed(t.ids), t.mask, t.index, token_types=t.token_types)
-    if batch.task == "sequence-classification":
+    if batch.task == "question-answering":
+        if logits is None or any(e.positions != (0, 1) for e in examples):
+            spans, both = _predict(model, [_encoded(e) for e in examples])
+        else:  # the caller's logits are every example's start and end
+            spans, both = _best_spans(logits, examples)
+        # aligned with each example's slots, as its targets are
+        classes = [tuple(s[p] for p in e.positions) for e, s in zip(examples, spans, strict=True)]
+        chances = [tuple(c[p] for p in e.positions) for e, c in zip(examples, both, strict=True)]
+        counts = []
+    elif batch.task == "sequence-classification":
         logits = logits[:, :1]  # every slot reads the same pooled position
         counts = [1] * len(examples)
     else:
         counts = [len(e.positions) for e in examples]
-    classes, chances = _best(logits, counts)
+    if counts:
+        classes, chances = _best(logits, counts)
     updated = tuple(
         replace(e, predicted=c, predicted_probability=p)
         for e, c, p in zip(examples, classes, chances, strict=True)
     )
     return replace(batch, examples=updated)
+
+
+def _encoded(e: Example) -> tuple[Any, ...]:
+    """An example's encoding as :func:`_encode_items` gives it."""
+    return e.source_ids, e.segments, e.special, e.token_types
 
 
 def _class_id(model: Model, value: Any, name: str) -> int:

@@ -923,6 +923,7 @@ _LINEAR = frozenset(
                 "Model",
                 "ForSequenceClassification",
                 "ForTokenClassification",
+                "ForQuestionAnswering",  # a Linear's start and end logits
             )
         ),
         "BertPooler",  # tanh as an nn.Tanh child, as RoBERTa's and XLM-R's
@@ -941,11 +942,13 @@ _LINEAR = frozenset(
                 "PredictionHead",
                 "ForSequenceClassification",
                 "ForTokenClassification",
+                "ForQuestionAnswering",
             )
         ),
         "ElectraClassificationHead",  # its GELU is a child module (get_activation("gelu"))
         "DistilBertModel",
         "DistilBertForTokenClassification",
+        "DistilBertForQuestionAnswering",
         # the post-norm Marian and BART, the pre-norm M2M100 (NLLB), mBART and Pegasus: norms
         # (patched), attention, residual sums
         *(

@@ -49,7 +49,7 @@ from ._model import (
     norm_centers,
     norm_divisor,
     norm_gain,
-    refuse_mean_pooling,
+    refuse_no_query_row,
 )
 from ._protocol import Call, Family
 from ._schema import label_queries
@@ -224,7 +224,7 @@ def value_zeroing(
     True
     """
     model = call.model
-    refuse_mean_pooling(model, "value_zeroing")
+    refuse_no_query_row(model, "value_zeroing")
     maps = resolve_maps(model, maps)
     if maps == "encoder":
         if call.options["attribute_target"]:
@@ -930,7 +930,7 @@ def alti(call: Call, *, aggregate: bool = True, layers: Selection = None) -> xr.
     True
     """
     model = call.model
-    refuse_mean_pooling(model, "alti")
+    refuse_no_query_row(model, "alti")
     t = to_tensors(call.batch, model)
     if model.is_encoder_decoder:
         return _alti_plus(call, t, aggregate)

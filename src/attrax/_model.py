@@ -19,6 +19,7 @@ from safetensors import SafetensorError
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
+    AutoModelForQuestionAnswering,
     AutoModelForSeq2SeqLM,
     AutoModelForSequenceClassification,
     AutoModelForTokenClassification,
@@ -38,8 +39,11 @@ from ._memory import at_least_float32, bound_kernel_caches
 from ._sdpa import folded_sdpa
 
 ATTENTION_IMPLEMENTATIONS = ("auto", "eager", "sdpa")
-#: What a model does: generate text (causal and seq2seq LMs) or classify sequences or tokens.
-TASKS = ("generation", "sequence-classification", "token-classification")
+#: What a model does: generate text (causal and seq2seq LMs), classify sequences or tokens, or
+#: answer a question with a span of its context (extractive question answering).
+TASKS = ("generation", "sequence-classification", "token-classification", "question-answering")
+#: A question-answering model's two targets: the logits of the answer's first and last token
+QA_TARGETS = ("start", "end")
 # With attn_implementation="auto", a forward on the CPU attending over at least this many tokens
 # runs SDPA's fused kernel: where it overtakes eager attention under the vectorized backward (the
 # measurements are in docs/methods/gradients.md)
@@ -107,12 +111,16 @@ class Model:
         self.is_encoder_decoder = bool(getattr(config, "is_encoder_decoder", False))
         if self.is_encoder_decoder and self.task != "generation":
             raise ModelError(
-                f"`model` ({type(hf_model).__name__}) is an encoder-decoder classifier; attrax "
-                "attributes encoder-only and decoder-only classifiers"
+                f"`model` ({type(hf_model).__name__}) is an encoder-decoder "
+                f"{'question-answering model' if self.task == 'question-answering' else 'classifier'}"
+                "; attrax attributes encoder-only and decoder-only classifiers and encoder-only "
+                "question-answering models"
             )
-        #: class id -> label name (classifiers)
+        #: class id -> label name (classifiers; a question-answering model's "start" and "end")
         self.labels: dict[int, str] = {}
-        if self.task != "generation":
+        if self.task == "question-answering":
+            self.labels = dict(enumerate(QA_TARGETS))
+        elif self.task != "generation":
             names = getattr(config, "id2label", None) or {}
             count = int(getattr(config, "num_labels", 0) or len(names))
             self.labels = {i: str(names.get(i, f"LABEL_{i}")) for i in range(count)}
@@ -158,6 +166,13 @@ class Model:
         self._calibrate_embedding_scales()
         #: whether position p sees only positions <= p (decoder-only LMs and classifiers)
         self.causal = not self.is_encoder_decoder and self._probe_causal()
+        if self.task == "question-answering" and self.causal:
+            raise ModelError(
+                f"`model` ({type(hf_model).__name__}) is a decoder-only question-answering model: "
+                "its answer's probability reads every position, which attrax's causal engine "
+                "(it cuts a sequence after its last target) does not see; attrax attributes "
+                "encoder-only ones (BERT, RoBERTa, DeBERTa, ...)"
+            )
         if self.task == "generation":
             self._check_head()
 
@@ -334,7 +349,15 @@ class Model:
                 # from embeddings HF cannot find the last real token, so the pooling happens here
                 hidden = body(self.hf)(**kwargs, use_cache=False)[0]
                 return self._score(hidden[rows, index])
-            logits = self.hf(**kwargs).logits
+            out = self.hf(**kwargs)
+        if self.task == "question-answering":
+            # index holds each target's slot: 0 the answer's start, 1 its end
+            both = torch.stack((out.start_logits, out.end_logits), dim=1)  # [B, 2, L]
+            # padding is no answer: no probability (finite, so 0 * log p stays 0)
+            padding = ~mask.to(torch.bool)[:, None, :]
+            both = both.masked_fill(padding, torch.finfo(both.dtype).min)
+            return both[rows, index]
+        logits = out.logits
         if self.task == "sequence-classification":
             return logits[:, None, :].expand(index.shape[0], index.shape[1], logits.shape[-1])
         return logits[rows, index]
@@ -672,7 +695,10 @@ class Model:
             if self._score is not None and self.task == "sequence-classification":
                 hidden = body(self.hf)(**given, attention_mask=mask)[0]
                 return self._score(hidden[:, -1])  # no padding in a probe: the last token
-            return self.hf(**given, attention_mask=mask).logits
+            out = self.hf(**given, attention_mask=mask)
+            if self.task == "question-answering":
+                return torch.stack((out.start_logits, out.end_logits), dim=-1)
+            return out.logits
         if not self.is_encoder_decoder:
             if embeds is None:
                 return self.hf(input_ids=ids, attention_mask=mask, use_cache=False).logits
@@ -827,6 +853,8 @@ def _task(hf_model: PreTrainedModel) -> str:
         return "sequence-classification"
     if name.endswith("ForTokenClassification"):
         return "token-classification"
+    if name.endswith("ForQuestionAnswering"):
+        return "question-answering"
     return "generation"
 
 
@@ -874,6 +902,8 @@ def _from_pretrained(
         auto = AutoModelForSequenceClassification
     elif classifier == "token-classification":
         auto = AutoModelForTokenClassification
+    elif classifier == "question-answering":
+        auto = AutoModelForQuestionAnswering
     _check_size(path, config, auto)
     # shape mismatches come back in the loading info, not as transformers' report + RuntimeError
     kwargs: dict[str, Any] = {
@@ -936,6 +966,8 @@ def _task_of_architectures(named: Sequence[str]) -> str | None:
             return "sequence-classification"
         if name.endswith("ForTokenClassification"):
             return "token-classification"
+        if name.endswith("ForQuestionAnswering"):
+            return "question-answering"
     return None
 
 
@@ -963,7 +995,8 @@ def _refuse_load(
             f" is a {', '.join(unsupported)} checkpoint (config `architectures`), which attrax "
             "does not attribute yet: it supports causal language models (*ForCausalLM, "
             "*LMHeadModel), seq2seq ones (*ForConditionalGeneration, *MTModel) and "
-            "classifiers (*ForSequenceClassification, *ForTokenClassification), not masked LMs"
+            "classifiers (*ForSequenceClassification, *ForTokenClassification) and extractive "
+            "question answering (*ForQuestionAnswering), not masked LMs"
         )
     if missing:
         shown = ", ".join(missing[:5])
@@ -1679,10 +1712,17 @@ def capture_before(
         handle.remove()
 
 
-def refuse_mean_pooling(model: Model, method: str) -> None:
-    """A ModelError for a sequence classifier that pools the mean of all positions (ModernBERT's
-    ``classifier_pooling="mean"``): no one query row predicts its class, and ``method`` reads
-    that row."""
+def refuse_no_query_row(model: Model, method: str) -> None:
+    """A ModelError for a model with no one query row that predicts a target, which ``method``
+    reads: a sequence classifier that pools the mean of all positions (ModernBERT's
+    ``classifier_pooling="mean"``), or a question-answering model, whose start and end
+    probabilities are softmaxes over every position's row."""
+    if model.task == "question-answering":
+        raise ModelError(
+            f"{method}: {type(model.hf).__name__} answers with a softmax over every position's "
+            "start and end logits, so no one query row predicts its answer, which "
+            f"{method} reads; its gradient, DeepLIFT, LRP and perturbation methods run"
+        )
     pooling = getattr(model.hf.config, "classifier_pooling", None)
     if model.task == "sequence-classification" and pooling == "mean":
         raise ModelError(

@@ -42,7 +42,22 @@ def _reduction(default: str) -> Callable[[Callable[[xr.DataArray, str], xr.DataA
                         f"{fn.__name__}: `dim` {dim!r} is not a dim of any variable of the"
                         f" Dataset; their dims are {dims}"
                     )
-                return da.map(lambda v: reduction(v, dim) if dim in v.dims else v, keep_attrs=True)
+                # each reduced variable's attrs record its own reductions; the Dataset's, the call
+                reduced: dict[Any, dict[Any, Any]] = {}
+
+                def one(v: xr.DataArray) -> xr.DataArray:
+                    if dim not in v.dims:
+                        return v
+                    out = reduction(v, dim)
+                    reduced[v.name] = out.attrs
+                    return out
+
+                out = da.map(one, keep_attrs=True)  # which puts back every variable's old attrs
+                for name, attrs in reduced.items():
+                    out.variables[name].attrs = attrs
+                done = da.attrs.get("reductions", "")
+                out.attrs = {**da.attrs, "reductions": f"{done};{fn.__name__}({dim})".lstrip(";")}
+                return out
             if not isinstance(da, xr.DataArray):
                 raise OptionError(
                     f"{fn.__name__}: expected an xarray DataArray, got {type(da).__name__}"
@@ -62,6 +77,8 @@ def _reduction(default: str) -> Callable[[Callable[[xr.DataArray, str], xr.DataA
                     f"{fn.__name__}: `dim` {dim!r} has length 0 in the array {dict(da.sizes)};"
                     " there is nothing to reduce"
                 )
+            if da.dtype.kind in "biu":  # squares and abs of narrow ints would wrap around
+                da = da.astype(np.float64)
             with xr.set_options(keep_attrs=True):
                 out = fn(da, dim)
             done = da.attrs.get("reductions", "")

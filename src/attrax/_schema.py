@@ -56,6 +56,13 @@ COORDS: dict[str, str] = {
     "predicted_probability": "classifiers: the probability of the predicted class",
     "contrast_class": "classifiers: the contrast class of each target (`contrast=`)",
     "contrast_label": "classifiers: the label name of the contrast class",
+    "target_position": "question answering: the token position of the answer's start or end",
+    "predicted_position": "question answering: the predicted answer's start or end position",
+    "predicted_id": "question answering: the token id at the predicted position",
+    "predicted_token": "question answering: the token string at the predicted position",
+    "contrast_position": "question answering: the contrast span's start or end position",
+    "answer": "question answering: the text of the attributed span",
+    "predicted_answer": "question answering: the text of the predicted span",
     "query_id": "token id of each query",
     "query_token": "token string of each query",
     "contrast_id": "token id of the contrast token of each target",
@@ -76,7 +83,8 @@ ATTRS: dict[str, str] = {
     "method": "the attribution method (or, for a faithfulness curve, the method it scores)",
     "model": "the model's name or path",
     "model_type": "'decoder-only', 'encoder-decoder' or 'encoder-only'",
-    "task": "'generation', 'sequence-classification' or 'token-classification'",
+    "task": "'generation', 'sequence-classification', 'token-classification' or "
+    "'question-answering'",
     "objective": "what is attributed at each target ('probability', 'logprob', 'logit', ...)",
     "options": "a JSON string of every option of the call, defaults included",
     "attrax_version": "the attrax version that computed it",
@@ -498,6 +506,8 @@ def _class_coords(model: Model, batch: Batch) -> tuple[list[int], dict[int, int]
     """A classifier's targets: classes (sequence classification; labelled by name, so that
     ``.sel(target="positive")`` works) or token positions (token classification), each with the
     class attributed, and the model's prediction."""
+    if batch.task == "question-answering":
+        return _answer_coords(model, batch)
     examples = batch.examples
     sequence = batch.task == "sequence-classification"
     targets = sorted({p for e in examples for p in e.positions})
@@ -541,6 +551,58 @@ def _class_coords(model: Model, batch: Batch) -> tuple[list[int], dict[int, int]
     if examples[0].contrast_ids is not None:
         coords["contrast_class"] = (dims, contrast)
         coords["contrast_label"] = (dims, names(contrast).astype(str))
+    return targets, row_of, coords
+
+
+def _answer_coords(model: Model, batch: Batch) -> tuple[list[int], dict[int, int], dict[str, Any]]:
+    """A question-answering model's targets, ``"start"`` and ``"end"``: the position and token of
+    the answer's first and last token, the predicted ones with their probability, and the
+    answers' texts. An example's spans are aligned with its ``positions`` (the slots: 0 the
+    start, 1 the end)."""
+    examples = batch.examples
+    targets = sorted({p for e in examples for p in e.positions})
+    row_of = {p: i for i, p in enumerate(targets)}
+    shape = (len(examples), len(targets))
+    dims = ("example", "target")
+    tokens = model.token_strings
+    coords: dict[str, Any] = {"target": np.asarray([model.labels[s] for s in targets], dtype=str)}
+
+    def by_slot(e: Any, values: Sequence[Any] | None) -> dict[int, Any]:
+        return {} if not values else dict(zip(e.positions, values, strict=True))
+
+    def spans(name: str, picked: list[dict[int, Any]]) -> None:
+        where = np.full(shape, MISSING_ID, dtype=np.int64)
+        ids = np.full(shape, MISSING_ID, dtype=np.int64)
+        for b, slots in enumerate(picked):
+            for slot, q in slots.items():
+                where[b, row_of[slot]] = q
+                ids[b, row_of[slot]] = examples[b].source_ids[q]
+        coords[f"{name}_position"] = (dims, where)
+        coords[f"{name}_id"] = (dims, ids)
+        coords[f"{name}_token"] = (dims, token_strings(ids, tokens))
+
+    def answers(picked: list[dict[int, Any]]) -> np.ndarray:
+        texts = [
+            model.tokenizer.decode(e.source_ids[p[0] : p[1] + 1]).strip()
+            if 0 in p and 1 in p
+            else MISSING_TOKEN
+            for e, p in zip(examples, picked, strict=True)
+        ]
+        return np.asarray(texts, dtype=object).astype(str)
+
+    given = [by_slot(e, e.target_ids) for e in examples]
+    spans("target", given)
+    coords["answer"] = (("example",), answers(given))
+    predicted = [by_slot(e, e.predicted) for e in examples]
+    spans("predicted", predicted)
+    chance = np.full(shape, nan)
+    for b, e in enumerate(examples):
+        for slot, value in by_slot(e, e.predicted_probability).items():
+            chance[b, row_of[slot]] = value
+    coords["predicted_probability"] = (dims, chance)
+    coords["predicted_answer"] = (("example",), answers(predicted))
+    if examples[0].contrast_ids is not None:
+        spans("contrast", [by_slot(e, e.contrast_ids) for e in examples])
     return targets, row_of, coords
 
 

@@ -282,7 +282,10 @@ def _split(da: xr.DataArray, names: list[str], rows: int, single: bool) -> xr.Da
         da.isel(example=slice(m * rows, (m + 1) * rows)).assign_coords(example=np.arange(rows))
         for m in range(len(names))
     ]  # labelling only: the computation ran in one call
-    out = xr.concat(parts, dim=pd.Index(names, name="model"), coords="different", compat="equals")
+    # fixed-width strings, as every other label: pandas' own string dtype reaches xarray as
+    # numpy's variable-width StringDType, which netCDF files cannot restore
+    index = pd.Index(np.asarray(names, dtype=str), dtype=object, name="model")
+    out = xr.concat(parts, dim=index, coords="different", compat="equals")
     out.attrs = dict(da.attrs)
     if single:
         out = out.squeeze("example", drop=True)

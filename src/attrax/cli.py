@@ -131,10 +131,14 @@ def build_parser() -> argparse.ArgumentParser:
     _model_options(attribute)
     attribute.add_argument("--input", required=True, help="the prompt / source text")
     attribute.add_argument(
-        "--input-pair", help="a classifier's second text (NLI-style (text, text_pair) input)"
+        "--input-pair",
+        help="a classifier's second text (NLI-style (text, text_pair) input); a "
+        "question-answering model's context (--input is the question)",
     )
     attribute.add_argument(
-        "--target", help="the continuation / translation to explain (default: generate one)"
+        "--target",
+        help="the continuation / translation to explain (default: generate one); a classifier's "
+        "label; a question-answering model's answer, a text of the context (default: predicted)",
     )
     attribute.add_argument("--out", metavar="FILE.nc", help="save the result as netCDF (ax.save)")
     attribute.add_argument("--html", metavar="FILE", help="write an HTML heatmap (ax.show)")
@@ -145,8 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
         "attribute-dataset",
         help="attribute a JSONL file in resumable netCDF shards",
         description='Attribute every line of a JSONL file ({"input": ..., "target": ... '
-        '(optional), "id": ... (optional); classifiers also "input_pair" and "label"}), one '
-        "netCDF shard per --shard-size records in DIR, "
+        '(optional), "id": ... (optional); classifiers also "input_pair" and "label"; a '
+        'question-answering model\'s "input" is the question, "input_pair" the context, "target" '
+        "the answer}), one netCDF shard per --shard-size records in DIR, "
         "with a manifest. Rerun the same command after an interruption to resume. Load the "
         "result with attrax.load_dataset_results(DIR).",
     )

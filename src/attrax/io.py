@@ -323,6 +323,15 @@ def _to_storable(obj: xr.DataArray | xr.Dataset) -> xr.Dataset:
     # current data; writing what is in memory is what makes the round trip exact.
     ds = ds.drop_encoding()
     _check_names_and_attrs(ds)
+    # numpy's variable-width strings (pandas' string dtype) have no dtype string to restore
+    # them by: stored, and restored, as fixed-width ones
+    widths = {
+        k: v.copy(data=np.asarray(v.values, dtype=object).astype(str))
+        for k, v in ds.variables.items()
+        if v.dtype.kind == "T"
+    }
+    ds = ds.assign_coords({k: v for k, v in widths.items() if k in ds.coords})
+    ds = ds.assign({k: v for k, v in widths.items() if k not in ds.coords})
     meta["dtypes"] = {str(k): v.dtype.str for k, v in ds.variables.items()}
     # netCDF has no float16 (a half-precision model's dtype); float32 holds it exactly.
     half = {k: v.astype(np.float32) for k, v in ds.variables.items() if v.dtype == np.float16}

@@ -470,6 +470,11 @@ _CLASSIFIERS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "qwen2": ("llama", "Qwen2Config", _TINY["llama"][2]),
 }  # fmt: skip
 CLASSIFIER_ARCHS = tuple(_CLASSIFIERS)
+_HEADS = {
+    "sequence": "ForSequenceClassification",
+    "token": "ForTokenClassification",
+    "question-answering": "ForQuestionAnswering",
+}
 _CLASSIFIER_NAMES = {
     "bert": "Bert", "distilbert": "DistilBert", "roberta": "Roberta", "gpt2": "GPT2",
     "xlm-roberta": "XLMRoberta", "camembert": "Camembert", "deberta-v2": "DebertaV2",
@@ -486,22 +491,26 @@ def tiny_classifier(
     ``arch`` is one of :data:`CLASSIFIER_ARCHS`: encoders (``bert``, ``distilbert``, ``roberta``,
     ``xlm-roberta``, ``camembert``, ``deberta-v2``, ``electra``, ``modernbert``) and decoder-only
     heads that pool their last real token (``gpt2``, ``llama``, ``qwen2``); ``task`` is
-    ``"sequence"`` (``*ForSequenceClassification``) or ``"token"`` (``*ForTokenClassification``).
-    Labels are named ``label_0``, ``label_1``, ...
+    ``"sequence"`` (``*ForSequenceClassification``), ``"token"`` (``*ForTokenClassification``)
+    or ``"question-answering"`` (``*ForQuestionAnswering``: start and end logits per token, so
+    ``num_labels`` is 2). Labels are named ``label_0``, ``label_1``, ...
 
     >>> model, tok = tiny_classifier("bert", num_labels=2)
     >>> type(model).__name__, model.config.id2label[1]
     ('BertForSequenceClassification', 'label_1')
     """
-    if arch not in _CLASSIFIERS or task not in ("sequence", "token"):
+    if arch not in _CLASSIFIERS or task not in _HEADS:
         raise ValueError(f"unknown classifier {arch!r}/{task!r}; expected {CLASSIFIER_ARCHS}")
     kind, config_cls, defaults = _CLASSIFIERS[arch]
     attn = config_overrides.pop("attn_implementation", "eager")
     tok = _tokenizer_for(kind)
     if kind == "wordpiece":  # BERT-style tokenizers return the segment of each token
         tok.model_input_names = ["input_ids", "token_type_ids", "attention_mask"]
+        tok.init_kwargs["model_input_names"] = tok.model_input_names  # saved with it
     if tok.pad_token is None:  # decoder-only classifiers pad with EOS, as fine-tuning recipes do
         tok.pad_token = tok.eos_token
+    if task == "question-answering":
+        num_labels = 2  # a start and an end logit per token
     labels = {i: f"label_{i}" for i in range(num_labels)}
     kw: dict[str, Any] = dict(
         vocab_size=len(tok), pad_token_id=tok.pad_token_id, num_labels=num_labels,
@@ -510,7 +519,7 @@ def tiny_classifier(
     )  # fmt: skip
     config = getattr(transformers, config_cls)(**{**kw, **defaults, **config_overrides})
     config._attn_implementation = attn
-    head = "ForSequenceClassification" if task == "sequence" else "ForTokenClassification"
+    head = _HEADS[task]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = getattr(transformers, _CLASSIFIER_NAMES[arch] + head)(config)

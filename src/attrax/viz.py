@@ -188,6 +188,8 @@ def _coord_labels(da: xr.DataArray, dim: str) -> tuple[list[str], list[str]]:
         labels = [readable_token(str(t)) for t in da[token].values.tolist()]
     else:
         labels = where
+    if dim == "target" and da.attrs.get("task") == "question-answering":
+        labels = [f"{w} {label}" for w, label in zip(where, labels, strict=True)]  # "start cat"
     return labels, where
 
 

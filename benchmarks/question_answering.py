@@ -1,0 +1,257 @@
+"""Extractive question answering: attrax vs Captum 0.9 on a BERT-shaped question-answering model,
+the task of Captum's "Interpreting BERT Models" tutorial (SQuAD).
+
+``python -m benchmarks question-answering [--quick] [--record]``. The model is
+``BertForQuestionAnswering``: the classifiers' encoder (:func:`workloads.build_classifiers`)
+under a ``qa_outputs`` head drawn with its own seed. The inputs are 16 (question, context) pairs
+of 12 + 33 tokens, 48 with ``[CLS]`` and the two ``[SEP]``, so nothing is padded. Each pair's
+targets are the start and end of its predicted answer, given to both libraries as token
+positions. attrax attributes both targets in one call. Captum makes one batched ``attribute``
+call per target, start then end, as its tutorial does. Its forward returns the softmax over the
+positions of the start (or end) logits.
+
+Parity comes first: the outputs of the first (untimed) calls must agree within 1e-4 after the
+harness's aggregations, or the run stops with exit status 2. Then both libraries are timed in
+this process, calls alternated, and the median is kept. Results go to
+``benchmarks/results/question-answering[-quick].json``. ``--record`` stores them as
+``cpu.json``'s ``question_answering`` entry and re-renders the docs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import harness, report, workloads
+from .parity import TOLERANCE, parity
+
+METHODS = ("saliency", "input_x_gradient", "integrated_gradients")
+PAIRS = (16, 12, 33)  # pairs, question tokens, context tokens (without special tokens)
+NAME = "bertqa"
+
+
+def build(root: str | os.PathLike | None = None) -> Path:
+    """Build (or reuse) ``root/bertqa``: the classifiers' encoder and a ``qa_outputs`` head."""
+    import torch
+    from transformers import AutoTokenizer, BertForQuestionAnswering, BertForSequenceClassification
+
+    paths = workloads.build_classifiers(root)
+    path = paths["bert2"].parent / NAME
+    if (path / ".complete").exists():
+        return path
+    encoder = BertForSequenceClassification.from_pretrained(paths["bert2"])
+    config = encoder.config
+    config.num_labels = 2
+    config.id2label, config.label2id = {0: "start", 1: "end"}, {"start": 0, "end": 1}
+    torch.manual_seed(workloads.SEED + 2000)
+    model = BertForQuestionAnswering(config).eval()
+    # the same encoder; a question-answering head reads every token, so BERT has no pooler
+    weights = {k: v for k, v in encoder.bert.state_dict().items() if not k.startswith("pooler.")}
+    model.bert.load_state_dict(weights)
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path)
+    AutoTokenizer.from_pretrained(paths["bert2"]).save_pretrained(path)
+    (path / ".complete").write_text(json.dumps({"kind": NAME, "seed": workloads.SEED}) + "\n")
+    return path
+
+
+def load(root: str | os.PathLike | None = None):
+    """``(model, tokenizer)``: eval, float32, CPU, eager attention."""
+    from transformers import AutoModelForQuestionAnswering, AutoTokenizer
+
+    path = build(root)
+    model = AutoModelForQuestionAnswering.from_pretrained(path, attn_implementation="eager")
+    return model.eval(), AutoTokenizer.from_pretrained(path)
+
+
+def pairs(tok, n: int, question: int, context: int) -> list[tuple[str, str]]:
+    """``n`` (question, context) pairs of exactly ``question`` + ``context`` word tokens."""
+    questions = workloads.classifier_texts(tok, n, question + 2)
+    contexts = workloads.classifier_texts(tok, 2 * n, context + 2)[n:]  # other words
+    out = list(zip(questions, contexts, strict=True))
+    assert all(len(tok(q, c)["input_ids"]) == question + context + 3 for q, c in out)
+    return out
+
+
+def predicted_spans(model, given: list[tuple[str, str]]) -> list[tuple[int, int]]:
+    """attrax's predicted answer of each pair, as ``(start, end)`` token positions."""
+    import attrax as ax
+
+    da = ax.step_scores(model, given, scores="probability")
+    return [tuple(int(p) for p in row) for row in da.predicted_position.values]
+
+
+def attrax_qa(
+    model, given: list[tuple[str, str]], spans: list[tuple[int, int]], method: str, steps: int
+) -> tuple[np.ndarray, float]:
+    """``([example, target, source, hidden], seconds)``: start then end, in one call."""
+    import torch
+
+    import attrax as ax
+
+    from .baselines import reference_ids
+
+    kwargs: dict[str, Any] = {"abs": False} if method == "saliency" else {}
+    if method == "integrated_gradients":
+        ids = model.tokenizer(*zip(*given, strict=True), return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            base = model.embed(reference_ids(model.tokenizer, ids)).detach()
+        kwargs.update(steps=steps, quadrature="gausslegendre", baseline=base)
+    t0 = time.perf_counter()
+    da = getattr(ax, method)(model, given, spans, **kwargs)
+    seconds = time.perf_counter() - t0
+    assert da.target.values.tolist() == ["start", "end"]
+    return da.values, seconds
+
+
+def captum_qa(
+    hf, tok, given: list[tuple[str, str]], spans: list[tuple[int, int]], method: str, steps: int
+) -> tuple[np.ndarray, float]:
+    """``([example, target, source, hidden], seconds)``: one batched Captum call per target.
+
+    Saliency (``abs=False``) and InputXGradient run on ``inputs_embeds``. IG is
+    ``LayerIntegratedGradients`` on ``bert.embeddings.word_embeddings`` from the tutorial's
+    reference: ``[PAD]`` everywhere, ``[CLS]`` and ``[SEP]`` kept. The clock starts at the
+    texts: the tokenizer call and the embedding lookup a Captum user writes are timed.
+    """
+    import torch
+    from captum.attr import InputXGradient, LayerIntegratedGradients, Saliency
+
+    from .baselines import reference_ids
+
+    questions, contexts = (list(side) for side in zip(*given, strict=True))
+    if method == "integrated_gradients":  # built before the clock, as attrax's baseline is
+        reference = reference_ids(tok, tok(questions, contexts, return_tensors="pt")["input_ids"])
+
+    def forward(x, mask, types, slot: int, embeds: bool):
+        source = {"inputs_embeds": x} if embeds else {"input_ids": x}
+        out = hf(**source, attention_mask=mask, token_type_ids=types)
+        return (out.start_logits if slot == 0 else out.end_logits).softmax(-1)
+
+    t0 = time.perf_counter()
+    enc = tok(questions, contexts, return_tensors="pt")
+    ids, mask, types = enc["input_ids"], enc["attention_mask"], enc["token_type_ids"]
+    columns = []
+    for slot in (0, 1):  # the start, then the end: a Captum user's loop over targets
+        target = [span[slot] for span in spans]
+        if method == "integrated_gradients":
+            algo = LayerIntegratedGradients(
+                lambda x, m, t, slot=slot: forward(x, m, t, slot, False),
+                hf.bert.embeddings.word_embeddings,
+            )
+            got = algo.attribute(
+                ids, baselines=reference, target=target, additional_forward_args=(mask, types),
+                n_steps=steps, method="gausslegendre",
+            )  # fmt: skip
+        else:
+            with torch.no_grad():
+                embeds = hf.get_input_embeddings()(ids)
+            kind = Saliency if method == "saliency" else InputXGradient
+            algo = kind(lambda x, m, t, slot=slot: forward(x, m, t, slot, True))
+            extra = {"abs": False} if method == "saliency" else {}
+            got = algo.attribute(
+                embeds, target=target, additional_forward_args=(mask, types), **extra
+            )
+        columns.append(got.detach())
+    seconds = time.perf_counter() - t0
+    return torch.stack(columns, 1).numpy(), seconds
+
+
+def run(args: argparse.Namespace, argv: list[str]) -> int:
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    import attrax as ax
+
+    torch.set_num_threads(args.threads)
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    hf, tok = load()
+    model = ax.load_model(hf, tokenizer=tok)
+    given = pairs(tok, *PAIRS)
+    spans = predicted_spans(model, given)
+    steps = 16 if args.quick else 50
+    meta = dict(
+        command="python -m benchmarks " + " ".join(argv), quick=args.quick,
+        started=time.strftime("%Y-%m-%d %H:%M:%S %Z"), threads=args.threads, pairs=list(PAIRS),
+        steps=steps, spec=workloads.BERT_SPEC, machine=harness.machine_info(),
+        attrax_source=harness.attrax_source(), versions=harness.versions(), tolerance=TOLERANCE,
+        repeats=args.repeats, load1_start=os.getloadavg()[0],
+    )  # fmt: skip
+    results: dict[str, Any] = dict(meta=meta, status="running", runs=[], parity=[])
+    failures: list[str] = []
+    for method in args.methods:
+        ours, _ = attrax_qa(model, given, spans, method, steps)  # untimed: parity, warm-up
+        theirs, _ = captum_qa(hf, tok, given, spans, method, steps)
+        flat = (-1, *ours.shape[2:])
+        res = parity(ours.reshape(flat), theirs.reshape(flat), method)
+        results["parity"].append(dict(method=method, **res))
+        errors = ", ".join(f"{k} {v:.1e}" for k, v in res["errors"].items())
+        print(f"parity {method:21s} vs captum: {'ok' if res['ok'] else 'FAIL'} ({errors})")
+        if not res["ok"]:
+            failures += [f"{method} vs captum: {f}" for f in res["failures"]]
+            continue
+        times: dict[str, list[float]] = {"attrax": [], "captum": []}
+        for _ in range(args.repeats):  # alternated: a shared machine's load hits both alike
+            times["attrax"].append(attrax_qa(model, given, spans, method, steps)[1])
+            times["captum"].append(captum_qa(hf, tok, given, spans, method, steps)[1])
+        medians = {lib: statistics.median(t) for lib, t in times.items()}
+        speedup = medians["captum"] / medians["attrax"]
+        results["runs"].append(
+            dict(method=method, attrax_s=medians["attrax"], captum_s=medians["captum"],
+                 speedup=speedup, calls=args.repeats, load1=os.getloadavg()[0])
+        )  # fmt: skip
+        print(
+            f"  {method:21s} attrax {medians['attrax']:.3f} s, Captum {medians['captum']:.3f} s:"
+            f" {speedup:.2f}x"
+        )
+    results.update(status="parity_failed" if failures else "ok", failures=failures)
+    results["meta"]["finished"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=1))
+    if failures:
+        print("\n".join(["FAILED:", *failures]), file=sys.stderr)
+        return 2
+    if args.record:
+        committed = json.loads(report.CPU_RESULTS.read_text())
+        committed["question_answering"] = results
+        report.CPU_RESULTS.write_text(json.dumps(committed, indent=1, ensure_ascii=False) + "\n")
+        report.write_docs()
+    print(f"wrote {args.out}")
+    return 0
+
+
+def parser(p: argparse.ArgumentParser) -> None:
+    """The options of ``python -m benchmarks question-answering``."""
+
+    def methods(text: str) -> list[str]:
+        got = [x for x in text.split(",") if x]
+        unknown = [x for x in got if x not in METHODS]
+        if unknown:
+            raise argparse.ArgumentTypeError(f"unknown {unknown} (choose from {METHODS})")
+        return got
+
+    p.add_argument("--quick", action="store_true", help="IG 16 points, 1 timed call")
+    p.add_argument("--methods", type=methods, default=list(METHODS))
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeats", type=int, help="timed calls per library (default 5; --quick 1)")
+    p.add_argument("--out", type=Path, help="results JSON (default benchmarks/results/...)")
+    p.add_argument(
+        "--record", action="store_true",
+        help="store the finished run as cpu.json's `question_answering` entry, re-render the docs",
+    )  # fmt: skip
+
+
+def defaults(args: argparse.Namespace) -> argparse.Namespace:
+    args.repeats = args.repeats or (1 if args.quick else 5)
+    name = "question-answering-quick" if args.quick else "question-answering"
+    args.out = args.out or harness.REPO / "benchmarks" / "results" / f"{name}.json"
+    return args
