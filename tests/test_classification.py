@@ -171,6 +171,31 @@ def test_occlusion_equals_the_naive_loop(classifiers, arch, task):
     _check(da, model, TEXTS, naive_occlusion, differences=True)
 
 
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_decoder_heads_read_the_last_token_that_is_not_padding(classifiers, arch):
+    """A text ending in EOS, which pads, is read where transformers reads it: at the token
+    before the EOS (attrax read the EOS itself until 2026-12-06: GPT-2's prediction flipped)."""
+    model = classifiers[arch, "sequence"]
+    tok, hf = model.tokenizer, model.hf
+    text = "hello world" + tok.eos_token
+    enc = tok(text, return_tensors="pt")
+    assert enc["input_ids"][0, -1] == hf.config.pad_token_id
+    with torch.no_grad():
+        probs = hf(**enc).logits[0].softmax(-1)  # transformers' own pooling, from the ids
+    first = ax.saliency(model, [text, "the capital of france"], "all").isel(example=0)
+    assert int(first.predicted_class) == int(probs.argmax())
+    assert float(first.predicted_probability) == pytest.approx(float(probs.max()), rel=1e-5)
+    ids = enc["input_ids"]
+    pooled = ids.shape[1] - 2
+    embeds = hf.get_input_embeddings()(ids).detach().requires_grad_(True)
+    hidden = hf.base_model(inputs_embeds=embeds).last_hidden_state
+    for c in range(probs.shape[0]):
+        score = hf.score(hidden[0, pooled]).softmax(-1)[c]
+        (grad,) = torch.autograd.grad(score, embeds, retain_graph=True)
+        row = first.isel(target=c).values[: ids.shape[1]]
+        np.testing.assert_allclose(row, grad[0].numpy(), rtol=1e-4, atol=1e-7)
+
+
 def test_text_pairs_mark_segments_and_special_tokens(classifiers):
     model = classifiers["bert", "sequence"]
     pairs = [("the capital of france", "is paris"), ("hello", "world")]

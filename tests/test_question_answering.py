@@ -161,6 +161,24 @@ def test_occlusion_equals_the_naive_loop(models, arch):
     _check(da, model, PAIRS, naive_occlusion, rtol=1e-3)
 
 
+def test_layers_equal_the_gradient_at_each_hidden_state(models):
+    # Captum's tutorial attributes the start and end to every layer too: layers="all" reads
+    # the residual stream each layer writes, the embeddings' output first
+    model = models["bert"]
+    da = ax.saliency(model, PAIRS[0], (8, 9), layers="all")
+    naive = Naive(model, *PAIRS[0])
+    kwargs = {"token_type_ids": naive.types}
+    for slot, name in enumerate(("start_logits", "end_logits")):
+        embeds = naive.embeddings().requires_grad_(True)  # the model's weights are frozen
+        out = model.hf(inputs_embeds=embeds, output_hidden_states=True, **kwargs)
+        score = torch.softmax(getattr(out, name)[0], -1)[(8, 9)[slot]]
+        grads = torch.autograd.grad(score, out.hidden_states)
+        assert da.sizes["layer"] == len(grads)
+        for layer, grad in enumerate(grads):
+            got = da.isel(target=slot, layer=layer).values
+            np.testing.assert_allclose(got, grad[0].numpy(), rtol=1e-4, atol=1e-7)
+
+
 def test_an_answer_text_targets_its_tokens_in_the_context(models):
     model = models["bert"]
     question, context = PAIRS[1]
@@ -253,6 +271,17 @@ def test_merging_subwords_merges_the_sources_only(models):
     np.testing.assert_allclose(merged.sum("source"), da.sum("source"), rtol=1e-6)
     with pytest.raises(ax.OptionError, match="start and end, not tokens"):
         ax.merge_subwords(da, dims="target")
+
+
+def test_sanity_checks_relabel_the_answer_to_a_position_the_seed_draws(models):
+    # another output of an answerer is another position: the seed draws which (it drew from
+    # the two "labels" start and end, so always the next position, until 2026-12-06)
+    records = [{"input": q, "input_pair": c} for q, c in PAIRS]
+    spearman = [
+        ax.sanity_checks(models["bert"], records, ax.saliency, seed=seed).random_logit.values
+        for seed in range(3)
+    ]
+    assert not np.allclose(spearman[0], spearman[1]) or not np.allclose(spearman[0], spearman[2])
 
 
 def test_a_local_checkpoint_loads_as_a_question_answering_model(tmp_path):

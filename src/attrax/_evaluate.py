@@ -778,6 +778,8 @@ def sanity_checks(
     outputs = (
         len(model.labels) if model.labels else model.hf.get_output_embeddings().weight.shape[0]
     )
+    if model.task == "question-answering":  # an answer's outputs are the input's positions
+        outputs = int((np.atleast_2d(original_da["source_id"].values) >= 0).sum(-1).min())
     offset = int(np.random.default_rng(seed).integers(1, outputs))
 
     def random_logit(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:

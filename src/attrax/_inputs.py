@@ -220,8 +220,9 @@ def _classifier_tensors(batch: Batch, model: Model) -> Tensors:
     if batch.task in ("token-classification", "question-answering"):
         # a token's position; a question-answering target's slot (0: the start, 1: the end)
         index[valid] = torch.tensor([p for e in examples for p in e.positions], dtype=torch.long)
-    elif batch.causal:  # decoder-only classifiers pool their last real token
-        last = torch.tensor([len(e.source_ids) - 1 for e in examples])
+    elif batch.causal:  # decoder-only classifiers pool their last token that is not padding
+        pad = model.hf.config.get_text_config().pad_token_id
+        last = torch.tensor([_pooled(e.source_ids, pad) for e in examples])
         index = torch.where(valid, last[:, None], index)
     target_ids = torch.zeros_like(index)
     target_ids[valid] = torch.tensor([c for e in examples for c in e.target_ids], dtype=torch.long)
@@ -996,6 +997,15 @@ def with_predictions(model: Model, batch: Batch, logits: torch.Tensor | None = N
         for e, c, p in zip(examples, classes, chances, strict=True)
     )
     return replace(batch, examples=updated)
+
+
+def _pooled(ids: Sequence[int], pad: int | None) -> int:
+    """The position a decoder-only sequence classifier reads: as transformers' heads, its
+    rightmost token that is not ``pad`` (the config's pad id; a text ending in EOS, when EOS
+    pads, is read before it), position 0 when every token is one; the last without a pad id."""
+    if pad is None:
+        return len(ids) - 1
+    return next((p for p in range(len(ids) - 1, -1, -1) if ids[p] != pad), 0)
 
 
 def _encoded(e: Example) -> tuple[Any, ...]:
