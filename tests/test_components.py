@@ -1072,6 +1072,32 @@ def test_atp_question_answering_first_order(arch, site):
         np.testing.assert_allclose(got.values[slot], want, rtol=1e-6, atol=1e-9)
 
 
+@pytest.mark.parametrize("site", ["heads", "mlp", "residual"])
+def test_atp_masked_lm_first_order(site):
+    # the predicted token's logit at the mask, patched at every position
+    hf, tok = tiny_classifier("bert", "fill-mask")
+    model = ax.load_model(full_double(hf), tokenizer=tok)
+    clean, bad = f"the plot was {tok.mask_token}", f"the slot was {tok.mask_token}"
+    ids, bad_ids = tok(clean)["input_ids"], tok(bad)["input_ids"]
+    assert len(ids) == len(bad_ids) and ids != bad_ids
+    got = ax.attribution_patching(model, clean, corrupted=bad, site=site, objective="logit")
+    position, token = int(got.target[0]), int(got.target_id[0])
+    assert ids[position] == tok.mask_token_id
+    blocks = list(hf.base_model.encoder.layer)
+    heads_of, mlp_of_block = ENCODER_MODULES["bert"]
+    where = {"heads": heads_of, "mlp": mlp_of_block, "residual": lambda b: b}[site]
+
+    def score(x: list[int]) -> float:
+        return float(model.hf(input_ids=torch.tensor([x])).logits[0, position, token])
+
+    heads = model.hf.config.num_attention_heads
+    want = central_patching(
+        [where(b) for b in blocks], site, score, ids, bad_ids, len(ids), heads, 1e-4
+    )
+    assert np.abs(want).max() > 1e-6
+    np.testing.assert_allclose(got.values[0], want, rtol=1e-6, atol=1e-9)
+
+
 # --- errors, CLI, dataset ------------------------------------------------------------------
 
 

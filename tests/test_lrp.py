@@ -1391,6 +1391,21 @@ def _encoder_blocks(hf) -> tuple:
     return base.embeddings, projection, hf.config.num_attention_heads, blocks
 
 
+def _masked_lm_head(hf) -> tuple:
+    """(dense, its LayerNorm, the decoder's weight ``[V, E]``) of a masked LM's head; a GELU
+    sits between the dense and the norm."""
+    kind = hf.config.model_type
+    if kind == "distilbert":
+        return hf.vocab_transform, hf.vocab_layer_norm, hf.vocab_projector.weight
+    if kind in ("roberta", "xlm-roberta", "camembert"):
+        return hf.lm_head.dense, hf.lm_head.layer_norm, hf.lm_head.decoder.weight
+    if kind == "electra":
+        head = hf.generator_predictions
+        return head.dense, head.LayerNorm, hf.generator_lm_head.weight
+    head = hf.cls.predictions  # BERT, DeBERTa-v2's legacy head
+    return head.transform.dense, head.transform.LayerNorm, head.decoder.weight
+
+
 def _sequence_head(hf) -> tuple:
     """(dense, its nonlinearity, output projection) of a sequence classifier's head."""
     kind = hf.config.model_type
@@ -1503,6 +1518,13 @@ def encoder_lrp_reference(
         z = dense(h[0])
         r_z = nonlinearity(z) * out_proj.weight[cls]  # identity rule: passes on unchanged
         relevance[0] = _linear_messages(h[0], dense.weight, r_z, z)
+    elif type(hf).__name__.endswith("ForMaskedLM"):  # dense -> GELU (identity) -> norm -> decoder
+        dense, norm, decoder = _masked_lm_head(hf)
+        z = dense(h[position])
+        g = torch.nn.functional.gelu(z)
+        y = norm(g)
+        r_g = _layer_norm_messages(g[None], norm, (y * decoder[cls])[None], y[None])[0]
+        relevance[position] = _linear_messages(h[position], dense.weight, r_g, z)
     else:
         head = getattr(hf, "qa_outputs", None) or hf.classifier  # cls 0, 1: start, end
         relevance[position] = h[position] * head.weight[cls]
@@ -1586,7 +1608,7 @@ def modernbert_lrp_reference(hf, ids: list[int], position: int | None, cls: int,
     dense = hf.head.dense(pooled)
     act = hf.head.act(dense)
     y = hf.head.norm(act)
-    w = hf.classifier.weight[cls]
+    w = (getattr(hf, "classifier", None) or hf.decoder).weight[cls]  # a masked LM's decoder
     r_y = y * w  # the logit's terms; its bias keeps its share
     r_act = _layer_norm_messages(act[None], hf.head.norm, r_y[None], y[None])[0]
     r_pooled = _linear_messages(pooled, hf.head.dense.weight, r_act, dense)  # GELU: identity
@@ -1618,7 +1640,7 @@ def modernbert_lrp_reference(hf, ids: list[int], position: int | None, cls: int,
 
 
 @pytest.mark.parametrize("rule", ["attnlrp", "cp-lrp"])
-@pytest.mark.parametrize("task", ["sequence", "token", "question-answering"])
+@pytest.mark.parametrize("task", ["sequence", "token", "question-answering", "fill-mask"])
 @pytest.mark.usefixtures("modernbert_rotary_in_its_dtype")
 def test_modernbert_equals_explicit_layer_by_layer_lrp(task, rule):
     hf, tok = tiny_classifier("modernbert", task=task)
@@ -1633,11 +1655,15 @@ def test_modernbert_equals_explicit_layer_by_layer_lrp(task, rule):
     targets = [0, 1, 2] if task == "sequence" else None
     if task == "question-answering":  # the start's logit (head row 0) and the end's (row 1)
         text, targets = ("what was good", text), "the cast was"
+    if task == "fill-mask":  # two masks, each for its predicted token
+        text = text.replace("good", tok.mask_token).replace("great", tok.mask_token)
     got = ax.lrp(model, text, targets, rule=rule)
     ids = got.source_id.values.tolist()
     for k, target in enumerate(got.target.values.tolist()):
         position = None if task == "sequence" else target
         cls = int(got.target_class[k]) if "target_class" in got.coords else k
+        if task == "fill-mask":
+            cls = int(got.target_id[k])
         if task == "question-answering":
             position = int(got.target_position[k])
         want = modernbert_lrp_reference(model.hf, ids, position, cls, rule)
@@ -1671,6 +1697,26 @@ def test_encoder_classifiers_equal_explicit_layer_by_layer_lrp(arch, task, rule)
     for k, target in enumerate(got.target.values.tolist()):
         position = None if task == "sequence" else target
         want = encoder_lrp_reference(model.hf, ids, position, int(got.target_class[k]), rule)
+        np.testing.assert_allclose(got[k].values, want, rtol=1e-7, atol=1e-10)
+
+
+@pytest.mark.parametrize("rule", ["attnlrp", "cp-lrp"])
+@pytest.mark.parametrize("arch", ["bert", "distilbert", "roberta", "electra", "deberta-v2"])
+def test_masked_lms_equal_explicit_layer_by_layer_lrp(arch, rule):
+    # each mask's predicted token's logit: the head's dense, GELU (the identity rule, a call
+    # in RoBERTa's head), LayerNorm and decoder row
+    kw = {"position_buckets": 32} if arch == "deberta-v2" else {}
+    hf, tok = tiny_classifier(arch, task="fill-mask", **kw)
+    model = _double(hf, tok)
+    text = f"the plot was {tok.mask_token} and {tok.mask_token}"
+    got = ax.lrp(model, text, rule=rule)
+    ids = got.source_id.values.tolist()
+    assert got.sizes["target"] == 2
+    logits = model.hf(input_ids=torch.tensor([ids])).logits[0]
+    for k, position in enumerate(got.target.values.tolist()):
+        token = int(got.target_id[k])
+        assert token == int(logits[position].argmax())  # the predicted token
+        want = encoder_lrp_reference(model.hf, ids, position, token, rule)
         np.testing.assert_allclose(got[k].values, want, rtol=1e-7, atol=1e-10)
 
 

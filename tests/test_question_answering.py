@@ -252,7 +252,7 @@ def test_evaluate_reads_each_records_context(models):
     targets = ["cat sat", "red"]
     da = ax.normalize(ax.l2_norm(ax.saliency(model, PAIRS, targets)))
     alone = ax.comprehensiveness(model, da, PAIRS, targets).aopc
-    got = ds.comprehensiveness.sel(method="saliency")
+    got = ds.comprehensiveness.sel({"method": "saliency"})
     assert got.target.values.tolist() == ["start", "end"]
     np.testing.assert_allclose(got.values.reshape(alone.shape), alone.values, rtol=1e-6)
     with pytest.raises(ax.InputError, match="record 0: `input` needs its context"):
@@ -269,7 +269,7 @@ def test_merging_subwords_merges_the_sources_only(models):
     words = merged.source_word.values.tolist()
     assert "mat" in words and "##at" not in words  # "m", "##at" merged
     np.testing.assert_allclose(merged.sum("source"), da.sum("source"), rtol=1e-6)
-    with pytest.raises(ax.OptionError, match="start and end, not tokens"):
+    with pytest.raises(ax.OptionError, match="are not tokens to merge"):
         ax.merge_subwords(da, dims="target")
 
 
@@ -282,6 +282,21 @@ def test_sanity_checks_relabel_the_answer_to_a_position_the_seed_draws(models):
         for seed in range(3)
     ]
     assert not np.allclose(spearman[0], spearman[1]) or not np.allclose(spearman[0], spearman[2])
+
+
+def test_sanity_checks_of_a_batch_equal_each_record_alone(models):
+    # the other position wraps around each pair's own length (around the batch's padded length
+    # until 2026-12-06: padding, NaN correlations, and values that depended on the batch)
+    pairs, answers = [*PAIRS, ("why", "because")], ["cat sat", "old cat", "because"]
+    records = [
+        {"input": q, "input_pair": c, "target": a} for (q, c), a in zip(pairs, answers, strict=True)
+    ]
+    batch = ax.sanity_checks(models["bert"], records, ax.saliency, seed=3)
+    for b, record in enumerate(records):
+        alone = ax.sanity_checks(models["bert"], [record], ax.saliency, seed=3)
+        got = batch.random_logit.isel(example=b).values
+        assert np.isfinite(got).all()
+        np.testing.assert_allclose(got, alone.random_logit.isel(example=0).values, rtol=1e-6)
 
 
 def test_a_local_checkpoint_loads_as_a_question_answering_model(tmp_path):

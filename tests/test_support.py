@@ -160,6 +160,19 @@ FAMILIES: dict[str, Callable[[], ax.Model]] = {
             ("ModernBERT", "modernbert"),
         )
     },
+    **{
+        f"{name} masked LM": _classifier(arch, "fill-mask")
+        for name, arch in (
+            ("BERT", "bert"),
+            ("RoBERTa", "roberta"),
+            ("XLM-R", "xlm-roberta"),
+            ("CamemBERT", "camembert"),
+            ("DistilBERT", "distilbert"),
+            ("ELECTRA", "electra"),
+            ("DeBERTa-v2", "deberta-v2"),
+            ("ModernBERT", "modernbert"),
+        )
+    },
 }
 
 Call = Callable[[ax.Model, dict], object]
@@ -216,6 +229,8 @@ def _inputs(model: ax.Model) -> dict:
         return {"inputs": "The capital of France is", "targets": " Paris"}
     if model.task == "question-answering":  # the predicted answer
         return {"inputs": ("who was good", "the plot was good")}
+    if model.task == "fill-mask":  # the predicted token at the mask
+        return {"inputs": f"the plot was {model.tokenizer.mask_token}"}
     return {"inputs": "the plot was good"}  # the predicted class (token classifiers: per token)
 
 
@@ -223,6 +238,8 @@ def _corrupted(model: ax.Model) -> str | tuple[str, str]:
     # as many tokens as the clean input in every test tokenizer
     if model.task == "question-answering":
         return ("who was good", "the story was good")
+    if model.task == "fill-mask":
+        return f"the story was {model.tokenizer.mask_token}"
     return "The capital of Spain is" if model.task == "generation" else "the story was good"
 
 

@@ -566,7 +566,8 @@ def _scan(data: Path) -> _Scan:
     if 0 < with_target < records:
         raise InputError(
             f"`data` {str(data)!r}: {with_target} of {records} records have a 'target'; give "
-            "one on every line, or on none (then targets are generated)"
+            "one on every line, or on none (then targets are generated, or predicted by a "
+            "classifier)"
         )
     if 0 < with_label < records:
         raise InputError(

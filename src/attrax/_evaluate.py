@@ -155,7 +155,7 @@ def read_records(
     if 0 < given < len(records):
         raise InputError(
             f"{source}: {given} of {len(records)} records have a field {target!r}; give one on "
-            "every record, or on none (then targets are generated)"
+            "every record, or on none (then targets are generated, or predicted by a classifier)"
         )
     return records
 
@@ -775,16 +775,19 @@ def sanity_checks(
     if targets is None and model.task == "sequence-classification":
         chosen = original_da["target_label"]
         targets = [[str(x) for x in row if x] for row in np.atleast_2d(chosen.values).tolist()]
+    answers = model.task == "question-answering"  # whose outputs are the input's positions
     outputs = (
-        len(model.labels) if model.labels else model.hf.get_output_embeddings().weight.shape[0]
+        2**31 if answers else len(model.labels) or model.hf.get_output_embeddings().weight.shape[0]
     )
-    if model.task == "question-answering":  # an answer's outputs are the input's positions
-        outputs = int((np.atleast_2d(original_da["source_id"].values) >= 0).sum(-1).min())
     offset = int(np.random.default_rng(seed).integers(1, outputs))
 
     def random_logit(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         # a fixed relabelling of every target to another output: vectorized, batch-independent
-        other = (ids + offset) % logits.shape[-1]
+        if answers:  # another of the example's own positions (its padding has no probability)
+            real = (logits > torch.finfo(logits.dtype).min / 2).sum(-1).clamp(min=2)
+            other = (ids + 1 + offset % (real - 1)) % real
+        else:
+            other = (ids + offset) % logits.shape[-1]
         return torch.softmax(logits, -1).gather(-1, other[..., None])[..., 0]
 
     # before the randomized copies: a method that explains no chosen output (ALTI, attention,

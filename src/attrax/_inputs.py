@@ -217,7 +217,7 @@ def _classifier_tensors(batch: Batch, model: Model) -> Tensors:
     counts = [len(e.positions) for e in examples]
     valid = torch.from_numpy(np.arange(max(counts)) < np.asarray(counts)[:, None])
     index = torch.zeros(valid.shape, dtype=torch.long)
-    if batch.task in ("token-classification", "question-answering"):
+    if batch.task in ("token-classification", "question-answering", "fill-mask"):
         # a token's position; a question-answering target's slot (0: the start, 1: the end)
         index[valid] = torch.tensor([p for e in examples for p in e.positions], dtype=torch.long)
     elif batch.causal:  # decoder-only classifiers pool their last token that is not padding
@@ -393,6 +393,16 @@ def check_example(
             f"`{names[0]}_pair` is the second text of a classifier's (text, text_pair) input; "
             f"{model.name} is a language model: give one text"
         )
+    if model.task == "fill-mask":  # its target is a token at the masks
+        ids = _encode_item(model, source, pair, "")[0]
+        if model.tokenizer.mask_token_id not in ids:
+            raise InputError(
+                f"`{names[0]}` has no {model.tokenizer.mask_token} token: {model.name} is a masked "
+                "language model, which predicts the tokens at its masks"
+            )
+        if target is not None:
+            _one_token(model, target, names[1])
+        return
     if model.task == "question-answering":  # its target is an answer in the context
         if pair is None:
             raise InputError(
@@ -580,6 +590,8 @@ def prepare_classification(
     items, single = _as_items(inputs)
     if model.task == "question-answering":
         return _prepare_answers(model, items, single, targets, contrast, positions, predict)
+    if model.task == "fill-mask":
+        return _prepare_masks(model, items, single, targets, contrast, positions, predict)
     encoded = _encode_items(model, items, single)
     if predict or targets is None:
         predicted, probability = _predict(model, encoded)
@@ -690,6 +702,107 @@ def _prepare_answers(
             )
         )
     return Batch(tuple(examples), single, False, None, model.task, model.causal)
+
+
+def _prepare_masks(
+    model: Model,
+    items: list[tuple[str, str | None]],
+    single: bool,
+    targets: Any,
+    contrast: Any,
+    positions: Any,
+    predict: bool,
+) -> Batch:
+    """A masked LM's batch: each example's targets are its mask tokens (or ``positions``), each
+    attributed for its predicted token or the token ``targets`` names."""
+    encoded = _encode_items(model, items, single)
+    mask = model.tokenizer.mask_token_id
+    n = len(items)
+    examples = []
+    for i, (ids, segments, special, token_types) in enumerate(encoded):
+        where = _at(i, single)
+        masks = tuple(p for p, token in enumerate(ids) if token == mask)
+        if positions is None and not masks:
+            raise InputError(
+                f"`inputs{where}` has no {model.tokenizer.mask_token} token: a masked language "
+                f"model predicts the tokens at its masks; put {model.tokenizer.mask_token} where "
+                "the word to explain is, or select tokens with `positions=`"
+            )
+        chosen = (
+            masks
+            if positions is None
+            else _select(positions, tuple(range(len(ids))), len(ids), where)
+        )
+        given = _tokens_for(model, targets, "targets", i, n, single, len(chosen))
+        against = _tokens_for(model, contrast, "contrast", i, n, single, len(chosen))
+        if against is not None and given is not None and against == given:
+            raise InputError(
+                f"`contrast{where}` names the target tokens themselves: target minus contrast is "
+                "0 everywhere; give other tokens"
+            )
+        # without targets, a placeholder until the prediction (below) picks the tokens
+        classes = given or (0,) * len(chosen)
+        examples.append(Example(ids, classes, against, chosen, segments, special, token_types))
+    batch = Batch(tuple(examples), single, False, None, model.task, model.causal)
+    if predict or targets is None:
+        batch = with_predictions(model, batch)
+    if targets is None:
+        predicted = tuple(replace(e, target_ids=e.predicted or ()) for e in batch.examples)
+        batch = replace(batch, examples=predicted)
+    for i, e in enumerate(batch.examples):
+        if e.contrast_ids is not None and e.contrast_ids == e.target_ids:
+            raise InputError(
+                f"`contrast{_at(i, single)}` names the predicted tokens themselves: target minus "
+                "contrast is 0 everywhere; give other tokens"
+            )
+    return batch
+
+
+def _tokens_for(
+    model: Model, value: Any, name: str, i: int, n: int, single: bool, count: int
+) -> tuple[int, ...] | None:
+    """The token ids ``value`` gives example ``i``'s ``count`` targets (None: it gives none): one
+    token for every target, or a list with one per target."""
+    if value is None:
+        return None
+    where = _at(i, single)
+    if not single:
+        if not isinstance(value, (list, tuple)) or len(value) != n:
+            raise InputError(
+                f"`{name}` must give one entry per example (a token, or a list of one per "
+                f"target): {n} examples, got {value!r}"
+            )
+        value = value[i]
+    if isinstance(value, str):
+        return (_one_token(model, value, f"{name}{where}"),) * count
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise InputError(
+            f"`{name}{where}` must be a token (a string) or a list of them, got {value!r}"
+        )
+    if len(value) != count:
+        raise InputError(
+            f"`{name}{where}` has {len(value)} tokens for {count} targets (the example's masks)"
+        )
+    return tuple(_one_token(model, v, f"{name}{where}[{k}]") for k, v in enumerate(value))
+
+
+def _one_token(model: Model, text: str, name: str) -> int:
+    """The vocabulary id of ``text``: a token of the vocabulary as it is written there, or a text
+    the tokenizer encodes as one token."""
+    tokenizer = model.tokenizer
+    if not text:
+        raise InputError(f"`{name}` is empty: give the token to explain")
+    known = tokenizer.convert_tokens_to_ids(text)
+    if isinstance(known, int) and (known != tokenizer.unk_token_id or text == tokenizer.unk_token):
+        return known
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if len(ids) != 1:
+        pieces = tokenizer.convert_ids_to_tokens(ids)
+        raise InputError(
+            f"`{name}` {text!r} is {len(ids)} tokens {pieces}: a masked language model predicts "
+            "one token at each mask; give one token of its vocabulary"
+        )
+    return int(ids[0])
 
 
 def _span_for(

@@ -461,6 +461,12 @@ def _pooler_activation(module: torch.nn.Module) -> str:
     return str(kind)
 
 
+def _gelu_lm_head(module: torch.nn.Module, features: torch.Tensor, **_: Any) -> torch.Tensor:
+    """RoBERTa's, XLM-R's and CamemBERT's masked-LM head, ``decoder(norm(gelu(dense(x))))``,
+    whose GELU is a call, not a child module: here it gets the identity rule."""
+    return module.decoder(module.layer_norm(apply_activation(module.dense(features), "gelu")))
+
+
 def _context_pooler(module: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     """DeBERTa-v2's pooler, ``act(dense(hidden[:, 0]))``, whose activation transformers builds
     inside the call (no module): here it gets the identity rule."""
@@ -604,6 +610,9 @@ _PATCHED: dict[str, Callable[..., torch.Tensor]] = {
     "RobertaClassificationHead": _tanh_head,
     "XLMRobertaClassificationHead": _tanh_head,
     "CamembertClassificationHead": _tanh_head,
+    "RobertaLMHead": _gelu_lm_head,
+    "XLMRobertaLMHead": _gelu_lm_head,
+    "CamembertLMHead": _gelu_lm_head,
     "ContextPooler": _context_pooler,
 }
 # activation kinds the identity rule covers (tanh: poolers, RoBERTa's head); sigmoid is not
@@ -924,8 +933,19 @@ _LINEAR = frozenset(
                 "ForSequenceClassification",
                 "ForTokenClassification",
                 "ForQuestionAnswering",  # a Linear's start and end logits
+                "ForMaskedLM",  # dense, activation (a module), LayerNorm, decoder
             )
         ),
+        "BertOnlyMLMHead",
+        "BertLMPredictionHead",
+        "BertPredictionHeadTransform",
+        "ElectraGeneratorPredictions",  # the same head, into ELECTRA's embedding width
+        "LegacyDebertaV2OnlyMLMHead",
+        "LegacyDebertaV2LMPredictionHead",
+        "LegacyDebertaV2PredictionHeadTransform",
+        "DebertaV2OnlyMLMHead",  # the newer head: the word embeddings' transpose as decoder
+        "DebertaV2LMPredictionHead",
+        "CrossEntropyLoss",  # DistilBERT's training loss, never run without labels
         "BertPooler",  # tanh as an nn.Tanh child, as RoBERTa's and XLM-R's
         "RobertaPooler",
         "XLMRobertaPooler",
@@ -943,12 +963,14 @@ _LINEAR = frozenset(
                 "ForSequenceClassification",
                 "ForTokenClassification",
                 "ForQuestionAnswering",
+                "ForMaskedLM",
             )
         ),
         "ElectraClassificationHead",  # its GELU is a child module (get_activation("gelu"))
         "DistilBertModel",
         "DistilBertForTokenClassification",
         "DistilBertForQuestionAnswering",
+        "DistilBertForMaskedLM",
         # the post-norm Marian and BART, the pre-norm M2M100 (NLLB), mBART and Pegasus: norms
         # (patched), attention, residual sums
         *(

@@ -19,6 +19,7 @@ from safetensors import SafetensorError
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
+    AutoModelForMaskedLM,
     AutoModelForQuestionAnswering,
     AutoModelForSeq2SeqLM,
     AutoModelForSequenceClassification,
@@ -39,9 +40,18 @@ from ._memory import at_least_float32, bound_kernel_caches
 from ._sdpa import folded_sdpa
 
 ATTENTION_IMPLEMENTATIONS = ("auto", "eager", "sdpa")
-#: What a model does: generate text (causal and seq2seq LMs), classify sequences or tokens, or
-#: answer a question with a span of its context (extractive question answering).
-TASKS = ("generation", "sequence-classification", "token-classification", "question-answering")
+#: What a model does: generate text (causal and seq2seq LMs), classify sequences or tokens,
+#: answer a question with a span of its context (extractive question answering), or predict the
+#: tokens at its masks (a masked LM).
+TASKS = (
+    "generation",
+    "sequence-classification",
+    "token-classification",
+    "question-answering",
+    "fill-mask",
+)
+# a masked LM's head, by attribute: the module the final hidden states enter first
+MASKED_LM_HEADS = ("cls", "lm_head", "lm_predictions", "generator_predictions", "vocab_transform")
 #: A question-answering model's two targets: the logits of the answer's first and last token
 QA_TARGETS = ("start", "end")
 # With attn_implementation="auto", a forward on the CPU attending over at least this many tokens
@@ -120,7 +130,7 @@ class Model:
         self.labels: dict[int, str] = {}
         if self.task == "question-answering":
             self.labels = dict(enumerate(QA_TARGETS))
-        elif self.task != "generation":
+        elif self.task not in ("generation", "fill-mask"):  # a masked LM's classes: its tokens
             names = getattr(config, "id2label", None) or {}
             count = int(getattr(config, "num_labels", 0) or len(names))
             self.labels = {i: str(names.get(i, f"LABEL_{i}")) for i in range(count)}
@@ -166,7 +176,12 @@ class Model:
         self._calibrate_embedding_scales()
         #: whether position p sees only positions <= p (decoder-only LMs and classifiers)
         self.causal = not self.is_encoder_decoder and self._probe_causal()
-        if self.task == "question-answering" and self.causal:
+        if self.task == "fill-mask" and tokenizer.mask_token_id is None:
+            raise ModelError(
+                f"`model` ({type(hf_model).__name__}) is a masked language model, but its "
+                "tokenizer has no mask token to place in the inputs"
+            )
+        if self.task in ("question-answering", "fill-mask") and self.causal:
             raise ModelError(
                 f"`model` ({type(hf_model).__name__}) is a decoder-only question-answering model: "
                 "its answer's probability reads every position, which attrax's causal engine "
@@ -198,6 +213,8 @@ class Model:
     @property
     def output_width(self) -> int:
         """Entries of the logits an objective scores: the vocabulary, or a classifier's classes."""
+        if self.task == "fill-mask":
+            return int(self.hf.get_output_embeddings().weight.shape[0])
         return self.head_width or len(self.labels)
 
     @property
@@ -349,6 +366,11 @@ class Model:
                 # from embeddings HF cannot find the last real token, so the pooling happens here
                 hidden = body(self.hf)(**kwargs, use_cache=False)[0]
                 return self._score(hidden[rows, index])
+            if self.task == "fill-mask":  # the vocabulary's logits at the masks alone
+                head = _masked_lm_head(self.hf)
+                with _rows_only(head, index):
+                    logits = self.hf(**kwargs).logits
+                return logits if head is not None else logits[rows, index]
             out = self.hf(**kwargs)
         if self.task == "question-answering":
             # index holds each target's slot: 0 the answer's start, 1 its end
@@ -855,6 +877,8 @@ def _task(hf_model: PreTrainedModel) -> str:
         return "token-classification"
     if name.endswith("ForQuestionAnswering"):
         return "question-answering"
+    if name.endswith("ForMaskedLM"):
+        return "fill-mask"
     return "generation"
 
 
@@ -904,6 +928,8 @@ def _from_pretrained(
         auto = AutoModelForTokenClassification
     elif classifier == "question-answering":
         auto = AutoModelForQuestionAnswering
+    elif classifier == "fill-mask":
+        auto = AutoModelForMaskedLM
     _check_size(path, config, auto)
     # shape mismatches come back in the loading info, not as transformers' report + RuntimeError
     kwargs: dict[str, Any] = {
@@ -968,6 +994,8 @@ def _task_of_architectures(named: Sequence[str]) -> str | None:
             return "token-classification"
         if name.endswith("ForQuestionAnswering"):
             return "question-answering"
+        if name.endswith("ForMaskedLM"):
+            return "fill-mask"
     return None
 
 
@@ -995,8 +1023,8 @@ def _refuse_load(
             f" is a {', '.join(unsupported)} checkpoint (config `architectures`), which attrax "
             "does not attribute yet: it supports causal language models (*ForCausalLM, "
             "*LMHeadModel), seq2seq ones (*ForConditionalGeneration, *MTModel) and "
-            "classifiers (*ForSequenceClassification, *ForTokenClassification) and extractive "
-            "question answering (*ForQuestionAnswering), not masked LMs"
+            "classifiers (*ForSequenceClassification, *ForTokenClassification), extractive "
+            "question answering (*ForQuestionAnswering) and masked LMs (*ForMaskedLM)"
         )
     if missing:
         shown = ", ".join(missing[:5])
@@ -1706,6 +1734,36 @@ def capture_before(
         return (hidden[:, :0], *args[1:])
 
     handle = head.register_forward_pre_hook(capture)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def _masked_lm_head(hf: PreTrainedModel) -> torch.nn.Module | None:
+    """The module a masked LM's final hidden states enter first (its head), or None."""
+    for name in MASKED_LM_HEADS:
+        module = getattr(hf, name, None)
+        if isinstance(module, torch.nn.Module):
+            return module
+    # ModernBERT: its `head` then its `decoder`; a classifier's `head` is no LM head
+    head = getattr(hf, "head", None)
+    return head if isinstance(getattr(hf, "decoder", None), torch.nn.Linear) else None
+
+
+@contextlib.contextmanager
+def _rows_only(head: torch.nn.Module | None, index: torch.Tensor) -> Iterator[None]:
+    """``head`` runs on the rows ``index[b, k]`` of its input alone: ``[B, K, ...]`` out, not
+    ``[B, L, ...]``; without a head the caller's model computes every row."""
+    if head is None:
+        yield
+        return
+    rows = torch.arange(index.shape[0], device=index.device)[:, None]
+
+    def select(_module: torch.nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+        return (args[0][rows, index], *args[1:])
+
+    handle = head.register_forward_pre_hook(select)
     try:
         yield
     finally:

@@ -327,6 +327,20 @@ _GENERATION_ONLY = {
 }
 
 
+_KIND = {
+    "sequence-classification": "classifier",
+    "token-classification": "classifier",
+    "question-answering": "question-answering model",
+    "fill-mask": "masked language model",
+}
+_TARGETS = {
+    "sequence-classification": "classes",
+    "token-classification": "classes",
+    "question-answering": "its answer's start and end",
+    "fill-mask": "its masks' tokens",
+}
+
+
 def _check_applies(model: Model, given: Mapping[str, Any]) -> None:
     """Refuse options given to a classifier that it would ignore."""
     if model.task == "generation":
@@ -334,8 +348,8 @@ def _check_applies(model: Model, given: Mapping[str, Any]) -> None:
     for key, why in _GENERATION_ONLY.items():
         if key in given and (key != "attribute_target" or given[key]):
             raise OptionError(
-                f"`{key}` does not apply to {model.name}, a classifier: {why}; a classifier's "
-                "targets are classes"
+                f"`{key}` does not apply to {model.name}, a {_KIND[model.task]}: {why}; its "
+                f"targets are {_TARGETS[model.task]}"
             )
 
 

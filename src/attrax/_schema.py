@@ -58,8 +58,9 @@ COORDS: dict[str, str] = {
     "contrast_label": "classifiers: the label name of the contrast class",
     "target_position": "question answering: the token position of the answer's start or end",
     "predicted_position": "question answering: the predicted answer's start or end position",
-    "predicted_id": "question answering: the token id at the predicted position",
-    "predicted_token": "question answering: the token string at the predicted position",
+    "predicted_id": "question answering: the token at the predicted position; masked LMs: the "
+    "predicted token",
+    "predicted_token": "the string of `predicted_id`",
     "contrast_position": "question answering: the contrast span's start or end position",
     "answer": "question answering: the text of the attributed span",
     "predicted_answer": "question answering: the text of the predicted span",
@@ -83,8 +84,8 @@ ATTRS: dict[str, str] = {
     "method": "the attribution method (or, for a faithfulness curve, the method it scores)",
     "model": "the model's name or path",
     "model_type": "'decoder-only', 'encoder-decoder' or 'encoder-only'",
-    "task": "'generation', 'sequence-classification', 'token-classification' or "
-    "'question-answering'",
+    "task": "'generation', 'sequence-classification', 'token-classification', "
+    "'question-answering' or 'fill-mask'",
     "objective": "what is attributed at each target ('probability', 'logprob', 'logit', ...)",
     "options": "a JSON string of every option of the call, defaults included",
     "attrax_version": "the attrax version that computed it",
@@ -508,6 +509,8 @@ def _class_coords(model: Model, batch: Batch) -> tuple[list[int], dict[int, int]
     class attributed, and the model's prediction."""
     if batch.task == "question-answering":
         return _answer_coords(model, batch)
+    if batch.task == "fill-mask":
+        return _mask_coords(model, batch)
     examples = batch.examples
     sequence = batch.task == "sequence-classification"
     targets = sorted({p for e in examples for p in e.positions})
@@ -603,6 +606,36 @@ def _answer_coords(model: Model, batch: Batch) -> tuple[list[int], dict[int, int
     coords["predicted_answer"] = (("example",), answers(predicted))
     if examples[0].contrast_ids is not None:
         spans("contrast", [by_slot(e, e.contrast_ids) for e in examples])
+    return targets, row_of, coords
+
+
+def _mask_coords(model: Model, batch: Batch) -> tuple[list[int], dict[int, int], dict[str, Any]]:
+    """A masked LM's targets: positions (its masks), each with the token explained there, the
+    token the model predicts there and its probability."""
+    examples = batch.examples
+    targets = sorted({p for e in examples for p in e.positions})
+    row_of = {p: i for i, p in enumerate(targets)}
+    shape = (len(examples), len(targets))
+    dims = ("example", "target")
+    tokens = model.token_strings
+    coords: dict[str, Any] = {"target": np.asarray(targets, dtype=np.int64)}
+
+    def column(name: str, of: Any, fill: Any, dtype: Any) -> None:
+        values = np.full(shape, fill, dtype=dtype)
+        for b, e in enumerate(examples):
+            got = of(e)
+            if got:
+                values[b, [row_of[p] for p in e.positions]] = got
+        coords[name] = (dims, values)
+
+    column("target_id", lambda e: e.target_ids, MISSING_ID, np.int64)
+    coords["target_token"] = (dims, token_strings(coords["target_id"][1], tokens))
+    column("predicted_id", lambda e: e.predicted, MISSING_ID, np.int64)
+    coords["predicted_token"] = (dims, token_strings(coords["predicted_id"][1], tokens))
+    column("predicted_probability", lambda e: e.predicted_probability, nan, np.float64)
+    if examples[0].contrast_ids is not None:
+        column("contrast_id", lambda e: e.contrast_ids, MISSING_ID, np.int64)
+        coords["contrast_token"] = (dims, token_strings(coords["contrast_id"][1], tokens))
     return targets, row_of, coords
 
 

@@ -286,8 +286,13 @@ def _reduce(values: np.ndarray, members: np.ndarray, how: str) -> np.ndarray:
 
 def _dims(da: xr.DataArray, dims: str | Sequence[str] | None) -> tuple[str, ...]:
     if dims is None:
-        # a sequence classifier's targets are classes, an answer's its start and end: not tokens
-        classes = da.attrs.get("task") in ("sequence-classification", "question-answering")
+        # a sequence classifier's targets are classes, an answer's its start and end, a masked
+        # LM's its masks: no tokens of a text to merge
+        classes = da.attrs.get("task") in (
+            "sequence-classification",
+            "question-answering",
+            "fill-mask",
+        )
         chosen = tuple(d for d in DIMS if d in da.dims and not (classes and d == "target"))
         if not chosen:
             raise OptionError(
@@ -303,10 +308,11 @@ def _dims(da: xr.DataArray, dims: str | Sequence[str] | None) -> tuple[str, ...]
             raise OptionError(f"`dims` must name 'source' and/or 'target', got {dim!r}")
         if dim not in da.dims:
             raise OptionError(f"`dims` contains {dim!r}, which is not a dim of `da` {da.dims}")
-        if dim == "target" and da.attrs.get("task") == "question-answering":
+        if dim == "target" and da.attrs.get("task") in ("question-answering", "fill-mask"):
             raise OptionError(
-                "`dims` contains 'target', but a question-answering model's targets are its "
-                "answer's start and end, not tokens to merge: merge 'source'"
+                "`dims` contains 'target', but a question-answering model's targets (its "
+                "answer's start and end) and a masked LM's (its masks) are not tokens to merge: "
+                "merge 'source'"
             )
     return tuple(dict.fromkeys(chosen))
 

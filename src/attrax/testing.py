@@ -474,6 +474,7 @@ _HEADS = {
     "sequence": "ForSequenceClassification",
     "token": "ForTokenClassification",
     "question-answering": "ForQuestionAnswering",
+    "fill-mask": "ForMaskedLM",
 }
 _CLASSIFIER_NAMES = {
     "bert": "Bert", "distilbert": "DistilBert", "roberta": "Roberta", "gpt2": "GPT2",
@@ -492,14 +493,22 @@ def tiny_classifier(
     ``xlm-roberta``, ``camembert``, ``deberta-v2``, ``electra``, ``modernbert``) and decoder-only
     heads that pool their last real token (``gpt2``, ``llama``, ``qwen2``); ``task`` is
     ``"sequence"`` (``*ForSequenceClassification``), ``"token"`` (``*ForTokenClassification``)
-    or ``"question-answering"`` (``*ForQuestionAnswering``: start and end logits per token, so
-    ``num_labels`` is 2). Labels are named ``label_0``, ``label_1``, ...
+    , ``"question-answering"`` (``*ForQuestionAnswering``: start and end logits per token, so
+    ``num_labels`` is 2) or ``"fill-mask"`` (``*ForMaskedLM``, encoders only: the vocabulary's
+    logits per token). Labels are named ``label_0``, ``label_1``, ...
 
     >>> model, tok = tiny_classifier("bert", num_labels=2)
     >>> type(model).__name__, model.config.id2label[1]
     ('BertForSequenceClassification', 'label_1')
     """
-    if arch not in _CLASSIFIERS or task not in _HEADS:
+    if (
+        arch not in _CLASSIFIERS
+        or task not in _HEADS
+        or (
+            task == "fill-mask"
+            and not hasattr(transformers, _CLASSIFIER_NAMES[arch] + _HEADS[task])
+        )
+    ):
         raise ValueError(f"unknown classifier {arch!r}/{task!r}; expected {CLASSIFIER_ARCHS}")
     kind, config_cls, defaults = _CLASSIFIERS[arch]
     attn = config_overrides.pop("attn_implementation", "eager")
