@@ -131,7 +131,7 @@ def _tiny_bert(**overrides):
     return tokenizer, config
 
 
-@pytest.mark.parametrize("architecture", ["BertForMaskedLM", None])
+@pytest.mark.parametrize("architecture", ["BertForNextSentencePrediction", None])
 def test_heads_attrax_does_not_attribute_are_refused(tmp_path, architecture):
     tokenizer, config = _tiny_bert()
     hf = getattr(transformers, architecture or "BertForSequenceClassification")(config)
@@ -154,6 +154,8 @@ def test_heads_attrax_does_not_attribute_are_refused(tmp_path, architecture):
     [
         ("BertForSequenceClassification", "sequence-classification"),
         ("BertForTokenClassification", "token-classification"),
+        ("BertForQuestionAnswering", "question-answering"),
+        ("BertForMaskedLM", "fill-mask"),
     ],
 )
 def test_classifier_checkpoints_load_as_classifiers(tmp_path, architecture, task):
@@ -169,7 +171,15 @@ def test_classifier_checkpoints_load_as_classifiers(tmp_path, architecture, task
     ids, mask = encoded.input_ids, encoded.attention_mask
     assert not bool(mask.all())
     with torch.no_grad():
-        want = model.hf(input_ids=ids, attention_mask=mask).logits
+        out = model.hf(input_ids=ids, attention_mask=mask)
+        if task == "question-answering":  # start and end logits, padding without probability
+            index = torch.tensor([[0, 1], [0, 1]])
+            got = model.logits_at(model.embed(ids), mask, index)
+            want = torch.stack((out.start_logits, out.end_logits), 1)
+            torch.testing.assert_close(got[:, :, mask[1].bool()], want[:, :, mask[1].bool()])
+            assert bool((got[1, :, ~mask[1].bool()] < -1e30).all())
+            return
+        want = out.logits
         if task == "sequence-classification":
             got = model.logits_at(model.embed(ids), mask, torch.zeros(2, 1, dtype=torch.long))
             want = want[:, None]
