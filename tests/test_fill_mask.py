@@ -201,6 +201,63 @@ def test_comprehensiveness_equals_a_naive_loop_of_masked_forwards(models):
                     assert float(got) == pytest.approx(want, abs=1e-6)
 
 
+def test_an_attribution_at_other_positions_is_scored_there(models):
+    # comprehensiveness of a positions= attribution (refused until 2026-12-06: the metric read
+    # the masks alone) equals the naive loop at those positions
+    model = models["bert"]
+    text = _texts(model)[0]
+    da = ax.l2_norm(ax.saliency(model, text, positions=[1, 4]))
+    comp = ax.comprehensiveness(model, da, text, fractions=(0.5,))
+    naive = Naive(model, text)
+    embeds = naive.embeddings()
+    pad = model.hf.get_input_embeddings()(torch.tensor([model.tokenizer.pad_token_id]))[0]
+    for k, position in enumerate((1, 4)):
+        order = np.argsort(-da.isel(target=k).values, kind="stable")
+        cut = embeds.clone()
+        cut[0, order[: math.ceil(0.5 * embeds.shape[1])]] = pad
+        token = int(da.target_id[k])
+        with torch.no_grad():
+            want = float(naive.score(embeds, position, token) - naive.score(cut, position, token))
+        assert float(comp.isel(target=k, fraction=0)) == pytest.approx(want, abs=1e-6)
+
+
+def test_sanity_checks_compare_the_same_tokens(models):
+    # a randomized model predicts other tokens: without targets its attribution was of those
+    # (until 2026-12-06); it is of the original's predicted tokens, as if they were given
+    model = models["bert"]
+    texts = _texts(model)
+    predicted = [
+        [t for t in row if t] for row in ax.saliency(model, texts).target_token.values.tolist()
+    ]
+    free = ax.sanity_checks(model, [{"input": t} for t in texts], ax.saliency)
+    given = [{"input": t, "target": p[0]} for t, p in zip(texts, predicted, strict=True)]
+    if predicted[1][0] != predicted[1][1]:  # one token per record: the first mask's
+        given = given[:1]
+        free = ax.sanity_checks(model, [{"input": texts[0]}], ax.saliency)
+    pinned = ax.sanity_checks(model, given, ax.saliency)
+    np.testing.assert_allclose(free.spearman.values, pinned.spearman.values, rtol=1e-9)
+
+
+def test_newer_deberta_head_scores_the_vocabulary():
+    # DeBERTa-v2's newer head names a dense layer its output embeddings: a callable objective
+    # was checked on 32 logits, not the vocabulary (refused until 2026-12-06)
+    hf, tok = tiny_classifier("deberta-v2", "fill-mask", legacy=False)
+    model = ax.load_model(hf, tokenizer=tok)
+    assert model.output_width == len(tok)
+
+    def mass(logits, ids):
+        return torch.softmax(logits.float(), -1)[..., 100:200].sum(-1)
+
+    da = ax.saliency(model, "a [MASK] b", objective=mass)
+    naive = Naive(model, "a [MASK] b")
+    embeds = naive.embeddings().requires_grad_(True)
+    score = torch.softmax(naive.logits(embeds)[naive.masks[0]], -1)[100:200].sum()
+    (grad,) = torch.autograd.grad(score, embeds)
+    want = grad[0].numpy()
+    got = da.isel(target=0).values
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
+
+
 def test_a_local_checkpoint_loads_as_a_masked_lm(tmp_path):
     hf, tok = tiny_classifier("bert", "fill-mask")
     hf.save_pretrained(tmp_path)
@@ -234,6 +291,10 @@ def test_bad_tokens_are_refused(models):
         ax.saliency(model, _texts(model), ["paris"])
     with pytest.raises(ax.InputError, match="must be a token"):
         ax.saliency(model, text, 3)
+    with pytest.raises(ax.InputError, match=r"not in .*vocabulary: its tokenizer reads it as"):
+        ax.saliency(model, text, "€")
+    with pytest.raises(ax.OptionError, match="`contrast_inputs` replaces a language model's"):
+        ax.step_scores(model, text, contrast_inputs=text, scores=["kl_divergence"])
     with pytest.raises(ax.InputError, match="names the target tokens themselves"):
         ax.saliency(model, text, "paris", contrast="paris")
     with pytest.raises(ax.ModelError, match="decoder-only"):

@@ -463,6 +463,25 @@ def score_records(
     )  # fmt: skip
 
 
+def _pinned_targets(model: Model, da: xr.DataArray) -> list[Any]:
+    """Each example's targets as an attribution of a classifier ``da`` holds them, in the form
+    the methods take them: classes (label names), an answer's span, a masked LM's tokens."""
+    single = "example" not in da.dims
+    rows = [da] if single else [da.isel(example=b) for b in range(da.sizes["example"])]
+    pinned: list[Any] = []
+    for row in rows:
+        if model.task == "question-answering":
+            pinned.append(tuple(int(p) for p in row["target_position"].values))
+        elif model.task == "fill-mask":
+            ids = np.atleast_1d(row["target_id"].values)
+            tokens = np.atleast_1d(row["target_token"].values)
+            pinned.append([str(t) for t, i in zip(tokens, ids, strict=True) if i >= 0])
+        else:
+            labels = np.atleast_1d(row["target_label"].values)
+            pinned.append([str(x) for x in labels if x])
+    return pinned
+
+
 def _checked(model: Model, records: list[Record]) -> list[Any]:
     """Each record tokenized as the methods will and its label checked, before any method runs,
     so that an error names the record's line; returns the labels (a class id named)."""
@@ -772,13 +791,12 @@ def sanity_checks(
     # checked before the randomized copies are made and attributed
     checked = _reduced(original_da, steps, method=named, reduce=reduce, examples=len(inputs))
     original = checked.values
-    if targets is None and model.task == "sequence-classification":
-        chosen = original_da["target_label"]
-        targets = [[str(x) for x in row if x] for row in np.atleast_2d(chosen.values).tolist()]
+    if targets is None and model.task != "generation":
+        # a randomized model would predict other classes (tokens, spans): its attribution is
+        # compared with the original's for the same ones
+        targets = _pinned_targets(model, original_da)
     answers = model.task == "question-answering"  # whose outputs are the input's positions
-    outputs = (
-        2**31 if answers else len(model.labels) or model.hf.get_output_embeddings().weight.shape[0]
-    )
+    outputs = 2**31 if answers else model.output_width
     offset = int(np.random.default_rng(seed).integers(1, outputs))
 
     def random_logit(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:

@@ -229,7 +229,7 @@ def _curve(
     baseline: Baseline,
 ) -> xr.DataArray:
     _check_attribution(attribution)
-    call = _with_its_contrast(call, attribution)
+    call = _with_its_positions(_with_its_contrast(call, attribution), attribution)
     objective = call.options["objective"]
     if objective is None:
         known = attribution.attrs.get("objective")
@@ -265,6 +265,20 @@ def _curve(
         single=ranked.single,
         attrs=attrs,
     )
+
+
+def _with_its_positions(call: Call, attribution: xr.DataArray) -> Call:
+    """A masked LM's ``call`` at the ``positions`` its attribution records: its targets default
+    to the masks, so an attribution of other positions (``positions=``) is scored at those."""
+    if call.model.task != "fill-mask":
+        return call
+    try:
+        recorded = json.loads(attribution.attrs.get("options", "{}")).get("positions")
+    except (TypeError, ValueError, AttributeError):
+        recorded = None
+    if recorded is None:
+        return call
+    return dataclasses.replace(call, options={**call.options, "positions": recorded})
 
 
 def _with_its_contrast(call: Call, attribution: xr.DataArray) -> Call:

@@ -796,6 +796,11 @@ def _one_token(model: Model, text: str, name: str) -> int:
     if isinstance(known, int) and (known != tokenizer.unk_token_id or text == tokenizer.unk_token):
         return known
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if ids == [tokenizer.unk_token_id]:
+        raise InputError(
+            f"`{name}` {text!r} is not in {model.name}'s vocabulary: its tokenizer reads it as "
+            f"{tokenizer.unk_token!r}; give a token of the vocabulary"
+        )
     if len(ids) != 1:
         pieces = tokenizer.convert_ids_to_tokens(ids)
         raise InputError(

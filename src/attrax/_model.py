@@ -213,8 +213,8 @@ class Model:
     @property
     def output_width(self) -> int:
         """Entries of the logits an objective scores: the vocabulary, or a classifier's classes."""
-        if self.task == "fill-mask":
-            return int(self.hf.get_output_embeddings().weight.shape[0])
+        if self.task == "fill-mask":  # DeBERTa-v2's newer head names a dense its output layer
+            return int(self.hf.config.get_text_config().vocab_size)
         return self.head_width or len(self.labels)
 
     @property

@@ -97,6 +97,12 @@ def step_scores(
     _require(names, NEEDS_CONTRAST, call.options["contrast"], "contrast")
     _require(names, NEEDS_CONTRAST_INPUTS, contrast_inputs, "contrast_inputs")
     if contrast_inputs is not None:
+        if call.model.task != "generation":
+            raise OptionError(
+                f"`contrast_inputs` replaces a language model's prompt or source with another; "
+                f"{call.model.name} is no language model (its task is {call.model.task!r}): "
+                "score the other input with its own call"
+            )
         check_aligned(contrast_inputs, "contrast_inputs", call.inputs)
     model, batch = call.model, call.batch
     t = to_tensors(batch, model)
