@@ -1,5 +1,5 @@
-"""``python -m benchmarks run|classifiers|question-answering|report|real-size|long-attention|budgets|
-methods|calibrate|models``: the one entry point (see README.md)."""
+"""``python -m benchmarks run|classifiers|question-answering|masked-lm|report|real-size|
+long-attention|budgets|methods|calibrate|models``: the one entry point (see README.md)."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ def main(argv: list[str] | None = None) -> int:
         classify,
         harness,
         long_attention,
+        masked_lm,
         methods,
         question_answering,
         real_size,
@@ -29,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     question_answering.parser(
         sub.add_parser("question-answering", help="Q1: a BERT-shaped question-answering model")
     )
+    masked_lm.parser(sub.add_parser("masked-lm", help="M1: a BERT-shaped masked LM (fill-mask)"))
     r = sub.add_parser("report", help="render the docs from the committed results JSON")
     r.add_argument("--cpu", default=report.CPU_RESULTS, help="CPU results JSON")
     r.add_argument("--gpu", default=report.GPU_RESULTS, help="GPU results JSON")
@@ -60,6 +62,8 @@ def main(argv: list[str] | None = None) -> int:
         return classify.run(classify.defaults(args), argv)
     if args.command == "question-answering":
         return question_answering.run(question_answering.defaults(args), argv)
+    if args.command == "masked-lm":
+        return masked_lm.run(masked_lm.defaults(args), argv)
     if args.command == "classifiers-worker":
         classify.worker(args.spec)
         return 0

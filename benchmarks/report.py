@@ -432,6 +432,7 @@ def render_cpu(
     out += _parity_section(results)
     out += _classifier_section(results.get("classifiers"))
     out += _question_answering_section(results.get("question_answering"))
+    out += _masked_lm_section(results.get("masked_lm"))
     out += _real_size_section(real_size or {})
     return "\n".join(out) + "\n"
 
@@ -717,6 +718,48 @@ def _question_answering_section(results: dict[str, Any] | None) -> list[str]:
         f"texts. IG uses Gauss–Legendre with {meta['steps']} points from the tutorial's "
         "reference ([PAD], [CLS] and [SEP] kept); Captum runs it as `LayerIntegratedGradients` "
         "on the word embeddings.\n"
+    )
+    w("| method | attrax (s) | Captum (s) | attrax's speed-up |")
+    w("|---|---|---|---|")
+    for r in results["runs"]:
+        label = CLASSIFIER_LABEL.get(r["method"], r["method"])
+        w(
+            f"| {label} | {_fmt_s(r['attrax_s'])} | {_fmt_s(r['captum_s'])} | "
+            f"**{_fmt_x(r['speedup'])}** |"
+        )
+    w("")
+    w("Parity before timing (max |attrax − Captum| / max |Captum| after the aggregation):\n")
+    for r in results["parity"]:
+        errors = ", ".join(f"{k} {x:.1e}" for k, x in r["errors"].items())
+        label = CLASSIFIER_LABEL.get(r["method"], r["method"])
+        w(f"- {label}: {'ok' if r['ok'] else 'FAILED'} ({errors})")
+    w("")
+    return out
+
+
+def _masked_lm_section(results: dict[str, Any] | None) -> list[str]:
+    """The masked-LM workload (M1) of ``python -m benchmarks masked-lm``."""
+    if not results:
+        return []
+    meta = results["meta"]
+    (n, length), masks = meta["texts"], meta["masks"]
+    s, v = meta["spec"], meta["versions"]
+    kind = "a quick run (`--quick`)" if meta["quick"] else "a full run"
+    out = ["## Masked LM (M1)\n"]
+    w = out.append
+    w(
+        f"Recorded from {kind}: `{meta['command']}`, {meta['started']} – "
+        f"{meta.get('finished', '?')}, {meta['threads']} threads; captum {v.get('captum')}, "
+        f"transformers {v.get('transformers')}. `BertForMaskedLM` is the classifiers' encoder "
+        f"(hidden {s['hidden']}, {s['layers']} layers, random weights) with an MLM head, its "
+        f"decoder tied to the word embeddings. The inputs are {n} texts of {length} tokens with "
+        f"`[MASK]` at positions {' and '.join(map(str, masks))}; each mask's target is the token "
+        "the model predicts there, and the objective its softmax probability over the "
+        f"vocabulary. attrax attributes the {len(masks)} masks in one call; Captum makes one "
+        "batched `attribute` call per mask. Both are timed in one process, calls alternated, "
+        f"median of {meta['repeats']}. Both clocks start at the texts. IG uses Gauss–Legendre "
+        f"with {meta['steps']} points from the BERT tutorials' reference ([PAD], [CLS] and "
+        "[SEP] kept); Captum runs it as `LayerIntegratedGradients` on the word embeddings.\n"
     )
     w("| method | attrax (s) | Captum (s) | attrax's speed-up |")
     w("|---|---|---|---|")

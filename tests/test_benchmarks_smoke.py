@@ -208,6 +208,42 @@ def test_question_answering_equals_captums_loop_over_start_and_end(method):
     assert not parity(ours[:, ::-1].reshape(flat), theirs.reshape(flat), method)["ok"]
 
 
+@pytest.mark.parametrize("method", ["saliency", "input_x_gradient", "integrated_gradients"])
+def test_masked_lm_equals_captums_loop_over_masks(method, monkeypatch):
+    pytest.importorskip("captum")  # the bench venv's (benchmarks/setup_bench_env.sh)
+    from benchmarks import masked_lm
+    from benchmarks.parity import parity
+
+    from attrax.testing import tiny_classifier
+
+    hf, tok = tiny_classifier("bert", "fill-mask")
+    model = ax.load_model(hf, tokenizer=tok)
+    monkeypatch.setattr(masked_lm, "MASKS", (2, 4))
+    texts = ["the [MASK] cat [MASK] again", "a [MASK] dog [MASK] bread"]  # equal lengths
+    tokens = masked_lm.predicted(model, texts)
+    ours, _ = masked_lm.attrax_mlm(model, texts, tokens, method, steps=8)
+    theirs, seconds = masked_lm.captum_mlm(hf, tok, texts, tokens, method, steps=8)
+    assert ours.shape == theirs.shape and ours.shape[:2] == (2, 2) and seconds > 0
+    flat = (-1, *ours.shape[2:])
+    assert parity(ours.reshape(flat), theirs.reshape(flat), method)["ok"]
+    assert not parity(ours[:, ::-1].reshape(flat), theirs.reshape(flat), method)["ok"]
+
+
+def test_the_masked_lm_section_renders_from_a_recorded_run():
+    results = {
+        "meta": dict(
+            quick=True, command="python -m benchmarks masked-lm --quick", started="s",
+            finished="f", threads=2, texts=[16, 48], masks=[12, 30], steps=16, repeats=1,
+            spec=dict(hidden=256, layers=4), versions={"captum": "0.9.0"},
+        ),
+        "runs": [dict(method="integrated_gradients", attrax_s=2.0, captum_s=3.0, speedup=1.5)],
+        "parity": [dict(method="integrated_gradients", ok=True, errors={"raw": 4e-7})],
+    }  # fmt: skip
+    text = "\n".join(report._masked_lm_section(results))
+    assert "## Masked LM (M1)" in text and "positions 12 and 30" in text
+    assert "| integrated gradients | 2.00 | 3.00 | **1.50\u00d7** |" in text
+
+
 def test_the_question_answering_section_renders_from_a_recorded_run():
     from benchmarks import question_answering as qa
 

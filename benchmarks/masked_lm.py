@@ -1,0 +1,252 @@
+"""Masked language models: attrax vs Captum 0.9 on a BERT-shaped ``BertForMaskedLM`` (fill-mask).
+
+``python -m benchmarks masked-lm [--quick] [--record]``. The model is the classifiers' encoder
+(:func:`workloads.build_classifiers`) under an MLM head drawn with its own seed, its decoder tied
+to the word embeddings, as BERT's is. The inputs are 16 texts of 48 tokens; the tokens at
+positions 12 and 30 are replaced by ``[MASK]``. Each mask's target is the token the model
+predicts there. attrax attributes both masks in one call. Captum makes one batched ``attribute``
+call per mask. Its forward returns the softmax over the vocabulary at that mask.
+
+Parity comes first: the outputs of the first (untimed) calls must agree within 1e-4 after the
+harness's aggregations, or the run stops with exit status 2. Then both libraries are timed in
+this process, calls alternated, and the median is kept. Results go to
+``benchmarks/results/masked-lm[-quick].json``. ``--record`` stores them as ``cpu.json``'s
+``masked_lm`` entry and re-renders the docs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import harness, report, workloads
+from .parity import TOLERANCE, parity
+
+METHODS = ("saliency", "input_x_gradient", "integrated_gradients")
+TEXTS = (16, 48)  # texts, tokens with [CLS] and [SEP]
+MASKS = (12, 30)  # the positions replaced by [MASK]
+NAME = "bertmlm"
+
+
+def build(root: str | os.PathLike | None = None) -> Path:
+    """Build (or reuse) ``root/bertmlm``: the classifiers' encoder and an MLM head."""
+    import torch
+    from transformers import AutoTokenizer, BertForMaskedLM, BertForSequenceClassification
+
+    paths = workloads.build_classifiers(root)
+    path = paths["bert2"].parent / NAME
+    if (path / ".complete").exists():
+        return path
+    encoder = BertForSequenceClassification.from_pretrained(paths["bert2"])
+    torch.manual_seed(workloads.SEED + 3000)
+    model = BertForMaskedLM(encoder.config).eval()
+    # the same encoder (a masked LM's BERT has no pooler); the decoder stays tied to its words
+    weights = {k: v for k, v in encoder.bert.state_dict().items() if not k.startswith("pooler.")}
+    model.bert.load_state_dict(weights)
+    model.tie_weights()
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path)
+    AutoTokenizer.from_pretrained(paths["bert2"]).save_pretrained(path)
+    (path / ".complete").write_text(json.dumps({"kind": NAME, "seed": workloads.SEED}) + "\n")
+    return path
+
+
+def load(root: str | os.PathLike | None = None):
+    """``(model, tokenizer)``: eval, float32, CPU, eager attention."""
+    from transformers import AutoModelForMaskedLM, AutoTokenizer
+
+    path = build(root)
+    model = AutoModelForMaskedLM.from_pretrained(path, attn_implementation="eager")
+    return model.eval(), AutoTokenizer.from_pretrained(path)
+
+
+def masked_texts(tok, n: int, length: int, masks: tuple[int, ...]) -> list[str]:
+    """``n`` texts of exactly ``length`` tokens with ``[MASK]`` at ``masks``."""
+    out = []
+    for text in workloads.classifier_texts(tok, n, length):
+        ids = tok(text)["input_ids"]
+        for p in masks:
+            ids[p] = tok.mask_token_id
+        out.append(tok.decode(ids[1:-1]))
+    for text in out:
+        ids = tok(text)["input_ids"]
+        assert len(ids) == length and [
+            p for p, i in enumerate(ids) if i == tok.mask_token_id
+        ] == list(masks)
+    return out
+
+
+def predicted(model, texts: list[str]) -> list[list[int]]:
+    """attrax's predicted token at each mask of each text."""
+    import attrax as ax
+
+    da = ax.step_scores(model, texts, scores="probability")
+    return da.predicted_id.values.tolist()
+
+
+def attrax_mlm(model, texts, tokens, method: str, steps: int) -> tuple[np.ndarray, float]:
+    """``([example, mask, source, hidden], seconds)``: every mask in one call."""
+    import torch
+
+    import attrax as ax
+
+    from .baselines import reference_ids
+
+    kwargs: dict[str, Any] = {"abs": False} if method == "saliency" else {}
+    if method == "integrated_gradients":
+        ids = model.tokenizer(texts, return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            base = model.embed(reference_ids(model.tokenizer, ids)).detach()
+        kwargs.update(steps=steps, quadrature="gausslegendre", baseline=base)
+    names = [model.tokenizer.convert_ids_to_tokens(row) for row in tokens]
+    t0 = time.perf_counter()
+    da = getattr(ax, method)(model, texts, names, **kwargs)
+    seconds = time.perf_counter() - t0
+    assert da.target.values.tolist() == list(MASKS)
+    return da.values, seconds
+
+
+def captum_mlm(hf, tok, texts, tokens, method: str, steps: int) -> tuple[np.ndarray, float]:
+    """``([example, mask, source, hidden], seconds)``: one batched Captum call per mask, its
+    forward the softmax over the vocabulary at that mask; the clock starts at the texts."""
+    import torch
+    from captum.attr import InputXGradient, LayerIntegratedGradients, Saliency
+
+    from .baselines import reference_ids
+
+    if method == "integrated_gradients":  # built before the clock, as attrax's baseline is
+        reference = reference_ids(tok, tok(texts, return_tensors="pt")["input_ids"])
+
+    def forward(x, mask, types, position: int, embeds: bool):
+        source = {"inputs_embeds": x} if embeds else {"input_ids": x}
+        return (
+            hf(**source, attention_mask=mask, token_type_ids=types).logits[:, position].softmax(-1)
+        )
+
+    t0 = time.perf_counter()
+    enc = tok(texts, return_tensors="pt")
+    ids, mask, types = enc["input_ids"], enc["attention_mask"], enc["token_type_ids"]
+    columns = []
+    for k, position in enumerate(MASKS):  # a Captum user's loop over the masks
+        target = [row[k] for row in tokens]
+        if method == "integrated_gradients":
+            algo = LayerIntegratedGradients(
+                lambda x, m, t, p=position: forward(x, m, t, p, False),
+                hf.bert.embeddings.word_embeddings,
+            )
+            got = algo.attribute(
+                ids, baselines=reference, target=target, additional_forward_args=(mask, types),
+                n_steps=steps, method="gausslegendre",
+            )  # fmt: skip
+        else:
+            with torch.no_grad():
+                embeds = hf.get_input_embeddings()(ids)
+            kind = Saliency if method == "saliency" else InputXGradient
+            algo = kind(lambda x, m, t, p=position: forward(x, m, t, p, True))
+            extra = {"abs": False} if method == "saliency" else {}
+            got = algo.attribute(
+                embeds, target=target, additional_forward_args=(mask, types), **extra
+            )
+        columns.append(got.detach())
+    seconds = time.perf_counter() - t0
+    return torch.stack(columns, 1).numpy(), seconds
+
+
+def run(args: argparse.Namespace, argv: list[str]) -> int:
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    import attrax as ax
+
+    torch.set_num_threads(args.threads)
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    hf, tok = load()
+    model = ax.load_model(hf, tokenizer=tok)
+    texts = masked_texts(tok, *TEXTS, MASKS)
+    tokens = predicted(model, texts)
+    steps = 16 if args.quick else 50
+    meta = dict(
+        command="python -m benchmarks " + " ".join(argv), quick=args.quick,
+        started=time.strftime("%Y-%m-%d %H:%M:%S %Z"), threads=args.threads, texts=list(TEXTS),
+        masks=list(MASKS), steps=steps, spec=workloads.BERT_SPEC, machine=harness.machine_info(),
+        attrax_source=harness.attrax_source(), versions=harness.versions(), tolerance=TOLERANCE,
+        repeats=args.repeats, load1_start=os.getloadavg()[0],
+    )  # fmt: skip
+    results: dict[str, Any] = dict(meta=meta, status="running", runs=[], parity=[])
+    failures: list[str] = []
+    for method in args.methods:
+        ours, _ = attrax_mlm(model, texts, tokens, method, steps)  # untimed: parity, warm-up
+        theirs, _ = captum_mlm(hf, tok, texts, tokens, method, steps)
+        flat = (-1, *ours.shape[2:])
+        res = parity(ours.reshape(flat), theirs.reshape(flat), method)
+        results["parity"].append(dict(method=method, **res))
+        errors = ", ".join(f"{k} {v:.1e}" for k, v in res["errors"].items())
+        print(f"parity {method:21s} vs captum: {'ok' if res['ok'] else 'FAIL'} ({errors})")
+        if not res["ok"]:
+            failures += [f"{method} vs captum: {f}" for f in res["failures"]]
+            continue
+        times: dict[str, list[float]] = {"attrax": [], "captum": []}
+        for _ in range(args.repeats):  # alternated: a shared machine's load hits both alike
+            times["attrax"].append(attrax_mlm(model, texts, tokens, method, steps)[1])
+            times["captum"].append(captum_mlm(hf, tok, texts, tokens, method, steps)[1])
+        medians = {lib: statistics.median(t) for lib, t in times.items()}
+        speedup = medians["captum"] / medians["attrax"]
+        results["runs"].append(
+            dict(method=method, attrax_s=medians["attrax"], captum_s=medians["captum"],
+                 speedup=speedup, calls=args.repeats, load1=os.getloadavg()[0])
+        )  # fmt: skip
+        print(
+            f"  {method:21s} attrax {medians['attrax']:.3f} s, Captum {medians['captum']:.3f} s:"
+            f" {speedup:.2f}x"
+        )
+    results.update(status="parity_failed" if failures else "ok", failures=failures)
+    results["meta"]["finished"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=1))
+    if failures:
+        print("\n".join(["FAILED:", *failures]), file=sys.stderr)
+        return 2
+    if args.record:
+        committed = json.loads(report.CPU_RESULTS.read_text())
+        committed["masked_lm"] = results
+        report.CPU_RESULTS.write_text(json.dumps(committed, indent=1, ensure_ascii=False) + "\n")
+        report.write_docs()
+    print(f"wrote {args.out}")
+    return 0
+
+
+def parser(p: argparse.ArgumentParser) -> None:
+    """The options of ``python -m benchmarks masked-lm``."""
+
+    def methods(text: str) -> list[str]:
+        got = [x for x in text.split(",") if x]
+        unknown = [x for x in got if x not in METHODS]
+        if unknown:
+            raise argparse.ArgumentTypeError(f"unknown {unknown} (choose from {METHODS})")
+        return got
+
+    p.add_argument("--quick", action="store_true", help="IG 16 points, 1 timed call")
+    p.add_argument("--methods", type=methods, default=list(METHODS))
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeats", type=int, help="timed calls per library (default 5; --quick 1)")
+    p.add_argument("--out", type=Path, help="results JSON (default benchmarks/results/...)")
+    p.add_argument(
+        "--record", action="store_true",
+        help="store the finished run as cpu.json's `masked_lm` entry, re-render the docs",
+    )  # fmt: skip
+
+
+def defaults(args: argparse.Namespace) -> argparse.Namespace:
+    args.repeats = args.repeats or (1 if args.quick else 5)
+    name = "masked-lm-quick" if args.quick else "masked-lm"
+    args.out = args.out or harness.REPO / "benchmarks" / "results" / f"{name}.json"
+    return args
