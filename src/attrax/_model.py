@@ -207,14 +207,14 @@ class Model:
     def head_width(self) -> int:
         """Scores the output projection gives per position (the vocabulary); 0 without one (a
         classifier's forward gives its few class logits itself)."""
+        if self.task == "fill-mask":  # its vocabulary's logits at each target's row
+            return int(self.hf.config.get_text_config().vocab_size)
         weight = getattr(self._head, "weight", None)
         return int(weight.shape[0]) if isinstance(weight, torch.Tensor) else 0
 
     @property
     def output_width(self) -> int:
         """Entries of the logits an objective scores: the vocabulary, or a classifier's classes."""
-        if self.task == "fill-mask":  # DeBERTa-v2's newer head names a dense its output layer
-            return int(self.hf.config.get_text_config().vocab_size)
         return self.head_width or len(self.labels)
 
     @property
