@@ -1072,6 +1072,48 @@ def test_atp_question_answering_first_order(arch, site):
         np.testing.assert_allclose(got.values[slot], want, rtol=1e-6, atol=1e-9)
 
 
+def test_atp_corrupted_pairs_keep_their_own_segments():
+    """A corrupted pair of the clean one's length, split elsewhere between its two texts, runs
+    with its own segment ids (it ran with the clean pair's until 2026-12-06)."""
+    hf, tok = tiny_classifier("bert", "sequence")
+    model = ax.load_model(hf, tokenizer=tok)
+    clean, bad = ("a b c", "d"), ("a b", "c d")  # 7 tokens each, segments 0000011 and 0000111
+    got = ax.attribution_patching(
+        model, clean, "label_0", corrupted=bad, site="residual", objective="logit"
+    )
+    encodings = [tok(*pair, return_tensors="pt") for pair in (clean, bad)]
+    assert encodings[0]["token_type_ids"].tolist() != encodings[1]["token_type_ids"].tolist()
+
+    def layers(encoding, grad: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        outs: list[torch.Tensor] = []
+        hooks = [
+            block.register_forward_hook(
+                lambda _m, _a, o: outs.append(o[0] if isinstance(o, tuple) else o)
+            )
+            for block in hf.bert.encoder.layer
+        ]
+        embeds = hf.get_input_embeddings()(encoding["input_ids"]).detach().requires_grad_(grad)
+        try:
+            logit = hf(inputs_embeds=embeds, token_type_ids=encoding["token_type_ids"]).logits[0, 0]
+        finally:
+            for hook in hooks:
+                hook.remove()
+        return logit, outs
+
+    logit, clean_acts = layers(encodings[0], True)
+    grads = torch.autograd.grad(logit, clean_acts)
+    with torch.no_grad():
+        _, bad_acts = layers(encodings[1], False)
+    want = np.stack(
+        [
+            (g[0] * (b[0] - a[0].detach())).sum(-1).numpy()
+            for g, a, b in zip(grads, clean_acts, bad_acts, strict=True)
+        ],
+        -1,
+    )
+    np.testing.assert_allclose(got.isel(target=0).values, want, rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize("site", ["heads", "mlp", "residual"])
 def test_atp_masked_lm_first_order(site):
     # the predicted token's logit at the mask, patched at every position

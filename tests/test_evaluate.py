@@ -12,6 +12,7 @@ import torch
 import xarray as xr
 
 import attrax as ax
+from attrax.testing import tiny_classifier
 
 PROMPT, ANSWER = "3 1 4 0 5 9 =", " 9 5 0 4 1 3"
 OTHER = ("2 7 1 8 6 4 =", " 4 6 8 1 7 2")
@@ -34,6 +35,28 @@ def test_faithfulness_equals_each_method_scored_alone(default_model):
         )
         auc = ax.deletion(default_model, da, inputs, targets).auc
         np.testing.assert_allclose(ds.deletion.sel({"method": name}).values, auc.values, rtol=1e-6)
+
+
+def test_shards_concatenate_in_one_batchs_target_order():
+    """Shards of an evaluation (Dask workers') join as one batch orders its targets: classes by
+    class id (sorted as strings until 2026-12-06: label_10 before label_2), an answer's start
+    before its end."""
+    from attrax._evaluate import concat_evaluations
+
+    hf, tok = tiny_classifier("bert", "sequence", num_labels=12)
+    model = ax.load_model(hf, tokenizer=tok)
+    records = [{"input": "a cat", "target": "label_10"}, {"input": "a dog", "target": "label_2"}]
+    methods, metrics = {"saliency": ax.saliency}, ["comprehensiveness"]
+    whole = ax.evaluate(model, records, methods, metrics)
+    shards = [ax.evaluate(model, [r], methods, metrics) for r in records]
+    joined = concat_evaluations(shards)
+    assert joined.target.values.tolist() == whole.target.values.tolist() == ["label_2", "label_10"]
+    xr.testing.assert_allclose(joined, whole)
+    hf, tok = tiny_classifier("bert", "question-answering")
+    answerer = ax.load_model(hf, tokenizer=tok)
+    pairs = [{"input": "who", "input_pair": "the cat sat"}, {"input": "what", "input_pair": "a b"}]
+    joined = concat_evaluations([ax.evaluate(answerer, [r], methods, metrics) for r in pairs])
+    assert joined.target.values.tolist() == ["start", "end"]
 
 
 def _fixed(values_by_target: dict[int, list[float]]):

@@ -42,7 +42,7 @@ from ._attention import Selection, check_selection, selection_indices
 from ._drop import Drop, averaged, dropping, pulled
 from ._errors import InputError, ModelError, OptionError
 from ._heads import ATTENTION_INPUTS, patch_attention_inputs
-from ._inputs import Texts, contrast_batch, prepare, to_tensors
+from ._inputs import Texts, contrast_batch, padded_inputs, to_tensors
 from ._memory import full_precision
 from ._model import Model, body, norm_centers, norm_divisor, norm_gain
 from ._protocol import Call, Family
@@ -1015,7 +1015,9 @@ def attribution_patching(
     t = problem.tensors
     assert corrupted is not None
     # only positions that are patched must align: the decoder's, for the decoder stacks
-    corrupt_ids, corrupt_mask = _corrupted_ids(model, call, corrupted, not parts.on_decoder)
+    corrupt_ids, corrupt_mask, corrupt_types = _corrupted_ids(
+        model, call, corrupted, not parts.on_decoder
+    )
     clean_embeds = problem.inputs[0]
     with torch.no_grad():
         corrupt_embeds = model.embed(corrupt_ids, "source")
@@ -1059,15 +1061,18 @@ def attribution_patching(
         return handles
 
     def run(
-        embeds: torch.Tensor, mask: torch.Tensor, probes: list[torch.Tensor] | None
+        embeds: torch.Tensor,
+        mask: torch.Tensor,
+        probes: list[torch.Tensor] | None,
+        types: torch.Tensor | None = None,
     ) -> tuple[Any, ...]:
         seen: list[Any] = [None] * len(chosen_layers)
         with _hooks(*install(probes, seen)):
-            hidden = problem.hidden_of(embeds, mask)
+            hidden = problem.hidden_of(embeds, mask, types)
         return hidden, seen
 
-    with torch.no_grad():
-        _, corrupt_acts = run(corrupt_embeds, corrupt_mask, None)
+    with torch.no_grad():  # the corrupted input with its own segments (a pair split elsewhere)
+        _, corrupt_acts = run(corrupt_embeds, corrupt_mask, None, corrupt_types)
     if any(a is None for a in corrupt_acts):
         raise ModelError(f"{method}: {type(model.hf).__name__} did not run the modules it names")
     zeros = [torch.zeros_like(a) for a in corrupt_acts]
@@ -1144,7 +1149,14 @@ def _patch_attention_inputs(
     with torch.no_grad():
         embeds = model.embed(corrupt[0], "source")
     stacked, chosen_layers, chosen_heads = patch_attention_inputs(
-        call, (embeds, corrupt[1]), stack, site, qk_fix is not False, layers, heads, drop
+        call,
+        (embeds, corrupt[1], corrupt[2]),
+        stack,
+        site,
+        qk_fix is not False,
+        layers,
+        heads,
+        drop,
     )
     coords = {"layer": chosen_layers, "head": chosen_heads}
     return _positions(call, stacked, coords, on_decoder)
@@ -1198,37 +1210,41 @@ def _positions(
 
 def _corrupted_ids(
     model: Model, call: Call, corrupted: Texts, same_length: bool = True
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token ids ``[B, L]`` and attention mask of the corrupted run, aligned position by position
-    with the clean ones (same targets teacher-forced); an InputError when a corrupted input's
-    length differs. Without ``same_length`` (an encoder-decoder's decoder stacks, patched on the
-    decoder positions) the corrupted source keeps its own length and padding."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Token ids ``[B, L]``, attention mask and segment ids (None: the model takes none) of the
+    corrupted run, aligned position by position with the clean ones (same targets
+    teacher-forced); an InputError when a corrupted input's length differs. Without
+    ``same_length`` (an encoder-decoder's decoder stacks, patched on the decoder positions) the
+    corrupted source keeps its own length and padding."""
     batch = call.batch
     t = to_tensors(batch, model)
-    # one classifier input may be a (text, text_pair) pair: a question and its context
-    pair = (
-        model.task != "generation"
-        and batch.single
-        and isinstance(corrupted, tuple)
-        and len(corrupted) == 2
-        and all(isinstance(text, str) for text in corrupted)
-    )
-    one = isinstance(corrupted, str) or pair
-    texts = [corrupted] if one else list(corrupted)
-    if one != batch.single or len(texts) != len(batch.examples):
-        raise InputError(
-            f"`corrupted` must align with `inputs`: {len(batch.examples)} "
-            f"{'string' if batch.single else 'texts'}, got {corrupted!r}"
+    # each corrupted input as its clean one: a text, or a (text, text_pair) pair
+    wanted = ["pair" if _paired(e) else "text" for e in batch.examples]
+    given = [corrupted] if batch.single else corrupted
+    if (
+        isinstance(given, str)
+        or not isinstance(given, (list, tuple))
+        or [_shape(v) for v in given] != wanted
+    ):
+        what = (
+            f"one {'(text, text_pair) pair' if wanted[0] == 'pair' else 'text'}"
+            if batch.single
+            else f"{len(wanted)} inputs, each a text or a (text, text_pair) pair as its clean one"
         )
+        raise InputError(f"`corrupted` must align with `inputs` ({what}), got {corrupted!r}")
+    texts = list(given)
     if model.task == "generation":
         other = contrast_batch(model, batch, corrupted, "corrupted")
-    else:
-        other = prepare(model, corrupted)
-    if not same_length:
         theirs = to_tensors(other, model)
-        return theirs.ids, theirs.mask
-    pairs = zip(batch.examples, other.examples, strict=True)
-    for i, (clean, bad) in enumerate((len(a.source_ids), len(b.source_ids)) for a, b in pairs):
+        ids, mask, types = theirs.ids, theirs.mask, theirs.token_types
+        lengths = [len(e.source_ids) for e in other.examples]
+    else:  # only the tokens: a corrupted text needs no class, answer or mask of its own
+        ids, mask, types = padded_inputs(model, corrupted, "corrupted")
+        lengths = mask.sum(-1).tolist()
+    if not same_length:
+        return ids, mask, types
+    clean_lengths = [len(e.source_ids) for e in batch.examples]
+    for i, (clean, bad) in enumerate(zip(clean_lengths, lengths, strict=True)):
         if clean != bad:
             where = "" if batch.single else f"[{i}]"
             hint = (
@@ -1241,11 +1257,24 @@ def _corrupted_ids(
                 f"{clean}: attribution patching patches position by position, so both must have "
                 f"the same token length{hint}"
             )
-    ids = to_tensors(other, model).ids
     if ids.shape != t.ids.shape:
         raise InputError(
             f"`corrupted` tokenizes to shape {tuple(ids.shape)}, the clean inputs to "
             f"{tuple(t.ids.shape)}: they must align position by position"
         )
     # padded positions keep the clean ids: the mask hides them either way
-    return torch.where(t.mask.bool(), ids, t.ids), t.mask
+    ids = torch.where(t.mask.bool(), ids, t.ids)
+    return ids, t.mask, types
+
+
+def _paired(example: Any) -> bool:
+    """Whether a classifier's example is a (text, text_pair) pair."""
+    return example.segments is not None and 1 in example.segments
+
+
+def _shape(value: Any) -> str | None:
+    if isinstance(value, str):
+        return "text"
+    if isinstance(value, tuple) and len(value) == 2 and all(isinstance(v, str) for v in value):
+        return "pair"
+    return None

@@ -40,7 +40,7 @@ from ._errors import InputError, ModelError, OptionError
 from ._inputs import check_example, not_text
 from ._model import Model, load_model
 from ._names import METHODS, PUBLIC, REDUCTIONS
-from ._schema import fill_value
+from ._schema import fill_value, union_labels
 from .io import load, save, write_atomically
 
 __all__ = [
@@ -510,10 +510,7 @@ def concat_examples(parts: list[xr.DataArray]) -> xr.DataArray:
     padded_dims = [d for d in ("target", "source") if d in parts[0].dims]
     union = xr.Coordinates()
     for dim in padded_dims:
-        listed = [p.indexes[dim].tolist() for p in parts]
-        # the parts' own order where they agree (a question-answering model's start, end)
-        same = all(values == listed[0] for values in listed)
-        values = listed[0] if same else sorted(set().union(*listed))
+        values = union_labels(parts, dim)
         index = parts[0].indexes[dim]
         if isinstance(index, pd.MultiIndex):  # (side, position) sources of attribute_target
             midx = pd.MultiIndex.from_tuples(values, names=index.names)

@@ -313,9 +313,12 @@ class Problem:
         )
         return out, first
 
-    def hidden_of(self, embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def hidden_of(
+        self, embeds: torch.Tensor, mask: torch.Tensor, token_types: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """The head inputs ``[B, K, H]`` of other source embeddings and mask (a corrupted run),
-        the rest of this call (target positions, decoder input, token types) as it is."""
+        with their own segment ids (``token_types``; None: this call's), the rest of this call
+        (target positions, decoder input) as it is."""
         t = self.tensors
         with reading(t.ids):
             return self.model.hidden_at(
@@ -324,7 +327,7 @@ class Problem:
                 t.index,
                 self.decoder_embeds,
                 t.decoder_mask,
-                token_types=t.token_types,
+                token_types=t.token_types if token_types is None else token_types,
             )
 
     def plan(

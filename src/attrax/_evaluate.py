@@ -43,7 +43,7 @@ from ._dataset import reduce as apply_reductions
 from ._errors import InputError, OptionError
 from ._inputs import check_example, not_text
 from ._model import Model, ModelLike, load_model
-from ._schema import fill_value, label_evaluation, label_sanity
+from ._schema import fill_value, label_evaluation, label_sanity, union_labels
 
 FAITHFULNESS = {
     "comprehensiveness": "aopc",
@@ -518,11 +518,7 @@ def _label(model: Model, value: str | int) -> str | int:
 def concat_evaluations(parts: list[xr.Dataset]) -> xr.Dataset:
     """Evaluations of consecutive shards of the records as one, along ``example`` in order:
     ``example`` renumbered, ``target``/``source`` padded to their union as in one batch."""
-    union = {
-        dim: sorted(set().union(*(p.indexes[dim].tolist() for p in parts)))
-        for dim in ("target", "source")
-        if dim in parts[0].dims
-    }
+    union = {dim: union_labels(parts, dim) for dim in ("target", "source") if dim in parts[0].dims}
     labelled = any("label" in p.coords for p in parts)
     aligned, start = [], 0
     for part in parts:

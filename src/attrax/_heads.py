@@ -749,7 +749,7 @@ ATTENTION_INPUTS = {"queries": "query", "keys": "key", "values": "value"}
 
 def patch_attention_inputs(
     call: Call,
-    corrupt: tuple[torch.Tensor, torch.Tensor],
+    corrupt: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None],
     stack: str,
     site: str,
     qk_fix: bool,
@@ -774,10 +774,12 @@ def patch_attention_inputs(
     keys = [(stack, layer) for layer in chosen_layers]
     name = ATTENTION_INPUTS[site]
 
-    def record(embeds: torch.Tensor, mask: torch.Tensor) -> _Probes:
+    def record(
+        embeds: torch.Tensor, mask: torch.Tensor, types: torch.Tensor | None = None
+    ) -> _Probes:
         state = _Probes(_placed(model), calls={})
         with torch.no_grad(), _probing(model, state):
-            problem.hidden_of(embeds, mask)
+            problem.hidden_of(embeds, mask, types)
         assert state.calls is not None
         missing = [key for key in keys if key not in state.calls]
         if missing:

@@ -290,6 +290,25 @@ def _pad(rows: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.T
     return torch.from_numpy(ids), torch.from_numpy(mask.astype(np.int64))
 
 
+def padded_inputs(
+    model: Model, inputs: Any, name: str = "inputs"
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Token ids, attention mask and segment ids (None: the model takes none) ``[B, L]`` of a
+    classifier's texts or pairs, tokenized as :func:`prepare` does, on the model's device;
+    errors name the argument ``name``."""
+    try:
+        items, single = _as_items(inputs)
+        encoded = _encode_items(model, items, single)
+    except InputError as err:
+        raise InputError(str(err).replace("`inputs", f"`{name}")) from None
+    device = model.device
+    ids, mask = _pad([e[0] for e in encoded], model.pad_token_id or 0)
+    types = None
+    if encoded[0][3] is not None:
+        types = _pad([e[3] or () for e in encoded], 0)[0].to(device)
+    return ids.to(device), mask.to(device), types
+
+
 def _at(i: int, single: bool) -> str:
     return "" if single else f"[{i}]"
 

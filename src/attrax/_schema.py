@@ -102,6 +102,31 @@ MISSING_TOKEN = ""
 MISSING_ID = -1
 
 
+def union_labels(parts: Sequence[xr.DataArray | xr.Dataset], dim: str) -> list[Any]:
+    """The labels of ``dim`` over ``parts`` (shards of one run) in the order one batch gives
+    them: the parts' own order where they all agree (an answer's start, end); else positions
+    sorted, and class labels by their class id (``target_class``), unknown ones as first seen."""
+    listed = [p.indexes[dim].tolist() for p in parts]
+    if all(values == listed[0] for values in listed):
+        return listed[0]
+    merged = list(dict.fromkeys(x for values in listed for x in values))
+    if dim != "target" or all(isinstance(x, (int, np.integer)) for x in merged):
+        return sorted(merged)
+    ids: dict[Any, int] = {}
+    for part in parts:
+        if "target_class" not in part.coords:
+            continue
+        classes = part["target_class"]
+        others = [d for d in classes.dims if d != "target"]
+        best = classes.max(others) if others else classes
+        for name, cls in zip(part.indexes["target"].tolist(), best.values.tolist(), strict=True):
+            if cls >= 0:
+                ids[name] = int(cls)
+    if all(x in ids for x in merged):
+        return sorted(merged, key=ids.__getitem__)
+    return merged
+
+
 def fill_value(dtype: np.dtype) -> Any:
     """The missing marker of a variable of ``dtype``: -1 for ids, "" for tokens, NaN for values."""
     if dtype.kind in "iu":

@@ -218,7 +218,8 @@ def _evaluate_parser(commands: Any) -> None:
         action="append",
         default=[],
         metavar="KEY=NAME",
-        help="the data's name for input, target, label or rationale, e.g. --field input=text",
+        help="the data's name for input, target, label, rationale or input_pair (a classifier's "
+        "second text, a question-answering model's context), e.g. --field input=text",
     )
     evaluate.add_argument("--top-k", type=_positive, default=3, help="k of topk_overlap (3)")
     evaluate.add_argument(
@@ -263,7 +264,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     from ._dataset import resolve_method, resolve_options
     from ._errors import OptionError
-    from ._evaluate import evaluate, summary
+    from ._evaluate import FIELDS, evaluate, summary
     from ._model import load_model
     from .io import save, write_atomically
     from .viz import plot
@@ -295,9 +296,9 @@ def _evaluate(args: argparse.Namespace) -> int:
     fields = {}
     for item in args.field:
         key, sep, value = item.partition("=")
-        if not sep or key not in ("input", "target", "label", "rationale") or not value:
+        if not sep or key not in FIELDS or not value:
             raise OptionError(
-                f"`--field` {item!r}: expected KEY=NAME, KEY one of input, target, label, rationale"
+                f"`--field` {item!r}: expected KEY=NAME, KEY one of {', '.join(FIELDS)}"
             )
         fields[key] = value
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
