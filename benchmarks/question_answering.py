@@ -22,16 +22,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from . import harness, report, workloads
-from .parity import TOLERANCE, parity
+from . import tasks, workloads
 
 METHODS = ("saliency", "input_x_gradient", "integrated_gradients")
 PAIRS = (16, 12, 33)  # pairs, question tokens, context tokens (without special tokens)
@@ -166,92 +163,28 @@ def captum_qa(
 
 
 def run(args: argparse.Namespace, argv: list[str]) -> int:
-    import torch
-    from transformers.utils import logging as hf_logging
-
     import attrax as ax
 
-    torch.set_num_threads(args.threads)
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
+    tasks.quiet(args.threads)
     hf, tok = load()
     model = ax.load_model(hf, tokenizer=tok)
     given = pairs(tok, *PAIRS)
     spans = predicted_spans(model, given)
     steps = 16 if args.quick else 50
-    meta = dict(
-        command="python -m benchmarks " + " ".join(argv), quick=args.quick,
-        started=time.strftime("%Y-%m-%d %H:%M:%S %Z"), threads=args.threads, pairs=list(PAIRS),
-        steps=steps, spec=workloads.BERT_SPEC, machine=harness.machine_info(),
-        attrax_source=harness.attrax_source(), versions=harness.versions(), tolerance=TOLERANCE,
-        repeats=args.repeats, load1_start=os.getloadavg()[0],
-    )  # fmt: skip
-    results: dict[str, Any] = dict(meta=meta, status="running", runs=[], parity=[])
-    failures: list[str] = []
-    for method in args.methods:
-        ours, _ = attrax_qa(model, given, spans, method, steps)  # untimed: parity, warm-up
-        theirs, _ = captum_qa(hf, tok, given, spans, method, steps)
-        flat = (-1, *ours.shape[2:])
-        res = parity(ours.reshape(flat), theirs.reshape(flat), method)
-        results["parity"].append(dict(method=method, **res))
-        errors = ", ".join(f"{k} {v:.1e}" for k, v in res["errors"].items())
-        print(f"parity {method:21s} vs captum: {'ok' if res['ok'] else 'FAIL'} ({errors})")
-        if not res["ok"]:
-            failures += [f"{method} vs captum: {f}" for f in res["failures"]]
-            continue
-        times: dict[str, list[float]] = {"attrax": [], "captum": []}
-        for _ in range(args.repeats):  # alternated: a shared machine's load hits both alike
-            times["attrax"].append(attrax_qa(model, given, spans, method, steps)[1])
-            times["captum"].append(captum_qa(hf, tok, given, spans, method, steps)[1])
-        medians = {lib: statistics.median(t) for lib, t in times.items()}
-        speedup = medians["captum"] / medians["attrax"]
-        results["runs"].append(
-            dict(method=method, attrax_s=medians["attrax"], captum_s=medians["captum"],
-                 speedup=speedup, calls=args.repeats, load1=os.getloadavg()[0])
-        )  # fmt: skip
-        print(
-            f"  {method:21s} attrax {medians['attrax']:.3f} s, Captum {medians['captum']:.3f} s:"
-            f" {speedup:.2f}x"
-        )
-    results.update(status="parity_failed" if failures else "ok", failures=failures)
-    results["meta"]["finished"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=1))
-    if failures:
-        print("\n".join(["FAILED:", *failures]), file=sys.stderr)
-        return 2
-    if args.record:
-        committed = json.loads(report.CPU_RESULTS.read_text())
-        committed["question_answering"] = results
-        report.CPU_RESULTS.write_text(json.dumps(committed, indent=1, ensure_ascii=False) + "\n")
-        report.write_docs()
-    print(f"wrote {args.out}")
-    return 0
+    return tasks.run(
+        args,
+        argv,
+        key="question_answering",
+        meta=dict(pairs=list(PAIRS), steps=steps),
+        ours=lambda method: attrax_qa(model, given, spans, method, steps),
+        theirs=lambda method: captum_qa(hf, tok, given, spans, method, steps),
+    )
 
 
 def parser(p: argparse.ArgumentParser) -> None:
     """The options of ``python -m benchmarks question-answering``."""
-
-    def methods(text: str) -> list[str]:
-        got = [x for x in text.split(",") if x]
-        unknown = [x for x in got if x not in METHODS]
-        if unknown:
-            raise argparse.ArgumentTypeError(f"unknown {unknown} (choose from {METHODS})")
-        return got
-
-    p.add_argument("--quick", action="store_true", help="IG 16 points, 1 timed call")
-    p.add_argument("--methods", type=methods, default=list(METHODS))
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--repeats", type=int, help="timed calls per library (default 5; --quick 1)")
-    p.add_argument("--out", type=Path, help="results JSON (default benchmarks/results/...)")
-    p.add_argument(
-        "--record", action="store_true",
-        help="store the finished run as cpu.json's `question_answering` entry, re-render the docs",
-    )  # fmt: skip
+    tasks.parser(p, METHODS, "question_answering")
 
 
 def defaults(args: argparse.Namespace) -> argparse.Namespace:
-    args.repeats = args.repeats or (1 if args.quick else 5)
-    name = "question-answering-quick" if args.quick else "question-answering"
-    args.out = args.out or harness.REPO / "benchmarks" / "results" / f"{name}.json"
-    return args
+    return tasks.defaults(args, "question-answering")

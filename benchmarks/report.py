@@ -699,42 +699,17 @@ def _question_answering_section(results: dict[str, Any] | None) -> list[str]:
         return []
     meta = results["meta"]
     n, question, context = meta["pairs"]
-    s, v = meta["spec"], meta["versions"]
-    kind = "a quick run (`--quick`)" if meta["quick"] else "a full run"
-    out = ["## Question answering (Q1)\n"]
-    w = out.append
-    w(
-        f"Recorded from {kind}: `{meta['command']}`, {meta['started']} – "
-        f"{meta.get('finished', '?')}, {meta['threads']} threads; captum {v.get('captum')}, "
-        f"transformers {v.get('transformers')}. `BertForQuestionAnswering` is the classifiers' "
-        f"encoder (hidden {s['hidden']}, {s['layers']} layers, random weights) with a "
-        f"`qa_outputs` head, the task of Captum's BERT-on-SQuAD tutorial. The inputs are {n} "
-        f"(question, context) pairs of {question} + {context} tokens, "
-        f"{question + context + 3} with the special tokens, so nothing is padded. The targets "
-        "are each pair's predicted answer: the softmax probability of its start and of its end "
-        "over the pair's positions. attrax attributes both targets in one call. Captum makes one "
-        "batched `attribute` call per target, as its tutorial does. Both are timed in one "
-        f"process, calls alternated, median of {meta['repeats']}. Both clocks start at the "
-        f"texts. IG uses Gauss–Legendre with {meta['steps']} points from the tutorial's "
-        "reference ([PAD], [CLS] and [SEP] kept); Captum runs it as `LayerIntegratedGradients` "
-        "on the word embeddings.\n"
+    about = (
+        f"`BertForQuestionAnswering` is the classifiers' encoder (hidden {meta['spec']['hidden']}, "
+        f"{meta['spec']['layers']} layers, random weights) with a `qa_outputs` head, the task of "
+        f"Captum's BERT-on-SQuAD tutorial. The inputs are {n} (question, context) pairs of "
+        f"{question} + {context} tokens, {question + context + 3} with the special tokens, so "
+        "nothing is padded. The targets are each pair's predicted answer: the softmax "
+        "probability of its start and of its end over the pair's positions. attrax attributes "
+        "both targets in one call. Captum makes one batched `attribute` call per target, as its "
+        "tutorial does."
     )
-    w("| method | attrax (s) | Captum (s) | attrax's speed-up |")
-    w("|---|---|---|---|")
-    for r in results["runs"]:
-        label = CLASSIFIER_LABEL.get(r["method"], r["method"])
-        w(
-            f"| {label} | {_fmt_s(r['attrax_s'])} | {_fmt_s(r['captum_s'])} | "
-            f"**{_fmt_x(r['speedup'])}** |"
-        )
-    w("")
-    w("Parity before timing (max |attrax − Captum| / max |Captum| after the aggregation):\n")
-    for r in results["parity"]:
-        errors = ", ".join(f"{k} {x:.1e}" for k, x in r["errors"].items())
-        label = CLASSIFIER_LABEL.get(r["method"], r["method"])
-        w(f"- {label}: {'ok' if r['ok'] else 'FAILED'} ({errors})")
-    w("")
-    return out
+    return _task_section("Question answering (Q1)", results, about)
 
 
 def _masked_lm_section(results: dict[str, Any] | None) -> list[str]:
@@ -743,23 +718,32 @@ def _masked_lm_section(results: dict[str, Any] | None) -> list[str]:
         return []
     meta = results["meta"]
     (n, length), masks = meta["texts"], meta["masks"]
-    s, v = meta["spec"], meta["versions"]
+    about = (
+        f"`BertForMaskedLM` is the classifiers' encoder (hidden {meta['spec']['hidden']}, "
+        f"{meta['spec']['layers']} layers, random weights) with an MLM head, its decoder tied to "
+        f"the word embeddings. The inputs are {n} texts of {length} tokens with `[MASK]` at "
+        f"positions {' and '.join(map(str, masks))}; each mask's target is the token the model "
+        "predicts there, and the objective its softmax probability over the vocabulary. attrax "
+        f"attributes the {len(masks)} masks in one call; Captum makes one batched `attribute` "
+        "call per mask."
+    )
+    return _task_section("Masked LM (M1)", results, about)
+
+
+def _task_section(title: str, results: dict[str, Any], about: str) -> list[str]:
+    """A task workload's section: how it was recorded, ``about`` it, its timings and parity."""
+    meta, v = results["meta"], results["meta"]["versions"]
     kind = "a quick run (`--quick`)" if meta["quick"] else "a full run"
-    out = ["## Masked LM (M1)\n"]
+    out = [f"## {title}\n"]
     w = out.append
     w(
         f"Recorded from {kind}: `{meta['command']}`, {meta['started']} – "
         f"{meta.get('finished', '?')}, {meta['threads']} threads; captum {v.get('captum')}, "
-        f"transformers {v.get('transformers')}. `BertForMaskedLM` is the classifiers' encoder "
-        f"(hidden {s['hidden']}, {s['layers']} layers, random weights) with an MLM head, its "
-        f"decoder tied to the word embeddings. The inputs are {n} texts of {length} tokens with "
-        f"`[MASK]` at positions {' and '.join(map(str, masks))}; each mask's target is the token "
-        "the model predicts there, and the objective its softmax probability over the "
-        f"vocabulary. attrax attributes the {len(masks)} masks in one call; Captum makes one "
-        "batched `attribute` call per mask. Both are timed in one process, calls alternated, "
-        f"median of {meta['repeats']}. Both clocks start at the texts. IG uses Gauss–Legendre "
-        f"with {meta['steps']} points from the BERT tutorials' reference ([PAD], [CLS] and "
-        "[SEP] kept); Captum runs it as `LayerIntegratedGradients` on the word embeddings.\n"
+        f"transformers {v.get('transformers')}. {about} Both are timed in one process, calls "
+        f"alternated, median of {meta['repeats']}. Both clocks start at the texts. IG uses "
+        f"Gauss–Legendre with {meta['steps']} points from the BERT tutorials' reference ([PAD], "
+        "[CLS] and [SEP] kept); Captum runs it as `LayerIntegratedGradients` on the word "
+        "embeddings.\n"
     )
     w("| method | attrax (s) | Captum (s) | attrax's speed-up |")
     w("|---|---|---|---|")

@@ -1,0 +1,123 @@
+"""What the task workloads (Q1 question answering, M1 masked LM) share: parity against Captum on
+the first, untimed calls, then alternated timings in one process, a results JSON, and
+``--record`` into ``cpu.json``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import harness, report, workloads
+from .parity import TOLERANCE, parity
+
+#: one library's call on a method: ``([example, target, source, hidden], seconds)``
+Call = Callable[[str], tuple[np.ndarray, float]]
+
+
+def run(
+    args: argparse.Namespace,
+    argv: Sequence[str],
+    *,
+    key: str,
+    meta: dict[str, Any],
+    ours: Call,
+    theirs: Call,
+) -> int:
+    """Parity of every method of ``args.methods`` (exit status 2 on a failure), then the
+    timings; writes ``args.out`` and, with ``args.record``, ``cpu.json``'s entry ``key``."""
+    meta = dict(
+        command="python -m benchmarks " + " ".join(argv), quick=args.quick,
+        started=time.strftime("%Y-%m-%d %H:%M:%S %Z"), threads=args.threads,
+        spec=workloads.BERT_SPEC, machine=harness.machine_info(),
+        attrax_source=harness.attrax_source(), versions=harness.versions(), tolerance=TOLERANCE,
+        repeats=args.repeats, load1_start=os.getloadavg()[0],
+    ) | meta  # fmt: skip
+    results: dict[str, Any] = dict(meta=meta, status="running", runs=[], parity=[])
+    failures: list[str] = []
+    for method in args.methods:
+        a, _ = ours(method)  # untimed: parity, and the warm-up
+        b, _ = theirs(method)
+        flat = (-1, *a.shape[2:])
+        res = parity(a.reshape(flat), b.reshape(flat), method)
+        results["parity"].append(dict(method=method, **res))
+        errors = ", ".join(f"{k} {v:.1e}" for k, v in res["errors"].items())
+        print(f"parity {method:21s} vs captum: {'ok' if res['ok'] else 'FAIL'} ({errors})")
+        if not res["ok"]:
+            failures += [f"{method} vs captum: {f}" for f in res["failures"]]
+            continue
+        times: dict[str, list[float]] = {"attrax": [], "captum": []}
+        for _ in range(args.repeats):  # alternated: a shared machine's load hits both alike
+            times["attrax"].append(ours(method)[1])
+            times["captum"].append(theirs(method)[1])
+        medians = {lib: statistics.median(t) for lib, t in times.items()}
+        speedup = medians["captum"] / medians["attrax"]
+        results["runs"].append(
+            dict(method=method, attrax_s=medians["attrax"], captum_s=medians["captum"],
+                 speedup=speedup, calls=args.repeats, load1=os.getloadavg()[0])
+        )  # fmt: skip
+        print(
+            f"  {method:21s} attrax {medians['attrax']:.3f} s, Captum {medians['captum']:.3f} s:"
+            f" {speedup:.2f}x"
+        )
+    results.update(status="parity_failed" if failures else "ok", failures=failures)
+    results["meta"]["finished"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=1))
+    if failures:
+        print("\n".join(["FAILED:", *failures]), file=sys.stderr)
+        return 2
+    if args.record:
+        committed = json.loads(report.CPU_RESULTS.read_text())
+        committed[key] = results
+        report.CPU_RESULTS.write_text(json.dumps(committed, indent=1, ensure_ascii=False) + "\n")
+        report.write_docs()
+    print(f"wrote {args.out}")
+    return 0
+
+
+def parser(p: argparse.ArgumentParser, methods: Sequence[str], key: str) -> None:
+    """The options of a task workload's command; ``key``: its ``cpu.json`` entry."""
+
+    def chosen(text: str) -> list[str]:
+        got = [x for x in text.split(",") if x]
+        unknown = [x for x in got if x not in methods]
+        if unknown:
+            raise argparse.ArgumentTypeError(f"unknown {unknown} (choose from {tuple(methods)})")
+        return got
+
+    p.add_argument("--quick", action="store_true", help="IG 16 points, 1 timed call")
+    p.add_argument("--methods", type=chosen, default=list(methods))
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeats", type=int, help="timed calls per library (default 5; --quick 1)")
+    p.add_argument("--out", type=Path, help="results JSON (default benchmarks/results/...)")
+    p.add_argument(
+        "--record", action="store_true",
+        help=f"store the finished run as cpu.json's `{key}` entry and re-render the docs",
+    )  # fmt: skip
+
+
+def defaults(args: argparse.Namespace, name: str) -> argparse.Namespace:
+    """Repeats and the results file of a task workload ``name`` (``masked-lm``...)."""
+    args.repeats = args.repeats or (1 if args.quick else 5)
+    name = f"{name}-quick" if args.quick else name
+    args.out = args.out or harness.REPO / "benchmarks" / "results" / f"{name}.json"
+    return args
+
+
+def quiet(threads: int) -> None:
+    """Torch on ``threads`` threads, transformers without its progress bars and warnings."""
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    torch.set_num_threads(threads)
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
