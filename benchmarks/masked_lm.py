@@ -17,7 +17,6 @@ this process, calls alternated, and the median is kept. Results go to
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 from pathlib import Path
@@ -35,34 +34,12 @@ NAME = "bertmlm"
 
 def build(root: str | os.PathLike | None = None) -> Path:
     """Build (or reuse) ``root/bertmlm``: the classifiers' encoder and an MLM head."""
-    import torch
-    from transformers import AutoTokenizer, BertForMaskedLM, BertForSequenceClassification
-
-    paths = workloads.build_classifiers(root)
-    path = paths["bert2"].parent / NAME
-    if (path / ".complete").exists():
-        return path
-    encoder = BertForSequenceClassification.from_pretrained(paths["bert2"])
-    torch.manual_seed(workloads.SEED + 3000)
-    model = BertForMaskedLM(encoder.config).eval()
-    # the same encoder (a masked LM's BERT has no pooler); the decoder stays tied to its words
-    weights = {k: v for k, v in encoder.bert.state_dict().items() if not k.startswith("pooler.")}
-    model.bert.load_state_dict(weights)
-    model.tie_weights()
-    path.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(path)
-    AutoTokenizer.from_pretrained(paths["bert2"]).save_pretrained(path)
-    (path / ".complete").write_text(json.dumps({"kind": NAME, "seed": workloads.SEED}) + "\n")
-    return path
+    return tasks.build_head(root, NAME, "BertForMaskedLM", workloads.SEED + 3000)
 
 
 def load(root: str | os.PathLike | None = None):
     """``(model, tokenizer)``: eval, float32, CPU, eager attention."""
-    from transformers import AutoModelForMaskedLM, AutoTokenizer
-
-    path = build(root)
-    model = AutoModelForMaskedLM.from_pretrained(path, attn_implementation="eager")
-    return model.eval(), AutoTokenizer.from_pretrained(path)
+    return tasks.load_head(build(root), "AutoModelForMaskedLM")
 
 
 def masked_texts(tok, n: int, length: int, masks: tuple[int, ...]) -> list[str]:
@@ -113,48 +90,21 @@ def attrax_mlm(model, texts, tokens, method: str, steps: int) -> tuple[np.ndarra
 
 def captum_mlm(hf, tok, texts, tokens, method: str, steps: int) -> tuple[np.ndarray, float]:
     """``([example, mask, source, hidden], seconds)``: one batched Captum call per mask, its
-    forward the softmax over the vocabulary at that mask; the clock starts at the texts."""
-    import torch
-    from captum.attr import InputXGradient, LayerIntegratedGradients, Saliency
-
+    forward the softmax over the vocabulary there (:func:`tasks.captum_loop`)."""
     from .baselines import reference_ids
 
+    reference = None
     if method == "integrated_gradients":  # built before the clock, as attrax's baseline is
         reference = reference_ids(tok, tok(texts, return_tensors="pt")["input_ids"])
-
-    def forward(x, mask, types, position: int, embeds: bool):
-        source = {"inputs_embeds": x} if embeds else {"input_ids": x}
-        return (
-            hf(**source, attention_mask=mask, token_type_ids=types).logits[:, position].softmax(-1)
-        )
-
-    t0 = time.perf_counter()
-    enc = tok(texts, return_tensors="pt")
-    ids, mask, types = enc["input_ids"], enc["attention_mask"], enc["token_type_ids"]
-    columns = []
-    for k, position in enumerate(MASKS):  # a Captum user's loop over the masks
-        target = [row[k] for row in tokens]
-        if method == "integrated_gradients":
-            algo = LayerIntegratedGradients(
-                lambda x, m, t, p=position: forward(x, m, t, p, False),
-                hf.bert.embeddings.word_embeddings,
-            )
-            got = algo.attribute(
-                ids, baselines=reference, target=target, additional_forward_args=(mask, types),
-                n_steps=steps, method="gausslegendre",
-            )  # fmt: skip
-        else:
-            with torch.no_grad():
-                embeds = hf.get_input_embeddings()(ids)
-            kind = Saliency if method == "saliency" else InputXGradient
-            algo = kind(lambda x, m, t, p=position: forward(x, m, t, p, True))
-            extra = {"abs": False} if method == "saliency" else {}
-            got = algo.attribute(
-                embeds, target=target, additional_forward_args=(mask, types), **extra
-            )
-        columns.append(got.detach())
-    seconds = time.perf_counter() - t0
-    return torch.stack(columns, 1).numpy(), seconds
+    return tasks.captum_loop(
+        hf,
+        lambda: tok(texts, return_tensors="pt"),
+        reference,
+        [lambda out, p=position: out.logits[:, p].softmax(-1) for position in MASKS],
+        [[row[k] for row in tokens] for k in range(len(MASKS))],
+        method,
+        steps,
+    )
 
 
 def run(args: argparse.Namespace, argv: list[str]) -> int:

@@ -20,7 +20,6 @@ this process, calls alternated, and the median is kept. Results go to
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 from pathlib import Path
@@ -37,36 +36,14 @@ NAME = "bertqa"
 
 def build(root: str | os.PathLike | None = None) -> Path:
     """Build (or reuse) ``root/bertqa``: the classifiers' encoder and a ``qa_outputs`` head."""
-    import torch
-    from transformers import AutoTokenizer, BertForQuestionAnswering, BertForSequenceClassification
-
-    paths = workloads.build_classifiers(root)
-    path = paths["bert2"].parent / NAME
-    if (path / ".complete").exists():
-        return path
-    encoder = BertForSequenceClassification.from_pretrained(paths["bert2"])
-    config = encoder.config
-    config.num_labels = 2
-    config.id2label, config.label2id = {0: "start", 1: "end"}, {"start": 0, "end": 1}
-    torch.manual_seed(workloads.SEED + 2000)
-    model = BertForQuestionAnswering(config).eval()
-    # the same encoder; a question-answering head reads every token, so BERT has no pooler
-    weights = {k: v for k, v in encoder.bert.state_dict().items() if not k.startswith("pooler.")}
-    model.bert.load_state_dict(weights)
-    path.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(path)
-    AutoTokenizer.from_pretrained(paths["bert2"]).save_pretrained(path)
-    (path / ".complete").write_text(json.dumps({"kind": NAME, "seed": workloads.SEED}) + "\n")
-    return path
+    labels = {"num_labels": 2, "id2label": {0: "start", 1: "end"}}
+    labels["label2id"] = {"start": 0, "end": 1}
+    return tasks.build_head(root, NAME, "BertForQuestionAnswering", workloads.SEED + 2000, **labels)
 
 
 def load(root: str | os.PathLike | None = None):
     """``(model, tokenizer)``: eval, float32, CPU, eager attention."""
-    from transformers import AutoModelForQuestionAnswering, AutoTokenizer
-
-    path = build(root)
-    model = AutoModelForQuestionAnswering.from_pretrained(path, attn_implementation="eager")
-    return model.eval(), AutoTokenizer.from_pretrained(path)
+    return tasks.load_head(build(root), "AutoModelForQuestionAnswering")
 
 
 def pairs(tok, n: int, question: int, context: int) -> list[tuple[str, str]]:
@@ -112,54 +89,23 @@ def attrax_qa(
 def captum_qa(
     hf, tok, given: list[tuple[str, str]], spans: list[tuple[int, int]], method: str, steps: int
 ) -> tuple[np.ndarray, float]:
-    """``([example, target, source, hidden], seconds)``: one batched Captum call per target.
-
-    Saliency (``abs=False``) and InputXGradient run on ``inputs_embeds``. IG is
-    ``LayerIntegratedGradients`` on ``bert.embeddings.word_embeddings`` from the tutorial's
-    reference: ``[PAD]`` everywhere, ``[CLS]`` and ``[SEP]`` kept. The clock starts at the
-    texts: the tokenizer call and the embedding lookup a Captum user writes are timed.
-    """
-    import torch
-    from captum.attr import InputXGradient, LayerIntegratedGradients, Saliency
-
+    """``([example, target, source, hidden], seconds)``: one batched Captum call per target, the
+    start then the end, its forward the softmax of those logits (:func:`tasks.captum_loop`)."""
     from .baselines import reference_ids
 
     questions, contexts = (list(side) for side in zip(*given, strict=True))
+    reference = None
     if method == "integrated_gradients":  # built before the clock, as attrax's baseline is
         reference = reference_ids(tok, tok(questions, contexts, return_tensors="pt")["input_ids"])
-
-    def forward(x, mask, types, slot: int, embeds: bool):
-        source = {"inputs_embeds": x} if embeds else {"input_ids": x}
-        out = hf(**source, attention_mask=mask, token_type_ids=types)
-        return (out.start_logits if slot == 0 else out.end_logits).softmax(-1)
-
-    t0 = time.perf_counter()
-    enc = tok(questions, contexts, return_tensors="pt")
-    ids, mask, types = enc["input_ids"], enc["attention_mask"], enc["token_type_ids"]
-    columns = []
-    for slot in (0, 1):  # the start, then the end: a Captum user's loop over targets
-        target = [span[slot] for span in spans]
-        if method == "integrated_gradients":
-            algo = LayerIntegratedGradients(
-                lambda x, m, t, slot=slot: forward(x, m, t, slot, False),
-                hf.bert.embeddings.word_embeddings,
-            )
-            got = algo.attribute(
-                ids, baselines=reference, target=target, additional_forward_args=(mask, types),
-                n_steps=steps, method="gausslegendre",
-            )  # fmt: skip
-        else:
-            with torch.no_grad():
-                embeds = hf.get_input_embeddings()(ids)
-            kind = Saliency if method == "saliency" else InputXGradient
-            algo = kind(lambda x, m, t, slot=slot: forward(x, m, t, slot, True))
-            extra = {"abs": False} if method == "saliency" else {}
-            got = algo.attribute(
-                embeds, target=target, additional_forward_args=(mask, types), **extra
-            )
-        columns.append(got.detach())
-    seconds = time.perf_counter() - t0
-    return torch.stack(columns, 1).numpy(), seconds
+    return tasks.captum_loop(
+        hf,
+        lambda: tok(questions, contexts, return_tensors="pt"),
+        reference,
+        [lambda out: out.start_logits.softmax(-1), lambda out: out.end_logits.softmax(-1)],
+        [[span[slot] for span in spans] for slot in (0, 1)],
+        method,
+        steps,
+    )
 
 
 def run(args: argparse.Namespace, argv: list[str]) -> int:

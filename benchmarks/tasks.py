@@ -84,6 +84,58 @@ def run(
     return 0
 
 
+def captum_loop(
+    hf: Any,
+    encode: Callable[[], Any],
+    reference: Any,
+    reads: Sequence[Callable[[Any], Any]],
+    targets: Sequence[list[int]],
+    method: str,
+    steps: int,
+) -> tuple[np.ndarray, float]:
+    """``([example, target, source, hidden], seconds)``: one batched Captum call per target
+    slot ``k``, its forward ``reads[k](model output)`` (a softmax), its targets ``targets[k]``.
+
+    Saliency (``abs=False``) and InputXGradient run on ``inputs_embeds``. IG is
+    ``LayerIntegratedGradients`` on ``bert.embeddings.word_embeddings`` from ``reference``
+    (token ids). The clock starts at the texts: ``encode()``, the tokenizer call a Captum user
+    writes, and the embedding lookup are timed.
+    """
+    import torch
+    from captum.attr import InputXGradient, LayerIntegratedGradients, Saliency
+
+    def forward(x, mask, types, read: Callable[[Any], Any], embeds: bool):
+        source = {"inputs_embeds": x} if embeds else {"input_ids": x}
+        return read(hf(**source, attention_mask=mask, token_type_ids=types))
+
+    t0 = time.perf_counter()
+    enc = encode()
+    ids, mask, types = enc["input_ids"], enc["attention_mask"], enc["token_type_ids"]
+    columns = []
+    for read, target in zip(reads, targets, strict=True):  # a Captum user's loop over targets
+        if method == "integrated_gradients":
+            algo = LayerIntegratedGradients(
+                lambda x, m, t, read=read: forward(x, m, t, read, False),
+                hf.bert.embeddings.word_embeddings,
+            )
+            got = algo.attribute(
+                ids, baselines=reference, target=target, additional_forward_args=(mask, types),
+                n_steps=steps, method="gausslegendre",
+            )  # fmt: skip
+        else:
+            with torch.no_grad():
+                embeds = hf.get_input_embeddings()(ids)
+            kind = Saliency if method == "saliency" else InputXGradient
+            algo = kind(lambda x, m, t, read=read: forward(x, m, t, read, True))
+            extra = {"abs": False} if method == "saliency" else {}
+            got = algo.attribute(
+                embeds, target=target, additional_forward_args=(mask, types), **extra
+            )
+        columns.append(got.detach())
+    seconds = time.perf_counter() - t0
+    return torch.stack(columns, 1).numpy(), seconds
+
+
 def parser(p: argparse.ArgumentParser, methods: Sequence[str], key: str) -> None:
     """The options of a task workload's command; ``key``: its ``cpu.json`` entry."""
 
@@ -111,6 +163,43 @@ def defaults(args: argparse.Namespace, name: str) -> argparse.Namespace:
     name = f"{name}-quick" if args.quick else name
     args.out = args.out or harness.REPO / "benchmarks" / "results" / f"{name}.json"
     return args
+
+
+def build_head(
+    root: str | os.PathLike | None, name: str, head: str, seed: int, **config: Any
+) -> Path:
+    """Build (or reuse) ``root/<name>``: the classifiers' encoder
+    (:func:`workloads.build_classifiers`) under ``transformers.<head>``'s head drawn with
+    ``seed``, ``config`` set on its config; the classifiers' tokenizer."""
+    import torch
+    import transformers
+
+    paths = workloads.build_classifiers(root)
+    path = paths["bert2"].parent / name
+    if (path / ".complete").exists():
+        return path
+    encoder = transformers.BertForSequenceClassification.from_pretrained(paths["bert2"])
+    for key, value in config.items():
+        setattr(encoder.config, key, value)
+    torch.manual_seed(seed)
+    model = getattr(transformers, head)(encoder.config).eval()
+    # the same encoder; these heads read every token, so their BERT has no pooler
+    weights = {k: v for k, v in encoder.bert.state_dict().items() if not k.startswith("pooler.")}
+    model.bert.load_state_dict(weights)
+    model.tie_weights()  # a masked LM's decoder: the word embeddings, as BERT's
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path)
+    transformers.AutoTokenizer.from_pretrained(paths["bert2"]).save_pretrained(path)
+    (path / ".complete").write_text(json.dumps({"kind": name, "seed": seed}) + "\n")
+    return path
+
+
+def load_head(path: Path, auto: str) -> tuple[Any, Any]:
+    """``(model, tokenizer)`` of a built head (``transformers.<auto>``): eval, float32, eager."""
+    import transformers
+
+    model = getattr(transformers, auto).from_pretrained(path, attn_implementation="eager")
+    return model.eval(), transformers.AutoTokenizer.from_pretrained(path)
 
 
 def quiet(threads: int) -> None:

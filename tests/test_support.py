@@ -148,20 +148,8 @@ FAMILIES: dict[str, Callable[[], ax.Model]] = {
     "Llama classifier": _classifier("llama"),
     "Qwen2 classifier": _classifier("qwen2"),
     **{
-        f"{name} question answering": _classifier(arch, "question-answering")
-        for name, arch in (
-            ("BERT", "bert"),
-            ("RoBERTa", "roberta"),
-            ("XLM-R", "xlm-roberta"),
-            ("CamemBERT", "camembert"),
-            ("DistilBERT", "distilbert"),
-            ("ELECTRA", "electra"),
-            ("DeBERTa-v2", "deberta-v2"),
-            ("ModernBERT", "modernbert"),
-        )
-    },
-    **{
-        f"{name} masked LM": _classifier(arch, "fill-mask")
+        f"{name} {head}": _classifier(arch, task)
+        for head, task in (("question answering", "question-answering"), ("masked LM", "fill-mask"))
         for name, arch in (
             ("BERT", "bert"),
             ("RoBERTa", "roberta"),
