@@ -297,6 +297,6 @@ def test_bad_tokens_are_refused(models):
         ax.step_scores(model, text, contrast_inputs=text, scores=["kl_divergence"])
     with pytest.raises(ax.InputError, match="names the target tokens themselves"):
         ax.saliency(model, text, "paris", contrast="paris")
-    with pytest.raises(ax.ModelError, match="decoder-only"):
+    with pytest.raises(ax.ModelError, match="decoder-only masked language model"):
         hf, tok = tiny_classifier("bert", "fill-mask", is_decoder=True)
         ax.load_model(hf, tokenizer=tok)

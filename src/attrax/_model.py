@@ -182,11 +182,20 @@ class Model:
                 "tokenizer has no mask token to place in the inputs"
             )
         if self.task in ("question-answering", "fill-mask") and self.causal:
+            kind, why = {
+                "question-answering": (
+                    "question-answering model",
+                    "its answer's probability reads every position, which attrax's causal "
+                    "engine (it cuts a sequence after its last target) does not see",
+                ),
+                "fill-mask": (
+                    "masked language model",
+                    "attrax checks masked LMs on bidirectional encoders only",
+                ),
+            }[self.task]
             raise ModelError(
-                f"`model` ({type(hf_model).__name__}) is a decoder-only question-answering model: "
-                "its answer's probability reads every position, which attrax's causal engine "
-                "(it cuts a sequence after its last target) does not see; attrax attributes "
-                "encoder-only ones (BERT, RoBERTa, DeBERTa, ...)"
+                f"`model` ({type(hf_model).__name__}) is a decoder-only {kind}: {why}; attrax "
+                "attributes encoder-only ones (BERT, RoBERTa, DeBERTa, ...)"
             )
         if self.task == "generation":
             self._check_head()
