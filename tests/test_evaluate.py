@@ -59,6 +59,16 @@ def test_shards_concatenate_in_one_batchs_target_order():
     assert joined.target.values.tolist() == ["start", "end"]
 
 
+def test_labels_on_some_records_only_are_refused(default_model):
+    # as attribute_dataset refuses them (evaluate stored the string 'None' until 2026-12-06)
+    data = [
+        {"input": PROMPT, "target": ANSWER, "label": "a"},
+        {"input": OTHER[0], "target": OTHER[1]},
+    ]
+    with pytest.raises(ax.InputError, match="1 of 2 records have a field 'label'"):
+        ax.evaluate(default_model, data, {"saliency": ax.saliency})
+
+
 def _fixed(values_by_target: dict[int, list[float]]):
     """A method returning a chosen (target, source) relevance on the built-in model's grid."""
 

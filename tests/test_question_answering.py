@@ -299,6 +299,41 @@ def test_sanity_checks_of_a_batch_equal_each_record_alone(models):
         np.testing.assert_allclose(got, alone.random_logit.isel(example=0).values, rtol=1e-6)
 
 
+def test_patching_a_pair_from_records_and_the_cli_equals_the_api(models, tmp_path):
+    # a record's corrupted pair is 'corrupted' + 'corrupted_pair'; the CLI's a JSON list of two
+    import json
+
+    from attrax.cli import main
+
+    model = models["bert"]
+    clean, bad = ("who was good", "the plot was good"), ("who was good", "the story was good")
+    want = ax.attribution_patching(model, clean, "plot was good", corrupted=bad, site="residual")
+    model.hf.save_pretrained(tmp_path / "qa")
+    model.tokenizer.save_pretrained(tmp_path / "qa")
+    record = {"input": clean[0], "input_pair": clean[1], "target": "plot was good"}
+    record |= {"corrupted": bad[0], "corrupted_pair": bad[1]}
+    (tmp_path / "d.jsonl").write_text(json.dumps(record) + "\n")
+    run = ax.attribute_dataset(
+        tmp_path / "qa", tmp_path / "d.jsonl", tmp_path / "out",
+        method="attribution_patching", reduce="none", progress=False, site="residual",
+    )  # fmt: skip
+    got = ax.load_dataset_results(run.out).isel(example=0)
+    assert got.target_position.values.tolist() == want.target_position.values.tolist()
+    np.testing.assert_allclose(got.values, want.values, rtol=1e-5, atol=1e-8)
+    code = main([
+        "attribute", "--model", str(tmp_path / "qa"), "--input", clean[0], "--input-pair",
+        clean[1], "--target", "plot was good", "--method", "attribution_patching",
+        "--reduce", "none", "-o", f"corrupted={json.dumps(list(bad))}", "-o", "site=residual",
+        "--out", str(tmp_path / "cli.nc"),
+    ])  # fmt: skip
+    assert code == 0
+    np.testing.assert_allclose(ax.load(tmp_path / "cli.nc").values, want.values, rtol=1e-5)
+    record.pop("corrupted")  # a pair's second corrupted text alone
+    (tmp_path / "e.jsonl").write_text(json.dumps(record) + "\n")
+    with pytest.raises(ax.InputError, match="'corrupted' and 'corrupted_pair'"):
+        ax.attribute_dataset(tmp_path / "qa", tmp_path / "e.jsonl", tmp_path / "o2", progress=False)
+
+
 def test_a_local_checkpoint_loads_as_a_question_answering_model(tmp_path):
     hf, tok = tiny_classifier("bert", "question-answering")
     hf.save_pretrained(tmp_path)

@@ -623,7 +623,7 @@ def _records(data: Path, digest: Any = None) -> Iterator[dict[str, Any]]:
                 f"{where} has no field 'input': its fields are {sorted(record)}; every line "
                 "needs the text to attribute as 'input'"
             )
-        for key in ("input", "target", "input_pair", "corrupted"):
+        for key in ("input", "target", "input_pair", "corrupted", "corrupted_pair"):
             value = record.get(key, "")
             if (key in record or key == "input") and (
                 not isinstance(value, str) or not value.strip()
@@ -637,7 +637,12 @@ def _records(data: Path, digest: Any = None) -> Iterator[dict[str, Any]]:
             isinstance(record["label"], bool) or not isinstance(record["label"], (str, int))
         ):
             raise InputError(f"{where}: 'label' must be a label name or a class id")
-        for key in ("input", "target", "input_pair", "corrupted", "id", "label"):
+        if ("corrupted_pair" in record) != ("corrupted" in record and "input_pair" in record):
+            raise InputError(
+                f"{where}: a pair's corrupted input is 'corrupted' and 'corrupted_pair', given "
+                "with 'input' and 'input_pair' (a text's: 'corrupted' alone)"
+            )
+        for key in ("input", "target", "input_pair", "corrupted", "corrupted_pair", "id", "label"):
             problem = not_text(record.get(key))
             if problem:  # before any work: a tokenizer or a shard's save fails on them later
                 raise InputError(f"{where}: {key!r} {problem}")
@@ -883,7 +888,11 @@ def attribute_records(
     inputs = [(r["input"], r["input_pair"]) if "input_pair" in r else r["input"] for r in records]
     targets = [record["target"] for record in records] if scan.has_target else None
     if scan.has_corrupted and _takes(fn, "corrupted"):
-        options = {**options, "corrupted": [record["corrupted"] for record in records]}
+        corrupted = [
+            (r["corrupted"], r["corrupted_pair"]) if "corrupted_pair" in r else r["corrupted"]
+            for r in records
+        ]
+        options = {**options, "corrupted": corrupted}
     da = reduce(call_method(fn, model, inputs, targets, options), steps)
     da = da.assign_coords(example=[record["_line"] for record in records])
     if scan.has_id:

@@ -151,6 +151,12 @@ def read_records(
         records.append(Record(text, goal, tag, marks, where, pair))
     if not records:
         raise InputError(f"{source} has no records")
+    labelled = sum(r.label is not None for r in records)
+    if 0 < labelled < len(records):  # the label coordinate would hold 'None' for the rest
+        raise InputError(
+            f"{source}: {labelled} of {len(records)} records have a field {label!r}; give one on "
+            "every record, or on none"
+        )
     given = sum(r.target is not None for r in records)
     if 0 < given < len(records):
         raise InputError(

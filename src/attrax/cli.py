@@ -531,6 +531,9 @@ def _attribute(args: argparse.Namespace) -> int:
                 "language model: give --input alone"
             )
         inputs = (args.input, args.input_pair)
+        corrupted = options.get("corrupted")
+        if isinstance(corrupted, list) and [type(c) for c in corrupted] == [str, str]:
+            options["corrupted"] = tuple(corrupted)  # JSON has no tuples: a pair's two texts
     with console.status(f"attributing with {args.method}…"), _flags_named():
         raw = call_method(fn, model, inputs, args.target, options)
     da = reduce(raw, steps)
