@@ -191,7 +191,7 @@ def test_evaluate_dask_options_are_checked(tmp_path, default_model, capsys, monk
         ax.evaluate(None, DASK_RECORDS, methods, workers=0)
     with pytest.raises(ax.OptionError, match="`shard_size` must be a positive integer"):
         ax.evaluate(None, DASK_RECORDS, methods, workers=2, shard_size=0)
-    bare = [*DASK_RECORDS, {"text": "1 2 =", "answer": " 2 1"}]  # record 3: no rationale
+    bare = [*DASK_RECORDS, {"text": "1 2 =", "answer": " 2 1", "y": "b"}]  # 3: no rationale
     with pytest.raises(ax.InputError, match="record 3 has no rationale"):
         ax.evaluate(None, bare, methods, ["iou"], fields=FIELDS, workers=2, shard_size=2)
     locked = functools.partial(ax.saliency, objective=threading.Lock())
