@@ -765,15 +765,15 @@ def _prepare_masks(
     batch = Batch(tuple(examples), single, False, None, model.task, model.causal)
     if predict or targets is None:
         batch = with_predictions(model, batch)
-    if targets is None:
+    if targets is None:  # given targets were checked against the contrast above
         predicted = tuple(replace(e, target_ids=e.predicted or ()) for e in batch.examples)
         batch = replace(batch, examples=predicted)
-    for i, e in enumerate(batch.examples):
-        if e.contrast_ids is not None and e.contrast_ids == e.target_ids:
-            raise InputError(
-                f"`contrast{_at(i, single)}` names the predicted tokens themselves: target minus "
-                "contrast is 0 everywhere; give other tokens"
-            )
+        for i, e in enumerate(batch.examples):
+            if e.contrast_ids is not None and e.contrast_ids == e.target_ids:
+                raise InputError(
+                    f"`contrast{_at(i, single)}` names the predicted tokens themselves: target "
+                    "minus contrast is 0 everywhere; give other tokens"
+                )
     return batch
 
 
