@@ -1,4 +1,4 @@
-"""``python -m benchmarks run|classifiers|question-answering|masked-lm|report|real-size|
+"""``python -m benchmarks run|classifiers|question-answering|masked-lm|nli|report|real-size|
 long-attention|budgets|methods|calibrate|models``: the one entry point (see README.md)."""
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ def main(argv: list[str] | None = None) -> int:
         long_attention,
         masked_lm,
         methods,
+        nli,
         question_answering,
         real_size,
         report,
@@ -31,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
         sub.add_parser("question-answering", help="Q1: a BERT-shaped question-answering model")
     )
     masked_lm.parser(sub.add_parser("masked-lm", help="M1: a BERT-shaped masked LM (fill-mask)"))
+    nli.parser(sub.add_parser("nli", help="N1: a BART-MNLI-shaped encoder-decoder classifier"))
     r = sub.add_parser("report", help="render the docs from the committed results JSON")
     r.add_argument("--cpu", default=report.CPU_RESULTS, help="CPU results JSON")
     r.add_argument("--gpu", default=report.GPU_RESULTS, help="GPU results JSON")
@@ -64,6 +66,8 @@ def main(argv: list[str] | None = None) -> int:
         return question_answering.run(question_answering.defaults(args), argv)
     if args.command == "masked-lm":
         return masked_lm.run(masked_lm.defaults(args), argv)
+    if args.command == "nli":
+        return nli.run(nli.defaults(args), argv)
     if args.command == "classifiers-worker":
         classify.worker(args.spec)
         return 0

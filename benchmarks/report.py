@@ -433,6 +433,7 @@ def render_cpu(
     out += _classifier_section(results.get("classifiers"))
     out += _question_answering_section(results.get("question_answering"))
     out += _masked_lm_section(results.get("masked_lm"))
+    out += _nli_section(results.get("nli"))
     out += _real_size_section(real_size or {})
     return "\n".join(out) + "\n"
 
@@ -730,8 +731,43 @@ def _masked_lm_section(results: dict[str, Any] | None) -> list[str]:
     return _task_section("Masked LM (M1)", results, about)
 
 
-def _task_section(title: str, results: dict[str, Any], about: str) -> list[str]:
-    """A task workload's section: how it was recorded, ``about`` it, its timings and parity."""
+def _nli_section(results: dict[str, Any] | None) -> list[str]:
+    """The encoder-decoder NLI workload (N1) of ``python -m benchmarks nli``."""
+    if not results:
+        return []
+    meta = results["meta"]
+    (n, premise, hypothesis), bart = meta["pairs"], meta["spec"]
+    about = (
+        f"`BartForSequenceClassification` is BART-MNLI's head (the zero-shot pipeline's model) on "
+        f"a random BART (d_model {bart['d_model']}, {bart['layers']} encoder and "
+        f"{bart['layers']} decoder layers). The inputs are {n} (premise, hypothesis) pairs of "
+        f"{premise} + {hypothesis} tokens, {premise + hypothesis + 4} with the special tokens, "
+        "so nothing is padded; the targets are the 3 classes, the objective their softmax "
+        "probability. BART reads each token twice, in its encoder and (shifted right) in its "
+        "decoder: attrax attributes to the token's one embedding, all classes in one call. "
+        "Captum attributes to both embedding layers (`LayerGradientXActivation`, "
+        "`LayerIntegratedGradients` on the encoder's and the decoder's `embed_tokens`, "
+        "transformers' forward from ids), one batched call per class, and the decoder's row "
+        "i + 1 is added to the encoder's row i."
+    )
+    reference = (
+        "the BERT tutorials' reference in BART's tokens (`<pad>`, `<s>` and `</s>` kept); "
+        "Captum runs it as `LayerIntegratedGradients` on both embedding layers"
+    )
+    return _task_section("Encoder-decoder NLI classifier (N1)", results, about, reference)
+
+
+BERT_REFERENCE = (
+    "the BERT tutorials' reference ([PAD], [CLS] and [SEP] kept); Captum runs it as "
+    "`LayerIntegratedGradients` on the word embeddings"
+)
+
+
+def _task_section(
+    title: str, results: dict[str, Any], about: str, reference: str = BERT_REFERENCE
+) -> list[str]:
+    """A task workload's section: how it was recorded, ``about`` it, its timings and parity;
+    ``reference``: IG's reference input and how Captum runs IG."""
     meta, v = results["meta"], results["meta"]["versions"]
     kind = "a quick run (`--quick`)" if meta["quick"] else "a full run"
     out = [f"## {title}\n"]
@@ -741,9 +777,7 @@ def _task_section(title: str, results: dict[str, Any], about: str) -> list[str]:
         f"{meta.get('finished', '?')}, {meta['threads']} threads; captum {v.get('captum')}, "
         f"transformers {v.get('transformers')}. {about} Both are timed in one process, calls "
         f"alternated, median of {meta['repeats']}. Both clocks start at the texts. IG uses "
-        f"Gauss–Legendre with {meta['steps']} points from the BERT tutorials' reference ([PAD], "
-        "[CLS] and [SEP] kept); Captum runs it as `LayerIntegratedGradients` on the word "
-        "embeddings.\n"
+        f"Gauss–Legendre with {meta['steps']} points from {reference}.\n"
     )
     w("| method | attrax (s) | Captum (s) | attrax's speed-up |")
     w("|---|---|---|---|")

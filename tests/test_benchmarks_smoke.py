@@ -731,3 +731,44 @@ def test_real_size_reports_each_dtypes_rounding_next_to_the_float32_gate(tmp_pat
     assert set(own) == set(attrax) == {"raw", "l2_normalize", "sum"}
     assert 0.08 < own["raw"] < 0.12 and attrax["raw"] < 0.05
     assert "parity_failed" not in row
+
+
+@pytest.mark.parametrize("method", ["saliency", "input_x_gradient", "integrated_gradients"])
+def test_nli_equals_captums_loop_over_classes_on_both_embedding_layers(method):
+    pytest.importorskip("captum")  # the bench venv's (benchmarks/setup_bench_env.sh)
+    from benchmarks import nli
+    from benchmarks.parity import parity
+
+    from attrax.testing import tiny_classifier
+
+    hf, tok = tiny_classifier("bart")
+    hf.config.id2label = dict(enumerate(nli.LABELS))
+    model = ax.load_model(hf, tokenizer=tok)
+    given = [("a cat sat on the mat", "the cat sat"), ("the cat sat on a mat", "a cat sat")]
+    assert len({len(tok(p, h)["input_ids"]) for p, h in given}) == 1  # nothing padded
+    ours, _ = nli.attrax_nli(model, given, method, steps=8)
+    theirs, seconds = nli.captum_nli(hf, tok, given, method, steps=8)
+    assert ours.shape == theirs.shape and ours.shape[:2] == (2, 3) and seconds > 0
+    flat = (-1, *ours.shape[2:])
+    assert parity(ours.reshape(flat), theirs.reshape(flat), method)["ok"]
+    # the encoder's rows alone (a Captum user hooking one layer) are not the attribution
+    encoder_only = nli.captum_nli(hf, tok, given, method, steps=8, decoder=False)[0]
+    assert not parity(ours.reshape(flat), encoder_only.reshape(flat), method)["ok"]
+
+
+def test_the_nli_section_renders_from_a_recorded_run():
+    from benchmarks import nli
+
+    results = {
+        "meta": dict(
+            quick=False, command="python -m benchmarks nli", started="s", finished="f",
+            threads=2, pairs=list(nli.PAIRS), steps=50, repeats=5, spec=nli.SPEC,
+            versions={"captum": "0.9.0"},
+        ),
+        "runs": [dict(method="integrated_gradients", attrax_s=1.0, captum_s=2.0, speedup=2.0)],
+        "parity": [dict(method="integrated_gradients", ok=True, errors={"raw": 2e-7})],
+    }  # fmt: skip
+    text = "\n".join(report._nli_section(results))
+    assert "## Encoder-decoder NLI classifier (N1)" in text and "30 + 12 tokens, 46" in text
+    assert "`<pad>`, `<s>` and `</s>` kept" in text and "[PAD]" not in text
+    assert "| integrated gradients | 1.00 | 2.00 | **2.0\u00d7** |" in text

@@ -778,6 +778,30 @@ def test_a_debertas_peak_stays_within_the_budget(peak_above_start):
     _holds_its_budget(peak_above_start, _DEBERTA_MODEL, 400 << 20, "DeBERTa")
 
 
+# a BART-MNLI-shaped classifier: its decoder reads the ~160 source tokens again
+_BART_CLASSIFIER = """
+import attrax as ax
+from attrax.testing import corpus, tiny_classifier
+hf, tok = tiny_classifier("bart", d_model=256, encoder_layers=3, decoder_layers=3,
+    encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=1024,
+    decoder_ffn_dim=1024, max_position_embeddings=1024)
+model = ax.load_model(hf, tokenizer=tok)
+text = tok.decode(tok(" ".join(corpus()))["input_ids"][1:159])
+def warm():
+    ax.integrated_gradients(model, "a good day", [0, 1, 2], steps=4, {options})
+def call():
+    ax.integrated_gradients(model, text, [0, 1, 2], steps=64, {options})
+"""
+
+
+@pytest.mark.slow
+def test_an_encoder_decoder_classifiers_peak_stays_within_the_budget(peak_above_start):
+    """An encoder-decoder classifier runs its decoder over the source as well: priced as a
+    translator's two stacks over twice the source's tokens, IG over its three classes keeps its
+    peak RSS above the call's start within max_memory, where without a budget it takes more."""
+    _holds_its_budget(peak_above_start, _BART_CLASSIFIER, 300 << 20, "BART classifier")
+
+
 @pytest.mark.slow
 def test_a_bfloat16_models_head_rows_stay_within_the_budget(peak_above_start):
     """A bfloat16 model's logits are half a float32's, but its objective's log-softmax is float32

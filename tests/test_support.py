@@ -147,6 +147,9 @@ FAMILIES: dict[str, Callable[[], ax.Model]] = {
     "GPT-2 classifier": _classifier("gpt2"),
     "Llama classifier": _classifier("llama"),
     "Qwen2 classifier": _classifier("qwen2"),
+    "BART classifier (MNLI)": _classifier("bart"),
+    "mBART classifier": _classifier("mbart"),
+    "T5 classifier": _classifier("t5"),
     **{
         f"{name} {head}": _classifier(arch, task)
         for head, task in (("question answering", "question-answering"), ("masked LM", "fill-mask"))
@@ -270,7 +273,8 @@ def test_the_table_row_is_what_runs(family):
     assert not wrong, f"{family}: " + "; ".join(wrong)
     # the model types LRP's refusals name as supported are the rows it runs on
     lrp = rows[family][columns.index("LRP")] == "✓"
-    assert (model.hf.config.model_type in ARCHITECTURES) == lrp, model.hf.config.model_type
+    named = model.hf.config.model_type in ARCHITECTURES and not model.seq2seq_classifier
+    assert named == lrp, model.hf.config.model_type
 
 
 def test_the_readme_counts_the_families():

@@ -44,7 +44,7 @@ from ._errors import InputError, ModelError, OptionError
 from ._heads import ATTENTION_INPUTS, patch_attention_inputs
 from ._inputs import Texts, contrast_batch, padded_inputs, to_tensors
 from ._memory import full_precision
-from ._model import Model, body, norm_centers, norm_divisor, norm_gain
+from ._model import Model, body, norm_centers, norm_divisor, norm_gain, refuse_seq2seq_classifier
 from ._protocol import Call, Family
 
 SITES = ("heads", "mlp", "residual", *ATTENTION_INPUTS)
@@ -998,6 +998,7 @@ def attribution_patching(
     """
     model = call.model
     method = "attribution_patching"
+    refuse_seq2seq_classifier(model, method)
     if qk_fix is not None and site not in ("queries", "keys"):
         raise OptionError(
             f"`qk_fix` applies to site='queries' or 'keys' (whose effect goes through the "

@@ -78,7 +78,7 @@ class Problem:
         with torch.no_grad():
             inputs = (model.embed(tensors.ids, "source"),)
             decoder_embeds = None
-            if model.is_encoder_decoder:
+            if tensors.decoder_ids is not None:  # a translator's; a classifier has none
                 decoder_embeds = model.embed(tensors.decoder_ids, "target")
                 if attribute_target:
                     inputs = (*inputs, decoder_embeds)
@@ -385,6 +385,8 @@ class Problem:
         tokens = sum(xi.shape[1] for xi in self.inputs)
         if self.decoder_embeds is not None:
             tokens += self.decoder_embeds.shape[1]
+        if self.model.seq2seq_classifier:  # its decoder reads the source again, shifted
+            tokens += x.shape[1]
         config = self.model.hf.config
         heads = _arch.heads(config, "self") or _arch.heads(config, "encoder") or 1
         if not eager and self.model.attention_for(tokens, x.device) != "eager":

@@ -220,6 +220,10 @@ def _classifier_tensors(batch: Batch, model: Model) -> Tensors:
     if batch.task in ("token-classification", "question-answering", "fill-mask"):
         # a token's position; a question-answering target's slot (0: the start, 1: the end)
         index[valid] = torch.tensor([p for e in examples for p in e.positions], dtype=torch.long)
+    elif model.seq2seq_classifier:  # BART-style classifiers read their last EOS
+        eos = model.hf.config.eos_token_id
+        last = torch.tensor([_last_eos(e.source_ids, eos) for e in examples])
+        index = last[:, None].expand(valid.shape).clone()
     elif batch.causal:  # decoder-only classifiers pool their last token that is not padding
         pad = model.hf.config.get_text_config().pad_token_id
         last = torch.tensor([_pooled(e.source_ids, pad) for e in examples])
@@ -1006,6 +1010,7 @@ def _from_encoding(
             f"`inputs{where}` has {len(ids)} tokens, more than the model's {limit} positions"
         )
     _check_vocabulary(model, ids, f"inputs{where}")
+    check_eos(model, ids, where)
     return ids, tuple(segments), special, token_types
 
 
@@ -1143,6 +1148,23 @@ def _pooled(ids: Sequence[int], pad: int | None) -> int:
     if pad is None:
         return len(ids) - 1
     return next((p for p in range(len(ids) - 1, -1, -1) if ids[p] != pad), 0)
+
+
+def _last_eos(ids: Sequence[int], eos: int) -> int:
+    """The position an encoder-decoder sequence classifier reads, as transformers' BART and T5
+    heads: its input's last EOS (:func:`check_eos` makes sure there is one)."""
+    return max(p for p, token in enumerate(ids) if token == eos)
+
+
+def check_eos(model: Model, ids: Sequence[int], where: str) -> None:
+    """An encoder-decoder sequence classifier reads its decoder at the input's last EOS: an
+    input without one has no class (transformers' error would say so from inside the model)."""
+    eos = model.hf.config.eos_token_id
+    if model.seq2seq_classifier and eos not in ids:
+        raise InputError(
+            f"`inputs{where}` encodes without an EOS token (id {eos}), where "
+            f"{type(model.hf).__name__} reads its class; its tokenizer should append one"
+        )
 
 
 def _encoded(e: Example) -> tuple[Any, ...]:

@@ -31,7 +31,7 @@ from . import _arch
 from ._engine import PointFn, Problem
 from ._errors import ModelError, OptionError
 from ._memory import Size, at_least_float32
-from ._model import Model
+from ._model import Model, refuse_seq2seq_classifier
 
 #: what ``layers=`` accepts besides ints
 ALL = "all"
@@ -84,6 +84,8 @@ def blocks(model: Model) -> torch.nn.ModuleList:
 
 def resolve(model: Model, layers: Layers) -> list[int]:
     """``layers`` as indices ``0..L`` (negative ones count from the end), in the order given."""
+    if layers is not None:
+        refuse_seq2seq_classifier(model, "`layers`")
     return resolve_count(len(blocks(model)), layers)
 
 

@@ -1160,6 +1160,12 @@ def lrp_rules(model: Model, rule: str) -> Iterator[None]:
     The rule is fixed at forward time and kept by autograd, so backwards (and vmapped
     backwards) run later still use it.
     """
+    if model.seq2seq_classifier:  # the decoder's start token and the tanh head: no rules yet
+        raise ModelError(
+            f"lrp: attrax has no LRP rules for encoder-decoder classifiers "
+            f"({type(model.hf).__name__}) yet, only for the same families' translators; its "
+            "gradient, DeepLIFT and perturbation methods run"
+        )
     patches = _plan(model.hf)
     token = _ACTIVE.set(rule)
     original = Model.attention_as

@@ -54,6 +54,18 @@ TASKS = (
 MASKED_LM_HEADS = ("cls", "lm_head", "lm_predictions", "generator_predictions", "vocab_transform")
 #: A question-answering model's two targets: the logits of the answer's first and last token
 QA_TARGETS = ("start", "end")
+#: encoder-decoder sequence classifiers attrax attributes: their decoder reads the input ids
+#: shifted right after the decoder start token ("start"), or (mBART, PLBart) after the input's
+#: last token, its language id ("last"); each reads its decoder's state at the last EOS
+SEQ2SEQ_CLASSIFIERS = {
+    "BartForSequenceClassification": "start",
+    "MBartForSequenceClassification": "last",
+    "PLBartForSequenceClassification": "last",
+    "MvpForSequenceClassification": "start",
+    "T5ForSequenceClassification": "start",
+    "MT5ForSequenceClassification": "start",
+    "UMT5ForSequenceClassification": "start",
+}
 # With attn_implementation="auto", a forward on the CPU attending over at least this many tokens
 # runs SDPA's fused kernel: where it overtakes eager attention under the vectorized backward (the
 # measurements are in docs/methods/gradients.md)
@@ -119,12 +131,16 @@ class Model:
         config = hf_model.config
         self.name = name or getattr(config, "_name_or_path", "") or type(hf_model).__name__
         self.is_encoder_decoder = bool(getattr(config, "is_encoder_decoder", False))
-        if self.is_encoder_decoder and self.task != "generation":
+        #: an encoder-decoder sequence classifier (BART-MNLI): how its decoder's input starts
+        #: (:data:`SEQ2SEQ_CLASSIFIERS`); None for any other model
+        self.seq2seq_classifier = SEQ2SEQ_CLASSIFIERS.get(type(hf_model).__name__)
+        if self.is_encoder_decoder and self.task != "generation" and not self.seq2seq_classifier:
+            what = {"question-answering": "question-answering model", "fill-mask": "masked LM"}
             raise ModelError(
                 f"`model` ({type(hf_model).__name__}) is an encoder-decoder "
-                f"{'question-answering model' if self.task == 'question-answering' else 'classifier'}"
-                "; attrax attributes encoder-only and decoder-only classifiers and encoder-only "
-                "question-answering models"
+                f"{what.get(self.task, 'classifier')}; attrax attributes encoder-only and "
+                "decoder-only classifiers, the encoder-decoder sequence classifiers "
+                f"{', '.join(SEQ2SEQ_CLASSIFIERS)}, and encoder-only question-answering models"
             )
         #: class id -> label name (classifiers; a question-answering model's "start" and "end")
         self.labels: dict[int, str] = {}
@@ -173,6 +189,8 @@ class Model:
         )
         self._source_scale = 1.0
         self._target_scale = 1.0
+        if self.seq2seq_classifier:
+            self._check_shared_table()
         self._calibrate_embedding_scales()
         #: whether position p sees only positions <= p (decoder-only LMs and classifiers)
         self.causal = not self.is_encoder_decoder and self._probe_causal()
@@ -371,6 +389,11 @@ class Model:
             fast_activations(self._activations),
             _first_position_only(self._first_position),
         ):
+            if self.seq2seq_classifier:
+                # transformers finds the last EOS from ids, which embeddings do not give
+                decoder = self.decoder_inputs(embeds, mask)
+                hidden = body(self.hf)(**kwargs, decoder_inputs_embeds=decoder, use_cache=False)[0]
+                return self.hf.classification_head(hidden[rows, index])
             if self._score is not None and self.task == "sequence-classification":
                 # from embeddings HF cannot find the last real token, so the pooling happens here
                 hidden = body(self.hf)(**kwargs, use_cache=False)[0]
@@ -626,7 +649,9 @@ class Model:
         """
         ids = self._probe_ids(count=5, step=7, offset=3)
         mask = torch.ones_like(ids)
-        sides = ["source", "target"] if self.is_encoder_decoder else ["source"]
+        # an encoder-decoder classifier's decoder reads the source's embeddings, shifted
+        two = self.is_encoder_decoder and not self.seq2seq_classifier
+        sides = ["source", "target"] if two else ["source"]
         with torch.no_grad():
             for side in sides:
                 module = self._target_embedding if side == "target" else self._source_embedding
@@ -638,11 +663,11 @@ class Model:
                         f"{type(self.hf).__name__}: its outputs on a probe input are not finite "
                         "(inf/NaN): its weights hold NaN/inf or overflow its dtype"
                     )
+                errors = []
                 with _failing_forward(self.hf, "from `inputs_embeds`"):
-                    errors = [
-                        _mismatch(self._probe(ids, mask, module(ids) * s, side), ref)
-                        for s in candidates
-                    ]
+                    for s in candidates:
+                        self._source_scale = s if side == "source" else self._source_scale
+                        errors.append(_mismatch(self._probe(ids, mask, module(ids) * s, side), ref))
                 best = min(range(len(candidates)), key=errors.__getitem__)
                 if errors[best] <= _tolerance(ref.dtype):
                     if side == "target":
@@ -655,6 +680,34 @@ class Model:
                         "reproduce the forward from `input_ids`; attrax cannot attribute to its "
                         "embeddings"
                     )
+
+    def _check_shared_table(self) -> None:
+        """An encoder-decoder classifier reads each token twice, in the encoder and (shifted) in
+        the decoder: one embedding per token needs one table for both."""
+        source = self._source_embedding.weight
+        target = self._target_embedding.weight
+        if source is not target and (
+            source.shape != target.shape or not torch.equal(source, target)
+        ):
+            raise ModelError(
+                f"`model` ({type(self.hf).__name__}) embeds its encoder's and its decoder's "
+                "tokens with different tables, so a token has no one embedding to attribute to; "
+                "attrax attributes encoder-decoder classifiers whose tables are shared (tied)"
+            )
+
+    def decoder_inputs(self, embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """An encoder-decoder classifier's decoder input from its encoder's ``embeds``
+        ``[B, L, H]``: the tokens shifted one to the right, as transformers shifts the ids. The
+        first is the decoder start token's row or (mBART, PLBart) the last real token's, the
+        language id, padding on the right (``mask``)."""
+        if self.seq2seq_classifier == "last":
+            rows = torch.arange(mask.shape[0], device=mask.device)
+            first = embeds[rows, mask.sum(-1).long() - 1][:, None, :]
+        else:
+            start = torch.tensor([self.decoder_start_token_id], device=embeds.device)
+            first = self._source_embedding(start).to(embeds.dtype) * self._source_scale
+            first = first.expand_as(embeds[..., :1, :])
+        return torch.cat((first, embeds[..., :-1, :]), dim=-2)
 
     def _check_head(self) -> None:
         """The split forward (hidden states, then :meth:`head`) must reproduce the model's logits."""
@@ -706,7 +759,9 @@ class Model:
         pad start token its forwards from embeddings are shifted by one, which this exposes."""
         vocab = self._source_embedding.weight.shape[0]
         ids = (torch.arange(count) * step + offset).remainder(vocab)
-        if self.is_encoder_decoder and self.decoder_start_token_id is not None:
+        if self.seq2seq_classifier:  # its head reads the last EOS
+            ids = torch.cat([ids, torch.tensor([self.hf.config.eos_token_id])])
+        elif self.is_encoder_decoder and self.decoder_start_token_id is not None:
             ids = torch.cat([torch.tensor([self.decoder_start_token_id]), ids])
         return ids.unsqueeze(0).to(self.device)
 
@@ -723,6 +778,11 @@ class Model:
                 per_layer = self._per_layer_inputs(embeds)
         if self.task != "generation":
             given = {"input_ids": ids} if embeds is None else {"inputs_embeds": embeds, **per_layer}
+            if self.seq2seq_classifier and embeds is not None:
+                # the probe ends in EOS, which transformers' head reads from ids
+                decoder = self.decoder_inputs(embeds, mask)
+                hidden = body(self.hf)(**given, attention_mask=mask, decoder_inputs_embeds=decoder)
+                return self.hf.classification_head(hidden[0][:, -1])
             if self._score is not None and self.task == "sequence-classification":
                 hidden = body(self.hf)(**given, attention_mask=mask)[0]
                 return self._score(hidden[:, -1])  # no padding in a probe: the last token
@@ -1790,12 +1850,26 @@ def refuse_no_query_row(model: Model, method: str) -> None:
             "start and end logits, so no one query row predicts its answer, which "
             f"{method} reads; its gradient, DeepLIFT, LRP and perturbation methods run"
         )
+    refuse_seq2seq_classifier(model, method)
     pooling = getattr(model.hf.config, "classifier_pooling", None)
     if model.task == "sequence-classification" and pooling == "mean":
         raise ModelError(
             f"{method}: {type(model.hf).__name__} pools the mean of every position "
             "(classifier_pooling='mean'), so no one query row predicts its class, which "
             f"{method} reads; its gradient, DeepLIFT and perturbation methods run"
+        )
+
+
+def refuse_seq2seq_classifier(model: Model, method: str) -> None:
+    """A ModelError for an encoder-decoder sequence classifier (BART-MNLI), whose tokens reach
+    its class through two stacks at once: the encoder, and the decoder that reads them again
+    (shifted) beside the encoder's states. ``method`` follows one stack's layers or heads."""
+    if model.seq2seq_classifier:
+        raise ModelError(
+            f"{method}: {type(model.hf).__name__} reads each token twice, in its encoder and "
+            "again in its decoder, so one stack's layers or heads do not carry a token's whole "
+            f"effect on the class, which {method} follows; its gradient, DeepLIFT and "
+            "perturbation methods run (without `layers=`)"
         )
 
 

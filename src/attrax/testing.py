@@ -468,7 +468,13 @@ _CLASSIFIERS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "gpt2": ("gpt2", "GPT2Config", _TINY["gpt2"][2]),
     "llama": ("llama", "LlamaConfig", _TINY["llama"][2]),
     "qwen2": ("llama", "Qwen2Config", _TINY["llama"][2]),
+    # encoder-decoders that read their decoder at the last EOS (BART-MNLI's head); mBART's
+    # tokenizer ends each input with a language id after EOS, its decoder's first token
+    "bart": ("bart", "BartConfig", _BART_LIKE),
+    "mbart": ("bart", "MBartConfig", _BART_LIKE),
+    "t5": ("t5", "T5Config", _TINY["t5"][2]),
 }  # fmt: skip
+SEQ2SEQ_CLASSIFIER_ARCHS = ("bart", "mbart", "t5")
 CLASSIFIER_ARCHS = tuple(_CLASSIFIERS)
 _HEADS = {
     "sequence": "ForSequenceClassification",
@@ -480,7 +486,8 @@ _CLASSIFIER_NAMES = {
     "bert": "Bert", "distilbert": "DistilBert", "roberta": "Roberta", "gpt2": "GPT2",
     "xlm-roberta": "XLMRoberta", "camembert": "Camembert", "deberta-v2": "DebertaV2",
     "electra": "Electra",
-    "modernbert": "ModernBert", "llama": "Llama", "qwen2": "Qwen2",
+    "modernbert": "ModernBert", "llama": "Llama", "qwen2": "Qwen2", "bart": "Bart",
+    "mbart": "MBart", "t5": "T5",
 }  # fmt: skip
 
 
@@ -490,8 +497,10 @@ def tiny_classifier(
     """A tiny randomly initialised classifier ``(model, tokenizer)``, offline and deterministic.
 
     ``arch`` is one of :data:`CLASSIFIER_ARCHS`: encoders (``bert``, ``distilbert``, ``roberta``,
-    ``xlm-roberta``, ``camembert``, ``deberta-v2``, ``electra``, ``modernbert``) and decoder-only
-    heads that pool their last real token (``gpt2``, ``llama``, ``qwen2``); ``task`` is
+    ``xlm-roberta``, ``camembert``, ``deberta-v2``, ``electra``, ``modernbert``), decoder-only
+    heads that pool their last real token (``gpt2``, ``llama``, ``qwen2``) and encoder-decoders
+    that read their decoder at the last EOS (``bart``, ``mbart``, ``t5``: :data:`SEQ2SEQ_CLASSIFIER_ARCHS`,
+    sequence classifiers only; mBART's tokenizer ends each input with ``</s> en_XX``); ``task`` is
     ``"sequence"`` (``*ForSequenceClassification``), ``"token"`` (``*ForTokenClassification``)
     , ``"question-answering"`` (``*ForQuestionAnswering``: start and end logits per token, so
     ``num_labels`` is 2) or ``"fill-mask"`` (``*ForMaskedLM``, encoders only: the vocabulary's
@@ -508,6 +517,7 @@ def tiny_classifier(
             task == "fill-mask"
             and not hasattr(transformers, _CLASSIFIER_NAMES[arch] + _HEADS[task])
         )
+        or (arch in SEQ2SEQ_CLASSIFIER_ARCHS and task != "sequence")
     ):
         raise ValueError(f"unknown classifier {arch!r}/{task!r}; expected {CLASSIFIER_ARCHS}")
     kind, config_cls, defaults = _CLASSIFIERS[arch]
@@ -518,6 +528,16 @@ def tiny_classifier(
         tok.init_kwargs["model_input_names"] = tok.model_input_names  # saved with it
     if tok.pad_token is None:  # decoder-only classifiers pad with EOS, as fine-tuning recipes do
         tok.pad_token = tok.eos_token
+    if arch == "mbart":  # `text </s> en_XX`, as mBART's tokenizer with src_lang="en_XX"
+        tok.add_special_tokens({"additional_special_tokens": ["en_XX"]})
+        tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
+            single="$A </s> en_XX",
+            pair="$A $B:1 </s>:1 en_XX:1",
+            special_tokens=[
+                ("</s>", tok.eos_token_id),
+                ("en_XX", tok.convert_tokens_to_ids("en_XX")),
+            ],
+        )
     if task == "question-answering":
         num_labels = 2  # a start and an end logit per token
     labels = {i: f"label_{i}" for i in range(num_labels)}
@@ -526,6 +546,9 @@ def tiny_classifier(
         id2label=labels, label2id={v: k for k, v in labels.items()},
         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
     )  # fmt: skip
+    if arch in SEQ2SEQ_CLASSIFIER_ARCHS:  # BART's decoder starts with </s>, T5's with <pad>
+        start = tok.pad_token_id if arch == "t5" else tok.eos_token_id
+        kw.update(decoder_start_token_id=start)
     config = getattr(transformers, config_cls)(**{**kw, **defaults, **config_overrides})
     config._attn_implementation = attn
     head = _HEADS[task]

@@ -1,0 +1,269 @@
+"""Encoder-decoder sequence classifiers (BART-MNLI's ``BartForSequenceClassification``, mBART's,
+T5's): each token is read twice, by the encoder and (shifted right) by the decoder, whose state
+at the last EOS is classified. The references here run transformers' own forward from token ids
+(its shift, its pooling) with both embedding modules' outputs swapped for leaves by hooks."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+import torch
+import transformers
+
+import attrax as ax
+from attrax.cli import main
+from attrax.testing import tiny_classifier
+
+ARCHS = ("bart", "mbart", "t5")
+# NLI-style pairs, and texts of other lengths (padding in a batch)
+PAIRS = [("a cat sat on the mat", "the cat is sitting"), ("dogs run", "a dog runs fast")]
+TEXTS = ["a cat sat on the mat", "dogs run"]
+
+_MODELS: dict[str, tuple[ax.Model, object]] = {}
+
+
+def _model(arch: str) -> ax.Model:
+    if arch not in _MODELS:
+        hf, tok = tiny_classifier(arch)
+        _MODELS[arch] = (ax.load_model(hf, tokenizer=tok), tok)
+    return _MODELS[arch][0]
+
+
+def _hf_gradients(
+    model: ax.Model, ids: list[int], edit: Callable[[torch.Tensor, torch.Tensor], tuple] | None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per class, the gradient of transformers' own logit w.r.t. each token's embedding (the
+    encoder's row plus the decoder's, which reads token i at position i + 1, and mBART's
+    first decoder position, its input's last token), the embeddings, and the logits.
+
+    ``edit(encoder_rows, decoder_rows)`` replaces the rows the modules give (a path point, an
+    occluded token) before the leaves are taken.
+    """
+    hf = model.hf
+    leaves: dict[str, torch.Tensor] = {}
+    rows: dict[str, torch.Tensor] = {}
+
+    encoder, decoder = hf.get_encoder().embed_tokens, hf.get_decoder().embed_tokens
+    grads, logits = [], []
+    for cls in range(len(model.labels)):
+        calls: list[str] = []
+
+        def hook(module, args, out, calls=calls):
+            name = "encoder" if not calls else "decoder"
+            calls.append(name)
+            out = out.detach()
+            rows[name] = out  # the first call embeds the encoder's input, the second the decoder's
+            if edit is not None:
+                out = edit(out, None) if name == "encoder" else edit(None, out)
+            leaves[name] = out.clone().requires_grad_(True)
+            return leaves[name]
+
+        handles = {id(encoder): encoder.register_forward_hook(hook)}
+        if id(decoder) not in handles:
+            handles[id(decoder)] = decoder.register_forward_hook(hook)
+        try:
+            logit = hf(input_ids=torch.tensor([ids])).logits[0]
+        finally:
+            for handle in handles.values():
+                handle.remove()
+        assert calls == ["encoder", "decoder"]
+        g_enc, g_dec = torch.autograd.grad(logit[cls], [leaves["encoder"], leaves["decoder"]])
+        g = g_enc[0].clone()
+        g[:-1] += g_dec[0, 1:]  # token i is the decoder's input at i + 1
+        if model.seq2seq_classifier == "last":  # mBART: the decoder starts with the last token
+            g[-1] += g_dec[0, 0]
+        grads.append(g.double().numpy())
+        logits.append(logit.detach().double().numpy())
+    return np.stack(grads), rows["encoder"][0].double().numpy(), logits[0]
+
+
+def _ids(model: ax.Model, item) -> list[int]:
+    text, pair = (item, None) if isinstance(item, str) else item
+    return model.tokenizer(text, pair)["input_ids"]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("item", [TEXTS[0], PAIRS[1]], ids=["text", "pair"])
+def test_gradients_equal_transformers_own_forward_from_ids(arch, item):
+    model = _model(arch)
+    ids = _ids(model, item)
+    grads, embeds, logits = _hf_gradients(model, ids, None)
+    sal = ax.saliency(model, item, targets="all", objective="logit")
+    ixg = ax.input_x_gradient(model, item, targets="all", objective="logit")
+    assert sal.source_id.values.tolist() == ids
+    assert sal.attrs["model_type"] == "encoder-decoder"
+    np.testing.assert_allclose(sal.values, grads, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(ixg.values, grads * embeds, rtol=1e-4, atol=1e-6)
+    # the prediction is transformers' argmax; its probability transformers' softmax
+    pred = ax.saliency(model, item)
+    assert pred.target.values.tolist() == [model.labels[int(np.argmax(logits))]]
+    p = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
+    np.testing.assert_allclose(pred.predicted_probability.values, p.max(), rtol=1e-5)
+
+
+# the other families attrax lists, their tiny configs with the BART tokenizer (PLBart's decoder
+# starts with its input's last token, as mBART's)
+FAMILIES = {
+    "PLBart": ("PLBartConfig", "bart", "last"),
+    "Mvp": ("MvpConfig", "bart", "start"),
+    "MT5": ("MT5Config", "t5", "start"),
+    "UMT5": ("UMT5Config", "t5", "start"),
+}
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_the_other_families_equal_transformers_own_forward(family):
+    from attrax.testing import _BART_LIKE, _TINY
+
+    config_name, like, shift = FAMILIES[family]
+    _, tok = tiny_classifier("bart")
+    sizes = _BART_LIKE if like == "bart" else _TINY["t5"][2]
+    config = getattr(transformers, config_name)(
+        vocab_size=len(tok), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+        bos_token_id=tok.bos_token_id, decoder_start_token_id=tok.eos_token_id, num_labels=3,
+        **sizes,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    hf = getattr(transformers, f"{family}ForSequenceClassification")(config).eval()
+    model = ax.load_model(hf, tokenizer=tok)
+    assert model.seq2seq_classifier == shift
+    ids = _ids(model, PAIRS[1])
+    grads, embeds, _ = _hf_gradients(model, ids, None)
+    got = ax.input_x_gradient(model, PAIRS[1], targets="all", objective="logit")
+    want = grads * embeds  # float32 rounding: relative to the largest entry
+    np.testing.assert_allclose(got.values, want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_integrated_gradients_equal_a_loop_over_own_nodes(arch):
+    # zeros baseline: every token's rows (encoder and decoder) move from 0 along the path; the
+    # decoder's start token (BART, T5) is no input token and stays
+    model = _model(arch)
+    ids = _ids(model, PAIRS[0])
+    nodes, weights = np.polynomial.legendre.leggauss(7)
+    alphas, weights = (nodes + 1) / 2, weights / 2
+    total = 0.0
+    for alpha, weight in zip(alphas, weights, strict=True):
+
+        def edit(enc, dec, alpha=float(alpha)):
+            if enc is not None:
+                return enc * alpha
+            kept = dec.clone() * alpha
+            if model.seq2seq_classifier == "start":
+                kept[:, 0] = dec[:, 0]
+            return kept
+
+        grads, _, _ = _hf_gradients(model, ids, edit)
+        total = total + weight * grads
+    _, embeds, _ = _hf_gradients(model, ids, None)
+    want = total * embeds
+    got = ax.integrated_gradients(
+        model, PAIRS[0], targets="all", objective="logit", steps=7, baseline="zeros"
+    )
+    np.testing.assert_allclose(got.values, want, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_occlusion_equals_zeroing_each_token_in_both_stacks(arch):
+    model = _model(arch)
+    ids = _ids(model, TEXTS[0])
+    _, _, logits = _hf_gradients(model, ids, None)
+    want = []
+    for i in range(len(ids)):
+
+        def edit(enc, dec, i=i):
+            if enc is not None:
+                out = enc.clone()
+                out[:, i] = 0
+                return out
+            out = dec.clone()
+            if i + 1 < out.shape[1]:
+                out[:, i + 1] = 0
+            if model.seq2seq_classifier == "last" and i == len(ids) - 1:
+                out[:, 0] = 0
+            return out
+
+        _, _, occluded = _hf_gradients(model, ids, edit)
+        want.append(logits - occluded)
+    got = ax.occlusion(model, TEXTS[0], targets="all", objective="logit", baseline="zeros")
+    np.testing.assert_allclose(got.values, np.stack(want, 1), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_a_padded_batch_equals_each_input_alone(arch):
+    model = _model(arch)
+    both = ax.integrated_gradients(model, PAIRS, targets="all", steps=8)
+    for i, item in enumerate(PAIRS):
+        alone = ax.integrated_gradients(model, item, targets="all", steps=8)
+        n = alone.sizes["source"]
+        row = both.isel(example=i).isel(source=slice(0, n))
+        np.testing.assert_allclose(row.values, alone.values, rtol=1e-4, atol=1e-7)
+        assert np.isnan(both.isel(example=i).values[:, n:]).all()
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_deeplift_and_perturbation_and_faithfulness_run(arch):
+    model = _model(arch)
+    dl = ax.deeplift(model, PAIRS[0], targets="all", objective="logit")
+    # DeepLIFT's sum is the logit's change from the baseline, within its linearised softmaxes
+    assert np.isfinite(dl.values).all() and dl.sizes["target"] == 3
+    relevance = ax.l2_norm(ax.saliency(model, TEXTS))
+    curve = ax.comprehensiveness(model, relevance, TEXTS)
+    assert curve.dims[:2] == ("example", "target") and np.isfinite(curve.values).any()
+    assert ax.step_scores(model, TEXTS[0], scores=["probability"]).sizes["target"] == 1
+
+
+@pytest.mark.parametrize(
+    "method",
+    [
+        "attention", "rollout", "attention_x_gradient", "head_attribution", "value_zeroing",
+        "alti", "lrp",
+    ],
+)  # fmt: skip
+def test_methods_that_follow_one_stack_are_refused(method):
+    model = _model("bart")
+    with pytest.raises(ax.ModelError, match="BartForSequenceClassification"):
+        getattr(ax, method)(model, TEXTS[0])
+    with pytest.raises(ax.ModelError, match="reads each token twice"):
+        ax.attribution_patching(model, TEXTS[0], corrupted="a dog sat on the mat")
+    with pytest.raises(ax.ModelError, match="`layers`"):
+        ax.integrated_gradients(model, TEXTS[0], layers="all")
+
+
+def test_an_input_without_eos_is_refused():
+    hf, tok = tiny_classifier("t5")
+    from tokenizers import processors
+
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(single="$A", pair="$A $B")
+    model = ax.load_model(hf, tokenizer=tok)
+    with pytest.raises(ax.InputError, match="without an EOS token"):
+        ax.saliency(model, "a cat sat")
+
+
+def test_untied_tables_and_encoder_decoder_answerers_are_refused():
+    hf, tok = tiny_classifier("bart")
+    untied = torch.nn.Embedding(*hf.model.shared.weight.shape)
+    hf.model.decoder.embed_tokens = untied
+    with pytest.raises(ax.ModelError, match="different tables"):
+        ax.load_model(hf, tokenizer=tok)
+    config = tiny_classifier("bart")[0].config
+    answerer = transformers.BartForQuestionAnswering(config)
+    with pytest.raises(ax.ModelError, match="encoder-decoder question-answering model"):
+        ax.load_model(answerer, tokenizer=tok)
+
+
+def test_a_local_checkpoint_loads_and_runs_from_the_cli(tmp_path, capsys):
+    hf, tok = tiny_classifier("bart")
+    hf.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    model = ax.load_model(tmp_path)
+    assert model.seq2seq_classifier == "start" and model.task == "sequence-classification"
+    want = ax.saliency(ax.Model(hf, tok), PAIRS[0], targets="all")
+    np.testing.assert_allclose(ax.saliency(model, PAIRS[0], targets="all").values, want.values)
+    out = tmp_path / "r.nc"
+    args = ["attribute", "--model", str(tmp_path), "--input", PAIRS[0][0], "--input-pair"]
+    code = main([*args, PAIRS[0][1], "--target", "all", "--reduce", "none", "--out", str(out)])
+    assert code == 0
+    np.testing.assert_allclose(ax.load(out).values, want.values, rtol=1e-6)
