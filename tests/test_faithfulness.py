@@ -253,3 +253,97 @@ def test_encoder_decoder_sides_match_a_naive_loop():
         n = math.ceil(0.6 * len(visible))
         got = float(suff.isel(target=k, fraction=0))
         assert got == pytest.approx(full - logprob(tuple(order[n:]), t), abs=1e-5 * abs(full))
+
+
+def _tau_b(x: list[float], y: list[float]) -> float:
+    """Kendall's tau-b by counting pairs: (concordant - discordant) / sqrt(pairs untied in x *
+    pairs untied in y)."""
+    concordant = discordant = untied_x = untied_y = 0
+    for i in range(len(x)):
+        for j in range(i + 1, len(x)):
+            a, b = x[i] - x[j], y[i] - y[j]
+            untied_x += a != 0
+            untied_y += b != 0
+            concordant += a * b > 0
+            discordant += a * b < 0
+    return (concordant - discordant) / math.sqrt(untied_x * untied_y)
+
+
+def test_loo_correlation_matches_a_naive_loop_of_one_token_removals(model):
+    prompt, continuation = "3 1 4 =", " 4 1 3"
+    da = ax.sum(ax.input_x_gradient(model, prompt, continuation))
+    loo = F.loo_correlation(model, da, prompt, continuation)
+    tok = model.tokenizer
+    ids = tok(prompt + continuation, add_special_tokens=False)["input_ids"]
+
+    def prob(sequence: list[int], target: int) -> float:
+        with torch.no_grad():
+            logits = model.hf(input_ids=torch.tensor([sequence[:target]])).logits[0, -1]
+        return float(torch.softmax(logits, -1)[ids[target]])
+
+    for target in da.target.values:
+        full = prob(ids, target)
+        drops = []
+        for s in range(target):  # causality: only earlier positions
+            removed = list(ids)
+            removed[s] = tok.pad_token_id  # the pad token's embedding, as the baseline
+            drops.append(full - prob(removed, target))
+        got = loo.sel(target=target).values
+        np.testing.assert_allclose(got[:target], drops, atol=1e-6)
+        assert np.isnan(got[target:]).all()
+        row = da.sel(target=target).values[:target].tolist()
+        assert float(loo.tau.sel(target=target)) == pytest.approx(_tau_b(row, drops), abs=1e-9)
+        assert float(loo.original.sel(target=target)) == pytest.approx(full, abs=1e-6)
+
+
+def test_loo_correlation_on_a_classifier_batch_matches_hf_forwards_from_ids():
+    clf = ax.load_model("attrax:classifier")
+    texts = ["a good film", "it was awful and boring"]
+    da = ax.pipe(ax.integrated_gradients, ax.sum)(clf, texts, "all", steps=8)
+    loo = F.loo_correlation(clf, da, texts, "all")
+    for e, text in enumerate(texts):
+        ids = clf.tokenizer(text)["input_ids"]
+
+        def probs(sequence: list[int]) -> np.ndarray:
+            with torch.no_grad():
+                return torch.softmax(clf.hf(input_ids=torch.tensor([sequence])).logits[0], -1)
+
+        full = probs(ids).numpy()
+        for s in range(len(ids)):
+            removed = list(ids)
+            removed[s] = clf.tokenizer.pad_token_id
+            drop = full - probs(removed).numpy()
+            np.testing.assert_allclose(loo.isel(example=e, source=s).values, drop, atol=1e-6)
+        assert np.isnan(loo.isel(example=e).values[:, len(ids) :]).all()
+        for k in range(len(clf.labels)):
+            row = da.isel(example=e, target=k).values[: len(ids)].tolist()
+            drops = loo.isel(example=e, target=k).values[: len(ids)].tolist()
+            assert float(loo.tau.isel(example=e, target=k)) == pytest.approx(_tau_b(row, drops))
+
+
+def test_occlusion_with_the_same_baseline_is_the_leave_one_out_drop():
+    # the same quantity by another code path: its ranking agrees perfectly (tau 1)
+    clf = ax.load_model("attrax:classifier")
+    texts = ["a good film", "it was awful and boring"]
+    occ = ax.occlusion(clf, texts, "all", baseline="pad")
+    loo = F.loo_correlation(clf, occ, texts, "all")
+    np.testing.assert_allclose(loo.values, occ.values, atol=1e-6)
+    np.testing.assert_allclose(loo.tau.values, 1.0)
+    ds = ax.evaluate(
+        clf,
+        [{"input": t} for t in texts],
+        {
+            "occlusion": functools.partial(ax.occlusion, baseline="pad"),
+            "ixg": ax.pipe(ax.input_x_gradient, ax.sum),
+        },
+        ["taucorr_loo"],
+        reduce="none",
+    )
+    # each example's predicted class: one target each, NaN at the other's
+    taus = ds.taucorr_loo.sel({"method": "occlusion"}).values  # not sel(method=): xarray's
+    assert (~np.isnan(taus)).sum(-1).tolist() == [1, 1]
+    np.testing.assert_allclose(taus[~np.isnan(taus)], 1.0)
+    ixg = ax.sum(ax.input_x_gradient(clf, texts))
+    want = F.loo_correlation(clf, ixg, texts).tau
+    got = ds.taucorr_loo.sel({"method": "ixg"}).sel(target=want.target)
+    np.testing.assert_allclose(got.values, want.values)

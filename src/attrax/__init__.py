@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from ._faithfulness import comprehensiveness as comprehensiveness
     from ._faithfulness import deletion as deletion
     from ._faithfulness import insertion as insertion
+    from ._faithfulness import loo_correlation as loo_correlation
     from ._faithfulness import sufficiency as sufficiency
     from ._gradients import gradient_shap as gradient_shap
     from ._gradients import input_x_gradient as input_x_gradient

@@ -2,9 +2,10 @@
 
 :func:`evaluate` attributes the records with every method, then scores each attribution:
 
-- faithfulness (ERASER, RISE): ``comprehensiveness``/``sufficiency`` (AOPC) and
-  ``deletion``/``insertion`` (AUC), every method's perturbed copies going through the same batched
-  forwards (the methods' attributions are scored as one batch, not in a loop per method);
+- faithfulness (ERASER, RISE, ferret): ``comprehensiveness``/``sufficiency`` (AOPC),
+  ``deletion``/``insertion`` (AUC) and ``taucorr_loo`` (Kendall's tau with leave-one-out drops),
+  every method's perturbed copies going through the same batched forwards (the methods'
+  attributions are scored as one batch, not in a loop per method);
 - plausibility against human rationales given per word of the input: ``token_f1``, ``iou`` (the
   top-k tokens, k the rationale's size, against the rationale's tokens) and ``auprc``;
 - agreement between methods: ``spearman``, ``kendall`` and ``topk_overlap`` over the sources each
@@ -50,7 +51,10 @@ FAITHFULNESS = {
     "sufficiency": "aopc",
     "deletion": "auc",
     "insertion": "auc",
+    "taucorr_loo": "tau",
 }
+#: the faithfulness function of a metric named otherwise (ferret's name for it)
+_FUNCTION = {"taucorr_loo": "loo_correlation"}
 PLAUSIBILITY = ("token_f1", "iou", "auprc")
 AGREEMENT = ("spearman", "kendall", "topk_overlap")
 METRICS = (*FAITHFULNESS, *PLAUSIBILITY, *AGREEMENT)
@@ -60,6 +64,7 @@ HIGHER_IS_BETTER = {
     "sufficiency": False,
     "deletion": False,
     "insertion": True,
+    "taucorr_loo": True,
     **dict.fromkeys(PLAUSIBILITY, True),
     **dict.fromkeys(AGREEMENT, True),
 }
@@ -445,9 +450,14 @@ def score_records(
     for metric in (m for m in chosen if m in FAITHFULNESS):
         per_method: list[np.ndarray] = [np.empty(0)] * len(names)
         for members in groups.values():
+            if metric == "taucorr_loo":
+                taus = _loo_taus(model, flat, reduced, members, inputs, targets, batch_size)
+                for m, tau in zip(members, taus, strict=True):
+                    per_method[m] = tau
+                continue
             part = flat.isel(example=np.concatenate([np.arange(m * n, m * n + n) for m in members]))
             part.attrs = dict(reduced[members[0]].attrs)
-            curve = getattr(_faithfulness, metric)(
+            curve = getattr(_faithfulness, _FUNCTION.get(metric, metric))(
                 model, part, inputs * len(members),
                 None if targets is None else targets * len(members), batch_size=batch_size,
             )  # fmt: skip
@@ -566,6 +576,39 @@ def _check(
     return chosen
 
 
+def _loo_taus(
+    model: Model,
+    flat: xr.DataArray,
+    reduced: list[xr.DataArray],
+    members: list[int],
+    inputs: list[Any],
+    targets: list[Any] | None,
+    batch_size: int | str | None,
+) -> list[np.ndarray]:
+    """Each member method's ``[N, T]`` Kendall tau with the leave-one-out drops, which do not
+    depend on the method: every source any member scores is removed once, for all of them."""
+    n = len(inputs)
+    slices = [
+        _faithfulness._in_source_order(
+            flat.isel(example=slice(m * n, m * n + n)).transpose("example", "target", "source")
+        )
+        for m in members
+    ]
+    scored = np.any([~np.isnan(part.values) for part in slices], axis=0)
+    union = slices[0].copy(data=np.where(scored, 0.0, np.nan))
+    union.attrs = dict(reduced[members[0]].attrs)
+    loo = _faithfulness.loo_correlation(model, union, inputs, targets, batch_size=batch_size)
+    drops = loo.transpose("example", "target", "source").values
+    taus = []
+    for part in slices:
+        tau = np.full(drops.shape[:2], np.nan)
+        for e, t in np.ndindex(*tau.shape):
+            both = ~np.isnan(part.values[e, t]) & ~np.isnan(drops[e, t])
+            tau[e, t] = _faithfulness.kendall_tau(part.values[e, t][both], drops[e, t][both])
+        taus.append(tau)
+    return taus
+
+
 def _one_batch(reduced: list[xr.DataArray]) -> xr.DataArray:
     """The methods' attributions as one batch: method m's example e is example ``m * N + e``."""
     n = reduced[0].sizes["example"]
@@ -653,7 +696,7 @@ def _agreement(metric: str, relevance: np.ndarray, methods: int, top_k: int) -> 
         elif metric == "spearman":
             out[a, b, e, t] = _pearson(_ranks(x), _ranks(y))
         else:
-            out[a, b, e, t] = _kendall(x, y)
+            out[a, b, e, t] = _faithfulness.kendall_tau(x, y)
     return out
 
 
@@ -672,16 +715,6 @@ def _pearson(x: np.ndarray, y: np.ndarray) -> float:
     x, y = x - x.mean(), y - y.mean()
     scale = np.sqrt((x * x).sum() * (y * y).sum())
     return float((x * y).sum() / scale) if scale > 0 else np.nan
-
-
-def _kendall(x: np.ndarray, y: np.ndarray) -> float:
-    """Kendall's tau-b."""
-    dx = np.sign(x[:, None] - x[None, :])
-    dy = np.sign(y[:, None] - y[None, :])
-    upper = np.triu_indices(len(x), 1)
-    dx, dy = dx[upper], dy[upper]
-    scale = np.sqrt((dx != 0).sum() * (dy != 0).sum())
-    return float((dx * dy).sum() / scale) if scale > 0 else np.nan
 
 
 def summary(

@@ -9,6 +9,8 @@ and re-scores the targets, teacher-forced, with the objective the attribution ex
 - :func:`comprehensiveness` / :func:`sufficiency` (DeYoung et al. 2020, ERASER): the drop in the
   objective when the top k% tokens are removed (comprehensiveness, higher is better) or when only
   they are kept (sufficiency, lower is better); the mean over k is ERASER's AOPC.
+- :func:`loo_correlation` (ferret's ``taucorr_loo``): Kendall's tau between the attribution and
+  each source's leave-one-out drop in the objective. Higher is better.
 
 A removed token's embedding is replaced by a baseline (the pad token's embedding by default). Only
 sources the target can see (before it, on its side) and that the attribution scores are ranked and
@@ -36,9 +38,16 @@ from ._inputs import Batch
 from ._memory import Size, parse_bytes
 from ._objectives import OBJECTIVES, resolve
 from ._protocol import Call, Family, Param, own_options
-from ._schema import has_targets, label_curve, per_example, run_attrs
+from ._schema import has_targets, label_curve, label_loo, per_example, run_attrs
 
-__all__ = ["ERASER_FRACTIONS", "comprehensiveness", "deletion", "insertion", "sufficiency"]
+__all__ = [
+    "ERASER_FRACTIONS",
+    "comprehensiveness",
+    "deletion",
+    "insertion",
+    "loo_correlation",
+    "sufficiency",
+]
 
 #: The k of ERASER's AOPC: 1, 5, 10, 20 and 50 % of the source tokens.
 ERASER_FRACTIONS = (0.01, 0.05, 0.1, 0.2, 0.5)
@@ -200,6 +209,82 @@ def sufficiency(
     1
     """
     return _curve("sufficiency", call, attribution, _fractions(fractions, "fractions"), baseline)
+
+
+@FAITHFULNESS.method(baseline=check.baseline)
+def loo_correlation(
+    call: Call, attribution: xr.DataArray, *, baseline: Baseline = "pad"
+) -> xr.DataArray:
+    """Leave-one-out drops and their rank correlation with the attribution (ferret's
+    ``taucorr_loo``): ``f(x) - f(x with source s replaced by baseline)`` for every source ``s``
+    a target sees, and Kendall's tau-b between those drops and the attribution over the sources
+    it scores. **Higher tau is better**.
+
+    Each source's copy of the batch scores every target, so one copy per source position goes
+    through the model (``batch_size`` copies per forward). ferret deletes the token and drops
+    ``[CLS]``/``[SEP]`` from the ranking; here a token is replaced by ``baseline`` (the
+    positions stay) and every source the attribution scores is ranked, as in the other
+    faithfulness metrics. Other arguments as :func:`deletion`.
+
+    Returns:
+        DataArray ``([example,] target, source)`` of drops (NaN where the target does not see
+        the source or the attribution does not score it), with coordinates ``tau`` and
+        ``original`` along ``([example,] target)``, and the attribution's coordinates.
+
+    >>> import attrax as ax
+    >>> model = ax.load_model()
+    >>> P, T = "3 1 4 0 5 9 =", " 9 5 0 4 1 3"
+    >>> da = ax.pipe(ax.saliency, ax.l2_norm)(model, P, T)
+    >>> loo = ax.loo_correlation(model, da, P, T)
+    >>> loo.dims, loo.tau.dims
+    (('target', 'source'), ('target',))
+    """
+    _check_attribution(attribution)
+    call = _with_its_positions(_with_its_contrast(call, attribution), attribution)
+    objective = call.options["objective"]
+    if objective is None:
+        known = attribution.attrs.get("objective")
+        objective = known if known in OBJECTIVES else "probability"
+    objective_name, _ = resolve(objective)
+    ranked = _rank(call, attribution, objective)
+    problem = ranked.problem
+    scored = ranked.rank < ranked.rank.shape[-1]  # [B, K, S]: sources the target ranks
+    width = scored.shape[-1]
+    # copy s replaces source s alone; each copy scores every target
+    keep = ~torch.eye(width, dtype=torch.bool)[:, None, :].expand(width, scored.shape[0], width)
+    base = baseline_embeddings(problem, baseline)
+    values = problem.masked_objective(keep, base, call.options["batch_size"])  # [S, B, K]
+    original = problem.evaluate(tuple(x[None] for x in problem.inputs))[0]  # [B, K]
+    drops = (original[None] - values).permute(1, 2, 0)  # [B, K, S]
+    drops = _to_numpy(drops.masked_fill(~scored.to(drops.device), float("nan")))
+    relevance = ranked.template.values
+    tau = np.full(drops.shape[:2], np.nan)
+    for b, example_rows in enumerate(ranked.rows):  # a tau per (example, target): few, cheap
+        for k, row in enumerate(example_rows):
+            mask = scored[b, k].numpy()
+            tau[b, k] = kendall_tau(relevance[b, row][mask], drops[b, k][mask])
+    attrs = run_attrs(call.model, attribution.attrs.get("method", ""), objective_name, call.options)
+    attrs["reductions"] = attribution.attrs.get("reductions", "")
+    return label_loo(
+        ranked.template,
+        ranked.rows,
+        drops,
+        tau,
+        _to_numpy(original),
+        single=ranked.single,
+        attrs=attrs,
+    )
+
+
+def kendall_tau(x: np.ndarray, y: np.ndarray) -> float:
+    """Kendall's tau-b of two rankings (ties in either count in neither); NaN with fewer than
+    two pairs that differ."""
+    dx = np.sign(x[:, None] - x[None, :])
+    dy = np.sign(y[:, None] - y[None, :])
+    upper = np.triu_indices(len(x), 1)
+    dx, dy = dx[upper], dy[upper]
+    scale = np.sqrt((dx != 0).sum() * (dy != 0).sum())
+    return float((dx * dy).sum() / scale) if scale > 0 else np.nan
 
 
 # --- the shared computation -----------------------------------------------------------------

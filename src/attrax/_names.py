@@ -58,6 +58,7 @@ PUBLIC: dict[str, str] = {
     "comprehensiveness": "._faithfulness",
     "deletion": "._faithfulness",
     "insertion": "._faithfulness",
+    "loo_correlation": "._faithfulness",
     "sufficiency": "._faithfulness",
     "evaluate": "._evaluate",
     "summary": "._evaluate",

@@ -343,6 +343,34 @@ def label_curve(
     return _build(data, dims, coords, metric, {"metric": metric, **attrs}, single)
 
 
+def label_loo(
+    template: xr.DataArray,
+    rows: Sequence[Sequence[int]],
+    drops: np.ndarray,
+    tau: np.ndarray,
+    original: np.ndarray,
+    *,
+    single: bool,
+    attrs: Mapping[str, Any],
+) -> xr.DataArray:
+    """Leave-one-out drops ``[B, K, S]`` -> ``([example,] target, source)`` labelled as the
+    scored attribution ``template`` (with an example dim; ``rows[b][k]`` is the row of problem
+    target ``k`` in it), with ``tau`` and ``original`` along ``([example,] target)``."""
+    n_examples, n_rows = template.sizes["example"], template.sizes["target"]
+    data = np.full((n_examples, n_rows, template.sizes["source"]), np.nan)
+    taus = np.full((n_examples, n_rows), np.nan)
+    base = np.full((n_examples, n_rows), np.nan)
+    for b, example_rows in enumerate(rows):
+        data[b, example_rows] = drops[b, : len(example_rows)]
+        taus[b, example_rows] = tau[b, : len(example_rows)]
+        base[b, example_rows] = original[b, : len(example_rows)]
+    coords: dict[str, Any] = dict(template.coords.items())
+    coords["tau"] = (("example", "target"), taus)
+    coords["original"] = (("example", "target"), base)
+    dims = ["example", "target", "source"]
+    return _build(data, dims, coords, "loo", {"metric": "loo_correlation", **attrs}, single)
+
+
 def label_evaluation(
     flat: xr.DataArray,
     methods: Sequence[str],
