@@ -2700,11 +2700,7 @@ def seq2seq_lrp_reference(
         out, ffn = _feed_forward(layer, n2)
         h, res3 = _residual_norm(n2, out, layer.final_layer_norm)
         decoder_saved.append((layer, self_att, res1, cross, res2, ffn, res3))
-    head = hf.get_output_embeddings().weight[target]
-    bias = getattr(hf, "final_logits_bias", None)
-    logit = float(h[position] @ head + (bias[0, target] if bias is not None else 0.0))
-    relevance = torch.zeros_like(h)
-    relevance[position] = h[position] * head  # the logit's terms; its bias keeps its share
+    relevance, logit = _head_relevance(hf, h, position, target)
     r_memory = torch.zeros_like(memory)
     for layer, self_att, res1, cross, res2, ffn, res3 in reversed(decoder_saved):
         r_n2, r_out = _residual_norm_backward(layer.final_layer_norm, res3, relevance)
@@ -2728,6 +2724,28 @@ def seq2seq_lrp_reference(
         ((x_src, e_src, ln_src, h_src, r_src), (x_dec, e_dec, ln_dec, h_dec, r_dec))
     )
     return sides[0], sides[1], logit
+
+
+def _head_relevance(hf, h: torch.Tensor, position: int, target: int) -> tuple[torch.Tensor, float]:
+    """Relevance of the decoder's last states ``h`` for the logit of ``target`` read at
+    ``position``, and that logit: a language-model head's terms (its bias keeps its share), or
+    a classifier's ``out_proj(tanh(dense(h)))`` (BART-MNLI's), the identity rule through tanh."""
+    relevance = torch.zeros_like(h)
+    head = getattr(hf, "classification_head", None)
+    if head is None:
+        weight = hf.get_output_embeddings().weight[target]
+        bias = getattr(hf, "final_logits_bias", None)
+        logit = float(h[position] @ weight + (bias[0, target] if bias is not None else 0.0))
+        relevance[position] = h[position] * weight
+        return relevance, logit
+    z1 = head.dense(h[position])
+    g = torch.tanh(z1)
+    z2 = head.out_proj(g)
+    r_z2 = torch.zeros_like(z2)
+    r_z2[target] = z2[target]  # the logit, which LRP distributes
+    r_g = _linear_messages(g[None], head.out_proj.weight, r_z2[None], z2[None])
+    relevance[position] = _linear_messages(h[position][None], head.dense.weight, r_g, z1[None])[0]
+    return relevance, float(z2[target])
 
 
 def _token_shares(stacks: tuple) -> list[np.ndarray]:
@@ -2787,11 +2805,7 @@ def pre_norm_seq2seq_lrp_reference(
         h, ffn = _pre_norm_block(layer.final_layer_norm, h, partial(_feed_forward, layer))
         decoder_saved.append((layer, own, cross, ffn))
     final = decoder_stack.layer_norm(h)
-    head = hf.get_output_embeddings().weight[target]
-    bias = getattr(hf, "final_logits_bias", None)
-    logit = float(final[position] @ head + (bias[0, target] if bias is not None else 0.0))
-    relevance = torch.zeros_like(final)
-    relevance[position] = final[position] * head  # the logit's terms; its bias keeps its share
+    relevance, logit = _head_relevance(hf, final, position, target)
     relevance = _layer_norm_messages(h, decoder_stack.layer_norm, relevance, final)
     r_memory = torch.zeros_like(memory)
     for layer, own, cross, ffn in reversed(decoder_saved):
@@ -2867,6 +2881,35 @@ def test_encoder_decoders_equal_explicit_layer_by_layer_lrp(arch, rule):
         assert logit == pytest.approx(want_logit, rel=tolerance, abs=tolerance)
         want = np.concatenate([r_src, r_dec])
         np.testing.assert_allclose(got[k].fillna(0).values, want, rtol=1e-7, atol=1e-10)
+
+
+@pytest.mark.parametrize("rule", ["attnlrp", "cp-lrp"])
+@pytest.mark.parametrize("arch", ["bart", "mbart", "t5"])
+def test_encoder_decoder_classifiers_equal_explicit_layer_by_layer_lrp(arch, rule):
+    # BART-MNLI's head: each token reaches the class through the encoder and, shifted right,
+    # through the decoder: its relevance is the sum of its two embeddings' (the decoder's start
+    # token, no input token, keeps its own); mBART's decoder starts with the last token
+    model = _double(*tiny_classifier(arch))
+    reference = {"bart": seq2seq_lrp_reference, "mbart": pre_norm_seq2seq_lrp_reference}.get(
+        arch, t5_lrp_reference
+    )
+    tolerance = 1e-5 if arch == "t5" else 1e-9  # T5's RMSNorm takes its variance in float32
+    for item in ("the plot was good", ("the plot was good", "it was")):
+        got = ax.lrp(model, item, "all", rule=rule)
+        source = got.source_id.values.tolist()
+        first = source[-1] if arch == "mbart" else model.hf.config.decoder_start_token_id
+        decoder = [first, *source[:-1]]
+        eos = max(p for p, t in enumerate(source) if t == model.hf.config.eos_token_id)
+        with torch.no_grad():
+            logits = model.hf(input_ids=torch.tensor([source])).logits[0]
+        for k in range(len(model.labels)):
+            r_src, r_dec, logit = reference(model.hf, source, decoder, eos, k, rule)
+            assert logit == pytest.approx(float(logits[k]), rel=tolerance, abs=tolerance)
+            want = r_src.copy()
+            want[:-1] += r_dec[1:]
+            if arch == "mbart":
+                want[-1] += r_dec[0]
+            np.testing.assert_allclose(got[k].values, want, rtol=1e-7, atol=1e-10)
 
 
 # the explicit reference for T5 and mT5: RMSNorm sub-layers (no biases), unscaled scores plus a
@@ -2968,12 +3011,11 @@ def t5_lrp_reference(
         decoder_saved.append((block, h, y1, att, h1, y2, cross, h2, out, inner))
         h = h2 + out
     final = norm(decoder_stack.final_layer_norm, h)
-    if getattr(config, "scale_decoder_outputs", False):  # T5's tied head: by d ** -0.5
+    classifier = getattr(hf, "classification_head", None) is not None
+    if getattr(config, "scale_decoder_outputs", False) and not classifier:  # T5's tied LM head
         final = final * config.d_model**-0.5
-    head = hf.get_output_embeddings().weight[target]
-    logit = float(final[position] @ head)
-    relevance = torch.zeros_like(final)
-    relevance[position] = final[position] * head  # RMSNorm and the scale pass it unchanged
+    # RMSNorm and the scale pass it unchanged
+    relevance, logit = _head_relevance(hf, final, position, target)
     r_memory = torch.zeros_like(memory)
     for block, h, y1, att, h1, y2, cross, h2, out, inner in reversed(decoder_saved):
         self_layer, cross_layer, ff = block.layer

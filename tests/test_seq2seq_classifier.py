@@ -219,7 +219,7 @@ def test_deeplift_and_perturbation_and_faithfulness_run(arch):
     "method",
     [
         "attention", "rollout", "attention_x_gradient", "head_attribution", "value_zeroing",
-        "alti", "lrp",
+        "alti",
     ],
 )  # fmt: skip
 def test_methods_that_follow_one_stack_are_refused(method):

@@ -481,6 +481,16 @@ def _tanh_head(module: torch.nn.Module, features: torch.Tensor, **_: Any) -> tor
     return module.out_proj(module.dropout(apply_activation(x, "tanh")))
 
 
+def _pooled_tanh_head(
+    module: torch.nn.Module, hidden_states: torch.Tensor, **_: Any
+) -> torch.Tensor:
+    """BART's, mBART's and T5's classification head on the pooled state (BART-MNLI's),
+    ``out_proj(tanh(dense(h)))``, whose ``torch.tanh`` is a function call, not a module: here
+    it gets the identity rule."""
+    x = module.dense(module.dropout(hidden_states))
+    return module.out_proj(module.dropout(apply_activation(x, "tanh")))
+
+
 # class-name prefixes of DeepSeek V2's and V3's kin: multi-head latent attention (Youtu, GLM-4.7-
 # Flash's `Glm4MoeLite`, V3.2's and GLM-5's with an indexer) or DeepSeek V3's experts beside
 # Llama's attention (GLM-4.5's `Glm4Moe`)
@@ -610,6 +620,10 @@ _PATCHED: dict[str, Callable[..., torch.Tensor]] = {
     "RobertaClassificationHead": _tanh_head,
     "XLMRobertaClassificationHead": _tanh_head,
     "CamembertClassificationHead": _tanh_head,
+    "BartClassificationHead": _pooled_tanh_head,
+    "MBartClassificationHead": _pooled_tanh_head,
+    "T5ClassificationHead": _pooled_tanh_head,
+    "MT5ClassificationHead": _pooled_tanh_head,
     "RobertaLMHead": _gelu_lm_head,
     "XLMRobertaLMHead": _gelu_lm_head,
     "CamembertLMHead": _gelu_lm_head,
@@ -980,6 +994,13 @@ _LINEAR = frozenset(
         ),
         "MarianMTModel",
         *(f"{family}ForConditionalGeneration" for family in ("Bart", "M2M100", "MBart", "Pegasus")),
+        # BART-MNLI's head and T5's: their forwards never run (attrax pools the last EOS
+        # itself); T5's body is its two stacks
+        *(
+            f"{family}{part}"
+            for family in ("Bart", "MBart", "T5", "MT5")
+            for part in ("ForSequenceClassification", "Model")
+        ),
         # T5 and mT5: RMSNorm sub-layers (patched) with residual sums, the decoder's output scaled
         # by a constant for tied embeddings; a float16 block clamps only at float16's overflow
         *(
@@ -1160,12 +1181,6 @@ def lrp_rules(model: Model, rule: str) -> Iterator[None]:
     The rule is fixed at forward time and kept by autograd, so backwards (and vmapped
     backwards) run later still use it.
     """
-    if model.seq2seq_classifier:  # the decoder's start token and the tanh head: no rules yet
-        raise ModelError(
-            f"lrp: attrax has no LRP rules for encoder-decoder classifiers "
-            f"({type(model.hf).__name__}) yet, only for the same families' translators; its "
-            "gradient, DeepLIFT and perturbation methods run"
-        )
     patches = _plan(model.hf)
     token = _ACTIVE.set(rule)
     original = Model.attention_as
