@@ -45,6 +45,17 @@ def test_plot_of_a_summary_table(tmp_path):
         ax.plot(pd.DataFrame({"a": [1.0]}))
 
 
+def test_a_mean_outside_its_bootstrap_interval_is_drawn(tmp_path):
+    # a narrow bootstrap interval need not hold the sample mean: the bar stops at the mean
+    table = _table()
+    table.loc["ig", ("comprehensiveness", "low")] = 0.55  # above the mean 0.5
+    fig = ax.plot(table, path=tmp_path / "t.png")
+    bars = next(a for a in fig.axes if a.get_title()).containers[0]
+    segments = bars.lines[2][0].get_segments()
+    np.testing.assert_allclose([[s[0][0], s[1][0]] for s in segments], [[0.5, 0.6], [0.1, 0.5]])
+    assert (tmp_path / "t.png").stat().st_size > 0
+
+
 def test_cli_evaluate_equals_the_api(tmp_path, capsys, default_model):
     data = tmp_path / "data.jsonl"
     data.write_text("\n".join(json.dumps(r) for r in RECORDS) + "\n")

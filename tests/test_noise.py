@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import attrax as ax
+from attrax.testing import tiny_classifier
 from tests import _naive
 from tests.conftest import PAIRS
 
@@ -327,6 +328,53 @@ def test_word_groups_follow_merge_subwords(models):
     np.testing.assert_allclose(got.values, explicit.values, rtol=1e-6, atol=1e-9)
     game = Game(model, *pair)
     close(got.values, naive_feature_ablation(game, groups.tolist()))
+
+
+@pytest.mark.parametrize("task", ["sequence", "token", "question-answering"])
+def test_a_classifiers_word_groups_follow_merge_subwords_and_a_naive_loop(task):
+    # a classifier's targets are classes (token positions, answer slots), not tokens: its
+    # groups are its input's words alone (once, its targets were read as more tokens)
+    hf, tok = tiny_classifier("bert", task)
+    model = ax.load_model(hf, tokenizer=tok)
+    item = (
+        ("who was it", "the plot was good") if task == "question-answering" else "the plot was good"
+    )
+    got = ax.feature_ablation(model, item, groups="word", objective="logit")
+    words = ax.merge_subwords(got, "mean", "source")
+    starts = [*words.source.values.tolist(), got.sizes["source"]]
+    assert len(starts) - 1 < got.sizes["source"], "the input must have multi-token words"
+    enc = tok(*(item if isinstance(item, tuple) else (item,)), return_tensors="pt")
+    table = hf.get_input_embeddings()
+
+    def logits(zeroed: list[int]) -> np.ndarray:
+        def hook(_module, _args, out):
+            out = out.clone()
+            out[:, zeroed] = 0.0  # the zeros baseline on those tokens' word embeddings
+            return out
+
+        handle = table.register_forward_hook(hook)
+        try:
+            with torch.no_grad():
+                out = hf(**enc)
+        finally:
+            handle.remove()
+        if task == "question-answering":
+            return torch.stack((out.start_logits, out.end_logits), 1)[0].numpy()
+        return out.logits[0].numpy()
+
+    full = logits([])
+    for a, b in itertools.pairwise(starts):
+        drop = full - logits(list(range(a, b)))
+        for k in range(got.sizes["target"]):
+            row = got.isel(target=k)
+            cls = int(row.target_class) if "target_class" in row.coords else None
+            if task == "sequence":
+                want = drop[cls]
+            elif task == "token":
+                want = drop[int(row.target.item()), cls]
+            else:
+                want = drop[k, int(row.target_position)]
+            np.testing.assert_allclose(row.values[a:b], want, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "bart"])

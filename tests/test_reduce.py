@@ -266,6 +266,35 @@ def test_narrow_integers_do_not_wrap_around(dtype):
     np.testing.assert_allclose(ax.rescale(row).values, wide[1] / np.abs(wide[1]).max())
 
 
+def test_float16_sums_do_not_overflow():
+    # 4 * 300**2 is past float16's 65504: the reductions compute in float32
+    values = np.full((2, 4), 300, dtype=np.float16)
+    da = xr.DataArray(values, dims=("source", "hidden"))
+    np.testing.assert_allclose(ax.l2_norm(da).values, [600.0, 600.0])
+    row = xr.DataArray(np.full(300, 300, dtype=np.float16), dims="source")
+    np.testing.assert_allclose(ax.normalize(row).values, 1 / 300, rtol=1e-6)
+
+
+def test_absmax_of_a_lazily_loaded_result_equals_a_plain_loop(tmp_path):
+    # a chunked (dask) array cannot be indexed by argmax's lazy result: absmax picks by a mask
+    pytest.importorskip("dask")
+    rng = np.random.default_rng(3)
+    values = rng.normal(size=(3, 4, 5, 6)).astype(np.float32)
+    values[0, :, 4] = np.nan  # padding
+    values[1, 2, 1, 3] = -values[1, 2, 1].__abs__().max() - 1  # a negative winner
+    values[2, 0, 0, :2] = 7.0  # a tie: the first wins
+    da = xr.DataArray(values, dims=("example", "target", "source", "hidden"), name="attribution")
+    path = ax.save(da, tmp_path / "r.nc")
+    lazy = ax.load(path, chunks={"example": 1})
+    want = np.full(values.shape[:-1], np.nan)
+    for idx in np.ndindex(*values.shape[:-1]):
+        row = values[idx]
+        if not np.isnan(row).all():
+            want[idx] = row[np.nanargmax(np.abs(row))]
+    np.testing.assert_array_equal(ax.absmax(lazy).compute().values, want)
+    np.testing.assert_array_equal(ax.absmax(da).values, want)
+
+
 def test_reductions_do_not_modify_input(da):
     before = da.copy(deep=True)
     ax.normalize(ax.l2_norm(da))

@@ -32,7 +32,10 @@ def _model(arch: str) -> ax.Model:
 
 
 def _hf_gradients(
-    model: ax.Model, ids: list[int], edit: Callable[[torch.Tensor, torch.Tensor], tuple] | None
+    model: ax.Model,
+    ids: list[int],
+    edit: Callable[[torch.Tensor, torch.Tensor], tuple] | None,
+    classes: list[int] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per class, the gradient of transformers' own logit w.r.t. each token's embedding (the
     encoder's row plus the decoder's, which reads token i at position i + 1, and mBART's
@@ -47,7 +50,7 @@ def _hf_gradients(
 
     encoder, decoder = hf.get_encoder().embed_tokens, hf.get_decoder().embed_tokens
     grads, logits = [], []
-    for cls in range(len(model.labels)):
+    for cls in range(len(model.labels)) if classes is None else classes:
         calls: list[str] = []
 
         def hook(module, args, out, calls=calls):
@@ -64,11 +67,14 @@ def _hf_gradients(
         if id(decoder) not in handles:
             handles[id(decoder)] = decoder.register_forward_hook(hook)
         try:
-            logit = hf(input_ids=torch.tensor([ids])).logits[0]
+            with torch.enable_grad():  # a reference forward may run under no_grad
+                logit = hf(input_ids=torch.tensor([ids])).logits[0]
         finally:
             for handle in handles.values():
                 handle.remove()
         assert calls == ["encoder", "decoder"]
+        if not torch.is_grad_enabled():  # the forward alone (DeepLIFT's reference)
+            return None
         g_enc, g_dec = torch.autograd.grad(logit[cls], [leaves["encoder"], leaves["decoder"]])
         g = g_enc[0].clone()
         g[:-1] += g_dec[0, 1:]  # token i is the decoder's input at i + 1
@@ -204,11 +210,39 @@ def test_a_padded_batch_equals_each_input_alone(arch):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_deeplift_and_perturbation_and_faithfulness_run(arch):
+def test_deeplift_equals_a_hooked_loop_of_transformers_own_forwards(arch):
+    # the Rescale rule by backward hooks on each activation module (tests/test_deeplift.py),
+    # its reference forward from zeroed embeddings in both stacks (the decoder's start token
+    # kept, as attrax keeps it), one class per backward
+    from tests.test_deeplift import EVERY, _rescaled
+
+    hf, tok = tiny_classifier(arch)
+    model = ax.load_model(hf.double(), tokenizer=tok)
+    ids = _ids(model, PAIRS[0])
+
+    def zeroed(enc, dec):
+        if enc is not None:
+            return torch.zeros_like(enc)
+        out = torch.zeros_like(dec)
+        if model.seq2seq_classifier == "start":
+            out[:, 0] = dec[:, 0]
+        return out
+
+    want = []
+    for k in range(len(model.labels)):
+
+        def attributed(k=k):
+            return _hf_gradients(model, ids, None, classes=[k])[0][0]
+
+        grad = _rescaled(model.hf, EVERY, lambda: _hf_gradients(model, ids, zeroed), attributed)
+        want.append(grad * _hf_gradients(model, ids, None)[1])
+    got = ax.deeplift(model, PAIRS[0], targets="all", objective="logit")
+    np.testing.assert_allclose(got.values, np.stack(want), rtol=1e-6, atol=1e-10)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_perturbation_and_faithfulness_run(arch):
     model = _model(arch)
-    dl = ax.deeplift(model, PAIRS[0], targets="all", objective="logit")
-    # DeepLIFT's sum is the logit's change from the baseline, within its linearised softmaxes
-    assert np.isfinite(dl.values).all() and dl.sizes["target"] == 3
     relevance = ax.l2_norm(ax.saliency(model, TEXTS))
     curve = ax.comprehensiveness(model, relevance, TEXTS)
     assert curve.dims[:2] == ("example", "target") and np.isfinite(curve.values).any()
@@ -240,6 +274,16 @@ def test_an_input_without_eos_is_refused():
     model = ax.load_model(hf, tokenizer=tok)
     with pytest.raises(ax.InputError, match="without an EOS token"):
         ax.saliency(model, "a cat sat")
+
+
+def test_a_pad_token_inside_an_mbart_input_is_refused():
+    # transformers starts mBART's decoder at (tokens that are not pad) - 1: not the language id
+    model = _model("mbart")
+    with pytest.raises(ax.InputError, match="holds the pad token"):
+        ax.saliency(model, "<pad> a cat sat")
+    with pytest.raises(ax.InputError, match=r"inputs\[1\]"):
+        ax.saliency(model, ["a cat", ("a cat", "<pad>")])
+    assert ax.saliency(_model("bart"), "<pad> a cat sat").sizes["target"] == 1  # BART: fine
 
 
 def test_untied_tables_and_encoder_decoder_answerers_are_refused():

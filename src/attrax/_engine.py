@@ -382,14 +382,16 @@ class Problem:
         backward when ``saved``, else a forward's temporaries), and the results. ``eager``: the
         forwards run eager attention whatever the model's (methods that probe the weights)."""
         x = self.inputs[0]
-        tokens = sum(xi.shape[1] for xi in self.inputs)
+        widths = [xi.shape[1] for xi in self.inputs]
         if self.decoder_embeds is not None:
-            tokens += self.decoder_embeds.shape[1]
+            widths.append(self.decoder_embeds.shape[1])
+        tokens = sum(widths)
         if self.model.seq2seq_classifier:  # its decoder reads the source again, shifted
             tokens += x.shape[1]
         config = self.model.hf.config
         heads = _arch.heads(config, "self") or _arch.heads(config, "encoder") or 1
-        if not eager and self.model.attention_for(tokens, x.device) != "eager":
+        # the forwards pick their attention by their longest sequence, not by all tokens
+        if not eager and self.model.attention_for(max(widths), x.device) != "eager":
             heads = 0  # fused attention never stores [heads, L, L] weights
         # a state-space layer's scan can be wider than any MLP (Mamba, hybrids)
         width = max(_arch.mlp_width(config), _arch.mixer_width(config, tokens))

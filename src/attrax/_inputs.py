@@ -1158,12 +1158,22 @@ def _last_eos(ids: Sequence[int], eos: int) -> int:
 
 def check_eos(model: Model, ids: Sequence[int], where: str) -> None:
     """An encoder-decoder sequence classifier reads its decoder at the input's last EOS: an
-    input without one has no class (transformers' error would say so from inside the model)."""
+    input without one has no class (transformers' error would say so from inside the model);
+    mBART's and PLBart's inputs hold no pad token, which would move their decoder's start."""
     eos = model.hf.config.eos_token_id
     if model.seq2seq_classifier and eos not in ids:
         raise InputError(
             f"`inputs{where}` encodes without an EOS token (id {eos}), where "
             f"{type(model.hf).__name__} reads its class; its tokenizer should append one"
+        )
+    pad = model.hf.config.pad_token_id
+    if model.seq2seq_classifier == "last" and pad in ids:
+        # transformers finds the language id by counting the ids that are not pad
+        raise InputError(
+            f"`inputs{where}` holds the pad token (id {pad}) inside its text: "
+            f"{type(model.hf).__name__}'s decoder starts with the input's last token, which "
+            "transformers finds by counting the tokens that are not pad, so it would start "
+            "with another; remove the pad token from the text"
         )
 
 

@@ -425,9 +425,11 @@ def _word_ids(problem: Problem) -> list[list[int]]:
         if batch.encoder_decoder:  # the encoder input, then the decoder input when attributed
             parts = [(e.source_ids, "source"), (e.sequence(batch.start_token), "target")]
             named = [(list(ids), [side] * len(ids)) for ids, side in parts[: len(widths)]]
-        else:  # words do not cross the prompt / continuation boundary
+        elif batch.task == "generation":  # words do not cross the prompt / continuation boundary
             side = ["source"] * len(e.source_ids) + ["target"] * len(e.target_ids)
             named = [(list(e.source_ids + e.target_ids), side)]
+        else:  # a classifier's targets are classes (positions, tokens): its sources are its input
+            named = [(list(e.source_ids), ["source"] * len(e.source_ids))]
         row: list[str] = []
         row_sides: list[str] = []
         for (ids, side), width in zip(named, widths, strict=True):

@@ -79,6 +79,8 @@ def _reduction(default: str) -> Callable[[Callable[[xr.DataArray, str], xr.DataA
                 )
             if da.dtype.kind in "biu":  # squares and abs of narrow ints would wrap around
                 da = da.astype(np.float64)
+            elif da.dtype.itemsize < 4:  # float16's squares and sums overflow at 65504
+                da = da.astype(np.float32)
             with xr.set_options(keep_attrs=True):
                 out = fn(da, dim)
             done = da.attrs.get("reductions", "")
@@ -144,10 +146,14 @@ def absmax(da: xr.DataArray, dim: str) -> xr.DataArray:
     -3.0
     """
     present = da.notnull().any(dim)
-    where = abs(da).fillna(-1.0).argmax(dim)
+    magnitude = abs(da).fillna(-1.0)
+    # the first entry of largest magnitude (as argmax picks) by a mask, not by indexing with
+    # argmax's result, which a lazily loaded (dask) array cannot be indexed with
+    top = magnitude == magnitude.max(dim)
+    first = top & (top.cumsum(dim) == 1)
     # picking by position would leave the reduced dim's coordinates (which token won) behind
     along = [name for name, coord in da.coords.items() if dim in coord.dims]
-    return da.drop_vars(along).isel({dim: where}, drop=True).where(present)
+    return da.drop_vars(along).where(first).sum(dim, skipna=True).where(present)
 
 
 @_reduction("source")

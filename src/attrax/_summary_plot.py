@@ -43,7 +43,9 @@ def plot_summary(table: pd.DataFrame, *, title: str | None = None) -> Figure:
     axes = fig.subplots(1, len(metrics), sharey=True, squeeze=False)[0]
     for a, metric in zip(axes, metrics, strict=True):
         mean, low, high = (table[(metric, s)].to_numpy(dtype=float) for s in STATS)
-        spread = np.stack([mean - low, high - mean])
+        # a bootstrap interval need not hold the sample mean (a narrow one, few examples):
+        # the bar then stops at the mean on that side
+        spread = np.stack([mean - low, high - mean]).clip(min=0)
         a.errorbar(mean, y, xerr=np.nan_to_num(spread), fmt="o", color="#1f5fa8", capsize=3)
         better: Any = HIGHER_IS_BETTER.get(metric)
         arrow = "" if better is None else (" (higher better)" if better else " (lower better)")
