@@ -266,6 +266,17 @@ def test_narrow_integers_do_not_wrap_around(dtype):
     np.testing.assert_allclose(ax.rescale(row).values, wide[1] / np.abs(wide[1]).max())
 
 
+def test_a_chain_of_reductions_takes_a_dataset_and_names_its_steps():
+    values = np.arange(6.0).reshape(2, 3)
+    ds = xr.Dataset({"a": xr.DataArray(values, dims=("target", "source"))})
+    chain = ax.pipe(ax.sum("source"), ax.normalize("target"))
+    assert chain.__name__ == "pipe(sum(source), normalize(target))"
+    sums = values.sum(-1)
+    np.testing.assert_allclose(chain(ds)["a"].values, sums / np.abs(sums).sum())
+    with pytest.raises(ax.OptionError, match=r"sum\(source\), is a reduction"):
+        chain("not an array")
+
+
 def test_float16_sums_do_not_overflow():
     # 4 * 300**2 is past float16's 65504: the reductions compute in float32
     values = np.full((2, 4), 300, dtype=np.float16)

@@ -214,10 +214,11 @@ def pipe(*functions: Callable[..., Any]) -> Callable[..., Any]:
                     f"pipe: `reduce_hidden={given!r}` contradicts the chain, whose next step is "
                     f"{fused}(hidden); drop the option or the step"
                 )
-        if reduction and not (len(args) == 1 and isinstance(args[0], xr.DataArray)):
+        if reduction and not (len(args) == 1 and isinstance(args[0], (xr.DataArray, xr.Dataset))):
             # a chain of reductions takes an array; a model's call needs a method first
             raise OptionError(
-                f"pipe: its first function, {names[0]}, is a reduction and takes one DataArray, "
+                f"pipe: its first function, {names[0]}, is a reduction and takes one DataArray "
+                "(or Dataset), "
                 f"got {', '.join(type(a).__name__ for a in args) or 'nothing'}; put an "
                 "attribution method first, as pipe(ax.saliency, ax.l2_norm)"
             )
@@ -226,10 +227,19 @@ def pipe(*functions: Callable[..., Any]) -> Callable[..., Any]:
             result = fn(result)
         return result
 
-    names = [getattr(fn, "__name__", type(fn).__name__) for fn in functions]
+    names = [_name(fn) for fn in functions]
     piped.__name__ = "pipe(" + ", ".join(names) + ")"
     piped.__doc__ = f"Composition of {', '.join(names)} (left to right)."
     return piped
+
+
+def _name(fn: Any) -> str:
+    """A function's name as a chain shows it: ``sum(source)`` for ``ax.sum("source")``."""
+    if isinstance(fn, functools.partial):
+        inner = getattr(fn.func, "__name__", type(fn.func).__name__)
+        dim = fn.keywords.get("dim")
+        return f"{inner}({dim})" if dim is not None and not fn.args else inner
+    return getattr(fn, "__name__", type(fn).__name__)
 
 
 def _hidden_reduction(fn: Any) -> str | None:
