@@ -69,6 +69,19 @@ def test_labels_on_some_records_only_are_refused(default_model):
         ax.evaluate(default_model, data, {"saliency": ax.saliency})
 
 
+def test_methods_of_one_side_and_of_two_are_refused():
+    # a translator's sources with and without the decoder prefix (attribute_target) do not join
+    import functools
+
+    from attrax.testing import tiny_model
+
+    hf, tok = tiny_model("t5")
+    model = ax.load_model(hf, tokenizer=tok)
+    methods = {"a": ax.saliency, "b": functools.partial(ax.saliency, attribute_target=True)}
+    with pytest.raises(ax.OptionError, match=r"\['b'\] attribute the decoder prefix"):
+        ax.evaluate(model, [{"input": "a cat sat", "target": " the dog"}], methods)
+
+
 def _fixed(values_by_target: dict[int, list[float]]):
     """A method returning a chosen (target, source) relevance on the built-in model's grid."""
 

@@ -87,6 +87,20 @@ def test_cli_evaluate_equals_the_api(tmp_path, capsys, default_model):
     assert (tmp_path / "t.png").exists()
 
 
+def test_cli_evaluate_taucorr_loo(tmp_path, capsys, default_model):
+    data = tmp_path / "data.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in RECORDS) + "\n")
+    argv = ["evaluate", "--data", str(data), "--methods", "saliency,occlusion"]
+    argv += ["--metrics", "taucorr_loo", "--field", "input=text", "--field", "target=answer"]
+    assert main([*argv, "--out", str(tmp_path / "e.nc")]) == 0
+    assert "taucorr_loo ↑" in capsys.readouterr().out
+    methods = {"saliency": ax.saliency, "occlusion": ax.occlusion}
+    fields = {"input": "text", "target": "answer"}
+    want = ax.evaluate(default_model, data, methods, ["taucorr_loo"], fields=fields)
+    got = ax.load(tmp_path / "e.nc")["taucorr_loo"]
+    np.testing.assert_allclose(got.values, want["taucorr_loo"].values, rtol=1e-6)
+
+
 def test_cli_evaluate_errors(tmp_path, capsys):
     data = tmp_path / "data.jsonl"
     data.write_text(json.dumps(RECORDS[0]) + "\n")

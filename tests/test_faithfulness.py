@@ -347,3 +347,30 @@ def test_occlusion_with_the_same_baseline_is_the_leave_one_out_drop():
     want = F.loo_correlation(clf, ixg, texts).tau
     got = ds.taucorr_loo.sel({"method": "ixg"}).sel(target=want.target)
     np.testing.assert_allclose(got.values, want.values)
+
+
+def test_evaluate_scores_each_method_for_what_it_explained(model):
+    # methods of one objective but other targets (positions) or another contrast are scored
+    # apart: once, the first method's targets and contrast were used for all of them
+    prompt, target = "3 1 4 0 5 9 =", " 9 5 0 4 1 3"
+    methods = {"last": functools.partial(ax.saliency, positions=[-1]), "all": ax.saliency}
+    metrics = ["taucorr_loo", "comprehensiveness"]
+    ds = ax.evaluate(model, [{"input": prompt, "target": target}], methods, metrics)
+    da = ax.normalize(ax.l2_norm(ax.saliency(model, [prompt], [target])))
+    want = F.loo_correlation(model, da, [prompt], [target]).tau
+    got = ds.taucorr_loo.sel({"method": "all"}).sel(target=want.target)
+    np.testing.assert_allclose(got.values, want.values)
+    assert np.isnan(ds.taucorr_loo.sel({"method": "last"}).values[0, :-1]).all()
+
+    clf = ax.load_model("attrax:classifier")
+    texts = ["a good film", "it was awful and boring but fine"]
+    contrastive = functools.partial(ax.occlusion, baseline="pad", contrast="negative")
+    methods = {"contrastive": contrastive, "plain": functools.partial(ax.occlusion, baseline="pad")}
+    records = [{"input": t, "target": "positive"} for t in texts]
+    ds = ax.evaluate(clf, records, methods, metrics, reduce="none")
+    direct = contrastive(clf, texts, ["positive"] * 2)
+    # occlusion with the pad baseline is the leave-one-out drop of what it explained: tau 1
+    np.testing.assert_allclose(ds.taucorr_loo.sel({"method": "contrastive"}).values, 1.0)
+    want = F.comprehensiveness(clf, direct, texts, ["positive"] * 2).aopc
+    got = ds.comprehensiveness.sel({"method": "contrastive"}).values
+    np.testing.assert_allclose(got, want.values, rtol=1e-6)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import json
 import numbers
 import os
 import warnings
@@ -44,7 +45,7 @@ from ._dataset import reduce as apply_reductions
 from ._errors import InputError, OptionError
 from ._inputs import check_example, not_text
 from ._model import Model, ModelLike, load_model
-from ._schema import fill_value, label_evaluation, label_sanity, union_labels
+from ._schema import fill_value, has_targets, label_evaluation, label_sanity, union_labels
 
 FAITHFULNESS = {
     "comprehensiveness": "aopc",
@@ -53,8 +54,6 @@ FAITHFULNESS = {
     "insertion": "auc",
     "taucorr_loo": "tau",
 }
-#: the faithfulness function of a metric named otherwise (ferret's name for it)
-_FUNCTION = {"taucorr_loo": "loo_correlation"}
 PLAUSIBILITY = ("token_f1", "iou", "auprc")
 AGREEMENT = ("spearman", "kendall", "topk_overlap")
 METRICS = (*FAITHFULNESS, *PLAUSIBILITY, *AGREEMENT)
@@ -439,31 +438,39 @@ def score_records(
         got = fn(model, inputs, targets)
         named = f"`methods[{name!r}]`"
         reduced.append(_reduced(got, steps, method=named, reduce=reduce, examples=len(inputs)))
+    both = [isinstance(da.indexes.get("source"), pd.MultiIndex) for da in reduced]
+    if len(set(both)) > 1:  # sources of one side and of two cannot be compared or joined
+        which = [name for name, two in zip(names, both, strict=True) if two]
+        raise OptionError(
+            f"`methods` {which} attribute the decoder prefix too (attribute_target=True) and the "
+            "others do not: their sources differ; give every method the same attribute_target"
+        )
     flat = _one_batch(reduced)  # every method's examples as one batch: [M * N, T, S]
     n = len(inputs)
-    # each method scored with the objective it explained: one batch per objective (the joined
-    # batch keeps the first method's attrs)
+    # each method scored with what it explained (its objective, contrast and positions): one
+    # batch per kind, labelled as its first method
     groups: dict[str, list[int]] = {}
     for m, da in enumerate(reduced):
-        groups.setdefault(str(da.attrs.get("objective")), []).append(m)
+        groups.setdefault(_explained(da), []).append(m)
     scores: dict[str, np.ndarray] = {}
     for metric in (m for m in chosen if m in FAITHFULNESS):
         per_method: list[np.ndarray] = [np.empty(0)] * len(names)
         for members in groups.values():
+            group = [reduced[m] for m in members]
             if metric == "taucorr_loo":
-                taus = _loo_taus(model, flat, reduced, members, inputs, targets, batch_size)
-                for m, tau in zip(members, taus, strict=True):
-                    per_method[m] = tau
-                continue
-            part = flat.isel(example=np.concatenate([np.arange(m * n, m * n + n) for m in members]))
-            part.attrs = dict(reduced[members[0]].attrs)
-            curve = getattr(_faithfulness, _FUNCTION.get(metric, metric))(
-                model, part, inputs * len(members),
-                None if targets is None else targets * len(members), batch_size=batch_size,
-            )  # fmt: skip
-            values = curve[FAITHFULNESS[metric]].values
-            for j, m in enumerate(members):
-                per_method[m] = values[j * n : j * n + n]
+                rows = _loo_taus(model, group, inputs, targets, batch_size)
+            else:
+                part = _one_batch(group)  # its own batch keeps what its methods share (contrast)
+                part.attrs = dict(group[0].attrs)
+                curve = getattr(_faithfulness, metric)(
+                    model, part, inputs * len(members),
+                    None if targets is None else targets * len(members), batch_size=batch_size,
+                )  # fmt: skip
+                kept = curve[FAITHFULNESS[metric]]  # (example, target)
+                rows = [kept.isel(example=slice(j * n, j * n + n)) for j in range(len(members))]
+            for m, values in zip(members, rows, strict=True):
+                # the group's targets among all methods' (a method may attribute fewer)
+                per_method[m] = values.reindex(target=flat["target"].values).values
         scores[metric] = np.concatenate(per_method)
     relevance = flat.values  # [M * N, T, S], NaN where nothing is attributed
     if any(m in PLAUSIBILITY for m in chosen):
@@ -576,27 +583,47 @@ def _check(
     return chosen
 
 
+def _explained(da: xr.DataArray) -> str:
+    """What an attribution explains, as its faithfulness is scored: its objective, and the
+    contrast and positions its options record (methods that differ are scored apart)."""
+    try:
+        options = json.loads(da.attrs.get("options", "{}"))
+    except (TypeError, ValueError):
+        options = {}
+    if not isinstance(options, dict):
+        options = {}
+    explained = [str(da.attrs.get("objective")), options.get("contrast"), options.get("positions")]
+    return json.dumps(explained, default=str)
+
+
 def _loo_taus(
     model: Model,
-    flat: xr.DataArray,
-    reduced: list[xr.DataArray],
-    members: list[int],
+    group: list[xr.DataArray],
     inputs: list[Any],
     targets: list[Any] | None,
     batch_size: int | str | None,
-) -> list[np.ndarray]:
-    """Each member method's ``[N, T]`` Kendall tau with the leave-one-out drops, which do not
-    depend on the method: every source any member scores is removed once, for all of them."""
-    n = len(inputs)
+) -> list[xr.DataArray]:
+    """Each method's ``(example, target)`` Kendall tau with the leave-one-out drops. The drops
+    do not depend on the method: where the methods have the same targets, every source any of
+    them scores is removed once for all of them; otherwise each is scored on its own."""
     slices = [
-        _faithfulness._in_source_order(
-            flat.isel(example=slice(m * n, m * n + n)).transpose("example", "target", "source")
-        )
-        for m in members
+        _faithfulness._in_source_order(da.transpose("example", "target", "source")) for da in group
     ]
+    first = slices[0]
+    shared = all(
+        part.indexes["target"].equals(first.indexes["target"])
+        and part.indexes["source"].equals(first.indexes["source"])
+        and np.array_equal(has_targets(part), has_targets(first))
+        for part in slices[1:]
+    )
+    if not shared:
+        return [
+            _faithfulness.loo_correlation(model, da, inputs, targets, batch_size=batch_size).tau
+            for da in group
+        ]
     scored = np.any([~np.isnan(part.values) for part in slices], axis=0)
-    union = slices[0].copy(data=np.where(scored, 0.0, np.nan))
-    union.attrs = dict(reduced[members[0]].attrs)
+    union = first.copy(data=np.where(scored, 0.0, np.nan))
+    union.attrs = dict(group[0].attrs)
     loo = _faithfulness.loo_correlation(model, union, inputs, targets, batch_size=batch_size)
     drops = loo.transpose("example", "target", "source").values
     taus = []
@@ -605,7 +632,7 @@ def _loo_taus(
         for e, t in np.ndindex(*tau.shape):
             both = ~np.isnan(part.values[e, t]) & ~np.isnan(drops[e, t])
             tau[e, t] = _faithfulness.kendall_tau(part.values[e, t][both], drops[e, t][both])
-        taus.append(tau)
+        taus.append(xr.DataArray(tau, dims=("example", "target"), coords={"target": part.target}))
     return taus
 
 

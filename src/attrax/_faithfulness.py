@@ -251,7 +251,9 @@ def loo_correlation(
     scored = ranked.rank < ranked.rank.shape[-1]  # [B, K, S]: sources the target ranks
     width = scored.shape[-1]
     # copy s replaces source s alone; each copy scores every target
-    keep = ~torch.eye(width, dtype=torch.bool)[:, None, :].expand(width, scored.shape[0], width)
+    device = problem.inputs[0].device
+    keep = ~torch.eye(width, dtype=torch.bool, device=device)[:, None, :]
+    keep = keep.expand(width, scored.shape[0], width)
     base = baseline_embeddings(problem, baseline)
     values = problem.masked_objective(keep, base, call.options["batch_size"])  # [S, B, K]
     original = problem.evaluate(tuple(x[None] for x in problem.inputs))[0]  # [B, K]

@@ -73,6 +73,7 @@ COORDS: dict[str, str] = {
     "head_total": "head_attribution: each head's attribution summed over queries and keys",
     "auc": "deletion/insertion: area under the curve over `fraction`",
     "aopc": "comprehensiveness/sufficiency: mean over `fraction` (ERASER's AOPC)",
+    "tau": "loo_correlation: Kendall's tau-b between the attribution and the leave-one-out drops",
     "original": "faithfulness: the objective of the unperturbed input",
     "source_word": "merge_subwords: the word of each merged source",
     "target_word": "merge_subwords: the word of each merged target",

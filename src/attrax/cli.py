@@ -195,8 +195,9 @@ def _evaluate_parser(commands: Any) -> None:
         "--metrics",
         default="comprehensiveness,sufficiency",
         metavar="NAMES",
-        help="comma-separated: comprehensiveness, sufficiency, deletion, insertion, token_f1, "
-        "iou, auprc, spearman, kendall, topk_overlap (default comprehensiveness,sufficiency)",
+        help="comma-separated: comprehensiveness, sufficiency, deletion, insertion, "
+        "taucorr_loo, token_f1, iou, auprc, spearman, kendall, topk_overlap (default "
+        "comprehensiveness,sufficiency)",
     )
     evaluate.add_argument(
         "--model", metavar="PATH", help="model directory or hub name (default: the built-in model)"
