@@ -754,20 +754,28 @@ def _holds_its_budget(peak_above_start, script: str, budget: int, label: str) ->
     assert bounded["peak"] <= budget, (bounded["peak"] / mib, budget / mib)
 
 
+def _ig_over_a_long_text(build: str) -> str:
+    """A script (its ``{options}`` left open) that builds a classifier by ``build`` and runs IG
+    over its three classes on ~160 tokens of the test corpus."""
+    return (
+        "import attrax as ax\n"
+        "from attrax.testing import corpus, tiny_classifier\n"
+        f"hf, tok = {build}\n"
+        "model = ax.load_model(hf, tokenizer=tok)\n"
+        'text = tok.decode(tok(" ".join(corpus()))["input_ids"][1:159])\n'
+        "def warm():\n"
+        '    ax.integrated_gradients(model, "a good day", [0, 1, 2], steps=4, {options})\n'
+        "def call():\n"
+        "    ax.integrated_gradients(model, text, [0, 1, 2], steps=64, {options})\n"
+    )
+
+
 # a DeBERTa-v3-shaped classifier (12 heads, 2 * 256 relative positions), 384 wide, 160 tokens
-_DEBERTA_MODEL = """
-import attrax as ax
-from attrax.testing import corpus, tiny_classifier
-hf, tok = tiny_classifier("deberta-v2", hidden_size=384, intermediate_size=1536,
-    num_hidden_layers=6, num_attention_heads=12, max_position_embeddings=1024,
-    position_buckets=256)
-model = ax.load_model(hf, tokenizer=tok)
-text = tok.decode(tok(" ".join(corpus()))["input_ids"][1:159])
-def warm():
-    ax.integrated_gradients(model, "a good day", [0, 1, 2], steps=4, {options})
-def call():
-    ax.integrated_gradients(model, text, [0, 1, 2], steps=64, {options})
-"""
+_DEBERTA_MODEL = _ig_over_a_long_text(
+    'tiny_classifier("deberta-v2", hidden_size=384, intermediate_size=1536, '
+    "num_hidden_layers=6, num_attention_heads=12, max_position_embeddings=1024, "
+    "position_buckets=256)"
+)
 
 
 @pytest.mark.slow
@@ -779,19 +787,11 @@ def test_a_debertas_peak_stays_within_the_budget(peak_above_start):
 
 
 # a BART-MNLI-shaped classifier: its decoder reads the ~160 source tokens again
-_BART_CLASSIFIER = """
-import attrax as ax
-from attrax.testing import corpus, tiny_classifier
-hf, tok = tiny_classifier("bart", d_model=256, encoder_layers=3, decoder_layers=3,
-    encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=1024,
-    decoder_ffn_dim=1024, max_position_embeddings=1024)
-model = ax.load_model(hf, tokenizer=tok)
-text = tok.decode(tok(" ".join(corpus()))["input_ids"][1:159])
-def warm():
-    ax.integrated_gradients(model, "a good day", [0, 1, 2], steps=4, {options})
-def call():
-    ax.integrated_gradients(model, text, [0, 1, 2], steps=64, {options})
-"""
+_BART_CLASSIFIER = _ig_over_a_long_text(
+    'tiny_classifier("bart", d_model=256, encoder_layers=3, decoder_layers=3, '
+    "encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=1024, "
+    "decoder_ffn_dim=1024, max_position_embeddings=1024)"
+)
 
 
 @pytest.mark.slow

@@ -239,14 +239,7 @@ def loo_correlation(
     >>> loo.dims, loo.tau.dims
     (('target', 'source'), ('target',))
     """
-    _check_attribution(attribution)
-    call = _with_its_positions(_with_its_contrast(call, attribution), attribution)
-    objective = call.options["objective"]
-    if objective is None:
-        known = attribution.attrs.get("objective")
-        objective = known if known in OBJECTIVES else "probability"
-    objective_name, _ = resolve(objective)
-    ranked = _rank(call, attribution, objective)
+    call, objective_name, ranked = _scored(call, attribution)
     problem = ranked.problem
     scored = ranked.rank < ranked.rank.shape[-1]  # [B, K, S]: sources the target ranks
     width = scored.shape[-1]
@@ -315,14 +308,7 @@ def _curve(
     fractions: np.ndarray,
     baseline: Baseline,
 ) -> xr.DataArray:
-    _check_attribution(attribution)
-    call = _with_its_positions(_with_its_contrast(call, attribution), attribution)
-    objective = call.options["objective"]
-    if objective is None:
-        known = attribution.attrs.get("objective")
-        objective = known if known in OBJECTIVES else "probability"
-    objective_name, _ = resolve(objective)
-    ranked = _rank(call, attribution, objective)
+    call, objective_name, ranked = _scored(call, attribution)
     problem = ranked.problem
     counts = torch.as_tensor(
         np.ceil(np.round(np.multiply.outer(ranked.count.numpy(), fractions), 9))
@@ -352,6 +338,19 @@ def _curve(
         single=ranked.single,
         attrs=attrs,
     )
+
+
+def _scored(call: Call, attribution: xr.DataArray) -> tuple[Call, str, _Ranked]:
+    """``call`` as the attribution explained it (its contrast, its positions), the objective's
+    name (given, else the attribution's, else probability) and each target's ranking."""
+    _check_attribution(attribution)
+    call = _with_its_positions(_with_its_contrast(call, attribution), attribution)
+    objective = call.options["objective"]
+    if objective is None:
+        known = attribution.attrs.get("objective")
+        objective = known if known in OBJECTIVES else "probability"
+    objective_name, _ = resolve(objective)
+    return call, objective_name, _rank(call, attribution, objective)
 
 
 def _with_its_positions(call: Call, attribution: xr.DataArray) -> Call:
