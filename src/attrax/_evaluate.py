@@ -607,7 +607,7 @@ def _loo_taus(
     do not depend on the method: where the methods have the same targets, every source any of
     them scores is removed once for all of them; otherwise each is scored on its own."""
     slices = [
-        _faithfulness._in_source_order(da.transpose("example", "target", "source")) for da in group
+        _faithfulness.in_source_order(da.transpose("example", "target", "source")) for da in group
     ]
     first = slices[0]
     shared = all(

@@ -385,7 +385,7 @@ def _with_its_contrast(call: Call, attribution: xr.DataArray) -> Call:
     return dataclasses.replace(call, options={**call.options, "contrast": recorded})
 
 
-def _in_source_order(template: xr.DataArray) -> xr.DataArray:
+def in_source_order(template: xr.DataArray) -> xr.DataArray:
     """``template`` with its sources in the order the model reads them (the sources side first),
     whatever order a user's selection left them in: they are matched by label, not place."""
     index = template.indexes["source"]
@@ -400,7 +400,7 @@ def _in_source_order(template: xr.DataArray) -> xr.DataArray:
 def _rank(call: Call, da: xr.DataArray, objective: Any) -> _Ranked:
     single = "example" not in da.dims
     template = da.expand_dims("example") if single else da
-    template = _in_source_order(template.transpose("example", "target", "source"))
+    template = in_source_order(template.transpose("example", "target", "source"))
     attribute_target = isinstance(da.indexes.get("source"), pd.MultiIndex)
     batch = call.batch
     if batch.single != single or len(batch.examples) != template.sizes["example"]:
