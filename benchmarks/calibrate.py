@@ -1,7 +1,7 @@
 """``python -m benchmarks calibrate``: the planner's memory estimate against measured peaks.
 
 Per architecture family (GPT-2; Llama-style with RMSNorm and a gated MLP; encoder-decoder; a
-BERT sequence classifier, every class of a 20-class head as the targets), a model of a few
+BERT and a BART sequence classifier, every class of a 20-class head as the targets), a model of a few
 million parameters built from a config with random weights runs saliency with one
 target per backward and with all at once, and occlusion with one copy per forward and with all
 at once, each in a fresh process. The peak is the process's peak RSS above its RSS before the
@@ -69,6 +69,11 @@ SHAPES: dict[str, list[tuple[str, dict[str, Any], int, int, str]]] = {
         ("bert", dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
                       intermediate_size=1024, max_position_embeddings=512, texts=4), 40, 20,
          "eager"),
+        # BART-MNLI's head: the decoder reads the source again (priced as a translator's two
+        # stacks over twice the source's tokens)
+        ("bart", dict(d_model=256, encoder_layers=3, decoder_layers=3, encoder_ffn_dim=1024,
+                      decoder_ffn_dim=1024, encoder_attention_heads=4,
+                      decoder_attention_heads=4, max_position_embeddings=1024), 96, 20, "eager"),
     ],
 }  # fmt: skip
 
@@ -256,6 +261,9 @@ def run(args: argparse.Namespace) -> int:
         for arch, config, n_prompt, n_target, shape_attn in SHAPES[family][
             : 1 if args.first_shape else None
         ]:
+            archs = getattr(args, "archs", "")
+            if archs and arch not in archs.split(","):
+                continue
             attn = args.attn or shape_attn
             base = dict(
                 family=family, arch=arch, config=config, prompt=n_prompt, target=n_target,
@@ -473,6 +481,7 @@ def parser(p: argparse.ArgumentParser) -> None:
     """The options of ``python -m benchmarks calibrate``."""
     p.add_argument("--families", default=",".join(SHAPES), help="default: all")
     p.add_argument("--first-shape", action="store_true", help="only the first shape per family")
+    p.add_argument("--archs", default="", help="only the shapes of these architectures (a,b)")
     p.add_argument(
         "--runs",
         default=",".join(RUNS),
