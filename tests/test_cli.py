@@ -141,8 +141,13 @@ def test_an_option_with_a_space_at_either_end_is_a_string(tmp_path, default_mode
         (["--reduce", "mean:layer"], "'layer' is not a dim"),
         (["--device", "nope"], "is not a device"),
         (["-o", "steps"], "expected KEY=VALUE"),
+        # two values for one option: the last won without a word (until 2026-12-06)
+        (["--method", "integrated_gradients", "-o", "steps=2", "--steps", "8"],
+         "`--steps 8` and `-o steps=...` both set `steps`"),
+        (["-o", "objective=logit", "--objective", "logprob"], "both set `objective`"),
+        (["-o", "objective=logit", "-o", "objective=logprob"], "`objective` is given twice"),
     ],
-)
+)  # fmt: skip
 def test_errors_exit_2_with_one_line(capsys, extra, message):
     assert main(["attribute", "--input", PROMPT, *extra]) == 2
     err = capsys.readouterr().err

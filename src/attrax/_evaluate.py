@@ -196,7 +196,8 @@ def _rows(data: Any) -> tuple[str, Iterable[tuple[str, Any]]]:
                     f"{name} is empty: expected a header line, then one row per record"
                 ) from None
             except (ValueError, OSError) as err:  # pandas' ParserError, bad UTF-8, unreadable
-                raise InputError(f"{name} is not a readable CSV file ({err})") from None
+                said = " ".join(str(err).split())  # pandas' message ends in a newline: one line
+                raise InputError(f"{name} is not a readable CSV file ({said})") from None
             return name, _numbered(frame.to_dict("records"), f"{path.name} row {{}}")
         if suffix == ".parquet":
             try:

@@ -613,12 +613,22 @@ def _method_options(args: argparse.Namespace, fn: Any) -> dict[str, Any]:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise OptionError(f"`-o {item}`: expected KEY=VALUE")
+        if key.strip() in options:  # the last would win without a word
+            raise OptionError(f"`-o {item}`: `{key.strip()}` is given twice; give it once")
         # text with a space at either end is a string (` 1`, a target token), never JSON's 1
         plain = value != value.strip()
         try:
             options[key.strip()] = value if plain else json.loads(value)
         except ValueError:
             options[key.strip()] = value
+    flags = {"objective": args.objective, "max_new_tokens": args.max_new_tokens}
+    flags |= {name: getattr(args, name) for name in ("steps", "samples")}
+    for name, value in flags.items():
+        if value is not None and name in options:
+            flag = "--" + name.replace("_", "-")
+            raise OptionError(
+                f"`{flag} {value}` and `-o {name}=...` both set `{name}`; give it once"
+            )
     if args.objective is not None:
         options["objective"] = args.objective
     if args.max_new_tokens is not None:

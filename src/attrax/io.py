@@ -84,6 +84,12 @@ def save(obj: xr.DataArray | xr.Dataset, path: PathLike, *, compress: bool | int
                     f"`obj` cannot be stored as netCDF4 ({type(err).__name__}: {first}); "
                     "expected numbers, strings and datetimes under plain names"
                 ) from err
+            except RuntimeError as err:  # netCDF4/HDF5's own: a full disk, a failing write
+                first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+                raise InputError(
+                    f"`path` {str(path)!r}: netCDF4 could not write it in "
+                    f"{str(path.parent)!r} ({first}; is the disk full?)"
+                ) from err
 
     return write_atomically(path, write)
 
