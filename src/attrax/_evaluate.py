@@ -587,14 +587,8 @@ def _check(
 def _explained(da: xr.DataArray) -> str:
     """What an attribution explains, as its faithfulness is scored: its objective, and the
     contrast and positions its options record (methods that differ are scored apart)."""
-    try:
-        options = json.loads(da.attrs.get("options", "{}"))
-    except (TypeError, ValueError):
-        options = {}
-    if not isinstance(options, dict):
-        options = {}
-    explained = [str(da.attrs.get("objective")), options.get("contrast"), options.get("positions")]
-    return json.dumps(explained, default=str)
+    recorded = [_faithfulness.recorded_option(da, name) for name in ("contrast", "positions")]
+    return json.dumps([str(da.attrs.get("objective")), *recorded], default=str)
 
 
 def _loo_taus(

@@ -353,15 +353,20 @@ def _scored(call: Call, attribution: xr.DataArray) -> tuple[Call, str, _Ranked]:
     return call, objective_name, _rank(call, attribution, objective)
 
 
+def recorded_option(attribution: xr.DataArray, name: str) -> Any:
+    """The option ``name`` an attribution's attrs record (None when they record none)."""
+    try:
+        return json.loads(attribution.attrs.get("options", "{}")).get(name)
+    except (TypeError, ValueError, AttributeError):  # no JSON object: nothing recorded
+        return None
+
+
 def _with_its_positions(call: Call, attribution: xr.DataArray) -> Call:
     """A masked LM's ``call`` at the ``positions`` its attribution records: its targets default
     to the masks, so an attribution of other positions (``positions=``) is scored at those."""
     if call.model.task != "fill-mask":
         return call
-    try:
-        recorded = json.loads(attribution.attrs.get("options", "{}")).get("positions")
-    except (TypeError, ValueError, AttributeError):
-        recorded = None
+    recorded = recorded_option(attribution, "positions")
     if recorded is None:
         return call
     return dataclasses.replace(call, options={**call.options, "positions": recorded})
@@ -373,10 +378,7 @@ def _with_its_contrast(call: Call, attribution: xr.DataArray) -> Call:
     contrastive = {"contrast_id", "contrast_class"} & set(attribution.coords)
     if call.options["contrast"] is not None or not contrastive:
         return call
-    try:
-        recorded = json.loads(attribution.attrs.get("options", "{}")).get("contrast")
-    except (TypeError, ValueError, AttributeError):
-        recorded = None
+    recorded = recorded_option(attribution, "contrast")
     if recorded is None:
         raise InputError(
             f"`attribution` is contrastive (its `{min(contrastive)}` coordinate) but its attrs "
