@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import attrax as ax
-from attrax import _engine, _memory
+from attrax import _deeplift, _engine, _memory
 from attrax._engine import Problem
 from attrax._inputs import prepare
 from attrax._names import METHODS
@@ -392,11 +392,80 @@ def test_vargrads_two_moments_are_priced_as_held_to_the_end(models, monkeypatch)
     x = problem.inputs[0]
     array = x.shape[0] * problem.tensors.valid.shape[1] * x.shape[1] * x.shape[2] * 4
     fixed_cost(monkeypatch, _memory.Cost(per_cotangent=1000, per_point=500, fixed=10_000))
-    smallest = 10_000 + 500 + 1000  # one point, one target a pass
+    # one point, one target a pass; and both methods' two draws of noise, held to the end
+    smallest = 10_000 + 500 + 1000 + 2 * x.numel() * x.element_size()
     ax.squaregrad(model, source, target, samples=2, max_memory=smallest)
     with pytest.raises(ax.OptionError, match="cannot be met"):
         ax.vargrad(model, source, target, samples=2, max_memory=smallest + 3 * array - 1)
     ax.vargrad(model, source, target, samples=2, max_memory=smallest + 3 * array)
+
+
+@pytest.mark.parametrize(
+    ("name", "options", "per_sample"),
+    [
+        # the noise per sample: one [L, H] draw per example and side
+        ("smoothgrad", {}, lambda x: x.numel() * x.element_size()),
+        ("squaregrad", {}, lambda x: x.numel() * x.element_size()),
+        # and a baseline index and a point on the path per example
+        ("gradient_shap", {}, lambda x: x.numel() * x.element_size() + x.shape[0] * 12),
+        ("deeplift_shap", {}, lambda x: x.numel() * x.element_size() + x.shape[0] * 8),
+    ],
+)
+def test_draws_held_through_the_call_are_priced_and_refused_first(
+    models, monkeypatch, name, options, per_sample
+):
+    """Methods that draw every sample before the first pass hold ``samples`` times a draw to
+    the end: the planner adds them to each pass, and draws that alone exceed the budget are an
+    OptionError naming ``samples`` before they are allocated (a raw allocator traceback, and
+    draws missing from the estimate, until 2026-12-06)."""
+    model = models["gpt2"]
+    source, target = PAIRS[0]
+    x = Problem.build(model, prepare(model, source, target), resolve("probability")[1], False)
+    draw = per_sample(x.inputs[0])
+    fixed_cost(monkeypatch, _memory.Cost(per_cotangent=1000, per_point=500, fixed=10_000))
+    # DeepLIFT's problem adds the reference inputs it keeps per point to the estimate
+    monkeypatch.setattr(_deeplift._Problem, "cost", Problem.cost)
+    smallest = 10_000 + 500 + 1000  # one point, one target a pass
+    fn, samples = getattr(ax, name), 3
+    with pytest.raises(ax.OptionError, match="cannot be met: the smallest passes"):
+        fn(model, source, target, samples=samples, max_memory=smallest + samples * draw - 1)
+    fn(model, source, target, samples=samples, max_memory=smallest + samples * draw)
+    monkeypatch.setattr(_engine, "memory_budget", lambda device: 10**6)  # 2 MB free
+    too_many = (2 * 10**6 - 10_000) // draw + 1
+    with pytest.raises(ax.OptionError, match=f"`samples`={too_many} needs .* free on cpu"):
+        fn(model, source, target, samples=too_many)
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [
+        RuntimeError("CUDA out of memory. Tried to allocate 20.00 GiB (GPU 0; 79 GiB total)"),
+        RuntimeError(
+            "DefaultCPUAllocator: can't allocate memory: you tried to allocate 2000 bytes"
+        ),
+        MemoryError("Unable to allocate 745. GiB for an array with shape (10,)"),
+    ],
+)
+def test_running_out_of_memory_is_one_line_naming_the_sizes(models, monkeypatch, failure):
+    """An allocation that fails inside a method is a ResourceError (a MemoryError too) that
+    names the method, what it tried and the sizes given; other errors pass unchanged."""
+    model = models["gpt2"]
+
+    def fail(*args, **kwargs):
+        raise failure
+
+    monkeypatch.setattr(Problem, "gradient_sum_with_hidden", fail)
+    with pytest.raises(ax.ResourceError) as raised:
+        ax.integrated_gradients(model, *PAIRS[0], steps=7, batch_size=2)
+    message = str(raised.value)
+    assert isinstance(raised.value, MemoryError) and "\n" not in message
+    assert message.startswith("integrated_gradients ran out of memory on cpu (it tried to allocate")
+    assert re.search(r"allocate (20.00 GiB|2 kB|745 GiB)\)", message), message
+    assert "with steps=7, batch_size=2:" in message
+    assert raised.value.__context__ is None and raised.value.__cause__ is None
+    monkeypatch.setattr(Problem, "gradient_sum_with_hidden", lambda *a, **k: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        ax.integrated_gradients(model, *PAIRS[0])
 
 
 @pytest.mark.parametrize("bad", [0, -1, "", "8 GiBs", "GB", True, 1.5e9, "0.1B"])

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from ._errors import InputError as InputError
     from ._errors import ModelError as ModelError
     from ._errors import OptionError as OptionError
+    from ._errors import ResourceError as ResourceError
     from ._evaluate import evaluate as evaluate
     from ._evaluate import sanity_checks as sanity_checks
     from ._evaluate import summary as summary

@@ -415,6 +415,13 @@ def deeplift_shap(
     bases = [baseline_embeddings(problem, b) for b in as_baseline_list(baselines, len(x))]
     stacked = tuple(torch.stack(side) for side in zip(*bases, strict=True))  # [N, B, L, H]
     if samples is not None:
+        size = sum(xi.numel() * xi.element_size() for xi in x) + x[0].shape[0] * 8
+        problem.hold(
+            samples * size,
+            "samples",
+            samples,
+            "its baselines (a copy of the embeddings per sample)",
+        )
         index = torch.zeros((samples, x[0].shape[0]), dtype=torch.long)
         for b in range(x[0].shape[0]):  # per example: its draws do not depend on the batch
             generator = torch.Generator().manual_seed(seed)

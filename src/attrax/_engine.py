@@ -9,7 +9,7 @@ over masked copies of the embeddings, every target scored at once.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch.func import jvp, vjp
@@ -24,8 +24,10 @@ from ._memory import (
     at_least_float32,
     backward_bytes,
     between_passes,
+    format_bytes,
     forward_bytes,
     head_bytes,
+    memory_budget,
     plan,
     plan_forwards,
     reuse_host_memory,
@@ -64,6 +66,8 @@ class Problem:
     decoder_embeds: torch.Tensor | None
     # bytes the planner may use (None: half the device's free memory)
     max_memory: int | None = None
+    # bytes a method keeps through the call besides the passes (its draws): see hold
+    held: list[int] = field(default_factory=list, compare=False)
 
     @classmethod
     def build(
@@ -84,6 +88,23 @@ class Problem:
                     inputs = (*inputs, decoder_embeds)
                     decoder_embeds = None
         return cls(model, batch, tensors, objective, inputs, decoder_embeds, max_memory)
+
+    def hold(self, nbytes: int, option: str, value: object, what: str) -> None:
+        """Count ``nbytes`` that a method keeps through the whole call (``what``: its random
+        draws, its masks), made by its ``option`` of ``value``, in every pass's estimate. Without
+        a ``max_memory`` (whose refusal names the smallest budget, these bytes included), first
+        check that they fit the device's free memory."""
+        if self.max_memory is None:
+            device = self.inputs[0].device
+            free = 2 * memory_budget(device)
+            rest = self.cost().fixed + sum(self.held)  # the results, and what is held already
+            if rest + nbytes > free:
+                raise OptionError(
+                    f"`{option}`={value!r} needs {format_bytes(nbytes, up=True)} for {what}, "
+                    f"held through the call: with its results ({format_bytes(rest, up=True)}) "
+                    f"more than the {format_bytes(free)} free on {device.type}; give fewer {option}"
+                )
+        self.held.append(nbytes)
 
     def hidden_fn(
         self, n: int, slots: slice = slice(None), forward_mode: bool = False, own: bool = False
@@ -215,6 +236,7 @@ class Problem:
         total = keep.shape[0]
         # a forward holds no backward: "auto" takes as many copies as fit the budget
         cost = self.cost(saved=False)
+        cost = cost._replace(fixed=cost.fixed + sum(self.held))
         device = self.inputs[0].device
         step = plan_forwards(total, batch_size, cost.per_point, device, self.max_memory, cost.fixed)
         out = []
@@ -353,6 +375,7 @@ class Problem:
             return None, None  # nothing to split, and no budget to check
         device = self.inputs[0].device
         cost = self.cost()
+        cost = cost._replace(fixed=cost.fixed + sum(self.held))
         if moments > 1:  # each moment's sums, and what combining them holds (VarGrad's mean ** 2)
             cost = cost._replace(fixed=cost.fixed + (2 * moments - 1) * self._result_bytes())
         if copies:

@@ -22,3 +22,7 @@ class OptionError(AttraxError, ValueError):
 
 class ModelError(AttraxError, TypeError):
     """A model that attrax cannot wrap (unsupported architecture, missing tokenizer...)."""
+
+
+class ResourceError(AttraxError, MemoryError):
+    """A call that needs more memory than its device has free, or than its ``max_memory``."""

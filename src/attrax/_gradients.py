@@ -465,6 +465,10 @@ def _noisy_copies(
 ) -> tuple[PointFn, torch.Tensor]:
     """SmoothGrad's points (noisy copies of the embeddings) and their equal weights."""
     x = problem.inputs
+    size = sum(xi.numel() * xi.element_size() for xi in x)
+    problem.hold(
+        samples * size, "samples", samples, "its noise (a copy of the embeddings per sample)"
+    )
     draws = tuple(_noise(xi, problem, side, samples, seed) for side, xi in enumerate(x))
     sigma = tuple(_spread(xi, problem, i) * noise for i, xi in enumerate(x))
 
@@ -561,6 +565,10 @@ def _shap_draws(
     ``[samples, B, L, H]`` per side, each example's from its own generator (see gradient_shap)."""
     x = problem.inputs
     batch = x[0].shape[0]
+    size = sum(xi.numel() * xi.element_size() for xi in x) + batch * (8 + x[0].element_size())
+    problem.hold(
+        samples * size, "samples", samples, "its draws (a copy of the embeddings per sample)"
+    )
     index = torch.zeros((samples, batch), dtype=torch.long)
     alpha = torch.zeros((samples, batch), dtype=x[0].dtype)
     noise = tuple(torch.zeros((samples, *xi.shape), dtype=xi.dtype) for xi in x)

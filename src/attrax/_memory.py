@@ -310,6 +310,33 @@ def parse_bytes(value: int | str | None, name: str = "max_memory") -> int | None
     return int(float(match.group(1)) * unit)
 
 
+def out_of_memory(err: BaseException) -> str | None:
+    """What running out of memory tried to allocate (``"665 TB"``, or ``""`` where the message
+    does not say), or None where ``err`` is no allocation failure (torch's on the CPU or a GPU,
+    numpy's, Python's).
+
+    >>> out_of_memory(RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 2000 bytes."))
+    '2 kB'
+    >>> out_of_memory(RuntimeError("expected a tensor")) is None
+    True
+    """
+    text = str(err)
+    if not isinstance(err, MemoryError) and not any(
+        s in text.lower() for s in ("out of memory", "can't allocate memory")
+    ):
+        return None
+    found = re.search(
+        r"(?:tried|unable) to allocate ([0-9]+ bytes|[0-9.]+ ?[KMGTP]?i?B)\b", text, re.I
+    )
+    if found is None:
+        return ""
+    size = found.group(1)
+    if size.endswith("bytes"):
+        return format_bytes(int(size.split()[0]))
+    number, unit = re.fullmatch(r"([0-9.]+) ?(.*)", size).groups()  # type: ignore[union-attr]
+    return f"{number.rstrip('.')} {unit}"  # numpy writes "745. GiB"
+
+
 def format_bytes(n: int, up: bool = False) -> str:
     """``n`` bytes for a message: ``"1.23 GB"``, to 3 digits; ``up`` rounds up, so that a
     smallest budget a message names is enough when given back.

@@ -13,6 +13,7 @@ PUBLIC: dict[str, str] = {
     "InputError": "._errors",
     "ModelError": "._errors",
     "OptionError": "._errors",
+    "ResourceError": "._errors",
     # models and objectives
     "Model": "._model",
     "load_model": "._model",

@@ -356,6 +356,10 @@ def sobol(
     visible = problem.visible()
     group, count = _group_ids(problem, groups, visible.any(dim=1))
     n = int(count.max())
+    # the designs, their masks (float64, then the inputs' dtype) and the values
+    rows = samples * (n + 2) * group.shape[0]
+    size = rows * (8 * n + 8 * group.shape[1] + 8 * visible.shape[1])
+    problem.hold(size, "samples", samples, "its designs (groups + 2 rows of groups per sample)")
     designs = torch.zeros((samples, n + 2, *count.shape, n), dtype=torch.float64)
     for b, players in enumerate(count.tolist()):  # per example: independent of the batch
         engine = torch.quasirandom.SobolEngine(2 * players, scramble=True, seed=seed)

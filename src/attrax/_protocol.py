@@ -27,9 +27,9 @@ import xarray as xr
 
 from . import _validate as check
 from ._engine import Problem, all_finite
-from ._errors import InputError, OptionError
+from ._errors import AttraxError, InputError, OptionError, ResourceError
 from ._inputs import Batch, Texts, prepare, with_predictions
-from ._memory import parse_bytes
+from ._memory import out_of_memory, parse_bytes
 from ._model import Model, ModelLike, load_model
 from ._objectives import Objective, check_differentiable, resolve
 from ._schema import label
@@ -301,7 +301,13 @@ def _public(
         with call.model.call_lock:
             if family.differentiates and callable(objective):
                 check_differentiable(objective, name, call.model.output_width)
-            return family.run(core, call, arguments)
+            try:
+                return family.run(core, call, arguments)
+            except (MemoryError, RuntimeError) as err:
+                if isinstance(err, AttraxError) or (tried := out_of_memory(err)) is None:
+                    raise
+        # raised after the handler, so that the failed passes' tensors are freed first
+        raise ResourceError(_out_of_memory_message(name, call, kwargs, tried))
 
     public.__signature__ = signature  # type: ignore[attr-defined]
     public.attrax_family = family.name  # type: ignore[attr-defined]
@@ -310,6 +316,25 @@ def _public(
     # ax.pipe(method, ax.l2_norm | ax.sum, ...) reduces over hidden on the device instead
     public.attrax_reduces_hidden = "reduce_hidden" in shared  # type: ignore[attr-defined]
     return public
+
+
+#: the options that scale a call's memory, named when it runs out
+_SIZES = ("steps", "samples", "permutations", "batch_size", "chunk_size", "max_memory")
+
+
+def _out_of_memory_message(name: str, call: Call, given: Mapping[str, Any], tried: str) -> str:
+    """One line for a call that ran out of memory: where, what it tried, the sizes it had."""
+    device = call.problem.inputs[0].device
+    sizes = ", ".join(f"{k}={given[k]!r}" for k in _SIZES if k in given)
+    shape = call.problem.inputs[0].shape
+    return (
+        f"{name} ran out of memory on {device.type}"
+        + (f" (it tried to allocate {tried})" if tried else "")
+        + f" on {shape[0]} input(s) of {shape[1]} tokens"
+        + (f" with {sizes}" if sizes else "")
+        + ": give fewer steps or samples, smaller batch_size or chunk_size, or a max_memory "
+        "the planner bounds its passes by"
+    )
 
 
 def _leading(name: str) -> inspect.Parameter:
