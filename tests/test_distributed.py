@@ -492,3 +492,17 @@ def _assert_records_equal_the_loop(
         assert np.array_equal(np.isnan(values), np.isnan(want)), "NaN (future/padding) differs"
         ok = ~np.isnan(want)
         np.testing.assert_allclose(values[ok], want[ok], rtol=1e-4, atol=1e-6)
+
+
+def test_a_workers_attrax_error_is_the_clis_one_line(tmp_path, write_jsonl, capfd):
+    """An AttraxError on a worker (a model path that is not there, a record that cannot be
+    attributed) is the client's one line: the worker logged it first as a failed computation
+    with its traceback, a dozen lines (until 2026-12-06)."""
+    from attrax.cli import main
+
+    data = write_jsonl(_records(2))
+    args = ["attribute-dataset", "--data", str(data), "--workers", "1", "--quiet"]
+    assert main([*args, "--out", str(tmp_path / "a"), "--model", str(tmp_path / "none")]) == 2
+    err = capfd.readouterr().err
+    assert err.startswith("attrax: error: `model`") and "does not exist locally" in err, err
+    assert err.count("\n") == 1, err

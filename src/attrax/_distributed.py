@@ -20,10 +20,11 @@ Dask is an optional extra (``pip install 'attrax[distributed]'``), imported only
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,7 @@ from typing import Any
 import torch
 import xarray as xr
 
-from ._errors import InputError, OptionError
+from ._errors import AttraxError, InputError, OptionError
 from ._memory import limit_process
 
 TRIM = "distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_"
@@ -314,12 +315,36 @@ class Pool:
     def _result(future: Any) -> Any:
         distributed = require()
         try:
-            return future.result()
+            result = future.result()
         except distributed.KilledWorker as err:
             raise InputError(
                 f"a Dask worker died on every try of {err.task!r} (out of memory? a smaller "
                 "`max_memory` or larger workers may help): rerun to resume"
             ) from None
+        if isinstance(result, Failed):
+            raise result.error
+        return result
+
+
+@dataclass(frozen=True)
+class Failed:
+    """A task's AttraxError, returned rather than raised: the worker would log a raised one as
+    a failed computation, many lines before the client's one."""
+
+    error: AttraxError
+
+
+def _reporting(task: Callable[..., Any]) -> Callable[..., Any]:
+    """``task``, returning its AttraxError as a :class:`Failed` for the client to raise."""
+
+    @functools.wraps(task)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return task(*args, **kwargs)
+        except AttraxError as err:
+            return Failed(err)
+
+    return run
 
 
 def _existing(distributed: Any, address: str) -> Any:
@@ -374,6 +399,7 @@ def _rank() -> int:
         return 0
 
 
+@_reporting
 def _check_task(where: Any, records: list[dict[str, Any]], name: str, max_new_tokens: Any) -> None:
     from ._dataset import check_lines
 
@@ -395,6 +421,7 @@ def _shard_task(
     )
 
 
+@_reporting
 def _write_shard_task(
     where: Any,
     method: str,
@@ -427,6 +454,7 @@ def _save_shard(da: xr.DataArray, path: Path) -> None:
     save(da, path)
 
 
+@_reporting
 def _evaluate_task(
     where: Any,
     records: list[Any],

@@ -275,10 +275,12 @@ _UNITS = {
     "mb": 10**6,
     "gb": 10**9,
     "tb": 10**12,
+    "pb": 10**15,
     "kib": 2**10,
     "mib": 2**20,
     "gib": 2**30,
     "tib": 2**40,
+    "pib": 2**50,
 }
 
 
@@ -341,16 +343,17 @@ def format_bytes(n: int, up: bool = False) -> str:
     """``n`` bytes for a message: ``"1.23 GB"``, to 3 digits; ``up`` rounds up, so that a
     smallest budget a message names is enough when given back.
 
-    >>> format_bytes(1_234_567_890), format_bytes(1_234_567_890, up=True)
-    ('1.23 GB', '1.24 GB')
+    >>> format_bytes(1_234_567_890), format_bytes(1_234_567_890, up=True), format_bytes(2 * 10**18)
+    ('1.23 GB', '1.24 GB', '2,000 PB')
     """
     # to 3 significant digits in bytes first, which the decimal units below show exactly
     step = 10 ** max(len(str(n)) - 3, 0)
     n = -(-n // step) * step if up else (n + step // 2) // step * step
-    for unit in ("TB", "GB", "MB", "kB"):
+    for unit in ("PB", "TB", "GB", "MB", "kB"):
         scale = _UNITS[unit.lower()]
         if n >= scale:
-            return f"{n / scale:.3g} {unit}"
+            value = n / scale
+            return f"{value:.3g} {unit}" if value < 1000 else f"{value:,.0f} {unit}"
     return f"{n} B"
 
 
