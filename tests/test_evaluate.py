@@ -148,6 +148,13 @@ def test_agreement_of_a_method_with_itself_and_its_reverse(default_model):
     assert np.isnan(
         ds.spearman.sel({"method": "a", "other": "b", "target": 8}).item()
     )  # no relevance
+    # a top 7 of 7 sources is all of them for any two methods: no agreement to measure, NaN
+    # (until 2026-12-06 it was 1, even for a method against its reverse)
+    whole = ax.evaluate(default_model, data, methods, ["topk_overlap"], reduce="none", top_k=7)
+    assert np.isnan(whole.topk_overlap.sel({"method": "a", "other": "b", "target": 7}).item())
+    six = ax.evaluate(default_model, data, methods, ["topk_overlap"], reduce="none", top_k=6)
+    # top 6 of a leaves out source 2, of b (its reverse) source 1
+    assert six.topk_overlap.sel({"method": "a", "other": "b", "target": 7}).item() == 5 / 6
 
 
 def test_summary_means_and_bootstrap_intervals(default_model):

@@ -112,6 +112,15 @@ def test_how_and_nan_semantics():
         assert merged.attrs["reductions"] == f"merge_subwords(source,{how})"
 
 
+@pytest.mark.parametrize("dtype", [complex, str, object])
+def test_values_that_are_not_real_numbers_are_refused(dtype):
+    """Complex values lost their imaginary part, strings became floats, without a word (until
+    2026-12-06); the reductions refuse them the same way."""
+    da = tokens_array(["▁a", "b"]).astype(dtype)
+    with pytest.raises(ax.InputError, match=f"merge_subwords: `da` must hold numbers.*{da.dtype}"):
+        merge_subwords(da, dims="source")
+
+
 def test_scheme_can_be_forced():
     da = tokens_array(["caf", "Ã©"])  # byte-level without any space: no mark to detect
     assert list(merge_subwords(da, dims="source").source_word.values) == ["caf", "Ã©"]

@@ -711,7 +711,9 @@ def _agreement(metric: str, relevance: np.ndarray, methods: int, top_k: int) -> 
             continue
         x, y = x[both], y[both]
         if metric == "topk_overlap":
-            k = min(top_k, len(x))
+            if len(x) <= top_k:  # every source is in both tops: no agreement to measure
+                continue
+            k = top_k
             top_x = set(np.argsort(-x, kind="stable")[:k].tolist())
             top_y = set(np.argsort(-y, kind="stable")[:k].tolist())
             out[a, b, e, t] = len(top_x & top_y) / k

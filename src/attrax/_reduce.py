@@ -14,6 +14,7 @@ from typing import Any, overload
 import numpy as np
 import xarray as xr
 
+from . import _validate as check
 from ._errors import InputError, OptionError
 
 Reduction = Callable[[xr.DataArray], xr.DataArray]
@@ -66,11 +67,7 @@ def _reduction(default: str) -> Callable[[Callable[[xr.DataArray, str], xr.DataA
                 raise OptionError(
                     f"{fn.__name__}: `dim` {dim!r} is not a dim of the array; its dims are {da.dims}"
                 )
-            if da.dtype.kind not in "biuf":
-                raise InputError(
-                    f"{fn.__name__}: `da` must hold numbers (bool, int or float), got dtype"
-                    f" {da.dtype}"
-                )
+            check.holds_numbers(da.dtype, fn.__name__)
             if da.sizes[dim] == 0:
                 # numpy has no max of nothing, and NaN would pass for "not attributed"
                 raise InputError(

@@ -11,12 +11,19 @@ from typing import Any
 
 import torch
 
-from ._errors import OptionError
+from ._errors import InputError, OptionError
 from ._memory import parse_bytes
 
 Check = Callable[[Any, str], None]
 AUTO = "auto"  # a memory bound that the planner (_memory.plan) picks
 BASELINES = ("zeros", "pad", "unk", "mask")
+
+
+def holds_numbers(dtype: Any, who: str) -> None:
+    """An array's ``dtype`` that reductions can read: bool, int or float (not complex, strings
+    or objects, which numpy would cast without a word)."""
+    if dtype.kind not in "biuf":
+        raise InputError(f"{who}: `da` must hold numbers (bool, int or float), got dtype {dtype}")
 
 
 def _is_int(value: object) -> bool:

@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
+from . import _validate as check
 from ._errors import InputError, OptionError
 from ._schema import MISSING_TOKEN, per_example, replace_dim
 
@@ -68,6 +69,7 @@ def merge_subwords(
     """
     if not isinstance(da, xr.DataArray):
         raise InputError(f"merge_subwords: expected an xarray DataArray, got {type(da).__name__}")
+    check.holds_numbers(da.dtype, "merge_subwords")
     if how not in HOWS:
         raise OptionError(f"`how` must be one of {HOWS}, got {how!r}")
     if scheme is not None and scheme not in SCHEMES:
