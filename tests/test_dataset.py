@@ -266,6 +266,24 @@ def test_records_that_do_not_tokenize_fail_before_any_work(
     assert not out.exists()
 
 
+def test_positions_a_record_lacks_fail_with_its_line_before_any_shard(tmp_path, model, write_jsonl):
+    """Target positions are checked against every record that gives its target before the
+    first shard: a shorter record on line 2 failed as `inputs[0]` of its shard, after the first
+    shard was written (until 2026-12-06)."""
+    records = [
+        {"input": "4 8 2 7 0 5 =", "target": " 5 0 7 2 8 4"},  # targets at 7..12
+        {"input": "1 2 3 =", "target": " 3"},  # at 4
+    ]
+    data, out = write_jsonl(records), tmp_path / "out"
+    with pytest.raises(ax.InputError, match=r"data\.jsonl line 2: `positions` contains 9, wh"):
+        D.attribute_dataset(model, data, out, shard_size=1, progress=False, positions=[9])
+    assert not out.exists()
+    # counted from the end, every record has its last target
+    D.attribute_dataset(model, data, out, shard_size=1, progress=False, positions=[-1])
+    got = D.load_dataset_results(out)
+    assert got.target.values.tolist() == [4, 12]
+
+
 def test_generated_targets_and_reductions(tmp_path, model, write_jsonl):
     records = [{"input": p} for p in ("1 2 3 4 5 6 =", "4 5 6 7 8 9 =", "9 8 0 1 2 3 =")]
     data = write_jsonl(records)

@@ -298,3 +298,21 @@ def test_texts_that_are_no_text_are_refused(models):
             ax.saliency(models["gpt2"], text, " 1 3")
         with pytest.raises(ax.InputError, match=rf"`targets\[1\]` holds a {match}"):
             ax.saliency(models["gpt2"], ["a", "b"], [" c", text])
+
+
+@pytest.mark.parametrize("task", ["token", "fill-mask"])
+def test_checking_an_example_refuses_the_positions_preparing_it_refuses(task):
+    """check_example (the dataset runs' up-front check) finds the target positions a token
+    classifier's or a masked LM's input lacks, with prepare's own message."""
+    from attrax._inputs import check_example, prepare
+    from attrax.testing import tiny_classifier
+
+    hf, tok = tiny_classifier("bert", task)
+    model = ax.load_model(hf, tokenizer=tok)
+    text = "the capital of france is [MASK]" if task == "fill-mask" else "hello world"
+    check_example(model, text, None, positions=[1, -2])
+    with pytest.raises(ax.InputError) as prepared:
+        prepare(model, text, positions=[40])
+    with pytest.raises(ax.InputError) as checked:
+        check_example(model, text, None, positions=[40])
+    assert str(checked.value) == str(prepared.value).replace(" of `inputs`; its", "; the")

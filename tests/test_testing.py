@@ -10,12 +10,14 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
+import attrax as ax
 from attrax.testing import (
     ARCHS,
     SEQ2SEQ_ARCHS,
     TOKENIZER_KINDS,
     corpus,
     save_tiny_model,
+    tiny_classifier,
     tiny_model,
     train_tokenizer,
 )
@@ -145,10 +147,12 @@ def test_tokenizer_training_is_deterministic(kind):
 
 
 def test_unknown_names():
-    with pytest.raises(ValueError, match="unknown tokenizer kind"):
+    with pytest.raises(ax.OptionError, match="unknown tokenizer kind"):
         train_tokenizer("bpe")
-    with pytest.raises(ValueError, match="unknown arch"):
+    with pytest.raises(ax.OptionError, match="unknown arch"):
         tiny_model("bert")
+    with pytest.raises(ax.OptionError, match=r"unknown classifier 'bert'/'masked'.*'fill-mask'"):
+        tiny_classifier("bert", "masked")
 
 
 # -- models ------------------------------------------------------------------------------------

@@ -357,12 +357,13 @@ def _attribute_dataset(
     pool: Any,
 ) -> DatasetRun:
     loaded: list[Model] = []
+    positions = resolved.get("positions")  # checked against every record before any shard
 
     def ready() -> Model:
         """The model, loaded once, after every record was checked to tokenize."""
         if not loaded:
             loaded.append(load_model(model, device=device, dtype=dtype))  # a Model passes
-            _check_records(loaded[0], data, resolved.get("max_new_tokens"))
+            _check_records(loaded[0], data, resolved.get("max_new_tokens"), positions)
         return loaded[0]
 
     previous = _read_manifest(out) if out.is_dir() else None
@@ -376,7 +377,7 @@ def _attribute_dataset(
             if pool is None:
                 ready()
             else:
-                pool.check(data, shard_size, resolved.get("max_new_tokens"))
+                pool.check(data, shard_size, resolved.get("max_new_tokens"), positions)
     except BaseException:
         _remove(created)
         raise
@@ -758,15 +759,20 @@ def _readable(path: Path) -> bool:
         return False
 
 
-def _check_records(model: Model, data: Path, max_new_tokens: Any) -> None:
+def _check_records(model: Model, data: Path, max_new_tokens: Any, positions: Any = None) -> None:
     """Tokenize every record as the method will: its errors, with the record's line, up front."""
-    check_lines(model, _records(data), data.name, max_new_tokens)
+    check_lines(model, _records(data), data.name, max_new_tokens, positions)
 
 
 def check_lines(
-    model: Model, records: Iterable[dict[str, Any]], name: str, max_new_tokens: Any
+    model: Model,
+    records: Iterable[dict[str, Any]],
+    name: str,
+    max_new_tokens: Any,
+    positions: Any = None,
 ) -> None:
-    """:func:`_check_records` of records read from the file called ``name``."""
+    """:func:`_check_records` of records read from the file called ``name``; ``positions``: the
+    target positions the method is to attribute, checked where a record gives its target."""
     room = max_new_tokens if isinstance(max_new_tokens, int) else None
     for record in records:
         try:
@@ -777,6 +783,7 @@ def check_lines(
                 room,
                 names=("input", "target"),
                 pair=record.get("input_pair"),
+                positions=positions,
             )
             if "label" in record:
                 label_name(model, record["label"])

@@ -219,14 +219,20 @@ class Pool:
                 os.environ[name] = value
         self._client = self._cluster = self._environ = None
 
-    def check(self, data: Path, shard_size: int, max_new_tokens: Any) -> None:
+    def check(self, data: Path, shard_size: int, max_new_tokens: Any, positions: Any) -> None:
         """Tokenize every record on the workers (which load the model meanwhile): a record that
         cannot be attributed fails, naming its line, before any shard is computed."""
         from ._dataset import shard_records
 
         futures = [
             self.client.submit(
-                _check_task, self._where(), records, data.name, max_new_tokens, pure=False
+                _check_task,
+                self._where(),
+                records,
+                data.name,
+                max_new_tokens,
+                positions,
+                pure=False,
             )
             for records in shard_records(data, max(shard_size, 64))
         ]
@@ -400,10 +406,12 @@ def _rank() -> int:
 
 
 @_reporting
-def _check_task(where: Any, records: list[dict[str, Any]], name: str, max_new_tokens: Any) -> None:
+def _check_task(
+    where: Any, records: list[dict[str, Any]], name: str, max_new_tokens: Any, positions: Any
+) -> None:
     from ._dataset import check_lines
 
-    check_lines(worker_model(where), records, name, max_new_tokens)
+    check_lines(worker_model(where), records, name, max_new_tokens, positions)
 
 
 def _shard_task(

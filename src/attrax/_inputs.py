@@ -403,10 +403,12 @@ def check_example(
     max_new_tokens: int | None = None,
     names: tuple[str, str] = ("inputs", "targets"),
     pair: str | None = None,
+    positions: Any = None,
 ) -> None:
     """Tokenize one example as :func:`prepare` would, without running the model, and raise the
-    same errors: a target off a token boundary, too many tokens, no room to generate. ``names``
-    are what the errors call the source and the target; ``pair`` is a classifier's second text.
+    same errors: a target off a token boundary, too many tokens, no room to generate, target
+    ``positions`` it does not have (where they are known before a forward). ``names`` are what
+    the errors call the source and the target; ``pair`` is a classifier's second text.
 
     >>> import attrax as ax
     >>> check_example(ax.load_model(), "3 1 4 =", " 4 1 3")
@@ -418,7 +420,9 @@ def check_example(
         )
     if model.task == "fill-mask":  # its target is a token at the masks
         ids = _encode_item(model, source, pair, "")[0]
-        if model.tokenizer.mask_token_id not in ids:
+        if positions is not None:
+            _select(positions, tuple(range(len(ids))), len(ids))
+        elif model.tokenizer.mask_token_id not in ids:
             raise InputError(
                 f"`{names[0]}` has no {model.tokenizer.mask_token} token: {model.name} is a masked "
                 "language model, which predicts the tokens at its masks"
@@ -437,7 +441,10 @@ def check_example(
             _answer_span(model, source, pair, target, names[1], ids)
         return
     if model.task != "generation":  # a classifier's target names a class
-        _encode_item(model, source, pair, "")
+        ids, _, special, _ = _encode_item(model, source, pair, "")
+        if model.task == "token-classification" and positions is not None:
+            available = tuple(p for p in range(len(ids)) if not special[p])
+            _select(positions, available or tuple(range(len(ids))), len(ids))
         if target is not None and not (model.task == "sequence-classification" and target == "all"):
             _class_id(model, target, names[1])
         return
@@ -451,6 +458,8 @@ def check_example(
     if not target_ids:
         raise InputError(f"`{names[1]}` {target!r} has no tokens to attribute")
     _check_length(model, source_ids, target_ids, *names)
+    first = 1 if model.is_encoder_decoder else len(source_ids)
+    _select(positions, tuple(range(first, first + len(target_ids))), first + len(target_ids))
 
 
 def check_room(

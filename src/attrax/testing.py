@@ -34,6 +34,8 @@ from tokenizers import (
 )
 from transformers import PreTrainedTokenizerFast
 
+from ._errors import OptionError
+
 if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedModel
 
@@ -216,7 +218,7 @@ def train_tokenizer(
     Training is deterministic for given arguments.
     """
     if kind not in TOKENIZER_KINDS:
-        raise ValueError(f"unknown tokenizer kind {kind!r}; expected one of {TOKENIZER_KINDS}")
+        raise OptionError(f"unknown tokenizer kind {kind!r}; expected one of {TOKENIZER_KINDS}")
     texts = corpus(seed=seed) if texts is None else list(texts)
     if vocab_size is None:
         vocab_size = 800 if kind in ("gpt2", "bart") else 500
@@ -379,7 +381,7 @@ def tiny_model(
     copy of the tokenizer.
     """
     if arch not in _TINY:
-        raise ValueError(f"unknown arch {arch!r}; expected one of {ARCHS}")
+        raise OptionError(f"unknown arch {arch!r}; expected one of {ARCHS}")
     attn = config_overrides.pop("attn_implementation", "eager")
     tok = _tokenizer_for(arch)
     config = _config(arch, tok, config_overrides)
@@ -519,7 +521,11 @@ def tiny_classifier(
         )
         or (arch in SEQ2SEQ_CLASSIFIER_ARCHS and task != "sequence")
     ):
-        raise ValueError(f"unknown classifier {arch!r}/{task!r}; expected {CLASSIFIER_ARCHS}")
+        raise OptionError(
+            f"unknown classifier {arch!r}/{task!r}; expected an arch of {CLASSIFIER_ARCHS} and a "
+            f"task of {tuple(_HEADS)} (fill-mask: encoders only; {SEQ2SEQ_CLASSIFIER_ARCHS}: "
+            "sequence only)"
+        )
     kind, config_cls, defaults = _CLASSIFIERS[arch]
     attn = config_overrides.pop("attn_implementation", "eager")
     tok = _tokenizer_for(kind)
