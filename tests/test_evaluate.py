@@ -12,6 +12,7 @@ import torch
 import xarray as xr
 
 import attrax as ax
+from attrax._evaluate import read_records
 from attrax.testing import tiny_classifier
 
 PROMPT, ANSWER = "3 1 4 0 5 9 =", " 9 5 0 4 1 3"
@@ -232,11 +233,29 @@ def test_records_from_every_source(tmp_path, kind):
         pd.DataFrame(rows).to_csv(data, index=False)
     else:
         data = pd.DataFrame(rows)
-    records = ax._evaluate.read_records(data, input="text", target="answer", label="gold")
+    records = read_records(data, input="text", target="answer", label="gold")
     assert [(r.input, r.target, r.label) for r in records] == [
         (PROMPT, ANSWER, "a"),
         (OTHER[0], OTHER[1], "b"),
     ]
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "csv", "frame"])
+def test_pairs_and_single_texts_mix_in_every_source(tmp_path, kind):
+    """An NLI-style file may hold single texts too: a JSONL record leaves `input_pair` out, a
+    CSV leaves its cell empty (refused as an empty text until 2026-12-06), a DataFrame has NaN."""
+    rows = [{"input": PROMPT, "input_pair": OTHER[0]}, {"input": OTHER[0]}]
+    if kind == "jsonl":
+        data = tmp_path / "d.jsonl"
+        data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    elif kind == "csv":
+        data = tmp_path / "d.csv"
+        pd.DataFrame(rows).to_csv(data, index=False)
+        assert data.read_text().splitlines()[2].endswith(",")  # the empty cell
+    else:
+        data = pd.DataFrame(rows)
+    records = read_records(data)
+    assert [(r.input, r.input_pair) for r in records] == [(PROMPT, OTHER[0]), (OTHER[0], None)]
 
 
 def test_labels_become_a_coordinate(default_model):
@@ -423,7 +442,7 @@ def test_the_models_own_device_and_dtype_are_accepted(default_model):
 
 def test_rationale_marks_may_be_bools_or_floats():
     data = [{"input": "1 2 3 =", "rationale": [True, 0.0, 1, np.int64(0)]}]
-    assert ax._evaluate.read_records(data)[0].rationale == (1, 0, 1, 0)
+    assert read_records(data)[0].rationale == (1, 0, 1, 0)
 
 
 def test_sanity_checks_of_a_method_without_objective(default_model):
@@ -535,10 +554,15 @@ def test_summary_refuses_bad_bootstrap_options(kwargs, match):
             "half.jsonl", '{"input": "3 1 \\ud800 ="}\n',
             r"half\.jsonl line 1: field 'input' holds a lone surrogate", id="jsonl-surrogate",
         ),
+        pytest.param(  # an empty cell is a field not given, as a JSONL record leaves it out
+            "blank.csv", f'input,target\n"{PROMPT}",\n"{OTHER[0]}"," 9"\n',
+            r"`data` '.*blank\.csv': 1 of 2 records have a field 'target'",
+            id="csv-blank-target",
+        ),
         pytest.param(
-            "blank.csv", f'input,target\n"{PROMPT}",\n"{OTHER[0]}",\n',
-            r"blank\.csv row 1: field 'target' must be a non-empty text, got ''",
-            id="csv-blank-targets",
+            "noinput.csv", f'input,target\n"{PROMPT}"," 9"\n," 9"\n',
+            r"noinput\.csv row 2: field 'input' is empty: expected a non-empty text",
+            id="csv-blank-input",
         ),
         pytest.param(
             "mixed.jsonl", f'\n{{"input": "{PROMPT}", "target": "{ANSWER}"}}\n{{"input": "x"}}\n',

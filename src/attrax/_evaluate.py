@@ -123,6 +123,8 @@ def read_records(
                 "use with `fields` (the CLI's --field input=NAME)"
             )
         text = row[input]
+        if _missing(text):
+            raise InputError(f"{where}: field {input!r} is empty: expected a non-empty text")
         if not isinstance(text, str) or not text.strip():
             raise InputError(f"{where}: field {input!r} must be a non-empty text, got {text!r}")
         goal = None if _missing(row.get(target)) else row[target]
@@ -198,7 +200,12 @@ def _rows(data: Any) -> tuple[str, Iterable[tuple[str, Any]]]:
             except (ValueError, OSError) as err:  # pandas' ParserError, bad UTF-8, unreadable
                 said = " ".join(str(err).split())  # pandas' message ends in a newline: one line
                 raise InputError(f"{name} is not a readable CSV file ({said})") from None
-            return name, _numbered(frame.to_dict("records"), f"{path.name} row {{}}")
+            # an empty cell is a field not given (as a JSONL record leaves it out, or a
+            # DataFrame's NaN): pairs and single texts mix
+            rows = [
+                {k: None if v == "" else v for k, v in r.items()} for r in frame.to_dict("records")
+            ]
+            return name, _numbered(rows, f"{path.name} row {{}}")
         if suffix == ".parquet":
             try:
                 frame = pd.read_parquet(path)
