@@ -1565,3 +1565,26 @@ def test_a_debertas_estimated_forward_covers_what_it_saves(tokens):
     assert saved <= estimate
     if tokens == 40:  # the terms' share, the larger the shorter the input
         assert _memory.forward_bytes(*shape, device="cuda") < saved
+
+
+def test_no_cut_is_so_short_that_it_runs_attention_the_estimate_did_not_price(monkeypatch):
+    """The estimate prices the attention a call's full length runs (fused SDPA from
+    SDPA_MIN_TOKENS tokens: no [heads, L, L] weights). A target chunk cut shorter than that ran
+    eager attention, which keeps them (until 2026-12-06): cuts now stop at the shortest fused
+    length, and the attributions are those of one forward over every target."""
+    from attrax import _model
+
+    model, prompt, target = _long_llama(30, 12)
+    cut_at_every_target(monkeypatch)
+    monkeypatch.setattr(_model, "SDPA_MIN_TOKENS", 50)
+    problem = Problem.build(model, prepare(model, prompt, target), resolve("probability")[1], False)
+    full, first = problem.inputs[0].shape[1], int(problem.tensors.index[0, 0]) + 1
+    assert first < 50 < full  # the early targets' cuts would run eager attention
+    lengths = [n for _, n in problem._target_chunks(1)]
+    assert min(lengths) == 50 and lengths[-1] == full - 1  # the last token predicts nothing
+    assert all(model.attention_for(n, torch.device("cpu")) == "sdpa" for n in lengths)
+    seen = _forwards(model)
+    got = ax.saliency(model, prompt, target, chunk_size=1)
+    assert sorted({tokens for _, tokens in seen}) == sorted(set(lengths))
+    whole = ax.saliency(model, prompt, target, chunk_size=None)
+    assert_close(got.values, whole.values, rtol=1e-5, atol=1e-6)

@@ -465,7 +465,19 @@ class Problem:
         if not self.model.causal:
             return [(chunks[0], None)]
         full = self.inputs[0].shape[1]
-        return [(c, _cut(int(t.index[:, c].max()) + 1, full)) for c in chunks]
+        # no cut so short that its forward runs eager attention where the estimate priced the
+        # full length's fused one: its [heads, L, L] weights could double a pass
+        device = self.inputs[0].device
+        floor = 1
+        if self.model.attention_for(full, device) != self.model.attention_for(1, device):
+            eager, floor = 1, full  # the shortest fused length, by bisection
+            while floor - eager > 1:
+                mid = (eager + floor) // 2
+                if self.model.attention_for(mid, device) == "eager":
+                    eager = mid
+                else:
+                    floor = mid
+        return [(c, _cut(max(int(t.index[:, c].max()) + 1, floor), full)) for c in chunks]
 
     def _chunk_gradients(
         self,
