@@ -2732,6 +2732,15 @@ def _head_relevance(hf, h: torch.Tensor, position: int, target: int) -> tuple[to
     a classifier's ``out_proj(tanh(dense(h)))`` (BART-MNLI's), the identity rule through tanh."""
     relevance = torch.zeros_like(h)
     head = getattr(hf, "classification_head", None)
+    answers = getattr(hf, "qa_outputs", None)  # a Linear: row 0 the start logit, 1 the end's
+    if answers is not None:
+        z = answers(h[position])
+        r_z = torch.zeros_like(z)
+        r_z[target] = z[target]
+        relevance[position] = _linear_messages(
+            h[position][None], answers.weight, r_z[None], z[None]
+        )[0]
+        return relevance, float(z[target])
     if head is None:
         weight = hf.get_output_embeddings().weight[target]
         bias = getattr(hf, "final_logits_bias", None)
@@ -2912,6 +2921,34 @@ def test_encoder_decoder_classifiers_equal_explicit_layer_by_layer_lrp(arch, rul
             np.testing.assert_allclose(got[k].values, want, rtol=1e-7, atol=1e-10)
 
 
+@pytest.mark.parametrize("rule", ["attnlrp", "cp-lrp"])
+@pytest.mark.parametrize("arch", ["bart", "mbart", "t5"])
+def test_encoder_decoder_answerers_equal_explicit_layer_by_layer_lrp(arch, rule):
+    # BartForQuestionAnswering and kin: the start logit at the answer's first token and the end
+    # logit at its last, each read from the decoder there (a Linear: its bias keeps its share)
+    model = _double(*tiny_classifier(arch, "question-answering"))
+    reference = {"bart": seq2seq_lrp_reference, "mbart": pre_norm_seq2seq_lrp_reference}.get(
+        arch, t5_lrp_reference
+    )
+    tolerance = 1e-5 if arch == "t5" else 1e-9
+    got = ax.lrp(model, ("where did the cat sit", "the cat sat on the mat"), "the mat", rule=rule)
+    source = got.source_id.values.tolist()
+    first = source[-1] if arch == "mbart" else model.hf.config.decoder_start_token_id
+    decoder = [first, *source[:-1]]
+    with torch.no_grad():
+        out = model.hf(input_ids=torch.tensor([source]))
+    for k, name in enumerate(("start", "end")):
+        position = int(got.target_position[k])
+        r_src, r_dec, logit = reference(model.hf, source, decoder, position, k, rule)
+        want_logit = float(getattr(out, f"{name}_logits")[0, position])
+        assert logit == pytest.approx(want_logit, rel=tolerance, abs=tolerance)
+        want = r_src.copy()
+        want[:-1] += r_dec[1:]
+        if arch == "mbart":
+            want[-1] += r_dec[0]
+        np.testing.assert_allclose(got[k].values, want, rtol=1e-7, atol=1e-10)
+
+
 # the explicit reference for T5 and mT5: RMSNorm sub-layers (no biases), unscaled scores plus a
 # relative position bias, ReLU or gated-GELU feed-forwards, the decoder's output scaled when tied
 
@@ -3011,7 +3048,7 @@ def t5_lrp_reference(
         decoder_saved.append((block, h, y1, att, h1, y2, cross, h2, out, inner))
         h = h2 + out
     final = norm(decoder_stack.final_layer_norm, h)
-    classifier = getattr(hf, "classification_head", None) is not None
+    classifier = any(hasattr(hf, head) for head in ("classification_head", "qa_outputs"))
     if getattr(config, "scale_decoder_outputs", False) and not classifier:  # T5's tied LM head
         final = final * config.d_model**-0.5
     # RMSNorm and the scale pass it unchanged

@@ -36,13 +36,15 @@ def _hf_gradients(
     ids: list[int],
     edit: Callable[[torch.Tensor, torch.Tensor], tuple] | None,
     classes: list[int] | None = None,
+    read: Callable[[object], torch.Tensor] = lambda out: out.logits[0],
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per class, the gradient of transformers' own logit w.r.t. each token's embedding (the
     encoder's row plus the decoder's, which reads token i at position i + 1, and mBART's
     first decoder position, its input's last token), the embeddings, and the logits.
 
     ``edit(encoder_rows, decoder_rows)`` replaces the rows the modules give (a path point, an
-    occluded token) before the leaves are taken.
+    occluded token) before the leaves are taken; ``read`` takes the logits from transformers'
+    output (a question-answering model's start and end logits at the answer's positions).
     """
     hf = model.hf
     leaves: dict[str, torch.Tensor] = {}
@@ -50,7 +52,7 @@ def _hf_gradients(
 
     encoder, decoder = hf.get_encoder().embed_tokens, hf.get_decoder().embed_tokens
     grads, logits = [], []
-    for cls in range(len(model.labels)) if classes is None else classes:
+    for cls in range(len(model.labels)) if classes is None else classes:  # QA: start, end
         calls: list[str] = []
 
         def hook(module, args, out, calls=calls):
@@ -68,7 +70,7 @@ def _hf_gradients(
             handles[id(decoder)] = decoder.register_forward_hook(hook)
         try:
             with torch.enable_grad():  # a reference forward may run under no_grad
-                logit = hf(input_ids=torch.tensor([ids])).logits[0]
+                logit = read(hf(input_ids=torch.tensor([ids])))
         finally:
             for handle in handles.values():
                 handle.remove()
@@ -286,16 +288,110 @@ def test_a_pad_token_inside_an_mbart_input_is_refused():
     assert ax.saliency(_model("bart"), "<pad> a cat sat").sizes["target"] == 1  # BART: fine
 
 
-def test_untied_tables_and_encoder_decoder_answerers_are_refused():
+def test_untied_tables_are_refused():
     hf, tok = tiny_classifier("bart")
     untied = torch.nn.Embedding(*hf.model.shared.weight.shape)
     hf.model.decoder.embed_tokens = untied
     with pytest.raises(ax.ModelError, match="different tables"):
         ax.load_model(hf, tokenizer=tok)
-    config = tiny_classifier("bart")[0].config
-    answerer = transformers.BartForQuestionAnswering(config)
-    with pytest.raises(ax.ModelError, match="encoder-decoder question-answering model"):
-        ax.load_model(answerer, tokenizer=tok)
+
+
+# --- question answering (BartForQuestionAnswering and kin): the decoder, reading the input
+# shifted right beside the encoder's states, scores every position as the answer's start and end
+
+QUESTION = ("where did the cat sit", "a cat sat on the mat and a dog ran")
+
+
+def _answerer(arch: str) -> ax.Model:
+    if ("qa", arch) not in _MODELS:
+        hf, tok = tiny_classifier(arch, "question-answering")
+        _MODELS["qa", arch] = (ax.load_model(hf, tokenizer=tok), tok)
+    return _MODELS["qa", arch][0]
+
+
+def _span(da) -> Callable[[object], torch.Tensor]:
+    """transformers' start logit at the answer's first token and end logit at its last."""
+    start, end = (int(p) for p in da.target_position.values)
+    return lambda out: torch.stack((out.start_logits[0, start], out.end_logits[0, end]))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_an_answers_gradients_equal_transformers_own_forward_from_ids(arch):
+    model = _answerer(arch)
+    assert model.task == "question-answering" and model.seq2seq_classifier
+    ids = _ids(model, QUESTION)
+    sal = ax.saliency(model, QUESTION, "the mat", objective="logit")
+    assert sal.target.values.tolist() == ["start", "end"]
+    answer = model.tokenizer.convert_ids_to_tokens(ids)
+    start, end = (int(p) for p in sal.target_position.values)
+    assert model.tokenizer.convert_tokens_to_string(answer[start : end + 1]).strip() == "the mat"
+    grads, embeds, _ = _hf_gradients(model, ids, None, read=_span(sal))
+    np.testing.assert_allclose(sal.values, grads, rtol=1e-4, atol=1e-6)
+    ixg = ax.input_x_gradient(model, QUESTION, "the mat", objective="logit")
+    np.testing.assert_allclose(ixg.values, grads * embeds, rtol=1e-4, atol=1e-6)
+    # without an answer: the context span start <= end of the largest start + end logit of
+    # transformers' forward, by a loop over every span
+    with torch.no_grad():
+        out = model.hf(input_ids=torch.tensor([ids]))
+    pred = ax.saliency(model, QUESTION)
+    context = [p for p, s in enumerate(pred.segment.values) if s == 1 and not pred.special[p]]
+    scores = {
+        (a, b): float(out.start_logits[0, a] + out.end_logits[0, b])
+        for a in context
+        for b in context
+        if a <= b
+    }
+    assert tuple(pred.target_position.values.tolist()) == max(scores, key=scores.get)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_an_answers_integrated_gradients_equal_a_loop_over_own_nodes(arch):
+    model = _answerer(arch)
+    ids = _ids(model, QUESTION)
+    got = ax.integrated_gradients(
+        model, QUESTION, "the mat", objective="logit", steps=5, baseline="zeros"
+    )
+    nodes, weights = np.polynomial.legendre.leggauss(5)
+    total = 0.0
+    for alpha, weight in zip((nodes + 1) / 2, weights / 2, strict=True):
+
+        def edit(enc, dec, alpha=float(alpha)):
+            if enc is not None:
+                return enc * alpha
+            kept = dec.clone() * alpha
+            if model.seq2seq_classifier == "start":
+                kept[:, 0] = dec[:, 0]
+            return kept
+
+        total = total + weight * _hf_gradients(model, ids, edit, read=_span(got))[0]
+    want = total * _hf_gradients(model, ids, None, read=_span(got))[1]
+    np.testing.assert_allclose(got.values, want, rtol=1e-4, atol=1e-6)
+
+
+def test_a_padded_batch_of_questions_equals_each_alone():
+    model = _answerer("bart")
+    other = ("who ran", "a dog ran")
+    both = ax.saliency(model, [QUESTION, other], ["the mat", "a dog"])
+    for i, (item, answer) in enumerate(((QUESTION, "the mat"), (other, "a dog"))):
+        alone = ax.saliency(model, item, answer)
+        n = alone.sizes["source"]
+        np.testing.assert_allclose(
+            both.isel(example=i, source=slice(0, n)).values, alone.values, rtol=1e-4, atol=1e-6
+        )  # float32 sums in another order: ~2e-7 apart where values are ~1e-4
+        assert np.isnan(both.isel(example=i).values[:, n:]).all()
+
+
+def test_an_answerer_follows_one_stack_for_no_method_and_loads_from_disk(tmp_path):
+    model = _answerer("bart")
+    with pytest.raises(ax.ModelError, match="BartForQuestionAnswering"):
+        ax.attention(model, QUESTION)
+    hf, tok = tiny_classifier("bart", "question-answering")
+    hf.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    loaded = ax.load_model(tmp_path)
+    assert loaded.task == "question-answering" and loaded.seq2seq_classifier == "start"
+    want = ax.saliency(model, QUESTION, "the mat")
+    np.testing.assert_allclose(ax.saliency(loaded, QUESTION, "the mat").values, want.values)
 
 
 def test_a_local_checkpoint_loads_and_runs_from_the_cli(tmp_path, capsys):

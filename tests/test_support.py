@@ -150,6 +150,9 @@ FAMILIES: dict[str, Callable[[], ax.Model]] = {
     "BART classifier (MNLI)": _classifier("bart"),
     "mBART classifier": _classifier("mbart"),
     "T5 classifier": _classifier("t5"),
+    "BART question answering": _classifier("bart", "question-answering"),
+    "mBART question answering": _classifier("mbart", "question-answering"),
+    "T5 question answering": _classifier("t5", "question-answering"),
     **{
         f"{name} {head}": _classifier(arch, task)
         for head, task in (("question answering", "question-answering"), ("masked LM", "fill-mask"))

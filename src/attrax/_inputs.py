@@ -1170,7 +1170,7 @@ def check_eos(model: Model, ids: Sequence[int], where: str) -> None:
     input without one has no class (transformers' error would say so from inside the model);
     mBART's and PLBart's inputs hold no pad token, which would move their decoder's start."""
     eos = model.hf.config.eos_token_id
-    if model.seq2seq_classifier and eos not in ids:
+    if model.seq2seq_classifier and model.task == "sequence-classification" and eos not in ids:
         raise InputError(
             f"`inputs{where}` encodes without an EOS token (id {eos}), where "
             f"{type(model.hf).__name__} reads its class; its tokenizer should append one"

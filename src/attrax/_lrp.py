@@ -995,11 +995,12 @@ _LINEAR = frozenset(
         "MarianMTModel",
         *(f"{family}ForConditionalGeneration" for family in ("Bart", "M2M100", "MBart", "Pegasus")),
         # BART-MNLI's head and T5's: their forwards never run (attrax pools the last EOS
-        # itself); T5's body is its two stacks
+        # itself); T5's body is its two stacks. The question-answering heads: a Linear's start
+        # and end logits at every decoder position
         *(
             f"{family}{part}"
             for family in ("Bart", "MBart", "T5", "MT5")
-            for part in ("ForSequenceClassification", "Model")
+            for part in ("ForSequenceClassification", "ForQuestionAnswering", "Model")
         ),
         # T5 and mT5: RMSNorm sub-layers (patched) with residual sums, the decoder's output scaled
         # by a constant for tied embeddings; a float16 block clamps only at float16's overflow

@@ -54,9 +54,10 @@ TASKS = (
 MASKED_LM_HEADS = ("cls", "lm_head", "lm_predictions", "generator_predictions", "vocab_transform")
 #: A question-answering model's two targets: the logits of the answer's first and last token
 QA_TARGETS = ("start", "end")
-#: encoder-decoder sequence classifiers attrax attributes: their decoder reads the input ids
-#: shifted right after the decoder start token ("start"), or (mBART, PLBart) after the input's
-#: last token, its language id ("last"); each reads its decoder's state at the last EOS
+#: encoder-decoder classifiers attrax attributes: their decoder reads the input ids shifted
+#: right after the decoder start token ("start"), or (mBART, PLBart) after the input's last
+#: token, its language id ("last"). A sequence classifier reads its decoder's state at the last
+#: EOS; a question-answering model scores every decoder position as an answer's start and end
 SEQ2SEQ_CLASSIFIERS = {
     "BartForSequenceClassification": "start",
     "MBartForSequenceClassification": "last",
@@ -65,6 +66,12 @@ SEQ2SEQ_CLASSIFIERS = {
     "T5ForSequenceClassification": "start",
     "MT5ForSequenceClassification": "start",
     "UMT5ForSequenceClassification": "start",
+    "BartForQuestionAnswering": "start",
+    "MBartForQuestionAnswering": "last",
+    "MvpForQuestionAnswering": "start",
+    "T5ForQuestionAnswering": "start",
+    "MT5ForQuestionAnswering": "start",
+    "UMT5ForQuestionAnswering": "start",
 }
 # With attn_implementation="auto", a forward on the CPU attending over at least this many tokens
 # runs SDPA's fused kernel: where it overtakes eager attention under the vectorized backward (the
@@ -139,8 +146,8 @@ class Model:
             raise ModelError(
                 f"`model` ({type(hf_model).__name__}) is an encoder-decoder "
                 f"{what.get(self.task, 'classifier')}; attrax attributes encoder-only and "
-                "decoder-only classifiers, the encoder-decoder sequence classifiers "
-                f"{', '.join(SEQ2SEQ_CLASSIFIERS)}, and encoder-only question-answering models"
+                "decoder-only classifiers and question-answering models, and the "
+                f"encoder-decoder ones {', '.join(SEQ2SEQ_CLASSIFIERS)}"
             )
         #: class id -> label name (classifiers; a question-answering model's "start" and "end")
         self.labels: dict[int, str] = {}
@@ -389,21 +396,26 @@ class Model:
             fast_activations(self._activations),
             _first_position_only(self._first_position),
         ):
-            if self.seq2seq_classifier:
+            if self.seq2seq_classifier and self.task == "question-answering":
+                # transformers shifts the ids into the decoder, which embeddings do not give
+                decoder = self.decoder_inputs(embeds, mask)
+                out = self.hf(**kwargs, decoder_inputs_embeds=decoder, use_cache=False)
+            elif self.seq2seq_classifier:
                 # transformers finds the last EOS from ids, which embeddings do not give
                 decoder = self.decoder_inputs(embeds, mask)
                 hidden = body(self.hf)(**kwargs, decoder_inputs_embeds=decoder, use_cache=False)[0]
                 return self.hf.classification_head(hidden[rows, index])
-            if self._score is not None and self.task == "sequence-classification":
+            elif self._score is not None and self.task == "sequence-classification":
                 # from embeddings HF cannot find the last real token, so the pooling happens here
                 hidden = body(self.hf)(**kwargs, use_cache=False)[0]
                 return self._score(hidden[rows, index])
-            if self.task == "fill-mask":  # the vocabulary's logits at the masks alone
+            elif self.task == "fill-mask":  # the vocabulary's logits at the masks alone
                 head = _masked_lm_head(self.hf)
                 with _rows_only(head, index):
                     logits = self.hf(**kwargs).logits
                 return logits if head is not None else logits[rows, index]
-            out = self.hf(**kwargs)
+            else:
+                out = self.hf(**kwargs)
         if self.task == "question-answering":
             # index holds each target's slot: 0 the answer's start, 1 its end
             both = torch.stack((out.start_logits, out.end_logits), dim=1)  # [B, 2, L]
@@ -779,8 +791,11 @@ class Model:
         if self.task != "generation":
             given = {"input_ids": ids} if embeds is None else {"inputs_embeds": embeds, **per_layer}
             if self.seq2seq_classifier and embeds is not None:
-                # the probe ends in EOS, which transformers' head reads from ids
                 decoder = self.decoder_inputs(embeds, mask)
+                if self.task == "question-answering":
+                    out = self.hf(**given, attention_mask=mask, decoder_inputs_embeds=decoder)
+                    return torch.stack((out.start_logits, out.end_logits), dim=-1)
+                # the probe ends in EOS, which transformers' head reads from ids
                 hidden = body(self.hf)(**given, attention_mask=mask, decoder_inputs_embeds=decoder)
                 return self.hf.classification_head(hidden[0][:, -1])
             if self._score is not None and self.task == "sequence-classification":

@@ -501,8 +501,9 @@ def tiny_classifier(
     ``arch`` is one of :data:`CLASSIFIER_ARCHS`: encoders (``bert``, ``distilbert``, ``roberta``,
     ``xlm-roberta``, ``camembert``, ``deberta-v2``, ``electra``, ``modernbert``), decoder-only
     heads that pool their last real token (``gpt2``, ``llama``, ``qwen2``) and encoder-decoders
-    that read their decoder at the last EOS (``bart``, ``mbart``, ``t5``: :data:`SEQ2SEQ_CLASSIFIER_ARCHS`,
-    sequence classifiers only; mBART's tokenizer ends each input with ``</s> en_XX``); ``task`` is
+    whose decoder reads the input again (``bart``, ``mbart``, ``t5``: :data:`SEQ2SEQ_CLASSIFIER_ARCHS`,
+    sequence classifiers, read at the last EOS, and question answering only; mBART's tokenizer
+    ends each input with ``</s> en_XX``); ``task`` is
     ``"sequence"`` (``*ForSequenceClassification``), ``"token"`` (``*ForTokenClassification``)
     , ``"question-answering"`` (``*ForQuestionAnswering``: start and end logits per token, so
     ``num_labels`` is 2) or ``"fill-mask"`` (``*ForMaskedLM``, encoders only: the vocabulary's
@@ -519,12 +520,12 @@ def tiny_classifier(
             task == "fill-mask"
             and not hasattr(transformers, _CLASSIFIER_NAMES[arch] + _HEADS[task])
         )
-        or (arch in SEQ2SEQ_CLASSIFIER_ARCHS and task != "sequence")
+        or (arch in SEQ2SEQ_CLASSIFIER_ARCHS and task not in ("sequence", "question-answering"))
     ):
         raise OptionError(
             f"unknown classifier {arch!r}/{task!r}; expected an arch of {CLASSIFIER_ARCHS} and a "
             f"task of {tuple(_HEADS)} (fill-mask: encoders only; {SEQ2SEQ_CLASSIFIER_ARCHS}: "
-            "sequence only)"
+            "sequence and question-answering only)"
         )
     kind, config_cls, defaults = _CLASSIFIERS[arch]
     attn = config_overrides.pop("attn_implementation", "eager")
