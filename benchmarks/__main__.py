@@ -1,5 +1,5 @@
-"""``python -m benchmarks run|classifiers|question-answering|masked-lm|nli|report|real-size|
-long-attention|budgets|methods|calibrate|models``: the one entry point (see README.md)."""
+"""``python -m benchmarks run|classifiers|question-answering|masked-lm|nli|seq2seq-qa|report|
+real-size|long-attention|budgets|methods|calibrate|models``: the one entry point (see README.md)."""
 
 from __future__ import annotations
 
@@ -33,6 +33,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     masked_lm.parser(sub.add_parser("masked-lm", help="M1: a BERT-shaped masked LM (fill-mask)"))
     nli.parser(sub.add_parser("nli", help="N1: a BART-MNLI-shaped encoder-decoder classifier"))
+    nli.parser(
+        sub.add_parser("seq2seq-qa", help="N2: a BART-shaped encoder-decoder answerer"),
+        "seq2seq_qa",
+    )
     r = sub.add_parser("report", help="render the docs from the committed results JSON")
     r.add_argument("--cpu", default=report.CPU_RESULTS, help="CPU results JSON")
     r.add_argument("--gpu", default=report.GPU_RESULTS, help="GPU results JSON")
@@ -68,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
         return masked_lm.run(masked_lm.defaults(args), argv)
     if args.command == "nli":
         return nli.run(nli.defaults(args), argv)
+    if args.command == "seq2seq-qa":
+        return nli.run_qa(nli.defaults(args, "seq2seq-qa"), argv)
     if args.command == "classifiers-worker":
         classify.worker(args.spec)
         return 0

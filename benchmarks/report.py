@@ -434,6 +434,7 @@ def render_cpu(
     out += _question_answering_section(results.get("question_answering"))
     out += _masked_lm_section(results.get("masked_lm"))
     out += _nli_section(results.get("nli"))
+    out += _seq2seq_qa_section(results.get("seq2seq_qa"))
     out += _real_size_section(real_size or {})
     return "\n".join(out) + "\n"
 
@@ -755,6 +756,30 @@ def _nli_section(results: dict[str, Any] | None) -> list[str]:
         "Captum runs it as `LayerIntegratedGradients` on both embedding layers"
     )
     return _task_section("Encoder-decoder NLI classifier (N1)", results, about, reference)
+
+
+def _seq2seq_qa_section(results: dict[str, Any] | None) -> list[str]:
+    """The encoder-decoder question-answering workload (N2) of ``python -m benchmarks
+    seq2seq-qa``."""
+    if not results:
+        return []
+    meta = results["meta"]
+    (n, question, context), bart = meta["pairs"], meta["spec"]
+    about = (
+        f"`BartForQuestionAnswering` (BART fine-tuned on SQuAD) on a random BART (d_model "
+        f"{bart['d_model']}, {bart['layers']} encoder and {bart['layers']} decoder layers). The "
+        f"inputs are {n} (question, context) pairs of {question} + {context} tokens, "
+        f"{question + context + 4} with the special tokens, so nothing is padded; each pair's "
+        "targets are the start and end of its predicted answer, the objective their softmax "
+        "over the positions (as Q1's). attrax attributes both through the two stacks that read "
+        "each token, in one call. Captum attributes to both embedding layers, one batched call "
+        "per target, and the decoder's row i + 1 is added to the encoder's row i."
+    )
+    reference = (
+        "the BERT tutorials' reference in BART's tokens (`<pad>`, `<s>` and `</s>` kept); "
+        "Captum runs it as `LayerIntegratedGradients` on both embedding layers"
+    )
+    return _task_section("Encoder-decoder question answering (N2)", results, about, reference)
 
 
 BERT_REFERENCE = (

@@ -756,6 +756,29 @@ def test_nli_equals_captums_loop_over_classes_on_both_embedding_layers(method):
     assert not parity(ours.reshape(flat), encoder_only.reshape(flat), method)["ok"]
 
 
+@pytest.mark.parametrize("method", ["saliency", "input_x_gradient", "integrated_gradients"])
+def test_seq2seq_qa_equals_captums_loop_over_start_and_end_on_both_embedding_layers(method):
+    pytest.importorskip("captum")
+    from benchmarks import nli, question_answering
+    from benchmarks.parity import parity
+
+    from attrax.testing import tiny_classifier
+
+    hf, tok = tiny_classifier("bart", "question-answering")
+    model = ax.load_model(hf, tokenizer=tok)
+    given = [
+        ("where did the cat sit", "a cat sat on the mat"),
+        ("where did the dog sit", "a dog sat on the mat"),
+    ]
+    assert len({len(tok(q, c)["input_ids"]) for q, c in given}) == 1  # nothing padded
+    spans = question_answering.predicted_spans(model, given)
+    ours, _ = question_answering.attrax_qa(model, given, spans, method, steps=8)
+    theirs, seconds = nli.captum_qa(hf, tok, given, spans, method, steps=8)
+    assert ours.shape == theirs.shape and ours.shape[:2] == (2, 2) and seconds > 0
+    flat = (-1, *ours.shape[2:])
+    assert parity(ours.reshape(flat), theirs.reshape(flat), method)["ok"]
+
+
 def test_the_nli_section_renders_from_a_recorded_run():
     from benchmarks import nli
 
@@ -772,3 +795,6 @@ def test_the_nli_section_renders_from_a_recorded_run():
     assert "## Encoder-decoder NLI classifier (N1)" in text and "30 + 12 tokens, 46" in text
     assert "`<pad>`, `<s>` and `</s>` kept" in text and "[PAD]" not in text
     assert "| integrated gradients | 1.00 | 2.00 | **2.0\u00d7** |" in text
+    results["meta"]["pairs"] = list(nli.QA_PAIRS)
+    text = "\n".join(report._seq2seq_qa_section(results))
+    assert "## Encoder-decoder question answering (N2)" in text and "12 + 33 tokens, 49" in text
