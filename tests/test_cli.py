@@ -137,6 +137,7 @@ def test_an_option_with_a_space_at_either_end_is_a_string(tmp_path, default_mode
         (["--target", "9 5"], "does not continue the prompt"),
         # the flags named, not the Python arguments (until 2026-12-05)
         (["--max-new-tokens", "60"], "`--max-new-tokens` 60 does not fit `--input`: 7 prompt"),
+        (["--max-new-tokens", "60"], "pass --max-new-tokens 57 or fewer"),  # not max_new_tokens=57
         (["--target", " "], "`--target` is empty: there is nothing to attribute"),
         (["--reduce", "mean:layer"], "'layer' is not a dim"),
         (["--device", "nope"], "is not a device"),

@@ -20,18 +20,24 @@ RECORDS = [
 
 def _table() -> pd.DataFrame:
     columns = pd.MultiIndex.from_product(
-        [["comprehensiveness", "auprc"], ["mean", "low", "high"]], names=("metric", "stat")
+        [["comprehensiveness", "auprc", "spearman"], ["mean", "low", "high"]],
+        names=("metric", "stat"),
     )
-    rows = [[0.5, 0.4, 0.6, 0.9, 0.85, 0.95], [0.3, 0.1, 0.5, 0.7, 0.6, 0.8]]
+    rows = [
+        [0.5, 0.4, 0.6, 0.9, 0.85, 0.95, 0.2, 0.1, 0.3],
+        [0.3, 0.1, 0.5, 0.7, 0.6, 0.8, 0.2, 0.1, 0.3],
+    ]
     return pd.DataFrame(rows, pd.Index(["ig", "saliency"], name="method"), columns)
 
 
 def test_plot_of_a_summary_table(tmp_path):
     fig = ax.plot(_table(), path=tmp_path / "t.png", title="methods")
     panels = [a for a in fig.axes if a.get_title()]
+    # agreement has no better direction (it read "higher better" until 2026-12-06)
     assert [a.get_title() for a in panels] == [
         "comprehensiveness (higher better)",
         "auprc (higher better)",
+        "spearman",
     ]
     # the error bars span each method's interval, centred where the table says
     bars = panels[0].containers[0]
@@ -113,7 +119,40 @@ def test_cli_evaluate_errors(tmp_path, capsys):
     assert "`metrics`" in capsys.readouterr().err
     # no listed method takes --steps: it was dropped without a word
     assert main([*base, "--methods", "saliency,occlusion", "--steps", "8"]) == 2
-    assert "`--steps` applies to none of --methods" in capsys.readouterr().err
+    assert "`--steps 8` applies to none of --methods" in capsys.readouterr().err
+    assert main([*base, "--methods", "saliency", "-o", "baseline=pad"]) == 2
+    assert "`-o baseline='pad'` applies to none of --methods" in capsys.readouterr().err
+
+
+def test_cli_evaluate_generates_with_max_new_tokens_and_takes_options(tmp_path, capsys):
+    """Records without a target are generated with --max-new-tokens (a long prompt had no room
+    for the default 20 and no flag to say fewer, until 2026-12-06); -o goes to every method
+    that takes it, and the faithfulness metrics regenerate as the attributions did."""
+    import functools
+
+    model = ax.load_model()
+    records = [{"input": "4 8 2 7 0 5 ="}, {"input": " ".join(["1"] * 50) + " ="}]
+    data = tmp_path / "data.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    argv = ["evaluate", "--data", str(data), "--methods", "saliency,integrated_gradients"]
+    argv += ["--metrics", "sufficiency", "--out", str(tmp_path / "e.nc")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err  # the record's line, and the flag to give (until 2026-12-06
+    # `inputs[1]` of a batch, and a Python argument the command does not take)
+    assert "`--max-new-tokens` 20 does not fit `input` of data.jsonl line 2" in err
+    assert "pass --max-new-tokens 13 or fewer" in err
+    assert main([*argv, "--max-new-tokens", "8", "-o", "baseline=pad", "--steps", "4"]) == 0
+    methods = {
+        "saliency": functools.partial(ax.saliency, max_new_tokens=8),
+        "integrated_gradients": functools.partial(
+            ax.integrated_gradients, max_new_tokens=8, baseline="pad", steps=4
+        ),
+    }
+    want = ax.evaluate(model, records, methods, ["sufficiency"])
+    got = ax.load(tmp_path / "e.nc")
+    # the reversal's 6 digits and its end token, then the long prompt's 8 generated tokens
+    assert got.target.values.tolist() == [*range(7, 14), *range(51, 59)]
+    np.testing.assert_allclose(got["sufficiency"].values, want["sufficiency"].values, rtol=1e-6)
 
 
 def test_cli_dataset_worker_options(tmp_path, capsys):

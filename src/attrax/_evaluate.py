@@ -21,6 +21,7 @@ import inspect
 import json
 import numbers
 import os
+import re
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -65,8 +66,7 @@ HIGHER_IS_BETTER = {
     "insertion": True,
     "taucorr_loo": True,
     **dict.fromkeys(PLAUSIBILITY, True),
-    **dict.fromkeys(AGREEMENT, True),
-}
+}  # agreement has no better direction: two methods agreeing makes neither more faithful
 
 
 @dataclass(frozen=True)
@@ -443,7 +443,10 @@ def score_records(
     names = list(methods)
     reduced = []
     for name, fn in methods.items():  # each method is its own computation
-        got = fn(model, inputs, targets)
+        try:
+            got = fn(model, inputs, targets)
+        except InputError as err:  # `inputs[3]` is a record of the data, which its line names
+            raise InputError(_by_record(str(err), records)) from None
         named = f"`methods[{name!r}]`"
         reduced.append(_reduced(got, steps, method=named, reduce=reduce, examples=len(inputs)))
     both = [isinstance(da.indexes.get("source"), pd.MultiIndex) for da in reduced]
@@ -492,6 +495,18 @@ def score_records(
         flat, names, scores, pairwise,
         attributions=attributions, labels=labels, attrs=attrs,
     )  # fmt: skip
+
+
+def _by_record(message: str, records: list[Record]) -> str:
+    """``message`` with each ``inputs[i]``/``targets[i]`` it names as record ``i`` of the data
+    (its file and line, or its index)."""
+
+    def where(found: re.Match[str]) -> str:
+        i = int(found.group(2))
+        field = {"inputs": "input", "targets": "target"}[found.group(1)]
+        return f"`{field}` of {records[i].where}" if i < len(records) else found.group(0)
+
+    return re.sub(r"`(inputs|targets)\[(\d+)\]`", where, message)
 
 
 def _pinned_targets(model: Model, da: xr.DataArray) -> list[Any]:
@@ -593,8 +608,10 @@ def _check(
 
 def _explained(da: xr.DataArray) -> str:
     """What an attribution explains, as its faithfulness is scored: its objective, and the
-    contrast and positions its options record (methods that differ are scored apart)."""
-    recorded = [_faithfulness.recorded_option(da, name) for name in ("contrast", "positions")]
+    contrast, positions and generated length its options record (methods that differ are
+    scored apart)."""
+    names = ("contrast", "positions", "max_new_tokens")
+    recorded = [_faithfulness.recorded_option(da, name) for name in names]
     return json.dumps([str(da.attrs.get("objective")), *recorded], default=str)
 
 

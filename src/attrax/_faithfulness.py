@@ -37,7 +37,7 @@ from ._errors import InputError, OptionError
 from ._inputs import Batch
 from ._memory import Size, parse_bytes
 from ._objectives import OBJECTIVES, resolve
-from ._protocol import Call, Family, Param, own_options
+from ._protocol import COMMON, Call, Family, Param, own_options
 from ._schema import has_targets, label_curve, label_loo, per_example, run_attrs
 
 __all__ = [
@@ -345,6 +345,7 @@ def _scored(call: Call, attribution: xr.DataArray) -> tuple[Call, str, _Ranked]:
     name (given, else the attribution's, else probability) and each target's ranking."""
     _check_attribution(attribution)
     call = _with_its_positions(_with_its_contrast(call, attribution), attribution)
+    call = _with_its_generation(call, attribution)
     objective = call.options["objective"]
     if objective is None:
         known = attribution.attrs.get("objective")
@@ -370,6 +371,18 @@ def _with_its_positions(call: Call, attribution: xr.DataArray) -> Call:
     if recorded is None:
         return call
     return dataclasses.replace(call, options={**call.options, "positions": recorded})
+
+
+def _with_its_generation(call: Call, attribution: xr.DataArray) -> Call:
+    """``call`` generating its targets (``targets=None``) as the attribution did: with the
+    ``max_new_tokens`` it records, where the call leaves its own at the default."""
+    default = COMMON["max_new_tokens"].default
+    if call.targets is not None or call.options.get("max_new_tokens", default) != default:
+        return call
+    recorded = recorded_option(attribution, "max_new_tokens")
+    if not isinstance(recorded, int) or recorded == default:
+        return call
+    return dataclasses.replace(call, options={**call.options, "max_new_tokens": recorded})
 
 
 def _with_its_contrast(call: Call, attribution: xr.DataArray) -> Call:

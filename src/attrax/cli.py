@@ -215,6 +215,20 @@ def _evaluate_parser(commands: Any) -> None:
         "--samples", type=_positive, help="`samples` of the methods that take it (smoothgrad...)"
     )
     evaluate.add_argument(
+        "--max-new-tokens",
+        type=_positive,
+        help="tokens to generate for records without a target (default 20)",
+    )
+    evaluate.add_argument(
+        "-o",
+        "--option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any other keyword option, given to every method that takes it, VALUE as JSON or "
+        "a plain string (e.g. -o baseline=pad); repeatable",
+    )
+    evaluate.add_argument(
         "--field",
         action="append",
         default=[],
@@ -272,6 +286,9 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     methods = {}
     given = {"objective": args.objective, "steps": args.steps, "samples": args.samples}
+    given["max_new_tokens"] = args.max_new_tokens
+    extra = _given_options(args)  # -o KEY=VALUE
+    given |= extra
     used: set[str] = set()
     names = [m.strip() for m in args.methods.split(",") if m.strip()]
     if not names:
@@ -290,9 +307,11 @@ def _evaluate(args: argparse.Namespace) -> int:
         )
     unused = [k for k, v in given.items() if v is not None and k not in used]
     if unused:  # each method takes what applies to it; one none takes would change nothing
+        name, value = unused[0], given[unused[0]]
+        said = f"-o {name}={value!r}" if name in extra else f"--{name.replace('_', '-')} {value}"
         raise OptionError(
-            f"`--{unused[0]}` applies to none of --methods {args.methods!r}: no method of them "
-            f"takes `{unused[0]}`"
+            f"`{said}` applies to none of --methods {args.methods!r}: no method of them takes "
+            f"`{name}`"
         )
     fields = {}
     for item in args.field:
@@ -310,18 +329,19 @@ def _evaluate(args: argparse.Namespace) -> int:
     else:  # each worker loads it
         model = args.model
         dask.update(device=_device(args.device), dtype=_dtype(args.dtype))
-    ds = evaluate(
-        model,
-        args.data,
-        methods,
-        metrics,
-        reduce=args.reduce,
-        top_k=args.top_k,
-        batch_size="auto" if args.batch_size is None else args.batch_size,
-        attributions=args.attributions,
-        fields=fields,
-        **dask,
-    )
+    with _flags_named(_DATA_FLAGS):
+        ds = evaluate(
+            model,
+            args.data,
+            methods,
+            metrics,
+            reduce=args.reduce,
+            top_k=args.top_k,
+            batch_size="auto" if args.batch_size is None else args.batch_size,
+            attributions=args.attributions,
+            fields=fields,
+            **dask,
+        )
     table = summary(ds)
     written = _write_outputs(
         [
@@ -554,18 +574,31 @@ def _attribute(args: argparse.Namespace) -> int:
 
 # the Python arguments an error names, as the flags `attrax attribute` takes them
 _FLAGS = {"inputs": "--input", "targets": "--target", "max_new_tokens": "--max-new-tokens"}
+# as the data-file commands (evaluate, attribute-dataset) take them: targets are a field
+_DATA_FLAGS = {"max_new_tokens": "--max-new-tokens", "targets": "a 'target' field"}
 
 
 @contextlib.contextmanager
-def _flags_named() -> Iterator[None]:
-    """Errors inside name the flags the user typed (``--input``), not the Python arguments."""
+def _flags_named(flags: dict[str, str] = _FLAGS) -> Iterator[None]:
+    """Errors inside name the flags the user typed (``--input``), not the Python arguments
+    (``inputs``, or ``max_new_tokens=13``)."""
     from ._errors import AttraxError
 
     try:
         yield
     except AttraxError as err:
-        named = "|".join(_FLAGS)
-        message = re.sub(rf"`({named})(\[\d+\])?`", lambda m: f"`{_FLAGS[m[1]]}`", str(err))
+        named = "|".join(flags)
+
+        def flag(m: re.Match[str]) -> str:
+            name = flags[m[1]]
+            return f"`{name}`" if name.startswith("--") else name
+
+        message = re.sub(rf"`({named})(\[\d+\])?`", flag, str(err))
+        message = re.sub(
+            rf"\b({named})=(\S+)",
+            lambda m: f"{flags[m[1]]} {m[2]}" if flags[m[1]].startswith("--") else m[0],
+            message,
+        )
         if message == str(err):
             raise
         raise type(err)(message) from None
@@ -577,20 +610,21 @@ def _attribute_dataset(args: argparse.Namespace) -> int:
     fn = resolve_method(args.method)
     parse_reduce(args.reduce)
     options = _method_options(args, fn)
-    run = attribute_dataset(
-        args.model,
-        args.data,
-        args.out,
-        method=args.method,
-        reduce=args.reduce,
-        shard_size=args.shard_size,
-        progress=not args.quiet,
-        device=_device(args.device),
-        dtype=_dtype(args.dtype),
-        workers=args.workers,
-        scheduler=args.scheduler,
-        **options,
-    )
+    with _flags_named(_DATA_FLAGS):
+        run = attribute_dataset(
+            args.model,
+            args.data,
+            args.out,
+            method=args.method,
+            reduce=args.reduce,
+            shard_size=args.shard_size,
+            progress=not args.quiet,
+            device=_device(args.device),
+            dtype=_dtype(args.dtype),
+            workers=args.workers,
+            scheduler=args.scheduler,
+            **options,
+        )
     resumed = f" ({run.skipped} already done)" if run.skipped else ""
     _console().print(
         f"[green]✓[/] {_plural(run.records, 'record')} in {_plural(run.shards, 'shard')}"
@@ -603,9 +637,9 @@ def _attribute_dataset(args: argparse.Namespace) -> int:
 # --- helpers --------------------------------------------------------------------------------
 
 
-def _method_options(args: argparse.Namespace, fn: Any) -> dict[str, Any]:
-    import inspect
-
+def _given_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``-o KEY=VALUE`` options, each VALUE as JSON or a plain string; one also set by its
+    own flag (``--steps``...) is an error."""
     from ._errors import OptionError
 
     options: dict[str, Any] = {}
@@ -629,6 +663,15 @@ def _method_options(args: argparse.Namespace, fn: Any) -> dict[str, Any]:
             raise OptionError(
                 f"`{flag} {value}` and `-o {name}=...` both set `{name}`; give it once"
             )
+    return options
+
+
+def _method_options(args: argparse.Namespace, fn: Any) -> dict[str, Any]:
+    import inspect
+
+    from ._errors import OptionError
+
+    options = _given_options(args)
     if args.objective is not None:
         options["objective"] = args.objective
     if args.max_new_tokens is not None:
