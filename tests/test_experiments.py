@@ -281,3 +281,30 @@ def test_evaluate_dask_options_are_checked(tmp_path, default_model, capsys, monk
     assert main([*base, "--workers", "2", "--shard-size", "4", "--dtype", "bfloat16"]) == 2
     assert seen["model"] is None and (seen["workers"], seen["shard_size"]) == (2, 4)
     assert str(seen["dtype"]) == "torch.bfloat16" and seen["scheduler"] is None
+
+
+def test_the_cli_table_turns_or_says_it_is_cropped_where_it_is_too_wide():
+    """Eleven metrics at 80 columns showed every cell as `0.8…` without a word (until
+    2026-12-06): metrics become the rows where that fits, and a table that fits neither way
+    says it is cropped."""
+    from rich.console import Console
+
+    from attrax.cli import _summary_table
+
+    metrics = ["comprehensiveness", "sufficiency", "taucorr_loo", "iou", "auprc", "spearman"]
+    columns = pd.MultiIndex.from_product([metrics, ["mean", "low", "high"]])
+    rng = np.random.default_rng(0)
+
+    def printed(methods: list[str], width: int) -> str:
+        table = pd.DataFrame(rng.random((len(methods), len(columns))), methods, columns)
+        console = Console(width=width, record=True, highlight=False)
+        console.print(_summary_table(table, console.width))
+        return console.export_text()
+
+    text = printed(["saliency", "integrated_gradients"], 80)
+    assert "…" not in text and "cropped" not in text
+    assert text.splitlines()[2].split("┃")[1].strip() == "metric"  # metrics are the rows
+    assert "spearman " in text and "spearman ↑" not in text and "sufficiency ↓" in text
+    assert "(cropped to the terminal's width" in printed([f"m{i}" for i in range(5)], 80)
+    wide = printed(["saliency", "integrated_gradients"], 250)
+    assert wide.splitlines()[2].split("┃")[1].strip() == "method"  # fits: methods as rows

@@ -351,7 +351,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         ]
     )
     console = _console()
-    console.print(_summary_table(table))
+    console.print(_summary_table(table, console.width))
     for path in written:
         console.print(f"wrote {path}")
     return 0
@@ -839,23 +839,41 @@ def _device(name: str | None) -> str | None:
     return name
 
 
-def _summary_table(table: Any) -> Any:
-    """An ``ax.summary`` DataFrame as a rich table: ``mean [low, high]`` per method and metric."""
+def _summary_table(table: Any, width: int = 10**6) -> Any:
+    """An ``ax.summary`` DataFrame as a rich table: ``mean [low, high]`` per method and metric,
+    methods as rows; metrics as rows where that fits ``width`` columns and the other way does
+    not; cropped with a note where neither fits."""
     from rich.table import Table
 
     from ._evaluate import HIGHER_IS_BETTER
 
     metrics = list(dict.fromkeys(table.columns.get_level_values(0)))
+    methods = [str(m) for m in table.index]
+    cell = {
+        (str(method), m): f"{row[m, 'mean']:.3f} [{row[m, 'low']:.3f}, {row[m, 'high']:.3f}]"
+        for method, row in table.iterrows()
+        for m in metrics
+    }
+    named = {m: m + {True: " ↑", False: " ↓"}.get(HIGHER_IS_BETTER.get(m), "") for m in metrics}
+
+    def needed(rows: list[str], columns: list[str]) -> int:  # rich's borders and padding
+        first = max(len(r) for r in rows)
+        return 4 + first + sum(3 + max(len(c), 20) for c in columns)
+
+    by_metric = needed(methods, list(named.values())) > width and needed(
+        list(named.values()), methods
+    ) < needed(methods, list(named.values()))
+    rows, columns = (metrics, methods) if by_metric else (methods, metrics)
     out = Table(title="mean [95% interval] over examples", title_style="bold")
-    out.add_column("method")
-    for metric in metrics:
-        better = {True: " ↑", False: " ↓"}.get(HIGHER_IS_BETTER.get(metric), "")
-        out.add_column(metric + better, justify="right")
-    for method, row in table.iterrows():
-        cells = [
-            f"{row[m, 'mean']:.3f} [{row[m, 'low']:.3f}, {row[m, 'high']:.3f}]" for m in metrics
-        ]
-        out.add_row(str(method), *cells)
+    out.add_column("metric" if by_metric else "method")
+    for c in columns:
+        out.add_column(c if by_metric else named[c], justify="right")
+    for r in rows:
+        label = named[r] if by_metric else r
+        out.add_row(label, *(cell[(c, r)] if by_metric else cell[(r, c)] for c in columns))
+    shown = [named[r] for r in rows] if by_metric else rows
+    if needed(shown, columns if by_metric else [named[c] for c in columns]) > width:
+        out.caption = "(cropped to the terminal's width: widen it, or write --csv / --png)"
     return out
 
 
