@@ -275,8 +275,14 @@ def test_labels_become_a_coordinate(default_model):
         ({"data": [{"input": PROMPT, "rationale": [1, 0]}], "metrics": ["iou"]}, "2 marks for"),
         ({"data": [{"input": PROMPT}, {"input": OTHER[0], "target": OTHER[1]}]}, "on every"),
         ({"data": [{"prompt": PROMPT}]}, "field 'input'"),
+        # the record to look at (until 2026-12-06 a count alone)
+        ({"data": [{"input": PROMPT, "target": ANSWER}] * 2 + [{"input": PROMPT}]},
+         r"2 of 3 records have a field 'target' \(`data` record 2 has none\)"),
+        # one `reduce` for every method: the method it does not fit (until 2026-12-06 unnamed)
+        ({"methods": {"s": ax.saliency, "a": ax.attention}, "reduce": "l2_norm,normalize"},
+         r"`reduce` 'l2_norm,normalize' on the attribution of `methods\['a'\]`: l2_norm"),
     ],
-)
+)  # fmt: skip
 def test_bad_calls_are_clear_errors(default_model, kwargs, match):
     call = {"data": [{"input": PROMPT, "target": ANSWER}], "methods": {"s": ax.saliency}}
     call.update(kwargs)

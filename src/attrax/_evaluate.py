@@ -160,16 +160,29 @@ def read_records(
     labelled = sum(r.label is not None for r in records)
     if 0 < labelled < len(records):  # the label coordinate would hold 'None' for the rest
         raise InputError(
-            f"{source}: {labelled} of {len(records)} records have a field {label!r}; give one on "
-            "every record, or on none"
+            f"{source}: {labelled} of {len(records)} records have a field {label!r} "
+            f"({_odd_one(records, lambda r: r.label is not None)}); give one on every record, "
+            "or on none"
         )
     given = sum(r.target is not None for r in records)
     if 0 < given < len(records):
         raise InputError(
-            f"{source}: {given} of {len(records)} records have a field {target!r}; give one on "
-            "every record, or on none (then targets are generated, or predicted by a classifier)"
+            f"{source}: {given} of {len(records)} records have a field {target!r} "
+            f"({_odd_one(records, lambda r: r.target is not None)}); give one on every record, "
+            "or on none (then targets are generated, or predicted by a classifier)"
         )
     return records
+
+
+def _odd_one(records: list[Record], has: Callable[[Record], bool]) -> str:
+    """Where the first record of the fewer kind is (with or without the field), for an error."""
+    having = [r for r in records if has(r)]
+    fewer, lacking = (
+        (having, False)
+        if 2 * len(having) <= len(records)
+        else ([r for r in records if not has(r)], True)
+    )
+    return f"{fewer[0].where} {'has none' if lacking else 'has one'}"
 
 
 def _missing(value: Any) -> bool:
@@ -305,7 +318,13 @@ def _reduced(da: Any, steps: Any, *, method: str, reduce: str, examples: int) ->
             f"{method} returned {type(da).__name__}: an attribution function must return an "
             "xarray DataArray with dims (example, target, source, ...), as ax.saliency does"
         )
-    da = apply_reductions(da, steps)
+    try:
+        da = apply_reductions(da, steps)
+    except OptionError as err:  # one `reduce` for every method: say which one it did not fit
+        raise OptionError(
+            f"`reduce` {reduce!r} on the attribution of {method}: {err}; "
+            "'auto' reduces each method's own dims"
+        ) from None
     da = da if "example" in da.dims else da.expand_dims(example=[0])
     if set(da.dims) != {"example", "target", "source"}:
         raise OptionError(
