@@ -264,6 +264,10 @@ def test_labels_become_a_coordinate(default_model):
     assert ds.label.values.tolist() == ["x"]
     assert isinstance(ds.attribution, xr.DataArray)
     assert ds.attribution.dims == ("method", "example", "target", "source")
+    # each source's token, id and side, as the method labelled them (dropped until 2026-12-06)
+    direct = ax.saliency(default_model, [PROMPT], [ANSWER])
+    for name in ("source_token", "source_id", "side"):
+        assert ds.attribution[name].values.tolist() == direct[name].values.tolist()
 
 
 @pytest.mark.parametrize(

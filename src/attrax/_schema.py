@@ -408,6 +408,11 @@ def label_evaluation(
         coords["other"] = list(methods)
     if attributions:
         coords["source"] = flat["source"].values
+        # what each source is (its token, id, side): every method's batch tokenizes the same
+        for key, coord in first.coords.items():
+            sourced = "source" in coord.dims and set(coord.dims) <= {"example", "source"}
+            if sourced and key not in coords and key not in first.indexes:
+                coords[key] = (coord.dims, coord.values)
         values = flat.values.reshape(m, n, *flat.shape[1:])
         variables["attribution"] = ((*grid, "source"), values)
     return xr.Dataset(variables, coords=coords, attrs=dict(attrs))
