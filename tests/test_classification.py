@@ -338,6 +338,12 @@ def test_contrast_is_a_second_class(classifiers):
     # the target class itself: zeros everywhere, silently, until 2026-12-05
     with pytest.raises(ax.InputError, match=r"`contrast` names the target classes themselves"):
         ax.saliency(model, TEXTS[0], "label_1", contrast="label_1")
+    # one of several targets: its row alone was zeros, silently, until 2026-12-06
+    for targets in ("all", ["label_2", "label_0"]):
+        with pytest.raises(ax.InputError, match=r"`contrast` 'label_0' is also one of the"):
+            ax.saliency(model, TEXTS[0], targets, contrast="label_0")
+    with pytest.raises(ax.InputError, match=r"`contrast\[1\]` 'label_0' is also one"):
+        ax.occlusion(model, TEXTS, [["label_1"], ["label_2", "label_0"]], contrast="label_0")
 
 
 def test_attention_rows_are_the_pooled_or_token_queries(classifiers):

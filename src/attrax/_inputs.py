@@ -672,6 +672,13 @@ def prepare_classification(
                 f"`contrast{_at(i, single)}` names the target classes themselves ({list(against)}): "
                 "target minus contrast is 0 everywhere; give other classes"
             )
+        same = [model.labels[c] for c, a in zip(classes, against or (), strict=False) if c == a]
+        if same and not token:  # one class attributed against itself: a row of zeros
+            raise InputError(
+                f"`contrast{_at(i, single)}` {same[0]!r} is also one of the targets "
+                f"{[model.labels[c] for c in classes]}: its row (target minus contrast) would be "
+                "0 everywhere; leave it out of the targets"
+            )
         examples.append(
             Example(ids, classes, against, chosen, segments, special, token_types, pred, prob)
         )
