@@ -195,6 +195,24 @@ def test_an_answer_text_targets_its_tokens_in_the_context(models):
     np.testing.assert_array_equal(again.values, da.values)
 
 
+@pytest.mark.parametrize("arch", ["bert", "roberta"])
+def test_an_answer_text_is_whole_words_not_part_of_one(models, arch):
+    """`"at"` was the token `cat` (or `##at`) of "the cat sat", the first place its letters
+    occur (until 2026-12-06): an answer is the first occurrence that is whole words, and one
+    that occurs only inside a word is an error."""
+    model = models[arch]
+    context = "the cat sat on the mat at home"
+    da = ax.saliency(model, ("what is it", context), "at")
+    start, end = da.target_position.values.tolist()
+    tokens = model.tokenizer.convert_ids_to_tokens(da.source_id.values.tolist())
+    assert model.tokenizer.convert_tokens_to_string(tokens[start : end + 1]).strip() == "at"
+    assert context.split().index("at") == 6 and str(da.answer.values) == "at"
+    words = model.tokenizer.convert_tokens_to_string(tokens[: end + 1]).split()
+    assert words[-2:] == ["mat", "at"]  # the answer ends the context's seventh word
+    with pytest.raises(ax.InputError, match=r"'at s' is in the example's context only inside"):
+        ax.saliency(model, ("what is it", context), "at s")
+
+
 def test_a_contrast_span_subtracts_its_objective(models):
     model = models["electra"]
     target, contrast = [(7, 8), (9, 12)], [(9, 9), (10, 11)]

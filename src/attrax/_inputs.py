@@ -894,8 +894,11 @@ def _span_for(
 def _answer_span(
     model: Model, question: str, context: str, answer: str, name: str, ids: tuple[int, ...]
 ) -> tuple[int, int]:
-    """The tokens of ``answer``'s first occurrence in ``context``: ``(first, last)`` position."""
-    at = context.find(answer) if answer.strip() else -1
+    """The tokens of ``answer``'s first occurrence in ``context`` as whole words (``"at"`` is no
+    answer inside ``"cat"``), else (scripts without spaces) its first on token boundaries:
+    ``(first, last)`` position."""
+    answer = answer.strip()
+    at = context.find(answer) if answer else -1
     if at < 0:
         raise InputError(
             f"`{name}` {answer!r} is not in the example's context: give a text of the context, "
@@ -910,14 +913,40 @@ def _answer_span(
     encoding = tokenizer(question, context, add_special_tokens=True, return_offsets_mapping=True)
     if tuple(encoding["input_ids"]) != tuple(ids):  # the same call as the input's, and offsets
         raise InputError(f"`{name}` {answer!r}: the tokenizer encodes the context differently")
-    stop = at + len(answer)
-    inside = [
-        p
+    tokens = [
+        (p, first, last)
         for p, (sequence, (first, last)) in enumerate(
             zip(encoding.sequence_ids(), encoding["offset_mapping"], strict=True)
         )
-        if sequence == 1 and last > first and first < stop and last > at
+        if sequence == 1 and last > first
     ]
+    # a byte-level token's offsets may hold the space before it
+    starts = {a + 1 if context[a].isspace() else a for _, a, _ in tokens}
+    ends = {last for _, _, last in tokens}
+
+    def whole(i: int) -> bool:
+        j = i + len(answer)
+        return (i == 0 or not context[i - 1].isalnum()) and (
+            j == len(context) or not context[j].isalnum()
+        )
+
+    occurrences = []
+    while at >= 0:
+        occurrences.append(at)
+        at = context.find(answer, at + 1)
+    found = next((i for i in occurrences if whole(i)), None)
+    if found is None:
+        found = next((i for i in occurrences if i in starts and i + len(answer) in ends), None)
+    at = occurrences[0]
+    if found is None:
+        word = next((context[a:b] for _, a, b in tokens if a <= at < b), answer)
+        raise InputError(
+            f"`{name}` {answer!r} is in the example's context only inside a token (its first "
+            f"time in {word!r}): give a text that starts and ends where tokens do, or the "
+            "answer's (start, end) token positions"
+        )
+    at, stop = found, found + len(answer)
+    inside = [p for p, first, last in tokens if first < stop and last > at]
     if not inside:
         raise InputError(f"`{name}` {answer!r} covers no token of the context")
     return inside[0], inside[-1]
