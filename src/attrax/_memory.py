@@ -323,9 +323,14 @@ def out_of_memory(err: BaseException) -> str | None:
     True
     """
     text = str(err)
-    if not isinstance(err, MemoryError) and not any(
-        s in text.lower() for s in ("out of memory", "can't allocate memory")
-    ):
+    # and sizes whose bytes overflow int64 (numpy's, torch's): more than any memory holds
+    said = (
+        "out of memory",
+        "can't allocate memory",
+        "array is too big",
+        "size calculation overflow",
+    )
+    if not isinstance(err, MemoryError) and not any(s in text.lower() for s in said):
         return None
     found = re.search(
         r"(?:tried|unable) to allocate ([0-9]+ bytes|[0-9.]+ ?[KMGTP]?i?B)\b", text, re.I

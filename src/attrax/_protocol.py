@@ -303,7 +303,7 @@ def _public(
                 check_differentiable(objective, name, call.model.output_width)
             try:
                 return family.run(core, call, arguments)
-            except (MemoryError, RuntimeError) as err:
+            except (MemoryError, RuntimeError, ValueError) as err:
                 if isinstance(err, AttraxError) or (tried := out_of_memory(err)) is None:
                     raise
         # raised after the handler, so that the failed passes' tensors are freed first

@@ -34,8 +34,13 @@ def _is_number(value: object) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
+#: the largest count (steps, samples, sizes) an option may give: torch and numpy index with
+#: int64, and a count past it fails inside them with an overflow (no memory holds that many)
+MAX_COUNT = 2**62
+
+
 def positive_int(value: object, name: str) -> None:
-    """A positive integer.
+    """A positive integer (up to :data:`MAX_COUNT`).
 
     >>> positive_int(0, "steps")
     Traceback (most recent call last):
@@ -43,6 +48,14 @@ def positive_int(value: object, name: str) -> None:
     """
     if not _is_int(value) or value < 1:  # type: ignore[operator]
         raise OptionError(f"`{name}` must be a positive integer, got {value!r}")
+    _not_past_int64(value, name)
+
+
+def _not_past_int64(value: object, name: str) -> None:
+    if value > MAX_COUNT:  # type: ignore[operator]
+        raise OptionError(
+            f"`{name}` must be at most 2**62, got {value!r}: no memory holds that many"
+        )
 
 
 def at_least(minimum: int, why: str = "") -> Check:
@@ -59,6 +72,7 @@ def at_least(minimum: int, why: str = "") -> Check:
                 f"`{name}` must be an integer of at least {minimum}, got {value!r}"
                 + (f": {why}" if why else "")
             )
+        _not_past_int64(value, name)
 
     return check
 
@@ -69,6 +83,7 @@ def size(value: object, name: str) -> None:
         return
     if not _is_int(value) or value < 1:  # type: ignore[operator]
         raise OptionError(f"`{name}` must be a positive integer, None or 'auto', got {value!r}")
+    _not_past_int64(value, name)
 
 
 def seed(value: object, name: str) -> None:
