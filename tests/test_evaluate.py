@@ -282,6 +282,10 @@ def test_labels_become_a_coordinate(default_model):
         # the record to look at (until 2026-12-06 a count alone)
         ({"data": [{"input": PROMPT, "target": ANSWER}] * 2 + [{"input": PROMPT}]},
          r"2 of 3 records have a field 'target' \(`data` record 2 has none\)"),
+        # attrax functions that are no attribution method (raw TypeErrors until 2026-12-06)
+        ({"methods": {"x": ax.l2_norm}}, r"`methods\['x'\]` is ax.l2_norm, a reduction"),
+        ({"methods": {"x": ax.step_scores}}, r"is ax.step_scores, step scores, not an attrib"),
+        ({"metrics": None}, r"`metrics` must be a non-empty list from .*got None"),
         # one `reduce` for every method: the method it does not fit (until 2026-12-06 unnamed)
         ({"methods": {"s": ax.saliency, "a": ax.attention}, "reduce": "l2_norm,normalize"},
          r"`reduce` 'l2_norm,normalize' on the attribution of `methods\['a'\]`: l2_norm"),
@@ -484,7 +488,7 @@ def test_sanity_checks_of_a_method_without_objective(default_model):
         ({"method": _not_an_array}, r"`method` '_not_an_array' returned ndarray"),
         ({"fields": {"foo": "bar"}}, r"`fields` key 'foo'"),
         ({"seed": "x"}, r"`seed` must be an integer .*, got 'x'"),
-        ({"seed": 2**70}, r"`seed` must be an integer from -2\*\*63 to 2\*\*64 - 1"),
+        ({"seed": 2**70}, r"`seed` must be an integer from 0 to 2\*\*64 - 1"),
     ],
     ids=["reduce-leaves-hidden", "method-returns-ndarray", "fields-key", "seed", "seed-too-big"],
 )
@@ -502,14 +506,22 @@ def test_sanity_checks_refuse_bad_options_before_randomizing(default_model, kwar
     assert len(calls) <= 1  # no randomized copy was attributed
 
 
+def test_sanity_checks_refuse_a_reduction_as_the_method(default_model):
+    with pytest.raises(ax.OptionError, match=r"`method` is ax.l2_norm, a reduction"):
+        ax.sanity_checks(default_model, [{"input": PROMPT, "target": ANSWER}], ax.l2_norm)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
         ({"resamples": -1}, r"`resamples` must be a positive integer, got -1"),
         ({"resamples": 0}, r"`resamples` must be a positive integer, got 0"),
         ({"resamples": 2.5}, r"`resamples` must be a positive integer, got 2.5"),
-        ({"seed": "x"}, r"`seed` must be an integer of at least 0, got 'x'"),
-        ({"seed": -1}, r"`seed` must be an integer of at least 0, got -1"),
+        ({"seed": "x"}, r"`seed` must be an integer from 0 to 2\*\*64 - 1, got 'x'"),
+        ({"seed": -1}, r"`seed` must be an integer from 0 to 2\*\*64 - 1, got -1"),
+        # an interval of 1 resample had the mean outside it (until 2026-12-06)
+        ({"resamples": 39}, r"`resamples` must be at least 40 for a 95% interval, got 39"),
+        ({"resamples": 10**15}, r"`resamples`=10{15} over 4 examples needs .* give fewer"),
         ({"confidence": "high"}, r"`confidence` must be a number in \(0, 1\), got 'high'"),
     ],
     ids=[
@@ -518,6 +530,8 @@ def test_sanity_checks_refuse_bad_options_before_randomizing(default_model, kwar
         "resamples-float",
         "seed-str",
         "seed-negative",
+        "resamples-too-few",
+        "resamples-too-many",
         "confidence-str",
     ],
 )
@@ -526,8 +540,10 @@ def test_summary_refuses_bad_bootstrap_options(kwargs, match):
     ds = xr.Dataset(
         {"sufficiency": (("method", "example", "target"), scores)}, coords={"method": ["m"]}
     )
-    with pytest.raises(ax.OptionError, match=match):
+    with pytest.raises(ax.AttraxError, match=match):
         ax.summary(ds, **kwargs)
+    with pytest.raises(ax.InputError, match="`ds` has no examples"):
+        ax.summary(ds.isel(example=[]))
 
 
 # --- bad data files: errors name the file and its line (JSONL) or row (CSV), as attribute-dataset's

@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import torch
 import xarray as xr
 
 from . import _faithfulness
@@ -43,8 +44,9 @@ from ._dataset import (
     resolve_method,
 )
 from ._dataset import reduce as apply_reductions
-from ._errors import InputError, OptionError
+from ._errors import InputError, OptionError, ResourceError
 from ._inputs import check_example, not_text
+from ._memory import format_bytes, memory_budget
 from ._model import Model, ModelLike, load_model
 from ._schema import fill_value, has_targets, label_evaluation, label_sanity, union_labels
 
@@ -614,6 +616,9 @@ def _check(
     for name, fn in methods.items():
         if not isinstance(name, str) or not callable(fn):
             raise OptionError(f"`methods[{name!r}]` must be a callable under a string name")
+        not_attribution(fn, f"`methods[{name!r}]`")
+    if metrics is None or not isinstance(metrics, (str, Sequence)):
+        raise OptionError(f"`metrics` must be a non-empty list from {METRICS}, got {metrics!r}")
     chosen = [metrics] if isinstance(metrics, str) else list(metrics)
     unknown = [m for m in chosen if m not in METRICS]
     if unknown or not chosen:
@@ -623,6 +628,25 @@ def _check(
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
         raise OptionError(f"`top_k` must be a positive integer, got {top_k!r}")
     return chosen
+
+
+#: attrax functions that take a model and inputs but return no attribution
+_NOT_ATTRIBUTIONS = {"faithfulness": "a faithfulness metric", "step_scores": "step scores"}
+
+
+def not_attribution(fn: Callable[..., Any], where: str) -> None:
+    """Refuse an attrax function in place of an attribution method: a reduction (it takes an
+    attribution, not a model), a faithfulness metric or the step scores (no attribution)."""
+    inner = getattr(fn, "func", fn)  # functools.partial
+    name = getattr(inner, "__name__", "")
+    if getattr(inner, "attrax_reduction", None) is not None:
+        raise OptionError(
+            f"{where} is ax.{name}, a reduction: it reduces an attribution; give a method, or "
+            f"ax.pipe(method, ax.{name})"
+        )
+    what = _NOT_ATTRIBUTIONS.get(getattr(inner, "attrax_family", None) or "")
+    if what is not None:
+        raise OptionError(f"{where} is ax.{name}, {what}, not an attribution method")
 
 
 def _explained(da: xr.DataArray) -> str:
@@ -801,10 +825,25 @@ def summary(
     if not isinstance(confidence, (int, float)) or not 0 < confidence < 1:
         raise OptionError(f"`confidence` must be a number in (0, 1), got {confidence!r}")
     check.positive_int(resamples, "resamples")
-    check.at_least(0)(seed, "seed")  # numpy's generators take non-negative seeds only
+    # fewer resamples than this puts an interval's ends at the smallest and largest resample
+    fewest = int(np.ceil(2 / (1 - confidence)))
+    if resamples < fewest:
+        raise OptionError(
+            f"`resamples` must be at least {fewest} for a {confidence:.0%} interval, got "
+            f"{resamples!r}: with fewer its ends are the extreme resamples"
+        )
+    check.numpy_seed(seed, "seed")
     rng = np.random.default_rng(seed)
     metrics = [m for m in METRICS if m in ds.data_vars]
-    n = ds.sizes["example"]
+    n = ds.sizes["example"] if "example" in ds.dims else 0
+    if n == 0:
+        raise InputError("`ds` has no examples: there is nothing to summarize")
+    needed = resamples * n * (8 + 8 * ds.sizes["method"])  # the draws, and a metric's means
+    if needed > 2 * memory_budget(torch.device("cpu")):
+        raise ResourceError(
+            f"`resamples`={resamples} over {n} examples needs {format_bytes(needed, up=True)} "
+            "for its draws: more than this machine has free; give fewer resamples"
+        )
     draws = rng.integers(0, n, size=(resamples, n))
     table: dict[tuple[str, str], list[float]] = {}
     for metric in metrics:
@@ -869,9 +908,9 @@ def sanity_checks(
 
     if not callable(method):
         raise OptionError(f"`method` must be an attribution function, got {method!r}")
+    not_attribution(method, "`method`")
     steps = parse_reduce(reduce)
-    check.seed(seed, "seed")  # torch's, for the re-initialised weights
-    check.at_least(0)(seed, "seed")  # numpy's generators take non-negative seeds only
+    check.numpy_seed(seed, "seed")  # torch's for the re-initialised weights, numpy's draws
     renamed = _fields(fields)
     model = load_model(model)  # a Model passes through as is
     records = read_records(data, **renamed)

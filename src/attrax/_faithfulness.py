@@ -580,6 +580,13 @@ def _check_attribution(da: object) -> None:
             f"`attribution` must have dims ([example,] target, source) to rank sources, got "
             f"{dims}{hint}"
         )
+    unlabelled = [d for d in ("target", "source") if d not in da.indexes]
+    if unlabelled:  # the positions say which token each entry is
+        raise InputError(
+            f"`attribution` has no `{unlabelled[0]}` coordinate: its entries are matched to the "
+            "input's tokens by the positions attrax labels them with; pass an array as a method "
+            "returns it"
+        )
 
 
 def _fractions(value: int | Sequence[float], name: str, start: float | None = None) -> np.ndarray:

@@ -97,6 +97,17 @@ def seed(value: object, name: str) -> None:
         raise OptionError(f"`{name}` must be an integer from -2**63 to 2**64 - 1, got {value!r}")
 
 
+def numpy_seed(value: object, name: str) -> None:
+    """A seed both torch's and numpy's generators take: from 0 to 2**64 - 1.
+
+    >>> numpy_seed(-1, "seed")
+    Traceback (most recent call last):
+    attrax._errors.OptionError: `seed` must be an integer from 0 to 2**64 - 1, got -1
+    """
+    if not _is_int(value) or not 0 <= value < 2**64:  # type: ignore[operator]
+        raise OptionError(f"`{name}` must be an integer from 0 to 2**64 - 1, got {value!r}")
+
+
 def boolean(value: object, name: str) -> None:
     """True or False."""
     if not isinstance(value, bool):
