@@ -486,3 +486,13 @@ def test_a_layer_norm_of_a_class_of_its_own_is_known_by_what_it_does():
     assert not norm_centers(scaling)
     # in half precision too, whose shifted inputs would round apart
     assert norm_centers(centring.to(torch.bfloat16)) and not norm_centers(scaling.bfloat16())
+
+
+def test_the_tokenizer_may_follow_the_model_positionally():
+    """``ax.load_model(hf, tok)``, as ``ax.Model(hf, tok)`` takes them, was a TypeError (until
+    2026-12-06)."""
+    from attrax.testing import tiny_model
+
+    hf, tok = tiny_model("gpt2")
+    model = ax.load_model(hf, tok)
+    assert model.tokenizer is tok and model.hf is hf

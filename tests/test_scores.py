@@ -173,6 +173,20 @@ def test_with_scores_joins_into_dataset(models):
     other = step_scores(model, SOURCE, TARGET + " x", scores="probability")
     with pytest.raises(ax.InputError, match="same inputs"):
         with_scores(da, other)
+    # another model's scores at the same positions and tokens (joined until 2026-12-06)
+    elsewhere = step_scores(models["llama"], SOURCE, TARGET, scores="probability")
+    with pytest.raises(ax.InputError, match=r"`scores` come from the model 'LlamaForCausalLM'"):
+        with_scores(da, elsewhere)
+
+
+def test_with_scores_refuses_one_models_scores_beside_a_stacked_attribution(models):
+    model = models["gpt2"]
+    stacked = ax.stack_models([model, model], names=["a", "b"])
+    da = ax.l2_norm(ax.saliency(stacked, SOURCE, TARGET))
+    with pytest.raises(ax.InputError, match=r"from 'GPT2LMHeadModel\+GPT2LMHeadModel'"):
+        with_scores(da, step_scores(model, SOURCE, TARGET))
+    ds = with_scores(da.sel(model="a"), step_scores(model, SOURCE, TARGET))
+    assert ds.probability.dims == ("target",)
 
 
 def test_show_refuses_scores_of_other_target_tokens(models):

@@ -843,8 +843,8 @@ ModelLike = Model | str | os.PathLike[str]
 
 def load_model(
     model: str | os.PathLike[str] | PreTrainedModel | Model | None = None,
-    *,
     tokenizer: Any = None,
+    *,
     attn_implementation: str = "auto",
     device: str | torch.device | None = None,
     dtype: torch.dtype | str | None = None,

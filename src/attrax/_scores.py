@@ -147,6 +147,18 @@ def with_scores(attribution: xr.DataArray | xr.Dataset, scores: xr.DataArray) ->
         )
     if "target" not in dataset.dims:
         raise InputError("`attribution` has no `target` dim to align the step scores with")
+    models = (dataset.attrs.get("model"), scores.attrs.get("model"))
+    # one model's scores beside another's (or several models') attributions; one model of a
+    # stacked attribution (.sel(model=...)) keeps the stack's name
+    picked = "model" in dataset.coords and "model" not in dataset.dims
+    if "model" in dataset.dims and "model" not in scores.dims or (
+        None not in models and models[0] != models[1] and not picked
+    ):
+        raise InputError(
+            f"`scores` come from the model {models[1]!r} but `attribution` from {models[0]!r}: "
+            "compute both with the same model (a stacked model's attribution: join one model's "
+            "scores with its .sel(model=...))"
+        )
     got, want = scores["target"].values, dataset["target"].values
     if not np.array_equal(got, want):
         merged = [
