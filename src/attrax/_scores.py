@@ -151,7 +151,7 @@ def with_scores(attribution: xr.DataArray | xr.Dataset, scores: xr.DataArray) ->
     # one model's scores beside another's (or several models') attributions; one model of a
     # stacked attribution (.sel(model=...)) keeps the stack's name
     picked = "model" in dataset.coords and "model" not in dataset.dims
-    if "model" in dataset.dims and "model" not in scores.dims or (
+    if ("model" in dataset.dims and "model" not in scores.dims) or (
         None not in models and models[0] != models[1] and not picked
     ):
         raise InputError(
