@@ -1603,3 +1603,10 @@ def test_no_cut_is_so_short_that_it_runs_attention_the_estimate_did_not_price(mo
     assert sorted({tokens for _, tokens in seen}) == sorted(set(lengths))
     whole = ax.saliency(model, prompt, target, chunk_size=None)
     assert_close(got.values, whole.values, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["attention_x_gradient", "guided_integrated_gradients"])
+def test_a_refusal_names_no_size_the_method_does_not_take(models, name):
+    # "the smallest passes with batch_size=None", of methods without batch_size (until 2026-12-06)
+    with pytest.raises(ax.OptionError, match=r"the smallest passes \(one target, one point\)"):
+        getattr(ax, name)(models["gpt2"], *PAIRS[0], max_memory=1)

@@ -605,8 +605,9 @@ def plan(
     needed = cost.at(batch, chunk)
     expect_passes(budget, needed, device)
     if max_memory is not None and needed > max_memory:
-        fixed = [f"{n}={v}" for n, v in (("batch_size", batch_size), ("chunk_size", chunk_size))]
-        given = [f for f, v in zip(fixed, (batch_size, chunk_size), strict=True) if v != AUTO]
+        # a size over one point (or one target) splits nothing: a method without it passes None
+        sizes = (("batch_size", batch_size, points), ("chunk_size", chunk_size, targets))
+        given = [f"{n}={v!r}" for n, v, count in sizes if v != AUTO and count > 1]
         smallest = "the smallest passes (one target, one point)"
         if given:
             smallest = f"the smallest passes with {', '.join(given)}"
