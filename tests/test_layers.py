@@ -213,7 +213,8 @@ def test_smoothgrad_at_a_layer_reads_noise_on_the_embeddings(double):
     run = _naive.Runner(model, *_naive.token_ids(model, SOURCE, TARGET))
     x = run.embeddings()[0]
     gen = torch.Generator().manual_seed(seed)
-    draws = torch.randn((samples, *x.shape[1:]), generator=gen, dtype=x.dtype)
+    # drawn in float32, then cast (the documented draws, whatever the model's dtype)
+    draws = torch.randn((samples, *x.shape[1:]), generator=gen).to(x.dtype)
     spread = x.max() - x.min()
     total = 0
     for i in range(samples):
@@ -394,7 +395,7 @@ def test_gradient_shap_at_a_layer_equals_naive_loop(double):
     x = run.embeddings()[0]
     gen = torch.Generator().manual_seed(seed)
     torch.randint(1, (samples,), generator=gen)  # the baseline drawn (there is one)
-    alphas = torch.rand(samples, generator=gen, dtype=x.dtype)
+    alphas = torch.rand(samples, generator=gen).to(x.dtype)
     per_layer = []
     for layer in (1, 2):
         total = 0

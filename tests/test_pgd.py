@@ -97,7 +97,8 @@ def test_linf_with_random_starts_equals_the_loop(doubles):
     length, hidden = len(source_ids) + len(target_ids), model.hf.config.hidden_size
     generator = torch.Generator().manual_seed(7)
     shape = (len(target_ids), length, hidden)
-    starts = (2 * torch.rand(shape, generator=generator, dtype=torch.float64) - 1) * 0.2
+    # drawn in float32 whatever the model's dtype, then cast to it
+    starts = ((2 * torch.rand(shape, generator=generator) - 1) * 0.2).double()
     want = naive_pgd(model, source, target, 0.2, 2, 0.15, "linf", starts)
     assert_close(da.values, want)
     plain = ax.pgd(model, source, target, epsilon=0.2, steps=2, step_size=0.15, norm="linf")
@@ -106,11 +107,12 @@ def test_linf_with_random_starts_equals_the_loop(doubles):
 
 def ball_starts(generator, shape, epsilon) -> torch.Tensor:
     """Uniform draws in the L2 ball, the textbook way: a normalized Gaussian direction, then a
-    radius ``epsilon * U ** (1 / H)`` (``U`` uniform) per ``(target, token)``."""
-    direction = torch.randn(shape, generator=generator, dtype=torch.float64)
+    radius ``epsilon * U ** (1 / H)`` (``U`` uniform) per ``(target, token)``; in float32, as
+    attrax draws whatever the model's dtype, then cast to float64."""
+    direction = torch.randn(shape, generator=generator)
     direction = direction / direction.norm(dim=-1, keepdim=True)
-    radius = torch.rand((*shape[:2], 1), generator=generator, dtype=torch.float64)
-    return direction * epsilon * radius ** (1.0 / shape[-1])
+    radius = torch.rand((*shape[:2], 1), generator=generator)
+    return (direction * epsilon * radius ** (1.0 / shape[-1])).double()
 
 
 def test_l2_random_starts_equal_the_loop(doubles):
@@ -139,8 +141,8 @@ def test_attribute_target_equals_the_loop(doubles):
     generator = torch.Generator().manual_seed(3)
     starts = torch.cat(
         [
-            (2 * torch.rand((len(target_ids), n, hidden), generator=generator, dtype=torch.float64)
-             - 1) * 0.2
+            ((2 * torch.rand((len(target_ids), n, hidden), generator=generator) - 1)
+             * 0.2).double()
             for n in (len(source_ids), len(target_ids) + 1)  # the decoder adds its start token
         ],
         dim=1,

@@ -16,7 +16,7 @@ import torch
 import xarray as xr
 
 from . import _validate as check
-from ._engine import Problem, all_finite
+from ._engine import DRAWS, Problem, all_finite
 from ._errors import InputError, OptionError
 from ._memory import Size
 from ._protocol import COMMON, Call, Family, own_options
@@ -106,8 +106,8 @@ def pgd(
         epsilon: the radius of the ball (absolute); steps: PGD steps;
         step_size: the step length (default ``2.5 * epsilon / steps``, Madry et al.'s rule);
         norm: ``"l2"`` or ``"linf"``; seed: None starts every attack at 0, an integer starts it
-            at a uniform draw in the ball from a CPU generator seeded per example (batched equals
-            single).
+            at a uniform draw in the ball from a CPU generator seeded per example, in float32
+            whatever the model's dtype (batched equals single).
         chunk_size: targets per forward; batch_size: source tokens per forward.
 
     Returns:
@@ -210,13 +210,13 @@ def _starts(problem: Problem, epsilon: float, norm: str, seed: int | None) -> to
         for side, xi in enumerate(x):
             shape = (rows.numel(), lengths[side][b], hidden)
             if norm == "linf":
-                draw = (2 * torch.rand(shape, generator=generator, dtype=xi.dtype) - 1) * epsilon
+                draw = (2 * torch.rand(shape, generator=generator, dtype=DRAWS) - 1) * epsilon
             else:
-                direction = torch.randn(shape, generator=generator, dtype=xi.dtype)
+                direction = torch.randn(shape, generator=generator, dtype=DRAWS)
                 direction = direction / torch.linalg.vector_norm(direction, dim=-1, keepdim=True)
-                radius = torch.rand((*shape[:2], 1), generator=generator, dtype=xi.dtype)
+                radius = torch.rand((*shape[:2], 1), generator=generator, dtype=DRAWS)
                 draw = direction * epsilon * radius ** (1.0 / hidden)
-            out[rows[:, None], offset + torch.arange(shape[1])[None, :], b] = draw
+            out[rows[:, None], offset + torch.arange(shape[1])[None, :], b] = draw.to(out.dtype)
             offset += xi.shape[1]
     return out
 

@@ -35,6 +35,9 @@ from ._memory import (
 from ._model import Model, head_rows_only, one_backward, reading
 from ._objectives import Objective, evaluate_objective
 
+#: random draws (noise, random starts) are made in this dtype, then cast to the model's: one
+#: seed draws the same whatever the model's dtype (a float64 model drew another stream)
+DRAWS = torch.float32
 # points[i] for i in a chunk of indices -> one tensor [n, B, L, H] per attributed side
 PointFn = Callable[[torch.Tensor], tuple[torch.Tensor, ...]]
 Baseline = str | torch.Tensor | tuple[torch.Tensor, ...]

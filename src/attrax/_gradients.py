@@ -18,7 +18,7 @@ import xarray as xr
 
 from . import _layers
 from . import _validate as check
-from ._engine import Baseline, PointFn, Problem, all_finite, baseline_embeddings
+from ._engine import DRAWS, Baseline, PointFn, Problem, all_finite, baseline_embeddings
 from ._errors import InputError, OptionError
 from ._protocol import COMMON, Call, Family, Param, own_options
 
@@ -502,7 +502,8 @@ def gradient_shap(
     (absolute, as Captum's; SmoothGrad's noise is relative). Each example draws from its own CPU
     generator seeded with ``seed``: ``torch.randint(len(baselines), (samples,))``, then
     ``torch.rand(samples)``, then ``torch.randn(samples, length, hidden)`` per attributed side
-    (its real tokens), all in the embeddings' dtype; so batched equals single.
+    (its real tokens), all in float32 (then cast to the embeddings' dtype); so batched equals
+    single, and one seed draws the same whatever the model's dtype.
 
     Arguments (others as :func:`saliency`):
         baselines: the baselines to draw from: a list (or tuple) of baselines as
@@ -576,10 +577,10 @@ def _shap_draws(
     for b in range(batch):  # per example: its draws do not depend on the batch
         generator = torch.Generator().manual_seed(seed)
         index[:, b] = torch.randint(n_baselines, (samples,), generator=generator)
-        alpha[:, b] = torch.rand(samples, generator=generator, dtype=x[0].dtype)
+        alpha[:, b] = torch.rand(samples, generator=generator, dtype=DRAWS)
         for side, xi in enumerate(x):
             shape = (samples, lengths[side][b], xi.shape[-1])
-            noise[side][:, b, : shape[1]] = torch.randn(shape, generator=generator, dtype=xi.dtype)
+            noise[side][:, b, : shape[1]] = torch.randn(shape, generator=generator, dtype=DRAWS)
     device = x[0].device
     return index.to(device), alpha.to(device), tuple(n.to(device) for n in noise)
 
@@ -609,7 +610,7 @@ def _noise(x: torch.Tensor, problem: Problem, side: int, samples: int, seed: int
     for b, length in enumerate(lengths):
         generator = torch.Generator().manual_seed(seed)
         shape = (samples, length, x.shape[-1])
-        out[:, b, :length] = torch.randn(shape, generator=generator, dtype=x.dtype)
+        out[:, b, :length] = torch.randn(shape, generator=generator, dtype=DRAWS)
     return out.to(x.device)
 
 
