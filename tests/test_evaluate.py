@@ -286,6 +286,7 @@ def test_labels_become_a_coordinate(default_model):
         ({"methods": {"x": ax.l2_norm}}, r"`methods\['x'\]` is ax.l2_norm, a reduction"),
         ({"methods": {"x": ax.step_scores}}, r"is ax.step_scores, step scores, not an attrib"),
         ({"metrics": None}, r"`metrics` must be a non-empty list from .*got None"),
+        ({"attributions": "yes"}, r"`attributions` must be a bool, got 'yes'"),
         # one `reduce` for every method: the method it does not fit (until 2026-12-06 unnamed)
         ({"methods": {"s": ax.saliency, "a": ax.attention}, "reduce": "l2_norm,normalize"},
          r"`reduce` 'l2_norm,normalize' on the attribution of `methods\['a'\]`: l2_norm"),

@@ -82,6 +82,8 @@ def test_what_a_stack_refuses(checkpoints):
         ax.stack_models(checkpoints[:1])
     with pytest.raises(ax.OptionError, match="distinct names"):
         ax.stack_models(checkpoints[:2], names=["a", "a"])
+    with pytest.raises(ax.OptionError, match="a list of 2 names, got the string 'ab'"):
+        ax.stack_models(checkpoints[:2], names="ab")  # its letters, until 2026-12-06
     stack = ax.stack_models(checkpoints[:2])
     with pytest.raises(ax.OptionError, match="occlusion does not run on stacked models"):
         ax.occlusion(stack, X, Y)

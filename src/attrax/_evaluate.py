@@ -406,6 +406,7 @@ def evaluate(
             k: resolve_method(fn) if isinstance(fn, str) else fn for k, fn in methods.items()
         }
     chosen = _check(methods, metrics, top_k)
+    check.boolean(attributions, "attributions")
     steps = parse_reduce(reduce)
     renamed = _fields(fields)
     if not isinstance(shard_size, int) or isinstance(shard_size, bool) or shard_size < 1:

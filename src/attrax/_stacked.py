@@ -158,6 +158,10 @@ def stack_models(models: Sequence[Model], names: Sequence[str] | None = None) ->
         names = [m.name for m in models]
         if len(set(names)) < len(names):
             names = [f"{n}#{i}" for i, n in enumerate(names)]
+    if isinstance(names, str):  # its letters are no list of names
+        raise OptionError(
+            f"`names` must be a list of {len(models)} names, got the string {names!r}"
+        )
     names = [str(n) for n in names]
     if len(names) != len(models) or len(set(names)) < len(names):
         raise OptionError(f"`names` must be {len(models)} distinct names, got {names!r}")
