@@ -145,7 +145,7 @@ def output_path(path: object, example: str) -> Path:
     if path.suffix.lower() in _OTHER_FORMATS.get(writes, ()):
         raise InputError(
             f"`path` {str(given)!r} ends in {path.suffix}, another format's: this writes "
-            f"{writes[1:]} files; name it as {example!r}"
+            f"{writes[1:]} files; name it as {given.with_suffix(writes).name!r}"
         )
     if path.exists() and not path.is_file():
         raise InputError(
