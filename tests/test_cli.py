@@ -148,8 +148,9 @@ def test_an_option_with_a_space_at_either_end_is_a_string(tmp_path, default_mode
         (["-o", "objective=logit", "--objective", "logprob"], "both set `objective`"),
         (["-o", "objective=logit", "-o", "objective=logprob"], "`objective` is given twice"),
         # draws held through the call: a raw allocator traceback (until 2026-12-06)
-        (["--method", "smoothgrad", "--samples", "10" * 10], f"`samples`={'10' * 10} needs"),
-        (["--method", "sobol", "--samples", "10" * 10], "for its designs"),
+        (["--method", "smoothgrad", "--samples", str(10**15)], f"`samples`={10**15} needs"),
+        (["--method", "sobol", "--samples", str(10**15)], "for its designs"),
+        (["--method", "lime", "--samples", str(2**70)], "`samples` must be at most 2**62"),
     ],
 )  # fmt: skip
 def test_errors_exit_2_with_one_line(capsys, extra, message):
