@@ -79,11 +79,20 @@ def test_demo_classification_refuses_what_it_cannot_label(capsys):
     assert main(["demo", "--text", "the plot was good"]) == 2
 
 
-def test_attribute_the_builtin_classifier(capsys):
+def test_attribute_the_builtin_classifier(capsys, tmp_path):
     args = ["attribute", "--model", "attrax:classifier", "--input", "a good film", "--target"]
     assert main([*args, "all"]) == 0
     out = capsys.readouterr().out
     assert "negative" in out and "neutral" in out and "positive" in out
+    # a class id, as the API and a data file's label take it (refused until 2026-12-06)
+    model = ax.load_model("attrax:classifier")
+    for target in ("2", model.labels[2]):
+        assert (
+            main([*args, target, "--reduce", "none", "--out", str(tmp_path / f"{target}.nc")]) == 0
+        )
+    by_id, by_name = (ax.load(tmp_path / f"{t}.nc") for t in ("2", model.labels[2]))
+    assert by_id.target.values.tolist() == [model.labels[2]]
+    np.testing.assert_array_equal(by_id.values, by_name.values)
 
 
 def test_attribute_writes_what_it_prints(tmp_path, capsys, default_model):

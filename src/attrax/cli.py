@@ -138,7 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     attribute.add_argument(
         "--target",
         help="the continuation / translation to explain (default: generate one); a classifier's "
-        "label; a question-answering model's answer, a text of the context (default: predicted)",
+        "label or class id, or 'all'; a question-answering model's answer, a text of the context "
+        "(default: predicted)",
     )
     attribute.add_argument("--out", metavar="FILE.nc", help="save the result as netCDF (ax.save)")
     attribute.add_argument("--html", metavar="FILE", help="write an HTML heatmap (ax.show)")
@@ -556,7 +557,7 @@ def _attribute(args: argparse.Namespace) -> int:
         if isinstance(corrupted, list) and [type(c) for c in corrupted] == [str, str]:
             options["corrupted"] = tuple(corrupted)  # JSON has no tuples: a pair's two texts
     with console.status(f"attributing with {args.method}…"), _flags_named():
-        raw = call_method(fn, model, inputs, args.target, options)
+        raw = call_method(fn, model, inputs, _target(model, args.target), options)
     da = reduce(raw, steps)
     # saved before printing: no way of printing the result may lose the files asked for
     written = _write_outputs(
@@ -570,6 +571,15 @@ def _attribute(args: argparse.Namespace) -> int:
     for path in written:
         console.print(f"wrote {path}")
     return 0
+
+
+def _target(model: Any, target: str | None) -> str | int | None:
+    """``--target`` as the method takes it: a classifier's class id (``2``) as an int, unless
+    a label is named so (a data file's label column reads the same way)."""
+    classifies = model.task in ("sequence-classification", "token-classification")
+    if classifies and target is not None and target.isdecimal():
+        return target if target in model.labels.values() else int(target)
+    return target
 
 
 # the Python arguments an error names, as the flags `attrax attribute` takes them
