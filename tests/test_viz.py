@@ -166,6 +166,30 @@ def test_show_without_token_coords_uses_positions() -> None:
     assert [c["text"] for c in t["src"]] == ["0", "1"]
 
 
+def test_show_takes_step_scores_as_they_come(models) -> None:
+    """ax.step_scores' array (a `score` dim), one score of it, and ax.with_scores' Dataset were
+    refused or headed `step_scores` (until 2026-12-06): a column per score, under its name."""
+    model = models["gpt2"]
+    source, target = "the capital of france is", " paris and"
+    da = ax.l2_norm(ax.saliency(model, source, target))
+    scores = ax.step_scores(model, source, target, scores=["probability", "entropy"])
+    for given, names in (
+        ({"scores": scores}, ["probability", "entropy"]),
+        ({"scores": scores.sel(score="entropy")}, ["entropy"]),
+    ):
+        page = viz.show(da, **given)
+        assert [n for n in ("probability", "entropy", "step_scores") if f">{n}</th>" in
+                page._repr_html_()] == names  # fmt: skip
+    joined = viz.show(ax.with_scores(da, scores))
+    assert joined._repr_html_() == viz.show(da, scores=scores)._repr_html_()
+    (t,) = parse(joined)
+    np.testing.assert_allclose(
+        [float(c["text"]) for c in t["scores"][::2]], scores.sel(score="probability"), rtol=1e-3
+    )
+    with pytest.raises(ax.InputError, match="what ax.with_scores returns"):
+        viz.show(ax.with_scores(da, scores), scores=scores)
+
+
 def test_show_scores_columns() -> None:
     da = single()
     ds = dataset()

@@ -193,11 +193,30 @@ def _coord_labels(da: xr.DataArray, dim: str) -> tuple[list[str], list[str]]:
     return labels, where
 
 
+def _attribution_and_scores(
+    ds: xr.Dataset, scores: Scores | None
+) -> tuple[xr.DataArray, xr.Dataset]:
+    """An ``ax.with_scores`` Dataset split into its attribution (the variable along
+    ``source``) and its scores (the others)."""
+    sourced = [str(k) for k, v in ds.data_vars.items() if "source" in v.dims]
+    if len(sourced) != 1 or scores is not None:
+        raise InputError(
+            "`da` as a Dataset must be what ax.with_scores returns: one attribution (along "
+            f"`source`) and its scores, without `scores=` given; got the variables "
+            f"{list(map(str, ds.data_vars))}"
+        )
+    return ds[sourced[0]], ds.drop_vars(sourced[0])
+
+
 def _scores_dict(scores: Scores | None) -> dict[str, xr.DataArray]:
     if scores is None:
         return {}
-    if isinstance(scores, xr.DataArray):
-        items: dict[str, Any] = {str(scores.name) if scores.name is not None else "score": scores}
+    if isinstance(scores, xr.DataArray) and "score" in scores.dims:
+        # ax.step_scores' array: a column per score; one selected keeps its score's name
+        items: dict[str, Any] = {str(k): scores.sel(score=k) for k in scores["score"].values}
+    elif isinstance(scores, xr.DataArray):
+        named = scores.name if "score" not in scores.coords else scores["score"].item()
+        items = {str(named) if named is not None else "score": scores}
     elif isinstance(scores, xr.Dataset):
         items = {str(k): v for k, v in scores.data_vars.items()}
     elif isinstance(scores, Mapping):
@@ -691,7 +710,7 @@ def _legend_html(scale: _Scale) -> str:
 
 
 def show(
-    da: xr.DataArray,
+    da: xr.DataArray | xr.Dataset,
     *,
     path: PathLike | None = None,
     scores: Scores | None = None,
@@ -734,6 +753,8 @@ def show(
     _check_title(title)
     check.boolean(annotate, "annotate")
     path = None if path is None else output_path(path, "a.html")
+    if isinstance(da, xr.Dataset):  # ax.with_scores': the attribution, its scores as columns
+        da, scores = _attribution_and_scores(da, scores)
     if _is_grid(da):
         given = [
             n
