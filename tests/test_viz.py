@@ -186,7 +186,7 @@ def test_show_takes_step_scores_as_they_come(models) -> None:
     np.testing.assert_allclose(
         [float(c["text"]) for c in t["scores"][::2]], scores.sel(score="probability"), rtol=1e-3
     )
-    with pytest.raises(ax.InputError, match="what ax.with_scores returns"):
+    with pytest.raises(ax.InputError, match=r"what ax\.with_scores returns"):
         viz.show(ax.with_scores(da, scores), scores=scores)
 
 
