@@ -97,6 +97,9 @@ def test_selection_layers_heads(models):
         ((-1, 0), ([1], [0])),
         ((slice(0, None, 2), range(1, 3)), ([0], [1, 2])),
         (([1, 0], [-1, 0]), ([1, 0], [3, 0])),
+        # "all", as the gradient methods' layers="all" (refused until 2026-12-06)
+        (("all", [2]), ([0, 1], [2])),
+        ((1, "all"), ([1], [0, 1, 2, 3])),
     ]
     for (layers, heads), (want_layers, want_heads) in cases:
         got = attention(model, SOURCE, TARGET, layers=layers, heads=heads)

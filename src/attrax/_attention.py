@@ -25,7 +25,7 @@ from ._model import Model, refuse_no_query_row
 from ._protocol import Call, Family
 from ._schema import label_queries
 
-Selection = int | range | slice | Sequence[int] | None
+Selection = int | range | slice | Sequence[int] | str | None  # str: "all"
 MAPS = ("self", "cross", "encoder")
 
 
@@ -46,9 +46,9 @@ ATTENTION = Family(
 
 
 def check_selection(value: object, name: str) -> None:
-    """Layers/heads: an int, a range, a slice, a list of ints or None (checked again against
-    the model's sizes)."""
-    if value is None or isinstance(value, (slice, range)):
+    """Layers/heads: an int, a range, a slice, a list of ints, None or ``"all"`` (every one, as
+    the gradient methods' ``layers="all"``; checked again against the model's sizes)."""
+    if value is None or value == "all" or isinstance(value, (slice, range)):
         return
     items = [value] if isinstance(value, (int, np.integer)) else value  # np.argmax's too
     if isinstance(value, (str, bytes)) or not isinstance(items, Sequence):
@@ -247,7 +247,7 @@ def resolve_maps(model: Model, maps: str | None) -> str:
 def selection_indices(value: Selection, n: int, name: str, what: str) -> list[int]:
     """Non-negative indices into ``n`` items from an int, range, slice, list or None (all)."""
     valid = f"the model has {n} {what}: valid values are 0..{n - 1} or -{n}..-1"
-    if value is None:
+    if value is None or value == "all":
         return list(range(n))
     if isinstance(value, slice):
         chosen = list(range(n))[value]
