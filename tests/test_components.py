@@ -1250,7 +1250,7 @@ def test_cli_and_dataset(tmp_path, write_jsonl):
         ("attribution_patching", {"corrupted": 3}),
         ("attribution_patching", {"corrupted": "x", "stack": "both"}),
         ("direct_logit_attribution", {"layers": "first"}),
-        ("direct_logit_attribution", {"heads": "all"}),
+        ("direct_logit_attribution", {"heads": "last"}),
     ],
 )
 def test_bad_options_are_refused_before_the_model_runs(models, monkeypatch, name, options):
