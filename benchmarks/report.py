@@ -751,11 +751,14 @@ def _nli_section(results: dict[str, Any] | None) -> list[str]:
         "transformers' forward from ids), one batched call per class, and the decoder's row "
         "i + 1 is added to the encoder's row i."
     )
-    reference = (
-        "the BERT tutorials' reference in BART's tokens (`<pad>`, `<s>` and `</s>` kept); "
-        "Captum runs it as `LayerIntegratedGradients` on both embedding layers"
-    )
-    return _task_section("Encoder-decoder NLI classifier (N1)", results, about, reference)
+    return _task_section("Encoder-decoder NLI classifier (N1)", results, about, BART_REFERENCE)
+
+
+#: IG's reference input of N1 and N2, and how Captum runs it
+BART_REFERENCE = (
+    "the BERT tutorials' reference in BART's tokens (`<pad>`, `<s>` and `</s>` kept); "
+    "Captum runs it as `LayerIntegratedGradients` on both embedding layers"
+)
 
 
 def _seq2seq_qa_section(results: dict[str, Any] | None) -> list[str]:
@@ -775,11 +778,7 @@ def _seq2seq_qa_section(results: dict[str, Any] | None) -> list[str]:
         "each token, in one call. Captum attributes to both embedding layers, one batched call "
         "per target, and the decoder's row i + 1 is added to the encoder's row i."
     )
-    reference = (
-        "the BERT tutorials' reference in BART's tokens (`<pad>`, `<s>` and `</s>` kept); "
-        "Captum runs it as `LayerIntegratedGradients` on both embedding layers"
-    )
-    return _task_section("Encoder-decoder question answering (N2)", results, about, reference)
+    return _task_section("Encoder-decoder question answering (N2)", results, about, BART_REFERENCE)
 
 
 BERT_REFERENCE = (

@@ -87,6 +87,21 @@ def _hf_gradients(
     return np.stack(grads), rows["encoder"][0].double().numpy(), logits[0]
 
 
+def _on_the_path(model: ax.Model, alpha: float) -> Callable:
+    """An edit to the point ``alpha`` of the straight path from zeros: both stacks' rows
+    scaled, the decoder's start token (BART, T5: no input token) kept."""
+
+    def edit(enc, dec):
+        if enc is not None:
+            return enc * alpha
+        kept = dec.clone() * alpha
+        if model.seq2seq_classifier == "start":
+            kept[:, 0] = dec[:, 0]
+        return kept
+
+    return edit
+
+
 def _ids(model: ax.Model, item) -> list[int]:
     text, pair = (item, None) if isinstance(item, str) else item
     return model.tokenizer(text, pair)["input_ids"]
@@ -154,16 +169,7 @@ def test_integrated_gradients_equal_a_loop_over_own_nodes(arch):
     alphas, weights = (nodes + 1) / 2, weights / 2
     total = 0.0
     for alpha, weight in zip(alphas, weights, strict=True):
-
-        def edit(enc, dec, alpha=float(alpha)):
-            if enc is not None:
-                return enc * alpha
-            kept = dec.clone() * alpha
-            if model.seq2seq_classifier == "start":
-                kept[:, 0] = dec[:, 0]
-            return kept
-
-        grads, _, _ = _hf_gradients(model, ids, edit)
+        grads, _, _ = _hf_gradients(model, ids, _on_the_path(model, float(alpha)))
         total = total + weight * grads
     _, embeds, _ = _hf_gradients(model, ids, None)
     want = total * embeds
@@ -354,15 +360,7 @@ def test_an_answers_integrated_gradients_equal_a_loop_over_own_nodes(arch):
     nodes, weights = np.polynomial.legendre.leggauss(5)
     total = 0.0
     for alpha, weight in zip((nodes + 1) / 2, weights / 2, strict=True):
-
-        def edit(enc, dec, alpha=float(alpha)):
-            if enc is not None:
-                return enc * alpha
-            kept = dec.clone() * alpha
-            if model.seq2seq_classifier == "start":
-                kept[:, 0] = dec[:, 0]
-            return kept
-
+        edit = _on_the_path(model, float(alpha))
         total = total + weight * _hf_gradients(model, ids, edit, read=_span(got))[0]
     want = total * _hf_gradients(model, ids, None, read=_span(got))[1]
     np.testing.assert_allclose(got.values, want, rtol=1e-4, atol=1e-6)
