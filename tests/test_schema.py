@@ -74,7 +74,7 @@ def _classifier_results() -> list[xr.DataArray]:
     token = ax.load_model(hf, tokenizer=tok)
     pairs = [("the capital", "is paris"), ("hello", "world")]
     return [
-        ax.saliency(sequence, pairs, "all", contrast="label_0"),
+        ax.saliency(sequence, pairs, [["label_1", "label_2"]] * 2, contrast="label_0"),
         ax.occlusion(token, ["the capital", "hello world"], contrast=0),
         ax.step_scores(sequence, pairs),
     ]
