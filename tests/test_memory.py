@@ -470,6 +470,17 @@ def test_running_out_of_memory_is_one_line_naming_the_sizes(models, monkeypatch,
     monkeypatch.setattr(Problem, "gradient_sum_with_hidden", lambda *a, **k: 1 / 0)
     with pytest.raises(ZeroDivisionError):
         ax.integrated_gradients(model, *PAIRS[0])
+    # out of memory while the problem is built: the message does not build it again
+    built = []
+
+    def build(*args, **kwargs):
+        built.append(1)
+        raise failure
+
+    monkeypatch.setattr(Problem, "build", build)
+    with pytest.raises(ax.ResourceError, match=r"^saliency ran out of memory on cpu.*: give"):
+        ax.saliency(model, *PAIRS[0])
+    assert built == [1]
 
 
 @pytest.mark.parametrize(

@@ -324,13 +324,15 @@ _SIZES = ("steps", "samples", "permutations", "batch_size", "chunk_size", "max_m
 
 def _out_of_memory_message(name: str, call: Call, given: Mapping[str, Any], tried: str) -> str:
     """One line for a call that ran out of memory: where, what it tried, the sizes it had."""
-    device = call.problem.inputs[0].device
     sizes = ", ".join(f"{k}={given[k]!r}" for k in _SIZES if k in given)
-    shape = call.problem.inputs[0].shape
+    # the problem as built, if it was: building it again here could run out again
+    problem = call.__dict__.get("problem")
+    device = call.model.device if problem is None else problem.inputs[0].device
+    shape = None if problem is None else problem.inputs[0].shape
     return (
         f"{name} ran out of memory on {device.type}"
         + (f" (it tried to allocate {tried})" if tried else "")
-        + f" on {shape[0]} input(s) of {shape[1]} tokens"
+        + ("" if shape is None else f" on {shape[0]} input(s) of {shape[1]} tokens")
         + (f" with {sizes}" if sizes else "")
         + ": give fewer steps or samples, smaller batch_size or chunk_size, or a max_memory "
         "the planner bounds its passes by"
