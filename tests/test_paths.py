@@ -628,3 +628,14 @@ def target_gradient(run, points, t: int, sides: int) -> list[torch.Tensor]:
     logits = run.logits(leaves + list(points[sides:]))
     score = _naive.probability(logits[t - 1], run.sequence[t])
     return list(torch.autograd.grad(score, leaves))
+
+
+def test_dig_default_neighbours_fit_a_small_vocabulary(default_model):
+    # Inseq's 50 neighbours, or every other entry of a smaller vocabulary (the built-in has 13)
+    vocabulary = default_model.hf.get_input_embeddings().weight.shape[0]
+    assert vocabulary - 1 < 50
+    got = ax.discretized_integrated_gradients(default_model, "1 2 3 =", " 3 2 1", steps=4)
+    want = naive_dig(default_model, "1 2 3 =", " 3 2 1", 4, vocabulary - 1)
+    assert_close(got.values, want)
+    with pytest.raises(ax.OptionError, match="positive integer or None, got 0"):
+        ax.discretized_integrated_gradients(default_model, "1 2 =", " 2 1", neighbours=0)

@@ -30,6 +30,9 @@ _NEIGHBOURS: weakref.WeakKeyDictionary[Any, dict[tuple[str, int], torch.Tensor]]
 )
 
 
+DEFAULT_NEIGHBOURS = 50  # Inseq's n_neighbors
+
+
 def nearest_neighbours(table: torch.Tensor, k: int, rows: int = 1024) -> torch.Tensor:
     """``[V, k]``: each row's ``k`` nearest other rows of ``table`` (Euclidean), nearest first.
 
@@ -144,11 +147,11 @@ def _baseline_ids(problem: Problem, ids: torch.Tensor, baseline: str) -> torch.T
         "its paths run through the vocabulary's embeddings, which no layer has",
     ),
     steps=check.at_least(2),
-    neighbours=check.positive_int,
+    neighbours=check.optional(check.positive_int),
     baseline=check.one_of(*BASELINE_TOKENS),
 )
 def discretized_integrated_gradients(
-    problem: Problem, *, steps: int = 50, neighbours: int = 50, baseline: str = "pad"
+    problem: Problem, *, steps: int = 50, neighbours: int | None = None, baseline: str = "pad"
 ) -> Rule:
     """Discretized integrated gradients (Sanyal & Ren 2021; Inseq's DIG, greedy strategy).
 
@@ -161,7 +164,8 @@ def discretized_integrated_gradients(
 
     Arguments (others as :func:`saliency`):
         steps: points on each path (at least 2).
-        neighbours: nearest neighbours searched at each step (Inseq's 50).
+        neighbours: nearest neighbours searched at each step; None: Inseq's 50, or one fewer
+            than the vocabulary where it is smaller.
         baseline: ``"pad"`` (default) or ``"unk"``: the baseline token of every position (EOS
             tokens keep EOS); the tokenizer's special tokens do not take anchors.
 
@@ -177,6 +181,9 @@ def discretized_integrated_gradients(
     if len(problem.inputs) > 1:
         sides.append(("target", t.decoder_ids))
     paths = []
+    if neighbours is None:
+        vocabulary = problem.model.hf.get_input_embeddings().weight.shape[0]
+        neighbours = min(DEFAULT_NEIGHBOURS, vocabulary - 1)
     for (side, ids), x in zip(sides, problem.inputs, strict=True):
         table, near = _neighbours(problem, side, neighbours)
         flat = ids.reshape(-1).to(table.device)

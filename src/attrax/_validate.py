@@ -51,6 +51,27 @@ def positive_int(value: object, name: str) -> None:
     _not_past_int64(value, name)
 
 
+def optional(inner: Check) -> Check:
+    """None, or a value ``inner`` accepts (the method picks the default).
+
+    >>> optional(positive_int)(0, "neighbours")
+    Traceback (most recent call last):
+    attrax._errors.OptionError: `neighbours` must be a positive integer or None, got 0
+    """
+
+    def check(value: object, name: str) -> None:
+        if value is None:
+            return
+        try:
+            inner(value, name)
+        except OptionError as error:
+            text = str(error)
+            # name None among what is accepted, where the message says what was expected
+            raise OptionError(text.replace(", got", " or None, got", 1)) from None
+
+    return check
+
+
 def _not_past_int64(value: object, name: str) -> None:
     if value > MAX_COUNT:  # type: ignore[operator]
         raise OptionError(
