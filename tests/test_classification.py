@@ -386,6 +386,7 @@ def test_a_classifier_loads_from_a_directory(tmp_path, classifiers, arch, task):
         (("bert", "sequence"), {"targets": "positive"}, "not a label"),
         (("bert", "sequence"), {"targets": 7}, "not a class id"),
         (("bert", "sequence"), {"targets": [0]}, "one entry per example"),
+        (("bert", "sequence"), {"targets": [None, 1]}, "got None: pass targets=None"),
         (("bert", "sequence"), {"positions": [1]}, "sequence classifier's targets are classes"),
         (("bert", "token"), {"targets": "all"}, "for sequence classifiers"),
         (("gpt2", "sequence"), {"inputs": ("a text", "a pair")}, "no pair template"),

@@ -26,6 +26,7 @@ from tests.conftest import IG_RULE, PAIRS, integrated_gradients
         ("a b", [" e"], "`targets` must match `inputs`"),
         (3, " e", "`inputs` must be a string"),
         (["a b", 3], None, r"`inputs\[1\]` must be a string"),
+        (["a b", "c d"], [None, " e"], r"`targets\[0\]` .* pass targets=None to generate"),
     ],
 )
 def test_bad_texts(models, inputs, targets, match):

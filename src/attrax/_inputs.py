@@ -343,8 +343,13 @@ def _as_texts(value: Any, name: str) -> tuple[list[str], bool]:
         )
     for i, text in enumerate(texts):
         if not isinstance(text, str):
+            generate = (
+                ": pass targets=None to generate every example's target"
+                if text is None and name == "targets"
+                else ""
+            )
             raise InputError(
-                f"`{name}{_at(i, single)}` must be a string, got {type(text).__name__}"
+                f"`{name}{_at(i, single)}` must be a string, got {type(text).__name__}{generate}"
             )
         if not text.strip():
             raise InputError(f"`{name}{_at(i, single)}` is empty: there is nothing to attribute")
@@ -1236,6 +1241,12 @@ def _class_id(model: Model, value: Any, name: str) -> int:
                 f"`{name}` {value!r} is not a label of {model.name}; its labels are {list(by_name)}"
             )
         return by_name[value]
+    if value is None:
+        # one None among given targets: the predicted class is targets=None, for every example
+        raise InputError(
+            f"`{name}` must be a class id or a label name, got None: pass targets=None to "
+            "explain every example's predicted class"
+        )
     if isinstance(value, bool) or not isinstance(value, int):
         raise InputError(f"`{name}` must be a class id or a label name, got {value!r}")
     if not 0 <= value < len(model.labels):
