@@ -1778,6 +1778,11 @@ def _logits(model: ax.Model, da) -> np.ndarray:
     if model.task == "token-classification":  # target = the token's position, and its class
         positions, classes = da.target.values.tolist(), da.target_class.values.tolist()
         return hf(input_ids=ids[None]).logits[0, positions, classes].numpy()
+    if model.task == "question-answering":  # the start logit at the span's start, the end's
+        out = hf(input_ids=ids[None])
+        starts, ends = out.start_logits[0], out.end_logits[0]
+        position = da.target_position.values.tolist()
+        return np.array([float(starts[position[0]]), float(ends[position[1]])])
     if model.is_encoder_decoder:
         sides = da.side.values
         source, decoder = ids[sides == "source"][None], ids[sides == "target"][None]
@@ -1928,6 +1933,12 @@ BIAS_FREE = {
     "roberta-token": lambda: tiny_classifier("roberta", task="token"),
     "electra-token": lambda: tiny_classifier("electra", task="token"),
     "distilbert-token": lambda: tiny_classifier("distilbert", task="token"),
+    # encoder-decoder heads: the decoder reads the input again (BART's head: dense, tanh, out)
+    **{f"{arch}-classifier": partial(tiny_classifier, arch) for arch in ("bart", "mbart", "t5")},
+    **{
+        f"{arch}-qa": partial(tiny_classifier, arch, "question-answering")
+        for arch in ("bart", "bert")
+    },
 }
 
 
@@ -1936,11 +1947,18 @@ def test_cp_lrp_is_exactly_conservative_without_biases(arch):
     # CP-LRP makes every layer linear (attention weights, norm scales, f(x)/x constant): with the
     # biases and position embeddings zeroed the relevance sums to the logit (float64 rounding)
     model = _double(*BIAS_FREE[arch](), zero_biases=True)
+    if arch in ("bart-classifier", "t5-classifier", "bart-qa"):
+        # the decoder's start token is no input token and keeps its share, as a bias does
+        with torch.no_grad():
+            model.hf.get_input_embeddings().weight[model.hf.config.decoder_start_token_id] = 0
     if model.task == "generation":  # an encoder-decoder: both sides hold relevance
         both = model.is_encoder_decoder
         got = ax.lrp(model, PROMPT, TARGET, rule="cp-lrp", attribute_target=both)
     elif model.task == "token-classification":  # every token, its predicted class
         got = ax.lrp(model, "the plot was good", rule="cp-lrp")
+    elif model.task == "question-answering":  # the span's start and end logits
+        got = ax.lrp(model, ("where did the cat sit", "the cat sat on the mat"), "the mat",
+                     rule="cp-lrp")  # fmt: skip
     else:
         got = ax.lrp(model, "the plot was good", [0, 1, 2], rule="cp-lrp")
     # float64 rounding; transformers' RMSNorm and GPT-NeoX's and OPT's eager softmax round
@@ -1958,7 +1976,7 @@ def test_cp_lrp_is_exactly_conservative_without_biases(arch):
     islands += ("glm4_moe", "minimax_m2")  # RMSNorm in float32, float32 routers
     islands += ("ministral3", "ernie4_5_moe", "hunyuan_v1_moe")
     islands += ("modernbert", "modernbert-mean")  # its rotary embedding rounds q and k to float32
-    islands += ("t5", "mt5")  # T5's RMSNorm takes its variance in float32
+    islands += ("t5", "mt5", "t5-classifier")  # T5's RMSNorm takes its variance in float32
     islands += ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe")
     tolerance = 1e-5 if arch in islands else 1e-9
     np.testing.assert_allclose(
