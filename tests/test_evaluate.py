@@ -3,6 +3,7 @@ agreement against hand-worked values, records from every source."""
 
 from __future__ import annotations
 
+import functools
 import json
 
 import numpy as np
@@ -290,6 +291,10 @@ def test_labels_become_a_coordinate(default_model):
         # one `reduce` for every method: the method it does not fit (until 2026-12-06 unnamed)
         ({"methods": {"s": ax.saliency, "a": ax.attention}, "reduce": "l2_norm,normalize"},
          r"`reduce` 'l2_norm,normalize' on the attribution of `methods\['a'\]`: l2_norm"),
+        # one contrast bound for a dataset (until 2026-12-06 "`contrast` must match `inputs`")
+        ({"data": [{"input": PROMPT, "target": ANSWER}] * 2,
+          "methods": {"c": functools.partial(ax.saliency, contrast=ANSWER)}},
+         r"`methods\['c'\]` binds one `contrast` for 2 records: bind a list of 2"),
     ],
 )  # fmt: skip
 def test_bad_calls_are_clear_errors(default_model, kwargs, match):

@@ -468,7 +468,15 @@ def score_records(
         try:
             got = fn(model, inputs, targets)
         except InputError as err:  # `inputs[3]` is a record of the data, which its line names
-            raise InputError(_by_record(str(err), records)) from None
+            message = _by_record(str(err), records)
+            bound = re.match(r"`(\w+)` must match `inputs`", message)
+            if bound:  # an option bound to the method, one value for the whole dataset
+                message = (
+                    f"`methods[{name!r}]` binds one `{bound.group(1)}` for {len(records)} "
+                    f"records: bind a list of {len(records)}, one per record in the data's "
+                    f"order, or leave it out ({message})"
+                )
+            raise InputError(message) from None
         named = f"`methods[{name!r}]`"
         reduced.append(_reduced(got, steps, method=named, reduce=reduce, examples=len(inputs)))
     both = [isinstance(da.indexes.get("source"), pd.MultiIndex) for da in reduced]
