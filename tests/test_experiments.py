@@ -122,6 +122,14 @@ def test_cli_evaluate_errors(tmp_path, capsys):
     assert "`--steps 8` applies to none of --methods" in capsys.readouterr().err
     assert main([*base, "--methods", "saliency", "-o", "baseline=pad"]) == 2
     assert "`-o baseline='pad'` applies to none of --methods" in capsys.readouterr().err
+    # one contrast for every record: how to give one per record (until 2026-12-06 "`contrast`
+    # must match `inputs`", a Python argument the command line has not)
+    data.write_text("\n".join(json.dumps(r) for r in RECORDS) + "\n")
+    assert main([*base, "--field", "target=answer", "--methods", "saliency",
+                 "-o", "contrast= 1 1 1 1 1 1"]) == 2  # fmt: skip
+    assert "`-o contrast=...` is one value for 2 records: give a JSON list of 2" in (
+        capsys.readouterr().err
+    )
 
 
 def test_cli_evaluate_generates_with_max_new_tokens_and_takes_options(tmp_path, capsys):

@@ -330,7 +330,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     else:  # each worker loads it
         model = args.model
         dask.update(device=_device(args.device), dtype=_dtype(args.dtype))
-    with _flags_named(_DATA_FLAGS):
+    with _flags_named(_DATA_FLAGS), _options_named(extra):
         ds = evaluate(
             model,
             args.data,
@@ -585,6 +585,24 @@ def _target(model: Any, target: str | None) -> str | int | None:
 # the Python arguments an error names, as the flags `attrax attribute` takes them
 _FLAGS = {"inputs": "--input", "targets": "--target", "max_new_tokens": "--max-new-tokens"}
 # as the data-file commands (evaluate, attribute-dataset) take them: targets are a field
+@contextlib.contextmanager
+def _options_named(extra: dict[str, Any]) -> Iterator[None]:
+    """An option that ``-o`` gave every method, named as ``-o`` where one value cannot serve
+    every record (evaluate's message names a method it was bound to)."""
+    from ._errors import InputError
+
+    try:
+        yield
+    except InputError as err:
+        found = re.match(r"`methods\['[^']*'\]` binds one `(\w+)` for (\d+) records", str(err))
+        if not found or found[1] not in extra:
+            raise
+        raise InputError(
+            f"`-o {found[1]}=...` is one value for {found[2]} records: give a JSON list of "
+            f"{found[2]}, one per record in the data's order (-o '{found[1]}=[...]')"
+        ) from None
+
+
 _DATA_FLAGS = {"max_new_tokens": "--max-new-tokens", "targets": "a 'target' field"}
 
 
