@@ -584,6 +584,8 @@ def _target(model: Any, target: str | None) -> str | int | None:
 
 # the Python arguments an error names, as the flags `attrax attribute` takes them
 _FLAGS = {"inputs": "--input", "targets": "--target", "max_new_tokens": "--max-new-tokens"}
+
+
 # as the data-file commands (evaluate, attribute-dataset) take them: targets are a field
 @contextlib.contextmanager
 def _options_named(extra: dict[str, Any]) -> Iterator[None]:
