@@ -586,7 +586,6 @@ def _target(model: Any, target: str | None) -> str | int | None:
 _FLAGS = {"inputs": "--input", "targets": "--target", "max_new_tokens": "--max-new-tokens"}
 
 
-# as the data-file commands (evaluate, attribute-dataset) take them: targets are a field
 @contextlib.contextmanager
 def _options_named(extra: dict[str, Any]) -> Iterator[None]:
     """An option that ``-o`` gave every method, named as ``-o`` where one value cannot serve
@@ -605,6 +604,7 @@ def _options_named(extra: dict[str, Any]) -> Iterator[None]:
         ) from None
 
 
+# as the data-file commands (evaluate, attribute-dataset) take them: targets are a field
 _DATA_FLAGS = {"max_new_tokens": "--max-new-tokens", "targets": "a 'target' field"}
 
 
