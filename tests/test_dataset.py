@@ -459,3 +459,74 @@ def test_arguments_of_the_wrong_kind_are_named(tmp_path, model, write_jsonl):
         D.attribute_dataset(model, data, out, device="meta")
     assert not out.exists()
     assert D.attribute_dataset(model, data, out, device="cpu", progress=False).shards == 1
+
+
+def test_each_record_is_explained_against_its_own_contrast(tmp_path, model, write_jsonl):
+    # a 'contrast' field (until 2026-12-06 only one `contrast` option, which a list of records
+    # refused): every record's target against its own text, in shards of the batch
+    rows = [
+        {"input": "1 2 3 4 5 6 =", "target": " 6 5 4 3 2 1", "contrast": " 1 1 1 1 1 1"},
+        {"input": "3 1 4 1 5 9 =", "target": " 9 5 1 4 1 3", "contrast": " 2 2 2 2 2 2"},
+        {"input": "2 7 1 8 =", "target": " 8 1 7 2", "contrast": " 3 3 3 3"},
+    ]
+    data = write_jsonl(rows)
+    D.attribute_dataset(model, data, tmp_path / "run", reduce="l2_norm", shard_size=2,
+                        progress=False)  # fmt: skip
+    got = D.load_dataset_results(tmp_path / "run")
+    assert "contrast_id" in got.coords
+    for line, row in enumerate(rows):  # assertions only: one check per record
+        alone = ax.l2_norm(
+            ax.saliency(model, row["input"], row["target"], contrast=row["contrast"])
+        )
+        plain = ax.l2_norm(ax.saliency(model, row["input"], row["target"]))
+        mine = got.sel(example=line, target=alone.target, source=alone.source)
+        assert mine.contrast_token.values.tolist() == alone.contrast_token.values.tolist()
+        np.testing.assert_allclose(mine.values, alone.values, rtol=1e-4, atol=1e-7)
+        assert not np.allclose(mine.values, plain.values, rtol=1e-2, equal_nan=True)
+    # a record's contrast that does not align with its target: its line, before any shard
+    bad = write_jsonl([rows[0], {**rows[1], "contrast": " 2 2"}], name="bad.jsonl")
+    with pytest.raises(ax.InputError, match=r"line 2: `contrast` ' 2 2' has 2 tokens but the"):
+        D.attribute_dataset(model, bad, tmp_path / "bad", progress=False)
+    assert not (tmp_path / "bad").exists()
+    some = write_jsonl([rows[0], {"input": "1 2 =", "target": " 2 1"}], name="some.jsonl")
+    with pytest.raises(ax.InputError, match="1 of 2 records have a 'contrast'"):
+        D.attribute_dataset(model, some, tmp_path / "some", progress=False)
+    with pytest.raises(ax.OptionError, match="`contrast` is given both as an option and by"):
+        D.attribute_dataset(model, data, tmp_path / "both", contrast=" 1", progress=False)
+    with pytest.raises(ax.OptionError, match="records give a 'contrast' but attention takes no"):
+        D.attribute_dataset(model, data, tmp_path / "att", method="attention", progress=False)
+    same = write_jsonl([{**rows[0], "contrast": rows[0]["target"]}], name="same.jsonl")
+    with pytest.raises(ax.InputError, match=r"line 1: `contrast` .* is the target itself"):
+        D.attribute_dataset(model, same, tmp_path / "same", progress=False)
+    # one text as an option for every record: what to give instead
+    plain_data = write_jsonl([{k: v for k, v in r.items() if k != "contrast"} for r in rows[:2]],
+                             name="plain.jsonl")  # fmt: skip
+    with pytest.raises(ax.InputError, match="give each record its own as a 'contrast' field"):
+        D.attribute_dataset(model, plain_data, tmp_path / "one", contrast=" 1 1 1 1 1 1",
+                            progress=False)  # fmt: skip
+
+
+def test_a_classifiers_records_give_contrast_classes(tmp_path, write_jsonl):
+    from attrax.testing import tiny_classifier
+
+    model = ax.load_model(*tiny_classifier("bert"))
+    rows = [
+        {"input": "the plot was good", "label": "label_1", "target": "label_1", "contrast": 0},
+        {"input": "a dull film", "label": "label_2", "target": "label_2", "contrast": "label_1"},
+    ]
+    D.attribute_dataset(model, write_jsonl(rows), tmp_path / "run", reduce="l2_norm",
+                        progress=False)  # fmt: skip
+    got = D.load_dataset_results(tmp_path / "run")
+    for line, row in enumerate(rows):  # assertions only: one check per record
+        alone = ax.l2_norm(
+            ax.saliency(model, row["input"], row["target"], contrast=row["contrast"])
+        )
+        mine = got.sel(example=line, target=alone.target).dropna("source", how="all")
+        assert mine.contrast_class.values.tolist() == alone.contrast_class.values.tolist()
+        np.testing.assert_allclose(mine.values, alone.values, rtol=1e-4, atol=1e-7)
+    bad = write_jsonl([{**rows[0], "contrast": "label_1"}], name="bad.jsonl")
+    with pytest.raises(ax.InputError, match="line 1: `contrast` 'label_1' is the target class"):
+        D.attribute_dataset(model, bad, tmp_path / "bad", progress=False)
+    bad = write_jsonl([{**rows[0], "contrast": 9}], name="nine.jsonl")
+    with pytest.raises(ax.InputError, match="line 1: `contrast` 9 is not a class id"):
+        D.attribute_dataset(model, bad, tmp_path / "nine", progress=False)

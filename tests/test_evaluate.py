@@ -39,6 +39,83 @@ def test_faithfulness_equals_each_method_scored_alone(default_model):
         np.testing.assert_allclose(ds.deletion.sel({"method": name}).values, auc.values, rtol=1e-6)
 
 
+def test_contrastive_methods_are_scored_with_each_records_contrast(default_model):
+    """Two methods bound to one contrast per record: each method's copy of the records is
+    scored with its contrasts (until 2026-12-06 refused: "a list of 4 strings, got 2")."""
+    data = [{"input": PROMPT, "target": ANSWER}, {"input": OTHER[0], "target": OTHER[1]}]
+    contrast = [" 1 1 1 1 1 1", " 2 2 2 2 2 2"]
+    methods = {
+        "saliency": functools.partial(ax.saliency, contrast=contrast),
+        "input_x_gradient": functools.partial(ax.input_x_gradient, contrast=contrast),
+    }
+    ds = ax.evaluate(default_model, data, methods, ["comprehensiveness"])
+    inputs, targets = [d["input"] for d in data], [d["target"] for d in data]
+    for name, fn in methods.items():
+        da = ax.normalize(ax.l2_norm(fn(default_model, inputs, targets)))
+        da.attrs.pop("options")  # the contrast given here, not read back from the attrs
+        alone = ax.comprehensiveness(default_model, da, inputs, targets, contrast=contrast).aopc
+        got = ds.comprehensiveness.sel({"method": name}).values
+        np.testing.assert_allclose(got, alone.values, rtol=1e-6, atol=1e-9)
+
+
+def test_records_with_a_contrast_field_are_each_explained_against_it(default_model, tmp_path):
+    """A `contrast` field (new 2026-12-06): every method explains each record's target against
+    the record's own contrast, and is scored on the same difference."""
+    rows = [
+        {"text": PROMPT, "answer": ANSWER, "foil": " 1 1 1 1 1 1"},
+        {"text": OTHER[0], "answer": OTHER[1], "foil": " 2 2 2 2 2 2"},
+    ]
+    data = tmp_path / "d.csv"  # a CSV keeps a contrast's leading space (text cells)
+    pd.DataFrame(rows).to_csv(data, index=False)
+    fields = {"input": "text", "target": "answer", "contrast": "foil"}
+    methods = {"saliency": ax.saliency, "occlusion": ax.occlusion}
+    ds = ax.evaluate(default_model, data, methods, ["comprehensiveness"], fields=fields)
+    inputs, targets = [r["text"] for r in rows], [r["answer"] for r in rows]
+    contrast = [r["foil"] for r in rows]
+    for name, fn in methods.items():
+        da = fn(default_model, inputs, targets, contrast=contrast)
+        da = ax.normalize(ax.l2_norm(da) if "hidden" in da.dims else da)
+        da.attrs.pop("options")  # the contrast given here, not read back from the attrs
+        alone = ax.comprehensiveness(default_model, da, inputs, targets, contrast=contrast).aopc
+        got = ds.comprehensiveness.sel({"method": name}).values
+        np.testing.assert_allclose(got, alone.values, rtol=1e-6, atol=1e-9)
+    records = [{"input": r["text"], "target": r["answer"], "contrast": r["foil"]} for r in rows]
+    cases = [
+        ({"a": ax.attention}, "records give a field 'contrast' but `methods\\['a'\\]` takes none"),
+        ({"a": ax.pipe(ax.attention, ax.mean("head"))}, "but `methods\\['a'\\]` takes none"),
+        ({"s": functools.partial(ax.saliency, contrast=" 1")}, "binds `contrast` and the records"),
+    ]
+    for bad, match in cases:  # assertions only: one call per case
+        with pytest.raises(ax.OptionError, match=match):
+            ax.evaluate(default_model, records, bad)
+    misaligned = [records[0], {**records[1], "contrast": " 2 2"}]
+    with pytest.raises(ax.InputError, match="`data` record 1: `contrast` ' 2 2' has 2 tokens"):
+        ax.evaluate(default_model, misaligned, {"s": ax.saliency})
+    with pytest.raises(ax.InputError, match="1 of 2 records have a field 'contrast'"):
+        ax.evaluate(default_model, [records[0], rows[1] | {"input": OTHER[0]}], {"s": ax.saliency})
+    with pytest.raises(ax.InputError, match="gives a 'contrast': sanity checks explain"):
+        ax.sanity_checks(default_model, records, ax.saliency)
+
+
+def test_a_classifiers_contrast_field_is_a_class(tmp_path):
+    """A CSV's contrast cell `0` is class 0, as its label cell is."""
+    model = ax.load_model(*tiny_classifier("bert"))
+    data = tmp_path / "d.csv"
+    pd.DataFrame(
+        [{"input": "the plot was good", "target": "label_1", "contrast": "0"},
+         {"input": "a dull film", "target": "label_2", "contrast": "label_1"}]
+    ).to_csv(data, index=False)  # fmt: skip
+    ds = ax.evaluate(model, data, {"s": ax.saliency}, ["sufficiency"], attributions=True)
+    # targets label_1 and label_2 along `target`, each record's at its own (-1: not its target)
+    assert ds.contrast_class.values.tolist() == [[0, -1], [-1, 1]]
+    inputs = ["the plot was good", "a dull film"]
+    da = ax.normalize(ax.l2_norm(ax.saliency(model, inputs, ["label_1", "label_2"],
+                                             contrast=[0, "label_1"])))  # fmt: skip
+    da.attrs.pop("options")
+    want = ax.sufficiency(model, da, inputs, ["label_1", "label_2"], contrast=[0, 1]).aopc
+    np.testing.assert_allclose(ds.sufficiency.sel({"method": "s"}).values, want.values, rtol=1e-6)
+
+
 def test_shards_concatenate_in_one_batchs_target_order():
     """Shards of an evaluation (Dask workers') join as one batch orders its targets: classes by
     class id (sorted as strings until 2026-12-06: label_10 before label_2), an answer's start
@@ -416,7 +493,7 @@ def _not_an_array(model, inputs, targets):
         ),
         pytest.param(
             {"fields": {"foo": "bar"}}, ax.OptionError,
-            r"`fields` key 'foo'.*\('input', 'target', 'label', 'rationale', 'input_pair'\)",
+            r"`fields` key 'foo'.*\('input', 'target', 'label', 'rationale', 'input_pair', 'contrast'\)",
             id="fields-key",
         ),
         pytest.param(

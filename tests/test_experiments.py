@@ -127,7 +127,7 @@ def test_cli_evaluate_errors(tmp_path, capsys):
     data.write_text("\n".join(json.dumps(r) for r in RECORDS) + "\n")
     assert main([*base, "--field", "target=answer", "--methods", "saliency",
                  "-o", "contrast= 1 1 1 1 1 1"]) == 2  # fmt: skip
-    assert "`-o contrast=...` is one value for 2 records: give a JSON list of 2" in (
+    assert "`-o contrast=...` is one text for 2 records: give each record its own as a" in (
         capsys.readouterr().err
     )
 
@@ -211,6 +211,22 @@ def test_evaluate_on_a_cluster_equals_in_process(scheduler, default_model):
     assert serial.sizes["source"] > 0 and np.isnan(serial["attribution"].values).any()
     _same(dask, serial)
     pd.testing.assert_frame_equal(ax.summary(dask), ax.summary(serial), rtol=1e-6)
+
+
+def test_each_records_contrast_reaches_its_shard(scheduler, default_model):
+    # a shard holds some records: each gets its own contrast there, not the first ones'
+    contrasts = [" 1 1 1 1 1 1", " 2 2 2", " 3 3 3 3"]
+    records = [{**r, "foil": c} for r, c in zip(DASK_RECORDS, contrasts, strict=True)]
+    fields = {**FIELDS, "contrast": "foil"}
+    kwargs = {"fields": fields, "attributions": True}
+    methods = {"saliency": "saliency", "occlusion": "occlusion"}
+    serial = ax.evaluate(default_model, records, methods, ["sufficiency"], **kwargs)
+    dask = ax.evaluate(
+        None, records, methods, ["sufficiency"], scheduler=scheduler, shard_size=2, **kwargs
+    )
+    _same(dask, serial)
+    tokens = serial.contrast_token.values
+    assert [set(row[row != ""]) for row in tokens] == [{"1"}, {"2"}, {"3"}]
 
 
 def _same(a: xr.Dataset, b: xr.Dataset) -> None:

@@ -223,9 +223,11 @@ def attribute_dataset(
 
     Each line is ``{"input": str, "target": str (optional), "id": str|int (optional)}`` (other
     keys are ignored; blank lines skipped); a classifier's records may add ``"input_pair"`` (the
-    second text of an NLI-style pair) and ``"label"`` (the true label: a label name or class id).
-    Either every record has a ``target`` or none has (then targets are generated); the same for
-    ``label``. Shards hold ``(example, target, source)`` arrays whose ``example`` coordinate is
+    second text of an NLI-style pair) and ``"label"`` (the true label: a label name or class id),
+    and any record ``"contrast"`` (what its target is explained against: a text aligned with it,
+    or a class; the method gets each record's own, and must take ``contrast``). Either every
+    record has a ``target`` or none has (then targets are generated); the same for ``label`` and
+    ``contrast``. Shards hold ``(example, target, source)`` arrays whose ``example`` coordinate is
     the record's 0-based line number in the file, with an ``id`` coordinate when the file gives
     ids and a ``label`` coordinate (label names) when it gives labels. Every record is tokenized before any work starts, so a
     record that cannot be attributed (a target off a token boundary, too long for the model) is
@@ -545,6 +547,7 @@ class _Scan:
     has_id: bool
     has_label: bool = False
     has_corrupted: bool = False
+    has_contrast: bool = False
 
 
 def _scan(data: Path) -> _Scan:
@@ -552,10 +555,11 @@ def _scan(data: Path) -> _Scan:
     if not data.is_file():
         raise InputError(f"`data` {str(data)!r} is not a file")
     digest = hashlib.sha256()
-    records, with_target, with_id, with_label, with_corrupted = 0, 0, 0, 0, 0
+    records, with_target, with_id, with_label, with_corrupted, with_contrast = 0, 0, 0, 0, 0, 0
     for record in _records(data, digest):
         records += 1
         with_corrupted += "corrupted" in record
+        with_contrast += "contrast" in record
         with_target += "target" in record
         with_id += "id" in record
         with_label += "label" in record
@@ -577,6 +581,11 @@ def _scan(data: Path) -> _Scan:
             f"`data` {str(data)!r}: {with_corrupted} of {records} records have a 'corrupted'; "
             "give one on every line, or on none"
         )
+    if 0 < with_contrast < records:
+        raise InputError(
+            f"`data` {str(data)!r}: {with_contrast} of {records} records have a 'contrast'; "
+            "give one on every line, or on none"
+        )
     return _Scan(
         digest.hexdigest(),
         records,
@@ -584,6 +593,7 @@ def _scan(data: Path) -> _Scan:
         with_id > 0,
         with_label > 0,
         with_corrupted > 0,
+        with_contrast > 0,
     )
 
 
@@ -634,16 +644,21 @@ def _records(data: Path, digest: Any = None) -> Iterator[dict[str, Any]]:
             isinstance(record["id"], bool) or not isinstance(record["id"], (str, int))
         ):
             raise InputError(f"{where}: 'id' must be a string or an integer")
-        if "label" in record and (
-            isinstance(record["label"], bool) or not isinstance(record["label"], (str, int))
-        ):
-            raise InputError(f"{where}: 'label' must be a label name or a class id")
+        what = {"label": "a label name or a class id", "contrast": "a text or a class"}
+        for key in what:
+            if key in record and (
+                isinstance(record[key], bool) or not isinstance(record[key], (str, int))
+            ):
+                raise InputError(f"{where}: {key!r} must be {what[key]}")
+        if isinstance(record.get("contrast"), str) and not record["contrast"].strip():
+            raise InputError(f"{where}: 'contrast' must be a non-empty string, got ''")
         if ("corrupted_pair" in record) != ("corrupted" in record and "input_pair" in record):
             raise InputError(
                 f"{where}: a pair's corrupted input is 'corrupted' and 'corrupted_pair', given "
                 "with 'input' and 'input_pair' (a text's: 'corrupted' alone)"
             )
-        for key in ("input", "target", "input_pair", "corrupted", "corrupted_pair", "id", "label"):
+        keys = ("input", "target", "input_pair", "corrupted", "corrupted_pair", "id", "label")
+        for key in (*keys, "contrast"):
             problem = not_text(record.get(key))
             if problem:  # before any work: a tokenizer or a shard's save fails on them later
                 raise InputError(f"{where}: {key!r} {problem}")
@@ -784,6 +799,7 @@ def check_lines(
                 names=("input", "target"),
                 pair=record.get("input_pair"),
                 positions=positions,
+                contrast=record.get("contrast"),
             )
             if "label" in record:
                 label_name(model, record["label"])
@@ -900,7 +916,18 @@ def attribute_records(
             for r in records
         ]
         options = {**options, "corrupted": corrupted}
-    da = reduce(call_method(fn, model, inputs, targets, options), steps)
+    if scan.has_contrast:  # a method that takes none is refused before the first shard
+        options = {**options, "contrast": [record["contrast"] for record in records]}
+    try:
+        da = reduce(call_method(fn, model, inputs, targets, options), steps)
+    except InputError as err:
+        if not str(err).startswith("`contrast` must match `inputs`"):
+            raise
+        # one text given as an option for every record (a classifier's class serves them all)
+        raise InputError(
+            "`contrast` is one text for every record: give each record its own as a "
+            "'contrast' field"
+        ) from None
     da = da.assign_coords(example=[record["_line"] for record in records])
     if scan.has_id:
         ids = [str(record.get("id", "")) for record in records]
@@ -924,15 +951,25 @@ def _takes(fn: Callable[..., xr.DataArray], name: str) -> bool:
 def _with_record_options(
     fn: Callable[..., xr.DataArray], options: Mapping[str, Any], scan: _Scan
 ) -> Mapping[str, Any]:
-    """``options`` with those the records give per record (``corrupted``) named for the checks
-    and the manifest; a record field and the same option given to the call is an error."""
-    if not (scan.has_corrupted and _takes(fn, "corrupted")):
-        return options
-    if "corrupted" in options:
+    """``options`` with those the records give per record (``corrupted``, ``contrast``) named for
+    the checks and the manifest; a record field and the same option given to the call is an
+    error, and so is a ``contrast`` field for a method that takes none (its result would not
+    be what the records ask for)."""
+    given = {"corrupted": scan.has_corrupted and _takes(fn, "corrupted")}
+    if scan.has_contrast and not _takes(fn, "contrast"):
         raise OptionError(
-            "`corrupted` is given both as an option and by the records' 'corrupted' field: give one"
+            f"the records give a 'contrast' but {fn.__name__} takes no `contrast`: attribute them "
+            "with a method that does (saliency, integrated_gradients, occlusion...), or leave "
+            "the field out"
         )
-    return {**options, "corrupted": "(each record's 'corrupted')"}
+    given["contrast"] = scan.has_contrast
+    for name in (n for n, on in given.items() if on):
+        if name in options:
+            raise OptionError(
+                f"`{name}` is given both as an option and by the records' {name!r} field: give one"
+            )
+        options = {**options, name: f"(each record's {name!r})"}
+    return options
 
 
 def label_name(model: Model, value: str | int) -> str:

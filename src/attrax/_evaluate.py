@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import json
 import numbers
@@ -83,6 +84,8 @@ class Record:
     where: str = "`data`"
     #: a classifier's second text (NLI), a question-answering model's context
     input_pair: str | None = None
+    #: what the target is explained against: a text aligned with it, or a classifier's class
+    contrast: str | int | None = None
 
     @property
     def item(self) -> str | tuple[str, str]:
@@ -102,6 +105,7 @@ def read_records(
     label: str = "label",
     rationale: str = "rationale",
     input_pair: str = "input_pair",
+    contrast: str = "contrast",
 ) -> list[Record]:
     """Records from a list of dicts or texts, a pandas DataFrame, a Hugging Face ``datasets``
     Dataset (or a ``save_to_disk`` folder), or a JSONL, CSV or Parquet file; field names given.
@@ -148,7 +152,17 @@ def read_records(
             raise InputError(
                 f"{where}: field {label!r} must be a label name or a class id, got {tag!r}"
             )
-        for name, value in ((input, text), (input_pair, pair), (target, goal), (label, tag)):
+        foil = None if _missing(row.get(contrast)) else row[contrast]
+        if foil is not None and (
+            isinstance(foil, (bool, np.bool_))
+            or not isinstance(foil, (str, numbers.Integral))
+            or (isinstance(foil, str) and not foil.strip())
+        ):
+            raise InputError(
+                f"{where}: field {contrast!r} must be a non-empty text or a class, got {foil!r}"
+            )
+        fields = ((input, text), (input_pair, pair), (target, goal), (label, tag))
+        for name, value in (*fields, (contrast, foil)):
             problem = not_text(value)
             if problem:  # before any method runs: the tokenizer fails on them later
                 raise InputError(f"{where}: field {name!r} {problem}")
@@ -156,7 +170,8 @@ def read_records(
         if marks is not None:
             marks = _rationale(marks, text, f"{where}: field {rationale!r}")
         tag = tag if tag is None or isinstance(tag, str) else int(tag)
-        records.append(Record(text, goal, tag, marks, where, pair))
+        foil = foil if foil is None or isinstance(foil, str) else int(foil)
+        records.append(Record(text, goal, tag, marks, where, pair, foil))
     if not records:
         raise InputError(f"{source} has no records")
     labelled = sum(r.label is not None for r in records)
@@ -165,6 +180,13 @@ def read_records(
             f"{source}: {labelled} of {len(records)} records have a field {label!r} "
             f"({_odd_one(records, lambda r: r.label is not None)}); give one on every record, "
             "or on none"
+        )
+    contrasted = sum(r.contrast is not None for r in records)
+    if 0 < contrasted < len(records):  # one call explains every record against a contrast
+        raise InputError(
+            f"{source}: {contrasted} of {len(records)} records have a field {contrast!r} "
+            f"({_odd_one(records, lambda r: r.contrast is not None)}); give one on every "
+            "record, or on none"
         )
     given = sum(r.target is not None for r in records)
     if 0 < given < len(records):
@@ -364,7 +386,8 @@ def evaluate(
     Arguments:
         model: a :class:`Model` or a path.
         data: records (see :func:`read_records`); ``fields`` renames their keys, e.g.
-            ``{"input": "text", "rationale": "evidence"}``.
+            ``{"input": "text", "rationale": "evidence"}``. Records with a ``contrast`` explain
+            their target against it: every method gets each record's own.
         methods: name -> attribution function ``(model, inputs, targets) -> DataArray`` (an
             ``ax.pipe``, or ``functools.partial`` with options bound) or method name.
         metrics: from :data:`METRICS`; plausibility needs a ``rationale`` per record (0/1 per
@@ -463,18 +486,28 @@ def score_records(
     inputs = [r.item for r in records]
     targets = None if records[0].target is None else [r.target for r in records]
     names = list(methods)
+    per_record = {}
+    if records[0].contrast is not None:  # each record's own: every method explains them
+        per_record["contrast"] = [_contrast(model, r.contrast) for r in records]
     reduced = []
     for name, fn in methods.items():  # each method is its own computation
+        _check_per_record(name, fn, per_record)
         try:
-            got = fn(model, inputs, targets)
+            got = fn(model, inputs, targets, **per_record)
+        except OptionError as err:
+            taken = [o for o in per_record if f"does not take `{o}`" in str(err)]
+            if taken:
+                raise _takes_none(name, taken[0], err) from None
+            raise
         except InputError as err:  # `inputs[3]` is a record of the data, which its line names
             message = _by_record(str(err), records)
             bound = re.match(r"`(\w+)` must match `inputs`", message)
             if bound:  # an option bound to the method, one value for the whole dataset
+                field = " or give each record a 'contrast' field," if bound[1] == "contrast" else ""
                 message = (
                     f"`methods[{name!r}]` binds one `{bound.group(1)}` for {len(records)} "
                     f"records: bind a list of {len(records)}, one per record in the data's "
-                    f"order, or leave it out ({message})"
+                    f"order,{field} or leave it out ({message})"
                 )
             raise InputError(message) from None
         named = f"`methods[{name!r}]`"
@@ -503,9 +536,12 @@ def score_records(
             else:
                 part = _one_batch(group)  # its own batch keeps what its methods share (contrast)
                 part.attrs = dict(group[0].attrs)
+                contrast = _faithfulness.recorded_option(group[0], "contrast")
                 curve = getattr(_faithfulness, metric)(
                     model, part, inputs * len(members),
                     None if targets is None else targets * len(members), batch_size=batch_size,
+                    # one contrast per record: each method's copy of the records takes them
+                    contrast=contrast * len(members) if isinstance(contrast, list) else None,
                 )  # fmt: skip
                 kept = curve[FAITHFULNESS[metric]]  # (example, target)
                 rows = [kept.isel(example=slice(j * n, j * n + n)) for j in range(len(members))]
@@ -525,6 +561,32 @@ def score_records(
         flat, names, scores, pairwise,
         attributions=attributions, labels=labels, attrs=attrs,
     )  # fmt: skip
+
+
+def _check_per_record(name: str, fn: Callable[..., Any], per_record: dict[str, Any]) -> None:
+    """Refuse a method that cannot take what the records give each (``contrast``), or that
+    binds its own, which the records' would silently replace."""
+    for option in per_record:
+        bound = isinstance(fn, functools.partial) and option in fn.keywords
+        if bound:
+            raise OptionError(
+                f"`methods[{name!r}]` binds `{option}` and the records give a field "
+                f"{option!r}: give one of them"
+            )
+        inner = fn.func if isinstance(fn, functools.partial) else fn
+        resolve = getattr(inner, "attrax_resolve", None)
+        try:
+            if resolve is not None:  # before any method runs (a chain's is known when it runs)
+                resolve({option: None})
+        except OptionError as err:
+            raise _takes_none(name, option, err) from None
+
+
+def _takes_none(name: str, option: str, err: OptionError) -> OptionError:
+    return OptionError(
+        f"the records give a field {option!r} but `methods[{name!r}]` takes none ({err}): "
+        "compare methods that take it, or leave the field out"
+    )
 
 
 def _by_record(message: str, records: list[Record]) -> str:
@@ -573,11 +635,20 @@ def _checked(model: Model, records: list[Record]) -> list[Any]:
                 room,
                 names=("input", "target"),
                 pair=record.input_pair,
+                contrast=_contrast(model, record.contrast),
             )
             labels.append(None if record.label is None else _label(model, record.label))
         except InputError as err:
             raise InputError(f"{record.where}: {err}") from None
     return labels
+
+
+def _contrast(model: Model, value: str | int | None) -> str | int | None:
+    """A record's contrast as the methods take it: a classifier's class id in a CSV's text
+    (``'1'``) as the id, unless a label is named so; a language model's text as it is."""
+    if isinstance(value, str) and model.labels and value not in model.labels.values():
+        return int(value) if value.isdecimal() else value
+    return value
 
 
 def _label(model: Model, value: str | int) -> str | int:
@@ -926,6 +997,11 @@ def sanity_checks(
     _checked(model, records)
     inputs = [r.item for r in records]
     targets: Any = None if records[0].target is None else [r.target for r in records]
+    if records[0].contrast is not None:  # its checks explain one output, not a difference
+        raise InputError(
+            f"{records[0].where} gives a 'contrast': sanity checks explain the target alone; "
+            "leave the field out"
+        )
     if targets is None and model.task == "generation":
         raise InputError(
             "`data`: sanity checks of a language model need a `target` on every record"

@@ -135,18 +135,7 @@ def prepare(
     if contrast_texts is not None:
         for i, text in enumerate(contrast_texts):
             name = f"contrast{_at(i, single)}"
-            ids = _encode_target(model, sources[i], text, name)
-            if len(ids) != len(target_ids[i]):
-                raise InputError(
-                    f"`{name}` {text!r} has {len(ids)} tokens but the target has "
-                    f"{len(target_ids[i])}: a contrast must align token by token with the target"
-                )
-            if ids == target_ids[i]:  # the objective minus itself: zero everywhere
-                raise InputError(
-                    f"`{name}` {text!r} is the target itself, token for token: its contrast "
-                    "(target minus contrast) is 0 everywhere; give other tokens"
-                )
-            contrast_ids[i] = ids
+            contrast_ids[i] = _contrast_ids(model, sources[i], text, target_ids[i], name)
     start = model.decoder_start_token_id if model.is_encoder_decoder else None
     examples = []
     for i, (src, tgt) in enumerate(zip(source_ids, target_ids, strict=True)):
@@ -409,11 +398,13 @@ def check_example(
     names: tuple[str, str] = ("inputs", "targets"),
     pair: str | None = None,
     positions: Any = None,
+    contrast: Any = None,
 ) -> None:
     """Tokenize one example as :func:`prepare` would, without running the model, and raise the
     same errors: a target off a token boundary, too many tokens, no room to generate, target
-    ``positions`` it does not have (where they are known before a forward). ``names`` are what
-    the errors call the source and the target; ``pair`` is a classifier's second text.
+    ``positions`` it does not have (where they are known before a forward), a ``contrast`` that
+    does not align with the target or is the target. ``names`` are what the errors call the
+    source and the target; ``pair`` is a classifier's second text.
 
     >>> import attrax as ax
     >>> check_example(ax.load_model(), "3 1 4 =", " 4 1 3")
@@ -452,6 +443,13 @@ def check_example(
             _select(positions, available or tuple(range(len(ids))), len(ids))
         if target is not None and not (model.task == "sequence-classification" and target == "all"):
             _class_id(model, target, names[1])
+        if contrast is not None:
+            against = _class_id(model, contrast, "contrast")
+            if target is not None and target != "all" and against == _class_id(model, target, ""):
+                raise InputError(
+                    f"`contrast` {contrast!r} is the target class itself: target minus contrast "
+                    "is 0 everywhere; give another class"
+                )
         return
     tokenizer = model.tokenizer
     source_ids = _encode_source(tokenizer, source, model.is_encoder_decoder)
@@ -463,8 +461,28 @@ def check_example(
     if not target_ids:
         raise InputError(f"`{names[1]}` {target!r} has no tokens to attribute")
     _check_length(model, source_ids, target_ids, *names)
+    if contrast is not None:  # as prepare checks it
+        _contrast_ids(model, source, contrast, target_ids, "contrast")
     first = 1 if model.is_encoder_decoder else len(source_ids)
     _select(positions, tuple(range(first, first + len(target_ids))), first + len(target_ids))
+
+
+def _contrast_ids(
+    model: Model, source: str, text: str, target_ids: Sequence[int], name: str
+) -> tuple[int, ...]:
+    """The contrast ``text``'s tokens after ``source``, aligned token by token with the target's."""
+    ids = _encode_target(model, source, text, name)
+    if len(ids) != len(target_ids):
+        raise InputError(
+            f"`{name}` {text!r} has {len(ids)} tokens but the target has "
+            f"{len(target_ids)}: a contrast must align token by token with the target"
+        )
+    if tuple(ids) == tuple(target_ids):  # the objective minus itself: zero everywhere
+        raise InputError(
+            f"`{name}` {text!r} is the target itself, token for token: its contrast "
+            "(target minus contrast) is 0 everywhere; give other tokens"
+        )
+    return tuple(ids)
 
 
 def check_room(

@@ -150,7 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
         "attribute-dataset",
         help="attribute a JSONL file in resumable netCDF shards",
         description='Attribute every line of a JSONL file ({"input": ..., "target": ... '
-        '(optional), "id": ... (optional); classifiers also "input_pair" and "label"; a '
+        '(optional), "id": ... (optional), "contrast": ... (optional: what the target is '
+        'explained against); classifiers also "input_pair" and "label"; a '
         'question-answering model\'s "input" is the question, "input_pair" the context, "target" '
         "the answer}), one netCDF shard per --shard-size records in DIR, "
         "with a manifest. Rerun the same command after an interruption to resume. Load the "
@@ -234,8 +235,9 @@ def _evaluate_parser(commands: Any) -> None:
         action="append",
         default=[],
         metavar="KEY=NAME",
-        help="the data's name for input, target, label, rationale or input_pair (a classifier's "
-        "second text, a question-answering model's context), e.g. --field input=text",
+        help="the data's name for input, target, label, rationale, input_pair (a classifier's "
+        "second text, a question-answering model's context) or contrast (what the target is "
+        "explained against), e.g. --field input=text",
     )
     evaluate.add_argument("--top-k", type=_positive, default=3, help="k of topk_overlap (3)")
     evaluate.add_argument(
@@ -598,6 +600,11 @@ def _options_named(extra: dict[str, Any]) -> Iterator[None]:
         found = re.match(r"`methods\['[^']*'\]` binds one `(\w+)` for (\d+) records", str(err))
         if not found or found[1] not in extra:
             raise
+        if found[1] == "contrast":  # a list would not survive --workers' shards
+            raise InputError(
+                f"`-o contrast=...` is one text for {found[2]} records: give each record its "
+                "own as a 'contrast' field"
+            ) from None
         raise InputError(
             f"`-o {found[1]}=...` is one value for {found[2]} records: give a JSON list of "
             f"{found[2]}, one per record in the data's order (-o '{found[1]}=[...]')"
