@@ -349,10 +349,20 @@ _BUDGETED = [
 
 
 # attribution patching's planned variants: the QK fix's held tensors, GradDrop's L rows a target
-_VARIANTS = [(name, _SMALL.get(name, {})) for name in _BUDGETED] + [
-    ("attribution_patching", {**_SMALL["attribution_patching"], **extra})
-    for extra in ({"site": "keys"}, {"site": "values"}, {"grad_drop": True})
-]
+_VARIANTS = (
+    [(name, _SMALL.get(name, {})) for name in _BUDGETED]
+    + [
+        ("attribution_patching", {**_SMALL["attribution_patching"], **extra})
+        for extra in ({"site": "keys"}, {"site": "values"}, {"grad_drop": True})
+    ]
+    + [
+        # forward mode's jvps and every layer's gradients, each planned on its own terms
+        ("input_x_gradient", {"mode": "forward", "reduce_hidden": "sum"}),
+        ("integrated_gradients", {"steps": 3, "mode": "forward", "reduce_hidden": "sum"}),
+        ("saliency", {"layers": "all"}),
+        ("smoothgrad", {"samples": 2, "layers": "all"}),
+    ]
+)
 
 
 def _variant(value: object) -> str:
@@ -379,6 +389,55 @@ def test_the_smallest_budget_a_refusal_names_is_met(name, options):
     with pytest.raises(ax.OptionError, match="cannot be met") as again:
         fn(model, "1 2 3 =", " 3 2 1", max_memory=below, **options)
     assert f"estimated {named.group(1)};" in str(again.value), str(again.value)
+
+
+def test_forward_mode_plans_its_jvps_a_source_token_each(models, monkeypatch):
+    """Forward mode's passes are source tokens' jvps: planned as such, cut by the budget or by
+    ``chunk_size``, and equal to reverse mode; ``"auto"`` takes reverse mode where only that
+    meets the budget (until 2026-12-06 it planned every target's backward, then ran every
+    token's jvp at once, 3-4x over the smallest budget it named)."""
+    model = models["gpt2"]
+    source, target = "The capital of France is", " Paris, and the capital of Italy is Rome."
+    options = {"reduce_hidden": "sum", "steps": 4}
+    reverse = ax.integrated_gradients(model, source, target, mode="reverse", **options)
+    cost = _memory.Cost(per_cotangent=1000, per_point=500, fixed=10_000)
+    monkeypatch.setattr(Problem, "forward_cost", lambda self: cost)
+    jvps: list[int] = []
+    real = _engine._token_tangents
+
+    def tangents(flat, direction, side, tokens):  # each call: one chunk's jvps
+        jvps.append(len(range(direction.shape[1])[tokens]))
+        return real(flat, direction, side, tokens)
+
+    monkeypatch.setattr(_engine, "_token_tangents", tangents)
+    # the planner halves the tokens first (7, 4, 2): every point, two tokens a pass
+    budget = 10_000 + 4 * (500 + 2 * 1000)
+    got = ax.integrated_gradients(model, source, target, mode="forward", max_memory=budget,
+                                  **options)  # fmt: skip
+    assert_close(got.values, reverse.values, rtol=1e-4, atol=1e-6)
+    tokens = got.sizes["source"]  # the prompt and the target: one pass of every point
+    assert max(jvps) == 2 and sum(jvps) == tokens, jvps
+    jvps.clear()
+    ax.integrated_gradients(model, source, target, mode="forward", chunk_size=3, **options)
+    assert max(jvps) == 3 and sum(jvps) == tokens, jvps
+    with pytest.raises(ax.OptionError, match=r"the smallest passes with chunk_size=2 need"):
+        ax.integrated_gradients(model, source, target, mode="forward", chunk_size=2,
+                                max_memory=10_000, **options)  # fmt: skip
+    with pytest.raises(ax.OptionError, match=r"\(one source token, one point\) need an esti"):
+        ax.integrated_gradients(model, source, target, mode="forward", max_memory=10_000,
+                                **options)  # fmt: skip
+    # "auto", fewer source tokens than targets (an encoder-decoder's): forward mode where it
+    # meets the budget, else reverse mode
+    model = models["marian"]
+    source, target = "a b", " the cat sat on the mat and the dog sat on the log"
+    reverse = ax.integrated_gradients(model, source, target, mode="reverse", **options)
+    assert reverse.sizes["source"] < reverse.sizes["target"]
+    for fixed, mode_ran in ((10_000, "forward"), (1 << 40, "reverse")):
+        monkeypatch.setattr(Problem, "forward_cost", lambda self, f=fixed: cost._replace(fixed=f))
+        jvps.clear()
+        auto = ax.integrated_gradients(model, source, target, max_memory="8GB", **options)
+        assert bool(jvps) == (mode_ran == "forward"), (fixed, jvps)
+        assert_close(auto.values, reverse.values, rtol=1e-4, atol=1e-6)
 
 
 def test_vargrads_two_moments_are_priced_as_held_to_the_end(models, monkeypatch):
@@ -772,6 +831,11 @@ MEDIUM = '" ".join(words[:40]), target'
         ("occlusion", "", 300 << 20, ", vocab_size=50257", MEDIUM),
         # the call's own overhead counts: value zeroing once planned its copies alone
         ("value_zeroing", "", 90 << 20, "", SHORT),
+        # forward mode's jvps, a source token's each: until 2026-12-06 planned as the reverse
+        # pass of every target, all tokens at once (1,078 MiB)
+        ("input_x_gradient", "mode='forward', reduce_hidden='sum'", 110 << 20, "", SHORT),
+        # every layer's gradients: until 2026-12-06 priced as one layer's (203 MiB)
+        ("saliency", "layers='all'", 170 << 20, "", SHORT),
     ],
 )
 def test_the_measured_peak_stays_within_the_budget(

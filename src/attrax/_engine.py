@@ -19,6 +19,7 @@ from ._errors import OptionError
 from ._inputs import Batch, Tensors, to_tensors
 from ._memory import (
     CALL_OVERHEAD,
+    JVP_STREAMS,
     Cost,
     Size,
     at_least_float32,
@@ -364,6 +365,7 @@ class Problem:
         rows: int = 1,
         shared_forward: bool = False,
         moments: int = 1,
+        layers: int = 1,
     ) -> tuple[int | None, int | None]:
         """Sizes for ``points`` and every target: :func:`plan` on this call's shapes. With
         ``copies``, every (target, point) is a copy of the batch of its own with one cotangent
@@ -372,7 +374,9 @@ class Problem:
         (GradDrop's one per layer). Decoder-only, each target chunk is a forward of its own: of
         the chunks that fit, the least work (:meth:`_work`) is taken, unless the caller runs one
         ``shared_forward`` for every chunk (attribution patching). ``moments``: the gradient
-        moments accumulated (VarGrad's two), each a ``[B, K, L, H]`` sum held to the end."""
+        moments accumulated (VarGrad's two), each a ``[B, K, L, H]`` sum held to the end.
+        ``layers``: gradients read at that many layers (``layers=``), each of a target's
+        backwards giving ``[layers, B, L, H]`` and every result ``layers`` times as large."""
         targets = self.tensors.valid.shape[1]
         if points == targets == 1 and rows == 1 and self.max_memory is None:
             return None, None  # nothing to split, and no budget to check
@@ -380,7 +384,17 @@ class Problem:
         cost = self.cost()
         cost = cost._replace(fixed=cost.fixed + sum(self.held))
         if moments > 1:  # each moment's sums, and what combining them holds (VarGrad's mean ** 2)
-            cost = cost._replace(fixed=cost.fixed + (2 * moments - 1) * self._result_bytes())
+            extra = (2 * moments - 1) * layers * self._result_bytes()
+            cost = cost._replace(fixed=cost.fixed + extra)
+        if layers > 1:
+            # per layer: the sums, a multiplier's product with them and the labelled copy (the
+            # cost's results count two, of one layer); a target's layer gradients, cast, scaled
+            x = self.inputs[0]
+            one = x.shape[0] * sum(xi.shape[1] for xi in self.inputs) * x.shape[-1] * 4
+            cost = cost._replace(
+                fixed=cost.fixed + (3 * layers - 2) * self._result_bytes(),
+                per_cotangent=cost.per_cotangent + 3 * (layers - 1) * one,
+            )
         if copies:
             cost = Cost(cost.per_point + cost.per_cotangent, 0, cost.fixed)
         cost = cost._replace(per_cotangent=rows * cost.per_cotangent)
@@ -540,7 +554,7 @@ class Problem:
         directions: tuple[torch.Tensor, ...] | PointFn,
         *,
         batch_size: Size,
-        chunk_size: int | None,
+        chunk_size: Size,
     ) -> tuple[torch.Tensor, ...]:
         """``sum_i weights[i] * <d score_k / d points[i] at token s, directions at token s>``.
 
@@ -552,8 +566,7 @@ class Problem:
         when there are fewer source tokens than targets.
         """
         total = weights.shape[0]
-        # one jvp per source token, fewer than the targets it replaces: the reverse plan bounds it
-        batch_size, _ = self.plan(total, batch_size, None)
+        batch_size, chunk_size = self.forward_plan(total, batch_size, chunk_size)
         step = total if batch_size is None else batch_size
         width = self.tensors.valid.shape[1]
         acc = at_least_float32(self.inputs[0].dtype)  # 50 bf16 IG steps lose most digits
@@ -561,6 +574,35 @@ class Problem:
         with head_rows_only():
             self._directional_chunks(points, weights, directions, sums, step, chunk_size, acc)
         return tuple(sums)
+
+    def forward_plan(
+        self, points: int, batch_size: Size, chunk_size: Size
+    ) -> tuple[int | None, int | None]:
+        """:func:`~attrax._memory.plan` of :meth:`directional_sum`: ``chunk_size`` counts source
+        tokens (one ``jvp`` each), by :meth:`forward_cost`."""
+        tokens = max(x.shape[1] for x in self.inputs)  # the sides' jvps run one after the other
+        cost = self.forward_cost()
+        cost = cost._replace(fixed=cost.fixed + sum(self.held))
+        return plan(
+            points, tokens, batch_size, chunk_size, cost, self.inputs[0].device, self.max_memory,
+            chunked="source token",
+        )  # fmt: skip
+
+    def forward_cost(self) -> Cost:
+        """Estimated memory of :meth:`directional_sum`'s passes: per source token's ``jvp`` and
+        point (its tangent, the dual stream of a forward beside the primal's, the head inputs it
+        moves), per point (a forward without gradients and the head's pullback), and the
+        results; :class:`~attrax._memory.Cost`'s targets are the source tokens."""
+        x = self.inputs[0]
+        base = self.cost(saved=False)
+        examples, hidden, size = x.shape[0], x.shape[-1], x.element_size()
+        targets = self.tensors.valid.shape[1]
+        tokens = max(xi.shape[1] for xi in self.inputs)
+        # the primal's temporaries again for its tangent, and as many for jvp's products
+        dual = JVP_STREAMS * (base.per_point - examples * tokens * hidden * size)
+        per_tangent = dual + examples * (tokens + 2 * targets) * hidden * size
+        head = head_bytes(examples, targets, self.model.head_width, size, backward=True)
+        return Cost(per_tangent, base.per_point + head, base.fixed)
 
     def _directional_chunks(
         self,
@@ -593,17 +635,23 @@ class Problem:
             else:
                 per_point = tuple(d.repeat(n, 1, 1) for d in directions)
             for side, direction in enumerate(per_point):
-                tangents, in_dims = _token_tangents(flat, direction, side)
-
-                def push(*tangent: torch.Tensor, body=body, flat=flat) -> torch.Tensor:
-                    return jvp(body, flat, tangent)[1]
-
-                moved = torch.vmap(push, in_dims=in_dims, chunk_size=chunk_size)(*tangents)
-                # moved [L, nB, K, H]: how head input k moves along token s's direction
-                dots = (moved * head_grad[None]).sum(-1, dtype=acc).unflatten(1, (n, -1))
+                length = direction.shape[1]
                 ws = per_side[side]
-                pattern = "lnbk,n->bkl" if ws.ndim == 1 else "lnbk,nl->bkl"
-                sums[side] += torch.einsum(pattern, dots, ws)
+                every = length if chunk_size is None else chunk_size
+                for first in range(0, length, every):  # chunking only: bounds memory
+                    tokens = slice(first, min(first + every, length))
+                    tangents, in_dims = _token_tangents(flat, direction, side, tokens)
+
+                    def push(*tangent: torch.Tensor, body=body, flat=flat) -> torch.Tensor:
+                        return jvp(body, flat, tangent)[1]
+
+                    moved = torch.vmap(push, in_dims=in_dims)(*tangents)
+                    # moved [c, nB, K, H]: how head input k moves along token s's direction
+                    dots = (moved * head_grad[None]).sum(-1, dtype=acc).unflatten(1, (n, -1))
+                    del moved
+                    w = ws if ws.ndim == 1 else ws[:, tokens]
+                    pattern = "lnbk,n->bkl" if ws.ndim == 1 else "lnbk,nl->bkl"
+                    sums[side][..., tokens] += torch.einsum(pattern, dots, w)
 
 
 def all_finite(*values: torch.Tensor) -> bool:
@@ -638,16 +686,16 @@ def _per_side(w: torch.Tensor, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.
 
 
 def _token_tangents(
-    flat: tuple[torch.Tensor, ...], direction: torch.Tensor, side: int
+    flat: tuple[torch.Tensor, ...], direction: torch.Tensor, side: int, tokens: slice
 ) -> tuple[tuple[torch.Tensor, ...], tuple[int | None, ...]]:
     """Tangents for ``vmap``: token ``s`` of ``side`` moves along ``direction`` (``[n * B, L, H]``,
-    one per point and example), nothing else.
+    one per point and example), nothing else, for the ``tokens`` ``s`` of one chunk.
 
-    The attributed side gets ``[L, n * B, L, H]`` (one tangent per token); other sides a shared
-    zero tangent.
+    The attributed side gets ``[c, n * B, L, H]`` (one tangent per token of the chunk); other
+    sides a shared zero tangent.
     """
     length = direction.shape[1]
-    eye = torch.eye(length, dtype=direction.dtype, device=direction.device)
+    eye = torch.eye(length, dtype=direction.dtype, device=direction.device)[tokens]
     moving = eye[:, None, :, None] * direction[None]
     tangents = tuple(moving if i == side else torch.zeros_like(x) for i, x in enumerate(flat))
     return tangents, tuple(0 if i == side else None for i in range(len(flat)))

@@ -104,17 +104,14 @@ def _run(core: Callable[..., Rule], call: Call, arguments: dict[str, Any]) -> xr
                 mode == "auto"
                 and reduce_hidden == "sum"
                 and sources < problem.tensors.valid.shape[1]
+                and _forward_fits(problem, weights.shape[0], sizes)
             )
         )
     )
     per_point = callable(rule.multiplier)
     if forward:
         assert rule.multiplier is not None
-        moments = (
-            problem.directional_sum(
-                points, weights, rule.multiplier, batch_size=o["batch_size"], chunk_size=None
-            ),
-        )
+        moments = (problem.directional_sum(points, weights, rule.multiplier, **sizes),)
     else:
         moments, first = problem.gradient_sum_with_hidden(
             points,
@@ -195,6 +192,16 @@ def _check_layers(options: Mapping[str, Any]) -> None:
             "`layers` indexes the encoder's blocks; it cannot be combined with "
             "attribute_target=True (the decoder prefix has no encoder layers)"
         )
+
+
+def _forward_fits(problem: Problem, points: int, sizes: dict[str, Any]) -> bool:
+    """Whether forward mode meets ``max_memory`` (``"auto"`` takes reverse mode where only
+    that does: its passes hold one target's backward, forward mode's a source token's jvp)."""
+    try:
+        problem.forward_plan(points, sizes["batch_size"], sizes["chunk_size"])
+    except OptionError:
+        return False
+    return True
 
 
 def _run_layers(rule: Rule, call: Call, layers: list[int]) -> xr.DataArray:
@@ -295,7 +302,8 @@ def saliency(problem: Problem, *, abs: bool = False) -> Rule:
         attribute_target: encoder-decoder only: also attribute to the decoder prefix.
         chunk_size: how many targets go through one vectorized backward (memory bound); for
             decoder-only models each chunk also runs on the sequence cut after its last target
-            (at a multiple of a sixteenth of the sequence).
+            (at a multiple of a sixteenth of the sequence). In forward mode: how many source
+            tokens go through one vectorized ``jvp``.
             ``"auto"`` (default): all at once when that fits half the device's free memory (an
             estimate), else fewer; None: all at once.
         batch_size: points (interpolation points, noisy copies) per forward, the same bound

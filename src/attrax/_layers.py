@@ -244,7 +244,10 @@ def moments(
         ends = activations(problem, layers, torch.stack(given))
         shared = ends[:, 0] if rule.reference is None else ends[:, 0] - ends[:, 1]
     total = weights.shape[0]
-    batch, chunk = problem.plan(total * (nl if replace else 1), batch_size, chunk_size)
+    batch, chunk = problem.plan(
+        total * (nl if replace else 1), batch_size, chunk_size, moments=len(rule.moments),
+        layers=nl,
+    )  # fmt: skip
     if batch is not None and replace is not None:
         batch = max(1, batch // nl)  # a forward holds one copy of each point per layer
     sums = gradient_sum(

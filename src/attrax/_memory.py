@@ -425,6 +425,11 @@ def _entry_bytes(
     return (units - wide) * element_size + wide * 4
 
 
+# A source token's jvp in forward mode: its dual stream of a forward's temporaries, in units
+# of the primal's (measured, docs/memory.md "Forward mode")
+JVP_STREAMS = 1
+
+
 # What a call holds besides its passes (small tensors, the allocator's and thread pools' own):
 # 13-56 MB measured on the CPU above a warmed-up process (docs/memory.md)
 CALL_OVERHEAD = 64 << 20
@@ -540,6 +545,7 @@ def plan(
     device: torch.device,
     max_memory: int | None = None,
     work: Callable[[int], float] | None = None,
+    chunked: str = "target",
 ) -> tuple[int | None, int | None]:
     """Resolve ``"auto"`` sizes against ``max_memory`` bytes (None: half the free memory of
     ``device``): all ``points`` and ``targets`` in one vectorized backward when the estimated
@@ -547,7 +553,8 @@ def plan(
     sequence after its last target), then of the points. With ``work`` (a whole call's
     estimated work for a number of targets per backward), the halving of the targets that fits
     with the fewest points and needs the least work is taken instead, then points are halved.
-    On the CPU, points are then halved until a pass fits :data:`CPU_PASS`. Given sizes (ints,
+    On the CPU, points are then halved until a pass fits :data:`CPU_PASS`. ``chunked``: what
+    ``chunk_size`` counts, as a refusal names it (forward mode's source tokens). Given sizes (ints,
     None for all) are kept. A ``max_memory`` that even the smallest sizes the planner may pick
     exceed, or that given sizes exceed, is an :class:`OptionError` that says the smallest budget
     that can be met.
@@ -608,7 +615,7 @@ def plan(
         # a size over one point (or one target) splits nothing: a method without it passes None
         sizes = (("batch_size", batch_size, points), ("chunk_size", chunk_size, targets))
         given = [f"{n}={v!r}" for n, v, count in sizes if v != AUTO and count > 1]
-        smallest = "the smallest passes (one target, one point)"
+        smallest = f"the smallest passes (one {chunked}, one point)"
         if given:
             smallest = f"the smallest passes with {', '.join(given)}"
         raise OptionError(
