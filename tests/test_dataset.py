@@ -433,6 +433,32 @@ def test_directories_a_failed_run_made_are_removed(tmp_path, model, write_jsonl)
     assert not (tmp_path / "a").exists()
 
 
+def test_a_run_its_first_shard_refused_leaves_nothing_and_blocks_nothing(
+    tmp_path, model, write_jsonl
+):
+    """An option only the first shard's computation refuses: the run leaves no directory, and
+    a manifest that lists no shard (a kill before the first) does not hold the corrected run
+    back (until 2026-12-06 the rerun was "another run", its reduce 'sum:bogus')."""
+    data, out = write_jsonl(_records(3)), tmp_path / "a" / "out"
+    with pytest.raises(ax.OptionError, match="`dim` 'bogus' is not a dim"):
+        D.attribute_dataset(model, data, out, reduce="sum:bogus", progress=False)
+    assert not (tmp_path / "a").exists()
+    # a manifest of another run that finished no shard, as a kill leaves it
+    out.mkdir(parents=True)
+    run = {"data": {"sha256": "0" * 64, "records": 3}, "model": "m", "method": "saliency",
+           "reduce": "sum:bogus", "shard_size": 16, "options": {}}  # fmt: skip
+    manifest = {"format": "attrax-dataset", "version": 1, "run": run, "data_path": str(data),
+                "shards": 1, "done": []}  # fmt: skip
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    done = D.attribute_dataset(model, data, out, progress=False)
+    assert (done.records, done.skipped) == (3, 0)
+    assert json.loads((out / "manifest.json").read_text())["run"]["reduce"] == "auto"
+    # one shard done: another run is refused, as ever
+    with pytest.raises(ax.InputError, match="holds another run"):
+        D.attribute_dataset(model, data, out, reduce="sum:bogus", progress=False)
+    assert D.load_dataset_results(out).sizes["example"] == 3
+
+
 def test_arguments_of_the_wrong_kind_are_named(tmp_path, model, write_jsonl):
     data, out = write_jsonl(_records(1)), tmp_path / "out"
     with pytest.raises(ax.ModelError, match=r"`model` must be an attrax Model, a path, .* got int"):

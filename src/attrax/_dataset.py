@@ -374,7 +374,7 @@ def _attribute_dataset(
     created = _make_out(out)
     try:
         if previous is None or len(previous["done"]) < shards:
-            if previous is not None:
+            if previous is not None and previous["done"]:
                 _compare(out, previous["run"], run, fn)  # another run: say so before loading
             if pool is None:
                 ready()
@@ -383,20 +383,41 @@ def _attribute_dataset(
     except BaseException:
         _remove(created)
         raise
-    with _lock(out):
-        manifest = _start(out, run, data, shards, fn)
-        # a listed shard that was deleted or no longer reads back is recomputed, not trusted
-        manifest["done"] = [name for name in manifest["done"] if _readable(out / name)]
-        done = set(manifest["done"])
-        todo = [k for k in range(shards) if SHARD.format(k) not in done]
-        if todo and pool is None:
-            results = _serial(ready(), fn, steps, options, data, scan, shard_size, todo)
-            _run(fn, results, scan, shard_size, out, manifest, todo, progress)
-        elif todo:
-            results = pool.shards(method, steps, options, data, scan, shard_size, todo, out)
-            _run(fn, results, scan, shard_size, out, manifest, todo, progress)
-            _clean(out)  # a worker killed mid-write left its temp file here
+    started = False  # this process holds the lock and wrote the manifest
+    try:
+        with _lock(out):
+            manifest = _start(out, run, data, shards, fn)
+            started = not manifest["done"]
+            # a listed shard that was deleted or no longer reads back is recomputed, not trusted
+            manifest["done"] = [name for name in manifest["done"] if _readable(out / name)]
+            done = set(manifest["done"])
+            todo = [k for k in range(shards) if SHARD.format(k) not in done]
+            if todo and pool is None:
+                results = _serial(ready(), fn, steps, options, data, scan, shard_size, todo)
+                _run(fn, results, scan, shard_size, out, manifest, todo, progress)
+            elif todo:
+                results = pool.shards(method, steps, options, data, scan, shard_size, todo, out)
+                _run(fn, results, scan, shard_size, out, manifest, todo, progress)
+                _clean(out)  # a worker killed mid-write left its temp file here
+    except BaseException:
+        if started:  # nothing done: the run leaves nothing behind (an option its shard refused)
+            _unstart(out, created)
+        raise
     return DatasetRun(out, scan.records, shards, shards - len(todo))
+
+
+def _unstart(out: Path, created: list[Path]) -> None:
+    """Remove what a run that finished no shard wrote: its manifest, its lock file, and the
+    directories it created (empty once those are gone)."""
+    try:
+        manifest = _read_manifest(out)
+    except InputError:  # not ours to remove
+        return
+    if manifest is not None and manifest["done"]:
+        return  # another process's shards since (it took the lock after this one)
+    for name in (MANIFEST, ".lock"):
+        (out / name).unlink(missing_ok=True)
+    _remove(created)
 
 
 def _make_out(out: Path) -> list[Path]:
@@ -682,6 +703,8 @@ def _start(
     """Check a previous run's manifest against this one, or write a fresh manifest."""
     _clean(out)
     manifest = _read_manifest(out)
+    if manifest is not None and not manifest["done"] and manifest["run"] != run:
+        manifest = None  # a run that finished no shard (an option its first shard refused)
     if manifest is None:
         if any(out.glob("shard-*.nc")):
             raise InputError(
