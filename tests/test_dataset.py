@@ -254,6 +254,11 @@ def test_a_shard_size_is_not_a_method_batch_size(tmp_path, model, write_jsonl):
             [{"input": "1 2 ="}, {"input": "1 " * 60 + "="}],
             r"data\.jsonl line 2: `max_new_tokens` 20 does not fit `input`",
         ),
+        # without a target too (until 2026-12-06 found by its shard, as `inputs[0]`)
+        (
+            [{"input": "1 2 ="}, {"input": "the cat"}],
+            r"data\.jsonl line 2: `input` is nothing but unknown and special tokens",
+        ),
     ],
 )
 def test_records_that_do_not_tokenize_fail_before_any_work(
@@ -282,6 +287,25 @@ def test_positions_a_record_lacks_fail_with_its_line_before_any_shard(tmp_path, 
     D.attribute_dataset(model, data, out, shard_size=1, progress=False, positions=[-1])
     got = D.load_dataset_results(out)
     assert got.target.values.tolist() == [4, 12]
+
+
+def test_what_only_a_shard_finds_names_the_records_line(tmp_path, model, write_jsonl):
+    """Positions a generated target lacks, a corrupted input of another length: found when a
+    shard runs, named by the file's line (until 2026-12-06 `inputs[1]` of a shard)."""
+    records = [{"input": "4 8 2 7 0 5 ="}] * 3 + [{"input": "1 2 ="}]  # targets at 7..12, 3..8
+    data = write_jsonl(records)
+    with pytest.raises(
+        ax.InputError, match=r"^data\.jsonl line 4: `positions` contains 12, .* of `in"
+    ):
+        D.attribute_dataset(model, data, tmp_path / "pos", shard_size=2, progress=False,
+                            positions=[12], max_new_tokens=6)  # fmt: skip
+    rows = [{"input": "1 2 3 =", "target": " 3 2 1", "corrupted": "1 2 4 ="}] * 2
+    rows.append({"input": "1 2 3 =", "target": " 3 2 1", "corrupted": "1 2 4 4 ="})
+    with pytest.raises(ax.InputError, match=r"^corrupted\.jsonl line 3: `corrupted` '1 2 4 4 =' "):
+        D.attribute_dataset(
+            model, write_jsonl(rows, name="corrupted.jsonl"), tmp_path / "ap",
+            method="attribution_patching", shard_size=2, progress=False,
+        )  # fmt: skip
 
 
 def test_generated_targets_and_reductions(tmp_path, model, write_jsonl):

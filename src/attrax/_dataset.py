@@ -569,6 +569,8 @@ class _Scan:
     has_label: bool = False
     has_corrupted: bool = False
     has_contrast: bool = False
+    #: the data file's name, as errors name its lines
+    name: str = ""
 
 
 def _scan(data: Path) -> _Scan:
@@ -615,6 +617,7 @@ def _scan(data: Path) -> _Scan:
         with_label > 0,
         with_corrupted > 0,
         with_contrast > 0,
+        data.name,
     )
 
 
@@ -944,13 +947,15 @@ def attribute_records(
     try:
         da = reduce(call_method(fn, model, inputs, targets, options), steps)
     except InputError as err:
-        if not str(err).startswith("`contrast` must match `inputs`"):
-            raise
-        # one text given as an option for every record (a classifier's class serves them all)
-        raise InputError(
-            "`contrast` is one text for every record: give each record its own as a "
-            "'contrast' field"
-        ) from None
+        if str(err).startswith("`contrast` must match `inputs`"):
+            # one text given as an option for every record (a classifier's class serves all)
+            raise InputError(
+                "`contrast` is one text for every record: give each record its own as a "
+                "'contrast' field"
+            ) from None
+        # `inputs[1]` of this shard is a line of the file (what only a run finds: a generated
+        # target's positions, a corrupted input's length)
+        raise InputError(_by_line(str(err), records, scan.name)) from None
     da = da.assign_coords(example=[record["_line"] for record in records])
     if scan.has_id:
         ids = [str(record.get("id", "")) for record in records]
@@ -959,6 +964,19 @@ def attribute_records(
         labels = [label_name(model, record["label"]) for record in records]
         da = da.assign_coords(label=("example", np.asarray(labels, dtype=str)))
     return da
+
+
+def _by_line(message: str, records: list[dict[str, Any]], name: str) -> str:
+    """``message`` with the first argument it names by index (``inputs[1]``, ``corrupted[0]``)
+    as that record's line of the file ``name``: ``data.jsonl line 7: `input` ...``."""
+    fields = {"inputs": "input", "targets": "target", "corrupted": "corrupted",
+              "contrast": "contrast"}  # fmt: skip
+    found = re.search(rf"`({'|'.join(fields)})\[(\d+)\]`", message)
+    if not found or int(found[2]) >= len(records):
+        return message
+    line = records[int(found[2])]["_line"] + 1
+    message = message.replace(found[0], f"`{fields[found[1]]}`", 1)
+    return f"{name} line {line}: {message}"
 
 
 def _described(value: Any) -> str:

@@ -454,6 +454,7 @@ def check_example(
     tokenizer = model.tokenizer
     source_ids = _encode_source(tokenizer, source, model.is_encoder_decoder)
     if target is None:
+        _check_vocabulary(model, source_ids, names[0])  # as a given target's check does
         if max_new_tokens is not None:
             check_room(model, source_ids, max_new_tokens, names[0])
         return
