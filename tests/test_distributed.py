@@ -506,3 +506,22 @@ def test_a_workers_attrax_error_is_the_clis_one_line(tmp_path, write_jsonl, capf
     err = capfd.readouterr().err
     assert err.startswith("attrax: error: `model`") and "does not exist locally" in err, err
     assert err.count("\n") == 1, err
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGINT"), reason="needs POSIX signals")
+def test_local_workers_leave_a_terminals_interrupt_to_this_process():
+    """A terminal's Ctrl-C reaches the whole process group: the workers ignore it, and this
+    process closes them and says one line (until 2026-12-06 each worker printed its
+    KeyboardInterrupt traceback above it). This process's own handler is restored."""
+    from attrax._distributed import Pool
+
+    before = signal.getsignal(signal.SIGINT)
+    pool = Pool(None, None, None, workers=1)
+    try:
+        ignored = pool.client.submit(
+            lambda: signal.getsignal(signal.SIGINT) == signal.SIG_IGN, pure=False
+        ).result()
+    finally:
+        pool.close()
+    assert ignored
+    assert signal.getsignal(signal.SIGINT) is before

@@ -23,6 +23,8 @@ import contextlib
 import functools
 import logging
 import os
+import signal
+import threading
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -144,6 +146,21 @@ class Written:
     sizes: tuple[tuple[str, int], ...]
 
 
+@contextlib.contextmanager
+def _workers_ignore_interrupts() -> Iterator[None]:
+    """Start worker processes with SIGINT ignored (they inherit it): a terminal's Ctrl-C
+    reaches the whole process group, and each worker printed its KeyboardInterrupt traceback
+    while this process, which closes them, said one line."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers belong to the main thread
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 @dataclass
 class Pool:
     """A Dask client for one run, started on first use: a ``LocalCluster`` of ``workers``
@@ -187,7 +204,7 @@ class Pool:
                 before = dict(os.environ)
                 # QUIET: without Dask's MALLOC_TRIM_THRESHOLD_ (measured 2x slower per shard with
                 # it) and with its periodic bookkeeping made rare
-                with dask.config.set(QUIET):
+                with dask.config.set(QUIET), _workers_ignore_interrupts():
                     self._cluster = distributed.LocalCluster(
                         n_workers=count,
                         threads_per_worker=1,  # one task, one torch thread per process
