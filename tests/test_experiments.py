@@ -115,8 +115,20 @@ def test_cli_evaluate_errors(tmp_path, capsys):
     assert "unknown method 'nonsense'" in capsys.readouterr().err
     assert main([*base, "--methods", "saliency", "--field", "inputs"]) == 2
     assert "--field" in capsys.readouterr().err
+    # the flags, not the Python arguments (`metrics`, `methods`, `reduce` until 2026-12-06)
     assert main([*base, "--methods", "saliency", "--metrics", "speed"]) == 2
-    assert "`metrics`" in capsys.readouterr().err
+    assert "`--metrics` must be a non-empty list" in capsys.readouterr().err
+    assert main([*base, "--methods", "saliency", "--metrics", "spearman"]) == 2
+    assert "give `--methods` two or more" in capsys.readouterr().err
+    assert main([*base, "--methods", "saliency", "--reduce", "sum:foo"]) == 2
+    assert "`--reduce` 'sum:foo' on the attribution" in capsys.readouterr().err
+    # a CSV given to attribute-dataset, which reads JSON Lines
+    table = tmp_path / "data.csv"
+    table.write_text("input,target\n1 2 =, 2 1\n")
+    assert main(["attribute-dataset", "--data", str(table), "--out", str(tmp_path / "o")]) == 2
+    assert "this reads JSON Lines, one record per line (evaluate reads CSV too)" in (
+        capsys.readouterr().err
+    )
     # no listed method takes --steps: it was dropped without a word
     assert main([*base, "--methods", "saliency,occlusion", "--steps", "8"]) == 2
     assert "`--steps 8` applies to none of --methods" in capsys.readouterr().err

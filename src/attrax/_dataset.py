@@ -642,8 +642,13 @@ def json_lines(data: Path, digest: Any = None) -> Iterator[tuple[int, str, Any]]
                 value = json.loads(raw)
             except ValueError as err:  # JSONDecodeError and bad UTF-8 alike
                 # a pretty-printed .json array fails on its first line: say how the file is read
-                json_ = data.suffix.lower() == ".json"
-                hint = "; a .json file is read as JSON Lines, one record per line" if json_ else ""
+                suffix = data.suffix.lower()
+                hint = {
+                    ".json": "; a .json file is read as JSON Lines, one record per line",
+                    ".csv": "; this reads JSON Lines, one record per line (evaluate reads CSV too)",
+                    ".parquet": "; this reads JSON Lines, one record per line (evaluate reads "
+                    "Parquet too)",
+                }.get(suffix, "")
                 raise InputError(f"{where}: not valid JSON ({err}){hint}") from None
             yield line_no, where, value
 

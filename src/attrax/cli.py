@@ -612,7 +612,14 @@ def _options_named(extra: dict[str, Any]) -> Iterator[None]:
 
 
 # as the data-file commands (evaluate, attribute-dataset) take them: targets are a field
-_DATA_FLAGS = {"max_new_tokens": "--max-new-tokens", "targets": "a 'target' field"}
+_DATA_FLAGS = {
+    "max_new_tokens": "--max-new-tokens",
+    "targets": "a 'target' field",
+    **{name: f"--{name.replace('_', '-')}" for name in (
+        "data", "out", "methods", "metrics", "reduce", "top_k", "batch_size", "shard_size",
+        "workers", "scheduler",
+    )},
+}  # fmt: skip
 
 
 @contextlib.contextmanager
