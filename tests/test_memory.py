@@ -553,7 +553,7 @@ def test_counts_past_int64_are_refused_before_torch_overflows(models, name, opti
         getattr(ax, name)(models["gpt2"], *PAIRS[0], **{option: 2**70})
 
 
-@pytest.mark.parametrize("bad", [0, -1, "", "8 GiBs", "GB", True, 1.5e9, "0.1B"])
+@pytest.mark.parametrize("bad", [0, -1, "", "8 GiBs", "GB", True, 1.5e9, "0.1B", "1.5", "2.5 B"])
 def test_a_bad_budget_is_refused_before_the_model_runs(models, bad):
     with pytest.raises(ax.OptionError, match="`max_memory` must be a positive number of bytes"):
         ax.saliency(models["gpt2"], *PAIRS[0], max_memory=bad)

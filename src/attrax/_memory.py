@@ -309,6 +309,9 @@ def parse_bytes(value: int | str | None, name: str = "max_memory") -> int | None
     unit = match and _UNITS.get(match.group(2).lower() or "b")
     if not match or not unit or float(match.group(1)) * unit < 1:
         raise OptionError(expected)
+    if unit == 1 and not float(match.group(1)).is_integer():
+        # "1.5" is 1.5 bytes, which was taken as 1: a unit was meant
+        raise OptionError(f"{expected}: a number without a unit is whole bytes; give a unit")
     return int(float(match.group(1)) * unit)
 
 
