@@ -264,10 +264,12 @@ def _check_synopsis(block: Block) -> None:
     command = commands.choices[words[1]]
     actions = [a for a in command._actions if not isinstance(a, argparse._HelpAction)]
     known = {option: a for a in actions for option in a.option_strings}
-    # `[--opt X]`, `--opt X`, `[-o KEY=VALUE ...]`: an option and whether it is bracketed
+    # `[--opt X]`, `--opt X`, `[-o KEY=VALUE ...]`, `[--a X | --b Y]` (one or the other): an
+    # option and whether it is bracketed
     shown: dict[str, tuple[bool, str | None]] = {}
-    for match in re.finditer(r"(\[?)(?<![\w-])(--?[a-z][\w-]*)(?:\s+([^\s\]]+))?", block.text):
-        shown[match[2]] = (match[1] == "[", match[3])
+    pattern = r"(\[|\| )?(?<![\w-])(--?[a-z][\w-]*)(?:\s+([^\s\]]+))?"
+    for match in re.finditer(pattern, block.text):
+        shown[match[2]] = (match[1] in ("[", "| "), match[3])
     unknown = sorted(set(shown) - set(known))
     assert not unknown, f"{block}: `attrax {words[1]}` has no option {unknown}"
     missing = [a.option_strings[-1] for a in actions if not set(a.option_strings) & set(shown)]

@@ -894,6 +894,12 @@ def summary(
     """A method-by-metric table: the mean over examples (each example's targets averaged first)
     and a bootstrap confidence interval over examples. Agreement averages over the other methods.
 
+    Arguments:
+        ds: what :func:`evaluate` returns.
+        confidence: the interval's level, in (0, 1).
+        resamples: bootstrap resamples of the examples (at least ``2 / (1 - confidence)``).
+        seed: numpy's seed for the resamples.
+
     >>> import attrax as ax
     >>> data = [{"input": "3 1 4 0 5 9 =", "target": " 9 5 0 4 1 3"}] * 2
     >>> ds = ax.evaluate(ax.load_model(), data, {"saliency": ax.saliency, "occlusion": ax.occlusion})
@@ -970,6 +976,13 @@ def sanity_checks(
     Each randomized model is a full copy of the model: memory grows with its size. Targets must be
     given for language models (``target`` on every record), so every model explains the same
     tokens; a sequence classifier is explained for its original prediction.
+
+    Arguments:
+        model, data, fields: as :func:`evaluate` (a record's ``contrast`` is refused).
+        method: the attribution function to check.
+        reduce: how its attributions become ``(example, target, source)``, as in
+            :func:`evaluate`.
+        seed: torch's seed for the re-initialised weights, numpy's for the random outputs.
 
     Returns:
         Dataset with ``spearman``/``spearman_abs`` along ``(randomized, example, target)``

@@ -304,10 +304,14 @@ def saliency(problem: Problem, *, abs: bool = False) -> Rule:
             decoder-only models each chunk also runs on the sequence cut after its last target
             (at a multiple of a sixteenth of the sequence). In forward mode: how many source
             tokens go through one vectorized ``jvp``.
-            ``"auto"`` (default): all at once when that fits half the device's free memory (an
-            estimate), else fewer; None: all at once.
+            ``"auto"`` (default): all at once when that fits ``max_memory`` (an estimate), else
+            fewer; None: all at once.
         batch_size: points (interpolation points, noisy copies) per forward, the same bound
             for every gradient method; saliency has one point.
+        max_memory: what the ``"auto"`` sizes may use: bytes (an int) or a string such as
+            ``"8GB"`` or ``"512MiB"``; None (default): half the device's free memory. A budget
+            that the smallest passes exceed is an :class:`~attrax.OptionError` naming the
+            smallest that can be met (docs/memory.md).
         reduce_hidden: ``"l2_norm"`` or ``"sum"`` to reduce over ``hidden`` on the model's device
             before labelling (what ``ax.pipe(method, ax.l2_norm, ...)`` asks for by itself).
         mode: ``"reverse"`` (one vectorized backward per target), ``"forward"`` (one ``jvp`` per

@@ -14,12 +14,22 @@ Objective = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def probability(logits: torch.Tensor, target_ids: torch.Tensor) -> torch.Tensor:
-    """Softmax probability of each target token: ``logits[..., V]``, ``target_ids[...]``."""
+    """Softmax probability of each target token: ``logits[..., V]``, ``target_ids[...]`` ->
+    ``[...]``; the default ``objective`` of every method (``objective="probability"``).
+
+    >>> probability(torch.tensor([[0.0, 0.0]]), torch.tensor([1])).tolist()
+    [0.5]
+    """
     return _pick(log_softmax(logits), target_ids).exp().to(logits.dtype)
 
 
 def logprob(logits: torch.Tensor, target_ids: torch.Tensor) -> torch.Tensor:
-    """Natural-log probability of each target token."""
+    """Natural-log probability of each target token: ``logits[..., V]``, ``target_ids[...]``
+    -> ``[...]`` (``objective="logprob"``).
+
+    >>> round(logprob(torch.tensor([[0.0, 0.0]]), torch.tensor([1])).item(), 4)
+    -0.6931
+    """
     return _pick(log_softmax(logits), target_ids).to(logits.dtype)
 
 
@@ -31,7 +41,12 @@ def log_softmax(logits: torch.Tensor) -> torch.Tensor:
 
 
 def logit(logits: torch.Tensor, target_ids: torch.Tensor) -> torch.Tensor:
-    """Raw logit of each target token."""
+    """Raw logit of each target token: ``logits[..., V]``, ``target_ids[...]`` -> ``[...]``
+    (``objective="logit"``).
+
+    >>> logit(torch.tensor([[0.5, 2.0]]), torch.tensor([1])).tolist()
+    [2.0]
+    """
     return _pick(logits, target_ids)
 
 

@@ -205,7 +205,9 @@ def _evaluate_parser(commands: Any) -> None:
         "--model", metavar="PATH", help="model directory or hub name (default: the built-in model)"
     )
     evaluate.add_argument("--device", help="where to run the model, e.g. cuda (default: cpu)")
-    evaluate.add_argument("--dtype", choices=DTYPES, help="precision to load the model in")
+    evaluate.add_argument(
+        "--dtype", choices=DTYPES, help="precision to load the model in (default: as saved)"
+    )
     evaluate.add_argument("--reduce", default="auto", help=_REDUCE_HELP)
     evaluate.add_argument(
         "--objective", choices=("probability", "logprob", "logit"), help="(default: probability)"

@@ -889,6 +889,16 @@ def plot(
     An :func:`attrax.summary` table (a DataFrame) is drawn as one panel per metric, each method's
     mean with its confidence interval.
 
+    Arguments:
+        da: an attribution, or a summary table.
+        path, ax: where to save, and the axes to draw into (both optional).
+        title: the figure's title (default: the method and model the attrs name).
+        cmap: a matplotlib colormap or its name (default: diverging for signed values,
+            sequential for non-negative ones).
+        example: the example(s) of a batch to draw.
+        dpi: the saved file's resolution.
+        labels: a classifier's true labels, one per example, beside its rows.
+
     >>> import xarray as xr
     >>> fig = plot(xr.DataArray([[0.2, -0.7]], dims=("target", "source")))
     >>> len(fig.axes)  # heatmap + colorbar
