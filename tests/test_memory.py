@@ -889,7 +889,7 @@ def call():
         ("Mamba2Config", "num_heads=4, head_dim=64, state_size=32, n_groups=1", 150 << 20),
         ("MambaConfig", "state_size=16", 300 << 20),
         ("MixtralConfig", "num_attention_heads=4, num_key_value_heads=2, intermediate_size=256, "
-         "num_local_experts=8", 150 << 20),
+         "num_local_experts=8", 120 << 20),  # unbounded 149-205 MiB
     ],
 )  # fmt: skip
 def test_a_scan_or_experts_peak_stays_within_the_budget(peak_above_start, config, layout, budget):
