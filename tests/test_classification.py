@@ -346,6 +346,29 @@ def test_contrast_is_a_second_class(classifiers):
         ax.occlusion(model, TEXTS, [["label_1"], ["label_2", "label_0"]], contrast="label_0")
 
 
+def test_contrasts_pair_with_targets_in_the_order_given(classifiers):
+    """Targets [2, 0] against contrasts [0, 2] are 2 - 0 and 0 - 2: the classes were sorted
+    before the contrasts were paired with them (0 - 0 and 2 - 2, refused as the targets
+    themselves) until 2026-12-06. A class named twice was one row; now it is refused."""
+    model = classifiers["bert", "sequence"]
+    got = ax.saliency(
+        model, TEXTS[0], ["label_2", "label_0"], contrast=["label_0", "label_2"], objective="logit"
+    )
+    naive = Naive(model, TEXTS[0])
+    e = naive.embeddings().requires_grad_(True)
+    logits = naive.logits(e)
+    for target, against in ((2, 0), (0, 2)):
+        (want,) = torch.autograd.grad(logits[target] - logits[against], e, retain_graph=True)
+        row = got.sel(target=model.labels[target])
+        np.testing.assert_allclose(row.values, want[0].numpy(), rtol=1e-4, atol=1e-6)
+        assert row.contrast_label.item() == model.labels[against]
+    for twice in (["label_1", "label_1"], [1, "label_1"]):
+        with pytest.raises(ax.InputError, match=r"`targets` names class 1 \('label_1'\) twice"):
+            ax.saliency(model, TEXTS[0], twice)
+    with pytest.raises(ax.InputError, match=r"`positions` selects position 2 twice"):
+        ax.saliency(classifiers["bert", "token"], TEXTS[0], positions=[2, 2])
+
+
 def test_attention_rows_are_the_pooled_or_token_queries(classifiers):
     for key, query in ((("bert", "sequence"), 0), (("bert", "token"), None)):
         model = classifiers[key]

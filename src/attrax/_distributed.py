@@ -161,6 +161,17 @@ def _workers_ignore_interrupts() -> Iterator[None]:
         signal.signal(signal.SIGINT, previous)
 
 
+def _interrupts_ignored(distributed: Any) -> Any:
+    """A worker plugin that ignores SIGINT in each worker process, restarted ones included."""
+
+    class InterruptsIgnored(distributed.WorkerPlugin):  # type: ignore[misc,name-defined]
+        def setup(self, worker: Any) -> None:
+            if threading.current_thread() is threading.main_thread():
+                signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    return InterruptsIgnored()
+
+
 @dataclass
 class Pool:
     """A Dask client for one run, started on first use: a ``LocalCluster`` of ``workers``
@@ -213,6 +224,8 @@ class Pool:
                         silence_logs=logging.ERROR,
                     )
                 self._client = distributed.Client(self._cluster)
+                # a worker its nanny restarts is spawned after SIGINT is restored here
+                self._client.register_plugin(_interrupts_ignored(distributed), name="attrax-sigint")
                 self._environ = {
                     name: before.get(name)
                     for name in set(before) | set(os.environ)

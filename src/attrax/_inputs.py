@@ -610,8 +610,13 @@ def _select(
                 f"positions are {available[0]}..{available[-1]} (negative values count from "
                 f"the end of the whole sequence, special tokens included{batch})"
             )
+        if absolute in chosen:
+            raise InputError(
+                f"`positions` selects position {absolute} twice ({positions!r}): give each "
+                "target position once"
+            )
         chosen.append(absolute)
-    return tuple(sorted(set(chosen)))
+    return tuple(sorted(chosen))
 
 
 # --- classifiers ---------------------------------------------------------------------------
@@ -681,7 +686,7 @@ def prepare_classification(
                 given = _classes_for(model, targets, "targets", i, n, single, None)
                 # no targets: the prediction ran (above) to pick the class
                 classes = given or (() if predicted is None else (predicted[i][0],))
-            classes = tuple(sorted(set(classes)))
+            _distinct(model, classes, targets, _at(i, single))
             against = _classes_for(model, contrast, "contrast", i, n, single, len(classes))
             chosen = classes
             pred = prob = None
@@ -1274,6 +1279,16 @@ def _class_id(model: Model, value: Any, name: str) -> int:
             f"classes (0..{len(model.labels) - 1})"
         )
     return value
+
+
+def _distinct(model: Model, classes: tuple[int, ...], targets: Any, where: str) -> None:
+    """Refuse a class named twice among one example's targets: its rows would be one row."""
+    for k, c in enumerate(classes):
+        if c in classes[:k]:
+            raise InputError(
+                f"`targets{where}` names class {c} ({model.labels[c]!r}) twice ({targets!r}): "
+                "give each class once"
+            )
 
 
 def _classes_for(
