@@ -150,6 +150,38 @@ def test_integrated_gradients_equal_the_naive_loop_with_its_own_nodes(classifier
     _check(da, model, TEXTS, naive_ig)
 
 
+def test_a_baseline_of_token_ids_is_the_reference_input_captums_tutorials_build(classifiers):
+    """Captum's BERT tutorials attribute from [CLS] [PAD] ... [PAD] [SEP], given as ids: the
+    same ids as ``baseline=`` are embedded (an int tensor was cast to float and broadcast as
+    embeddings until 2026-12-06). IG from them against the naive loop with its own nodes."""
+    model = classifiers["bert", "sequence"]
+    tok, text = model.tokenizer, TEXTS[0]
+    n = Naive(model, text)
+    length = n.ids.shape[1]
+    ids = torch.tensor([tok.cls_token_id] + [tok.pad_token_id] * (length - 2) + [tok.sep_token_id])
+    nodes, weights = np.polynomial.legendre.leggauss(6)
+    e = n.embeddings()
+    reference = model.hf.get_input_embeddings()(ids[None]).detach()
+    da = ax.integrated_gradients(model, text, "all", steps=6, baseline=ids)
+    for c, label in model.labels.items():
+        total = sum(
+            w / 2 * n.gradient(reference + (a + 1) / 2 * (e - reference), None, c)
+            for a, w in zip(nodes, weights, strict=True)
+        )
+        want = (total * (e - reference)[0]).numpy()
+        np.testing.assert_allclose(da.sel(target=label).values, want, rtol=1e-4, atol=1e-6)
+    assert float(abs(da.isel(source=[0, -1])).max()) == 0.0  # [CLS], [SEP] are kept
+    batch = ax.integrated_gradients(model, [text, text], "all", steps=6, baseline=ids[None])
+    np.testing.assert_allclose(batch.isel(example=1).values, da.values, rtol=1e-5, atol=1e-7)
+    for bad, message in (
+        (ids[:-1], rf"token ids must be an int tensor of shape \[{length}\]"),
+        (ids + 10_000, r"holds ids outside the source embedding's 0\.\."),
+        (ids > 0, r"got torch.bool"),
+    ):
+        with pytest.raises(ax.OptionError, match=message):
+            ax.integrated_gradients(model, text, "all", steps=2, baseline=bad)
+
+
 @pytest.mark.parametrize(
     ("arch", "task"),
     [("roberta", "sequence"), ("bert", "token"), ("modernbert", "sequence"), ("qwen2", "sequence")],
@@ -212,6 +244,42 @@ def test_text_pairs_mark_segments_and_special_tokens(classifiers):
     # two lists pair one to one
     again = ax.saliency(model, ([p[0] for p in pairs], [p[1] for p in pairs]), "all")
     np.testing.assert_array_equal(again.values, da.values)
+    # a tuple of two pairs reads both ways: it was taken as two lists, transposed, until 2026-12-06
+    with pytest.raises(ax.InputError, match=r"`inputs` .* is ambiguous: .* give a list of pairs"):
+        ax.saliency(model, tuple(pairs), "all")
+
+
+def test_position_limits_are_the_models_own(classifiers):
+    """RoBERTa numbers positions from ``padding_idx + 1``: 2 fewer tokens fit than its table has
+    rows (79 and 80 of 80 died in torch's embedding until 2026-12-06). DeBERTa with relative
+    positions only has no limit (it was refused past ``max_position_embeddings``)."""
+    roberta = classifiers["roberta", "sequence"]
+    table = roberta.hf.config.max_position_embeddings
+    fits = roberta.max_positions
+    assert fits == table - roberta.hf.config.pad_token_id - 1
+
+    def text(tokens):  # one token per "a" between <s> and </s>
+        return " ".join(["a"] * (tokens - 2))
+
+    assert ax.saliency(roberta, text(fits)).sizes["source"] == fits
+    with pytest.raises(ax.InputError, match=f"has {fits + 1} tokens, more than the model's {fits}"):
+        ax.saliency(roberta, text(fits + 1))
+    deberta = classifiers["deberta-v2", "sequence"]
+    longer = deberta.hf.config.max_position_embeddings + 8
+    assert not deberta.hf.config.position_biased_input and deberta.max_positions is None
+    da = ax.saliency(deberta, " ".join(["a"] * longer), objective="logit")
+    with torch.no_grad():
+        naive = Naive(deberta, " ".join(["a"] * longer))
+        assert naive.ids.shape[1] > longer
+        logits = naive.logits(naive.embeddings())
+    assert da.predicted_class.item() == int(logits.argmax())
+
+
+def test_class_ids_may_be_numpys_ints(classifiers):
+    model = classifiers["bert", "sequence"]
+    labels = np.array([2, 0])  # a list of its entries was refused until 2026-12-06
+    got = ax.saliency(model, TEXTS[0], list(labels))
+    np.testing.assert_array_equal(got.values, ax.saliency(model, TEXTS[0], [2, 0]).values)
 
 
 def test_texts_and_pairs_in_one_call_equal_the_naive_loop(classifiers):

@@ -289,9 +289,16 @@ def falcon_values(config: Any) -> list[int]:
     return [start + i for start in starts for i in range(d)]
 
 
-def max_positions(config: Any) -> int | None:
-    """Absolute positions the model has; None for relative positions (T5): no hard limit."""
-    return _first_positive(config, _POSITION_KEYS)
+def max_positions(config: Any, padding_idx: int | None = None) -> int | None:
+    """Tokens the model's absolute positions hold; None for relative positions (T5, DeBERTa-v3
+    without ``position_biased_input``): no hard limit. RoBERTa's family numbers positions from
+    ``padding_idx + 1`` (its embeddings' ``padding_idx``): that many fewer tokens fit."""
+    if getattr(config, "position_biased_input", True) is False:
+        return None
+    table = _first_positive(config, _POSITION_KEYS)
+    if table is None or padding_idx is None:
+        return table
+    return table - padding_idx - 1
 
 
 #: model types whose blocks also norm each attention's and MLP's output before the residual

@@ -701,10 +701,35 @@ def _token_tangents(
     return tangents, tuple(0 if i == side else None for i in range(len(flat)))
 
 
+def _reference_embeddings(
+    problem: Problem, ids: torch.Tensor, side: str, shape: torch.Size
+) -> torch.Tensor:
+    """The embeddings of a baseline given as token ids (a reference input, as Captum's layer
+    methods take one): ``[length]`` or ``[batch, length]``, the length of the inputs' tokens."""
+    model = problem.model
+    rows = model.embedding_rows(side)
+    wanted = f"[{shape[1]}] or [{shape[0]}, {shape[1]}] [batch, length]"
+    if ids.dtype == torch.bool or ids.dim() not in (1, 2) or ids.shape[-1] != shape[1]:
+        raise OptionError(
+            f"`baseline` as token ids must be an int tensor of shape {wanted}, got "
+            f"{ids.dtype} of shape {tuple(ids.shape)}"
+        )
+    if ids.dim() == 2 and ids.shape[0] not in (1, shape[0]):
+        raise OptionError(
+            f"`baseline` as token ids must be of shape {wanted}, got {tuple(ids.shape)}"
+        )
+    if bool(((ids < 0) | (ids >= rows)).any()):
+        raise OptionError(
+            f"`baseline` as token ids holds ids outside the {side} embedding's 0..{rows - 1}"
+        )
+    return model.embed(ids.reshape(-1, shape[1]).long(), side).detach()
+
+
 def baseline_embeddings(problem: Problem, baseline: Baseline) -> tuple[torch.Tensor, ...]:
     """The baseline per attributed side, shaped like ``problem.inputs``: ``"zeros"``, the
     ``"pad"``/``"unk"``/``"mask"`` token's embedding at every position (``"mask"`` keeps a
-    classifier's special tokens, as Captum's BERT tutorials do), or tensors that broadcast."""
+    classifier's special tokens, as Captum's BERT tutorials do), tensors that broadcast, or int
+    tensors of token ids (a reference input), embedded."""
     x = problem.inputs
     if isinstance(baseline, str):
         if baseline == "zeros":
@@ -741,9 +766,11 @@ def baseline_embeddings(problem: Problem, baseline: Baseline) -> tuple[torch.Ten
             f"give {sides}"
         )
     out = []
-    for tensor, xi in zip(given, x, strict=True):
+    for side, tensor, xi in zip(("source", "target"), given, x, strict=False):
         if isinstance(tensor, torch.Tensor) and tensor.is_meta:
             raise OptionError("`baseline` is a tensor on the 'meta' device, which holds no values")
+        if isinstance(tensor, torch.Tensor) and not tensor.is_floating_point():
+            tensor = _reference_embeddings(problem, tensor, side, xi.shape)
         tensor = torch.as_tensor(tensor, dtype=xi.dtype, device=xi.device)
         try:
             out.append(torch.broadcast_to(tensor, xi.shape))

@@ -1008,6 +1008,12 @@ def _as_items(value: Any) -> tuple[list[tuple[str, str | None]], bool]:
         and all(isinstance(v, (list, tuple)) for v in value)
     ):
         first, second = value
+        if all(_is_pair(v) for v in value):  # two pairs, or two lists of two texts each?
+            raise InputError(
+                f"`inputs` {value!r} is ambiguous: a tuple of two (text, text_pair) tuples "
+                "reads as two pairs or as (texts, text_pairs); give a list of pairs "
+                "[(text, text_pair), ...] or two lists ([text, ...], [text_pair, ...])"
+            )
         if len(first) != len(second):
             raise InputError(
                 f"`inputs` as two lists must pair them one to one, got {len(first)} and "
@@ -1020,6 +1026,10 @@ def _as_items(value: Any) -> tuple[list[tuple[str, str | None]], bool]:
             f"got {type(value).__name__}"
         )
     return [item(v, f"[{i}]") for i, v in enumerate(value)], False
+
+
+def _is_pair(value: Any) -> bool:
+    return isinstance(value, tuple) and len(value) == 2 and all(isinstance(v, str) for v in value)
 
 
 def _encode_items(
@@ -1271,8 +1281,9 @@ def _class_id(model: Model, value: Any, name: str) -> int:
             f"`{name}` must be a class id or a label name, got None: pass targets=None to "
             "explain every example's predicted class"
         )
-    if isinstance(value, bool) or not isinstance(value, int):
+    if not _integral(value):  # numpy's ints too (a list from an array of labels)
         raise InputError(f"`{name}` must be a class id or a label name, got {value!r}")
+    value = int(value)
     if not 0 <= value < len(model.labels):
         raise InputError(
             f"`{name}` {value} is not a class id of {model.name}: it has {len(model.labels)} "

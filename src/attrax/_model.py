@@ -157,7 +157,11 @@ class Model:
             names = getattr(config, "id2label", None) or {}
             count = int(getattr(config, "num_labels", 0) or len(names))
             self.labels = {i: str(names.get(i, f"LABEL_{i}")) for i in range(count)}
-        self.max_positions = _arch.max_positions(config)
+        # RoBERTa-like embeddings keep the index their position ids count from
+        offset = getattr(getattr(self.hf.base_model, "embeddings", None), "padding_idx", None)
+        self.max_positions = _arch.max_positions(
+            config, offset if isinstance(offset, int) else None
+        )
         self.pad_token_id = _first_int(
             tokenizer.pad_token_id,
             getattr(config, "pad_token_id", None),

@@ -160,7 +160,8 @@ def one_of(*choices: object, none: bool = False) -> Check:
 
 
 def baseline(value: object, name: str) -> None:
-    """A baseline name in :data:`BASELINES`, a tensor, or a tuple of tensors (one per side)."""
+    """A baseline name in :data:`BASELINES`, a tensor (embeddings, or int token ids), or a tuple
+    of tensors (one per side)."""
     tensors = isinstance(value, tuple) and all(isinstance(v, torch.Tensor) for v in value)
     if isinstance(value, torch.Tensor) or (tensors and value):
         given = value if isinstance(value, tuple) else (value,)
@@ -172,7 +173,8 @@ def baseline(value: object, name: str) -> None:
     if isinstance(value, str) and value in BASELINES:
         return
     raise OptionError(
-        f"`{name}` must be one of {BASELINES}, a tensor or a tuple of tensors, got {value!r}"
+        f"`{name}` must be one of {BASELINES}, a tensor (embeddings or token ids) or a tuple "
+        f"of tensors, got {value!r}"
     )
 
 
