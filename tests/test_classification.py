@@ -9,6 +9,7 @@ import inspect
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 import attrax as ax
 from attrax.testing import tiny_classifier
@@ -780,3 +781,75 @@ def test_a_mean_pooled_classifier_has_no_query_row_to_read():
             method(model, text)
     summed = ax.attention_x_gradient(model, text, queries="sum")  # every query: defined
     assert summed.dims == ("target", "source", "layer", "head")
+
+
+def _head(kind: str) -> ax.Model:
+    """A BERT classifier whose head is ``kind``: a reward model / STS-B regressor (one output,
+    no ``problem_type``) or a multi-label tagger (toxic-bert's ``problem_type``)."""
+    if kind == "regression":
+        hf, tok = tiny_classifier("bert", "sequence", num_labels=1)
+    else:
+        hf, tok = tiny_classifier(
+            "bert", "sequence", num_labels=3, problem_type="multi_label_classification"
+        )
+    return ax.load_model(hf, tokenizer=tok)
+
+
+def test_a_regression_head_is_explained_by_its_value():
+    """One output and no ``problem_type`` is a regressor (a reward model): its softmax over one
+    class is the constant 1, so every attribution was exactly 0, silently, until 2026-12-06. Its
+    objective is now the value; IG against the naive loop with its own nodes, and complete."""
+    model = _head("regression")
+    assert model.head_type == "regression"
+    text = TEXTS[0]
+    da = ax.integrated_gradients(model, text, steps=8)
+    assert da.attrs["objective"] == "logit" and np.isnan(da.predicted_probability.item())
+    n = Naive(model, text)
+    e = n.embeddings()
+    nodes, weights = np.polynomial.legendre.leggauss(8)
+
+    def value(x):
+        return n.logits(x)[0]
+
+    total = 0
+    for a, w in zip(nodes, weights, strict=True):
+        x = (float(a + 1) / 2 * e).requires_grad_(True)
+        total = total + w / 2 * torch.autograd.grad(value(x), x)[0]
+    np.testing.assert_allclose(da.values[0], (total * e)[0].numpy(), rtol=1e-4, atol=1e-6)
+    with torch.no_grad():
+        gap = float(value(e) - value(torch.zeros_like(e)))
+    assert abs(gap) > 1e-3  # the value moves: the attributions are not all 0
+    np.testing.assert_allclose(da.completeness_gap.item(), float(da.sum()) - gap, atol=1e-5)
+    for objective in ("probability", "logprob"):
+        with pytest.raises(ax.OptionError, match=r"is a regression head .* objective='logit'"):
+            ax.saliency(model, text, objective=objective)
+    with pytest.raises(ax.OptionError, match=r"`scores` 'probability': .* regression head"):
+        ax.step_scores(model, text)
+    scores = ax.step_scores(model, text, scores="logit")
+    np.testing.assert_allclose(float(scores.squeeze()), float(value(e)), rtol=1e-5)
+
+
+def test_a_multi_label_head_attributes_each_labels_sigmoid():
+    """A multi-label head's labels are independent sigmoids: its probability was the softmax over
+    the labels until 2026-12-06. The gradient of each label's sigmoid (and log sigmoid) against
+    autograd; the prediction is the most probable label with its sigmoid."""
+    model = _head("multi-label")
+    assert model.head_type == "multi-label"
+    text = TEXTS[1]
+    n = Naive(model, text)
+    e = n.embeddings().requires_grad_(True)
+    logits = n.logits(e)
+    for objective, score in (("probability", torch.sigmoid), ("logprob", F.logsigmoid)):
+        da = ax.saliency(model, text, "all", objective=objective)
+        for c, label in model.labels.items():
+            (want,) = torch.autograd.grad(score(logits[c]), e, retain_graph=True)
+            np.testing.assert_allclose(
+                da.sel(target=label).values, want[0].numpy(), rtol=1e-4, atol=1e-7
+            )
+    sigmoids = torch.sigmoid(logits.detach())
+    assert da.predicted_class.item() == int(sigmoids.argmax())
+    np.testing.assert_allclose(da.predicted_probability.item(), float(sigmoids.max()), rtol=1e-5)
+    scores = ax.step_scores(model, text, "all", scores=["probability", "logprob"])
+    np.testing.assert_allclose(scores.sel(score="probability").values, sigmoids, rtol=1e-5)
+    with pytest.raises(ax.OptionError, match=r"`scores` 'entropy': .* multi-label head"):
+        ax.step_scores(model, text, scores="entropy")

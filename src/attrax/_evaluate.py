@@ -971,7 +971,7 @@ def sanity_checks(
       class; for a language model another vocabulary token) against the original, as
       ``random_logit``. A method that explains the chosen output should not stay the same. A
       method that takes no ``objective`` (ALTI, attention, value zeroing, DLA: they read the
-      forward, not an output) gets NaN there.
+      forward, not an output) gets NaN there, as does a regression head (one output).
 
     Each randomized model is a full copy of the model: memory grows with its size. Targets must be
     given for language models (``target`` on every record), so every model explains the same
@@ -1036,7 +1036,9 @@ def sanity_checks(
         targets = _pinned_targets(model, original_da)
     answers = model.task == "question-answering"  # whose outputs are the input's positions
     outputs = 2**31 if answers else model.output_width
-    offset = int(np.random.default_rng(seed).integers(1, outputs))
+    # a regression head has no other output to explain: its random logit is NaN
+    offset = int(np.random.default_rng(seed).integers(1, outputs)) if outputs > 1 else 0
+    labels = model.head_type == "multi-label"  # each label's own sigmoid
 
     def random_logit(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         # a fixed relabelling of every target to another output: vectorized, batch-independent
@@ -1045,13 +1047,16 @@ def sanity_checks(
             other = (ids + 1 + offset % (real - 1)) % real
         else:
             other = (ids + offset) % logits.shape[-1]
+        if labels:
+            return torch.sigmoid(logits.gather(-1, other[..., None])[..., 0])
         return torch.softmax(logits, -1).gather(-1, other[..., None])[..., 0]
 
     # before the randomized copies: a method that explains no chosen output (ALTI, attention,
     # value zeroing, DLA) takes no objective and gets NaN; one that refuses it fails early
     shuffled = np.full(original.shape, np.nan)
     parameters = inspect.signature(method).parameters.values()
-    if any(p.name == "objective" or p.kind is p.VAR_KEYWORD for p in parameters):
+    takes = any(p.name == "objective" or p.kind is p.VAR_KEYWORD for p in parameters)
+    if takes and outputs > 1:
         try:
             shuffled = attribute(model, random_logit)
         except OptionError as err:

@@ -350,7 +350,7 @@ def _scored(call: Call, attribution: xr.DataArray) -> tuple[Call, str, _Ranked]:
     if objective is None:
         known = attribution.attrs.get("objective")
         objective = known if known in OBJECTIVES else "probability"
-    objective_name, _ = resolve(objective)
+    objective_name, _ = resolve(objective, call.model.head_type)
     return call, objective_name, _rank(call, attribution, objective)
 
 
@@ -427,7 +427,8 @@ def _rank(call: Call, da: xr.DataArray, objective: Any) -> _Ranked:
         )
     batch, rows = _restrict(batch, template, call.model.labels)
     budget = parse_bytes(call.options["max_memory"])
-    problem = Problem.build(call.model, batch, resolve(objective)[1], attribute_target, budget)
+    scored = resolve(objective, call.model.head_type)[1]
+    problem = Problem.build(call.model, batch, scored, attribute_target, budget)
     widths = [x.shape[1] for x in problem.inputs]
     if sum(widths) != template.sizes["source"]:
         raise InputError(

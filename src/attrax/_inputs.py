@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 import numbers
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
@@ -1144,16 +1145,23 @@ def _predict(
     embeds = model.embed(t.ids)
     with head_rows_only(), reading(t.ids):
         logits = model.hidden_at(embeds, t.mask, t.index, token_types=t.token_types)
-    return _best(logits, [len(e.positions) for e in examples])
+    return _best(logits, [len(e.positions) for e in examples], model.head_type)
 
 
 def _best(
-    logits: torch.Tensor, counts: Sequence[int]
+    logits: torch.Tensor, counts: Sequence[int], head: str | None = None
 ) -> tuple[list[tuple[int, ...]], list[tuple[float, ...]]]:
     """Each row's most probable class and its probability, for the first ``counts[b]`` slots of
-    class logits ``[B, K, classes]``."""
-    best = torch.softmax(logits.detach().float(), dim=-1).max(dim=-1)
+    class logits ``[B, K, classes]``: a multi-label head's most probable label and its sigmoid;
+    a regression head's one output with no probability (NaN)."""
+    logits = logits.detach().float()
+    if head == "multi-label":
+        best = torch.sigmoid(logits).max(dim=-1)
+    else:
+        best = torch.softmax(logits, dim=-1).max(dim=-1)
     classes, chances = best.indices.cpu().tolist(), best.values.cpu().tolist()
+    if head == "regression":
+        chances = [[math.nan] * len(row) for row in chances]
     return (
         [tuple(c[:n]) for c, n in zip(classes, counts, strict=True)],
         [tuple(p[:n]) for p, n in zip(chances, counts, strict=True)],
@@ -1217,7 +1225,7 @@ def with_predictions(model: Model, batch: Batch, logits: torch.Tensor | None = N
     else:
         counts = [len(e.positions) for e in examples]
     if counts:
-        classes, chances = _best(logits, counts)
+        classes, chances = _best(logits, counts, model.head_type)
     updated = tuple(
         replace(e, predicted=c, predicted_probability=p)
         for e, c, p in zip(examples, classes, chances, strict=True)

@@ -157,6 +157,9 @@ class Model:
             names = getattr(config, "id2label", None) or {}
             count = int(getattr(config, "num_labels", 0) or len(names))
             self.labels = {i: str(names.get(i, f"LABEL_{i}")) for i in range(count)}
+        #: what a classifier's logits are (:data:`HEADS`): a softmax's over the classes, each
+        #: label's own sigmoid's, or a value; None for other tasks
+        self.head_type = _head_type(config, self.task, len(self.labels))
         # RoBERTa-like embeddings keep the index their position ids count from
         offset = getattr(getattr(self.hf.base_model, "embeddings", None), "padding_idx", None)
         self.max_positions = _arch.max_positions(
@@ -1298,6 +1301,23 @@ def _keeps_every_token(mask: torch.Tensor) -> bool:
         return bool(mask.all())
     except RuntimeError:
         return False
+
+
+#: a classifier's outputs, by transformers' ``problem_type`` (its loss): softmax over the
+#: classes, a sigmoid per label, or a value (one output without a ``problem_type`` is one, as
+#: transformers' loss takes it: reward models, STS-B)
+HEADS = ("single-label", "multi-label", "regression")
+
+
+def _head_type(config: Any, task: str, classes: int) -> str | None:
+    if task not in ("sequence-classification", "token-classification"):
+        return None
+    kind = getattr(config, "problem_type", None)
+    if kind == "multi_label_classification":
+        return "multi-label"
+    if kind == "regression" or (kind is None and classes == 1):
+        return "regression"
+    return "single-label"
 
 
 def _first_int(*values: Any) -> int | None:

@@ -50,6 +50,28 @@ def logit(logits: torch.Tensor, target_ids: torch.Tensor) -> torch.Tensor:
     return _pick(logits, target_ids)
 
 
+def label_probability(logits: torch.Tensor, target_ids: torch.Tensor) -> torch.Tensor:
+    """A multi-label classifier's probability of each target label, its own sigmoid (what
+    ``objective="probability"`` is for such a head).
+
+    >>> label_probability(torch.tensor([[0.0, 2.0]]), torch.tensor([0])).tolist()
+    [0.5]
+    """
+    return torch.sigmoid(_pick(logits, target_ids).to(at_least_float32(logits.dtype))).to(
+        logits.dtype
+    )
+
+
+def label_logprob(logits: torch.Tensor, target_ids: torch.Tensor) -> torch.Tensor:
+    """A multi-label classifier's log-probability of each target label, ``log sigmoid``.
+
+    >>> round(label_logprob(torch.tensor([[0.0, 2.0]]), torch.tensor([0])).item(), 4)
+    -0.6931
+    """
+    picked = _pick(logits, target_ids).to(at_least_float32(logits.dtype))
+    return torch.nn.functional.logsigmoid(picked).to(logits.dtype)
+
+
 def _pick(values: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return values.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
 
@@ -61,8 +83,24 @@ OBJECTIVES: dict[str, Objective] = {
 }
 
 
-def resolve(objective: str | Objective) -> tuple[str, Objective]:
-    """The objective's name and function; callables ``(logits, target_ids) -> scores`` pass."""
+#: a multi-label head's named objectives: each label's sigmoid, not a softmax over the labels
+LABEL_OBJECTIVES: dict[str, Objective] = {
+    "probability": label_probability,
+    "logprob": label_logprob,
+    "logit": logit,
+}
+
+
+def resolve(objective: str | Objective, head: str | None = None) -> tuple[str, Objective]:
+    """The objective's name and function; callables ``(logits, target_ids) -> scores`` pass.
+
+    ``head`` (a classifier's :attr:`Model.head_type`) picks what a name means: a multi-label head's
+    ``"probability"`` is the label's sigmoid; a regression head has no probability, and its
+    (default) ``"probability"`` is its value, ``"logit"`` (an explicit one is refused before)."""
+    if head == "regression" and objective == "probability":
+        return "logit", logit
+    if head == "multi-label" and isinstance(objective, str) and objective in LABEL_OBJECTIVES:
+        return objective, LABEL_OBJECTIVES[objective]
     if callable(objective):
         name = getattr(objective, "__name__", type(objective).__name__)
         try:

@@ -125,7 +125,7 @@ class Call:
         """The objective's name and function (``"none"`` for methods without one)."""
         if "objective" not in self.options:
             return "none", resolve("probability")[1]
-        return resolve(self.options["objective"])
+        return resolve(self.options["objective"], self.model.head_type)
 
     @cached_property
     def problem(self) -> Problem:
@@ -369,9 +369,16 @@ _TARGETS = {
 
 
 def _check_applies(model: Model, given: Mapping[str, Any]) -> None:
-    """Refuse options given to a classifier that it would ignore."""
+    """Refuse options given to a classifier that it would ignore, and a regression head's
+    probabilities, which it has none of."""
     if model.task == "generation":
         return
+    objective = given.get("objective")
+    if model.head_type == "regression" and objective in ("probability", "logprob"):
+        raise OptionError(
+            f"`objective={objective!r}`: {model.name} is a regression head (one output, a value, "
+            "not a class probability); its objective is objective='logit', the default for it"
+        )
     for key, why in _GENERATION_ONLY.items():
         if key in given and (key != "attribute_target" or given[key]):
             raise OptionError(

@@ -104,10 +104,14 @@ def step_scores(
                 "score the other input with its own call"
             )
         check_aligned(contrast_inputs, "contrast_inputs", call.inputs)
+    _check_head(call.model, names)
     model, batch = call.model, call.batch
     t = to_tensors(batch, model)
     logits = _logits(model, t)
-    logp = torch.log_softmax(logits, dim=-1)
+    if model.head_type == "multi-label":  # each label's own log-probability, log sigmoid
+        logp = torch.nn.functional.logsigmoid(logits)
+    else:
+        logp = torch.log_softmax(logits, dim=-1)
     other = None
     if contrast_inputs is not None:
         contrast_tensors = to_tensors(contrast_batch(model, batch, contrast_inputs), model)
@@ -193,6 +197,36 @@ def with_scores(attribution: xr.DataArray | xr.Dataset, scores: xr.DataArray) ->
             method="step_scores", score=name
         )
     return dataset.assign(variables)
+
+
+#: the scores of a classifier whose labels are not one softmax's classes
+_HEAD_SCORES = {
+    "multi-label": (
+        "probability",
+        "logprob",
+        "logit",
+        "crossentropy",
+        "perplexity",
+        "contrast_prob_diff",
+    ),
+    "regression": ("logit",),
+}
+
+
+def _check_head(model: Model, names: tuple[str, ...]) -> None:
+    """Refuse scores a multi-label head (a sigmoid per label, no distribution over them) or a
+    regression head (a value) has none of."""
+    allowed = _HEAD_SCORES.get(model.head_type or "")
+    wrong = [name for name in names if allowed is not None and name not in allowed]
+    if wrong:
+        what = {
+            "multi-label": "a sigmoid per label, no distribution over the labels",
+            "regression": "one output, a value, not a class probability",
+        }[model.head_type or ""]
+        raise OptionError(
+            f"`scores` {wrong[0]!r}: {model.name} is a {model.head_type} head ({what}); its "
+            f"scores are {list(allowed or ())}"
+        )
 
 
 def _columns(
