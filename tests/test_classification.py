@@ -827,6 +827,8 @@ def test_a_regression_head_is_explained_by_its_value():
         ax.step_scores(model, text)
     scores = ax.step_scores(model, text, scores="logit")
     np.testing.assert_allclose(float(scores.squeeze()), float(value(e)), rtol=1e-5)
+    rows = ax.show(ax.pipe(ax.saliency, ax.l2_norm)(model, [text, TEXTS[1]]))._repr_html_()
+    assert model.labels[0] in rows and "(nan)" not in rows  # no probability to show
 
 
 def test_a_multi_label_head_attributes_each_labels_sigmoid():

@@ -169,6 +169,22 @@ def test_errors_exit_2_with_one_line(capsys, extra, message):
     assert "Traceback" not in err
 
 
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["attribute", "--input", PROMPT, "--model", "~nosuchuser0/m"],
+        ["attribute-dataset", "--data", "~nosuchuser0/d.jsonl", "--out", "zz"],
+        ["evaluate", "--data", "~nosuchuser0/d.jsonl", "--methods", "saliency"],
+    ],
+)
+def test_a_home_that_does_not_exist_is_one_line(capsys, args):
+    """A `~user` of no such user was pathlib's RuntimeError with a traceback (until 2026-12-06)."""
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("attrax: error: ") and "no home directory for its `~`" in err, err
+    assert err.count("\n") == 1, err
+
+
 def test_samples_and_steps_are_separate_flags(tmp_path):
     args = ["attribute", "--input", PROMPT, "--target", TARGET, "--reduce", "none"]
     assert (

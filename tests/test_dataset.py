@@ -483,6 +483,18 @@ def test_a_run_its_first_shard_refused_leaves_nothing_and_blocks_nothing(
     assert D.load_dataset_results(out).sizes["example"] == 3
 
 
+def test_a_directory_of_someone_elses_shards_is_refused_and_left_as_it_was(
+    tmp_path, model, write_jsonl
+):
+    """The refusal left its `.lock` in the user's directory (until 2026-12-06)."""
+    data, out = write_jsonl(_records(1)), tmp_path / "theirs"
+    out.mkdir()
+    (out / "shard-00000.nc").write_text("keep")
+    with pytest.raises(ax.InputError, match=r"holds shard files but no manifest\.json"):
+        D.attribute_dataset(model, data, out, progress=False)
+    assert sorted(p.name for p in out.iterdir()) == ["shard-00000.nc"]
+
+
 def test_arguments_of_the_wrong_kind_are_named(tmp_path, model, write_jsonl):
     data, out = write_jsonl(_records(1)), tmp_path / "out"
     with pytest.raises(ax.ModelError, match=r"`model` must be an attrax Model, a path, .* got int"):

@@ -39,6 +39,26 @@ def test_faithfulness_equals_each_method_scored_alone(default_model):
         np.testing.assert_allclose(ds.deletion.sel({"method": name}).values, auc.values, rtol=1e-6)
 
 
+def test_an_evaluation_records_how_each_method_ran(default_model, tmp_path):
+    """Two evaluations with other steps or objectives were told apart by nothing: the attrs
+    were the model, the metrics and the reduce spec, as "reductions" (until 2026-12-06)."""
+    data = [{"input": PROMPT, "target": ANSWER}]
+    ig = functools.partial(ax.integrated_gradients, steps=3, objective="logprob")
+    ds = ax.evaluate(default_model, data, {"ig": ig, "saliency": "saliency"}, ["sufficiency"])
+    methods = json.loads(ds.attrs["methods"])
+    assert methods["ig"]["method"] == "integrated_gradients"
+    assert methods["ig"]["objective"] == "logprob" and methods["ig"]["options"]["steps"] == 3
+    assert methods["ig"]["reductions"] == "l2_norm(hidden);normalize(source)"  # "auto"
+    assert methods["saliency"]["objective"] == "probability"
+    assert (ds.attrs["reduce"], ds.attrs["top_k"], ds.attrs["model_dtype"]) == (
+        "auto",
+        3,
+        "float32",
+    )
+    assert ds.attrs["attrax_version"] == ax.__version__ and "reductions" not in ds.attrs
+    xr.testing.assert_identical(ax.load(ax.save(ds, tmp_path / "ev.nc")), ds)
+
+
 def test_contrastive_methods_are_scored_with_each_records_contrast(default_model):
     """Two methods bound to one contrast per record: each method's copy of the records is
     scored with its contrasts (until 2026-12-06 refused: "a list of 4 strings, got 2")."""

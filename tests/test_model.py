@@ -108,12 +108,29 @@ def test_configs_that_do_not_describe_the_weights_are_refused_before_building(tm
     ):
         ax.load_model(fewer)
     typed = _edited(saved, tmp_path / "typed", n_embd="abc")
-    with pytest.raises(ax.ModelError, match=r"is not a loadable directory: .*'n_embd'"):
+    with pytest.raises(ax.ModelError, match=r"not a loadable directory: .*'n_embd'.* got str"):
         ax.load_model(typed)
     with pytest.raises(
         ax.ModelError, match=r"config\.json' is a file: expected the model's directory"
     ):
         ax.load_model(saved / "config.json")
+
+
+def test_hand_edited_architectures_and_tokenizer_fields(tmp_path):
+    """A string for the `architectures` list was refused as "a G, P, T, 2... checkpoint", a
+    number in it and a text `model_max_length` were raw errors (until 2026-12-06)."""
+    saved = save_tiny_model("gpt2", tmp_path / "gpt2")
+    one = _edited(saved, tmp_path / "one", architectures="GPT2LMHeadModel")
+    assert ax.load_model(one).task == "generation"
+    numbered = _edited(saved, tmp_path / "numbered", architectures=[123])
+    with pytest.raises(ax.ModelError, match=r"`architectures` must be a list of class names"):
+        ax.load_model(numbered)
+    longest = _copy(saved, tmp_path / "longest")
+    config = json.loads((longest / "tokenizer_config.json").read_text())
+    config["model_max_length"] = "long"
+    (longest / "tokenizer_config.json").write_text(json.dumps(config))
+    with pytest.raises(ax.ModelError, match=r"`model_max_length` .* got 'long'"):
+        ax.load_model(longest)
 
 
 def _tiny_bert(**overrides):

@@ -10,8 +10,9 @@ import xarray as xr
 
 import attrax as ax
 from attrax._perturbation import occlusion
-from attrax._words import detect_scheme, merge_subwords
-from attrax.testing import corpus, train_tokenizer
+from attrax._tokens import detect_scheme
+from attrax._words import merge_subwords
+from attrax.testing import corpus, tiny_classifier, train_tokenizer
 from tests.conftest import PAIRS
 
 FAMILIES = {"gpt2": "byte-level", "llama": "sentencepiece", "wordpiece": "wordpiece"}
@@ -251,3 +252,94 @@ def test_bad_arrays_raise():
         merge_subwords(np.zeros((2, 2)))
     with pytest.raises(ax.OptionError, match="neither"):
         merge_subwords(xr.DataArray(np.zeros(2), dims="hidden"))
+
+
+def test_letters_that_look_like_byte_marks_do_not_make_a_vocabulary_byte_level():
+    """Esperanto's ĉ (GPT-2's stand-in for a tab) and Maltese Ġ made any token list byte-level
+    until 2026-12-06: `▁Mi▁ŝatas▁\\tiun` was one word. A byte-level tab still counts."""
+    esperanto = ["<s>", "▁Mi", "▁ŝatas", "▁ĉiun", "▁tagon", "."]
+    assert detect_scheme(esperanto) == "sentencepiece"
+    merged = merge_subwords(tokens_array(esperanto), dims="source")
+    assert merged.source_word.values.tolist() == ["<s>", "Mi", "ŝatas", "ĉiun", "tagon", "."]
+    assert detect_scheme(["[CLS]", "mi", "ŝat", "##as", "ĉiu", "##n", "[SEP]"]) == "wordpiece"
+    assert detect_scheme(["Ġmalta", "Ġis", "ĠĠ", "Ġrabat"]) == "byte-level"
+    assert detect_scheme(["a", "ĉ", "b"]) == "byte-level"  # "a\tb": its tab is a byte
+
+
+@pytest.mark.parametrize(
+    ("tokens", "want"),
+    [
+        # chat-template controls, words of their own (glued to a word until 2026-12-06)
+        (["[INST]", "▁hello", "▁world", "[/INST]"], ["[INST]", "hello", "world", "[/INST]"]),
+        (
+            ["<\uff5cbegin\u2581of\u2581sentence\uff5c>", "▁Hello", "▁world"],
+            ["<\uff5cbegin\u2581of\u2581sentence\uff5c>", "Hello", "world"],
+        ),
+        # SentencePiece's <unk> stands for letters of a word (it split the word until 2026-12-06)
+        (["<s>", "▁Z", "<unk>", "rich", "▁is"], ["<s>", "Z<unk>rich", "is"]),
+        (["<s>", "▁", "<unk>", "a", "▁b"], ["<s>", "<unk>a", "b"]),
+    ],
+)
+def test_control_and_unknown_tokens(tokens, want):
+    merged = merge_subwords(tokens_array(tokens), dims="source", scheme="sentencepiece")
+    assert merged.source_word.values.tolist() == want
+    np.testing.assert_allclose(float(merged.sum()), float(tokens_array(tokens).sum()), rtol=1e-5)
+
+
+def test_wordpieces_unknown_token_is_a_word():
+    tokens = ["[CLS]", "the", "[UNK]", "sat", "##s", "[SEP]"]
+    merged = merge_subwords(tokens_array(tokens), dims="source")
+    assert merged.source_word.values.tolist() == ["[CLS]", "the", "[UNK]", "sats", "[SEP]"]
+
+
+def test_one_word_is_segmented_alone_as_in_a_batch():
+    """A one-word byte-level text carries no Ġ: its pieces were each a word alone and one word
+    in a batch (feature ablation's groups="word" differed by 0.87) until 2026-12-06. The
+    model's vocabulary's scheme, recorded in attrs, segments both."""
+    hf, tok = tiny_classifier("roberta", "sequence")
+    model = ax.load_model(hf, tokenizer=tok)
+    assert model.subwords == "byte-level"
+    word = "unremarkably"
+    pieces = model.tokenizer.tokenize(word)
+    assert len(pieces) > 1 and not any("Ġ" in p for p in pieces), pieces
+    alone = ax.feature_ablation(model, word, groups="word", objective="logit")
+    batch = ax.feature_ablation(
+        model, [word, "a remarkable plot"], groups="word", objective="logit"
+    )
+    width = alone.sizes["source"]
+    np.testing.assert_allclose(
+        batch.isel(example=0, source=slice(0, width)).values, alone.values, rtol=1e-5, atol=1e-7
+    )
+    assert alone.attrs["subwords"] == "byte-level"
+    merged = ax.merge_subwords(alone)
+    assert merged.source_word.values.tolist() == ["<s>", word, "</s>"]
+    # a drop per word: every piece of the word the same, as a naive loop zeroing them all gives
+    inner = alone.values[:, 1:-1]
+    np.testing.assert_allclose(inner, inner[:, :1].repeat(inner.shape[1], axis=1), rtol=1e-6)
+
+
+def test_coordinates_a_words_tokens_share_are_kept():
+    """A pair's `segment` and `special` were dropped by merging until 2026-12-06; a token
+    classifier's classes stay where each word's tokens agree."""
+    clf = ax.load_model("attrax:classifier")
+    da = ax.pipe(ax.saliency, ax.l2_norm)(
+        clf, [("the film was bad", "a great plot"), ("ok", "fine")]
+    )
+    merged = ax.merge_subwords(da)
+    for e in range(2):
+        tokens = da.isel(example=e)
+        words = merged.isel(example=e)
+        for start in words.source.values:
+            if words.source_word.sel(source=start).item() == "":
+                assert words.segment.sel(source=start).item() == -1
+                continue
+            assert words.segment.sel(source=start).item() == tokens.segment.sel(source=start).item()
+            assert words.special.sel(source=start).item() == tokens.special.sel(source=start).item()
+    hf, tok = tiny_classifier("bert", "token")
+    ner = ax.load_model(hf, tokenizer=tok)
+    tags = ax.pipe(ax.saliency, ax.l2_norm)(ner, "unbelievably awful weather", targets=1)
+    words = ax.merge_subwords(tags)
+    assert words.target_word.values.tolist() == ["unbelievably", "awful", "weather"]
+    assert (words.target_class.values == 1).all() and (
+        words.target_label.values == ner.labels[1]
+    ).all()

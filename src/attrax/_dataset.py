@@ -36,6 +36,7 @@ import xarray as xr
 from transformers import PreTrainedModel
 
 from . import _reduce
+from . import _validate as check
 from ._errors import InputError, ModelError, OptionError
 from ._inputs import check_example, not_text
 from ._model import Model, load_model
@@ -291,7 +292,7 @@ def attribute_dataset(
         check_model_options(model, device, dtype)
     fn = resolve_method(method)
     steps = parse_reduce(reduce)
-    data, out = Path(data).expanduser(), Path(out).expanduser()
+    data, out = check.local_path(data, "data"), check.local_path(out, "out")
     scan = _scan(data)
     resolved = resolve_options(fn, _with_record_options(fn, options, scan))
     if resolved.get("layers") is not None:
@@ -303,7 +304,7 @@ def attribute_dataset(
         model_name = "attrax-default"
     else:
         # a local directory by its absolute path (resumable from another cwd), a hub name as is
-        local = Path(model).expanduser()
+        local = check.local_path(model, "model")
         model_name = str(local.resolve()) if local.exists() else str(model)
     run = {
         "data": {"sha256": scan.sha256, "records": scan.records},
@@ -313,7 +314,7 @@ def attribute_dataset(
         "shard_size": shard_size,
         "options": _as_json(resolved),
     }
-    if isinstance(model, str | os.PathLike) and Path(model).expanduser().is_dir():
+    if isinstance(model, str | os.PathLike) and check.local_path(model, "model").is_dir():
         # its files' contents: a checkpoint saved over the directory is another model
         run["model_sha256"] = _directory_sha256(Path(model).expanduser())
     if dtype is not None:  # only when given: runs from before this option still resume
@@ -384,8 +385,11 @@ def _attribute_dataset(
         _remove(created)
         raise
     started = False  # this process holds the lock and wrote the manifest
+    fresh = not (out / ".lock").exists()  # a refused run removes the lock file it made
+    held = False
     try:
         with _lock(out):
+            held = True
             manifest = _start(out, run, data, shards, fn)
             started = not manifest["done"]
             # a listed shard that was deleted or no longer reads back is recomputed, not trusted
@@ -402,6 +406,9 @@ def _attribute_dataset(
     except BaseException:
         if started:  # nothing done: the run leaves nothing behind (an option its shard refused)
             _unstart(out, created)
+        elif held and fresh and not (out / MANIFEST).exists():  # refused before it began
+            (out / ".lock").unlink(missing_ok=True)
+            _remove(created)
         raise
     return DatasetRun(out, scan.records, shards, shards - len(todo))
 
@@ -465,7 +472,7 @@ def _check_layers(model: Model | PathLike | None, layers: Any) -> None:
 
         from ._default_model_task import DEFAULT_MODEL_PATH
 
-        path = Path(DEFAULT_MODEL_PATH if model is None else model).expanduser()
+        path = check.local_path(DEFAULT_MODEL_PATH if model is None else model, "model")
         if not path.is_dir():  # a hub name: only the run's own load may reach the hub
             return
         try:
@@ -504,7 +511,7 @@ def load_dataset_results(
     for name, value in (("partial", partial), ("lazy", lazy)):
         if not isinstance(value, bool):  # "no" would read as True
             raise OptionError(f"`{name}` must be a bool, got {value!r}")
-    out = Path(out).expanduser()
+    out = check.local_path(out, "out")
     if lazy and chunks is None:
         chunks = -1  # one chunk per shard
     if out.is_file():

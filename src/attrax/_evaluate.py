@@ -50,6 +50,7 @@ from ._inputs import check_example, not_text
 from ._memory import format_bytes, memory_budget
 from ._model import Model, ModelLike, load_model
 from ._schema import fill_value, has_targets, label_evaluation, label_sanity, union_labels
+from ._version import __version__
 
 FAITHFULNESS = {
     "comprehensiveness": "aopc",
@@ -217,7 +218,7 @@ def _missing(value: Any) -> bool:
 def _rows(data: Any) -> tuple[str, Iterable[tuple[str, Any]]]:
     """``data`` as it is named in errors, and its rows, each with where it is (file line or row)."""
     if isinstance(data, (str, os.PathLike)):
-        path = Path(data).expanduser()
+        path = check.local_path(data, "data")
         name = f"`data` {str(path)!r}"
         if path.is_dir():
             return name, _numbered(_folder(path), f"{path.name} record {{}}", start=0)
@@ -454,8 +455,8 @@ def evaluate(
     # a local directory by its absolute path: a worker's working directory may be another one
     where = (
         spec
-        if spec is None or not Path(spec).expanduser().exists()
-        else str(Path(spec).expanduser().resolve())
+        if spec is None or not check.local_path(spec, "model").exists()
+        else str(check.local_path(spec, "model").resolve())
     )
     pool = _distributed.Pool(where, device, dtype, workers=workers, scheduler=scheduler)
     try:
@@ -556,11 +557,37 @@ def score_records(
         for metric in (m for m in chosen if m in PLAUSIBILITY):
             scores[metric] = _plausibility(metric, relevance, tiled)
     pairwise = {m: _agreement(m, relevance, len(names), top_k) for m in chosen if m in AGREEMENT}
-    attrs = {"model": model.name, "metrics": ",".join(chosen), "reductions": reduce}
+    attrs = {
+        "model": model.name,
+        "model_dtype": str(model.dtype).removeprefix("torch."),
+        "metrics": ",".join(chosen),
+        "reduce": reduce,
+        "top_k": top_k,
+        # how each method ran: two evaluations with other steps or objectives differ here
+        "methods": json.dumps(
+            {name: _provenance(da, per_record) for name, da in zip(names, reduced, strict=True)},
+            sort_keys=True,
+        ),
+        "attrax_version": __version__,
+    }
     return label_evaluation(
         flat, names, scores, pairwise,
         attributions=attributions, labels=labels, attrs=attrs,
     )  # fmt: skip
+
+
+def _provenance(da: xr.DataArray, per_record: Mapping[str, Any]) -> dict[str, Any]:
+    """A method's attribution as its attrs record it: method, objective, options, reductions;
+    what the records give each (a ``contrast`` field) is data, named ``"per record"``, so
+    that shards of one evaluation record the same."""
+    options = json.loads(da.attrs.get("options", "{}"))
+    options.update(dict.fromkeys(per_record, "per record"))
+    return {
+        "method": da.attrs.get("method", ""),
+        "objective": da.attrs.get("objective", ""),
+        "options": options,
+        "reductions": da.attrs.get("reductions", ""),
+    }
 
 
 def _check_per_record(name: str, fn: Callable[..., Any], per_record: dict[str, Any]) -> None:

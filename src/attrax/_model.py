@@ -35,9 +35,11 @@ from transformers.models.auto.modeling_auto import (
 from transformers.utils import logging as hf_logging
 
 from . import _arch, _routed
+from . import _validate as check
 from ._errors import ModelError, OptionError
 from ._memory import at_least_float32, bound_kernel_caches
 from ._sdpa import folded_sdpa
+from ._tokens import detect_scheme
 
 ATTENTION_IMPLEMENTATIONS = ("auto", "eager", "sdpa")
 #: What a model does: generate text (causal and seq2seq LMs), classify sequences or tokens,
@@ -120,6 +122,13 @@ class Model:
             raise ModelError(
                 "`tokenizer` must be a transformers tokenizer, a local path or a hub name, got "
                 f"{type(tokenizer).__name__}"
+            )
+        longest = getattr(tokenizer, "model_max_length", None)
+        if longest is not None and not isinstance(longest, int | float):
+            # a hand-edited tokenizer_config.json: transformers compares it at every call
+            raise ModelError(
+                "`tokenizer`'s `model_max_length` (tokenizer_config.json) must be a number of "
+                f"tokens, got {longest!r}"
             )
         if any(p.is_meta for p in hf_model.parameters()):
             raise ModelError(
@@ -580,6 +589,17 @@ class Model:
         finally:
             hf.set_attn_implementation(previous)
 
+    @functools.cached_property
+    def subwords(self) -> str:
+        """The vocabulary's sub-word scheme (one of ``attrax._tokens.SCHEMES``), read from all its
+        token strings: one example's few tokens may carry no mark (a one-word text).
+
+        >>> import attrax as ax
+        >>> ax.load_model().subwords
+        'word-level'
+        """
+        return detect_scheme(self.tokenizer.get_vocab())
+
     def token_strings(self, ids: Sequence[int]) -> list[str]:
         """The tokenizer's strings of ``ids``, each distinct id converted once per model: labelling
         a result asks for the same ids call after call.
@@ -1008,7 +1028,7 @@ def _from_pretrained(
         ) from None
     if with_tokenizer:
         _check_tokenizer_files(path, "model")
-    named = list(getattr(config, "architectures", None) or [])
+    named = _architectures(config, path)
     classifier = _task_of_architectures(named)
     unsupported = [] if classifier else _unsupported_architectures(config)
     auto = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else None
@@ -1076,6 +1096,21 @@ _BASE_ARCHITECTURES = frozenset(
 _LM_SUFFIXES = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration", "MTModel")
 
 
+def _architectures(config: Any, path: str | os.PathLike[str] | None = None) -> list[str]:
+    """The config's ``architectures``: a list of class names (one name alone is one); anything
+    else, a hand-edited config's, is a :class:`ModelError` naming the field."""
+    named = getattr(config, "architectures", None) or []
+    if isinstance(named, str):
+        named = [named]
+    if not isinstance(named, list | tuple) or not all(isinstance(a, str) for a in named):
+        where = "" if path is None else f"`model` {str(path)!r}: "
+        raise ModelError(
+            f"{where}its config's `architectures` must be a list of class names such as "
+            f'["GPT2LMHeadModel"], got {named!r}'
+        )
+    return list(named)
+
+
 def _task_of_architectures(named: Sequence[str]) -> str | None:
     """The classifier task the config's ``architectures`` name, if any."""
     for name in named:
@@ -1092,7 +1127,7 @@ def _task_of_architectures(named: Sequence[str]) -> str | None:
 
 def _unsupported_architectures(config: Any) -> list[str]:
     """The config's ``architectures`` when none is a language model (or a headless base model)."""
-    named = list(getattr(config, "architectures", None) or [])
+    named = _architectures(config)
     if any(
         a in _LM_ARCHITECTURES or a in _BASE_ARCHITECTURES or a.endswith(_LM_SUFFIXES)
         for a in named
@@ -1128,9 +1163,14 @@ def _refuse_load(
 
 
 def _first_line(error: BaseException) -> str:
-    """An error's first line (its type's name when it says nothing): one line for the CLI."""
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
+    """An error's first line (its type's name when it says nothing): one line for the CLI. A
+    first line that only announces the next (a field validation's ``...:``) takes it along."""
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(error).__name__
+    if lines[0].endswith(":") and len(lines) > 1:
+        return f"{lines[0]} {lines[1]}"
+    return lines[0]
 
 
 # the weights' files of a model directory
@@ -1141,7 +1181,7 @@ def _check_size(path: str | os.PathLike[str], config: Any, auto: Any) -> None:
     """Refuse a directory whose config describes a model far larger than its weight files (a
     config edited or from another model): transformers would build it whole and initialise what
     the files lack, a 7B model from a default config, before any check of the weights."""
-    local = Path(path).expanduser()
+    local = check.local_path(path, "model")
     stored = sum(f.stat().st_size for pattern in _WEIGHT_FILES for f in local.glob(pattern))
     if not local.is_dir() or not stored:
         return
@@ -1206,7 +1246,7 @@ _TOKENIZER_FILES = (
 
 def _check_tokenizer_files(path: str | os.PathLike[str], argument: str) -> None:
     """A directory without tokenizer files loads an empty tokenizer: refuse it by name."""
-    local = Path(path).expanduser()
+    local = check.local_path(path, argument)
     if local.is_dir() and not any((local / name).is_file() for name in _TOKENIZER_FILES):
         raise ModelError(
             f"`{argument}` {str(path)!r} has no tokenizer files (none of "
@@ -1222,7 +1262,7 @@ def _locate(path: str | os.PathLike[str], argument: str = "model") -> dict[str, 
     within a second (or ``HF_HUB_OFFLINE=1``), only the local Hugging Face cache is tried, so a
     missing model is an error at once instead of half a minute of retries.
     """
-    local = Path(path).expanduser()
+    local = check.local_path(path, argument)
     if local.is_file():  # its config.json, say: from_pretrained would read it as weights
         raise ModelError(
             f"`{argument}` {str(path)!r} is a file: expected the model's directory (config.json, "

@@ -441,7 +441,7 @@ def _word_ids(problem: Problem) -> list[list[int]]:
             row_sides += side + [""] * (width - len(ids))
         rows.append(row)
         sides.append(row_sides)
-    return word_groups(rows, sides)
+    return word_groups(rows, sides, problem.model.subwords)
 
 
 def _spread_groups(values: torch.Tensor, group: torch.Tensor) -> torch.Tensor:

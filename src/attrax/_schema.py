@@ -90,10 +90,17 @@ ATTRS: dict[str, str] = {
     "objective": "what is attributed at each target ('probability', 'logprob', 'logit', ...)",
     "options": "a JSON string of every option of the call, defaults included",
     "attrax_version": "the attrax version that computed it",
+    "model_dtype": "the model's parameters' dtype ('float32', 'bfloat16', ...); results are float32",
+    "subwords": "the tokenizer's sub-word scheme ('byte-level', 'sentencepiece', 'wordpiece' or "
+    "'word-level'), read from its vocabulary: how merge_subwords finds words",
     "reductions": "the reductions applied, ';'-separated, e.g. 'l2_norm(hidden);normalize(source)'",
     "metric": "the faithfulness metric of a curve",
     "score": "the step score a with_scores variable holds",
     "metrics": "ax.evaluate: the metrics computed",
+    "reduce": "ax.evaluate: how the attributions became (example, target, source), as given",
+    "top_k": "ax.evaluate: the k of topk_overlap",
+    "methods": "ax.evaluate: a JSON string, each method's method, objective, options and "
+    "reductions as its attribution recorded them",
     "logit_softcap": "the cap c of a model that soft-caps its logits (Gemma 2), whose logit before "
     "it direct logit attribution and ALTI-Logit decompose",
 }
@@ -170,6 +177,8 @@ def run_attrs(
         "objective": objective,
         "options": json.dumps({k: jsonable(v) for k, v in options.items()}, sort_keys=True),
         "attrax_version": __version__,
+        "subwords": model.subwords,
+        "model_dtype": str(model.dtype).removeprefix("torch."),
     }
 
 

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -195,3 +197,17 @@ def memory(value: object, name: str) -> None:
     attrax._errors.OptionError: `max_memory` must be a positive number of bytes (an int, or a string such as '8GB' or '512MiB'), got '12 furlongs'
     """
     parse_bytes(value, name)  # type: ignore[arg-type]
+
+
+def local_path(value: str | os.PathLike[str], name: str) -> Path:
+    """``value`` as a path with its ``~`` expanded; a ``~user`` of no such user is an
+    :class:`InputError` naming ``name`` (pathlib raises a bare RuntimeError).
+
+    >>> local_path("~nosuchuser0/data.jsonl", "data")
+    Traceback (most recent call last):
+    attrax._errors.InputError: `data` '~nosuchuser0/data.jsonl': no home directory for its `~`
+    """
+    try:
+        return Path(value).expanduser()
+    except RuntimeError:
+        raise InputError(f"`{name}` {str(value)!r}: no home directory for its `~`") from None

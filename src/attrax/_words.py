@@ -7,11 +7,9 @@ from the strings themselves.
 
 from __future__ import annotations
 
-import re
 import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import cache
 
 import numpy as np
 import pandas as pd
@@ -19,16 +17,11 @@ import xarray as xr
 
 from . import _validate as check
 from ._errors import InputError, OptionError
-from ._schema import MISSING_TOKEN, per_example, replace_dim
+from ._schema import MISSING_TOKEN, fill_value, per_example, replace_dim
+from ._tokens import BYTE, SCHEMES, SPECIAL, UNKNOWN, byte_decoder, detect_scheme
 
-SCHEMES = ("byte-level", "sentencepiece", "wordpiece", "word-level")
 HOWS = ("sum", "mean", "max", "absmax")
 DIMS = ("source", "target")
-
-_SPECIAL = re.compile(
-    r"^(<\|[^<>\s]*\|>|<(?!0x[0-9A-Fa-f]{2}>)/?[A-Za-z_][^<>\s]*>|\[[A-Za-z_]+\])$"
-)
-_BYTE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
 
 
 def merge_subwords(
@@ -52,8 +45,9 @@ def merge_subwords(
             largest magnitude, sign kept) over each word's tokens, ignoring NaN; a word whose
             tokens are all NaN stays NaN.
         dims: ``"source"``, ``"target"`` or both; default: those of the two that ``da`` has.
-        scheme: one of ``SCHEMES``; detected from the token strings when None (``"word-level"``,
-            each token its own word, when no mark is found).
+        scheme: one of ``SCHEMES``; when None, the one the model's vocabulary uses
+            (``da.attrs["subwords"]``), else detected from the array's token strings
+            (``"word-level"``, each token its own word, when no mark is found).
 
     Returns:
         The array with each merged dim indexed by the position of each word's first token (the
@@ -87,6 +81,8 @@ def merge_subwords(
                 f"its {dim}s with); merge an array as a method returns it"
             )
     if scheme is None:
+        scheme = da.attrs.get("subwords")  # the model's vocabulary's, on every attrax result
+    if scheme not in SCHEMES:  # an array from elsewhere: read from its own tokens
         scheme = detect_scheme(
             [str(t) for dim in chosen for t in np.ravel(da.coords[f"{dim}_token"].values)]
         )
@@ -96,25 +92,6 @@ def merge_subwords(
     done = da.attrs.get("reductions", "")
     out.attrs["reductions"] = f"{done};merge_subwords({','.join(chosen)},{how})".lstrip(";")
     return out
-
-
-def detect_scheme(tokens: Sequence[str]) -> str:
-    """The sub-word convention of token strings: one of ``SCHEMES``.
-
-    >>> detect_scheme(["The", "Ġcap", "ital"]), detect_scheme(["▁The", "▁cap", "ital"])
-    ('byte-level', 'sentencepiece')
-    >>> detect_scheme(["[CLS]", "the", "cap", "##ital"]), detect_scheme(["1", "2"])
-    ('wordpiece', 'word-level')
-    """
-    bert_specials = any(re.fullmatch(r"\[[A-Z]+\]", t) for t in tokens)
-    tokens = [t for t in tokens if t and not _SPECIAL.match(t)]
-    if any(mark in t for t in tokens for mark in "ĠĊĉ"):
-        return "byte-level"
-    if any(t.startswith("▁") for t in tokens):
-        return "sentencepiece"
-    if bert_specials or any(t.startswith("##") and len(t) > 2 for t in tokens):
-        return "wordpiece"
-    return "word-level"
 
 
 def word_groups(
@@ -149,14 +126,16 @@ class _Piece:
 
 
 def _piece(token: str, scheme: str) -> _Piece:
-    if _SPECIAL.match(token):
+    if token in UNKNOWN:  # WordPiece's [UNK] is a whole word; SentencePiece's <unk> a piece
+        return _Piece(token.encode(), scheme != "sentencepiece", "text")
+    if SPECIAL.match(token):
         return _Piece(token.encode(), True, "special")
     if scheme == "byte-level":
-        table = _byte_decoder()
+        table = byte_decoder()
         raw = b"".join(bytes([table[c]]) if c in table else c.encode() for c in token)
         marked = raw[:1].isspace()
     elif scheme == "sentencepiece":
-        byte = _BYTE.match(token)
+        byte = BYTE.match(token)
         raw = bytes([int(byte.group(1), 16)]) if byte else token.replace("▁", " ").encode()
         marked = token.startswith("▁")
     elif scheme == "wordpiece":
@@ -259,7 +238,45 @@ def _merge(da: xr.DataArray, dim: str, how: str, scheme: str) -> xr.DataArray:
     words = {f"{dim}_word": (texts if batched else texts[0]).astype(str)}
     if not isinstance(index, pd.MultiIndex) and "side" in da.coords and dim in da["side"].dims:
         words["side"] = (word_sides if batched else word_sides[0]).astype(str)
+    for name, value in _word_level(da, dim, members).items():
+        words[name] = value if batched else value[0]
     return replace_dim(da, dim, merged, index[starts], words)
+
+
+def _word_level(da: xr.DataArray, dim: str, members: np.ndarray) -> dict[str, np.ndarray]:
+    """The coordinates along ``dim`` that every word's tokens share (a classifier's ``segment``
+    and ``special``; a token classifier's classes where a word's tokens agree), one value per
+    word ``[example, word]``. Token-level ones (ids, tokens, contrasts, completeness gaps) and
+    any that differs within a word are dropped."""
+    out = {}
+    present = members >= 0
+    first = np.where(present[..., 0], members[..., 0], 0)
+    for name, coord in da.coords.items():
+        if (
+            name in (dim, "side")
+            or name in da.xindexes  # a MultiIndex's levels are the index's
+            or dim not in coord.dims
+            or not set(coord.dims) <= {"example", dim}
+            or name.endswith(("_token", "_id"))
+            or name.startswith("contrast_")
+            or name == "completeness_gap"
+        ):
+            continue
+        values = per_example(da, str(name), ("example", dim))
+        gathered = np.take_along_axis(
+            values, np.where(present, members, 0).reshape(len(values), -1), axis=1
+        )
+        gathered = gathered.reshape(members.shape)
+        lead = np.take_along_axis(values, first, axis=1)
+        same = (gathered == lead[..., None]) | ~present
+        if values.dtype.kind == "f":
+            same |= np.isnan(gathered) & np.isnan(lead)[..., None]
+        if not same.all():
+            continue
+        out[str(name)] = np.where(present[..., 0], lead, fill_value(values.dtype)).astype(
+            values.dtype
+        )
+    return out
 
 
 def _reduce(values: np.ndarray, members: np.ndarray, how: str) -> np.ndarray:
@@ -317,20 +334,3 @@ def _dims(da: xr.DataArray, dims: str | Sequence[str] | None) -> tuple[str, ...]
                 "merge 'source'"
             )
     return tuple(dict.fromkeys(chosen))
-
-
-@cache
-def _byte_decoder() -> dict[str, int]:
-    """GPT-2's byte-to-unicode table, inverted: each printable stand-in character -> its byte."""
-    printable = [
-        *range(ord("!"), ord("~") + 1),
-        *range(ord("¡"), ord("¬") + 1),
-        *range(ord("®"), ord("ÿ") + 1),
-    ]
-    table = {chr(b): b for b in printable}
-    extra = 0
-    for b in range(256):
-        if b not in printable:
-            table[chr(256 + extra)] = b
-            extra += 1
-    return table

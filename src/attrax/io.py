@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
+from . import _validate as check
 from ._errors import InputError, OptionError
 
 __all__ = ["load", "save"]
@@ -283,10 +284,7 @@ def _require_dask() -> None:
 def _as_path(path: object) -> Path:
     if not isinstance(path, str | os.PathLike):
         raise InputError(f"`path` must be a str or os.PathLike, got {type(path).__name__}")
-    try:
-        return Path(path).expanduser()
-    except RuntimeError:  # ~user of no such user: pathlib cannot expand it
-        raise InputError(f"`path` {str(path)!r}: no home directory for its `~`") from None
+    return check.local_path(path, "path")
 
 
 def _compress_level(compress: object) -> int:

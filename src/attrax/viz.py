@@ -467,7 +467,10 @@ def _prepare_rows(
                 predicted=None
                 if _one(sub, "predicted_label") is None
                 else str(_one(sub, "predicted_label")),
-                probability=None if probability is None else float(probability),
+                # a regression head's is NaN: it has no probability to show
+                probability=None
+                if probability is None or np.isnan(float(probability))
+                else float(probability),
                 attributed=None if attributed is None else str(attributed),
             )
         )
