@@ -893,7 +893,8 @@ def load_model(
             CPU, eager attention otherwise), ``"eager"`` or ``"sdpa"``. All three give the same
             attributions; forward-mode calls always run eager attention.
         device, dtype: where and in which precision to run (a floating-point torch dtype or its
-            name, "bfloat16"); default: as loaded (CPU, float32).
+            name, "bfloat16"); default: as loaded (CPU, float32). A ``PreTrainedModel`` given is
+            not copied: it is moved, cast and put in eval mode with gradients off in place.
 
     Returns:
         A :class:`Model` in eval mode with parameter gradients off.
