@@ -513,3 +513,20 @@ def test_the_tokenizer_may_follow_the_model_positionally():
     hf, tok = tiny_model("gpt2")
     model = ax.load_model(hf, tok)
     assert model.tokenizer is tok and model.hf is hf
+
+
+def test_the_adapters_public_methods_check_what_they_are_given():
+    """`Model.embed`, `generate` and `head` took raw values unchecked: an id past the table was
+    torch's IndexError, `side="sideways"` the source's embeddings, a text prompt a ValueError
+    (until 2026-12-06)."""
+    model = ax.load_model()
+    with pytest.raises(ax.InputError, match=r"`ids` holds ids outside the source embedding"):
+        model.embed(torch.tensor([[10**6]]))
+    with pytest.raises(ax.OptionError, match=r"`side` must be 'source' or 'target'"):
+        model.embed(torch.tensor([[5]]), "sideways")
+    with pytest.raises(ax.InputError, match=r"`ids` must be an int tensor"):
+        model.embed(torch.zeros(1, 2))
+    with pytest.raises(ax.InputError, match=r"`prompts` must be a non-empty list of token-id"):
+        model.generate("1 2 =", max_new_tokens=2)
+    with pytest.raises(ax.InputError, match=r"`hidden` must be a tensor"):
+        model.head("x")

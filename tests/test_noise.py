@@ -545,3 +545,21 @@ def test_one_seed_draws_the_same_whatever_the_models_dtype(method):
     b = getattr(ax, method)(double, source, target, **options).values
     scale = np.nanmax(np.abs(b))
     np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4 * scale)
+
+
+def test_groups_that_leave_nothing_to_perturb_are_refused(default_model):
+    """Groups only on tokens no target sees (the last token, or -1 everywhere) gave torch's
+    index error, and an example of a batch without groups Sobol's dimension error (until
+    2026-12-06)."""
+    prompt, target = "1 2 3 =", " 3 2 1"
+    width = len(ax.saliency(default_model, prompt, target).source)
+    message = r"`groups` leaves no group of tokens the targets see"
+    with pytest.raises(ax.InputError, match=message):
+        ax.feature_ablation(
+            default_model, prompt, target, groups=torch.tensor([-1] * (width - 1) + [0])
+        )
+    with pytest.raises(ax.InputError, match=message):
+        ax.shapley_sampling(default_model, prompt, target, groups=torch.full((width,), -1))
+    rows = torch.tensor([[-1] * width, list(range(width))])
+    with pytest.raises(ax.InputError, match=message + r" \(example 0\)"):
+        ax.sobol(default_model, [prompt, prompt], [target, target], samples=4, groups=rows)

@@ -348,3 +348,12 @@ def test_numpy_scalars_are_options_as_python_ones(default_model):
         default_model, "1 2 3 =", " 3 2 1", steps=4, baseline="pad", chunk_size=2
     )
     xr.testing.assert_identical(got, want)
+
+
+def test_an_objective_that_fails_is_named_with_the_shapes_it_got(default_model):
+    """A callable objective that raised reached the user as torch's own IndexError (until
+    2026-12-06)."""
+    with pytest.raises(ax.OptionError, match=r"`objective` <lambda> raised IndexError .* logits"):
+        ax.saliency(
+            default_model, "1 2 3 =", " 3 2 1", objective=lambda logits, ids: logits[..., 10**9]
+        )

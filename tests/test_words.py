@@ -343,3 +343,13 @@ def test_coordinates_a_words_tokens_share_are_kept():
     assert (words.target_class.values == 1).all() and (
         words.target_label.values == ner.labels[1]
     ).all()
+
+
+def test_sources_reordered_merge_as_in_order(models):
+    """Sorted by relevance, then merged: words were cut wherever positions jumped, `e`, `u`,
+    `b`, `n` (until 2026-12-06)."""
+    model = models["gpt2"]
+    da = ax.pipe(ax.saliency, ax.l2_norm)(model, "The capitalisation of Francophones", " is")
+    order = np.argsort(-da.isel(target=0).fillna(-1).values)
+    shuffled = merge_subwords(da.isel(source=order))
+    xr.testing.assert_allclose(shuffled, merge_subwords(da))

@@ -49,28 +49,9 @@ from ._errors import InputError, OptionError, ResourceError
 from ._inputs import check_example, not_text
 from ._memory import format_bytes, memory_budget
 from ._model import Model, ModelLike, load_model
+from ._names import AGREEMENT, FAITHFULNESS, METRICS, PLAUSIBILITY
 from ._schema import fill_value, has_targets, label_evaluation, label_sanity, union_labels
 from ._version import __version__
-
-FAITHFULNESS = {
-    "comprehensiveness": "aopc",
-    "sufficiency": "aopc",
-    "deletion": "auc",
-    "insertion": "auc",
-    "taucorr_loo": "tau",
-}
-PLAUSIBILITY = ("token_f1", "iou", "auprc")
-AGREEMENT = ("spearman", "kendall", "topk_overlap")
-METRICS = (*FAITHFULNESS, *PLAUSIBILITY, *AGREEMENT)
-#: whether a higher value of the metric is better
-HIGHER_IS_BETTER = {
-    "comprehensiveness": True,
-    "sufficiency": False,
-    "deletion": False,
-    "insertion": True,
-    "taucorr_loo": True,
-    **dict.fromkeys(PLAUSIBILITY, True),
-}  # agreement has no better direction: two methods agreeing makes neither more faithful
 
 
 @dataclass(frozen=True)

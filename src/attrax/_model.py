@@ -36,7 +36,7 @@ from transformers.utils import logging as hf_logging
 
 from . import _arch, _routed
 from . import _validate as check
-from ._errors import ModelError, OptionError
+from ._errors import InputError, ModelError, OptionError
 from ._memory import at_least_float32, bound_kernel_caches
 from ._sdpa import folded_sdpa
 from ._tokens import detect_scheme
@@ -297,7 +297,21 @@ class Model:
         ``side="source"`` is the decoder-only sequence or the encoder input, ``"target"`` the decoder
         input of an encoder-decoder model. Any scale the model applies to its embeddings is applied
         by :meth:`logits_at`, so both sides of a translator are attributed in the same units.
+
+        >>> import attrax as ax, torch
+        >>> ax.load_model().embed(torch.tensor([[5, 6]])).shape
+        torch.Size([1, 2, 128])
         """
+        if side not in ("source", "target"):
+            raise OptionError(f"`side` must be 'source' or 'target', got {side!r}")
+        if not isinstance(ids, torch.Tensor) or ids.is_floating_point() or ids.dtype == torch.bool:
+            raise InputError(f"`ids` must be an int tensor of token ids, got {ids!r}")
+        rows = self.embedding_rows(side)
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= rows):
+            raise InputError(
+                f"`ids` holds ids outside the {side} embedding's 0..{rows - 1}: "
+                f"{int(ids.min())}..{int(ids.max())}"
+            )
         ids = ids.to(self.device)
         if side == "target" and self.is_encoder_decoder:
             return self._target_embedding(ids)
@@ -618,6 +632,10 @@ class Model:
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits from head inputs (:meth:`hidden_at`): the output projection and what follows it
         (a classifier's :meth:`hidden_at` gives logits already)."""
+        if not isinstance(hidden, torch.Tensor):
+            raise InputError(
+                f"`hidden` must be a tensor of head inputs, got {type(hidden).__name__}"
+            )
         if self._head is None:
             return hidden
         # as rows: a gathered (strided) 3-D input made matmul expand the projection per row
@@ -638,7 +656,27 @@ class Model:
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> list[list[int]]:
-        """Greedy continuations (token ids, EOS included when produced) of tokenized prompts."""
+        """Greedy continuations (token ids, EOS included when produced) of tokenized prompts.
+
+        >>> import attrax as ax
+        >>> model = ax.load_model()
+        >>> len(model.generate([model.tokenizer("1 2 =")["input_ids"]], 3)[0]) <= 3
+        True
+        """
+        if (
+            isinstance(prompts, str | bytes)
+            or not prompts
+            or not all(
+                isinstance(p, Sequence | torch.Tensor)
+                and not isinstance(p, str | bytes)
+                and len(p) > 0
+                for p in prompts
+            )
+        ):
+            raise InputError(
+                "`prompts` must be a non-empty list of token-id lists (tokenized prompts), got "
+                f"{prompts!r}; to generate from texts, attribute with targets=None"
+            )
         width = max(len(p) for p in prompts)
         pad = self.pad_token_id
         ids = torch.full((len(prompts), width), pad, dtype=torch.long)

@@ -122,3 +122,26 @@ METHODS = (
 
 #: Reductions a CLI ``--reduce`` spec or a dataset run may name.
 REDUCTIONS = ("l2_norm", "sum", "mean", "max", "absmax", "normalize", "rescale")
+
+# --- evaluation metrics (ax.evaluate, the CLI, ax.summary's plot) ----------------------------
+
+#: faithfulness metric -> the variable of its curve that evaluate keeps
+FAITHFULNESS = {
+    "comprehensiveness": "aopc",
+    "sufficiency": "aopc",
+    "deletion": "auc",
+    "insertion": "auc",
+    "taucorr_loo": "tau",
+}
+PLAUSIBILITY = ("token_f1", "iou", "auprc")
+AGREEMENT = ("spearman", "kendall", "topk_overlap")
+METRICS = (*FAITHFULNESS, *PLAUSIBILITY, *AGREEMENT)
+#: whether a higher value of the metric is better
+HIGHER_IS_BETTER = {
+    "comprehensiveness": True,
+    "sufficiency": False,
+    "deletion": False,
+    "insertion": True,
+    "taucorr_loo": True,
+    **dict.fromkeys(PLAUSIBILITY, True),
+}  # agreement has no better direction: two methods agreeing makes neither more faithful

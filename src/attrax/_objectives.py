@@ -144,6 +144,10 @@ def check_differentiable(objective: Objective, method: str, width: int) -> None:
         )
 
 
+def _builtin(objective: Objective) -> bool:
+    return any(objective is f for f in (*OBJECTIVES.values(), *LABEL_OBJECTIVES.values()))
+
+
 def evaluate_objective(
     objective: Objective,
     logits: torch.Tensor,
@@ -158,7 +162,19 @@ def evaluate_objective(
 
 
 def _checked(objective: Objective, logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    value = objective(logits, ids)
+    try:
+        value = objective(logits, ids)
+    except (IndexError, KeyError, TypeError, ValueError, AttributeError) as err:
+        if _builtin(objective) or isinstance(err, OptionError):
+            raise
+        # the user's function failed on what it was given: said with the shapes, one line
+        name = getattr(objective, "__name__", type(objective).__name__)
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise OptionError(
+            f"`objective` {name} raised {type(err).__name__} ({first}) on logits of shape "
+            f"{tuple(logits.shape)} and target ids of shape {tuple(ids.shape)}: it must map "
+            "(logits[..., V], ids[...]) to one score per id"
+        ) from err
     if not isinstance(value, torch.Tensor) or value.shape != ids.shape:
         shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
         raise OptionError(

@@ -21,7 +21,7 @@ from ._engine import Baseline, Problem, all_finite, baseline_embeddings
 from ._errors import InputError, OptionError
 from ._memory import Size
 from ._protocol import COMMON, Call, Family, own_options
-from ._words import word_groups
+from ._tokens import word_groups
 
 # (samples, players, generator) -> [samples, players] bool, True = kept
 Draw = Callable[[int, int, torch.Generator], torch.Tensor]
@@ -417,6 +417,13 @@ def _group_ids(
         order = first.argsort().argsort().to(row.device)
         out[b, kept] = order[inverse]
         counts.append(len(first))
+    empty = [b for b, count in enumerate(counts) if count == 0]
+    if empty:  # nothing to perturb: torch's index error, or Sobol's dimension, said raw
+        where = "" if batch == 1 else f" (example {empty[0]})"
+        raise InputError(
+            f"`groups` leaves no group of tokens the targets see{where}: every id is -1 or "
+            "on tokens at or after the last target; give a group id >= 0 to some token before it"
+        )
     return out, torch.tensor(counts)
 
 

@@ -21,6 +21,7 @@ from xarray.core.indexes import PandasIndex
 from ._inputs import Batch
 from ._memory import to_host
 from ._model import Model
+from ._tokens import MISSING_TOKEN as MISSING_TOKEN
 from ._version import __version__
 
 #: Every dim a result can have, and what it means.
@@ -105,8 +106,8 @@ ATTRS: dict[str, str] = {
     "it direct logit attribution and ALTI-Logit decompose",
 }
 
-#: What fills a token string / a token id where a batch has no token.
-MISSING_TOKEN = ""
+#: What fills a token string / a token id where a batch has no token (the string is defined
+#: with the token conventions, below the model, whose words need it too).
 MISSING_ID = -1
 
 

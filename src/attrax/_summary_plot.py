@@ -23,7 +23,7 @@ def plot_summary(table: pd.DataFrame, *, title: str | None = None) -> Figure:
     >>> len(plot_summary(table).axes)
     1
     """
-    from ._evaluate import HIGHER_IS_BETTER
+    from ._names import HIGHER_IS_BETTER
 
     columns = table.columns
     if (

@@ -891,7 +891,7 @@ def _summary_table(table: Any, width: int = 10**6) -> Any:
     not; cropped with a note where neither fits."""
     from rich.table import Table
 
-    from ._evaluate import HIGHER_IS_BETTER
+    from ._names import HIGHER_IS_BETTER
 
     metrics = list(dict.fromkeys(table.columns.get_level_values(0)))
     methods = [str(m) for m in table.index]
