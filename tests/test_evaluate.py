@@ -570,6 +570,8 @@ def test_sanity_checks_of_a_method_without_objective(default_model):
     data = [{"input": PROMPT, "target": ANSWER}]
     ds = ax.sanity_checks(default_model, data, ax.alti)
     assert np.isnan(ds.random_logit.values).all()
+    # by name, as evaluate takes methods (refused as no function until 2026-12-06)
+    xr.testing.assert_identical(ax.sanity_checks(default_model, data, "alti"), ds)
     assert np.isfinite(ds.spearman.values).any()
     calls = []
 

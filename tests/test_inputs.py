@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+import xarray as xr
 
 import attrax as ax
 from tests import _naive
@@ -317,3 +318,11 @@ def test_checking_an_example_refuses_the_positions_preparing_it_refuses(task):
     with pytest.raises(ax.InputError) as checked:
         check_example(model, text, None, positions=[40])
     assert str(checked.value) == str(prepared.value).replace(" of `inputs`; its", "; the")
+
+
+def test_positions_may_be_a_tensor(models):
+    """A tensor of positions was refused while numpy's array was taken (until 2026-12-06)."""
+    model = models["gpt2"]
+    want = ax.saliency(model, "a b c", " d e", positions=np.array([-2, -1]))
+    got = ax.saliency(model, "a b c", " d e", positions=torch.tensor([-2, -1]))
+    xr.testing.assert_identical(got, want)

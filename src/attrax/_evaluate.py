@@ -962,7 +962,7 @@ def summary(
 def sanity_checks(
     model: ModelLike,
     data: Any,
-    method: Callable[..., xr.DataArray],
+    method: Callable[..., xr.DataArray] | str,
     *,
     reduce: str = "auto",
     seed: int = 0,
@@ -987,7 +987,7 @@ def sanity_checks(
 
     Arguments:
         model, data, fields: as :func:`evaluate` (a record's ``contrast`` is refused).
-        method: the attribution function to check.
+        method: the attribution function to check, or its name ("saliency").
         reduce: how its attributions become ``(example, target, source)``, as in
             :func:`evaluate`.
         seed: torch's seed for the re-initialised weights, numpy's for the random outputs.
@@ -1007,6 +1007,8 @@ def sanity_checks(
 
     import torch
 
+    if isinstance(method, str):  # a name, as evaluate's methods may be
+        method = resolve_method(method)
     if not callable(method):
         raise OptionError(f"`method` must be an attribution function, got {method!r}")
     not_attribution(method, "`method`")

@@ -589,6 +589,8 @@ def _select(
     ``positions`` selects: every one of them must be one of that example's."""
     if positions is None:
         return available
+    if isinstance(positions, torch.Tensor) and not positions.is_floating_point():
+        positions = positions.tolist()  # a tensor of positions, as numpy's arrays are taken
     wanted = [positions] if _integral(positions) else positions
     # a string's digits, a float's floor or a bool are no positions: refused, not read as ints
     if isinstance(positions, (str, bytes)) or not isinstance(wanted, Iterable):

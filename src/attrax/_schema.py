@@ -151,8 +151,17 @@ def jsonable(value: Any) -> Any:
     """An option's value as it is recorded in ``attrs["options"]``."""
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
-    if isinstance(value, torch.Tensor):
-        return "tensor"
+    if isinstance(value, torch.Tensor | np.ndarray):
+        # a few ids or positions (a token-id baseline, groups) as themselves; embeddings by kind
+        small = value.size if isinstance(value, np.ndarray) else value.numel()
+        integral = (
+            value.dtype.kind in "iu"
+            if isinstance(value, np.ndarray)
+            else not (value.is_floating_point() or value.is_complex() or value.dtype == torch.bool)
+        )
+        if integral and small <= 64:
+            return value.tolist()
+        return "tensor" if isinstance(value, torch.Tensor) else "array"
     if isinstance(value, tuple) and any(isinstance(v, torch.Tensor) for v in value):
         return "tensor"
     if isinstance(value, (list, tuple)):
