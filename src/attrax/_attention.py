@@ -147,9 +147,12 @@ def rollout(call: Call) -> xr.DataArray:
     rows, and its cross-attention ``C`` as ``R_dec <- 0.5 * [C R_enc, 0] + 0.5 * R_dec``: half the
     decoder token itself (the residual), half the rolled-out encoder states it attends to.
 
-    Arguments as :func:`attrax.saliency`. With ``attribute_target=True`` (encoder-decoder) the
-    decoder prefix is on the ``(side, position)`` source index and each row sums to 1; without,
-    only the encoder share is returned and rows sum to at most 1.
+    Arguments:
+        model, inputs, targets, positions, max_new_tokens: as :func:`attrax.saliency`; no other
+            option applies (no objective, no sizes: the weights come from one forward).
+        attribute_target: encoder-decoder only: also the decoder prefix, on the
+            ``(side, position)`` source index, and each row sums to 1; without, only the
+            encoder share is returned and rows sum to at most 1.
 
     Returns:
         DataArray ``([example,] target, source)``.

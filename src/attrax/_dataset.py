@@ -223,7 +223,8 @@ def attribute_dataset(
     """Attribute every record of a JSONL file, ``shard_size`` records per netCDF shard; resumable.
 
     Each line is ``{"input": str, "target": str (optional), "id": str|int (optional)}`` (other
-    keys are ignored; blank lines skipped); a classifier's records may add ``"input_pair"`` (the
+    keys are ignored, but ``"corrupted"``/``"corrupted_pair"``, the corrupted input that
+    ``attribution_patching`` reads; blank lines skipped); a classifier's records may add ``"input_pair"`` (the
     second text of an NLI-style pair) and ``"label"`` (the true label: a label name or class id),
     and any record ``"contrast"`` (what its target is explained against: a text aligned with it,
     or a class; the method gets each record's own, and must take ``contrast``). Either every
@@ -261,6 +262,11 @@ def attribute_dataset(
             ``batch_size=8``: model evaluations per forward...). A run is identified by all of
             them with the method's defaults filled in, so ``steps=50`` (the default) resumes a
             run that left it out.
+
+    Returns:
+        A :class:`DatasetRun`: ``out`` (the output directory), ``records`` (in the file),
+        ``shards`` (in the run) and ``skipped`` (shards already complete, kept from an earlier
+        call). The results themselves are the shard files: :func:`load_dataset_results`.
 
     >>> import json, tempfile, pathlib
     >>> d = pathlib.Path(tempfile.mkdtemp())
@@ -484,7 +490,7 @@ def _check_layers(model: Model | PathLike | None, layers: Any) -> None:
 
 def load_dataset_results(
     out: PathLike, *, partial: bool = False, lazy: bool = False, chunks: Any = None
-) -> xr.DataArray:
+) -> xr.DataArray | xr.Dataset:
     """All shards of an :func:`attribute_dataset` run as one array along ``example``.
 
     Shards are concatenated in record order, NaN-padded to the union of their ``target`` and
@@ -496,6 +502,18 @@ def load_dataset_results(
     :func:`attrax.load` takes them), computed when used, so a large run is analysed piece by
     piece. ``out`` may also be a single results file (an ``ax.evaluate`` Dataset saved with
     ``ax.save``), then opened as :func:`attrax.load` does.
+
+    Arguments:
+        out: the run's output directory (:func:`attribute_dataset`'s ``out``), or a results file.
+        partial: True: load the complete shards of an unfinished run instead of refusing it.
+        lazy: True: open the shards as dask arrays (one chunk per shard) without reading them.
+        chunks: dask chunks as :func:`attrax.load` takes them; given, the shards open lazily
+            whatever ``lazy`` says.
+
+    Returns:
+        DataArray ``(example, target, source)`` with the default ``reduce`` (other dims as the
+        run's ``reduce`` left them), its ``example`` coordinate each record's line number; for
+        a results file, what :func:`attrax.load` returns (a Dataset for ``ax.evaluate``'s).
 
     >>> import json, tempfile, pathlib
     >>> d = pathlib.Path(tempfile.mkdtemp())

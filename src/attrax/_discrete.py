@@ -169,6 +169,11 @@ def discretized_integrated_gradients(
         baseline: ``"pad"`` (default) or ``"unk"``: the baseline token of every position (EOS
             tokens keep EOS); the tokenizer's special tokens do not take anchors.
 
+    Returns:
+        DataArray ``([example,] target, source, hidden)`` (``([example,] target, source)`` with
+        ``reduce_hidden``) with a ``completeness_gap`` coordinate along ``([example,] target)``:
+        the sum of attributions minus ``f(x) - f(x')``. ``layers`` is refused.
+
     >>> import attrax as ax
     >>> da = ax.discretized_integrated_gradients(ax.load_model(), "1 2 =", " 2 1", steps=6,
     ...                                          neighbours=4)

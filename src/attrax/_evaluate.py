@@ -908,6 +908,12 @@ def summary(
         resamples: bootstrap resamples of the examples (at least ``2 / (1 - confidence)``).
         seed: numpy's seed for the resamples.
 
+    Returns:
+        A pandas DataFrame, one row per method (index ``method``), its columns a
+        ``(metric, stat)`` MultiIndex: for each metric ``ds`` holds, ``mean``, ``low`` and
+        ``high`` (the interval's ends). NaN where no example defines a metric.
+        :func:`attrax.plot` draws it.
+
     >>> import attrax as ax
     >>> data = [{"input": "3 1 4 0 5 9 =", "target": " 9 5 0 4 1 3"}] * 2
     >>> ds = ax.evaluate(ax.load_model(), data, {"saliency": ax.saliency, "occlusion": ax.occlusion})

@@ -144,8 +144,19 @@ def insertion(
     """Insertion curve and its area: each target's objective as its top sources are restored.
 
     Starts from every visible source replaced by ``baseline``; at fraction ``f`` the
-    ``ceil(f * m)`` highest-ranked sources are put back. **Higher AUC is better**. Arguments and
-    result as :func:`deletion`.
+    ``ceil(f * m)`` highest-ranked sources are put back. **Higher AUC is better**.
+
+    Arguments:
+        model, attribution, inputs, targets and the other options: as :func:`deletion`.
+        fractions: an int ``n`` for ``0, 1/n, ..., 1``, or increasing fractions in [0, 1]
+            starting at 0: the share of the ranked sources put back.
+        baseline: what the sources not (yet) put back are replaced by: ``"pad"`` (default),
+            ``"unk"``, ``"zeros"`` or a tensor broadcastable to the embeddings ``[B, L, H]``.
+
+    Returns:
+        DataArray ``([example,] target, fraction)`` of objective values, with coordinates
+        ``auc`` (trapezoidal area over ``fraction``) and ``original`` (unperturbed objective)
+        along ``([example,] target)``, and the attribution's target coordinates.
 
     >>> import attrax as ax
     >>> model = ax.load_model()
@@ -171,10 +182,16 @@ def comprehensiveness(
     ``1/n, ..., 1``; ``ceil(k * m)`` tokens of the ``m`` the target can see, so at least one).
     **Higher is better**.
 
+    Arguments:
+        model, attribution, inputs, targets and the other options: as :func:`deletion`.
+        fractions: the shares ``k`` removed: an int ``n`` for ``1/n, ..., 1``, or distinct
+            fractions in (0, 1] (default ERASER's ``(0.01, 0.05, 0.1, 0.2, 0.5)``).
+        baseline: what the removed sources are replaced by: ``"pad"`` (default), ``"unk"``,
+            ``"zeros"`` or a tensor broadcastable to the embeddings ``[B, L, H]``.
+
     Returns:
         DataArray ``([example,] target, fraction)`` with coordinates ``aopc`` (the mean over
         ``fraction``, ERASER's aggregate) and ``original`` along ``([example,] target)``.
-        Other arguments as :func:`deletion`.
 
     >>> import attrax as ax
     >>> model = ax.load_model()
@@ -198,8 +215,19 @@ def sufficiency(
 ) -> xr.DataArray:
     """ERASER sufficiency: ``f(x) - f(only the top k% sources of x)``, per target and k.
 
-    The other visible sources are replaced by ``baseline``. **Lower is better**. Arguments and
-    result as :func:`comprehensiveness`.
+    The other visible sources are replaced by ``baseline``. **Lower is better**.
+
+    Arguments:
+        model, attribution, inputs, targets and the other options: as :func:`deletion`.
+        fractions: the shares ``k`` kept: an int ``n`` for ``1/n, ..., 1``, or distinct
+            fractions in (0, 1] (default ERASER's ``(0.01, 0.05, 0.1, 0.2, 0.5)``).
+        baseline: what the sources not kept are replaced by: ``"pad"`` (default), ``"unk"``,
+            ``"zeros"`` or a tensor broadcastable to the embeddings ``[B, L, H]``.
+
+    Returns:
+        DataArray ``([example,] target, fraction)`` of drops ``f(x) - f(kept)``, with
+        coordinates ``aopc`` (the mean over ``fraction``) and ``original`` (unperturbed
+        objective) along ``([example,] target)``, and the attribution's target coordinates.
 
     >>> import attrax as ax
     >>> model = ax.load_model()
@@ -224,7 +252,12 @@ def loo_correlation(
     through the model (``batch_size`` copies per forward). ferret deletes the token and drops
     ``[CLS]``/``[SEP]`` from the ranking; here a token is replaced by ``baseline`` (the
     positions stay) and every source the attribution scores is ranked, as in the other
-    faithfulness metrics. Other arguments as :func:`deletion`.
+    faithfulness metrics.
+
+    Arguments:
+        model, attribution, inputs, targets and the other options: as :func:`deletion`.
+        baseline: what each left-out source is replaced by: ``"pad"`` (default), ``"unk"``,
+            ``"zeros"`` or a tensor broadcastable to the embeddings ``[B, L, H]``.
 
     Returns:
         DataArray ``([example,] target, source)`` of drops (NaN where the target does not see

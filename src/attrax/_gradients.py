@@ -338,8 +338,16 @@ def saliency(problem: Problem, *, abs: bool = False) -> Rule:
 def input_x_gradient(problem: Problem) -> Rule:
     """Embedding times gradient (the first-order Taylor term) per source token and hidden unit.
 
-    Arguments as :func:`saliency`; ``mode="forward"`` (or ``"auto"`` with fewer source tokens
-    than targets) runs one ``jvp`` per source token, with ``reduce_hidden="sum"``.
+    ``mode="forward"`` (or ``"auto"`` with fewer source tokens than targets) runs one ``jvp`` per
+    source token, with ``reduce_hidden="sum"``.
+
+    Arguments:
+        model, inputs, targets and the common options: as :func:`attrax.saliency` (no ``abs``).
+
+    Returns:
+        DataArray ``([example,] target, source, hidden)``; ``([example,] target, source)`` with
+        ``reduce_hidden``; ``layer`` after ``source`` with ``layers`` (the layer's activation
+        times the gradient there).
 
     >>> import attrax as ax
     >>> da = ax.input_x_gradient(ax.load_model(), "1 2 3 =", " 3 2 1")
@@ -427,6 +435,11 @@ def smoothgrad(problem: Problem, *, samples: int = 20, noise: float = 0.1, seed:
         batch_size: noisy copies per forward: None all at once, ``"auto"`` (default) as many as
             fit in memory.
 
+    Returns:
+        DataArray ``([example,] target, source, hidden)``, the mean gradient over the copies;
+        ``([example,] target, source)`` with ``reduce_hidden``; ``layer`` after ``source`` with
+        ``layers`` (the gradient read at that layer of each noisy copy).
+
     >>> import attrax as ax
     >>> ax.smoothgrad(ax.load_model(), "1 2 3 =", " 3 2 1", samples=4).sizes["hidden"] > 0
     True
@@ -439,7 +452,16 @@ def squaregrad(problem: Problem, *, samples: int = 20, noise: float = 0.1, seed:
     """SquareGrad (Captum NoiseTunnel's ``smoothgrad_sq``): the mean squared gradient over noisy
     copies of the embeddings, drawn exactly as :func:`smoothgrad`'s (same ``noise``, ``seed``).
 
-    Arguments as :func:`smoothgrad`. Cost: ``samples`` points, as SmoothGrad.
+    Cost: ``samples`` points, as SmoothGrad.
+
+    Arguments:
+        model, inputs, targets and the common options: as :func:`attrax.saliency` (no ``abs``).
+        samples, noise, seed: as :func:`smoothgrad` (defaults 20, 0.1, 0).
+
+    Returns:
+        DataArray ``([example,] target, source, hidden)`` of mean squared gradients (at least
+        0); ``([example,] target, source)`` with ``reduce_hidden`` (the norm or sum of those);
+        ``layer`` after ``source`` with ``layers``.
 
     >>> import attrax as ax
     >>> da = ax.squaregrad(ax.load_model(), "1 2 3 =", " 3 2 1", samples=4)
@@ -459,7 +481,17 @@ def vargrad(problem: Problem, *, samples: int = 20, noise: float = 0.1, seed: in
     gradient over noisy copies, ``mean(g**2) - mean(g)**2``, from :func:`smoothgrad`'s draws.
 
     The population variance (divided by ``samples``), as Captum's. Both moments come from the same
-    vectorized backward. Arguments as :func:`smoothgrad`.
+    vectorized backward.
+
+    Arguments:
+        model, inputs, targets and the common options: as :func:`attrax.saliency` (no ``abs``).
+        samples: noisy copies, at least 2 (default 20); noise: the noise level, above 0
+            (default 0.1); seed: the random seed. Drawn as :func:`smoothgrad`'s.
+
+    Returns:
+        DataArray ``([example,] target, source, hidden)`` of gradient variances;
+        ``([example,] target, source)`` with ``reduce_hidden``; ``layer`` after ``source`` with
+        ``layers``.
 
     >>> import attrax as ax
     >>> ax.vargrad(ax.load_model(), "1 2 3 =", " 3 2 1", samples=4).attrs["method"]

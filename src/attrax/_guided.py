@@ -83,7 +83,13 @@ def deconvolution(problem: Problem) -> Rule:
     For a ReLU this is Captum's ``Deconvolution`` (ReLU of the output gradient); attrax applies
     it to GELU and SiLU activations too, unless ``activations="relu"``.
 
-    Arguments as :func:`guided_backprop`.
+    Arguments:
+        model, inputs, targets and the common options: as :func:`attrax.saliency` (no ``abs``).
+        activations: ``"all"`` (default) or ``"relu"``: which activations pass ``relu(g)``.
+
+    Returns:
+        DataArray ``([example,] target, source, hidden)``; ``([example,] target, source)`` with
+        ``reduce_hidden``; ``layer`` after ``source`` with ``layers``.
 
     >>> import attrax as ax
     >>> ax.deconvolution(ax.load_model(), "1 2 3 =", " 3 2 1").attrs["method"]

@@ -922,6 +922,12 @@ def alti(call: Call, *, aggregate: bool = True, layers: Selection = None) -> xr.
             on the CPU 2 GiB of vectors at most). Below one row on top of the forward: an
             :class:`~attrax.OptionError` naming the smallest budget.
 
+    Returns:
+        DataArray ``([example,] target, source)``: the rollout, each row summing to 1 (to at
+        most 1 for an encoder-decoder without ``attribute_target``); with ``aggregate=False``
+        ``([example,] target, source, layer)``, each layer's row-normalized contributions, the
+        ``layer`` coordinate holding the (non-negative) indices kept.
+
     >>> import attrax as ax
     >>> da = ax.alti(ax.load_model(), "1 2 3 =", " 3 2 1")
     >>> da.dims
@@ -1031,6 +1037,13 @@ def alti_logit(call: Call, *, aggregate: bool = True, layers: Selection = None) 
             ``[B, rows, L, d]`` vectors are built at once (None: half the device's free memory;
             on the CPU 2 GiB of vectors at most). Below one row on top of the forward: an
             :class:`~attrax.OptionError` naming the smallest budget.
+
+    Returns:
+        DataArray ``([example,] target, source)`` in logit units (the logit difference with
+        ``contrast``), summed over layers; with ``aggregate=False``
+        ``([example,] target, source, layer)``, the ``layer`` coordinate holding the
+        (non-negative) indices kept. A model that soft-caps its logits (Gemma 2) adds a
+        ``logit_softcap`` attr: the decomposed logit is the one before the cap.
 
     >>> import attrax as ax
     >>> ax.alti_logit(ax.load_model(), "1 2 3 =", " 3 2 1").dims

@@ -90,7 +90,25 @@ class Model:
 
     Holds the real state attrax needs: the module (eval mode, no parameter grads), the tokenizer,
     how the model turns ids into the embeddings it accepts as ``inputs_embeds``, and its limits.
-    Build it with :func:`load_model`.
+    Build it with :func:`load_model`. Question-answering models (``*ForQuestionAnswering``) and
+    masked LMs (``*ForMaskedLM``) on bidirectional encoders are taken too.
+
+    Attributes:
+        hf: the wrapped ``PreTrainedModel`` (eval mode, parameter gradients off).
+        tokenizer: its tokenizer.
+        name: the model's name (its path or hub name; ``"attrax-default"`` for the demo model).
+        task: ``"generation"``, ``"sequence-classification"``, ``"token-classification"``,
+            ``"question-answering"`` or ``"fill-mask"``.
+        model_type: ``"decoder-only"``, ``"encoder-decoder"`` or ``"encoder-only"``, as results
+            record it; ``is_encoder_decoder`` and ``causal`` (position p sees only p and before)
+            are the flags it is read from.
+        labels: class id -> label name for classifiers (``{0: "start", 1: "end"}`` for
+            question answering); empty for language models.
+        head_type: a classifier's ``"single-label"``, ``"multi-label"`` or ``"regression"``;
+            None for other tasks.
+        device, dtype, hidden_size: where the weights are, the embeddings' dtype and width.
+        max_positions, pad_token_id, eos_token_id, decoder_start_token_id: the limits and
+            special tokens attrax tokenizes and generates with.
 
     >>> import attrax as ax
     >>> model = ax.load_model()
@@ -924,8 +942,8 @@ def load_model(
             with ``HF_HUB_OFFLINE=1``) from the local Hugging Face cache only, so a name that is
             neither local nor cached fails at once. Refused
             with a :class:`ModelError`: weights that do not load whole (truncated, another
-            config's shapes, missing tensors), heads attrax does not attribute yet (masked LMs)
-            and a directory without tokenizer files.
+            config's shapes, missing tensors), heads attrax does not attribute (a masked LM on
+            a causal model, say) and a directory without tokenizer files.
         tokenizer: the tokenizer (instance or name/path); defaults to the one saved with the model.
         attn_implementation: ``"auto"`` (attrax picks per call: SDPA for long sequences on the
             CPU, eager attention otherwise), ``"eager"`` or ``"sdpa"``. All three give the same

@@ -17,6 +17,14 @@ def probability(logits: torch.Tensor, target_ids: torch.Tensor) -> torch.Tensor:
     """Softmax probability of each target token: ``logits[..., V]``, ``target_ids[...]`` ->
     ``[...]``; the default ``objective`` of every method (``objective="probability"``).
 
+    Arguments:
+        logits: ``[..., V]``, a score per vocabulary entry (or class) at each position.
+        target_ids: ``[...]`` integer ids, the token (or class) to score at each position.
+
+    Returns:
+        A tensor ``[...]`` in ``logits``' dtype: ``softmax(logits)[target_id]``, computed by a
+        log-softmax in float32 at least.
+
     >>> probability(torch.tensor([[0.0, 0.0]]), torch.tensor([1])).tolist()
     [0.5]
     """
@@ -26,6 +34,14 @@ def probability(logits: torch.Tensor, target_ids: torch.Tensor) -> torch.Tensor:
 def logprob(logits: torch.Tensor, target_ids: torch.Tensor) -> torch.Tensor:
     """Natural-log probability of each target token: ``logits[..., V]``, ``target_ids[...]``
     -> ``[...]`` (``objective="logprob"``).
+
+    Arguments:
+        logits: ``[..., V]``, a score per vocabulary entry (or class) at each position.
+        target_ids: ``[...]`` integer ids, the token (or class) to score at each position.
+
+    Returns:
+        A tensor ``[...]`` in ``logits``' dtype: ``log_softmax(logits)[target_id]`` (at most 0),
+        computed in float32 at least.
 
     >>> round(logprob(torch.tensor([[0.0, 0.0]]), torch.tensor([1])).item(), 4)
     -0.6931
@@ -44,6 +60,16 @@ def logit(logits: torch.Tensor, target_ids: torch.Tensor) -> torch.Tensor:
     """Raw logit of each target token: ``logits[..., V]``, ``target_ids[...]`` -> ``[...]``
     (``objective="logit"``).
 
+    Also the objective of a regression head (its value), and what ``"logit"`` means for a
+    multi-label head.
+
+    Arguments:
+        logits: ``[..., V]``, a score per vocabulary entry (or class) at each position.
+        target_ids: ``[...]`` integer ids, the token (or class) to score at each position.
+
+    Returns:
+        A tensor ``[...]``: ``logits[..., target_id]``, in ``logits``' dtype.
+
     >>> logit(torch.tensor([[0.5, 2.0]]), torch.tensor([1])).tolist()
     [2.0]
     """
@@ -53,6 +79,14 @@ def logit(logits: torch.Tensor, target_ids: torch.Tensor) -> torch.Tensor:
 def label_probability(logits: torch.Tensor, target_ids: torch.Tensor) -> torch.Tensor:
     """A multi-label classifier's probability of each target label, its own sigmoid (what
     ``objective="probability"`` is for such a head).
+
+    Arguments:
+        logits: ``[..., C]``, a logit per label.
+        target_ids: ``[...]`` integer ids, the label to score at each position.
+
+    Returns:
+        A tensor ``[...]`` in ``logits``' dtype: ``sigmoid(logits[..., target_id])``, computed in
+        float32 at least; unlike :func:`probability`, the other labels' logits do not enter.
 
     >>> label_probability(torch.tensor([[0.0, 2.0]]), torch.tensor([0])).tolist()
     [0.5]
@@ -64,6 +98,16 @@ def label_probability(logits: torch.Tensor, target_ids: torch.Tensor) -> torch.T
 
 def label_logprob(logits: torch.Tensor, target_ids: torch.Tensor) -> torch.Tensor:
     """A multi-label classifier's log-probability of each target label, ``log sigmoid``.
+
+    What ``objective="logprob"`` is for a multi-label head.
+
+    Arguments:
+        logits: ``[..., C]``, a logit per label.
+        target_ids: ``[...]`` integer ids, the label to score at each position.
+
+    Returns:
+        A tensor ``[...]`` in ``logits``' dtype: ``logsigmoid(logits[..., target_id])``, computed
+        in float32 at least.
 
     >>> round(label_logprob(torch.tensor([[0.0, 2.0]]), torch.tensor([0])).item(), 4)
     -0.6931

@@ -70,6 +70,11 @@ def sequential_integrated_gradients(
             ``"zeros"`` or a tensor broadcastable to the embeddings ``[B, L, H]``.
         batch_size: points per forward: None all at once, ``"auto"`` (default) as many as fit.
 
+    Returns:
+        DataArray ``([example,] target, source, hidden)``; ``([example,] target, source)`` with
+        ``reduce_hidden``. No ``completeness_gap`` (each token has its own path); ``layers`` is
+        refused.
+
     >>> import attrax as ax
     >>> da = ax.sequential_integrated_gradients(ax.load_model(), "1 2 =", " 2 1", steps=4)
     >>> da.dims

@@ -94,6 +94,18 @@ def _reduction(default: str) -> Callable[[Callable[[xr.DataArray, str], xr.DataA
 def l2_norm(da: xr.DataArray, dim: str) -> xr.DataArray:
     """Euclidean norm over ``dim`` (default ``hidden``): one score per token.
 
+    Arguments:
+        da: a DataArray of numbers (bool, int, float), or a Dataset (its variables that have
+            ``dim`` are reduced, the others kept); a dim name or nothing instead returns the
+            reduction over that dim as a function of one array.
+        dim: the dim to reduce over (default ``hidden``).
+
+    Returns:
+        ``da`` without ``dim`` (``([example,] target, source)`` from a gradient method's
+        ``([example,] target, source, hidden)``), its name and attrs kept and
+        ``l2_norm(<dim>)`` appended to ``attrs["reductions"]``; NaN is skipped, an all-NaN
+        slice gives NaN. Integers and bools are reduced as float64, float16 as float32.
+
     >>> import xarray as xr
     >>> float(l2_norm(xr.DataArray([[3.0, 4.0]], dims=("source", "hidden")))[0])
     5.0
@@ -104,6 +116,17 @@ def l2_norm(da: xr.DataArray, dim: str) -> xr.DataArray:
 @_reduction("hidden")
 def sum(da: xr.DataArray, dim: str) -> xr.DataArray:
     """Sum over ``dim`` (default ``hidden``).
+
+    Arguments:
+        da: a DataArray of numbers (bool, int, float), or a Dataset (its variables that have
+            ``dim`` are reduced, the others kept); a dim name or nothing instead returns the
+            reduction over that dim as a function of one array.
+        dim: the dim to reduce over (default ``hidden``).
+
+    Returns:
+        ``da`` without ``dim``, its name and attrs kept and ``sum(<dim>)`` appended to
+        ``attrs["reductions"]``; NaN is skipped, an all-NaN slice gives NaN. Integers and bools
+        are summed as float64, float16 as float32.
 
     >>> import xarray as xr
     >>> float(sum(xr.DataArray([[1.0, -3.0]], dims=("source", "hidden")))[0])
@@ -116,6 +139,17 @@ def sum(da: xr.DataArray, dim: str) -> xr.DataArray:
 def mean(da: xr.DataArray, dim: str) -> xr.DataArray:
     """Mean over ``dim`` (default ``hidden``), ignoring NaN.
 
+    Arguments:
+        da: a DataArray of numbers (bool, int, float), or a Dataset (its variables that have
+            ``dim`` are reduced, the others kept); a dim name or nothing instead returns the
+            reduction over that dim as a function of one array.
+        dim: the dim to reduce over (default ``hidden``; ``head`` or ``layer`` for attention).
+
+    Returns:
+        ``da`` without ``dim``, its name and attrs kept and ``mean(<dim>)`` appended to
+        ``attrs["reductions"]``; the mean of the values that are not NaN, NaN where all are.
+        Integers and bools are averaged as float64, float16 as float32.
+
     >>> import xarray as xr
     >>> float(mean("hidden")(xr.DataArray([[1.0, 3.0]], dims=("source", "hidden")))[0])
     2.0
@@ -127,6 +161,17 @@ def mean(da: xr.DataArray, dim: str) -> xr.DataArray:
 def max(da: xr.DataArray, dim: str) -> xr.DataArray:
     """Maximum over ``dim`` (default ``hidden``), ignoring NaN.
 
+    Arguments:
+        da: a DataArray of numbers (bool, int, float), or a Dataset (its variables that have
+            ``dim`` are reduced, the others kept); a dim name or nothing instead returns the
+            reduction over that dim as a function of one array.
+        dim: the dim to reduce over (default ``hidden``).
+
+    Returns:
+        ``da`` without ``dim``, its name and attrs kept and ``max(<dim>)`` appended to
+        ``attrs["reductions"]``; NaN where a slice is all NaN. Integers and bools are reduced
+        as float64, float16 as float32.
+
     >>> import xarray as xr
     >>> float(max(xr.DataArray([[1.0, -3.0]], dims=("source", "hidden")))[0])
     1.0
@@ -137,6 +182,18 @@ def max(da: xr.DataArray, dim: str) -> xr.DataArray:
 @_reduction("hidden")
 def absmax(da: xr.DataArray, dim: str) -> xr.DataArray:
     """The value of largest magnitude over ``dim`` (default ``hidden``), sign kept.
+
+    Arguments:
+        da: a DataArray of numbers (bool, int, float), or a Dataset (its variables that have
+            ``dim`` are reduced, the others kept); a dim name or nothing instead returns the
+            reduction over that dim as a function of one array.
+        dim: the dim to reduce over (default ``hidden``).
+
+    Returns:
+        ``da`` without ``dim`` (and without the coordinates along it), its name and attrs kept
+        and ``absmax(<dim>)`` appended to ``attrs["reductions"]``: the first value of largest
+        magnitude in each slice, NaN where a slice is all NaN. Integers and bools are reduced
+        as float64, float16 as float32.
 
     >>> import xarray as xr
     >>> float(absmax(xr.DataArray([[1.0, -3.0]], dims=("source", "hidden")))[0])
@@ -159,6 +216,18 @@ def normalize(da: xr.DataArray, dim: str) -> xr.DataArray:
 
     NaN-aware; an all-zero slice stays zero.
 
+    Arguments:
+        da: a DataArray of numbers (bool, int, float), or a Dataset (its variables that have
+            ``dim`` are normalized, the others kept); a dim name or nothing instead returns
+            the normalization over that dim as a function of one array.
+        dim: the dim whose slices are normalized (default ``source``).
+
+    Returns:
+        ``da`` with the same dims, each slice along ``dim`` divided by the sum of its absolute
+        values (NaN skipped; NaN stays NaN), its name and attrs kept and ``normalize(<dim>)``
+        appended to ``attrs["reductions"]``. Integers and bools come back as float64, float16
+        as float32.
+
     >>> import xarray as xr
     >>> normalize(xr.DataArray([1.0, 3.0, float("nan")], dims="source")).values.tolist()
     [0.25, 0.75, nan]
@@ -171,6 +240,18 @@ def normalize(da: xr.DataArray, dim: str) -> xr.DataArray:
 def rescale(da: xr.DataArray, dim: str) -> xr.DataArray:
     """Divide by the largest magnitude over ``dim`` (default ``source``): values in [-1, 1].
 
+    Arguments:
+        da: a DataArray of numbers (bool, int, float), or a Dataset (its variables that have
+            ``dim`` are rescaled, the others kept); a dim name or nothing instead returns the
+            rescaling over that dim as a function of one array.
+        dim: the dim whose slices are rescaled (default ``source``).
+
+    Returns:
+        ``da`` with the same dims, each slice along ``dim`` divided by its largest absolute
+        value (NaN skipped; an all-zero slice stays zero, NaN stays NaN), its name and attrs
+        kept and ``rescale(<dim>)`` appended to ``attrs["reductions"]``. Integers and bools
+        come back as float64, float16 as float32.
+
     >>> import xarray as xr
     >>> rescale(xr.DataArray([1.0, -4.0], dims="source")).values.tolist()
     [0.25, -1.0]
@@ -181,6 +262,18 @@ def rescale(da: xr.DataArray, dim: str) -> xr.DataArray:
 
 def pipe(*functions: Callable[..., Any]) -> Callable[..., Any]:
     """Compose left to right: the first gets the call's arguments, each next one the result.
+
+    When a method that takes ``reduce_hidden`` is followed by ``l2_norm`` or ``sum`` over
+    ``hidden``, that step runs inside the method on the model's device (``reduce_hidden``).
+
+    Arguments:
+        functions: at least one callable: an attribution method (or any function) first, then
+            functions of one array such as the reductions (``ax.mean("head")``). A chain that
+            starts with a reduction takes one DataArray or Dataset.
+
+    Returns:
+        A function taking what the first function takes and returning the last one's result
+        (for a method then reductions, the reduced DataArray).
 
     >>> import attrax as ax
     >>> attribute = ax.pipe(ax.saliency, ax.l2_norm, ax.normalize)

@@ -132,6 +132,17 @@ def with_scores(attribution: xr.DataArray | xr.Dataset, scores: xr.DataArray) ->
     (kept under its own name, ``"attribution"`` when unnamed). The ``target`` coordinates must be
     the same: compute both with the same inputs, targets and positions.
 
+    Arguments:
+        attribution: a DataArray with a ``target`` dim (any other dims), or a Dataset with one
+            (such as an earlier ``with_scores`` result), from the same model.
+        scores: what :func:`step_scores` returned for the same call (a ``score`` dim); target
+            coordinates that differ from the attribution's are an :class:`~attrax.InputError`.
+
+    Returns:
+        A Dataset: the attribution's variables (an array's attrs also become the Dataset's), one
+        ``([example,] target)`` variable per score, its attrs ``method="step_scores"`` and
+        ``score=<name>``. A score named as an existing variable is an error.
+
     >>> import attrax as ax
     >>> model = ax.load_model()
     >>> da = ax.rollout(model, "1 2 3 =", " 3 2 1")

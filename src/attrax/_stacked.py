@@ -114,6 +114,18 @@ def stack_models(models: Sequence[Model], names: Sequence[str] | None = None) ->
     vmapped call; the result has a ``model`` dim (coordinate: ``names``, default the models'
     names, made unique).
 
+    Arguments:
+        models: two or more :class:`Model` of one decoder-only language-model architecture:
+            the same class and config, the same tokenizer vocabulary, device and dtype.
+        names: one distinct name per model, for the ``model`` coordinate; None (default): the
+            models' names (suffixed ``#i`` where two are the same).
+
+    Returns:
+        A ``StackedModel``, to pass as ``model`` to the supported methods: ``targets`` must be
+        given, ``inputs`` are texts (no pairs), and ``layers``, ``mode="forward"`` and named
+        baselines other than ``"zeros"`` are refused. A result is the method's with a leading
+        ``model`` dim: ``(model, [example,] target, source[, hidden])``.
+
     >>> import attrax as ax
     >>> from attrax.testing import tiny_model
     >>> models = [ax.load_model(hf, tokenizer=tok) for hf, tok in [tiny_model("gpt2")] * 2]

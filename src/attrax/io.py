@@ -58,6 +58,17 @@ def save(obj: xr.DataArray | xr.Dataset, path: PathLike, *, compress: bool | int
     partial write. ``compress`` is ``True`` (zlib level 4), ``False``/``0`` (none) or a zlib
     level ``1..9``; only numeric variables are compressed (netCDF cannot filter strings).
 
+    Arguments:
+        obj: a DataArray or Dataset (an attrax result or any other): string dim, variable and
+            attribute names, attrs that are strings, numbers or 1-D numeric arrays.
+        path: the file to write (a str or PathLike, conventionally ``.nc``), in a directory that
+            exists; an existing file there is replaced. A name ending in another format's suffix
+            (``.json``, ``.csv``, ...) is refused.
+        compress: ``True`` (default, zlib level 4), ``False``/``0`` or a zlib level ``0..9``.
+
+    Returns:
+        The :class:`~pathlib.Path` written (a symbolic link's target when ``path`` is a link).
+
     >>> import tempfile, xarray as xr
     >>> da = xr.DataArray([[0.5, float("nan")]], dims=("target", "source"), name="saliency")
     >>> p = save(da, tempfile.mkdtemp() + "/a.nc")
@@ -193,8 +204,17 @@ def load(path: PathLike, *, chunks: Any = None) -> xr.DataArray | xr.Dataset:
     computed, and the file stays open until then.
 
     Returns a DataArray if a DataArray was saved, with its name, dtypes, attrs and any
-    ``MultiIndex`` restored; a plain netCDF file comes back as a Dataset. The file is closed
-    before returning, so it can be overwritten or deleted straight away.
+    ``MultiIndex`` restored; a plain netCDF file comes back as a Dataset. Without ``chunks``
+    the file is closed before returning, so it can be overwritten or deleted straight away.
+
+    Arguments:
+        path: the netCDF4 file to read (a str or PathLike).
+        chunks: None (default): read everything now; otherwise dask chunks as
+            ``xr.open_dataset`` takes them (``"auto"``, a size, ``-1``, or a dict by dim name).
+
+    Returns:
+        What was saved: a DataArray (for a saved DataArray, or a plain netCDF file holding only
+        xarray's DataArray variable) or a Dataset, in memory, or dask-backed with ``chunks``.
 
     >>> import tempfile, xarray as xr
     >>> p = save(xr.Dataset({"a": ("target", [1.0, 2.0])}), tempfile.mkdtemp() + "/d.nc")

@@ -743,6 +743,23 @@ def show(
     as a layer x head grid: each cell the head's ``head_total`` when the array has it, else its
     sum over ``source``: ``show(da.isel(target=0))``.
 
+    Arguments:
+        da: an attribution with ``hidden`` reduced: ``([example,] target, source)``, a
+            classifier's ``(example, source)`` / ``(source,)`` rows, one target of an array
+            with ``layer`` and ``head`` dims, or an :func:`attrax.with_scores` Dataset (its
+            scores as columns).
+        path: an HTML file to write the page to as well (optional).
+        scores: extra columns along ``target`` (not with rows or the grid).
+        title: the page's title (default: the method and model the attrs name).
+        cmap: a matplotlib colormap or its name.
+        example: the position(s) along ``example`` to draw (not with the grid).
+        annotate: print each cell's value in it.
+        labels: the true label of each example, for classifier rows only.
+
+    Returns:
+        An ``attrax.viz.HTML`` page: a notebook displays it, ``str()`` is a standalone HTML
+        document and ``.save(path)`` writes it.
+
     >>> import xarray as xr
     >>> da = xr.DataArray([[0.2, -0.7]], dims=("target", "source"),
     ...                   coords={"source_token": ("source", ["Ġa", "Ġb"])})
@@ -901,6 +918,11 @@ def plot(
         example: the example(s) of a batch to draw.
         dpi: the saved file's resolution.
         labels: a classifier's true labels, one per example, beside its rows.
+
+    Returns:
+        The matplotlib ``Figure`` drawn on: ``ax``'s root figure when ``ax`` is given (a
+        summary table always gets a new one), else a new one made without pyplot (no pyplot
+        figure to close).
 
     >>> import xarray as xr
     >>> fig = plot(xr.DataArray([[0.2, -0.7]], dims=("target", "source")))
