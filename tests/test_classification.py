@@ -5,11 +5,13 @@ and decoder-only (GPT-2, Llama, Qwen2) heads."""
 from __future__ import annotations
 
 import inspect
+import json
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import xarray as xr
 
 import attrax as ax
 from attrax.testing import tiny_classifier
@@ -178,6 +180,7 @@ def test_a_baseline_of_token_ids_is_the_reference_input_captums_tutorials_build(
         (ids[:-1], rf"token ids must be an int tensor of shape \[{length}\]"),
         (ids + 10_000, r"holds ids outside the source embedding's 0\.\."),
         (ids > 0, r"got torch.bool"),
+        (ids.to(torch.complex64), r"is a complex tensor"),  # torch's NotImplementedError once
     ):
         with pytest.raises(ax.OptionError, match=message):
             ax.integrated_gradients(model, text, "all", steps=2, baseline=bad)
@@ -824,9 +827,14 @@ def test_a_regression_head_is_explained_by_its_value():
         with pytest.raises(ax.OptionError, match=r"is a regression head .* objective='logit'"):
             ax.saliency(model, text, objective=objective)
     with pytest.raises(ax.OptionError, match=r"`scores` 'probability': .* regression head"):
-        ax.step_scores(model, text)
-    scores = ax.step_scores(model, text, scores="logit")
+        ax.step_scores(model, text, scores="probability")
+    scores = ax.step_scores(model, text)  # its value by default
+    assert scores.score.values.tolist() == ["logit"]
     np.testing.assert_allclose(float(scores.squeeze()), float(value(e)), rtol=1e-5)
+    # what the call ran with, as recorded: not the default "probability" it replaced
+    assert json.loads(da.attrs["options"])["objective"] == "logit"
+    with pytest.raises(ax.OptionError, match=r"is a regression head"):
+        ax.occlusion(model, text, objective=ax.probability)  # the function is the name
     rows = ax.show(ax.pipe(ax.saliency, ax.l2_norm)(model, [text, TEXTS[1]]))._repr_html_()
     assert model.labels[0] in rows and "(nan)" not in rows  # no probability to show
 
@@ -848,6 +856,9 @@ def test_a_multi_label_head_attributes_each_labels_sigmoid():
             np.testing.assert_allclose(
                 da.sel(target=label).values, want[0].numpy(), rtol=1e-4, atol=1e-7
             )
+    # the public function is the name: it took the softmax over the labels until 2026-12-06
+    by_function = ax.saliency(model, text, "all", objective=ax.logprob)
+    xr.testing.assert_allclose(by_function, da)
     sigmoids = torch.sigmoid(logits.detach())
     assert da.predicted_class.item() == int(sigmoids.argmax())
     np.testing.assert_allclose(da.predicted_probability.item(), float(sigmoids.max()), rtol=1e-5)
@@ -855,3 +866,23 @@ def test_a_multi_label_head_attributes_each_labels_sigmoid():
     np.testing.assert_allclose(scores.sel(score="probability").values, sigmoids, rtol=1e-5)
     with pytest.raises(ax.OptionError, match=r"`scores` 'entropy': .* multi-label head"):
         ax.step_scores(model, text, scores="entropy")
+
+
+def test_a_token_classifiers_targets_pair_with_positions_in_the_order_given(classifiers):
+    """`targets=[2, 0]` at `positions=[3, 1]` is class 2 at 3: the positions were sorted
+    before the classes were paired with them (class 0 at 3) until 2026-12-06."""
+    model = classifiers["bert", "token"]
+    got = ax.saliency(model, TEXTS[0], [2, 0], positions=[3, 1])
+    pairs = dict(zip(got.target.values.tolist(), got.target_class.values.tolist(), strict=True))
+    assert pairs == {3: 2, 1: 0}
+    n = Naive(model, TEXTS[0])
+    for position, cls in pairs.items():
+        want = n.gradient(n.embeddings(), position, cls)
+        np.testing.assert_allclose(
+            got.sel(target=position).values, want.numpy(), rtol=1e-4, atol=1e-7
+        )
+
+
+def test_a_token_classifiers_problem_type_is_ignored_as_transformers_loss_ignores_it():
+    hf, tok = tiny_classifier("bert", "token", problem_type="multi_label_classification")
+    assert ax.load_model(hf, tokenizer=tok).head_type == "single-label"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import random
@@ -402,6 +403,12 @@ def test_dtype_loads_the_model_in_it_and_is_part_of_the_run(tmp_path, model, wri
         ax.OptionError, match=r"`dtype` torch\.float16 applies to a model given by path"
     ):
         D.attribute_dataset(model, data, tmp_path / "x", progress=False, dtype=torch.float16)
+    # a model object's own dtype is the run's too: a resume in another mixed them, labelled
+    # as one (until 2026-12-06)
+    D.attribute_dataset(model, data, tmp_path / "object", progress=False)
+    halved = ax.Model(copy.deepcopy(model.hf).to(torch.bfloat16), model.tokenizer, name=model.name)
+    with pytest.raises(ax.InputError, match=r"holds another run \(dtype: was 'float32'"):
+        D.attribute_dataset(halved, data, tmp_path / "object", progress=False)
 
 
 @pytest.mark.parametrize(

@@ -57,6 +57,9 @@ def test_an_evaluation_records_how_each_method_ran(default_model, tmp_path):
     )
     assert ds.attrs["attrax_version"] == ax.__version__ and "reductions" not in ds.attrs
     xr.testing.assert_identical(ax.load(ax.save(ds, tmp_path / "ev.nc")), ds)
+    kept = ax.evaluate(default_model, data, {"saliency": "saliency"}, ["sufficiency"],
+                       attributions=True).attribution  # fmt: skip
+    assert kept.attrs["subwords"] == default_model.subwords and kept.attrs["task"] == "generation"
 
 
 def test_contrastive_methods_are_scored_with_each_records_contrast(default_model):

@@ -3106,3 +3106,16 @@ def _t5(arch: str) -> tuple:
             if type(module).__name__.endswith("LayerNorm"):
                 module.weight.normal_(1.0, 0.3)
     return hf, tok
+
+
+def test_a_position_embedding_type_transformers_ignores_does_not_refuse_lrp():
+    """transformers 5's BERT has no relative-key scores: a config asking for them builds the
+    same model (same parameters, same logits), which LRP refused (until 2026-12-06)."""
+    plain, tok = tiny_classifier("bert", "sequence")
+    asked, _ = tiny_classifier("bert", "sequence", position_embedding_type="relative_key")
+    assert not any(hasattr(m, "distance_embedding") for m in asked.modules())
+    text = "the plot was good"
+    got = ax.lrp(ax.load_model(asked, tokenizer=tok), text, "all")
+    np.testing.assert_array_equal(
+        got.values, ax.lrp(ax.load_model(plain, tokenizer=tok), text, "all").values
+    )

@@ -1351,3 +1351,19 @@ def test_value_zeroing_refuses_attention_without_its_own_values(layout):
     model = ax.load_model(type(hf)(config), tokenizer=tok)
     with pytest.raises(ax.ModelError, match="no value projection in Gemma4TextAttention"):
         ax.value_zeroing(model, "The capital of France is", " Paris")
+
+
+def test_alti_logit_names_modernberts_head_as_what_refuses_it():
+    """The refusal said "attrax finds no final norm" (ModernBERT has one, `final_norm`), and
+    the list of supported architectures named modernbert (until 2026-12-06)."""
+    from attrax.testing import tiny_classifier
+
+    hf, tok = tiny_classifier("modernbert", "sequence")
+    with pytest.raises(
+        ax.ModelError, match=r"its head \(dense, GELU and LayerNorm .*no linear path"
+    ):
+        ax.alti_logit(ax.load_model(hf, tokenizer=tok), "a b c")
+    hf, tok = tiny_classifier("bert", "sequence")
+    with pytest.raises(ax.ModelError, match=r"a post-norm encoder") as refused:
+        ax.alti_logit(ax.load_model(hf, tokenizer=tok), "a b c")
+    assert "modernbert" not in str(refused.value)

@@ -353,3 +353,33 @@ def test_sources_reordered_merge_as_in_order(models):
     order = np.argsort(-da.isel(target=0).fillna(-1).values)
     shuffled = merge_subwords(da.isel(source=order))
     xr.testing.assert_allclose(shuffled, merge_subwords(da))
+
+
+def test_results_joined_by_xr_concat_merge_their_padding_as_no_word():
+    """`xr.concat` pads an object token coordinate with NaN: merged, it was the word `nannan`
+    (until 2026-12-06)."""
+    hf, tok = tiny_classifier("roberta", "sequence")
+    model = ax.load_model(hf, tokenizer=tok)
+    short, long = (ax.pipe(ax.saliency, ax.l2_norm)(model, t) for t in ("Parisian", "a b c d e f"))
+    joined = xr.concat([short, long], "example", coords="different", compat="equals", join="outer")
+    assert joined.source_token.dtype == object
+    words = merge_subwords(joined).source_word.values
+    assert "nan" not in "".join(words[0]) and words[0].tolist()[:3] == ["<s>", "Parisian", ""]
+    np.testing.assert_allclose(
+        float(merge_subwords(joined).isel(example=0).sum()), float(short.sum()), rtol=1e-6
+    )
+
+
+def test_a_word_keeps_the_coordinates_its_tokens_share_alone_as_in_a_batch():
+    """Agreement was checked over the whole batch: a token classifier's classes were kept for
+    an example alone and dropped in a batch (until 2026-12-06)."""
+    hf, tok = tiny_classifier("bert", "token")
+    ner = ax.load_model(hf, tokenizer=tok)
+    texts = ["unbelievably awful weather", "paris"]
+    batch = merge_subwords(ax.pipe(ax.saliency, ax.l2_norm)(ner, texts))  # predicted classes
+    for e, text in enumerate(texts):
+        alone = merge_subwords(ax.pipe(ax.saliency, ax.l2_norm)(ner, text))
+        row = batch.isel(example=e).sel(target=alone.target)
+        assert row.target_class.values.tolist() == alone.target_class.values.tolist()
+    mixed = batch.isel(example=0).target_class.values
+    assert (mixed == -1).any() and (mixed >= 0).any(), "a word of mixed classes, one of one"

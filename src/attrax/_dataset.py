@@ -325,6 +325,8 @@ def attribute_dataset(
         run["model_sha256"] = _directory_sha256(Path(model).expanduser())
     if dtype is not None:  # only when given: runs from before this option still resume
         run["dtype"] = str(dtype).removeprefix("torch.")
+    elif isinstance(model, Model):  # a model object's own: shards of one run share it
+        run["dtype"] = str(model.dtype).removeprefix("torch.")
     if out.exists() and not out.is_dir():
         raise InputError(f"`out` {str(out)!r} exists and is not a directory")
     pool = None

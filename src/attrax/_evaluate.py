@@ -1054,7 +1054,7 @@ def sanity_checks(
     outputs = 2**31 if answers else model.output_width
     # a regression head has no other output to explain: its random logit is NaN
     offset = int(np.random.default_rng(seed).integers(1, outputs)) if outputs > 1 else 0
-    labels = model.head_type == "multi-label"  # each label's own sigmoid
+    head = model.head_type  # a multi-label head's labels are sigmoids, a regression's values
 
     def random_logit(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         # a fixed relabelling of every target to another output: vectorized, batch-independent
@@ -1063,8 +1063,11 @@ def sanity_checks(
             other = (ids + 1 + offset % (real - 1)) % real
         else:
             other = (ids + offset) % logits.shape[-1]
-        if labels:
-            return torch.sigmoid(logits.gather(-1, other[..., None])[..., 0])
+        picked = logits.gather(-1, other[..., None])[..., 0]
+        if head == "regression":
+            return picked
+        if head == "multi-label":
+            return torch.sigmoid(picked)
         return torch.softmax(logits, -1).gather(-1, other[..., None])[..., 0]
 
     # before the randomized copies: a method that explains no chosen output (ALTI, attention,

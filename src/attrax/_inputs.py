@@ -622,6 +622,20 @@ def _select(
     return tuple(sorted(chosen))
 
 
+def _sorted_as(
+    values: tuple[Any, ...] | None, positions: Any, chosen: tuple[int, ...], length: int
+) -> tuple[Any, ...] | None:
+    """``values`` given one per position in the order of ``positions``, reordered to follow
+    ``chosen`` (those positions sorted, as :func:`_select` returns them): ``targets=[2, 0]``
+    with ``positions=[3, 1]`` is class 2 at 3 and class 0 at 1."""
+    if values is None or positions is None or len(values) != len(chosen) or len(chosen) < 2:
+        return values
+    if isinstance(positions, torch.Tensor):
+        positions = positions.tolist()
+    given = [int(p) + length if int(p) < 0 else int(p) for p in positions]
+    return tuple(values[given.index(p)] for p in chosen)
+
+
 # --- classifiers ---------------------------------------------------------------------------
 
 #: a text, or a (text, text_pair) pair for NLI-style models
@@ -670,8 +684,14 @@ def prepare_classification(
             chosen = _select(
                 positions, available or tuple(range(len(ids))), len(ids), _at(i, single)
             )
-            given = _classes_for(model, targets, "targets", i, n, single, len(chosen))
-            against = _classes_for(model, contrast, "contrast", i, n, single, len(chosen))
+            given = _sorted_as(
+                _classes_for(model, targets, "targets", i, n, single, len(chosen)),
+                positions, chosen, len(ids),
+            )  # fmt: skip
+            against = _sorted_as(
+                _classes_for(model, contrast, "contrast", i, n, single, len(chosen)),
+                positions, chosen, len(ids),
+            )  # fmt: skip
             pred = prob = None
             if predicted is not None and probability is not None:
                 pred = tuple(predicted[i][p] for p in chosen)
@@ -804,8 +824,14 @@ def _prepare_masks(
             if positions is None
             else _select(positions, tuple(range(len(ids))), len(ids), where)
         )
-        given = _tokens_for(model, targets, "targets", i, n, single, len(chosen))
-        against = _tokens_for(model, contrast, "contrast", i, n, single, len(chosen))
+        given = _sorted_as(
+            _tokens_for(model, targets, "targets", i, n, single, len(chosen)),
+            positions, chosen, len(ids),
+        )  # fmt: skip
+        against = _sorted_as(
+            _tokens_for(model, contrast, "contrast", i, n, single, len(chosen)),
+            positions, chosen, len(ids),
+        )  # fmt: skip
         if against is not None and given is not None and against == given:
             raise InputError(
                 f"`contrast{where}` names the target tokens themselves: target minus contrast is "

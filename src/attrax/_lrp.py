@@ -1119,7 +1119,10 @@ def _plan(hf: torch.nn.Module) -> list[tuple[torch.nn.Module, Callable[..., torc
     """
     config = hf.config
     name = type(hf).__name__
-    if getattr(config, "position_embedding_type", "absolute") not in ("absolute", None):
+    relative = getattr(config, "position_embedding_type", "absolute") not in ("absolute", None)
+    # transformers 5's BERT ignores the field: the scores take them only where a module holds
+    # their table (its distance_embedding)
+    if relative and any(hasattr(m, "distance_embedding") for m in hf.modules()):
         raise ModelError(
             f"lrp: {name} uses {config.position_embedding_type!r} position embeddings in its "
             "attention scores; attrax's LRP attention has no rule for them"

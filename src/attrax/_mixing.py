@@ -1050,11 +1050,18 @@ def alti_logit(call: Call, *, aggregate: bool = True, layers: Selection = None) 
     ('target', 'source')
     """
     model = call.model
-    if _architecture(model) not in _PRE_NORM + _arch.SANDWICH:
+    linear = tuple(a for a in _PRE_NORM + _arch.SANDWICH if a not in _NONLINEAR_HEADS)
+    if _architecture(model) in _NONLINEAR_HEADS:
+        raise ModelError(
+            f"{model.name} ({_architecture(model)}, {model.task}): its head "
+            f"({_NONLINEAR_HEADS[_architecture(model)]}) lies between the final norm and the "
+            "logits, so the logit has no linear path from each layer, which ALTI-Logit decomposes"
+        )
+    if _architecture(model) not in linear:
         raise ModelError(
             f"{model.name} ({_architecture(model)}, {model.task}): ALTI-Logit decomposes the logits "
             f"of decoder-only models, language models or classifiers "
-            f"({', '.join(_PRE_NORM + _arch.SANDWICH)}): a post-norm encoder's logit has no linear path "
+            f"({', '.join(linear)}): a post-norm encoder's logit has no linear path "
             "from each layer"
         )
     _refuse_residual_layouts(model)
@@ -1092,6 +1099,10 @@ def alti_logit(call: Call, *, aggregate: bool = True, layers: Selection = None) 
     values = torch.stack([terms[i] for i in chosen], dim=-1)
     da = call.label([values], trailing=("layer",), trailing_coords={"layer": chosen})
     return softcapped(da, model)
+
+
+#: pre-norm models ALTI runs on whose head is not linear after the final norm
+_NONLINEAR_HEADS = {"modernbert": "dense, GELU and LayerNorm before the classifier or decoder"}
 
 
 def _final_norm(model: Model) -> torch.nn.Module:

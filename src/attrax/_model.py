@@ -1409,6 +1409,8 @@ HEADS = ("single-label", "multi-label", "regression")
 def _head_type(config: Any, task: str, classes: int) -> str | None:
     if task not in ("sequence-classification", "token-classification"):
         return None
+    if task == "token-classification":  # transformers' loss ignores problem_type there
+        return "regression" if classes == 1 else "single-label"  # one output: a value
     kind = getattr(config, "problem_type", None)
     if kind == "multi_label_classification":
         return "multi-label"

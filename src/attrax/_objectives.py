@@ -140,7 +140,9 @@ def resolve(objective: str | Objective, head: str | None = None) -> tuple[str, O
 
     ``head`` (a classifier's :attr:`Model.head_type`) picks what a name means: a multi-label head's
     ``"probability"`` is the label's sigmoid; a regression head has no probability, and its
-    (default) ``"probability"`` is its value, ``"logit"`` (an explicit one is refused before)."""
+    (default) ``"probability"`` is its value, ``"logit"`` (an explicit one is refused before).
+    The public functions ``ax.probability``... given as callables are their names."""
+    objective = named(objective)
     if head == "regression" and objective == "probability":
         return "logit", logit
     if head == "multi-label" and isinstance(objective, str) and objective in LABEL_OBJECTIVES:
@@ -186,6 +188,15 @@ def check_differentiable(objective: Objective, method: str, width: int) -> None:
             "zero; give a differentiable score, or use a perturbation method (occlusion, lime, "
             "kernel_shap), which only evaluates it"
         )
+
+
+def named(objective: str | Objective) -> str | Objective:
+    """``objective`` by name when it is one of the named objectives' functions: ``ax.probability``
+    is ``"probability"``, which a multi-label or regression head reads its own way."""
+    for name, function in OBJECTIVES.items():
+        if objective is function:
+            return name
+    return objective
 
 
 def _builtin(objective: Objective) -> bool:

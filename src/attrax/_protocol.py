@@ -31,7 +31,7 @@ from ._errors import AttraxError, InputError, OptionError, ResourceError
 from ._inputs import Batch, Texts, prepare, with_predictions
 from ._memory import out_of_memory, parse_bytes
 from ._model import Model, ModelLike, load_model
-from ._objectives import Objective, check_differentiable, resolve
+from ._objectives import Objective, check_differentiable, named, resolve
 from ._schema import label
 from ._validate import Check
 
@@ -373,7 +373,7 @@ def _check_applies(model: Model, given: Mapping[str, Any]) -> None:
     probabilities, which it has none of."""
     if model.task == "generation":
         return
-    objective = given.get("objective")
+    objective = named(given.get("objective"))
     if model.head_type == "regression" and objective in ("probability", "logprob"):
         raise OptionError(
             f"`objective={objective!r}`: {model.name} is a regression head (one output, a value, "
@@ -390,6 +390,8 @@ def _check_applies(model: Model, given: Mapping[str, Any]) -> None:
 def _call(name: str, family: Family, arguments: dict[str, Any]) -> Call:
     options = {k: v for k, v in arguments.items() if k not in family.leading}
     model = load_model(arguments["model"])  # a Model passes through as is
+    if model.head_type == "regression" and options.get("objective") == "probability":
+        options["objective"] = "logit"  # its default: a value has no probability; as recorded
     return Call(
         name, model, arguments["inputs"], arguments.get("targets"), options, family.lazy_prediction
     )

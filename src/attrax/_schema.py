@@ -433,7 +433,10 @@ def label_evaluation(
             if sourced and key not in coords and key not in first.indexes:
                 coords[key] = (coord.dims, coord.values)
         values = flat.values.reshape(m, n, *flat.shape[1:])
-        variables["attribution"] = ((*grid, "source"), values)
+        # what merge_subwords and reductions read from an attribution's own attrs
+        kept = {k: first.attrs[k] for k in ("model", "model_type", "task", "subwords")
+                if k in first.attrs}  # fmt: skip
+        variables["attribution"] = ((*grid, "source"), values, kept)
     return xr.Dataset(variables, coords=coords, attrs=dict(attrs))
 
 

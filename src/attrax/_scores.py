@@ -53,14 +53,15 @@ STEP = Family(
 
 
 def _score_names(value: object, name: str) -> None:
-    _names(value)  # type: ignore[arg-type]
+    if value is not None:
+        _names(value)  # type: ignore[arg-type]
 
 
 @STEP.method(scores=_score_names)
 def step_scores(
     call: Call,
     *,
-    scores: str | Sequence[str] = ("probability",),
+    scores: str | Sequence[str] | None = None,
     contrast_inputs: Texts | None = None,
 ) -> xr.DataArray:
     """Per-step scores of the target tokens under teacher forcing; natural logarithms throughout.
@@ -80,7 +81,8 @@ def step_scores(
 
     Arguments:
         model, inputs, targets, positions, max_new_tokens: as :func:`attrax.saliency`.
-        scores: a score name or a list of them, in the order wanted along ``score``.
+        scores: a score name or a list of them, in the order wanted along ``score``; None:
+            ``"probability"`` (``"logit"``, the value, for a regression head).
         contrast: target-side contrast for ``contrast_prob_diff``.
         contrast_inputs: input-side contrast for ``kl_divergence`` and ``pcxmi``.
 
@@ -93,6 +95,8 @@ def step_scores(
     >>> da.dims, da.score.values.tolist()
     (('target', 'score'), ['probability', 'entropy'])
     """
+    if scores is None:
+        scores = "logit" if call.model.head_type == "regression" else "probability"
     names = _names(scores)
     _require(names, NEEDS_CONTRAST, call.options["contrast"], "contrast")
     _require(names, NEEDS_CONTRAST_INPUTS, contrast_inputs, "contrast_inputs")

@@ -93,7 +93,13 @@ class StackedModel:
         if isinstance(options.get("baseline"), str) and options["baseline"] != "zeros":
             raise OptionError(
                 f"`baseline={options['baseline']!r}` is not supported on stacked models: each "
-                "model has its own embeddings; use 'zeros' or a tensor"
+                "model has its own embeddings; use 'zeros' or a tensor of embeddings"
+            )
+        given = options.get("baseline")
+        if isinstance(given, torch.Tensor) and not given.is_floating_point():
+            raise OptionError(
+                "`baseline` as token ids is not supported on stacked models: each model has its "
+                "own embeddings; use 'zeros' or a tensor of embeddings"
             )
         m, b = len(self.models), len(inputs)
         self._expanded.rows = b

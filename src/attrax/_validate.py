@@ -167,6 +167,10 @@ def baseline(value: object, name: str) -> None:
     tensors = isinstance(value, tuple) and all(isinstance(v, torch.Tensor) for v in value)
     if isinstance(value, torch.Tensor) or (tensors and value):
         given = value if isinstance(value, tuple) else (value,)
+        if any(v.is_complex() for v in given):
+            raise OptionError(
+                f"`{name}` is a complex tensor: expected real embeddings or int token ids"
+            )
         valued = [v for v in given if v.is_floating_point() and v.device.type != "meta"]
         if not all(bool(torch.isfinite(v).all()) for v in valued):
             # NaN or inf: every gradient at it is too, which named the model's dtype instead

@@ -82,7 +82,7 @@ def merge_subwords(
         scheme = da.attrs.get("subwords")  # the model's vocabulary's, on every attrax result
     if scheme not in SCHEMES:  # an array from elsewhere: read from its own tokens
         scheme = detect_scheme(
-            [str(t) for dim in chosen for t in np.ravel(da.coords[f"{dim}_token"].values)]
+            [t for dim in chosen for t in np.ravel(_strings(da.coords[f"{dim}_token"].values))]
         )
     out = da
     for dim in chosen:
@@ -99,7 +99,7 @@ def _merge(da: xr.DataArray, dim: str, how: str, scheme: str) -> xr.DataArray:
     n_examples = da.sizes["example"] if batched else 1
     width = da.sizes[dim]
     index = da.indexes[dim]
-    tokens = per_example(da, f"{dim}_token", ("example", dim)).astype(str)
+    tokens = _strings(per_example(da, f"{dim}_token", ("example", dim)))
     if isinstance(index, pd.MultiIndex) and "side" in index.names:
         sides = np.tile(np.asarray(index.get_level_values("side"), dtype=str), (n_examples, 1))
         positions = np.asarray(index.get_level_values("position"))
@@ -146,11 +146,20 @@ def _merge(da: xr.DataArray, dim: str, how: str, scheme: str) -> xr.DataArray:
     return replace_dim(da, dim, merged, index[starts], words)
 
 
+def _strings(tokens: np.ndarray) -> np.ndarray:
+    """Token strings, with what is no string (the NaN or None that ``xr.concat`` pads an object
+    coordinate with) as the missing token: no word, not the word "nan"."""
+    if tokens.dtype.kind != "O":
+        return tokens.astype(str)
+    flat = [t if isinstance(t, str) else MISSING_TOKEN for t in tokens.ravel()]
+    return np.asarray(flat, dtype=str).reshape(tokens.shape)
+
+
 def _word_level(da: xr.DataArray, dim: str, members: np.ndarray) -> dict[str, np.ndarray]:
-    """The coordinates along ``dim`` that every word's tokens share (a classifier's ``segment``
-    and ``special``; a token classifier's classes where a word's tokens agree), one value per
-    word ``[example, word]``. Token-level ones (ids, tokens, contrasts, completeness gaps) and
-    any that differs within a word are dropped."""
+    """The coordinates along ``dim`` a word's tokens share (a classifier's ``segment`` and
+    ``special``; a token classifier's classes), one value per word ``[example, word]``: the
+    missing marker (-1, "", NaN) for a word whose tokens differ. Token-level ones (ids, tokens,
+    contrasts, completeness gaps) are dropped."""
     out = {}
     present = members >= 0
     first = np.where(present[..., 0], members[..., 0], 0)
@@ -174,11 +183,9 @@ def _word_level(da: xr.DataArray, dim: str, members: np.ndarray) -> dict[str, np
         same = (gathered == lead[..., None]) | ~present
         if values.dtype.kind == "f":
             same |= np.isnan(gathered) & np.isnan(lead)[..., None]
-        if not same.all():
-            continue
-        out[str(name)] = np.where(present[..., 0], lead, fill_value(values.dtype)).astype(
-            values.dtype
-        )
+        # per word, so an example merges in a batch as it does alone
+        agreed = present[..., 0] & same.all(axis=-1)
+        out[str(name)] = np.where(agreed, lead, fill_value(values.dtype)).astype(values.dtype)
     return out
 
 
