@@ -91,6 +91,9 @@ def test_what_a_stack_refuses(checkpoints):
         ax.saliency(stack, X)
     with pytest.raises(ax.OptionError, match="baseline='pad'"):
         ax.integrated_gradients(stack, X, Y, baseline="pad")
+    # ids were "a token baseline is not supported", or a shape of models x batch rows
+    with pytest.raises(ax.OptionError, match="`baseline` as token ids is not supported on stacked"):
+        ax.integrated_gradients(stack, X[0], Y[0], baseline=torch.zeros(7, dtype=torch.long))
     with pytest.raises(ax.OptionError, match="`mode='forward'` is not supported on stacked"):
         ax.input_x_gradient(stack, X, Y, mode="forward", reduce_hidden="sum")
     # its hooks read the rows the vmapped forward splits: another model's values, or zeros

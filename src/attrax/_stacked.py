@@ -95,8 +95,8 @@ class StackedModel:
                 f"`baseline={options['baseline']!r}` is not supported on stacked models: each "
                 "model has its own embeddings; use 'zeros' or a tensor of embeddings"
             )
-        given = options.get("baseline")
-        if isinstance(given, torch.Tensor) and not given.is_floating_point():
+        baseline = options.get("baseline")
+        if isinstance(baseline, torch.Tensor) and not baseline.is_floating_point():
             raise OptionError(
                 "`baseline` as token ids is not supported on stacked models: each model has its "
                 "own embeddings; use 'zeros' or a tensor of embeddings"
