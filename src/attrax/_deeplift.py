@@ -210,8 +210,8 @@ _ACTIVE: contextvars.ContextVar[_References | None] = contextvars.ContextVar(
 class _Problem(Problem):
     """The call's problem, whose memory estimate also counts the reference inputs kept per point."""
 
-    def cost(self, saved: bool = True) -> Cost:
-        base = super().cost(saved)
+    def cost(self, saved: bool = True, eager: bool = False) -> Cost:
+        base = super().cost(saved, eager)
         if not saved:
             return base
         x = self.inputs[0]
