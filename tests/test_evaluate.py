@@ -218,6 +218,34 @@ def test_plausibility_against_hand_worked_values(default_model):
     assert float(got.auprc) == pytest.approx((1 + 2 / 4) / 2)
 
 
+def test_tied_scores_share_their_places_wherever_the_rationale_is(default_model):
+    """A constant attribution ranks nothing: its tokens were taken in position order, so it
+    scored a perfect 1.0 when the rationale came first and 0 when it came sixth (until
+    2026-12-06). Hand-worked: 2 of 7 tokens are the rationale, each of the 7 tied tokens has a
+    2/7 chance of a top-2 place; the average precision of one tied step is 2/7."""
+    target = 7
+    scores = {}
+    for rationale in ([1, 1, 0, 0, 0, 0, 0], [0, 0, 0, 0, 0, 1, 1]):
+        data = [{"input": PROMPT, "target": ANSWER, "rationale": rationale}]
+        ds = ax.evaluate(default_model, data, {"flat": _fixed({target: [0.5] * 7})},
+                         ["token_f1", "iou", "auprc"], reduce="none")  # fmt: skip
+        got = ds.sel({"method": "flat", "example": 0, "target": target})
+        scores[tuple(rationale)] = (float(got.token_f1), float(got.iou), float(got.auprc))
+    hits = 2 * 2 / 7  # expected rationale tokens among the top 2
+    want = (hits / 2, hits / (4 - hits), 2 / 7)
+    for got in scores.values():
+        np.testing.assert_allclose(got, want, rtol=1e-12)
+    # a tie among the top: one rationale token above, the second place shared by three tokens
+    data = [{"input": PROMPT, "target": ANSWER, "rationale": [0, 1, 0, 1, 0, 0, 0]}]
+    relevance = [0.1, 0.9, 0.5, 0.5, 0.5, 0.0, 0.0]
+    ds = ax.evaluate(default_model, data, {"tied": _fixed({target: relevance})},
+                     ["token_f1", "auprc"], reduce="none")  # fmt: skip
+    got = ds.sel({"method": "tied", "example": 0, "target": target})
+    assert float(got.token_f1) == pytest.approx((1 + 1 / 3) / 2)
+    # precision 1/1 after token 1 (recall 1/2), 2/4 after the tied three (recall 2/2)
+    assert float(got.auprc) == pytest.approx(1 / 2 * 1 + 1 / 2 * 2 / 4)
+
+
 def test_agreement_of_a_method_with_itself_and_its_reverse(default_model):
     """±1 at the extremes, and against rank statistics written here for a third ranking."""
     data = [{"input": PROMPT, "target": ANSWER}]

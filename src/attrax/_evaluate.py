@@ -834,25 +834,46 @@ def _find(ids: list[int], plain: list[int]) -> int:
 
 def _plausibility(metric: str, relevance: np.ndarray, truth: np.ndarray) -> np.ndarray:
     """``[R, T]`` per (row, target): top-k tokens (k = the rationale's size) against the
-    rationale (token F1, IOU), or the average precision of the ranking (AUPRC)."""
+    rationale (token F1, IOU), or the average precision of the ranking (AUPRC). Tied scores
+    share: a token tied at the top-k boundary counts by its chance of a place there under a
+    random order, and AUPRC steps once per distinct score (scikit-learn's average precision);
+    taking them in position order gave a constant attribution 1.0 when the rationale came first.
+    """
     out = np.full(relevance.shape[:2], np.nan)
     for r, t in np.ndindex(*out.shape):
         scored = ~np.isnan(relevance[r, t]) & ~np.isnan(truth[r])
         if not scored.any() or truth[r][scored].sum() == 0:
             continue
         values, labels = relevance[r, t][scored], truth[r][scored].astype(bool)
-        order = np.argsort(-values, kind="stable")
         if metric == "auprc":
-            hits = labels[order]
-            precision = np.cumsum(hits) / np.arange(1, len(hits) + 1)
-            out[r, t] = float((precision * hits).sum() / hits.sum())
+            out[r, t] = _average_precision(values, labels)
             continue
         k = int(labels.sum())
-        top = np.zeros_like(labels)
-        top[order[:k]] = True
-        both = float((top & labels).sum())
-        out[r, t] = both / float((top | labels).sum()) if metric == "iou" else both / k
+        both = float(_inclusion(values, k)[labels].sum())  # expected hits in the top k
+        out[r, t] = both / (2 * k - both) if metric == "iou" else both / k
     return out
+
+
+def _inclusion(values: np.ndarray, k: int) -> np.ndarray:
+    """Each value's chance of a place among the ``k`` largest when ties are ordered at random:
+    1 above the k-th largest, the free places over the tied count at it, 0 below."""
+    if k >= len(values):
+        return np.ones(len(values))
+    kth = np.sort(values)[::-1][k - 1]
+    above, tied = values > kth, values == kth
+    return np.where(above, 1.0, np.where(tied, (k - above.sum()) / tied.sum(), 0.0))
+
+
+def _average_precision(values: np.ndarray, labels: np.ndarray) -> float:
+    """Average precision of ranking ``labels`` by ``values``: precision at each distinct score,
+    weighted by the recall it adds (scikit-learn's ``average_precision_score``)."""
+    order = np.argsort(-values, kind="stable")
+    ranked, hits = values[order], labels[order].astype(float)
+    last = np.r_[ranked[1:] != ranked[:-1], True]  # the end of each run of one score
+    found = np.cumsum(hits)[last]
+    precision = found / (np.flatnonzero(last) + 1)
+    recall_added = np.diff(np.r_[0.0, found]) / hits.sum()
+    return float((precision * recall_added).sum())
 
 
 def _agreement(metric: str, relevance: np.ndarray, methods: int, top_k: int) -> np.ndarray:
@@ -868,10 +889,8 @@ def _agreement(metric: str, relevance: np.ndarray, methods: int, top_k: int) -> 
         if metric == "topk_overlap":
             if len(x) <= top_k:  # every source is in both tops: no agreement to measure
                 continue
-            k = top_k
-            top_x = set(np.argsort(-x, kind="stable")[:k].tolist())
-            top_y = set(np.argsort(-y, kind="stable")[:k].tolist())
-            out[a, b, e, t] = len(top_x & top_y) / k
+            # expected shared places, ties ordered at random in each (not by position)
+            out[a, b, e, t] = float((_inclusion(x, top_k) * _inclusion(y, top_k)).sum()) / top_k
         elif metric == "spearman":
             out[a, b, e, t] = _pearson(_ranks(x), _ranks(y))
         else:
