@@ -875,6 +875,9 @@ def test_a_token_classifiers_targets_pair_with_positions_in_the_order_given(clas
     got = ax.saliency(model, TEXTS[0], [2, 0], positions=[3, 1])
     pairs = dict(zip(got.target.values.tolist(), got.target_class.values.tolist(), strict=True))
     assert pairs == {3: 2, 1: 0}
+    # read once to select and again to pair: a generator was used up (a raw ValueError)
+    again = ax.saliency(model, TEXTS[0], [2, 0], positions=(p for p in [3, 1]))
+    xr.testing.assert_equal(again, got)
     n = Naive(model, TEXTS[0])
     for position, cls in pairs.items():
         want = n.gradient(n.embeddings(), position, cls)

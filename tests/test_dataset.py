@@ -407,8 +407,13 @@ def test_dtype_loads_the_model_in_it_and_is_part_of_the_run(tmp_path, model, wri
     # as one (until 2026-12-06)
     D.attribute_dataset(model, data, tmp_path / "object", progress=False)
     halved = ax.Model(copy.deepcopy(model.hf).to(torch.bfloat16), model.tokenizer, name=model.name)
-    with pytest.raises(ax.InputError, match=r"holds another run \(dtype: was 'float32'"):
+    with pytest.raises(ax.InputError, match=r"holds another run \(model_dtype: was 'float32'"):
         D.attribute_dataset(halved, data, tmp_path / "object", progress=False)
+    # a manifest from before the key resumes
+    manifest = json.loads((tmp_path / "object" / "manifest.json").read_text())
+    del manifest["run"]["model_dtype"]
+    (tmp_path / "object" / "manifest.json").write_text(json.dumps(manifest))
+    assert D.attribute_dataset(model, data, tmp_path / "object", progress=False).records == 2
 
 
 @pytest.mark.parametrize(

@@ -244,6 +244,15 @@ def test_tied_scores_share_their_places_wherever_the_rationale_is(default_model)
     assert float(got.token_f1) == pytest.approx((1 + 1 / 3) / 2)
     # precision 1/1 after token 1 (recall 1/2), 2/4 after the tied three (recall 2/2)
     assert float(got.auprc) == pytest.approx(1 / 2 * 1 + 1 / 2 * 2 / 4)
+    # a ranking shares its whole top with itself, tied or not; a tied top is all its ties
+    tops = {"flat": _fixed({target: [0.5] * 7}), "again": _fixed({target: [0.5] * 7}),
+            "tied": _fixed({target: relevance})}  # fmt: skip
+    ds = ax.evaluate(default_model, data, tops, ["topk_overlap"], reduce="none", top_k=2)
+    pair = ds.topk_overlap.sel({"example": 0, "target": target})
+    assert float(pair.sel({"method": "flat", "other": "again"})) == 1.0
+    assert float(pair.sel({"method": "tied", "other": "tied"})) == 1.0
+    # top 2 of `relevance` with ties: {1, 2, 3, 4}; of the flat one: all 7; 4 shared of 7
+    assert float(pair.sel({"method": "tied", "other": "flat"})) == pytest.approx(4 / 7)
 
 
 def test_agreement_of_a_method_with_itself_and_its_reverse(default_model):

@@ -326,7 +326,7 @@ def attribute_dataset(
     if dtype is not None:  # only when given: runs from before this option still resume
         run["dtype"] = str(dtype).removeprefix("torch.")
     elif isinstance(model, Model):  # a model object's own: shards of one run share it
-        run["dtype"] = str(model.dtype).removeprefix("torch.")
+        run["model_dtype"] = str(model.dtype).removeprefix("torch.")
     if out.exists() and not out.is_dir():
         raise InputError(f"`out` {str(out)!r} exists and is not a directory")
     pool = None
@@ -779,8 +779,9 @@ def _compare(
     # keys either run has: a run given a dtype and one without differ; a manifest before the
     # model's files were hashed resumes
     keys = dict.fromkeys([*run, *previous])
-    if "model_sha256" not in previous:
-        keys.pop("model_sha256", None)
+    for recorded_since in ("model_sha256", "model_dtype"):  # manifests before them resume
+        if recorded_since not in previous:
+            keys.pop(recorded_since, None)
     if previous.get("method") != run.get("method"):
         keys.pop("options", None)  # another method's options: the method says it all
     changed = []

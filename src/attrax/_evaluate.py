@@ -835,9 +835,10 @@ def _find(ids: list[int], plain: list[int]) -> int:
 def _plausibility(metric: str, relevance: np.ndarray, truth: np.ndarray) -> np.ndarray:
     """``[R, T]`` per (row, target): top-k tokens (k = the rationale's size) against the
     rationale (token F1, IOU), or the average precision of the ranking (AUPRC). Tied scores
-    share: a token tied at the top-k boundary counts by its chance of a place there under a
-    random order, and AUPRC steps once per distinct score (scikit-learn's average precision);
-    taking them in position order gave a constant attribution 1.0 when the rationale came first.
+    share: the hits among the top k are their expected number when ties are ordered at random
+    (IOU is computed from that number), and AUPRC steps once per distinct score (scikit-learn's
+    average precision); position order gave a constant attribution 1.0 when the rationale came
+    first.
     """
     out = np.full(relevance.shape[:2], np.nan)
     for r, t in np.ndindex(*out.shape):
@@ -889,8 +890,11 @@ def _agreement(metric: str, relevance: np.ndarray, methods: int, top_k: int) -> 
         if metric == "topk_overlap":
             if len(x) <= top_k:  # every source is in both tops: no agreement to measure
                 continue
-            # expected shared places, ties ordered at random in each (not by position)
-            out[a, b, e, t] = float((_inclusion(x, top_k) * _inclusion(y, top_k)).sum()) / top_k
+            # the tokens tied at the k-th place are all in the top (not the first by position),
+            # over the larger top: identical rankings share all, tied or not
+            top_x, top_y = x >= np.sort(x)[-top_k], y >= np.sort(y)[-top_k]
+            shared = float((top_x & top_y).sum())
+            out[a, b, e, t] = shared / max(int(top_x.sum()), int(top_y.sum()))
         elif metric == "spearman":
             out[a, b, e, t] = _pearson(_ranks(x), _ranks(y))
         else:

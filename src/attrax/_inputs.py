@@ -102,6 +102,7 @@ def prepare(
     silently, since the attributed target would then depend on where it was cut. A classifier's
     inputs and targets are read by :func:`prepare_classification` (``predict``: see there).
     """
+    positions = _materialized(positions)
     if model.task != "generation":
         return prepare_classification(
             model,
@@ -622,6 +623,18 @@ def _select(
     return tuple(sorted(chosen))
 
 
+def _materialized(positions: Any) -> Any:
+    """``positions`` as a value read more than once: arrays and tensors as ints or lists (a 0-d
+    one as its int), a generator as its list; anything else as given, for :func:`_select`."""
+    if isinstance(positions, np.ndarray | torch.Tensor):
+        if isinstance(positions, torch.Tensor) and positions.is_floating_point():
+            return positions  # refused by _select, named
+        return positions.tolist()
+    if isinstance(positions, Iterable) and not isinstance(positions, Sequence | str | bytes):
+        return list(positions)  # read per example and again to pair targets with it
+    return positions
+
+
 def _sorted_as(
     values: tuple[Any, ...] | None, positions: Any, chosen: tuple[int, ...], length: int
 ) -> tuple[Any, ...] | None:
@@ -666,6 +679,7 @@ def prepare_classification(
     saves a forward. Without targets the prediction picks the classes, so it runs here anyway.
     """
     items, single = _as_items(inputs)
+    positions = _materialized(positions)
     if model.task == "question-answering":
         return _prepare_answers(model, items, single, targets, contrast, positions, predict)
     if model.task == "fill-mask":
