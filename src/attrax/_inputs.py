@@ -635,6 +635,24 @@ def _materialized(positions: Any) -> Any:
     return positions
 
 
+def _paired(
+    read: Any,
+    model: Model,
+    values: tuple[Any, Any],
+    where: tuple[int, int, bool],
+    positions: Any,
+    chosen: tuple[int, ...],
+    length: int,
+) -> tuple[Any, Any]:
+    """Example ``where[0]``'s targets and contrasts (``values``), as ``read`` (classes or tokens)
+    gives them, one per position of ``chosen``, paired with ``positions`` in the order given."""
+    i, n, single = where
+    return tuple(  # type: ignore[return-value]
+        _sorted_as(read(model, value, name, i, n, single, len(chosen)), positions, chosen, length)
+        for value, name in zip(values, ("targets", "contrast"), strict=True)
+    )
+
+
 def _sorted_as(
     values: tuple[Any, ...] | None, positions: Any, chosen: tuple[int, ...], length: int
 ) -> tuple[Any, ...] | None:
@@ -698,14 +716,15 @@ def prepare_classification(
             chosen = _select(
                 positions, available or tuple(range(len(ids))), len(ids), _at(i, single)
             )
-            given = _sorted_as(
-                _classes_for(model, targets, "targets", i, n, single, len(chosen)),
-                positions, chosen, len(ids),
-            )  # fmt: skip
-            against = _sorted_as(
-                _classes_for(model, contrast, "contrast", i, n, single, len(chosen)),
-                positions, chosen, len(ids),
-            )  # fmt: skip
+            given, against = _paired(
+                _classes_for,
+                model,
+                (targets, contrast),
+                (i, n, single),
+                positions,
+                chosen,
+                len(ids),
+            )
             pred = prob = None
             if predicted is not None and probability is not None:
                 pred = tuple(predicted[i][p] for p in chosen)
@@ -838,14 +857,9 @@ def _prepare_masks(
             if positions is None
             else _select(positions, tuple(range(len(ids))), len(ids), where)
         )
-        given = _sorted_as(
-            _tokens_for(model, targets, "targets", i, n, single, len(chosen)),
-            positions, chosen, len(ids),
-        )  # fmt: skip
-        against = _sorted_as(
-            _tokens_for(model, contrast, "contrast", i, n, single, len(chosen)),
-            positions, chosen, len(ids),
-        )  # fmt: skip
+        given, against = _paired(
+            _tokens_for, model, (targets, contrast), (i, n, single), positions, chosen, len(ids)
+        )
         if against is not None and given is not None and against == given:
             raise InputError(
                 f"`contrast{where}` names the target tokens themselves: target minus contrast is "

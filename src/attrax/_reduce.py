@@ -117,16 +117,7 @@ def l2_norm(da: xr.DataArray, dim: str) -> xr.DataArray:
 def sum(da: xr.DataArray, dim: str) -> xr.DataArray:
     """Sum over ``dim`` (default ``hidden``).
 
-    Arguments:
-        da: a DataArray of numbers (bool, int, float), or a Dataset (its variables that have
-            ``dim`` are reduced, the others kept); a dim name or nothing instead returns the
-            reduction over that dim as a function of one array.
-        dim: the dim to reduce over (default ``hidden``).
-
-    Returns:
-        ``da`` without ``dim``, its name and attrs kept and ``sum(<dim>)`` appended to
-        ``attrs["reductions"]``; NaN is skipped, an all-NaN slice gives NaN. Integers and bools
-        are summed as float64, float16 as float32.
+    Arguments and Returns as :func:`l2_norm` (``sum(<dim>)`` appended to the reductions).
 
     >>> import xarray as xr
     >>> float(sum(xr.DataArray([[1.0, -3.0]], dims=("source", "hidden")))[0])
@@ -139,16 +130,8 @@ def sum(da: xr.DataArray, dim: str) -> xr.DataArray:
 def mean(da: xr.DataArray, dim: str) -> xr.DataArray:
     """Mean over ``dim`` (default ``hidden``), ignoring NaN.
 
-    Arguments:
-        da: a DataArray of numbers (bool, int, float), or a Dataset (its variables that have
-            ``dim`` are reduced, the others kept); a dim name or nothing instead returns the
-            reduction over that dim as a function of one array.
-        dim: the dim to reduce over (default ``hidden``; ``head`` or ``layer`` for attention).
-
-    Returns:
-        ``da`` without ``dim``, its name and attrs kept and ``mean(<dim>)`` appended to
-        ``attrs["reductions"]``; the mean of the values that are not NaN, NaN where all are.
-        Integers and bools are averaged as float64, float16 as float32.
+    Arguments and Returns as :func:`l2_norm` (``mean(<dim>)`` appended to the reductions;
+    ``dim="head"`` or ``"layer"`` averages attention maps).
 
     >>> import xarray as xr
     >>> float(mean("hidden")(xr.DataArray([[1.0, 3.0]], dims=("source", "hidden")))[0])
@@ -161,16 +144,7 @@ def mean(da: xr.DataArray, dim: str) -> xr.DataArray:
 def max(da: xr.DataArray, dim: str) -> xr.DataArray:
     """Maximum over ``dim`` (default ``hidden``), ignoring NaN.
 
-    Arguments:
-        da: a DataArray of numbers (bool, int, float), or a Dataset (its variables that have
-            ``dim`` are reduced, the others kept); a dim name or nothing instead returns the
-            reduction over that dim as a function of one array.
-        dim: the dim to reduce over (default ``hidden``).
-
-    Returns:
-        ``da`` without ``dim``, its name and attrs kept and ``max(<dim>)`` appended to
-        ``attrs["reductions"]``; NaN where a slice is all NaN. Integers and bools are reduced
-        as float64, float16 as float32.
+    Arguments and Returns as :func:`l2_norm` (``max(<dim>)`` appended to the reductions).
 
     >>> import xarray as xr
     >>> float(max(xr.DataArray([[1.0, -3.0]], dims=("source", "hidden")))[0])
@@ -183,17 +157,8 @@ def max(da: xr.DataArray, dim: str) -> xr.DataArray:
 def absmax(da: xr.DataArray, dim: str) -> xr.DataArray:
     """The value of largest magnitude over ``dim`` (default ``hidden``), sign kept.
 
-    Arguments:
-        da: a DataArray of numbers (bool, int, float), or a Dataset (its variables that have
-            ``dim`` are reduced, the others kept); a dim name or nothing instead returns the
-            reduction over that dim as a function of one array.
-        dim: the dim to reduce over (default ``hidden``).
-
-    Returns:
-        ``da`` without ``dim`` (and without the coordinates along it), its name and attrs kept
-        and ``absmax(<dim>)`` appended to ``attrs["reductions"]``: the first value of largest
-        magnitude in each slice, NaN where a slice is all NaN. Integers and bools are reduced
-        as float64, float16 as float32.
+    Arguments and Returns as :func:`l2_norm` (``absmax(<dim>)`` appended to the reductions):
+    the first value of largest magnitude in each slice, the coordinates along ``dim`` dropped.
 
     >>> import xarray as xr
     >>> float(absmax(xr.DataArray([[1.0, -3.0]], dims=("source", "hidden")))[0])
