@@ -109,8 +109,8 @@ def deletion(
         inputs, targets: as given to the attribution method (``targets=None`` regenerates).
         fractions: an int ``n`` for ``0, 1/n, ..., 1``, or increasing fractions in [0, 1]
             starting at 0.
-        baseline: ``"pad"`` (default), ``"unk"``, ``"zeros"`` or a tensor broadcastable to the
-            embeddings ``[B, L, H]``.
+        baseline: ``"pad"`` (default), ``"unk"``, ``"zeros"``, a classifier's ``"mask"``, a
+            tensor broadcastable to the embeddings ``[B, L, H]``, or an int tensor of token ids.
         objective: what is scored; default: the attribution's ``objective`` attr when it is one of
             ``"probability"``, ``"logprob"``, ``"logit"``, else ``"probability"``.
         contrast: the contrast texts of a contrastive attribution.
@@ -151,7 +151,7 @@ def insertion(
         fractions: an int ``n`` for ``0, 1/n, ..., 1``, or increasing fractions in [0, 1]
             starting at 0: the share of the ranked sources put back.
         baseline: what the sources not (yet) put back are replaced by: ``"pad"`` (default),
-            ``"unk"``, ``"zeros"`` or a tensor broadcastable to the embeddings ``[B, L, H]``.
+            ``"unk"``, ``"zeros"``, ``"mask"`` or a tensor (embeddings, or token ids), as :func:`deletion`'s.
 
     Returns:
         DataArray ``([example,] target, fraction)`` of objective values, with coordinates
@@ -187,7 +187,7 @@ def comprehensiveness(
         fractions: the shares ``k`` removed: an int ``n`` for ``1/n, ..., 1``, or distinct
             fractions in (0, 1] (default ERASER's ``(0.01, 0.05, 0.1, 0.2, 0.5)``).
         baseline: what the removed sources are replaced by: ``"pad"`` (default), ``"unk"``,
-            ``"zeros"`` or a tensor broadcastable to the embeddings ``[B, L, H]``.
+            ``"zeros"``, ``"mask"`` or a tensor (embeddings, or token ids), as :func:`deletion`'s.
 
     Returns:
         DataArray ``([example,] target, fraction)`` with coordinates ``aopc`` (the mean over
@@ -222,7 +222,7 @@ def sufficiency(
         fractions: the shares ``k`` kept: an int ``n`` for ``1/n, ..., 1``, or distinct
             fractions in (0, 1] (default ERASER's ``(0.01, 0.05, 0.1, 0.2, 0.5)``).
         baseline: what the sources not kept are replaced by: ``"pad"`` (default), ``"unk"``,
-            ``"zeros"`` or a tensor broadcastable to the embeddings ``[B, L, H]``.
+            ``"zeros"``, ``"mask"`` or a tensor (embeddings, or token ids), as :func:`deletion`'s.
 
     Returns:
         DataArray ``([example,] target, fraction)`` of drops ``f(x) - f(kept)``, with
@@ -257,7 +257,7 @@ def loo_correlation(
     Arguments:
         model, attribution, inputs, targets and the other options: as :func:`deletion`.
         baseline: what each left-out source is replaced by: ``"pad"`` (default), ``"unk"``,
-            ``"zeros"`` or a tensor broadcastable to the embeddings ``[B, L, H]``.
+            ``"zeros"``, ``"mask"`` or a tensor (embeddings, or token ids), as :func:`deletion`'s.
 
     Returns:
         DataArray ``([example,] target, source)`` of drops (NaN where the target does not see

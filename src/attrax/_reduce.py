@@ -137,7 +137,8 @@ def mean(da: xr.DataArray, dim: str) -> xr.DataArray:
     >>> float(mean("hidden")(xr.DataArray([[1.0, 3.0]], dims=("source", "hidden")))[0])
     2.0
     """
-    return da.sum(dim, skipna=True, min_count=1) / da.notnull().sum(dim)
+    total = da.sum(dim, skipna=True, min_count=1)
+    return total / da.notnull().sum(dim).astype(total.dtype)  # an int count made it float64
 
 
 @_reduction("hidden")

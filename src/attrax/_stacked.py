@@ -128,8 +128,8 @@ def stack_models(models: Sequence[Model], names: Sequence[str] | None = None) ->
 
     Returns:
         A ``StackedModel``, to pass as ``model`` to the supported methods: ``targets`` must be
-        given, ``inputs`` are texts (no pairs), and ``layers``, ``mode="forward"`` and named
-        baselines other than ``"zeros"`` are refused. A result is the method's with a leading
+        given, ``inputs`` are texts (no pairs), and ``layers``, ``mode="forward"``, named
+        baselines other than ``"zeros"`` and token-id baselines are refused. A result is the method's with a leading
         ``model`` dim: ``(model, [example,] target, source[, hidden])``.
 
     >>> import attrax as ax
