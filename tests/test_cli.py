@@ -384,6 +384,14 @@ def test_usage_errors_exit_2(capsys):
     assert exit_.value.code == 2
     assert "--input" in capsys.readouterr().err
     assert main([]) == 2
+    capsys.readouterr()  # the help main([]) prints
+    # argparse's own errors are one line too: it printed the usage block above (until 2026-12-06)
+    for args in (["attribute", "--input", "a", "--steps", "-3"], ["bogus"], ["evaluate"]):
+        with pytest.raises(SystemExit) as exit_:
+            main(args)
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and err.startswith("attrax: error: "), err
+        assert err.count("\n") == 1 and "--help')" in err, err
 
 
 def test_attribute_dataset_command(tmp_path, capsys, write_jsonl):

@@ -17,7 +17,7 @@ import logging
 import re
 import sys
 from collections.abc import Callable, Iterator, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from ._names import METHODS
 
@@ -77,11 +77,19 @@ def _no_length_warning(record: logging.LogRecord) -> bool:
     return not record.getMessage().startswith("Token indices sequence length is longer")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser whose usage errors are one line, as attrax's own are (argparse printed
+    the whole usage block, up to 12 lines, above it); sub-parsers are of this class too."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"attrax: error: {message} (see '{self.prog} --help')\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argparse parser of the ``attrax`` command (one sub-parser per command)."""
     from ._version import __version__
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="attrax",
         description="Attribution for Hugging Face language models: what each generated token "
         "is based on.",
