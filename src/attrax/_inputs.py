@@ -411,6 +411,7 @@ def check_example(
     >>> import attrax as ax
     >>> check_example(ax.load_model(), "3 1 4 =", " 4 1 3")
     """
+    positions = _materialized(positions)
     if pair is not None and model.task == "generation":
         raise InputError(
             f"`{names[0]}_pair` is the second text of a classifier's (text, text_pair) input; "
@@ -587,11 +588,10 @@ def _select(
     positions: Any, available: tuple[int, ...], length: int, where: str = ""
 ) -> tuple[int, ...]:
     """The target positions of one example (``where``: its index in a batch, ``"[i]"``) that
-    ``positions`` selects: every one of them must be one of that example's."""
+    ``positions`` (as :func:`_materialized` gives them) selects: every one of them must be one
+    of that example's."""
     if positions is None:
         return available
-    if isinstance(positions, torch.Tensor) and not positions.is_floating_point():
-        positions = positions.tolist()  # a tensor of positions, as numpy's arrays are taken
     wanted = [positions] if _integral(positions) else positions
     # a string's digits, a float's floor or a bool are no positions: refused, not read as ints
     if isinstance(positions, (str, bytes)) or not isinstance(wanted, Iterable):
@@ -661,8 +661,6 @@ def _sorted_as(
     with ``positions=[3, 1]`` is class 2 at 3 and class 0 at 1."""
     if values is None or positions is None or len(values) != len(chosen) or len(chosen) < 2:
         return values
-    if isinstance(positions, torch.Tensor):
-        positions = positions.tolist()
     given = [int(p) + length if int(p) < 0 else int(p) for p in positions]
     return tuple(values[given.index(p)] for p in chosen)
 
