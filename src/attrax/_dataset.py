@@ -224,10 +224,11 @@ def attribute_dataset(
 
     Each line is ``{"input": str, "target": str (optional), "id": str|int (optional)}`` (other
     keys are ignored, but ``"corrupted"``/``"corrupted_pair"``, the corrupted input that
-    ``attribution_patching`` reads; blank lines skipped); a classifier's records may add ``"input_pair"`` (the
-    second text of an NLI-style pair) and ``"label"`` (the true label: a label name or class id),
-    and any record ``"contrast"`` (what its target is explained against: a text aligned with it,
-    or a class; the method gets each record's own, and must take ``contrast``). Either every
+    ``attribution_patching`` reads; blank lines skipped); a classifier's records may add
+    ``"input_pair"`` (the second text of an NLI-style pair) and ``"label"`` (the true label: a
+    label name or class id), and any record ``"contrast"`` (what its target is explained
+    against: a text aligned with it, or a class; the method gets each record's own, and must
+    take ``contrast``). Either every
     record has a ``target`` or none has (then targets are generated); the same for ``label`` and
     ``contrast``. Shards hold ``(example, target, source)`` arrays whose ``example`` coordinate is
     the record's 0-based line number in the file, with an ``id`` coordinate when the file gives
@@ -304,6 +305,7 @@ def attribute_dataset(
     if resolved.get("layers") is not None:
         _check_layers(model, resolved["layers"])
     shards = -(-scan.records // shard_size)
+    local = None  # a model given by path, as a path
     if isinstance(model, Model):
         model_name = model.name
     elif model is None:
@@ -320,9 +322,9 @@ def attribute_dataset(
         "shard_size": shard_size,
         "options": _as_json(resolved),
     }
-    if isinstance(model, str | os.PathLike) and check.local_path(model, "model").is_dir():
+    if local is not None and local.is_dir():
         # its files' contents: a checkpoint saved over the directory is another model
-        run["model_sha256"] = _directory_sha256(Path(model).expanduser())
+        run["model_sha256"] = _directory_sha256(local)
     if dtype is not None:  # only when given: runs from before this option still resume
         run["dtype"] = str(dtype).removeprefix("torch.")
     elif isinstance(model, Model):  # a model object's own: shards of one run share it

@@ -436,8 +436,8 @@ def evaluate(
     # a local directory by its absolute path: a worker's working directory may be another one
     where = (
         spec
-        if spec is None or not check.local_path(spec, "model").exists()
-        else str(check.local_path(spec, "model").resolve())
+        if spec is None or not (local := check.local_path(spec, "model")).exists()
+        else str(local.resolve())
     )
     pool = _distributed.Pool(where, device, dtype, workers=workers, scheduler=scheduler)
     try:
@@ -892,7 +892,7 @@ def _agreement(metric: str, relevance: np.ndarray, methods: int, top_k: int) -> 
                 continue
             # the tokens tied at the k-th place are all in the top (not the first by position),
             # over the larger top: identical rankings share all, tied or not
-            top_x, top_y = x >= np.sort(x)[-top_k], y >= np.sort(y)[-top_k]
+            top_x, top_y = _inclusion(x, top_k) > 0, _inclusion(y, top_k) > 0
             shared = float((top_x & top_y).sum())
             out[a, b, e, t] = shared / max(int(top_x.sum()), int(top_y.sum()))
         elif metric == "spearman":

@@ -151,7 +151,8 @@ def insertion(
         fractions: an int ``n`` for ``0, 1/n, ..., 1``, or increasing fractions in [0, 1]
             starting at 0: the share of the ranked sources put back.
         baseline: what the sources not (yet) put back are replaced by: ``"pad"`` (default),
-            ``"unk"``, ``"zeros"``, ``"mask"`` or a tensor (embeddings, or token ids), as :func:`deletion`'s.
+            ``"unk"``, ``"zeros"``, ``"mask"`` or a tensor (embeddings, or token ids), as
+            :func:`deletion`'s.
 
     Returns:
         DataArray ``([example,] target, fraction)`` of objective values, with coordinates

@@ -325,11 +325,12 @@ class Model:
         if not isinstance(ids, torch.Tensor) or ids.is_floating_point() or ids.dtype == torch.bool:
             raise InputError(f"`ids` must be an int tensor of token ids, got {ids!r}")
         rows = self.embedding_rows(side)
-        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= rows):
-            raise InputError(
-                f"`ids` holds ids outside the {side} embedding's 0..{rows - 1}: "
-                f"{int(ids.min())}..{int(ids.max())}"
-            )
+        if ids.numel():
+            low, high = (int(v) for v in torch.aminmax(ids))  # one pass, one device sync
+            if low < 0 or high >= rows:
+                raise InputError(
+                    f"`ids` holds ids outside the {side} embedding's 0..{rows - 1}: {low}..{high}"
+                )
         ids = ids.to(self.device)
         if side == "target" and self.is_encoder_decoder:
             return self._target_embedding(ids)

@@ -91,7 +91,8 @@ ATTRS: dict[str, str] = {
     "objective": "what is attributed at each target ('probability', 'logprob', 'logit', ...)",
     "options": "a JSON string of every option of the call, defaults included",
     "attrax_version": "the attrax version that computed it",
-    "model_dtype": "the model's parameters' dtype ('float32', 'bfloat16', ...); results are float32",
+    "model_dtype": "the model's parameters' dtype ('float32', 'bfloat16', ...); results are "
+    "float32",
     "subwords": "the tokenizer's sub-word scheme ('byte-level', 'sentencepiece', 'wordpiece' or "
     "'word-level'), read from its vocabulary: how merge_subwords finds words",
     "reductions": "the reductions applied, ';'-separated, e.g. 'l2_norm(hidden);normalize(source)'",

@@ -129,7 +129,8 @@ def stack_models(models: Sequence[Model], names: Sequence[str] | None = None) ->
     Returns:
         A ``StackedModel``, to pass as ``model`` to the supported methods: ``targets`` must be
         given, ``inputs`` are texts (no pairs), and ``layers``, ``mode="forward"``, named
-        baselines other than ``"zeros"`` and token-id baselines are refused. A result is the method's with a leading
+        baselines other than ``"zeros"`` and token-id baselines are refused. A result is the
+        method's with a leading
         ``model`` dim: ``(model, [example,] target, source[, hidden])``.
 
     >>> import attrax as ax
