@@ -1,5 +1,5 @@
-"""``python -m benchmarks run|classifiers|question-answering|masked-lm|nli|seq2seq-qa|report|
-real-size|long-attention|budgets|methods|calibrate|models``: the one entry point (see README.md)."""
+"""``python -m benchmarks run|classifiers|question-answering|masked-lm|nli|seq2seq-qa|step-scores|
+report|real-size|long-attention|budgets|methods|calibrate|models``: the one entry point (see README.md)."""
 
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ def main(argv: list[str] | None = None) -> int:
         question_answering,
         real_size,
         report,
+        step_scores,
     )
 
     harness.parser(sub.add_parser("run", help="parity gate, then time and memory (CPU or GPU)"))
@@ -36,6 +37,9 @@ def main(argv: list[str] | None = None) -> int:
     nli.parser(
         sub.add_parser("seq2seq-qa", help="N2: a BART-shaped encoder-decoder answerer"),
         "seq2seq_qa",
+    )
+    step_scores.parser(
+        sub.add_parser("step-scores", help="S1: step scores against Inseq's step functions")
     )
     r = sub.add_parser("report", help="render the docs from the committed results JSON")
     r.add_argument("--cpu", default=report.CPU_RESULTS, help="CPU results JSON")
@@ -74,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
         return nli.run(nli.defaults(args), argv)
     if args.command == "seq2seq-qa":
         return nli.run_qa(nli.defaults(args, "seq2seq-qa"), argv)
+    if args.command == "step-scores":
+        return step_scores.run(step_scores.defaults(args))
     if args.command == "classifiers-worker":
         classify.worker(args.spec)
         return 0

@@ -433,6 +433,7 @@ def render_cpu(
     out += _classifier_section(results.get("classifiers"))
     out += _question_answering_section(results.get("question_answering"))
     out += _masked_lm_section(results.get("masked_lm"))
+    out += _step_scores_section(results.get("step_scores"))
     out += _nli_section(results.get("nli"))
     out += _seq2seq_qa_section(results.get("seq2seq_qa"))
     out += _real_size_section(real_size or {})
@@ -730,6 +731,63 @@ def _masked_lm_section(results: dict[str, Any] | None) -> list[str]:
         "call per mask."
     )
     return _task_section("Masked LM (M1)", results, about)
+
+
+def _step_scores_section(results: dict[str, Any] | None) -> list[str]:
+    """Step scores against Inseq's step functions (S1) of ``python -m benchmarks step-scores``."""
+    if not results:
+        return []
+    meta, v = results["meta"], results["meta"]["versions"]
+    kind = "a quick run (`--quick`)" if meta["quick"] else "a full run"
+    first = {r["workload"]: r["first_difference"] for r in results["parity"] if "score" not in r}
+    out = ["## Step scores against Inseq (S1)\n"]
+    w = out.append
+    w(
+        f"Recorded from {kind}: `{meta['command']}`, {meta['started']} – "
+        f"{meta.get('finished', '?')}, {meta['threads']} threads; inseq {v.get('inseq')}, "
+        f"transformers {v.get('transformers')}. W1 and W2's models, a prompt and a target of "
+        f"{meta['lengths'][0]} and {meta['lengths'][1]} tokens. Inseq computes step scores "
+        "beside an attribution, here its `dummy` method (no attribution), one forward per "
+        "target step; attrax's `step_scores` is one teacher-forced forward. Each group is one "
+        "call per library, timed in float32 in one process, calls alternated, median of "
+        f"{meta['repeats']}; the clocks start at the texts.\n"
+    )
+    w("| workload | scores | attrax (s) | Inseq (s) | attrax's speed-up |")
+    w("|---|---|---|---|---|")
+    groups = {
+        "basic": "probability, logit, entropy",
+        "pair": "crossentropy, perplexity (two examples)",
+        "contrast": "contrast_prob, contrast_logit, contrast_prob_diff, contrast_logit_diff",
+        "inputs": "kl_divergence, pcxmi (and Inseq's in_context_pvi)",
+    }
+    for r in results["runs"]:
+        w(
+            f"| {r['workload']} | {groups[r['group']]} | {_fmt_s(r['attrax_s'])} | "
+            f"{_fmt_s(r['inseq_s'])} | **{_fmt_x(r['speedup'])}** |"
+        )
+    w("")
+    w(
+        "Parity before timing, on float64 copies of the models (max |attrax − Inseq| / max "
+        "|Inseq|, attrax's value stated as Inseq states it):\n"
+    )
+    for r in results["parity"]:
+        if "score" in r:
+            name = r["score"] if r["inseq"] == r["score"] else f"{r['score']} ({r['inseq']})"
+            w(f"- {r['workload']} {name}: {'ok' if r['ok'] else 'FAILED'} ({r['error']:.1e})")
+    w(
+        "\nHow Inseq 0.7 states them: its `perplexity` is `2 ** crossentropy` with the "
+        "crossentropy in nats (attrax: `exp`, so `1 / p`); its `pcxmi` is `log2 q(yₜ) − "
+        "log2 p(yₜ)`, the negative of attrax's in bits; its `in_context_pvi` is "
+        "`log q(yₜ) − log p(yₜ)`, attrax's `-pcxmi`. Its `contrast_*` scores take the contrast "
+        "token after the contrast's own prefix, attrax's after the target's (Yin & Neubig's "
+        "foil): the contrast here shares the target's first tokens, and the two are compared up "
+        "to the first token that differs ("
+        + ", ".join(f"{wl}: step {k}" for wl, k in first.items())
+        + "). Inseq's `crossentropy` fails on one sequence (its target ids squeeze to a 0-d "
+        "tensor) and Inseq runs a decoder-only model's given targets one sequence at a time, "
+        "so the `pair` group runs on W2 only.\n"
+    )
+    return out
 
 
 def _nli_section(results: dict[str, Any] | None) -> list[str]:

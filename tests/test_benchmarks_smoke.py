@@ -798,3 +798,54 @@ def test_the_nli_section_renders_from_a_recorded_run():
     results["meta"]["pairs"] = list(nli.QA_PAIRS)
     text = "\n".join(report._seq2seq_qa_section(results))
     assert "## Encoder-decoder question answering (N2)" in text and "12 + 33 tokens, 49" in text
+
+
+# not the tiny Marian: it scales its embeddings, which Inseq 0.7 does twice (benchmarks/README.md)
+@pytest.mark.parametrize("arch", ["gpt2", "bart"])
+def test_step_scores_equal_inseqs_step_functions_as_inseq_states_them(arch):
+    pytest.importorskip("inseq")  # the bench venv's (benchmarks/setup_bench_env.sh)
+    from benchmarks import step_scores
+    from benchmarks.baselines import inseq_load
+
+    from attrax.testing import tiny_model
+
+    hf, tok = tiny_model(arch)
+    hf = hf.double()
+    model = ax.load_model(hf, tokenizer=tok)
+    target, contrast = " 3 2 1 0", " 3 2 7 0"
+    encode = {"add_special_tokens": arch != "gpt2"}
+    ids = [tok(t, **encode)["input_ids"] for t in (target, contrast)]
+    assert len(ids[0]) == len(ids[1])
+    first = next(i for i, (a, b) in enumerate(zip(*ids, strict=True)) if a != b)
+    c = step_scores.Case(arch, ["1 2 3 =", "4 5 6 ="], target, contrast, first)
+    handle, _ = inseq_load(hf, tok, "dummy")
+    for group in step_scores.GROUPS:
+        if group == "pair" and c.decoder_only:
+            continue  # Inseq's crossentropy fails on one sequence
+        ours = step_scores.attrax_scores(model, c, group)[0]
+        theirs = step_scores.inseq_scores(handle, c, group)[0]
+        rows = step_scores.compare(ours, theirs, c, group)
+        assert all(r["ok"] for r in rows), rows
+        # the comparison can fail: Inseq's own perplexity and P-CXMI are not attrax's
+        for name in {"pair": "perplexity", "inputs": "pcxmi"}.get(group, ()):
+            if name in ours:
+                assert step_scores.rel_err(ours[name], theirs[name]) > 1e-2
+
+
+def test_the_step_scores_section_renders_from_a_recorded_run():
+    results = {
+        "meta": dict(
+            quick=True, command="python -m benchmarks step-scores --quick", started="s",
+            finished="f", threads=2, lengths=[32, 32], repeats=1, versions={"inseq": "0.7.0"},
+        ),
+        "runs": [dict(workload="W1", group="inputs", attrax_s=0.25, inseq_s=40.0, speedup=160.0)],
+        "parity": [
+            dict(workload="W1", first_difference=17),
+            dict(workload="W1", group="inputs", score="in_context_pvi", inseq="pcxmi",
+                 error=1.7e-14, ok=True),
+        ],
+    }  # fmt: skip
+    text = "\n".join(report._step_scores_section(results))
+    assert "## Step scores against Inseq (S1)" in text and "W1: step 17" in text
+    assert "| W1 | kl_divergence, pcxmi (and Inseq's in_context_pvi) | 0.250 | 40.0" in text
+    assert "- W1 in_context_pvi (pcxmi): ok (1.7e-14)" in text

@@ -866,6 +866,11 @@ def test_a_multi_label_head_attributes_each_labels_sigmoid():
     np.testing.assert_allclose(scores.sel(score="probability").values, sigmoids, rtol=1e-5)
     with pytest.raises(ax.OptionError, match=r"`scores` 'entropy': .* multi-label head"):
         ax.step_scores(model, text, scores="entropy")
+    # a contrast label is its own sigmoid too
+    names = ["contrast_prob", "contrast_prob_diff", "contrast_logit_diff"]
+    against = ax.step_scores(model, text, 0, scores=names, contrast=1).values[0]
+    want = [sigmoids[1], sigmoids[0] - sigmoids[1], logits[0] - logits[1]]
+    np.testing.assert_allclose(against, torch.stack(want).detach().numpy(), rtol=1e-5)
 
 
 def test_a_token_classifiers_targets_pair_with_positions_in_the_order_given(classifiers):

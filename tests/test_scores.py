@@ -97,18 +97,30 @@ def test_contrast_input_scores(models, arch):
     assert got.target.values.tolist() == list(range(first, first + len(target_ids)))
 
 
-def test_contrast_prob_diff(models):
-    model = models["llama"]
+@pytest.mark.parametrize("arch", ["llama", "bart"])
+def test_target_side_contrast_scores(models, arch):
+    model = models[arch]
     contrast = " Rome"
     # aligned token by token, and another token: a contrast equal to the target gives p - p = 0
     contrast_ids, target_ids = (_naive.token_ids(model, SOURCE, t)[1] for t in (contrast, TARGET))
     assert len(contrast_ids) == len(target_ids) and contrast_ids != target_ids
-    got = step_scores(model, SOURCE, TARGET, scores="contrast_prob_diff", contrast=contrast)
+    names = ["contrast_prob", "contrast_logit", "contrast_prob_diff", "contrast_logit_diff"]
+    got = step_scores(model, SOURCE, TARGET, scores=names, contrast=contrast)
     logits, target_ids, first = hf_logits(model, SOURCE, TARGET)
-    probs = torch.softmax(predicting_rows(logits, first, len(target_ids)), -1)
-    rows = torch.arange(len(target_ids))
-    want = probs[rows, torch.tensor(target_ids)] - probs[rows, torch.tensor(contrast_ids)]
-    np.testing.assert_allclose(got.sel(score="contrast_prob_diff"), want.numpy(), atol=1e-7)
+    rows = predicting_rows(logits, first, len(target_ids))
+    probs = torch.softmax(rows, -1)
+    at = torch.arange(len(target_ids))
+    y, c = torch.tensor(target_ids), torch.tensor(contrast_ids)
+    want = {
+        "contrast_prob": probs[at, c],
+        "contrast_logit": rows[at, c],
+        "contrast_prob_diff": probs[at, y] - probs[at, c],
+        "contrast_logit_diff": rows[at, y] - rows[at, c],
+    }
+    for name, value in want.items():
+        np.testing.assert_allclose(
+            got.sel(score=name), value.numpy(), rtol=1e-5, atol=1e-7, err_msg=name
+        )
     assert got.contrast_id.values.tolist() == contrast_ids
 
 
@@ -148,6 +160,13 @@ def test_bad_arguments_raise(models):
         step_scores(model, SOURCE, TARGET, scores="pcxmi")
     with pytest.raises(ax.OptionError, match="need `contrast`"):
         step_scores(model, SOURCE, TARGET, scores="contrast_prob_diff")
+    # Inseq's names for scores attrax spells otherwise say what to use
+    with pytest.raises(
+        ax.OptionError, match=r"Inseq's 'contrast_logits_diff': 'contrast_logit_diff'"
+    ):
+        step_scores(model, SOURCE, TARGET, scores="contrast_logits_diff", contrast=TARGET)
+    with pytest.raises(ax.OptionError, match=r"Inseq's 'in_context_pvi': -pcxmi"):
+        step_scores(model, SOURCE, TARGET, scores="in_context_pvi")
     with pytest.raises(ax.OptionError, match="twice"):
         step_scores(model, SOURCE, TARGET, scores=["entropy", "entropy"])
     # a contrast no requested score reads changed nothing, silently

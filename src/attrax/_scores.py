@@ -30,12 +30,23 @@ SCORES = (
     "entropy",
     "crossentropy",
     "perplexity",
+    "contrast_prob",
+    "contrast_logit",
     "contrast_prob_diff",
+    "contrast_logit_diff",
     "kl_divergence",
     "pcxmi",
 )
-NEEDS_CONTRAST = ("contrast_prob_diff",)
+NEEDS_CONTRAST = ("contrast_prob", "contrast_logit", "contrast_prob_diff", "contrast_logit_diff")
 NEEDS_CONTRAST_INPUTS = ("kl_divergence", "pcxmi")
+#: Inseq's step functions attrax names otherwise or leaves out, and what to use instead
+INSEQ_NAMES = {
+    "contrast_logits": "'contrast_logit'",
+    "contrast_logits_diff": "'contrast_logit_diff'",
+    "in_context_pvi": "-pcxmi (log q(y_t) - log p(y_t), in nats as Inseq's)",
+    "top_p_size": "no such score in attrax: count the tokens from the logits",
+    "mc_dropout_prob_avg": "no such score in attrax (it needs dropout at inference)",
+}
 
 
 _ONE_FORWARD = "step scores come from one teacher-forced forward"
@@ -73,8 +84,10 @@ def step_scores(
       by how much; negative by how far it trails the top one;
     - ``entropy`` ``-sum_v p(v) log p(v)``; ``crossentropy`` ``-log p(y_t)``;
       ``perplexity`` ``exp(crossentropy) = 1 / p(y_t)`` (per step, not averaged);
-    - ``contrast_prob_diff`` ``p(y_t) - p(c_t)`` with ``contrast`` a text aligned token by token
-      with the target (as for the gradient methods);
+    - ``contrast_prob`` ``p(c_t)``, ``contrast_logit`` the logit of ``c_t``, ``contrast_prob_diff``
+      ``p(y_t) - p(c_t)`` and ``contrast_logit_diff`` (Yin & Neubig 2022) the logit of ``y_t``
+      minus that of ``c_t``, with ``contrast`` a text aligned token by token with the target (as
+      for the gradient methods): ``c_t`` is scored in the target's context ``y_<t``;
     - ``kl_divergence`` ``KL(p || q)`` and ``pcxmi`` ``log p(y_t) - log q(y_t)``, where ``q`` is the
       distribution when ``contrast_inputs`` (another prompt / source text) replaces ``inputs``
       while the target tokens stay the same (Inseq's contrast sources).
@@ -83,7 +96,7 @@ def step_scores(
         model, inputs, targets, positions, max_new_tokens: as :func:`attrax.saliency`.
         scores: a score name or a list of them, in the order wanted along ``score``; None:
             ``"probability"`` (``"logit"``, the value, for a regression head).
-        contrast: target-side contrast for ``contrast_prob_diff``.
+        contrast: target-side contrast for the ``contrast_*`` scores.
         contrast_inputs: input-side contrast for ``kl_divergence`` and ``pcxmi``.
 
     Returns:
@@ -222,7 +235,10 @@ _HEAD_SCORES = {
         "logit",
         "crossentropy",
         "perplexity",
+        "contrast_prob",
+        "contrast_logit",
         "contrast_prob_diff",
+        "contrast_logit_diff",
     ),
     "regression": ("logit",),
 }
@@ -261,7 +277,12 @@ def _columns(
         "entropy": lambda: _entropy(logp),
         "crossentropy": lambda: -logprob,
         "perplexity": lambda: (-logprob).exp(),
+        "contrast_prob": lambda: _pick(logp, _given(t.contrast_ids)).exp(),
+        "contrast_logit": lambda: _pick(logits, _given(t.contrast_ids)),
         "contrast_prob_diff": lambda: logprob.exp() - _pick(logp, _given(t.contrast_ids)).exp(),
+        "contrast_logit_diff": lambda: (
+            _pick(logits, t.target_ids) - _pick(logits, _given(t.contrast_ids))
+        ),
         "kl_divergence": lambda: _kl(logp, _given(other)),
         "pcxmi": lambda: logprob - _pick(_given(other), t.target_ids),
     }
@@ -284,7 +305,10 @@ def _names(scores: str | Sequence[str]) -> tuple[str, ...]:
         raise OptionError(f"`scores` must be a score name or a non-empty list of them: {SCORES}")
     for name in names:
         if name not in SCORES:
-            raise OptionError(f"`scores` contains unknown score {name!r}; valid scores: {SCORES}")
+            inseq = f" (Inseq's {name!r}: {INSEQ_NAMES[name]})" if name in INSEQ_NAMES else ""
+            raise OptionError(
+                f"`scores` contains unknown score {name!r}{inseq}; valid scores: {SCORES}"
+            )
     if len(set(names)) != len(names):
         raise OptionError(f"`scores` lists a score twice: {list(names)}")
     return tuple(names)
