@@ -532,3 +532,27 @@ def test_local_workers_leave_a_terminals_interrupt_to_this_process():
         pool.close()
     assert first and restarted
     assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_a_workers_threads_load_its_model_once(monkeypatch):
+    """Threads of one worker each loaded the model when none was cached yet (transformers'
+    concurrent loads can come back without tied weights) until 2026-12-06."""
+    import threading
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    from attrax import _distributed, _model
+
+    loads = []
+
+    def slow_load(spec, **kwargs):
+        loads.append(threading.get_ident())
+        time.sleep(0.2)
+        return object()
+
+    monkeypatch.setattr(_model, "load_model", slow_load)
+    monkeypatch.setattr(_distributed, "_MODELS", {})
+    where = ("some/path", None, None, None)
+    with ThreadPoolExecutor(4) as pool:
+        models = list(pool.map(lambda _: _distributed.worker_model(where), range(4)))
+    assert len(loads) == 1 and all(m is models[0] for m in models)

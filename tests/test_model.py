@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
+import xarray as xr
 from safetensors.torch import load_file, save_file
 
 import attrax as ax
@@ -530,3 +531,80 @@ def test_the_adapters_public_methods_check_what_they_are_given():
         model.generate("1 2 =", max_new_tokens=2)
     with pytest.raises(ax.InputError, match=r"`hidden` must be a tensor"):
         model.head("x")
+
+
+def _paused(hf, block: torch.nn.Module, first, second, wait: float = 0.5) -> dict[str, object]:
+    """Run ``second`` in a thread that pauses at ``block``'s first forward, and ``first`` in this
+    thread while it is paused (when nothing makes ``first`` wait); both results, or the error."""
+    import threading
+
+    paused, done = threading.Event(), threading.Event()
+    out: dict[str, object] = {}
+
+    def hook(module, args):
+        if threading.current_thread().name == "second" and not paused.is_set():
+            paused.set()
+            done.wait(wait)  # first runs meanwhile, unless it waits for this call to end
+
+    def run(key, fn):
+        try:
+            out[key] = fn()
+        except Exception as err:  # the test reports what a racing call raised
+            out[key] = err
+
+    handle = block.register_forward_pre_hook(hook)
+    thread = threading.Thread(target=run, args=("second", second), name="second")
+    thread.start()
+    paused.wait(5)
+    run("first", first)
+    done.set()
+    thread.join()
+    handle.remove()
+    return out
+
+
+def test_two_wrappers_of_one_model_take_turns():
+    """The lock was each wrapper's until 2026-12-06: a call through another wrapper of the same
+    Hugging Face model ran inside a paused call, and LRP's attention was left on the model."""
+    hf, tok = tiny_model("gpt2")
+    one, two = ax.load_model(hf, tokenizer=tok), ax.load_model(hf, tokenizer=tok)
+    assert one.call_lock is two.call_lock
+    first = lambda: ax.attention(one, "The capital of France is", " Paris")  # noqa: E731
+    second = lambda: ax.lrp(two, "The capital of Spain is", " Paris")  # noqa: E731
+    alone = {"first": first(), "second": second()}
+    got = _paused(hf, hf.transformer.h[1], first, second)
+    for key, want in alone.items():
+        xr.testing.assert_allclose(got[key], want)
+    assert hf.config._attn_implementation == "eager"
+    hf(input_ids=torch.tensor([[1, 2, 3]]))  # still runs outside attrax
+
+
+def test_a_users_own_forward_on_a_module_is_kept():
+    """A forward set on a module instance (a user's or accelerate's wrapper) was deleted by the
+    methods that patch activations and LRP's layers until 2026-12-06."""
+    hf, tok = tiny_model("llama")
+    model = ax.load_model(hf, tokenizer=tok)
+    wrappers = {}
+    for module in hf.modules():
+        original = module.forward
+        wrappers[module] = module.forward = lambda *a, original=original, **k: original(*a, **k)
+    for method in (ax.saliency, ax.lrp):
+        method(model, *PAIRS[0])
+        assert all(module.__dict__.get("forward") is w for module, w in wrappers.items())
+
+
+def test_concurrent_loads_each_load_whole_and_leave_the_logging_as_found(tmp_path):
+    """Concurrent loads are one at a time: transformers' from_pretrained is not thread-safe, and
+    attrax silences its logging for a load (it was left silenced)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from transformers.utils import logging as hf_logging
+
+    path = save_tiny_model("gpt2", tmp_path / "gpt2")
+    before = hf_logging.get_verbosity()
+    with ThreadPoolExecutor(4) as pool:
+        models = list(pool.map(lambda _: ax.load_model(path), range(8)))
+    assert hf_logging.get_verbosity() == before
+    want = ax.saliency(models[0], *PAIRS[0])
+    for model in models[1:]:
+        xr.testing.assert_allclose(ax.saliency(model, *PAIRS[0]), want)

@@ -357,3 +357,19 @@ def test_an_objective_that_fails_is_named_with_the_shapes_it_got(default_model):
         ax.saliency(
             default_model, "1 2 3 =", " 3 2 1", objective=lambda logits, ids: logits[..., 10**9]
         )
+
+
+def test_a_method_called_from_inside_a_differentiating_method_is_refused(default_model):
+    """An objective that calls attrax ran the inner call under the outer one's transforms and
+    patched modules: torch's RuntimeError (LRP's AttributeError) until 2026-12-06."""
+
+    def nested(logits, ids):
+        ax.saliency(default_model, "1 2 =", " 2 1")
+        return logits.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+
+    before = ax.saliency(default_model, "1 2 3 =", " 3 2 1")
+    for method in (ax.saliency, ax.lrp):
+        with pytest.raises(ax.OptionError, match=f"saliency was called while {method.__name__}"):
+            method(default_model, "1 2 3 =", " 3 2 1", objective=nested)
+    # the refusal is this call's: the model runs on afterwards, as before
+    xr.testing.assert_identical(ax.saliency(default_model, "1 2 3 =", " 3 2 1"), before)

@@ -140,3 +140,18 @@ def test_a_contrast_is_each_models_own(checkpoints):
             alone = ax.saliency(model, inputs, targets, contrast=given)
             assert_close(got.isel(model=i).values, alone.values, rtol=1e-9)
         assert json.loads(got.attrs["options"])["contrast"] == given
+
+
+def test_a_stack_used_from_threads_gives_each_calls_own_rows():
+    """A stack set the examples per model of a call before it took the lock: threads' calls of
+    1 and 3 examples read each other's count (wrong values or torch's unflatten error) until
+    2026-12-06."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    stack = ax.stack_models(_checkpoints("gpt2", 2))
+    jobs = [(X[:1], Y[:1]), (X + X[:1], Y + Y[:1])] * 4
+    alone = [ax.saliency(stack, x, y) for x, y in jobs[:2]]
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda job: ax.saliency(stack, *job), jobs))
+    for i, da in enumerate(got):
+        xr.testing.assert_allclose(da, alone[i % 2])

@@ -54,6 +54,7 @@ QUIET = {
 }
 # worker side: models loaded in this process, keyed by (path, device, dtype)
 _MODELS: dict[tuple[str | None, str | None, str | None], Any] = {}
+_MODELS_LOCK = threading.Lock()
 
 
 def require() -> Any:
@@ -404,11 +405,12 @@ def worker_model(where: tuple[str | None, str | None, str | None, int | None]) -
     if device is not None and device == "cuda" and torch.cuda.device_count() > 1:
         device = f"cuda:{_rank() % torch.cuda.device_count()}"
     key = (spec, device, dtype)
-    if key not in _MODELS:
-        _MODELS[key] = load_model(
-            spec, device=device, dtype=None if dtype is None else getattr(torch, dtype)
-        )
-    return _MODELS[key]
+    with _MODELS_LOCK:  # a worker's threads load its model once
+        if key not in _MODELS:
+            _MODELS[key] = load_model(
+                spec, device=device, dtype=None if dtype is None else getattr(torch, dtype)
+            )
+        return _MODELS[key]
 
 
 def _kill_limit() -> int | None:

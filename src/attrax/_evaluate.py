@@ -1111,7 +1111,9 @@ def sanity_checks(
     for depth in range(len(blocks)):  # each randomized model is its own computation
         hf = copy.deepcopy(model.hf)
         modules = dict(hf.named_modules())
-        with torch.random.fork_rng(devices=[]):
+        # manual_seed seeds every CUDA device too: each one's state is restored with the CPU's
+        cuda = range(torch.cuda.device_count()) if torch.cuda.is_initialized() else []
+        with torch.random.fork_rng(devices=cuda):
             torch.manual_seed(seed)
             for name in blocks[: depth + 1]:
                 modules[name].apply(hf._init_weights)

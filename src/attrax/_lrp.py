@@ -58,6 +58,7 @@ from ._model import (
     apply_activation,
     backward_rule,
     can_switch,
+    instance_attributes,
     selected_keys,
 )
 from ._protocol import COMMON, Call, Param
@@ -1193,20 +1194,18 @@ def lrp_rules(model: Model, rule: str) -> Iterator[None]:
         # whatever attrax would run (eager, SDPA, eager for jvp), LRP runs its own attention
         return original(model, IMPLEMENTATION, required=True)
 
-    model.attention_as = attention_as  # type: ignore[method-assign]
-    # Gemma 2's logits: cap * tanh(z / cap), through which the identity rule passes relevance
-    model.soft_cap = _soft_cap  # type: ignore[method-assign]
-    # the memory planner then counts the [heads, L, L] weights this attention keeps
-    model.attention_for = lambda tokens, device: "eager"  # type: ignore[method-assign]
-    for module, forward in patches:
-        module.forward = functools.partial(forward, module)
+    replaced = [
+        (model, "attention_as", attention_as),
+        # Gemma 2's logits: cap * tanh(z / cap), through which the identity rule passes relevance
+        (model, "soft_cap", _soft_cap),
+        # the memory planner then counts the [heads, L, L] weights this attention keeps
+        (model, "attention_for", lambda tokens, device: "eager"),
+        *((module, "forward", functools.partial(forward, module)) for module, forward in patches),
+    ]
     try:
-        with backward_rule("identity", IDENTITY_KINDS):
+        with instance_attributes(replaced), backward_rule("identity", IDENTITY_KINDS):
             yield
     finally:
-        for module, _ in patches:
-            del module.forward
-        del model.attention_as, model.attention_for, model.soft_cap
         _ACTIVE.reset(token)
 
 

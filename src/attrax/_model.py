@@ -9,6 +9,7 @@ import math
 import os
 import re
 import threading
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -82,6 +83,43 @@ SDPA_MIN_TOKENS = 256
 # On a GPU, from this many: where the folded SDPA backward overtook eager attention on an H200
 # (docs/benchmarks-gpu.md); shorter: not measured
 SDPA_MIN_TOKENS_GPU = 1024
+
+
+#: one lock per Hugging Face model (weak: it goes with the model); see :attr:`Model.call_lock`
+_LOCKS: weakref.WeakKeyDictionary[torch.nn.Module, threading.RLock] = weakref.WeakKeyDictionary()
+_LOCKS_GUARD = threading.Lock()
+#: transformers' loading is not thread-safe (a concurrent load can come back without its tied
+#: weights), and attrax silences its logging for a load: one load at a time per process
+_LOADING = threading.Lock()
+
+
+def model_lock(module: torch.nn.Module) -> threading.RLock:
+    """The lock calls on ``module`` take turns through (made on first use)."""
+    with _LOCKS_GUARD:
+        lock = _LOCKS.get(module)
+        if lock is None:
+            lock = _LOCKS[module] = threading.RLock()
+        return lock
+
+
+_ABSENT = object()
+
+
+@contextlib.contextmanager
+def instance_attributes(patches: Sequence[tuple[object, str, Any]]) -> Iterator[None]:
+    """Set each ``(obj, name, value)`` on the instance for the block, then put back what the
+    instance had: its own attribute (a user's or accelerate's ``forward`` wrapper), or none."""
+    saved = [(obj, name, obj.__dict__.get(name, _ABSENT)) for obj, name, _ in patches]
+    for obj, name, value in patches:
+        setattr(obj, name, value)
+    try:
+        yield
+    finally:
+        for obj, name, old in reversed(saved):  # reversed: an object patched twice ends as found
+            if old is _ABSENT:
+                obj.__dict__.pop(name, None)
+            else:
+                setattr(obj, name, old)
 
 
 class Model:
@@ -158,9 +196,6 @@ class Model:
             parameter.requires_grad_(False)
         self.tokenizer = tokenizer
         self._tokens: dict[int, str] = {}  # id -> token string, filled by token_strings
-        #: held by each method call: attrax patches the model's modules for the length of a
-        #: call, so two threads' calls on one model (a Dask worker's threads) take turns
-        self.call_lock = threading.RLock()
         self.attn_implementation = attn_implementation
         config = hf_model.config
         self.name = name or getattr(config, "_name_or_path", "") or type(hf_model).__name__
@@ -295,14 +330,12 @@ class Model:
     def __repr__(self) -> str:
         return f"attrax.Model({self.name!r}, {self.model_type}, {type(self.hf).__name__})"
 
-    def __getstate__(self) -> dict[str, Any]:
-        state = dict(self.__dict__)
-        state.pop("call_lock", None)  # a lock does not pickle; each copy gets its own
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        self.call_lock = threading.RLock()
+    @property
+    def call_lock(self) -> threading.RLock:
+        """Held by each method call: attrax patches the Hugging Face model's modules for the
+        length of a call, so calls on one model take turns, through whichever :class:`Model`
+        wraps it (one lock per ``hf`` module, not per wrapper)."""
+        return model_lock(self.hf)
 
     def embedding_rows(self, side: str = "source") -> int:
         """How many token ids the embedding table of ``side`` (as :meth:`embed`) has rows for."""
@@ -951,7 +984,9 @@ def load_model(
             attributions; forward-mode calls always run eager attention.
         device, dtype: where and in which precision to run (a floating-point torch dtype or its
             name, "bfloat16"); default: as loaded (CPU, float32). A ``PreTrainedModel`` given is
-            not copied: it is moved, cast and put in eval mode with gradients off in place.
+            not copied: it is moved, cast and put in eval mode with gradients off in place,
+            and with ``attn_implementation="auto"`` it rests on eager attention (attrax switches
+            it per call).
 
     Returns:
         A :class:`Model` in eval mode with parameter gradients off.
@@ -1109,12 +1144,23 @@ def _from_pretrained(
     }
     if dtype is not None:
         kwargs["dtype"] = dtype
+    with _LOADING:
+        hf_model, info = _quietly_from_pretrained(path, auto, kwargs, config, unsupported)
+    _check_loaded(path, hf_model, info, unsupported)
+    return hf_model, where
+
+
+def _quietly_from_pretrained(
+    path: str | os.PathLike, auto: Any, kwargs: dict[str, Any], config: Any, unsupported: list[str]
+) -> tuple[PreTrainedModel, dict[str, Any]]:
+    """``auto.from_pretrained(path, **kwargs)`` without transformers' progress bar and load
+    report, its failures as :class:`ModelError`."""
     bar_was_on = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # a bar per load would drown the CLI's output
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # its load report: attrax's error below says what failed
     try:
-        hf_model, info = auto.from_pretrained(path, **kwargs)
+        return auto.from_pretrained(path, **kwargs)
     except ValueError as error:
         if unsupported:
             raise _refuse_load(path, unsupported) from None
@@ -1131,8 +1177,6 @@ def _from_pretrained(
         hf_logging.set_verbosity(verbosity)
         if bar_was_on:
             hf_logging.enable_progress_bar()
-    _check_loaded(path, hf_model, info, unsupported)
-    return hf_model, where
 
 
 # config `architectures` attrax attributes: language-model heads, decoder-only or seq2seq
@@ -1814,11 +1858,8 @@ def _first_position_only(feed_forward: tuple[torch.nn.Module, str] | None) -> It
         yield
         return
     owner, method = feed_forward
-    setattr(owner, method, _FirstPositionFeedForward(owner, method))
-    try:
+    with instance_attributes([(owner, method, _FirstPositionFeedForward(owner, method))]):
         yield
-    finally:
-        owner.__dict__.pop(method, None)
 
 
 _ONE_BACKWARD: contextvars.ContextVar[bool] = contextvars.ContextVar(
@@ -1919,14 +1960,12 @@ def activation_value(x: torch.Tensor, kind: str) -> torch.Tensor:
 @contextlib.contextmanager
 def fast_activations(modules: Sequence[torch.nn.Module]) -> Iterator[None]:
     """Run elementwise activation ``modules`` as :class:`_Activation`, for attrax's forwards only."""
-    for module in modules:
-        kind = activation_kind(module)
-        module.forward = lambda x, kind=kind: apply_activation(x, kind)
-    try:
+    forwards = [
+        (module, "forward", functools.partial(apply_activation, kind=activation_kind(module)))
+        for module in modules
+    ]
+    with instance_attributes(forwards):
         yield
-    finally:
-        for module in modules:
-            del module.forward
 
 
 @contextlib.contextmanager

@@ -14,6 +14,7 @@ attrax._errors.OptionError: saliency has no option 'steps'; its options are: abs
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import inspect
 from collections.abc import Callable, Mapping, Sequence
@@ -91,6 +92,13 @@ COMMON: dict[str, Param] = {
         "(None: half the device's free memory)",
     ),
 }
+
+
+#: the method differentiating in this thread: a call from inside it (an objective that calls
+#: attrax) would run under its transforms and patched modules, and fail in torch
+_RUNNING: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "attrax_running", default=None
+)
 
 
 @dataclass(frozen=True)
@@ -285,6 +293,13 @@ def _public(
 
     @functools.wraps(core)
     def public(*args: Any, **kwargs: Any) -> xr.DataArray:
+        outer = _RUNNING.get()
+        if outer is not None:
+            raise OptionError(
+                f"{name} was called while {outer} runs (from its objective?): {outer} "
+                "differentiates through the model with its modules patched for the call, and a "
+                "call inside it cannot run; call it before or after"
+            )
         check_names(kwargs)
         try:
             bound = signature.bind(*args, **kwargs)
@@ -301,11 +316,15 @@ def _public(
         with call.model.call_lock:
             if family.differentiates and callable(objective):
                 check_differentiable(objective, name, call.model.output_width)
+            running = _RUNNING.set(name) if family.differentiates else None
             try:
                 return family.run(core, call, arguments)
             except (MemoryError, RuntimeError, ValueError) as err:
                 if isinstance(err, AttraxError) or (tried := out_of_memory(err)) is None:
                     raise
+            finally:
+                if running is not None:
+                    _RUNNING.reset(running)
         # raised after the handler, so that the failed passes' tensors are freed first
         raise ResourceError(_out_of_memory_message(name, call, kwargs, tried))
 

@@ -102,10 +102,11 @@ class StackedModel:
                 "own embeddings; use 'zeros' or a tensor of embeddings"
             )
         m, b = len(self.models), len(inputs)
-        self._expanded.rows = b
-        da = _split(
-            public(self._expanded, inputs * m, targets * m, **options), self.names, b, single
-        )
+        with self._expanded.call_lock:  # `rows` belongs to this call until it ends
+            self._expanded.rows = b
+            da = _split(
+                public(self._expanded, inputs * m, targets * m, **options), self.names, b, single
+            )
         if given is not None:  # the contrast as given, not as repeated for the models
             recorded = json.loads(da.attrs["options"])
             recorded["contrast"] = given
