@@ -149,7 +149,7 @@ def _warm(warm: str, steps: int) -> None:
     fn = _dataset.resolve_method("integrated_gradients")
     da = fn(model, ["3 1 4 0 5 9 ="], [" 9 5 0 4 1 3"], steps=steps)
     with tempfile.TemporaryDirectory() as tmp:  # and the netCDF writer, as shard writes use it
-        _distributed._save_shard(da, Path(tmp) / "warm.nc")
+        ax.save(da, Path(tmp) / "warm.nc")
 
 
 if __name__ == "__main__":

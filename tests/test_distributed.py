@@ -42,11 +42,11 @@ def _records(n: int, seed: int = 5) -> list[dict]:
 def _die_once_on(line: int, marker: str) -> None:
     """Run on every worker: the shard task holding record ``line`` SIGKILLs its own process the
     first time any worker runs it (``marker`` created exclusively), before returning."""
-    import attrax._distributed as dist
+    import attrax._dataset as dataset
 
-    task = dist._shard_task
+    attribute = dataset.attribute_records
 
-    def shard_task(where, method, options, steps, records, scan):  # type: ignore[no-untyped-def]
+    def attribute_records(model, fn, steps, options, records, scan):  # type: ignore[no-untyped-def]
         if any(r["_line"] == line for r in records):
             try:
                 os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
@@ -54,9 +54,9 @@ def _die_once_on(line: int, marker: str) -> None:
                 pass
             else:
                 os.kill(os.getpid(), signal.SIGKILL)
-        return task(where, method, options, steps, records, scan)
+        return attribute(model, fn, steps, options, records, scan)
 
-    dist._shard_task = shard_task
+    dataset.attribute_records = attribute_records
 
 
 def _alive(pid: int) -> bool:
@@ -108,7 +108,7 @@ def _evaluate_dying_on(text: str, marker: str, reruns: str):  # type: ignore[no-
     ``reruns``."""
 
     def evaluate_task(where, records, methods, options):  # type: ignore[no-untyped-def]
-        import attrax._distributed as dist  # on the worker: the task as attrax defines it
+        import attrax._evaluate as evaluation  # on the worker: the task as attrax defines it
 
         if any(r.input == text for r in records):
             try:
@@ -120,7 +120,7 @@ def _evaluate_dying_on(text: str, marker: str, reruns: str):  # type: ignore[no-
                 os.write(fd, str(os.getpid()).encode())
                 os.close(fd)
                 os.kill(os.getpid(), signal.SIGKILL)
-        return dist._evaluate_task(where, records, methods, options)
+        return evaluation._evaluate_task(where, records, methods, options)
 
     return evaluate_task
 
@@ -131,7 +131,7 @@ def test_an_evaluation_survives_a_killed_worker(tmp_path, default_model, monkeyp
 
     import cloudpickle
 
-    import attrax._distributed as dist
+    import attrax._evaluate as evaluation
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers need not import us
     records = _records(6, seed=7)  # 4 to 6 digits: shards of different widths, padded when joined
@@ -141,7 +141,7 @@ def test_an_evaluation_survives_a_killed_worker(tmp_path, default_model, monkeyp
     marker, reruns = tmp_path / "killed", tmp_path / "reruns"
     # the client submits this wrapper in place of the task; the workers run it
     wrapper = _evaluate_dying_on(records[2]["input"], str(marker), str(reruns))
-    monkeypatch.setattr(dist, "_evaluate_task", wrapper)
+    monkeypatch.setattr(evaluation, "_evaluate_task", wrapper)
     ds = ax.evaluate(None, records, methods, metrics, attributions=True, workers=2, shard_size=2)
     killed = int(marker.read_text())  # the shard's first run killed its worker...
     rerun = [int(pid) for pid in reruns.read_text().split()]
@@ -287,33 +287,31 @@ def test_a_shard_file_not_in_the_manifest_is_recomputed_on_resume(
 def test_a_worker_without_the_output_directory_returns_the_shard(tmp_path, write_jsonl):
     """The token file tells a worker it shares the client's filesystem; without it (a cluster
     with no shared filesystem) the worker writes nothing and returns the array."""
-    import attrax._distributed as dist
-
     data = write_jsonl(_records(2))
     scan = D._scan(data)
     records = next(D.shard_records(data, 2))
     where = (None, None, None, None)
-    args = (where, "saliency", {}, None, records, scan)
+    args = (where, "saliency", {}, None, scan, records)
     out = tmp_path / "out"
     out.mkdir()
     shard = out / "shard-00000.nc"
-    returned = dist._write_shard_task(*args, str(shard), ".attrax-run-0000abcd")
+    returned = D._shard_task(*args, str(shard), ".attrax-run-0000abcd")
     assert isinstance(returned, xr.DataArray) and not shard.exists()
     (out / ".attrax-run-0000abcd").touch()
-    written = dist._write_shard_task(*args, str(shard), ".attrax-run-0000abcd")
-    assert written == dist.Written("shard-00000.nc", (0, 1), tuple(returned.sizes.items()))
+    written = D._shard_task(*args, str(shard), ".attrax-run-0000abcd")
+    assert written == D.Written("shard-00000.nc", (0, 1), tuple(returned.sizes.items()))
     xr.testing.assert_identical(ax.load(shard), returned)
 
 
 def _write_then_die_once(marker: str):  # type: ignore[no-untyped-def]
-    """A ``_write_shard_task`` for the client to submit (pickled by value): the first shard
+    """A ``_shard_task`` for the client to submit (pickled by value): the first shard
     written anywhere SIGKILLs its worker right after its file is in place, before the client
     hears of it (``marker`` created exclusively, holding the pid); Dask reruns that shard."""
 
-    def write_shard_task(*args):  # type: ignore[no-untyped-def]
-        import attrax._distributed as dist  # on the worker: the task as attrax defines it
+    def shard_task(*args):  # type: ignore[no-untyped-def]
+        import attrax._dataset as dataset  # on the worker: the task as attrax defines it
 
-        save = dist._save_shard
+        save = dataset.save
 
         def save_then_die(da, path):  # type: ignore[no-untyped-def]
             save(da, path)
@@ -325,13 +323,13 @@ def _write_then_die_once(marker: str):  # type: ignore[no-untyped-def]
             os.close(fd)
             os.kill(os.getpid(), signal.SIGKILL)
 
-        dist._save_shard = save_then_die
+        dataset.save = save_then_die
         try:
-            return dist._write_shard_task(*args)
+            return dataset._shard_task(*args)
         finally:
-            dist._save_shard = save
+            dataset.save = save
 
-    return write_shard_task
+    return shard_task
 
 
 @pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs POSIX signals")
@@ -339,8 +337,6 @@ def test_a_shard_written_then_rerun_after_a_worker_death_is_one_copy(
     tmp_path, default_model, write_jsonl, monkeypatch
 ):
     import cloudpickle
-
-    import attrax._distributed as dist
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers need not import us
     data = write_jsonl(_records(6))
@@ -353,7 +349,7 @@ def test_a_shard_written_then_rerun_after_a_worker_death_is_one_copy(
     monkeypatch.setattr(D, "save", client_writes)
     marker, out = tmp_path / "killed", tmp_path / "dask"
     # the client submits this wrapper in place of the task; the workers run it
-    monkeypatch.setattr(dist, "_write_shard_task", _write_then_die_once(str(marker)))
+    monkeypatch.setattr(D, "_shard_task", _write_then_die_once(str(marker)))
     # one worker, as attrax starts it: its nanny restarts it and Dask reruns the shard there
     run = D.attribute_dataset(None, data, out, shard_size=2, progress=False, workers=1)
     assert not _alive(int(marker.read_text()))  # the worker really died after writing

@@ -35,7 +35,7 @@ import torch
 import xarray as xr
 from transformers import PreTrainedModel
 
-from . import _reduce
+from . import _distributed, _reduce
 from . import _validate as check
 from ._errors import InputError, ModelError, OptionError
 from ._inputs import check_example, not_text
@@ -333,8 +333,6 @@ def attribute_dataset(
         raise InputError(f"`out` {str(out)!r} exists and is not a directory")
     pool = None
     if workers is not None or scheduler is not None:
-        from . import _distributed
-
         _distributed.check(model, workers, scheduler)
         spec = None if model is None else model_name
         named = None if model is None else str(model)  # as one process names it: as given
@@ -389,8 +387,14 @@ def _attribute_dataset(
                 _compare(out, previous["run"], run, fn)  # another run: say so before loading
             if pool is None:
                 ready()
-            else:
-                pool.check(data, shard_size, resolved.get("max_new_tokens"), positions)
+            else:  # the workers load the model meanwhile
+                pool.map(
+                    _check_task,
+                    shard_records(data, max(shard_size, 64)),
+                    data.name,
+                    resolved.get("max_new_tokens"),
+                    positions,
+                )
     except BaseException:
         _remove(created)
         raise
@@ -410,7 +414,12 @@ def _attribute_dataset(
                 results = _serial(ready(), fn, steps, options, data, scan, shard_size, todo)
                 _run(fn, results, scan, shard_size, out, manifest, todo, progress)
             elif todo:
-                results = pool.shards(method, steps, options, data, scan, shard_size, todo, out)
+                wanted = set(todo)
+                jobs = (
+                    (k, r) for k, r in enumerate(shard_records(data, shard_size)) if k in wanted
+                )
+                args = (method, dict(options), steps, scan)
+                results = pool.files(_shard_task, jobs, args, out, SHARD.format)
                 _run(fn, results, scan, shard_size, out, manifest, todo, progress)
                 _clean(out)  # a worker killed mid-write left its temp file here
     except BaseException:
@@ -912,7 +921,7 @@ def _serial(
 
 def _run(
     fn: Callable[..., xr.DataArray],
-    results: Iterator[tuple[int, Any]],  # an array, or a _distributed.Written
+    results: Iterator[tuple[int, Any]],  # an array, or a Written
     scan: _Scan,
     shard_size: int,
     out: Path,
@@ -954,7 +963,7 @@ def _run(
             name = SHARD.format(k)
             if isinstance(da, xr.DataArray):
                 save(da, out / name)
-            elif not (out / name).is_file():  # a Dask worker wrote it (_distributed.Written)
+            elif not (out / name).is_file():  # a Dask worker wrote it (a Written)
                 raise InputError(f"a Dask worker wrote {name} but {str(out)!r} does not hold it")
             manifest["done"] = sorted({*manifest["done"], name}, key=_shard_index)
             _write_manifest(out, manifest)
@@ -1158,3 +1167,47 @@ def _lock(out: Path) -> Iterator[None]:
 
 def _shard_index(name: str) -> int:
     return int(name.removeprefix("shard-").removesuffix(".nc"))
+
+
+@dataclasses.dataclass(frozen=True)
+class Written:
+    """What a Dask worker returns for a shard file it wrote: its name and what it holds."""
+
+    name: str
+    examples: tuple[int, ...]
+    sizes: tuple[tuple[str, int], ...]
+
+
+@_distributed.reporting
+def _check_task(
+    where: Any, records: list[dict[str, Any]], name: str, max_new_tokens: Any, positions: Any
+) -> None:
+    """On a worker: :func:`check_lines` of a shard's records with the worker's model."""
+    check_lines(_distributed.worker_model(where), records, name, max_new_tokens, positions)
+
+
+@_distributed.reporting
+def _shard_task(
+    where: Any,
+    method: str,
+    options: Mapping[str, Any],
+    steps: Any,
+    scan: Any,
+    records: list[dict[str, Any]],
+    path: str,
+    token: str,
+    name: str | None = None,
+) -> xr.DataArray | Written:
+    """On a worker: a shard's attributions, written to ``path`` when the client's ``token`` file
+    is beside it (the same filesystem as the client's), else the array returned to the client.
+    ``name``: the model as the array names it (the path as given, as in one process)."""
+    model = _distributed.worker_model(where)
+    da = attribute_records(model, resolve_method(method), steps, options, records, scan)
+    if name is not None:
+        da = da.assign_attrs(model=name)
+    target = Path(path)
+    if not (target.parent / token).exists():
+        return da
+    save(da, target)  # atomically, as the in-process run writes
+    sizes = tuple((str(dim), int(n)) for dim, n in da.sizes.items())
+    return Written(target.name, tuple(int(e) for e in da["example"].values), sizes)

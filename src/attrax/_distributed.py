@@ -15,6 +15,8 @@ same records (an evaluation's shards are joined along ``example`` in record orde
 batch up to float rounding).
 
 Dask is an optional extra (``pip install 'attrax[distributed]'``), imported only here, on use.
+This module knows clusters, not runs: :mod:`~attrax._dataset` and :mod:`~attrax._evaluate` hand
+it their own worker tasks (:func:`reporting` functions of theirs), so imports go one way.
 """
 
 from __future__ import annotations
@@ -26,13 +28,12 @@ import os
 import signal
 import threading
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-import xarray as xr
 
 from ._errors import AttraxError, InputError, OptionError
 from ._memory import limit_process
@@ -138,15 +139,6 @@ def local_workers(workers: int | str, device: str | None) -> int:
 TOKEN = ".attrax-run-"  # + a run id: the file that tells workers they share the output directory
 
 
-@dataclass(frozen=True)
-class Written:
-    """What a worker returns for a shard file it wrote: its name and what it holds."""
-
-    name: str
-    examples: tuple[int, ...]
-    sizes: tuple[tuple[str, int], ...]
-
-
 @contextlib.contextmanager
 def _workers_ignore_interrupts() -> Iterator[None]:
     """Start worker processes with SIGINT ignored (they inherit it): a terminal's Ctrl-C
@@ -250,64 +242,47 @@ class Pool:
                 os.environ[name] = value
         self._client = self._cluster = self._environ = None
 
-    def check(self, data: Path, shard_size: int, max_new_tokens: Any, positions: Any) -> None:
-        """Tokenize every record on the workers (which load the model meanwhile): a record that
-        cannot be attributed fails, naming its line, before any shard is computed."""
-        from ._dataset import shard_records
+    def where(self) -> tuple[str | None, str | None, str | None, int | None]:
+        """What a task's :func:`worker_model` loads: path, device, dtype, torch threads."""
+        dtype = None if self.dtype is None else str(self.dtype).removeprefix("torch.")
+        return self.spec, self.device, dtype, self._threads
 
+    def map(self, task: Callable[..., Any], shards: Iterable[Any], *args: Any) -> list[Any]:
+        """``task(where, shard, *args)`` for every shard on the workers, results in shard order
+        (a task's :class:`Failed` raised here)."""
+        run = uuid.uuid4().hex[:8]
         futures = [
             self.client.submit(
-                _check_task,
-                self._where(),
-                records,
-                data.name,
-                max_new_tokens,
-                positions,
-                pure=False,
+                task, self.where(), shard, *args, key=f"{_key(task)}-{k:05d}-{run}", pure=False
             )
-            for records in shard_records(data, max(shard_size, 64))
+            for k, shard in enumerate(shards)
         ]
-        self._gather(futures)
+        return self._gather(futures)
 
-    def shards(
+    def files(
         self,
-        method: str,
-        steps: Any,
-        options: Mapping[str, Any],
-        data: Path,
-        scan: Any,
-        shard_size: int,
-        todo: list[int],
+        task: Callable[..., Any],
+        shards: Iterable[tuple[int, Any]],
+        args: tuple[Any, ...],
         out: Path,
-    ) -> Iterator[tuple[int, xr.DataArray | Written]]:
-        """``(k, result)`` for every shard ``k`` of ``todo``, in the order they complete: a
-        :class:`Written` where the worker wrote the shard file into ``out``, else the array."""
-        from ._dataset import SHARD, shard_records
-
+        path: Callable[[int], str],
+    ) -> Iterator[tuple[int, Any]]:
+        """``(k, result)`` of ``task(where, *args, shard, out/path(k), token, name)`` for every
+        ``(k, shard)``, in the order they complete. The task writes its file itself where it
+        finds the ``token`` file this run puts in ``out`` (the client's filesystem), else returns
+        what the client writes."""
         distributed = require()
-        wanted = set(todo)
         run = uuid.uuid4().hex[:8]
-        # workers that see this file share the client's filesystem and write shards themselves
         token = out / f"{TOKEN}{run}"
         token.touch()
         futures = {}
         try:
-            for k, records in enumerate(shard_records(data, shard_size)):
-                if k in wanted:
-                    future = self.client.submit(
-                        _write_shard_task,
-                        self._where(),
-                        method,
-                        dict(options),
-                        steps,
-                        records,
-                        scan,
-                        str(out / SHARD.format(k)),
-                        token.name,
-                        self.name,
-                        key=f"attrax-shard-{k:05d}-{run}",
-                    )
-                    futures[future] = k
+            for k, shard in shards:
+                future = self.client.submit(
+                    task, self.where(), *args, shard, str(out / path(k)), token.name, self.name,
+                    key=f"{_key(task)}-{k:05d}-{run}",
+                )  # fmt: skip
+                futures[future] = k
             for future in distributed.as_completed(futures):
                 yield futures[future], self._result(future)
                 future.release()
@@ -315,31 +290,6 @@ class Pool:
             for future in futures:
                 future.cancel()
             token.unlink(missing_ok=True)
-
-    def _where(self) -> tuple[str | None, str | None, str | None, int | None]:
-        dtype = None if self.dtype is None else str(self.dtype).removeprefix("torch.")
-        return self.spec, self.device, dtype, self._threads
-
-    def evaluations(
-        self,
-        shards: list[list[Any]],
-        methods: Mapping[str, Any],
-        options: Mapping[str, Any],
-    ) -> list[xr.Dataset]:
-        """:func:`attrax.evaluate` of every shard of records on the workers, in shard order."""
-        run = uuid.uuid4().hex[:8]
-        futures = [
-            self.client.submit(
-                _evaluate_task,
-                self._where(),
-                records,
-                dict(methods),
-                dict(options),
-                key=f"attrax-evaluate-{k:05d}-{run}",
-            )
-            for k, records in enumerate(shards)
-        ]
-        return self._gather(futures)
 
     def _gather(self, futures: list[Any]) -> list[Any]:
         try:
@@ -363,6 +313,11 @@ class Pool:
         return result
 
 
+def _key(task: Callable[..., Any]) -> str:
+    """A task's name for Dask's dashboard and logs: ``attrax-write-shard`` for ``_write_shard``."""
+    return "attrax-" + task.__name__.strip("_").removesuffix("_task").replace("_", "-")
+
+
 @dataclass(frozen=True)
 class Failed:
     """A task's AttraxError, returned rather than raised: the worker would log a raised one as
@@ -371,7 +326,7 @@ class Failed:
     error: AttraxError
 
 
-def _reporting(task: Callable[..., Any]) -> Callable[..., Any]:
+def reporting(task: Callable[..., Any]) -> Callable[..., Any]:
     """``task``, returning its AttraxError as a :class:`Failed` for the client to raise."""
 
     @functools.wraps(task)
@@ -435,72 +390,3 @@ def _rank() -> int:
         return int(name)
     except (ImportError, ValueError, TypeError):
         return 0
-
-
-@_reporting
-def _check_task(
-    where: Any, records: list[dict[str, Any]], name: str, max_new_tokens: Any, positions: Any
-) -> None:
-    from ._dataset import check_lines
-
-    check_lines(worker_model(where), records, name, max_new_tokens, positions)
-
-
-def _shard_task(
-    where: Any,
-    method: str,
-    options: Mapping[str, Any],
-    steps: Any,
-    records: list[dict[str, Any]],
-    scan: Any,
-) -> xr.DataArray:
-    from ._dataset import attribute_records, resolve_method
-
-    return attribute_records(
-        worker_model(where), resolve_method(method), steps, options, records, scan
-    )
-
-
-@_reporting
-def _write_shard_task(
-    where: Any,
-    method: str,
-    options: Mapping[str, Any],
-    steps: Any,
-    records: list[dict[str, Any]],
-    scan: Any,
-    path: str,
-    token: str,
-    name: str | None = None,
-) -> xr.DataArray | Written:
-    """:func:`_shard_task`, then the shard written to ``path`` when the client's ``token`` file
-    is beside it (the same filesystem as the client's), else the array returned to the client.
-    ``name``: the model as the array names it (the path as given, as in one process)."""
-    da = _shard_task(where, method, options, steps, records, scan)
-    if name is not None:
-        da = da.assign_attrs(model=name)
-    target = Path(path)
-    if not (target.parent / token).exists():
-        return da
-    _save_shard(da, target)
-    sizes = tuple((str(dim), int(n)) for dim, n in da.sizes.items())
-    return Written(target.name, tuple(int(e) for e in da["example"].values), sizes)
-
-
-def _save_shard(da: xr.DataArray, path: Path) -> None:
-    """Write one shard atomically, as the in-process run does (the same writer)."""
-    from .io import save
-
-    save(da, path)
-
-
-@_reporting
-def _evaluate_task(
-    where: Any,
-    records: list[Any],
-    methods: Mapping[str, Any],
-    options: Mapping[str, Any],
-) -> xr.Dataset:
-    from ._evaluate import score_records
-
-    return score_records(worker_model(where), records, methods, **options)

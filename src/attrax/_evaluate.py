@@ -34,7 +34,7 @@ import pandas as pd
 import torch
 import xarray as xr
 
-from . import _faithfulness
+from . import _distributed, _faithfulness
 from . import _validate as check
 from ._dataset import (
     check_model_options,
@@ -423,8 +423,6 @@ def evaluate(
             check_model_options(model, device, dtype)
         model = load_model(model, device=device, dtype=dtype)  # a Model passes through as is
         return score_records(model, read_records(data, **renamed), methods, **options)
-    from . import _distributed
-
     _distributed.check(model, workers, scheduler)
     _distributed.picklable(methods)
     records = read_records(data, **renamed)
@@ -442,7 +440,7 @@ def evaluate(
     pool = _distributed.Pool(where, device, dtype, workers=workers, scheduler=scheduler)
     try:
         shards = [records[i : i + shard_size] for i in range(0, len(records), shard_size)]
-        parts = pool.evaluations(shards, methods, options)
+        parts = pool.map(_evaluate_task, shards, dict(methods), dict(options))
     finally:
         pool.close()
     ds = concat_evaluations(parts)
@@ -1156,3 +1154,11 @@ def _rank_agreement(a: np.ndarray, b: np.ndarray, magnitude: bool) -> np.ndarray
             x, y = (np.abs(x[both]), np.abs(y[both])) if magnitude else (x[both], y[both])
             out[e, t] = _pearson(_ranks(x), _ranks(y))
     return out
+
+
+@_distributed.reporting
+def _evaluate_task(
+    where: Any, records: list[Any], methods: Mapping[str, Any], options: Mapping[str, Any]
+) -> xr.Dataset:
+    """On a worker: :func:`score_records` of a shard's records with the worker's model."""
+    return score_records(_distributed.worker_model(where), records, methods, **options)
