@@ -783,7 +783,8 @@ def _step_scores_section(results: dict[str, Any] | None) -> list[str]:
         "foil): the contrast here shares the target's first tokens, and the two are compared up "
         "to the first token that differs ("
         + ", ".join(f"{wl}: step {k}" for wl, k in first.items())
-        + "). Inseq's `crossentropy` fails on one sequence (its target ids squeeze to a 0-d "
+        + "). Inseq keeps its entropy and KL divergence in float32 (a `torch.zeros` it fills "
+        "step by step), hence their ~1e-8. Inseq's `crossentropy` fails on one sequence (its target ids squeeze to a 0-d "
         "tensor) and Inseq runs a decoder-only model's given targets one sequence at a time, "
         "so the `pair` group runs on W2 only.\n"
     )
