@@ -18,7 +18,6 @@ from tests.conftest import IG_RULE, PAIRS, integrated_gradients
     ("inputs", "targets", "match"),
     [
         ("", " Paris", "`inputs` is empty"),
-        ("   ", " Paris", "`inputs` is empty"),
         ("The capital", "", "`targets` is empty"),
         ([], None, "`inputs` is an empty list"),
         (["a b", ""], [" c", " d"], r"`inputs\[1\]` is empty"),
@@ -326,3 +325,28 @@ def test_positions_may_be_a_tensor(models):
     want = ax.saliency(model, "a b c", " d e", positions=np.array([-2, -1]))
     got = ax.saliency(model, "a b c", " d e", positions=torch.tensor([-2, -1]))
     xr.testing.assert_identical(got, want)
+
+
+def test_whitespace_is_text_and_a_text_that_starts_with_bos_has_it_once(models):
+    """A rendered chat template starts with BOS, which the tokenizer added again (two BOS, until
+    2026-12-06); whitespace targets ("\\n", " ") were refused as empty."""
+    model = models["llama"]
+    tok = model.tokenizer
+    prompt = tok.bos_token + "The capital is"
+    da = ax.saliency(model, prompt, " Paris")
+    # as apply_chat_template(tokenize=True) reads a rendered template: no tokens added
+    want = tok(prompt + " Paris", add_special_tokens=False)["input_ids"]
+    assert da.source_id.values.tolist() == want and want.count(tok.bos_token_id) == 1
+    plain = ax.saliency(model, "The capital is", " Paris")  # BOS is still added when absent
+    assert plain.source_id.values.tolist()[0] == tok.bos_token_id
+    newline = ax.saliency(models["gpt2"], "The capital is", "\n")
+    want = models["gpt2"].tokenizer("\n", add_special_tokens=False)["input_ids"]
+    assert newline.target_id.values.tolist() == want
+
+
+def test_gpt2s_end_of_text_is_asked_for_not_unknown(models):
+    """GPT-2's <|endoftext|> is its unknown, BOS and EOS token: a target of it alone ("why did
+    it stop?") was refused as text the tokenizer does not know until 2026-12-06."""
+    model = models["gpt2"]
+    da = ax.saliency(model, "The capital is", "<|endoftext|>")
+    assert da.target_id.values.tolist() == [model.tokenizer.eos_token_id]

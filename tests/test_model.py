@@ -608,3 +608,89 @@ def test_concurrent_loads_each_load_whole_and_leave_the_logging_as_found(tmp_pat
     want = ax.saliency(models[0], *PAIRS[0])
     for model in models[1:]:
         xr.testing.assert_allclose(ax.saliency(model, *PAIRS[0]), want)
+
+
+def _hf_greedy(hf, ids: list[int], n: int, **kwargs) -> list[int]:
+    """Hugging Face's greedy continuation of one prompt, its own generation config."""
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        out = hf.generate(
+            input_ids=x, attention_mask=torch.ones_like(x), do_sample=False, num_beams=1,
+            max_new_tokens=n, **kwargs,
+        )  # fmt: skip
+    return out[0, 1:].tolist() if hf.config.is_encoder_decoder else out[0, len(ids) :].tolist()
+
+
+def test_generation_stops_at_any_of_the_generation_configs_end_ids():
+    """A chat model lists several end ids (Llama 3's, Gemma's end of turn): attrax stopped at the
+    tokenizer's one alone and attributed the tokens after the model had finished, until
+    2026-12-06."""
+    hf, tok = tiny_model("llama")
+    model = ax.load_model(hf, tokenizer=tok)
+    ids = model.tokenizer("The capital of France is")["input_ids"]
+    free = _hf_greedy(hf, ids, 8, eos_token_id=None)
+    stop = free[3]  # a token the model produces: it now ends the turn
+    hf.generation_config.eos_token_id = [tok.eos_token_id, stop]
+    want = _hf_greedy(hf, ids, 8)
+    assert want == free[: free.index(stop) + 1]
+    assert model.generate([ids], 8) == [want]
+    da = ax.step_scores(model, "The capital of France is", max_new_tokens=8)
+    assert da.target_id.values.tolist() == want
+
+
+def test_an_encoder_decoder_starts_as_its_generation_config_says():
+    """Hugging Face generates from the generation config's decoder start; attrax teacher-forced
+    from the config's (a negative margin for its own greedy tokens) until 2026-12-06."""
+    hf, tok = tiny_model("bart")
+    start = 5
+    assert hf.config.decoder_start_token_id != start
+    hf.generation_config.decoder_start_token_id = start
+    model = ax.load_model(hf, tokenizer=tok)
+    source = tok("The capital of France is")["input_ids"]
+    want = _hf_greedy(hf, source, 4)
+    da = ax.step_scores(model, "The capital of France is", scores="probability", max_new_tokens=4)
+    assert da.target_id.values.tolist() == want
+    with torch.no_grad():
+        logits = hf(
+            input_ids=torch.tensor([source]), decoder_input_ids=torch.tensor([[start, *want[:-1]]])
+        ).logits[0]
+    p = logits.softmax(-1)[torch.arange(len(want)), torch.tensor(want)]
+    np.testing.assert_allclose(da.values[:, 0], p.numpy(), rtol=1e-5)
+
+
+def test_nllbs_generation_starts_with_the_target_language_as_its_text_targets_do():
+    """NLLB's checkpoints force no language: Hugging Face's examples pass the target language's
+    code to generate, and its text targets start with it. attrax generated without it (another
+    language, or none) until 2026-12-06."""
+    import json
+
+    from transformers import M2M100Config, M2M100ForConditionalGeneration, NllbTokenizer
+
+    base = train_tokenizer("t5")
+    trained = json.loads(base.backend_tokenizer.to_str())["model"]
+    vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3}
+    for token in trained["vocab"]:
+        vocab.setdefault(token, len(vocab))
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in trained["merges"]]
+    languages = ["eng_Latn", "fra_Latn", "deu_Latn"]
+    tok = NllbTokenizer(
+        vocab=vocab, merges=merges, src_lang="eng_Latn", tgt_lang="fra_Latn",
+        extra_special_tokens=languages,
+    )  # fmt: skip
+    config = M2M100Config(
+        vocab_size=len(tok), d_model=32, encoder_layers=1, decoder_layers=1,
+        encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=64,
+        decoder_ffn_dim=64, max_position_embeddings=64, pad_token_id=1, bos_token_id=0,
+        eos_token_id=2, decoder_start_token_id=2,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    hf = M2M100ForConditionalGeneration(config).eval()
+    model = ax.load_model(hf, tokenizer=tok)
+    source = tok("The capital of France is")["input_ids"]
+    for language in ("fra_Latn", "deu_Latn"):  # the tokenizer's, read at each call
+        tok.tgt_lang = language
+        code = tok.convert_tokens_to_ids(language)
+        assert tok(text_target="Paris")["input_ids"][0] == code
+        want = _hf_greedy(hf, source, 5, forced_bos_token_id=code)
+        da = ax.step_scores(model, "The capital of France is", max_new_tokens=5)
+        assert da.target_id.values.tolist() == want and want[0] == code

@@ -342,7 +342,7 @@ def _as_texts(value: Any, name: str) -> tuple[list[str], bool]:
             raise InputError(
                 f"`{name}{_at(i, single)}` must be a string, got {type(text).__name__}{generate}"
             )
-        if not text.strip():
+        if not text:  # whitespace is text: "\n" and " " are tokens
             raise InputError(f"`{name}{_at(i, single)}` is empty: there is nothing to attribute")
         problem = not_text(text)
         if problem:  # a tokenizer's TypeError otherwise
@@ -360,13 +360,16 @@ def _aligned(value: Any, name: str, sources: list[str], single: bool) -> list[st
 
 
 def _encode_source(tokenizer: Any, text: str, encoder_decoder: bool) -> tuple[int, ...]:
-    if encoder_decoder:
-        return tuple(tokenizer(text, add_special_tokens=True)["input_ids"])
     with_special = tokenizer(text, add_special_tokens=True)["input_ids"]
     plain = tokenizer(text, add_special_tokens=False)["input_ids"]
-    # keep a leading BOS the tokenizer adds, drop a trailing EOS: the continuation follows the prompt
     prefix = _special_prefix(with_special, plain)
-    return tuple(with_special[:prefix]) + tuple(plain)
+    # a text that starts with the tokens the tokenizer adds (a chat template's rendered BOS)
+    # has them once, as apply_chat_template(tokenize=True) gives them
+    twice = prefix > 0 and plain[:prefix] == with_special[:prefix]
+    if encoder_decoder:
+        return tuple(with_special[prefix:] if twice else with_special)
+    # keep a leading BOS the tokenizer adds, drop a trailing EOS: the continuation follows the prompt
+    return tuple(plain) if twice else tuple(with_special[:prefix]) + tuple(plain)
 
 
 def _special_prefix(with_special: list[int], plain: list[int]) -> int:
@@ -534,8 +537,16 @@ def _check_vocabulary(model: Model, ids: Sequence[int], name: str, side: str = "
             f"`{name}` has token id {max(ids)} ({token!r}) but the model's {side} embeddings "
             f"have {rows} rows: `tokenizer` is not the model's; pass the one saved with it"
         )
-    unknown = model.tokenizer.unk_token_id
-    if unknown is not None and unknown in ids and set(ids) <= set(model.tokenizer.all_special_ids):
+    tokenizer = model.tokenizer
+    unknown = tokenizer.unk_token_id
+    # GPT-2's <|endoftext|> is its unknown, BOS and EOS at once: there, it was asked for
+    ambiguous = unknown in (tokenizer.bos_token_id, tokenizer.eos_token_id)
+    if (
+        unknown is not None
+        and not ambiguous
+        and unknown in ids
+        and set(ids) <= set(tokenizer.all_special_ids)
+    ):
         # model=None loads the built-in demo model, which knows digits and '=' alone
         demo = (
             "; `model` is attrax's built-in demo model (model=None), whose vocabulary is digits "

@@ -145,8 +145,8 @@ class Model:
         head_type: a classifier's ``"single-label"``, ``"multi-label"`` or ``"regression"``;
             None for other tasks.
         device, dtype, hidden_size: where the weights are, the embeddings' dtype and width.
-        max_positions, pad_token_id, eos_token_id, decoder_start_token_id: the limits and
-            special tokens attrax tokenizes and generates with.
+        max_positions, pad_token_id, eos_token_id, decoder_start_token_id, stop_token_ids: the
+            limits and special tokens attrax tokenizes and generates with.
 
     >>> import attrax as ax
     >>> model = ax.load_model()
@@ -236,15 +236,6 @@ class Model:
         self.eos_token_id = _first_int(
             tokenizer.eos_token_id, getattr(config, "eos_token_id", None)
         )
-        self.decoder_start_token_id = None
-        if self.is_encoder_decoder:
-            generation = getattr(hf_model, "generation_config", None)
-            self.decoder_start_token_id = _first_int(
-                getattr(config, "decoder_start_token_id", None),
-                getattr(generation, "decoder_start_token_id", None),
-                getattr(config, "bos_token_id", None),
-                self.pad_token_id,
-            )
         self._source_embedding = hf_model.get_input_embeddings()
         decoder = hf_model.get_decoder() if self.is_encoder_decoder else None
         self._target_embedding = (
@@ -329,6 +320,52 @@ class Model:
 
     def __repr__(self) -> str:
         return f"attrax.Model({self.name!r}, {self.model_type}, {type(self.hf).__name__})"
+
+    @property
+    def decoder_start_token_id(self) -> int | None:
+        """An encoder-decoder's first decoder token (None for other models). A language model's
+        is its generation config's, read at each call as ``generate`` reads it; a classifier's
+        is its config's, which its forward shifts in."""
+        if not self.is_encoder_decoder:
+            return None
+        config = self.hf.config
+        generation = getattr(self.hf, "generation_config", None)
+        return _first_int(
+            getattr(generation, "decoder_start_token_id", None)
+            if self.task == "generation"
+            else None,
+            getattr(config, "decoder_start_token_id", None),
+            getattr(generation, "decoder_start_token_id", None),
+            getattr(config, "bos_token_id", None),
+            self.pad_token_id,
+        )
+
+    @property
+    def stop_token_ids(self) -> tuple[int, ...]:
+        """The ids greedy generation stops at: the generation config's end-of-sequence ids (a
+        chat model's end of turn among them), as ``generate`` reads them, else the EOS."""
+        ids = getattr(getattr(self.hf, "generation_config", None), "eos_token_id", None)
+        listed = (
+            [ids] if isinstance(ids, int) else list(ids) if isinstance(ids, list | tuple) else []
+        )
+        stops = tuple(i for i in listed if isinstance(i, int) and not isinstance(i, bool))
+        return stops or (() if self.eos_token_id is None else (self.eos_token_id,))
+
+    def _target_language(self) -> int | None:
+        """The token an NLLB, M2M100 or mBART-50 tokenizer starts its text targets with (its
+        ``tgt_lang``), for generation to force first as text targets start with it, when the
+        generation config forces none (Hugging Face's examples pass it to ``generate``)."""
+        tokenizer = self.tokenizer
+        generation = getattr(self.hf, "generation_config", None)
+        if (
+            not self.is_encoder_decoder
+            or getattr(tokenizer, "tgt_lang", None) is None
+            or getattr(generation, "forced_bos_token_id", None) is not None
+        ):
+            return None
+        first = tokenizer(text_target="a")["input_ids"][0]
+        ordinary = {tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id}
+        return first if first in tokenizer.all_special_ids and first not in ordinary else None
 
     @property
     def call_lock(self) -> threading.RLock:
@@ -738,6 +775,13 @@ class Model:
             start = 0 if self.is_encoder_decoder else width - len(prompt)
             ids[row, start : start + len(prompt)] = torch.tensor(list(prompt))
             mask[row, start : start + len(prompt)] = 1
+        stops = self.stop_token_ids
+        extra: dict[str, Any] = {}
+        language = self._target_language()
+        if language is not None:
+            extra["forced_bos_token_id"] = language
+        if self.is_encoder_decoder:  # as the teacher-forced forwards start (read now)
+            extra["decoder_start_token_id"] = self.decoder_start_token_id
         out = self.hf.generate(
             input_ids=ids.to(self.device),
             attention_mask=mask.to(self.device),
@@ -745,14 +789,14 @@ class Model:
             do_sample=False,
             num_beams=1,
             pad_token_id=pad,
-            eos_token_id=self.eos_token_id,
+            eos_token_id=list(stops) or None,
+            **extra,
         ).cpu()
         new = out[:, 1:] if self.is_encoder_decoder else out[:, width:]
         result = []
         for row in new.tolist():
-            if self.eos_token_id is not None and self.eos_token_id in row:
-                row = row[: row.index(self.eos_token_id) + 1]
-            result.append(row)
+            ends = [i for i, token in enumerate(row) if token in stops]
+            result.append(row[: ends[0] + 1] if ends else row)
         return result
 
     def _per_layer_inputs(self, embeds: torch.Tensor) -> dict[str, torch.Tensor]:
