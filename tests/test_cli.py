@@ -148,7 +148,9 @@ def test_an_option_with_a_space_at_either_end_is_a_string(tmp_path, default_mode
         # the flags named, not the Python arguments (until 2026-12-05)
         (["--max-new-tokens", "60"], "`--max-new-tokens` 60 does not fit `--input`: 7 prompt"),
         (["--max-new-tokens", "60"], "pass --max-new-tokens 57 or fewer"),  # not max_new_tokens=57
-        (["--target", " "], "`--target` is empty: there is nothing to attribute"),
+        (["--target", ""], "`--target` is empty: there is nothing to attribute"),
+        # whitespace is text (a newline target), but this tokenizer drops it
+        (["--target", " "], "`--target` ' ' has no tokens to attribute: the tokenizer reads"),
         (["--reduce", "mean:layer"], "'layer' is not a dim"),
         (["--device", "nope"], "is not a device"),
         (["-o", "steps"], "expected KEY=VALUE"),
@@ -261,12 +263,16 @@ def test_evaluate_checks_every_output_before_the_computation(
         ),
         (["--methods", "saliency,saliency"], "`--methods` names saliency twice"),
     ]
+    # the run's own --data replaced by netCDF or CSV, with exit status 0, until 2026-12-06
+    for flag in ("--out", "--csv"):
+        cases.append(([flag, str(data)], f"`{flag}` .*data.jsonl' is the `--data` file this run"))
+    before = data.read_bytes()
     for extra, message in cases:
         assert main([*args, *extra]) == 2
         err = capsys.readouterr().err
         assert err.startswith("attrax: error: ") and re.search(message, err), err
         assert len(err.splitlines()) == 1
-    assert os.listdir(tmp_path) == ["data.jsonl"]
+    assert os.listdir(tmp_path) == ["data.jsonl"] and data.read_bytes() == before
 
 
 @pytest.mark.parametrize(
@@ -522,3 +528,23 @@ def test_the_packages_modules_import_one_way():
         ready = [m for m, deps in graph.items() if m not in order and deps <= set(order)]
         assert ready, f"import cycle among {sorted(set(graph) - set(order))}"
         order += ready
+
+
+def test_paths_texts_and_undefined_intervals_print_as_they_are(tmp_path, capsys):
+    """rich read them as markup: a path with "[/x]" was a raw MarkupError after the files were
+    written, and a summary's "nan [nan, nan]" showed as "nan" (a point value) until 2026-12-06."""
+    import pandas as pd
+    from rich.console import Console
+
+    from attrax.cli import _summary_table
+
+    folder = tmp_path / "d[" / "x]"  # the path reads "d[/x]/a.html"
+    folder.mkdir(parents=True)
+    html = folder / "a.html"
+    assert main(["demo", "--html", str(html)]) == 0
+    assert html.is_file() and str(html) in capsys.readouterr().out
+    columns = pd.MultiIndex.from_product([["auprc"], ["mean", "low", "high"]])
+    table = pd.DataFrame([[0.1, np.nan, np.inf]], index=["saliency"], columns=columns)
+    console = Console(file=__import__("io").StringIO(), width=120)
+    console.print(_summary_table(table, console.width))
+    assert "0.100 [nan, inf]" in console.file.getvalue()

@@ -738,3 +738,46 @@ def test_table_titles_are_text_not_markup() -> None:
     )
     text = viz.table(da, console=Console(width=80, color_system=None))
     assert "[red]a" in text and "[/x]" in text
+
+
+def test_tokens_show_as_text_whatever_they_hold():
+    """Until 2026-12-06: a token "$$" (GPT-2 has it) failed matplotlib's formula parser and
+    "$x_1$" was drawn as a formula; ESC reached the terminal raw (a "clear screen"), and a
+    right-to-left override reordered what followed it."""
+    import io as _io
+
+    from rich.console import Console
+
+    from attrax.viz import readable_token, table
+
+    tokens = ["$$", "$x_1$", "\x1b[2J", "a\u202eb", "<0x0A>"]
+    assert [readable_token(t) for t in tokens] == [
+        "$$", "$x_1$", "\\x1b[2J", "a\\u202eb", "\u21b5",
+    ]  # fmt: skip
+    da = xr.DataArray(
+        [[0.1, 0.2, 0.3, 0.4, 0.5]],
+        dims=("target", "source"),
+        coords={"source_token": ("source", tokens), "target_token": ("target", ["$"])},
+    )
+    fig = ax.plot(da, path=None)
+    fig.canvas.draw()  # the formula parser ran at drawing time
+    labels = [t.get_text() for t in fig.axes[0].get_xticklabels()]
+    assert labels == [readable_token(t) for t in tokens]
+    assert not any(t.get_parse_math() for t in fig.axes[0].get_xticklabels())
+    text = table(da, console=Console(file=_io.StringIO(), width=200))
+    assert "\x1b" not in text and "\\x1b[2J" in text
+
+
+def test_plot_paints_inf_as_the_scales_end_and_takes_named_examples():
+    """imshow masked inf as NaN: drawn as "not attributed" (until 2026-12-06), where show
+    paints it at full saturation. Examples named by a pandas Index (object or string dtype)
+    failed on .item()."""
+    import pandas as pd
+
+    da = xr.DataArray([[np.inf, 0.5, np.nan, 1.0]], dims=("target", "source"))
+    image = ax.plot(da).axes[0].images[0].get_array()
+    assert image.mask.tolist() == [[False, False, True, False]] and image[0, 0] == 1.0
+    one = xr.DataArray([[0.1, 0.2]], dims=("target", "source"))
+    both = xr.concat([one, one * 2], dim=pd.Index(["doc-a", "doc-b"], name="example"))
+    assert "doc-b" in ax.show(both)._repr_html_()
+    assert len([a for a in ax.plot(both).axes if a.images]) == 2

@@ -142,6 +142,11 @@ def prepare(
     examples = []
     for i, (src, tgt) in enumerate(zip(source_ids, target_ids, strict=True)):
         where = _at(i, single)
+        if not tgt and target_texts is not None:  # whitespace a tokenizer drops
+            raise InputError(
+                f"`targets{where}` {target_texts[i]!r} has no tokens to attribute: the "
+                "tokenizer reads nothing in it"
+            )
         if not tgt:
             raise InputError(f"`targets{where}` has no tokens to attribute (empty generation?)")
         _check_length(model, src, tgt, f"inputs{where}", f"targets{where}")
@@ -466,7 +471,9 @@ def check_example(
         return
     target_ids = _encode_target(model, source, target, names[1])
     if not target_ids:
-        raise InputError(f"`{names[1]}` {target!r} has no tokens to attribute")
+        raise InputError(
+            f"`{names[1]}` {target!r} has no tokens to attribute: the tokenizer reads nothing in it"
+        )
     _check_length(model, source_ids, target_ids, *names)
     if contrast is not None:  # as prepare checks it
         _contrast_ids(model, source, contrast, target_ids, "contrast")

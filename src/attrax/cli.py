@@ -335,7 +335,7 @@ def _evaluate(args: argparse.Namespace) -> int:
             )
         fields[key] = value
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
-    _check_outputs({"--out": args.out, "--csv": args.csv, "--png": args.png})
+    _check_outputs({"--out": args.out, "--csv": args.csv, "--png": args.png}, args.data)
     dask = {"workers": args.workers, "scheduler": args.scheduler, "shard_size": args.shard_size}
     if args.workers is None and args.scheduler is None:
         model: Any = load_model(args.model, device=_device(args.device), dtype=_dtype(args.dtype))
@@ -366,7 +366,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     console = _console()
     console.print(_summary_table(table, console.width))
     for path in written:
-        console.print(f"wrote {path}")
+        console.print(f"wrote {_escape(str(path))}")
     return 0
 
 
@@ -460,9 +460,9 @@ def _demo(args: argparse.Namespace) -> int:
     console.print(
         f"[bold]attrax demo[/] · built-in model: a tiny GPT-2 that reverses {N_DIGITS} digits"
     )
-    console.print(f"  prompt  [cyan]{prompt}[/]")
+    console.print(f"  prompt  [cyan]{_escape(prompt)}[/]")
     verdict = "[green]✓ correct[/]" if correct else f"[red]✗ expected[/] {expected.strip()}"
-    console.print(f"  answer  [cyan]{answer}[/]  {verdict}")
+    console.print(f"  answer  [cyan]{_escape(answer)}[/]  {verdict}")
     console.print(f"  method  {args.method} → l2_norm → normalize")
     _table(console, relevance)
 
@@ -484,7 +484,7 @@ def _demo(args: argparse.Namespace) -> int:
     console.print(f"  [dim]answer ← top source:[/] {'  '.join(marks)}")
     if args.html:
         show(relevance, path=args.html)
-        console.print(f"wrote {args.html}")
+        console.print(f"wrote {_escape(args.html)}")
     else:
         others = [m for m in _GRADIENT_METHODS if m != args.method]
         console.print(f"[dim]next: attrax demo --method {others[1]} --html demo.html[/]")
@@ -516,7 +516,7 @@ def _demo_classification(args: argparse.Namespace) -> int:
     row = relevance.isel(example=0)
     predicted = str(row["predicted_label"].item())
     console.print("[bold]attrax demo[/] · built-in classifier: a tiny BERT, labels by marker word")
-    console.print(f"  text       [cyan]{text}[/]")
+    console.print(f"  text       [cyan]{_escape(text)}[/]")
     verdict = "[green]✓ correct[/]" if predicted == truth else f"[red]✗ expected[/] {truth}"
     console.print(
         f"  predicted  [cyan]{predicted}[/] ({float(row['predicted_probability']):.2f})  {verdict}"
@@ -534,7 +534,7 @@ def _demo_classification(args: argparse.Namespace) -> int:
     )
     if args.html:
         show(relevance, path=args.html, labels=[truth])
-        console.print(f"wrote {args.html}")
+        console.print(f"wrote {_escape(args.html)}")
     else:
         console.print("[dim]next: attrax demo --task classification --html demo.html[/]")
     return 0
@@ -581,7 +581,7 @@ def _attribute(args: argparse.Namespace) -> int:
     )
     _print_result(console, da)
     for path in written:
-        console.print(f"wrote {path}")
+        console.print(f"wrote {_escape(str(path))}")
     return 0
 
 
@@ -682,8 +682,8 @@ def _attribute_dataset(args: argparse.Namespace) -> int:
     resumed = f" ({run.skipped} already done)" if run.skipped else ""
     _console().print(
         f"[green]✓[/] {_plural(run.records, 'record')} in {_plural(run.shards, 'shard')}"
-        f"{resumed} → {run.out}\n"
-        f"  load them with: attrax.load_dataset_results({str(run.out)!r})"
+        f"{resumed} → {_escape(str(run.out))}\n"
+        f"  load them with: attrax.load_dataset_results({_escape(repr(str(run.out)))})"
     )
     return 0
 
@@ -749,19 +749,26 @@ def _method_options(args: argparse.Namespace, fn: Any) -> dict[str, Any]:
 _EXAMPLES = {"--out": "x.nc", "--html": "a.html", "--png": "a.png", "--csv": "a.csv"}
 
 
-def _check_outputs(paths: dict[str, str | None]) -> None:
+def _check_outputs(paths: dict[str, str | None], data: str | None = None) -> None:
     """Check every output flag's file before the computation: each one writable, ``--png`` a
-    format matplotlib writes, and no file named by two flags."""
+    format matplotlib writes, no file named by two flags, and none of them the ``--data``
+    the run reads."""
     import os
 
     from ._errors import InputError
 
     seen: dict[str, str] = {}
+    if data is not None:
+        seen[os.path.realpath(os.path.expanduser(data))] = "--data"
     for flag, path in paths.items():
         if path is None:
             continue
-        _check_output(path, flag)
         real = os.path.realpath(os.path.expanduser(path))
+        if seen.get(real) == "--data":  # before _check_output: replacing it would lose the data
+            raise InputError(
+                f"`{flag}` {path!r} is the `--data` file this run reads; write to another file"
+            )
+        _check_output(path, flag)
         if real in seen:
             raise InputError(
                 f"`{seen[real]}` and `{flag}` both name {path!r}; give each output its own file"
@@ -898,13 +905,14 @@ def _summary_table(table: Any, width: int = 10**6) -> Any:
     methods as rows; metrics as rows where that fits ``width`` columns and the other way does
     not; cropped with a note where neither fits."""
     from rich.table import Table
+    from rich.text import Text
 
     from ._names import HIGHER_IS_BETTER
 
     metrics = list(dict.fromkeys(table.columns.get_level_values(0)))
     methods = [str(m) for m in table.index]
-    cell = {
-        (str(method), m): f"{row[m, 'mean']:.3f} [{row[m, 'low']:.3f}, {row[m, 'high']:.3f}]"
+    cell = {  # Text, not markup: rich read "[nan, nan]" as a style tag and dropped it
+        (str(method), m): Text(f"{row[m, 'mean']:.3f} [{row[m, 'low']:.3f}, {row[m, 'high']:.3f}]")
         for method, row in table.iterrows()
         for m in metrics
     }
@@ -937,6 +945,13 @@ def _workers(value: str) -> int | str:
 
 def _plural(n: int, word: str) -> str:
     return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+def _escape(text: str) -> str:
+    """``text`` shown as it is in rich markup: a path or prompt with ``[/x]`` or ``[bold]``."""
+    from rich.markup import escape
+
+    return escape(text)
 
 
 def _console() -> Console:

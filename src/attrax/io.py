@@ -127,10 +127,13 @@ def _local_write_lock(ds: xr.Dataset) -> Any:
 
 # suffixes of other formats than the one a writer writes (keyed by its example's suffix): a
 # file named so would hold another format within (`save` to "r.json": netCDF4)
+_PICTURES = {".png", ".pdf", ".svg", ".jpg", ".jpeg", ".webp", ".gif"}
 _OTHER_FORMATS = {
-    ".nc": {".json", ".csv", ".html", ".htm", ".png", ".pdf", ".svg", ".txt", ".parquet"},
-    ".html": {".json", ".csv", ".nc", ".png", ".pdf", ".svg", ".txt"},
-    ".csv": {".json", ".nc", ".html", ".htm", ".png", ".parquet", ".txt"},
+    ".nc": {".json", ".jsonl", ".csv", ".html", ".htm", ".txt", ".md", ".parquet", ".zarr"}
+    | {".safetensors"}
+    | _PICTURES,
+    ".html": {".json", ".jsonl", ".csv", ".nc", ".txt", ".md"} | _PICTURES,
+    ".csv": {".json", ".jsonl", ".nc", ".html", ".htm", ".parquet", ".txt"} | _PICTURES,
 }
 
 

@@ -21,6 +21,8 @@ import io as _io
 import math
 import numbers
 import os
+import re
+import unicodedata
 import warnings
 from collections.abc import Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -82,18 +84,41 @@ def readable_token(token: str) -> str:
     ('␣café', '␣Straße', '↵')
     >>> readable_token("Ġcafé")  # not valid byte-level BPE, but Ġ still marks a space
     '␣café'
+    >>> readable_token("\\x1b[2J"), readable_token("<0x0A>")  # control characters as escapes
+    ('\\\\x1b[2J', '↵')
 
     """
     decoder = _byte_decoder()
     text = token
-    if token and all(ch in decoder for ch in token):
+    byte = re.fullmatch(r"<0x([0-9A-Fa-f]{2})>", token)  # SentencePiece's byte fallback
+    if byte:
+        text = chr(int(byte.group(1), 16))
+    elif token and all(ch in decoder for ch in token):
         try:
             text = bytes(decoder[ch] for ch in token).decode("utf-8")
         except UnicodeDecodeError:
             # A partial UTF-8 sequence, or not byte-level BPE at all: mark whitespace only.
             text = token.replace("Ġ", " ").replace("Ċ", "\n").replace("ĉ", "\t")
     text = text.replace("▁", " ")
-    return text.replace(" ", _SPACE).replace("\n", _NEWLINE).replace("\t", _TAB)
+    text = text.replace(" ", _SPACE).replace("\n", _NEWLINE).replace("\t", _TAB)
+    return "".join(_visible(ch) for ch in text)
+
+
+#: character classes shown as escapes: control (a terminal's ESC), format (zero-width, the
+#: right-to-left override that reorders what follows), surrogates, private use, separators
+_INVISIBLE = frozenset({"Cc", "Cf", "Cs", "Co", "Zl", "Zp"})
+
+
+def _visible(ch: str) -> str:
+    if unicodedata.category(ch) not in _INVISIBLE:
+        return ch
+    return f"\\x{ord(ch):02x}" if ord(ch) < 0x100 else f"\\u{ord(ch):04x}"
+
+
+def _scalar(value: Any) -> Any:
+    """A coordinate value as Python's: numpy scalars' ``.item()``; a str of an object array
+    (``xr.concat`` with a ``pd.Index`` of names) as it is."""
+    return value.item() if isinstance(value, np.generic) else value
 
 
 # --- preparing panels ---------------------------------------------------------------------
@@ -119,7 +144,9 @@ class _Scale:
     cmap: colors.Colormap
 
     def norm(self, values: np.ndarray) -> np.ndarray:
-        return np.clip((values - self.vmin) / (self.vmax - self.vmin), 0.0, 1.0)
+        # halves: vmax - vmin overflows for magnitudes near float64's largest
+        low, high = self.vmin / 2, self.vmax / 2
+        return np.clip((values / 2 - low) / (high - low), 0.0, 1.0)
 
     def paint(self, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Background and readable text colours (hex strings) for every value at once."""
@@ -183,7 +210,7 @@ def _coord_labels(da: xr.DataArray, dim: str) -> tuple[list[str], list[str]]:
         where = [str(i) for i in range(n)]
     word, token = f"{dim}_word", f"{dim}_token"  # merge_subwords' words, else the tokens
     if word in da.coords and da[word].dims == (dim,):
-        labels = [str(w) for w in da[word].values.tolist()]
+        labels = ["".join(_visible(ch) for ch in str(w)) for w in da[word].values.tolist()]
     elif token in da.coords and da[token].dims == (dim,):
         labels = [readable_token(str(t)) for t in da[token].values.tolist()]
     else:
@@ -309,7 +336,7 @@ def _prepare(
     panels = []
     for e in _example_positions(da, example):
         sub = da if e is None else da.isel(example=e)
-        which = None if e is None else (e, da["example"].values[e].item())
+        which = None if e is None else (e, _scalar(da["example"].values[e]))
         sub = drop_padding(sub.transpose("target", "source"))
         target_labels, target_where = _coord_labels(sub, "target")
         source_labels, source_where = _coord_labels(sub, "source")
@@ -462,7 +489,7 @@ def _prepare_rows(
                 values=values[keep],
                 words=_text_words([tokens[j] for j in keep]),
                 where=[where[j] for j in keep],
-                example=None if e is None else da["example"].values[e].item(),
+                example=None if e is None else _scalar(da["example"].values[e]),
                 true=true,
                 predicted=None
                 if _one(sub, "predicted_label") is None
@@ -965,8 +992,10 @@ def plot(
     norm = colors.Normalize(vmin=scale.vmin, vmax=scale.vmax)
     family = _font_family()
     for a, panel in zip(axes, panels, strict=True):
+        # inf is painted as the scale's end, as show paints it: imshow would mask it as NaN
+        shown = np.nan_to_num(panel.values, nan=np.nan, posinf=scale.vmax, neginf=scale.vmin)
         image = a.imshow(
-            np.ma.masked_invalid(panel.values),
+            np.ma.masked_invalid(shown),
             cmap=cm,
             norm=norm,
             aspect="auto",
@@ -976,6 +1005,7 @@ def plot(
         a.set_yticks(range(len(panel.target_labels)), panel.target_labels)
         for label in [*a.get_xticklabels(), *a.get_yticklabels()]:
             label.set_fontfamily(family)
+            label.set_parse_math(False)  # a token "$x_1$" is text, not a formula
         if panel.sides:
             for j in range(1, len(panel.sides)):
                 if panel.sides[j] != panel.sides[j - 1]:
@@ -1050,7 +1080,7 @@ def _plot_rows(rows: list[_Row], scale: _Scale, ax: Axes | None, name: str | Non
             )  # fmt: skip
             ax.text(
                 x + 0.4, i, word, va="center", ha="left", fontsize=9,
-                color="#000000" if nan else ink[j], fontfamily=family,
+                color="#000000" if nan else ink[j], fontfamily=family, parse_math=False,
             )  # fmt: skip
             x += len(word) + 1
     captions = [
@@ -1064,6 +1094,8 @@ def _plot_rows(rows: list[_Row], scale: _Scale, ax: Axes | None, name: str | Non
     ax.set_xlim(-0.5, longest + 0.5)
     ax.set_ylim(len(rows) - 0.5, -0.5)
     ax.set_yticks(range(len(rows)), captions, fontsize=9)
+    for label in ax.get_yticklabels():
+        label.set_parse_math(False)
     ax.set_xticks([])
     for spine in ax.spines.values():
         spine.set_visible(False)
@@ -1106,6 +1138,12 @@ def table(
     from rich.table import Table
     from rich.text import Text
 
+    check.at_least(0)(digits, "digits")
+    if console is not None and not isinstance(console, Console):
+        raise OptionError(
+            f"`console` must be a rich.console.Console (or None: stdout), got "
+            f"{type(console).__name__}"
+        )
     panels, scale = _prepare(da, example, None, cmap)
     name = _default_title(da, None)
     tables = []
