@@ -53,6 +53,10 @@ def test_target_that_does_not_follow_the_prompt(models):
     assert ids(prompt + "ance") != ids(prompt) + ids("ance")
     with pytest.raises(ax.InputError, match="`targets` 'ance' does not continue the prompt"):
         ax.saliency(model, prompt, "ance")
+    # a prompt's trailing space is the one to move (a space before the target added a second)
+    llama = models["llama"]
+    with pytest.raises(ax.InputError, match="the prompt ends in whitespace, which the target"):
+        ax.saliency(llama, "The capital is ", "Paris")
 
 
 def test_too_long_sequence(models):

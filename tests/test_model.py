@@ -694,3 +694,17 @@ def test_nllbs_generation_starts_with_the_target_language_as_its_text_targets_do
         want = _hf_greedy(hf, source, 5, forced_bos_token_id=code)
         da = ax.step_scores(model, "The capital of France is", max_new_tokens=5)
         assert da.target_id.values.tolist() == want and want[0] == code
+
+
+@pytest.mark.parametrize("arch", ["bart", "marian"])
+def test_a_generated_target_is_the_models_own_prediction_at_every_step(arch):
+    """BART's and Marian's generation configs force </s> at the length limit: attrax explained
+    that forced token as the model's prediction (its margin negative) until 2026-12-06."""
+    hf, tok = tiny_model(arch)
+    assert hf.generation_config.forced_eos_token_id is not None
+    model = ax.load_model(hf, tokenizer=tok)
+    source = tok("The capital of France is")["input_ids"]
+    want = _hf_greedy(hf, source, 5, forced_eos_token_id=None)
+    da = ax.step_scores(model, "The capital of France is", scores="margin", max_new_tokens=5)
+    assert da.target_id.values.tolist() == want
+    assert (da.values >= 0).all()  # each target leads the others: the greedy token

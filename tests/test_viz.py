@@ -781,3 +781,12 @@ def test_plot_paints_inf_as_the_scales_end_and_takes_named_examples():
     both = xr.concat([one, one * 2], dim=pd.Index(["doc-a", "doc-b"], name="example"))
     assert "doc-b" in ax.show(both)._repr_html_()
     assert len([a for a in ax.plot(both).axes if a.images]) == 2
+
+
+def test_annotated_cells_read_at_any_magnitude():
+    """Cells printed 1e300 with its 301 digits and 0.001 as 0.00 until 2026-12-06."""
+    da = xr.DataArray([[0.25, 1e300, 0.0012, 0.0]], dims=("target", "source"))
+    page = ax.show(da, annotate=True)._repr_html_()
+    for text in ("0.25", "1e+300", "0.0012", "0.00"):
+        assert f">{text}<" in page, text
+    assert "0000000000" not in page

@@ -392,10 +392,15 @@ def _encode_target(model: Model, source: str, target: str, name: str) -> tuple[i
     joint = tokenizer(source + target, add_special_tokens=False)["input_ids"]
     if joint[: len(prompt)] != prompt:
         boundary = tokenizer.convert_ids_to_tokens(joint[max(len(prompt) - 2, 0) : len(prompt) + 1])
+        advice = (
+            "the prompt ends in whitespace, which the target's first word takes: move it to the "
+            "start of the target"
+            if source[-1:].isspace()
+            else "start the target with a space or split the text elsewhere"
+        )
         raise InputError(
             f"`{name}` {target!r} does not continue the prompt on a token boundary: tokenizing "
-            f"prompt+target merges tokens across the join ({boundary}); start the target "
-            "with a space or split the text elsewhere"
+            f"prompt+target merges tokens across the join ({boundary}); {advice}"
         )
     return tuple(joint[len(prompt) :])
 

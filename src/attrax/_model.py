@@ -776,7 +776,9 @@ class Model:
             ids[row, start : start + len(prompt)] = torch.tensor(list(prompt))
             mask[row, start : start + len(prompt)] = 1
         stops = self.stop_token_ids
-        extra: dict[str, Any] = {}
+        # a forced end at the length limit (BART's, Marian's) is no prediction to explain: the
+        # last target is the model's own greedy token
+        extra: dict[str, Any] = {"forced_eos_token_id": None}
         language = self._target_language()
         if language is not None:
             extra["forced_bos_token_id"] = language

@@ -109,8 +109,12 @@ def readable_token(token: str) -> str:
 _INVISIBLE = frozenset({"Cc", "Cf", "Cs", "Co", "Zl", "Zp"})
 
 
+#: joiners that shape what they join (an emoji sequence, Persian words): kept
+_JOINERS = frozenset({"\u200c", "\u200d"})
+
+
 def _visible(ch: str) -> str:
-    if unicodedata.category(ch) not in _INVISIBLE:
+    if ch in _JOINERS or unicodedata.category(ch) not in _INVISIBLE:
         return ch
     return f"\\x{ord(ch):02x}" if ord(ch) < 0x100 else f"\\u{ord(ch):04x}"
 
@@ -560,6 +564,12 @@ def _row_caption(row: _Row) -> list[tuple[str, str]]:
     return cells
 
 
+def _cell(value: float) -> str:
+    """An annotated cell's number: two decimals, or two significant digits where those would
+    read 0.00 or run to hundreds of digits (1e+300)."""
+    return f"{value:.2f}" if value == 0 or 0.005 <= abs(value) < 1e4 else f"{value:.2g}"
+
+
 def _rows_html(rows: list[_Row], scale: _Scale, annotate: bool) -> str:
     headings = list(dict.fromkeys(h for row in rows for h, _ in _row_caption(row)))
     out = ['<table class="ax-rows">\n<thead><tr>']
@@ -584,7 +594,7 @@ def _rows_html(rows: list[_Row], scale: _Scale, annotate: bool) -> str:
             if math.isnan(value):
                 words.append(f'{gap}<span class="ax-w ax-nan" title="{tip}">{_esc(word)}</span>')
                 continue
-            number = f'<sub class="ax-v">{value:.2f}</sub>' if annotate else ""
+            number = f'<sub class="ax-v">{_cell(value)}</sub>' if annotate else ""
             words.append(
                 f'{gap}<span class="ax-w" style="background:{backgrounds[j]};color:{inks[j]}" '
                 f'data-value="{value:.6g}" title="{tip}">{_esc(word)}{number}</span>'
@@ -716,7 +726,7 @@ def _panel_html(panel: _Panel, scale: _Scale, annotate: bool) -> str:
             if math.isnan(value):
                 row.append(f'<td class="ax-c ax-nan{split}" data-nan="1" title="{tip}"></td>')
                 continue
-            text = f"{value:.2f}" if annotate else ""
+            text = _cell(value) if annotate else ""
             row.append(
                 f'<td class="ax-c{split}" style="background:{backgrounds[i, j]};color:{inks[i, j]}" '
                 f'data-value="{value:.6g}" title="{tip}">{text}</td>'
