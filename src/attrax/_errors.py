@@ -26,3 +26,19 @@ class ModelError(AttraxError, TypeError):
 
 class ResourceError(AttraxError, MemoryError):
     """A call that needs more memory than its device has free, or than its ``max_memory``."""
+
+
+def first_line(error: BaseException) -> str:
+    """What another library's error says, in one line for attrax's own message ("" when it says
+    nothing). A first line that only announces the next (a field validation's ``...:``) takes
+    it along.
+
+    >>> first_line(ValueError("bad field:\\n  'x' is not an int\\nmore"))
+    "bad field: 'x' is not an int"
+    """
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    if not lines:
+        return ""
+    if lines[0].endswith(":") and len(lines) > 1:
+        return f"{lines[0]} {lines[1]}"
+    return lines[0]

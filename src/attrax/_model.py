@@ -37,7 +37,7 @@ from transformers.utils import logging as hf_logging
 
 from . import _arch, _routed
 from . import _validate as check
-from ._errors import InputError, ModelError, OptionError
+from ._errors import InputError, ModelError, OptionError, first_line
 from ._memory import at_least_float32, bound_kernel_caches
 from ._sdpa import folded_sdpa
 from ._tokens import detect_scheme
@@ -1103,7 +1103,7 @@ def load_model(
         except (OSError, ValueError, KeyError, TypeError) as error:  # JSONDecodeError is one
             raise ModelError(
                 f"`{named}` {str(tokenizer)!r}: its tokenizer files do not load "
-                f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})"
+                f"({type(error).__name__}: {first_line(error)})"
             ) from None
     if device is not None:
         if str(device) == "meta":
@@ -1311,14 +1311,8 @@ def _refuse_load(
 
 
 def _first_line(error: BaseException) -> str:
-    """An error's first line (its type's name when it says nothing): one line for the CLI. A
-    first line that only announces the next (a field validation's ``...:``) takes it along."""
-    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
-    if not lines:
-        return type(error).__name__
-    if lines[0].endswith(":") and len(lines) > 1:
-        return f"{lines[0]} {lines[1]}"
-    return lines[0]
+    """An error's first line (its type's name when it says nothing): one line for the CLI."""
+    return first_line(error) or type(error).__name__
 
 
 # the weights' files of a model directory

@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import torch
 
-from ._errors import OptionError
+from ._errors import OptionError, first_line
 from ._memory import at_least_float32
 
 Objective = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -224,7 +224,7 @@ def _checked(objective: Objective, logits: torch.Tensor, ids: torch.Tensor) -> t
             raise
         # the user's function failed on what it was given: said with the shapes, one line
         name = getattr(objective, "__name__", type(objective).__name__)
-        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        first = first_line(err)
         raise OptionError(
             f"`objective` {name} raised {type(err).__name__} ({first}) on logits of shape "
             f"{tuple(logits.shape)} and target ids of shape {tuple(ids.shape)}: it must map "

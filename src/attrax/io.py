@@ -21,7 +21,7 @@ import numpy as np
 import xarray as xr
 
 from . import _validate as check
-from ._errors import InputError, OptionError
+from ._errors import InputError, OptionError, first_line
 
 __all__ = ["load", "save"]
 
@@ -91,13 +91,13 @@ def save(obj: xr.DataArray | xr.Dataset, path: PathLike, *, compress: bool | int
             except (ValueError, TypeError, UnicodeError, AttributeError) as err:
                 # what netCDF cannot store (complex numbers, mixed objects, '/' in a name, an
                 # attribute it reserves or too large an integer): said, not a traceback of its
-                first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+                first = first_line(err)
                 raise InputError(
                     f"`obj` cannot be stored as netCDF4 ({type(err).__name__}: {first}); "
                     "expected numbers, strings and datetimes under plain names"
                 ) from err
             except RuntimeError as err:  # netCDF4/HDF5's own: a full disk, a failing write
-                first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+                first = first_line(err)
                 raise InputError(
                     f"`path` {str(path)!r}: netCDF4 could not write it in "
                     f"{str(path.parent)!r} ({first}; is the disk full?)"
