@@ -373,3 +373,30 @@ def test_a_method_called_from_inside_a_differentiating_method_is_refused(default
             method(default_model, "1 2 3 =", " 3 2 1", objective=nested)
     # the refusal is this call's: the model runs on afterwards, as before
     xr.testing.assert_identical(ax.saliency(default_model, "1 2 3 =", " 3 2 1"), before)
+
+
+def test_every_public_function_documents_every_argument():
+    """``help(ax.x)`` describes each argument: its own Arguments section, the protocol's shared
+    section (written from COMMON's docs), or the function it names ("others as :func:`y`")."""
+    import re
+
+    from attrax._protocol import documented
+
+    def told(fn: Any, depth: int = 0) -> set[str]:
+        doc = fn.__doc__ or ""
+        names = documented(doc)
+        if depth < 3:
+            for ref in re.findall(r"as :func:`(?:attrax\.)?(\w+)`", doc):
+                names |= told(getattr(ax, ref), depth + 1)
+        return names
+
+    missing = {}
+    for name in ax.__all__:
+        fn = getattr(ax, name)
+        if not callable(fn) or isinstance(fn, type):
+            continue
+        parameters = inspect.signature(fn).parameters.values()
+        named = {p.name for p in parameters if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+        if named - told(fn):
+            missing[name] = sorted(named - told(fn))
+    assert not missing, missing

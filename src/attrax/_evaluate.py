@@ -367,9 +367,9 @@ def evaluate(
 
     Arguments:
         model: a :class:`Model` or a path.
-        data: records (see :func:`read_records`); ``fields`` renames their keys, e.g.
-            ``{"input": "text", "rationale": "evidence"}``. Records with a ``contrast`` explain
-            their target against it: every method gets each record's own.
+        data: records (see :func:`read_records`). Records with a ``contrast`` explain their
+            target against it: every method gets each record's own.
+        fields: renames the records' keys, e.g. ``{"input": "text", "rationale": "evidence"}``.
         methods: name -> attribution function ``(model, inputs, targets) -> DataArray`` (an
             ``ax.pipe``, or ``functools.partial`` with options bound) or method name.
         metrics: from :data:`METRICS`; plausibility needs a ``rationale`` per record (0/1 per

@@ -17,6 +17,8 @@ from __future__ import annotations
 import contextvars
 import functools
 import inspect
+import re
+import textwrap
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from functools import cached_property
@@ -57,29 +59,38 @@ COMMON: dict[str, Param] = {
         "probability",
         "str | Objective",
         _objective,
-        "'probability', 'logprob', 'logit' or a callable (logits[..., V], ids[...]) -> scores",
+        "'probability' (default; a regression head's: 'logit'), 'logprob', 'logit' or a "
+        "callable (logits[..., V], ids[...]) -> one score per id",
     ),
     "contrast": Param(
         None,
         "Texts | None",
         None,
-        "a text aligned token by token with the target: objective "
-        "of the target token minus that of the contrast token",
+        "a text aligned token by token with the target (a classifier's: a second class): "
+        "the objective of the target minus that of the contrast",
     ),
     "positions": Param(
-        None, "int | Sequence[int] | None", None, "attribute only these target positions"
+        None,
+        "int | Sequence[int] | None",
+        None,
+        "attribute only these target positions (negative: from the end)",
     ),
     "attribute_target": Param(
         False, "bool", check.boolean, "encoder-decoder: also attribute to the decoder prefix"
     ),
     "chunk_size": Param(
-        "auto", "int | str | None", check.size, "targets per vectorized backward (memory bound)"
+        "auto",
+        "int | str | None",
+        check.size,
+        "targets per vectorized backward: 'auto' (default) as many as fit `max_memory`, None "
+        "all at once",
     ),
     "batch_size": Param(
         "auto",
         "int | str | None",
         check.size,
-        "model evaluations (points, samples, perturbed copies) per forward (memory bound)",
+        "model evaluations (points, samples, perturbed copies) per forward: 'auto' (default) "
+        "as many as fit `max_memory`, None all at once",
     ),
     "max_new_tokens": Param(
         20, "int", check.positive_int, "tokens to generate greedily when `targets` is None"
@@ -99,6 +110,63 @@ COMMON: dict[str, Param] = {
 _RUNNING: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "attrax_running", default=None
 )
+
+
+#: the leading arguments' documentation, for the methods that leave it to the protocol
+LEADING = {
+    "model": "a :class:`Model` (from :func:`load_model`) or a path to load",
+    "inputs": "a text (a prompt, a source text, a classifier's input or (text, pair)), or a "
+    "list of them",
+    "targets": "what to explain: a continuation or translation, a classifier's class, "
+    '"all" or None (a language model generates greedily, a classifier takes its prediction)',
+    "attribution": "the attribution to score, from the same inputs and targets",
+}
+_ENTRY = re.compile(r"^ {4}(\w[\w ,]*):(?:\s|$)")
+_ALSO = re.compile(r"[;.] (\w+):")
+
+
+def documented(doc: str | None) -> set[str]:
+    """The argument names a docstring's ``Arguments`` sections describe (``a, b and c: ...``
+    and ``...; seed: ...`` or ``... . out: ...`` within an entry included).
+
+    >>> sorted(documented("What.\\n\\nArguments:\\n    a, b and c: x; d: y\\n\\nReturns: z"))
+    ['a', 'b', 'c', 'd']
+    """
+    names: set[str] = set()
+    section = False
+    for line in inspect.cleandoc(doc or "").splitlines():
+        if line and not line[0].isspace():
+            section = line.startswith(("Arguments", "Shared arguments")) and line.endswith(":")
+            continue
+        if not section:
+            continue
+        entry = _ENTRY.match(line)
+        if entry:
+            names |= set(re.split(r",\s*|\s+and\s+", entry.group(1).strip()))
+        names |= set(_ALSO.findall(line))
+    return names
+
+
+def _with_shared(doc: str | None, shared: Mapping[str, Param], leading: Sequence[str]) -> str:
+    """``doc`` with a ``Shared arguments`` section for the leading arguments and shared options
+    it does not describe itself, written from :data:`LEADING` and the :class:`Param` docs,
+    before its ``Returns`` (``help(ax.method)`` is whole; each line is written once)."""
+    doc = doc or ""
+    told = documented(doc)
+    docs = {name: LEADING[name] for name in leading if name in LEADING}
+    docs |= {name: param.doc for name, param in shared.items()}
+    missing = {name: text for name, text in docs.items() if name not in told}
+    if not missing:
+        return doc
+    lines = ["    Shared arguments (as every method takes them):"]
+    for name, text in missing.items():
+        lines += textwrap.wrap(
+            f"{name}: {text}.", 96, initial_indent=" " * 8, subsequent_indent=" " * 12
+        )
+    block = "\n".join(lines) + "\n\n"
+    at = doc.find("\n    Returns:")
+    at = at + 1 if at >= 0 else doc.find("\n    >>>") + 1
+    return doc[:at] + block + doc[at:] if at > 0 else doc.rstrip() + "\n\n" + block
 
 
 @dataclass(frozen=True)
@@ -329,6 +397,7 @@ def _public(
         raise ResourceError(_out_of_memory_message(name, call, kwargs, tried))
 
     public.__signature__ = signature  # type: ignore[attr-defined]
+    public.__doc__ = _with_shared(core.__doc__, shared, family.leading)
     public.attrax_family = family.name  # type: ignore[attr-defined]
     # what a call with these options would run with, checked without running anything
     public.attrax_resolve = resolve  # type: ignore[attr-defined]
@@ -428,4 +497,4 @@ def _keyword_only(core: Core) -> tuple[str, ...]:
     return tuple(p.name for p in parameters if p.kind is p.KEYWORD_ONLY)
 
 
-__all__ = ["COMMON", "Call", "Family", "ModelLike", "Param", "own_options"]
+__all__ = ["COMMON", "LEADING", "Call", "Family", "ModelLike", "Param", "documented", "own_options"]
