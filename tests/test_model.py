@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 
 import attrax as ax
 from attrax import _model
-from attrax.testing import save_tiny_model, tiny_model, train_tokenizer
+from attrax.testing import save_tiny_model, tiny_classifier, tiny_model, train_tokenizer
 from tests.conftest import ARCHS, PAIRS
 
 
@@ -708,3 +708,56 @@ def test_a_generated_target_is_the_models_own_prediction_at_every_step(arch):
     da = ax.step_scores(model, "The capital of France is", scores="margin", max_new_tokens=5)
     assert da.target_id.values.tolist() == want
     assert (da.values >= 0).all()  # each target leads the others: the greedy token
+
+
+def test_a_model_trained_since_loading_is_attributed_in_eval_mode_and_left_training():
+    """A fine-tuning loop calls .train() after wrapping: attrax attributed with dropout on (87%
+    off, and two calls differed) until 2026-12-06. Each call now runs in eval mode and puts
+    every module's mode back."""
+    hf, tok = tiny_model("gpt2", resid_pdrop=0.3, attn_pdrop=0.3, embd_pdrop=0.3)
+    model = ax.load_model(hf, tokenizer=tok)
+    want = ax.saliency(model, *PAIRS[0])
+    hf.train()
+    hf.transformer.h[0].eval()  # a mixed state is put back as it was
+    modes = {name: m.training for name, m in hf.named_modules()}
+    for _ in range(2):
+        xr.testing.assert_allclose(ax.saliency(model, *PAIRS[0]), want)
+    assert {name: m.training for name, m in hf.named_modules()} == modes
+
+
+def test_what_attrax_forwards_would_skip_is_refused_at_the_call():
+    """A hook on a language model or decoder-only classifier itself (a temperature on the
+    logits), registered after loading, was skipped: attrax computes the logits from the head
+    (76x off) until 2026-12-06; a model compiled in place raised IndexError in attention."""
+    hf, tok = tiny_model("gpt2")
+    model = ax.load_model(hf, tokenizer=tok)
+    handle = hf.register_forward_hook(lambda module, args, out: out)
+    with pytest.raises(ax.ModelError, match="has a forward hook on the model itself"):
+        ax.saliency(model, *PAIRS[0])
+    handle.remove()
+    hf_classifier, tok_classifier = tiny_classifier("gpt2", "sequence")
+    handle = hf_classifier.register_forward_pre_hook(lambda module, args: None)
+    with pytest.raises(ax.ModelError, match="classification head"):
+        ax.load_model(hf_classifier, tokenizer=tok_classifier)
+    handle.remove()
+    hf.compile()
+    with pytest.raises(ax.ModelError, match=r"compiled in place \(`.compile\(\)`\)"):
+        ax.attention(model, *PAIRS[0])
+    wrapped = torch.nn.DataParallel(hf_classifier)
+    with pytest.raises(ax.ModelError, match=r"pass the model it wraps, `model\.module`"):
+        ax.load_model(wrapped, tokenizer=tok_classifier)
+
+
+def test_an_encoder_classifiers_own_hook_is_honoured_and_tuple_outputs_are_refused():
+    hf, tok = tiny_classifier("bert", "sequence")
+    model = ax.load_model(hf, tokenizer=tok)
+    plain = ax.saliency(model, "the cat sat", 0)
+    handle = hf.register_forward_hook(
+        lambda module, args, out: type(out)(logits=out.logits / 0.5)
+    )
+    hooked = ax.saliency(model, "the cat sat", 0)  # attrax runs hf(...) itself: the hook runs
+    assert not np.allclose(hooked.values, plain.values)
+    handle.remove()
+    hf.config.return_dict = False
+    with pytest.raises(ax.ModelError, match=r"config\.return_dict=False"):
+        ax.saliency(model, "the cat sat", 0)

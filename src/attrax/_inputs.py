@@ -547,7 +547,8 @@ def _check_vocabulary(model: Model, ids: Sequence[int], name: str, side: str = "
         token = model.tokenizer.convert_ids_to_tokens(max(ids))
         raise ModelError(
             f"`{name}` has token id {max(ids)} ({token!r}) but the model's {side} embeddings "
-            f"have {rows} rows: `tokenizer` is not the model's; pass the one saved with it"
+            f"have {rows} rows: `tokenizer` is not the model's; pass the one saved with it (or, "
+            "with tokens added to it, hf.resize_token_embeddings(len(tokenizer)) first)"
         )
     tokenizer = model.tokenizer
     unknown = tokenizer.unk_token_id

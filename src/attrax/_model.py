@@ -106,6 +106,22 @@ _ABSENT = object()
 
 
 @contextlib.contextmanager
+def evaluating(module: torch.nn.Module) -> Iterator[None]:
+    """``module`` in eval mode for the block (no dropout in an attribution), each submodule's
+    own mode put back after it: a training loop may have called ``.train()`` since loading."""
+    training = [m for m in module.modules() if m.training]
+    if not training:
+        yield
+        return
+    module.eval()
+    try:
+        yield
+    finally:
+        for m in training:
+            m.training = True
+
+
+@contextlib.contextmanager
 def instance_attributes(patches: Sequence[tuple[object, str, Any]]) -> Iterator[None]:
     """Set each ``(obj, name, value)`` on the instance for the block, then put back what the
     instance had: its own attribute (a user's or accelerate's ``forward`` wrapper), or none."""
@@ -282,8 +298,39 @@ class Model:
                 f"`model` ({type(hf_model).__name__}) is a decoder-only {kind}: {why}; attrax "
                 "attributes encoder-only ones (BERT, RoBERTa, DeBERTa, ...)"
             )
+        self.check_unchanged()
         if self.task == "generation":
             self._check_head()
+
+    def check_unchanged(self) -> None:
+        """Refuse what was done to the Hugging Face model that attrax's own forwards would skip,
+        at load and at each call (it may have been done since): a forward compiled in place (no
+        hook or patch of attrax's reaches it), a hook on the model itself where attrax computes
+        the outputs from its parts, and tuple outputs that attrax cannot read by name."""
+        hf, what = self.hf, type(self.hf).__name__
+        if getattr(hf, "_compiled_call_impl", None) is not None:
+            raise ModelError(
+                f"`model` ({what}) was compiled in place (`.compile()`): attrax runs its modules "
+                "with hooks and patches of its own that a compiled forward skips; attribute an "
+                "uncompiled model (compile a copy for your own use)"
+            )
+        # a language model runs whole, but its logits are its head's, read past the model's
+        # output; a decoder-only or encoder-decoder classifier runs its body, then its head
+        skipped = hf._forward_hooks if self.task == "generation" else {}
+        if self._score is not None or self.seq2seq_classifier:
+            skipped = {**hf._forward_hooks, **hf._forward_pre_hooks}
+        if skipped:
+            head = "output embeddings" if self.task == "generation" else "classification head"
+            raise ModelError(
+                f"`model` ({what}) has a forward hook on the model itself: attrax computes its "
+                f"outputs from its parts (the body, then its {head}), past that hook; register "
+                "it on the head module or a block instead"
+            )
+        if getattr(hf.config, "return_dict", True) is False:
+            raise ModelError(
+                f"`model` ({what}) has config.return_dict=False: attrax reads its outputs by "
+                "name; set model.config.return_dict = True"
+            )
 
     @property
     def device(self) -> torch.device:
@@ -1032,7 +1079,8 @@ def load_model(
             name, "bfloat16"); default: as loaded (CPU, float32). A ``PreTrainedModel`` given is
             not copied: it is moved, cast and put in eval mode with gradients off in place,
             and with ``attn_implementation="auto"`` it rests on eager attention (attrax switches
-            it per call).
+            it per call). Each method call runs it in eval mode again, and puts back a training
+            mode set since.
 
     Returns:
         A :class:`Model` in eval mode with parameter gradients off.
@@ -1089,9 +1137,11 @@ def load_model(
         if dtype is not None:
             hf_model = hf_model.to(dtype)
     else:
+        inner = next((a for a in ("_orig_mod", "module") if hasattr(model, a)), None)
+        hint = f": pass the model it wraps, `model.{inner}`" if inner else ""
         raise ModelError(
             "`model` must be a path, a hub name, a transformers PreTrainedModel or None, "
-            f"got {type(model).__name__}"
+            f"got {type(model).__name__}{hint}"
         )
     if isinstance(tokenizer, (str, os.PathLike)):
         if tokenizer is not model:
