@@ -31,11 +31,9 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import math
 import os
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -43,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-from . import harness, report, workloads
+from . import harness, workloads
 from .parity import TOLERANCE, rel_err
 
 WORKLOADS = {"W1": "gpt2", "W2": "marian"}
@@ -190,7 +188,7 @@ def run(args: argparse.Namespace) -> int:
     import attrax as ax
 
     from .baselines import inseq_load
-    from .tasks import quiet
+    from .tasks import finish, quiet
 
     quiet(args.threads)
     meta = dict(
@@ -238,20 +236,7 @@ def run(args: argparse.Namespace) -> int:
                 f"  {workload} {group:9s} attrax {medians['attrax']:.4f} s, Inseq "
                 f"{medians['inseq']:.4f} s: {speedup:.1f}x"
             )
-    results.update(status="parity_failed" if failures else "ok", failures=failures)
-    results["meta"]["finished"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=1))
-    if failures:
-        print("\n".join(["FAILED:", *failures]), file=sys.stderr)
-        return 2
-    if args.record:
-        committed = json.loads(report.CPU_RESULTS.read_text())
-        committed["step_scores"] = results
-        report.CPU_RESULTS.write_text(json.dumps(committed, indent=1, ensure_ascii=False) + "\n")
-        report.write_docs()
-    print(f"wrote {args.out}")
-    return 0
+    return finish(args, results, failures, "step_scores")
 
 
 def parser(p: argparse.ArgumentParser) -> None:

@@ -68,6 +68,13 @@ def run(
             f"  {method:21s} attrax {medians['attrax']:.3f} s, Captum {medians['captum']:.3f} s:"
             f" {speedup:.2f}x"
         )
+    return finish(args, results, failures, key)
+
+
+def finish(args: argparse.Namespace, results: dict[str, Any], failures: list[str], key: str) -> int:
+    """End a run: its status and finish time in ``args.out``; exit status 2 on a parity
+    failure, else with ``args.record`` the run as ``cpu.json``'s entry ``key`` and the docs
+    rendered again."""
     results.update(status="parity_failed" if failures else "ok", failures=failures)
     results["meta"]["finished"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -544,7 +544,8 @@ def test_paths_texts_and_undefined_intervals_print_as_they_are(tmp_path, capsys)
     assert main(["demo", "--html", str(html)]) == 0
     assert html.is_file() and str(html) in capsys.readouterr().out
     columns = pd.MultiIndex.from_product([["auprc"], ["mean", "low", "high"]])
-    table = pd.DataFrame([[0.1, np.nan, np.inf]], index=["saliency"], columns=columns)
+    table = pd.DataFrame([[0.1, np.nan, np.inf]], index=["ig[steps=8]"], columns=columns)
     console = Console(file=__import__("io").StringIO(), width=120)
     console.print(_summary_table(table, console.width))
     assert "0.100 [nan, inf]" in console.file.getvalue()
+    assert "ig[steps=8]" in console.file.getvalue()  # a method's name, not a style tag

@@ -426,15 +426,12 @@ def test_auto_sizes_fit_the_memory_budget(models, arch, monkeypatch):
 def naive_greedy(model, source_ids: list[int], n: int) -> list[int]:
     """Up to ``n`` argmax tokens from plain forwards on the whole sequence; stops after EOS.
 
-    Where the generation config forces EOS at the length limit (Marian, BART), the last one is EOS.
+    An EOS the generation config forces at the length limit (Marian, BART) is no argmax: the
+    model's own greedy token is explained instead (since 2026-12-06).
     """
     new: list[int] = []
     start = [model.hf.config.decoder_start_token_id] if model.is_encoder_decoder else []
-    forced = model.hf.generation_config.forced_eos_token_id
     while len(new) < n and (not new or new[-1] != model.tokenizer.eos_token_id):
-        if forced is not None and len(new) == n - 1:
-            new.append(forced)
-            break
         with torch.no_grad():
             if model.is_encoder_decoder:
                 out = model.hf(

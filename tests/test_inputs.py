@@ -354,3 +354,19 @@ def test_gpt2s_end_of_text_is_asked_for_not_unknown(models):
     model = models["gpt2"]
     da = ax.saliency(model, "The capital is", "<|endoftext|>")
     assert da.target_id.values.tolist() == [model.tokenizer.eos_token_id]
+
+
+def test_a_prompt_the_tokenizer_reads_nothing_in_is_refused():
+    """With whitespace accepted as text, a tokenizer that drops it (WordPiece) left a decoder
+    with no source: the first target was read at the last position, silently (found by the
+    review of 2026-12-06)."""
+    from attrax.testing import tiny_classifier, tiny_model
+
+    hf, _ = tiny_model("gpt2")
+    _, wordpiece = tiny_classifier("bert", "sequence")
+    model = ax.load_model(hf, tokenizer=wordpiece)
+    assert wordpiece("   ", add_special_tokens=False)["input_ids"] == []
+    with pytest.raises(ax.InputError, match="`inputs` '   ' has no tokens: the tokenizer reads"):
+        ax.step_scores(model, "   ", " the cat")
+    with pytest.raises(ax.InputError, match=r"`contrast_inputs` '\\n' has no tokens"):
+        ax.step_scores(model, "the cat", " sat", scores="pcxmi", contrast_inputs="\n")

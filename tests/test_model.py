@@ -696,16 +696,22 @@ def test_nllbs_generation_starts_with_the_target_language_as_its_text_targets_do
         assert da.target_id.values.tolist() == want and want[0] == code
 
 
-@pytest.mark.parametrize("arch", ["bart", "marian"])
+@pytest.mark.parametrize("arch", ["bart", "marian"])  # their greedy tokens repeat
 def test_a_generated_target_is_the_models_own_prediction_at_every_step(arch):
-    """BART's and Marian's generation configs force </s> at the length limit: attrax explained
-    that forced token as the model's prediction (its margin negative) until 2026-12-06."""
+    """BART's and Marian's generation configs force </s> at the length limit, and a config's
+    repetition penalty or n-gram blocking (Qwen2.5-Instruct's, bart-large-cnn's) picks other
+    tokens than the top one: attrax explained those as the model's predictions (negative
+    margins) until 2026-12-06."""
     hf, tok = tiny_model(arch)
-    assert hf.generation_config.forced_eos_token_id is not None
+    hf.generation_config.repetition_penalty = 3.0
+    hf.generation_config.no_repeat_ngram_size = 1
     model = ax.load_model(hf, tokenizer=tok)
-    source = tok("The capital of France is")["input_ids"]
-    want = _hf_greedy(hf, source, 5, forced_eos_token_id=None)
-    da = ax.step_scores(model, "The capital of France is", scores="margin", max_new_tokens=5)
+    prompt = "The capital of France is"
+    source = tok(prompt)["input_ids"]
+    neutral = dict(forced_eos_token_id=None, repetition_penalty=1.0, no_repeat_ngram_size=0)
+    want = _hf_greedy(hf, source, 5, **neutral)
+    assert want != _hf_greedy(hf, source, 5)  # the configured processors change the tokens
+    da = ax.step_scores(model, prompt, scores="margin", max_new_tokens=5)
     assert da.target_id.values.tolist() == want
     assert (da.values >= 0).all()  # each target leads the others: the greedy token
 
@@ -752,9 +758,7 @@ def test_an_encoder_classifiers_own_hook_is_honoured_and_tuple_outputs_are_refus
     hf, tok = tiny_classifier("bert", "sequence")
     model = ax.load_model(hf, tokenizer=tok)
     plain = ax.saliency(model, "the cat sat", 0)
-    handle = hf.register_forward_hook(
-        lambda module, args, out: type(out)(logits=out.logits / 0.5)
-    )
+    handle = hf.register_forward_hook(lambda module, args, out: type(out)(logits=out.logits / 0.5))
     hooked = ax.saliency(model, "the cat sat", 0)  # attrax runs hf(...) itself: the hook runs
     assert not np.allclose(hooked.values, plain.values)
     handle.remove()

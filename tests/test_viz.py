@@ -750,12 +750,12 @@ def test_tokens_show_as_text_whatever_they_hold():
 
     from attrax.viz import readable_token, table
 
-    tokens = ["$$", "$x_1$", "\x1b[2J", "a\u202eb", "<0x0A>"]
+    tokens = ["$$", "$x_1$", "\x1b[2J", "a\u202eb", "<0x0A>", "<0xE2>"]
     assert [readable_token(t) for t in tokens] == [
-        "$$", "$x_1$", "\\x1b[2J", "a\\u202eb", "\u21b5",
+        "$$", "$x_1$", "\\x1b[2J", "a\\u202eb", "\u21b5", "<0xE2>",  # a piece of "€" kept
     ]  # fmt: skip
     da = xr.DataArray(
-        [[0.1, 0.2, 0.3, 0.4, 0.5]],
+        [[0.1, 0.2, 0.3, 0.4, 0.5, 0.6]],
         dims=("target", "source"),
         coords={"source_token": ("source", tokens), "target_token": ("target", ["$"])},
     )

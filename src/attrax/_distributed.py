@@ -314,7 +314,7 @@ class Pool:
 
 
 def _key(task: Callable[..., Any]) -> str:
-    """A task's name for Dask's dashboard and logs: ``attrax-write-shard`` for ``_write_shard``."""
+    """A task's name for Dask's dashboard and logs: ``attrax-shard`` for ``_shard_task``."""
     return "attrax-" + task.__name__.strip("_").removesuffix("_task").replace("_", "-")
 
 

@@ -122,7 +122,10 @@ def prepare(
     ):
         raise OptionError(f"`max_new_tokens` must be a positive integer, got {max_new_tokens!r}")
     tokenizer = model.tokenizer
-    source_ids = [_encode_source(tokenizer, text, model.is_encoder_decoder) for text in sources]
+    source_ids = [
+        _encode_source(tokenizer, text, model.is_encoder_decoder, f"inputs{_at(i, single)}")
+        for i, text in enumerate(sources)
+    ]
     if target_texts is None:
         for i, src in enumerate(source_ids):
             check_room(model, src, max_new_tokens, f"inputs{_at(i, single)}")
@@ -248,7 +251,10 @@ def _classifier_tensors(batch: Batch, model: Model) -> Tensors:
 def encode_sources(model: Model, inputs: Texts) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """Encoder inputs alone (no targets): padded ids, mask, and whether one text was given."""
     texts, single = _as_texts(inputs, "inputs")
-    sources = [_encode_source(model.tokenizer, text, True) for text in texts]
+    sources = [
+        _encode_source(model.tokenizer, text, True, f"inputs{_at(i, single)}")
+        for i, text in enumerate(texts)
+    ]
     for i, ids in enumerate(sources):
         _check_length(model, ids, (), _at(i, single))
     ids, mask = _pad(sources, model.pad_token_id or 0)
@@ -267,7 +273,9 @@ def contrast_batch(
     texts = _aligned(contrast_inputs, name, [""] * len(batch.examples), batch.single)
     examples = []
     for i, (example, text) in enumerate(zip(batch.examples, texts, strict=True)):
-        source = _encode_source(model.tokenizer, text, model.is_encoder_decoder)
+        source = _encode_source(
+            model.tokenizer, text, model.is_encoder_decoder, f"{name}{_at(i, batch.single)}"
+        )
         _check_length(model, source, example.target_ids, _at(i, batch.single))
         shift = 0 if batch.encoder_decoder else len(source) - len(example.source_ids)
         positions = tuple(p + shift for p in example.positions)
@@ -364,9 +372,15 @@ def _aligned(value: Any, name: str, sources: list[str], single: bool) -> list[st
     return texts
 
 
-def _encode_source(tokenizer: Any, text: str, encoder_decoder: bool) -> tuple[int, ...]:
+def _encode_source(
+    tokenizer: Any, text: str, encoder_decoder: bool, name: str = "inputs"
+) -> tuple[int, ...]:
     with_special = tokenizer(text, add_special_tokens=True)["input_ids"]
     plain = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if not plain:  # whitespace a tokenizer drops: the first target would have no context
+        raise InputError(
+            f"`{name}` {text!r} has no tokens: the tokenizer reads nothing in it; give a text"
+        )
     prefix = _special_prefix(with_special, plain)
     # a text that starts with the tokens the tokenizer adds (a chat template's rendered BOS)
     # has them once, as apply_chat_template(tokenize=True) gives them
@@ -468,7 +482,7 @@ def check_example(
                 )
         return
     tokenizer = model.tokenizer
-    source_ids = _encode_source(tokenizer, source, model.is_encoder_decoder)
+    source_ids = _encode_source(tokenizer, source, model.is_encoder_decoder, names[0])
     if target is None:
         _check_vocabulary(model, source_ids, names[0])  # as a given target's check does
         if max_new_tokens is not None:

@@ -85,6 +85,27 @@ SDPA_MIN_TOKENS = 256
 SDPA_MIN_TOKENS_GPU = 1024
 
 
+#: the model's own greedy tokens: none of the processors a generation config may set (a
+#: repetition penalty, n-gram blocking, a minimum length, a forced end at the limit, suppressed or
+#: biased tokens) that would make a target other than the top prediction. A forced first token
+#: (a language code) stays, as text targets start with it.
+_GREEDY: dict[str, Any] = {
+    "repetition_penalty": 1.0,
+    "encoder_repetition_penalty": 1.0,
+    "no_repeat_ngram_size": 0,
+    "encoder_no_repeat_ngram_size": 0,
+    "min_length": 0,
+    "min_new_tokens": None,
+    "bad_words_ids": None,
+    "suppress_tokens": None,
+    "begin_suppress_tokens": None,
+    "sequence_bias": None,
+    "forced_eos_token_id": None,
+    "exponential_decay_length_penalty": None,
+    "guidance_scale": None,
+    "watermarking_config": None,
+}
+
 #: one lock per Hugging Face model (weak: it goes with the model); see :attr:`Model.call_lock`
 _LOCKS: weakref.WeakKeyDictionary[torch.nn.Module, threading.RLock] = weakref.WeakKeyDictionary()
 _LOCKS_GUARD = threading.Lock()
@@ -323,8 +344,9 @@ class Model:
             head = "output embeddings" if self.task == "generation" else "classification head"
             raise ModelError(
                 f"`model` ({what}) has a forward hook on the model itself: attrax computes its "
-                f"outputs from its parts (the body, then its {head}), past that hook; register "
-                "it on the head module or a block instead"
+                f"outputs from its parts (the body, then its {head}), past that hook, so any "
+                "hook there is refused, one that only reads too; register it on the head module "
+                "or a block instead"
             )
         if getattr(hf.config, "return_dict", True) is False:
             raise ModelError(
@@ -823,14 +845,11 @@ class Model:
             ids[row, start : start + len(prompt)] = torch.tensor(list(prompt))
             mask[row, start : start + len(prompt)] = 1
         stops = self.stop_token_ids
-        # a forced end at the length limit (BART's, Marian's) is no prediction to explain: the
-        # last target is the model's own greedy token
-        extra: dict[str, Any] = {"forced_eos_token_id": None}
+        configured = getattr(self.hf, "generation_config", None)
         language = self._target_language()
-        if language is not None:
-            extra["forced_bos_token_id"] = language
-        if self.is_encoder_decoder:  # as the teacher-forced forwards start (read now)
-            extra["decoder_start_token_id"] = self.decoder_start_token_id
+        first = getattr(configured, "forced_bos_token_id", None) if language is None else language
+        # keywords, not a GenerationConfig: transformers fills a given config's defaults back
+        # from the model's, so only keywords turn the configured processors off
         out = self.hf.generate(
             input_ids=ids.to(self.device),
             attention_mask=mask.to(self.device),
@@ -839,7 +858,9 @@ class Model:
             num_beams=1,
             pad_token_id=pad,
             eos_token_id=list(stops) or None,
-            **extra,
+            forced_bos_token_id=first,
+            decoder_start_token_id=self.decoder_start_token_id,
+            **_GREEDY,
         ).cpu()
         new = out[:, 1:] if self.is_encoder_decoder else out[:, width:]
         result = []

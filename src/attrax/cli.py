@@ -928,10 +928,10 @@ def _summary_table(table: Any, width: int = 10**6) -> Any:
     rows, columns = (metrics, methods) if by_metric else (methods, metrics)
     out = Table(title="mean [95% interval] over examples", title_style="bold")
     out.add_column("metric" if by_metric else "method")
-    for c in columns:
-        out.add_column(c if by_metric else named[c], justify="right")
+    for c in columns:  # names as Text too: a method named "ig[steps=8]" keeps its brackets
+        out.add_column(Text(c if by_metric else named[c]), justify="right")
     for r in rows:
-        label = named[r] if by_metric else r
+        label = Text(named[r] if by_metric else r)
         out.add_row(label, *(cell[(c, r)] if by_metric else cell[(r, c)] for c in columns))
     shown = [named[r] for r in rows] if by_metric else rows
     if needed(shown, columns if by_metric else [named[c] for c in columns]) > width:

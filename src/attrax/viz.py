@@ -91,7 +91,7 @@ def readable_token(token: str) -> str:
     decoder = _byte_decoder()
     text = token
     byte = re.fullmatch(r"<0x([0-9A-Fa-f]{2})>", token)  # SentencePiece's byte fallback
-    if byte:
+    if byte and int(byte.group(1), 16) < 0x80:  # higher: a piece of a character, kept as is
         text = chr(int(byte.group(1), 16))
     elif token and all(ch in decoder for ch in token):
         try:
@@ -114,9 +114,19 @@ _JOINERS = frozenset({"\u200c", "\u200d"})
 
 
 def _visible(ch: str) -> str:
-    if ch in _JOINERS or unicodedata.category(ch) not in _INVISIBLE:
+    # joiners, and the tag characters of a flag such as England's, shape what they join
+    if ch in _JOINERS or 0xE0020 <= ord(ch) <= 0xE007F:
         return ch
-    return f"\\x{ord(ch):02x}" if ord(ch) < 0x100 else f"\\u{ord(ch):04x}"
+    if unicodedata.category(ch) not in _INVISIBLE:
+        return ch
+    code = ord(ch)
+    return (
+        f"\\x{code:02x}"
+        if code < 0x100
+        else f"\\u{code:04x}"
+        if code < 0x10000
+        else f"\\U{code:08x}"
+    )
 
 
 def _scalar(value: Any) -> Any:
