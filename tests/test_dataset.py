@@ -604,3 +604,17 @@ def test_a_classifiers_records_give_contrast_classes(tmp_path, write_jsonl):
     bad = write_jsonl([{**rows[0], "contrast": 9}], name="nine.jsonl")
     with pytest.raises(ax.InputError, match="line 1: `contrast` 9 is not a class id"):
         D.attribute_dataset(model, bad, tmp_path / "nine", progress=False)
+
+
+def test_a_whitespace_target_in_a_record_is_text(tmp_path, models, write_jsonl):
+    """A record's "\\n" target was refused as empty until 2026-12-06, where ax.saliency takes it;
+    a tokenizer that reads nothing in it still says so, naming the line."""
+    gpt2 = models["gpt2"]
+    data = write_jsonl([{"input": "The capital is", "target": "\n"}])
+    run = D.attribute_dataset(gpt2, data, tmp_path / "out", progress=False)
+    da = ax.load_dataset_results(run.out)
+    want = gpt2.tokenizer("\n", add_special_tokens=False)["input_ids"]
+    assert [int(i) for i in da.target_id.values.ravel() if i >= 0] == want
+    digits = write_jsonl([{"input": "1 2 3 =", "target": "\n"}], name="digits.jsonl")
+    with pytest.raises(ax.InputError, match=r"digits\.jsonl line 1: .*has no tokens"):
+        D.attribute_dataset(None, digits, tmp_path / "demo", progress=False)

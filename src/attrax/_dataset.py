@@ -703,9 +703,8 @@ def _records(data: Path, digest: Any = None) -> Iterator[dict[str, Any]]:
             )
         for key in ("input", "target", "input_pair", "corrupted", "corrupted_pair"):
             value = record.get(key, "")
-            if (key in record or key == "input") and (
-                not isinstance(value, str) or not value.strip()
-            ):
+            # whitespace is text ("\n" is a target): the tokenizer's reading is checked later
+            if (key in record or key == "input") and (not isinstance(value, str) or not value):
                 raise InputError(f"{where}: {key!r} must be a non-empty string, got {value!r}")
         if "id" in record and (
             isinstance(record["id"], bool) or not isinstance(record["id"], (str, int))

@@ -1088,7 +1088,10 @@ def _as_items(value: Any) -> tuple[list[tuple[str, str | None]], bool]:
             )
         for text in texts:
             if not isinstance(text, str) or not text.strip():
-                raise InputError(f"`inputs{where}` must hold non-empty strings, got {v!r}")
+                raise InputError(
+                    f"`inputs{where}` must hold texts with words, got {v!r}: a classifier reads "
+                    "no class from whitespace alone"
+                )
         return texts[0], texts[1] if len(texts) == 2 else None
 
     if isinstance(value, str) or (
