@@ -370,3 +370,8 @@ def test_a_prompt_the_tokenizer_reads_nothing_in_is_refused():
         ax.step_scores(model, "   ", " the cat")
     with pytest.raises(ax.InputError, match=r"`contrast_inputs` '\\n' has no tokens"):
         ax.step_scores(model, "the cat", " sat", scores="pcxmi", contrast_inputs="\n")
+    # an encoder-decoder's source keeps its special tokens, its decoder the start token: it runs
+    t5, _ = tiny_model("t5")
+    translator = ax.load_model(t5, tokenizer=wordpiece)
+    assert wordpiece(" ")["input_ids"]  # [CLS] [SEP]
+    assert ax.saliency(translator, " ", "the dog").sizes["target"] > 0

@@ -708,9 +708,15 @@ def test_a_generated_target_is_the_models_own_prediction_at_every_step(arch):
     model = ax.load_model(hf, tokenizer=tok)
     prompt = "The capital of France is"
     source = tok(prompt)["input_ids"]
-    neutral = dict(forced_eos_token_id=None, repetition_penalty=1.0, no_repeat_ngram_size=0)
+    neutral = dict(
+        forced_eos_token_id=None, repetition_penalty=1.0, no_repeat_ngram_size=0,
+        max_time=None, stop_strings=None,
+    )  # fmt: skip
     want = _hf_greedy(hf, source, 5, **neutral)
     assert want != _hf_greedy(hf, source, 5)  # the configured processors change the tokens
+    # nor what stops early or needs what attrax does not pass (a time limit, stop strings)
+    hf.generation_config.max_time = 1e-9
+    hf.generation_config.stop_strings = ["19"]
     da = ax.step_scores(model, prompt, scores="margin", max_new_tokens=5)
     assert da.target_id.values.tolist() == want
     assert (da.values >= 0).all()  # each target leads the others: the greedy token

@@ -750,6 +750,10 @@ def test_tokens_show_as_text_whatever_they_hold():
 
     from attrax.viz import readable_token, table
 
+    # a flag's tags draw it; tags elsewhere are hidden text ("ASCII smuggling"), escaped
+    england, hidden = "\U0001f3f4\U000e0067\U000e0062\U000e007f", "ok\U000e0069"
+    assert readable_token(england) == england
+    assert readable_token(hidden) == "ok\\U000e0069"
     tokens = ["$$", "$x_1$", "\x1b[2J", "a\u202eb", "<0x0A>", "<0xE2>"]
     assert [readable_token(t) for t in tokens] == [
         "$$", "$x_1$", "\\x1b[2J", "a\\u202eb", "\u21b5", "<0xE2>",  # a piece of "€" kept

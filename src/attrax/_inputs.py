@@ -377,7 +377,9 @@ def _encode_source(
 ) -> tuple[int, ...]:
     with_special = tokenizer(text, add_special_tokens=True)["input_ids"]
     plain = tokenizer(text, add_special_tokens=False)["input_ids"]
-    if not plain:  # whitespace a tokenizer drops: the first target would have no context
+    # whitespace a tokenizer drops: a decoder-only model's first target would have no context
+    # (an encoder-decoder's source keeps its special tokens, and its decoder its start token)
+    if not (with_special if encoder_decoder else plain):
         raise InputError(
             f"`{name}` {text!r} has no tokens: the tokenizer reads nothing in it; give a text"
         )
@@ -1089,8 +1091,8 @@ def _as_items(value: Any) -> tuple[list[tuple[str, str | None]], bool]:
         for text in texts:
             if not isinstance(text, str) or not text.strip():
                 raise InputError(
-                    f"`inputs{where}` must hold texts with words, got {v!r}: a classifier reads "
-                    "no class from whitespace alone"
+                    f"`inputs{where}` must hold more than whitespace, got {v!r}: a classifier "
+                    "reads no class from whitespace alone"
                 )
         return texts[0], texts[1] if len(texts) == 2 else None
 

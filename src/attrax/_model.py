@@ -104,6 +104,13 @@ _GREEDY: dict[str, Any] = {
     "exponential_decay_length_penalty": None,
     "guidance_scale": None,
     "watermarking_config": None,
+    # and nothing that stops early or decodes otherwise (a time limit, stop strings...)
+    "max_time": None,
+    "stop_strings": None,
+    "token_healing": False,
+    "num_return_sequences": 1,
+    "penalty_alpha": None,
+    "dola_layers": None,
 }
 
 #: one lock per Hugging Face model (weak: it goes with the model); see :attr:`Model.call_lock`

@@ -78,7 +78,9 @@ def readable_token(token: str) -> str:
     """Tokenizer output made readable: spaces as ``␣``, newlines ``↵``, tabs ``⇥``.
 
     Byte-level BPE tokens (``Ġ``, ``Ċ``, ``ĠcafÃ©``) are decoded back to text when they form
-    valid UTF-8; SentencePiece ``▁`` becomes ``␣``; anything else is kept as is.
+    valid UTF-8; SentencePiece ``▁`` becomes ``␣``, and its byte tokens below 0x80 their
+    character (``<0x0A>`` is ``↵``; higher ones, pieces of a character, stay ``<0xE2>``).
+    Control and invisible characters show as escapes (``\\x1b``, ``\\u202e``).
 
     >>> readable_token("Ġcaf\\u00c3\\u00a9"), readable_token("▁Straße"), readable_token("Ċ")
     ('␣café', '␣Straße', '↵')
@@ -101,7 +103,18 @@ def readable_token(token: str) -> str:
             text = token.replace("Ġ", " ").replace("Ċ", "\n").replace("ĉ", "\t")
     text = text.replace("▁", " ")
     text = text.replace(" ", _SPACE).replace("\n", _NEWLINE).replace("\t", _TAB)
-    return "".join(_visible(ch) for ch in text)
+    return _shown(text)
+
+
+def _shown(text: str) -> str:
+    """``text`` with its invisible characters as escapes; tag characters stay in a flag (🏴
+    then tags, England's), where they draw it, and are escaped anywhere else (hidden text)."""
+    out, flag = [], False
+    for ch in text:
+        tag = 0xE0020 <= ord(ch) <= 0xE007F
+        flag = ch == "\U0001f3f4" or (flag and tag)
+        out.append(ch if tag and flag else _visible(ch))
+    return "".join(out)
 
 
 #: character classes shown as escapes: control (a terminal's ESC), format (zero-width, the
@@ -114,8 +127,7 @@ _JOINERS = frozenset({"\u200c", "\u200d"})
 
 
 def _visible(ch: str) -> str:
-    # joiners, and the tag characters of a flag such as England's, shape what they join
-    if ch in _JOINERS or 0xE0020 <= ord(ch) <= 0xE007F:
+    if ch in _JOINERS:  # they shape what they join
         return ch
     if unicodedata.category(ch) not in _INVISIBLE:
         return ch
@@ -224,7 +236,7 @@ def _coord_labels(da: xr.DataArray, dim: str) -> tuple[list[str], list[str]]:
         where = [str(i) for i in range(n)]
     word, token = f"{dim}_word", f"{dim}_token"  # merge_subwords' words, else the tokens
     if word in da.coords and da[word].dims == (dim,):
-        labels = ["".join(_visible(ch) for ch in str(w)) for w in da[word].values.tolist()]
+        labels = [_shown(str(w)) for w in da[word].values.tolist()]
     elif token in da.coords and da[token].dims == (dim,):
         labels = [readable_token(str(t)) for t in da[token].values.tolist()]
     else:
