@@ -145,13 +145,13 @@ def prepare(
     examples = []
     for i, (src, tgt) in enumerate(zip(source_ids, target_ids, strict=True)):
         where = _at(i, single)
-        if not tgt and target_texts is not None:  # whitespace a tokenizer drops
+        if not tgt:  # a given text's whitespace the tokenizer drops, or an empty generation
             raise InputError(
                 f"`targets{where}` {target_texts[i]!r} has no tokens to attribute: the "
                 "tokenizer reads nothing in it"
+                if target_texts is not None
+                else f"`targets{where}` has no tokens to attribute (empty generation?)"
             )
-        if not tgt:
-            raise InputError(f"`targets{where}` has no tokens to attribute (empty generation?)")
         _check_length(model, src, tgt, f"inputs{where}", f"targets{where}")
         first = 1 if model.is_encoder_decoder else len(src)
         available = tuple(range(first, first + len(tgt)))

@@ -852,9 +852,8 @@ class Model:
             ids[row, start : start + len(prompt)] = torch.tensor(list(prompt))
             mask[row, start : start + len(prompt)] = 1
         stops = self.stop_token_ids
-        configured = getattr(self.hf, "generation_config", None)
-        language = self._target_language()
-        first = getattr(configured, "forced_bos_token_id", None) if language is None else language
+        language = self._target_language()  # None: the config's own forced first token, if any
+        forced = {} if language is None else {"forced_bos_token_id": language}
         # keywords, not a GenerationConfig: transformers fills a given config's defaults back
         # from the model's, so only keywords turn the configured processors off
         out = self.hf.generate(
@@ -865,8 +864,8 @@ class Model:
             num_beams=1,
             pad_token_id=pad,
             eos_token_id=list(stops) or None,
-            forced_bos_token_id=first,
             decoder_start_token_id=self.decoder_start_token_id,
+            **forced,
             **_GREEDY,
         ).cpu()
         new = out[:, 1:] if self.is_encoder_decoder else out[:, width:]
