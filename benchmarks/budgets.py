@@ -52,6 +52,9 @@ _SMALLEST = re.compile(r"needs? an estimated ([\d.]+ \w+)")
 # --methods every: the methods' defaults, but paths, samples and rounds cut to keep each call within
 # a minute on 2 cores (``steps`` is ``--steps`` for every path method)
 SIZES: dict[str, dict[str, Any]] = {
+    # the layer methods at what they are for: every layer's activations and gradients
+    "conductance": {"layers": "all"},
+    "internal_influence": {"layers": "all"},
     "smoothgrad": {"samples": 8},
     "squaregrad": {"samples": 8},
     "vargrad": {"samples": 8},
@@ -69,7 +72,8 @@ WORKLOAD_SIZES: dict[str, dict[str, dict[str, Any]]] = {
     "C2": {"pgd": {"steps": 2}},
     "L1": {"pgd": {"steps": 2}, "sequential_integrated_gradients": {"steps": 4}},
 }
-PATHS = ("integrated_gradients", "sequential_integrated_gradients", "guided_integrated_gradients",
+PATHS = ("integrated_gradients", "conductance", "internal_influence",
+         "sequential_integrated_gradients", "guided_integrated_gradients",
          "discretized_integrated_gradients", "greedy_pig", "head_attribution")  # fmt: skip
 
 
@@ -240,6 +244,7 @@ def _write(out: Path, meta: dict[str, Any], rows: list[dict[str, Any]]) -> None:
 LABEL = {
     "input_x_gradient": "input × gradient",  # noqa: RUF001
     "integrated_gradients": "integrated gradients",
+    "internal_influence": "internal influence",
     "smoothgrad": "SmoothGrad", "guided_backprop": "guided backprop", "lrp": "AttnLRP",
     "sequential_integrated_gradients": "sequential IG", "guided_integrated_gradients": "guided IG",
     "discretized_integrated_gradients": "discretized IG", "greedy_pig": "greedy PIG",

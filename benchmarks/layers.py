@@ -9,14 +9,19 @@ On the W1 GPT-2 (4 layers, n_embd 256) with a 16-token prompt and an 8-token tar
 every residual-stream layer 0..4 (0: the embedding output ``transformer.drop``; l: block ``l``'s
 output, ``transformer.h[l-1]``) and every target:
 
-* attrax: ``ax.input_x_gradient(..., layers="all")`` and ``ax.integrated_gradients(...,
-  layers="all", steps=50)`` (zero baseline, Gauss-Legendre), one call each;
-* Captum 0.9: ``LayerGradientXActivation`` and ``LayerIntegratedGradients`` (the same nodes,
-  zero input baseline), one ``attribute`` call per layer and per target on the target's prefix,
-  as a user runs them; the forward returns the target's probability;
+* attrax: ``ax.input_x_gradient(..., layers="all")``, and ``ax.integrated_gradients``,
+  ``ax.conductance`` and ``ax.internal_influence`` with ``layers="all", steps=50`` (zero
+  baseline, Gauss-Legendre), one call each;
+* Captum 0.9: ``LayerGradientXActivation``, ``LayerIntegratedGradients``, ``LayerConductance``
+  and ``InternalInfluence`` (the same nodes, zero input baseline), one ``attribute`` call per layer
+  and per target on the target's prefix, as a user runs them (Captum's BERT tutorial loops over
+  the layers with ``LayerConductance``); the forward returns the target's probability;
 * Inseq 0.7 (with ``--inseq``): ``layer_gradient_x_activation`` with ``target_layer=`` per layer,
   one ``attribute`` call per layer (Inseq loops over targets). Its ``layer_integrated_gradients``
-  returns all-zero attributions on this model (transformers 5.24), so it is not compared.
+  returns all-zero attributions on this model (transformers 5.24), so it is not compared; it
+  has neither conductance nor internal influence.
+
+``--methods`` runs some of the four and keeps the other rows of ``--out``.
 
 Parity first, on the timed outputs: max |a - b| / max |b| over every (target, source, layer,
 hidden) must be <= 1e-4 (else exit status 2); then the median time of ``--repeats`` attrax calls against the
@@ -47,7 +52,11 @@ NAMES = {
     ("input_x_gradient", "captum"): "`LayerGradientXActivation`",
     ("input_x_gradient", "inseq"): "`layer_gradient_x_activation`",
     ("integrated_gradients", "captum"): "`LayerIntegratedGradients` (50 steps)",
+    ("conductance", "captum"): "`LayerConductance` (50 steps)",
+    ("internal_influence", "captum"): "`InternalInfluence` (50 steps)",
 }
+METHODS = ("input_x_gradient", "integrated_gradients", "conductance", "internal_influence")
+PATHS = METHODS[1:]  # the methods that take `steps`
 
 
 def _prefix_forward(model):
@@ -65,7 +74,12 @@ def layer_modules(model) -> list[torch.nn.Module]:
 
 def captum(model, tok, prompt: str, target: str, method: str) -> tuple[np.ndarray, float]:
     """``[K, L, layers, H]`` from one Captum ``attribute`` call per layer and per target."""
-    from captum.attr import LayerGradientXActivation, LayerIntegratedGradients
+    from captum.attr import (
+        InternalInfluence,
+        LayerConductance,
+        LayerGradientXActivation,
+        LayerIntegratedGradients,
+    )
 
     ids = torch.tensor(tok(prompt + target)["input_ids"])
     first = len(tok(prompt)["input_ids"])
@@ -78,12 +92,16 @@ def captum(model, tok, prompt: str, target: str, method: str) -> tuple[np.ndarra
     for j, module in enumerate(modules):  # the baseline's own loop: one call per layer
         if method == "integrated_gradients":
             algo = LayerIntegratedGradients(forward, module, multiply_by_inputs=True)
+        elif method == "conductance":
+            algo = LayerConductance(forward, module)
+        elif method == "internal_influence":
+            algo = InternalInfluence(forward, module)
         else:
             algo = LayerGradientXActivation(forward, module)
         for k, t in enumerate(range(first, len(ids))):  # and per target
             x = embeds[:, :t]
             kw = {"additional_forward_args": (ids[t].reshape(1, 1),)}
-            if method == "integrated_gradients":
+            if method in PATHS:
                 kw |= {"baselines": torch.zeros_like(x), "n_steps": STEPS}
                 kw["method"] = "gausslegendre"
             a = algo.attribute(x, **kw)
@@ -119,7 +137,7 @@ def inseq(model, tok, prompt: str, target: str, method: str) -> tuple[np.ndarray
 def attrax_run(model, prompt: str, target: str, method: str) -> tuple[np.ndarray, float]:
     import attrax as ax
 
-    kw = {"steps": STEPS} if method == "integrated_gradients" else {}
+    kw = {"steps": STEPS} if method in PATHS else {}
     start = time.perf_counter()
     da = getattr(ax, method)(model, prompt, target, layers="all", **kw)
     seconds = time.perf_counter() - start
@@ -135,10 +153,12 @@ def render(result: dict) -> str:
     """The docs table of a recorded run."""
     rows = result["rows"]
     p, t = rows[0]["tokens"]
+    loads = sorted({round(r.get("load_average", result["load_average"]), 1) for r in rows})
+    load = f"{loads[0]:.1f}" if len(loads) == 1 else f"{loads[0]:.1f}-{loads[-1]:.1f}"
     lines = [
         f"GPT-2 W1 model, {p}-token prompt + {t}-token target, layers 0..{rows[0]['layers'] - 1}, "
-        f"{result['threads']} threads (1-minute load average {result['load_average']:.1f} on "
-        "the shared 2-core machine: absolute times are inflated, the ratio is within one run):",
+        f"{result['threads']} threads (1-minute load average {load} on the shared 2-core "
+        "machine; each ratio is within one run of its method):",
         "",
         "| attrax method (one call) | baseline (a call per layer, per target) | parity | attrax s "
         "| baseline s | ratio |",
@@ -173,6 +193,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens", default="16,8", help="prompt,target tokens (default 16,8)")
     parser.add_argument("--inseq", action="store_true", help="also time Inseq's layer methods")
     parser.add_argument("--out", default="benchmarks/layers.json")
+    parser.add_argument(
+        "--methods",
+        default=",".join(METHODS),
+        help=f"comma-separated, of {', '.join(METHODS)} (default all); the other rows of --out stay",
+    )
     parser.add_argument("--docs", action="store_true", help="render the table into the docs")
     parser.add_argument(
         "--report", action="store_true", help="only render the docs from --out; runs nothing"
@@ -186,22 +211,26 @@ def main(argv: list[str] | None = None) -> int:
 
     root = os.environ.get("ATTRAX_BENCH_MODELS")
     hf, tok = workloads.load("gpt2", root)
-    model = ax.load_model(hf, tokenizer=tok)
+    model = ax.load_model(workloads.frozen(hf), tokenizer=tok)
     n_prompt, n_target = (8, 6) if args.quick else map(int, args.tokens.split(","))
     prompt, target = workloads.texts("gpt2", tok, n_prompt, n_target)
     repeats = 1 if args.quick else args.repeats
     libraries = {"captum": captum} | ({"inseq": inseq} if args.inseq else {})
     slow = 1 if args.quick else args.baseline_repeats
     rows = []
-    for method in ("input_x_gradient", "integrated_gradients"):
+    methods = args.methods.split(",")
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown:
+        parser.error(f"--methods: unknown {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+    for method in methods:
         attrax_run(model, prompt, target, method)  # warm-up
         mine, own = zip(
             *(attrax_run(model, prompt, target, method) for _ in range(repeats)), strict=True
         )
         ours = mine[-1]
         for library, run in libraries.items():
-            if library == "inseq" and method == "integrated_gradients":
-                continue  # all zeros in Inseq 0.7 (module docstring)
+            if library == "inseq" and method in PATHS:
+                continue  # all zeros in Inseq 0.7, or no such method (module docstring)
             theirs, times = zip(
                 *(run(hf, tok, prompt, target, method) for _ in range(slow)), strict=True
             )
@@ -217,15 +246,25 @@ def main(argv: list[str] | None = None) -> int:
                 "attrax_s": statistics.median(own),
                 f"{library}_s": statistics.median(times),
                 "ratio": statistics.median(times) / statistics.median(own),
+                "load_average": os.getloadavg()[0],
             }
             rows.append(row)
             print(json.dumps(row))
     failed = [r for r in rows if not r["parity"] <= TOLERANCE]
+    out = Path(args.out)
+    if out.exists() and set(methods) != set(METHODS):  # keep the rows of the methods not run
+        old = json.loads(out.read_text())
+        kept = [
+            {**r, "load_average": r.get("load_average", old["load_average"])}
+            for r in old["rows"]
+            if r["method"] not in methods
+        ]
+        rows = sorted(kept + rows, key=lambda r: METHODS.index(r["method"]))
     result = {
         "threads": args.threads,
         "repeats": repeats,
         "baseline_repeats": slow,
-        "load_average": os.getloadavg()[0],
+        "load_average": max(r.get("load_average", 0.0) for r in rows),
         "rows": rows,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

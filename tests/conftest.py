@@ -36,6 +36,8 @@ PAIRS = [
 # `corrupted` text depends on the model: each test adds its own)
 QUICK = {
     "integrated_gradients": {"steps": 3},
+    "conductance": {"steps": 3},
+    "internal_influence": {"steps": 3},
     "smoothgrad": {"samples": 2},
     "lime": {"samples": 8},
     "kernel_shap": {"samples": 8},

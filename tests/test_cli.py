@@ -490,6 +490,18 @@ def test_type_checking_imports_mirror_the_public_table():
     assert found == PUBLIC
 
 
+def test_every_attribution_method_can_be_named_by_the_cli_and_datasets():
+    """The methods a CLI call or a dataset run may name are every public function of a method
+    family but the scores and metrics (conductance was public and unknown to the CLI)."""
+    from attrax._names import METHODS, PUBLIC
+
+    families = {
+        n: getattr(ax, n).attrax_family for n in PUBLIC if hasattr(getattr(ax, n), "attrax_family")
+    }
+    methods = {n for n, family in families.items() if family not in ("faithfulness", "step_scores")}
+    assert methods == set(METHODS)
+
+
 def test_the_cli_page_names_every_command_and_method():
     """docs/cli.md's command count and ``--method`` list, and ``-o``'s example, follow the code."""
     from pathlib import Path

@@ -8,6 +8,7 @@ input; layer ``l``: block ``l``'s output), and takes one ``torch.autograd.grad``
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 
 import numpy as np
@@ -422,3 +423,214 @@ def test_decoder_only_classifier_layer_zero_is_the_embeddings_gradient():
     assert da.dims == ("example", "target", "source", "layer", "hidden")
     assert da["layer"].values.tolist() == [0, 2]
     close(da.isel(layer=0).values, ax.saliency(model, texts).values, tol=1e-12)
+
+
+def naive_conductance(model, arch, layers, nodes, source=SOURCE, target=TARGET) -> np.ndarray:
+    """``[target, source, layer, hidden]``: Dhamdhere et al.'s conductance as Captum computes it,
+    one backward per target, node and layer: the gradient at layer ``l`` at node ``a_k`` of the
+    path ``a x`` (zero baseline) times ``h_l(a_{k+1} x) - h_l(a_k x)``."""
+    run = _naive.Runner(model, *_naive.token_ids(model, source, target))
+    x = run.embeddings()
+    per_layer = []
+    for layer in layers:
+        total = 0
+        for a, b in itertools.pairwise(nodes):
+            here = [a * x[0], *x[1:]]
+            h = stream(run, model, arch, layer, here)
+            grads = torch.stack(layer_gradients(run, model, arch, layer, here, h))
+            total = total + grads * (stream(run, model, arch, layer, [b * x[0], *x[1:]]) - h)
+        per_layer.append(total)
+    out = torch.stack(per_layer, dim=2).numpy().copy()
+    if not model.is_encoder_decoder:
+        for k, t in enumerate(run.targets()):
+            out[k, t:] = np.nan
+    return out
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "marian"])
+def test_conductance_equals_naive_loop(double, arch):
+    """Nodes 0, 1/5, ..., 1 written here (riemann_trapezoid's six); layers out of order."""
+    model = double[arch]
+    da = ax.conductance(
+        model, SOURCE, TARGET, layers=[2, 0, 1], steps=5, quadrature="riemann_trapezoid"
+    )
+    assert da.dims == ("target", "source", "layer", "hidden")
+    assert da["layer"].values.tolist() == [2, 0, 1]
+    close(da.values, naive_conductance(model, arch, [2, 0, 1], [i / 5 for i in range(6)]))
+
+
+def test_conductance_takes_captums_gauss_legendre_nodes(double):
+    """Captum's default: the ``steps + 1`` Gauss-Legendre nodes on [0, 1] (its
+    ``alphas_func(n_steps + 1)``), computed here from the Legendre polynomial's roots."""
+    model = double["gpt2"]
+    steps = 4
+    roots = np.sort(np.polynomial.Legendre.basis(steps + 1).roots())
+    nodes = [(r + 1) / 2 for r in roots]
+    da = ax.conductance(model, SOURCE, TARGET, layers=[1], steps=steps, batch_size=2)
+    close(da.values, naive_conductance(model, "gpt2", [1], nodes))
+
+
+def test_conductance_is_complete_as_the_nodes_fill_the_path(double):
+    """Each layer's row sums to f(x) - f(x') up to the Riemann-Stieltjes sum's error, which
+    falls as 1/steps; the gap coordinate is that sum minus the change the test computes."""
+    model = double["gpt2"]
+    run = _naive.Runner(model, *_naive.token_ids(model, SOURCE, TARGET))
+    x = run.embeddings()
+    zero = [torch.zeros_like(x[0])]
+    change = np.array(
+        [run.score(t, x, _naive.logit) - run.score(t, zero, _naive.logit) for t in run.targets()]
+    )
+    assert np.abs(change).min() > 0.01
+    worst = []
+    for steps in (128, 512):
+        da = ax.conductance(
+            model, SOURCE, TARGET, layers="all", steps=steps, quadrature="riemann_trapezoid",
+            objective="logit",
+        )  # fmt: skip
+        sums = da.sum(("source", "hidden")).values  # [target, layer]
+        np.testing.assert_allclose(
+            da["completeness_gap"].values, sums - change[:, None], atol=1e-10
+        )
+        worst.append(np.abs(sums - change[:, None]).max())
+    # the units' shares cancel: the error is small against their size, not against the change
+    assert worst[1] < 1e-3 * float(abs(da).sum(("source", "hidden")).max())
+    assert 2.5 < worst[0] / worst[1] < 6  # first order: a quarter of the error at 4x the steps
+
+
+def test_conductance_at_the_embeddings_is_integrated_gradients_on_its_nodes(double):
+    """Without ``layers``: (x - x') times the gradients at a_0..a_{n-1} weighted by a_{k+1} - a_k,
+    integrated gradients whose nodes and weights are conductance's (the test's own loop); the
+    same at layer 0 (GPT-2's adds positions, which the path does not move) and in forward mode."""
+    model = double["gpt2"]  # Llama's RMSNorm has a huge gradient at the zero node
+    steps = 4
+    da = ax.conductance(model, SOURCE, TARGET, steps=steps, quadrature="riemann_trapezoid")
+    run = _naive.Runner(model, *_naive.token_ids(model, SOURCE, TARGET))
+    x = run.embeddings()[0]
+    total = 0
+    for k in range(steps):
+        grads = run.gradients([k / steps * x], _naive.probability, None)
+        total = total + torch.stack([g[0] for g in grads]) / steps
+    want = (total * x).numpy().copy()
+    for k, t in enumerate(run.targets()):
+        want[k, t:] = np.nan
+    close(da.values, want)
+    at_zero = ax.conductance(
+        model, SOURCE, TARGET, steps=steps, quadrature="riemann_trapezoid", layers=0
+    )
+    close(at_zero.isel(layer=0).values, da.values, tol=1e-12)
+    forward = ax.conductance(
+        model, SOURCE, TARGET, steps=steps, quadrature="riemann_trapezoid", mode="forward",
+        reduce_hidden="sum",
+    )  # fmt: skip
+    close(forward.values, da.sum("hidden", skipna=False).values, tol=1e-12)
+
+
+def test_conductance_batched_and_chunked_equal_single(double):
+    model = double["gpt2"]
+    pairs = [(SOURCE, TARGET), ("Hello", " world, café")]
+    kw = {"layers": [1, -1], "steps": 3}
+    batched = ax.conductance(model, [p[0] for p in pairs], [p[1] for p in pairs], **kw)
+    for b, (source, target) in enumerate(pairs):
+        single = ax.conductance(model, source, target, **kw)
+        got = batched.isel(example=b).sel(target=single["target"], source=single["source"])
+        close(got.values, single.values, tol=1e-12)
+        close(got["completeness_gap"].values, single["completeness_gap"].values, tol=1e-12)
+    one = ax.conductance(model, SOURCE, " Paris and", batch_size=1, chunk_size=1, **kw)
+    whole = ax.conductance(model, SOURCE, " Paris and", batch_size=None, chunk_size=None, **kw)
+    close(one.values, whole.values, tol=1e-12)
+
+
+def test_conductance_on_a_classifier_equals_naive_loop():
+    hf, tok = tiny_classifier("bert")
+    model = ax.load_model(hf.double(), tokenizer=tok)
+    text, steps = "a fine film", 3
+    da = ax.conductance(model, text, layers=[1, 2], steps=steps, quadrature="riemann_trapezoid")
+    enc = tok(text, return_tensors="pt")
+    cls = int(da["target_class"].values[0])
+    embed = hf.get_input_embeddings()
+    x = embed(enc["input_ids"]).detach()
+
+    def run(scale, layer, value=None):
+        """h_layer, and with ``value`` in its place the class probability's gradient there."""
+        kept = []
+        if value is None:
+            with torch.no_grad(), at_layer(model, "bert", layer, lambda h: kept.append(h) or h):
+                hf(inputs_embeds=scale * x, attention_mask=enc["attention_mask"])
+            return kept[0]
+        with at_layer(model, "bert", layer, lambda h: value):
+            logits = hf(inputs_embeds=scale * x, attention_mask=enc["attention_mask"]).logits
+        return torch.autograd.grad(torch.softmax(logits[0], -1)[cls], value)[0]
+
+    want = []
+    for layer in (1, 2):
+        total = 0
+        for k in range(steps):
+            h = run(k / steps, layer)
+            grad = run(k / steps, layer, h.clone().requires_grad_(True))
+            total = total + grad * (run((k + 1) / steps, layer) - h)
+        want.append(total[0])
+    close(da.isel(target=0).values, torch.stack(want, dim=1).numpy())
+
+
+def test_conductance_refuses_more_gauss_legendre_nodes_than_it_computes(double):
+    with pytest.raises(ax.OptionError, match="needs 1001 Gauss-Legendre nodes"):
+        ax.conductance(double["gpt2"], SOURCE, TARGET, steps=1000)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "marian"])
+def test_internal_influence_equals_naive_loop(double, arch):
+    """Captum's InternalInfluence: the gradient at layer l averaged over path points a x (zero
+    baseline), with the test's own midpoint nodes; one backward per target, point and layer."""
+    model = double[arch]
+    steps = 4
+    da = ax.internal_influence(
+        model, SOURCE, TARGET, layers=[2, 0], steps=steps, quadrature="riemann_middle"
+    )
+    assert da.dims == ("target", "source", "layer", "hidden")
+    run = _naive.Runner(model, *_naive.token_ids(model, SOURCE, TARGET))
+    x = run.embeddings()
+    per_layer = []
+    for layer in (2, 0):
+        total = 0
+        for k in range(steps):
+            point = [(k + 0.5) / steps * x[0], *x[1:]]
+            h = stream(run, model, arch, layer, point)
+            total = total + torch.stack(layer_gradients(run, model, arch, layer, point, h)) / steps
+        per_layer.append(total)
+    want = torch.stack(per_layer, dim=2).numpy().copy()
+    if not model.is_encoder_decoder:
+        for k, t in enumerate(run.targets()):
+            want[k, t:] = np.nan
+    close(da.values, want)
+
+
+def test_internal_influence_at_the_embeddings_times_the_path_is_integrated_gradients(double):
+    """IG is internal influence at the embeddings times ``x - x'`` (the same nodes)."""
+    model = double["gpt2"]
+    run = _naive.Runner(model, *_naive.token_ids(model, SOURCE, TARGET))
+    x = run.embeddings()[0]
+    base = torch.randn(x.shape, generator=torch.Generator().manual_seed(3), dtype=x.dtype)
+    kw = {"steps": 5, "baseline": base}
+    influence = ax.internal_influence(model, SOURCE, TARGET, **kw)
+    ig = ax.integrated_gradients(model, SOURCE, TARGET, **kw)
+    close((influence * (x - base)[0].detach().numpy()).values, ig.values, tol=1e-12)
+
+
+def test_bidirectional_layers_chunked_equal_one_chunk(double):
+    """A bidirectional model's targets share one forward; ``chunk_size`` groups their backwards,
+    each group summed before the next (until 2026-12-06 every target's gradients at every layer
+    were held at once, over ``max_memory`` on a 20-class classifier): the same sums."""
+    kw = {"layers": "all", "steps": 3}
+    whole = ax.internal_influence(
+        double["marian"], SOURCE, " Paris and Rome", chunk_size=None, **kw
+    )
+    grouped = ax.internal_influence(double["marian"], SOURCE, " Paris and Rome", chunk_size=2, **kw)
+    assert whole.sizes["target"] > 2
+    close(grouped.values, whole.values, tol=1e-12)
+    hf, tok = tiny_classifier("bert")
+    model = ax.load_model(hf.double(), tokenizer=tok)
+    whole = ax.conductance(model, "a fine film", targets="all", chunk_size=None, **kw)
+    single = ax.conductance(model, "a fine film", targets="all", chunk_size=1, **kw)
+    assert whole.sizes["target"] > 1
+    close(single.values, whole.values, tol=1e-12)
+    close(single.completeness_gap.values, whole.completeness_gap.values, tol=1e-12)

@@ -23,6 +23,7 @@ from attrax._engine import Problem
 from attrax._inputs import prepare
 from attrax._names import METHODS
 from attrax._objectives import resolve
+from attrax.testing import corpus, tiny_classifier
 from tests.conftest import PAIRS, QUICK, assert_close
 
 
@@ -361,6 +362,8 @@ _VARIANTS = (
         ("integrated_gradients", {"steps": 3, "mode": "forward", "reduce_hidden": "sum"}),
         ("saliency", {"layers": "all"}),
         ("smoothgrad", {"samples": 2, "layers": "all"}),
+        # each point's next node read at every layer (a forward without gradients)
+        ("conductance", {"steps": 3, "layers": "all"}),
     ]
 )
 
@@ -836,6 +839,8 @@ MEDIUM = '" ".join(words[:40]), target'
         ("input_x_gradient", "mode='forward', reduce_hidden='sum'", 110 << 20, "", SHORT),
         # every layer's gradients: until 2026-12-06 priced as one layer's (203 MiB)
         ("saliency", "layers='all'", 170 << 20, "", SHORT),
+        # every layer's activations at each point's next node, besides its gradients
+        ("conductance", "steps=16, layers='all'", 150 << 20, "", SHORT),
     ],
 )
 def test_the_measured_peak_stays_within_the_budget(
@@ -911,6 +916,44 @@ def _holds_its_budget(peak_above_start, script: str, budget: int, label: str) ->
           f"bounded {bounded['peak'] / mib:.0f} MiB")  # fmt: skip
     assert free["peak"] > budget, "the workload must need more than the budget unbounded"
     assert bounded["peak"] <= budget, (bounded["peak"] / mib, budget / mib)
+
+
+# a 20-class BERT over a batch of 16 texts: every class a target, every layer read
+_LAYERS_OF_A_CLASSIFIER = """
+import attrax as ax
+from attrax.testing import corpus, tiny_classifier
+hf, tok = tiny_classifier("bert", num_labels=20, hidden_size=256, num_hidden_layers=4,
+                          num_attention_heads=4, intermediate_size=1024,
+                          max_position_embeddings=128)
+model = ax.load_model(hf, tokenizer=tok)
+words = " ".join(corpus()).split()
+texts = [" ".join(words[i * 40 : i * 40 + 40]) for i in range(16)]
+def warm():
+    ax.internal_influence(model, texts[:2], "all", steps=2, layers="all", {options})
+def call():
+    ax.internal_influence(model, texts, "all", steps=8, layers="all", {options})
+"""
+
+
+@pytest.mark.slow
+def test_a_classifiers_layers_peak_stays_within_the_smallest_budget(peak_above_start):
+    """A bidirectional model's targets share a forward, and their gradients at every layer were
+    all held in each pass, whatever ``chunk_size``: 1,104 MiB here under the 886 MiB that the
+    planner named as the smallest (2026-12-06; now 756). Each group of ``chunk_size`` targets is
+    now summed before the next group's gradients are taken."""
+    hf, tok = tiny_classifier(
+        "bert", num_labels=20, hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
+        intermediate_size=1024, max_position_embeddings=128,
+    )  # fmt: skip
+    model = ax.load_model(hf, tokenizer=tok)
+    words = " ".join(corpus()).split()
+    texts = [" ".join(words[i * 40 : i * 40 + 40]) for i in range(16)]
+    with pytest.raises(ax.OptionError, match="cannot be met") as refused:
+        ax.internal_influence(model, texts, "all", steps=8, layers="all", max_memory=1)
+    named = re.search(r"estimated ([\d.]+ [kMGT]?B); give at least", str(refused.value))
+    assert named, str(refused.value)
+    budget = _memory.parse_bytes(named.group(1).replace(" ", "")) + (1 << 20)
+    _holds_its_budget(peak_above_start, _LAYERS_OF_A_CLASSIFIER, budget, "classifier layers")
 
 
 def _ig_over_a_long_text(build: str) -> str:

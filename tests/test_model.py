@@ -16,8 +16,12 @@ from safetensors.torch import load_file, save_file
 
 import attrax as ax
 from attrax import _model
+from attrax._names import METHODS
 from attrax.testing import save_tiny_model, tiny_classifier, tiny_model, train_tokenizer
-from tests.conftest import ARCHS, PAIRS
+from tests.conftest import ARCHS, PAIRS, QUICK
+
+# the quick options of each method, and attribution patching's corrupted prompt
+SMALL = {**QUICK, "attribution_patching": {"corrupted": "The capital of Spain is"}}
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "marian"])
@@ -258,10 +262,109 @@ def test_a_name_that_is_not_local_fails_at_once(monkeypatch, offline):
     assert time.perf_counter() - start < 2.0
 
 
-def test_parameters_frozen_and_eval(models):
-    for model in models.values():
-        assert not model.hf.training
-        assert not any(p.requires_grad for p in model.hf.parameters())
+def test_a_loaded_directory_is_frozen_and_in_eval_mode(tmp_path):
+    """attrax's own copy of a saved model is frozen for good: nothing keeps weight gradients."""
+    save_tiny_model("gpt2", tmp_path / "m")
+    model = ax.load_model(tmp_path / "m")
+    assert not model.hf.training
+    assert not any(p.requires_grad for p in model.hf.parameters())
+
+
+def _training(arch: str = "gpt2"):
+    """A model mid-training: train mode, its embeddings frozen (and GPT-2's tied head), the rest
+    trainable; and a snapshot of both states."""
+    hf, tok = tiny_model(arch)
+    hf.train().requires_grad_(True)
+    hf.get_input_embeddings().requires_grad_(False)
+
+    def state():
+        return [p.requires_grad for p in hf.parameters()], [m.training for m in hf.modules()]
+
+    return hf, tok, state
+
+
+def _frozen_copy(hf, tok) -> ax.Model:
+    import copy
+
+    return ax.load_model(copy.deepcopy(hf).eval().requires_grad_(False), tokenizer=tok)
+
+
+@pytest.mark.parametrize("name", [*METHODS, "step_scores", "deletion", "sufficiency"])
+def test_every_method_leaves_a_training_model_as_it_was(name):
+    """A model passed to load_model keeps its parameters' gradients and its modules' modes, at
+    load and after each call (until 2026-12-06 load_model froze it and put it in eval mode for
+    good: a training loop after an attribution trained nothing, without an error). Each call
+    runs it frozen and in eval mode: the same values as on a frozen copy."""
+    hf, tok, state = _training()
+    before = state()
+    assert any(before[0]) and not all(before[0]) and all(before[1])
+    model = ax.load_model(hf, tokenizer=tok)
+    assert state() == before
+    fn, options = getattr(ax, name), {**SMALL.get(name, {})}
+    args = [*PAIRS[0]]
+    if name in ("deletion", "sufficiency"):
+        args.insert(0, ax.pipe(ax.saliency, ax.l2_norm)(_frozen_copy(hf, tok), *PAIRS[0]))
+    got = fn(model, *args, **options)
+    assert state() == before
+    want = fn(_frozen_copy(hf, tok), *args, **options)
+    for a, b in zip(_arrays(got), _arrays(want), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def _arrays(result) -> list[np.ndarray]:
+    if isinstance(result, xr.Dataset):
+        return [np.asarray(v.values, dtype=float) for v in result.data_vars.values()]
+    return [np.asarray(result.values, dtype=float)]
+
+
+def test_a_model_trains_after_attribution_and_a_failed_call():
+    """The trainable parameters get gradients from a loss after attrax's calls, a call that
+    failed inside its forward included; the frozen ones still get none."""
+    hf, tok, state = _training()
+    before = state()
+    model = ax.load_model(hf, tokenizer=tok)
+    ax.integrated_gradients(model, *PAIRS[0], steps=3)
+
+    def failing(logits, ids):
+        if logits.shape[0] > 1_000_000:  # never: the check's random logits pass
+            return logits
+        raise RuntimeError("objective failed")
+
+    with pytest.raises(Exception, match="objective failed"):
+        ax.saliency(model, *PAIRS[0], objective=failing)
+    assert state() == before
+    ids = torch.tensor([tok(PAIRS[0][0] + PAIRS[0][1])["input_ids"]])
+    hf(input_ids=ids, labels=ids).loss.backward()
+    trained = [p for p in hf.parameters() if p.requires_grad]
+    assert trained and all(p.grad is not None and p.grad.abs().sum() > 0 for p in trained)
+    assert hf.get_input_embeddings().weight.grad is None
+
+
+def test_outside_a_call_embed_gives_rows_without_a_graph():
+    """Model.embed of a training model's table: its rows (a baseline to pass back), no graph."""
+    hf, tok, _ = _training()
+    hf.get_input_embeddings().requires_grad_(True)
+    model = ax.load_model(hf, tokenizer=tok)
+    rows = model.embed(torch.tensor([[5, 6, 7]]))
+    assert not rows.requires_grad
+    ig = ax.integrated_gradients(model, *PAIRS[0], steps=3, baseline=0 * model.embed(
+        torch.tensor([tok(PAIRS[0][0] + PAIRS[0][1])["input_ids"]])
+    ))  # fmt: skip
+    assert np.isfinite(ig.completeness_gap.values).all()
+
+
+def test_evaluate_sanity_checks_and_stacks_leave_a_training_model_as_it_was():
+    hf, tok, state = _training()
+    before = state()
+    model = ax.load_model(hf, tokenizer=tok)
+    data = [{"input": PAIRS[0][0], "target": PAIRS[0][1]}]
+    ax.evaluate(model, data, {"saliency": ax.saliency}, ["comprehensiveness"], top_k=1)
+    ax.sanity_checks(model, data, ax.saliency)
+    other, _, _ = _training()
+    stacked = ax.stack_models([model, ax.load_model(other, tokenizer=tok)])
+    got = ax.saliency(stacked, *PAIRS[0])
+    assert state() == before
+    assert not any(isinstance(v, torch.Tensor) and v.requires_grad for v in got.attrs.values())
 
 
 @pytest.mark.parametrize("arch", ARCHS)

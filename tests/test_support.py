@@ -185,7 +185,8 @@ def _patching(**extra) -> Call:
 
 
 GRADIENTS = (
-    "saliency", "input_x_gradient", "integrated_gradients", "smoothgrad", "squaregrad", "vargrad",
+    "saliency", "input_x_gradient", "integrated_gradients", "conductance",
+    "internal_influence", "smoothgrad", "squaregrad", "vargrad",
     "gradient_shap", "sequential_integrated_gradients", "guided_integrated_gradients",
     "discretized_integrated_gradients", "greedy_pig", "pgd",
 )  # fmt: skip

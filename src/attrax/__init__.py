@@ -36,9 +36,11 @@ if TYPE_CHECKING:
     from ._faithfulness import insertion as insertion
     from ._faithfulness import loo_correlation as loo_correlation
     from ._faithfulness import sufficiency as sufficiency
+    from ._gradients import conductance as conductance
     from ._gradients import gradient_shap as gradient_shap
     from ._gradients import input_x_gradient as input_x_gradient
     from ._gradients import integrated_gradients as integrated_gradients
+    from ._gradients import internal_influence as internal_influence
     from ._gradients import saliency as saliency
     from ._gradients import smoothgrad as smoothgrad
     from ._gradients import squaregrad as squaregrad

@@ -30,7 +30,7 @@ from torch.func import vjp
 from . import _arch
 from ._engine import PointFn, Problem
 from ._errors import ModelError, OptionError
-from ._memory import Size, at_least_float32
+from ._memory import Size, at_least_float32, between_passes
 from ._model import Model, refuse_seq2seq_classifier
 
 #: what ``layers=`` accepts besides ints
@@ -304,14 +304,18 @@ def gradient_sum(
         n = stacked.shape[0]
         w = weights[chunk].to(dtype=acc, device=x.device)
         for slots, length in problem._target_chunks(chunk_size):
-            g = _chunk_gradients(problem, layers, stacked, at, slots, length, chunk_size, residual)
-            g = g.unflatten(2, (n, -1)).to(acc)  # [k, nl, n, B, L', H]
-            if scale is not None:
-                g = g * scale[None, :, :, :, : g.shape[4]].to(acc)
-            for power, total_sum in zip(moments, sums, strict=True):
-                term = g if power == 1 else g**power
-                part = torch.einsum("kjnblh,n->bkjlh", term, w)
-                total_sum[:, slots, :, : part.shape[3]] += part
+            between_passes()
+            chunks = _chunk_gradients(
+                problem, layers, stacked, at, slots, length, chunk_size, residual
+            )
+            for rows, g in chunks:
+                g = g.unflatten(2, (n, -1)).to(acc)  # [k, nl, n, B, L', H]
+                if scale is not None:
+                    g = g * scale[None, :, :, :, : g.shape[4]].to(acc)
+                for power, total_sum in zip(moments, sums, strict=True):
+                    term = g if power == 1 else g**power
+                    part = torch.einsum("kjnblh,n->bkjlh", term, w)
+                    total_sum[:, rows, :, : part.shape[3]] += part
     return tuple(sums)
 
 
@@ -324,8 +328,11 @@ def _chunk_gradients(
     length: int | None,
     chunk_size: int | None,
     residual: int,
-) -> torch.Tensor:
-    """``[k, n_layers, n * B, L', H]``: each target's gradient at each layer, one backward."""
+) -> Iterator[tuple[slice, torch.Tensor]]:
+    """Each target's gradient at each layer from one forward: ``(rows, [k, n_layers, n * B, L',
+    H])`` per ``chunk_size`` targets, ``rows`` their target slots. A bidirectional model's chunk
+    is every target, whose backwards go ``chunk_size`` at a time: each group's gradients are
+    summed before the next group's are taken, so a pass never holds every target's."""
     n = stacked.shape[0]
     nl = len(layers)
     flat = stacked.flatten(0, 1)
@@ -361,8 +368,10 @@ def _chunk_gradients(
     valid = problem.tensors.valid[:, slots].to(hidden.dtype)
     (head_grad,) = head_pullback(valid.repeat(copies, 1))
     width = hidden.shape[1]
-    one_hot = torch.eye(width, dtype=hidden.dtype, device=hidden.device)
-    cotangents = one_hot[:, None, :, None] * head_grad[None]
-    vmap_chunk = None if problem.model.causal else chunk_size
-    (grads,) = torch.vmap(pullback, chunk_size=vmap_chunk)(cotangents)
-    return grads
+    step = width if problem.model.causal or chunk_size is None else chunk_size
+    for start in range(0, width, step):  # chunking only: bounds memory
+        group = torch.arange(start, min(start + step, width), device=hidden.device)
+        one_hot = torch.nn.functional.one_hot(group, width).to(hidden.dtype)
+        cotangents = one_hot[:, None, :, None] * head_grad[None]
+        (grads,) = torch.vmap(pullback)(cotangents)
+        yield slice(slots.start + start, slots.start + start + len(group)), grads

@@ -150,6 +150,20 @@ def evaluating(module: torch.nn.Module) -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def frozen(module: torch.nn.Module) -> Iterator[None]:
+    """``module``'s parameters without gradients for the block (autograd keeps nothing for
+    them), each one that had them given them back after: a user's model may be training."""
+    trainable = [p for p in module.parameters() if p.requires_grad]
+    for parameter in trainable:
+        parameter.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for parameter in trainable:
+            parameter.requires_grad_(True)
+
+
+@contextlib.contextmanager
 def instance_attributes(patches: Sequence[tuple[object, str, Any]]) -> Iterator[None]:
     """Set each ``(obj, name, value)`` on the instance for the block, then put back what the
     instance had: its own attribute (a user's or accelerate's ``forward`` wrapper), or none."""
@@ -170,13 +184,15 @@ class Model:
     """A Hugging Face model with its tokenizer, ready for ``torch.func``: a causal or seq2seq LM,
     or a sequence or token classifier (``*ForSequenceClassification``, ``*ForTokenClassification``).
 
-    Holds the real state attrax needs: the module (eval mode, no parameter grads), the tokenizer,
+    Holds the real state attrax needs: the module (as given: each call runs it in eval mode with
+    its parameters frozen, then puts both back), the tokenizer,
     how the model turns ids into the embeddings it accepts as ``inputs_embeds``, and its limits.
     Build it with :func:`load_model`. Question-answering models (``*ForQuestionAnswering``) and
     masked LMs (``*ForMaskedLM``) on bidirectional encoders are taken too.
 
     Attributes:
-        hf: the wrapped ``PreTrainedModel`` (eval mode, parameter gradients off).
+        hf: the wrapped ``PreTrainedModel``: as given, or, read from a directory, attrax's own
+            copy (eval mode, parameter gradients off).
         tokenizer: its tokenizer.
         name: the model's name (its path or hub name; ``"attrax-default"`` for the demo model).
         task: ``"generation"``, ``"sequence-classification"``, ``"token-classification"``,
@@ -235,9 +251,9 @@ class Model:
                 f"`model` ({type(hf_model).__name__}) has weights on the 'meta' device, which "
                 "holds no values: load them (from_pretrained, or to_empty and load_state_dict)"
             )
-        self.hf = hf_model.eval()
-        for parameter in self.hf.parameters():
-            parameter.requires_grad_(False)
+        # the user's model is left as given: each call runs it in eval mode with its
+        # parameters frozen and puts both back after (a training loop may go on with it)
+        self.hf = hf_model
         self.tokenizer = tokenizer
         self._tokens: dict[int, str] = {}  # id -> token string, filled by token_strings
         self.attn_implementation = attn_implementation
@@ -300,35 +316,36 @@ class Model:
         )
         self._source_scale = 1.0
         self._target_scale = 1.0
-        if self.seq2seq_classifier:
-            self._check_shared_table()
-        self._calibrate_embedding_scales()
-        #: whether position p sees only positions <= p (decoder-only LMs and classifiers)
-        self.causal = not self.is_encoder_decoder and self._probe_causal()
-        if self.task == "fill-mask" and tokenizer.mask_token_id is None:
-            raise ModelError(
-                f"`model` ({type(hf_model).__name__}) is a masked language model, but its "
-                "tokenizer has no mask token to place in the inputs"
-            )
-        if self.task in ("question-answering", "fill-mask") and self.causal:
-            kind, why = {
-                "question-answering": (
-                    "question-answering model",
-                    "its answer's probability reads every position, which attrax's causal "
-                    "engine (it cuts a sequence after its last target) does not see",
-                ),
-                "fill-mask": (
-                    "masked language model",
-                    "attrax checks masked LMs on bidirectional encoders only",
-                ),
-            }[self.task]
-            raise ModelError(
-                f"`model` ({type(hf_model).__name__}) is a decoder-only {kind}: {why}; attrax "
-                "attributes encoder-only ones (BERT, RoBERTa, DeBERTa, ...)"
-            )
-        self.check_unchanged()
-        if self.task == "generation":
-            self._check_head()
+        with frozen(hf_model), evaluating(hf_model):  # the probes below run it
+            if self.seq2seq_classifier:
+                self._check_shared_table()
+            self._calibrate_embedding_scales()
+            #: whether position p sees only positions <= p (decoder-only LMs and classifiers)
+            self.causal = not self.is_encoder_decoder and self._probe_causal()
+            if self.task == "fill-mask" and tokenizer.mask_token_id is None:
+                raise ModelError(
+                    f"`model` ({type(hf_model).__name__}) is a masked language model, but its "
+                    "tokenizer has no mask token to place in the inputs"
+                )
+            if self.task in ("question-answering", "fill-mask") and self.causal:
+                kind, why = {
+                    "question-answering": (
+                        "question-answering model",
+                        "its answer's probability reads every position, which attrax's causal "
+                        "engine (it cuts a sequence after its last target) does not see",
+                    ),
+                    "fill-mask": (
+                        "masked language model",
+                        "attrax checks masked LMs on bidirectional encoders only",
+                    ),
+                }[self.task]
+                raise ModelError(
+                    f"`model` ({type(hf_model).__name__}) is a decoder-only {kind}: {why}; attrax "
+                    "attributes encoder-only ones (BERT, RoBERTa, DeBERTa, ...)"
+                )
+            self.check_unchanged()
+            if self.task == "generation":
+                self._check_head()
 
     def check_unchanged(self) -> None:
         """Refuse what was done to the Hugging Face model that attrax's own forwards would skip,
@@ -478,9 +495,10 @@ class Model:
                     f"`ids` holds ids outside the {side} embedding's 0..{rows - 1}: {low}..{high}"
                 )
         ids = ids.to(self.device)
-        if side == "target" and self.is_encoder_decoder:
-            return self._target_embedding(ids)
-        return self._source_embedding(ids)
+        target = side == "target" and self.is_encoder_decoder
+        table = self._target_embedding if target else self._source_embedding
+        # rows, not a graph: outside a call a training model's table still requires grad
+        return table(ids).detach()
 
     def logits_at(
         self,
@@ -1154,6 +1172,8 @@ def load_model(
     if isinstance(model, (str, os.PathLike)):
         name = name or str(model)
         hf_model, where = _from_pretrained(model, resting, dtype, with_tokenizer=tokenizer is None)
+        # attrax's own copy: frozen for good, so that nothing keeps weight gradients
+        hf_model.eval().requires_grad_(False)
         if tokenizer is None:
             tokenizer = model
     elif isinstance(model, PreTrainedModel):

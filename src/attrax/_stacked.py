@@ -220,7 +220,8 @@ class _Expanded(Model):
         self._models = list(models)
         self._template = _Template(first)
         params, buffers = stack_module_state([m.hf for m in models])
-        self._params = {f"hf.{k}": v for k, v in params.items()}
+        # copies of the weights, never trained: no gradient kept for them (a model may train)
+        self._params = {f"hf.{k}": v.detach() for k, v in params.items()}
         self._buffers = {f"hf.{k}": v for k, v in buffers.items()}
         # each model's embedding module, not its raw table: Gemma's and BioGPT's scale their rows
         tables = stack_module_state([m._source_embedding for m in models])
