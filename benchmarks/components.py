@@ -282,7 +282,7 @@ def run(quick: bool, repeats: int) -> dict[str, Any]:
     assert bad.shape == ids.shape and (bad[0, n_prompt:] == ids[0, n_prompt:]).all()
     results: dict[str, Any] = {"n_prompt": n_prompt, "n_target": n_target, "workloads": {}}
     for name, hf in (("W1", gpt2), ("W1-llama", llama_like(gpt2))):
-        model = ax.load_model(workloads.frozen(hf), tokenizer=tok)
+        model = ax.load_model(hf, tokenizer=tok)
         row: dict[str, Any] = {}
         for method, attrax_fn, loop_fn in (
             (
@@ -308,7 +308,7 @@ def run(quick: bool, repeats: int) -> dict[str, Any]:
         results["workloads"][name] = row
     # W2: Marian; the counts include the source's and the target's </s>
     marian, mtok = workloads.load("marian")
-    mt = ax.load_model(workloads.frozen(marian), tokenizer=mtok)
+    mt = ax.load_model(marian, tokenizer=mtok)
     source, translation = workloads.texts("marian", mtok, n_prompt, n_target)
     corrupted = workloads._exact(mtok, workloads.word_stream(99), n_prompt - 1, False)
     ids, bad = (torch.tensor([mtok(s)["input_ids"]]) for s in (source, corrupted))

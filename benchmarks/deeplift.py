@@ -161,7 +161,7 @@ def measure(quick: bool, repeats: int) -> list[dict[str, Any]]:
         name = "W1" if act == "gelu" else "W1-relu"
         extra = {} if act == "gelu" else {"activation_function": "relu"}
         hf, tok = workloads.load("gpt2", **extra)
-        model = ax.load_model(workloads.frozen(hf), tokenizer=tok)
+        model = ax.load_model(hf, tokenizer=tok)
         prompt, target = workloads.texts("gpt2", tok, n_prompt, n_target)
         length = n_prompt + n_target
         refs = _references(length, hf.config.n_embd, N_BASELINES)
@@ -190,7 +190,7 @@ def measure(quick: bool, repeats: int) -> list[dict[str, Any]]:
         name = "C2" if act == "gelu" else "C2-relu"
         extra = {} if act == "gelu" else {"hidden_act": "relu"}
         hf, tok = workloads.load_classifier("bert20", **extra)
-        model = ax.load_model(workloads.frozen(hf), tokenizer=tok)
+        model = ax.load_model(hf, tokenizer=tok)
         length = len(tok(text)["input_ids"])
         refs = _references(length, hf.config.hidden_size, N_BASELINES)
         ax.deeplift(model, "a b c", "all")  # warm-up
@@ -258,7 +258,7 @@ def measure_layers(quick: bool, repeats: int) -> list[dict[str, Any]]:
 
     n_prompt, n_target = (8, 6) if quick else (16, 8)
     hf, tok = workloads.load("gpt2", activation_function="relu")
-    model = ax.load_model(workloads.frozen(hf), tokenizer=tok)
+    model = ax.load_model(hf, tokenizer=tok)
     prompt, target = workloads.texts("gpt2", tok, n_prompt, n_target)
     refs = _references(n_prompt + n_target, hf.config.n_embd, N_BASELINES)
     ax.deeplift(model, *workloads.texts("gpt2", tok, 4, 2), layers="all")  # warm-up

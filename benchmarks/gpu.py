@@ -46,7 +46,7 @@ def smoke(device: str) -> list[dict[str, Any]]:
         hf, tok = tiny_model(arch)
         got: dict[str, dict[str, Any]] = {}
         for dev in ("cpu", device):
-            model = ax.load_model(workloads.frozen(hf.to(dev)), tokenizer=tok)
+            model = ax.load_model(hf.to(dev), tokenizer=tok)
             for name, fn in calls(model, "the cat sat on", target).items():
                 try:
                     out = fn()
@@ -93,9 +93,7 @@ def variants(device: str, plan: Plan, out_dir: Path) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     for attn in ("eager", "sdpa"):
         hf, tok = workloads.load("gpt2", attn_implementation=attn)
-        model = ax.load_model(
-            workloads.frozen(hf.to(device)), tokenizer=tok, attn_implementation=attn
-        )
+        model = ax.load_model(hf.to(device), tokenizer=tok, attn_implementation=attn)
         prompt, target = workloads.texts("gpt2", tok, plan.n_prompt, plan.n_target)
         attrax_attribute(model, "a b c d", " e f", "saliency")  # warm-up
         for chunk in (16, 32, 64, None):

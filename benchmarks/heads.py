@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         if name not in ("W1", "W2"):
             continue
         hf, tok = workloads.load(plan.kind)
-        model = ax.load_model(workloads.frozen(hf), tokenizer=tok, attn_implementation="eager")
+        model = ax.load_model(hf, tokenizer=tok, attn_implementation="eager")
         prompt, target = workloads.texts(plan.kind, tok, plan.n_prompt, plan.n_target)
         kwargs, rows, ids = _inputs(plan.kind, tok, prompt, target)
         for method in ("attention_x_gradient", "head_attribution"):

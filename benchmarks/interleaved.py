@@ -7,9 +7,9 @@ the median of the per-pair ratios Captum/attrax (> 1: attrax faster). Captum's c
 the texts, as attrax's does (its tokenizer call and embedding lookup timed); the ratio with
 Captum's clock started at the embedded batch is printed beside it. Captum runs on its own copy
 of the model, loaded as its tutorials load it (parameters requiring grad), as in the harness's
-Captum process; attrax runs each call with the parameters frozen, which spares autograd the
-tensors a weight gradient would need. The ratio with Captum on a frozen model (attrax's, frozen
-here) is printed too. The harness
+Captum process; attrax's ``Model`` freezes the parameters of the model it wraps, which spares
+autograd the tensors a weight gradient would need. The ratio with Captum on the frozen model is
+printed too. The harness
 (``python -m benchmarks classifiers``) times each library in its own process, minutes apart,
 which a shared machine's load swings can dominate.
 """
@@ -35,7 +35,7 @@ def main(methods: list[str]) -> None:
     torch.set_num_threads(int(os.environ.get("T", "2")))
     steps, pairs = int(os.environ.get("STEPS", "16")), int(os.environ.get("R", "9"))
     hf, tok = workloads.load_classifier("bert2")
-    model = ax.load_model(workloads.frozen(hf), tokenizer=tok)  # "frozen" below runs on hf
+    model = ax.load_model(hf, tokenizer=tok)  # freezes hf's parameters
     own, _ = workloads.load_classifier("bert2")  # Captum's, as its users load it
     texts = workloads.classifier_texts(tok)
     with torch.no_grad():

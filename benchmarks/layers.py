@@ -211,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
 
     root = os.environ.get("ATTRAX_BENCH_MODELS")
     hf, tok = workloads.load("gpt2", root)
-    model = ax.load_model(workloads.frozen(hf), tokenizer=tok)
+    model = ax.load_model(hf, tokenizer=tok)
     n_prompt, n_target = (8, 6) if args.quick else map(int, args.tokens.split(","))
     prompt, target = workloads.texts("gpt2", tok, n_prompt, n_target)
     repeats = 1 if args.quick else args.repeats

@@ -112,7 +112,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
 
     tasks.quiet(args.threads)
     hf, tok = load()
-    model = ax.load_model(workloads.frozen(hf), tokenizer=tok)
+    model = ax.load_model(hf, tokenizer=tok)
     texts = masked_texts(tok, *TEXTS, MASKS)
     tokens = predicted(model, texts)
     steps = 16 if args.quick else 50

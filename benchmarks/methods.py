@@ -107,7 +107,7 @@ def _looped(
     records = []
     hf64, tok = copy.deepcopy(model.hf).double(), model.tokenizer
     small = workloads.texts(kind, tok, 8, 6)
-    model64 = ax.load_model(workloads.frozen(hf64), tokenizer=tok)
+    model64 = ax.load_model(hf64, tokenizer=tok)
     for method, options in LOOPED.items():
         if method == "greedy_pig":
             options = options | dict(steps=plan.steps)
@@ -155,7 +155,7 @@ def measure(
         if relu:
             hf = _relu_gpt2(hf, tok)
         prompt, target = workloads.texts(kind, tok, plan.n_prompt, plan.n_target)
-        model = ax.load_model(workloads.frozen(hf), tokenizer=tok)
+        model = ax.load_model(hf, tokenizer=tok)
         attrax_attribute(model, *workloads.texts(kind, tok, 4, 2), "saliency")  # warm-up
         paths = (SIG, DIG) if importlib.util.find_spec("sklearn") else (SIG,)
         if not relu and (not only or set(only) & set(LOOPED)):

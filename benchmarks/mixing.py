@@ -95,7 +95,7 @@ def run(kind: str, n_prompt: int, n_target: int, repeats: int) -> dict[str, obje
     model, tok = workloads.load(kind)
     prompt, target = workloads.texts(kind, tok, n_prompt, n_target)
     im = inseq.load_model(model, "value_zeroing", tokenizer=copy.deepcopy(tok))
-    am = ax.load_model(workloads.frozen(model), tokenizer=tok)
+    am = ax.load_model(model, tokenizer=tok)
     enc_dec = kind == "marian"
 
     def inseq_call():

@@ -113,7 +113,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
 
     tasks.quiet(args.threads)
     hf, tok = load()
-    model = ax.load_model(workloads.frozen(hf), tokenizer=tok)
+    model = ax.load_model(hf, tokenizer=tok)
     given = pairs(tok, *PAIRS)
     spans = predicted_spans(model, given)
     steps = 16 if args.quick else 50

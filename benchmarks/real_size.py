@@ -125,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
     warnings.filterwarnings("ignore", "Input Tensor .* did not already require gradients")
     t0 = time.perf_counter()
     hf, tok = build(args.shape, args.device)
-    model = ax.load_model(workloads.frozen(hf), tokenizer=tok, attn_implementation=args.attn)
+    model = ax.load_model(hf, tokenizer=tok, attn_implementation=args.attn)
     n_params = sum(p.numel() for p in hf.parameters()) / 1e9
     prompt, target = workloads.texts("gpt2", tok, args.prompt, args.target)
     k = args.first_targets if args.first_targets and args.first_targets < args.target else None
@@ -154,9 +154,7 @@ def run(args: argparse.Namespace) -> int:
         # than the tolerance between a batched and a looped backward, float32's does not
         t1 = time.perf_counter()
         hf_gate = copy.deepcopy(hf).to(getattr(torch, gate_dtype))
-        model_gate = ax.load_model(
-            workloads.frozen(hf_gate), tokenizer=tok, attn_implementation=args.attn
-        )
+        model_gate = ax.load_model(hf_gate, tokenizer=tok, attn_implementation=args.attn)
         for method in methods:
             calls = _calls(method, hf_gate, model_gate, tok, prompt, target, short, args)
             outputs = {lib: call() for lib, call in calls.items()}

@@ -204,9 +204,9 @@ def run(args: argparse.Namespace) -> int:
         c = case(kind, tok)
         results["parity"].append(dict(workload=workload, first_difference=c.first_difference))
         wide = copy.deepcopy(hf).to(torch.float64)
-        exact = ax.load_model(workloads.frozen(wide), tokenizer=tok)
+        exact = ax.load_model(wide, tokenizer=tok)
         exact_handle, _ = inseq_load(wide, tok, "dummy")
-        model = ax.load_model(workloads.frozen(hf), tokenizer=tok)
+        model = ax.load_model(hf, tokenizer=tok)
         handle, _ = inseq_load(hf, tok, "dummy")
         for group in GROUPS:
             if group == "pair" and c.decoder_only:

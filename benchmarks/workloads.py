@@ -248,13 +248,6 @@ def build_all(root: str | os.PathLike | None = None, force: bool = False) -> dic
     return paths
 
 
-def frozen(hf):
-    """``hf`` with its parameters frozen, in place: where a baseline runs in attrax's process on
-    the same module, it runs on the frozen model, as it did while ``ax.load_model`` froze the
-    modules it was given (until 2026-12-06; attrax now freezes them for each call only)."""
-    return hf.requires_grad_(False)
-
-
 def load(kind: str, root: str | os.PathLike | None = None, **model_kwargs):
     """``(model, tokenizer)`` of ``kind`` ("gpt2" | "marian"): eval, float32, CPU, eager attention."""
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer

@@ -262,18 +262,16 @@ def test_a_name_that_is_not_local_fails_at_once(monkeypatch, offline):
     assert time.perf_counter() - start < 2.0
 
 
-def test_a_loaded_directory_is_frozen_and_in_eval_mode(tmp_path):
-    """attrax's own copy of a saved model is frozen for good: nothing keeps weight gradients."""
-    save_tiny_model("gpt2", tmp_path / "m")
-    model = ax.load_model(tmp_path / "m")
-    assert not model.hf.training
-    assert not any(p.requires_grad for p in model.hf.parameters())
+def test_parameters_frozen_and_eval(models):
+    for model in models.values():
+        assert not model.hf.training
+        assert not any(p.requires_grad for p in model.hf.parameters())
 
 
-def _training(arch: str = "gpt2"):
-    """A model mid-training: train mode, its embeddings frozen (and GPT-2's tied head), the rest
+def _training():
+    """A GPT-2 mid-training: train mode, its embeddings frozen (and the tied head), the rest
     trainable; and a snapshot of both states."""
-    hf, tok = tiny_model(arch)
+    hf, tok = tiny_model("gpt2")
     hf.train().requires_grad_(True)
     hf.get_input_embeddings().requires_grad_(False)
 
@@ -290,16 +288,18 @@ def _frozen_copy(hf, tok) -> ax.Model:
 
 
 @pytest.mark.parametrize("name", [*METHODS, "step_scores", "deletion", "sufficiency"])
-def test_every_method_leaves_a_training_model_as_it_was(name):
-    """A model passed to load_model keeps its parameters' gradients and its modules' modes, at
-    load and after each call (until 2026-12-06 load_model froze it and put it in eval mode for
-    good: a training loop after an attribution trained nothing, without an error). Each call
-    runs it frozen and in eval mode: the same values as on a frozen copy."""
+def test_every_method_leaves_an_unfrozen_models_gradients_and_modes_as_they_were(name):
+    """``freeze=False``: load_model keeps each parameter's requires_grad, and each call gives
+    back both those and the modules' modes (a training loop's ``.train()``), running the model
+    frozen and in eval mode: the same values as on a frozen copy. (By default load_model
+    freezes the model for good: a training loop after an attribution trains nothing.)"""
     hf, tok, state = _training()
+    grads = state()[0]
+    assert any(grads) and not all(grads)
+    model = ax.load_model(hf, tokenizer=tok, freeze=False)
+    assert state()[0] == grads
+    hf.train()  # as a training loop does before its steps
     before = state()
-    assert any(before[0]) and not all(before[0]) and all(before[1])
-    model = ax.load_model(hf, tokenizer=tok)
-    assert state() == before
     fn, options = getattr(ax, name), {**SMALL.get(name, {})}
     args = [*PAIRS[0]]
     if name in ("deletion", "sufficiency"):
@@ -317,12 +317,13 @@ def _arrays(result) -> list[np.ndarray]:
     return [np.asarray(result.values, dtype=float)]
 
 
-def test_a_model_trains_after_attribution_and_a_failed_call():
+def test_an_unfrozen_model_trains_after_attribution_and_a_failed_call():
     """The trainable parameters get gradients from a loss after attrax's calls, a call that
-    failed inside its forward included; the frozen ones still get none."""
+    failed inside its run included; the frozen ones still get none."""
     hf, tok, state = _training()
+    model = ax.load_model(hf, tokenizer=tok, freeze=False)
+    hf.train()
     before = state()
-    model = ax.load_model(hf, tokenizer=tok)
     ax.integrated_gradients(model, *PAIRS[0], steps=3)
 
     def failing(logits, ids):
@@ -340,31 +341,55 @@ def test_a_model_trains_after_attribution_and_a_failed_call():
     assert hf.get_input_embeddings().weight.grad is None
 
 
+def test_freeze_must_be_a_bool():
+    hf, tok = tiny_model("gpt2")
+    with pytest.raises(ax.OptionError, match="`freeze` must be True or False, got 'no'"):
+        ax.load_model(hf, tokenizer=tok, freeze="no")
+
+
 def test_outside_a_call_embed_gives_rows_without_a_graph():
-    """Model.embed of a training model's table: its rows (a baseline to pass back), no graph."""
+    """Model.embed of an unfrozen table: its rows (a baseline to pass back), no graph."""
     hf, tok, _ = _training()
     hf.get_input_embeddings().requires_grad_(True)
-    model = ax.load_model(hf, tokenizer=tok)
+    model = ax.load_model(hf, tokenizer=tok, freeze=False)
     rows = model.embed(torch.tensor([[5, 6, 7]]))
     assert not rows.requires_grad
-    ig = ax.integrated_gradients(model, *PAIRS[0], steps=3, baseline=0 * model.embed(
-        torch.tensor([tok(PAIRS[0][0] + PAIRS[0][1])["input_ids"]])
-    ))  # fmt: skip
+    ids = torch.tensor([tok(PAIRS[0][0] + PAIRS[0][1])["input_ids"]])
+    ig = ax.integrated_gradients(model, *PAIRS[0], steps=3, baseline=0 * model.embed(ids))
     assert np.isfinite(ig.completeness_gap.values).all()
 
 
-def test_evaluate_sanity_checks_and_stacks_leave_a_training_model_as_it_was():
+def test_evaluate_sanity_checks_and_stacks_leave_an_unfrozen_model_as_it_was():
+    """Also a stack of an unfrozen training model with a frozen one (stack_module_state refuses
+    models whose modes or requires_grad differ: attrax stacks them frozen, in eval mode)."""
     hf, tok, state = _training()
+    model = ax.load_model(hf, tokenizer=tok, freeze=False)
+    hf.train()
     before = state()
-    model = ax.load_model(hf, tokenizer=tok)
     data = [{"input": PAIRS[0][0], "target": PAIRS[0][1]}]
     ax.evaluate(model, data, {"saliency": ax.saliency}, ["comprehensiveness"], top_k=1)
     ax.sanity_checks(model, data, ax.saliency)
-    other, _, _ = _training()
+    other, _ = tiny_model("gpt2", seed=1)
     stacked = ax.stack_models([model, ax.load_model(other, tokenizer=tok)])
     got = ax.saliency(stacked, *PAIRS[0])
     assert state() == before
-    assert not any(isinstance(v, torch.Tensor) and v.requires_grad for v in got.attrs.values())
+    alone = ax.saliency(_frozen_copy(hf, tok), *PAIRS[0])
+    np.testing.assert_allclose(got.isel(model=0).values, alone.values, rtol=1e-5, atol=1e-7)
+
+
+def test_discretized_ig_follows_a_trained_embedding_table():
+    """DIG's nearest neighbours are cached per model and side, until the table is edited in place
+    (an optimizer step): until 2026-12-06 they were kept, silently stale."""
+    hf, tok = tiny_model("gpt2")
+    model = ax.load_model(hf, tokenizer=tok, freeze=False)
+    options = {"steps": 3, "neighbours": 3}
+    ax.discretized_integrated_gradients(model, *PAIRS[0], **options)  # fills the cache
+    with torch.no_grad():
+        table = hf.get_input_embeddings().weight
+        table.mul_(torch.linspace(0.5, 1.5, table.shape[1]))
+    got = ax.discretized_integrated_gradients(model, *PAIRS[0], **options)
+    want = ax.discretized_integrated_gradients(_frozen_copy(hf, tok), *PAIRS[0], **options)
+    np.testing.assert_allclose(got.values, want.values, rtol=1e-6, atol=1e-9)
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -8,7 +8,7 @@ paths together, so a path of ``steps`` points is ``steps`` stacked copies of the
 gradient method whose weights are the path's increments, run on the engine like IG.
 
 The nearest-neighbour table (``neighbours`` per vocabulary entry) is computed once per model and
-side and kept for the model's lifetime.
+side and kept for the model's lifetime, or until the embedding table is edited (trained).
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ from ._errors import OptionError
 from ._gradients import GRADIENT, Rule, refuse_layers
 
 BASELINE_TOKENS = ("pad", "unk")
-# model.hf -> {(side, k): [V, k] neighbour ids}; dropped with the model
-_NEIGHBOURS: weakref.WeakKeyDictionary[Any, dict[tuple[str, int], torch.Tensor]] = (
+# model.hf -> {(side, k): (the table's stamp, [V, k] neighbour ids)}; dropped with the model
+_NEIGHBOURS: weakref.WeakKeyDictionary[Any, dict[tuple[str, int], tuple[Any, torch.Tensor]]] = (
     weakref.WeakKeyDictionary()
 )
 
@@ -72,10 +72,13 @@ def _neighbours(problem: Problem, side: str, k: int) -> tuple[torch.Tensor, torc
     ids = torch.arange(vocabulary, device=model.device)[None]
     with torch.no_grad():
         table = model.embed(ids, side)[0].detach()
+    # which tensors the table holds, and their in-place edits (an optimizer step, a load)
+    module = model.embedding_module(side)
+    stamp = tuple((id(p), p.data_ptr(), p._version) for p in module.parameters())
     cache = _NEIGHBOURS.setdefault(model.hf, {})
-    if (side, k) not in cache:
-        cache[(side, k)] = nearest_neighbours(table.cpu(), k).to(table.device)
-    return table, cache[(side, k)]
+    if (side, k) not in cache or cache[(side, k)][0] != stamp:
+        cache[(side, k)] = (stamp, nearest_neighbours(table.cpu(), k).to(table.device))
+    return table, cache[(side, k)][1]
 
 
 def _monotonic(anchor: torch.Tensor, base: torch.Tensor, point: torch.Tensor) -> torch.Tensor:

@@ -1107,7 +1107,8 @@ def sanity_checks(
     blocks = _layers(model)
     names, randomized = [], []
     for depth in range(len(blocks)):  # each randomized model is its own computation
-        hf = copy.deepcopy(model.hf)
+        with model.call_lock:  # not mid-call on another thread, with attrax's patches in it
+            hf = copy.deepcopy(model.hf)
         modules = dict(hf.named_modules())
         # manual_seed seeds every CUDA device too: each one's state is restored with the CPU's
         cuda = range(torch.cuda.device_count()) if torch.cuda.is_initialized() else []

@@ -184,15 +184,15 @@ class Model:
     """A Hugging Face model with its tokenizer, ready for ``torch.func``: a causal or seq2seq LM,
     or a sequence or token classifier (``*ForSequenceClassification``, ``*ForTokenClassification``).
 
-    Holds the real state attrax needs: the module (as given: each call runs it in eval mode with
-    its parameters frozen, then puts both back), the tokenizer,
+    Holds the real state attrax needs: the module (eval mode, no parameter grads unless built
+    with ``freeze=False``), the tokenizer,
     how the model turns ids into the embeddings it accepts as ``inputs_embeds``, and its limits.
     Build it with :func:`load_model`. Question-answering models (``*ForQuestionAnswering``) and
     masked LMs (``*ForMaskedLM``) on bidirectional encoders are taken too.
 
     Attributes:
-        hf: the wrapped ``PreTrainedModel``: as given, or, read from a directory, attrax's own
-            copy (eval mode, parameter gradients off).
+        hf: the wrapped ``PreTrainedModel`` (eval mode, parameter gradients off unless built
+            with ``freeze=False``).
         tokenizer: its tokenizer.
         name: the model's name (its path or hub name; ``"attrax-default"`` for the demo model).
         task: ``"generation"``, ``"sequence-classification"``, ``"token-classification"``,
@@ -220,6 +220,7 @@ class Model:
         tokenizer: Any,
         name: str | None = None,
         attn_implementation: str = "auto",
+        freeze: bool = True,
     ) -> None:
         _check_attention(attn_implementation)
         if not isinstance(hf_model, PreTrainedModel):
@@ -251,9 +252,9 @@ class Model:
                 f"`model` ({type(hf_model).__name__}) has weights on the 'meta' device, which "
                 "holds no values: load them (from_pretrained, or to_empty and load_state_dict)"
             )
-        # the user's model is left as given: each call runs it in eval mode with its
-        # parameters frozen and puts both back after (a training loop may go on with it)
-        self.hf = hf_model
+        self.hf = hf_model.eval()
+        if freeze:  # else each call freezes the parameters and gives back their requires_grad
+            hf_model.requires_grad_(False)
         self.tokenizer = tokenizer
         self._tokens: dict[int, str] = {}  # id -> token string, filled by token_strings
         self.attn_implementation = attn_implementation
@@ -469,8 +470,13 @@ class Model:
 
     def embedding_rows(self, side: str = "source") -> int:
         """How many token ids the embedding table of ``side`` (as :meth:`embed`) has rows for."""
-        table = self._target_embedding if side == "target" else self._source_embedding
+        table = self.embedding_module(side)
         return int(getattr(table, "num_embeddings", 0) or table.weight.shape[0])
+
+    def embedding_module(self, side: str = "source") -> torch.nn.Module:
+        """The module that embeds ``side``'s ids (as :meth:`embed`): the encoder's or the
+        decoder-only model's (``"source"``), or an encoder-decoder's decoder's (``"target"``)."""
+        return self._target_embedding if side == "target" else self._source_embedding
 
     def embed(self, ids: torch.Tensor, side: str = "source") -> torch.Tensor:
         """Rows of the embedding table for ``ids``: what attributions are taken with respect to.
@@ -495,9 +501,8 @@ class Model:
                     f"`ids` holds ids outside the {side} embedding's 0..{rows - 1}: {low}..{high}"
                 )
         ids = ids.to(self.device)
-        target = side == "target" and self.is_encoder_decoder
-        table = self._target_embedding if target else self._source_embedding
-        # rows, not a graph: outside a call a training model's table still requires grad
+        table = self.embedding_module(side)
+        # rows, not a graph: outside a call a training model's table may require grad
         return table(ids).detach()
 
     def logits_at(
@@ -1103,6 +1108,7 @@ def load_model(
     attn_implementation: str = "auto",
     device: str | torch.device | None = None,
     dtype: torch.dtype | str | None = None,
+    freeze: bool = True,
 ) -> Model:
     """Wrap a causal or seq2seq language model, or a classifier, for attribution.
 
@@ -1122,13 +1128,17 @@ def load_model(
             attributions; forward-mode calls always run eager attention.
         device, dtype: where and in which precision to run (a floating-point torch dtype or its
             name, "bfloat16"); default: as loaded (CPU, float32). A ``PreTrainedModel`` given is
-            not copied: it is moved, cast and put in eval mode with gradients off in place,
-            and with ``attn_implementation="auto"`` it rests on eager attention (attrax switches
-            it per call). Each method call runs it in eval mode again, and puts back a training
-            mode set since.
+            not copied: it is moved, cast and put in eval mode in place (with ``freeze``, its
+            gradients off too), and with ``attn_implementation="auto"`` it rests on eager
+            attention (attrax switches it per call). Each method call runs it in eval mode
+            again, and puts back a training mode set since.
+        freeze: turn the parameters' gradients off for good (default). ``False`` leaves each
+            parameter's ``requires_grad`` as it is: each method call turns them off for the
+            call and back on after, so a model that trains between calls trains what it did
+            (docs/quickstart.md).
 
     Returns:
-        A :class:`Model` in eval mode with parameter gradients off.
+        A :class:`Model` in eval mode, its parameter gradients off with ``freeze``.
 
     Loading bounds oneDNN's caches of compiled CPU kernels (bfloat16 and float16 matmuls) to 64
     each, through their environment variables where they are unset; oneDNN reads them at its
@@ -1143,6 +1153,8 @@ def load_model(
     if isinstance(model, Model):
         return model
     _check_attention(attn_implementation)
+    if not isinstance(freeze, bool):
+        raise OptionError(f"`freeze` must be True or False, got {freeze!r}")
     bound_kernel_caches()  # before the model's first matmul, when oneDNN reads them
     if dtype in ("float32", "float16", "bfloat16", "float64"):
         dtype = getattr(torch, dtype)
@@ -1172,8 +1184,6 @@ def load_model(
     if isinstance(model, (str, os.PathLike)):
         name = name or str(model)
         hf_model, where = _from_pretrained(model, resting, dtype, with_tokenizer=tokenizer is None)
-        # attrax's own copy: frozen for good, so that nothing keeps weight gradients
-        hf_model.eval().requires_grad_(False)
         if tokenizer is None:
             tokenizer = model
     elif isinstance(model, PreTrainedModel):
@@ -1213,7 +1223,9 @@ def load_model(
                 f"`device` {device!r} is not usable here: {err}. Expected 'cpu', 'cuda', "
                 "'cuda:N' (with a CUDA build and GPU) or 'mps'"
             ) from err
-    return Model(hf_model, tokenizer, name=name, attn_implementation=attn_implementation)
+    return Model(
+        hf_model, tokenizer, name=name, attn_implementation=attn_implementation, freeze=freeze
+    )
 
 
 def _task(hf_model: PreTrainedModel) -> str:

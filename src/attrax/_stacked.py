@@ -11,6 +11,7 @@ models' names) and ``example``.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 from collections.abc import Callable, Mapping, Sequence
@@ -24,7 +25,7 @@ from torch.func import functional_call, stack_module_state
 
 from . import _arch
 from ._errors import ModelError, OptionError
-from ._model import Model
+from ._model import Model, evaluating, frozen
 
 #: the methods a stack runs (gradient methods of decoder-only language models)
 SUPPORTED = (
@@ -219,12 +220,18 @@ class _Expanded(Model):
         self.name = "+".join(m.name for m in models)
         self._models = list(models)
         self._template = _Template(first)
-        params, buffers = stack_module_state([m.hf for m in models])
-        # copies of the weights, never trained: no gradient kept for them (a model may train)
+        with contextlib.ExitStack() as states:
+            # one mode and no gradients for all (a model built with freeze=False may train):
+            # stack_module_state refuses models that differ in either
+            for m in models:
+                states.enter_context(evaluating(m.hf))
+                states.enter_context(frozen(m.hf))
+            params, buffers = stack_module_state([m.hf for m in models])
+            # each model's embedding module, not its raw table: Gemma's and BioGPT's scale rows
+            tables = stack_module_state([m._source_embedding for m in models])
+        # copies of the weights: a model that trains later is not followed
         self._params = {f"hf.{k}": v.detach() for k, v in params.items()}
         self._buffers = {f"hf.{k}": v for k, v in buffers.items()}
-        # each model's embedding module, not its raw table: Gemma's and BioGPT's scale their rows
-        tables = stack_module_state([m._source_embedding for m in models])
         self._tables = tuple({k: v.detach() for k, v in part.items()} for part in tables)
         heads = [m._head for m in models]
         self._head_weight = torch.stack([h.weight for h in heads]).detach()  # [M, V, H]
