@@ -412,6 +412,25 @@ def integrated_gradients(
     True
     """
     alphas, weights = quadrature_nodes(quadrature, steps)
+    path = straight_path(problem, baseline, alphas)
+    return Rule(
+        path.points, torch.as_tensor(weights), multiplier=path.delta, reference=path.base,
+        alphas=path.alpha,
+    )  # fmt: skip
+
+
+class Path(NamedTuple):
+    """The straight path from a baseline: its ends (``base``, ``delta = x - base``, per side),
+    its nodes ``alpha`` ``[N]``, and ``points(indices)`` at those nodes ``[n, B, L, H]``."""
+
+    base: tuple[torch.Tensor, ...]
+    delta: tuple[torch.Tensor, ...]
+    alpha: torch.Tensor
+    points: PointFn
+
+
+def straight_path(problem: Problem, baseline: Baseline, alphas: np.ndarray) -> Path:
+    """``base + alpha * (x - base)`` at the nodes ``alphas``, for every attributed side."""
     x = problem.inputs
     base = baseline_embeddings(problem, baseline)
     delta = tuple(xi - bi for xi, bi in zip(x, base, strict=True))
@@ -421,7 +440,7 @@ def integrated_gradients(
         a = alpha[chunk].view(-1, 1, 1, 1)
         return tuple(bi[None] + a * di[None] for bi, di in zip(base, delta, strict=True))
 
-    return Rule(points, torch.as_tensor(weights), multiplier=delta, reference=base, alphas=alpha)
+    return Path(base, delta, alpha, points)
 
 
 @GRADIENT.method(check_quadrature_steps, **PATH_CHECKS)
@@ -453,15 +472,7 @@ def internal_influence(
     ('target', 'source', 'layer', 'hidden')
     """
     alphas, weights = quadrature_nodes(quadrature, steps)
-    x = problem.inputs
-    base = baseline_embeddings(problem, baseline)
-    alpha = torch.as_tensor(alphas, dtype=x[0].dtype, device=x[0].device)
-
-    def points(chunk: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        a = alpha[chunk].view(-1, 1, 1, 1)
-        return tuple(bi[None] + a * (xi - bi)[None] for xi, bi in zip(x, base, strict=True))
-
-    return Rule(points, torch.as_tensor(weights))
+    return Rule(straight_path(problem, baseline, alphas).points, torch.as_tensor(weights))
 
 
 def check_conductance_steps(options: Mapping[str, Any]) -> None:
@@ -516,23 +527,16 @@ def conductance(
     True
     """
     alphas, _ = quadrature_nodes(quadrature, steps + 1)
-    x = problem.inputs
-    base = baseline_embeddings(problem, baseline)
-    delta = tuple(xi - bi for xi, bi in zip(x, base, strict=True))
-    alpha = torch.as_tensor(alphas, dtype=x[0].dtype, device=x[0].device)
-    widths = alpha[1:] - alpha[:-1]
-
-    def points(chunk: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        a = alpha[chunk].view(-1, 1, 1, 1)
-        return tuple(bi[None] + a * di[None] for bi, di in zip(base, delta, strict=True))
+    path = straight_path(problem, baseline, alphas)
+    widths = path.alpha[1:] - path.alpha[:-1]
 
     def moves(chunk: torch.Tensor) -> tuple[torch.Tensor, ...]:
         # from node k to node k + 1: the layer reads h(a_k + width_k) - h(a_k)
         w = widths[chunk].view(-1, 1, 1, 1)
-        return tuple(w * di[None] for di in delta)
+        return tuple(w * di[None] for di in path.delta)
 
     weights = torch.ones(steps, dtype=torch.float64)
-    return Rule(points, weights, multiplier=moves, reference=base, origins=points)
+    return Rule(path.points, weights, multiplier=moves, reference=path.base, origins=path.points)
 
 
 @GRADIENT.method(samples=check.positive_int, noise=check.non_negative, seed=check.seed)
