@@ -29,7 +29,9 @@ import numpy as np
 
 from . import tasks, workloads
 
-METHODS = ("saliency", "input_x_gradient", "integrated_gradients")
+# conductance: the tutorial's layer conductance at every block's output (Captum: one call per
+# block of bert.encoder.layer and per target), from the same reference, arrays [.., layer, source, H]
+METHODS = ("saliency", "input_x_gradient", "integrated_gradients", "conductance")
 PAIRS = (16, 12, 33)  # pairs, question tokens, context tokens (without special tokens)
 NAME = "bertqa"
 
@@ -74,15 +76,19 @@ def attrax_qa(
     from .baselines import reference_ids
 
     kwargs: dict[str, Any] = {"abs": False} if method == "saliency" else {}
-    if method == "integrated_gradients":
+    if method in ("integrated_gradients", "conductance"):
         ids = model.tokenizer(*zip(*given, strict=True), return_tensors="pt")["input_ids"]
         with torch.no_grad():
             base = model.embed(reference_ids(model.tokenizer, ids)).detach()
         kwargs.update(steps=steps, quadrature="gausslegendre", baseline=base)
+    if method == "conductance":
+        kwargs["layers"] = slice(1, None)  # block l's output, as Captum's encoder.layer[l - 1]
     t0 = time.perf_counter()
     da = getattr(ax, method)(model, given, spans, **kwargs)
     seconds = time.perf_counter() - t0
     assert da.target.values.tolist() == ["start", "end"]
+    if method == "conductance":
+        da = da.transpose("example", "target", "layer", "source", "hidden")
     return da.values, seconds
 
 
@@ -95,7 +101,7 @@ def captum_qa(
 
     questions, contexts = (list(side) for side in zip(*given, strict=True))
     reference = None
-    if method == "integrated_gradients":  # built before the clock, as attrax's baseline is
+    if method in ("integrated_gradients", "conductance"):  # before the clock, as attrax's is
         reference = reference_ids(tok, tok(questions, contexts, return_tensors="pt")["input_ids"])
     return tasks.captum_loop(
         hf,

@@ -36,6 +36,7 @@ LABEL = {
     "integrated_gradients": "integrated gradients",
     "attention": "attention",
     "lrp": "AttnLRP",
+    "conductance": "conductance, every block",
 }
 SHORT = {**LABEL, "input_x_gradient": "input x gradient", "integrated_gradients": "IG"}
 LIB = {"attrax": "attrax", "captum": "Captum", "inseq": "Inseq"}
@@ -712,6 +713,12 @@ def _question_answering_section(results: dict[str, Any] | None) -> list[str]:
         "both targets in one call. Captum makes one batched `attribute` call per target, as its "
         "tutorial does."
     )
+    if any(r["method"] == "conductance" for r in results["runs"]):
+        about += (
+            " Conductance is the tutorial's layer conductance at every block's output, from the "
+            "same reference: attrax's one call (`layers=slice(1, None)`) against Captum's "
+            "`LayerConductance`, one call per block of `bert.encoder.layer` and per target."
+        )
     return _task_section("Question answering (Q1)", results, about)
 
 

@@ -105,11 +105,12 @@ def captum_loop(
 
     Saliency (``abs=False``) and InputXGradient run on ``inputs_embeds``. IG is
     ``LayerIntegratedGradients`` on ``bert.embeddings.word_embeddings`` from ``reference``
-    (token ids). The clock starts at the texts: ``encode()``, the tokenizer call a Captum user
+    (token ids); conductance is ``LayerConductance`` on each block of ``bert.encoder.layer``, on
+    ``inputs_embeds`` from ``reference``'s word embeddings (``[B, layer, L, H]`` per target). The clock starts at the texts: ``encode()``, the tokenizer call a Captum user
     writes, and the embedding lookup are timed.
     """
     import torch
-    from captum.attr import InputXGradient, LayerIntegratedGradients, Saliency
+    from captum.attr import InputXGradient, LayerConductance, LayerIntegratedGradients, Saliency
 
     def forward(x, mask, types, read: Callable[[Any], Any], embeds: bool):
         source = {"inputs_embeds": x} if embeds else {"input_ids": x}
@@ -120,7 +121,21 @@ def captum_loop(
     ids, mask, types = enc["input_ids"], enc["attention_mask"], enc["token_type_ids"]
     columns = []
     for read, target in zip(reads, targets, strict=True):  # a Captum user's loop over targets
-        if method == "integrated_gradients":
+        if method == "conductance":  # the tutorial's loop over the blocks, per target
+            with torch.no_grad():
+                embeds = hf.get_input_embeddings()(ids)
+                base = hf.get_input_embeddings()(reference)
+            blocks = []
+            for block in hf.bert.encoder.layer:
+                algo = LayerConductance(
+                    lambda x, m, t, read=read: forward(x, m, t, read, True), block
+                )
+                blocks.append(algo.attribute(
+                    embeds, baselines=base, target=target, additional_forward_args=(mask, types),
+                    n_steps=steps, method="gausslegendre",
+                ))  # fmt: skip
+            got = torch.stack(blocks, 1)  # [B, layer, L, H]
+        elif method == "integrated_gradients":
             algo = LayerIntegratedGradients(
                 lambda x, m, t, read=read: forward(x, m, t, read, False),
                 hf.bert.embeddings.word_embeddings,
