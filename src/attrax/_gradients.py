@@ -49,7 +49,9 @@ class Rule(NamedTuple):
     ``transform`` maps the moments, one argument each (e.g. ``abs``), before labelling.
     For ``layers=`` (:mod:`attrax._layers`): ``alphas`` ``[N]`` mark a straight path from
     ``reference`` (point i at ``alphas[i]``), which a layer reads as a path between the layer's
-    activations; ``origins`` give a per-point multiplier's start (``points`` minus the path).
+    activations; ``origins`` give a per-point multiplier's start (``points`` minus the path);
+    ``chained``: each point's multiplier ends where the next point starts (a path's steps), so a
+    layer reads each point once.
     """
 
     points: PointFn | None = None
@@ -60,6 +62,7 @@ class Rule(NamedTuple):
     moments: tuple[int, ...] = (1,)
     alphas: torch.Tensor | None = None
     origins: PointFn | None = None
+    chained: bool = False
 
 
 def _run(core: Callable[..., Rule], call: Call, arguments: dict[str, Any]) -> xr.DataArray:
@@ -536,7 +539,10 @@ def conductance(
         return tuple(w * di[None] for di in path.delta)
 
     weights = torch.ones(steps, dtype=torch.float64)
-    return Rule(path.points, weights, multiplier=moves, reference=path.base, origins=path.points)
+    return Rule(
+        path.points, weights, multiplier=moves, reference=path.base, origins=path.points,
+        chained=True,
+    )  # fmt: skip
 
 
 @GRADIENT.method(samples=check.positive_int, noise=check.non_negative, seed=check.seed)

@@ -236,6 +236,9 @@ def moments(
 
         def per_point(chunk: torch.Tensor) -> torch.Tensor:
             origin, delta = rule.origins(chunk)[0], rule.multiplier(chunk)[0]
+            if rule.chained:  # point i ends where point i + 1 starts: n + 1 points, not 2 n
+                nodes = activations(problem, layers, torch.cat([origin, origin[-1:] + delta[-1:]]))
+                return nodes[:, 1:] - nodes[:, :-1]
             both = activations(problem, layers, torch.cat([origin + delta, origin]))
             return both[:, : len(chunk)] - both[:, len(chunk) :]
 
