@@ -317,7 +317,7 @@ class Model:
         )
         self._source_scale = 1.0
         self._target_scale = 1.0
-        with frozen(hf_model), evaluating(hf_model):  # the probes below run it
+        with frozen(hf_model):  # the probes below run it (in eval mode, set above)
             if self.seq2seq_classifier:
                 self._check_shared_table()
             self._calibrate_embedding_scales()
