@@ -440,7 +440,7 @@ def straight_path(problem: Problem, baseline: Baseline, alphas: np.ndarray) -> P
     alpha = torch.as_tensor(alphas, dtype=x[0].dtype, device=x[0].device)
 
     def points(chunk: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        a = alpha[chunk].view(-1, 1, 1, 1)
+        a = alpha[chunk.to(alpha.device)].view(-1, 1, 1, 1)
         return tuple(bi[None] + a * di[None] for bi, di in zip(base, delta, strict=True))
 
     return Path(base, delta, alpha, points)

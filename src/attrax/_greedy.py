@@ -18,9 +18,15 @@ import xarray as xr
 from torch.func import vjp
 
 from . import _validate as check
-from ._engine import Problem, all_finite, baseline_embeddings
+from ._engine import Problem, all_finite
 from ._errors import InputError
-from ._gradients import PATH_CHECKS, REDUCE_HIDDEN, check_quadrature_steps, quadrature_nodes
+from ._gradients import (
+    PATH_CHECKS,
+    REDUCE_HIDDEN,
+    check_quadrature_steps,
+    quadrature_nodes,
+    straight_path,
+)
 from ._memory import Size, at_least_float32
 from ._protocol import COMMON, Call, Family, own_options
 
@@ -111,24 +117,18 @@ def greedy_pig(
     """
     alphas, weights = quadrature_nodes(quadrature, steps)
     x = problem.inputs
-    base = baseline_embeddings(problem, baseline)
+    # the first round's baseline is every target's: integrated gradients on the shared engine
+    path = straight_path(problem, baseline, alphas)
+    base, alpha, delta = path.base, path.alpha, path.delta
     width = problem.tensors.valid.shape[1]
     # the later rounds run every (target, node) as a copy of its own
     nodes, chunk = problem.plan(steps, batch_size, chunk_size, copies=True)
     nodes = steps if nodes is None else nodes
     step = width if chunk is None else chunk
-    alpha = torch.as_tensor(alphas, dtype=x[0].dtype, device=x[0].device)
     weight = torch.as_tensor(weights, dtype=at_least_float32(x[0].dtype), device=x[0].device)
     at_input = problem.evaluate(tuple(xi[None] for xi in x))[0]  # [B, K]
-    # the first round's baseline is every target's: integrated gradients on the shared engine
-    delta = tuple(xi - bi for xi, bi in zip(x, base, strict=True))
-
-    def points(chunk: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        a = alpha[chunk.to(alpha.device)].view(-1, 1, 1, 1)
-        return tuple(bi[None] + a * di[None] for bi, di in zip(base, delta, strict=True))
-
     ((grads,), _) = problem.gradient_sum_with_hidden(
-        points, torch.as_tensor(weights), batch_size=batch_size, chunk_size=chunk_size
+        path.points, torch.as_tensor(weights), batch_size=batch_size, chunk_size=chunk_size
     )
     first_round = tuple(g * d[:, None].to(g.dtype) for g, d in zip(grads, delta, strict=True))
     parts, gaps = [], []
