@@ -47,6 +47,7 @@ QUICK = {
     "greedy_pig": {"rounds": 2, "steps": 3},
     "pgd": {"steps": 2},
     "sobol": {"samples": 4},
+    "reagent": {"probes": 2, "max_steps": 3},
     "shapley_sampling": {"permutations": 2},
     "squaregrad": {"samples": 2},
     "vargrad": {"samples": 2},

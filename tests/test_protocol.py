@@ -296,6 +296,10 @@ _EVALUATE_ONLY = {
 }
 
 
+# methods whose updates need the target's probability itself (ReAGent's drops, in [-1, 1])
+_PROBABILITY_ONLY = {"reagent"}
+
+
 def _detached(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return torch.log_softmax(logits.detach(), dim=-1).gather(-1, ids[..., None])[..., 0]
 
@@ -328,6 +332,10 @@ def test_an_objective_without_a_gradient_is_refused_where_it_is_differentiated(
     fn = getattr(ax, name)
     for model, pair in ((models["gpt2"], PAIRS[0]), (classifier, (PAIRS[0][0], None))):
         for objective in (_detached, _under_no_grad, _is_argmax):
+            if name in _PROBABILITY_ONLY:
+                with pytest.raises(ax.OptionError, match="`objective` must be 'probability'"):
+                    fn(model, *pair, objective=objective, **SMALL.get(name, {}))
+                continue
             if name in _EVALUATE_ONLY:
                 da = fn(model, *pair, objective=objective, **SMALL.get(name, {}))
                 assert bool(da.notnull().any())  # NaN only marks the future

@@ -197,6 +197,7 @@ PERTURBATIONS = (
     "feature_ablation",
     "shapley_sampling",
     "sobol",
+    "reagent",
 )
 
 # the table's columns: the calls each one stands for

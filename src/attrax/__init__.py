@@ -67,6 +67,7 @@ if TYPE_CHECKING:
     from ._perturbation import occlusion as occlusion
     from ._perturbation import shapley_sampling as shapley_sampling
     from ._perturbation import sobol as sobol
+    from ._reagent import reagent as reagent
     from ._reduce import absmax as absmax
     from ._reduce import l2_norm as l2_norm
     from ._reduce import max as max

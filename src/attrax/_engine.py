@@ -166,6 +166,30 @@ class Problem:
             contrast = None if contrast is None else contrast[:, slots].repeat(n, 1)
         return evaluate_objective(self.objective, self.model.head(hidden), target_ids, contrast)
 
+    def rows_fn(self, example: torch.Tensor, slot: torch.Tensor) -> Callable[..., torch.Tensor]:
+        """``h(ids, *embeds)``: head inputs ``[m, 1, H]`` of ``m`` sequences, sequence ``i`` a copy
+        of example ``example[i]`` (its masks, token types and fixed decoder input) read at target
+        ``slot[i]``'s position only: for methods whose copies each serve one target and hold
+        token ids of their own (``ids`` ``[m, L]``, the source ids the embeddings stand for). A
+        decoder-only model's sequences may be passed cut after their last target's position."""
+        t = self.tensors
+        index = t.index[example, slot][:, None]
+        mask = t.mask[example]
+        decoder_mask = None if t.decoder_mask is None else t.decoder_mask[example]
+        token_types = None if t.token_types is None else t.token_types[example]
+        fixed = None if self.decoder_embeds is None else self.decoder_embeds[example]
+
+        def h(ids: torch.Tensor, *embeds: torch.Tensor) -> torch.Tensor:
+            decoder = embeds[1] if len(embeds) > 1 else fixed
+            length = embeds[0].shape[1]  # a decoder-only sequence may be cut after its target
+            types = None if token_types is None else token_types[:, :length]
+            with reading(ids):
+                return self.model.hidden_at(
+                    embeds[0], mask[:, :length], index, decoder, decoder_mask, token_types=types
+                )
+
+        return h
+
     @staticmethod
     def _own(a: torch.Tensor, slots: slice, n: int) -> torch.Tensor:
         """``a[B, K]`` at ``slots`` as ``[k * n * B, 1]``: copy ``(j, i, b)`` holds ``a[b, slots][j]``."""

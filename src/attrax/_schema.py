@@ -71,6 +71,8 @@ COORDS: dict[str, str] = {
     "contrast_token": "token string of the contrast token of each target",
     "component": "direct_logit_attribution: 'attention' for a head, 'mlp' for the MLP at head=-1",
     "completeness_gap": "integrated gradients: sum of attributions minus f(x) - f(baseline)",
+    "stopped": "reagent: how many probes met the stopping rule (0: none within `max_steps`, and the "
+    "scores are every probe's mean)",
     "head_total": "head_attribution: each head's attribution summed over queries and keys",
     "auc": "deletion/insertion: area under the curve over `fraction`",
     "aopc": "comprehensiveness/sufficiency: mean over `fraction` (ERASER's AOPC)",
