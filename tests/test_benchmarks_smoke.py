@@ -849,3 +849,14 @@ def test_the_step_scores_section_renders_from_a_recorded_run():
     assert "## Step scores against Inseq (S1)" in text and "W1: step 17" in text
     assert "| W1 | kl_divergence, pcxmi (and Inseq's in_context_pvi) | 0.250 | 40.0" in text
     assert "- W1 in_context_pvi (pcxmi): ok (1.7e-14)" in text
+
+
+def test_the_reagent_table_is_rendered_from_its_results():
+    # the perturbation page's ReAGent row is what `--report` renders from the JSON (whose parity
+    # with Inseq the benchmark checked before writing it)
+    from benchmarks import reagent
+
+    result = json.loads((BENCH / "reagent.json").read_text())
+    assert result["parity"]
+    block = f"{reagent.BEGIN}\n{reagent.render(result)}\n{reagent.END}"
+    assert block in reagent.DOC.read_text()
