@@ -64,6 +64,9 @@ SIZES: dict[str, dict[str, Any]] = {
     "kernel_shap": {"samples": 64},
     "shapley_sampling": {"permutations": 4},
     "sobol": {"samples": 8},
+    # every chain's steps run in blocks of 1, 2, 4, 8 and 1: a block's tensors grow with its
+    # steps, and the planner shrinks blocks to a quarter of the budget
+    "reagent": {"max_steps": 16},
 }
 # per workload: C2's PGD at 10 steps took over 38 min without a budget on 2 cores, L1's over 13 in
 # float32; a step's passes are the same at any step count, so fewer steps measure the same peak.
@@ -251,7 +254,8 @@ LABEL = {
     "pgd": "PGD", "squaregrad": "SquareGrad", "vargrad": "VarGrad",
     "gradient_shap": "GradientSHAP", "deeplift": "DeepLIFT", "deeplift_shap": "DeepLIFT-SHAP",
     "feature_ablation": "feature ablation", "lime": "LIME", "kernel_shap": "KernelSHAP",
-    "shapley_sampling": "Shapley sampling", "sobol": "Sobol", "value_zeroing": "value zeroing",
+    "shapley_sampling": "Shapley sampling", "sobol": "Sobol", "reagent": "ReAGent",
+    "value_zeroing": "value zeroing",
     "attribution_patching": "attribution patching",
     "attention_x_gradient": "attention × gradient",  # noqa: RUF001
     "head_attribution": "head attribution", "alti": "ALTI", "alti_logit": "ALTI-Logit",

@@ -11,6 +11,7 @@ meets the stopping rule, as a step-by-step run would.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -26,7 +27,7 @@ from ._protocol import COMMON, Call, Family, own_options
 
 #: bytes a running chain's step holds per token besides the forwards: its draws, replacement
 #: ids, score changes, cumulative scores, importances, ranks (int64) and masks
-CHAIN = 96
+CHAIN = 160
 #: the most steps a block of batched forwards runs ahead (blocks double up to it from 1): a
 #: chain that stops early wastes at most the rest of its block
 BLOCK = 64
@@ -357,17 +358,24 @@ class _Forward:
         self.causal = problem.model.causal and len(problem.inputs) == 1
         self.index = problem.tensors.index
 
-    def _logits(
-        self, b: torch.Tensor, k: torch.Tensor, where: torch.Tensor, u: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The logits ``[n * S, V]`` (row-major) of the sequences of rows ``(b, k)`` with the
-        tokens ``where`` ``[S, n, L]`` replaced by draws from ``u``; and their target ids."""
-        steps = where.shape[0]
+    def _run(
+        self,
+        b: torch.Tensor,
+        k: torch.Tensor,
+        where: torch.Tensor,
+        u: torch.Tensor,
+        read: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    ) -> torch.Tensor:
+        """``read(logits, target_ids)`` ``[S, n]`` of the sequences of rows ``(b, k)`` with the
+        tokens ``where`` ``[S, n, L]`` replaced by draws from ``u``, a chunk's logits at a time
+        (a block's logits at once were 800 MiB on GPT-2's vocabulary)."""
+        steps, n = where.shape[:2]
         source = self.ids[b]
         replaced = torch.where(where, self.sampler(source, u), source)
         # row-major: a chunk holds neighbouring targets, so a causal cut keeps it short
         replaced = replaced.transpose(0, 1).flatten(0, 1)
         example, slot = b.repeat_interleave(steps), k.repeat_interleave(steps)
+        targets = self.problem.tensors.target_ids[example, slot]
         device = self.problem.inputs[0].device
         total = replaced.shape[0]
         step = plan_forwards(
@@ -391,26 +399,25 @@ class _Forward:
             embeds = [model.embed(s, side) for s, side in zip(sides, names, strict=True)]
             h = self.problem.rows_fn(example[part], slot[part])
             with torch.no_grad():
-                out.append(model.head(h(sides[0], *embeds))[:, 0])
-        targets = self.problem.tensors.target_ids[example, slot]
-        return torch.cat(out), targets
+                out.append(read(model.head(h(sides[0], *embeds))[:, 0], targets[part]))
+        return torch.cat(out).view(n, steps).T
 
     def probability(
         self, b: torch.Tensor, k: torch.Tensor, where: torch.Tensor, u: torch.Tensor
     ) -> torch.Tensor:
         """The target's probability ``[S, n]`` with the tokens ``where`` replaced."""
-        logits, targets = self._logits(b, k, where, u)
-        values = self.problem.objective(logits, targets)
-        return values.view(where.shape[1], where.shape[0]).T.to(u.dtype)
+        return self._run(b, k, where, u, self.problem.objective).to(u.dtype)
 
     def in_top_k(
         self, b: torch.Tensor, k: torch.Tensor, where: torch.Tensor, u: torch.Tensor
     ) -> torch.Tensor:
         """Whether the target is among the ``top_k`` predictions ``[S, n]``, tokens replaced."""
-        logits, targets = self._logits(b, k, where, u)
-        own = logits.gather(-1, targets[:, None])
-        above = (logits > own).sum(-1)
-        return (above < self.top_k).view(where.shape[1], where.shape[0]).T
+
+        def read(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+            own = logits.gather(-1, targets[:, None])
+            return (logits > own).sum(-1) < self.top_k
+
+        return self._run(b, k, where, u, read)
 
 
 __all__ = ["reagent"]
