@@ -64,9 +64,9 @@ SIZES: dict[str, dict[str, Any]] = {
     "kernel_shap": {"samples": 64},
     "shapley_sampling": {"permutations": 4},
     "sobol": {"samples": 8},
-    # every chain's steps run in blocks of 1, 2, 4, 8 and 1: a block's tensors grow with its
-    # steps, and the planner shrinks blocks to a quarter of the budget
-    "reagent": {"max_steps": 16},
+    # every chain's steps run in blocks of 1, 2, 4 and 1: a block's tensors grow with its steps,
+    # and the planner shrinks blocks to a quarter of the budget
+    "reagent": {"probes": 4, "max_steps": 8},
 }
 # per workload: C2's PGD at 10 steps took over 38 min without a budget on 2 cores, L1's over 13 in
 # float32; a step's passes are the same at any step count, so fewer steps measure the same peak.

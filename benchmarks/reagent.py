@@ -217,7 +217,8 @@ def render(result: dict[str, Any]) -> str:
             "|---|---|---|---|---|---|",
             f"| `ax.reagent` | `reagent` | {result['max_abs_diff']:.1e} | "
             f"{result['max_abs_diff_float32_model']:.1e} | "
-            f"{result['stopped_targets']} of {result['targets']} (same on both) | "
+            f"{result['stopped_targets']} of {result['targets']} "
+            f"({'same' if result['same_stopped_targets'] else 'NOT the same'} on both) | "
             f"{result['speedup']:.1f}\N{MULTIPLICATION SIGN} ({result['attrax_seconds']:.2f} s vs "
             f"{result['inseq_seconds']:.2f} s) |",
         ]
@@ -255,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps(result, indent=2))
     if not args.quick:
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-        if args.docs:
+        if args.docs and result["parity"]:  # a table only after parity
             write_docs(result)
     return 0
 

@@ -841,6 +841,8 @@ MEDIUM = '" ".join(words[:40]), target'
         ("saliency", "layers='all'", 170 << 20, "", SHORT),
         # every layer's activations at each point's next node, besides its gradients
         ("conductance", "steps=16, layers='all'", 150 << 20, "", SHORT),
+        # a block of steps' logits over GPT-2's vocabulary: until 2026-12-06 all of them at once
+        ("reagent", "probes=8, max_steps=16, top_k=1", 150 << 20, ", vocab_size=50257", SHORT),
     ],
 )
 def test_the_measured_peak_stays_within_the_budget(

@@ -518,7 +518,7 @@ class Problem:
                     eager = mid
                 else:
                     floor = mid
-        return [(c, _cut(max(int(t.index[:, c].max()) + 1, floor), full)) for c in chunks]
+        return [(c, cut_length(max(int(t.index[:, c].max()) + 1, floor), full)) for c in chunks]
 
     def _chunk_gradients(
         self,
@@ -691,10 +691,10 @@ def all_finite(*values: torch.Tensor) -> bool:
     return True
 
 
-def _cut(length: int, full: int) -> int:
+def cut_length(length: int, full: int) -> int:
     """``length`` rounded up to a multiple of ``full / CUT_SHAPES`` (rounded up), at most ``full``.
 
-    >>> _cut(33, 64), _cut(556, 599), _cut(599, 599), _cut(3, 8)
+    >>> cut_length(33, 64), cut_length(556, 599), cut_length(599, 599), cut_length(3, 8)
     (36, 570, 599, 3)
     """
     step = -(-full // CUT_SHAPES)

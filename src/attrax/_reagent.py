@@ -18,9 +18,17 @@ import torch
 import xarray as xr
 
 from . import _validate as check
-from ._engine import DRAWS, Problem, all_finite
+from ._engine import DRAWS, Problem, all_finite, cut_length
 from ._errors import InputError, OptionError
-from ._memory import Size, between_passes, memory_budget, plan_forwards
+from ._memory import (
+    Size,
+    at_least_float32,
+    between_passes,
+    head_bytes,
+    memory_budget,
+    plan_forwards,
+    reuse_host_memory,
+)
 from ._model import Model
 from ._objectives import named
 from ._protocol import COMMON, Call, Family, own_options
@@ -28,6 +36,9 @@ from ._protocol import COMMON, Call, Family, own_options
 #: bytes a running chain's step holds per token besides the forwards: its draws, replacement
 #: ids, score changes, cumulative scores, importances, ranks (int64) and masks
 CHAIN = 160
+#: a drop's share ``(d + 1) / 2`` is kept this far from 0 and 1: a drop of +-1 (the target's
+#: probability rounded to 1, then to 0) adds +-36.7 instead of an infinite score
+_EDGE = 2.0**-53
 #: the most steps a block of batched forwards runs ahead (blocks double up to it from 1): a
 #: chain that stops early wastes at most the rest of its block
 BLOCK = 64
@@ -56,7 +67,10 @@ def _check_replacements(value: object, name: str) -> None:
         and value.ndim == 1
         and value.numel() > 0
         and not value.is_floating_point()
+        and not value.is_complex()
         and value.dtype != torch.bool
+        and value.layout == torch.strided
+        and not value.is_meta
     ):
         return
     got = (
@@ -91,11 +105,13 @@ def _run(core: Any, call: Call, arguments: dict[str, Any]) -> xr.DataArray:
     if top_k is None:  # Inseq's 3 for a language model; a classifier's prediction itself
         top_k = 3 if model.task == "generation" else 1
         arguments = {**arguments, "top_k": top_k}
-    if top_k >= model.output_width:
+    # a question-answering model predicts positions: its outputs are the sequence's
+    outputs = problem.inputs[0].shape[1] if model.task == "question-answering" else None
+    outputs = outputs or model.output_width
+    if top_k >= outputs:
         raise OptionError(
-            f"`top_k`={top_k} is not below the {model.output_width} outputs of {model.name}: "
-            "every target would be in its top predictions and every probe would stop at its "
-            "first step"
+            f"`top_k`={top_k} is not below the {outputs} outputs of {model.name}: every target "
+            "would be in its top predictions and every probe would stop at its first step"
         )
     values, stopped = core(problem, call.options["batch_size"], **own_options(core, arguments))
     if not all_finite(values):
@@ -133,6 +149,7 @@ REAGENT = Family(
     replacements=_check_replacements,
     seed=check.seed,
 )
+@reuse_host_memory()  # its forwards' heap reused between chunks, as the engine's passes
 def reagent(
     problem: Problem,
     batch_size: Size,
@@ -153,9 +170,10 @@ def reagent(
     step replaces each source token the target sees with probability ``replace_ratio`` by a
     token drawn from ``replacements``, and with ``d = p(x) - p(x~)`` the drop of the target's
     probability, adds ``logit((±d + 1) / 2)`` to ``s``: ``+d`` for the replaced tokens, ``-d``
-    for the kept ones. The chain stops at the first step where the target is among the model's
-    ``top_k`` predictions once every token but the ``keep`` ranked highest by ``softmax(s)`` is
-    replaced (the ranked ones replaced instead with ``invert_keep``), or after ``max_steps``.
+    for the kept ones (a drop of exactly ±1 counts as ±(1 - 2**-52)). The chain stops at the
+    first step where the target is among the model's ``top_k`` predictions once every token but
+    the ``keep`` ranked highest by ``s`` is replaced (the ranked ones replaced instead with
+    ``invert_keep``), or after ``max_steps``.
     The result is the mean of ``softmax(s)`` over the chains that stopped (over all of them
     where none did; the ``stopped`` coordinate counts them). Inseq's ``reagent`` with a token
     sampler of its own; the paper draws replacements from a masked language model instead.
@@ -164,10 +182,13 @@ def reagent(
         probes: chains per target; max_steps: the most steps of a chain.
         replace_ratio: the chance of each token being replaced at a step.
         keep: the tokens kept when the stopping rule is checked: a count, or a float in (0, 1],
-            the share of the tokens the target sees (rounded up).
+            the share of the tokens the target sees, ``ceil(keep * n)`` of the float64 product
+            (``0.3`` of 10 keeps 4, as Inseq).
         invert_keep: replace the top tokens instead of keeping them when checking.
-        top_k: the target must be among this many top predictions for a chain to stop (None:
-            3 for a language model, as Inseq; 1, the prediction, for a classifier).
+        top_k: the target must be among this many top predictions for a chain to stop (ties
+            with the target count in its favour; None: 3 for a generating model, as Inseq's, 1,
+            the prediction itself, for the other tasks). Below the model's outputs (a
+            question-answering model's: the positions).
         replacements: ``"uniform"``, a draw from every token id of the vocabulary but the
             special ones, or an integer tensor ``[V]`` giving each id a group (a part-of-speech
             tag, as Inseq's sampler): a token is replaced by an id drawn uniformly from its own
@@ -194,50 +215,55 @@ def reagent(
     visible = problem.visible()  # [B, K, L]
     device = visible.device
     batch, width, length = visible.shape
-    ids = _attributed_ids(problem)  # [B, L]
-    sampler = _Sampler(replacements, model, len(problem.inputs))
+    acc = DRAWS if problem.inputs[0].dtype != torch.float64 else torch.float64
+    chains = batch * width * probes
+    forward = _Forward(problem, _attributed_ids(problem), batch_size, top_k)
+    # held through the call: the chains' scores, and their importances at the end
+    problem.hold(3 * chains * length * DRAWS.itemsize, "probes", probes, "the scores")
+    # a step's draws for every chain, and its tensors for each running one
+    step_bytes = chains * length * (3 * DRAWS.itemsize + CHAIN)
+    forward.check(step_bytes)  # before anything is drawn: a budget one step cannot meet
+    budget = problem.max_memory or memory_budget(device)
+    forward.sampler = _Sampler(replacements, model, len(problem.inputs))
     original = problem.evaluate(tuple(x[None] for x in problem.inputs))[0]  # [B, K]
     if not all_finite(original):
         raise InputError(
             "reagent: the target's probability is not finite (inf/NaN) at the input; check the "
             "model's weights and dtype, and the inputs"
         )
-    acc = DRAWS if problem.inputs[0].dtype != torch.float64 else torch.float64
+    original = original.to(torch.float64)
     draws = _Draws(visible, t.valid, probes, seed)
     scores = draws.initial().to(device=device, dtype=acc)  # [B, K, P, L]
     stopped = torch.zeros((batch, width, probes), dtype=torch.bool, device=device)
     active = t.valid[..., None].expand(-1, -1, probes).clone()
-    seen = visible.sum(-1)  # [B, K]
+    seen = visible.sum(-1).cpu()  # [B, K]
     if isinstance(keep, float):
         # as a float64 product, rounded up: 0.3 * 10 keeps 4, as Inseq's ceil(ratio * n) does
         kept = torch.ceil(seen.double() * keep).long()
     else:
         kept = torch.full_like(seen, keep)
-    kept = torch.minimum(kept, seen)
-    chains = batch * width * probes
-    # held through the call: the chains' scores, and their importances at the end
-    problem.hold(3 * chains * length * scores.element_size(), "probes", probes, "the scores")
-    budget = problem.max_memory or memory_budget(device)
+    kept = torch.minimum(kept, seen).to(device)
     done, block = 0, 1
-    forward = _Forward(problem, ids, sampler, batch_size, top_k)
     while done < max_steps and bool(active.any()):  # blocks: the stopping rule is sequential
-        # a step's draws for every chain, and its tensors for each running one
-        step_bytes = chains * length * 3 * DRAWS.itemsize + int(active.sum()) * length * CHAIN
-        most = max(1, min(BLOCK, budget // (4 * step_bytes)))
-        block = min(block, max_steps - done, most)
-        forward.block_bytes = block * step_bytes
+        running = chains * length * 3 * DRAWS.itemsize + int(active.sum()) * length * CHAIN
+        # half of what the forwards leave to the block's tensors
+        room = (budget - forward.smallest(0)) // (2 * running)
+        block = min(block, max_steps - done, max(1, min(BLOCK, room)))
+        forward.block_bytes = block * running
         u = draws.steps(block)  # [S, 3, B, K, P, L] on the CPU
         b, k, p = active.nonzero(as_tuple=True)
-        u = u[:, :, b.cpu(), k.cpu(), p.cpu()].to(device=device, dtype=acc)  # [S, 3, n, L]
+        u = u[:, :, b.cpu(), k.cpu(), p.cpu()].to(device)  # [S, 3, n, L]
         sees = visible[b, k]  # [n, L]
         replaced = (u[:, 0] < replace_ratio) & sees
-        drop = original[b, k].to(acc) - forward.probability(b, k, replaced, u[:, 1])  # [S, n]
+        drop = original[b, k] - forward.probability(b, k, replaced, u[:, 1])  # [S, n]
         signed = torch.where(replaced, drop[..., None], -drop[..., None])
-        change = torch.logit(signed * 0.5 + 0.5).masked_fill(~sees, 0)
+        # a drop of +-1 (probabilities rounded to 1 and 0) would add an infinite score
+        share = (signed * 0.5 + 0.5).clamp(_EDGE, 1 - _EDGE)
+        change = torch.logit(share).to(acc).masked_fill(~sees, 0)
         chain = scores[b, k, p] + change.cumsum(0)  # [S, n, L]
-        importance = torch.softmax(chain.masked_fill(~sees, -math.inf), dim=-1)
-        rank = importance.argsort(dim=-1, descending=True).argsort(dim=-1)
-        top = rank < kept[b, k][:, None]
+        # ranked on the scores, not their softmax, which underflows to ties at 0 in long runs
+        order = chain.masked_fill(~sees, -math.inf).argsort(dim=-1, descending=True, stable=True)
+        top = order.argsort(dim=-1) < kept[b, k][:, None]
         checked = (top if invert_keep else ~top) & sees
         hit = forward.in_top_k(b, k, checked, u[:, 2])  # [S, n]
         first = torch.where(hit.any(0), hit.int().argmax(0), block - 1)
@@ -335,28 +361,51 @@ class _Sampler:
         """Replacements for ``ids`` ``[n, L]`` from draws ``u`` ``[S, n, L]``."""
         slot = self.slot[ids.clamp(max=self.size)]  # ids past V: every drawn id
         count, start = self.count[slot], self.start[slot]
-        # float64: u * n is exact for a float32 u, so the index is never n
-        index = (u.double() * count).floor().long().clamp(max=count - 1)
+        # a float32 draw is m / 2**24 exactly: floor(u * n) in integers, with no float64 (MPS)
+        index = ((u * 2**24).long() * count) >> 24
         return self.ids[start + index]
 
 
 class _Forward:
     """Sequences with replaced tokens through the model, each read at its own target."""
 
-    def __init__(
-        self, problem: Problem, ids: torch.Tensor, sampler: _Sampler, batch_size: Size, top_k: int
-    ) -> None:
-        self.problem, self.ids, self.sampler = problem, ids, sampler
+    sampler: _Sampler
+
+    def __init__(self, problem: Problem, ids: torch.Tensor, batch_size: Size, top_k: int) -> None:
+        self.problem, self.ids = problem, ids
         self.batch_size, self.top_k = batch_size, top_k
         cost = problem.cost(saved=False)
-        rows = problem.inputs[0].shape[0]
-        logits = problem.model.output_width * 4 * 3  # a row's logits, softmax and ranks
-        self.per_row = -(-cost.per_point // rows) + logits
+        x = problem.inputs[0]
+        rows, size = x.shape[0], x.element_size()
+        vocabulary = problem.model.head_width
+        # a sequence reads one target's row: the copy's head rows are its K targets'
+        heads = head_bytes(rows, problem.tensors.valid.shape[1], vocabulary, size)
+        body = -(-(cost.per_point - heads) // rows)
+        # its row's logits, their float32 copy and the comparison with the target's
+        self.per_row = body + head_bytes(1, 1, vocabulary, size) + 2 * vocabulary * 4
         self.fixed = cost.fixed
         self.block_bytes = 0
         self.widths = [x.shape[1] for x in problem.inputs]
         self.causal = problem.model.causal and len(problem.inputs) == 1
         self.index = problem.tensors.index
+
+    def smallest(self, block_bytes: int) -> int:
+        """The bytes of one sequence's forward beside ``block_bytes`` of a block's tensors."""
+        return self.fixed + sum(self.problem.held) + block_bytes + self.per_row
+
+    def check(self, step_bytes: int) -> None:
+        """Refuse a ``max_memory`` that a one-step block of every chain and one sequence per
+        forward cannot meet, naming the smallest that can."""
+        budget = self.problem.max_memory
+        if budget is not None and self.smallest(step_bytes) > budget:
+            plan_forwards(
+                1,
+                "auto",
+                self.per_row,
+                self.problem.inputs[0].device,
+                budget,
+                self.fixed + sum(self.problem.held) + step_bytes,
+            )
 
     def _run(
         self,
@@ -393,8 +442,8 @@ class _Forward:
             part = slice(start, start + step)
             sides = replaced[part].split(self.widths, dim=-1)
             if self.causal:  # the positions after a row's target change nothing it reads
-                cut = int(self.index[example[part], slot[part]].max()) + 1
-                sides = (sides[0][:, :cut],)
+                last = int(self.index[example[part], slot[part]].max()) + 1
+                sides = (sides[0][:, : cut_length(last, sides[0].shape[1])],)
             names = ("source", "target")[: len(sides)]
             embeds = [model.embed(s, side) for s, side in zip(sides, names, strict=True)]
             h = self.problem.rows_fn(example[part], slot[part])
@@ -406,7 +455,13 @@ class _Forward:
         self, b: torch.Tensor, k: torch.Tensor, where: torch.Tensor, u: torch.Tensor
     ) -> torch.Tensor:
         """The target's probability ``[S, n]`` with the tokens ``where`` replaced."""
-        return self._run(b, k, where, u, self.problem.objective).to(u.dtype)
+
+        def read(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+            # in float32 at least: a bfloat16 probability has 8 bits, and the drops are its
+            # differences
+            return self.problem.objective(logits.to(at_least_float32(logits.dtype)), targets)
+
+        return self._run(b, k, where, u, read).to(torch.float64)
 
     def in_top_k(
         self, b: torch.Tensor, k: torch.Tensor, where: torch.Tensor, u: torch.Tensor
