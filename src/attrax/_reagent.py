@@ -36,9 +36,6 @@ from ._protocol import COMMON, Call, Family, own_options
 #: bytes a running chain's step holds per token besides the forwards: its draws, replacement
 #: ids, score changes, cumulative scores, importances, ranks (int64) and masks
 CHAIN = 160
-#: a drop's share ``(d + 1) / 2`` is kept this far from 0 and 1: a drop of +-1 (the target's
-#: probability rounded to 1, then to 0) adds +-36.7 instead of an infinite score
-_EDGE = 2.0**-53
 #: the most steps a block of batched forwards runs ahead (blocks double up to it from 1): a
 #: chain that stops early wastes at most the rest of its block
 BLOCK = 64
@@ -170,10 +167,10 @@ def reagent(
     step replaces each source token the target sees with probability ``replace_ratio`` by a
     token drawn from ``replacements``, and with ``d = p(x) - p(x~)`` the drop of the target's
     probability, adds ``logit((±d + 1) / 2)`` to ``s``: ``+d`` for the replaced tokens, ``-d``
-    for the kept ones (a drop of exactly ±1 counts as ±(1 - 2**-52)). The chain stops at the
-    first step where the target is among the model's ``top_k`` predictions once every token but
-    the ``keep`` ranked highest by ``s`` is replaced (the ranked ones replaced instead with
-    ``invert_keep``), or after ``max_steps``.
+    for the kept ones (a drop of exactly ±1 counts as ±(1 - 2**-52), ±(1 - 2**-23) on MPS).
+    The chain stops at the first step where the target is among the model's ``top_k``
+    predictions once every token but the ``keep`` ranked highest by ``s`` is replaced (the
+    ranked ones replaced instead with ``invert_keep``), or after ``max_steps``.
     The result is the mean of ``softmax(s)`` over the chains that stopped (over all of them
     where none did; the ``stopped`` coordinate counts them). Inseq's ``reagent`` with a token
     sampler of its own; the paper draws replacements from a masked language model instead.
@@ -216,10 +213,13 @@ def reagent(
     device = visible.device
     batch, width, length = visible.shape
     acc = DRAWS if problem.inputs[0].dtype != torch.float64 else torch.float64
+    # the drops and their logits: float64 where the device has it (MPS has not)
+    wide = torch.float32 if device.type == "mps" else torch.float64
+    edge = torch.finfo(wide).eps / 2  # a drop of +-1 would add an infinite score
     chains = batch * width * probes
-    forward = _Forward(problem, _attributed_ids(problem), batch_size, top_k)
+    forward = _Forward(problem, _attributed_ids(problem), batch_size, top_k, wide)
     # held through the call: the chains' scores, and their importances at the end
-    problem.hold(3 * chains * length * DRAWS.itemsize, "probes", probes, "the scores")
+    problem.hold(3 * chains * length * acc.itemsize, "probes", probes, "the scores")
     # a step's draws for every chain, and its tensors for each running one
     step_bytes = chains * length * (3 * DRAWS.itemsize + CHAIN)
     forward.check(step_bytes)  # before anything is drawn: a budget one step cannot meet
@@ -231,7 +231,7 @@ def reagent(
             "reagent: the target's probability is not finite (inf/NaN) at the input; check the "
             "model's weights and dtype, and the inputs"
         )
-    original = original.to(torch.float64)
+    original = original.to(wide)
     draws = _Draws(visible, t.valid, probes, seed)
     scores = draws.initial().to(device=device, dtype=acc)  # [B, K, P, L]
     stopped = torch.zeros((batch, width, probes), dtype=torch.bool, device=device)
@@ -257,8 +257,7 @@ def reagent(
         replaced = (u[:, 0] < replace_ratio) & sees
         drop = original[b, k] - forward.probability(b, k, replaced, u[:, 1])  # [S, n]
         signed = torch.where(replaced, drop[..., None], -drop[..., None])
-        # a drop of +-1 (probabilities rounded to 1 and 0) would add an infinite score
-        share = (signed * 0.5 + 0.5).clamp(_EDGE, 1 - _EDGE)
+        share = (signed * 0.5 + 0.5).clamp(edge, 1 - edge)
         change = torch.logit(share).to(acc).masked_fill(~sees, 0)
         chain = scores[b, k, p] + change.cumsum(0)  # [S, n, L]
         # ranked on the scores, not their softmax, which underflows to ties at 0 in long runs
@@ -371,8 +370,10 @@ class _Forward:
 
     sampler: _Sampler
 
-    def __init__(self, problem: Problem, ids: torch.Tensor, batch_size: Size, top_k: int) -> None:
-        self.problem, self.ids = problem, ids
+    def __init__(
+        self, problem: Problem, ids: torch.Tensor, batch_size: Size, top_k: int, wide: torch.dtype
+    ) -> None:
+        self.problem, self.ids, self.wide = problem, ids, wide
         self.batch_size, self.top_k = batch_size, top_k
         cost = problem.cost(saved=False)
         x = problem.inputs[0]
@@ -461,7 +462,7 @@ class _Forward:
             # differences
             return self.problem.objective(logits.to(at_least_float32(logits.dtype)), targets)
 
-        return self._run(b, k, where, u, read).to(torch.float64)
+        return self._run(b, k, where, u, read).to(self.wide)
 
     def in_top_k(
         self, b: torch.Tensor, k: torch.Tensor, where: torch.Tensor, u: torch.Tensor
