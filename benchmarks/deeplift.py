@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import workloads
+from . import report, workloads
 from .adapters import attrax_aggregates, inseq_baseline
 from .parity import parity
 
@@ -337,10 +337,7 @@ def render_layers(result: dict[str, Any]) -> str:
 
 def write_docs(result: dict[str, Any], page: Path = DOCS) -> None:
     """Put :func:`render_layers`'s table between the markers of ``page``."""
-    text = page.read_text()
-    head, rest = text.split(BEGIN)
-    _, tail = rest.split(END)
-    page.write_text(f"{head}{BEGIN}\n{render_layers(result)}\n{END}{tail}")
+    report.write_between(page, BEGIN, END, render_layers(result))
 
 
 def main(argv: list[str] | None = None) -> int:

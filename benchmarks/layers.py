@@ -42,7 +42,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import workloads
+from . import report, workloads
 
 TOLERANCE = 1e-4
 STEPS = 50
@@ -178,10 +178,7 @@ def render(result: dict) -> str:
 
 def write_docs(result: dict, page: Path = DOCS) -> None:
     """Put :func:`render`'s table between the markers of ``page``."""
-    text = page.read_text()
-    head, rest = text.split(BEGIN)
-    _, tail = rest.split(END)
-    page.write_text(f"{head}{BEGIN}\n{render(result)}\n{END}{tail}")
+    report.write_between(page, BEGIN, END, render(result))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -41,6 +41,7 @@ import copy
 import json
 import statistics
 import time
+from typing import Any
 
 import numpy as np
 import torch
@@ -74,8 +75,10 @@ def _inseq_shims() -> None:
     ValueZeroing.get_states_extract_and_patch_hook = _tuple_or_tensor_patch
 
 
-def _timed(fn, repeats: int) -> tuple[object, float]:
-    result = fn()  # warm-up
+def timed(fn, repeats: int, warm_up: bool = True) -> tuple[Any, float]:
+    """``(fn()'s last result, the median seconds of repeats calls)``, after a warm-up call
+    unless ``warm_up`` is False."""
+    result = fn() if warm_up else None
     seconds = []
     for _ in range(repeats):
         t0 = time.perf_counter()
@@ -121,8 +124,8 @@ def run(kind: str, n_prompt: int, n_target: int, repeats: int) -> dict[str, obje
         options = {"attribute_target": True} if enc_dec else {}
         return ax.value_zeroing(am, prompt, target, batch_size=None, **options).values
 
-    theirs, inseq_seconds = _timed(inseq_call, repeats)
-    ours, attrax_seconds = _timed(attrax_call, repeats)
+    theirs, inseq_seconds = timed(inseq_call, repeats)
+    ours, attrax_seconds = timed(attrax_call, repeats)
     gap32 = _gap(theirs, ours)
     model.double()  # the same weights in float64: parity of the algorithm, not of the rounding
     theirs = inseq_call()

@@ -35,8 +35,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import statistics
-import time
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -44,7 +42,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import workloads
+from . import report, workloads
+from .mixing import timed
 
 # top_k: the random-weight model ranks the text's tokens anywhere in its 50,257 outputs (ranks 78
 # to 47,318 for W1's 32); 20,000 lets some chains stop early and others run out of steps
@@ -118,16 +117,6 @@ def _ordinary(tok, rows: int) -> torch.Tensor:
     return torch.tensor([i for i in range(size) if i not in special])
 
 
-def _timed(fn, repeats: int, warm_up: bool = True) -> tuple[Any, float]:
-    result = fn() if warm_up else None
-    seconds = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        result = fn()
-        seconds.append(time.perf_counter() - t0)
-    return result, statistics.median(seconds)
-
-
 def run(n_prompt: int, n_target: int, repeats: int, options: dict[str, Any]) -> dict[str, Any]:
     import inseq
 
@@ -167,8 +156,8 @@ def run(n_prompt: int, n_target: int, repeats: int, options: dict[str, Any]) -> 
 
     # Inseq's call takes minutes (a target's chains that never stop run every step, a batch of
     # `probes` sequences a forward): timed once, its first-call costs a fraction of a percent
-    theirs32, inseq_seconds = _timed(inseq_call, 1, warm_up=False)
-    ours32, attrax_seconds = _timed(attrax_call, repeats)
+    theirs32, inseq_seconds = timed(inseq_call, 1, warm_up=False)
+    ours32, attrax_seconds = timed(attrax_call, repeats)
     model.double()  # the same weights in float64: the algorithm's parity, not float32 ties
     theirs, ours = inseq_call(), attrax_call()
     model.float()
@@ -227,10 +216,7 @@ def render(result: dict[str, Any]) -> str:
 
 def write_docs(result: dict[str, Any], page: Path = DOC) -> None:
     """Put :func:`render`'s table between the markers of ``page``."""
-    text = page.read_text()
-    head, rest = text.split(BEGIN)
-    _, tail = rest.split(END)
-    page.write_text(f"{head}{BEGIN}\n{render(result)}\n{END}{tail}")
+    report.write_between(page, BEGIN, END, render(result))
 
 
 def main(argv: list[str] | None = None) -> int:

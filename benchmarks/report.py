@@ -1,7 +1,8 @@
 # ruff: noqa: RUF001  (typographic signs are intended in the rendered docs)
 """The report: pure functions from results JSON to ``docs/benchmarks{,-gpu}.md`` and the plot.
 
-:func:`write_docs` is the only function here that reads or writes files; nothing is measured.
+:func:`write_docs` and :func:`write_between` are the only functions here that read or write
+files; nothing is measured.
 """
 
 from __future__ import annotations
@@ -1272,6 +1273,15 @@ def render_all(cpu: Path = CPU_RESULTS, gpu: Path = GPU_RESULTS) -> dict[str, st
             load(W3_OPTIONS) if W3_OPTIONS.exists() else None,
         ),
     }
+
+
+def write_between(page: Path, begin: str, end: str, block: str) -> None:
+    """Put ``block`` between the markers ``begin`` and ``end`` of ``page`` (a benchmark's table
+    in a methods page)."""
+    text = page.read_text()
+    head, rest = text.split(begin)
+    _, tail = rest.split(end)
+    page.write_text(f"{head}{begin}\n{block}\n{end}{tail}")
 
 
 def write_docs(cpu: Path = CPU_RESULTS, gpu: Path = GPU_RESULTS, docs: Path = DOCS) -> None:
