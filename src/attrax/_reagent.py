@@ -390,9 +390,13 @@ class _Forward:
         self.causal = problem.model.causal and len(problem.inputs) == 1
         self.index = problem.tensors.index
 
+    def beside(self, block_bytes: int) -> int:
+        """The bytes the forwards run beside: the call's, what it holds, a block's tensors."""
+        return self.fixed + sum(self.problem.held) + block_bytes
+
     def smallest(self, block_bytes: int) -> int:
         """The bytes of one sequence's forward beside ``block_bytes`` of a block's tensors."""
-        return self.fixed + sum(self.problem.held) + block_bytes + self.per_row
+        return self.beside(block_bytes) + self.per_row
 
     def check(self, step_bytes: int) -> None:
         """Refuse a ``max_memory`` that a one-step block of every chain and one sequence per
@@ -405,7 +409,7 @@ class _Forward:
                 self.per_row,
                 self.problem.inputs[0].device,
                 budget,
-                self.fixed + sum(self.problem.held) + step_bytes,
+                self.beside(step_bytes),
             )
 
     def _run(
@@ -434,7 +438,7 @@ class _Forward:
             self.per_row,
             device,
             self.problem.max_memory,
-            self.fixed + sum(self.problem.held) + self.block_bytes,
+            self.beside(self.block_bytes),
         )
         model = self.problem.model
         out = []
