@@ -30,16 +30,16 @@ import contextlib
 import inspect
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 import xarray as xr
-from torch.func import vjp
 
 from . import _arch
 from . import _validate as check
 from ._attention import Selection, check_selection, selection_indices
 from ._drop import Drop, averaged, dropping, pulled
+from ._engine import vjp
 from ._errors import InputError, ModelError, OptionError
 from ._heads import ATTENTION_INPUTS, patch_attention_inputs
 from ._inputs import Texts, contrast_batch, padded_inputs, to_tensors
@@ -103,7 +103,8 @@ def value_projection(
     latent = getattr(attention, "kv_b_proj", None)
     if isinstance(latent, torch.nn.Linear) and hasattr(attention, "v_head_dim"):
         # multi-head latent attention (DeepSeek V2, V3): each head's key part, then its value
-        nope, d = int(attention.qk_nope_head_dim), int(attention.v_head_dim)
+        nope = _int_attribute(attention, "qk_nope_head_dim")
+        d = _int_attribute(attention, "v_head_dim")
         heads = latent.out_features // (nope + d)
         within = torch.arange(nope, nope + d)
         return latent, (torch.arange(heads)[:, None] * (nope + d) + within).flatten()
@@ -112,7 +113,7 @@ def value_projection(
         width = int(getattr(attention, "split_size", model.hidden_size))
         if getattr(attention, "multi_query", None) is False:
             # GPT-BigCode without multi-query: each head's query, key and value side by side
-            d = int(attention.head_dim)
+            d = _int_attribute(attention, "head_dim")
             within = torch.arange(2 * d, 3 * d)
             return fused, (torch.arange(width // d)[:, None] * 3 * d + within).flatten()
         # GPT-BigCode's multi-query attention: one key and one value head after the queries
@@ -146,6 +147,11 @@ def value_projection(
         f"{type(attention).__name__} (looked for {', '.join(_VALUE_PROJECTIONS)}, c_attn, "
         "qkv_proj, and GPT-NeoX's query_key_value)"
     )
+
+
+def _int_attribute(module: torch.nn.Module, name: str) -> int:
+    """``int(module.<name>)``, a number the module keeps (torch types attributes Tensor | Module)."""
+    return int(getattr(module, name))
 
 
 def token_rows(output: torch.Tensor) -> torch.Tensor:
@@ -183,14 +189,16 @@ class _Parts:
         """Layer ``layer``'s output projection as ``W_O`` ``[heads, head_dim, hidden]`` (a head's
         output ``z_h`` writes ``z_h @ W_O[h]``) and its bias (None when it has none)."""
         attention = self.attentions[layer]
+        projection: torch.nn.Module | None
         if self.kind == "gpt2":
-            projection = attention.c_proj  # Conv1D: out = z @ weight + bias
-            weight = projection.weight
+            projection = attention.get_submodule("c_proj")  # Conv1D: out = z @ weight + bias
+            weight = cast(torch.Tensor, projection.weight)
         else:  # Linear: out = z @ weight.T (+ bias); GPT-NeoX's and Phi's `dense`
             projection = _named(attention, ("o_proj", "out_proj", "dense", "c_proj"))
             assert projection is not None, type(attention).__name__
-            weight = projection.weight.T
-        return weight.reshape(self.heads, self.head_dim, -1), projection.bias
+            weight = cast(torch.Tensor, projection.weight).T
+        bias = cast("torch.Tensor | None", projection.bias)
+        return weight.reshape(self.heads, self.head_dim, -1), bias
 
     def value_module(self, layer: int) -> torch.nn.Module:
         """The module whose output holds layer ``layer``'s value vectors (:func:`value_projection`)."""
@@ -284,8 +292,8 @@ def _parts(model: Model, method: str) -> _Parts:
             f"{method} decomposes decoder-only models (GPT-2, Llama); {name} is an "
             "encoder-decoder, whose decoder also reads the encoder through cross-attention"
         )
-    known = ("gpt2", *_GPT2_LIKE, "gpt_neox", "persimmon", "opt", "biogpt", *_PARALLEL, *_BLOOM)
-    known += (*_LLAMA_LIKE, *_arch.SANDWICH)
+    known: tuple[str, ...] = ("gpt2", *_GPT2_LIKE, "gpt_neox", "persimmon", "opt", "biogpt")
+    known += (*_PARALLEL, *_BLOOM, *_LLAMA_LIKE, *_arch.SANDWICH)
     if kind not in known:
         raise ModelError(
             f"{method} has no rule for {name}: it knows the model types {', '.join(known)}, as "
@@ -293,7 +301,8 @@ def _parts(model: Model, method: str) -> _Parts:
             "LlamaForSequenceClassification...)"
         )
     if kind == "opt" and not (
-        hf.config.do_layer_norm_before and body(hf).decoder.final_layer_norm is not None
+        hf.config.do_layer_norm_before
+        and body(hf).get_submodule("decoder").final_layer_norm is not None
     ):
         raise ModelError(
             f"{method}: {name} normalises after each block (OPT-350m's layout): no final norm "
@@ -314,13 +323,14 @@ def _parts(model: Model, method: str) -> _Parts:
     config = hf.config
     readout = None
     stack, attention, final = _LAYOUTS.get(kind, ("layers", "self_attn", "norm"))
-    if kind == "opt":  # its layers in its `decoder`; the head reads its `project_out`
-        base = base.decoder
-        readout = base.project_out
+    if kind == "opt":  # its layers in its `decoder`; the head reads its `project_out` (or None)
+        base = base.get_submodule("decoder")
+        readout = _named(base, ("project_out",))
     blocks = list(getattr(base, stack))
     attentions = [b.get_submodule(attention) for b in blocks]
-    mlps = [_mlp_of(b) for b in blocks]  # OPT's MLP is no module: fc2 writes its output
-    if any(m is None for m in mlps):
+    # OPT's MLP is no module: fc2 writes its output
+    mlps = [m for m in map(_mlp_of, blocks) if m is not None]
+    if len(mlps) != len(blocks):
         raise ModelError(f"{method}: {name}'s MLP output is not one module's ({_NO_MLP})")
     norm = getattr(base, final)
     heads = _arch.heads(config, "self") or 1
@@ -353,12 +363,13 @@ def _readout(model: Model, method: str) -> tuple[torch.Tensor, torch.Tensor | No
     """The rows the final norm's output is read with: the LM head's unembedding ``[V, H]`` or a
     sequence classifier's ``score`` ``[classes, H]``, and their bias."""
     head = model._head if model.task == "generation" else model._score
-    if head is None or not isinstance(getattr(head, "weight", None), torch.Tensor):
+    weight = getattr(head, "weight", None)
+    if head is None or not isinstance(weight, torch.Tensor):
         raise ModelError(
             f"{method}: {type(model.hf).__name__} has no linear head reading the final norm "
             "directly (a causal LM's head or a sequence classifier's `score`)"
         )
-    return head.weight, getattr(head, "bias", None)
+    return weight, getattr(head, "bias", None)
 
 
 @contextlib.contextmanager
@@ -430,7 +441,8 @@ def direct_logit_attribution(
     if t.contrast_ids is not None:
         direction = direction - unembed[t.contrast_ids]
     if parts.readout is not None:  # OPT's project_out: the head reads W x, so x is read by W^T
-        direction = full_precision(direction) @ full_precision(parts.readout.weight)
+        readout = cast(torch.Tensor, parts.readout.weight)
+        direction = full_precision(direction) @ full_precision(readout)
     u = full_precision(direction) * full_precision(norm_gain(parts.norm))
     if parts.centered:
         u = u - u.mean(-1, keepdim=True)
@@ -440,7 +452,9 @@ def direct_logit_attribution(
         u = u * _arch.logit_scale(model.hf.config)
     length = t.ids.shape[1]
     n_layers = len(parts.blocks)
-    found = {"values": [None] * n_layers, "final": None}
+    # each chosen layer's value vectors until its attention map, and the final norm's input
+    layer_values: list[torch.Tensor | None] = [None] * n_layers
+    found: dict[str, torch.Tensor] = {}
     heads_out: dict[int, torch.Tensor] = {}
     mlps_out: dict[int, torch.Tensor] = {}
     # Gemma 2 and 3: 1 / the divisor of the norm on each attention's output, at the targets
@@ -450,7 +464,7 @@ def direct_logit_attribution(
     def on_values(layer: int) -> Callable[..., None]:
         def hook(_module: torch.nn.Module, _args: Any, output: torch.Tensor) -> None:
             if layer in chosen_layers:
-                found["values"][layer] = parts.values(layer, output)
+                layer_values[layer] = parts.values(layer, output)
 
         return hook
 
@@ -469,7 +483,9 @@ def direct_logit_attribution(
         layer = next(order)
         if layer not in chosen_layers:
             return
-        v = full_precision(found["values"][layer])[..., chosen_heads, :]  # [B, J, h, d]
+        values = layer_values[layer]
+        assert values is not None  # the value projection runs before the attention's map
+        v = full_precision(values)[..., chosen_heads, :]  # [B, J, h, d]
         w_o, _ = parts.output_projection(layer)
         w_o = full_precision(w_o[chosen_heads])  # [h, d, H]
         # the norm on the attention's output (Gemma): its gain here, its divisor once it has run
@@ -480,7 +496,7 @@ def direct_logit_attribution(
         vu = torch.einsum("bjhd,bkhd->bkjh", v, r)
         a = full_precision(weights[:, chosen_heads].permute(0, 2, 3, 1)[rows, t.index])
         heads_out[layer] = a * vu  # [B, K, J, h]
-        found["values"][layer] = None
+        layer_values[layer] = None
 
     def on_final(_module: torch.nn.Module, args: tuple[Any, ...]) -> None:
         found["final"] = args[0][rows, t.index]
@@ -505,17 +521,17 @@ def direct_logit_attribution(
     handles.append(parts.norm.register_forward_pre_hook(on_final))
     with _hooks(*handles):
         model.stream_attention(t, on_map)
-    if len(heads_out) != len(chosen_layers) or found["final"] is None:
+    if len(heads_out) != len(chosen_layers) or "final" not in found:
         raise ModelError(f"{method}: {type(model.hf).__name__} did not run the modules it names")
     scale = 1.0 / parts.norm_scale(found["final"]).to(u.dtype)  # [B, K]
     at_index = torch.nn.functional.one_hot(t.index, length).to(u.dtype)  # [B, K, J]
     values = []
     for layer in chosen_layers:  # assembling the kept layers' results, not a computation
         mlp = at_index * mlps_out[layer][..., None]  # the MLP writes at the target's position
-        heads = heads_out[layer]
+        shares = heads_out[layer]
         if parts.after_attention is not None:
-            heads = heads * attention_scale[layer][:, :, None, None]
-        values.append(torch.cat([heads, mlp[..., None]], dim=-1))
+            shares = shares * attention_scale[layer][:, :, None, None]
+        values.append(torch.cat([shares, mlp[..., None]], dim=-1))
     stacked = torch.stack(values, dim=-2) * scale[:, :, None, None, None]
     da = call.label(
         [stacked],
@@ -597,12 +613,12 @@ def _decoder(model: Model, method: str) -> _Decoder:
     crosses = [
         getattr(b.layer[1], "EncDecAttention", None) if len(b.layer) > 2 else None for b in blocks
     ]
-    mlps = [getattr(b.layer[-1], "DenseReluDense", None) for b in blocks]
+    mlps = [m for b in blocks if (m := getattr(b.layer[-1], "DenseReluDense", None)) is not None]
     known = all(
         all(hasattr(a, key) for key in ("v", "o", "n_heads", "key_value_proj_dim"))
         for a in [*selfs, *crosses]
     )
-    if not known or any(m is None for m in mlps) or not hasattr(norm, "variance_epsilon"):
+    if not known or len(mlps) != len(blocks) or not hasattr(norm, "variance_epsilon"):
         raise ModelError(
             f"{method} has no rule for {name}: its decoder blocks are not T5's (SelfAttention, "
             "EncDecAttention with v / o, DenseReluDense, an RMS final_layer_norm)"
@@ -674,7 +690,7 @@ def _encoder_decoder_dla(call: Call, layers: Selection, heads: Selection) -> xr.
         if layer not in chosen_layers:
             return
         v = full_precision(values.pop((stack, layer)))[..., chosen_heads, :]  # [B, J, h, d]
-        projection = parts.outputs[stack][layer].weight  # [H, heads * d]
+        projection = cast(torch.Tensor, parts.outputs[stack][layer].weight)  # [H, heads * d]
         w_o = projection.T.reshape(n_heads, head_dim, -1)[chosen_heads]  # [h, d, H]
         r = torch.einsum("hdx,bkx->bkhd", full_precision(w_o), u)
         vu = torch.einsum("bjhd,bkhd->bkjh", v, r)
@@ -697,6 +713,7 @@ def _encoder_decoder_dla(call: Call, layers: Selection, heads: Selection) -> xr.
         raise ModelError(f"{method}: {type(model.hf).__name__} did not run the modules it names")
     x = full_precision(found["final"])
     scale = 1.0 / norm_divisor(norm, x, centered=parts.centered).to(u.dtype)  # [B, K]
+    assert t.decoder_ids is not None  # an encoder-decoder's batch
     at_index = torch.nn.functional.one_hot(t.index, t.decoder_ids.shape[1]).to(u.dtype)
     sources, targets = [], []
     for layer in chosen_layers:  # assembling the kept layers' results, not a computation
@@ -838,12 +855,13 @@ def _decoder_stack(model: Model, method: str) -> _Stack:
     blocks = _blocks(model, method)
     attentions = [_named(block, _ATTENTIONS) for block in blocks]
     # GPT-Neo wraps its attention module in another (`attn.attention`)
-    projections = [
+    found = [
         _named(attention, _PROJECTIONS) or _named(_named(attention, ("attention",)), _PROJECTIONS)
         for attention in attentions
     ]
-    mlps = [_mlp_of(block) for block in blocks]
-    if any(not isinstance(m, torch.nn.Module) for m in [*projections, *mlps]):
+    projections = [p for p in found if p is not None]
+    mlps = [m for m in map(_mlp_of, blocks) if m is not None]
+    if len(projections) != len(blocks) or len(mlps) != len(blocks):
         raise ModelError(
             f"{method}: {type(model.hf).__name__}'s layers lack an attention output projection "
             f"({' / '.join(_PROJECTIONS)} of {' / '.join(_ATTENTIONS)}) or one MLP module "
@@ -873,7 +891,7 @@ def _encoder_stack(model: Model, method: str) -> _Stack:
     the concatenated heads and the module whose output is what its MLP adds."""
     config = model.hf.config
     where, projection, mlp = _ENCODERS[config.model_type]
-    blocks = list(body(model.hf).get_submodule(where))
+    blocks = list(cast(torch.nn.ModuleList, body(model.hf).get_submodule(where)))
     heads = _arch.heads(config, "self")
     if not isinstance(heads, int):
         raise ModelError(f"{method}: cannot tell how many heads {model.name} has")
@@ -893,8 +911,8 @@ def _encoder_decoder_stack(model: Model, method: str, stack: str) -> _Stack:
     blocks = list(getattr(part, "layers", None) or getattr(part, "block", None) or [])
     first = blocks[0] if blocks else None
     if first is not None and hasattr(first, "fc2") and hasattr(first, "self_attn"):
-        attention = "encoder_attn" if stack == "cross" else "self_attn"
-        modules = [getattr(b, attention, None) for b in blocks]
+        attribute = "encoder_attn" if stack == "cross" else "self_attn"
+        modules = [getattr(b, attribute, None) for b in blocks]
         projections = [getattr(a, "out_proj", None) for a in modules]
         mlps = [b.fc2 for b in blocks]  # fc2's output: what the MLP adds to the residual
     elif first is not None and hasattr(first, "layer"):  # T5: [self, (cross,) feed-forward]
@@ -908,7 +926,9 @@ def _encoder_decoder_stack(model: Model, method: str, stack: str) -> _Stack:
             f"attribution_patching has no rule for {name}: it knows BART-like encoder-decoders "
             "(Marian, BART: self_attn / encoder_attn with out_proj, fc2) and T5"
         )
-    if any(not isinstance(m, torch.nn.Module) for m in [*projections, *mlps]):
+    found = [p for p in projections if isinstance(p, torch.nn.Module)]
+    found_mlps = [m for m in mlps if isinstance(m, torch.nn.Module)]
+    if len(found) != len(projections) or len(found_mlps) != len(mlps):
         raise ModelError(
             f"{method}: {name}'s {stack} blocks lack the attention output projection or MLP "
             "attrax patches"
@@ -918,7 +938,7 @@ def _encoder_decoder_stack(model: Model, method: str, stack: str) -> _Stack:
     heads = heads or _arch.heads(hf.config, "encoder" if stack == "encoder" else "cross")
     if not isinstance(heads, int):
         raise ModelError(f"{method}: cannot tell how many heads {name}'s {stack} layers have")
-    return _Stack(stack, blocks, projections, mlps, heads)
+    return _Stack(stack, blocks, found, found_mlps, heads)
 
 
 @PATCHING.method(
@@ -1083,7 +1103,11 @@ def attribution_patching(
             hidden, seen = run(clean_embeds, t.mask, list(probes))
         return hidden, [s.detach() for s in seen]
 
-    hidden, pullback, clean_acts = vjp(clean, *zeros, has_aux=True)
+    # torch types vjp's return as the pair or the has_aux triple: this call has aux
+    hidden, pullback, clean_acts = cast(
+        "tuple[torch.Tensor, Callable[..., tuple[torch.Tensor, ...]], list[torch.Tensor]]",
+        torch.func.vjp(clean, *zeros, has_aux=True),
+    )
     # score k reads head input k only: one backward through the head, then one-hot cotangents
     _, head_pullback = vjp(problem.head_objective, hidden)
     (head_grad,) = head_pullback(t.valid.to(hidden.dtype))

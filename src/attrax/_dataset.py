@@ -25,7 +25,7 @@ import inspect
 import json
 import os
 import re
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +38,7 @@ from transformers import PreTrainedModel
 from . import _distributed, _reduce
 from . import _validate as check
 from ._errors import InputError, ModelError, OptionError
-from ._inputs import check_example, not_text
+from ._inputs import ClassTargets, Item, check_example, not_text
 from ._model import Model, load_model
 from ._names import METHODS, PUBLIC, REDUCTIONS
 from ._schema import fill_value, union_labels
@@ -100,8 +100,8 @@ def resolve_method(name: str) -> Callable[..., xr.DataArray]:
 def call_method(
     fn: Callable[..., xr.DataArray],
     model: Model,
-    inputs: str | list[str],
-    targets: str | list[str] | None,
+    inputs: Item | Sequence[Item],
+    targets: ClassTargets,
     options: Mapping[str, Any],
 ) -> xr.DataArray:
     """``fn(model, inputs, targets, **options)``, naming an option the method does not take."""
@@ -1105,13 +1105,14 @@ def _read_manifest(out: Path) -> dict[str, Any] | None:
 def _manifest_problem(manifest: Mapping[str, Any]) -> str | None:
     """What is wrong with a manifest's ``version``, ``run``, ``shards`` and ``done``, or None."""
     version, run = manifest.get("version"), manifest.get("run")
-    shards, done = manifest.get("shards"), manifest.get("done")
+    given, done = manifest.get("shards"), manifest.get("done")
     if _count(version) != _VERSION:
         return f"'version' must be {_VERSION}, got {version!r}"
     if not isinstance(run, dict):
         return f"'run' must be an object, got {run!r}"
-    if _count(shards) is None:
-        return f"'shards' must be a positive integer, got {shards!r}"
+    shards = _count(given)
+    if shards is None:
+        return f"'shards' must be a positive integer, got {given!r}"
     records = _count(run["data"].get("records")) if isinstance(run.get("data"), dict) else None
     size = _count(run.get("shard_size", run.get("batch_size")))  # older manifests: `batch_size`
     if records is not None and size is not None and shards != -(-records // size):

@@ -186,7 +186,8 @@ def discretized_integrated_gradients(
     t = problem.tensors
     special = torch.tensor(sorted(problem.model.tokenizer.all_special_ids), dtype=torch.long)
     sides = [("source", t.ids)]
-    if len(problem.inputs) > 1:
+    if len(problem.inputs) > 1:  # the decoder's side attributed too: a translator has it
+        assert t.decoder_ids is not None
         sides.append(("target", t.decoder_ids))
     paths = []
     if neighbours is None:

@@ -157,7 +157,7 @@ def _workers_ignore_interrupts() -> Iterator[None]:
 def _interrupts_ignored(distributed: Any) -> Any:
     """A worker plugin that ignores SIGINT in each worker process, restarted ones included."""
 
-    class InterruptsIgnored(distributed.WorkerPlugin):  # type: ignore[misc,name-defined]
+    class InterruptsIgnored(distributed.WorkerPlugin):
         def setup(self, worker: Any) -> None:
             if threading.current_thread() is threading.main_thread():
                 signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any, cast
 
 import torch
-from torch.func import jvp, vjp
+from torch.func import jvp
 
 from . import _arch
 from ._errors import OptionError
@@ -54,6 +55,16 @@ BACKWARD_WORK = 1.0
 CUT_SHAPES = 16
 
 
+def vjp(
+    func: Callable[..., Any], *primals: torch.Tensor
+) -> tuple[Any, Callable[..., tuple[torch.Tensor, ...]]]:
+    """``torch.func.vjp`` without ``has_aux``: ``func``'s output and its pullback, typed as the
+    pair (torch types its return as that pair or the ``has_aux`` triple)."""
+    return cast(
+        "tuple[Any, Callable[..., tuple[torch.Tensor, ...]]]", torch.func.vjp(func, *primals)
+    )
+
+
 @dataclass(frozen=True)
 class Problem:
     """Everything fixed during one attribution call: model, tensors, objective, what is attributed.
@@ -84,7 +95,7 @@ class Problem:
     ) -> Problem:
         tensors = to_tensors(batch, model)
         with torch.no_grad():
-            inputs = (model.embed(tensors.ids, "source"),)
+            inputs: tuple[torch.Tensor, ...] = (model.embed(tensors.ids, "source"),)
             decoder_embeds = None
             if tensors.decoder_ids is not None:  # a translator's; a classifier has none
                 decoder_embeds = model.embed(tensors.decoder_ids, "target")
@@ -347,12 +358,13 @@ class Problem:
                         else:
                             part = torch.einsum("knblh,nblh->bklh", term, ws[:, :, : g.shape[3]])
                         full = (x0.shape[0], width, *self.inputs[side].shape[1:])
-                        if side_sums[side] is None and part.shape == full and start + n == total:
+                        current = side_sums[side]
+                        if current is None and part.shape == full and start + n == total:
                             side_sums[side] = part  # the only part: no zeros to add it to
                             continue
-                        if side_sums[side] is None:
-                            side_sums[side] = part.new_zeros(full)
-                        side_sums[side][:, slots, : part.shape[2]] += part
+                        if current is None:
+                            current = side_sums[side] = part.new_zeros(full)
+                        current[:, slots, : part.shape[2]] += part
         # a side no chunk reached (none attributed) stays zero
         out = tuple(
             tuple(
@@ -780,16 +792,16 @@ def baseline_embeddings(problem: Problem, baseline: Baseline) -> tuple[torch.Ten
         return out
     given = baseline if isinstance(baseline, tuple) else (baseline,)
     if len(given) != len(x):
-        sides = (
+        expected = (
             "a tuple (encoder source, decoder prefix): attribute_target=True attributes both"
             if len(x) == 2
             else "one tensor for the source side"
         )
         raise OptionError(
             f"`baseline` must be {len(x)} tensor(s), one per attributed side, got {len(given)}: "
-            f"give {sides}"
+            f"give {expected}"
         )
-    out = []
+    resolved = []
     for side, tensor, xi in zip(("source", "target"), given, x, strict=False):
         if isinstance(tensor, torch.Tensor) and tensor.is_meta:
             raise OptionError("`baseline` is a tensor on the 'meta' device, which holds no values")
@@ -797,10 +809,10 @@ def baseline_embeddings(problem: Problem, baseline: Baseline) -> tuple[torch.Ten
             tensor = _reference_embeddings(problem, tensor, side, xi.shape)
         tensor = torch.as_tensor(tensor, dtype=xi.dtype, device=xi.device)
         try:
-            out.append(torch.broadcast_to(tensor, xi.shape))
+            resolved.append(torch.broadcast_to(tensor, xi.shape))
         except RuntimeError:
             raise OptionError(
                 f"`baseline` of shape {tuple(tensor.shape)} does not broadcast to the embeddings "
                 f"of shape {tuple(xi.shape)} [batch, length, hidden]"
             ) from None
-    return tuple(out)
+    return tuple(resolved)

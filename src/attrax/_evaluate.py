@@ -407,24 +407,26 @@ def evaluate(
     (['comprehensiveness', 'sufficiency'], 2)
     """
     if isinstance(methods, Mapping):  # a method may be given by name ("saliency")
-        methods = {
+        functions = {
             k: resolve_method(fn) if isinstance(fn, str) else fn for k, fn in methods.items()
         }
-    chosen = _check(methods, metrics, top_k)
+    else:  # no mapping: _check refuses it
+        functions = methods
+    chosen = _check(functions, metrics, top_k)
     check.boolean(attributions, "attributions")
     steps = parse_reduce(reduce)
     renamed = _fields(fields)
     if not isinstance(shard_size, int) or isinstance(shard_size, bool) or shard_size < 1:
         raise OptionError(f"`shard_size` must be a positive integer, got {shard_size!r}")
-    options = {"chosen": chosen, "steps": steps, "reduce": reduce, "top_k": top_k,
+    options: dict[str, Any] = {"chosen": chosen, "steps": steps, "reduce": reduce, "top_k": top_k,
                "batch_size": batch_size, "attributions": attributions}  # fmt: skip
     if workers is None and scheduler is None:
         if isinstance(model, Model):
             check_model_options(model, device, dtype)
         model = load_model(model, device=device, dtype=dtype)  # a Model passes through as is
-        return score_records(model, read_records(data, **renamed), methods, **options)
+        return score_records(model, read_records(data, **renamed), functions, **options)
     _distributed.check(model, workers, scheduler)
-    _distributed.picklable(methods)
+    _distributed.picklable(functions)
     records = read_records(data, **renamed)
     if any(m in PLAUSIBILITY for m in chosen):  # here, before a pool is started for nothing
         missing = next((r for r in records if r.rationale is None), None)
@@ -440,7 +442,7 @@ def evaluate(
     pool = _distributed.Pool(where, device, dtype, workers=workers, scheduler=scheduler)
     try:
         shards = [records[i : i + shard_size] for i in range(0, len(records), shard_size)]
-        parts = pool.map(_evaluate_task, shards, dict(methods), dict(options))
+        parts = pool.map(_evaluate_task, shards, dict(functions), dict(options))
     finally:
         pool.close()
     ds = concat_evaluations(parts)

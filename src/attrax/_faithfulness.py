@@ -284,8 +284,8 @@ def loo_correlation(
     base = baseline_embeddings(problem, baseline)
     values = problem.masked_objective(keep, base, call.options["batch_size"])  # [S, B, K]
     original = problem.evaluate(tuple(x[None] for x in problem.inputs))[0]  # [B, K]
-    drops = (original[None] - values).permute(1, 2, 0)  # [B, K, S]
-    drops = _to_numpy(drops.masked_fill(~scored.to(drops.device), float("nan")))
+    dropped = (original[None] - values).permute(1, 2, 0)  # [B, K, S]
+    drops = _to_numpy(dropped.masked_fill(~scored.to(dropped.device), float("nan")))
     relevance = ranked.template.values
     tau = np.full(drops.shape[:2], np.nan)
     for b, example_rows in enumerate(ranked.rows):  # a tau per (example, target): few, cheap
@@ -565,8 +565,10 @@ def _check_tokens(template: xr.DataArray, problem: Problem, rows: list[list[int]
                 )
     if "source_id" in template.coords:
         given = per_example(template, "source_id", ("example", "source"))
-        blocks = [t.ids, t.decoder_ids] if len(problem.inputs) == 2 else [t.ids]
-        masks = [t.mask, t.decoder_mask] if len(problem.inputs) == 2 else [t.mask]
+        blocks, masks = [t.ids], [t.mask]
+        if len(problem.inputs) == 2:  # the decoder's side attributed too: a translator has it
+            assert t.decoder_ids is not None and t.decoder_mask is not None
+            blocks, masks = [t.ids, t.decoder_ids], [t.mask, t.decoder_mask]
         ids = torch.cat(
             [torch.where(m.bool(), i, -1) for i, m in zip(blocks, masks, strict=True)], 1
         )

@@ -10,7 +10,7 @@ vectorized engine, reduces ``hidden`` when asked, and labels the result
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import numpy as np
 import torch
@@ -112,6 +112,7 @@ def _run(core: Callable[..., Rule], call: Call, arguments: dict[str, Any]) -> xr
         )
     )
     per_point = callable(rule.multiplier)
+    moments: tuple[tuple[torch.Tensor, ...], ...]  # per moment, one tensor per side
     if forward:
         assert rule.multiplier is not None
         moments = (problem.directional_sum(points, weights, rule.multiplier, **sizes),)
@@ -153,12 +154,11 @@ def _run(core: Callable[..., Rule], call: Call, arguments: dict[str, Any]) -> xr
     if reduce_hidden and not forward:
         reduce = torch.linalg.vector_norm if reduce_hidden == "l2_norm" else torch.sum
         values = tuple(reduce(v, dim=-1) for v in values)
-    extra = {} if class_logits is None else {"class_logits": class_logits}
     da = call.label(
         values,
         trailing=() if reduce_hidden else ("hidden",),
         target_coords=target_coords,
-        **extra,
+        class_logits=class_logits,
     )
     if reduce_hidden:
         da.attrs["reductions"] = f"{reduce_hidden}(hidden)"
@@ -719,7 +719,7 @@ def as_baseline_list(baselines: Baselines, sides: int) -> list[Baseline]:
     one baseline: with two sides a lone tensor is no baseline, so it cannot mean two."""
     per_side = isinstance(baselines, tuple) and all(isinstance(b, torch.Tensor) for b in baselines)
     if per_side and sides > 1 and len(baselines) == sides:
-        return [baselines]
+        return [cast(tuple[torch.Tensor, ...], baselines)]  # per_side: a tuple of tensors
     if isinstance(baselines, (list, tuple)):
         return list(baselines)
     return [baselines]

@@ -11,14 +11,13 @@ The first round, whose baseline all targets share, is integrated gradients on th
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 import xarray as xr
-from torch.func import vjp
 
 from . import _validate as check
-from ._engine import Problem, all_finite
+from ._engine import Problem, all_finite, vjp
 from ._errors import InputError
 from ._gradients import (
     PATH_CHECKS,
@@ -190,7 +189,8 @@ def _greedy_rounds(
         # completeness of this round: its sum against f(x) - f(b_r), per target at its baseline
         ends = problem.evaluate(starts)[:, :, slots]  # [k, B, k]
         at_start = torch.diagonal(ends, dim1=0, dim2=2)  # [B, k]
-        summed = sum(part.sum(dim=(2, 3)) for part in round_attr).T  # [B, k]
+        # a part per side, never none: the sum is a tensor, not sum's start of 0
+        summed = cast(torch.Tensor, sum(part.sum(dim=(2, 3)) for part in round_attr)).T  # [B, k]
         gap += summed - (at_input - at_start).to(acc)
         if r == rounds - 1:
             break

@@ -24,18 +24,17 @@ import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
 import xarray as xr
-from torch.func import vjp
 
 from . import _routed
 from . import _validate as check
 from ._attention import Selection, check_maps_name, check_selection, resolve_maps, selection_indices
 from ._drop import Drop, averaged, dropping, pulled
-from ._engine import Problem
+from ._engine import Problem, vjp
 from ._errors import ModelError, OptionError
 from ._gradients import QUADRATURES, check_quadrature_steps, quadrature_nodes
 from ._memory import Cost, at_least_float32, full_precision, head_bytes, plan, to_host
@@ -233,7 +232,7 @@ def _placed(model: Model) -> dict[torch.nn.Module, Key]:
             "(its transformers class records no attentions)"
         )
     count: dict[str, int] = {}
-    where = {}
+    where: dict[torch.nn.Module, Key] = {}
     for module, (stack, _) in found.items():
         # a recorded wrapper (T5LayerSelfAttention) places the attention module inside it
         for sub in module.modules():
@@ -700,7 +699,8 @@ def head_attribution(
         trailing=("layer", "head"),
         trailing_coords={"layer": chosen_layers, "head": chosen_heads},
     )
-    return _with_head_total(da, call, full_precision(sum(head_totals)))
+    # stacks is never empty: the sum is a tensor, not sum's start of 0
+    return _with_head_total(da, call, full_precision(cast(torch.Tensor, sum(head_totals))))
 
 
 def _layers_per_forward(given: Any, steps: int, total: int) -> int:
@@ -799,6 +799,8 @@ def patch_attention_inputs(
     what = "heads per layer" if site == "queries" else "key/value heads per layer"
     chosen_heads = selection_indices(heads, total, "heads", what)
     fixed = qk_fix and site != "values"
+    maps: dict[Key, torch.Tensor]
+    inputs: dict[tuple[Key, str], torch.Tensor] | None
     if fixed:  # the softmax recomputed: coefficients of dS/dA, then A's probes
         coefficients = {
             key: _softmax_changes(clean.calls[key], corrupt_calls[key], site) for key in keys
@@ -810,10 +812,11 @@ def patch_attention_inputs(
             key: full_precision(getattr(corrupt_calls[key], name) - getattr(clean.calls[key], name))
             for key in keys
         }
-        maps, inputs = {}, {(key, name): getattr(clean.calls[key], name) for key in keys}
+        maps = {}
+        inputs = {(key, name): getattr(clean.calls[key], name) for key in keys}
         held = sum(d.numel() * d.element_size() for d in deltas.values())
     del clean, corrupt_calls
-    probed = {**maps, **(inputs or {})}
+    probed: dict[Any, torch.Tensor] = {**maps, **(inputs or {})}  # keyed by map or input
     rows = 1 if drop is None else len(drop.blocks)
     _, chunk = _plan(problem, probed, 1, None, call.options["chunk_size"], held=held, rows=rows)
     pieces: list[list[torch.Tensor]] = [[] for _ in keys]

@@ -109,7 +109,7 @@ def prepare(
             inputs,
             targets,
             contrast=contrast,
-            positions=positions,  # type: ignore[arg-type]
+            positions=positions,
             predict=predict,
         )
     sources, single = _as_texts(inputs, "inputs")
@@ -169,6 +169,8 @@ def to_tensors(batch: Batch, model: Model) -> Tensors:
         return _classifier_tensors(batch, model)
     pad = model.pad_token_id or 0
     device = model.device
+    decoder_ids: torch.Tensor | None
+    decoder_mask: torch.Tensor | None
     if batch.encoder_decoder:
         ids, mask = _pad([e.source_ids for e in batch.examples], pad)
         decoder_ids, decoder_mask = _pad(batch.sequences(), pad)
@@ -255,8 +257,8 @@ def encode_sources(model: Model, inputs: Texts) -> tuple[torch.Tensor, torch.Ten
         _encode_source(model.tokenizer, text, True, f"inputs{_at(i, single)}")
         for i, text in enumerate(texts)
     ]
-    for i, ids in enumerate(sources):
-        _check_length(model, ids, (), _at(i, single))
+    for i, source in enumerate(sources):
+        _check_length(model, source, (), _at(i, single))
     ids, mask = _pad(sources, model.pad_token_id or 0)
     return ids, mask, single
 
@@ -741,6 +743,8 @@ def prepare_classification(
     if model.task == "fill-mask":
         return _prepare_masks(model, items, single, targets, contrast, positions, predict)
     encoded = _encode_items(model, items, single)
+    predicted: list[tuple[int, ...]] | None
+    probability: list[tuple[float, ...]] | None
     if predict or targets is None:
         predicted, probability = _predict(model, encoded)
     else:
@@ -1317,11 +1321,13 @@ def with_predictions(model: Model, batch: Batch, logits: torch.Tensor | None = N
         chances = [tuple(c[p] for p in e.positions) for e, c in zip(examples, both, strict=True)]
         counts = []
     elif batch.task == "sequence-classification":
+        assert logits is not None  # the forward above ran: not question answering
         logits = logits[:, :1]  # every slot reads the same pooled position
         counts = [1] * len(examples)
     else:
         counts = [len(e.positions) for e in examples]
     if counts:
+        assert logits is not None  # the forward above ran: not question answering
         classes, chances = _best(logits, counts, model.head_type)
     updated = tuple(
         replace(e, predicted=c, predicted_probability=p)

@@ -21,14 +21,13 @@ from __future__ import annotations
 import contextlib
 import numbers
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 import xarray as xr
-from torch.func import vjp
 
 from . import _arch
-from ._engine import PointFn, Problem
+from ._engine import PointFn, Problem, vjp
 from ._errors import ModelError, OptionError
 from ._memory import Size, at_least_float32, between_passes
 from ._model import Model, refuse_seq2seq_classifier
@@ -111,7 +110,8 @@ def resolve_count(count: int, layers: Layers) -> list[int]:
                 f"`layers={layers!r}` selects nothing; this model has layers 0..{count}"
             )
     else:
-        given = [layers] if _is_int(layers) else list(layers)  # type: ignore[arg-type]
+        # check_layers let through an int (any Integral) or a sequence of ints here
+        given = [cast(int, layers)] if _is_int(layers) else list(cast(Sequence[int], layers))
     out = []
     for layer in map(int, given):
         if not -(count + 1) <= layer <= count:
@@ -220,12 +220,13 @@ def moments(
     points = rule.points or (lambda chunk: (x[None],))
     if rule.alphas is not None:
         ends = activations(problem, layers, torch.stack([x, rule.reference[0]]))
-        start, shared = ends[:, 1], ends[:, 0] - ends[:, 1]
+        start, span = ends[:, 1], ends[:, 0] - ends[:, 1]
+        shared = span
         alpha = rule.alphas.to(dtype=x.dtype, device=x.device)
 
         def replace(chunk: torch.Tensor) -> torch.Tensor:
             a = alpha[chunk].view(1, -1, 1, 1, 1)
-            return start[:, None] + a * shared[:, None]
+            return start[:, None] + a * span[:, None]
 
         def points(chunk: torch.Tensor) -> tuple[torch.Tensor, ...]:
             return (x[None].expand(len(chunk), *x.shape),)
@@ -248,8 +249,8 @@ def moments(
         shared = ends[:, 0] if rule.reference is None else ends[:, 0] - ends[:, 1]
     total = weights.shape[0]
     batch, chunk = problem.plan(
-        total * (nl if replace else 1), batch_size, chunk_size, moments=len(rule.moments),
-        layers=nl,
+        total * (nl if replace is not None else 1), batch_size, chunk_size,
+        moments=len(rule.moments), layers=nl,
     )  # fmt: skip
     if batch is not None and replace is not None:
         batch = max(1, batch // nl)  # a forward holds one copy of each point per layer
@@ -346,8 +347,8 @@ def _chunk_gradients(
         primal = flat.new_zeros(nl, *flat.shape[:-1], residual)
         copies = n
 
-        def edit(j: int, h: torch.Tensor, probe: torch.Tensor) -> torch.Tensor:
-            return h + probe[j]
+        def edit(j: int, h: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+            return h + values[j]
 
     else:
         # one copy of the points per layer; copy j runs from layer j's given activations
@@ -356,9 +357,9 @@ def _chunk_gradients(
         copies = n * nl
         select = torch.eye(nl, dtype=torch.bool, device=flat.device)
 
-        def edit(j: int, h: torch.Tensor, given: torch.Tensor) -> torch.Tensor:
+        def edit(j: int, h: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
             h = h.unflatten(0, (nl, -1))
-            return torch.where(select[j].view(nl, 1, 1, 1), given[j][None], h).flatten(0, 1)
+            return torch.where(select[j].view(nl, 1, 1, 1), values[j][None], h).flatten(0, 1)
 
     body = problem.hidden_fn(copies, slots)
 

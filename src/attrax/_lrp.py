@@ -40,10 +40,11 @@ import contextlib
 import contextvars
 import functools
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, cast
 
 import torch
 import xarray as xr
+from transformers import PretrainedConfig, PreTrainedModel
 from transformers.activations import ACT2FN
 
 from . import _routed
@@ -243,48 +244,52 @@ def _cohere_layer_norm(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor
     h = x.to(at_least_float32(x.dtype))
     centered = h - h.mean(dim=-1, keepdim=True)
     variance = centered.pow(2).mean(dim=-1, keepdim=True)
-    scale = torch.rsqrt(variance + module.variance_epsilon).detach()
-    return (module.weight.to(h.dtype) * centered * scale).to(x.dtype)
+    eps, weight = cast(float, module.variance_epsilon), cast(torch.Tensor, module.weight)
+    scale = torch.rsqrt(variance + eps).detach()
+    return (weight.to(h.dtype) * centered * scale).to(x.dtype)
 
 
 def _rms_norm(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Llama-style RMSNorm (``weight * x / rms(x)``, in float32) with ``1 / rms`` constant."""
-    eps = getattr(module, "variance_epsilon", None) or module.eps
+    eps = cast(float, getattr(module, "variance_epsilon", None) or module.eps)
     h = x.to(at_least_float32(x.dtype))
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps).detach()
-    return module.weight * h.to(x.dtype)
+    return cast(torch.Tensor, module.weight) * h.to(x.dtype)
 
 
 def _weightless_rms_norm(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Llama 4's RMSNorm of queries and keys (``x / rms(x)`` in float32, no weight) with
     ``1 / rms`` constant."""
     h = x.to(at_least_float32(x.dtype))
-    return (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + module.variance_epsilon).detach()).to(
-        x.dtype
-    )
+    eps = cast(float, module.variance_epsilon)
+    return (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps).detach()).to(x.dtype)
 
 
 def _olmo2_rms_norm(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """OLMo 2's RMSNorm (``weight * x / rms(x)``, cast back after the weight) with ``1 / rms``
     constant."""
     h = x.to(at_least_float32(x.dtype))
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + module.variance_epsilon).detach()
-    return (module.weight * h).to(x.dtype)
+    eps = cast(float, module.variance_epsilon)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps).detach()
+    return (cast(torch.Tensor, module.weight) * h).to(x.dtype)
 
 
 def _gemma_rms_norm(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Gemma's RMSNorm (``x / rms(x) * (1 + weight)``) with ``1 / rms`` constant."""
     h = x.to(at_least_float32(x.dtype))
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + module.eps).detach()
-    return (h * (1.0 + module.weight.to(h.dtype))).type_as(x)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + cast(float, module.eps)).detach()
+    return (h * (1.0 + cast(torch.Tensor, module.weight).to(h.dtype))).type_as(x)
 
 
 def _gemma4_rms_norm(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Gemma 4's RMSNorm (``x / rms(x)``, times ``weight`` unless built without one, in float32
     at least) with ``1 / rms`` constant."""
     h = x.to(at_least_float32(x.dtype))
-    h = h * torch.pow(h.pow(2).mean(-1, keepdim=True) + module.variance_epsilon, -0.5).detach()
-    return (h * module.weight.to(h.dtype) if module.with_scale else h).type_as(x)
+    eps = cast(float, module.variance_epsilon)
+    h = h * torch.pow(h.pow(2).mean(-1, keepdim=True) + eps, -0.5).detach()
+    if module.with_scale:
+        h = h * cast(torch.Tensor, module.weight).to(h.dtype)
+    return h.type_as(x)
 
 
 def _gemma4_layer(
@@ -309,43 +314,55 @@ def _per_layer_gate(module: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
     return y.detach() if _rule() == "cp-lrp" else _scale_gradient(y, 0.5)
 
 
+def _children(module: torch.nn.Module, *names: str) -> list[torch.nn.Module]:
+    """``module``'s submodules ``names`` (torch's stubs type an attribute ``Tensor | Module``)."""
+    return [cast(torch.nn.Module, getattr(module, name)) for name in names]
+
+
+def _tensors(module: torch.nn.Module, *names: str) -> list[torch.Tensor]:
+    """``module``'s parameters or buffers ``names`` (as :func:`_children`, for tensors)."""
+    return [cast(torch.Tensor, getattr(module, name)) for name in names]
+
+
 def _gated_mlp(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``down(act(gate(x)) * up(x))``: the uniform rule on the product (AttnLRP) or the gate
     held constant (CP-LRP, as LXT)."""
-    gate = module.gate_proj(x)
-    act = getattr(module, "act_fn", None) or module.activation_fn  # Llama 4's `activation_fn`
+    gate_proj, up_proj, down_proj = _children(module, "gate_proj", "up_proj", "down_proj")
+    gate = gate_proj(x)
+    # Llama 4's `activation_fn`
+    act = getattr(module, "act_fn", None) or cast(torch.nn.Module, module.activation_fn)
     if _rule() == "cp-lrp":
-        return module.down_proj(act(gate.detach()) * module.up_proj(x))
-    return module.down_proj(_uniform(act(gate), module.up_proj(x)))
+        return down_proj(act(gate.detach()) * up_proj(x))
+    return down_proj(_uniform(act(gate), up_proj(x)))
 
 
 def _fused_gated_mlp(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Phi-3's ``down(up * act(gate))``, gate and up from one fused projection: the rules of
     :func:`_gated_mlp`."""
-    gate, up = module.gate_up_proj(x).chunk(2, dim=-1)
+    gate_up_proj, down_proj, act = _children(module, "gate_up_proj", "down_proj", "activation_fn")
+    gate, up = gate_up_proj(x).chunk(2, dim=-1)
     if _rule() == "cp-lrp":
-        return module.down_proj(up * module.activation_fn(gate.detach()))
-    return module.down_proj(_uniform(module.activation_fn(gate), up))
+        return down_proj(up * act(gate.detach()))
+    return down_proj(_uniform(act(gate), up))
 
 
 def _t5_gated_mlp(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """T5 v1.1's and mT5's ``wo(act(wi_0(x)) * wi_1(x))`` (FLAN-T5 keeps ``wo`` in float32): the
     rules of :func:`_gated_mlp`."""
-    gate = module.wi_0(x)
-    if _rule() == "cp-lrp":
-        inner = module.act(gate.detach()) * module.wi_1(x)
-    else:
-        inner = _uniform(module.act(gate), module.wi_1(x))
-    return module.wo(module.dropout(inner).to(module.wo.weight.dtype))
+    wi_0, wi_1, wo, act, dropout = _children(module, "wi_0", "wi_1", "wo", "act", "dropout")
+    gate = wi_0(x)
+    inner = act(gate.detach()) * wi_1(x) if _rule() == "cp-lrp" else _uniform(act(gate), wi_1(x))
+    return wo(dropout(inner).to(cast(torch.Tensor, wo.weight).dtype))
 
 
 def _glu_mlp(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """ModernBERT's ``Wo(act(input) * gate)``, input and gate from one fused ``Wi``: the rules of
     :func:`_gated_mlp` (its activated half is the gating factor)."""
-    inner, gate = module.Wi(x).chunk(2, dim=-1)
+    wi, wo, act, drop = _children(module, "Wi", "Wo", "act", "drop")
+    inner, gate = wi(x).chunk(2, dim=-1)
     if _rule() == "cp-lrp":
-        return module.Wo(module.drop(module.act(inner.detach()) * gate))
-    return module.Wo(module.drop(_uniform(module.act(inner), gate)))
+        return wo(drop(act(inner.detach()) * gate))
+    return wo(drop(_uniform(act(inner), gate)))
 
 
 def _experts(
@@ -357,19 +374,19 @@ def _experts(
     :func:`_gated_mlp`. Its loop runs over the experts with tokens, as transformers' own."""
     out = torch.zeros_like(x)
     weights = top_k_weights.detach()
+    experts = cast(int, module.num_experts)
+    gate_up_proj, down_proj = _tensors(module, "gate_up_proj", "down_proj")
+    act_fn = cast(torch.nn.Module, module.act_fn)
     with torch.no_grad():
-        mask = torch.nn.functional.one_hot(top_k_index, module.num_experts + 1).permute(2, 1, 0)
+        mask = torch.nn.functional.one_hot(top_k_index, experts + 1).permute(2, 1, 0)
         hit = [int(e) for e in (mask.sum(dim=(-1, -2)) > 0).nonzero()[:, 0]]
     for expert in hit:  # experts, not targets or points: which tokens each reads is data
-        if expert == module.num_experts:
+        if expert == experts:
             continue
         slot, token = torch.where(mask[expert])
-        gate, up = torch.nn.functional.linear(x[token], module.gate_up_proj[expert]).chunk(2, -1)
-        if _rule() == "cp-lrp":
-            z = module.act_fn(gate.detach()) * up
-        else:
-            z = _uniform(module.act_fn(gate), up)
-        y = torch.nn.functional.linear(z, module.down_proj[expert]) * weights[token, slot, None]
+        gate, up = torch.nn.functional.linear(x[token], gate_up_proj[expert]).chunk(2, -1)
+        z = act_fn(gate.detach()) * up if _rule() == "cp-lrp" else _uniform(act_fn(gate), up)
+        y = torch.nn.functional.linear(z, down_proj[expert]) * weights[token, slot, None]
         out = out.index_add(0, token, y.to(out.dtype))
     return out
 
@@ -394,20 +411,24 @@ def _gpt_oss_experts(
     held constant (CP-LRP); the ``+ 1`` keeps its share, as a bias."""
     out = torch.zeros_like(x)
     weights = routing_weights.detach()
-    limit, alpha = module.limit, module.alpha
+    limit, alpha = cast(float, module.limit), cast(float, module.alpha)
+    gate_up_proj, gate_up_bias, down_proj, down_bias = _tensors(
+        module, "gate_up_proj", "gate_up_proj_bias", "down_proj", "down_proj_bias"
+    )
     with torch.no_grad():
-        mask = torch.nn.functional.one_hot(router_indices, module.num_experts).permute(2, 1, 0)
+        mask = torch.nn.functional.one_hot(router_indices, cast(int, module.num_experts))
+        mask = mask.permute(2, 1, 0)
         hit = [int(e) for e in (mask.sum(dim=(-1, -2)) > 0).nonzero()[:, 0]]
     for expert in hit:  # experts, not targets or points: which tokens each reads is data
         slot, token = torch.where(mask[expert])
-        z = x[token] @ module.gate_up_proj[expert] + module.gate_up_proj_bias[expert]
+        z = x[token] @ gate_up_proj[expert] + gate_up_bias[expert]
         gate, up = z[..., ::2], z[..., 1::2]
         clamped = gate.clamp(max=limit)
         glu = _identity(gate, clamped * torch.sigmoid(clamped * alpha), 0.5)
         up = _identity(up, up.clamp(min=-limit, max=limit), 1.0)
         cp = _rule() == "cp-lrp"  # the GLU held constant, or the uniform rule
         inner = glu.detach() * (up + 1) if cp else _uniform(up + 1, glu)
-        y = inner @ module.down_proj[expert] + module.down_proj_bias[expert]
+        y = inner @ down_proj[expert] + down_bias[expert]
         out = out.index_add(0, token, (y * weights[token, slot, None]).to(out.dtype))
     return out
 
@@ -416,13 +437,12 @@ def _llama4_experts(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Llama 4's experts: each runs on every token's input, scaled before it by the token's
     routing weight for it (0 where it was not chosen; a constant, :func:`_llama4_router`), as
     ``down(up * act(gate))`` by batched matmuls: the rules of :func:`_gated_mlp`."""
-    h = x.view(module.gate_up_proj.shape[0], -1, module.hidden_size)
-    gate, up = torch.bmm(h, module.gate_up_proj).chunk(2, dim=-1)
-    if _rule() == "cp-lrp":
-        inner = up * module.act_fn(gate.detach())
-    else:
-        inner = _uniform(module.act_fn(gate), up)
-    return torch.bmm(inner, module.down_proj).view(-1, module.hidden_size)
+    gate_up_proj, down_proj = _tensors(module, "gate_up_proj", "down_proj")
+    hidden_size, act_fn = cast(int, module.hidden_size), cast(torch.nn.Module, module.act_fn)
+    h = x.view(gate_up_proj.shape[0], -1, hidden_size)
+    gate, up = torch.bmm(h, gate_up_proj).chunk(2, dim=-1)
+    inner = up * act_fn(gate.detach()) if _rule() == "cp-lrp" else _uniform(act_fn(gate), up)
+    return torch.bmm(inner, down_proj).view(-1, hidden_size)
 
 
 def _llama4_router(module: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -444,15 +464,18 @@ def _shared_experts(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     constant as the routing weights are."""
     batch, length, width = x.shape
     rows = x.view(-1, width)
-    _, weights, index = module.gate(rows)
-    routed = module.experts(rows, index, weights)
-    gate = torch.sigmoid(module.shared_expert_gate(rows)).detach()
-    return (routed + gate * module.shared_expert(rows)).reshape(batch, length, width)
+    router, experts, shared_gate, shared = _children(
+        module, "gate", "experts", "shared_expert_gate", "shared_expert"
+    )
+    _, weights, index = router(rows)
+    routed = experts(rows, index, weights)
+    gate = torch.sigmoid(shared_gate(rows)).detach()
+    return (routed + gate * shared(rows)).reshape(batch, length, width)
 
 
 def _pooler_activation(module: torch.nn.Module) -> str:
     """The activation kind of DeBERTa-v2's pooler (a ModelError where it has no identity rule)."""
-    name = module.config.pooler_hidden_act
+    name = cast(PretrainedConfig, module.config).pooler_hidden_act
     kind = activation_kind(ACT2FN[name]) if isinstance(name, str) and name in ACT2FN else None
     if kind not in IDENTITY_KINDS:
         raise ModelError(
@@ -465,21 +488,24 @@ def _pooler_activation(module: torch.nn.Module) -> str:
 def _gelu_lm_head(module: torch.nn.Module, features: torch.Tensor, **_: Any) -> torch.Tensor:
     """RoBERTa's, XLM-R's and CamemBERT's masked-LM head, ``decoder(norm(gelu(dense(x))))``,
     whose GELU is a call, not a child module: here it gets the identity rule."""
-    return module.decoder(module.layer_norm(apply_activation(module.dense(features), "gelu")))
+    decoder, layer_norm, dense = _children(module, "decoder", "layer_norm", "dense")
+    return decoder(layer_norm(apply_activation(dense(features), "gelu")))
 
 
 def _context_pooler(module: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     """DeBERTa-v2's pooler, ``act(dense(hidden[:, 0]))``, whose activation transformers builds
     inside the call (no module): here it gets the identity rule."""
-    x = module.dense(module.dropout(hidden[:, 0]))
+    dense, dropout = _children(module, "dense", "dropout")
+    x = dense(dropout(hidden[:, 0]))
     return apply_activation(x, _pooler_activation(module))
 
 
 def _tanh_head(module: torch.nn.Module, features: torch.Tensor, **_: Any) -> torch.Tensor:
     """RoBERTa's and XLM-R's classification head, ``out_proj(tanh(dense(features[:, 0])))``,
     whose ``torch.tanh`` is a function call, not a module: here it gets the identity rule."""
-    x = module.dense(module.dropout(features[:, 0, :]))
-    return module.out_proj(module.dropout(apply_activation(x, "tanh")))
+    dense, dropout, out_proj = _children(module, "dense", "dropout", "out_proj")
+    x = dense(dropout(features[:, 0, :]))
+    return out_proj(dropout(apply_activation(x, "tanh")))
 
 
 def _pooled_tanh_head(
@@ -488,17 +514,27 @@ def _pooled_tanh_head(
     """BART's, mBART's and T5's classification head on the pooled state (BART-MNLI's),
     ``out_proj(tanh(dense(h)))``, whose ``torch.tanh`` is a function call, not a module: here
     it gets the identity rule."""
-    x = module.dense(module.dropout(hidden_states))
-    return module.out_proj(module.dropout(apply_activation(x, "tanh")))
+    dense, dropout, out_proj = _children(module, "dense", "dropout", "out_proj")
+    x = dense(dropout(hidden_states))
+    return out_proj(dropout(apply_activation(x, "tanh")))
 
 
 # class-name prefixes of DeepSeek V2's and V3's kin: multi-head latent attention (Youtu, GLM-4.7-
 # Flash's `Glm4MoeLite`, V3.2's and GLM-5's with an indexer) or DeepSeek V3's experts beside
 # Llama's attention (GLM-4.5's `Glm4Moe`)
-_DEEPSEEK_KIN = ("DeepseekV2", "DeepseekV3", "DeepseekV32", "Glm4MoeLite", "Youtu", "GlmMoeDsa")
-_DEEPSEEK_KIN += ("Glm4Moe",)
-# module class name -> the forward it runs under LRP (the module is the first argument)
-_PATCHED: dict[str, Callable[..., torch.Tensor]] = {
+_DEEPSEEK_KIN = (
+    "DeepseekV2",
+    "DeepseekV3",
+    "DeepseekV32",
+    "Glm4MoeLite",
+    "Youtu",
+    "GlmMoeDsa",
+    "Glm4Moe",
+)
+# a module's forward under LRP, the module its first argument (a router's outputs: a tuple)
+_Forward = Callable[..., torch.Tensor | tuple[torch.Tensor, ...]]
+# module class name -> the forward it runs under LRP
+_PATCHED: dict[str, _Forward] = {
     "LayerNorm": _layer_norm,
     "OlmoLayerNorm": _olmo_layer_norm,
     "CohereLayerNorm": _cohere_layer_norm,
@@ -1113,7 +1149,7 @@ ARCHITECTURES = (
 )
 
 
-def _plan(hf: torch.nn.Module) -> list[tuple[torch.nn.Module, Callable[..., torch.Tensor]]]:
+def _plan(hf: PreTrainedModel) -> list[tuple[torch.nn.Module, _Forward]]:
     """The modules to patch, after checking every module of ``hf`` has an LRP rule.
 
     Raises :class:`ModelError` naming the first module attrax has no rule for.
@@ -1138,7 +1174,7 @@ def _plan(hf: torch.nn.Module) -> list[tuple[torch.nn.Module, Callable[..., torc
             f"lrp: {name} clips its queries, keys and values (clip_qkv={config.clip_qkv}); "
             "attrax has no LRP rule for that clamp"
         )
-    patches = []
+    patches: list[tuple[torch.nn.Module, _Forward]] = []
     unknown: dict[str, str] = {}  # module type -> where it first occurs
     for path, module in hf.named_modules():
         kind = type(module).__name__

@@ -169,7 +169,8 @@ def _trim(libc: Any) -> None:
 
 def _is_glibc() -> bool:
     try:
-        return os.confstr("CS_GNU_LIBC_VERSION").startswith("glibc")
+        version = os.confstr("CS_GNU_LIBC_VERSION")  # None: the name is unset
+        return version is not None and version.startswith("glibc")
     except (AttributeError, ValueError, OSError):  # not a POSIX system, or no such name
         return False
 
@@ -586,8 +587,8 @@ def plan(
             )
         expect_passes(max_memory, 0, device)
         return given
-    chunk = targets if chunk_size in (None, AUTO) else int(chunk_size)  # type: ignore[arg-type]
-    batch = points if batch_size in (None, AUTO) else int(batch_size)  # type: ignore[arg-type]
+    chunk = targets if chunk_size in (None, AUTO) else int(chunk_size)
+    batch = points if batch_size in (None, AUTO) else int(batch_size)
     budget = memory_budget(device) if max_memory is None else max_memory
     if work is not None and chunk_size == AUTO and cost.at(batch, chunk) > budget:
         # the halvings of the targets that fit with the fewest points the planner may pick,
@@ -617,10 +618,10 @@ def plan(
     if max_memory is not None and needed > max_memory:
         # a size over one point (or one target) splits nothing: a method without it passes None
         sizes = (("batch_size", batch_size, points), ("chunk_size", chunk_size, targets))
-        given = [f"{n}={v!r}" for n, v, count in sizes if v != AUTO and count > 1]
+        named = [f"{n}={v!r}" for n, v, count in sizes if v != AUTO and count > 1]
         smallest = f"the smallest passes (one {chunked}, one point)"
-        if given:
-            smallest = f"the smallest passes with {', '.join(given)}"
+        if named:
+            smallest = f"the smallest passes with {', '.join(named)}"
         raise OptionError(
             f"`max_memory` of {format_bytes(max_memory)} cannot be met: {smallest} need an estimated "
             f"{format_bytes(needed, up=True)}; give at least that"
@@ -645,7 +646,7 @@ def plan_forwards(
     25
     """
     if batch_size != AUTO:  # the size given, checked
-        batch = copies if batch_size is None else int(batch_size)  # type: ignore[arg-type]
+        batch = copies if batch_size is None else int(batch_size)
         if max_memory is not None and fixed + batch * per_copy > max_memory:
             raise OptionError(
                 f"`max_memory` of {format_bytes(max_memory)} cannot be met with batch_size="
@@ -796,8 +797,8 @@ def memory_budget(device: torch.device) -> int:
     process = None
     if _process_limit is not None:
         process = max(_process_limit - (_resident() or 0), 0)
-    free = [f for f in (_available(), _cgroup_headroom(), process) if f is not None]
-    return min(free) // 2 if free else 4 << 30
+    known = [f for f in (_available(), _cgroup_headroom(), process) if f is not None]
+    return min(known) // 2 if known else 4 << 30
 
 
 # --- device to host ------------------------------------------------------------------------

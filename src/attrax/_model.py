@@ -12,7 +12,7 @@ import threading
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from huggingface_hub.errors import StrictDataclassError
@@ -288,12 +288,10 @@ class Model:
         self.max_positions = _arch.max_positions(
             config, offset if isinstance(offset, int) else None
         )
-        self.pad_token_id = _first_int(
-            tokenizer.pad_token_id,
-            getattr(config, "pad_token_id", None),
-            tokenizer.eos_token_id,
-            0,
+        pad = _first_int(
+            tokenizer.pad_token_id, getattr(config, "pad_token_id", None), tokenizer.eos_token_id
         )
+        self.pad_token_id: int = 0 if pad is None else pad
         self.eos_token_id = _first_int(
             tokenizer.eos_token_id, getattr(config, "eos_token_id", None)
         )
@@ -304,7 +302,9 @@ class Model:
             if decoder is not None
             else self._source_embedding
         )
-        self._head = hf_model.get_output_embeddings() if self.task == "generation" else None
+        self._head: torch.nn.Module | None = (
+            hf_model.get_output_embeddings() if self.task == "generation" else None
+        )
         # decoder-only sequence classifiers score their last real token with a `score` head
         self._score = getattr(hf_model, "score", None) if self.task != "generation" else None
         self._activations = [m for m in hf_model.modules() if activation_kind(m) is not None]
@@ -385,11 +385,11 @@ class Model:
 
     @property
     def dtype(self) -> torch.dtype:
-        return self._source_embedding.weight.dtype
+        return _weight(self._source_embedding).dtype
 
     @property
     def hidden_size(self) -> int:
-        return int(self._source_embedding.weight.shape[-1])
+        return int(_weight(self._source_embedding).shape[-1])
 
     @property
     def head_width(self) -> int:
@@ -471,7 +471,7 @@ class Model:
     def embedding_rows(self, side: str = "source") -> int:
         """How many token ids the embedding table of ``side`` (as :meth:`embed`) has rows for."""
         table = self.embedding_module(side)
-        return int(getattr(table, "num_embeddings", 0) or table.weight.shape[0])
+        return int(getattr(table, "num_embeddings", 0) or _weight(table).shape[0])
 
     def embedding_module(self, side: str = "source") -> torch.nn.Module:
         """The module that embeds ``side``'s ids (as :meth:`embed`): the encoder's or the
@@ -559,6 +559,7 @@ class Model:
         if decoder_embeds is not None and self._target_scale != 1.0:
             decoder_embeds = decoder_embeds * self._target_scale
         captured: list[torch.Tensor] = []
+        assert self._head is not None  # a language model's (__init__ refuses one without)
         with (
             self.attention_as(implementation, required=forward_mode),
             capture_before(self._head, index, captured),
@@ -911,7 +912,8 @@ class Model:
                 "and this forward from embeddings was given none"
             )
         ids = ids.to(embeds.device).repeat(embeds.shape[0] // ids.shape[0], 1)
-        return {"per_layer_inputs": body(self.hf).get_per_layer_inputs(ids[:, : embeds.shape[1]])}
+        lookup = cast(Callable[..., torch.Tensor], body(self.hf).get_per_layer_inputs)
+        return {"per_layer_inputs": lookup(ids[:, : embeds.shape[1]])}
 
     def _calibrate_embedding_scales(self) -> None:
         """Find the factor that makes ``inputs_embeds`` forwards equal ``input_ids`` forwards.
@@ -956,8 +958,8 @@ class Model:
     def _check_shared_table(self) -> None:
         """An encoder-decoder classifier reads each token twice, in the encoder and (shifted) in
         the decoder: one embedding per token needs one table for both."""
-        source = self._source_embedding.weight
-        target = self._target_embedding.weight
+        source = _weight(self._source_embedding)
+        target = _weight(self._target_embedding)
         if source is not target and (
             source.shape != target.shape or not torch.equal(source, target)
         ):
@@ -1029,7 +1031,7 @@ class Model:
         """``[1, L]`` probe ids. A translator's start with its decoder start token, as every decoder
         input attrax builds does: M2M100 numbers positions by counting non-pad tokens, so with a
         pad start token its forwards from embeddings are shifted by one, which this exposes."""
-        vocab = self._source_embedding.weight.shape[0]
+        vocab = _weight(self._source_embedding).shape[0]
         ids = (torch.arange(count) * step + offset).remainder(vocab)
         if self.seq2seq_classifier:  # its head reads the last EOS
             ids = torch.cat([ids, torch.tensor([self.hf.config.eos_token_id])])
@@ -1192,7 +1194,8 @@ def load_model(
         if current != resting and can_switch(hf_model):
             hf_model.set_attn_implementation(resting)
         if dtype is not None:
-            hf_model = hf_model.to(dtype)
+            # functools.wraps types PreTrainedModel.to as the unbound Module.to (self first)
+            hf_model = hf_model.to(dtype)  # type: ignore[arg-type]
     else:
         inner = next((a for a in ("_orig_mod", "module") if hasattr(model, a)), None)
         hint = f": pass the model it wraps, `model.{inner}`" if inner else ""
@@ -1216,7 +1219,8 @@ def load_model(
         if str(device) == "meta":
             raise OptionError("`device` 'meta' holds no weights' values: attrax runs the model")
         try:
-            hf_model = hf_model.to(torch.device(device))
+            # functools.wraps types PreTrainedModel.to as the unbound Module.to (self first)
+            hf_model = hf_model.to(torch.device(device))  # type: ignore[arg-type]
         except (RuntimeError, AssertionError, TypeError) as err:
             # torch says "Torch not compiled with CUDA enabled" or lists 20 device types
             raise OptionError(
@@ -1279,8 +1283,12 @@ def _from_pretrained(
     named = _architectures(config, path)
     classifier = _task_of_architectures(named)
     unsupported = [] if classifier else _unsupported_architectures(config)
-    auto = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else None
-    auto = auto or AutoModelForCausalLM
+    # a transformers Auto class (their base, _BaseAutoModelClass, is private)
+    auto: type[Any] = (
+        AutoModelForSeq2SeqLM
+        if getattr(config, "is_encoder_decoder", False)
+        else AutoModelForCausalLM
+    )
     if classifier == "sequence-classification":
         auto = AutoModelForSequenceClassification
     elif classifier == "token-classification":
@@ -1723,6 +1731,11 @@ _ONE_PLUS = frozenset(
 _LAYER_NORMS = ("OlmoLayerNorm", "CohereLayerNorm")
 
 
+def _weight(module: torch.nn.Module) -> torch.Tensor:
+    """``module.weight`` (an embedding's table), typed: torch's stubs give Tensor | Module."""
+    return cast(torch.Tensor, module.weight)
+
+
 def body(hf: PreTrainedModel) -> torch.nn.Module:
     """``hf``'s transformer body (``base_model``), also where the class names a prefix it has no
     attribute for (Llama 4's causal LM keeps its body in ``model``, not ``language_model``)."""
@@ -1956,7 +1969,8 @@ def _first_position_feed_forward(
     sequence classifier whose head reads position 0 only (:data:`FIRST_POSITION_HEADS`), if it
     runs per position (not chunked); else None."""
     kind = type(hf)
-    where = FIRST_POSITION_HEADS.get(getattr(hf.config, "model_type", None))
+    model_type = getattr(hf.config, "model_type", None)
+    where = FIRST_POSITION_HEADS.get(model_type) if isinstance(model_type, str) else None
     if (
         where is None
         or task != "sequence-classification"
@@ -2109,10 +2123,11 @@ def activation_value(x: torch.Tensor, kind: str) -> torch.Tensor:
 @contextlib.contextmanager
 def fast_activations(modules: Sequence[torch.nn.Module]) -> Iterator[None]:
     """Run elementwise activation ``modules`` as :class:`_Activation`, for attrax's forwards only."""
-    forwards = [
-        (module, "forward", functools.partial(apply_activation, kind=activation_kind(module)))
-        for module in modules
-    ]
+    forwards = []
+    for module in modules:
+        kind = activation_kind(module)
+        assert kind is not None, f"{type(module).__name__} is not an elementwise activation"
+        forwards.append((module, "forward", functools.partial(apply_activation, kind=kind)))
     with instance_attributes(forwards):
         yield
 
@@ -2249,6 +2264,7 @@ def attention_modules(hf: PreTrainedModel) -> dict[torch.nn.Module, tuple[str, i
     encoder = hf.get_encoder() if getattr(hf.config, "is_encoder_decoder", False) else None
     in_encoder = {id(m) for m in encoder.modules()} if encoder is not None else set()
     found: dict[torch.nn.Module, tuple[str, int]] = {}
+    module: torch.nn.Module  # torch leaves named_modules' items unannotated (Any)
     for name, owner in hf.named_modules():
         table = getattr(owner, "_can_record_outputs", None)
         if not isinstance(table, dict):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
+from typing import TypeVar, cast
 
 import torch
 
@@ -11,6 +12,7 @@ from ._errors import OptionError, first_line
 from ._memory import at_least_float32
 
 Objective = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+_Given = TypeVar("_Given")  # what named is given (an option's value) comes back or is a name
 
 
 def probability(logits: torch.Tensor, target_ids: torch.Tensor) -> torch.Tensor:
@@ -175,7 +177,11 @@ def check_differentiable(objective: Objective, method: str, width: int) -> None:
     logits = torch.randn(2, width, generator=generator)
     ids = torch.tensor([0, width - 1])
     try:
-        value, pull = torch.func.vjp(lambda x: objective(x, ids), logits)
+        # without has_aux, the pair (output, pullback): torch types the triple too
+        value, pull = cast(
+            "tuple[torch.Tensor, Callable[..., tuple[torch.Tensor, ...]]]",
+            torch.func.vjp(lambda x: objective(x, ids), logits),
+        )
         (gradient,) = pull(torch.ones_like(value))
     except Exception:  # the call itself checks the objective and says what is wrong
         return
@@ -190,7 +196,7 @@ def check_differentiable(objective: Objective, method: str, width: int) -> None:
         )
 
 
-def named(objective: str | Objective) -> str | Objective:
+def named(objective: _Given) -> _Given | str:
     """``objective`` by name when it is one of the named objectives' functions: ``ax.probability``
     is ``"probability"``, which a multi-label or regression head reads its own way."""
     for name, function in OBJECTIVES.items():

@@ -17,10 +17,9 @@ from typing import Any
 
 import torch
 import xarray as xr
-from torch.func import vjp
 
 from . import _validate as check
-from ._engine import Problem, all_finite, baseline_embeddings
+from ._engine import Problem, all_finite, baseline_embeddings, vjp
 from ._errors import InputError, OptionError
 from ._gradients import (
     GRADIENT,

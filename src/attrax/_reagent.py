@@ -11,7 +11,7 @@ meets the stopping rule, as a step-by-step run would.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -81,7 +81,7 @@ def _check_replacements(value: object, name: str) -> None:
     )
 
 
-def _only_probability(arguments: dict[str, Any]) -> None:
+def _only_probability(arguments: Mapping[str, Any]) -> None:
     objective = named(arguments.get("objective", "probability"))
     if objective != "probability":
         raise OptionError(
@@ -217,6 +217,7 @@ def reagent(
     wide = torch.float32 if device.type == "mps" else torch.float64
     edge = torch.finfo(wide).eps / 2  # a drop of +-1 would add an infinite score
     chains = batch * width * probes
+    assert top_k is not None  # _run resolved None to the task's default
     forward = _Forward(problem, _attributed_ids(problem), batch_size, top_k, wide)
     # held through the call: the chains' scores, and their importances at the end
     problem.hold(3 * chains * length * acc.itemsize, "probes", probes, "the scores")

@@ -27,11 +27,16 @@ import functools
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ._errors import ModelError
+
+if TYPE_CHECKING:
+    from transformers.models.bloom.modeling_bloom import BloomAttention
+    from transformers.models.deberta_v2.modeling_deberta_v2 import DisentangledSelfAttention
+    from transformers.models.gpt_neo.modeling_gpt_neo import GPTNeoSelfAttention
 
 Attention = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 _DEBERTA = "transformers.models.deberta_v2.modeling_deberta_v2"
@@ -86,7 +91,7 @@ def _deberta_eager(
 
 
 def _deberta_forward(
-    module: torch.nn.Module,
+    module: DisentangledSelfAttention,
     attention: Attention,
     hidden_states: torch.Tensor,
     attention_mask: torch.Tensor,
@@ -169,7 +174,7 @@ def _gpt_neo_eager(
 
 
 def _gpt_neo_forward(
-    module: torch.nn.Module,
+    module: GPTNeoSelfAttention,
     attention: Attention,
     hidden_states: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
@@ -220,7 +225,7 @@ def _bloom_eager(
 
 
 def _bloom_forward(
-    module: torch.nn.Module,
+    module: BloomAttention,
     attention: Attention,
     hidden_states: torch.Tensor,
     residual: torch.Tensor,
@@ -339,11 +344,11 @@ def routed(hf: torch.nn.Module, implementation: str) -> Iterator[None]:
     try:
         yield
     finally:
-        for module, forward in zip(found, saved, strict=True):
-            if forward is None:
+        for module, previous in zip(found, saved, strict=True):
+            if previous is None:
                 del module.forward  # the class's forward again
             else:
-                module.forward = forward
+                module.forward = previous
 
 
 __all__ = ["accept", "convolved", "eager", "modules", "owns", "routed"]

@@ -8,7 +8,7 @@ constructs a result ``DataArray`` by hand. ``docs/data-model.md`` documents :dat
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from math import nan
 from typing import Any
 
@@ -262,9 +262,9 @@ def label(
     else:
         coords["source"] = np.arange(data.shape[2])
         coords["side"] = (("example", "source"), _sides(batch, data.shape[2]))
-    for key, values in (target_coords or {}).items():
+    for key, per_target in (target_coords or {}).items():
         dense = np.full((len(examples), len(targets)), np.nan)
-        raw = to_host(values)
+        raw = to_host(per_target)
         for b, example in enumerate(examples):
             dense[b, [row_of[p] for p in example.positions]] = raw[b, : len(example.positions)]
         coords[key] = (("example", "target"), dense)
@@ -352,7 +352,7 @@ def label_curve(
     for b, example_rows in enumerate(rows):
         data[b, example_rows] = values[b, : len(example_rows)]
         base[b, example_rows] = original[b, : len(example_rows)]
-    coords: dict[str, Any] = {
+    coords: dict[Hashable, Any] = {
         k: v for k, v in template.coords.items() if set(v.dims) <= {"example", "target"}
     }
     coords["fraction"] = ("fraction", fractions)
@@ -387,7 +387,7 @@ def label_loo(
         data[b, example_rows] = drops[b, : len(example_rows)]
         taus[b, example_rows] = tau[b, : len(example_rows)]
         base[b, example_rows] = original[b, : len(example_rows)]
-    coords: dict[str, Any] = dict(template.coords.items())
+    coords: dict[Hashable, Any] = dict(template.coords.items())
     coords["tau"] = (("example", "target"), taus)
     coords["original"] = (("example", "target"), base)
     dims = ["example", "target", "source"]
@@ -453,7 +453,7 @@ def label_sanity(
     """Sanity checks: ``[R, N, T]`` rank correlations per randomized layer, ``[N, T]`` for the
     random logit, on the targets of the ``original`` attribution."""
     first = original if "example" in original.dims else original.expand_dims(example=[0])
-    coords: dict[str, Any] = {
+    coords: dict[Hashable, Any] = {
         "randomized": list(randomized),
         "example": np.arange(first.sizes["example"]),
     }
@@ -490,7 +490,7 @@ def replace_dim(
     """
     batched = "example" in da.dims
     order = (["example"] if batched else []) + [d for d in da.dims if d not in ("example", dim)]
-    coords: dict[str, Any] = {k: v for k, v in da.coords.items() if dim not in v.dims}
+    coords: dict[Hashable, Any] = {k: v for k, v in da.coords.items() if dim not in v.dims}
     if isinstance(index, pd.MultiIndex):
         coords.update(xr.Coordinates.from_pandas_multiindex(index, dim))
     else:
@@ -504,7 +504,7 @@ def replace_dim(
 def _build(
     data: np.ndarray,
     dims: list[str],
-    coords: dict[str, Any],
+    coords: dict[Any, Any],  # names: the labellers' strs, or a template DataArray's Hashables
     name: str,
     attrs: Mapping[str, Any],
     single: bool,
@@ -523,7 +523,7 @@ def _build(
 
 
 def _direct(
-    data: np.ndarray, dims: list[str], coords: dict[str, Any], name: str, attrs: Mapping[str, Any]
+    data: np.ndarray, dims: list[str], coords: dict[Any, Any], name: str, attrs: Mapping[str, Any]
 ) -> xr.DataArray | None:
     """The DataArray of :func:`_build`, assembled from its variables without the public
     constructor's checks and copies (a third of its time); None when a coordinate is not a
@@ -531,8 +531,8 @@ def _direct(
     if not hasattr(xr.DataArray, "_construct_direct") or data.ndim != len(dims):
         return None
     sizes = dict(zip(dims, data.shape, strict=True))
-    variables: dict[str, xr.Variable] = {}
-    indexes: dict[str, Any] = {}
+    variables: dict[Hashable, xr.Variable] = {}
+    indexes: dict[Hashable, Any] = {}
     for key, value in coords.items():
         if isinstance(value, np.ndarray):
             along, values = (key,), value

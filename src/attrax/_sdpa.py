@@ -275,15 +275,17 @@ class _Gradients(torch.autograd.Function):
     ) -> tuple[Tensor, Tensor, Tensor]:
         if logsumexp is None:
             with torch.enable_grad():  # a forward (and a backward) runs without grad mode
-                leaves = [x.detach().requires_grad_(True) for x in (query, key, value)]
+                q, k, v = (x.detach().requires_grad_(True) for x in (query, key, value))
                 recomputed = F.scaled_dot_product_attention(
-                    *leaves,
+                    q,
+                    k,
+                    v,
                     attn_mask=mask,
                     is_causal=is_causal,
                     scale=scale,
                     enable_gqa=key.shape[1] != query.shape[1],
                 )
-                dq, dk, dv = torch.autograd.grad(recomputed, leaves, grad)
+                dq, dk, dv = torch.autograd.grad(recomputed, (q, k, v), grad)
             return dq, dk, dv
         dtype = query.dtype
         if out is not None and out.dtype != dtype:  # the forward ran in its float32 core

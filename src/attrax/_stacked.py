@@ -15,7 +15,7 @@ import contextlib
 import copy
 import json
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pandas as pd
@@ -232,13 +232,19 @@ class _Expanded(Model):
         # copies of the weights: a model that trains later is not followed
         self._params = {f"hf.{k}": v.detach() for k, v in params.items()}
         self._buffers = {f"hf.{k}": v for k, v in buffers.items()}
-        self._tables = tuple({k: v.detach() for k, v in part.items()} for part in tables)
-        heads = [m._head for m in models]
-        self._head_weight = torch.stack([h.weight for h in heads]).detach()  # [M, V, H]
+        table_params, table_buffers = tables
+        self._tables = (
+            {k: v.detach() for k, v in table_params.items()},
+            {k: v.detach() for k, v in table_buffers.items()},
+        )
+        # generation models only (stack refuses others): each has its output projection, whose
+        # weights stack to [M, V, H]
+        heads = [cast(torch.nn.Module, m._head) for m in models]
+        self._head_weight = torch.stack([cast(torch.Tensor, h.weight) for h in heads]).detach()
         biases = [getattr(h, "bias", None) for h in heads]
         self._head_bias = None
-        if biases[0] is not None:
-            self._head_bias = torch.stack(biases).detach()  # [M, V]
+        if biases[0] is not None:  # stack_module_state stacked one structure: all have one
+            self._head_bias = torch.stack(cast(list[torch.Tensor], biases)).detach()  # [M, V]
         if isinstance(getattr(first.hf, "final_logits_bias", None), torch.Tensor):
             raise ModelError(f"{type(first.hf).__name__}: a final logits bias is not stacked")
         self.rows = 1  # examples per model of the running call (StackedModel.run sets it)

@@ -100,6 +100,7 @@ def _merge(da: xr.DataArray, dim: str, how: str, scheme: str) -> xr.DataArray:
     width = da.sizes[dim]
     index = da.indexes[dim]
     tokens = _strings(per_example(da, f"{dim}_token", ("example", dim)))
+    sides: np.ndarray | None
     if isinstance(index, pd.MultiIndex) and "side" in index.names:
         sides = np.tile(np.asarray(index.get_level_values("side"), dtype=str), (n_examples, 1))
         positions = np.asarray(index.get_level_values("position"))
@@ -138,12 +139,12 @@ def _merge(da: xr.DataArray, dim: str, how: str, scheme: str) -> xr.DataArray:
     if not batched:
         merged = merged[0]
 
-    words = {f"{dim}_word": (texts if batched else texts[0]).astype(str)}
+    per_word = {f"{dim}_word": (texts if batched else texts[0]).astype(str)}
     if not isinstance(index, pd.MultiIndex) and "side" in da.coords and dim in da["side"].dims:
-        words["side"] = (word_sides if batched else word_sides[0]).astype(str)
+        per_word["side"] = (word_sides if batched else word_sides[0]).astype(str)
     for name, value in _word_level(da, dim, members).items():
-        words[name] = value if batched else value[0]
-    return replace_dim(da, dim, merged, index[starts], words)
+        per_word[name] = value if batched else value[0]
+    return replace_dim(da, dim, merged, index[starts], per_word)
 
 
 def _strings(tokens: np.ndarray) -> np.ndarray:
@@ -169,8 +170,8 @@ def _word_level(da: xr.DataArray, dim: str, members: np.ndarray) -> dict[str, np
             or name in da.xindexes  # a MultiIndex's levels are the index's
             or dim not in coord.dims
             or not set(coord.dims) <= {"example", dim}
-            or name.endswith(("_token", "_id"))
-            or name.startswith("contrast_")
+            or str(name).endswith(("_token", "_id"))
+            or str(name).startswith("contrast_")
             or name == "completeness_gap"
         ):
             continue

@@ -360,7 +360,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         [
             ("--out", args.out, lambda tmp: save(ds, tmp)),
             ("--csv", args.csv, lambda tmp: write_atomically(tmp, table.to_csv)),
-            ("--png", args.png, lambda tmp: plot(table, path=tmp)),  # type: ignore[arg-type]
+            ("--png", args.png, lambda tmp: plot(table, path=tmp)),
         ]
     )
     console = _console()
@@ -916,7 +916,8 @@ def _summary_table(table: Any, width: int = 10**6) -> Any:
         for method, row in table.iterrows()
         for m in metrics
     }
-    named = {m: m + {True: " ↑", False: " ↓"}.get(HIGHER_IS_BETTER.get(m), "") for m in metrics}
+    arrows: dict[bool | None, str] = {True: " ↑", False: " ↓"}  # None: a metric with no better
+    named = {m: m + arrows.get(HIGHER_IS_BETTER.get(m), "") for m in metrics}
 
     def needed(rows: list[str], columns: list[str]) -> int:  # rich's borders and padding
         first = max(len(r) for r in rows)

@@ -15,7 +15,7 @@ import os
 import uuid
 from collections.abc import Callable, Hashable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 import numpy as np
 import xarray as xr
@@ -270,13 +270,14 @@ def load(path: PathLike, *, chunks: Any = None) -> xr.DataArray | xr.Dataset:
 def _check_chunks(chunks: object) -> None:
     """The forms of ``chunks`` that xarray takes (dim names are checked once the file is open)."""
 
-    def integer(c: object) -> bool:
+    def integer(c: object) -> TypeGuard[numbers.Integral]:
         return isinstance(c, numbers.Integral) and not isinstance(c, bool)
 
     def size(c: object) -> bool:
+        # compared as ints: numbers.Integral declares no >= (numpy's ints are Integral too)
         if isinstance(c, tuple):  # explicit chunk lengths along one dim
-            return bool(c) and all(integer(i) and i >= 1 for i in c)
-        return integer(c) and (c >= 1 or c == -1)
+            return bool(c) and all(integer(i) and int(i) >= 1 for i in c)
+        return integer(c) and (int(c) >= 1 or c == -1)
 
     def auto(c: object) -> bool:
         return isinstance(c, str) and c == "auto"
@@ -380,7 +381,10 @@ def _from_stored(ds: xr.Dataset, meta: Mapping[str, Any], kind: str) -> xr.DataA
     ds = ds.assign_coords(coords).assign(data)
     multiindex = meta.get("multiindex", {})
     if multiindex:
-        ds = ds.set_index({dim: list(levels) for dim, levels in multiindex.items()})
+        levels_of: dict[Hashable, list[Hashable]] = {
+            dim: list(levels) for dim, levels in multiindex.items()
+        }
+        ds = ds.set_index(levels_of)
     if kind == "DataArray":
         if _DA_VAR not in ds.data_vars:
             raise InputError(f"file claims to hold a DataArray but has no {_DA_VAR!r} variable")
@@ -390,7 +394,7 @@ def _from_stored(ds: xr.Dataset, meta: Mapping[str, Any], kind: str) -> xr.DataA
 
 def _json_name(name: Hashable | None) -> str | int | float | None:
     if name is None or (isinstance(name, str | int | float) and not isinstance(name, bool)):
-        return name  # type: ignore[return-value]
+        return name
     raise InputError(f"`obj.name` must be a str, a number or None to be saved, got {name!r}")
 
 

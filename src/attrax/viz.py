@@ -997,7 +997,7 @@ def plot(
     if type(da).__name__ == "DataFrame":  # an ax.summary table: metrics with their intervals
         from ._summary_plot import plot_summary
 
-        fig = plot_summary(da, title=title)  # type: ignore[arg-type]
+        fig = plot_summary(da, title=title)
         _save_figure(fig, target, dpi)
         return fig
     name = _default_title(_check_dims(da, rows=_is_rows(da)), title)
