@@ -259,6 +259,7 @@ LABEL = {
     "attribution_patching": "attribution patching",
     "attention_x_gradient": "attention × gradient",  # noqa: RUF001
     "head_attribution": "head attribution", "alti": "ALTI", "alti_logit": "ALTI-Logit",
+    "attention_norm": "attention norm", "decompx": "DecompX",
 }  # fmt: skip
 
 

@@ -1271,7 +1271,7 @@ def test_alti_max_memory_bounds_its_row_chunks_not_its_values(mixing_models, mon
     with pytest.raises(ax.OptionError, match="cannot be met") as refused:
         method(model, PROMPT, TARGET, max_memory=1)
     smallest = int(re.search(r"estimated (\d+) B;", str(refused.value))[1])
-    row = _mixing._row_bytes(1, length, model.hidden_size)
+    row = _mixing._row_bytes(1, length, model.hidden_size, 8)  # float64 vectors
     sizes.clear()
     bounded = method(model, PROMPT, TARGET, max_memory=smallest + 2 * row)  # three rows
     layers = model.hf.config.n_layer

@@ -20,6 +20,8 @@ from attrax._protocol import COMMON
 from .conftest import PAIRS, QUICK, assert_close
 
 EVERY = (*METHODS, "step_scores", "deletion", "insertion", "comprehensiveness", "sufficiency")
+# methods that explain only classifiers (DecompX: the post-norm encoders' sequence classifiers)
+_CLASSIFIER_ONLY = {"decompx"}
 SMALL = {**QUICK, "attribution_patching": {"corrupted": "The capital of Spain is"}}
 
 
@@ -60,9 +62,12 @@ def test_batch_size_is_one_meaning_for_every_gradient_method(models):
 
 
 @pytest.mark.parametrize("name", METHODS)
-def test_every_option_is_recorded_with_its_default(models, name):
+def test_every_option_is_recorded_with_its_default(models, classifier, name):
     fn = getattr(ax, name)
-    da = fn(models["gpt2"], *PAIRS[0], **SMALL.get(name, {}))
+    model, given = (
+        (classifier, PAIRS[0][:1]) if name in _CLASSIFIER_ONLY else (models["gpt2"], PAIRS[0])
+    )
+    da = fn(model, *given, **SMALL.get(name, {}))
     recorded = json.loads(da.attrs["options"])
     assert sorted(recorded) == sorted(_options(fn))
     for option, value in SMALL.get(name, {}).items():
@@ -226,6 +231,18 @@ def nan_model() -> ax.Model:
     return model
 
 
+@pytest.fixture(scope="module")
+def nan_classifier() -> ax.Model:
+    """A tiny BERT classifier with one NaN weight in its first attention's queries."""
+    from attrax.testing import tiny_classifier
+
+    hf, tok = tiny_classifier("bert", "sequence")
+    model = ax.load_model(hf, tokenizer=tok)
+    with torch.no_grad():
+        hf.bert.encoder.layer[0].attention.self.query.weight[0, 0] = float("nan")
+    return model
+
+
 def test_loading_a_model_that_outputs_nan_says_so(nan_model):
     # it said "a forward from `inputs_embeds` does not reproduce the forward from `input_ids`"
     with pytest.raises(ax.ModelError, match="outputs on a probe input are not finite"):
@@ -233,12 +250,17 @@ def test_loading_a_model_that_outputs_nan_says_so(nan_model):
 
 
 @pytest.mark.parametrize("name", (*METHODS, "step_scores"))
-def test_a_model_that_outputs_nan_is_an_input_error_for_every_method(nan_model, name):
+def test_a_model_that_outputs_nan_is_an_input_error_for_every_method(
+    nan_model, nan_classifier, name
+):
     """NaN marks the future and padding in results, so a NaN the model made must not pass as
     one: attention, mixing, component and head methods returned all-NaN arrays, guided IG's
     path never ended, and step scores were NaN."""
+    model, given = (
+        (nan_classifier, PAIRS[0][:1]) if name in _CLASSIFIER_ONLY else (nan_model, PAIRS[0])
+    )
     with pytest.raises(ax.InputError, match="not finite"):
-        getattr(ax, name)(nan_model, *PAIRS[0], **SMALL.get(name, {}))
+        getattr(ax, name)(model, *given, **SMALL.get(name, {}))
 
 
 # the data model's dtypes (docs/data-model.md): a half-precision model's results come back float32

@@ -212,6 +212,8 @@ GROUPS: dict[str, list[Call]] = {
     "value zeroing": [_run("value_zeroing")],
     "ALTI": [_run("alti")],
     "ALTI-Logit": [_run("alti_logit")],
+    "attention norm": [_run("attention_norm"), _run("attention_norm", include="residual")],
+    "DecompX": [_run("decompx")],
     "DLA": [_run("direct_logit_attribution")],
     "AtP heads": [_patching(site="heads"), _patching(site="residual")],
     "AtP MLP": [_patching(site="mlp")],

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from ._components import direct_logit_attribution as direct_logit_attribution
     from ._dataset import attribute_dataset as attribute_dataset
     from ._dataset import load_dataset_results as load_dataset_results
+    from ._decompx import decompx as decompx
     from ._deeplift import deeplift as deeplift
     from ._deeplift import deeplift_shap as deeplift_shap
     from ._discrete import discretized_integrated_gradients as discretized_integrated_gradients
@@ -53,6 +54,7 @@ if TYPE_CHECKING:
     from ._lrp import lrp as lrp
     from ._mixing import alti as alti
     from ._mixing import alti_logit as alti_logit
+    from ._mixing import attention_norm as attention_norm
     from ._mixing import value_zeroing as value_zeroing
     from ._model import Model as Model
     from ._model import load_model as load_model

@@ -22,7 +22,7 @@ import contextlib
 import dataclasses
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 import xarray as xr
@@ -136,6 +136,22 @@ def _hooks(pairs: list[tuple[torch.nn.Module, Callable[..., Any]]]) -> Iterator[
     finally:
         for handle in handles:
             handle.remove()
+
+
+@contextlib.contextmanager
+def whole_feed_forward(model: Model) -> Iterator[None]:
+    """transformers' ``chunk_size_feed_forward`` runs a block's feed-forward (and BERT's second
+    LayerNorm) a chunk of positions at a time: hooks that read them whole turn it off for the
+    call (it changes no value: the feed-forward is position-wise) and put it back after."""
+    chunked = [m for m in model.hf.modules() if getattr(m, "chunk_size_feed_forward", 0)]
+    saved = [m.chunk_size_feed_forward for m in chunked]
+    for module in chunked:
+        module.chunk_size_feed_forward = 0
+    try:
+        yield
+    finally:
+        for module, size in zip(chunked, saved, strict=True):
+            module.chunk_size_feed_forward = size
 
 
 def _base_forward(
@@ -572,25 +588,29 @@ class _Parts:
     scale: torch.Tensor | None = None
 
 
-def _parts(model: Model, layer: _Layer, stack: str = "self") -> _Parts:
+def _parts(model: Model, layer: _Layer, stack: str = "self", what: str = "ALTI") -> _Parts:
+    """What ``what`` (the method, in its refusals) reads from one layer."""
     kind = _architecture(model)
     known = _PRE_NORM + _arch.SANDWICH + _POST_NORM + _SEQ2SEQ + _arch.PRE_NORM_SEQ2SEQ + _T5
     if kind not in known:
         raise ModelError(
-            f"{model.name}: ALTI has no decomposition for the {kind!r} architecture; attrax "
+            f"{model.name}: {what} has no decomposition for the {kind!r} architecture; attrax "
             f"decomposes {', '.join(known)}"
         )
-    _refuse_residual_layouts(model)
+    _refuse_residual_layouts(model, what)
     if kind in _arch.SANDWICH:  # Llama's layout, the attention's output normed before the residual
-        project = layer.attention.o_proj
+        project = layer.attention.get_submodule("o_proj")
         if project.bias is not None:  # it would sit inside that norm, per query
-            raise ModelError(f"{model.name}: ALTI has no decomposition for a biased o_proj here")
-        return _Parts(project.weight, None, None, _arch.sandwich_norms(layer.block)[0])
+            raise ModelError(f"{model.name}: {what} has no decomposition for a biased o_proj here")
+        weight = cast(torch.Tensor, project.weight)
+        return _Parts(weight, None, None, _arch.sandwich_norms(layer.block)[0])
+    norm: torch.nn.Module | None
     if kind in _arch.PRE_NORM_SEQ2SEQ:  # the block output is the residual plus the attention's
-        project, norm = layer.attention.out_proj, None
+        project, norm = layer.attention.get_submodule("out_proj"), None
     elif kind in _T5:  # the recorded sub-layer holds the attention and its output projection
-        inner = getattr(layer.attention, "SelfAttention", None) or layer.attention.EncDecAttention
-        project, norm = inner.o, None
+        inner = getattr(layer.attention, "SelfAttention", None)
+        inner = inner or layer.attention.get_submodule("EncDecAttention")
+        project, norm = inner.get_submodule("o"), None
     elif kind in _PRE_NORM:
         project = next(
             getattr(layer.attention, name)
@@ -600,15 +620,17 @@ def _parts(model: Model, layer: _Layer, stack: str = "self") -> _Parts:
         )
         norm = None
     elif kind in _SEQ2SEQ:  # post-norm encoder-decoders: each attention block has its LayerNorm
-        project = layer.attention.out_proj
+        project = layer.attention.get_submodule("out_proj")
         name = "encoder_attn_layer_norm" if stack == "cross" else "self_attn_layer_norm"
         norm = getattr(layer.block, name)
     elif kind == "distilbert":  # `out_lin`, then the block's LayerNorm of the residual sum
-        project, norm = layer.attention.out_lin, layer.block.sa_layer_norm
+        project = layer.attention.get_submodule("out_lin")
+        norm = layer.block.get_submodule("sa_layer_norm")
     else:
-        output = layer.block.attention.output
-        project, norm = output.dense, output.LayerNorm
-    weight, bias = project.weight, project.bias
+        output = layer.block.get_submodule("attention.output")
+        project, norm = output.get_submodule("dense"), output.get_submodule("LayerNorm")
+    weight = cast(torch.Tensor, project.weight)
+    bias = cast("torch.Tensor | None", project.bias)
     if type(project).__name__ == "Conv1D":  # GPT-2's Conv1D computes x @ W: W is [in, out]
         weight = weight.T
     scale = _arch.branch_scale(model.hf.config)
@@ -617,18 +639,18 @@ def _parts(model: Model, layer: _Layer, stack: str = "self") -> _Parts:
     return _Parts(weight, bias, norm)
 
 
-def _refuse_residual_layouts(model: Model) -> None:
-    """A ModelError for the layouts whose block is not ``x + attention``."""
+def _refuse_residual_layouts(model: Model, what: str = "ALTI") -> None:
+    """A ModelError for the layouts whose block is not ``x + attention`` (``what``: the method)."""
     config = model.hf.config
     if _architecture(model) == "opt" and not config.do_layer_norm_before:
         raise ModelError(
-            f"{model.name}: ALTI decomposes pre-LN OPT; this one normalises after each block "
+            f"{model.name}: {what} decomposes pre-LN OPT; this one normalises after each block "
             "(OPT-350m's layout), which attrax has no decomposition for"
         )
     if _architecture(model) == "bloom" and config.apply_residual_connection_post_layernorm:
         raise ModelError(
             f"{model.name}: its residual stream carries each block's normed input "
-            "(apply_residual_connection_post_layernorm=True), not the input ALTI decomposes"
+            f"(apply_residual_connection_post_layernorm=True), not the input {what} decomposes"
         )
 
 
@@ -645,7 +667,9 @@ class _Decomposition:
     ``on_layer(index, A, u, x, parts, stack)`` and dropped. Decoder-only and encoder-only models
     have the stack ``"self"``; encoder-decoders ``"encoder"``, ``"decoder"`` and ``"cross"``."""
 
-    def __init__(self, model: Model, t: Tensors, on_layer: Callable[..., None]) -> None:
+    def __init__(
+        self, model: Model, t: Tensors, on_layer: Callable[..., None], what: str = "ALTI"
+    ) -> None:
         self.model, self.t, self.on_layer = model, t, on_layer
         if model.is_encoder_decoder:
             if _architecture(model) not in _SEQ2SEQ + _arch.PRE_NORM_SEQ2SEQ + _T5:
@@ -654,13 +678,13 @@ class _Decomposition:
                     f"encoder-decoders {', '.join(_SEQ2SEQ)} and the pre-norm "
                     f"{', '.join(_arch.PRE_NORM_SEQ2SEQ + _T5)}"
                 )
-            names = ("encoder", "decoder", "cross")
+            names: tuple[str, ...] = ("encoder", "decoder", "cross")
         else:
             names = ("self",)
         self.stacks = {name: _layers(model, name) for name in names}
         self.stack = self.stacks["cross" if model.is_encoder_decoder else "self"]
         self.parts = {
-            name: [_parts(model, layer, name) for layer in layers]
+            name: [_parts(model, layer, name, what) for layer in layers]
             for name, layers in self.stacks.items()
         }
         config = model.hf.config
@@ -681,7 +705,11 @@ class _Decomposition:
             for i, layer in enumerate(layers):
                 owner = layer.block
                 if name == "cross":  # the residual reaches the norm before it, or the attention
-                    owner = layer.block.encoder_attn_layer_norm if pre_norm else layer.attention
+                    owner = (
+                        layer.block.get_submodule("encoder_attn_layer_norm")
+                        if pre_norm
+                        else layer.attention
+                    )
                 residual_of[id(owner)] = (name, i)
                 values_of[id(layer.values)] = (name, i)
                 modules.update({id(m): m for m in (owner, layer.values)})
@@ -772,7 +800,7 @@ def _by_rows(
     """``[B, Q, keys]`` scores of the query rows of ``x [B, Q, d]``, ``score(rows)`` a chunk
     at a time: as many rows as their vectors over ``keys`` sources fit ``vectors`` bytes."""
     batch, queries, width = x.shape
-    rows = max(1, min(queries, vectors // _row_bytes(batch, keys, width)))
+    rows = max(1, min(queries, vectors // _row_bytes(batch, keys, width, x.element_size())))
     # written in place: chunks kept alive between the chunks' temporaries fragment the heap
     scores = x.new_empty((batch, queries, keys))
     for start in range(0, queries, rows):  # memory chunking over query rows
@@ -781,12 +809,13 @@ def _by_rows(
     return scores
 
 
-def _row_bytes(batch: int, keys: int, width: int) -> int:
-    # one query row's float32 vectors [B, 1, keys, d] and the three temporaries _l1_scores makes
-    return 4 * batch * keys * width * 4
+def _row_bytes(batch: int, keys: int, width: int, size: int = 4) -> int:
+    # one query row's vectors [B, 1, keys, d] (float32, or the model's float64) and the three
+    # temporaries _l1_scores makes
+    return 4 * batch * keys * width * size
 
 
-def _vector_budget(model: Model, t: Tensors, options: Any) -> int:
+def _vector_budget(model: Model, t: Tensors, options: Any, what: str = "ALTI") -> int:
     """Bytes ALTI's per-layer vectors may take at once: ``max_memory`` (None: half the free memory
     of the model's device) less the rest of the call's estimate: one layer's eager forward (its
     temporaries, three ``[B, heads, L, L]`` maps), the float32 decomposition (the per-head values
@@ -812,11 +841,11 @@ def _vector_budget(model: Model, t: Tensors, options: Any) -> int:
     copy = heads * length * length if size < 4 else 0
     decomposition = 4 * batch * (heads * length * width + length * width + copy)
     fixed = CALL_OVERHEAD + body + maps + decomposition + 3 * 4 * batch * length * length
-    smallest = fixed + _row_bytes(batch, length, width)
+    smallest = fixed + _row_bytes(batch, length, width, max(size, 4))
     max_memory = parse_bytes(options.get("max_memory"))
     if max_memory is not None and smallest > max_memory:
         raise OptionError(
-            f"`max_memory` of {format_bytes(max_memory)} cannot be met: ALTI's forward with one "
+            f"`max_memory` of {format_bytes(max_memory)} cannot be met: {what}'s forward with one "
             f"query row's vectors at a time needs an estimated {format_bytes(smallest, up=True)}; "
             "give at least that"
         )
@@ -872,17 +901,26 @@ def _cross_row_scores(
 def _l1_scores(vectors: torch.Tensor, parts: _Parts) -> torch.Tensor:
     """``max(0, |y_i|_1 - |y_i - T_i(x_j)|_1)`` for vectors ``T [B, q, n, d]`` summing (with the
     output projection's bias) to the block output, normalized like it where a norm follows."""
-    output = vectors.sum(2) + (parts.bias if parts.bias is not None else 0)
-    if parts.norm is not None:  # LayerNorm after the residual: linear given y's own scale
-        norm = parts.norm
-        scale = torch.sqrt(output.var(-1, unbiased=False, keepdim=True) + norm.eps)
-        vectors = norm.weight * (vectors - vectors.mean(-1, keepdim=True)) / scale[:, :, None]
-        bias = None if norm.bias is None else norm.bias.to(output.dtype)
-        output = torch.nn.functional.layer_norm(
-            output, output.shape[-1:], norm.weight.to(output.dtype), bias, norm.eps
-        )
+    vectors, output = _normed(vectors, parts)
     distance = torch.linalg.vector_norm(output[:, :, None] - vectors, ord=1, dim=-1)
     return torch.relu(torch.linalg.vector_norm(output, ord=1, dim=-1)[..., None] - distance)
+
+
+def _normed(vectors: torch.Tensor, parts: _Parts) -> tuple[torch.Tensor, torch.Tensor]:
+    """Vectors ``T [B, q, n, d]`` summing (with the output projection's bias) to the block output
+    ``y [B, q, d]``, and ``y``; where a LayerNorm follows the residual, both through it, the
+    vectors linearly at ``y``'s own scale (the norm's bias is in ``y`` alone)."""
+    output = vectors.sum(2) + (parts.bias if parts.bias is not None else 0)
+    if parts.norm is None:
+        return vectors, output
+    norm = cast(torch.nn.LayerNorm, parts.norm)  # the post-norm models' LayerNorm
+    scale = torch.sqrt(output.var(-1, unbiased=False, keepdim=True) + norm.eps)
+    vectors = norm.weight * (vectors - vectors.mean(-1, keepdim=True)) / scale[:, :, None]
+    bias = None if norm.bias is None else norm.bias.to(output.dtype)
+    output = torch.nn.functional.layer_norm(
+        output, output.shape[-1:], norm.weight.to(output.dtype), bias, norm.eps
+    )
+    return vectors, output
 
 
 def _check_aggregate(options: Any) -> None:
@@ -1163,4 +1201,225 @@ def _pre_hook(module: torch.nn.Module, hook: Callable[..., Any]) -> Iterator[Non
         handle.remove()
 
 
-__all__ = ["alti", "alti_logit", "value_zeroing"]
+# --------------------------------------------------------------------------------------------------
+# Norm-based mixing (Kobayashi et al. 2020, 2021; GlobEnc, Modarressi et al. 2022)
+# --------------------------------------------------------------------------------------------------
+#: what ``attention_norm`` measures the norm of, from the attention's weighted vectors outwards
+INCLUDES = ("attention", "residual", "layernorm", "encoder")
+_NORM_ONE_FORWARD = "the norm-based measures come from one forward"
+
+#: Norm-based mixing: the decomposition ALTI runs, measured by the norms of its vectors.
+ATTENTION_NORM = Family(
+    name="attention_norm",
+    takes=("positions", "max_new_tokens", "max_memory"),
+    refuses={
+        "objective": _NO_OBJECTIVE,
+        "contrast": _NO_OBJECTIVE,
+        "chunk_size": f"{_NORM_ONE_FORWARD}: there is no backward to chunk",
+        "batch_size": f"{_NORM_ONE_FORWARD}: there are no points to batch",
+        "attribute_target": "decoder-only models already attribute the target prefix; the "
+        "norm-based measures do not decompose encoder-decoder models",
+    },
+)
+
+
+def _include(value: object, name: str) -> None:
+    if value not in INCLUDES:
+        raise OptionError(f"`{name}` must be one of {INCLUDES}, got {value!r}")
+
+
+def _check_norms(options: Any) -> None:
+    _check_aggregate(options)
+    if options["per_head"] and options["include"] != "attention":
+        raise OptionError(
+            f"`per_head=True` measures each head's weighted vectors, which only "
+            f"include='attention' keeps apart (the residual and the norms act on the heads' "
+            f"sum), got include={options['include']!r}"
+        )
+    if options["per_head"] and options["aggregate"]:
+        raise OptionError(
+            "`per_head=True` keeps each layer's heads: it needs aggregate=False (the rollout "
+            "runs through whole layers)"
+        )
+
+
+@ATTENTION_NORM.method(
+    _check_norms, include=_include, per_head=_boolean, aggregate=_boolean, layers=check_selection
+)
+def attention_norm(
+    call: Call,
+    *,
+    include: str = "attention",
+    per_head: bool = False,
+    aggregate: bool = False,
+    layers: Selection = None,
+) -> xr.DataArray:
+    """Norm-based context mixing (Kobayashi et al. 2020, 2021) and GlobEnc (Modarressi et al.
+    2022): the norm of each source token's share of each layer's attention block output at the
+    query that predicts each target.
+
+    Each layer's attention output at query ``i`` is split by source ``j`` as ALTI splits it,
+    ``sum_h A^h_ij f^h(x_j)`` (``f^h``: the head's values through its slice of the output
+    projection, the value bias included, the output bias not), and measured by its L2 norm.
+    ``include`` says how far out the split goes:
+
+    - ``"attention"``: ``||sum_h A^h_ij f^h(x_j)||`` (Kobayashi et al. 2020; Attn-N); with
+      ``per_head`` each head's ``||A^h_ij f^h(x_j)||``. Where the model norms the attention's
+      output before the residual sum (Gemma 2, 3, OLMo 2), of the vectors after that norm.
+    - ``"residual"``: plus the residual ``x_i`` at ``j = i`` (AttnRes-N, Kobayashi et al. 2021).
+    - ``"layernorm"``: through the LayerNorm after the residual sum, linear at the sum's own
+      scale, its bias left out (AttnResLn-N); post-norm encoders (BERT-like, DistilBERT) only.
+    - ``"encoder"``: on through the block's second residual and LayerNorm, the feed-forward
+      left out but its output in that norm's scale (N-Enc, Modarressi et al. 2022). With
+      ``aggregate=True`` this is GlobEnc: the layers' matrices multiplied, ``N_L ... N_1``, as
+      the authors' code does (rows not normalized first; the rollout of ``"attention"`` leaves
+      the residual out, which no paper does).
+
+    Architectures: decoder-only and encoder-only models ALTI decomposes (GPT-2, Llama-like,
+    BERT-like); not encoder-decoders.
+
+    Arguments:
+        model, inputs, targets, positions, max_new_tokens: as :func:`attrax.saliency`.
+        include: ``"attention"`` (default), ``"residual"``, ``"layernorm"`` or ``"encoder"``.
+        per_head: with ``include="attention"``, each head's norms on a ``head`` dim.
+        aggregate: False (default): each layer's norms ``([example,] target, source, layer)``;
+            True: their product across layers ``([example,] target, source)``.
+        layers: with ``aggregate=False``, which layers to keep.
+        max_memory: bytes (or ``"8GB"``) the call may take: bounds the query rows whose
+            ``[B, rows, L, d]`` vectors are built at once (None: half the device's free memory;
+            on the CPU 2 GiB of vectors at most). Below one row on top of the forward: an
+            :class:`~attrax.OptionError` naming the smallest budget.
+
+    Returns:
+        DataArray ``([example,] target, source, layer)`` of non-negative norms (``per_head``:
+        ``(..., layer, head)``); with ``aggregate=True`` ``([example,] target, source)``.
+
+    >>> import attrax as ax
+    >>> model = ax.load_model()
+    >>> ax.attention_norm(model, "1 2 3 =", " 3 2 1").dims
+    ('target', 'source', 'layer')
+    >>> ax.attention_norm(model, "1 2 3 =", " 3 2 1", per_head=True).dims
+    ('target', 'source', 'layer', 'head')
+    """
+    model = call.model
+    refuse_no_query_row(model, "attention_norm")
+    if model.is_encoder_decoder:
+        raise ModelError(
+            f"{model.name} ({_architecture(model)}): the norm-based measures decompose "
+            "decoder-only and encoder-only models, not encoder-decoders"
+        )
+    t = to_tensors(call.batch, model)
+    decomposition = _Decomposition(model, t, lambda *args: finish(*args), "attention_norm")
+    normed = include in ("layernorm", "encoder")
+    if normed and any(parts.norm is None for parts in decomposition.parts["self"]):
+        raise ModelError(
+            f"{model.name} ({_architecture(model)}): include={include!r} goes through the "
+            "LayerNorm after the attention's residual sum, which only post-norm encoders "
+            f"({', '.join(_POST_NORM)}) have; this model has none there (it normalises the "
+            "block's input, or the attention's output before the sum): include='residual' is "
+            "its whole attention block"
+        )
+    seconds = _second_norms(model, decomposition.stack) if include == "encoder" else []
+    vectors = _vector_budget(model, t, call.options, "attention_norm")  # before any forward
+    chosen = selection_indices(layers, len(decomposition.stack), "layers", "layers")
+    kept: dict[int, torch.Tensor] = {}
+    rolled: list[torch.Tensor] = []
+    pending: dict[int, tuple[Any, ...]] = {}
+
+    def finish(index: int, weights: Any, u: Any, x: Any, parts: _Parts, _stack: str) -> None:
+        if include == "encoder":  # measured once the second norm's input exists
+            pending[index] = (weights, u, x, parts)
+        elif aggregate or index in chosen:
+            measure(index, weights, u, x, parts, None)
+
+    def measure(index: int, weights: Any, u: Any, x: Any, parts: _Parts, second: Any) -> None:
+        if per_head:  # ||A^h_ij f^h(x_j)|| = A^h_ij ||f^h(x_j)||, at each query's scale (Gemma)
+            if parts.scale is None:
+                lengths = u.square().sum(-1)[:, :, None, :]
+            else:
+                lengths = torch.einsum("bhjd,bid->bhij", u.square(), parts.scale.square())
+            kept[index] = _rows((weights * lengths.sqrt()).permute(0, 2, 3, 1), t.index)
+            return
+        step = _by_rows(
+            x,
+            x.shape[1],
+            vectors,
+            lambda rows: _norm_rows(weights[:, :, rows], u, x, parts, include, second, rows.start),
+        )
+        if aggregate:
+            rolled[:] = [step if not rolled else step @ rolled[0]]
+        else:
+            kept[index] = _rows(step, t.index)
+
+    def second_norm(index: int, norm: torch.nn.LayerNorm) -> Callable[..., None]:
+        def hook(_module: torch.nn.Module, args: Any) -> None:
+            weights, u, x, parts = pending.pop(index)
+            if aggregate or index in chosen:
+                z = args[0].to(u.dtype)
+                scale = torch.sqrt(z.var(-1, unbiased=False) + norm.eps)
+                measure(index, weights, u, x, parts, (norm.weight.to(u.dtype), scale))
+
+        return hook
+
+    with contextlib.ExitStack() as stack, torch.no_grad(), whole_feed_forward(model):
+        for index, norm in enumerate(seconds):
+            stack.enter_context(_pre_hook(norm, second_norm(index, norm)))
+        decomposition.run()
+    if aggregate:
+        return call.label([_rows(rolled[0], t.index)], trailing=())
+    values = torch.stack([kept[i] for i in chosen], dim=3)
+    if per_head:
+        heads = list(range(values.shape[-1]))
+        return call.label(
+            [values], trailing=("layer", "head"), trailing_coords={"layer": chosen, "head": heads}
+        )
+    return call.label([values], trailing=("layer",), trailing_coords={"layer": chosen})
+
+
+def _second_norms(model: Model, layers: list[_Layer]) -> list[torch.nn.LayerNorm]:
+    """Each post-norm encoder block's LayerNorm after its feed-forward's residual sum: BERT's
+    ``output.LayerNorm``, DistilBERT's ``output_layer_norm``."""
+    found = []
+    for layer in layers:
+        block = layer.block
+        norm = getattr(block, "output_layer_norm", None)
+        if norm is None:
+            norm = getattr(getattr(block, "output", None), "LayerNorm", None)
+        if not isinstance(norm, torch.nn.LayerNorm):
+            raise ModelError(
+                f"{model.name} ({_architecture(model)}): include='encoder' needs the LayerNorm "
+                f"after each block's feed-forward (BERT's `output.LayerNorm`, DistilBERT's "
+                f"`output_layer_norm`); found none in {type(block).__name__}"
+            )
+        found.append(norm)
+    return found
+
+
+def _norm_rows(
+    weights: torch.Tensor,
+    u: torch.Tensor,
+    x: torch.Tensor,
+    parts: _Parts,
+    include: str,
+    second: tuple[torch.Tensor, torch.Tensor] | None,
+    start: int,
+) -> torch.Tensor:
+    """The norms ``[B, q, L]`` of the query rows ``start .. start + q``' vectors, as far out as
+    ``include`` goes (:func:`attention_norm`)."""
+    vectors = torch.einsum("bhij,bhjd->bijd", weights.to(u.dtype), u)
+    i = torch.arange(weights.shape[2], device=x.device)
+    if parts.scale is not None:  # Gemma: the norm on the attention's output, linear at its scale
+        vectors.mul_(parts.scale[:, start + i, None, :])
+    if include != "attention":
+        vectors[:, i, start + i] += x[:, start + i]
+    if include in ("layernorm", "encoder"):
+        vectors = _normed(vectors, parts)[0]
+    if second is not None:  # the second norm, linear at its input's own scale
+        gain, scale = second
+        vectors = (
+            gain * (vectors - vectors.mean(-1, keepdim=True)) / scale[:, start + i, None, None]
+        )
+    return torch.linalg.vector_norm(vectors, dim=-1)
+
+
+__all__ = ["alti", "alti_logit", "attention_norm", "value_zeroing"]

@@ -54,6 +54,8 @@ PUBLIC: dict[str, str] = {
     "value_zeroing": "._mixing",
     "alti": "._mixing",
     "alti_logit": "._mixing",
+    "attention_norm": "._mixing",
+    "decompx": "._decompx",
     "attention_x_gradient": "._heads",
     "head_attribution": "._heads",
     # step scores and faithfulness
@@ -122,6 +124,8 @@ METHODS = (
     "value_zeroing",
     "alti",
     "alti_logit",
+    "attention_norm",
+    "decompx",
     "attention_x_gradient",
     "head_attribution",
 )
