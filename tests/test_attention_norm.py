@@ -84,7 +84,10 @@ def naive_norms(model: ax.Model, ids: torch.Tensor) -> dict[str, list[torch.Tens
     way that the vectors add up to the model's own outputs where a norm is linearized."""
     hf = model.hf
     outputs, seconds = [], []
-    grab = lambda _m, _a, out: outputs.append(out[0] if isinstance(out, tuple) else out)  # noqa: E731
+
+    def grab(_module, _args, out) -> None:
+        outputs.append(out[0] if isinstance(out, tuple) else out)
+
     if is_bert(model):
         handles = [post_norm(b)[2].register_forward_hook(grab) for b in blocks(model)]
         handles += [

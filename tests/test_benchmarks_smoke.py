@@ -860,3 +860,14 @@ def test_the_reagent_table_is_rendered_from_its_results():
     assert result["parity"]
     block = f"{reagent.BEGIN}\n{reagent.render(result)}\n{reagent.END}"
     assert block in reagent.DOC.read_text()
+
+
+def test_the_decompx_reference_table_is_rendered_from_its_record():
+    # internals.md's parity rows against DecompX's and GlobEnc's authors' code are what
+    # `decompx_ref.py --docs` renders from the record it writes after the parity held
+    from benchmarks import decompx_ref
+
+    record = json.loads((BENCH / "decompx-ref.json").read_text())
+    assert all(v <= record["tolerance"] for got in record["results"].values() for v in got.values())
+    block = f"{decompx_ref.BEGIN}\n{decompx_ref.render(record)}\n{decompx_ref.END}"
+    assert block in decompx_ref.DOC.read_text()

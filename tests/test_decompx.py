@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from transformers.activations import ACT2FN
 
 import attrax as ax
 from attrax.testing import tiny_classifier
@@ -60,6 +61,8 @@ def _head(model: ax.Model):
         return hf.pre_classifier, torch.nn.functional.relu, hf.classifier
     if kind == "bert":
         return hf.bert.pooler.dense, torch.tanh, hf.classifier
+    if kind == "deberta-v2":  # its ContextPooler: dense, then the config's activation
+        return hf.pooler.dense, ACT2FN[hf.config.pooler_hidden_act], hf.classifier
     if kind == "electra":
         return hf.classifier.dense, hf.classifier.activation, hf.classifier.out_proj
     return hf.classifier.dense, torch.tanh, hf.classifier.out_proj
@@ -103,7 +106,12 @@ def naive_decompx(model: ax.Model, text: str, how: str = "absdot") -> np.ndarray
             hd = value.out_features // heads
             x = out.hidden_states[layer][0]
             V = [[value(S[j][k]) - value.bias for k in range(length)] for j in range(length)]
-            attention_bias = dense(value.bias)  # each row of weights sums to 1
+            if layer == 0:  # the first block's values hold their bias, token by token
+                for j in range(length):
+                    V[j][j] = V[j][j] + value.bias
+                attention_bias = dense.bias
+            else:
+                attention_bias = dense(value.bias)  # each row of weights sums to 1
             pre1 = torch.stack(
                 [
                     dense(
@@ -158,9 +166,9 @@ def naive_decompx(model: ax.Model, text: str, how: str = "absdot") -> np.ndarray
     return torch.stack(C).numpy()
 
 
-@pytest.mark.parametrize("arch", ["bert", "roberta", "distilbert", "electra"])
+@pytest.mark.parametrize("arch", ["bert", "roberta", "distilbert", "electra", "deberta-v2"])
 def test_matches_naive(models, arch):
-    model = models[arch]
+    model = models[arch] if arch in models else _model(arch)
     got = ax.decompx(model, TEXTS[1], "all")
     assert got.dims == ("target", "source")
     naive = naive_decompx(model, TEXTS[1])
@@ -187,6 +195,23 @@ def test_the_shares_sum_to_each_logit(arch, how):
     # padding holds no share
     short = len(model.tokenizer(TEXTS[0]).input_ids)
     assert np.isnan(got.values[0, :, short:]).all()
+
+
+def test_pairs_batched_equal_each_pair_alone(models):
+    """(text, text_pair) inputs with their token types, padded in a batch."""
+    model = models["bert"]
+    pairs = [("the plot was good", "and so was the cast"), ("a film", "long and bad")]
+    both = ax.decompx(model, pairs, "all")
+    enc = model.tokenizer(
+        [p[0] for p in pairs], [p[1] for p in pairs], padding=True, return_tensors="pt"
+    )
+    with torch.no_grad():
+        logits = model.hf(**enc).logits.numpy()
+    np.testing.assert_allclose(both.sum("source").values, logits, rtol=0, atol=1e-10)
+    for b, pair in enumerate(pairs):
+        one = ax.decompx(model, pair, "all")
+        part = both.isel(example=b).sel(source=one.source.values)
+        np.testing.assert_allclose(part.values, one.values, rtol=1e-10, atol=1e-12)
 
 
 def test_batched_equals_single_contrast_and_predicted_class(models):

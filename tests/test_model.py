@@ -268,10 +268,10 @@ def test_parameters_frozen_and_eval(models):
         assert not any(p.requires_grad for p in model.hf.parameters())
 
 
-def _training():
-    """A GPT-2 mid-training: train mode, its embeddings frozen (and the tied head), the rest
-    trainable; and a snapshot of both states."""
-    hf, tok = tiny_model("gpt2")
+def _training(classifier: bool = False):
+    """A GPT-2 (or a BERT classifier) mid-training: train mode, its embeddings frozen (and the
+    tied head), the rest trainable; and a snapshot of both states."""
+    hf, tok = tiny_classifier("bert") if classifier else tiny_model("gpt2")
     hf.train().requires_grad_(True)
     hf.get_input_embeddings().requires_grad_(False)
 
@@ -293,7 +293,8 @@ def test_every_method_leaves_an_unfrozen_models_gradients_and_modes_as_they_were
     back both those and the modules' modes (a training loop's ``.train()``), running the model
     frozen and in eval mode: the same values as on a frozen copy. (By default load_model
     freezes the model for good: a training loop after an attribution trains nothing.)"""
-    hf, tok, state = _training()
+    classifier = name == "decompx"  # the sequence classifiers' method
+    hf, tok, state = _training(classifier)
     grads = state()[0]
     assert any(grads) and not all(grads)
     model = ax.load_model(hf, tokenizer=tok, freeze=False)
@@ -301,7 +302,7 @@ def test_every_method_leaves_an_unfrozen_models_gradients_and_modes_as_they_were
     hf.train()  # as a training loop does before its steps
     before = state()
     fn, options = getattr(ax, name), {**SMALL.get(name, {})}
-    args = [*PAIRS[0]]
+    args = ["the plot was good", "all"] if classifier else [*PAIRS[0]]
     if name in ("deletion", "sufficiency"):
         args.insert(0, ax.pipe(ax.saliency, ax.l2_norm)(_frozen_copy(hf, tok), *PAIRS[0]))
     got = fn(model, *args, **options)

@@ -177,8 +177,10 @@ def decompx(call: Call, *, biases: str = "absdot") -> xr.DataArray:
     activation as the ratio ``act(z) / z`` of its real input and output (the paper's
     zero-origin approximation, exact for the sum), and each bias shared among the vectors;
     then the classification head on the first token the same way (its ``tanh``, GELU or ReLU
-    as a ratio too). A token's share of the logit is its vector through the head's last layer,
-    so the shares of each class sum to its logit. Post-norm encoders' sequence classifiers:
+    as a ratio too). In the first block each token's value keeps the values' bias, as the
+    authors' code computes it; later blocks share it with the output projection's. A token's
+    share of the logit is its vector through the head's last layer, so the shares of each
+    class sum to its logit. Post-norm encoders' sequence classifiers:
     BERT, RoBERTa, XLM-R, CamemBERT, ELECTRA, DistilBERT, DeBERTa-v2.
 
     Arguments:
@@ -239,7 +241,7 @@ def _decompose(
     shares = x[:, :, None, :] * eye[None, :, :, None]  # [b, i, k, d]: token k's part of h_i
     for index, block in enumerate(run.blocks):
         maps = run.maps[index][examples].to(dtype)  # [b, heads, i, j]
-        shares = _attention(shares, maps, block, biases)
+        shares = _attention(shares, maps, block, biases, first=index == 0)
         for start in range(0, length, rows):  # memory chunking over positions
             part = slice(start, start + rows)
             shares[:, part] = _position_wise(
@@ -258,21 +260,29 @@ def _decompose(
 
 
 def _attention(
-    shares: torch.Tensor, maps: torch.Tensor, block: _Block, biases: str
+    shares: torch.Tensor, maps: torch.Tensor, block: _Block, biases: str, first: bool
 ) -> torch.Tensor:
     """The vectors of the attention block's residual sum: each token's vectors through the
-    values, the weights and the output projection, plus the residual, the biases shared."""
+    values, the weights and the output projection, plus the residual, the biases shared. In the
+    ``first`` block each token's value holds the values' bias, as the authors' code has it (its
+    first layer reads the values as they ran); later blocks share it with the output's."""
     heads = maps.shape[1]
     weight = _w(block.values, shares.dtype)[block.value_features]  # [heads * hd, d]
-    values = (shares @ weight.T).unflatten(-1, (heads, -1))  # [b, j, k, h, e]
-    mixed = torch.einsum("bhij,bjkhe->bikhe", maps, values)
-    output = block.output.to(shares.dtype).unflatten(1, (heads, -1))  # [d, h, e]
-    attended = torch.einsum("bikhe,dhe->bikd", mixed, output) + shares
+    values = shares @ weight.T  # [b, j, k, heads * hd]
     value_bias = _b(block.values, shares.dtype)
+    value_bias = None if value_bias is None else value_bias[block.value_features]
     bias = None if block.output_bias is None else block.output_bias.to(shares.dtype)
-    if value_bias is not None:  # each row of weights sums to 1: the values' bias passes whole
-        bias = output.flatten(1) @ value_bias[block.value_features] + (0 if bias is None else bias)
-    return _shared(attended, bias, biases)
+    output = block.output.to(shares.dtype).unflatten(1, (heads, -1))  # [d, h, e]
+    if value_bias is not None and first:
+        own = torch.arange(values.shape[1], device=values.device)
+        values[:, own, own] += value_bias
+    elif value_bias is not None:  # each row of weights sums to 1: the values' bias passes whole
+        bias = output.flatten(1) @ value_bias + (0 if bias is None else bias)
+    mixed = torch.einsum("bhij,bjkhe->bikhe", maps, values.unflatten(-1, (heads, -1)))
+    del values  # [b, L, L, d] each: at most three alive at once
+    attended = torch.einsum("bikhe,dhe->bikd", mixed, output)
+    del mixed
+    return _shared(attended.add_(shares), bias, biases)
 
 
 def _position_wise(
@@ -305,7 +315,8 @@ def _position_wise(
 
 
 def _ratio(output: torch.Tensor, given: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """An activation's ``act(z) / z`` where it ran (0 where ``z`` is 0: every vector is then 0)."""
+    """An activation's ``act(z) / z`` where it ran; 0 where ``z`` is 0 (the vectors there sum to
+    0 and ``act(0)`` is 0: the shares still sum to the output)."""
     output, given = output.to(dtype), given.to(dtype)
     return torch.where(given != 0, output / torch.where(given != 0, given, 1), 0)
 
@@ -321,9 +332,9 @@ def _shared(vectors: torch.Tensor, bias: torch.Tensor | None, biases: str) -> to
     else:
         weights = (vectors != 0).any(-1).to(vectors.dtype)
     total = weights.sum(-1, keepdim=True)
-    # a row of zero vectors (a padded position) takes the bias on no token
+    # a row whose weights are all 0 takes the bias on no token
     weights = weights / torch.where(total == 0, 1, total)
-    return vectors + weights[..., None] * bias
+    return vectors.addcmul_(weights[..., None], bias)  # in place: no second [..., k, d]
 
 
 def _w(module: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor:
@@ -339,7 +350,7 @@ def _sizes(model: Model, t: Tensors, blocks: list[_Block], options: Any) -> tupl
     """Examples decomposed at once and positions whose feed-forward vectors are built at once,
     within ``max_memory`` (None: half the free memory; on the CPU :data:`CPU_PASS` at most)."""
     batch, length = t.ids.shape
-    width = model.hidden_size
+    width = blocks[0].up.in_features  # the blocks' width (ELECTRA's embeddings are narrower)
     inner = max(block.up.out_features for block in blocks)
     size = 8 if model.dtype == torch.float64 else 4
     layers = len(blocks)
@@ -347,8 +358,10 @@ def _sizes(model: Model, t: Tensors, blocks: list[_Block], options: Any) -> tupl
     heads = _arch.heads(model.hf.config, "self") or 1
     kept = size * batch * layers * (length * (2 * width + 2 * inner) + heads * length * length)
     fixed = CALL_OVERHEAD + kept
-    # per example: the vectors, the values and their mix, the attended ([L, L, d] each)
-    example = 4 * size * length * length * width
+    # per example: the vectors, the values, their mix, the einsum's copy of one and the
+    # attended ([L, L, d] each; 4.2 of them measured at the attention's peak on a d=256 BERT
+    # over 542 tokens, a whole call's growth)
+    example = 5 * size * length * length * width
     # per position of one example: the feed-forward's vectors and their temporaries ([L, 4d])
     row = 3 * size * length * inner
     smallest = fixed + example + row
