@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import attrax as ax
-from attrax import _mixing
+from attrax import _memory, _mixing
 from attrax.testing import tiny_classifier, tiny_model
 from tests.test_mixing import (
     BERT_LIKE,
@@ -278,7 +278,7 @@ def test_max_memory_bounds_the_row_chunks_not_the_values(models, monkeypatch):
     length = max(sizes)
     layers = model.hf.config.num_hidden_layers
     assert sizes == [length] * layers  # one chunk per layer without a budget
-    monkeypatch.setattr(_mixing, "format_bytes", lambda n, up=False: f"{n} B")  # not rounded
+    monkeypatch.setattr(_memory, "format_bytes", lambda n, up=False: f"{n} B")  # not rounded
     sizes.clear()
     with pytest.raises(ax.OptionError, match="cannot be met") as refused:
         ax.attention_norm(model, PROMPT, include="encoder", max_memory=1)

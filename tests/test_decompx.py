@@ -11,6 +11,7 @@ import torch
 from transformers.activations import ACT2FN
 
 import attrax as ax
+from attrax import _memory
 from attrax.testing import tiny_classifier
 
 TEXTS = ["the plot was good", "a bad film, and a long one"]
@@ -243,8 +244,8 @@ def test_max_memory_chunks_examples_and_positions_not_values(models, monkeypatch
         return original(shares, *args, **kwargs)
 
     monkeypatch.setattr(_decompx, "_position_wise", spy)
-    monkeypatch.setattr(_decompx, "memory_budget", lambda device: 1)  # one example, one row
-    monkeypatch.setattr(_decompx, "CPU_PASS", 0)
+    monkeypatch.setattr(_memory, "memory_budget", lambda device: 1)  # one example, one row
+    monkeypatch.setattr(_memory, "CPU_PASS", 0)
     tight = ax.decompx(model, TEXTS, "all")
     assert set(calls) == {1}
     np.testing.assert_allclose(tight.values, whole.values, rtol=1e-12, atol=1e-14)

@@ -13,7 +13,7 @@ import transformers as T
 from transformers import AutoModelForCausalLM
 
 import attrax as ax
-from attrax import _mixing
+from attrax import _memory, _mixing
 from attrax._inputs import prepare, to_tensors
 from attrax.cli import main
 from attrax.testing import tiny_classifier, tiny_model
@@ -1239,7 +1239,7 @@ def test_cli_and_dataset_runs(tmp_path, capsys):
 def test_alti_row_chunks_do_not_change_contributions(mixing_models, monkeypatch):
     model = mixing_models["bert"]
     whole = ax.alti(model, [PROMPT, "a film"], aggregate=False)
-    monkeypatch.setattr(_mixing, "memory_budget", lambda device: 1)  # one query row at a time
+    monkeypatch.setattr(_memory, "memory_budget", lambda device: 1)  # one query row at a time
     rows = ax.alti(model, [PROMPT, "a film"], aggregate=False)
     np.testing.assert_allclose(rows.values, whole.values, atol=1e-12)
 
@@ -1267,7 +1267,7 @@ def test_alti_max_memory_bounds_its_row_chunks_not_its_values(mixing_models, mon
     whole = method(model, PROMPT, TARGET)
     length = max(sizes)
     assert sizes == [length] * len(sizes)  # one chunk per layer without a budget
-    monkeypatch.setattr(_mixing, "format_bytes", lambda n, up=False: f"{n} B")  # not rounded
+    monkeypatch.setattr(_memory, "format_bytes", lambda n, up=False: f"{n} B")  # not rounded
     with pytest.raises(ax.OptionError, match="cannot be met") as refused:
         method(model, PROMPT, TARGET, max_memory=1)
     smallest = int(re.search(r"estimated (\d+) B;", str(refused.value))[1])
@@ -1286,7 +1286,7 @@ def test_alti_plus_row_chunks_do_not_change_contributions(monkeypatch):
     source, target = "the capital of france is", "paris is a city"
     whole = ax.alti(model, source, target, attribute_target=True)
     sizes = _chunks(monkeypatch)
-    monkeypatch.setattr(_mixing, "memory_budget", lambda device: 1)  # one query row at a time
+    monkeypatch.setattr(_memory, "memory_budget", lambda device: 1)  # one query row at a time
     rows = ax.alti(model, source, target, attribute_target=True)
     assert set(sizes) == {1} and len(sizes) > 2 * whole.sizes["target"], sizes
     np.testing.assert_allclose(rows.values, whole.values, atol=1e-12)

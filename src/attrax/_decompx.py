@@ -22,7 +22,7 @@ import xarray as xr
 from . import _arch
 from ._errors import ModelError, OptionError
 from ._inputs import Tensors, to_tensors
-from ._memory import CALL_OVERHEAD, CPU_PASS, format_bytes, memory_budget, parse_bytes
+from ._memory import CALL_OVERHEAD, budget_after, parse_bytes
 from ._mixing import _POST_NORM, _architecture, _layers, _parts, whole_feed_forward
 from ._model import Model
 from ._protocol import Call, Family
@@ -366,16 +366,8 @@ def _sizes(model: Model, t: Tensors, blocks: list[_Block], options: Any) -> tupl
     row = 3 * size * length * inner
     smallest = fixed + example + row
     max_memory = parse_bytes(options.get("max_memory"))
-    if max_memory is not None and smallest > max_memory:
-        raise OptionError(
-            f"`max_memory` of {format_bytes(max_memory)} cannot be met: DecompX with one example "
-            f"and one position at a time needs an estimated {format_bytes(smallest, up=True)}; "
-            "give at least that"
-        )
-    budget = memory_budget(model.device) if max_memory is None else max_memory
-    if model.device.type == "cpu":
-        budget = min(budget, fixed + CPU_PASS)
-    left = budget - fixed
+    one = "DecompX with one example and one position at a time"
+    left = budget_after(model.device, max_memory, fixed, smallest, one)
     group = max(1, min(batch, left // (example + length * row)))
     rows = max(1, min(length, (left - group * example) // (group * row)))
     return int(group), int(rows)

@@ -629,6 +629,27 @@ def plan(
     return (None if batch >= points else batch, None if chunk >= targets else chunk)
 
 
+def budget_after(
+    device: torch.device, max_memory: int | None, fixed: int, smallest: int, what: str
+) -> int:
+    """Bytes a call's chunks may take beside its ``fixed`` ones: ``max_memory`` (None: half the
+    free memory of ``device``; on the CPU at most ``fixed +`` :data:`CPU_PASS`) less ``fixed``.
+    A ``max_memory`` below ``smallest`` is an :class:`OptionError` saying that ``what`` needs it.
+
+    >>> budget_after(torch.device("cpu"), 1000, 200, 300, "one chunk")
+    800
+    """
+    if max_memory is not None and smallest > max_memory:
+        raise OptionError(
+            f"`max_memory` of {format_bytes(max_memory)} cannot be met: {what} needs an "
+            f"estimated {format_bytes(smallest, up=True)}; give at least that"
+        )
+    budget = memory_budget(device) if max_memory is None else max_memory
+    if device.type == "cpu":
+        budget = min(budget, fixed + CPU_PASS)
+    return budget - fixed
+
+
 def plan_forwards(
     copies: int,
     batch_size: Size,

@@ -34,11 +34,9 @@ from ._errors import ModelError, OptionError
 from ._inputs import Tensors, encode_sources, to_tensors
 from ._memory import (
     CALL_OVERHEAD,
-    CPU_PASS,
     at_least_float32,
-    format_bytes,
+    budget_after,
     forward_bytes,
-    memory_budget,
     parse_bytes,
     plan_forwards,
 )
@@ -843,16 +841,8 @@ def _vector_budget(model: Model, t: Tensors, options: Any, what: str = "ALTI") -
     fixed = CALL_OVERHEAD + body + maps + decomposition + 3 * 4 * batch * length * length
     smallest = fixed + _row_bytes(batch, length, width, max(size, 4))
     max_memory = parse_bytes(options.get("max_memory"))
-    if max_memory is not None and smallest > max_memory:
-        raise OptionError(
-            f"`max_memory` of {format_bytes(max_memory)} cannot be met: {what}'s forward with one "
-            f"query row's vectors at a time needs an estimated {format_bytes(smallest, up=True)}; "
-            "give at least that"
-        )
-    budget = memory_budget(model.device) if max_memory is None else max_memory
-    if model.device.type == "cpu":
-        budget = min(budget, fixed + CPU_PASS)
-    return budget - fixed
+    one_row = f"{what}'s forward with one query row's vectors at a time"
+    return budget_after(model.device, max_memory, fixed, smallest, one_row)
 
 
 def _row_scores(
