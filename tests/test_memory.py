@@ -1186,10 +1186,10 @@ def call():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["alti", "alti_logit"])
+@pytest.mark.parametrize("method", ["alti", "alti_logit", "attention_norm"])
 def test_alti_on_a_long_input_stays_within_the_budget(peak_above_start, method):
-    """~1,500 tokens: ALTI's ``[B, rows, L, d]`` vectors come in query-row chunks that
-    max_memory bounds. Small chunks once fragmented the heap (their scores, kept for a final
+    """~1,500 tokens: ALTI's (and the norm-based measures') ``[B, rows, L, d]`` vectors come in
+    query-row chunks that max_memory bounds. Small chunks once fragmented the heap (their scores, kept for a final
     concatenation, sat between the next chunks' temporaries: 1.4-2.2 GiB in 64-128 MiB chunks)."""
     budget = 400 * 10**6
     free = peak_above_start(_LONG_ALTI.format(method=method, options=""))
@@ -1199,6 +1199,37 @@ def test_alti_on_a_long_input_stays_within_the_budget(peak_above_start, method):
     print(f"{method}, {length} tokens: unbounded {free['peak'] / mib:.0f} MiB, "
           f"budget {budget / mib:.0f} MiB, bounded {bounded['peak'] / mib:.0f} MiB")  # fmt: skip
     assert length > 1400, length
+    assert free["peak"] > budget, "the workload must need more than the budget unbounded"
+    assert bounded["peak"] <= budget, (bounded["peak"] / mib, budget / mib)
+
+
+_DECOMPX_BATCH = """
+import attrax as ax
+from attrax.testing import corpus, tiny_classifier
+hf, tok = tiny_classifier("bert", hidden_size=256, intermediate_size=1024, num_attention_heads=4,
+                          num_hidden_layers=2, max_position_embeddings=1024)
+model = ax.load_model(hf, tokenizer=tok)
+words = " ".join(corpus()).split() * 8
+texts = [" ".join(words[i * 150:(i + 1) * 150]) for i in range(4)]
+def warm():
+    ax.decompx(model, "a b c")
+def call():
+    ax.decompx(model, texts, "all"{options})
+    return max(len(ids) for ids in model.tokenizer(texts)["input_ids"])
+"""
+
+
+@pytest.mark.slow
+def test_decompx_on_a_batch_of_long_inputs_stays_within_the_budget(peak_above_start):
+    """DecompX holds an example's ``[L, L, d]`` vectors through every layer: max_memory bounds
+    how many examples are decomposed at once (and the feed-forward's positions)."""
+    budget = 500 * 10**6  # one example at a time: 441 MB (about 260 tokens)
+    free = peak_above_start(_DECOMPX_BATCH.format(options=""))
+    bounded = peak_above_start(_DECOMPX_BATCH.format(options=f", max_memory={budget}"))
+    mib = 2**20
+    print(f"decompx, 4 x {free['result']} tokens: unbounded {free['peak'] / mib:.0f} MiB, "
+          f"budget {budget / mib:.0f} MiB, bounded {bounded['peak'] / mib:.0f} MiB")  # fmt: skip
+    assert free["result"] > 200, free["result"]
     assert free["peak"] > budget, "the workload must need more than the budget unbounded"
     assert bounded["peak"] <= budget, (bounded["peak"] / mib, budget / mib)
 
