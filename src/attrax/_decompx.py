@@ -52,6 +52,7 @@ class _Block:
     its output features are values), the attention output projection and the two LayerNorms
     and feed-forward layers."""
 
+    module: torch.nn.Module  # the block itself, whose first input is the embedding output
     values: torch.nn.Linear
     value_features: slice | torch.Tensor
     output: torch.Tensor  # [d, heads * hd]
@@ -86,6 +87,7 @@ def _blocks(model: Model) -> list[_Block]:
             norm2 = block.get_submodule("output.LayerNorm")
         blocks.append(
             _Block(
+                block,
                 cast(torch.nn.Linear, layer.values),
                 layer.value_features,
                 parts.weight,
@@ -110,7 +112,7 @@ def _head(model: Model) -> tuple[torch.nn.Linear, torch.nn.Linear]:
     elif kind in ("bert", "deberta-v2"):
         pooler = hf.bert.pooler if kind == "bert" else hf.pooler
         if pooler is None:
-            raise ModelError(f"{model.name}: DecompX needs BERT's pooler, and this one has none")
+            raise ModelError(f"{model.name}: DecompX needs the classifier's pooler; it has none")
         first, second = pooler.dense, hf.classifier
     else:  # RoBERTa, XLM-R, CamemBERT, ELECTRA
         first, second = hf.classifier.dense, hf.classifier.out_proj
@@ -118,9 +120,9 @@ def _head(model: Model) -> tuple[torch.nn.Linear, torch.nn.Linear]:
 
 
 class _Run:
-    """The forward's values DecompX linearizes at, per layer: the attention weights, the inputs
-    of the two LayerNorms, the feed-forward's input to its activation and output of it; and the
-    head's."""
+    """The forward's values DecompX linearizes at: the first block's input; per layer the
+    attention weights, the inputs of the two LayerNorms, the feed-forward's input to its
+    activation and output of it; and the head's."""
 
     def __init__(self, model: Model, blocks: list[_Block]) -> None:
         self.model, self.blocks = model, blocks
@@ -138,21 +140,18 @@ class _Run:
             return hook
 
         def keep_first(_module: torch.nn.Module, args: Any, kwargs: Any) -> None:
-            if self.first is None:
-                self.first = (args[0] if args else kwargs["hidden_states"]).detach()
+            self.first = (args[0] if args else kwargs["hidden_states"]).detach()
 
-        layers = _layers(self.model)
-        hooks.append(layers[0].block.register_forward_pre_hook(keep_first, with_kwargs=True))
+        first_block = self.blocks[0].module
+        hooks.append(first_block.register_forward_pre_hook(keep_first, with_kwargs=True))
         for i, block in enumerate(self.blocks):
             hooks.append(block.norm1.register_forward_pre_hook(keep("norm1", i)))
             hooks.append(block.up.register_forward_hook(keep("up", i, output=True)))
             hooks.append(block.down.register_forward_pre_hook(keep("act", i)))
             hooks.append(block.norm2.register_forward_pre_hook(keep("norm2", i)))
         first, second = _head(self.model)
-        hooks.append(first.register_forward_pre_hook(keep("head_in", 0)))
         hooks.append(first.register_forward_hook(keep("head_up", 0, output=True)))
         hooks.append(second.register_forward_pre_hook(keep("head_act", 0)))
-        hooks.append(second.register_forward_hook(keep("logits", 0, output=True)))
         try:
             with whole_feed_forward(self.model):
                 self.model.stream_attention(t, lambda _stack, w: self.maps.append(w.detach()))
