@@ -150,13 +150,8 @@ def ref(root: Path, decompx_repo: Path, globenc_repo: Path) -> None:
 
     decompx_bert = load(decompx_repo, "src.modeling_bert")
     decompx_roberta = load(decompx_repo, "src.modeling_roberta")
-    utils = (
-        importlib.import_module("src.decompx_utils")
-        if "src.decompx_utils" in system.modules
-        else None
-    )
-    config_class = (utils or decompx_bert).DecompXConfig
-    config = config_class(
+    # the paper's configuration (their modeling_bert imports the config class)
+    config = decompx_bert.DecompXConfig(
         include_biases=True, bias_decomp_type="absdot", include_LN1=True, include_FFN=True,
         FFN_approx_type="GeLU_ZO", include_LN2=True, aggregation="vector",
         include_classifier_w_pooler=True, tanh_approx_type="ZO", output_all_layers=False,
