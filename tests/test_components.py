@@ -756,9 +756,11 @@ def test_atp_is_the_first_order_patching_effect(models64, arch, objective):
     # (GPT-Neo's scores are float32 alike). GPT-NeoX's and OPT's references run SDPA (float64),
     # but attrax's eager forward keeps that float32 rounding in their effects (~4e-8 absolute
     # against effects up to 2e-3)
+    # GPT-Neo's float32 scores over 2e-3 leave ~3e-5 of rounding in its differences (effects
+    # up to 0.32; how much depends on the CPU's kernels)
     eps, rtol, atol = {
         "llama": (1e-3, 2e-3, 2e-5),
-        "gpt_neo": (1e-3, 2e-3, 2e-5),
+        "gpt_neo": (1e-3, 2e-3, 1e-4),
         "gpt2": (1e-4, 1e-6, 1e-8),
     }.get(arch, (1e-4, 1e-6, 1e-7))
     want, first = patching_effects(model, objective, eps=eps)

@@ -725,12 +725,15 @@ def test_value_zeroing_matches_naive(mixing_models, arch, similarity):
     norm = ax.value_zeroing(model, PROMPT, target, similarity=similarity)
     assert got.dims == ("target", "source", "layer")
     width = ids.shape[1]
+    # GPT-Neo takes its attention scores in float32 even in a float64 model: float32 rounding,
+    # which differs between the batched forwards and the reference's by the CPU's kernels
+    atol = 1e-6 if arch == "gpt_neo" else 1e-9
     for k, q in enumerate(queries):
         seen = q + 1 if model.causal else width
         want = raw[:, q, :seen].T.numpy()  # [source, layer]
         want = np.where(want < 1e-5, 0.0, want)  # Inseq's threshold
-        np.testing.assert_allclose(got.values[k, :seen], want, atol=1e-9)
-        np.testing.assert_allclose(norm.values[k, :seen], want / want.sum(0), atol=1e-9)
+        np.testing.assert_allclose(got.values[k, :seen], want, atol=atol)
+        np.testing.assert_allclose(norm.values[k, :seen], want / want.sum(0), atol=atol)
         assert np.isnan(got.values[k, seen:]).all()
 
 
