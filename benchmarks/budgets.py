@@ -67,6 +67,8 @@ SIZES: dict[str, dict[str, Any]] = {
     # every chain's steps run in blocks of 1, 2, 4 and 1: a block's tensors grow with its steps,
     # and the planner shrinks blocks to a quarter of the budget
     "reagent": {"probes": 4, "max_steps": 8},
+    # one layer's one head at every position: a forward per position, each the batch's copy
+    "activation_patching": {"layers": 0, "heads": 0},
 }
 # per workload: C2's PGD at 10 steps took over 38 min without a budget on 2 cores, L1's over 13 in
 # float32; a step's passes are the same at any step count, so fewer steps measure the same peak.
@@ -104,7 +106,8 @@ def _options(method: str, steps: int, corrupted: Any, workload: str = "") -> dic
     """The keyword arguments of ``method`` on ``workload`` in this benchmark (beyond the
     budget)."""
     options = _sizes(method, steps, workload)
-    if method == "attribution_patching":  # needs a corrupted input with the clean one's length
+    # needs a corrupted input with the clean one's length
+    if method in ("attribution_patching", "activation_patching"):
         options["corrupted"] = corrupted
     return options
 
@@ -260,13 +263,19 @@ LABEL = {
     "attention_x_gradient": "attention × gradient",  # noqa: RUF001
     "head_attribution": "head attribution", "alti": "ALTI", "alti_logit": "ALTI-Logit",
     "attention_norm": "attention norm", "decompx": "DecompX",
+    "activation_patching": "activation patching",
 }  # fmt: skip
 
 
 def _label(method: str, sizes: dict[str, Any]) -> str:
     """``method`` as the table names it, with the ``sizes`` it ran at."""
     label = LABEL.get(method, method)
-    named = [f"{v} {'points' if k == 'steps' and method in PATHS else k}" for k, v in sizes.items()]
+    named = [
+        # a selection of one layer or head: "layer 0"
+        f"{k[:-1]} {v}" if k in ("layers", "heads") and isinstance(v, int)
+        else f"{v} {'points' if k == 'steps' and method in PATHS else k}"
+        for k, v in sizes.items()
+    ]  # fmt: skip
     return ", ".join([label, *named])
 
 

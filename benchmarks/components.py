@@ -1,11 +1,14 @@
-"""Direct logit attribution and attribution patching vs per-target loops in plain PyTorch.
+"""Direct logit attribution, attribution patching and activation patching vs loops in plain
+PyTorch.
 
 The loops are what a TransformerLens/nnsight user writes by hand: one cached forward (hooks on the
 attention maps, values, MLPs and the final norm's input), then one decomposition per target
 (DLA); one clean forward with probes on the head outputs and one ``backward`` per target with
 the graph retained (AtP), the corrupted activations read once; that AtP loop once per layer with
-the layer's residual contribution detached (GradDrop: ``L x K`` backwards). attrax runs every target at once
-(DLA: two contractions per layer; AtP: one ``vmap``-ed backward). Parity (max |a - b| / max |b|
+the layer's residual contribution detached (GradDrop: ``L x K`` backwards); real patching, one
+forward per (layer, head, position) with a hook (activation patching). attrax runs every target
+at once (DLA: two contractions per layer; AtP: one ``vmap``-ed backward) and stacks the patched
+copies of activation patching in forwards of as many as fit. Parity (max |a - b| / max |b|
 <= 1e-4 after the same labelling; the max abs difference is reported too) is checked before
 anything is timed; times are medians of ``--repeats`` rounds (attrax then the loop, back to back),
 the speedup the median of the per-round ratios (and their range).
@@ -215,6 +218,51 @@ def loop_grad_drop(hf: Any, ids: torch.Tensor, bad: torch.Tensor, first: int) ->
     return sum(np.abs(r) for r in runs) / (layers - 1)
 
 
+def loop_activation(hf: Any, ids: torch.Tensor, bad: torch.Tensor, first: int) -> np.ndarray:
+    """``[K, L, layer, head]``: real patching, one forward per (layer, head, position) with a
+    hook that puts the corrupted run's head output there (TransformerLens's
+    ``get_act_patch_attn_head_out_by_pos`` loop); every target read from each forward."""
+    _, proj, _, _, _, _ = _modules(hf)
+    heads = hf.config.num_attention_heads
+    d = hf.config.hidden_size // heads
+    corrupt: dict[int, torch.Tensor] = {}
+    hooks = [
+        p.register_forward_pre_hook(lambda _m, a, n=n: corrupt.__setitem__(n, a[0][0].clone()))
+        for n, p in enumerate(proj)
+    ]
+    with torch.no_grad():
+        hf(input_ids=bad, use_cache=False)
+    for h in hooks:
+        h.remove()
+    length = ids.shape[1]
+    rows = torch.arange(first - 1, length - 1)
+    targets = ids[0, first:]
+
+    def scores() -> torch.Tensor:
+        logits = hf(input_ids=ids, use_cache=False).logits[0, rows]
+        return torch.softmax(logits, -1)[torch.arange(len(rows)), targets]
+
+    result = np.zeros((length - first, length, len(proj), heads))
+    with torch.no_grad():
+        clean = scores()
+        for n, module in enumerate(proj):  # the per-patch loop being compared
+            for h in range(heads):
+                for p in range(length):
+                    cols = slice(h * d, (h + 1) * d)
+
+                    def patch(
+                        _m: Any, a: tuple, n: int = n, p: int = p, cols: slice = cols
+                    ) -> tuple:
+                        x = a[0].clone()
+                        x[0, p, cols] = corrupt[n][p, cols]
+                        return (x, *a[1:])
+
+                    handle = module.register_forward_pre_hook(patch)
+                    result[:, p, n, h] = (scores() - clean).numpy()
+                    handle.remove()
+    return result
+
+
 def parity(got: Any, want: np.ndarray) -> dict[str, float]:
     """Max abs difference and max |a - b| / max |b| (attrax's NaN = what a target cannot see,
     exactly 0 in the loops)."""
@@ -271,7 +319,8 @@ def measure(attrax_fn: Callable[[], Any], loop_fn: Callable[[], Any], repeats: i
     return row
 
 
-def run(quick: bool, repeats: int) -> dict[str, Any]:
+def run(quick: bool, repeats: int, only: set[str] | None = None) -> dict[str, Any]:
+    """Every row, or the methods in ``only`` (W1 and W1-llama rows by their method name)."""
     torch.manual_seed(0)
     gpt2, tok = workloads.load("gpt2")
     n_prompt, n_target = (16, 8) if quick else (32, 32)
@@ -296,6 +345,11 @@ def run(quick: bool, repeats: int) -> dict[str, Any]:
                 lambda hf=hf: loop_atp(hf, ids, bad, n_prompt),
             ),
             (
+                "activation_patching",
+                lambda m=model: ax.activation_patching(m, prompt, target, corrupted=corrupted),
+                lambda hf=hf: loop_activation(hf, ids, bad, n_prompt),
+            ),
+            (
                 "attribution_patching grad_drop=True",
                 lambda m=model: ax.attribution_patching(
                     m, prompt, target, corrupted=corrupted, grad_drop=True
@@ -303,9 +357,13 @@ def run(quick: bool, repeats: int) -> dict[str, Any]:
                 lambda hf=hf: loop_grad_drop(hf, ids, bad, n_prompt),
             ),
         ):
+            if only is not None and method not in only:
+                continue
             row[method] = measure(attrax_fn, loop_fn, repeats)
             print(name, method, row[method], flush=True)
         results["workloads"][name] = row
+    if only is not None and not only & {"direct_logit_attribution", "attribution_patching"}:
+        return results
     # W2: Marian; the counts include the source's and the target's </s>
     marian, mtok = workloads.load("marian")
     mt = ax.load_model(marian, tokenizer=mtok)
@@ -338,17 +396,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="16 + 8 tokens, 1 repeat")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", help="write the numbers as JSON")
+    parser.add_argument(
+        "--only", help="comma-separated methods (rows) to run; with --out, merged into its rows"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     load_before = os.getloadavg()
-    results = run(args.quick, 1 if args.quick else args.repeats)
+    only = None if args.only is None else set(args.only.split(","))
+    results = run(args.quick, 1 if args.quick else args.repeats, only)
     results["threads"] = 1
     results["repeats"] = 1 if args.quick else args.repeats
     # a shared machine: the 1-minute load average when the run started and ended
     results["load_average"] = [round(load_before[0], 2), round(os.getloadavg()[0], 2)]
+    if args.out and only is not None and os.path.exists(args.out):
+        with open(args.out) as fh:
+            earlier = json.load(fh)
+        for name, row in results["workloads"].items():  # these rows, with their own run's facts
+            for method, numbers in row.items():
+                numbers.update(repeats=results["repeats"], load_average=results["load_average"])
+                earlier["workloads"].setdefault(name, {})[method] = numbers
+        results = earlier
     if args.out:
-        with open(args.out, "w") as fh:
+        with open(args.out + ".tmp", "w") as fh:
             json.dump(results, fh, indent=2)
+        os.replace(args.out + ".tmp", args.out)
     print(json.dumps(results, indent=2))
     return 0
 

@@ -309,6 +309,30 @@ def test_what_only_a_shard_finds_names_the_records_line(tmp_path, model, write_j
         )  # fmt: skip
 
 
+def test_activation_patching_reads_each_records_corruption(tmp_path, model, write_jsonl):
+    """A dataset run of activation patching takes each record's own ``corrupted``: its rows
+    equal single calls."""
+    rows = [
+        {"input": "1 2 3 =", "target": " 3 2 1", "corrupted": "1 2 4 ="},
+        {"input": "4 5 =", "target": " 5 4", "corrupted": "4 6 ="},
+    ]
+    out = tmp_path / "act"
+    D.attribute_dataset(
+        model, write_jsonl(rows), out, method="activation_patching", shard_size=1,
+        progress=False, layers=1, objective="logit", reduce="sum:head,sum:layer",
+    )  # fmt: skip
+    got = D.load_dataset_results(out)
+    for e, row in enumerate(rows):
+        want = ax.activation_patching(
+            model, row["input"], row["target"], corrupted=row["corrupted"], layers=1,
+            objective="logit",
+        )  # fmt: skip
+        want = want.sum(["head", "layer"], skipna=False)
+        part = got.isel(example=e).sel(target=want.target, source=want.source)
+        assert np.nanmax(np.abs(want.values)) > 1e-3
+        np.testing.assert_allclose(part.values, want.values, rtol=1e-6, atol=1e-7)
+
+
 def test_generated_targets_and_reductions(tmp_path, model, write_jsonl):
     records = [{"input": p} for p in ("1 2 3 4 5 6 =", "4 5 6 7 8 9 =", "9 8 0 1 2 3 =")]
     data = write_jsonl(records)

@@ -343,7 +343,11 @@ def test_messages_round_a_smallest_budget_up():
 
 
 # options small enough for the built-in model, per method
-_SMALL = {**QUICK, "attribution_patching": {"corrupted": "1 2 4 ="}}
+_SMALL = {
+    **QUICK,
+    "attribution_patching": {"corrupted": "1 2 4 ="},
+    "activation_patching": {"corrupted": "1 2 4 ="},
+}
 _BUDGETED = [
     name for name in METHODS if "max_memory" in inspect.signature(getattr(ax, name)).parameters
 ]
@@ -356,6 +360,7 @@ _VARIANTS = (
         ("attribution_patching", {**_SMALL["attribution_patching"], **extra})
         for extra in ({"site": "keys"}, {"site": "values"}, {"grad_drop": True})
     ]
+    + [("activation_patching", {**_SMALL["activation_patching"], "site": "keys"})]
     + [
         # forward mode's jvps and every layer's gradients, each planned on its own terms
         ("input_x_gradient", {"mode": "forward", "reduce_hidden": "sum"}),

@@ -21,7 +21,11 @@ from attrax.testing import save_tiny_model, tiny_classifier, tiny_model, train_t
 from tests.conftest import ARCHS, PAIRS, QUICK
 
 # the quick options of each method, and attribution patching's corrupted prompt
-SMALL = {**QUICK, "attribution_patching": {"corrupted": "The capital of Spain is"}}
+SMALL = {
+    **QUICK,
+    "attribution_patching": {"corrupted": "The capital of Spain is"},
+    "activation_patching": {"corrupted": "The capital of Spain is", "layers": 0},
+}
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "marian"])

@@ -22,7 +22,11 @@ from .conftest import PAIRS, QUICK, assert_close
 EVERY = (*METHODS, "step_scores", "deletion", "insertion", "comprehensiveness", "sufficiency")
 # methods that explain only classifiers (DecompX: the post-norm encoders' sequence classifiers)
 _CLASSIFIER_ONLY = {"decompx"}
-SMALL = {**QUICK, "attribution_patching": {"corrupted": "The capital of Spain is"}}
+SMALL = {
+    **QUICK,
+    "attribution_patching": {"corrupted": "The capital of Spain is"},
+    "activation_patching": {"corrupted": "The capital of Spain is", "layers": 0},
+}
 
 
 def _options(fn) -> list[str]:
@@ -309,6 +313,7 @@ def test_attribute_target_on_a_decoder_only_model_changes_nothing(models, name):
 
 # methods that only evaluate the objective: a score without a gradient is theirs to take
 _EVALUATE_ONLY = {
+    "activation_patching",
     "occlusion",
     "feature_ablation",
     "lime",

@@ -283,6 +283,32 @@ def test_the_table_row_is_what_runs(family):
     assert (model.hf.config.model_type in ARCHITECTURES) == lrp, model.hf.config.model_type
 
 
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_activation_patching_runs_where_attribution_patching_does(family):
+    """Activation patching finds its sites as attribution patching does (docs/methods/
+    internals.md says so): per site, both run or both are refused (q/k/v: plain AtP, whose QK
+    fix may refuse an attention it cannot recompute)."""
+    model = FAMILIES[family]()
+    given = _inputs(model)
+    wrong = []
+    for site in ("heads", "mlp", "keys"):  # the residual stream is the heads' blocks'
+        outcomes = []
+        for call in (
+            _patching(site=site, **({"qk_fix": False} if site == "keys" else {})),
+            lambda m, g, site=site: ax.activation_patching(
+                m, **g, corrupted=_corrupted(m), site=site, layers=0, sources=0
+            ),
+        ):
+            try:
+                call(model, given)
+                outcomes.append("ran")
+            except (ax.ModelError, ax.OptionError):
+                outcomes.append("refused")
+        if outcomes[0] != outcomes[1]:
+            wrong.append(f"{site}: AtP {outcomes[0]}, activation patching {outcomes[1]}")
+    assert not wrong, f"{family}: " + "; ".join(wrong)
+
+
 def test_the_readme_counts_the_families():
     readme = (PAGE.parent.parent / "README.md").read_text()
     count = re.search(r"model families and heads \((\d+) rows", readme)

@@ -30,7 +30,7 @@ import contextlib
 import inspect
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 import torch
 import xarray as xr
@@ -41,9 +41,16 @@ from ._attention import Selection, check_selection, selection_indices
 from ._drop import Drop, averaged, dropping, pulled
 from ._engine import vjp
 from ._errors import InputError, ModelError, OptionError
-from ._heads import ATTENTION_INPUTS, patch_attention_inputs
+from ._heads import (
+    ATTENTION_INPUTS,
+    Key,
+    patch_attention_inputs,
+    record_calls,
+    replacing,
+    stack_layers,
+)
 from ._inputs import Texts, contrast_batch, padded_inputs, to_tensors
-from ._memory import full_precision
+from ._memory import between_passes, full_precision, plan_forwards
 from ._model import Model, body, norm_centers, norm_divisor, norm_gain, refuse_seq2seq_classifier
 from ._protocol import Call, Family
 
@@ -923,7 +930,7 @@ def _encoder_decoder_stack(model: Model, method: str, stack: str) -> _Stack:
         mlps = [getattr(b.layer[-1], "DenseReluDense", None) for b in blocks]
     else:
         raise ModelError(
-            f"attribution_patching has no rule for {name}: it knows BART-like encoder-decoders "
+            f"{method} has no rule for {name}: it knows BART-like encoder-decoders "
             "(Marian, BART: self_attn / encoder_attn with out_proj, fc2) and T5"
         )
     found = [p for p in projections if isinstance(p, torch.nn.Module)]
@@ -1086,14 +1093,15 @@ def attribution_patching(
         mask: torch.Tensor,
         probes: list[torch.Tensor] | None,
         types: torch.Tensor | None = None,
+        ids: torch.Tensor | None = None,
     ) -> tuple[Any, ...]:
         seen: list[Any] = [None] * len(chosen_layers)
         with _hooks(*install(probes, seen)):
-            hidden = problem.hidden_of(embeds, mask, types)
+            hidden = problem.hidden_of(embeds, mask, types, ids)
         return hidden, seen
 
     with torch.no_grad():  # the corrupted input with its own segments (a pair split elsewhere)
-        _, corrupt_acts = run(corrupt_embeds, corrupt_mask, None, corrupt_types)
+        _, corrupt_acts = run(corrupt_embeds, corrupt_mask, None, corrupt_types, corrupt_ids)
     if any(a is None for a in corrupt_acts):
         raise ModelError(f"{method}: {type(model.hf).__name__} did not run the modules it names")
     zeros = [torch.zeros_like(a) for a in corrupt_acts]
@@ -1145,6 +1153,337 @@ def attribution_patching(
     return _positions(call, stacked, coords, parts.on_decoder)
 
 
+# --- activation patching ---------------------------------------------------------------------
+
+#: Activation patching: forwards only, each a stack of patched copies of the batch.
+ACTIVATION = Family(
+    name="activation_patching",
+    takes=("objective", "contrast", "positions", "batch_size", "max_new_tokens", "max_memory"),
+    refuses={
+        "attribute_target": "activation patching reports the positions of the stack it patches "
+        "(an encoder-decoder's decoder and cross-attention heads live on the decoder positions: "
+        "stack='decoder' / 'cross')",
+        "chunk_size": "activation patching runs forwards only: there is no backward whose "
+        "targets to chunk (batch_size sets the patched copies per forward)",
+    },
+)
+DIRECTIONS = ("noising", "denoising")
+
+
+def _direction(value: object, name: str) -> None:
+    if value not in DIRECTIONS:
+        raise OptionError(f"`{name}` must be one of {DIRECTIONS}, got {value!r}")
+
+
+#: one run of the batch: its input embeddings, attention mask, segment ids (None: the call's)
+#: and the token ids they stand for
+_Run = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]
+#: the activations' replacement for one chunk of copies, given per chosen layer the copies'
+#: mask ``[n, positions(, heads)]`` (None: no copy of the chunk patches that layer)
+_Replace = Callable[[list[torch.Tensor | None]], contextlib.AbstractContextManager[None]]
+
+
+class _Patchable(NamedTuple):
+    """What one site offers to patch: the chosen layers and heads (None: a site without heads),
+    the positions and heads per layer a patch mask spans, the donor activations held, and how
+    a chunk's forward takes them."""
+
+    layers: list[int]
+    heads: list[int] | None
+    length: int
+    head_total: int
+    donors: list[torch.Tensor]
+    replace: _Replace
+
+
+@ACTIVATION.method(
+    corrupted=_corrupted,
+    site=_site,
+    stack=_stack,
+    layers=check_selection,
+    heads=check_selection,
+    sources=check_selection,
+    direction=_direction,
+)
+def activation_patching(
+    call: Call,
+    *,
+    corrupted: Texts | None = None,
+    site: str = "heads",
+    stack: str | None = None,
+    layers: Selection = None,
+    heads: Selection = None,
+    sources: Selection = None,
+    direction: str = "noising",
+) -> xr.DataArray:
+    """Activation patching: the exact change of each target's score when one activation (one
+    layer, position and head) is taken from a run on ``corrupted`` into the clean run.
+
+    Every patch is a copy of the batch in one stacked forward: copies run ``batch_size`` at a
+    time (``"auto"``: as many as fit ``max_memory``), one patch a copy, each at its own layer,
+    position and head. It costs a forward per patch, ``layers x positions x heads`` of them:
+    :func:`attribution_patching` estimates all of them from two forwards and one backward, to
+    first order; this method confirms it where it matters (``layers``, ``heads``, ``sources``).
+
+    Arguments:
+        model, inputs, targets, objective, contrast, positions, batch_size, max_new_tokens,
+            max_memory: as :func:`attrax.occlusion` (``batch_size``: patched copies of the batch
+            per forward).
+        corrupted, site, stack, layers, heads: as :func:`attribution_patching`.
+        sources: which positions to patch (indices into the patched stack's positions, as
+            ``layers``); None: every one.
+        direction: ``"noising"`` (the default) patches the corrupted activation into the clean
+            run, which is what attribution patching estimates; ``"denoising"`` patches the clean
+            activation into the corrupted run (causal tracing's restoration, Meng et al. 2022).
+
+    Returns:
+        DataArray ``([example,] target, source, layer[, head])``: ``source`` is the position
+        patched; the patched run's score less the unpatched run's (the clean run's when
+        noising, the corrupted run's when denoising).
+
+    >>> import attrax as ax
+    >>> da = ax.activation_patching(
+    ...     ax.load_model(), "1 2 3 =", " 3 2 1", corrupted="1 2 4 =", layers=0)
+    >>> da.dims
+    ('target', 'source', 'layer', 'head')
+    """
+    model = call.model
+    method = "activation_patching"
+    refuse_seq2seq_classifier(model, method)
+    if site in ("mlp", "residual") and heads is not None:
+        raise OptionError(f"`heads` applies to the attention sites only, got site={site!r}")
+    problem = call.problem
+    t = problem.tensors
+    assert corrupted is not None
+    if site in ATTENTION_INPUTS:
+        on_decoder, stack_name = _attention_input_stack(model, site, stack)
+    else:
+        parts = _patch_stack(model, method, stack, site)
+        on_decoder, stack_name = parts.on_decoder, parts.name
+    ids, mask, types = _corrupted_ids(model, call, corrupted, not on_decoder)
+    with torch.no_grad():
+        bad: _Run = (model.embed(ids, "source"), mask, types, ids)
+    clean: _Run = (problem.inputs[0], t.mask, None, t.ids)
+    base, donor = (clean, bad) if direction == "noising" else (bad, clean)
+    if site in ATTENTION_INPUTS:
+        found = _attention_input_donors(call, stack_name, site, layers, heads, donor)
+    else:
+        found = _module_donors(call, parts, site, layers, heads, donor)
+    chosen_sources = selection_indices(sources, found.length, "sources", "patched positions")
+    effects = _patched_effects(call, base, found, chosen_sources, site in ATTENTION_INPUTS)
+    # [layer, source, head, B, K] -> [B, K, positions, layer(, head)], unpatched positions 0
+    n_heads = 1 if found.heads is None else len(found.heads)
+    grid = effects.view(len(found.layers), len(chosen_sources), n_heads, *effects.shape[1:])
+    grid = grid.permute(3, 4, 1, 0, 2)
+    full = grid.new_zeros(*grid.shape[:2], found.length, *grid.shape[3:])
+    full[:, :, chosen_sources] = grid
+    coords: dict[str, list[int]] = {"layer": found.layers}
+    if found.heads is None:
+        full = full.squeeze(-1)
+    else:
+        coords["head"] = found.heads
+    da = _positions(call, full, coords, on_decoder)
+    return da if sources is None else da.isel(source=chosen_sources)
+
+
+def _attention_input_stack(model: Model, site: str, stack: str | None) -> tuple[bool, str]:
+    """Whether ``site``'s vectors on ``stack`` live on the decoder positions, and the stack's
+    name as :mod:`attrax._heads` keys it (checked as :func:`_patch_attention_inputs`)."""
+    if not model.is_encoder_decoder:
+        if stack is not None:
+            raise OptionError(
+                f"`stack={stack!r}` needs an encoder-decoder model; {model.name} has one stack "
+                "(leave stack=None)"
+            )
+        return False, "self"
+    stack = stack or "cross"
+    return stack == "decoder" or (stack == "cross" and site == "queries"), stack
+
+
+def _module_donors(
+    call: Call, parts: _Stack, site: str, layers: Selection, heads: Selection, donor: _Run
+) -> _Patchable:
+    """The chosen layers and heads of a head, MLP or residual site, the donor run's activation
+    at each chosen layer (``[B, positions, width]``), and how a chunk's forward replaces it."""
+    problem = call.problem
+    chosen_layers = selection_indices(layers, len(parts.blocks), "layers", "layers")
+    chosen_heads = None
+    if site == "heads":
+        chosen_heads = selection_indices(heads, parts.heads, "heads", "heads per layer")
+    modules = [
+        parts.projections[i]
+        if site == "heads"
+        else (parts.mlps if site == "mlp" else parts.blocks)[i]
+        for i in chosen_layers
+    ]
+    batch = donor[0].shape[0]
+
+    def hook(
+        module: torch.nn.Module, change: Callable[[torch.Tensor], torch.Tensor]
+    ) -> torch.utils.hooks.RemovableHandle:
+        if site == "heads":  # the concatenated heads: the output projection's input
+
+            def pre(_m: torch.nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+                return (change(args[0]), *args[1:])
+
+            return module.register_forward_pre_hook(pre)
+
+        def post(_m: torch.nn.Module, _args: Any, output: Any) -> Any:
+            # blocks return tuples; GPT-OSS's and Llama 4's experts their routing too
+            out = output[0] if isinstance(output, tuple) else output
+            out = change(out)
+            return (out, *output[1:]) if isinstance(output, tuple) else out
+
+        return module.register_forward_hook(post)
+
+    seen: list[torch.Tensor | None] = [None] * len(modules)
+
+    def keep(i: int) -> Callable[[torch.Tensor], torch.Tensor]:
+        def change(value: torch.Tensor) -> torch.Tensor:
+            # OPT's fc2 and Llama 4's experts run on the rows flattened: [B * L, H]
+            seen[i] = value.detach().reshape(batch, -1, value.shape[-1]).clone()
+            return value
+
+        return change
+
+    with torch.no_grad(), _hooks(*(hook(m, keep(i)) for i, m in enumerate(modules))):
+        problem.hidden_of(donor[0], donor[1], donor[2], donor[3])
+    if any(s is None for s in seen):
+        raise ModelError(
+            f"activation_patching: {type(call.model.hf).__name__} did not run the modules it names"
+        )
+    donors = cast("list[torch.Tensor]", seen)
+
+    @contextlib.contextmanager
+    def replace(masks: list[torch.Tensor | None]) -> Iterator[None]:
+        handles = []
+        for i, (module, mask) in enumerate(zip(modules, masks, strict=True)):
+            if mask is None:  # no copy of this chunk patches this layer
+                continue
+
+            def change(value: torch.Tensor, mask: torch.Tensor = mask, i: int = i) -> torch.Tensor:
+                n = mask.shape[0]
+                x = value.reshape(n, batch, *donors[i].shape[1:])
+                given = donors[i].to(value.dtype)
+                if site == "heads":  # [n, B, L, heads, d]
+                    x = x.unflatten(-1, (parts.heads, -1))
+                    given = given.unflatten(-1, (parts.heads, -1))
+                    where = mask[:, None, :, :, None]
+                else:
+                    where = mask[:, None, :, None]
+                return torch.where(where, given[None], x).reshape(value.shape)
+
+            handles.append(hook(module, change))
+        with _hooks(*handles):
+            yield
+
+    length = donors[0].shape[1]
+    return _Patchable(chosen_layers, chosen_heads, length, parts.heads, donors, replace)
+
+
+def _attention_input_donors(
+    call: Call, stack: str, site: str, layers: Selection, heads: Selection, donor: _Run
+) -> _Patchable:
+    """As :func:`_module_donors`, for the queries, keys or values (``[B, heads, positions,
+    d]``, after rotary embeddings), replaced inside the attention function."""
+    problem = call.problem
+    model = problem.model
+    chosen_layers = stack_layers(model, stack, layers)
+    keys = [(stack, layer) for layer in chosen_layers]
+    name = ATTENTION_INPUTS[site]
+    calls = record_calls(problem, keys, site, *donor).calls
+    assert calls is not None
+    donors = [getattr(calls[key], name).detach() for key in keys]
+    del calls
+    total = donors[0].shape[1]
+    what = "heads per layer" if site == "queries" else "key/value heads per layer"
+    chosen_heads = selection_indices(heads, total, "heads", what)
+    batch = donors[0].shape[0]
+
+    @contextlib.contextmanager
+    def replace(masks: list[torch.Tensor | None]) -> Iterator[None]:
+        changes: dict[tuple[Key, str], Callable[[torch.Tensor], torch.Tensor]] = {}
+        for key, given, mask in zip(keys, donors, masks, strict=True):
+            if mask is None:
+                continue
+
+            def change(
+                value: torch.Tensor, given: torch.Tensor = given, mask: torch.Tensor = mask
+            ) -> torch.Tensor:
+                x = value.view(mask.shape[0], batch, *value.shape[1:])  # [n, B, h, L, d]
+                # the mask is [n, positions, heads]: this site's [n, 1, h, L, 1]
+                where = mask.transpose(1, 2)[:, None, :, :, None]
+                return torch.where(where, given.to(value.dtype)[None], x).view(value.shape)
+
+            changes[(key, name)] = change
+        with replacing(model, changes):
+            yield
+
+    length = donors[0].shape[2]
+    return _Patchable(chosen_layers, chosen_heads, length, total, donors, replace)
+
+
+def _patched_effects(
+    call: Call, base: _Run, site: _Patchable, sources: list[int], eager: bool
+) -> torch.Tensor:
+    """``[patches, B, K]``: each patch's score less the unpatched run's, the patches ``(layer,
+    source, head)`` in that order, ``batch_size`` copies of the batch a forward (``eager``: the
+    forwards run eager attention)."""
+    problem = call.problem
+    layers, heads = len(site.layers), site.heads
+    n_heads = 1 if heads is None else len(heads)
+    total = layers * len(sources) * n_heads
+    x = base[0]
+    batch, targets = x.shape[0], problem.tensors.valid.shape[1]
+    replace = site.replace
+
+    def scores(copies: int) -> torch.Tensor:  # [copies * B, K]
+        return problem.head_objective(problem.hidden_of(*base[:3], base[3], copies))
+
+    with torch.no_grad():
+        with replace([None] * layers):  # the unpatched run, through the same attention
+            unpatched = scores(1)
+        cost = problem.cost(saved=False, eager=eager)
+        # each chunk's replaced activation (one layer's, per copy) beside its forward
+        widest = max(d.numel() * d.element_size() for d in site.donors)
+        held = sum(d.numel() * d.element_size() for d in site.donors)
+        fixed = cost.fixed + sum(problem.held) + held + total * batch * targets * 8
+        step = plan_forwards(
+            total,
+            call.options["batch_size"],
+            cost.per_point + widest,
+            x.device,
+            problem.max_memory,
+            fixed,
+        )
+        index = torch.arange(total, device=x.device)
+        layer = index // (len(sources) * n_heads)
+        source = torch.as_tensor(sources, device=x.device)[(index // n_heads) % len(sources)]
+        chosen = torch.as_tensor(heads or [0], device=x.device)
+        head = chosen[index % n_heads]
+        out = []
+        for start in range(0, total, step):  # chunking only: bounds memory
+            between_passes()
+            chunk = slice(start, min(start + step, total))
+            n = chunk.stop - chunk.start
+            masks: list[torch.Tensor | None] = []
+            for i in range(layers):
+                mine = layer[chunk] == i
+                if not bool(mine.any()):
+                    masks.append(None)
+                    continue
+                shape = (n, site.length, site.head_total)
+                mask = torch.zeros(shape, dtype=torch.bool, device=x.device)
+                rows = torch.nonzero(mine).squeeze(1)
+                at = head[chunk][rows] if heads is not None else torch.zeros_like(rows)
+                mask[rows, source[chunk][rows], at] = True
+                masks.append(mask if heads is not None else mask[..., 0])
+            with replace(masks):
+                patched = scores(n)
+            out.append((patched - unpatched.repeat(n, 1)).view(n, batch, targets))
+    return full_precision(torch.cat(out))
+
+
 def _patch_attention_inputs(
     call: Call,
     corrupted: Texts | None,
@@ -1175,7 +1514,7 @@ def _patch_attention_inputs(
         embeds = model.embed(corrupt[0], "source")
     stacked, chosen_layers, chosen_heads = patch_attention_inputs(
         call,
-        (embeds, corrupt[1], corrupt[2]),
+        (embeds, corrupt[1], corrupt[2], corrupt[0]),
         stack,
         site,
         qk_fix is not False,
@@ -1279,8 +1618,8 @@ def _corrupted_ids(
             )
             raise InputError(
                 f"`corrupted{where}` {texts[i]!r} has {bad} tokens but its clean input has "
-                f"{clean}: attribution patching patches position by position, so both must have "
-                f"the same token length{hint}"
+                f"{clean}: {call.method.replace('_', ' ')} patches position by position, so both "
+                f"must have the same token length{hint}"
             )
     if ids.shape != t.ids.shape:
         raise InputError(

@@ -224,7 +224,7 @@ def attribute_dataset(
 
     Each line is ``{"input": str, "target": str (optional), "id": str|int (optional)}`` (other
     keys are ignored, but ``"corrupted"``/``"corrupted_pair"``, the corrupted input that
-    ``attribution_patching`` reads; blank lines skipped); a classifier's records may add
+    ``attribution_patching`` and ``activation_patching`` read; blank lines skipped); a classifier's records may add
     ``"input_pair"`` (the second text of an NLI-style pair) and ``"label"`` (the true label: a
     label name or class id), and any record ``"contrast"`` (what its target is explained
     against: a text aligned with it, or a class; the method gets each record's own, and must

@@ -376,20 +376,31 @@ class Problem:
         return out, first
 
     def hidden_of(
-        self, embeds: torch.Tensor, mask: torch.Tensor, token_types: torch.Tensor | None = None
+        self,
+        embeds: torch.Tensor,
+        mask: torch.Tensor,
+        token_types: torch.Tensor | None = None,
+        ids: torch.Tensor | None = None,
+        copies: int = 1,
     ) -> torch.Tensor:
-        """The head inputs ``[B, K, H]`` of other source embeddings and mask (a corrupted run),
-        with their own segment ids (``token_types``; None: this call's), the rest of this call
-        (target positions, decoder input) as it is."""
+        """The head inputs ``[copies * B, K, H]`` of other source embeddings and mask (a
+        corrupted run), with their own segment ids (``token_types``; None: this call's) and the
+        token ids they stand for (``ids``; None: this call's), the rest of this call (target
+        positions, decoder input) as it is; ``copies`` stacked copies of it all."""
         t = self.tensors
-        with reading(t.ids):
+        types = t.token_types if token_types is None else token_types
+
+        def stacked(x: torch.Tensor | None) -> Any:
+            return x if x is None or copies == 1 else x.repeat(copies, *[1] * (x.dim() - 1))
+
+        with reading(t.ids if ids is None else ids):
             return self.model.hidden_at(
-                embeds,
-                mask,
-                t.index,
-                self.decoder_embeds,
-                t.decoder_mask,
-                token_types=t.token_types if token_types is None else token_types,
+                stacked(embeds),
+                stacked(mask),
+                stacked(t.index),
+                stacked(self.decoder_embeds),
+                stacked(t.decoder_mask),
+                token_types=stacked(types),
             )
 
     def plan(

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -96,7 +96,9 @@ class _Probes:
     probes: dict[Key, torch.Tensor] = field(default_factory=dict)
     rows: dict[Key, torch.Tensor] = field(default_factory=dict)
     alpha: torch.Tensor | None = None
-    inputs: dict[tuple[Key, str], torch.Tensor] = field(default_factory=dict)
+    inputs: dict[tuple[Key, str], torch.Tensor | Callable[[torch.Tensor], torch.Tensor]] = field(
+        default_factory=dict
+    )
     seen: dict[Key, torch.Tensor] = field(default_factory=dict)
     calls: dict[Key, AttentionCall] | None = None
 
@@ -204,10 +206,15 @@ def _eager(module: torch.nn.Module) -> Callable[..., tuple[torch.Tensor, torch.T
     return eager
 
 
-def _plus(x: torch.Tensor, probe: torch.Tensor | None) -> torch.Tensor:
-    """``x`` plus ``probe`` repeated over the stacked copies of the batch (no probe: ``x``)."""
+def _plus(
+    x: torch.Tensor, probe: torch.Tensor | Callable[[torch.Tensor], torch.Tensor] | None
+) -> torch.Tensor:
+    """``x`` plus ``probe`` repeated over the stacked copies of the batch (no probe: ``x``; a
+    function: ``probe(x)``, :func:`replacing`'s)."""
     if probe is None:
         return x
+    if callable(probe):
+        return probe(x)
     return x + probe.repeat(x.shape[0] // probe.shape[0], 1, 1, 1).to(x.dtype)
 
 
@@ -307,8 +314,9 @@ def _gradients(
     ``drop``, each gradient ``[L, k, ...]``: one per layer dropped (GradDrop)."""
     state = _Probes(_placed(problem.model), rows=rows or {}, alpha=alpha)
     state.probes = {key: torch.zeros_like(a) for key, a in maps.items()}
-    state.inputs = {key: torch.zeros_like(a) for key, a in (inputs or {}).items()}
-    probes = [*state.probes.values(), *state.inputs.values()]
+    zeros = {key: torch.zeros_like(a) for key, a in (inputs or {}).items()}
+    state.inputs = {**zeros}
+    probes = [*state.probes.values(), *zeros.values()]
     hidden, pullback = vjp(_forward(problem, state, n, drop), *probes)
     valid = problem.tensors.valid.to(hidden.dtype).repeat(n, 1)  # [n * B, K]
     if weights is not None:
@@ -361,6 +369,12 @@ def _chosen(stacks: Sequence[str], layers: Selection, counts: dict[str, int]) ->
     if n == 0:
         raise ModelError(f"the model has no {stacks[0]!r} attention layers")
     return selection_indices(layers, n, "layers", "layers")
+
+
+def stack_layers(model: Model, stack: str, layers: Selection) -> list[int]:
+    """The indices ``layers`` selects among ``stack``'s attention layers (a ModelError where the
+    model has none)."""
+    return _chosen([stack], layers, _counts(model))
 
 
 def _counts(model: Model) -> dict[str, int]:
@@ -747,9 +761,45 @@ def _with_head_total(da: xr.DataArray, call: Call, totals: torch.Tensor) -> xr.D
 ATTENTION_INPUTS = {"queries": "query", "keys": "key", "values": "value"}
 
 
+def record_calls(
+    problem: Problem,
+    keys: Sequence[Key],
+    site: str,
+    embeds: torch.Tensor,
+    mask: torch.Tensor,
+    types: torch.Tensor | None = None,
+    ids: torch.Tensor | None = None,
+) -> _Probes:
+    """One forward of ``embeds`` (:meth:`Problem.hidden_of`) with every attention call
+    recorded (``calls``) and its weights (``seen``); a ModelError where a layer of ``keys`` ran
+    its attention elsewhere (``site``: what the caller patches, for the message)."""
+    model = problem.model
+    state = _Probes(_placed(model), calls={})
+    with torch.no_grad(), _probing(model, state):
+        problem.hidden_of(embeds, mask, types, ids)
+    assert state.calls is not None
+    missing = [key for key in keys if key not in state.calls]
+    if missing:
+        raise ModelError(
+            f"{type(model.hf).__name__} did not run its attention through transformers' "
+            f"AttentionInterface for {missing} (stack, layer): attrax cannot patch its {site}"
+        )
+    return state
+
+
+@contextlib.contextmanager
+def replacing(
+    model: Model, replace: Mapping[tuple[Key, str], Callable[[torch.Tensor], torch.Tensor]]
+) -> Iterator[None]:
+    """Forwards inside run each attention's ``"query"``, ``"key"`` or ``"value"`` (after rotary
+    embeddings, ``[copies * B, heads, L, d]``) through ``replace[(key, name)]`` where given."""
+    with _probing(model, _Probes(_placed(model), inputs={**replace})):
+        yield
+
+
 def patch_attention_inputs(
     call: Call,
-    corrupt: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None],
+    corrupt: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor],
     stack: str,
     site: str,
     qk_fix: bool,
@@ -761,8 +811,8 @@ def patch_attention_inputs(
     at one position a node: ``[B, K, positions, layer, head]`` with the chosen layers and heads
     (keys and values: the key/value heads).
 
-    ``corrupt`` holds the corrupted run's input embeddings and mask. Plain AtP is ``grad .
-    (corrupted - clean)`` of each vector. With ``qk_fix`` (AtP*, Kramar et al. 2024), a query's
+    ``corrupt`` holds the corrupted run's input embeddings, mask, segment ids and token ids.
+    Plain AtP is ``grad . (corrupted - clean)`` of each vector. With ``qk_fix`` (AtP*, Kramar et al. 2024), a query's
     or key's effect goes through its softmax exactly: ``sum dS/dA * (A' - A)`` with ``A'`` the
     attention pattern recomputed with that one query (key) corrupted, ``dS/dA`` every target's
     gradient of the layer's probabilities from one vectorized backward. With ``drop``, each
@@ -774,24 +824,8 @@ def patch_attention_inputs(
     keys = [(stack, layer) for layer in chosen_layers]
     name = ATTENTION_INPUTS[site]
 
-    def record(
-        embeds: torch.Tensor, mask: torch.Tensor, types: torch.Tensor | None = None
-    ) -> _Probes:
-        state = _Probes(_placed(model), calls={})
-        with torch.no_grad(), _probing(model, state):
-            problem.hidden_of(embeds, mask, types)
-        assert state.calls is not None
-        missing = [key for key in keys if key not in state.calls]
-        if missing:
-            raise ModelError(
-                f"{type(model.hf).__name__} did not run its attention through transformers' "
-                f"AttentionInterface for {missing} (stack, layer): attrax cannot patch its "
-                f"{site}"
-            )
-        return state
-
-    clean = record(problem.inputs[0], t.mask)
-    corrupt_calls = record(*corrupt).calls
+    clean = record_calls(problem, keys, site, problem.inputs[0], t.mask)
+    corrupt_calls = record_calls(problem, keys, site, *corrupt).calls
     assert clean.calls is not None and corrupt_calls is not None
     first = clean.calls[keys[0]]
     kv_heads = first.key.shape[1]

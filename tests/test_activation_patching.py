@@ -1,0 +1,444 @@
+"""Activation patching against real patching written here: one plain transformers forward per
+layer, position and head, the activation set by a hook to the donor run's, the score read from
+the logits. Also its identities: a corruption that changes nothing moves nothing, and patching
+the last layer's residual stream where a target is read gives that target the corrupted run's
+score."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+import torch
+
+import attrax as ax
+from attrax.testing import tiny_classifier, tiny_model
+from tests.conftest import PAIRS
+from tests.test_components import full_double
+
+SOURCE, TARGET = PAIRS[0]
+CORRUPTED = "The capital of Spain is"  # as many tokens as SOURCE in both tiny tokenizers
+ED_TARGET = " Paris is a city"
+TEXT, BAD_TEXT = "the cat sat on the mat", "the dog sat on the mat"
+
+
+@pytest.fixture(scope="module")
+def models64() -> dict[str, ax.Model]:
+    built = {}
+    for arch in ("gpt2", "llama"):
+        hf, tok = tiny_model(arch)
+        built[arch] = ax.load_model(full_double(hf), tokenizer=tok)
+    for arch in ("marian",):
+        hf, tok = tiny_model(arch)
+        built[arch] = ax.load_model(hf.double(), tokenizer=tok)
+    hf, tok = tiny_classifier("bert", "sequence")
+    built["bert"] = ax.load_model(hf.double(), tokenizer=tok)
+    return built
+
+
+# --- the reference: plain forwards with one hook each --------------------------------------
+
+
+def site_module(hf, stack: str, layer: int, site: str) -> tuple[torch.nn.Module, str, int]:
+    """The module whose input (``"pre"``) or output (``"post"``) holds ``site``'s activation at
+    ``layer``, and the column where it starts there (GPT-2's fused queries, keys, values)."""
+    kind = hf.config.model_type
+    if kind == "gpt2":
+        block = hf.transformer.h[layer]
+        width = hf.config.n_embd
+        fused = {"queries": 0, "keys": width, "values": 2 * width}
+        if site in fused:
+            return block.attn.c_attn, "post", fused[site]
+        return {
+            "heads": (block.attn.c_proj, "pre", 0),
+            "mlp": (block.mlp, "post", 0),
+            "residual": (block, "post", 0),
+        }[site]
+    if kind == "llama":
+        block = hf.model.layers[layer]
+        attn = block.self_attn
+        return {
+            "queries": (attn.q_proj, "post", 0),
+            "keys": (attn.k_proj, "post", 0),
+            "values": (attn.v_proj, "post", 0),
+            "heads": (attn.o_proj, "pre", 0),
+            "mlp": (block.mlp, "post", 0),
+            "residual": (block, "post", 0),
+        }[site]
+    if kind == "bert":
+        block = hf.bert.encoder.layer[layer]
+        return {
+            "heads": (block.attention.output.dense, "pre", 0),
+            "mlp": (block.output.dense, "post", 0),
+            "residual": (block, "post", 0),
+        }[site]
+    assert kind == "marian"
+    part = hf.get_encoder() if stack == "encoder" else hf.get_decoder()
+    block = part.layers[layer]
+    attention = block.encoder_attn if stack == "cross" else block.self_attn
+    return {
+        "queries": (attention.q_proj, "post", 0),
+        "keys": (attention.k_proj, "post", 0),
+        "values": (attention.v_proj, "post", 0),
+        "heads": (attention.out_proj, "pre", 0),
+        "mlp": (block.fc2, "post", 0),
+        "residual": (block, "post", 0),
+    }[site]
+
+
+class Reference:
+    """One model's plain forwards: ``run(ids, edit)`` gives every target's score, ``edit``
+    (layer, site, function of the activation ``[L, width]``) applied by a hook."""
+
+    def __init__(self, model: ax.Model, source: str, target: str | None, stack: str = "self"):
+        self.model, self.hf, self.stack = model, model.hf, stack
+        tok = model.tokenizer
+        kind = self.hf.config.model_type
+        self.decoder_ids: list[int] | None = None
+        if kind == "bert":  # every class of the one sequence
+            self.classes = list(range(self.hf.config.num_labels))
+        elif kind == "marian":
+            self.target_ids = tok(text_target=target).input_ids
+            self.decoder_ids = [self.hf.config.decoder_start_token_id, *self.target_ids]
+        else:
+            src = tok(source)["input_ids"]
+            full = tok(source + target)["input_ids"]
+            assert full[: len(src)] == src
+            self.prefix, self.target_ids = len(src), full[len(src) :]
+
+    def ids(self, text: str) -> list[int]:
+        """The token ids the model reads (decoder-only: the text and the targets)."""
+        ids = self.model.tokenizer(text)["input_ids"]
+        if self.decoder_ids is None and self.hf.config.model_type != "bert":
+            ids = ids + self.target_ids
+        return ids
+
+    def run(self, ids: list[int], edit=None) -> np.ndarray:
+        handles = []
+        if edit is not None:
+            layer, site, change = edit
+            module, kind, _ = site_module(self.hf, self.stack, layer, site)
+
+            def put(x: torch.Tensor) -> torch.Tensor:
+                x = x.clone()
+                x[0] = change(x[0])
+                return x
+
+            if kind == "pre":
+                handles.append(module.register_forward_pre_hook(lambda m, a: (put(a[0]), *a[1:])))
+            else:
+                handles.append(
+                    module.register_forward_hook(
+                        lambda m, a, o: (put(o[0]), *o[1:]) if isinstance(o, tuple) else put(o)
+                    )
+                )
+        try:
+            with torch.no_grad():
+                if self.decoder_ids is not None:
+                    logits = self.hf(
+                        input_ids=torch.tensor([ids]),
+                        decoder_input_ids=torch.tensor([self.decoder_ids]),
+                        use_cache=False,
+                    ).logits[0]
+                    return logits[torch.arange(len(self.target_ids)), self.target_ids].numpy()
+                if self.hf.config.model_type == "bert":
+                    return self.hf(input_ids=torch.tensor([ids])).logits[0].numpy()
+                logits = self.hf(input_ids=torch.tensor([ids]), use_cache=False).logits[0]
+                rows = torch.arange(len(self.target_ids)) + self.prefix - 1
+                return logits[rows, self.target_ids].numpy()
+        finally:
+            for h in handles:
+                h.remove()
+
+    def capture(self, ids: list[int], layer: int, site: str) -> torch.Tensor:
+        seen = []
+
+        def keep(x: torch.Tensor) -> torch.Tensor:
+            seen.append(x.clone())
+            return x
+
+        self.run(ids, (layer, site, keep))
+        return seen[0]
+
+
+def real_patching(
+    ref: Reference,
+    clean: str,
+    corrupted: str,
+    site: str,
+    layers: int,
+    heads: int,
+    direction: str = "noising",
+) -> np.ndarray:
+    """``[targets, positions, layers, heads]``: the patched run's scores less the unpatched
+    run's, one forward per layer, position and head (``heads`` 1 for a site without heads)."""
+    base, donor = ref.ids(clean), ref.ids(corrupted)
+    if direction == "denoising":
+        base, donor = donor, base
+    unpatched = ref.run(base)
+    out = None
+    for layer in range(layers):
+        _, _, offset = site_module(ref.hf, ref.stack, layer, site)
+        given = ref.capture(donor, layer, site)
+        length = given.shape[0]
+        d = (given.shape[1] - offset) // heads if site != "residual" and heads > 1 else None
+        if site in ("queries", "keys", "values") and ref.hf.config.model_type == "gpt2":
+            d = ref.hf.config.n_embd // heads
+        for p in range(length):
+            for h in range(heads):
+                cols = slice(None) if d is None else slice(offset + h * d, offset + (h + 1) * d)
+
+                def change(
+                    x: torch.Tensor, p: int = p, cols: slice = cols, given: torch.Tensor = given
+                ) -> torch.Tensor:
+                    x[p, cols] = given[p, cols]
+                    return x
+
+                scores = ref.run(base, (layer, site, change)) - unpatched
+                if out is None:
+                    out = np.zeros((len(scores), length, layers, heads))
+                out[:, p, layer, h] = scores
+    assert out is not None
+    return out
+
+
+def heads_of(model: ax.Model, site: str) -> int:
+    config = model.hf.config
+    if site in ("mlp", "residual"):
+        return 1
+    if site in ("keys", "values"):
+        return getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    return getattr(config, "num_attention_heads", None) or config.encoder_attention_heads
+
+
+def visible(got, want: np.ndarray, check: Callable[[np.ndarray, np.ndarray], None]) -> None:
+    """``got`` against ``want`` where the target sees the position (NaN in ``got`` elsewhere,
+    where real patching moves nothing)."""
+    values = got.values if got.ndim == want.ndim else got.values[..., None]
+    hidden = np.isnan(values)
+    np.testing.assert_array_equal(want[hidden], 0.0)
+    check(np.where(hidden, 0.0, values), want)
+
+
+# --- tests ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("site", ["heads", "mlp", "residual", "queries", "keys", "values"])
+def test_decoder_only_equals_real_patching(models64, arch, site):
+    model = models64[arch]
+    got = ax.activation_patching(
+        model, SOURCE, TARGET, corrupted=CORRUPTED, site=site, objective="logit"
+    )
+    heads = heads_of(model, site)
+    want = real_patching(Reference(model, SOURCE, TARGET), SOURCE, CORRUPTED, site, 2, heads)
+    assert got.dims[:3] == ("target", "source", "layer")
+    assert np.abs(want).max() > 1e-3  # the corruption moves the scores
+    # Llama's eager softmax runs in float32 even in a float64 model
+    tol = {"rtol": 1e-5, "atol": 1e-7} if arch == "llama" else {"rtol": 1e-9, "atol": 1e-11}
+    visible(got, want, lambda a, b: np.testing.assert_allclose(a, b, **tol))
+
+
+@pytest.mark.parametrize("site", ["heads", "residual"])
+def test_denoising_restores_the_clean_activation_in_the_corrupted_run(models64, site):
+    model = models64["gpt2"]
+    got = ax.activation_patching(
+        model, SOURCE, TARGET, corrupted=CORRUPTED, site=site, direction="denoising"
+    )
+    ref = Reference(model, SOURCE, TARGET)
+    heads = heads_of(model, site)
+    want = real_patching(ref, SOURCE, CORRUPTED, site, 2, heads, "denoising")
+    # the default objective of a language model: the probability, read here from the logits
+    base, restored = ref.ids(CORRUPTED), ref.ids(SOURCE)
+    assert base != restored
+    probs = np.zeros_like(want)
+    for layer in range(2):
+        given = ref.capture(restored, layer, site)
+        d = given.shape[1] // heads
+        for p in range(given.shape[0]):
+            for h in range(heads):
+                cols = slice(h * d, (h + 1) * d) if heads > 1 else slice(None)
+
+                def change(x, p=p, cols=cols, given=given):
+                    x[p, cols] = given[p, cols]
+                    return x
+
+                probs[:, p, layer, h] = probability(ref, base, (layer, site, change))
+    probs -= probability(ref, base, None)[:, None, None, None]
+    assert np.abs(want).max() > 1e-3
+    visible(got, probs, lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12))
+
+
+def probability(ref: Reference, ids: list[int], edit) -> np.ndarray:
+    """Each target's probability under ``edit`` (decoder-only), from the full softmax."""
+    handles = []
+    if edit is not None:
+        layer, site, change = edit
+        module, kind, _ = site_module(ref.hf, "self", layer, site)
+
+        def put(x):
+            x = x.clone()
+            x[0] = change(x[0])
+            return x
+
+        if kind == "pre":
+            handles.append(module.register_forward_pre_hook(lambda m, a: (put(a[0]), *a[1:])))
+        else:
+            handles.append(
+                module.register_forward_hook(
+                    lambda m, a, o: (put(o[0]), *o[1:]) if isinstance(o, tuple) else put(o)
+                )
+            )
+    try:
+        with torch.no_grad():
+            logits = ref.hf(input_ids=torch.tensor([ids]), use_cache=False).logits[0]
+    finally:
+        for h in handles:
+            h.remove()
+    rows = torch.arange(len(ref.target_ids)) + ref.prefix - 1
+    return torch.softmax(logits[rows], -1)[torch.arange(len(rows)), ref.target_ids].numpy()
+
+
+@pytest.mark.parametrize("site", ["heads", "mlp", "residual"])
+def test_an_encoder_classifier_equals_real_patching(models64, site):
+    model = models64["bert"]
+    got = ax.activation_patching(
+        model, TEXT, "all", corrupted=BAD_TEXT, site=site, objective="logit"
+    )
+    ref = Reference(model, TEXT, None)
+    assert len(ref.ids(TEXT)) == len(ref.ids(BAD_TEXT))
+    heads = heads_of(model, site)
+    want = real_patching(ref, TEXT, BAD_TEXT, site, model.hf.config.num_hidden_layers, heads)
+    assert got.sizes["target"] == model.hf.config.num_labels
+    assert np.abs(want).max() > 1e-4
+    visible(got, want, lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12))
+
+
+@pytest.mark.parametrize(
+    ("stack", "site"),
+    [
+        ("encoder", "heads"),
+        ("cross", "heads"),
+        ("decoder", "heads"),
+        ("decoder", "mlp"),
+        ("cross", "keys"),
+        ("cross", "queries"),
+        ("encoder", "values"),
+    ],
+)
+def test_an_encoder_decoder_equals_real_patching(models64, stack, site):
+    model = models64["marian"]
+    got = ax.activation_patching(
+        model, SOURCE, ED_TARGET, corrupted=CORRUPTED, stack=stack, site=site, objective="logit"
+    )
+    ref = Reference(model, SOURCE, ED_TARGET, stack)
+    config = model.hf.config
+    layers = config.encoder_layers if stack == "encoder" else config.decoder_layers
+    heads = 1 if site == "mlp" else config.decoder_attention_heads
+    want = real_patching(ref, SOURCE, CORRUPTED, site, layers, heads)
+    # the decoder positions are the target side of the source index; cross-attention's keys and
+    # values live on the encoder's
+    if stack == "decoder" or (stack == "cross" and site in ("heads", "queries")):
+        assert set(got["side"].values) == {"target"}
+    else:
+        assert "side" not in got.coords or set(got["side"].values) == {"source"}
+    assert np.abs(want).max() > 1e-4
+    visible(got, want, lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12))
+
+
+def test_a_corruption_that_changes_nothing_moves_nothing(models64):
+    for arch in ("gpt2", "bert"):
+        model = models64[arch]
+        text, target = (SOURCE, TARGET) if arch == "gpt2" else (TEXT, None)
+        for site in ("heads", "keys", "residual"):
+            da = ax.activation_patching(model, text, target, corrupted=text, site=site)
+            # the stacked copies' forwards round unlike the single one: float64 rounding only
+            assert np.nanmax(np.abs(da.values)) < 1e-15, (arch, site)
+
+
+def test_the_last_residual_at_a_targets_position_gives_it_the_corrupted_score(models64):
+    """After the last layer nothing mixes positions: patching the residual stream where target k
+    is read swaps in the whole state the head reads, so k's score becomes the corrupted run's."""
+    model = models64["llama"]
+    got = ax.activation_patching(
+        model, SOURCE, TARGET, corrupted=CORRUPTED, site="residual", layers=-1, objective="logit"
+    )
+    ref = Reference(model, SOURCE, TARGET)
+    change = ref.run(ref.ids(CORRUPTED)) - ref.run(ref.ids(SOURCE))
+    for k in range(got.sizes["target"]):
+        read = ref.prefix - 1 + k
+        np.testing.assert_allclose(got.values[k, read, 0], change[k], rtol=1e-6, atol=1e-9)
+        # and every earlier position's own patch leaves k's score as it would through attention
+        assert np.isnan(got.values[k, read + 1 :, 0]).all()
+
+
+def test_selections_batches_and_budgets_give_the_full_arrays_entries(models64):
+    model = models64["gpt2"]
+    full = ax.activation_patching(model, SOURCE, TARGET, corrupted=CORRUPTED)
+    few = ax.activation_patching(
+        model, SOURCE, TARGET, corrupted=CORRUPTED, layers=[1], heads=[0, 1], sources=[5, 2]
+    )
+    assert few.dims == full.dims
+    assert few.source.values.tolist() == [5, 2]
+    want = full.sel(layer=[1], head=[0, 1]).isel(source=[5, 2])
+    np.testing.assert_array_equal(few.values, want.values)
+    # one patched copy a forward, or three (chunks that straddle layers): the same entries
+    for size in (1, 3):
+        chunked = ax.activation_patching(
+            model, SOURCE, TARGET, corrupted=CORRUPTED, batch_size=size
+        )
+        np.testing.assert_allclose(chunked.values, full.values, rtol=1e-9, atol=1e-15)
+    # a batch of two, each with its own corruption ("Hallo" aligns with "Hello"): each as alone
+    inputs, targets, corrupted = [SOURCE, "Hello"], [TARGET, " world"], [CORRUPTED, "Hallo"]
+    both = ax.activation_patching(model, inputs, targets, corrupted=corrupted)
+    for e in range(2):
+        single = ax.activation_patching(model, inputs[e], targets[e], corrupted=corrupted[e])
+        assert np.nanmax(np.abs(single.values)) > 1e-6
+        part = both.isel(example=e).dropna("target", how="all")
+        part = part.isel(source=slice(0, single.sizes["source"]))
+        np.testing.assert_allclose(part.values, single.values, rtol=1e-9, atol=1e-15)
+
+
+@pytest.mark.parametrize(
+    ("options", "error", "match"),
+    [
+        ({}, ax.OptionError, "`corrupted` is required"),
+        ({"corrupted": "1 2 4 5 ="}, ax.InputError, "has 5 tokens but its clean input has 4"),
+        ({"corrupted": "1 2 4 =", "site": "mlp", "heads": 0}, ax.OptionError, "`heads` applies"),
+        ({"corrupted": "1 2 4 =", "sources": 9}, ax.OptionError, "`sources` contains 9"),
+        ({"corrupted": "1 2 4 =", "direction": "up"}, ax.OptionError, "`direction` must be"),
+        ({"corrupted": "1 2 4 =", "chunk_size": 2}, ax.OptionError, "chunk_size"),
+        ({"corrupted": "1 2 4 =", "stack": "cross"}, ax.OptionError, "needs an encoder-decoder"),
+        ({"corrupted": "1 2 4 =", "layers": 5}, ax.OptionError, "`layers` contains 5"),
+        ({"corrupted": "1 2 4 =", "max_memory": "1kB"}, ax.OptionError, "cannot be met"),
+    ],
+)
+def test_bad_options_are_refused(default_model, options, error, match):
+    with pytest.raises(error, match=match):
+        ax.activation_patching(default_model, "1 2 3 =", " 3 2 1", **options)
+
+
+def test_per_layer_embeddings_are_looked_up_by_the_corrupted_ids():
+    """Gemma 4 adds a per-layer embedding of each token id to every layer's stream: the
+    corrupted run reads the corrupted ids (the clean ones moved this score by 4e-5 until
+    2026-12-06), so the last layer's residual at the target's position carries the corrupted
+    run's score exactly."""
+    from tests.test_support import FAMILIES
+
+    model = FAMILIES["Gemma 4"]()
+    tok = model.tokenizer
+    prompt, bad = tok(SOURCE)["input_ids"], tok(CORRUPTED)["input_ids"]
+    target = tok(SOURCE + TARGET)["input_ids"][len(prompt) :]
+    assert len(prompt) == len(bad) and len(target) == 1
+
+    def score(ids: list[int]) -> float:
+        with torch.no_grad():
+            logits = model.hf(input_ids=torch.tensor([ids + target])).logits[0]
+        return float(logits[len(prompt) - 1, target[0]])
+
+    got = ax.activation_patching(
+        model, SOURCE, TARGET, corrupted=CORRUPTED, site="residual", layers=-1, objective="logit"
+    )
+    want = score(bad) - score(prompt)
+    np.testing.assert_allclose(got.values[0, len(prompt) - 1, 0], want, rtol=2e-6, atol=1e-7)
