@@ -442,3 +442,30 @@ def test_per_layer_embeddings_are_looked_up_by_the_corrupted_ids():
     )
     want = score(bad) - score(prompt)
     np.testing.assert_allclose(got.values[0, len(prompt) - 1, 0], want, rtol=2e-6, atol=1e-7)
+
+
+def test_keys_and_values_that_later_layers_reuse_are_refused():
+    """Gemma 4's shared key-value layers reuse an earlier layer's keys and values, stored before
+    the attention function where both patchings replace them: refused, queries still run."""
+    import transformers
+
+    from tests.test_architectures import SIZES
+
+    _, tok = tiny_model("gpt2")
+    # the last layer reuses the first's keys and values (layers of one kind)
+    config = transformers.Gemma4TextConfig(
+        vocab_size=len(tok), intermediate_size=64, num_key_value_heads=2, head_dim=8,
+        global_head_dim=16, hidden_size_per_layer_input=8, vocab_size_per_layer_input=len(tok),
+        layer_types=["full_attention"] * SIZES["num_hidden_layers"], num_kv_shared_layers=1,
+        pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id, **SIZES,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    hf = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    assert hf.base_model.layers[-1].self_attn.is_kv_shared_layer
+    model = ax.load_model(hf, tokenizer=tok)
+    for fn in (ax.activation_patching, ax.attribution_patching):
+        for site in ("keys", "values"):
+            with pytest.raises(ax.ModelError, match="reuse an earlier layer's keys and values"):
+                fn(model, SOURCE, TARGET, corrupted=CORRUPTED, site=site)
+        assert fn(model, SOURCE, TARGET, corrupted=CORRUPTED, site="queries").sizes["head"] > 0

@@ -1,12 +1,12 @@
-"""Component attributions: direct logit attribution and attribution patching.
+"""Component attributions: direct logit attribution, attribution and activation patching.
 
-Both read the model's own modules (attention heads, MLPs, residual stream). Direct logit
+All read the model's own modules (attention heads, MLPs, residual stream). Direct logit
 attribution knows GPT-2 (``Conv1D``, LayerNorm), Llama (``o_proj``, RMSNorm, RoPE, grouped
 keys and values; Mistral, Qwen2, Qwen3, SmolLM3, Phi-3, Granite and the mixtures of experts of
 ``_arch.EXPERTS``), Gemma 2, Gemma 3 and OLMo 2 (norms on each attention's and MLP's output),
 GPT-NeoX and pre-LN OPT, as causal LMs or as sequence classifiers whose ``score`` head reads the
 final norm directly, and the pre-LN encoder-decoders T5, NLLB's M2M100, mBART and Pegasus (the
-post-LN Marian and BART have no direct path); attribution
+post-LN Marian and BART have no direct path); attribution and activation
 patching any decoder-only model whose layers sit where :func:`_blocks` looks (GPT-2, Llama,
 Qwen2, Gemma, Phi-3, Pythia, OPT, BLOOM, Falcon, Granite, the mixtures of experts), its
 classifiers, the encoder classifiers of :data:`_ENCODERS` (BERT and its kin, DistilBERT,
@@ -17,6 +17,9 @@ architecture.
   attention head (per source position, through its attention weights) and each MLP wrote, and
   projects every piece on the target's unembedding row with the final norm's scale held fixed:
   one eager forward, every target at once.
+* :func:`activation_patching` patches for real: every (layer, position, head) a copy of the
+  batch, the copies stacked in forwards within ``max_memory``, each replacing its one activation
+  with the donor run's (noising: the corrupted run's into the clean one; denoising: back).
 * :func:`attribution_patching` (AtP) estimates activation patching to first order: gradient times
   (corrupted - clean) activation, from one clean forward, one corrupted forward and one
   vectorized backward over targets, with zero probes on the chosen activations as the ``vjp``
@@ -27,6 +30,7 @@ architecture.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -1288,7 +1292,18 @@ def activation_patching(
 
 def _attention_input_stack(model: Model, site: str, stack: str | None) -> tuple[bool, str]:
     """Whether ``site``'s vectors on ``stack`` live on the decoder positions, and the stack's
-    name as :mod:`attrax._heads` keys it (checked as :func:`_patch_attention_inputs`)."""
+    name as :mod:`attrax._heads` keys it: ``"self"`` for a model of one stack; ``None`` on an
+    encoder-decoder is ``"cross"``, as for the heads. A ModelError for keys and values that
+    later layers reuse (Gemma 3n's and Gemma 4's shared key-value layers): they are stored
+    before the attention function attrax patches them in, so the reusing layers would keep the
+    unpatched ones."""
+    shared = getattr(model.hf.config, "num_kv_shared_layers", 0)
+    if site in ("keys", "values") and isinstance(shared, int) and shared > 0:
+        raise ModelError(
+            f"{model.name}'s last {shared} layers reuse an earlier layer's keys and values "
+            "(num_kv_shared_layers): attrax patches them inside each layer's attention, which "
+            "those layers would not see; site='queries', 'heads', 'mlp' or 'residual' instead"
+        )
     if not model.is_encoder_decoder:
         if stack is not None:
             raise OptionError(
@@ -1393,7 +1408,8 @@ def _attention_input_donors(
     name = ATTENTION_INPUTS[site]
     calls = record_calls(problem, keys, site, *donor).calls
     assert calls is not None
-    donors = [getattr(calls[key], name).detach() for key in keys]
+    # a copy: GPT-2's are views of its fused projection's output, three times as large
+    donors = [getattr(calls[key], name).detach().clone() for key in keys]
     del calls
     total = donors[0].shape[1]
     what = "heads per layer" if site == "queries" else "key/value heads per layer"
@@ -1443,7 +1459,8 @@ def _patched_effects(
     with torch.no_grad():
         with replace([None] * layers):  # the unpatched run, through the same attention
             unpatched = scores(1)
-        cost = problem.cost(saved=False, eager=eager)
+        # the stacked run's own shapes (denoising: a corrupted source of another length)
+        cost = dataclasses.replace(problem, inputs=(x,)).cost(saved=False, eager=eager)
         # each chunk's replaced activation (one layer's, per copy) beside its forward
         widest = max(d.numel() * d.element_size() for d in site.donors)
         held = sum(d.numel() * d.element_size() for d in site.donors)
@@ -1498,16 +1515,7 @@ def _patch_attention_inputs(
     patch_attention_inputs`), labelled: queries on their stack's query positions, keys and
     values on its key positions (the encoder's, for cross-attention)."""
     model = call.model
-    if not model.is_encoder_decoder:
-        if stack is not None:
-            raise OptionError(
-                f"`stack={stack!r}` needs an encoder-decoder model; {model.name} has one stack "
-                "(leave stack=None)"
-            )
-        stack = "self"
-    elif stack is None:  # as for the heads: the cross-attention
-        stack = "cross"
-    on_decoder = stack == "decoder" or (stack == "cross" and site == "queries")
+    on_decoder, stack = _attention_input_stack(model, site, stack)
     assert corrupted is not None
     corrupt = _corrupted_ids(model, call, corrupted, not on_decoder)
     with torch.no_grad():

@@ -89,7 +89,8 @@ class _Probes:
     ``rows[key]`` selects (all copies when absent) after the weights of those copies are scaled
     by ``alpha`` (head attribution); ``inputs[(key, name)]`` are added to the module's
     ``"query"``, ``"key"`` or ``"value"`` before its attention runs; ``seen`` collects each
-    module's weights, and ``calls`` (when not None) each module's attention call.
+    module's weights (unless ``keep`` is False), and ``calls`` (when not None) each module's
+    attention call.
     """
 
     where: dict[torch.nn.Module, Key]
@@ -101,6 +102,8 @@ class _Probes:
     )
     seen: dict[Key, torch.Tensor] = field(default_factory=dict)
     calls: dict[Key, AttentionCall] | None = None
+    #: whether ``seen`` keeps the weights (every layer's, to the forward's end)
+    keep: bool = True
 
 
 @dataclass(frozen=True)
@@ -176,7 +179,8 @@ def _probed_attention(
         scale = torch.where(rows, state.alpha, torch.ones_like(state.alpha)).to(out.dtype)
         out = out * scale.view(-1, 1, 1, 1)
         weights = weights * scale.view(-1, 1, 1, 1)
-    state.seen[place] = weights
+    if state.keep:
+        state.seen[place] = weights
     probe = state.probes.get(place)
     if probe is not None:
         copies = weights.shape[0] // probe.shape[0]
@@ -793,7 +797,7 @@ def replacing(
 ) -> Iterator[None]:
     """Forwards inside run each attention's ``"query"``, ``"key"`` or ``"value"`` (after rotary
     embeddings, ``[copies * B, heads, L, d]``) through ``replace[(key, name)]`` where given."""
-    with _probing(model, _Probes(_placed(model), inputs={**replace})):
+    with _probing(model, _Probes(_placed(model), inputs={**replace}, keep=False)):
         yield
 
 
