@@ -114,7 +114,8 @@ class Reference:
             ids = ids + self.target_ids
         return ids
 
-    def run(self, ids: list[int], edit=None) -> np.ndarray:
+    def logits(self, ids: list[int], edit=None) -> torch.Tensor:
+        """The logits that score the targets (``[K, V]``; a classifier's ``[classes]``)."""
         handles = []
         if edit is not None:
             layer, site, change = edit
@@ -136,20 +137,30 @@ class Reference:
         try:
             with torch.no_grad():
                 if self.decoder_ids is not None:
-                    logits = self.hf(
+                    return self.hf(
                         input_ids=torch.tensor([ids]),
                         decoder_input_ids=torch.tensor([self.decoder_ids]),
                         use_cache=False,
-                    ).logits[0]
-                    return logits[torch.arange(len(self.target_ids)), self.target_ids].numpy()
+                    ).logits[0, : len(self.target_ids)]
                 if self.hf.config.model_type == "bert":
-                    return self.hf(input_ids=torch.tensor([ids])).logits[0].numpy()
+                    return self.hf(input_ids=torch.tensor([ids])).logits[0]
                 logits = self.hf(input_ids=torch.tensor([ids]), use_cache=False).logits[0]
-                rows = torch.arange(len(self.target_ids)) + self.prefix - 1
-                return logits[rows, self.target_ids].numpy()
+                return logits[torch.arange(len(self.target_ids)) + self.prefix - 1]
         finally:
             for h in handles:
                 h.remove()
+
+    def run(self, ids: list[int], edit=None) -> np.ndarray:
+        """Every target's logit (a classifier's: every class's)."""
+        logits = self.logits(ids, edit)
+        if self.hf.config.model_type == "bert":
+            return logits.numpy()
+        return logits[torch.arange(len(self.target_ids)), self.target_ids].numpy()
+
+    def probability(self, ids: list[int], edit=None) -> np.ndarray:
+        """Every target's probability, from the whole vocabulary's softmax."""
+        probs = torch.softmax(self.logits(ids, edit), -1)
+        return probs[torch.arange(len(self.target_ids)), self.target_ids].numpy()
 
     def capture(self, ids: list[int], layer: int, site: str) -> torch.Tensor:
         seen = []
@@ -264,40 +275,10 @@ def test_denoising_restores_the_clean_activation_in_the_corrupted_run(models64, 
                     x[p, cols] = given[p, cols]
                     return x
 
-                probs[:, p, layer, h] = probability(ref, base, (layer, site, change))
-    probs -= probability(ref, base, None)[:, None, None, None]
+                probs[:, p, layer, h] = ref.probability(base, (layer, site, change))
+    probs -= ref.probability(base)[:, None, None, None]
     assert np.abs(want).max() > 1e-3
     visible(got, probs, lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12))
-
-
-def probability(ref: Reference, ids: list[int], edit) -> np.ndarray:
-    """Each target's probability under ``edit`` (decoder-only), from the full softmax."""
-    handles = []
-    if edit is not None:
-        layer, site, change = edit
-        module, kind, _ = site_module(ref.hf, "self", layer, site)
-
-        def put(x):
-            x = x.clone()
-            x[0] = change(x[0])
-            return x
-
-        if kind == "pre":
-            handles.append(module.register_forward_pre_hook(lambda m, a: (put(a[0]), *a[1:])))
-        else:
-            handles.append(
-                module.register_forward_hook(
-                    lambda m, a, o: (put(o[0]), *o[1:]) if isinstance(o, tuple) else put(o)
-                )
-            )
-    try:
-        with torch.no_grad():
-            logits = ref.hf(input_ids=torch.tensor([ids]), use_cache=False).logits[0]
-    finally:
-        for h in handles:
-            h.remove()
-    rows = torch.arange(len(ref.target_ids)) + ref.prefix - 1
-    return torch.softmax(logits[rows], -1)[torch.arange(len(rows)), ref.target_ids].numpy()
 
 
 @pytest.mark.parametrize("site", ["heads", "mlp", "residual"])
