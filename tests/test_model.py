@@ -904,3 +904,29 @@ def test_an_encoder_classifiers_own_hook_is_honoured_and_tuple_outputs_are_refus
     hf.config.return_dict = False
     with pytest.raises(ax.ModelError, match=r"config\.return_dict=False"):
         ax.saliency(model, "the cat sat", 0)
+
+
+def test_head_rows_are_the_full_projections_entries():
+    """The logit objective's forwards read only the targets' rows of the output projection:
+    equal to the whole vocabulary's logits at those ids on every language model of the
+    architectures table, with biases (Marian's final_logits_bias), logit scales (Cohere,
+    Granite) and soft caps (Gemma 2) alike; None where the projection is no plain Linear."""
+    from tests.test_support import FAMILIES
+
+    torch.manual_seed(0)
+    rows_read = []
+    for name, build in FAMILIES.items():
+        model = build()
+        if model.task != "generation":
+            continue
+        head = model.hf.get_output_embeddings()
+        hidden = torch.randn(2, 3, model.hf.get_input_embeddings().weight.shape[1])
+        ids = torch.randint(0, model.hf.get_input_embeddings().weight.shape[0], (2, 3))
+        rows = model.head_rows(hidden.to(head.weight.dtype), ids)
+        if rows is None:
+            assert type(head) is not torch.nn.Linear, name
+            continue
+        want = model.head(hidden.to(head.weight.dtype)).gather(-1, ids[..., None])[..., 0]
+        torch.testing.assert_close(rows, want, rtol=1e-5, atol=1e-5, msg=name)
+        rows_read.append(name)
+    assert {"GPT-2", "Gemma 2", "Cohere (Command R)", "Granite", "Marian", "T5"} <= set(rows_read)

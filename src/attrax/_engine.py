@@ -35,7 +35,7 @@ from ._memory import (
     reuse_host_memory,
 )
 from ._model import Model, head_rows_only, one_backward, reading
-from ._objectives import Objective, evaluate_objective
+from ._objectives import Objective, evaluate_objective, logit
 
 #: random draws (noise, random starts) are made in this dtype, then cast to the model's: one
 #: seed draws the same whatever the model's dtype (a float64 model drew another stream)
@@ -175,6 +175,14 @@ class Problem:
             n = hidden.shape[0] // t.target_ids.shape[0]
             target_ids = t.target_ids[:, slots].repeat(n, 1)
             contrast = None if contrast is None else contrast[:, slots].repeat(n, 1)
+        if self.objective is logit and not torch.is_grad_enabled():
+            # a forward's logits need only their own rows of the projection, not the vocabulary
+            value = self.model.head_rows(hidden, target_ids)
+            if value is not None and contrast is not None:
+                other = self.model.head_rows(hidden, contrast)
+                value = None if other is None else value - other
+            if value is not None:
+                return value
         return evaluate_objective(self.objective, self.model.head(hidden), target_ids, contrast)
 
     def rows_fn(self, example: torch.Tensor, slot: torch.Tensor) -> Callable[..., torch.Tensor]:

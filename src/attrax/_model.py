@@ -839,6 +839,28 @@ class Model:
         cap = getattr(self.hf.config, "final_logit_softcapping", None)
         return self.soft_cap(logits, cap) if cap else logits
 
+    def head_rows(self, hidden: torch.Tensor, ids: torch.Tensor) -> torch.Tensor | None:
+        """:meth:`head`'s logits at ``ids`` only (``[...]`` from ``hidden`` ``[..., H]`` and
+        ``ids`` ``[...]``): one row of the output projection per id, not the vocabulary; None
+        where the projection is no plain ``Linear`` (then :meth:`head` it is)."""
+        head = self._head
+        # exactly a Linear: a subclass (a quantized one) may compute otherwise
+        if not isinstance(head, torch.nn.Linear) or type(head) is not torch.nn.Linear:
+            return None
+        rows = head.weight[ids]  # [..., H]
+        # a batched matmul, as the projection's: it accumulates low precision in float32
+        logits = (hidden.unsqueeze(-2) @ rows.to(hidden.dtype).unsqueeze(-1))[..., 0, 0]
+        if head.bias is not None:
+            logits = logits + head.bias[ids]
+        bias = getattr(self.hf, "final_logits_bias", None)
+        if isinstance(bias, torch.Tensor):
+            logits = logits + bias.reshape(-1)[ids]
+        scale = _arch.logit_scale(self.hf.config)
+        if scale != 1.0:
+            logits = logits * scale
+        cap = getattr(self.hf.config, "final_logit_softcapping", None)
+        return self.soft_cap(logits, cap) if cap else logits
+
     def soft_cap(self, logits: torch.Tensor, cap: float) -> torch.Tensor:
         """Gemma 2's soft-capped logits ``cap * tanh(logits / cap)`` (LRP gives it its rule)."""
         return torch.tanh(logits / cap) * cap
