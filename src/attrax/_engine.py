@@ -175,8 +175,8 @@ class Problem:
             n = hidden.shape[0] // t.target_ids.shape[0]
             target_ids = t.target_ids[:, slots].repeat(n, 1)
             contrast = None if contrast is None else contrast[:, slots].repeat(n, 1)
-        if self.objective is logit and not torch.is_grad_enabled():
-            # a forward's logits need only their own rows of the projection, not the vocabulary
+        if self.objective is logit:
+            # the logits need only their own rows of the projection, not the vocabulary
             value = self.model.head_rows(hidden, target_ids)
             if value is not None and contrast is not None:
                 other = self.model.head_rows(hidden, contrast)
