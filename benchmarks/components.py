@@ -218,10 +218,13 @@ def loop_grad_drop(hf: Any, ids: torch.Tensor, bad: torch.Tensor, first: int) ->
     return sum(np.abs(r) for r in runs) / (layers - 1)
 
 
-def loop_activation(hf: Any, ids: torch.Tensor, bad: torch.Tensor, first: int) -> np.ndarray:
+def loop_activation(
+    hf: Any, ids: torch.Tensor, bad: torch.Tensor, first: int, objective: str = "probability"
+) -> np.ndarray:
     """``[K, L, layer, head]``: real patching, one forward per (layer, head, position) with a
     hook that puts the corrupted run's head output there (TransformerLens's
-    ``get_act_patch_attn_head_out_by_pos`` loop); every target read from each forward."""
+    ``get_act_patch_attn_head_out_by_pos`` loop); every target's ``objective`` read from each
+    forward."""
     _, proj, _, _, _, _ = _modules(hf)
     heads = hf.config.num_attention_heads
     d = hf.config.hidden_size // heads
@@ -240,6 +243,8 @@ def loop_activation(hf: Any, ids: torch.Tensor, bad: torch.Tensor, first: int) -
 
     def scores() -> torch.Tensor:
         logits = hf(input_ids=ids, use_cache=False).logits[0, rows]
+        if objective == "logit":
+            return logits[torch.arange(len(rows)), targets]
         return torch.softmax(logits, -1)[torch.arange(len(rows)), targets]
 
     result = np.zeros((length - first, length, len(proj), heads))
@@ -348,6 +353,13 @@ def run(quick: bool, repeats: int, only: set[str] | None = None) -> dict[str, An
                 "activation_patching",
                 lambda m=model: ax.activation_patching(m, prompt, target, corrupted=corrupted),
                 lambda hf=hf: loop_activation(hf, ids, bad, n_prompt),
+            ),
+            (
+                "activation_patching objective=logit",
+                lambda m=model: ax.activation_patching(
+                    m, prompt, target, corrupted=corrupted, objective="logit"
+                ),
+                lambda hf=hf: loop_activation(hf, ids, bad, n_prompt, "logit"),
             ),
             (
                 "attribution_patching grad_drop=True",

@@ -1483,18 +1483,16 @@ def _patched_effects(
             between_passes()
             chunk = slice(start, min(start + step, total))
             n = chunk.stop - chunk.start
-            masks: list[torch.Tensor | None] = []
-            for i in range(layers):
-                mine = layer[chunk] == i
-                if not bool(mine.any()):
-                    masks.append(None)
-                    continue
-                shape = (n, site.length, site.head_total)
-                mask = torch.zeros(shape, dtype=torch.bool, device=x.device)
-                rows = torch.nonzero(mine).squeeze(1)
-                at = head[chunk][rows] if heads is not None else torch.zeros_like(rows)
-                mask[rows, source[chunk][rows], at] = True
-                masks.append(mask if heads is not None else mask[..., 0])
+            # copy c patches (layer, source, head) of its own: one True in every[layer, c]
+            every = torch.zeros(
+                layers, n, site.length, site.head_total, dtype=torch.bool, device=x.device
+            )
+            copies = torch.arange(n, device=x.device)
+            every[layer[chunk], copies, source[chunk], head[chunk]] = True
+            touched = every.flatten(1).any(1).tolist()  # the layers this chunk patches
+            if heads is None:
+                every = every[..., 0]
+            masks = [m if hit else None for m, hit in zip(every, touched, strict=True)]
             with replace(masks):
                 patched = scores(n)
             out.append((patched - unpatched.repeat(n, 1)).view(n, batch, targets))
