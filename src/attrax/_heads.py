@@ -816,11 +816,12 @@ def patch_attention_inputs(
     (keys and values: the key/value heads).
 
     ``corrupt`` holds the corrupted run's input embeddings, mask, segment ids and token ids.
-    Plain AtP is ``grad . (corrupted - clean)`` of each vector. With ``qk_fix`` (AtP*, Kramar et al. 2024), a query's
-    or key's effect goes through its softmax exactly: ``sum dS/dA * (A' - A)`` with ``A'`` the
-    attention pattern recomputed with that one query (key) corrupted, ``dS/dA`` every target's
-    gradient of the layer's probabilities from one vectorized backward. With ``drop``, each
-    estimate is GradDrop's average over the dropped layers (:func:`attrax._drop.averaged`).
+    Plain AtP is ``grad . (corrupted - clean)`` of each vector. With ``qk_fix`` (AtP*, Kramar et
+    al. 2024), a query's or key's effect goes through its softmax exactly: ``sum dS/dA * (A' -
+    A)`` with ``A'`` the attention pattern recomputed with that one query (key) corrupted,
+    ``dS/dA`` every target's gradient of the layer's probabilities from one vectorized backward.
+    With ``drop``, each estimate is GradDrop's average over the dropped layers
+    (:func:`attrax._drop.averaged`).
     """
     problem = call.problem
     model, t = problem.model, problem.tensors

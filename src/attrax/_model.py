@@ -830,14 +830,7 @@ class Model:
         # as rows: a gathered (strided) 3-D input made matmul expand the projection per row
         # into a bmm, which bfloat16 copies (823 MiB for 32 rows of GPT-2's vocabulary)
         logits = self._head(hidden.flatten(0, -2)).unflatten(0, hidden.shape[:-1])
-        bias = getattr(self.hf, "final_logits_bias", None)
-        if isinstance(bias, torch.Tensor):
-            logits = logits + bias
-        scale = _arch.logit_scale(self.hf.config)
-        if scale != 1.0:
-            logits = logits * scale
-        cap = getattr(self.hf.config, "final_logit_softcapping", None)
-        return self.soft_cap(logits, cap) if cap else logits
+        return self._after_projection(logits)
 
     def head_rows(self, hidden: torch.Tensor, ids: torch.Tensor) -> torch.Tensor | None:
         """:meth:`head`'s logits at ``ids`` only (``[...]`` from ``hidden`` ``[..., H]`` and
@@ -852,9 +845,16 @@ class Model:
         logits = (hidden.unsqueeze(-2) @ rows.to(hidden.dtype).unsqueeze(-1))[..., 0, 0]
         if head.bias is not None:
             logits = logits + head.bias[ids]
+        return self._after_projection(logits, ids)
+
+    def _after_projection(
+        self, logits: torch.Tensor, ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """What follows the output projection: the final logits' bias (its entries at ``ids``
+        when ``logits`` are those ids' only), the logit scale and the soft cap."""
         bias = getattr(self.hf, "final_logits_bias", None)
         if isinstance(bias, torch.Tensor):
-            logits = logits + bias.reshape(-1)[ids]
+            logits = logits + (bias if ids is None else bias.reshape(-1)[ids])
         scale = _arch.logit_scale(self.hf.config)
         if scale != 1.0:
             logits = logits * scale
