@@ -784,11 +784,38 @@ class _Stack:
     mlps: list[torch.nn.Module]
     heads: int
 
+    def module(self, site: str, layer: int) -> torch.nn.Module:
+        """Where ``site``'s activation of ``layer`` is: the output projection (its input, the
+        concatenated heads), the MLP or the block (their outputs)."""
+        found = {"heads": self.projections, "mlp": self.mlps, "residual": self.blocks}[site]
+        return found[layer]
+
     @property
     def on_decoder(self) -> bool:
         """Whether the activations live on the decoder positions (else on the encoder's or the
         decoder-only sequence's)."""
         return self.name in ("decoder", "cross")
+
+
+def _site_hook(
+    module: torch.nn.Module, site: str, change: Callable[[torch.Tensor], torch.Tensor]
+) -> torch.utils.hooks.RemovableHandle:
+    """``change`` hooked on ``site``'s activation at ``module`` (:meth:`_Stack.module`): the
+    output projection's input for the heads, else the module's output (a tuple's first: blocks,
+    and GPT-OSS's and Llama 4's experts, which also return their routing)."""
+    if site == "heads":
+
+        def pre(_m: torch.nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+            return (change(args[0]), *args[1:])
+
+        return module.register_forward_pre_hook(pre)
+
+    def post(_m: torch.nn.Module, _args: Any, output: Any) -> Any:
+        if isinstance(output, tuple):
+            return (change(output[0]), *output[1:])
+        return change(output)
+
+    return module.register_forward_hook(post)
 
 
 def _patch_stack(model: Model, method: str, stack: str | None, site: str) -> _Stack:
@@ -1070,26 +1097,12 @@ def attribution_patching(
                 seen[position] = value
                 return value + probe
 
-            if site == "heads":
+            def rows(value: torch.Tensor, add: Callable[..., torch.Tensor] = add) -> torch.Tensor:
+                if value.dim() == 2:  # OPT's fc2, Llama 4's experts: [B * L, H] as [B, L, H]
+                    return add(value.view(t.ids.shape[0], -1, value.shape[-1])).reshape(value.shape)
+                return add(value)
 
-                def pre(_m: torch.nn.Module, args: tuple[Any, ...], add=add) -> tuple[Any, ...]:
-                    return (add(args[0]), *args[1:])
-
-                module = parts.projections[layer]
-                handles.append(module.register_forward_pre_hook(pre))
-                continue
-
-            def post(_m: torch.nn.Module, _args: Any, output: Any, add=add) -> Any:
-                # GPT-OSS's and Llama 4's experts also return their routing
-                out = output[0] if isinstance(output, tuple) else output
-                if out.dim() == 2:  # OPT's fc2, Llama 4's experts: [B * L, H], patched as [B, L, H]
-                    out = add(out.view(t.ids.shape[0], -1, out.shape[-1])).reshape(out.shape)
-                else:
-                    out = add(out)
-                return (out, *output[1:]) if isinstance(output, tuple) else out
-
-            module = parts.mlps[layer] if site == "mlp" else parts.blocks[layer]
-            handles.append(module.register_forward_hook(post))
+            handles.append(_site_hook(parts.module(site, layer), site, rows))
         return handles
 
     def run(
@@ -1325,31 +1338,8 @@ def _module_donors(
     chosen_heads = None
     if site == "heads":
         chosen_heads = selection_indices(heads, parts.heads, "heads", "heads per layer")
-    modules = [
-        parts.projections[i]
-        if site == "heads"
-        else (parts.mlps if site == "mlp" else parts.blocks)[i]
-        for i in chosen_layers
-    ]
+    modules = [parts.module(site, i) for i in chosen_layers]
     batch = donor[0].shape[0]
-
-    def hook(
-        module: torch.nn.Module, change: Callable[[torch.Tensor], torch.Tensor]
-    ) -> torch.utils.hooks.RemovableHandle:
-        if site == "heads":  # the concatenated heads: the output projection's input
-
-            def pre(_m: torch.nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
-                return (change(args[0]), *args[1:])
-
-            return module.register_forward_pre_hook(pre)
-
-        def post(_m: torch.nn.Module, _args: Any, output: Any) -> Any:
-            # blocks return tuples; GPT-OSS's and Llama 4's experts their routing too
-            out = output[0] if isinstance(output, tuple) else output
-            out = change(out)
-            return (out, *output[1:]) if isinstance(output, tuple) else out
-
-        return module.register_forward_hook(post)
 
     seen: list[torch.Tensor | None] = [None] * len(modules)
 
@@ -1361,8 +1351,8 @@ def _module_donors(
 
         return change
 
-    with torch.no_grad(), _hooks(*(hook(m, keep(i)) for i, m in enumerate(modules))):
-        problem.hidden_of(donor[0], donor[1], donor[2], donor[3])
+    with torch.no_grad(), _hooks(*(_site_hook(m, site, keep(i)) for i, m in enumerate(modules))):
+        problem.hidden_of(*donor)
     if any(s is None for s in seen):
         raise ModelError(
             f"activation_patching: {type(call.model.hf).__name__} did not run the modules it names"
@@ -1388,7 +1378,7 @@ def _module_donors(
                     where = mask[:, None, :, None]
                 return torch.where(where, given[None], x).reshape(value.shape)
 
-            handles.append(hook(module, change))
+            handles.append(_site_hook(module, site, change))
         with _hooks(*handles):
             yield
 
