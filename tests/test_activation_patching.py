@@ -223,6 +223,11 @@ def heads_of(model: ax.Model, site: str) -> int:
     return getattr(config, "num_attention_heads", None) or config.encoder_attention_heads
 
 
+def first_difference(model: ax.Model, clean: str, corrupted: str) -> int:
+    a, b = (model.tokenizer(text)["input_ids"] for text in (clean, corrupted))
+    return next(i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y)
+
+
 def visible(got, want: np.ndarray, check: Callable[[np.ndarray, np.ndarray], None]) -> None:
     """``got`` against ``want`` where the target sees the position (NaN in ``got`` elsewhere,
     where real patching moves nothing)."""
@@ -249,6 +254,10 @@ def test_decoder_only_equals_real_patching(models64, arch, site):
     # Llama's eager softmax runs in float32 even in a float64 model
     tol = {"rtol": 1e-5, "atol": 1e-7} if arch == "llama" else {"rtol": 1e-9, "atol": 1e-11}
     visible(got, want, lambda a, b: np.testing.assert_allclose(a, b, **tol))
+    # before the first corrupted token both runs are the same: those patches move nothing at all
+    first = first_difference(model, SOURCE, CORRUPTED)
+    np.testing.assert_array_equal(want[:, :first], 0.0)
+    np.testing.assert_array_equal(got.values[:, :first], 0.0)
 
 
 @pytest.mark.parametrize("site", ["heads", "residual"])
@@ -328,14 +337,43 @@ def test_an_encoder_decoder_equals_real_patching(models64, stack, site):
     visible(got, want, lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12))
 
 
+@pytest.mark.parametrize(
+    ("site", "changed"),
+    [
+        # every layer's head outputs, MLPs and residuals from the first corrupted token on
+        ("heads", lambda first, length, layers: layers * (length - first)),
+        ("residual", lambda first, length, layers: layers * (length - first)),
+        # a layer-0 query reads its own token only: the corrupted token's, then all after it
+        ("queries", lambda first, length, layers: 1 + (layers - 1) * (length - first)),
+    ],
+)
+def test_only_patches_that_change_an_activation_run(models64, site, changed):
+    """A patch whose donor activation equals the clean one changes nothing, nor does one where
+    no target reads (the target token's own position): neither is run. Counted as the copies of the batch the first block sees (three unpatched forwards: the
+    donor run, the clean run's activations and the unpatched scores)."""
+    model = models64["gpt2"]
+    block = model.hf.transformer.h[0]
+    rows = []
+    handle = block.register_forward_pre_hook(lambda _, args: rows.append(args[0].shape[0]))
+    try:
+        ax.activation_patching(model, SOURCE, TARGET, corrupted=CORRUPTED, site=site)
+    finally:
+        handle.remove()
+    first = first_difference(model, SOURCE, CORRUPTED)
+    # the prompt's positions: the last one, the target's, is read by no target
+    length = len(model.tokenizer(SOURCE)["input_ids"])
+    heads = heads_of(model, site)
+    assert sum(rows) == 3 + heads * changed(first, length, model.hf.config.n_layer)
+
+
 def test_a_corruption_that_changes_nothing_moves_nothing(models64):
     for arch in ("gpt2", "bert"):
         model = models64[arch]
         text, target = (SOURCE, TARGET) if arch == "gpt2" else (TEXT, None)
         for site in ("heads", "keys", "residual"):
             da = ax.activation_patching(model, text, target, corrupted=text, site=site)
-            # the stacked copies' forwards round unlike the single one: float64 rounding only
-            assert np.nanmax(np.abs(da.values)) < 1e-15, (arch, site)
+            # no patch runs: every donor equals the clean activation
+            assert np.nanmax(np.abs(da.values)) == 0.0, (arch, site)
 
 
 def test_the_last_residual_at_a_targets_position_gives_it_the_corrupted_score(models64):
@@ -370,6 +408,11 @@ def test_selections_batches_and_budgets_give_the_full_arrays_entries(models64):
             model, SOURCE, TARGET, corrupted=CORRUPTED, batch_size=size
         )
         np.testing.assert_allclose(chunked.values, full.values, rtol=1e-9, atol=1e-15)
+    # one target kept: the positions after the one it is read from are not patched (NaN)
+    longer = ax.activation_patching(model, SOURCE, " Paris is a", corrupted=CORRUPTED)
+    first = ax.activation_patching(model, SOURCE, " Paris is a", corrupted=CORRUPTED, positions=[5])
+    assert longer.sizes["target"] == 3
+    np.testing.assert_allclose(first.values[0], longer.values[0], rtol=1e-9, atol=1e-15)
     # a batch of two, each with its own corruption ("Hallo" aligns with "Hello"): each as alone
     inputs, targets, corrupted = [SOURCE, "Hello"], [TARGET, " world"], [CORRUPTED, "Hallo"]
     both = ax.activation_patching(model, inputs, targets, corrupted=corrupted)

@@ -43,7 +43,7 @@ from . import _arch
 from . import _validate as check
 from ._attention import Selection, check_selection, selection_indices
 from ._drop import Drop, averaged, dropping, pulled
-from ._engine import vjp
+from ._engine import Problem, vjp
 from ._errors import InputError, ModelError, OptionError
 from ._heads import (
     ATTENTION_INPUTS,
@@ -1202,8 +1202,9 @@ _Replace = Callable[[list[torch.Tensor | None]], contextlib.AbstractContextManag
 
 class _Patchable(NamedTuple):
     """What one site offers to patch: the chosen layers and heads (None: a site without heads),
-    the positions and heads per layer a patch mask spans, the donor activations held, and how
-    a chunk's forward takes them."""
+    the positions and heads per layer a patch mask spans, the donor activations held, how a
+    chunk's forward takes them, and where a donor equals the base run's activation exactly
+    (``[layers, B, positions, head_total]``: that patch changes nothing)."""
 
     layers: list[int]
     heads: list[int] | None
@@ -1211,6 +1212,7 @@ class _Patchable(NamedTuple):
     head_total: int
     donors: list[torch.Tensor]
     replace: _Replace
+    same: torch.Tensor
 
 
 @ACTIVATION.method(
@@ -1238,7 +1240,9 @@ def activation_patching(
 
     Every patch is a copy of the batch in one stacked forward: copies run ``batch_size`` at a
     time (``"auto"``: as many as fit ``max_memory``), one patch a copy, each at its own layer,
-    position and head. It costs a forward per patch, ``layers x positions x heads`` of them:
+    position and head. It costs a forward per patch, ``layers x positions x heads`` of them at
+    most (a patch whose donor equals the base run's activation, or at a position no target
+    reads, changes nothing and does not run):
     :func:`attribution_patching` estimates all of them from two forwards and one backward, to
     first order; this method confirms it where it matters (``layers``, ``heads``, ``sources``).
 
@@ -1283,11 +1287,12 @@ def activation_patching(
     clean: _Run = (problem.inputs[0], t.mask, None, t.ids)
     base, donor = (clean, bad) if direction == "noising" else (bad, clean)
     if site in ATTENTION_INPUTS:
-        found = _attention_input_donors(call, stack_name, site, layers, heads, donor)
+        found = _attention_input_donors(call, stack_name, site, layers, heads, donor, base)
     else:
-        found = _module_donors(call, parts, site, layers, heads, donor)
+        found = _module_donors(call, parts, site, layers, heads, donor, base)
     chosen_sources = selection_indices(sources, found.length, "sources", "patched positions")
-    effects = _patched_effects(call, base, found, chosen_sources, site in ATTENTION_INPUTS)
+    read = _read(problem, on_decoder, found.length)
+    effects = _patched_effects(call, base, found, chosen_sources, read, site in ATTENTION_INPUTS)
     # [layer, source, head, B, K] -> [B, K, positions, layer(, head)], unpatched positions 0
     n_heads = 1 if found.heads is None else len(found.heads)
     grid = effects.view(len(found.layers), len(chosen_sources), n_heads, *effects.shape[1:])
@@ -1329,10 +1334,17 @@ def _attention_input_stack(model: Model, site: str, stack: str | None) -> tuple[
 
 
 def _module_donors(
-    call: Call, parts: _Stack, site: str, layers: Selection, heads: Selection, donor: _Run
+    call: Call,
+    parts: _Stack,
+    site: str,
+    layers: Selection,
+    heads: Selection,
+    donor: _Run,
+    base: _Run,
 ) -> _Patchable:
     """The chosen layers and heads of a head, MLP or residual site, the donor run's activation
-    at each chosen layer (``[B, positions, width]``), and how a chunk's forward replaces it."""
+    at each chosen layer (``[B, positions, width]``), how a chunk's forward replaces it, and
+    where it equals the ``base`` run's."""
     problem = call.problem
     chosen_layers = selection_indices(layers, len(parts.blocks), "layers", "layers")
     chosen_heads = None
@@ -1341,23 +1353,31 @@ def _module_donors(
     modules = [parts.module(site, i) for i in chosen_layers]
     batch = donor[0].shape[0]
 
-    seen: list[torch.Tensor | None] = [None] * len(modules)
+    def record(run: _Run) -> list[torch.Tensor]:
+        seen: list[torch.Tensor | None] = [None] * len(modules)
 
-    def keep(i: int) -> Callable[[torch.Tensor], torch.Tensor]:
-        def change(value: torch.Tensor) -> torch.Tensor:
-            # OPT's fc2 and Llama 4's experts run on the rows flattened: [B * L, H]
-            seen[i] = value.detach().reshape(batch, -1, value.shape[-1]).clone()
-            return value
+        def keep(i: int) -> Callable[[torch.Tensor], torch.Tensor]:
+            def change(value: torch.Tensor) -> torch.Tensor:
+                # OPT's fc2 and Llama 4's experts run on the rows flattened: [B * L, H]
+                seen[i] = value.detach().reshape(batch, -1, value.shape[-1]).clone()
+                return value
 
-        return change
+            return change
 
-    with torch.no_grad(), _hooks(*(_site_hook(m, site, keep(i)) for i, m in enumerate(modules))):
-        problem.hidden_of(*donor)
-    if any(s is None for s in seen):
-        raise ModelError(
-            f"activation_patching: {type(call.model.hf).__name__} did not run the modules it names"
-        )
-    donors = cast("list[torch.Tensor]", seen)
+        hooks = (_site_hook(m, site, keep(i)) for i, m in enumerate(modules))
+        with torch.no_grad(), _hooks(*hooks):
+            problem.hidden_of(*run)
+        if any(s is None for s in seen):
+            raise ModelError(
+                f"activation_patching: {type(call.model.hf).__name__} did not run the modules "
+                "it names"
+            )
+        return cast("list[torch.Tensor]", seen)
+
+    donors = record(donor)
+    # [B, L, width] -> [B, L, heads, d] (one head of width for the other sites)
+    per_head = (parts.heads, -1) if site == "heads" else (1, -1)
+    same = _same(donors, record(base), lambda a: a.unflatten(-1, per_head))
 
     @contextlib.contextmanager
     def replace(masks: list[torch.Tensor | None]) -> Iterator[None]:
@@ -1383,11 +1403,35 @@ def _module_donors(
             yield
 
     length = donors[0].shape[1]
-    return _Patchable(chosen_layers, chosen_heads, length, parts.heads, donors, replace)
+    return _Patchable(chosen_layers, chosen_heads, length, parts.heads, donors, replace, same)
+
+
+def _same(
+    donors: list[torch.Tensor],
+    bases: list[torch.Tensor],
+    heads: Callable[[torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
+    """``[layers, B, positions, heads]``: where each layer's donor activation equals the base
+    run's bit for bit (``heads`` views one as ``[B, positions, heads, d]``); nowhere where their
+    shapes differ."""
+    rows = []
+    for given, had in zip(donors, bases, strict=True):
+        a = heads(given)
+        if had.shape != given.shape:
+            rows.append(torch.zeros(a.shape[:-1], dtype=torch.bool, device=a.device))
+            continue
+        rows.append((a == heads(had)).all(-1))
+    return torch.stack(rows)
 
 
 def _attention_input_donors(
-    call: Call, stack: str, site: str, layers: Selection, heads: Selection, donor: _Run
+    call: Call,
+    stack: str,
+    site: str,
+    layers: Selection,
+    heads: Selection,
+    donor: _Run,
+    base: _Run,
 ) -> _Patchable:
     """As :func:`_module_donors`, for the queries, keys or values (``[B, heads, positions,
     d]``, after rotary embeddings), replaced inside the attention function."""
@@ -1396,11 +1440,15 @@ def _attention_input_donors(
     chosen_layers = stack_layers(model, stack, layers)
     keys = [(stack, layer) for layer in chosen_layers]
     name = ATTENTION_INPUTS[site]
-    calls = record_calls(problem, keys, site, *donor).calls
-    assert calls is not None
-    # a copy: GPT-2's are views of its fused projection's output, three times as large
-    donors = [getattr(calls[key], name).detach().clone() for key in keys]
-    del calls
+
+    def record(run: _Run) -> list[torch.Tensor]:
+        calls = record_calls(problem, keys, site, *run).calls
+        assert calls is not None
+        # a copy: GPT-2's are views of its fused projection's output, three times as large
+        return [getattr(calls[key], name).detach().clone() for key in keys]
+
+    donors = record(donor)
+    same = _same(donors, record(base), lambda a: a.transpose(1, 2))
     total = donors[0].shape[1]
     what = "heads per layer" if site == "queries" else "key/value heads per layer"
     chosen_heads = selection_indices(heads, total, "heads", what)
@@ -1426,15 +1474,35 @@ def _attention_input_donors(
             yield
 
     length = donors[0].shape[2]
-    return _Patchable(chosen_layers, chosen_heads, length, total, donors, replace)
+    return _Patchable(chosen_layers, chosen_heads, length, total, donors, replace, same)
+
+
+def _read(problem: Problem, on_decoder: bool, length: int) -> torch.Tensor:
+    """``[B, length]``: the patched stack's positions some target reads. A patch anywhere else
+    (a decoder's future, padding) changes no score; the result holds NaN there."""
+    t = problem.tensors
+    if not on_decoder:
+        return problem.visible()[..., : problem.inputs[0].shape[1]].any(1)
+    # the decoder's positions up to the last one each target's logits come from
+    columns = torch.arange(length, device=t.index.device)
+    seen = (columns[None, None, :] <= t.index[..., None]) & t.valid[..., None]
+    real = columns[None, :] < problem.side_mask(1).sum(1)[:, None]
+    return seen.any(1) & real
 
 
 def _patched_effects(
-    call: Call, base: _Run, site: _Patchable, sources: list[int], eager: bool
+    call: Call,
+    base: _Run,
+    site: _Patchable,
+    sources: list[int],
+    read: torch.Tensor,
+    eager: bool,
 ) -> torch.Tensor:
     """``[patches, B, K]``: each patch's score less the unpatched run's, the patches ``(layer,
     source, head)`` in that order, ``batch_size`` copies of the batch a forward (``eager``: the
-    forwards run eager attention)."""
+    forwards run eager attention). Only patches that change something run: where the donor
+    equals the base run's activation, or no target reads the position (``read``, ``[B,
+    positions]``), an example scores 0, exactly what a forward of its own would give."""
     problem = call.problem
     layers, heads = len(site.layers), site.heads
     n_heads = 1 if heads is None else len(heads)
@@ -1442,6 +1510,15 @@ def _patched_effects(
     x = base[0]
     batch, targets = x.shape[0], problem.tensors.valid.shape[1]
     replace = site.replace
+    # [layers, B, sources, heads] -> [patches, B]: whether the patch changes that example
+    chosen = torch.as_tensor(heads or [0], device=x.device)
+    moved = ~site.same & read[None, :, :, None]
+    changes = moved[:, :, sources][..., chosen].permute(0, 2, 3, 1).reshape(total, batch)
+    run = changes.any(1).nonzero().squeeze(1)  # the patches that change some example
+    # the scores' dtype (half precision as float32)
+    effects = full_precision(x.new_zeros(total, batch, targets))
+    if run.numel() == 0:
+        return effects
 
     def scores(copies: int) -> torch.Tensor:  # [copies * B, K]
         return problem.head_objective(problem.hidden_of(*base[:3], base[3], copies))
@@ -1456,22 +1533,20 @@ def _patched_effects(
         held = sum(d.numel() * d.element_size() for d in site.donors)
         fixed = cost.fixed + sum(problem.held) + held + total * batch * targets * 8
         step = plan_forwards(
-            total,
+            len(run),
             call.options["batch_size"],
             cost.per_point + widest,
             x.device,
             problem.max_memory,
             fixed,
         )
-        index = torch.arange(total, device=x.device)
-        layer = index // (len(sources) * n_heads)
-        source = torch.as_tensor(sources, device=x.device)[(index // n_heads) % len(sources)]
-        chosen = torch.as_tensor(heads or [0], device=x.device)
-        head = chosen[index % n_heads]
+        layer = run // (len(sources) * n_heads)
+        source = torch.as_tensor(sources, device=x.device)[(run // n_heads) % len(sources)]
+        head = chosen[run % n_heads]
         out = []
-        for start in range(0, total, step):  # chunking only: bounds memory
+        for start in range(0, len(run), step):  # chunking only: bounds memory
             between_passes()
-            chunk = slice(start, min(start + step, total))
+            chunk = slice(start, min(start + step, len(run)))
             n = chunk.stop - chunk.start
             # copy c patches (layer, source, head) of its own: one True in every[layer, c]
             every = torch.zeros(
@@ -1486,7 +1561,9 @@ def _patched_effects(
             with replace(masks):
                 patched = scores(n)
             out.append((patched - unpatched.repeat(n, 1)).view(n, batch, targets))
-    return full_precision(torch.cat(out))
+        effects = effects.to(full_precision(unpatched).dtype)
+        effects[run] = full_precision(torch.cat(out))
+    return torch.where(changes[..., None], effects, 0.0)
 
 
 def _patch_attention_inputs(
