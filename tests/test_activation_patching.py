@@ -114,9 +114,13 @@ class Reference:
             ids = ids + self.target_ids
         return ids
 
-    def logits(self, ids: list[int], edit=None) -> torch.Tensor:
-        """The logits that score the targets (``[K, V]``; a classifier's ``[classes]``)."""
+    def logits(self, ids: list[int], edit=None, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """The logits that score the targets (``[K, V]``; a classifier's ``[classes]``), with
+        ``noise`` ``[L, H]`` added to the token embeddings."""
         handles = []
+        if noise is not None:
+            table = self.hf.get_input_embeddings()
+            handles.append(table.register_forward_hook(lambda m, a, o: o + noise[None]))
         if edit is not None:
             layer, site, change = edit
             module, kind, _ = site_module(self.hf, self.stack, layer, site)
@@ -150,26 +154,30 @@ class Reference:
             for h in handles:
                 h.remove()
 
-    def run(self, ids: list[int], edit=None) -> np.ndarray:
+    def run(self, ids: list[int], edit=None, noise: torch.Tensor | None = None) -> np.ndarray:
         """Every target's logit (a classifier's: every class's)."""
-        logits = self.logits(ids, edit)
+        logits = self.logits(ids, edit, noise)
         if self.hf.config.model_type == "bert":
             return logits.numpy()
         return logits[torch.arange(len(self.target_ids)), self.target_ids].numpy()
 
-    def probability(self, ids: list[int], edit=None) -> np.ndarray:
+    def probability(
+        self, ids: list[int], edit=None, noise: torch.Tensor | None = None
+    ) -> np.ndarray:
         """Every target's probability, from the whole vocabulary's softmax."""
-        probs = torch.softmax(self.logits(ids, edit), -1)
+        probs = torch.softmax(self.logits(ids, edit, noise), -1)
         return probs[torch.arange(len(self.target_ids)), self.target_ids].numpy()
 
-    def capture(self, ids: list[int], layer: int, site: str) -> torch.Tensor:
+    def capture(
+        self, ids: list[int], layer: int, site: str, noise: torch.Tensor | None = None
+    ) -> torch.Tensor:
         seen = []
 
         def keep(x: torch.Tensor) -> torch.Tensor:
             seen.append(x.clone())
             return x
 
-        self.run(ids, (layer, site, keep))
+        self.run(ids, (layer, site, keep), noise)
         return seen[0]
 
 
@@ -181,17 +189,22 @@ def real_patching(
     layers: int,
     heads: int,
     direction: str = "noising",
+    noise: torch.Tensor | None = None,
+    score: str = "run",
 ) -> np.ndarray:
     """``[targets, positions, layers, heads]``: the patched run's scores less the unpatched
-    run's, one forward per layer, position and head (``heads`` 1 for a site without heads)."""
-    base, donor = ref.ids(clean), ref.ids(corrupted)
+    run's, one forward per layer, position and head (``heads`` 1 for a site without heads).
+    ``noise`` is added to the corrupted run's embeddings; ``score`` the Reference method that
+    scores (``"run"``: logits, ``"probability"``)."""
+    base, donor = (ref.ids(clean), None), (ref.ids(corrupted), noise)
     if direction == "denoising":
         base, donor = donor, base
-    unpatched = ref.run(base)
+    scored = getattr(ref, score)
+    unpatched = scored(base[0], None, base[1])
     out = None
     for layer in range(layers):
         _, _, offset = site_module(ref.hf, ref.stack, layer, site)
-        given = ref.capture(donor, layer, site)
+        given = ref.capture(donor[0], layer, site, donor[1])
         length = given.shape[0]
         d = (given.shape[1] - offset) // heads if site != "residual" and heads > 1 else None
         if site in ("queries", "keys", "values") and ref.hf.config.model_type == "gpt2":
@@ -206,7 +219,7 @@ def real_patching(
                     x[p, cols] = given[p, cols]
                     return x
 
-                scores = ref.run(base, (layer, site, change)) - unpatched
+                scores = scored(base[0], (layer, site, change), base[1]) - unpatched
                 if out is None:
                     out = np.zeros((len(scores), length, layers, heads))
                 out[:, p, layer, h] = scores
@@ -493,3 +506,153 @@ def test_keys_and_values_that_later_layers_reuse_are_refused():
             with pytest.raises(ax.ModelError, match="reuse an earlier layer's keys and values"):
                 fn(model, SOURCE, TARGET, corrupted=CORRUPTED, site=site)
         assert fn(model, SOURCE, TARGET, corrupted=CORRUPTED, site="queries").sizes["head"] > 0
+
+
+# --- causal tracing: Gaussian noise on some tokens' embeddings ------------------------------
+
+
+def noises(model: ax.Model, length: int, tokens: list[int], samples: int, seed: int, scale=3.0):
+    """``[samples, length, H]``: the documented draws (one CPU generator seeded with ``seed``,
+    standard normal in float32 for the tokens only), at ``scale`` times the standard deviation
+    of the embedding table's entries."""
+    table = model.hf.get_input_embeddings().weight.detach().double()
+    std = float(table.std(correction=0))
+    draws = torch.randn(
+        samples, len(tokens), table.shape[1], generator=torch.Generator().manual_seed(seed)
+    )
+    out = torch.zeros(samples, length, table.shape[1], dtype=table.dtype)
+    out[:, tokens] = draws.double() * (scale * std)
+    return out
+
+
+@pytest.mark.parametrize(
+    ("site", "direction", "objective"),
+    [
+        ("residual", "denoising", "probability"),
+        ("mlp", "denoising", "probability"),
+        ("heads", "denoising", "logit"),
+        ("heads", "noising", "logit"),
+    ],
+)
+def test_gaussian_noise_equals_causal_tracing_in_loops(models64, site, direction, objective):
+    """Causal tracing (Meng et al. 2022): the tokens' embeddings noised, one forward per sample,
+    layer, position and head, the scores' changes averaged over the samples."""
+    model = models64["gpt2"]
+    tokens, samples, seed = [1, 2], 3, 5
+    noise = ax.GaussianNoise(tokens=tokens, samples=samples, seed=seed)
+    got = ax.activation_patching(
+        model, SOURCE, TARGET, corrupted=noise, site=site, direction=direction, objective=objective
+    )
+    ref = Reference(model, SOURCE, TARGET)
+    heads = heads_of(model, site)
+    score = "run" if objective == "logit" else "probability"
+    draws = noises(model, len(ref.ids(SOURCE)), tokens, samples, seed)
+    want = np.mean(
+        [
+            real_patching(ref, SOURCE, SOURCE, site, 2, heads, direction, noise, score)
+            for noise in draws
+        ],
+        axis=0,
+    )
+    assert np.abs(want).max() > 1e-4
+    visible(got, want, lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12))
+    # before the first noised token both runs agree: exactly nothing moves there
+    np.testing.assert_array_equal(got.values[:, : tokens[0]], 0.0)
+
+
+def test_restoring_the_last_residual_where_a_target_is_read_gives_its_clean_score(models64):
+    """Causal tracing's end point: the clean state the head reads, restored into each noisy run,
+    gives the clean score; the effect is the clean score less the noisy runs' mean."""
+    model = models64["llama"]
+    noise = ax.GaussianNoise(tokens=[0, 1, 2], samples=4, seed=1)
+    got = ax.activation_patching(
+        model,
+        SOURCE,
+        " Paris is",
+        corrupted=noise,
+        site="residual",
+        layers=-1,
+        direction="denoising",
+        objective="logit",
+    )
+    ref = Reference(model, SOURCE, " Paris is")
+    ids = ref.ids(SOURCE)
+    draws = noises(model, len(ids), [0, 1, 2], 4, 1)
+    noisy = np.mean([ref.run(ids, None, d) for d in draws], axis=0)
+    change = ref.run(ids) - noisy
+    assert np.abs(change).min() > 1e-3
+    for k in range(got.sizes["target"]):
+        read = ref.prefix - 1 + k
+        np.testing.assert_allclose(got.values[k, read, 0], change[k], rtol=1e-5, atol=1e-8)
+
+
+def test_gaussian_noise_batched_equals_single(models64):
+    model = models64["gpt2"]
+    inputs, targets, tokens = [SOURCE, "Hello"], [TARGET, " world"], [[1, -2], [0]]
+    both = ax.activation_patching(
+        model,
+        inputs,
+        targets,
+        corrupted=ax.GaussianNoise(tokens=tokens, samples=2),
+        direction="denoising",
+        site="mlp",
+    )
+    for e in range(2):
+        single = ax.activation_patching(
+            model,
+            inputs[e],
+            targets[e],
+            corrupted=ax.GaussianNoise(tokens=tokens[e], samples=2),
+            direction="denoising",
+            site="mlp",
+        )
+        assert np.nanmax(np.abs(single.values)) > 1e-6
+        part = both.isel(example=e).dropna("target", how="all")
+        part = part.isel(source=slice(0, single.sizes["source"]))
+        np.testing.assert_allclose(part.values, single.values, rtol=1e-9, atol=1e-15)
+
+
+@pytest.mark.parametrize(
+    ("make", "options", "error", "match"),
+    [
+        (lambda: ax.GaussianNoise(tokens=[0], scale=0), {}, ax.OptionError, "scale"),
+        (lambda: ax.GaussianNoise(tokens=[0], samples=0), {}, ax.OptionError, "samples"),
+        (lambda: ax.GaussianNoise(tokens="all"), {}, ax.OptionError, "tokens"),
+        (lambda: ax.GaussianNoise(tokens=[7]), {}, ax.OptionError, r"tokens` contains 7"),
+        (lambda: ax.GaussianNoise(tokens=[[0], [1]]), {}, ax.OptionError, "one per example"),
+        (
+            lambda: ax.GaussianNoise(tokens=[0]),
+            {"method": "attribution_patching"},
+            ax.OptionError,
+            "activation patching's corruption",
+        ),
+    ],
+)
+def test_bad_noise_is_refused(default_model, make, options, error, match):
+    with pytest.raises(error, match=match):
+        method = getattr(ax, options.get("method", "activation_patching"))
+        method(default_model, "1 2 3 =", " 3 2 1", corrupted=make())
+
+
+def test_gaussian_noise_on_an_encoder_classifier_equals_causal_tracing_in_loops(models64):
+    model = models64["bert"]
+    tokens, samples = [2, 3], 2
+    got = ax.activation_patching(
+        model,
+        TEXT,
+        "all",
+        corrupted=ax.GaussianNoise(tokens=tokens, samples=samples, seed=3),
+        site="heads",
+        direction="denoising",
+        objective="logit",
+    )
+    ref = Reference(model, TEXT, None)
+    draws = noises(model, len(ref.ids(TEXT)), tokens, samples, 3)
+    heads = heads_of(model, "heads")
+    layers = model.hf.config.num_hidden_layers
+    want = np.mean(
+        [real_patching(ref, TEXT, TEXT, "heads", layers, heads, "denoising", d) for d in draws],
+        axis=0,
+    )
+    assert np.abs(want).max() > 1e-4
+    visible(got, want, lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12))

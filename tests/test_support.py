@@ -8,6 +8,7 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import transformers as T
@@ -306,6 +307,24 @@ def test_activation_patching_runs_where_attribution_patching_does(family):
                 outcomes.append("refused")
         if outcomes[0] != outcomes[1]:
             wrong.append(f"{site}: AtP {outcomes[0]}, activation patching {outcomes[1]}")
+        if site == "mlp":  # causal tracing's noise runs where a corrupted text does
+            try:
+                noise = ax.GaussianNoise(tokens=0, samples=2)
+                da = ax.activation_patching(
+                    model,
+                    **given,
+                    corrupted=noise,
+                    site=site,
+                    layers=0,
+                    sources=0,
+                    direction="denoising",
+                )
+                assert np.isfinite(da.values).any()
+                outcomes.append("ran")
+            except (ax.ModelError, ax.OptionError):
+                outcomes.append("refused")
+            if outcomes[2] != outcomes[1]:
+                wrong.append(f"mlp: a corrupted text {outcomes[1]}, Gaussian noise {outcomes[2]}")
     assert not wrong, f"{family}: " + "; ".join(wrong)
 
 

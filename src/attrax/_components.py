@@ -32,7 +32,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import inspect
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple, cast
 
@@ -43,7 +43,7 @@ from . import _arch
 from . import _validate as check
 from ._attention import Selection, check_selection, selection_indices
 from ._drop import Drop, averaged, dropping, pulled
-from ._engine import Problem, vjp
+from ._engine import DRAWS, Problem, vjp
 from ._errors import InputError, ModelError, OptionError
 from ._heads import (
     ATTENTION_INPUTS,
@@ -768,8 +768,19 @@ def _corrupted(value: object, name: str) -> None:
             f"`{name}` is required: the corrupted input(s), each with as many tokens as its "
             "clean input (a string, or a list aligned with `inputs`)"
         )
+    if isinstance(value, GaussianNoise):
+        raise OptionError(
+            f"`{name}`: Gaussian noise (causal tracing) is activation patching's corruption, "
+            "whose effects it averages over the noise samples; attribution patching takes a "
+            "corrupted text (a string, or a list aligned with `inputs`)"
+        )
     if not isinstance(value, (str, list, tuple)):
         raise OptionError(f"`{name}` must be a string or a list of strings, got {value!r}")
+
+
+def _corrupted_or_noise(value: object, name: str) -> None:
+    if not isinstance(value, GaussianNoise):
+        _corrupted(value, name)
 
 
 @dataclass(frozen=True)
@@ -1172,6 +1183,105 @@ def attribution_patching(
 
 # --- activation patching ---------------------------------------------------------------------
 
+
+@dataclass(frozen=True)
+class GaussianNoise:
+    """A corrupted run of Gaussian noise on some source tokens' embeddings: causal tracing's
+    (Meng et al. 2022, ROME), for :func:`activation_patching`'s ``corrupted``.
+
+    Each of ``samples`` corrupted runs adds ``N(0, (scale * std)^2)`` to every entry of the
+    embeddings of ``tokens``; the effects are averaged over the samples. ``std`` is the standard
+    deviation of the embedding table's entries (None: computed from the model's table; ROME takes
+    it over the subjects' token embeddings of its dataset, and ``scale=3``). Each example draws
+    from a CPU generator seeded with ``seed`` (batched equals single).
+
+    Arguments:
+        tokens: the source positions to noise (ROME: the subject's tokens), an int or a list of
+            ints (negative ones count from each example's last source token); for a batch, one
+            such selection per example as a list of lists.
+        scale: the noise's standard deviation in units of ``std`` (> 0).
+        samples: how many noisy runs (ROME: 10).
+        seed: the generators' seed.
+        std: the unit (> 0), or None for the embedding table's own.
+
+    >>> import attrax as ax
+    >>> noise = ax.GaussianNoise(tokens=[0, 1], samples=4)
+    >>> da = ax.activation_patching(ax.load_model(), "1 2 3 =", " 3 2 1", corrupted=noise,
+    ...     site="residual", direction="denoising")
+    >>> da.dims
+    ('target', 'source', 'layer')
+    """
+
+    tokens: int | Sequence[int] | Sequence[Sequence[int]]
+    scale: float = 3.0
+    samples: int = 10
+    seed: int = 0
+    std: float | None = None
+
+    def __post_init__(self) -> None:
+        check.positive(self.scale, "GaussianNoise.scale")
+        check.positive_int(self.samples, "GaussianNoise.samples")
+        check.seed(self.seed, "GaussianNoise.seed")
+        if self.std is not None:
+            check.positive(self.std, "GaussianNoise.std")
+        tokens = self.tokens
+        if isinstance(tokens, (str, bytes)) or not isinstance(tokens, (int, Sequence)):
+            raise OptionError(
+                "`GaussianNoise.tokens` must be an int, a list of ints or, for a batch, a list "
+                f"of them per example, got {tokens!r}"
+            )
+
+    def per_example(self, lengths: list[int]) -> list[list[int]]:
+        """Each example's noised positions, non-negative, checked against its source
+        ``lengths``."""
+        tokens = self.tokens
+        given: list[Any] = [tokens] * len(lengths)
+        if isinstance(tokens, Sequence) and any(isinstance(v, Sequence) for v in tokens):
+            given = list(tokens)  # one selection per example
+            if len(given) != len(lengths):
+                raise OptionError(
+                    f"`GaussianNoise.tokens` holds {len(given)} selections, one per example; "
+                    f"the batch has {len(lengths)} examples"
+                )
+        where = "" if len(lengths) == 1 else "[{}]"
+        return [
+            selection_indices(
+                each, n, f"GaussianNoise.tokens{where.format(i)}", "source tokens in this input"
+            )
+            for i, (each, n) in enumerate(zip(given, lengths, strict=True))
+        ]
+
+    def draw(self, model: Model, problem: Problem, lengths: list[int]) -> torch.Tensor:
+        """The noisy runs' source embeddings ``[samples * B, L, H]`` (sample-major)."""
+        x = problem.inputs[0]
+        std = self.std if self.std is not None else _table_std(model)
+        noise = torch.zeros(self.samples, *x.shape, dtype=DRAWS)
+        for b, chosen in enumerate(self.per_example(lengths)):
+            generator = torch.Generator().manual_seed(self.seed)
+            draws = torch.randn(
+                self.samples, len(chosen), x.shape[-1], generator=generator, dtype=DRAWS
+            )
+            noise[:, b, chosen] = draws
+        noisy = x[None] + noise.to(x.device, x.dtype) * (self.scale * std)
+        return noisy.flatten(0, 1)
+
+
+def _table_std(model: Model) -> float:
+    """The standard deviation of the source embedding table's entries (float64 sums, a block of
+    rows at a time: a large vocabulary's table is not copied whole)."""
+    table = model.embedding_module("source")
+    weight = cast("torch.Tensor", table.weight).detach()
+    total = torch.zeros((), dtype=torch.float64, device=weight.device)
+    squares = torch.zeros((), dtype=torch.float64, device=weight.device)
+    for rows in weight.split(4096):
+        rows = rows.double()
+        total += rows.sum()
+        squares += (rows * rows).sum()
+    n = weight.numel()
+    mean = total / n
+    return float((squares / n - mean * mean).clamp_min(0).sqrt())
+
+
 #: Activation patching: forwards only, each a stack of patched copies of the batch.
 ACTIVATION = Family(
     name="activation_patching",
@@ -1216,7 +1326,7 @@ class _Patchable(NamedTuple):
 
 
 @ACTIVATION.method(
-    corrupted=_corrupted,
+    corrupted=_corrupted_or_noise,
     site=_site,
     stack=_stack,
     layers=check_selection,
@@ -1227,7 +1337,7 @@ class _Patchable(NamedTuple):
 def activation_patching(
     call: Call,
     *,
-    corrupted: Texts | None = None,
+    corrupted: Texts | GaussianNoise | None = None,
     site: str = "heads",
     stack: str | None = None,
     layers: Selection = None,
@@ -1250,7 +1360,9 @@ def activation_patching(
         model, inputs, targets, objective, contrast, positions, batch_size, max_new_tokens,
             max_memory: as :func:`attrax.occlusion` (``batch_size``: patched copies of the batch
             per forward).
-        corrupted, site, stack, layers, heads: as :func:`attribution_patching`.
+        corrupted: as :func:`attribution_patching`, or a :class:`GaussianNoise` (causal
+            tracing: noise on some tokens' embeddings, the effects averaged over its samples).
+        site, stack, layers, heads: as :func:`attribution_patching`.
         sources: which positions to patch (indices into the patched stack's positions, as
             ``layers``); None: every one.
         direction: ``"noising"`` (the default) patches the corrupted activation into the clean
@@ -1281,18 +1393,31 @@ def activation_patching(
     else:
         parts = _patch_stack(model, method, stack, site)
         on_decoder, stack_name = parts.on_decoder, parts.name
-    ids, mask, types = _corrupted_ids(model, call, corrupted, not on_decoder)
-    with torch.no_grad():
-        bad: _Run = (model.embed(ids, "source"), mask, types, ids)
     clean: _Run = (problem.inputs[0], t.mask, None, t.ids)
+    samples = 1
+    if isinstance(corrupted, GaussianNoise):
+        # both runs S * B rows, sample-major: each noisy run beside its own copy of the clean
+        samples = corrupted.samples
+        lengths = [len(e.source_ids) for e in call.batch.examples]
+        with torch.no_grad():
+            noisy = corrupted.draw(model, problem, lengths)
+        mask, ids = t.mask.repeat(samples, 1), t.ids.repeat(samples, 1)
+        bad: _Run = (noisy, mask, None, ids)
+        clean = (problem.inputs[0].repeat(samples, 1, 1), mask, None, ids)
+    else:
+        ids, mask, types = _corrupted_ids(model, call, corrupted, not on_decoder)
+        with torch.no_grad():
+            bad = (model.embed(ids, "source"), mask, types, ids)
     base, donor = (clean, bad) if direction == "noising" else (bad, clean)
     if site in ATTENTION_INPUTS:
         found = _attention_input_donors(call, stack_name, site, layers, heads, donor, base)
     else:
         found = _module_donors(call, parts, site, layers, heads, donor, base)
     chosen_sources = selection_indices(sources, found.length, "sources", "patched positions")
-    read = _read(problem, on_decoder, found.length)
+    read = _read(problem, on_decoder, found.length).repeat(samples, 1)
     effects = _patched_effects(call, base, found, chosen_sources, read, site in ATTENTION_INPUTS)
+    # [patches, S * B, K]: the mean over the noise samples
+    effects = effects.unflatten(1, (samples, -1)).mean(1)
     # [layer, source, head, B, K] -> [B, K, positions, layer(, head)], unpatched positions 0
     n_heads = 1 if found.heads is None else len(found.heads)
     grid = effects.view(len(found.layers), len(chosen_sources), n_heads, *effects.shape[1:])

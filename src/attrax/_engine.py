@@ -394,21 +394,27 @@ class Problem:
         """The head inputs ``[copies * B, K, H]`` of other source embeddings and mask (a
         corrupted run), with their own segment ids (``token_types``; None: this call's) and the
         token ids they stand for (``ids``; None: this call's), the rest of this call (target
-        positions, decoder input) as it is; ``copies`` stacked copies of it all."""
+        positions, decoder input) as it is; ``copies`` stacked copies of it all. Embeddings of
+        ``S * B`` rows (``S`` samples of each example, sample-major, with ``mask`` and ``ids``
+        as many) are read against this call's targets repeated ``S`` times."""
         t = self.tensors
-        types = t.token_types if token_types is None else token_types
+        samples = embeds.shape[0] // t.ids.shape[0]
 
-        def stacked(x: torch.Tensor | None) -> Any:
-            return x if x is None or copies == 1 else x.repeat(copies, *[1] * (x.dim() - 1))
+        def stacked(x: torch.Tensor | None, times: int = copies) -> Any:
+            return x if x is None or times == 1 else x.repeat(times, *[1] * (x.dim() - 1))
 
+        def each(x: torch.Tensor | None) -> Any:  # this call's own: once per sample and copy
+            return stacked(x, copies * samples)
+
+        types = each(t.token_types) if token_types is None else stacked(token_types)
         with reading(t.ids if ids is None else ids):
             return self.model.hidden_at(
                 stacked(embeds),
                 stacked(mask),
-                stacked(t.index),
-                stacked(self.decoder_embeds),
-                stacked(t.decoder_mask),
-                token_types=stacked(types),
+                each(t.index),
+                each(self.decoder_embeds),
+                each(t.decoder_mask),
+                token_types=types,
             )
 
     def plan(

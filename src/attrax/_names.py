@@ -52,6 +52,7 @@ PUBLIC: dict[str, str] = {
     "direct_logit_attribution": "._components",
     "attribution_patching": "._components",
     "activation_patching": "._components",
+    "GaussianNoise": "._components",
     "value_zeroing": "._mixing",
     "alti": "._mixing",
     "alti_logit": "._mixing",
