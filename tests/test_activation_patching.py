@@ -116,26 +116,31 @@ class Reference:
 
     def logits(self, ids: list[int], edit=None, noise: torch.Tensor | None = None) -> torch.Tensor:
         """The logits that score the targets (``[K, V]``; a classifier's ``[classes]``), with
-        ``noise`` ``[L, H]`` added to the token embeddings."""
+        ``edit`` (one or a list) applied and ``noise`` ``[L, H]`` added to the token
+        embeddings."""
         handles = []
         if noise is not None:
             table = self.hf.get_input_embeddings()
             handles.append(table.register_forward_hook(lambda m, a, o: o + noise[None]))
-        if edit is not None:
-            layer, site, change = edit
+        edits = edit if isinstance(edit, list) else [] if edit is None else [edit]
+        for layer, site, change in edits:
             module, kind, _ = site_module(self.hf, self.stack, layer, site)
 
-            def put(x: torch.Tensor) -> torch.Tensor:
+            def put(x: torch.Tensor, change=change) -> torch.Tensor:
                 x = x.clone()
                 x[0] = change(x[0])
                 return x
 
             if kind == "pre":
-                handles.append(module.register_forward_pre_hook(lambda m, a: (put(a[0]), *a[1:])))
+                handles.append(
+                    module.register_forward_pre_hook(lambda m, a, put=put: (put(a[0]), *a[1:]))
+                )
             else:
                 handles.append(
                     module.register_forward_hook(
-                        lambda m, a, o: (put(o[0]), *o[1:]) if isinstance(o, tuple) else put(o)
+                        lambda m, a, o, put=put: (
+                            (put(o[0]), *o[1:]) if isinstance(o, tuple) else put(o)
+                        )
                     )
                 )
         try:
@@ -445,6 +450,12 @@ def test_selections_batches_and_budgets_give_the_full_arrays_entries(models64):
         ({"corrupted": "1 2 4 =", "site": "mlp", "heads": 0}, ax.OptionError, "`heads` applies"),
         ({"corrupted": "1 2 4 =", "sources": 9}, ax.OptionError, "`sources` contains 9"),
         ({"corrupted": "1 2 4 =", "direction": "up"}, ax.OptionError, "`direction` must be"),
+        ({"corrupted": "1 2 4 =", "window": 0}, ax.OptionError, "`window` must be a positive"),
+        (
+            {"corrupted": "1 2 4 =", "site": "attention", "heads": 1},
+            ax.OptionError,
+            "`heads` applies",
+        ),
         ({"corrupted": "1 2 4 =", "chunk_size": 2}, ax.OptionError, "chunk_size"),
         ({"corrupted": "1 2 4 =", "stack": "cross"}, ax.OptionError, "needs an encoder-decoder"),
         ({"corrupted": "1 2 4 =", "layers": 5}, ax.OptionError, "`layers` contains 5"),
@@ -656,3 +667,67 @@ def test_gaussian_noise_on_an_encoder_classifier_equals_causal_tracing_in_loops(
     )
     assert np.abs(want).max() > 1e-4
     visible(got, want, lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12))
+
+
+def windowed_patching(
+    ref: Reference, clean: str, corrupted: str, site: str, layers: int, window: int
+) -> np.ndarray:
+    """``[targets, positions, layers]``: each patch sets one position at every layer of ROME's
+    window around its layer (``max(0, l - window // 2)`` up to ``l + ceil(window / 2)``)."""
+    base, donor = ref.ids(clean), ref.ids(corrupted)
+    unpatched = ref.run(base)
+    given = [ref.capture(donor, layer, site) for layer in range(layers)]
+    out = np.zeros((len(unpatched), len(base), layers))
+    for center in range(layers):
+        low, high = max(0, center - window // 2), min(layers, center + (window + 1) // 2)
+        for p in range(len(base)):
+            edits = []
+            for layer in range(low, high):
+
+                def change(x: torch.Tensor, p: int = p, layer: int = layer) -> torch.Tensor:
+                    x[p] = given[layer][p]
+                    return x
+
+                edits.append((layer, site, change))
+            out[:, p, center] = ref.run(base, edits) - unpatched
+    return out
+
+
+@pytest.mark.parametrize("window", [2, 3])
+@pytest.mark.parametrize(("site", "hooked"), [("mlp", "mlp"), ("attention", "heads")])
+def test_a_window_patches_the_layers_around_each_one(models64, window, site, hooked):
+    """ROME's window: every layer of it set at once. ``site="attention"`` is the heads' site
+    with every head of the layer patched together (the output projection's whole input)."""
+    model = models64["llama"]
+    got = ax.activation_patching(
+        model, SOURCE, TARGET, corrupted=CORRUPTED, site=site, window=window, objective="logit"
+    )
+    want = windowed_patching(Reference(model, SOURCE, TARGET), SOURCE, CORRUPTED, hooked, 2, window)
+    assert got.dims == ("target", "source", "layer")
+    assert np.abs(want).max() > 1e-3
+    visible(got, want, lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7))
+    # one layer chosen: its window still reaches the layer below
+    last = ax.activation_patching(
+        model,
+        SOURCE,
+        TARGET,
+        corrupted=CORRUPTED,
+        site=site,
+        window=window,
+        layers=[1],
+        objective="logit",
+    )
+    np.testing.assert_allclose(last.values, got.sel(layer=[1]).values, rtol=1e-6, atol=1e-9)
+
+
+def test_the_attention_site_is_every_head_at_once(models64):
+    model = models64["gpt2"]
+    kw = {"corrupted": CORRUPTED, "objective": "logit"}
+    got = ax.activation_patching(model, SOURCE, TARGET, site="attention", **kw)
+    want = real_patching(Reference(model, SOURCE, TARGET), SOURCE, CORRUPTED, "heads", 2, 1)
+    visible(got, want, lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-11))
+    # attribution patching's estimate is linear in the activation: the heads' sum
+    atp = ax.attribution_patching(model, SOURCE, TARGET, site="attention", **kw)
+    heads = ax.attribution_patching(model, SOURCE, TARGET, site="heads", **kw)
+    assert atp.dims == got.dims
+    np.testing.assert_allclose(atp.values, heads.sum("head", skipna=False).values, rtol=1e-12)

@@ -58,7 +58,7 @@ from ._memory import between_passes, full_precision, plan_forwards
 from ._model import Model, body, norm_centers, norm_divisor, norm_gain, refuse_seq2seq_classifier
 from ._protocol import Call, Family
 
-SITES = ("heads", "mlp", "residual", *ATTENTION_INPUTS)
+SITES = ("heads", "attention", "mlp", "residual", *ATTENTION_INPUTS)
 #: an encoder-decoder's stacks: encoder blocks, decoder blocks (self-attention heads), and the
 #: decoder's cross-attention heads
 STACKS = ("encoder", "decoder", "cross")
@@ -1028,8 +1028,10 @@ def attribution_patching(
             match for patching to mean anything; an encoder-decoder's decoder stacks, whose
             positions are the decoder's, take a source of any length).
         site: which activations: ``"heads"`` (each head's output before the output projection,
-            ``(target, source, layer, head)``), ``"mlp"`` (each MLP's output) or ``"residual"``
-            (the residual stream after each layer), both ``(target, source, layer)``; or the
+            ``(target, source, layer, head)``), ``"attention"`` (every head of a layer at once,
+            the output projection's whole input: here the heads' sum), ``"mlp"`` (each MLP's
+            output) or ``"residual"`` (the residual stream after each layer), these three
+            ``(target, source, layer)``; or the
             attention inputs, one head's vector at one position a node, ``(target, source,
             layer, head)``: ``"queries"`` (``source`` the query position), ``"keys"`` or
             ``"values"`` (``source`` the key position, ``head`` the key/value head under
@@ -1076,8 +1078,10 @@ def attribution_patching(
     drop = _grad_drop(model, method, site) if grad_drop else None
     if site in ATTENTION_INPUTS:
         return _patch_attention_inputs(call, corrupted, site, stack, layers, heads, qk_fix, drop)
-    if site in ("mlp", "residual") and heads is not None:
+    if site in ("attention", "mlp", "residual") and heads is not None:
         raise OptionError(f"`heads` applies to the attention sites only, got site={site!r}")
+    # the attention output is the heads' sum through the projection: AtP is linear in it
+    summed, site = site == "attention", "heads" if site == "attention" else site
     parts = _patch_stack(model, method, stack, site)
     chosen_layers = selection_indices(layers, len(parts.blocks), "layers", "layers")
     chosen_heads = selection_indices(heads, parts.heads, "heads", "heads per layer")
@@ -1178,7 +1182,8 @@ def attribution_patching(
         coords = {"layer": chosen_layers, "head": chosen_heads}
     else:
         coords = {"layer": chosen_layers}
-    return _positions(call, stacked, coords, parts.on_decoder)
+    da = _positions(call, stacked, coords, parts.on_decoder)
+    return da.sum("head", skipna=False, keep_attrs=True) if summed else da
 
 
 # --- activation patching ---------------------------------------------------------------------
@@ -1311,10 +1316,11 @@ _Replace = Callable[[list[torch.Tensor | None]], contextlib.AbstractContextManag
 
 
 class _Patchable(NamedTuple):
-    """What one site offers to patch: the chosen layers and heads (None: a site without heads),
-    the positions and heads per layer a patch mask spans, the donor activations held, how a
-    chunk's forward takes them, and where a donor equals the base run's activation exactly
-    (``[layers, B, positions, head_total]``: that patch changes nothing)."""
+    """What one site offers to patch: the layers whose activations a patch may set and the
+    chosen heads (None: a site without heads), the positions and heads per layer a patch mask
+    spans, the donor activations held, how a chunk's forward takes them, and where a donor
+    equals the base run's activation exactly (``[layers, B, positions, head_total]``: that
+    patch changes nothing)."""
 
     layers: list[int]
     heads: list[int] | None
@@ -1323,6 +1329,10 @@ class _Patchable(NamedTuple):
     donors: list[torch.Tensor]
     replace: _Replace
     same: torch.Tensor
+    #: the chosen layers (the result's), and which of ``layers`` each one's patch sets
+    #: (``[centers, layers]``: ROME's window around it)
+    centers: list[int]
+    window: torch.Tensor
 
 
 @ACTIVATION.method(
@@ -1333,6 +1343,7 @@ class _Patchable(NamedTuple):
     heads=check_selection,
     sources=check_selection,
     direction=_direction,
+    window=check.positive_int,
 )
 def activation_patching(
     call: Call,
@@ -1344,6 +1355,7 @@ def activation_patching(
     heads: Selection = None,
     sources: Selection = None,
     direction: str = "noising",
+    window: int = 1,
 ) -> xr.DataArray:
     """Activation patching: the exact change of each target's score when one activation (one
     layer, position and head) is taken from a run on ``corrupted`` into the clean run.
@@ -1362,7 +1374,11 @@ def activation_patching(
             per forward).
         corrupted: as :func:`attribution_patching`, or a :class:`GaussianNoise` (causal
             tracing: noise on some tokens' embeddings, the effects averaged over its samples).
-        site, stack, layers, heads: as :func:`attribution_patching`.
+        site, stack, layers, heads: as :func:`attribution_patching` (``site="attention"``
+            patches every head of a layer together, ROME's attention site).
+        window: how many layers each patch sets at once, around its layer: ``[l - window //
+            2, l + ceil(window / 2))`` clipped to the stack (ROME restores 10 for MLPs and
+            attention); ``layer`` labels the window's layer ``l``.
         sources: which positions to patch (indices into the patched stack's positions, as
             ``layers``); None: every one.
         direction: ``"noising"`` (the default) patches the corrupted activation into the clean
@@ -1383,7 +1399,7 @@ def activation_patching(
     model = call.model
     method = "activation_patching"
     refuse_seq2seq_classifier(model, method)
-    if site in ("mlp", "residual") and heads is not None:
+    if site in ("attention", "mlp", "residual") and heads is not None:
         raise OptionError(f"`heads` applies to the attention sites only, got site={site!r}")
     problem = call.problem
     t = problem.tensors
@@ -1391,7 +1407,7 @@ def activation_patching(
     if site in ATTENTION_INPUTS:
         on_decoder, stack_name = _attention_input_stack(model, site, stack)
     else:
-        parts = _patch_stack(model, method, stack, site)
+        parts = _patch_stack(model, method, stack, "heads" if site == "attention" else site)
         on_decoder, stack_name = parts.on_decoder, parts.name
     clean: _Run = (problem.inputs[0], t.mask, None, t.ids)
     samples = 1
@@ -1410,9 +1426,9 @@ def activation_patching(
             bad = (model.embed(ids, "source"), mask, types, ids)
     base, donor = (clean, bad) if direction == "noising" else (bad, clean)
     if site in ATTENTION_INPUTS:
-        found = _attention_input_donors(call, stack_name, site, layers, heads, donor, base)
+        found = _attention_input_donors(call, stack_name, site, layers, heads, window, donor, base)
     else:
-        found = _module_donors(call, parts, site, layers, heads, donor, base)
+        found = _module_donors(call, parts, site, layers, heads, window, donor, base)
     chosen_sources = selection_indices(sources, found.length, "sources", "patched positions")
     read = _read(problem, on_decoder, found.length).repeat(samples, 1)
     effects = _patched_effects(call, base, found, chosen_sources, read, site in ATTENTION_INPUTS)
@@ -1420,11 +1436,11 @@ def activation_patching(
     effects = effects.unflatten(1, (samples, -1)).mean(1)
     # [layer, source, head, B, K] -> [B, K, positions, layer(, head)], unpatched positions 0
     n_heads = 1 if found.heads is None else len(found.heads)
-    grid = effects.view(len(found.layers), len(chosen_sources), n_heads, *effects.shape[1:])
+    grid = effects.view(len(found.centers), len(chosen_sources), n_heads, *effects.shape[1:])
     grid = grid.permute(3, 4, 1, 0, 2)
     full = grid.new_zeros(*grid.shape[:2], found.length, *grid.shape[3:])
     full[:, :, chosen_sources] = grid
-    coords: dict[str, list[int]] = {"layer": found.layers}
+    coords: dict[str, list[int]] = {"layer": found.centers}
     if found.heads is None:
         full = full.squeeze(-1)
     else:
@@ -1464,18 +1480,22 @@ def _module_donors(
     site: str,
     layers: Selection,
     heads: Selection,
+    window: int,
     donor: _Run,
     base: _Run,
 ) -> _Patchable:
-    """The chosen layers and heads of a head, MLP or residual site, the donor run's activation
-    at each chosen layer (``[B, positions, width]``), how a chunk's forward replaces it, and
-    where it equals the ``base`` run's."""
+    """The chosen layers and heads of a head, attention, MLP or residual site, the donor run's
+    activation at each layer a patch sets (``[B, positions, width]``), how a chunk's forward
+    replaces it, and where it equals the ``base`` run's."""
     problem = call.problem
-    chosen_layers = selection_indices(layers, len(parts.blocks), "layers", "layers")
+    centers = selection_indices(layers, len(parts.blocks), "layers", "layers")
+    chosen_layers, spans = _windows(centers, len(parts.blocks), window)
     chosen_heads = None
     if site == "heads":
         chosen_heads = selection_indices(heads, parts.heads, "heads", "heads per layer")
-    modules = [parts.module(site, i) for i in chosen_layers]
+    # the attention output, every head at once: the heads' site, not split into heads
+    where = "heads" if site == "attention" else site
+    modules = [parts.module(where, i) for i in chosen_layers]
     batch = donor[0].shape[0]
 
     def record(run: _Run) -> list[torch.Tensor]:
@@ -1489,7 +1509,7 @@ def _module_donors(
 
             return change
 
-        hooks = (_site_hook(m, site, keep(i)) for i, m in enumerate(modules))
+        hooks = (_site_hook(m, where, keep(i)) for i, m in enumerate(modules))
         with torch.no_grad(), _hooks(*hooks):
             problem.hidden_of(*run)
         if any(s is None for s in seen):
@@ -1523,12 +1543,24 @@ def _module_donors(
                     where = mask[:, None, :, None]
                 return torch.where(where, given[None], x).reshape(value.shape)
 
-            handles.append(_site_hook(module, site, change))
+            handles.append(_site_hook(module, where, change))
         with _hooks(*handles):
             yield
 
     length = donors[0].shape[1]
-    return _Patchable(chosen_layers, chosen_heads, length, parts.heads, donors, replace, same)
+    return _Patchable(
+        chosen_layers, chosen_heads, length, parts.heads, donors, replace, same, centers, spans
+    )
+
+
+def _windows(centers: list[int], total: int, window: int) -> tuple[list[int], torch.Tensor]:
+    """The layers ``window``-wide patches around ``centers`` set (of ``total``), and which of
+    them each center's sets, ``[centers, layers]``: ROME's ``[l - window // 2, l + ceil(window /
+    2))``, clipped to the stack."""
+    spans = [range(max(0, c - window // 2), min(total, c - (-window // 2))) for c in centers]
+    layers = sorted({layer for span in spans for layer in span})
+    where = torch.tensor([[layer in span for layer in layers] for span in spans])
+    return layers, where.reshape(len(centers), len(layers))
 
 
 def _same(
@@ -1555,6 +1587,7 @@ def _attention_input_donors(
     site: str,
     layers: Selection,
     heads: Selection,
+    window: int,
     donor: _Run,
     base: _Run,
 ) -> _Patchable:
@@ -1562,7 +1595,8 @@ def _attention_input_donors(
     d]``, after rotary embeddings), replaced inside the attention function."""
     problem = call.problem
     model = problem.model
-    chosen_layers = stack_layers(model, stack, layers)
+    centers = stack_layers(model, stack, layers)
+    chosen_layers, spans = _windows(centers, len(stack_layers(model, stack, None)), window)
     keys = [(stack, layer) for layer in chosen_layers]
     name = ATTENTION_INPUTS[site]
 
@@ -1599,7 +1633,9 @@ def _attention_input_donors(
             yield
 
     length = donors[0].shape[2]
-    return _Patchable(chosen_layers, chosen_heads, length, total, donors, replace, same)
+    return _Patchable(
+        chosen_layers, chosen_heads, length, total, donors, replace, same, centers, spans
+    )
 
 
 def _read(problem: Problem, on_decoder: bool, length: int) -> torch.Tensor:
@@ -1631,13 +1667,15 @@ def _patched_effects(
     problem = call.problem
     layers, heads = len(site.layers), site.heads
     n_heads = 1 if heads is None else len(heads)
-    total = layers * len(sources) * n_heads
+    total = len(site.centers) * len(sources) * n_heads
     x = base[0]
     batch, targets = x.shape[0], problem.tensors.valid.shape[1]
     replace = site.replace
-    # [layers, B, sources, heads] -> [patches, B]: whether the patch changes that example
+    window = site.window.to(x.device)
+    # [centers, B, sources, heads] -> [patches, B]: whether the patch changes that example
     chosen = torch.as_tensor(heads or [0], device=x.device)
     moved = ~site.same & read[None, :, :, None]
+    moved = (window[:, :, None, None, None] & moved[None]).any(1)
     changes = moved[:, :, sources][..., chosen].permute(0, 2, 3, 1).reshape(total, batch)
     run = changes.any(1).nonzero().squeeze(1)  # the patches that change some example
     # the scores' dtype (half precision as float32)
@@ -1673,12 +1711,13 @@ def _patched_effects(
             between_passes()
             chunk = slice(start, min(start + step, len(run)))
             n = chunk.stop - chunk.start
-            # copy c patches (layer, source, head) of its own: one True in every[layer, c]
+            # copy c patches (layer, source, head) of its own: True in every[layer, c]
             every = torch.zeros(
                 layers, n, site.length, site.head_total, dtype=torch.bool, device=x.device
             )
             copies = torch.arange(n, device=x.device)
-            every[layer[chunk], copies, source[chunk], head[chunk]] = True
+            # each copy's patch sets its source and head at every layer of its window
+            every[:, copies, source[chunk], head[chunk]] = window[layer[chunk]].T
             touched = every.flatten(1).any(1).tolist()  # the layers this chunk patches
             if heads is None:
                 every = every[..., 0]
