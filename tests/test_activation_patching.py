@@ -731,3 +731,33 @@ def test_the_attention_site_is_every_head_at_once(models64):
     heads = ax.attribution_patching(model, SOURCE, TARGET, site="heads", **kw)
     assert atp.dims == got.dims
     np.testing.assert_allclose(atp.values, heads.sum("head", skipna=False).values, rtol=1e-12)
+
+
+def test_noise_on_a_text_noises_the_tokens_it_covers(models64):
+    model = models64["gpt2"]
+    tokens = model.tokenizer.convert_ids_to_tokens(model.tokenizer(SOURCE)["input_ids"])
+    assert tokens[1:3] == ["Ġcapital", "Ġof"]
+
+    def traced(inputs, targets, where):
+        noise = ax.GaussianNoise(tokens=where, samples=2, seed=4)
+        return ax.activation_patching(
+            model, inputs, targets, corrupted=noise, site="mlp", direction="denoising"
+        )
+
+    want = traced(SOURCE, TARGET, [1, 2])
+    for subject in ("capital of", " capital of", "apital o"):  # a part of a token is that token
+        np.testing.assert_array_equal(traced(SOURCE, TARGET, subject).values, want.values)
+    inputs, targets = [SOURCE, "Hello world"], [TARGET, "!"]
+    both = traced(inputs, targets, ["capital of", "world"])
+    # "world" is 3 tokens of the tiny tokenizer: "Ġw", "or", "ld"
+    for e, single in enumerate((want, traced(inputs[1], targets[1], [4, 5, 6]))):
+        part = both.isel(example=e).dropna("target", how="all")
+        part = part.isel(source=slice(0, single.sizes["source"]))
+        np.testing.assert_allclose(part.values, single.values, rtol=1e-9, atol=1e-15)
+    with pytest.raises(ax.OptionError, match="is not a text in the input"):
+        traced(SOURCE, TARGET, "Spain")
+    clf = models64["bert"]
+    with pytest.raises(ax.OptionError, match="pair"):
+        ax.activation_patching(
+            clf, ("the cat", "sat down"), corrupted=ax.GaussianNoise(tokens="cat"), site="mlp"
+        )

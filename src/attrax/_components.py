@@ -1201,9 +1201,10 @@ class GaussianNoise:
     from a CPU generator seeded with ``seed`` (batched equals single).
 
     Arguments:
-        tokens: the source positions to noise (ROME: the subject's tokens), an int or a list of
-            ints (negative ones count from each example's last source token); for a batch, one
-            such selection per example as a list of lists.
+        tokens: the source positions to noise (ROME: the subject's tokens): an int or a list of
+            ints (negative ones count from each example's last source token), or a text found
+            in the input (``" Space Needle"``: the tokens its first occurrence overlaps; a fast
+            tokenizer's offsets); for a batch, one of these per example as a list.
         scale: the noise's standard deviation in units of ``std`` (> 0).
         samples: how many noisy runs (ROME: 10).
         seed: the generators' seed.
@@ -1217,7 +1218,7 @@ class GaussianNoise:
     ('target', 'source', 'layer')
     """
 
-    tokens: int | Sequence[int] | Sequence[Sequence[int]]
+    tokens: int | str | Sequence[int] | Sequence[int | str | Sequence[int]]
     scale: float = 3.0
     samples: int = 10
     seed: int = 0
@@ -1229,46 +1230,86 @@ class GaussianNoise:
         check.seed(self.seed, "GaussianNoise.seed")
         if self.std is not None:
             check.positive(self.std, "GaussianNoise.std")
-        tokens = self.tokens
-        if isinstance(tokens, (str, bytes)) or not isinstance(tokens, (int, Sequence)):
+        if isinstance(self.tokens, bytes) or not isinstance(self.tokens, (int, str, Sequence)):
             raise OptionError(
-                "`GaussianNoise.tokens` must be an int, a list of ints or, for a batch, a list "
-                f"of them per example, got {tokens!r}"
+                "`GaussianNoise.tokens` must be an int, a list of ints, a text in the input or, "
+                f"for a batch, a list of them per example, got {self.tokens!r}"
             )
 
-    def per_example(self, lengths: list[int]) -> list[list[int]]:
-        """Each example's noised positions, non-negative, checked against its source
-        ``lengths``."""
+    def per_example(
+        self, model: Model, inputs: list[Any], sources: list[Sequence[int]]
+    ) -> list[list[int]]:
+        """Each example's noised positions, non-negative, checked against its ``inputs`` (a
+        text or a pair) and the ``sources`` ids it reads."""
         tokens = self.tokens
-        given: list[Any] = [tokens] * len(lengths)
-        if isinstance(tokens, Sequence) and any(isinstance(v, Sequence) for v in tokens):
-            given = list(tokens)  # one selection per example
-            if len(given) != len(lengths):
+        given: list[Any] = [tokens] * len(sources)
+        nested = isinstance(tokens, Sequence) and not isinstance(tokens, str)
+        if nested and any(isinstance(v, (str, Sequence)) for v in tokens):  # type: ignore[union-attr]
+            given = list(tokens)  # type: ignore[arg-type]
+            if len(given) != len(sources):
                 raise OptionError(
                     f"`GaussianNoise.tokens` holds {len(given)} selections, one per example; "
-                    f"the batch has {len(lengths)} examples"
+                    f"the batch has {len(sources)} examples"
                 )
-        where = "" if len(lengths) == 1 else "[{}]"
-        return [
-            selection_indices(
-                each, n, f"GaussianNoise.tokens{where.format(i)}", "source tokens in this input"
-            )
-            for i, (each, n) in enumerate(zip(given, lengths, strict=True))
-        ]
+        out = []
+        for i, (each, text, ids) in enumerate(zip(given, inputs, sources, strict=True)):
+            name = "GaussianNoise.tokens" + ("" if len(sources) == 1 else f"[{i}]")
+            if isinstance(each, str):
+                out.append(_subject_tokens(model, each, text, ids, name))
+            else:
+                out.append(selection_indices(each, len(ids), name, "source tokens in this input"))
+        return out
 
-    def draw(self, model: Model, problem: Problem, lengths: list[int]) -> torch.Tensor:
-        """The noisy runs' source embeddings ``[samples * B, L, H]`` (sample-major)."""
+    def draw(self, model: Model, problem: Problem, chosen: list[list[int]]) -> torch.Tensor:
+        """The noisy runs' source embeddings ``[samples * B, L, H]`` (sample-major), each
+        example's ``chosen`` positions noised."""
         x = problem.inputs[0]
         std = self.std if self.std is not None else _table_std(model)
         noise = torch.zeros(self.samples, *x.shape, dtype=DRAWS)
-        for b, chosen in enumerate(self.per_example(lengths)):
+        for b, positions in enumerate(chosen):
             generator = torch.Generator().manual_seed(self.seed)
             draws = torch.randn(
-                self.samples, len(chosen), x.shape[-1], generator=generator, dtype=DRAWS
+                self.samples, len(positions), x.shape[-1], generator=generator, dtype=DRAWS
             )
-            noise[:, b, chosen] = draws
+            noise[:, b, positions] = draws
         noisy = x[None] + noise.to(x.device, x.dtype) * (self.scale * std)
         return noisy.flatten(0, 1)
+
+
+def _subject_tokens(
+    model: Model, subject: str, text: Any, ids: Sequence[int], name: str
+) -> list[int]:
+    """The positions among ``ids`` (a text's source tokens) of the tokens that the first
+    occurrence of ``subject`` in ``text`` overlaps."""
+    if not isinstance(text, str):
+        raise OptionError(
+            f"`{name}` {subject!r} names tokens by their text, which needs one text; this input "
+            "is a (text, text_pair) pair: give its positions (ints)"
+        )
+    start = text.find(subject)
+    if not subject.strip() or start < 0:
+        raise OptionError(f"`{name}` {subject!r} is not a text in the input {text!r}")
+    tokenizer = model.tokenizer
+    if not getattr(tokenizer, "is_fast", False):
+        raise ModelError(
+            f"`{name}` {subject!r}: finding a text's tokens needs a fast tokenizer's offsets; "
+            f"{type(tokenizer).__name__} has none: give the positions (ints)"
+        )
+    encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    plain, end = list(encoding["input_ids"]), start + len(subject)
+    # where the text's own tokens sit among the source ids (after a BOS or a [CLS])
+    first = next(
+        (k for k in range(len(ids) - len(plain) + 1) if list(ids[k : k + len(plain)]) == plain),
+        None,
+    )
+    chosen = [
+        first + k
+        for k, (low, high) in enumerate(encoding["offset_mapping"])
+        if first is not None and low < end and high > start
+    ]
+    if not chosen:
+        raise OptionError(f"`{name}` {subject!r}: no token of the input {text!r} covers it")
+    return chosen
 
 
 def _table_std(model: Model) -> float:
@@ -1414,9 +1455,11 @@ def activation_patching(
     if isinstance(corrupted, GaussianNoise):
         # both runs S * B rows, sample-major: each noisy run beside its own copy of the clean
         samples = corrupted.samples
-        lengths = [len(e.source_ids) for e in call.batch.examples]
+        texts: list[Any] = [call.inputs] if call.batch.single else list(call.inputs)
+        source_ids: list[Sequence[int]] = [e.source_ids for e in call.batch.examples]
+        chosen = corrupted.per_example(model, texts, source_ids)
         with torch.no_grad():
-            noisy = corrupted.draw(model, problem, lengths)
+            noisy = corrupted.draw(model, problem, chosen)
         mask, ids = t.mask.repeat(samples, 1), t.ids.repeat(samples, 1)
         bad: _Run = (noisy, mask, None, ids)
         clean = (problem.inputs[0].repeat(samples, 1, 1), mask, None, ids)
