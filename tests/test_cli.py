@@ -133,10 +133,29 @@ def test_an_option_with_a_space_at_either_end_is_a_string(tmp_path, default_mode
     np.testing.assert_allclose(ax.load(nc).values, want.values, rtol=1e-6)
 
 
+def test_a_json_object_for_corrupted_is_gaussian_noise(tmp_path, default_model):
+    """Causal tracing from the command line: ``-o corrupted={...}`` holds ax.GaussianNoise's
+    fields."""
+    nc = tmp_path / "traced.nc"
+    args = ["attribute", "--method", "activation_patching", "--input", PROMPT, "--target", TARGET]
+    args += ["-o", 'corrupted={"tokens": [0, 1], "samples": 2}', "-o", "site=residual"]
+    args += ["-o", "direction=denoising", "--reduce", "none", "--out", str(nc)]
+    assert main(args) == 0
+    noise = ax.GaussianNoise(tokens=[0, 1], samples=2)
+    want = ax.activation_patching(
+        default_model, PROMPT, TARGET, corrupted=noise, site="residual", direction="denoising"
+    )
+    np.testing.assert_allclose(ax.load(nc).values, want.values, rtol=1e-6)
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
         (["--reduce", "l2_norm,nope"], "unknown reduction 'nope'"),
+        (["--method", "activation_patching", "-o", 'corrupted={"samples": 2}'],
+         "is ax.GaussianNoise's fields (tokens, scale, samples, seed, std) and needs 'tokens'"),
+        (["--method", "activation_patching", "-o", 'corrupted={"tokens": 0, "noise": 2}'],
+         "has no field 'noise'"),
         (["--method", "magic"], "unknown method 'magic'; available: saliency"),
         (["-o", "colour=red"], "saliency has no option 'colour'"),
         (["--steps", "3"], "`--steps 3` does not apply to saliency: it has no `steps` option"),

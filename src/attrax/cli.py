@@ -726,6 +726,8 @@ def _method_options(args: argparse.Namespace, fn: Any) -> dict[str, Any]:
     from ._errors import OptionError
 
     options = _given_options(args)
+    if isinstance(options.get("corrupted"), dict):
+        options["corrupted"] = _noise(options["corrupted"])
     if args.objective is not None:
         options["objective"] = args.objective
     if args.max_new_tokens is not None:
@@ -744,6 +746,24 @@ def _method_options(args: argparse.Namespace, fn: Any) -> dict[str, Any]:
             )
         options[name] = value
     return options
+
+
+def _noise(fields: dict[str, Any]) -> Any:
+    """``-o corrupted={...}``: a JSON object is :class:`attrax.GaussianNoise`'s fields."""
+    import dataclasses
+
+    from ._components import GaussianNoise
+    from ._errors import OptionError
+
+    names = [f.name for f in dataclasses.fields(GaussianNoise)]
+    unknown = sorted(set(fields) - set(names))
+    if unknown or "tokens" not in fields:
+        what = f"has no field {unknown[0]!r}" if unknown else "needs 'tokens'"
+        raise OptionError(
+            f"`-o corrupted={json.dumps(fields)}`: a JSON object is ax.GaussianNoise's fields "
+            f"({', '.join(names)}) and {what}"
+        )
+    return GaussianNoise(**fields)
 
 
 _EXAMPLES = {"--out": "x.nc", "--html": "a.html", "--png": "a.png", "--csv": "a.csv"}
