@@ -628,8 +628,8 @@ def test_gaussian_noise_batched_equals_single(models64):
     [
         (lambda: ax.GaussianNoise(tokens=[0], scale=0), {}, ax.OptionError, "scale"),
         (lambda: ax.GaussianNoise(tokens=[0], samples=0), {}, ax.OptionError, "samples"),
-        (lambda: ax.GaussianNoise(tokens="all"), {}, ax.OptionError, "tokens"),
-        (lambda: ax.GaussianNoise(tokens=[7]), {}, ax.OptionError, r"tokens` contains 7"),
+        (lambda: ax.GaussianNoise(tokens=1.5), {}, ax.OptionError, "tokens` must be an int"),
+        (lambda: ax.GaussianNoise(tokens=[7]), {}, ax.InputError, r"tokens` contains 7"),
         (lambda: ax.GaussianNoise(tokens=[[0], [1]]), {}, ax.OptionError, "one per example"),
         (
             lambda: ax.GaussianNoise(tokens=[0]),
@@ -754,10 +754,10 @@ def test_noise_on_a_text_noises_the_tokens_it_covers(models64):
         part = both.isel(example=e).dropna("target", how="all")
         part = part.isel(source=slice(0, single.sizes["source"]))
         np.testing.assert_allclose(part.values, single.values, rtol=1e-9, atol=1e-15)
-    with pytest.raises(ax.OptionError, match="is not a text in the input"):
+    with pytest.raises(ax.InputError, match="is not a text in the input"):
         traced(SOURCE, TARGET, "Spain")
     clf = models64["bert"]
-    with pytest.raises(ax.OptionError, match="pair"):
+    with pytest.raises(ax.InputError, match="pair"):
         ax.activation_patching(
             clf, ("the cat", "sat down"), corrupted=ax.GaussianNoise(tokens="cat"), site="mlp"
         )

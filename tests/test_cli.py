@@ -153,9 +153,9 @@ def test_a_json_object_for_corrupted_is_gaussian_noise(tmp_path, default_model):
     [
         (["--reduce", "l2_norm,nope"], "unknown reduction 'nope'"),
         (["--method", "activation_patching", "-o", 'corrupted={"samples": 2}'],
-         "is ax.GaussianNoise's fields (tokens, scale, samples, seed, std) and needs 'tokens'"),
+         "GaussianNoise(tokens=None) noises nothing: give `tokens`"),
         (["--method", "activation_patching", "-o", 'corrupted={"tokens": 0, "noise": 2}'],
-         "has no field 'noise'"),
+         "is ax.GaussianNoise's fields (tokens, scale, samples, seed, std), with no 'noise'"),
         (["--method", "magic"], "unknown method 'magic'; available: saliency"),
         (["-o", "colour=red"], "saliency has no option 'colour'"),
         (["--steps", "3"], "`--steps 3` does not apply to saliency: it has no `steps` option"),

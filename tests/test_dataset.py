@@ -333,6 +333,47 @@ def test_activation_patching_reads_each_records_corruption(tmp_path, model, writ
         np.testing.assert_allclose(part.values, want.values, rtol=1e-6, atol=1e-7)
 
 
+def test_causal_tracing_reads_each_records_tokens_to_noise(tmp_path, model, write_jsonl):
+    """A record's ``noise`` (a text in its input, or positions) names the tokens ROME's Gaussian
+    noise corrupts; the rest of the noise is the run's ``GaussianNoise(tokens=None, ...)``."""
+    rows = [
+        {"input": "1 2 3 =", "target": " 3 2 1", "noise": "2 3"},
+        {"input": "4 5 =", "target": " 5 4", "noise": [0]},
+    ]
+    out = tmp_path / "traced"
+    noise = ax.GaussianNoise(samples=3, seed=2)
+    D.attribute_dataset(
+        model, write_jsonl(rows), out, method="activation_patching", shard_size=1,
+        progress=False, corrupted=noise, site="residual", direction="denoising",
+        reduce="sum:layer",
+    )  # fmt: skip
+    got = D.load_dataset_results(out)
+    assert "scale=3.0, samples=3, seed=2" in got.attrs["options"]
+    for e, tokens in enumerate(([1, 2], [0])):  # "2 3" is the 2nd and 3rd tokens of "1 2 3 ="
+        row = rows[e]
+        want = ax.activation_patching(
+            model, row["input"], row["target"], site="residual", direction="denoising",
+            corrupted=ax.GaussianNoise(tokens=tokens, samples=3, seed=2),
+        ).sum("layer", skipna=False)  # fmt: skip
+        part = got.isel(example=e).sel(target=want.target, source=want.source)
+        assert np.nanmax(np.abs(want.values)) > 1e-4
+        np.testing.assert_allclose(part.values, want.values, rtol=1e-6, atol=1e-8)
+    bad = [{"input": "1 2 3 =", "target": " 3 2 1", "noise": "7"}]
+    with pytest.raises(ax.InputError, match=r"^noise\.jsonl line 1: `noise` '7' is not a text"):
+        D.attribute_dataset(
+            model, write_jsonl(bad, name="noise.jsonl"), tmp_path / "bad",
+            method="activation_patching", progress=False,
+        )  # fmt: skip
+    with pytest.raises(ax.OptionError, match="activation_patching reads; saliency does not"):
+        D.attribute_dataset(model, write_jsonl(rows), tmp_path / "sal", progress=False)
+    both = [{**rows[0], "corrupted": "1 2 4 ="}]
+    with pytest.raises(ax.InputError, match="give one of them"):
+        D.attribute_dataset(
+            model, write_jsonl(both), tmp_path / "both", method="activation_patching",
+            progress=False,
+        )  # fmt: skip
+
+
 def test_generated_targets_and_reductions(tmp_path, model, write_jsonl):
     records = [{"input": p} for p in ("1 2 3 4 5 6 =", "4 5 6 7 8 9 =", "9 8 0 1 2 3 =")]
     data = write_jsonl(records)

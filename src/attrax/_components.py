@@ -1204,7 +1204,8 @@ class GaussianNoise:
         tokens: the source positions to noise (ROME: the subject's tokens): an int or a list of
             ints (negative ones count from each example's last source token), or a text found
             in the input (``" Space Needle"``: the tokens its first occurrence overlaps; a fast
-            tokenizer's offsets); for a batch, one of these per example as a list.
+            tokenizer's offsets); for a batch, one of these per example as a list. None (a
+            dataset run's): each record's ``"noise"`` field.
         scale: the noise's standard deviation in units of ``std`` (> 0).
         samples: how many noisy runs (ROME: 10).
         seed: the generators' seed.
@@ -1218,7 +1219,7 @@ class GaussianNoise:
     ('target', 'source', 'layer')
     """
 
-    tokens: int | str | Sequence[int] | Sequence[int | str | Sequence[int]]
+    tokens: int | str | Sequence[int] | Sequence[int | str | Sequence[int]] | None = None
     scale: float = 3.0
     samples: int = 10
     seed: int = 0
@@ -1230,18 +1231,26 @@ class GaussianNoise:
         check.seed(self.seed, "GaussianNoise.seed")
         if self.std is not None:
             check.positive(self.std, "GaussianNoise.std")
-        if isinstance(self.tokens, bytes) or not isinstance(self.tokens, (int, str, Sequence)):
+        tokens = self.tokens
+        if tokens is not None and (
+            isinstance(tokens, bytes) or not isinstance(tokens, (int, str, Sequence))
+        ):
             raise OptionError(
                 "`GaussianNoise.tokens` must be an int, a list of ints, a text in the input or, "
                 f"for a batch, a list of them per example, got {self.tokens!r}"
             )
 
     def per_example(
-        self, model: Model, inputs: list[Any], sources: list[Sequence[int]]
+        self, model: Model, inputs: list[Any], sources: list[Sequence[int]], single: bool
     ) -> list[list[int]]:
         """Each example's noised positions, non-negative, checked against its ``inputs`` (a
-        text or a pair) and the ``sources`` ids it reads."""
+        text or a pair) and the ``sources`` ids it reads (``single``: one input, not a list)."""
         tokens = self.tokens
+        if tokens is None:
+            raise OptionError(
+                "`corrupted` GaussianNoise(tokens=None) noises nothing: give `tokens`, the "
+                "positions or a text in the input (a dataset run takes each record's 'noise')"
+            )
         given: list[Any] = [tokens] * len(sources)
         nested = isinstance(tokens, Sequence) and not isinstance(tokens, str)
         if nested and any(isinstance(v, (str, Sequence)) for v in tokens):  # type: ignore[union-attr]
@@ -1253,11 +1262,14 @@ class GaussianNoise:
                 )
         out = []
         for i, (each, text, ids) in enumerate(zip(given, inputs, sources, strict=True)):
-            name = "GaussianNoise.tokens" + ("" if len(sources) == 1 else f"[{i}]")
+            name = "GaussianNoise.tokens" + ("" if single else f"[{i}]")
             if isinstance(each, str):
                 out.append(_subject_tokens(model, each, text, ids, name))
-            else:
+                continue
+            try:
                 out.append(selection_indices(each, len(ids), name, "source tokens in this input"))
+            except OptionError as err:  # what this input's length allows: the input's error
+                raise InputError(str(err)) from None
         return out
 
     def draw(self, model: Model, problem: Problem, chosen: list[list[int]]) -> torch.Tensor:
@@ -1282,13 +1294,13 @@ def _subject_tokens(
     """The positions among ``ids`` (a text's source tokens) of the tokens that the first
     occurrence of ``subject`` in ``text`` overlaps."""
     if not isinstance(text, str):
-        raise OptionError(
+        raise InputError(
             f"`{name}` {subject!r} names tokens by their text, which needs one text; this input "
             "is a (text, text_pair) pair: give its positions (ints)"
         )
     start = text.find(subject)
     if not subject.strip() or start < 0:
-        raise OptionError(f"`{name}` {subject!r} is not a text in the input {text!r}")
+        raise InputError(f"`{name}` {subject!r} is not a text in the input {text!r}")
     tokenizer = model.tokenizer
     if not getattr(tokenizer, "is_fast", False):
         raise ModelError(
@@ -1308,7 +1320,7 @@ def _subject_tokens(
         if first is not None and low < end and high > start
     ]
     if not chosen:
-        raise OptionError(f"`{name}` {subject!r}: no token of the input {text!r} covers it")
+        raise InputError(f"`{name}` {subject!r}: no token of the input {text!r} covers it")
     return chosen
 
 
@@ -1457,7 +1469,7 @@ def activation_patching(
         samples = corrupted.samples
         texts: list[Any] = [call.inputs] if call.batch.single else list(call.inputs)
         source_ids: list[Sequence[int]] = [e.source_ids for e in call.batch.examples]
-        chosen = corrupted.per_example(model, texts, source_ids)
+        chosen = corrupted.per_example(model, texts, source_ids, call.batch.single)
         with torch.no_grad():
             noisy = corrupted.draw(model, problem, chosen)
         mask, ids = t.mask.repeat(samples, 1), t.ids.repeat(samples, 1)

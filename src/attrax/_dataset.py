@@ -224,7 +224,10 @@ def attribute_dataset(
 
     Each line is ``{"input": str, "target": str (optional), "id": str|int (optional)}`` (other
     keys are ignored, but ``"corrupted"``/``"corrupted_pair"``, the corrupted input that
-    ``attribution_patching`` and ``activation_patching`` read; blank lines skipped); a classifier's records may add
+    ``attribution_patching`` and ``activation_patching`` read, or ``"noise"``, the tokens
+    ``activation_patching``'s :class:`~attrax.GaussianNoise` corrupts (a text in the input or
+    positions; the option ``corrupted=GaussianNoise(tokens=None, ...)`` gives the rest); blank
+    lines skipped); a classifier's records may add
     ``"input_pair"`` (the second text of an NLI-style pair) and ``"label"`` (the true label: a
     label name or class id), and any record ``"contrast"`` (what its target is explained
     against: a text aligned with it, or a class; the method gets each record's own, and must
@@ -609,6 +612,8 @@ class _Scan:
     has_contrast: bool = False
     #: the data file's name, as errors name its lines
     name: str = ""
+    #: each record's tokens to noise (activation patching's GaussianNoise: causal tracing)
+    has_noise: bool = False
 
 
 def _scan(data: Path) -> _Scan:
@@ -617,8 +622,10 @@ def _scan(data: Path) -> _Scan:
         raise InputError(f"`data` {str(data)!r} is not a file")
     digest = hashlib.sha256()
     records, with_target, with_id, with_label, with_corrupted, with_contrast = 0, 0, 0, 0, 0, 0
+    with_noise = 0
     for record in _records(data, digest):
         records += 1
+        with_noise += "noise" in record
         with_corrupted += "corrupted" in record
         with_contrast += "contrast" in record
         with_target += "target" in record
@@ -647,6 +654,16 @@ def _scan(data: Path) -> _Scan:
             f"`data` {str(data)!r}: {with_contrast} of {records} records have a 'contrast'; "
             "give one on every line, or on none"
         )
+    if 0 < with_noise < records:
+        raise InputError(
+            f"`data` {str(data)!r}: {with_noise} of {records} records have a 'noise'; give one "
+            "on every line, or on none"
+        )
+    if with_noise and with_corrupted:
+        raise InputError(
+            f"`data` {str(data)!r}: its records give both a 'corrupted' input and the tokens "
+            "to 'noise', two corrupted runs: give one of them"
+        )
     return _Scan(
         digest.hexdigest(),
         records,
@@ -656,6 +673,7 @@ def _scan(data: Path) -> _Scan:
         with_corrupted > 0,
         with_contrast > 0,
         data.name,
+        with_noise > 0,
     )
 
 
@@ -716,6 +734,20 @@ def _records(data: Path, digest: Any = None) -> Iterator[dict[str, Any]]:
                 isinstance(record[key], bool) or not isinstance(record[key], (str, int))
             ):
                 raise InputError(f"{where}: {key!r} must be {what[key]}")
+        noise = record.get("noise", "x")
+        if not (
+            (isinstance(noise, str) and noise.strip())
+            or (
+                isinstance(noise, list)
+                and noise
+                and all(isinstance(v, int) and not isinstance(v, bool) for v in noise)
+            )
+            or (isinstance(noise, int) and not isinstance(noise, bool))
+        ):
+            raise InputError(
+                f"{where}: 'noise' must be the tokens to noise, a text in the input or "
+                f"positions (an int or a non-empty list of ints), got {noise!r}"
+            )
         if isinstance(record.get("contrast"), str) and not record["contrast"].strip():
             raise InputError(f"{where}: 'contrast' must be a non-empty string, got ''")
         if ("corrupted_pair" in record) != ("corrupted" in record and "input_pair" in record):
@@ -985,6 +1017,8 @@ def attribute_records(
             for r in records
         ]
         options = {**options, "corrupted": corrupted}
+    if scan.has_noise and _takes(fn, "corrupted"):
+        options = {**options, "corrupted": _record_noise(options, records)}
     if scan.has_contrast:  # a method that takes none is refused before the first shard
         options = {**options, "contrast": [record["contrast"] for record in records]}
     try:
@@ -1013,7 +1047,7 @@ def _by_line(message: str, records: list[dict[str, Any]], name: str) -> str:
     """``message`` with the first argument it names by index (``inputs[1]``, ``corrupted[0]``)
     as that record's line of the file ``name``: ``data.jsonl line 7: `input` ...``."""
     fields = {"inputs": "input", "targets": "target", "corrupted": "corrupted",
-              "contrast": "contrast"}  # fmt: skip
+              "contrast": "contrast", "GaussianNoise.tokens": "noise"}  # fmt: skip
     found = re.search(rf"`({'|'.join(fields)})\[(\d+)\]`", message)
     if not found or int(found[2]) >= len(records):
         return message
@@ -1039,6 +1073,14 @@ def _with_record_options(
     the checks and the manifest; a record field and the same option given to the call is an
     error, and so is a ``contrast`` field for a method that takes none (its result would not
     be what the records ask for)."""
+    if scan.has_noise:
+        if not _takes(fn, "corrupted") or fn.__name__ != "activation_patching":
+            raise OptionError(
+                f"the records give the tokens to 'noise' (causal tracing), which "
+                f"activation_patching reads; {fn.__name__} does not: leave the field out"
+            )
+        # the manifest names the noise's fields; its tokens are the records'
+        options = {**options, "corrupted": _record_noise(options, None)}
     given = {"corrupted": scan.has_corrupted and _takes(fn, "corrupted")}
     if scan.has_contrast and not _takes(fn, "contrast"):
         raise OptionError(
@@ -1054,6 +1096,24 @@ def _with_record_options(
             )
         options = {**options, name: f"(each record's {name!r})"}
     return options
+
+
+def _record_noise(options: Mapping[str, Any], records: list[dict[str, Any]] | None) -> Any:
+    """The ``corrupted`` option of records that give the tokens to ``noise``: the option's
+    :class:`~attrax.GaussianNoise` (its scale, samples, seed) or the defaults, with each
+    record's tokens (``records`` None: a description of them, for the manifest)."""
+    from ._components import GaussianNoise
+
+    given = options.get("corrupted")
+    if given is not None and not (isinstance(given, GaussianNoise) and given.tokens is None):
+        raise OptionError(
+            "`corrupted` is given both as an option and by the records' 'noise' field: give "
+            "the noise's other fields as GaussianNoise(tokens=None, ...), or leave it out"
+        )
+    base = given if isinstance(given, GaussianNoise) else GaussianNoise()
+    if records is None:
+        return dataclasses.replace(base, tokens="(each record's 'noise')")
+    return dataclasses.replace(base, tokens=[record["noise"] for record in records])
 
 
 def label_name(model: Model, value: str | int) -> str:

@@ -757,11 +757,10 @@ def _noise(fields: dict[str, Any]) -> Any:
 
     names = [f.name for f in dataclasses.fields(GaussianNoise)]
     unknown = sorted(set(fields) - set(names))
-    if unknown or "tokens" not in fields:
-        what = f"has no field {unknown[0]!r}" if unknown else "needs 'tokens'"
+    if unknown:
         raise OptionError(
             f"`-o corrupted={json.dumps(fields)}`: a JSON object is ax.GaussianNoise's fields "
-            f"({', '.join(names)}) and {what}"
+            f"({', '.join(names)}), with no {unknown[0]!r}"
         )
     return GaussianNoise(**fields)
 
