@@ -761,3 +761,25 @@ def test_noise_on_a_text_noises_the_tokens_it_covers(models64):
         ax.activation_patching(
             clf, ("the cat", "sat down"), corrupted=ax.GaussianNoise(tokens="cat"), site="mlp"
         )
+
+
+def test_the_noise_unit_is_the_deviation_of_the_embeddings_it_is_added_to():
+    """Gemma 3 scales its embeddings inside the embedding module (by sqrt(d)): the noise's unit
+    is the deviation of those scaled rows, not of the raw table (the tokens' noise would be
+    sqrt(d) times too small against them)."""
+    hf, tok = tiny_model("gemma3")
+    model = ax.load_model(hf, tokenizer=tok)
+    table = hf.get_input_embeddings()
+    with torch.no_grad():
+        rows = table(torch.arange(table.weight.shape[0])).double()
+    scaled, raw = float(rows.std(correction=0)), float(table.weight.double().std(correction=0))
+    assert scaled > 3 * raw  # the module's scale
+
+    def traced(**kw):
+        noise = ax.GaussianNoise(tokens=[1, 2], samples=2, **kw)
+        return ax.activation_patching(
+            model, SOURCE, TARGET, corrupted=noise, site="residual", direction="denoising"
+        ).values
+
+    np.testing.assert_allclose(traced(), traced(std=scaled), rtol=1e-6, atol=1e-9)
+    assert np.nanmax(np.abs(traced() - traced(std=raw))) > 1e-4

@@ -36,6 +36,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple, cast
 
+import numpy as np
 import torch
 import xarray as xr
 
@@ -1079,7 +1080,10 @@ def attribution_patching(
     if site in ATTENTION_INPUTS:
         return _patch_attention_inputs(call, corrupted, site, stack, layers, heads, qk_fix, drop)
     if site in ("attention", "mlp", "residual") and heads is not None:
-        raise OptionError(f"`heads` applies to the attention sites only, got site={site!r}")
+        raise OptionError(
+            f"`heads` applies to the sites of one head each ('heads', 'queries', 'keys', "
+            f"'values'), got site={site!r}"
+        )
     # the attention output is the heads' sum through the projection: AtP is linear in it
     summed, site = site == "attention", "heads" if site == "attention" else site
     parts = _patch_stack(model, method, stack, site)
@@ -1231,7 +1235,8 @@ class GaussianNoise:
         check.seed(self.seed, "GaussianNoise.seed")
         if self.std is not None:
             check.positive(self.std, "GaussianNoise.std")
-        tokens = self.tokens
+        tokens = _frozen(self.tokens)
+        object.__setattr__(self, "tokens", tokens)  # hashable, numpy's ints as ints
         if tokens is not None and (
             isinstance(tokens, bytes) or not isinstance(tokens, (int, str, Sequence))
         ):
@@ -1288,6 +1293,17 @@ class GaussianNoise:
         return noisy.flatten(0, 1)
 
 
+def _frozen(value: Any) -> Any:
+    """Lists (numpy arrays) as tuples and numpy's ints as ints, nested: a frozen field's."""
+    if isinstance(value, np.ndarray):
+        value = value.tolist()
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, (list, tuple)):
+        return tuple(_frozen(v) for v in value)
+    return value
+
+
 def _subject_tokens(
     model: Model, subject: str, text: Any, ids: Sequence[int], name: str
 ) -> list[int]:
@@ -1325,17 +1341,20 @@ def _subject_tokens(
 
 
 def _table_std(model: Model) -> float:
-    """The standard deviation of the source embedding table's entries (float64 sums, a block of
-    rows at a time: a large vocabulary's table is not copied whole)."""
-    table = model.embedding_module("source")
-    weight = cast("torch.Tensor", table.weight).detach()
-    total = torch.zeros((), dtype=torch.float64, device=weight.device)
-    squares = torch.zeros((), dtype=torch.float64, device=weight.device)
-    for rows in weight.split(4096):
-        rows = rows.double()
-        total += rows.sum()
-        squares += (rows * rows).sum()
-    n = weight.numel()
+    """The standard deviation of the entries of every source embedding :meth:`Model.embed`
+    gives, the rows the noise is added to (Gemma's and BART's scale inside the embedding
+    module included): float64 sums, a block of ids at a time (a large table is not copied
+    whole)."""
+    rows = model.embedding_rows("source")
+    total = torch.zeros((), dtype=torch.float64)
+    squares = torch.zeros((), dtype=torch.float64)
+    with torch.no_grad():
+        for start in range(0, rows, 4096):
+            ids = torch.arange(start, min(start + 4096, rows))[None]
+            block = model.embed(ids, "source").double()
+            total += block.sum().cpu()
+            squares += (block * block).sum().cpu()
+    n = rows * model.embed(torch.zeros(1, 1, dtype=torch.long), "source").shape[-1]
     mean = total / n
     return float((squares / n - mean * mean).clamp_min(0).sqrt())
 
@@ -1453,7 +1472,10 @@ def activation_patching(
     method = "activation_patching"
     refuse_seq2seq_classifier(model, method)
     if site in ("attention", "mlp", "residual") and heads is not None:
-        raise OptionError(f"`heads` applies to the attention sites only, got site={site!r}")
+        raise OptionError(
+            f"`heads` applies to the sites of one head each ('heads', 'queries', 'keys', "
+            f"'values'), got site={site!r}"
+        )
     problem = call.problem
     t = problem.tensors
     assert corrupted is not None
@@ -1624,7 +1646,7 @@ def _same(
     heads: Callable[[torch.Tensor], torch.Tensor],
 ) -> torch.Tensor:
     """``[layers, B, positions, heads]``: where each layer's donor activation equals the base
-    run's bit for bit (``heads`` views one as ``[B, positions, heads, d]``); nowhere where their
+    run's exactly (``heads`` views one as ``[B, positions, heads, d]``); nowhere where their
     shapes differ."""
     rows = []
     for given, had in zip(donors, bases, strict=True):
@@ -1695,7 +1717,7 @@ def _attention_input_donors(
 
 def _read(problem: Problem, on_decoder: bool, length: int) -> torch.Tensor:
     """``[B, length]``: the patched stack's positions some target reads. A patch anywhere else
-    (a decoder's future, padding) changes no score; the result holds NaN there."""
+    (a decoder's future, padding) changes no score (its entries are labelled NaN)."""
     t = problem.tensors
     if not on_decoder:
         return problem.visible()[..., : problem.inputs[0].shape[1]].any(1)
