@@ -783,3 +783,10 @@ def test_the_noise_unit_is_the_deviation_of_the_embeddings_it_is_added_to():
 
     np.testing.assert_allclose(traced(), traced(std=scaled), rtol=1e-6, atol=1e-9)
     assert np.nanmax(np.abs(traced() - traced(std=raw))) > 1e-4
+
+
+def test_noise_tokens_may_be_numpy_and_the_noise_is_hashable():
+    given = ax.GaussianNoise(tokens=np.array([1, 2]), samples=2)
+    assert given == ax.GaussianNoise(tokens=[np.int64(1), 2], samples=2)
+    assert hash(given) == hash(ax.GaussianNoise(tokens=(1, 2), samples=2))
+    assert ax.GaussianNoise(tokens=[[0, 1], "cat"]).tokens == ((0, 1), "cat")
