@@ -1575,13 +1575,22 @@ def _module_donors(
     modules = [parts.module(where, i) for i in chosen_layers]
     batch = donor[0].shape[0]
 
-    def record(run: _Run) -> list[torch.Tensor]:
+    # [B, L, width] -> [B, L, heads, d] (one head of width for the other sites)
+    per_head = (parts.heads, -1) if site == "heads" else (1, -1)
+
+    def record(run: _Run, against: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
+        """Each layer's activation in ``run``; with ``against``, only where it equals that
+        one's, ``[B, L, heads]`` (a second copy of every layer is never held)."""
         seen: list[torch.Tensor | None] = [None] * len(modules)
 
         def keep(i: int) -> Callable[[torch.Tensor], torch.Tensor]:
             def change(value: torch.Tensor) -> torch.Tensor:
                 # OPT's fc2 and Llama 4's experts run on the rows flattened: [B * L, H]
-                seen[i] = value.detach().reshape(batch, -1, value.shape[-1]).clone()
+                rows = value.detach().reshape(batch, -1, value.shape[-1])
+                if against is None:
+                    seen[i] = rows.clone()
+                else:
+                    seen[i] = _same([against[i]], [rows], lambda a: a.unflatten(-1, per_head))[0]
                 return value
 
             return change
@@ -1597,9 +1606,7 @@ def _module_donors(
         return cast("list[torch.Tensor]", seen)
 
     donors = record(donor)
-    # [B, L, width] -> [B, L, heads, d] (one head of width for the other sites)
-    per_head = (parts.heads, -1) if site == "heads" else (1, -1)
-    same = _same(donors, record(base), lambda a: a.unflatten(-1, per_head))
+    same = torch.stack(record(base, donors))
 
     @contextlib.contextmanager
     def replace(masks: list[torch.Tensor | None]) -> Iterator[None]:
