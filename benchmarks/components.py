@@ -268,6 +268,60 @@ def loop_activation(
     return result
 
 
+#: causal tracing: the tokens noised (the "subject"), the noisy runs, their seed
+TRACED, SAMPLES, SEED = [4, 5, 6, 7], 10, 0
+
+
+def loop_tracing(hf: Any, ids: torch.Tensor, first: int) -> np.ndarray:
+    """``[K, L, layer]``: causal tracing as ROME's ``trace_with_patch`` runs it, one forward per
+    (layer, position) of the clean input and ``SAMPLES`` noisy copies (Gaussian noise on the
+    ``TRACED`` tokens' embeddings, 3 deviations of the embedding table wide), each noisy copy's
+    residual stream at that layer and position set to the clean copy's; every target's
+    probability averaged over the noisy copies, less the unpatched noisy runs' mean."""
+    blocks = _modules(hf)[0]
+    table = hf.get_input_embeddings()
+    std = float(table.weight.detach().double().std(correction=0))
+    draws = torch.randn(
+        SAMPLES, len(TRACED), table.weight.shape[1],
+        generator=torch.Generator().manual_seed(SEED),
+    )  # fmt: skip
+    noise = draws.to(table.weight.dtype) * (3.0 * std)
+    batch = ids.repeat(1 + SAMPLES, 1)
+    length = ids.shape[1]
+    rows = torch.arange(first - 1, length - 1)
+    targets = ids[0, first:]
+
+    def noised(_m: Any, _a: Any, out: torch.Tensor) -> torch.Tensor:
+        out = out.clone()
+        out[1:, TRACED] += noise
+        return out
+
+    def scores() -> torch.Tensor:
+        logits = hf(input_ids=batch, use_cache=False).logits[1:, rows]
+        probs = torch.softmax(logits, -1)[:, torch.arange(len(rows)), targets]
+        return probs.mean(0)
+
+    result = np.zeros((length - first, length, len(blocks)))
+    handle = table.register_forward_hook(noised)
+    try:
+        with torch.no_grad():
+            unpatched = scores()
+            for n, block in enumerate(blocks):  # the per-patch loop being compared
+                for p in range(length):
+
+                    def restore(_m: Any, _a: Any, out: Any, p: int = p) -> Any:
+                        hidden = out[0] if isinstance(out, tuple) else out
+                        hidden[1:, p] = hidden[0, p]
+                        return out
+
+                    patch = block.register_forward_hook(restore)
+                    result[:, p, n] = (scores() - unpatched).numpy()
+                    patch.remove()
+    finally:
+        handle.remove()
+    return result
+
+
 def parity(got: Any, want: np.ndarray) -> dict[str, float]:
     """Max abs difference and max |a - b| / max |b| (attrax's NaN = what a target cannot see,
     exactly 0 in the loops)."""
@@ -360,6 +414,14 @@ def run(quick: bool, repeats: int, only: set[str] | None = None) -> dict[str, An
                     m, prompt, target, corrupted=corrupted, objective="logit"
                 ),
                 lambda hf=hf: loop_activation(hf, ids, bad, n_prompt, "logit"),
+            ),
+            (
+                "causal_tracing",
+                lambda m=model: ax.activation_patching(
+                    m, prompt, target, site="residual", direction="denoising",
+                    corrupted=ax.GaussianNoise(tokens=TRACED, samples=SAMPLES, seed=SEED),
+                ),  # fmt: skip
+                lambda hf=hf: loop_tracing(hf, ids, n_prompt),
             ),
             (
                 "attribution_patching grad_drop=True",

@@ -358,6 +358,21 @@ def test_causal_tracing_reads_each_records_tokens_to_noise(tmp_path, model, writ
         part = got.isel(example=e).sel(target=want.target, source=want.source)
         assert np.nanmax(np.abs(want.values)) > 1e-4
         np.testing.assert_allclose(part.values, want.values, rtol=1e-6, atol=1e-8)
+    # a shard whose records each give one position: one selection each, not one list for all
+    ints = [{**rows[0], "noise": 1}, {**rows[1], "noise": 0}]
+    D.attribute_dataset(
+        model, write_jsonl(ints, name="ints.jsonl"), tmp_path / "ints",
+        method="activation_patching", shard_size=2, progress=False, corrupted=noise,
+        site="residual", direction="denoising", reduce="sum:layer",
+    )  # fmt: skip
+    for e, row in enumerate(ints):
+        want = ax.activation_patching(
+            model, row["input"], row["target"], site="residual", direction="denoising",
+            corrupted=ax.GaussianNoise(tokens=[row["noise"]], samples=3, seed=2),
+        ).sum("layer", skipna=False)  # fmt: skip
+        part = D.load_dataset_results(tmp_path / "ints").isel(example=e)
+        part = part.sel(target=want.target, source=want.source)
+        np.testing.assert_allclose(part.values, want.values, rtol=1e-6, atol=1e-8)
     bad = [{"input": "1 2 3 =", "target": " 3 2 1", "noise": "7"}]
     with pytest.raises(ax.InputError, match=r"^noise\.jsonl line 1: `noise` '7' is not a text"):
         D.attribute_dataset(

@@ -1200,8 +1200,9 @@ class GaussianNoise:
 
     Each of ``samples`` corrupted runs adds ``N(0, (scale * std)^2)`` to every entry of the
     embeddings of ``tokens``; the effects are averaged over the samples. ``std`` is the standard
-    deviation of the embedding table's entries (None: computed from the model's table; ROME takes
-    it over the subjects' token embeddings of its dataset, and ``scale=3``). Each example draws
+    deviation of the embeddings' entries over the whole vocabulary (None: computed from
+    :meth:`Model.embed`'s rows, any scale inside the embedding module included; ROME takes it
+    over the subjects' token embeddings of its dataset, and ``scale=3``). Each example draws
     from a CPU generator seeded with ``seed`` (batched equals single).
 
     Arguments:
@@ -1213,7 +1214,7 @@ class GaussianNoise:
         scale: the noise's standard deviation in units of ``std`` (> 0).
         samples: how many noisy runs (ROME: 10).
         seed: the generators' seed.
-        std: the unit (> 0), or None for the embedding table's own.
+        std: the unit (> 0), or None for the embeddings' own.
 
     >>> import attrax as ax
     >>> noise = ax.GaussianNoise(tokens=[0, 1], samples=4)

@@ -1113,7 +1113,9 @@ def _record_noise(options: Mapping[str, Any], records: list[dict[str, Any]] | No
     base = given if isinstance(given, GaussianNoise) else GaussianNoise()
     if records is None:
         return dataclasses.replace(base, tokens="(each record's 'noise')")
-    return dataclasses.replace(base, tokens=[record["noise"] for record in records])
+    # one selection per record: an int as a list (a shard of ints is no list of positions)
+    tokens = [[r["noise"]] if isinstance(r["noise"], int) else r["noise"] for r in records]
+    return dataclasses.replace(base, tokens=tokens)
 
 
 def label_name(model: Model, value: str | int) -> str:
