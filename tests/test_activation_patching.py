@@ -790,3 +790,18 @@ def test_noise_tokens_may_be_numpy_and_the_noise_is_hashable():
     assert given == ax.GaussianNoise(tokens=[np.int64(1), 2], samples=2)
     assert hash(given) == hash(ax.GaussianNoise(tokens=(1, 2), samples=2))
     assert ax.GaussianNoise(tokens=[[0, 1], "cat"]).tokens == ((0, 1), "cat")
+
+
+def test_noise_on_a_batch_of_pairs_given_as_two_lists(models64):
+    """A classifier's batch as (texts, text_pairs), two lists, is the batch of its pairs."""
+    model = models64["bert"]
+    texts, pairs = ["the cat sat", "a dog ran"], ["on the mat", "off"]
+
+    def traced(inputs, tokens):
+        noise = ax.GaussianNoise(tokens=tokens, samples=2)
+        return ax.activation_patching(model, inputs, "all", corrupted=noise, site="mlp").values
+
+    as_lists = traced((texts, pairs), [[1], [2]])
+    np.testing.assert_array_equal(
+        as_lists, traced(list(zip(texts, pairs, strict=True)), [[1], [2]])
+    )

@@ -379,6 +379,23 @@ def test_causal_tracing_reads_each_records_tokens_to_noise(tmp_path, model, writ
             model, write_jsonl(bad, name="noise.jsonl"), tmp_path / "bad",
             method="activation_patching", progress=False,
         )  # fmt: skip
+    # found before any shard runs: nothing is written
+    late = [*rows, {"input": "1 2 3 =", "target": " 3 2 1", "noise": "9"}]
+    with pytest.raises(ax.InputError, match=r"^late\.jsonl line 3: `noise` '9' is not a text"):
+        D.attribute_dataset(
+            model, write_jsonl(late, name="late.jsonl"), tmp_path / "late",
+            method="activation_patching", shard_size=1, progress=False,
+        )  # fmt: skip
+    assert not list((tmp_path / "late").glob("shard-*"))
+    # a run of activation patching (whose `corrupted` has no default) resumes
+    first = sorted(out.glob("shard-*.nc"))
+    first[-1].unlink()
+    D.attribute_dataset(
+        model, write_jsonl(rows), out, method="activation_patching", shard_size=1,
+        progress=False, corrupted=noise, site="residual", direction="denoising",
+        reduce="sum:layer",
+    )  # fmt: skip
+    xr.testing.assert_identical(D.load_dataset_results(out), got)
     with pytest.raises(ax.OptionError, match="activation_patching reads; saliency does not"):
         D.attribute_dataset(model, write_jsonl(rows), tmp_path / "sal", progress=False)
     both = [{**rows[0], "corrupted": "1 2 4 ="}]

@@ -54,7 +54,7 @@ from ._heads import (
     replacing,
     stack_layers,
 )
-from ._inputs import Texts, contrast_batch, padded_inputs, to_tensors
+from ._inputs import Texts, contrast_batch, input_texts, padded_inputs, to_tensors
 from ._memory import between_passes, full_precision, plan_forwards
 from ._model import Model, body, norm_centers, norm_divisor, norm_gain, refuse_seq2seq_classifier
 from ._protocol import Call, Family
@@ -1247,7 +1247,7 @@ class GaussianNoise:
             )
 
     def per_example(
-        self, model: Model, inputs: list[Any], sources: list[Sequence[int]], single: bool
+        self, model: Model, inputs: list[Any], sources: Sequence[Sequence[int]], single: bool
     ) -> list[list[int]]:
         """Each example's noised positions, non-negative, checked against its ``inputs`` (a
         text or a pair) and the ``sources`` ids it reads (``single``: one input, not a list)."""
@@ -1490,7 +1490,7 @@ def activation_patching(
     if isinstance(corrupted, GaussianNoise):
         # both runs S * B rows, sample-major: each noisy run beside its own copy of the clean
         samples = corrupted.samples
-        texts: list[Any] = [call.inputs] if call.batch.single else list(call.inputs)
+        texts = input_texts(model, call.inputs)
         source_ids: list[Sequence[int]] = [e.source_ids for e in call.batch.examples]
         chosen = corrupted.per_example(model, texts, source_ids, call.batch.single)
         with torch.no_grad():

@@ -38,7 +38,7 @@ from transformers import PreTrainedModel
 from . import _distributed, _reduce
 from . import _validate as check
 from ._errors import InputError, ModelError, OptionError
-from ._inputs import ClassTargets, Item, check_example, not_text
+from ._inputs import ClassTargets, Item, check_example, input_texts, not_text, source_ids
 from ._model import Model, load_model
 from ._names import METHODS, PUBLIC, REDUCTIONS
 from ._schema import fill_value, union_labels
@@ -815,7 +815,8 @@ def _compare(
     previous = dict(previous)
     if "batch_size" in previous and "shard_size" not in previous:
         previous["shard_size"] = previous.pop("batch_size")
-    defaults = _as_json(resolve_options(fn, {}))
+    # unchecked: a method whose option has no default (activation patching's `corrupted`)
+    defaults = _as_json(fn.attrax_resolve({}, checked=False))  # type: ignore[attr-defined]
     if isinstance(previous.get("options"), Mapping):
         previous["options"] = {**defaults, **previous["options"]}
     # keys either run has: a run given a dtype and one without differ; a manifest before the
@@ -904,8 +905,25 @@ def check_lines(
             )
             if "label" in record:
                 label_name(model, record["label"])
+            if "noise" in record:
+                _check_noise(model, record)
         except InputError as err:
             raise InputError(f"{name} line {record['_line'] + 1}: {err}") from None
+
+
+def _check_noise(model: Model, record: dict[str, Any]) -> None:
+    """A record's tokens to ``noise`` found in its input (tokenizing only), as the run finds
+    them; an InputError naming the field otherwise."""
+    from ._components import GaussianNoise
+
+    given = (record["input"], record["input_pair"]) if "input_pair" in record else record["input"]
+    noise = GaussianNoise(
+        tokens=[record["noise"]] if isinstance(record["noise"], int) else record["noise"]
+    )
+    try:
+        noise.per_example(model, input_texts(model, given), source_ids(model, given), True)
+    except (InputError, OptionError) as err:
+        raise InputError(str(err).replace("`GaussianNoise.tokens`", "`noise`")) from None
 
 
 def _name(key: str) -> str:

@@ -300,6 +300,30 @@ def _pad(rows: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.T
     return torch.from_numpy(ids), torch.from_numpy(mask.astype(np.int64))
 
 
+def input_texts(model: Model, inputs: Any) -> list[Any]:
+    """Each example's input as given, one per example: a text, or a classifier's ``(text,
+    text_pair)`` (a batch given as two lists of texts and pairs is read as :func:`prepare`
+    reads it)."""
+    if model.task == "generation":
+        return _as_texts(inputs, "inputs")[0]
+    return [text if pair is None else (text, pair) for text, pair in _as_items(inputs)[0]]
+
+
+def source_ids(model: Model, inputs: Any) -> list[tuple[int, ...]]:
+    """Each example's source token ids as :func:`prepare` reads them (tokenizing only: no
+    target, no prediction)."""
+    if model.task == "generation":
+        texts, single = _as_texts(inputs, "inputs")
+        return [
+            _encode_source(
+                model.tokenizer, text, model.is_encoder_decoder, f"inputs{_at(i, single)}"
+            )
+            for i, text in enumerate(texts)
+        ]
+    items, single = _as_items(inputs)
+    return [tuple(e[0]) for e in _encode_items(model, items, single)]
+
+
 def padded_inputs(
     model: Model, inputs: Any, name: str = "inputs"
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:

@@ -347,8 +347,9 @@ def _public(
         if together is not None:
             together(arguments)
 
-    def resolve(options: Mapping[str, Any]) -> dict[str, Any]:
-        """Every option of the method, checked: those given and the defaults of the others."""
+    def resolve(options: Mapping[str, Any], checked: bool = True) -> dict[str, Any]:
+        """Every option of the method, checked: those given and the defaults of the others
+        (``checked=False``: the defaults as they are, a required one's None included)."""
         check_names(options)
         leading = [key for key in options if key in family.leading]
         if leading:
@@ -356,7 +357,8 @@ def _public(
         bound = signature.bind_partial(**options)
         bound.apply_defaults()
         resolved = python_scalars({k: v for k, v in bound.arguments.items() if k in option_names})
-        check_values(resolved)
+        if checked:
+            check_values(resolved)
         return resolved
 
     @functools.wraps(core)
