@@ -6,7 +6,8 @@ attention maps, values, MLPs and the final norm's input), then one decomposition
 (DLA); one clean forward with probes on the head outputs and one ``backward`` per target with
 the graph retained (AtP), the corrupted activations read once; that AtP loop once per layer with
 the layer's residual contribution detached (GradDrop: ``L x K`` backwards); real patching, one
-forward per (layer, head, position) with a hook (activation patching). attrax runs every target
+forward per (layer, head, position) with a hook (activation patching); ROME's loop for causal
+tracing, one forward of the clean input and its noisy copies per (layer, position). attrax runs every target
 at once (DLA: two contractions per layer; AtP: one ``vmap``-ed backward) and stacks the patched
 copies of activation patching in forwards of as many as fit. Parity (max |a - b| / max |b|
 <= 1e-4 after the same labelling; the max abs difference is reported too) is checked before
@@ -418,9 +419,13 @@ def run(quick: bool, repeats: int, only: set[str] | None = None) -> dict[str, An
             (
                 "causal_tracing",
                 lambda m=model: ax.activation_patching(
-                    m, prompt, target, site="residual", direction="denoising",
+                    m,
+                    prompt,
+                    target,
+                    site="residual",
+                    direction="denoising",
                     corrupted=ax.GaussianNoise(tokens=TRACED, samples=SAMPLES, seed=SEED),
-                ),  # fmt: skip
+                ),
                 lambda hf=hf: loop_tracing(hf, ids, n_prompt),
             ),
             (
