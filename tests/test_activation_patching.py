@@ -805,3 +805,23 @@ def test_noise_on_a_batch_of_pairs_given_as_two_lists(models64):
     np.testing.assert_array_equal(
         as_lists, traced(list(zip(texts, pairs, strict=True)), [[1], [2]])
     )
+
+
+def test_the_noise_unit_follows_a_changed_table():
+    """The unit is kept per model between calls, but not past a change to the table."""
+    hf, tok = tiny_model("gpt2")
+    model = ax.load_model(hf, tokenizer=tok)
+
+    def traced(**kw):
+        noise = ax.GaussianNoise(tokens=[1, 2], samples=2, **kw)
+        return ax.activation_patching(
+            model, SOURCE, TARGET, corrupted=noise, site="residual", direction="denoising"
+        ).values
+
+    before = traced()
+    with torch.no_grad():
+        hf.get_input_embeddings().weight.mul_(2.0)
+    std = float(hf.get_input_embeddings().weight.double().std(correction=0))
+    after = traced()
+    assert np.nanmax(np.abs(after - before)) > 1e-6
+    np.testing.assert_allclose(after, traced(std=std), rtol=1e-5, atol=1e-9)

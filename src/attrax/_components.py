@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import inspect
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple, cast
@@ -1345,7 +1346,14 @@ def _table_std(model: Model) -> float:
     """The standard deviation of the entries of every source embedding :meth:`Model.embed`
     gives, the rows the noise is added to (Gemma's and BART's scale inside the embedding
     module included): float64 sums, a block of ids at a time (a large table is not copied
-    whole)."""
+    whole). Kept per embedding module until its weight changes (a dataset's shards, a loop of
+    calls pay one pass over the vocabulary)."""
+    module = model.embedding_module("source")
+    weight = cast("torch.Tensor", module.weight)
+    key = (weight.data_ptr(), weight._version, weight.dtype, weight.device)
+    kept = _STDS.get(module)
+    if kept is not None and kept[0] == key:
+        return kept[1]
     rows = model.embedding_rows("source")
     total = torch.zeros((), dtype=torch.float64)
     squares = torch.zeros((), dtype=torch.float64)
@@ -1357,7 +1365,13 @@ def _table_std(model: Model) -> float:
             squares += (block * block).sum().cpu()
     n = rows * model.embed(torch.zeros(1, 1, dtype=torch.long), "source").shape[-1]
     mean = total / n
-    return float((squares / n - mean * mean).clamp_min(0).sqrt())
+    std = float((squares / n - mean * mean).clamp_min(0).sqrt())
+    _STDS[module] = (key, std)
+    return std
+
+
+#: _table_std's result per embedding module, with what its weight was (pointer, version)
+_STDS: weakref.WeakKeyDictionary[torch.nn.Module, tuple[Any, float]] = weakref.WeakKeyDictionary()
 
 
 #: Activation patching: forwards only, each a stack of patched copies of the batch.
