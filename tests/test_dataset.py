@@ -396,8 +396,10 @@ def test_causal_tracing_reads_each_records_tokens_to_noise(tmp_path, model, writ
         reduce="sum:layer",
     )  # fmt: skip
     xr.testing.assert_identical(D.load_dataset_results(out), got)
-    with pytest.raises(ax.OptionError, match="activation_patching reads; saliency does not"):
-        D.attribute_dataset(model, write_jsonl(rows), tmp_path / "sal", progress=False)
+    # to any other method 'noise' is a key like any other: a noise level, say
+    levels = [{**row, "noise": 0.5} for row in rows]
+    D.attribute_dataset(model, write_jsonl(levels), tmp_path / "sal", progress=False)
+    assert D.load_dataset_results(tmp_path / "sal").sizes["example"] == 2
     both = [{**rows[0], "corrupted": "1 2 4 ="}]
     with pytest.raises(ax.InputError, match="give one of them"):
         D.attribute_dataset(

@@ -303,7 +303,8 @@ def attribute_dataset(
     fn = resolve_method(method)
     steps = parse_reduce(reduce)
     data, out = check.local_path(data, "data"), check.local_path(out, "out")
-    scan = _scan(data)
+    # only activation patching reads a record's 'noise'; to the others it is any other key
+    scan = _scan(data, _reads_noise(fn))
     resolved = resolve_options(fn, _with_record_options(fn, options, scan))
     if resolved.get("layers") is not None:
         _check_layers(model, resolved["layers"])
@@ -377,7 +378,9 @@ def _attribute_dataset(
         """The model, loaded once, after every record was checked to tokenize."""
         if not loaded:
             loaded.append(load_model(model, device=device, dtype=dtype))  # a Model passes
-            _check_records(loaded[0], data, resolved.get("max_new_tokens"), positions)
+            _check_records(
+                loaded[0], data, resolved.get("max_new_tokens"), positions, scan.has_noise
+            )
         return loaded[0]
 
     previous = _read_manifest(out) if out.is_dir() else None
@@ -397,6 +400,7 @@ def _attribute_dataset(
                     data.name,
                     resolved.get("max_new_tokens"),
                     positions,
+                    scan.has_noise,
                 )
     except BaseException:
         _remove(created)
@@ -616,16 +620,22 @@ class _Scan:
     has_noise: bool = False
 
 
-def _scan(data: Path) -> _Scan:
-    """Validate every line once (a bad line 10 000 fails before any work) and checksum the file."""
+def _reads_noise(fn: Callable[..., Any]) -> bool:
+    """Whether ``fn`` reads a record's ``"noise"`` (activation patching's Gaussian noise)."""
+    return getattr(fn, "__name__", "") == "activation_patching"
+
+
+def _scan(data: Path, noise: bool = False) -> _Scan:
+    """Validate every line once (a bad line 10 000 fails before any work) and checksum the file;
+    ``noise``: the method reads each record's ``"noise"``."""
     if not data.is_file():
         raise InputError(f"`data` {str(data)!r} is not a file")
     digest = hashlib.sha256()
     records, with_target, with_id, with_label, with_corrupted, with_contrast = 0, 0, 0, 0, 0, 0
     with_noise = 0
-    for record in _records(data, digest):
+    for record in _records(data, digest, noise):
         records += 1
-        with_noise += "noise" in record
+        with_noise += noise and "noise" in record
         with_corrupted += "corrupted" in record
         with_contrast += "contrast" in record
         with_target += "target" in record
@@ -709,8 +719,9 @@ def json_lines(data: Path, digest: Any = None) -> Iterator[tuple[int, str, Any]]
             yield line_no, where, value
 
 
-def _records(data: Path, digest: Any = None) -> Iterator[dict[str, Any]]:
-    """Each record with its 0-based line number as ``record["_line"]``; blank lines skipped."""
+def _records(data: Path, digest: Any = None, noise: bool = False) -> Iterator[dict[str, Any]]:
+    """Each record with its 0-based line number as ``record["_line"]``; blank lines skipped
+    (``noise``: its ``"noise"`` checked, else left alone as any other key)."""
     for line_no, where, record in json_lines(data, digest):
         if not isinstance(record, dict):
             raise InputError(f"{where}: expected a JSON object, got {type(record).__name__}")
@@ -734,19 +745,19 @@ def _records(data: Path, digest: Any = None) -> Iterator[dict[str, Any]]:
                 isinstance(record[key], bool) or not isinstance(record[key], (str, int))
             ):
                 raise InputError(f"{where}: {key!r} must be {what[key]}")
-        noise = record.get("noise", "x")
+        given = record.get("noise", "x") if noise else "x"
         if not (
-            (isinstance(noise, str) and noise.strip())
+            (isinstance(given, str) and given.strip())
             or (
-                isinstance(noise, list)
-                and noise
-                and all(isinstance(v, int) and not isinstance(v, bool) for v in noise)
+                isinstance(given, list)
+                and given
+                and all(isinstance(v, int) and not isinstance(v, bool) for v in given)
             )
-            or (isinstance(noise, int) and not isinstance(noise, bool))
+            or (isinstance(given, int) and not isinstance(given, bool))
         ):
             raise InputError(
                 f"{where}: 'noise' must be the tokens to noise, a text in the input or "
-                f"positions (an int or a non-empty list of ints), got {noise!r}"
+                f"positions (an int or a non-empty list of ints), got {given!r}"
             )
         if isinstance(record.get("contrast"), str) and not record["contrast"].strip():
             raise InputError(f"{where}: 'contrast' must be a non-empty string, got ''")
@@ -876,9 +887,11 @@ def _readable(path: Path) -> bool:
         return False
 
 
-def _check_records(model: Model, data: Path, max_new_tokens: Any, positions: Any = None) -> None:
+def _check_records(
+    model: Model, data: Path, max_new_tokens: Any, positions: Any = None, noise: bool = False
+) -> None:
     """Tokenize every record as the method will: its errors, with the record's line, up front."""
-    check_lines(model, _records(data), data.name, max_new_tokens, positions)
+    check_lines(model, _records(data), data.name, max_new_tokens, positions, noise)
 
 
 def check_lines(
@@ -887,9 +900,11 @@ def check_lines(
     name: str,
     max_new_tokens: Any,
     positions: Any = None,
+    noise: bool = False,
 ) -> None:
     """:func:`_check_records` of records read from the file called ``name``; ``positions``: the
-    target positions the method is to attribute, checked where a record gives its target."""
+    target positions the method is to attribute, checked where a record gives its target;
+    ``noise``: each record's tokens to noise, found in its input."""
     room = max_new_tokens if isinstance(max_new_tokens, int) else None
     for record in records:
         try:
@@ -905,7 +920,7 @@ def check_lines(
             )
             if "label" in record:
                 label_name(model, record["label"])
-            if "noise" in record:
+            if noise:
                 _check_noise(model, record)
         except InputError as err:
             raise InputError(f"{name} line {record['_line'] + 1}: {err}") from None
@@ -1035,7 +1050,7 @@ def attribute_records(
             for r in records
         ]
         options = {**options, "corrupted": corrupted}
-    if scan.has_noise and _takes(fn, "corrupted"):
+    if scan.has_noise:
         options = {**options, "corrupted": _record_noise(options, records)}
     if scan.has_contrast:  # a method that takes none is refused before the first shard
         options = {**options, "contrast": [record["contrast"] for record in records]}
@@ -1091,13 +1106,7 @@ def _with_record_options(
     the checks and the manifest; a record field and the same option given to the call is an
     error, and so is a ``contrast`` field for a method that takes none (its result would not
     be what the records ask for)."""
-    if scan.has_noise:
-        if not _takes(fn, "corrupted") or fn.__name__ != "activation_patching":
-            raise OptionError(
-                f"the records give the tokens to 'noise' (causal tracing), which "
-                f"activation_patching reads; {fn.__name__} does not: leave the field out"
-            )
-        # the manifest names the noise's fields; its tokens are the records'
+    if scan.has_noise:  # the manifest names the noise's fields; its tokens are the records'
         options = {**options, "corrupted": _record_noise(options, None)}
     given = {"corrupted": scan.has_corrupted and _takes(fn, "corrupted")}
     if scan.has_contrast and not _takes(fn, "contrast"):
@@ -1260,10 +1269,15 @@ class Written:
 
 @_distributed.reporting
 def _check_task(
-    where: Any, records: list[dict[str, Any]], name: str, max_new_tokens: Any, positions: Any
+    where: Any,
+    records: list[dict[str, Any]],
+    name: str,
+    max_new_tokens: Any,
+    positions: Any,
+    noise: bool = False,
 ) -> None:
     """On a worker: :func:`check_lines` of a shard's records with the worker's model."""
-    check_lines(_distributed.worker_model(where), records, name, max_new_tokens, positions)
+    check_lines(_distributed.worker_model(where), records, name, max_new_tokens, positions, noise)
 
 
 @_distributed.reporting
