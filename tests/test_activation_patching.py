@@ -631,6 +631,8 @@ def test_gaussian_noise_batched_equals_single(models64):
         (lambda: ax.GaussianNoise(tokens=1.5), {}, ax.OptionError, "tokens` must be an int"),
         (lambda: ax.GaussianNoise(tokens=[7]), {}, ax.InputError, r"tokens` contains 7"),
         (lambda: ax.GaussianNoise(tokens=[[0], [1]]), {}, ax.OptionError, "one per example"),
+        (lambda: ax.GaussianNoise(tokens=[None]), {}, ax.OptionError, "must be an int, a list"),
+        (lambda: ax.GaussianNoise(tokens=[1.5, 2]), {}, ax.OptionError, "must be an int, a"),
         (
             lambda: ax.GaussianNoise(tokens=[0]),
             {"method": "attribution_patching"},

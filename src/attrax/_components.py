@@ -1273,9 +1273,13 @@ class GaussianNoise:
             if isinstance(each, str):
                 out.append(_subject_tokens(model, each, text, ids, name))
                 continue
+            if not _positions_given(each):
+                raise OptionError(
+                    f"`{name}` must be an int, a list of ints or a text in the input, got {each!r}"
+                )
             try:
                 out.append(selection_indices(each, len(ids), name, "source tokens in this input"))
-            except OptionError as err:  # what this input's length allows: the input's error
+            except OptionError as err:  # out of this input's range, repeated: the input's
                 raise InputError(str(err)) from None
         return out
 
@@ -1293,6 +1297,17 @@ class GaussianNoise:
             noise[:, b, positions] = draws
         noisy = x[None] + noise.to(x.device, x.dtype) * (self.scale * std)
         return noisy.flatten(0, 1)
+
+
+def _positions_given(value: Any) -> bool:
+    """Whether ``value`` is an int or a sequence of ints (no bools, no None)."""
+
+    def one(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    return one(value) or (
+        isinstance(value, Sequence) and not isinstance(value, str) and all(map(one, value))
+    )
 
 
 def _frozen(value: Any) -> Any:
