@@ -322,6 +322,7 @@ def test_activation_patching_reads_each_records_corruption(tmp_path, model, writ
         progress=False, layers=1, objective="logit", reduce="sum:head,sum:layer",
     )  # fmt: skip
     got = D.load_dataset_results(out)
+    assert json.loads(got.attrs["options"])["corrupted"] == "(each record's 'corrupted')"
     for e, row in enumerate(rows):
         want = ax.activation_patching(
             model, row["input"], row["target"], corrupted=row["corrupted"], layers=1,
@@ -348,7 +349,9 @@ def test_causal_tracing_reads_each_records_tokens_to_noise(tmp_path, model, writ
         reduce="sum:layer",
     )  # fmt: skip
     got = D.load_dataset_results(out)
-    assert "scale=3.0, samples=3, seed=2" in got.attrs["options"]
+    # the merged array's provenance: the records' tokens, not the first shard's
+    recorded = json.loads(got.attrs["options"])["corrupted"]
+    assert "(each record's 'noise')" in recorded and "scale=3.0, samples=3, seed=2" in recorded
     for e, tokens in enumerate(([1, 2], [0])):  # "2 3" is the 2nd and 3rd tokens of "1 2 3 ="
         row = rows[e]
         want = ax.activation_patching(

@@ -571,7 +571,21 @@ def load_dataset_results(
         if not isinstance(loaded, xr.DataArray):
             raise InputError(f"{str(out / name)!r} does not hold an attrax DataArray")
         parts.append(loaded)
-    return concat_examples(parts)
+    merged = concat_examples(parts)
+    return _records_options(merged, manifest["run"].get("options"))
+
+
+def _records_options(da: xr.DataArray, run: Any) -> xr.DataArray:
+    """``da`` whose ``attrs["options"]`` (the first shard's call) says of the options the
+    records gave (``corrupted``, ``contrast``, the tokens to noise) what the run's manifest
+    says, each record's, not the first shard's values."""
+    if not isinstance(run, Mapping) or not isinstance(da.attrs.get("options"), str):
+        return da
+    options = json.loads(da.attrs["options"])
+    for key, value in run.items():
+        if key in options and isinstance(value, str) and "(each record's" in value:
+            options[key] = value
+    return da.assign_attrs(options=json.dumps(options, sort_keys=True))
 
 
 def concat_examples(parts: list[xr.DataArray]) -> xr.DataArray:
