@@ -1620,7 +1620,7 @@ def _module_donors(
                 if against is None:
                     seen[i] = rows.clone()
                 else:
-                    seen[i] = _same([against[i]], [rows], lambda a: a.unflatten(-1, per_head))[0]
+                    seen[i] = _same(against[i], rows, lambda a: a.unflatten(-1, per_head))
                 return value
 
             return change
@@ -1678,21 +1678,15 @@ def _windows(centers: list[int], total: int, window: int) -> tuple[list[int], to
 
 
 def _same(
-    donors: list[torch.Tensor],
-    bases: list[torch.Tensor],
-    heads: Callable[[torch.Tensor], torch.Tensor],
+    given: torch.Tensor, had: torch.Tensor, heads: Callable[[torch.Tensor], torch.Tensor]
 ) -> torch.Tensor:
-    """``[layers, B, positions, heads]``: where each layer's donor activation equals the base
-    run's exactly (``heads`` views one as ``[B, positions, heads, d]``); nowhere where their
-    shapes differ."""
-    rows = []
-    for given, had in zip(donors, bases, strict=True):
-        a = heads(given)
-        if had.shape != given.shape:
-            rows.append(torch.zeros(a.shape[:-1], dtype=torch.bool, device=a.device))
-            continue
-        rows.append((a == heads(had)).all(-1))
-    return torch.stack(rows)
+    """``[B, positions, heads]``: where a layer's donor activation ``given`` equals the base
+    run's ``had`` exactly (``heads`` views one as ``[B, positions, heads, d]``); nowhere where
+    their shapes differ."""
+    a = heads(given)
+    if had.shape != given.shape:
+        return torch.zeros(a.shape[:-1], dtype=torch.bool, device=a.device)
+    return (a == heads(had)).all(-1)
 
 
 def _attention_input_donors(
@@ -1721,7 +1715,11 @@ def _attention_input_donors(
         return [getattr(calls[key], name).detach().clone() for key in keys]
 
     donors = record(donor)
-    same = _same(donors, record(base), lambda a: a.transpose(1, 2))
+    bases = record(base)
+    same = torch.stack(
+        [_same(d, b, lambda a: a.transpose(1, 2)) for d, b in zip(donors, bases, strict=True)]
+    )
+    del bases
     total = donors[0].shape[1]
     what = "heads per layer" if site == "queries" else "key/value heads per layer"
     chosen_heads = selection_indices(heads, total, "heads", what)
