@@ -153,7 +153,9 @@ def worker(spec: str) -> None:
     if s["device"] != "cpu" or dtype != torch.float32:
         hf = model.hf.to(device=s["device"], dtype=dtype)
         model = ax.load_model(hf, tokenizer=model.tokenizer)
-    options = _options(s["method"], s["steps"], corrupted, s["workload"])
+    options = _given(
+        {**_options(s["method"], s["steps"], corrupted, s["workload"]), **s["options"]}
+    )
     fn = getattr(ax, s["method"])
     short = (inputs[:2], targets) if isinstance(inputs, list) else (inputs[:40], targets)
     warm = {**options, "corrupted": short[0]} if "corrupted" in options else options
@@ -171,6 +173,11 @@ def worker(spec: str) -> None:
         print(json.dumps({"error": str(error)}))
         return
     print(json.dumps({"peak_bytes": stop(base)}))
+
+
+def _given(options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` without those ``--options`` set to None (null): the method's default."""
+    return {k: v for k, v in options.items() if v is not None}
 
 
 def _rounded_up(smallest: int) -> int:
@@ -205,8 +212,9 @@ def run(args: argparse.Namespace) -> int:
             spec = dict(
                 workload=name, method=method, steps=args.steps, w3_targets=args.w3_targets,
                 threads=args.threads, device=args.device, dtype=args.dtype, budget=None,
+                options=json.loads(args.options),
             )  # fmt: skip
-            sizes = _sizes(method, args.steps, name)
+            sizes = _given({**_sizes(method, args.steps, name), **spec["options"]})
             unbounded = _measure(spec, args.host_memory)
             if "skipped" in unbounded:
                 rows.append(dict(
@@ -272,7 +280,7 @@ def _label(method: str, sizes: dict[str, Any]) -> str:
     label = LABEL.get(method, method)
     named = [
         # a selection of one layer or head: "layer 0"
-        f"{k[:-1]} {v}" if k in ("layers", "heads") and isinstance(v, int)
+        f"{k[:-1]} {v}" if k in ("layers", "heads", "neurons") and isinstance(v, int)
         else f"{v} {'points' if k == 'steps' and method in PATHS else k}"
         for k, v in sizes.items()
     ]  # fmt: skip
@@ -323,6 +331,11 @@ def parser(p: argparse.ArgumentParser) -> None:
         help="the models' precision (bfloat16 on the CPU runs oneDNN's kernels)",
     )  # fmt: skip
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument(
+        "--options",
+        default="{}",
+        help="JSON: options of every method's calls, over the sizes of SIZES (a site's variant)",
+    )
     p.add_argument(
         "--host-memory",
         default="attrax",

@@ -101,12 +101,20 @@ def loop_dla(hf: Any, ids: torch.Tensor, first: int) -> np.ndarray:
 
 
 def loop_atp(
-    hf: Any, ids: torch.Tensor, bad: torch.Tensor, first: int, drop: int | None = None
+    hf: Any,
+    ids: torch.Tensor,
+    bad: torch.Tensor,
+    first: int,
+    drop: int | None = None,
+    site: str = "heads",
 ) -> np.ndarray:
     """``[K, L, layer, head]``: one clean forward with probes, one backward per target; with
-    ``drop``, that block's residual contribution detached (GradDrop's backward)."""
-    blocks, proj, _, _, _, _ = _modules(hf)
+    ``drop``, that block's residual contribution detached (GradDrop's backward). ``site=
+    "neurons"``: the probes on each MLP output projection's input, ``[K, L, layer, neuron]``."""
+    blocks, proj, _, _, _, kind = _modules(hf)
     heads = hf.config.num_attention_heads
+    if site == "neurons":  # GPT-2's c_proj, Llama's down_proj: one neuron a column
+        proj = [b.mlp.c_proj if kind == "gpt2" else b.mlp.down_proj for b in blocks]
     corrupt: dict[int, torch.Tensor] = {}
     hooks = [
         p.register_forward_pre_hook(lambda _m, a, n=n: corrupt.__setitem__(n, a[0][0]))
@@ -117,7 +125,7 @@ def loop_atp(
     for h in hooks:
         h.remove()
     clean: dict[int, torch.Tensor] = {}
-    probes = [torch.zeros(ids.shape[1], hf.config.hidden_size, requires_grad=True) for _ in proj]
+    probes = [torch.zeros_like(corrupt[n], requires_grad=True) for n in range(len(proj))]
 
     def add(n: int) -> Callable:
         def hook(_m: Any, a: tuple) -> tuple:
@@ -142,7 +150,8 @@ def loop_atp(
         h.remove()
     probs = torch.softmax(logits, -1)
     length = ids.shape[1]
-    result = np.zeros((length - first, length, len(proj), heads))
+    nodes = heads if site == "heads" else probes[0].shape[-1]
+    result = np.zeros((length - first, length, len(proj), nodes))
     for k in range(length - first):  # the per-target loop being compared
         i, t = first + k - 1, int(ids[0, first + k])
         # a dropped block's own probes are unused: their gradient is zero
@@ -150,8 +159,8 @@ def loop_atp(
         for n, g in enumerate(grads):
             if g is None:
                 continue
-            delta = (corrupt[n] - clean[n]).unflatten(-1, (heads, -1))
-            result[k, :, n] = (g.unflatten(-1, (heads, -1)) * delta).sum(-1).numpy()
+            delta = (corrupt[n] - clean[n]).unflatten(-1, (nodes, -1))
+            result[k, :, n] = (g.unflatten(-1, (nodes, -1)) * delta).sum(-1).numpy()
     return result
 
 
@@ -403,6 +412,13 @@ def run(quick: bool, repeats: int, only: set[str] | None = None) -> dict[str, An
                 "attribution_patching",
                 lambda m=model: ax.attribution_patching(m, prompt, target, corrupted=corrupted),
                 lambda hf=hf: loop_atp(hf, ids, bad, n_prompt),
+            ),
+            (
+                "attribution_patching site=neurons",
+                lambda m=model: ax.attribution_patching(
+                    m, prompt, target, corrupted=corrupted, site="neurons"
+                ),
+                lambda hf=hf: loop_atp(hf, ids, bad, n_prompt, site="neurons"),
             ),
             (
                 "activation_patching",

@@ -53,6 +53,7 @@ def site_module(hf, stack: str, layer: int, site: str) -> tuple[torch.nn.Module,
         return {
             "heads": (block.attn.c_proj, "pre", 0),
             "mlp": (block.mlp, "post", 0),
+            "neurons": (block.mlp.c_proj, "pre", 0),
             "residual": (block, "post", 0),
         }[site]
     if kind == "llama":
@@ -64,6 +65,7 @@ def site_module(hf, stack: str, layer: int, site: str) -> tuple[torch.nn.Module,
             "values": (attn.v_proj, "post", 0),
             "heads": (attn.o_proj, "pre", 0),
             "mlp": (block.mlp, "post", 0),
+            "neurons": (block.mlp.down_proj, "pre", 0),  # act(gate) * up
             "residual": (block, "post", 0),
         }[site]
     if kind == "bert":
@@ -71,6 +73,7 @@ def site_module(hf, stack: str, layer: int, site: str) -> tuple[torch.nn.Module,
         return {
             "heads": (block.attention.output.dense, "pre", 0),
             "mlp": (block.output.dense, "post", 0),
+            "neurons": (block.output.dense, "pre", 0),  # the intermediate's GELU
             "residual": (block, "post", 0),
         }[site]
     assert kind == "marian"
@@ -83,6 +86,7 @@ def site_module(hf, stack: str, layer: int, site: str) -> tuple[torch.nn.Module,
         "values": (attention.v_proj, "post", 0),
         "heads": (attention.out_proj, "pre", 0),
         "mlp": (block.fc2, "post", 0),
+        "neurons": (block.fc2, "pre", 0),
         "residual": (block, "post", 0),
     }[site]
 
@@ -827,3 +831,109 @@ def test_the_noise_unit_follows_a_changed_table():
     after = traced()
     assert np.nanmax(np.abs(after - before)) > 1e-6
     np.testing.assert_allclose(after, traced(std=std), rtol=1e-5, atol=1e-9)
+
+
+# --- MLP neurons -------------------------------------------------------------------------------
+
+
+def neuron_patching(
+    ref: Reference, clean: str, corrupted: str, layers: int, neurons: list[int]
+) -> np.ndarray:
+    """``[targets, positions, layers, len(neurons)]``: one forward per layer, position and
+    neuron, that one entry of the MLP output projection's input set to the corrupted run's."""
+    base, unpatched = ref.ids(clean), ref.run(ref.ids(clean))
+    out = None
+    for layer in range(layers):
+        given = ref.capture(ref.ids(corrupted), layer, "neurons")
+        for p in range(given.shape[0]):
+            for j, n in enumerate(neurons):
+
+                def change(x: torch.Tensor, p: int = p, n: int = n, given=given) -> torch.Tensor:
+                    x[p, n] = given[p, n]
+                    return x
+
+                scores = ref.run(base, (layer, "neurons", change)) - unpatched
+                if out is None:
+                    out = np.zeros((len(scores), given.shape[0], layers, len(neurons)))
+                out[:, p, layer, j] = scores
+    assert out is not None
+    return out
+
+
+@pytest.mark.parametrize(
+    ("arch", "stack"),
+    [("gpt2", None), ("llama", None), ("bert", None), ("marian", "encoder"), ("marian", "decoder")],
+)
+def test_neurons_equal_real_patching(models64, arch, stack):
+    """One neuron at one position a patch: GPT-2's Conv1D, Llama's gated MLP (the neuron is
+    ``act(gate) * up``), BERT's intermediate and Marian's encoder and decoder ``fc2`` inputs."""
+    model = models64[arch]
+    text, target, bad = {
+        "bert": (TEXT, "all", BAD_TEXT),
+        "marian": (SOURCE, ED_TARGET, CORRUPTED),
+    }.get(arch, (SOURCE, TARGET, CORRUPTED))
+    neurons = [0, 5, 17, 63]
+    got = ax.activation_patching(
+        model, text, target, corrupted=bad, site="neurons", stack=stack, neurons=neurons,
+        objective="logit",
+    )  # fmt: skip
+    assert got.dims == ("target", "source", "layer", "neuron")
+    assert got["neuron"].values.tolist() == neurons
+    ref = Reference(model, text, None if arch == "bert" else target, stack or "self")
+    want = neuron_patching(ref, text, bad, 2, neurons)
+    assert np.abs(want).max() > 1e-5
+    tol = {"rtol": 1e-5, "atol": 1e-8} if arch == "llama" else {"rtol": 1e-9, "atol": 1e-12}
+    visible(got, want, lambda a, b: np.testing.assert_allclose(a, b, **tol))
+
+
+def test_neuron_selections_batches_and_errors(models64):
+    model = models64["gpt2"]
+    kw = {"corrupted": CORRUPTED, "site": "neurons"}
+    full = ax.activation_patching(model, SOURCE, TARGET, layers=1, neurons=range(8), **kw)
+    few = ax.activation_patching(
+        model, SOURCE, TARGET, layers=[1], neurons=[6, -1], sources=[5, 3], **kw
+    )
+    n = model.hf.config.n_embd * 4
+    assert few["neuron"].values.tolist() == [6, n - 1]
+    np.testing.assert_array_equal(
+        few.sel(neuron=[6]).values, full.sel(neuron=[6]).isel(source=[5, 3]).values
+    )
+    for size in (1, 5):  # chunks of single patches and of patches straddling positions
+        chunked = ax.activation_patching(
+            model, SOURCE, TARGET, layers=1, neurons=range(8), batch_size=size, **kw
+        )
+        np.testing.assert_allclose(chunked.values, full.values, rtol=1e-9, atol=1e-15)
+    inputs, targets, corrupted = [SOURCE, "Hello"], [TARGET, " world"], [CORRUPTED, "Hallo"]
+    both = ax.activation_patching(
+        model, inputs, targets, corrupted=corrupted, site="neurons", neurons=[1, 9]
+    )
+    for e in range(2):
+        single = ax.activation_patching(
+            model, inputs[e], targets[e], corrupted=corrupted[e], site="neurons", neurons=[1, 9]
+        )
+        part = both.isel(example=e).dropna("target", how="all")
+        part = part.isel(source=slice(0, single.sizes["source"]))
+        np.testing.assert_allclose(part.values, single.values, rtol=1e-9, atol=1e-15)
+    for method in (ax.activation_patching, ax.attribution_patching):
+        with pytest.raises(ax.OptionError, match="`neurons` applies to site='neurons'"):
+            method(model, SOURCE, TARGET, corrupted=CORRUPTED, neurons=0)
+        with pytest.raises(ax.OptionError, match="`heads` applies"):
+            method(model, SOURCE, TARGET, corrupted=CORRUPTED, site="neurons", heads=0)
+        with pytest.raises(ax.OptionError, match=f"`neurons` contains {n}"):
+            method(model, SOURCE, TARGET, corrupted=CORRUPTED, site="neurons", neurons=n)
+
+
+def test_a_mixture_of_experts_has_no_neurons_to_patch():
+    import transformers as T
+
+    _, tok = tiny_model("gpt2")
+    config = T.MixtralConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+        num_experts_per_tok=2, pad_token_id=tok.pad_token_id,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = ax.load_model(T.AutoModelForCausalLM.from_config(config), tokenizer=tok)
+    for method in (ax.activation_patching, ax.attribution_patching):
+        with pytest.raises(ax.ModelError, match=r"layer 0's MLP .* is a mixture of experts"):
+            method(model, SOURCE, TARGET, corrupted=CORRUPTED, site="neurons")

@@ -2422,3 +2422,61 @@ def test_a_bloom_whose_stream_carries_the_normed_input_is_refused():
     for method in (ax.direct_logit_attribution, ax.alti, ax.alti_logit):
         with pytest.raises(ax.ModelError, match="normed input"):
             method(model, SOURCE, TARGET)
+
+
+# --- MLP neurons ---------------------------------------------------------------------------
+
+
+DENSE_MLPS = ("gpt2", "gpt_neo", "llama", "pythia", "opt-projected", "bloom", "phi3", "gemma2")
+DENSE_MLPS += ("gptj", "codegen", "phi", "starcoder2", "gpt_bigcode-mha", "arcee", "glm")
+DENSE_MLPS += ("deepseek_v3-dense", *FALCONS)
+
+
+@pytest.mark.parametrize("arch", DENSE_MLPS)
+def test_atp_neurons_add_up_to_the_mlps_output(models64, arch):
+    """An MLP's output is its output projection of the neurons (plus a bias, which patching
+    moves not at all): each position's neuron estimates add up to the MLP's. The neurons are
+    read where the module ends in that projection (OPT's and BLOOM's, which are it)."""
+    model = models64[arch]
+    kw = {"corrupted": CORRUPTED, "objective": "logit"}
+    neurons = ax.attribution_patching(model, SOURCE, TARGET, site="neurons", **kw)
+    mlp = ax.attribution_patching(model, SOURCE, TARGET, site="mlp", **kw)
+    assert neurons.dims == ("target", "source", "layer", "neuron")
+    summed = neurons.sum("neuron", skipna=False)
+    assert np.nanmax(np.abs(mlp.values)) > 1e-6
+    np.testing.assert_allclose(summed.values, mlp.values, rtol=1e-7, atol=1e-12)
+    # one neuron's estimates move on their own: not every neuron carries the same share
+    assert np.std(np.nan_to_num(neurons.values), axis=-1).max() > 0
+
+
+@pytest.mark.usefixtures("modernbert_rotary_in_its_dtype")
+@pytest.mark.parametrize("arch", list(ENCODER_MODULES))
+def test_atp_encoder_classifier_neurons_add_up_to_the_mlps_output(arch):
+    hf, tok = tiny_classifier(arch)
+    model = ax.load_model(full_double(hf), tokenizer=tok)
+    kw = {"corrupted": "a sad day", "objective": "logit"}
+    neurons = ax.attribution_patching(model, "a bad day", 2, site="neurons", **kw)
+    mlp = ax.attribution_patching(model, "a bad day", 2, site="mlp", **kw)
+    assert np.abs(mlp.values).max() > 1e-8
+    rtol = 1e-5 if arch == "modernbert" else 1e-9  # its float32 softmax
+    np.testing.assert_allclose(neurons.sum("neuron").values, mlp.values, rtol=rtol, atol=1e-13)
+
+
+@pytest.mark.parametrize("stack", ["encoder", "decoder"])
+@pytest.mark.parametrize("arch", ["marian", "bart", "t5"])
+def test_atp_encoder_decoder_neurons_add_up_to_the_mlps_output(encdec64, arch, stack):
+    if arch == "t5":
+        hf, tok = tiny_model("t5")
+        model = ax.load_model(hf.double(), tokenizer=tok)
+    else:
+        model = encdec64[arch]
+    kw = {"corrupted": CORRUPTED, "objective": "logit", "stack": stack}
+    neurons = ax.attribution_patching(model, SOURCE, ED_TARGET, site="neurons", **kw)
+    mlp = ax.attribution_patching(model, SOURCE, ED_TARGET, site="mlp", **kw)
+    assert np.nanmax(np.abs(mlp.values)) > 1e-8
+    summed = neurons.sum("neuron", skipna=False)
+    np.testing.assert_allclose(summed.values, mlp.values, rtol=1e-9, atol=1e-13)
+    with pytest.raises(ax.OptionError, match="stack='cross'"):
+        ax.attribution_patching(
+            model, SOURCE, ED_TARGET, corrupted=CORRUPTED, site="neurons", stack="cross"
+        )

@@ -76,6 +76,10 @@ def nodes_of(model: ax.Model, site: str) -> tuple[list[torch.nn.Module], str, li
         return where, "input", [slice(h * d, (h + 1) * d) for h in range(heads)]
     if site == "mlp":
         return [b.mlp for b in blocks], "output", None
+    if site == "neurons":  # the MLP output projection's input, one column a node
+        downs = [b.mlp.c_proj if gpt2 else b.mlp.down_proj for b in blocks]
+        width = downs[0].weight.shape[0 if gpt2 else 1]  # Conv1D's weight is [in, out]
+        return downs, "input", [slice(n, n + 1) for n in range(width)]
     if gpt2:  # the thirds of c_attn's output: queries, keys, values
         start = ("queries", "keys", "values").index(site) * config.hidden_size
         cols = [slice(start + h * d, start + (h + 1) * d) for h in range(heads)]
@@ -222,9 +226,11 @@ TOL = {"gpt2": (1e-9, 1e-11), "llama": (1e-6, 1e-8)}
         ("gpt2", "heads", "logit"),
         ("gpt2", "heads", "probability"),
         ("gpt2", "mlp", "logit"),
+        ("gpt2", "neurons", "logit"),
         ("gpt2", "values", "logit"),
         ("llama", "heads", "logit"),
         ("llama", "mlp", "logit"),
+        ("llama", "neurons", "probability"),
         ("llama", "queries", "logit"),
         ("llama", "keys", "logit"),
         ("llama", "values", "probability"),

@@ -358,9 +358,18 @@ _VARIANTS = (
     [(name, _SMALL.get(name, {})) for name in _BUDGETED]
     + [
         ("attribution_patching", {**_SMALL["attribution_patching"], **extra})
-        for extra in ({"site": "keys"}, {"site": "values"}, {"grad_drop": True})
+        for extra in (
+            {"site": "keys"},
+            {"site": "values"},
+            {"grad_drop": True},
+            {"site": "neurons"},
+            {"site": "neurons", "grad_drop": True},
+        )
     ]
-    + [("activation_patching", {**_SMALL["activation_patching"], "site": "keys"})]
+    + [
+        ("activation_patching", {**_SMALL["activation_patching"], **extra})
+        for extra in ({"site": "keys"}, {"site": "neurons", "layers": 1, "neurons": [0, 1]})
+    ]
     + [
         # forward mode's jvps and every layer's gradients, each planned on its own terms
         ("input_x_gradient", {"mode": "forward", "reduce_hidden": "sum"}),

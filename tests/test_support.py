@@ -218,6 +218,7 @@ GROUPS: dict[str, list[Call]] = {
     "DLA": [_run("direct_logit_attribution")],
     "AtP heads": [_patching(site="heads"), _patching(site="residual")],
     "AtP MLP": [_patching(site="mlp")],
+    "AtP neurons": [_patching(site="neurons")],
     "AtP q/k/v": [_patching(site=site) for site in ("queries", "keys", "values")],
     "GradDrop": [_patching(site="heads", grad_drop=True)],
 }
@@ -292,10 +293,13 @@ def test_activation_patching_runs_where_attribution_patching_does(family):
     model = FAMILIES[family]()
     given = _inputs(model)
     wrong = []
-    for site in ("heads", "mlp", "keys"):  # the residual stream is the heads' blocks'
+    for site in ("heads", "mlp", "keys", "neurons"):  # the residual stream: the heads' blocks'
         outcomes = []
+        # plain AtP's keys; layer 0's neurons, as activation patching's (a mixture of experts
+        # may follow a dense first layer)
+        extra = {"qk_fix": False} if site == "keys" else {"layers": 0} if site == "neurons" else {}
         for call in (
-            _patching(site=site, **({"qk_fix": False} if site == "keys" else {})),
+            _patching(site=site, **extra),
             lambda m, g, site=site: ax.activation_patching(
                 m, **g, corrupted=_corrupted(m), site=site, layers=0, sources=0
             ),

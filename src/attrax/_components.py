@@ -60,7 +60,7 @@ from ._memory import between_passes, full_precision, plan_forwards
 from ._model import Model, body, norm_centers, norm_divisor, norm_gain, refuse_seq2seq_classifier
 from ._protocol import Call, Family
 
-SITES = ("heads", "attention", "mlp", "residual", *ATTENTION_INPUTS)
+SITES = ("heads", "attention", "mlp", "neurons", "residual", *ATTENTION_INPUTS)
 #: an encoder-decoder's stacks: encoder blocks, decoder blocks (self-attention heads), and the
 #: decoder's cross-attention heads
 STACKS = ("encoder", "decoder", "cross")
@@ -799,9 +799,19 @@ class _Stack:
 
     def module(self, site: str, layer: int) -> torch.nn.Module:
         """Where ``site``'s activation of ``layer`` is: the output projection (its input, the
-        concatenated heads), the MLP or the block (their outputs)."""
+        concatenated heads), the MLP's output projection (its input, the neurons), the MLP or
+        the block (their outputs)."""
+        if site == "neurons":
+            return _down_projection(self.mlps[layer], layer)
         found = {"heads": self.projections, "mlp": self.mlps, "residual": self.blocks}[site]
         return found[layer]
+
+    def neurons(self, layer: int) -> int:
+        """How many neurons layer ``layer``'s MLP has (its output projection's inputs)."""
+        down = _down_projection(self.mlps[layer], layer)
+        width = getattr(down, "in_features", None) or getattr(down, "nx", None)
+        assert isinstance(width, int), type(down).__name__
+        return width
 
     @property
     def on_decoder(self) -> bool:
@@ -810,13 +820,45 @@ class _Stack:
         return self.name in ("decoder", "cross")
 
 
+#: the names of an MLP's output projection, whose input is the MLP's neurons: Llama's, GPT-2's
+#: and StarCoder's, OPT's and BART's, GPT-J's, GPT-NeoX's, T5's, DistilBERT's, ModernBERT's
+_DOWNS = ("down_proj", "c_proj", "fc2", "fc_out", "dense_4h_to_h", "wo", "lin2", "Wo")
+
+
+def _down_projection(mlp: torch.nn.Module, layer: int) -> torch.nn.Module:
+    """The linear layer whose input is ``mlp``'s neurons (the activation times the gate, in a
+    gated MLP): ``mlp`` itself where it is that layer (OPT's and BART's ``fc2``, BERT's
+    ``output.dense``, BLOOM's ``dense_4h_to_h``); a ModelError for a mixture of experts."""
+    if _is_linear(mlp):
+        return mlp
+    down = _named(mlp, _DOWNS)
+    if down is None or not _is_linear(down):
+        routed = any(hasattr(mlp, name) for name in ("experts", "router", "gate"))
+        raise ModelError(
+            f"site='neurons': layer {layer}'s MLP ({type(mlp).__name__}) "
+            + (
+                "is a mixture of experts, whose neurons are each expert's; choose dense "
+                "layers with `layers` or site='mlp'"
+                if routed
+                else f"has no output projection attrax knows ({' / '.join(_DOWNS)})"
+            )
+        )
+    return down
+
+
+def _is_linear(module: torch.nn.Module) -> bool:
+    """A ``Linear`` (or a subclass: Falcon's) or GPT-2's ``Conv1D``, whose input is 2-D."""
+    return isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D"
+
+
 def _site_hook(
     module: torch.nn.Module, site: str, change: Callable[[torch.Tensor], torch.Tensor]
 ) -> torch.utils.hooks.RemovableHandle:
     """``change`` hooked on ``site``'s activation at ``module`` (:meth:`_Stack.module`): the
-    output projection's input for the heads, else the module's output (a tuple's first: blocks,
-    and GPT-OSS's and Llama 4's experts, which also return their routing)."""
-    if site == "heads":
+    output projection's input for the heads and the MLP's neurons, else the module's output (a
+    tuple's first: blocks, and GPT-OSS's and Llama 4's experts, which also return their
+    routing)."""
+    if site in ("heads", "neurons"):
 
         def pre(_m: torch.nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
             return (change(args[0]), *args[1:])
@@ -829,6 +871,28 @@ def _site_hook(
         return change(output)
 
     return module.register_forward_hook(post)
+
+
+def _refuse_heads_or_neurons(site: str, heads: Selection, neurons: Selection) -> None:
+    """``heads`` belongs to the sites of one head each, ``neurons`` to the MLP's neurons."""
+    if heads is not None and site in ("attention", "mlp", "residual", "neurons"):
+        raise OptionError(
+            f"`heads` applies to the sites of one head each ('heads', 'queries', 'keys', "
+            f"'values'), got site={site!r}"
+        )
+    if neurons is not None and site != "neurons":
+        raise OptionError(f"`neurons` applies to site='neurons', got site={site!r}")
+
+
+def _neuron_width(parts: _Stack, layers: list[int]) -> int:
+    """How many neurons each of ``layers``' MLPs has: one number, or a ModelError."""
+    widths = {layer: parts.neurons(layer) for layer in layers}
+    if len(set(widths.values())) > 1:
+        raise ModelError(
+            f"site='neurons' labels every layer's neurons along one dim; these layers' MLPs "
+            f"differ in width ({widths}): choose layers of one width with `layers`"
+        )
+    return next(iter(widths.values()))
 
 
 def _patch_stack(model: Model, method: str, stack: str | None, site: str) -> _Stack:
@@ -998,6 +1062,7 @@ def _encoder_decoder_stack(model: Model, method: str, stack: str) -> _Stack:
     stack=_stack,
     layers=check_selection,
     heads=check_selection,
+    neurons=check_selection,
     qk_fix=_qk_fix,
     grad_drop=check.boolean,
 )
@@ -1009,6 +1074,7 @@ def attribution_patching(
     stack: str | None = None,
     layers: Selection = None,
     heads: Selection = None,
+    neurons: Selection = None,
     qk_fix: bool | None = None,
     grad_drop: bool = False,
 ) -> xr.DataArray:
@@ -1033,7 +1099,9 @@ def attribution_patching(
             ``(target, source, layer, head)``), ``"attention"`` (every head of a layer at once,
             the output projection's whole input: here the heads' sum), ``"mlp"`` (each MLP's
             output) or ``"residual"`` (the residual stream after each layer), these three
-            ``(target, source, layer)``; or the
+            ``(target, source, layer)``; ``"neurons"`` (each MLP neuron: the input of the MLP's
+            output projection, the activation times the gate in a gated MLP, ``(target,
+            source, layer, neuron)``; not a mixture of experts' layers); or the
             attention inputs, one head's vector at one position a node, ``(target, source,
             layer, head)``: ``"queries"`` (``source`` the query position), ``"keys"`` or
             ``"values"`` (``source`` the key position, ``head`` the key/value head under
@@ -1056,12 +1124,13 @@ def attribution_patching(
             and values live on the encoder positions), ``"decoder"`` for MLPs and residual.
             Decoder-only
             models and classifiers have one stack (``None``).
-        layers, heads: which layers / heads to keep (``heads`` not with ``"mlp"`` or
-            ``"residual"``).
+        layers, heads: which layers / heads to keep (``heads`` with the sites of one head
+            each).
+        neurons: which neurons to keep (``site="neurons"``), as ``heads``.
 
     Returns:
-        DataArray ``([example,] target, source, layer[, head])``: ``source`` is the position
-        patched; the estimated change of the target's objective.
+        DataArray ``([example,] target, source, layer[, head | neuron])``: ``source`` is the
+        position patched; the estimated change of the target's objective.
 
     >>> import attrax as ax
     >>> da = ax.attribution_patching(
@@ -1078,18 +1147,17 @@ def attribution_patching(
             f"softmax), got site={site!r}"
         )
     drop = _grad_drop(model, method, site) if grad_drop else None
+    _refuse_heads_or_neurons(site, heads, neurons)
     if site in ATTENTION_INPUTS:
         return _patch_attention_inputs(call, corrupted, site, stack, layers, heads, qk_fix, drop)
-    if site in ("attention", "mlp", "residual") and heads is not None:
-        raise OptionError(
-            f"`heads` applies to the sites of one head each ('heads', 'queries', 'keys', "
-            f"'values'), got site={site!r}"
-        )
     # the attention output is the heads' sum through the projection: AtP is linear in it
     summed, site = site == "attention", "heads" if site == "attention" else site
     parts = _patch_stack(model, method, stack, site)
     chosen_layers = selection_indices(layers, len(parts.blocks), "layers", "layers")
     chosen_heads = selection_indices(heads, parts.heads, "heads", "heads per layer")
+    if site == "neurons":
+        n_neurons = _neuron_width(parts, chosen_layers)
+        chosen_heads = selection_indices(neurons, n_neurons, "neurons", "neurons per layer")
     problem = call.problem
     t = problem.tensors
     assert corrupted is not None
@@ -1141,6 +1209,22 @@ def attribution_patching(
         _, corrupt_acts = run(corrupt_embeds, corrupt_mask, None, corrupt_types, corrupt_ids)
     if any(a is None for a in corrupt_acts):
         raise ModelError(f"{method}: {type(model.hf).__name__} did not run the modules it names")
+    per_target = 0
+    if site == "neurons":  # every layer's neurons: the estimates, the runs' and the gradients
+        batch, length = corrupt_acts[0].shape[:2]  # the stack's positions (a decoder's)
+        size = full_precision(clean_embeds).element_size()
+        one = batch * length * len(chosen_layers) * size  # [B, L, layers] of floats
+        # the estimates: the pieces, joined and stacked; labelled on a decoder's positions,
+        # beside NaN for the encoder's, joined with them, masked and sliced back
+        copies = 3.0
+        if parts.on_decoder:
+            copies = 4 + 2 * t.ids.shape[1] / length
+        estimates = int(copies * one * len(chosen_heads) * t.valid.shape[1])
+        # and the clean, corrupted and changed neurons
+        what = "the estimates and each layer's clean and corrupted neurons"
+        problem.hold(estimates + 3 * one * n_neurons, "neurons", neurons, what)
+        # a target's gradients (each GradDrop row's), full precision and chosen
+        per_target = 3 * one * n_neurons * (1 if drop is None else len(drop.blocks))
     zeros = [torch.zeros_like(a) for a in corrupt_acts]
 
     def clean(*probes: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -1160,12 +1244,16 @@ def attribution_patching(
     one_hot = torch.eye(width, dtype=hidden.dtype, device=hidden.device)
     # "auto": the planner's estimate for gradients of the same model (targets per backward)
     rows = 1 if drop is None else len(drop.blocks)
-    _, chunk = problem.plan(1, None, call.options["chunk_size"], rows=rows, shared_forward=True)
+    _, chunk = problem.plan(
+        1, None, call.options["chunk_size"], rows=rows, shared_forward=True, per_target=per_target
+    )
     deltas = []
     for before, after in zip(clean_acts, corrupt_acts, strict=True):
         delta = full_precision(after - before)
         if site == "heads":  # split the concatenated heads, keep the chosen ones
             delta = delta.unflatten(-1, (parts.heads, -1))[..., chosen_heads, :]
+        elif site == "neurons":
+            delta = delta[..., chosen_heads]
         deltas.append(delta)
     pieces: list[list[torch.Tensor]] = [[] for _ in deltas]
 
@@ -1179,12 +1267,17 @@ def attribution_patching(
             if site == "heads":
                 grad = grad.unflatten(-1, (parts.heads, -1))[..., chosen_heads, :]
                 effect = torch.einsum("...kblhd,blhd->...bklh", grad, delta)
+            elif site == "neurons":  # one product per neuron
+                effect = torch.einsum("...kbln,bln->...bkln", grad[..., chosen_heads], delta)
             else:
                 effect = torch.einsum("...kblx,blx->...bkl", grad, delta)
             pieces[i].append(averaged(effect, drop))
     stacked = torch.stack([torch.cat(p, dim=1) for p in pieces], dim=3)  # [B, K, L, layer(, h)]
+    del pieces  # not held through the labelling
     if site == "heads":
         coords = {"layer": chosen_layers, "head": chosen_heads}
+    elif site == "neurons":
+        coords = {"layer": chosen_layers, "neuron": chosen_heads}
     else:
         coords = {"layer": chosen_layers}
     da = _positions(call, stacked, coords, parts.on_decoder)
@@ -1443,6 +1536,7 @@ class _Patchable(NamedTuple):
     stack=_stack,
     layers=check_selection,
     heads=check_selection,
+    neurons=check_selection,
     sources=check_selection,
     direction=_direction,
     window=check.positive_int,
@@ -1455,6 +1549,7 @@ def activation_patching(
     stack: str | None = None,
     layers: Selection = None,
     heads: Selection = None,
+    neurons: Selection = None,
     sources: Selection = None,
     direction: str = "noising",
     window: int = 1,
@@ -1476,8 +1571,10 @@ def activation_patching(
             per forward).
         corrupted: as :func:`attribution_patching`, or a :class:`GaussianNoise` (causal
             tracing: noise on some tokens' embeddings, the effects averaged over its samples).
-        site, stack, layers, heads: as :func:`attribution_patching` (``site="attention"``
-            patches every head of a layer together, ROME's attention site).
+        site, stack, layers, heads, neurons: as :func:`attribution_patching`
+            (``site="attention"`` patches every head of a layer together, ROME's attention
+            site; ``site="neurons"`` one neuron at one position a patch: choose them with
+            ``neurons``, ``layers`` and ``sources``, as many forwards as patches).
         window: how many layers each patch sets at once, around its layer: ``[l - window //
             2, l + ceil(window / 2))`` clipped to the stack (ROME restores 10 for MLPs and
             attention); ``layer`` labels the window's layer ``l``.
@@ -1488,9 +1585,9 @@ def activation_patching(
             activation into the corrupted run (causal tracing's restoration, Meng et al. 2022).
 
     Returns:
-        DataArray ``([example,] target, source, layer[, head])``: ``source`` is the position
-        patched; the patched run's score less the unpatched run's (the clean run's when
-        noising, the corrupted run's when denoising).
+        DataArray ``([example,] target, source, layer[, head | neuron])``: ``source`` is the
+        position patched; the patched run's score less the unpatched run's (the clean run's
+        when noising, the corrupted run's when denoising).
 
     >>> import attrax as ax
     >>> da = ax.activation_patching(
@@ -1501,11 +1598,7 @@ def activation_patching(
     model = call.model
     method = "activation_patching"
     refuse_seq2seq_classifier(model, method)
-    if site in ("attention", "mlp", "residual") and heads is not None:
-        raise OptionError(
-            f"`heads` applies to the sites of one head each ('heads', 'queries', 'keys', "
-            f"'values'), got site={site!r}"
-        )
+    _refuse_heads_or_neurons(site, heads, neurons)
     problem = call.problem
     t = problem.tensors
     assert corrupted is not None
@@ -1535,7 +1628,8 @@ def activation_patching(
     if site in ATTENTION_INPUTS:
         found = _attention_input_donors(call, stack_name, site, layers, heads, window, donor, base)
     else:
-        found = _module_donors(call, parts, site, layers, heads, window, donor, base)
+        picked = neurons if site == "neurons" else heads
+        found = _module_donors(call, parts, site, layers, picked, window, donor, base)
     chosen_sources = selection_indices(sources, found.length, "sources", "patched positions")
     read = _read(problem, on_decoder, found.length).repeat(samples, 1)
     effects = _patched_effects(call, base, found, chosen_sources, read, site in ATTENTION_INPUTS)
@@ -1551,7 +1645,7 @@ def activation_patching(
     if found.heads is None:
         full = full.squeeze(-1)
     else:
-        coords["head"] = found.heads
+        coords["neuron" if site == "neurons" else "head"] = found.heads
     da = _positions(call, full, coords, on_decoder)
     return da if sources is None else da.isel(source=chosen_sources)
 
@@ -1591,22 +1685,25 @@ def _module_donors(
     donor: _Run,
     base: _Run,
 ) -> _Patchable:
-    """The chosen layers and heads of a head, attention, MLP or residual site, the donor run's
-    activation at each layer a patch sets (``[B, positions, width]``), how a chunk's forward
-    replaces it, and where it equals the ``base`` run's."""
+    """The chosen layers and heads (neurons) of a head, attention, MLP, neuron or residual site,
+    the donor run's activation at each layer a patch sets (``[B, positions, width]``), how a
+    chunk's forward replaces it, and where it equals the ``base`` run's."""
     problem = call.problem
     centers = selection_indices(layers, len(parts.blocks), "layers", "layers")
     chosen_layers, spans = _windows(centers, len(parts.blocks), window)
-    chosen_heads = None
+    chosen_heads, total = None, parts.heads
     if site == "heads":
         chosen_heads = selection_indices(heads, parts.heads, "heads", "heads per layer")
+    elif site == "neurons":  # each neuron a head of width 1
+        total = _neuron_width(parts, chosen_layers)
+        chosen_heads = selection_indices(heads, total, "neurons", "neurons per layer")
     # the attention output, every head at once: the heads' site, not split into heads
     where = "heads" if site == "attention" else site
     modules = [parts.module(where, i) for i in chosen_layers]
     batch = donor[0].shape[0]
 
     # [B, L, width] -> [B, L, heads, d] (one head of width for the other sites)
-    per_head = (parts.heads, -1) if site == "heads" else (1, -1)
+    per_head = (total, -1) if chosen_heads is not None else (1, -1)
 
     def record(run: _Run, against: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
         """Each layer's activation in ``run``; with ``against``, only where it equals that
@@ -1649,9 +1746,9 @@ def _module_donors(
                 n = mask.shape[0]
                 x = value.reshape(n, batch, *donors[i].shape[1:])
                 given = donors[i].to(value.dtype)
-                if site == "heads":  # [n, B, L, heads, d]
-                    x = x.unflatten(-1, (parts.heads, -1))
-                    given = given.unflatten(-1, (parts.heads, -1))
+                if chosen_heads is not None:  # [n, B, L, heads, d]
+                    x = x.unflatten(-1, per_head)
+                    given = given.unflatten(-1, per_head)
                     where = mask[:, None, :, :, None]
                 else:
                     where = mask[:, None, :, None]
@@ -1663,7 +1760,7 @@ def _module_donors(
 
     length = donors[0].shape[1]
     return _Patchable(
-        chosen_layers, chosen_heads, length, parts.heads, donors, replace, same, centers, spans
+        chosen_layers, chosen_heads, length, total, donors, replace, same, centers, spans
     )
 
 
@@ -1803,8 +1900,10 @@ def _patched_effects(
             unpatched = scores(1)
         # the stacked run's own shapes (denoising: a corrupted source of another length)
         cost = dataclasses.replace(problem, inputs=(x,)).cost(saved=False, eager=eager)
-        # each chunk's replaced activation (one layer's, per copy) beside its forward
+        # each chunk's replaced activation (one layer's, per copy) beside its forward, and its
+        # masks (at most one per layer)
         widest = max(d.numel() * d.element_size() for d in site.donors)
+        widest += layers * site.length * site.head_total
         held = sum(d.numel() * d.element_size() for d in site.donors)
         fixed = cost.fixed + sum(problem.held) + held + total * batch * targets * 8
         step = plan_forwards(
@@ -1823,17 +1922,20 @@ def _patched_effects(
             between_passes()
             chunk = slice(start, min(start + step, len(run)))
             n = chunk.stop - chunk.start
-            # copy c patches (layer, source, head) of its own: True in every[layer, c]
+            # the layers this chunk's copies set (each its window's), masks for those only
+            hits = window[layer[chunk]]  # [n, layers]
+            touched = hits.any(0).nonzero().squeeze(1)
+            # copy c patches (layer, source, head) of its own: True in every[touched, c]
             every = torch.zeros(
-                layers, n, site.length, site.head_total, dtype=torch.bool, device=x.device
+                len(touched), n, site.length, site.head_total, dtype=torch.bool, device=x.device
             )
             copies = torch.arange(n, device=x.device)
-            # each copy's patch sets its source and head at every layer of its window
-            every[:, copies, source[chunk], head[chunk]] = window[layer[chunk]].T
-            touched = every.flatten(1).any(1).tolist()  # the layers this chunk patches
+            every[:, copies, source[chunk], head[chunk]] = hits[:, touched].T
             if heads is None:
                 every = every[..., 0]
-            masks = [m if hit else None for m, hit in zip(every, touched, strict=True)]
+            masks: list[torch.Tensor | None] = [None] * layers
+            for mask, hit in zip(every, touched.tolist(), strict=True):
+                masks[hit] = mask
             with replace(masks):
                 patched = scores(n)
             out.append((patched - unpatched.repeat(n, 1)).view(n, batch, targets))

@@ -427,6 +427,7 @@ class Problem:
         shared_forward: bool = False,
         moments: int = 1,
         layers: int = 1,
+        per_target: int = 0,
     ) -> tuple[int | None, int | None]:
         """Sizes for ``points`` and every target: :func:`plan` on this call's shapes. With
         ``copies``, every (target, point) is a copy of the batch of its own with one cotangent
@@ -437,7 +438,8 @@ class Problem:
         ``shared_forward`` for every chunk (attribution patching). ``moments``: the gradient
         moments accumulated (VarGrad's two), each a ``[B, K, L, H]`` sum held to the end.
         ``layers``: gradients read at that many layers (``layers=``), each of a target's
-        backwards giving ``[layers, B, L, H]`` and every result ``layers`` times as large."""
+        backwards giving ``[layers, B, L, H]`` and every result ``layers`` times as large.
+        ``per_target``: bytes more per target of a backward (what a method reads from it)."""
         targets = self.tensors.valid.shape[1]
         if points == targets == 1 and rows == 1 and self.max_memory is None:
             return None, None  # nothing to split, and no budget to check
@@ -458,7 +460,7 @@ class Problem:
             )
         if copies:
             cost = Cost(cost.per_point + cost.per_cotangent, 0, cost.fixed)
-        cost = cost._replace(per_cotangent=rows * cost.per_cotangent)
+        cost = cost._replace(per_cotangent=rows * cost.per_cotangent + per_target)
         causal = self.model.causal and not copies and not shared_forward
         work = self._work(rows) if causal else None
         return plan(points, targets, batch_size, chunk_size, cost, device, self.max_memory, work)
