@@ -937,3 +937,39 @@ def test_a_mixture_of_experts_has_no_neurons_to_patch():
     for method in (ax.activation_patching, ax.attribution_patching):
         with pytest.raises(ax.ModelError, match=r"layer 0's MLP .* is a mixture of experts"):
             method(model, SOURCE, TARGET, corrupted=CORRUPTED, site="neurons")
+
+
+# --- the blocks below a patch ----------------------------------------------------------------
+
+
+def test_the_blocks_below_a_chunks_patches_are_not_run_again(models64, monkeypatch):
+    """A copy patched at layer 1 runs block 0 as the base run did: block 0 runs in the three
+    unpatched forwards only (donors, base run, unpatched scores), and the effects are real
+    patching's (the tests above run with it on; here against it off)."""
+    from attrax import _components
+
+    model = models64["gpt2"]
+    blocks = list(model.hf.transformer.h)
+    calls = [0] * len(blocks)
+    for i, block in enumerate(blocks):  # counts the module's own forward, not the hooks
+        monkeypatch.setattr(
+            block,
+            "forward",
+            lambda *a, i=i, run=block.forward, **k: (
+                calls.__setitem__(i, calls[i] + 1) or run(*a, **k)
+            ),
+        )
+    kw = {"corrupted": CORRUPTED, "objective": "logit", "site": "heads", "layers": 1}
+    reused = ax.activation_patching(model, SOURCE, TARGET, batch_size=1, **kw)
+    patched_forwards = calls[1] - 3
+    assert patched_forwards > 1 and calls[0] == 3, calls
+    monkeypatch.setattr(_components, "SKIP_BELOW", False)
+    calls[:] = [0, 0]
+    every = ax.activation_patching(model, SOURCE, TARGET, batch_size=1, **kw)
+    assert calls[0] == calls[1] == 3 + patched_forwards, calls
+    np.testing.assert_allclose(reused.values, every.values, rtol=1e-12, atol=1e-15)
+    # a window reaching block 0 runs it again: the lowest layer a chunk patches decides
+    monkeypatch.setattr(_components, "SKIP_BELOW", True)
+    calls[:] = [0, 0]
+    ax.activation_patching(model, SOURCE, TARGET, batch_size=1, window=2, **kw)
+    assert calls[0] == calls[1], calls

@@ -1528,6 +1528,9 @@ class _Patchable(NamedTuple):
     #: (``[centers, layers]``: ROME's window around it)
     centers: list[int]
     window: torch.Tensor
+    #: the stack's blocks, ``layers`` indexing them: the blocks below a chunk's lowest patched
+    #: layer run as in the base run, so they are not run again (None: every block runs)
+    blocks: list[torch.nn.Module] | None = None
 
 
 @ACTIVATION.method(
@@ -1759,8 +1762,11 @@ def _module_donors(
             yield
 
     length = donors[0].shape[1]
+    shared = getattr(call.model.hf.config, "num_kv_shared_layers", 0)
+    # Gemma 3n's and 4's later layers read keys and values the earlier ones store
+    blocks = None if isinstance(shared, int) and shared > 0 else parts.blocks
     return _Patchable(
-        chosen_layers, chosen_heads, length, total, donors, replace, same, centers, spans
+        chosen_layers, chosen_heads, length, total, donors, replace, same, centers, spans, blocks
     )
 
 
@@ -1896,7 +1902,8 @@ def _patched_effects(
         return problem.head_objective(problem.hidden_of(*base[:3], base[3], copies))
 
     with torch.no_grad():
-        with replace([None] * layers):  # the unpatched run, through the same attention
+        # the unpatched run, through the same attention; the blocks' outputs that copies reuse
+        with replace([None] * layers), _outputs(site.blocks or [], batch) as outputs:
             unpatched = scores(1)
         # the stacked run's own shapes (denoising: a corrupted source of another length)
         cost = dataclasses.replace(problem, inputs=(x,)).cost(saved=False, eager=eager)
@@ -1904,7 +1911,8 @@ def _patched_effects(
         # masks (at most one per layer)
         widest = max(d.numel() * d.element_size() for d in site.donors)
         widest += layers * site.length * site.head_total
-        held = sum(d.numel() * d.element_size() for d in site.donors)
+        reused = [output for output, _ in outputs]
+        held = sum(d.numel() * d.element_size() for d in (*site.donors, *reused))
         fixed = cost.fixed + sum(problem.held) + held + total * batch * targets * 8
         step = plan_forwards(
             len(run),
@@ -1936,12 +1944,88 @@ def _patched_effects(
             masks: list[torch.Tensor | None] = [None] * layers
             for mask, hit in zip(every, touched.tolist(), strict=True):
                 masks[hit] = mask
-            with replace(masks):
+            # every copy runs the blocks below its lowest patched layer as the base run did
+            below = min(site.layers[int(touched[0])], len(outputs)) if SKIP_BELOW else 0
+            with replace(masks), _reused((site.blocks or [])[:below], outputs, n):
                 patched = scores(n)
             out.append((patched - unpatched.repeat(n, 1)).view(n, batch, targets))
         effects = effects.to(full_precision(unpatched).dtype)
         effects[run] = full_precision(torch.cat(out))
     return torch.where(changes[..., None], effects, 0.0)
+
+
+#: whether activation patching reuses the base run's outputs of the blocks below a chunk's
+#: patches (tests turn it off to compare)
+SKIP_BELOW = True
+
+
+#: a block's output ``[rows, L, H]`` and how many items its tuple held (None: no tuple)
+_Output = tuple[torch.Tensor, int | None]
+
+
+@contextlib.contextmanager
+def _outputs(blocks: list[torch.nn.Module], rows: int) -> Iterator[list[_Output]]:
+    """The outputs ``[rows, L, H]`` of the first of ``blocks`` while the context runs one
+    forward, as long as each returns that tensor alone (or first, beside Nones): what
+    :func:`_reused` can give back. A block that returns more (T5's position bias, GLM-5's
+    top-k picks) or another shape (Gemma 3n's) ends the list."""
+    seen: list[Any] = [None] * len(blocks)
+
+    def keep(i: int) -> Callable[..., None]:
+        def hook(_m: torch.nn.Module, _args: Any, output: Any) -> None:
+            seen[i] = output
+
+        return hook
+
+    found: list[_Output] = []
+    handles = [block.register_forward_hook(keep(i)) for i, block in enumerate(blocks)]
+    try:
+        yield found
+    finally:
+        for handle in handles:
+            handle.remove()
+    for output in seen:
+        alone, arity = output, None
+        if isinstance(output, tuple):
+            alone = output[0] if all(o is None for o in output[1:]) else None
+            arity = len(output)
+        if not (isinstance(alone, torch.Tensor) and alone.dim() == 3 and alone.shape[0] == rows):
+            break
+        found.append((alone.detach().clone(), arity))  # a later block may add to it in place
+
+
+@contextlib.contextmanager
+def _reused(blocks: list[torch.nn.Module], outputs: list[_Output], copies: int) -> Iterator[None]:
+    """``blocks`` return their ``outputs`` (:func:`_outputs`) for ``copies`` stacked copies of
+    the batch instead of running, when their input has those copies' shape (else they run)."""
+    saved = []
+    for block, (output, arity) in zip(blocks, outputs, strict=False):
+        run = block.forward
+
+        def forward(
+            *args: Any,
+            run: Callable[..., Any] = run,
+            output: torch.Tensor = output,
+            arity: int | None = arity,
+            **kwargs: Any,
+        ) -> Any:
+            x = args[0] if args else kwargs.get("hidden_states")
+            wanted = (copies * output.shape[0], *output.shape[1:])
+            if not isinstance(x, torch.Tensor) or tuple(x.shape) != wanted:
+                return run(*args, **kwargs)
+            out = output.repeat(copies, 1, 1)
+            return out if arity is None else (out, *[None] * (arity - 1))
+
+        saved.append((block, block.__dict__.get("forward")))
+        block.forward = forward
+    try:
+        yield
+    finally:
+        for block, before in saved:
+            if before is None:
+                del block.forward
+            else:
+                block.forward = before
 
 
 def _patch_attention_inputs(
