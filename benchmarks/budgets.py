@@ -154,7 +154,7 @@ def worker(spec: str) -> None:
         hf = model.hf.to(device=s["device"], dtype=dtype)
         model = ax.load_model(hf, tokenizer=model.tokenizer)
     options = _given(
-        {**_options(s["method"], s["steps"], corrupted, s["workload"]), **s["options"]}
+        {**_options(s["method"], s["steps"], corrupted, s["workload"]), **s.get("options", {})}
     )
     fn = getattr(ax, s["method"])
     short = (inputs[:2], targets) if isinstance(inputs, list) else (inputs[:40], targets)
