@@ -161,7 +161,8 @@ def worker(spec: str) -> None:
     warm = {**options, "corrupted": short[0]} if "corrupted" in options else options
     try:
         fn(model, *short, **warm)  # warm-up: code pages, lazy imports
-    except ax.ModelError as error:  # the method does not apply to this model (ALTI-Logit: T5)
+    # the method does not apply to this model (ALTI-Logit: T5), or --options to this one
+    except (ax.ModelError, ax.OptionError) as error:
         reason = str(error).replace(model.name, Path(model.name).name)  # no local path
         print(json.dumps({"skipped": reason}))
         return

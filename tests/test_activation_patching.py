@@ -914,7 +914,15 @@ def test_neuron_selections_batches_and_errors(models64):
         part = both.isel(example=e).dropna("target", how="all")
         part = part.isel(source=slice(0, single.sizes["source"]))
         np.testing.assert_allclose(part.values, single.values, rtol=1e-9, atol=1e-15)
+    # the neurons a result names, as its coordinate's values (numpy): the same selection
+    picked = few["neuron"].values
+    again = ax.activation_patching(
+        model, SOURCE, TARGET, layers=[1], neurons=picked, sources=np.array([5, 3]), **kw
+    )
+    np.testing.assert_array_equal(again.values, few.values)
     for method in (ax.activation_patching, ax.attribution_patching):
+        with pytest.raises(ax.OptionError, match="`neurons` must be an int or a list of ints"):
+            method(model, SOURCE, TARGET, neurons=np.array([[0, 1]]), **kw)
         with pytest.raises(ax.OptionError, match="`neurons` applies to site='neurons'"):
             method(model, SOURCE, TARGET, corrupted=CORRUPTED, neurons=0)
         with pytest.raises(ax.OptionError, match="`heads` applies"):

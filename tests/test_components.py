@@ -2476,7 +2476,7 @@ def test_atp_encoder_decoder_neurons_add_up_to_the_mlps_output(encdec64, arch, s
     assert np.nanmax(np.abs(mlp.values)) > 1e-8
     summed = neurons.sum("neuron", skipna=False)
     np.testing.assert_allclose(summed.values, mlp.values, rtol=1e-9, atol=1e-13)
-    with pytest.raises(ax.OptionError, match="stack='cross'"):
+    with pytest.raises(ax.OptionError, match="the decoder's MLP neurons are stack='decoder'"):
         ax.attribution_patching(
             model, SOURCE, ED_TARGET, corrupted=CORRUPTED, site="neurons", stack="cross"
         )

@@ -1778,3 +1778,52 @@ def test_a_refusal_names_no_size_the_method_does_not_take(models, name):
     # "the smallest passes with batch_size=None", of methods without batch_size (until 2026-12-06)
     with pytest.raises(ax.OptionError, match=r"the smallest passes \(one target, one point\)"):
         getattr(ax, name)(models["gpt2"], *PAIRS[0], max_memory=1)
+
+
+# GPT-2 with MLPs 128 times as wide as its residual stream: the neurons outweigh the rest
+_NEURONS = """
+import torch
+import transformers
+import attrax as ax
+from attrax.testing import tiny_model
+_, tok = tiny_model("gpt2")
+torch.manual_seed(0)
+config = transformers.GPT2Config(vocab_size=len(tok), n_embd=32, n_layer={layers}, n_head=4,
+                                 n_inner=4096, n_positions=1024)
+model = ax.load_model(transformers.GPT2LMHeadModel(config).eval(), tokenizer=tok)
+clean, bad = "the cat sat on the mat and " * {repeat}, "the dog sat on the mat and " * {repeat}
+kw = dict(site="neurons", objective="logit", {given})
+def warm():
+    ax.{method}(model, "the cat", " sat", corrupted="the dog", **kw)
+def call():
+    ax.{method}(model, clean, {target}, corrupted=bad, **kw, {{options}})
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("method", "given", "layers", "repeat", "target"),
+    [
+        # every target's estimate of every neuron at every position: until 2026-12-07 held
+        # three times over (joined and stacked), 3,905 MiB under a 3,862 MiB smallest budget
+        ("attribution_patching", "", 4, 10, '" the cat sat on the mat and" * 2'),
+        ("attribution_patching", "grad_drop=True", 4, 10, '" the cat sat on the mat and" * 2'),
+        # one neuron at one position: until 2026-12-07 a [layers, layers, B, L, N] mask of
+        # every neuron, 1,698 MiB under a 583 MB smallest budget
+        ("activation_patching", "neurons=[0], sources=[3]", 16, 40, '" the"'),
+    ],
+)
+def test_patching_neurons_peak_stays_within_the_smallest_budget(
+    peak_above_start, method, given, layers, repeat, target
+):
+    script = _NEURONS.format(
+        method=method, given=given, layers=layers, repeat=repeat, target=target
+    )
+    namespace: dict[str, Any] = {}
+    exec(script.format(options="max_memory=1").replace("def warm", "def _warm"), namespace)
+    with pytest.raises(ax.OptionError, match="cannot be met") as refused:
+        namespace["call"]()
+    named = re.search(r"estimated ([\d.]+ [kMGT]?B); give at least", str(refused.value))
+    assert named, str(refused.value)
+    budget = _memory.parse_bytes(named.group(1).replace(" ", "")) + (1 << 20)
+    _holds_its_budget(peak_above_start, script, budget, f"{method} {given}")

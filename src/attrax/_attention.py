@@ -12,6 +12,7 @@ switched back afterwards.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -48,6 +49,7 @@ ATTENTION = Family(
 def check_selection(value: object, name: str) -> None:
     """Layers/heads: an int, a range, a slice, a list of ints, None or ``"all"`` (every one, as
     the gradient methods' ``layers="all"``; checked again against the model's sizes)."""
+    value = _listed(value, name)
     if value is None or value == "all" or isinstance(value, (slice, range)):
         return
     items = [value] if isinstance(value, (int, np.integer)) else value  # np.argmax's too
@@ -55,6 +57,15 @@ def check_selection(value: object, name: str) -> None:
         raise OptionError(
             f"`{name}` must be an int, a range, a slice or a list of ints, got {value!r}"
         )
+
+
+def _listed(value: object, name: str) -> Any:
+    """A NumPy array of indices (a result's coordinate values) as an int or a list of them."""
+    if not isinstance(value, np.ndarray):
+        return value
+    if value.ndim > 1:
+        raise OptionError(f"`{name}` must be an int or a list of ints, got a {value.ndim}-D array")
+    return value.tolist()
 
 
 def check_maps_name(value: object, name: str) -> None:
@@ -250,6 +261,7 @@ def resolve_maps(model: Model, maps: str | None) -> str:
 def selection_indices(value: Selection, n: int, name: str, what: str) -> list[int]:
     """Non-negative indices into ``n`` items from an int, range, slice, list or None (all)."""
     valid = f"the model has {n} {what}: valid values are 0..{n - 1} or -{n}..-1"
+    value = _listed(value, name)
     if value is None or value == "all":
         return list(range(n))
     if isinstance(value, slice):

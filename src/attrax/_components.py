@@ -908,10 +908,10 @@ def _patch_stack(model: Model, method: str, stack: str | None, site: str) -> _St
     if stack is None:  # as `maps=None` elsewhere: the cross-attention, or the decoder's blocks
         stack = "cross" if site == "heads" else "decoder"
     if stack == "cross" and site != "heads":
+        what = {"mlp": "MLPs", "neurons": "MLP neurons"}.get(site, "residual stream")
         raise OptionError(
             f"`stack='cross'` names the cross-attention heads (site='heads'); the decoder's "
-            f"{'MLPs' if site == 'mlp' else 'residual stream'} are stack='decoder', got "
-            f"site={site!r}"
+            f"{what} are stack='decoder', got site={site!r}"
         )
     return _encoder_decoder_stack(model, method, stack)
 
@@ -1214,9 +1214,9 @@ def attribution_patching(
         batch, length = corrupt_acts[0].shape[:2]  # the stack's positions (a decoder's)
         size = full_precision(clean_embeds).element_size()
         one = batch * length * len(chosen_layers) * size  # [B, L, layers] of floats
-        # the estimates: the pieces, joined and stacked; labelled on a decoder's positions,
-        # beside NaN for the encoder's, joined with them, masked and sliced back
-        copies = 3.0
+        # the estimates, and their labelled copy; on a decoder's positions beside NaN for the
+        # encoder's, joined with them, masked and sliced back
+        copies = 2.0
         if parts.on_decoder:
             copies = 4 + 2 * t.ids.shape[1] / length
         estimates = int(copies * one * len(chosen_heads) * t.valid.shape[1])
@@ -1255,13 +1255,14 @@ def attribution_patching(
         elif site == "neurons":
             delta = delta[..., chosen_heads]
         deltas.append(delta)
-    pieces: list[list[torch.Tensor]] = [[] for _ in deltas]
+    # [B, K, L, layer(, h)], each target chunk's estimates written in place as they come
+    stacked: torch.Tensor | None = None
 
     def cotangent(slots: slice) -> torch.Tensor:
         return one_hot[slots, None, :, None] * head_grad[None]
 
     # per layer [k, B, L, ...] (with GradDrop [layers dropped, k, B, L, ...])
-    for _, grads in pulled(pullback, cotangent, width, chunk, drop):
+    for slots, grads in pulled(pullback, cotangent, width, chunk, drop):
         for i, (grad, delta) in enumerate(zip(grads, deltas, strict=True)):
             grad = full_precision(grad)
             if site == "heads":
@@ -1271,9 +1272,13 @@ def attribution_patching(
                 effect = torch.einsum("...kbln,bln->...bkln", grad[..., chosen_heads], delta)
             else:
                 effect = torch.einsum("...kblx,blx->...bkl", grad, delta)
-            pieces[i].append(averaged(effect, drop))
-    stacked = torch.stack([torch.cat(p, dim=1) for p in pieces], dim=3)  # [B, K, L, layer(, h)]
-    del pieces  # not held through the labelling
+            estimate = averaged(effect, drop)  # [B, k, L(, h)]
+            if stacked is None:
+                b, _, positions, *rest = estimate.shape
+                shape = (b, width, positions, len(deltas), *rest)
+                stacked = estimate.new_empty(shape)
+            stacked[:, slots, :, i] = estimate
+    assert stacked is not None
     if site == "heads":
         coords = {"layer": chosen_layers, "head": chosen_heads}
     elif site == "neurons":
@@ -1887,11 +1892,21 @@ def _patched_effects(
     batch, targets = x.shape[0], problem.tensors.valid.shape[1]
     replace = site.replace
     window = site.window.to(x.device)
-    # [centers, B, sources, heads] -> [patches, B]: whether the patch changes that example
+    # [layers, B, sources, heads]: where a patch at that layer changes the example
     chosen = torch.as_tensor(heads or [0], device=x.device)
-    moved = ~site.same & read[None, :, :, None]
-    moved = (window[:, :, None, None, None] & moved[None]).any(1)
-    changes = moved[:, :, sources][..., chosen].permute(0, 2, 3, 1).reshape(total, batch)
+    picked = torch.as_tensor(sources, device=x.device)
+    same = site.same.index_select(2, picked).index_select(3, chosen)
+    moved = ~same & read.index_select(1, picked)[None, :, :, None]
+    del same
+    # a center's patch changes something where a layer of its window does: its window is a run
+    # of the layers (each center's first and how many), OR-ed a window offset at a time
+    first, span = window.int().argmax(1), window.sum(1)
+    per_center = moved[first]
+    for offset in range(1, int(span.max())):
+        per_center |= moved[torch.minimum(first + offset, first + span - 1)]
+    del moved
+    # [centers, B, sources, heads] -> [patches, B]: whether the patch changes that example
+    changes = per_center.permute(0, 2, 3, 1).reshape(total, batch)
     run = changes.any(1).nonzero().squeeze(1)  # the patches that change some example
     # the scores' dtype (half precision as float32)
     effects = full_precision(x.new_zeros(total, batch, targets))
@@ -1912,7 +1927,7 @@ def _patched_effects(
         widest = max(d.numel() * d.element_size() for d in site.donors)
         widest += layers * site.length * site.head_total
         reused = [output for output, _ in outputs]
-        held = sum(d.numel() * d.element_size() for d in (*site.donors, *reused))
+        held = sum(d.numel() * d.element_size() for d in (*site.donors, *reused, site.same))
         fixed = cost.fixed + sum(problem.held) + held + total * batch * targets * 8
         step = plan_forwards(
             len(run),
