@@ -981,3 +981,51 @@ def test_the_blocks_below_a_chunks_patches_are_not_run_again(models64, monkeypat
     calls[:] = [0, 0]
     ax.activation_patching(model, SOURCE, TARGET, batch_size=1, window=2, **kw)
     assert calls[0] == calls[1], calls
+
+
+def test_reused_blocks_keep_a_users_hooks_and_shared_blocks(models64, monkeypatch):
+    """A user's forward hook that changes a block's output changes it once in a reused block
+    too (the output is kept before it runs); a block listed twice (shared layers) is not reused
+    and leaves no replaced forward behind; and only blocks below some patch are kept."""
+    from attrax import _components
+
+    model = models64["gpt2"]
+    kw = {"corrupted": CORRUPTED, "objective": "logit", "site": "residual", "layers": [1]}
+    steer = torch.zeros(model.hf.config.n_embd, dtype=torch.float64)
+    steer[0] = 3.0
+    block = model.hf.transformer.h[0]
+    handle = block.register_forward_hook(lambda _m, _a, out: out + steer)
+    try:
+        reused = ax.activation_patching(model, SOURCE, TARGET, **kw)
+        monkeypatch.setattr(_components, "SKIP_BELOW", False)
+        every = ax.activation_patching(model, SOURCE, TARGET, **kw)
+    finally:
+        handle.remove()
+    plain = ax.activation_patching(model, SOURCE, TARGET, **kw)
+    assert np.nanmax(np.abs(every.values - plain.values)) > 1e-3  # the hook moves the effects
+    np.testing.assert_allclose(reused.values, every.values, rtol=1e-12, atol=1e-15)
+    monkeypatch.setattr(_components, "SKIP_BELOW", True)
+    # only the blocks below the highest layer patched are kept: none for layer 0
+    kept: list[int] = []
+    outputs = _components._outputs
+    monkeypatch.setattr(
+        _components,
+        "_outputs",
+        lambda blocks, rows: kept.append(len(blocks)) or outputs(blocks, rows),
+    )
+    ax.activation_patching(model, SOURCE, TARGET, **{**kw, "layers": 0})
+    ax.activation_patching(model, SOURCE, TARGET, **{**kw, "layers": [1, 0]})
+    assert kept == [0, 1]
+    # GPT-2 with its first block in both places: run, not reused, and put back as it was
+    hf, tok = tiny_model("gpt2", n_layer=3)
+    blocks = hf.transformer.h
+    blocks[1] = blocks[0]
+    shared = ax.load_model(full_double(hf), tokenizer=tok)
+    ids = torch.tensor([tok("The capital of Italy is")["input_ids"]])
+    with torch.no_grad():
+        before = shared.hf(ids, use_cache=False).logits
+    got = ax.activation_patching(shared, SOURCE, TARGET, **{**kw, "layers": [2]})
+    assert np.isfinite(got.values).any()
+    assert all("forward" not in b.__dict__ for b in blocks)
+    with torch.no_grad():
+        torch.testing.assert_close(shared.hf(ids, use_cache=False).logits, before)

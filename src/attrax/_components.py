@@ -1917,8 +1917,10 @@ def _patched_effects(
         return problem.head_objective(problem.hidden_of(*base[:3], base[3], copies))
 
     with torch.no_grad():
-        # the unpatched run, through the same attention; the blocks' outputs that copies reuse
-        with replace([None] * layers), _outputs(site.blocks or [], batch) as outputs:
+        # the unpatched run, through the same attention; the outputs of the blocks below some
+        # chunk's lowest patched layer (a center's window's first), which copies reuse
+        reusable = (site.blocks or [])[: max(site.layers[i] for i in window.int().argmax(1))]
+        with replace([None] * layers), _outputs(reusable if SKIP_BELOW else [], batch) as outputs:
             unpatched = scores(1)
         # the stacked run's own shapes (denoising: a corrupted source of another length)
         cost = dataclasses.replace(problem, inputs=(x,)).cost(saved=False, eager=eager)
@@ -1983,30 +1985,38 @@ def _outputs(blocks: list[torch.nn.Module], rows: int) -> Iterator[list[_Output]
     """The outputs ``[rows, L, H]`` of the first of ``blocks`` while the context runs one
     forward, as long as each returns that tensor alone (or first, beside Nones): what
     :func:`_reused` can give back. A block that returns more (T5's position bias, GLM-5's
-    top-k picks) or another shape (Gemma 3n's) ends the list."""
+    top-k picks) or another shape (Gemma 3n's) ends the list; a block listed twice (shared
+    layers) makes it empty. Each output is kept as the block returned it, before any other
+    forward hook (a user's) changes it: those run again on what :func:`_reused` returns."""
     seen: list[Any] = [None] * len(blocks)
 
     def keep(i: int) -> Callable[..., None]:
         def hook(_m: torch.nn.Module, _args: Any, output: Any) -> None:
-            seen[i] = output
+            # a copy: later hooks and blocks may change it in place
+            first = output[0] if isinstance(output, tuple) else output
+            kept = first.detach().clone() if isinstance(first, torch.Tensor) else None
+            seen[i] = (kept, output) if isinstance(output, tuple) else kept
 
         return hook
 
     found: list[_Output] = []
-    handles = [block.register_forward_hook(keep(i)) for i, block in enumerate(blocks)]
+    if len({id(block) for block in blocks}) < len(blocks):
+        blocks = []
+    handles = [block.register_forward_hook(keep(i), prepend=True) for i, block in enumerate(blocks)]
     try:
         yield found
     finally:
         for handle in handles:
             handle.remove()
-    for output in seen:
-        alone, arity = output, None
-        if isinstance(output, tuple):
-            alone = output[0] if all(o is None for o in output[1:]) else None
+    for entry in seen[: len(blocks)]:
+        alone, arity = entry, None
+        if isinstance(entry, tuple):
+            kept, output = entry
+            alone = kept if all(o is None for o in output[1:]) else None
             arity = len(output)
         if not (isinstance(alone, torch.Tensor) and alone.dim() == 3 and alone.shape[0] == rows):
             break
-        found.append((alone.detach().clone(), arity))  # a later block may add to it in place
+        found.append((alone, arity))
 
 
 @contextlib.contextmanager
@@ -2036,7 +2046,7 @@ def _reused(blocks: list[torch.nn.Module], outputs: list[_Output], copies: int) 
     try:
         yield
     finally:
-        for block, before in saved:
+        for block, before in reversed(saved):  # a block listed twice: its own forward last
             if before is None:
                 del block.forward
             else:
