@@ -1533,9 +1533,12 @@ class _Patchable(NamedTuple):
     #: (``[centers, layers]``: ROME's window around it)
     centers: list[int]
     window: torch.Tensor
-    #: the stack's blocks, ``layers`` indexing them: the blocks below a chunk's lowest patched
-    #: layer run as in the base run, so they are not run again (None: every block runs)
+    #: the stack's blocks, ``layers`` indexing them from ``offset`` on (an encoder-decoder's
+    #: decoder stacks: after the encoder's, which run as in the base run too): the blocks below
+    #: a chunk's lowest patched layer run as in the base run, so they are not run again (None:
+    #: every block runs)
     blocks: list[torch.nn.Module] | None = None
+    offset: int = 0
 
 
 @ACTIVATION.method(
@@ -1770,8 +1773,21 @@ def _module_donors(
     shared = getattr(call.model.hf.config, "num_kv_shared_layers", 0)
     # Gemma 3n's and 4's later layers read keys and values the earlier ones store
     blocks = None if isinstance(shared, int) and shared > 0 else parts.blocks
+    encoder = []
+    if blocks is not None and parts.on_decoder:  # every copy's encoder runs the base run's
+        encoder = _encoder_decoder_stack(call.model, "activation_patching", "encoder").blocks
     return _Patchable(
-        chosen_layers, chosen_heads, length, total, donors, replace, same, centers, spans, blocks
+        chosen_layers,
+        chosen_heads,
+        length,
+        total,
+        donors,
+        replace,
+        same,
+        centers,
+        spans,
+        None if blocks is None else [*encoder, *blocks],
+        len(encoder),
     )
 
 
@@ -1919,7 +1935,8 @@ def _patched_effects(
     with torch.no_grad():
         # the unpatched run, through the same attention; the outputs of the blocks below some
         # chunk's lowest patched layer (a center's window's first), which copies reuse
-        reusable = (site.blocks or [])[: max(site.layers[i] for i in window.int().argmax(1))]
+        highest = site.offset + max(site.layers[i] for i in window.int().argmax(1))
+        reusable = (site.blocks or [])[:highest]
         with replace([None] * layers), _outputs(reusable if SKIP_BELOW else [], batch) as outputs:
             unpatched = scores(1)
         # the stacked run's own shapes (denoising: a corrupted source of another length)
@@ -1962,7 +1979,8 @@ def _patched_effects(
             for mask, hit in zip(every, touched.tolist(), strict=True):
                 masks[hit] = mask
             # every copy runs the blocks below its lowest patched layer as the base run did
-            below = min(site.layers[int(touched[0])], len(outputs)) if SKIP_BELOW else 0
+            lowest = site.offset + site.layers[int(touched[0])]
+            below = min(lowest, len(outputs)) if SKIP_BELOW else 0
             with replace(masks), _reused((site.blocks or [])[:below], outputs, n):
                 patched = scores(n)
             out.append((patched - unpatched.repeat(n, 1)).view(n, batch, targets))
