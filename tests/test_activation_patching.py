@@ -981,6 +981,10 @@ def test_the_blocks_below_a_chunks_patches_are_not_run_again(models64, monkeypat
     calls[:] = [0, 0]
     ax.activation_patching(model, SOURCE, TARGET, batch_size=1, window=2, **kw)
     assert calls[0] == calls[1], calls
+    # keys patched in layer 1's attention: block 0 reused too
+    calls[:] = [0, 0]
+    ax.activation_patching(model, SOURCE, TARGET, batch_size=1, **{**kw, "site": "keys"})
+    assert calls[0] == 3 and calls[1] > 4, calls
 
 
 def test_reused_blocks_keep_a_users_hooks_and_shared_blocks(models64, monkeypatch):

@@ -1770,12 +1770,7 @@ def _module_donors(
             yield
 
     length = donors[0].shape[1]
-    shared = getattr(call.model.hf.config, "num_kv_shared_layers", 0)
-    # Gemma 3n's and 4's later layers read keys and values the earlier ones store
-    blocks = None if isinstance(shared, int) and shared > 0 else parts.blocks
-    encoder = []
-    if blocks is not None and parts.on_decoder:  # every copy's encoder runs the base run's
-        encoder = _encoder_decoder_stack(call.model, "activation_patching", "encoder").blocks
+    blocks, offset = _reusable(call.model, parts)
     return _Patchable(
         chosen_layers,
         chosen_heads,
@@ -1786,9 +1781,23 @@ def _module_donors(
         same,
         centers,
         spans,
-        None if blocks is None else [*encoder, *blocks],
-        len(encoder),
+        blocks,
+        offset,
     )
+
+
+def _reusable(model: Model, parts: _Stack | None) -> tuple[list[torch.nn.Module] | None, int]:
+    """The blocks whose outputs patched copies may reuse, ``parts``' indexed from the offset
+    returned: after the encoder's on an encoder-decoder's decoder stacks (every copy's encoder
+    runs the base run's). None where later layers read what earlier ones store (Gemma 3n's
+    and 4's shared keys and values), or without ``parts``."""
+    shared = getattr(model.hf.config, "num_kv_shared_layers", 0)
+    if parts is None or (isinstance(shared, int) and shared > 0):
+        return None, 0
+    encoder = []
+    if parts.on_decoder:
+        encoder = _encoder_decoder_stack(model, "activation_patching", "encoder").blocks
+    return [*encoder, *parts.blocks], len(encoder)
 
 
 def _windows(centers: list[int], total: int, window: int) -> tuple[list[int], torch.Tensor]:
@@ -1869,8 +1878,28 @@ def _attention_input_donors(
             yield
 
     length = donors[0].shape[2]
+    # the blocks below a patch, where the stack's attention layers are its blocks (not on a
+    # hybrid model, whose blocks without attention count as layers of the other sites)
+    parts: _Stack | None = None
+    with contextlib.suppress(ModelError):
+        found = _patch_stack(
+            model, "activation_patching", None if stack == "self" else stack, "heads"
+        )
+        if len(found.blocks) == len(stack_layers(model, stack, None)):
+            parts = found
+    blocks, offset = _reusable(model, parts)
     return _Patchable(
-        chosen_layers, chosen_heads, length, total, donors, replace, same, centers, spans
+        chosen_layers,
+        chosen_heads,
+        length,
+        total,
+        donors,
+        replace,
+        same,
+        centers,
+        spans,
+        blocks,
+        offset,
     )
 
 
