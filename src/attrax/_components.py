@@ -1769,21 +1769,9 @@ def _module_donors(
         with _hooks(*handles):
             yield
 
-    length = donors[0].shape[1]
-    blocks, offset = _reusable(call.model, parts)
-    return _Patchable(
-        chosen_layers,
-        chosen_heads,
-        length,
-        total,
-        donors,
-        replace,
-        same,
-        centers,
-        spans,
-        blocks,
-        offset,
-    )
+    length, reuse = donors[0].shape[1], _reusable(call.model, parts)
+    patches = (chosen_layers, chosen_heads, length, total, donors, replace, same, centers, spans)
+    return _Patchable(*patches, *reuse)
 
 
 def _reusable(model: Model, parts: _Stack | None) -> tuple[list[torch.nn.Module] | None, int]:
@@ -1887,20 +1875,8 @@ def _attention_input_donors(
         )
         if len(found.blocks) == len(stack_layers(model, stack, None)):
             parts = found
-    blocks, offset = _reusable(model, parts)
-    return _Patchable(
-        chosen_layers,
-        chosen_heads,
-        length,
-        total,
-        donors,
-        replace,
-        same,
-        centers,
-        spans,
-        blocks,
-        offset,
-    )
+    patches = (chosen_layers, chosen_heads, length, total, donors, replace, same, centers, spans)
+    return _Patchable(*patches, *_reusable(model, parts))
 
 
 def _read(problem: Problem, on_decoder: bool, length: int) -> torch.Tensor:
