@@ -1572,7 +1572,8 @@ def activation_patching(
     time (``"auto"``: as many as fit ``max_memory``), one patch a copy, each at its own layer,
     position and head. It costs a forward per patch, ``layers x positions x heads`` of them at
     most (a patch whose donor equals the base run's activation, or at a position no target
-    reads, changes nothing and does not run):
+    reads, changes nothing and does not run), and the blocks below a forward's lowest patched
+    layer return the base run's outputs instead of running again:
     :func:`attribution_patching` estimates all of them from two forwards and one backward, to
     first order; this method confirms it where it matters (``layers``, ``heads``, ``sources``).
 
