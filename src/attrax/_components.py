@@ -1941,7 +1941,7 @@ def _patched_effects(
     with torch.no_grad():
         # the unpatched run, through the same attention; the outputs of the blocks below some
         # chunk's lowest patched layer (a center's window's first), which copies reuse
-        highest = site.offset + max(site.layers[i] for i in window.int().argmax(1))
+        highest = site.offset + max(site.layers[i] for i in first.tolist())
         reusable = (site.blocks or [])[:highest]
         with replace([None] * layers), _outputs(reusable if SKIP_BELOW else [], batch) as outputs:
             unpatched = scores(1)
