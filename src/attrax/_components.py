@@ -57,7 +57,15 @@ from ._heads import (
 )
 from ._inputs import Texts, contrast_batch, input_texts, padded_inputs, to_tensors
 from ._memory import between_passes, full_precision, plan_forwards
-from ._model import Model, body, norm_centers, norm_divisor, norm_gain, refuse_seq2seq_classifier
+from ._model import (
+    Model,
+    body,
+    instance_attributes,
+    norm_centers,
+    norm_divisor,
+    norm_gain,
+    refuse_seq2seq_classifier,
+)
 from ._protocol import Call, Family
 
 SITES = ("heads", "attention", "mlp", "neurons", "residual", *ATTENTION_INPUTS)
@@ -2043,21 +2051,16 @@ def _outputs(blocks: list[torch.nn.Module], rows: int) -> Iterator[list[_Output]
         found.append((alone, arity))
 
 
-@contextlib.contextmanager
-def _reused(blocks: list[torch.nn.Module], outputs: list[_Output], copies: int) -> Iterator[None]:
+def _reused(
+    blocks: list[torch.nn.Module], outputs: list[_Output], copies: int
+) -> contextlib.AbstractContextManager[None]:
     """``blocks`` return their ``outputs`` (:func:`_outputs`) for ``copies`` stacked copies of
     the batch instead of running, when their input has those copies' shape (else they run)."""
-    saved = []
-    for block, (output, arity) in zip(blocks, outputs, strict=False):
-        run = block.forward
 
-        def forward(
-            *args: Any,
-            run: Callable[..., Any] = run,
-            output: torch.Tensor = output,
-            arity: int | None = arity,
-            **kwargs: Any,
-        ) -> Any:
+    def reuse(
+        run: Callable[..., Any], output: torch.Tensor, arity: int | None
+    ) -> Callable[..., Any]:
+        def forward(*args: Any, **kwargs: Any) -> Any:
             x = args[0] if args else kwargs.get("hidden_states")
             wanted = (copies * output.shape[0], *output.shape[1:])
             if not isinstance(x, torch.Tensor) or tuple(x.shape) != wanted:
@@ -2065,16 +2068,14 @@ def _reused(blocks: list[torch.nn.Module], outputs: list[_Output], copies: int) 
             out = output.repeat(copies, 1, 1)
             return out if arity is None else (out, *[None] * (arity - 1))
 
-        saved.append((block, block.__dict__.get("forward")))
-        block.forward = forward
-    try:
-        yield
-    finally:
-        for block, before in reversed(saved):  # a block listed twice: its own forward last
-            if before is None:
-                del block.forward
-            else:
-                block.forward = before
+        return forward
+
+    return instance_attributes(
+        [
+            (block, "forward", reuse(block.forward, output, arity))
+            for block, (output, arity) in zip(blocks, outputs, strict=False)
+        ]
+    )
 
 
 def _patch_attention_inputs(
