@@ -6,12 +6,11 @@ keys and values; Mistral, Qwen2, Qwen3, SmolLM3, Phi-3, Granite and the mixtures
 ``_arch.EXPERTS``), Gemma 2, Gemma 3 and OLMo 2 (norms on each attention's and MLP's output),
 GPT-NeoX and pre-LN OPT, as causal LMs or as sequence classifiers whose ``score`` head reads the
 final norm directly, and the pre-LN encoder-decoders T5, NLLB's M2M100, mBART and Pegasus (the
-post-LN Marian and BART have no direct path); attribution and activation
-patching any decoder-only model whose layers sit where :func:`_blocks` looks (GPT-2, Llama,
-Qwen2, Gemma, Phi-3, Pythia, OPT, BLOOM, Falcon, Granite, the mixtures of experts), its
-classifiers, the encoder classifiers of :data:`_ENCODERS` (BERT and its kin, DistilBERT,
-ModernBERT), and Marian, BART and T5. Any other model is a :class:`ModelError` naming its
-architecture.
+post-LN Marian and BART have no direct path); attribution and activation patching the stacks
+:mod:`attrax._sites` finds: decoder-only models (GPT-2, Llama, Qwen2, Gemma, Phi-3, Pythia, OPT,
+BLOOM, Falcon, Granite, the mixtures of experts), their classifiers, the encoder classifiers
+(BERT and its kin, DistilBERT, ModernBERT), and Marian, BART and T5. Any other model is a
+:class:`ModelError` naming its architecture.
 
 * :func:`direct_logit_attribution` splits the residual stream the final norm reads into what each
   attention head (per source position, through its attention weights) and each MLP wrote, and
@@ -31,7 +30,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import inspect
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -67,11 +65,20 @@ from ._model import (
     refuse_seq2seq_classifier,
 )
 from ._protocol import Call, Family
+from ._sites import (
+    NO_MLP,
+    STACKS,
+    Stack,
+    decoder_blocks,
+    encoder_decoder_stack,
+    mlp_of,
+    named,
+    neuron_width,
+    patch_stack,
+    site_hook,
+)
 
 SITES = ("heads", "attention", "mlp", "neurons", "residual", *ATTENTION_INPUTS)
-#: an encoder-decoder's stacks: encoder blocks, decoder blocks (self-attention heads), and the
-#: decoder's cross-attention heads
-STACKS = ("encoder", "decoder", "cross")
 
 #: Direct logit attribution: one forward, the logit decomposed; no objective, nothing to plan.
 COMPONENTS = Family(
@@ -215,7 +222,7 @@ class _Parts:
             projection = attention.get_submodule("c_proj")  # Conv1D: out = z @ weight + bias
             weight = cast(torch.Tensor, projection.weight)
         else:  # Linear: out = z @ weight.T (+ bias); GPT-NeoX's and Phi's `dense`
-            projection = _named(attention, ("o_proj", "out_proj", "dense", "c_proj"))
+            projection = named(attention, ("o_proj", "out_proj", "dense", "c_proj"))
             assert projection is not None, type(attention).__name__
             weight = cast(torch.Tensor, projection.weight).T
         bias = cast("torch.Tensor | None", projection.bias)
@@ -281,7 +288,7 @@ _LLAMA_LIKE = (
 # stream: the same sum
 _PARALLEL = ("gptj", "codegen", "phi", "falcon")
 # GPT-NeoX's per-head fused query_key_value and LayerNorms; its attention and MLP modules add the
-# residual stream themselves (what the MLP adds: `dense_4h_to_h`'s output, see _mlp_of)
+# residual stream themselves (what the MLP adds: `dense_4h_to_h`'s output, see mlp_of)
 _BLOOM = ("bloom",)
 # GPT-2's blocks in Linear layers (multi-query attention in GPT-BigCode)
 _GPT2_LIKE = ("gpt_neo", "gpt_bigcode")
@@ -346,13 +353,13 @@ def _parts(model: Model, method: str) -> _Parts:
     stack, attention, final = _LAYOUTS.get(kind, ("layers", "self_attn", "norm"))
     if kind == "opt":  # its layers in its `decoder`; the head reads its `project_out` (or None)
         base = base.get_submodule("decoder")
-        readout = _named(base, ("project_out",))
+        readout = named(base, ("project_out",))
     blocks = list(getattr(base, stack))
     attentions = [b.get_submodule(attention) for b in blocks]
     # OPT's MLP is no module: fc2 writes its output
-    mlps = [m for m in map(_mlp_of, blocks) if m is not None]
+    mlps = [m for m in map(mlp_of, blocks) if m is not None]
     if len(mlps) != len(blocks):
-        raise ModelError(f"{method}: {name}'s MLP output is not one module's ({_NO_MLP})")
+        raise ModelError(f"{method}: {name}'s MLP output is not one module's ({NO_MLP})")
     norm = getattr(base, final)
     heads = _arch.heads(config, "self") or 1
     # a value head's width: multi-head latent attention's differs from its queries' and keys'
@@ -793,94 +800,6 @@ def _corrupted_or_noise(value: object, name: str) -> None:
         _corrupted(value, name)
 
 
-@dataclass(frozen=True)
-class _Stack:
-    """The patchable modules of one stack, layer by layer: each block (its output is the
-    residual stream), the module whose input is the concatenated head outputs, the MLP (its
-    output is what the MLP writes), and the heads per layer."""
-
-    name: str  # "self" (decoder-only), "encoder", "decoder" or "cross"
-    blocks: list[torch.nn.Module]
-    projections: list[torch.nn.Module]
-    mlps: list[torch.nn.Module]
-    heads: int
-
-    def module(self, site: str, layer: int) -> torch.nn.Module:
-        """Where ``site``'s activation of ``layer`` is: the output projection (its input, the
-        concatenated heads), the MLP's output projection (its input, the neurons), the MLP or
-        the block (their outputs)."""
-        if site == "neurons":
-            return _down_projection(self.mlps[layer], layer)
-        found = {"heads": self.projections, "mlp": self.mlps, "residual": self.blocks}[site]
-        return found[layer]
-
-    def neurons(self, layer: int) -> int:
-        """How many neurons layer ``layer``'s MLP has (its output projection's inputs)."""
-        down = _down_projection(self.mlps[layer], layer)
-        width = getattr(down, "in_features", None) or getattr(down, "nx", None)
-        assert isinstance(width, int), type(down).__name__
-        return width
-
-    @property
-    def on_decoder(self) -> bool:
-        """Whether the activations live on the decoder positions (else on the encoder's or the
-        decoder-only sequence's)."""
-        return self.name in ("decoder", "cross")
-
-
-#: the names of an MLP's output projection, whose input is the MLP's neurons: Llama's, GPT-2's
-#: and StarCoder's, OPT's and BART's, GPT-J's, GPT-NeoX's, T5's, DistilBERT's, ModernBERT's
-_DOWNS = ("down_proj", "c_proj", "fc2", "fc_out", "dense_4h_to_h", "wo", "lin2", "Wo")
-
-
-def _down_projection(mlp: torch.nn.Module, layer: int) -> torch.nn.Module:
-    """The linear layer whose input is ``mlp``'s neurons (the activation times the gate, in a
-    gated MLP): ``mlp`` itself where it is that layer (OPT's and BART's ``fc2``, BERT's
-    ``output.dense``, BLOOM's ``dense_4h_to_h``); a ModelError for a mixture of experts."""
-    if _is_linear(mlp):
-        return mlp
-    down = _named(mlp, _DOWNS)
-    if down is None or not _is_linear(down):
-        routed = any(hasattr(mlp, name) for name in ("experts", "router", "gate"))
-        raise ModelError(
-            f"site='neurons': layer {layer}'s MLP ({type(mlp).__name__}) "
-            + (
-                "is a mixture of experts, whose neurons are each expert's; choose dense "
-                "layers with `layers` or site='mlp'"
-                if routed
-                else f"has no output projection attrax knows ({' / '.join(_DOWNS)})"
-            )
-        )
-    return down
-
-
-def _is_linear(module: torch.nn.Module) -> bool:
-    """A ``Linear`` (or a subclass: Falcon's) or GPT-2's ``Conv1D``, whose input is 2-D."""
-    return isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D"
-
-
-def _site_hook(
-    module: torch.nn.Module, site: str, change: Callable[[torch.Tensor], torch.Tensor]
-) -> torch.utils.hooks.RemovableHandle:
-    """``change`` hooked on ``site``'s activation at ``module`` (:meth:`_Stack.module`): the
-    output projection's input for the heads and the MLP's neurons, else the module's output (a
-    tuple's first: blocks, and GPT-OSS's and Llama 4's experts, which also return their
-    routing)."""
-    if site in ("heads", "neurons"):
-
-        def pre(_m: torch.nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
-            return (change(args[0]), *args[1:])
-
-        return module.register_forward_pre_hook(pre)
-
-    def post(_m: torch.nn.Module, _args: Any, output: Any) -> Any:
-        if isinstance(output, tuple):
-            return (change(output[0]), *output[1:])
-        return change(output)
-
-    return module.register_forward_hook(post)
-
-
 def _refuse_heads_or_neurons(site: str, heads: Selection, neurons: Selection) -> None:
     """``heads`` belongs to the sites of one head each, ``neurons`` to the MLP's neurons."""
     if heads is not None and site in ("attention", "mlp", "residual", "neurons"):
@@ -890,178 +809,6 @@ def _refuse_heads_or_neurons(site: str, heads: Selection, neurons: Selection) ->
         )
     if neurons is not None and site != "neurons":
         raise OptionError(f"`neurons` applies to site='neurons', got site={site!r}")
-
-
-def _neuron_width(parts: _Stack, layers: list[int]) -> int:
-    """How many neurons each of ``layers``' MLPs has: one number, or a ModelError."""
-    widths = {layer: parts.neurons(layer) for layer in layers}
-    if len(set(widths.values())) > 1:
-        raise ModelError(
-            f"site='neurons' labels every layer's neurons along one dim; these layers' MLPs "
-            f"differ in width ({widths}): choose layers of one width with `layers`"
-        )
-    return next(iter(widths.values()))
-
-
-def _patch_stack(model: Model, method: str, stack: str | None, site: str) -> _Stack:
-    """The stack ``stack`` patches (checked against the model and ``site``)."""
-    if not model.is_encoder_decoder:
-        if stack is not None:
-            raise OptionError(
-                f"`stack={stack!r}` needs an encoder-decoder model; {model.name} has one stack "
-                "(leave stack=None)"
-            )
-        kind = getattr(model.hf.config, "model_type", None)
-        return _encoder_stack(model, method) if kind in _ENCODERS else _decoder_stack(model, method)
-    if stack is None:  # as `maps=None` elsewhere: the cross-attention, or the decoder's blocks
-        stack = "cross" if site == "heads" else "decoder"
-    if stack == "cross" and site != "heads":
-        what = {"mlp": "MLPs", "neurons": "MLP neurons"}.get(site, "residual stream")
-        raise OptionError(
-            f"`stack='cross'` names the cross-attention heads (site='heads'); the decoder's "
-            f"{what} are stack='decoder', got site={site!r}"
-        )
-    return _encoder_decoder_stack(model, method, stack)
-
-
-#: where decoder-only blocks keep their attention, and where it keeps its output projection
-_ATTENTIONS = ("self_attn", "attn", "attention", "self_attention")
-_PROJECTIONS = ("o_proj", "c_proj", "dense", "out_proj")
-
-
-def _blocks(model: Model, method: str) -> list[torch.nn.Module]:
-    """A decoder-only model's (or its classifier's) layers, or ModernBERT's: its base model's
-    ``layers`` or ``h``, each mapping the residual stream ``x`` to ``x + b(x)``."""
-    base = body(model.hf)
-    if not model.is_encoder_decoder:  # OPT keeps its layers in its `decoder`
-        base = getattr(base, "decoder", base)
-    blocks = getattr(base, "layers", None) or getattr(base, "h", None)
-    if model.is_encoder_decoder or not isinstance(blocks, torch.nn.ModuleList):
-        raise ModelError(
-            f"{method}: {type(model.hf).__name__} keeps no decoder-only layers where attrax "
-            "looks (the base model's `layers` or `h`: GPT-2, Llama, Qwen2, Gemma, Phi-3, "
-            "Pythia, OPT, BLOOM, Falcon..., ModernBERT); post-LN encoders such as BERT have no "
-            "residual stream of that form"
-        )
-    return list(blocks)
-
-
-def _named(module: torch.nn.Module | None, names: tuple[str, ...]) -> torch.nn.Module | None:
-    found = (getattr(module, name, None) for name in names)
-    return next((m for m in found if isinstance(m, torch.nn.Module)), None)
-
-
-# where a block keeps the module whose output its MLP adds: `mlp` (a mixture of experts' too),
-# OPT's `fc2`, Granite MoE's `block_sparse_moe`, Llama 4's `feed_forward`
-_MLPS = ("mlp", "fc2", "block_sparse_moe", "feed_forward")
-_NO_MLP = (
-    "`mlp` (BLOOM's: its `dense_4h_to_h`), `fc2`, `block_sparse_moe` or `feed_forward`; Granite "
-    "MoE shared adds a `shared_mlp` beside it"
-)
-
-
-def _mlp_of(block: torch.nn.Module) -> torch.nn.Module | None:
-    """The module whose output is what ``block``'s MLP adds, or None where two modules add it."""
-    if isinstance(getattr(block, "shared_mlp", None), torch.nn.Module):
-        return None
-    mlp = _named(block, _MLPS)
-    # BLOOM's MLP adds the residual stream to its own output: its last projection's is what it adds
-    if mlp is not None and "residual" in inspect.signature(mlp.forward).parameters:
-        return _named(mlp, ("dense_4h_to_h",))
-    return mlp
-
-
-def _decoder_stack(model: Model, method: str) -> _Stack:
-    """A decoder-only model's blocks, each with its attention's output projection (its input:
-    the concatenated heads) and its ``mlp`` (OPT's: ``fc2``, whose output is what the MLP
-    adds); a ModelError when a block lacks either."""
-    blocks = _blocks(model, method)
-    attentions = [_named(block, _ATTENTIONS) for block in blocks]
-    # GPT-Neo wraps its attention module in another (`attn.attention`)
-    found = [
-        _named(attention, _PROJECTIONS) or _named(_named(attention, ("attention",)), _PROJECTIONS)
-        for attention in attentions
-    ]
-    projections = [p for p in found if p is not None]
-    mlps = [m for m in map(_mlp_of, blocks) if m is not None]
-    if len(projections) != len(blocks) or len(mlps) != len(blocks):
-        raise ModelError(
-            f"{method}: {type(model.hf).__name__}'s layers lack an attention output projection "
-            f"({' / '.join(_PROJECTIONS)} of {' / '.join(_ATTENTIONS)}) or one MLP module "
-            f"({_NO_MLP})"
-        )
-    heads = _arch.heads(model.hf.config, "self")
-    if not isinstance(heads, int):
-        raise ModelError(f"{method}: cannot tell how many heads {type(model.hf).__name__} has")
-    return _Stack("self", blocks, projections, mlps, heads)
-
-
-# encoder classifiers: where the base model keeps its blocks, where a block keeps the module
-# whose input is the concatenated heads, and the module whose output is what its MLP adds (in
-# BERT's post-norm blocks, before the LayerNorm of the residual sum)
-_BERT_BLOCKS = ("encoder.layer", "attention.output.dense", "output.dense")
-_ENCODERS = {
-    **dict.fromkeys(
-        ("bert", "roberta", "xlm-roberta", "camembert", "electra", "deberta-v2"), _BERT_BLOCKS
-    ),
-    "distilbert": ("transformer.layer", "attention.out_lin", "ffn"),
-    "modernbert": ("layers", "attn.Wo", "mlp"),  # pre-norm
-}
-
-
-def _encoder_stack(model: Model, method: str) -> _Stack:
-    """An encoder classifier's blocks (:data:`_ENCODERS`), each with the module whose input is
-    the concatenated heads and the module whose output is what its MLP adds."""
-    config = model.hf.config
-    where, projection, mlp = _ENCODERS[config.model_type]
-    blocks = list(cast(torch.nn.ModuleList, body(model.hf).get_submodule(where)))
-    heads = _arch.heads(config, "self")
-    if not isinstance(heads, int):
-        raise ModelError(f"{method}: cannot tell how many heads {model.name} has")
-    projections = [block.get_submodule(projection) for block in blocks]
-    return _Stack(
-        "self", blocks, projections, [block.get_submodule(mlp) for block in blocks], heads
-    )
-
-
-def _encoder_decoder_stack(model: Model, method: str, stack: str) -> _Stack:
-    """An encoder-decoder's stack: BART-like layers (Marian, BART: ``self_attn`` /
-    ``encoder_attn`` with ``out_proj``, ``fc2``) or T5 blocks (``SelfAttention`` /
-    ``EncDecAttention`` with ``o``, ``DenseReluDense``); anything else is a ModelError."""
-    hf = model.hf
-    name = f"{type(hf).__name__} (model_type {getattr(hf.config, 'model_type', None)!r})"
-    part = hf.get_encoder() if stack == "encoder" else hf.get_decoder()
-    blocks = list(getattr(part, "layers", None) or getattr(part, "block", None) or [])
-    first = blocks[0] if blocks else None
-    if first is not None and hasattr(first, "fc2") and hasattr(first, "self_attn"):
-        attribute = "encoder_attn" if stack == "cross" else "self_attn"
-        modules = [getattr(b, attribute, None) for b in blocks]
-        projections = [getattr(a, "out_proj", None) for a in modules]
-        mlps = [b.fc2 for b in blocks]  # fc2's output: what the MLP adds to the residual
-    elif first is not None and hasattr(first, "layer"):  # T5: [self, (cross,) feed-forward]
-        inner = "EncDecAttention" if stack == "cross" else "SelfAttention"
-        at = 1 if stack == "cross" else 0
-        modules = [getattr(b.layer[at], inner, None) for b in blocks]
-        projections = [getattr(a, "o", None) for a in modules]
-        mlps = [getattr(b.layer[-1], "DenseReluDense", None) for b in blocks]
-    else:
-        raise ModelError(
-            f"{method} has no rule for {name}: it knows BART-like encoder-decoders "
-            "(Marian, BART: self_attn / encoder_attn with out_proj, fc2) and T5"
-        )
-    found = [p for p in projections if isinstance(p, torch.nn.Module)]
-    found_mlps = [m for m in mlps if isinstance(m, torch.nn.Module)]
-    if len(found) != len(projections) or len(found_mlps) != len(mlps):
-        raise ModelError(
-            f"{method}: {name}'s {stack} blocks lack the attention output projection or MLP "
-            "attrax patches"
-        )
-    attention = modules[0]
-    heads = getattr(attention, "num_heads", None) or getattr(attention, "n_heads", None)
-    heads = heads or _arch.heads(hf.config, "encoder" if stack == "encoder" else "cross")
-    if not isinstance(heads, int):
-        raise ModelError(f"{method}: cannot tell how many heads {name}'s {stack} layers have")
-    return _Stack(stack, blocks, found, found_mlps, heads)
 
 
 @PATCHING.method(
@@ -1160,11 +907,11 @@ def attribution_patching(
         return _patch_attention_inputs(call, corrupted, site, stack, layers, heads, qk_fix, drop)
     # the attention output is the heads' sum through the projection: AtP is linear in it
     summed, site = site == "attention", "heads" if site == "attention" else site
-    parts = _patch_stack(model, method, stack, site)
+    parts = patch_stack(model, method, stack, site)
     chosen_layers = selection_indices(layers, len(parts.blocks), "layers", "layers")
     chosen_heads = selection_indices(heads, parts.heads, "heads", "heads per layer")
     if site == "neurons":
-        n_neurons = _neuron_width(parts, chosen_layers)
+        n_neurons = neuron_width(parts, chosen_layers)
         chosen_heads = selection_indices(neurons, n_neurons, "neurons", "neurons per layer")
     problem = call.problem
     t = problem.tensors
@@ -1198,7 +945,7 @@ def attribution_patching(
                     return add(value.view(t.ids.shape[0], -1, value.shape[-1])).reshape(value.shape)
                 return add(value)
 
-            handles.append(_site_hook(parts.module(site, layer), site, rows))
+            handles.append(site_hook(parts.module(site, layer), site, rows))
         return handles
 
     def run(
@@ -1625,7 +1372,7 @@ def activation_patching(
     if site in ATTENTION_INPUTS:
         on_decoder, stack_name = _attention_input_stack(model, site, stack)
     else:
-        parts = _patch_stack(model, method, stack, "heads" if site == "attention" else site)
+        parts = patch_stack(model, method, stack, "heads" if site == "attention" else site)
         on_decoder, stack_name = parts.on_decoder, parts.name
     clean: _Run = (problem.inputs[0], t.mask, None, t.ids)
     samples = 1
@@ -1697,7 +1444,7 @@ def _attention_input_stack(model: Model, site: str, stack: str | None) -> tuple[
 
 def _module_donors(
     call: Call,
-    parts: _Stack,
+    parts: Stack,
     site: str,
     layers: Selection,
     heads: Selection,
@@ -1715,7 +1462,7 @@ def _module_donors(
     if site == "heads":
         chosen_heads = selection_indices(heads, parts.heads, "heads", "heads per layer")
     elif site == "neurons":  # each neuron a head of width 1
-        total = _neuron_width(parts, chosen_layers)
+        total = neuron_width(parts, chosen_layers)
         chosen_heads = selection_indices(heads, total, "neurons", "neurons per layer")
     # the attention output, every head at once: the heads' site, not split into heads
     where = "heads" if site == "attention" else site
@@ -1742,7 +1489,7 @@ def _module_donors(
 
             return change
 
-        hooks = (_site_hook(m, where, keep(i)) for i, m in enumerate(modules))
+        hooks = (site_hook(m, where, keep(i)) for i, m in enumerate(modules))
         with torch.no_grad(), _hooks(*hooks):
             problem.hidden_of(*run)
         if any(s is None for s in seen):
@@ -1774,7 +1521,7 @@ def _module_donors(
                     where = mask[:, None, :, None]
                 return torch.where(where, given[None], x).reshape(value.shape)
 
-            handles.append(_site_hook(module, where, change))
+            handles.append(site_hook(module, where, change))
         with _hooks(*handles):
             yield
 
@@ -1783,7 +1530,7 @@ def _module_donors(
     return _Patchable(*patches, *reuse)
 
 
-def _reusable(model: Model, parts: _Stack | None) -> tuple[list[torch.nn.Module] | None, int]:
+def _reusable(model: Model, parts: Stack | None) -> tuple[list[torch.nn.Module] | None, int]:
     """The blocks whose outputs patched copies may reuse, ``parts``' indexed from the offset
     returned: after the encoder's on an encoder-decoder's decoder stacks (every copy's encoder
     runs the base run's). None where later layers read what earlier ones store (Gemma 3n's
@@ -1793,7 +1540,7 @@ def _reusable(model: Model, parts: _Stack | None) -> tuple[list[torch.nn.Module]
         return None, 0
     encoder = []
     if parts.on_decoder:
-        encoder = _encoder_decoder_stack(model, "activation_patching", "encoder").blocks
+        encoder = encoder_decoder_stack(model, "activation_patching", "encoder").blocks
     return [*encoder, *parts.blocks], len(encoder)
 
 
@@ -1877,9 +1624,9 @@ def _attention_input_donors(
     length = donors[0].shape[2]
     # the blocks below a patch, where the stack's attention layers are its blocks (not on a
     # hybrid model, whose blocks without attention count as layers of the other sites)
-    parts: _Stack | None = None
+    parts: Stack | None = None
     with contextlib.suppress(ModelError):
-        found = _patch_stack(
+        found = patch_stack(
             model, "activation_patching", None if stack == "self" else stack, "heads"
         )
         if len(found.blocks) == len(stack_layers(model, stack, None)):
@@ -2113,7 +1860,7 @@ def _patch_attention_inputs(
 
 def _grad_drop(model: Model, method: str, site: str) -> Drop:
     """GradDrop's blocks: a decoder-only model's (or its classifier's) layers
-    (:func:`_blocks`)."""
+    (:func:`decoder_blocks`)."""
     if site == "residual":
         raise OptionError(
             "`grad_drop=True` averages over the layers other than a node's own; the residual "
@@ -2130,7 +1877,7 @@ def _grad_drop(model: Model, method: str, site: str) -> Drop:
             f"`grad_drop=True` sends a layer's gradient down its skip connection; {model.name} "
             "normalises after each residual sum (OPT-350m's layout), so its blocks have none"
         )
-    blocks = _blocks(model, method)
+    blocks = decoder_blocks(model, method)
     if len(blocks) < 2:
         raise OptionError(
             f"`grad_drop=True` averages over the layers other than a node's own: {model.name} "

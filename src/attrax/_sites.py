@@ -1,0 +1,284 @@
+"""Where a transformer's components are, stack by stack: each block (its output is the residual
+stream), the module whose input is the concatenated heads, the MLP (its output is what the MLP
+adds) and the MLP's output projection (its input is the MLP's neurons).
+
+Attribution and activation patching patch these sites, and the gradient methods' ``layers=``
+read them (``site=``). Decoder-only models whose layers sit where :func:`decoder_blocks` looks,
+their classifiers, the encoder classifiers of :data:`ENCODERS`, and the BART-like and T5
+encoder-decoders; anything else is a :class:`ModelError` naming its architecture.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, cast
+
+import torch
+
+from . import _arch
+from ._errors import ModelError, OptionError
+from ._model import Model, body
+
+#: an encoder-decoder's stacks: encoder blocks, decoder blocks (self-attention heads), and the
+#: decoder's cross-attention heads
+STACKS = ("encoder", "decoder", "cross")
+
+
+@dataclass(frozen=True)
+class Stack:
+    """The patchable modules of one stack, layer by layer: each block (its output is the
+    residual stream), the module whose input is the concatenated head outputs, the MLP (its
+    output is what the MLP writes), and the heads per layer."""
+
+    name: str  # "self" (decoder-only), "encoder", "decoder" or "cross"
+    blocks: list[torch.nn.Module]
+    projections: list[torch.nn.Module]
+    mlps: list[torch.nn.Module]
+    heads: int
+
+    def module(self, site: str, layer: int) -> torch.nn.Module:
+        """Where ``site``'s activation of ``layer`` is: the output projection (its input, the
+        concatenated heads), the MLP's output projection (its input, the neurons), the MLP or
+        the block (their outputs)."""
+        if site == "neurons":
+            return down_projection(self.mlps[layer], layer)
+        found = {"heads": self.projections, "mlp": self.mlps, "residual": self.blocks}[site]
+        return found[layer]
+
+    def neurons(self, layer: int) -> int:
+        """How many neurons layer ``layer``'s MLP has (its output projection's inputs)."""
+        down = down_projection(self.mlps[layer], layer)
+        width = getattr(down, "in_features", None) or getattr(down, "nx", None)
+        assert isinstance(width, int), type(down).__name__
+        return width
+
+    @property
+    def on_decoder(self) -> bool:
+        """Whether the activations live on the decoder positions (else on the encoder's or the
+        decoder-only sequence's)."""
+        return self.name in ("decoder", "cross")
+
+
+#: the names of an MLP's output projection, whose input is the MLP's neurons: Llama's, GPT-2's
+#: and StarCoder's, OPT's and BART's, GPT-J's, GPT-NeoX's, T5's, DistilBERT's, ModernBERT's
+DOWNS = ("down_proj", "c_proj", "fc2", "fc_out", "dense_4h_to_h", "wo", "lin2", "Wo")
+
+
+def down_projection(mlp: torch.nn.Module, layer: int) -> torch.nn.Module:
+    """The linear layer whose input is ``mlp``'s neurons (the activation times the gate, in a
+    gated MLP): ``mlp`` itself where it is that layer (OPT's and BART's ``fc2``, BERT's
+    ``output.dense``, BLOOM's ``dense_4h_to_h``); a ModelError for a mixture of experts."""
+    if is_linear(mlp):
+        return mlp
+    down = named(mlp, DOWNS)
+    if down is None or not is_linear(down):
+        routed = any(hasattr(mlp, name) for name in ("experts", "router", "gate"))
+        raise ModelError(
+            f"site='neurons': layer {layer}'s MLP ({type(mlp).__name__}) "
+            + (
+                "is a mixture of experts, whose neurons are each expert's; choose dense "
+                "layers with `layers` or site='mlp'"
+                if routed
+                else f"has no output projection attrax knows ({' / '.join(DOWNS)})"
+            )
+        )
+    return down
+
+
+def is_linear(module: torch.nn.Module) -> bool:
+    """A ``Linear`` (or a subclass: Falcon's) or GPT-2's ``Conv1D``, whose input is 2-D."""
+    return isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D"
+
+
+def site_hook(
+    module: torch.nn.Module, site: str, change: Callable[[torch.Tensor], torch.Tensor]
+) -> torch.utils.hooks.RemovableHandle:
+    """``change`` hooked on ``site``'s activation at ``module`` (:meth:`Stack.module`): the
+    output projection's input for the heads and the MLP's neurons, else the module's output (a
+    tuple's first: blocks, and GPT-OSS's and Llama 4's experts, which also return their
+    routing)."""
+    if site in ("heads", "neurons"):
+
+        def pre(_m: torch.nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+            return (change(args[0]), *args[1:])
+
+        return module.register_forward_pre_hook(pre)
+
+    def post(_m: torch.nn.Module, _args: Any, output: Any) -> Any:
+        if isinstance(output, tuple):
+            return (change(output[0]), *output[1:])
+        return change(output)
+
+    return module.register_forward_hook(post)
+
+
+def neuron_width(parts: Stack, layers: list[int]) -> int:
+    """How many neurons each of ``layers``' MLPs has: one number, or a ModelError."""
+    widths = {layer: parts.neurons(layer) for layer in layers}
+    if len(set(widths.values())) > 1:
+        raise ModelError(
+            f"site='neurons' labels every layer's neurons along one dim; these layers' MLPs "
+            f"differ in width ({widths}): choose layers of one width with `layers`"
+        )
+    return next(iter(widths.values()))
+
+
+def patch_stack(model: Model, method: str, stack: str | None, site: str) -> Stack:
+    """The stack ``stack`` patches (checked against the model and ``site``)."""
+    if not model.is_encoder_decoder:
+        if stack is not None:
+            raise OptionError(
+                f"`stack={stack!r}` needs an encoder-decoder model; {model.name} has one stack "
+                "(leave stack=None)"
+            )
+        kind = getattr(model.hf.config, "model_type", None)
+        return encoder_stack(model, method) if kind in ENCODERS else decoder_stack(model, method)
+    if stack is None:  # as `maps=None` elsewhere: the cross-attention, or the decoder's blocks
+        stack = "cross" if site == "heads" else "decoder"
+    if stack == "cross" and site != "heads":
+        what = {"mlp": "MLPs", "neurons": "MLP neurons"}.get(site, "residual stream")
+        raise OptionError(
+            f"`stack='cross'` names the cross-attention heads (site='heads'); the decoder's "
+            f"{what} are stack='decoder', got site={site!r}"
+        )
+    return encoder_decoder_stack(model, method, stack)
+
+
+#: where decoder-only blocks keep their attention, and where it keeps its output projection
+ATTENTIONS = ("self_attn", "attn", "attention", "self_attention")
+PROJECTIONS = ("o_proj", "c_proj", "dense", "out_proj")
+
+
+def decoder_blocks(model: Model, method: str) -> list[torch.nn.Module]:
+    """A decoder-only model's (or its classifier's) layers, or ModernBERT's: its base model's
+    ``layers`` or ``h``, each mapping the residual stream ``x`` to ``x + b(x)``."""
+    base = body(model.hf)
+    if not model.is_encoder_decoder:  # OPT keeps its layers in its `decoder`
+        base = getattr(base, "decoder", base)
+    blocks = getattr(base, "layers", None) or getattr(base, "h", None)
+    if model.is_encoder_decoder or not isinstance(blocks, torch.nn.ModuleList):
+        raise ModelError(
+            f"{method}: {type(model.hf).__name__} keeps no decoder-only layers where attrax "
+            "looks (the base model's `layers` or `h`: GPT-2, Llama, Qwen2, Gemma, Phi-3, "
+            "Pythia, OPT, BLOOM, Falcon..., ModernBERT); post-LN encoders such as BERT have no "
+            "residual stream of that form"
+        )
+    return list(blocks)
+
+
+def named(module: torch.nn.Module | None, names: tuple[str, ...]) -> torch.nn.Module | None:
+    found = (getattr(module, name, None) for name in names)
+    return next((m for m in found if isinstance(m, torch.nn.Module)), None)
+
+
+# where a block keeps the module whose output its MLP adds: `mlp` (a mixture of experts' too),
+# OPT's `fc2`, Granite MoE's `block_sparse_moe`, Llama 4's `feed_forward`
+MLPS = ("mlp", "fc2", "block_sparse_moe", "feed_forward")
+NO_MLP = (
+    "`mlp` (BLOOM's: its `dense_4h_to_h`), `fc2`, `block_sparse_moe` or `feed_forward`; Granite "
+    "MoE shared adds a `shared_mlp` beside it"
+)
+
+
+def mlp_of(block: torch.nn.Module) -> torch.nn.Module | None:
+    """The module whose output is what ``block``'s MLP adds, or None where two modules add it."""
+    if isinstance(getattr(block, "shared_mlp", None), torch.nn.Module):
+        return None
+    mlp = named(block, MLPS)
+    # BLOOM's MLP adds the residual stream to its own output: its last projection's is what it adds
+    if mlp is not None and "residual" in inspect.signature(mlp.forward).parameters:
+        return named(mlp, ("dense_4h_to_h",))
+    return mlp
+
+
+def decoder_stack(model: Model, method: str) -> Stack:
+    """A decoder-only model's blocks, each with its attention's output projection (its input:
+    the concatenated heads) and its ``mlp`` (OPT's: ``fc2``, whose output is what the MLP
+    adds); a ModelError when a block lacks either."""
+    blocks = decoder_blocks(model, method)
+    attentions = [named(block, ATTENTIONS) for block in blocks]
+    # GPT-Neo wraps its attention module in another (`attn.attention`)
+    found = [
+        named(attention, PROJECTIONS) or named(named(attention, ("attention",)), PROJECTIONS)
+        for attention in attentions
+    ]
+    projections = [p for p in found if p is not None]
+    mlps = [m for m in map(mlp_of, blocks) if m is not None]
+    if len(projections) != len(blocks) or len(mlps) != len(blocks):
+        raise ModelError(
+            f"{method}: {type(model.hf).__name__}'s layers lack an attention output projection "
+            f"({' / '.join(PROJECTIONS)} of {' / '.join(ATTENTIONS)}) or one MLP module "
+            f"({NO_MLP})"
+        )
+    heads = _arch.heads(model.hf.config, "self")
+    if not isinstance(heads, int):
+        raise ModelError(f"{method}: cannot tell how many heads {type(model.hf).__name__} has")
+    return Stack("self", blocks, projections, mlps, heads)
+
+
+# encoder classifiers: where the base model keeps its blocks, where a block keeps the module
+# whose input is the concatenated heads, and the module whose output is what its MLP adds (in
+# BERT's post-norm blocks, before the LayerNorm of the residual sum)
+BERT_BLOCKS = ("encoder.layer", "attention.output.dense", "output.dense")
+ENCODERS = {
+    **dict.fromkeys(
+        ("bert", "roberta", "xlm-roberta", "camembert", "electra", "deberta-v2"), BERT_BLOCKS
+    ),
+    "distilbert": ("transformer.layer", "attention.out_lin", "ffn"),
+    "modernbert": ("layers", "attn.Wo", "mlp"),  # pre-norm
+}
+
+
+def encoder_stack(model: Model, method: str) -> Stack:
+    """An encoder classifier's blocks (:data:`ENCODERS`), each with the module whose input is
+    the concatenated heads and the module whose output is what its MLP adds."""
+    config = model.hf.config
+    where, projection, mlp = ENCODERS[config.model_type]
+    blocks = list(cast(torch.nn.ModuleList, body(model.hf).get_submodule(where)))
+    heads = _arch.heads(config, "self")
+    if not isinstance(heads, int):
+        raise ModelError(f"{method}: cannot tell how many heads {model.name} has")
+    projections = [block.get_submodule(projection) for block in blocks]
+    return Stack("self", blocks, projections, [block.get_submodule(mlp) for block in blocks], heads)
+
+
+def encoder_decoder_stack(model: Model, method: str, stack: str) -> Stack:
+    """An encoder-decoder's stack: BART-like layers (Marian, BART: ``self_attn`` /
+    ``encoder_attn`` with ``out_proj``, ``fc2``) or T5 blocks (``SelfAttention`` /
+    ``EncDecAttention`` with ``o``, ``DenseReluDense``); anything else is a ModelError."""
+    hf = model.hf
+    name = f"{type(hf).__name__} (model_type {getattr(hf.config, 'model_type', None)!r})"
+    part = hf.get_encoder() if stack == "encoder" else hf.get_decoder()
+    blocks = list(getattr(part, "layers", None) or getattr(part, "block", None) or [])
+    first = blocks[0] if blocks else None
+    if first is not None and hasattr(first, "fc2") and hasattr(first, "self_attn"):
+        attribute = "encoder_attn" if stack == "cross" else "self_attn"
+        modules = [getattr(b, attribute, None) for b in blocks]
+        projections = [getattr(a, "out_proj", None) for a in modules]
+        mlps = [b.fc2 for b in blocks]  # fc2's output: what the MLP adds to the residual
+    elif first is not None and hasattr(first, "layer"):  # T5: [self, (cross,) feed-forward]
+        inner = "EncDecAttention" if stack == "cross" else "SelfAttention"
+        at = 1 if stack == "cross" else 0
+        modules = [getattr(b.layer[at], inner, None) for b in blocks]
+        projections = [getattr(a, "o", None) for a in modules]
+        mlps = [getattr(b.layer[-1], "DenseReluDense", None) for b in blocks]
+    else:
+        raise ModelError(
+            f"{method} has no rule for {name}: it knows BART-like encoder-decoders "
+            "(Marian, BART: self_attn / encoder_attn with out_proj, fc2) and T5"
+        )
+    found = [p for p in projections if isinstance(p, torch.nn.Module)]
+    found_mlps = [m for m in mlps if isinstance(m, torch.nn.Module)]
+    if len(found) != len(projections) or len(found_mlps) != len(mlps):
+        raise ModelError(
+            f"{method}: {name}'s {stack} blocks lack the attention output projection or MLP "
+            "attrax patches"
+        )
+    attention = modules[0]
+    heads = getattr(attention, "num_heads", None) or getattr(attention, "n_heads", None)
+    heads = heads or _arch.heads(hf.config, "encoder" if stack == "encoder" else "cross")
+    if not isinstance(heads, int):
+        raise ModelError(f"{method}: cannot tell how many heads {name}'s {stack} layers have")
+    return Stack(stack, blocks, found, found_mlps, heads)
