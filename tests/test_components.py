@@ -2480,3 +2480,42 @@ def test_atp_encoder_decoder_neurons_add_up_to_the_mlps_output(encdec64, arch, s
         ax.attribution_patching(
             model, SOURCE, ED_TARGET, corrupted=CORRUPTED, site="neurons", stack="cross"
         )
+
+
+# --- the gradient methods' layers at the MLPs' neurons -----------------------------------------
+
+
+def _ig_sites_agree(model: ax.Model, inputs: Any, targets: Any, rtol: float = 1e-7) -> None:
+    """Layer IG at the neurons and at the MLP's output walk one path (the output projection is
+    affine, its bias in both ends): each position's neuron attributions add up to its MLP's."""
+    kw = {"layers": "all", "steps": 4, "objective": "logit"}
+    neurons = ax.integrated_gradients(model, inputs, targets, site="neurons", **kw)
+    mlp = ax.integrated_gradients(model, inputs, targets, site="mlp", **kw)
+    per_position = mlp.sum("hidden", skipna=False).values
+    assert np.nanmax(np.abs(per_position)) > 1e-8
+    summed = neurons.sum("neuron", skipna=False).values
+    np.testing.assert_allclose(summed, per_position, rtol=rtol, atol=1e-12)
+    assert np.std(np.nan_to_num(neurons.values), axis=-1).max() > 0
+
+
+@pytest.mark.parametrize("arch", DENSE_MLPS)
+def test_layer_ig_at_neurons_adds_up_to_the_mlps_output(models64, arch):
+    _ig_sites_agree(models64[arch], SOURCE, TARGET)
+
+
+@pytest.mark.usefixtures("modernbert_rotary_in_its_dtype")
+@pytest.mark.parametrize("arch", list(ENCODER_MODULES))
+def test_encoder_classifier_layer_ig_at_neurons_adds_up_to_the_mlps_output(arch):
+    hf, tok = tiny_classifier(arch)
+    model = ax.load_model(full_double(hf), tokenizer=tok)
+    _ig_sites_agree(model, "a bad day", 2, rtol=1e-5 if arch == "modernbert" else 1e-7)
+
+
+@pytest.mark.parametrize("arch", ["marian", "bart", "t5"])
+def test_encoder_decoder_layer_ig_at_neurons_adds_up_to_the_mlps_output(encdec64, arch):
+    if arch == "t5":
+        hf, tok = tiny_model("t5")
+        model = ax.load_model(hf.double(), tokenizer=tok)
+    else:
+        model = encdec64[arch]
+    _ig_sites_agree(model, SOURCE, ED_TARGET)

@@ -154,8 +154,8 @@ def parse_reduce(spec: str | None) -> list[tuple[str, str | None]] | None:
 def reduce(da: xr.DataArray, steps: list[tuple[str, str | None]] | None) -> xr.DataArray:
     """Apply parsed reductions, or with ``None`` (auto) reduce to ``([example,] target, source)``.
 
-    Auto: ``l2_norm`` over ``hidden``, ``mean`` over other extra dims (``layer``, ``head``), then
-    ``normalize`` over ``source``.
+    Auto: ``l2_norm`` over ``hidden`` (and an MLP's ``neuron``), ``mean`` over other extra dims
+    (``layer``, ``head``), then ``normalize`` over ``source``.
 
     >>> import xarray as xr
     >>> da = xr.DataArray([[[3.0, 4.0], [0.0, 0.0]]], dims=("target", "source", "hidden"))
@@ -164,7 +164,7 @@ def reduce(da: xr.DataArray, steps: list[tuple[str, str | None]] | None) -> xr.D
     """
     if steps is None:
         steps = [
-            ("l2_norm" if dim == "hidden" else "mean", str(dim))
+            ("l2_norm" if dim in ("hidden", "neuron") else "mean", str(dim))
             for dim in da.dims
             if dim not in _KEPT_DIMS
         ]
@@ -307,7 +307,7 @@ def attribute_dataset(
     scan = _scan(data, _reads_noise(fn))
     resolved = resolve_options(fn, _with_record_options(fn, options, scan))
     if resolved.get("layers") is not None:
-        _check_layers(model, resolved["layers"])
+        _check_layers(model, resolved["layers"], resolved.get("site", "residual"))
     shards = -(-scan.records // shard_size)
     local = None  # a model given by path, as a path
     if isinstance(model, Model):
@@ -487,7 +487,7 @@ def _remove(created: list[Path]) -> None:
             return
 
 
-def _check_layers(model: Model | PathLike | None, layers: Any) -> None:
+def _check_layers(model: Model | PathLike | None, layers: Any, site: str) -> None:
     """An out-of-range ``layers`` refused before the run starts, from the model's config."""
     from . import _layers
 
@@ -505,7 +505,7 @@ def _check_layers(model: Model | PathLike | None, layers: Any) -> None:
             config = AutoConfig.from_pretrained(str(path))
         except (OSError, ValueError):  # the run's own load names what is wrong with the model
             return
-    _layers.check_config(config, layers)
+    _layers.check_config(config, layers, site)
 
 
 def load_dataset_results(

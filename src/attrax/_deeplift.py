@@ -239,6 +239,10 @@ class _WithGap:
         return getattr(self._call, name)
 
     def label(self, sides: Any, *, target_coords: Any = None, **kwargs: Any) -> xr.DataArray:
+        if self._call.options.get("site", "residual") != "residual":
+            # a site the residual stream bypasses: the multipliers there carry only what
+            # flows through it, which nothing sums to
+            return self._call.label(sides, target_coords=target_coords, **kwargs)
         gap = self._gap()
         if gap.ndim == 2:
             coords = {**(target_coords or {}), "completeness_gap": gap}

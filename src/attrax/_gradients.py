@@ -71,9 +71,9 @@ def _run(core: Callable[..., Rule], call: Call, arguments: dict[str, Any]) -> xr
     o = call.options
     reduce_hidden, mode = o["reduce_hidden"], o["mode"]
     layers = None
+    _check_layers(o)
     if o.get("layers") is not None:
-        _check_layers(o)
-        layers = _layers.resolve(call.model, o["layers"])
+        layers = _layers.resolve(call.model, o["layers"], o.get("site", "residual"))
     problem = call.problem
     rule = core(problem, **own_options(core, arguments))
     if layers is not None:
@@ -173,18 +173,25 @@ def refuse_layers(
     def check_options(options: Mapping[str, Any]) -> None:
         for other in also:
             other(options)
-        if options.get("layers") is not None:
-            raise OptionError(
-                f"{method} does not take `layers` (got {options['layers']!r}): {why}; "
-                "use layers=None, or integrated_gradients for a path at a layer"
-            )
+        for name, default in (("layers", None), ("site", "residual")):
+            if options.get(name, default) != default:
+                raise OptionError(
+                    f"{method} does not take `{name}` (got {options[name]!r}): {why}; "
+                    f"use {name}={default!r}, or integrated_gradients for a path at a layer"
+                )
 
     return check_options
 
 
 def _check_layers(options: Mapping[str, Any]) -> None:
     """What ``layers=`` cannot be combined with, refused before the model runs."""
+    site = options.get("site", "residual")
     if options.get("layers") is None:
+        if site != "residual":
+            raise OptionError(
+                f"`site={site!r}` is read at layers: give `layers` too (e.g. layers='all', "
+                "every block)"
+            )
         return
     if options.get("mode") == "forward":
         raise OptionError(
@@ -207,8 +214,9 @@ def _forward_fits(problem: Problem, points: int, sizes: dict[str, Any]) -> bool:
     return True
 
 
-def _run_layers(rule: Rule, call: Call, layers: list[int]) -> xr.DataArray:
-    """A rule read at ``layers`` (:mod:`attrax._layers`): dims ``(..., source, layer, hidden)``."""
+def _run_layers(rule: Rule, call: Call, layers: _layers.At) -> xr.DataArray:
+    """A rule read at ``layers`` (:mod:`attrax._layers`): dims ``(..., source, layer, hidden)``
+    (``neuron`` for the MLPs' neurons)."""
     o = call.options
     problem = call.problem
     moments = _layers.moments(problem, rule, layers, o["batch_size"], o["chunk_size"])
@@ -222,29 +230,36 @@ def _run_layers(rule: Rule, call: Call, layers: list[int]) -> xr.DataArray:
             "and inputs"
         )
     target_coords = None
-    if rule.reference is not None:
+    complete = layers.site == "residual" or rule.alphas is not None
+    if rule.reference is not None and complete:
         # each layer's row sums to about f(x) - f(x'): layer IG's path starts at h_l(x'),
-        # conductance's at x'; the same gap per layer
+        # conductance's at x'; the same gap per layer. Off the residual stream, which carries
+        # x past the site, layer IG's path starts at f(x) with that site at its value for x';
+        # conductance's sums only what flows through the site: no gap
         x, reference = problem.inputs[0], rule.reference[0]
         ends = problem.evaluate((torch.stack([x, reference]),))
-        gap = values.sum(dim=(3, 4)) - (ends[0] - ends[1])[..., None]  # [B, K, n_layers]
+        if layers.site == "residual":
+            start = ends[1][..., None]
+        else:
+            start = _layers.replaced_scores(problem, layers, x, reference, o["batch_size"])
+        gap = values.sum(dim=(3, 4)) - (ends[0][..., None] - start)  # [B, K, n_layers]
         target_coords = _layers.gap_coords(gap)
     reduce_hidden = o["reduce_hidden"]
     if reduce_hidden:
         reduce = torch.linalg.vector_norm if reduce_hidden == "l2_norm" else torch.sum
         values = reduce(values, dim=-1)
     values = values.transpose(2, 3)  # [B, K, L, n_layers, (H)]
-    trailing = ("layer",) if reduce_hidden else ("layer", "hidden")
+    trailing = ("layer",) if reduce_hidden else ("layer", layers.dim)
     da = call.label(
         (values,),
         trailing=trailing,
         target_coords=target_coords,
-        trailing_coords={"layer": layers},
+        trailing_coords={"layer": layers.layers},
     )
     if target_coords is not None:
         da = _layers.join_gaps(da, len(layers))
     if reduce_hidden:
-        da.attrs["reductions"] = f"{reduce_hidden}(hidden)"
+        da.attrs["reductions"] = f"{reduce_hidden}({layers.dim})"
     return da
 
 
@@ -283,6 +298,14 @@ GRADIENT = Family(
             "None (the token embeddings), an int, a list of ints or 'all': attribute to the "
             "residual stream at these layers (0: the embedding output, L: the last block's "
             "output, before the final norm), as a `layer` dim",
+        ),
+        "site": Param(
+            "residual",
+            "str",
+            _layers.check_site,
+            "with `layers`: 'residual' (the residual stream), or per block 0..L-1 'attention' "
+            "(what its attention adds), 'mlp' (what its MLP adds) or 'neurons' (its MLP's "
+            "neurons, the input of the MLP's output projection; a `neuron` dim)",
         ),
     },
 )

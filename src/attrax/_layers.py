@@ -14,6 +14,11 @@ cotangents gives ``d score_k / d h_l`` for every target and layer at once. Integ
 interpolate the layer's own activations (Captum's ``LayerIntegratedGradients``): the batch
 holds one copy of the points per layer, and copy ``l`` has block ``l``'s output replaced by
 ``h_l(x') + a (h_l(x) - h_l(x'))`` (one forward for every layer and step, no loop over layers).
+
+``site=`` reads another activation of each block ``0..L-1`` instead of the residual stream
+(:mod:`attrax._sites` finds them): what its attention adds (the output projection's output),
+what its MLP adds (the MLP's output) or its MLP's neurons (the input of the MLP's output
+projection: ``act(gate) * up`` in a gated MLP), as Captum's layer methods on those modules.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from __future__ import annotations
 import contextlib
 import numbers
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 import torch
 import xarray as xr
@@ -29,12 +34,46 @@ import xarray as xr
 from . import _arch
 from ._engine import PointFn, Problem, vjp
 from ._errors import ModelError, OptionError
-from ._memory import Size, at_least_float32, between_passes
+from ._memory import Size, at_least_float32, between_passes, plan_forwards
 from ._model import Model, refuse_seq2seq_classifier
+from ._sites import Stack, neuron_width, patch_stack
 
 #: what ``layers=`` accepts besides ints
 ALL = "all"
 Layers = int | Sequence[int] | slice | str | None
+#: where ``layers=`` reads (``site=``): the residual stream at ``0..L``, or per block ``0..L-1``
+#: what its attention adds, what its MLP adds, or its MLP's neurons
+SITES = ("residual", "attention", "mlp", "neurons")
+
+
+class At(NamedTuple):
+    """Where the gradients are read: ``site`` of each of ``layers`` (:func:`resolve`), the
+    activation ``width`` wide (None: the residual stream's) and, off the residual stream, the
+    module each layer's hook goes on."""
+
+    layers: list[int]
+    site: str = "residual"
+    width: int | None = None
+    modules: tuple[torch.nn.Module, ...] = ()
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    @property
+    def dim(self) -> str:
+        """The dim along the activation's features: ``neuron`` for neurons, else ``hidden``."""
+        return "neuron" if self.site == "neurons" else "hidden"
+
+
+def check_site(value: object, name: str) -> None:
+    """One of :data:`SITES`.
+
+    >>> check_site("heads", "site")
+    Traceback (most recent call last):
+    attrax._errors.OptionError: `site` must be one of ('residual', 'attention', 'mlp', 'neurons'), got 'heads'
+    """
+    if not isinstance(value, str) or value not in SITES:
+        raise OptionError(f"`{name}` must be one of {SITES}, got {value!r}")
 
 
 def _is_int(value: object) -> bool:
@@ -81,14 +120,30 @@ def blocks(model: Model) -> torch.nn.ModuleList:
     )
 
 
-def resolve(model: Model, layers: Layers) -> list[int]:
-    """``layers`` as indices ``0..L`` (negative ones count from the end), in the order given."""
+def resolve(model: Model, layers: Layers, site: str = "residual") -> At:
+    """``layers`` as indices ``0..L`` of the residual stream, or ``0..L-1`` of the blocks for
+    another ``site`` (negative ones count from the end), in the order given."""
     if layers is not None:
         refuse_seq2seq_classifier(model, "`layers`")
-    return resolve_count(len(blocks(model)), layers)
+    if site == "residual":
+        return At(resolve_count(len(blocks(model)), layers))
+    stack = _site_stack(model, site)
+    chosen = resolve_count(len(stack.blocks), layers, per_block=True)
+    if site == "neurons":
+        modules = [stack.module("neurons", layer) for layer in chosen]
+        return At(chosen, site, neuron_width(stack, chosen), tuple(modules))
+    found = stack.projections if site == "attention" else stack.mlps
+    return At(chosen, site, None, tuple(found[layer] for layer in chosen))
 
 
-def check_config(config: Any, layers: Layers) -> None:
+def _site_stack(model: Model, site: str) -> Stack:
+    """The stack whose blocks ``site`` reads: the encoder's of an encoder-decoder, as the
+    residual stream's."""
+    stack = "encoder" if model.is_encoder_decoder else None
+    return patch_stack(model, f"`layers` with site={site!r}", stack, site)
+
+
+def check_config(config: Any, layers: Layers, site: str = "residual") -> None:
     """Refuse ``layers`` out of the range a model of ``config`` has, before it is loaded (dataset
     runs check their options before any shard runs); a config that does not say: no check."""
     if layers is None or layers == ALL:
@@ -96,31 +151,35 @@ def check_config(config: Any, layers: Layers) -> None:
     stack = "encoder" if getattr(config, "is_encoder_decoder", False) else "self"
     count = _arch.layers(config, stack)
     if count is not None:
-        resolve_count(count, layers)
+        resolve_count(count, layers, per_block=site != "residual")
 
 
-def resolve_count(count: int, layers: Layers) -> list[int]:
-    """:func:`resolve` for a model of ``count`` blocks."""
+def resolve_count(count: int, layers: Layers, per_block: bool = False) -> list[int]:
+    """:func:`resolve` for a model of ``count`` blocks: over the residual stream's ``0..count``,
+    or ``per_block`` over the blocks ``0..count-1``."""
+    top = count - 1 if per_block else count
+    what = (
+        f"blocks 0..{top} (negative from -{top + 1})"
+        if per_block
+        else f"layers 0..{top} (0: the embedding output, {top}: the last block's output; "
+        f"negative from -{top + 1})"
+    )
     if isinstance(layers, str) and layers == ALL:
-        return list(range(count + 1))
-    if isinstance(layers, slice):  # over the layers 0..count
-        given = list(range(count + 1))[layers]
+        return list(range(top + 1))
+    if isinstance(layers, slice):  # over the layers 0..top
+        given = list(range(top + 1))[layers]
         if not given:
-            raise OptionError(
-                f"`layers={layers!r}` selects nothing; this model has layers 0..{count}"
-            )
+            raise OptionError(f"`layers={layers!r}` selects nothing; this model has {what}")
     else:
         # check_layers let through an int (any Integral) or a sequence of ints here
         given = [cast(int, layers)] if _is_int(layers) else list(cast(Sequence[int], layers))
     out = []
     for layer in map(int, given):
-        if not -(count + 1) <= layer <= count:
+        if not -(top + 1) <= layer <= top:
             raise OptionError(
-                f"`layers={layers!r}`: layer {layer} is out of range; this model has layers "
-                f"0..{count} (0: the embedding output, {count}: the last block's output; "
-                f"negative from -{count + 1})"
+                f"`layers={layers!r}`: layer {layer} is out of range; this model has {what}"
             )
-        out.append(layer % (count + 1))
+        out.append(layer % (top + 1))
     if len(set(out)) != len(out):
         raise OptionError(f"`layers={layers!r}` names a layer twice")
     return out
@@ -141,62 +200,127 @@ def join_gaps(da: xr.DataArray, count: int) -> xr.DataArray:
 
 @contextlib.contextmanager
 def edit_layers(
-    model: Model, layers: Sequence[int], edit: Callable[[int, torch.Tensor], torch.Tensor]
+    model: Model, at: At, edit: Callable[[int, torch.Tensor], torch.Tensor], tokens: int
 ) -> Iterator[None]:
-    """Inside the block, the residual stream at ``layers[j]`` becomes ``edit(j, h)``: layer 0 at
-    the first block's input, layer ``l`` at block ``l - 1``'s output."""
-    stack = blocks(model)
+    """Inside the block, the activation at ``at.layers[j]`` becomes ``edit(j, h)``, ``h`` of
+    ``[rows, tokens, width]``: on the residual stream layer 0 at the first block's input, layer
+    ``l`` at block ``l - 1``'s output; at another site its module's output (its input for the
+    neurons). A site the forward did not reach is a ModelError: its gradients would be
+    silently zero."""
     handles = []
+    reached = [False] * len(at)
+
+    def changed(j: int, h: torch.Tensor) -> torch.Tensor:
+        reached[j] = True
+        if h.dim() == 2:  # OPT runs its MLP on the tokens flattened: [rows * tokens, width]
+            return edit(j, h.unflatten(0, (-1, tokens))).flatten(0, 1)
+        return edit(j, h)
 
     def pre_hook(j: int) -> Callable[..., Any]:
         def hook(_module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
             if args:
-                return (edit(j, args[0]), *args[1:]), kwargs
-            return args, {**kwargs, "hidden_states": edit(j, kwargs["hidden_states"])}
+                return (changed(j, args[0]), *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": changed(j, kwargs["hidden_states"])}
 
         return hook
 
     def post_hook(j: int) -> Callable[..., Any]:
         def hook(_module: Any, _args: Any, output: Any) -> Any:
             if isinstance(output, torch.Tensor):
-                return edit(j, output)
-            return (edit(j, output[0]), *output[1:])
+                return changed(j, output)
+            return (changed(j, output[0]), *output[1:])
 
         return hook
 
     try:
-        for j, layer in enumerate(layers):
-            if layer == 0:
-                handles.append(stack[0].register_forward_pre_hook(pre_hook(j), with_kwargs=True))
-            else:
-                handles.append(stack[layer - 1].register_forward_hook(post_hook(j)))
+        if at.site == "residual":
+            stack = blocks(model)
+            for j, layer in enumerate(at.layers):
+                if layer == 0:
+                    handles.append(
+                        stack[0].register_forward_pre_hook(pre_hook(j), with_kwargs=True)
+                    )
+                else:
+                    handles.append(stack[layer - 1].register_forward_hook(post_hook(j)))
+        else:
+            for j, module in enumerate(at.modules):
+                if at.site == "neurons":  # the output projection's input
+                    handles.append(module.register_forward_pre_hook(pre_hook(j), with_kwargs=True))
+                else:
+                    handles.append(module.register_forward_hook(post_hook(j)))
         yield
     finally:
         for handle in handles:
             handle.remove()
+    missed = [j for j, seen in enumerate(reached) if not seen]
+    if missed:
+        j = missed[0]
+        kind = type(at.modules[j]).__name__ if at.modules else "block"
+        raise ModelError(
+            f"`layers` with site={at.site!r}: layer {at.layers[j]}'s {kind} did not run in "
+            "the forward (the model computes it without calling that module, where attrax "
+            "reads it); use site='residual'"
+        )
 
 
 @torch.no_grad()
-def activations(problem: Problem, layers: Sequence[int], points: torch.Tensor) -> torch.Tensor:
-    """The residual stream ``[n_layers, n, B, L, H]`` at ``layers`` for ``n`` stacked points
+def activations(problem: Problem, at: At, points: torch.Tensor) -> torch.Tensor:
+    """The activations ``[n_layers, n, B, L, W]`` read ``at`` for ``n`` stacked points
     ``[n, B, L, H]`` of the attributed side (one forward, no gradients)."""
     n = points.shape[0]
-    kept: list[torch.Tensor | None] = [None] * len(layers)
+    kept: list[torch.Tensor | None] = [None] * len(at)
 
     def keep(j: int, h: torch.Tensor) -> torch.Tensor:
-        kept[j] = h
+        kept[j] = h.clone()  # Falcon adds the attention's output to its MLP's in place
         return h
 
-    with edit_layers(problem.model, layers, keep):
+    with edit_layers(problem.model, at, keep, points.shape[2]):
         problem.hidden_fn(n)(points.flatten(0, 1))
     return torch.stack([k.unflatten(0, (n, -1)) for k in kept])  # type: ignore[union-attr]
 
 
+@torch.no_grad()
+def replaced_scores(
+    problem: Problem, at: At, x: torch.Tensor, reference: torch.Tensor, batch_size: Size
+) -> torch.Tensor:
+    """The objective ``[B, K, n_layers]`` at the input ``x`` with layer ``l``'s activation put
+    at its value for ``reference`` (one copy of the batch per layer, ``batch_size`` copies a
+    forward): where layer integrated gradients at a site that is not a cut of the network (the
+    residual stream carries ``x`` past it) starts its path."""
+    nl = len(at)
+    start = activations(problem, at, reference[None])[:, 0]  # [n_layers, B, L, W]
+    cost = problem.cost(saved=False)
+    step = plan_forwards(
+        nl, batch_size, cost.per_point, x.device, problem.max_memory,
+        cost.fixed + sum(problem.held),
+    )  # fmt: skip
+    out = []
+    for first in range(0, nl, step):  # chunking only: bounds memory
+        part = At(
+            at.layers[first : first + step], at.site, at.width, at.modules[first : first + step]
+        )
+        n = len(part)
+        select = torch.eye(n, dtype=torch.bool, device=x.device)
+
+        def edit(
+            j: int, h: torch.Tensor, first: int = first, select: torch.Tensor = select
+        ) -> torch.Tensor:
+            h = h.unflatten(0, (len(select), -1))
+            given = start[first + j][None].to(h.dtype)
+            return torch.where(select[j].view(-1, 1, 1, 1), given, h).flatten(0, 1)
+
+        # every position computed (not problem.evaluate's head rows only): the edit is per position
+        with edit_layers(problem.model, part, edit, x.shape[1]):
+            scores = problem.objective_fn(n)(x[None].expand(n, *x.shape).flatten(0, 1))
+        out.append(scores.unflatten(0, (n, -1)))
+    return torch.cat(out).permute(1, 2, 0)
+
+
 def moments(
-    problem: Problem, rule: Any, layers: Sequence[int], batch_size: Size, chunk_size: Size
+    problem: Problem, rule: Any, at: At, batch_size: Size, chunk_size: Size
 ) -> tuple[tuple[torch.Tensor], ...]:
-    """A gradient :class:`~attrax._gradients.Rule` read at ``layers``: per moment, one
-    ``[B, K, n_layers, L, H]`` tensor (in a tuple, as the engine's one side).
+    """A gradient :class:`~attrax._gradients.Rule` read ``at`` its layers: per moment, one
+    ``[B, K, n_layers, L, W]`` tensor (in a tuple, as the engine's one side).
 
     - no multiplier (saliency, SmoothGrad, ...): the gradient at each layer, at the rule's points
       (noise and baselines stay on the embeddings);
@@ -213,13 +337,13 @@ def moments(
     weights = rule.weights if rule.weights is not None else torch.ones(1, dtype=torch.float64)
     if weights.ndim != 1:
         raise OptionError("`layers` needs one weight per point; this method weighs tokens")
-    nl = len(layers)
+    nl = len(at)
     replace = None
     per_point = None
     shared = None
     points = rule.points or (lambda chunk: (x[None],))
     if rule.alphas is not None:
-        ends = activations(problem, layers, torch.stack([x, rule.reference[0]]))
+        ends = activations(problem, at, torch.stack([x, rule.reference[0]]))
         start, span = ends[:, 1], ends[:, 0] - ends[:, 1]
         shared = span
         alpha = rule.alphas.to(dtype=x.dtype, device=x.device)
@@ -238,25 +362,28 @@ def moments(
         def per_point(chunk: torch.Tensor) -> torch.Tensor:
             origin, delta = rule.origins(chunk)[0], rule.multiplier(chunk)[0]
             if rule.chained:  # point i ends where point i + 1 starts: n + 1 points, not 2 n
-                nodes = activations(problem, layers, torch.cat([origin, origin[-1:] + delta[-1:]]))
+                nodes = activations(problem, at, torch.cat([origin, origin[-1:] + delta[-1:]]))
                 return nodes[:, 1:] - nodes[:, :-1]
-            both = activations(problem, layers, torch.cat([origin + delta, origin]))
+            both = activations(problem, at, torch.cat([origin + delta, origin]))
             return both[:, : len(chunk)] - both[:, len(chunk) :]
 
     elif rule.multiplier is not None:
         given = [x] if rule.reference is None else [x, rule.reference[0]]
-        ends = activations(problem, layers, torch.stack(given))
+        ends = activations(problem, at, torch.stack(given))
         shared = ends[:, 0] if rule.reference is None else ends[:, 0] - ends[:, 1]
     total = weights.shape[0]
+    # a site wider than the residual stream (the neurons) holds as many layers' worth more
+    hidden = x.shape[-1]
+    wide = nl if at.width is None else -(-nl * at.width // hidden)
     batch, chunk = problem.plan(
         total * (nl if replace is not None else 1), batch_size, chunk_size,
-        moments=len(rule.moments), layers=nl,
+        moments=len(rule.moments), layers=wide,
     )  # fmt: skip
     if batch is not None and replace is not None:
         batch = max(1, batch // nl)  # a forward holds one copy of each point per layer
     sums = gradient_sum(
         problem,
-        layers,
+        at,
         points,
         weights,
         batch_size=batch,
@@ -273,7 +400,7 @@ def moments(
 
 def gradient_sum(
     problem: Problem,
-    layers: Sequence[int],
+    at: At,
     points: PointFn,
     weights: torch.Tensor,
     *,
@@ -283,7 +410,7 @@ def gradient_sum(
     moments: tuple[int, ...] = (1,),
     replace: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, ...]:
-    """``sum_i weights[i] * (m_i * d score_k / d h_l[i]) ** p`` as ``[B, K, n_layers, L, H]``,
+    """``sum_i weights[i] * (m_i * d score_k / d h_l[i]) ** p`` as ``[B, K, n_layers, L, W]``,
     one per entry of ``moments``: the gradients at the layers of the points ``points(chunk)``
     (embeddings ``[n, B, L, H]``), or, with ``replace``, at the layer activations
     ``replace(chunk)`` (``[n_layers, n, B, L, H]``) put in place of each layer's own output.
@@ -293,24 +420,25 @@ def gradient_sum(
     """
     total = weights.shape[0]
     x = problem.inputs[0]
-    nl = len(layers)
+    nl = len(at)
     step = total if batch_size is None else batch_size
     acc = at_least_float32(x.dtype)
     width = problem.tensors.valid.shape[1]
     # the residual stream's width: the embeddings' unless the model projects them (ELECTRA)
     residual = int(getattr(problem.model.hf.config, "hidden_size", None) or x.shape[-1])
-    sums = [x.new_zeros(x.shape[0], width, nl, x.shape[1], residual, dtype=acc) for _ in moments]
+    features = residual if at.width is None else at.width
+    sums = [x.new_zeros(x.shape[0], width, nl, x.shape[1], features, dtype=acc) for _ in moments]
     for start in range(0, total, step):  # chunking only: bounds memory
         chunk = torch.arange(start, min(start + step, total))
         stacked = points(chunk)[0]
-        at = None if replace is None else replace(chunk)
+        values = None if replace is None else replace(chunk)
         scale = None if multiplier is None else multiplier(chunk)
         n = stacked.shape[0]
         w = weights[chunk].to(dtype=acc, device=x.device)
         for slots, length in problem._target_chunks(chunk_size):
             between_passes()
             chunks = _chunk_gradients(
-                problem, layers, stacked, at, slots, length, chunk_size, residual
+                problem, at, stacked, values, slots, length, chunk_size, features
             )
             for rows, g in chunks:
                 g = g.unflatten(2, (n, -1)).to(acc)  # [k, nl, n, B, L', H]
@@ -325,26 +453,26 @@ def gradient_sum(
 
 def _chunk_gradients(
     problem: Problem,
-    layers: Sequence[int],
+    at: At,
     stacked: torch.Tensor,
-    at: torch.Tensor | None,
+    given: torch.Tensor | None,
     slots: slice,
     length: int | None,
     chunk_size: int | None,
-    residual: int,
+    features: int,
 ) -> Iterator[tuple[slice, torch.Tensor]]:
     """Each target's gradient at each layer from one forward: ``(rows, [k, n_layers, n * B, L',
     H])`` per ``chunk_size`` targets, ``rows`` their target slots. A bidirectional model's chunk
     is every target, whose backwards go ``chunk_size`` at a time: each group's gradients are
     summed before the next group's are taken, so a pass never holds every target's."""
     n = stacked.shape[0]
-    nl = len(layers)
+    nl = len(at)
     flat = stacked.flatten(0, 1)
     if length is not None:
         flat = flat[:, :length]
-    if at is None:
+    if given is None:
         # zero probes added to each layer: their gradients are the layers' gradients
-        primal = flat.new_zeros(nl, *flat.shape[:-1], residual)
+        primal = flat.new_zeros(nl, *flat.shape[:-1], features)
         copies = n
 
         def edit(j: int, h: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
@@ -352,7 +480,7 @@ def _chunk_gradients(
 
     else:
         # one copy of the points per layer; copy j runs from layer j's given activations
-        primal = at.flatten(1, 2)[:, :, : flat.shape[1]]
+        primal = given.flatten(1, 2)[:, :, : flat.shape[1]]
         flat = flat.repeat(nl, 1, 1)
         copies = n * nl
         select = torch.eye(nl, dtype=torch.bool, device=flat.device)
@@ -364,7 +492,7 @@ def _chunk_gradients(
     body = problem.hidden_fn(copies, slots)
 
     def f(values: torch.Tensor) -> torch.Tensor:
-        with edit_layers(problem.model, layers, lambda j, h: edit(j, h, values)):
+        with edit_layers(problem.model, at, lambda j, h: edit(j, h, values), flat.shape[1]):
             return body(flat)
 
     hidden, pullback = vjp(f, primal)
