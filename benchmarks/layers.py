@@ -21,7 +21,10 @@ output, ``transformer.h[l-1]``) and every target:
   returns all-zero attributions on this model (transformers 5.24), so it is not compared; it
   has neither conductance nor internal influence.
 
-``--methods`` runs some of the four and keeps the other rows of ``--out``.
+``--sites residual,attention,mlp,neurons`` also reads each block's attention output
+(``h[l].attn.c_proj``'s output), MLP output (``h[l].mlp``'s) or MLP neurons (``h[l].mlp.c_proj``'s
+input: Captum's ``attribute_to_layer_input=True``) over blocks 0..3, attrax's ``site=``.
+``--methods`` and ``--sites`` run some and keep the other rows of ``--out``.
 
 Parity first, on the timed outputs: max |a - b| / max |b| over every (target, source, layer,
 hidden) must be <= 1e-4 (else exit status 2); then the median time of ``--repeats`` attrax calls against the
@@ -57,6 +60,12 @@ NAMES = {
 }
 METHODS = ("input_x_gradient", "integrated_gradients", "conductance", "internal_influence")
 PATHS = METHODS[1:]  # the methods that take `steps`
+SITES = ("residual", "attention", "mlp", "neurons")
+CAPTUM_MODULES = {
+    "attention": "`h[l].attn.c_proj`",
+    "mlp": "`h[l].mlp`",
+    "neurons": "`h[l].mlp.c_proj` (its input)",
+}
 
 
 def _prefix_forward(model):
@@ -67,13 +76,23 @@ def _prefix_forward(model):
     return forward
 
 
-def layer_modules(model) -> list[torch.nn.Module]:
-    """Residual-stream layer l as a module whose output it is (attrax's indexing)."""
-    return [model.transformer.drop, *model.transformer.h]
+def layer_modules(model, site: str = "residual") -> list[torch.nn.Module]:
+    """Residual-stream layer l as a module whose output it is (attrax's indexing), or block l's
+    module whose output (input, for the neurons) is ``site``'s activation."""
+    blocks = list(model.transformer.h)
+    if site == "attention":
+        return [b.attn.c_proj for b in blocks]
+    if site == "mlp":
+        return [b.mlp for b in blocks]
+    if site == "neurons":
+        return [b.mlp.c_proj for b in blocks]
+    return [model.transformer.drop, *blocks]
 
 
-def captum(model, tok, prompt: str, target: str, method: str) -> tuple[np.ndarray, float]:
-    """``[K, L, layers, H]`` from one Captum ``attribute`` call per layer and per target."""
+def captum(
+    model, tok, prompt: str, target: str, method: str, site: str = "residual"
+) -> tuple[np.ndarray, float]:
+    """``[K, L, layers, W]`` from one Captum ``attribute`` call per layer and per target."""
     from captum.attr import (
         InternalInfluence,
         LayerConductance,
@@ -85,8 +104,10 @@ def captum(model, tok, prompt: str, target: str, method: str) -> tuple[np.ndarra
     first = len(tok(prompt)["input_ids"])
     with torch.no_grad():
         embeds = model.get_input_embeddings()(ids[None])
-    modules = layer_modules(model)
-    out = np.full((len(ids) - first, len(ids), len(modules), embeds.shape[-1]), np.nan, np.float32)
+    modules = layer_modules(model, site)
+    width = model.config.n_inner or 4 * model.config.n_embd
+    width = width if site == "neurons" else embeds.shape[-1]
+    out = np.full((len(ids) - first, len(ids), len(modules), width), np.nan, np.float32)
     forward = _prefix_forward(model)
     start = time.perf_counter()
     for j, module in enumerate(modules):  # the baseline's own loop: one call per layer
@@ -101,6 +122,8 @@ def captum(model, tok, prompt: str, target: str, method: str) -> tuple[np.ndarra
         for k, t in enumerate(range(first, len(ids))):  # and per target
             x = embeds[:, :t]
             kw = {"additional_forward_args": (ids[t].reshape(1, 1),)}
+            if site == "neurons":  # the output projection's input
+                kw["attribute_to_layer_input"] = True
             if method in PATHS:
                 kw |= {"baselines": torch.zeros_like(x), "n_steps": STEPS}
                 kw["method"] = "gausslegendre"
@@ -109,7 +132,9 @@ def captum(model, tok, prompt: str, target: str, method: str) -> tuple[np.ndarra
     return out, time.perf_counter() - start
 
 
-def inseq(model, tok, prompt: str, target: str, method: str) -> tuple[np.ndarray, float]:
+def inseq(
+    model, tok, prompt: str, target: str, method: str, site: str = "residual"
+) -> tuple[np.ndarray, float]:
     """``[K, L, layers, H]`` from one Inseq ``attribute`` call per layer."""
     import copy
 
@@ -120,7 +145,7 @@ def inseq(model, tok, prompt: str, target: str, method: str) -> tuple[np.ndarray
     )
     layers = []
     seconds = 0.0
-    for module in layer_modules(model):  # the baseline's own loop: one model per layer
+    for module in layer_modules(model, site):  # the baseline's own loop: one model per layer
         im = inseq_lib.load_model(model, name, tokenizer=copy.deepcopy(tok), target_layer=module)
         kw: dict = {"show_progress": False}
         if method == "integrated_gradients":
@@ -134,14 +159,16 @@ def inseq(model, tok, prompt: str, target: str, method: str) -> tuple[np.ndarray
     return np.stack(layers, axis=2), seconds
 
 
-def attrax_run(model, prompt: str, target: str, method: str) -> tuple[np.ndarray, float]:
+def attrax_run(
+    model, prompt: str, target: str, method: str, site: str = "residual"
+) -> tuple[np.ndarray, float]:
     import attrax as ax
 
     kw = {"steps": STEPS} if method in PATHS else {}
     start = time.perf_counter()
-    da = getattr(ax, method)(model, prompt, target, layers="all", **kw)
+    da = getattr(ax, method)(model, prompt, target, layers="all", site=site, **kw)
     seconds = time.perf_counter() - start
-    return da.transpose("target", "source", "layer", "hidden").values, seconds
+    return da.transpose("target", "source", "layer", ...).values, seconds
 
 
 def rel_err(a: np.ndarray, b: np.ndarray) -> float:
@@ -156,7 +183,8 @@ def render(result: dict) -> str:
     loads = sorted({round(r.get("load_average", result["load_average"]), 1) for r in rows})
     load = f"{loads[0]:.1f}" if len(loads) == 1 else f"{loads[0]:.1f}-{loads[-1]:.1f}"
     lines = [
-        f"GPT-2 W1 model, {p}-token prompt + {t}-token target, layers 0..{rows[0]['layers'] - 1}, "
+        f"GPT-2 W1 model, {p}-token prompt + {t}-token target, residual-stream layers "
+        f"0..{rows[0]['layers'] - 1} (the other sites: blocks 0..{rows[0]['layers'] - 2}), "
         f"{result['threads']} threads (1-minute load average {load} on the shared 2-core "
         "machine; each ratio is within one run of its method):",
         "",
@@ -166,11 +194,15 @@ def render(result: dict) -> str:
     ]
     for r in rows:
         lib = r["library"]
+        site = r.get("site", "residual")
         name = f"{lib.capitalize()} {NAMES.get((r['method'], lib), r['method'])}"
+        if site != "residual":
+            name += f" on {CAPTUM_MODULES[site]}"
         if lib == "inseq":
             name += " (Inseq loops over targets)"
+        option = "" if site == "residual" else f', site="{site}"'
         lines.append(
-            f'| `{r["method"]}(..., layers="all")` | {name} | {r["parity"]:.1e} | '
+            f'| `{r["method"]}(..., layers="all"{option})` | {name} | {r["parity"]:.1e} | '
             f"{r['attrax_s']:.2f} | {r[f'{lib}_s']:.1f} | {r['ratio']:.1f}x |"
         )
     return "\n".join(lines)
@@ -194,6 +226,11 @@ def main(argv: list[str] | None = None) -> int:
         "--methods",
         default=",".join(METHODS),
         help=f"comma-separated, of {', '.join(METHODS)} (default all); the other rows of --out stay",
+    )
+    parser.add_argument(
+        "--sites",
+        default="residual",
+        help=f"comma-separated, of {', '.join(SITES)} (default residual); other rows of --out stay",
     )
     parser.add_argument("--docs", action="store_true", help="render the table into the docs")
     parser.add_argument(
@@ -219,23 +256,29 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
         parser.error(f"--methods: unknown {', '.join(unknown)}; choose from {', '.join(METHODS)}")
-    for method in methods:
-        attrax_run(model, prompt, target, method)  # warm-up
+    sites = args.sites.split(",")
+    unknown = sorted(set(sites) - set(SITES))
+    if unknown:
+        parser.error(f"--sites: unknown {', '.join(unknown)}; choose from {', '.join(SITES)}")
+    for site, method in ((s, m) for s in sites for m in methods):
+        attrax_run(model, prompt, target, method, site)  # warm-up
         mine, own = zip(
-            *(attrax_run(model, prompt, target, method) for _ in range(repeats)), strict=True
+            *(attrax_run(model, prompt, target, method, site) for _ in range(repeats)),
+            strict=True,
         )
         ours = mine[-1]
         for library, run in libraries.items():
-            if library == "inseq" and method in PATHS:
+            if library == "inseq" and (method in PATHS or site != "residual"):
                 continue  # all zeros in Inseq 0.7, or no such method (module docstring)
             theirs, times = zip(
-                *(run(hf, tok, prompt, target, method) for _ in range(slow)), strict=True
+                *(run(hf, tok, prompt, target, method, site) for _ in range(slow)), strict=True
             )
             error = rel_err(ours, theirs[-1])
             if np.isnan(ours).sum() != np.isnan(theirs[-1]).sum():
                 error = float("inf")  # a different NaN (future) pattern is a parity failure
             row = {
                 "method": method,
+                "site": site,
                 "library": library,
                 "tokens": [n_prompt, n_target],
                 "layers": ours.shape[2],
@@ -249,14 +292,17 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(row))
     failed = [r for r in rows if not r["parity"] <= TOLERANCE]
     out = Path(args.out)
-    if out.exists() and set(methods) != set(METHODS):  # keep the rows of the methods not run
+    if out.exists():  # keep the rows of the methods and sites not run
         old = json.loads(out.read_text())
         kept = [
             {**r, "load_average": r.get("load_average", old["load_average"])}
             for r in old["rows"]
-            if r["method"] not in methods
+            if r["method"] not in methods or r.get("site", "residual") not in sites
         ]
-        rows = sorted(kept + rows, key=lambda r: METHODS.index(r["method"]))
+        rows = sorted(
+            kept + rows,
+            key=lambda r: (SITES.index(r.get("site", "residual")), METHODS.index(r["method"])),
+        )
     result = {
         "threads": args.threads,
         "repeats": repeats,

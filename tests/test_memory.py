@@ -376,6 +376,9 @@ _VARIANTS = (
         ("integrated_gradients", {"steps": 3, "mode": "forward", "reduce_hidden": "sum"}),
         ("saliency", {"layers": "all"}),
         ("smoothgrad", {"samples": 2, "layers": "all"}),
+        # the MLPs' neurons, wider than the residual stream; layer IG's start per layer
+        ("saliency", {"layers": "all", "site": "neurons"}),
+        ("integrated_gradients", {"steps": 3, "layers": "all", "site": "neurons"}),
         # each point's next node read at every layer (a forward without gradients)
         ("conductance", {"steps": 3, "layers": "all"}),
     ]
@@ -856,6 +859,12 @@ MEDIUM = '" ".join(words[:40]), target'
         ("input_x_gradient", "mode='forward', reduce_hidden='sum'", 110 << 20, "", SHORT),
         # every layer's gradients: until 2026-12-06 priced as one layer's (203 MiB)
         ("saliency", "layers='all'", 170 << 20, "", SHORT),
+        # the MLPs' neurons, four times the residual stream's width
+        ("saliency", "layers='all', site='neurons'", 260 << 20, "", SHORT),
+        # layer IG runs each point once per layer: until 2026-12-07 planned as one copy (317 MiB
+        # under a 300 MiB budget)
+        ("integrated_gradients", "steps=16, layers='all', site='neurons'", 450 << 20, "", SHORT),
+        ("integrated_gradients", "steps=16, layers='all'", 350 << 20, "", SHORT),
         # every layer's activations at each point's next node, besides its gradients
         ("conductance", "steps=16, layers='all'", 150 << 20, "", SHORT),
         # a block of steps' logits over GPT-2's vocabulary: until 2026-12-06 all of them at once

@@ -207,6 +207,8 @@ GROUPS: dict[str, list[Call]] = {
     "guided": [_run("guided_backprop"), _run("deconvolution")],
     "DeepLIFT": [_run("deeplift"), _run("deeplift_shap")],
     "LRP": [_run("lrp", rule="attnlrp"), _run("lrp", rule="cp-lrp")],
+    "layer sites": [_run("saliency", layers=0, site=site) for site in ("attention", "mlp")],
+    "layer neurons": [_run("saliency", layers=0, site="neurons")],
     "perturbation": [_run(name) for name in PERTURBATIONS],
     "attention": [_run("attention"), _run("rollout")],
     "attention \u00d7 gradient": [_run("attention_x_gradient"), _run("head_attribution")],

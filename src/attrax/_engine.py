@@ -428,6 +428,7 @@ class Problem:
         moments: int = 1,
         layers: int = 1,
         per_target: int = 0,
+        repeat: int = 1,
     ) -> tuple[int | None, int | None]:
         """Sizes for ``points`` and every target: :func:`plan` on this call's shapes. With
         ``copies``, every (target, point) is a copy of the batch of its own with one cotangent
@@ -439,13 +440,19 @@ class Problem:
         moments accumulated (VarGrad's two), each a ``[B, K, L, H]`` sum held to the end.
         ``layers``: gradients read at that many layers (``layers=``), each of a target's
         backwards giving ``[layers, B, L, H]`` and every result ``layers`` times as large.
-        ``per_target``: bytes more per target of a backward (what a method reads from it)."""
+        ``per_target``: bytes more per target of a backward (what a method reads from it).
+        ``repeat``: each point runs as that many copies of the batch (layer IG's, one per
+        layer), in its forward and its backward."""
         targets = self.tensors.valid.shape[1]
         if points == targets == 1 and rows == 1 and self.max_memory is None:
             return None, None  # nothing to split, and no budget to check
         device = self.inputs[0].device
         cost = self.cost()
-        cost = cost._replace(fixed=cost.fixed + sum(self.held))
+        cost = cost._replace(
+            per_cotangent=repeat * cost.per_cotangent,
+            per_point=repeat * cost.per_point,
+            fixed=cost.fixed + sum(self.held),
+        )
         if moments > 1:  # each moment's sums, and what combining them holds (VarGrad's mean ** 2)
             extra = (2 * moments - 1) * layers * self._result_bytes()
             cost = cost._replace(fixed=cost.fixed + extra)

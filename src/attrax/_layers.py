@@ -375,12 +375,12 @@ def moments(
     # a site wider than the residual stream (the neurons) holds as many layers' worth more
     hidden = x.shape[-1]
     wide = nl if at.width is None else -(-nl * at.width // hidden)
+    repeat = nl if replace is not None else 1  # a point's forward: one copy of it per layer
+    if isinstance(batch_size, int) and not isinstance(batch_size, bool):
+        batch_size = max(1, batch_size // repeat)  # a given size counts the copies
     batch, chunk = problem.plan(
-        total * (nl if replace is not None else 1), batch_size, chunk_size,
-        moments=len(rule.moments), layers=wide,
-    )  # fmt: skip
-    if batch is not None and replace is not None:
-        batch = max(1, batch // nl)  # a forward holds one copy of each point per layer
+        total, batch_size, chunk_size, moments=len(rule.moments), layers=wide, repeat=repeat
+    )
     sums = gradient_sum(
         problem,
         at,

@@ -33,7 +33,7 @@ DIMS: dict[str, str] = {
     "hidden": "the embedding dimension",
     "layer": "a layer of the model (attention maps; the residual stream with `layers=`)",
     "head": "an attention head",
-    "neuron": "an MLP neuron: an input of the MLP's output projection (patching's site='neurons')",
+    "neuron": "an MLP neuron: an input of the MLP's output projection (site='neurons')",
     "score": "a step score (probability, entropy, ...)",
     "fraction": "the share of ranked source tokens a faithfulness metric removes or keeps",
     "method": "ax.evaluate: the attribution method scored",
