@@ -219,17 +219,6 @@ def _run_layers(rule: Rule, call: Call, layers: _layers.At) -> xr.DataArray:
     (``neuron`` for the MLPs' neurons)."""
     o = call.options
     problem = call.problem
-    # each layer's row sums to about f(x) - f(x'): layer IG's path starts at h_l(x'),
-    # conductance's at x'; the same gap per layer. Off the residual stream, which carries x
-    # past the site, layer IG's path starts at f(x) with that site at its value for x' (its
-    # forwards run before the gradients' results are held); conductance's sums only what flows
-    # through the site: no gap
-    complete = rule.reference is not None and (layers.site == "residual" or rule.alphas is not None)
-    start = None
-    if complete and layers.site != "residual":
-        assert rule.reference is not None
-        x, reference = problem.inputs[0], rule.reference[0]
-        start = _layers.replaced_scores(problem, layers, x, reference, o["batch_size"])
     moments = _layers.moments(problem, rule, layers, o["batch_size"], o["chunk_size"])
     if rule.transform is not None:
         values = rule.transform(*(m[0] for m in moments))
@@ -241,12 +230,18 @@ def _run_layers(rule: Rule, call: Call, layers: _layers.At) -> xr.DataArray:
             "and inputs"
         )
     target_coords = None
-    if complete:
-        assert rule.reference is not None
+    # each layer's row sums to about f(x) - f(x'): layer IG's path starts at h_l(x'),
+    # conductance's at x'; the same gap per layer. Off the residual stream, which carries x
+    # past the site, layer IG's path starts at f(x) with that site at its value for x';
+    # conductance's sums only what flows through the site: no gap
+    if rule.reference is not None and (layers.site == "residual" or rule.alphas is not None):
         x, reference = problem.inputs[0], rule.reference[0]
         ends = problem.evaluate((torch.stack([x, reference]),))
-        if start is None:  # the residual stream
+        if layers.site == "residual":
             start = ends[1][..., None]
+        else:
+            held = values.numel() * values.element_size()
+            start = _layers.replaced_scores(problem, layers, x, reference, o["batch_size"], held)
         gap = values.sum(dim=(3, 4)) - (ends[0][..., None] - start)  # [B, K, n_layers]
         target_coords = _layers.gap_coords(gap)
     reduce_hidden = o["reduce_hidden"]

@@ -281,18 +281,23 @@ def activations(problem: Problem, at: At, points: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def replaced_scores(
-    problem: Problem, at: At, x: torch.Tensor, reference: torch.Tensor, batch_size: Size
+    problem: Problem,
+    at: At,
+    x: torch.Tensor,
+    reference: torch.Tensor,
+    batch_size: Size,
+    held: int = 0,
 ) -> torch.Tensor:
     """The objective ``[B, K, n_layers]`` at the input ``x`` with layer ``l``'s activation put
     at its value for ``reference`` (one copy of the batch per layer, ``batch_size`` copies a
-    forward): where layer integrated gradients at a site that is not a cut of the network (the
-    residual stream carries ``x`` past it) starts its path."""
+    forward, beside ``held`` bytes of results): where layer integrated gradients at a site that
+    is not a cut of the network (the residual stream carries ``x`` past it) starts its path."""
     nl = len(at)
     start = activations(problem, at, reference[None])[:, 0]  # [n_layers, B, L, W]
     cost = problem.cost(saved=False)
     step = plan_forwards(
         nl, batch_size, cost.per_point, x.device, problem.max_memory,
-        cost.fixed + sum(problem.held),
+        cost.fixed + sum(problem.held) + held,
     )  # fmt: skip
     out = []
     for first in range(0, nl, step):  # chunking only: bounds memory

@@ -9,7 +9,7 @@ included) in the result's ``attrs["options"]``. A method declares only what is i
 >>> import attrax as ax
 >>> ax.saliency(ax.load_model(), "1 2 3 =", " 3 2 1", steps=4)
 Traceback (most recent call last):
-attrax._errors.OptionError: saliency has no option 'steps'; its options are: abs, objective, contrast, positions, attribute_target, chunk_size, batch_size, max_new_tokens, max_memory, reduce_hidden, mode, layers
+attrax._errors.OptionError: saliency has no option 'steps'; its options are: abs, objective, contrast, positions, attribute_target, chunk_size, batch_size, max_new_tokens, max_memory, reduce_hidden, mode, layers, site
 """
 
 from __future__ import annotations
