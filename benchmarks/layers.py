@@ -182,9 +182,12 @@ def render(result: dict) -> str:
     p, t = rows[0]["tokens"]
     loads = sorted({round(r.get("load_average", result["load_average"]), 1) for r in rows})
     load = f"{loads[0]:.1f}" if len(loads) == 1 else f"{loads[0]:.1f}-{loads[-1]:.1f}"
+    # a row's `layers` counts what it read: the residual stream's 0..L, or the blocks 0..L-1
+    first = rows[0]
+    blocks = first["layers"] - (first.get("site", "residual") == "residual")
     lines = [
         f"GPT-2 W1 model, {p}-token prompt + {t}-token target, residual-stream layers "
-        f"0..{rows[0]['layers'] - 1} (the other sites: blocks 0..{rows[0]['layers'] - 2}), "
+        f"0..{blocks} (the other sites: blocks 0..{blocks - 1}), "
         f"{result['threads']} threads (1-minute load average {load} on the shared 2-core "
         "machine; each ratio is within one run of its method):",
         "",

@@ -36,7 +36,7 @@ from . import _arch, _layers
 from . import _validate as check
 from ._engine import Problem, baseline_embeddings
 from ._errors import ModelError, OptionError
-from ._gradients import GRADIENT, Baselines, Rule, as_baseline_list
+from ._gradients import GRADIENT, Baselines, Rule, as_baseline_list, check_layer_options
 from ._memory import Cost
 from ._model import (
     ACTIVATION_KINDS,
@@ -293,6 +293,7 @@ def _check_activations(model: Model, activations: str) -> None:
 
 
 def _run(core: Callable[..., Rule], call: Call, arguments: dict[str, Any]) -> xr.DataArray:
+    check_layer_options(call.options)  # before the problem generates any target
     _check_activations(call.model, arguments["activations"])
     _ = call.problem  # tokenized (targets generated) before any activation is tapped
     references = _References(_KINDS[arguments["activations"]])

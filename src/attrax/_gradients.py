@@ -71,7 +71,7 @@ def _run(core: Callable[..., Rule], call: Call, arguments: dict[str, Any]) -> xr
     o = call.options
     reduce_hidden, mode = o["reduce_hidden"], o["mode"]
     layers = None
-    _check_layers(o)
+    check_layer_options(o)
     if o.get("layers") is not None:
         layers = _layers.resolve(call.model, o["layers"], o.get("site", "residual"))
     problem = call.problem
@@ -183,7 +183,7 @@ def refuse_layers(
     return check_options
 
 
-def _check_layers(options: Mapping[str, Any]) -> None:
+def check_layer_options(options: Mapping[str, Any]) -> None:
     """What ``layers=`` cannot be combined with, refused before the model runs."""
     site = options.get("site", "residual")
     if options.get("layers") is None:
@@ -297,7 +297,8 @@ GRADIENT = Family(
             _layers.check_layers,
             "None (the token embeddings), an int, a list of ints or 'all': attribute to the "
             "residual stream at these layers (0: the embedding output, L: the last block's "
-            "output, before the final norm), as a `layer` dim",
+            "output, before the final norm), or with `site` to these blocks' (0..L-1), as a "
+            "`layer` dim",
         ),
         "site": Param(
             "residual",

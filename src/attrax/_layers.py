@@ -26,7 +26,8 @@ from __future__ import annotations
 import contextlib
 import numbers
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, NamedTuple, cast
+from dataclasses import dataclass
+from typing import Any, cast
 
 import torch
 import xarray as xr
@@ -46,10 +47,11 @@ Layers = int | Sequence[int] | slice | str | None
 SITES = ("residual", "attention", "mlp", "neurons")
 
 
-class At(NamedTuple):
+@dataclass(frozen=True)
+class At:
     """Where the gradients are read: ``site`` of each of ``layers`` (:func:`resolve`), the
     activation ``width`` wide (None: the residual stream's) and, off the residual stream, the
-    module each layer's hook goes on."""
+    module each layer's hook goes on; its length is the number of layers."""
 
     layers: list[int]
     site: str = "residual"
@@ -351,6 +353,7 @@ def moments(
         ends = activations(problem, at, torch.stack([x, rule.reference[0]]))
         start, span = ends[:, 1], ends[:, 0] - ends[:, 1]
         shared = span
+        _hold(problem, at, 2 * start.numel() * start.element_size())
         alpha = rule.alphas.to(dtype=x.dtype, device=x.device)
 
         def replace(chunk: torch.Tensor) -> torch.Tensor:
@@ -376,13 +379,15 @@ def moments(
         given = [x] if rule.reference is None else [x, rule.reference[0]]
         ends = activations(problem, at, torch.stack(given))
         shared = ends[:, 0] if rule.reference is None else ends[:, 0] - ends[:, 1]
+        _hold(problem, at, shared.numel() * shared.element_size())
     total = weights.shape[0]
     # a site wider than the residual stream (the neurons) holds as many layers' worth more
     hidden = x.shape[-1]
     wide = nl if at.width is None else -(-nl * at.width // hidden)
     repeat = nl if replace is not None else 1  # a point's forward: one copy of it per layer
     if isinstance(batch_size, int) and not isinstance(batch_size, bool):
-        batch_size = max(1, batch_size // repeat)  # a given size counts the copies
+        # a given size counts the copies; below one point's, a forward holds that point's
+        batch_size = max(1, batch_size // repeat)
     batch, chunk = problem.plan(
         total, batch_size, chunk_size, moments=len(rule.moments), layers=wide, repeat=repeat
     )
@@ -401,6 +406,12 @@ def moments(
         m = shared.permute(1, 0, 2, 3)[:, None].to(sums[0].dtype)  # [B, 1, nl, L, H]
         sums = tuple(s * m**p for s, p in zip(sums, rule.moments, strict=True))
     return tuple((s,) for s in sums)
+
+
+def _hold(problem: Problem, at: At, nbytes: int) -> None:
+    """Count the layers' activations a rule keeps through its passes (every layer's, ``[n_layers,
+    B, L, W]``: four times the residual stream's width at GPT-2's neurons)."""
+    problem.hold(nbytes, "layers", at.layers, "each layer's activations at the input")
 
 
 def gradient_sum(

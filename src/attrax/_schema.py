@@ -31,7 +31,8 @@ DIMS: dict[str, str] = {
     "source": "what the attribution is about: positions of the prompt+continuation or encoder input",
     "query": "the attending position of an encoder self-attention map",
     "hidden": "the embedding dimension",
-    "layer": "a layer of the model (attention maps; the residual stream with `layers=`)",
+    "layer": "a layer of the model (attention maps; the residual stream, or a block's site, with "
+    "`layers=`)",
     "head": "an attention head",
     "neuron": "an MLP neuron: an input of the MLP's output projection (site='neurons')",
     "score": "a step score (probability, entropy, ...)",

@@ -162,8 +162,9 @@ def decoder_blocks(model: Model, method: str) -> list[torch.nn.Module]:
         raise ModelError(
             f"{method}: {type(model.hf).__name__} keeps no decoder-only layers where attrax "
             "looks (the base model's `layers` or `h`: GPT-2, Llama, Qwen2, Gemma, Phi-3, "
-            "Pythia, OPT, BLOOM, Falcon..., ModernBERT); post-LN encoders such as BERT have no "
-            "residual stream of that form"
+            "Pythia, OPT, BLOOM, Falcon..., ModernBERT); of the post-LN encoders, attrax knows "
+            f"where {', '.join(sorted(ENCODERS))} keep their blocks, and not "
+            f"{getattr(model.hf.config, 'model_type', None)!r}"
         )
     return list(blocks)
 
