@@ -1059,3 +1059,188 @@ def test_a_decoder_stacks_copies_reuse_the_encoder(models64, monkeypatch):
     assert min(calls) > 6, calls
     # effects near 0 differ by the rounding between batch sizes (1e-15 absolute)
     np.testing.assert_allclose(reused.values, every.values, rtol=1e-12, atol=1e-13)
+
+
+# --- zero and mean ablation ------------------------------------------------------------------
+
+
+def ablated(seen: torch.Tensor, kind: str) -> torch.Tensor:
+    """``seen`` ``[L, width]`` ablated by hand: zeros, or every row the rows' mean."""
+    if kind == "zero":
+        return torch.zeros_like(seen)
+    return seen.mean(0, keepdim=True).expand_as(seen).clone()
+
+
+def real_ablation(ref: Reference, text: str, site: str, layers: int, heads: int, kind: str):
+    """``[targets, positions, layers, heads]``: one activation (a head's columns) of the clean
+    run ablated per forward, less the clean run's scores."""
+    ids = ref.ids(text)
+    unpatched = ref.run(ids)
+    out = None
+    for layer in range(layers):
+        _, _, offset = site_module(ref.hf, ref.stack, layer, site)
+        seen = ref.capture(ids, layer, site)
+        given = ablated(seen, kind)
+        d = ref.hf.config.hidden_size // ref.hf.config.num_attention_heads
+        if site == "mlp" or site == "residual":
+            d = None
+        elif site in ("keys", "values") and heads != ref.hf.config.num_attention_heads:
+            d = ref.hf.config.hidden_size // ref.hf.config.num_attention_heads
+        for p in range(seen.shape[0]):
+            for h in range(heads):
+                cols = slice(None) if d is None else slice(offset + h * d, offset + (h + 1) * d)
+
+                def change(x, p=p, cols=cols, given=given):
+                    x[p, cols] = given[p, cols]
+                    return x
+
+                scores = ref.run(ids, (layer, site, change)) - unpatched
+                if out is None:
+                    out = np.zeros((len(scores), seen.shape[0], layers, heads))
+                out[:, p, layer, h] = scores
+    assert out is not None
+    return out
+
+
+@pytest.mark.parametrize(
+    ("arch", "site", "kind"),
+    [
+        *((arch, site, kind) for arch, site in (("gpt2", "heads"), ("gpt2", "mlp"),
+          ("gpt2", "keys"), ("llama", "residual"), ("llama", "values")) for kind in ("zero", "mean")),
+        ("llama", "queries", "zero"),
+    ],
+)  # fmt: skip
+def test_ablation_equals_real_ablation(models64, arch, site, kind):
+    """Each activation set to zero, or to its mean over the input's positions, one forward a
+    patch (queries and keys are ablated after their rotary embeddings: a zero is a zero
+    before them too, a mean is not, so Llama's queries are checked at zero only)."""
+    model = models64[arch]
+    got = ax.activation_patching(
+        model, SOURCE, TARGET, corrupted=ax.Ablation(kind), site=site, objective="logit"
+    )
+    want = real_ablation(
+        Reference(model, SOURCE, TARGET), SOURCE, site, 2, heads_of(model, site), kind
+    )
+    assert np.abs(want).max() > 1e-3
+    tol = {"rtol": 1e-5, "atol": 1e-7} if arch == "llama" else {"rtol": 1e-9, "atol": 1e-11}
+    visible(got, want, lambda a, b: np.testing.assert_allclose(a, b, **tol))
+
+
+@pytest.mark.parametrize("kind", ["zero", "mean"])
+@pytest.mark.parametrize("site", ["heads", "mlp", "neurons"])
+def test_attribution_patching_ablation_is_the_gradient_times_the_change(models64, site, kind):
+    """AtP with an ablation: each target's gradient at the activation (one backward per target
+    here) times the ablated value less the clean one, summed over the head's or MLP's
+    columns (each neuron its own)."""
+    model = models64["gpt2"]
+    got = ax.attribution_patching(
+        model, SOURCE, TARGET, corrupted=ax.Ablation(kind), site=site, objective="logit"
+    )
+    ref = Reference(model, SOURCE, TARGET)
+    ids = torch.tensor([ref.ids(SOURCE)])
+    heads = model.hf.config.n_head
+    per_layer = []
+    for layer in range(2):
+        module, kind_of_hook, _ = site_module(model.hf, "self", layer, site)
+        seen = ref.capture(ref.ids(SOURCE), layer, site)
+        leaf = seen.clone().requires_grad_(True)
+        if kind_of_hook == "pre":
+            handle = module.register_forward_pre_hook(lambda m, a, v=leaf: (v[None], *a[1:]))
+        else:
+            handle = module.register_forward_hook(lambda m, a, o, v=leaf: v[None])
+        try:
+            logits = model.hf(input_ids=ids).logits[0]
+        finally:
+            handle.remove()
+        change = ablated(seen, kind) - seen
+        rows = []
+        for k, token in enumerate(ref.target_ids):
+            (grad,) = torch.autograd.grad(
+                logits[ref.prefix - 1 + k, token], leaf, retain_graph=True
+            )
+            product = grad * change  # [L, width]
+            if site == "heads":
+                product = product.unflatten(-1, (heads, -1)).sum(-1)
+            elif site == "mlp":
+                product = product.sum(-1, keepdim=True)
+            rows.append(product.detach())
+        per_layer.append(torch.stack(rows))  # [K, L, heads | 1 | neurons]
+    want = torch.stack(per_layer, dim=2).numpy()  # [K, L, layers, ...]
+    if site == "mlp":
+        want = want[..., 0]
+    values = got.values
+    finite = ~np.isnan(values)
+    np.testing.assert_allclose(values[finite], want[finite], rtol=1e-8, atol=1e-12)
+    assert np.abs(want).max() > 1e-4
+
+
+def test_mean_ablation_of_a_batch_is_over_every_examples_real_tokens(models64):
+    """A batch is the reference set: the mean is over both examples' tokens, padding left out
+    (here computed by hand from each example's own run, no padding at all)."""
+    model = models64["gpt2"]
+    texts, targets = [SOURCE, "Hello"], [TARGET, " world"]
+    got = ax.activation_patching(
+        model, texts, targets, corrupted=ax.Ablation("mean"), site="mlp", layers=1,
+        objective="logit",
+    )  # fmt: skip
+    refs = [Reference(model, s, t) for s, t in zip(texts, targets, strict=True)]
+    seen = [r.capture(r.ids(s), 1, "mlp") for r, s in zip(refs, texts, strict=True)]
+    mean = torch.cat(seen).mean(0)
+    for b, (ref, text) in enumerate(zip(refs, texts, strict=True)):
+        ids = ref.ids(text)
+        unpatched = ref.run(ids)
+        want = np.zeros((len(ref.target_ids), len(ids)))
+        for p in range(len(ids)):
+
+            def change(x, p=p):
+                x[p] = mean
+                return x
+
+            want[:, p] = ref.run(ids, (1, "mlp", change)) - unpatched
+        row = got.isel(example=b, layer=0).dropna("target", how="all").dropna("source", how="all")
+        mine = row.values
+        np.testing.assert_allclose(
+            np.nan_to_num(mine),
+            np.where(np.isnan(mine), 0, want[:, : mine.shape[1]]),
+            rtol=1e-9,
+            atol=1e-11,
+        )
+    # the batch's mean is not one example's: the single call differs
+    single = ax.activation_patching(
+        model, SOURCE, TARGET, corrupted=ax.Ablation("mean"), site="mlp", layers=1,
+        objective="logit",
+    )  # fmt: skip
+    assert not np.allclose(
+        np.nan_to_num(single.values),
+        np.nan_to_num(got.isel(example=0).sel(source=single["source"]).values),
+    )
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "match"),
+    [
+        (lambda m: ax.activation_patching(m, SOURCE, TARGET, corrupted=ax.Ablation(), direction="denoising"), ax.OptionError, "an ax.Ablation has no run of its own"),
+        (lambda m: ax.Ablation("half"), ax.OptionError, "`Ablation.kind` must be one of"),
+        (lambda m: ax.attribution_patching(m, SOURCE, TARGET, corrupted=ax.GaussianNoise(tokens=0)), ax.OptionError, "a corrupted text .* or an ax.Ablation"),
+        (lambda m: ax.attribution_patching(m, SOURCE, TARGET, corrupted=3), ax.OptionError, "a list of strings or an ax.Ablation"),
+    ],
+)  # fmt: skip
+def test_bad_ablations_are_refused(models64, call, error, match):
+    with pytest.raises(error, match=match):
+        call(models64["gpt2"])
+
+
+def test_the_cli_takes_an_ablation(tmp_path):
+    from attrax.cli import main
+
+    out = tmp_path / "a.nc"
+    given = ["attribute", "--method", "activation_patching", "--input", "1 2 3 =",
+             "--target", " 3 2 1", "-o", "site=mlp", "--reduce", "none", "--out", str(out)]  # fmt: skip
+    assert main([*given, "-o", 'corrupted={"ablation": "mean"}']) == 0
+    mine = ax.load(out)
+    want = ax.activation_patching(
+        ax.load_model(), "1 2 3 =", " 3 2 1", corrupted=ax.Ablation("mean"), site="mlp"
+    )
+    np.testing.assert_allclose(mine.values, want.values, rtol=1e-6, equal_nan=True)
+    assert main([*given, "-o", 'corrupted={"ablation": "mean", "seed": 1}']) == 2
+    assert main([*given, "-o", 'corrupted={"ablation": "half"}']) == 2

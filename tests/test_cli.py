@@ -155,7 +155,10 @@ def test_a_json_object_for_corrupted_is_gaussian_noise(tmp_path, default_model):
         (["--method", "activation_patching", "-o", 'corrupted={"samples": 2}'],
          "GaussianNoise(tokens=None) noises nothing: give `tokens`"),
         (["--method", "activation_patching", "-o", 'corrupted={"tokens": 0, "noise": 2}'],
-         "is ax.GaussianNoise's fields (tokens, scale, samples, seed, std), with no 'noise'"),
+         "is ax.GaussianNoise's fields (tokens, scale, samples, seed, std) or "
+         '{"ablation": "zero" | "mean"}, with no \'noise\''),
+        (["--method", "activation_patching", "-o", 'corrupted={"ablation": "half"}'],
+         "`Ablation.kind` must be one of ('zero', 'mean'), got 'half'"),
         (["--method", "magic"], "unknown method 'magic'; available: saliency"),
         (["-o", "colour=red"], "saliency has no option 'colour'"),
         (["--steps", "3"], "`--steps 3` does not apply to saliency: it has no `steps` option"),

@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from ._adversarial import pgd as pgd
     from ._attention import attention as attention
     from ._attention import rollout as rollout
+    from ._components import Ablation as Ablation
     from ._components import GaussianNoise as GaussianNoise
     from ._components import activation_patching as activation_patching
     from ._components import attribution_patching as attribution_patching

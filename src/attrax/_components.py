@@ -30,8 +30,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple, cast
 
@@ -783,16 +784,20 @@ def _corrupted(value: object, name: str) -> None:
     if value is None:
         raise OptionError(
             f"`{name}` is required: the corrupted input(s), each with as many tokens as its "
-            "clean input (a string, or a list aligned with `inputs`)"
+            "clean input (a string, or a list aligned with `inputs`), or an ax.Ablation"
         )
+    if isinstance(value, Ablation):
+        return
     if isinstance(value, GaussianNoise):
         raise OptionError(
             f"`{name}`: Gaussian noise (causal tracing) is activation patching's corruption, "
             "whose effects it averages over the noise samples; attribution patching takes a "
-            "corrupted text (a string, or a list aligned with `inputs`)"
+            "corrupted text (a string, or a list aligned with `inputs`) or an ax.Ablation"
         )
     if not isinstance(value, (str, list, tuple)):
-        raise OptionError(f"`{name}` must be a string or a list of strings, got {value!r}")
+        raise OptionError(
+            f"`{name}` must be a string, a list of strings or an ax.Ablation, got {value!r}"
+        )
 
 
 def _corrupted_or_noise(value: object, name: str) -> None:
@@ -824,7 +829,7 @@ def _refuse_heads_or_neurons(site: str, heads: Selection, neurons: Selection) ->
 def attribution_patching(
     call: Call,
     *,
-    corrupted: Texts | None = None,
+    corrupted: Texts | Ablation | None = None,
     site: str = "heads",
     stack: str | None = None,
     layers: Selection = None,
@@ -849,7 +854,8 @@ def attribution_patching(
         corrupted: the corrupted input(s) (an encoder-decoder's source), aligned with
             ``inputs``, each with exactly as many tokens as its clean input (positions must
             match for patching to mean anything; an encoder-decoder's decoder stacks, whose
-            positions are the decoder's, take a source of any length).
+            positions are the decoder's, take a source of any length); or an
+            :class:`Ablation`: each activation's corrupted value is zero or its mean.
         site: which activations: ``"heads"`` (each head's output before the output projection,
             ``(target, source, layer, head)``), ``"attention"`` (every head of a layer at once,
             the output projection's whole input: here the heads' sum), ``"mlp"`` (each MLP's
@@ -916,13 +922,7 @@ def attribution_patching(
     problem = call.problem
     t = problem.tensors
     assert corrupted is not None
-    # only positions that are patched must align: the decoder's, for the decoder stacks
-    corrupt_ids, corrupt_mask, corrupt_types = _corrupted_ids(
-        model, call, corrupted, not parts.on_decoder
-    )
     clean_embeds = problem.inputs[0]
-    with torch.no_grad():
-        corrupt_embeds = model.embed(corrupt_ids, "source")
 
     # the activation of each chosen layer at `site`, and how a probe is added to it
     def install(probes: list[torch.Tensor] | None, seen: list[Any]) -> list[Any]:
@@ -960,8 +960,19 @@ def attribution_patching(
             hidden = problem.hidden_of(embeds, mask, types, ids)
         return hidden, seen
 
-    with torch.no_grad():  # the corrupted input with its own segments (a pair split elsewhere)
-        _, corrupt_acts = run(corrupt_embeds, corrupt_mask, None, corrupt_types, corrupt_ids)
+    if isinstance(corrupted, Ablation):  # the clean run's activations, ablated
+        with torch.no_grad():
+            _, corrupt_acts = run(clean_embeds, t.mask, None)
+        real = problem.side_mask(1 if parts.on_decoder else 0)
+        corrupt_acts = [a if a is None else corrupted.apply(a, real) for a in corrupt_acts]
+    else:
+        # only positions that are patched must align: the decoder's, for the decoder stacks
+        corrupt_ids, corrupt_mask, corrupt_types = _corrupted_ids(
+            model, call, corrupted, not parts.on_decoder
+        )
+        with torch.no_grad():  # the corrupted input with its own segments (a pair split elsewhere)
+            corrupt_embeds = model.embed(corrupt_ids, "source")
+            _, corrupt_acts = run(corrupt_embeds, corrupt_mask, None, corrupt_types, corrupt_ids)
     if any(a is None for a in corrupt_acts):
         raise ModelError(f"{method}: {type(model.hf).__name__} did not run the modules it names")
     per_target = 0
@@ -1045,6 +1056,47 @@ def attribution_patching(
 
 
 # --- activation patching ---------------------------------------------------------------------
+
+
+#: what :class:`Ablation` sets a patched activation to
+ABLATIONS = ("zero", "mean")
+
+
+@dataclass(frozen=True)
+class Ablation:
+    """The activations set to zero or to their mean instead of taken from a corrupted run: zero
+    and mean ablation, for :func:`attribution_patching`'s and :func:`activation_patching`'s
+    ``corrupted``.
+
+    ``"zero"``: each patched activation becomes 0. ``"mean"``: its mean over the clean batch's
+    tokens, every example's positions of the patched stack with padding left out (one vector
+    per layer, whose slices are the heads' and neurons'; queries and keys after their rotary
+    embeddings); a batch of inputs is the reference set the mean is taken over, as mean
+    ablation over a dataset (Wang et al. 2022). Activation patching with an ablation noises
+    only: there is no ablated run to restore into.
+
+    >>> import attrax as ax
+    >>> da = ax.attribution_patching(ax.load_model(), "1 2 3 =", " 3 2 1",
+    ...     corrupted=ax.Ablation("mean"), site="mlp")
+    >>> da.dims
+    ('target', 'source', 'layer')
+    """
+
+    kind: str = "zero"
+
+    def __post_init__(self) -> None:
+        check.one_of(*ABLATIONS)(self.kind, "Ablation.kind")
+
+    def apply(self, acts: torch.Tensor, mask: torch.Tensor, positions: int = 1) -> torch.Tensor:
+        """``acts`` (``[B, ..., L, ...]``, positions along dim ``positions``) ablated: zeros, or
+        the mean over the real (``mask`` ``[B, L]``) positions and examples, broadcast."""
+        if self.kind == "zero":
+            return torch.zeros_like(acts)
+        shape = [1] * acts.dim()
+        shape[0], shape[positions] = mask.shape
+        weights = mask.to(full_precision(acts).dtype).view(shape)
+        mean = (acts * weights).sum((0, positions), keepdim=True) / weights.sum()
+        return mean.to(acts.dtype).expand_as(acts).clone()
 
 
 @dataclass(frozen=True)
@@ -1296,7 +1348,17 @@ class _Patchable(NamedTuple):
     offset: int = 0
 
 
+def _noising_only(options: Mapping[str, Any]) -> None:
+    if isinstance(options["corrupted"], Ablation) and options["direction"] != "noising":
+        raise OptionError(
+            f"`direction={options['direction']!r}` restores clean activations into the "
+            "corrupted run; an ax.Ablation has no run of its own (each patch ablates one "
+            "activation of the clean run): direction='noising'"
+        )
+
+
 @ACTIVATION.method(
+    _noising_only,
     corrupted=_corrupted_or_noise,
     site=_site,
     stack=_stack,
@@ -1310,7 +1372,7 @@ class _Patchable(NamedTuple):
 def activation_patching(
     call: Call,
     *,
-    corrupted: Texts | GaussianNoise | None = None,
+    corrupted: Texts | GaussianNoise | Ablation | None = None,
     site: str = "heads",
     stack: str | None = None,
     layers: Selection = None,
@@ -1336,7 +1398,8 @@ def activation_patching(
         model, inputs, targets, objective, contrast, positions, batch_size, max_new_tokens,
             max_memory: as :func:`attrax.occlusion` (``batch_size``: patched copies of the batch
             per forward).
-        corrupted: as :func:`attribution_patching`, or a :class:`GaussianNoise` (causal
+        corrupted: as :func:`attribution_patching` (a text, or an :class:`Ablation`: zero or
+            mean ablation, ``direction="noising"``), or a :class:`GaussianNoise` (causal
             tracing: noise on some tokens' embeddings, the effects averaged over its samples).
         site, stack, layers, heads, neurons: as :func:`attribution_patching`
             (``site="attention"`` patches every head of a layer together, ROME's attention
@@ -1376,6 +1439,7 @@ def activation_patching(
         on_decoder, stack_name = parts.on_decoder, parts.name
     clean: _Run = (problem.inputs[0], t.mask, None, t.ids)
     samples = 1
+    ablate = None
     if isinstance(corrupted, GaussianNoise):
         # both runs S * B rows, sample-major: each noisy run beside its own copy of the clean
         samples = corrupted.samples
@@ -1387,16 +1451,23 @@ def activation_patching(
         mask, ids = t.mask.repeat(samples, 1), t.ids.repeat(samples, 1)
         bad: _Run = (noisy, mask, None, ids)
         clean = (problem.inputs[0].repeat(samples, 1, 1), mask, None, ids)
+    elif isinstance(corrupted, Ablation):  # the clean run's own activations, ablated
+        real = problem.side_mask(1 if on_decoder else 0)
+        queries_keys_values = 2 if site in ATTENTION_INPUTS else 1  # [B, heads, positions, d]
+        ablate = functools.partial(corrupted.apply, mask=real, positions=queries_keys_values)
+        bad = clean
     else:
         ids, mask, types = _corrupted_ids(model, call, corrupted, not on_decoder)
         with torch.no_grad():
             bad = (model.embed(ids, "source"), mask, types, ids)
     base, donor = (clean, bad) if direction == "noising" else (bad, clean)
     if site in ATTENTION_INPUTS:
-        found = _attention_input_donors(call, stack_name, site, layers, heads, window, donor, base)
+        found = _attention_input_donors(
+            call, stack_name, site, layers, heads, window, donor, base, ablate
+        )
     else:
         picked = neurons if site == "neurons" else heads
-        found = _module_donors(call, parts, site, layers, picked, window, donor, base)
+        found = _module_donors(call, parts, site, layers, picked, window, donor, base, ablate)
     chosen_sources = selection_indices(sources, found.length, "sources", "patched positions")
     read = _read(problem, on_decoder, found.length).repeat(samples, 1)
     effects = _patched_effects(call, base, found, chosen_sources, read, site in ATTENTION_INPUTS)
@@ -1451,10 +1522,12 @@ def _module_donors(
     window: int,
     donor: _Run,
     base: _Run,
+    ablate: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> _Patchable:
     """The chosen layers and heads (neurons) of a head, attention, MLP, neuron or residual site,
-    the donor run's activation at each layer a patch sets (``[B, positions, width]``), how a
-    chunk's forward replaces it, and where it equals the ``base`` run's."""
+    the donor run's activation at each layer a patch sets (``[B, positions, width]``; through
+    ``ablate``, an ablation's), how a chunk's forward replaces it, and where it equals the
+    ``base`` run's."""
     problem = call.problem
     centers = selection_indices(layers, len(parts.blocks), "layers", "layers")
     chosen_layers, spans = _windows(centers, len(parts.blocks), window)
@@ -1500,6 +1573,8 @@ def _module_donors(
         return cast("list[torch.Tensor]", seen)
 
     donors = record(donor)
+    if ablate is not None:
+        donors = [ablate(d) for d in donors]
     same = torch.stack(record(base, donors))
 
     @contextlib.contextmanager
@@ -1575,6 +1650,7 @@ def _attention_input_donors(
     window: int,
     donor: _Run,
     base: _Run,
+    ablate: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> _Patchable:
     """As :func:`_module_donors`, for the queries, keys or values (``[B, heads, positions,
     d]``, after rotary embeddings), replaced inside the attention function."""
@@ -1592,6 +1668,8 @@ def _attention_input_donors(
         return [getattr(calls[key], name).detach().clone() for key in keys]
 
     donors = record(donor)
+    if ablate is not None:
+        donors = [ablate(d) for d in donors]
     bases = record(base)
     same = torch.stack(
         [_same(d, b, lambda a: a.transpose(1, 2)) for d, b in zip(donors, bases, strict=True)]
@@ -1827,7 +1905,7 @@ def _reused(
 
 def _patch_attention_inputs(
     call: Call,
-    corrupted: Texts | None,
+    corrupted: Texts | Ablation | None,
     site: str,
     stack: str | None,
     layers: Selection,
@@ -1841,12 +1919,17 @@ def _patch_attention_inputs(
     model = call.model
     on_decoder, stack = _attention_input_stack(model, site, stack)
     assert corrupted is not None
-    corrupt = _corrupted_ids(model, call, corrupted, not on_decoder)
-    with torch.no_grad():
-        embeds = model.embed(corrupt[0], "source")
+    if isinstance(corrupted, Ablation):  # [B, heads, positions, d] on the stack's positions
+        real = call.problem.side_mask(1 if on_decoder else 0)
+        given: Any = functools.partial(corrupted.apply, mask=real, positions=2)
+    else:
+        corrupt = _corrupted_ids(model, call, corrupted, not on_decoder)
+        with torch.no_grad():
+            embeds = model.embed(corrupt[0], "source")
+        given = (embeds, corrupt[1], corrupt[2], corrupt[0])
     stacked, chosen_layers, chosen_heads = patch_attention_inputs(
         call,
-        (embeds, corrupt[1], corrupt[2], corrupt[0]),
+        given,
         stack,
         site,
         qk_fix is not False,

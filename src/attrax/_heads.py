@@ -23,7 +23,7 @@ import contextlib
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextvars import ContextVar
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, cast
 
 import numpy as np
@@ -803,7 +803,8 @@ def replacing(
 
 def patch_attention_inputs(
     call: Call,
-    corrupt: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor],
+    corrupt: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]
+    | Callable[[torch.Tensor], torch.Tensor],
     stack: str,
     site: str,
     qk_fix: bool,
@@ -815,7 +816,8 @@ def patch_attention_inputs(
     at one position a node: ``[B, K, positions, layer, head]`` with the chosen layers and heads
     (keys and values: the key/value heads).
 
-    ``corrupt`` holds the corrupted run's input embeddings, mask, segment ids and token ids.
+    ``corrupt`` holds the corrupted run's input embeddings, mask, segment ids and token ids, or
+    is a function giving the corrupted vectors from the clean ones (an ablation).
     Plain AtP is ``grad . (corrupted - clean)`` of each vector. With ``qk_fix`` (AtP*, Kramar et
     al. 2024), a query's or key's effect goes through its softmax exactly: ``sum dS/dA * (A' -
     A)`` with ``A'`` the attention pattern recomputed with that one query (key) corrupted,
@@ -830,8 +832,19 @@ def patch_attention_inputs(
     name = ATTENTION_INPUTS[site]
 
     clean = record_calls(problem, keys, site, problem.inputs[0], t.mask)
-    corrupt_calls = record_calls(problem, keys, site, *corrupt).calls
-    assert clean.calls is not None and corrupt_calls is not None
+    assert clean.calls is not None
+    corrupt_calls: dict[Key, AttentionCall] | None
+    if callable(corrupt):  # the clean calls, this site's vectors changed
+        ablate = corrupt
+
+        def ablated(call: AttentionCall) -> AttentionCall:
+            changed: dict[str, Any] = {name: ablate(getattr(call, name))}
+            return replace(call, **changed)
+
+        corrupt_calls = {key: ablated(clean.calls[key]) for key in keys}
+    else:
+        corrupt_calls = record_calls(problem, keys, site, *corrupt).calls
+    assert corrupt_calls is not None
     first = clean.calls[keys[0]]
     kv_heads = first.key.shape[1]
     total = first.query.shape[1] if site == "queries" else kv_heads

@@ -53,6 +53,7 @@ PUBLIC: dict[str, str] = {
     "attribution_patching": "._components",
     "activation_patching": "._components",
     "GaussianNoise": "._components",
+    "Ablation": "._components",
     "value_zeroing": "._mixing",
     "alti": "._mixing",
     "alti_logit": "._mixing",

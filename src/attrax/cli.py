@@ -749,18 +749,27 @@ def _method_options(args: argparse.Namespace, fn: Any) -> dict[str, Any]:
 
 
 def _noise(fields: dict[str, Any]) -> Any:
-    """``-o corrupted={...}``: a JSON object is :class:`attrax.GaussianNoise`'s fields."""
+    """``-o corrupted={...}``: a JSON object is :class:`attrax.GaussianNoise`'s fields, or
+    ``{"ablation": "zero"}`` (``"mean"``), an :class:`attrax.Ablation`."""
     import dataclasses
 
-    from ._components import GaussianNoise
+    from ._components import Ablation, GaussianNoise
     from ._errors import OptionError
 
+    if "ablation" in fields:
+        if len(fields) > 1:
+            raise OptionError(
+                f"`-o corrupted={json.dumps(fields)}`: an ablation is the one key "
+                '"ablation" ({"ablation": "zero"} or {"ablation": "mean"})'
+            )
+        return Ablation(fields["ablation"])
     names = [f.name for f in dataclasses.fields(GaussianNoise)]
     unknown = sorted(set(fields) - set(names))
     if unknown:
         raise OptionError(
             f"`-o corrupted={json.dumps(fields)}`: a JSON object is ax.GaussianNoise's fields "
-            f"({', '.join(names)}), with no {unknown[0]!r}"
+            f"({', '.join(names)}) or {{\"ablation\": \"zero\" | \"mean\"}}, with no "
+            f"{unknown[0]!r}"
         )
     return GaussianNoise(**fields)
 
