@@ -229,12 +229,17 @@ def loop_grad_drop(hf: Any, ids: torch.Tensor, bad: torch.Tensor, first: int) ->
 
 
 def loop_activation(
-    hf: Any, ids: torch.Tensor, bad: torch.Tensor, first: int, objective: str = "probability"
+    hf: Any,
+    ids: torch.Tensor,
+    bad: torch.Tensor | None,
+    first: int,
+    objective: str = "probability",
 ) -> np.ndarray:
     """``[K, L, layer, head]``: real patching, one forward per (layer, head, position) with a
     hook that puts the corrupted run's head output there (TransformerLens's
     ``get_act_patch_attn_head_out_by_pos`` loop); every target's ``objective`` read from each
-    forward."""
+    forward. ``bad=None``: mean ablation, the clean run's head outputs averaged over the
+    positions put there instead."""
     _, proj, _, _, _, _ = _modules(hf)
     heads = hf.config.num_attention_heads
     d = hf.config.hidden_size // heads
@@ -244,9 +249,11 @@ def loop_activation(
         for n, p in enumerate(proj)
     ]
     with torch.no_grad():
-        hf(input_ids=bad, use_cache=False)
+        hf(input_ids=ids if bad is None else bad, use_cache=False)
     for h in hooks:
         h.remove()
+    if bad is None:
+        corrupt = {n: a.mean(0, keepdim=True).expand_as(a) for n, a in corrupt.items()}
     length = ids.shape[1]
     rows = torch.arange(first - 1, length - 1)
     targets = ids[0, first:]
@@ -431,6 +438,13 @@ def run(quick: bool, repeats: int, only: set[str] | None = None) -> dict[str, An
                     m, prompt, target, corrupted=corrupted, objective="logit"
                 ),
                 lambda hf=hf: loop_activation(hf, ids, bad, n_prompt, "logit"),
+            ),
+            (
+                "activation_patching ablation=mean objective=logit",
+                lambda m=model: ax.activation_patching(
+                    m, prompt, target, corrupted=ax.Ablation("mean"), objective="logit"
+                ),
+                lambda hf=hf: loop_activation(hf, ids, None, n_prompt, "logit"),
             ),
             (
                 "causal_tracing",

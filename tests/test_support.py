@@ -331,6 +331,20 @@ def test_activation_patching_runs_where_attribution_patching_does(family):
                 outcomes.append("refused")
             if outcomes[2] != outcomes[1]:
                 wrong.append(f"mlp: a corrupted text {outcomes[1]}, Gaussian noise {outcomes[2]}")
+            # a mean ablation runs where a corrupted text does, in both methods
+            for method in (ax.attribution_patching, ax.activation_patching):
+                kw = {"sources": 0} if method is ax.activation_patching else {}
+                try:
+                    da = method(
+                        model, **given, corrupted=ax.Ablation("mean"), site=site, layers=0, **kw
+                    )
+                    assert np.isfinite(da.values).any()
+                    ran = "ran"
+                except (ax.ModelError, ax.OptionError):
+                    ran = "refused"
+                if ran != outcomes[1]:
+                    wrong.append(f"mlp: a corrupted text {outcomes[1]}, {method.__name__} "
+                                 f"with a mean ablation {ran}")  # fmt: skip
             if outcomes[1] == "ran":
                 wrong += _reused_blocks_change_nothing(model, given)
     assert not wrong, f"{family}: " + "; ".join(wrong)

@@ -768,7 +768,7 @@ def _noise(fields: dict[str, Any]) -> Any:
     if unknown:
         raise OptionError(
             f"`-o corrupted={json.dumps(fields)}`: a JSON object is ax.GaussianNoise's fields "
-            f"({', '.join(names)}) or {{\"ablation\": \"zero\" | \"mean\"}}, with no "
+            f'({", ".join(names)}) or {{"ablation": "zero" | "mean"}}, with no '
             f"{unknown[0]!r}"
         )
     return GaussianNoise(**fields)
