@@ -1064,11 +1064,12 @@ def test_a_decoder_stacks_copies_reuse_the_encoder(models64, monkeypatch):
 # --- zero and mean ablation ------------------------------------------------------------------
 
 
-def ablated(seen: torch.Tensor, kind: str) -> torch.Tensor:
-    """``seen`` ``[L, width]`` ablated by hand: zeros, or every row the rows' mean."""
+def ablated(seen: torch.Tensor, kind: str, prompt: int) -> torch.Tensor:
+    """``seen`` ``[L, width]`` ablated by hand: zeros, or every row the mean of the first
+    ``prompt`` rows (the prompt's: the targets' rows are not averaged)."""
     if kind == "zero":
         return torch.zeros_like(seen)
-    return seen.mean(0, keepdim=True).expand_as(seen).clone()
+    return seen[:prompt].mean(0, keepdim=True).expand_as(seen).clone()
 
 
 def real_ablation(ref: Reference, text: str, site: str, layers: int, heads: int, kind: str):
@@ -1080,7 +1081,7 @@ def real_ablation(ref: Reference, text: str, site: str, layers: int, heads: int,
     for layer in range(layers):
         _, _, offset = site_module(ref.hf, ref.stack, layer, site)
         seen = ref.capture(ids, layer, site)
-        given = ablated(seen, kind)
+        given = ablated(seen, kind, ref.prefix)
         d = ref.hf.config.hidden_size // ref.hf.config.num_attention_heads
         if site == "mlp" or site == "residual":
             d = None
@@ -1152,7 +1153,7 @@ def test_attribution_patching_ablation_is_the_gradient_times_the_change(models64
             logits = model.hf(input_ids=ids).logits[0]
         finally:
             handle.remove()
-        change = ablated(seen, kind) - seen
+        change = ablated(seen, kind, ref.prefix) - seen
         rows = []
         for k, token in enumerate(ref.target_ids):
             (grad,) = torch.autograd.grad(
@@ -1175,8 +1176,8 @@ def test_attribution_patching_ablation_is_the_gradient_times_the_change(models64
 
 
 def test_mean_ablation_of_a_batch_is_over_every_examples_real_tokens(models64):
-    """A batch is the reference set: the mean is over both examples' tokens, padding left out
-    (here computed by hand from each example's own run, no padding at all)."""
+    """A batch is the reference set: the mean is over both examples' prompt tokens, padding
+    and targets left out (here computed by hand from each example's own run)."""
     model = models64["gpt2"]
     texts, targets = [SOURCE, "Hello"], [TARGET, " world"]
     got = ax.activation_patching(
@@ -1185,7 +1186,7 @@ def test_mean_ablation_of_a_batch_is_over_every_examples_real_tokens(models64):
     )  # fmt: skip
     refs = [Reference(model, s, t) for s, t in zip(texts, targets, strict=True)]
     seen = [r.capture(r.ids(s), 1, "mlp") for r, s in zip(refs, texts, strict=True)]
-    mean = torch.cat(seen).mean(0)
+    mean = torch.cat([s[: r.prefix] for s, r in zip(seen, refs, strict=True)]).mean(0)
     for b, (ref, text) in enumerate(zip(refs, texts, strict=True)):
         ids = ref.ids(text)
         unpatched = ref.run(ids)
@@ -1244,3 +1245,89 @@ def test_the_cli_takes_an_ablation(tmp_path):
     np.testing.assert_allclose(mine.values, want.values, rtol=1e-6, equal_nan=True)
     assert main([*given, "-o", 'corrupted={"ablation": "mean", "seed": 1}']) == 2
     assert main([*given, "-o", 'corrupted={"ablation": "half"}']) == 2
+
+
+def test_a_mean_ablation_reads_no_target_token(models64):
+    """The mean is the prompt's: a target's effects do not depend on the targets after it."""
+    model = models64["gpt2"]
+    for method in (ax.activation_patching, ax.attribution_patching):
+        one, other = (
+            method(model, SOURCE, t, corrupted=ax.Ablation("mean"), site="mlp", objective="logit")
+            for t in (" Paris, the city", " Paris; a town")
+        )
+        # both targets 0 are " Paris" after SOURCE, which reads the sources up to it
+        seen = int(one["target"][0]) + 1
+        first = one.isel(target=0, source=slice(0, seen)).values
+        again = other.isel(target=0, source=slice(0, seen)).values
+        np.testing.assert_allclose(first, again, rtol=1e-12, atol=1e-15)
+        assert np.nanmax(np.abs(first)) > 1e-4
+
+
+def test_attribution_patching_mean_ablation_of_a_padded_batch(models64):
+    """AtP on a batch of two prompts of different lengths: each example's gradient (autograd,
+    one backward per target) times the mean over both prompts' tokens less its activation."""
+    model = models64["gpt2"]
+    texts, targets = [SOURCE, "Hello"], [TARGET, " world"]
+    got = ax.attribution_patching(
+        model, texts, targets, corrupted=ax.Ablation("mean"), site="mlp", objective="logit"
+    )
+    refs = [Reference(model, s, t) for s, t in zip(texts, targets, strict=True)]
+    mean = {
+        layer: torch.cat(
+            [
+                r.capture(r.ids(s), layer, "mlp")[: r.prefix]
+                for r, s in zip(refs, texts, strict=True)
+            ]
+        ).mean(0)
+        for layer in range(2)
+    }
+    for b, (ref, text) in enumerate(zip(refs, texts, strict=True)):
+        ids = torch.tensor([ref.ids(text)])
+        want = np.full((len(ref.target_ids), ids.shape[1], 2), np.nan)
+        for layer in range(2):
+            seen = ref.capture(ref.ids(text), layer, "mlp")
+            leaf = seen.clone().requires_grad_(True)
+            handle = model.hf.transformer.h[layer].mlp.register_forward_hook(
+                lambda m, a, o, v=leaf: v[None]
+            )
+            try:
+                logits = model.hf(input_ids=ids).logits[0]
+            finally:
+                handle.remove()
+            for k, token in enumerate(ref.target_ids):
+                t = ref.prefix + k
+                (grad,) = torch.autograd.grad(logits[t - 1, token], leaf, retain_graph=True)
+                want[k, :t, layer] = ((mean[layer] - seen) * grad).sum(-1)[:t].detach().numpy()
+        positions = [ref.prefix + k for k in range(len(ref.target_ids))]
+        mine = got.isel(example=b).sel(target=positions).values[:, : ids.shape[1]]
+        np.testing.assert_allclose(mine, want, rtol=1e-9, atol=1e-12, equal_nan=True)
+
+
+def test_mean_ablation_on_an_encoder_decoder(models64):
+    """The encoder's mean is over both sources' tokens (padding left out): by hand, from each
+    source's own run; the decoder stacks' positions are the targets': refused."""
+    model = models64["marian"]
+    texts, targets = [SOURCE, "Hello"], [ED_TARGET, " world"]
+    got = ax.activation_patching(
+        model, texts, targets, corrupted=ax.Ablation("mean"), site="mlp", stack="encoder",
+        layers=1, objective="logit",
+    )  # fmt: skip
+    refs = [Reference(model, s, t, "encoder") for s, t in zip(texts, targets, strict=True)]
+    seen = [r.capture(r.ids(s), 1, "mlp") for r, s in zip(refs, texts, strict=True)]
+    mean = torch.cat(seen).mean(0)
+    for b, (ref, text) in enumerate(zip(refs, texts, strict=True)):
+        ids = ref.ids(text)
+        unpatched = ref.run(ids)
+        for p in range(len(ids)):
+
+            def change(x, p=p):
+                x[p] = mean
+                return x
+
+            want = ref.run(ids, (1, "mlp", change)) - unpatched
+            mine = got.isel(example=b, layer=0, source=p).values[: len(want)]
+            np.testing.assert_allclose(mine, want, rtol=1e-9, atol=1e-11)
+    for method in (ax.activation_patching, ax.attribution_patching):
+        with pytest.raises(ax.OptionError, match="decoder positions are the targets"):
+            method(model, SOURCE, ED_TARGET, corrupted=ax.Ablation("mean"), stack="decoder")
+        method(model, SOURCE, ED_TARGET, corrupted=ax.Ablation("zero"), stack="decoder")

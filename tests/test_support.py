@@ -331,9 +331,12 @@ def test_activation_patching_runs_where_attribution_patching_does(family):
                 outcomes.append("refused")
             if outcomes[2] != outcomes[1]:
                 wrong.append(f"mlp: a corrupted text {outcomes[1]}, Gaussian noise {outcomes[2]}")
-            # a mean ablation runs where a corrupted text does, in both methods
+            # a mean ablation runs where a corrupted text does, in both methods (on an
+            # encoder-decoder's encoder: its decoder's positions are the targets')
             for method in (ax.attribution_patching, ax.activation_patching):
                 kw = {"sources": 0} if method is ax.activation_patching else {}
+                if model.hf.config.is_encoder_decoder:
+                    kw["stack"] = "encoder"
                 try:
                     da = method(
                         model, **given, corrupted=ax.Ablation("mean"), site=site, layers=0, **kw

@@ -963,7 +963,7 @@ def attribution_patching(
     if isinstance(corrupted, Ablation):  # the clean run's activations, ablated
         with torch.no_grad():
             _, corrupt_acts = run(clean_embeds, t.mask, None)
-        real = problem.side_mask(1 if parts.on_decoder else 0)
+        real = _averaged_over(call, corrupted, parts.on_decoder)
         corrupt_acts = [a if a is None else corrupted.apply(a, real) for a in corrupt_acts]
     else:
         # only positions that are patched must align: the decoder's, for the decoder stacks
@@ -1069,11 +1069,13 @@ class Ablation:
     ``corrupted``.
 
     ``"zero"``: each patched activation becomes 0. ``"mean"``: its mean over the clean batch's
-    tokens, every example's positions of the patched stack with padding left out (one vector
-    per layer, whose slices are the heads' and neurons'; queries and keys after their rotary
-    embeddings); a batch of inputs is the reference set the mean is taken over, as mean
-    ablation over a dataset (Wang et al. 2022). Activation patching with an ablation noises
-    only: there is no ablated run to restore into.
+    input tokens, every example's positions with padding left out: a decoder-only model's
+    prompt, not the targets it is scored on; an encoder's source (one vector per layer, pooled
+    over the positions, whose slices are the heads' and neurons'; queries and keys after their
+    rotary embeddings). A batch of inputs is the reference set the mean is taken over; a
+    dataset run's, each shard's. Not on an encoder-decoder's decoder stacks, whose positions
+    are the targets'. Activation patching with an ablation noises only: there is no ablated
+    run to restore into.
 
     >>> import attrax as ax
     >>> da = ax.attribution_patching(ax.load_model(), "1 2 3 =", " 3 2 1",
@@ -1097,6 +1099,27 @@ class Ablation:
         weights = mask.to(full_precision(acts).dtype).view(shape)
         mean = (acts * weights).sum((0, positions), keepdim=True) / weights.sum()
         return mean.to(acts.dtype).expand_as(acts).clone()
+
+
+def _averaged_over(call: Call, ablation: Ablation, on_decoder: bool) -> torch.Tensor:
+    """``[B, L]``: the positions of the patched stack a mean ablation averages over, the
+    inputs' own tokens: a decoder-only sequence's prompt, not the targets it is scored on
+    (a target's effect would depend on the tokens after it), padding left out. A decoder
+    stack's positions are the targets': a mean there is refused."""
+    problem = call.problem
+    if ablation.kind == "zero":
+        return problem.side_mask(1 if on_decoder else 0)
+    if on_decoder:
+        raise OptionError(
+            "`corrupted=Ablation('mean')`: an encoder-decoder's decoder positions are the "
+            "targets, whose mean would make each target's effect depend on the tokens after "
+            "it; take stack='encoder' (or cross-attention keys and values, on the encoder's "
+            "positions), Ablation('zero') or a corrupted text"
+        )
+    mask = problem.side_mask(0).bool()
+    lengths = [len(e.source_ids) for e in call.batch.examples]
+    prompt = torch.tensor(lengths, device=mask.device)[:, None]
+    return mask & (torch.arange(mask.shape[1], device=mask.device)[None] < prompt)
 
 
 @dataclass(frozen=True)
@@ -1452,7 +1475,7 @@ def activation_patching(
         bad: _Run = (noisy, mask, None, ids)
         clean = (problem.inputs[0].repeat(samples, 1, 1), mask, None, ids)
     elif isinstance(corrupted, Ablation):  # the clean run's own activations, ablated
-        real = problem.side_mask(1 if on_decoder else 0)
+        real = _averaged_over(call, corrupted, on_decoder)
         queries_keys_values = 2 if site in ATTENTION_INPUTS else 1  # [B, heads, positions, d]
         ablate = functools.partial(corrupted.apply, mask=real, positions=queries_keys_values)
         bad = clean
@@ -1920,7 +1943,7 @@ def _patch_attention_inputs(
     on_decoder, stack = _attention_input_stack(model, site, stack)
     assert corrupted is not None
     if isinstance(corrupted, Ablation):  # [B, heads, positions, d] on the stack's positions
-        real = call.problem.side_mask(1 if on_decoder else 0)
+        real = _averaged_over(call, corrupted, on_decoder)
         given: Any = functools.partial(corrupted.apply, mask=real, positions=2)
     else:
         corrupt = _corrupted_ids(model, call, corrupted, not on_decoder)
