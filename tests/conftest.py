@@ -60,6 +60,20 @@ QUICK = {
 IG_RULE = "quadrature"
 
 
+def tiny_mixtral() -> ax.Model:
+    """A tiny random Mixtral (4 experts, 2 a token) on the tiny GPT-2's tokenizer."""
+    import transformers as T
+
+    _, tok = tiny_model("gpt2")
+    config = T.MixtralConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+        num_experts_per_tok=2, pad_token_id=tok.pad_token_id,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return ax.load_model(T.AutoModelForCausalLM.from_config(config), tokenizer=tok)
+
+
 def integrated_gradients(model: Any, *args: Any, rule: str = "gausslegendre", **kw: Any) -> Any:
     """``ax.integrated_gradients`` with the quadrature rule given as ``rule``."""
     return ax.integrated_gradients(model, *args, **{IG_RULE: rule}, **kw)

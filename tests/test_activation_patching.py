@@ -14,7 +14,7 @@ import torch
 
 import attrax as ax
 from attrax.testing import tiny_classifier, tiny_model
-from tests.conftest import PAIRS
+from tests.conftest import PAIRS, tiny_mixtral
 from tests.test_components import full_double
 
 SOURCE, TARGET = PAIRS[0]
@@ -932,16 +932,7 @@ def test_neuron_selections_batches_and_errors(models64):
 
 
 def test_a_mixture_of_experts_has_no_neurons_to_patch():
-    import transformers as T
-
-    _, tok = tiny_model("gpt2")
-    config = T.MixtralConfig(
-        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
-        num_experts_per_tok=2, pad_token_id=tok.pad_token_id,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    model = ax.load_model(T.AutoModelForCausalLM.from_config(config), tokenizer=tok)
+    model = tiny_mixtral()
     for method in (ax.activation_patching, ax.attribution_patching):
         with pytest.raises(ax.ModelError, match=r"layer 0's MLP .* is a mixture of experts"):
             method(model, SOURCE, TARGET, corrupted=CORRUPTED, site="neurons")

@@ -16,8 +16,10 @@ import pytest
 import torch
 
 import attrax as ax
-from attrax.testing import tiny_classifier, tiny_model
+from attrax.testing import tiny_classifier
 from tests import _naive
+from tests.conftest import tiny_mixtral
+from tests.test_layers import close
 
 # (module, whether the activation is its input) per site, per architecture; {} is the layer
 SITES = {
@@ -48,15 +50,6 @@ SITES = {
     },
 }
 SOURCE, TARGET = "The capital of France is", " Paris"
-
-
-@pytest.fixture(scope="module")
-def double() -> dict[str, ax.Model]:
-    out = {}
-    for arch in ("gpt2", "llama", "marian", "t5"):
-        hf, tok = tiny_model(arch)
-        out[arch] = ax.load_model(hf.double(), tokenizer=tok)
-    return out
 
 
 @contextlib.contextmanager
@@ -120,20 +113,10 @@ def naive(model, arch, site, method, layers, steps=5) -> np.ndarray:
     return out
 
 
-def close(got, want: np.ndarray, tol: float = 1e-9) -> None:
-    got = np.asarray(got)
-    assert got.shape == want.shape
-    assert np.array_equal(np.isnan(got), np.isnan(want))
-    finite = ~np.isnan(want)
-    scale = np.abs(want[finite]).max()
-    assert scale > 0
-    np.testing.assert_allclose(got[finite], want[finite], rtol=1e-7, atol=tol * scale)
-
-
 @pytest.mark.parametrize("site", ["attention", "mlp", "neurons"])
 @pytest.mark.parametrize("arch", ["gpt2", "llama", "marian", "t5"])
-def test_sites_equal_naive_loop(double, arch, site):
-    model = double[arch]
+def test_sites_equal_naive_loop(doubles, arch, site):
+    model = doubles[arch]
     feature = "neuron" if site == "neurons" else "hidden"
     for method in ("saliency", "input_x_gradient"):
         da = getattr(ax, method)(model, SOURCE, TARGET, layers="all", site=site)
@@ -146,11 +129,11 @@ def test_sites_equal_naive_loop(double, arch, site):
     close(ig.values, naive(model, arch, site, "integrated_gradients", [1, 0]))
 
 
-def test_neuron_widths_are_the_mlps_inner_width(double):
+def test_neuron_widths_are_the_mlps_inner_width(doubles):
     """GPT-2's tiny MLP is 4 x 32 wide, Llama's and Marian's 64 (their configs')."""
     widths = {"gpt2": 128, "llama": 64, "marian": 64, "t5": 64}
     for arch, width in widths.items():
-        da = ax.saliency(double[arch], SOURCE, TARGET, layers=-1, site="neurons")
+        da = ax.saliency(doubles[arch], SOURCE, TARGET, layers=-1, site="neurons")
         assert da.sizes["neuron"] == width
         assert da["layer"].values.tolist() == [1]
 
@@ -174,12 +157,12 @@ def test_classifier_sites_equal_naive_loop():
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama", "t5"])
-def test_layer_ig_at_a_site_is_complete(double, arch):
+def test_layer_ig_at_a_site_is_complete(doubles, arch):
     """The residual stream carries x past an MLP: layer IG there integrates from the model run
     on x with that one MLP's output (or neurons) at its value for the baseline. Each layer's row
     adds up to f(x) minus that, computed here by hand, and the gap says so (T5's ReLUs put
     kinks in the path, which quadrature converges on slowly)."""
-    model = double[arch]
+    model = doubles[arch]
     tol = 1e-2 if arch == "t5" else 1e-5
     run = _naive.Runner(model, *_naive.token_ids(model, SOURCE, TARGET))
     x = run.embeddings()
@@ -201,10 +184,10 @@ def test_layer_ig_at_a_site_is_complete(double, arch):
         assert float(abs(da.sum(("source", da.dims[-1]))).max()) > 1e-4  # not all zero
 
 
-def test_conductance_and_deeplift_at_a_site_have_no_gap(double):
+def test_conductance_and_deeplift_at_a_site_have_no_gap(doubles):
     """What flows through one MLP of a residual network sums to no quantity of the model's
     output: no completeness_gap there (the residual stream, a cut, keeps its own)."""
-    model = double["gpt2"]
+    model = doubles["gpt2"]
     for method in (ax.conductance, ax.deeplift):
         kw = {"steps": 8} if method is ax.conductance else {}
         assert (
@@ -214,8 +197,8 @@ def test_conductance_and_deeplift_at_a_site_have_no_gap(double):
         assert "completeness_gap" in method(model, SOURCE, TARGET, layers="all", **kw).coords
 
 
-def test_reductions_name_the_neuron_dim(double):
-    model = double["gpt2"]
+def test_reductions_name_the_neuron_dim(doubles):
+    model = doubles["gpt2"]
     full = ax.input_x_gradient(model, SOURCE, TARGET, layers=[0], site="neurons")
     summed = ax.input_x_gradient(
         model, SOURCE, TARGET, layers=[0], site="neurons", reduce_hidden="sum"
@@ -227,8 +210,8 @@ def test_reductions_name_the_neuron_dim(double):
     close(normed.values, np.sqrt((full**2).sum("neuron", skipna=False)).values)
 
 
-def test_batched_and_chunked_equal_single(double):
-    model = double["gpt2"]
+def test_batched_and_chunked_equal_single(doubles):
+    model = doubles["gpt2"]
     pairs = [(SOURCE, TARGET), ("Hello", " world, café")]
     kw = {"layers": [1, 0], "site": "neurons", "steps": 4}
     batched = ax.integrated_gradients(model, [p[0] for p in pairs], [p[1] for p in pairs], **kw)
@@ -254,38 +237,29 @@ def test_batched_and_chunked_equal_single(double):
         ({"site": "mlp", "layers": -3}, ax.OptionError, "layer -3 is out of range"),
     ],
 )
-def test_bad_sites_are_refused(double, options, error, message):
+def test_bad_sites_are_refused(doubles, options, error, message):
     with pytest.raises(error, match=message.replace("(", r"\(").replace(")", r"\)")):
-        ax.saliency(double["gpt2"], SOURCE, TARGET, **options)
+        ax.saliency(doubles["gpt2"], SOURCE, TARGET, **options)
 
 
-def test_methods_without_a_layer_variant_refuse_a_site(double):
+def test_methods_without_a_layer_variant_refuse_a_site(doubles):
     with pytest.raises(ax.OptionError, match="does not take `site`"):
-        ax.sequential_integrated_gradients(double["gpt2"], SOURCE, TARGET, site="mlp")
+        ax.sequential_integrated_gradients(doubles["gpt2"], SOURCE, TARGET, site="mlp")
 
 
 @pytest.mark.filterwarnings("ignore:There is a performance drop")  # vmap over grouped matmuls
 def test_a_mixture_of_experts_neurons_are_refused():
-    import transformers as T
-
-    _, tok = tiny_model("gpt2")
-    config = T.MixtralConfig(
-        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
-        num_experts_per_tok=2, pad_token_id=tok.pad_token_id,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    model = ax.load_model(T.AutoModelForCausalLM.from_config(config), tokenizer=tok)
+    model = tiny_mixtral()
     with pytest.raises(ax.ModelError, match=r"layer 0's MLP .* is a mixture of experts"):
         ax.saliency(model, SOURCE, TARGET, layers=0, site="neurons")
     # its MLP's output (the routed experts' weighted sum) is a site like any other
     assert ax.saliency(model, SOURCE, TARGET, layers=0, site="mlp").sizes["layer"] == 1
 
 
-def test_a_site_the_forward_skips_is_refused(double):
+def test_a_site_the_forward_skips_is_refused(doubles):
     """A module the model's forward computes around (here GPT-2's MLP projection done by hand)
     would leave zero gradients: a ModelError instead."""
-    model = double["gpt2"]
+    model = doubles["gpt2"]
     mlp = model.hf.transformer.h[1].mlp
     original = mlp.forward
 
