@@ -305,7 +305,7 @@ GRADIENT = Family(
             "str",
             _layers.check_site,
             "with `layers`: 'residual' (the residual stream), or per block 0..L-1 'attention' "
-            "(what its attention adds), 'mlp' (what its MLP adds) or 'neurons' (its MLP's "
+            "(its attention's output), 'mlp' (its MLP's output) or 'neurons' (its MLP's "
             "neurons, the input of the MLP's output projection; a `neuron` dim)",
         ),
     },

@@ -16,9 +16,9 @@ holds one copy of the points per layer, and copy ``l`` has block ``l``'s output 
 ``h_l(x') + a (h_l(x) - h_l(x'))`` (one forward for every layer and step, no loop over layers).
 
 ``site=`` reads another activation of each block ``0..L-1`` instead of the residual stream
-(:mod:`attrax._sites` finds them): what its attention adds (the output projection's output),
-what its MLP adds (the MLP's output) or its MLP's neurons (the input of the MLP's output
-projection: ``act(gate) * up`` in a gated MLP), as Captum's layer methods on those modules.
+(:mod:`attrax._sites` finds them): its attention's output (the output projection's), its
+MLP's output or its MLP's neurons (the input of the MLP's output projection: ``act(gate) *
+up`` in a gated MLP), as Captum's layer methods on those modules.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ from ._sites import Stack, neuron_width, patch_stack
 ALL = "all"
 Layers = int | Sequence[int] | slice | str | None
 #: where ``layers=`` reads (``site=``): the residual stream at ``0..L``, or per block ``0..L-1``
-#: what its attention adds, what its MLP adds, or its MLP's neurons
+#: its attention's output, its MLP's output, or its MLP's neurons
 SITES = ("residual", "attention", "mlp", "neurons")
 
 
