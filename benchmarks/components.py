@@ -239,7 +239,7 @@ def loop_activation(
     hook that puts the corrupted run's head output there (TransformerLens's
     ``get_act_patch_attn_head_out_by_pos`` loop); every target's ``objective`` read from each
     forward. ``bad=None``: mean ablation, the clean run's head outputs averaged over the
-    positions put there instead."""
+    prompt's positions put there instead."""
     _, proj, _, _, _, _ = _modules(hf)
     heads = hf.config.num_attention_heads
     d = hf.config.hidden_size // heads
@@ -252,8 +252,8 @@ def loop_activation(
         hf(input_ids=ids if bad is None else bad, use_cache=False)
     for h in hooks:
         h.remove()
-    if bad is None:
-        corrupt = {n: a.mean(0, keepdim=True).expand_as(a) for n, a in corrupt.items()}
+    if bad is None:  # the prompt's positions, as attrax's mean (not the targets')
+        corrupt = {n: a[:first].mean(0, keepdim=True).expand_as(a) for n, a in corrupt.items()}
     length = ids.shape[1]
     rows = torch.arange(first - 1, length - 1)
     targets = ids[0, first:]
