@@ -24,6 +24,7 @@ up`` in a gated MLP), as Captum's layer methods on those modules.
 from __future__ import annotations
 
 import contextlib
+import functools
 import numbers
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -37,7 +38,7 @@ from ._engine import PointFn, Problem, vjp
 from ._errors import ModelError, OptionError
 from ._memory import Size, at_least_float32, between_passes, plan_forwards
 from ._model import Model, refuse_seq2seq_classifier
-from ._sites import Stack, neuron_width, patch_stack
+from ._sites import Stack, neuron_width, patch_stack, site_hook
 
 #: what ``layers=`` accepts besides ints
 ALL = "all"
@@ -244,12 +245,12 @@ def edit_layers(
                     )
                 else:
                     handles.append(stack[layer - 1].register_forward_hook(post_hook(j)))
-        else:
+        else:  # patching's hooks: the output projection's input for the neurons, else output
             for j, module in enumerate(at.modules):
-                if at.site == "neurons":  # the output projection's input
-                    handles.append(module.register_forward_pre_hook(pre_hook(j), with_kwargs=True))
-                else:
-                    handles.append(module.register_forward_hook(post_hook(j)))
+                change = functools.partial(changed, j)
+                handles.append(
+                    site_hook(module, "neurons" if at.site == "neurons" else "mlp", change)
+                )
         yield
     finally:
         for handle in handles:
