@@ -1596,9 +1596,17 @@ def _module_donors(
         return cast("list[torch.Tensor]", seen)
 
     donors = record(donor)
-    if ablate is not None:
-        donors = [ablate(d) for d in donors]
-    same = torch.stack(record(base, donors))
+    if ablate is None:
+        same = torch.stack(record(base, donors))
+    else:  # the donor run is the base run: its activations are what each ablation replaces
+        ablated = [ablate(d) for d in donors]
+        same = torch.stack(
+            [
+                _same(a, d, lambda x: x.unflatten(-1, per_head))
+                for a, d in zip(ablated, donors, strict=True)
+            ]
+        )
+        donors = ablated
 
     @contextlib.contextmanager
     def replace(masks: list[torch.Tensor | None]) -> Iterator[None]:
@@ -1691,9 +1699,9 @@ def _attention_input_donors(
         return [getattr(calls[key], name).detach().clone() for key in keys]
 
     donors = record(donor)
+    bases = record(base) if ablate is None else donors  # an ablation's donor run is the base
     if ablate is not None:
         donors = [ablate(d) for d in donors]
-    bases = record(base)
     same = torch.stack(
         [_same(d, b, lambda a: a.transpose(1, 2)) for d, b in zip(donors, bases, strict=True)]
     )
