@@ -107,7 +107,7 @@ def _options(method: str, steps: int, corrupted: Any, workload: str = "") -> dic
     budget)."""
     options = _sizes(method, steps, workload)
     # needs a corrupted input with the clean one's length
-    if method in ("attribution_patching", "activation_patching"):
+    if method in ("attribution_patching", "activation_patching", "edge_attribution_patching"):
         options["corrupted"] = corrupted
     return options
 
@@ -273,6 +273,7 @@ LABEL = {
     "head_attribution": "head attribution", "alti": "ALTI", "alti_logit": "ALTI-Logit",
     "attention_norm": "attention norm", "decompx": "DecompX",
     "activation_patching": "activation patching",
+    "edge_attribution_patching": "edge attribution patching",
 }  # fmt: skip
 
 

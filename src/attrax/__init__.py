@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from ._deeplift import deeplift as deeplift
     from ._deeplift import deeplift_shap as deeplift_shap
     from ._discrete import discretized_integrated_gradients as discretized_integrated_gradients
+    from ._edges import edge_attribution_patching as edge_attribution_patching
     from ._errors import AttraxError as AttraxError
     from ._errors import InputError as InputError
     from ._errors import ModelError as ModelError

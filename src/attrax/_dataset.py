@@ -155,13 +155,16 @@ def reduce(da: xr.DataArray, steps: list[tuple[str, str | None]] | None) -> xr.D
     """Apply parsed reductions, or with ``None`` (auto) reduce to ``([example,] target, source)``.
 
     Auto: ``l2_norm`` over ``hidden`` (and an MLP's ``neuron``), ``mean`` over other extra dims
-    (``layer``, ``head``), then ``normalize`` over ``source``.
+    (``layer``, ``head``), then ``normalize`` over ``source``; an array without a ``source``
+    (edge attribution patching's ``(target, sender, receiver)``) is kept as it is.
 
     >>> import xarray as xr
     >>> da = xr.DataArray([[[3.0, 4.0], [0.0, 0.0]]], dims=("target", "source", "hidden"))
     >>> reduce(da, None).values.tolist()
     [[1.0, 0.0]]
     """
+    if steps is None and "source" not in da.dims:
+        return da  # scores of edges, not of sources: nothing to pool or normalize
     if steps is None:
         steps = [
             ("l2_norm" if dim in ("hidden", "neuron") else "mean", str(dim))

@@ -429,6 +429,7 @@ class Problem:
         layers: int = 1,
         per_target: int = 0,
         repeat: int = 1,
+        per_point: int = 0,
     ) -> tuple[int | None, int | None]:
         """Sizes for ``points`` and every target: :func:`plan` on this call's shapes. With
         ``copies``, every (target, point) is a copy of the batch of its own with one cotangent
@@ -442,7 +443,8 @@ class Problem:
         backwards giving ``[layers, B, L, H]`` and every result ``layers`` times as large.
         ``per_target``: bytes more per target of a backward (what a method reads from it).
         ``repeat``: each point runs as that many copies of the batch (layer IG's, one per
-        layer), in its forward and its backward."""
+        layer), in its forward and its backward. ``per_point``: bytes more per point of a
+        pass (what a method derives from each point's forward)."""
         targets = self.tensors.valid.shape[1]
         if points == targets == 1 and rows == 1 and self.max_memory is None:
             return None, None  # nothing to split, and no budget to check
@@ -450,7 +452,7 @@ class Problem:
         cost = self.cost()
         cost = cost._replace(
             per_cotangent=repeat * cost.per_cotangent,
-            per_point=repeat * cost.per_point,
+            per_point=repeat * cost.per_point + per_point,
             fixed=cost.fixed + sum(self.held),
         )
         if moments > 1:  # each moment's sums, and what combining them holds (VarGrad's mean ** 2)

@@ -35,6 +35,8 @@ DIMS: dict[str, str] = {
     "`layers=`)",
     "head": "an attention head",
     "neuron": "an MLP neuron: an input of the MLP's output projection (site='neurons')",
+    "sender": "edge_attribution_patching: a node that writes to the residual stream",
+    "receiver": "edge_attribution_patching: a node that reads the residual stream",
     "score": "a step score (probability, entropy, ...)",
     "fraction": "the share of ranked source tokens a faithfulness metric removes or keeps",
     "method": "ax.evaluate: the attribution method scored",
@@ -75,6 +77,13 @@ COORDS: dict[str, str] = {
     "completeness_gap": "integrated gradients: sum of attributions minus f(x) - f(baseline)",
     "stopped": "reagent: how many probes met the stopping rule (0: none within `max_steps`, and the "
     "scores are every probe's mean)",
+    "sender_layer": "edge_attribution_patching: the sender's layer (-1: the input)",
+    "sender_head": "edge_attribution_patching: the sender's head (-1: the input or an MLP)",
+    "receiver_layer": "edge_attribution_patching: the receiver's layer (the logits: the layer "
+    "count)",
+    "receiver_input": "edge_attribution_patching: what the receiver reads ('q', 'k', 'v', 'mlp' "
+    "or 'logits')",
+    "receiver_head": "edge_attribution_patching: the receiver's head (-1: an MLP or the logits)",
     "head_total": "head_attribution: each head's attribution summed over queries and keys",
     "auc": "deletion/insertion: area under the curve over `fraction`",
     "aopc": "comprehensiveness/sufficiency: mean over `fraction` (ERASER's AOPC)",
@@ -293,6 +302,45 @@ def label_steps(
     coords["score"] = list(names)
     attrs = run_attrs(model, "step_scores", "none", options)
     return _build(data, ["example", "target", "score"], coords, "step_scores", attrs, batch.single)
+
+
+def label_edges(
+    model: Model,
+    batch: Batch,
+    values: torch.Tensor,
+    senders: Sequence[str],
+    receivers: Sequence[tuple[str, int, str, int]],
+    options: Mapping[str, Any],
+    method: str,
+    objective: str,
+) -> xr.DataArray:
+    """Edge scores ``[B, K, U, R]`` -> ``([example,] target, sender, receiver)``, targets as
+    :func:`label`; senders ``"input"``, ``"a{l}.h{h}"``, ``"m{l}"`` with their layer and head
+    (-1: none), receivers ``(name, layer, input, head)``."""
+    targets, row_of, coords = target_coordinates(model, batch)
+    raw = to_host(values)
+    data = np.full((len(batch.examples), len(targets), *raw.shape[2:]), np.nan, dtype=raw.dtype)
+    for b, example in enumerate(batch.examples):
+        rows = [row_of[p] for p in example.positions]
+        data[b, rows] = raw[b, : len(rows)]
+
+    def sender_of(name: str) -> tuple[int, int]:
+        if name == "input":
+            return -1, -1
+        layer, _, head = name[1:].partition(".h")
+        return int(layer), int(head) if head else -1
+
+    placed = [sender_of(s) for s in senders]
+    coords["sender"] = np.asarray(senders, dtype=object)
+    coords["sender_layer"] = ("sender", np.asarray([p[0] for p in placed], dtype=np.int64))
+    coords["sender_head"] = ("sender", np.asarray([p[1] for p in placed], dtype=np.int64))
+    coords["receiver"] = np.asarray([r[0] for r in receivers], dtype=object)
+    coords["receiver_layer"] = ("receiver", np.asarray([r[1] for r in receivers], dtype=np.int64))
+    coords["receiver_input"] = ("receiver", np.asarray([r[2] for r in receivers], dtype=object))
+    coords["receiver_head"] = ("receiver", np.asarray([r[3] for r in receivers], dtype=np.int64))
+    attrs = run_attrs(model, method, objective, options)
+    dims = ["example", "target", "sender", "receiver"]
+    return _build(data, dims, coords, method, attrs, batch.single)
 
 
 def label_queries(

@@ -35,7 +35,8 @@ _METHOD_HELP = "attribution method: saliency (default) or any of " + ", ".join(M
 _REDUCE_HELP = (
     "comma-separated reductions, each NAME or NAME:DIM, applied in order; NAME is one of "
     "l2_norm, sum, mean, max, absmax, normalize, rescale. 'auto' (default): l2_norm over hidden, "
-    "mean over layer/head, then normalize over source. 'none': keep the raw array"
+    "mean over layer/head, then normalize over source (edges are kept as they are). 'none': keep "
+    "the raw array"
 )
 
 

@@ -1,0 +1,637 @@
+"""Edge attribution patching: EAP (Syed, Rager and Conmy 2023) and EAP-IG (Hanna, Pezzelle and
+Belinkov 2024), every edge of a decoder-only model's computational graph from one vectorized
+backward per pass.
+
+The graph is ACDC's: the residual stream is a sum, so each node that writes to it (the
+embeddings, each attention head through its slice of the output projection, each MLP) feeds
+each node that reads it after (each head's query, key and value input, each MLP's input, the
+logits). Patching one edge ``u -> v`` (only ``v`` sees ``u``'s corrupted output) changes the
+objective by about ``(u_corrupted - u_clean) . d objective / d input_v``, summed over positions.
+
+``input_v`` is ``v``'s own copy of the residual stream: a head reads it through its block's
+norm and its rows of the query, key or value projection. Rather than one gradient per head's
+copy, the deltas are pushed forward through the norm (a ``jvp`` per block, over every sender
+at once, the same for every target) and met, per head, by the gradient at the projection's
+output pulled back through that head's rows of the weight: the projection is linear, the norm
+is not, and the sum over positions and features is the same.
+
+Pre-norm blocks ``x + attn(norm_1(x))`` then ``+ mlp(norm_2(.))``, as GPT-2's and Llama's, are
+checked on the clean run: a block that does not add exactly what its output projection and its
+MLP return (norms on their outputs, residual scales, parallel attention and MLP) is a
+:class:`ModelError`, never a wrong array.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, cast
+
+import numpy as np
+import torch
+import xarray as xr
+
+from . import _validate as check
+from ._components import Ablation, _averaged_over, _corrupted, _corrupted_ids
+from ._drop import pulled
+from ._engine import vjp
+from ._errors import ModelError, OptionError
+from ._gradients import QUADRATURES, check_quadrature_steps, quadrature_nodes
+from ._memory import between_passes, full_precision
+from ._model import Model, refuse_seq2seq_classifier
+from ._protocol import Call, Family
+from ._schema import label_edges
+from ._sites import decoder_stack, is_linear, named
+
+METHOD = "edge_attribution_patching"
+
+EDGES = Family(
+    name="edges",
+    differentiates=True,
+    takes=(
+        "objective",
+        "contrast",
+        "positions",
+        "chunk_size",
+        "batch_size",
+        "max_new_tokens",
+        "max_memory",
+    ),
+    refuses={
+        "attribute_target": "edge attribution patching scores the model's edges, summed over "
+        "the positions: there are no source positions to attribute",
+    },
+)
+
+#: a block's norm before its attention, and before its MLP (GPT-2's; Llama's and its kin's)
+NORMS = (("ln_1", "ln_2"), ("input_layernorm", "post_attention_layernorm"))
+#: a block's attention module
+ATTENTIONS = ("attn", "self_attn")
+#: how a dense check of the block's sums may be off in each dtype (relative to the largest entry)
+TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 3e-3}
+
+
+@dataclass(frozen=True)
+class Reader:
+    """A projection a block's attention reads the normed residual stream through, its output
+    cut into parts (``"q"``, ``"k"``, ``"v"``), each ``heads`` heads of ``head_dim``."""
+
+    module: torch.nn.Module
+    parts: tuple[tuple[str, int], ...]
+
+    def weight(self) -> torch.Tensor:
+        """``[out, in]``: a ``Linear``'s weight, or GPT-2's ``Conv1D``'s transposed."""
+        w = cast("torch.Tensor", self.module.weight)
+        return w.T if type(self.module).__name__ == "Conv1D" else w
+
+
+@dataclass(frozen=True)
+class Block:
+    """One pre-norm block's nodes: what it reads the residual stream through and what it adds."""
+
+    block: torch.nn.Module
+    attn_norm: torch.nn.Module
+    readers: tuple[Reader, ...]
+    out_proj: torch.nn.Module
+    mlp_norm: torch.nn.Module
+    mlp: torch.nn.Module
+
+
+@dataclass(frozen=True)
+class Graph:
+    """The blocks, the query heads per layer, each head's width, and the node names."""
+
+    blocks: list[Block]
+    heads: int
+    head_dim: int
+
+    @property
+    def senders(self) -> list[str]:
+        """``"input"``, then per layer ``"a{l}.h{h}"`` for each head and ``"m{l}"``: in the
+        order they run, so the senders before a receiver are a prefix."""
+        names = ["input"]
+        for layer in range(len(self.blocks)):
+            names += [f"a{layer}.h{h}" for h in range(self.heads)] + [f"m{layer}"]
+        return names
+
+    def before_attention(self, layer: int) -> int:
+        """How many senders layer ``layer``'s attention reads: the input and earlier layers."""
+        return 1 + layer * (self.heads + 1)
+
+    def receivers(self) -> list[tuple[str, int, str, int]]:
+        """``(name, layer, input, head)`` per receiver: each layer's heads' ``q``, ``k``, ``v``
+        inputs (key/value heads under grouped-query attention), its MLP's, then the logits."""
+        out = []
+        for layer, block in enumerate(self.blocks):
+            for reader in block.readers:
+                for part, heads in reader.parts:
+                    out += [(f"a{layer}.h{h}<{part}>", layer, part, h) for h in range(heads)]
+            out.append((f"m{layer}", layer, "mlp", -1))
+        out.append(("logits", len(self.blocks), "logits", -1))
+        return out
+
+
+def _width(module: torch.nn.Module, side: str) -> int | None:
+    names = ("out_features", "nf") if side == "out" else ("in_features", "nx")
+    return next(
+        (getattr(module, n) for n in names if isinstance(getattr(module, n, None), int)), None
+    )
+
+
+def graph(model: Model) -> Graph:
+    """The pre-norm blocks of a decoder-only model (GPT-2's, Llama's and its kin's layout), or
+    a :class:`ModelError` naming what is missing."""
+    refuse_seq2seq_classifier(model, METHOD)
+    stack = decoder_stack(model, METHOD)
+    kind = type(model.hf).__name__
+    found = []
+    head_dims = set()
+    for layer, (block, out_proj, mlp) in enumerate(
+        zip(stack.blocks, stack.projections, stack.mlps, strict=True)
+    ):
+        norms = next(
+            ((named(block, (a,)), named(block, (m,))) for a, m in NORMS if named(block, (a,))),
+            (None, None),
+        )
+        attention = named(block, ATTENTIONS)
+        width = _width(out_proj, "in")
+        if None in norms or attention is None or not is_linear(out_proj) or width is None:
+            raise ModelError(
+                f"{METHOD}: {kind}'s layer {layer} is not a pre-norm block attrax knows (a norm "
+                f"{' / '.join(a for a, _ in NORMS)} before its attention, "
+                f"{' / '.join(m for _, m in NORMS)} before its MLP, a linear output projection)"
+            )
+        head_dim = width // stack.heads
+        head_dims.add(head_dim)
+        # GPT-Neo wraps its attention module in another (`attn.attention`)
+        inner = named(attention, ("attention",)) or attention
+        readers = _readers(inner, stack.heads, head_dim)
+        if readers is None:
+            raise ModelError(
+                f"{METHOD}: {kind}'s layer {layer} reads its queries, keys and values through "
+                "no projection attrax knows (GPT-2's fused `c_attn`, Phi-3's `qkv_proj`, or "
+                "`q_proj`, `k_proj` and `v_proj`)"
+            )
+        attn_norm, mlp_norm = cast("tuple[torch.nn.Module, torch.nn.Module]", norms)
+        found.append(Block(block, attn_norm, readers, out_proj, mlp_norm, mlp))
+    return Graph(found, stack.heads, head_dims.pop())
+
+
+def _readers(attention: torch.nn.Module, heads: int, head_dim: int) -> tuple[Reader, ...] | None:
+    """The query, key and value projections of one attention, their widths checked."""
+
+    def fused(module: torch.nn.Module | None, mine: int) -> tuple[Reader, ...] | None:
+        out = None if module is None or not is_linear(module) else _width(module, "out")
+        if out is None or (out // head_dim - mine) % 2 or out % head_dim:
+            return None
+        kv = (out // head_dim - mine) // 2
+        if module is None or kv <= 0:
+            return None
+        return (Reader(module, (("q", mine), ("k", kv), ("v", kv))),)
+
+    if named(attention, ("q_attn",)) is None and (
+        readers := fused(named(attention, ("c_attn", "qkv_proj")), heads)
+    ):
+        return readers
+    separate = [named(attention, (f"{p}_proj",)) for p in "qkv"]
+    if any(m is None or not is_linear(m) for m in separate):
+        return None
+    widths = [_width(cast("torch.nn.Module", m), "out") for m in separate]
+    if any(w is None or w % head_dim for w in widths) or widths[0] != heads * head_dim:
+        return None
+    return tuple(
+        Reader(cast("torch.nn.Module", m), ((p, cast("int", w) // head_dim),))
+        for p, m, w in zip("qkv", separate, widths, strict=True)
+    )
+
+
+# --- the runs --------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _hooked(handles: list[Any]) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _first(value: Any) -> torch.Tensor:
+    return value[0] if isinstance(value, tuple) else value
+
+
+def _record(g: Graph, seen: dict[str, list[Any]]) -> list[Any]:
+    """Hooks that record, per layer, the block's input, each norm's input, what each reader
+    reads, the heads (the output projection's input) and what the attention and the MLP add,
+    and the last block's output."""
+    n = len(g.blocks)
+    for key in ("block", "attn_norm", "norm_out", "read", "heads", "attn", "mlp_norm", "mlp"):
+        seen[key] = [None] * n
+    seen["out"] = [None]
+
+    def keep(key: str, layer: int, output: bool = False, out: bool = False) -> Callable[..., Any]:
+        def hook(_m: Any, args: Any, *rest: Any) -> None:
+            kwargs = rest[0] if rest and isinstance(rest[0], dict) and not output else {}
+            given = args[0] if args else kwargs.get("hidden_states")
+            value = cast("torch.Tensor", _first(rest[0]) if output else given)
+            if out:
+                seen["out"][0] = value.detach().clone()
+            else:
+                seen[key][layer] = value.detach().clone()
+
+        return hook
+
+    handles = []
+    for layer, b in enumerate(g.blocks):
+        handles.append(b.block.register_forward_pre_hook(keep("block", layer), with_kwargs=True))
+        handles.append(b.attn_norm.register_forward_pre_hook(keep("attn_norm", layer)))
+        handles.append(b.attn_norm.register_forward_hook(keep("norm_out", layer, True)))
+        handles.append(b.readers[0].module.register_forward_pre_hook(keep("read", layer)))
+        handles.append(b.out_proj.register_forward_pre_hook(keep("heads", layer)))
+        handles.append(b.out_proj.register_forward_hook(keep("attn", layer, True)))
+        handles.append(b.mlp_norm.register_forward_pre_hook(keep("mlp_norm", layer)))
+        handles.append(b.mlp.register_forward_hook(keep("mlp", layer, True)))
+    handles.append(g.blocks[-1].block.register_forward_hook(keep("out", n - 1, True, True)))
+    return handles
+
+
+def _check_blocks(g: Graph, seen: Mapping[str, list[Any]], kind: str) -> None:
+    """A :class:`ModelError` unless every block is ``x + attn(norm_1(x))`` then ``+
+    mlp(norm_2(.))`` with the projections reading ``norm_1(x)``, as the edges assume."""
+    if any(v is None for values in seen.values() for v in values):
+        raise ModelError(f"{METHOD}: {kind} did not run the modules attrax found in its blocks")
+    n = len(g.blocks)
+    nxt = [*seen["block"][1:], seen["out"][0]]
+    for layer in range(n):
+        x = seen["block"][layer]
+        pairs = {
+            "the block's input is its first norm's": (seen["attn_norm"][layer], x),
+            "the projections read the first norm's output": (
+                seen["read"][layer], seen["norm_out"][layer]
+            ),
+            "the second norm reads the input plus the attention's output": (
+                seen["mlp_norm"][layer], x + seen["attn"][layer]
+            ),
+            "the block's output adds the MLP's": (
+                nxt[layer], seen["mlp_norm"][layer] + seen["mlp"][layer]
+            ),
+        }  # fmt: skip
+        for what, (got, want) in pairs.items():
+            scale = float(want.abs().max()) or 1.0
+            tol = TOLERANCE.get(want.dtype, 1e-4)
+            if got.shape != want.shape or float((got - want).abs().max()) > tol * scale:
+                raise ModelError(
+                    f"{METHOD}: {kind}'s layer {layer} is not a pre-norm residual block as the "
+                    f"edges assume ({what}: it is not); norms on the attention's or MLP's "
+                    "output, residual scales and parallel attention and MLP have no edges "
+                    "attrax can score"
+                )
+
+
+def _senders(g: Graph, seen: Mapping[str, list[Any]]) -> torch.Tensor:
+    """``[U, B, L, H]``: what each sender adds to the residual stream (the heads' each through
+    its rows of the output projection, without its bias)."""
+    out = [seen["block"][0][None]]
+    for layer, b in enumerate(g.blocks):
+        z = seen["heads"][layer]  # [B, L, heads * head_dim]
+        w = Reader(b.out_proj, ()).weight()  # [H, heads * head_dim]
+        per_head = torch.einsum(
+            "blhd,Hhd->hblH",
+            z.unflatten(-1, (g.heads, g.head_dim)),
+            w.unflatten(-1, (g.heads, g.head_dim)).to(z.dtype),
+        )
+        out += [per_head, seen["mlp"][layer][None]]
+    return torch.cat(out)
+
+
+def _deltas(
+    call: Call, g: Graph, corrupted: Any, clean: torch.Tensor, run: Callable[..., Any]
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``[U, B, L, H]`` corrupted minus clean senders (full precision, zero on padding), and
+    the corrupted input's embeddings (None for an ablation)."""
+    problem = call.problem
+    mask = problem.tensors.mask
+    if isinstance(corrupted, Ablation):
+        real = _averaged_over(call, corrupted, False)
+        by_example = clean.transpose(0, 1)  # [B, U, L, H]: the mean over examples, positions
+        after = corrupted.apply(by_example, real, positions=2).transpose(0, 1)
+        embeds = None
+    else:
+        ids, corrupt_mask, types = _corrupted_ids(call.model, call, corrupted, True)
+        with torch.no_grad():
+            embeds = call.model.embed(ids, "source")
+            seen: dict[str, list[Any]] = {}
+            run(embeds, corrupt_mask, seen, types, ids)
+        after = _senders(g, seen)
+    delta = full_precision(after) - full_precision(clean)
+    return delta * mask.to(delta.dtype)[None, :, :, None], embeds
+
+
+def edge_scores(
+    call: Call, g: Graph, delta: torch.Tensor, points: torch.Tensor, weights: torch.Tensor,
+) -> torch.Tensor:  # fmt: skip
+    """``[B, K, U, R]``: each edge's estimate, ``sum_i weights[i] delta_u . grad_v`` over the
+    points ``[N, B, L, H]`` (the attributed side's embeddings) at which the gradients are taken,
+    ``batch_size`` points and ``chunk_size`` targets a pass."""
+    problem = call.problem
+    t = problem.tensors
+    receivers = g.receivers()
+    u_all, batch, length, hidden = delta.shape
+    targets = t.valid.shape[1]
+    acc = delta.dtype
+    size = torch.finfo(acc).bits // 8
+    # each layer's probes: its readers' outputs, its second norm's input; and the last output
+    probes = sum(_width(r.module, "out") or 0 for b in g.blocks for r in b.readers)
+    probes += (len(g.blocks) + 1) * hidden
+    per_head_rows = max(sum(h for r in b.readers for _, h in r.parts) for b in g.blocks)
+    one = batch * length * hidden * size
+    # senders pushed through a norm at a time: as many bytes as a target's probe gradients
+    senders = max(1, probes // hidden)
+    problem.hold(
+        batch * targets * u_all * len(receivers) * size + 2 * u_all * one,
+        "targets", targets, "the edges' scores and the senders' deltas",
+    )  # fmt: skip
+    # per (target, point): its probes' gradients, cast, and a reader's pulled back through its
+    # heads' rows with their product; per point: the probes, the norms' inputs, and a block of
+    # senders pushed through a norm (with their tangents)
+    batch_size, chunk = problem.plan(
+        points.shape[0], call.options["batch_size"], call.options["chunk_size"],
+        per_target=2 * probes * one // hidden + 2 * per_head_rows * one,
+        per_point=(probes // hidden + len(g.blocks) + 2 * senders) * one,
+    )  # fmt: skip
+    scores = delta.new_zeros(batch, targets, u_all, len(receivers))
+    step = points.shape[0] if batch_size is None else batch_size
+    columns = _columns(g)
+    for first in range(0, points.shape[0], step):  # chunking only: bounds memory
+        between_passes()
+        chunk_points = points[first : first + step]
+        w = weights[first : first + step].to(device=delta.device, dtype=acc)
+        _pass(call, g, delta, chunk_points, w, chunk, senders, scores, columns)
+    return scores
+
+
+def _columns(g: Graph) -> list[tuple[list[tuple[Reader, int]], int]]:
+    """Per layer: each reader with the receiver column of its first head, and the MLP's."""
+    out = []
+    column = 0
+    for b in g.blocks:
+        readers = []
+        for r in b.readers:
+            readers.append((r, column))
+            column += sum(h for _, h in r.parts)
+        out.append((readers, column))
+        column += 1
+    return out
+
+
+def _pass(
+    call: Call,
+    g: Graph,
+    delta: torch.Tensor,
+    x: torch.Tensor,
+    w: torch.Tensor,
+    chunk: int | None,
+    senders: int,
+    scores: torch.Tensor,
+    columns: list[tuple[list[tuple[Reader, int]], int]],
+) -> None:
+    """Add one pass's points' terms to ``scores`` ``[B, K, U, R]``, ``chunk`` targets a
+    backward, ``senders`` senders pushed through a norm at a time."""
+    problem = call.problem
+    t = problem.tensors
+    n, batch = x.shape[:2]
+    acc = delta.dtype
+    norm_inputs: list[Any] = [None] * len(g.blocks)
+
+    def forward(*probes: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        handles = []
+        it = iter(probes)
+        for layer, b in enumerate(g.blocks):
+            for r in b.readers:
+                handles.append(r.module.register_forward_hook(_adding(next(it))))
+            handles.append(b.mlp_norm.register_forward_pre_hook(_adding_input(next(it))))
+            handles.append(b.attn_norm.register_forward_pre_hook(_keeping(norm_inputs, layer)))
+        handles.append(g.blocks[-1].block.register_forward_hook(_adding(next(it))))
+        with _hooked(handles):
+            hidden = problem.hidden_of(
+                x.flatten(0, 1),
+                t.mask.repeat(n, 1),
+                None,
+                t.ids.repeat(n, 1),
+            )
+        return hidden, [h.detach() for h in norm_inputs]
+
+    shape = (n * batch, x.shape[2])
+    zeros = []
+    for b in g.blocks:
+        zeros += [x.new_zeros(*shape, _width(r.module, "out") or 0) for r in b.readers]
+        zeros.append(x.new_zeros(*shape, x.shape[3]))
+    zeros.append(x.new_zeros(*shape, x.shape[3]))
+    hidden, pullback, inputs = cast(
+        "tuple[torch.Tensor, Callable[..., tuple[torch.Tensor, ...]], list[torch.Tensor]]",
+        torch.func.vjp(forward, *zeros, has_aux=True),
+    )
+    _, head_pullback = vjp(problem.head_objective, hidden)
+    (head_grad,) = head_pullback(t.valid.repeat(n, 1).to(hidden.dtype))
+    width = hidden.shape[1]
+    one_hot = torch.eye(width, dtype=hidden.dtype, device=hidden.device)
+
+    def cotangent(slots: slice) -> torch.Tensor:
+        return one_hot[slots, None, :, None] * head_grad[None]
+
+    for slots, grads in pulled(pullback, cotangent, width, chunk, None):
+        it = iter(grads)
+        for layer, (readers, mlp_column) in enumerate(columns):
+            rows = [(r, column, _pulled_through(r, next(it), n, acc)) for r, column in readers]
+            before = g.before_attention(layer)
+            for first in range(0, before, senders):  # chunking only: bounds memory
+                part = slice(first, min(first + senders, before))
+                # the senders' deltas pushed through the norm: the same for every target
+                pushed = _through_norm(g.blocks[layer].attn_norm, inputs[layer], delta[part], n)
+                for _, column, per_head in rows:
+                    heads = per_head.shape[-2]
+                    scores[:, slots, part, column : column + heads] += torch.einsum(
+                        "unbLH,knbLhH,n->bkuh", pushed, per_head, w
+                    )
+            del rows
+            g_mlp = next(it).to(acc).unflatten(1, (n, batch))
+            mlp_senders = before + g.heads
+            scores[:, slots, :mlp_senders, mlp_column] += torch.einsum(
+                "ubLH,knbLH,n->bku", delta[:mlp_senders], g_mlp, w
+            )
+        g_out = next(it).to(acc).unflatten(1, (n, batch))
+        scores[:, slots, :, -1] += torch.einsum("ubLH,knbLH,n->bku", delta, g_out, w)
+
+
+def _pulled_through(r: Reader, grad: torch.Tensor, n: int, acc: torch.dtype) -> torch.Tensor:
+    """The gradient at ``r``'s output (``[k, n * B, L, out]``) pulled back through each head's
+    rows of its weight: ``[k, n, B, L, head, H]`` (the projection is linear; its bias drops
+    out of a difference)."""
+    weight = r.weight().to(acc)  # [out, H]
+    heads = sum(h for _, h in r.parts)
+    head_dim = weight.shape[0] // heads
+    g_out = grad.to(acc).unflatten(1, (n, -1)).unflatten(-1, (heads, head_dim))
+    return torch.einsum("knbLhd,hdH->knbLhH", g_out, weight.unflatten(0, (heads, head_dim)))
+
+
+def _through_norm(
+    norm: torch.nn.Module, at: torch.Tensor, delta: torch.Tensor, n: int
+) -> torch.Tensor:
+    """``[u, n, B, L, H]``: the norm's derivative at its inputs ``at`` (``[n * B, L, H]``)
+    applied to each sender's delta (``[u, B, L, H]``, the same at every point)."""
+    tangents = delta.to(at.dtype).repeat(1, n, 1, 1)
+
+    def push(tangent: torch.Tensor) -> torch.Tensor:
+        return torch.func.jvp(norm, (at,), (tangent,))[1]
+
+    out = torch.vmap(push)(tangents)
+    return full_precision(out).to(delta.dtype).unflatten(1, (n, -1))
+
+
+def _adding(probe: torch.Tensor) -> Callable[..., Any]:
+    def hook(_m: Any, _args: Any, output: Any) -> Any:
+        if isinstance(output, tuple):
+            return (output[0] + probe, *output[1:])
+        return output + probe
+
+    return hook
+
+
+def _adding_input(probe: torch.Tensor) -> Callable[..., Any]:
+    def hook(_m: Any, args: tuple[Any, ...]) -> tuple[Any, ...]:
+        return (args[0] + probe, *args[1:])
+
+    return hook
+
+
+def _keeping(kept: list[Any], layer: int) -> Callable[..., Any]:
+    def hook(_m: Any, args: tuple[Any, ...]) -> None:
+        kept[layer] = args[0]
+
+    return hook
+
+
+# --- the method ------------------------------------------------------------------------------
+
+
+def _together(options: Mapping[str, Any]) -> None:
+    if options["steps"] is None and options["quadrature"] is not None:
+        raise OptionError(
+            "`quadrature` applies with `steps` (EAP-IG's path from the corrupted input to the "
+            f"clean one), got quadrature={options['quadrature']!r} and steps=None"
+        )
+    if options["steps"] is not None and isinstance(options["corrupted"], Ablation):
+        raise OptionError(
+            f"`steps` {options['steps']} (EAP-IG) integrates along the inputs from the "
+            "corrupted text to the clean one; an ax.Ablation has no corrupted input: give a "
+            "corrupted text, or steps=None (EAP)"
+        )
+    if options["steps"] is not None:
+        check_quadrature_steps(
+            {"steps": options["steps"], "quadrature": options["quadrature"] or "riemann_left"}
+        )
+
+
+@EDGES.method(
+    _together,
+    corrupted=_corrupted,
+    steps=check.optional(check.positive_int),
+    quadrature=check.one_of(*QUADRATURES, none=True),
+)
+def edge_attribution_patching(
+    call: Call,
+    *,
+    corrupted: Any = None,
+    steps: int | None = None,
+    quadrature: str | None = None,
+) -> xr.DataArray:
+    """Edge attribution patching: each edge's estimated effect on the target's objective, EAP
+    (Syed et al. 2023) or, with ``steps``, EAP-IG (Hanna et al. 2024).
+
+    An edge ``u -> v`` joins a node that writes to the residual stream (``"input"``, the
+    embeddings; ``"a{l}.h{h}"``, head ``h`` of layer ``l`` through its rows of the output
+    projection; ``"m{l}"``, layer ``l``'s MLP) to a later node that reads it
+    (``"a{l}.h{h}<q>"``, ``<k>``, ``<v>``: a head's query, key or value input, key/value heads
+    under grouped-query attention; ``"m{l}"``; ``"logits"``). Patching that edge alone changes
+    the objective by about ``(u(corrupted) - u(clean)) . d objective / d input_v``, summed over
+    positions. EAP takes the gradient on the clean input; EAP-IG averages it over ``steps``
+    inputs on the straight path from the corrupted input's embeddings to the clean one's.
+    A sender's estimates summed over every receiver are its attribution patching estimate
+    (:func:`attribution_patching`, summed over positions).
+
+    Arguments:
+        model, inputs, targets, objective, contrast, positions, chunk_size, max_new_tokens,
+            max_memory: as :func:`attrax.saliency`.
+        corrupted: the corrupted input(s), aligned with ``inputs``, each with as many tokens as
+            its clean input; or an :class:`Ablation` (EAP only): each sender set to zero or
+            to its mean over the inputs' tokens.
+        steps: None (the default) for EAP; EAP-IG's number of points on the path.
+        quadrature: EAP-IG's nodes (``riemann_left``, the default, is Hanna et al.'s:
+            ``k / steps`` for ``k < steps``; or ``riemann_right|middle|trapezoid``,
+            ``gausslegendre``).
+        batch_size: EAP-IG's points per forward (``"auto"``: planned).
+
+    Returns:
+        DataArray ``([example,] target, sender, receiver)``, NaN where the receiver runs
+        before the sender; coordinates ``sender_layer``, ``sender_head`` (-1 for the input
+        and MLPs), ``receiver_layer``, ``receiver_input`` (``q``, ``k``, ``v``, ``mlp``,
+        ``logits``) and ``receiver_head``.
+
+    >>> import attrax as ax
+    >>> da = ax.edge_attribution_patching(
+    ...     ax.load_model(), "1 2 3 =", " 3 2 1", corrupted="1 2 4 =", objective="logit")
+    >>> da.dims
+    ('target', 'sender', 'receiver')
+    >>> str(da.sender.values[0]), str(da.receiver.values[-1])
+    ('input', 'logits')
+    """
+    model = call.model
+    g = graph(model)
+    problem = call.problem
+    t = problem.tensors
+    kind = type(model.hf).__name__
+
+    def run(
+        embeds: torch.Tensor,
+        mask: torch.Tensor,
+        seen: dict[str, list[Any]],
+        types: torch.Tensor | None = None,
+        ids: torch.Tensor | None = None,
+    ) -> None:
+        with _hooked(_record(g, seen)):
+            problem.hidden_of(embeds, mask, types, ids)
+        _check_blocks(g, seen, kind)
+
+    clean_embeds = problem.inputs[0]
+    seen: dict[str, list[Any]] = {}
+    with torch.no_grad():
+        run(clean_embeds, t.mask, seen)
+    clean = _senders(g, seen)
+    del seen
+    delta, corrupt_embeds = _deltas(call, g, corrupted, clean, run)
+    del clean
+    if steps is None:
+        points = clean_embeds[None]
+        weights = torch.ones(1, dtype=torch.float64)
+    else:
+        assert corrupt_embeds is not None
+        alphas, w = quadrature_nodes(quadrature or "riemann_left", steps)
+        alpha = torch.as_tensor(alphas, dtype=clean_embeds.dtype, device=clean_embeds.device)
+        span = clean_embeds - corrupt_embeds
+        points = corrupt_embeds[None] + alpha.view(-1, 1, 1, 1) * span[None]
+        weights = torch.as_tensor(w)
+    scores = edge_scores(call, g, delta, points, weights)
+    # a receiver reads only the senders before it: the rest are no edges
+    receivers = g.receivers()
+    prefix = [
+        g.before_attention(layer) + (g.heads if part == "mlp" else 0)
+        if part != "logits" else len(g.senders)
+        for _, layer, part, _ in receivers
+    ]  # fmt: skip
+    exists = torch.arange(len(g.senders))[:, None] < torch.tensor(prefix)[None]
+    scores = scores.masked_fill(~exists.to(scores.device), np.nan)
+    return label_edges(
+        model, call.batch, scores, g.senders, receivers, call.options, METHOD, call.objective[0]
+    )

@@ -1,0 +1,420 @@
+"""Edge attribution patching (EAP, EAP-IG) against a loop that patches one edge at a time.
+
+The loop's edge ``u -> v``: the clean run with ``s * (u(corrupted) - u(clean))`` added to
+``v``'s own input only (a head's: its rows of the query, key or value projection recomputed
+from the block's norm of the shifted stream; an MLP's: its norm's input; the logits: the last
+block's output), and the objective's central difference in ``s`` (float64). EAP-IG's loop does
+the same at its own points between the corrupted and the clean embeddings.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import attrax as ax
+from attrax.cli import main
+from attrax.testing import tiny_classifier, tiny_model
+from tests.test_components import CORRUPTED, SOURCE, TARGET, full_double, llama_like
+
+CLEAN = SOURCE
+KW = {"corrupted": CORRUPTED, "objective": "logit"}
+
+
+@pytest.fixture(scope="module")
+def edges_models() -> dict[str, ax.Model]:
+    built = {}
+    for arch in ("gpt2", "llama", "gpt_neo"):
+        hf, tok = tiny_model(arch)
+        built[arch] = ax.load_model(full_double(hf), tokenizer=tok)
+    _, tok = tiny_model("llama")
+    for arch in ("phi3", "qwen2", "qwen3", "mistral", "granite", "gemma2", "olmo2", "mixtral"):
+        built[arch] = ax.load_model(full_double(llama_like(arch, tok)), tokenizer=tok)
+    return built
+
+
+# --- the loop --------------------------------------------------------------------------------
+
+
+def _parts(hf):
+    """Per block: (block, first norm, [(reader, [(part, heads)])], output projection, second
+    norm, MLP), named by hand for GPT-2, GPT-Neo and Llama's kin."""
+    base = getattr(hf, "transformer", None) or hf.model
+    blocks = base.h if hasattr(base, "h") else base.layers
+    config = hf.config
+    heads = getattr(config, "num_attention_heads", None) or config.n_head
+    kv = getattr(config, "num_key_value_heads", None) or heads
+    out = []
+    for b in blocks:
+        if hasattr(b, "ln_1"):
+            attn = b.attn.attention if hasattr(b.attn, "attention") else b.attn
+            if hasattr(attn, "c_attn"):
+                readers = [(attn.c_attn, [("q", heads), ("k", heads), ("v", heads)])]
+                proj = attn.c_proj
+            else:
+                readers = [(attn.q_proj, [("q", heads)]), (attn.k_proj, [("k", heads)]),
+                           (attn.v_proj, [("v", heads)])]  # fmt: skip
+                proj = attn.out_proj
+            out.append((b, b.ln_1, readers, proj, b.ln_2, b.mlp))
+        else:
+            attn = b.self_attn
+            if hasattr(attn, "qkv_proj"):
+                readers = [(attn.qkv_proj, [("q", heads), ("k", kv), ("v", kv)])]
+            else:
+                readers = [(attn.q_proj, [("q", heads)]), (attn.k_proj, [("k", kv)]),
+                           (attn.v_proj, [("v", kv)])]  # fmt: skip
+            out.append((b, b.input_layernorm, readers, attn.o_proj, b.post_attention_layernorm,
+                        b.mlp))  # fmt: skip
+    return out, heads
+
+
+def _project(module, x):
+    """A Linear's or GPT-2 Conv1D's output for ``x`` without its bias."""
+    w = module.weight
+    return x @ w if type(module).__name__ == "Conv1D" else x @ w.T
+
+
+def _run(model, embeds, hooks):
+    hf = model.hf
+    handles = [register() for register in hooks]
+    try:
+        return hf(inputs_embeds=embeds).logits
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _nodes(model, embeds):
+    """Each sender's output ``[B, L, H]`` (the heads through their rows of the projection)."""
+    blocks, heads = _parts(model.hf)
+    seen = {}
+
+    def pre(key):
+        def hook(_m, args, kwargs):
+            seen[key] = (args[0] if args else kwargs["hidden_states"]).clone()
+
+        return hook
+
+    def post(key, take_input=False):
+        def hook(_m, args, output):
+            value = args[0] if take_input else output[0] if isinstance(output, tuple) else output
+            seen[key] = value.clone()
+
+        return hook
+
+    hooks = [lambda: blocks[0][0].register_forward_pre_hook(pre("input"), with_kwargs=True)]
+    for layer, (_, _, _, proj, _, mlp) in enumerate(blocks):
+        hooks.append(lambda p=proj, k=f"z{layer}": p.register_forward_hook(post(k, True)))
+        hooks.append(lambda m=mlp, k=f"m{layer}": m.register_forward_hook(post(k)))
+    with torch.no_grad():
+        _run(model, embeds, hooks)
+    nodes = {"input": seen["input"]}
+    for layer, (_, _, _, proj, _, _) in enumerate(blocks):
+        z = seen[f"z{layer}"]
+        width = z.shape[-1] // heads
+        for h in range(heads):
+            only = torch.zeros_like(z)
+            only[..., h * width : (h + 1) * width] = z[..., h * width : (h + 1) * width]
+            nodes[f"a{layer}.h{h}"] = _project(proj, only)
+        nodes[f"m{layer}"] = seen[f"m{layer}"]
+    return nodes
+
+
+def _edge_hook(model, receiver, shifted):
+    """The hooks that add ``shifted()`` to ``receiver``'s own input."""
+    blocks, _ = _parts(model.hf)
+    if receiver == "logits":
+        last = blocks[-1][0]
+
+        def add_out(_m, _a, output):
+            if isinstance(output, tuple):
+                return (output[0] + shifted(), *output[1:])
+            return output + shifted()
+
+        return [lambda: last.register_forward_hook(add_out)]
+    layer = int(receiver[1:].split(".")[0].split("<")[0])
+    _, norm, readers, _, mlp_norm, _ = blocks[layer]
+    if receiver.startswith("m"):
+        return [
+            lambda: mlp_norm.register_forward_pre_hook(lambda _m, a: (a[0] + shifted(), *a[1:]))
+        ]
+    head, part = int(receiver.split(".h")[1].split("<")[0]), receiver[-2]
+    stream = {}
+
+    def keep(_m, args):
+        if "busy" not in stream:
+            stream["x"] = args[0]
+
+    for module, parts in readers:
+        offset = 0
+        for name, count in parts:
+            if name == part:
+                break
+            offset += count
+        else:
+            continue
+        width = module.weight.shape[1 if type(module).__name__ == "Conv1D" else 0]
+        width //= sum(c for _, c in parts)
+        cols = slice((offset + head) * width, (offset + head + 1) * width)
+
+        def replace(_m, _a, output, module=module, cols=cols):
+            stream["busy"] = True
+            moved = _project(module, norm(stream["x"] + shifted()))
+            if module.bias is not None:
+                moved = moved + module.bias
+            del stream["busy"]
+            output = output.clone()
+            output[..., cols] = moved[..., cols]
+            return output
+
+        return [lambda: norm.register_forward_pre_hook(keep),
+                lambda m=module, r=replace: m.register_forward_hook(r)]  # fmt: skip
+    raise AssertionError(receiver)
+
+
+def _naive_edges(model, clean_ids, corrupt_ids, targets, alphas, weights):
+    """``{(sender, receiver): [per target]}``, edge by edge: the derivative at ``s = 0`` of
+    each target's objective with ``s * delta`` on the receiver's input, by autograd per target
+    at a zero leaf ``s`` (float32 softmaxes inside a float64 Llama would swamp finite
+    differences)."""
+    embed = model.hf.get_input_embeddings()
+    with torch.no_grad():
+        clean_e, corrupt_e = embed(clean_ids)[None], embed(corrupt_ids)[None]
+    before, after = _nodes(model, clean_e), _nodes(model, corrupt_e)
+    senders = list(before)
+    _, heads = _parts(model.hf)
+    out = {}
+    for receiver in _receivers(model):
+        for sender in senders[: _senders_before(receiver, heads)]:
+            delta = after[sender] - before[sender]
+            total = np.zeros(len(targets))
+            for a, w in zip(alphas, weights, strict=True):
+                x = corrupt_e + a * (clean_e - corrupt_e)
+                s = torch.zeros((), dtype=x.dtype, requires_grad=True)
+                shift = functools.partial(torch.mul, s, delta)
+                logits = _run(model, x, _edge_hook(model, receiver, shift))
+                for k, (p, i) in enumerate(targets):
+                    (grad,) = torch.autograd.grad(logits[0, p - 1, i], s, retain_graph=True)
+                    total[k] += w * float(grad)
+            out[sender, receiver] = total
+    return out
+
+
+def _receivers(model):
+    blocks, _ = _parts(model.hf)
+    names = []
+    for layer, (_, _, readers, _, _, _) in enumerate(blocks):
+        for _, parts in readers:
+            for part, count in parts:
+                names += [f"a{layer}.h{h}<{part}>" for h in range(count)]
+        names.append(f"m{layer}")
+    return [*names, "logits"]
+
+
+def _senders_before(receiver, heads):
+    if receiver == "logits":
+        return 10**9
+    layer = int(receiver[1:].split(".")[0].split("<")[0])
+    return 1 + layer * (heads + 1) + (heads if receiver.startswith("m") else 0)
+
+
+def _compare(da, naive):
+    assert set(map(str, da.receiver.values)) == {r for _, r in naive}
+    checked = 0
+    for (sender, receiver), want in naive.items():
+        got = da.sel(sender=sender, receiver=receiver).values
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-9 * max(1.0, np.abs(want).max()))
+        checked += 1
+    # every other entry is no edge: the receiver runs before the sender
+    assert int(np.isfinite(da.values).sum()) == checked * da.sizes["target"]
+    assert np.abs(np.array(list(naive.values()))).max() > 1e-3
+
+
+def _ids(model, da):
+    tokens = ax.saliency(model, CLEAN, TARGET)
+    clean = torch.tensor(tokens.source_id.values[: len(tokens.source_id)])
+    bad = ax.saliency(model, CORRUPTED, TARGET).source_id.values
+    targets = list(zip(da.target.values.tolist(), da.target_id.values.tolist(), strict=True))
+    return clean, torch.tensor(bad), targets
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "phi3"])
+def test_eap_equals_patching_each_edge_to_first_order(edges_models, arch):
+    model = edges_models[arch]
+    da = ax.edge_attribution_patching(model, CLEAN, TARGET, **KW)
+    assert da.dims == ("target", "sender", "receiver")
+    clean, bad, targets = _ids(model, da)
+    _compare(da, _naive_edges(model, clean, bad, targets, [1.0], [1.0]))
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_eap_ig_averages_the_gradient_along_the_inputs_path(edges_models, arch):
+    model = edges_models[arch]
+    m = 3
+    da = ax.edge_attribution_patching(model, CLEAN, TARGET, steps=m, **KW)
+    clean, bad, targets = _ids(model, da)
+    nodes = [k / m for k in range(m)]  # Hanna et al.'s: from the corrupted end, not the clean
+    _compare(da, _naive_edges(model, clean, bad, targets, nodes, [1 / m] * m))
+    eap = ax.edge_attribution_patching(model, CLEAN, TARGET, **KW)
+    assert np.nanmax(np.abs(da.values - eap.values)) > 1e-3  # the path moves the gradients
+
+
+# --- identities and axioms -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "arch", ["gpt2", "gpt_neo", "llama", "phi3", "qwen2", "qwen3", "mistral", "mixtral"]
+)
+def test_a_senders_edges_add_up_to_its_attribution_patching_estimate(edges_models, arch):
+    """The residual stream is a sum: the gradient at a sender's output is the sum of its
+    readers' gradients, so its edges add up to AtP's node estimate (summed over positions)."""
+    model = edges_models[arch]
+    da = ax.edge_attribution_patching(model, CLEAN, TARGET, **KW)
+    summed = da.sum("receiver", skipna=True)
+    heads = ax.attribution_patching(model, CLEAN, TARGET, site="heads", **KW).sum("source")
+    mlp = ax.attribution_patching(model, CLEAN, TARGET, site="mlp", **KW).sum("source")
+    for layer in range(heads.sizes["layer"]):
+        for h in range(heads.sizes["head"]):
+            want = heads.sel(layer=layer, head=h).values
+            np.testing.assert_allclose(summed.sel(sender=f"a{layer}.h{h}").values, want,
+                                       rtol=1e-7, atol=1e-10)  # fmt: skip
+        np.testing.assert_allclose(summed.sel(sender=f"m{layer}").values,
+                                   mlp.sel(layer=layer).values, rtol=1e-7, atol=1e-10)  # fmt: skip
+    assert np.abs(heads.values).max() > 1e-4
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_a_decoder_only_classifiers_edges_add_up_to_its_estimates(arch):
+    """The logits receiver is the score head's input: every class a target, every sender's
+    edges adding up to its attribution patching estimate."""
+    hf, tok = tiny_classifier(arch)
+    model = ax.load_model(full_double(hf), tokenizer=tok)
+    kw = {"corrupted": "a good dog", "objective": "logit"}
+    da = ax.edge_attribution_patching(model, "a bad day", [0, 1], **kw)
+    assert da.dims == ("target", "sender", "receiver")
+    mlp = ax.attribution_patching(model, "a bad day", [0, 1], site="mlp", **kw).sum("source")
+    summed = da.sum("receiver")
+    for layer in range(mlp.sizes["layer"]):
+        np.testing.assert_allclose(summed.sel(sender=f"m{layer}").values,
+                                   mlp.sel(layer=layer).values, rtol=1e-7, atol=1e-10)  # fmt: skip
+    assert np.abs(mlp.values).max() > 1e-6
+
+
+@pytest.mark.parametrize("kind", ["zero", "mean"])
+def test_ablated_edges_add_up_to_the_ablated_estimate(edges_models, kind):
+    model = edges_models["llama"]
+    kw = {"corrupted": ax.Ablation(kind), "objective": "logit"}
+    da = ax.edge_attribution_patching(model, CLEAN, TARGET, **kw)
+    mlp = ax.attribution_patching(model, CLEAN, TARGET, site="mlp", **kw).sum("source")
+    summed = da.sum("receiver")
+    for layer in range(mlp.sizes["layer"]):
+        np.testing.assert_allclose(summed.sel(sender=f"m{layer}").values,
+                                   mlp.sel(layer=layer).values, rtol=1e-7, atol=1e-10)  # fmt: skip
+
+
+def test_batched_and_padded_equal_single(edges_models):
+    model = edges_models["llama"]
+    inputs, corrupted = [CLEAN, "The capital is"], [CORRUPTED, "A capital is"]
+    batched = ax.edge_attribution_patching(model, inputs, [TARGET, " d"], corrupted=corrupted,
+                                           objective="logit")  # fmt: skip
+    for i, (text, bad, target) in enumerate(zip(inputs, corrupted, [TARGET, " d"], strict=True)):
+        one = ax.edge_attribution_patching(model, text, target, corrupted=bad, objective="logit")
+        got = batched.isel(example=i).dropna("target", how="all")
+        np.testing.assert_allclose(got.values, one.values, rtol=1e-9, atol=1e-12)
+
+
+def test_a_budget_splits_the_passes_not_the_result(edges_models):
+    model = edges_models["gpt2"]
+    kw = {**KW, "steps": 4}
+    whole = ax.edge_attribution_patching(model, CLEAN, TARGET, **kw)
+    split = ax.edge_attribution_patching(model, CLEAN, TARGET, batch_size=1, chunk_size=1, **kw)
+    np.testing.assert_allclose(split.values, whole.values, rtol=1e-9, atol=1e-12)
+    with pytest.raises(ax.OptionError, match="max_memory"):
+        ax.edge_attribution_patching(model, CLEAN, TARGET, max_memory=1000, **kw)
+
+
+def test_the_labels(edges_models):
+    model = edges_models["llama"]  # 4 query heads, 2 key/value heads
+    da = ax.edge_attribution_patching(model, CLEAN, TARGET, **KW)
+    assert list(da.sender.values[:6]) == ["input", "a0.h0", "a0.h1", "a0.h2", "a0.h3", "m0"]
+    receivers = list(da.receiver.values)
+    assert receivers[:9] == [*(f"a0.h{h}<q>" for h in range(4)), "a0.h0<k>", "a0.h1<k>",
+                             "a0.h0<v>", "a0.h1<v>", "m0"]  # fmt: skip
+    assert receivers[-1] == "logits"
+    assert da.sel(sender="a0.h2").sender_layer == 0 and da.sel(sender="a0.h2").sender_head == 2
+    assert str(da.sel(receiver="a1.h1<k>").receiver_input.values) == "k"
+    # an edge into an earlier receiver is none: NaN
+    assert np.isnan(da.sel(sender="m0", receiver="a0.h0<q>")).all()
+    assert np.isnan(da.sel(sender="a0.h0", receiver="a0.h1<v>")).all()
+    assert np.isfinite(da.sel(sender="a0.h0", receiver="m0")).all()
+    assert da.attrs["method"] == "edge_attribution_patching"
+
+
+# --- refusals --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("arch", "why"),
+    [
+        ("gemma2", "not a pre-norm residual block"),  # norms on the attention's output
+        ("olmo2", "not a pre-norm block attrax knows"),  # its norms after, none before
+        ("granite", "not a pre-norm residual block"),  # residual_multiplier
+    ],
+)
+def test_blocks_the_edges_do_not_describe_are_refused(edges_models, arch, why):
+    with pytest.raises(ax.ModelError, match=why):
+        ax.edge_attribution_patching(edges_models[arch], CLEAN, TARGET, **KW)
+
+
+# parallel attention and MLP (GPT-J, StableLM's, Cohere's), GPT-NeoX's per-head fused layout
+@pytest.mark.parametrize("arch", ["gptj", "pythia", "stablelm-parallel", "cohere"])
+def test_parallel_and_fused_per_head_blocks_are_refused(arch):
+    _, tok = tiny_model("llama")
+    hf = llama_like(arch, tok)
+    with pytest.raises(ax.ModelError, match="is not a pre-norm"):
+        ax.edge_attribution_patching(ax.load_model(hf, tokenizer=tok), CLEAN, TARGET, **KW)
+
+
+def test_other_models_are_refused():
+    hf, tok = tiny_classifier("bert")
+    with pytest.raises(ax.ModelError, match="edge_attribution_patching"):
+        ax.edge_attribution_patching(ax.load_model(hf, tokenizer=tok), "a b", 1, corrupted="a c")
+    hf, tok = tiny_model("t5")
+    with pytest.raises(ax.ModelError, match="edge_attribution_patching"):
+        ax.edge_attribution_patching(ax.load_model(hf, tokenizer=tok), "a b", " c", corrupted="a c")
+
+
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [
+        ({"corrupted": None}, "`corrupted` is required"),
+        ({"corrupted": "a b"}, "tokens"),
+        ({"corrupted": CORRUPTED, "quadrature": "riemann_right"}, "`quadrature` applies with"),
+        ({"corrupted": ax.Ablation("zero"), "steps": 3}, "`steps` 3"),
+        ({"corrupted": CORRUPTED, "steps": 0}, "`steps`"),
+        ({"corrupted": CORRUPTED, "attribute_target": True}, "attribute_target"),
+    ],
+)
+def test_bad_options_are_clear_errors(edges_models, options, match):
+    with pytest.raises((ax.OptionError, ax.InputError), match=match):
+        ax.edge_attribution_patching(edges_models["gpt2"], CLEAN, TARGET, **options)
+
+
+def test_the_cli_writes_the_edges(tmp_path, capsys):
+    hf, tok = tiny_model("gpt2")
+    path = tmp_path / "model"
+    hf.save_pretrained(path)
+    tok.save_pretrained(path)
+    out = tmp_path / "edges.nc"
+    code = main([
+        "attribute", "--method", "edge_attribution_patching", "--model", str(path), "--input",
+        CLEAN, "--target", TARGET, "-o", f"corrupted={json.dumps(CORRUPTED)}", "-o",
+        "objective=logit", "--out", str(out),
+    ])  # fmt: skip
+    assert code == 0, capsys.readouterr()
+    da = ax.load(out)
+    assert da.dims == ("target", "sender", "receiver")
