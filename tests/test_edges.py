@@ -418,3 +418,31 @@ def test_the_cli_writes_the_edges(tmp_path, capsys):
     assert code == 0, capsys.readouterr()
     da = ax.load(out)
     assert da.dims == ("target", "sender", "receiver")
+
+
+def _supported() -> list[str]:
+    from tests.test_support import _table
+
+    columns, rows = _table()
+    return [family for family, cells in rows.items() if cells[columns.index("EAP")] == "✓"]
+
+
+@pytest.mark.parametrize("family", _supported())
+def test_every_supported_rows_edges_add_up_to_its_estimates(family):
+    """On every row docs/architectures.md marks ✓ (float32 tiny models, mixtures of experts
+    and multi-query attention among them), each head's and MLP's edges add up to its AtP
+    estimate summed over positions: a mislaid head, part or sender would not."""
+    from tests.test_support import FAMILIES, _corrupted, _inputs
+
+    model = FAMILIES[family]()
+    given = {**_inputs(model), "corrupted": _corrupted(model), "objective": "logit"}
+    summed = ax.edge_attribution_patching(model, **given).sum("receiver")
+    heads = ax.attribution_patching(model, **given, site="heads").sum("source")
+    mlp = ax.attribution_patching(model, **given, site="mlp").sum("source")
+    want = np.concatenate([heads.values.reshape(*heads.shape[:-2], -1), mlp.values], -1)
+    layers, per_layer = heads["layer"].values, heads["head"].values  # `.head` is a method
+    names = [f"a{layer}.h{h}" for layer in layers for h in per_layer]
+    got = summed.sel(sender=names + [f"m{layer}" for layer in mlp["layer"].values]).values
+    scale = np.abs(want).max()
+    assert scale > 1e-6
+    np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-4 * scale)

@@ -347,6 +347,7 @@ _SMALL = {
     **QUICK,
     "attribution_patching": {"corrupted": "1 2 4 ="},
     "activation_patching": {"corrupted": "1 2 4 ="},
+    "edge_attribution_patching": {"corrupted": "1 2 4 ="},
 }
 _BUDGETED = [
     name for name in METHODS if "max_memory" in inspect.signature(getattr(ax, name)).parameters

@@ -26,6 +26,7 @@ SMALL = {
     **QUICK,
     "attribution_patching": {"corrupted": "The capital of Spain is"},
     "activation_patching": {"corrupted": "The capital of Spain is", "layers": 0},
+    "edge_attribution_patching": {"corrupted": "The capital of Spain is"},
 }
 
 

@@ -223,6 +223,11 @@ GROUPS: dict[str, list[Call]] = {
     "AtP neurons": [_patching(site="neurons")],
     "AtP q/k/v": [_patching(site=site) for site in ("queries", "keys", "values")],
     "GradDrop": [_patching(site="heads", grad_drop=True)],
+    "EAP": [
+        lambda model, given: ax.edge_attribution_patching(
+            model, **given, corrupted=_corrupted(model)
+        )
+    ],
 }
 
 

@@ -36,7 +36,7 @@ from . import _validate as check
 from ._components import Ablation, _averaged_over, _corrupted, _corrupted_ids
 from ._drop import pulled
 from ._engine import vjp
-from ._errors import ModelError, OptionError
+from ._errors import InputError, ModelError, OptionError
 from ._gradients import QUADRATURES, check_quadrature_steps, quadrature_nodes
 from ._memory import between_passes, full_precision
 from ._model import Model, refuse_seq2seq_classifier
@@ -143,8 +143,14 @@ def graph(model: Model) -> Graph:
     """The pre-norm blocks of a decoder-only model (GPT-2's, Llama's and its kin's layout), or
     a :class:`ModelError` naming what is missing."""
     refuse_seq2seq_classifier(model, METHOD)
-    stack = decoder_stack(model, METHOD)
     kind = type(model.hf).__name__
+    if model.is_encoder_decoder or not model.causal:
+        what = "an encoder-decoder" if model.is_encoder_decoder else "an encoder"
+        raise ModelError(
+            f"{METHOD}: {kind} is {what}; the edges attrax scores are those of a decoder-only "
+            "model's pre-norm blocks (GPT-2, GPT-Neo, Llama, Mistral, Qwen2, Phi-3, ...)"
+        )
+    stack = decoder_stack(model, METHOD)
     found = []
     head_dims = set()
     for layer, (block, out_proj, mlp) in enumerate(
@@ -236,6 +242,8 @@ def _record(g: Graph, seen: dict[str, list[Any]]) -> list[Any]:
             kwargs = rest[0] if rest and isinstance(rest[0], dict) and not output else {}
             given = args[0] if args else kwargs.get("hidden_states")
             value = cast("torch.Tensor", _first(rest[0]) if output else given)
+            if key == "mlp" and value.dim() == 2:  # Llama 4's experts: [B * L, H] as [B, L, H]
+                value = value.view(*seen["block"][layer].shape[:2], -1)
             if out:
                 seen["out"][0] = value.detach().clone()
             else:
@@ -623,6 +631,11 @@ def edge_attribution_patching(
         points = corrupt_embeds[None] + alpha.view(-1, 1, 1, 1) * span[None]
         weights = torch.as_tensor(w)
     scores = edge_scores(call, g, delta, points, weights)
+    if not bool(torch.isfinite(scores).all()):  # NaN marks no edge: one the model made must not
+        raise InputError(
+            f"{METHOD}: the edges' scores are not finite (inf/NaN): the model's outputs "
+            "overflowed or hold NaN; check the model's weights and dtype, and the inputs"
+        )
     # a receiver reads only the senders before it: the rest are no edges
     receivers = g.receivers()
     prefix = [
