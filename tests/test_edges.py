@@ -1,25 +1,29 @@
 """Edge attribution patching (EAP, EAP-IG) against a loop that patches one edge at a time.
 
 The loop's edge ``u -> v``: the clean run with ``s * (u(corrupted) - u(clean))`` added to
-``v``'s own input only (a head's: its rows of the query, key or value projection recomputed
-from the block's norm of the shifted stream; an MLP's: its norm's input; the logits: the last
-block's output), and the objective's central difference in ``s`` (float64). EAP-IG's loop does
-the same at its own points between the corrupted and the clean embeddings.
+``v``'s own input only, and each target's derivative at ``s = 0`` by autograd (float64). A
+head's input: the attention module run again on the norm of the shifted stream, its query, key
+or value of that head (as the attention function receives them: no column layout assumed)
+swapped into the clean run's; an MLP's: its norm's input; the logits: the last block's output.
+EAP-IG's loop does the same at its own points between the corrupted and the clean embeddings.
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import sys
 
 import numpy as np
 import pytest
 import torch
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
 import attrax as ax
 from attrax.cli import main
 from attrax.testing import tiny_classifier, tiny_model
-from tests.test_components import CORRUPTED, SOURCE, TARGET, full_double, llama_like
+from tests.test_components import CORRUPTED, SOURCE, TARGET, full_double, gpt_bigcode, llama_like
 
 CLEAN = SOURCE
 KW = {"corrupted": CORRUPTED, "objective": "logit"}
@@ -34,6 +38,15 @@ def edges_models() -> dict[str, ax.Model]:
     _, tok = tiny_model("llama")
     for arch in ("phi3", "qwen2", "qwen3", "mistral", "granite", "gemma2", "olmo2", "mixtral"):
         built[arch] = ax.load_model(full_double(llama_like(arch, tok)), tokenizer=tok)
+    # multi-query attention: one key and one value head after the queries in `c_attn`; without
+    # it, each head's query, key and value side by side
+    for name, multi_query in (("gpt_bigcode", True), ("gpt_bigcode-mha", False)):
+        hf = gpt_bigcode(tok, multi_query).double()
+        with torch.no_grad():  # GPT-2's scale of the tiny models: effects well above rounding
+            for module in hf.modules():
+                if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
+                    module.weight.normal_(0, 0.3)
+        built[name] = ax.load_model(hf, tokenizer=tok)
     return built
 
 
@@ -48,12 +61,13 @@ def _parts(hf):
     config = hf.config
     heads = getattr(config, "num_attention_heads", None) or config.n_head
     kv = getattr(config, "num_key_value_heads", None) or heads
+    kv = 1 if getattr(config, "multi_query", False) else kv
     out = []
     for b in blocks:
         if hasattr(b, "ln_1"):
             attn = b.attn.attention if hasattr(b.attn, "attention") else b.attn
             if hasattr(attn, "c_attn"):
-                readers = [(attn.c_attn, [("q", heads), ("k", heads), ("v", heads)])]
+                readers = [(attn.c_attn, [("q", heads), ("k", kv), ("v", kv)])]
                 proj = attn.c_proj
             else:
                 readers = [(attn.q_proj, [("q", heads)]), (attn.k_proj, [("k", heads)]),
@@ -81,9 +95,13 @@ def _project(module, x):
 def _run(model, embeds, hooks):
     hf = model.hf
     handles = [register() for register in hooks]
+    saved = hf.config._attn_implementation
+    hf.config._attn_implementation = "edges_naive"
     try:
-        return hf(inputs_embeds=embeds).logits
+        return hf(inputs_embeds=embeds, use_cache=False).logits
     finally:
+        hf.config._attn_implementation = saved
+        _NAIVE.clear()
         for h in handles:
             h.remove()
 
@@ -137,43 +155,62 @@ def _edge_hook(model, receiver, shifted):
 
         return [lambda: last.register_forward_hook(add_out)]
     layer = int(receiver[1:].split(".")[0].split("<")[0])
-    _, norm, readers, _, mlp_norm, _ = blocks[layer]
+    _, norm, _, _, mlp_norm, _ = blocks[layer]
     if receiver.startswith("m"):
         return [
             lambda: mlp_norm.register_forward_pre_hook(lambda _m, a: (a[0] + shifted(), *a[1:]))
         ]
-    head, part = int(receiver.split(".h")[1].split("<")[0]), receiver[-2]
+    head = int(receiver.split(".h")[1].split("<")[0])
+    name = {"q": "query", "k": "key", "v": "value"}[receiver[-2]]
+    attention = _attention_of(blocks[layer][0])
     stream = {}
 
     def keep(_m, args):
         if "busy" not in stream:
             stream["x"] = args[0]
 
-    for module, parts in readers:
-        offset = 0
-        for name, count in parts:
-            if name == part:
-                break
-            offset += count
-        else:
-            continue
-        width = module.weight.shape[1 if type(module).__name__ == "Conv1D" else 0]
-        width //= sum(c for _, c in parts)
-        cols = slice((offset + head) * width, (offset + head + 1) * width)
+    def shadow(module, args, kwargs):
+        # the attention run again on the norm of the shifted stream: its vectors, as the
+        # model's own code makes them, recorded by the attention function (no column layout)
+        if "busy" in stream:
+            return
+        stream["busy"] = True
+        moved = norm(stream["x"] + shifted())
+        _NAIVE["capture"] = {}
+        rest = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+        module(moved, *args[1:], **rest)
+        _NAIVE["swap"] = (name, head, _NAIVE.pop("capture")[name][:, head])
+        del stream["busy"]
 
-        def replace(_m, _a, output, module=module, cols=cols):
-            stream["busy"] = True
-            moved = _project(module, norm(stream["x"] + shifted()))
-            if module.bias is not None:
-                moved = moved + module.bias
-            del stream["busy"]
-            output = output.clone()
-            output[..., cols] = moved[..., cols]
-            return output
+    return [lambda: norm.register_forward_pre_hook(keep),
+            lambda: attention.register_forward_pre_hook(shadow, with_kwargs=True)]  # fmt: skip
 
-        return [lambda: norm.register_forward_pre_hook(keep),
-                lambda m=module, r=replace: m.register_forward_hook(r)]  # fmt: skip
-    raise AssertionError(receiver)
+
+def _attention_of(block):
+    return block.attn if hasattr(block, "attn") else block.self_attn
+
+
+# what the test's attention function does: record a shadow run's vectors, or swap one head's
+_NAIVE: dict = {}
+
+
+def _naive_attention(module, query, key, value, attention_mask, **kwargs):
+    """The module's own eager attention, its inputs recorded (a shadow run) or one head's
+    query, key or value swapped for the shadow run's (the patched run)."""
+    eager = sys.modules[type(module).__module__].eager_attention_forward
+    given = {"query": query, "key": key, "value": value}
+    if "capture" in _NAIVE:
+        _NAIVE["capture"].update(given)
+    elif "swap" in _NAIVE:
+        name, head, moved = _NAIVE.pop("swap")
+        swapped = given[name].clone()
+        swapped[:, head] = moved
+        given[name] = swapped
+    return eager(module, given["query"], given["key"], given["value"], attention_mask, **kwargs)
+
+
+AttentionInterface.register("edges_naive", _naive_attention)
+AttentionMaskInterface.register("edges_naive", eager_mask)  # eager's additive causal masks
 
 
 def _naive_edges(model, clean_ids, corrupt_ids, targets, alphas, weights):
@@ -225,9 +262,10 @@ def _senders_before(receiver, heads):
 def _compare(da, naive):
     assert set(map(str, da.receiver.values)) == {r for _, r in naive}
     checked = 0
+    largest = max(np.abs(want).max() for want in naive.values())
     for (sender, receiver), want in naive.items():
         got = da.sel(sender=sender, receiver=receiver).values
-        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-9 * max(1.0, np.abs(want).max()))
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-9 * largest)
         checked += 1
     # every other entry is no edge: the receiver runs before the sender
     assert int(np.isfinite(da.values).sum()) == checked * da.sizes["target"]
@@ -242,7 +280,9 @@ def _ids(model, da):
     return clean, torch.tensor(bad), targets
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama", "phi3"])
+# GPT-2's fused c_attn, Llama's grouped keys and values, Phi-3's fused qkv_proj, Qwen3's query
+# and key norms, GPT-BigCode's multi-query c_attn
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "phi3", "qwen3", "gpt_bigcode"])
 def test_eap_equals_patching_each_edge_to_first_order(edges_models, arch):
     model = edges_models[arch]
     da = ax.edge_attribution_patching(model, CLEAN, TARGET, **KW)
@@ -327,14 +367,55 @@ def test_batched_and_padded_equal_single(edges_models):
         np.testing.assert_allclose(got.values, one.values, rtol=1e-9, atol=1e-12)
 
 
-def test_a_budget_splits_the_passes_not_the_result(edges_models):
-    model = edges_models["gpt2"]
+def test_a_budget_splits_the_passes_not_the_result():
+    """Points a pass, targets a backward and senders a push through the norm: a GPT-2 of 4
+    layers of 8 heads has 37 senders, pushed 17 at a time, and 3 targets here."""
+    hf, tok = tiny_model("gpt2", n_layer=4, n_head=8)
+    model = ax.load_model(full_double(hf), tokenizer=tok)
     kw = {**KW, "steps": 4}
-    whole = ax.edge_attribution_patching(model, CLEAN, TARGET, **kw)
-    split = ax.edge_attribution_patching(model, CLEAN, TARGET, batch_size=1, chunk_size=1, **kw)
+    target = TARGET + " and more"
+    whole = ax.edge_attribution_patching(model, CLEAN, target, **kw)
+    assert whole.sizes["target"] > 2 and whole.sizes["sender"] == 37
+    split = ax.edge_attribution_patching(model, CLEAN, target, batch_size=1, chunk_size=1, **kw)
     np.testing.assert_allclose(split.values, whole.values, rtol=1e-9, atol=1e-12)
+    # the pushed blocks of senders add up as one: each sender's edges, its AtP estimate
+    eap = ax.edge_attribution_patching(model, CLEAN, target, **KW).sum("receiver")
+    heads = ax.attribution_patching(model, CLEAN, target, **KW).sum("source")
+    for layer in range(4):
+        for h in range(8):
+            np.testing.assert_allclose(eap.sel(sender=f"a{layer}.h{h}").values,
+                                       heads.sel(layer=layer, head=h).values, rtol=1e-7,
+                                       atol=1e-10)  # fmt: skip
     with pytest.raises(ax.OptionError, match="max_memory"):
-        ax.edge_attribution_patching(model, CLEAN, TARGET, max_memory=1000, **kw)
+        ax.edge_attribution_patching(model, CLEAN, target, max_memory=1000, **kw)
+
+
+def test_llama_4s_flattened_experts_batched_equal_single():
+    """Llama 4's mixture of experts returns its rows flattened, ``[B * L, H]``."""
+    from tests.test_support import FAMILIES
+
+    model = FAMILIES["Llama 4"]()
+    inputs, bad = [CLEAN, "The capital is"], [CORRUPTED, "A capital is"]
+    kw = {"objective": "logit"}
+    both = ax.edge_attribution_patching(model, inputs, [TARGET, " d"], corrupted=bad, **kw)
+    for i in range(2):
+        one = ax.edge_attribution_patching(model, inputs[i], [TARGET, " d"][i], corrupted=bad[i],
+                                           **kw)  # fmt: skip
+        got = both.isel(example=i).dropna("target", how="all")
+        np.testing.assert_allclose(got.values, one.values, rtol=1e-4, atol=1e-6)
+
+
+def test_bfloat16_stays_near_float32():
+    """A bfloat16 model's edges (float32 results) within a few percent of its float32 copy's,
+    as the data model says of half precision."""
+    hf, tok = tiny_model("llama")
+    full = ax.edge_attribution_patching(ax.load_model(hf, tokenizer=tok), CLEAN, TARGET, **KW)
+    hf, tok = tiny_model("llama")
+    half = ax.load_model(hf.to(torch.bfloat16), tokenizer=tok)
+    got = ax.edge_attribution_patching(half, CLEAN, TARGET, **KW)
+    assert got.dtype == np.float32
+    scale = np.nanmax(np.abs(full.values))
+    assert np.nanmax(np.abs(got.values - full.values)) < 0.06 * scale
 
 
 def test_the_labels(edges_models):
@@ -376,6 +457,32 @@ def test_parallel_and_fused_per_head_blocks_are_refused(arch):
     _, tok = tiny_model("llama")
     hf = llama_like(arch, tok)
     with pytest.raises(ax.ModelError, match="is not a pre-norm"):
+        ax.edge_attribution_patching(ax.load_model(hf, tokenizer=tok), CLEAN, TARGET, **KW)
+
+
+def test_a_layout_the_receivers_are_not_cut_by_is_refused(edges_models):
+    """GPT-BigCode without multi-query lays each head's query, key and value side by side:
+    cut as three blocks, its receivers would be other heads' (its senders still add up)."""
+    with pytest.raises(ax.ModelError, match="does not read its values"):
+        ax.edge_attribution_patching(edges_models["gpt_bigcode-mha"], CLEAN, TARGET, **KW)
+
+
+class _Scaled(torch.nn.Linear):
+    """A Linear that computes otherwise than its weight says (as quantized ones do)."""
+
+    def forward(self, x):
+        return super().forward(x) * 2.0
+
+
+@pytest.mark.parametrize("where", ["o_proj", "v_proj"])
+def test_a_linear_that_computes_otherwise_is_refused(where):
+    hf, tok = tiny_model("llama")
+    attention = hf.model.layers[1].self_attn
+    old = getattr(attention, where)
+    new = _Scaled(old.in_features, old.out_features, bias=old.bias is not None)
+    new.load_state_dict(old.state_dict())
+    setattr(attention, where, new)
+    with pytest.raises(ax.ModelError, match="layer 1"):
         ax.edge_attribution_patching(ax.load_model(hf, tokenizer=tok), CLEAN, TARGET, **KW)
 
 

@@ -896,6 +896,33 @@ def test_the_measured_peak_stays_within_the_budget(
     assert bounded["peak"] <= budget, (bounded["peak"] / 2**20, budget / 2**20)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize(("options", "budget"), [("", 150 << 20), ("steps=16", 150 << 20)])
+def test_edge_attribution_patchings_measured_peak_stays_within_the_budget(
+    peak_above_start, options, budget
+):
+    """EAP and EAP-IG (16 points, made a pass at a time) on the same model and input, against
+    a corrupted prompt of as many tokens: 207 and 847 MiB without a budget, 55 and 65 MiB
+    under 150 MiB when measured (2026-12-07)."""
+    code = _BUDGET_MODEL.replace(
+        "def warm():", "bad = ' '.join(['x'] + words[1:100])\ndef warm():"
+    ).replace("ax.{method}(model, {warm}, {options})", "ax.{method}(model, {warm})")
+    free, bounded = (
+        peak_above_start(
+            code.format(
+                method="edge_attribution_patching",
+                options=", ".join(filter(None, ["corrupted=bad", options, extra])),
+                config="",
+                warm='" ".join(words[:3]), " d e", corrupted=" ".join(["x"] + words[1:3])',
+                cast="",
+            )
+        )
+        for extra in ("", f"max_memory={budget}")
+    )
+    assert free["peak"] > budget, "the workload must need more than the budget unbounded"
+    assert bounded["peak"] <= budget, (bounded["peak"] / 2**20, budget / 2**20)
+
+
 # a state-space model and a mixture of experts, 128 wide, on the same 124-token input
 _SCAN_MODEL = """
 import torch

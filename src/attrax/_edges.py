@@ -33,16 +33,17 @@ import torch
 import xarray as xr
 
 from . import _validate as check
-from ._components import Ablation, _averaged_over, _corrupted, _corrupted_ids
+from ._components import Ablation, GaussianNoise, _averaged_over, _corrupted, _corrupted_ids
 from ._drop import pulled
 from ._engine import vjp
 from ._errors import InputError, ModelError, OptionError
 from ._gradients import QUADRATURES, check_quadrature_steps, quadrature_nodes
+from ._heads import record_calls
 from ._memory import between_passes, full_precision
 from ._model import Model, refuse_seq2seq_classifier
 from ._protocol import Call, Family
 from ._schema import label_edges
-from ._sites import decoder_stack, is_linear, named
+from ._sites import decoder_stack, named
 
 METHOD = "edge_attribution_patching"
 
@@ -132,6 +133,14 @@ class Graph:
         return out
 
 
+def exactly_linear(module: torch.nn.Module | None) -> bool:
+    """Exactly a ``Linear`` or GPT-2's ``Conv1D``: a subclass (a quantized one) may compute
+    otherwise than its ``weight`` says."""
+    return module is not None and (
+        type(module) is torch.nn.Linear or type(module).__name__ == "Conv1D"
+    )
+
+
 def _width(module: torch.nn.Module, side: str) -> int | None:
     names = ("out_features", "nf") if side == "out" else ("in_features", "nx")
     return next(
@@ -162,11 +171,25 @@ def graph(model: Model) -> Graph:
         )
         attention = named(block, ATTENTIONS)
         width = _width(out_proj, "in")
-        if None in norms or attention is None or not is_linear(out_proj) or width is None:
+        where = f"{METHOD}: {kind}'s layer {layer}"
+        if None in norms:
             raise ModelError(
-                f"{METHOD}: {kind}'s layer {layer} is not a pre-norm block attrax knows (a norm "
-                f"{' / '.join(a for a, _ in NORMS)} before its attention, "
-                f"{' / '.join(m for _, m in NORMS)} before its MLP, a linear output projection)"
+                f"{where} is not a pre-norm block attrax knows: no norm "
+                f"{' / '.join(a for a, _ in NORMS)} before its attention and "
+                f"{' / '.join(m for _, m in NORMS)} before its MLP (parallel attention and "
+                "MLP, norms after them or named otherwise have no edges attrax can score)"
+            )
+        if attention is None:
+            raise ModelError(
+                f"{where} is not a pre-norm block attrax knows: its attention module is not "
+                f"{' / '.join(ATTENTIONS)} (GPT-NeoX's `attention` fuses each head's query, key "
+                "and value side by side)"
+            )
+        if not exactly_linear(out_proj) or width is None:
+            raise ModelError(
+                f"{where}: its attention's output projection is a {type(out_proj).__name__}, "
+                "not exactly a Linear or GPT-2's Conv1D (a quantized one computes otherwise "
+                "than its weight says)"
             )
         head_dim = width // stack.heads
         head_dims.add(head_dim)
@@ -175,9 +198,9 @@ def graph(model: Model) -> Graph:
         readers = _readers(inner, stack.heads, head_dim)
         if readers is None:
             raise ModelError(
-                f"{METHOD}: {kind}'s layer {layer} reads its queries, keys and values through "
-                "no projection attrax knows (GPT-2's fused `c_attn`, Phi-3's `qkv_proj`, or "
-                "`q_proj`, `k_proj` and `v_proj`)"
+                f"{where} reads its queries, keys and values through no projection attrax "
+                "knows (exactly a Linear or Conv1D: GPT-2's fused `c_attn`, Phi-3's `qkv_proj`, "
+                "or `q_proj`, `k_proj` and `v_proj`; multi-head latent attention has none)"
             )
         attn_norm, mlp_norm = cast("tuple[torch.nn.Module, torch.nn.Module]", norms)
         found.append(Block(block, attn_norm, readers, out_proj, mlp_norm, mlp))
@@ -188,11 +211,13 @@ def _readers(attention: torch.nn.Module, heads: int, head_dim: int) -> tuple[Rea
     """The query, key and value projections of one attention, their widths checked."""
 
     def fused(module: torch.nn.Module | None, mine: int) -> tuple[Reader, ...] | None:
-        out = None if module is None or not is_linear(module) else _width(module, "out")
+        if module is None or not exactly_linear(module):
+            return None
+        out = _width(module, "out")
         if out is None or (out // head_dim - mine) % 2 or out % head_dim:
             return None
         kv = (out // head_dim - mine) // 2
-        if module is None or kv <= 0:
+        if kv <= 0:
             return None
         return (Reader(module, (("q", mine), ("k", kv), ("v", kv))),)
 
@@ -201,7 +226,7 @@ def _readers(attention: torch.nn.Module, heads: int, head_dim: int) -> tuple[Rea
     ):
         return readers
     separate = [named(attention, (f"{p}_proj",)) for p in "qkv"]
-    if any(m is None or not is_linear(m) for m in separate):
+    if not all(map(exactly_linear, separate)):
         return None
     widths = [_width(cast("torch.nn.Module", m), "out") for m in separate]
     if any(w is None or w % head_dim for w in widths) or widths[0] != heads * head_dim:
@@ -229,25 +254,29 @@ def _first(value: Any) -> torch.Tensor:
 
 
 def _record(g: Graph, seen: dict[str, list[Any]]) -> list[Any]:
-    """Hooks that record, per layer, the block's input, each norm's input, what each reader
-    reads, the heads (the output projection's input) and what the attention and the MLP add,
-    and the last block's output."""
+    """Hooks that record, per layer, the block's input, each norm's input and output, what
+    each reader reads and returns, the heads (the output projection's input) and what the
+    attention adds, what the MLP reads and adds; and the last block's output."""
     n = len(g.blocks)
-    for key in ("block", "attn_norm", "norm_out", "read", "heads", "attn", "mlp_norm", "mlp"):
+    keys = ("block", "attn_norm", "norm_out", "heads", "attn", "mlp_norm", "mlp_in", "mlp_out")
+    for key in (*keys, "mlp"):
         seen[key] = [None] * n
     seen["out"] = [None]
+    seen["read"] = [[None] * len(b.readers) for b in g.blocks]
+    seen["returned"] = [[None] * len(b.readers) for b in g.blocks]
 
-    def keep(key: str, layer: int, output: bool = False, out: bool = False) -> Callable[..., Any]:
+    def keep(key: str, layer: int, output: bool = False, i: int = -1) -> Callable[..., Any]:
         def hook(_m: Any, args: Any, *rest: Any) -> None:
             kwargs = rest[0] if rest and isinstance(rest[0], dict) and not output else {}
             given = args[0] if args else kwargs.get("hidden_states")
             value = cast("torch.Tensor", _first(rest[0]) if output else given)
-            if key == "mlp" and value.dim() == 2:  # Llama 4's experts: [B * L, H] as [B, L, H]
+            if value.dim() == 2:  # Llama 4's experts: [B * L, H] as [B, L, H]
                 value = value.view(*seen["block"][layer].shape[:2], -1)
-            if out:
-                seen["out"][0] = value.detach().clone()
+            value = value.detach().clone()
+            if i >= 0:
+                seen[key][layer][i] = value
             else:
-                seen[key][layer] = value.detach().clone()
+                seen[key][layer] = value
 
         return hook
 
@@ -256,46 +285,110 @@ def _record(g: Graph, seen: dict[str, list[Any]]) -> list[Any]:
         handles.append(b.block.register_forward_pre_hook(keep("block", layer), with_kwargs=True))
         handles.append(b.attn_norm.register_forward_pre_hook(keep("attn_norm", layer)))
         handles.append(b.attn_norm.register_forward_hook(keep("norm_out", layer, True)))
-        handles.append(b.readers[0].module.register_forward_pre_hook(keep("read", layer)))
+        for i, r in enumerate(b.readers):
+            handles.append(r.module.register_forward_pre_hook(keep("read", layer, i=i)))
+            handles.append(r.module.register_forward_hook(keep("returned", layer, True, i)))
         handles.append(b.out_proj.register_forward_pre_hook(keep("heads", layer)))
         handles.append(b.out_proj.register_forward_hook(keep("attn", layer, True)))
         handles.append(b.mlp_norm.register_forward_pre_hook(keep("mlp_norm", layer)))
+        handles.append(b.mlp_norm.register_forward_hook(keep("mlp_in", layer, True)))
+        handles.append(b.mlp.register_forward_pre_hook(keep("mlp_out", layer)))
         handles.append(b.mlp.register_forward_hook(keep("mlp", layer, True)))
-    handles.append(g.blocks[-1].block.register_forward_hook(keep("out", n - 1, True, True)))
+    last = n - 1
+    handles.append(g.blocks[last].block.register_forward_hook(_keep_out(seen)))
     return handles
+
+
+def _keep_out(seen: dict[str, list[Any]]) -> Callable[..., None]:
+    def hook(_m: Any, _args: Any, output: Any) -> None:
+        seen["out"][0] = _first(output).detach().clone()
+
+    return hook
+
+
+def _linear(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """What an exact ``Linear`` or ``Conv1D`` returns for ``x``, from its weight and bias."""
+    out = x @ Reader(module, ()).weight().T.to(x.dtype)
+    bias = getattr(module, "bias", None)
+    return out if bias is None else out + bias.to(x.dtype)
 
 
 def _check_blocks(g: Graph, seen: Mapping[str, list[Any]], kind: str) -> None:
     """A :class:`ModelError` unless every block is ``x + attn(norm_1(x))`` then ``+
-    mlp(norm_2(.))`` with the projections reading ``norm_1(x)``, as the edges assume."""
-    if any(v is None for values in seen.values() for v in values):
+    mlp(norm_2(.))``, its projections reading ``norm_1(x)`` and returning what their weights
+    say, as the edges assume."""
+    if any(v is None for values in seen.values() for v in values) or any(
+        v is None for layer in seen["read"] + seen["returned"] for v in layer
+    ):
         raise ModelError(f"{METHOD}: {kind} did not run the modules attrax found in its blocks")
     n = len(g.blocks)
     nxt = [*seen["block"][1:], seen["out"][0]]
-    for layer in range(n):
+    for layer, b in enumerate(g.blocks):
         x = seen["block"][layer]
         pairs = {
             "the block's input is its first norm's": (seen["attn_norm"][layer], x),
-            "the projections read the first norm's output": (
-                seen["read"][layer], seen["norm_out"][layer]
+            "the output projection returns its weight times the heads": (
+                seen["attn"][layer], _linear(b.out_proj, seen["heads"][layer])
             ),
             "the second norm reads the input plus the attention's output": (
                 seen["mlp_norm"][layer], x + seen["attn"][layer]
+            ),
+            "the MLP reads the second norm's output": (
+                seen["mlp_out"][layer], seen["mlp_in"][layer]
             ),
             "the block's output adds the MLP's": (
                 nxt[layer], seen["mlp_norm"][layer] + seen["mlp"][layer]
             ),
         }  # fmt: skip
+        for i, r in enumerate(b.readers):
+            read, returned = seen["read"][layer][i], seen["returned"][layer][i]
+            name = type(r.module).__name__
+            pairs[f"its {name} reads the first norm's output"] = (read, seen["norm_out"][layer])
+            pairs[f"its {name} returns its weight times its input"] = (
+                returned,
+                _linear(r.module, read),
+            )
         for what, (got, want) in pairs.items():
             scale = float(want.abs().max()) or 1.0
             tol = TOLERANCE.get(want.dtype, 1e-4)
             if got.shape != want.shape or float((got - want).abs().max()) > tol * scale:
                 raise ModelError(
                     f"{METHOD}: {kind}'s layer {layer} is not a pre-norm residual block as the "
-                    f"edges assume ({what}: it is not); norms on the attention's or MLP's "
+                    f"edges assume ({what}: it does not); norms on the attention's or MLP's "
                     "output, residual scales and parallel attention and MLP have no edges "
                     "attrax can score"
                 )
+    del n
+
+
+def _check_values(
+    g: Graph, calls: Mapping[Any, Any], seen: Mapping[str, list[Any]], kind: str
+) -> None:
+    """A :class:`ModelError` unless each layer's attention reads, as its values, its value
+    projection's columns head after head (the layout the receivers are cut by): GPT-BigCode
+    without multi-query lays each head's query, key and value side by side."""
+    values = [call.value for _, call in sorted(calls.items(), key=lambda kv: kv[0][1])]
+    if len(values) != len(g.blocks):
+        raise ModelError(
+            f"{METHOD}: {kind} ran {len(values)} attention calls for {len(g.blocks)} layers"
+        )
+    for layer, (b, value) in enumerate(zip(g.blocks, values, strict=True)):
+        for i, r in enumerate(b.readers):
+            start = 0
+            for part, heads in r.parts:
+                width = heads * g.head_dim
+                if part == "v":
+                    got = seen["returned"][layer][i][..., start : start + width]
+                    got = got.unflatten(-1, (heads, g.head_dim)).transpose(1, 2)
+                    tol = TOLERANCE.get(got.dtype, 1e-4) * (float(got.abs().max()) or 1.0)
+                    if got.shape != value.shape or float((got - value).abs().max()) > tol:
+                        raise ModelError(
+                            f"{METHOD}: {kind}'s layer {layer} does not read its values from "
+                            f"its {type(r.module).__name__}'s columns head after head, as the "
+                            "receivers are cut (GPT-BigCode without multi-query lays each "
+                            "head's query, key and value side by side)"
+                        )
+                start += width
 
 
 def _senders(g: Graph, seen: Mapping[str, list[Any]]) -> torch.Tensor:
@@ -338,11 +431,16 @@ def _deltas(
 
 
 def edge_scores(
-    call: Call, g: Graph, delta: torch.Tensor, points: torch.Tensor, weights: torch.Tensor,
-) -> torch.Tensor:  # fmt: skip
+    call: Call,
+    g: Graph,
+    delta: torch.Tensor,
+    points: Callable[[slice], torch.Tensor],
+    weights: torch.Tensor,
+) -> torch.Tensor:
     """``[B, K, U, R]``: each edge's estimate, ``sum_i weights[i] delta_u . grad_v`` over the
-    points ``[N, B, L, H]`` (the attributed side's embeddings) at which the gradients are taken,
-    ``batch_size`` points and ``chunk_size`` targets a pass."""
+    points ``points(chunk)`` (``[n, B, L, H]``, the attributed side's embeddings, one per
+    weight) at which the gradients are taken, ``batch_size`` points and ``chunk_size`` targets
+    a pass; the scores and ``delta`` (``[U, B, L, H]``) held as :func:`hold_edges` priced."""
     problem = call.problem
     t = problem.tensors
     receivers = g.receivers()
@@ -357,27 +455,40 @@ def edge_scores(
     one = batch * length * hidden * size
     # senders pushed through a norm at a time: as many bytes as a target's probe gradients
     senders = max(1, probes // hidden)
-    problem.hold(
-        batch * targets * u_all * len(receivers) * size + 2 * u_all * one,
-        "targets", targets, "the edges' scores and the senders' deltas",
-    )  # fmt: skip
     # per (target, point): its probes' gradients, cast, and a reader's pulled back through its
     # heads' rows with their product; per point: the probes, the norms' inputs, and a block of
     # senders pushed through a norm (with their tangents)
+    total = weights.shape[0]
+    # one forward a pass, every target chunk's backward from it (as attribution patching's)
     batch_size, chunk = problem.plan(
-        points.shape[0], call.options["batch_size"], call.options["chunk_size"],
+        total, call.options["batch_size"], call.options["chunk_size"], shared_forward=True,
         per_target=2 * probes * one // hidden + 2 * per_head_rows * one,
-        per_point=(probes // hidden + len(g.blocks) + 2 * senders) * one,
+        per_point=(probes // hidden + len(g.blocks) + 2 * senders + 2) * one,
     )  # fmt: skip
     scores = delta.new_zeros(batch, targets, u_all, len(receivers))
-    step = points.shape[0] if batch_size is None else batch_size
+    step = total if batch_size is None else batch_size
     columns = _columns(g)
-    for first in range(0, points.shape[0], step):  # chunking only: bounds memory
+    for first in range(0, total, step):  # chunking only: bounds memory
         between_passes()
-        chunk_points = points[first : first + step]
-        w = weights[first : first + step].to(device=delta.device, dtype=acc)
-        _pass(call, g, delta, chunk_points, w, chunk, senders, scores, columns)
+        part = slice(first, min(first + step, total))
+        w = weights[part].to(device=delta.device, dtype=acc)
+        _pass(call, g, delta, points(part), w, chunk, senders, scores, columns)
     return scores
+
+
+def hold_edges(call: Call, g: Graph) -> None:
+    """Count the ``[B, K, U, R]`` scores and the senders' outputs and deltas (``[U, B, L, H]``,
+    the clean, the corrupted and their difference at full precision) through the call."""
+    problem = call.problem
+    t = problem.tensors
+    batch, length = t.ids.shape
+    hidden = problem.inputs[0].shape[-1]
+    size = torch.finfo(full_precision(problem.inputs[0]).dtype).bits // 8
+    u_all, targets = len(g.senders), t.valid.shape[1]
+    problem.hold(
+        batch * targets * u_all * len(g.receivers()) * size + 4 * u_all * batch * length * hidden * size,
+        "targets", targets, "the edges' scores and the senders' outputs and deltas",
+    )  # fmt: skip
 
 
 def _columns(g: Graph) -> list[tuple[list[tuple[Reader, int]], int]]:
@@ -524,6 +635,16 @@ def _keeping(kept: list[Any], layer: int) -> Callable[..., Any]:
 # --- the method ------------------------------------------------------------------------------
 
 
+def _corrupted_input(value: object, name: str) -> None:
+    if isinstance(value, GaussianNoise):
+        raise OptionError(
+            f"`{name}`: Gaussian noise (causal tracing) is activation patching's corruption; "
+            "edge attribution patching takes a corrupted text (a string, or a list aligned with "
+            "`inputs`) or an ax.Ablation"
+        )
+    _corrupted(value, name)
+
+
 def _together(options: Mapping[str, Any]) -> None:
     if options["steps"] is None and options["quadrature"] is not None:
         raise OptionError(
@@ -544,7 +665,7 @@ def _together(options: Mapping[str, Any]) -> None:
 
 @EDGES.method(
     _together,
-    corrupted=_corrupted,
+    corrupted=_corrupted_input,
     steps=check.optional(check.positive_int),
     quadrature=check.one_of(*QUADRATURES, none=True),
 )
@@ -612,24 +733,34 @@ def edge_attribution_patching(
             problem.hidden_of(embeds, mask, types, ids)
         _check_blocks(g, seen, kind)
 
+    hold_edges(call, g)  # before the runs that make them: a refusal, not an exhausted device
     clean_embeds = problem.inputs[0]
     seen: dict[str, list[Any]] = {}
     with torch.no_grad():
         run(clean_embeds, t.mask, seen)
+    calls = record_calls(problem, [], "edges", clean_embeds, t.mask).calls
+    _check_values(g, calls or {}, seen, kind)
+    del calls
     clean = _senders(g, seen)
     del seen
     delta, corrupt_embeds = _deltas(call, g, corrupted, clean, run)
     del clean
     if steps is None:
-        points = clean_embeds[None]
         weights = torch.ones(1, dtype=torch.float64)
-    else:
+
+        def points(part: slice) -> torch.Tensor:
+            return clean_embeds[None]
+
+    else:  # EAP-IG: the straight path from the corrupted embeddings to the clean ones
         assert corrupt_embeds is not None
-        alphas, w = quadrature_nodes(quadrature or "riemann_left", steps)
-        alpha = torch.as_tensor(alphas, dtype=clean_embeds.dtype, device=clean_embeds.device)
-        span = clean_embeds - corrupt_embeds
-        points = corrupt_embeds[None] + alpha.view(-1, 1, 1, 1) * span[None]
+        nodes, w = quadrature_nodes(quadrature or "riemann_left", steps)
+        alpha = torch.as_tensor(nodes, dtype=clean_embeds.dtype, device=clean_embeds.device)
+        start, span = corrupt_embeds, clean_embeds - corrupt_embeds
         weights = torch.as_tensor(w)
+
+        def points(part: slice) -> torch.Tensor:  # a pass's points only, as it runs
+            return start[None] + alpha[part].view(-1, 1, 1, 1) * span[None]
+
     scores = edge_scores(call, g, delta, points, weights)
     if not bool(torch.isfinite(scores).all()):  # NaN marks no edge: one the model made must not
         raise InputError(
@@ -644,7 +775,7 @@ def edge_attribution_patching(
         for _, layer, part, _ in receivers
     ]  # fmt: skip
     exists = torch.arange(len(g.senders))[:, None] < torch.tensor(prefix)[None]
-    scores = scores.masked_fill(~exists.to(scores.device), np.nan)
+    scores.masked_fill_(~exists.to(scores.device), np.nan)
     return label_edges(
         model, call.batch, scores, g.senders, receivers, call.options, METHOD, call.objective[0]
     )

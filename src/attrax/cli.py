@@ -547,7 +547,7 @@ def _tick(ok: bool) -> str:
 
 def _attribute(args: argparse.Namespace) -> int:
     from ._dataset import call_method, parse_reduce, reduce, resolve_method
-    from ._errors import InputError
+    from ._errors import InputError, OptionError
     from ._model import load_model
     from .io import save
     from .viz import plot, show
@@ -556,6 +556,12 @@ def _attribute(args: argparse.Namespace) -> int:
     steps = parse_reduce(args.reduce)
     options = _method_options(args, fn)
     _check_outputs({"--out": args.out, "--html": args.html, "--png": args.png})
+    if args.method == "edge_attribution_patching" and (args.html or args.png):
+        raise OptionError(
+            "--html and --png draw (target, source) heatmaps; edge_attribution_patching's "
+            "(target, sender, receiver) edges have no source: give --out (and read it with "
+            "ax.load) or print them"
+        )
     console = _console()
     model = load_model(args.model, device=_device(args.device), dtype=_dtype(args.dtype))
     inputs: Any = args.input
@@ -878,9 +884,24 @@ def _print_result(console: Console, da: xr.DataArray) -> None:
         console.print(f"[dim]reduced: {reductions}[/]")
     if {"target", "source"} <= set(da.dims) <= {"example", "target", "source"}:
         _table(console, da)
+    elif {"target", "sender", "receiver"} <= set(da.dims):
+        _edges(console, da)
     else:
         sizes = ", ".join(f"{d}: {n}" for d, n in da.sizes.items())
         console.print(f"result dims ({sizes}); reduce to (target, source) to see a table")
+
+
+def _edges(console: Console, da: xr.DataArray, top: int = 10) -> None:
+    """Each target's ``top`` edges by size (edge attribution patching), the first example's."""
+    if "example" in da.dims:
+        da = da.isel(example=0)
+    for target in da["target"].values:
+        one = da.sel(target=target).stack(edge=["sender", "receiver"]).dropna("edge")
+        ranked = one.sortby(abs(one), ascending=False)[:top]
+        token = da["target_token"].sel(target=target).item() if "target_token" in da.coords else ""
+        console.print(f"target {target} {_escape(repr(token)) if token else ''}".rstrip())
+        for (sender, receiver), value in zip(ranked["edge"].values, ranked.values, strict=True):
+            console.print(f"  {sender} → {receiver}: {value:+.4g}")
 
 
 def _table(console: Console, da: xr.DataArray) -> None:
