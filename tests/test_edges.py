@@ -522,9 +522,21 @@ def test_the_cli_writes_the_edges(tmp_path, capsys):
         CLEAN, "--target", TARGET, "-o", f"corrupted={json.dumps(CORRUPTED)}", "-o",
         "objective=logit", "--out", str(out),
     ])  # fmt: skip
-    assert code == 0, capsys.readouterr()
+    printed = capsys.readouterr()
+    assert code == 0, printed
     da = ax.load(out)
     assert da.dims == ("target", "sender", "receiver")
+    # each target's largest edge, as the saved array ranks it
+    first = da.isel(target=0).stack(edge=["sender", "receiver"]).dropna("edge")
+    sender, receiver = first.sortby(abs(first), ascending=False).edge.values[0]
+    assert f"{sender} → {receiver}: " in printed.out
+    code = main([
+        "attribute", "--method", "edge_attribution_patching", "--model", str(path), "--input",
+        CLEAN, "--target", TARGET, "-o", f"corrupted={json.dumps(CORRUPTED)}", "--png",
+        str(tmp_path / "a.png"),
+    ])  # fmt: skip
+    assert code == 2 and "no source" in capsys.readouterr().err
+    assert not (tmp_path / "a.png").exists()
 
 
 def _supported() -> list[str]:
