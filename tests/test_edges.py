@@ -344,16 +344,22 @@ def test_a_decoder_only_classifiers_edges_add_up_to_its_estimates(arch):
     assert np.abs(mlp.values).max() > 1e-6
 
 
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
 @pytest.mark.parametrize("kind", ["zero", "mean"])
-def test_ablated_edges_add_up_to_the_ablated_estimate(edges_models, kind):
-    model = edges_models["llama"]
+def test_ablated_edges_add_up_to_the_ablated_estimate(edges_models, arch, kind):
+    model = edges_models[arch]
     kw = {"corrupted": ax.Ablation(kind), "objective": "logit"}
-    da = ax.edge_attribution_patching(model, CLEAN, TARGET, **kw)
+    summed = ax.edge_attribution_patching(model, CLEAN, TARGET, **kw).sum("receiver")
+    heads = ax.attribution_patching(model, CLEAN, TARGET, site="heads", **kw).sum("source")
     mlp = ax.attribution_patching(model, CLEAN, TARGET, site="mlp", **kw).sum("source")
-    summed = da.sum("receiver")
     for layer in range(mlp.sizes["layer"]):
+        for h in range(heads.sizes["head"]):
+            np.testing.assert_allclose(summed.sel(sender=f"a{layer}.h{h}").values,
+                                       heads.sel(layer=layer, head=h).values, rtol=1e-7,
+                                       atol=1e-10)  # fmt: skip
         np.testing.assert_allclose(summed.sel(sender=f"m{layer}").values,
                                    mlp.sel(layer=layer).values, rtol=1e-7, atol=1e-10)  # fmt: skip
+    assert np.abs(heads.values).max() > 1e-4
 
 
 def test_batched_and_padded_equal_single(edges_models):
@@ -441,7 +447,7 @@ def test_the_labels(edges_models):
 @pytest.mark.parametrize(
     ("arch", "why"),
     [
-        ("gemma2", "not a pre-norm residual block"),  # norms on the attention's output
+        ("gemma2", "holds `pre_feedforward_layernorm`"),  # norms around the sublayers
         ("olmo2", "not a pre-norm block attrax knows"),  # its norms after, none before
         ("granite", "not a pre-norm residual block"),  # residual_multiplier
     ],
@@ -457,6 +463,32 @@ def test_parallel_and_fused_per_head_blocks_are_refused(arch):
     _, tok = tiny_model("llama")
     hf = llama_like(arch, tok)
     with pytest.raises(ax.ModelError, match="is not a pre-norm"):
+        ax.edge_attribution_patching(ax.load_model(hf, tokenizer=tok), CLEAN, TARGET, **KW)
+
+
+def test_a_residual_scale_is_refused_beside_a_huge_entry(edges_models):
+    """Granite scales what each sublayer adds: refused though one huge entry of the residual
+    stream (as trained models have) dwarfs the difference."""
+    hf = edges_models["granite"].hf
+    tok = edges_models["granite"].tokenizer
+    huge = ax.load_model(llama_like("granite", tok), tokenizer=tok)  # float32
+    ids = tok(CLEAN)["input_ids"]
+    with torch.no_grad():
+        huge.hf.get_input_embeddings().weight[ids[0], 0] = 1e4 / hf.config.embedding_multiplier
+    with pytest.raises(ax.ModelError, match="the second norm reads the input plus"):
+        ax.edge_attribution_patching(huge, CLEAN, TARGET, **KW)
+
+
+def test_weights_the_edges_do_not_account_for_are_refused():
+    """A norm over every head's queries at once (OLMoE's) mixes the heads; an output gate reads
+    the stream beside the projections."""
+    _, tok = tiny_model("llama")
+    olmoe = ax.load_model(llama_like("olmoe", tok), tokenizer=tok)
+    with pytest.raises(ax.ModelError, match="its attention holds `q_norm`"):
+        ax.edge_attribution_patching(olmoe, CLEAN, TARGET, **KW)
+    hf, tok = tiny_model("llama")
+    hf.model.layers[1].self_attn.g_proj = torch.nn.Linear(32, 32)
+    with pytest.raises(ax.ModelError, match="layer 1: its attention holds `g_proj`"):
         ax.edge_attribution_patching(ax.load_model(hf, tokenizer=tok), CLEAN, TARGET, **KW)
 
 

@@ -17,8 +17,9 @@ is not, and the sum over positions and features is the same.
 
 Pre-norm blocks ``x + attn(norm_1(x))`` then ``+ mlp(norm_2(.))``, as GPT-2's and Llama's, are
 checked on the clean run: a block that does not add exactly what its output projection and its
-MLP return (norms on their outputs, residual scales, parallel attention and MLP) is a
-:class:`ModelError`, never a wrong array.
+MLP return (norms on their outputs, residual scales, parallel attention and MLP), or that holds
+weights the edges do not account for (an output gate, a norm over several heads' vectors), is a
+:class:`ModelError`.
 """
 
 from __future__ import annotations
@@ -203,8 +204,54 @@ def graph(model: Model) -> Graph:
                 "or `q_proj`, `k_proj` and `v_proj`; multi-head latent attention has none)"
             )
         attn_norm, mlp_norm = cast("tuple[torch.nn.Module, torch.nn.Module]", norms)
+        known = [attn_norm, mlp_norm, mlp, attention]
+        _account(where, block, known, "block")
+        _account(where, inner, [*(r.module for r in readers), out_proj], "attention", head_dim)
         found.append(Block(block, attn_norm, readers, out_proj, mlp_norm, mlp))
+    if len(head_dims) > 1:
+        raise ModelError(
+            f"{METHOD}: {kind}'s layers differ in their heads' width ({sorted(head_dims)} for "
+            f"{stack.heads} heads a layer): the edges label every layer's heads alike"
+        )
     return Graph(found, stack.heads, head_dims.pop())
+
+
+#: parameters an attention may hold of its own: one per head (GPT-OSS's sinks)
+OWN_PARAMETERS = ("sinks",)
+
+
+def _account(
+    where: str, module: torch.nn.Module, known: list[torch.nn.Module], what: str,
+    head_dim: int | None = None,
+) -> None:  # fmt: skip
+    """A :class:`ModelError` where ``module`` holds weights the edges do not account for: a
+    module with parameters beside ``known`` (an attention's output gate, a norm after a
+    sublayer, a layer scale), or, in an attention, a norm over more than one head's vector
+    (OLMoE's query and key norms mix the heads; Qwen3's, one head wide, do not)."""
+    for name, sub in module.named_modules():
+        if sub is module or any(sub is k or _inside(sub, k) for k in known):
+            continue
+        own = list(sub.parameters(recurse=False))
+        if not own:
+            continue
+        per_head = head_dim is not None and "norm" in type(sub).__name__.lower()
+        if per_head and all(p.numel() == head_dim for p in own):
+            continue  # a norm of each head's query or key alone: it mixes no heads
+        raise ModelError(
+            f"{where}: its {what} holds `{name}` ({type(sub).__name__}), whose weights the "
+            "edges do not account for (an output gate, a norm after a sublayer or over several "
+            "heads' vectors): its edges would mean something else"
+        )
+    stray = [n for n, _ in module.named_parameters(recurse=False) if n not in OWN_PARAMETERS]
+    if stray:
+        raise ModelError(
+            f"{where}: its {what} holds the parameters {stray} of its own, which the edges do "
+            "not account for"
+        )
+
+
+def _inside(sub: torch.nn.Module, outer: torch.nn.Module) -> bool:
+    return any(sub is m for m in outer.modules())
 
 
 def _readers(attention: torch.nn.Module, heads: int, head_dim: int) -> tuple[Reader, ...] | None:
@@ -306,59 +353,79 @@ def _keep_out(seen: dict[str, list[Any]]) -> Callable[..., None]:
     return hook
 
 
-def _linear(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """What an exact ``Linear`` or ``Conv1D`` returns for ``x``, from its weight and bias."""
-    out = x @ Reader(module, ()).weight().T.to(x.dtype)
-    bias = getattr(module, "bias", None)
-    return out if bias is None else out + bias.to(x.dtype)
-
-
 def _check_blocks(g: Graph, seen: Mapping[str, list[Any]], kind: str) -> None:
     """A :class:`ModelError` unless every block is ``x + attn(norm_1(x))`` then ``+
     mlp(norm_2(.))``, its projections reading ``norm_1(x)`` and returning what their weights
-    say, as the edges assume."""
+    say, as the edges assume. Each sum is checked position by position against the size of its
+    own terms: a residual stream's few huge entries must not hide a scale on a sublayer's."""
     if any(v is None for values in seen.values() for v in values) or any(
         v is None for layer in seen["read"] + seen["returned"] for v in layer
     ):
         raise ModelError(f"{METHOD}: {kind} did not run the modules attrax found in its blocks")
-    n = len(g.blocks)
     nxt = [*seen["block"][1:], seen["out"][0]]
     for layer, b in enumerate(g.blocks):
         x = seen["block"][layer]
-        pairs = {
-            "the block's input is its first norm's": (seen["attn_norm"][layer], x),
-            "the output projection returns its weight times the heads": (
-                seen["attn"][layer], _linear(b.out_proj, seen["heads"][layer])
-            ),
+        # each check: what the model made, and the terms it should be the sum of
+        sums = {
+            "the block's input is its first norm's": (seen["attn_norm"][layer], [x]),
             "the second norm reads the input plus the attention's output": (
-                seen["mlp_norm"][layer], x + seen["attn"][layer]
+                seen["mlp_norm"][layer], [x, seen["attn"][layer]]
             ),
             "the MLP reads the second norm's output": (
-                seen["mlp_out"][layer], seen["mlp_in"][layer]
+                seen["mlp_out"][layer], [seen["mlp_in"][layer]]
             ),
             "the block's output adds the MLP's": (
-                nxt[layer], seen["mlp_norm"][layer] + seen["mlp"][layer]
+                nxt[layer], [seen["mlp_norm"][layer], seen["mlp"][layer]]
             ),
         }  # fmt: skip
+        pairs = {what: (got, terms, _sizes(terms)) for what, (got, terms) in sums.items()}
+        linear = [(b.out_proj, seen["heads"][layer], seen["attn"][layer], "output projection")]
         for i, r in enumerate(b.readers):
             read, returned = seen["read"][layer][i], seen["returned"][layer][i]
             name = type(r.module).__name__
-            pairs[f"its {name} reads the first norm's output"] = (read, seen["norm_out"][layer])
-            pairs[f"its {name} returns its weight times its input"] = (
-                returned,
-                _linear(r.module, read),
-            )
-        for what, (got, want) in pairs.items():
-            scale = float(want.abs().max()) or 1.0
-            tol = TOLERANCE.get(want.dtype, 1e-4)
-            if got.shape != want.shape or float((got - want).abs().max()) > tol * scale:
+            norm_out = [seen["norm_out"][layer]]
+            pairs[f"its {name} reads the first norm's output"] = (read, norm_out, _sizes(norm_out))
+            linear.append((r.module, read, returned, name))
+        for module, given, returned, name in linear:
+            terms, sizes = _linear_terms(module, given)
+            pairs[f"its {name} returns its weight times its input"] = (returned, terms, sizes)
+        for what, (got, terms, sizes) in pairs.items():
+            if not _sums(got, terms, sizes):
                 raise ModelError(
                     f"{METHOD}: {kind}'s layer {layer} is not a pre-norm residual block as the "
                     f"edges assume ({what}: it does not); norms on the attention's or MLP's "
                     "output, residual scales and parallel attention and MLP have no edges "
                     "attrax can score"
                 )
-    del n
+
+
+def _sums(got: torch.Tensor, terms: list[torch.Tensor], sizes: list[torch.Tensor]) -> bool:
+    """Whether ``got`` is the sum of ``terms`` at every position (the last dim: features),
+    within the rounding of its dtype on ``sizes``, each term's size there."""
+    want = terms[0] if len(terms) == 1 else torch.stack(terms).sum(0)
+    if got.shape != want.shape:
+        return False
+    tol = TOLERANCE.get(got.dtype, 1e-4)
+    size = sum(sizes) + torch.finfo(got.dtype).tiny
+    return bool(((got - want).abs().amax(-1) <= tol * size).all())
+
+
+def _sizes(terms: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [t.abs().amax(-1) for t in terms]
+
+
+def _linear_terms(
+    module: torch.nn.Module, x: torch.Tensor
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """An exact ``Linear``'s output for ``x`` as its terms (the product, the bias) and their
+    sizes per position, the product's bounded by ``|x| |W|``, what its rounding grows with."""
+    w = Reader(module, ()).weight().to(x.dtype)
+    terms, sizes = [x @ w.T], [(x.abs() @ w.abs().T).amax(-1)]
+    bias = getattr(module, "bias", None)
+    if bias is not None:
+        terms.append(bias.to(x.dtype).expand_as(terms[0]))
+        sizes.append(bias.abs().amax().to(x.dtype).expand_as(sizes[0]))
+    return terms, sizes
 
 
 def _check_values(
@@ -383,10 +450,11 @@ def _check_values(
                     tol = TOLERANCE.get(got.dtype, 1e-4) * (float(got.abs().max()) or 1.0)
                     if got.shape != value.shape or float((got - value).abs().max()) > tol:
                         raise ModelError(
-                            f"{METHOD}: {kind}'s layer {layer} does not read its values from "
-                            f"its {type(r.module).__name__}'s columns head after head, as the "
-                            "receivers are cut (GPT-BigCode without multi-query lays each "
-                            "head's query, key and value side by side)"
+                            f"{METHOD}: {kind}'s layer {layer} does not read its values as "
+                            f"its {type(r.module).__name__} returns them, head after head, as "
+                            "the receivers are cut (GPT-BigCode without multi-query lays each "
+                            "head's query, key and value side by side; OLMo's clip_qkv clamps "
+                            "them)"
                         )
                 start += width
 

@@ -892,11 +892,16 @@ def _print_result(console: Console, da: xr.DataArray) -> None:
 
 
 def _edges(console: Console, da: xr.DataArray, top: int = 10) -> None:
-    """Each target's ``top`` edges by size (edge attribution patching), the first example's."""
+    """Each target's ``top`` edges by size (edge attribution patching), example by example."""
     if "example" in da.dims:
-        da = da.isel(example=0)
+        for example in range(da.sizes["example"]):
+            console.print(f"example {example}")
+            _edges(console, da.isel(example=example), top)
+        return
     for target in da["target"].values:
         one = da.sel(target=target).stack(edge=["sender", "receiver"]).dropna("edge")
+        if not one.size:  # a target this example does not have (a batch's padding)
+            continue
         ranked = one.sortby(abs(one), ascending=False)[:top]
         token = da["target_token"].sel(target=target).item() if "target_token" in da.coords else ""
         console.print(f"target {target} {_escape(repr(token)) if token else ''}".rstrip())
