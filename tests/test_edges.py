@@ -272,12 +272,38 @@ def _compare(da, naive):
     assert np.abs(np.array(list(naive.values()))).max() > 1e-3
 
 
-def _ids(model, da):
-    tokens = ax.saliency(model, CLEAN, TARGET)
-    clean = torch.tensor(tokens.source_id.values[: len(tokens.source_id)])
-    bad = ax.saliency(model, CORRUPTED, TARGET).source_id.values
+def _ids(model, da, clean=CLEAN, corrupted=CORRUPTED, target=TARGET):
+    tokens = ax.saliency(model, clean, target)
+    good = torch.tensor(tokens.source_id.values[: len(tokens.source_id)])
+    bad = ax.saliency(model, corrupted, target).source_id.values
     targets = list(zip(da.target.values.tolist(), da.target_id.values.tolist(), strict=True))
-    return clean, torch.tensor(bad), targets
+    return good, torch.tensor(bad), targets
+
+
+@torch.no_grad()
+def real_edges(model, da, clean, corrupted, target):
+    """``[K, U, R]`` as ``da`` (an edge attribution patching result) orders them: each edge
+    patched for real, the clean run with ``u(corrupted) - u(clean)`` added to ``v``'s input
+    only, the objective (the logit) minus the clean run's; NaN where there is no edge
+    (``benchmarks/edges.py`` ranks the estimates against these)."""
+    good, bad, targets = _ids(model, da, clean, corrupted, target)
+    embed = model.hf.get_input_embeddings()
+    clean_e, corrupt_e = embed(good)[None], embed(bad)[None]
+    before, after = _nodes(model, clean_e), _nodes(model, corrupt_e)
+    base = _run(model, clean_e, [])
+
+    def objective(logits):
+        return np.array([float(logits[0, p - 1, i]) for p, i in targets])
+
+    out = np.full((len(targets), da.sizes["sender"], da.sizes["receiver"]), np.nan)
+    _, heads = _parts(model.hf)
+    senders, receivers = list(da.sender.values), list(da.receiver.values)
+    for r, receiver in enumerate(receivers):
+        for u, sender in enumerate(senders[: _senders_before(receiver, heads)]):
+            shift = functools.partial(torch.clone, after[sender] - before[sender])
+            patched = _run(model, clean_e, _edge_hook(model, receiver, shift))
+            out[:, u, r] = objective(patched) - objective(base)
+    return out
 
 
 # GPT-2's fused c_attn, Llama's grouped keys and values, Phi-3's fused qkv_proj, Qwen3's query

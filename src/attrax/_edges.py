@@ -362,6 +362,10 @@ def _check_blocks(g: Graph, seen: Mapping[str, list[Any]], kind: str) -> None:
         v is None for layer in seen["read"] + seen["returned"] for v in layer
     ):
         raise ModelError(f"{METHOD}: {kind} did not run the modules attrax found in its blocks")
+    recorded = [v for key, values in seen.items() for v in values if key not in _NESTED]
+    recorded += [v for key in _NESTED for layer in seen[key] for v in layer]
+    if not all(bool(torch.isfinite(v).all()) for v in recorded):
+        raise _not_finite()
     nxt = [*seen["block"][1:], seen["out"][0]]
     for layer, b in enumerate(g.blocks):
         x = seen["block"][layer]
@@ -397,6 +401,18 @@ def _check_blocks(g: Graph, seen: Mapping[str, list[Any]], kind: str) -> None:
                     "output, residual scales and parallel attention and MLP have no edges "
                     "attrax can score"
                 )
+
+
+#: what :func:`_record` keeps per reader of each layer
+_NESTED = ("read", "returned")
+
+
+def _not_finite() -> InputError:
+    return InputError(
+        f"{METHOD}: the model's activations or the edges' scores are not finite (inf/NaN): "
+        "the model's outputs overflowed or hold NaN; check the model's weights and dtype, and "
+        "the inputs"
+    )
 
 
 def _sums(got: torch.Tensor, terms: list[torch.Tensor], sizes: list[torch.Tensor]) -> bool:
@@ -631,36 +647,50 @@ def _pass(
     for slots, grads in pulled(pullback, cotangent, width, chunk, None):
         it = iter(grads)
         for layer, (readers, mlp_column) in enumerate(columns):
-            rows = [(r, column, _pulled_through(r, next(it), n, acc)) for r, column in readers]
+            rows = [(r, column, _pulled_through(r, next(it), n, acc, w)) for r, column in readers]
             before = g.before_attention(layer)
             for first in range(0, before, senders):  # chunking only: bounds memory
                 part = slice(first, min(first + senders, before))
                 # the senders' deltas pushed through the norm: the same for every target
                 pushed = _through_norm(g.blocks[layer].attn_norm, inputs[layer], delta[part], n)
-                for _, column, per_head in rows:
-                    heads = per_head.shape[-2]
-                    scores[:, slots, part, column : column + heads] += torch.einsum(
-                        "unbLH,knbLhH,n->bkuh", pushed, per_head, w
-                    )
+                for _, column, per_head in rows:  # [B, n L H, k heads]
+                    heads = per_head.shape[-1] // (slots.stop - slots.start)
+                    met = torch.bmm(pushed.permute(2, 0, 1, 3, 4).flatten(2), per_head)
+                    scores[:, slots, part, column : column + heads] += met.unflatten(
+                        -1, (-1, heads)
+                    ).transpose(1, 2)
             del rows
-            g_mlp = next(it).to(acc).unflatten(1, (n, batch))
             mlp_senders = before + g.heads
-            scores[:, slots, :mlp_senders, mlp_column] += torch.einsum(
-                "ubLH,knbLH,n->bku", delta[:mlp_senders], g_mlp, w
-            )
-        g_out = next(it).to(acc).unflatten(1, (n, batch))
-        scores[:, slots, :, -1] += torch.einsum("ubLH,knbLH,n->bku", delta, g_out, w)
+            scores[:, slots, :mlp_senders, mlp_column] += _met(delta[:mlp_senders], next(it), w)
+        scores[:, slots, :, -1] += _met(delta, next(it), w)
 
 
-def _pulled_through(r: Reader, grad: torch.Tensor, n: int, acc: torch.dtype) -> torch.Tensor:
+def _met(delta: torch.Tensor, grad: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``[B, k, u]``: the deltas ``[u, B, L, H]`` (the same at every point) times the gradients
+    ``[k, n * B, L, H]`` weighed by the points' weights ``w`` ``[n]``, summed over points,
+    positions and features (one batched product)."""
+    k, n = grad.shape[0], w.shape[0]
+    summed = torch.einsum("knbLH,n->bkLH", grad.to(delta.dtype).unflatten(1, (n, -1)), w)
+    return torch.bmm(summed.flatten(2), delta.permute(1, 2, 3, 0).flatten(1, 2)).view(
+        delta.shape[1], k, -1
+    )
+
+
+def _pulled_through(
+    r: Reader, grad: torch.Tensor, n: int, acc: torch.dtype, w: torch.Tensor
+) -> torch.Tensor:
     """The gradient at ``r``'s output (``[k, n * B, L, out]``) pulled back through each head's
-    rows of its weight: ``[k, n, B, L, head, H]`` (the projection is linear; its bias drops
+    rows of its weight, weighed by the points' weights ``w``: ``[B, n L H, k heads]``, laid out
+    for one batched product with the pushed deltas (the projection is linear; its bias drops
     out of a difference)."""
     weight = r.weight().to(acc)  # [out, H]
     heads = sum(h for _, h in r.parts)
     head_dim = weight.shape[0] // heads
     g_out = grad.to(acc).unflatten(1, (n, -1)).unflatten(-1, (heads, head_dim))
-    return torch.einsum("knbLhd,hdH->knbLhH", g_out, weight.unflatten(0, (heads, head_dim)))
+    per_head = torch.einsum(
+        "knbLhd,hdH,n->bnLHkh", g_out, weight.unflatten(0, (heads, head_dim)), w
+    )
+    return per_head.flatten(1, 3).flatten(2)
 
 
 def _through_norm(
@@ -831,10 +861,7 @@ def edge_attribution_patching(
 
     scores = edge_scores(call, g, delta, points, weights)
     if not bool(torch.isfinite(scores).all()):  # NaN marks no edge: one the model made must not
-        raise InputError(
-            f"{METHOD}: the edges' scores are not finite (inf/NaN): the model's outputs "
-            "overflowed or hold NaN; check the model's weights and dtype, and the inputs"
-        )
+        raise _not_finite()
     # a receiver reads only the senders before it: the rest are no edges
     receivers = g.receivers()
     prefix = [
