@@ -541,13 +541,13 @@ def edge_scores(
     senders = max(1, probes // hidden)
     # per (target, point): its probes' gradients, cast, and a reader's pulled back through its
     # heads' rows with their product; per point: the probes, the norms' inputs, and a block of
-    # senders pushed through a norm (with their tangents)
+    # senders pushed through a norm (with their tangents, and laid out for the product)
     total = weights.shape[0]
     # one forward a pass, every target chunk's backward from it (as attribution patching's)
     batch_size, chunk = problem.plan(
         total, call.options["batch_size"], call.options["chunk_size"], shared_forward=True,
         per_target=2 * probes * one // hidden + 2 * per_head_rows * one,
-        per_point=(probes // hidden + len(g.blocks) + 2 * senders + 2) * one,
+        per_point=(probes // hidden + len(g.blocks) + 3 * senders + 2) * one,
     )  # fmt: skip
     scores = delta.new_zeros(batch, targets, u_all, len(receivers))
     step = total if batch_size is None else batch_size
