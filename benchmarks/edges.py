@@ -21,8 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -31,8 +29,7 @@ from scipy.stats import spearmanr
 
 import attrax as ax
 
-from . import workloads
-from . import components
+from . import components, workloads
 from .components import llama_like, measure
 
 
@@ -156,8 +153,8 @@ def parity(got: Any, want: np.ndarray) -> dict[str, float]:
 def faithfulness() -> dict[str, Any]:
     """Spearman's rho of EAP's and EAP-IG's estimates with real edge patching, per target, on
     the built-in model."""
-    sys.path.insert(0, os.fspath(Path(__file__).resolve().parent.parent))
-    from tests.test_edges import real_edges  # the tests' loop, patching for real
+    # the tests' loop, patching for real (the repository root is on PYTHONPATH, as run above)
+    from tests.test_edges import real_edges
 
     model = ax.load_model()
     kw = {"corrupted": "1 2 4 =", "objective": "logit"}
