@@ -10,10 +10,10 @@ objective by about ``(u_corrupted - u_clean) . d objective / d input_v``, summed
 
 ``input_v`` is ``v``'s own copy of the residual stream: a head reads it through its block's
 norm and its rows of the query, key or value projection. Rather than one gradient per head's
-copy, the deltas are pushed forward through the norm (a ``jvp`` per block, over every sender
-at once, the same for every target) and met, per head, by the gradient at the projection's
-output pulled back through that head's rows of the weight: the projection is linear, the norm
-is not, and the sum over positions and features is the same.
+copy, the deltas are pushed forward through the norm (a ``jvp`` per block, ``vmap``-ed over a
+block of senders, the same for every target) and met, per head, by the gradient at the
+projection's output pulled back through that head's rows of the weight: the projection is
+linear, the norm is not, and the sum over positions and features is the same.
 
 Pre-norm blocks ``x + attn(norm_1(x))`` then ``+ mlp(norm_2(.))``, as GPT-2's and Llama's, are
 checked on the clean run: a block that does not add exactly what its output projection and its
@@ -70,7 +70,7 @@ EDGES = Family(
 NORMS = (("ln_1", "ln_2"), ("input_layernorm", "post_attention_layernorm"))
 #: a block's attention module
 ATTENTIONS = ("attn", "self_attn")
-#: how a dense check of the block's sums may be off in each dtype (relative to the largest entry)
+#: how far a check of the block's sums may be off in each dtype, relative to its terms' sizes
 TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 3e-3}
 
 
