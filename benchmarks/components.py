@@ -525,12 +525,17 @@ def main(argv: list[str] | None = None) -> int:
                 numbers.update(repeats=results["repeats"], load_average=results["load_average"])
                 earlier["workloads"].setdefault(name, {})[method] = numbers
         results = earlier
-    if args.out:
-        with open(args.out + ".tmp", "w") as fh:
-            json.dump(results, fh, indent=2)
-        os.replace(args.out + ".tmp", args.out)
-    print(json.dumps(results, indent=2))
+    write(args.out, results)
     return 0
+
+
+def write(out: str | None, results: dict[str, Any]) -> None:
+    """``results`` as JSON to ``out`` (complete or not written) when given, and printed."""
+    if out:
+        with open(out + ".tmp", "w") as fh:
+            json.dump(results, fh, indent=2)
+        os.replace(out + ".tmp", out)
+    print(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ and its rows of the projection, head by head. Parity (<= 1e-4 of the largest) be
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from typing import Any
 
@@ -210,11 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         n_prompt=n_prompt, n_target=n_target, threads=1, repeats=repeats,
         load_average=[round(load_before[0], 2), round(os.getloadavg()[0], 2)],
     )  # fmt: skip
-    if args.out:
-        with open(args.out + ".tmp", "w") as fh:
-            json.dump(results, fh, indent=2)
-        os.replace(args.out + ".tmp", args.out)
-    print(json.dumps(results, indent=2))
+    components.write(args.out, results)
     return 0
 
 
