@@ -109,13 +109,15 @@ class Graph:
     head_dim: int
 
     @property
-    def senders(self) -> list[str]:
-        """``"input"``, then per layer ``"a{l}.h{h}"`` for each head and ``"m{l}"``: in the
-        order they run, so the senders before a receiver are a prefix."""
-        names = ["input"]
+    def senders(self) -> list[tuple[str, int, int]]:
+        """``(name, layer, head)`` per sender: ``"input"``, then per layer ``"a{l}.h{h}"`` for
+        each head and ``"m{l}"`` (-1: no layer or head), in the order they run, so the senders
+        before a receiver are a prefix."""
+        out = [("input", -1, -1)]
         for layer in range(len(self.blocks)):
-            names += [f"a{layer}.h{h}" for h in range(self.heads)] + [f"m{layer}"]
-        return names
+            out += [(f"a{layer}.h{h}", layer, h) for h in range(self.heads)]
+            out.append((f"m{layer}", layer, -1))
+        return out
 
     def before_attention(self, layer: int) -> int:
         """How many senders layer ``layer``'s attention reads: the input and earlier layers."""

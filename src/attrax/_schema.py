@@ -294,11 +294,7 @@ def label_steps(
 ) -> xr.DataArray:
     """Step scores ``[B, K, score]`` -> ``([example,] target, score)``, targets as :func:`label`."""
     targets, row_of, coords = target_coordinates(model, batch)
-    raw = to_host(values)
-    data = np.full((len(batch.examples), len(targets), len(names)), np.nan, dtype=raw.dtype)
-    for b, example in enumerate(batch.examples):
-        rows = [row_of[p] for p in example.positions]
-        data[b, rows] = raw[b, : len(rows)]
+    data = _by_target(batch, to_host(values), row_of, len(targets))
     coords["score"] = list(names)
     attrs = run_attrs(model, "step_scores", "none", options)
     return _build(data, ["example", "target", "score"], coords, "step_scores", attrs, batch.single)
@@ -308,32 +304,20 @@ def label_edges(
     model: Model,
     batch: Batch,
     values: torch.Tensor,
-    senders: Sequence[str],
+    senders: Sequence[tuple[str, int, int]],
     receivers: Sequence[tuple[str, int, str, int]],
     options: Mapping[str, Any],
     method: str,
     objective: str,
 ) -> xr.DataArray:
     """Edge scores ``[B, K, U, R]`` -> ``([example,] target, sender, receiver)``, targets as
-    :func:`label`; senders ``"input"``, ``"a{l}.h{h}"``, ``"m{l}"`` with their layer and head
-    (-1: none), receivers ``(name, layer, input, head)``."""
+    :func:`label`; senders ``(name, layer, head)`` (-1: none), receivers ``(name, layer, input,
+    head)``."""
     targets, row_of, coords = target_coordinates(model, batch)
-    raw = to_host(values)
-    data = np.full((len(batch.examples), len(targets), *raw.shape[2:]), np.nan, dtype=raw.dtype)
-    for b, example in enumerate(batch.examples):
-        rows = [row_of[p] for p in example.positions]
-        data[b, rows] = raw[b, : len(rows)]
-
-    def sender_of(name: str) -> tuple[int, int]:
-        if name == "input":
-            return -1, -1
-        layer, _, head = name[1:].partition(".h")
-        return int(layer), int(head) if head else -1
-
-    placed = [sender_of(s) for s in senders]
-    coords["sender"] = np.asarray(senders, dtype=object)
-    coords["sender_layer"] = ("sender", np.asarray([p[0] for p in placed], dtype=np.int64))
-    coords["sender_head"] = ("sender", np.asarray([p[1] for p in placed], dtype=np.int64))
+    data = _by_target(batch, to_host(values), row_of, len(targets))
+    coords["sender"] = np.asarray([s[0] for s in senders], dtype=object)
+    coords["sender_layer"] = ("sender", np.asarray([s[1] for s in senders], dtype=np.int64))
+    coords["sender_head"] = ("sender", np.asarray([s[2] for s in senders], dtype=np.int64))
     coords["receiver"] = np.asarray([r[0] for r in receivers], dtype=object)
     coords["receiver_layer"] = ("receiver", np.asarray([r[1] for r in receivers], dtype=np.int64))
     coords["receiver_input"] = ("receiver", np.asarray([r[2] for r in receivers], dtype=object))
@@ -341,6 +325,16 @@ def label_edges(
     attrs = run_attrs(model, method, objective, options)
     dims = ["example", "target", "sender", "receiver"]
     return _build(data, dims, coords, method, attrs, batch.single)
+
+
+def _by_target(batch: Batch, raw: np.ndarray, row_of: dict[int, int], count: int) -> np.ndarray:
+    """Per-example values ``[B, K, ...]`` (each example's targets first) placed at the rows of
+    the union of targets, ``[B, count, ...]``, NaN where an example has no such target."""
+    data = np.full((len(batch.examples), count, *raw.shape[2:]), np.nan, dtype=raw.dtype)
+    for b, example in enumerate(batch.examples):
+        rows = [row_of[p] for p in example.positions]
+        data[b, rows] = raw[b, : len(rows)]
+    return data
 
 
 def label_queries(
