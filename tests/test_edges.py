@@ -23,7 +23,16 @@ from transformers.masking_utils import AttentionMaskInterface, eager_mask
 import attrax as ax
 from attrax.cli import main
 from attrax.testing import tiny_classifier, tiny_model
-from tests.test_components import CORRUPTED, SOURCE, TARGET, full_double, gpt_bigcode, llama_like
+from tests.test_components import (
+    CORRUPTED,
+    SOURCE,
+    TARGET,
+    _falcon,
+    full_double,
+    gpt_bigcode,
+    llama_like,
+    neighbour,
+)
 
 CLEAN = SOURCE
 KW = {"corrupted": CORRUPTED, "objective": "logit"}
@@ -38,16 +47,30 @@ def edges_models() -> dict[str, ax.Model]:
     _, tok = tiny_model("llama")
     for arch in ("phi3", "qwen2", "qwen3", "mistral", "granite", "gemma2", "olmo2", "mixtral"):
         built[arch] = ax.load_model(full_double(llama_like(arch, tok)), tokenizer=tok)
+    # attention and MLP side by side on one norm: GPT-J's, Phi's, Cohere's
+    for arch in ("gptj", "phi", "cohere"):
+        built[arch] = ax.load_model(_large(full_double(llama_like(arch, tok))), tokenizer=tok)
+    # GPT-NeoX: each head's query, key and value side by side, the MLP on its own norm beside
+    # the attention (or after it)
+    for arch in ("pythia", "pythia-sequential"):
+        built[arch] = ax.load_model(full_double(neighbour(arch, tok)), tokenizer=tok)
+    # Falcon-7B's multi-query heads on one norm, Falcon-40B's groups side by side on two
+    for layout in ("falcon", "falcon-40b"):
+        built[layout] = _falcon(layout)
     # multi-query attention: one key and one value head after the queries in `c_attn`; without
     # it, each head's query, key and value side by side
     for name, multi_query in (("gpt_bigcode", True), ("gpt_bigcode-mha", False)):
-        hf = gpt_bigcode(tok, multi_query).double()
-        with torch.no_grad():  # GPT-2's scale of the tiny models: effects well above rounding
-            for module in hf.modules():
-                if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
-                    module.weight.normal_(0, 0.3)
-        built[name] = ax.load_model(hf, tokenizer=tok)
+        built[name] = ax.load_model(_large(gpt_bigcode(tok, multi_query).double()), tokenizer=tok)
     return built
+
+
+def _large(hf):
+    """``hf`` with GPT-2's scale of the tiny models: effects well above rounding."""
+    with torch.no_grad():
+        for module in hf.modules():
+            if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
+                module.weight.normal_(0, 0.3)
+    return hf
 
 
 # --- the loop --------------------------------------------------------------------------------
@@ -55,13 +78,19 @@ def edges_models() -> dict[str, ax.Model]:
 
 def _parts(hf):
     """Per block: (block, first norm, [(reader, [(part, heads)])], output projection, second
-    norm, MLP), named by hand for GPT-2, GPT-Neo and Llama's kin."""
-    base = getattr(hf, "transformer", None) or hf.model
+    norm (the first where the MLP reads it beside the attention), MLP), named by hand for
+    GPT-2, GPT-Neo, GPT-J, GPT-NeoX, Falcon, and Llama's kin, Phi's and Cohere's."""
+    base = getattr(hf, "transformer", None) or getattr(hf, "gpt_neox", None) or hf.model
     blocks = base.h if hasattr(base, "h") else base.layers
     config = hf.config
     heads = getattr(config, "num_attention_heads", None) or config.n_head
     kv = getattr(config, "num_key_value_heads", None) or heads
-    kv = 1 if getattr(config, "multi_query", False) else kv
+    if config.model_type == "gpt_bigcode":  # its num_key_value_heads follows multi_query late
+        kv = 1 if config.multi_query else heads
+    if config.model_type == "falcon":
+        kv = 1 if config.multi_query else heads
+    if config.model_type == "falcon" and config.new_decoder_architecture:
+        kv = config.num_kv_heads
     out = []
     for b in blocks:
         if hasattr(b, "ln_1"):
@@ -73,7 +102,13 @@ def _parts(hf):
                 readers = [(attn.q_proj, [("q", heads)]), (attn.k_proj, [("k", heads)]),
                            (attn.v_proj, [("v", heads)])]  # fmt: skip
                 proj = attn.out_proj
-            out.append((b, b.ln_1, readers, proj, b.ln_2, b.mlp))
+            out.append((b, b.ln_1, readers, proj, getattr(b, "ln_2", b.ln_1), b.mlp))
+        elif hasattr(b, "attention") or hasattr(b, "self_attention"):  # GPT-NeoX, Falcon
+            attn = getattr(b, "attention", None) or b.self_attention
+            readers = [(attn.query_key_value, [("q", heads), ("k", kv), ("v", kv)])]
+            norm = getattr(b, "ln_attn", None) or b.input_layernorm
+            mlp_norm = getattr(b, "ln_mlp", None) or getattr(b, "post_attention_layernorm", norm)
+            out.append((b, norm, readers, attn.dense, mlp_norm, b.mlp))
         else:
             attn = b.self_attn
             if hasattr(attn, "qkv_proj"):
@@ -81,9 +116,18 @@ def _parts(hf):
             else:
                 readers = [(attn.q_proj, [("q", heads)]), (attn.k_proj, [("k", kv)]),
                            (attn.v_proj, [("v", kv)])]  # fmt: skip
-            out.append((b, b.input_layernorm, readers, attn.o_proj, b.post_attention_layernorm,
-                        b.mlp))  # fmt: skip
+            proj = getattr(attn, "o_proj", None) or attn.dense  # Phi's `dense`
+            mlp_norm = getattr(b, "post_attention_layernorm", b.input_layernorm)
+            out.append((b, b.input_layernorm, readers, proj, mlp_norm, b.mlp))
     return out, heads
+
+
+def _parallel(hf) -> bool:
+    """Whether each block's MLP reads the block's input beside the attention."""
+    config = hf.config
+    one_norm = config.model_type in ("gptj", "phi", "cohere")
+    return one_norm or any(getattr(config, f, False) for f in ("use_parallel_residual",
+                                                                "parallel_attn"))  # fmt: skip
 
 
 def _project(module, x):
@@ -155,11 +199,22 @@ def _edge_hook(model, receiver, shifted):
 
         return [lambda: last.register_forward_hook(add_out)]
     layer = int(receiver[1:].split(".")[0].split("<")[0])
-    _, norm, _, _, mlp_norm, _ = blocks[layer]
-    if receiver.startswith("m"):
+    _, norm, _, _, mlp_norm, mlp = blocks[layer]
+    if receiver.startswith("m") and mlp_norm is not norm:
         return [
             lambda: mlp_norm.register_forward_pre_hook(lambda _m, a: (a[0] + shifted(), *a[1:]))
         ]
+    if receiver.startswith("m"):  # one norm before both: the MLP reads it of the shifted stream
+        kept = {}
+
+        def keep_x(_m, args):
+            kept.setdefault("x", args[0])
+
+        def moved(_m, args):
+            return (norm(kept["x"] + shifted()), *args[1:])
+
+        return [lambda: norm.register_forward_pre_hook(keep_x),
+                lambda: mlp.register_forward_pre_hook(moved)]  # fmt: skip
     head = int(receiver.split(".h")[1].split("<")[0])
     name = {"q": "query", "k": "key", "v": "value"}[receiver[-2]]
     attention = _attention_of(blocks[layer][0])
@@ -187,7 +242,10 @@ def _edge_hook(model, receiver, shifted):
 
 
 def _attention_of(block):
-    return block.attn if hasattr(block, "attn") else block.self_attn
+    for name in ("attn", "attention", "self_attention"):  # GPT-2's, GPT-NeoX's, Falcon's
+        if hasattr(block, name):
+            return getattr(block, name)
+    return block.self_attn
 
 
 # what the test's attention function does: record a shadow run's vectors, or swap one head's
@@ -226,7 +284,7 @@ def _naive_edges(model, clean_ids, corrupt_ids, targets, alphas, weights):
     _, heads = _parts(model.hf)
     out = {}
     for receiver in _receivers(model):
-        for sender in senders[: _senders_before(receiver, heads)]:
+        for sender in senders[: _senders_before(receiver, heads, _parallel(model.hf))]:
             delta = after[sender] - before[sender]
             total = np.zeros(len(targets))
             for a, w in zip(alphas, weights, strict=True):
@@ -252,11 +310,12 @@ def _receivers(model):
     return [*names, "logits"]
 
 
-def _senders_before(receiver, heads):
+def _senders_before(receiver, heads, parallel):
     if receiver == "logits":
         return 10**9
     layer = int(receiver[1:].split(".")[0].split("<")[0])
-    return 1 + layer * (heads + 1) + (heads if receiver.startswith("m") else 0)
+    mlp_after_heads = receiver.startswith("m") and not parallel
+    return 1 + layer * (heads + 1) + (heads if mlp_after_heads else 0)
 
 
 def _compare(da, naive):
@@ -297,9 +356,10 @@ def real_edges(model, da, clean, corrupted, target):
 
     out = np.full((len(targets), da.sizes["sender"], da.sizes["receiver"]), np.nan)
     _, heads = _parts(model.hf)
+    parallel = _parallel(model.hf)
     senders, receivers = list(da.sender.values), list(da.receiver.values)
     for r, receiver in enumerate(receivers):
-        for u, sender in enumerate(senders[: _senders_before(receiver, heads)]):
+        for u, sender in enumerate(senders[: _senders_before(receiver, heads, parallel)]):
             shift = functools.partial(torch.clone, after[sender] - before[sender])
             patched = _run(model, clean_e, _edge_hook(model, receiver, shift))
             out[:, u, r] = objective(patched) - objective(base)
@@ -307,8 +367,14 @@ def real_edges(model, da, clean, corrupted, target):
 
 
 # GPT-2's fused c_attn, Llama's grouped keys and values, Phi-3's fused qkv_proj, Qwen3's query
-# and key norms, GPT-BigCode's multi-query c_attn
-@pytest.mark.parametrize("arch", ["gpt2", "llama", "phi3", "qwen3", "gpt_bigcode"])
+# and key norms, GPT-BigCode's multi-query c_attn (and without: each head's q, k, v side by
+# side); parallel blocks: GPT-J (one norm, separate projections), GPT-NeoX (two norms, each
+# head's side by side), Falcon-7B (one norm, multi-query) and Falcon-40B (two norms, groups)
+@pytest.mark.parametrize(
+    "arch",
+    ["gpt2", "llama", "phi3", "qwen3", "gpt_bigcode", "gpt_bigcode-mha", "gptj", "pythia",
+     "falcon", "falcon-40b"],
+)  # fmt: skip
 def test_eap_equals_patching_each_edge_to_first_order(edges_models, arch):
     model = edges_models[arch]
     da = ax.edge_attribution_patching(model, CLEAN, TARGET, **KW)
@@ -317,7 +383,7 @@ def test_eap_equals_patching_each_edge_to_first_order(edges_models, arch):
     _compare(da, _naive_edges(model, clean, bad, targets, [1.0], [1.0]))
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "phi"])
 def test_eap_ig_averages_the_gradient_along_the_inputs_path(edges_models, arch):
     model = edges_models[arch]
     m = 3
@@ -333,8 +399,10 @@ def test_eap_ig_averages_the_gradient_along_the_inputs_path(edges_models, arch):
 
 
 @pytest.mark.parametrize(
-    "arch", ["gpt2", "gpt_neo", "llama", "phi3", "qwen2", "qwen3", "mistral", "mixtral"]
-)
+    "arch",
+    ["gpt2", "gpt_neo", "llama", "phi3", "qwen2", "qwen3", "mistral", "mixtral", "cohere",
+     "pythia-sequential"],
+)  # fmt: skip
 def test_a_senders_edges_add_up_to_its_attribution_patching_estimate(edges_models, arch):
     """The residual stream is a sum: the gradient at a sender's output is the sum of its
     readers' gradients, so its edges add up to AtP's node estimate (summed over positions)."""
@@ -483,13 +551,29 @@ def test_blocks_the_edges_do_not_describe_are_refused(edges_models, arch, why):
         ax.edge_attribution_patching(edges_models[arch], CLEAN, TARGET, **KW)
 
 
-# parallel attention and MLP (GPT-J, StableLM's, Cohere's), GPT-NeoX's per-head fused layout
-@pytest.mark.parametrize("arch", ["gptj", "pythia", "stablelm-parallel", "cohere"])
-def test_parallel_and_fused_per_head_blocks_are_refused(arch):
-    _, tok = tiny_model("llama")
-    hf = llama_like(arch, tok)
-    with pytest.raises(ax.ModelError, match="is not a pre-norm"):
-        ax.edge_attribution_patching(ax.load_model(hf, tokenizer=tok), CLEAN, TARGET, **KW)
+@pytest.mark.parametrize(("arch", "parallel"), [("pythia", True), ("pythia-sequential", False)])
+def test_a_block_laid_out_otherwise_than_its_config_says_is_refused(edges_models, arch, parallel):
+    """GPT-NeoX's blocks keep the layout they were built with: a config that says otherwise
+    would cut the edges between a layer's heads and its MLP wrongly, and is refused."""
+    model = edges_models[arch]
+    config = model.hf.config
+    config.use_parallel_residual = not parallel
+    try:
+        with pytest.raises(ax.ModelError, match="is not a pre-norm residual block"):
+            ax.edge_attribution_patching(model, CLEAN, TARGET, **KW)
+    finally:
+        config.use_parallel_residual = parallel
+
+
+def test_a_parallel_blocks_mlp_reads_no_head_of_its_layer(edges_models):
+    parallel = ax.edge_attribution_patching(edges_models["pythia"], CLEAN, TARGET, **KW)
+    assert np.isnan(parallel.sel(sender="a0.h0", receiver="m0")).all()
+    assert np.isfinite(parallel.sel(sender="a0.h0", receiver="m1")).all()
+    assert np.isfinite(parallel.sel(sender="input", receiver="m0")).all()
+    after = ax.edge_attribution_patching(edges_models["pythia-sequential"], CLEAN, TARGET, **KW)
+    assert np.isfinite(after.sel(sender="a0.h0", receiver="m0")).all()
+    # its heads' receivers: each head's query, key and value, cut side by side
+    assert [str(r) for r in parallel.receiver.values[:3]] == ["a0.h0<q>", "a0.h1<q>", "a0.h2<q>"]
 
 
 def test_a_residual_scale_is_refused_beside_a_huge_entry(edges_models):
@@ -518,11 +602,14 @@ def test_weights_the_edges_do_not_account_for_are_refused():
         ax.edge_attribution_patching(ax.load_model(hf, tokenizer=tok), CLEAN, TARGET, **KW)
 
 
-def test_a_layout_the_receivers_are_not_cut_by_is_refused(edges_models):
-    """GPT-BigCode without multi-query lays each head's query, key and value side by side:
-    cut as three blocks, its receivers would be other heads' (its senders still add up)."""
+def test_a_layout_the_receivers_are_not_cut_by_is_refused():
+    """CodeGen's fused projection holds its queries, values and keys in shards: cut as
+    GPT-2's or as GPT-NeoX's, its receivers would be other heads' (its senders still add
+    up). BLOOM's MLP adds the residual itself."""
+    _, tok = tiny_model("llama")
+    codegen = ax.load_model(llama_like("codegen", tok), tokenizer=tok)
     with pytest.raises(ax.ModelError, match="does not read its values"):
-        ax.edge_attribution_patching(edges_models["gpt_bigcode-mha"], CLEAN, TARGET, **KW)
+        ax.edge_attribution_patching(codegen, CLEAN, TARGET, **KW)
 
 
 class _Scaled(torch.nn.Linear):

@@ -15,18 +15,19 @@ block of senders, the same for every target) and met, per head, by the gradient 
 projection's output pulled back through that head's rows of the weight: the projection is
 linear, the norm is not, and the sum over positions and features is the same.
 
-Pre-norm blocks ``x + attn(norm_1(x))`` then ``+ mlp(norm_2(.))``, as GPT-2's and Llama's, are
+Pre-norm blocks ``x + attn(norm_1(x))`` then ``+ mlp(norm_2(.))``, as GPT-2's and Llama's, and
+parallel ones ``x + attn(norm_1(x)) + mlp(norm_2(x))`` (GPT-NeoX's; GPT-J's, Phi's and Cohere's on
+one norm: the MLP's input is then met as a head's, the deltas pushed through the norm) are
 checked on the clean run: a block that does not add exactly what its output projection and its
-MLP return (norms on their outputs, residual scales, parallel attention and MLP), or that holds
-weights the edges do not account for (an output gate, a norm over several heads' vectors), is a
-:class:`ModelError`.
+MLP return (norms on their outputs, residual scales), or that holds weights the edges do not
+account for (an output gate, a norm over several heads' vectors), is a :class:`ModelError`.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, cast
 
 import numpy as np
@@ -66,10 +67,15 @@ EDGES = Family(
     },
 )
 
-#: a block's norm before its attention, and before its MLP (GPT-2's; Llama's and its kin's)
-NORMS = (("ln_1", "ln_2"), ("input_layernorm", "post_attention_layernorm"))
-#: a block's attention module
-ATTENTIONS = ("attn", "self_attn")
+#: a block's norm before its attention, and before its MLP (GPT-2's; Llama's and its kin's and
+#: GPT-NeoX's; Falcon-40B's). A block without the second runs its MLP on the first's output,
+#: beside its attention (GPT-J, CodeGen, Phi, Cohere, Falcon-7B, parallel StableLM)
+NORMS = (("ln_1", "ln_2"), ("input_layernorm", "post_attention_layernorm"), ("ln_attn", "ln_mlp"))
+#: a block's attention module (GPT-NeoX's `attention`, Falcon's `self_attention`)
+ATTENTIONS = ("attn", "self_attn", "attention", "self_attention")
+#: config flags of blocks whose MLP reads the block's input beside the attention, each on its
+#: own norm (GPT-NeoX, Falcon-40B)
+PARALLEL = ("use_parallel_residual", "parallel_attn")
 #: how far a check of the block's sums may be off in each dtype, relative to its terms' sizes
 TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 3e-3}
 
@@ -81,11 +87,25 @@ class Reader:
 
     module: torch.nn.Module
     parts: tuple[tuple[str, int], ...]
+    #: each key/value head's queries, key and value side by side (``[kv heads, queries per
+    #: kv head + 2, head_dim]``: GPT-NeoX's and GPT-BigCode's without multi-query, one query
+    #: each; Falcon-40B's) rather than the queries, then the keys, then the values
+    grouped: bool = False
 
     def weight(self) -> torch.Tensor:
         """``[out, in]``: a ``Linear``'s weight, or GPT-2's ``Conv1D``'s transposed."""
         w = cast("torch.Tensor", self.module.weight)
         return w.T if type(self.module).__name__ == "Conv1D" else w
+
+    def blocked(self, t: torch.Tensor) -> torch.Tensor:
+        """``t``'s last dim (the output's features) in the parts' order, each part's heads
+        after each other, as the receivers are cut."""
+        if not self.grouped:
+            return t
+        kv = self.parts[1][1]
+        x = t.unflatten(-1, (kv, self.parts[0][1] // kv + 2, -1))
+        return torch.cat((x[..., :-2, :].flatten(-3), x[..., -2, :].flatten(-2),
+                          x[..., -1, :].flatten(-2)), -1)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -98,6 +118,13 @@ class Block:
     out_proj: torch.nn.Module
     mlp_norm: torch.nn.Module
     mlp: torch.nn.Module
+    #: the MLP reads the block's input, beside the attention, not the input plus its output
+    parallel: bool = False
+
+    @property
+    def shared(self) -> bool:
+        """One norm before both the attention and the MLP (GPT-J, Phi, Cohere)."""
+        return self.mlp_norm is self.attn_norm
 
 
 @dataclass(frozen=True)
@@ -123,6 +150,11 @@ class Graph:
         """How many senders layer ``layer``'s attention reads: the input and earlier layers."""
         return 1 + layer * (self.heads + 1)
 
+    def before_mlp(self, layer: int) -> int:
+        """How many senders layer ``layer``'s MLP reads: its attention's heads too, unless it
+        runs beside them."""
+        return self.before_attention(layer) + (0 if self.blocks[layer].parallel else self.heads)
+
     def receivers(self) -> list[tuple[str, int, str, int]]:
         """``(name, layer, input, head)`` per receiver: each layer's heads' ``q``, ``k``, ``v``
         inputs (key/value heads under grouped-query attention), its MLP's, then the logits."""
@@ -136,11 +168,15 @@ class Graph:
         return out
 
 
+#: subclasses of ``Linear`` (or GPT-2's ``Conv1D``) whose forward is ``x @ weight.T + bias``
+LINEAR = ("Conv1D", "FalconLinear")
+
+
 def exactly_linear(module: torch.nn.Module | None) -> bool:
-    """Exactly a ``Linear`` or GPT-2's ``Conv1D``: a subclass (a quantized one) may compute
-    otherwise than its ``weight`` says."""
+    """Exactly a ``Linear``, GPT-2's ``Conv1D`` or Falcon's ``FalconLinear``: another subclass
+    (a quantized one) may compute otherwise than its ``weight`` says."""
     return module is not None and (
-        type(module) is torch.nn.Linear or type(module).__name__ == "Conv1D"
+        type(module) is torch.nn.Linear or type(module).__name__ in LINEAR
     )
 
 
@@ -163,30 +199,31 @@ def graph(model: Model) -> Graph:
             "model's pre-norm blocks (GPT-2, GPT-Neo, Llama, Mistral, Qwen2, Phi-3, ...)"
         )
     stack = decoder_stack(model, METHOD)
+    config = model.hf.config
     found = []
     head_dims = set()
     for layer, (block, out_proj, mlp) in enumerate(
         zip(stack.blocks, stack.projections, stack.mlps, strict=True)
     ):
-        norms = next(
+        attn_norm, mlp_norm = next(
             ((named(block, (a,)), named(block, (m,))) for a, m in NORMS if named(block, (a,))),
             (None, None),
         )
+        # one norm for both: the MLP reads its output beside the attention
+        parallel = mlp_norm is None or any(getattr(config, f, False) is True for f in PARALLEL)
         attention = named(block, ATTENTIONS)
         width = _width(out_proj, "in")
         where = f"{METHOD}: {kind}'s layer {layer}"
-        if None in norms:
+        if attn_norm is None:
             raise ModelError(
                 f"{where} is not a pre-norm block attrax knows: no norm "
-                f"{' / '.join(a for a, _ in NORMS)} before its attention and "
-                f"{' / '.join(m for _, m in NORMS)} before its MLP (parallel attention and "
-                "MLP, norms after them or named otherwise have no edges attrax can score)"
+                f"{' / '.join(a for a, _ in NORMS)} before its attention (norms after the "
+                "attention and MLP or named otherwise have no edges attrax can score)"
             )
         if attention is None:
             raise ModelError(
                 f"{where} is not a pre-norm block attrax knows: its attention module is not "
-                f"{' / '.join(ATTENTIONS)} (GPT-NeoX's `attention` fuses each head's query, key "
-                "and value side by side)"
+                f"{' / '.join(ATTENTIONS)}"
             )
         if not exactly_linear(out_proj) or width is None:
             raise ModelError(
@@ -203,13 +240,14 @@ def graph(model: Model) -> Graph:
             raise ModelError(
                 f"{where} reads its queries, keys and values through no projection attrax "
                 "knows (exactly a Linear or Conv1D: GPT-2's fused `c_attn`, Phi-3's `qkv_proj`, "
-                "or `q_proj`, `k_proj` and `v_proj`; multi-head latent attention has none)"
+                "GPT-NeoX's `query_key_value`, or `q_proj`, `k_proj` and `v_proj`; multi-head "
+                "latent attention has none)"
             )
-        attn_norm, mlp_norm = cast("tuple[torch.nn.Module, torch.nn.Module]", norms)
+        mlp_norm = mlp_norm or attn_norm
         known = [attn_norm, mlp_norm, mlp, attention]
         _account(where, block, known, "block")
         _account(where, inner, [*(r.module for r in readers), out_proj], "attention", head_dim)
-        found.append(Block(block, attn_norm, readers, out_proj, mlp_norm, mlp))
+        found.append(Block(block, attn_norm, readers, out_proj, mlp_norm, mlp, parallel))
     if len(head_dims) > 1:
         raise ModelError(
             f"{METHOD}: {kind}'s layers differ in their heads' width ({sorted(head_dims)} for "
@@ -271,7 +309,7 @@ def _readers(attention: torch.nn.Module, heads: int, head_dim: int) -> tuple[Rea
         return (Reader(module, (("q", mine), ("k", kv), ("v", kv))),)
 
     if named(attention, ("q_attn",)) is None and (
-        readers := fused(named(attention, ("c_attn", "qkv_proj")), heads)
+        readers := fused(named(attention, ("c_attn", "qkv_proj", "query_key_value")), heads)
     ):
         return readers
     separate = [named(attention, (f"{p}_proj",)) for p in "qkv"]
@@ -372,18 +410,23 @@ def _check_blocks(g: Graph, seen: Mapping[str, list[Any]], kind: str) -> None:
     for layer, b in enumerate(g.blocks):
         x = seen["block"][layer]
         # each check: what the model made, and the terms it should be the sum of
+        attn, mlp = seen["attn"][layer], seen["mlp"][layer]
         sums = {
             "the block's input is its first norm's": (seen["attn_norm"][layer], [x]),
-            "the second norm reads the input plus the attention's output": (
-                seen["mlp_norm"][layer], [x, seen["attn"][layer]]
-            ),
             "the MLP reads the second norm's output": (
                 seen["mlp_out"][layer], [seen["mlp_in"][layer]]
             ),
-            "the block's output adds the MLP's": (
-                nxt[layer], [seen["mlp_norm"][layer], seen["mlp"][layer]]
-            ),
         }  # fmt: skip
+        if b.parallel:
+            sums["the MLP's norm reads the block's input"] = (seen["mlp_norm"][layer], [x])
+            sums["the block's output adds the attention's and the MLP's"] = (
+                nxt[layer], [x, attn, mlp]
+            )  # fmt: skip
+        else:
+            sums["the second norm reads the input plus the attention's output"] = (
+                seen["mlp_norm"][layer], [x, attn]
+            )  # fmt: skip
+            sums["the block's output adds the MLP's"] = (nxt[layer], [seen["mlp_norm"][layer], mlp])
         pairs = {what: (got, terms, _sizes(terms)) for what, (got, terms) in sums.items()}
         linear = [(b.out_proj, seen["heads"][layer], seen["attn"][layer], "output projection")]
         for i, r in enumerate(b.readers):
@@ -399,9 +442,9 @@ def _check_blocks(g: Graph, seen: Mapping[str, list[Any]], kind: str) -> None:
             if not _sums(got, terms, sizes):
                 raise ModelError(
                     f"{METHOD}: {kind}'s layer {layer} is not a pre-norm residual block as the "
-                    f"edges assume ({what}: it does not); norms on the attention's or MLP's "
-                    "output, residual scales and parallel attention and MLP have no edges "
-                    "attrax can score"
+                    f"edges assume ({'parallel' if b.parallel else 'sequential'} attention and "
+                    f"MLP; {what}: it does not); norms on the attention's or MLP's "
+                    "output and residual scales have no edges attrax can score"
                 )
 
 
@@ -448,33 +491,53 @@ def _linear_terms(
 
 def _check_values(
     g: Graph, calls: Mapping[Any, Any], seen: Mapping[str, list[Any]], kind: str
-) -> None:
-    """A :class:`ModelError` unless each layer's attention reads, as its values, its value
-    projection's columns head after head (the layout the receivers are cut by): GPT-BigCode
-    without multi-query lays each head's query, key and value side by side."""
+) -> Graph:
+    """``g`` with each fused reader's layout, the one by which the attention reads its values
+    from the projection's output: the queries, then the keys, then the values (GPT-2's), or
+    each key/value head's side by side (GPT-NeoX's, Falcon-40B's, GPT-BigCode's without
+    multi-query); a :class:`ModelError` where neither is (CodeGen's shards, OLMo's
+    clip_qkv)."""
     values = [call.value for _, call in sorted(calls.items(), key=lambda kv: kv[0][1])]
     if len(values) != len(g.blocks):
         raise ModelError(
             f"{METHOD}: {kind} ran {len(values)} attention calls for {len(g.blocks)} layers"
         )
+    blocks = []
     for layer, (b, value) in enumerate(zip(g.blocks, values, strict=True)):
+        readers = []
         for i, r in enumerate(b.readers):
-            start = 0
-            for part, heads in r.parts:
-                width = heads * g.head_dim
-                if part == "v":
-                    got = seen["returned"][layer][i][..., start : start + width]
-                    got = got.unflatten(-1, (heads, g.head_dim)).transpose(1, 2)
-                    tol = TOLERANCE.get(got.dtype, 1e-4) * (float(got.abs().max()) or 1.0)
-                    if got.shape != value.shape or float((got - value).abs().max()) > tol:
-                        raise ModelError(
-                            f"{METHOD}: {kind}'s layer {layer} does not read its values as "
-                            f"its {type(r.module).__name__} returns them, head after head, as "
-                            "the receivers are cut (GPT-BigCode without multi-query lays each "
-                            "head's query, key and value side by side; OLMo's clip_qkv clamps "
-                            "them)"
-                        )
-                start += width
+            returned = seen["returned"][layer][i]
+            # a fused projection's queries, key and value side by side per key/value head
+            fused = [p for p, _ in r.parts] == ["q", "k", "v"] and not r.parts[0][1] % r.parts[1][1]
+            layouts = [r, replace(r, grouped=True)] if fused else [r]
+            found = next((c for c in layouts if _reads_values(c, returned, value, g)), None)
+            if found is None:
+                raise ModelError(
+                    f"{METHOD}: {kind}'s layer {layer} does not read its values as its "
+                    f"{type(r.module).__name__} returns them, head after head (or each key/value "
+                    "head's queries, key and value side by side), as the receivers are cut "
+                    "(CodeGen's shards; OLMo's clip_qkv clamps them)"
+                )
+            readers.append(found)
+        blocks.append(replace(b, readers=tuple(readers)))
+    return replace(g, blocks=blocks)
+
+
+def _reads_values(r: Reader, returned: torch.Tensor, value: torch.Tensor, g: Graph) -> bool:
+    """Whether the attention's values ``value`` (``[B, heads, L, head_dim]``) are ``r``'s
+    output ``returned`` (``[B, L, out]``) cut into its parts as its layout says; True where it
+    has no value part."""
+    start = 0
+    out = r.blocked(returned)
+    for part, heads in r.parts:
+        width = heads * g.head_dim
+        if part == "v":
+            got = out[..., start : start + width].unflatten(-1, (heads, g.head_dim))
+            got = got.transpose(1, 2)
+            tol = TOLERANCE.get(got.dtype, 1e-4) * (float(got.abs().max()) or 1.0)
+            return got.shape == value.shape and float((got - value).abs().max()) <= tol
+        start += width
+    return True
 
 
 def _senders(g: Graph, seen: Mapping[str, list[Any]]) -> torch.Tensor:
@@ -537,7 +600,8 @@ def edge_scores(
     # each layer's probes: its readers' outputs, its second norm's input; and the last output
     probes = sum(_width(r.module, "out") or 0 for b in g.blocks for r in b.readers)
     probes += (len(g.blocks) + 1) * hidden
-    per_head_rows = max(sum(h for r in b.readers for _, h in r.parts) for b in g.blocks)
+    # per layer: its readers' heads, and an MLP past a norm it shares with them
+    per_head_rows = max(sum(h for r in b.readers for _, h in r.parts) + b.shared for b in g.blocks)
     one = batch * length * hidden * size
     # senders pushed through a norm at a time: as many bytes as a target's probe gradients
     senders = max(1, probes // hidden)
@@ -616,7 +680,9 @@ def _pass(
         for layer, b in enumerate(g.blocks):
             for r in b.readers:
                 handles.append(r.module.register_forward_hook(_adding(next(it))))
-            handles.append(b.mlp_norm.register_forward_pre_hook(_adding_input(next(it))))
+            # the MLP's own copy of the stream: its norm's input, or past a norm it shares
+            reads = b.mlp if b.shared else b.mlp_norm
+            handles.append(reads.register_forward_pre_hook(_adding_input(next(it))))
             handles.append(b.attn_norm.register_forward_pre_hook(_keeping(norm_inputs, layer)))
         handles.append(g.blocks[-1].block.register_forward_hook(_adding(next(it))))
         with _hooked(handles):
@@ -649,21 +715,26 @@ def _pass(
     for slots, grads in pulled(pullback, cotangent, width, chunk, None):
         it = iter(grads)
         for layer, (readers, mlp_column) in enumerate(columns):
-            rows = [(r, column, _pulled_through(r, next(it), n, acc, w)) for r, column in readers]
+            b = g.blocks[layer]
+            rows = [(column, _pulled_through(r, next(it), n, acc, w)) for r, column in readers]
+            mlp_grad = next(it)
+            if b.shared:  # met past the norm, as a head's input, by the same pushed deltas
+                rows.append((mlp_column, _weighed(mlp_grad.to(acc), n, w)))
             before = g.before_attention(layer)
             for first in range(0, before, senders):  # chunking only: bounds memory
                 part = slice(first, min(first + senders, before))
                 # the senders' deltas pushed through the norm: the same for every target
-                pushed = _through_norm(g.blocks[layer].attn_norm, inputs[layer], delta[part], n)
-                for _, column, per_head in rows:  # [B, n L H, k heads]
+                pushed = _through_norm(b.attn_norm, inputs[layer], delta[part], n)
+                for column, per_head in rows:  # [B, n L H, k heads]
                     heads = per_head.shape[-1] // (slots.stop - slots.start)
                     met = torch.bmm(pushed.permute(2, 0, 1, 3, 4).flatten(2), per_head)
                     scores[:, slots, part, column : column + heads] += met.unflatten(
                         -1, (-1, heads)
                     ).transpose(1, 2)
             del rows
-            mlp_senders = before + g.heads
-            scores[:, slots, :mlp_senders, mlp_column] += _met(delta[:mlp_senders], next(it), w)
+            if not b.shared:
+                mlp_senders = g.before_mlp(layer)
+                scores[:, slots, :mlp_senders, mlp_column] += _met(delta[:mlp_senders], mlp_grad, w)
         scores[:, slots, :, -1] += _met(delta, next(it), w)
 
 
@@ -685,14 +756,21 @@ def _pulled_through(
     rows of its weight, weighed by the points' weights ``w``: ``[B, n L H, k heads]``, laid out
     for one batched product with the pushed deltas (the projection is linear; its bias drops
     out of a difference)."""
-    weight = r.weight().to(acc)  # [out, H]
+    weight = r.blocked(r.weight().to(acc).T).T  # [out, H], the parts' heads in order
     heads = sum(h for _, h in r.parts)
     head_dim = weight.shape[0] // heads
-    g_out = grad.to(acc).unflatten(1, (n, -1)).unflatten(-1, (heads, head_dim))
+    g_out = r.blocked(grad.to(acc)).unflatten(1, (n, -1)).unflatten(-1, (heads, head_dim))
     per_head = torch.einsum(
         "knbLhd,hdH,n->bnLHkh", g_out, weight.unflatten(0, (heads, head_dim)), w
     )
     return per_head.flatten(1, 3).flatten(2)
+
+
+def _weighed(grad: torch.Tensor, n: int, w: torch.Tensor) -> torch.Tensor:
+    """The gradient at a shared norm's output as the MLP reads it (``[k, n * B, L, H]``),
+    weighed by the points' weights: ``[B, n L H, k]``, laid out as :func:`_pulled_through`'s
+    for one head."""
+    return torch.einsum("knbLH,n->bnLHk", grad.unflatten(1, (n, -1)), w).flatten(1, 3)
 
 
 def _through_norm(
@@ -804,9 +882,9 @@ def edge_attribution_patching(
 
     Returns:
         DataArray ``([example,] target, sender, receiver)``, NaN where the receiver runs
-        before the sender; coordinates ``sender_layer``, ``sender_head`` (-1 for the input
-        and MLPs), ``receiver_layer``, ``receiver_input`` (``q``, ``k``, ``v``, ``mlp``,
-        ``logits``) and ``receiver_head``.
+        before the sender or beside it (a parallel block's MLP and heads); coordinates
+        ``sender_layer``, ``sender_head`` (-1 for the input and MLPs), ``receiver_layer``,
+        ``receiver_input`` (``q``, ``k``, ``v``, ``mlp``, ``logits``) and ``receiver_head``.
 
     >>> import attrax as ax
     >>> da = ax.edge_attribution_patching(
@@ -839,7 +917,7 @@ def edge_attribution_patching(
     with torch.no_grad():
         run(clean_embeds, t.mask, seen)
     calls = record_calls(problem, [], "edges", clean_embeds, t.mask).calls
-    _check_values(g, calls or {}, seen, kind)
+    g = _check_values(g, calls or {}, seen, kind)
     del calls
     clean = _senders(g, seen)
     del seen
@@ -867,8 +945,8 @@ def edge_attribution_patching(
     # a receiver reads only the senders before it: the rest are no edges
     receivers = g.receivers()
     prefix = [
-        g.before_attention(layer) + (g.heads if part == "mlp" else 0)
-        if part != "logits" else len(g.senders)
+        len(g.senders) if part == "logits"
+        else g.before_mlp(layer) if part == "mlp" else g.before_attention(layer)
         for _, layer, part, _ in receivers
     ]  # fmt: skip
     exists = torch.arange(len(g.senders))[:, None] < torch.tensor(prefix)[None]
