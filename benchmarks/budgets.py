@@ -69,6 +69,8 @@ SIZES: dict[str, dict[str, Any]] = {
     "reagent": {"probes": 4, "max_steps": 8},
     # one layer's one head at every position: a forward per position, each the batch's copy
     "activation_patching": {"layers": 0, "heads": 0},
+    # a sweep of 16 circuits (each keeping no edge here: the sizes are the same), a copy each
+    "edge_patching": {"circuit": 16},
 }
 # per workload: C2's PGD at 10 steps took over 38 min without a budget on 2 cores, L1's over 13 in
 # float32; a step's passes are the same at any step count, so fewer steps measure the same peak.
@@ -107,8 +109,11 @@ def _options(method: str, steps: int, corrupted: Any, workload: str = "") -> dic
     budget)."""
     options = _sizes(method, steps, workload)
     # needs a corrupted input with the clean one's length
-    if method in ("attribution_patching", "activation_patching", "edge_attribution_patching"):
+    if method in ("attribution_patching", "activation_patching", "edge_attribution_patching",
+                  "edge_patching"):  # fmt: skip
         options["corrupted"] = corrupted
+    if method == "edge_patching":  # a number of circuits: that many empty ones
+        options["circuit"] = [[] for _ in range(options["circuit"])]
     return options
 
 
@@ -274,6 +279,7 @@ LABEL = {
     "attention_norm": "attention norm", "decompx": "DecompX",
     "activation_patching": "activation patching",
     "edge_attribution_patching": "edge attribution patching",
+    "edge_patching": "edge patching",
 }  # fmt: skip
 
 
@@ -283,6 +289,7 @@ def _label(method: str, sizes: dict[str, Any]) -> str:
     named = [
         # a selection of one layer or head: "layer 0"
         f"{k[:-1]} {v}" if k in ("layers", "heads", "neurons") and isinstance(v, int)
+        else f"{v} circuits" if k == "circuit"
         else f"{v} {'points' if k == 'steps' and method in PATHS else k}"
         for k, v in sizes.items()
     ]  # fmt: skip

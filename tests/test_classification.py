@@ -561,10 +561,11 @@ def test_every_method_runs_on_classifiers(classifiers, arch, task):
     for name in METHODS:
         if name in (
             "direct_logit_attribution", "attribution_patching", "activation_patching",
-            "edge_attribution_patching",
+            "edge_attribution_patching", "edge_patching",
         ):  # fmt: skip
             # GPT-2/Llama components, `corrupted=` inputs: tests/test_components.py,
-            # tests/test_activation_patching.py and tests/test_edges.py (its classifiers)
+            # tests/test_activation_patching.py, tests/test_edges.py and tests/test_circuits.py
+            # (their classifiers)
             continue
         fn = getattr(ax, name)
         if name == "alti_logit" and arch == "bert":  # a post-norm encoder: no linear logit path

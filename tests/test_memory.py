@@ -348,6 +348,7 @@ _SMALL = {
     "attribution_patching": {"corrupted": "1 2 4 ="},
     "activation_patching": {"corrupted": "1 2 4 ="},
     "edge_attribution_patching": {"corrupted": "1 2 4 ="},
+    "edge_patching": {"corrupted": "1 2 4 =", "patch": [["input", "logits"]]},
 }
 _BUDGETED = [
     name for name in METHODS if "max_memory" in inspect.signature(getattr(ax, name)).parameters
@@ -919,6 +920,33 @@ def test_edge_attribution_patchings_measured_peak_stays_within_the_budget(
         )
         for extra in ("", f"max_memory={budget}")
     )
+    assert free["peak"] > budget, "the workload must need more than the budget unbounded"
+    assert bounded["peak"] <= budget, (bounded["peak"] / 2**20, budget / 2**20)
+
+
+@pytest.mark.slow
+def test_edge_patchings_measured_peak_stays_within_the_budget(peak_above_start):
+    """32 circuits, a copy of the batch each, against a corrupted prompt of as many tokens;
+    measured (2026-12-07): 303-329 MiB without a budget, 66-91 MiB under 150 MiB."""
+    budget = 150 << 20
+    code = _BUDGET_MODEL.replace(
+        "def warm():", "bad = ' '.join(['x'] + words[1:100])\ndef warm():"
+    ).replace("ax.{method}(model, {warm}, {options})", "ax.{method}(model, {warm})")
+    free, bounded = (
+        peak_above_start(
+            code.format(
+                method="edge_patching",
+                options=", ".join(["corrupted=bad", "circuit=[[]] * 32", *extra]),
+                config="",
+                warm='" ".join(words[:3]), " d e", corrupted=" ".join(["x"] + words[1:3]), '
+                "patch=[]",
+                cast="",
+            )
+        )
+        for extra in ([], [f"max_memory={budget}"])
+    )
+    mib = 2**20
+    print(f"unbounded {free['peak'] / mib:.0f} MiB, bounded {bounded['peak'] / mib:.0f} MiB")
     assert free["peak"] > budget, "the workload must need more than the budget unbounded"
     assert bounded["peak"] <= budget, (bounded["peak"] / 2**20, budget / 2**20)
 

@@ -26,6 +26,7 @@ SMALL = {
     "attribution_patching": {"corrupted": "The capital of Spain is"},
     "activation_patching": {"corrupted": "The capital of Spain is", "layers": 0},
     "edge_attribution_patching": {"corrupted": "The capital of Spain is"},
+    "edge_patching": {"corrupted": "The capital of Spain is", "patch": [["input", "logits"]]},
 }
 
 

@@ -27,6 +27,7 @@ SMALL = {
     "attribution_patching": {"corrupted": "The capital of Spain is"},
     "activation_patching": {"corrupted": "The capital of Spain is", "layers": 0},
     "edge_attribution_patching": {"corrupted": "The capital of Spain is"},
+    "edge_patching": {"corrupted": "The capital of Spain is", "patch": [["input", "logits"]]},
 }
 
 
@@ -315,6 +316,7 @@ def test_attribute_target_on_a_decoder_only_model_changes_nothing(models, name):
 # methods that only evaluate the objective: a score without a gradient is theirs to take
 _EVALUATE_ONLY = {
     "activation_patching",
+    "edge_patching",
     "occlusion",
     "feature_ablation",
     "lime",
@@ -362,6 +364,10 @@ def test_an_objective_without_a_gradient_is_refused_where_it_is_differentiated(
         for objective in (_detached, _under_no_grad, _is_argmax):
             if name in _PROBABILITY_ONLY:
                 with pytest.raises(ax.OptionError, match="`objective` must be 'probability'"):
+                    fn(model, *pair, objective=objective, **SMALL.get(name, {}))
+                continue
+            if name == "edge_patching" and model is classifier:  # decoder-only models' edges
+                with pytest.raises(ax.ModelError, match="is an encoder"):
                     fn(model, *pair, objective=objective, **SMALL.get(name, {}))
                 continue
             if name in _EVALUATE_ONLY:

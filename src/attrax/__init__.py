@@ -16,6 +16,8 @@ if TYPE_CHECKING:
     from ._adversarial import pgd as pgd
     from ._attention import attention as attention
     from ._attention import rollout as rollout
+    from ._circuits import edge_patching as edge_patching
+    from ._circuits import top_edges as top_edges
     from ._components import Ablation as Ablation
     from ._components import GaussianNoise as GaussianNoise
     from ._components import activation_patching as activation_patching

@@ -134,6 +134,8 @@ class Graph:
     blocks: list[Block]
     heads: int
     head_dim: int
+    #: the method whose graph it is, for its errors
+    method: str = METHOD
 
     @property
     def senders(self) -> list[tuple[str, int, int]]:
@@ -154,6 +156,16 @@ class Graph:
         """How many senders layer ``layer``'s MLP reads: its attention's heads too, unless it
         runs beside them."""
         return self.before_attention(layer) + (0 if self.blocks[layer].parallel else self.heads)
+
+    def edges(self) -> torch.Tensor:
+        """``[U, R]`` bool: the edges, each receiver reading the senders before it (a parallel
+        block's MLP: not its own layer's heads)."""
+        prefix = [
+            len(self.senders) if part == "logits"
+            else self.before_mlp(layer) if part == "mlp" else self.before_attention(layer)
+            for _, layer, part, _ in self.receivers()
+        ]  # fmt: skip
+        return torch.arange(len(self.senders))[:, None] < torch.tensor(prefix)[None]
 
     def receivers(self) -> list[tuple[str, int, str, int]]:
         """``(name, layer, input, head)`` per receiver: each layer's heads' ``q``, ``k``, ``v``
@@ -187,18 +199,18 @@ def _width(module: torch.nn.Module, side: str) -> int | None:
     )
 
 
-def graph(model: Model) -> Graph:
+def graph(model: Model, method: str = METHOD) -> Graph:
     """The pre-norm blocks of a decoder-only model (GPT-2's, Llama's and its kin's layout), or
-    a :class:`ModelError` naming what is missing."""
-    refuse_seq2seq_classifier(model, METHOD)
+    a :class:`ModelError` naming what is missing (and ``method``)."""
+    refuse_seq2seq_classifier(model, method)
     kind = type(model.hf).__name__
     if model.is_encoder_decoder or not model.causal:
         what = "an encoder-decoder" if model.is_encoder_decoder else "an encoder"
         raise ModelError(
-            f"{METHOD}: {kind} is {what}; the edges attrax scores are those of a decoder-only "
+            f"{method}: {kind} is {what}; the edges attrax scores are those of a decoder-only "
             "model's pre-norm blocks (GPT-2, GPT-Neo, Llama, Mistral, Qwen2, Phi-3, ...)"
         )
-    stack = decoder_stack(model, METHOD)
+    stack = decoder_stack(model, method)
     config = model.hf.config
     found = []
     head_dims = set()
@@ -213,7 +225,7 @@ def graph(model: Model) -> Graph:
         parallel = mlp_norm is None or any(getattr(config, f, False) is True for f in PARALLEL)
         attention = named(block, ATTENTIONS)
         width = _width(out_proj, "in")
-        where = f"{METHOD}: {kind}'s layer {layer}"
+        where = f"{method}: {kind}'s layer {layer}"
         if attn_norm is None:
             raise ModelError(
                 f"{where} is not a pre-norm block attrax knows: no norm "
@@ -250,10 +262,10 @@ def graph(model: Model) -> Graph:
         found.append(Block(block, attn_norm, readers, out_proj, mlp_norm, mlp, parallel))
     if len(head_dims) > 1:
         raise ModelError(
-            f"{METHOD}: {kind}'s layers differ in their heads' width ({sorted(head_dims)} for "
+            f"{method}: {kind}'s layers differ in their heads' width ({sorted(head_dims)} for "
             f"{stack.heads} heads a layer): the edges label every layer's heads alike"
         )
-    return Graph(found, stack.heads, head_dims.pop())
+    return Graph(found, stack.heads, head_dims.pop(), method)
 
 
 #: parameters an attention may hold of its own: one per head (GPT-OSS's sinks)
@@ -401,11 +413,11 @@ def _check_blocks(g: Graph, seen: Mapping[str, list[Any]], kind: str) -> None:
     if any(v is None for values in seen.values() for v in values) or any(
         v is None for layer in seen["read"] + seen["returned"] for v in layer
     ):
-        raise ModelError(f"{METHOD}: {kind} did not run the modules attrax found in its blocks")
+        raise ModelError(f"{g.method}: {kind} did not run the modules attrax found in its blocks")
     recorded = [v for key, values in seen.items() for v in values if key not in _NESTED]
     recorded += [v for key in _NESTED for layer in seen[key] for v in layer]
     if not all(bool(torch.isfinite(v).all()) for v in recorded):
-        raise _not_finite()
+        raise _not_finite(g.method)
     nxt = [*seen["block"][1:], seen["out"][0]]
     for layer, b in enumerate(g.blocks):
         x = seen["block"][layer]
@@ -441,7 +453,7 @@ def _check_blocks(g: Graph, seen: Mapping[str, list[Any]], kind: str) -> None:
         for what, (got, terms, sizes) in pairs.items():
             if not _sums(got, terms, sizes):
                 raise ModelError(
-                    f"{METHOD}: {kind}'s layer {layer} is not a pre-norm residual block as the "
+                    f"{g.method}: {kind}'s layer {layer} is not a pre-norm residual block as the "
                     f"edges assume ({'parallel' if b.parallel else 'sequential'} attention and "
                     f"MLP; {what}: it does not); norms on the attention's or MLP's "
                     "output and residual scales have no edges attrax can score"
@@ -452,9 +464,9 @@ def _check_blocks(g: Graph, seen: Mapping[str, list[Any]], kind: str) -> None:
 _NESTED = ("read", "returned")
 
 
-def _not_finite() -> InputError:
+def _not_finite(method: str = METHOD) -> InputError:
     return InputError(
-        f"{METHOD}: the model's activations or the edges' scores are not finite (inf/NaN): "
+        f"{method}: the model's activations or the edges' scores are not finite (inf/NaN): "
         "the model's outputs overflowed or hold NaN; check the model's weights and dtype, and "
         "the inputs"
     )
@@ -500,7 +512,7 @@ def _check_values(
     values = [call.value for _, call in sorted(calls.items(), key=lambda kv: kv[0][1])]
     if len(values) != len(g.blocks):
         raise ModelError(
-            f"{METHOD}: {kind} ran {len(values)} attention calls for {len(g.blocks)} layers"
+            f"{g.method}: {kind} ran {len(values)} attention calls for {len(g.blocks)} layers"
         )
     blocks = []
     for layer, (b, value) in enumerate(zip(g.blocks, values, strict=True)):
@@ -513,7 +525,7 @@ def _check_values(
             found = next((c for c in layouts if _reads_values(c, returned, value, g)), None)
             if found is None:
                 raise ModelError(
-                    f"{METHOD}: {kind}'s layer {layer} does not read its values as its "
+                    f"{g.method}: {kind}'s layer {layer} does not read its values as its "
                     f"{type(r.module).__name__} returns them, head after head (or each key/value "
                     "head's queries, key and value side by side), as the receivers are cut "
                     "(CodeGen's shards; OLMo's clip_qkv clamps them)"
@@ -817,8 +829,8 @@ def _corrupted_input(value: object, name: str) -> None:
     if isinstance(value, GaussianNoise):
         raise OptionError(
             f"`{name}`: Gaussian noise (causal tracing) is activation patching's corruption; "
-            "edge attribution patching takes a corrupted text (a string, or a list aligned with "
-            "`inputs`) or an ax.Ablation"
+            "the edges take a corrupted text (a string, or a list aligned with `inputs`) or an "
+            "ax.Ablation"
         )
     _corrupted(value, name)
 
@@ -943,14 +955,8 @@ def edge_attribution_patching(
     if not bool(torch.isfinite(scores).all()):  # NaN marks no edge: one the model made must not
         raise _not_finite()
     # a receiver reads only the senders before it: the rest are no edges
-    receivers = g.receivers()
-    prefix = [
-        len(g.senders) if part == "logits"
-        else g.before_mlp(layer) if part == "mlp" else g.before_attention(layer)
-        for _, layer, part, _ in receivers
-    ]  # fmt: skip
-    exists = torch.arange(len(g.senders))[:, None] < torch.tensor(prefix)[None]
-    scores.masked_fill_(~exists.to(scores.device), np.nan)
+    scores.masked_fill_(~g.edges().to(scores.device), np.nan)
     return label_edges(
-        model, call.batch, scores, g.senders, receivers, call.options, METHOD, call.objective[0]
-    )
+        model, call.batch, scores, g.senders, g.receivers(), call.options, METHOD,
+        call.objective[0],
+    )  # fmt: skip

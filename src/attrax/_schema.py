@@ -37,6 +37,8 @@ DIMS: dict[str, str] = {
     "neuron": "an MLP neuron: an input of the MLP's output projection (site='neurons')",
     "sender": "edge_attribution_patching: a node that writes to the residual stream",
     "receiver": "edge_attribution_patching: a node that reads the residual stream",
+    "circuit": "edge_patching: one set of edges given (`circuit=` or `patch=` as a list of "
+    "lists), in the order given",
     "score": "a step score (probability, entropy, ...)",
     "fraction": "the share of ranked source tokens a faithfulness metric removes or keeps",
     "method": "ax.evaluate: the attribution method scored",
@@ -84,6 +86,7 @@ COORDS: dict[str, str] = {
     "receiver_input": "edge_attribution_patching: what the receiver reads ('q', 'k', 'v', 'mlp' "
     "or 'logits')",
     "receiver_head": "edge_attribution_patching: the receiver's head (-1: an MLP or the logits)",
+    "edges": "edge_patching: how many edges each `circuit` names",
     "head_total": "head_attribution: each head's attribution summed over queries and keys",
     "auc": "deletion/insertion: area under the curve over `fraction`",
     "aopc": "comprehensiveness/sufficiency: mean over `fraction` (ERASER's AOPC)",
@@ -324,6 +327,28 @@ def label_edges(
     coords["receiver_head"] = ("receiver", np.asarray([r[3] for r in receivers], dtype=np.int64))
     attrs = run_attrs(model, method, objective, options)
     dims = ["example", "target", "sender", "receiver"]
+    return _build(data, dims, coords, method, attrs, batch.single)
+
+
+def label_circuits(
+    model: Model,
+    batch: Batch,
+    values: torch.Tensor,
+    edges: Sequence[int] | None,
+    options: Mapping[str, Any],
+    method: str,
+    objective: str,
+) -> xr.DataArray:
+    """Effects ``[B, K]``, or ``[B, K, C]`` with each circuit's number of ``edges``, ->
+    ``([example,] target[, circuit])``, targets as :func:`label`."""
+    targets, row_of, coords = target_coordinates(model, batch)
+    data = _by_target(batch, to_host(values), row_of, len(targets))
+    dims = ["example", "target"]
+    if edges is not None:
+        dims.append("circuit")
+        coords["circuit"] = np.arange(len(edges))
+        coords["edges"] = ("circuit", np.asarray(edges, dtype=np.int64))
+    attrs = run_attrs(model, method, objective, options)
     return _build(data, dims, coords, method, attrs, batch.single)
 
 

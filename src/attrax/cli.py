@@ -556,11 +556,15 @@ def _attribute(args: argparse.Namespace) -> int:
     steps = parse_reduce(args.reduce)
     options = _method_options(args, fn)
     _check_outputs({"--out": args.out, "--html": args.html, "--png": args.png})
-    if args.method == "edge_attribution_patching" and (args.html or args.png):
+    no_source = {
+        "edge_attribution_patching": "(target, sender, receiver) edges",
+        "edge_patching": "(target[, circuit]) effects",
+    }
+    if args.method in no_source and (args.html or args.png):
         raise OptionError(
-            "--html and --png draw (target, source) heatmaps; edge_attribution_patching's "
-            "(target, sender, receiver) edges have no source: give --out (and read it with "
-            "ax.load) or print them"
+            f"--html and --png draw (target, source) heatmaps; {args.method}'s "
+            f"{no_source[args.method]} have no source: give --out (and read it with ax.load) "
+            "or print them"
         )
     console = _console()
     model = load_model(args.model, device=_device(args.device), dtype=_dtype(args.dtype))
@@ -886,6 +890,8 @@ def _print_result(console: Console, da: xr.DataArray) -> None:
         _table(console, da)
     elif {"target", "sender", "receiver"} <= set(da.dims):
         _edges(console, da)
+    elif da.attrs.get("method") == "edge_patching":
+        _effects(console, da)
     else:
         sizes = ", ".join(f"{d}: {n}" for d, n in da.sizes.items())
         console.print(f"result dims ({sizes}); reduce to (target, source) to see a table")
@@ -907,6 +913,28 @@ def _edges(console: Console, da: xr.DataArray, top: int = 10) -> None:
         console.print(f"target {target} {_escape(repr(token)) if token else ''}".rstrip())
         for (sender, receiver), value in zip(ranked["edge"].values, ranked.values, strict=True):
             console.print(f"  {sender} → {receiver}: {value:+.4g}")
+
+
+def _effects(console: Console, da: xr.DataArray) -> None:
+    """Each target's change under edge patching (per circuit), example by example."""
+    if "example" in da.dims:
+        for example in range(da.sizes["example"]):
+            console.print(f"example {example}")
+            _effects(console, da.isel(example=example))
+        return
+    for target in da["target"].values:
+        one = da.sel(target=target)
+        if bool(one.isnull().all()):  # a target this example does not have (a batch's padding)
+            continue
+        token = da["target_token"].sel(target=target).item() if "target_token" in da.coords else ""
+        head = f"target {target} {_escape(repr(token)) if token else ''}".rstrip()
+        if "circuit" not in one.dims:
+            console.print(f"{head}: {float(one):+.4g}")
+            continue
+        console.print(head)
+        for circuit, edges, value in zip(one.circuit.values, one.edges.values, one.values,
+                                         strict=True):  # fmt: skip
+            console.print(f"  circuit {circuit} ({edges} edges): {value:+.4g}")
 
 
 def _table(console: Console, da: xr.DataArray) -> None:

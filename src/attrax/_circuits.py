@@ -1,0 +1,487 @@
+"""Edge patching: the exact effect on each target of patching a set of edges of a decoder-only
+model's graph (ACDC's, Conmy et al. 2023), the counterpart of edge attribution patching's
+estimates as activation patching is of attribution patching's; and the top edges of an
+estimate, the circuits to patch.
+
+An edge ``u -> v`` is patched when ``v`` reads ``u``'s output of the corrupted run in place of
+its own; every other edge carries its sender's output of the patched run itself. So ``v``'s
+input is the patched run's residual stream less, for each patched edge into it, ``u``'s output
+in that run minus ``u``'s corrupted output: the senders are recorded as the run reaches them,
+and each receiver's input made before it reads it, the heads' through the norm and their own
+rows of the query, key or value projection. Every circuit is a copy of the batch in one
+stacked forward: keeping a circuit's edges and patching the rest, or patching one edge a copy,
+are as many copies as circuits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, cast
+
+import numpy as np
+import torch
+import xarray as xr
+
+from ._edges import (
+    Block,
+    Graph,
+    Reader,
+    _check_blocks,
+    _check_values,
+    _columns,
+    _corrupted_input,
+    _deltas,
+    _first,
+    _hooked,
+    _not_finite,
+    _record,
+    _senders,
+    graph,
+)
+from ._errors import InputError, OptionError
+from ._heads import record_calls
+from ._memory import between_passes, full_precision, plan_forwards
+from ._protocol import Call, Family
+from ._schema import label_circuits
+
+METHOD = "edge_patching"
+
+PATCHING = Family(
+    name="edge_patching",
+    takes=("objective", "contrast", "positions", "batch_size", "max_new_tokens", "max_memory"),
+    refuses={
+        "attribute_target": "edge patching scores the model's edges as a whole: there are no "
+        "source positions to attribute",
+        "chunk_size": "edge patching runs forwards only: there is no backward whose targets to "
+        "chunk (batch_size sets the circuits per forward)",
+    },
+)
+
+#: an edge: its sender's and its receiver's names, as ``ax.edge_attribution_patching`` labels
+Edge = tuple[str, str]
+
+
+def _is_edge(value: object) -> bool:
+    return (
+        isinstance(value, (list, tuple))
+        and len(value) == 2
+        and all(isinstance(v, str) for v in value)
+    )
+
+
+def _edge_sets(value: object, name: str) -> tuple[list[list[Edge]], bool]:
+    """``value`` as a list of edge sets, and whether it was several (a list of lists of
+    edges) rather than one (a list of edges); an OptionError for anything else."""
+    if not isinstance(value, (list, tuple)):
+        raise OptionError(
+            f"`{name}` must be a list of edges, each a (sender, receiver) pair of names as "
+            "ax.edge_attribution_patching labels them, or a list of such lists (one circuit "
+            f"each); got {value!r}"
+        )
+    # a list of edges (none: one empty set), else a list of such lists
+    one_set = not value or any(map(_is_edge, value))
+    for i, item in enumerate(value):
+        good = _is_edge(item) if one_set else (
+            isinstance(item, (list, tuple)) and all(map(_is_edge, item))
+        )  # fmt: skip
+        if not good:
+            raise OptionError(
+                f"`{name}`[{i}] must be a (sender, receiver) pair of names"
+                + ("" if one_set else ", or a list of such pairs (one circuit)")
+                + f", got {item!r}"
+            )
+    sets = [value] if one_set else value
+    return [[(str(e[0]), str(e[1])) for e in edges] for edges in sets], not one_set
+
+
+def _check_edges(value: object, name: str) -> None:
+    if value is not None:
+        _edge_sets(value, name)
+
+
+def _together(options: Mapping[str, Any]) -> None:
+    given = [n for n in ("circuit", "patch") if options[n] is not None]
+    if len(given) != 1:
+        raise OptionError(
+            "give exactly one of `circuit` (the edges that keep their clean sender's output; "
+            "every other edge is patched) and `patch` (the edges patched; every other is kept), "
+            f"got {' and '.join(f'`{n}`' for n in given) or 'neither'}"
+        )
+
+
+@PATCHING.method(_together, corrupted=_corrupted_input, circuit=_check_edges, patch=_check_edges)
+def edge_patching(
+    call: Call,
+    *,
+    corrupted: Any = None,
+    circuit: Sequence[Any] | None = None,
+    patch: Sequence[Any] | None = None,
+) -> xr.DataArray:
+    """Edge patching: each target's exact change when a set of edges carries the corrupted
+    run's sender outputs, the rest the run's own (ACDC's circuit evaluation).
+
+    Edges are named as :func:`edge_attribution_patching` labels them: ``(sender, receiver)``,
+    e.g. ``("a0.h1", "m1")``. A patched edge ``u -> v`` gives ``v`` ``u``'s output in the
+    corrupted run; the other edges carry their senders' outputs in the patched run itself, so a
+    change flows on through every kept edge below it. Keeping no edge is the corrupted run;
+    keeping them all, the clean one. Every circuit is a copy of the batch in one stacked
+    forward (``batch_size`` copies a forward, ``"auto"``: as many as fit ``max_memory``).
+
+    Arguments:
+        model, inputs, targets, objective, contrast, positions, batch_size, max_new_tokens,
+            max_memory: as :func:`attrax.activation_patching`.
+        corrupted: as :func:`edge_attribution_patching` (a text aligned with ``inputs``, or an
+            :class:`Ablation`).
+        circuit: the edges kept (a list of ``(sender, receiver)`` pairs; every other edge is
+            patched), or a list of such lists, one circuit each (:func:`top_edges` makes
+            them from estimates).
+        patch: the edges patched (every other edge is kept), or a list of such lists.
+
+    Returns:
+        DataArray ``([example,] target[, circuit])``: the patched run's score less the clean
+        run's; ``circuit`` (0, 1, ...) where a list of edge sets was given, its coordinate
+        ``edges`` the number of edges each set names.
+
+    >>> import attrax as ax
+    >>> model = ax.load_model()
+    >>> kw = {"corrupted": "1 2 4 =", "objective": "logit"}
+    >>> scores = ax.edge_attribution_patching(model, "1 2 3 =", " 3 2 1", **kw)
+    >>> da = ax.edge_patching(model, "1 2 3 =", " 3 2 1", circuit=ax.top_edges(scores, [0, 10]), **kw)
+    >>> da.dims
+    ('target', 'circuit')
+    >>> [int(n) for n in da.edges]
+    [0, 10]
+    """
+    model = call.model
+    g = graph(model, METHOD)
+    problem = call.problem
+    t = problem.tensors
+    kind = type(model.hf).__name__
+    name = "circuit" if circuit is not None else "patch"
+    sets, several = _edge_sets(circuit if circuit is not None else patch, name)
+    patched = _patched(g, sets, keep=circuit is not None)  # [C, U, R]
+
+    def run(
+        embeds: torch.Tensor,
+        mask: torch.Tensor,
+        seen: dict[str, list[Any]],
+        types: torch.Tensor | None = None,
+        ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        with _hooked(_record(g, seen)):
+            hidden = problem.hidden_of(embeds, mask, types, ids)
+        _check_blocks(g, seen, kind)
+        return hidden
+
+    clean_embeds = problem.inputs[0]
+    seen: dict[str, list[Any]] = {}
+    with torch.no_grad():
+        unpatched = problem.head_objective(run(clean_embeds, t.mask, seen))
+    calls = record_calls(problem, [], "edges", clean_embeds, t.mask).calls
+    g = _check_values(g, calls or {}, seen, kind)
+    del calls
+    clean = _senders(g, seen)
+    del seen
+    delta, _ = _deltas(call, g, corrupted, clean, run)
+    donors = full_precision(clean) + delta  # [U, B, L, H]: each sender's corrupted output
+    del clean, delta
+    effects = _patched_effects(call, g, donors, patched, unpatched)  # [C, B, K]
+    if not bool(torch.isfinite(effects).all()):
+        raise _not_finite(METHOD)
+    values = effects.permute(1, 2, 0)  # [B, K, C]
+    counts = [len(set(s)) for s in sets]
+    return label_circuits(
+        model, call.batch, values if several else values[..., 0], counts if several else None,
+        call.options, METHOD, call.objective[0],
+    )  # fmt: skip
+
+
+def _patched(g: Graph, sets: list[list[Edge]], keep: bool) -> torch.Tensor:
+    """``[C, U, R]`` bool: the edges each set patches (``keep``: every edge but the set's),
+    edges only; an OptionError naming a sender, receiver or edge the graph has not."""
+    senders = {name: i for i, (name, _, _) in enumerate(g.senders)}
+    receivers = {name: i for i, (name, _, _, _) in enumerate(g.receivers())}
+    exists = g.edges()
+    chosen = torch.zeros(len(sets), len(senders), len(receivers), dtype=torch.bool)
+    for c, edges in enumerate(sets):
+        for sender, receiver in edges:
+            u, v = senders.get(sender), receivers.get(receiver)
+            if u is None or v is None:
+                what, name, names = (
+                    ("sender", sender, list(senders)) if u is None
+                    else ("receiver", receiver, list(receivers))
+                )  # fmt: skip
+                raise OptionError(
+                    f"the edge ({sender!r}, {receiver!r}) has no {what} {name!r}: this model's "
+                    f"{what}s are {_some(names)}"
+                )
+            if not exists[u, v]:
+                raise OptionError(
+                    f"there is no edge ({sender!r}, {receiver!r}): {receiver!r} reads the "
+                    f"residual stream before {sender!r} writes to it, or beside it"
+                )
+            chosen[c, u, v] = True
+    return (exists[None] & ~chosen) if keep else chosen
+
+
+def _some(names: list[str]) -> str:
+    return (
+        ", ".join(map(repr, names))
+        if len(names) <= 8
+        else (f"{', '.join(map(repr, names[:4]))}, ..., {', '.join(map(repr, names[-2:]))}")
+    )
+
+
+def _patched_effects(
+    call: Call, g: Graph, donors: torch.Tensor, patched: torch.Tensor, unpatched: torch.Tensor
+) -> torch.Tensor:
+    """``[C, B, K]``: each circuit's score less the clean run's, ``batch_size`` circuits a
+    stacked forward."""
+    problem = call.problem
+    t = problem.tensors
+    x = problem.inputs[0]
+    u_all, batch, length, hidden = donors.shape
+    size = donors.element_size()  # full precision
+    circuits = patched.shape[0]
+    cost = problem.cost(saved=False)
+    widest = max(sum(h for r in b.readers for _, h in r.parts) + 1 for b in g.blocks)
+    # a copy's senders' differences from their donors, and beside its forward one layer's
+    # receivers' inputs: their shifts, the shifted streams, and the norm's temporaries and output
+    per_copy = cost.per_point + (u_all + 5 * widest) * batch * length * hidden * size
+    held = donors.numel() * donors.element_size() + patched.numel()
+    fixed = cost.fixed + sum(problem.held) + held + circuits * batch * unpatched.shape[1] * 8
+    step = plan_forwards(
+        circuits, call.options["batch_size"], per_copy, x.device, problem.max_memory, fixed
+    )
+    out = []
+    with torch.no_grad():
+        for first in range(0, circuits, step):  # chunking only: bounds memory
+            between_passes()
+            part = patched[first : first + step].to(x.device)
+            n = part.shape[0]
+            with _patching(g, donors, part, batch):
+                heads_in = problem.hidden_of(x, t.mask, None, t.ids, n)
+            scores = problem.head_objective(heads_in).unflatten(0, (n, batch))
+            out.append(full_precision(scores) - full_precision(unpatched)[None])
+    return torch.cat(out)
+
+
+@contextlib.contextmanager
+def _patching(g: Graph, donors: torch.Tensor, patched: torch.Tensor, batch: int) -> Iterator[None]:
+    """Hooks that record each sender's output as the stacked run (``n`` copies of the batch,
+    copy-major) makes it, less its donor, and give each receiver the stream less the
+    differences of the edges into it that copy patches (``patched``, ``[n, U, R]``)."""
+    n = patched.shape[0]
+    u_all = donors.shape[0]
+    # [U, n * B, L, H]: each sender's output in this run less its corrupted output
+    diff = donors.new_zeros(u_all, n * batch, *donors.shape[2:])
+    columns = _columns(g)
+    made: dict[int, torch.Tensor] = {}
+
+    def stream(x: torch.Tensor, senders: int, cols: slice) -> torch.Tensor:
+        """``[V, n * B, L, H]``: ``x`` less each receiver's patched edges' differences."""
+        mask = patched[:, :senders, cols].to(diff.dtype)  # [n, u, V]
+        d = diff[:senders].unflatten(1, (n, batch))  # [u, n, B, L, H]
+        shift = torch.einsum("nuv,unbLH->vnbLH", mask, d).flatten(1, 2)
+        return (full_precision(x)[None] - shift).to(x.dtype)
+
+    def record(index: int, value: torch.Tensor) -> None:
+        # Llama 4's experts return [n B L, H]
+        got = full_precision(value).reshape(n, *donors.shape[1:])
+        diff[index] = (got - donors[index][None]).flatten(0, 1)
+
+    handles = []
+    blocks = g.blocks
+    handles.append(blocks[0].block.register_forward_pre_hook(_on_input(record), with_kwargs=True))
+    for layer, b in enumerate(blocks):
+        before = g.before_attention(layer)
+        readers, mlp_column = columns[layer]
+        handles.append(b.attn_norm.register_forward_pre_hook(
+            _on_attention(b, readers, before, stream, made)
+        ))  # fmt: skip
+        for i, r in enumerate(b.readers):
+            handles.append(r.module.register_forward_hook(_giving(made, i)))
+        handles.append(b.out_proj.register_forward_pre_hook(
+            _on_heads(g, b, 1 + layer * (g.heads + 1), record)
+        ))  # fmt: skip
+        mlp_senders = g.before_mlp(layer)
+        if b.shared:
+            handles.append(b.mlp.register_forward_pre_hook(
+                _on_shared_mlp(b, mlp_senders, mlp_column, stream, made)
+            ))  # fmt: skip
+        else:
+            handles.append(b.mlp_norm.register_forward_pre_hook(
+                _on_mlp_input(mlp_senders, mlp_column, stream)
+            ))  # fmt: skip
+        sender = (layer + 1) * (g.heads + 1)  # the MLP's: after the input and its heads
+        handles.append(b.mlp.register_forward_hook(_on_mlp(sender, record)))
+    logits = slice(len(g.receivers()) - 1, len(g.receivers()))
+    handles.append(blocks[-1].block.register_forward_hook(_on_output(u_all, logits, stream)))
+    with _hooked(handles):
+        yield
+
+
+def _on_input(record: Callable[[int, torch.Tensor], None]) -> Callable[..., None]:
+    def hook(_m: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        record(0, args[0] if args else kwargs["hidden_states"])
+
+    return hook
+
+
+def _on_attention(
+    b: Block,
+    readers: list[tuple[Reader, int]],
+    before: int,
+    stream: Callable[[torch.Tensor, int, slice], torch.Tensor],
+    made: dict[int, torch.Tensor],
+) -> Callable[..., None]:
+    """At the attention's norm: each reader's output, each head's part of it read from that
+    head's own stream through the norm and its rows of the weight."""
+
+    def hook(_m: Any, args: tuple[Any, ...]) -> None:
+        x = args[0]
+        if b.shared:  # the MLP reads this norm too, of its own stream
+            made[-1] = x
+        for i, (r, column) in enumerate(readers):
+            heads = sum(h for _, h in r.parts)
+            normed = b.attn_norm.forward(stream(x, before, slice(column, column + heads)))
+            weight = r.blocked(r.weight().T).T.to(x.dtype)  # [out, H], the parts' heads in order
+            per_head = torch.einsum(
+                "hbLH,hdH->bLhd", normed, weight.unflatten(0, (heads, -1))
+            ).flatten(-2)
+            out = _unblocked(r, per_head)
+            bias = getattr(r.module, "bias", None)
+            made[i] = out if bias is None else out + bias.to(out.dtype)
+
+    return hook
+
+
+def _unblocked(r: Reader, t: torch.Tensor) -> torch.Tensor:
+    """The inverse of :meth:`Reader.blocked`: the parts' heads back in the output's layout."""
+    if not r.grouped:
+        return t
+    (_, q), (_, kv), _ = r.parts
+    width = t.shape[-1] // (q + 2 * kv)
+    queries, keys, values = t.split([q * width, kv * width, kv * width], -1)
+    return torch.cat(
+        (queries.unflatten(-1, (kv, q // kv, width)), keys.unflatten(-1, (kv, 1, width)),
+         values.unflatten(-1, (kv, 1, width))), -2,
+    ).flatten(-3)  # fmt: skip
+
+
+def _giving(made: dict[int, torch.Tensor], i: int) -> Callable[..., Any]:
+    def hook(_m: Any, _args: Any, output: Any) -> Any:
+        return made.pop(i)
+
+    return hook
+
+
+def _on_heads(
+    g: Graph, b: Block, first: int, record: Callable[[int, torch.Tensor], None]
+) -> Callable[..., None]:
+    """At the output projection: each head's output through its rows of it (no bias)."""
+
+    def hook(_m: Any, args: tuple[Any, ...]) -> None:
+        z = args[0]
+        w = Reader(b.out_proj, ()).weight().to(z.dtype)
+        per_head = torch.einsum(
+            "blhd,Hhd->hblH",
+            z.unflatten(-1, (g.heads, g.head_dim)),
+            w.unflatten(-1, (g.heads, g.head_dim)),
+        )
+        for h in range(g.heads):
+            record(first + h, per_head[h])
+
+    return hook
+
+
+def _on_mlp_input(
+    senders: int, column: int, stream: Callable[[torch.Tensor, int, slice], torch.Tensor]
+) -> Callable[..., tuple[Any, ...]]:
+    def hook(_m: Any, args: tuple[Any, ...]) -> tuple[Any, ...]:
+        return (stream(args[0], senders, slice(column, column + 1))[0], *args[1:])
+
+    return hook
+
+
+def _on_shared_mlp(
+    b: Block,
+    senders: int,
+    column: int,
+    stream: Callable[[torch.Tensor, int, slice], torch.Tensor],
+    made: dict[int, torch.Tensor],
+) -> Callable[..., tuple[Any, ...]]:
+    """The MLP past a norm it shares with the attention: that norm of its own stream."""
+
+    def hook(_m: Any, args: tuple[Any, ...]) -> tuple[Any, ...]:
+        x = made.pop(-1)
+        return (b.attn_norm.forward(stream(x, senders, slice(column, column + 1))[0]), *args[1:])
+
+    return hook
+
+
+def _on_mlp(sender: int, record: Callable[[int, torch.Tensor], None]) -> Callable[..., None]:
+    def hook(_m: Any, _args: Any, output: Any) -> None:
+        record(sender, cast("torch.Tensor", _first(output)))
+
+    return hook
+
+
+def _on_output(
+    senders: int, column: slice, stream: Callable[[torch.Tensor, int, slice], torch.Tensor]
+) -> Callable[..., Any]:
+    def hook(_m: Any, _args: Any, output: Any) -> Any:
+        moved = stream(_first(output), senders, column)[0]
+        return (moved, *output[1:]) if isinstance(output, tuple) else moved
+
+    return hook
+
+
+def top_edges(scores: xr.DataArray, n: int | Sequence[int]) -> Any:
+    """The ``n`` edges of largest absolute estimate, each ``(sender, receiver)``: circuits for
+    :func:`edge_patching`.
+
+    Arguments:
+        scores: :func:`edge_attribution_patching`'s result, summed over every dim but
+            ``sender`` and ``receiver`` (targets, examples) before ranking; ties keep its order
+            (senders, then receivers).
+        n: how many edges; or a list of such numbers, one list of edges each.
+
+    >>> import attrax as ax
+    >>> model = ax.load_model()
+    >>> scores = ax.edge_attribution_patching(
+    ...     model, "1 2 3 =", " 3 2 1", corrupted="1 2 4 =", objective="logit")
+    >>> len(ax.top_edges(scores, 5)), [len(c) for c in ax.top_edges(scores, [1, 3])]
+    (5, [1, 3])
+    """
+    if not isinstance(scores, xr.DataArray) or not {"sender", "receiver"} <= set(scores.dims):
+        raise InputError(
+            "`scores` must be a DataArray with `sender` and `receiver` dims, as "
+            f"ax.edge_attribution_patching returns, got {type(scores).__name__}"
+            + (f" with dims {scores.dims}" if isinstance(scores, xr.DataArray) else "")
+        )
+    several = not isinstance(n, (int, np.integer))
+    sizes: list[Any] = list(cast("Sequence[int]", n)) if several else [n]
+    other = [d for d in scores.dims if d not in ("sender", "receiver")]
+    summed = scores.sum(other, skipna=True, min_count=1).transpose("sender", "receiver")
+    values = np.abs(np.asarray(summed.values, dtype=np.float64))
+    edges = np.flatnonzero(np.isfinite(values.ravel()))
+    order = edges[np.argsort(-values.ravel()[edges], kind="stable")]
+    for size in sizes:
+        if (
+            isinstance(size, bool)
+            or not isinstance(size, (int, np.integer))
+            or not 0 <= size <= len(order)
+        ):
+            raise OptionError(
+                f"`n` must be a whole number of edges from 0 to {len(order)} (the edges "
+                f"`scores` has), or a list of them; got {size!r}"
+            )
+    senders = [str(s) for s in summed.sender.values]
+    receivers = [str(r) for r in summed.receiver.values]
+    width = len(receivers)
+    picked = [
+        [(senders[i // width], receivers[i % width]) for i in order[: int(size)]] for size in sizes
+    ]
+    return picked if several else picked[0]

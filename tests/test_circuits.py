@@ -1,0 +1,242 @@
+"""Edge patching (``ax.edge_patching``) against patching for real, edge by edge, and against the
+corrupted and clean runs; ``ax.top_edges`` against a ranking of its own.
+
+The loop for one edge ``u -> v`` is ``tests/test_edges.py``'s ``real_edges``: the clean run
+with ``u(corrupted) - u(clean)`` added to ``v``'s own input only (a head's: the attention module
+run again on the norm of the shifted stream, that head's query, key or value swapped in through
+the attention function, no column layout assumed), the logit less the clean run's.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import attrax as ax
+from attrax.cli import main
+from attrax.testing import tiny_classifier, tiny_model
+from tests.test_components import full_double
+from tests.test_edges import CLEAN, CORRUPTED, KW, TARGET, edges_models, real_edges
+
+__all__ = ["edges_models"]  # the fixture, shared with tests/test_edges.py
+
+
+def _all_edges(da):
+    """Every ``(sender, receiver)`` edge of an edge attribution patching result, in its order."""
+    first = da.isel(target=0) if "target" in da.dims else da
+    return [
+        (str(s), str(r))
+        for s in first.sender.values
+        for r in first.receiver.values
+        if np.isfinite(first.sel(sender=s, receiver=r).values)
+    ]
+
+
+# GPT-2 (fused c_attn), Llama (grouped keys and values), GPT-NeoX (parallel, each head's query,
+# key and value side by side), GPT-J (parallel on one norm), Falcon-40B (groups side by side)
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "pythia", "gptj", "falcon-40b"])
+def test_patching_one_edge_equals_patching_it_for_real(edges_models, arch):
+    model = edges_models[arch]
+    estimates = ax.edge_attribution_patching(model, CLEAN, TARGET, **KW)
+    edges = _all_edges(estimates)
+    got = ax.edge_patching(model, CLEAN, TARGET, patch=[[e] for e in edges], **KW)
+    assert got.dims == ("target", "circuit") and list(got.edges.values) == [1] * len(edges)
+    want = real_edges(model, estimates, CLEAN, CORRUPTED, TARGET)  # [K, U, R]
+    senders = {str(s): i for i, s in enumerate(estimates.sender.values)}
+    receivers = {str(r): i for i, r in enumerate(estimates.receiver.values)}
+    expected = np.stack([want[:, senders[s], receivers[r]] for s, r in edges], -1)
+    scale = np.abs(expected).max()
+    assert scale > 1e-3
+    np.testing.assert_allclose(got.values, expected, rtol=1e-6, atol=1e-9 * scale)
+
+
+def _logits_at_targets(model, text):
+    """The logit of each target token after ``text`` + the target, by a plain forward."""
+    ids = model.tokenizer(text + TARGET, return_tensors="pt")["input_ids"]
+    prompt = len(model.tokenizer(text)["input_ids"])
+    with torch.no_grad():
+        logits = model.hf(input_ids=ids).logits[0]
+    return np.array([float(logits[p - 1, ids[0, p]]) for p in range(prompt, ids.shape[1])])
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "pythia", "gptj", "falcon"])
+def test_keeping_no_edge_is_the_corrupted_run_and_keeping_all_the_clean_one(edges_models, arch):
+    """With every edge patched each receiver reads the corrupted run's stream; with none, the
+    clean run's: the two runs' logits, by plain forwards of the model."""
+    model = edges_models[arch]
+    every = _all_edges(ax.edge_attribution_patching(model, CLEAN, TARGET, **KW))
+    got = ax.edge_patching(model, CLEAN, TARGET, circuit=[[], every], **KW)
+    clean, corrupted = _logits_at_targets(model, CLEAN), _logits_at_targets(model, CORRUPTED)
+    assert np.abs(corrupted - clean).max() > 1e-2
+    np.testing.assert_allclose(got.sel(circuit=0).values, corrupted - clean, rtol=1e-7,
+                               atol=1e-9)  # fmt: skip
+    np.testing.assert_allclose(got.sel(circuit=1).values, 0.0, atol=1e-9)
+    # the same sets, named by what is patched
+    patched = ax.edge_patching(model, CLEAN, TARGET, patch=[every, []], **KW)
+    np.testing.assert_allclose(patched.values, got.values, rtol=1e-9, atol=1e-12)
+    none = ax.edge_patching(model, CLEAN, TARGET, patch=[], **KW)  # one set, of no edge
+    assert none.dims == ("target",)
+    np.testing.assert_allclose(none.values, 0.0, atol=1e-9)
+
+
+def test_patching_every_edge_into_an_mlp_runs_it_on_the_corrupted_stream(edges_models):
+    """Every edge into ``m1`` patched: the MLP reads the corrupted run's stream there, and the
+    rest of the clean run goes on from what it returns (a loop with one forward hook)."""
+    model = edges_models["llama"]
+    every = _all_edges(ax.edge_attribution_patching(model, CLEAN, TARGET, **KW))
+    got = ax.edge_patching(model, CLEAN, TARGET, patch=[e for e in every if e[1] == "m1"], **KW)
+    hf = model.hf
+    norm = hf.model.layers[1].post_attention_layernorm
+    seen = {}
+    ids = {
+        t: model.tokenizer(t + TARGET, return_tensors="pt")["input_ids"] for t in (CLEAN, CORRUPTED)
+    }
+    handle = norm.register_forward_pre_hook(lambda _m, a: seen.update(x=a[0].clone()))
+    with torch.no_grad():
+        hf(input_ids=ids[CORRUPTED])
+    handle.remove()
+    handle = norm.register_forward_pre_hook(lambda _m, a: (seen["x"], *a[1:]))
+    try:
+        with torch.no_grad():
+            logits = hf(input_ids=ids[CLEAN]).logits[0]
+    finally:
+        handle.remove()
+    prompt = len(model.tokenizer(CLEAN)["input_ids"])
+    row = ids[CLEAN][0]
+    patched = np.array([float(logits[p - 1, row[p]]) for p in range(prompt, len(row))])
+    want = patched - _logits_at_targets(model, CLEAN)
+    assert np.abs(want).max() > 1e-3
+    np.testing.assert_allclose(got.values, want, rtol=1e-7, atol=1e-10)
+
+
+def test_circuits_batched_in_copies_equal_each_alone(edges_models):
+    model = edges_models["gpt2"]
+    scores = ax.edge_attribution_patching(model, CLEAN, TARGET, **KW)
+    circuits = ax.top_edges(scores, [3, 12, 40])
+    together = ax.edge_patching(model, CLEAN, TARGET, circuit=circuits, **KW)
+    one_a_forward = ax.edge_patching(model, CLEAN, TARGET, circuit=circuits, batch_size=1, **KW)
+    np.testing.assert_allclose(one_a_forward.values, together.values, rtol=1e-9, atol=1e-12)
+    for c, edges in enumerate(circuits):
+        alone = ax.edge_patching(model, CLEAN, TARGET, circuit=edges, **KW)
+        assert alone.dims == ("target",)
+        np.testing.assert_allclose(alone.values, together.sel(circuit=c).values, rtol=1e-9,
+                                   atol=1e-12)  # fmt: skip
+    assert list(together.edges.values) == [3, 12, 40]
+
+
+def test_a_padded_batch_equals_each_example_alone(edges_models):
+    model = edges_models["llama"]
+    inputs, corrupted = [CLEAN, "The capital is"], [CORRUPTED, "A capital is"]
+    every = _all_edges(ax.edge_attribution_patching(model, CLEAN, TARGET, **KW))
+    circuit = [e for e in every if not e[0].startswith("a0")]  # layer 0's heads patched
+    batched = ax.edge_patching(model, inputs, [TARGET, " d"], corrupted=corrupted,
+                               circuit=circuit, objective="logit")  # fmt: skip
+    for i, (text, bad, target) in enumerate(zip(inputs, corrupted, [TARGET, " d"], strict=True)):
+        one = ax.edge_patching(model, text, target, corrupted=bad, circuit=circuit,
+                               objective="logit")  # fmt: skip
+        got = batched.isel(example=i).dropna("target", how="all")
+        np.testing.assert_allclose(got.values, one.values, rtol=1e-9, atol=1e-12)
+        assert np.abs(one.values).max() > 1e-4
+
+
+def test_an_ablation_keeping_every_edge_is_the_clean_run(edges_models):
+    model = edges_models["gpt2"]
+    kw = {"corrupted": ax.Ablation("mean"), "objective": "logit"}
+    every = _all_edges(ax.edge_attribution_patching(model, CLEAN, TARGET, **kw))
+    got = ax.edge_patching(model, CLEAN, TARGET, circuit=[every, every[:20]], **kw)
+    np.testing.assert_allclose(got.sel(circuit=0).values, 0.0, atol=1e-9)
+    assert np.abs(got.sel(circuit=1).values).max() > 1e-3
+
+
+def test_top_edges_ranks_the_summed_estimates_by_size(edges_models):
+    model = edges_models["gpt2"]
+    scores = ax.edge_attribution_patching(model, CLEAN, TARGET, **KW)
+    summed = np.nansum(scores.values, axis=0)  # over the targets
+    real = np.isfinite(scores.values[0])
+    names = [(str(s), str(r)) for s in scores.sender.values for r in scores.receiver.values]
+    ranked = sorted(
+        (i for i in range(len(names)) if real.ravel()[i]), key=lambda i: -abs(summed.ravel()[i])
+    )
+    assert ax.top_edges(scores, 7) == [names[i] for i in ranked[:7]]
+    assert ax.top_edges(scores, [0, 2]) == [[], [names[i] for i in ranked[:2]]]
+    assert len(ax.top_edges(scores, len(ranked))) == len(ranked)
+
+
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [
+        ({"patch": [("a9.h0", "logits")]}, "no sender 'a9.h0'"),
+        ({"patch": [("input", "m7")]}, "no receiver 'm7'"),
+        ({"patch": [("m1", "a0.h0<q>")]}, "there is no edge"),
+        ({"patch": [("a0.h0", "m0")], "circuit": []}, "exactly one of `circuit`"),
+        ({}, "exactly one of `circuit`"),
+        ({"patch": "a0.h0"}, "`patch` must be a list of edges"),
+        ({"circuit": [["input", "logits"], "m0"]}, r"`circuit`\[1\]"),
+        ({"patch": [], "chunk_size": 2}, "chunk_size"),
+    ],
+)
+def test_bad_edges_are_clear_errors(edges_models, options, match):
+    with pytest.raises(ax.OptionError, match=match):
+        ax.edge_patching(edges_models["gpt2"], CLEAN, TARGET, corrupted=CORRUPTED, **options)
+
+
+def test_top_edges_refuses_what_it_cannot_rank(edges_models):
+    scores = ax.edge_attribution_patching(edges_models["gpt2"], CLEAN, TARGET, **KW)
+    with pytest.raises(ax.OptionError, match="`n` must be a whole number of edges from 0"):
+        ax.top_edges(scores, 10**6)
+    with pytest.raises(ax.OptionError, match="`n`"):
+        ax.top_edges(scores, [2, -1])
+    saliency = ax.saliency(edges_models["gpt2"], CLEAN, TARGET)
+    with pytest.raises(ax.InputError, match="`sender` and `receiver` dims"):
+        ax.top_edges(saliency, 3)
+
+
+def test_the_cli_patches_the_edges_given(tmp_path, capsys):
+    hf, tok = tiny_model("gpt2")
+    path = tmp_path / "model"
+    hf.save_pretrained(path)
+    tok.save_pretrained(path)
+    out = tmp_path / "patched.nc"
+    code = main([
+        "attribute", "--method", "edge_patching", "--model", str(path), "--input", CLEAN,
+        "--target", TARGET, "-o", f"corrupted={json.dumps(CORRUPTED)}", "-o",
+        'patch=[["input", "a1.h0<v>"]]', "-o", "objective=logit", "--out", str(out),
+    ])  # fmt: skip
+    printed = capsys.readouterr()
+    assert code == 0, printed
+    da = ax.load(out)
+    assert da.dims == ("target",) and abs(float(da[0])) > 1e-6
+    assert (
+        f"target {int(da.target[0])} {str(da.target_token.values[0])!r}: {float(da[0]):+.4g}"
+        in printed.out
+    )
+    code = main([
+        "attribute", "--method", "edge_patching", "--model", str(path), "--input", CLEAN,
+        "--target", TARGET, "-o", f"corrupted={json.dumps(CORRUPTED)}", "-o",
+        'patch=[["m1", "a0.h0<q>"]]',
+    ])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and "there is no edge" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_a_decoder_only_classifiers_circuits(arch):
+    """Every class a target: keeping no edge is the corrupted text's logits, keeping all the
+    clean one's (plain forwards of the classifier)."""
+    hf, tok = tiny_classifier(arch)
+    model = ax.load_model(full_double(hf), tokenizer=tok)
+    kw = {"corrupted": "a good dog", "objective": "logit"}
+    every = _all_edges(ax.edge_attribution_patching(model, "a bad day", [0, 1], **kw))
+    got = ax.edge_patching(model, "a bad day", [0, 1], circuit=[[], every], **kw)
+    with torch.no_grad():
+        logits = {
+            t: hf(**tok(t, return_tensors="pt")).logits[0].numpy()
+            for t in ("a bad day", "a good dog")
+        }
+    want = (logits["a good dog"] - logits["a bad day"])[[0, 1]]
+    assert np.abs(want).max() > 1e-3
+    np.testing.assert_allclose(got.sel(circuit=0).values, want, rtol=1e-7, atol=1e-10)
+    np.testing.assert_allclose(got.sel(circuit=1).values, 0.0, atol=1e-10)
