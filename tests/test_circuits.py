@@ -175,6 +175,7 @@ def test_top_edges_ranks_the_summed_estimates_by_size(edges_models):
         ({}, "exactly one of `circuit`"),
         ({"patch": "a0.h0"}, "`patch` must be a list of edges"),
         ({"circuit": [["input", "logits"], "m0"]}, r"`circuit`\[1\]"),
+        ({"circuit": [[], ["input", "logits"]]}, r"`circuit`\[0\].*read as one set"),
         ({"patch": [], "chunk_size": 2}, "chunk_size"),
     ],
 )
@@ -189,6 +190,9 @@ def test_top_edges_refuses_what_it_cannot_rank(edges_models):
         ax.top_edges(scores, 10**6)
     with pytest.raises(ax.OptionError, match="`n`"):
         ax.top_edges(scores, [2, -1])
+    for bad in (5.0, None, np.float64(2)):
+        with pytest.raises(ax.OptionError, match="`n` must be a whole number"):
+            ax.top_edges(scores, bad)
     saliency = ax.saliency(edges_models["gpt2"], CLEAN, TARGET)
     with pytest.raises(ax.InputError, match="`sender` and `receiver` dims"):
         ax.top_edges(saliency, 3)
@@ -240,3 +244,29 @@ def test_a_decoder_only_classifiers_circuits(arch):
     assert np.abs(want).max() > 1e-3
     np.testing.assert_allclose(got.sel(circuit=0).values, want, rtol=1e-7, atol=1e-10)
     np.testing.assert_allclose(got.sel(circuit=1).values, 0.0, atol=1e-10)
+
+
+def test_a_budget_too_small_is_refused_before_the_model_runs(edges_models, monkeypatch):
+    model = edges_models["gpt2"]
+
+    def boom(*args, **kwargs):
+        raise AssertionError("the model ran")
+
+    monkeypatch.setattr(model.hf, "forward", boom)
+    with pytest.raises(ax.OptionError, match="`max_memory` of 1 B cannot be met"):
+        ax.edge_patching(model, CLEAN, TARGET, patch=[], max_memory=1, **KW)
+
+
+def test_the_cli_prints_a_reduction_without_targets(tmp_path, capsys):
+    hf, tok = tiny_model("gpt2")
+    path = tmp_path / "model"
+    hf.save_pretrained(path)
+    tok.save_pretrained(path)
+    code = main([
+        "attribute", "--method", "edge_patching", "--model", str(path), "--input", CLEAN,
+        "--target", TARGET, "-o", f"corrupted={json.dumps(CORRUPTED)}", "-o",
+        'circuit=[[["input", "a1.h0<v>"]], []]', "--reduce", "sum:target",
+    ])  # fmt: skip
+    printed = capsys.readouterr()
+    assert code == 0, printed
+    assert "result dims (circuit: 2)" in printed.out

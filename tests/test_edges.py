@@ -27,6 +27,7 @@ from tests.test_components import (
     CORRUPTED,
     SOURCE,
     TARGET,
+    _bloom,
     _falcon,
     full_double,
     gpt_bigcode,
@@ -610,6 +611,8 @@ def test_a_layout_the_receivers_are_not_cut_by_is_refused():
     codegen = ax.load_model(llama_like("codegen", tok), tokenizer=tok)
     with pytest.raises(ax.ModelError, match="does not read its values"):
         ax.edge_attribution_patching(codegen, CLEAN, TARGET, **KW)
+    with pytest.raises(ax.ModelError, match="its `mlp` adds the residual stream to its own"):
+        ax.edge_attribution_patching(_bloom(), CLEAN, TARGET, **KW)
 
 
 class _Scaled(torch.nn.Linear):

@@ -86,10 +86,11 @@ def _edge_sets(value: object, name: str) -> tuple[list[list[Edge]], bool]:
             isinstance(item, (list, tuple)) and all(map(_is_edge, item))
         )  # fmt: skip
         if not good:
+            read = " (read as one set: some items are edges)" if one_set else (
+                ", or a list of such pairs (one circuit)"
+            )  # fmt: skip
             raise OptionError(
-                f"`{name}`[{i}] must be a (sender, receiver) pair of names"
-                + ("" if one_set else ", or a list of such pairs (one circuit)")
-                + f", got {item!r}"
+                f"`{name}`[{i}] must be a (sender, receiver) pair of names{read}, got {item!r}"
             )
     sets = [value] if one_set else value
     return [[(str(e[0]), str(e[1])) for e in edges] for edges in sets], not one_set
@@ -160,7 +161,9 @@ def edge_patching(
     kind = type(model.hf).__name__
     name = "circuit" if circuit is not None else "patch"
     sets, several = _edge_sets(circuit if circuit is not None else patch, name)
-    patched = _patched(g, sets, keep=circuit is not None)  # [C, U, R]
+    chosen = [_indices(g, edges) for edges in sets]  # per set: its edges' (sender, receiver)
+    # before the runs: a budget too small is refused before anything is computed
+    step = _plan(call, g, len(chosen))
 
     def run(
         embeds: torch.Tensor,
@@ -186,43 +189,52 @@ def edge_patching(
     delta, _ = _deltas(call, g, corrupted, clean, run)
     donors = full_precision(clean) + delta  # [U, B, L, H]: each sender's corrupted output
     del clean, delta
-    effects = _patched_effects(call, g, donors, patched, unpatched)  # [C, B, K]
+    keep = circuit is not None
+    effects = _patched_effects(call, g, donors, chosen, keep, unpatched, step)  # [C, B, K]
     if not bool(torch.isfinite(effects).all()):
         raise _not_finite(METHOD)
     values = effects.permute(1, 2, 0)  # [B, K, C]
-    counts = [len(set(s)) for s in sets]
+    counts = [c.shape[1] for c in chosen]
     return label_circuits(
         model, call.batch, values if several else values[..., 0], counts if several else None,
         call.options, METHOD, call.objective[0],
     )  # fmt: skip
 
 
-def _patched(g: Graph, sets: list[list[Edge]], keep: bool) -> torch.Tensor:
-    """``[C, U, R]`` bool: the edges each set patches (``keep``: every edge but the set's),
-    edges only; an OptionError naming a sender, receiver or edge the graph has not."""
+def _indices(g: Graph, edges: list[Edge]) -> torch.Tensor:
+    """``[2, E]``: the (sender, receiver) indices of a set's distinct edges; an OptionError
+    naming a sender, receiver or edge the graph has not."""
     senders = {name: i for i, (name, _, _) in enumerate(g.senders)}
     receivers = {name: i for i, (name, _, _, _) in enumerate(g.receivers())}
     exists = g.edges()
-    chosen = torch.zeros(len(sets), len(senders), len(receivers), dtype=torch.bool)
-    for c, edges in enumerate(sets):
-        for sender, receiver in edges:
-            u, v = senders.get(sender), receivers.get(receiver)
-            if u is None or v is None:
-                what, name, names = (
-                    ("sender", sender, list(senders)) if u is None
-                    else ("receiver", receiver, list(receivers))
-                )  # fmt: skip
-                raise OptionError(
-                    f"the edge ({sender!r}, {receiver!r}) has no {what} {name!r}: this model's "
-                    f"{what}s are {_some(names)}"
-                )
-            if not exists[u, v]:
-                raise OptionError(
-                    f"there is no edge ({sender!r}, {receiver!r}): {receiver!r} reads the "
-                    f"residual stream before {sender!r} writes to it, or beside it"
-                )
-            chosen[c, u, v] = True
-    return (exists[None] & ~chosen) if keep else chosen
+    found = set()
+    for sender, receiver in edges:
+        u, v = senders.get(sender), receivers.get(receiver)
+        if u is None or v is None:
+            what, name, names = (
+                ("sender", sender, list(senders)) if u is None
+                else ("receiver", receiver, list(receivers))
+            )  # fmt: skip
+            raise OptionError(
+                f"the edge ({sender!r}, {receiver!r}) has no {what} {name!r}: this model's "
+                f"{what}s are {_some(names)}"
+            )
+        if not exists[u, v]:
+            raise OptionError(
+                f"there is no edge ({sender!r}, {receiver!r}): {receiver!r} reads the "
+                f"residual stream before {sender!r} writes to it, or beside it"
+            )
+        found.add((u, v))
+    return torch.tensor(sorted(found), dtype=torch.long).reshape(-1, 2).T
+
+
+def _masks(g: Graph, chosen: list[torch.Tensor], keep: bool, device: torch.device) -> torch.Tensor:
+    """``[n, U, R]`` bool: the edges each of ``chosen``'s sets patches (``keep``: every edge but
+    the set's)."""
+    out = torch.zeros(len(chosen), len(g.senders), len(g.receivers()), dtype=torch.bool)
+    for c, (u, v) in enumerate(chosen):
+        out[c, u, v] = True
+    return ((g.edges()[None] & ~out) if keep else out).to(device)
 
 
 def _some(names: list[str]) -> str:
@@ -233,37 +245,60 @@ def _some(names: list[str]) -> str:
     )
 
 
-def _patched_effects(
-    call: Call, g: Graph, donors: torch.Tensor, patched: torch.Tensor, unpatched: torch.Tensor
-) -> torch.Tensor:
-    """``[C, B, K]``: each circuit's score less the clean run's, ``batch_size`` circuits a
-    stacked forward."""
+def _plan(call: Call, g: Graph, circuits: int) -> int:
+    """Copies of the batch (circuits) per forward, with the senders' outputs held through the
+    call (the clean, the corrupted, their difference and the donors, ``[U, B, L, H]`` each, at
+    full precision) counted first."""
     problem = call.problem
     t = problem.tensors
     x = problem.inputs[0]
-    u_all, batch, length, hidden = donors.shape
-    size = donors.element_size()  # full precision
-    circuits = patched.shape[0]
+    batch, length = t.ids.shape
+    hidden = x.shape[-1]
+    size = torch.finfo(full_precision(x).dtype).bits // 8
+    one = batch * length * hidden * size
+    u_all, r_all = len(g.senders), len(g.receivers())
+    problem.hold(
+        4 * u_all * one, "inputs", f"{batch} x {length} tokens",
+        f"{u_all} senders' outputs and donors",
+    )  # fmt: skip
     cost = problem.cost(saved=False)
     widest = max(sum(h for r in b.readers for _, h in r.parts) + 1 for b in g.blocks)
-    # a copy's senders' differences from their donors, and beside its forward one layer's
-    # receivers' inputs: their shifts, the shifted streams, and the norm's temporaries and output
-    per_copy = cost.per_point + (u_all + 5 * widest) * batch * length * hidden * size
-    held = donors.numel() * donors.element_size() + patched.numel()
-    fixed = cost.fixed + sum(problem.held) + held + circuits * batch * unpatched.shape[1] * 8
-    step = plan_forwards(
+    # a copy's edges patched, its senders' differences from their donors, and beside its
+    # forward one layer's receivers' inputs: their shifts, the shifted streams, and the norm's
+    # temporaries and output
+    per_copy = cost.per_point + u_all * r_all + (u_all + 5 * widest) * one
+    # the scores of the clean run and of every copy
+    fixed = cost.fixed + sum(problem.held) + (circuits + 1) * batch * t.valid.shape[1] * 8
+    return plan_forwards(
         circuits, call.options["batch_size"], per_copy, x.device, problem.max_memory, fixed
     )
+
+
+def _patched_effects(
+    call: Call,
+    g: Graph,
+    donors: torch.Tensor,
+    chosen: list[torch.Tensor],
+    keep: bool,
+    unpatched: torch.Tensor,
+    step: int,
+) -> torch.Tensor:
+    """``[C, B, K]``: each set's score less the clean run's, ``step`` sets a stacked forward."""
+    problem = call.problem
+    t = problem.tensors
+    x = problem.inputs[0]
+    batch = donors.shape[1]
     out = []
     with torch.no_grad():
-        for first in range(0, circuits, step):  # chunking only: bounds memory
+        for first in range(0, len(chosen), step):  # chunking only: bounds memory
             between_passes()
-            part = patched[first : first + step].to(x.device)
+            part = _masks(g, chosen[first : first + step], keep, x.device)
             n = part.shape[0]
             with _patching(g, donors, part, batch):
                 heads_in = problem.hidden_of(x, t.mask, None, t.ids, n)
             scores = problem.head_objective(heads_in).unflatten(0, (n, batch))
             out.append(full_precision(scores) - full_precision(unpatched)[None])
+            del part
     return torch.cat(out)
 
 
@@ -461,7 +496,7 @@ def top_edges(scores: xr.DataArray, n: int | Sequence[int]) -> Any:
             f"ax.edge_attribution_patching returns, got {type(scores).__name__}"
             + (f" with dims {scores.dims}" if isinstance(scores, xr.DataArray) else "")
         )
-    several = not isinstance(n, (int, np.integer))
+    several = isinstance(n, (list, tuple))
     sizes: list[Any] = list(cast("Sequence[int]", n)) if several else [n]
     other = [d for d in scores.dims if d not in ("sender", "receiver")]
     summed = scores.sum(other, skipna=True, min_count=1).transpose("sender", "receiver")

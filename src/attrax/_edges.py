@@ -256,6 +256,12 @@ def graph(model: Model, method: str = METHOD) -> Graph:
                 "latent attention has none)"
             )
         mlp_norm = mlp_norm or attn_norm
+        outer = named(block, ("mlp",))
+        if outer is not None and outer is not mlp and _inside(mlp, outer):
+            raise ModelError(
+                f"{where}: its `mlp` adds the residual stream to its own output (BLOOM's), so "
+                "what the MLP alone adds to the stream is no module's output"
+            )
         known = [attn_norm, mlp_norm, mlp, attention]
         _account(where, block, known, "block")
         _account(where, inner, [*(r.module for r in readers), out_proj], "attention", head_dim)

@@ -890,7 +890,7 @@ def _print_result(console: Console, da: xr.DataArray) -> None:
         _table(console, da)
     elif {"target", "sender", "receiver"} <= set(da.dims):
         _edges(console, da)
-    elif da.attrs.get("method") == "edge_patching":
+    elif da.attrs.get("method") == "edge_patching" and "target" in da.dims:
         _effects(console, da)
     else:
         sizes = ", ".join(f"{d}: {n}" for d, n in da.sizes.items())
