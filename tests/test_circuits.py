@@ -37,7 +37,7 @@ def _all_edges(da):
 
 # GPT-2 (fused c_attn), Llama (grouped keys and values), GPT-NeoX (parallel, each head's query,
 # key and value side by side), GPT-J (parallel on one norm), Falcon-40B (groups side by side)
-@pytest.mark.parametrize("arch", ["gpt2", "llama", "pythia", "gptj", "falcon-40b"])
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "pythia", "gptj", "falcon-40b", "opt"])
 def test_patching_one_edge_equals_patching_it_for_real(edges_models, arch):
     model = edges_models[arch]
     estimates = ax.edge_attribution_patching(model, CLEAN, TARGET, **KW)
@@ -62,7 +62,7 @@ def _logits_at_targets(model, text):
     return np.array([float(logits[p - 1, ids[0, p]]) for p in range(prompt, ids.shape[1])])
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama", "pythia", "gptj", "falcon"])
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "pythia", "gptj", "falcon", "opt-projected"])
 def test_keeping_no_edge_is_the_corrupted_run_and_keeping_all_the_clean_one(edges_models, arch):
     """With every edge patched each receiver reads the corrupted run's stream; with none, the
     clean run's: the two runs' logits, by plain forwards of the model."""

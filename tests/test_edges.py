@@ -53,7 +53,8 @@ def edges_models() -> dict[str, ax.Model]:
         built[arch] = ax.load_model(_large(full_double(llama_like(arch, tok))), tokenizer=tok)
     # GPT-NeoX: each head's query, key and value side by side, the MLP on its own norm beside
     # the attention (or after it)
-    for arch in ("pythia", "pythia-sequential"):
+    # OPT: its MLP no module (`fc1`, `fc2`), its positions flattened there; with project_in/out
+    for arch in ("pythia", "pythia-sequential", "opt", "opt-projected"):
         built[arch] = ax.load_model(full_double(neighbour(arch, tok)), tokenizer=tok)
     # Falcon-7B's multi-query heads on one norm, Falcon-40B's groups side by side on two
     for layout in ("falcon", "falcon-40b"):
@@ -82,6 +83,7 @@ def _parts(hf):
     norm (the first where the MLP reads it beside the attention), MLP), named by hand for
     GPT-2, GPT-Neo, GPT-J, GPT-NeoX, Falcon, and Llama's kin, Phi's and Cohere's."""
     base = getattr(hf, "transformer", None) or getattr(hf, "gpt_neox", None) or hf.model
+    base = getattr(base, "decoder", base)  # OPT's
     blocks = base.h if hasattr(base, "h") else base.layers
     config = hf.config
     heads = getattr(config, "num_attention_heads", None) or config.n_head
@@ -110,6 +112,12 @@ def _parts(hf):
             norm = getattr(b, "ln_attn", None) or b.input_layernorm
             mlp_norm = getattr(b, "ln_mlp", None) or getattr(b, "post_attention_layernorm", norm)
             out.append((b, norm, readers, attn.dense, mlp_norm, b.mlp))
+        elif hasattr(b, "self_attn_layer_norm"):  # OPT, BioGPT: `fc1` reads the norm, `fc2` adds
+            attn = b.self_attn
+            readers = [(attn.q_proj, [("q", heads)]), (attn.k_proj, [("k", heads)]),
+                       (attn.v_proj, [("v", heads)])]  # fmt: skip
+            out.append((b, b.self_attn_layer_norm, readers, attn.out_proj, b.final_layer_norm,
+                        b.fc2))  # fmt: skip
         else:
             attn = b.self_attn
             if hasattr(attn, "qkv_proj"):
@@ -183,7 +191,7 @@ def _nodes(model, embeds):
             only = torch.zeros_like(z)
             only[..., h * width : (h + 1) * width] = z[..., h * width : (h + 1) * width]
             nodes[f"a{layer}.h{h}"] = _project(proj, only)
-        nodes[f"m{layer}"] = seen[f"m{layer}"]
+        nodes[f"m{layer}"] = seen[f"m{layer}"].view_as(nodes["input"])  # OPT's: [B L, H]
     return nodes
 
 
@@ -203,7 +211,9 @@ def _edge_hook(model, receiver, shifted):
     _, norm, _, _, mlp_norm, mlp = blocks[layer]
     if receiver.startswith("m") and mlp_norm is not norm:
         return [
-            lambda: mlp_norm.register_forward_pre_hook(lambda _m, a: (a[0] + shifted(), *a[1:]))
+            lambda: mlp_norm.register_forward_pre_hook(
+                lambda _m, a: (a[0] + shifted().view_as(a[0]), *a[1:])
+            )
         ]
     if receiver.startswith("m"):  # one norm before both: the MLP reads it of the shifted stream
         kept = {}
@@ -374,7 +384,7 @@ def real_edges(model, da, clean, corrupted, target):
 @pytest.mark.parametrize(
     "arch",
     ["gpt2", "llama", "phi3", "qwen3", "gpt_bigcode", "gpt_bigcode-mha", "gptj", "pythia",
-     "falcon", "falcon-40b"],
+     "falcon", "falcon-40b", "opt", "opt-projected"],
 )  # fmt: skip
 def test_eap_equals_patching_each_edge_to_first_order(edges_models, arch):
     model = edges_models[arch]
@@ -402,7 +412,7 @@ def test_eap_ig_averages_the_gradient_along_the_inputs_path(edges_models, arch):
 @pytest.mark.parametrize(
     "arch",
     ["gpt2", "gpt_neo", "llama", "phi3", "qwen2", "qwen3", "mistral", "mixtral", "cohere",
-     "pythia-sequential"],
+     "pythia-sequential", "opt"],
 )  # fmt: skip
 def test_a_senders_edges_add_up_to_its_attribution_patching_estimate(edges_models, arch):
     """The residual stream is a sum: the gradient at a sender's output is the sum of its

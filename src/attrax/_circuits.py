@@ -253,7 +253,7 @@ def _plan(call: Call, g: Graph, circuits: int) -> int:
     t = problem.tensors
     x = problem.inputs[0]
     batch, length = t.ids.shape
-    hidden = x.shape[-1]
+    hidden = g.width
     size = torch.finfo(full_precision(x).dtype).bits // 8
     one = batch * length * hidden * size
     u_all, r_all = len(g.senders), len(g.receivers())
@@ -342,12 +342,12 @@ def _patching(g: Graph, donors: torch.Tensor, patched: torch.Tensor, batch: int)
         ))  # fmt: skip
         mlp_senders = g.before_mlp(layer)
         if b.shared:
-            handles.append(b.mlp.register_forward_pre_hook(
+            handles.append(b.reads.register_forward_pre_hook(
                 _on_shared_mlp(b, mlp_senders, mlp_column, stream, made)
             ))  # fmt: skip
         else:
             handles.append(b.mlp_norm.register_forward_pre_hook(
-                _on_mlp_input(mlp_senders, mlp_column, stream)
+                _on_mlp_input(mlp_senders, mlp_column, stream, n * batch)
             ))  # fmt: skip
         sender = (layer + 1) * (g.heads + 1)  # the MLP's: after the input and its heads
         handles.append(b.mlp.register_forward_hook(_on_mlp(sender, record)))
@@ -432,10 +432,18 @@ def _on_heads(
 
 
 def _on_mlp_input(
-    senders: int, column: int, stream: Callable[[torch.Tensor, int, slice], torch.Tensor]
+    senders: int,
+    column: int,
+    stream: Callable[[torch.Tensor, int, slice], torch.Tensor],
+    batch: int,
 ) -> Callable[..., tuple[Any, ...]]:
     def hook(_m: Any, args: tuple[Any, ...]) -> tuple[Any, ...]:
-        return (stream(args[0], senders, slice(column, column + 1))[0], *args[1:])
+        x = args[0]
+        flat = x.dim() == 2  # OPT's MLP reads its positions flattened, [n B L, H]
+        own = stream(
+            x.view(batch, -1, x.shape[-1]) if flat else x, senders, slice(column, column + 1)
+        )
+        return (own[0].view_as(x), *args[1:])
 
     return hook
 

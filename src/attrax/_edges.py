@@ -68,9 +68,12 @@ EDGES = Family(
 )
 
 #: a block's norm before its attention, and before its MLP (GPT-2's; Llama's and its kin's and
-#: GPT-NeoX's; Falcon-40B's). A block without the second runs its MLP on the first's output,
+#: GPT-NeoX's; Falcon-40B's; OPT's). A block without the second runs its MLP on the first's output,
 #: beside its attention (GPT-J, CodeGen, Phi, Cohere, Falcon-7B, parallel StableLM)
-NORMS = (("ln_1", "ln_2"), ("input_layernorm", "post_attention_layernorm"), ("ln_attn", "ln_mlp"))
+NORMS = (
+    ("ln_1", "ln_2"), ("input_layernorm", "post_attention_layernorm"), ("ln_attn", "ln_mlp"),
+    ("self_attn_layer_norm", "final_layer_norm"),  # OPT's and BioGPT's (pre-LN)
+)  # fmt: skip
 #: a block's attention module (GPT-NeoX's `attention`, Falcon's `self_attention`)
 ATTENTIONS = ("attn", "self_attn", "attention", "self_attention")
 #: config flags of blocks whose MLP reads the block's input beside the attention, each on its
@@ -120,6 +123,13 @@ class Block:
     mlp: torch.nn.Module
     #: the MLP reads the block's input, beside the attention, not the input plus its output
     parallel: bool = False
+    #: the module that reads the MLP's norm's output: the MLP, or OPT's `fc1` (its `fc2` adds)
+    mlp_in: torch.nn.Module | None = None
+
+    @property
+    def reads(self) -> torch.nn.Module:
+        """The module whose input is the MLP's, past its norm."""
+        return self.mlp_in or self.mlp
 
     @property
     def shared(self) -> bool:
@@ -136,6 +146,11 @@ class Graph:
     head_dim: int
     #: the method whose graph it is, for its errors
     method: str = METHOD
+
+    @property
+    def width(self) -> int:
+        """The residual stream's width (OPT's embeddings may be narrower, projected in)."""
+        return cast("int", _width(self.blocks[0].out_proj, "out"))
 
     @property
     def senders(self) -> list[tuple[str, int, int]]:
@@ -262,10 +277,12 @@ def graph(model: Model, method: str = METHOD) -> Graph:
                 f"{where}: its `mlp` adds the residual stream to its own output (BLOOM's), so "
                 "what the MLP alone adds to the stream is no module's output"
             )
-        known = [attn_norm, mlp_norm, mlp, attention]
+        # OPT's and BioGPT's MLP is no module: `fc1` reads the norm, `fc2` adds its output
+        mlp_in = named(block, ("fc1",)) if mlp is named(block, ("fc2",)) else None
+        known = [attn_norm, mlp_norm, mlp, attention, *([mlp_in] if mlp_in else [])]
         _account(where, block, known, "block")
         _account(where, inner, [*(r.module for r in readers), out_proj], "attention", head_dim)
-        found.append(Block(block, attn_norm, readers, out_proj, mlp_norm, mlp, parallel))
+        found.append(Block(block, attn_norm, readers, out_proj, mlp_norm, mlp, parallel, mlp_in))
     if len(head_dims) > 1:
         raise ModelError(
             f"{method}: {kind}'s layers differ in their heads' width ({sorted(head_dims)} for "
@@ -397,7 +414,7 @@ def _record(g: Graph, seen: dict[str, list[Any]]) -> list[Any]:
         handles.append(b.out_proj.register_forward_hook(keep("attn", layer, True)))
         handles.append(b.mlp_norm.register_forward_pre_hook(keep("mlp_norm", layer)))
         handles.append(b.mlp_norm.register_forward_hook(keep("mlp_in", layer, True)))
-        handles.append(b.mlp.register_forward_pre_hook(keep("mlp_out", layer)))
+        handles.append(b.reads.register_forward_pre_hook(keep("mlp_out", layer)))
         handles.append(b.mlp.register_forward_hook(keep("mlp", layer, True)))
     last = n - 1
     handles.append(g.blocks[last].block.register_forward_hook(_keep_out(seen)))
@@ -650,7 +667,7 @@ def hold_edges(call: Call, g: Graph) -> None:
     problem = call.problem
     t = problem.tensors
     batch, length = t.ids.shape
-    hidden = problem.inputs[0].shape[-1]
+    hidden = g.width
     size = torch.finfo(full_precision(problem.inputs[0]).dtype).bits // 8
     u_all, targets = len(g.senders), t.valid.shape[1]
     problem.hold(
@@ -699,7 +716,7 @@ def _pass(
             for r in b.readers:
                 handles.append(r.module.register_forward_hook(_adding(next(it))))
             # the MLP's own copy of the stream: its norm's input, or past a norm it shares
-            reads = b.mlp if b.shared else b.mlp_norm
+            reads = b.reads if b.shared else b.mlp_norm
             handles.append(reads.register_forward_pre_hook(_adding_input(next(it))))
             handles.append(b.attn_norm.register_forward_pre_hook(_keeping(norm_inputs, layer)))
         handles.append(g.blocks[-1].block.register_forward_hook(_adding(next(it))))
@@ -716,8 +733,8 @@ def _pass(
     zeros = []
     for b in g.blocks:
         zeros += [x.new_zeros(*shape, _width(r.module, "out") or 0) for r in b.readers]
-        zeros.append(x.new_zeros(*shape, x.shape[3]))
-    zeros.append(x.new_zeros(*shape, x.shape[3]))
+        zeros.append(x.new_zeros(*shape, delta.shape[3]))
+    zeros.append(x.new_zeros(*shape, delta.shape[3]))  # the stream's width, not the inputs'
     hidden, pullback, inputs = cast(
         "tuple[torch.Tensor, Callable[..., tuple[torch.Tensor, ...]], list[torch.Tensor]]",
         torch.func.vjp(forward, *zeros, has_aux=True),
@@ -816,7 +833,8 @@ def _adding(probe: torch.Tensor) -> Callable[..., Any]:
 
 def _adding_input(probe: torch.Tensor) -> Callable[..., Any]:
     def hook(_m: Any, args: tuple[Any, ...]) -> tuple[Any, ...]:
-        return (args[0] + probe, *args[1:])
+        # OPT's MLP reads its positions flattened, [B L, H]
+        return (args[0] + probe.view_as(args[0]), *args[1:])
 
     return hook
 
