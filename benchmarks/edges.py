@@ -17,6 +17,7 @@ input, ``autograd.grad`` per target, then each head's gradient pulled back throu
 and its rows of the projection, head by head. Parity (<= 1e-4 of the largest) before timing.
 
     PYTHONPATH=$PWD/src:$PWD python -m benchmarks.edges [--quick] [--repeats N] [--out FILE]
+    PYTHONPATH=$PWD/src:$PWD python -m benchmarks.edges --real-size [--out FILE]
 """
 
 from __future__ import annotations
@@ -212,13 +213,74 @@ def faithfulness(repeats: int = 1) -> dict[str, Any]:
     return row
 
 
+def real_size(n_prompt: int = 48, n_target: int = 8, singles: int = 64) -> dict[str, Any]:
+    """A Pythia-160M-shaped model (GPT-NeoX, 12 layers of 12 heads, 768 wide, parallel
+    residual; random weights on the tests' tokenizer) in float32, one thread: EAP's time, the
+    ``singles`` largest estimates' edges patched one a copy (their time, against a plain
+    forward of as many copies, and their correlation with the estimates per target), and a
+    sweep of top-n circuits."""
+    import transformers
+
+    from attrax.testing import corpus, tiny_model
+
+    _, tok = tiny_model("gpt2")
+    config = transformers.GPTNeoXConfig(
+        vocab_size=len(tok), hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+        intermediate_size=3072, rotary_pct=0.25, use_parallel_residual=True,
+        pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    hf = transformers.AutoModelForCausalLM.from_config(config).eval()
+    model = ax.load_model(hf, tokenizer=tok)
+    words = " ".join(corpus()).split()
+    prompt = " ".join(words[:n_prompt])
+    target = " " + " ".join(words[n_prompt : n_prompt + n_target])
+    kw = {"corrupted": " ".join(["x", *words[1:n_prompt]]), "objective": "logit"}
+    row: dict[str, Any] = {"model": "GPT-NeoX, 12 layers x 12 heads, 768 wide (Pythia-160M)"}
+    start = time.perf_counter()
+    eap = ax.edge_attribution_patching(model, prompt, target, **kw)
+    row["eap_seconds"] = round(time.perf_counter() - start, 2)
+    row["targets"], row["tokens"] = eap.sizes["target"], len(tok(prompt + target)["input_ids"])
+    row["edges"] = int(np.isfinite(eap.values[0]).sum())
+    top = ax.top_edges(eap, singles)
+    start = time.perf_counter()
+    real = ax.edge_patching(model, prompt, target, patch=[[e] for e in top], **kw)
+    row["singles"], row["singles_seconds"] = singles, round(time.perf_counter() - start, 2)
+    ids = torch.tensor([tok(prompt + target)["input_ids"]]).repeat(singles, 1)
+    start = time.perf_counter()
+    with torch.no_grad():
+        hf(input_ids=ids)
+    row["plain_forward_seconds"] = round(time.perf_counter() - start, 2)
+    estimates = np.stack([eap.sel(sender=s, receiver=r).values for s, r in top], -1)
+    row["eap_vs_real_pearson"] = [
+        round(float(np.corrcoef(estimates[k], real.values[k])[0, 1]), 3)
+        for k in range(estimates.shape[0])
+    ]
+    sizes = [0, 100, 1000, 10000, row["edges"]]
+    start = time.perf_counter()
+    sweep = ax.edge_patching(model, prompt, target, circuit=ax.top_edges(eap, sizes), **kw)
+    row["sweep_sizes"], row["sweep_seconds"] = sizes, round(time.perf_counter() - start, 2)
+    kept = (1 - sweep / sweep.sel(circuit=0)).median("target")
+    row["sweep_median_faithfulness"] = np.round(kept.values.astype(float), 3).tolist()
+    return row
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="16 + 8 tokens, 1 repeat")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", help="write the numbers as JSON")
+    parser.add_argument(
+        "--real-size", action="store_true", help="only the Pythia-160M-shaped run (real_size)"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
+    if args.real_size:
+        row = real_size()
+        print(row, flush=True)
+        components.write(args.out, {"real_size": row, "threads": 1})
+        return 0
     load_before = os.getloadavg()
     repeats = 1 if args.quick else args.repeats
     results: dict[str, Any] = {"faithfulness": faithfulness(repeats), "workloads": {}}

@@ -314,12 +314,17 @@ def _patching(g: Graph, donors: torch.Tensor, patched: torch.Tensor, batch: int)
     columns = _columns(g)
     made: dict[int, torch.Tensor] = {}
 
-    def stream(x: torch.Tensor, senders: int, cols: slice) -> torch.Tensor:
+    def stream(x: torch.Tensor, senders: int, cols: slice | torch.Tensor) -> torch.Tensor:
         """``[V, n * B, L, H]``: ``x`` less each receiver's patched edges' differences."""
         mask = patched[:, :senders, cols].to(diff.dtype)  # [n, u, V]
         d = diff[:senders].unflatten(1, (n, batch))  # [u, n, B, L, H]
         shift = torch.einsum("nuv,unbLH->vnbLH", mask, d).flatten(1, 2)
         return (full_precision(x)[None] - shift).to(x.dtype)
+
+    def touched(senders: int, cols: slice) -> torch.Tensor:
+        """The receivers of ``cols`` (indices into them) that some copy patches an edge into:
+        the others read the run's own stream, as the model computes it."""
+        return patched[:, :senders, cols].any(0).any(0).nonzero().squeeze(1)
 
     def record(index: int, value: torch.Tensor) -> None:
         # Llama 4's experts return [n B L, H]
@@ -333,26 +338,28 @@ def _patching(g: Graph, donors: torch.Tensor, patched: torch.Tensor, batch: int)
         before = g.before_attention(layer)
         readers, mlp_column = columns[layer]
         handles.append(b.attn_norm.register_forward_pre_hook(
-            _on_attention(b, readers, before, stream, made)
+            _on_attention(b, readers, before, stream, touched, made)
         ))  # fmt: skip
         for i, r in enumerate(b.readers):
-            handles.append(r.module.register_forward_hook(_giving(made, i)))
+            handles.append(r.module.register_forward_hook(_giving(r, made, i)))
         handles.append(b.out_proj.register_forward_pre_hook(
             _on_heads(g, b, 1 + layer * (g.heads + 1), record)
         ))  # fmt: skip
         mlp_senders = g.before_mlp(layer)
         if b.shared:
             handles.append(b.reads.register_forward_pre_hook(
-                _on_shared_mlp(b, mlp_senders, mlp_column, stream, made)
+                _on_shared_mlp(b, mlp_senders, mlp_column, stream, touched, made)
             ))  # fmt: skip
         else:
             handles.append(b.mlp_norm.register_forward_pre_hook(
-                _on_mlp_input(mlp_senders, mlp_column, stream, n * batch)
+                _on_mlp_input(mlp_senders, mlp_column, stream, touched, n * batch)
             ))  # fmt: skip
         sender = (layer + 1) * (g.heads + 1)  # the MLP's: after the input and its heads
         handles.append(b.mlp.register_forward_hook(_on_mlp(sender, record)))
     logits = slice(len(g.receivers()) - 1, len(g.receivers()))
-    handles.append(blocks[-1].block.register_forward_hook(_on_output(u_all, logits, stream)))
+    handles.append(
+        blocks[-1].block.register_forward_hook(_on_output(u_all, logits, stream, touched))
+    )
     with _hooked(handles):
         yield
 
@@ -364,15 +371,23 @@ def _on_input(record: Callable[[int, torch.Tensor], None]) -> Callable[..., None
     return hook
 
 
+#: what a copy's stream is made of: ``(x, senders, receivers)``; and which receivers of a
+#: range some copy patches an edge into
+Stream = Callable[[torch.Tensor, int, "slice | torch.Tensor"], torch.Tensor]
+Touched = Callable[[int, slice], torch.Tensor]
+
+
 def _on_attention(
     b: Block,
     readers: list[tuple[Reader, int]],
     before: int,
-    stream: Callable[[torch.Tensor, int, slice], torch.Tensor],
-    made: dict[int, torch.Tensor],
+    stream: Stream,
+    touched: Touched,
+    made: dict[int, Any],
 ) -> Callable[..., None]:
-    """At the attention's norm: each reader's output, each head's part of it read from that
-    head's own stream through the norm and its rows of the weight."""
+    """At the attention's norm: each reader's heads that some copy patches an edge into, read
+    from their own streams through the norm and their rows of the weight (``[n B, L, k, d]``,
+    in the parts' order, with the ``k`` heads' indices)."""
 
     def hook(_m: Any, args: tuple[Any, ...]) -> None:
         x = args[0]
@@ -380,14 +395,18 @@ def _on_attention(
             made[-1] = x
         for i, (r, column) in enumerate(readers):
             heads = sum(h for _, h in r.parts)
-            normed = b.attn_norm.forward(stream(x, before, slice(column, column + heads)))
-            weight = r.blocked(r.weight().T).T.to(x.dtype)  # [out, H], the parts' heads in order
-            per_head = torch.einsum(
-                "hbLH,hdH->bLhd", normed, weight.unflatten(0, (heads, -1))
-            ).flatten(-2)
-            out = _unblocked(r, per_head)
+            chosen = touched(before, slice(column, column + heads))
+            if not len(chosen):
+                made[i] = None
+                continue
+            normed = b.attn_norm.forward(stream(x, before, column + chosen))
+            # [out, H]: the parts' heads in order, the chosen heads' rows
+            weight = r.blocked(r.weight().T).T.to(x.dtype).unflatten(0, (heads, -1))[chosen]
+            per_head = torch.einsum("hbLH,hdH->bLhd", normed, weight)
             bias = getattr(r.module, "bias", None)
-            made[i] = out if bias is None else out + bias.to(out.dtype)
+            if bias is not None:
+                per_head = per_head + r.blocked(bias.to(x.dtype)).view(heads, -1)[chosen]
+            made[i] = (chosen, per_head)
 
     return hook
 
@@ -405,9 +424,17 @@ def _unblocked(r: Reader, t: torch.Tensor) -> torch.Tensor:
     ).flatten(-3)  # fmt: skip
 
 
-def _giving(made: dict[int, torch.Tensor], i: int) -> Callable[..., Any]:
-    def hook(_m: Any, _args: Any, output: Any) -> Any:
-        return made.pop(i)
+def _giving(r: Reader, made: dict[int, Any], i: int) -> Callable[..., Any]:
+    """The reader's output with the heads :func:`_on_attention` made in place of its own."""
+
+    def hook(_m: Any, _args: Any, output: torch.Tensor) -> Any:
+        given = made.pop(i)
+        if given is None:  # no copy patches an edge into these heads
+            return None
+        chosen, per_head = given
+        heads = sum(h for _, h in r.parts)
+        blocked = r.blocked(output).unflatten(-1, (heads, -1))
+        return _unblocked(r, blocked.index_copy(-2, chosen, per_head.to(output.dtype)).flatten(-2))
 
     return hook
 
@@ -432,12 +459,11 @@ def _on_heads(
 
 
 def _on_mlp_input(
-    senders: int,
-    column: int,
-    stream: Callable[[torch.Tensor, int, slice], torch.Tensor],
-    batch: int,
-) -> Callable[..., tuple[Any, ...]]:
-    def hook(_m: Any, args: tuple[Any, ...]) -> tuple[Any, ...]:
+    senders: int, column: int, stream: Stream, touched: Touched, batch: int
+) -> Callable[..., tuple[Any, ...] | None]:
+    def hook(_m: Any, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+        if not len(touched(senders, slice(column, column + 1))):
+            return None
         x = args[0]
         flat = x.dim() == 2  # OPT's MLP reads its positions flattened, [n B L, H]
         own = stream(
@@ -449,16 +475,14 @@ def _on_mlp_input(
 
 
 def _on_shared_mlp(
-    b: Block,
-    senders: int,
-    column: int,
-    stream: Callable[[torch.Tensor, int, slice], torch.Tensor],
-    made: dict[int, torch.Tensor],
-) -> Callable[..., tuple[Any, ...]]:
+    b: Block, senders: int, column: int, stream: Stream, touched: Touched, made: dict[int, Any]
+) -> Callable[..., tuple[Any, ...] | None]:
     """The MLP past a norm it shares with the attention: that norm of its own stream."""
 
-    def hook(_m: Any, args: tuple[Any, ...]) -> tuple[Any, ...]:
+    def hook(_m: Any, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
         x = made.pop(-1)
+        if not len(touched(senders, slice(column, column + 1))):
+            return None
         return (b.attn_norm.forward(stream(x, senders, slice(column, column + 1))[0]), *args[1:])
 
     return hook
@@ -471,10 +495,10 @@ def _on_mlp(sender: int, record: Callable[[int, torch.Tensor], None]) -> Callabl
     return hook
 
 
-def _on_output(
-    senders: int, column: slice, stream: Callable[[torch.Tensor, int, slice], torch.Tensor]
-) -> Callable[..., Any]:
+def _on_output(senders: int, column: slice, stream: Stream, touched: Touched) -> Callable[..., Any]:
     def hook(_m: Any, _args: Any, output: Any) -> Any:
+        if not len(touched(senders, column)):
+            return None
         moved = stream(_first(output), senders, column)[0]
         return (moved, *output[1:]) if isinstance(output, tuple) else moved
 
