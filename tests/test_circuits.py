@@ -37,7 +37,9 @@ def _all_edges(da):
 
 # GPT-2 (fused c_attn), Llama (grouped keys and values), GPT-NeoX (parallel, each head's query,
 # key and value side by side), GPT-J (parallel on one norm), Falcon-40B (groups side by side)
-@pytest.mark.parametrize("arch", ["gpt2", "llama", "pythia", "gptj", "falcon-40b", "opt"])
+@pytest.mark.parametrize(
+    "arch", ["gpt2", "llama", "pythia", "gptj", "falcon-40b", "opt", "granite"]
+)
 def test_patching_one_edge_equals_patching_it_for_real(edges_models, arch):
     model = edges_models[arch]
     estimates = ax.edge_attribution_patching(model, CLEAN, TARGET, **KW)

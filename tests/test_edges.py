@@ -46,8 +46,10 @@ def edges_models() -> dict[str, ax.Model]:
         hf, tok = tiny_model(arch)
         built[arch] = ax.load_model(full_double(hf), tokenizer=tok)
     _, tok = tiny_model("llama")
-    for arch in ("phi3", "qwen2", "qwen3", "mistral", "granite", "gemma2", "olmo2", "mixtral"):
+    for arch in ("phi3", "qwen2", "qwen3", "mistral", "gemma2", "olmo2", "mixtral"):
         built[arch] = ax.load_model(full_double(llama_like(arch, tok)), tokenizer=tok)
+    # Granite scales what each sublayer adds (residual_multiplier)
+    built["granite"] = ax.load_model(_large(full_double(llama_like("granite", tok))), tokenizer=tok)
     # attention and MLP side by side on one norm: GPT-J's, Phi's, Cohere's
     for arch in ("gptj", "phi", "cohere"):
         built[arch] = ax.load_model(_large(full_double(llama_like(arch, tok))), tokenizer=tok)
@@ -184,14 +186,16 @@ def _nodes(model, embeds):
     with torch.no_grad():
         _run(model, embeds, hooks)
     nodes = {"input": seen["input"]}
-    for layer, (_, _, _, proj, _, _) in enumerate(blocks):
+    for layer, (block, _, _, proj, _, _) in enumerate(blocks):
         z = seen[f"z{layer}"]
         width = z.shape[-1] // heads
+        scale = getattr(block, "residual_multiplier", 1.0)  # Granite's, on what its block adds
         for h in range(heads):
             only = torch.zeros_like(z)
             only[..., h * width : (h + 1) * width] = z[..., h * width : (h + 1) * width]
-            nodes[f"a{layer}.h{h}"] = _project(proj, only)
-        nodes[f"m{layer}"] = seen[f"m{layer}"].view_as(nodes["input"])  # OPT's: [B L, H]
+            nodes[f"a{layer}.h{h}"] = _project(proj, only) * scale
+        # OPT's: [B L, H]
+        nodes[f"m{layer}"] = seen[f"m{layer}"].view_as(nodes["input"]) * scale
     return nodes
 
 
@@ -384,7 +388,7 @@ def real_edges(model, da, clean, corrupted, target):
 @pytest.mark.parametrize(
     "arch",
     ["gpt2", "llama", "phi3", "qwen3", "gpt_bigcode", "gpt_bigcode-mha", "gptj", "pythia",
-     "falcon", "falcon-40b", "opt", "opt-projected"],
+     "falcon", "falcon-40b", "opt", "opt-projected", "granite"],
 )  # fmt: skip
 def test_eap_equals_patching_each_edge_to_first_order(edges_models, arch):
     model = edges_models[arch]
@@ -412,7 +416,7 @@ def test_eap_ig_averages_the_gradient_along_the_inputs_path(edges_models, arch):
 @pytest.mark.parametrize(
     "arch",
     ["gpt2", "gpt_neo", "llama", "phi3", "qwen2", "qwen3", "mistral", "mixtral", "cohere",
-     "pythia-sequential", "opt"],
+     "pythia-sequential", "opt", "granite"],
 )  # fmt: skip
 def test_a_senders_edges_add_up_to_its_attribution_patching_estimate(edges_models, arch):
     """The residual stream is a sum: the gradient at a sender's output is the sum of its
@@ -554,7 +558,6 @@ def test_the_labels(edges_models):
     [
         ("gemma2", "holds `pre_feedforward_layernorm`"),  # norms around the sublayers
         ("olmo2", "not a pre-norm block attrax knows"),  # its norms after, none before
-        ("granite", "not a pre-norm residual block"),  # residual_multiplier
     ],
 )
 def test_blocks_the_edges_do_not_describe_are_refused(edges_models, arch, why):
@@ -588,14 +591,17 @@ def test_a_parallel_blocks_mlp_reads_no_head_of_its_layer(edges_models):
 
 
 def test_a_residual_scale_is_refused_beside_a_huge_entry(edges_models):
-    """Granite scales what each sublayer adds: refused though one huge entry of the residual
-    stream (as trained models have) dwarfs the difference."""
+    """Granite's blocks scale what each sublayer adds by the multiplier they were built with: a
+    config that says another is refused, though one huge entry of the residual stream (as
+    trained models have) dwarfs the difference."""
     hf = edges_models["granite"].hf
     tok = edges_models["granite"].tokenizer
     huge = ax.load_model(llama_like("granite", tok), tokenizer=tok)  # float32
     ids = tok(CLEAN)["input_ids"]
     with torch.no_grad():
         huge.hf.get_input_embeddings().weight[ids[0], 0] = 1e4 / hf.config.embedding_multiplier
+    ax.edge_attribution_patching(huge, CLEAN, TARGET, **KW)  # as built: its scale accounted
+    huge.hf.config.residual_multiplier = 1.0
     with pytest.raises(ax.ModelError, match="the second norm reads the input plus"):
         ax.edge_attribution_patching(huge, CLEAN, TARGET, **KW)
 

@@ -355,7 +355,7 @@ def _patching(g: Graph, donors: torch.Tensor, patched: torch.Tensor, batch: int)
                 _on_mlp_input(mlp_senders, mlp_column, stream, touched, n * batch)
             ))  # fmt: skip
         sender = (layer + 1) * (g.heads + 1)  # the MLP's: after the input and its heads
-        handles.append(b.mlp.register_forward_hook(_on_mlp(sender, record)))
+        handles.append(b.mlp.register_forward_hook(_on_mlp(sender, record, b.scale)))
     logits = slice(len(g.receivers()) - 1, len(g.receivers()))
     handles.append(
         blocks[-1].block.register_forward_hook(_on_output(u_all, logits, stream, touched))
@@ -453,7 +453,7 @@ def _on_heads(
             w.unflatten(-1, (g.heads, g.head_dim)),
         )
         for h in range(g.heads):
-            record(first + h, per_head[h])
+            record(first + h, per_head[h] * b.scale)
 
     return hook
 
@@ -488,9 +488,11 @@ def _on_shared_mlp(
     return hook
 
 
-def _on_mlp(sender: int, record: Callable[[int, torch.Tensor], None]) -> Callable[..., None]:
+def _on_mlp(
+    sender: int, record: Callable[[int, torch.Tensor], None], scale: float
+) -> Callable[..., None]:
     def hook(_m: Any, _args: Any, output: Any) -> None:
-        record(sender, cast("torch.Tensor", _first(output)))
+        record(sender, cast("torch.Tensor", _first(output)) * scale)
 
     return hook
 

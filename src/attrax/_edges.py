@@ -125,6 +125,9 @@ class Block:
     parallel: bool = False
     #: the module that reads the MLP's norm's output: the MLP, or OPT's `fc1` (its `fc2` adds)
     mlp_in: torch.nn.Module | None = None
+    #: what the block scales the attention's and the MLP's outputs by as it adds them (Granite's
+    #: `residual_multiplier`)
+    scale: float = 1.0
 
     @property
     def reads(self) -> torch.nn.Module:
@@ -279,10 +282,15 @@ def graph(model: Model, method: str = METHOD) -> Graph:
             )
         # OPT's and BioGPT's MLP is no module: `fc1` reads the norm, `fc2` adds its output
         mlp_in = named(block, ("fc1",)) if mlp is named(block, ("fc2",)) else None
+        # the clean run checks the blocks add their sublayers' outputs times this
+        scale = getattr(config, "residual_multiplier", 1.0)
+        scale = float(scale) if isinstance(scale, (int, float)) else 1.0
         known = [attn_norm, mlp_norm, mlp, attention, *([mlp_in] if mlp_in else [])]
         _account(where, block, known, "block")
         _account(where, inner, [*(r.module for r in readers), out_proj], "attention", head_dim)
-        found.append(Block(block, attn_norm, readers, out_proj, mlp_norm, mlp, parallel, mlp_in))
+        found.append(
+            Block(block, attn_norm, readers, out_proj, mlp_norm, mlp, parallel, mlp_in, scale)
+        )
     if len(head_dims) > 1:
         raise ModelError(
             f"{method}: {kind}'s layers differ in their heads' width ({sorted(head_dims)} for "
@@ -445,7 +453,8 @@ def _check_blocks(g: Graph, seen: Mapping[str, list[Any]], kind: str) -> None:
     for layer, b in enumerate(g.blocks):
         x = seen["block"][layer]
         # each check: what the model made, and the terms it should be the sum of
-        attn, mlp = seen["attn"][layer], seen["mlp"][layer]
+        # what the block adds of each sublayer's output
+        attn, mlp = seen["attn"][layer] * b.scale, seen["mlp"][layer] * b.scale
         sums = {
             "the block's input is its first norm's": (seen["attn_norm"][layer], [x]),
             "the MLP reads the second norm's output": (
@@ -577,7 +586,7 @@ def _reads_values(r: Reader, returned: torch.Tensor, value: torch.Tensor, g: Gra
 
 def _senders(g: Graph, seen: Mapping[str, list[Any]]) -> torch.Tensor:
     """``[U, B, L, H]``: what each sender adds to the residual stream (the heads' each through
-    its rows of the output projection, without its bias)."""
+    its rows of the output projection, without its bias; times the block's scale)."""
     out = [seen["block"][0][None]]
     for layer, b in enumerate(g.blocks):
         z = seen["heads"][layer]  # [B, L, heads * head_dim]
@@ -587,7 +596,7 @@ def _senders(g: Graph, seen: Mapping[str, list[Any]]) -> torch.Tensor:
             z.unflatten(-1, (g.heads, g.head_dim)),
             w.unflatten(-1, (g.heads, g.head_dim)).to(z.dtype),
         )
-        out += [per_head, seen["mlp"][layer][None]]
+        out += [per_head * b.scale, seen["mlp"][layer][None] * b.scale]
     return torch.cat(out)
 
 
