@@ -18,7 +18,7 @@ import torch
 import attrax as ax
 from attrax.cli import main
 from attrax.testing import tiny_classifier, tiny_model
-from tests.test_components import full_double
+from tests.test_components import full_double, neighbour
 from tests.test_edges import CLEAN, CORRUPTED, KW, TARGET, edges_models, real_edges
 
 __all__ = ["edges_models"]  # the fixture, shared with tests/test_edges.py
@@ -53,6 +53,36 @@ def test_patching_one_edge_equals_patching_it_for_real(edges_models, arch):
     scale = np.abs(expected).max()
     assert scale > 1e-3
     np.testing.assert_allclose(got.values, expected, rtol=1e-6, atol=1e-9 * scale)
+
+
+@pytest.mark.parametrize("arch", ["pythia", "falcon-40b", "llama"])
+def test_one_edge_a_forward_remakes_only_its_head(edges_models, arch):
+    """One copy a forward: each layer remakes only the head (or MLP) its edge goes into and
+    keeps the model's own output for every other, in each of the projections' layouts."""
+    model = edges_models[arch]
+    estimates = ax.edge_attribution_patching(model, CLEAN, TARGET, **KW)
+    edges = _all_edges(estimates)[::7]  # every receiver kind, a few senders each
+    got = ax.edge_patching(model, CLEAN, TARGET, patch=[[e] for e in edges], batch_size=1, **KW)
+    want = real_edges(model, estimates, CLEAN, CORRUPTED, TARGET)
+    senders = {str(s): i for i, s in enumerate(estimates.sender.values)}
+    receivers = {str(r): i for i, r in enumerate(estimates.receiver.values)}
+    expected = np.stack([want[:, senders[s], receivers[r]] for s, r in edges], -1)
+    assert np.abs(expected).max() > 1e-3
+    np.testing.assert_allclose(got.values, expected, rtol=1e-6, atol=1e-9 * np.abs(expected).max())
+
+
+@pytest.mark.parametrize("arch", ["pythia", "opt"])
+def test_a_circuits_result_does_not_depend_on_the_others_in_its_forward(arch):
+    """In bfloat16 a remade head rounds otherwise than the model's projection: a copy that
+    patches no edge into it keeps the model's own, whichever copies share its forward."""
+    _, tok = tiny_model("gpt2")
+    model = ax.load_model(neighbour(arch, tok).to(torch.bfloat16), tokenizer=tok)
+    every = _all_edges(ax.edge_attribution_patching(model, CLEAN, TARGET, **KW))
+    circuits = [[], every, every[: len(every) // 2]]
+    together = ax.edge_patching(model, CLEAN, TARGET, circuit=circuits, **KW)
+    apart = ax.edge_patching(model, CLEAN, TARGET, circuit=circuits, batch_size=1, **KW)
+    np.testing.assert_array_equal(together.values, apart.values)
+    np.testing.assert_array_equal(together.sel(circuit=1).values, 0.0)
 
 
 def _logits_at_targets(model, text):
@@ -129,8 +159,9 @@ def test_circuits_batched_in_copies_equal_each_alone(edges_models):
     assert list(together.edges.values) == [3, 12, 40]
 
 
-def test_a_padded_batch_equals_each_example_alone(edges_models):
-    model = edges_models["llama"]
+@pytest.mark.parametrize("arch", ["llama", "opt"])
+def test_a_padded_batch_equals_each_example_alone(edges_models, arch):
+    model = edges_models[arch]
     inputs, corrupted = [CLEAN, "The capital is"], [CORRUPTED, "A capital is"]
     every = _all_edges(ax.edge_attribution_patching(model, CLEAN, TARGET, **KW))
     circuit = [e for e in every if not e[0].startswith("a0")]  # layer 0's heads patched

@@ -17,7 +17,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from transformers import AttentionInterface
+from transformers import AttentionInterface, AutoModelForCausalLM
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
 import attrax as ax
@@ -648,6 +648,25 @@ def test_a_linear_that_computes_otherwise_is_refused(where):
     setattr(attention, where, new)
     with pytest.raises(ax.ModelError, match="layer 1"):
         ax.edge_attribution_patching(ax.load_model(hf, tokenizer=tok), CLEAN, TARGET, **KW)
+
+
+def test_a_post_ln_opt_is_refused_before_the_model_runs(monkeypatch):
+    _, tok = tiny_model("gpt2")
+    from tests.test_components import CONFIGS
+
+    config = CONFIGS["opt"](len(tok))
+    config.do_layer_norm_before = False
+    torch.manual_seed(0)
+    model = ax.load_model(AutoModelForCausalLM.from_config(config), tokenizer=tok)
+
+    def boom(*args, **kwargs):
+        raise AssertionError("the model ran")
+
+    monkeypatch.setattr(model.hf, "forward", boom)
+    for method in (ax.edge_attribution_patching, ax.edge_patching):
+        extra = {} if method is ax.edge_attribution_patching else {"patch": []}
+        with pytest.raises(ax.ModelError, match="is post-LN"):
+            method(model, CLEAN, TARGET, **KW, **extra)
 
 
 def test_other_models_are_refused():

@@ -322,9 +322,9 @@ def _patching(g: Graph, donors: torch.Tensor, patched: torch.Tensor, batch: int)
         return (full_precision(x)[None] - shift).to(x.dtype)
 
     def touched(senders: int, cols: slice) -> torch.Tensor:
-        """The receivers of ``cols`` (indices into them) that some copy patches an edge into:
-        the others read the run's own stream, as the model computes it."""
-        return patched[:, :senders, cols].any(0).any(0).nonzero().squeeze(1)
+        """``[n, V]``: whether each copy patches an edge into each receiver of ``cols``; a
+        receiver no copy does reads the run's own stream, as the model computes it."""
+        return patched[:, :senders, cols].any(1)
 
     def record(index: int, value: torch.Tensor) -> None:
         # Llama 4's experts return [n B L, H]
@@ -371,8 +371,8 @@ def _on_input(record: Callable[[int, torch.Tensor], None]) -> Callable[..., None
     return hook
 
 
-#: what a copy's stream is made of: ``(x, senders, receivers)``; and which receivers of a
-#: range some copy patches an edge into
+#: what a copy's stream is made of: ``(x, senders, receivers)``; and, per copy, which receivers
+#: of a range it patches an edge into
 Stream = Callable[[torch.Tensor, int, "slice | torch.Tensor"], torch.Tensor]
 Touched = Callable[[int, slice], torch.Tensor]
 
@@ -395,7 +395,8 @@ def _on_attention(
             made[-1] = x
         for i, (r, column) in enumerate(readers):
             heads = sum(h for _, h in r.parts)
-            chosen = touched(before, slice(column, column + heads))
+            copies = touched(before, slice(column, column + heads))  # [n, heads]
+            chosen = copies.any(0).nonzero().squeeze(1)
             if not len(chosen):
                 made[i] = None
                 continue
@@ -406,7 +407,9 @@ def _on_attention(
             bias = getattr(r.module, "bias", None)
             if bias is not None:
                 per_head = per_head + r.blocked(bias.to(x.dtype)).view(heads, -1)[chosen]
-            made[i] = (chosen, per_head)
+            # the copies that patch no edge into a remade head keep the model's own output
+            # there, as in a forward of their own
+            made[i] = (chosen, per_head, copies[:, chosen])
 
     return hook
 
@@ -431,10 +434,13 @@ def _giving(r: Reader, made: dict[int, Any], i: int) -> Callable[..., Any]:
         given = made.pop(i)
         if given is None:  # no copy patches an edge into these heads
             return None
-        chosen, per_head = given
+        chosen, per_head, copies = given
         heads = sum(h for _, h in r.parts)
         blocked = r.blocked(output).unflatten(-1, (heads, -1))
-        return _unblocked(r, blocked.index_copy(-2, chosen, per_head.to(output.dtype)).flatten(-2))
+        rows = copies.repeat_interleave(output.shape[0] // copies.shape[0], 0)  # [n B, k]
+        own = blocked.index_select(-2, chosen)
+        merged = torch.where(rows[:, None, :, None], per_head.to(output.dtype), own)
+        return _unblocked(r, blocked.index_copy(-2, chosen, merged).flatten(-2))
 
     return hook
 
@@ -462,7 +468,7 @@ def _on_mlp_input(
     senders: int, column: int, stream: Stream, touched: Touched, batch: int
 ) -> Callable[..., tuple[Any, ...] | None]:
     def hook(_m: Any, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
-        if not len(touched(senders, slice(column, column + 1))):
+        if not bool(touched(senders, slice(column, column + 1)).any()):
             return None
         x = args[0]
         flat = x.dim() == 2  # OPT's MLP reads its positions flattened, [n B L, H]
@@ -481,7 +487,7 @@ def _on_shared_mlp(
 
     def hook(_m: Any, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
         x = made.pop(-1)
-        if not len(touched(senders, slice(column, column + 1))):
+        if not bool(touched(senders, slice(column, column + 1)).any()):
             return None
         return (b.attn_norm.forward(stream(x, senders, slice(column, column + 1))[0]), *args[1:])
 
@@ -499,7 +505,7 @@ def _on_mlp(
 
 def _on_output(senders: int, column: slice, stream: Stream, touched: Touched) -> Callable[..., Any]:
     def hook(_m: Any, _args: Any, output: Any) -> Any:
-        if not len(touched(senders, column)):
+        if not bool(touched(senders, column).any()):
             return None
         moved = stream(_first(output), senders, column)[0]
         return (moved, *output[1:]) if isinstance(output, tuple) else moved

@@ -244,6 +244,11 @@ def graph(model: Model, method: str = METHOD) -> Graph:
         attention = named(block, ATTENTIONS)
         width = _width(out_proj, "in")
         where = f"{method}: {kind}'s layer {layer}"
+        if getattr(config, "do_layer_norm_before", True) is False:
+            raise ModelError(
+                f"{where} is post-LN (do_layer_norm_before=False, OPT-350m's: its norms follow "
+                "the attention and the MLP): no edges attrax can score"
+            )
         if attn_norm is None:
             raise ModelError(
                 f"{where} is not a pre-norm block attrax knows: no norm "
@@ -487,8 +492,9 @@ def _check_blocks(g: Graph, seen: Mapping[str, list[Any]], kind: str) -> None:
                 raise ModelError(
                     f"{g.method}: {kind}'s layer {layer} is not a pre-norm residual block as the "
                     f"edges assume ({'parallel' if b.parallel else 'sequential'} attention and "
-                    f"MLP; {what}: it does not); norms on the attention's or MLP's "
-                    "output and residual scales have no edges attrax can score"
+                    f"MLP; {what}: it does not); norms on the attention's or MLP's output, and "
+                    "residual scales other than the config's `residual_multiplier`, have no "
+                    "edges attrax can score"
                 )
 
 
