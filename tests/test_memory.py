@@ -897,28 +897,39 @@ def test_the_measured_peak_stays_within_the_budget(
     assert bounded["peak"] <= budget, (bounded["peak"] / 2**20, budget / 2**20)
 
 
+# the edges' methods: against a corrupted prompt of as many tokens (its warm-up's too)
+_EDGES_WARM = '" ".join(words[:3]), " d e", corrupted=" ".join(["x"] + words[1:3])'
+
+
+def _edges_peaks(peak_above_start, method: str, options: str, warm: str, budget: int):
+    """``method``'s peaks above its start without a budget and under ``budget``."""
+    code = _BUDGET_MODEL.replace(
+        "def warm():", "bad = ' '.join(['x'] + words[1:100])\ndef warm():"
+    ).replace("ax.{method}(model, {warm}, {options})", "ax.{method}(model, {warm})")
+    return (
+        peak_above_start(
+            code.format(
+                method=method,
+                options=", ".join(filter(None, ["corrupted=bad", options, extra])),
+                config="",
+                warm=warm,
+                cast="",
+            )
+        )
+        for extra in ("", f"max_memory={budget}")
+    )
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(("options", "budget"), [("", 150 << 20), ("steps=16", 150 << 20)])
 def test_edge_attribution_patchings_measured_peak_stays_within_the_budget(
     peak_above_start, options, budget
 ):
-    """EAP and EAP-IG (16 points, made a pass at a time) on the same model and input, against
-    a corrupted prompt of as many tokens: 207-252 and 814-847 MiB without a budget, 55-59 and
-    56-65 MiB under 150 MiB when measured (2026-12-07)."""
-    code = _BUDGET_MODEL.replace(
-        "def warm():", "bad = ' '.join(['x'] + words[1:100])\ndef warm():"
-    ).replace("ax.{method}(model, {warm}, {options})", "ax.{method}(model, {warm})")
-    free, bounded = (
-        peak_above_start(
-            code.format(
-                method="edge_attribution_patching",
-                options=", ".join(filter(None, ["corrupted=bad", options, extra])),
-                config="",
-                warm='" ".join(words[:3]), " d e", corrupted=" ".join(["x"] + words[1:3])',
-                cast="",
-            )
-        )
-        for extra in ("", f"max_memory={budget}")
+    """EAP and EAP-IG (16 points, made a pass at a time) on the same model and input: 207-252
+    and 814-847 MiB without a budget, 55-59 and 56-65 MiB under 150 MiB when measured
+    (2026-12-07)."""
+    free, bounded = _edges_peaks(
+        peak_above_start, "edge_attribution_patching", options, _EDGES_WARM, budget
     )
     assert free["peak"] > budget, "the workload must need more than the budget unbounded"
     assert bounded["peak"] <= budget, (bounded["peak"] / 2**20, budget / 2**20)
@@ -926,24 +937,11 @@ def test_edge_attribution_patchings_measured_peak_stays_within_the_budget(
 
 @pytest.mark.slow
 def test_edge_patchings_measured_peak_stays_within_the_budget(peak_above_start):
-    """32 circuits, a copy of the batch each, against a corrupted prompt of as many tokens;
-    measured (2026-12-07): 303-329 MiB without a budget, 66-91 MiB under 150 MiB."""
+    """32 circuits, a copy of the batch each; measured (2026-12-07): 303-329 MiB without a
+    budget, 66-91 MiB under 150 MiB."""
     budget = 150 << 20
-    code = _BUDGET_MODEL.replace(
-        "def warm():", "bad = ' '.join(['x'] + words[1:100])\ndef warm():"
-    ).replace("ax.{method}(model, {warm}, {options})", "ax.{method}(model, {warm})")
-    free, bounded = (
-        peak_above_start(
-            code.format(
-                method="edge_patching",
-                options=", ".join(["corrupted=bad", "circuit=[[]] * 32", *extra]),
-                config="",
-                warm='" ".join(words[:3]), " d e", corrupted=" ".join(["x"] + words[1:3]), '
-                "patch=[]",
-                cast="",
-            )
-        )
-        for extra in ([], [f"max_memory={budget}"])
+    free, bounded = _edges_peaks(
+        peak_above_start, "edge_patching", "circuit=[[]] * 32", _EDGES_WARM + ", patch=[]", budget
     )
     mib = 2**20
     print(f"unbounded {free['peak'] / mib:.0f} MiB, bounded {bounded['peak'] / mib:.0f} MiB")

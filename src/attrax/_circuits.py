@@ -27,20 +27,15 @@ from ._edges import (
     Block,
     Graph,
     Reader,
-    _check_blocks,
-    _check_values,
     _columns,
     _corrupted_input,
-    _deltas,
     _first,
     _hooked,
     _not_finite,
-    _record,
-    _senders,
     graph,
+    runs,
 )
 from ._errors import InputError, OptionError
-from ._heads import record_calls
 from ._memory import between_passes, full_precision, plan_forwards
 from ._protocol import Call, Family
 from ._schema import label_circuits
@@ -156,37 +151,12 @@ def edge_patching(
     """
     model = call.model
     g = graph(model, METHOD)
-    problem = call.problem
-    t = problem.tensors
-    kind = type(model.hf).__name__
     name = "circuit" if circuit is not None else "patch"
     sets, several = _edge_sets(circuit if circuit is not None else patch, name)
     chosen = [_indices(g, edges) for edges in sets]  # per set: its edges' (sender, receiver)
     # before the runs: a budget too small is refused before anything is computed
     step = _plan(call, g, len(chosen))
-
-    def run(
-        embeds: torch.Tensor,
-        mask: torch.Tensor,
-        seen: dict[str, list[Any]],
-        types: torch.Tensor | None = None,
-        ids: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        with _hooked(_record(g, seen)):
-            hidden = problem.hidden_of(embeds, mask, types, ids)
-        _check_blocks(g, seen, kind)
-        return hidden
-
-    clean_embeds = problem.inputs[0]
-    seen: dict[str, list[Any]] = {}
-    with torch.no_grad():
-        unpatched = problem.head_objective(run(clean_embeds, t.mask, seen))
-    calls = record_calls(problem, [], "edges", clean_embeds, t.mask).calls
-    g = _check_values(g, calls or {}, seen, kind)
-    del calls
-    clean = _senders(g, seen)
-    del seen
-    delta, _ = _deltas(call, g, corrupted, clean, run)
+    g, clean, delta, _, unpatched = runs(call, g, corrupted)
     donors = full_precision(clean) + delta  # [U, B, L, H]: each sender's corrupted output
     del clean, delta
     keep = circuit is not None

@@ -864,6 +864,42 @@ def _keeping(kept: list[Any], layer: int) -> Callable[..., Any]:
 # --- the method ------------------------------------------------------------------------------
 
 
+def runs(
+    call: Call, g: Graph, corrupted: Any
+) -> tuple[Graph, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """The clean run, its blocks checked, and the corrupted one: ``g`` with its fused readers'
+    layouts (read from the clean run's values), the clean senders' outputs ``[U, B, L, H]``,
+    the corrupted ones less them (full precision, zero on padding), the corrupted input's
+    embeddings (None for an ablation), and the clean run's scores ``[B, K]``."""
+    problem = call.problem
+    t = problem.tensors
+    kind = type(call.model.hf).__name__
+
+    def run(
+        embeds: torch.Tensor,
+        mask: torch.Tensor,
+        seen: dict[str, list[Any]],
+        types: torch.Tensor | None = None,
+        ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        with _hooked(_record(g, seen)):
+            hidden = problem.hidden_of(embeds, mask, types, ids)
+        _check_blocks(g, seen, kind)
+        return hidden
+
+    clean_embeds = problem.inputs[0]
+    seen: dict[str, list[Any]] = {}
+    with torch.no_grad():
+        scores = problem.head_objective(run(clean_embeds, t.mask, seen))
+    calls = record_calls(problem, [], "edges", clean_embeds, t.mask).calls
+    g = _check_values(g, calls or {}, seen, kind)
+    del calls
+    clean = _senders(g, seen)
+    del seen
+    delta, corrupt_embeds = _deltas(call, g, corrupted, clean, run)
+    return g, clean, delta, corrupt_embeds, scores
+
+
 def _corrupted_input(value: object, name: str) -> None:
     if isinstance(value, GaussianNoise):
         raise OptionError(
@@ -948,31 +984,9 @@ def edge_attribution_patching(
     model = call.model
     g = graph(model)
     problem = call.problem
-    t = problem.tensors
-    kind = type(model.hf).__name__
-
-    def run(
-        embeds: torch.Tensor,
-        mask: torch.Tensor,
-        seen: dict[str, list[Any]],
-        types: torch.Tensor | None = None,
-        ids: torch.Tensor | None = None,
-    ) -> None:
-        with _hooked(_record(g, seen)):
-            problem.hidden_of(embeds, mask, types, ids)
-        _check_blocks(g, seen, kind)
-
     hold_edges(call, g)  # before the runs that make them: a refusal, not an exhausted device
     clean_embeds = problem.inputs[0]
-    seen: dict[str, list[Any]] = {}
-    with torch.no_grad():
-        run(clean_embeds, t.mask, seen)
-    calls = record_calls(problem, [], "edges", clean_embeds, t.mask).calls
-    g = _check_values(g, calls or {}, seen, kind)
-    del calls
-    clean = _senders(g, seen)
-    del seen
-    delta, corrupt_embeds = _deltas(call, g, corrupted, clean, run)
+    g, clean, delta, corrupt_embeds, _ = runs(call, g, corrupted)
     del clean
     if steps is None:
         weights = torch.ones(1, dtype=torch.float64)
