@@ -8,7 +8,8 @@ the norm of the shifted stream, that head's query, key or value swapped in, as t
 code hands them to its attention function); the Spearman correlation of EAP's and EAP-IG's
 estimates with those effects, per target, over the edges. The same effects from
 ``ax.edge_patching``, every edge alone a copy of the batch in one call (parity, then time against
-the loop), and the share of the clean run's lead that EAP's and EAP-IG's top-n circuits keep.
+the loop), and the share of the clean run's lead that EAP's and EAP-IG's top-n circuits keep
+(the n largest estimates, or grown greedily from the logits).
 
 Speed, on W1 and W1-llama (``components.py``'s: 4 layers, 4 heads, 256 wide, 32 + 32 tokens):
 against what a hook-based implementation runs, one backward per target (Hanna et al.'s EAP-IG
@@ -207,9 +208,11 @@ def faithfulness(repeats: int = 1) -> dict[str, Any]:
     sizes = [0, 5, 10, 20, 40]
     row["circuit_sizes"] = sizes
     for name, da in (("eap", eap), ("eap_ig", ig)):
-        effects = ax.edge_patching(model, clean, target, circuit=ax.top_edges(da, sizes), **kw)
-        kept = 1 - effects / effects.sel(circuit=0)
-        row[f"{name}_circuit_faithfulness"] = np.round(kept.values.T.astype(float), 3).tolist()
+        for how, greedy in (("", False), ("_greedy", True)):
+            chosen = ax.top_edges(da, sizes, greedy=greedy)
+            effects = ax.edge_patching(model, clean, target, circuit=chosen, **kw)
+            kept = (1 - effects / effects.sel(circuit=0)).values.T.astype(float)
+            row[f"{name}{how}_circuit_faithfulness"] = np.round(kept, 3).tolist()
     return row
 
 

@@ -198,6 +198,56 @@ def test_top_edges_ranks_the_summed_estimates_by_size(edges_models):
     assert len(ax.top_edges(scores, len(ranked))) == len(ranked)
 
 
+def _naive_greedy(scores, n):
+    """Hanna et al.'s greedy circuit, by scanning every edge a step: the edge of largest
+    absolute summed estimate whose receiver is the logits or an input of a node (head, MLP) an
+    edge already chosen leaves; ties in the scores' order."""
+    summed = np.nansum(scores.values, axis=0)
+    real = np.isfinite(scores.values[0])
+    senders = [str(x) for x in scores.sender.values]
+    receivers = [str(x) for x in scores.receiver.values]
+    heads = 1 + max(int(x.split(".h")[1]) for x in senders if x.startswith("a"))
+    kv = 1 + max(int(x.split(".h")[1].split("<")[0]) for x in receivers if x.endswith("<k>"))
+
+    def nodes_of(receiver):  # the senders whose input the receiver is
+        if receiver == "logits":
+            return None
+        if receiver.startswith("m"):
+            return {receiver}
+        layer, head = receiver[1:].split("<")[0].split(".h")
+        if receiver.endswith("<q>"):
+            return {f"a{layer}.h{head}"}
+        return {f"a{layer}.h{h}" for h in range(heads) if h // (heads // kv) == int(head)}
+
+    joined, chosen = set(), []
+    while len(chosen) < n:
+        best = None
+        for u, sender in enumerate(senders):
+            for v, receiver in enumerate(receivers):
+                if not real[u, v] or (sender, receiver) in chosen:
+                    continue
+                into = nodes_of(receiver)
+                if into is not None and not into & joined:
+                    continue
+                if best is None or abs(summed[u, v]) > abs(summed[best]):
+                    best = (u, v)
+        chosen.append((senders[best[0]], receivers[best[1]]))
+        joined.add(senders[best[0]])
+    return chosen
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_greedy_circuits_grow_from_the_logits(edges_models, arch):
+    model = edges_models[arch]  # Llama: 4 query heads over 2 key/value heads
+    scores = ax.edge_attribution_patching(model, CLEAN, TARGET, **KW)
+    for n in (1, 12, 40):
+        assert ax.top_edges(scores, n, greedy=True) == _naive_greedy(scores, n)
+    every = len(_all_edges(scores))
+    grown = ax.top_edges(scores, [3, every], greedy=True)
+    assert grown[0] == grown[1][:3] and sorted(grown[1]) == sorted(_all_edges(scores))
+    assert ax.top_edges(scores, 3, greedy=True) != ax.top_edges(scores, 3)  # a search of its own
+
+
 @pytest.mark.parametrize(
     ("options", "match"),
     [

@@ -16,6 +16,7 @@ are as many copies as circuits.
 from __future__ import annotations
 
 import contextlib
+import heapq
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, cast
 
@@ -483,7 +484,7 @@ def _on_output(senders: int, column: slice, stream: Stream, touched: Touched) ->
     return hook
 
 
-def top_edges(scores: xr.DataArray, n: int | Sequence[int]) -> Any:
+def top_edges(scores: xr.DataArray, n: int | Sequence[int], *, greedy: bool = False) -> Any:
     """The ``n`` edges of largest absolute estimate, each ``(sender, receiver)``: circuits for
     :func:`edge_patching`.
 
@@ -492,6 +493,10 @@ def top_edges(scores: xr.DataArray, n: int | Sequence[int]) -> Any:
             ``sender`` and ``receiver`` (targets, examples) before ranking; ties keep its order
             (senders, then receivers).
         n: how many edges; or a list of such numbers, one list of edges each.
+        greedy: grow each circuit from the logits instead (Hanna et al. 2024's greedy search):
+            each step adds the edge of largest absolute estimate among those into the circuit,
+            into the logits or into a head or MLP one of its edges leaves, so that no edge is
+            cut from the output by the patched ones around it.
 
     >>> import attrax as ax
     >>> model = ax.load_model()
@@ -499,6 +504,8 @@ def top_edges(scores: xr.DataArray, n: int | Sequence[int]) -> Any:
     ...     model, "1 2 3 =", " 3 2 1", corrupted="1 2 4 =", objective="logit")
     >>> len(ax.top_edges(scores, 5)), [len(c) for c in ax.top_edges(scores, [1, 3])]
     (5, [1, 3])
+    >>> ax.top_edges(scores, 1, greedy=True)[0][1]
+    'logits'
     """
     if not isinstance(scores, xr.DataArray) or not {"sender", "receiver"} <= set(scores.dims):
         raise InputError(
@@ -523,6 +530,8 @@ def top_edges(scores: xr.DataArray, n: int | Sequence[int]) -> Any:
                 f"`n` must be a whole number of edges from 0 to {len(order)} (the edges "
                 f"`scores` has), or a list of them; got {size!r}"
             )
+    if greedy:
+        order = np.asarray(_grown(summed, values, max(sizes, default=0)), dtype=np.int64)
     senders = [str(s) for s in summed.sender.values]
     receivers = [str(r) for r in summed.receiver.values]
     width = len(receivers)
@@ -530,3 +539,59 @@ def top_edges(scores: xr.DataArray, n: int | Sequence[int]) -> Any:
         [(senders[i // width], receivers[i % width]) for i in order[: int(size)]] for size in sizes
     ]
     return picked if several else picked[0]
+
+
+def _grown(summed: xr.DataArray, values: np.ndarray, n: int) -> list[int]:
+    """The first ``n`` edges (flat indices into ``values``, ``[U, R]`` absolute estimates, NaN
+    where none) of a circuit grown from the logits: each the largest into the logits or into a
+    node (head, MLP) the circuit's edges already leave; ties in the scores' order."""
+    layer, head = summed.sender_layer.values, summed.sender_head.values
+    names = [str(s) for s in summed.sender.values]
+    width = values.shape[1]
+    heads = int(head.max()) + 1 if len(head) else 0
+    # each receiver: the senders whose input it is (a key/value head's: its group's queries)
+    kv: dict[int, int] = {}  # per layer: its key/value heads
+    for r_layer, part, r_head in zip(summed.receiver_layer.values, summed.receiver_input.values,
+                                     summed.receiver_head.values, strict=True):  # fmt: skip
+        if part == "k":
+            kv[int(r_layer)] = max(kv.get(int(r_layer), 0), int(r_head) + 1)
+    feeds: dict[int, list[int]] = {}  # sender -> the receivers that are its inputs
+    for v, (r_layer, part, r_head) in enumerate(zip(
+        summed.receiver_layer.values, summed.receiver_input.values, summed.receiver_head.values,
+        strict=True,
+    )):  # fmt: skip
+        for u in range(len(names)):
+            if layer[u] != r_layer or names[u] == "input":
+                continue
+            if part == "mlp":
+                ok = head[u] == -1
+            elif part == "q":
+                ok = head[u] == r_head
+            elif part in ("k", "v"):
+                ok = head[u] >= 0 and head[u] // (heads // kv[int(r_layer)]) == r_head
+            else:
+                ok = False
+            if ok:
+                feeds.setdefault(u, []).append(v)
+    candidates: list[tuple[float, int]] = []
+    opened: set[int] = set()
+
+    def open_receiver(v: int) -> None:
+        if v in opened:
+            return
+        opened.add(v)
+        for u in np.flatnonzero(np.isfinite(values[:, v])):
+            heapq.heappush(candidates, (-values[u, v], int(u) * width + v))
+
+    open_receiver(width - 1)  # the logits
+    joined: set[int] = set()
+    out: list[int] = []
+    while candidates and len(out) < n:
+        _, edge = heapq.heappop(candidates)
+        out.append(edge)
+        u = edge // width
+        if u not in joined:
+            joined.add(u)
+            for v in feeds.get(u, []):
+                open_receiver(v)
+    return out
