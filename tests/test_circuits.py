@@ -17,7 +17,7 @@ import torch
 
 import attrax as ax
 from attrax.cli import main
-from attrax.testing import tiny_classifier, tiny_model
+from attrax.testing import save_tiny_model, tiny_classifier, tiny_model
 from tests.test_components import full_double, neighbour
 from tests.test_edges import CLEAN, CORRUPTED, KW, TARGET, edges_models, real_edges
 
@@ -282,10 +282,7 @@ def test_top_edges_refuses_what_it_cannot_rank(edges_models):
 
 
 def test_the_cli_patches_the_edges_given(tmp_path, capsys):
-    hf, tok = tiny_model("gpt2")
-    path = tmp_path / "model"
-    hf.save_pretrained(path)
-    tok.save_pretrained(path)
+    path = save_tiny_model("gpt2", tmp_path / "model")
     out = tmp_path / "patched.nc"
     code = main([
         "attribute", "--method", "edge_patching", "--model", str(path), "--input", CLEAN,
@@ -341,10 +338,7 @@ def test_a_budget_too_small_is_refused_before_the_model_runs(edges_models, monke
 
 
 def test_the_cli_prints_a_reduction_without_targets(tmp_path, capsys):
-    hf, tok = tiny_model("gpt2")
-    path = tmp_path / "model"
-    hf.save_pretrained(path)
-    tok.save_pretrained(path)
+    path = save_tiny_model("gpt2", tmp_path / "model")
     code = main([
         "attribute", "--method", "edge_patching", "--model", str(path), "--input", CLEAN,
         "--target", TARGET, "-o", f"corrupted={json.dumps(CORRUPTED)}", "-o",

@@ -22,7 +22,7 @@ from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
 import attrax as ax
 from attrax.cli import main
-from attrax.testing import tiny_classifier, tiny_model
+from attrax.testing import save_tiny_model, tiny_classifier, tiny_model
 from tests.test_components import (
     CORRUPTED,
     SOURCE,
@@ -695,10 +695,7 @@ def test_bad_options_are_clear_errors(edges_models, options, match):
 
 
 def test_the_cli_writes_the_edges(tmp_path, capsys):
-    hf, tok = tiny_model("gpt2")
-    path = tmp_path / "model"
-    hf.save_pretrained(path)
-    tok.save_pretrained(path)
+    path = save_tiny_model("gpt2", tmp_path / "model")
     out = tmp_path / "edges.nc"
     code = main([
         "attribute", "--method", "edge_attribution_patching", "--model", str(path), "--input",
