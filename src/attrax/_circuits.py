@@ -34,6 +34,7 @@ from ._edges import (
     _hooked,
     _not_finite,
     graph,
+    heads_added,
     runs,
 )
 from ._errors import InputError, OptionError
@@ -422,15 +423,8 @@ def _on_heads(
     """At the output projection: each head's output through its rows of it (no bias)."""
 
     def hook(_m: Any, args: tuple[Any, ...]) -> None:
-        z = args[0]
-        w = Reader(b.out_proj, ()).weight().to(z.dtype)
-        per_head = torch.einsum(
-            "blhd,Hhd->hblH",
-            z.unflatten(-1, (g.heads, g.head_dim)),
-            w.unflatten(-1, (g.heads, g.head_dim)),
-        )
-        for h in range(g.heads):
-            record(first + h, per_head[h] * b.scale)
+        for h, added in enumerate(heads_added(g, b, args[0])):
+            record(first + h, added)
 
     return hook
 

@@ -595,15 +595,21 @@ def _senders(g: Graph, seen: Mapping[str, list[Any]]) -> torch.Tensor:
     its rows of the output projection, without its bias; times the block's scale)."""
     out = [seen["block"][0][None]]
     for layer, b in enumerate(g.blocks):
-        z = seen["heads"][layer]  # [B, L, heads * head_dim]
-        w = Reader(b.out_proj, ()).weight()  # [H, heads * head_dim]
-        per_head = torch.einsum(
-            "blhd,Hhd->hblH",
-            z.unflatten(-1, (g.heads, g.head_dim)),
-            w.unflatten(-1, (g.heads, g.head_dim)).to(z.dtype),
-        )
-        out += [per_head * b.scale, seen["mlp"][layer][None] * b.scale]
+        out += [heads_added(g, b, seen["heads"][layer]), seen["mlp"][layer][None] * b.scale]
     return torch.cat(out)
+
+
+def heads_added(g: Graph, b: Block, z: torch.Tensor) -> torch.Tensor:
+    """``[heads, B, L, H]``: what each head adds to the stream from its output ``z`` (``[B, L,
+    heads * head_dim]``, the output projection's input): through its rows of the projection,
+    without its bias, times the block's scale."""
+    w = Reader(b.out_proj, ()).weight()  # [H, heads * head_dim]
+    per_head = torch.einsum(
+        "blhd,Hhd->hblH",
+        z.unflatten(-1, (g.heads, g.head_dim)),
+        w.unflatten(-1, (g.heads, g.head_dim)).to(z.dtype),
+    )
+    return per_head * b.scale
 
 
 def _deltas(
