@@ -71,6 +71,9 @@ SIZES: dict[str, dict[str, Any]] = {
     "activation_patching": {"layers": 0, "heads": 0},
     # a sweep of 16 circuits (each keeping no edge here: the sizes are the same), a copy each
     "edge_patching": {"circuit": 16},
+    # every layer's 4 nodes and every target a copy of the batch: a pass's tensors are the same
+    # at any number of nodes
+    "knowledge_neurons": {"steps": 4},
 }
 # per workload: C2's PGD at 10 steps took over 38 min without a budget on 2 cores, L1's over 13 in
 # float32; a step's passes are the same at any step count, so fewer steps measure the same peak.

@@ -38,6 +38,12 @@ if ! "$VENV/bin/python" -c 'import importlib.metadata as m, sys; sys.exit(m.vers
     "${PIP[@]}" install --no-deps "interpreto==0.5.2"
 fi
 
+# 3c. EleutherAI's knowledge-neurons 0.0.2 (benchmarks/neurons.py), --no-deps: its metadata pulls
+#     seaborn, and an unpinned torch and transformers; it imports einops (attrax's) and tqdm.
+if ! "$VENV/bin/python" -c 'import importlib.metadata as m, sys; sys.exit(m.version("knowledge-neurons") != "0.0.2")' 2>/dev/null; then
+    "${PIP[@]}" install --no-deps "knowledge-neurons==0.0.2"
+fi
+
 # 4. attrax itself (editable) so both sides run in the same process; its deps that are missing.
 "${PIP[@]}" install -e "$REPO"
 

@@ -875,3 +875,21 @@ def test_the_decompx_reference_table_is_rendered_from_its_record():
     assert all(v <= record["tolerance"] for got in record["results"].values() for v in got.values())
     block = f"{decompx_ref.BEGIN}\n{decompx_ref.render(record)}\n{decompx_ref.END}"
     assert block in decompx_ref.DOC.read_text()
+
+
+def test_knowledge_neurons_equal_eleuthers_on_a_tiny_bert():
+    """benchmarks/neurons.py's three identities against EleutherAI's knowledge-neurons, on a
+    tiny masked LM; a wrong layer order fails them."""
+    pytest.importorskip("knowledge_neurons")  # the bench venv's (benchmarks/setup_bench_env.sh)
+    from benchmarks import neurons
+
+    from attrax.testing import tiny_classifier
+
+    hf, tok = tiny_classifier("bert", "fill-mask")
+    model = ax.load_model(hf, tokenizer=tok)
+    kn = neurons.eleuther(hf, tok)
+    text, token = "the capital of [MASK] is paris", "paris"
+    assert max(neurons.parity(model, kn, text, token).values()) <= 1e-4
+    ours = neurons.ours(model, text, token, steps=1, quadrature="riemann_left")[0]
+    theirs = neurons.their_scores(kn, text, token, 1)
+    assert np.abs(ours[::-1] - theirs).max() > 1e-3 * np.abs(theirs).max()

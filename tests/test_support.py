@@ -209,6 +209,7 @@ GROUPS: dict[str, list[Call]] = {
     "LRP": [_run("lrp", rule="attnlrp"), _run("lrp", rule="cp-lrp")],
     "layer sites": [_run("saliency", layers=0, site=site) for site in ("attention", "mlp")],
     "layer neurons": [_run("saliency", layers=0, site="neurons")],
+    "knowledge neurons": [_run("knowledge_neurons", layers=0, steps=1)],
     "perturbation": [_run(name) for name in PERTURBATIONS],
     "attention": [_run("attention"), _run("rollout")],
     "attention \u00d7 gradient": [_run("attention_x_gradient"), _run("head_attribution")],

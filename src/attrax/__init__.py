@@ -64,6 +64,7 @@ if TYPE_CHECKING:
     from ._mixing import value_zeroing as value_zeroing
     from ._model import Model as Model
     from ._model import load_model as load_model
+    from ._neurons import knowledge_neurons as knowledge_neurons
     from ._objectives import logit as logit
     from ._objectives import logprob as logprob
     from ._objectives import probability as probability

@@ -34,7 +34,8 @@ DIMS: dict[str, str] = {
     "layer": "a layer of the model (attention maps; the residual stream, or a block's site, with "
     "`layers=`)",
     "head": "an attention head",
-    "neuron": "an MLP neuron: an input of the MLP's output projection (site='neurons')",
+    "neuron": "an MLP neuron: an input of the MLP's output projection (site='neurons'; "
+    "knowledge_neurons)",
     "sender": "edge_attribution_patching: a node that writes to the residual stream",
     "receiver": "edge_attribution_patching: a node that reads the residual stream",
     "circuit": "edge_patching: one set of edges given (`circuit=` or `patch=` as a list of "
@@ -76,7 +77,8 @@ COORDS: dict[str, str] = {
     "contrast_id": "token id of the contrast token of each target",
     "contrast_token": "token string of the contrast token of each target",
     "component": "direct_logit_attribution: 'attention' for a head, 'mlp' for the MLP at head=-1",
-    "completeness_gap": "integrated gradients: sum of attributions minus f(x) - f(baseline)",
+    "completeness_gap": "integrated gradients: sum of attributions minus f(x) - f(baseline) "
+    "(knowledge_neurons: per layer, the neurons' sum minus F(a) - F(0))",
     "stopped": "reagent: how many probes met the stopping rule (0: none within `max_steps`, and the "
     "scores are every probe's mean)",
     "sender_layer": "edge_attribution_patching: the sender's layer (-1: the input)",
@@ -349,6 +351,30 @@ def label_circuits(
         coords["circuit"] = np.arange(len(edges))
         coords["edges"] = ("circuit", np.asarray(edges, dtype=np.int64))
     attrs = run_attrs(model, method, objective, options)
+    return _build(data, dims, coords, method, attrs, batch.single)
+
+
+def label_neurons(
+    model: Model,
+    batch: Batch,
+    values: torch.Tensor,
+    gaps: torch.Tensor,
+    layers: Sequence[int],
+    options: Mapping[str, Any],
+    method: str,
+    objective: str,
+) -> xr.DataArray:
+    """Neuron scores ``[B, K, layer, neuron]`` and each layer's completeness gap ``[B, K,
+    layer]`` -> ``([example,] target, layer, neuron)`` with ``completeness_gap`` ``([example,]
+    target, layer)``, targets as :func:`label`."""
+    targets, row_of, coords = target_coordinates(model, batch)
+    data = _by_target(batch, to_host(values), row_of, len(targets))
+    gap = _by_target(batch, to_host(gaps), row_of, len(targets))
+    coords["layer"] = np.asarray(layers, dtype=np.int64)
+    coords["neuron"] = np.arange(data.shape[-1])
+    coords["completeness_gap"] = (("example", "target", "layer"), gap)
+    attrs = run_attrs(model, method, objective, options)
+    dims = ["example", "target", "layer", "neuron"]
     return _build(data, dims, coords, method, attrs, batch.single)
 
 

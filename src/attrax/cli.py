@@ -559,6 +559,7 @@ def _attribute(args: argparse.Namespace) -> int:
     no_source = {
         "edge_attribution_patching": "(target, sender, receiver) edges",
         "edge_patching": "(target[, circuit]) effects",
+        "knowledge_neurons": "(target, layer, neuron) scores",
     }
     if args.method in no_source and (args.html or args.png):
         raise OptionError(
@@ -889,7 +890,9 @@ def _print_result(console: Console, da: xr.DataArray) -> None:
     if {"target", "source"} <= set(da.dims) <= {"example", "target", "source"}:
         _table(console, da)
     elif {"target", "sender", "receiver"} <= set(da.dims):
-        _edges(console, da)
+        _ranked(console, da, ("sender", "receiver"), "{} → {}")
+    elif {"target", "layer", "neuron"} <= set(da.dims) and "source" not in da.dims:
+        _ranked(console, da, ("layer", "neuron"), "layer {} neuron {}")
     elif da.attrs.get("method") == "edge_patching" and "target" in da.dims:
         _effects(console, da)
     else:
@@ -897,22 +900,25 @@ def _print_result(console: Console, da: xr.DataArray) -> None:
         console.print(f"result dims ({sizes}); reduce to (target, source) to see a table")
 
 
-def _edges(console: Console, da: xr.DataArray, top: int = 10) -> None:
-    """Each target's ``top`` edges by size (edge attribution patching), example by example."""
+def _ranked(
+    console: Console, da: xr.DataArray, dims: tuple[str, str], entry: str, top: int = 10
+) -> None:
+    """Each target's ``top`` entries over ``dims`` by size (edges of edge attribution patching,
+    a layer's neurons of knowledge neurons), example by example."""
     if "example" in da.dims:
         for example in range(da.sizes["example"]):
             console.print(f"example {example}")
-            _edges(console, da.isel(example=example), top)
+            _ranked(console, da.isel(example=example), dims, entry, top)
         return
     for target in da["target"].values:
-        one = da.sel(target=target).stack(edge=["sender", "receiver"]).dropna("edge")
+        one = da.sel(target=target).stack(entry=list(dims)).dropna("entry")
         if not one.size:  # a target this example does not have (a batch's padding)
             continue
         ranked = one.sortby(abs(one), ascending=False)[:top]
         token = da["target_token"].sel(target=target).item() if "target_token" in da.coords else ""
         console.print(f"target {target} {_escape(repr(token)) if token else ''}".rstrip())
-        for (sender, receiver), value in zip(ranked["edge"].values, ranked.values, strict=True):
-            console.print(f"  {sender} → {receiver}: {value:+.4g}")
+        for pair, value in zip(ranked["entry"].values, ranked.values, strict=True):
+            console.print(f"  {entry.format(*pair)}: {value:+.4g}")
 
 
 def _effects(console: Console, da: xr.DataArray) -> None:
