@@ -282,7 +282,7 @@ LABEL = {
     "attention_norm": "attention norm", "decompx": "DecompX",
     "activation_patching": "activation patching",
     "edge_attribution_patching": "edge attribution patching",
-    "edge_patching": "edge patching",
+    "edge_patching": "edge patching", "knowledge_neurons": "knowledge neurons",
 }  # fmt: skip
 
 
