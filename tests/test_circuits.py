@@ -198,18 +198,15 @@ def test_top_edges_ranks_the_summed_estimates_by_size(edges_models):
     assert len(ax.top_edges(scores, len(ranked))) == len(ranked)
 
 
-def _naive_greedy(scores, n):
-    """Hanna et al.'s greedy circuit, by scanning every edge a step: the edge of largest
-    absolute summed estimate whose receiver is the logits or an input of a node (head, MLP) an
-    edge already chosen leaves; ties in the scores' order."""
-    summed = np.nansum(scores.values, axis=0)
-    real = np.isfinite(scores.values[0])
+def _nodes_of(scores):
+    """``nodes_of(receiver)``: the senders whose input the receiver is (None: the logits), read
+    from the names alone."""
     senders = [str(x) for x in scores.sender.values]
     receivers = [str(x) for x in scores.receiver.values]
     heads = 1 + max(int(x.split(".h")[1]) for x in senders if x.startswith("a"))
     kv = 1 + max(int(x.split(".h")[1].split("<")[0]) for x in receivers if x.endswith("<k>"))
 
-    def nodes_of(receiver):  # the senders whose input the receiver is
+    def nodes_of(receiver):
         if receiver == "logits":
             return None
         if receiver.startswith("m"):
@@ -219,6 +216,18 @@ def _naive_greedy(scores, n):
             return {f"a{layer}.h{head}"}
         return {f"a{layer}.h{h}" for h in range(heads) if h // (heads // kv) == int(head)}
 
+    return nodes_of
+
+
+def _naive_greedy(scores, n):
+    """Hanna et al.'s greedy circuit, by scanning every edge a step: the edge of largest
+    absolute summed estimate whose receiver is the logits or an input of a node (head, MLP) an
+    edge already chosen leaves; ties in the scores' order."""
+    summed = np.nansum(scores.values, axis=0)
+    real = np.isfinite(scores.values[0])
+    senders = [str(x) for x in scores.sender.values]
+    receivers = [str(x) for x in scores.receiver.values]
+    nodes_of = _nodes_of(scores)
     joined, chosen = set(), []
     while len(chosen) < n:
         best = None
@@ -246,6 +255,55 @@ def test_greedy_circuits_grow_from_the_logits(edges_models, arch):
     grown = ax.top_edges(scores, [3, every], greedy=True)
     assert grown[0] == grown[1][:3] and sorted(grown[1]) == sorted(_all_edges(scores))
     assert ax.top_edges(scores, 3, greedy=True) != ax.top_edges(scores, 3)  # a search of its own
+
+
+def _on_a_path(scores, edges):
+    """The edges that lie on a path of ``edges`` from the input to the logits: a depth-first
+    search from each edge's receiver to the logits and back from its sender to the input."""
+    nodes_of = _nodes_of(scores)
+
+    def to_logits(node, seen=()):
+        for s, r in edges:
+            if s == node and (r == "logits" or any(
+                w not in seen and to_logits(w, (*seen, w)) for w in nodes_of(r)
+            )):  # fmt: skip
+                return True
+        return False
+
+    def from_input(node, seen=()):
+        if node == "input":
+            return True
+        return any(
+            node in (nodes_of(r) or ()) and s not in seen and from_input(s, (*seen, s))
+            for s, r in edges
+        )
+
+    return [
+        (s, r) for s, r in edges
+        if from_input(s) and (r == "logits" or any(to_logits(w) for w in nodes_of(r)))
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_connected_circuits_keep_the_edges_on_a_path_and_their_effect(edges_models, arch):
+    """``connected=True`` keeps the edges a search of the test's own finds on an input-to-logits
+    path, and edge patching gives the pruned circuit exactly the whole one's effect."""
+    model = edges_models[arch]
+    scores = ax.edge_attribution_patching(model, CLEAN, TARGET, **KW)
+    pruned_some = False
+    for greedy in (False, True):
+        whole = ax.top_edges(scores, [4, 10, 30], greedy=greedy)
+        kept = ax.top_edges(scores, [4, 10, 30], greedy=greedy, connected=True)
+        for full, part in zip(whole, kept, strict=True):
+            assert part == _on_a_path(scores, full)
+            pruned_some |= len(part) < len(full)
+        effects = ax.edge_patching(
+            model, CLEAN, TARGET, corrupted=CORRUPTED, objective="logit", circuit=whole + kept
+        )
+        np.testing.assert_allclose(effects.values[:, :3], effects.values[:, 3:], atol=1e-5)
+    assert pruned_some  # the test can tell
+    with pytest.raises(ax.OptionError, match="`connected`"):
+        ax.top_edges(scores, 3, connected="yes")
 
 
 @pytest.mark.parametrize(

@@ -478,7 +478,9 @@ def _on_output(senders: int, column: slice, stream: Stream, touched: Touched) ->
     return hook
 
 
-def top_edges(scores: xr.DataArray, n: int | Sequence[int], *, greedy: bool = False) -> Any:
+def top_edges(
+    scores: xr.DataArray, n: int | Sequence[int], *, greedy: bool = False, connected: bool = False
+) -> Any:
     """The ``n`` edges of largest absolute estimate, each ``(sender, receiver)``: circuits for
     :func:`edge_patching`.
 
@@ -491,6 +493,11 @@ def top_edges(scores: xr.DataArray, n: int | Sequence[int], *, greedy: bool = Fa
             each step adds the edge of largest absolute estimate among those into the circuit,
             into the logits or into a head or MLP one of its edges leaves, so that no edge is
             cut from the output by the patched ones around it.
+        connected: keep only the chosen edges on a path of chosen edges from the input to the
+            logits (a circuit may then hold fewer than ``n``). The others change nothing that
+            :func:`edge_patching` measures: a head or MLP no chosen path reaches reads the
+            corrupted run's inputs and writes its corrupted output, and one that reaches no
+            output through chosen edges writes only where the patched run does not read.
 
     >>> import attrax as ax
     >>> model = ax.load_model()
@@ -524,24 +531,55 @@ def top_edges(scores: xr.DataArray, n: int | Sequence[int], *, greedy: bool = Fa
                 f"`n` must be a whole number of edges from 0 to {len(order)} (the edges "
                 f"`scores` has), or a list of them; got {size!r}"
             )
+    if not isinstance(connected, bool):
+        raise OptionError(f"`connected` must be True or False, got {connected!r}")
+    feeds = _feeds(summed)
     if greedy:
-        order = np.asarray(_grown(summed, values, max(sizes, default=0)), dtype=np.int64)
+        order = np.asarray(_grown(summed, values, max(sizes, default=0), feeds), dtype=np.int64)
     senders = [str(s) for s in summed.sender.values]
     receivers = [str(r) for r in summed.receiver.values]
     width = len(receivers)
-    picked = [
-        [(senders[i // width], receivers[i % width]) for i in order[: int(size)]] for size in sizes
-    ]
+    chosen = [[int(i) for i in order[: int(size)]] for size in sizes]
+    if connected:
+        chosen = [_connected(edges, feeds, senders, width) for edges in chosen]
+    picked = [[(senders[i // width], receivers[i % width]) for i in edges] for edges in chosen]
     return picked if several else picked[0]
 
 
-def _grown(summed: xr.DataArray, values: np.ndarray, n: int) -> list[int]:
-    """The first ``n`` edges (flat indices into ``values``, ``[U, R]`` absolute estimates, NaN
-    where none) of a circuit grown from the logits: each the largest into the logits or into a
-    node (head, MLP) the circuit's edges already leave; ties in the scores' order."""
+def _connected(
+    edges: list[int], feeds: dict[int, list[int]], senders: list[str], width: int
+) -> list[int]:
+    """The ``edges`` (flat indices, ``[U, R]``) on a path of ``edges`` from the input to the
+    logits (the last receiver), in their order."""
+    owners: dict[int, list[int]] = {}  # receiver -> the senders whose input it is
+    for u, inputs in feeds.items():
+        for v in inputs:
+            owners.setdefault(v, []).append(u)
+    pairs = [(i // width, i % width) for i in edges]
+    reached = {senders.index("input")} if "input" in senders else set()
+    for _ in pairs:  # a path has at most as many edges as there are: the sets stop growing
+        more = {w for u, v in pairs if u in reached for w in owners.get(v, [])} - reached
+        if not more:
+            break
+        reached |= more
+    alive: set[int] = set()  # senders with a path of edges to the logits
+
+    def leads_out(v: int) -> bool:
+        return v == width - 1 or any(w in alive for w in owners.get(v, []))
+
+    for _ in pairs:
+        more = {u for u, v in pairs if leads_out(v)} - alive
+        if not more:
+            break
+        alive |= more
+    return [i for i, (u, v) in zip(edges, pairs, strict=True) if u in reached and leads_out(v)]
+
+
+def _feeds(summed: xr.DataArray) -> dict[int, list[int]]:
+    """Each sender's inputs: the receivers (indices) it reads, a key/value head's receiver for
+    each query head of its group."""
     layer, head = summed.sender_layer.values, summed.sender_head.values
     names = [str(s) for s in summed.sender.values]
-    width = values.shape[1]
     heads = int(head.max()) + 1 if len(head) else 0
     # each receiver: the senders whose input it is (a key/value head's: its group's queries)
     kv: dict[int, int] = {}  # per layer: its key/value heads
@@ -567,6 +605,17 @@ def _grown(summed: xr.DataArray, values: np.ndarray, n: int) -> list[int]:
                 ok = False
             if ok:
                 feeds.setdefault(u, []).append(v)
+    return feeds
+
+
+def _grown(
+    summed: xr.DataArray, values: np.ndarray, n: int, feeds: dict[int, list[int]]
+) -> list[int]:
+    """The first ``n`` edges (flat indices into ``values``, ``[U, R]`` absolute estimates, NaN
+    where none) of a circuit grown from the logits: each the largest into the logits or into a
+    node (head, MLP) the circuit's edges already leave (``feeds``: :func:`_feeds`); ties in the
+    scores' order."""
+    width = values.shape[1]
     candidates: list[tuple[float, int]] = []
     opened: set[int] = set()
 
