@@ -15,6 +15,7 @@ import torch
 
 import attrax as ax
 from attrax.testing import tiny_classifier, tiny_model
+from tests.conftest import tiny_mixtral
 
 # the MLP's output projection, whose input is its neurons, per architecture; {} is the block
 DOWN = {
@@ -235,23 +236,86 @@ def test_batched_and_padded_equal_alone_and_chunks_change_nothing():
     np.testing.assert_allclose(small.values, both.values, atol=1e-10, equal_nan=True)
 
 
-def test_positions_and_contrast():
+def test_positions_and_a_contrast_are_the_difference_of_two_targets():
+    """The scores are linear in the objective: a logit difference's are the target's less the
+    contrast token's, each scored as a target of its own at the same position."""
     model = ax.load_model()
     kn = ax.knowledge_neurons(model, "1 2 3 =", " 3 2 1", steps=2, positions=[-1])
     assert kn.target.values.tolist() == [6]
-    full = ax.knowledge_neurons(model, "1 2 3 =", " 3 2 1", steps=2, objective="logit")
-    versus = ax.knowledge_neurons(
-        model, "1 2 3 =", " 3 2 1", steps=2, objective="logit", contrast=" 1 2 3"
+    kw = {"steps": 2, "objective": "logit"}
+    mine = ax.knowledge_neurons(model, "1 2 3 =", " 3 2 1", **kw)
+    other = ax.knowledge_neurons(model, "1 2 3 =", " 1 2 3", **kw)
+    versus = ax.knowledge_neurons(model, "1 2 3 =", " 3 2 1", contrast=" 1 2 3", **kw)
+    assert versus.contrast_token.values.tolist() == ["1", "2", "3"]
+    # the contrast's tokens at the target positions: the first one is read at the same position
+    np.testing.assert_allclose(
+        versus.isel(target=0).values, (mine - other).isel(target=0).values, atol=1e-5
     )
-    assert "contrast_token" in versus.coords
-    assert not np.allclose(full.values, versus.values)
+    assert np.abs(other.isel(target=0).values).max() > 1e-3
 
 
-def test_bfloat16_runs_and_is_finite():
+def test_a_decoder_classifier_scales_its_last_real_token():
+    """GPT-2's classifier pools the last token that is not padding; a padded batch."""
+    hf, tok = tiny_classifier("gpt2", num_labels=3)
+    model = ax.load_model(hf.double(), tokenizer=tok)
+    texts = ["a fine day out there", "the plot"]
+    kn = ax.knowledge_neurons(model, texts, "label_1", steps=2)
+    for b, text in enumerate(texts):
+        ids = tok(text, return_tensors="pt").input_ids
+
+        def score(out):
+            return torch.softmax(out.logits[0], -1)[1]
+
+        loop = Loop(model.hf, DOWN["gpt2"], ids, score)
+        want = loop.scores(kn.layer.values, ids.shape[1] - 1, [0.5, 1.0], [0.5, 0.5])
+        np.testing.assert_allclose(kn.isel(example=b, target=0).values, want, atol=1e-10)
+
+
+def test_a_token_classifier_scales_each_token():
+    hf, tok = tiny_classifier("bert", "token", num_labels=3)
+    model = ax.load_model(hf.double(), tokenizer=tok)
+    text = "a fine day out there"
+    kn = ax.knowledge_neurons(model, text, "label_2", steps=2, positions=[1, 3])
+    enc = tok(text, return_tensors="pt")
+    for position in (1, 3):
+
+        def score(out, position=position):
+            return torch.softmax(out.logits[0, position], -1)[2]
+
+        loop = Loop(model.hf, DOWN["bert"], enc.input_ids, score, token_type_ids=enc.token_type_ids)
+        want = loop.scores(kn.layer.values, position, [0.5, 1.0], [0.5, 0.5])
+        np.testing.assert_allclose(kn.sel(target=position).values, want, atol=1e-10, rtol=1e-7)
+
+
+def test_a_feed_forward_run_in_chunks_changes_nothing():
+    """transformers' ``chunk_size_feed_forward`` calls the output projection a chunk of positions
+    at a time; every method's hooks read it whole (the neurons' site of the gradient methods
+    too) and the model's setting is put back."""
+    plain, _ = _mlm("bert")
+    hf, tok = tiny_classifier("bert", "fill-mask", chunk_size_feed_forward=1)
+    chunked = ax.load_model(hf.double(), tokenizer=tok)
+    text = f"the capital of {tok.mask_token} is paris"
+    for method, kw in (
+        (ax.knowledge_neurons, {"steps": 2}),
+        (ax.saliency, {"layers": "all", "site": "neurons"}),
+    ):
+        np.testing.assert_allclose(
+            method(chunked, text, "france", **kw).values,
+            method(plain, text, "france", **kw).values,
+            rtol=1e-9, atol=1e-12,
+        )  # fmt: skip
+    assert chunked.hf.bert.encoder.layer[0].chunk_size_feed_forward == 1  # put back
+
+
+def test_bfloat16_is_float64_within_its_rounding():
     hf, tok = tiny_model("llama")
-    model = ax.load_model(hf.to(torch.bfloat16), tokenizer=tok)
-    kn = ax.knowledge_neurons(model, PROMPT, TARGET, steps=2)
-    assert kn.dtype == np.float32 and bool(np.isfinite(kn.values).all())
+    wide = ax.load_model(hf.double(), tokenizer=tok)
+    want = ax.knowledge_neurons(wide, PROMPT, TARGET, steps=2, objective="logit").values
+    narrow = ax.load_model(tiny_model("llama")[0].to(torch.bfloat16), tokenizer=tok)
+    got = ax.knowledge_neurons(narrow, PROMPT, TARGET, steps=2, objective="logit")
+    assert got.dtype == np.float32
+    assert np.abs(got.values - want).max() < 0.05 * np.abs(want).max()
+    assert np.abs(got.values[:, ::-1] - want).max() > 0.2 * np.abs(want).max()  # it can tell
 
 
 def test_errors_name_the_option():
@@ -270,6 +334,8 @@ def test_errors_name_the_option():
     qa = ax.load_model(hf, tokenizer=tok)
     with pytest.raises(ax.ModelError, match="knowledge_neurons"):
         ax.knowledge_neurons(qa, ("who", "the cat sat"))
+    with pytest.raises(ax.ModelError, match=r"^knowledge_neurons: layer 0's MLP .* `layers`$"):
+        ax.knowledge_neurons(tiny_mixtral(), PROMPT, TARGET)  # a mixture of experts
 
 
 def test_cli_prints_each_targets_top_neurons(tmp_path, capsys):

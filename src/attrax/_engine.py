@@ -134,7 +134,7 @@ class Problem:
         """
         t = self.tensors
         copies = n * t.valid[:, slots].shape[1] if own else n
-        index = self._own(t.index, slots, n) if own else t.index[:, slots].repeat(n, 1)
+        index = self.own(t.index, slots, n) if own else t.index[:, slots].repeat(n, 1)
         mask = t.mask.repeat(copies, 1)
         decoder_mask = None if t.decoder_mask is None else t.decoder_mask.repeat(copies, 1)
         token_types = None if t.token_types is None else t.token_types.repeat(copies, 1)
@@ -169,8 +169,8 @@ class Problem:
         contrast = t.contrast_ids
         if own:
             n = hidden.shape[0] // t.target_ids[:, slots].numel()
-            target_ids = self._own(t.target_ids, slots, n)
-            contrast = None if contrast is None else self._own(contrast, slots, n)
+            target_ids = self.own(t.target_ids, slots, n)
+            contrast = None if contrast is None else self.own(contrast, slots, n)
         else:
             n = hidden.shape[0] // t.target_ids.shape[0]
             target_ids = t.target_ids[:, slots].repeat(n, 1)
@@ -210,7 +210,7 @@ class Problem:
         return h
 
     @staticmethod
-    def _own(a: torch.Tensor, slots: slice, n: int) -> torch.Tensor:
+    def own(a: torch.Tensor, slots: slice, n: int) -> torch.Tensor:
         """``a[B, K]`` at ``slots`` as ``[k * n * B, 1]``: copy ``(j, i, b)`` holds ``a[b, slots][j]``."""
         own = a[:, slots].T  # [k, B]
         return own[:, None].expand(-1, n, -1).reshape(-1, 1)

@@ -48,6 +48,7 @@ from ._model import (
     norm_divisor,
     norm_gain,
     refuse_no_query_row,
+    whole_feed_forward,
 )
 from ._protocol import Call, Family
 from ._schema import label_queries
@@ -134,22 +135,6 @@ def _hooks(pairs: list[tuple[torch.nn.Module, Callable[..., Any]]]) -> Iterator[
     finally:
         for handle in handles:
             handle.remove()
-
-
-@contextlib.contextmanager
-def whole_feed_forward(model: Model) -> Iterator[None]:
-    """transformers' ``chunk_size_feed_forward`` runs a block's feed-forward (and BERT's second
-    LayerNorm) a chunk of positions at a time: hooks that read them whole turn it off for the
-    call (it changes no value: the feed-forward is position-wise) and put it back after."""
-    chunked = [m for m in model.hf.modules() if getattr(m, "chunk_size_feed_forward", 0)]
-    saved = [m.chunk_size_feed_forward for m in chunked]
-    for module in chunked:
-        module.chunk_size_feed_forward = 0
-    try:
-        yield
-    finally:
-        for module, size in zip(chunked, saved, strict=True):
-            module.chunk_size_feed_forward = size
 
 
 def _base_forward(
@@ -1351,7 +1336,7 @@ def attention_norm(
 
         return hook
 
-    with contextlib.ExitStack() as stack, torch.no_grad(), whole_feed_forward(model):
+    with contextlib.ExitStack() as stack, torch.no_grad(), whole_feed_forward(model.hf):
         for index, norm in enumerate(seconds):
             stack.enter_context(_pre_hook(norm, second_norm(index, norm)))
         decomposition.run()

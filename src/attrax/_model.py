@@ -164,6 +164,23 @@ def frozen(module: torch.nn.Module) -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def whole_feed_forward(module: torch.nn.Module) -> Iterator[None]:
+    """transformers' ``chunk_size_feed_forward`` runs a block's feed-forward (and BERT's second
+    LayerNorm) a chunk of positions at a time, so hooks on its modules would see chunks: every
+    call turns it off (it changes no value: the feed-forward is position-wise) and puts it back
+    after."""
+    chunked = [m for m in module.modules() if getattr(m, "chunk_size_feed_forward", 0)]
+    saved = [m.chunk_size_feed_forward for m in chunked]
+    for inner in chunked:
+        setattr(inner, "chunk_size_feed_forward", 0)  # noqa: B010 (an attribute torch types as a module)
+    try:
+        yield
+    finally:
+        for inner, size in zip(chunked, saved, strict=True):
+            setattr(inner, "chunk_size_feed_forward", size)  # noqa: B010
+
+
+@contextlib.contextmanager
 def instance_attributes(patches: Sequence[tuple[object, str, Any]]) -> Iterator[None]:
     """Set each ``(obj, name, value)`` on the instance for the block, then put back what the
     instance had: its own attribute (a user's or accelerate's ``forward`` wrapper), or none."""

@@ -105,7 +105,7 @@ def knowledge_neurons(
     refuse_no_query_row(model, METHOD)
     parts = patch_stack(model, METHOD, None, "neurons")  # an encoder-decoder's: its decoder's
     chosen = selection_indices(layers, len(parts.blocks), "layers", "layers")
-    width = neuron_width(parts, chosen)
+    width = neuron_width(parts, chosen, METHOD)
     problem = call.problem
     t = problem.tensors
     batch, targets = t.valid.shape
@@ -186,7 +186,7 @@ class _Scaling:
         def per_copy(values: torch.Tensor) -> torch.Tensor:  # [n] -> [k * n * B], (j, i, b)
             return values[None, :, None].expand(k, -1, t.ids.shape[0]).reshape(-1)
 
-        position = Problem._own(t.index, slots, n)[:, 0]
+        position = problem.own(t.index, slots, n)[:, 0]
         length = problem.inputs[0].shape[1]
         if self.problem.model.task == "generation" and not self.problem.model.is_encoder_decoder:
             # causal: a target's score reads nothing after its own position

@@ -33,7 +33,7 @@ from ._engine import Problem, all_finite
 from ._errors import AttraxError, InputError, OptionError, ResourceError
 from ._inputs import Batch, Texts, prepare, with_predictions
 from ._memory import out_of_memory, parse_bytes
-from ._model import Model, ModelLike, evaluating, frozen, load_model
+from ._model import Model, ModelLike, evaluating, frozen, load_model, whole_feed_forward
 from ._objectives import Objective, check_differentiable, named, resolve
 from ._schema import label
 from ._validate import Check
@@ -383,7 +383,8 @@ def _public(
         call = _call(name, family, arguments)
         _check_applies(call.model, kwargs)
         objective = arguments.get("objective")
-        with call.model.call_lock, evaluating(call.model.hf), frozen(call.model.hf):
+        hf = call.model.hf
+        with call.model.call_lock, evaluating(hf), frozen(hf), whole_feed_forward(hf):
             call.model.check_unchanged()
             if family.differentiates and callable(objective):
                 check_differentiable(objective, name, call.model.output_width)

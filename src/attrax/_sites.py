@@ -47,9 +47,10 @@ class Stack:
         found = {"heads": self.projections, "mlp": self.mlps, "residual": self.blocks}[site]
         return found[layer]
 
-    def neurons(self, layer: int) -> int:
-        """How many neurons layer ``layer``'s MLP has (its output projection's inputs)."""
-        down = down_projection(self.mlps[layer], layer)
+    def neurons(self, layer: int, who: str = "site='neurons'") -> int:
+        """How many neurons layer ``layer``'s MLP has (its output projection's inputs); ``who``
+        reads them, for a refusal's message."""
+        down = down_projection(self.mlps[layer], layer, who)
         width = getattr(down, "in_features", None) or getattr(down, "nx", None)
         assert isinstance(width, int), type(down).__name__
         return width
@@ -66,20 +67,24 @@ class Stack:
 DOWNS = ("down_proj", "c_proj", "fc2", "fc_out", "dense_4h_to_h", "wo", "lin2", "Wo")
 
 
-def down_projection(mlp: torch.nn.Module, layer: int) -> torch.nn.Module:
+def down_projection(
+    mlp: torch.nn.Module, layer: int, who: str = "site='neurons'"
+) -> torch.nn.Module:
     """The linear layer whose input is ``mlp``'s neurons (the activation times the gate, in a
     gated MLP): ``mlp`` itself where it is that layer (OPT's and BART's ``fc2``, BERT's
-    ``output.dense``, BLOOM's ``dense_4h_to_h``); a ModelError for a mixture of experts."""
+    ``output.dense``, BLOOM's ``dense_4h_to_h``); a ModelError for a mixture of experts, its
+    message starting with ``who`` (the site, or the method that reads the neurons)."""
     if is_linear(mlp):
         return mlp
     down = named(mlp, DOWNS)
     if down is None or not is_linear(down):
         routed = any(hasattr(mlp, name) for name in ("experts", "router", "gate"))
+        instead = " or site='mlp'" if who.startswith("site=") else ""
         raise ModelError(
-            f"site='neurons': layer {layer}'s MLP ({type(mlp).__name__}) "
+            f"{who}: layer {layer}'s MLP ({type(mlp).__name__}) "
             + (
                 "is a mixture of experts, whose neurons are each expert's; choose dense "
-                "layers with `layers` or site='mlp'"
+                f"layers with `layers`{instead}"
                 if routed
                 else f"has no output projection attrax knows ({' / '.join(DOWNS)})"
             )
@@ -114,12 +119,13 @@ def site_hook(
     return module.register_forward_hook(post)
 
 
-def neuron_width(parts: Stack, layers: list[int]) -> int:
-    """How many neurons each of ``layers``' MLPs has: one number, or a ModelError."""
-    widths = {layer: parts.neurons(layer) for layer in layers}
+def neuron_width(parts: Stack, layers: list[int], who: str = "site='neurons'") -> int:
+    """How many neurons each of ``layers``' MLPs has: one number, or a ModelError that starts
+    with ``who`` (the site, or the method that reads the neurons)."""
+    widths = {layer: parts.neurons(layer, who) for layer in layers}
     if len(set(widths.values())) > 1:
         raise ModelError(
-            f"site='neurons' labels every layer's neurons along one dim; these layers' MLPs "
+            f"{who} labels every layer's neurons along one dim; these layers' MLPs "
             f"differ in width ({widths}): choose layers of one width with `layers`"
         )
     return next(iter(widths.values()))
