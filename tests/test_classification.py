@@ -251,6 +251,10 @@ def test_text_pairs_mark_segments_and_special_tokens(classifiers):
     # a tuple of two pairs reads both ways: it was taken as two lists, transposed, until 2026-12-06
     with pytest.raises(ax.InputError, match=r"`inputs` .* is ambiguous: .* give a list of pairs"):
         ax.saliency(model, tuple(pairs), "all")
+    # a tuple of two texts is a pair, so one of three is not a batch (it was until 2026-12-07)
+    with pytest.raises(ax.InputError, match=r"a tuple of 3 texts: .* give a list of texts"):
+        ax.saliency(model, ("a b", "c d", "e f"), "all")
+    assert ax.saliency(model, ["a b", "c d", "e f"], "all").sizes["example"] == 3
 
 
 def test_position_limits_are_the_models_own(classifiers):

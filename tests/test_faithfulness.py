@@ -163,6 +163,9 @@ def test_a_target_that_ranks_nothing_has_no_curve(model):
         )
         assert np.isnan(got.values[0]).all()
         np.testing.assert_allclose(got.values[1:], want.values[1:], rtol=1e-6)
+    # every target NaN: only NaN would come back (it did until 2026-12-07)
+    with pytest.raises(ax.InputError, match="NaN at every source its targets see"):
+        F.deletion(model, da.where(da.isnull()), PROMPT, CONTINUATION)
 
 
 def test_clear_errors(model):

@@ -475,7 +475,15 @@ def _rank(call: Call, da: xr.DataArray, objective: Any) -> _Ranked:
     relevance = np.full((len(rows), problem.tensors.valid.shape[1], sum(widths)), np.nan)
     for b, example_rows in enumerate(rows):
         relevance[b, : len(example_rows)] = values[b, example_rows]
-    rankable = torch.as_tensor(~np.isnan(relevance)) & problem.visible().cpu()
+    visible = problem.visible().cpu()
+    rankable = torch.as_tensor(~np.isnan(relevance)) & visible
+    # a target NaN at every source it sees ranks nothing and gets a NaN curve; NaN everywhere
+    # would give only NaN, a result that looks like targets the examples lack
+    if not bool(rankable.any()):
+        raise InputError(
+            "`attribution` is NaN at every source its targets see: there is nothing to rank "
+            "(NaN leaves a source out of the ranking); check the method's result"
+        )
     # stable sort: ties go to the earlier source, so rankings are reproducible
     keyed = torch.where(rankable, -torch.as_tensor(relevance), torch.inf)
     order = torch.sort(keyed, dim=-1, stable=True).indices

@@ -1146,6 +1146,12 @@ def _as_items(value: Any) -> tuple[list[tuple[str, str | None]], bool]:
                 f"{len(second)} texts"
             )
         value = list(zip(first, second, strict=True))
+    if isinstance(value, tuple) and value and all(isinstance(v, str) for v in value):
+        # a tuple of two texts is one pair: any other count read as a batch would hide that
+        raise InputError(
+            f"`inputs` {value!r} is a tuple of {len(value)} texts: a tuple is one (text, "
+            "text_pair) input; give a list of texts for a batch"
+        )
     if not isinstance(value, Sequence) or isinstance(value, (bytes, bytearray)) or not value:
         raise InputError(
             "`inputs` must be a text, a (text, text_pair) tuple, or a non-empty list of them, "
