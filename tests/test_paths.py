@@ -639,3 +639,15 @@ def test_dig_default_neighbours_fit_a_small_vocabulary(default_model):
     assert_close(got.values, want)
     with pytest.raises(ax.OptionError, match="positive integer or None, got 0"):
         ax.discretized_integrated_gradients(default_model, "1 2 =", " 2 1", neighbours=0)
+
+
+def test_dig_refuses_paths_that_cannot_fit_before_building_them():
+    """Every token's path of ``steps`` points is held through the call: too many steps for the
+    free memory, or for ``max_memory``, is an OptionError at once (it built the paths first)."""
+    model = ax.load_model()
+    with pytest.raises(ax.OptionError, match=r"`steps`=100000000 needs .* free on"):
+        ax.discretized_integrated_gradients(model, "1 2 3 =", " 3 2 1", steps=10**8)
+    with pytest.raises(ax.OptionError, match=r"`max_memory` of 200 MB cannot be met: .* give at"):
+        ax.discretized_integrated_gradients(
+            model, "1 2 3 =", " 3 2 1", steps=10**6, max_memory="200MB"
+        )

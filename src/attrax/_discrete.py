@@ -189,6 +189,12 @@ def discretized_integrated_gradients(
     if len(problem.inputs) > 1:  # the decoder's side attributed too: a translator has it
         assert t.decoder_ids is not None
         sides.append(("target", t.decoder_ids))
+    # each token's path ([steps, B, L, H] per side, built as a list, then stacked) and its
+    # increments, held through the call: counted before any is built
+    floats = steps * sum(x.numel() for x in problem.inputs)
+    problem.hold(3 * floats * max(problem.inputs[0].element_size(), 4), "steps", steps,
+                 "each token's path and its increments")  # fmt: skip
+    problem.plan(steps, "auto", "auto")  # a max_memory they leave no pass is refused here
     paths = []
     if neighbours is None:
         vocabulary = problem.model.hf.get_input_embeddings().weight.shape[0]
