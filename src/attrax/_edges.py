@@ -242,6 +242,7 @@ def graph(model: Model, method: str = METHOD) -> Graph:
         # one norm for both: the MLP reads its output beside the attention
         parallel = mlp_norm is None or any(getattr(config, f, False) is True for f in PARALLEL)
         attention = named(block, ATTENTIONS)
+        assert out_proj is not None  # decoder_stack refuses a layer without attention here
         width = _width(out_proj, "in")
         where = f"{method}: {kind}'s layer {layer}"
         if getattr(config, "do_layer_norm_before", True) is False:

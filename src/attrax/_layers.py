@@ -135,8 +135,8 @@ def resolve(model: Model, layers: Layers, site: str = "residual") -> At:
     if site == "neurons":
         modules = [stack.module("neurons", layer) for layer in chosen]
         return At(chosen, site, neuron_width(stack, chosen), tuple(modules))
-    found = stack.projections if site == "attention" else stack.mlps
-    return At(chosen, site, None, tuple(found[layer] for layer in chosen))
+    where = "heads" if site == "attention" else "mlp"  # the projection: its output, here
+    return At(chosen, site, None, tuple(stack.module(where, layer) for layer in chosen))
 
 
 def _site_stack(model: Model, site: str) -> Stack:

@@ -34,7 +34,8 @@ class Stack:
 
     name: str  # "self" (decoder-only), "encoder", "decoder" or "cross"
     blocks: list[torch.nn.Module]
-    projections: list[torch.nn.Module]
+    #: None for a hybrid's layer that mixes tokens otherwise (linear attention, Mamba)
+    projections: list[torch.nn.Module | None]
     mlps: list[torch.nn.Module]
     heads: int
 
@@ -44,8 +45,17 @@ class Stack:
         the block (their outputs)."""
         if site == "neurons":
             return down_projection(self.mlps[layer], layer)
-        found = {"heads": self.projections, "mlp": self.mlps, "residual": self.blocks}[site]
-        return found[layer]
+        if site == "heads":
+            projection = self.projections[layer]
+            if projection is None:
+                raise ModelError(
+                    f"layer {layer} has no attention heads (its "
+                    f"{type(self.blocks[layer]).__name__} mixes tokens otherwise: linear "
+                    "attention or a state-space layer); choose attention layers with `layers`, "
+                    "or the MLPs' sites"
+                )
+            return projection
+        return {"mlp": self.mlps, "residual": self.blocks}[site][layer]
 
     def neurons(self, layer: int, who: str = "site='neurons'") -> int:
         """How many neurons layer ``layer``'s MLP has (its output projection's inputs); ``who``
@@ -140,7 +150,11 @@ def patch_stack(model: Model, method: str, stack: str | None, site: str) -> Stac
                 "(leave stack=None)"
             )
         kind = getattr(model.hf.config, "model_type", None)
-        return encoder_stack(model, method) if kind in ENCODERS else decoder_stack(model, method)
+        if kind in ENCODERS:
+            return encoder_stack(model, method)
+        # a hybrid's layers without attention (linear attention, Mamba) have MLP sites, and
+        # their heads are refused layer by layer (Stack.module)
+        return decoder_stack(model, method, attention=False)
     if stack is None:  # as `maps=None` elsewhere: the cross-attention, or the decoder's blocks
         stack = "cross" if site == "heads" else "decoder"
     if stack == "cross" and site != "heads":
@@ -200,20 +214,22 @@ def mlp_of(block: torch.nn.Module) -> torch.nn.Module | None:
     return mlp
 
 
-def decoder_stack(model: Model, method: str) -> Stack:
+def decoder_stack(model: Model, method: str, attention: bool = True) -> Stack:
     """A decoder-only model's blocks, each with its attention's output projection (its input:
     the concatenated heads) and its ``mlp`` (OPT's: ``fc2``, whose output is what the MLP
-    adds); a ModelError when a block lacks either."""
+    adds); a ModelError when a block lacks either, or, without ``attention`` (sites that read
+    no head), lacks its MLP: a hybrid's layers without attention have no projection (None)."""
     blocks = decoder_blocks(model, method)
     attentions = [named(block, ATTENTIONS) for block in blocks]
     # GPT-Neo wraps its attention module in another (`attn.attention`)
-    found = [
+    projections = [
         named(attention, PROJECTIONS) or named(named(attention, ("attention",)), PROJECTIONS)
         for attention in attentions
     ]
-    projections = [p for p in found if p is not None]
     mlps = [m for m in map(mlp_of, blocks) if m is not None]
-    if len(projections) != len(blocks) or len(mlps) != len(blocks):
+    some = any(p is not None for p in projections)  # a model with no attention is no hybrid
+    missing = attention or not some
+    if (missing and None in projections) or len(mlps) != len(blocks):
         raise ModelError(
             f"{method}: {type(model.hf).__name__}'s layers lack an attention output projection "
             f"({' / '.join(PROJECTIONS)} of {' / '.join(ATTENTIONS)}) or one MLP module "
@@ -248,7 +264,8 @@ def encoder_stack(model: Model, method: str) -> Stack:
     if not isinstance(heads, int):
         raise ModelError(f"{method}: cannot tell how many heads {model.name} has")
     projections = [block.get_submodule(projection) for block in blocks]
-    return Stack("self", blocks, projections, [block.get_submodule(mlp) for block in blocks], heads)
+    mlps = [block.get_submodule(mlp) for block in blocks]
+    return Stack("self", blocks, list[torch.nn.Module | None](projections), mlps, heads)
 
 
 def encoder_decoder_stack(model: Model, method: str, stack: str) -> Stack:
@@ -288,4 +305,4 @@ def encoder_decoder_stack(model: Model, method: str, stack: str) -> Stack:
     heads = heads or _arch.heads(hf.config, "encoder" if stack == "encoder" else "cross")
     if not isinstance(heads, int):
         raise ModelError(f"{method}: cannot tell how many heads {name}'s {stack} layers have")
-    return Stack(stack, blocks, found, found_mlps, heads)
+    return Stack(stack, blocks, list[torch.nn.Module | None](found), found_mlps, heads)
