@@ -252,8 +252,9 @@ def test_text_pairs_mark_segments_and_special_tokens(classifiers):
     with pytest.raises(ax.InputError, match=r"`inputs` .* is ambiguous: .* give a list of pairs"):
         ax.saliency(model, tuple(pairs), "all")
     # a tuple of two texts is a pair, so one of three is not a batch (it was until 2026-12-07)
-    with pytest.raises(ax.InputError, match=r"a tuple of 3 texts: .* give a list of texts"):
-        ax.saliency(model, ("a b", "c d", "e f"), "all")
+    for given in (("a b", "c d", "e f"), ("a b", ("c", "d"), "e"), ("a b",)):
+        with pytest.raises(ax.InputError, match=r"is a tuple of \d: .* give a list for a batch"):
+            ax.saliency(model, given, "all")
     assert ax.saliency(model, ["a b", "c d", "e f"], "all").sizes["example"] == 3
 
 

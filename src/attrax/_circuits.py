@@ -40,7 +40,7 @@ from ._edges import (
 from ._errors import InputError, OptionError
 from ._memory import between_passes, full_precision, plan_forwards
 from ._protocol import Call, Family
-from ._schema import label_circuits
+from ._schema import label_circuits, recorded_option
 
 METHOD = "edge_patching"
 
@@ -495,9 +495,13 @@ def top_edges(
             cut from the output by the patched ones around it.
         connected: keep only the chosen edges on a path of chosen edges from the input to the
             logits (a circuit may then hold fewer than ``n``). The others change nothing that
-            :func:`edge_patching` measures: a head or MLP no chosen path reaches reads the
-            corrupted run's inputs and writes its corrupted output, and one that reaches no
-            output through chosen edges writes only where the patched run does not read.
+            :func:`edge_patching` measures with the corruption ``scores`` were computed with: a
+            head or MLP that reaches no output through chosen edges writes only where the
+            patched run does not read, and, when that corruption is a text, one that no chosen
+            path reaches reads the corrupted run's inputs and writes its corrupted output.
+            Under an :class:`Ablation` (or scores that do not record a text), such a node
+            writes a function of ablated inputs, not its ablated output: only the first rule
+            prunes.
 
     >>> import attrax as ax
     >>> model = ax.load_model()
@@ -533,30 +537,47 @@ def top_edges(
             )
     if not isinstance(connected, bool):
         raise OptionError(f"`connected` must be True or False, got {connected!r}")
-    feeds = _feeds(summed)
-    if greedy:
-        order = np.asarray(_grown(summed, values, max(sizes, default=0), feeds), dtype=np.int64)
     senders = [str(s) for s in summed.sender.values]
     receivers = [str(r) for r in summed.receiver.values]
+    feeds = _feeds(summed) if greedy or connected else {}
+    if greedy:
+        order = np.asarray(_grown(summed, values, max(sizes, default=0), feeds), dtype=np.int64)
     width = len(receivers)
     chosen = [[int(i) for i in order[: int(size)]] for size in sizes]
     if connected:
-        chosen = [_connected(edges, feeds, senders, width) for edges in chosen]
+        if "logits" not in receivers or "input" not in senders:
+            raise InputError(
+                "`connected=True` follows paths from the `input` sender to the `logits` "
+                "receiver, which `scores` must keep"
+            )
+        # a text's corrupted run: a node no chosen path reaches writes its corrupted output
+        corrupted = recorded_option(scores, "corrupted")
+        from_input = isinstance(corrupted, str) and not corrupted.startswith("Ablation(")
+        logits = receivers.index("logits")
+        chosen = [
+            _connected(edges, feeds, senders.index("input"), logits, width, from_input)
+            for edges in chosen
+        ]
     picked = [[(senders[i // width], receivers[i % width]) for i in edges] for edges in chosen]
     return picked if several else picked[0]
 
 
 def _connected(
-    edges: list[int], feeds: dict[int, list[int]], senders: list[str], width: int
+    edges: list[int],
+    feeds: dict[int, list[int]],
+    source: int,
+    logits: int,
+    width: int,
+    from_input: bool,
 ) -> list[int]:
-    """The ``edges`` (flat indices, ``[U, R]``) on a path of ``edges`` from the input to the
-    logits (the last receiver), in their order."""
+    """The ``edges`` (flat indices, ``[U, R]``) on a path of ``edges`` to the ``logits``
+    receiver, and with ``from_input`` from the ``source`` sender too, in their order."""
     owners: dict[int, list[int]] = {}  # receiver -> the senders whose input it is
     for u, inputs in feeds.items():
         for v in inputs:
             owners.setdefault(v, []).append(u)
     pairs = [(i // width, i % width) for i in edges]
-    reached = {senders.index("input")} if "input" in senders else set()
+    reached = {source}
     for _ in pairs:  # a path has at most as many edges as there are: the sets stop growing
         more = {w for u, v in pairs if u in reached for w in owners.get(v, [])} - reached
         if not more:
@@ -565,14 +586,18 @@ def _connected(
     alive: set[int] = set()  # senders with a path of edges to the logits
 
     def leads_out(v: int) -> bool:
-        return v == width - 1 or any(w in alive for w in owners.get(v, []))
+        return v == logits or any(w in alive for w in owners.get(v, []))
 
     for _ in pairs:
         more = {u for u, v in pairs if leads_out(v)} - alive
         if not more:
             break
         alive |= more
-    return [i for i, (u, v) in zip(edges, pairs, strict=True) if u in reached and leads_out(v)]
+    return [
+        i
+        for i, (u, v) in zip(edges, pairs, strict=True)
+        if (u in reached or not from_input) and leads_out(v)
+    ]
 
 
 def _feeds(summed: xr.DataArray) -> dict[int, list[int]]:

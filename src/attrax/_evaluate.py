@@ -50,7 +50,14 @@ from ._inputs import check_example, not_text
 from ._memory import format_bytes, memory_budget
 from ._model import Model, ModelLike, load_model
 from ._names import AGREEMENT, FAITHFULNESS, METRICS, PLAUSIBILITY
-from ._schema import fill_value, has_targets, label_evaluation, label_sanity, union_labels
+from ._schema import (
+    fill_value,
+    has_targets,
+    label_evaluation,
+    label_sanity,
+    recorded_option,
+    union_labels,
+)
 from ._version import __version__
 
 
@@ -518,7 +525,7 @@ def score_records(
             else:
                 part = _one_batch(group)  # its own batch keeps what its methods share (contrast)
                 part.attrs = dict(group[0].attrs)
-                contrast = _faithfulness.recorded_option(group[0], "contrast")
+                contrast = recorded_option(group[0], "contrast")
                 curve = getattr(_faithfulness, metric)(
                     model, part, inputs * len(members),
                     None if targets is None else targets * len(members), batch_size=batch_size,
@@ -742,7 +749,7 @@ def _explained(da: xr.DataArray) -> str:
     contrast, positions and generated length its options record (methods that differ are
     scored apart)."""
     names = ("contrast", "positions", "max_new_tokens")
-    recorded = [_faithfulness.recorded_option(da, name) for name in names]
+    recorded = [recorded_option(da, name) for name in names]
     return json.dumps([str(da.attrs.get("objective")), *recorded], default=str)
 
 

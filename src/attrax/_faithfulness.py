@@ -22,7 +22,6 @@ is read from the copy made for it.
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -38,7 +37,7 @@ from ._inputs import Batch
 from ._memory import Size, parse_bytes
 from ._objectives import OBJECTIVES, resolve
 from ._protocol import COMMON, Call, Family, Param, own_options
-from ._schema import has_targets, label_curve, label_loo, per_example, run_attrs
+from ._schema import has_targets, label_curve, label_loo, per_example, recorded_option, run_attrs
 
 __all__ = [
     "ERASER_FRACTIONS",
@@ -386,14 +385,6 @@ def _scored(call: Call, attribution: xr.DataArray) -> tuple[Call, str, _Ranked]:
         objective = known if known in OBJECTIVES else "probability"
     objective_name, _ = resolve(objective, call.model.head_type)
     return call, objective_name, _rank(call, attribution, objective)
-
-
-def recorded_option(attribution: xr.DataArray, name: str) -> Any:
-    """The option ``name`` an attribution's attrs record (None when they record none)."""
-    try:
-        return json.loads(attribution.attrs.get("options", "{}")).get(name)
-    except (TypeError, ValueError, AttributeError):  # no JSON object: nothing recorded
-        return None
 
 
 def _with_its_positions(call: Call, attribution: xr.DataArray) -> Call:

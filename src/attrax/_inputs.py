@@ -1146,11 +1146,11 @@ def _as_items(value: Any) -> tuple[list[tuple[str, str | None]], bool]:
                 f"{len(second)} texts"
             )
         value = list(zip(first, second, strict=True))
-    if isinstance(value, tuple) and value and all(isinstance(v, str) for v in value):
-        # a tuple of two texts is one pair: any other count read as a batch would hide that
+    if isinstance(value, tuple):
+        # a tuple of two texts is one pair: any other tuple read as a batch would hide that
         raise InputError(
-            f"`inputs` {value!r} is a tuple of {len(value)} texts: a tuple is one (text, "
-            "text_pair) input; give a list of texts for a batch"
+            f"`inputs` {value!r} is a tuple of {len(value)}: a tuple is one (text, text_pair) "
+            "input, or two lists (texts, text_pairs); give a list for a batch"
         )
     if not isinstance(value, Sequence) or isinstance(value, (bytes, bytearray)) or not value:
         raise InputError(

@@ -211,6 +211,18 @@ def run_attrs(
     }
 
 
+def recorded_option(result: xr.DataArray, name: str) -> Any:
+    """The option ``name`` a result's ``options`` attr records (None when it records none).
+
+    >>> recorded_option(xr.DataArray(0, attrs={"options": '{"steps": 8}'}), "steps")
+    8
+    """
+    try:
+        return json.loads(result.attrs.get("options", "{}")).get(name)
+    except (TypeError, ValueError, AttributeError):  # no JSON object: nothing recorded
+        return None
+
+
 # --- builders ------------------------------------------------------------------------------
 
 

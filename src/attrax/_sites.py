@@ -214,6 +214,10 @@ def mlp_of(block: torch.nn.Module) -> torch.nn.Module | None:
     return mlp
 
 
+#: layer types (a config's ``layer_types``) that mix tokens without softmax attention heads
+NOT_ATTENTION = frozenset({"linear_attention", "conv"})
+
+
 def decoder_stack(model: Model, method: str, attention: bool = True) -> Stack:
     """A decoder-only model's blocks, each with its attention's output projection (its input:
     the concatenated heads) and its ``mlp`` (OPT's: ``fc2``, whose output is what the MLP
@@ -226,6 +230,13 @@ def decoder_stack(model: Model, method: str, attention: bool = True) -> Stack:
         named(attention, PROJECTIONS) or named(named(attention, ("attention",)), PROJECTIONS)
         for attention in attentions
     ]
+    # some hybrids keep their linear attention (or convolution) where others keep attention
+    # (Kimi Linear's and MiniMax's `self_attn`): the config's layer types tell them apart
+    types = getattr(model.hf.config.get_text_config(), "layer_types", None)
+    if isinstance(types, (list, tuple)) and len(types) == len(blocks):
+        projections = [
+            None if t in NOT_ATTENTION else p for p, t in zip(projections, types, strict=True)
+        ]
     mlps = [m for m in map(mlp_of, blocks) if m is not None]
     some = any(p is not None for p in projections)  # a model with no attention is no hybrid
     missing = attention or not some
