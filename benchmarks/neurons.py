@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import time
 from typing import Any
 
 import numpy as np
@@ -30,7 +29,7 @@ import torch
 import attrax as ax
 
 from . import masked_lm
-from .components import write
+from .components import timed, write
 
 STEPS = 20
 MASK, TOKENS = 12, 48  # the mask's position, and the texts' length
@@ -74,15 +73,6 @@ def parity(model: ax.Model, kn: Any, text: str, token: str) -> dict[str, float]:
         if rel > 1e-4:
             raise SystemExit(f"parity failed ({name}): {rel:.2e}")
     return out
-
-
-def timed(run: Any, repeats: int) -> list[float]:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return times
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2521,106 +2521,36 @@ def test_encoder_decoder_layer_ig_at_neurons_adds_up_to_the_mlps_output(encdec64
     _ig_sites_agree(model, SOURCE, ED_TARGET)
 
 
-def test_atp_hybrid_mlps_first_order():
-    """Qwen 3.5 alternates linear-attention and attention layers, each with an MLP: its MLP and
-    neuron sites run in every layer (against central differences of real patches of
-    ``model.layers[l].mlp``'s output, hooked here), its heads are refused by layer."""
-    _, tok = tiny_model("gpt2")
-    hf = _family("qwen3_5", tok, attn_implementation="eager").double()
-    model = ax.load_model(hf, tokenizer=tok)
-    got = ax.attribution_patching(
-        model, SOURCE, TARGET, corrupted=CORRUPTED, site="mlp", objective="logit"
-    )
-    neurons = ax.attribution_patching(
-        model, SOURCE, TARGET, corrupted=CORRUPTED, site="neurons", objective="logit"
-    )
-    np.testing.assert_allclose(neurons.sum("neuron", skipna=False), got, rtol=1e-7, atol=1e-12)
-    src, tgt = token_ids(model, SOURCE, TARGET)
-    ids, bad = src + tgt, token_ids(model, CORRUPTED, TARGET)[0] + tgt
-    mlps = [layer.mlp for layer in hf.model.layers]
+def _hooked_effects(hf, modules, ids, bad, reads, pre=False, eps=1e-2):
+    """``[position, layer]`` central differences of the logit at ``reads = (row, token)`` with
+    each module's activation (its input with ``pre``, else its output, a tuple's first) at each
+    position moved ``+-eps`` of the way to its value on ``bad``: real patches, hooked here."""
 
-    def run(ids, layer=None, position=None, value=None):
+    def run(ids, at=None, position=None, value=None):
         seen = {}
 
-        def hook(m, a, o, layer_index):
-            seen[layer_index] = o[0].clone()
-            if layer_index == layer:
-                o = o.clone()
-                o[0, position] = value
-                return o
-
-        handles = [m.register_forward_hook(lambda m, a, o, n=n: hook(m, a, o, n)) for n, m in
-                   enumerate(mlps)]  # fmt: skip
-        try:
-            with torch.no_grad():
-                logits = hf(input_ids=torch.tensor([ids]), use_cache=False).logits[0]
-        finally:
-            for h in handles:
-                h.remove()
-        return logits, seen
-
-    _, clean = run(ids)
-    _, corrupt = run(bad)
-    # its linear attention's delta rule runs in float32 whatever the model's dtype: a step
-    # wide enough that float32's rounding is far below the effect
-    eps = 1e-2
-    worst = 0.0
-    for k in (0, len(tgt) - 1):
-        i, t = len(src) + k - 1, tgt[k]
-        for layer in range(len(mlps)):
-            for p in range(i + 1):
-                a, b = clean[layer][p], corrupt[layer][p]
-                up = run(ids, layer, p, a + eps * (b - a))[0][i, t]
-                down = run(ids, layer, p, a - eps * (b - a))[0][i, t]
-                want = float(up - down) / (2 * eps)
-                worst = max(worst, abs(float(got.values[k, p, layer]) - want))
-    largest = np.abs(got.values[np.isfinite(got.values)]).max()
-    assert largest > 1e-4 and worst < 5e-3 * largest, (worst, largest)
-    with pytest.raises(ax.ModelError, match="layer 0 has no attention heads"):
-        ax.attribution_patching(model, SOURCE, TARGET, corrupted=CORRUPTED)
-    # its attention layer: every head's input of o_proj patched at once, by central differences
-    kw = {"corrupted": CORRUPTED, "objective": "logit", "layers": [1]}
-    heads = ax.attribution_patching(model, SOURCE, TARGET, **kw)
-    whole = ax.attribution_patching(model, SOURCE, TARGET, site="attention", **kw)
-    np.testing.assert_allclose(heads.sum("head", skipna=False), whole, rtol=1e-7, atol=1e-12)
-    o_proj = hf.model.layers[1].self_attn.o_proj
-
-    def z_run(ids, position=None, value=None):
-        seen = {}
-
-        def pre(m, a):
-            seen["z"] = a[0][0].clone()
-            if position is not None:
-                z = a[0].clone()
-                z[0, position] = value
-                return (z,)
-
-        handle = o_proj.register_forward_pre_hook(pre)
-        try:
-            with torch.no_grad():
-                return hf(input_ids=torch.tensor([ids]), use_cache=False).logits[0], seen["z"]
-        finally:
-            handle.remove()
-
-    # the residual stream after each block, against patches of the block's output
-    residual = ax.attribution_patching(
-        model, SOURCE, TARGET, corrupted=CORRUPTED, site="residual", objective="logit"
-    )
-    blocks = list(hf.model.layers)
-
-    def block_run(ids, layer=None, position=None, value=None):
-        seen = {}
-
-        def hook(m, a, o, n):
-            x = o[0] if isinstance(o, tuple) else o
+        def swap(x, n):
             seen[n] = x[0].clone()
-            if n == layer:
-                x = x.clone()
-                x[0, position] = value
-                return (x, *o[1:]) if isinstance(o, tuple) else x
+            if n != at:
+                return None
+            x = x.clone()
+            x[0, position] = value
+            return x
 
-        handles = [b.register_forward_hook(lambda m, a, o, n=n: hook(m, a, o, n)) for n, b in
-                   enumerate(blocks)]  # fmt: skip
+        def post(m, a, o, n):
+            x = swap(o[0] if isinstance(o, tuple) else o, n)
+            return None if x is None else ((x, *o[1:]) if isinstance(o, tuple) else x)
+
+        def before(m, a, n):
+            x = swap(a[0], n)
+            return None if x is None else (x, *a[1:])
+
+        handles = [
+            m.register_forward_pre_hook(lambda m, a, n=n: before(m, a, n))
+            if pre
+            else m.register_forward_hook(lambda m, a, o, n=n: post(m, a, o, n))
+            for n, m in enumerate(modules)
+        ]
         try:
             with torch.no_grad():
                 return hf(input_ids=torch.tensor([ids]), use_cache=False).logits[0], seen
@@ -2628,20 +2558,46 @@ def test_atp_hybrid_mlps_first_order():
             for h in handles:
                 h.remove()
 
-    r_clean, r_bad = block_run(ids)[1], block_run(bad)[1]
-    i, t = len(src) - 1, tgt[0]
-    for layer in range(len(blocks)):
-        for p in range(i + 1):
-            a, b = r_clean[layer][p], r_bad[layer][p]
-            up = block_run(ids, layer, p, a + eps * (b - a))[0][i, t]
-            down = block_run(ids, layer, p, a - eps * (b - a))[0][i, t]
-            want = float(up - down) / (2 * eps)
-            assert abs(float(residual.values[0, p, layer]) - want) < 5e-3 * max(abs(want), 1e-4)
-    z_clean, z_bad = z_run(ids)[1], z_run(bad)[1]
-    i, t = len(src) - 1, tgt[0]
-    for p in range(i + 1):
-        a, b = z_clean[p], z_bad[p]
-        want = float(
-            z_run(ids, p, a + eps * (b - a))[0][i, t] - z_run(ids, p, a - eps * (b - a))[0][i, t]
-        ) / (2 * eps)
-        assert abs(float(whole.values[0, p, 0]) - want) < 5e-3 * max(abs(want), 1e-4)
+    clean, corrupt = run(ids)[1], run(bad)[1]
+    row, token = reads
+    out = np.zeros((row + 1, len(modules)))
+    for n in range(len(modules)):
+        for p in range(row + 1):
+            a, b = clean[n][p], corrupt[n][p]
+            up = run(ids, n, p, a + eps * (b - a))[0][row, token]
+            down = run(ids, n, p, a - eps * (b - a))[0][row, token]
+            out[p, n] = float(up - down) / (2 * eps)
+    return out
+
+
+def test_atp_hybrid_sites_first_order():
+    """Qwen 3.5 alternates linear-attention and attention layers, each with an MLP: its MLP,
+    neuron and residual sites run in every layer, its heads in its attention layer only; each
+    against central differences of real patches (``eps`` 1e-2: its linear attention's delta
+    rule runs in float32 whatever the model's dtype)."""
+    _, tok = tiny_model("gpt2")
+    hf = _family("qwen3_5", tok, attn_implementation="eager").double()
+    model = ax.load_model(hf, tokenizer=tok)
+    src, tgt = token_ids(model, SOURCE, TARGET)
+    ids, bad = src + tgt, token_ids(model, CORRUPTED, TARGET)[0] + tgt
+    kw = {"corrupted": CORRUPTED, "objective": "logit"}
+    layers = list(hf.model.layers)
+    cases = [
+        ("mlp", {}, [b.mlp for b in layers], False),
+        ("residual", {}, layers, False),
+        ("attention", {"layers": [1]}, [layers[1].self_attn.o_proj], True),  # o_proj's input
+    ]
+    for site, extra, modules, pre in cases:
+        got = ax.attribution_patching(model, SOURCE, TARGET, site=site, **kw, **extra)
+        want = _hooked_effects(hf, modules, ids, bad, (len(src) - 1, tgt[0]), pre)
+        first = got.values[0, : len(src)]
+        largest = np.abs(want).max()
+        assert largest > 1e-4 and np.abs(first - want).max() < 5e-3 * largest, site
+    mlp = ax.attribution_patching(model, SOURCE, TARGET, site="mlp", **kw)
+    neurons = ax.attribution_patching(model, SOURCE, TARGET, site="neurons", **kw)
+    np.testing.assert_allclose(neurons.sum("neuron", skipna=False), mlp, rtol=1e-7, atol=1e-12)
+    heads = ax.attribution_patching(model, SOURCE, TARGET, layers=[1], **kw)
+    whole = ax.attribution_patching(model, SOURCE, TARGET, site="attention", layers=[1], **kw)
+    np.testing.assert_allclose(heads.sum("head", skipna=False), whole, rtol=1e-7, atol=1e-12)
+    with pytest.raises(ax.ModelError, match="layer 0 has no attention heads"):
+        ax.attribution_patching(model, SOURCE, TARGET, corrupted=CORRUPTED)

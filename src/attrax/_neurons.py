@@ -32,7 +32,7 @@ from ._errors import InputError
 from ._gradients import QUADRATURES, check_quadrature_steps, quadrature_nodes
 from ._memory import at_least_float32, between_passes
 from ._model import refuse_no_query_row
-from ._protocol import Call, Family
+from ._protocol import COMMON, Call, Family
 from ._schema import label_neurons
 from ._sites import Stack, neuron_width, patch_stack, site_hook
 
@@ -41,15 +41,7 @@ METHOD = "knowledge_neurons"
 NEURONS = Family(
     name="knowledge_neurons",
     differentiates=True,
-    takes=(
-        "objective",
-        "contrast",
-        "positions",
-        "chunk_size",
-        "batch_size",
-        "max_new_tokens",
-        "max_memory",
-    ),
+    takes=tuple(name for name in COMMON if name != "attribute_target"),
     refuses={
         "attribute_target": "knowledge neurons are scored inside the model, at the position "
         "that predicts each target: there are no source positions to attribute",
