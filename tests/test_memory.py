@@ -871,6 +871,10 @@ MEDIUM = '" ".join(words[:40]), target'
         ("conductance", "steps=16, layers='all'", 150 << 20, "", SHORT),
         # a block of steps' logits over GPT-2's vocabulary: until 2026-12-06 all of them at once
         ("reagent", "probes=8, max_steps=16, top_k=1", 150 << 20, ", vocab_size=50257", SHORT),
+        # every (layer, node, target) a copy of the batch
+        ("knowledge_neurons", "steps=4", 150 << 20, "", SHORT),
+        # every token's path of 64 points, held through the call
+        ("discretized_integrated_gradients", "steps=64, neighbours=8", 200 << 20, "", SHORT),
     ],
 )
 def test_the_measured_peak_stays_within_the_budget(
