@@ -51,8 +51,8 @@ class Stack:
                 raise ModelError(
                     f"layer {layer} has no attention heads (its "
                     f"{type(self.blocks[layer]).__name__} mixes tokens otherwise: linear "
-                    "attention or a state-space layer); choose attention layers with `layers`, "
-                    "or the MLPs' sites"
+                    "attention or a state-space layer); choose attention layers with `layers` "
+                    "(and a `window` that stays within them), or the MLPs' sites"
                 )
             return projection
         return {"mlp": self.mlps, "residual": self.blocks}[site][layer]
