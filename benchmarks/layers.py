@@ -21,9 +21,10 @@ output, ``transformer.h[l-1]``) and every target:
   returns all-zero attributions on this model (transformers 5.24), so it is not compared; it
   has neither conductance nor internal influence.
 
-``--sites residual,attention,mlp,neurons`` also reads each block's attention output
-(``h[l].attn.c_proj``'s output), MLP output (``h[l].mlp``'s) or MLP neurons (``h[l].mlp.c_proj``'s
-input: Captum's ``attribute_to_layer_input=True``) over blocks 0..3, attrax's ``site=``.
+``--sites residual,attention,mlp,neurons,heads`` also reads each block's attention output
+(``h[l].attn.c_proj``'s output), MLP output (``h[l].mlp``'s), MLP neurons (``h[l].mlp.c_proj``'s
+input: Captum's ``attribute_to_layer_input=True``) or heads' outputs (``h[l].attn.c_proj``'s input,
+attrax's ``head`` and ``hidden`` flattened to compare) over blocks 0..3, attrax's ``site=``.
 ``--methods`` and ``--sites`` run some and keep the other rows of ``--out``.
 
 Parity first, on the timed outputs: max |a - b| / max |b| over every (target, source, layer,
@@ -60,11 +61,12 @@ NAMES = {
 }
 METHODS = ("input_x_gradient", "integrated_gradients", "conductance", "internal_influence")
 PATHS = METHODS[1:]  # the methods that take `steps`
-SITES = ("residual", "attention", "mlp", "neurons")
+SITES = ("residual", "attention", "mlp", "neurons", "heads")
 CAPTUM_MODULES = {
     "attention": "`h[l].attn.c_proj`",
     "mlp": "`h[l].mlp`",
     "neurons": "`h[l].mlp.c_proj` (its input)",
+    "heads": "`h[l].attn.c_proj` (its input)",
 }
 
 
@@ -80,7 +82,7 @@ def layer_modules(model, site: str = "residual") -> list[torch.nn.Module]:
     """Residual-stream layer l as a module whose output it is (attrax's indexing), or block l's
     module whose output (input, for the neurons) is ``site``'s activation."""
     blocks = list(model.transformer.h)
-    if site == "attention":
+    if site in ("attention", "heads"):  # the heads' outputs: its input
         return [b.attn.c_proj for b in blocks]
     if site == "mlp":
         return [b.mlp for b in blocks]
@@ -122,7 +124,7 @@ def captum(
         for k, t in enumerate(range(first, len(ids))):  # and per target
             x = embeds[:, :t]
             kw = {"additional_forward_args": (ids[t].reshape(1, 1),)}
-            if site == "neurons":  # the output projection's input
+            if site in ("neurons", "heads"):  # the output projection's input
                 kw["attribute_to_layer_input"] = True
             if method in PATHS:
                 kw |= {"baselines": torch.zeros_like(x), "n_steps": STEPS}
@@ -168,7 +170,8 @@ def attrax_run(
     start = time.perf_counter()
     da = getattr(ax, method)(model, prompt, target, layers="all", site=site, **kw)
     seconds = time.perf_counter() - start
-    return da.transpose("target", "source", "layer", ...).values, seconds
+    values = da.transpose("target", "source", "layer", ...).values
+    return values.reshape(*values.shape[:3], -1), seconds  # the heads side by side
 
 
 def rel_err(a: np.ndarray, b: np.ndarray) -> float:

@@ -27,26 +27,31 @@ SITES = {
         "attention": ("transformer.h.{}.attn.c_proj", False),
         "mlp": ("transformer.h.{}.mlp", False),
         "neurons": ("transformer.h.{}.mlp.c_proj", True),
+        "heads": ("transformer.h.{}.attn.c_proj", True),
     },
     "llama": {
         "attention": ("model.layers.{}.self_attn.o_proj", False),
         "mlp": ("model.layers.{}.mlp", False),
         "neurons": ("model.layers.{}.mlp.down_proj", True),
+        "heads": ("model.layers.{}.self_attn.o_proj", True),
     },
     "marian": {
         "attention": ("model.encoder.layers.{}.self_attn.out_proj", False),
         "mlp": ("model.encoder.layers.{}.fc2", False),
         "neurons": ("model.encoder.layers.{}.fc2", True),
+        "heads": ("model.encoder.layers.{}.self_attn.out_proj", True),
     },
     "t5": {
         "attention": ("encoder.block.{}.layer.0.SelfAttention.o", False),
         "mlp": ("encoder.block.{}.layer.1.DenseReluDense", False),
         "neurons": ("encoder.block.{}.layer.1.DenseReluDense.wo", True),
+        "heads": ("encoder.block.{}.layer.0.SelfAttention.o", True),
     },
     "bert": {
         "attention": ("bert.encoder.layer.{}.attention.output.dense", False),
         "mlp": ("bert.encoder.layer.{}.output.dense", False),
         "neurons": ("bert.encoder.layer.{}.output.dense", True),
+        "heads": ("bert.encoder.layer.{}.attention.output.dense", True),
     },
 }
 SOURCE, TARGET = "The capital of France is", " Paris"
@@ -129,6 +134,29 @@ def test_sites_equal_naive_loop(doubles, arch, site):
     close(ig.values, naive(model, arch, site, "integrated_gradients", [1, 0]))
 
 
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "marian", "t5"])
+def test_heads_equal_the_naive_loop_at_the_projections_input(doubles, arch):
+    """site='heads': the attention output projection's input, the loop's one vector, split into
+    the config's heads; layer IG too (its path per layer, every head together)."""
+    model = doubles[arch]
+    heads = model.hf.config.get_text_config().num_attention_heads
+    for method in ("saliency", "input_x_gradient"):
+        da = getattr(ax, method)(model, SOURCE, TARGET, layers="all", site="heads")
+        assert da.dims == ("target", "source", "layer", "head", "hidden")
+        assert da.sizes["head"] == heads and da["head"].values.tolist() == list(range(heads))
+        close(da.values.reshape(*da.shape[:3], -1), naive(model, arch, "heads", method, [0, 1]))
+    ig = ax.integrated_gradients(
+        model, SOURCE, TARGET, layers=[1], site="heads", steps=5, quadrature="riemann_middle"
+    )
+    want = naive(model, arch, "heads", "integrated_gradients", [1])
+    close(ig.values.reshape(*ig.shape[:3], -1), want)
+    summed = ax.input_x_gradient(model, SOURCE, TARGET, layers="all", site="heads",
+                                 reduce_hidden="sum")  # fmt: skip
+    assert summed.dims == ("target", "source", "layer", "head")
+    full = ax.input_x_gradient(model, SOURCE, TARGET, layers="all", site="heads")
+    close(summed.values, full.sum("hidden", skipna=False).values)
+
+
 def test_neuron_widths_are_the_mlps_inner_width(doubles):
     """GPT-2's tiny MLP is 4 x 32 wide, Llama's and Marian's 64 (their configs')."""
     widths = {"gpt2": 128, "llama": 64, "marian": 64, "t5": 64}
@@ -143,8 +171,11 @@ def test_classifier_sites_equal_naive_loop():
     model = ax.load_model(hf.double(), tokenizer=tok)
     text = "a fine film"
     enc = tok(text, return_tensors="pt")
-    for site in ("attention", "neurons"):
+    for site in ("attention", "neurons", "heads"):
         da = ax.input_x_gradient(model, text, layers=[1], site=site)
+        if site == "heads":  # the projection's input, split per head
+            assert da.sizes["head"] == hf.config.num_attention_heads
+            da = da.stack(feature=("head", "hidden"))
         cls = int(da["target_class"].values[0])
         kept = []
         with torch.no_grad(), at_site(model, "bert", site, 1, lambda a, k=kept: k.append(a) or a):
@@ -167,7 +198,7 @@ def test_layer_ig_at_a_site_is_complete(doubles, arch):
     run = _naive.Runner(model, *_naive.token_ids(model, SOURCE, TARGET))
     x = run.embeddings()
     zero = [torch.zeros_like(x[0]), *x[1:]]
-    for site in ("mlp", "neurons", "attention"):
+    for site in ("mlp", "neurons", "attention", "heads"):
         da = ax.integrated_gradients(
             model, SOURCE, TARGET, layers="all", site=site, steps=128, objective="logit"
         )
@@ -181,7 +212,7 @@ def test_layer_ig_at_a_site_is_complete(doubles, arch):
                 total = float(da.isel(target=k, layer=j).sum())
                 assert abs(total - change) < tol * max(1.0, abs(change)), (site, layer, k)
                 assert abs(float(da["completeness_gap"][k, j]) - (total - change)) < 1e-10
-        assert float(abs(da.sum(("source", da.dims[-1]))).max()) > 1e-4  # not all zero
+        assert float(abs(da.sum(("source", *da.dims[3:]))).max()) > 1e-4  # not all zero
 
 
 def test_conductance_and_deeplift_at_a_site_have_no_gap(doubles):
@@ -228,7 +259,7 @@ def test_batched_and_chunked_equal_single(doubles):
     ("options", "error", "message"),
     [
         ({"site": "neurons"}, ax.OptionError, "`site='neurons'` is read at layers: give `layers`"),
-        ({"site": "heads", "layers": 0}, ax.OptionError, "`site` must be one of"),
+        ({"site": "head", "layers": 0}, ax.OptionError, "`site` must be one of"),
         (
             {"site": "mlp", "layers": 2},
             ax.OptionError,

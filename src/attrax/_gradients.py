@@ -245,16 +245,22 @@ def _run_layers(rule: Rule, call: Call, layers: _layers.At) -> xr.DataArray:
         gap = values.sum(dim=(3, 4)) - (ends[0][..., None] - start)  # [B, K, n_layers]
         target_coords = _layers.gap_coords(gap)
     reduce_hidden = o["reduce_hidden"]
-    if reduce_hidden:
+    per_head = () if layers.heads is None else ("head",)
+    if layers.heads is not None:  # each head's output, side by side: [..., heads, head_dim]
+        values = values.unflatten(-1, (layers.heads, -1))
+    if reduce_hidden:  # a head's own features
         reduce = torch.linalg.vector_norm if reduce_hidden == "l2_norm" else torch.sum
         values = reduce(values, dim=-1)
-    values = values.transpose(2, 3)  # [B, K, L, n_layers, (H)]
-    trailing = ("layer",) if reduce_hidden else ("layer", layers.dim)
+    values = values.transpose(2, 3)  # [B, K, L, n_layers, (heads), (H)]
+    trailing = ("layer", *per_head) + (() if reduce_hidden else (layers.dim,))
+    coords: dict[str, Any] = {"layer": layers.layers}
+    if layers.heads is not None:
+        coords["head"] = list(range(layers.heads))
     da = call.label(
         (values,),
         trailing=trailing,
         target_coords=target_coords,
-        trailing_coords={"layer": layers.layers},
+        trailing_coords=coords,
     )
     if target_coords is not None:
         da = _layers.join_gaps(da, len(layers))
@@ -305,8 +311,9 @@ GRADIENT = Family(
             "str",
             _layers.check_site,
             "with `layers`: 'residual' (the residual stream), or per block 0..L-1 'attention' "
-            "(its attention's output), 'mlp' (its MLP's output) or 'neurons' (its MLP's "
-            "neurons, the input of the MLP's output projection; a `neuron` dim)",
+            "(its attention's output), 'mlp' (its MLP's output), 'neurons' (its MLP's "
+            "neurons, the input of the MLP's output projection; a `neuron` dim) or 'heads' "
+            "(its heads' outputs, the input of the attention's output projection; a `head` dim)",
         ),
     },
 )

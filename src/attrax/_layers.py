@@ -44,8 +44,9 @@ from ._sites import Stack, neuron_width, patch_stack, site_hook
 ALL = "all"
 Layers = int | Sequence[int] | slice | str | None
 #: where ``layers=`` reads (``site=``): the residual stream at ``0..L``, or per block ``0..L-1``
-#: its attention's output, its MLP's output, or its MLP's neurons
-SITES = ("residual", "attention", "mlp", "neurons")
+#: its attention's output, its MLP's output, its MLP's neurons, or its heads' outputs (the
+#: attention output projection's input, split per head)
+SITES = ("residual", "attention", "mlp", "neurons", "heads")
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,8 @@ class At:
     site: str = "residual"
     width: int | None = None
     modules: tuple[torch.nn.Module, ...] = ()
+    #: the heads the width splits into (site "heads")
+    heads: int | None = None
 
     def __len__(self) -> int:
         return len(self.layers)
@@ -71,9 +74,9 @@ class At:
 def check_site(value: object, name: str) -> None:
     """One of :data:`SITES`.
 
-    >>> check_site("heads", "site")
+    >>> check_site("head", "site")
     Traceback (most recent call last):
-    attrax._errors.OptionError: `site` must be one of ('residual', 'attention', 'mlp', 'neurons'), got 'heads'
+    attrax._errors.OptionError: `site` must be one of ('residual', 'attention', 'mlp', 'neurons', 'heads'), got 'head'
     """
     if not isinstance(value, str) or value not in SITES:
         raise OptionError(f"`{name}` must be one of {SITES}, got {value!r}")
@@ -135,8 +138,30 @@ def resolve(model: Model, layers: Layers, site: str = "residual") -> At:
     if site == "neurons":
         modules = [stack.module("neurons", layer) for layer in chosen]
         return At(chosen, site, neuron_width(stack, chosen), tuple(modules))
+    if site == "heads":  # the output projection's input, every head's output side by side
+        modules = [stack.module("heads", layer) for layer in chosen]
+        widths = {_in_width(m) for m in modules}
+        width = widths.pop()
+        if widths or width % stack.heads:
+            raise ModelError(
+                f"`layers` with site='heads': the attention output projections' inputs "
+                f"({sorted({_in_width(m) for m in modules})} wide) do not split into "
+                f"{stack.heads} heads of one width"
+            )
+        return At(chosen, site, width, tuple(modules), stack.heads)
     where = "heads" if site == "attention" else "mlp"  # the projection: its output, here
     return At(chosen, site, None, tuple(stack.module(where, layer) for layer in chosen))
+
+
+def _in_width(module: torch.nn.Module) -> int:
+    """A Linear's (or GPT-2's Conv1D's) input width."""
+    width = getattr(module, "in_features", None) or getattr(module, "nx", None)
+    if not isinstance(width, int):
+        raise ModelError(
+            f"`layers` with site='heads': {type(module).__name__} is no Linear layer whose "
+            "input attrax can split into heads"
+        )
+    return width
 
 
 def _site_stack(model: Model, site: str) -> Stack:
@@ -248,9 +273,8 @@ def edit_layers(
         else:  # patching's hooks: the output projection's input for the neurons, else output
             for j, module in enumerate(at.modules):
                 change = functools.partial(changed, j)
-                handles.append(
-                    site_hook(module, "neurons" if at.site == "neurons" else "mlp", change)
-                )
+                inputs = at.site in ("neurons", "heads")  # a projection's input
+                handles.append(site_hook(module, "neurons" if inputs else "mlp", change))
         yield
     finally:
         for handle in handles:
@@ -305,8 +329,9 @@ def replaced_scores(
     out = []
     for first in range(0, nl, step):  # chunking only: bounds memory
         part = At(
-            at.layers[first : first + step], at.site, at.width, at.modules[first : first + step]
-        )
+            at.layers[first : first + step], at.site, at.width, at.modules[first : first + step],
+            at.heads,
+        )  # fmt: skip
         n = len(part)
         select = torch.eye(n, dtype=torch.bool, device=x.device)
 

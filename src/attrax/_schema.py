@@ -33,7 +33,7 @@ DIMS: dict[str, str] = {
     "hidden": "the embedding dimension",
     "layer": "a layer of the model (attention maps; the residual stream, or a block's site, with "
     "`layers=`)",
-    "head": "an attention head",
+    "head": "an attention head (with `layers=` and site='heads': each head's output, beside `hidden`)",
     "neuron": "an MLP neuron: an input of the MLP's output projection (site='neurons'; "
     "knowledge_neurons)",
     "sender": "edge_attribution_patching: a node that writes to the residual stream",
