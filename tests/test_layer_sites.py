@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import attrax as ax
-from attrax.testing import tiny_classifier
+from attrax.testing import tiny_classifier, tiny_model
 from tests import _naive
 from tests.conftest import tiny_mixtral
 from tests.test_layers import close
@@ -332,3 +332,67 @@ def test_cli_and_dataset_take_a_site(tmp_path, write_jsonl, default_model):
             default_model, data, tmp_path / "bad", layers=blocks, site="mlp", progress=False
         )
     assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.parametrize(
+    ("arch", "module"),
+    [("gpt2", "transformers.models.gpt2.modeling_gpt2"),
+     ("llama", "transformers.models.llama.modeling_llama")],
+)  # fmt: skip
+def test_a_head_is_its_own_slice_of_the_projections_input(doubles, arch, module, monkeypatch):
+    """The layout site='heads' assumes, checked in the model's own attention: zeroing query head
+    ``h``'s output (where the attention function returns ``[B, T, heads, head_dim]``) changes
+    slice ``h`` of the output projection's input, and no other."""
+    import importlib
+
+    model = doubles[arch]
+    source = importlib.import_module(module)
+    eager, zeroed = source.eager_attention_forward, [None]
+
+    def attention(*args, **kwargs):
+        out, weights = eager(*args, **kwargs)
+        if zeroed[0] is not None:
+            out = out.clone()
+            out[:, :, zeroed[0]] = 0
+        return out, weights
+
+    monkeypatch.setattr(source, "eager_attention_forward", attention)
+    heads = model.hf.config.num_attention_heads
+    run = _naive.Runner(model, *_naive.token_ids(model, SOURCE, TARGET))
+    x = run.embeddings()
+    base = read(run, model, arch, "heads", 0, x).unflatten(-1, (heads, -1))
+    for h in range(heads):
+        zeroed[0] = h
+        moved = (read(run, model, arch, "heads", 0, x).unflatten(-1, (heads, -1)) - base).abs()
+        assert moved.amax(dim=(0, 2)).nonzero().flatten().tolist() == [h]
+    zeroed[0] = None
+    da = ax.saliency(model, SOURCE, TARGET, layers=0, site="heads")
+    assert da.sizes["head"] == heads
+
+
+def test_heads_refused_where_the_projection_reads_no_one_slice_per_head():
+    """DiffLlama's projection reads differential heads (two query heads each); BitNet's, one
+    RMSNorm over every head: neither splits into the query heads' outputs."""
+    import transformers as T
+
+    _, tok = tiny_model("gpt2")
+    small = {"vocab_size": len(tok), "hidden_size": 32, "num_hidden_layers": 2,
+             "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 64}  # fmt: skip
+    for config in (T.DiffLlamaConfig(**small), T.BitNetConfig(**small)):
+        torch.manual_seed(0)
+        model = ax.load_model(T.AutoModelForCausalLM.from_config(config), tokenizer=tok)
+        with pytest.raises(ax.ModelError, match="not one slice per query head"):
+            ax.saliency(model, SOURCE, TARGET, layers=0, site="heads")
+        ax.saliency(model, SOURCE, TARGET, layers=0, site="mlp")  # its other sites run
+
+
+def test_the_auto_reduction_norms_a_heads_features_first(doubles):
+    """A head's features are its own: averaged across heads before the norm, the auto reduction
+    would depend on each head's feature order."""
+    from attrax._dataset import reduce
+
+    da = ax.input_x_gradient(doubles["gpt2"], SOURCE, TARGET, layers="all", site="heads")
+    want = ax.normalize(ax.mean(ax.mean(ax.l2_norm(da, "hidden"), "layer"), "head"), "source")
+    close(reduce(da, None).values, want.values)
+    shuffled = da.copy(data=da.values[..., ::-1].copy())  # each head's features reversed
+    close(reduce(shuffled, None).values, want.values)

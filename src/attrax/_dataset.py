@@ -155,7 +155,8 @@ def reduce(da: xr.DataArray, steps: list[tuple[str, str | None]] | None) -> xr.D
     """Apply parsed reductions, or with ``None`` (auto) reduce to ``([example,] target, source)``.
 
     Auto: ``l2_norm`` over ``hidden`` (and an MLP's ``neuron``), ``mean`` over other extra dims
-    (``layer``, ``head``), then ``normalize`` over ``source``; an array without a ``source``
+    (``layer``, ``head``; a head's ``hidden`` is normed first, its features being its own), then
+    ``normalize`` over ``source``; an array without a ``source``
     (edge attribution patching's ``(target, sender, receiver)``) is kept as it is.
 
     >>> import xarray as xr
@@ -171,6 +172,8 @@ def reduce(da: xr.DataArray, steps: list[tuple[str, str | None]] | None) -> xr.D
             for dim in da.dims
             if dim not in _KEPT_DIMS
         ]
+        if "head" in da.dims and "hidden" in da.dims:  # a head's own features, before any mean
+            steps.sort(key=lambda step: step[1] != "hidden")
         steps.append(("normalize", "source"))
     for name, dim in steps:
         da = getattr(_reduce, name)(da, dim)

@@ -143,10 +143,11 @@ def resolve(model: Model, layers: Layers, site: str = "residual") -> At:
         widths = {_in_width(m) for m in modules}
         width = widths.pop()
         if widths or width % stack.heads:
+            each = {layer: _in_width(m) for layer, m in zip(chosen, modules, strict=True)}
             raise ModelError(
-                f"`layers` with site='heads': the attention output projections' inputs "
-                f"({sorted({_in_width(m) for m in modules})} wide) do not split into "
-                f"{stack.heads} heads of one width"
+                f"`layers` with site='heads' labels every layer's heads along one `hidden` dim; "
+                f"these layers' attention output projections read {each} features, not "
+                f"{stack.heads} heads of one width: choose layers of one head width with `layers`"
             )
         return At(chosen, site, width, tuple(modules), stack.heads)
     where = "heads" if site == "attention" else "mlp"  # the projection: its output, here

@@ -30,7 +30,7 @@ DIMS: dict[str, str] = {
     "target": "the attributed (predicted) token, by its position in the sequence the model reads",
     "source": "what the attribution is about: positions of the prompt+continuation or encoder input",
     "query": "the attending position of an encoder self-attention map",
-    "hidden": "the embedding dimension",
+    "hidden": "the embedding dimension (with site='heads': a head's own width)",
     "layer": "a layer of the model (attention maps; the residual stream, or a block's site, with "
     "`layers=`)",
     "head": "an attention head (with `layers=` and site='heads': each head's output, beside `hidden`)",

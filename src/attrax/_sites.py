@@ -38,6 +38,8 @@ class Stack:
     projections: list[torch.nn.Module | None]
     mlps: list[torch.nn.Module]
     heads: int
+    #: why the output projection's input does not split into ``heads`` heads (None: it does)
+    unsplit: str | None = None
 
     def module(self, site: str, layer: int) -> torch.nn.Module:
         """Where ``site``'s activation of ``layer`` is: the output projection (its input, the
@@ -46,6 +48,8 @@ class Stack:
         if site == "neurons":
             return down_projection(self.mlps[layer], layer)
         if site == "heads":
+            if self.unsplit is not None:
+                raise ModelError(self.unsplit)
             projection = self.projections[layer]
             if projection is None:
                 raise ModelError(
@@ -214,6 +218,12 @@ def mlp_of(block: torch.nn.Module) -> torch.nn.Module | None:
     return mlp
 
 
+#: models whose output projection's input is not one slice per query head, and what it is
+UNSPLIT = {
+    "diffllama": "differential heads (two query heads' outputs each, side by side)",
+    "bitnet": "every head's output through one RMSNorm over all of them",
+}
+
 #: layer types (a config's ``layer_types``) that mix tokens without softmax attention heads
 NOT_ATTENTION = frozenset({"linear_attention", "conv"})
 
@@ -249,7 +259,14 @@ def decoder_stack(model: Model, method: str, attention: bool = True) -> Stack:
     heads = _arch.heads(model.hf.config, "self")
     if not isinstance(heads, int):
         raise ModelError(f"{method}: cannot tell how many heads {type(model.hf).__name__} has")
-    return Stack("self", blocks, projections, mlps, heads)
+    unsplit = None
+    if getattr(model.hf.config, "model_type", None) in UNSPLIT:
+        unsplit = (
+            f"{method}: {type(model.hf).__name__}'s output projection reads "
+            f"{UNSPLIT[model.hf.config.model_type]}, not one slice per query head; its MLP and "
+            "residual sites run"
+        )
+    return Stack("self", blocks, projections, mlps, heads, unsplit)
 
 
 # encoder classifiers: where the base model keeps its blocks, where a block keeps the module
