@@ -210,6 +210,7 @@ GROUPS: dict[str, list[Call]] = {
     "layer attention": [_run("saliency", layers=0, site="attention")],
     "layer MLP": [_run("saliency", layers=0, site="mlp")],
     "layer neurons": [_run("saliency", layers=0, site="neurons")],
+    "layer heads": [_run("saliency", layers=0, site="heads")],
     "knowledge neurons": [_run("knowledge_neurons", layers=0, steps=1)],
     "perturbation": [_run(name) for name in PERTURBATIONS],
     "attention": [_run("attention"), _run("rollout")],
