@@ -38,7 +38,7 @@ from ._engine import PointFn, Problem, vjp
 from ._errors import ModelError, OptionError
 from ._memory import Size, at_least_float32, between_passes, plan_forwards
 from ._model import Model, refuse_seq2seq_classifier
-from ._sites import Stack, neuron_width, patch_stack, site_hook
+from ._sites import Stack, in_width, neuron_width, patch_stack, site_hook
 
 #: what ``layers=`` accepts besides ints
 ALL = "all"
@@ -155,9 +155,9 @@ def resolve(model: Model, layers: Layers, site: str = "residual") -> At:
 
 
 def _in_width(module: torch.nn.Module) -> int:
-    """A Linear's (or GPT-2's Conv1D's) input width."""
-    width = getattr(module, "in_features", None) or getattr(module, "nx", None)
-    if not isinstance(width, int):
+    """A Linear's (or GPT-2's Conv1D's) input width, or a ModelError."""
+    width = in_width(module)
+    if width is None:
         raise ModelError(
             f"`layers` with site='heads': {type(module).__name__} is no Linear layer whose "
             "input attrax can split into heads"

@@ -65,8 +65,8 @@ class Stack:
         """How many neurons layer ``layer``'s MLP has (its output projection's inputs); ``who``
         reads them, for a refusal's message."""
         down = down_projection(self.mlps[layer], layer, who)
-        width = getattr(down, "in_features", None) or getattr(down, "nx", None)
-        assert isinstance(width, int), type(down).__name__
+        width = in_width(down)
+        assert width is not None, type(down).__name__
         return width
 
     @property
@@ -104,6 +104,12 @@ def down_projection(
             )
         )
     return down
+
+
+def in_width(module: torch.nn.Module) -> int | None:
+    """A Linear's (or GPT-2's Conv1D's) input width; None for another module."""
+    width = getattr(module, "in_features", None) or getattr(module, "nx", None)
+    return width if isinstance(width, int) else None
 
 
 def is_linear(module: torch.nn.Module) -> bool:
