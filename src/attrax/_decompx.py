@@ -24,7 +24,7 @@ from ._errors import ModelError, OptionError
 from ._inputs import Tensors, to_tensors
 from ._memory import CALL_OVERHEAD, budget_after, parse_bytes
 from ._mixing import _POST_NORM, _architecture, _layers, _parts
-from ._model import Model, whole_feed_forward
+from ._model import Model
 from ._protocol import Call, Family
 
 #: how a bias is shared among the tokens' vectors it is added to
@@ -152,9 +152,8 @@ class _Run:
         first, second = _head(self.model)
         hooks.append(first.register_forward_hook(keep("head_up", 0, output=True)))
         hooks.append(second.register_forward_pre_hook(keep("head_act", 0)))
-        try:
-            with whole_feed_forward(self.model.hf):
-                self.model.stream_attention(t, lambda _stack, w: self.maps.append(w.detach()))
+        try:  # the feed-forward runs whole in every call (_protocol), as these hooks read it
+            self.model.stream_attention(t, lambda _stack, w: self.maps.append(w.detach()))
         finally:
             for hook in hooks:
                 hook.remove()

@@ -48,7 +48,6 @@ from ._model import (
     norm_divisor,
     norm_gain,
     refuse_no_query_row,
-    whole_feed_forward,
 )
 from ._protocol import Call, Family
 from ._schema import label_queries
@@ -1336,7 +1335,8 @@ def attention_norm(
 
         return hook
 
-    with contextlib.ExitStack() as stack, torch.no_grad(), whole_feed_forward(model.hf):
+    # the second norms' inputs whole: every call runs the feed-forward unchunked (_protocol)
+    with contextlib.ExitStack() as stack, torch.no_grad():
         for index, norm in enumerate(seconds):
             stack.enter_context(_pre_hook(norm, second_norm(index, norm)))
         decomposition.run()
