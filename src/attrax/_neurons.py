@@ -168,9 +168,9 @@ class _Scaling:
 
     def _copies(
         self, slots: slice, layer: torch.Tensor, alpha: torch.Tensor
-    ) -> tuple[Callable[..., torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor, int]:
-        """Each copy's layer, node and position, the forward to its head input, and the
-        sequence length it runs on."""
+    ) -> tuple[Callable[..., torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The forward to the copies' head inputs, each copy's layer, node and position, and
+        the copies' embeddings (cut after the last position a causal target reads)."""
         problem, t = self.problem, self.problem.tensors
         k, n = t.valid[:, slots].shape[1], layer.shape[0]
         hidden = problem.hidden_fn(n, slots, own=True)
@@ -183,7 +183,8 @@ class _Scaling:
         if self.problem.model.task == "generation" and not self.problem.model.is_encoder_decoder:
             # causal: a target's score reads nothing after its own position
             length = int(t.index[:, slots].max()) + 1
-        return hidden, per_copy(layer), per_copy(alpha), position, length
+        embeds = problem.inputs[0][:, :length].repeat(k * n, 1, 1)
+        return hidden, per_copy(layer), per_copy(alpha), position, embeds
 
     @contextmanager
     def _hooked(
@@ -232,10 +233,8 @@ class _Scaling:
         """``dF/dz`` at ``alpha * a`` and ``a`` itself, each ``[k, n, B, W]``: target
         ``slots[j]``'s, at node ``i`` of layer ``layer[i]``."""
         problem, t = self.problem, self.problem.tensors
-        hidden, layers, alphas, position, length = self._copies(slots, layer, alpha)
-        copies = layers.shape[0]
+        hidden, layers, alphas, position, embeds = self._copies(slots, layer, alpha)
         x = problem.inputs[0]
-        embeds = x[:, :length].repeat(copies // x.shape[0], 1, 1)
         k, n = t.valid[:, slots].shape[1], layer.shape[0]
         valid = t.valid[:, slots].T[:, None].expand(k, n, -1).reshape(-1, 1).to(x.dtype)
 
@@ -246,7 +245,7 @@ class _Scaling:
             assert seen[0] is not None  # the hooks ran
             return value, seen[0]  # the neurons as aux: a tensor must not escape vjp otherwise
 
-        probe = x.new_zeros(copies, self.width)
+        probe = x.new_zeros(layers.shape[0], self.width)
         _, pullback, acts = cast(
             "tuple[torch.Tensor, Callable[..., tuple[torch.Tensor]], torch.Tensor]",
             torch.func.vjp(score, probe, has_aux=True),
@@ -259,9 +258,7 @@ class _Scaling:
         """``F(alpha * a)`` ``[k, n, B]``: each target's objective with layer ``layer[i]``'s
         neurons scaled by ``alpha[i]`` at its position."""
         problem, t = self.problem, self.problem.tensors
-        hidden, layers, alphas, position, length = self._copies(slots, layer, alpha)
-        x = problem.inputs[0]
-        embeds = x[:, :length].repeat(layers.shape[0] // x.shape[0], 1, 1)
+        hidden, layers, alphas, position, embeds = self._copies(slots, layer, alpha)
         seen: list[torch.Tensor | None] = [None]
         with self._hooked(layers, alphas, position, None, seen):
             values = problem.head_objective(hidden(embeds), slots, own=True)
