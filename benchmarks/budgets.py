@@ -283,6 +283,7 @@ LABEL = {
     "activation_patching": "activation patching",
     "edge_attribution_patching": "edge attribution patching",
     "edge_patching": "edge patching", "knowledge_neurons": "knowledge neurons",
+    "information_flow": "information flow",
 }  # fmt: skip
 
 

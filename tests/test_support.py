@@ -218,6 +218,7 @@ GROUPS: dict[str, list[Call]] = {
     "value zeroing": [_run("value_zeroing")],
     "ALTI": [_run("alti")],
     "ALTI-Logit": [_run("alti_logit")],
+    "information flow": [_run("information_flow")],
     "attention norm": [_run("attention_norm"), _run("attention_norm", include="residual")],
     "DecompX": [_run("decompx")],
     "DLA": [_run("direct_logit_attribution")],

@@ -85,6 +85,7 @@ if TYPE_CHECKING:
     from ._reduce import pipe as pipe
     from ._reduce import rescale as rescale
     from ._reduce import sum as sum
+    from ._routes import information_flow as information_flow
     from ._scores import step_scores as step_scores
     from ._scores import with_scores as with_scores
     from ._stacked import stack_models as stack_models

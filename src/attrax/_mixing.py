@@ -797,13 +797,21 @@ def _row_bytes(batch: int, keys: int, width: int, size: int = 4) -> int:
     return 4 * batch * keys * width * size
 
 
-def _vector_budget(model: Model, t: Tensors, options: Any, what: str = "ALTI") -> int:
+def _vector_budget(
+    model: Model,
+    t: Tensors,
+    options: Any,
+    what: str = "ALTI",
+    held: int = 0,
+    keys: int | None = None,
+) -> int:
     """Bytes ALTI's per-layer vectors may take at once: ``max_memory`` (None: half the free memory
     of the model's device) less the rest of the call's estimate: one layer's eager forward (its
     temporaries, three ``[B, heads, L, L]`` maps), the float32 decomposition (the per-head values
-    ``[B, heads, L, d]``; the maps' copy on half-precision models) and three ``[B, L, L]``
-    rollout matrices; on the CPU at most :data:`CPU_PASS`. A ``max_memory`` below one query
-    row's vectors on top of that is an :class:`OptionError` naming the smallest that can be met."""
+    ``[B, heads, L, d]``; the maps' copy on half-precision models), three ``[B, L, L]``
+    rollout matrices and ``held`` bytes the method keeps; on the CPU at most :data:`CPU_PASS`.
+    A ``max_memory`` below one query row's vectors (over ``keys`` parts, default one per token)
+    on top of that is an :class:`OptionError` naming the smallest that can be met."""
     config = model.hf.config
     batch, length = t.ids.shape[0], t.ids.shape[1]
     if t.decoder_ids is not None:
@@ -822,8 +830,8 @@ def _vector_budget(model: Model, t: Tensors, options: Any, what: str = "ALTI") -
     # float32 decomposition: u [B, heads, L, d] and x, the maps' copy when the model is not
     copy = heads * length * length if size < 4 else 0
     decomposition = 4 * batch * (heads * length * width + length * width + copy)
-    fixed = CALL_OVERHEAD + body + maps + decomposition + 3 * 4 * batch * length * length
-    smallest = fixed + _row_bytes(batch, length, width, max(size, 4))
+    fixed = CALL_OVERHEAD + body + maps + decomposition + 3 * 4 * batch * length * length + held
+    smallest = fixed + _row_bytes(batch, keys or length, width, max(size, 4))
     max_memory = parse_bytes(options.get("max_memory"))
     one_row = f"{what}'s forward with one query row's vectors at a time"
     return budget_after(model.device, max_memory, fixed, smallest, one_row)

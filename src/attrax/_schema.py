@@ -29,7 +29,8 @@ DIMS: dict[str, str] = {
     "example": "one per input text when a list is given (absent for a single string)",
     "target": "the attributed (predicted) token, by its position in the sequence the model reads",
     "source": "what the attribution is about: positions of the prompt+continuation or encoder input",
-    "query": "the attending position of an encoder self-attention map",
+    "query": "the attending position of an encoder self-attention map; information_flow: the "
+    "position an edge goes into",
     "hidden": "the embedding dimension (with site='heads': a head's own width)",
     "layer": "a layer of the model (attention maps; the residual stream, or a block's site, with "
     "`layers=`)",
@@ -90,6 +91,10 @@ COORDS: dict[str, str] = {
     "receiver_head": "edge_attribution_patching: the receiver's head (-1: an MLP or the logits)",
     "edges": "edge_patching: how many edges each `circuit` names",
     "head_total": "head_attribution: each head's attribution summed over queries and keys",
+    "attention_residual": "information_flow: the residual's edge into the stream after the "
+    "attention, on the route",
+    "mlp": "information_flow: the MLP's edge into the block's output, on the route",
+    "mlp_residual": "information_flow: the residual's edge into the block's output, on the route",
     "auc": "deletion/insertion: area under the curve over `fraction`",
     "aopc": "comprehensiveness/sufficiency: mean over `fraction` (ERASER's AOPC)",
     "tau": "loo_correlation: Kendall's tau-b between the attribution and the leave-one-out drops",
@@ -390,9 +395,55 @@ def label_neurons(
     return _build(data, dims, coords, method, attrs, batch.single)
 
 
+def label_flow(
+    model: Model,
+    batch: Batch,
+    flow: torch.Tensor,
+    residual: torch.Tensor,
+    mlp: torch.Tensor,
+    mlp_residual: torch.Tensor,
+    *,
+    heads: bool,
+    options: Mapping[str, Any],
+    method: str,
+) -> xr.DataArray:
+    """Route edges ``[B, K, layer, (head,) query, source]`` and the residual's, the MLP's and
+    the MLP residual's weights ``[B, K, layer, query]`` -> ``([example,] target, layer, [head,]
+    query, source)`` with those three as coordinates, targets as :func:`label`."""
+    targets, row_of, coords = target_coordinates(model, batch)
+    data = _by_target(batch, to_host(flow), row_of, len(targets))
+    width = data.shape[-1]
+    ids = np.full((len(batch.examples), width), MISSING_ID, dtype=np.int64)
+    for b in range(len(batch.examples)):
+        sequence = _side_ids(batch, b, 0)
+        ids[b, : len(sequence)] = sequence
+    tokens = token_strings(ids, model.token_strings)
+    coords["layer"] = np.arange(data.shape[2])
+    if heads:
+        coords["head"] = np.arange(data.shape[3])
+    for name in ("query", "source"):
+        coords[name] = np.arange(width)
+        coords[f"{name}_id"] = (("example", name), ids)
+        coords[f"{name}_token"] = (("example", name), tokens)
+    along = ("example", "target", "layer", "query")
+    for name, values in (
+        ("attention_residual", residual), ("mlp", mlp), ("mlp_residual", mlp_residual)
+    ):  # fmt: skip
+        coords[name] = (along, _by_target(batch, to_host(values), row_of, len(targets)))
+    dims = ["example", "target", "layer", *(["head"] if heads else []), "query", "source"]
+    attrs = run_attrs(model, method, "none", options)
+    return _build(data, dims, coords, method, attrs, batch.single)
+
+
 def _by_target(batch: Batch, raw: np.ndarray, row_of: dict[int, int], count: int) -> np.ndarray:
     """Per-example values ``[B, K, ...]`` (each example's targets first) placed at the rows of
     the union of targets, ``[B, count, ...]``, NaN where an example has no such target."""
+    if (
+        raw.shape[1] == count
+        and all(row_of[p] == k for e in batch.examples for k, p in enumerate(e.positions))
+        and all(len(e.positions) == count for e in batch.examples)
+    ):
+        return raw  # every example has every target, in order: nothing to move (no copy)
     data = np.full((len(batch.examples), count, *raw.shape[2:]), np.nan, dtype=raw.dtype)
     for b, example in enumerate(batch.examples):
         rows = [row_of[p] for p in example.positions]

@@ -560,6 +560,7 @@ def _attribute(args: argparse.Namespace) -> int:
         "edge_attribution_patching": "(target, sender, receiver) edges",
         "edge_patching": "(target[, circuit]) effects",
         "knowledge_neurons": "(target, layer, neuron) scores",
+        "information_flow": "(target, layer, query, source) route edges",
     }
     if args.method in no_source and (args.html or args.png):
         raise OptionError(
@@ -893,6 +894,13 @@ def _print_result(console: Console, da: xr.DataArray) -> None:
         _ranked(console, da, ("sender", "receiver"), "{} → {}")
     elif {"target", "layer", "neuron"} <= set(da.dims) and "source" not in da.dims:
         _ranked(console, da, ("layer", "neuron"), "layer {} neuron {}")
+    elif {"target", "layer", "query", "source"} <= set(da.dims):  # information flow routes
+        on_route = da.where(da != 0)  # 0: off the route
+        if "head" in da.dims:
+            dims: tuple[str, ...] = ("layer", "head", "query", "source")
+            _ranked(console, on_route, dims, "layer {} head {}: {} ← {}")
+        else:
+            _ranked(console, on_route, ("layer", "query", "source"), "layer {}: {} ← {}")
     elif da.attrs.get("method") == "edge_patching" and "target" in da.dims:
         _effects(console, da)
     else:
@@ -901,10 +909,10 @@ def _print_result(console: Console, da: xr.DataArray) -> None:
 
 
 def _ranked(
-    console: Console, da: xr.DataArray, dims: tuple[str, str], entry: str, top: int = 10
+    console: Console, da: xr.DataArray, dims: tuple[str, ...], entry: str, top: int = 10
 ) -> None:
     """Each target's ``top`` entries over ``dims`` by size (edges of edge attribution patching,
-    a layer's neurons of knowledge neurons), example by example."""
+    a layer's neurons of knowledge neurons, a route's edges), example by example."""
     if "example" in da.dims:
         for example in range(da.sizes["example"]):
             console.print(f"example {example}")

@@ -1,0 +1,359 @@
+"""Information flow routes (Ferrando & Voita 2024): the part of a model's computation that each
+prediction's information flows through, traced top-down from the position that predicts it.
+
+The graph's nodes are the residual stream at each position: a block's input (the embeddings
+for the first), the stream after its attention, the MLP's output, and the stream after the MLP
+(the next block's input). Its edges are what adds up to each node: source ``j``'s part through
+head ``h``, ``A^h_ij W_O^h v^h_j``, and the residual ``x_i`` for the stream after the
+attention at ``i``; the MLP's output and the stream after the attention for the block's
+output. Each part ``c`` of a sum ``y`` weighs ``max(0, |y|_1 - |y - c|_1)`` (ALTI's proximity),
+divided by the weights of all of ``y``'s parts, so the edges into a node sum to 1; post-norm
+blocks (BERT) take the parts through their LayerNorm linearly at ``y``'s own scale, as ALTI
+does. An attention edge ``j -> i`` is its heads' weights summed (for ``j = i`` with the
+residual's: both join the same two nodes). A target's route is every edge above ``threshold``
+reached from its prediction position's node after the last block, following such edges down.
+
+One eager forward decomposes each layer's attention as it runs (ALTI's :class:`_Decomposition`,
+query rows in chunks within ``max_memory``); the MLP's parts are taken from the block's output
+(its LayerNorm's input in a post-norm block) once the forward is done; the routes of every
+target are traced together, a layer at a time, from the top.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any
+
+import torch
+import xarray as xr
+
+from . import _arch
+from ._edges import PARALLEL
+from ._errors import InputError, ModelError, OptionError
+from ._inputs import Tensors, to_tensors
+from ._mixing import (
+    _POST_NORM,
+    _architecture,
+    _boolean,
+    _by_rows,
+    _Decomposition,
+    _normed,
+    _Parts,
+    _second_norms,
+    _vector_budget,
+)
+from ._model import Model, refuse_no_query_row
+from ._protocol import Call, Family
+from ._schema import label_flow
+from ._sites import named
+
+METHOD = "information_flow"
+_NO_OBJECTIVE = "information flow routes are read from the model's forward, not from an objective"
+
+#: one forward, decomposed as it runs: max_memory bounds the query rows decomposed at once and
+#: counts the per-layer weights and the routes held
+FLOW = Family(
+    name=METHOD,
+    takes=("positions", "max_new_tokens", "max_memory"),
+    refuses={
+        "objective": _NO_OBJECTIVE,
+        "contrast": _NO_OBJECTIVE,
+        "attribute_target": "a decoder-only model's routes already reach the target prefix; "
+        "encoder-decoders have no routes here",
+        "chunk_size": "information flow comes from one forward: there is no backward to chunk",
+        "batch_size": "information flow comes from one forward: there are no points to batch",
+    },
+)
+
+#: the norm before a sequential block's MLP (GPT-2's, Llama's, Falcon-40B's, OPT's, ModernBERT's,
+#: Gemma 2's); a block with none runs its MLP beside its attention, on one norm
+_MLP_NORMS = (
+    "ln_2", "post_attention_layernorm", "ln_mlp", "final_layer_norm", "mlp_norm",
+    "pre_feedforward_layernorm",
+)  # fmt: skip
+
+
+def _threshold(value: object, name: str) -> None:
+    number = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if not number or not 0 <= float(value) < 1:  # type: ignore[arg-type]  # NaN fails too
+        raise OptionError(
+            f"`{name}` must be a number from 0 (every edge with any weight) up to but not "
+            f"including 1 (edge weights are at most 1), got {value!r}"
+        )
+
+
+@FLOW.method(threshold=_threshold, per_head=_boolean)
+def information_flow(
+    call: Call, *, threshold: float = 0.04, per_head: bool = False
+) -> xr.DataArray:
+    """Information flow routes (Ferrando & Voita 2024): the edges of the model's graph each
+    prediction's information flows through, each weighed by how close its part is to the sum it
+    goes into.
+
+    Nodes are the residual stream at each position: a block's input, the stream after its
+    attention, its MLP, the stream after the MLP. Each layer's stream after the attention at
+    position ``i`` is split into ``A^h_ij W_O^h v^h_j`` per head ``h`` and source ``j``, and the
+    residual ``x_i``; the block's output into the MLP's output and the stream after the
+    attention. A part ``c`` of the sum ``y`` weighs ``max(0, |y|_1 - |y - c|_1)`` over the sum of
+    those of all of ``y``'s parts (a post-norm block's parts through its LayerNorm, linear at
+    ``y``'s scale, as in ALTI). An edge ``j -> i`` sums its heads' weights (and, for ``j = i``,
+    the residual's). A target's route: the edges whose weight is above ``threshold`` reached
+    from the node of the position that predicts it (``t - 1`` for a language model's token
+    ``t``, a masked LM's mask, a classifier's pooled position) after the last block, down to
+    the embeddings.
+
+    Architectures: where :func:`attrax.alti` decomposes decoder-only and encoder-only models,
+    except blocks that run their attention and MLP side by side (GPT-J, Phi, Cohere, Falcon-7B,
+    GPT-NeoX with ``use_parallel_residual``), whose stream after the attention is no state.
+
+    Arguments:
+        model, inputs, targets, positions, max_new_tokens: as :func:`attrax.saliency`.
+        threshold: the weight an edge must exceed to be followed (0: every edge with weight).
+        per_head: keep each head's part of an attention edge (a ``head`` dim), not their sum.
+        max_memory: bytes (or ``"8GB"``) the call may take: bounds the query rows decomposed at
+            once; the weights of every layer and the routes are counted. Too small: an
+            :class:`~attrax.OptionError` naming the smallest budget.
+
+    Returns:
+        DataArray ``([example,] target, layer, [head,] query, source)``: on each target's route,
+        the weight of the edge from ``source`` in the layer's input to ``query`` in the stream
+        after its attention (without the residual's share is the coordinate
+        ``attention_residual``), 0 off the route, NaN where the target cannot see ``query``
+        or ``source`` (the future, padding). Coordinates ``mlp`` and ``mlp_residual``
+        ``([example,] target, layer, query)``: the weights of the MLP's and the residual's
+        edges into the block's output, on the route (else 0).
+
+    >>> import attrax as ax
+    >>> flow = ax.information_flow(ax.load_model(), "1 2 3 =", " 3 2 1")
+    >>> flow.dims
+    ('target', 'layer', 'query', 'source')
+    >>> route = flow.isel(target=0, layer=-1)  # the last layer's edges into the predicting row
+    >>> bool((route.sum("source") + route.attention_residual).max() <= 1 + 1e-6)
+    True
+    """
+    model = call.model
+    refuse_no_query_row(model, METHOD)
+    if model.is_encoder_decoder:
+        raise ModelError(
+            f"{METHOD}: {model.name} is an encoder-decoder; information flow routes follow one "
+            "stack of blocks (decoder-only and encoder-only models)"
+        )
+    t = to_tensors(call.batch, model)
+    graph = _Graph(model, t, per_head)
+    decomposition = _Decomposition(model, t, graph.on_layer, what="information flow routes")
+    _refuse_side_by_side(model, [layer.block for layer in decomposition.stack])
+    graph.budget = _vector_budget(
+        model,
+        t,
+        call.options,
+        "information flow routes",
+        held=graph.held_bytes(len(decomposition.stack)),
+        keys=t.ids.shape[1] * graph.heads + 1,
+    )
+    outputs = _block_outputs(model, decomposition)
+    if outputs.pre:  # post-norm blocks: their MLP's parts go through the LayerNorm
+        graph.norms = outputs.modules
+    with torch.no_grad(), outputs:
+        decomposition.run()
+    values = graph.routes(outputs.kept, float(threshold))
+    return label_flow(
+        model, call.batch, *values, heads=per_head, options=call.options, method=METHOD
+    )
+
+
+class _Graph:
+    """Each layer's edge weights as the forward streams past: the attention's ``[B, Q, L, H]``
+    (or summed over heads), the residual's ``[B, Q]`` and the stream after the attention
+    ``[B, Q, d]`` (what the MLP's edges are weighed against)."""
+
+    def __init__(self, model: Model, t: Tensors, keep_heads: bool) -> None:
+        self.t, self.keep_heads, self.causal = t, keep_heads, model.causal
+        self.heads = _arch.heads(model.hf.config, "self") or 1
+        self.width = model.hidden_size
+        self.budget = 0
+        #: a post-norm block's LayerNorm after its MLP's residual sum (None: pre-norm blocks)
+        self.norms: list[torch.nn.Module] | None = None
+        self.attention: list[torch.Tensor] = []
+        self.residual: list[torch.Tensor] = []
+        self.middle: list[torch.Tensor] = []
+
+    def held_bytes(self, layers: int) -> int:
+        """What the call keeps beside one layer's decomposition: every layer's weights, its
+        streams after the attention and out of the block (float32), the routes' result
+        ``[B, K, layers, (H,) L, L]`` and one layer's masks."""
+        batch, length = self.t.ids.shape
+        targets = self.t.index.shape[1]
+        kept = self.heads if self.keep_heads else 1
+        square = batch * length * length
+        per_layer = 4 * ((kept + 1) * square + 2 * batch * length * self.width)
+        # the result, its product with a layer's kept edges, a layer's masks
+        result = 4 * targets * layers * kept * square + 4 * targets * (kept + 2) * square
+        return layers * per_layer + result
+
+    def on_layer(
+        self,
+        _index: int,
+        weights: torch.Tensor,
+        u: torch.Tensor,
+        x: torch.Tensor,
+        parts: _Parts,
+        _stack: str,
+    ) -> None:
+        _, heads, _, keys = weights.shape
+        scores = _by_rows(
+            x, keys * heads + 1, self.budget, lambda rows: _part_scores(weights, u, x, parts, rows)
+        )
+        total = scores.sum(-1, keepdim=True)
+        scores = scores / torch.where(total == 0, 1.0, total)
+        per_head = scores[..., :-1].unflatten(-1, (keys, heads))
+        self.attention.append(per_head if self.keep_heads else per_head.sum(-1))
+        self.residual.append(scores[..., -1])
+        mixed = torch.einsum("bhij,bhjd->bid", weights.to(u.dtype), u)
+        if parts.scale is not None:  # Gemma: the norm on the attention's output, at its scale
+            mixed = mixed * parts.scale
+        self.middle.append(_normed((x + mixed)[:, :, None], parts)[1])
+
+    def routes(
+        self, outputs: list[torch.Tensor], threshold: float
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Every target's route, traced down from its prediction row after the last block:
+        the attention edges ``[B, K, layers, (H,) L, L]`` and the residual's, the MLP's and the
+        MLP residual's ``[B, K, layers, L]``, 0 off the route, NaN where a target cannot see."""
+        t = self.t
+        mlp, past = zip(*(self._mlp_weights(i, y) for i, y in enumerate(outputs)), strict=True)
+        self._check_finite(mlp, past)
+        length = t.ids.shape[1]
+        columns = torch.arange(length, device=t.ids.device)
+        visible = (columns < t.mask.sum(1, keepdim=True))[:, None, :] & t.valid[..., None]
+        if self.causal:  # a target sees up to the position its logits come from
+            visible = visible & (columns <= t.index[..., None])
+        reach = (columns == t.index[..., None]) & t.valid[..., None]  # [B, K, L]
+        batch, targets = t.index.shape
+        layers, first = len(outputs), self.attention[0]
+        # the result written in place, layer by layer: it is the call's largest tensor
+        shape = (batch, targets, layers, *((self.heads,) if self.keep_heads else ()))
+        flow = first.new_zeros((*shape, length, length))
+        residuals, mlps, pasts = (first.new_zeros((batch, targets, layers, length)) for _ in "abc")
+        for layer in reversed(range(layers)):  # each layer's routes start at the next's
+            attention, residual = self.attention[layer], self.residual[layer]
+            summed = attention.sum(-1) if self.keep_heads else attention
+            edges = summed + torch.diag_embed(residual)  # [B, Q, L]: residual joins j = i
+            into_mlp = reach & (mlp[layer] > threshold)[:, None]
+            around = reach & (past[layer] > threshold)[:, None]
+            middle = into_mlp | around  # the streams after the attention the route reaches
+            kept = middle[..., :, None] & (edges > threshold)[:, None]  # [B, K, Q, L]
+            reach = kept.any(-2)
+            if self.keep_heads:  # [B, Q, L, H] -> [B, H, Q, L], each target's kept edges
+                flow[:, :, layer] = attention.permute(0, 3, 1, 2)[:, None] * kept[:, :, None]
+            else:
+                flow[:, :, layer] = attention[:, None] * kept
+            own = kept.diagonal(dim1=-2, dim2=-1)  # the residual's edge j = i kept
+            residuals[:, :, layer] = residual[:, None] * own
+            mlps[:, :, layer] = mlp[layer][:, None] * into_mlp
+            pasts[:, :, layer] = past[layer][:, None] * around
+        seen = visible[..., :, None] & visible[..., None, :]  # [B, K, Q, L]
+        seen = seen[:, :, None, None] if self.keep_heads else seen[:, :, None]
+        flow.masked_fill_(~seen, math.nan)
+        others = [v.masked_fill_(~visible[:, :, None], math.nan) for v in (residuals, mlps, pasts)]
+        return flow, others[0], others[1], others[2]
+
+    def _check_finite(self, mlp: tuple[torch.Tensor, ...], past: tuple[torch.Tensor, ...]) -> None:
+        """An InputError where a real row's weights are not finite: a NaN weight is never above
+        the threshold, and the route would silently stop there."""
+        real = self.t.mask.bool()
+        pairs = real[:, :, None] & real[:, None, :]
+        for layer, attention in enumerate(self.attention):
+            rows = [attention[pairs], self.residual[layer][real], mlp[layer][real]]
+            if not all(bool(torch.isfinite(v).all()) for v in (*rows, past[layer][real])):
+                raise InputError(
+                    f"{METHOD}: the edge weights of layer {layer} are not finite (inf/NaN): the "
+                    "model's outputs overflowed or hold NaN; check the model's weights and "
+                    "dtype, and the inputs"
+                )
+
+    def _mlp_weights(self, layer: int, output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The MLP's and the residual's weights ``[B, L]`` in layer ``layer``'s output: its
+        block's output (a post-norm block's LayerNorm input: the parts go through the norm)
+        split into the MLP's part and the stream after the attention."""
+        middle = self.middle[layer]
+        total = output.to(middle.dtype)
+        parts = torch.stack([total - middle, middle], dim=2)  # [B, L, 2, d]
+        norm = None if self.norms is None else self.norms[layer]
+        empty = middle.new_empty(0)
+        vectors, y = _normed(parts, _Parts(empty, None, norm))
+        distance = torch.linalg.vector_norm(y[:, :, None] - vectors, ord=1, dim=-1)
+        scores = torch.relu(torch.linalg.vector_norm(y, ord=1, dim=-1)[..., None] - distance)
+        total_score = scores.sum(-1, keepdim=True)
+        scores = scores / torch.where(total_score == 0, 1.0, total_score)
+        return scores[..., 0], scores[..., 1]
+
+
+def _part_scores(
+    weights: torch.Tensor, u: torch.Tensor, x: torch.Tensor, parts: _Parts, rows: slice
+) -> torch.Tensor:
+    """Unnormalized weights ``[B, q, L * H + 1]`` of the query rows ``rows``: each (source,
+    head) part ``A^h_ij W_O^h v^h_j`` (source-major), then the residual ``x_i``."""
+    chunk = weights[:, :, rows]
+    vectors = torch.einsum("bhij,bhjd->bijhd", chunk.to(u.dtype), u)
+    if parts.scale is not None:  # Gemma: the norm on the attention's output, linear at its scale
+        vectors.mul_(parts.scale[:, rows, None, None, :])
+    vectors = torch.cat([vectors.flatten(2, 3), x[:, rows, None, :]], dim=2)
+    vectors, output = _normed(vectors, parts)
+    distance = torch.linalg.vector_norm(output[:, :, None] - vectors, ord=1, dim=-1)
+    return torch.relu(torch.linalg.vector_norm(output, ord=1, dim=-1)[..., None] - distance)
+
+
+class _Outputs:
+    """Hooks that keep each block's output (a post-norm block's: its second LayerNorm's input),
+    in the order the blocks run."""
+
+    def __init__(self, modules: list[torch.nn.Module], pre: bool) -> None:
+        self.modules, self.pre = modules, pre
+        self.kept: list[torch.Tensor] = []
+        self.handles: list[Any] = []
+
+    def __enter__(self) -> _Outputs:
+        def keep(_m: torch.nn.Module, args: Any, output: Any = None) -> None:
+            value = args[0] if self.pre else output
+            self.kept.append((value[0] if isinstance(value, tuple) else value).detach())
+
+        for module in self.modules:
+            register = (
+                module.register_forward_pre_hook if self.pre else module.register_forward_hook
+            )
+            self.handles.append(register(keep))
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def _block_outputs(model: Model, decomposition: _Decomposition) -> _Outputs:
+    layers = decomposition.stack
+    if _architecture(model) in _POST_NORM:
+        return _Outputs(list(_second_norms(model, layers)), pre=True)
+    return _Outputs([layer.block for layer in layers], pre=False)
+
+
+def _refuse_side_by_side(model: Model, blocks: list[torch.nn.Module]) -> None:
+    """A ModelError for blocks that run their attention and MLP on the same input (GPT-J, Phi,
+    Cohere, Falcon-7B, GPT-NeoX's default): no stream after their attention to be a node."""
+    if _architecture(model) in _POST_NORM:
+        return
+    config = model.hf.config
+    flag = next((f for f in PARALLEL if getattr(config, f, False) is True), None)
+    for index, block in enumerate(blocks):
+        if flag is None and named(block, _MLP_NORMS) is not None:
+            continue
+        why = f"its config sets {flag}=True" if flag else "one norm feeds both"
+        raise ModelError(
+            f"{METHOD}: {model.name}'s layer {index} runs its attention and its MLP side by "
+            f"side on the block's input ({why}), so the stream after its attention, a node of "
+            "the routes, is no state of the model; routes are traced through sequential blocks "
+            "(GPT-2, Llama, OPT, BERT, ...)"
+        )
+
+
+__all__ = ["information_flow"]

@@ -1,0 +1,395 @@
+"""Information flow routes against a naive reference written here: every part of every sum
+built by hand per layer, head, query and source (hooks on the HF model, plain loops), the graph
+as a dict of named nodes and the routes by a depth-first search from each prediction's node."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import attrax as ax
+from attrax import _routes
+from attrax.cli import main
+from attrax.testing import tiny_classifier, tiny_model
+from tests.test_components import output_norms
+from tests.test_mixing import (
+    _encoder,
+    _fused,
+    after_attention,
+    attention_of,
+    blocks,
+    ids_and_queries,
+    is_bert,
+    output_projection,
+    post_norm,
+    project,
+    value_parts,
+)
+
+PROMPT, TARGET = "The capital of France is", " Paris."
+
+
+@pytest.fixture(scope="module")
+def models() -> dict[str, ax.Model]:
+    built = {}
+    for arch in ("gpt2", "llama"):
+        hf, tok = tiny_model(arch)
+        built[arch] = ax.load_model(hf.double(), tokenizer=tok)
+    hf, tok = tiny_classifier("bert")
+    built["bert"] = ax.load_model(hf.double(), tokenizer=tok)
+    return built
+
+
+def second_norm(block) -> torch.nn.Module:
+    """A post-norm block's LayerNorm after its MLP's residual sum."""
+    if hasattr(block, "output_layer_norm"):  # DistilBERT
+        return block.output_layer_norm
+    return block.output.LayerNorm
+
+
+def proximity(parts: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Weights of parts [n, d] of the sum y [d]: max(0, |y|_1 - |y - c|_1), over their sum."""
+    scores = torch.stack([torch.clamp(y.abs().sum() - (y - c).abs().sum(), min=0) for c in parts])
+    return scores / scores.sum()
+
+
+def naive_graph(model: ax.Model, ids: torch.Tensor) -> dict[tuple[str, str], float]:
+    """Edge weights of the whole graph, named nodes: ``X{l}_{i}`` a block's input,
+    ``A{l}_{i}`` the stream after its attention, ``M{l}_{i}`` its MLP, ``X{l+1}_{i}`` its
+    output; each sum's parts built by hand and checked to add up to the model's own value."""
+    hf = model.hf
+    attended, outputs, normed_in = [], [], []
+
+    def keep(store):
+        def hook(_m, args, out=None):
+            value = args[0] if out is None else out
+            store.append(value[0] if isinstance(value, tuple) else value)
+
+        return hook
+
+    handles = []
+    for block in blocks(model):
+        if is_bert(model):
+            handles.append(post_norm(block)[2].register_forward_hook(keep(attended)))
+            handles.append(second_norm(block).register_forward_pre_hook(keep(normed_in)))
+        else:
+            handles.append(attention_of(block).register_forward_hook(keep(attended)))
+            handles.append(block.register_forward_hook(keep(outputs)))
+    with torch.no_grad():
+        out = hf(input_ids=ids, output_attentions=True, output_hidden_states=True)
+    for handle in handles:
+        handle.remove()
+    edges: dict[tuple[str, str], float] = {}
+
+    def add(u: str, v: str, w: float) -> None:
+        edges[u, v] = edges.get((u, v), 0.0) + w
+
+    length = ids.shape[1]
+    for layer, block in enumerate(blocks(model)):
+        x = out.hidden_states[layer][0]
+        attn = out.attentions[layer][0]
+        heads = attn.shape[0]
+        with torch.no_grad():
+            v = value_parts(model, block, x[None])
+            hd = v.shape[-1]
+            mids = []
+            for i in range(length):
+                parts = []
+                for j in range(length):
+                    for h in range(heads):
+                        z = torch.zeros(heads * hd, dtype=x.dtype)
+                        z[h * hd : (h + 1) * hd] = attn[h, i, j] * v[j, h]
+                        parts.append(
+                            project(model, block, z) * after_attention(block, attended[layer], i)
+                        )
+                parts.append(x[i])
+                parts = torch.stack(parts)
+                proj = output_projection(model, block)
+                branch = getattr(block, "residual_multiplier", 1.0)  # Granite
+                bias = branch * proj.bias if proj.bias is not None else 0
+                if is_bert(model):  # through the LayerNorm, linear at the output's scale
+                    _, ln, _ = post_norm(block)
+                    pre = parts.sum(0) + bias
+                    sigma = torch.sqrt(pre.var(unbiased=False) + ln.eps)
+                    parts = ln.weight * (parts - parts.mean(-1, keepdim=True)) / sigma
+                    y = attended[layer][0, i]
+                    bias_out = ln.weight * (bias - bias.mean()) / sigma + ln.bias
+                    torch.testing.assert_close(parts.sum(0) + bias_out, y, rtol=1e-9, atol=1e-9)
+                else:
+                    own = attended[layer][0]
+                    if output_norms(block) is not None:
+                        own = output_norms(block)[0](own)
+                    y = x[i] + branch * own[i]
+                    torch.testing.assert_close(parts.sum(0) + bias, y, rtol=1e-9, atol=1e-9)
+                mids.append(y)
+                w = proximity(parts, y)
+                for j in range(length):
+                    add(
+                        f"X{layer}_{j}",
+                        f"A{layer}_{i}",
+                        float(w[j * heads : (j + 1) * heads].sum()),
+                    )
+                add(f"X{layer}_{i}", f"A{layer}_{i}", float(w[-1]))
+            for i in range(length):
+                mid = mids[i]
+                if is_bert(model):
+                    s = normed_in[layer][0, i]
+                    ln = second_norm(block)
+                    two = torch.stack([s - mid, mid])
+                    sigma = torch.sqrt(s.var(unbiased=False) + ln.eps)
+                    two = ln.weight * (two - two.mean(-1, keepdim=True)) / sigma
+                    y = torch.nn.functional.layer_norm(s, s.shape, ln.weight, ln.bias, ln.eps)
+                    torch.testing.assert_close(two.sum(0) + ln.bias, y, rtol=1e-9, atol=1e-9)
+                else:
+                    y = outputs[layer][0, i]
+                    two = torch.stack([y - mid, mid])
+                w = proximity(two, y)
+                add(f"A{layer}_{i}", f"M{layer}_{i}", float(w[0]))
+                add(f"M{layer}_{i}", f"X{layer + 1}_{i}", float(w[0]))
+                add(f"A{layer}_{i}", f"X{layer + 1}_{i}", float(w[1]))
+    return edges
+
+
+def naive_route(edges: dict, top: str, threshold: float) -> set[tuple[str, str]]:
+    """The edges above ``threshold`` a depth-first search reaches going down from ``top``."""
+    below: dict[str, list[str]] = {}
+    for (u, v), w in edges.items():
+        if w > threshold:
+            below.setdefault(v, []).append(u)
+    route, stack, seen = set(), [top], {top}
+    while stack:
+        node = stack.pop()
+        for u in below.get(node, []):
+            route.add((u, node))
+            if u not in seen:
+                seen.add(u)
+                stack.append(u)
+    return route
+
+
+def check_routes(model: ax.Model, ids, queries, got, threshold: float) -> None:
+    edges = naive_graph(model, ids)
+    layers = len(blocks(model))
+    width = ids.shape[1]
+    for k, q in enumerate(queries):
+        route = naive_route(edges, f"X{layers}_{q}", threshold)
+        seen = q + 1 if model.causal else width
+        for layer in range(layers):
+            flow = got.values[k, layer]
+            residual = got.attention_residual.values[k, layer]
+            for i in range(seen):
+                for j in range(seen):
+                    key = (f"X{layer}_{j}", f"A{layer}_{i}")
+                    if key in route:
+                        want = edges[key]
+                        if i == j:  # the residual's part of the same edge is reported apart
+                            assert flow[i, j] + residual[i] == pytest.approx(want, abs=1e-9)
+                            assert residual[i] > 0 or want == pytest.approx(flow[i, j])
+                        else:
+                            assert flow[i, j] == pytest.approx(want, abs=1e-9)
+                    else:
+                        assert flow[i, j] == 0, (layer, i, j)
+                        if i == j:
+                            assert residual[i] == 0
+                into = (f"M{layer}_{i}", f"X{layer + 1}_{i}")
+                past = (f"A{layer}_{i}", f"X{layer + 1}_{i}")
+                mlp = got.mlp.values[k, layer, i]
+                assert mlp == (pytest.approx(edges[into], abs=1e-9) if into in route else 0)
+                kept = got.mlp_residual.values[k, layer, i]
+                assert kept == (pytest.approx(edges[past], abs=1e-9) if past in route else 0)
+            assert np.isnan(flow[seen:]).all() and np.isnan(flow[:, seen:]).all()
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "bert"])
+@pytest.mark.parametrize("threshold", [0.0, 0.04, 0.2])
+def test_routes_match_naive_graph_search(models, arch, threshold):
+    model = models[arch]
+    target = None if model.task != "generation" else TARGET
+    ids, queries = ids_and_queries(model, PROMPT, target)
+    got = ax.information_flow(model, PROMPT, target, threshold=threshold)
+    assert got.dims == ("target", "layer", "query", "source")
+    check_routes(model, ids, queries, got, threshold)
+
+
+# Gemma 2 and OLMo 2: norms on the attention's and the MLP's outputs; Granite: residual
+# multipliers; OPT: pre-LN in its own names; sequential GPT-NeoX; Qwen3: query/key norms;
+# Mixtral: a mixture of experts; DistilBERT: post-norm in its own names; ModernBERT: pre-norm
+# encoder
+@pytest.mark.parametrize(
+    "arch",
+    ["gemma2", "olmo2", "granite", "opt", "pythia-sequential", "qwen3", "mixtral", "distilbert",
+     "modernbert"],
+)  # fmt: skip
+def test_routes_match_naive_graph_search_on_more_layouts(arch):
+    model = _encoder(arch) if arch in ("distilbert", "modernbert") else _fused(arch)
+    target = None if model.task != "generation" else TARGET
+    ids, queries = ids_and_queries(model, PROMPT, target)
+    got = ax.information_flow(model, PROMPT, target, threshold=0.0)
+    check_routes(model, ids, queries, got, 0.0)
+
+
+@pytest.mark.parametrize("task", ["token", "sequence"])
+def test_decoder_classifiers_trace_from_their_token_or_pooled_row(task):
+    """A token classifier's target k is traced from row k itself, a sequence classifier's from
+    its pooled (last) token: both against the reference."""
+    hf, tok = tiny_classifier("gpt2", task=task)
+    model = ax.load_model(hf.double(), tokenizer=tok)
+    ids = torch.tensor([tok(PROMPT).input_ids])
+    length = ids.shape[1]
+    queries = list(range(length)) if task == "token" else [length - 1]
+    got = ax.information_flow(model, PROMPT, threshold=0.02)
+    if task == "token":
+        assert got.target.values.tolist() == queries
+    check_routes(model, ids, queries, got, 0.02)
+
+
+def test_a_masked_lm_traces_from_its_mask(models):
+    hf, tok = tiny_classifier("bert", task="fill-mask")
+    model = ax.load_model(hf.double(), tokenizer=tok)
+    text = f"the capital of france is {tok.mask_token} ."
+    ids = torch.tensor([tok(text).input_ids])
+    mask = ids[0].tolist().index(tok.mask_token_id)
+    got = ax.information_flow(model, text, threshold=0.02)
+    check_routes(model, ids, [mask], got, 0.02)
+
+
+def test_positions_keep_their_routes(models):
+    model = models["llama"]
+    every = ax.information_flow(model, PROMPT, TARGET + " It is")
+    picked = every.target.values[[0, 2]].tolist()
+    some = ax.information_flow(model, PROMPT, TARGET + " It is", positions=picked)
+    assert some.target.values.tolist() == picked
+    np.testing.assert_array_equal(some.values, every.sel(target=picked).values)
+
+
+def test_heads_split_each_edge(models):
+    model = models["llama"]
+    both = ax.information_flow(model, PROMPT, TARGET, threshold=0.05)
+    per_head = ax.information_flow(model, PROMPT, TARGET, threshold=0.05, per_head=True)
+    assert per_head.dims == ("target", "layer", "head", "query", "source")
+    assert per_head.sizes["head"] == model.hf.config.num_attention_heads
+    summed = per_head.sum("head", skipna=False)
+    np.testing.assert_allclose(summed.values, both.values, atol=1e-12)
+    np.testing.assert_array_equal(per_head.mlp.values, both.mlp.values)
+
+
+def test_weights_into_each_reached_node_sum_to_one(models):
+    """At threshold 0, the edges into a node on the route are every part of its sum."""
+    model = models["gpt2"]
+    got = ax.information_flow(model, PROMPT, TARGET, threshold=0.0)
+    into = (got.sum("source") + got.attention_residual).values
+    reached = into > 0  # NaN (the future) compares False
+    assert reached.any()
+    np.testing.assert_allclose(into[reached], 1.0, rtol=0, atol=1e-9)
+    block = (got.mlp + got.mlp_residual).values
+    np.testing.assert_allclose(block[block > 0], 1.0, rtol=0, atol=1e-9)
+    # every real position of the prompt reaches the last target's row at threshold 0
+    first = got.isel(target=-1, layer=0)
+    assert bool((first.sum("query") > 0).sum() == got.target.values[-1])
+
+
+def test_a_higher_threshold_keeps_part_of_the_route(models):
+    model = models["llama"]
+    low = ax.information_flow(model, PROMPT, TARGET, threshold=0.02)
+    high = ax.information_flow(model, PROMPT, TARGET, threshold=0.1)
+    on_high = high.fillna(0) > 0
+    assert bool(on_high.any())
+    assert bool((low.fillna(0) > 0).where(on_high, True).all())
+    assert int(on_high.sum()) < int((low.fillna(0) > 0).sum())
+
+
+def test_future_tokens_change_no_earlier_route(models):
+    model = models["gpt2"]
+    one = ax.information_flow(model, PROMPT, " Paris is", threshold=0.01)
+    two = ax.information_flow(model, PROMPT, " Paris was", threshold=0.01)
+    first = one.target.values[:2]
+    width = int(first[-1])  # the positions the first two targets can see
+    kept = {"query": slice(0, width), "source": slice(0, width)}
+    a, b = one.sel(target=first).isel(kept), two.sel(target=first).isel(kept)
+    np.testing.assert_allclose(a.values, b.values, rtol=0, atol=1e-12)
+    np.testing.assert_array_equal(a.values > 0, b.values > 0)  # the same edges on the route
+    assert np.isnan(one.sel(target=first[0]).isel(source=slice(width, None)).values).all()
+
+
+def test_batched_and_padded_equal_single(models):
+    for arch, texts, targets in (
+        ("gpt2", [PROMPT, "Hello"], [TARGET, " world, again"]),
+        ("bert", ["a good film", "not a good film at all"], None),
+    ):
+        model = models[arch]
+        both = ax.information_flow(model, texts, targets, threshold=0.02)
+        for b, text in enumerate(texts):
+            alone = ax.information_flow(
+                model, text, None if targets is None else targets[b], threshold=0.02
+            )
+            row = both.isel(example=b).sel(target=alone.target)
+            width = alone.sizes["source"]
+            np.testing.assert_allclose(
+                row.isel(query=slice(0, width), source=slice(0, width)).values,
+                alone.values,
+                atol=1e-10,
+            )
+            assert np.isnan(row.isel(source=slice(width, None)).values).all()
+            np.testing.assert_allclose(
+                row.mlp.isel(query=slice(0, width)).values, alone.mlp.values, atol=1e-10
+            )
+
+
+def test_row_chunks_do_not_change_routes(models, monkeypatch):
+    model = models["llama"]
+    whole = ax.information_flow(model, PROMPT, TARGET, threshold=0.0, per_head=True)
+    monkeypatch.setattr(_routes, "_vector_budget", lambda *a, **k: 1)  # one query row a chunk
+    rows = ax.information_flow(model, PROMPT, TARGET, threshold=0.0, per_head=True)
+    np.testing.assert_allclose(rows.values, whole.values, atol=1e-12)
+
+
+def test_max_memory_too_small_names_the_smallest():
+    model = ax.load_model()
+    with pytest.raises(ax.OptionError, match=r"max_memory.*at least"):
+        ax.information_flow(model, "1 2 3 =", " 3 2 1", max_memory="1KB")
+    smallest = ax.information_flow(model, "1 2 3 =", " 3 2 1", max_memory="1GB")
+    assert smallest.dims == ("target", "layer", "query", "source")
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"threshold": 1.0}, "threshold"),
+        ({"threshold": -0.1}, "threshold"),
+        ({"threshold": float("nan")}, "threshold"),
+        ({"threshold": "0.1"}, "threshold"),
+        ({"per_head": 1}, "per_head"),
+        ({"objective": "logit"}, "objective"),
+        ({"attribute_target": True}, "attribute_target"),
+    ],
+)
+def test_bad_options_are_option_errors(models, kwargs, message):
+    with pytest.raises(ax.OptionError, match=message):
+        ax.information_flow(models["gpt2"], PROMPT, TARGET, **kwargs)
+
+
+@pytest.mark.parametrize("arch", ["gptj", "phi", "pythia"])
+def test_side_by_side_blocks_are_refused(arch):
+    model = _fused(arch)
+    with pytest.raises(ax.ModelError, match="side by side"):
+        ax.information_flow(model, PROMPT, TARGET)
+
+
+def test_encoder_decoders_are_refused():
+    hf, tok = tiny_model("marian")
+    with pytest.raises(ax.ModelError, match="encoder-decoder"):
+        ax.information_flow(ax.load_model(hf, tokenizer=tok), "hello", "world")
+
+
+def test_cli_prints_each_targets_largest_edges(tmp_path, capsys):
+    args = ["attribute", "--method", "information_flow", "--input", "1 2 3 =", "--target", " 3 2"]
+    assert main([*args, "--reduce", "none", "--out", str(tmp_path / "flow.nc")]) == 0
+    printed = capsys.readouterr().out
+    assert "target 4" in printed and "layer 1: 3 ← 3" in printed
+    assert ": +0\n" not in printed  # edges off the route are not listed
+    saved = ax.load(tmp_path / "flow.nc")
+    assert saved.dims == ("target", "layer", "query", "source")
+    assert saved.mlp.dims == ("target", "layer", "query")
+    assert main([*args, "--html", str(tmp_path / "flow.html")]) == 2
+    assert "no source" in capsys.readouterr().err
