@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import attrax as ax
-from attrax import _routes
+from attrax import _memory, _routes
 from attrax.cli import main
 from attrax.testing import tiny_classifier, tiny_model
 from tests.test_components import output_norms
@@ -54,10 +54,12 @@ def proximity(parts: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return scores / scores.sum()
 
 
-def naive_graph(model: ax.Model, ids: torch.Tensor) -> dict[tuple[str, str], float]:
+def naive_graph(model: ax.Model, ids: torch.Tensor) -> tuple[dict, dict]:
     """Edge weights of the whole graph, named nodes: ``X{l}_{i}`` a block's input,
     ``A{l}_{i}`` the stream after its attention, ``M{l}_{i}`` its MLP, ``X{l+1}_{i}`` its
-    output; each sum's parts built by hand and checked to add up to the model's own value."""
+    output; each sum's parts built by hand and checked to add up to the model's own value.
+    Also each attention part's own weight: ``(layer, i, j, h)`` per head, ``(layer, i)`` the
+    residual's."""
     hf = model.hf
     attended, outputs, normed_in = [], [], []
 
@@ -81,6 +83,7 @@ def naive_graph(model: ax.Model, ids: torch.Tensor) -> dict[tuple[str, str], flo
     for handle in handles:
         handle.remove()
     edges: dict[tuple[str, str], float] = {}
+    parts_of: dict[tuple[int, ...], float] = {}
 
     def add(u: str, v: str, w: float) -> None:
         edges[u, v] = edges.get((u, v), 0.0) + w
@@ -125,12 +128,15 @@ def naive_graph(model: ax.Model, ids: torch.Tensor) -> dict[tuple[str, str], flo
                 mids.append(y)
                 w = proximity(parts, y)
                 for j in range(length):
+                    for h in range(heads):
+                        parts_of[layer, i, j, h] = float(w[j * heads + h])
                     add(
                         f"X{layer}_{j}",
                         f"A{layer}_{i}",
                         float(w[j * heads : (j + 1) * heads].sum()),
                     )
                 add(f"X{layer}_{i}", f"A{layer}_{i}", float(w[-1]))
+                parts_of[layer, i] = float(w[-1])
             for i in range(length):
                 mid = mids[i]
                 if is_bert(model):
@@ -148,7 +154,7 @@ def naive_graph(model: ax.Model, ids: torch.Tensor) -> dict[tuple[str, str], flo
                 add(f"A{layer}_{i}", f"M{layer}_{i}", float(w[0]))
                 add(f"M{layer}_{i}", f"X{layer + 1}_{i}", float(w[0]))
                 add(f"A{layer}_{i}", f"X{layer + 1}_{i}", float(w[1]))
-    return edges
+    return edges, parts_of
 
 
 def naive_route(edges: dict, top: str, threshold: float) -> set[tuple[str, str]]:
@@ -169,9 +175,11 @@ def naive_route(edges: dict, top: str, threshold: float) -> set[tuple[str, str]]
 
 
 def check_routes(model: ax.Model, ids, queries, got, threshold: float) -> None:
-    edges = naive_graph(model, ids)
+    """``got`` (per head where it has a ``head`` dim) against the reference's routes."""
+    edges, parts_of = naive_graph(model, ids)
     layers = len(blocks(model))
     width = ids.shape[1]
+    per_head = "head" in got.dims
     for k, q in enumerate(queries):
         route = naive_route(edges, f"X{layers}_{q}", threshold)
         seen = q + 1 if model.causal else width
@@ -180,35 +188,38 @@ def check_routes(model: ax.Model, ids, queries, got, threshold: float) -> None:
             residual = got.attention_residual.values[k, layer]
             for i in range(seen):
                 for j in range(seen):
-                    key = (f"X{layer}_{j}", f"A{layer}_{i}")
-                    if key in route:
-                        want = edges[key]
-                        if i == j:  # the residual's part of the same edge is reported apart
-                            assert flow[i, j] + residual[i] == pytest.approx(want, abs=1e-9)
-                            assert residual[i] > 0 or want == pytest.approx(flow[i, j])
-                        else:
-                            assert flow[i, j] == pytest.approx(want, abs=1e-9)
-                    else:
-                        assert flow[i, j] == 0, (layer, i, j)
-                        if i == j:
-                            assert residual[i] == 0
+                    on = (f"X{layer}_{j}", f"A{layer}_{i}") in route
+                    if per_head:  # each head's own part of an edge on the route
+                        want = [parts_of[layer, i, j, h] if on else 0 for h in range(len(flow))]
+                        np.testing.assert_allclose(flow[:, i, j], want, rtol=0, atol=1e-9)
+                    else:  # the edge as the graph has it (j = i: with the residual's part)
+                        want = edges[f"X{layer}_{j}", f"A{layer}_{i}"] if on else 0
+                        assert flow[i, j] == pytest.approx(want, abs=1e-9), (layer, i, j)
+                        assert (flow[i, j] > 0) == on  # on the route where above 0
+                    if i == j:
+                        want = parts_of[layer, i] if on else 0
+                        assert residual[i] == pytest.approx(want, abs=1e-9)
                 into = (f"M{layer}_{i}", f"X{layer + 1}_{i}")
                 past = (f"A{layer}_{i}", f"X{layer + 1}_{i}")
                 mlp = got.mlp.values[k, layer, i]
                 assert mlp == (pytest.approx(edges[into], abs=1e-9) if into in route else 0)
                 kept = got.mlp_residual.values[k, layer, i]
                 assert kept == (pytest.approx(edges[past], abs=1e-9) if past in route else 0)
-            assert np.isnan(flow[seen:]).all() and np.isnan(flow[:, seen:]).all()
+            assert np.isnan(flow[..., seen:, :]).all() and np.isnan(flow[..., seen:]).all()
+            for name in ("attention_residual", "mlp", "mlp_residual"):
+                assert np.isnan(got[name].values[k, layer, seen:]).all(), name
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama", "bert"])
-@pytest.mark.parametrize("threshold", [0.0, 0.04, 0.2])
-def test_routes_match_naive_graph_search(models, arch, threshold):
+# at 0.5 one of each block output's two edges (the MLP's, the residual's) is dropped
+@pytest.mark.parametrize("threshold", [0.0, 0.04, 0.2, 0.5])
+@pytest.mark.parametrize("per_head", [False, True])
+def test_routes_match_naive_graph_search(models, arch, threshold, per_head):
     model = models[arch]
     target = None if model.task != "generation" else TARGET
     ids, queries = ids_and_queries(model, PROMPT, target)
-    got = ax.information_flow(model, PROMPT, target, threshold=threshold)
-    assert got.dims == ("target", "layer", "query", "source")
+    got = ax.information_flow(model, PROMPT, target, threshold=threshold, per_head=per_head)
+    assert got.dims == ("target", "layer", *(("head",) if per_head else ()), "query", "source")
     check_routes(model, ids, queries, got, threshold)
 
 
@@ -264,13 +275,17 @@ def test_positions_keep_their_routes(models):
 
 
 def test_heads_split_each_edge(models):
+    """A head's parts and the residual's add up to the edge (the residual's on ``j = i``)."""
     model = models["llama"]
     both = ax.information_flow(model, PROMPT, TARGET, threshold=0.05)
     per_head = ax.information_flow(model, PROMPT, TARGET, threshold=0.05, per_head=True)
     assert per_head.dims == ("target", "layer", "head", "query", "source")
     assert per_head.sizes["head"] == model.hf.config.num_attention_heads
-    summed = per_head.sum("head", skipna=False)
-    np.testing.assert_allclose(summed.values, both.values, atol=1e-12)
+    summed = per_head.sum("head", skipna=False).values
+    diagonal = np.einsum(
+        "...i,ij->...ij", per_head.attention_residual.values, np.eye(summed.shape[-1])
+    )
+    np.testing.assert_allclose(summed + np.nan_to_num(diagonal), both.values, atol=1e-12)
     np.testing.assert_array_equal(per_head.mlp.values, both.mlp.values)
 
 
@@ -278,7 +293,7 @@ def test_weights_into_each_reached_node_sum_to_one(models):
     """At threshold 0, the edges into a node on the route are every part of its sum."""
     model = models["gpt2"]
     got = ax.information_flow(model, PROMPT, TARGET, threshold=0.0)
-    into = (got.sum("source") + got.attention_residual).values
+    into = got.sum("source").values
     reached = into > 0  # NaN (the future) compares False
     assert reached.any()
     np.testing.assert_allclose(into[reached], 1.0, rtol=0, atol=1e-9)
@@ -340,7 +355,9 @@ def test_row_chunks_do_not_change_routes(models, monkeypatch):
     model = models["llama"]
     whole = ax.information_flow(model, PROMPT, TARGET, threshold=0.0, per_head=True)
     monkeypatch.setattr(_routes, "_vector_budget", lambda *a, **k: 1)  # one query row a chunk
-    rows = ax.information_flow(model, PROMPT, TARGET, threshold=0.0, per_head=True)
+    rows = ax.information_flow(
+        model, PROMPT, TARGET, threshold=0.0, per_head=True, max_memory="1GB"
+    )
     np.testing.assert_allclose(rows.values, whole.values, atol=1e-12)
 
 
@@ -350,6 +367,16 @@ def test_max_memory_too_small_names_the_smallest():
         ax.information_flow(model, "1 2 3 =", " 3 2 1", max_memory="1KB")
     smallest = ax.information_flow(model, "1 2 3 =", " 3 2 1", max_memory="1GB")
     assert smallest.dims == ("target", "layer", "query", "source")
+
+
+def test_a_result_beyond_the_free_memory_is_refused_without_max_memory(models, monkeypatch):
+    """Without ``max_memory`` the default budget (half the free memory) must hold every layer's
+    weights and the result: the call is refused up front, not run row by row into an OOM."""
+    monkeypatch.setattr(_memory, "memory_budget", lambda device: 1 << 20)
+    with pytest.raises(ax.OptionError, match=r"estimated .*positions=.*per_head=False"):
+        ax.information_flow(models["gpt2"], [PROMPT] * 8, [TARGET] * 8, per_head=True)
+    got = ax.information_flow(models["gpt2"], PROMPT, TARGET, max_memory="1GB")
+    assert got.dims == ("target", "layer", "query", "source")
 
 
 @pytest.mark.parametrize(

@@ -777,12 +777,18 @@ def _contributions(
 
 
 def _by_rows(
-    x: torch.Tensor, keys: int, vectors: int, score: Callable[[slice], torch.Tensor]
+    x: torch.Tensor,
+    keys: int,
+    vectors: int,
+    score: Callable[[slice], torch.Tensor],
+    share: int = 1,
 ) -> torch.Tensor:
     """``[B, Q, keys]`` scores of the query rows of ``x [B, Q, d]``, ``score(rows)`` a chunk
-    at a time: as many rows as their vectors over ``keys`` sources fit ``vectors`` bytes."""
+    at a time: as many rows as their vectors over ``keys`` sources fit ``vectors`` bytes, each
+    row's counted ``share`` times (a method that makes more copies of them than ALTI)."""
     batch, queries, width = x.shape
-    rows = max(1, min(queries, vectors // _row_bytes(batch, keys, width, x.element_size())))
+    per_row = share * _row_bytes(batch, keys, width, x.element_size())
+    rows = max(1, min(queries, vectors // per_row))
     # written in place: chunks kept alive between the chunks' temporaries fragment the heap
     scores = x.new_empty((batch, queries, keys))
     for start in range(0, queries, rows):  # memory chunking over query rows

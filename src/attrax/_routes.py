@@ -32,6 +32,7 @@ from . import _arch
 from ._edges import PARALLEL
 from ._errors import InputError, ModelError, OptionError
 from ._inputs import Tensors, to_tensors
+from ._memory import at_least_float32, format_bytes
 from ._mixing import (
     _POST_NORM,
     _architecture,
@@ -40,12 +41,13 @@ from ._mixing import (
     _Decomposition,
     _normed,
     _Parts,
+    _row_bytes,
     _second_norms,
     _vector_budget,
 )
 from ._model import Model, refuse_no_query_row
 from ._protocol import Call, Family
-from ._schema import label_flow
+from ._schema import label_flow, target_coordinates
 from ._sites import named
 
 METHOD = "information_flow"
@@ -66,12 +68,19 @@ FLOW = Family(
     },
 )
 
-#: the norm before a sequential block's MLP (GPT-2's, Llama's, Falcon-40B's, OPT's, ModernBERT's,
-#: Gemma 2's); a block with none runs its MLP beside its attention, on one norm
+#: the norm before a sequential block's MLP (GPT-2's, Llama's, OPT's, ModernBERT's, Gemma 2's;
+#: Falcon's `ln_mlp` is in parallel blocks, which its config flags); a block with none runs its
+#: MLP beside its attention, on one norm
 _MLP_NORMS = (
     "ln_2", "post_attention_layernorm", "ln_mlp", "final_layer_norm", "mlp_norm",
     "pre_feedforward_layernorm",
 )  # fmt: skip
+
+
+#: a query row's vectors are counted twice over ALTI's four copies: the residual joins them by a
+#: concatenation, and a post-norm block's LayerNorm takes two more (C1 in bfloat16 peaked 7%
+#: over its budget at four)
+_ROW_SHARE = 2
 
 
 def _threshold(value: object, name: str) -> None:
@@ -118,18 +127,21 @@ def information_flow(
     Returns:
         DataArray ``([example,] target, layer, [head,] query, source)``: on each target's route,
         the weight of the edge from ``source`` in the layer's input to ``query`` in the stream
-        after its attention (without the residual's share is the coordinate
-        ``attention_residual``), 0 off the route, NaN where the target cannot see ``query``
-        or ``source`` (the future, padding). Coordinates ``mlp`` and ``mlp_residual``
-        ``([example,] target, layer, query)``: the weights of the MLP's and the residual's
-        edges into the block's output, on the route (else 0).
+        after its attention (``source = query``: with the residual's share, also given as the
+        coordinate ``attention_residual``; ``per_head``: each head's part, without it), 0 off
+        the route, NaN where the target cannot see ``query`` or ``source`` (the future,
+        padding). An edge is on the route where it is above 0 (``per_head``: where its heads'
+        parts and the residual's add up above 0). Coordinates ``attention_residual``, ``mlp``
+        and ``mlp_residual`` ``([example,] target, layer, query)``: the weights of the
+        residual's edge into the stream after the attention and of the MLP's and the
+        residual's edges into the block's output, on the route (else 0; NaN as above).
 
     >>> import attrax as ax
     >>> flow = ax.information_flow(ax.load_model(), "1 2 3 =", " 3 2 1")
     >>> flow.dims
     ('target', 'layer', 'query', 'source')
     >>> route = flow.isel(target=0, layer=-1)  # the last layer's edges into the predicting row
-    >>> bool((route.sum("source") + route.attention_residual).max() <= 1 + 1e-6)
+    >>> bool(route.sum("source").max() <= 1 + 1e-6)  # a node's edges in sum to 1 at most
     True
     """
     model = call.model
@@ -140,17 +152,25 @@ def information_flow(
             "stack of blocks (decoder-only and encoder-only models)"
         )
     t = to_tensors(call.batch, model)
-    graph = _Graph(model, t, per_head)
-    decomposition = _Decomposition(model, t, graph.on_layer, what="information flow routes")
+    targets, row_of, _ = target_coordinates(model, call.batch)
+    rows = torch.zeros_like(t.index)
+    for b, example in enumerate(call.batch.examples):
+        rows[b, : len(example.positions)] = torch.as_tensor([row_of[p] for p in example.positions])
+    graph = _Graph(model, t, per_head, rows, len(targets))
+    decomposition = _Decomposition(model, t, graph.on_layer, what=METHOD)
     _refuse_side_by_side(model, [layer.block for layer in decomposition.stack])
-    graph.budget = _vector_budget(
-        model,
-        t,
-        call.options,
-        "information flow routes",
-        held=graph.held_bytes(len(decomposition.stack)),
-        keys=t.ids.shape[1] * graph.heads + 1,
-    )
+    held = graph.held_bytes(len(decomposition.stack))
+    keys = t.ids.shape[1] * graph.heads + 1
+    graph.budget = _vector_budget(model, t, call.options, METHOD, held=held, keys=_ROW_SHARE * keys)
+    one_row = _ROW_SHARE * _row_bytes(t.ids.shape[0], keys, model.hidden_size, graph.size)
+    if call.options.get("max_memory") is None and graph.budget < one_row:
+        raise OptionError(
+            f"{METHOD}: the call would hold an estimated {format_bytes(held, up=True)} (every "
+            "layer's edge weights and the routes' result, [example, target, layer, "
+            f"{'head, ' if per_head else ''}query, source]) beyond its forward: more than half "
+            "of the device's free memory. Give fewer targets (`positions=`), a shorter input"
+            f"{', per_head=False' if per_head else ''}, or a `max_memory` to allow it"
+        )
     outputs = _block_outputs(model, decomposition)
     if outputs.pre:  # post-norm blocks: their MLP's parts go through the LayerNorm
         graph.norms = outputs.modules
@@ -167,10 +187,15 @@ class _Graph:
     (or summed over heads), the residual's ``[B, Q]`` and the stream after the attention
     ``[B, Q, d]`` (what the MLP's edges are weighed against)."""
 
-    def __init__(self, model: Model, t: Tensors, keep_heads: bool) -> None:
+    def __init__(
+        self, model: Model, t: Tensors, keep_heads: bool, rows: torch.Tensor, count: int
+    ) -> None:
         self.t, self.keep_heads, self.causal = t, keep_heads, model.causal
+        #: each target's row ``[B, K]`` of the result, ``count`` rows: the batch's targets
+        self.rows, self.count = rows, count
         self.heads = _arch.heads(model.hf.config, "self") or 1
         self.width = model.hidden_size
+        self.size = at_least_float32(model.dtype).itemsize  # the decomposition's dtype
         self.budget = 0
         #: a post-norm block's LayerNorm after its MLP's residual sum (None: pre-norm blocks)
         self.norms: list[torch.nn.Module] | None = None
@@ -180,15 +205,14 @@ class _Graph:
 
     def held_bytes(self, layers: int) -> int:
         """What the call keeps beside one layer's decomposition: every layer's weights, its
-        streams after the attention and out of the block (float32), the routes' result
-        ``[B, K, layers, (H,) L, L]`` and one layer's masks."""
+        streams after the attention and out of the block, the routes' result ``[B, T, layers,
+        (H,) L, L]`` and a layer's masks and products (``T``: the batch's targets)."""
         batch, length = self.t.ids.shape
-        targets = self.t.index.shape[1]
         kept = self.heads if self.keep_heads else 1
         square = batch * length * length
-        per_layer = 4 * ((kept + 1) * square + 2 * batch * length * self.width)
-        # the result, its product with a layer's kept edges, a layer's masks
-        result = 4 * targets * layers * kept * square + 4 * targets * (kept + 2) * square
+        per_layer = self.size * ((kept + 1) * square + 2 * batch * length * self.width)
+        targets = max(self.count, self.t.index.shape[1])
+        result = self.size * targets * (layers * kept + kept + 2) * square
         return layers * per_layer + result
 
     def on_layer(
@@ -202,7 +226,11 @@ class _Graph:
     ) -> None:
         _, heads, _, keys = weights.shape
         scores = _by_rows(
-            x, keys * heads + 1, self.budget, lambda rows: _part_scores(weights, u, x, parts, rows)
+            x,
+            keys * heads + 1,
+            self.budget,
+            lambda rows: _part_scores(weights, u, x, parts, rows),
+            share=_ROW_SHARE,
         )
         total = scores.sum(-1, keepdim=True)
         scores = scores / torch.where(total == 0, 1.0, total)
@@ -217,10 +245,16 @@ class _Graph:
     def routes(
         self, outputs: list[torch.Tensor], threshold: float
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Every target's route, traced down from its prediction row after the last block:
-        the attention edges ``[B, K, layers, (H,) L, L]`` and the residual's, the MLP's and the
-        MLP residual's ``[B, K, layers, L]``, 0 off the route, NaN where a target cannot see."""
+        """Every target's route, traced down from its prediction row after the last block, at
+        its row of the batch's targets (:attr:`rows`): the attention edges ``[B, T, layers,
+        (H,) L, L]`` and the residual's, the MLP's and the MLP residual's ``[B, T, layers, L]``,
+        0 off the route, NaN where a target cannot see (or an example has no such target)."""
         t = self.t
+        if len(outputs) != len(self.attention):  # a block whose attention was not decomposed
+            raise ModelError(
+                f"{METHOD}: {len(self.attention)} attention layers were decomposed but "
+                f"{len(outputs)} blocks ran; the routes need every block's attention"
+            )
         mlp, past = zip(*(self._mlp_weights(i, y) for i, y in enumerate(outputs)), strict=True)
         self._check_finite(mlp, past)
         length = t.ids.shape[1]
@@ -229,12 +263,15 @@ class _Graph:
         if self.causal:  # a target sees up to the position its logits come from
             visible = visible & (columns <= t.index[..., None])
         reach = (columns == t.index[..., None]) & t.valid[..., None]  # [B, K, L]
-        batch, targets = t.index.shape
+        b, k = t.valid.nonzero(as_tuple=True)  # each real target, at its row of the result
+        row = self.rows[b, k]
         layers, first = len(outputs), self.attention[0]
-        # the result written in place, layer by layer: it is the call's largest tensor
-        shape = (batch, targets, layers, *((self.heads,) if self.keep_heads else ()))
-        flow = first.new_zeros((*shape, length, length))
-        residuals, mlps, pasts = (first.new_zeros((batch, targets, layers, length)) for _ in "abc")
+        # the result at the batch's target rows, written layer by layer: the largest tensor
+        heads = (self.heads,) if self.keep_heads else ()
+        flow = first.new_zeros((t.ids.shape[0], self.count, layers, *heads, length, length))
+        residuals, mlps, pasts = (
+            first.new_zeros((t.ids.shape[0], self.count, layers, length)) for _ in "abc"
+        )
         for layer in reversed(range(layers)):  # each layer's routes start at the next's
             attention, residual = self.attention[layer], self.residual[layer]
             summed = attention.sum(-1) if self.keep_heads else attention
@@ -245,17 +282,19 @@ class _Graph:
             kept = middle[..., :, None] & (edges > threshold)[:, None]  # [B, K, Q, L]
             reach = kept.any(-2)
             if self.keep_heads:  # [B, Q, L, H] -> [B, H, Q, L], each target's kept edges
-                flow[:, :, layer] = attention.permute(0, 3, 1, 2)[:, None] * kept[:, :, None]
-            else:
-                flow[:, :, layer] = attention[:, None] * kept
+                flow[b, row, layer] = attention.permute(0, 3, 1, 2)[b] * kept[b, k, None]
+            else:  # the edges as the graph has them: j = i with the residual's share
+                flow[b, row, layer] = edges[b] * kept[b, k]
             own = kept.diagonal(dim1=-2, dim2=-1)  # the residual's edge j = i kept
-            residuals[:, :, layer] = residual[:, None] * own
-            mlps[:, :, layer] = mlp[layer][:, None] * into_mlp
-            pasts[:, :, layer] = past[layer][:, None] * around
-        seen = visible[..., :, None] & visible[..., None, :]  # [B, K, Q, L]
-        seen = seen[:, :, None, None] if self.keep_heads else seen[:, :, None]
-        flow.masked_fill_(~seen, math.nan)
-        others = [v.masked_fill_(~visible[:, :, None], math.nan) for v in (residuals, mlps, pasts)]
+            residuals[b, row, layer] = residual[b] * own[b, k]
+            mlps[b, row, layer] = mlp[layer][b] * into_mlp[b, k]
+            pasts[b, row, layer] = past[layer][b] * around[b, k]
+        seen = visible.new_zeros((t.ids.shape[0], self.count, length))
+        seen[b, row] = visible[b, k]
+        pairs = seen[..., :, None] & seen[..., None, :]  # [B, T, Q, L]
+        pairs = pairs[:, :, None, None] if self.keep_heads else pairs[:, :, None]
+        flow.masked_fill_(~pairs, math.nan)
+        others = [v.masked_fill_(~seen[:, :, None], math.nan) for v in (residuals, mlps, pasts)]
         return flow, others[0], others[1], others[2]
 
     def _check_finite(self, mlp: tuple[torch.Tensor, ...], past: tuple[torch.Tensor, ...]) -> None:

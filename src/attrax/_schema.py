@@ -407,11 +407,12 @@ def label_flow(
     options: Mapping[str, Any],
     method: str,
 ) -> xr.DataArray:
-    """Route edges ``[B, K, layer, (head,) query, source]`` and the residual's, the MLP's and
-    the MLP residual's weights ``[B, K, layer, query]`` -> ``([example,] target, layer, [head,]
-    query, source)`` with those three as coordinates, targets as :func:`label`."""
-    targets, row_of, coords = target_coordinates(model, batch)
-    data = _by_target(batch, to_host(flow), row_of, len(targets))
+    """Route edges ``[B, T, layer, (head,) query, source]`` and the residual's, the MLP's and the
+    MLP residual's weights ``[B, T, layer, query]``, already at the rows of the batch's targets
+    (:func:`target_coordinates`) -> ``([example,] target, layer, [head,] query, source)`` with
+    those three as coordinates."""
+    _, _, coords = target_coordinates(model, batch)
+    data = to_host(flow)  # placed by the method: the result is not copied again
     width = data.shape[-1]
     ids = np.full((len(batch.examples), width), MISSING_ID, dtype=np.int64)
     for b in range(len(batch.examples)):
@@ -429,7 +430,7 @@ def label_flow(
     for name, values in (
         ("attention_residual", residual), ("mlp", mlp), ("mlp_residual", mlp_residual)
     ):  # fmt: skip
-        coords[name] = (along, _by_target(batch, to_host(values), row_of, len(targets)))
+        coords[name] = (along, to_host(values))
     dims = ["example", "target", "layer", *(["head"] if heads else []), "query", "source"]
     attrs = run_attrs(model, method, "none", options)
     return _build(data, dims, coords, method, attrs, batch.single)
