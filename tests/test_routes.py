@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from matplotlib.collections import LineCollection
 
 import attrax as ax
 from attrax import _memory, _routes
@@ -418,5 +419,64 @@ def test_cli_prints_each_targets_largest_edges(tmp_path, capsys):
     saved = ax.load(tmp_path / "flow.nc")
     assert saved.dims == ("target", "layer", "query", "source")
     assert saved.mlp.dims == ("target", "layer", "query")
-    assert main([*args, "--html", str(tmp_path / "flow.html")]) == 2
-    assert "no source" in capsys.readouterr().err
+
+
+def _segments(a) -> dict[str, set]:
+    """Each kind of edge an axes draws, as a set of point tuples."""
+    return {
+        c.get_label(): {tuple(map(tuple, np.round(s, 6))) for s in c.get_segments()}
+        for c in a.collections
+        if isinstance(c, LineCollection)
+    }
+
+
+def test_plot_draws_each_route_edge_where_the_graph_has_it(models, tmp_path):
+    model = models["gpt2"]
+    flow = ax.information_flow(model, PROMPT, TARGET, threshold=0.02)
+    fig = ax.plot(flow, path=tmp_path / "route.png")
+    assert (tmp_path / "route.png").stat().st_size > 0
+    assert len(fig.axes) == flow.sizes["target"]
+    for a, target in zip(fig.axes, flow.target.values, strict=True):
+        route = flow.sel(target=target)
+        want: dict[str, set] = {"attention": set(), "residual": set(), "MLP": set()}
+        for layer in range(route.sizes["layer"]):
+            y = 2 * layer
+            edges = np.nan_to_num(route.values[layer])
+            for i, j in zip(*np.nonzero(edges), strict=True):
+                kind = "residual" if i == j else "attention"
+                want[kind].add(((j, y), (i, y + 1)))
+            for i in np.flatnonzero(np.nan_to_num(route.mlp.values[layer])):
+                want["MLP"].add(((i, y + 1), (i + 0.35, y + 1.5), (i, y + 2)))
+            for i in np.flatnonzero(np.nan_to_num(route.mlp_residual.values[layer])):
+                want["residual"].add(((i, y + 1), (i, y + 2)))
+        assert _segments(a) == {k: v for k, v in want.items() if v}
+        assert a.get_title().startswith(f"target {target}")
+
+
+def test_plot_of_heads_and_of_a_batch(models):
+    model = models["gpt2"]
+    kw = {"threshold": 0.02}
+    summed = ax.plot(ax.information_flow(model, PROMPT, TARGET, **kw))
+    heads = ax.plot(ax.information_flow(model, PROMPT, TARGET, per_head=True, **kw))
+    assert [_segments(a) for a in heads.axes] == [_segments(a) for a in summed.axes]
+    both = ax.information_flow(model, [PROMPT, "Hello"], [TARGET, " world"], **kw)
+    counts = [
+        int((~np.isnan(both.mlp.isel(example=b))).any("layer").any("query").sum()) for b in (0, 1)
+    ]
+    assert len(ax.plot(both).axes) == sum(counts)
+    assert len(ax.plot(both, example=1).axes) == counts[1]
+    with pytest.raises(ax.OptionError, match="one route"):
+        ax.plot(both, ax=summed.axes[0])
+    with pytest.raises(ax.OptionError, match="graph"):
+        ax.plot(both, cmap="viridis")
+
+
+def test_cli_draws_routes_as_png_and_refuses_html_without_a_reduction(tmp_path, capsys):
+    args = ["attribute", "--method", "information_flow", "--input", "1 2 3 =", "--target", " 3"]
+    assert main([*args, "--reduce", "none", "--png", str(tmp_path / "r.png")]) == 0
+    assert (tmp_path / "r.png").stat().st_size > 0
+    assert main([*args, "--reduce", "none", "--html", str(tmp_path / "r.html")]) == 2
+    assert "--png" in capsys.readouterr().err
+    assert not (tmp_path / "r.html").exists()
+    assert main([*args, "--html", str(tmp_path / "table.html")]) == 0  # the reduced table
+    assert (tmp_path / "table.html").stat().st_size > 0

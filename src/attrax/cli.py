@@ -560,13 +560,17 @@ def _attribute(args: argparse.Namespace) -> int:
         "edge_attribution_patching": "(target, sender, receiver) edges",
         "edge_patching": "(target[, circuit]) effects",
         "knowledge_neurons": "(target, layer, neuron) scores",
-        "information_flow": "(target, layer, query, source) route edges",
     }
     if args.method in no_source and (args.html or args.png):
         raise OptionError(
             f"--html and --png draw (target, source) heatmaps; {args.method}'s "
             f"{no_source[args.method]} have no source: give --out (and read it with ax.load) "
             "or print them"
+        )
+    if args.method == "information_flow" and args.html and steps is not None and not steps:
+        raise OptionError(
+            "--html draws a (target, source) heatmap; information_flow's routes with "
+            "--reduce none are (target, layer, query, source) graphs: draw them with --png"
         )
     console = _console()
     model = load_model(args.model, device=_device(args.device), dtype=_dtype(args.dtype))

@@ -36,6 +36,7 @@ from matplotlib.figure import Figure
 
 from . import _validate as check
 from ._errors import InputError, OptionError
+from ._route_plot import is_route, plot_routes
 from ._schema import MISSING_TOKEN, drop_padding
 from .io import output_path, write_atomically
 
@@ -966,7 +967,9 @@ def plot(
     ``path`` when given. Uses no pyplot state and needs no display. Classifier rows (see
     :func:`show`; ``labels``: the true labels) are drawn one example per line, in one axes.
     An :func:`attrax.summary` table (a DataFrame) is drawn as one panel per metric, each method's
-    mean with its confidence interval.
+    mean with its confidence interval. Information flow routes (:func:`attrax.information_flow`)
+    are drawn as graphs, one panel per target: positions across, block outputs up, the route's
+    attention, residual and MLP edges as lines as wide as their weights.
 
     Arguments:
         da: an attribution, or a summary table.
@@ -998,6 +1001,12 @@ def plot(
         from ._summary_plot import plot_summary
 
         fig = plot_summary(da, title=title)
+        _save_figure(fig, target, dpi)
+        return fig
+    if is_route(da):  # ax.information_flow: each target's route, drawn as a graph
+        if cmap is not None or labels is not None:
+            raise OptionError("a route is drawn as a graph: `cmap` and `labels` do not apply")
+        fig = plot_routes(da, example=example, ax=ax, title=_default_title(da, title))
         _save_figure(fig, target, dpi)
         return fig
     name = _default_title(_check_dims(da, rows=_is_rows(da)), title)
