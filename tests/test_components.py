@@ -2599,5 +2599,10 @@ def test_atp_hybrid_sites_first_order():
     heads = ax.attribution_patching(model, SOURCE, TARGET, layers=[1], **kw)
     whole = ax.attribution_patching(model, SOURCE, TARGET, site="attention", layers=[1], **kw)
     np.testing.assert_allclose(heads.sum("head", skipna=False), whole, rtol=1e-7, atol=1e-12)
-    with pytest.raises(ax.ModelError, match="layer 0 has no attention heads"):
+    with pytest.raises(ax.ModelError, match="layer 0 has no attention heads") as refused:
         ax.attribution_patching(model, SOURCE, TARGET, corrupted=CORRUPTED)
+    assert "window" not in str(refused.value)  # attribution patching takes none
+    with pytest.raises(ax.ModelError, match="stays within them"):  # activation patching's
+        ax.activation_patching(
+            model, SOURCE, TARGET, corrupted=CORRUPTED, site="heads", layers=[1], window=3
+        )

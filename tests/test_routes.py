@@ -480,3 +480,11 @@ def test_cli_draws_routes_as_png_and_refuses_html_without_a_reduction(tmp_path, 
     assert not (tmp_path / "r.html").exists()
     assert main([*args, "--html", str(tmp_path / "table.html")]) == 0  # the reduced table
     assert (tmp_path / "table.html").stat().st_size > 0
+
+
+def test_show_points_routes_to_plot(models):
+    flow = ax.information_flow(models["gpt2"], PROMPT, TARGET, per_head=True)
+    with pytest.raises(ax.InputError, match=r"information flow routes.*ax\.plot"):
+        ax.show(flow)  # not a layer x head grid, though it has both dims
+    reduced = ax.mean(ax.mean(flow.sum("head"), "layer"), "query")
+    assert "<table" in ax.show(reduced)._repr_html_()

@@ -794,3 +794,11 @@ def test_annotated_cells_read_at_any_magnitude():
     for text in ("0.25", "1e+300", "0.0012", "0.00"):
         assert f">{text}<" in page, text
     assert "0000000000" not in page
+
+
+def test_show_of_unreduced_head_outputs_asks_to_reduce_hidden():
+    model = ax.load_model()
+    da = ax.saliency(model, "1 2 3 =", " 3", layers=0, site="heads")
+    with pytest.raises(ax.InputError, match=r"reduce them first \(e.g. ax.l2_norm"):
+        ax.show(da)
+    assert "<table" in ax.show(ax.l2_norm(da).isel(target=0))._repr_html_()

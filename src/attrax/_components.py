@@ -1562,7 +1562,7 @@ def _module_donors(
         chosen_heads = selection_indices(heads, total, "neurons", "neurons per layer")
     # the attention output, every head at once: the heads' site, not split into heads
     where = "heads" if site == "attention" else site
-    modules = [parts.module(where, i) for i in chosen_layers]
+    modules = [parts.module(where, i, window=True) for i in chosen_layers]
     batch = donor[0].shape[0]
 
     # [B, L, width] -> [B, L, heads, d] (one head of width for the other sites)

@@ -41,10 +41,11 @@ class Stack:
     #: why the output projection's input does not split into ``heads`` heads (None: it does)
     unsplit: str | None = None
 
-    def module(self, site: str, layer: int) -> torch.nn.Module:
+    def module(self, site: str, layer: int, window: bool = False) -> torch.nn.Module:
         """Where ``site``'s activation of ``layer`` is: the output projection (its input, the
         concatenated heads), the MLP's output projection (its input, the neurons), the MLP or
-        the block (their outputs)."""
+        the block (their outputs). ``window``: the caller's layers are windows around the
+        chosen ones (activation patching's), which a refusal names."""
         if site == "neurons":
             return down_projection(self.mlps[layer], layer)
         if site == "heads":
@@ -55,8 +56,9 @@ class Stack:
                 raise ModelError(
                     f"layer {layer} has no attention heads (its "
                     f"{type(self.blocks[layer]).__name__} mixes tokens otherwise: linear "
-                    "attention or a state-space layer); choose attention layers with `layers` "
-                    "(and a `window` that stays within them), or the MLPs' sites"
+                    "attention or a state-space layer); choose attention layers with `layers`"
+                    f"{' (and a `window` that stays within them)' if window else ''}, or the "
+                    "MLPs' sites"
                 )
             return projection
         return {"mlp": self.mlps, "residual": self.blocks}[site][layer]

@@ -190,6 +190,12 @@ def _check_dims(da: object, rows: bool = False) -> xr.DataArray:
     """``da`` itself, checked for the heatmap view (or, with ``rows``, the classifier rows)."""
     if not isinstance(da, xr.DataArray):
         raise InputError(f"`da` must be an xarray.DataArray, got {type(da).__name__}")
+    if is_route(da):
+        raise InputError(
+            f"`da` is information flow routes {tuple(str(d) for d in da.dims)}: draw them with "
+            "ax.plot, or reduce them to (target, source) first, e.g. ax.mean(da, 'layer')"
+            " then ax.mean(..., 'query')"
+        )
     if da.dtype.kind not in "biuf":  # strings, objects, complex numbers: no heat to draw
         raise InputError(f"`da` must hold real numbers to draw, got dtype {da.dtype}")
     if "example" in da.dims and da.sizes["example"] == 0:
@@ -869,8 +875,9 @@ def show(
 
 
 def _is_grid(da: object) -> bool:
-    """Whether ``da`` is shown as a layer x head grid (it has both dims)."""
-    return isinstance(da, xr.DataArray) and "layer" in da.dims and "head" in da.dims
+    """Whether ``da`` is shown as a layer x head grid (it has both dims; routes do not)."""
+    grid = isinstance(da, xr.DataArray) and "layer" in da.dims and "head" in da.dims
+    return grid and not is_route(da)
 
 
 def _show_grid(
@@ -883,6 +890,12 @@ def _show_grid(
     """One target's layer x head grid: each cell the head's total (``head_total`` when the
     result has it, else the sum over ``source``)."""
     extra = [str(d) for d in da.dims if d not in ("source", "layer", "head") and da.sizes[d] != 1]
+    if "hidden" in extra:  # site="heads": each head's output, its own features
+        raise InputError(
+            f"`da` has dims {tuple(str(d) for d in da.dims)}: each head's output has its own "
+            "'hidden' features; reduce them first (e.g. ax.l2_norm(da)), then select one "
+            "target for the layer x head grid"
+        )
     if extra:
         raise InputError(
             f"`da` has dims {tuple(str(d) for d in da.dims)}: the layer x head grid shows one "
