@@ -4,6 +4,8 @@ as a dict of named nodes and the routes by a depth-first search from each predic
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import pytest
 import torch
@@ -421,16 +423,21 @@ def test_cli_prints_each_targets_largest_edges(tmp_path, capsys):
     assert saved.mlp.dims == ("target", "layer", "query")
 
 
-def _segments(a) -> dict[str, set]:
-    """Each kind of edge an axes draws, as a set of point tuples."""
-    return {
-        c.get_label(): {tuple(map(tuple, np.round(s, 6))) for s in c.get_segments()}
-        for c in a.collections
-        if isinstance(c, LineCollection)
-    }
+def _segments(a) -> dict[str, dict]:
+    """Each kind of edge an axes draws: its point tuples, each with its line's width."""
+    out = {}
+    for c in a.collections:
+        if isinstance(c, LineCollection):
+            widths = np.broadcast_to(c.get_linewidths(), (len(c.get_segments()),))
+            out[c.get_label()] = {
+                tuple(map(tuple, np.round(s, 6))): round(float(w), 6)
+                for s, w in zip(c.get_segments(), widths, strict=True)
+            }
+    return out
 
 
 def test_plot_draws_each_route_edge_where_the_graph_has_it(models, tmp_path):
+    """Every edge above 0 where the graph has it, as wide as 0.6 + 4 x its weight."""
     model = models["gpt2"]
     flow = ax.information_flow(model, PROMPT, TARGET, threshold=0.02)
     fig = ax.plot(flow, path=tmp_path / "route.png")
@@ -438,37 +445,64 @@ def test_plot_draws_each_route_edge_where_the_graph_has_it(models, tmp_path):
     assert len(fig.axes) == flow.sizes["target"]
     for a, target in zip(fig.axes, flow.target.values, strict=True):
         route = flow.sel(target=target)
-        want: dict[str, set] = {"attention": set(), "residual": set(), "MLP": set()}
+        want: dict[str, dict] = {"attention": {}, "residual": {}, "MLP": {}}
+
+        def add(kind, points, weight, want=want):
+            want[kind][points] = round(0.6 + 4.0 * float(weight), 6)
+
         for layer in range(route.sizes["layer"]):
             y = 2 * layer
             edges = np.nan_to_num(route.values[layer])
             for i, j in zip(*np.nonzero(edges), strict=True):
                 kind = "residual" if i == j else "attention"
-                want[kind].add(((j, y), (i, y + 1)))
-            for i in np.flatnonzero(np.nan_to_num(route.mlp.values[layer])):
-                want["MLP"].add(((i, y + 1), (i + 0.35, y + 1.5), (i, y + 2)))
-            for i in np.flatnonzero(np.nan_to_num(route.mlp_residual.values[layer])):
-                want["residual"].add(((i, y + 1), (i, y + 2)))
+                add(kind, ((j, y), (i, y + 1)), edges[i, j])
+            mlp = np.nan_to_num(route.mlp.values[layer])
+            for i in np.flatnonzero(mlp):
+                add("MLP", ((i, y + 1), (i + 0.35, y + 1.5), (i, y + 2)), mlp[i])
+            around = np.nan_to_num(route.mlp_residual.values[layer])
+            for i in np.flatnonzero(around):
+                add("residual", ((i, y + 1), (i, y + 2)), around[i])
         assert _segments(a) == {k: v for k, v in want.items() if v}
         assert a.get_title().startswith(f"target {target}")
+    # one target selected, or the dims in another order: the same drawing
+    one = ax.plot(flow.sel(target=flow.target.values[0]))
+    assert _segments(one.axes[0]) == _segments(fig.axes[0])
+    moved = ax.plot(flow.transpose("source", "query", "layer", "target"))
+    assert [_segments(a) for a in moved.axes] == [_segments(a) for a in fig.axes]
 
 
 def test_plot_of_heads_and_of_a_batch(models):
     model = models["gpt2"]
     kw = {"threshold": 0.02}
     summed = ax.plot(ax.information_flow(model, PROMPT, TARGET, **kw))
-    heads = ax.plot(ax.information_flow(model, PROMPT, TARGET, per_head=True, **kw))
+    per_head = ax.information_flow(model, PROMPT, TARGET, per_head=True, **kw)
+    heads = ax.plot(per_head)  # the heads' parts and the residual's, widths included
     assert [_segments(a) for a in heads.axes] == [_segments(a) for a in summed.axes]
+    with pytest.raises(ax.OptionError, match="without its 'head' dim"):
+        ax.plot(per_head.sum("head"))  # the residual's share is not in the heads' sum
     both = ax.information_flow(model, [PROMPT, "Hello"], [TARGET, " world"], **kw)
-    counts = [
-        int((~np.isnan(both.mlp.isel(example=b))).any("layer").any("query").sum()) for b in (0, 1)
-    ]
+    has = (~np.isnan(both.mlp)).any(["layer", "query"])  # (example, target)
+    counts = has.sum("target").values.tolist()
     assert len(ax.plot(both).axes) == sum(counts)
-    assert len(ax.plot(both, example=1).axes) == counts[1]
+    assert len(ax.plot(both, example=-1).axes) == counts[1]  # positions, as the heatmap's
+    with pytest.raises(ax.OptionError, match=r"positions in 0\.\.1"):
+        ax.plot(both, example=5)
     with pytest.raises(ax.OptionError, match="one route"):
         ax.plot(both, ax=summed.axes[0])
     with pytest.raises(ax.OptionError, match="graph"):
         ax.plot(both, cmap="viridis")
+
+
+def test_plot_labels_the_layers_drawn_and_takes_tokens_as_text(models):
+    model = models["gpt2"]
+    flow = ax.information_flow(model, PROMPT, TARGET, threshold=0.0)
+    fig = ax.plot(flow.isel(target=[0], layer=[1]))
+    assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == ["layer 0", "layer 1"]
+    with pytest.raises(ax.OptionError, match="consecutive layers"):
+        ax.plot(flow.isel(layer=[1, 0]))
+    tokens = np.array(["$$"] * flow.sizes["target"])
+    odd = flow.assign_coords(target_token=("target", tokens))
+    ax.plot(odd).savefig(io.BytesIO())  # a "$$" token is drawn as text, not math
 
 
 def test_cli_draws_routes_as_png_and_refuses_html_without_a_reduction(tmp_path, capsys):
@@ -478,6 +512,8 @@ def test_cli_draws_routes_as_png_and_refuses_html_without_a_reduction(tmp_path, 
     assert main([*args, "--reduce", "none", "--html", str(tmp_path / "r.html")]) == 2
     assert "--png" in capsys.readouterr().err
     assert not (tmp_path / "r.html").exists()
+    partly = ["--reduce", "mean:layer", "--html", str(tmp_path / "r.html")]
+    assert main([*args, *partly]) == 2  # query is kept: still graphs
     assert main([*args, "--html", str(tmp_path / "table.html")]) == 0  # the reduced table
     assert (tmp_path / "table.html").stat().st_size > 0
 

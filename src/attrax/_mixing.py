@@ -812,12 +812,24 @@ def _vector_budget(
     keys: int | None = None,
 ) -> int:
     """Bytes ALTI's per-layer vectors may take at once: ``max_memory`` (None: half the free memory
-    of the model's device) less the rest of the call's estimate: one layer's eager forward (its
-    temporaries, three ``[B, heads, L, L]`` maps), the float32 decomposition (the per-head values
-    ``[B, heads, L, d]``; the maps' copy on half-precision models), three ``[B, L, L]``
-    rollout matrices and ``held`` bytes the method keeps; on the CPU at most :data:`CPU_PASS`.
-    A ``max_memory`` below one query row's vectors (over ``keys`` parts, default one per token)
-    on top of that is an :class:`OptionError` naming the smallest that can be met."""
+    of the model's device) less the rest of the call's estimate (:func:`_vector_fixed`, with
+    ``held`` bytes the method keeps); on the CPU at most :data:`CPU_PASS`. A ``max_memory``
+    below one query row's vectors (over ``keys`` parts, default one per token) on top of that is
+    an :class:`OptionError` naming the smallest that can be met."""
+    batch, length = t.ids.shape[0], t.ids.shape[1]
+    fixed = _vector_fixed(model, t, held)
+    size = model.dtype.itemsize
+    smallest = fixed + _row_bytes(batch, keys or length, model.hidden_size, max(size, 4))
+    max_memory = parse_bytes(options.get("max_memory"))
+    one_row = f"{what}'s forward with one query row's vectors at a time"
+    return budget_after(model.device, max_memory, fixed, smallest, one_row)
+
+
+def _vector_fixed(model: Model, t: Tensors, held: int = 0) -> int:
+    """The bytes of ALTI's call beside its vectors: one layer's eager forward (its temporaries,
+    three ``[B, heads, L, L]`` maps), the float32 decomposition (the per-head values ``[B, heads,
+    L, d]``; the maps' copy on half-precision models), three ``[B, L, L]`` rollout matrices and
+    ``held`` bytes the method keeps."""
     config = model.hf.config
     batch, length = t.ids.shape[0], t.ids.shape[1]
     if t.decoder_ids is not None:
@@ -836,11 +848,7 @@ def _vector_budget(
     # float32 decomposition: u [B, heads, L, d] and x, the maps' copy when the model is not
     copy = heads * length * length if size < 4 else 0
     decomposition = 4 * batch * (heads * length * width + length * width + copy)
-    fixed = CALL_OVERHEAD + body + maps + decomposition + 3 * 4 * batch * length * length + held
-    smallest = fixed + _row_bytes(batch, keys or length, width, max(size, 4))
-    max_memory = parse_bytes(options.get("max_memory"))
-    one_row = f"{what}'s forward with one query row's vectors at a time"
-    return budget_after(model.device, max_memory, fixed, smallest, one_row)
+    return CALL_OVERHEAD + body + maps + decomposition + 3 * 4 * batch * length * length + held
 
 
 def _row_scores(

@@ -20,14 +20,16 @@ from matplotlib.figure import Figure
 
 from ._errors import InputError, OptionError
 
-#: the dims of ``ax.information_flow``'s result (``head`` with ``per_head=True``)
-ROUTE_DIMS = ("target", "layer", "query", "source")
+#: the dims of one target's route (``ax.information_flow``'s result has ``target`` too, and
+#: ``head`` with ``per_head=True``)
+ROUTE_DIMS = ("layer", "query", "source")
 _COLOURS = {"attention": "#1f5fa8", "residual": "#8a8a8a", "MLP": "#d9730d"}
 _MLP_OFFSET = 0.35  # the MLP's node, right of its position
 
 
 def is_route(da: object) -> bool:
-    """Whether ``da`` is information flow routes (``ax.information_flow``'s dims and coords)."""
+    """Whether ``da`` is information flow routes (``ax.information_flow``'s dims and coords, a
+    target selected or not)."""
     return (
         isinstance(da, xr.DataArray)
         and set(ROUTE_DIMS) <= set(map(str, da.dims))
@@ -36,17 +38,23 @@ def is_route(da: object) -> bool:
 
 
 def plot_routes(
-    da: xr.DataArray, *, example: Any = None, ax: Any = None, title: str | None = None
+    da: xr.DataArray,
+    *,
+    examples: list[int | None] | None = None,
+    ax: Any = None,
+    title: str | None = None,
+    family: list[str] | None = None,
 ) -> Figure:
     """Each target's route in ``da`` (``ax.information_flow``'s result) as a graph: one panel per
-    target (and example, for a batch: pick one with ``example=``).
+    target (and example of a batch: ``examples`` picks them by position, default all), its
+    tokens in the fonts ``family``.
 
     >>> import attrax as ax
     >>> flow = ax.information_flow(ax.load_model(), "1 2 3 =", " 3 2")
     >>> len(plot_routes(flow).axes)  # a panel per target
     2
     """
-    panels = _panels(da, example)
+    panels = _panels(da, examples)
     if ax is not None and len(panels) != 1:
         raise OptionError(
             "`ax` holds one route; pick one target with da.sel(target=...) (and `example=`)"
@@ -62,31 +70,42 @@ def plot_routes(
         fig = ax.figure.figure
         axes = [ax]
     for a, (name, one) in zip(axes, panels, strict=True):
-        _draw(a, one)
-        a.set_title(name, fontsize=10)
+        _draw(a, one, family)
+        a.set_title(name, fontsize=10, parse_math=False)  # a token "$x$" is text
     if title:
-        fig.suptitle(title)
+        fig.suptitle(title, parse_math=False)
     return fig
 
 
-def _panels(da: xr.DataArray, example: Any) -> list[tuple[str, xr.DataArray]]:
-    """``(title, route)`` per target (and example) that ``da`` holds, each cut to the positions
-    its target sees."""
+def _panels(da: xr.DataArray, examples: list[int | None] | None) -> list[tuple[str, xr.DataArray]]:
+    """``(title, route)`` per target (and example) that ``da`` holds, each ``(layer, query,
+    source)`` cut to the positions its target sees."""
+    per_head = "per_head" in da.coords and bool(da["per_head"].any())
+    if per_head and "head" not in da.dims:
+        raise OptionError(
+            "`da` is a per_head=True result without its 'head' dim: its heads' parts and the "
+            "residual's make each edge; draw it with the head dim, or compute it with "
+            "per_head=False"
+        )
     if "head" in da.dims:  # per_head: the heads' parts and the residual's make the edge
         eye = xr.DataArray(np.eye(da.sizes["query"]), dims=("query", "source"))
         da = da.sum("head", skipna=False) + (da.attention_residual * eye).fillna(0)
+    if "target" not in da.dims:  # one target selected: .sel(target=...)
+        da = da.expand_dims("target")
+    da = da.transpose(..., "target", *ROUTE_DIMS)  # the order the drawing reads
+    layers = da["layer"].values
+    if len(layers) and not (np.diff(layers) == 1).all():
+        raise OptionError(
+            f"`da` holds layers {layers.tolist()}: a route is drawn through consecutive layers; "
+            "select a run of them, e.g. da.isel(layer=slice(2, 6))"
+        )
     if "example" in da.dims:
-        if example is not None:
-            picked = da.sel(example=example)
-            examples = [picked] if "example" not in picked.dims else list(_each(picked))
-        else:
-            examples = list(_each(da))
-    elif example is not None:
-        raise OptionError("`example` picks an example of a batch; this result has one")
+        chosen = range(da.sizes["example"]) if examples is None else examples
+        picked = [da.isel(example=e) for e in chosen if e is not None]
     else:
-        examples = [da]
+        picked = [da]
     panels = []
-    for one in examples:
+    for one in picked:
         prefix = f"example {int(one['example'])}, " if "example" in one.coords else ""
         for target in one["target"].values:
             route = one.sel(target=target)
@@ -102,12 +121,7 @@ def _panels(da: xr.DataArray, example: Any) -> list[tuple[str, xr.DataArray]]:
     return panels
 
 
-def _each(da: xr.DataArray) -> Any:
-    for index in range(da.sizes["example"]):
-        yield da.isel(example=index)
-
-
-def _draw(a: Any, route: xr.DataArray) -> None:
+def _draw(a: Any, route: xr.DataArray, family: list[str] | None) -> None:
     """One target's route ``(layer, query, source)`` into axes ``a``."""
     layers, width = route.sizes["layer"], route.sizes["query"]
     flow = np.nan_to_num(route.values)
@@ -150,10 +164,13 @@ def _draw(a: Any, route: xr.DataArray) -> None:
     labels = [str(t) for t in tokens.values] if tokens is not None else []
     a.set_xticks(range(width), labels or [str(q) for q in route["query"].values], rotation=90)
     for label in a.get_xticklabels():
+        if family:
+            label.set_fontfamily(family)
         label.set_parse_math(False)  # a token "$x_1$" is text, not a formula
-    a.set_yticks(
-        range(0, 2 * layers + 1, 2), ["embeddings", *(f"layer {i}" for i in range(layers))]
-    )
+    # row 2k: the output of the k-th layer drawn below it (row 0: the first one's input)
+    drawn = [int(v) for v in route["layer"].values]
+    below = "embeddings" if drawn[0] == 0 else f"layer {drawn[0] - 1}"
+    a.set_yticks(range(0, 2 * layers + 1, 2), [below, *(f"layer {i}" for i in drawn)])
     a.set_ylabel("block output")
     if any(segments.values()):
         a.legend(loc="upper left", fontsize=8, frameon=False)

@@ -32,7 +32,7 @@ from . import _arch
 from ._edges import PARALLEL
 from ._errors import InputError, ModelError, OptionError
 from ._inputs import Tensors, to_tensors
-from ._memory import at_least_float32, format_bytes
+from ._memory import at_least_float32, format_bytes, memory_budget
 from ._mixing import (
     _POST_NORM,
     _architecture,
@@ -44,6 +44,7 @@ from ._mixing import (
     _row_bytes,
     _second_norms,
     _vector_budget,
+    _vector_fixed,
 )
 from ._model import Model, refuse_no_query_row
 from ._protocol import Call, Family
@@ -164,12 +165,16 @@ def information_flow(
     graph.budget = _vector_budget(model, t, call.options, METHOD, held=held, keys=_ROW_SHARE * keys)
     one_row = _ROW_SHARE * _row_bytes(t.ids.shape[0], keys, model.hidden_size, graph.size)
     if call.options.get("max_memory") is None and graph.budget < one_row:
+        smallest = _vector_fixed(model, t, held) + one_row
+        free = memory_budget(model.device)
         raise OptionError(
-            f"{METHOD}: the call would hold an estimated {format_bytes(held, up=True)} (every "
-            "layer's edge weights and the routes' result, [example, target, layer, "
-            f"{'head, ' if per_head else ''}query, source]) beyond its forward: more than half "
-            "of the device's free memory. Give fewer targets (`positions=`), a shorter input"
-            f"{', per_head=False' if per_head else ''}, or a `max_memory` to allow it"
+            f"{METHOD}: the call needs an estimated {format_bytes(smallest, up=True)}, of which "
+            f"{format_bytes(held, up=True)} are every layer's edge weights and the routes' "
+            f"result ([example, target, layer, {'head, ' if per_head else ''}query, source]); "
+            f"without `max_memory` it may take half the device's free memory, "
+            f"{format_bytes(free)}. Give fewer targets (`positions=`), a shorter input"
+            f"{', per_head=False' if per_head else ''}, or `max_memory` of at least "
+            f"{format_bytes(smallest, up=True)} if the device holds it"
         )
     outputs = _block_outputs(model, decomposition)
     if outputs.pre:  # post-norm blocks: their MLP's parts go through the LayerNorm
@@ -212,7 +217,8 @@ class _Graph:
         square = batch * length * length
         per_layer = self.size * ((kept + 1) * square + 2 * batch * length * self.width)
         targets = max(self.count, self.t.index.shape[1])
-        result = self.size * targets * (layers * kept + kept + 2) * square
+        # the product written into a layer's slice and its gather: two slices beside it
+        result = self.size * targets * (layers * kept + 2 * kept + 2) * square
         return layers * per_layer + result
 
     def on_layer(

@@ -94,6 +94,8 @@ COORDS: dict[str, str] = {
     "attention_residual": "information_flow: the residual's edge into the stream after the "
     "attention, on the route",
     "mlp": "information_flow: the MLP's edge into the block's output, on the route",
+    "per_head": "information_flow: whether the values are each head's part of the edges (the "
+    "residual's share apart) or the edges",
     "mlp_residual": "information_flow: the residual's edge into the block's output, on the route",
     "auc": "deletion/insertion: area under the curve over `fraction`",
     "aopc": "comprehensiveness/sufficiency: mean over `fraction` (ERASER's AOPC)",
@@ -422,6 +424,8 @@ def label_flow(
     coords["layer"] = np.arange(data.shape[2])
     if heads:
         coords["head"] = np.arange(data.shape[3])
+    # kept through a reduction over `head` (attrs are not): heads' parts lack the residual's
+    coords["per_head"] = np.asarray(heads)
     for name in ("query", "source"):
         coords[name] = np.arange(width)
         coords[f"{name}_id"] = (("example", name), ids)

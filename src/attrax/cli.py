@@ -567,10 +567,13 @@ def _attribute(args: argparse.Namespace) -> int:
             f"{no_source[args.method]} have no source: give --out (and read it with ax.load) "
             "or print them"
         )
-    if args.method == "information_flow" and args.html and steps is not None and not steps:
+    pooled = {dim for name, dim in steps or () if name not in ("normalize", "rescale")}
+    graphs = steps is not None and not {"layer", "query"} <= pooled  # the routes stay graphs
+    if args.method == "information_flow" and args.html and graphs:
         raise OptionError(
-            "--html draws a (target, source) heatmap; information_flow's routes with "
-            "--reduce none are (target, layer, query, source) graphs: draw them with --png"
+            "--html draws a (target, source) heatmap; information_flow's routes keep 'layer' "
+            "and 'query' unless --reduce pools both (the default does): draw the routes with "
+            "--png"
         )
     console = _console()
     model = load_model(args.model, device=_device(args.device), dtype=_dtype(args.dtype))

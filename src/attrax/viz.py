@@ -1019,7 +1019,13 @@ def plot(
     if is_route(da):  # ax.information_flow: each target's route, drawn as a graph
         if cmap is not None or labels is not None:
             raise OptionError("a route is drawn as a graph: `cmap` and `labels` do not apply")
-        fig = plot_routes(da, example=example, ax=ax, title=_default_title(da, title))
+        fig = plot_routes(
+            da,
+            examples=_example_positions(da, example),
+            ax=ax,
+            title=_default_title(da, title),
+            family=_font_family(),
+        )
         _save_figure(fig, target, dpi)
         return fig
     name = _default_title(_check_dims(da, rows=_is_rows(da)), title)
