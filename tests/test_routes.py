@@ -51,13 +51,20 @@ def second_norm(block) -> torch.nn.Module:
     return block.output.LayerNorm
 
 
-def proximity(parts: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Weights of parts [n, d] of the sum y [d]: max(0, |y|_1 - |y - c|_1), over their sum."""
+def proximity(parts: torch.Tensor, y: torch.Tensor, renormalize: float = 0.0) -> torch.Tensor:
+    """Weights of parts [n, d] of the sum y [d]: max(0, |y|_1 - |y - c|_1), over their sum;
+    with ``renormalize``, those at or below it set to 0 and the rest divided again."""
     scores = torch.stack([torch.clamp(y.abs().sum() - (y - c).abs().sum(), min=0) for c in parts])
-    return scores / scores.sum()
+    weights = scores / scores.sum()
+    if renormalize:
+        kept = torch.tensor(
+            [float(w) if w > renormalize else 0.0 for w in weights], dtype=weights.dtype
+        )
+        weights = kept / kept.sum() if kept.sum() > 0 else kept
+    return weights
 
 
-def naive_graph(model: ax.Model, ids: torch.Tensor) -> tuple[dict, dict]:
+def naive_graph(model: ax.Model, ids: torch.Tensor, renormalize: float = 0.0) -> tuple[dict, dict]:
     """Edge weights of the whole graph, named nodes: ``X{l}_{i}`` a block's input,
     ``A{l}_{i}`` the stream after its attention, ``M{l}_{i}`` its MLP, ``X{l+1}_{i}`` its
     output; each sum's parts built by hand and checked to add up to the model's own value.
@@ -129,7 +136,7 @@ def naive_graph(model: ax.Model, ids: torch.Tensor) -> tuple[dict, dict]:
                     y = x[i] + branch * own[i]
                     torch.testing.assert_close(parts.sum(0) + bias, y, rtol=1e-9, atol=1e-9)
                 mids.append(y)
-                w = proximity(parts, y)
+                w = proximity(parts, y, renormalize)
                 for j in range(length):
                     for h in range(heads):
                         parts_of[layer, i, j, h] = float(w[j * heads + h])
@@ -153,7 +160,7 @@ def naive_graph(model: ax.Model, ids: torch.Tensor) -> tuple[dict, dict]:
                 else:
                     y = outputs[layer][0, i]
                     two = torch.stack([y - mid, mid])
-                w = proximity(two, y)
+                w = proximity(two, y, renormalize)
                 add(f"A{layer}_{i}", f"M{layer}_{i}", float(w[0]))
                 add(f"M{layer}_{i}", f"X{layer + 1}_{i}", float(w[0]))
                 add(f"A{layer}_{i}", f"X{layer + 1}_{i}", float(w[1]))
@@ -177,9 +184,11 @@ def naive_route(edges: dict, top: str, threshold: float) -> set[tuple[str, str]]
     return route
 
 
-def check_routes(model: ax.Model, ids, queries, got, threshold: float) -> None:
+def check_routes(
+    model: ax.Model, ids, queries, got, threshold: float, renormalize: float = 0.0
+) -> None:
     """``got`` (per head where it has a ``head`` dim) against the reference's routes."""
-    edges, parts_of = naive_graph(model, ids)
+    edges, parts_of = naive_graph(model, ids, renormalize)
     layers = len(blocks(model))
     width = ids.shape[1]
     per_head = "head" in got.dims
@@ -224,6 +233,20 @@ def test_routes_match_naive_graph_search(models, arch, threshold, per_head):
     got = ax.information_flow(model, PROMPT, target, threshold=threshold, per_head=per_head)
     assert got.dims == ("target", "layer", *(("head",) if per_head else ()), "query", "source")
     check_routes(model, ids, queries, got, threshold)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "bert"])
+@pytest.mark.parametrize("per_head", [False, True])
+def test_renormalized_routes_match_the_reference(models, arch, per_head):
+    """Each node's parts at or below 0.05 dropped and the rest renormalized, then routes."""
+    model = models[arch]
+    target = None if model.task != "generation" else TARGET
+    ids, queries = ids_and_queries(model, PROMPT, target)
+    kw = {"threshold": 0.02, "renormalize": 0.05, "per_head": per_head}
+    got = ax.information_flow(model, PROMPT, target, **kw)
+    check_routes(model, ids, queries, got, 0.02, renormalize=0.05)
+    plain = ax.information_flow(model, PROMPT, target, threshold=0.02, per_head=per_head)
+    assert not np.allclose(np.nan_to_num(got.values), np.nan_to_num(plain.values))
 
 
 # Gemma 2 and OLMo 2: norms on the attention's and the MLP's outputs; Granite: residual
@@ -389,6 +412,7 @@ def test_a_result_beyond_the_free_memory_is_refused_without_max_memory(models, m
         ({"threshold": -0.1}, "threshold"),
         ({"threshold": float("nan")}, "threshold"),
         ({"threshold": "0.1"}, "threshold"),
+        ({"renormalize": 1}, "renormalize"),
         ({"per_head": 1}, "per_head"),
         ({"objective": "logit"}, "objective"),
         ({"attribute_target": True}, "attribute_target"),

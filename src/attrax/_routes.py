@@ -88,14 +88,14 @@ def _threshold(value: object, name: str) -> None:
     number = isinstance(value, numbers.Real) and not isinstance(value, bool)
     if not number or not 0 <= float(value) < 1:  # type: ignore[arg-type]  # NaN fails too
         raise OptionError(
-            f"`{name}` must be a number from 0 (every edge with any weight) up to but not "
-            f"including 1 (edge weights are at most 1), got {value!r}"
+            f"`{name}` must be a weight: a number from 0 up to but not including 1 (weights "
+            f"into a node sum to 1), got {value!r}"
         )
 
 
-@FLOW.method(threshold=_threshold, per_head=_boolean)
+@FLOW.method(threshold=_threshold, per_head=_boolean, renormalize=_threshold)
 def information_flow(
-    call: Call, *, threshold: float = 0.04, per_head: bool = False
+    call: Call, *, threshold: float = 0.04, per_head: bool = False, renormalize: float = 0.0
 ) -> xr.DataArray:
     """Information flow routes (Ferrando & Voita 2024): the edges of the model's graph each
     prediction's information flows through, each weighed by how close its part is to the sum it
@@ -121,6 +121,10 @@ def information_flow(
         model, inputs, targets, positions, max_new_tokens: as :func:`attrax.saliency`.
         threshold: the weight an edge must exceed to be followed (0: every edge with weight).
         per_head: keep each head's part of an attention edge (a ``head`` dim), not their sum.
+        renormalize: before the routes are traced, each node's parts (each head's part of each
+            source, the residual; the MLP, the residual) at or below it are dropped and the
+            rest divided by their sum again (the LM Transparency Tool's renormalizing
+            threshold; 0: none).
         max_memory: bytes (or ``"8GB"``) the call may take: bounds the query rows decomposed at
             once; the weights of every layer and the routes are counted. Too small: an
             :class:`~attrax.OptionError` naming the smallest budget.
@@ -158,6 +162,7 @@ def information_flow(
     for b, example in enumerate(call.batch.examples):
         rows[b, : len(example.positions)] = torch.as_tensor([row_of[p] for p in example.positions])
     graph = _Graph(model, t, per_head, rows, len(targets))
+    graph.renormalize = float(renormalize)
     decomposition = _Decomposition(model, t, graph.on_layer, what=METHOD)
     _refuse_side_by_side(model, [layer.block for layer in decomposition.stack])
     held = graph.held_bytes(len(decomposition.stack))
@@ -202,6 +207,8 @@ class _Graph:
         self.width = model.hidden_size
         self.size = at_least_float32(model.dtype).itemsize  # the decomposition's dtype
         self.budget = 0
+        #: each node's parts at or below it dropped and the rest renormalized (0: none)
+        self.renormalize = 0.0
         #: a post-norm block's LayerNorm after its MLP's residual sum (None: pre-norm blocks)
         self.norms: list[torch.nn.Module] | None = None
         self.attention: list[torch.Tensor] = []
@@ -238,8 +245,7 @@ class _Graph:
             lambda rows: _part_scores(weights, u, x, parts, rows),
             share=_ROW_SHARE,
         )
-        total = scores.sum(-1, keepdim=True)
-        scores = scores / torch.where(total == 0, 1.0, total)
+        scores = self._normalized(scores)
         per_head = scores[..., :-1].unflatten(-1, (keys, heads))
         self.attention.append(per_head if self.keep_heads else per_head.sum(-1))
         self.residual.append(scores[..., -1])
@@ -317,6 +323,17 @@ class _Graph:
                     "dtype, and the inputs"
                 )
 
+    def _normalized(self, scores: torch.Tensor) -> torch.Tensor:
+        """A node's parts' weights ``[..., parts]`` divided by their sum; with
+        :attr:`renormalize`, those at or below it dropped first and the rest divided again."""
+        total = scores.sum(-1, keepdim=True)
+        scores = scores / torch.where(total == 0, 1.0, total)
+        if self.renormalize > 0:  # the LM Transparency Tool's renormalizing threshold
+            scores = scores * (scores > self.renormalize)
+            total = scores.sum(-1, keepdim=True)
+            scores = scores / torch.where(total == 0, 1.0, total)
+        return scores
+
     def _mlp_weights(self, layer: int, output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The MLP's and the residual's weights ``[B, L]`` in layer ``layer``'s output: its
         block's output (a post-norm block's LayerNorm input: the parts go through the norm)
@@ -329,8 +346,7 @@ class _Graph:
         vectors, y = _normed(parts, _Parts(empty, None, norm))
         distance = torch.linalg.vector_norm(y[:, :, None] - vectors, ord=1, dim=-1)
         scores = torch.relu(torch.linalg.vector_norm(y, ord=1, dim=-1)[..., None] - distance)
-        total_score = scores.sum(-1, keepdim=True)
-        scores = scores / torch.where(total_score == 0, 1.0, total_score)
+        scores = self._normalized(scores)
         return scores[..., 0], scores[..., 1]
 
 
