@@ -745,3 +745,27 @@ def test_every_supported_rows_edges_add_up_to_its_estimates(family):
     scale = np.abs(want).max()
     assert scale > 1e-6
     np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-4 * scale)
+
+
+@pytest.mark.parametrize(
+    ("family", "holds"),
+    [("DiffLlama", "lambda_q1"), ("BitNet", "attn_sub_norm")],  # heads that are no slices
+)
+def test_attention_that_mixes_its_heads_is_refused(family, holds):
+    """DiffLlama's differential heads and BitNet's norm over every head's output: the output
+    projection reads no one slice per head, so no head is a sender; refused by the parameters."""
+    import transformers as T
+
+    _, tok = tiny_model("llama")
+    config = getattr(T, f"{family}Config")(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+        bos_token_id=None, eos_token_id=None,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    hf = getattr(T, f"{family}ForCausalLM")(config).eval()
+    model = ax.load_model(hf, tokenizer=tok)
+    with pytest.raises(ax.ModelError, match=holds):
+        ax.edge_attribution_patching(
+            model, "The capital of France is", " Paris", corrupted="The capital of Spain is"
+        )
