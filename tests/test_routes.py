@@ -18,6 +18,7 @@ from attrax.testing import tiny_classifier, tiny_model
 from tests.test_components import output_norms
 from tests.test_mixing import (
     _encoder,
+    _falcon,
     _fused,
     after_attention,
     attention_of,
@@ -64,19 +65,24 @@ def proximity(parts: torch.Tensor, y: torch.Tensor, renormalize: float = 0.0) ->
     return weights
 
 
-def naive_graph(model: ax.Model, ids: torch.Tensor, renormalize: float = 0.0) -> tuple[dict, dict]:
+def naive_graph(
+    model: ax.Model, ids: torch.Tensor, renormalize: float = 0.0, parallel: bool = False
+) -> tuple[dict, dict]:
     """Edge weights of the whole graph, named nodes: ``X{l}_{i}`` a block's input,
     ``A{l}_{i}`` the stream after its attention, ``M{l}_{i}`` its MLP, ``X{l+1}_{i}`` its
     output; each sum's parts built by hand and checked to add up to the model's own value.
-    Also each attention part's own weight: ``(layer, i, j, h)`` per head, ``(layer, i)`` the
-    residual's."""
+    ``parallel``: blocks whose MLP reads their input beside the attention (checked: the MLP's
+    input is a norm of the block's input); every part then goes into the block's output, no
+    ``A`` node. Also each attention part's own weight: ``(layer, i, j, h)`` per head,
+    ``(layer, i)`` the residual's."""
     hf = model.hf
-    attended, outputs, normed_in = [], [], []
+    attended, outputs, normed_in, mlp_in, mlp_out = [], [], [], [], []
 
     def keep(store):
         def hook(_m, args, out=None):
             value = args[0] if out is None else out
-            store.append(value[0] if isinstance(value, tuple) else value)
+            # a copy: Falcon adds the attention's output into its MLP's in place
+            store.append((value[0] if isinstance(value, tuple) else value).clone())
 
         return hook
 
@@ -88,6 +94,9 @@ def naive_graph(model: ax.Model, ids: torch.Tensor, renormalize: float = 0.0) ->
         else:
             handles.append(attention_of(block).register_forward_hook(keep(attended)))
             handles.append(block.register_forward_hook(keep(outputs)))
+        if parallel:
+            handles.append(block.mlp.register_forward_pre_hook(keep(mlp_in)))
+            handles.append(block.mlp.register_forward_hook(keep(mlp_out)))
     with torch.no_grad():
         out = hf(input_ids=ids, output_attentions=True, output_hidden_states=True)
     for handle in handles:
@@ -117,6 +126,8 @@ def naive_graph(model: ax.Model, ids: torch.Tensor, renormalize: float = 0.0) ->
                             project(model, block, z) * after_attention(block, attended[layer], i)
                         )
                 parts.append(x[i])
+                if parallel:  # the MLP's output, of a norm of the block's input
+                    parts.append(mlp_out[layer][0, i])
                 parts = torch.stack(parts)
                 proj = output_projection(model, block)
                 branch = getattr(block, "residual_multiplier", 1.0)  # Granite
@@ -129,6 +140,13 @@ def naive_graph(model: ax.Model, ids: torch.Tensor, renormalize: float = 0.0) ->
                     y = attended[layer][0, i]
                     bias_out = ln.weight * (bias - bias.mean()) / sigma + ln.bias
                     torch.testing.assert_close(parts.sum(0) + bias_out, y, rtol=1e-9, atol=1e-9)
+                elif parallel:
+                    y = outputs[layer][0, i]
+                    torch.testing.assert_close(parts.sum(0) + bias, y, rtol=1e-9, atol=1e-9)
+                    norms = [m for m in block.modules() if "norm" in type(m).__name__.lower()]
+                    assert any(  # side by side: the MLP reads the block's input
+                        torch.allclose(n(x[i]), mlp_in[layer][0, i], atol=1e-9) for n in norms
+                    )
                 else:
                     own = attended[layer][0]
                     if output_norms(block) is not None:
@@ -137,17 +155,17 @@ def naive_graph(model: ax.Model, ids: torch.Tensor, renormalize: float = 0.0) ->
                     torch.testing.assert_close(parts.sum(0) + bias, y, rtol=1e-9, atol=1e-9)
                 mids.append(y)
                 w = proximity(parts, y, renormalize)
+                into = f"X{layer + 1}_{i}" if parallel else f"A{layer}_{i}"
                 for j in range(length):
                     for h in range(heads):
                         parts_of[layer, i, j, h] = float(w[j * heads + h])
-                    add(
-                        f"X{layer}_{j}",
-                        f"A{layer}_{i}",
-                        float(w[j * heads : (j + 1) * heads].sum()),
-                    )
-                add(f"X{layer}_{i}", f"A{layer}_{i}", float(w[-1]))
-                parts_of[layer, i] = float(w[-1])
-            for i in range(length):
+                    add(f"X{layer}_{j}", into, float(w[j * heads : (j + 1) * heads].sum()))
+                add(f"X{layer}_{i}", into, float(w[length * heads]))
+                parts_of[layer, i] = float(w[length * heads])
+                if parallel:
+                    add(f"X{layer}_{i}", f"M{layer}_{i}", float(w[-1]))
+                    add(f"M{layer}_{i}", f"X{layer + 1}_{i}", float(w[-1]))
+            for i in range(0 if parallel else length):
                 mid = mids[i]
                 if is_bert(model):
                     s = normed_in[layer][0, i]
@@ -188,7 +206,8 @@ def check_routes(
     model: ax.Model, ids, queries, got, threshold: float, renormalize: float = 0.0
 ) -> None:
     """``got`` (per head where it has a ``head`` dim) against the reference's routes."""
-    edges, parts_of = naive_graph(model, ids, renormalize)
+    parallel = bool(got.parallel)
+    edges, parts_of = naive_graph(model, ids, renormalize, parallel)
     layers = len(blocks(model))
     width = ids.shape[1]
     per_head = "head" in got.dims
@@ -200,12 +219,13 @@ def check_routes(
             residual = got.attention_residual.values[k, layer]
             for i in range(seen):
                 for j in range(seen):
-                    on = (f"X{layer}_{j}", f"A{layer}_{i}") in route
+                    into = f"X{layer + 1}_{i}" if parallel else f"A{layer}_{i}"
+                    on = (f"X{layer}_{j}", into) in route
                     if per_head:  # each head's own part of an edge on the route
                         want = [parts_of[layer, i, j, h] if on else 0 for h in range(len(flow))]
                         np.testing.assert_allclose(flow[:, i, j], want, rtol=0, atol=1e-9)
                     else:  # the edge as the graph has it (j = i: with the residual's part)
-                        want = edges[f"X{layer}_{j}", f"A{layer}_{i}"] if on else 0
+                        want = edges[f"X{layer}_{j}", into] if on else 0
                         assert flow[i, j] == pytest.approx(want, abs=1e-9), (layer, i, j)
                         assert (flow[i, j] > 0) == on  # on the route where above 0
                     if i == j:
@@ -217,6 +237,7 @@ def check_routes(
                 assert mlp == (pytest.approx(edges[into], abs=1e-9) if into in route else 0)
                 kept = got.mlp_residual.values[k, layer, i]
                 assert kept == (pytest.approx(edges[past], abs=1e-9) if past in route else 0)
+                assert not parallel or kept == 0  # no stream after the attention to go around
             assert np.isnan(flow[..., seen:, :]).all() and np.isnan(flow[..., seen:]).all()
             for name in ("attention_residual", "mlp", "mlp_residual"):
                 assert np.isnan(got[name].values[k, layer, seen:]).all(), name
@@ -423,11 +444,19 @@ def test_bad_options_are_option_errors(models, kwargs, message):
         ax.information_flow(models["gpt2"], PROMPT, TARGET, **kwargs)
 
 
-@pytest.mark.parametrize("arch", ["gptj", "phi", "pythia"])
-def test_side_by_side_blocks_are_refused(arch):
-    model = _fused(arch)
-    with pytest.raises(ax.ModelError, match="side by side"):
-        ax.information_flow(model, PROMPT, TARGET)
+# GPT-J (one norm), Pythia (GPT-NeoX's default, two norms), Phi (one norm, biased), Falcon-7B
+# (one norm, multi-query) and Falcon-40B (two norms): attention and MLP side by side
+@pytest.mark.parametrize("arch", ["gptj", "pythia", "phi", "falcon", "falcon-40b"])
+@pytest.mark.parametrize("threshold", [0.0, 0.05])
+def test_side_by_side_blocks_match_the_reference(arch, threshold):
+    model = _falcon(arch) if arch.startswith("falcon") else _fused(arch)
+    ids, queries = ids_and_queries(model, PROMPT, TARGET)
+    got = ax.information_flow(model, PROMPT, TARGET, threshold=threshold)
+    assert bool(got.parallel)
+    check_routes(model, ids, queries, got, threshold)
+    if threshold == 0:  # every part of a block's output
+        into = (got.sum("source") + got.mlp).values
+        np.testing.assert_allclose(into[into > 0], 1.0, rtol=0, atol=1e-9)
 
 
 def test_encoder_decoders_are_refused():
@@ -460,10 +489,13 @@ def _segments(a) -> dict[str, dict]:
     return out
 
 
-def test_plot_draws_each_route_edge_where_the_graph_has_it(models, tmp_path):
-    """Every edge above 0 where the graph has it, as wide as 0.6 + 4 x its weight."""
-    model = models["gpt2"]
+@pytest.mark.parametrize("arch", ["gpt2", "pythia"])
+def test_plot_draws_each_route_edge_where_the_graph_has_it(models, tmp_path, arch):
+    """Every edge above 0 where the graph has it, as wide as 0.6 + 4 x its weight (Pythia's
+    side by side blocks: attention and MLP from the block's input into its output)."""
+    model = models[arch] if arch in models else _fused(arch)
     flow = ax.information_flow(model, PROMPT, TARGET, threshold=0.02)
+    side = bool(flow.parallel)
     fig = ax.plot(flow, path=tmp_path / "route.png")
     assert (tmp_path / "route.png").stat().st_size > 0
     assert len(fig.axes) == flow.sizes["target"]
@@ -479,10 +511,11 @@ def test_plot_draws_each_route_edge_where_the_graph_has_it(models, tmp_path):
             edges = np.nan_to_num(route.values[layer])
             for i, j in zip(*np.nonzero(edges), strict=True):
                 kind = "residual" if i == j else "attention"
-                add(kind, ((j, y), (i, y + 1)), edges[i, j])
+                add(kind, ((j, y), (i, y + 2 if side else y + 1)), edges[i, j])
             mlp = np.nan_to_num(route.mlp.values[layer])
             for i in np.flatnonzero(mlp):
-                add("MLP", ((i, y + 1), (i + 0.35, y + 1.5), (i, y + 2)), mlp[i])
+                start = y if side else y + 1
+                add("MLP", ((i, start), (i + 0.35, (start + y + 2) / 2), (i, y + 2)), mlp[i])
             around = np.nan_to_num(route.mlp_residual.values[layer])
             for i in np.flatnonzero(around):
                 add("residual", ((i, y + 1), (i, y + 2)), around[i])
@@ -548,3 +581,66 @@ def test_show_points_routes_to_plot(models):
         ax.show(flow)  # not a layer x head grid, though it has both dims
     reduced = ax.mean(ax.mean(flow.sum("head"), "layer"), "query")
     assert "<table" in ax.show(reduced)._repr_html_()
+
+
+@pytest.mark.parametrize("parallel", [False, True])
+def test_tracing_follows_every_kind_of_edge_on_a_made_up_graph(parallel):
+    """The tracing alone, on weights made up so that some nodes are reached only through the
+    MLP (side by side: its edge from the block's input) or only around it, against the
+    depth-first search of the reference."""
+    from types import SimpleNamespace
+
+    gen = torch.Generator().manual_seed(2)
+    layers, length, threshold = 3, 5, 0.3
+    graph = object.__new__(_routes._Graph)
+    graph.keep_heads, graph.causal, graph.parallel, graph.heads = False, True, parallel, 1
+    graph.renormalize, graph.norms, graph.count = 0.0, None, 1
+    ids = torch.zeros(1, length, dtype=torch.long)
+    graph.t = SimpleNamespace(
+        ids=ids, mask=torch.ones(1, length), index=torch.tensor([[length - 1]]),
+        valid=torch.ones(1, 1, dtype=torch.bool),
+    )  # fmt: skip
+    graph.rows = torch.zeros(1, 1, dtype=torch.long)
+    causal = torch.tril(torch.ones(length, length))
+    graph.attention = [
+        torch.rand(1, length, length, generator=gen) * 0.5 * causal for _ in range(layers)
+    ]
+    graph.residual = [torch.rand(1, length, generator=gen) * 0.2 for _ in range(layers)]
+    mlp = [torch.rand(1, length, generator=gen) for _ in range(layers)]
+    past = [torch.rand(1, length, generator=gen) for _ in range(layers)]
+    if parallel:
+        graph.mlp = mlp
+    else:  # the sequential blocks' MLP weights, as the method's own would be
+        graph._mlp_weights = lambda layer, _output: (mlp[layer][0][None], past[layer][0][None])
+    flow, _, got_mlp, got_past = graph.routes([ids] * layers, threshold)
+    edges: dict[tuple[str, str], float] = {}
+    for layer in range(layers):
+        into = "X{}_{}" if parallel else "A{}_{}"
+        for i in range(length):
+            target = into.format(layer + 1 if parallel else layer, i)
+            for j in range(i + 1):
+                weight = float(graph.attention[layer][0, i, j])
+                weight += float(graph.residual[layer][0, i]) if i == j else 0.0
+                edges[f"X{layer}_{j}", target] = weight
+            source = f"X{layer}_{i}" if parallel else f"A{layer}_{i}"
+            edges[source, f"M{layer}_{i}"] = float(mlp[layer][0, i])
+            edges[f"M{layer}_{i}", f"X{layer + 1}_{i}"] = float(mlp[layer][0, i])
+            if not parallel:
+                edges[f"A{layer}_{i}", f"X{layer + 1}_{i}"] = float(past[layer][0, i])
+    route = naive_route(edges, f"X{layers}_{length - 1}", threshold)
+    for layer in range(layers):
+        into = "X{}_{}" if parallel else "A{}_{}"
+        for i in range(length):
+            target = into.format(layer + 1 if parallel else layer, i)
+            for j in range(i + 1):
+                on = (f"X{layer}_{j}", target) in route
+                assert (float(flow[0, 0, layer, i, j]) > 0) == on, (layer, i, j)
+            on_mlp = (f"M{layer}_{i}", f"X{layer + 1}_{i}") in route
+            assert (float(got_mlp[0, 0, layer, i]) > 0) == on_mlp
+            around = (f"A{layer}_{i}", f"X{layer + 1}_{i}") in route
+            assert (float(got_past[0, 0, layer, i]) > 0) == around
+    # some block input above the embeddings is left through its MLP edge alone, and the route
+    # goes on below it
+    left = {u for u, _ in route if not u.startswith(("X0_", "M"))}
+    alone = [u for u in left if all(v.startswith("M") for u2, v in route if u2 == u)]
+    assert any(v == u for u in alone for _, v in route)

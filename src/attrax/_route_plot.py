@@ -5,12 +5,15 @@ Each layer ``l`` is two rows of nodes: the block's input at ``y = 2l`` (the embe
 the stream after its attention at ``2l + 1``; its output is the next block's input at
 ``2l + 2``. An attention edge runs from ``(source, 2l)`` to ``(query, 2l + 1)``, the residual's
 edge around the MLP straight up to ``(query, 2l + 2)``, and the MLP's through its node beside it,
-at ``(query + 0.35, 2l + 1.5)``. Line widths grow with the weights; only the route's edges (above
-0) are drawn.
+at ``(query + 0.35, 2l + 1.5)``. Blocks that run attention and MLP side by side have no stream
+between them: their attention edges go to ``(query, 2l + 2)``, their MLP's from
+``(query, 2l)`` through ``(query + 0.35, 2l + 1)``. Line widths grow with the weights; only the
+route's edges (above 0) are drawn.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -44,17 +47,18 @@ def plot_routes(
     ax: Any = None,
     title: str | None = None,
     family: list[str] | None = None,
+    readable: Callable[[str], str] = str,
 ) -> Figure:
     """Each target's route in ``da`` (``ax.information_flow``'s result) as a graph: one panel per
     target (and example of a batch: ``examples`` picks them by position, default all), its
-    tokens in the fonts ``family``.
+    tokens shown by ``readable`` in the fonts ``family``.
 
     >>> import attrax as ax
     >>> flow = ax.information_flow(ax.load_model(), "1 2 3 =", " 3 2")
     >>> len(plot_routes(flow).axes)  # a panel per target
     2
     """
-    panels = _panels(da, examples)
+    panels = _panels(da, examples, readable)
     if ax is not None and len(panels) != 1:
         raise OptionError(
             "`ax` holds one route; pick one target with da.sel(target=...) (and `example=`)"
@@ -70,14 +74,16 @@ def plot_routes(
         fig = ax.figure.figure
         axes = [ax]
     for a, (name, one) in zip(axes, panels, strict=True):
-        _draw(a, one, family)
+        _draw(a, one, family, readable)
         a.set_title(name, fontsize=10, parse_math=False)  # a token "$x$" is text
     if title:
         fig.suptitle(title, parse_math=False)
     return fig
 
 
-def _panels(da: xr.DataArray, examples: list[int | None] | None) -> list[tuple[str, xr.DataArray]]:
+def _panels(
+    da: xr.DataArray, examples: list[int | None] | None, readable: Callable[[str], str]
+) -> list[tuple[str, xr.DataArray]]:
     """``(title, route)`` per target (and example) that ``da`` holds, each ``(layer, query,
     source)`` cut to the positions its target sees."""
     per_head = "per_head" in da.coords and bool(da["per_head"].any())
@@ -114,14 +120,16 @@ def _panels(da: xr.DataArray, examples: list[int | None] | None) -> list[tuple[s
                 continue
             route = route.isel(query=np.flatnonzero(seen), source=np.flatnonzero(seen))
             token = route.coords.get("target_token")
-            named = f" {str(token.item())!r}" if token is not None else ""
+            named = f" {readable(str(token.item()))!r}" if token is not None else ""
             panels.append((f"{prefix}target {target}{named}", route))
     if not panels:
         raise InputError("`da` holds no route to draw: every target's edges are NaN")
     return panels
 
 
-def _draw(a: Any, route: xr.DataArray, family: list[str] | None) -> None:
+def _draw(
+    a: Any, route: xr.DataArray, family: list[str] | None, readable: Callable[[str], str]
+) -> None:
     """One target's route ``(layer, query, source)`` into axes ``a``."""
     layers, width = route.sizes["layer"], route.sizes["query"]
     flow = np.nan_to_num(route.values)
@@ -134,14 +142,18 @@ def _draw(a: Any, route: xr.DataArray, family: list[str] | None) -> None:
         segments[kind].append(points)
         weights[kind].append(weight)
 
+    # side by side blocks: attention, residual and MLP all read the input, enter the output
+    parallel = "parallel" in route.coords and bool(route["parallel"])
     for layer in range(layers):
         low, mid, high = 2 * layer, 2 * layer + 1, 2 * layer + 2
+        into = high if parallel else mid
         for i, j in zip(*np.nonzero(flow[layer] > 0), strict=True):
             kind = "residual" if i == j else "attention"
-            edge(kind, (float(j), low), (float(i), mid), weight=flow[layer, i, j])
+            edge(kind, (float(j), low), (float(i), into), weight=flow[layer, i, j])
+        start = low if parallel else mid
         for i in map(float, np.flatnonzero(mlp[layer] > 0)):
-            node = (i + _MLP_OFFSET, mid + 0.5)
-            edge("MLP", (i, mid), node, (i, high), weight=mlp[layer, int(i)])
+            node = (i + _MLP_OFFSET, (start + high) / 2)
+            edge("MLP", (i, start), node, (i, high), weight=mlp[layer, int(i)])
         for i in map(float, np.flatnonzero(around[layer] > 0)):
             edge("residual", (i, mid), (i, high), weight=around[layer, int(i)])
     for kind, lines in segments.items():
@@ -161,7 +173,7 @@ def _draw(a: Any, route: xr.DataArray, family: list[str] | None) -> None:
     a.set_xlim(-0.6, width - 0.4)
     a.set_ylim(-0.6, 2 * layers + 0.6)
     tokens = route.coords.get("query_token")
-    labels = [str(t) for t in tokens.values] if tokens is not None else []
+    labels = [readable(str(t)) for t in tokens.values] if tokens is not None else []
     a.set_xticks(range(width), labels or [str(q) for q in route["query"].values], rotation=90)
     for label in a.get_xticklabels():
         if family:

@@ -6,7 +6,9 @@ for the first), the stream after its attention, the MLP's output, and the stream
 (the next block's input). Its edges are what adds up to each node: source ``j``'s part through
 head ``h``, ``A^h_ij W_O^h v^h_j``, and the residual ``x_i`` for the stream after the
 attention at ``i``; the MLP's output and the stream after the attention for the block's
-output. Each part ``c`` of a sum ``y`` weighs ``max(0, |y|_1 - |y - c|_1)`` (ALTI's proximity),
+output. A block that runs attention and MLP side by side has no stream between them: all of
+those parts (the MLP's, read from the block's input) add up to its output, weighed together;
+its outputs come from a forward before the decomposition's. Each part ``c`` of a sum ``y`` weighs ``max(0, |y|_1 - |y - c|_1)`` (ALTI's proximity),
 divided by the weights of all of ``y``'s parts, so the edges into a node sum to 1; post-norm
 blocks (BERT) take the parts through their LayerNorm linearly at ``y``'s own scale, as ALTI
 does. An attention edge ``j -> i`` is its heads' weights summed (for ``j = i`` with the
@@ -113,9 +115,12 @@ def information_flow(
     ``t``, a masked LM's mask, a classifier's pooled position) after the last block, down to
     the embeddings.
 
-    Architectures: where :func:`attrax.alti` decomposes decoder-only and encoder-only models,
-    except blocks that run their attention and MLP side by side (GPT-J, Phi, Cohere, Falcon-7B,
-    GPT-NeoX with ``use_parallel_residual``), whose stream after the attention is no state.
+    Architectures: where :func:`attrax.alti` decomposes decoder-only and encoder-only models.
+    Blocks that run their attention and MLP side by side on the block's input (GPT-J, Phi,
+    Cohere, Falcon, GPT-NeoX with ``use_parallel_residual``) have no stream after the
+    attention: their heads' parts, the residual and the MLP's output are the parts of the block's
+    output, the MLP's edge comes from the block's input, and ``mlp_residual`` is 0 (coordinate
+    ``parallel``).
 
     Arguments:
         model, inputs, targets, positions, max_new_tokens: as :func:`attrax.saliency`.
@@ -164,7 +169,7 @@ def information_flow(
     graph = _Graph(model, t, per_head, rows, len(targets))
     graph.renormalize = float(renormalize)
     decomposition = _Decomposition(model, t, graph.on_layer, what=METHOD)
-    _refuse_side_by_side(model, [layer.block for layer in decomposition.stack])
+    graph.parallel = _side_by_side(model, [layer.block for layer in decomposition.stack])
     held = graph.held_bytes(len(decomposition.stack))
     keys = t.ids.shape[1] * graph.heads + 1
     graph.budget = _vector_budget(model, t, call.options, METHOD, held=held, keys=_ROW_SHARE * keys)
@@ -184,11 +189,21 @@ def information_flow(
     outputs = _block_outputs(model, decomposition)
     if outputs.pre:  # post-norm blocks: their MLP's parts go through the LayerNorm
         graph.norms = outputs.modules
+    if graph.parallel:  # each block's output first: its attention is weighed against it
+        with torch.no_grad(), outputs:
+            model.stream_attention(t, lambda _stack, _weights: None)
+        graph.outputs, outputs = outputs.kept, _block_outputs(model, decomposition)
     with torch.no_grad(), outputs:
         decomposition.run()
     values = graph.routes(outputs.kept, float(threshold))
     return label_flow(
-        model, call.batch, *values, heads=per_head, options=call.options, method=METHOD
+        model,
+        call.batch,
+        *values,
+        heads=per_head,
+        parallel=graph.parallel,
+        options=call.options,
+        method=METHOD,
     )
 
 
@@ -211,9 +226,15 @@ class _Graph:
         self.renormalize = 0.0
         #: a post-norm block's LayerNorm after its MLP's residual sum (None: pre-norm blocks)
         self.norms: list[torch.nn.Module] | None = None
+        #: blocks that run attention and MLP side by side: one sum, no stream between them
+        self.parallel = False
+        #: their outputs, from a forward before the decomposition's
+        self.outputs: list[torch.Tensor] = []
         self.attention: list[torch.Tensor] = []
         self.residual: list[torch.Tensor] = []
         self.middle: list[torch.Tensor] = []
+        #: side by side blocks: the MLP's weight in the block's output ``[B, L]``, per layer
+        self.mlp: list[torch.Tensor] = []
 
     def held_bytes(self, layers: int) -> int:
         """What the call keeps beside one layer's decomposition: every layer's weights, its
@@ -230,7 +251,7 @@ class _Graph:
 
     def on_layer(
         self,
-        _index: int,
+        index: int,
         weights: torch.Tensor,
         u: torch.Tensor,
         x: torch.Tensor,
@@ -238,21 +259,28 @@ class _Graph:
         _stack: str,
     ) -> None:
         _, heads, _, keys = weights.shape
-        scores = _by_rows(
-            x,
-            keys * heads + 1,
-            self.budget,
-            lambda rows: _part_scores(weights, u, x, parts, rows),
-            share=_ROW_SHARE,
-        )
-        scores = self._normalized(scores)
-        per_head = scores[..., :-1].unflatten(-1, (keys, heads))
-        self.attention.append(per_head if self.keep_heads else per_head.sum(-1))
-        self.residual.append(scores[..., -1])
         mixed = torch.einsum("bhij,bhjd->bid", weights.to(u.dtype), u)
         if parts.scale is not None:  # Gemma: the norm on the attention's output, at its scale
             mixed = mixed * parts.scale
-        self.middle.append(_normed((x + mixed)[:, :, None], parts)[1])
+        mlp = None
+        if self.parallel:  # the MLP's part: what the block adds beside attention and residual
+            output = self.outputs[index].to(x.dtype)
+            mlp = output - x - mixed - (0 if parts.bias is None else parts.bias)
+        scores = _by_rows(
+            x,
+            keys * heads + 1 + (mlp is not None),
+            self.budget,
+            lambda rows: _part_scores(weights, u, x, parts, rows, mlp),
+            share=_ROW_SHARE,
+        )
+        scores = self._normalized(scores)
+        per_head = scores[..., : keys * heads].unflatten(-1, (keys, heads))
+        self.attention.append(per_head if self.keep_heads else per_head.sum(-1))
+        self.residual.append(scores[..., keys * heads])
+        if mlp is not None:
+            self.mlp.append(scores[..., -1])
+        else:
+            self.middle.append(_normed((x + mixed)[:, :, None], parts)[1])
 
     def routes(
         self, outputs: list[torch.Tensor], threshold: float
@@ -267,7 +295,12 @@ class _Graph:
                 f"{METHOD}: {len(self.attention)} attention layers were decomposed but "
                 f"{len(outputs)} blocks ran; the routes need every block's attention"
             )
-        mlp, past = zip(*(self._mlp_weights(i, y) for i, y in enumerate(outputs)), strict=True)
+        if self.parallel:  # the MLP beside the attention, no residual edge around it
+            mlp = tuple(self.mlp)
+            past = tuple(torch.zeros_like(m) for m in mlp)
+        else:
+            weights = [self._mlp_weights(i, y) for i, y in enumerate(outputs)]
+            mlp, past = zip(*weights, strict=True)
         self._check_finite(mlp, past)
         length = t.ids.shape[1]
         columns = torch.arange(length, device=t.ids.device)
@@ -290,9 +323,12 @@ class _Graph:
             edges = summed + torch.diag_embed(residual)  # [B, Q, L]: residual joins j = i
             into_mlp = reach & (mlp[layer] > threshold)[:, None]
             around = reach & (past[layer] > threshold)[:, None]
-            middle = into_mlp | around  # the streams after the attention the route reaches
+            # the streams after the attention the route reaches (side by side: the output)
+            middle = reach if self.parallel else into_mlp | around
             kept = middle[..., :, None] & (edges > threshold)[:, None]  # [B, K, Q, L]
             reach = kept.any(-2)
+            if self.parallel:  # the MLP reads the block's input at its own position
+                reach = reach | into_mlp
             if self.keep_heads:  # [B, Q, L, H] -> [B, H, Q, L], each target's kept edges
                 flow[b, row, layer] = attention.permute(0, 3, 1, 2)[b] * kept[b, k, None]
             else:  # the edges as the graph has them: j = i with the residual's share
@@ -351,15 +387,22 @@ class _Graph:
 
 
 def _part_scores(
-    weights: torch.Tensor, u: torch.Tensor, x: torch.Tensor, parts: _Parts, rows: slice
+    weights: torch.Tensor,
+    u: torch.Tensor,
+    x: torch.Tensor,
+    parts: _Parts,
+    rows: slice,
+    mlp: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Unnormalized weights ``[B, q, L * H + 1]`` of the query rows ``rows``: each (source,
-    head) part ``A^h_ij W_O^h v^h_j`` (source-major), then the residual ``x_i``."""
+    head) part ``A^h_ij W_O^h v^h_j`` (source-major), then the residual ``x_i``; with ``mlp``
+    (``[B, L, d]``, a side by side block's), its part last, all of the block's output."""
     chunk = weights[:, :, rows]
     vectors = torch.einsum("bhij,bhjd->bijhd", chunk.to(u.dtype), u)
     if parts.scale is not None:  # Gemma: the norm on the attention's output, linear at its scale
         vectors.mul_(parts.scale[:, rows, None, None, :])
-    vectors = torch.cat([vectors.flatten(2, 3), x[:, rows, None, :]], dim=2)
+    own = [x[:, rows, None, :], *([] if mlp is None else [mlp[:, rows, None, :]])]
+    vectors = torch.cat([vectors.flatten(2, 3), *own], dim=2)
     vectors, output = _normed(vectors, parts)
     distance = torch.linalg.vector_norm(output[:, :, None] - vectors, ord=1, dim=-1)
     return torch.relu(torch.linalg.vector_norm(output, ord=1, dim=-1)[..., None] - distance)
@@ -398,23 +441,30 @@ def _block_outputs(model: Model, decomposition: _Decomposition) -> _Outputs:
     return _Outputs([layer.block for layer in layers], pre=False)
 
 
-def _refuse_side_by_side(model: Model, blocks: list[torch.nn.Module]) -> None:
-    """A ModelError for blocks that run their attention and MLP on the same input (GPT-J, Phi,
-    Cohere, Falcon-7B, GPT-NeoX's default): no stream after their attention to be a node."""
+#: families whose blocks run attention and MLP on one norm of the block's input, with no flag
+_ONE_NORM_PARALLEL = ("gptj", "codegen", "phi", "cohere", "cohere2")
+
+
+def _side_by_side(model: Model, blocks: list[torch.nn.Module]) -> bool:
+    """Whether the blocks run their attention and MLP side by side on the block's input
+    (GPT-NeoX's ``use_parallel_residual``, Falcon's ``parallel_attn``; GPT-J, CodeGen, Phi and
+    Cohere on one norm); a ModelError for a block that is neither that nor a known sequential
+    one (no norm before its MLP)."""
     if _architecture(model) in _POST_NORM:
-        return
+        return False
     config = model.hf.config
-    flag = next((f for f in PARALLEL if getattr(config, f, False) is True), None)
-    for index, block in enumerate(blocks):
-        if flag is None and named(block, _MLP_NORMS) is not None:
-            continue
-        why = f"its config sets {flag}=True" if flag else "one norm feeds both"
-        raise ModelError(
-            f"{METHOD}: {model.name}'s layer {index} runs its attention and its MLP side by "
-            f"side on the block's input ({why}), so the stream after its attention, a node of "
-            "the routes, is no state of the model; routes are traced through sequential blocks "
-            "(GPT-2, Llama, OPT, BERT, ...)"
-        )
+    if any(getattr(config, f, False) is True for f in PARALLEL):
+        return True
+    unknown = [i for i, block in enumerate(blocks) if named(block, _MLP_NORMS) is None]
+    if not unknown:
+        return False
+    if _architecture(model) in _ONE_NORM_PARALLEL:
+        return True
+    raise ModelError(
+        f"{METHOD}: {model.name}'s layer {unknown[0]} has no norm attrax knows before its MLP "
+        f"({', '.join(_MLP_NORMS)}), and its family ({_architecture(model)}) is not one whose "
+        "attention and MLP read the block's input side by side; the routes' nodes are unknown"
+    )
 
 
 __all__ = ["information_flow"]

@@ -96,6 +96,8 @@ COORDS: dict[str, str] = {
     "mlp": "information_flow: the MLP's edge into the block's output, on the route",
     "per_head": "information_flow: whether the values are each head's part of the edges (the "
     "residual's share apart) or the edges",
+    "parallel": "information_flow: whether the blocks run attention and MLP side by side (their "
+    "edges all enter the block's output)",
     "mlp_residual": "information_flow: the residual's edge into the block's output, on the route",
     "auc": "deletion/insertion: area under the curve over `fraction`",
     "aopc": "comprehensiveness/sufficiency: mean over `fraction` (ERASER's AOPC)",
@@ -406,6 +408,7 @@ def label_flow(
     mlp_residual: torch.Tensor,
     *,
     heads: bool,
+    parallel: bool,
     options: Mapping[str, Any],
     method: str,
 ) -> xr.DataArray:
@@ -426,6 +429,7 @@ def label_flow(
         coords["head"] = np.arange(data.shape[3])
     # kept through a reduction over `head` (attrs are not): heads' parts lack the residual's
     coords["per_head"] = np.asarray(heads)
+    coords["parallel"] = np.asarray(parallel)  # the attention's edges enter the block's output
     for name in ("query", "source"):
         coords[name] = np.arange(width)
         coords[f"{name}_id"] = (("example", name), ids)

@@ -1025,6 +1025,7 @@ def plot(
             ax=ax,
             title=_default_title(da, title),
             family=_font_family(),
+            readable=readable_token,
         )
         _save_figure(fig, target, dpi)
         return fig
