@@ -15,7 +15,7 @@ import attrax as ax
 from attrax import _memory, _routes
 from attrax.cli import main
 from attrax.testing import tiny_classifier, tiny_model
-from tests.test_components import output_norms
+from tests.test_components import neighbour, output_norms
 from tests.test_mixing import (
     _encoder,
     _falcon,
@@ -143,7 +143,7 @@ def naive_graph(
                 elif parallel:
                     y = outputs[layer][0, i]
                     torch.testing.assert_close(parts.sum(0) + bias, y, rtol=1e-9, atol=1e-9)
-                    norms = [m for m in block.modules() if "norm" in type(m).__name__.lower()]
+                    norms = [m for m in block.children() if "norm" in type(m).__name__.lower()]
                     assert any(  # side by side: the MLP reads the block's input
                         torch.allclose(n(x[i]), mlp_in[layer][0, i], atol=1e-9) for n in norms
                     )
@@ -444,12 +444,21 @@ def test_bad_options_are_option_errors(models, kwargs, message):
         ax.information_flow(models["gpt2"], PROMPT, TARGET, **kwargs)
 
 
-# GPT-J (one norm), Pythia (GPT-NeoX's default, two norms), Phi (one norm, biased), Falcon-7B
-# (one norm, multi-query) and Falcon-40B (two norms): attention and MLP side by side
-@pytest.mark.parametrize("arch", ["gptj", "pythia", "phi", "falcon", "falcon-40b"])
+# GPT-J, CodeGen (its values in shards), Phi, Cohere and Cohere 2 (one norm); Pythia (GPT-NeoX's
+# default: two norms; "pythia-biased": random biases and norm weights) and StableLM (two norms,
+# per-head query/key norms); Falcon-7B (one norm, multi-query) and Falcon-40B (two norms)
+@pytest.mark.parametrize(
+    "arch",
+    ["gptj", "codegen", "phi", "cohere", "cohere2", "pythia", "pythia-biased",
+     "stablelm-parallel", "falcon", "falcon-40b"],
+)  # fmt: skip
 @pytest.mark.parametrize("threshold", [0.0, 0.05])
 def test_side_by_side_blocks_match_the_reference(arch, threshold):
-    model = _falcon(arch) if arch.startswith("falcon") else _fused(arch)
+    if arch == "pythia-biased":
+        _, tok = tiny_model("gpt2")
+        model = ax.load_model(neighbour("pythia", tok).double(), tokenizer=tok)
+    else:
+        model = _falcon(arch) if arch.startswith("falcon") else _fused(arch)
     ids, queries = ids_and_queries(model, PROMPT, TARGET)
     got = ax.information_flow(model, PROMPT, TARGET, threshold=threshold)
     assert bool(got.parallel)
@@ -457,6 +466,13 @@ def test_side_by_side_blocks_match_the_reference(arch, threshold):
     if threshold == 0:  # every part of a block's output
         into = (got.sum("source") + got.mlp).values
         np.testing.assert_allclose(into[into > 0], 1.0, rtol=0, atol=1e-9)
+
+
+def test_a_block_of_unknown_layout_is_refused(models, monkeypatch):
+    """No norm attrax knows before the MLP, and no family known to run it side by side."""
+    monkeypatch.setattr(_routes, "_MLP_NORMS", ("no_such_norm",))
+    with pytest.raises(ax.ModelError, match="no norm attrax knows before its MLP"):
+        ax.information_flow(models["gpt2"], PROMPT, TARGET)
 
 
 def test_encoder_decoders_are_refused():

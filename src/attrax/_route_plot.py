@@ -164,7 +164,8 @@ def _draw(
                     lines, linewidths=widths, colors=_COLOURS[kind], alpha=0.8, label=kind
                 )
             )
-    grid = np.mgrid[0:width, 0 : 2 * layers + 1].reshape(2, -1)  # every node, faint
+    rows = 2 if parallel else 1  # side by side blocks: no node between attention and MLP
+    grid = np.mgrid[0:width, 0 : 2 * layers + 1 : rows].reshape(2, -1)  # every node, faint
     a.scatter(grid[0], grid[1], s=4, color="#d0d0d0", zorder=1)
     ends = [point for lines in segments.values() for line in lines for point in line]
     if ends:  # the nodes on the route

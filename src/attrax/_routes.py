@@ -8,10 +8,10 @@ head ``h``, ``A^h_ij W_O^h v^h_j``, and the residual ``x_i`` for the stream afte
 attention at ``i``; the MLP's output and the stream after the attention for the block's
 output. A block that runs attention and MLP side by side has no stream between them: all of
 those parts (the MLP's, read from the block's input) add up to its output, weighed together;
-its outputs come from a forward before the decomposition's. Each part ``c`` of a sum ``y`` weighs ``max(0, |y|_1 - |y - c|_1)`` (ALTI's proximity),
-divided by the weights of all of ``y``'s parts, so the edges into a node sum to 1; post-norm
-blocks (BERT) take the parts through their LayerNorm linearly at ``y``'s own scale, as ALTI
-does. An attention edge ``j -> i`` is its heads' weights summed (for ``j = i`` with the
+its outputs come from a forward before the decomposition's. Each part ``c`` of a sum ``y``
+weighs ``max(0, |y|_1 - |y - c|_1)`` (ALTI's proximity), divided by the weights of all of
+``y``'s parts, so the edges into a node sum to 1; post-norm blocks (BERT) take the parts
+through their LayerNorm linearly at ``y``'s own scale, as ALTI does. An attention edge ``j -> i`` is its heads' weights summed (for ``j = i`` with the
 residual's: both join the same two nodes). A target's route is every edge above ``threshold``
 reached from its prediction position's node after the last block, following such edges down.
 
@@ -137,7 +137,8 @@ def information_flow(
     Returns:
         DataArray ``([example,] target, layer, [head,] query, source)``: on each target's route,
         the weight of the edge from ``source`` in the layer's input to ``query`` in the stream
-        after its attention (``source = query``: with the residual's share, also given as the
+        after its attention (side by side blocks: in the block's output; coordinate
+        ``parallel``) (``source = query``: with the residual's share, also given as the
         coordinate ``attention_residual``; ``per_head``: each head's part, without it), 0 off
         the route, NaN where the target cannot see ``query`` or ``source`` (the future,
         padding). An edge is on the route where it is above 0 (``per_head``: where its heads'
@@ -171,7 +172,7 @@ def information_flow(
     decomposition = _Decomposition(model, t, graph.on_layer, what=METHOD)
     graph.parallel = _side_by_side(model, [layer.block for layer in decomposition.stack])
     held = graph.held_bytes(len(decomposition.stack))
-    keys = t.ids.shape[1] * graph.heads + 1
+    keys = t.ids.shape[1] * graph.heads + 1 + graph.parallel  # side by side: the MLP's too
     graph.budget = _vector_budget(model, t, call.options, METHOD, held=held, keys=_ROW_SHARE * keys)
     one_row = _ROW_SHARE * _row_bytes(t.ids.shape[0], keys, model.hidden_size, graph.size)
     if call.options.get("max_memory") is None and graph.budget < one_row:
@@ -192,9 +193,12 @@ def information_flow(
     if graph.parallel:  # each block's output first: its attention is weighed against it
         with torch.no_grad(), outputs:
             model.stream_attention(t, lambda _stack, _weights: None)
-        graph.outputs, outputs = outputs.kept, _block_outputs(model, decomposition)
-    with torch.no_grad(), outputs:
-        decomposition.run()
+        graph.outputs = outputs.kept
+        with torch.no_grad():
+            decomposition.run()
+    else:
+        with torch.no_grad(), outputs:
+            decomposition.run()
     values = graph.routes(outputs.kept, float(threshold))
     return label_flow(
         model,

@@ -92,7 +92,7 @@ COORDS: dict[str, str] = {
     "edges": "edge_patching: how many edges each `circuit` names",
     "head_total": "head_attribution: each head's attribution summed over queries and keys",
     "attention_residual": "information_flow: the residual's edge into the stream after the "
-    "attention, on the route",
+    "attention (side by side blocks: into the block's output), on the route",
     "mlp": "information_flow: the MLP's edge into the block's output, on the route",
     "per_head": "information_flow: whether the values are each head's part of the edges (the "
     "residual's share apart) or the edges",
