@@ -41,6 +41,7 @@ from ._mixing import (
     _boolean,
     _by_rows,
     _Decomposition,
+    _l1_scores,
     _normed,
     _Parts,
     _row_bytes,
@@ -382,11 +383,7 @@ class _Graph:
         total = output.to(middle.dtype)
         parts = torch.stack([total - middle, middle], dim=2)  # [B, L, 2, d]
         norm = None if self.norms is None else self.norms[layer]
-        empty = middle.new_empty(0)
-        vectors, y = _normed(parts, _Parts(empty, None, norm))
-        distance = torch.linalg.vector_norm(y[:, :, None] - vectors, ord=1, dim=-1)
-        scores = torch.relu(torch.linalg.vector_norm(y, ord=1, dim=-1)[..., None] - distance)
-        scores = self._normalized(scores)
+        scores = self._normalized(_l1_scores(parts, _Parts(middle.new_empty(0), None, norm)))
         return scores[..., 0], scores[..., 1]
 
 
@@ -406,10 +403,7 @@ def _part_scores(
     if parts.scale is not None:  # Gemma: the norm on the attention's output, linear at its scale
         vectors.mul_(parts.scale[:, rows, None, None, :])
     own = [x[:, rows, None, :], *([] if mlp is None else [mlp[:, rows, None, :]])]
-    vectors = torch.cat([vectors.flatten(2, 3), *own], dim=2)
-    vectors, output = _normed(vectors, parts)
-    distance = torch.linalg.vector_norm(output[:, :, None] - vectors, ord=1, dim=-1)
-    return torch.relu(torch.linalg.vector_norm(output, ord=1, dim=-1)[..., None] - distance)
+    return _l1_scores(torch.cat([vectors.flatten(2, 3), *own], dim=2), parts)
 
 
 class _Outputs:
