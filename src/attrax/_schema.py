@@ -447,12 +447,6 @@ def label_flow(
 def _by_target(batch: Batch, raw: np.ndarray, row_of: dict[int, int], count: int) -> np.ndarray:
     """Per-example values ``[B, K, ...]`` (each example's targets first) placed at the rows of
     the union of targets, ``[B, count, ...]``, NaN where an example has no such target."""
-    if (
-        raw.shape[1] == count
-        and all(row_of[p] == k for e in batch.examples for k, p in enumerate(e.positions))
-        and all(len(e.positions) == count for e in batch.examples)
-    ):
-        return raw  # every example has every target, in order: nothing to move (no copy)
     data = np.full((len(batch.examples), count, *raw.shape[2:]), np.nan, dtype=raw.dtype)
     for b, example in enumerate(batch.examples):
         rows = [row_of[p] for p in example.positions]
