@@ -1062,7 +1062,8 @@ def _escape(text: str) -> str:
 def _console() -> Console:
     from rich.console import Console
 
-    return Console(highlight=False)
+    # lines are not wrapped: a long path printed must stay one string a user can copy
+    return Console(highlight=False, soft_wrap=True)
 
 
 def _positive(text: str) -> int:
