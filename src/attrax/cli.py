@@ -367,7 +367,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     console = _console()
     console.print(_summary_table(table, console.width))
     for path in written:
-        console.print(f"wrote {_escape(str(path))}")
+        console.print(f"wrote {_escape(str(path))}", soft_wrap=True)
     return 0
 
 
@@ -485,7 +485,7 @@ def _demo(args: argparse.Namespace) -> int:
     console.print(f"  [dim]answer ← top source:[/] {'  '.join(marks)}")
     if args.html:
         show(relevance, path=args.html)
-        console.print(f"wrote {_escape(args.html)}")
+        console.print(f"wrote {_escape(args.html)}", soft_wrap=True)
     else:
         others = [m for m in _GRADIENT_METHODS if m != args.method]
         console.print(f"[dim]next: attrax demo --method {others[1]} --html demo.html[/]")
@@ -535,7 +535,7 @@ def _demo_classification(args: argparse.Namespace) -> int:
     )
     if args.html:
         show(relevance, path=args.html, labels=[truth])
-        console.print(f"wrote {_escape(args.html)}")
+        console.print(f"wrote {_escape(args.html)}", soft_wrap=True)
     else:
         console.print("[dim]next: attrax demo --task classification --html demo.html[/]")
     return 0
@@ -601,7 +601,7 @@ def _attribute(args: argparse.Namespace) -> int:
     )
     _print_result(console, da)
     for path in written:
-        console.print(f"wrote {_escape(str(path))}")
+        console.print(f"wrote {_escape(str(path))}", soft_wrap=True)
     return 0
 
 
@@ -1062,8 +1062,7 @@ def _escape(text: str) -> str:
 def _console() -> Console:
     from rich.console import Console
 
-    # lines are not wrapped: a long path printed must stay one string a user can copy
-    return Console(highlight=False, soft_wrap=True)
+    return Console(highlight=False)
 
 
 def _positive(text: str) -> int:
