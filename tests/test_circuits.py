@@ -38,7 +38,7 @@ def _all_edges(da):
 # GPT-2 (fused c_attn), Llama (grouped keys and values), GPT-NeoX (parallel, each head's query,
 # key and value side by side), GPT-J (parallel on one norm), Falcon-40B (groups side by side)
 @pytest.mark.parametrize(
-    "arch", ["gpt2", "llama", "pythia", "gptj", "falcon-40b", "opt", "granite"]
+    "arch", ["gpt2", "llama", "pythia", "gptj", "falcon-40b", "opt", "granite", "gemma2", "glm4"]
 )
 def test_patching_one_edge_equals_patching_it_for_real(edges_models, arch):
     model = edges_models[arch]
@@ -94,7 +94,9 @@ def _logits_at_targets(model, text):
     return np.array([float(logits[p - 1, ids[0, p]]) for p in range(prompt, ids.shape[1])])
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama", "pythia", "gptj", "falcon", "opt-projected"])
+@pytest.mark.parametrize(
+    "arch", ["gpt2", "llama", "pythia", "gptj", "falcon", "opt-projected", "gemma3"]
+)
 def test_keeping_no_edge_is_the_corrupted_run_and_keeping_all_the_clean_one(edges_models, arch):
     """With every edge patched each receiver reads the corrupted run's stream; with none, the
     clean run's: the two runs' logits, by plain forwards of the model."""
@@ -142,6 +144,50 @@ def test_patching_every_edge_into_an_mlp_runs_it_on_the_corrupted_stream(edges_m
     want = patched - _logits_at_targets(model, CLEAN)
     assert np.abs(want).max() > 1e-3
     np.testing.assert_allclose(got.values, want, rtol=1e-7, atol=1e-10)
+
+
+def test_a_normed_attentions_heads_patched_together_go_through_its_norm_together(edges_models):
+    """Gemma 2 norms each attention's output: with every edge from layer 0's heads into ``m1``
+    patched, the MLP reads the stream with that norm of the corrupted run's attention output
+    in place of the clean one's (o_proj has no bias: the heads are the whole output), as a
+    loop with forward hooks makes it; two heads patched are not the sum of each alone."""
+    model = edges_models["gemma2"]
+    hf = model.hf
+    every = _all_edges(ax.edge_attribution_patching(model, CLEAN, TARGET, **KW))
+    into = [e for e in every if e[1] == "m1" and e[0].startswith("a0.")]
+    assert len(into) == hf.config.num_attention_heads
+    got = ax.edge_patching(model, CLEAN, TARGET, patch=into, **KW)
+    post = hf.model.layers[0].post_attention_layernorm
+    mlp_norm = hf.model.layers[1].pre_feedforward_layernorm
+    ids = {
+        t: model.tokenizer(t + TARGET, return_tensors="pt")["input_ids"] for t in (CLEAN, CORRUPTED)
+    }
+    seen = {}
+    handle = post.register_forward_pre_hook(lambda _m, a: seen.update(bad=a[0].clone()))
+    with torch.no_grad():
+        hf(input_ids=ids[CORRUPTED])
+    handle.remove()
+    handles = [
+        post.register_forward_hook(lambda _m, a, out: seen.update(clean=out.clone())),
+        mlp_norm.register_forward_pre_hook(
+            lambda _m, a: (a[0] - seen["clean"] + post.forward(seen["bad"]), *a[1:])
+        ),
+    ]
+    try:
+        with torch.no_grad():
+            logits = hf(input_ids=ids[CLEAN]).logits[0]
+    finally:
+        for h in handles:
+            h.remove()
+    prompt = len(model.tokenizer(CLEAN)["input_ids"])
+    row = ids[CLEAN][0]
+    patched = np.array([float(logits[p - 1, row[p]]) for p in range(prompt, len(row))])
+    want = patched - _logits_at_targets(model, CLEAN)
+    assert np.abs(want).max() > 1e-3
+    np.testing.assert_allclose(got.values, want, rtol=1e-7, atol=1e-10)
+    # the norm is not linear: each head alone does not add up to them together
+    alone = ax.edge_patching(model, CLEAN, TARGET, patch=[[e] for e in into], **KW)
+    assert np.abs(alone.sum("circuit").values - want).max() > 1e-3
 
 
 def test_circuits_batched_in_copies_equal_each_alone(edges_models):

@@ -10,7 +10,6 @@ EAP-IG's loop does the same at its own points between the corrupted and the clea
 
 from __future__ import annotations
 
-import functools
 import json
 import sys
 
@@ -46,8 +45,17 @@ def edges_models() -> dict[str, ax.Model]:
         hf, tok = tiny_model(arch)
         built[arch] = ax.load_model(full_double(hf), tokenizer=tok)
     _, tok = tiny_model("llama")
-    for arch in ("phi3", "qwen2", "qwen3", "mistral", "gemma2", "olmo2", "mixtral"):
+    for arch in ("phi3", "qwen2", "qwen3", "mistral", "olmo2", "mixtral"):
         built[arch] = ax.load_model(full_double(llama_like(arch, tok)), tokenizer=tok)
+    # norms on the attention's and the MLP's outputs too (Gemma 2's and 3's, GLM-4's); and
+    # VaultGemma's, before them only, named as Gemma 2's
+    for arch in ("gemma2", "gemma3", "glm4", "vaultgemma"):
+        hf = llama_like(arch, tok)
+        with torch.no_grad():  # random gains: Gemma's norms scale by 1 + weight, weight 0
+            for module in hf.modules():
+                if type(module).__name__.endswith("RMSNorm"):
+                    module.weight.normal_(1.0 if arch == "glm4" else 0.0, 0.3)
+        built[arch] = ax.load_model(_large(full_double(hf)), tokenizer=tok)
     # Granite scales what each sublayer adds (residual_multiplier)
     built["granite"] = ax.load_model(_large(full_double(llama_like("granite", tok))), tokenizer=tok)
     # attention and MLP side by side on one norm: GPT-J's, Phi's, Cohere's
@@ -128,9 +136,46 @@ def _parts(hf):
                 readers = [(attn.q_proj, [("q", heads)]), (attn.k_proj, [("k", kv)]),
                            (attn.v_proj, [("v", kv)])]  # fmt: skip
             proj = getattr(attn, "o_proj", None) or attn.dense  # Phi's `dense`
-            mlp_norm = getattr(b, "post_attention_layernorm", b.input_layernorm)
+            # Gemma 2's and VaultGemma's `pre_feedforward_layernorm`; GLM-4's before its MLP is
+            # its `post_attention_layernorm`, as Llama's
+            mlp_norm = getattr(b, "pre_feedforward_layernorm", None) or getattr(
+                b, "post_attention_layernorm", b.input_layernorm
+            )
             out.append((b, b.input_layernorm, readers, proj, mlp_norm, b.mlp))
     return out, heads
+
+
+def _posts(hf):
+    """Per block: the norms on its attention's and its MLP's outputs (None, None without),
+    named by hand for Gemma 2 and 3 and GLM-4."""
+    blocks, _ = _parts(hf)
+    out = []
+    for b, *_ in blocks:
+        if hasattr(b, "post_feedforward_layernorm"):  # Gemma 2's and 3's
+            out.append((b.post_attention_layernorm, b.post_feedforward_layernorm))
+        elif hasattr(b, "post_mlp_layernorm"):  # GLM-4's
+            out.append((b.post_self_attn_layernorm, b.post_mlp_layernorm))
+        else:
+            out.append((None, None))
+    return out
+
+
+def _shift(model, sender, delta, s):
+    """``(hooks, shifted)``: what a receiver's input moves by when ``sender``'s output moves
+    by ``s * delta``; a head's or an MLP's under a norm on its sublayer's output: that norm of
+    the sublayer's output moved, less the norm of it as the run made it."""
+    posts = _posts(model.hf)[int(sender[1:].split(".")[0])] if sender != "input" else (None,)
+    post = posts[0] if ".h" in sender else posts[-1]
+    if post is None:
+        return [], lambda: s * delta
+    seen = {}
+
+    def keep(_m, args):
+        seen.setdefault("a", args[0])  # the run's, not the shift's own calls of the norm
+
+    return [lambda: post.register_forward_pre_hook(keep)], (
+        lambda: post(seen["a"] + s * delta) - post(seen["a"])
+    )
 
 
 def _parallel(hf) -> bool:
@@ -305,8 +350,8 @@ def _naive_edges(model, clean_ids, corrupt_ids, targets, alphas, weights):
             for a, w in zip(alphas, weights, strict=True):
                 x = corrupt_e + a * (clean_e - corrupt_e)
                 s = torch.zeros((), dtype=x.dtype, requires_grad=True)
-                shift = functools.partial(torch.mul, s, delta)
-                logits = _run(model, x, _edge_hook(model, receiver, shift))
+                kept, shift = _shift(model, sender, delta, s)
+                logits = _run(model, x, [*kept, *_edge_hook(model, receiver, shift)])
                 for k, (p, i) in enumerate(targets):
                     (grad,) = torch.autograd.grad(logits[0, p - 1, i], s, retain_graph=True)
                     total[k] += w * float(grad)
@@ -375,8 +420,8 @@ def real_edges(model, da, clean, corrupted, target):
     senders, receivers = list(da.sender.values), list(da.receiver.values)
     for r, receiver in enumerate(receivers):
         for u, sender in enumerate(senders[: _senders_before(receiver, heads, parallel)]):
-            shift = functools.partial(torch.clone, after[sender] - before[sender])
-            patched = _run(model, clean_e, _edge_hook(model, receiver, shift))
+            kept, shift = _shift(model, sender, after[sender] - before[sender], 1.0)
+            patched = _run(model, clean_e, [*kept, *_edge_hook(model, receiver, shift)])
             out[:, u, r] = objective(patched) - objective(base)
     return out
 
@@ -388,7 +433,8 @@ def real_edges(model, da, clean, corrupted, target):
 @pytest.mark.parametrize(
     "arch",
     ["gpt2", "llama", "phi3", "qwen3", "gpt_bigcode", "gpt_bigcode-mha", "gptj", "pythia",
-     "falcon", "falcon-40b", "opt", "opt-projected", "granite"],
+     "falcon", "falcon-40b", "opt", "opt-projected", "granite", "gemma2", "gemma3", "glm4",
+     "vaultgemma"],
 )  # fmt: skip
 def test_eap_equals_patching_each_edge_to_first_order(edges_models, arch):
     model = edges_models[arch]
@@ -398,7 +444,7 @@ def test_eap_equals_patching_each_edge_to_first_order(edges_models, arch):
     _compare(da, _naive_edges(model, clean, bad, targets, [1.0], [1.0]))
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama", "phi"])
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "phi", "gemma2"])
 def test_eap_ig_averages_the_gradient_along_the_inputs_path(edges_models, arch):
     model = edges_models[arch]
     m = 3
@@ -416,7 +462,7 @@ def test_eap_ig_averages_the_gradient_along_the_inputs_path(edges_models, arch):
 @pytest.mark.parametrize(
     "arch",
     ["gpt2", "gpt_neo", "llama", "phi3", "qwen2", "qwen3", "mistral", "mixtral", "cohere",
-     "pythia-sequential", "opt", "granite"],
+     "pythia-sequential", "opt", "granite", "gemma2", "gemma3", "glm4", "vaultgemma"],
 )  # fmt: skip
 def test_a_senders_edges_add_up_to_its_attribution_patching_estimate(edges_models, arch):
     """The residual stream is a sum: the gradient at a sender's output is the sum of its
@@ -453,7 +499,7 @@ def test_a_decoder_only_classifiers_edges_add_up_to_its_estimates(arch):
     assert np.abs(mlp.values).max() > 1e-6
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "gemma2"])
 @pytest.mark.parametrize("kind", ["zero", "mean"])
 def test_ablated_edges_add_up_to_the_ablated_estimate(edges_models, arch, kind):
     model = edges_models[arch]
@@ -471,8 +517,9 @@ def test_ablated_edges_add_up_to_the_ablated_estimate(edges_models, arch, kind):
     assert np.abs(heads.values).max() > 1e-4
 
 
-def test_batched_and_padded_equal_single(edges_models):
-    model = edges_models["llama"]
+@pytest.mark.parametrize("arch", ["llama", "gemma2"])
+def test_batched_and_padded_equal_single(edges_models, arch):
+    model = edges_models[arch]
     inputs, corrupted = [CLEAN, "The capital is"], [CORRUPTED, "A capital is"]
     batched = ax.edge_attribution_patching(model, inputs, [TARGET, " d"], corrupted=corrupted,
                                            objective="logit")  # fmt: skip
@@ -503,6 +550,47 @@ def test_a_budget_splits_the_passes_not_the_result():
                                        atol=1e-10)  # fmt: skip
     with pytest.raises(ax.OptionError, match="max_memory"):
         ax.edge_attribution_patching(model, CLEAN, target, max_memory=1000, **kw)
+
+
+def test_a_budget_splits_the_heads_behind_a_norm_on_their_output():
+    """Gemma 2's heads reach the stream through the norm on the attention's output, pushed
+    through it at each point: a block of senders pushed at a time that cuts a layer's heads
+    (3 layers of 8 heads: 28 senders, 10 a push), points a pass and targets a backward give
+    the same edges, and they add up to AtP's estimates."""
+    from tests.test_components import CONFIGS
+
+    _, tok = tiny_model("llama")
+    config = CONFIGS["gemma2"](len(tok))
+    config.num_hidden_layers, config.num_attention_heads = 3, 8
+    config.num_key_value_heads, config.head_dim = 4, 4
+    config.layer_types = ["sliding_attention", "full_attention", "sliding_attention"]
+    config.pad_token_id, config.bos_token_id, config.eos_token_id = (
+        tok.pad_token_id, tok.bos_token_id, tok.eos_token_id,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    hf = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    with torch.no_grad():
+        for module in hf.modules():
+            if type(module).__name__.endswith("RMSNorm"):
+                module.weight.normal_(0.0, 0.3)
+    model = ax.load_model(_large(full_double(hf)), tokenizer=tok)
+    kw = {**KW, "steps": 3}
+    target = TARGET + " and more"
+    whole = ax.edge_attribution_patching(model, CLEAN, target, **kw)
+    assert whole.sizes["target"] > 2 and whole.sizes["sender"] == 28
+    split = ax.edge_attribution_patching(model, CLEAN, target, batch_size=1, chunk_size=1, **kw)
+    np.testing.assert_allclose(split.values, whole.values, rtol=1e-9, atol=1e-12)
+    eap = ax.edge_attribution_patching(model, CLEAN, target, **KW).sum("receiver")
+    heads = ax.attribution_patching(model, CLEAN, target, **KW).sum("source")
+    mlp = ax.attribution_patching(model, CLEAN, target, site="mlp", **KW).sum("source")
+    for layer in range(3):
+        for h in range(8):
+            np.testing.assert_allclose(eap.sel(sender=f"a{layer}.h{h}").values,
+                                       heads.sel(layer=layer, head=h).values, rtol=1e-7,
+                                       atol=1e-10)  # fmt: skip
+        np.testing.assert_allclose(eap.sel(sender=f"m{layer}").values,
+                                   mlp.sel(layer=layer).values, rtol=1e-7, atol=1e-10)  # fmt: skip
+    assert np.abs(heads.values).max() > 1e-4
 
 
 def test_llama_4s_flattened_experts_batched_equal_single():
@@ -556,7 +644,6 @@ def test_the_labels(edges_models):
 @pytest.mark.parametrize(
     ("arch", "why"),
     [
-        ("gemma2", "holds `pre_feedforward_layernorm`"),  # norms around the sublayers
         ("olmo2", "not a pre-norm block attrax knows"),  # its norms after, none before
     ],
 )

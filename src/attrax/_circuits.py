@@ -238,7 +238,10 @@ def _plan(call: Call, g: Graph, circuits: int) -> int:
     # a copy's edges patched, its senders' differences from their donors, and beside its
     # forward one layer's receivers' inputs: their shifts, the shifted streams, and the norm's
     # temporaries and output
-    per_copy = cost.per_point + u_all * r_all + (u_all + 5 * widest) * one
+    # (and, past a norm on an attention's output, its heads' shifts, the output less them and
+    # that norm's temporaries)
+    normed = 4 * widest if g.normed else 0
+    per_copy = cost.per_point + u_all * r_all + (u_all + 5 * widest + normed) * one
     # the scores of the clean run and of every copy
     fixed = cost.fixed + sum(problem.held) + (circuits + 1) * batch * t.valid.shape[1] * 8
     return plan_forwards(
@@ -285,13 +288,29 @@ def _patching(g: Graph, donors: torch.Tensor, patched: torch.Tensor, batch: int)
     diff = donors.new_zeros(u_all, n * batch, *donors.shape[2:])
     columns = _columns(g)
     made: dict[int, torch.Tensor] = {}
+    normed = g.normed
+    # what each norm on a sublayer's output reads in this run
+    posts: dict[int, torch.Tensor] = {}
+    # the senders whose difference reaches the stream as it is: not past such a norm
+    linear = torch.ones(u_all, dtype=diff.dtype, device=diff.device)
+    for rows, _ in normed:
+        linear[rows] = 0
 
     def stream(x: torch.Tensor, senders: int, cols: slice | torch.Tensor) -> torch.Tensor:
-        """``[V, n * B, L, H]``: ``x`` less each receiver's patched edges' differences."""
+        """``[V, n * B, L, H]``: ``x`` less each receiver's patched edges' differences (past a
+        norm on a sublayer's output: that norm of what it reads less the differences of its
+        senders patched into the receiver, in place of the norm of what it reads)."""
         mask = patched[:, :senders, cols].to(diff.dtype)  # [n, u, V]
         d = diff[:senders].unflatten(1, (n, batch))  # [u, n, B, L, H]
-        shift = torch.einsum("nuv,unbLH->vnbLH", mask, d).flatten(1, 2)
-        return (full_precision(x)[None] - shift).to(x.dtype)
+        shift = torch.einsum("nuv,unbLH->vnbLH", mask * linear[:senders, None], d)
+        for i, (rows, norm) in enumerate(normed):
+            if rows.start >= senders or not bool(mask[:, rows].any()):
+                continue
+            inner = torch.einsum("nhv,hnbLH->vnbLH", mask[:, rows], d[rows])
+            a = posts[i].unflatten(0, (n, batch))  # [n, B, L, H]
+            kept = norm.forward(a[None] - inner.to(a.dtype))  # not its hooks: no run's
+            shift += full_precision(norm.forward(a))[None] - full_precision(kept)
+        return (full_precision(x)[None] - shift.flatten(1, 2)).to(x.dtype)
 
     def touched(senders: int, cols: slice) -> torch.Tensor:
         """``[n, V]``: whether each copy patches an edge into each receiver of ``cols``; a
@@ -328,12 +347,21 @@ def _patching(g: Graph, donors: torch.Tensor, patched: torch.Tensor, batch: int)
             ))  # fmt: skip
         sender = (layer + 1) * (g.heads + 1)  # the MLP's: after the input and its heads
         handles.append(b.mlp.register_forward_hook(_on_mlp(sender, record, b.scale)))
+    for i, (_, norm) in enumerate(normed):
+        handles.append(norm.register_forward_pre_hook(_keep(posts, i)))
     logits = slice(len(g.receivers()) - 1, len(g.receivers()))
     handles.append(
         blocks[-1].block.register_forward_hook(_on_output(u_all, logits, stream, touched))
     )
     with _hooked(handles):
         yield
+
+
+def _keep(kept: dict[int, torch.Tensor], layer: int) -> Callable[..., None]:
+    def hook(_m: Any, args: tuple[Any, ...]) -> None:
+        kept[layer] = args[0]
+
+    return hook
 
 
 def _on_input(record: Callable[[int, torch.Tensor], None]) -> Callable[..., None]:

@@ -19,8 +19,12 @@ Pre-norm blocks ``x + attn(norm_1(x))`` then ``+ mlp(norm_2(.))``, as GPT-2's an
 parallel ones ``x + attn(norm_1(x)) + mlp(norm_2(x))`` (GPT-NeoX's; GPT-J's, Phi's and Cohere's on
 one norm: the MLP's input is then met as a head's, the deltas pushed through the norm) are
 checked on the clean run: a block that does not add exactly what its output projection and its
-MLP return (norms on their outputs, residual scales), or that holds weights the edges do not
+MLP return (residual scales other than the config's), or that holds weights the edges do not
 account for (an output gate, a norm over several heads' vectors), is a :class:`ModelError`.
+Blocks with a norm on each sublayer's output too (Gemma 2's and 3's, GLM-4's) keep each head
+and each MLP a sender, before that norm: its delta reaches the stream through the norm's
+derivative at the point where the gradient is taken (a ``jvp`` there), as patching the edge
+moves that norm's input.
 """
 
 from __future__ import annotations
@@ -73,6 +77,15 @@ EDGES = Family(
 NORMS = (
     ("ln_1", "ln_2"), ("input_layernorm", "post_attention_layernorm"), ("ln_attn", "ln_mlp"),
     ("self_attn_layer_norm", "final_layer_norm"),  # OPT's and BioGPT's (pre-LN)
+    ("input_layernorm", "pre_feedforward_layernorm"),  # VaultGemma's (Gemma 2's, less its posts)
+)  # fmt: skip
+#: blocks with a norm on each sublayer's output too (before the attention, after it, before the
+#: MLP, after it): Gemma 2's and 3's; GLM-4's
+SANDWICH = (
+    ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+     "post_feedforward_layernorm"),
+    ("input_layernorm", "post_self_attn_layernorm", "post_attention_layernorm",
+     "post_mlp_layernorm"),
 )  # fmt: skip
 #: a block's attention module (GPT-NeoX's `attention`, Falcon's `self_attention`)
 ATTENTIONS = ("attn", "self_attn", "attention", "self_attention")
@@ -128,6 +141,10 @@ class Block:
     #: what the block scales the attention's and the MLP's outputs by as it adds them (Granite's
     #: `residual_multiplier`)
     scale: float = 1.0
+    #: the norms on the attention's and the MLP's outputs, before the block adds them (Gemma 2's
+    #: and 3's, GLM-4's), or None
+    attn_post: torch.nn.Module | None = None
+    mlp_post: torch.nn.Module | None = None
 
     @property
     def reads(self) -> torch.nn.Module:
@@ -164,6 +181,24 @@ class Graph:
         for layer in range(len(self.blocks)):
             out += [(f"a{layer}.h{h}", layer, h) for h in range(self.heads)]
             out.append((f"m{layer}", layer, -1))
+        return out
+
+    def first_head(self, layer: int) -> int:
+        """The sender index of layer ``layer``'s head 0."""
+        return 1 + layer * (self.heads + 1)
+
+    @property
+    def normed(self) -> list[tuple[slice, torch.nn.Module]]:
+        """The senders that reach the stream through a norm on their sublayer's output (a
+        layer's heads, its MLP), as their rows and that norm: their deltas are pushed through
+        it where they are met, at the point's input to it."""
+        out = []
+        for layer, b in enumerate(self.blocks):
+            first = self.first_head(layer)
+            if b.attn_post is not None:
+                out.append((slice(first, first + self.heads), b.attn_post))
+            if b.mlp_post is not None:
+                out.append((slice(first + self.heads, first + self.heads + 1), b.mlp_post))
         return out
 
     def before_attention(self, layer: int) -> int:
@@ -235,10 +270,7 @@ def graph(model: Model, method: str = METHOD) -> Graph:
     for layer, (block, out_proj, mlp) in enumerate(
         zip(stack.blocks, stack.projections, stack.mlps, strict=True)
     ):
-        attn_norm, mlp_norm = next(
-            ((named(block, (a,)), named(block, (m,))) for a, m in NORMS if named(block, (a,))),
-            (None, None),
-        )
+        attn_norm, attn_post, mlp_norm, mlp_post = _norms(block)
         # one norm for both: the MLP reads its output beside the attention
         parallel = mlp_norm is None or any(getattr(config, f, False) is True for f in PARALLEL)
         attention = named(block, ATTENTIONS)
@@ -253,7 +285,7 @@ def graph(model: Model, method: str = METHOD) -> Graph:
         if attn_norm is None:
             raise ModelError(
                 f"{where} is not a pre-norm block attrax knows: no norm "
-                f"{' / '.join(a for a, _ in NORMS)} before its attention (norms after the "
+                f"{' / '.join(dict.fromkeys(a for a, _ in NORMS))} before its attention (norms after the "
                 "attention and MLP or named otherwise have no edges attrax can score)"
             )
         if attention is None:
@@ -292,17 +324,34 @@ def graph(model: Model, method: str = METHOD) -> Graph:
         scale = getattr(config, "residual_multiplier", 1.0)
         scale = float(scale) if isinstance(scale, (int, float)) else 1.0
         known = [attn_norm, mlp_norm, mlp, attention, *([mlp_in] if mlp_in else [])]
+        known += [m for m in (attn_post, mlp_post) if m is not None]
         _account(where, block, known, "block")
         _account(where, inner, [*(r.module for r in readers), out_proj], "attention", head_dim)
         found.append(
-            Block(block, attn_norm, readers, out_proj, mlp_norm, mlp, parallel, mlp_in, scale)
-        )
+            Block(block, attn_norm, readers, out_proj, mlp_norm, mlp, parallel, mlp_in, scale,
+                  attn_post, mlp_post)
+        )  # fmt: skip
     if len(head_dims) > 1:
         raise ModelError(
             f"{method}: {kind}'s layers differ in their heads' width ({sorted(head_dims)} for "
             f"{stack.heads} heads a layer): the edges label every layer's heads alike"
         )
     return Graph(found, stack.heads, head_dims.pop(), method)
+
+
+def _norms(block: torch.nn.Module) -> tuple[torch.nn.Module | None, ...]:
+    """The block's norms before its attention, after it, before its MLP and after it (None
+    where it has none; no second norm: the MLP reads the first's output, beside the attention)."""
+    for names in SANDWICH:
+        found = [named(block, (n,)) for n in names]
+        if all(m is not None for m in found):
+            return tuple(found)
+    pairs = [(named(block, (a,)), named(block, (m,))) for a, m in NORMS]
+    attn, mlp = next(
+        (p for p in pairs if p[0] is not None and p[1] is not None),
+        next((p for p in pairs if p[0] is not None), (None, None)),
+    )
+    return attn, None, mlp, None
 
 
 #: parameters an attention may hold of its own: one per head (GPT-OSS's sinks)
@@ -395,7 +444,7 @@ def _record(g: Graph, seen: dict[str, list[Any]]) -> list[Any]:
     attention adds, what the MLP reads and adds; and the last block's output."""
     n = len(g.blocks)
     keys = ("block", "attn_norm", "norm_out", "heads", "attn", "mlp_norm", "mlp_in", "mlp_out")
-    for key in (*keys, "mlp"):
+    for key in (*keys, "mlp", *_POSTS):
         seen[key] = [None] * n
     seen["out"] = [None]
     seen["read"] = [[None] * len(b.readers) for b in g.blocks]
@@ -430,6 +479,10 @@ def _record(g: Graph, seen: dict[str, list[Any]]) -> list[Any]:
         handles.append(b.mlp_norm.register_forward_hook(keep("mlp_in", layer, True)))
         handles.append(b.reads.register_forward_pre_hook(keep("mlp_out", layer)))
         handles.append(b.mlp.register_forward_hook(keep("mlp", layer, True)))
+        for post, side in ((b.attn_post, "attn_post"), (b.mlp_post, "mlp_post")):
+            if post is not None:
+                handles.append(post.register_forward_pre_hook(keep(f"{side}_in", layer)))
+                handles.append(post.register_forward_hook(keep(f"{side}_out", layer, True)))
     last = n - 1
     handles.append(g.blocks[last].block.register_forward_hook(_keep_out(seen)))
     return handles
@@ -447,11 +500,20 @@ def _check_blocks(g: Graph, seen: Mapping[str, list[Any]], kind: str) -> None:
     mlp(norm_2(.))``, its projections reading ``norm_1(x)`` and returning what their weights
     say, as the edges assume. Each sum is checked position by position against the size of its
     own terms: a residual stream's few huge entries must not hide a scale on a sublayer's."""
-    if any(v is None for values in seen.values() for v in values) or any(
-        v is None for layer in seen["read"] + seen["returned"] for v in layer
-    ):
+    expected = {
+        key: [getattr(b, key[: -len("_in")] if key.endswith("_in") else key[:-4]) is not None
+              for b in g.blocks]
+        for key in _POSTS
+    }  # fmt: skip
+    if any(
+        v is None and expected.get(key, [True] * len(values))[i]
+        for key, values in seen.items()
+        for i, v in enumerate(values)
+    ) or any(v is None for layer in seen["read"] + seen["returned"] for v in layer):
         raise ModelError(f"{g.method}: {kind} did not run the modules attrax found in its blocks")
-    recorded = [v for key, values in seen.items() for v in values if key not in _NESTED]
+    recorded = [
+        v for key, values in seen.items() for v in values if key not in _NESTED and v is not None
+    ]
     recorded += [v for key in _NESTED for layer in seen[key] for v in layer]
     if not all(bool(torch.isfinite(v).all()) for v in recorded):
         raise _not_finite(g.method)
@@ -459,14 +521,22 @@ def _check_blocks(g: Graph, seen: Mapping[str, list[Any]], kind: str) -> None:
     for layer, b in enumerate(g.blocks):
         x = seen["block"][layer]
         # each check: what the model made, and the terms it should be the sum of
-        # what the block adds of each sublayer's output
-        attn, mlp = seen["attn"][layer] * b.scale, seen["mlp"][layer] * b.scale
+        # what the block adds of each sublayer's output: past its norm, or times its scale
+        attn, mlp = added(b, seen, layer, "attn"), added(b, seen, layer, "mlp")
         sums = {
             "the block's input is its first norm's": (seen["attn_norm"][layer], [x]),
             "the MLP reads the second norm's output": (
                 seen["mlp_out"][layer], [seen["mlp_in"][layer]]
             ),
         }  # fmt: skip
+        if b.attn_post is not None:
+            sums["the attention's output norm reads the output projection's"] = (
+                seen["attn_post_in"][layer], [seen["attn"][layer]]
+            )  # fmt: skip
+        if b.mlp_post is not None:
+            sums["the MLP's output norm reads the MLP's"] = (
+                seen["mlp_post_in"][layer], [seen["mlp"][layer]]
+            )  # fmt: skip
         if b.parallel:
             sums["the MLP's norm reads the block's input"] = (seen["mlp_norm"][layer], [x])
             sums["the block's output adds the attention's and the MLP's"] = (
@@ -501,6 +571,16 @@ def _check_blocks(g: Graph, seen: Mapping[str, list[Any]], kind: str) -> None:
 
 #: what :func:`_record` keeps per reader of each layer
 _NESTED = ("read", "returned")
+#: what :func:`_record` keeps of the norms on the sublayers' outputs, where a block has them
+_POSTS = ("attn_post_in", "attn_post_out", "mlp_post_in", "mlp_post_out")
+
+
+def added(b: Block, seen: Mapping[str, list[Any]], layer: int, side: str) -> torch.Tensor:
+    """What block ``b`` adds to the stream of its attention's (``side="attn"``, the output
+    projection's) or its MLP's output: past the norm on it, or times the block's scale."""
+    if getattr(b, f"{side}_post") is not None:
+        return cast("torch.Tensor", seen[f"{side}_post_out"][layer])
+    return cast("torch.Tensor", seen[side][layer] * b.scale)
 
 
 def _not_finite(method: str = METHOD) -> InputError:
@@ -593,7 +673,8 @@ def _reads_values(r: Reader, returned: torch.Tensor, value: torch.Tensor, g: Gra
 
 def _senders(g: Graph, seen: Mapping[str, list[Any]]) -> torch.Tensor:
     """``[U, B, L, H]``: what each sender adds to the residual stream (the heads' each through
-    its rows of the output projection, without its bias; times the block's scale)."""
+    its rows of the output projection, without its bias), times the block's scale; before a
+    norm on its sublayer's output, through which :func:`_pass` pushes the deltas."""
     out = [seen["block"][0][None]]
     for layer, b in enumerate(g.blocks):
         out += [heads_added(g, b, seen["heads"][layer]), seen["mlp"][layer][None] * b.scale]
@@ -662,6 +743,9 @@ def edge_scores(
     one = batch * length * hidden * size
     # senders pushed through a norm at a time: as many bytes as a target's probe gradients
     senders = max(1, probes // hidden)
+    # deltas past the norms on the sublayers' outputs: those norms' inputs, and a block of
+    # senders pushed through one before the receiver's norm
+    normed = len(g.normed) + senders if g.normed else 0
     # per (target, point): its probes' gradients, cast, and a reader's pulled back through its
     # heads' rows with their product; per point: the probes, the norms' inputs, and a block of
     # senders pushed through a norm (with their tangents, and laid out for the product)
@@ -670,7 +754,7 @@ def edge_scores(
     batch_size, chunk = problem.plan(
         total, call.options["batch_size"], call.options["chunk_size"], shared_forward=True,
         per_target=2 * probes * one // hidden + 2 * per_head_rows * one,
-        per_point=(probes // hidden + len(g.blocks) + 3 * senders + 2) * one,
+        per_point=(probes // hidden + len(g.blocks) + 3 * senders + 2 + normed) * one,
     )  # fmt: skip
     scores = delta.new_zeros(batch, targets, u_all, len(receivers))
     step = total if batch_size is None else batch_size
@@ -730,8 +814,10 @@ def _pass(
     n, batch = x.shape[:2]
     acc = delta.dtype
     norm_inputs: list[Any] = [None] * len(g.blocks)
+    normed = g.normed
+    post_inputs: list[Any] = [None] * len(normed)
 
-    def forward(*probes: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def forward(*probes: torch.Tensor) -> tuple[torch.Tensor, list[list[torch.Tensor]]]:
         handles = []
         it = iter(probes)
         for layer, b in enumerate(g.blocks):
@@ -741,6 +827,8 @@ def _pass(
             reads = b.reads if b.shared else b.mlp_norm
             handles.append(reads.register_forward_pre_hook(_adding_input(next(it))))
             handles.append(b.attn_norm.register_forward_pre_hook(_keeping(norm_inputs, layer)))
+        for i, (_, post) in enumerate(normed):
+            handles.append(post.register_forward_pre_hook(_keeping(post_inputs, i)))
         handles.append(g.blocks[-1].block.register_forward_hook(_adding(next(it))))
         with _hooked(handles):
             hidden = problem.hidden_of(
@@ -749,18 +837,43 @@ def _pass(
                 None,
                 t.ids.repeat(n, 1),
             )
-        return hidden, [h.detach() for h in norm_inputs]
+        return hidden, [[h.detach() for h in norm_inputs], [h.detach() for h in post_inputs]]
 
+    # the senders whose delta in the stream is the same at every point: not past a norm
+    linear = torch.ones(len(g.senders), dtype=acc, device=delta.device)
+    for span, _ in normed:
+        linear[span] = 0
     shape = (n * batch, x.shape[2])
     zeros = []
     for b in g.blocks:
         zeros += [x.new_zeros(*shape, _width(r.module, "out") or 0) for r in b.readers]
         zeros.append(x.new_zeros(*shape, delta.shape[3]))
     zeros.append(x.new_zeros(*shape, delta.shape[3]))  # the stream's width, not the inputs'
-    hidden, pullback, inputs = cast(
-        "tuple[torch.Tensor, Callable[..., tuple[torch.Tensor, ...]], list[torch.Tensor]]",
+    hidden, pullback, (inputs, normed_inputs) = cast(
+        "tuple[torch.Tensor, Callable[..., tuple[torch.Tensor, ...]], list[list[Any]]]",
         torch.func.vjp(forward, *zeros, has_aux=True),
     )
+
+    def at_points(part: slice) -> torch.Tensor:
+        """``[u, n B, L, H]``: the senders' deltas in the stream at each point; past the norm
+        on their sublayer's output, at that point's input to it."""
+        tangents = delta[part].repeat(1, n, 1, 1)
+        for (span, post), at in zip(normed, normed_inputs, strict=True):
+            lo, hi = max(span.start, part.start), min(span.stop, part.stop)
+            if lo < hi:
+                mine = slice(lo - part.start, hi - part.start)
+                tangents[mine] = _through_norm(post, at, tangents[mine]).to(tangents.dtype)
+        return tangents
+
+    def normed_met(grad: torch.Tensor, senders_before: int) -> Iterator[tuple[slice, torch.Tensor]]:
+        """Per block of normed senders read by a receiver whose gradient is ``grad`` (``[k, n
+        B, L, H]``): their rows, and ``[B, k, u]`` their deltas met by it point by point."""
+        for span, _ in normed:
+            stop = min(span.stop, senders_before)
+            for lo in range(span.start, stop, senders):  # chunking only: bounds memory
+                part = slice(lo, min(lo + senders, stop))
+                yield part, _met_points(at_points(part), grad, w, n)
+
     _, head_pullback = vjp(problem.head_objective, hidden)
     (head_grad,) = head_pullback(t.valid.repeat(n, 1).to(hidden.dtype))
     width = hidden.shape[1]
@@ -781,7 +894,8 @@ def _pass(
             for first in range(0, before, senders):  # chunking only: bounds memory
                 part = slice(first, min(first + senders, before))
                 # the senders' deltas pushed through the norm: the same for every target
-                pushed = _through_norm(b.attn_norm, inputs[layer], delta[part], n)
+                pushed = _through_norm(b.attn_norm, inputs[layer], at_points(part))
+                pushed = pushed.to(acc).unflatten(1, (n, -1))
                 for column, per_head in rows:  # [B, n L H, k heads]
                     heads = per_head.shape[-1] // (slots.stop - slots.start)
                     met = torch.bmm(pushed.permute(2, 0, 1, 3, 4).flatten(2), per_head)
@@ -791,8 +905,19 @@ def _pass(
             del rows
             if not b.shared:
                 mlp_senders = g.before_mlp(layer)
-                scores[:, slots, :mlp_senders, mlp_column] += _met(delta[:mlp_senders], mlp_grad, w)
-        scores[:, slots, :, -1] += _met(delta, next(it), w)
+                met = _met(delta[:mlp_senders], mlp_grad, w)
+                if normed:  # a normed head's delta is met point by point, below
+                    met *= linear[:mlp_senders]
+                scores[:, slots, :mlp_senders, mlp_column] += met
+                for part, per_point in normed_met(mlp_grad, mlp_senders):
+                    scores[:, slots, part, mlp_column] += per_point
+        out_grad = next(it)
+        met = _met(delta, out_grad, w)
+        if normed:
+            met *= linear
+        scores[:, slots, :, -1] += met
+        for part, per_point in normed_met(out_grad, len(linear)):
+            scores[:, slots, part, -1] += per_point
 
 
 def _met(delta: torch.Tensor, grad: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -830,18 +955,24 @@ def _weighed(grad: torch.Tensor, n: int, w: torch.Tensor) -> torch.Tensor:
     return torch.einsum("knbLH,n->bnLHk", grad.unflatten(1, (n, -1)), w).flatten(1, 3)
 
 
-def _through_norm(
-    norm: torch.nn.Module, at: torch.Tensor, delta: torch.Tensor, n: int
-) -> torch.Tensor:
-    """``[u, n, B, L, H]``: the norm's derivative at its inputs ``at`` (``[n * B, L, H]``)
-    applied to each sender's delta (``[u, B, L, H]``, the same at every point)."""
-    tangents = delta.to(at.dtype).repeat(1, n, 1, 1)
+def _through_norm(norm: torch.nn.Module, at: torch.Tensor, tangents: torch.Tensor) -> torch.Tensor:
+    """``[u, n B, L, H]`` at full precision: the norm's derivative at its inputs ``at`` (``[n
+    B, L, H]``) applied to each sender's delta there (``tangents``, ``[u, n B, L, H]``)."""
 
     def push(tangent: torch.Tensor) -> torch.Tensor:
         return torch.func.jvp(norm, (at,), (tangent,))[1]
 
-    out = torch.vmap(push)(tangents)
-    return full_precision(out).to(delta.dtype).unflatten(1, (n, -1))
+    return full_precision(torch.vmap(push)(tangents.to(at.dtype)))
+
+
+def _met_points(
+    tangents: torch.Tensor, grad: torch.Tensor, w: torch.Tensor, n: int
+) -> torch.Tensor:
+    """``[B, k, u]``: deltas that differ from point to point (``[u, n B, L, H]``) times the
+    gradients there (``[k, n B, L, H]``), weighed by the points' weights ``w``, summed over
+    points, positions and features."""
+    d = tangents.to(w.dtype).unflatten(1, (n, -1)) * w.view(1, n, 1, 1, 1)
+    return torch.einsum("unbLH,knbLH->bku", d, grad.to(w.dtype).unflatten(1, (n, -1)))
 
 
 def _adding(probe: torch.Tensor) -> Callable[..., Any]:
