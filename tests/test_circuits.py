@@ -190,6 +190,42 @@ def test_a_normed_attentions_heads_patched_together_go_through_its_norm_together
     assert np.abs(alone.sum("circuit").values - want).max() > 1e-3
 
 
+def test_a_modernbert_classifiers_edges_patched_for_real():
+    """A pre-norm encoder: one edge a copy against the loop's real patch of it (the clean run
+    with the sender's whole difference on the receiver's input), each class a target; keeping
+    no edge is the corrupted run, keeping all of them the clean one."""
+    from tests.test_edges import _edge_hook, _nodes, _run, _shift
+
+    hf, tok = tiny_classifier("modernbert", num_hidden_layers=3, num_attention_heads=4)
+    model = ax.load_model(full_double(hf), tokenizer=tok)
+    text = "the plot was good and the cast was fine and the end was too"
+    bad = text.replace("plot", "story")
+    kw = {"corrupted": bad, "objective": "logit"}
+    estimates = ax.edge_attribution_patching(model, text, [0, 2], **kw)
+    edges = _all_edges(estimates)[::5]
+    got = ax.edge_patching(model, text, [0, 2], patch=[[e] for e in edges], **kw)
+    embed = hf.get_input_embeddings()
+    with torch.no_grad():
+        clean_e, bad_e = (embed(torch.tensor(tok(t)["input_ids"]))[None] for t in (text, bad))
+        before, after = _nodes(model, clean_e), _nodes(model, bad_e)
+        base = _run(model, clean_e, [])[0, [0, 2]]
+        want = []
+        for sender, receiver in edges:
+            kept, shift = _shift(model, sender, after[sender] - before[sender], 1.0)
+            patched = _run(model, clean_e, [*kept, *_edge_hook(model, receiver, shift)])
+            want.append((patched[0, [0, 2]] - base).numpy())
+    expected = np.stack(want, -1)
+    assert np.abs(expected).max() > 1e-3
+    np.testing.assert_allclose(got.values, expected, rtol=1e-6, atol=1e-9 * np.abs(expected).max())
+    every = _all_edges(estimates)
+    ends = ax.edge_patching(model, text, [0, 2], circuit=[[], every], **kw)
+    with torch.no_grad():
+        corrupted = _run(model, bad_e, [])[0, [0, 2]]
+    np.testing.assert_allclose(ends.sel(circuit=0).values, (corrupted - base).numpy(), rtol=1e-7,
+                               atol=1e-9)  # fmt: skip
+    np.testing.assert_allclose(ends.sel(circuit=1).values, 0.0, atol=1e-9)
+
+
 def test_circuits_batched_in_copies_equal_each_alone(edges_models):
     model = edges_models["gpt2"]
     scores = ax.edge_attribution_patching(model, CLEAN, TARGET, **KW)

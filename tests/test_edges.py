@@ -128,6 +128,9 @@ def _parts(hf):
                        (attn.v_proj, [("v", heads)])]  # fmt: skip
             out.append((b, b.self_attn_layer_norm, readers, attn.out_proj, b.final_layer_norm,
                         b.fc2))  # fmt: skip
+        elif hasattr(b, "attn_norm"):  # ModernBERT's pre-norm encoder layers, `Wqkv` fused
+            readers = [(b.attn.Wqkv, [("q", heads), ("k", kv), ("v", kv)])]
+            out.append((b, b.attn_norm, readers, b.attn.Wo, b.mlp_norm, b.mlp))
         else:
             attn = b.self_attn
             if hasattr(attn, "qkv_proj"):
@@ -198,7 +201,9 @@ def _run(model, embeds, hooks):
     saved = hf.config._attn_implementation
     hf.config._attn_implementation = "edges_naive"
     try:
-        return hf(inputs_embeds=embeds, use_cache=False).logits
+        # an encoder's classifier keeps no cache
+        kw = {} if hf.config.model_type == "modernbert" else {"use_cache": False}
+        return hf(inputs_embeds=embeds, **kw).logits
     finally:
         hf.config._attn_implementation = saved
         _NAIVE.clear()
@@ -353,7 +358,8 @@ def _naive_edges(model, clean_ids, corrupt_ids, targets, alphas, weights):
                 kept, shift = _shift(model, sender, delta, s)
                 logits = _run(model, x, [*kept, *_edge_hook(model, receiver, shift)])
                 for k, (p, i) in enumerate(targets):
-                    (grad,) = torch.autograd.grad(logits[0, p - 1, i], s, retain_graph=True)
+                    score = logits[0, p - 1, i] if p is not None else logits[0, i]  # a class
+                    (grad,) = torch.autograd.grad(score, s, retain_graph=True)
                     total[k] += w * float(grad)
             out[sender, receiver] = total
     return out
@@ -480,6 +486,24 @@ def test_a_senders_edges_add_up_to_its_attribution_patching_estimate(edges_model
         np.testing.assert_allclose(summed.sel(sender=f"m{layer}").values,
                                    mlp.sel(layer=layer).values, rtol=1e-7, atol=1e-10)  # fmt: skip
     assert np.abs(heads.values).max() > 1e-4
+
+
+def test_a_modernbert_classifiers_edges_equal_patching_each_edge_to_first_order():
+    """ModernBERT is a pre-norm encoder (its first attention norm an Identity; local attention
+    on a window of 8 tokens beside global layers): every edge into every receiver, each class
+    a target, against the loop; and EAP-IG at the loop's own nodes."""
+    hf, tok = tiny_classifier("modernbert", num_hidden_layers=3, num_attention_heads=4)
+    model = ax.load_model(full_double(hf), tokenizer=tok)
+    text = "the plot was good and the cast was fine and the end was too"
+    bad = text.replace("plot", "story")
+    ids = [torch.tensor(tok(t)["input_ids"]) for t in (text, bad)]
+    assert len(ids[0]) == len(ids[1]) > 8  # beyond the local window
+    for steps, nodes in ((None, [1.0]), (3, [0.0, 1 / 3, 2 / 3])):
+        da = ax.edge_attribution_patching(model, text, [0, 2], corrupted=bad, objective="logit",
+                                          steps=steps)  # fmt: skip
+        assert da.dims == ("target", "sender", "receiver") and da.sizes["sender"] == 16
+        weights = [1 / len(nodes)] * len(nodes)
+        _compare(da, _naive_edges(model, *ids, [(None, 0), (None, 2)], nodes, weights))
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])

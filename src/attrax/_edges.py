@@ -49,7 +49,7 @@ from ._memory import between_passes, full_precision
 from ._model import Model, refuse_seq2seq_classifier
 from ._protocol import Call, Family
 from ._schema import label_edges
-from ._sites import decoder_stack, named
+from ._sites import decoder_stack, encoder_stack, named
 
 METHOD = "edge_attribution_patching"
 
@@ -78,7 +78,11 @@ NORMS = (
     ("ln_1", "ln_2"), ("input_layernorm", "post_attention_layernorm"), ("ln_attn", "ln_mlp"),
     ("self_attn_layer_norm", "final_layer_norm"),  # OPT's and BioGPT's (pre-LN)
     ("input_layernorm", "pre_feedforward_layernorm"),  # VaultGemma's (Gemma 2's, less its posts)
+    ("attn_norm", "mlp_norm"),  # ModernBERT's (its first layer's attention norm an Identity)
 )  # fmt: skip
+#: encoders whose blocks are pre-norm, as a decoder-only model's (the rest are post-norm: BERT's
+#: LayerNorm of each residual sum)
+PRE_NORM_ENCODERS = ("modernbert",)
 #: blocks with a norm on each sublayer's output too (before the attention, after it, before the
 #: MLP, after it): Gemma 2's and 3's; GLM-4's
 SANDWICH = (
@@ -257,13 +261,17 @@ def graph(model: Model, method: str = METHOD) -> Graph:
     a :class:`ModelError` naming what is missing (and ``method``)."""
     refuse_seq2seq_classifier(model, method)
     kind = type(model.hf).__name__
-    if model.is_encoder_decoder or not model.causal:
-        what = "an encoder-decoder" if model.is_encoder_decoder else "an encoder"
+    encoder = not model.is_encoder_decoder and not model.causal
+    if model.is_encoder_decoder or (
+        encoder and model.hf.config.model_type not in PRE_NORM_ENCODERS
+    ):
+        what = "an encoder-decoder" if model.is_encoder_decoder else "a post-norm encoder"
         raise ModelError(
-            f"{method}: {kind} is {what}; the edges attrax scores are those of a decoder-only "
-            "model's pre-norm blocks (GPT-2, GPT-Neo, Llama, Mistral, Qwen2, Phi-3, ...)"
+            f"{method}: {kind} is {what}; the edges attrax scores are those of pre-norm blocks "
+            "(decoder-only models: GPT-2, GPT-Neo, Llama, Mistral, Qwen2, Phi-3, ...; "
+            "ModernBERT's encoder)"
         )
-    stack = decoder_stack(model, method)
+    stack = encoder_stack(model, method) if encoder else decoder_stack(model, method)
     config = model.hf.config
     found = []
     head_dims = set()
@@ -407,7 +415,7 @@ def _readers(attention: torch.nn.Module, heads: int, head_dim: int) -> tuple[Rea
         return (Reader(module, (("q", mine), ("k", kv), ("v", kv))),)
 
     if named(attention, ("q_attn",)) is None and (
-        readers := fused(named(attention, ("c_attn", "qkv_proj", "query_key_value")), heads)
+        readers := fused(named(attention, ("c_attn", "qkv_proj", "query_key_value", "Wqkv")), heads)
     ):
         return readers
     separate = [named(attention, (f"{p}_proj",)) for p in "qkv"]
