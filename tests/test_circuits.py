@@ -19,7 +19,16 @@ import attrax as ax
 from attrax.cli import main
 from attrax.testing import save_tiny_model, tiny_classifier, tiny_model
 from tests.test_components import full_double, neighbour
-from tests.test_edges import CLEAN, CORRUPTED, KW, TARGET, edges_models, real_edges
+from tests.test_edges import (
+    CLEAN,
+    CORRUPTED,
+    ENCODERS,
+    KW,
+    TARGET,
+    edges_models,
+    encoder_classifier,
+    real_edges,
+)
 
 __all__ = ["edges_models"]  # the fixture, shared with tests/test_edges.py
 
@@ -190,14 +199,16 @@ def test_a_normed_attentions_heads_patched_together_go_through_its_norm_together
     assert np.abs(alone.sum("circuit").values - want).max() > 1e-3
 
 
-def test_a_modernbert_classifiers_edges_patched_for_real():
-    """A pre-norm encoder: one edge a copy against the loop's real patch of it (the clean run
-    with the sender's whole difference on the receiver's input), each class a target; keeping
-    no edge is the corrupted run, keeping all of them the clean one."""
+@pytest.mark.parametrize("arch", list(ENCODERS))
+def test_an_encoder_classifiers_edges_patched_for_real(arch):
+    """Pre-norm (ModernBERT) and post-norm (BERT, DistilBERT) encoders: one edge a copy against
+    the loop's real patch of it (the clean run with the sender's whole difference on the
+    receiver's input; through each LayerNorm between them, post-norm), each class a target;
+    keeping no edge is the corrupted run, keeping all of them the clean one."""
     from tests.test_edges import _edge_hook, _nodes, _run, _shift
 
-    hf, tok = tiny_classifier("modernbert", num_hidden_layers=3, num_attention_heads=4)
-    model = ax.load_model(full_double(hf), tokenizer=tok)
+    model = encoder_classifier(arch)
+    hf, tok = model.hf, model.tokenizer
     text = "the plot was good and the cast was fine and the end was too"
     bad = text.replace("plot", "story")
     kw = {"corrupted": bad, "objective": "logit"}
@@ -211,7 +222,7 @@ def test_a_modernbert_classifiers_edges_patched_for_real():
         base = _run(model, clean_e, [])[0, [0, 2]]
         want = []
         for sender, receiver in edges:
-            kept, shift = _shift(model, sender, after[sender] - before[sender], 1.0)
+            kept, shift = _shift(model, sender, after[sender] - before[sender], 1.0, receiver)
             patched = _run(model, clean_e, [*kept, *_edge_hook(model, receiver, shift)])
             want.append((patched[0, [0, 2]] - base).numpy())
     expected = np.stack(want, -1)
@@ -226,15 +237,58 @@ def test_a_modernbert_classifiers_edges_patched_for_real():
     np.testing.assert_allclose(ends.sel(circuit=1).values, 0.0, atol=1e-9)
 
 
-def test_circuits_batched_in_copies_equal_each_alone(edges_models):
-    model = edges_models["gpt2"]
-    scores = ax.edge_attribution_patching(model, CLEAN, TARGET, **KW)
+def test_every_edge_into_a_post_norm_mlp_patched_runs_it_on_the_corrupted_stream():
+    """BERT: with every edge into ``m1`` patched, the MLP reads the corrupted run's stream
+    there (each sender's difference carried through the LayerNorms below it together), and
+    the clean run goes on from what it returns: a loop with one forward hook; a few of them
+    patched are not the sum of each alone."""
+    model = encoder_classifier("bert")
+    hf, tok = model.hf, model.tokenizer
+    text = "the plot was good and the cast was fine and the end was too"
+    bad = text.replace("plot", "story")
+    kw = {"corrupted": bad, "objective": "logit"}
+    every = _all_edges(ax.edge_attribution_patching(model, text, [0, 2], **kw))
+    into = [e for e in every if e[1] == "m1"]
+    got = ax.edge_patching(model, text, [0, 2], patch=into, **kw)
+    mlp = hf.bert.encoder.layer[1].intermediate
+    ids = {t: tok(t, return_tensors="pt")["input_ids"] for t in (text, bad)}
+    seen = {}
+    handle = mlp.register_forward_pre_hook(lambda _m, a: seen.update(x=a[0].clone()))
+    with torch.no_grad():
+        hf(input_ids=ids[bad])
+    handle.remove()
+    handle = mlp.register_forward_pre_hook(lambda _m, a: (seen["x"], *a[1:]))
+    try:
+        with torch.no_grad():
+            patched = hf(input_ids=ids[text]).logits[0, [0, 2]]
+    finally:
+        handle.remove()
+    with torch.no_grad():
+        clean = hf(input_ids=ids[text]).logits[0, [0, 2]]
+    want = (patched - clean).numpy()
+    assert np.abs(want).max() > 1e-3
+    np.testing.assert_allclose(got.values, want, rtol=1e-7, atol=1e-10)
+    alone = ax.edge_patching(model, text, [0, 2], patch=[[e] for e in into], **kw)
+    assert np.abs(alone.sum("circuit").values - want).max() > 1e-3
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "gemma2", "bert"])
+def test_circuits_batched_in_copies_equal_each_alone(edges_models, arch):
+    """Copies of the batch in one forward, each its own circuit (past a norm on a sublayer's
+    output, Gemma 2; through a post-norm model's LayerNorms, BERT), equal each alone."""
+    if arch == "bert":
+        model = encoder_classifier(arch)
+        text, targets = "the plot was good and the cast was fine and the end was too", [0, 2]
+        kw = {"corrupted": text.replace("plot", "story"), "objective": "logit"}
+    else:
+        model, text, targets, kw = edges_models[arch], CLEAN, TARGET, KW
+    scores = ax.edge_attribution_patching(model, text, targets, **kw)
     circuits = ax.top_edges(scores, [3, 12, 40])
-    together = ax.edge_patching(model, CLEAN, TARGET, circuit=circuits, **KW)
-    one_a_forward = ax.edge_patching(model, CLEAN, TARGET, circuit=circuits, batch_size=1, **KW)
+    together = ax.edge_patching(model, text, targets, circuit=circuits, **kw)
+    one_a_forward = ax.edge_patching(model, text, targets, circuit=circuits, batch_size=1, **kw)
     np.testing.assert_allclose(one_a_forward.values, together.values, rtol=1e-9, atol=1e-12)
     for c, edges in enumerate(circuits):
-        alone = ax.edge_patching(model, CLEAN, TARGET, circuit=edges, **KW)
+        alone = ax.edge_patching(model, text, targets, circuit=edges, **kw)
         assert alone.dims == ("target",)
         np.testing.assert_allclose(alone.values, together.sel(circuit=c).values, rtol=1e-9,
                                    atol=1e-12)  # fmt: skip

@@ -92,11 +92,16 @@ def _parts(hf):
     """Per block: (block, first norm, [(reader, [(part, heads)])], output projection, second
     norm (the first where the MLP reads it beside the attention), MLP), named by hand for
     GPT-2, GPT-Neo, GPT-J, GPT-NeoX, Falcon, and Llama's kin, Phi's and Cohere's."""
-    base = getattr(hf, "transformer", None) or getattr(hf, "gpt_neox", None) or hf.model
+    base = getattr(hf, "transformer", None) or getattr(hf, "gpt_neox", None)
+    base = base or getattr(hf, "model", None) or getattr(hf, hf.base_model_prefix)
     base = getattr(base, "decoder", base)  # OPT's
-    blocks = base.h if hasattr(base, "h") else base.layers
+    base = getattr(base, "encoder", None) or getattr(
+        base, "transformer", base
+    )  # BERT's, DistilBERT's
+    blocks = base.h if hasattr(base, "h") else getattr(base, "layers", None) or base.layer
     config = hf.config
-    heads = getattr(config, "num_attention_heads", None) or config.n_head
+    heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_heads", None)
+    heads = heads or config.n_head
     kv = getattr(config, "num_key_value_heads", None) or heads
     if config.model_type == "gpt_bigcode":  # its num_key_value_heads follows multi_query late
         kv = 1 if config.multi_query else heads
@@ -116,6 +121,16 @@ def _parts(hf):
                            (attn.v_proj, [("v", heads)])]  # fmt: skip
                 proj = attn.out_proj
             out.append((b, b.ln_1, readers, proj, getattr(b, "ln_2", b.ln_1), b.mlp))
+        elif hasattr(b, "intermediate"):  # BERT's post-norm layers: the attention reads the input
+            attn = b.attention.self
+            readers = [(attn.query, [("q", heads)]), (attn.key, [("k", heads)]),
+                       (attn.value, [("v", heads)])]  # fmt: skip
+            out.append((b, None, readers, b.attention.output.dense, b.intermediate, b.output.dense))
+        elif hasattr(b, "sa_layer_norm"):  # DistilBERT's post-norm layers
+            attn = b.attention
+            readers = [(attn.q_lin, [("q", heads)]), (attn.k_lin, [("k", heads)]),
+                       (attn.v_lin, [("v", heads)])]  # fmt: skip
+            out.append((b, None, readers, attn.out_lin, b.ffn, b.ffn))
         elif hasattr(b, "attention") or hasattr(b, "self_attention"):  # GPT-NeoX, Falcon
             attn = getattr(b, "attention", None) or b.self_attention
             readers = [(attn.query_key_value, [("q", heads), ("k", kv), ("v", kv)])]
@@ -163,10 +178,69 @@ def _posts(hf):
     return out
 
 
-def _shift(model, sender, delta, s):
+def _chain(hf):
+    """A post-norm model's LayerNorms on the residual stream, in the order they run (each
+    block's after its attention, then after its MLP: BERT's, DistilBERT's); None for others."""
+    blocks, _ = _parts(hf)
+    if blocks[0][1] is not None:
+        return None
+    out = []
+    for b, *_ in blocks:
+        if hasattr(b, "intermediate"):
+            out += [b.attention.output.LayerNorm, b.output.LayerNorm]
+        else:
+            out += [b.sa_layer_norm, b.output_layer_norm]
+    return out
+
+
+def _through_chain(model, sender, receiver, delta, s):
+    """``(hooks, shifted)`` in a post-norm model: ``receiver``'s input when ``sender``'s
+    output moves by ``s * delta`` and nothing else does: each LayerNorm from the one the sender
+    is added before up to the receiver's input run again on its own input plus the move of the
+    stream it adds to, less that input as the run made it."""
+    chain = _chain(model.hf)
+    blocks, _ = _parts(model.hf)
+    first = 0 if sender == "input" else 2 * int(sender[1:].split(".")[0]) + (sender[0] == "m")
+    if receiver == "logits":
+        last = len(chain) - 1
+    else:
+        layer = int(receiver[1:].split(".")[0].split("<")[0])
+        last = 2 * layer - (not receiver.startswith("m"))
+    seen = {}
+
+    def keep(key):
+        def hook(_m, args, *rest):
+            value = rest[0] if rest and not isinstance(rest[0], dict) else None
+            if value is None:
+                value = args[0] if args else rest[0]["hidden_states"]
+            seen.setdefault(key, value)  # the run's, not the shift's own calls of the norms
+
+        return hook
+
+    hooks = [lambda: blocks[0][0].register_forward_pre_hook(keep("x"), with_kwargs=True)]
+    for k, norm in enumerate(chain):
+        hooks.append(lambda n=norm, k=k: n.register_forward_pre_hook(keep(f"in{k}")))
+        hooks.append(lambda n=norm, k=k: n.register_forward_hook(keep(f"out{k}")))
+
+    def before(k):  # the stream LayerNorm k adds to: the block's input, or the last one's
+        return seen["x"] if k == 0 else seen[f"out{k - 1}"]
+
+    def shifted():
+        y = seen["x"] + s * delta if sender == "input" else None
+        for k in range(first, last + 1):
+            moved = s * delta if y is None else y - before(k)
+            y = chain[k](seen[f"in{k}"] + moved)
+        return y - before(last + 1)
+
+    return hooks, shifted
+
+
+def _shift(model, sender, delta, s, receiver=None):
     """``(hooks, shifted)``: what a receiver's input moves by when ``sender``'s output moves
     by ``s * delta``; a head's or an MLP's under a norm on its sublayer's output: that norm of
     the sublayer's output moved, less the norm of it as the run made it."""
+    if _chain(model.hf) is not None:
+        return _through_chain(model, sender, receiver, delta, s)
     posts = _posts(model.hf)[int(sender[1:].split(".")[0])] if sender != "input" else (None,)
     post = posts[0] if ".h" in sender else posts[-1]
     if post is None:
@@ -202,7 +276,7 @@ def _run(model, embeds, hooks):
     hf.config._attn_implementation = "edges_naive"
     try:
         # an encoder's classifier keeps no cache
-        kw = {} if hf.config.model_type == "modernbert" else {"use_cache": False}
+        kw = {"use_cache": False} if model.causal else {}
         return hf(inputs_embeds=embeds, **kw).logits
     finally:
         hf.config._attn_implementation = saved
@@ -285,9 +359,9 @@ def _edge_hook(model, receiver, shifted):
     attention = _attention_of(blocks[layer][0])
     stream = {}
 
-    def keep(_m, args):
+    def keep(_m, args, kwargs=None):
         if "busy" not in stream:
-            stream["x"] = args[0]
+            stream["x"] = args[0] if args else kwargs["hidden_states"]
 
     def shadow(module, args, kwargs):
         # the attention run again on the norm of the shifted stream: its vectors, as the
@@ -295,13 +369,17 @@ def _edge_hook(model, receiver, shifted):
         if "busy" in stream:
             return
         stream["busy"] = True
-        moved = norm(stream["x"] + shifted())
+        # a post-norm block's attention reads the stream itself
+        moved = stream["x"] + shifted() if norm is None else norm(stream["x"] + shifted())
         _NAIVE["capture"] = {}
         rest = {k: v for k, v in kwargs.items() if k != "hidden_states"}
         module(moved, *args[1:], **rest)
         _NAIVE["swap"] = (name, head, _NAIVE.pop("capture")[name][:, head])
         del stream["busy"]
 
+    if norm is None:
+        return [lambda: attention.register_forward_pre_hook(keep, with_kwargs=True),
+                lambda: attention.register_forward_pre_hook(shadow, with_kwargs=True)]  # fmt: skip
     return [lambda: norm.register_forward_pre_hook(keep),
             lambda: attention.register_forward_pre_hook(shadow, with_kwargs=True)]  # fmt: skip
 
@@ -355,7 +433,7 @@ def _naive_edges(model, clean_ids, corrupt_ids, targets, alphas, weights):
             for a, w in zip(alphas, weights, strict=True):
                 x = corrupt_e + a * (clean_e - corrupt_e)
                 s = torch.zeros((), dtype=x.dtype, requires_grad=True)
-                kept, shift = _shift(model, sender, delta, s)
+                kept, shift = _shift(model, sender, delta, s, receiver)
                 logits = _run(model, x, [*kept, *_edge_hook(model, receiver, shift)])
                 for k, (p, i) in enumerate(targets):
                     score = logits[0, p - 1, i] if p is not None else logits[0, i]  # a class
@@ -426,7 +504,7 @@ def real_edges(model, da, clean, corrupted, target):
     senders, receivers = list(da.sender.values), list(da.receiver.values)
     for r, receiver in enumerate(receivers):
         for u, sender in enumerate(senders[: _senders_before(receiver, heads, parallel)]):
-            kept, shift = _shift(model, sender, after[sender] - before[sender], 1.0)
+            kept, shift = _shift(model, sender, after[sender] - before[sender], 1.0, receiver)
             patched = _run(model, clean_e, [*kept, *_edge_hook(model, receiver, shift)])
             out[:, u, r] = objective(patched) - objective(base)
     return out
@@ -450,7 +528,7 @@ def test_eap_equals_patching_each_edge_to_first_order(edges_models, arch):
     _compare(da, _naive_edges(model, clean, bad, targets, [1.0], [1.0]))
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama", "phi", "gemma2"])
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "phi", "gemma2", "glm4"])
 def test_eap_ig_averages_the_gradient_along_the_inputs_path(edges_models, arch):
     model = edges_models[arch]
     m = 3
@@ -488,12 +566,28 @@ def test_a_senders_edges_add_up_to_its_attribution_patching_estimate(edges_model
     assert np.abs(heads.values).max() > 1e-4
 
 
-def test_a_modernbert_classifiers_edges_equal_patching_each_edge_to_first_order():
+#: encoder classifiers of 3 layers of 4 heads
+ENCODERS = {
+    "modernbert": {"num_hidden_layers": 3, "num_attention_heads": 4},
+    "bert": {"num_hidden_layers": 3, "num_attention_heads": 4},
+    "distilbert": {"n_layers": 3, "n_heads": 4},
+}
+
+
+def encoder_classifier(arch: str) -> ax.Model:
+    hf, tok = tiny_classifier(arch, **ENCODERS[arch])
+    return ax.load_model(full_double(hf), tokenizer=tok)
+
+
+@pytest.mark.parametrize("arch", list(ENCODERS))
+def test_an_encoder_classifiers_edges_equal_patching_each_edge_to_first_order(arch):
     """ModernBERT is a pre-norm encoder (its first attention norm an Identity; local attention
-    on a window of 8 tokens beside global layers): every edge into every receiver, each class
-    a target, against the loop; and EAP-IG at the loop's own nodes."""
-    hf, tok = tiny_classifier("modernbert", num_hidden_layers=3, num_attention_heads=4)
-    model = ax.load_model(full_double(hf), tokenizer=tok)
+    on a window of 8 tokens beside global layers). BERT's and DistilBERT's blocks are
+    post-norm: the loop moves a sender's output and runs every LayerNorm from there up to the
+    receiver again on its own input plus the stream's move. Every edge into every receiver,
+    each class a target; and EAP-IG at the loop's own nodes."""
+    model = encoder_classifier(arch)
+    tok = model.tokenizer
     text = "the plot was good and the cast was fine and the end was too"
     bad = text.replace("plot", "story")
     ids = [torch.tensor(tok(t)["input_ids"]) for t in (text, bad)]
@@ -504,6 +598,35 @@ def test_a_modernbert_classifiers_edges_equal_patching_each_edge_to_first_order(
         assert da.dims == ("target", "sender", "receiver") and da.sizes["sender"] == 16
         weights = [1 / len(nodes)] * len(nodes)
         _compare(da, _naive_edges(model, *ids, [(None, 0), (None, 2)], nodes, weights))
+
+
+@pytest.mark.parametrize("arch", ["bert", "distilbert"])
+def test_a_post_norm_encoders_padded_batch_and_ablation(arch):
+    """A padded batch of BERT inputs equals each alone (the LayerNorms' derivatives taken at
+    each example's own inputs), and a mean ablation's edges add up to AtP's estimates."""
+    model = encoder_classifier(arch)
+    inputs = ["the plot was good", "the end was fine too"]
+    bad = ["the story was good", "the cast was fine too"]
+    batched = ax.edge_attribution_patching(model, inputs, [[0, 2], [0, 2]], corrupted=bad,
+                                           objective="logit", steps=2)  # fmt: skip
+    assert "example" in batched.dims
+    for i in range(2):
+        one = ax.edge_attribution_patching(model, inputs[i], [0, 2], corrupted=bad[i],
+                                           objective="logit", steps=2)  # fmt: skip
+        np.testing.assert_allclose(batched.isel(example=i).values, one.values, rtol=1e-9,
+                                   atol=1e-12)  # fmt: skip
+    kw = {"corrupted": ax.Ablation("mean"), "objective": "logit"}
+    summed = ax.edge_attribution_patching(model, inputs[0], [0, 2], **kw).sum("receiver")
+    heads = ax.attribution_patching(model, inputs[0], [0, 2], **kw).sum("source")
+    mlp = ax.attribution_patching(model, inputs[0], [0, 2], site="mlp", **kw).sum("source")
+    for layer in range(3):
+        for h in range(4):
+            np.testing.assert_allclose(summed.sel(sender=f"a{layer}.h{h}").values,
+                                       heads.sel(layer=layer, head=h).values, rtol=1e-7,
+                                       atol=1e-10)  # fmt: skip
+        np.testing.assert_allclose(summed.sel(sender=f"m{layer}").values,
+                                   mlp.sel(layer=layer).values, rtol=1e-7, atol=1e-10)  # fmt: skip
+    assert np.abs(heads.values).max() > 1e-4
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
@@ -578,15 +701,15 @@ def test_a_budget_splits_the_passes_not_the_result():
 
 def test_a_budget_splits_the_heads_behind_a_norm_on_their_output():
     """Gemma 2's heads reach the stream through the norm on the attention's output, pushed
-    through it at each point: a block of senders pushed at a time that cuts a layer's heads
-    (3 layers of 8 heads: 28 senders, 10 a push), points a pass and targets a backward give
-    the same edges, and they add up to AtP's estimates."""
+    through it at each point: blocks of senders pushed at a time that cut a layer's heads and
+    lie within them (3 layers of 16 heads: 52 senders, 10 a push), points a pass and targets a
+    backward give the same edges, and they add up to AtP's estimates."""
     from tests.test_components import CONFIGS
 
     _, tok = tiny_model("llama")
     config = CONFIGS["gemma2"](len(tok))
-    config.num_hidden_layers, config.num_attention_heads = 3, 8
-    config.num_key_value_heads, config.head_dim = 4, 4
+    config.num_hidden_layers, config.num_attention_heads = 3, 16
+    config.num_key_value_heads, config.head_dim = 8, 2
     config.layer_types = ["sliding_attention", "full_attention", "sliding_attention"]
     config.pad_token_id, config.bos_token_id, config.eos_token_id = (
         tok.pad_token_id, tok.bos_token_id, tok.eos_token_id,
@@ -601,14 +724,14 @@ def test_a_budget_splits_the_heads_behind_a_norm_on_their_output():
     kw = {**KW, "steps": 3}
     target = TARGET + " and more"
     whole = ax.edge_attribution_patching(model, CLEAN, target, **kw)
-    assert whole.sizes["target"] > 2 and whole.sizes["sender"] == 28
+    assert whole.sizes["target"] > 2 and whole.sizes["sender"] == 52
     split = ax.edge_attribution_patching(model, CLEAN, target, batch_size=1, chunk_size=1, **kw)
     np.testing.assert_allclose(split.values, whole.values, rtol=1e-9, atol=1e-12)
     eap = ax.edge_attribution_patching(model, CLEAN, target, **KW).sum("receiver")
     heads = ax.attribution_patching(model, CLEAN, target, **KW).sum("source")
     mlp = ax.attribution_patching(model, CLEAN, target, site="mlp", **KW).sum("source")
     for layer in range(3):
-        for h in range(8):
+        for h in range(16):
             np.testing.assert_allclose(eap.sel(sender=f"a{layer}.h{h}").values,
                                        heads.sel(layer=layer, head=h).values, rtol=1e-7,
                                        atol=1e-10)  # fmt: skip
@@ -684,7 +807,7 @@ def test_a_block_laid_out_otherwise_than_its_config_says_is_refused(edges_models
     config = model.hf.config
     config.use_parallel_residual = not parallel
     try:
-        with pytest.raises(ax.ModelError, match="is not a pre-norm residual block"):
+        with pytest.raises(ax.ModelError, match="is not a residual block as the edges assume"):
             ax.edge_attribution_patching(model, CLEAN, TARGET, **KW)
     finally:
         config.use_parallel_residual = parallel
@@ -781,8 +904,8 @@ def test_a_post_ln_opt_is_refused_before_the_model_runs(monkeypatch):
 
 
 def test_other_models_are_refused():
-    hf, tok = tiny_classifier("bert")
-    with pytest.raises(ax.ModelError, match="edge_attribution_patching"):
+    hf, tok = tiny_classifier("deberta-v2")
+    with pytest.raises(ax.ModelError, match=r"edge_attribution_patching: .* an encoder attrax"):
         ax.edge_attribution_patching(ax.load_model(hf, tokenizer=tok), "a b", 1, corrupted="a c")
     hf, tok = tiny_model("t5")
     with pytest.raises(ax.ModelError, match="edge_attribution_patching"):

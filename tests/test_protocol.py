@@ -366,10 +366,6 @@ def test_an_objective_without_a_gradient_is_refused_where_it_is_differentiated(
                 with pytest.raises(ax.OptionError, match="`objective` must be 'probability'"):
                     fn(model, *pair, objective=objective, **SMALL.get(name, {}))
                 continue
-            if name == "edge_patching" and model is classifier:  # pre-norm blocks' edges
-                with pytest.raises(ax.ModelError, match="is a post-norm encoder"):
-                    fn(model, *pair, objective=objective, **SMALL.get(name, {}))
-                continue
             if name in _EVALUATE_ONLY:
                 da = fn(model, *pair, objective=objective, **SMALL.get(name, {}))
                 assert bool(da.notnull().any())  # NaN only marks the future

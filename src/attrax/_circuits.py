@@ -238,9 +238,9 @@ def _plan(call: Call, g: Graph, circuits: int) -> int:
     # a copy's edges patched, its senders' differences from their donors, and beside its
     # forward one layer's receivers' inputs: their shifts, the shifted streams, and the norm's
     # temporaries and output
-    # (and, past a norm on an attention's output, its heads' shifts, the output less them and
-    # that norm's temporaries)
-    normed = 4 * widest if g.normed else 0
+    # (and, past a norm on a sublayer's output or through a post-norm model's LayerNorms, the
+    # patched senders' shifts, the moved inputs and those norms' temporaries)
+    normed = 4 * widest if g.normed or g.post_ln else 0
     per_copy = cost.per_point + u_all * r_all + (u_all + 5 * widest + normed) * one
     # the scores of the clean run and of every copy
     fixed = cost.fixed + sum(problem.held) + (circuits + 1) * batch * t.valid.shape[1] * 8
@@ -312,6 +312,41 @@ def _patching(g: Graph, donors: torch.Tensor, patched: torch.Tensor, batch: int)
             shift += full_precision(norm.forward(a))[None] - full_precision(kept)
         return (full_precision(x)[None] - shift.flatten(1, 2)).to(x.dtype)
 
+    # a post-norm model's LayerNorms on the stream in the order they run (each block's LN_1,
+    # LN_2), what each read and returned in this run, and the first block's input
+    chain = [m for b in g.blocks for m in (b.attn_norm, b.mlp_norm)] if g.post_ln else []
+    runs: dict[Any, torch.Tensor] = {}
+    # the LayerNorm each sender's output is added before: the input's, the first block's LN_1
+    entry = [0] + [
+        2 * layer + (h == g.heads) for layer in range(len(g.blocks)) for h in range(g.heads + 1)
+    ]
+    # the last LayerNorm before each receiver's input, by how many senders it reads
+    reading = {u_all: len(chain) - 1}
+    for layer in range(len(g.blocks)):
+        reading[g.before_attention(layer)] = 2 * layer - 1
+        reading[g.before_mlp(layer)] = 2 * layer
+
+    def post_norm_stream(x: torch.Tensor, senders: int, cols: slice | torch.Tensor) -> torch.Tensor:
+        """``[V, n * B, L, H]`` in a post-norm model: each receiver's copy of the stream, each
+        LayerNorm from the first a patched edge enters before up to the receiver's input run
+        again on its input less those edges' differences, plus the move of the stream it adds
+        to (a receiver none moves reads the run's own, bit for bit)."""
+        mask = patched[:, :senders, cols].to(diff.dtype)  # [n, u, V]
+        d = diff[:senders].unflatten(1, (n, batch))  # [u, n, B, L, H]
+        views = mask.shape[2]
+        stream_in = full_precision(runs["x"])[None]
+        y = stream_in - torch.einsum("nv,nbLH->vnbLH", mask[:, 0], d[0]).flatten(1, 2)
+        for k in range(reading[senders] + 1):
+            rows = [u for u in range(1, senders) if entry[u] == k]
+            sub = torch.einsum(
+                "nuv,unbLH->vnbLH", mask[:, rows], d[rows]
+            ).flatten(1, 2) if rows else 0.0  # fmt: skip
+            # the stream it adds to, moved, less the patched senders' differences
+            moved = y - (stream_in if k == 0 else full_precision(runs[k - 1])[None]) - sub
+            given = full_precision(runs[("in", k)])[None] + moved
+            y = full_precision(chain[k].forward(given.to(runs[("in", k)].dtype)))
+        return y.to(x.dtype).expand(views, *x.shape)
+
     def touched(senders: int, cols: slice) -> torch.Tensor:
         """``[n, V]``: whether each copy patches an edge into each receiver of ``cols``; a
         receiver no copy does reads the run's own stream, as the model computes it."""
@@ -325,12 +360,23 @@ def _patching(g: Graph, donors: torch.Tensor, patched: torch.Tensor, batch: int)
     handles = []
     blocks = g.blocks
     handles.append(blocks[0].block.register_forward_pre_hook(_on_input(record), with_kwargs=True))
+    if g.post_ln:
+        stream = post_norm_stream
+        handles.append(blocks[0].block.register_forward_pre_hook(
+            _on_input(lambda _i, value: runs.__setitem__("x", value)), with_kwargs=True
+        ))  # fmt: skip
+        for k, norm in enumerate(chain):
+            handles.append(norm.register_forward_pre_hook(_keep(runs, ("in", k))))
+            handles.append(norm.register_forward_hook(_kept_output(runs, k)))
     for layer, b in enumerate(blocks):
         before = g.before_attention(layer)
         readers, mlp_column = columns[layer]
-        handles.append(b.attn_norm.register_forward_pre_hook(
-            _on_attention(b, readers, before, stream, touched, made)
-        ))  # fmt: skip
+        remake = _on_attention(b, readers, before, stream, touched, made)
+        if b.post_ln:  # the attention reads the block's input itself
+            assert b.attn_in is not None
+            handles.append(b.attn_in.register_forward_pre_hook(remake, with_kwargs=True))
+        else:
+            handles.append(b.attn_norm.register_forward_pre_hook(remake))
         for i, r in enumerate(b.readers):
             handles.append(r.module.register_forward_hook(_giving(r, made, i)))
         handles.append(b.out_proj.register_forward_pre_hook(
@@ -341,8 +387,8 @@ def _patching(g: Graph, donors: torch.Tensor, patched: torch.Tensor, batch: int)
             handles.append(b.reads.register_forward_pre_hook(
                 _on_shared_mlp(b, mlp_senders, mlp_column, stream, touched, made)
             ))  # fmt: skip
-        else:
-            handles.append(b.mlp_norm.register_forward_pre_hook(
+        else:  # its norm's input; a post-norm block's MLP reads LN_1's output itself
+            handles.append((b.reads if b.post_ln else b.mlp_norm).register_forward_pre_hook(
                 _on_mlp_input(mlp_senders, mlp_column, stream, touched, n * batch)
             ))  # fmt: skip
         sender = (layer + 1) * (g.heads + 1)  # the MLP's: after the input and its heads
@@ -357,9 +403,16 @@ def _patching(g: Graph, donors: torch.Tensor, patched: torch.Tensor, batch: int)
         yield
 
 
-def _keep(kept: dict[int, torch.Tensor], layer: int) -> Callable[..., None]:
+def _keep(kept: dict[Any, torch.Tensor], key: Any) -> Callable[..., None]:
     def hook(_m: Any, args: tuple[Any, ...]) -> None:
-        kept[layer] = args[0]
+        kept[key] = args[0]
+
+    return hook
+
+
+def _kept_output(kept: dict[Any, torch.Tensor], key: Any) -> Callable[..., None]:
+    def hook(_m: Any, _args: Any, output: torch.Tensor) -> None:
+        kept[key] = output
 
     return hook
 
@@ -389,8 +442,8 @@ def _on_attention(
     from their own streams through the norm and their rows of the weight (``[n B, L, k, d]``,
     in the parts' order, with the ``k`` heads' indices)."""
 
-    def hook(_m: Any, args: tuple[Any, ...]) -> None:
-        x = args[0]
+    def hook(_m: Any, args: tuple[Any, ...], kwargs: dict[str, Any] | None = None) -> None:
+        x = args[0] if args else cast("dict[str, Any]", kwargs)["hidden_states"]
         if b.shared:  # the MLP reads this norm too, of its own stream
             made[-1] = x
         for i, (r, column) in enumerate(readers):
@@ -400,7 +453,8 @@ def _on_attention(
             if not len(chosen):
                 made[i] = None
                 continue
-            normed = b.attn_norm.forward(stream(x, before, column + chosen))
+            own = stream(x, before, column + chosen)
+            normed = own if b.post_ln else b.attn_norm.forward(own)
             # [out, H]: the parts' heads in order, the chosen heads' rows
             weight = r.blocked(r.weight().T).T.to(x.dtype).unflatten(0, (heads, -1))[chosen]
             per_head = torch.einsum("hbLH,hdH->bLhd", normed, weight)

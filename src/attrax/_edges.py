@@ -1,6 +1,6 @@
 """Edge attribution patching: EAP (Syed, Rager and Conmy 2023) and EAP-IG (Hanna, Pezzelle and
-Belinkov 2024), every edge of a decoder-only model's computational graph from one vectorized
-backward per pass.
+Belinkov 2024), every edge of a decoder-only model's or an encoder's computational graph from
+one vectorized backward per pass.
 
 The graph is ACDC's: the residual stream is a sum, so each node that writes to it (the
 embeddings, each attention head through its slice of the output projection, each MLP) feeds
@@ -24,7 +24,8 @@ account for (an output gate, a norm over several heads' vectors), is a :class:`M
 Blocks with a norm on each sublayer's output too (Gemma 2's and 3's, GLM-4's) keep each head
 and each MLP a sender, before that norm: its delta reaches the stream through the norm's
 derivative at the point where the gradient is taken (a ``jvp`` there), as patching the edge
-moves that norm's input.
+moves that norm's input. Post-norm encoders' blocks (BERT's ``LN_2(h + mlp(h))``, ``h = LN_1(x +
+attn(x))``) carry a sender's delta up through each LayerNorm between it and the receiver.
 """
 
 from __future__ import annotations
@@ -83,6 +84,19 @@ NORMS = (
 #: encoders whose blocks are pre-norm, as a decoder-only model's (the rest are post-norm: BERT's
 #: LayerNorm of each residual sum)
 PRE_NORM_ENCODERS = ("modernbert",)
+#: post-norm encoders' blocks, ``LN_2(h + mlp(h))`` with ``h = LN_1(x + attn(x))``: the module
+#: whose input is the block's input the attention reads, the module holding the query, key and
+#: value projections and their names, ``LN_1``, the MLP's first module (it reads ``h``) and
+#: ``LN_2`` (the output projection and the MLP's last module are :data:`_sites.ENCODERS`')
+POST_NORM_ENCODERS = {
+    **dict.fromkeys(
+        ("bert", "roberta", "xlm-roberta", "camembert", "electra"),
+        ("attention", "attention.self", ("query", "key", "value"), "attention.output.LayerNorm",
+         "intermediate", "output.LayerNorm"),
+    ),
+    "distilbert": ("attention", "attention", ("q_lin", "k_lin", "v_lin"), "sa_layer_norm", "ffn",
+                   "output_layer_norm"),
+}  # fmt: skip
 #: blocks with a norm on each sublayer's output too (before the attention, after it, before the
 #: MLP, after it): Gemma 2's and 3's; GLM-4's
 SANDWICH = (
@@ -149,6 +163,11 @@ class Block:
     #: and 3's, GLM-4's), or None
     attn_post: torch.nn.Module | None = None
     mlp_post: torch.nn.Module | None = None
+    #: a post-norm block (BERT's): ``attn_norm`` is the LayerNorm of the input plus the
+    #: attention's output, ``mlp_norm`` that of its output plus the MLP's; the attention reads
+    #: the input of ``attn_in``, the MLP that of ``mlp_in``
+    post_ln: bool = False
+    attn_in: torch.nn.Module | None = None
 
     @property
     def reads(self) -> torch.nn.Module:
@@ -186,6 +205,12 @@ class Graph:
             out += [(f"a{layer}.h{h}", layer, h) for h in range(self.heads)]
             out.append((f"m{layer}", layer, -1))
         return out
+
+    @property
+    def post_ln(self) -> bool:
+        """Post-norm blocks (BERT's): a sender's delta reaches a receiver through each
+        LayerNorm between them."""
+        return self.blocks[0].post_ln
 
     def first_head(self, layer: int) -> int:
         """The sender index of layer ``layer``'s head 0."""
@@ -257,20 +282,26 @@ def _width(module: torch.nn.Module, side: str) -> int | None:
 
 
 def graph(model: Model, method: str = METHOD) -> Graph:
-    """The pre-norm blocks of a decoder-only model (GPT-2's, Llama's and its kin's layout), or
-    a :class:`ModelError` naming what is missing (and ``method``)."""
+    """The blocks of a decoder-only model (GPT-2's, Llama's and its kin's layouts) or an encoder
+    (:data:`PRE_NORM_ENCODERS`, :data:`POST_NORM_ENCODERS`), or a :class:`ModelError` naming
+    what is missing (and ``method``)."""
     refuse_seq2seq_classifier(model, method)
     kind = type(model.hf).__name__
     encoder = not model.is_encoder_decoder and not model.causal
-    if model.is_encoder_decoder or (
-        encoder and model.hf.config.model_type not in PRE_NORM_ENCODERS
-    ):
-        what = "an encoder-decoder" if model.is_encoder_decoder else "a post-norm encoder"
-        raise ModelError(
-            f"{method}: {kind} is {what}; the edges attrax scores are those of pre-norm blocks "
-            "(decoder-only models: GPT-2, GPT-Neo, Llama, Mistral, Qwen2, Phi-3, ...; "
-            "ModernBERT's encoder)"
+    known_encoder = (*PRE_NORM_ENCODERS, *POST_NORM_ENCODERS)
+    if model.is_encoder_decoder or (encoder and model.hf.config.model_type not in known_encoder):
+        what = (
+            "an encoder-decoder"
+            if model.is_encoder_decoder
+            else "an encoder attrax has no edges of"
         )
+        raise ModelError(
+            f"{method}: {kind} is {what}; the edges attrax scores are those of decoder-only "
+            "models (GPT-2, GPT-Neo, Llama, Mistral, Qwen2, Phi-3, ...) and of the encoders "
+            f"{', '.join(known_encoder)}"
+        )
+    if encoder and model.hf.config.model_type in POST_NORM_ENCODERS:
+        return _post_norm_graph(model, method)
     stack = encoder_stack(model, method) if encoder else decoder_stack(model, method)
     config = model.hf.config
     found = []
@@ -331,6 +362,8 @@ def graph(model: Model, method: str = METHOD) -> Graph:
         # the clean run checks the blocks add their sublayers' outputs times this
         scale = getattr(config, "residual_multiplier", 1.0)
         scale = float(scale) if isinstance(scale, (int, float)) else 1.0
+        if attn_post is not None or mlp_post is not None:
+            scale = 1.0  # what the block adds is the norms' outputs: the checks see any scale
         known = [attn_norm, mlp_norm, mlp, attention, *([mlp_in] if mlp_in else [])]
         known += [m for m in (attn_post, mlp_post) if m is not None]
         _account(where, block, known, "block")
@@ -360,6 +393,43 @@ def _norms(block: torch.nn.Module) -> tuple[torch.nn.Module | None, ...]:
         next((p for p in pairs if p[0] is not None), (None, None)),
     )
     return attn, None, mlp, None
+
+
+def _post_norm_graph(model: Model, method: str) -> Graph:
+    """A post-norm encoder's blocks (:data:`POST_NORM_ENCODERS`), its weights accounted for."""
+    config = model.hf.config
+    attention, holder, names, ln_1, mlp_in, ln_2 = POST_NORM_ENCODERS[config.model_type]
+    stack = encoder_stack(model, method)
+    found = []
+    for layer, (block, out_proj, mlp) in enumerate(
+        zip(stack.blocks, stack.projections, stack.mlps, strict=True)
+    ):
+        where = f"{method}: {type(model.hf).__name__}'s layer {layer}"
+        assert out_proj is not None
+        width = _width(out_proj, "in")
+        projections = [block.get_submodule(f"{holder}.{n}") for n in names]
+        if not all(map(exactly_linear, [*projections, out_proj])) or width is None:
+            raise ModelError(
+                f"{where}: its query, key, value or output projection is not exactly a Linear "
+                "(a quantized one computes otherwise than its weight says)"
+            )
+        head_dim = width // stack.heads
+        widths = [_width(m, "out") for m in projections]
+        if any(w != stack.heads * head_dim for w in widths):
+            raise ModelError(f"{where}: its query, key and value are not {stack.heads} heads wide")
+        readers = tuple(
+            Reader(m, ((p, stack.heads),)) for p, m in zip("qkv", projections, strict=True)
+        )
+        attn = block.get_submodule(attention)
+        norm_1, norm_2 = block.get_submodule(ln_1), block.get_submodule(ln_2)
+        first = block.get_submodule(mlp_in)
+        _account(where, block, [attn, first, mlp, norm_1, norm_2], "block")
+        _account(where, attn, [*projections, out_proj, norm_1], "attention", head_dim)
+        found.append(
+            Block(block, norm_1, readers, out_proj, norm_2, mlp, mlp_in=first, post_ln=True,
+                  attn_in=attn)
+        )  # fmt: skip
+    return Graph(found, stack.heads, head_dim, method)
 
 
 #: parameters an attention may hold of its own: one per head (GPT-OSS's sinks)
@@ -545,7 +615,19 @@ def _check_blocks(g: Graph, seen: Mapping[str, list[Any]], kind: str) -> None:
             sums["the MLP's output norm reads the MLP's"] = (
                 seen["mlp_post_in"][layer], [seen["mlp"][layer]]
             )  # fmt: skip
-        if b.parallel:
+        if b.post_ln:  # LN_2(h + mlp(h)), h = LN_1(x + attn(x))
+            h = seen["norm_out"][layer]
+            sums = {
+                "the first LayerNorm reads the input plus the attention's output": (
+                    seen["attn_norm"][layer], [x, seen["attn"][layer]]
+                ),
+                "the MLP reads the first LayerNorm's output": (seen["mlp_out"][layer], [h]),
+                "the second LayerNorm reads the first's output plus the MLP's": (
+                    seen["mlp_norm"][layer], [h, seen["mlp"][layer]]
+                ),
+                "the block's output is the second LayerNorm's": (nxt[layer], [seen["mlp_in"][layer]]),
+            }  # fmt: skip
+        elif b.parallel:
             sums["the MLP's norm reads the block's input"] = (seen["mlp_norm"][layer], [x])
             sums["the block's output adds the attention's and the MLP's"] = (
                 nxt[layer], [x, attn, mlp]
@@ -560,20 +642,22 @@ def _check_blocks(g: Graph, seen: Mapping[str, list[Any]], kind: str) -> None:
         for i, r in enumerate(b.readers):
             read, returned = seen["read"][layer][i], seen["returned"][layer][i]
             name = type(r.module).__name__
-            norm_out = [seen["norm_out"][layer]]
-            pairs[f"its {name} reads the first norm's output"] = (read, norm_out, _sizes(norm_out))
+            norm_out = [x if b.post_ln else seen["norm_out"][layer]]
+            what = "the block's input" if b.post_ln else "the first norm's output"
+            pairs[f"its {name} reads {what}"] = (read, norm_out, _sizes(norm_out))
             linear.append((r.module, read, returned, name))
         for module, given, returned, name in linear:
             terms, sizes = _linear_terms(module, given)
             pairs[f"its {name} returns its weight times its input"] = (returned, terms, sizes)
         for what, (got, terms, sizes) in pairs.items():
             if not _sums(got, terms, sizes):
+                layout = "post-norm" if b.post_ln else "parallel" if b.parallel else "sequential"
                 raise ModelError(
-                    f"{g.method}: {kind}'s layer {layer} is not a pre-norm residual block as the "
-                    f"edges assume ({'parallel' if b.parallel else 'sequential'} attention and "
-                    f"MLP; {what}: it does not); norms on the attention's or MLP's output, and "
-                    "residual scales other than the config's `residual_multiplier`, have no "
-                    "edges attrax can score"
+                    f"{g.method}: {kind}'s layer {layer} is not a residual block as the "
+                    f"edges assume ({layout} attention and "
+                    f"MLP; {what}: it does not); norms on the sublayers' outputs with none "
+                    "before them, and residual scales other than the config's "
+                    "`residual_multiplier`, have no edges attrax can score"
                 )
 
 
@@ -754,6 +838,8 @@ def edge_scores(
     # deltas past the norms on the sublayers' outputs: those norms' inputs, and a block of
     # senders pushed through one before the receiver's norm
     normed = len(g.normed) + senders if g.normed else 0
+    if g.post_ln:  # the second LayerNorms' inputs, and a block of senders carried up
+        normed = len(g.blocks) + senders
     # per (target, point): its probes' gradients, cast, and a reader's pulled back through its
     # heads' rows with their product; per point: the probes, the norms' inputs, and a block of
     # senders pushed through a norm (with their tangents, and laid out for the product)
@@ -822,6 +908,7 @@ def _pass(
     n, batch = x.shape[:2]
     acc = delta.dtype
     norm_inputs: list[Any] = [None] * len(g.blocks)
+    ln_2_inputs: list[Any] = [None] * len(g.blocks)  # a post-norm block's second LayerNorm's
     normed = g.normed
     post_inputs: list[Any] = [None] * len(normed)
 
@@ -831,10 +918,13 @@ def _pass(
         for layer, b in enumerate(g.blocks):
             for r in b.readers:
                 handles.append(r.module.register_forward_hook(_adding(next(it))))
-            # the MLP's own copy of the stream: its norm's input, or past a norm it shares
-            reads = b.reads if b.shared else b.mlp_norm
+            # the MLP's own copy of the stream: its norm's input, or past a norm it shares (a
+            # post-norm block's MLP reads the first LayerNorm's output, unnormed)
+            reads = b.reads if b.shared or b.post_ln else b.mlp_norm
             handles.append(reads.register_forward_pre_hook(_adding_input(next(it))))
             handles.append(b.attn_norm.register_forward_pre_hook(_keeping(norm_inputs, layer)))
+            if b.post_ln:
+                handles.append(b.mlp_norm.register_forward_pre_hook(_keeping(ln_2_inputs, layer)))
         for i, (_, post) in enumerate(normed):
             handles.append(post.register_forward_pre_hook(_keeping(post_inputs, i)))
         handles.append(g.blocks[-1].block.register_forward_hook(_adding(next(it))))
@@ -890,6 +980,11 @@ def _pass(
     def cotangent(slots: slice) -> torch.Tensor:
         return one_hot[slots, None, :, None] * head_grad[None]
 
+    if g.post_ln:
+        for slots, grads in pulled(pullback, cotangent, width, chunk, None):
+            _post_norm_met(g, delta, grads, (inputs, ln_2_inputs), w, slots, senders, scores,
+                           columns)  # fmt: skip
+        return
     for slots, grads in pulled(pullback, cotangent, width, chunk, None):
         it = iter(grads)
         for layer, (readers, mlp_column) in enumerate(columns):
@@ -926,6 +1021,63 @@ def _pass(
         scores[:, slots, :, -1] += met
         for part, per_point in normed_met(out_grad, len(linear)):
             scores[:, slots, part, -1] += per_point
+
+
+def _post_norm_met(
+    g: Graph,
+    delta: torch.Tensor,
+    grads: Any,
+    norm_inputs: tuple[list[torch.Tensor], list[torch.Tensor]],
+    w: torch.Tensor,
+    slots: slice,
+    senders: int,
+    scores: torch.Tensor,
+    columns: list[tuple[list[tuple[Reader, int]], int]],
+) -> None:
+    """Add to ``scores`` one chunk of targets' terms in a post-norm model: a sender's delta
+    reaches a receiver through every LayerNorm between them (each block's ``LN_1`` and
+    ``LN_2``), pushed through each at the point's input to it, a block of ``senders`` senders
+    carried up the layers together (``grads``: the probes' gradients, as :func:`_pass`'s)."""
+    acc = delta.dtype
+    n = w.shape[0]
+    grads = list(grads)
+    per_layer = []
+    at = 0
+    for readers, mlp_column in columns:
+        per_layer.append((readers, grads[at : at + len(readers)], grads[at + len(readers)],
+                          mlp_column))  # fmt: skip
+        at += len(readers) + 1
+    out_grad = grads[at]
+    total = len(g.senders)
+    ln_1, ln_2 = norm_inputs
+    for first in range(0, total, senders):  # chunking only: bounds memory
+        part = slice(first, min(first + senders, total))
+        carried = delta[part].to(acc).repeat(1, n, 1, 1)  # [u, n B, L, H]
+        for layer, (readers, reader_grads, mlp_grad, mlp_column) in enumerate(per_layer):
+            b = g.blocks[layer]
+            # the heads read the block's input: the senders before it, past every LayerNorm
+            before = min(part.stop, g.before_attention(layer)) - part.start
+            if before > 0:
+                pushed = carried[:before].unflatten(1, (n, -1))
+                for (r, column), grad in zip(readers, reader_grads, strict=True):
+                    per_head = _pulled_through(r, grad, n, acc, w)  # [B, n L H, k heads]
+                    heads = per_head.shape[-1] // (slots.stop - slots.start)
+                    met = torch.bmm(pushed.permute(2, 0, 1, 3, 4).flatten(2), per_head)
+                    scores[:, slots, first : first + before, column : column + heads] += (
+                        met.unflatten(-1, (-1, heads)).transpose(1, 2)
+                    )
+            # LN_1 reads the input plus the attention's output: this layer's heads join
+            upto = min(part.stop, g.before_mlp(layer)) - part.start
+            if upto > 0:
+                carried[:upto] = _through_norm(b.attn_norm, ln_1[layer], carried[:upto]).to(acc)
+                scores[:, slots, first : first + upto, mlp_column] += _met_points(
+                    carried[:upto], mlp_grad, w, n
+                )
+            # LN_2 reads LN_1's output plus the MLP's: the MLP joins
+            upto = min(part.stop, g.before_attention(layer + 1)) - part.start
+            if upto > 0:
+                carried[:upto] = _through_norm(b.mlp_norm, ln_2[layer], carried[:upto]).to(acc)
+        scores[:, slots, part, -1] += _met_points(carried, out_grad, w, n)
 
 
 def _met(delta: torch.Tensor, grad: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -1099,7 +1251,9 @@ def edge_attribution_patching(
     positions. EAP takes the gradient on the clean input; EAP-IG averages it over ``steps``
     inputs on the straight path from the corrupted input's embeddings to the clean one's.
     A sender's estimates summed over every receiver are its attribution patching estimate
-    (:func:`attribution_patching`, summed over positions).
+    (:func:`attribution_patching`, summed over positions). Where norms stand between a sender
+    and a receiver (on a sublayer's output, as Gemma 2's; a post-norm encoder's LayerNorms, as
+    BERT's), the delta goes through their derivatives.
 
     Arguments:
         model, inputs, targets, objective, contrast, positions, chunk_size, max_new_tokens,
