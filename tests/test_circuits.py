@@ -272,6 +272,67 @@ def test_every_edge_into_a_post_norm_mlp_patched_runs_it_on_the_corrupted_stream
     assert np.abs(alone.sum("circuit").values - want).max() > 1e-3
 
 
+@pytest.mark.parametrize("arch", ["bert", "distilbert"])
+def test_every_edge_out_of_a_post_norm_head_patched_is_its_output_patched(arch):
+    """Every edge out of head 2 of layer 1 patched, with and without every edge out of the
+    first MLP: each receiver sees their corrupted outputs through the LayerNorms between them,
+    the rest of the run going on from the receivers' own outputs, which is the clean run with
+    those nodes' outputs replaced by the corrupted run's (forward hooks on the model)."""
+    model = encoder_classifier(arch)
+    hf, tok = model.hf, model.tokenizer
+    text = "the plot was good and the cast was fine and the end was too"
+    bad = text.replace("plot", "story")
+    kw = {"corrupted": bad, "objective": "logit"}
+    every = _all_edges(ax.edge_attribution_patching(model, text, [0, 2], **kw))
+    head = [e for e in every if e[0] == "a1.h2"]
+    mlp = [e for e in every if e[0] == "m0"]
+    got = ax.edge_patching(model, text, [0, 2], patch=[head, head + mlp], **kw)
+    base = hf.bert.encoder.layer if arch == "bert" else hf.distilbert.transformer.layer
+    proj = base[1].attention.output.dense if arch == "bert" else base[1].attention.out_lin
+    out = base[0].output.dense if arch == "bert" else base[0].ffn
+    ids = {t: tok(t, return_tensors="pt")["input_ids"] for t in (text, bad)}
+    width = hf.config.hidden_size // 4 if arch == "bert" else hf.config.dim // 4
+    seen = {}
+    handles = [proj.register_forward_pre_hook(lambda _m, a: seen.update(z=a[0].clone())),
+               out.register_forward_hook(lambda _m, a, o: seen.update(m=o.clone()))]  # fmt: skip
+    with torch.no_grad():
+        hf(input_ids=ids[bad])
+    for h in handles:
+        h.remove()
+
+    def swap_head(_m, a):
+        z = a[0].clone()
+        z[..., 2 * width : 3 * width] = seen["z"][..., 2 * width : 3 * width]
+        return (z, *a[1:])
+
+    want = []
+    with torch.no_grad():
+        clean = hf(input_ids=ids[text]).logits[0, [0, 2]]
+        for with_mlp in (False, True):
+            hooks = [proj.register_forward_pre_hook(swap_head)]
+            if with_mlp:
+                hooks.append(out.register_forward_hook(lambda _m, a, o: seen["m"]))
+            try:
+                want.append((hf(input_ids=ids[text]).logits[0, [0, 2]] - clean).numpy())
+            finally:
+                for h in hooks:
+                    h.remove()
+    want = np.stack(want, -1)
+    assert np.abs(want).max() > 1e-3
+    np.testing.assert_allclose(got.values, want, rtol=1e-7, atol=1e-10)
+
+
+def test_a_model_of_a_known_type_laid_out_otherwise_is_refused():
+    """A remote-code model whose type is BERT's but whose blocks are not: a ModelError."""
+    model = encoder_classifier("bert")
+    for layer in model.hf.bert.encoder.layer:
+        layer.feed_forward = layer.intermediate
+        del layer.intermediate
+    with pytest.raises(ax.ModelError, match="intermediate"):
+        ax.edge_patching(model, "the plot was good", 0, corrupted="the story was good",
+                         patch=[])  # fmt: skip
+
+
 @pytest.mark.parametrize("arch", ["gpt2", "gemma2", "bert"])
 def test_circuits_batched_in_copies_equal_each_alone(edges_models, arch):
     """Copies of the batch in one forward, each its own circuit (past a norm on a sublayer's

@@ -241,6 +241,8 @@ def _plan(call: Call, g: Graph, circuits: int) -> int:
     # (and, past a norm on a sublayer's output or through a post-norm model's LayerNorms, the
     # patched senders' shifts, the moved inputs and those norms' temporaries)
     normed = 4 * widest if g.normed or g.post_ln else 0
+    if g.post_ln:  # every LayerNorm's input and output and the first block's input, kept
+        normed += 4 * len(g.blocks) + 1
     per_copy = cost.per_point + u_all * r_all + (u_all + 5 * widest + normed) * one
     # the scores of the clean run and of every copy
     fixed = cost.fixed + sum(problem.held) + (circuits + 1) * batch * t.valid.shape[1] * 8

@@ -407,7 +407,14 @@ def _post_norm_graph(model: Model, method: str) -> Graph:
         where = f"{method}: {type(model.hf).__name__}'s layer {layer}"
         assert out_proj is not None
         width = _width(out_proj, "in")
-        projections = [block.get_submodule(f"{holder}.{n}") for n in names]
+        try:
+            projections = [block.get_submodule(f"{holder}.{n}") for n in names]
+            attn, first = block.get_submodule(attention), block.get_submodule(mlp_in)
+            norm_1, norm_2 = block.get_submodule(ln_1), block.get_submodule(ln_2)
+        except AttributeError as err:  # a remote-code model of that type, laid out otherwise
+            raise ModelError(
+                f"{where} is not laid out as {config.model_type}'s blocks attrax knows ({err})"
+            ) from None
         if not all(map(exactly_linear, [*projections, out_proj])) or width is None:
             raise ModelError(
                 f"{where}: its query, key, value or output projection is not exactly a Linear "
@@ -420,9 +427,6 @@ def _post_norm_graph(model: Model, method: str) -> Graph:
         readers = tuple(
             Reader(m, ((p, stack.heads),)) for p, m in zip("qkv", projections, strict=True)
         )
-        attn = block.get_submodule(attention)
-        norm_1, norm_2 = block.get_submodule(ln_1), block.get_submodule(ln_2)
-        first = block.get_submodule(mlp_in)
         _account(where, block, [attn, first, mlp, norm_1, norm_2], "block")
         _account(where, attn, [*projections, out_proj, norm_1], "attention", head_dim)
         found.append(

@@ -295,12 +295,23 @@ def encoder_stack(model: Model, method: str) -> Stack:
     the concatenated heads and the module whose output is what its MLP adds."""
     config = model.hf.config
     where, projection, mlp = ENCODERS[config.model_type]
-    blocks = list(cast(torch.nn.ModuleList, body(model.hf).get_submodule(where)))
+    try:
+        blocks = list(cast(torch.nn.ModuleList, body(model.hf).get_submodule(where)))
+    except AttributeError as err:
+        raise ModelError(
+            f"{method}: {model.name} keeps no blocks at {config.model_type}'s `{where}` ({err})"
+        ) from None
     heads = _arch.heads(config, "self")
     if not isinstance(heads, int):
         raise ModelError(f"{method}: cannot tell how many heads {model.name} has")
-    projections = [block.get_submodule(projection) for block in blocks]
-    mlps = [block.get_submodule(mlp) for block in blocks]
+    try:
+        projections = [block.get_submodule(projection) for block in blocks]
+        mlps = [block.get_submodule(mlp) for block in blocks]
+    except AttributeError as err:  # a remote-code model of that type, laid out otherwise
+        raise ModelError(
+            f"{method}: {model.name}'s blocks lack {config.model_type}'s `{projection}` or "
+            f"`{mlp}` ({err})"
+        ) from None
     return Stack("self", blocks, list[torch.nn.Module | None](projections), mlps, heads)
 
 
