@@ -22,6 +22,7 @@ from tests.test_components import full_double, neighbour
 from tests.test_edges import (
     CLEAN,
     CORRUPTED,
+    ENCODER_TEXTS,
     ENCODERS,
     KW,
     TARGET,
@@ -125,6 +126,24 @@ def test_keeping_no_edge_is_the_corrupted_run_and_keeping_all_the_clean_one(edge
     np.testing.assert_allclose(none.values, 0.0, atol=1e-9)
 
 
+def _hooked_effect(model, handles):
+    """Each target's logit in the clean run with ``handles``' hooks on (removed after) less
+    the clean run's, by plain forwards of the model."""
+    ids = model.tokenizer(CLEAN + TARGET, return_tensors="pt")["input_ids"]
+    try:
+        with torch.no_grad():
+            logits = model.hf(input_ids=ids).logits[0]
+    finally:
+        for h in handles:
+            h.remove()
+    prompt = len(model.tokenizer(CLEAN)["input_ids"])
+    row = ids[0]
+    patched = np.array([float(logits[p - 1, row[p]]) for p in range(prompt, len(row))])
+    want = patched - _logits_at_targets(model, CLEAN)
+    assert np.abs(want).max() > 1e-3
+    return want
+
+
 def test_patching_every_edge_into_an_mlp_runs_it_on_the_corrupted_stream(edges_models):
     """Every edge into ``m1`` patched: the MLP reads the corrupted run's stream there, and the
     rest of the clean run goes on from what it returns (a loop with one forward hook)."""
@@ -142,16 +161,7 @@ def test_patching_every_edge_into_an_mlp_runs_it_on_the_corrupted_stream(edges_m
         hf(input_ids=ids[CORRUPTED])
     handle.remove()
     handle = norm.register_forward_pre_hook(lambda _m, a: (seen["x"], *a[1:]))
-    try:
-        with torch.no_grad():
-            logits = hf(input_ids=ids[CLEAN]).logits[0]
-    finally:
-        handle.remove()
-    prompt = len(model.tokenizer(CLEAN)["input_ids"])
-    row = ids[CLEAN][0]
-    patched = np.array([float(logits[p - 1, row[p]]) for p in range(prompt, len(row))])
-    want = patched - _logits_at_targets(model, CLEAN)
-    assert np.abs(want).max() > 1e-3
+    want = _hooked_effect(model, [handle])
     np.testing.assert_allclose(got.values, want, rtol=1e-7, atol=1e-10)
 
 
@@ -182,17 +192,7 @@ def test_a_normed_attentions_heads_patched_together_go_through_its_norm_together
             lambda _m, a: (a[0] - seen["clean"] + post.forward(seen["bad"]), *a[1:])
         ),
     ]
-    try:
-        with torch.no_grad():
-            logits = hf(input_ids=ids[CLEAN]).logits[0]
-    finally:
-        for h in handles:
-            h.remove()
-    prompt = len(model.tokenizer(CLEAN)["input_ids"])
-    row = ids[CLEAN][0]
-    patched = np.array([float(logits[p - 1, row[p]]) for p in range(prompt, len(row))])
-    want = patched - _logits_at_targets(model, CLEAN)
-    assert np.abs(want).max() > 1e-3
+    want = _hooked_effect(model, handles)
     np.testing.assert_allclose(got.values, want, rtol=1e-7, atol=1e-10)
     # the norm is not linear: each head alone does not add up to them together
     alone = ax.edge_patching(model, CLEAN, TARGET, patch=[[e] for e in into], **KW)
@@ -209,8 +209,7 @@ def test_an_encoder_classifiers_edges_patched_for_real(arch):
 
     model = encoder_classifier(arch)
     hf, tok = model.hf, model.tokenizer
-    text = "the plot was good and the cast was fine and the end was too"
-    bad = text.replace("plot", "story")
+    text, bad = ENCODER_TEXTS
     kw = {"corrupted": bad, "objective": "logit"}
     estimates = ax.edge_attribution_patching(model, text, [0, 2], **kw)
     edges = _all_edges(estimates)[::5]
@@ -244,8 +243,7 @@ def test_every_edge_into_a_post_norm_mlp_patched_runs_it_on_the_corrupted_stream
     patched are not the sum of each alone."""
     model = encoder_classifier("bert")
     hf, tok = model.hf, model.tokenizer
-    text = "the plot was good and the cast was fine and the end was too"
-    bad = text.replace("plot", "story")
+    text, bad = ENCODER_TEXTS
     kw = {"corrupted": bad, "objective": "logit"}
     every = _all_edges(ax.edge_attribution_patching(model, text, [0, 2], **kw))
     into = [e for e in every if e[1] == "m1"]
@@ -280,8 +278,7 @@ def test_every_edge_out_of_a_post_norm_head_patched_is_its_output_patched(arch):
     those nodes' outputs replaced by the corrupted run's (forward hooks on the model)."""
     model = encoder_classifier(arch)
     hf, tok = model.hf, model.tokenizer
-    text = "the plot was good and the cast was fine and the end was too"
-    bad = text.replace("plot", "story")
+    text, bad = ENCODER_TEXTS
     kw = {"corrupted": bad, "objective": "logit"}
     every = _all_edges(ax.edge_attribution_patching(model, text, [0, 2], **kw))
     head = [e for e in every if e[0] == "a1.h2"]
@@ -339,8 +336,8 @@ def test_circuits_batched_in_copies_equal_each_alone(edges_models, arch):
     output, Gemma 2; through a post-norm model's LayerNorms, BERT), equal each alone."""
     if arch == "bert":
         model = encoder_classifier(arch)
-        text, targets = "the plot was good and the cast was fine and the end was too", [0, 2]
-        kw = {"corrupted": text.replace("plot", "story"), "objective": "logit"}
+        (text, bad), targets = ENCODER_TEXTS, [0, 2]
+        kw = {"corrupted": bad, "objective": "logit"}
     else:
         model, text, targets, kw = edges_models[arch], CLEAN, TARGET, KW
     scores = ax.edge_attribution_patching(model, text, targets, **kw)

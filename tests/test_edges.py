@@ -540,6 +540,18 @@ def test_eap_ig_averages_the_gradient_along_the_inputs_path(edges_models, arch):
     assert np.nanmax(np.abs(da.values - eap.values)) > 1e-3  # the path moves the gradients
 
 
+def _adds_up(summed, heads, mlp):
+    """Each head's and MLP's edges summed over receivers (``summed``) equal attribution
+    patching's estimates of it summed over positions (``heads``, ``mlp``)."""
+    for layer in heads["layer"].values:
+        for h in heads["head"].values:  # `.head` is a method
+            np.testing.assert_allclose(summed.sel(sender=f"a{layer}.h{h}").values,
+                                       heads.sel(layer=layer, head=h).values, rtol=1e-7,
+                                       atol=1e-10)  # fmt: skip
+        np.testing.assert_allclose(summed.sel(sender=f"m{layer}").values,
+                                   mlp.sel(layer=layer).values, rtol=1e-7, atol=1e-10)  # fmt: skip
+
+
 # --- identities and axioms -------------------------------------------------------------------
 
 
@@ -574,6 +586,13 @@ ENCODERS = {
 }
 
 
+#: a text past ModernBERT's local window of 8 tokens, and its corrupted twin
+ENCODER_TEXTS = (
+    "the plot was good and the cast was fine and the end was too",
+    "the story was good and the cast was fine and the end was too",
+)
+
+
 def encoder_classifier(arch: str) -> ax.Model:
     hf, tok = tiny_classifier(arch, **ENCODERS[arch])
     return ax.load_model(full_double(hf), tokenizer=tok)
@@ -588,8 +607,7 @@ def test_an_encoder_classifiers_edges_equal_patching_each_edge_to_first_order(ar
     each class a target; and EAP-IG at the loop's own nodes."""
     model = encoder_classifier(arch)
     tok = model.tokenizer
-    text = "the plot was good and the cast was fine and the end was too"
-    bad = text.replace("plot", "story")
+    text, bad = ENCODER_TEXTS
     ids = [torch.tensor(tok(t)["input_ids"]) for t in (text, bad)]
     assert len(ids[0]) == len(ids[1]) > 8  # beyond the local window
     for steps, nodes in ((None, [1.0]), (3, [0.0, 1 / 3, 2 / 3])):
@@ -619,13 +637,7 @@ def test_a_post_norm_encoders_padded_batch_and_ablation(arch):
     summed = ax.edge_attribution_patching(model, inputs[0], [0, 2], **kw).sum("receiver")
     heads = ax.attribution_patching(model, inputs[0], [0, 2], **kw).sum("source")
     mlp = ax.attribution_patching(model, inputs[0], [0, 2], site="mlp", **kw).sum("source")
-    for layer in range(3):
-        for h in range(4):
-            np.testing.assert_allclose(summed.sel(sender=f"a{layer}.h{h}").values,
-                                       heads.sel(layer=layer, head=h).values, rtol=1e-7,
-                                       atol=1e-10)  # fmt: skip
-        np.testing.assert_allclose(summed.sel(sender=f"m{layer}").values,
-                                   mlp.sel(layer=layer).values, rtol=1e-7, atol=1e-10)  # fmt: skip
+    _adds_up(summed, heads, mlp)
     assert np.abs(heads.values).max() > 1e-4
 
 
@@ -654,13 +666,7 @@ def test_ablated_edges_add_up_to_the_ablated_estimate(edges_models, arch, kind):
     summed = ax.edge_attribution_patching(model, CLEAN, TARGET, **kw).sum("receiver")
     heads = ax.attribution_patching(model, CLEAN, TARGET, site="heads", **kw).sum("source")
     mlp = ax.attribution_patching(model, CLEAN, TARGET, site="mlp", **kw).sum("source")
-    for layer in range(mlp.sizes["layer"]):
-        for h in range(heads.sizes["head"]):
-            np.testing.assert_allclose(summed.sel(sender=f"a{layer}.h{h}").values,
-                                       heads.sel(layer=layer, head=h).values, rtol=1e-7,
-                                       atol=1e-10)  # fmt: skip
-        np.testing.assert_allclose(summed.sel(sender=f"m{layer}").values,
-                                   mlp.sel(layer=layer).values, rtol=1e-7, atol=1e-10)  # fmt: skip
+    _adds_up(summed, heads, mlp)
     assert np.abs(heads.values).max() > 1e-4
 
 
@@ -730,13 +736,7 @@ def test_a_budget_splits_the_heads_behind_a_norm_on_their_output():
     eap = ax.edge_attribution_patching(model, CLEAN, target, **KW).sum("receiver")
     heads = ax.attribution_patching(model, CLEAN, target, **KW).sum("source")
     mlp = ax.attribution_patching(model, CLEAN, target, site="mlp", **KW).sum("source")
-    for layer in range(3):
-        for h in range(16):
-            np.testing.assert_allclose(eap.sel(sender=f"a{layer}.h{h}").values,
-                                       heads.sel(layer=layer, head=h).values, rtol=1e-7,
-                                       atol=1e-10)  # fmt: skip
-        np.testing.assert_allclose(eap.sel(sender=f"m{layer}").values,
-                                   mlp.sel(layer=layer).values, rtol=1e-7, atol=1e-10)  # fmt: skip
+    _adds_up(eap, heads, mlp)
     assert np.abs(heads.values).max() > 1e-4
 
 
