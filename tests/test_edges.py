@@ -123,8 +123,12 @@ def _parts(hf):
             out.append((b, b.ln_1, readers, proj, getattr(b, "ln_2", b.ln_1), b.mlp))
         elif hasattr(b, "intermediate"):  # BERT's post-norm layers: the attention reads the input
             attn = b.attention.self
-            readers = [(attn.query, [("q", heads)]), (attn.key, [("k", heads)]),
-                       (attn.value, [("v", heads)])]  # fmt: skip
+            names = (
+                ("query_proj", "key_proj", "value_proj")
+                if hasattr(attn, "query_proj")
+                else ("query", "key", "value")
+            )  # DeBERTa's, BERT's
+            readers = [(getattr(attn, n), [(p, heads)]) for n, p in zip(names, "qkv", strict=True)]
             out.append((b, None, readers, b.attention.output.dense, b.intermediate, b.output.dense))
         elif hasattr(b, "sa_layer_norm"):  # DistilBERT's post-norm layers
             attn = b.attention
@@ -355,6 +359,8 @@ def _edge_hook(model, receiver, shifted):
         return [lambda: norm.register_forward_pre_hook(keep_x),
                 lambda: mlp.register_forward_pre_hook(moved)]  # fmt: skip
     head = int(receiver.split(".h")[1].split("<")[0])
+    if model.hf.config.model_type == "deberta-v2":
+        return _deberta_head(blocks[layer], head, receiver[-2], shifted)
     name = {"q": "query", "k": "key", "v": "value"}[receiver[-2]]
     attention = _attention_of(blocks[layer][0])
     stream = {}
@@ -382,6 +388,31 @@ def _edge_hook(model, receiver, shifted):
                 lambda: attention.register_forward_pre_hook(shadow, with_kwargs=True)]  # fmt: skip
     return [lambda: norm.register_forward_pre_hook(keep),
             lambda: attention.register_forward_pre_hook(shadow, with_kwargs=True)]  # fmt: skip
+
+
+def _deberta_head(parts, head, part, shifted):
+    """DeBERTa's attention runs outside the attention interface: the head's slice of its query,
+    key or value projection's output (DeBERTa splits heads as contiguous slices) computed from
+    the shifted stream, in place of the run's; the projection's other call, on the relative
+    position embeddings (``share_att_key``), is another tensor and left alone."""
+    block, _, readers, _, _, _ = parts
+    proj = readers["qkv".index(part)][0]
+    width = proj.weight.shape[0] // readers[0][1][0][1]
+    stream = {}
+
+    def keep(_m, args, kwargs):
+        stream["x"] = args[0] if args else kwargs["hidden_states"]
+
+    def swap(module, args, output):
+        if args[0] is not stream["x"]:
+            return None
+        own = torch.nn.functional.linear(stream["x"] + shifted(), module.weight, module.bias)
+        out = output.clone()
+        out[..., head * width : (head + 1) * width] = own[..., head * width : (head + 1) * width]
+        return out
+
+    return [lambda: block.attention.register_forward_pre_hook(keep, with_kwargs=True),
+            lambda: proj.register_forward_hook(swap)]  # fmt: skip
 
 
 def _attention_of(block):
@@ -583,6 +614,10 @@ ENCODERS = {
     "modernbert": {"num_hidden_layers": 3, "num_attention_heads": 4},
     "bert": {"num_hidden_layers": 3, "num_attention_heads": 4},
     "distilbert": {"n_layers": 3, "n_heads": 4},
+    # relative attention (c2p and p2c) through its own position projections, and DeBERTa-v3's
+    # through the query and key projections (`share_att_key`)
+    "deberta-v2": {"num_hidden_layers": 3, "num_attention_heads": 4},
+    "deberta-v3": {"num_hidden_layers": 3, "num_attention_heads": 4, "share_att_key": True},
 }
 
 
@@ -594,7 +629,7 @@ ENCODER_TEXTS = (
 
 
 def encoder_classifier(arch: str) -> ax.Model:
-    hf, tok = tiny_classifier(arch, **ENCODERS[arch])
+    hf, tok = tiny_classifier(arch.replace("v3", "v2"), **ENCODERS[arch])
     return ax.load_model(full_double(hf), tokenizer=tok)
 
 
@@ -904,8 +939,9 @@ def test_a_post_ln_opt_is_refused_before_the_model_runs(monkeypatch):
 
 
 def test_other_models_are_refused():
-    hf, tok = tiny_classifier("deberta-v2")
-    with pytest.raises(ax.ModelError, match=r"edge_attribution_patching: .* an encoder attrax"):
+    # DeBERTa-v2 xlarge's convolution beside its first layer mixes tokens outside the nodes
+    hf, tok = tiny_classifier("deberta-v2", conv_kernel_size=3)
+    with pytest.raises(ax.ModelError, match=r"edge_attribution_patching: .* a convolution"):
         ax.edge_attribution_patching(ax.load_model(hf, tokenizer=tok), "a b", 1, corrupted="a c")
     hf, tok = tiny_model("t5")
     with pytest.raises(ax.ModelError, match="edge_attribution_patching"):

@@ -33,6 +33,7 @@ from ._edges import (
     _first,
     _hooked,
     _not_finite,
+    _positional,
     graph,
     heads_added,
     runs,
@@ -486,7 +487,9 @@ def _unblocked(r: Reader, t: torch.Tensor) -> torch.Tensor:
 def _giving(r: Reader, made: dict[int, Any], i: int) -> Callable[..., Any]:
     """The reader's output with the heads :func:`_on_attention` made in place of its own."""
 
-    def hook(_m: Any, _args: Any, output: torch.Tensor) -> Any:
+    def hook(_m: Any, args: Any, output: torch.Tensor) -> Any:
+        if args and _positional(args[0]):  # DeBERTa's projection of position embeddings
+            return None
         given = made.pop(i)
         if given is None:  # no copy patches an edge into these heads
             return None

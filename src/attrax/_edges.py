@@ -49,6 +49,7 @@ from ._heads import record_calls
 from ._memory import between_passes, full_precision
 from ._model import Model, refuse_seq2seq_classifier
 from ._protocol import Call, Family
+from ._routed import convolved
 from ._schema import label_edges
 from ._sites import decoder_stack, encoder_stack, named
 
@@ -96,7 +97,13 @@ POST_NORM_ENCODERS = {
     ),
     "distilbert": ("attention", "attention", ("q_lin", "k_lin", "v_lin"), "sa_layer_norm", "ffn",
                    "output_layer_norm"),
+    # its relative attention also runs the query and key projections (or their own position
+    # projections) on the relative position embeddings: 2-D, no stream, not a receiver's input
+    "deberta-v2": ("attention", "attention.self", ("query_proj", "key_proj", "value_proj"),
+                   "attention.output.LayerNorm", "intermediate", "output.LayerNorm"),
 }  # fmt: skip
+#: a DeBERTa attention's projections of the relative position embeddings alone
+POSITION_PROJECTIONS = ("pos_key_proj", "pos_query_proj")
 #: blocks with a norm on each sublayer's output too (before the attention, after it, before the
 #: MLP, after it): Gemma 2's and 3's; GLM-4's
 SANDWICH = (
@@ -399,6 +406,11 @@ def _post_norm_graph(model: Model, method: str) -> Graph:
     """A post-norm encoder's blocks (:data:`POST_NORM_ENCODERS`), its weights accounted for."""
     config = model.hf.config
     attention, holder, names, ln_1, mlp_in, ln_2 = POST_NORM_ENCODERS[config.model_type]
+    if convolved(model.hf):
+        raise ModelError(
+            f"{method}: {type(model.hf).__name__} adds a convolution beside its first layer "
+            "(conv_kernel_size > 0): it mixes tokens outside the edges' nodes"
+        )
     stack = encoder_stack(model, method)
     found = []
     for layer, (block, out_proj, mlp) in enumerate(
@@ -428,7 +440,10 @@ def _post_norm_graph(model: Model, method: str) -> Graph:
             Reader(m, ((p, stack.heads),)) for p, m in zip("qkv", projections, strict=True)
         )
         _account(where, block, [attn, first, mlp, norm_1, norm_2], "block")
-        _account(where, attn, [*projections, out_proj, norm_1], "attention", head_dim)
+        # the position projections read the relative embeddings, not the stream
+        inner = block.get_submodule(holder)
+        positional = [m for n in POSITION_PROJECTIONS if (m := named(inner, (n,))) is not None]
+        _account(where, attn, [*projections, out_proj, norm_1, *positional], "attention", head_dim)
         found.append(
             Block(block, norm_1, readers, out_proj, norm_2, mlp, mlp_in=first, post_ln=True,
                   attn_in=attn)
@@ -536,6 +551,8 @@ def _record(g: Graph, seen: dict[str, list[Any]]) -> list[Any]:
         def hook(_m: Any, args: Any, *rest: Any) -> None:
             kwargs = rest[0] if rest and isinstance(rest[0], dict) and not output else {}
             given = args[0] if args else kwargs.get("hidden_states")
+            if i >= 0 and _positional(given):  # a reader run on position embeddings
+                return
             value = cast("torch.Tensor", _first(rest[0]) if output else given)
             if value.dim() == 2:  # Llama 4's experts: [B * L, H] as [B, L, H]
                 value = value.view(*seen["block"][layer].shape[:2], -1)
@@ -1140,7 +1157,9 @@ def _met_points(
 
 
 def _adding(probe: torch.Tensor) -> Callable[..., Any]:
-    def hook(_m: Any, _args: Any, output: Any) -> Any:
+    def hook(_m: Any, args: Any, output: Any) -> Any:
+        if args and _positional(args[0]):
+            return None
         if isinstance(output, tuple):
             return (output[0] + probe, *output[1:])
         return output + probe
@@ -1154,6 +1173,12 @@ def _adding_input(probe: torch.Tensor) -> Callable[..., Any]:
         return (args[0] + probe.view_as(args[0]), *args[1:])
 
     return hook
+
+
+def _positional(given: Any) -> bool:
+    """Whether a projection's input is DeBERTa's relative position embeddings (``[2 * span,
+    H]``, as attrax's own forward of its attention hands them; the stream is ``[B, L, H]``)."""
+    return isinstance(given, torch.Tensor) and given.dim() == 2
 
 
 def _keeping(kept: list[Any], layer: int) -> Callable[..., Any]:
