@@ -330,11 +330,11 @@ def test_a_model_of_a_known_type_laid_out_otherwise_is_refused():
                          patch=[])  # fmt: skip
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "gemma2", "bert"])
+@pytest.mark.parametrize("arch", ["gpt2", "gemma2", "bert", "deberta-v3"])
 def test_circuits_batched_in_copies_equal_each_alone(edges_models, arch):
     """Copies of the batch in one forward, each its own circuit (past a norm on a sublayer's
     output, Gemma 2; through a post-norm model's LayerNorms, BERT), equal each alone."""
-    if arch == "bert":
+    if arch in ENCODERS:
         model = encoder_classifier(arch)
         (text, bad), targets = ENCODER_TEXTS, [0, 2]
         kw = {"corrupted": bad, "objective": "logit"}

@@ -653,7 +653,7 @@ def test_an_encoder_classifiers_edges_equal_patching_each_edge_to_first_order(ar
         _compare(da, _naive_edges(model, *ids, [(None, 0), (None, 2)], nodes, weights))
 
 
-@pytest.mark.parametrize("arch", ["bert", "distilbert"])
+@pytest.mark.parametrize("arch", ["bert", "distilbert", "deberta-v3"])
 def test_a_post_norm_encoders_padded_batch_and_ablation(arch):
     """A padded batch of BERT inputs equals each alone (the LayerNorms' derivatives taken at
     each example's own inputs), and a mean ablation's edges add up to AtP's estimates."""
