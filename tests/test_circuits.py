@@ -48,7 +48,8 @@ def _all_edges(da):
 # GPT-2 (fused c_attn), Llama (grouped keys and values), GPT-NeoX (parallel, each head's query,
 # key and value side by side), GPT-J (parallel on one norm), Falcon-40B (groups side by side)
 @pytest.mark.parametrize(
-    "arch", ["gpt2", "llama", "pythia", "gptj", "falcon-40b", "opt", "granite", "gemma2", "glm4"]
+    "arch",
+    ["gpt2", "llama", "pythia", "gptj", "falcon-40b", "opt", "granite", "gemma2", "glm4", "bloom"],
 )
 def test_patching_one_edge_equals_patching_it_for_real(edges_models, arch):
     model = edges_models[arch]
@@ -105,7 +106,7 @@ def _logits_at_targets(model, text):
 
 
 @pytest.mark.parametrize(
-    "arch", ["gpt2", "llama", "pythia", "gptj", "falcon", "opt-projected", "gemma3"]
+    "arch", ["gpt2", "llama", "pythia", "gptj", "falcon", "opt-projected", "gemma3", "bloom"]
 )
 def test_keeping_no_edge_is_the_corrupted_run_and_keeping_all_the_clean_one(edges_models, arch):
     """With every edge patched each receiver reads the corrupted run's stream; with none, the

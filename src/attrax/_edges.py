@@ -358,14 +358,13 @@ def graph(model: Model, method: str = METHOD) -> Graph:
                 "latent attention has none)"
             )
         mlp_norm = mlp_norm or attn_norm
-        outer = named(block, ("mlp",))
-        if outer is not None and outer is not mlp and _inside(mlp, outer):
-            raise ModelError(
-                f"{where}: its `mlp` adds the residual stream to its own output (BLOOM's), so "
-                "what the MLP alone adds to the stream is no module's output"
-            )
         # OPT's and BioGPT's MLP is no module: `fc1` reads the norm, `fc2` adds its output
         mlp_in = named(block, ("fc1",)) if mlp is named(block, ("fc2",)) else None
+        outer = named(block, ("mlp",))
+        if outer is not None and outer is not mlp and _inside(mlp, outer):
+            # BLOOM's `mlp` adds the residual stream itself: what it adds of its own is its
+            # last projection's output (the clean run checks the sums)
+            mlp_in = outer
         # the clean run checks the blocks add their sublayers' outputs times this
         scale = getattr(config, "residual_multiplier", 1.0)
         scale = float(scale) if isinstance(scale, (int, float)) else 1.0
