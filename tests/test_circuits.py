@@ -49,8 +49,9 @@ def _all_edges(da):
 # key and value side by side), GPT-J (parallel on one norm), Falcon-40B (groups side by side)
 @pytest.mark.parametrize(
     "arch",
-    ["gpt2", "llama", "pythia", "gptj", "falcon-40b", "opt", "granite", "gemma2", "glm4", "bloom"],
-)
+    ["gpt2", "llama", "pythia", "gptj", "falcon-40b", "opt", "granite", "gemma2", "glm4", "bloom",
+     "opt-post-ln"],
+)  # fmt: skip
 def test_patching_one_edge_equals_patching_it_for_real(edges_models, arch):
     model = edges_models[arch]
     estimates = ax.edge_attribution_patching(model, CLEAN, TARGET, **KW)
@@ -106,7 +107,18 @@ def _logits_at_targets(model, text):
 
 
 @pytest.mark.parametrize(
-    "arch", ["gpt2", "llama", "pythia", "gptj", "falcon", "opt-projected", "gemma3", "bloom"]
+    "arch",
+    [
+        "gpt2",
+        "llama",
+        "pythia",
+        "gptj",
+        "falcon",
+        "opt-projected",
+        "gemma3",
+        "bloom",
+        "opt-post-ln",
+    ],
 )
 def test_keeping_no_edge_is_the_corrupted_run_and_keeping_all_the_clean_one(edges_models, arch):
     """With every edge patched each receiver reads the corrupted run's stream; with none, the

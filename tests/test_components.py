@@ -81,9 +81,11 @@ NEIGHBOURS = {
 }
 
 
-def neighbour(arch: str, tok) -> torch.nn.Module:
-    """A tiny random GPT-NeoX or OPT causal LM on ``tok``, its biases random."""
+def neighbour(arch: str, tok, **more: Any) -> torch.nn.Module:
+    """A tiny random GPT-NeoX or OPT causal LM on ``tok``, its biases random; ``more``: more of
+    its config."""
     family, changes = NEIGHBOURS[arch]
+    changes = {**changes, **more}
     config = CONFIGS[family](len(tok))
     config.initializer_range = 0.3  # weights that make the patching effects far from 0
     for key, value in changes.items():

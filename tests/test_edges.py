@@ -71,6 +71,9 @@ def edges_models() -> dict[str, ax.Model]:
         built[layout] = _falcon(layout)
     # BLOOM: its attention and MLP modules add the residual stream themselves
     built["bloom"] = _bloom()
+    # post-LN OPT (350m's blocks, with its narrower embeddings projected in and out)
+    post_ln = neighbour("opt-projected", tok, do_layer_norm_before=False)
+    built["opt-post-ln"] = ax.load_model(full_double(post_ln), tokenizer=tok)
     # multi-query attention: one key and one value head after the queries in `c_attn`; without
     # it, each head's query, key and value side by side
     for name, multi_query in (("gpt_bigcode", True), ("gpt_bigcode-mha", False)):
@@ -153,8 +156,11 @@ def _parts(hf):
             attn = b.self_attn
             readers = [(attn.q_proj, [("q", heads)]), (attn.k_proj, [("k", heads)]),
                        (attn.v_proj, [("v", heads)])]  # fmt: skip
-            out.append((b, b.self_attn_layer_norm, readers, attn.out_proj, b.final_layer_norm,
-                        b.fc2))  # fmt: skip
+            if getattr(config, "do_layer_norm_before", True):
+                out.append((b, b.self_attn_layer_norm, readers, attn.out_proj,
+                            b.final_layer_norm, b.fc2))  # fmt: skip
+            else:  # post-LN OPT (350m): the attention reads the input, `fc1` the first norm's
+                out.append((b, None, readers, attn.out_proj, b.fc1, b.fc2))
         elif hasattr(b, "attn_norm"):  # ModernBERT's pre-norm encoder layers, `Wqkv` fused
             readers = [(b.attn.Wqkv, [("q", heads), ("k", kv), ("v", kv)])]
             out.append((b, b.attn_norm, readers, b.attn.Wo, b.mlp_norm, b.mlp))
@@ -200,6 +206,8 @@ def _chain(hf):
     for b, *_ in blocks:
         if hasattr(b, "intermediate"):
             out += [b.attention.output.LayerNorm, b.output.LayerNorm]
+        elif hasattr(b, "self_attn_layer_norm"):  # post-LN OPT
+            out += [b.self_attn_layer_norm, b.final_layer_norm]
         else:
             out += [b.sa_layer_norm, b.output_layer_norm]
     return out
@@ -567,7 +575,7 @@ def real_edges(model, da, clean, corrupted, target):
     "arch",
     ["gpt2", "llama", "phi3", "qwen3", "gpt_bigcode", "gpt_bigcode-mha", "gptj", "pythia",
      "falcon", "falcon-40b", "opt", "opt-projected", "granite", "gemma2", "gemma3", "glm4",
-     "vaultgemma", "bloom"],
+     "vaultgemma", "bloom", "opt-post-ln"],
 )  # fmt: skip
 def test_eap_equals_patching_each_edge_to_first_order(edges_models, arch):
     model = edges_models[arch]
@@ -580,7 +588,7 @@ def test_eap_equals_patching_each_edge_to_first_order(edges_models, arch):
     _compare(da, _naive_edges(model, clean, bad, targets, [1.0], [1.0]), atol)
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama", "phi", "gemma2", "glm4"])
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "phi", "gemma2", "glm4", "opt-post-ln"])
 def test_eap_ig_averages_the_gradient_along_the_inputs_path(edges_models, arch):
     model = edges_models[arch]
     m = 3
@@ -941,25 +949,6 @@ def test_a_linear_that_computes_otherwise_is_refused(where):
     setattr(attention, where, new)
     with pytest.raises(ax.ModelError, match="layer 1"):
         ax.edge_attribution_patching(ax.load_model(hf, tokenizer=tok), CLEAN, TARGET, **KW)
-
-
-def test_a_post_ln_opt_is_refused_before_the_model_runs(monkeypatch):
-    _, tok = tiny_model("gpt2")
-    from tests.test_components import CONFIGS
-
-    config = CONFIGS["opt"](len(tok))
-    config.do_layer_norm_before = False
-    torch.manual_seed(0)
-    model = ax.load_model(AutoModelForCausalLM.from_config(config), tokenizer=tok)
-
-    def boom(*args, **kwargs):
-        raise AssertionError("the model ran")
-
-    monkeypatch.setattr(model.hf, "forward", boom)
-    for method in (ax.edge_attribution_patching, ax.edge_patching):
-        extra = {} if method is ax.edge_attribution_patching else {"patch": []}
-        with pytest.raises(ax.ModelError, match="is post-LN"):
-            method(model, CLEAN, TARGET, **KW, **extra)
 
 
 def test_other_models_are_refused():

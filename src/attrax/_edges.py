@@ -102,6 +102,10 @@ POST_NORM_ENCODERS = {
     "deberta-v2": ("attention", "attention.self", ("query_proj", "key_proj", "value_proj"),
                    "attention.output.LayerNorm", "intermediate", "output.LayerNorm"),
 }  # fmt: skip
+#: post-LN OPT's blocks (OPT-350m's, `do_layer_norm_before=False`), as
+#: :data:`POST_NORM_ENCODERS` lays them out
+POST_NORM_OPT = ("self_attn", "self_attn", ("q_proj", "k_proj", "v_proj"), "self_attn_layer_norm",
+                 "fc1", "final_layer_norm")  # fmt: skip
 #: a DeBERTa attention's projections of the relative position embeddings alone
 POSITION_PROJECTIONS = ("pos_key_proj", "pos_query_proj")
 #: blocks with a norm on each sublayer's output too (before the attention, after it, before the
@@ -307,7 +311,10 @@ def graph(model: Model, method: str = METHOD) -> Graph:
             "models (GPT-2, GPT-Neo, Llama, Mistral, Qwen2, Phi-3, ...) and of the encoders "
             f"{', '.join(known_encoder)}"
         )
-    if encoder and model.hf.config.model_type in POST_NORM_ENCODERS:
+    post_ln_opt = model.hf.config.model_type == "opt" and (
+        getattr(model.hf.config, "do_layer_norm_before", True) is False
+    )
+    if post_ln_opt or (encoder and model.hf.config.model_type in POST_NORM_ENCODERS):
         return _post_norm_graph(model, method)
     stack = encoder_stack(model, method) if encoder else decoder_stack(model, method)
     config = model.hf.config
@@ -323,10 +330,10 @@ def graph(model: Model, method: str = METHOD) -> Graph:
         assert out_proj is not None  # decoder_stack refuses a layer without attention here
         width = _width(out_proj, "in")
         where = f"{method}: {kind}'s layer {layer}"
-        if getattr(config, "do_layer_norm_before", True) is False:
+        if getattr(config, "do_layer_norm_before", True) is False:  # BioGPT-like kin of OPT
             raise ModelError(
-                f"{where} is post-LN (do_layer_norm_before=False, OPT-350m's: its norms follow "
-                "the attention and the MLP): no edges attrax can score"
+                f"{where} is post-LN (do_layer_norm_before=False; its norms follow the attention "
+                "and the MLP): attrax scores the edges of post-LN OPT and encoders only"
             )
         if attn_norm is None:
             raise ModelError(
@@ -402,15 +409,20 @@ def _norms(block: torch.nn.Module) -> tuple[torch.nn.Module | None, ...]:
 
 
 def _post_norm_graph(model: Model, method: str) -> Graph:
-    """A post-norm encoder's blocks (:data:`POST_NORM_ENCODERS`), its weights accounted for."""
+    """A post-norm model's blocks (:data:`POST_NORM_ENCODERS`; post-LN OPT's,
+    :data:`POST_NORM_OPT`), its weights accounted for."""
     config = model.hf.config
-    attention, holder, names, ln_1, mlp_in, ln_2 = POST_NORM_ENCODERS[config.model_type]
-    if convolved(model.hf):
-        raise ModelError(
-            f"{method}: {type(model.hf).__name__} adds a convolution beside its first layer "
-            "(conv_kernel_size > 0): it mixes tokens outside the edges' nodes"
-        )
-    stack = encoder_stack(model, method)
+    if config.model_type == "opt":
+        attention, holder, names, ln_1, mlp_in, ln_2 = POST_NORM_OPT
+        stack = decoder_stack(model, method)
+    else:
+        attention, holder, names, ln_1, mlp_in, ln_2 = POST_NORM_ENCODERS[config.model_type]
+        if convolved(model.hf):
+            raise ModelError(
+                f"{method}: {type(model.hf).__name__} adds a convolution beside its first layer "
+                "(conv_kernel_size > 0): it mixes tokens outside the edges' nodes"
+            )
+        stack = encoder_stack(model, method)
     found = []
     for layer, (block, out_proj, mlp) in enumerate(
         zip(stack.blocks, stack.projections, stack.mlps, strict=True)
