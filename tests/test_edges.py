@@ -930,6 +930,12 @@ def test_a_layout_the_receivers_are_not_cut_by_is_refused():
         ax.edge_attribution_patching(
             _bloom(apply_residual_connection_post_layernorm=True), CLEAN, TARGET, **KW
         )
+    # BLOOM's exact tensor-parallel layers multiply slices of their weights, outside the modules
+    # the edges hook: refused (its logits, too, are no projection attrax can read)
+    with pytest.raises(ax.ModelError, match="BloomForCausalLM"):
+        ax.edge_attribution_patching(
+            _bloom(pretraining_tp=2, slow_but_exact=True), CLEAN, TARGET, **KW
+        )
 
 
 class _Scaled(torch.nn.Linear):
