@@ -32,6 +32,7 @@ from ._edges import (
     _corrupted_input,
     _first,
     _hooked,
+    _keeping,
     _not_finite,
     _positional,
     graph,
@@ -319,10 +320,6 @@ def _patching(g: Graph, donors: torch.Tensor, patched: torch.Tensor, batch: int)
     # LN_2), what each read and returned in this run, and the first block's input
     chain = [m for b in g.blocks for m in (b.attn_norm, b.mlp_norm)] if g.post_ln else []
     runs: dict[Any, torch.Tensor] = {}
-    # the LayerNorm each sender's output is added before: the input's, the first block's LN_1
-    entry = [0] + [
-        2 * layer + (h == g.heads) for layer in range(len(g.blocks)) for h in range(g.heads + 1)
-    ]
     # the last LayerNorm before each receiver's input, by how many senders it reads
     reading = {u_all: len(chain) - 1}
     for layer in range(len(g.blocks)):
@@ -336,19 +333,18 @@ def _patching(g: Graph, donors: torch.Tensor, patched: torch.Tensor, batch: int)
         to (a receiver none moves reads the run's own, bit for bit)."""
         mask = patched[:, :senders, cols].to(diff.dtype)  # [n, u, V]
         d = diff[:senders].unflatten(1, (n, batch))  # [u, n, B, L, H]
-        views = mask.shape[2]
         stream_in = full_precision(runs["x"])[None]
         y = stream_in - torch.einsum("nv,nbLH->vnbLH", mask[:, 0], d[0]).flatten(1, 2)
         for k in range(reading[senders] + 1):
-            rows = [u for u in range(1, senders) if entry[u] == k]
-            sub = torch.einsum(
-                "nuv,unbLH->vnbLH", mask[:, rows], d[rows]
-            ).flatten(1, 2) if rows else 0.0  # fmt: skip
+            # the senders added before LayerNorm k: layer k // 2's heads (LN_1), or its MLP
+            first = g.first_head(k // 2) + (k % 2) * g.heads
+            rows = slice(first, first + (1 if k % 2 else g.heads))
+            sub = torch.einsum("nuv,unbLH->vnbLH", mask[:, rows], d[rows]).flatten(1, 2)
             # the stream it adds to, moved, less the patched senders' differences
             moved = y - (stream_in if k == 0 else full_precision(runs[k - 1])[None]) - sub
             given = full_precision(runs[("in", k)])[None] + moved
             y = full_precision(chain[k].forward(given.to(runs[("in", k)].dtype)))
-        return y.to(x.dtype).expand(views, *x.shape)
+        return y.to(x.dtype)
 
     def touched(senders: int, cols: slice) -> torch.Tensor:
         """``[n, V]``: whether each copy patches an edge into each receiver of ``cols``; a
@@ -369,7 +365,7 @@ def _patching(g: Graph, donors: torch.Tensor, patched: torch.Tensor, batch: int)
             _on_input(lambda _i, value: runs.__setitem__("x", value)), with_kwargs=True
         ))  # fmt: skip
         for k, norm in enumerate(chain):
-            handles.append(norm.register_forward_pre_hook(_keep(runs, ("in", k))))
+            handles.append(norm.register_forward_pre_hook(_keeping(runs, ("in", k))))
             handles.append(norm.register_forward_hook(_kept_output(runs, k)))
     for layer, b in enumerate(blocks):
         before = g.before_attention(layer)
@@ -397,20 +393,13 @@ def _patching(g: Graph, donors: torch.Tensor, patched: torch.Tensor, batch: int)
         sender = (layer + 1) * (g.heads + 1)  # the MLP's: after the input and its heads
         handles.append(b.mlp.register_forward_hook(_on_mlp(sender, record, b.scale)))
     for i, (_, norm) in enumerate(normed):
-        handles.append(norm.register_forward_pre_hook(_keep(posts, i)))
+        handles.append(norm.register_forward_pre_hook(_keeping(posts, i)))
     logits = slice(len(g.receivers()) - 1, len(g.receivers()))
     handles.append(
         blocks[-1].block.register_forward_hook(_on_output(u_all, logits, stream, touched))
     )
     with _hooked(handles):
         yield
-
-
-def _keep(kept: dict[Any, torch.Tensor], key: Any) -> Callable[..., None]:
-    def hook(_m: Any, args: tuple[Any, ...]) -> None:
-        kept[key] = args[0]
-
-    return hook
 
 
 def _kept_output(kept: dict[Any, torch.Tensor], key: Any) -> Callable[..., None]:

@@ -1192,9 +1192,11 @@ def _positional(given: Any) -> bool:
     return isinstance(given, torch.Tensor) and given.dim() == 2
 
 
-def _keeping(kept: list[Any], layer: int) -> Callable[..., Any]:
+def _keeping(kept: list[Any] | dict[Any, Any], key: Any) -> Callable[..., Any]:
+    """A pre-hook that keeps its module's first input in ``kept`` at ``key``."""
+
     def hook(_m: Any, args: tuple[Any, ...]) -> None:
-        kept[layer] = args[0]
+        kept[key] = args[0]
 
     return hook
 
