@@ -1032,11 +1032,7 @@ def _pass(
                 pushed = _through_norm(b.attn_norm, inputs[layer], at_points(part))
                 pushed = pushed.to(acc).unflatten(1, (n, -1))
                 for column, per_head in rows:  # [B, n L H, k heads]
-                    heads = per_head.shape[-1] // (slots.stop - slots.start)
-                    met = torch.bmm(pushed.permute(2, 0, 1, 3, 4).flatten(2), per_head)
-                    scores[:, slots, part, column : column + heads] += met.unflatten(
-                        -1, (-1, heads)
-                    ).transpose(1, 2)
+                    _add_heads(scores, slots, part, column, pushed, per_head)
             del rows
             if not b.shared:
                 mlp_senders = g.before_mlp(layer)
@@ -1092,11 +1088,9 @@ def _post_norm_met(
             if before > 0:
                 pushed = carried[:before].unflatten(1, (n, -1))
                 for (r, column), grad in zip(readers, reader_grads, strict=True):
-                    per_head = _pulled_through(r, grad, n, acc, w)  # [B, n L H, k heads]
-                    heads = per_head.shape[-1] // (slots.stop - slots.start)
-                    met = torch.bmm(pushed.permute(2, 0, 1, 3, 4).flatten(2), per_head)
-                    scores[:, slots, first : first + before, column : column + heads] += (
-                        met.unflatten(-1, (-1, heads)).transpose(1, 2)
+                    per_head = _pulled_through(r, grad, n, acc, w)
+                    _add_heads(
+                        scores, slots, slice(first, first + before), column, pushed, per_head
                     )
             # LN_1 reads the input plus the attention's output: this layer's heads join
             upto = min(part.stop, g.before_mlp(layer)) - part.start
@@ -1110,6 +1104,20 @@ def _post_norm_met(
             if upto > 0:
                 carried[:upto] = _through_norm(b.mlp_norm, ln_2[layer], carried[:upto]).to(acc)
         scores[:, slots, part, -1] += _met_points(carried, out_grad, w, n)
+
+
+def _add_heads(
+    scores: torch.Tensor, slots: slice, rows: slice, column: int, pushed: torch.Tensor,
+    per_head: torch.Tensor,
+) -> None:  # fmt: skip
+    """Add to ``scores`` ``[B, K, U, R]`` the deltas ``pushed`` (``[u, n, B, L, H]``, the
+    senders ``rows``, in the stream the receivers read) met by the gradients ``per_head`` (``[B,
+    n L H, k heads]``, the targets ``slots``, each head from receiver ``column`` on)."""
+    heads = per_head.shape[-1] // (slots.stop - slots.start)
+    met = torch.bmm(pushed.permute(2, 0, 1, 3, 4).flatten(2), per_head)
+    scores[:, slots, rows, column : column + heads] += met.unflatten(-1, (-1, heads)).transpose(
+        1, 2
+    )
 
 
 def _met(delta: torch.Tensor, grad: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
