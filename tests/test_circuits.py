@@ -50,7 +50,7 @@ def _all_edges(da):
 @pytest.mark.parametrize(
     "arch",
     ["gpt2", "llama", "pythia", "gptj", "falcon-40b", "opt", "granite", "gemma2", "glm4", "bloom",
-     "opt-post-ln"],
+     "opt-post-ln", "olmo2", "exaone4", "olmoe"],
 )  # fmt: skip
 def test_patching_one_edge_equals_patching_it_for_real(edges_models, arch):
     model = edges_models[arch]
@@ -67,7 +67,7 @@ def test_patching_one_edge_equals_patching_it_for_real(edges_models, arch):
     np.testing.assert_allclose(got.values, expected, rtol=1e-6, atol=1e-9 * scale)
 
 
-@pytest.mark.parametrize("arch", ["pythia", "falcon-40b", "llama"])
+@pytest.mark.parametrize("arch", ["pythia", "falcon-40b", "llama", "olmo2"])
 def test_one_edge_a_forward_remakes_only_its_head(edges_models, arch):
     """One copy a forward: each layer remakes only the head (or MLP) its edge goes into and
     keeps the model's own output for every other, in each of the projections' layouts."""
@@ -118,6 +118,8 @@ def _logits_at_targets(model, text):
         "gemma3",
         "bloom",
         "opt-post-ln",
+        "exaone4",
+        "olmoe",
     ],
 )
 def test_keeping_no_edge_is_the_corrupted_run_and_keeping_all_the_clean_one(edges_models, arch):

@@ -45,16 +45,18 @@ def edges_models() -> dict[str, ax.Model]:
         hf, tok = tiny_model(arch)
         built[arch] = ax.load_model(full_double(hf), tokenizer=tok)
     _, tok = tiny_model("llama")
-    for arch in ("phi3", "qwen2", "qwen3", "mistral", "olmo2", "mixtral"):
+    for arch in ("phi3", "qwen2", "qwen3", "mistral", "mixtral"):
         built[arch] = ax.load_model(full_double(llama_like(arch, tok)), tokenizer=tok)
     # norms on the attention's and the MLP's outputs too (Gemma 2's and 3's, GLM-4's); and
-    # VaultGemma's, before them only, named as Gemma 2's
-    for arch in ("gemma2", "gemma3", "glm4", "vaultgemma"):
+    # VaultGemma's, before them only, named as Gemma 2's; on the outputs only (OLMo 2's, with
+    # query and key norms over all heads at once; EXAONE 4's, each head's alone); OLMoE's
+    # query and key norms over all heads in pre-norm blocks
+    for arch in ("gemma2", "gemma3", "glm4", "vaultgemma", "olmo2", "exaone4", "olmoe"):
         hf = llama_like(arch, tok)
         with torch.no_grad():  # random gains: Gemma's norms scale by 1 + weight, weight 0
             for module in hf.modules():
                 if type(module).__name__.endswith("RMSNorm"):
-                    module.weight.normal_(1.0 if arch == "glm4" else 0.0, 0.3)
+                    module.weight.normal_(0.0 if arch.startswith("gemma") else 1.0, 0.3)
         built[arch] = ax.load_model(_large(full_double(hf)), tokenizer=tok)
     # Granite scales what each sublayer adds (residual_multiplier)
     built["granite"] = ax.load_model(_large(full_double(llama_like("granite", tok))), tokenizer=tok)
@@ -172,6 +174,9 @@ def _parts(hf):
                 readers = [(attn.q_proj, [("q", heads)]), (attn.k_proj, [("k", kv)]),
                            (attn.v_proj, [("v", kv)])]  # fmt: skip
             proj = getattr(attn, "o_proj", None) or attn.dense  # Phi's `dense`
+            if not hasattr(b, "input_layernorm"):  # OLMo 2's, EXAONE 4's: no norm before either
+                out.append((b, None, readers, proj, b.mlp, b.mlp))
+                continue
             # Gemma 2's and VaultGemma's `pre_feedforward_layernorm`; GLM-4's before its MLP is
             # its `post_attention_layernorm`, as Llama's
             mlp_norm = getattr(b, "pre_feedforward_layernorm", None) or getattr(
@@ -183,7 +188,7 @@ def _parts(hf):
 
 def _posts(hf):
     """Per block: the norms on its attention's and its MLP's outputs (None, None without),
-    named by hand for Gemma 2 and 3 and GLM-4."""
+    named by hand for Gemma 2 and 3, OLMo 2, EXAONE 4 and GLM-4."""
     blocks, _ = _parts(hf)
     out = []
     for b, *_ in blocks:
@@ -200,7 +205,11 @@ def _chain(hf):
     """A post-norm model's LayerNorms on the residual stream, in the order they run (each
     block's after its attention, then after its MLP: BERT's, DistilBERT's); None for others."""
     blocks, _ = _parts(hf)
-    if blocks[0][1] is not None:
+    first = blocks[0][0]
+    post_ln_opt = hasattr(first, "self_attn_layer_norm") and not getattr(
+        hf.config, "do_layer_norm_before", True
+    )
+    if not (hasattr(first, "intermediate") or hasattr(first, "sa_layer_norm") or post_ln_opt):
         return None
     out = []
     for b, *_ in blocks:
@@ -575,7 +584,7 @@ def real_edges(model, da, clean, corrupted, target):
     "arch",
     ["gpt2", "llama", "phi3", "qwen3", "gpt_bigcode", "gpt_bigcode-mha", "gptj", "pythia",
      "falcon", "falcon-40b", "opt", "opt-projected", "granite", "gemma2", "gemma3", "glm4",
-     "vaultgemma", "bloom", "opt-post-ln"],
+     "vaultgemma", "bloom", "opt-post-ln", "olmo2", "exaone4", "olmoe"],
 )  # fmt: skip
 def test_eap_equals_patching_each_edge_to_first_order(edges_models, arch):
     model = edges_models[arch]
@@ -588,7 +597,9 @@ def test_eap_equals_patching_each_edge_to_first_order(edges_models, arch):
     _compare(da, _naive_edges(model, clean, bad, targets, [1.0], [1.0]), atol)
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama", "phi", "gemma2", "glm4", "opt-post-ln"])
+@pytest.mark.parametrize(
+    "arch", ["gpt2", "llama", "phi", "gemma2", "glm4", "opt-post-ln", "olmo2", "olmoe"]
+)
 def test_eap_ig_averages_the_gradient_along_the_inputs_path(edges_models, arch):
     model = edges_models[arch]
     m = 3
@@ -618,7 +629,8 @@ def _adds_up(summed, heads, mlp):
 @pytest.mark.parametrize(
     "arch",
     ["gpt2", "gpt_neo", "llama", "phi3", "qwen2", "qwen3", "mistral", "mixtral", "cohere",
-     "pythia-sequential", "opt", "granite", "gemma2", "gemma3", "glm4", "vaultgemma"],
+     "pythia-sequential", "opt", "granite", "gemma2", "gemma3", "glm4", "vaultgemma", "olmo2",
+     "exaone4", "olmoe"],
 )  # fmt: skip
 def test_a_senders_edges_add_up_to_its_attribution_patching_estimate(edges_models, arch):
     """The residual stream is a sum: the gradient at a sender's output is the sum of its
@@ -845,15 +857,16 @@ def test_the_labels(edges_models):
 # --- refusals --------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    ("arch", "why"),
-    [
-        ("olmo2", "not a pre-norm block attrax knows"),  # its norms after, none before
-    ],
-)
-def test_blocks_the_edges_do_not_describe_are_refused(edges_models, arch, why):
-    with pytest.raises(ax.ModelError, match=why):
-        ax.edge_attribution_patching(edges_models[arch], CLEAN, TARGET, **KW)
+def test_blocks_the_edges_do_not_describe_are_refused():
+    """A block with a norm on its MLP's output and none before its sublayers or on its
+    attention's output has neither layout the edges know."""
+    hf, tok = tiny_model("llama")
+    model = ax.load_model(hf, tokenizer=tok)
+    block = hf.model.layers[1]
+    block.post_feedforward_layernorm = block.post_attention_layernorm
+    del block.input_layernorm, block.post_attention_layernorm
+    with pytest.raises(ax.ModelError, match="layer 1 is not a pre-norm block attrax knows"):
+        ax.edge_attribution_patching(model, CLEAN, TARGET, **KW)
 
 
 @pytest.mark.parametrize(("arch", "parallel"), [("pythia", True), ("pythia-sequential", False)])
@@ -898,12 +911,15 @@ def test_a_residual_scale_is_refused_beside_a_huge_entry(edges_models):
 
 
 def test_weights_the_edges_do_not_account_for_are_refused():
-    """A norm over every head's queries at once (OLMoE's) mixes the heads; an output gate reads
-    the stream beside the projections."""
-    _, tok = tiny_model("llama")
-    olmoe = ax.load_model(llama_like("olmoe", tok), tokenizer=tok)
-    with pytest.raises(ax.ModelError, match="its attention holds `q_norm`"):
-        ax.edge_attribution_patching(olmoe, CLEAN, TARGET, **KW)
+    """A query norm over two heads' vectors at once (neither each head's nor all of them, as
+    OLMo 2's) mixes the heads; an output gate reads the stream beside the projections."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    hf, tok = tiny_model("llama")
+    attention = hf.model.layers[0].self_attn
+    attention.q_norm = LlamaRMSNorm(2 * attention.head_dim)
+    with pytest.raises(ax.ModelError, match="layer 0: its attention holds `q_norm`"):
+        ax.edge_attribution_patching(ax.load_model(hf, tokenizer=tok), CLEAN, TARGET, **KW)
     hf, tok = tiny_model("llama")
     hf.model.layers[1].self_attn.g_proj = torch.nn.Linear(32, 32)
     with pytest.raises(ax.ModelError, match="layer 1: its attention holds `g_proj`"):

@@ -956,6 +956,55 @@ def test_edge_patchings_measured_peak_stays_within_the_budget(peak_above_start):
     assert bounded["peak"] <= budget, (bounded["peak"] / 2**20, budget / 2**20)
 
 
+# OLMo 2's blocks: norms on the sublayers' outputs only, query and key norms over all heads
+_OLMO2_MODEL = """
+import torch
+import attrax as ax
+from transformers import AutoModelForCausalLM, Olmo2Config
+from attrax.testing import corpus, tiny_model
+_, tok = tiny_model("gpt2")
+config = Olmo2Config(vocab_size=len(tok), hidden_size=128, intermediate_size=512,
+                     num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=8,
+                     max_position_embeddings=1024, pad_token_id=None, bos_token_id=None,
+                     eos_token_id=None)
+torch.manual_seed(0)
+hf = AutoModelForCausalLM.from_config(config).eval()
+model = ax.load_model(hf, tokenizer=tok, attn_implementation="eager")
+words = " ".join(corpus()).split()
+prompt, target = " ".join(words[:100]), " " + " ".join(words[100:124])
+bad = " ".join(["x"] + words[1:100])
+def warm():
+    ax.{method}(model, {warm})
+def call():
+    ax.{method}(model, prompt, target, {options})
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("method", "options", "warm"),
+    [
+        ("edge_attribution_patching", "", _EDGES_WARM),
+        ("edge_attribution_patching", "steps=16", _EDGES_WARM),
+        ("edge_patching", "circuit=[[]] * 32", _EDGES_WARM + ", patch=[]"),
+    ],
+)
+def test_the_edges_of_olmo_2_stay_within_the_budget(peak_above_start, method, options, warm):
+    """The deltas pushed through each query and key norm over all heads (EAP) and each remade
+    head's whole projection (edge patching) are priced: measured (2026-12-07) 303, 830 and 711
+    MiB without a budget, 78, 67 and 68 MiB under 220 MiB (the smallest EAP accepts: 199 MB)."""
+    budget = 220 << 20
+    free, bounded = (
+        peak_above_start(_OLMO2_MODEL.format(
+            method=method, warm=warm,
+            options=", ".join(filter(None, ["corrupted=bad", options, extra])),
+        ))
+        for extra in ("", f"max_memory={budget}")
+    )  # fmt: skip
+    assert free["peak"] > budget, "the workload must need more than the budget unbounded"
+    assert bounded["peak"] <= budget, (bounded["peak"] / 2**20, budget / 2**20)
+
+
 # a state-space model and a mixture of experts, 128 wide, on the same 124-token input
 _SCAN_MODEL = """
 import torch

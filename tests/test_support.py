@@ -231,7 +231,11 @@ GROUPS: dict[str, list[Call]] = {
     "EAP": [
         lambda model, given: ax.edge_attribution_patching(
             model, **given, corrupted=_corrupted(model)
-        )
+        ),
+        # every receiver remade from the corrupted input: each hook of edge patching runs
+        lambda model, given: ax.edge_patching(
+            model, **given, corrupted=_corrupted(model), circuit=[]
+        ),
     ],
 }
 

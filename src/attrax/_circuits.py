@@ -35,6 +35,7 @@ from ._edges import (
     _keeping,
     _not_finite,
     _positional,
+    _width,
     graph,
     heads_added,
     runs,
@@ -245,6 +246,11 @@ def _plan(call: Call, g: Graph, circuits: int) -> int:
     normed = 4 * widest if g.normed or g.post_ln else 0
     if g.post_ln:  # every LayerNorm's input and output and the first block's input, kept
         normed += 4 * len(g.blocks) + 1
+    # a norm over a projection's heads: each remade head's whole projection, and its norm's
+    # temporaries and output
+    over = [_width(r.module, "out") or 0 for b in g.blocks for r in b.readers if r.norm]
+    if over:
+        normed += 3 * widest * (-(-max(over) // hidden))
     per_copy = cost.per_point + u_all * r_all + (u_all + 5 * widest + normed) * one
     # the scores of the clean run and of every copy
     fixed = cost.fixed + sum(problem.held) + (circuits + 1) * batch * t.valid.shape[1] * 8
@@ -371,13 +377,14 @@ def _patching(g: Graph, donors: torch.Tensor, patched: torch.Tensor, batch: int)
         before = g.before_attention(layer)
         readers, mlp_column = columns[layer]
         remake = _on_attention(b, readers, before, stream, touched, made)
-        if b.post_ln:  # the attention reads the block's input itself
+        if b.reads_itself:  # the attention reads the block's input itself
             assert b.attn_in is not None
             handles.append(b.attn_in.register_forward_pre_hook(remake, with_kwargs=True))
         else:
             handles.append(b.attn_norm.register_forward_pre_hook(remake))
         for i, r in enumerate(b.readers):
-            handles.append(r.module.register_forward_hook(_giving(r, made, i)))
+            # a norm over the heads: the heads are remade past it, at its output
+            handles.append((r.norm or r.module).register_forward_hook(_giving(r, made, i)))
         handles.append(b.out_proj.register_forward_pre_hook(
             _on_heads(g, b, 1 + layer * (g.heads + 1), record)
         ))  # fmt: skip
@@ -387,7 +394,7 @@ def _patching(g: Graph, donors: torch.Tensor, patched: torch.Tensor, batch: int)
                 _on_shared_mlp(b, mlp_senders, mlp_column, stream, touched, made)
             ))  # fmt: skip
         else:  # its norm's input; a post-norm block's MLP reads LN_1's output itself
-            handles.append((b.reads if b.post_ln else b.mlp_norm).register_forward_pre_hook(
+            handles.append((b.reads if b.reads_itself else b.mlp_norm).register_forward_pre_hook(
                 _on_mlp_input(mlp_senders, mlp_column, stream, touched, n * batch)
             ))  # fmt: skip
         sender = (layer + 1) * (g.heads + 1)  # the MLP's: after the input and its heads
@@ -446,18 +453,36 @@ def _on_attention(
                 made[i] = None
                 continue
             own = stream(x, before, column + chosen)
-            normed = own if b.post_ln else b.attn_norm.forward(own)
-            # [out, H]: the parts' heads in order, the chosen heads' rows
-            weight = r.blocked(r.weight().T).T.to(x.dtype).unflatten(0, (heads, -1))[chosen]
-            per_head = torch.einsum("hbLH,hdH->bLhd", normed, weight)
-            bias = getattr(r.module, "bias", None)
-            if bias is not None:
-                per_head = per_head + r.blocked(bias.to(x.dtype)).view(heads, -1)[chosen]
+            normed = own if b.reads_itself else b.attn_norm.forward(own)
+            if r.norm is not None:
+                per_head = _over_heads(r, normed, chosen)
+            else:
+                # [out, H]: the parts' heads in order, the chosen heads' rows
+                weight = r.blocked(r.weight().T).T.to(x.dtype).unflatten(0, (heads, -1))[chosen]
+                per_head = torch.einsum("hbLH,hdH->bLhd", normed, weight)
+                bias = getattr(r.module, "bias", None)
+                if bias is not None:
+                    per_head = per_head + r.blocked(bias.to(x.dtype)).view(heads, -1)[chosen]
             # the copies that patch no edge into a remade head keep the model's own output
             # there, as in a forward of their own
             made[i] = (chosen, per_head, copies[:, chosen])
 
     return hook
+
+
+def _over_heads(r: Reader, normed: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+    """``[n B, L, k, d]``: each chosen head's slice of the norm over all of ``r``'s heads of the
+    whole projection of its own stream (``normed``, ``[k, n B, L, H]``, as the projection reads
+    it): the norm mixes the heads, so a head's query is made of all of its stream's."""
+    bias = getattr(r.module, "bias", None)
+    full = torch.nn.functional.linear(
+        normed, r.weight().to(normed.dtype), None if bias is None else bias.to(normed.dtype)
+    )
+    full = cast("torch.nn.Module", r.norm).forward(full)  # not its hooks: no run's
+    heads = sum(h for _, h in r.parts)
+    copies = torch.arange(len(chosen), device=chosen.device)
+    picked = full.unflatten(-1, (heads, -1))[copies, ..., chosen, :]
+    return picked.permute(1, 2, 0, 3)
 
 
 def _unblocked(r: Reader, t: torch.Tensor) -> torch.Tensor:

@@ -24,8 +24,12 @@ account for (an output gate, a norm over several heads' vectors), is a :class:`M
 Blocks with a norm on each sublayer's output too (Gemma 2's and 3's, GLM-4's) keep each head
 and each MLP a sender, before that norm: its delta reaches the stream through the norm's
 derivative at the point where the gradient is taken (a ``jvp`` there), as patching the edge
-moves that norm's input. Post-norm encoders' blocks (BERT's ``LN_2(h + mlp(h))``, ``h = LN_1(x +
-attn(x))``) carry a sender's delta up through each LayerNorm between it and the receiver.
+moves that norm's input; blocks with those norms and none before the sublayers (OLMo 2's and
+3's, EXAONE 4's) take the same path, their heads reading the stream itself. A query or key norm
+over all of a projection's heads at once (OLMo 2's, OLMoE's) makes a head's receiver its slice
+of that norm's output, the deltas pushed through the projection and the norm's derivative.
+Post-norm encoders' blocks (BERT's ``LN_2(h + mlp(h))``, ``h = LN_1(x + attn(x))``) carry a
+sender's delta up through each LayerNorm between it and the receiver.
 """
 
 from __future__ import annotations
@@ -116,6 +120,9 @@ SANDWICH = (
     ("input_layernorm", "post_self_attn_layernorm", "post_attention_layernorm",
      "post_mlp_layernorm"),
 )  # fmt: skip
+#: norms on the attention's and the MLP's outputs, with none before them (OLMo 2's and 3's,
+#: EXAONE 4's; Llama's `post_attention_layernorm` is before its MLP, beside `input_layernorm`)
+OUTPUT_NORMS = ("post_attention_layernorm", "post_feedforward_layernorm")
 #: a block's attention module (GPT-NeoX's `attention`, Falcon's `self_attention`)
 ATTENTIONS = ("attn", "self_attn", "attention", "self_attention")
 #: config flags of blocks whose MLP reads the block's input beside the attention, each on its
@@ -136,6 +143,10 @@ class Reader:
     #: kv head + 2, head_dim]``: GPT-NeoX's and GPT-BigCode's without multi-query, one query
     #: each; Falcon-40B's) rather than the queries, then the keys, then the values
     grouped: bool = False
+    #: a norm over all of the projection's heads at once, on its output (OLMo 2's and OLMoE's
+    #: ``q_norm`` and ``k_norm``): a head's receiver is that norm's output's slice, its delta
+    #: pushed through the projection and the norm's derivative
+    norm: torch.nn.Module | None = None
 
     def weight(self) -> torch.Tensor:
         """``[out, in]``: a ``Linear``'s weight, or GPT-2's ``Conv1D``'s transposed."""
@@ -179,11 +190,21 @@ class Block:
     #: the input of ``attn_in``, the MLP that of ``mlp_in``
     post_ln: bool = False
     attn_in: torch.nn.Module | None = None
+    #: no norm before the attention or the MLP, only on their outputs (OLMo 2's and 3's,
+    #: EXAONE 4's): ``attn_norm`` and ``mlp_norm`` are identities of attrax's own (not in the
+    #: model: no hook of theirs runs), the attention reads the input of ``attn_in``, the MLP
+    #: its own input
+    normless: bool = False
 
     @property
     def reads(self) -> torch.nn.Module:
         """The module whose input is the MLP's, past its norm."""
         return self.mlp_in or self.mlp
+
+    @property
+    def reads_itself(self) -> bool:
+        """The attention reads the block's input, unnormed (post-norm and normless blocks)."""
+        return self.post_ln or self.normless
 
     @property
     def shared(self) -> bool:
@@ -324,8 +345,11 @@ def graph(model: Model, method: str = METHOD) -> Graph:
         zip(stack.blocks, stack.projections, stack.mlps, strict=True)
     ):
         attn_norm, attn_post, mlp_norm, mlp_post = _norms(block)
+        # norms on the sublayers' outputs only: each sublayer reads the stream itself
+        normless = attn_norm is None and attn_post is not None and mlp_post is not None
         # one norm for both: the MLP reads its output beside the attention
-        parallel = mlp_norm is None or any(getattr(config, f, False) is True for f in PARALLEL)
+        parallel = any(getattr(config, f, False) is True for f in PARALLEL)
+        parallel = parallel or (mlp_norm is None and not normless)
         attention = named(block, ATTENTIONS)
         assert out_proj is not None  # decoder_stack refuses a layer without attention here
         width = _width(out_proj, "in")
@@ -335,11 +359,12 @@ def graph(model: Model, method: str = METHOD) -> Graph:
                 f"{where} is post-LN (do_layer_norm_before=False; its norms follow the attention "
                 "and the MLP): attrax scores the edges of post-LN OPT and encoders only"
             )
-        if attn_norm is None:
+        if attn_norm is None and not normless:
             raise ModelError(
                 f"{where} is not a pre-norm block attrax knows: no norm "
-                f"{' / '.join(dict.fromkeys(a for a, _ in NORMS))} before its attention (norms after the "
-                "attention and MLP or named otherwise have no edges attrax can score)"
+                f"{' / '.join(dict.fromkeys(a for a, _ in NORMS))} before its attention, nor "
+                f"{' and '.join(OUTPUT_NORMS)} on its attention's and MLP's outputs (norms named "
+                "otherwise have no edges attrax can score)"
             )
         if attention is None:
             raise ModelError(
@@ -364,7 +389,9 @@ def graph(model: Model, method: str = METHOD) -> Graph:
                 "GPT-NeoX's `query_key_value`, or `q_proj`, `k_proj` and `v_proj`; multi-head "
                 "latent attention has none)"
             )
-        mlp_norm = mlp_norm or attn_norm
+        if attn_norm is None or mlp_norm is None:  # normless; or one norm for both
+            attn_norm = attn_norm or torch.nn.Identity()
+            mlp_norm = torch.nn.Identity() if normless else attn_norm
         # OPT's and BioGPT's MLP is no module: `fc1` reads the norm, `fc2` adds its output
         mlp_in = named(block, ("fc1",)) if mlp is named(block, ("fc2",)) else None
         outer = named(block, ("mlp",))
@@ -380,10 +407,12 @@ def graph(model: Model, method: str = METHOD) -> Graph:
         known = [attn_norm, mlp_norm, mlp, attention, *([mlp_in] if mlp_in else [])]
         known += [m for m in (attn_post, mlp_post) if m is not None]
         _account(where, block, known, "block")
-        _account(where, inner, [*(r.module for r in readers), out_proj], "attention", head_dim)
+        reading = [m for r in readers for m in (r.module, r.norm) if m is not None]
+        _account(where, inner, [*reading, out_proj], "attention", head_dim)
         found.append(
             Block(block, attn_norm, readers, out_proj, mlp_norm, mlp, parallel, mlp_in, scale,
-                  attn_post, mlp_post)
+                  attn_post, mlp_post, attn_in=attention if normless else None,
+                  normless=normless)
         )  # fmt: skip
     if len(head_dims) > 1:
         raise ModelError(
@@ -405,6 +434,9 @@ def _norms(block: torch.nn.Module) -> tuple[torch.nn.Module | None, ...]:
         (p for p in pairs if p[0] is not None and p[1] is not None),
         next((p for p in pairs if p[0] is not None), (None, None)),
     )
+    outputs = [named(block, (n,)) for n in OUTPUT_NORMS]
+    if attn is None and all(m is not None for m in outputs):
+        return None, outputs[0], None, outputs[1]
     return attn, None, mlp, None
 
 
@@ -525,9 +557,20 @@ def _readers(attention: torch.nn.Module, heads: int, head_dim: int) -> tuple[Rea
     if any(w is None or w % head_dim for w in widths) or widths[0] != heads * head_dim:
         return None
     return tuple(
-        Reader(cast("torch.nn.Module", m), ((p, cast("int", w) // head_dim),))
+        Reader(cast("torch.nn.Module", m), ((p, cast("int", w) // head_dim),),
+               norm=_over_heads(named(attention, (f"{p}_norm",)), cast("int", w), head_dim))
         for p, m, w in zip("qkv", separate, widths, strict=True)
-    )
+    )  # fmt: skip
+
+
+def _over_heads(norm: torch.nn.Module | None, width: int, head_dim: int) -> torch.nn.Module | None:
+    """``norm`` where it spans all of a projection's ``width`` at once, as OLMo 2's query and
+    key norms do (Qwen3's, ``head_dim`` wide, norm each head alone: the receivers need
+    nothing of them); None otherwise."""
+    if norm is None or width == head_dim:
+        return None
+    own = list(norm.parameters())
+    return norm if own and all(p.numel() == width for p in own) else None
 
 
 # --- the runs --------------------------------------------------------------------------------
@@ -555,8 +598,8 @@ def _record(g: Graph, seen: dict[str, list[Any]]) -> list[Any]:
     for key in (*keys, "mlp", *_POSTS):
         seen[key] = [None] * n
     seen["out"] = [None]
-    seen["read"] = [[None] * len(b.readers) for b in g.blocks]
-    seen["returned"] = [[None] * len(b.readers) for b in g.blocks]
+    for key in _NESTED:
+        seen[key] = [[None] * len(b.readers) for b in g.blocks]
 
     def keep(key: str, layer: int, output: bool = False, i: int = -1) -> Callable[..., Any]:
         def hook(_m: Any, args: Any, *rest: Any) -> None:
@@ -578,15 +621,25 @@ def _record(g: Graph, seen: dict[str, list[Any]]) -> list[Any]:
     handles = []
     for layer, b in enumerate(g.blocks):
         handles.append(b.block.register_forward_pre_hook(keep("block", layer), with_kwargs=True))
-        handles.append(b.attn_norm.register_forward_pre_hook(keep("attn_norm", layer)))
-        handles.append(b.attn_norm.register_forward_hook(keep("norm_out", layer, True)))
+        if b.normless:  # no norm runs: each sublayer's input is its norms' input and output
+            for key in ("attn_norm", "norm_out"):
+                handles.append(cast("torch.nn.Module", b.attn_in).register_forward_pre_hook(
+                    keep(key, layer), with_kwargs=True
+                ))  # fmt: skip
+            for key in ("mlp_norm", "mlp_in"):
+                handles.append(b.reads.register_forward_pre_hook(keep(key, layer)))
+        else:
+            handles.append(b.attn_norm.register_forward_pre_hook(keep("attn_norm", layer)))
+            handles.append(b.attn_norm.register_forward_hook(keep("norm_out", layer, True)))
+            handles.append(b.mlp_norm.register_forward_pre_hook(keep("mlp_norm", layer)))
+            handles.append(b.mlp_norm.register_forward_hook(keep("mlp_in", layer, True)))
         for i, r in enumerate(b.readers):
             handles.append(r.module.register_forward_pre_hook(keep("read", layer, i=i)))
             handles.append(r.module.register_forward_hook(keep("returned", layer, True, i)))
+            if r.norm is not None:
+                handles.append(r.norm.register_forward_pre_hook(keep("norm_read", layer, i=i)))
         handles.append(b.out_proj.register_forward_pre_hook(keep("heads", layer)))
         handles.append(b.out_proj.register_forward_hook(keep("attn", layer, True)))
-        handles.append(b.mlp_norm.register_forward_pre_hook(keep("mlp_norm", layer)))
-        handles.append(b.mlp_norm.register_forward_hook(keep("mlp_in", layer, True)))
         handles.append(b.reads.register_forward_pre_hook(keep("mlp_out", layer)))
         handles.append(b.mlp.register_forward_hook(keep("mlp", layer, True)))
         for post, side in ((b.attn_post, "attn_post"), (b.mlp_post, "mlp_post")):
@@ -616,12 +669,17 @@ def _check_blocks(g: Graph, seen: Mapping[str, list[Any]], kind: str) -> None:
 
     if any(
         v is None and expected(key, i) for key, values in seen.items() for i, v in enumerate(values)
-    ) or any(v is None for layer in seen["read"] + seen["returned"] for v in layer):
+    ) or any(
+        v is None and (key != "norm_read" or g.blocks[layer].readers[i].norm is not None)
+        for key in _NESTED
+        for layer, values in enumerate(seen[key])
+        for i, v in enumerate(values)
+    ):
         raise ModelError(f"{g.method}: {kind} did not run the modules attrax found in its blocks")
     recorded = [
         v for key, values in seen.items() for v in values if key not in _NESTED and v is not None
     ]
-    recorded += [v for key in _NESTED for layer in seen[key] for v in layer]
+    recorded += [v for key in _NESTED for layer in seen[key] for v in layer if v is not None]
     if not all(bool(torch.isfinite(v).all()) for v in recorded):
         raise _not_finite(g.method)
     nxt = [*seen["block"][1:], seen["out"][0]]
@@ -671,10 +729,15 @@ def _check_blocks(g: Graph, seen: Mapping[str, list[Any]], kind: str) -> None:
         for i, r in enumerate(b.readers):
             read, returned = seen["read"][layer][i], seen["returned"][layer][i]
             name = type(r.module).__name__
-            norm_out = [x if b.post_ln else seen["norm_out"][layer]]
-            what = "the block's input" if b.post_ln else "the first norm's output"
+            norm_out = [x if b.reads_itself else seen["norm_out"][layer]]
+            what = "the block's input" if b.reads_itself else "the first norm's output"
             pairs[f"its {name} reads {what}"] = (read, norm_out, _sizes(norm_out))
             linear.append((r.module, read, returned, name))
+            if r.norm is not None:
+                normed = seen["norm_read"][layer][i]
+                pairs[f"its {type(r.norm).__name__} reads its {name}'s output"] = (
+                    normed, [returned], _sizes([returned])
+                )  # fmt: skip
         for module, given, returned, name in linear:
             terms, sizes = _linear_terms(module, given)
             pairs[f"its {name} returns its weight times its input"] = (returned, terms, sizes)
@@ -684,14 +747,14 @@ def _check_blocks(g: Graph, seen: Mapping[str, list[Any]], kind: str) -> None:
                 raise ModelError(
                     f"{g.method}: {kind}'s layer {layer} is not a residual block as the "
                     f"edges assume ({layout} attention and "
-                    f"MLP; {what}: it does not); norms on the sublayers' outputs with none "
-                    "before them, and residual scales other than the config's "
-                    "`residual_multiplier`, have no edges attrax can score"
+                    f"MLP; {what}: it does not); residual scales other than the config's "
+                    "`residual_multiplier` have no edges attrax can score"
                 )
 
 
-#: what :func:`_record` keeps per reader of each layer
-_NESTED = ("read", "returned")
+#: what :func:`_record` keeps per reader of each layer (``norm_read``: only where the reader
+#: has a norm over its heads)
+_NESTED = ("read", "returned", "norm_read")
 #: what :func:`_record` keeps of the norms on the sublayers' outputs, where a block has them
 _POSTS = ("attn_post_in", "attn_post_out", "mlp_post_in", "mlp_post_out")
 
@@ -869,6 +932,11 @@ def edge_scores(
     normed = len(g.normed) + senders if g.normed else 0
     if g.post_ln:  # the second LayerNorms' inputs, and a block of senders carried up
         normed = len(g.blocks) + senders
+    # norms over a projection's heads: their inputs, and a block of senders projected and
+    # pushed through one (with its tangents), the widest
+    over = [_width(r.module, "out") or 0 for b in g.blocks for r in b.readers if r.norm]
+    if over:
+        normed += (sum(over) + 3 * senders * max(over)) // hidden + 1
     # per (target, point): its probes' gradients, cast, and a reader's pulled back through its
     # heads' rows with their product; per point: the probes, the norms' inputs, and a block of
     # senders pushed through a norm (with their tangents, and laid out for the product)
@@ -940,18 +1008,26 @@ def _pass(
     ln_2_inputs: list[Any] = [None] * len(g.blocks)  # a post-norm block's second LayerNorm's
     normed = g.normed
     post_inputs: list[Any] = [None] * len(normed)
+    # what each reader's norm over its heads reads, by (layer, reader)
+    reader_inputs: dict[tuple[int, int], Any] = {}
 
-    def forward(*probes: torch.Tensor) -> tuple[torch.Tensor, list[list[torch.Tensor]]]:
+    def forward(*probes: torch.Tensor) -> tuple[torch.Tensor, list[Any]]:
         handles = []
         it = iter(probes)
         for layer, b in enumerate(g.blocks):
-            for r in b.readers:
-                handles.append(r.module.register_forward_hook(_adding(next(it))))
+            for i, r in enumerate(b.readers):
+                # a norm over the heads: the receivers are its output's slices
+                handles.append((r.norm or r.module).register_forward_hook(_adding(next(it))))
+                if r.norm is not None:
+                    handles.append(r.norm.register_forward_pre_hook(
+                        _keeping(reader_inputs, (layer, i))
+                    ))  # fmt: skip
             # the MLP's own copy of the stream: its norm's input, or past a norm it shares (a
             # post-norm block's MLP reads the first LayerNorm's output, unnormed)
-            reads = b.reads if b.shared or b.post_ln else b.mlp_norm
+            reads = b.reads if b.shared or b.reads_itself else b.mlp_norm
             handles.append(reads.register_forward_pre_hook(_adding_input(next(it))))
-            handles.append(b.attn_norm.register_forward_pre_hook(_keeping(norm_inputs, layer)))
+            if not b.normless:  # a normless block's identity needs no input
+                handles.append(b.attn_norm.register_forward_pre_hook(_keeping(norm_inputs, layer)))
             if b.post_ln:
                 handles.append(b.mlp_norm.register_forward_pre_hook(_keeping(ln_2_inputs, layer)))
         for i, (_, post) in enumerate(normed):
@@ -964,7 +1040,10 @@ def _pass(
                 None,
                 t.ids.repeat(n, 1),
             )
-        return hidden, [[h.detach() for h in norm_inputs], [h.detach() for h in post_inputs]]
+        kept = {k: v.detach() for k, v in reader_inputs.items()}
+        # by layer: a normless block's identity keeps none
+        before = {k: h.detach() for k, h in enumerate(norm_inputs) if h is not None}
+        return hidden, [before, [h.detach() for h in post_inputs], kept]
 
     # the senders whose delta in the stream is the same at every point: not past a norm
     linear = torch.ones(len(g.senders), dtype=acc, device=delta.device)
@@ -976,8 +1055,8 @@ def _pass(
         zeros += [x.new_zeros(*shape, _width(r.module, "out") or 0) for r in b.readers]
         zeros.append(x.new_zeros(*shape, delta.shape[3]))
     zeros.append(x.new_zeros(*shape, delta.shape[3]))  # the stream's width, not the inputs'
-    hidden, pullback, (inputs, normed_inputs) = cast(
-        "tuple[torch.Tensor, Callable[..., tuple[torch.Tensor, ...]], list[list[Any]]]",
+    hidden, pullback, (inputs, normed_inputs, reader_at) = cast(
+        "tuple[torch.Tensor, Callable[..., tuple[torch.Tensor, ...]], list[Any]]",
         torch.func.vjp(forward, *zeros, has_aux=True),
     )
 
@@ -1018,7 +1097,19 @@ def _pass(
         it = iter(grads)
         for layer, (readers, mlp_column) in enumerate(columns):
             b = g.blocks[layer]
-            rows = [(column, _pulled_through(r, next(it), n, acc, w)) for r, column in readers]
+            reader_grads = [next(it) for _ in readers]
+            rows = [
+                (column, _pulled_through(r, grad, n, acc, w))
+                for (r, column), grad in zip(readers, reader_grads, strict=True)
+                if r.norm is None
+            ]
+            # a norm over the heads: the deltas pushed through the projection and it, per point
+            over_heads = [
+                (r, column, grad, reader_at[layer, i])
+                for i, ((r, column), grad) in enumerate(zip(readers, reader_grads, strict=True))
+                if r.norm is not None
+            ]
+            del reader_grads
             mlp_grad = next(it)
             if b.shared:  # met past the norm, as a head's input, by the same pushed deltas
                 rows.append((mlp_column, _weighed(mlp_grad.to(acc), n, w)))
@@ -1026,11 +1117,16 @@ def _pass(
             for first in range(0, before, senders):  # chunking only: bounds memory
                 part = slice(first, min(first + senders, before))
                 # the senders' deltas pushed through the norm: the same for every target
-                pushed = _through_norm(b.attn_norm, inputs[layer], at_points(part))
+                pushed = at_points(part)
+                if not b.normless:
+                    pushed = _through_norm(b.attn_norm, inputs[layer], pushed)
                 pushed = pushed.to(acc).unflatten(1, (n, -1))
                 for column, per_head in rows:  # [B, n L H, k heads]
                     _add_heads(scores, slots, part, column, pushed, per_head)
-            del rows
+                for r, column, grad, at in over_heads:
+                    met = _met_over_heads(r, pushed, grad, at, w)  # [B, k, u, heads]
+                    scores[:, slots, part, column : column + met.shape[-1]] += met
+            del rows, over_heads
             if not b.shared:
                 mlp_senders = g.before_mlp(layer)
                 met = _met(delta[:mlp_senders], mlp_grad, w)
@@ -1143,6 +1239,23 @@ def _pulled_through(
         "knbLhd,hdH,n->bnLHkh", g_out, weight.unflatten(0, (heads, head_dim)), w
     )
     return per_head.flatten(1, 3).flatten(2)
+
+
+def _met_over_heads(
+    r: Reader, pushed: torch.Tensor, grad: torch.Tensor, at: torch.Tensor, w: torch.Tensor
+) -> torch.Tensor:
+    """``[B, k, u, heads]``: the deltas ``pushed`` (``[u, n, B, L, H]``, in the stream the
+    heads read) through ``r``'s projection (no bias: it drops out of a difference) and the
+    derivative of its norm over all heads at the points' inputs to it ``at`` (``[n B, L,
+    out]``), met by the gradients at that norm's output ``grad`` (``[k, n B, L, out]``), each
+    head's slice alone, weighed by the points' weights ``w``."""
+    n = w.shape[0]
+    heads = sum(h for _, h in r.parts)
+    projected = torch.einsum("unbLH,oH->unbLo", pushed, r.weight().to(pushed.dtype))
+    moved = _through_norm(cast("torch.nn.Module", r.norm), at, projected.flatten(1, 2))
+    moved = moved.to(w.dtype).unflatten(1, (n, -1)).unflatten(-1, (heads, -1))
+    g = grad.to(w.dtype).unflatten(1, (n, -1)).unflatten(-1, (heads, -1))
+    return torch.einsum("unbLhd,knbLhd,n->bkuh", moved, g, w)
 
 
 def _weighed(grad: torch.Tensor, n: int, w: torch.Tensor) -> torch.Tensor:
