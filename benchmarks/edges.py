@@ -171,8 +171,8 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def faithfulness(repeats: int = 1) -> dict[str, Any]:
-    """Spearman's rho of EAP's and EAP-IG's estimates with real edge patching, per target, on
-    the built-in model; ``ax.edge_patching`` of every edge alone (one call) against the loop
+    """Spearman's rho of EAP's, EAP-IG's and EAP-IG-activations' estimates with real edge
+    patching, per target, on the built-in model; ``ax.edge_patching`` of every edge alone (one call) against the loop
     that patches them (parity, then time); and how much of the clean run's lead each of EAP's
     and EAP-IG's top-n circuits keeps."""
     # the tests' loop, patching for real (the repository root is on PYTHONPATH, as run above)
@@ -183,9 +183,12 @@ def faithfulness(repeats: int = 1) -> dict[str, Any]:
     kw = {"corrupted": bad, "objective": "logit"}
     eap = ax.edge_attribution_patching(model, clean, target, **kw)
     ig = ax.edge_attribution_patching(model, clean, target, steps=16, **kw)
+    act = ax.edge_attribution_patching(model, clean, target, steps=16, interpolate="activations",
+                                       **kw)  # fmt: skip
     real = real_edges(model, eap, clean, bad, target)
     row: dict[str, Any] = {"edges": int(np.isfinite(eap.values[0]).sum())}
-    for name, da in (("eap", eap), ("eap_ig", ig)):
+    estimates = (("eap", eap), ("eap_ig", ig), ("eap_ig_activations", act))
+    for name, da in estimates:
         rhos = []
         for k in range(da.sizes["target"]):
             mask = np.isfinite(da.values[k])
@@ -217,7 +220,7 @@ def faithfulness(repeats: int = 1) -> dict[str, Any]:
     # kept, the corrupted run; 1: every edge, the clean run), per target
     sizes = [0, 5, 10, 20, 40]
     row["circuit_sizes"] = sizes
-    for name, da in (("eap", eap), ("eap_ig", ig)):
+    for name, da in estimates:
         for how, greedy in (("", False), ("_greedy", True)):
             chosen = ax.top_edges(da, sizes, greedy=greedy)
             effects = ax.edge_patching(model, clean, target, circuit=chosen, **kw)
@@ -250,17 +253,20 @@ def classifier_faithfulness(examples: int = 6) -> dict[str, Any]:
         kw = {"corrupted": bad, "objective": "logit"}
         eap = ax.edge_attribution_patching(model, text, [0, 1, 2], **kw)
         ig = ax.edge_attribution_patching(model, text, [0, 1, 2], steps=16, **kw)
+        act = ax.edge_attribution_patching(model, text, [0, 1, 2], steps=16,
+                                           interpolate="activations", **kw)  # fmt: skip
         edges = ax.top_edges(eap, int(np.isfinite(eap.values[0]).sum()))
         real = ax.edge_patching(model, text, [0, 1, 2], patch=[[e] for e in edges], **kw)
         row: dict[str, Any] = {"text": text, "corrupted": bad, "label": label}
-        for name, da in (("eap", eap), ("eap_ig", ig)):
+        estimated = (("eap", eap), ("eap_ig", ig), ("eap_ig_activations", act))
+        for name, da in estimated:
             estimates = np.stack([da.sel(sender=u, receiver=v).values for u, v in edges], -1)
             row[f"{name}_spearman"] = [
                 round(spearman(estimates[k], real.values[k]), 3) for k in range(3)
             ]
         sizes = [0, 5, 10, 20, 40, len(edges)]
         row["circuit_sizes"] = sizes
-        for name, da in (("eap", eap), ("eap_ig", ig)):
+        for name, da in estimated:
             effects = ax.edge_patching(model, text, [0, 1, 2], circuit=ax.top_edges(da, sizes),
                                        **kw)  # fmt: skip
             kept = (1 - effects / effects.sel(circuit=0)).values.astype(float)

@@ -488,7 +488,18 @@ def _naive_edges(model, clean_ids, corrupt_ids, targets, alphas, weights):
     embed = model.hf.get_input_embeddings()
     with torch.no_grad():
         clean_e, corrupt_e = embed(clean_ids)[None], embed(corrupt_ids)[None]
-    before, after = _nodes(model, clean_e), _nodes(model, corrupt_e)
+    points = [(corrupt_e + a * (clean_e - corrupt_e), [], w) for a, w in zip(alphas, weights,
+                                                                            strict=True)]  # fmt: skip
+    return _naive_edges_at(model, clean_e, corrupt_e, targets, points)
+
+
+def _naive_edges_at(model, clean_e, corrupt_e, targets, points, zero=False):
+    """``_naive_edges`` at the points ``[(embeddings, hooks, weight)]``: each run is the
+    embeddings' with the hooks on (``zero``: each sender's delta its clean output to zero)."""
+    before = _nodes(model, clean_e)
+    after = (
+        {k: torch.zeros_like(v) for k, v in before.items()} if zero else _nodes(model, corrupt_e)
+    )
     senders = list(before)
     _, heads = _parts(model.hf)
     out = {}
@@ -496,17 +507,77 @@ def _naive_edges(model, clean_ids, corrupt_ids, targets, alphas, weights):
         for sender in senders[: _senders_before(receiver, heads, _parallel(model.hf))]:
             delta = after[sender] - before[sender]
             total = np.zeros(len(targets))
-            for a, w in zip(alphas, weights, strict=True):
-                x = corrupt_e + a * (clean_e - corrupt_e)
+            for x, moved, w in points:
                 s = torch.zeros((), dtype=x.dtype, requires_grad=True)
                 kept, shift = _shift(model, sender, delta, s, receiver)
-                logits = _run(model, x, [*kept, *_edge_hook(model, receiver, shift)])
+                logits = _run(model, x, [*moved, *kept, *_edge_hook(model, receiver, shift)])
                 for k, (p, i) in enumerate(targets):
                     score = logits[0, p - 1, i] if p is not None else logits[0, i]  # a class
-                    (grad,) = torch.autograd.grad(score, s, retain_graph=True)
+                    # a receiver whose every path out is a moved node's (a constant) has none
+                    grad = 0.0
+                    if score.requires_grad:
+                        (grad,) = torch.autograd.grad(score, s, retain_graph=True)
                     total[k] += w * float(grad)
             out[sender, receiver] = total
     return out
+
+
+def _naive_over_activations(model, clean_ids, corrupt_ids, targets, steps, zero=False):
+    """EAP-IG over activations edge by edge: a run per node group (the first block's input,
+    each layer's output projection's output, each MLP's) and ``alpha = k / steps``, ``k = 1 ..
+    steps``, that group's module set to ``alpha`` of its clean run's output plus ``1 - alpha``
+    of its corrupted run's (recorded here; ``zero``: of zeros, a zero ablation of a model whose
+    output projections have no bias), every run weighed alike."""
+    embed = model.hf.get_input_embeddings()
+    with torch.no_grad():
+        clean_e, corrupt_e = embed(clean_ids)[None], embed(corrupt_ids)[None]
+    blocks, _ = _parts(model.hf)
+    groups = [(blocks[0][0], "in")]
+    for _, _, _, proj, _, mlp in blocks:
+        groups += [(proj, "out"), (mlp, "out")]
+    recorded = {}
+    for name, x in (("clean", clean_e), ("bad", corrupt_e)):
+        hooks = []
+        for i, (module, side) in enumerate(groups):
+            if side == "in":
+
+                def keep(_m, args, kwargs, i=i, name=name):
+                    recorded[name, i] = (args[0] if args else kwargs["hidden_states"]).clone()
+
+                hooks.append(lambda m=module, k=keep: m.register_forward_pre_hook(
+                    k, with_kwargs=True))  # fmt: skip
+            else:
+
+                def keep_out(_m, _a, output, i=i, name=name):
+                    recorded[name, i] = (output[0] if isinstance(output, tuple) else output).clone()
+
+                hooks.append(lambda m=module, k=keep_out: m.register_forward_hook(k))
+        with torch.no_grad():
+            _run(model, x, hooks)
+    if zero:
+        recorded.update(
+            {key: torch.zeros_like(v) for key, v in recorded.items() if key[0] == "bad"}
+        )
+    points = []
+    for i, (module, side) in enumerate(groups):
+        for k in range(1, steps + 1):
+            mix = (k / steps) * recorded["clean", i] + (1 - k / steps) * recorded["bad", i]
+            if side == "in":
+
+                def put(_m, args, kwargs, mix=mix):
+                    if args:
+                        return (mix, *args[1:]), kwargs
+                    return args, {**kwargs, "hidden_states": mix}
+
+                hook = lambda m=module, h=put: m.register_forward_pre_hook(h, with_kwargs=True)  # noqa: E731
+            else:
+
+                def put_out(_m, _a, output, mix=mix):
+                    return (mix, *output[1:]) if isinstance(output, tuple) else mix
+
+                hook = lambda m=module, h=put_out: m.register_forward_hook(h)  # noqa: E731
+            points.append((clean_e, [hook], 1 / (len(groups) * steps)))
+    return _naive_edges_at(model, clean_e, corrupt_e, targets, points, zero)
 
 
 def _receivers(model):
@@ -609,6 +680,36 @@ def test_eap_ig_averages_the_gradient_along_the_inputs_path(edges_models, arch):
     _compare(da, _naive_edges(model, clean, bad, targets, nodes, [1 / m] * m))
     eap = ax.edge_attribution_patching(model, CLEAN, TARGET, **KW)
     assert np.nanmax(np.abs(da.values - eap.values)) > 1e-3  # the path moves the gradients
+
+
+@pytest.mark.parametrize(
+    "arch", ["gpt2", "llama", "pythia", "gemma2", "olmo2", "opt", "opt-post-ln", "granite"]
+)
+def test_eap_ig_over_activations_averages_over_each_node_groups_path(edges_models, arch):
+    """MIB's EAP-IG-activations: one node group at a time between its corrupted and clean
+    outputs, at ``k / steps`` for ``k = 1 .. steps``, a constant in that run; a GPT-NeoX's
+    parallel blocks, Gemma 2's norms on the outputs, OLMo 2's query norms over all heads,
+    OPT's MLP of two modules (its positions flattened), post-LN OPT's LayerNorms, Granite's
+    residual scale."""
+    model = edges_models[arch]
+    da = ax.edge_attribution_patching(model, CLEAN, TARGET, steps=2, interpolate="activations",
+                                      **KW)  # fmt: skip
+    clean, bad, targets = _ids(model, da)
+    _compare(da, _naive_over_activations(model, clean, bad, targets, 2))
+    inputs = ax.edge_attribution_patching(model, CLEAN, TARGET, steps=2, **KW)
+    assert np.nanmax(np.abs(da.values - inputs.values)) > 1e-3
+
+
+def test_eap_ig_over_activations_under_a_zero_ablation(edges_models):
+    """Each node group between zero and its clean output (Llama's projections have no bias:
+    its heads at zero are its attention's output at zero); the senders' deltas the ablation's."""
+    model = edges_models["llama"]
+    assert model.hf.model.layers[0].self_attn.o_proj.bias is None
+    kw = {"corrupted": ax.Ablation("zero"), "objective": "logit"}
+    da = ax.edge_attribution_patching(model, CLEAN, TARGET, steps=2, interpolate="activations",
+                                      **kw)  # fmt: skip
+    clean, _, targets = _ids(model, da)
+    _compare(da, _naive_over_activations(model, clean, clean, targets, 2, zero=True))
 
 
 def _adds_up(summed, heads, mlp):
@@ -985,6 +1086,8 @@ def test_other_models_are_refused():
         ({"corrupted": ax.Ablation("zero"), "steps": 3}, "`steps` 3"),
         ({"corrupted": CORRUPTED, "steps": 0}, "`steps`"),
         ({"corrupted": CORRUPTED, "attribute_target": True}, "attribute_target"),
+        ({"corrupted": CORRUPTED, "interpolate": "activations"}, "`interpolate` 'activations'"),
+        ({"corrupted": CORRUPTED, "steps": 2, "interpolate": "layers"}, "`interpolate`"),
     ],
 )
 def test_bad_options_are_clear_errors(edges_models, options, match):

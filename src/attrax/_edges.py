@@ -907,11 +907,13 @@ def edge_scores(
     delta: torch.Tensor,
     points: Callable[[slice], torch.Tensor],
     weights: torch.Tensor,
+    moved: Callable[[slice], list[Shift]] | None = None,
 ) -> torch.Tensor:
     """``[B, K, U, R]``: each edge's estimate, ``sum_i weights[i] delta_u . grad_v`` over the
     points ``points(chunk)`` (``[n, B, L, H]``, the attributed side's embeddings, one per
     weight) at which the gradients are taken, ``batch_size`` points and ``chunk_size`` targets
-    a pass; the scores and ``delta`` (``[U, B, L, H]``) held as :func:`hold_edges` priced."""
+    a pass, each point's nodes moved as ``moved(chunk)`` says (EAP-IG over activations); the
+    scores and ``delta`` (``[U, B, L, H]``) held as :func:`hold_edges` priced."""
     problem = call.problem
     t = problem.tensors
     receivers = g.receivers()
@@ -945,7 +947,8 @@ def edge_scores(
     batch_size, chunk = problem.plan(
         total, call.options["batch_size"], call.options["chunk_size"], shared_forward=True,
         per_target=2 * probes * one // hidden + 2 * per_head_rows * one,
-        per_point=(probes // hidden + len(g.blocks) + 3 * senders + 2 + normed) * one,
+        per_point=(probes // hidden + len(g.blocks) + 3 * senders + 2 + normed
+                   + (2 if moved else 0)) * one,
     )  # fmt: skip
     scores = delta.new_zeros(batch, targets, u_all, len(receivers))
     step = total if batch_size is None else batch_size
@@ -954,8 +957,43 @@ def edge_scores(
         between_passes()
         part = slice(first, min(first + step, total))
         w = weights[part].to(device=delta.device, dtype=acc)
-        _pass(call, g, delta, points(part), w, chunk, senders, scores, columns)
+        shifts = moved(part) if moved else []
+        _pass(call, g, delta, points(part), w, chunk, senders, scores, columns, shifts)
     return scores
+
+
+#: a node's output moved at some of a pass's points: the module (``"in"``: the first block,
+#: whose input is moved), the points' indices in the pass and what each adds (``[k, B, L, H]``)
+Shift = tuple[torch.nn.Module, str, torch.Tensor, torch.Tensor]
+
+
+def _shifting(module: torch.nn.Module, side: str, rows: torch.Tensor, by: torch.Tensor, n: int
+              ) -> Any:  # fmt: skip
+    """Register the hook that adds ``by`` to ``module``'s output (its input: ``side="in"``) at
+    the points ``rows`` of the ``n`` a pass stacks, copy-major, and makes it a constant there
+    (as Hanna et al.'s code sets it: no gradient flows through the moved node)."""
+
+    def moved(value: torch.Tensor) -> torch.Tensor:
+        # OPT's MLP and Llama 4's experts hold their positions flattened: [n B L, H]
+        stacked = value.reshape(n, *by.shape[1:])
+        fixed = stacked.index_select(0, rows).detach() + by.to(value.dtype)
+        return stacked.index_copy(0, rows, fixed).view_as(value)
+
+    if side == "in":
+
+        def pre(_m: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+            if args:
+                return (moved(args[0]), *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": moved(kwargs["hidden_states"])}
+
+        return module.register_forward_pre_hook(pre, with_kwargs=True)
+
+    def hook(_m: Any, _args: Any, output: Any) -> Any:
+        if isinstance(output, tuple):
+            return (moved(output[0]), *output[1:])
+        return moved(output)
+
+    return module.register_forward_hook(hook)
 
 
 def hold_edges(call: Call, g: Graph) -> None:
@@ -997,9 +1035,11 @@ def _pass(
     senders: int,
     scores: torch.Tensor,
     columns: list[tuple[list[tuple[Reader, int]], int]],
+    shifts: list[Shift],
 ) -> None:
     """Add one pass's points' terms to ``scores`` ``[B, K, U, R]``, ``chunk`` targets a
-    backward, ``senders`` senders pushed through a norm at a time."""
+    backward, ``senders`` senders pushed through a norm at a time, the nodes ``shifts`` names
+    moved at their points."""
     problem = call.problem
     t = problem.tensors
     n, batch = x.shape[:2]
@@ -1033,6 +1073,7 @@ def _pass(
         for i, (_, post) in enumerate(normed):
             handles.append(post.register_forward_pre_hook(_keeping(post_inputs, i)))
         handles.append(g.blocks[-1].block.register_forward_hook(_adding(next(it))))
+        handles += [_shifting(module, side, rows, by, n) for module, side, rows, by in shifts]
         with _hooked(handles):
             hidden = problem.hidden_of(
                 x.flatten(0, 1),
@@ -1258,6 +1299,39 @@ def _met_over_heads(
     return torch.einsum("unbLhd,knbLhd,n->bkuh", moved, g, w)
 
 
+def _over_activations(
+    g: Graph, delta: torch.Tensor, clean_embeds: torch.Tensor, quadrature: str, steps: int
+) -> tuple[torch.Tensor, Callable[[slice], torch.Tensor], Callable[[slice], list[Shift]]]:
+    """EAP-IG over activations: the weights, the points (the clean embeddings) and what each
+    moves, group by group (the first block's input, then each layer's attention output and its
+    MLP's), ``alpha`` of the way from corrupted to clean at each of the quadrature's nodes: the
+    clean run's output plus ``1 - alpha`` of the node's corrupted-minus-clean delta."""
+    nodes, w = quadrature_nodes(quadrature, steps)
+    groups: list[tuple[torch.nn.Module, str, torch.Tensor]] = [(g.blocks[0].block, "in", delta[0])]
+    for layer, b in enumerate(g.blocks):
+        first = g.first_head(layer)
+        # a node's delta is taken times the block's scale: its module's output is not
+        heads = delta[first : first + g.heads].sum(0) / b.scale
+        groups += [(b.out_proj, "out", heads), (b.mlp, "out", delta[first + g.heads] / b.scale)]
+    weights = torch.as_tensor(np.tile(w, len(groups)) / len(groups))
+    rest = torch.as_tensor(1 - nodes, dtype=delta.dtype, device=delta.device)
+
+    def points(part: slice) -> torch.Tensor:
+        return clean_embeds[None].expand(part.stop - part.start, *clean_embeds.shape)
+
+    def moved(part: slice) -> list[Shift]:
+        out = []
+        index = torch.arange(part.start, part.stop, device=delta.device)
+        for i, (module, side, d) in enumerate(groups):
+            mine = (index // steps == i).nonzero().squeeze(1)
+            if len(mine):
+                by = rest[(index[mine] % steps)].view(-1, 1, 1, 1) * d[None]
+                out.append((module, side, mine, by))
+        return out
+
+    return weights, points, moved
+
+
 def _weighed(grad: torch.Tensor, n: int, w: torch.Tensor) -> torch.Tensor:
     """The gradient at a shared norm's output as the MLP reads it (``[k, n * B, L, H]``),
     weighed by the points' weights: ``[B, n L H, k]``, laid out as :func:`_pulled_through`'s
@@ -1374,15 +1448,27 @@ def _together(options: Mapping[str, Any]) -> None:
             "`quadrature` applies with `steps` (EAP-IG's path from the corrupted input to the "
             f"clean one), got quadrature={options['quadrature']!r} and steps=None"
         )
-    if options["steps"] is not None and isinstance(options["corrupted"], Ablation):
+    if options["steps"] is None and options["interpolate"] != "inputs":
+        raise OptionError(
+            f"`interpolate` {options['interpolate']!r} chooses what EAP-IG interpolates: it "
+            "applies with `steps`, got steps=None (EAP)"
+        )
+    activations = options["interpolate"] == "activations"
+    if (
+        options["steps"] is not None
+        and isinstance(options["corrupted"], Ablation)
+        and not activations
+    ):
         raise OptionError(
             f"`steps` {options['steps']} (EAP-IG) integrates along the inputs from the "
             "corrupted text to the clean one; an ax.Ablation has no corrupted input: give a "
-            "corrupted text, or steps=None (EAP)"
+            "corrupted text, interpolate='activations' (between each node's clean and "
+            "ablated outputs), or steps=None (EAP)"
         )
     if options["steps"] is not None:
+        default = "riemann_right" if activations else "riemann_left"
         check_quadrature_steps(
-            {"steps": options["steps"], "quadrature": options["quadrature"] or "riemann_left"}
+            {"steps": options["steps"], "quadrature": options["quadrature"] or default}
         )
 
 
@@ -1391,6 +1477,7 @@ def _together(options: Mapping[str, Any]) -> None:
     corrupted=_corrupted_input,
     steps=check.optional(check.positive_int),
     quadrature=check.one_of(*QUADRATURES, none=True),
+    interpolate=check.one_of("inputs", "activations"),
 )
 def edge_attribution_patching(
     call: Call,
@@ -1398,6 +1485,7 @@ def edge_attribution_patching(
     corrupted: Any = None,
     steps: int | None = None,
     quadrature: str | None = None,
+    interpolate: str = "inputs",
 ) -> xr.DataArray:
     """Edge attribution patching: each edge's estimated effect on the target's objective, EAP
     (Syed et al. 2023) or, with ``steps``, EAP-IG (Hanna et al. 2024).
@@ -1424,7 +1512,15 @@ def edge_attribution_patching(
         steps: None (the default) for EAP; EAP-IG's number of points on the path.
         quadrature: EAP-IG's nodes (``riemann_left``, the default, is Hanna et al.'s:
             ``k / steps`` for ``k < steps``; or ``riemann_right|middle|trapezoid``,
-            ``gausslegendre``).
+            ``gausslegendre``; ``riemann_trapezoid`` with 2 steps averages the clean and
+            corrupted inputs' gradients, their "clean-corrupted" method).
+        interpolate: what EAP-IG moves from corrupted to clean: ``"inputs"`` (the default,
+            the embeddings) or ``"activations"`` (MIB's EAP-IG-activations: one node group at
+            a time, the input, each layer's attention output, each MLP's, set to ``alpha``
+            of its clean output plus ``1 - alpha`` of its corrupted one, the rest of the
+            clean run recomputed; the gradients averaged over every group and ``alpha``;
+            its default nodes ``k / steps`` for ``k = 1 .. steps``, Hanna et al.'s; with an
+            :class:`Ablation` too).
         batch_size: EAP-IG's points per forward (``"auto"``: planned).
 
     Returns:
@@ -1448,12 +1544,18 @@ def edge_attribution_patching(
     clean_embeds = problem.inputs[0]
     g, clean, delta, corrupt_embeds, _ = runs(call, g, corrupted)
     del clean
+    moved = None
+    points: Callable[[slice], torch.Tensor]
     if steps is None:
         weights = torch.ones(1, dtype=torch.float64)
 
         def points(part: slice) -> torch.Tensor:
             return clean_embeds[None]
 
+    elif interpolate == "activations":
+        weights, points, moved = _over_activations(
+            g, delta, clean_embeds, quadrature or "riemann_right", steps
+        )
     else:  # EAP-IG: the straight path from the corrupted embeddings to the clean ones
         assert corrupt_embeds is not None
         nodes, w = quadrature_nodes(quadrature or "riemann_left", steps)
@@ -1461,10 +1563,12 @@ def edge_attribution_patching(
         start, span = corrupt_embeds, clean_embeds - corrupt_embeds
         weights = torch.as_tensor(w)
 
-        def points(part: slice) -> torch.Tensor:  # a pass's points only, as it runs
+        def on_path(part: slice) -> torch.Tensor:  # a pass's points only, as it runs
             return start[None] + alpha[part].view(-1, 1, 1, 1) * span[None]
 
-    scores = edge_scores(call, g, delta, points, weights)
+        points = on_path
+
+    scores = edge_scores(call, g, delta, points, weights, moved)
     if not bool(torch.isfinite(scores).all()):  # NaN marks no edge: one the model made must not
         raise _not_finite()
     # a receiver reads only the senders before it: the rest are no edges
