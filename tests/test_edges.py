@@ -522,12 +522,16 @@ def _naive_edges_at(model, clean_e, corrupt_e, targets, points, zero=False):
     return out
 
 
-def _naive_over_activations(model, clean_ids, corrupt_ids, targets, steps, zero=False):
+def _naive_over_activations(model, clean_ids, corrupt_ids, targets, steps, zero=False,
+                            nodes=None, weights=None):  # fmt: skip
     """EAP-IG over activations edge by edge: a run per node group (the first block's input,
     each layer's output projection's output, each MLP's) and ``alpha = k / steps``, ``k = 1 ..
     steps``, that group's module set to ``alpha`` of its clean run's output plus ``1 - alpha``
     of its corrupted run's (recorded here; ``zero``: of zeros, a zero ablation of a model whose
-    output projections have no bias), every run weighed alike."""
+    output projections have no bias), every run weighed alike (or at ``nodes`` with
+    ``weights``, shared by every group)."""
+    nodes = nodes or [k / steps for k in range(1, steps + 1)]
+    weights = weights or [1 / steps] * steps
     embed = model.hf.get_input_embeddings()
     with torch.no_grad():
         clean_e, corrupt_e = embed(clean_ids)[None], embed(corrupt_ids)[None]
@@ -560,8 +564,8 @@ def _naive_over_activations(model, clean_ids, corrupt_ids, targets, steps, zero=
         )
     points = []
     for i, (module, side) in enumerate(groups):
-        for k in range(1, steps + 1):
-            mix = (k / steps) * recorded["clean", i] + (1 - k / steps) * recorded["bad", i]
+        for a, w in zip(nodes, weights, strict=True):
+            mix = a * recorded["clean", i] + (1 - a) * recorded["bad", i]
             if side == "in":
 
                 def put(_m, args, kwargs, mix=mix):
@@ -576,7 +580,7 @@ def _naive_over_activations(model, clean_ids, corrupt_ids, targets, steps, zero=
                     return (mix, *output[1:]) if isinstance(output, tuple) else mix
 
                 hook = lambda m=module, h=put_out: m.register_forward_hook(h)  # noqa: E731
-            points.append((clean_e, [hook], 1 / (len(groups) * steps)))
+            points.append((clean_e, [hook], w / len(groups)))
     return _naive_edges_at(model, clean_e, corrupt_e, targets, points, zero)
 
 
@@ -698,6 +702,36 @@ def test_eap_ig_over_activations_averages_over_each_node_groups_path(edges_model
     _compare(da, _naive_over_activations(model, clean, bad, targets, 2))
     inputs = ax.edge_attribution_patching(model, CLEAN, TARGET, steps=2, **KW)
     assert np.nanmax(np.abs(da.values - inputs.values)) > 1e-3
+
+
+def test_eap_ig_over_activations_weighs_each_node_as_its_quadrature_says(edges_models):
+    """The trapezoid's nodes 0, 1/2, 1 weigh 1/4, 1/2, 1/4: a node paired with another's weight
+    would not match; and its passes of 2 points, one target a backward, start inside a group."""
+    model = edges_models["gpt2"]
+    kw = {**KW, "steps": 3, "interpolate": "activations", "quadrature": "riemann_trapezoid"}
+    da = ax.edge_attribution_patching(model, CLEAN, TARGET, **kw)
+    clean, bad, targets = _ids(model, da)
+    naive = _naive_over_activations(model, clean, bad, targets, 3, nodes=[0.0, 0.5, 1.0],
+                                    weights=[0.25, 0.5, 0.25])  # fmt: skip
+    _compare(da, naive)
+    split = ax.edge_attribution_patching(model, CLEAN, TARGET, batch_size=2, chunk_size=1, **kw)
+    np.testing.assert_allclose(split.values, da.values, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("arch", ["llama", "olmo2"])
+def test_over_activations_batched_and_padded_equal_single(edges_models, arch):
+    """Each example's node groups moved from its own corrupted run's outputs; OLMo 2's query
+    and key norms over all heads taken at each example's own queries."""
+    model = edges_models[arch]
+    inputs, corrupted = [CLEAN, "The capital is"], [CORRUPTED, "A capital is"]
+    for kw in ({"steps": 2, "interpolate": "activations"}, {}):
+        batched = ax.edge_attribution_patching(model, inputs, [TARGET, " d"], corrupted=corrupted,
+                                               objective="logit", **kw)  # fmt: skip
+        for i in range(2):
+            one = ax.edge_attribution_patching(model, inputs[i], [TARGET, " d"][i],
+                                               corrupted=corrupted[i], objective="logit", **kw)  # fmt: skip
+            got = batched.isel(example=i).dropna("target", how="all")
+            np.testing.assert_allclose(got.values, one.values, rtol=1e-9, atol=1e-12)
 
 
 def test_eap_ig_over_activations_under_a_zero_ablation(edges_models):

@@ -505,7 +505,8 @@ def _account(
     """A :class:`ModelError` where ``module`` holds weights the edges do not account for: a
     module with parameters beside ``known`` (an attention's output gate, a norm after a
     sublayer, a layer scale), or, in an attention, a norm over more than one head's vector
-    (OLMoE's query and key norms mix the heads; Qwen3's, one head wide, do not)."""
+    that is not among ``known`` (a reader's norm over all its heads, OLMoE's, is; Qwen3's, one
+    head wide, mix no heads)."""
     for name, sub in module.named_modules():
         if sub is module or any(sub is k or _inside(sub, k) for k in known):
             continue
@@ -570,7 +571,8 @@ def _over_heads(norm: torch.nn.Module | None, width: int, head_dim: int) -> torc
     if norm is None or width == head_dim:
         return None
     own = list(norm.parameters())
-    return norm if own and all(p.numel() == width for p in own) else None
+    # one dim of the whole width: Cohere's `[heads, head_dim]` gains norm each head alone
+    return norm if own and all(p.shape == (width,) for p in own) else None
 
 
 # --- the runs --------------------------------------------------------------------------------
@@ -728,7 +730,8 @@ def _check_blocks(g: Graph, seen: Mapping[str, list[Any]], kind: str) -> None:
         linear = [(b.out_proj, seen["heads"][layer], seen["attn"][layer], "output projection")]
         for i, r in enumerate(b.readers):
             read, returned = seen["read"][layer][i], seen["returned"][layer][i]
-            name = type(r.module).__name__
+            # one key per reader: the query's, key's and value's Linears are each checked
+            name = f"{type(r.module).__name__} ({', '.join(p for p, _ in r.parts)})"
             norm_out = [x if b.reads_itself else seen["norm_out"][layer]]
             what = "the block's input" if b.reads_itself else "the first norm's output"
             pairs[f"its {name} reads {what}"] = (read, norm_out, _sizes(norm_out))
@@ -1507,9 +1510,10 @@ def edge_attribution_patching(
         model, inputs, targets, objective, contrast, positions, chunk_size, max_new_tokens,
             max_memory: as :func:`attrax.saliency`.
         corrupted: the corrupted input(s), aligned with ``inputs``, each with as many tokens as
-            its clean input; or an :class:`Ablation` (EAP only): each sender set to zero or
-            to its mean over the inputs' tokens.
-        steps: None (the default) for EAP; EAP-IG's number of points on the path.
+            its clean input; or an :class:`Ablation` (EAP, and EAP-IG over activations): each
+            sender set to zero or to its mean over the inputs' tokens.
+        steps: None (the default) for EAP; EAP-IG's number of points on the path (over
+            activations: on each node group's, ``(1 + 2 * layers) * steps`` in all).
         quadrature: EAP-IG's nodes (``riemann_left``, the default, is Hanna et al.'s:
             ``k / steps`` for ``k < steps``; or ``riemann_right|middle|trapezoid``,
             ``gausslegendre``; ``riemann_trapezoid`` with 2 steps averages the clean and
@@ -1541,6 +1545,13 @@ def edge_attribution_patching(
     g = graph(model)
     problem = call.problem
     hold_edges(call, g)  # before the runs that make them: a refusal, not an exhausted device
+    if steps is not None and interpolate == "activations":
+        batch, length = problem.tensors.ids.shape
+        size = torch.finfo(full_precision(problem.inputs[0]).dtype).bits // 8
+        problem.hold(
+            2 * len(g.blocks) * batch * length * g.width * size, "interpolate", interpolate,
+            "each layer's attention's and MLP's deltas",
+        )  # fmt: skip
     clean_embeds = problem.inputs[0]
     g, clean, delta, corrupt_embeds, _ = runs(call, g, corrupted)
     del clean
