@@ -2327,8 +2327,9 @@ def test_atp_attention_inputs_batched_selection_and_errors(models64, monkeypatch
             assert np.nanmax(np.abs(single.values)) > 1e-6
             part = full.isel(example=e).dropna("target", how="all")
             part = part.isel(source=slice(0, single.sizes["source"]))
-            # Llama's float32 softmax: padding changes its sums' order
-            assert_close(part.values, single.values, rtol=1e-5, atol=1e-6)
+            # Llama's float32 softmax: padding changes its sums' order (by 2e-6 of the largest
+            # on an AVX2 CPU's kernels)
+            assert_close(part.values, single.values, rtol=1e-4, atol=1e-5)
     kw = {"corrupted": CORRUPTED, "objective": "logit"}
     for site, heads, total in (("queries", [3, 0], 4), ("keys", [1], 2), ("values", -1, 2)):
         whole = ax.attribution_patching(model, SOURCE, QKV_TARGET, site=site, **kw)

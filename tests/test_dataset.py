@@ -375,7 +375,8 @@ def test_causal_tracing_reads_each_records_tokens_to_noise(tmp_path, model, writ
         ).sum("layer", skipna=False)  # fmt: skip
         part = D.load_dataset_results(tmp_path / "ints").isel(example=e)
         part = part.sel(target=want.target, source=want.source)
-        np.testing.assert_allclose(part.values, want.values, rtol=1e-6, atol=1e-8)
+        # float32 forwards of other batch sizes: 1e-7 apart on an AVX2 CPU's kernels
+        np.testing.assert_allclose(part.values, want.values, rtol=1e-4, atol=1e-6)
     bad = [{"input": "1 2 3 =", "target": " 3 2 1", "noise": "7"}]
     with pytest.raises(ax.InputError, match=r"^noise\.jsonl line 1: `noise` '7' is not a text"):
         D.attribute_dataset(

@@ -63,6 +63,7 @@ def edges_models() -> dict[str, ax.Model]:
     # attention and MLP side by side on one norm: GPT-J's, Phi's, Cohere's
     for arch in ("gptj", "phi", "cohere"):
         built[arch] = ax.load_model(_large(full_double(llama_like(arch, tok))), tokenizer=tok)
+    built["cohere-qk"] = ax.load_model(_cohere_qk(tok), tokenizer=tok)
     # GPT-NeoX: each head's query, key and value side by side, the MLP on its own norm beside
     # the attention (or after it)
     # OPT: its MLP no module (`fc1`, `fc2`), its positions flattened there; with project_in/out
@@ -81,6 +82,28 @@ def edges_models() -> dict[str, ax.Model]:
     for name, multi_query in (("gpt_bigcode", True), ("gpt_bigcode-mha", False)):
         built[name] = ax.load_model(_large(gpt_bigcode(tok, multi_query).double()), tokenizer=tok)
     return built
+
+
+def _cohere_qk(tok, norm=None):
+    """Command R+'s blocks: Cohere's with a LayerNorm of each head's query and key, gains
+    ``[heads, head_dim]`` (random); ``norm(heads, head_dim)`` in place of the query's."""
+    from tests.test_architectures import CONFIGS
+
+    config = CONFIGS["cohere"](len(tok))
+    config.use_qk_norm = True
+    config.pad_token_id, config.bos_token_id, config.eos_token_id = (
+        tok.pad_token_id, tok.bos_token_id, tok.eos_token_id,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    hf = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    with torch.no_grad():
+        for layer in hf.model.layers:
+            attention = layer.self_attn
+            if norm is not None:
+                attention.q_norm = norm(config.num_attention_heads, attention.head_dim)
+            for module in (attention.q_norm, attention.k_norm):
+                module.weight.normal_(1.0, 0.3)
+    return _large(full_double(hf.eval()))
 
 
 def _large(hf):
@@ -659,7 +682,7 @@ def real_edges(model, da, clean, corrupted, target):
     "arch",
     ["gpt2", "llama", "phi3", "qwen3", "gpt_bigcode", "gpt_bigcode-mha", "gptj", "pythia",
      "falcon", "falcon-40b", "opt", "opt-projected", "granite", "gemma2", "gemma3", "glm4",
-     "vaultgemma", "bloom", "opt-post-ln", "olmo2", "exaone4", "olmoe"],
+     "vaultgemma", "bloom", "opt-post-ln", "olmo2", "exaone4", "olmoe", "cohere-qk"],
 )  # fmt: skip
 def test_eap_equals_patching_each_edge_to_first_order(edges_models, arch):
     model = edges_models[arch]
@@ -1043,6 +1066,20 @@ def test_a_residual_scale_is_refused_beside_a_huge_entry(edges_models):
     huge.hf.config.residual_multiplier = 1.0
     with pytest.raises(ax.ModelError, match="the second norm reads the input plus"):
         ax.edge_attribution_patching(huge, CLEAN, TARGET, **KW)
+
+
+def test_a_norm_with_gains_per_head_that_mixes_the_heads_is_refused():
+    """Cohere's query norm has gains ``[heads, head_dim]`` and norms each head alone; a
+    LayerNorm over ``(heads, head_dim)`` has the same gains and norms them all at once: the
+    clean run tells them apart."""
+
+    def whole(heads, head_dim):
+        return torch.nn.LayerNorm((heads, head_dim), bias=False)
+
+    _, tok = tiny_model("llama")
+    model = ax.load_model(_cohere_qk(tok, whole), tokenizer=tok)
+    with pytest.raises(ax.ModelError, match="does not norm each head's vector alone"):
+        ax.edge_attribution_patching(model, CLEAN, TARGET, **KW)
 
 
 def test_weights_the_edges_do_not_account_for_are_refused():

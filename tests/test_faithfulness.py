@@ -138,8 +138,8 @@ def test_a_token_classifiers_targets_in_another_order_score_the_same():
     assert sub.target.values.tolist() == da.target.values[[3, 1]].tolist()
     for name in ("target_class", "predicted_class"):
         np.testing.assert_array_equal(sub[name], full[name].isel(target=[3, 1]))
-    # float32 forwards of other batch sizes: rounding by the CPU's kernels
-    np.testing.assert_allclose(sub.values, full.isel(target=[3, 1]).values, rtol=1e-5, atol=1e-7)
+    # float32 forwards of other batch sizes: rounding by the CPU's kernels (2e-7 on AVX2's)
+    np.testing.assert_allclose(sub.values, full.isel(target=[3, 1]).values, rtol=1e-5, atol=1e-6)
 
 
 def test_only_the_attributed_positions_are_scored(model):

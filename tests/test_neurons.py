@@ -235,12 +235,13 @@ def test_batched_and_padded_equal_alone_and_chunks_change_nothing():
     for b, (p, t) in enumerate(zip(prompts, targets, strict=True)):
         alone = ax.knowledge_neurons(model, p, t, steps=3, layers=[0, -1])
         got = both.isel(example=b).dropna("target", how="all")
-        np.testing.assert_allclose(got.values, alone.values, atol=1e-10)
-        np.testing.assert_allclose(got.completeness_gap, alone.completeness_gap, atol=1e-10)
+        # Llama's softmax in float32 inside the float64 model: padding moves it by 2e-9
+        np.testing.assert_allclose(got.values, alone.values, rtol=1e-5, atol=1e-8)
+        np.testing.assert_allclose(got.completeness_gap, alone.completeness_gap, atol=1e-8)
     small = ax.knowledge_neurons(
         model, prompts, targets, steps=3, layers=[0, -1], batch_size=1, chunk_size=1
     )
-    np.testing.assert_allclose(small.values, both.values, atol=1e-10, equal_nan=True)
+    np.testing.assert_allclose(small.values, both.values, rtol=1e-5, atol=1e-8, equal_nan=True)
 
 
 def test_positions_and_a_contrast_are_the_difference_of_two_targets():

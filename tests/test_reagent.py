@@ -220,8 +220,9 @@ def assert_exercised(loop: Loop, probes: int) -> None:
 
 
 def assert_matches(da, loop: Loop) -> None:
-    # float64 models: rounding only, while a wrong draw, rank or stop moves them by percents
-    assert_close(da.values, loop.values, rtol=1e-9, atol=1e-12)
+    # float64 models (Llama's softmax in float32: 1e-8 apart on an AVX2 CPU's kernels):
+    # rounding only, while a wrong draw, rank or stop moves them by percents
+    assert_close(da.values, loop.values, rtol=1e-7, atol=1e-10)
     np.testing.assert_array_equal(da.stopped.values, loop.stopped)
 
 

@@ -195,6 +195,9 @@ class Block:
     #: model: no hook of theirs runs), the attention reads the input of ``attn_in``, the MLP
     #: its own input
     normless: bool = False
+    #: norms in the attention whose gains are ``[heads, head_dim]`` (Cohere's query and key
+    #: norms, Command R+'s): each head's alone, as the clean run checks
+    head_norms: tuple[torch.nn.Module, ...] = ()
 
     @property
     def reads(self) -> torch.nn.Module:
@@ -408,11 +411,12 @@ def graph(model: Model, method: str = METHOD) -> Graph:
         known += [m for m in (attn_post, mlp_post) if m is not None]
         _account(where, block, known, "block")
         reading = [m for r in readers for m in (r.module, r.norm) if m is not None]
-        _account(where, inner, [*reading, out_proj], "attention", head_dim)
+        head_norms = _per_head_gains(inner, head_dim)
+        _account(where, inner, [*reading, *head_norms, out_proj], "attention", head_dim)
         found.append(
             Block(block, attn_norm, readers, out_proj, mlp_norm, mlp, parallel, mlp_in, scale,
                   attn_post, mlp_post, attn_in=attention if normless else None,
-                  normless=normless)
+                  normless=normless, head_norms=head_norms)
         )  # fmt: skip
     if len(head_dims) > 1:
         raise ModelError(
@@ -529,6 +533,18 @@ def _account(
         )
 
 
+def _per_head_gains(attention: torch.nn.Module, head_dim: int) -> tuple[torch.nn.Module, ...]:
+    """The norms in ``attention`` whose gains are ``[heads, head_dim]`` (Cohere's ``q_norm``
+    and ``k_norm``): per head by their gains' shape; the clean run checks they mix no heads."""
+    return tuple(
+        sub
+        for sub in attention.modules()
+        if "norm" in type(sub).__name__.lower()
+        and (own := list(sub.parameters(recurse=False)))
+        and all(p.dim() == 2 and p.shape[-1] == head_dim for p in own)
+    )
+
+
 def _inside(sub: torch.nn.Module, outer: torch.nn.Module) -> bool:
     return any(sub is m for m in outer.modules())
 
@@ -602,6 +618,7 @@ def _record(g: Graph, seen: dict[str, list[Any]]) -> list[Any]:
     seen["out"] = [None]
     for key in _NESTED:
         seen[key] = [[None] * len(b.readers) for b in g.blocks]
+    seen["head_norm_in"] = [[None] * len(b.head_norms) for b in g.blocks]
 
     def keep(key: str, layer: int, output: bool = False, i: int = -1) -> Callable[..., Any]:
         def hook(_m: Any, args: Any, *rest: Any) -> None:
@@ -640,6 +657,8 @@ def _record(g: Graph, seen: dict[str, list[Any]]) -> list[Any]:
             handles.append(r.module.register_forward_hook(keep("returned", layer, True, i)))
             if r.norm is not None:
                 handles.append(r.norm.register_forward_pre_hook(keep("norm_read", layer, i=i)))
+        for i, norm in enumerate(b.head_norms):
+            handles.append(norm.register_forward_pre_hook(keep("head_norm_in", layer, i=i)))
         handles.append(b.out_proj.register_forward_pre_hook(keep("heads", layer)))
         handles.append(b.out_proj.register_forward_hook(keep("attn", layer, True)))
         handles.append(b.reads.register_forward_pre_hook(keep("mlp_out", layer)))
@@ -686,6 +705,13 @@ def _check_blocks(g: Graph, seen: Mapping[str, list[Any]], kind: str) -> None:
         raise _not_finite(g.method)
     nxt = [*seen["block"][1:], seen["out"][0]]
     for layer, b in enumerate(g.blocks):
+        for norm, given in zip(b.head_norms, seen["head_norm_in"][layer], strict=True):
+            if not _each_head_alone(norm, given, g.head_dim):
+                raise ModelError(
+                    f"{g.method}: {kind}'s layer {layer} holds a {type(norm).__name__} with "
+                    "gains per head that does not norm each head's vector alone (moving one "
+                    "head's moves another's): its edges would mean something else"
+                )
         x = seen["block"][layer]
         # each check: what the model made, and the terms it should be the sum of
         # what the block adds of each sublayer's output: past its norm, or times its scale
@@ -756,10 +782,27 @@ def _check_blocks(g: Graph, seen: Mapping[str, list[Any]], kind: str) -> None:
 
 
 #: what :func:`_record` keeps per reader of each layer (``norm_read``: only where the reader
-#: has a norm over its heads)
-_NESTED = ("read", "returned", "norm_read")
+#: has a norm over its heads), and per norm of :attr:`Block.head_norms` (``head_norm_in``)
+_NESTED = ("read", "returned", "norm_read", "head_norm_in")
 #: what :func:`_record` keeps of the norms on the sublayers' outputs, where a block has them
 _POSTS = ("attn_post_in", "attn_post_out", "mlp_post_in", "mlp_post_out")
+
+
+def _each_head_alone(norm: torch.nn.Module, given: torch.Tensor, head_dim: int) -> bool:
+    """Whether ``norm`` of what it read, ``given`` (``[..., heads, head_dim]``), moves no
+    other head's output when the first head's input moves."""
+    if given.dim() < 3 or given.shape[-1] != head_dim:
+        return False
+    moved = given.clone()
+    moved[..., 0, :] = moved[..., 0, :] * 3 + 1
+    with torch.no_grad():
+        before, after = norm.forward(given), norm.forward(moved)  # not its hooks: no run's
+    tol = TOLERANCE.get(before.dtype, 1e-4) * (float(before.abs().max()) or 1.0)
+    return (
+        bool((before[..., 1:, :] - after[..., 1:, :]).abs().max() <= tol)
+        if given.shape[-2] > 1
+        else True
+    )
 
 
 def added(b: Block, seen: Mapping[str, list[Any]], layer: int, side: str) -> torch.Tensor:
