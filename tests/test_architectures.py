@@ -510,8 +510,12 @@ def _translator(family: str, start: str = "eos") -> ax.Model:
 
 def _family(name: str, tok, **kw) -> T.PreTrainedModel:
     """A tiny causal LM of family ``name`` on ``tok``'s vocabulary (``kw``: from_config's)."""
+    return built(CONFIGS[name](len(tok)), tok, **kw)
+
+
+def built(cfg, tok, **kw) -> T.PreTrainedModel:
+    """A causal LM of ``cfg`` on ``tok``'s special ids, seeded (``kw``: from_config's)."""
     torch.manual_seed(0)
-    cfg = CONFIGS[name](len(tok))
     # the families' default special ids point past a 800-token vocabulary
     cfg.pad_token_id, cfg.bos_token_id, cfg.eos_token_id = (
         tok.pad_token_id,

@@ -17,7 +17,7 @@ import attrax as ax
 from attrax.cli import main
 from attrax.testing import tiny_classifier, tiny_model
 from tests.conftest import PAIRS, assert_close
-from tests.test_architectures import CONFIGS, _family, _translator
+from tests.test_architectures import CONFIGS, _family, _translator, built
 
 SOURCE, TARGET = PAIRS[0]
 CORRUPTED = "The capital of Spain is"  # as many tokens as SOURCE in both tiny tokenizers
@@ -200,11 +200,7 @@ def gpt_bigcode(tok, multi_query: bool, random: bool = True) -> torch.nn.Module:
     by side); ``random``: its biases and LayerNorm weights random too (:func:`vary`)."""
     config = CONFIGS["gpt_bigcode"](len(tok))
     config.multi_query = multi_query
-    config.pad_token_id, config.bos_token_id, config.eos_token_id = (
-        tok.pad_token_id, tok.bos_token_id, tok.eos_token_id,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    hf = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    hf = built(config, tok, attn_implementation="eager")
     return vary(hf, norms=True) if random else hf.eval()
 
 

@@ -16,7 +16,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from transformers import AttentionInterface, AutoModelForCausalLM
+from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
 import attrax as ax
@@ -87,15 +87,11 @@ def edges_models() -> dict[str, ax.Model]:
 def _cohere_qk(tok, norm=None):
     """Command R+'s blocks: Cohere's with a LayerNorm of each head's query and key, gains
     ``[heads, head_dim]`` (random); ``norm(heads, head_dim)`` in place of the query's."""
-    from tests.test_architectures import CONFIGS
+    from tests.test_architectures import CONFIGS, built
 
     config = CONFIGS["cohere"](len(tok))
     config.use_qk_norm = True
-    config.pad_token_id, config.bos_token_id, config.eos_token_id = (
-        tok.pad_token_id, tok.bos_token_id, tok.eos_token_id,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    hf = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    hf = built(config, tok, attn_implementation="eager")
     with torch.no_grad():
         for layer in hf.model.layers:
             attention = layer.self_attn
@@ -947,18 +943,14 @@ def test_a_budget_splits_the_heads_behind_a_norm_on_their_output():
     through it at each point: blocks of senders pushed at a time that cut a layer's heads and
     lie within them (3 layers of 16 heads: 52 senders, 10 a push), points a pass and targets a
     backward give the same edges, and they add up to AtP's estimates."""
-    from tests.test_components import CONFIGS
+    from tests.test_architectures import CONFIGS, built
 
     _, tok = tiny_model("llama")
     config = CONFIGS["gemma2"](len(tok))
     config.num_hidden_layers, config.num_attention_heads = 3, 16
     config.num_key_value_heads, config.head_dim = 8, 2
     config.layer_types = ["sliding_attention", "full_attention", "sliding_attention"]
-    config.pad_token_id, config.bos_token_id, config.eos_token_id = (
-        tok.pad_token_id, tok.bos_token_id, tok.eos_token_id,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    hf = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    hf = built(config, tok, attn_implementation="eager")
     with torch.no_grad():
         for module in hf.modules():
             if type(module).__name__.endswith("RMSNorm"):
