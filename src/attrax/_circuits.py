@@ -35,7 +35,6 @@ from ._edges import (
     _keeping,
     _not_finite,
     _positional,
-    _width,
     graph,
     heads_added,
     runs,
@@ -248,7 +247,7 @@ def _plan(call: Call, g: Graph, circuits: int) -> int:
         normed += 4 * len(g.blocks) + 1
     # a norm over a projection's heads: each remade head's whole projection, and its norm's
     # temporaries and output
-    over = [_width(r.module, "out") or 0 for b in g.blocks for r in b.readers if r.norm]
+    over = g.over_heads
     if over:
         normed += 3 * widest * (-(-max(over) // hidden))
     per_copy = cost.per_point + u_all * r_all + (u_all + 5 * widest + normed) * one

@@ -247,6 +247,11 @@ class Graph:
         LayerNorm between them."""
         return self.blocks[0].post_ln
 
+    @property
+    def over_heads(self) -> list[int]:
+        """The output widths of the readers with a norm over all their heads (none: [])."""
+        return [_width(r.module, "out") or 0 for b in self.blocks for r in b.readers if r.norm]
+
     def first_head(self, layer: int) -> int:
         """The sender index of layer ``layer``'s head 0."""
         return 1 + layer * (self.heads + 1)
@@ -982,7 +987,7 @@ def edge_scores(
         normed = len(g.blocks) + senders
     # norms over a projection's heads: their inputs, and a block of senders projected and
     # pushed through one (with its tangents), the widest
-    over = [_width(r.module, "out") or 0 for b in g.blocks for r in b.readers if r.norm]
+    over = g.over_heads
     if over:
         normed += (sum(over) + 3 * senders * max(over)) // hidden + 1
     # per (target, point): its probes' gradients, cast, and a reader's pulled back through its
