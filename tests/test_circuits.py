@@ -50,7 +50,7 @@ def _all_edges(da):
 @pytest.mark.parametrize(
     "arch",
     ["gpt2", "llama", "pythia", "gptj", "falcon-40b", "opt", "granite", "gemma2", "glm4", "bloom",
-     "opt-post-ln", "olmo2", "exaone4", "olmoe", "cohere-qk"],
+     "opt-post-ln", "olmo2", "exaone4", "olmoe", "cohere-qk", "deepseek_v2", "deepseek_v3"],
 )  # fmt: skip
 def test_patching_one_edge_equals_patching_it_for_real(edges_models, arch):
     model = edges_models[arch]
@@ -64,10 +64,13 @@ def test_patching_one_edge_equals_patching_it_for_real(edges_models, arch):
     expected = np.stack([want[:, senders[s], receivers[r]] for s, r in edges], -1)
     scale = np.abs(expected).max()
     assert scale > 1e-3
-    np.testing.assert_allclose(got.values, expected, rtol=1e-6, atol=1e-9 * scale)
+    # DeepSeek V2 rotates its queries and keys in float32 (complex products) in a float64
+    # model: a remade head rounds there as its own batch does
+    atol = (3e-8 if arch == "deepseek_v2" else 1e-9) * scale
+    np.testing.assert_allclose(got.values, expected, rtol=1e-6, atol=atol)
 
 
-@pytest.mark.parametrize("arch", ["pythia", "falcon-40b", "llama", "olmo2"])
+@pytest.mark.parametrize("arch", ["pythia", "falcon-40b", "llama", "olmo2", "deepseek_v3"])
 def test_one_edge_a_forward_remakes_only_its_head(edges_models, arch):
     """One copy a forward: each layer remakes only the head (or MLP) its edge goes into and
     keeps the model's own output for every other, in each of the projections' layouts."""
@@ -120,6 +123,7 @@ def _logits_at_targets(model, text):
         "opt-post-ln",
         "exaone4",
         "olmoe",
+        "deepseek_v2",
     ],
 )
 def test_keeping_no_edge_is_the_corrupted_run_and_keeping_all_the_clean_one(edges_models, arch):
@@ -368,7 +372,7 @@ def test_circuits_batched_in_copies_equal_each_alone(edges_models, arch):
     assert list(together.edges.values) == [3, 12, 40]
 
 
-@pytest.mark.parametrize("arch", ["llama", "opt"])
+@pytest.mark.parametrize("arch", ["llama", "opt", "deepseek_v3"])
 def test_a_padded_batch_equals_each_example_alone(edges_models, arch):
     model = edges_models[arch]
     inputs, corrupted = [CLEAN, "The capital is"], [CORRUPTED, "A capital is"]

@@ -64,6 +64,11 @@ def edges_models() -> dict[str, ax.Model]:
     for arch in ("gptj", "phi", "cohere"):
         built[arch] = ax.load_model(_large(full_double(llama_like(arch, tok))), tokenizer=tok)
     built["cohere-qk"] = ax.load_model(_cohere_qk(tok), tokenizer=tok)
+    # multi-head latent attention: V2's queries straight from the stream, V3's through their
+    # own latent and its RMSNorm; keys and values expanded from one latent, a rotated key part
+    # every head shares
+    for arch in ("deepseek_v2", "deepseek_v3"):
+        built[arch] = ax.load_model(_latent(arch, tok), tokenizer=tok)
     # GPT-NeoX: each head's query, key and value side by side, the MLP on its own norm beside
     # the attention (or after it)
     # OPT: its MLP no module (`fc1`, `fc2`), its positions flattened there; with project_in/out
@@ -98,6 +103,19 @@ def _cohere_qk(tok, norm=None):
             if norm is not None:
                 attention.q_norm = norm(config.num_attention_heads, attention.head_dim)
             for module in (attention.q_norm, attention.k_norm):
+                module.weight.normal_(1.0, 0.3)
+    return _large(full_double(hf.eval()))
+
+
+def _latent(arch, tok):
+    """A DeepSeek of ``arch``'s tiny config, float64 throughout, random norm gains."""
+    from tests.test_architectures import CONFIGS, built
+
+    hf = built(CONFIGS[arch](len(tok)), tok, attn_implementation="eager",
+               experts_implementation="eager")  # fmt: skip
+    with torch.no_grad():
+        for module in hf.modules():
+            if type(module).__name__.endswith("RMSNorm"):
                 module.weight.normal_(1.0, 0.3)
     return _large(full_double(hf.eval()))
 
@@ -187,7 +205,9 @@ def _parts(hf):
             out.append((b, b.attn_norm, readers, b.attn.Wo, b.mlp_norm, b.mlp))
         else:
             attn = b.self_attn
-            if hasattr(attn, "qkv_proj"):
+            if hasattr(attn, "kv_b_proj"):  # latent attention: its call's queries, keys, values
+                readers = [(attn, [("q", heads), ("k", heads), ("v", heads)])]
+            elif hasattr(attn, "qkv_proj"):
                 readers = [(attn.qkv_proj, [("q", heads), ("k", kv), ("v", kv)])]
             else:
                 readers = [(attn.q_proj, [("q", heads)]), (attn.k_proj, [("k", kv)]),
@@ -678,7 +698,8 @@ def real_edges(model, da, clean, corrupted, target):
     "arch",
     ["gpt2", "llama", "phi3", "qwen3", "gpt_bigcode", "gpt_bigcode-mha", "gptj", "pythia",
      "falcon", "falcon-40b", "opt", "opt-projected", "granite", "gemma2", "gemma3", "glm4",
-     "vaultgemma", "bloom", "opt-post-ln", "olmo2", "exaone4", "olmoe", "cohere-qk"],
+     "vaultgemma", "bloom", "opt-post-ln", "olmo2", "exaone4", "olmoe", "cohere-qk",
+     "deepseek_v2", "deepseek_v3"],
 )  # fmt: skip
 def test_eap_equals_patching_each_edge_to_first_order(edges_models, arch):
     model = edges_models[arch]
@@ -692,7 +713,8 @@ def test_eap_equals_patching_each_edge_to_first_order(edges_models, arch):
 
 
 @pytest.mark.parametrize(
-    "arch", ["gpt2", "llama", "phi", "gemma2", "glm4", "opt-post-ln", "olmo2", "olmoe"]
+    "arch",
+    ["gpt2", "llama", "phi", "gemma2", "glm4", "opt-post-ln", "olmo2", "olmoe", "deepseek_v3"],
 )
 def test_eap_ig_averages_the_gradient_along_the_inputs_path(edges_models, arch):
     model = edges_models[arch]
@@ -706,7 +728,8 @@ def test_eap_ig_averages_the_gradient_along_the_inputs_path(edges_models, arch):
 
 
 @pytest.mark.parametrize(
-    "arch", ["gpt2", "llama", "pythia", "gemma2", "olmo2", "opt", "opt-post-ln", "granite"]
+    "arch",
+    ["gpt2", "llama", "pythia", "gemma2", "olmo2", "opt", "opt-post-ln", "granite", "deepseek_v2"],
 )
 def test_eap_ig_over_activations_averages_over_each_node_groups_path(edges_models, arch):
     """MIB's EAP-IG-activations: one node group at a time between its corrupted and clean
@@ -737,10 +760,11 @@ def test_eap_ig_over_activations_weighs_each_node_as_its_quadrature_says(edges_m
     np.testing.assert_allclose(split.values, da.values, rtol=1e-9, atol=1e-12)
 
 
-@pytest.mark.parametrize("arch", ["llama", "olmo2"])
+@pytest.mark.parametrize("arch", ["llama", "olmo2", "deepseek_v3"])
 def test_over_activations_batched_and_padded_equal_single(edges_models, arch):
     """Each example's node groups moved from its own corrupted run's outputs; OLMo 2's query
-    and key norms over all heads taken at each example's own queries."""
+    and key norms over all heads taken at each example's own queries; a latent attention's
+    code run at each example's own input, with its own mask and positions."""
     model = edges_models[arch]
     inputs, corrupted = [CLEAN, "The capital is"], [CORRUPTED, "A capital is"]
     for kw in ({"steps": 2, "interpolate": "activations"}, {}):
@@ -784,7 +808,7 @@ def _adds_up(summed, heads, mlp):
     "arch",
     ["gpt2", "gpt_neo", "llama", "phi3", "qwen2", "qwen3", "mistral", "mixtral", "cohere",
      "pythia-sequential", "opt", "granite", "gemma2", "gemma3", "glm4", "vaultgemma", "olmo2",
-     "exaone4", "olmoe"],
+     "exaone4", "olmoe", "deepseek_v2", "deepseek_v3"],
 )  # fmt: skip
 def test_a_senders_edges_add_up_to_its_attribution_patching_estimate(edges_models, arch):
     """The residual stream is a sum: the gradient at a sender's output is the sum of its

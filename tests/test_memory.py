@@ -986,6 +986,45 @@ def call():
 """
 
 
+# DeepSeek V3's multi-head latent attention (queries through their own latent), dense MLPs
+_LATENT_MODEL = _OLMO2_MODEL.replace("Olmo2Config", "DeepseekV3Config").replace(
+    "num_key_value_heads=8,",
+    "num_key_value_heads=8, q_lora_rank=48, kv_lora_rank=32, qk_nope_head_dim=16, "
+    "qk_rope_head_dim=8, v_head_dim=16, first_k_dense_replace=4, n_routed_experts=4, "
+    "moe_intermediate_size=64, num_experts_per_tok=2, n_group=1, topk_group=1,",
+)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("method", "options", "warm"),
+    [
+        ("edge_attribution_patching", "", _EDGES_WARM),
+        ("edge_attribution_patching", "steps=16", _EDGES_WARM),
+        ("edge_patching", "circuit=[[]] * 32", _EDGES_WARM + ", patch=[]"),
+    ],
+)
+def test_the_edges_of_latent_attention_stay_within_the_budget(
+    peak_above_start, method, options, warm
+):
+    """The deltas pushed through each latent attention's code up to its call (EAP) and each
+    remade head's query, key and value made there (edge patching) are priced: measured
+    (2026-12-08) 301, 878 and 1028 MiB without a budget, 67, 74 and 101 MiB under 220 MiB."""
+    budget = 220 << 20
+    free, bounded = (
+        peak_above_start(_LATENT_MODEL.format(
+            method=method, warm=warm,
+            options=", ".join(filter(None, ["corrupted=bad", options, extra])),
+        ))
+        for extra in ("", f"max_memory={budget}")
+    )  # fmt: skip
+    mib = 2**20
+    print(f"{method} {options}: unbounded {free['peak'] / mib:.0f} MiB, bounded "
+          f"{bounded['peak'] / mib:.0f} MiB")  # fmt: skip
+    assert free["peak"] > budget, "the workload must need more than the budget unbounded"
+    assert bounded["peak"] <= budget, (bounded["peak"] / 2**20, budget / 2**20)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("method", "options", "warm"),

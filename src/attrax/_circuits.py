@@ -8,7 +8,8 @@ its own; every other edge carries its sender's output of the patched run itself.
 input is the patched run's residual stream less, for each patched edge into it, ``u``'s output
 in that run minus ``u``'s corrupted output: the senders are recorded as the run reaches them,
 and each receiver's input made before it reads it, the heads' through the norm and their own
-rows of the query, key or value projection. Every circuit is a copy of the batch in one
+rows of the query, key or value projection (a latent attention's: its code run on the head's
+stream, the head's query, key or value given to the attention call). Every circuit is a copy of the batch in one
 stacked forward: keeping a circuit's edges and patching the rest, or patching one edge a copy,
 are as many copies as circuits.
 """
@@ -25,6 +26,8 @@ import torch
 import xarray as xr
 
 from ._edges import (
+    _REST,
+    CALL_INPUTS,
     Block,
     Graph,
     Reader,
@@ -37,10 +40,13 @@ from ._edges import (
     _positional,
     graph,
     heads_added,
+    made_at_call,
     runs,
 )
 from ._errors import InputError, OptionError
+from ._heads import _probes_at, _probing
 from ._memory import between_passes, full_precision, plan_forwards
+from ._model import Model
 from ._protocol import Call, Family
 from ._schema import label_circuits, recorded_option
 
@@ -278,7 +284,7 @@ def _patched_effects(
             between_passes()
             part = _masks(g, chosen[first : first + step], keep, x.device)
             n = part.shape[0]
-            with _patching(g, donors, part, batch):
+            with _patching(g, donors, part, batch, call.model):
                 heads_in = problem.hidden_of(x, t.mask, None, t.ids, n)
             scores = problem.head_objective(heads_in).unflatten(0, (n, batch))
             out.append(full_precision(scores) - full_precision(unpatched)[None])
@@ -287,10 +293,13 @@ def _patched_effects(
 
 
 @contextlib.contextmanager
-def _patching(g: Graph, donors: torch.Tensor, patched: torch.Tensor, batch: int) -> Iterator[None]:
+def _patching(
+    g: Graph, donors: torch.Tensor, patched: torch.Tensor, batch: int, model: Model
+) -> Iterator[None]:
     """Hooks that record each sender's output as the stacked run (``n`` copies of the batch,
     copy-major) makes it, less its donor, and give each receiver the stream less the
-    differences of the edges into it that copy patches (``patched``, ``[n, U, R]``)."""
+    differences of the edges into it that copy patches (``patched``, ``[n, U, R]``); the
+    receivers at an attention call (latent attention's) given there."""
     n = patched.shape[0]
     u_all = donors.shape[0]
     # [U, n * B, L, H]: each sender's output in this run less its corrupted output
@@ -363,6 +372,9 @@ def _patching(g: Graph, donors: torch.Tensor, patched: torch.Tensor, batch: int)
 
     handles = []
     blocks = g.blocks
+    # the attention calls whose heads' inputs are remade there, and what each is given
+    state = _probes_at(model) if any(r.call for b in blocks for r in b.readers) else None
+    at_calls: dict[tuple[int, str], Any] = {}
     handles.append(blocks[0].block.register_forward_pre_hook(_on_input(record), with_kwargs=True))
     if g.post_ln:
         stream = post_norm_stream
@@ -382,6 +394,13 @@ def _patching(g: Graph, donors: torch.Tensor, patched: torch.Tensor, batch: int)
         else:
             handles.append(b.attn_norm.register_forward_pre_hook(remake))
         for i, r in enumerate(b.readers):
+            if r.call:  # made by the attention's code of their own streams, given at its call
+                assert state is not None
+                handles.append(r.module.register_forward_pre_hook(
+                    _on_call(model, r, made, i, at_calls), with_kwargs=True
+                ))  # fmt: skip
+                state.inputs.update(_giving_at_call(state.where[r.module], r, at_calls, i))
+                continue
             # a norm over the heads: the heads are remade past it, at its output
             handles.append((r.norm or r.module).register_forward_hook(_giving(r, made, i)))
         handles.append(b.out_proj.register_forward_pre_hook(
@@ -404,7 +423,8 @@ def _patching(g: Graph, donors: torch.Tensor, patched: torch.Tensor, batch: int)
     handles.append(
         blocks[-1].block.register_forward_hook(_on_output(u_all, logits, stream, touched))
     )
-    with _hooked(handles):
+    probing = _probing(model, state) if state else contextlib.nullcontext()
+    with _hooked(handles), probing:
         yield
 
 
@@ -453,6 +473,9 @@ def _on_attention(
                 continue
             own = stream(x, before, column + chosen)
             normed = own if b.reads_itself else b.attn_norm.forward(own)
+            if r.call:  # made at the attention's call, of its other arguments
+                made[i] = (chosen, normed, copies[:, chosen])
+                continue
             if r.norm is not None:
                 per_head = _over_heads(r, normed, chosen)
             else:
@@ -482,6 +505,56 @@ def _over_heads(r: Reader, normed: torch.Tensor, chosen: torch.Tensor) -> torch.
     copies = torch.arange(len(chosen), device=chosen.device)
     picked = full.unflatten(-1, (heads, -1))[copies, ..., chosen, :]
     return picked.permute(1, 2, 0, 3)
+
+
+def _on_call(
+    model: Model, r: Reader, made: dict[int, Any], i: int, at_calls: dict[tuple[int, str], Any]
+) -> Callable[..., None]:
+    """At an attention whose receivers are its call's: each chosen head's query, key or value
+    made by the attention's code of that head's own stream (:func:`_on_attention`'s), by
+    ``(i, "query" | "key" | "value")``: the heads (within the part), ``[k, n B, L, d]`` and
+    which copies take each."""
+
+    def hook(_m: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        given = made.pop(i)
+        if given is None:
+            return
+        chosen, normed, copies = given
+        rest = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+        if args:  # its input positional: the rest after it
+            rest[_REST] = args[1:]
+        outs = torch.vmap(made_at_call(model, r, rest))(normed)  # [k, n B, heads, L, d] each
+        start = 0
+        for name, (_, heads), out in zip(CALL_INPUTS, r.parts, outs, strict=True):
+            mine = ((chosen >= start) & (chosen < start + heads)).nonzero().squeeze(1)
+            if len(mine):
+                local = chosen[mine] - start
+                at_calls[i, name] = (local, out[mine, :, local], copies[:, mine])
+            start += heads
+
+    return hook
+
+
+def _giving_at_call(
+    place: Any, r: Reader, at_calls: dict[tuple[int, str], Any], i: int
+) -> dict[tuple[Any, str], Callable[[torch.Tensor], torch.Tensor]]:
+    """What gives an attention call (``[n B, heads, L, d]``) the heads :func:`_on_call` made in
+    place of its own, in the copies that take them."""
+
+    def giving(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+        def give(t: torch.Tensor) -> torch.Tensor:
+            given = at_calls.pop((i, name), None)
+            if given is None:  # no copy patches an edge into these heads
+                return t
+            local, values, copies = given
+            rows = copies.repeat_interleave(t.shape[0] // copies.shape[0], 0)  # [n B, k]
+            own = t.index_select(1, local)
+            merged = torch.where(rows[:, :, None, None], values.transpose(0, 1).to(t.dtype), own)
+            return t.index_copy(1, local, merged)
+
+        return give
+
+    return {(place, name): giving(name) for name in CALL_INPUTS[: len(r.parts)]}
 
 
 def _unblocked(r: Reader, t: torch.Tensor) -> torch.Tensor:

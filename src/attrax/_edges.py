@@ -28,6 +28,9 @@ moves that norm's input; blocks with those norms and none before the sublayers (
 3's, EXAONE 4's) take the same path, their heads reading the stream itself. A query or key norm
 over all of a projection's heads at once (OLMo 2's, OLMoE's) makes a head's receiver its slice
 of that norm's output, the deltas pushed through the projection and the norm's derivative.
+Multi-head latent attention (DeepSeek V2's and V3's) holds no projection whose output is a
+head's query, key or value: its receivers are the attention call's own, the probes added there
+and the deltas pushed through the module's code up to the call (a ``jvp``).
 Post-norm encoders' blocks (BERT's ``LN_2(h + mlp(h))``, ``h = LN_1(x + attn(x))``) carry a
 sender's delta up through each LayerNorm between it and the receiver.
 """
@@ -49,7 +52,7 @@ from ._drop import pulled
 from ._engine import vjp
 from ._errors import InputError, ModelError, OptionError
 from ._gradients import QUADRATURES, check_quadrature_steps, quadrature_nodes
-from ._heads import record_calls
+from ._heads import IMPLEMENTATION, _placed, _probes_at, _probing, record_calls
 from ._memory import between_passes, full_precision
 from ._model import Model, refuse_seq2seq_classifier
 from ._protocol import Call, Family
@@ -147,6 +150,24 @@ class Reader:
     #: ``q_norm`` and ``k_norm``): a head's receiver is that norm's output's slice, its delta
     #: pushed through the projection and the norm's derivative
     norm: torch.nn.Module | None = None
+    #: the receivers are the attention call's query, key and value themselves, made by the
+    #: attention module (``module``) from what it reads, each part's heads ``dims`` wide
+    #: (multi-head latent attention's: no projection's output holds them); their deltas are
+    #: pushed through the module's code up to the call (a ``jvp``), the probes sit at the call
+    dims: tuple[int, ...] = ()
+
+    @property
+    def call(self) -> bool:
+        """Whether the receivers are the attention call's inputs (:attr:`dims` given)."""
+        return bool(self.dims)
+
+    @property
+    def width(self) -> int:
+        """The width of the receivers' probes: the projection's output, or the call's query,
+        key and value heads side by side."""
+        if self.call:
+            return sum(h * d for (_, h), d in zip(self.parts, self.dims, strict=True))
+        return _width(self.module, "out") or 0
 
     def weight(self) -> torch.Tensor:
         """``[out, in]``: a ``Linear``'s weight, or GPT-2's ``Conv1D``'s transposed."""
@@ -249,8 +270,9 @@ class Graph:
 
     @property
     def over_heads(self) -> list[int]:
-        """The output widths of the readers with a norm over all their heads (none: [])."""
-        return [_width(r.module, "out") or 0 for b in self.blocks for r in b.readers if r.norm]
+        """The widths of the readers whose heads are made together: with a norm over all
+        their heads, or by the attention's own code (latent attention's); none: []."""
+        return [r.width for b in self.blocks for r in b.readers if r.norm or r.call]
 
     def first_head(self, layer: int) -> int:
         """The sender index of layer ``layer``'s head 0."""
@@ -389,13 +411,13 @@ def graph(model: Model, method: str = METHOD) -> Graph:
         head_dims.add(head_dim)
         # GPT-Neo wraps its attention module in another (`attn.attention`)
         inner = named(attention, ("attention",)) or attention
-        readers = _readers(inner, stack.heads, head_dim)
+        readers = _readers(inner, stack.heads, head_dim) or _latent(inner, stack.heads, where)
         if readers is None:
             raise ModelError(
                 f"{where} reads its queries, keys and values through no projection attrax "
                 "knows (exactly a Linear or Conv1D: GPT-2's fused `c_attn`, Phi-3's `qkv_proj`, "
-                "GPT-NeoX's `query_key_value`, or `q_proj`, `k_proj` and `v_proj`; multi-head "
-                "latent attention has none)"
+                "GPT-NeoX's `query_key_value`, or `q_proj`, `k_proj` and `v_proj`; or "
+                "multi-head latent attention's `kv_b_proj`)"
             )
         if attn_norm is None or mlp_norm is None:  # normless; or one norm for both
             attn_norm = attn_norm or torch.nn.Identity()
@@ -585,6 +607,37 @@ def _readers(attention: torch.nn.Module, heads: int, head_dim: int) -> tuple[Rea
     )  # fmt: skip
 
 
+#: multi-head latent attention's modules (DeepSeek V2's and V3's kin): the queries straight from
+#: the stream or through their own latent, and the latent that holds the keys and values
+LATENT = ("kv_a_proj_with_mqa", "kv_a_layernorm", "kv_b_proj")
+
+
+def _latent(attention: torch.nn.Module, heads: int, where: str) -> tuple[Reader, ...] | None:
+    """Multi-head latent attention's one reader: the attention module, its receivers the
+    call's queries, keys (each head's, its rotated part shared) and values; None for another
+    attention, a :class:`ModelError` for one with an indexer (DeepSeek V3.2's, GLM-5's)."""
+    if not all(named(attention, (n,)) is not None for n in LATENT):
+        return None
+    dims = [getattr(attention, n, None) for n in ("qk_nope_head_dim", "qk_rope_head_dim",
+                                                   "v_head_dim")]  # fmt: skip
+    if not all(isinstance(d, int) and d > 0 for d in dims):
+        return None
+    nope, rope, value = cast("list[int]", dims)
+    if _width(cast("torch.nn.Module", named(attention, ("kv_b_proj",))), "out") != heads * (
+        nope + value
+    ):
+        return None
+    if named(attention, ("indexer",)) is not None:
+        raise ModelError(
+            f"{where}: its attention's indexer (DeepSeek Sparse Attention) reads the stream "
+            "to pick the keys each query attends to, a reader that is no node of the edges: "
+            "attrax scores the edges of multi-head latent attention without one (DeepSeek V2, "
+            "V3, GLM-4.7-Flash, Youtu)"
+        )
+    parts = (("q", heads), ("k", heads), ("v", heads))
+    return (Reader(attention, parts, dims=(nope + rope, nope + rope, value)),)
+
+
 def _over_heads(norm: torch.nn.Module | None, width: int, head_dim: int) -> torch.nn.Module | None:
     """``norm`` where it spans all of a projection's ``width`` at once, as OLMo 2's query and
     key norms do (Qwen3's, ``head_dim`` wide, norm each head alone: the receivers need
@@ -658,6 +711,11 @@ def _record(g: Graph, seen: dict[str, list[Any]]) -> list[Any]:
             handles.append(b.mlp_norm.register_forward_pre_hook(keep("mlp_norm", layer)))
             handles.append(b.mlp_norm.register_forward_hook(keep("mlp_in", layer, True)))
         for i, r in enumerate(b.readers):
+            if r.call:  # the attention module: what it reads (its receivers: the call's)
+                handles.append(r.module.register_forward_pre_hook(
+                    keep("read", layer, i=i), with_kwargs=True
+                ))  # fmt: skip
+                continue
             handles.append(r.module.register_forward_pre_hook(keep("read", layer, i=i)))
             handles.append(r.module.register_forward_hook(keep("returned", layer, True, i)))
             if r.norm is not None:
@@ -696,7 +754,7 @@ def _check_blocks(g: Graph, seen: Mapping[str, list[Any]], kind: str) -> None:
     if any(
         v is None and expected(key, i) for key, values in seen.items() for i, v in enumerate(values)
     ) or any(
-        v is None and (key != "norm_read" or g.blocks[layer].readers[i].norm is not None)
+        v is None and _expected(g.blocks[layer], key, i)
         for key in _NESTED
         for layer, values in enumerate(seen[key])
         for i, v in enumerate(values)
@@ -766,6 +824,8 @@ def _check_blocks(g: Graph, seen: Mapping[str, list[Any]], kind: str) -> None:
             norm_out = [x if b.reads_itself else seen["norm_out"][layer]]
             what = "the block's input" if b.reads_itself else "the first norm's output"
             pairs[f"its {name} reads {what}"] = (read, norm_out, _sizes(norm_out))
+            if r.call:  # its own code makes the receivers: the run checks the probes
+                continue
             linear.append((r.module, read, returned, name))
             if r.norm is not None:
                 normed = seen["norm_read"][layer][i]
@@ -784,6 +844,16 @@ def _check_blocks(g: Graph, seen: Mapping[str, list[Any]], kind: str) -> None:
                     f"MLP; {what}: it does not); residual scales other than the config's "
                     "`residual_multiplier` have no edges attrax can score"
                 )
+
+
+def _expected(b: Block, key: str, i: int) -> bool:
+    """Whether :func:`_record` keeps ``key`` of block ``b``'s reader ``i`` (a norm's input only
+    where it has one; what it returns not where the receivers are the attention call's)."""
+    if key == "norm_read":
+        return b.readers[i].norm is not None
+    if key == "returned":
+        return not b.readers[i].call
+    return True
 
 
 #: what :func:`_record` keeps per reader of each layer (``norm_read``: only where the reader
@@ -872,6 +942,9 @@ def _check_values(
     for layer, (b, value) in enumerate(zip(g.blocks, values, strict=True)):
         readers = []
         for i, r in enumerate(b.readers):
+            if r.call:  # the call's values are its receivers as they are
+                readers.append(r)
+                continue
             returned = seen["returned"][layer][i]
             # a fused projection's queries, key and value side by side per key/value head
             fused = [p for p, _ in r.parts] == ["q", "k", "v"] and not r.parts[0][1] % r.parts[1][1]
@@ -973,7 +1046,7 @@ def edge_scores(
     acc = delta.dtype
     size = torch.finfo(acc).bits // 8
     # each layer's probes: its readers' outputs, its second norm's input; and the last output
-    probes = sum(_width(r.module, "out") or 0 for b in g.blocks for r in b.readers)
+    probes = sum(r.width for b in g.blocks for r in b.readers)
     probes += (len(g.blocks) + 1) * hidden
     # per layer: its readers' heads, and an MLP past a norm it shares with them
     per_head_rows = max(sum(h for r in b.readers for _, h in r.parts) + b.shared for b in g.blocks)
@@ -1099,14 +1172,25 @@ def _pass(
     ln_2_inputs: list[Any] = [None] * len(g.blocks)  # a post-norm block's second LayerNorm's
     normed = g.normed
     post_inputs: list[Any] = [None] * len(normed)
-    # what each reader's norm over its heads reads, by (layer, reader)
+    # what each reader's norm over its heads reads, by (layer, reader); what an attention
+    # whose receivers are its call's reads, and its other arguments
     reader_inputs: dict[tuple[int, int], Any] = {}
+    call_inputs: dict[tuple[int, int], Any] = {}
+    call_kwargs: dict[tuple[int, int], dict[str, Any]] = {}
+    state = _probes_at(call.model) if any(r.call for b in g.blocks for r in b.readers) else None
 
     def forward(*probes: torch.Tensor) -> tuple[torch.Tensor, list[Any]]:
         handles = []
         it = iter(probes)
         for layer, b in enumerate(g.blocks):
             for i, r in enumerate(b.readers):
+                if r.call:  # the probes at the call; what the module reads, kept
+                    assert state is not None
+                    state.inputs.update(_at_call_probes(state.where[r.module], r, next(it)))
+                    handles.append(r.module.register_forward_pre_hook(
+                        _keeping_call(call_inputs, call_kwargs, (layer, i)), with_kwargs=True
+                    ))  # fmt: skip
+                    continue
                 # a norm over the heads: the receivers are its output's slices
                 handles.append((r.norm or r.module).register_forward_hook(_adding(next(it))))
                 if r.norm is not None:
@@ -1125,7 +1209,8 @@ def _pass(
             handles.append(post.register_forward_pre_hook(_keeping(post_inputs, i)))
         handles.append(g.blocks[-1].block.register_forward_hook(_adding(next(it))))
         handles += [_shifting(module, side, rows, by, n) for module, side, rows, by in shifts]
-        with _hooked(handles):
+        probing = _probing(call.model, state) if state else contextlib.nullcontext()
+        with _hooked(handles), probing:
             hidden = problem.hidden_of(
                 x.flatten(0, 1),
                 t.mask.repeat(n, 1),
@@ -1135,7 +1220,8 @@ def _pass(
         kept = {k: v.detach() for k, v in reader_inputs.items()}
         # by layer: a normless block's identity keeps none
         before = {k: h.detach() for k, h in enumerate(norm_inputs) if h is not None}
-        return hidden, [before, [h.detach() for h in post_inputs], kept]
+        at_calls = {k: v.detach() for k, v in call_inputs.items()}
+        return hidden, [before, [h.detach() for h in post_inputs], kept, at_calls]
 
     # the senders whose delta in the stream is the same at every point: not past a norm
     linear = torch.ones(len(g.senders), dtype=acc, device=delta.device)
@@ -1144,10 +1230,10 @@ def _pass(
     shape = (n * batch, x.shape[2])
     zeros = []
     for b in g.blocks:
-        zeros += [x.new_zeros(*shape, _width(r.module, "out") or 0) for r in b.readers]
+        zeros += [x.new_zeros(*shape, r.width) for r in b.readers]
         zeros.append(x.new_zeros(*shape, delta.shape[3]))
     zeros.append(x.new_zeros(*shape, delta.shape[3]))  # the stream's width, not the inputs'
-    hidden, pullback, (inputs, normed_inputs, reader_at) = cast(
+    hidden, pullback, (inputs, normed_inputs, reader_at, call_at) = cast(
         "tuple[torch.Tensor, Callable[..., tuple[torch.Tensor, ...]], list[Any]]",
         torch.func.vjp(forward, *zeros, has_aux=True),
     )
@@ -1193,8 +1279,15 @@ def _pass(
             rows = [
                 (column, _pulled_through(r, grad, n, acc, w))
                 for (r, column), grad in zip(readers, reader_grads, strict=True)
-                if r.norm is None
+                if r.norm is None and not r.call
             ]
+            # the call's receivers: the deltas pushed through the attention's code, per point
+            at_call = [
+                (r, column, grad, made_at_call(call.model, r, call_kwargs[layer, i]),
+                 call_at[layer, i])
+                for i, ((r, column), grad) in enumerate(zip(readers, reader_grads, strict=True))
+                if r.call
+            ]  # fmt: skip
             # a norm over the heads: the deltas pushed through the projection and it, per point
             over_heads = [
                 (r, column, grad, reader_at[layer, i])
@@ -1218,7 +1311,10 @@ def _pass(
                 for r, column, grad, at in over_heads:
                     met = _met_over_heads(r, pushed, grad, at, w)  # [B, k, u, heads]
                     scores[:, slots, part, column : column + met.shape[-1]] += met
-            del rows, over_heads
+                for r, column, grad, made, at in at_call:
+                    met = _met_at_call(r, made, pushed, grad, at, w)  # [B, k, u, heads]
+                    scores[:, slots, part, column : column + met.shape[-1]] += met
+            del rows, over_heads, at_call
             if not b.shared:
                 mlp_senders = g.before_mlp(layer)
                 met = _met(delta[:mlp_senders], mlp_grad, w)
@@ -1348,6 +1444,117 @@ def _met_over_heads(
     moved = moved.to(w.dtype).unflatten(1, (n, -1)).unflatten(-1, (heads, -1))
     g = grad.to(w.dtype).unflatten(1, (n, -1)).unflatten(-1, (heads, -1))
     return torch.einsum("unbLhd,knbLhd,n->bkuh", moved, g, w)
+
+
+def _met_at_call(
+    r: Reader, made: Callable[[torch.Tensor], tuple[torch.Tensor, ...]], pushed: torch.Tensor,
+    grad: torch.Tensor, at: torch.Tensor, w: torch.Tensor,
+) -> torch.Tensor:  # fmt: skip
+    """``[B, k, u, heads]``: the deltas ``pushed`` (``[u, n, B, L, H]``, in the stream the
+    attention reads) through its code up to its call at the points' inputs ``at`` (``[n B, L,
+    H]``; ``made``, :func:`made_at_call`'s), met by the gradients at the call's query, key and
+    value ``grad`` (``[k, n B, L, width]``, :attr:`Reader.width`), each head alone, weighed by
+    the points' weights ``w``."""
+    n = w.shape[0]
+
+    def push(tangent: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return cast("tuple[torch.Tensor, ...]", torch.func.jvp(made, (at,), (tangent,))[1])
+
+    moved = torch.vmap(push)(pushed.flatten(1, 2).to(at.dtype))  # [u, n B, heads, L, d] each
+    out, start = [], 0
+    for (_, heads), d, m in zip(r.parts, r.dims, moved, strict=True):
+        part = grad[..., start : start + heads * d].unflatten(-1, (heads, d))
+        start += heads * d
+        mine = full_precision(m).transpose(2, 3).to(w.dtype).unflatten(1, (n, -1))
+        out.append(torch.einsum("unbLhd,knbLhd,n->bkuh", mine,
+                                part.to(w.dtype).unflatten(1, (n, -1)), w))  # fmt: skip
+    return torch.cat(out, -1)
+
+
+#: the attention call's inputs, in the order of a reader's parts
+CALL_INPUTS = ("query", "key", "value")
+
+
+class _Made(Exception):
+    """Raised at an attention call once its query, key and value are made: the rest of the
+    attention is not needed."""
+
+
+def made_at_call(
+    model: Model, r: Reader, kwargs: Mapping[str, Any]
+) -> Callable[[torch.Tensor], tuple[torch.Tensor, ...]]:
+    """``made(x)``: the query, key and value (``[B, heads, L, d]`` each) that ``r``'s attention
+    module hands its attention call when it reads ``x`` with its other arguments ``kwargs``,
+    its own code run up to that call (not its hooks)."""
+    where = _placed(model)
+    place = where[r.module]
+
+    def made(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        got: dict[str, torch.Tensor] = {}
+
+        def keep(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+            def kept(t: torch.Tensor) -> torch.Tensor:
+                got[name] = t
+                if len(got) == len(CALL_INPUTS):
+                    raise _Made
+                return t
+
+            return kept
+
+        state = _probes_at(model, where)
+        state.inputs.update({(place, name): keep(name) for name in CALL_INPUTS})
+        with _probing(model, state), model.attention_as(IMPLEMENTATION):
+            try:
+                rest = {k: v for k, v in kwargs.items() if k != _REST}
+                r.module.forward(x, *kwargs.get(_REST, ()), **rest)
+            except _Made:
+                pass
+        if len(got) != len(CALL_INPUTS):
+            raise ModelError(
+                f"{type(r.module).__name__} did not run its attention through transformers' "
+                "AttentionInterface: attrax cannot make its heads' queries, keys and values"
+            )
+        return tuple(got[name] for name in CALL_INPUTS)
+
+    return made
+
+
+def _at_call_probes(
+    place: Any, r: Reader, probe: torch.Tensor
+) -> dict[tuple[Any, str], Callable[[torch.Tensor], torch.Tensor]]:
+    """What adds ``probe`` (``[n B, L, width]``, :attr:`Reader.width`: each part's heads side
+    by side) to the attention call's query, key and value (``[n B, heads, L, d]``)."""
+
+    def adding(part: torch.Tensor, heads: int) -> Callable[[torch.Tensor], torch.Tensor]:
+        def add(t: torch.Tensor) -> torch.Tensor:
+            return t + part.unflatten(-1, (heads, -1)).transpose(1, 2).to(t.dtype)
+
+        return add
+
+    out = {}
+    start = 0
+    for name, (_, heads), d in zip(CALL_INPUTS, r.parts, r.dims, strict=True):
+        out[(place, name)] = adding(probe[..., start : start + heads * d], heads)
+        start += heads * d
+    return out
+
+
+def _keeping_call(
+    inputs: dict[Any, Any], kwargs: dict[Any, dict[str, Any]], key: Any
+) -> Callable[..., None]:
+    """A pre-hook (with its keyword arguments) that keeps what an attention module reads and
+    its other arguments."""
+
+    def hook(_m: Any, args: tuple[Any, ...], given: dict[str, Any]) -> None:
+        inputs[key] = args[0] if args else given["hidden_states"]
+        kwargs[key] = {k: v for k, v in given.items() if k != "hidden_states"}
+        kwargs[key][_REST] = args[1:]
+
+    return hook
+
+
+#: where :func:`_keeping_call` keeps an attention's positional arguments after its input
+_REST = "attrax_positional"
 
 
 def _over_activations(

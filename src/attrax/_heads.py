@@ -252,6 +252,11 @@ def _placed(model: Model) -> dict[torch.nn.Module, Key]:
     return where
 
 
+def _probes_at(model: Model, where: dict[torch.nn.Module, Key] | None = None) -> _Probes:
+    """Probes of ``model``'s attention that keep no weights, none set yet."""
+    return _Probes(where if where is not None else _placed(model), keep=False)
+
+
 @contextlib.contextmanager
 def _probing(model: Model, state: _Probes) -> Iterator[None]:
     """Forwards inside run attention through :func:`_probed_attention` with ``state``."""
