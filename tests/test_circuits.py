@@ -50,7 +50,8 @@ def _all_edges(da):
 @pytest.mark.parametrize(
     "arch",
     ["gpt2", "llama", "pythia", "gptj", "falcon-40b", "opt", "granite", "gemma2", "glm4", "bloom",
-     "opt-post-ln", "olmo2", "exaone4", "olmoe", "cohere-qk", "deepseek_v2", "deepseek_v3"],
+     "opt-post-ln", "olmo2", "exaone4", "olmoe", "cohere-qk", "deepseek_v2", "deepseek_v3",
+     "codegen", "olmo-clip"],
 )  # fmt: skip
 def test_patching_one_edge_equals_patching_it_for_real(edges_models, arch):
     model = edges_models[arch]

@@ -69,6 +69,11 @@ def edges_models() -> dict[str, ax.Model]:
     # every head shares
     for arch in ("deepseek_v2", "deepseek_v3"):
         built[arch] = ax.load_model(_latent(arch, tok), tokenizer=tok)
+    # projections whose output the attention does not read as GPT-2's or GPT-NeoX's layout
+    # cuts it: CodeGen's shards (each of 4 holds queries, values and keys), OLMo's clamp of
+    # its queries, keys and values (clip_qkv): the receivers are the attention call's
+    built["codegen"] = ax.load_model(_large(full_double(llama_like("codegen", tok))), tokenizer=tok)
+    built["olmo-clip"] = ax.load_model(_clipped(tok), tokenizer=tok)
     # GPT-NeoX: each head's query, key and value side by side, the MLP on its own norm beside
     # the attention (or after it)
     # OPT: its MLP no module (`fc1`, `fc2`), its positions flattened there; with project_in/out
@@ -120,6 +125,25 @@ def _latent(arch, tok):
     return _large(full_double(hf.eval()))
 
 
+def _clipped(tok):
+    """OLMo with ``clip_qkv`` small enough that its clamp cuts many of the queries, keys and
+    values (the clean run's values checked to be clipped)."""
+    from tests.test_architectures import CONFIGS, built
+
+    config = CONFIGS["olmo"](len(tok))
+    config.clip_qkv = 0.5
+    hf = _large(full_double(built(config, tok, attn_implementation="eager").eval()))
+    seen = []
+    handle = hf.model.layers[1].self_attn.v_proj.register_forward_hook(
+        lambda _m, _a, out: seen.append(out.clone())
+    )
+    with torch.no_grad():
+        hf(input_ids=tok(CLEAN, return_tensors="pt")["input_ids"])
+    handle.remove()
+    assert float((seen[0].abs() > 0.5).double().mean()) > 0.2  # the clamp cuts them
+    return hf
+
+
 def _large(hf):
     """``hf`` with GPT-2's scale of the tiny models: effects well above rounding."""
     with torch.no_grad():
@@ -157,7 +181,10 @@ def _parts(hf):
     for b in blocks:
         if hasattr(b, "ln_1"):
             attn = b.attn.attention if hasattr(b.attn, "attention") else b.attn
-            if hasattr(attn, "c_attn"):
+            if hasattr(attn, "qkv_proj"):  # CodeGen's shards: the call's queries, keys, values
+                readers = [(attn, [("q", heads), ("k", kv), ("v", kv)])]
+                proj = attn.out_proj
+            elif hasattr(attn, "c_attn"):
                 readers = [(attn.c_attn, [("q", heads), ("k", kv), ("v", kv)])]
                 proj = attn.c_proj
             else:
@@ -326,7 +353,7 @@ def _shift(model, sender, delta, s, receiver=None):
 def _parallel(hf) -> bool:
     """Whether each block's MLP reads the block's input beside the attention."""
     config = hf.config
-    one_norm = config.model_type in ("gptj", "phi", "cohere")
+    one_norm = config.model_type in ("gptj", "phi", "cohere", "codegen")
     return one_norm or any(getattr(config, f, False) for f in ("use_parallel_residual",
                                                                 "parallel_attn"))  # fmt: skip
 
@@ -699,7 +726,7 @@ def real_edges(model, da, clean, corrupted, target):
     ["gpt2", "llama", "phi3", "qwen3", "gpt_bigcode", "gpt_bigcode-mha", "gptj", "pythia",
      "falcon", "falcon-40b", "opt", "opt-projected", "granite", "gemma2", "gemma3", "glm4",
      "vaultgemma", "bloom", "opt-post-ln", "olmo2", "exaone4", "olmoe", "cohere-qk",
-     "deepseek_v2", "deepseek_v3"],
+     "deepseek_v2", "deepseek_v3", "codegen", "olmo-clip"],
 )  # fmt: skip
 def test_eap_equals_patching_each_edge_to_first_order(edges_models, arch):
     model = edges_models[arch]
@@ -1114,15 +1141,31 @@ def test_weights_the_edges_do_not_account_for_are_refused():
         ax.edge_attribution_patching(ax.load_model(hf, tokenizer=tok), CLEAN, TARGET, **KW)
 
 
-def test_a_layout_the_receivers_are_not_cut_by_is_refused():
-    """CodeGen's fused projection holds its queries, values and keys in shards: cut as
-    GPT-2's or as GPT-NeoX's, its receivers would be other heads' (its senders still add
-    up). A BLOOM whose residual is its normed input (`apply_residual_connection_post_layernorm`)
+def test_a_call_its_attentions_code_does_not_remake_is_refused(edges_models, monkeypatch):
+    """Where the receivers are the attention call's (CodeGen's shards), the clean run checks the
+    attention's code, run again on what it read, makes what its call was given: a call given
+    another query (as a hook or state outside that code would make it) is refused."""
+    from dataclasses import replace
+
+    from attrax import _edges
+
+    recorded = _edges.record_calls
+
+    def moved(*args, **kwargs):
+        state = recorded(*args, **kwargs)
+        key = sorted(state.calls)[1]
+        state.calls[key] = replace(state.calls[key], query=state.calls[key].query + 0.1)
+        return state
+
+    monkeypatch.setattr(_edges, "record_calls", moved)
+    with pytest.raises(ax.ModelError, match="layer 1: its CodeGenAttention run again on what it "
+                       "read does not make the query"):  # fmt: skip
+        ax.edge_attribution_patching(edges_models["codegen"], CLEAN, TARGET, **KW)
+
+
+def test_a_block_that_adds_no_sum_of_its_nodes_is_refused():
+    """A BLOOM whose residual is its normed input (`apply_residual_connection_post_layernorm`)
     adds no sum of the nodes' outputs."""
-    _, tok = tiny_model("llama")
-    codegen = ax.load_model(llama_like("codegen", tok), tokenizer=tok)
-    with pytest.raises(ax.ModelError, match="does not read its values"):
-        ax.edge_attribution_patching(codegen, CLEAN, TARGET, **KW)
     with pytest.raises(ax.ModelError, match="not a residual block as the edges assume"):
         ax.edge_attribution_patching(
             _bloom(apply_residual_connection_post_layernorm=True), CLEAN, TARGET, **KW

@@ -219,6 +219,9 @@ class Block:
     #: norms in the attention whose gains are ``[heads, head_dim]`` (Cohere's query and key
     #: norms, Command R+'s): each head's alone, as the clean run checks
     head_norms: tuple[torch.nn.Module, ...] = ()
+    #: the attention module that reads the stream and calls the attention function (a
+    #: reader of its call's inputs stands in for projections laid out otherwise: CodeGen's)
+    attention: torch.nn.Module | None = None
 
     @property
     def reads(self) -> torch.nn.Module:
@@ -443,7 +446,7 @@ def graph(model: Model, method: str = METHOD) -> Graph:
         found.append(
             Block(block, attn_norm, readers, out_proj, mlp_norm, mlp, parallel, mlp_in, scale,
                   attn_post, mlp_post, attn_in=attention if normless else None,
-                  normless=normless, head_norms=head_norms)
+                  normless=normless, head_norms=head_norms, attention=inner)
         )  # fmt: skip
     if len(head_dims) > 1:
         raise ModelError(
@@ -677,6 +680,7 @@ def _record(g: Graph, seen: dict[str, list[Any]]) -> list[Any]:
     for key in _NESTED:
         seen[key] = [[None] * len(b.readers) for b in g.blocks]
     seen["head_norm_in"] = [[None] * len(b.head_norms) for b in g.blocks]
+    seen["call_in"] = [None] * n
 
     def keep(key: str, layer: int, output: bool = False, i: int = -1) -> Callable[..., Any]:
         def hook(_m: Any, args: Any, *rest: Any) -> None:
@@ -722,6 +726,10 @@ def _record(g: Graph, seen: dict[str, list[Any]]) -> list[Any]:
                 handles.append(r.norm.register_forward_pre_hook(keep("norm_read", layer, i=i)))
         for i, norm in enumerate(b.head_norms):
             handles.append(norm.register_forward_pre_hook(keep("head_norm_in", layer, i=i)))
+        if b.attention is not None:  # what it reads and its other arguments, as they run
+            handles.append(b.attention.register_forward_pre_hook(
+                _keeping_call(seen["call_in"], {}, layer, cloned=True), with_kwargs=True
+            ))  # fmt: skip
         handles.append(b.out_proj.register_forward_pre_hook(keep("heads", layer)))
         handles.append(b.out_proj.register_forward_hook(keep("attn", layer, True)))
         handles.append(b.reads.register_forward_pre_hook(keep("mlp_out", layer)))
@@ -749,6 +757,8 @@ def _check_blocks(g: Graph, seen: Mapping[str, list[Any]], kind: str) -> None:
     own terms: a residual stream's few huge entries must not hide a scale on a sublayer's."""
 
     def expected(key: str, layer: int) -> bool:  # a norm on an output: only where there is one
+        if key == "call_in":
+            return g.blocks[layer].attention is not None
         return key not in _POSTS or getattr(g.blocks[layer], key.rsplit("_", 1)[0]) is not None
 
     if any(
@@ -761,7 +771,10 @@ def _check_blocks(g: Graph, seen: Mapping[str, list[Any]], kind: str) -> None:
     ):
         raise ModelError(f"{g.method}: {kind} did not run the modules attrax found in its blocks")
     recorded = [
-        v for key, values in seen.items() for v in values if key not in _NESTED and v is not None
+        v
+        for key, values in seen.items()
+        for v in values
+        if key not in (*_NESTED, "call_in") and v is not None
     ]
     recorded += [v for key in _NESTED for layer in seen[key] for v in layer if v is not None]
     if not all(bool(torch.isfinite(v).all()) for v in recorded):
@@ -933,14 +946,15 @@ def _check_values(
     each key/value head's side by side (GPT-NeoX's, Falcon-40B's, GPT-BigCode's without
     multi-query); a :class:`ModelError` where neither is (CodeGen's shards, OLMo's
     clip_qkv)."""
-    values = [call.value for _, call in sorted(calls.items(), key=lambda kv: kv[0][1])]
-    if len(values) != len(g.blocks):
+    ordered = [call for _, call in sorted(calls.items(), key=lambda kv: kv[0][1])]
+    if len(ordered) != len(g.blocks):
         raise ModelError(
-            f"{g.method}: {kind} ran {len(values)} attention calls for {len(g.blocks)} layers"
+            f"{g.method}: {kind} ran {len(ordered)} attention calls for {len(g.blocks)} layers"
         )
     blocks = []
-    for layer, (b, value) in enumerate(zip(g.blocks, values, strict=True)):
-        readers = []
+    for layer, (b, made) in enumerate(zip(g.blocks, ordered, strict=True)):
+        value = made.value
+        readers: list[Reader] = []
         for i, r in enumerate(b.readers):
             if r.call:  # the call's values are its receivers as they are
                 readers.append(r)
@@ -950,16 +964,59 @@ def _check_values(
             fused = [p for p, _ in r.parts] == ["q", "k", "v"] and not r.parts[0][1] % r.parts[1][1]
             layouts = [r, replace(r, grouped=True)] if fused else [r]
             found = next((c for c in layouts if _reads_values(c, returned, value, g)), None)
-            if found is None:
-                raise ModelError(
-                    f"{g.method}: {kind}'s layer {layer} does not read its values as its "
-                    f"{type(r.module).__name__} returns them, head after head (or each key/value "
-                    "head's queries, key and value side by side), as the receivers are cut "
-                    "(CodeGen's shards; OLMo's clip_qkv clamps them)"
-                )
+            if found is None:  # the call's inputs themselves (CodeGen's shards, OLMo's clamp)
+                at_call = _at_call(b, made)
+                if at_call is None:
+                    raise ModelError(
+                        f"{g.method}: {kind}'s layer {layer} does not read its values as its "
+                        f"{type(r.module).__name__} returns them, head after head (or each "
+                        "key/value head's queries, key and value side by side), and its "
+                        "attention call's queries, keys and values are not its receivers' "
+                        "heads"
+                    )
+                readers = [at_call]
+                break
             readers.append(found)
         blocks.append(replace(b, readers=tuple(readers)))
     return replace(g, blocks=blocks)
+
+
+def _at_call(b: Block, made: Any) -> Reader | None:
+    """A reader of block ``b``'s attention call's query, key and value (``made``, the clean
+    run's :class:`~attrax._heads.AttentionCall`) in place of its projections', with their
+    parts, or None where the call's heads are not those parts' or its module not ``b``'s."""
+    parts = tuple(p for r in b.readers for p in r.parts)
+    given = (made.query, made.key, made.value)
+    if b.attention is not None and made.module is b.attention and [p for p, _ in parts] == [
+        "q", "k", "v"
+    ] and all(t.shape[1] == h for t, (_, h) in zip(given, parts, strict=True)):  # fmt: skip
+        return Reader(b.attention, parts, dims=tuple(t.shape[-1] for t in given))
+    return None
+
+
+def _check_calls(
+    model: Model, g: Graph, calls: Mapping[Any, Any], seen: Mapping[str, list[Any]], kind: str
+) -> None:
+    """A :class:`ModelError` unless each reader of an attention call's inputs, its module's
+    code run (up to the call) on what the module read in the clean run, makes the query, key
+    and value that call was given."""
+    ordered = [call for _, call in sorted(calls.items(), key=lambda kv: kv[0][1])]
+    for layer, (b, made) in enumerate(zip(g.blocks, ordered, strict=True)):
+        for r in b.readers:
+            if not r.call:
+                continue
+            x, kwargs = seen["call_in"][layer]
+            with torch.no_grad():
+                again = made_at_call(model, r, kwargs)(x)
+            for name, got, want in zip(CALL_INPUTS, again, (made.query, made.key, made.value),
+                                       strict=True):  # fmt: skip
+                tol = TOLERANCE.get(want.dtype, 1e-4) * (float(want.abs().max()) or 1.0)
+                if got.shape != want.shape or float((got - want).abs().max()) > tol:
+                    raise ModelError(
+                        f"{g.method}: {kind}'s layer {layer}: its {type(r.module).__name__} run "
+                        f"again on what it read does not make the {name} its attention call "
+                        "was given: the edges cannot remake its heads"
+                    )
 
 
 def _reads_values(r: Reader, returned: torch.Tensor, value: torch.Tensor, g: Graph) -> bool:
@@ -1540,15 +1597,20 @@ def _at_call_probes(
 
 
 def _keeping_call(
-    inputs: dict[Any, Any], kwargs: dict[Any, dict[str, Any]], key: Any
+    inputs: Any, kwargs: dict[Any, dict[str, Any]], key: Any, cloned: bool = False
 ) -> Callable[..., None]:
     """A pre-hook (with its keyword arguments) that keeps what an attention module reads and
-    its other arguments."""
+    its other arguments (``cloned``: both, as a pair in ``inputs``, what it reads copied)."""
 
     def hook(_m: Any, args: tuple[Any, ...], given: dict[str, Any]) -> None:
-        inputs[key] = args[0] if args else given["hidden_states"]
-        kwargs[key] = {k: v for k, v in given.items() if k != "hidden_states"}
-        kwargs[key][_REST] = args[1:]
+        x = args[0] if args else given["hidden_states"]
+        rest = {k: v for k, v in given.items() if k != "hidden_states"}
+        rest[_REST] = args[1:]
+        if cloned:
+            inputs[key] = (x.detach().clone(), rest)
+            return
+        inputs[key] = x
+        kwargs[key] = rest
 
     return hook
 
@@ -1681,8 +1743,9 @@ def runs(
     seen: dict[str, list[Any]] = {}
     with torch.no_grad():
         scores = problem.head_objective(run(clean_embeds, t.mask, seen))
-    calls = record_calls(problem, [], "edges", clean_embeds, t.mask).calls
-    g = _check_values(g, calls or {}, seen, kind)
+    calls = record_calls(problem, [], "edges", clean_embeds, t.mask).calls or {}
+    g = _check_values(g, calls, seen, kind)
+    _check_calls(call.model, g, calls, seen, kind)
     del calls
     clean = _senders(g, seen)
     del seen
