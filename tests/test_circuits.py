@@ -51,7 +51,7 @@ def _all_edges(da):
     "arch",
     ["gpt2", "llama", "pythia", "gptj", "falcon-40b", "opt", "granite", "gemma2", "glm4", "bloom",
      "opt-post-ln", "olmo2", "exaone4", "olmoe", "cohere-qk", "deepseek_v2", "deepseek_v3",
-     "codegen", "olmo-clip"],
+     "deepseek_v32", "glm_moe_dsa", "codegen", "olmo-clip"],
 )  # fmt: skip
 def test_patching_one_edge_equals_patching_it_for_real(edges_models, arch):
     model = edges_models[arch]
@@ -125,6 +125,7 @@ def _logits_at_targets(model, text):
         "exaone4",
         "olmoe",
         "deepseek_v2",
+        "glm_moe_dsa",
     ],
 )
 def test_keeping_no_edge_is_the_corrupted_run_and_keeping_all_the_clean_one(edges_models, arch):

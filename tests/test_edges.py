@@ -67,7 +67,7 @@ def edges_models() -> dict[str, ax.Model]:
     # multi-head latent attention: V2's queries straight from the stream, V3's through their
     # own latent and its RMSNorm; keys and values expanded from one latent, a rotated key part
     # every head shares
-    for arch in ("deepseek_v2", "deepseek_v3"):
+    for arch in ("deepseek_v2", "deepseek_v3", "deepseek_v32", "glm_moe_dsa"):
         built[arch] = ax.load_model(_latent(arch, tok), tokenizer=tok)
     # projections whose output the attention does not read as GPT-2's or GPT-NeoX's layout
     # cuts it: CodeGen's shards (each of 4 holds queries, values and keys), OLMo's clamp of
@@ -531,6 +531,19 @@ def _naive_attention(module, query, key, value, attention_mask, **kwargs):
     """The module's own eager attention, its inputs recorded (a shadow run) or one head's
     query, key or value swapped for the shadow run's (the patched run)."""
     eager = sys.modules[type(module).__module__].eager_attention_forward
+    indices = kwargs.pop("indices", None)
+    if indices is not None:  # DeepSeek V3.2's and GLM-5's indexer's picks: the rest masked
+        allowed = torch.zeros(*indices.shape[:2], key.shape[2], dtype=torch.bool)
+        for b, rows in enumerate(indices.tolist()):
+            for q, picks in enumerate(rows):
+                allowed[b, q, picks] = True
+        low = torch.finfo(query.dtype).min
+        attention_mask = (
+            torch.zeros(allowed.shape, dtype=query.dtype)
+            if attention_mask is None
+            else attention_mask
+        )
+        attention_mask = attention_mask.masked_fill(~allowed[:, None], low)
     given = {"query": query, "key": key, "value": value}
     if "capture" in _NAIVE:
         _NAIVE["capture"].update(given)
@@ -726,7 +739,7 @@ def real_edges(model, da, clean, corrupted, target):
     ["gpt2", "llama", "phi3", "qwen3", "gpt_bigcode", "gpt_bigcode-mha", "gptj", "pythia",
      "falcon", "falcon-40b", "opt", "opt-projected", "granite", "gemma2", "gemma3", "glm4",
      "vaultgemma", "bloom", "opt-post-ln", "olmo2", "exaone4", "olmoe", "cohere-qk",
-     "deepseek_v2", "deepseek_v3", "codegen", "olmo-clip"],
+     "deepseek_v2", "deepseek_v3", "deepseek_v32", "glm_moe_dsa", "codegen", "olmo-clip"],
 )  # fmt: skip
 def test_eap_equals_patching_each_edge_to_first_order(edges_models, arch):
     model = edges_models[arch]

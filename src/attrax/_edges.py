@@ -414,7 +414,7 @@ def graph(model: Model, method: str = METHOD) -> Graph:
         head_dims.add(head_dim)
         # GPT-Neo wraps its attention module in another (`attn.attention`)
         inner = named(attention, ("attention",)) or attention
-        readers = _readers(inner, stack.heads, head_dim) or _latent(inner, stack.heads, where)
+        readers = _readers(inner, stack.heads, head_dim) or _latent(inner, stack.heads)
         if readers is None:
             raise ModelError(
                 f"{where} reads its queries, keys and values through no projection attrax "
@@ -615,10 +615,11 @@ def _readers(attention: torch.nn.Module, heads: int, head_dim: int) -> tuple[Rea
 LATENT = ("kv_a_proj_with_mqa", "kv_a_layernorm", "kv_b_proj")
 
 
-def _latent(attention: torch.nn.Module, heads: int, where: str) -> tuple[Reader, ...] | None:
+def _latent(attention: torch.nn.Module, heads: int) -> tuple[Reader, ...] | None:
     """Multi-head latent attention's one reader: the attention module, its receivers the
     call's queries, keys (each head's, its rotated part shared) and values; None for another
-    attention, a :class:`ModelError` for one with an indexer (DeepSeek V3.2's, GLM-5's)."""
+    attention. An indexer's picks (DeepSeek V3.2's, GLM-5's) are a mask of the call, made of
+    what the module reads: no receiver."""
     if not all(named(attention, (n,)) is not None for n in LATENT):
         return None
     dims = [getattr(attention, n, None) for n in ("qk_nope_head_dim", "qk_rope_head_dim",
@@ -630,13 +631,6 @@ def _latent(attention: torch.nn.Module, heads: int, where: str) -> tuple[Reader,
         nope + value
     ):
         return None
-    if named(attention, ("indexer",)) is not None:
-        raise ModelError(
-            f"{where}: its attention's indexer (DeepSeek Sparse Attention) reads the stream "
-            "to pick the keys each query attends to, a reader that is no node of the edges: "
-            "attrax scores the edges of multi-head latent attention without one (DeepSeek V2, "
-            "V3, GLM-4.7-Flash, Youtu)"
-        )
     parts = (("q", heads), ("k", heads), ("v", heads))
     return (Reader(attention, parts, dims=(nope + rope, nope + rope, value)),)
 
