@@ -1152,6 +1152,12 @@ def test_weights_the_edges_do_not_account_for_are_refused():
     hf.model.layers[1].self_attn.g_proj = torch.nn.Linear(32, 32)
     with pytest.raises(ax.ModelError, match="layer 1: its attention holds `g_proj`"):
         ax.edge_attribution_patching(ax.load_model(hf, tokenizer=tok), CLEAN, TARGET, **KW)
+    # a latent attention's receivers are its call's: a gate beside them (Dots3 Note's g_proj)
+    # reads the stream too
+    latent = _latent("deepseek_v3", tok)
+    latent.model.layers[1].self_attn.g_proj = torch.nn.Linear(32, 4)
+    with pytest.raises(ax.ModelError, match="layer 1: its attention holds `g_proj`"):
+        ax.edge_attribution_patching(ax.load_model(latent, tokenizer=tok), CLEAN, TARGET, **KW)
 
 
 def test_a_call_its_attentions_code_does_not_remake_is_refused(edges_models, monkeypatch):

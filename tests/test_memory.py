@@ -1991,3 +1991,31 @@ def test_patching_neurons_peak_stays_within_the_smallest_budget(
     assert named, str(refused.value)
     budget = _memory.parse_bytes(named.group(1).replace(" ", "")) + (1 << 20)
     _holds_its_budget(peak_above_start, script, budget, f"{method} {given}")
+
+
+@pytest.mark.parametrize("method", ["edge_attribution_patching", "edge_patching"])
+def test_latent_attentions_edges_price_the_eager_attention_they_run(method):
+    """The edges of a latent attention probe its calls, so their passes run attrax's eager
+    attention whatever the model's: past SDPA's threshold ("auto" picks SDPA from 256 tokens on
+    the CPU) the smallest budget they accept is the one they need with "eager" (the
+    attention's weights priced), not SDPA's smaller one."""
+    from attrax.testing import tiny_model
+    from tests.test_architectures import CONFIGS, built
+
+    _, tok = tiny_model("llama")
+    hf = built(CONFIGS["deepseek_v3"](len(tok)), tok, experts_implementation="eager")
+    words = " ".join(corpus()).split()
+    prompt, bad = " ".join(words[:300]), " ".join(["x", *words[1:300]])
+    options = {"corrupted": bad, "max_memory": "1MB"}
+    if method == "edge_patching":
+        options["patch"] = [["input", "logits"]]
+    smallest = {}
+    for implementation in ("auto", "eager"):
+        model = ax.load_model(hf, tokenizer=tok, attn_implementation=implementation)
+        assert model.attention_for(300, torch.device("cpu")) == (
+            "sdpa" if implementation == "auto" else "eager"
+        )
+        with pytest.raises(ax.OptionError, match="cannot be met") as refused:
+            getattr(ax, method)(model, prompt, " " + words[300], **options)
+        smallest[implementation] = re.search(r"estimated ([\d.]+ [KMG]B)", str(refused.value))[1]
+    assert smallest["auto"] == smallest["eager"], smallest

@@ -241,7 +241,7 @@ def _plan(call: Call, g: Graph, circuits: int) -> int:
         4 * u_all * one, "inputs", f"{batch} x {length} tokens",
         f"{u_all} senders' outputs and donors",
     )  # fmt: skip
-    cost = problem.cost(saved=False)
+    cost = problem.cost(saved=False, eager=g.at_calls)
     widest = max(sum(h for r in b.readers for _, h in r.parts) + 1 for b in g.blocks)
     # a copy's edges patched, its senders' differences from their donors, and beside its
     # forward one layer's receivers' inputs: their shifts, the shifted streams, and the norm's
@@ -373,8 +373,8 @@ def _patching(
     handles = []
     blocks = g.blocks
     # the attention calls whose heads' inputs are remade there, and what each is given
-    state = _probes_at(model) if any(r.call for b in blocks for r in b.readers) else None
-    at_calls: dict[tuple[int, str], Any] = {}
+    state = _probes_at(model) if g.at_calls else None
+    at_calls: dict[tuple[int, int, str], Any] = {}
     handles.append(blocks[0].block.register_forward_pre_hook(_on_input(record), with_kwargs=True))
     if g.post_ln:
         stream = post_norm_stream
@@ -397,9 +397,9 @@ def _patching(
             if r.call:  # made by the attention's code of their own streams, given at its call
                 assert state is not None
                 handles.append(r.module.register_forward_pre_hook(
-                    _on_call(model, r, made, i, at_calls), with_kwargs=True
+                    _on_call(model, r, made, (layer, i), at_calls), with_kwargs=True
                 ))  # fmt: skip
-                state.inputs.update(_giving_at_call(state.where[r.module], r, at_calls, i))
+                state.inputs.update(_giving_at_call(state.where[r.module], r, at_calls, (layer, i)))
                 continue
             # a norm over the heads: the heads are remade past it, at its output
             handles.append((r.norm or r.module).register_forward_hook(_giving(r, made, i)))
@@ -508,15 +508,19 @@ def _over_heads(r: Reader, normed: torch.Tensor, chosen: torch.Tensor) -> torch.
 
 
 def _on_call(
-    model: Model, r: Reader, made: dict[int, Any], i: int, at_calls: dict[tuple[int, str], Any]
+    model: Model,
+    r: Reader,
+    made: dict[int, Any],
+    key: tuple[int, int],
+    at_calls: dict[tuple[int, int, str], Any],
 ) -> Callable[..., None]:
-    """At an attention whose receivers are its call's: each chosen head's query, key or value
-    made by the attention's code of that head's own stream (:func:`_on_attention`'s), by
-    ``(i, "query" | "key" | "value")``: the heads (within the part), ``[k, n B, L, d]`` and
-    which copies take each."""
+    """At an attention whose receivers are its call's (layer and reader ``key``): each chosen
+    head's query, key or value made by the attention's code of that head's own stream
+    (:func:`_on_attention`'s), by ``(*key, "query" | "key" | "value")``: the heads (within the
+    part), ``[k, n B, L, d]`` and which copies take each."""
 
     def hook(_m: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        given = made.pop(i)
+        given = made.pop(key[1])
         if given is None:
             return
         chosen, normed, copies = given
@@ -529,21 +533,21 @@ def _on_call(
             mine = ((chosen >= start) & (chosen < start + heads)).nonzero().squeeze(1)
             if len(mine):
                 local = chosen[mine] - start
-                at_calls[i, name] = (local, out[mine, :, local], copies[:, mine])
+                at_calls[key[0], key[1], name] = (local, out[mine, :, local], copies[:, mine])
             start += heads
 
     return hook
 
 
 def _giving_at_call(
-    place: Any, r: Reader, at_calls: dict[tuple[int, str], Any], i: int
+    place: Any, r: Reader, at_calls: dict[tuple[int, int, str], Any], key: tuple[int, int]
 ) -> dict[tuple[Any, str], Callable[[torch.Tensor], torch.Tensor]]:
     """What gives an attention call (``[n B, heads, L, d]``) the heads :func:`_on_call` made in
     place of its own, in the copies that take them."""
 
     def giving(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
         def give(t: torch.Tensor) -> torch.Tensor:
-            given = at_calls.pop((i, name), None)
+            given = at_calls.pop((key[0], key[1], name), None)
             if given is None:  # no copy patches an edge into these heads
                 return t
             local, values, copies = given

@@ -272,6 +272,12 @@ class Graph:
         return self.blocks[0].post_ln
 
     @property
+    def at_calls(self) -> bool:
+        """Whether some receivers are attention calls' inputs: the passes run attrax's eager
+        attention, which adds their probes."""
+        return any(r.call for b in self.blocks for r in b.readers)
+
+    @property
     def over_heads(self) -> list[int]:
         """The widths of the readers whose heads are made together: with a norm over all
         their heads, or by the attention's own code (latent attention's); none: []."""
@@ -440,7 +446,12 @@ def graph(model: Model, method: str = METHOD) -> Graph:
         known = [attn_norm, mlp_norm, mlp, attention, *([mlp_in] if mlp_in else [])]
         known += [m for m in (attn_post, mlp_post) if m is not None]
         _account(where, block, known, "block")
-        reading = [m for r in readers for m in (r.module, r.norm) if m is not None]
+        reading = [
+            m
+            for r in readers
+            for m in (_latent_parts(inner) if r.call else (r.module, r.norm))
+            if m is not None
+        ]
         head_norms = _per_head_gains(inner, head_dim)
         _account(where, inner, [*reading, *head_norms, out_proj], "attention", head_dim)
         found.append(
@@ -610,9 +621,17 @@ def _readers(attention: torch.nn.Module, heads: int, head_dim: int) -> tuple[Rea
     )  # fmt: skip
 
 
-#: multi-head latent attention's modules (DeepSeek V2's and V3's kin): the queries straight from
-#: the stream or through their own latent, and the latent that holds the keys and values
+#: multi-head latent attention's modules (DeepSeek V2's and V3's kin): the latent that holds the
+#: keys and values; the queries straight from the stream or through their own latent; and an
+#: indexer (V3.2's, GLM-5's), whose picks are a mask of the call
 LATENT = ("kv_a_proj_with_mqa", "kv_a_layernorm", "kv_b_proj")
+LATENT_QUERIES = ("q_proj", "q_a_proj", "q_a_layernorm", "q_b_proj", "indexer")
+
+
+def _latent_parts(attention: torch.nn.Module) -> list[torch.nn.Module | None]:
+    """The modules a latent attention makes its call's inputs with: any other module with
+    weights in it (an output gate: Dots3 Note's `g_proj`) is one the edges do not account for."""
+    return [named(attention, (n,)) for n in (*LATENT, *LATENT_QUERIES)]
 
 
 def _latent(attention: torch.nn.Module, heads: int) -> tuple[Reader, ...] | None:
@@ -950,7 +969,13 @@ def _check_values(
         value = made.value
         readers: list[Reader] = []
         for i, r in enumerate(b.readers):
-            if r.call:  # the call's values are its receivers as they are
+            if r.call:  # the call's inputs are its receivers as they are, at their widths
+                if _at_call(b, made, r.dims) is None:
+                    raise ModelError(
+                        f"{g.method}: {kind}'s layer {layer} calls its attention on queries, "
+                        f"keys and values of other heads or widths than its parts {r.parts} "
+                        f"of {r.dims} features"
+                    )
                 readers.append(r)
                 continue
             returned = seen["returned"][layer][i]
@@ -975,16 +1000,21 @@ def _check_values(
     return replace(g, blocks=blocks)
 
 
-def _at_call(b: Block, made: Any) -> Reader | None:
+def _at_call(b: Block, made: Any, dims: tuple[int, ...] | None = None) -> Reader | None:
     """A reader of block ``b``'s attention call's query, key and value (``made``, the clean
     run's :class:`~attrax._heads.AttentionCall`) in place of its projections', with their
-    parts, or None where the call's heads are not those parts' or its module not ``b``'s."""
+    parts (and the widths ``dims`` where given), or None where the call's heads (widths) are
+    not those or its module not ``b``'s."""
     parts = tuple(p for r in b.readers for p in r.parts)
     given = (made.query, made.key, made.value)
+    widths = dims or tuple(t.shape[-1] for t in given)
     if b.attention is not None and made.module is b.attention and [p for p, _ in parts] == [
         "q", "k", "v"
-    ] and all(t.shape[1] == h for t, (_, h) in zip(given, parts, strict=True)):  # fmt: skip
-        return Reader(b.attention, parts, dims=tuple(t.shape[-1] for t in given))
+    ] and all(
+        t.dim() == 4 and t.shape[1] == h and t.shape[-1] == d
+        for t, (_, h), d in zip(given, parts, widths, strict=True)
+    ):  # fmt: skip
+        return Reader(b.attention, parts, dims=widths)
     return None
 
 
@@ -1121,6 +1151,7 @@ def edge_scores(
     # one forward a pass, every target chunk's backward from it (as attribution patching's)
     batch_size, chunk = problem.plan(
         total, call.options["batch_size"], call.options["chunk_size"], shared_forward=True,
+        eager=g.at_calls,
         per_target=2 * probes * one // hidden + 2 * per_head_rows * one,
         per_point=(probes // hidden + len(g.blocks) + 3 * senders + 2 + normed
                    + (2 if moved else 0)) * one,
@@ -1228,7 +1259,7 @@ def _pass(
     reader_inputs: dict[tuple[int, int], Any] = {}
     call_inputs: dict[tuple[int, int], Any] = {}
     call_kwargs: dict[tuple[int, int], dict[str, Any]] = {}
-    state = _probes_at(call.model) if any(r.call for b in g.blocks for r in b.readers) else None
+    state = _probes_at(call.model) if g.at_calls else None
 
     def forward(*probes: torch.Tensor) -> tuple[torch.Tensor, list[Any]]:
         handles = []
@@ -1728,7 +1759,10 @@ def runs(
         types: torch.Tensor | None = None,
         ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        with _hooked(_record(g, seen)):
+        # the attention the passes run where they probe calls (attrax's eager): their donors
+        # and the clean scores rounded as they are
+        probing = _probing(call.model, _probes_at(call.model)) if g.at_calls else None
+        with _hooked(_record(g, seen)), probing or contextlib.nullcontext():
             hidden = problem.hidden_of(embeds, mask, types, ids)
         _check_blocks(g, seen, kind)
         return hidden
@@ -1738,7 +1772,12 @@ def runs(
     with torch.no_grad():
         scores = problem.head_objective(run(clean_embeds, t.mask, seen))
     calls = record_calls(problem, [], "edges", clean_embeds, t.mask).calls or {}
-    g = _check_values(g, calls, seen, kind)
+    checked = _check_values(g, calls, seen, kind)
+    if checked.at_calls and not g.at_calls:  # the clean run again, as the passes will run it
+        g, seen = checked, {}
+        with torch.no_grad():
+            scores = problem.head_objective(run(clean_embeds, t.mask, seen))
+    g = checked
     _check_calls(call.model, g, calls, seen, kind)
     del calls
     clean = _senders(g, seen)

@@ -430,6 +430,7 @@ class Problem:
         per_target: int = 0,
         repeat: int = 1,
         per_point: int = 0,
+        eager: bool = False,
     ) -> tuple[int | None, int | None]:
         """Sizes for ``points`` and every target: :func:`plan` on this call's shapes. With
         ``copies``, every (target, point) is a copy of the batch of its own with one cotangent
@@ -444,12 +445,13 @@ class Problem:
         ``per_target``: bytes more per target of a backward (what a method reads from it).
         ``repeat``: each point runs as that many copies of the batch (layer IG's, one per
         layer), in its forward and its backward. ``per_point``: bytes more per point of a
-        pass (what a method derives from each point's forward)."""
+        pass (what a method derives from each point's forward). ``eager``: the passes run
+        eager attention whatever the model's (:meth:`cost`'s)."""
         targets = self.tensors.valid.shape[1]
         if points == targets == 1 and rows == 1 and self.max_memory is None:
             return None, None  # nothing to split, and no budget to check
         device = self.inputs[0].device
-        cost = self.cost()
+        cost = self.cost(eager=eager)
         cost = cost._replace(
             per_cotangent=repeat * cost.per_cotangent,
             per_point=repeat * cost.per_point + per_point,
