@@ -996,6 +996,7 @@ _LATENT_MODEL = _OLMO2_MODEL.replace("Olmo2Config", "DeepseekV3Config").replace(
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("family", ["OLMo 2", "DeepSeek V3"])
 @pytest.mark.parametrize(
     ("method", "options", "warm"),
     [
@@ -1004,48 +1005,27 @@ _LATENT_MODEL = _OLMO2_MODEL.replace("Olmo2Config", "DeepseekV3Config").replace(
         ("edge_patching", "circuit=[[]] * 32", _EDGES_WARM + ", patch=[]"),
     ],
 )
-def test_the_edges_of_latent_attention_stay_within_the_budget(
-    peak_above_start, method, options, warm
+def test_the_edges_through_a_readers_own_code_stay_within_the_budget(
+    peak_above_start, family, method, options, warm
 ):
-    """The deltas pushed through each latent attention's code up to its call (EAP) and each
-    remade head's query, key and value made there (edge patching) are priced: measured
-    (2026-12-08) 301, 878 and 1028 MiB without a budget, 67, 74 and 101 MiB under 220 MiB."""
+    """The deltas pushed through each query and key norm over all heads (OLMo 2) or each
+    latent attention's code up to its call (DeepSeek V3) in EAP, and each remade head's whole
+    projection or query, key and value made at the call in edge patching, are priced.
+    Measured without a budget, then under 220 MiB: OLMo 2 (2026-12-07) 303, 830 and 711 MiB,
+    then 78, 67 and 68 MiB (the smallest EAP accepts: 199 MB); DeepSeek V3 (2026-12-08) 301,
+    878 and 1028 MiB, then 67, 74 and 101 MiB."""
     budget = 220 << 20
+    script = _OLMO2_MODEL if family == "OLMo 2" else _LATENT_MODEL
     free, bounded = (
-        peak_above_start(_LATENT_MODEL.format(
+        peak_above_start(script.format(
             method=method, warm=warm,
             options=", ".join(filter(None, ["corrupted=bad", options, extra])),
         ))
         for extra in ("", f"max_memory={budget}")
     )  # fmt: skip
     mib = 2**20
-    print(f"{method} {options}: unbounded {free['peak'] / mib:.0f} MiB, bounded "
+    print(f"{family} {method} {options}: unbounded {free['peak'] / mib:.0f} MiB, bounded "
           f"{bounded['peak'] / mib:.0f} MiB")  # fmt: skip
-    assert free["peak"] > budget, "the workload must need more than the budget unbounded"
-    assert bounded["peak"] <= budget, (bounded["peak"] / 2**20, budget / 2**20)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize(
-    ("method", "options", "warm"),
-    [
-        ("edge_attribution_patching", "", _EDGES_WARM),
-        ("edge_attribution_patching", "steps=16", _EDGES_WARM),
-        ("edge_patching", "circuit=[[]] * 32", _EDGES_WARM + ", patch=[]"),
-    ],
-)
-def test_the_edges_of_olmo_2_stay_within_the_budget(peak_above_start, method, options, warm):
-    """The deltas pushed through each query and key norm over all heads (EAP) and each remade
-    head's whole projection (edge patching) are priced: measured (2026-12-07) 303, 830 and 711
-    MiB without a budget, 78, 67 and 68 MiB under 220 MiB (the smallest EAP accepts: 199 MB)."""
-    budget = 220 << 20
-    free, bounded = (
-        peak_above_start(_OLMO2_MODEL.format(
-            method=method, warm=warm,
-            options=", ".join(filter(None, ["corrupted=bad", options, extra])),
-        ))
-        for extra in ("", f"max_memory={budget}")
-    )  # fmt: skip
     assert free["peak"] > budget, "the workload must need more than the budget unbounded"
     assert bounded["peak"] <= budget, (bounded["peak"] / 2**20, budget / 2**20)
 
