@@ -657,3 +657,118 @@ def test_the_cli_prints_a_reduction_without_targets(tmp_path, capsys):
     printed = capsys.readouterr()
     assert code == 0, printed
     assert "result dims (circuit: 2)" in printed.out
+
+
+# --- circuit faithfulness (MIB) ---------------------------------------------------------------
+
+
+def _naive_faithfulness(model, scores, text, target, corrupted, fractions):
+    """Per target and fraction, as MIB's evaluation computes it, loop by loop: the circuit of
+    the ``floor(f * N)`` edges of largest absolute summed estimate, its score by edge patching
+    alone, normalised between the corrupted run and the clean one, both by plain forwards."""
+    summed = scores.sum("target", skipna=True, min_count=1)
+    ranked = []
+    for s in summed.sender.values:
+        for r in summed.receiver.values:
+            value = float(summed.sel(sender=s, receiver=r))
+            if np.isfinite(value):
+                ranked.append((-abs(value), len(ranked), (str(s), str(r))))
+    ranked.sort()
+    clean, bad = _logits_at_targets(model, text), _logits_at_targets(model, corrupted)
+    empty = bad - clean
+    curve = []
+    for f in fractions:
+        count = int(np.floor(round(f * len(ranked), 9)))
+        circuit = [edge for _, _, edge in ranked[:count]]
+        effect = ax.edge_patching(model, text, target, corrupted=corrupted, circuit=circuit,
+                                  objective="logit").values  # fmt: skip
+        curve.append((effect - empty) / -empty)
+    return np.stack(curve, -1), empty  # [K, F], [K]
+
+
+def _trapezoid(x, y):
+    return sum((x[i + 1] - x[i]) * (y[..., i] + y[..., i + 1]) / 2 for i in range(len(x) - 1))
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_circuit_faithfulness_is_mibs_curve_and_areas(edges_models, arch):
+    model = edges_models[arch]
+    scores = ax.edge_attribution_patching(model, CLEAN, TARGET, **KW)
+    fractions = [0.01, 0.05, 0.2, 0.5, 1.0]
+    da = ax.circuit_faithfulness(model, scores, CLEAN, TARGET, fractions=fractions, **KW)
+    assert da.dims == ("target", "fraction")
+    want, empty = _naive_faithfulness(model, scores, CLEAN, TARGET, CORRUPTED, fractions)
+    np.testing.assert_allclose(da.empty.values, empty, rtol=1e-7, atol=1e-9)
+    np.testing.assert_allclose(da.values, want, rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(da.cpr.values, _trapezoid(fractions, want), rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(da.cmd.values, _trapezoid(fractions, np.abs(1 - want)), rtol=1e-6,
+                               atol=1e-9)  # fmt: skip
+    # keeping every edge is the clean run; the circuits grow as their counts say
+    np.testing.assert_allclose(da.isel(fraction=-1).values, 1.0, atol=1e-9)
+    total = int(np.isfinite(scores.sum("target", skipna=True, min_count=1).values).sum())
+    assert list(da.edges.values) == [int(np.floor(round(f * total, 9))) for f in fractions]
+    assert np.abs(da.values[:, 1:-1] - 1).max() > 1e-3  # the partial circuits recover less
+
+
+def test_circuit_areas_normalise_the_mean_effects_as_mib_does(edges_models):
+    """Over several examples and targets: the effects averaged first, then normalised (not the
+    mean of each target's faithfulness), then the areas."""
+    model = edges_models["gpt2"]
+    inputs, corrupted = [CLEAN, "The capital is"], [CORRUPTED, "A capital is"]
+    kw = {"corrupted": corrupted, "objective": "logit"}
+    scores = ax.edge_attribution_patching(model, inputs, [TARGET, " d"], **kw)
+    fractions = [0.02, 0.1, 0.5, 1.0]
+    da = ax.circuit_faithfulness(model, scores, inputs, [TARGET, " d"], fractions=fractions, **kw)
+    assert da.dims == ("example", "target", "fraction")
+    areas = ax.circuit_areas(da)
+    effect = np.nanmean(da.effect.values.reshape(-1, len(fractions)), 0)
+    empty = np.nanmean(da.empty.values)
+    curve = (effect - empty) / -empty
+    np.testing.assert_allclose(areas.faithfulness.values, curve, rtol=1e-9)
+    np.testing.assert_allclose(float(areas.cpr), _trapezoid(fractions, curve), rtol=1e-9)
+    np.testing.assert_allclose(float(areas.cmd), _trapezoid(fractions, np.abs(1 - curve)),
+                               rtol=1e-9)  # fmt: skip
+    # per example: its own effects averaged over its targets
+    by_example = ax.circuit_areas(da, "target")
+    for i in range(2):
+        one = da.isel(example=i)
+        mine = (np.nanmean(one.effect.values, 0) - np.nanmean(one.empty.values)) / -np.nanmean(
+            one.empty.values
+        )
+        np.testing.assert_allclose(by_example.faithfulness.isel(example=i).values, mine,
+                                   rtol=1e-9)  # fmt: skip
+    # each example's curve, alone, is its own call's
+    alone = ax.circuit_faithfulness(model, scores, CLEAN, TARGET, fractions=fractions,
+                                    corrupted=CORRUPTED, objective="logit")  # fmt: skip
+    got = da.isel(example=0).dropna("target", how="all")
+    np.testing.assert_allclose(got.values, alone.values, rtol=1e-7, atol=1e-9)
+
+
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [
+        ({"fractions": [0.5]}, "two or more increasing fractions"),
+        ({"fractions": [0.5, 0.2]}, "two or more increasing fractions"),
+        ({"fractions": [0.0, 1.0]}, r"in \(0, 1\]"),
+        ({"greedy": 1}, "`greedy` must be True or False"),
+        ({"dims": "layer"}, "has no option 'dims'"),
+    ],
+)
+def test_bad_circuit_faithfulness_options_are_clear_errors(edges_models, options, match):
+    model = edges_models["gpt2"]
+    scores = ax.edge_attribution_patching(model, CLEAN, TARGET, **KW)
+    with pytest.raises(ax.OptionError, match=match):
+        ax.circuit_faithfulness(model, scores, CLEAN, TARGET, **KW, **options)
+
+
+def test_circuit_faithfulness_refuses_what_is_no_edge_estimate(edges_models):
+    model = edges_models["gpt2"]
+    saliency = ax.saliency(model, CLEAN, TARGET)
+    with pytest.raises(ax.InputError, match="`scores` must be a DataArray with `sender`"):
+        ax.circuit_faithfulness(model, saliency, CLEAN, TARGET, **KW)
+    with pytest.raises(ax.InputError, match=r"ax\.circuit_faithfulness.s result"):
+        ax.circuit_areas(saliency)
+    da = ax.circuit_faithfulness(model, ax.edge_attribution_patching(model, CLEAN, TARGET, **KW),
+                                 CLEAN, TARGET, fractions=[0.5, 1.0], **KW)  # fmt: skip
+    with pytest.raises(ax.OptionError, match=r"`dims` \['fraction'\] are not dims"):
+        ax.circuit_areas(da, "fraction")

@@ -19,7 +19,8 @@ from attrax._protocol import COMMON
 
 from .conftest import PAIRS, QUICK, assert_close
 
-EVERY = (*METHODS, "step_scores", "deletion", "insertion", "comprehensiveness", "sufficiency")
+EVERY = (*METHODS, "step_scores", "deletion", "insertion", "comprehensiveness", "sufficiency",
+         "circuit_faithfulness")  # fmt: skip
 # methods that explain only classifiers (DecompX: the post-norm encoders' sequence classifiers)
 _CLASSIFIER_ONLY = {"decompx"}
 SMALL = {
@@ -28,6 +29,7 @@ SMALL = {
     "activation_patching": {"corrupted": "The capital of Spain is", "layers": 0},
     "edge_attribution_patching": {"corrupted": "The capital of Spain is"},
     "edge_patching": {"corrupted": "The capital of Spain is", "patch": [["input", "logits"]]},
+    "circuit_faithfulness": {"corrupted": "The capital of Spain is"},
 }
 
 
@@ -43,6 +45,8 @@ def test_each_common_option_is_taken_or_refused_with_a_reason(models, name):
     args = [models["gpt2"], *PAIRS[0]]
     if "attribution" in leading:
         args.insert(1, ax.pipe(ax.saliency, ax.l2_norm)(models["gpt2"], *PAIRS[0]))
+    if "scores" in leading:
+        args.insert(1, ax.edge_attribution_patching(models["gpt2"], *PAIRS[0], **SMALL[name]))
     for option in COMMON:
         if option in taken:
             continue

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import heapq
+import itertools
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, cast
 
@@ -47,8 +48,8 @@ from ._errors import InputError, OptionError
 from ._heads import _probes_at, _probing
 from ._memory import between_passes, full_precision, plan_forwards
 from ._model import Model
-from ._protocol import Call, Family
-from ._schema import label_circuits, recorded_option
+from ._protocol import Call, Family, own_options
+from ._schema import label_circuit_curve, label_circuits, recorded_option
 
 METHOD = "edge_patching"
 
@@ -178,6 +179,173 @@ def edge_patching(
     return label_circuits(
         model, call.batch, values if several else values[..., 0], counts if several else None,
         call.options, METHOD, call.objective[0],
+    )  # fmt: skip
+
+
+#: MIB's circuit sizes (Mueller et al. 2025): 0.1 % to all of the edges
+MIB_FRACTIONS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
+
+CIRCUIT_METHOD = "circuit_faithfulness"
+
+
+def _run_scores(core: Callable[..., Any], call: Call, arguments: dict[str, Any]) -> xr.DataArray:
+    return cast("xr.DataArray", core(call, arguments["scores"], **own_options(core, arguments)))
+
+
+#: circuit faithfulness: ``(model, scores, inputs, targets)``, forwards only, as edge patching
+FAITHFUL_CIRCUITS = Family(
+    name="circuit_faithfulness",
+    takes=PATCHING.takes,
+    refuses=PATCHING.refuses,
+    run=_run_scores,
+    leading=("model", "scores", "inputs", "targets"),
+)
+
+
+def _circuit_fractions(value: object, name: str) -> None:
+    good = (
+        isinstance(value, (list, tuple))
+        and len(value) >= 2
+        and all(
+            isinstance(f, (int, float)) and not isinstance(f, bool) and 0 < f <= 1 for f in value
+        )
+        and all(a < b for a, b in itertools.pairwise(value))
+    )
+    if not good:
+        raise OptionError(
+            f"`{name}` must be two or more increasing fractions of the edges in (0, 1] (MIB's: "
+            f"{list(MIB_FRACTIONS)}), got {value!r}"
+        )
+
+
+def _flag(value: object, name: str) -> None:
+    if not isinstance(value, bool):
+        raise OptionError(f"`{name}` must be True or False, got {value!r}")
+
+
+@FAITHFUL_CIRCUITS.method(
+    corrupted=_corrupted_input, fractions=_circuit_fractions, greedy=_flag, connected=_flag
+)
+def circuit_faithfulness(
+    call: Call,
+    scores: xr.DataArray,
+    *,
+    corrupted: Any = None,
+    fractions: Sequence[float] = MIB_FRACTIONS,
+    greedy: bool = False,
+    connected: bool = False,
+) -> xr.DataArray:
+    """Circuit faithfulness (MIB's circuit localization, Mueller et al. 2025): how much of the
+    clean run each circuit of ``scores``' top edges recovers, every other edge patched.
+
+    At fraction ``f`` the circuit is the ``floor(f * N)`` edges of largest absolute estimate
+    (:func:`top_edges`; ``N``: the edges ``scores`` has), and its faithfulness ``(m(C) -
+    m(empty)) / (m(model) - m(empty))``: ``m`` is each target's score (``objective``) with the
+    circuit's edges kept and the rest patched (:func:`edge_patching`), the empty circuit the
+    corrupted run and the whole model the clean one. Its areas over ``fractions`` (the
+    trapezoid rule) are MIB's CPR (under the curve, higher is better) and CMD (between the
+    curve and 1, lower is better). NaN where the corruption leaves a target's score as it was.
+
+    Arguments:
+        model, inputs, targets, objective, contrast, positions, batch_size, max_new_tokens,
+            max_memory: as :func:`edge_patching`.
+        scores: :func:`edge_attribution_patching`'s result whose top edges make the circuits
+            (summed over its targets and examples before ranking, as :func:`top_edges`).
+        corrupted: as :func:`edge_patching` (a text aligned with ``inputs``, or an
+            :class:`Ablation`).
+        fractions: the circuits' sizes as increasing fractions of ``N`` (MIB's by default).
+        greedy, connected: as :func:`top_edges`.
+
+    Returns:
+        DataArray ``([example,] target, fraction)``: each target's faithfulness; coordinates
+        ``edges`` (``fraction``: each circuit's edges), ``effect`` (the circuit's score less
+        the clean run's), ``empty`` (the corrupted run's less the clean run's), ``cpr`` and
+        ``cmd`` (``[example,] target``). MIB's numbers over a dataset normalise the effects
+        averaged over its examples first (see :func:`circuit_areas`).
+
+    >>> import attrax as ax
+    >>> model = ax.load_model()
+    >>> kw = {"corrupted": "1 2 4 =", "objective": "logit"}
+    >>> scores = ax.edge_attribution_patching(model, "1 2 3 =", " 3 2 1", **kw)
+    >>> da = ax.circuit_faithfulness(model, scores, "1 2 3 =", " 3 2 1", **kw)
+    >>> da.dims, [round(float(f), 3) for f in da.isel(fraction=-1).values]
+    (('target', 'fraction'), [1.0, 1.0, 1.0])
+    """
+    model = call.model
+    g = graph(model, CIRCUIT_METHOD)
+    circuits = top_edges(scores, _sizes(scores, fractions), greedy=greedy, connected=connected)
+    chosen = [_indices(g, edges) for edges in [[], *circuits]]
+    step = _plan(call, g, len(chosen))
+    g, clean, delta, _, unpatched = runs(call, g, corrupted)
+    donors = full_precision(clean) + delta  # [U, B, L, H]: each sender's corrupted output
+    del clean, delta
+    effects = _patched_effects(call, g, donors, chosen, True, unpatched, step)  # [C, B, K]
+    if not bool(torch.isfinite(effects).all()):
+        raise _not_finite(CIRCUIT_METHOD)
+    empty, kept = effects[0], effects[1:].permute(1, 2, 0)  # [B, K], [B, K, F]
+    return label_circuit_curve(
+        model, call.batch, kept, empty, np.asarray(fractions, dtype=np.float64),
+        [c.shape[1] for c in chosen[1:]], call.options, CIRCUIT_METHOD, call.objective[0],
+    )  # fmt: skip
+
+
+def _sizes(scores: xr.DataArray, fractions: Sequence[float]) -> list[int]:
+    """``floor(f * N)`` for each fraction, ``N`` the edges ``scores`` has (MIB's counts)."""
+    if not isinstance(scores, xr.DataArray) or not {"sender", "receiver"} <= set(scores.dims):
+        return [0] * len(fractions)  # top_edges refuses it, naming what it must be
+    other = [d for d in scores.dims if d not in ("sender", "receiver")]
+    summed = scores.sum(other, skipna=True, min_count=1)
+    total = int(np.isfinite(np.asarray(summed.values, dtype=np.float64)).sum())
+    # the product rounded first: 0.29 * 100 is 28.999999999999996
+    return [int(np.floor(round(f * total, 9))) for f in fractions]
+
+
+def circuit_areas(
+    faithfulness: xr.DataArray, dims: str | Sequence[str] | None = None
+) -> xr.Dataset:
+    """MIB's CPR and CMD of :func:`circuit_faithfulness`'s result over ``dims`` (None: every
+    dim but ``fraction``): the effects averaged over them first, then normalised, then the
+    areas of the curve and of its distance to 1 over the fractions (the trapezoid rule).
+
+    >>> import attrax as ax
+    >>> model = ax.load_model()
+    >>> kw = {"corrupted": "1 2 4 =", "objective": "logit"}
+    >>> scores = ax.edge_attribution_patching(model, "1 2 3 =", " 3 2 1", **kw)
+    >>> areas = ax.circuit_areas(ax.circuit_faithfulness(model, scores, "1 2 3 =", " 3 2 1", **kw))
+    >>> sorted(areas.data_vars)
+    ['cmd', 'cpr', 'faithfulness']
+    """
+    if not isinstance(faithfulness, xr.DataArray) or not {"effect", "empty"} <= set(
+        faithfulness.coords
+    ) or "fraction" not in faithfulness.dims:  # fmt: skip
+        raise InputError(
+            "`faithfulness` must be ax.circuit_faithfulness's result (a DataArray with a "
+            "`fraction` dim and `effect` and `empty` coordinates)"
+        )
+    over = [d for d in faithfulness.dims if d != "fraction"] if dims is None else (
+        [dims] if isinstance(dims, str) else list(dims)
+    )  # fmt: skip
+    unknown = [d for d in over if d not in faithfulness.dims or d == "fraction"]
+    if unknown:
+        raise OptionError(
+            f"`dims` {unknown} are not dims to average over; the result's are "
+            f"{[d for d in faithfulness.dims if d != 'fraction']}"
+        )
+    effect = faithfulness.coords["effect"].mean(over)
+    empty = faithfulness.coords["empty"].mean(over)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        curve = (effect - empty) / -empty
+    x = faithfulness.coords["fraction"]
+    widths = x.diff("fraction", label="upper")
+
+    def area(y: xr.DataArray) -> xr.DataArray:
+        mids = (y + y.shift(fraction=1)).isel(fraction=slice(1, None)) / 2
+        return (mids * widths).sum("fraction", skipna=False)
+
+    return xr.Dataset(
+        {"faithfulness": curve.drop_vars(["effect", "empty"], errors="ignore"),
+         "cpr": area(curve), "cmd": area(abs(1 - curve))},
+        attrs={"over": list(over)},
     )  # fmt: skip
 
 

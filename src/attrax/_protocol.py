@@ -120,6 +120,7 @@ LEADING = {
     "targets": "what to explain: a continuation or translation, a classifier's class, "
     '"all" or None (a language model generates greedily, a classifier takes its prediction)',
     "attribution": "the attribution to score, from the same inputs and targets",
+    "scores": "edge attribution patching's estimates whose top edges make the circuits",
 }
 _ENTRY = re.compile(r"^ {4}(\w[\w ,]*):(?:\s|$)")
 _ALSO = re.compile(r"[;.] (\w+):")
@@ -435,7 +436,8 @@ def _leading(name: str) -> inspect.Parameter:
     kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
     if name == "targets":
         return inspect.Parameter(name, kind, default=None, annotation="Texts | None")
-    annotation = {"model": "ModelLike", "inputs": "Texts", "attribution": "xr.DataArray"}[name]
+    annotation = {"model": "ModelLike", "inputs": "Texts", "attribution": "xr.DataArray",
+                  "scores": "xr.DataArray"}[name]  # fmt: skip
     return inspect.Parameter(name, kind, annotation=annotation)
 
 

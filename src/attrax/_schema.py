@@ -375,6 +375,38 @@ def label_circuits(
     return _build(data, dims, coords, method, attrs, batch.single)
 
 
+def label_circuit_curve(
+    model: Model,
+    batch: Batch,
+    effects: torch.Tensor,
+    empty: torch.Tensor,
+    fractions: np.ndarray,
+    edges: Sequence[int],
+    options: Mapping[str, Any],
+    method: str,
+    objective: str,
+) -> xr.DataArray:
+    """Circuits' effects ``[B, K, F]`` and the empty circuit's ``[B, K]`` -> each target's
+    faithfulness ``([example,] target, fraction)``, ``(effect - empty) / -empty``, with the
+    effects, each circuit's ``edges`` and the curve's ``cpr`` and ``cmd`` (the trapezoid rule
+    over ``fractions``), targets as :func:`label`."""
+    targets, row_of, coords = target_coordinates(model, batch)
+    kept = _by_target(batch, to_host(effects).astype(np.float64), row_of, len(targets))
+    none = _by_target(batch, to_host(empty).astype(np.float64), row_of, len(targets))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        data = (kept - none[..., None]) / -none[..., None]
+    width = np.diff(fractions)
+    coords["fraction"] = ("fraction", fractions)
+    coords["edges"] = ("fraction", np.asarray(edges, dtype=np.int64))
+    coords["effect"] = (("example", "target", "fraction"), kept)
+    coords["empty"] = (("example", "target"), none)
+    coords["cpr"] = (("example", "target"), ((data[..., 1:] + data[..., :-1]) / 2 * width).sum(-1))
+    gap = np.abs(1 - data)
+    coords["cmd"] = (("example", "target"), ((gap[..., 1:] + gap[..., :-1]) / 2 * width).sum(-1))
+    attrs = run_attrs(model, method, objective, options)
+    return _build(data, ["example", "target", "fraction"], coords, method, attrs, batch.single)
+
+
 def label_neurons(
     model: Model,
     batch: Batch,
