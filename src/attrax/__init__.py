@@ -16,7 +16,6 @@ if TYPE_CHECKING:
     from ._adversarial import pgd as pgd
     from ._attention import attention as attention
     from ._attention import rollout as rollout
-    from ._circuits import MIB_FRACTIONS as MIB_FRACTIONS
     from ._circuits import circuit_areas as circuit_areas
     from ._circuits import circuit_faithfulness as circuit_faithfulness
     from ._circuits import edge_patching as edge_patching

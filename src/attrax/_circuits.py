@@ -307,6 +307,14 @@ def circuit_areas(
     dim but ``fraction``): the effects averaged over them first, then normalised, then the
     areas of the curve and of its distance to 1 over the fractions (the trapezoid rule).
 
+    Arguments:
+        faithfulness: :func:`circuit_faithfulness`'s result.
+        dims: the dims to average the effects over (a name or several; None: all but
+            ``fraction``).
+
+    Returns:
+        Dataset: ``faithfulness`` (``fraction`` and the dims kept), ``cpr`` and ``cmd``.
+
     >>> import attrax as ax
     >>> model = ax.load_model()
     >>> kw = {"corrupted": "1 2 4 =", "objective": "logit"}

@@ -57,7 +57,6 @@ PUBLIC: dict[str, str] = {
     "top_edges": "._circuits",
     "circuit_faithfulness": "._circuits",
     "circuit_areas": "._circuits",
-    "MIB_FRACTIONS": "._circuits",
     "knowledge_neurons": "._neurons",
     "information_flow": "._routes",
     "GaussianNoise": "._components",
