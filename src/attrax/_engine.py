@@ -451,7 +451,7 @@ class Problem:
         if points == targets == 1 and rows == 1 and self.max_memory is None:
             return None, None  # nothing to split, and no budget to check
         device = self.inputs[0].device
-        cost = self.cost(eager=eager)
+        cost = self.cost(eager=True) if eager else self.cost()
         cost = cost._replace(
             per_cotangent=repeat * cost.per_cotangent,
             per_point=repeat * cost.per_point + per_point,

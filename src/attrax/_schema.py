@@ -89,7 +89,13 @@ COORDS: dict[str, str] = {
     "receiver_input": "edge_attribution_patching: what the receiver reads ('q', 'k', 'v', 'mlp' "
     "or 'logits')",
     "receiver_head": "edge_attribution_patching: the receiver's head (-1: an MLP or the logits)",
-    "edges": "edge_patching: how many edges each `circuit` names",
+    "edges": "edge_patching: how many edges each `circuit` names (circuit_faithfulness: each "
+    "circuit's, on `fraction`)",
+    "effect": "circuit_faithfulness: each circuit's score less the clean run's",
+    "empty": "circuit_faithfulness: the empty circuit's (the corrupted run's) score less the "
+    "clean run's",
+    "cpr": "circuit_faithfulness: MIB's CPR, the area under the faithfulness curve",
+    "cmd": "circuit_faithfulness: MIB's CMD, the area between the faithfulness curve and 1",
     "head_total": "head_attribution: each head's attribution summed over queries and keys",
     "attention_residual": "information_flow: the residual's edge into the stream after the "
     "attention (side by side blocks: into the block's output), on the route",
