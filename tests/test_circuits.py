@@ -770,5 +770,32 @@ def test_circuit_faithfulness_refuses_what_is_no_edge_estimate(edges_models):
         ax.circuit_areas(saliency)
     da = ax.circuit_faithfulness(model, ax.edge_attribution_patching(model, CLEAN, TARGET, **KW),
                                  CLEAN, TARGET, fractions=[0.5, 1.0], **KW)  # fmt: skip
-    with pytest.raises(ax.OptionError, match=r"`dims` \['fraction'\] are not dims"):
+    with pytest.raises(ax.OptionError, match=r"`dims` \['fraction'\] must name distinct dims"):
         ax.circuit_areas(da, "fraction")
+
+
+def test_circuit_faithfulness_counts_the_models_edges_and_has_none_without_a_change(
+    edges_models, tmp_path
+):
+    """Scores of some edges only (or another model's) would count other fractions: refused.
+    A corruption that changes nothing has no faithfulness (NaN, not inf). The areas save."""
+    model = edges_models["gpt2"]
+    scores = ax.edge_attribution_patching(model, CLEAN, TARGET, **KW)
+    with pytest.raises(ax.InputError, match=r"`scores` estimates .* its graph has 46"):
+        ax.circuit_faithfulness(model, scores.isel(receiver=slice(0, 5)), CLEAN, TARGET, **KW)
+    with pytest.raises(ax.InputError, match="`scores` estimates"):
+        ax.circuit_faithfulness(edges_models["llama"], scores, CLEAN, TARGET, **KW)
+    same = ax.circuit_faithfulness(model, scores, CLEAN, TARGET, corrupted=CLEAN,
+                                   objective="logit", fractions=[0.5, 1.0])  # fmt: skip
+    assert np.isnan(same.values).all() and not np.isinf(same.values).any()
+    da = ax.circuit_faithfulness(model, scores, CLEAN, TARGET, fractions=[0.2, 1.0], **KW)
+    areas = ax.circuit_areas(da)
+    ax.save(areas, tmp_path / "areas.nc")
+    assert areas.attrs["over"] == "target" and areas.attrs["method"] == "circuit_faithfulness"
+    # averaged over nothing: each target's own curve and areas
+    each = ax.circuit_areas(da, [])
+    np.testing.assert_allclose(each.cpr.values, da.cpr.values, rtol=1e-9)
+    np.testing.assert_allclose(each.faithfulness.values, da.values, rtol=1e-9)
+    for bad in (1, ["target", "target"]):
+        with pytest.raises(ax.OptionError, match="`dims`"):
+            ax.circuit_areas(da, bad)

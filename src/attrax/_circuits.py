@@ -165,9 +165,8 @@ def edge_patching(
     name = "circuit" if circuit is not None else "patch"
     sets, several = _edge_sets(circuit if circuit is not None else patch, name)
     chosen = [_indices(g, edges) for edges in sets]  # per set: its edges' (sender, receiver)
-    # before the runs: a budget too small is refused before anything is computed
-    step = _plan(call, g, len(chosen))
-    g, clean, delta, _, unpatched = runs(call, g, corrupted)
+    # a budget too small is refused before the model runs (and the plan checked after it)
+    g, clean, delta, unpatched, step = _runs_planned(call, g, corrupted, len(chosen))
     donors = full_precision(clean) + delta  # [U, B, L, H]: each sender's corrupted output
     del clean, delta
     keep = circuit is not None
@@ -196,7 +195,12 @@ def _run_scores(core: Callable[..., Any], call: Call, arguments: dict[str, Any])
 FAITHFUL_CIRCUITS = Family(
     name="circuit_faithfulness",
     takes=PATCHING.takes,
-    refuses=PATCHING.refuses,
+    refuses={
+        "attribute_target": "circuit faithfulness scores circuits of edges as a whole: there "
+        "are no source positions to attribute",
+        "chunk_size": "circuit faithfulness runs forwards only: there is no backward whose "
+        "targets to chunk (batch_size sets the circuits per forward)",
+    },
     run=_run_scores,
     leading=("model", "scores", "inputs", "targets"),
 )
@@ -274,9 +278,9 @@ def circuit_faithfulness(
     model = call.model
     g = graph(model, CIRCUIT_METHOD)
     circuits = top_edges(scores, _sizes(scores, fractions), greedy=greedy, connected=connected)
+    _same_edges(g, scores)
     chosen = [_indices(g, edges) for edges in [[], *circuits]]
-    step = _plan(call, g, len(chosen))
-    g, clean, delta, _, unpatched = runs(call, g, corrupted)
+    g, clean, delta, unpatched, step = _runs_planned(call, g, corrupted, len(chosen))
     donors = full_precision(clean) + delta  # [U, B, L, H]: each sender's corrupted output
     del clean, delta
     effects = _patched_effects(call, g, donors, chosen, True, unpatched, step)  # [C, B, K]
@@ -287,6 +291,27 @@ def circuit_faithfulness(
         model, call.batch, kept, empty, np.asarray(fractions, dtype=np.float64),
         [c.shape[1] for c in chosen[1:]], call.options, CIRCUIT_METHOD, call.objective[0],
     )  # fmt: skip
+
+
+def _same_edges(g: Graph, scores: xr.DataArray) -> None:
+    """An InputError unless ``scores`` holds an estimate of every edge of ``g`` and of no
+    other: the fractions count the model's edges, as MIB's."""
+    other = [d for d in scores.dims if d not in ("sender", "receiver")]
+    summed = scores.sum(other, skipna=True, min_count=1).transpose("sender", "receiver")
+    finite = np.isfinite(np.asarray(summed.values, dtype=np.float64))
+    given = {
+        (str(summed.sender.values[u]), str(summed.receiver.values[v]))
+        for u, v in zip(*np.nonzero(finite), strict=True)
+    }
+    exists = g.edges().numpy()
+    senders, receivers = [n for n, _, _ in g.senders], [n for n, *_ in g.receivers()]
+    edges = {(senders[u], receivers[v]) for u, v in zip(*np.nonzero(exists), strict=True)}
+    if given != edges:
+        raise InputError(
+            f"`scores` estimates {len(given)} edges, {len(given & edges)} of them this model's; "
+            f"its graph has {len(edges)}: give ax.edge_attribution_patching's result on this "
+            "model, every edge kept (the fractions count them all)"
+        )
 
 
 def _sizes(scores: xr.DataArray, fractions: Sequence[float]) -> list[int]:
@@ -326,23 +351,34 @@ def circuit_areas(
     if not isinstance(faithfulness, xr.DataArray) or not {"effect", "empty"} <= set(
         faithfulness.coords
     ) or "fraction" not in faithfulness.dims:  # fmt: skip
+        got = type(faithfulness).__name__
+        if isinstance(faithfulness, xr.DataArray):
+            got += (
+                f" with dims {faithfulness.dims} and coords {sorted(map(str, faithfulness.coords))}"
+            )
         raise InputError(
             "`faithfulness` must be ax.circuit_faithfulness's result (a DataArray with a "
-            "`fraction` dim and `effect` and `empty` coordinates)"
+            f"`fraction` dim and `effect` and `empty` coordinates), got {got}"
         )
-    over = [d for d in faithfulness.dims if d != "fraction"] if dims is None else (
-        [dims] if isinstance(dims, str) else list(dims)
-    )  # fmt: skip
-    unknown = [d for d in over if d not in faithfulness.dims or d == "fraction"]
-    if unknown:
-        raise OptionError(
-            f"`dims` {unknown} are not dims to average over; the result's are "
-            f"{[d for d in faithfulness.dims if d != 'fraction']}"
-        )
-    effect = faithfulness.coords["effect"].mean(over)
-    empty = faithfulness.coords["empty"].mean(over)
+    kept = [d for d in faithfulness.dims if d != "fraction"]
+    if dims is None:
+        over = kept
+    elif isinstance(dims, str):
+        over = [dims]
+    elif isinstance(dims, (list, tuple)) and all(isinstance(d, str) for d in dims):
+        over = list(dims)
+    else:
+        raise OptionError(f"`dims` must be a dim's name or a list of them, got {dims!r}")
+    unknown = [d for d in over if d not in kept]
+    if unknown or len(set(over)) != len(over):
+        raise OptionError(f"`dims` {over!r} must name distinct dims to average over, of {kept}")
+    # the effects alone: the curve's own summaries are not the averaged curve's
+    drop = [c for c in ("effect", "empty", "cpr", "cmd") if c in faithfulness.coords]
+    effect = faithfulness.coords["effect"].drop_vars(drop, errors="ignore").mean(over)
+    empty = faithfulness.coords["empty"].drop_vars(drop, errors="ignore").mean(over)
     with np.errstate(divide="ignore", invalid="ignore"):
-        curve = (effect - empty) / -empty
+        # no faithfulness where the corruption leaves the score as it was
+        curve = ((effect - empty) / -empty).where(empty != 0)
     x = faithfulness.coords["fraction"]
     widths = x.diff("fraction", label="upper")
 
@@ -350,11 +386,26 @@ def circuit_areas(
         mids = (y + y.shift(fraction=1)).isel(fraction=slice(1, None)) / 2
         return (mids * widths).sum("fraction", skipna=False)
 
+    # the run's provenance, and the dims averaged over as one netCDF-friendly string
+    attrs = {**faithfulness.attrs, "over": ";".join(map(str, over))}
     return xr.Dataset(
-        {"faithfulness": curve.drop_vars(["effect", "empty"], errors="ignore"),
-         "cpr": area(curve), "cmd": area(abs(1 - curve))},
-        attrs={"over": list(over)},
-    )  # fmt: skip
+        {"faithfulness": curve, "cpr": area(curve), "cmd": area(abs(1 - curve))}, attrs=attrs
+    )
+
+
+def _runs_planned(
+    call: Call, g: Graph, corrupted: Any, circuits: int
+) -> tuple[Graph, torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """:func:`runs` and the copies a forward: planned before them (a budget too small is
+    refused before the model runs), and again for the graph the clean run checked where it
+    found readers of attention calls (CodeGen's, OLMo's clip_qkv's: their passes run attrax's
+    eager attention, priced above the model's SDPA)."""
+    _hold(call, g)
+    step = _plan(call, g, circuits)
+    checked, clean, delta, _, unpatched = runs(call, g, corrupted)
+    if checked.at_calls and not g.at_calls:
+        step = min(step, _plan(call, checked, circuits))
+    return checked, clean, delta, unpatched, step
 
 
 def _indices(g: Graph, edges: list[Edge]) -> torch.Tensor:
@@ -401,10 +452,24 @@ def _some(names: list[str]) -> str:
     )
 
 
+def _hold(call: Call, g: Graph) -> None:
+    """Count the senders' outputs held through the call (the clean, the corrupted, their
+    difference and the donors, ``[U, B, L, H]`` each, at full precision): refused before the
+    runs that make them."""
+    problem = call.problem
+    batch, length = problem.tensors.ids.shape
+    size = torch.finfo(full_precision(problem.inputs[0]).dtype).bits // 8
+    u_all = len(g.senders)
+    problem.hold(
+        4 * u_all * batch * length * g.width * size, "inputs", f"{batch} x {length} tokens",
+        f"{u_all} senders' outputs and donors",
+    )  # fmt: skip
+
+
 def _plan(call: Call, g: Graph, circuits: int) -> int:
-    """Copies of the batch (circuits) per forward, with the senders' outputs held through the
-    call (the clean, the corrupted, their difference and the donors, ``[U, B, L, H]`` each, at
-    full precision) counted first."""
+    """Copies of the batch (circuits) per forward, the senders' outputs (:func:`_hold`)
+    counted, for the graph the clean run checked (its readers of attention calls, CodeGen's
+    or OLMo's clip_qkv's found there, run attrax's eager attention)."""
     problem = call.problem
     t = problem.tensors
     x = problem.inputs[0]
@@ -413,10 +478,6 @@ def _plan(call: Call, g: Graph, circuits: int) -> int:
     size = torch.finfo(full_precision(x).dtype).bits // 8
     one = batch * length * hidden * size
     u_all, r_all = len(g.senders), len(g.receivers())
-    problem.hold(
-        4 * u_all * one, "inputs", f"{batch} x {length} tokens",
-        f"{u_all} senders' outputs and donors",
-    )  # fmt: skip
     cost = problem.cost(saved=False, eager=g.at_calls)
     widest = max(sum(h for r in b.readers for _, h in r.parts) + 1 for b in g.blocks)
     # a copy's edges patched, its senders' differences from their donors, and beside its

@@ -972,9 +972,9 @@ def _check_values(
             if r.call:  # the call's inputs are its receivers as they are, at their widths
                 if _at_call(b, made, r.dims) is None:
                     raise ModelError(
-                        f"{g.method}: {kind}'s layer {layer} calls its attention on queries, "
-                        f"keys and values of other heads or widths than its parts {r.parts} "
-                        f"of {r.dims} features"
+                        f"{g.method}: {kind}'s layer {layer} calls its attention from another "
+                        f"module, or on queries, keys and values of other heads or widths than "
+                        f"its parts {r.parts} of {r.dims} features"
                     )
                 readers.append(r)
                 continue

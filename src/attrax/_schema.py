@@ -42,7 +42,8 @@ DIMS: dict[str, str] = {
     "circuit": "edge_patching: one set of edges given (`circuit=` or `patch=` as a list of "
     "lists), in the order given",
     "score": "a step score (probability, entropy, ...)",
-    "fraction": "the share of ranked source tokens a faithfulness metric removes or keeps",
+    "fraction": "the share of ranked source tokens a faithfulness metric removes or keeps "
+    "(circuit_faithfulness: of the edges a circuit keeps)",
     "method": "ax.evaluate: the attribution method scored",
     "other": "ax.evaluate: the method another is compared with (agreement metrics)",
     "randomized": "ax.sanity_checks: the lowest layer randomized so far (top layer first)",
@@ -130,6 +131,7 @@ ATTRS: dict[str, str] = {
     "'word-level'), read from its vocabulary: how merge_subwords finds words",
     "reductions": "the reductions applied, ';'-separated, e.g. 'l2_norm(hidden);normalize(source)'",
     "metric": "the faithfulness metric of a curve",
+    "over": "ax.circuit_areas: the dims its effects were averaged over, ';'-separated",
     "score": "the step score a with_scores variable holds",
     "metrics": "ax.evaluate: the metrics computed",
     "reduce": "ax.evaluate: how the attributions became (example, target, source), as given",
@@ -401,6 +403,8 @@ def label_circuit_curve(
     none = _by_target(batch, to_host(empty).astype(np.float64), row_of, len(targets))
     with np.errstate(divide="ignore", invalid="ignore"):
         data = (kept - none[..., None]) / -none[..., None]
+    # no faithfulness where the corruption leaves the score as it was (0 / 0, or rounding / 0)
+    data[np.broadcast_to(none[..., None] == 0, data.shape)] = np.nan
     width = np.diff(fractions)
     coords["fraction"] = ("fraction", fractions)
     coords["edges"] = ("fraction", np.asarray(edges, dtype=np.int64))
