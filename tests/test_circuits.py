@@ -750,7 +750,7 @@ def test_circuit_areas_normalise_the_mean_effects_as_mib_does(edges_models):
         ({"fractions": [0.5]}, "two or more increasing fractions"),
         ({"fractions": [0.5, 0.2]}, "two or more increasing fractions"),
         ({"fractions": [0.0, 1.0]}, r"in \(0, 1\]"),
-        ({"greedy": 1}, "`greedy` must be True or False"),
+        ({"greedy": 1}, "`greedy` must be a bool, got 1"),
         ({"dims": "layer"}, "has no option 'dims'"),
     ],
 )

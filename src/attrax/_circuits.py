@@ -26,6 +26,7 @@ import numpy as np
 import torch
 import xarray as xr
 
+from . import _validate as check
 from ._edges import (
     _REST,
     CALL_INPUTS,
@@ -222,13 +223,11 @@ def _circuit_fractions(value: object, name: str) -> None:
         )
 
 
-def _flag(value: object, name: str) -> None:
-    if not isinstance(value, bool):
-        raise OptionError(f"`{name}` must be True or False, got {value!r}")
-
-
 @FAITHFUL_CIRCUITS.method(
-    corrupted=_corrupted_input, fractions=_circuit_fractions, greedy=_flag, connected=_flag
+    corrupted=_corrupted_input,
+    fractions=_circuit_fractions,
+    greedy=check.boolean,
+    connected=check.boolean,
 )
 def circuit_faithfulness(
     call: Call,
